@@ -1,0 +1,235 @@
+"""The `wingspan` command: parses options, calls one library function, prints.
+
+Every default comes from `wingspan.config`; all the work happens in the library.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from wingspan import __version__
+from wingspan.config import (
+    AugmentConfig,
+    DemoConfig,
+    InspectConfig,
+    ReadConfig,
+    SplitConfig,
+    to_dict,
+)
+from wingspan.data.transforms import POLICIES
+from wingspan.errors import WingspanError
+
+app = typer.Typer(
+    help="Train, evaluate and explain butterfly image classifiers by transfer learning.",
+    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+)
+data_app = typer.Typer(help="Read, check, split and preview datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+out = Console()  # results; progress bars and errors go to stderr
+err = Console(stderr=True)
+
+# Options shared by every command that reads a dataset.
+Data = Annotated[Path, typer.Argument(
+    help="A folder of class folders, a CSV (path,label,...), or an ETHEC root.",
+    show_default=False)]
+Format = Annotated[str | None, typer.Option(
+    "--format", help="folder | csv | ethec (default: detected from DATA).")]
+GroupRegex = Annotated[str | None, typer.Option(
+    "--group-regex", help="Regex on the file name whose first group keeps images together in "
+    r"splits, e.g. '_(\d+)_\d+\.jpg$' for iNaturalist observation ids.")]
+Strict = Annotated[bool, typer.Option(
+    "--strict", help="Stop at a missing or unreadable file instead of skipping and listing it.")]
+Level = Annotated[str | None, typer.Option(
+    "--level", help="Label level to use (default: the finest, e.g. species).")]
+OutDir = Annotated[Path | None, typer.Option(
+    "--out", help="Output folder (default: runs/data/<dataset name>).")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+
+def _read(data: Path, format: str | None, group_regex: str | None, strict: bool,
+          check_files: bool = True):
+    from wingspan.data import read_dataset
+
+    return read_dataset(data, ReadConfig(format=format, group_regex=group_regex, strict=strict,
+                                         check_files=check_files))
+
+
+def _out_dir(out_opt: Path | None, dataset) -> Path:
+    return out_opt or Path("runs") / "data" / dataset.name
+
+
+@app.callback(invoke_without_command=True)
+def _root(version: Annotated[bool, typer.Option("--version", help="Show the version.")] = False):
+    if version:
+        out.print(f"wingspan {__version__}")
+        raise typer.Exit()
+
+
+@data_app.command("inspect")
+def data_inspect(
+    data: Data, level: Level = None, format: Format = None, group_regex: GroupRegex = None,
+    strict: Strict = False, out_dir: OutDir = None,
+    metadata_only: Annotated[bool, typer.Option(
+        "--metadata-only", help="Read labels only; do not open images (e.g. ETHEC split files "
+        "without the images).")] = False,
+    tiny_px: Annotated[int, typer.Option(help="Flag images whose shorter side is smaller.")]
+    = InspectConfig.tiny_px,
+    quiet: Quiet = False,
+) -> None:
+    """Count classes per level and find broken, duplicate, odd and tiny images.
+
+    Writes summary.json and a class-balance plot per level.
+    """
+    from wingspan.data.inspect import inspect_dataset, print_class_table, print_summary
+
+    dataset = _read(data, format, group_regex, strict, check_files=not metadata_only)
+    level = dataset.resolve_level(level)
+    target = _out_dir(out_dir, dataset)
+    summary = inspect_dataset(dataset, target, InspectConfig(tiny_px=tiny_px),
+                              check_images=not metadata_only, progress=not quiet)
+    unreadable = summary.get("images", {}).get("unreadable", [])
+    if strict and unreadable:
+        raise WingspanError(f"{len(unreadable)} images cannot be read, e.g. "
+                            f"{unreadable[0]['path']}: {unreadable[0]['error']}",
+                            hint="Fix or delete them (all are listed in summary.json).")
+    print_summary(summary, out)
+    print_class_table(dataset, level, out)
+    out.print(f"Wrote {target / 'summary.json'} and {len(summary['plots'])} balance plots "
+              f"in {target}")
+
+
+@data_app.command("split")
+def data_split(
+    data: Data, level: Level = None,
+    val: Annotated[float, typer.Option(help="Fraction of groups for validation.")]
+    = SplitConfig.val_fraction,
+    test: Annotated[float, typer.Option(help="Fraction of groups for the test split.")]
+    = SplitConfig.test_fraction,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same split).")]
+    = SplitConfig.seed,
+    max_per_class: Annotated[int | None, typer.Option(
+        help="Undersample: keep at most N training images per class.")] = None,
+    oversample_to: Annotated[int | None, typer.Option(
+        help="Oversample: repeat rare training classes up to N images.")] = None,
+    format: Format = None, group_regex: GroupRegex = None, strict: Strict = False,
+    out_dir: OutDir = None,
+) -> None:
+    """Split into train/val/test, stratified by LEVEL and grouped (no group on two sides).
+
+    Writes splits.csv, which `wingspan` reads back as a dataset, and sampling.json with the
+    class weights of the training split.
+    """
+    from wingspan.data.split import split_and_sample
+
+    config = SplitConfig(val_fraction=val, test_fraction=test, seed=seed,
+                         max_per_class=max_per_class, oversample_to=oversample_to)
+    dataset = _read(data, format, group_regex, strict)
+    result = split_and_sample(dataset, _out_dir(out_dir, dataset), level, config)
+    _print_split(result)
+
+
+def _print_split(result) -> None:
+    r = result.report
+    sizes = ", ".join(f"{k} {v} ({r.fractions[k]:.0%})" for k, v in r.sizes.items())
+    out.print(f"Split on '{result.level}': {sizes}")
+    if r.train_only:
+        out.print(f"[yellow]{len(r.train_only)} classes have too few groups for every split; "
+                  f"kept in train only:[/] {_some(r.train_only)}")
+    for split, classes in r.missing.items():
+        out.print(f"[yellow]{len(classes)} classes have no images in {split}:[/] {_some(classes)}")
+    if result.undersampled:
+        out.print(f"--max-per-class left out {sum(result.undersampled.values())} training "
+                  f"images of {len(result.undersampled)} classes (listed in sampling.json)")
+    if result.oversampled:
+        out.print(f"--oversample-to added {sum(result.oversampled.values())} repeated training "
+                  f"images to {len(result.oversampled)} classes")
+    w = result.class_weights
+    out.print(f"Balanced class weights (train): {min(w.values()):.3g} to {max(w.values()):.3g} "
+              f"over {len(w)} classes")
+    out.print(f"Wrote {result.splits_csv} and {result.sampling_json}")
+
+
+def _some(items, n: int = 8) -> str:
+    items = list(items)
+    return ", ".join(map(str, items[:n])) + (f" ... (+{len(items) - n})" if len(items) > n else "")
+
+
+@data_app.command("preview")
+def data_preview(
+    data: Data, level: Level = None,
+    augment: Annotated[str, typer.Option(help=f"Policy: {' | '.join(POLICIES)}.")]
+    = AugmentConfig.policy,
+    image_size: Annotated[int, typer.Option(help="Training resolution in pixels.")]
+    = AugmentConfig.image_size,
+    rows: Annotated[int, typer.Option(help="Classes shown (one image each).")] = 6,
+    views: Annotated[int, typer.Option(help="Augmented versions per image.")] = 5,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    format: Format = None, group_regex: GroupRegex = None, out_dir: OutDir = None,
+) -> None:
+    """Write a grid PNG: originals beside several augmented versions."""
+    from wingspan.data.preview import write_preview
+
+    config = AugmentConfig(policy=augment, image_size=image_size)
+    dataset = _read(data, format, group_regex, strict=False)
+    path = write_preview(dataset, _out_dir(out_dir, dataset) / "preview.png", config, level,
+                         rows=rows, augmented=views, seed=seed)
+    out.print(f"Wrote {path}")
+
+
+@app.command("demo")
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="Where the demo writes everything.")]
+    = Path("runs/demo"),
+    seed: Annotated[int, typer.Option(help="Random seed of the generated data.")]
+    = DemoConfig.seed,
+    quiet: Quiet = False,
+) -> None:
+    """Run the main job on built-in synthetic butterflies (offline, a few seconds)."""
+    from wingspan.data import read_dataset
+    from wingspan.data.demo import generate_demo
+    from wingspan.data.inspect import inspect_dataset, print_summary
+    from wingspan.data.preview import write_preview
+    from wingspan.data.split import split_and_sample
+
+    config = DemoConfig(seed=seed)
+    data_dir = generate_demo(out_dir / "data", config)
+    out.rule("1. demo data")
+    out.print(f"Generated {sum(config.images_per_class)} images of "
+              f"{len(config.images_per_class)} species in {data_dir}")
+    dataset = read_dataset(data_dir)
+    out.rule("2. inspect")
+    summary = inspect_dataset(dataset, out_dir / "inspect", progress=not quiet)
+    print_summary(summary, out)
+    out.rule("3. split")
+    _print_split(split_and_sample(dataset, out_dir, None, SplitConfig(seed=seed)))
+    out.rule("4. augmentation preview")
+    preview = write_preview(dataset, out_dir / "preview.png", seed=seed)
+    out.print(f"Wrote {preview}")
+    out.rule("outputs")
+    for name, path in [("data", data_dir), ("summary", out_dir / "inspect" / "summary.json"),
+                       ("balance plots", out_dir / "inspect"), ("splits", out_dir / "splits.csv"),
+                       ("preview", preview), ("config", out_dir / "demo_config.json")]:
+        out.print(f"  {name:14s} {path}")
+    import json
+
+    (out_dir / "demo_config.json").write_text(json.dumps(to_dict(config), indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app; user errors print as a message and a hint, exit code 2."""
+    try:
+        app(args=argv, prog_name="wingspan")
+    except WingspanError as e:
+        err.print(f"[bold red]Error:[/] {e.message}", highlight=False)
+        if e.hint:
+            err.print(f"[cyan]Hint:[/] {e.hint}", highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""The ETH Entomological Collection (ETHEC): JSON split files and a tree of images.
+
+Layout: `ROOT/splits/{train,val,test}.json` (or the JSON files in ROOT itself) and
+`ROOT/IMAGO_build_test_resized/<image_path>/<image_name>`. Each JSON file is a dict
+of records keyed by token. Levels: family, subfamily, genus, species (genus +
+specific epithet); the group is the specimen's barcode.
+
+The published split files have flaws this reader reports rather than hides: images
+listed twice in one split (the copies are dropped), and images and barcodes present
+in two splits (a leak: re-split with `wingspan data split` to remove it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from wingspan.config import SPLITS, ReadConfig
+from wingspan.data.readers import _keep_existing, register_reader
+from wingspan.data.samples import GROUP, PATH, SPLIT, Dataset, Problem
+from wingspan.errors import WingspanError
+
+IMAGE_DIR = "IMAGO_build_test_resized"
+LEVELS = ["family", "subfamily", "genus", "species"]
+FIELDS = ["token", "image_path", "image_name", "family", "subfamily", "genus",
+          "specific_epithet", "barcode"]
+
+
+def _split_files(root: Path) -> dict[str, Path]:
+    for folder in (root / "splits", root):
+        found = {s: folder / f"{s}.json" for s in SPLITS if (folder / f"{s}.json").is_file()}
+        if found:
+            return found
+    return {}
+
+
+def is_ethec_root(path: Path) -> bool:
+    return path.is_dir() and bool(_split_files(path))
+
+
+def _load_split(path: Path, split: str) -> pd.DataFrame:
+    try:
+        with open(path, encoding="utf-8") as f:
+            records = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise WingspanError(f"Cannot read the ETHEC split file {path}: {e}") from e
+    if not isinstance(records, dict) or not records:
+        raise WingspanError(f"{path} is not an ETHEC split file (a dict of records by token).")
+    table = pd.DataFrame.from_dict(records, orient="index")
+    missing = [f for f in FIELDS if f not in table.columns]
+    if missing:
+        raise WingspanError(f"{path}: records lack the fields {missing}.")
+    table = table[FIELDS].fillna("").astype(str)
+    table[SPLIT] = split
+    return table
+
+
+@register_reader("ethec")
+def read_ethec(root: Path, config: ReadConfig) -> Dataset:
+    files = _split_files(root)
+    if not files:
+        raise WingspanError(
+            f"{root} has no ETHEC split files.",
+            hint="Expected ROOT/splits/train.json, val.json and test.json.",
+        )
+    raw = pd.concat([_load_split(p, s) for s, p in files.items()], ignore_index=True)
+    problems: list[Problem] = []
+    raw["image"] = raw["image_path"] + "/" + raw["image_name"]
+    raw = _drop_repeats(raw, problems)
+    _report_cross_split(raw, problems)
+
+    image_root = root / IMAGE_DIR
+    table = pd.DataFrame({
+        PATH: [str(image_root / i) for i in raw["image"]],
+        GROUP: raw["barcode"].where(raw["barcode"] != "", raw["token"]).to_numpy(),
+        SPLIT: raw[SPLIT].to_numpy(),
+        "family": raw["family"].to_numpy(),
+        "subfamily": raw["subfamily"].to_numpy(),
+        "genus": raw["genus"].to_numpy(),
+        "species": (raw["genus"] + " " + raw["specific_epithet"]).str.strip().to_numpy(),
+    })
+    table = _keep_existing(table, config, problems, "the ETHEC split files")
+    return Dataset(table, list(LEVELS), root, "ethec", problems)
+
+
+def _drop_repeats(raw: pd.DataFrame, problems: list[Problem]) -> pd.DataFrame:
+    """Keep one record per image within each split, reporting every dropped copy."""
+    repeated = raw.duplicated(subset=[SPLIT, "image"], keep="first")
+    for split, part in raw[repeated].groupby(SPLIT):
+        images = part["image"].nunique()
+        problems.append(Problem(
+            "duplicate_record",
+            f"{split}: {images} images are listed more than once under different tokens; "
+            f"{len(part)} extra records dropped",
+        ))
+        problems += [Problem("duplicate_record", f"{split}: extra record {t} dropped", i)
+                     for t, i in zip(part["token"], part["image"], strict=True)]
+    return raw[~repeated].reset_index(drop=True)
+
+
+def _report_cross_split(raw: pd.DataFrame, problems: list[Problem]) -> None:
+    """Images and barcodes that sit in two splits leak between training and evaluation."""
+    for key, what in (("image", "images"), ("barcode", "barcodes")):
+        keyed = raw[raw[key] != ""]
+        n_splits = keyed.groupby(key)[SPLIT].nunique()
+        shared = n_splits[n_splits > 1].index
+        if len(shared):
+            pairs = keyed[keyed[key].isin(shared)].groupby(key)[SPLIT].agg(
+                lambda s: "+".join(sorted(set(s)))).value_counts()
+            where = ", ".join(f"{n} in {p}" for p, n in pairs.items())
+            problems.append(Problem(
+                f"{key}_in_two_splits",
+                f"{len(shared)} {what} are in more than one split ({where}): a leak between "
+                "training and evaluation. Re-split with `wingspan data split` to remove it.",
+            ))

@@ -1,0 +1,98 @@
+"""Opening images safely, and the facts `data inspect` checks about each file."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from wingspan.errors import WingspanError
+
+# Refuse decompression bombs, but allow large scans of museum drawers.
+Image.MAX_IMAGE_PIXELS = 250_000_000
+EXIF_ORIENTATION = 0x0112
+UNUSUAL_MODES = {
+    "CMYK": "CMYK colour",
+    "I;16": "16-bit",
+    "I;16B": "16-bit",
+    "I;16L": "16-bit",
+    "I": "32-bit integer",
+    "F": "32-bit float",
+    "RGBA": "alpha channel",
+    "LA": "alpha channel",
+    "PA": "alpha channel",
+    "P": "palette",
+    "1": "1-bit",
+    "L": "greyscale",
+}
+
+
+def open_rgb(path: str | Path, draft: int | None = None) -> Image.Image:
+    """Decode an image as upright 8-bit RGB, whatever its mode or EXIF orientation.
+
+    `draft` lets libjpeg decode a large JPEG at a reduced scale (1/2, 1/4, 1/8) that is
+    still at least that many pixels on each side: much faster, same result after resize.
+    """
+    try:
+        with Image.open(path) as im:
+            if draft and im.format == "JPEG":
+                im.draft("RGB", (draft, draft))
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                # Transparent areas become white rather than whatever colour they hid.
+                rgba = im.convert("RGBA")
+                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                return Image.alpha_composite(background, rgba).convert("RGB")
+            if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+                # Scale 16/32-bit values to 0..255 instead of clipping them.
+                return ImageOps.autocontrast(im.convert("F").convert("L")).convert("RGB")
+            return im.convert("RGB")
+    except FileNotFoundError as e:
+        raise WingspanError(f"Image not found: {path}") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
+            Image.DecompressionBombError) as e:
+        raise WingspanError(
+            f"Cannot read image {path}: {e}",
+            hint="Replace or delete the file; `wingspan data inspect` lists all such files.",
+        ) from e
+
+
+@dataclass
+class ImageFacts:
+    """What inspection learns from one file."""
+
+    path: str
+    sha256: str | None = None
+    width: int = 0
+    height: int = 0
+    mode: str = ""
+    format: str = ""
+    exif_rotated: bool = False
+    error: str | None = None  # set when the file cannot be decoded in full
+
+
+def image_facts(path: str) -> ImageFacts:
+    """Hash the bytes and decode the image completely, so truncation is caught too."""
+    facts = ImageFacts(path)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        facts.error = f"cannot read file: {e.strerror or e}"
+        return facts
+    facts.sha256 = hashlib.sha256(data).hexdigest()
+    try:
+        with Image.open(path) as im:
+            facts.width, facts.height = im.size
+            facts.mode, facts.format = im.mode, im.format or ""
+            orientation = im.getexif().get(EXIF_ORIENTATION, 1)
+            facts.exif_rotated = orientation not in (0, 1)
+            if im.format == "JPEG":
+                im.draft(im.mode, (im.width // 8 + 1, im.height // 8 + 1))  # fast, still reads all
+            im.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
+            Image.DecompressionBombError) as e:
+        facts.error = "not an image (unrecognised format)" if isinstance(
+            e, UnidentifiedImageError) else str(e)
+    return facts

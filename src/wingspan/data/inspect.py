@@ -1,0 +1,200 @@
+"""`wingspan data inspect`: what is in a dataset, and what is wrong with it."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from wingspan.config import InspectConfig
+from wingspan.data.images import UNUSUAL_MODES, ImageFacts, image_facts
+from wingspan.data.plots import plot_class_balance
+from wingspan.data.samples import PATH, SPLIT, Dataset
+from wingspan.data.taxonomy import taxonomy_conflicts
+from wingspan.progress import track
+
+EXAMPLES = 5  # how many paths the printed summary names per finding (the JSON has all)
+
+
+def inspect_dataset(
+    dataset: Dataset, out_dir: Path, config: InspectConfig | None = None,
+    check_images: bool = True, progress: bool = True,
+) -> dict:
+    """Count, check every image, write `summary.json` and a balance plot per level."""
+    config = config or InspectConfig()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = dataset.table
+    summary: dict = {
+        "dataset": {"name": dataset.name, "root": str(dataset.root), "format": dataset.format,
+                    "images": len(table), "levels": dataset.levels,
+                    "splits": table[SPLIT].replace("", "none").value_counts().to_dict()},
+        "levels": {level: _level_summary(table, level) for level in dataset.levels},
+        "taxonomy_conflicts": taxonomy_conflicts(table, dataset.levels),
+        "reader_problems": _group_problems(dataset),
+    }
+    if check_images:
+        facts = _all_facts(table[PATH].tolist(), config.workers, progress)
+        summary["images"] = _image_findings(table, facts, dataset.default_level, config)
+    plots = {}
+    for level in dataset.levels:
+        counts = table.loc[table[level] != "", level].value_counts()
+        if len(counts):
+            plot = plot_class_balance(counts, level, out_dir / f"balance_{level}.png",
+                                      config.many_classes)
+            plots[level] = str(plot)
+    summary["plots"] = plots
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _level_summary(table: pd.DataFrame, level: str) -> dict:
+    counts = table.loc[table[level] != "", level].value_counts()
+    per_split = {
+        split: part[level].value_counts().to_dict()
+        for split, part in table[table[SPLIT] != ""].groupby(SPLIT)
+    }
+    return {
+        "classes": len(counts),
+        "unlabelled": int((table[level] == "").sum()),
+        "imbalance_ratio": (round(float(counts.iloc[0] / counts.iloc[-1]), 2)
+                            if len(counts) else None),
+        "largest": [counts.index[0], int(counts.iloc[0])] if len(counts) else None,
+        "smallest": [counts.index[-1], int(counts.iloc[-1])] if len(counts) else None,
+        "counts": {k: int(v) for k, v in counts.items()},
+        "counts_per_split": per_split,
+    }
+
+
+def _group_problems(dataset: Dataset) -> dict:
+    grouped: dict[str, list] = defaultdict(list)
+    for p in dataset.problems:
+        grouped[p.kind].append(p.to_dict())
+    return dict(grouped)
+
+
+def _all_facts(paths: list[str], workers: int, progress: bool) -> list[ImageFacts]:
+    # Decoding releases the GIL, so threads use every core without pickling anything.
+    with ThreadPoolExecutor(workers) as pool:
+        return list(track(pool.map(image_facts, paths, chunksize=16), "Checking images",
+                          total=len(paths), enabled=progress))
+
+
+def _image_findings(table: pd.DataFrame, facts: list[ImageFacts], level: str,
+                    config: InspectConfig) -> dict:
+    unreadable = [{"path": f.path, "error": f.error} for f in facts if f.error]
+    modes: dict[str, list[str]] = defaultdict(list)
+    for f in facts:
+        if not f.error and f.mode in UNUSUAL_MODES:
+            modes[f"{UNUSUAL_MODES[f.mode]} ({f.mode})"].append(f.path)
+    tiny = [{"path": f.path, "size": [f.width, f.height]} for f in facts
+            if not f.error and min(f.width, f.height) < config.tiny_px]
+    readable = [f for f in facts if not f.error]
+    sizes = pd.DataFrame([(f.width, f.height) for f in readable], columns=["w", "h"])
+    return {
+        "checked": len(facts),
+        "unreadable": unreadable,
+        "duplicates": _duplicates(table, facts, level),
+        "unusual_modes": dict(modes),
+        "exif_rotated": [f.path for f in readable if f.exif_rotated],
+        "tiny": tiny,
+        "size": {"min": sizes.min().tolist(), "median": sizes.median().tolist(),
+                 "max": sizes.max().tolist()} if len(sizes) else None,
+        "formats": pd.Series([f.format for f in readable]).value_counts().to_dict(),
+    }
+
+
+def _duplicates(table: pd.DataFrame, facts: list[ImageFacts], level: str) -> dict:
+    """Files with identical bytes; worst are those across splits or with two labels."""
+    frame = table[[PATH, SPLIT, level]].assign(sha=[f.sha256 for f in facts])
+    frame = frame[frame["sha"].notna()]
+    dup = frame[frame.duplicated("sha", keep=False)]
+    groups = [
+        {"paths": g[PATH].tolist(), "splits": sorted(set(g[SPLIT]) - {""}),
+         "labels": sorted(set(g[level]))}
+        for _, g in dup.groupby("sha", sort=False)
+    ]
+    return {
+        "groups": groups,
+        "extra_copies": sum(len(g["paths"]) - 1 for g in groups),
+        "across_splits": [g for g in groups if len(g["splits"]) > 1],
+        "conflicting_labels": [g for g in groups if len(g["labels"]) > 1],
+    }
+
+
+def print_summary(summary: dict, console: Console | None = None) -> None:
+    """A readable digest of `summary.json` for the terminal."""
+    console = console or Console()
+    d = summary["dataset"]
+    splits = ", ".join(f"{k} {v}" for k, v in d["splits"].items())
+    console.print(f"[bold]{d['name']}[/] ({d['format']}): {d['images']} images; splits: {splits}")
+    levels = Table("level", "classes", "largest", "smallest", "imbalance",
+                   title="Classes per level")
+    for name, lv in summary["levels"].items():
+        if not lv["classes"]:
+            continue
+        levels.add_row(name, str(lv["classes"]), f"{lv['largest'][0]} ({lv['largest'][1]})",
+                       f"{lv['smallest'][0]} ({lv['smallest'][1]})", f"{lv['imbalance_ratio']}x")
+    console.print(levels)
+
+    findings: list[tuple[str, list[str]]] = []
+    for kind, items in summary["reader_problems"].items():
+        general = [i["message"] for i in items if i["path"] is None]
+        per_file = [f"{i['path']}: {i['message']}" for i in items if i["path"] is not None]
+        findings.append((kind.replace("_", " "), general + per_file, len(per_file) or None))
+    findings += [("taxonomy conflict", summary["taxonomy_conflicts"], None)]
+    images = summary.get("images")
+    if images:
+        dups = images["duplicates"]
+        findings += [(*finding, None) for finding in [
+            ("unreadable or truncated",
+             [f"{u['path']}: {u['error']}" for u in images["unreadable"]]),
+            ("duplicate images (same bytes)", [" = ".join(g["paths"]) for g in dups["groups"]]),
+            ("duplicates across splits",
+             [f"{' = '.join(g['paths'])} ({'/'.join(g['splits'])})"
+              for g in dups["across_splits"]]),
+            ("duplicates with different labels",
+             [f"{' = '.join(g['paths'])} ({'/'.join(g['labels'])})"
+              for g in dups["conflicting_labels"]]),
+            *[(f"mode: {m}", paths) for m, paths in images["unusual_modes"].items()],
+            ("EXIF rotation (will be applied)", images["exif_rotated"]),
+            ("tiny images", [f"{t['path']} ({t['size'][0]}x{t['size'][1]})"
+                             for t in images["tiny"]]),
+        ]]
+    flagged = [f for f in findings if f[1]]
+    if not flagged:
+        console.print("[green]No problems found.[/]")
+    for title, items, count in flagged:
+        console.print(f"[yellow]{title}[/]: {count or len(items)}")
+        for item in items[:EXAMPLES]:
+            console.print(f"  {item}", highlight=False)
+        if len(items) > EXAMPLES:
+            console.print(f"  ... {len(items) - EXAMPLES} more in summary.json")
+    if images and images["size"]:
+        s = images["size"]
+        console.print(f"Image sizes (w x h): min {s['min'][0]}x{s['min'][1]}, median "
+                      f"{s['median'][0]:g}x{s['median'][1]:g}, max {s['max'][0]}x{s['max'][1]}")
+
+
+def print_class_table(dataset: Dataset, level: str, console: Console, limit: int = 30) -> None:
+    """Images per class at one level, by split when there are splits."""
+    table = dataset.table
+    counts = pd.crosstab(table[level], table[SPLIT].replace("", "all")) if len(table) else None
+    if counts is None or counts.empty:
+        return
+    counts["total"] = counts.sum(axis=1)
+    counts = counts.sort_values("total", ascending=False)
+    cols = [c for c in ["train", "val", "test", "all"] if c in counts.columns] + ["total"]
+    shown = counts if len(counts) <= limit else pd.concat([counts.head(limit // 2),
+                                                           counts.tail(limit // 2)])
+    view = Table(level, *cols, title=f"Images per {level} ({len(counts)} classes"
+                 + (f", largest and smallest {limit // 2} shown)" if len(counts) > limit else ")"))
+    for i, (name, row) in enumerate(shown.iterrows()):
+        if len(counts) > limit and i == limit // 2:
+            view.add_row("...", *["" for _ in cols])
+        view.add_row(str(name), *[str(int(row[c])) for c in cols])
+    console.print(view)

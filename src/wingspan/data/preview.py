@@ -1,0 +1,54 @@
+"""`wingspan data preview`: a grid of originals beside augmented versions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from wingspan.config import AugmentConfig  # noqa: E402
+from wingspan.data.images import open_rgb  # noqa: E402
+from wingspan.data.samples import PATH, Dataset  # noqa: E402
+from wingspan.data.transforms import eval_transform, train_transform  # noqa: E402
+
+
+def write_preview(dataset: Dataset, out: Path, config: AugmentConfig | None = None,
+                  level: str | None = None, rows: int = 6, augmented: int = 5,
+                  seed: int = 0) -> Path:
+    """One row per class (up to `rows`): the evaluation view, then augmented views."""
+    config = config or AugmentConfig()
+    level = dataset.resolve_level(level)
+    rng = np.random.default_rng(seed)
+    picks = [(label, part[PATH].iloc[rng.integers(len(part))])
+             for label, part in dataset.table.groupby(level)]
+    picks = [picks[i] for i in sorted(rng.choice(len(picks), min(rows, len(picks)),
+                                                 replace=False))]
+    clean = eval_transform(config, normalize=False)
+    augment = train_transform(config, normalize=False)
+    torch.manual_seed(seed)
+    cols = augmented + 1
+    fig, axes = plt.subplots(len(picks), cols, figsize=(1.6 * cols, 1.7 * len(picks)),
+                             squeeze=False)
+    for r, (label, path) in enumerate(picks):
+        image = open_rgb(path)
+        views = [clean(image)] + [augment(image) for _ in range(augmented)]
+        for c, view in enumerate(views):
+            ax = axes[r][c]
+            ax.imshow(view.permute(1, 2, 0).clamp(0, 1).numpy())
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(str(label)[:18], fontsize=7)
+            if r == 0:
+                ax.set_title("original" if c == 0 else f"augmented {c}", fontsize=8)
+    fig.suptitle(f"augmentation '{config.policy}' at {config.image_size}px", fontsize=9)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

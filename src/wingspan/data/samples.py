@@ -1,0 +1,94 @@
+"""The sample table every reader returns, and the problems found while reading."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from wingspan.errors import WingspanError
+
+# Fixed columns of the table; every other column is a label level.
+PATH, GROUP, SPLIT = "path", "group", "split"
+
+
+@dataclass
+class Problem:
+    """Something wrong with the input that was skipped or needs attention."""
+
+    kind: str  # e.g. "missing_file", "empty_class", "duplicate_record"
+    message: str
+    path: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "message": self.message, "path": self.path}
+
+
+@dataclass
+class Dataset:
+    """Samples as one table, plus what the reader learned about them.
+
+    `table` has the columns `path` (absolute), `group` (samples that must stay on one
+    side of a split: same specimen, observation or barcode), `split` (train/val/test
+    when the source fixes one, else empty) and one column per label level, coarse to
+    fine (`levels`). The finest level is the default label.
+    """
+
+    table: pd.DataFrame
+    levels: list[str]
+    root: Path
+    format: str
+    problems: list[Problem] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        front = [PATH, GROUP, SPLIT, *self.levels]
+        self.table = self.table[front + [c for c in self.table.columns if c not in front]]
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    @property
+    def name(self) -> str:
+        return self.root.stem if self.root.is_file() else self.root.name
+
+    @property
+    def default_level(self) -> str:
+        return self.levels[-1]
+
+    def resolve_level(self, level: str | None) -> str:
+        """The level asked for, or the finest one; a clear error for an unknown name."""
+        if level is None:
+            return self.default_level
+        if level not in self.levels:
+            raise WingspanError(
+                f"This dataset has no label level '{level}'.",
+                hint=f"Choose one of: {', '.join(self.levels)}.",
+            )
+        return level
+
+    @property
+    def has_splits(self) -> bool:
+        return bool((self.table[SPLIT] != "").any())
+
+    def class_counts(self, level: str | None = None) -> pd.Series:
+        """Images per class at a level, largest first."""
+        return self.table[self.resolve_level(level)].value_counts()
+
+    def subset(self, rows) -> Dataset:
+        """A dataset with the rows picked by a boolean mask or positions (repeats allowed)."""
+        table = self.table.iloc[np.asarray(rows)].reset_index(drop=True)
+        return Dataset(table, list(self.levels), self.root, self.format, list(self.problems))
+
+
+def make_table(
+    paths: list[str], labels: dict[str, list[str]], groups: list[str] | None = None,
+    splits: list[str] | None = None,
+) -> pd.DataFrame:
+    """Build the sample table with the column order every reader uses."""
+    n = len(paths)
+    data = {PATH: paths, GROUP: groups if groups is not None else list(paths),
+            SPLIT: splits if splits is not None else [""] * n}
+    data.update(labels)
+    return pd.DataFrame(data)

@@ -1,0 +1,165 @@
+"""Train/val/test splits: stratified by a label level, grouped so no group leaks."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+
+from wingspan.config import SplitConfig
+from wingspan.data.samples import GROUP, SPLIT, Dataset
+from wingspan.errors import WingspanError
+
+
+@dataclass
+class SplitReport:
+    """What the split did, for the user: sizes, and classes that could not go everywhere."""
+
+    sizes: dict[str, int]
+    fractions: dict[str, float]
+    train_only: dict[str, int] = field(default_factory=dict)  # class -> groups it has
+    missing: dict[str, list[str]] = field(default_factory=dict)  # split -> absent classes
+
+
+def split_dataset(dataset: Dataset, level: str | None = None,
+                  config: SplitConfig | None = None) -> tuple[Dataset, SplitReport]:
+    """Assign every sample to train, val or test, replacing any split the source had.
+
+    Whole groups go to one side (scikit-learn's StratifiedGroupKFold keeps class
+    proportions as close as grouping allows); the same seed gives the same split.
+    Classes with fewer groups than non-empty splits cannot appear in all of them: they
+    go to train only, so the model can at least learn them, and are reported.
+    """
+    config = config or SplitConfig()
+    level = dataset.resolve_level(level)
+    table = dataset.table.copy()
+    labels = table[level].to_numpy()
+    if (labels == "").any():
+        raise WingspanError(
+            f"{int((labels == '').sum())} samples have no '{level}' label.",
+            hint="Fill in the taxonomy, or split on a level every sample has.",
+        )
+    groups = table[GROUP].to_numpy()
+    wanted = [s for s, f in (("test", config.test_fraction), ("val", config.val_fraction)) if f]
+    groups_per_class = table.groupby(level)[GROUP].nunique()
+    small = groups_per_class[groups_per_class < len(wanted) + 1]
+    split = np.full(len(table), "train", dtype=object)
+    pool = ~np.isin(labels, small.index)  # samples still to be divided
+    remaining = 1.0
+    for name in wanted:
+        fraction = getattr(config, f"{name}_fraction") / remaining
+        split[_take_fold(labels, groups, pool, fraction, config.seed)] = name
+        pool &= split == "train"
+        remaining -= getattr(config, f"{name}_fraction")
+    table[SPLIT] = split
+    # A group holding a train-only class and a pooled one could straddle two sides:
+    # keep it whole, on the side most of its samples went to.
+    sides = table.groupby(GROUP)[SPLIT].nunique()
+    for group in sides[sides > 1].index:
+        rows = table[GROUP] == group
+        table.loc[rows, SPLIT] = table.loc[rows, SPLIT].mode().iloc[0]
+
+    sizes = table[SPLIT].value_counts().reindex(["train", "val", "test"], fill_value=0)
+    present = table.groupby(SPLIT)[level].apply(set)
+    missing = {s: sorted(set(labels) - present.get(s, set()))
+               for s in ["train", *wanted] if set(labels) - present.get(s, set())}
+    report = SplitReport(
+        sizes={k: int(v) for k, v in sizes.items()},
+        fractions={k: round(v / len(table), 3) for k, v in sizes.items()},
+        train_only={k: int(v) for k, v in small.items()},
+        missing=missing,
+    )
+    result = Dataset(table, list(dataset.levels), dataset.root, dataset.format,
+                     list(dataset.problems))
+    return result, report
+
+
+def _take_fold(labels: np.ndarray, groups: np.ndarray, pool: np.ndarray, fraction: float,
+               seed: int) -> np.ndarray:
+    """Indices (into the full arrays) of one grouped, stratified fold of about `fraction`."""
+    n_splits = max(2, round(1 / fraction))
+    idx = np.flatnonzero(pool)
+    if len(np.unique(groups[idx])) < n_splits:
+        raise WingspanError(
+            f"Too few groups ({len(np.unique(groups[idx]))}) to split off {fraction:.0%}.",
+            hint="Lower --val / --test, or use a dataset with more independent images.",
+        )
+    folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():  # rare classes missing from a fold are reported by us
+        warnings.filterwarnings("ignore", "The least populated class", UserWarning)
+        _, fold = next(folds.split(idx, labels[idx], groups[idx]))
+    return idx[fold]
+
+
+def write_splits(dataset: Dataset, path: str | os.PathLike) -> None:
+    """Write `splits.csv` (path,label,split,group,<levels>), paths relative to the file."""
+    table = dataset.table.copy()
+    base = os.path.dirname(os.path.abspath(path))
+    table[GROUP] = table[GROUP].where(table[GROUP] != table["path"], "")  # "" = the file itself
+    table["path"] = [os.path.relpath(p, base) for p in table["path"]]
+    finest = dataset.default_level
+    columns = {"path": "path", finest: "label", SPLIT: SPLIT, GROUP: GROUP}
+    out = table.rename(columns=columns)[["path", "label", SPLIT, GROUP,
+                                         *[lv for lv in dataset.levels if lv != finest]]]
+    out.to_csv(path, index=False)
+
+
+def leaked_groups(table: pd.DataFrame) -> list[str]:
+    """Groups found in more than one split (should be none after `split_dataset`)."""
+    sides = table[table[SPLIT] != ""].groupby(GROUP)[SPLIT].nunique()
+    return sides[sides > 1].index.tolist()
+
+
+@dataclass
+class SplitResult:
+    level: str
+    dataset: Dataset
+    report: SplitReport
+    undersampled: dict[str, int]
+    oversampled: dict[str, int]
+    class_weights: dict[str, float]
+    splits_csv: Path
+    sampling_json: Path
+
+
+def split_and_sample(dataset: Dataset, out_dir: Path, level: str | None = None,
+                     config: SplitConfig | None = None) -> SplitResult:
+    """Split, then cap / oversample the training classes; write splits.csv and sampling.json.
+
+    The CSV is the dataset to train on: images left out by the cap are not in it (they
+    are listed in sampling.json) and oversampled images appear more than once.
+    """
+    from wingspan.data.sampling import class_weights, oversample, undersample
+
+    config = config or SplitConfig()
+    level = dataset.resolve_level(level)
+    result, report = split_dataset(dataset, level, config)
+    left_out: list[str] = []
+    undersampled: dict[str, int] = {}
+    oversampled: dict[str, int] = {}
+    if config.max_per_class:
+        before = set(result.table["path"])
+        result, undersampled = undersample(result, level, config.max_per_class, config.seed)
+        left_out = sorted(before - set(result.table["path"]))
+    if config.oversample_to:
+        result, oversampled = oversample(result, level, config.oversample_to, config.seed)
+    train_labels = result.table.loc[result.table[SPLIT] == "train", level]
+    weights = class_weights(train_labels)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    splits_csv, sampling_json = out_dir / "splits.csv", out_dir / "sampling.json"
+    write_splits(result, splits_csv)
+    sampling_json.write_text(json.dumps({
+        "level": level, "config": asdict(config), "sizes": report.sizes,
+        "train_counts": train_labels.value_counts().to_dict(),
+        "class_weights": weights, "train_only_classes": report.train_only,
+        "missing_classes": report.missing, "undersampled": undersampled,
+        "left_out_by_cap": left_out, "oversampled": oversampled,
+    }, indent=2))
+    return SplitResult(level, result, report, undersampled, oversampled, weights, splits_csv,
+                       sampling_json)

@@ -1,0 +1,73 @@
+"""Augmentation on the fly (torchvision transforms v2) and the evaluation transform.
+
+Policies are small registry entries: a name and the augmentations it applies, so
+`--augment` lists them and a new one is one function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torchvision.transforms import v2
+
+from wingspan.config import AugmentConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+POLICIES: dict[str, Callable[[int], list]] = {}
+
+
+def register_policy(name: str):
+    def add(fn):
+        POLICIES[name] = fn
+        return fn
+
+    return add
+
+
+@register_policy("light")
+def _light(size: int) -> list:
+    return [v2.RandomResizedCrop(size, scale=(0.6, 1.0), antialias=True),
+            v2.RandomHorizontalFlip()]
+
+
+@register_policy("standard")
+def _standard(size: int) -> list:
+    # Zoom, mirror, a slight tilt and lighting changes: what varies between field photos.
+    return [v2.RandomResizedCrop(size, scale=(0.3, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomRotation(15),
+            v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03)]
+
+
+@register_policy("strong")
+def _strong(size: int) -> list:
+    return [v2.RandomResizedCrop(size, scale=(0.2, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.TrivialAugmentWide()]
+
+
+def _to_tensor(mean, std, normalize: bool) -> list:
+    steps = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+    return steps + [v2.Normalize(mean, std)] if normalize else steps
+
+
+def train_transform(config: AugmentConfig | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                    normalize: bool = True) -> v2.Compose:
+    """PIL RGB image -> augmented float tensor (C, size, size)."""
+    config = config or AugmentConfig()
+    steps = POLICIES[config.policy](config.image_size) + _to_tensor(mean, std, normalize)
+    if config.policy == "strong":
+        steps.append(v2.RandomErasing(p=0.25))
+    return v2.Compose(steps)
+
+
+def eval_transform(config: AugmentConfig | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                   normalize: bool = True) -> v2.Compose:
+    """Resize the shorter side to size / eval_crop, then take the centre `size` square."""
+    config = config or AugmentConfig()
+    resize = round(config.image_size / config.eval_crop)
+    return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(config.image_size),
+                       *_to_tensor(mean, std, normalize)])

@@ -1,0 +1,18 @@
+"""The one exception type users see: what is wrong, and what to do about it."""
+
+from __future__ import annotations
+
+
+class WingspanError(Exception):
+    """A problem with the user's input or environment, with a hint on how to fix it.
+
+    The CLI prints these without a traceback; library users can catch them.
+    """
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message}\n  Hint: {self.hint}"

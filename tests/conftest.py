@@ -1,0 +1,46 @@
+"""Shared fixtures: generated datasets, the real photo sets when present, a CLI runner."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from wingspan.cli import main
+from wingspan.config import DemoConfig, shared_data_dir
+from wingspan.data.demo import generate_demo
+
+# Tests never need a display or more threads than the machine has.
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    path = shared_data_dir()
+    if not path.is_dir():
+        pytest.skip(f"real data not present at {path} (set WINGSPAN_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    """A small synthetic folder-per-class dataset with taxonomy.csv (4 imbalanced classes)."""
+    return generate_demo(tmp_path_factory.mktemp("demo"),
+                         DemoConfig(image_size=48, images_per_class=(16, 12, 9, 6)))
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run `wingspan ARGS...` in-process; returns (exit code, stdout, stderr)."""
+
+    def run(*args: str | Path) -> tuple[int, str, str]:
+        code = 0
+        try:
+            main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run

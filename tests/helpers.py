@@ -1,0 +1,33 @@
+"""Small image-writing helpers for tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def write_image(path: Path, size=(32, 32), colour=(200, 50, 50), mode="RGB", fmt=None,
+                seed: int | None = None, **save) -> Path:
+    """Write an image; a seed gives random pixels so that files differ."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if seed is not None:
+        pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), np.uint8)
+        image = Image.fromarray(pixels)
+    else:
+        image = Image.new("RGB", size, colour)
+    if mode != "RGB":
+        image = image.convert(mode)
+    image.save(path, format=fmt, **save)
+    return path
+
+
+def folder_dataset(root: Path, counts: dict[str, int], size=(24, 24)) -> Path:
+    """root/<class>/<i>.jpg with distinct random pixels in every file."""
+    seed = 0
+    for label, n in counts.items():
+        for i in range(n):
+            write_image(root / label / f"{label}_{i}.jpg", size=size, seed=seed)
+            seed += 1
+    return root

@@ -1,0 +1,63 @@
+import json
+
+import pytest
+
+from wingspan.data import read_dataset
+
+
+@pytest.mark.parametrize("command", [[], ["data"], ["data", "inspect"], ["data", "split"],
+                                     ["data", "preview"], ["demo"]])
+def test_every_command_has_help(run_cli, command):
+    code, out, _ = run_cli(*command, "--help")
+    assert code == 0
+    assert "Usage" in out and "--help" in out
+
+
+def test_inspect_command(run_cli, demo_dir, tmp_path):
+    code, out, err = run_cli("data", "inspect", demo_dir, "--out", tmp_path, "--quiet",
+                             "--level", "genus")
+    assert code == 0, err
+    assert "Classes per level" in out and "Images per genus" in out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["dataset"]["images"] == 43
+    assert (tmp_path / "balance_genus.png").stat().st_size > 1000
+
+
+def test_split_command(run_cli, demo_dir, tmp_path):
+    code, out, err = run_cli("data", "split", demo_dir, "--level", "label", "--val", "0.2",
+                             "--test", "0.2", "--max-per-class", "5", "--out", tmp_path)
+    assert code == 0, err
+    assert "Balanced class weights" in out and "--max-per-class left out" in out
+    ds = read_dataset(tmp_path / "splits.csv")
+    assert set(ds.table["split"]) == {"train", "val", "test"}
+    sampling = json.loads((tmp_path / "sampling.json").read_text())
+    assert set(sampling["class_weights"]) == set(ds.table["label"])
+
+
+def test_preview_command(run_cli, demo_dir, tmp_path):
+    code, out, err = run_cli("data", "preview", demo_dir, "--rows", "2", "--views", "2",
+                             "--image-size", "48", "--out", tmp_path)
+    assert code == 0, err
+    assert (tmp_path / "preview.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("args, message", [
+    (["data", "inspect", "/no/such/folder"], "does not exist"),
+    (["data", "split", "DEMO", "--val", "0.7", "--test", "0.5"], "must be below 1"),
+    (["data", "split", "DEMO", "--level", "tribe"], "no label level 'tribe'"),
+    (["data", "preview", "DEMO", "--augment", "wild"], "must be one of"),
+])
+def test_user_errors_are_one_clear_message(run_cli, demo_dir, args, message):
+    args = [str(demo_dir) if a == "DEMO" else a for a in args]
+    code, out, err = run_cli(*args)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+
+
+def test_demo_command_writes_everything(run_cli, tmp_path):
+    code, out, err = run_cli("demo", "--out", tmp_path, "--quiet")
+    assert code == 0, err
+    for name in ["inspect/summary.json", "splits.csv", "sampling.json", "preview.png",
+                 "data/taxonomy.csv"]:
+        assert (tmp_path / name).is_file(), name
+        assert str(tmp_path / name.split("/")[0]) in out

@@ -1,0 +1,42 @@
+import numpy as np
+import pytest
+from helpers import write_image
+from PIL import Image
+
+from wingspan.data.images import open_rgb
+from wingspan.errors import WingspanError
+
+
+def test_open_rgb_applies_exif_rotation(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = write_image(tmp_path / "r.jpg", size=(60, 40), exif=exif)
+    image = open_rgb(path)
+    assert image.size == (40, 60) and image.mode == "RGB"
+
+
+def test_open_rgb_composites_alpha_on_white(tmp_path):
+    rgba = Image.new("RGBA", (10, 10), (255, 0, 0, 0))
+    rgba.save(tmp_path / "clear.png")
+    assert open_rgb(tmp_path / "clear.png").getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_open_rgb_scales_16_bit(tmp_path):
+    deep = (np.arange(100).reshape(10, 10) * 600).astype(np.uint16)
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    pixels = np.asarray(open_rgb(tmp_path / "deep.png"))
+    assert pixels.min() == 0 and pixels.max() == 255  # not clipped to white
+
+
+def test_open_rgb_draft_decodes_large_jpeg_smaller(tmp_path):
+    path = write_image(tmp_path / "big.jpg", size=(1600, 1200), seed=0)
+    assert open_rgb(path, draft=300).size == (400, 300)
+    assert open_rgb(path).size == (1600, 1200)
+
+
+def test_open_rgb_errors_name_the_file(tmp_path):
+    (tmp_path / "bad.jpg").write_text("not an image")
+    with pytest.raises(WingspanError, match="bad.jpg"):
+        open_rgb(tmp_path / "bad.jpg")
+    with pytest.raises(WingspanError, match="not found"):
+        open_rgb(tmp_path / "missing.jpg")

@@ -1,0 +1,119 @@
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from helpers import write_image
+from PIL import Image
+
+from wingspan.config import InspectConfig, ReadConfig
+from wingspan.data import read_dataset
+from wingspan.data.inspect import inspect_dataset
+from wingspan.data.plots import plot_class_balance
+
+
+@pytest.fixture
+def messy(tmp_path):
+    """A CSV dataset seeded with one of every problem inspect must find."""
+    d = tmp_path / "imgs"
+    rows = []
+
+    def add(name, label, split, **kw):
+        rows.append((f"imgs/{name}", label, split))
+        return write_image(d / name, **kw) if kw.get("size", True) else d / name
+
+    for i in range(4):
+        add(f"good_a{i}.jpg", "a", "train", size=(80, 80), seed=i)
+        add(f"good_b{i}.jpg", "b", "train", size=(80, 80), seed=10 + i)
+    add("cmyk.jpg", "a", "train", size=(80, 80), seed=20, mode="CMYK")
+    add("rgba.png", "a", "val", size=(80, 80), seed=21, mode="RGBA")
+    add("palette.png", "b", "val", size=(80, 80), seed=22, mode="P")
+    add("tiny.jpg", "b", "train", size=(20, 12), seed=23)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees when shown
+    add("rotated.jpg", "a", "train", size=(90, 70), seed=24, exif=exif)
+    deep = np.linspace(0, 65535, 80 * 80).reshape(80, 80).astype(np.uint16)
+    Image.fromarray(deep).save(d / "deep.png")
+    rows.append(("imgs/deep.png", "b", "train"))
+    (d / "not_an_image.jpg").write_text("this is a text file")
+    rows.append(("imgs/not_an_image.jpg", "a", "train"))
+    good = write_image(d / "full.jpg", size=(200, 200), seed=25)
+    rows.append(("imgs/full.jpg", "b", "train"))
+    (d / "truncated.jpg").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    rows.append(("imgs/truncated.jpg", "b", "train"))
+    shutil.copy(d / "good_a0.jpg", d / "copy_in_test.jpg")  # same bytes, another split
+    rows.append(("imgs/copy_in_test.jpg", "a", "test"))
+    shutil.copy(d / "good_b0.jpg", d / "copy_other_label.jpg")  # same bytes, another label
+    rows.append(("imgs/copy_other_label.jpg", "a", "train"))
+    pd.DataFrame(rows, columns=["path", "label", "split"]).to_csv(tmp_path / "data.csv",
+                                                                  index=False)
+    return tmp_path / "data.csv"
+
+
+def test_inspect_finds_every_seeded_problem(messy, tmp_path):
+    ds = read_dataset(messy)
+    summary = inspect_dataset(ds, tmp_path / "out", InspectConfig(tiny_px=32), progress=False)
+    images = summary["images"]
+    names = lambda paths: {p.rsplit("/", 1)[-1] for p in paths}  # noqa: E731
+    assert names(u["path"] for u in images["unreadable"]) == {"not_an_image.jpg",
+                                                              "truncated.jpg"}
+    assert "truncated" in next(u["error"] for u in images["unreadable"]
+                               if u["path"].endswith("truncated.jpg"))
+    modes = {k.split(" (")[0]: names(v) for k, v in images["unusual_modes"].items()}
+    assert modes["CMYK colour"] == {"cmyk.jpg"}
+    assert modes["alpha channel"] == {"rgba.png"}
+    assert modes["palette"] == {"palette.png"}
+    assert modes["16-bit"] == {"deep.png"}
+    assert names(images["exif_rotated"]) == {"rotated.jpg"}
+    assert names(t["path"] for t in images["tiny"]) == {"tiny.jpg"}
+    dups = images["duplicates"]
+    assert [names(g["paths"]) for g in dups["across_splits"]] == [
+        {"good_a0.jpg", "copy_in_test.jpg"}]
+    assert dups["across_splits"][0]["splits"] == ["test", "train"]
+    assert [names(g["paths"]) for g in dups["conflicting_labels"]] == [
+        {"good_b0.jpg", "copy_other_label.jpg"}]
+    assert dups["extra_copies"] == 2
+    # What was printed is what was written.
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["images"]["checked"] == 19
+
+
+def test_inspect_counts_and_plots_per_level(demo_dir, tmp_path):
+    ds = read_dataset(demo_dir)
+    summary = inspect_dataset(ds, tmp_path, progress=False)
+    assert summary["levels"]["label"]["counts"] == ds.class_counts().to_dict()
+    assert summary["levels"]["label"]["imbalance_ratio"] == round(16 / 6, 2)
+    assert summary["taxonomy_conflicts"] == []
+    for level in ds.levels:
+        with Image.open(tmp_path / f"balance_{level}.png") as im:
+            assert im.width > 300 and im.height > 100
+
+
+def test_inspect_reports_taxonomy_conflicts(demo_dir, tmp_path):
+    ds = read_dataset(demo_dir)
+    ds.table.loc[ds.table["label"] == ds.table["label"].iloc[-1], "family"] = "Wrongidae"
+    genus = ds.table["genus"].iloc[-1]
+    ds.table.loc[ds.table["genus"] == genus, "genus"] = ds.table["genus"].iloc[0]
+    summary = inspect_dataset(ds, tmp_path, check_images=False, progress=False)
+    assert any("under 2 family values" in c for c in summary["taxonomy_conflicts"])
+
+
+@pytest.mark.parametrize("n_classes", [10, 500])
+def test_balance_plot_is_readable_for_few_and_many_classes(tmp_path, n_classes):
+    rng = np.random.default_rng(0)
+    counts = pd.Series(rng.zipf(1.5, n_classes).clip(1, 5000),
+                       index=[f"species number {i}" for i in range(n_classes)])
+    path = plot_class_balance(counts, "species", tmp_path / "plot.png")
+    with Image.open(path) as im:
+        # Few classes: one labelled bar each, so the figure grows with them; many: fixed size.
+        assert im.height < 1200
+        assert im.width >= 800
+
+
+def test_metadata_only_reads_labels_without_images(shared_data, tmp_path):
+    ds = read_dataset(shared_data / "ethec-splits", ReadConfig(check_files=False))
+    summary = inspect_dataset(ds, tmp_path, check_images=False, progress=False)
+    assert summary["levels"]["species"]["classes"] == 561
+    assert "images" not in summary
+    kinds = set(summary["reader_problems"])
+    assert {"duplicate_record", "image_in_two_splits", "barcode_in_two_splits"} <= kinds

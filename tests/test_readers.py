@@ -1,0 +1,185 @@
+import json
+import time
+
+import pandas as pd
+import pytest
+from helpers import folder_dataset, write_image
+
+from wingspan.config import ReadConfig
+from wingspan.data import READERS, detect_format, read_dataset
+from wingspan.data.ethec import IMAGE_DIR
+from wingspan.errors import WingspanError
+
+
+def test_registry_has_every_format():
+    assert set(READERS) == {"folder", "csv", "ethec"}
+
+
+def test_folder_reader_with_taxonomy_and_groups(tmp_path):
+    folder_dataset(tmp_path, {"monarch": 3, "peacock": 2})
+    (tmp_path / "taxonomy.csv").write_text(
+        "folder,family,genus,specific_epithet\n"
+        "monarch,Nymphalidae,Danaus,plexippus\npeacock,Nymphalidae,Aglais,io\n")
+    ds = read_dataset(tmp_path)
+    assert ds.format == "folder"
+    assert ds.levels == ["family", "genus", "species", "label"]
+    assert ds.default_level == "label"
+    assert ds.class_counts().to_dict() == {"monarch": 3, "peacock": 2}
+    row = ds.table[ds.table["label"] == "monarch"].iloc[0]
+    assert (row["family"], row["species"]) == ("Nymphalidae", "Danaus plexippus")
+    assert (ds.table["group"] == ds.table["path"]).all()  # default group: the file itself
+    assert not ds.has_splits
+
+    grouped = read_dataset(tmp_path, ReadConfig(group_regex=r"^([a-z]+)_"))
+    assert set(grouped.table["group"]) == {"monarch", "peacock"}
+
+
+def test_folder_reader_reports_empty_class_and_non_images(tmp_path):
+    folder_dataset(tmp_path, {"a": 2})
+    (tmp_path / "empty_species").mkdir()
+    (tmp_path / "a" / "notes.txt").write_text("field notes")
+    ds = read_dataset(tmp_path)
+    kinds = {p.kind: p for p in ds.problems}
+    assert "empty_species" in kinds["empty_class"].message
+    assert kinds["not_image"].path.endswith("notes.txt")
+    assert len(ds) == 2
+    with pytest.raises(WingspanError, match="empty_species"):
+        read_dataset(tmp_path, ReadConfig(strict=True))
+
+
+def test_folder_reader_takes_fixed_split_from_splits_csv(tmp_path):
+    folder_dataset(tmp_path, {"a": 2, "b": 2})
+    (tmp_path / "splits.csv").write_text(
+        "path,label,split\na/a_0.jpg,a,train\na/a_1.jpg,a,val\nb/b_0.jpg,b,train\n")
+    ds = read_dataset(tmp_path)
+    names = ds.table["path"].map(lambda p: p.split("/")[-1])
+    splits = dict(zip(names, ds.table["split"], strict=True))
+    assert splits == {"a_0.jpg": "train", "a_1.jpg": "val", "b_0.jpg": "train", "b_1.jpg": ""}
+    assert [p.kind for p in ds.problems] == ["not_in_splits"]
+
+
+def test_csv_reader_relative_paths_levels_and_missing_files(tmp_path):
+    folder_dataset(tmp_path / "imgs", {"x": 2, "y": 1})
+    csv = tmp_path / "meta" / "labels.csv"
+    csv.parent.mkdir()
+    csv.write_text("path,label,split,group,family\n"
+                   "../imgs/x/x_0.jpg,x,train,g1,F1\n../imgs/x/x_1.jpg,x,val,g1,F1\n"
+                   "../imgs/y/y_0.jpg,y,test,,F2\n../imgs/y/gone.jpg,y,train,,F2\n")
+    ds = read_dataset(csv)
+    assert ds.format == "csv" and ds.levels == ["family", "label"]
+    assert len(ds) == 3
+    assert ds.table["group"].tolist()[:2] == ["g1", "g1"]
+    assert ds.table["group"].iloc[2] == ds.table["path"].iloc[2]
+    missing = [p for p in ds.problems if p.kind == "missing_file"]
+    assert len(missing) == 1 and missing[0].path.endswith("gone.jpg")
+    with pytest.raises(WingspanError, match="do not exist.*gone.jpg"):
+        read_dataset(csv, ReadConfig(strict=True))
+
+
+@pytest.mark.parametrize("content, message", [
+    ("file,label\na.jpg,x\n", "no 'path' column"),
+    ("path,label,split\na.jpg,x,training\n", "line 2: split 'training'"),
+])
+def test_csv_reader_clear_errors(tmp_path, content, message):
+    csv = tmp_path / "bad.csv"
+    csv.write_text(content)
+    with pytest.raises(WingspanError, match=message):
+        read_dataset(csv)
+
+
+def test_bad_paths_and_empty_datasets(tmp_path):
+    with pytest.raises(WingspanError, match="does not exist"):
+        read_dataset(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(WingspanError, match="no usable images"):
+        read_dataset(tmp_path / "empty")
+    (tmp_path / "weights.bin").write_bytes(b"\0")
+    with pytest.raises(WingspanError, match="Cannot tell the dataset format"):
+        read_dataset(tmp_path / "weights.bin")
+    with pytest.raises(WingspanError, match="(?s)Unknown dataset format 'parquet'.*folder, csv"):
+        read_dataset(tmp_path, ReadConfig(format="parquet"))
+
+
+def test_detect_format(tmp_path, demo_dir):
+    assert detect_format(demo_dir) == "folder"
+    (tmp_path / "splits").mkdir()
+    (tmp_path / "splits" / "val.json").write_text("{}")
+    assert detect_format(tmp_path) == "ethec"
+    assert detect_format(write_image(tmp_path / "a.csv", fmt="PNG")) == "csv"
+
+
+def test_unknown_level_names_the_valid_ones(demo_dir):
+    ds = read_dataset(demo_dir)
+    with pytest.raises(WingspanError, match="(?s)no label level 'tribe'.*family, subfamily"):
+        ds.resolve_level("tribe")
+
+
+# --- the real data in ../shared/data ---------------------------------------------------
+
+def test_real_leeds_folder(shared_data):
+    ds = read_dataset(shared_data / "leeds-butterflies")
+    assert len(ds) == 832 and ds.table["label"].nunique() == 10
+    assert ds.table["family"].nunique() == 4
+    assert ds.table["split"].value_counts().to_dict() == {"train": 498, "val": 167, "test": 167}
+    assert not ds.problems
+
+
+def test_real_inat_csv_with_observation_groups(shared_data):
+    ds = read_dataset(shared_data / "inat-butterflies" / "splits.csv",
+                      ReadConfig(group_regex=r"_(\d+)_\d+\.jpg$"))
+    assert len(ds) == 1337 and ds.table["label"].nunique() == 8
+    assert ds.levels == ["family", "subfamily", "genus", "species", "label"]
+    assert ds.table["split"].value_counts().to_dict() == {"train": 1101, "val": 236}
+    assert ds.table["group"].str.fullmatch(r"\d+").all()  # the observation id
+
+
+@pytest.fixture(scope="module")
+def ethec_root(shared_data, tmp_path_factory):
+    """The real ETHEC val/test split files, with small images written for every 20th record."""
+    root = tmp_path_factory.mktemp("ethec")
+    (root / "splits").mkdir()
+    written = set()
+    for split in ("val", "test"):
+        src = shared_data / "ethec-splits" / f"{split}.json"
+        (root / "splits" / f"{split}.json").symlink_to(src)
+        records = json.loads(src.read_text())
+        for i, rec in enumerate(records.values()):
+            image = f"{rec['image_path']}/{rec['image_name']}"
+            if i % 20 == 0 and image not in written:
+                write_image(root / IMAGE_DIR / image, size=(16, 16), seed=len(written), fmt="JPEG")
+                written.add(image)
+    return root, written
+
+
+def test_real_ethec_split_files(ethec_root):
+    root, written = ethec_root
+    start = time.perf_counter()
+    ds = read_dataset(root)
+    took = time.perf_counter() - start
+    assert ds.format == "ethec"
+    assert ds.levels == ["family", "subfamily", "genus", "species"]
+    images = set(ds.table["path"].str.split(IMAGE_DIR + "/").str[1])
+    assert images == written  # every record with a file, whichever split lists it
+    assert set(ds.table["split"]) == {"val", "test"}
+    assert ds.table["species"].str.count(" ").min() >= 1  # "Genus epithet"
+    assert ds.table["group"].str.startswith("ETHZ-ENT").all()  # barcodes
+    general = [p.message for p in ds.problems if p.path is None]
+    assert any("val: 169 images are listed more than once" in m for m in general)
+    assert any(m.startswith("51 images are in more than one split") for m in general)
+    assert any(m.startswith("139 barcodes are in more than one split") for m in general)
+    missing = sum(p.kind == "missing_file" for p in ds.problems)
+    assert missing + len(ds) == 5286 + 5049 - 213 - 204
+    print(f"read ETHEC val+test in {took:.2f}s")
+
+
+def test_real_ethec_metadata_only(shared_data):
+    ds = read_dataset(shared_data / "ethec-splits", ReadConfig(check_files=False))
+    assert len(ds) == 5286 + 5049 - 213 - 204
+    assert ds.table["species"].nunique() == 561
+    assert ds.table["family"].nunique() == 6
+    assert isinstance(ds.table, pd.DataFrame)
+
+
+def test_ethec_without_images_suggests_metadata_only(shared_data):
+    with pytest.raises(WingspanError, match="--metadata-only"):
+        read_dataset(shared_data / "ethec-splits")

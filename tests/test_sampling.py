@@ -1,0 +1,46 @@
+import numpy as np
+import pytest
+from test_split import synthetic
+
+from wingspan.data.sampling import class_weights, oversample, undersample
+from wingspan.data.split import split_dataset
+
+
+@pytest.fixture
+def split_ds():
+    return split_dataset(synthetic({"a": 40, "b": 12, "c": 6}, per_group=2))[0]
+
+
+def test_undersample_caps_train_only(split_ds):
+    before = split_ds.table
+    capped, dropped = undersample(split_ds, "label", 10, seed=0)
+    train = capped.table[capped.table["split"] == "train"]["label"].value_counts()
+    assert train.max() == 10
+    assert dropped == {k: v - 10 for k, v in
+                       before[before["split"] == "train"]["label"].value_counts().items()
+                       if v > 10}
+    for split in ("val", "test"):
+        assert (capped.table["split"] == split).sum() == (before["split"] == split).sum()
+    again, _ = undersample(split_ds, "label", 10, seed=0)
+    assert capped.table.equals(again.table)
+
+
+def test_oversample_repeats_rare_training_classes(split_ds):
+    grown, added = oversample(split_ds, "label", 30, seed=0)
+    train = grown.table[grown.table["split"] == "train"]
+    counts = train["label"].value_counts()
+    assert counts.min() == 30
+    assert set(added) == {k for k, v in split_ds.table[split_ds.table["split"] == "train"]
+                          ["label"].value_counts().items() if v < 30}
+    # Only repeats: no new files appear.
+    assert set(grown.table["path"]) == set(split_ds.table["path"])
+
+
+def test_balanced_class_weights_match_the_formula():
+    labels = ["a"] * 6 + ["b"] * 3 + ["c"] * 1
+    weights = class_weights(labels)
+    n, k = len(labels), 3
+    assert weights == pytest.approx({"a": n / (k * 6), "b": n / (k * 3), "c": n / (k * 1)})
+    # Weighted, every class contributes the same total.
+    totals = {c: w * labels.count(c) for c, w in weights.items()}
+    assert np.ptp(list(totals.values())) == pytest.approx(0)

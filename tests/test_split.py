@@ -1,0 +1,94 @@
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from wingspan.config import ReadConfig, SplitConfig
+from wingspan.data import read_dataset
+from wingspan.data.samples import Dataset, make_table
+from wingspan.data.split import leaked_groups, split_and_sample, split_dataset
+from wingspan.errors import WingspanError
+
+
+def synthetic(n_groups_per_class: dict[str, int], per_group: int = 3) -> Dataset:
+    """Samples in groups of `per_group` (photos of one specimen), no files needed."""
+    paths, labels, groups = [], [], []
+    for label, n_groups in n_groups_per_class.items():
+        for g in range(n_groups):
+            for i in range(per_group):
+                paths.append(f"/x/{label}/{g}_{i}.jpg")
+                labels.append(label)
+                groups.append(f"{label}-{g}")
+    table = make_table(paths, {"label": labels}, groups)
+    return Dataset(table, ["label"], Path("/x"), "csv")
+
+
+def test_grouped_stratified_split_has_no_leak_and_every_class_everywhere():
+    ds = synthetic({"a": 40, "b": 30, "c": 20, "d": 10})
+    result, report = split_dataset(ds, config=SplitConfig(val_fraction=0.2, test_fraction=0.2))
+    table = result.table
+    assert leaked_groups(table) == []
+    assert set(table["split"]) == {"train", "val", "test"}
+    assert not report.missing and not report.train_only
+    for split in ("val", "test"):
+        assert abs(report.fractions[split] - 0.2) < 0.05
+        # Stratified: each class keeps roughly its share in every split.
+        share = table[table["split"] == split]["label"].value_counts(normalize=True)
+        overall = table["label"].value_counts(normalize=True)
+        assert (share - overall).abs().max() < 0.06
+
+
+def test_split_is_deterministic_for_a_seed():
+    ds = synthetic({"a": 30, "b": 20})
+    first = split_dataset(ds, config=SplitConfig(seed=3))[0].table["split"]
+    again = split_dataset(ds, config=SplitConfig(seed=3))[0].table["split"]
+    other = split_dataset(ds, config=SplitConfig(seed=4))[0].table["split"]
+    assert first.equals(again)
+    assert not first.equals(other)
+
+
+def test_classes_too_small_for_every_split_are_reported_and_kept_in_train():
+    ds = synthetic({"common": 30, "rare": 2, "single": 1})
+    result, report = split_dataset(ds)
+    assert report.train_only == {"rare": 2, "single": 1}
+    rare = result.table[result.table["label"].isin(["rare", "single"])]
+    assert set(rare["split"]) == {"train"} and len(rare) == 9  # nothing dropped
+
+
+def test_unlabelled_samples_and_impossible_fractions_are_refused():
+    ds = synthetic({"a": 10, "b": 10})
+    ds.table.loc[0, "label"] = ""
+    with pytest.raises(WingspanError, match="1 samples have no 'label' label"):
+        split_dataset(ds)
+    with pytest.raises(WingspanError, match="'val_fraction \\+ test_fraction' setting must be"):
+        SplitConfig(val_fraction=0.6, test_fraction=0.5)
+    with pytest.raises(WingspanError, match="'val_fraction' setting must be a fraction"):
+        SplitConfig(val_fraction=-0.1)
+
+
+def test_split_and_sample_writes_a_csv_that_reads_back(demo_dir, tmp_path):
+    ds = read_dataset(demo_dir)
+    result = split_and_sample(ds, tmp_path, "label",
+                              SplitConfig(max_per_class=8, oversample_to=7, seed=1))
+    back = read_dataset(tmp_path / "splits.csv")
+    train = back.table[back.table["split"] == "train"]
+    # Cap and oversampling hold in train; val/test keep their true mix.
+    assert train["label"].value_counts().max() <= 8
+    assert train["label"].value_counts().min() >= 7
+    assert back.table.loc[back.table["split"] != "train"].equals(
+        back.table.loc[back.table["split"] != "train"].drop_duplicates())
+    assert set(back.levels) == {"family", "subfamily", "genus", "species", "label"}
+    assert sorted(back.table["path"]) == sorted(result.dataset.table["path"])
+    # The CSV's rows are exactly the split result, split for split.
+    pd.testing.assert_series_equal(
+        back.table.sort_values("path")["split"].reset_index(drop=True),
+        result.dataset.table.sort_values("path")["split"].reset_index(drop=True))
+
+
+def test_real_inat_resplit_keeps_observations_together(shared_data, tmp_path):
+    ds = read_dataset(shared_data / "inat-butterflies", ReadConfig(group_regex=r"_(\d+)_\d+\."))
+    result, report = split_dataset(ds, "label", SplitConfig(seed=0))
+    assert leaked_groups(result.table) == []
+    assert not report.missing
+    assert np.isclose(sum(report.fractions.values()), 1.0, atol=0.01)

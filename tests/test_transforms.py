@@ -1,0 +1,55 @@
+import pytest
+import torch
+from PIL import Image
+
+from wingspan.config import AugmentConfig
+from wingspan.data import read_dataset
+from wingspan.data.preview import write_preview
+from wingspan.data.transforms import POLICIES, eval_transform, train_transform
+from wingspan.errors import WingspanError
+
+
+@pytest.fixture
+def photo():
+    return Image.effect_mandelbrot((300, 200), (-2, -1.2, 1, 1.2), 60).convert("RGB")
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_train_transform_shapes_and_randomness(photo, policy):
+    transform = train_transform(AugmentConfig(policy=policy, image_size=64))
+    torch.manual_seed(0)
+    a, b = transform(photo), transform(photo)
+    assert a.shape == b.shape == (3, 64, 64) and a.dtype == torch.float32
+    assert not torch.equal(a, b)  # augmentation differs from draw to draw
+
+
+def test_eval_transform_is_deterministic_and_normalised(photo):
+    config = AugmentConfig(image_size=96)
+    transform = eval_transform(config)
+    a, b = transform(photo), transform(photo)
+    assert a.shape == (3, 96, 96) and torch.equal(a, b)
+    raw = eval_transform(config, normalize=False)(photo)
+    assert 0 <= raw.min() and raw.max() <= 1
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    torch.testing.assert_close(a, (raw - mean) / std)
+
+
+def test_custom_normalisation(photo):
+    # EfficientNet-Lite weights expect (x - 127) / 128 on 0..255 pixels.
+    t = eval_transform(AugmentConfig(image_size=32), mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
+    x = t(photo)
+    assert -1.0 <= x.min() and x.max() <= 1.0
+
+
+def test_unknown_policy_is_refused():
+    with pytest.raises(WingspanError, match="'policy' setting must be one of"):
+        AugmentConfig(policy="extreme")
+
+
+def test_preview_grid_file(demo_dir, tmp_path):
+    path = write_preview(read_dataset(demo_dir), tmp_path / "preview.png",
+                         AugmentConfig(image_size=48), rows=3, augmented=4)
+    with Image.open(path) as im:
+        # 3 rows of 5 panels: wider than tall, and big enough to see.
+        assert im.width > im.height > 200
