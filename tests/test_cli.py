@@ -6,7 +6,8 @@ from wingspan.data import read_dataset
 
 
 @pytest.mark.parametrize("command", [[], ["data"], ["data", "inspect"], ["data", "split"],
-                                     ["data", "preview"], ["demo"]])
+                                     ["data", "preview"], ["demo"], ["models"],
+                                     ["models", "list"]])
 def test_every_command_has_help(run_cli, command):
     code, out, _ = run_cli(*command, "--help")
     assert code == 0
@@ -61,3 +62,11 @@ def test_demo_command_writes_everything(run_cli, tmp_path):
                  "data/taxonomy.csv"]:
         assert (tmp_path / name).is_file(), name
         assert str(tmp_path / name.split("/")[0]) in out
+
+
+def test_models_list_shows_offline_weights(run_cli):
+    code, out, err = run_cli("models", "list")
+    assert code == 0, err
+    lines = {line.split()[1]: line for line in out.splitlines() if line.startswith("│ ")}
+    assert "yes (package)" in lines["efficientnet_lite0"]
+    assert "resnet50" in lines

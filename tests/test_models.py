@@ -1,0 +1,160 @@
+import functools
+import http.server
+import threading
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import save_file
+
+from wingspan.errors import WingspanError
+from wingspan.models import BACKBONES, create_classifier, get_spec
+from wingspan.models import registry as registry_module
+from wingspan.models.weights import find_offline, resolve_weights
+
+
+@pytest.fixture
+def isolated_caches(tmp_path, monkeypatch):
+    """Empty torch hub and Hugging Face caches; no real download can happen."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(registry_module, "TORCHVISION_URL", "http://127.0.0.1:9/")
+    return tmp_path
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_every_backbone_builds_and_runs_at_a_tiny_size(name):
+    model, loaded = create_classifier(name, {"label": 3}, weights="none")
+    assert loaded is None
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 32, 32))
+    assert out["label"].shape == (2, 3)
+    assert list(model.backbone.stages)[0] == "stem" and len(model.backbone.stages) >= 5
+    assert model.features(torch.randn(1, 3, 32, 32)).shape == (1, model.backbone.num_features)
+
+
+def test_any_timm_name_passes_through_and_unknown_names_are_explained():
+    assert get_spec("mobilenetv3_small_050").timm_name == "mobilenetv3_small_050"
+    with pytest.raises(WingspanError, match="(?s)Unknown backbone 'resnet5O'.*resnet50"):
+        get_spec("resnet5O")
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_lite0"])
+def test_unfreezing_last_stages_changes_exactly_those_parameters(name):
+    model, _ = create_classifier(name, {"label": 2}, weights="none")
+    backbone = model.backbone
+    stages = list(backbone.stages)
+    for n in range(len(stages) + 1):
+        chosen = backbone.unfreeze_last(n)
+        assert chosen == stages[len(stages) - n:] if n else chosen == []
+        expected = {p for s in chosen for p in backbone.stages[s]}
+        trainable = {k for k, p in backbone.net.named_parameters() if p.requires_grad}
+        assert trainable == expected
+    # The stages cover every parameter exactly once.
+    all_names = [p for names in backbone.stages.values() for p in names]
+    assert sorted(all_names) == sorted(k for k, _ in backbone.net.named_parameters())
+
+
+def test_frozen_batchnorm_statistics_do_not_move_during_training():
+    model, _ = create_classifier("resnet18", {"label": 2}, weights="none")
+    model.backbone.unfreeze_last(1)  # stage4 trains; everything before is frozen
+    model.train()
+    bn_stats = {k: v.clone() for k, v in model.backbone.net.state_dict().items()
+                if "running_mean" in k}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    loss = model(torch.randn(4, 3, 64, 64))["label"].sum()
+    loss.backward()
+    optimizer.step()
+    after = model.backbone.net.state_dict()
+    moved = {k for k, v in bn_stats.items() if not torch.equal(v, after[k])}
+    assert moved and all(k.startswith("layer4.") for k in moved)
+    assert not model.backbone.net.bn1.training and model.backbone.net.layer4[0].bn1.training
+
+
+# --- weight resolution, each step ------------------------------------------------------
+
+def _torchvision_resnet18_file(path):
+    net = torchvision.models.resnet18()
+    torch.save(net.state_dict(), path)
+    return net.eval()
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_explicit_file_in_torchvision_layout(isolated_caches, suffix):
+    path = isolated_caches / f"weights{suffix}"
+    reference = _torchvision_resnet18_file(isolated_caches / "tv.pth")
+    if suffix == ".safetensors":
+        save_file(reference.state_dict(), path)
+    else:
+        path = isolated_caches / "tv.pth"
+    model, loaded = create_classifier("resnet18", {"label": 2}, weights=path)
+    assert loaded.source == "file"
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ours = model.features(x)
+        theirs = torch.flatten(reference.avgpool(
+            torch.nn.Sequential(*list(reference.children())[:-2])(x)), 1)
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_torch_hub_cache_then_hf_cache(isolated_caches):
+    spec = get_spec("resnet18")
+    hub = isolated_caches / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    _torchvision_resnet18_file(hub / spec.torchvision_files[0])
+    assert resolve_weights(spec).source == "torch-hub-cache"
+    assert find_offline(spec) == "torch-hub-cache"
+    (hub / spec.torchvision_files[0]).unlink()
+    snap = (isolated_caches / "hf" / f"models--{spec.hf_hub_id.replace('/', '--')}" / "snapshots"
+            / "abc123")
+    snap.mkdir(parents=True)
+    save_file(torchvision.models.resnet18().state_dict(), snap / "model.safetensors")
+    assert resolve_weights(spec).source == "hf-cache"
+
+
+def test_installed_package_weights(isolated_caches):
+    loaded = resolve_weights(get_spec("efficientnet_lite0"))
+    assert loaded.source == "package" and loaded.location.endswith(".pth")
+
+
+def test_download_from_a_local_server_then_cache(isolated_caches, monkeypatch):
+    spec = get_spec("resnet18")
+    served = isolated_caches / "served"
+    served.mkdir()
+    _torchvision_resnet18_file(served / spec.torchvision_files[0])
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(registry_module, "TORCHVISION_URL",
+                            f"http://127.0.0.1:{server.server_address[1]}/")
+        loaded = resolve_weights(spec)
+        assert loaded.source == "download"
+        assert resolve_weights(spec).source == "torch-hub-cache"  # kept for next time
+    finally:
+        server.shutdown()
+
+
+def test_no_weights_anywhere_gives_a_clear_error(isolated_caches):
+    with pytest.raises(WingspanError) as e:
+        resolve_weights(get_spec("resnet50"))
+    text = str(e.value)
+    assert "No pretrained weights for backbone 'resnet50'" in text
+    assert "caches: nothing in" in text and "package: none" in text
+    assert "download: http://127.0.0.1:9/resnet50-11ad3fa6.pth failed" in text
+    assert "--weights PATH" in text and "efficientnet_lite2" in text
+
+
+def test_pickled_objects_and_mismatched_weights_are_refused(isolated_caches):
+    evil = isolated_caches / "model.pth"
+    torch.save(torchvision.models.resnet18(), evil)  # a whole pickled module, not tensors
+    with pytest.raises(WingspanError, match="Pickled model objects are refused"):
+        resolve_weights(get_spec("resnet18"), evil)
+    _torchvision_resnet18_file(isolated_caches / "r18.pth")
+    with pytest.raises(WingspanError, match="do not fit this backbone"):
+        create_classifier("resnet34", {"label": 2}, weights=isolated_caches / "r18.pth")
+    with pytest.raises(WingspanError, match="not found"):
+        resolve_weights(get_spec("resnet18"), isolated_caches / "nope.pth")
