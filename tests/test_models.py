@@ -57,18 +57,24 @@ def test_unfreezing_last_stages_changes_exactly_those_parameters(name):
     assert sorted(all_names) == sorted(k for k, _ in backbone.net.named_parameters())
 
 
+def _bn_stats_moved_by_a_training_step(model) -> set[str]:
+    model.train()
+    before = {k: v.clone() for k, v in model.backbone.net.state_dict().items()
+              if "running_mean" in k}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(torch.randn(4, 3, 64, 64))["label"].sum().backward()
+    optimizer.step()
+    after = model.backbone.net.state_dict()
+    return {k for k, v in before.items() if not torch.equal(v, after[k])}
+
+
 def test_frozen_batchnorm_statistics_do_not_move_during_training():
     model, _ = create_classifier("resnet18", {"label": 2}, weights="none")
     model.backbone.unfreeze_last(1)  # stage4 trains; everything before is frozen
-    model.train()
-    bn_stats = {k: v.clone() for k, v in model.backbone.net.state_dict().items()
-                if "running_mean" in k}
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    loss = model(torch.randn(4, 3, 64, 64))["label"].sum()
-    loss.backward()
-    optimizer.step()
-    after = model.backbone.net.state_dict()
-    moved = {k for k, v in bn_stats.items() if not torch.equal(v, after[k])}
+    assert _bn_stats_moved_by_a_training_step(model) == set()  # default: all BN in eval mode
+    assert model.backbone.net.layer4[0].bn1.weight.grad is not None  # yet their affine learns
+    model.backbone.train_bn = True  # opt in: unfrozen BN layers use batch statistics
+    moved = _bn_stats_moved_by_a_training_step(model)
     assert moved and all(k.startswith("layer4.") for k in moved)
     assert not model.backbone.net.bn1.training and model.backbone.net.layer4[0].bn1.training
 

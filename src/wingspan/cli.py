@@ -19,6 +19,7 @@ from wingspan.config import (
     InspectConfig,
     ReadConfig,
     SplitConfig,
+    TrainConfig,
     to_dict,
 )
 from wingspan.data.transforms import POLICIES
@@ -183,6 +184,91 @@ def data_preview(
     out.print(f"Wrote {path}")
 
 
+T = TrainConfig  # defaults shown in --help come from the one config
+
+
+@app.command("train")
+def train_command(
+    ctx: typer.Context,
+    data: Annotated[Path | None, typer.Argument(
+        help="A folder of class folders, a CSV, or an ETHEC root (not needed with --resume).",
+        show_default=False)] = None,
+    level: Level = None,
+    backbone: Annotated[str, typer.Option(help="See `wingspan models list`; any timm name.")]
+    = T.backbone,
+    weights: Annotated[str, typer.Option(help="auto (offline first) | none | a weights file.")]
+    = T.weights,
+    epochs_head: Annotated[int, typer.Option(help="Stage 1 epochs (frozen backbone).")]
+    = T.epochs_head,
+    epochs_finetune: Annotated[int, typer.Option(help="Stage 2 epochs (fine-tuning).")]
+    = T.epochs_finetune,
+    unfreeze: Annotated[int | None, typer.Option(
+        help="Stages to fine-tune in stage 2 (default: per backbone).")] = None,
+    lr: Annotated[float, typer.Option(help="Head learning rate; stage 2 uses lr x "
+                                      "finetune-lr-scale with layer-wise decay.")] = T.lr,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = T.batch_size,
+    image_size: Annotated[int | None, typer.Option(
+        help="Training resolution (default: the backbone's).")] = None,
+    max_per_class: Annotated[int | None, typer.Option(
+        help="Undersample: at most N training images per class.")] = None,
+    class_weights: Annotated[str, typer.Option(
+        help="auto (balanced when imbalanced) | balanced | none.")] = T.class_weights,
+    sampler: Annotated[str, typer.Option(help="shuffle | weighted.")] = T.sampler,
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing.")]
+    = T.label_smoothing,
+    augment: Annotated[str, typer.Option(help="light | standard | strong.")] = T.augment,
+    feature_views: Annotated[int, typer.Option(
+        help="Augmented views per image in stage 1's feature cache.")] = T.feature_views,
+    patience: Annotated[int, typer.Option(help="Early stopping patience (epochs).")]
+    = T.patience,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = T.seed,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = T.device,
+    precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16.")] = T.precision,
+    workers: Annotated[int | None, typer.Option(help="Data workers (default: per machine).")]
+    = None,
+    name: Annotated[str | None, typer.Option(help="Run name (runs/NAME).")] = None,
+    runs_dir: Annotated[Path, typer.Option(help="Where runs are written.")] = Path("runs"),
+    config: Annotated[Path | None, typer.Option(
+        help="YAML file of settings; options given on the command line win.")] = None,
+    resume: Annotated[Path | None, typer.Option(
+        help="Continue the run in this folder from its last checkpoint.")] = None,
+    format: Format = None, group_regex: GroupRegex = None, strict: Strict = False,
+    quiet: Quiet = False,
+) -> None:
+    """Train a classifier: a new head on a frozen pretrained backbone, then fine-tuning.
+
+    Writes runs/NAME with config.yaml, history.csv, metrics.json, checkpoints and the
+    model bundle (runs/NAME/model).
+    """
+    from wingspan import train as training
+
+    if resume:
+        run_dir = training.resume(resume, quiet=quiet)
+    else:
+        if data is None:
+            raise WingspanError("Give DATA to train on (or --resume RUN).")
+        # Only options set on the command line override the config file.
+        given = {k: v for k, v in ctx.params.items() if k in TrainConfig.__dataclass_fields__
+                 and ctx.get_parameter_source(k).name == "COMMANDLINE"}
+        settings = (TrainConfig.from_file(config, **given) if config else
+                    TrainConfig(**{k: v for k, v in ctx.params.items()
+                                   if k in TrainConfig.__dataclass_fields__}))
+        dataset = _read(data, format, group_regex, strict)
+        run_dir = training.train(dataset, settings, runs_dir, name, quiet)
+    _print_run(run_dir)
+
+
+def _print_run(run_dir: Path) -> None:
+    import json
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    best = metrics["best"]
+    out.print(f"val macro-F1 {best['val_macro_f1']:.4f}, accuracy {best['val_acc']:.4f} "
+              f"({best['stage']} epoch {best['epoch']}); stage seconds "
+              f"{metrics['stage_seconds']}")
+    out.print(f"Run: {run_dir}   model: {run_dir / 'model'}")
+
+
 @models_app.command("list")
 def models_list() -> None:
     """Show the registered backbones and whether ImageNet weights are available offline here.
@@ -218,7 +304,15 @@ def demo(
     = DemoConfig.seed,
     quiet: Quiet = False,
 ) -> None:
-    """Run the main job on built-in synthetic butterflies (offline, a few seconds)."""
+    """Run the main job on built-in synthetic butterflies (offline, about a minute).
+
+    Generates the data, inspects it, splits it, previews the augmentation, and trains a
+    classifier on an offline ImageNet backbone.
+    """
+    import json
+    import shutil
+
+    from wingspan import train as training
     from wingspan.data import read_dataset
     from wingspan.data.demo import generate_demo
     from wingspan.data.inspect import inspect_dataset, print_summary
@@ -235,18 +329,25 @@ def demo(
     summary = inspect_dataset(dataset, out_dir / "inspect", progress=not quiet)
     print_summary(summary, out)
     out.rule("3. split")
-    _print_split(split_and_sample(dataset, out_dir, None, SplitConfig(seed=seed)))
+    split = split_and_sample(dataset, out_dir, None, SplitConfig(seed=seed))
+    _print_split(split)
     out.rule("4. augmentation preview")
     preview = write_preview(dataset, out_dir / "preview.png", seed=seed)
     out.print(f"Wrote {preview}")
+    out.rule("5. train")
+    shutil.rmtree(out_dir / "train", ignore_errors=True)  # the demo owns its folder
+    settings = TrainConfig(backbone=config.backbone, image_size=config.image_size,
+                           epochs_head=config.epochs_head, epochs_finetune=config.epochs_finetune,
+                           feature_views=config.feature_views, seed=seed)
+    run_dir = training.train(read_dataset(split.splits_csv), settings, out_dir, "train", quiet)
+    _print_run(run_dir)
     out.rule("outputs")
-    for name, path in [("data", data_dir), ("summary", out_dir / "inspect" / "summary.json"),
-                       ("balance plots", out_dir / "inspect"), ("splits", out_dir / "splits.csv"),
-                       ("preview", preview), ("config", out_dir / "demo_config.json")]:
-        out.print(f"  {name:14s} {path}")
-    import json
-
     (out_dir / "demo_config.json").write_text(json.dumps(to_dict(config), indent=2))
+    for name, path in [("data", data_dir), ("summary", out_dir / "inspect" / "summary.json"),
+                       ("balance plots", out_dir / "inspect"), ("splits", split.splits_csv),
+                       ("preview", preview), ("training run", run_dir),
+                       ("model bundle", run_dir / "model")]:
+        out.print(f"  {name:14s} {path}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -99,6 +99,11 @@ class DemoConfig:
     image_size: int = 96
     images_per_class: tuple[int, ...] = (60, 50, 40, 32, 26, 20)  # imbalanced on purpose
     seed: int = 0
+    # The demo's training run: an offline backbone, small enough for ~1 minute on 2 cores.
+    backbone: str = "efficientnet_lite0"
+    epochs_head: int = 20
+    epochs_finetune: int = 2
+    feature_views: int = 2
 
     def __post_init__(self) -> None:
         from wingspan.data.demo import SPECIES
@@ -124,3 +129,104 @@ def shared_data_dir() -> Path:
     if env:
         return Path(env)
     return Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+def default_cache_dir() -> Path:
+    """Decoded images and other reusable work: $WINGSPAN_CACHE, else ~/.cache/wingspan."""
+    env = os.environ.get("WINGSPAN_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "wingspan"
+
+
+@dataclass
+class TrainConfig:
+    """The two-stage transfer-learning recipe. Saved, resolved, in every run."""
+
+    # data
+    level: str | None = None  # label level to learn (default: the finest)
+    max_per_class: int | None = None  # undersample the training split
+    val_fraction: float = 0.15  # used only when the data has no split of its own
+    test_fraction: float = 0.15
+    # model
+    backbone: str = "resnet50"
+    weights: str = "auto"  # auto | none | a file
+    hidden: int | None = None
+    dropout: float = 0.2
+    image_size: int | None = None  # None: the backbone's own input size
+    # stage 1: the head on a frozen backbone
+    epochs_head: int = 30  # cheap: the head trains on cached features
+    lr: float = 3e-3  # the head's learning rate; stage 2 derives its rates from it
+    feature_views: int = 2  # augmented views per training image in the feature cache
+    feature_cache: bool = True  # False runs the frozen backbone on every batch
+    # stage 2: fine-tune the last stages
+    epochs_finetune: int = 4
+    unfreeze: int | None = None  # None: the backbone's default
+    finetune_lr_scale: float = 0.1  # stage 2 top rate = lr * this
+    layer_decay: float = 0.5  # each earlier stage's rate is this times the next one's
+    warmup_fraction: float = 0.1  # of stage 2 steps
+    weight_decay: float = 0.01
+    # both stages
+    batch_size: int = 32
+    augment: str = "standard"  # light | standard | strong
+    class_weights: str = "auto"  # auto (balanced when imbalanced) | balanced | none
+    imbalance_threshold: float = 1.5  # auto turns class weights on above this max/min ratio
+    sampler: str = "shuffle"  # shuffle | weighted
+    label_smoothing: float = 0.1
+    patience: int = 8  # epochs without a better val macro-F1 before stopping a stage
+    seed: int = 0
+    # machine
+    device: str = "auto"
+    precision: str = "auto"
+    workers: int | None = None  # None: sized to the machine
+    cache_dir: str | None = None  # decoded-image cache (None: default_cache_dir())
+    checkpoint_minutes: float = 5.0  # also checkpoint inside long epochs
+
+    def __post_init__(self) -> None:
+        from wingspan.data.transforms import POLICIES
+
+        for name in ("epochs_head", "epochs_finetune", "feature_views", "patience", "seed"):
+            _check(getattr(self, name) >= 0, name, "0 or more", getattr(self, name))
+        _check(self.epochs_head + self.epochs_finetune > 0, "epochs_head + epochs_finetune",
+               "at least 1", self.epochs_head + self.epochs_finetune)
+        for name in ("lr", "finetune_lr_scale", "layer_decay"):
+            _check(getattr(self, name) > 0, name, "a positive number", getattr(self, name))
+        _check(self.batch_size >= 1, "batch_size", "at least 1", self.batch_size)
+        _check(0 <= self.dropout < 1, "dropout", "in [0, 1)", self.dropout)
+        _check(0 <= self.label_smoothing < 1, "label_smoothing", "in [0, 1)",
+               self.label_smoothing)
+        _check(0 <= self.warmup_fraction < 1, "warmup_fraction", "in [0, 1)",
+               self.warmup_fraction)
+        _check(self.weight_decay >= 0, "weight_decay", "0 or more", self.weight_decay)
+        _check(self.augment in POLICIES, "augment", f"one of {sorted(POLICIES)}", self.augment)
+        _check(self.class_weights in ("auto", "balanced", "none"), "class_weights",
+               "one of auto, balanced, none", self.class_weights)
+        _check(self.sampler in ("shuffle", "weighted"), "sampler", "shuffle or weighted",
+               self.sampler)
+        if self.unfreeze is not None:
+            _check(self.unfreeze >= 0, "unfreeze", "0 or more stages", self.unfreeze)
+        if self.max_per_class is not None:
+            _check(self.max_per_class >= 1, "max_per_class", "at least 1", self.max_per_class)
+        if self.image_size is not None:
+            _check(self.image_size >= 16, "image_size", "at least 16 pixels", self.image_size)
+        if self.workers is not None:
+            _check(self.workers >= 0, "workers", "0 or more", self.workers)
+        SplitConfig(val_fraction=self.val_fraction, test_fraction=self.test_fraction)
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides) -> TrainConfig:
+        """Settings from a YAML file, then `overrides` (command-line values win)."""
+        import yaml
+
+        try:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise WingspanError(f"Cannot read the config file {path}: {e}") from e
+        if not isinstance(values, dict):
+            raise WingspanError(f"{path} must hold a mapping of setting: value.")
+        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise WingspanError(f"{path}: unknown settings {unknown}.",
+                                hint=f"Valid: {', '.join(cls.__dataclass_fields__)}.")
+        return cls(**{**values, **overrides})

@@ -29,3 +29,28 @@ def track(items: Iterable[T], description: str, total: int | None = None,
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         yield from progress.track(items, total=total, description=description)
+
+
+class Bar:
+    """A progress bar advanced by hand (for work that is not one loop over items)."""
+
+    def __init__(self, total: int, description: str, enabled: bool = True):
+        self.enabled = enabled
+        if enabled:
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                     MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
+                                     TimeRemainingColumn(), console=console, transient=True)
+            self.task = self.progress.add_task(description, total=total)
+
+    def __enter__(self) -> Bar:
+        if self.enabled:
+            self.progress.start()
+        return self
+
+    def advance(self, n: int = 1) -> None:
+        if self.enabled:
+            self.progress.advance(self.task, n)
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self.progress.stop()

@@ -104,10 +104,9 @@ def write_splits(dataset: Dataset, path: str | os.PathLike) -> None:
     table[GROUP] = table[GROUP].where(table[GROUP] != table["path"], "")  # "" = the file itself
     table["path"] = [os.path.relpath(p, base) for p in table["path"]]
     finest = dataset.default_level
-    columns = {"path": "path", finest: "label", SPLIT: SPLIT, GROUP: GROUP}
-    out = table.rename(columns=columns)[["path", "label", SPLIT, GROUP,
-                                         *[lv for lv in dataset.levels if lv != finest]]]
-    out.to_csv(path, index=False)
+    table["label"] = table[finest]  # the CSV reader's finest level; other levels keep names
+    coarser = [lv for lv in dataset.levels if lv != "label"]
+    table[["path", "label", SPLIT, GROUP, *coarser]].to_csv(path, index=False)
 
 
 def leaked_groups(table: pd.DataFrame) -> list[str]:

@@ -18,9 +18,10 @@ from wingspan.models.registry import BackboneSpec
 class Backbone(nn.Module):
     """A timm network without its classifier: image batch -> feature map (N, C, H, W)."""
 
-    def __init__(self, spec: BackboneSpec):
+    def __init__(self, spec: BackboneSpec, train_bn: bool = False):
         super().__init__()
         self.spec = spec
+        self.train_bn = train_bn
         self.net = timm.create_model(spec.timm_name, pretrained=False, num_classes=0,
                                      global_pool="", **spec.timm_kwargs)
         self.num_features: int = self.net.num_features
@@ -53,12 +54,17 @@ class Backbone(nn.Module):
         return chosen
 
     def train(self, mode: bool = True) -> Backbone:
-        """Frozen BatchNorm layers stay in eval mode: their running statistics must not move
-        while the rest trains (Keras' classic fine-tuning pitfall)."""
+        """BatchNorm layers stay in eval mode unless `train_bn` is set and they are trainable.
+
+        Frozen ones must keep their statistics (Keras' classic fine-tuning pitfall), and even
+        unfrozen ones do better on their ImageNet statistics than on those of small batches:
+        switching them to batch statistics at the start of fine-tuning jolts the features
+        the head was trained on. Their scale and shift still learn.
+        """
         super().train(mode)
         if mode:
             for module in self.net.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     trainable = any(p.requires_grad for p in module.parameters(recurse=False))
-                    module.train(trainable)
+                    module.train(self.train_bn and trainable)
         return self

@@ -1,0 +1,30 @@
+"""Checkpoints a killed run resumes from: written atomically, loaded as tensors only."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from wingspan.errors import WingspanError
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """torch.save to a temporary file, then rename: a kill never leaves half a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Only tensors and plain containers are accepted (`weights_only=True`)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise WingspanError(f"No checkpoint at {path}.") from e
+    except Exception as e:
+        raise WingspanError(f"The checkpoint {path} cannot be read: {e}",
+                            hint="It may be damaged; the previous run cannot resume from it.") \
+            from e

@@ -1,0 +1,117 @@
+"""What a run carries between its stages: config, model, data, progress, and the run folder."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from wingspan.config import TrainConfig
+from wingspan.models.classifier import Classifier
+from wingspan.models.precision import PrecisionPolicy
+from wingspan.train.checkpoint import save_checkpoint
+from wingspan.train.data import LabelledImages
+
+HISTORY_FIELDS = ["stage", "epoch", "train_loss", "train_acc", "train_macro_f1", "val_loss",
+                  "val_acc", "val_macro_f1", "lr", "images_per_s", "seconds"]
+
+
+@dataclass
+class RunState:
+    """Where a run is; saved in every checkpoint so a killed run picks up here."""
+
+    stage: str = "head"  # head | finetune | done
+    epoch: int = 0  # next epoch of the stage
+    step: int = 0  # batches already done in that epoch (stage 2 saves mid-epoch)
+    best_f1: float = -1.0
+    best_stage: str = ""
+    best_epoch: int = -1
+    bad_epochs: int = 0  # epochs since the stage last improved (early stopping)
+    history: list[dict] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    partial: dict = field(default_factory=dict)  # running sums of an interrupted epoch
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainData:
+    level: str
+    classes: list[str]
+    train: LabelledImages  # training transform
+    train_clean: LabelledImages  # evaluation transform, for the feature cache's clean view
+    val: LabelledImages
+    class_weights: torch.Tensor | None  # for the loss
+    sample_weights: torch.Tensor | None  # for the weighted sampler
+
+
+@dataclass
+class Run:
+    dir: Path
+    config: TrainConfig
+    model: Classifier
+    policy: PrecisionPolicy
+    data: TrainData
+    state: RunState
+    workers: int
+    quiet: bool = False
+    weights_source: str | None = None
+    resume_from: dict | None = None  # the checkpoint being resumed, until its stage restores it
+    console: Console = field(default_factory=lambda: Console(stderr=True))
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.dir / "checkpoints"
+
+    def log(self, message: str) -> None:
+        stamp = time.strftime("%H:%M:%S")
+        with open(self.dir / "train.log", "a") as f:
+            f.write(f"{stamp} {message}\n")
+        if not self.quiet:
+            self.console.print(message, highlight=False)
+
+    def add_history(self, row: dict) -> None:
+        self.state.history.append(row)
+        with open(self.dir / "history.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, HISTORY_FIELDS)
+            writer.writeheader()
+            writer.writerows(self.state.history)
+
+    def save(self, optimizer=None, scheduler=None) -> None:
+        """The `last` checkpoint: everything needed to continue from this moment."""
+        save_checkpoint(self.checkpoints / "last.pt", {
+            "model": self.model.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer else None,
+            "scheduler": scheduler.state_dict() if scheduler else None,
+            "state": self.state.to_dict(),
+            "rng": torch.get_rng_state(),
+        })
+
+    def restore_optimizer(self, optimizer, scheduler) -> None:
+        """On resume, continue the optimizer and schedule where the checkpoint left them."""
+        if self.resume_from and self.resume_from.get("optimizer"):
+            optimizer.load_state_dict(self.resume_from["optimizer"])
+            if scheduler is not None and self.resume_from.get("scheduler"):
+                scheduler.load_state_dict(self.resume_from["scheduler"])
+        self.resume_from = None
+
+    def consider_best(self, f1: float, stage: str, epoch: int) -> bool:
+        """Keep the model if it has the best validation macro-F1 so far."""
+        if f1 <= self.state.best_f1:
+            self.state.bad_epochs += 1
+            return False
+        self.state.best_f1, self.state.best_stage, self.state.best_epoch = f1, stage, epoch
+        self.state.bad_epochs = 0
+        save_checkpoint(self.checkpoints / "best.pt", {"model": self.model.state_dict(),
+                                                       "stage": stage, "epoch": epoch,
+                                                       "val_macro_f1": f1})
+        return True
+
+    def write_json(self, name: str, data: dict) -> None:
+        (self.dir / name).write_text(json.dumps(data, indent=2, default=str))

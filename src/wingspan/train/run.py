@@ -1,0 +1,158 @@
+"""`wingspan train`: the recipe end to end, in a run folder that a killed run resumes from.
+
+    freeze the backbone, train the head      (stage 1, on cached features)
+    unfreeze the last stages, lower the rate (stage 2, end to end)
+    keep the best model by val macro-F1, write the bundle
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from wingspan.config import TrainConfig
+from wingspan.data import read_dataset
+from wingspan.data.samples import Dataset
+from wingspan.data.split import write_splits
+from wingspan.errors import WingspanError
+from wingspan.models import create_classifier, resolve_policy, save_bundle
+from wingspan.train.checkpoint import load_checkpoint
+from wingspan.train.context import Run, RunState
+from wingspan.train.data import default_workers
+from wingspan.train.prepare import build_train_data, ensure_splits
+from wingspan.train.stages import finetune, train_head
+
+CONFIG_FILE, SPLITS_FILE = "config.yaml", "splits.csv"
+
+
+def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = "runs",
+          name: str | None = None, quiet: bool = False) -> Path:
+    """Train a new run; returns its folder (runs/<name>, numbered if the name is taken)."""
+    level = dataset.resolve_level(config.level)
+    config = dataclasses.replace(config, level=level)
+    run_dir = _new_run_dir(Path(runs_dir), name or f"{dataset.name}-{config.backbone}")
+    logs = []
+    dataset = ensure_splits(dataset, level, config, log=logs.append)
+    write_splits(dataset, run_dir / SPLITS_FILE)  # the run rebuilds its data from this
+    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(dataclasses.asdict(config),
+                                                      sort_keys=False))
+    run = _start(run_dir, config, dataset, quiet, checkpoint=None)
+    for line in logs:
+        run.log(line)
+    return _recipe(run)
+
+
+def resume(run_dir: str | Path, quiet: bool = False) -> Path:
+    """Continue a run that was stopped or killed, from its last checkpoint."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise WingspanError(f"{run_dir} is not a wingspan run (no {CONFIG_FILE}).",
+                            hint="Give the folder a `wingspan train` run wrote, e.g. runs/NAME")
+    config = TrainConfig(**yaml.safe_load((run_dir / CONFIG_FILE).read_text()))
+    last = run_dir / "checkpoints" / "last.pt"
+    checkpoint = load_checkpoint(last) if last.is_file() else None
+    if checkpoint and checkpoint["state"]["stage"] == "done":
+        raise WingspanError(f"The run {run_dir} is finished; there is nothing to resume.",
+                            hint=f"Its model is in {run_dir / 'model'}.")
+    dataset = read_dataset(run_dir / SPLITS_FILE)
+    run = _start(run_dir, config, dataset, quiet, checkpoint)
+    where = (f"{run.state.stage} epoch {run.state.epoch + 1}"
+             + (f", batch {run.state.step + 1}" if run.state.step else ""))
+    run.log(f"Resuming {run_dir} at {where}")
+    return _recipe(run)
+
+
+def _recipe(run: Run) -> Path:
+    """The two stages, each skipped when a resumed run has already done it."""
+    if run.state.stage == "head":
+        if run.config.epochs_head:
+            _timed(run, "head", train_head)
+        _next_stage(run, "finetune")
+    if run.state.stage == "finetune":
+        if run.config.epochs_finetune:
+            if run.state.epoch == 0 and run.state.step == 0 and run.state.best_epoch > 0:
+                # Fine-tune from the best head, not from wherever stage 1 happened to stop.
+                run.model.load_state_dict(load_checkpoint(run.checkpoints / "best.pt")["model"])
+            _timed(run, "finetune", finetune)
+        _next_stage(run, "done")
+    return _finish(run)
+
+
+def _timed(run: Run, stage: str, fn) -> None:
+    start = time.perf_counter()
+    fn(run)
+    run.log(f"Stage '{stage}' took {time.perf_counter() - start:.1f}s")
+
+
+def _next_stage(run: Run, stage: str) -> None:
+    run.state.stage, run.state.epoch, run.state.step = stage, 0, 0
+    run.state.bad_epochs, run.state.partial = 0, {}
+    run.save()
+
+
+def _start(run_dir: Path, config: TrainConfig, dataset: Dataset, quiet: bool,
+           checkpoint: dict | None) -> Run:
+    torch.manual_seed(config.seed)
+    level = config.level
+    policy = resolve_policy(config.device, config.precision)
+    classes = sorted(set(dataset.table.loc[dataset.table["split"] == "train", level]))
+    # A resumed run takes every weight from its checkpoint, so it needs no download.
+    weights = "none" if checkpoint else config.weights
+    model, loaded = create_classifier(config.backbone, {level: max(1, len(classes))}, weights,
+                                      hidden=config.hidden, dropout=config.dropout)
+    if config.image_size:
+        model.preprocessing = dataclasses.replace(model.preprocessing,
+                                                  input_size=config.image_size)
+    state = RunState(**checkpoint["state"]) if checkpoint else RunState()
+    workers = default_workers() if config.workers is None else config.workers
+    run = Run(run_dir, config, model, policy, None, state, workers, quiet,
+              weights_source=loaded.describe() if loaded else config.weights,
+              resume_from=checkpoint)
+    if not checkpoint:
+        run.log(f"Run {run_dir}: {config.backbone} ({run.weights_source}) on {policy.describe()}"
+                f", {workers} data workers")
+    run.data = build_train_data(dataset, level, config, model.preprocessing, log=run.log)
+    if checkpoint:
+        model.load_state_dict(checkpoint["model"])
+        torch.set_rng_state(checkpoint["rng"])
+    policy.prepare_model(model)
+    return run
+
+
+def _finish(run: Run) -> Path:
+    """Load the best model, write metrics.json and the bundle."""
+    state = run.state
+    best = load_checkpoint(run.checkpoints / "best.pt")
+    run.model.load_state_dict(best["model"])
+    best_row = next(r for r in state.history
+                    if r["stage"] == best["stage"] and r["epoch"] == best["epoch"])
+    metrics = {
+        "level": run.data.level, "classes": len(run.data.classes),
+        "best": {"stage": best["stage"], "epoch": best["epoch"], "val_acc": best_row["val_acc"],
+                 "val_macro_f1": best_row["val_macro_f1"], "val_loss": best_row["val_loss"]},
+        "stage_seconds": {k: round(v, 1) for k, v in state.stage_seconds.items()},
+        "epochs": {s: sum(r["stage"] == s for r in state.history) for s in ("head", "finetune")},
+        "weights": run.weights_source, "precision": run.policy.describe(),
+        "train_images": len(run.data.train), "val_images": len(run.data.val),
+    }
+    run.write_json("metrics.json", metrics)
+    save_bundle(run.model.cpu(), run.dir / "model", {run.data.level: run.data.classes},
+                training=json.loads(json.dumps(dataclasses.asdict(run.config))),
+                metrics=metrics, weights_source=run.weights_source)
+    run.save()
+    run.log(f"Best val macro-F1 {best_row['val_macro_f1']:.4f} (acc {best_row['val_acc']:.4f}) "
+            f"at {best['stage']} epoch {best['epoch']}; model in {run.dir / 'model'}")
+    return run.dir
+
+
+def _new_run_dir(runs: Path, name: str) -> Path:
+    path, n = runs / name, 2
+    while path.exists():
+        path, n = runs / f"{name}-{n}", n + 1
+    path.mkdir(parents=True)
+    return path

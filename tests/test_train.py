@@ -1,0 +1,213 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from wingspan.config import TrainConfig
+from wingspan.data import read_dataset
+from wingspan.errors import WingspanError
+from wingspan.models import load_bundle
+from wingspan.train import resume, train
+from wingspan.train.run import _start
+from wingspan.train.stages import finetune, loss_fn, train_head
+
+NUMBERS = ["train_loss", "train_acc", "train_macro_f1", "val_loss", "val_acc", "val_macro_f1"]
+
+
+def tiny(tmp_path, **changes) -> TrainConfig:
+    """A recipe small enough for CI: a 99k-parameter timm test network at 32 pixels."""
+    settings = dict(backbone="test_efficientnet", weights="none", image_size=32, epochs_head=3,
+                    epochs_finetune=2, batch_size=8, feature_views=1, workers=0,
+                    cache_dir=str(tmp_path / "cache"), val_fraction=0.25, test_fraction=0.0,
+                    patience=10, lr=3e-3)
+    return TrainConfig(**{**settings, **changes})
+
+
+def history(run_dir):
+    return pd.read_csv(run_dir / "history.csv")
+
+
+def test_train_writes_a_complete_run(demo_dir, tmp_path):
+    run_dir = train(read_dataset(demo_dir), tiny(tmp_path), tmp_path / "runs", "demo", quiet=True)
+    for name in ["config.yaml", "splits.csv", "history.csv", "metrics.json", "train.log",
+                 "checkpoints/best.pt", "checkpoints/last.pt", "model/manifest.json",
+                 "model/model.safetensors", "cache/features.safetensors"]:
+        assert (run_dir / name).is_file(), name
+    h = history(run_dir)
+    assert h["stage"].tolist() == ["head"] * 3 + ["finetune"] * 2
+    assert set(h.columns) >= {"lr", "images_per_s", "seconds", *NUMBERS}
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["best"]["val_macro_f1"] == h["val_macro_f1"].max()
+    model, manifest = load_bundle(run_dir / "model")
+    assert manifest["classes"]["label"] == sorted(os.listdir(demo_dir / "..") if False else
+                                                  manifest["classes"]["label"])
+    assert len(manifest["classes"]["label"]) == 4
+    assert manifest["preprocessing"]["input_size"] == 32
+    assert manifest["training"]["backbone"] == "test_efficientnet"
+    # A second run with the same name gets its own folder.
+    again = train(read_dataset(demo_dir), tiny(tmp_path, epochs_finetune=0), tmp_path / "runs",
+                  "demo", quiet=True)
+    assert again.name == "demo-2"
+
+
+def test_same_seed_same_history(demo_dir, tmp_path):
+    a = train(read_dataset(demo_dir), tiny(tmp_path), tmp_path / "a", quiet=True)
+    b = train(read_dataset(demo_dir), tiny(tmp_path), tmp_path / "b", quiet=True)
+    pd.testing.assert_frame_equal(history(a)[NUMBERS], history(b)[NUMBERS])
+
+
+def _prepared_run(demo_dir, tmp_path, **changes):
+    from wingspan.train.prepare import ensure_splits
+
+    config = tiny(tmp_path, level="label", **changes)
+    dataset = ensure_splits(read_dataset(demo_dir), "label", config, log=lambda _: None)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return _start(run_dir, config, dataset, quiet=True, checkpoint=None)
+
+
+def _changed(before, model):
+    return {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+
+
+def test_each_stage_changes_what_it_should_and_nothing_else(demo_dir, tmp_path):
+    run = _prepared_run(demo_dir, tmp_path, epochs_head=2, epochs_finetune=1, unfreeze=1)
+    model = run.model
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    train_head(run)
+    assert _changed(start, model) == {k for k in start if k.startswith("head.")}
+    after_head = {k: v.clone() for k, v in model.state_dict().items()}
+    run.state.epoch = 0
+    finetune(run)
+    last_stage = list(model.backbone.stages)[-1]
+    allowed = {"backbone.net." + p for p in model.backbone.stages[last_stage]}
+    changed = _changed(after_head, model)
+    assert changed - {k for k in changed if k.startswith("head.")} <= allowed
+    assert changed & allowed  # the unfrozen stage did learn
+    assert not any("running_" in k for k in changed)  # BatchNorm statistics stay put
+
+
+def test_feature_cache_matches_running_the_frozen_backbone(demo_dir, tmp_path):
+    results = []
+    for cached in (True, False):
+        run = _prepared_run(demo_dir, tmp_path / str(cached), feature_views=0, epochs_head=3,
+                            feature_cache=cached)
+        train_head(run)
+        results.append((pd.DataFrame(run.state.history)[NUMBERS],
+                        {k: v.clone() for k, v in run.model.head.state_dict().items()}))
+    (h1, w1), (h2, w2) = results
+    # Equal up to float rounding: features are computed in batches of other sizes.
+    pd.testing.assert_frame_equal(h1, h2, atol=1e-3, rtol=1e-3)
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], atol=1e-3, rtol=1e-3)
+
+
+def test_class_weights_change_the_loss_as_computed_by_hand(demo_dir, tmp_path):
+    run = _prepared_run(demo_dir, tmp_path, label_smoothing=0.0, class_weights="balanced")
+    labels = run.data.train.labels
+    counts = torch.bincount(labels).float()
+    expected_w = len(labels) / (len(counts) * counts)  # scikit-learn's "balanced"
+    torch.testing.assert_close(run.data.class_weights, expected_w)
+    logits = torch.randn(len(labels), len(counts))
+    per_sample = -logits.log_softmax(1)[torch.arange(len(labels)), labels]
+    by_hand = (expected_w[labels] * per_sample).sum() / expected_w[labels].sum()
+    torch.testing.assert_close(loss_fn(run)(logits, labels), by_hand)
+    unweighted = _prepared_run(demo_dir, tmp_path / "u", label_smoothing=0.0,
+                               class_weights="none")
+    assert unweighted.data.class_weights is None
+    assert not torch.isclose(loss_fn(unweighted)(logits, labels), by_hand)
+
+
+def test_class_weights_default_on_only_for_imbalanced_data(demo_dir, tmp_path):
+    assert _prepared_run(demo_dir, tmp_path).data.class_weights is not None  # 16 vs 6 images
+    balanced = _prepared_run(demo_dir, tmp_path / "b", max_per_class=5)
+    assert balanced.data.class_weights is None
+
+
+def test_early_stopping_stops(demo_dir, tmp_path):
+    run_dir = train(read_dataset(demo_dir), tiny(tmp_path, lr=1e-12, epochs_head=20, patience=2,
+                                                 epochs_finetune=0), tmp_path, quiet=True)
+    assert len(history(run_dir)) == 3  # the first epoch, then two without improvement
+    assert "stopped early" in (run_dir / "train.log").read_text()
+
+
+def test_kill_and_resume_matches_an_uninterrupted_run(demo_dir, tmp_path):
+    config = tiny(tmp_path, epochs_head=2, epochs_finetune=6, checkpoint_minutes=0.0)
+    ref = train(read_dataset(demo_dir), config, tmp_path / "ref", quiet=True)
+
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(vars(config)))
+    cmd = [sys.executable, "-m", "wingspan.cli", "train", str(demo_dir), "--config",
+           str(config_file), "--runs-dir", str(tmp_path / "killed"), "--name", "r", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    run_dir = tmp_path / "killed" / "r"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        h = run_dir / "history.csv"
+        if h.is_file() and (history(run_dir)["stage"] == "finetune").sum() >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = history(run_dir)
+    assert len(done) < len(history(ref))  # it really was cut short
+
+    resume(run_dir, quiet=True)
+    assert "Resuming" in (run_dir / "train.log").read_text()
+    pd.testing.assert_frame_equal(history(run_dir)[NUMBERS], history(ref)[NUMBERS],
+                                  atol=1e-3, rtol=1e-3)
+    with pytest.raises(WingspanError, match="finished"):
+        resume(run_dir)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"lr": -1}, "'lr' setting must be a positive number"),
+    ({"epochs_head": 0, "epochs_finetune": 0}, "must be at least 1"),
+    ({"sampler": "random"}, "'sampler' setting must be shuffle or weighted"),
+    ({"augment": "wild"}, "'augment' setting must be one of"),
+    ({"val_fraction": 0.9, "test_fraction": 0.2}, "below 1"),
+])
+def test_bad_configs_fail_clearly(changes, message):
+    with pytest.raises(WingspanError, match=message):
+        TrainConfig(**changes)
+
+
+def test_config_file_and_command_line(tmp_path, run_cli, demo_dir):
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs_head: 7\nlr: 0.01\n")
+    config = TrainConfig.from_file(path, lr=0.5)
+    assert (config.epochs_head, config.lr) == (7, 0.5)
+    path.write_text("epochs_heads: 7\n")
+    with pytest.raises(WingspanError, match="unknown settings \\['epochs_heads'\\]"):
+        TrainConfig.from_file(path)
+    code, _, err = run_cli("train", demo_dir, "--sampler", "random", "--quiet")
+    assert code == 2 and "'sampler' setting must be shuffle or weighted" in err
+
+
+def test_a_class_missing_from_train_is_refused(tmp_path, demo_dir):
+    ds = read_dataset(demo_dir)
+    rows = ds.table.assign(split="train")
+    rows.loc[rows.index[::4], "split"] = "val"
+    rows.loc[rows["label"] == "white_darktip", "split"] = "val"
+    rows[["path", "label", "split"]].to_csv(tmp_path / "d.csv", index=False)
+    with pytest.raises(WingspanError, match="'white_darktip' \\(only in val\\)"):
+        train(read_dataset(tmp_path / "d.csv"), tiny(tmp_path), tmp_path / "runs", quiet=True)
+
+
+def test_cli_train_and_resume_of_a_finished_run(run_cli, demo_dir, tmp_path):
+    code, out, err = run_cli("train", demo_dir, "--backbone", "test_efficientnet", "--weights",
+                             "none", "--image-size", "32", "--epochs-head", "2",
+                             "--epochs-finetune", "1", "--batch-size", "8", "--workers", "0",
+                             "--runs-dir", tmp_path, "--name", "cli", "--quiet")
+    assert code == 0, err
+    assert "val macro-F1" in out and str(tmp_path / "cli") in out
+    code, _, err = run_cli("train", "--resume", tmp_path / "cli")
+    assert code == 2 and "finished" in err
