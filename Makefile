@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip install --progress-bar off -q
 
-.PHONY: demo test lint clean
+.PHONY: demo test bench lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,11 +22,14 @@ demo: $(VENV)/.installed
 	$(BIN)/wingspan demo --out runs/demo
 
 test: $(VENV)/.installed-test
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest
 
+bench: $(VENV)/.installed
+	$(BIN)/python bench/run.py
+
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check --fix src tests
+	$(BIN)/ruff check --fix src tests bench
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

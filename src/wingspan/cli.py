@@ -226,6 +226,9 @@ def train_command(
     precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16.")] = T.precision,
     workers: Annotated[int | None, typer.Option(help="Data workers (default: per machine).")]
     = None,
+    profile: Annotated[bool, typer.Option(
+        help="Write a torch.profiler trace of a few fine-tuning steps (runs/NAME/profile).")]
+    = False,
     name: Annotated[str | None, typer.Option(help="Run name (runs/NAME).")] = None,
     runs_dir: Annotated[Path, typer.Option(help="Where runs are written.")] = Path("runs"),
     config: Annotated[Path | None, typer.Option(
@@ -267,6 +270,92 @@ def _print_run(run_dir: Path) -> None:
               f"({best['stage']} epoch {best['epoch']}); stage seconds "
               f"{metrics['stage_seconds']}")
     out.print(f"Run: {run_dir}   model: {run_dir / 'model'}")
+
+
+Model = Annotated[Path, typer.Argument(help="A run folder (runs/NAME) or a model bundle.",
+                                        show_default=False)]
+
+
+@app.command("evaluate")
+def evaluate_command(
+    model: Model,
+    data: Annotated[Path | None, typer.Argument(
+        help="Data to evaluate on (default: the run's own split).", show_default=False)] = None,
+    split: Annotated[str | None, typer.Option(
+        help="train | val | test | all (default: test, else val).")] = None,
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out", help="Output folder (default: RUN/evaluation-SPLIT).")] = None,
+    calibrate: Annotated[bool, typer.Option(
+        help="Fit a temperature on the val split and store it in the bundle.")] = True,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = T.batch_size,
+    quiet: Quiet = False,
+) -> None:
+    """Metrics, confusion matrix, curves, mistakes, calibration and an HTML report."""
+    from wingspan.evaluate.run import evaluate
+
+    result = evaluate(model, data, split, out_dir, calibrate, progress=not quiet,
+                      batch_size=batch_size)
+    _print_evaluation(result)
+
+
+def _print_evaluation(result) -> None:
+    from rich.table import Table
+
+    m = result.metrics
+    table = Table("metric", "value", title=f"{m['split']} split, level '{m['level']}': "
+                  f"{m['images']} images")
+    table.add_row("accuracy", f"{m['accuracy']:.4f}")
+    for k in [k for k in m if k.startswith("top")]:
+        table.add_row(k.replace("_", " "), f"{m[k]:.4f}")
+    for avg in ("macro", "micro", "weighted"):
+        table.add_row(f"{avg} F1 (P / R)", f"{m[avg]['f1']:.4f} ({m[avg]['precision']:.4f} / "
+                      f"{m[avg]['recall']:.4f})")
+    table.add_row("Cohen's kappa", f"{m['cohen_kappa']:.4f}")
+    table.add_row("ECE (temperature)", f"{m['ece_uncalibrated']:.4f} -> {m['ece']:.4f} "
+                  f"(T = {m['temperature']:.2f})")
+    out.print(table)
+    if m["unreadable"]:
+        out.print(f"[yellow]{len(m['unreadable'])} images could not be read[/] (in metrics.json)")
+    out.print(f"Report: {result.report}")
+
+
+@app.command("predict")
+def predict_command(
+    model: Model,
+    paths: Annotated[list[str], typer.Argument(help="Image files, folders (searched "
+                                               "recursively) or globs.", show_default=False)],
+    top_k: Annotated[int, typer.Option(help="Classes to show per image.")] = 3,
+    output: Annotated[Path | None, typer.Option(
+        help="Write all predictions to a .csv or .json file.")] = None,
+    tta: Annotated[bool, typer.Option(help="Test-time augmentation: average flips and "
+                                      "crops.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = T.batch_size,
+    quiet: Quiet = False,
+) -> None:
+    """Predict the classes of images, with calibrated probabilities."""
+    from rich.table import Table
+
+    from wingspan.inference import Predictor
+    from wingspan.predict import predict, write_predictions
+
+    predictor = Predictor(model, batch_size=batch_size)
+    result = predict(predictor, paths, top_k, tta, progress=not quiet)
+    table = Table("image", "prediction", "probability", f"top {top_k}")
+    for row in result.rows[:50]:
+        (best, p), rest = row["top"][0], row["top"][1:]
+        table.add_row(row["path"], best, f"{p:.3f}", ", ".join(f"{c} {q:.2f}" for c, q in rest))
+    if len(result.rows) > 50:
+        table.caption = f"first 50 of {len(result.rows)}; --output FILE writes all"
+    out.print(table)
+    for path, reason in result.failed:
+        err.print(f"[yellow]skipped[/] {path}: {reason}", highlight=False)
+    out.print(f"{len(result.rows)} images predicted at {result.images_per_second:.1f} images/s"
+              + (f"; {len(result.failed)} skipped" if result.failed else ""))
+    if output:
+        write_predictions(result, output)
+        out.print(f"Wrote {output}")
+    if not result.rows:
+        raise WingspanError("No image could be predicted.", hint="Check the paths given.")
 
 
 @models_app.command("list")
@@ -341,12 +430,17 @@ def demo(
                            feature_views=config.feature_views, seed=seed)
     run_dir = training.train(read_dataset(split.splits_csv), settings, out_dir, "train", quiet)
     _print_run(run_dir)
+    out.rule("6. evaluate on the test split")
+    from wingspan.evaluate.run import evaluate
+
+    evaluation = evaluate(run_dir, progress=not quiet)
+    _print_evaluation(evaluation)
     out.rule("outputs")
     (out_dir / "demo_config.json").write_text(json.dumps(to_dict(config), indent=2))
     for name, path in [("data", data_dir), ("summary", out_dir / "inspect" / "summary.json"),
                        ("balance plots", out_dir / "inspect"), ("splits", split.splits_csv),
                        ("preview", preview), ("training run", run_dir),
-                       ("model bundle", run_dir / "model")]:
+                       ("model bundle", run_dir / "model"), ("report", evaluation.report)]:
         out.print(f"  {name:14s} {path}")
 
 

@@ -83,8 +83,11 @@ def split_dataset(dataset: Dataset, level: str | None = None,
 def _take_fold(labels: np.ndarray, groups: np.ndarray, pool: np.ndarray, fraction: float,
                seed: int) -> np.ndarray:
     """Indices (into the full arrays) of one grouped, stratified fold of about `fraction`."""
-    n_splits = max(2, round(1 / fraction))
     idx = np.flatnonzero(pool)
+    # scikit-learn refuses more folds than the largest class has samples: with small
+    # classes the fold grows a little (the report shows the fractions actually made).
+    largest = np.unique(labels[idx], return_counts=True)[1].max() if len(idx) else 0
+    n_splits = max(2, min(round(1 / fraction), largest))
     if len(np.unique(groups[idx])) < n_splits:
         raise WingspanError(
             f"Too few groups ({len(np.unique(groups[idx]))}) to split off {fraction:.0%}.",

@@ -135,3 +135,17 @@ def load_bundle(path: str | Path) -> tuple[Classifier, dict]:
                             f"describes: {str(e).splitlines()[0]}") from e
     model.eval()
     return model, manifest
+
+
+def update_manifest(path: str | Path, **changes) -> dict:
+    """Add or replace manifest entries (e.g. a fitted temperature); weights are untouched."""
+    path = Path(path)
+    manifest = {**read_manifest(path), **changes}
+    if path.is_dir():
+        _atomic(path / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest,
+                                                                             indent=2)))
+    else:
+        state = load_file(str(path))
+        _atomic(path, lambda tmp: save_file(state, tmp, metadata={
+            METADATA_KEY: json.dumps(manifest)}))
+    return manifest

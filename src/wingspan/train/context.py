@@ -18,7 +18,7 @@ from wingspan.train.checkpoint import save_checkpoint
 from wingspan.train.data import LabelledImages
 
 HISTORY_FIELDS = ["stage", "epoch", "train_loss", "train_acc", "train_macro_f1", "val_loss",
-                  "val_acc", "val_macro_f1", "lr", "images_per_s", "seconds"]
+                  "val_acc", "val_macro_f1", "lr", "images_per_s", "seconds", "elapsed"]
 
 
 @dataclass
@@ -35,6 +35,7 @@ class RunState:
     history: list[dict] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     partial: dict = field(default_factory=dict)  # running sums of an interrupted epoch
+    profile: dict = field(default_factory=dict)  # stage -> seconds spent per kind of work
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -112,6 +113,12 @@ class Run:
                                                        "stage": stage, "epoch": epoch,
                                                        "val_macro_f1": f1})
         return True
+
+    def timing(self, stage: str, kind: str, seconds: float) -> None:
+        """Add to the time profile: data, forward, backward, eval, feature_cache (seconds)
+        or images (a count)."""
+        spent = self.state.profile.setdefault(stage, {})
+        spent[kind] = spent.get(kind, 0.0) + seconds
 
     def write_json(self, name: str, data: dict) -> None:
         (self.dir / name).write_text(json.dumps(data, indent=2, default=str))

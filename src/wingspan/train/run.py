@@ -137,6 +137,7 @@ def _finish(run: Run) -> Path:
                  "val_macro_f1": best_row["val_macro_f1"], "val_loss": best_row["val_loss"]},
         "stage_seconds": {k: round(v, 1) for k, v in state.stage_seconds.items()},
         "epochs": {s: sum(r["stage"] == s for r in state.history) for s in ("head", "finetune")},
+        "profile": _profile_table(state.profile),
         "weights": run.weights_source, "precision": run.policy.describe(),
         "train_images": len(run.data.train), "val_images": len(run.data.val),
     }
@@ -148,6 +149,17 @@ def _finish(run: Run) -> Path:
     run.log(f"Best val macro-F1 {best_row['val_macro_f1']:.4f} (acc {best_row['val_acc']:.4f}) "
             f"at {best['stage']} epoch {best['epoch']}; model in {run.dir / 'model'}")
     return run.dir
+
+
+def _profile_table(profile: dict) -> dict:
+    """Seconds per kind of work and training images/s, per stage."""
+    table = {}
+    for stage, spent in profile.items():
+        row = {k: round(v, 1) for k, v in spent.items() if k != "images"}
+        busy = sum(spent.get(k, 0.0) for k in ("data", "forward", "backward"))
+        row["train_images_per_s"] = round(spent.get("images", 0) / busy, 1) if busy else None
+        table[stage] = row
+    return table
 
 
 def _new_run_dir(runs: Path, name: str) -> Path:

@@ -93,6 +93,7 @@ def extract_features(run: Run, views: int) -> tuple[torch.Tensor, torch.Tensor]:
                 bar.advance(len(idx))
     seconds = time.perf_counter() - start
     run.state.stage_seconds["head"] = run.state.stage_seconds.get("head", 0.0) + seconds
+    run.timing("head", "feature_cache", seconds)
     run.log(f"Cached features of {n} training images x {views + 1} views and {m} validation "
             f"images in {seconds:.1f}s ({(n * (views + 1) + m) / seconds:.1f} images/s)")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -125,13 +126,16 @@ def train_head(run: Run) -> None:
         loss_sum, preds = 0.0, torch.empty(n, dtype=torch.long)
         seen = []
         for b in range(0, n, config.batch_size):
+            t0 = time.perf_counter()
             idx = torch.tensor(order[b:b + config.batch_size])
             if cached:
                 feats = train_feats[idx, views[idx]]
             else:
                 feats = _frozen_features(run, idx, views[idx], epoch)
+            t1 = time.perf_counter()
             logits = _logits(run, head(feats))
             loss = criterion(logits, labels[idx])
+            t2 = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -139,9 +143,12 @@ def train_head(run: Run) -> None:
             loss_sum += loss.item() * len(idx)
             seen.append(idx)
             preds[idx] = logits.argmax(1).detach()
+            _account(run, "head", t0, t1, t2, len(idx))
         seen_idx = torch.cat(seen)
+        t0 = time.perf_counter()
         val = (evaluate_features(run, val_feats, run.data.val.labels) if cached
                else evaluate_images(run, run.data.val))
+        run.timing("head", "eval", time.perf_counter() - t0)
         _end_epoch(run, "head", epoch, loss_sum / len(seen_idx), labels[seen_idx],
                    preds[seen_idx], val, optimizer, len(seen_idx), time.perf_counter() - start)
         if state.bad_epochs >= config.patience and epoch + 1 < config.epochs_head:
@@ -188,15 +195,22 @@ def finetune(run: Run) -> None:
         run.model.train()
         bar = track(loader, f"Fine-tune epoch {epoch + 1}/{config.epochs_finetune}",
                     total=len(loader), enabled=not run.quiet)
+        profiler = _Profiler(run) if config.profile and epoch == 0 else None
+        t0 = time.perf_counter()
         for x, y, _ in bar:
+            t1 = time.perf_counter()
             with run.policy.autocast():
                 logits = _logits(run, run.model(run.policy.prepare_batch(x)))
             loss = criterion(logits, y)
+            t2 = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
             state.step += 1
+            _account(run, "finetune", t0, t1, t2, len(y))
+            if profiler:
+                profiler = profiler.step()
             partial["loss_sum"] += loss.item() * len(y)
             partial["labels"] += y.tolist()
             partial["preds"] += logits.argmax(1).tolist()
@@ -205,8 +219,10 @@ def finetune(run: Run) -> None:
                                  - start}
                 run.save(optimizer, scheduler)
                 last_save = time.perf_counter()
+            t0 = time.perf_counter()
         seconds = partial["seconds"] + time.perf_counter() - start
         val = evaluate_images(run, run.data.val)
+        run.timing("finetune", "eval", time.perf_counter() - t0)
         seen = len(partial["labels"])
         state.step, state.partial = 0, {}
         _end_epoch(run, "finetune", epoch, partial["loss_sum"] / max(seen, 1),
@@ -217,6 +233,42 @@ def finetune(run: Run) -> None:
             run.log(f"Fine-tuning stopped early: no better val macro-F1 in {config.patience} "
                     "epochs")
             break
+
+
+def _account(run: Run, stage: str, t0: float, t1: float, t2: float, images: int) -> None:
+    """Split a step's time into waiting for data, forward (with the loss), backward (with
+    the optimizer step)."""
+    now = time.perf_counter()
+    run.timing(stage, "data", t1 - t0)
+    run.timing(stage, "forward", t2 - t1)
+    run.timing(stage, "backward", now - t2)
+    run.timing(stage, "images", images)
+
+
+class _Profiler:
+    """`--profile`: a torch.profiler trace of a few fine-tuning steps, for chrome://tracing
+    or Perfetto, plus a table of the most expensive operators."""
+
+    STEPS = 4
+
+    def __init__(self, run: Run):
+        self.run, self.done = run, 0
+        self.profiler = torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True)
+        self.profiler.__enter__()
+
+    def step(self) -> _Profiler | None:
+        self.done += 1
+        if self.done < self.STEPS:
+            return self
+        self.profiler.__exit__(None, None, None)
+        out = self.run.dir / "profile"
+        out.mkdir(exist_ok=True)
+        self.profiler.export_chrome_trace(str(out / "trace.json"))
+        (out / "operators.txt").write_text(self.profiler.key_averages().table(
+            sort_by="self_cpu_time_total", row_limit=30))
+        self.run.log(f"Profiled {self.STEPS} fine-tuning steps: {out / 'trace.json'}")
+        return None
 
 
 def _end_epoch(run: Run, stage: str, epoch: int, train_loss: float, labels, preds, val: dict,
@@ -234,9 +286,10 @@ def _end_epoch(run: Run, stage: str, epoch: int, train_loss: float, labels, pred
         "seconds": round(seconds, 2),
     }
     improved = run.consider_best(val["macro_f1"], stage, epoch + 1)
+    run.state.stage_seconds[stage] = run.state.stage_seconds.get(stage, 0.0) + seconds
+    row["elapsed"] = round(sum(run.state.stage_seconds.values()), 2)  # training time so far
     run.add_history(row)
     run.state.epoch = epoch + 1
-    run.state.stage_seconds[stage] = run.state.stage_seconds.get(stage, 0.0) + seconds
     run.save(optimizer, scheduler)
     run.log(f"{stage} {epoch + 1:>3}: loss {row['train_loss']:.4f}  val loss "
             f"{row['val_loss']:.4f}  val acc {row['val_acc']:.3f}  val macro-F1 "

@@ -1,0 +1,263 @@
+"""`make bench`: wingspan against the plain recipe, side by side in one run, as ratios.
+
+    python bench/run.py            # the full benchmark (see README, Performance)
+    python bench/run.py --smoke    # tiny sizes, seconds: keeps this script from rotting
+    python bench/run.py --only training --datasets inat-butterflies --backbones efficientnet_lite2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).parent))
+from baseline import best, plain_recipe, stage_end, time_to_reach  # noqa: E402
+
+from wingspan.config import DemoConfig, TrainConfig, shared_data_dir  # noqa: E402
+from wingspan.data import read_dataset  # noqa: E402
+from wingspan.data.demo import generate_demo  # noqa: E402
+from wingspan.models import create_classifier, resolve_policy  # noqa: E402
+from wingspan.models.precision import cpu_flags  # noqa: E402
+from wingspan.train import train  # noqa: E402
+from wingspan.train.prepare import ensure_splits  # noqa: E402
+
+console = Console()
+
+
+def machine() -> dict:
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                  if line.startswith("model name")), platform.processor())
+    isa = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "sse4")))
+    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__,
+            "isa": " ".join(isa), "policy": resolve_policy().describe()}
+
+
+# --- training: wingspan's default recipe against the plain one --------------------------
+
+def compare_training(data: Path, backbone: str, work: Path, smoke: bool) -> dict:
+    dataset = read_dataset(data)
+    level = dataset.default_level
+    overrides = dict(backbone=backbone)
+    if smoke:
+        overrides.update(weights="none", image_size=32, epochs_head=2, epochs_finetune=1,
+                         feature_views=1, val_fraction=0.25, test_fraction=0.0)
+    config = TrainConfig(level=level, **overrides)
+    dataset = ensure_splits(dataset, level, config, log=lambda _: None)
+    table = dataset.table
+    classes = sorted(set(table.loc[table["split"] == "train", level]))
+    index = {c: i for i, c in enumerate(classes)}
+
+    def part(split):
+        rows = table[(table["split"] == split) & table[level].isin(classes)]
+        return rows["path"].tolist(), rows[level].map(index).tolist()
+
+    console.print(f"[bold]{data.name} / {backbone}[/]: plain recipe")
+    base = plain_recipe(part("train"), part("val"), classes, backbone,
+                        weights=config.weights, epochs=(1, 1) if smoke else (5, 5),
+                        image_size=config.image_size, log=console.print)
+    console.print(f"[bold]{data.name} / {backbone}[/]: wingspan")
+    start = time.perf_counter()
+    run_dir = train(dataset, config, work / "runs", f"{data.name}-{backbone}", quiet=True)
+    wall = time.perf_counter() - start
+    history = pd.read_csv(run_dir / "history.csv")
+    ours = history[["stage", "epoch", "val_macro_f1", "seconds", "elapsed"]].to_dict("records")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    n_train = len(part("train")[0])
+
+    def stage_summary(rows, seconds_of):
+        out = {}
+        for stage in ("head", "finetune"):
+            picked = [r for r in rows if r["stage"] == stage]
+            if picked:
+                secs = seconds_of(stage, picked)
+                out[stage] = {"seconds": round(secs, 1), "epochs": len(picked),
+                              "train_images_per_s": round(n_train * len(picked) / secs, 1),
+                              "val_macro_f1": picked[-1]["val_macro_f1"]}
+        return out
+
+    base_stages = stage_summary(base, lambda s, rows: sum(r["seconds"] for r in rows))
+    our_stages = stage_summary(ours, lambda s, rows: metrics["stage_seconds"][s])
+    target1 = stage_end(base, "head")["val_macro_f1"]
+    target = best(base)
+    base_best_time = time_to_reach(base, target)
+    result = {
+        "dataset": data.name, "backbone": backbone, "train_images": n_train,
+        "baseline": {"stages": base_stages, "best_val_macro_f1": target, "history": base},
+        "wingspan": {"stages": our_stages, "best_val_macro_f1": best(ours), "history": ours,
+                     "wall_seconds": round(wall, 1), "run": str(run_dir)},
+        "stage1": {"target": target1, "baseline_s": base_stages["head"]["seconds"],
+                   "wingspan_s": time_to_reach(ours, target1)},
+        "whole": {"target": target, "baseline_s": base_best_time,
+                  "wingspan_s": time_to_reach(ours, target)},
+    }
+    for key in ("stage1", "whole"):
+        r = result[key]
+        r["speedup"] = (round(r["baseline_s"] / r["wingspan_s"], 2)
+                        if r["wingspan_s"] else None)
+    return result
+
+
+# --- inference: images/s and latency, fp32 eager against the precision policy -----------
+
+def _speed(model, policy, size: int, batch: int, reps: int) -> tuple[float, float]:
+    """(images/s at `batch`, milliseconds per image at batch 1); policy None = fp32 eager."""
+    def forward(n: int) -> None:
+        x = torch.randn(n, 3, size, size)
+        with torch.inference_mode():
+            if policy is None:
+                model(x)
+            else:
+                with policy.autocast():
+                    model(policy.prepare_batch(x))
+
+    forward(batch)
+    t = time.perf_counter()
+    for _ in range(reps):
+        forward(batch)
+    throughput = batch * reps / (time.perf_counter() - t)
+    forward(1)
+    t = time.perf_counter()
+    for _ in range(5):
+        forward(1)
+    return throughput, (time.perf_counter() - t) / 5 * 1000
+
+
+def inference(backbones: list[str], smoke: bool) -> list[dict]:
+    rows = []
+    for name in backbones:
+        model, _ = create_classifier(name, {"y": 10}, weights="none")
+        model.eval()
+        size = 32 if smoke else model.preprocessing.input_size
+        batch = 8 if smoke else 64
+        for label, policy in (("fp32 eager", None), ("wingspan policy", resolve_policy())):
+            if policy is None:
+                model = model.to(memory_format=torch.contiguous_format)
+            else:
+                model = policy.prepare_model(model)
+            throughput, latency = _speed(model, policy, size, batch, 1 if smoke else 3)
+            rows.append({"backbone": name, "mode": label, "size": size,
+                         f"images_per_s_batch{batch}": round(throughput, 1),
+                         "latency_ms_batch1": round(latency, 1)})
+            console.print(rows[-1])
+    return rows
+
+
+# --- scaling: a head-stage run on growing data, in a fresh process each -----------------
+
+def scaling(sizes: list[int], work: Path, smoke: bool) -> list[dict]:
+    rows = []
+    for n in sizes:
+        data = work / f"scale-{n}"
+        per_class = n // 8
+        generate_demo(data, DemoConfig(image_size=64, images_per_class=(per_class,) * 8))
+        args = [sys.executable, "-m", "wingspan.cli", "train", str(data), "--epochs-finetune",
+                "0", "--epochs-head", "3", "--feature-views", "0", "--image-size", "64",
+                "--runs-dir", str(work / "scale-runs"), "--name", str(n), "--quiet"]
+        args += (["--backbone", "test_efficientnet", "--weights", "none"] if smoke
+                 else ["--backbone", "efficientnet_lite0"])
+        env = {**os.environ, "WINGSPAN_CACHE": str(work / f"cache-{n}")}
+        t = time.perf_counter()
+        subprocess.run(args, check=True, env=env, stdout=subprocess.DEVNULL)
+        seconds = time.perf_counter() - t
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # MB, max so far
+        rows.append({"images": 8 * per_class, "seconds": round(seconds, 1),
+                     "ms_per_image": round(1000 * seconds / (8 * per_class), 2),
+                     "peak_rss_mb": round(peak, 1)})
+        console.print(rows[-1])
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes; seconds")
+    parser.add_argument("--only", choices=["training", "inference", "scaling"], action="append")
+    parser.add_argument("--datasets", nargs="*", default=["leeds-butterflies",
+                                                           "inat-butterflies"])
+    parser.add_argument("--backbones", nargs="*", default=["efficientnet_lite0",
+                                                            "efficientnet_lite2"])
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    parts = args.only or ["training", "inference", "scaling"]
+    results: dict = {"machine": machine(), "smoke": args.smoke}
+    console.print(results["machine"])
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        os.environ.setdefault("WINGSPAN_CACHE", str(work / "cache"))
+        if "training" in parts:
+            if args.smoke:
+                pairs = [(generate_demo(work / "demo", DemoConfig(
+                    image_size=48, images_per_class=(12, 10, 8, 6))), "test_efficientnet")]
+            else:
+                pairs = [(shared_data_dir() / d, b) for d in args.datasets
+                         for b in args.backbones]
+            results["training"] = [compare_training(d, b, work, args.smoke) for d, b in pairs]
+        if "inference" in parts:
+            results["inference"] = inference(["test_efficientnet"] if args.smoke else
+                                             ["resnet50", "efficientnet_lite0",
+                                              "efficientnet_lite2"], args.smoke)
+        if "scaling" in parts:
+            results["scaling"] = scaling([48, 96] if args.smoke else [1000, 4000, 16000],
+                                         work, args.smoke)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"bench-{time.strftime('%Y%m%d-%H%M%S')}{'-smoke' if args.smoke else ''}.json"
+    path.write_text(json.dumps(results, indent=2, default=str))
+    print_tables(results)
+    console.print(f"Saved {path}")
+
+
+def fmt(s: dict | None) -> str:
+    return f"{s['seconds']} / {s['train_images_per_s']} / {s['val_macro_f1']:.3f}" if s else "-"
+
+
+def print_tables(results: dict) -> None:
+    console.print(f"Machine: {results['machine']}")
+    if results.get("training"):
+        t = Table("data / backbone", "stage", "plain: s / img/s / F1", "wingspan: s / img/s / F1",
+                  title="Training (val macro-F1 at the end of each stage)")
+        for r in results["training"]:
+            for stage in ("head", "finetune"):
+                b, w = r["baseline"]["stages"].get(stage), r["wingspan"]["stages"].get(stage)
+                t.add_row(f"{r['dataset']} / {r['backbone']}", stage, fmt(b), fmt(w))
+        console.print(t)
+        t = Table("data / backbone", "target", "plain s", "wingspan s", "speed-up",
+                  title="Time to reach the plain recipe's val macro-F1")
+        for r in results["training"]:
+            for key, what in (("stage1", "end of stage 1"), ("whole", "best")):
+                x = r[key]
+                t.add_row(f"{r['dataset']} / {r['backbone']}",
+                          f"{what}: {x['target']:.3f}", str(x["baseline_s"]),
+                          str(x["wingspan_s"] or "never"),
+                          f"{x['speedup']}x" if x["speedup"] else "-")
+            t.add_row("", "best (plain / wingspan)",
+                      f"{r['baseline']['best_val_macro_f1']:.3f}",
+                      f"{r['wingspan']['best_val_macro_f1']:.3f}", "")
+        console.print(t)
+    if results.get("inference"):
+        frame = pd.DataFrame(results["inference"])
+        t = Table(*frame.columns, title="Inference")
+        for row in frame.astype(str).itertuples(index=False):
+            t.add_row(*row)
+        console.print(t)
+    if results.get("scaling"):
+        t = Table("images", "seconds", "ms/image", "peak RSS MB",
+                  title="Scaling: head stage (features cached once)")
+        for r in results["scaling"]:
+            t.add_row(*map(str, r.values()))
+        console.print(t)
+
+
+if __name__ == "__main__":
+    main()

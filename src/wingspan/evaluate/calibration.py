@@ -1,0 +1,63 @@
+"""Are the probabilities honest? Expected calibration error and temperature scaling."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, bins: int = 15) -> float:
+    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by bin size."""
+    confidence = probs.max(1)
+    correct = probs.argmax(1) == y_true
+    edges = np.linspace(0, 1, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        in_bin = (confidence > lo) & (confidence <= hi)
+        if in_bin.any():
+            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+    return float(ece)
+
+
+def reliability(probs: np.ndarray, y_true: np.ndarray, bins: int = 15) -> dict:
+    """Per-bin confidence, accuracy and count, for the reliability diagram."""
+    confidence = probs.max(1)
+    correct = probs.argmax(1) == y_true
+    edges = np.linspace(0, 1, bins + 1)
+    index = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    counts = np.bincount(index, minlength=bins)
+    acc = np.bincount(index, weights=correct, minlength=bins) / np.maximum(counts, 1)
+    conf = np.bincount(index, weights=confidence, minlength=bins) / np.maximum(counts, 1)
+    return {"edges": edges, "accuracy": acc, "confidence": conf, "counts": counts}
+
+
+MIN_T, MAX_T = 0.25, 10.0
+
+
+def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
+    """The temperature T that minimises the negative log-likelihood of softmax(logits / T).
+
+    One number, fitted on validation data: it changes confidence, never the ranking.
+    """
+    x = torch.tensor(np.asarray(logits), dtype=torch.float64)
+    y = torch.tensor(np.asarray(y_true), dtype=torch.long)
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)  # T = exp(log_t) > 0
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    # Bounded: with (near) perfect validation predictions the optimum runs off to T -> 0,
+    # which would make every probability 1.0.
+    return float(log_t.detach().exp().clamp(MIN_T, MAX_T))
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = logits / temperature
+    z = z - z.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)

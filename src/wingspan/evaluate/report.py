@@ -1,0 +1,67 @@
+"""`report.html`: one self-contained page for a run; every plot is embedded."""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+import pandas as pd
+
+
+def _img(path: Path | None, alt: str) -> str:
+    if not path or not Path(path).is_file():
+        return f"<p class='missing'>({html.escape(alt)}: not available)</p>"
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{data}'>"
+
+
+def _table(frame: pd.DataFrame, floats: str = "{:.4f}") -> str:
+    return frame.to_html(index=False, border=0, classes="t", escape=True,
+                         float_format=lambda v: floats.format(v))
+
+
+def _kv(pairs: list[tuple[str, object]]) -> str:
+    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
+                   for k, v in pairs)
+    return f"<table class='t kv'>{rows}</table>"
+
+
+STYLE = """
+body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
+img{max-width:100%;border:1px solid #eee}table.t{border-collapse:collapse;margin:.5em 0}
+.t td,.t th{padding:.2em .7em;border-bottom:1px solid #eee;text-align:left}
+.kv th{color:#555;font-weight:500}.missing{color:#999}.grid{display:flex;gap:2em;flex-wrap:wrap}
+"""
+
+
+def write_report(path: Path, title: str, sections: dict) -> Path:
+    """Sections (all optional): overview, data, balance_png, preview_png, curves_png,
+    summary, per_class, confusion_png, confused, mistakes_png, calibration, reliability_png,
+    profile."""
+    s = sections
+    parts = [f"<h1>{html.escape(title)}</h1>", _kv(s.get("overview", []))]
+    parts += ["<h2>Data</h2>"]
+    if s.get("data") is not None:
+        parts.append(_table(s["data"], "{:.0f}"))
+    parts.append(_img(s.get("balance_png"), "class balance"))
+    parts += ["<h2>Augmentation</h2>", _img(s.get("preview_png"), "augmentation preview")]
+    parts += ["<h2>Training curves</h2>", _img(s.get("curves_png"), "training curves")]
+    parts += ["<h2>Metrics</h2>", _kv(s.get("summary", []))]
+    if s.get("per_class") is not None:
+        parts += ["<h3>Per class</h3>", _table(s["per_class"])]
+    parts += ["<h2>Confusion matrix</h2><div class='grid'>",
+              _img(s.get("confusion_png"), "confusion matrix")]
+    if s.get("confused") is not None and len(s["confused"]):
+        parts += ["<div><h3>Most confused</h3>", _table(s["confused"], "{:.2f}"), "</div>"]
+    parts += ["</div>", "<h2>Most confident mistakes</h2>",
+              _img(s.get("mistakes_png"), "mistakes")]
+    parts += ["<h2>Calibration</h2>", _kv(s.get("calibration", [])),
+              _img(s.get("reliability_png"), "reliability diagram")]
+    if s.get("profile") is not None:
+        parts += ["<h2>Where the time went</h2>", _table(s["profile"], "{:.1f}")]
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+            f"</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
+    path.write_text(page, encoding="utf-8")
+    return path

@@ -1,0 +1,204 @@
+"""`wingspan evaluate`: metrics, plots and the HTML report for a trained model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from wingspan.config import AugmentConfig
+from wingspan.data import read_dataset
+from wingspan.data.plots import plot_class_balance
+from wingspan.data.preview import write_preview
+from wingspan.data.samples import SPLIT, Dataset
+from wingspan.errors import WingspanError
+from wingspan.evaluate import plots
+from wingspan.evaluate.calibration import (
+    expected_calibration_error,
+    fit_temperature,
+    reliability,
+    softmax,
+)
+from wingspan.evaluate.metrics import (
+    classification_metrics,
+    confusion,
+    most_confused,
+    per_class_table,
+)
+from wingspan.evaluate.report import write_report
+from wingspan.inference import Predictor
+from wingspan.models.bundle import update_manifest
+
+
+@dataclass
+class Evaluation:
+    out_dir: Path
+    metrics: dict
+    report: Path
+
+
+def evaluate(model: str | Path, data: str | Path | None = None, split: str | None = None,
+             out: str | Path | None = None, calibrate: bool = True, progress: bool = True,
+             batch_size: int = 32, workers: int | None = None) -> Evaluation:
+    predictor = Predictor(model, batch_size=batch_size, workers=workers)
+    run_dir = predictor.bundle.parent if (predictor.bundle.parent / "config.yaml").is_file() \
+        else None
+    dataset = _dataset(data, run_dir)
+    level = predictor.level if predictor.level in dataset.levels else dataset.default_level
+    split = split or _default_split(dataset)
+    rows = dataset.table if split == "all" else dataset.table[dataset.table[SPLIT] == split]
+    known = rows[level].isin(predictor.classes)
+    if not known.any():
+        raise WingspanError(f"No images of the model's classes in the '{split}' split.",
+                            hint=f"The model knows: {', '.join(predictor.classes[:10])}...")
+    unknown = sorted(set(rows.loc[~known, level]))
+    rows = rows[known]
+    out_dir = Path(out) if out else (run_dir or predictor.bundle.parent) / f"evaluation-{split}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    calibration = _calibrate(predictor, dataset, level, split, calibrate, progress)
+    index = {c: i for i, c in enumerate(predictor.classes)}
+    paths = rows["path"].tolist()
+    preds = list(predictor.run(paths, progress=progress))
+    ok = [i for i, p in enumerate(preds) if not p.error]
+    failed = [(p.path, p.error) for p in preds if p.error]
+    y = rows[level].map(index).to_numpy()[ok]
+    logits = np.stack([preds[i].logits for i in ok])
+    probs = np.stack([preds[i].probs for i in ok])
+    classes = predictor.classes
+    metrics = classification_metrics(y, probs, classes)
+    metrics.update(level=level, split=split, unreadable=failed, unknown_classes=unknown,
+                   images_per_second=round(predictor.images_per_second, 1),
+                   ece_uncalibrated=expected_calibration_error(softmax(logits), y),
+                   temperature=predictor.temperature, calibration=calibration)
+    y_pred = probs.argmax(1)
+    table = per_class_table(y, y_pred, classes)
+    table.to_csv(out_dir / "per_class.csv", index=False)
+    cm = confusion(y, y_pred, len(classes))
+    pd.DataFrame(cm, index=classes, columns=classes).to_csv(out_dir / "confusion.csv")
+    confused = most_confused(cm, classes)
+    metrics["most_confused"] = confused
+    _write_predictions(out_dir / "predictions.csv", [paths[i] for i in ok], y, probs, classes)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+    pngs = _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, y,
+                  probs, logits)
+    report = _report(out_dir, predictor, run_dir, dataset, level, split, metrics, table,
+                     confused, pngs)
+    return Evaluation(out_dir, metrics, report)
+
+
+def _dataset(data, run_dir: Path | None) -> Dataset:
+    if data is not None:
+        return read_dataset(data)
+    if run_dir is None:
+        raise WingspanError("Give DATA to evaluate on: this bundle is not inside a run folder.")
+    return read_dataset(run_dir / "splits.csv")
+
+
+def _default_split(dataset: Dataset) -> str:
+    splits = set(dataset.table[SPLIT])
+    return "test" if "test" in splits else "val" if "val" in splits else "all"
+
+
+def _calibrate(predictor: Predictor, dataset: Dataset, level: str, split: str, calibrate: bool,
+               progress: bool) -> dict:
+    """Fit a temperature on the validation split and store it in the bundle."""
+    val = dataset.table[(dataset.table[SPLIT] == "val") & dataset.table[level].isin(
+        predictor.classes)]
+    if not calibrate or val.empty:
+        return {"fitted": False, "temperature": predictor.temperature}
+    preds = [p for p in predictor.run(val["path"].tolist(), progress=progress) if not p.error]
+    index = {c: i for i, c in enumerate(predictor.classes)}
+    y = val.set_index("path").loc[[p.path for p in preds], level].map(index).to_numpy()
+    logits = np.stack([p.logits for p in preds])
+    temperature = fit_temperature(logits, y)
+    predictor.temperature = temperature
+    update_manifest(predictor.bundle, calibration={
+        "temperature": temperature, "fitted_on": "val", "images": len(y)})
+    return {"fitted": True, "temperature": temperature, "fitted_on": "val", "images": len(y),
+            "val_ece_before": expected_calibration_error(softmax(logits), y),
+            "val_ece_after": expected_calibration_error(softmax(logits, temperature), y),
+            "same_data_as_evaluation": split == "val"}
+
+
+def _write_predictions(path: Path, paths: list[str], y: np.ndarray, probs: np.ndarray,
+                       classes: list[str]) -> None:
+    frame = pd.DataFrame({"path": paths, "true": [classes[i] for i in y],
+                          "predicted": [classes[i] for i in probs.argmax(1)],
+                          "probability": probs.max(1)})
+    frame = pd.concat([frame, pd.DataFrame(probs, columns=[f"p:{c}" for c in classes])], axis=1)
+    frame.to_csv(path, index=False)
+
+
+def _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, y, probs,
+           logits) -> dict:
+    pngs = {"confusion": plots.plot_confusion(cm, classes, out_dir / "confusion.png")}
+    wrong = np.flatnonzero(probs.argmax(1) != y)
+    worst = wrong[np.argsort(-probs.max(1)[wrong])][:18]
+    pngs["mistakes"] = plots.plot_mistakes(
+        [{"path": paths[ok[i]], "true": classes[y[i]], "predicted": classes[probs[i].argmax()],
+          "probability": float(probs[i].max())} for i in worst], out_dir / "mistakes.png")
+    raw = softmax(logits)
+    pngs["reliability"] = plots.plot_reliability(
+        reliability(raw, y), reliability(probs, y),
+        (expected_calibration_error(raw, y), expected_calibration_error(probs, y)),
+        out_dir / "reliability.png")
+    counts = dataset.table[level].value_counts()
+    pngs["balance"] = plot_class_balance(counts, level, out_dir / "balance.png")
+    if run_dir and (run_dir / "history.csv").is_file():
+        pngs["curves"] = plots.plot_curves(pd.read_csv(run_dir / "history.csv"),
+                                           out_dir / "curves.png")
+    train = dataset.table[SPLIT] == "train"
+    if train.any():
+        policy = predictor.manifest.get("training", {}).get("augment", "standard")
+        pngs["preview"] = write_preview(
+            dataset.subset(train.to_numpy()), out_dir / "preview.png",
+            AugmentConfig(policy=policy, image_size=predictor.size), level, rows=4, augmented=4)
+    return pngs
+
+
+def _report(out_dir, predictor, run_dir, dataset, level, split, metrics, table, confused,
+            pngs) -> Path:
+    manifest = predictor.manifest
+    data_table = pd.crosstab(dataset.table[level], dataset.table[SPLIT].replace("", "all"))
+    data_table.insert(0, "class", data_table.index)
+    summary = [("images evaluated", metrics["images"]), ("accuracy", f"{metrics['accuracy']:.4f}")]
+    summary += [(k.replace("_", " "), f"{metrics[k]:.4f}") for k in metrics if k.startswith("top")]
+    for avg in ("macro", "micro", "weighted"):
+        m = metrics[avg]
+        summary.append((f"{avg} precision / recall / F1",
+                        f"{m['precision']:.4f} / {m['recall']:.4f} / {m['f1']:.4f}"))
+    summary += [("Cohen's kappa", f"{metrics['cohen_kappa']:.4f}"),
+                ("unreadable images", len(metrics["unreadable"])),
+                ("images of classes the model does not know", len(metrics["unknown_classes"])),
+                ("inference speed", f"{metrics['images_per_second']} images/s")]
+    cal = metrics["calibration"]
+    calibration = [("temperature", f"{metrics['temperature']:.3f}"),
+                   ("ECE before / after", f"{metrics['ece_uncalibrated']:.4f} / "
+                    f"{metrics['ece']:.4f}")]
+    if cal.get("same_data_as_evaluation"):
+        calibration.append(("note", "fitted on the split being evaluated (no test split): "
+                            "the ECE after is optimistic"))
+    training = manifest.get("training", {})
+    train_metrics = manifest.get("metrics", {})
+    overview = [("model", predictor.bundle), ("backbone", manifest["model"]["backbone"]),
+                ("weights", manifest.get("weights_source")), ("level", level),
+                ("classes", len(predictor.classes)), ("evaluated split", split),
+                ("training epochs (head + fine-tune)",
+                 f"{training.get('epochs_head')} + {training.get('epochs_finetune')}"),
+                ("best validation macro-F1", train_metrics.get("best", {}).get("val_macro_f1"))]
+    profile = None
+    if train_metrics.get("profile"):
+        profile = pd.DataFrame([{"stage": s, **v} for s, v in train_metrics["profile"].items()])
+    return write_report(out_dir / "report.html", f"wingspan report: {(run_dir or out_dir).name}",
+                        {"overview": overview, "data": data_table, "balance_png": pngs["balance"],
+                         "preview_png": pngs.get("preview"), "curves_png": pngs.get("curves"),
+                         "summary": summary, "per_class": table,
+                         "confusion_png": pngs["confusion"],
+                         "confused": pd.DataFrame(confused), "mistakes_png": pngs["mistakes"],
+                         "calibration": calibration, "reliability_png": pngs["reliability"],
+                         "profile": profile})

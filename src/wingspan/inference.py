@@ -1,0 +1,114 @@
+"""Running a model bundle on image files: the one path that predict and evaluate share,
+so both see every image exactly the same way."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from wingspan.config import AugmentConfig
+from wingspan.data.images import open_rgb
+from wingspan.data.transforms import eval_transform
+from wingspan.errors import WingspanError
+from wingspan.models import load_bundle, resolve_policy
+from wingspan.progress import track
+from wingspan.train.data import default_workers
+
+
+def find_bundle(model: str | Path) -> Path:
+    """A bundle directory or file, or a run directory holding one in `model/`."""
+    path = Path(model)
+    if (path / "model" / "manifest.json").is_file():
+        return path / "model"
+    if path.exists():
+        return path
+    raise WingspanError(f"No model at {path}.",
+                        hint="Give a run folder (runs/NAME) or a model bundle.")
+
+
+class _Images(Dataset):
+    """Files -> tensors; a file that cannot be read becomes an error message, not a crash."""
+
+    def __init__(self, paths: Sequence[str], views: list[v2.Transform], size: int, draft: int):
+        self.paths, self.views, self.size, self.draft = list(paths), views, size, draft
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            image = open_rgb(self.paths[i], draft=self.draft)
+            return torch.stack([view(image) for view in self.views]), ""
+        except WingspanError as e:
+            return torch.zeros(len(self.views), 3, self.size, self.size), e.message
+
+
+@dataclass
+class Prediction:
+    path: str
+    probs: np.ndarray | None  # temperature-scaled class probabilities
+    logits: np.ndarray | None
+    error: str = ""
+
+
+class Predictor:
+    """A loaded bundle with its preprocessing, precision policy and calibration."""
+
+    def __init__(self, model: str | Path, device: str = "auto", precision: str = "auto",
+                 batch_size: int = 32, workers: int | None = None):
+        self.bundle = find_bundle(model)
+        self.model, self.manifest = load_bundle(self.bundle)
+        self.level = list(self.manifest["classes"])[-1]
+        self.classes: list[str] = self.manifest["classes"][self.level]
+        self.temperature = float(self.manifest.get("calibration", {}).get("temperature", 1.0))
+        self.policy = resolve_policy(device, precision)
+        self.policy.prepare_model(self.model)
+        self.batch_size = batch_size
+        self.workers = default_workers() if workers is None else workers
+        pre = self.manifest["preprocessing"]
+        self.size = int(pre["input_size"])
+        self.config = AugmentConfig(image_size=self.size, eval_crop=float(pre["crop_pct"]))
+        self.norm = {"mean": tuple(pre["mean"]), "std": tuple(pre["std"]),
+                     "interpolation": pre["interpolation"]}
+        self.images_per_second = 0.0
+
+    def views(self, tta: bool) -> list[v2.Transform]:
+        """The evaluation view; with TTA also its mirror image and a less cropped view."""
+        clean = eval_transform(self.config, **self.norm)
+        if not tta:
+            return [clean]
+        wide = eval_transform(AugmentConfig(image_size=self.size, eval_crop=1.0), **self.norm)
+        flip = v2.RandomHorizontalFlip(p=1.0)
+        return [clean, v2.Compose([clean, flip]), wide, v2.Compose([wide, flip])]
+
+    @torch.inference_mode()
+    def run(self, paths: Sequence[str], tta: bool = False, progress: bool = True
+            ) -> Iterator[Prediction]:
+        """Predictions for each path, in order, a batch at a time (memory stays flat)."""
+        views = self.views(tta)
+        draft = round(self.size / self.config.eval_crop)
+        loader = DataLoader(_Images(paths, views, self.size, draft), batch_size=self.batch_size,
+                            num_workers=self.workers, generator=torch.Generator())
+        start, done, i = time.perf_counter(), 0, 0
+        for x, errors in track(loader, "Predicting", total=len(loader), enabled=progress):
+            n, k = x.shape[:2]
+            with self.policy.autocast():
+                out = self.model(self.policy.prepare_batch(x.flatten(0, 1)))[self.level]
+            logits = out.float().cpu().view(n, k, -1)
+            probs = torch.softmax(logits / self.temperature, -1).mean(1).numpy()
+            mean_logits = logits.mean(1).numpy()
+            for j in range(n):
+                if errors[j]:
+                    yield Prediction(paths[i], None, None, errors[j])
+                else:
+                    yield Prediction(paths[i], probs[j], mean_logits[j])
+                i += 1
+            done += n
+        self.images_per_second = done / max(time.perf_counter() - start, 1e-9)

@@ -1,0 +1,79 @@
+"""`wingspan predict`: classes and probabilities for files, folders and globs."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from wingspan.config import IMAGE_EXTENSIONS
+from wingspan.inference import Predictor
+
+
+def expand_paths(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Files as given, folders searched recursively for images, globs expanded.
+    Returns the image paths and (input, reason) for inputs that match nothing."""
+    found, missing = [], []
+    for item in inputs:
+        if any(c in item for c in "*?["):
+            matches = sorted(glob.glob(item, recursive=True))
+            found += [m for m in matches if Path(m).is_file()]
+            if not matches:
+                missing.append((item, "the pattern matches no file"))
+        elif Path(item).is_dir():
+            images = sorted(str(p) for p in Path(item).rglob("*")
+                            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            found += images
+            if not images:
+                missing.append((item, "the folder holds no images"))
+        elif Path(item).is_file():
+            found.append(item)
+        else:
+            missing.append((item, "no such file or folder"))
+    return found, missing
+
+
+@dataclass
+class PredictResult:
+    rows: list[dict] = field(default_factory=list)  # one per readable image
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    images_per_second: float = 0.0
+
+
+def predict(predictor: Predictor, inputs: list[str], top_k: int = 3, tta: bool = False,
+            progress: bool = True) -> PredictResult:
+    paths, failed = expand_paths(inputs)
+    result = PredictResult(failed=list(failed))
+    k = min(top_k, len(predictor.classes))
+    for p in predictor.run(paths, tta=tta, progress=progress):
+        if p.error:
+            result.failed.append((p.path, p.error))
+            continue
+        order = p.probs.argsort()[::-1][:k]
+        result.rows.append({"path": p.path, "top": [(predictor.classes[c], float(p.probs[c]))
+                                                    for c in order]})
+    result.images_per_second = predictor.images_per_second
+    return result
+
+
+def write_predictions(result: PredictResult, path: Path) -> None:
+    """CSV (path, class_1, prob_1, ..., error) or JSON, by the file's suffix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".json":
+        path.write_text(json.dumps({
+            "predictions": [{"path": r["path"], "top": [{"class": c, "probability": p}
+                                                         for c, p in r["top"]]}
+                            for r in result.rows],
+            "failed": [{"path": f, "error": e} for f, e in result.failed]}, indent=2))
+        return
+    k = max((len(r["top"]) for r in result.rows), default=1)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", *[x for i in range(1, k + 1) for x in (f"class_{i}",
+                                                                         f"prob_{i}")], "error"])
+        for r in result.rows:
+            writer.writerow([r["path"], *[x for c, p in r["top"] for x in (c, f"{p:.6f}")], ""])
+        for f_, e in result.failed:
+            writer.writerow([f_, *[""] * (2 * k), e])

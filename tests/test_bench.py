@@ -1,0 +1,22 @@
+"""The benchmark's --smoke mode: tiny sizes, so the script cannot rot unnoticed."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).parents[1] / "bench" / "run.py"
+
+
+def test_bench_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH), "--smoke", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Time to reach the plain recipe" in proc.stdout and "Scaling" in proc.stdout
+    (saved,) = tmp_path.glob("bench-*-smoke.json")
+    results = json.loads(saved.read_text())
+    assert results["machine"]["cores"] >= 1
+    run = results["training"][0]
+    assert set(run["baseline"]["stages"]) == set(run["wingspan"]["stages"]) == {"head",
+                                                                                   "finetune"}
+    assert len(results["inference"]) == 2 and len(results["scaling"]) == 2

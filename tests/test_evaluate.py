@@ -1,0 +1,162 @@
+import base64
+import json
+import re
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score
+from test_train import tiny
+
+from wingspan.data import read_dataset
+from wingspan.evaluate.run import evaluate
+from wingspan.inference import Predictor
+from wingspan.models.bundle import read_manifest
+from wingspan.predict import predict, write_predictions
+from wingspan.train import train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, shared_data_or_demo):
+    """A small run on the Leeds photos (or the demo data without ../shared)."""
+    tmp = tmp_path_factory.mktemp("evalrun")
+    data, config = shared_data_or_demo
+    run_dir = train(read_dataset(data), tiny(tmp, **config), tmp / "runs", "r", quiet=True)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def shared_data_or_demo(demo_dir):
+    from wingspan.config import shared_data_dir
+
+    leeds = shared_data_dir() / "leeds-butterflies"
+    if leeds.is_dir():  # the real photos, with their fixed train/val/test split
+        return leeds, {"epochs_head": 4, "epochs_finetune": 1, "image_size": 48}
+    return demo_dir, {"val_fraction": 0.25, "test_fraction": 0.25}
+
+
+@pytest.fixture(scope="module")
+def evaluation(trained):
+    return evaluate(trained, progress=False, workers=0)
+
+
+def test_evaluate_writes_every_output(evaluation, trained):
+    out = evaluation.out_dir
+    assert out == trained / "evaluation-test"
+    for name in ["metrics.json", "per_class.csv", "confusion.csv", "predictions.csv",
+                 "confusion.png", "curves.png", "mistakes.png", "reliability.png",
+                 "balance.png", "preview.png", "report.html"]:
+        assert (out / name).stat().st_size > 100, name
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ["accuracy", "top3_accuracy", "macro", "micro", "weighted", "cohen_kappa", "ece",
+                "ece_uncalibrated", "temperature", "most_confused", "images_per_second"]:
+        assert key in metrics, key
+    assert metrics["calibration"]["fitted"] and metrics["calibration"]["fitted_on"] == "val"
+    # The temperature is stored in the bundle so that predict uses it too.
+    manifest = read_manifest(trained / "model")
+    assert manifest["calibration"]["temperature"] == pytest.approx(metrics["temperature"])
+
+
+def test_numbers_match_scikit_learn_on_the_saved_predictions(evaluation):
+    metrics = evaluation.metrics
+    saved = pd.read_csv(evaluation.out_dir / "predictions.csv")
+    y, p = saved["true"], saved["predicted"]
+    assert metrics["images"] == len(saved)
+    assert metrics["accuracy"] == pytest.approx(accuracy_score(y, p))
+    assert metrics["macro"]["f1"] == pytest.approx(f1_score(y, p, average="macro"))
+    assert metrics["micro"]["f1"] == pytest.approx(f1_score(y, p, average="micro"))
+    assert metrics["weighted"]["f1"] == pytest.approx(f1_score(y, p, average="weighted"))
+    assert metrics["cohen_kappa"] == pytest.approx(cohen_kappa_score(y, p))
+    probs = saved.filter(like="p:").to_numpy()
+    assert np.allclose(probs.sum(1), 1, atol=1e-4)
+    per_class = pd.read_csv(evaluation.out_dir / "per_class.csv")
+    assert per_class["support"].sum() == len(saved)
+
+
+def test_report_is_self_contained(evaluation):
+    page = evaluation.report.read_text()
+    sources = re.findall(r"<img[^>]*src='([^']*)'", page)
+    assert len(sources) == 6  # balance, preview, curves, confusion, mistakes, reliability
+    for src in sources:
+        assert src.startswith("data:image/png;base64,")
+        data = base64.b64decode(src.split(",", 1)[1])
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "not available" not in page
+    for heading in ["Data", "Augmentation", "Training curves", "Metrics", "Per class",
+                    "Confusion matrix", "Most confident mistakes", "Calibration",
+                    "Where the time went"]:
+        assert f">{heading}<" in page, heading
+
+
+def test_predict_agrees_with_evaluate(evaluation, trained):
+    saved = pd.read_csv(evaluation.out_dir / "predictions.csv").head(20)
+    predictor = Predictor(trained, workers=0)
+    result = predict(predictor, saved["path"].tolist(), top_k=1, progress=False)
+    assert [r["top"][0][0] for r in result.rows] == saved["predicted"].tolist()
+    np.testing.assert_allclose([r["top"][0][1] for r in result.rows], saved["probability"],
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_predict_on_mixed_good_and_broken_files(trained, tmp_path, demo_dir):
+    folder = tmp_path / "photos"
+    good = sorted(demo_dir.rglob("*.jpg"))[:5]
+    for i, p in enumerate(good):
+        (folder / "sub").mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, folder / ("sub" if i % 2 else "") / p.name)
+    (folder / "broken.jpg").write_text("not a jpeg")
+    data = good[0].read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    predictor = Predictor(trained, workers=0)
+    result = predict(predictor, [str(folder), str(tmp_path / "missing.jpg"),
+                                 str(folder / "sub" / "*.jpg")], top_k=2, progress=False)
+    assert len(result.rows) == 5 + 2  # the folder (recursive) and the glob's two files
+    reasons = {p.rsplit("/", 1)[-1]: r for p, r in result.failed}
+    assert set(reasons) == {"broken.jpg", "truncated.jpg", "missing.jpg"}
+    assert "no such file" in reasons["missing.jpg"]
+    assert all(len(r["top"]) == 2 and r["top"][0][1] >= r["top"][1][1] for r in result.rows)
+    write_predictions(result, tmp_path / "out.csv")
+    table = pd.read_csv(tmp_path / "out.csv")
+    assert len(table) == 10 and table["error"].notna().sum() == 3
+    write_predictions(result, tmp_path / "out.json")
+    payload = json.loads((tmp_path / "out.json").read_text())
+    assert len(payload["predictions"]) == 7 and len(payload["failed"]) == 3
+
+
+def test_predict_streams_and_tta_averages(trained, demo_dir, monkeypatch):
+    import wingspan.inference as inference
+
+    opened = []
+    real = inference.open_rgb
+    monkeypatch.setattr(inference, "open_rgb", lambda p, **kw: opened.append(p) or real(p, **kw))
+    paths = [str(p) for p in sorted(demo_dir.rglob("*.jpg"))[:24]]
+    predictor = Predictor(trained, batch_size=4, workers=0)
+    stream = predictor.run(paths, progress=False)
+    next(stream)
+    assert len(opened) == 4  # one batch read, not the whole list
+    rest = list(stream)
+    assert len(rest) == 23
+    tta = list(predictor.run(paths[:4], tta=True, progress=False))
+    plain = list(predictor.run(paths[:4], progress=False))
+    assert all(np.isclose(t.probs.sum(), 1) for t in tta)
+    assert any(not np.allclose(t.probs, p.probs) for t, p in zip(tta, plain, strict=True))
+
+
+def test_cli_evaluate_and_predict(run_cli, trained, demo_dir, tmp_path):
+    code, out, err = run_cli("evaluate", trained, "--split", "val", "--out", tmp_path / "ev",
+                             "--quiet", "--no-calibrate")
+    assert code == 0, err
+    assert "macro F1" in out and (tmp_path / "ev" / "report.html").is_file()
+    image = next(demo_dir.rglob("*.jpg"))
+    code, out, err = run_cli("predict", trained, str(image), "--output", tmp_path / "p.json",
+                             "--quiet")
+    assert code == 0, err
+    assert "images predicted" in out and (tmp_path / "p.json").is_file()
+    code, _, err = run_cli("predict", tmp_path / "nothing-here", str(image))
+    assert code == 2 and "No model at" in err
+
+
+def test_preview_image_in_report_comes_from_training_images(evaluation):
+    with Image.open(evaluation.out_dir / "preview.png") as im:
+        assert im.width > 300

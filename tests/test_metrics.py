@@ -1,0 +1,111 @@
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from wingspan.evaluate import plots
+from wingspan.evaluate.calibration import (
+    expected_calibration_error,
+    fit_temperature,
+    reliability,
+    softmax,
+)
+from wingspan.evaluate.metrics import (
+    classification_metrics,
+    confusion,
+    most_confused,
+    per_class_table,
+)
+
+
+def probs_for(pred, truth, n):
+    """Predicted class 0.6, the true class (when wrong) 0.3, the rest share 0.1 unevenly."""
+    probs = np.tile(np.linspace(0.06, 0.04, n), (len(pred), 1))
+    probs[np.arange(len(pred)), truth] = 0.3
+    probs[np.arange(len(pred)), pred] = 0.6
+    return probs / probs.sum(1, keepdims=True)
+
+
+def test_metrics_on_hand_made_predictions():
+    y = np.array([0, 0, 1, 1, 2, 2])
+    pred = np.array([0, 1, 1, 1, 2, 0])
+    m = classification_metrics(y, probs_for(pred, y, 4), ["a", "b", "c", "d"])
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    # per class (P, R, F1): a (1/2, 1/2, 1/2), b (2/3, 1, 4/5), c (1, 1/2, 2/3)
+    assert m["macro"]["precision"] == pytest.approx((1 / 2 + 2 / 3 + 1) / 3)
+    assert m["macro"]["recall"] == pytest.approx((1 / 2 + 1 + 1 / 2) / 3)
+    assert m["macro"]["f1"] == pytest.approx((1 / 2 + 4 / 5 + 2 / 3) / 3)
+    assert m["micro"]["f1"] == pytest.approx(4 / 6)
+    assert m["weighted"]["f1"] == pytest.approx((1 / 2 + 4 / 5 + 2 / 3) / 3)  # equal supports
+    # kappa: observed 2/3, chance (2*2 + 2*3 + 2*1) / 36 = 1/3 -> (2/3 - 1/3) / (2/3) = 1/2
+    assert m["cohen_kappa"] == pytest.approx(0.5)
+    assert m["top3_accuracy"] == pytest.approx(1.0)  # the true class is always in the top 3
+    table = per_class_table(y, pred, ["a", "b", "c", "d"])
+    assert table["support"].tolist() == [2, 2, 2, 0]
+    assert table["f1"].round(4).tolist() == [0.5, 0.8, 0.6667, 0.0]
+
+
+def test_top_k_and_confusion():
+    y = np.array([0, 1, 2, 3])
+    probs = np.array([[0.15, 0.5, 0.3, 0.05], [0.6, 0.3, 0.06, 0.04],
+                      [0.1, 0.05, 0.15, 0.7], [0.7, 0.1, 0.15, 0.05]])
+    m = classification_metrics(y, probs, list("abcd"))
+    assert m["accuracy"] == 0.0
+    assert m["top3_accuracy"] == pytest.approx(3 / 4)  # class 3 is last for the 4th image
+    cm = confusion(y, probs.argmax(1), 4)
+    assert cm.tolist() == [[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1], [1, 0, 0, 0]]
+    pairs = most_confused(cm, list("abcd"))
+    assert {(p["true"], p["predicted"]) for p in pairs} == {("a", "b"), ("b", "a"), ("c", "d"),
+                                                            ("d", "a")}
+
+
+def test_ece_by_hand():
+    # Two bins used: confidence 0.9 (4 images, 3 right) and 0.6 (2 images, both right).
+    probs = np.array([[0.9, 0.1]] * 4 + [[0.6, 0.4]] * 2)
+    y = np.array([0, 0, 0, 1, 0, 0])
+    expected = 4 / 6 * abs(0.75 - 0.9) + 2 / 6 * abs(1.0 - 0.6)
+    assert expected_calibration_error(probs, y) == pytest.approx(expected)
+
+
+def test_temperature_scaling_fixes_an_overconfident_model():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 2, (4000, 5))
+    y = np.array([rng.choice(5, p=p) for p in softmax(logits)])  # calibrated at T = 1
+    overconfident = logits * 3
+    before = expected_calibration_error(softmax(overconfident), y)
+    t = fit_temperature(overconfident, y)
+    after = expected_calibration_error(softmax(overconfident, t), y)
+    assert t == pytest.approx(3, rel=0.15)
+    assert after < before / 3
+    assert (softmax(overconfident, t).argmax(1) == overconfident.argmax(1)).all()
+
+
+@pytest.mark.parametrize("n", [6, 500])
+def test_confusion_plot_for_few_and_many_classes(tmp_path, n):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, n, 3000)
+    pred = np.where(rng.random(3000) < 0.7, y, rng.integers(0, n, 3000))
+    path = plots.plot_confusion(confusion(y, pred, n), [f"species {i}" for i in range(n)],
+                                tmp_path / "cm.png")
+    with Image.open(path) as im:
+        assert 400 < im.width < 1500 and 300 < im.height < 1500
+
+
+def test_curves_mistakes_and_reliability_plots(tmp_path, demo_dir):
+    history = pd.DataFrame({
+        "stage": ["head"] * 3 + ["finetune"] * 2, "epoch": [1, 2, 3, 1, 2],
+        **{f"{s}_{m}": np.linspace(0.5, 0.9, 5) for s in ("train", "val")
+           for m in ("loss", "acc", "macro_f1")}})
+    curves = plots.plot_curves(history, tmp_path / "curves.png")
+    images = sorted(demo_dir.rglob("*.jpg"))[:7]
+    mistakes = plots.plot_mistakes([{"path": str(p), "true": "a", "predicted": "b",
+                                     "probability": 0.9} for p in images], tmp_path / "m.png")
+    rng = np.random.default_rng(0)
+    probs = softmax(rng.normal(0, 2, (200, 4)))
+    y = rng.integers(0, 4, 200)
+    rel = plots.plot_reliability(reliability(probs, y), reliability(probs, y), (0.1, 0.05),
+                                 tmp_path / "r.png")
+    for path, min_w in [(curves, 1000), (mistakes, 800), (rel, 600)]:
+        with Image.open(path) as im:
+            assert im.width >= min_w and im.height >= 250
+            assert np.asarray(im.convert("L")).std() > 5  # something is drawn
