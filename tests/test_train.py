@@ -111,24 +111,25 @@ def test_feature_cache_matches_running_the_frozen_backbone(demo_dir, tmp_path):
 
 def test_class_weights_change_the_loss_as_computed_by_hand(demo_dir, tmp_path):
     run = _prepared_run(demo_dir, tmp_path, label_smoothing=0.0, class_weights="balanced")
-    labels = run.data.train.labels
+    table = run.data.train.labels  # (images, levels): one level here
+    labels = table[:, 0]
     counts = torch.bincount(labels).float()
     expected_w = len(labels) / (len(counts) * counts)  # scikit-learn's "balanced"
-    torch.testing.assert_close(run.data.class_weights, expected_w)
+    torch.testing.assert_close(run.data.class_weights["label"], expected_w)
     logits = torch.randn(len(labels), len(counts))
     per_sample = -logits.log_softmax(1)[torch.arange(len(labels)), labels]
     by_hand = (expected_w[labels] * per_sample).sum() / expected_w[labels].sum()
-    torch.testing.assert_close(loss_fn(run)(logits, labels), by_hand)
+    torch.testing.assert_close(loss_fn(run)({"label": logits}, table), by_hand)
     unweighted = _prepared_run(demo_dir, tmp_path / "u", label_smoothing=0.0,
                                class_weights="none")
-    assert unweighted.data.class_weights is None
-    assert not torch.isclose(loss_fn(unweighted)(logits, labels), by_hand)
+    assert unweighted.data.class_weights["label"] is None
+    assert not torch.isclose(loss_fn(unweighted)({"label": logits}, table), by_hand)
 
 
 def test_class_weights_default_on_only_for_imbalanced_data(demo_dir, tmp_path):
-    assert _prepared_run(demo_dir, tmp_path).data.class_weights is not None  # 16 vs 6 images
+    assert _prepared_run(demo_dir, tmp_path).data.class_weights["label"] is not None  # 16:6
     balanced = _prepared_run(demo_dir, tmp_path / "b", max_per_class=5)
-    assert balanced.data.class_weights is None
+    assert balanced.data.class_weights["label"] is None
 
 
 def test_early_stopping_stops(demo_dir, tmp_path):

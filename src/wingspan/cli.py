@@ -194,6 +194,14 @@ def train_command(
         help="A folder of class folders, a CSV, or an ETHEC root (not needed with --resume).",
         show_default=False)] = None,
     level: Level = None,
+    levels: Annotated[str | None, typer.Option(
+        help="Train several taxonomic levels at once, e.g. family,subfamily,genus,species "
+        "(one head each; predictions are made consistent).")] = None,
+    level_weights: Annotated[str | None, typer.Option(
+        help="Loss weight per level in --levels, e.g. 1,1,1,2.")] = None,
+    rare_below: Annotated[int, typer.Option(
+        help="With --levels: finest classes with fewer training images learn their parent "
+        "level only.")] = T.rare_below,
     backbone: Annotated[str, typer.Option(help="See `wingspan models list`; any timm name.")]
     = T.backbone,
     weights: Annotated[str, typer.Option(help="auto (offline first) | none | a weights file.")]
@@ -251,10 +259,18 @@ def train_command(
         if data is None:
             raise WingspanError("Give DATA to train on (or --resume RUN).")
         # Only options set on the command line override the config file.
-        given = {k: v for k, v in ctx.params.items() if k in TrainConfig.__dataclass_fields__
+        params = dict(ctx.params)
+        if levels:
+            params["levels"] = [lv.strip() for lv in levels.split(",") if lv.strip()]
+        if level_weights:
+            try:
+                params["level_weights"] = [float(w) for w in level_weights.split(",")]
+            except ValueError as e:
+                raise WingspanError(f"--level-weights must be numbers: {level_weights}") from e
+        given = {k: v for k, v in params.items() if k in TrainConfig.__dataclass_fields__
                  and ctx.get_parameter_source(k).name == "COMMANDLINE"}
         settings = (TrainConfig.from_file(config, **given) if config else
-                    TrainConfig(**{k: v for k, v in ctx.params.items()
+                    TrainConfig(**{k: v for k, v in params.items()
                                    if k in TrainConfig.__dataclass_fields__}))
         dataset = _read(data, format, group_regex, strict)
         run_dir = training.train(dataset, settings, runs_dir, name, quiet)
@@ -314,6 +330,19 @@ def _print_evaluation(result) -> None:
     table.add_row("ECE (temperature)", f"{m['ece_uncalibrated']:.4f} -> {m['ece']:.4f} "
                   f"(T = {m['temperature']:.2f})")
     out.print(table)
+    if m.get("hierarchy"):
+        h = m["hierarchy"]
+        levels = Table("method", *h["levels"], title="Micro-F1 per level")
+        levels.add_row("marginalisation (consistent)",
+                       *[f"{v['micro_f1']:.3f}" for v in h["levels"].values()])
+        if "heads" in next(iter(h["levels"].values())):
+            levels.add_row("per-level heads",
+                           *[f"{v['heads']['micro_f1']:.3f}" for v in h["levels"].values()])
+        out.print(levels)
+        heads = h["consistency"]["heads"]
+        out.print(f"Consistent predictions: {h['consistency']['marginalised']:.1%} marginalised"
+                  + (f", {heads:.1%} from the per-level heads" if heads is not None else "")
+                  + f"; mean mistake depth {h['mean_mistake_depth']:.2f}")
     if m["unreadable"]:
         out.print(f"[yellow]{len(m['unreadable'])} images could not be read[/] (in metrics.json)")
     out.print(f"Report: {result.report}")
@@ -340,10 +369,17 @@ def predict_command(
 
     predictor = Predictor(model, batch_size=batch_size)
     result = predict(predictor, paths, top_k, tta, progress=not quiet)
-    table = Table("image", "prediction", "probability", f"top {top_k}")
+    hierarchical = predictor.taxonomy is not None
+    table = Table("image", "prediction", "probability",
+                  "taxonomy (probability per level)" if hierarchical else f"top {top_k}")
     for row in result.rows[:50]:
         (best, p), rest = row["top"][0], row["top"][1:]
-        table.add_row(row["path"], best, f"{p:.3f}", ", ".join(f"{c} {q:.2f}" for c, q in rest))
+        if hierarchical:  # the consistent branch is the prediction
+            _, best, p = row["taxonomy"][-1]
+            detail = " > ".join(f"{c} {q:.2f}" for _, c, q in row["taxonomy"])
+        else:
+            detail = ", ".join(f"{c} {q:.2f}" for c, q in rest)
+        table.add_row(row["path"], best, f"{p:.3f}", detail)
     if len(result.rows) > 50:
         table.caption = f"first 50 of {len(result.rows)}; --output FILE writes all"
     out.print(table)

@@ -146,6 +146,9 @@ class TrainConfig:
 
     # data
     level: str | None = None  # label level to learn (default: the finest)
+    levels: list[str] | None = None  # several levels (coarse to fine), one head each
+    level_weights: list[float] | None = None  # loss weight per level (default: all 1)
+    rare_below: int = 0  # finest classes with fewer training images learn their parent only
     max_per_class: int | None = None  # undersample the training split
     val_fraction: float = 0.15  # used only when the data has no split of its own
     test_fraction: float = 0.15
@@ -214,6 +217,20 @@ class TrainConfig:
         if self.workers is not None:
             _check(self.workers >= 0, "workers", "0 or more", self.workers)
         SplitConfig(val_fraction=self.val_fraction, test_fraction=self.test_fraction)
+        if self.levels is not None:
+            _check(len(self.levels) >= 1 and len(set(self.levels)) == len(self.levels),
+                   "levels", "distinct level names", self.levels)
+        if self.level_weights is not None:
+            _check(self.levels is not None and len(self.level_weights) == len(self.levels),
+                   "level_weights", "one weight per entry of 'levels'", self.level_weights)
+            _check(all(w >= 0 for w in self.level_weights) and sum(self.level_weights) > 0,
+                   "level_weights", "non-negative with a positive sum", self.level_weights)
+        _check(self.rare_below >= 0, "rare_below", "0 or more", self.rare_below)
+
+    @property
+    def trained_levels(self) -> list[str]:
+        """The levels with a head: `levels`, else the single `level`."""
+        return list(self.levels) if self.levels else [self.level]
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides) -> TrainConfig:

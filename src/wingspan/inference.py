@@ -15,6 +15,7 @@ from torchvision.transforms import v2
 
 from wingspan.config import AugmentConfig
 from wingspan.data.images import open_rgb
+from wingspan.data.taxonomy import Taxonomy
 from wingspan.data.transforms import eval_transform
 from wingspan.errors import WingspanError
 from wingspan.models import load_bundle, resolve_policy
@@ -53,9 +54,10 @@ class _Images(Dataset):
 @dataclass
 class Prediction:
     path: str
-    probs: np.ndarray | None  # temperature-scaled class probabilities
+    probs: np.ndarray | None  # temperature-scaled probabilities of the finest level
     logits: np.ndarray | None
     error: str = ""
+    heads: dict[str, np.ndarray] | None = None  # each coarser level's own head (softmax)
 
 
 class Predictor:
@@ -68,6 +70,9 @@ class Predictor:
         self.level = list(self.manifest["classes"])[-1]
         self.classes: list[str] = self.manifest["classes"][self.level]
         self.temperature = float(self.manifest.get("calibration", {}).get("temperature", 1.0))
+        taxonomy = self.manifest.get("taxonomy")
+        self.taxonomy = Taxonomy.from_dict(taxonomy) if taxonomy else None
+        self.rare: dict[str, str] = self.manifest.get("training", {}).get("rare_classes") or {}
         self.policy = resolve_policy(device, precision)
         self.policy.prepare_model(self.model)
         self.batch_size = batch_size
@@ -100,15 +105,18 @@ class Predictor:
         for x, errors in track(loader, "Predicting", total=len(loader), enabled=progress):
             n, k = x.shape[:2]
             with self.policy.autocast():
-                out = self.model(self.policy.prepare_batch(x.flatten(0, 1)))[self.level]
-            logits = out.float().cpu().view(n, k, -1)
+                outputs = self.model(self.policy.prepare_batch(x.flatten(0, 1)))
+            logits = outputs[self.level].float().cpu().view(n, k, -1)
             probs = torch.softmax(logits / self.temperature, -1).mean(1).numpy()
             mean_logits = logits.mean(1).numpy()
+            heads = {lv: torch.softmax(o.float().cpu().view(n, k, -1), -1).mean(1).numpy()
+                     for lv, o in outputs.items() if lv != self.level}
             for j in range(n):
                 if errors[j]:
                     yield Prediction(paths[i], None, None, errors[j])
                 else:
-                    yield Prediction(paths[i], probs[j], mean_logits[j])
+                    yield Prediction(paths[i], probs[j], mean_logits[j],
+                                     heads={lv: h[j] for lv, h in heads.items()} or None)
                 i += 1
             done += n
         self.images_per_second = done / max(time.perf_counter() - start, 1e-9)

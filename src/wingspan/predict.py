@@ -35,6 +35,15 @@ def expand_paths(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     return found, missing
 
 
+def taxonomy_path(taxonomy, fine_probs) -> list[tuple[str, str, float]]:
+    """(level, class, probability) from the top of the tree down: a consistent branch,
+    each class's probability the sum over its descendants."""
+    marginals = taxonomy.marginals(fine_probs[None])
+    chosen = taxonomy.predict(fine_probs[None])
+    return [(lv, taxonomy.classes[lv][chosen[lv][0]], float(marginals[lv][0, chosen[lv][0]]))
+            for lv in taxonomy.levels]
+
+
 @dataclass
 class PredictResult:
     rows: list[dict] = field(default_factory=list)  # one per readable image
@@ -52,8 +61,10 @@ def predict(predictor: Predictor, inputs: list[str], top_k: int = 3, tta: bool =
             result.failed.append((p.path, p.error))
             continue
         order = p.probs.argsort()[::-1][:k]
-        result.rows.append({"path": p.path, "top": [(predictor.classes[c], float(p.probs[c]))
-                                                    for c in order]})
+        row = {"path": p.path, "top": [(predictor.classes[c], float(p.probs[c])) for c in order]}
+        if predictor.taxonomy:
+            row["taxonomy"] = taxonomy_path(predictor.taxonomy, p.probs)
+        result.rows.append(row)
     result.images_per_second = predictor.images_per_second
     return result
 
@@ -64,7 +75,10 @@ def write_predictions(result: PredictResult, path: Path) -> None:
     if path.suffix.lower() == ".json":
         path.write_text(json.dumps({
             "predictions": [{"path": r["path"], "top": [{"class": c, "probability": p}
-                                                         for c, p in r["top"]]}
+                                                         for c, p in r["top"]],
+                             **({"taxonomy": [{"level": lv, "class": c, "probability": p}
+                                              for lv, c, p in r["taxonomy"]]}
+                                if "taxonomy" in r else {})}
                             for r in result.rows],
             "failed": [{"path": f, "error": e} for f, e in result.failed]}, indent=2))
         return

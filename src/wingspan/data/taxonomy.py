@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from wingspan.data.samples import Problem
@@ -68,4 +69,111 @@ def taxonomy_conflicts(table: pd.DataFrame, levels: list[str]) -> list[str]:
             for name in counts[counts > 1].index:
                 parents = sorted(pairs.loc[pairs[fine] == name, coarse])
                 found.append(f"{fine} '{name}' is under {len(parents)} {coarse} values: {parents}")
+    return found
+
+
+class Taxonomy:
+    """The class tree over several levels (coarse to fine), as index arrays.
+
+    `parents[level][f]` is the index, at `level`, of finest class `f`'s ancestor; with it,
+    finest-level probabilities sum up the tree (marginalisation) and a prediction can be
+    made top-down so that its levels always agree.
+    """
+
+    def __init__(self, levels: list[str], classes: dict[str, list[str]],
+                 parents: dict[str, list[int]]):
+        self.levels, self.classes = list(levels), classes
+        self.parents = {lv: np.asarray(p, dtype=np.int64) for lv, p in parents.items()}
+        self.finest = self.levels[-1]
+
+    @classmethod
+    def from_table(cls, table: pd.DataFrame, levels: list[str]) -> Taxonomy:
+        """Build the tree from labelled rows; a class under two parents is an error that
+        names example rows, since no consistent prediction could be made."""
+        conflicts = conflict_rows(table, levels)
+        if conflicts:
+            raise WingspanError(
+                "The taxonomy contradicts itself:\n  " + "\n  ".join(conflicts[:10]),
+                hint="Fix the labels of those rows (or taxonomy.csv) so that every class "
+                "has exactly one parent.")
+        finest = levels[-1]
+        fine_classes = sorted(table[finest].unique())
+        first = table.drop_duplicates(finest).set_index(finest)
+        classes = {lv: sorted(table[lv].unique()) for lv in levels}
+        parents = {}
+        for lv in levels:
+            index = {c: i for i, c in enumerate(classes[lv])}
+            parents[lv] = [index[first.loc[f, lv] if lv != finest else f] for f in fine_classes]
+        classes[finest] = fine_classes
+        return cls(levels, classes, parents)
+
+    def to_dict(self) -> dict:
+        return {"levels": self.levels, "classes": self.classes,
+                "parents": {lv: p.tolist() for lv, p in self.parents.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Taxonomy:
+        return cls(d["levels"], d["classes"], d["parents"])
+
+    def marginals(self, fine_probs: np.ndarray) -> dict[str, np.ndarray]:
+        """P(class at each level) = the sum of its finest descendants' probabilities."""
+        out = {}
+        for lv in self.levels:
+            member = np.zeros((len(self.parents[lv]), len(self.classes[lv])))
+            member[np.arange(len(self.parents[lv])), self.parents[lv]] = 1.0
+            out[lv] = fine_probs @ member
+        return out
+
+    def predict(self, fine_probs: np.ndarray) -> dict[str, np.ndarray]:
+        """Top-down on the marginals: the likeliest family, then the likeliest genus in
+        that family, and so on. Every predicted path is a real branch of the tree."""
+        marg = self.marginals(fine_probs)
+        chosen: dict[str, np.ndarray] = {}
+        previous = None
+        for lv in self.levels:
+            scores = marg[lv].copy()
+            if previous is not None:
+                parent_of = self._parent_of(lv, previous)
+                scores[parent_of[None, :] != chosen[previous][:, None]] = -1.0
+            chosen[lv] = scores.argmax(1)
+            previous = lv
+        return chosen
+
+    def _parent_of(self, level: str, parent_level: str) -> np.ndarray:
+        """For each class at `level`, its parent's index at `parent_level`."""
+        out = np.zeros(len(self.classes[level]), dtype=np.int64)
+        out[self.parents[level]] = self.parents[parent_level]
+        return out
+
+    def consistent(self, preds: dict[str, np.ndarray]) -> np.ndarray:
+        """Whether each prediction's levels lie on one branch (independent heads may not)."""
+        ok = np.ones(len(preds[self.levels[0]]), dtype=bool)
+        for parent, child in zip(self.levels[:-1], self.levels[1:], strict=True):
+            ok &= self._parent_of(child, parent)[preds[child]] == preds[parent]
+        return ok
+
+    def mistake_depth(self, preds: dict[str, np.ndarray], truth: dict[str, np.ndarray]
+                      ) -> np.ndarray:
+        """How many levels up the tree prediction and truth meet: 0 = right at the finest
+        level, 1 = same parent (e.g. right genus, wrong species), len(levels) = different
+        already at the top."""
+        n = len(truth[self.levels[0]])
+        depth = np.zeros(n, dtype=np.int64)
+        for k, lv in enumerate(self.levels):
+            wrong = (preds[lv] != truth[lv]) & (depth == 0)
+            depth[wrong] = len(self.levels) - k
+        return depth
+
+
+def conflict_rows(table: pd.DataFrame, levels: list[str]) -> list[str]:
+    """Like `taxonomy_conflicts`, with an example row (file) for each parent."""
+    found = []
+    for i, fine in enumerate(levels):
+        for coarse in levels[:i]:
+            pairs = table[[fine, coarse, "path"]]
+            counts = pairs.groupby(fine)[coarse].nunique()
+            for name in counts[counts > 1].index:
+                rows = pairs[pairs[fine] == name].drop_duplicates(coarse)
+                found.append(f"{fine} '{name}' is under {len(rows)} {coarse} values: " + ", ".join(
+                    f"'{r[coarse]}' (e.g. {r['path']})" for _, r in rows.iterrows()))
     return found

@@ -33,7 +33,7 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[
         p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, average=average,
                                                      zero_division=0)
         result[average] = {"precision": float(p), "recall": float(r), "f1": float(f)}
-    result["cohen_kappa"] = float(cohen_kappa_score(y_true, y_pred))
+    result["cohen_kappa"] = float(cohen_kappa_score(y_true, y_pred, labels=labels))
     result["ece"] = expected_calibration_error(probs, y_true)
     return result
 

@@ -49,6 +49,18 @@ def write_report(path: Path, title: str, sections: dict) -> Path:
     parts += ["<h2>Augmentation</h2>", _img(s.get("preview_png"), "augmentation preview")]
     parts += ["<h2>Training curves</h2>", _img(s.get("curves_png"), "training curves")]
     parts += ["<h2>Metrics</h2>", _kv(s.get("summary", []))]
+    if s.get("levels") is not None:
+        h = s["hierarchy"]
+        depth = ", ".join(f"{d}: {n}" for d, n in h["mistake_depth"].items())
+        parts += ["<h3>Per taxonomic level (micro-F1)</h3>", _table(s["levels"]),
+                  _kv([("consistent predictions (marginalised)",
+                        f"{h['consistency']['marginalised']:.1%}"),
+                       ("consistent predictions (per-level heads)",
+                        "-" if h["consistency"]["heads"] is None
+                        else f"{h['consistency']['heads']:.1%}"),
+                       ("mistake depth (0 = right; 1 = right parent; ...): images", depth),
+                       ("rare classes (trained at the parent level)",
+                        h.get("rare", {}).get("images", 0))])]
     if s.get("per_class") is not None:
         parts += ["<h3>Per class</h3>", _table(s["per_class"])]
     parts += ["<h2>Confusion matrix</h2><div class='grid'>",

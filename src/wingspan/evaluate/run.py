@@ -22,6 +22,7 @@ from wingspan.evaluate.calibration import (
     reliability,
     softmax,
 )
+from wingspan.evaluate.hierarchy import hierarchical_metrics, level_table, truth_indices
 from wingspan.evaluate.metrics import (
     classification_metrics,
     confusion,
@@ -50,11 +51,12 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     level = predictor.level if predictor.level in dataset.levels else dataset.default_level
     split = split or _default_split(dataset)
     rows = dataset.table if split == "all" else dataset.table[dataset.table[SPLIT] == split]
-    known = rows[level].isin(predictor.classes)
+    rows = rows.assign(_label=rows[level].replace(predictor.rare))  # rare -> trained-as class
+    known = rows["_label"].isin(predictor.classes)
     if not known.any():
         raise WingspanError(f"No images of the model's classes in the '{split}' split.",
                             hint=f"The model knows: {', '.join(predictor.classes[:10])}...")
-    unknown = sorted(set(rows.loc[~known, level]))
+    unknown = sorted(set(rows.loc[~known, "_label"]))
     rows = rows[known]
     out_dir = Path(out) if out else (run_dir or predictor.bundle.parent) / f"evaluation-{split}"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -65,7 +67,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     preds = list(predictor.run(paths, progress=progress))
     ok = [i for i, p in enumerate(preds) if not p.error]
     failed = [(p.path, p.error) for p in preds if p.error]
-    y = rows[level].map(index).to_numpy()[ok]
+    y = rows["_label"].map(index).to_numpy()[ok]
     logits = np.stack([preds[i].logits for i in ok])
     probs = np.stack([preds[i].probs for i in ok])
     classes = predictor.classes
@@ -82,13 +84,38 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     confused = most_confused(cm, classes)
     metrics["most_confused"] = confused
     _write_predictions(out_dir / "predictions.csv", [paths[i] for i in ok], y, probs, classes)
+    levels_table = None
+    if predictor.taxonomy:
+        levels_table = _per_level(predictor, rows.iloc[ok], probs, [preds[i] for i in ok],
+                                  metrics, out_dir)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
     pngs = _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, y,
                   probs, logits)
     report = _report(out_dir, predictor, run_dir, dataset, level, split, metrics, table,
-                     confused, pngs)
+                     confused, pngs, levels_table)
     return Evaluation(out_dir, metrics, report)
+
+
+def _per_level(predictor: Predictor, rows: pd.DataFrame, probs: np.ndarray, preds: list,
+               metrics: dict, out_dir: Path) -> pd.DataFrame:
+    """Metrics at every taxonomic level; confusion matrices for the coarser ones."""
+    taxonomy = predictor.taxonomy
+    truth = truth_indices(taxonomy, rows, predictor.rare)
+    heads = ({lv: np.stack([p.heads[lv] for p in preds]) for lv in preds[0].heads}
+             if preds[0].heads else None)
+    is_rare = rows[taxonomy.finest].isin(list(predictor.rare)).to_numpy()
+    result = hierarchical_metrics(taxonomy, truth, probs, heads, is_rare)
+    marg = result.pop("predictions")
+    for lv in taxonomy.levels[:-1]:
+        known = truth[lv] >= 0
+        plots.plot_confusion(confusion(truth[lv][known], marg[lv][known],
+                                       len(taxonomy.classes[lv])),
+                             taxonomy.classes[lv], out_dir / f"confusion_{lv}.png")
+    metrics["hierarchy"] = result
+    table = level_table(result, taxonomy.levels)
+    table.to_csv(out_dir / "levels.csv", index=False)
+    return table
 
 
 def _dataset(data, run_dir: Path | None) -> Dataset:
@@ -162,7 +189,7 @@ def _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, 
 
 
 def _report(out_dir, predictor, run_dir, dataset, level, split, metrics, table, confused,
-            pngs) -> Path:
+            pngs, levels_table=None) -> Path:
     manifest = predictor.manifest
     data_table = pd.crosstab(dataset.table[level], dataset.table[SPLIT].replace("", "all"))
     data_table.insert(0, "class", data_table.index)
@@ -201,4 +228,5 @@ def _report(out_dir, predictor, run_dir, dataset, level, split, metrics, table, 
                          "confusion_png": pngs["confusion"],
                          "confused": pd.DataFrame(confused), "mistakes_png": pngs["mistakes"],
                          "calibration": calibration, "reliability_png": pngs["reliability"],
-                         "profile": profile})
+                         "profile": profile, "levels": levels_table,
+                         "hierarchy": metrics.get("hierarchy")})

@@ -12,6 +12,7 @@ import torch
 from rich.console import Console
 
 from wingspan.config import TrainConfig
+from wingspan.data.taxonomy import Taxonomy
 from wingspan.models.classifier import Classifier
 from wingspan.models.precision import PrecisionPolicy
 from wingspan.train.checkpoint import save_checkpoint
@@ -43,12 +44,17 @@ class RunState:
 
 @dataclass
 class TrainData:
-    level: str
-    classes: list[str]
+    level: str  # the finest trained level: what the model predicts and is selected on
+    classes: list[str]  # its classes
+    levels: list[str]  # every trained level, coarse to fine (labels have one column each)
+    level_classes: dict[str, list[str]]
+    taxonomy: Taxonomy | None
+    rare: dict[str, str]  # rare finest classes -> the parent-level class they train as
     train: LabelledImages  # training transform
     train_clean: LabelledImages  # evaluation transform, for the feature cache's clean view
     val: LabelledImages
-    class_weights: torch.Tensor | None  # for the loss
+    class_weights: dict[str, torch.Tensor | None]  # per level, for the loss
+    level_weights: dict[str, float]
     sample_weights: torch.Tensor | None  # for the weighted sampler
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 import torch
@@ -10,6 +12,7 @@ from wingspan.config import AugmentConfig, SplitConfig, TrainConfig, default_cac
 from wingspan.data.samples import SPLIT, Dataset
 from wingspan.data.sampling import class_weights, undersample
 from wingspan.data.split import split_dataset
+from wingspan.data.taxonomy import Taxonomy
 from wingspan.data.transforms import eval_transform, train_transform
 from wingspan.errors import WingspanError
 from wingspan.models.classifier import Preprocessing
@@ -54,37 +57,82 @@ def check_classes(table: pd.DataFrame, level: str) -> list[str]:
         where = table[table[level].isin(absent)].groupby(level)[SPLIT].agg(
             lambda s: "/".join(sorted(set(s))))
         raise WingspanError(
-            "These classes have no training images: "
+            f"These '{level}' classes have no training images: "
             + ", ".join(f"'{c}' (only in {where[c]})" for c in absent[:10]),
             hint="Re-split with `wingspan data split` (rare classes go to train), or remove "
             "them from the data.")
     return sorted(train)
 
 
-def build_train_data(dataset: Dataset, level: str, config: TrainConfig,
-                     pre: Preprocessing, log=print) -> TrainData:
+@dataclass
+class LabelPlan:
+    """Which rows train, at which levels, with which classes."""
+
+    table: pd.DataFrame  # train and val rows, labels possibly rewritten for rare classes
+    levels: list[str]  # coarse to fine; the last is what the model predicts
+    classes: dict[str, list[str]]
+    taxonomy: Taxonomy | None  # when several levels are trained
+    rare: dict[str, str]  # rare finest class -> the class it trains as
+
+
+def plan_labels(dataset: Dataset, levels: list[str], config: TrainConfig, log=print
+                ) -> LabelPlan:
+    finest = levels[-1]
     if config.max_per_class:
-        dataset, dropped = undersample(dataset, level, config.max_per_class, config.seed)
+        dataset, dropped = undersample(dataset, finest, config.max_per_class, config.seed)
         if dropped:
             log(f"Undersampled train to {config.max_per_class} per class: left out "
                 f"{sum(dropped.values())} images of {len(dropped)} classes")
-    table = dataset.table
-    classes = check_classes(table, level)
-    index = {c: i for i, c in enumerate(classes)}
-    train = table[table[SPLIT] == "train"]
-    val = table[(table[SPLIT] == "val") & table[level].isin(classes)]
-    if len(val) == 0:
+    table = dataset.table[dataset.table[SPLIT].isin(["train", "val"])].copy()
+    empty = (table[levels] == "").any(axis=1)
+    if empty.any():
+        raise WingspanError(f"{int(empty.sum())} images lack a label at one of the levels "
+                            f"{levels}, e.g. {table.loc[empty, 'path'].iloc[0]}",
+                            hint="Complete taxonomy.csv, or train fewer levels.")
+    rare: dict[str, str] = {}
+    if config.rare_below and len(levels) > 1:
+        counts = table.loc[table[SPLIT] == "train", finest].value_counts()
+        parent = table.drop_duplicates(finest).set_index(finest)[levels[-2]]
+        rare = {c: f"{parent[c]} (rare {finest})" for c in counts[counts < config.rare_below].index}
+        if rare:
+            table[finest] = table[finest].replace(rare)
+            log(f"{len(rare)} {finest} classes have fewer than {config.rare_below} training "
+                f"images: they train as their {levels[-2]} only")
+    taxonomy = Taxonomy.from_table(table, levels) if len(levels) > 1 else None
+    classes = {lv: check_classes(table, lv) for lv in levels}
+    val = table[SPLIT] == "val"
+    unknown = val & ~table[finest].isin(classes[finest])
+    table = table[~unknown]
+    if not (table[SPLIT] == "val").any():
         raise WingspanError("The validation split is empty.",
                             hint="Give data with a val split, or more images.")
-    y_train = train[level].map(index).to_numpy()
-    counts = np.bincount(y_train, minlength=len(classes))
-    ratio = counts.max() / counts.min()
-    weights = torch.tensor([class_weights(train[level])[c] for c in classes], dtype=torch.float)
-    use_weights = config.class_weights == "balanced" or (
-        config.class_weights == "auto" and ratio > config.imbalance_threshold)
-    log(f"{len(train)} training and {len(val)} validation images, {len(classes)} classes "
-        f"(imbalance {ratio:.1f}x); class-weighted loss: {'on' if use_weights else 'off'}"
-        + (f"; weights {weights.min():.2f}-{weights.max():.2f}" if use_weights else ""))
+    return LabelPlan(table, levels, classes, taxonomy, rare)
+
+
+def build_train_data(plan: LabelPlan, config: TrainConfig, pre: Preprocessing,
+                     log=print) -> TrainData:
+    table, levels, finest = plan.table, plan.levels, plan.levels[-1]
+    train, val = table[table[SPLIT] == "train"], table[table[SPLIT] == "val"]
+
+    def label_matrix(part: pd.DataFrame) -> np.ndarray:
+        return np.stack([part[lv].map({c: i for i, c in enumerate(plan.classes[lv])})
+                         .to_numpy() for lv in levels], axis=1)
+
+    weights, use = {}, {}
+    for lv in levels:
+        counts = train[lv].value_counts()
+        ratio = counts.max() / counts.min()
+        w = class_weights(train[lv])
+        weights[lv] = torch.tensor([w[c] for c in plan.classes[lv]], dtype=torch.float)
+        use[lv] = config.class_weights == "balanced" or (
+            config.class_weights == "auto" and ratio > config.imbalance_threshold)
+    ratio = train[finest].value_counts()
+    log(f"{len(train)} training and {len(val)} validation images; "
+        + "; ".join(f"{lv}: {len(plan.classes[lv])} classes" for lv in levels)
+        + f" (imbalance {ratio.max() / ratio.min():.1f}x); class-weighted loss: "
+        + ("on" if use[finest] else "off")
+        + (f"; weights {weights[finest].min():.2f}-{weights[finest].max():.2f}"
+           if use[finest] else ""))
 
     size = pre.input_size
     augment = AugmentConfig(policy=config.augment, image_size=size, eval_crop=pre.crop_pct)
@@ -93,14 +141,18 @@ def build_train_data(dataset: Dataset, level: str, config: TrainConfig,
     clean, augmented = eval_transform(augment, **norm), train_transform(augment, **norm)
 
     def images(part: pd.DataFrame, transform) -> LabelledImages:
-        return LabelledImages(part["path"].tolist(), part[level].map(index).tolist(), transform,
-                              cache, config.seed)
+        return LabelledImages(part["path"].tolist(), label_matrix(part), transform, cache,
+                              config.seed)
 
+    y_fine = label_matrix(train)[:, -1]
     return TrainData(
-        level=level, classes=classes,
+        level=finest, classes=plan.classes[finest], levels=levels, level_classes=plan.classes,
+        taxonomy=plan.taxonomy, rare=plan.rare,
         train=images(train, augmented), train_clean=images(train, clean),
         val=images(val, clean),
-        class_weights=weights if use_weights else None,
-        sample_weights=(weights[torch.as_tensor(y_train)] if config.sampler == "weighted"
+        class_weights={lv: weights[lv] if use[lv] else None for lv in levels},
+        level_weights=dict(zip(levels, config.level_weights or [1.0] * len(levels),
+                               strict=True)),
+        sample_weights=(weights[finest][torch.as_tensor(y_fine)] if config.sampler == "weighted"
                         else None),
     )

@@ -24,7 +24,7 @@ from wingspan.models import create_classifier, resolve_policy, save_bundle
 from wingspan.train.checkpoint import load_checkpoint
 from wingspan.train.context import Run, RunState
 from wingspan.train.data import default_workers
-from wingspan.train.prepare import build_train_data, ensure_splits
+from wingspan.train.prepare import build_train_data, ensure_splits, plan_labels
 from wingspan.train.stages import finetune, train_head
 
 CONFIG_FILE, SPLITS_FILE = "config.yaml", "splits.csv"
@@ -33,8 +33,8 @@ CONFIG_FILE, SPLITS_FILE = "config.yaml", "splits.csv"
 def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = "runs",
           name: str | None = None, quiet: bool = False) -> Path:
     """Train a new run; returns its folder (runs/<name>, numbered if the name is taken)."""
-    level = dataset.resolve_level(config.level)
-    config = dataclasses.replace(config, level=level)
+    config = resolve_levels(dataset, config)
+    level = config.level
     run_dir = _new_run_dir(Path(runs_dir), name or f"{dataset.name}-{config.backbone}")
     logs = []
     dataset = ensure_splits(dataset, level, config, log=logs.append)
@@ -65,6 +65,21 @@ def resume(run_dir: str | Path, quiet: bool = False) -> Path:
              + (f", batch {run.state.step + 1}" if run.state.step else ""))
     run.log(f"Resuming {run_dir} at {where}")
     return _recipe(run)
+
+
+def resolve_levels(dataset: Dataset, config: TrainConfig) -> TrainConfig:
+    """Check the level names; order several levels coarse to fine, as the data has them."""
+    if config.levels:
+        for lv in config.levels:
+            dataset.resolve_level(lv)
+        levels = [lv for lv in dataset.levels if lv in config.levels]
+        weights = config.level_weights
+        if weights:
+            by_name = dict(zip(config.levels, weights, strict=True))
+            weights = [by_name[lv] for lv in levels]
+        return dataclasses.replace(config, levels=levels, level_weights=weights,
+                                   level=levels[-1])
+    return dataclasses.replace(config, level=dataset.resolve_level(config.level))
 
 
 def _recipe(run: Run) -> Path:
@@ -98,13 +113,14 @@ def _next_stage(run: Run, stage: str) -> None:
 def _start(run_dir: Path, config: TrainConfig, dataset: Dataset, quiet: bool,
            checkpoint: dict | None) -> Run:
     torch.manual_seed(config.seed)
-    level = config.level
     policy = resolve_policy(config.device, config.precision)
-    classes = sorted(set(dataset.table.loc[dataset.table["split"] == "train", level]))
+    logs: list[str] = []
+    plan = plan_labels(dataset, config.trained_levels, config, log=logs.append)
     # A resumed run takes every weight from its checkpoint, so it needs no download.
     weights = "none" if checkpoint else config.weights
-    model, loaded = create_classifier(config.backbone, {level: max(1, len(classes))}, weights,
-                                      hidden=config.hidden, dropout=config.dropout)
+    model, loaded = create_classifier(config.backbone,
+                                      {lv: len(plan.classes[lv]) for lv in plan.levels},
+                                      weights, hidden=config.hidden, dropout=config.dropout)
     if config.image_size:
         model.preprocessing = dataclasses.replace(model.preprocessing,
                                                   input_size=config.image_size)
@@ -116,7 +132,9 @@ def _start(run_dir: Path, config: TrainConfig, dataset: Dataset, quiet: bool,
     if not checkpoint:
         run.log(f"Run {run_dir}: {config.backbone} ({run.weights_source}) on {policy.describe()}"
                 f", {workers} data workers")
-    run.data = build_train_data(dataset, level, config, model.preprocessing, log=run.log)
+    for line in logs:
+        run.log(line)
+    run.data = build_train_data(plan, config, model.preprocessing, log=run.log)
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
         torch.set_rng_state(checkpoint["rng"])
@@ -132,7 +150,8 @@ def _finish(run: Run) -> Path:
     best_row = next(r for r in state.history
                     if r["stage"] == best["stage"] and r["epoch"] == best["epoch"])
     metrics = {
-        "level": run.data.level, "classes": len(run.data.classes),
+        "level": run.data.level, "levels": run.data.levels,
+        "classes": {lv: len(c) for lv, c in run.data.level_classes.items()},
         "best": {"stage": best["stage"], "epoch": best["epoch"], "val_acc": best_row["val_acc"],
                  "val_macro_f1": best_row["val_macro_f1"], "val_loss": best_row["val_loss"]},
         "stage_seconds": {k: round(v, 1) for k, v in state.stage_seconds.items()},
@@ -142,9 +161,11 @@ def _finish(run: Run) -> Path:
         "train_images": len(run.data.train), "val_images": len(run.data.val),
     }
     run.write_json("metrics.json", metrics)
-    save_bundle(run.model.cpu(), run.dir / "model", {run.data.level: run.data.classes},
-                training=json.loads(json.dumps(dataclasses.asdict(run.config))),
-                metrics=metrics, weights_source=run.weights_source)
+    taxonomy = run.data.taxonomy.to_dict() if run.data.taxonomy else None
+    training = json.loads(json.dumps(dataclasses.asdict(run.config)))
+    training["rare_classes"] = run.data.rare
+    save_bundle(run.model.cpu(), run.dir / "model", run.data.level_classes, taxonomy=taxonomy,
+                training=training, metrics=metrics, weights_source=run.weights_source)
     run.save()
     run.log(f"Best val macro-F1 {best_row['val_macro_f1']:.4f} (acc {best_row['val_acc']:.4f}) "
             f"at {best['stage']} epoch {best['epoch']}; model in {run.dir / 'model'}")

@@ -25,12 +25,29 @@ def macro_f1(labels, preds) -> float:
     return float(f1_score(labels, preds, average="macro", zero_division=0))
 
 
-def loss_fn(run: Run) -> nn.Module:
-    return nn.CrossEntropyLoss(weight=run.data.class_weights,
-                               label_smoothing=run.config.label_smoothing)
+class Criterion:
+    """Cross-entropy per trained level (class-weighted, label-smoothed), summed with the
+    level weights. Labels are (N, levels), one column per level."""
+
+    def __init__(self, run: Run):
+        self.levels = run.data.levels
+        self.weights = run.data.level_weights
+        self.losses = {lv: nn.CrossEntropyLoss(weight=run.data.class_weights[lv],
+                                               label_smoothing=run.config.label_smoothing)
+                       for lv in self.levels}
+
+    def __call__(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        total = sum(self.weights[lv] * self.losses[lv](outputs[lv].float(), labels[:, i])
+                    for i, lv in enumerate(self.levels))
+        return total / sum(self.weights.values())
+
+
+def loss_fn(run: Run) -> Criterion:
+    return Criterion(run)
 
 
 def _logits(run: Run, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The finest level's logits: what the model predicts and is selected on."""
     return outputs[run.data.level].float()
 
 
@@ -39,9 +56,8 @@ def _logits(run: Run, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
 @torch.inference_mode()
 def evaluate_features(run: Run, features: torch.Tensor, labels: torch.Tensor) -> dict:
     run.model.head.eval()
-    logits = torch.cat([_logits(run, run.model.head(features[i:i + 1024]))
-                        for i in range(0, len(features), 1024)])
-    return _scores(run, logits, labels)
+    outputs = [run.model.head(features[i:i + 1024]) for i in range(0, len(features), 1024)]
+    return _scores(run, _concat(outputs), labels)
 
 
 @torch.inference_mode()
@@ -49,19 +65,24 @@ def evaluate_images(run: Run, images: LabelledImages) -> dict:
     run.model.eval()
     loader = make_loader(images, EpochSampler(len(images), 0, 0, shuffle=False),
                          run.config.batch_size, run.workers)
-    logits, labels = [], []
+    outputs, labels = [], []
     for x, y, _ in loader:
         with run.policy.autocast():
-            logits.append(_logits(run, run.model(run.policy.prepare_batch(x))))
+            out = run.model(run.policy.prepare_batch(x))
+        outputs.append({lv: o.float() for lv, o in out.items()})
         labels.append(y)
-    return _scores(run, torch.cat(logits), torch.cat(labels))
+    return _scores(run, _concat(outputs), torch.cat(labels))
 
 
-def _scores(run: Run, logits: torch.Tensor, labels: torch.Tensor) -> dict:
-    preds = logits.argmax(1)
-    return {"loss": float(loss_fn(run)(logits, labels)),
-            "acc": float((preds == labels).float().mean()),
-            "macro_f1": macro_f1(labels.numpy(), preds.numpy())}
+def _concat(outputs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {lv: torch.cat([o[lv] for o in outputs]) for lv in outputs[0]}
+
+
+def _scores(run: Run, outputs: dict[str, torch.Tensor], labels: torch.Tensor) -> dict:
+    preds, truth = _logits(run, outputs).argmax(1), labels[:, -1]
+    return {"loss": float(loss_fn(run)(outputs, labels)),
+            "acc": float((preds == truth).float().mean()),
+            "macro_f1": macro_f1(truth.numpy(), preds.numpy())}
 
 
 # --- stage 1: the head on a frozen backbone ----------------------------------------------
@@ -133,8 +154,9 @@ def train_head(run: Run) -> None:
             else:
                 feats = _frozen_features(run, idx, views[idx], epoch)
             t1 = time.perf_counter()
-            logits = _logits(run, head(feats))
-            loss = criterion(logits, labels[idx])
+            outputs = head(feats)
+            logits = _logits(run, outputs)
+            loss = criterion(outputs, labels[idx])
             t2 = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -149,7 +171,7 @@ def train_head(run: Run) -> None:
         val = (evaluate_features(run, val_feats, run.data.val.labels) if cached
                else evaluate_images(run, run.data.val))
         run.timing("head", "eval", time.perf_counter() - t0)
-        _end_epoch(run, "head", epoch, loss_sum / len(seen_idx), labels[seen_idx],
+        _end_epoch(run, "head", epoch, loss_sum / len(seen_idx), labels[seen_idx, -1],
                    preds[seen_idx], val, optimizer, len(seen_idx), time.perf_counter() - start)
         if state.bad_epochs >= config.patience and epoch + 1 < config.epochs_head:
             run.log(f"Head stage stopped early: no better val macro-F1 in {config.patience} "
@@ -200,8 +222,9 @@ def finetune(run: Run) -> None:
         for x, y, _ in bar:
             t1 = time.perf_counter()
             with run.policy.autocast():
-                logits = _logits(run, run.model(run.policy.prepare_batch(x)))
-            loss = criterion(logits, y)
+                outputs = run.model(run.policy.prepare_batch(x))
+            logits = _logits(run, outputs)
+            loss = criterion(outputs, y)
             t2 = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -212,7 +235,7 @@ def finetune(run: Run) -> None:
             if profiler:
                 profiler = profiler.step()
             partial["loss_sum"] += loss.item() * len(y)
-            partial["labels"] += y.tolist()
+            partial["labels"] += y[:, -1].tolist()
             partial["preds"] += logits.argmax(1).tolist()
             if time.perf_counter() - last_save > 60 * config.checkpoint_minutes:
                 state.partial = {**partial, "seconds": partial["seconds"] + time.perf_counter()

@@ -1,0 +1,69 @@
+"""Metrics per taxonomic level: marginalised predictions, per-level heads, consistency,
+and how far up the tree mistakes go."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import accuracy_score, f1_score
+
+from wingspan.data.taxonomy import Taxonomy
+
+
+def _scores(y: np.ndarray, pred: np.ndarray) -> dict:
+    return {"accuracy": float(accuracy_score(y, pred)),
+            "micro_f1": float(f1_score(y, pred, average="micro", zero_division=0)),
+            "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0))}
+
+
+def truth_indices(taxonomy: Taxonomy, rows: pd.DataFrame, rare: dict[str, str]
+                  ) -> dict[str, np.ndarray]:
+    """Class index per level for each row (-1 where the model does not know the class);
+    rare finest classes count as the parent-level class they were trained as."""
+    out = {}
+    for lv in taxonomy.levels:
+        labels = rows[lv].replace(rare) if lv == taxonomy.finest else rows[lv]
+        index = {c: i for i, c in enumerate(taxonomy.classes[lv])}
+        out[lv] = labels.map(index).fillna(-1).astype(int).to_numpy()
+    return out
+
+
+def hierarchical_metrics(taxonomy: Taxonomy, truth: dict[str, np.ndarray],
+                         fine_probs: np.ndarray, heads: dict[str, np.ndarray] | None,
+                         is_rare: np.ndarray) -> dict:
+    """`truth`: index per level; `heads`: each coarser level's own probabilities."""
+    marg = taxonomy.predict(fine_probs)
+    own = None
+    if heads:
+        own = {lv: heads[lv].argmax(1) for lv in taxonomy.levels if lv in heads}
+        own[taxonomy.finest] = fine_probs.argmax(1)
+    levels = {}
+    for lv in taxonomy.levels:
+        entry = _scores(truth[lv], marg[lv])
+        if own is not None:
+            entry["heads"] = _scores(truth[lv], own[lv])
+        levels[lv] = entry
+    depth = taxonomy.mistake_depth(marg, truth)
+    result = {
+        "levels": levels,
+        "consistency": {"marginalised": float(taxonomy.consistent(marg).mean()),
+                        "heads": float(taxonomy.consistent(own).mean()) if own else None},
+        "mistake_depth": {int(d): int((depth == d).sum()) for d in np.unique(depth)},
+        "mean_mistake_depth": float(depth.mean()),
+    }
+    if is_rare.any():
+        result["rare"] = {"images": int(is_rare.sum()), "accuracy": {
+            lv: float((marg[lv][is_rare] == truth[lv][is_rare]).mean())
+            for lv in taxonomy.levels}}
+    result["predictions"] = marg
+    return result
+
+
+def level_table(metrics: dict, levels: list[str]) -> pd.DataFrame:
+    """Micro-F1 per level, like the published ETHEC baseline table."""
+    rows = [{"method": "marginalisation (consistent)",
+             **{lv: metrics["levels"][lv]["micro_f1"] for lv in levels}}]
+    if "heads" in metrics["levels"][levels[0]]:
+        rows.append({"method": "per-level heads",
+                     **{lv: metrics["levels"][lv]["heads"]["micro_f1"] for lv in levels}})
+    return pd.DataFrame(rows)

@@ -1,0 +1,121 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from helpers import write_image
+from test_train import _prepared_run, tiny
+
+from wingspan.config import SplitConfig
+from wingspan.data import read_dataset
+from wingspan.data.ethec import IMAGE_DIR
+from wingspan.data.split import split_and_sample
+from wingspan.errors import WingspanError
+from wingspan.evaluate.run import evaluate
+from wingspan.inference import Predictor
+from wingspan.models.bundle import read_manifest
+from wingspan.predict import predict
+from wingspan.train import train
+
+LEVELS = ["family", "genus", "label"]
+
+
+def test_level_weights_in_the_loss(demo_dir, tmp_path):
+    from wingspan.train.stages import loss_fn
+
+    run = _prepared_run(demo_dir, tmp_path, levels=LEVELS, level_weights=[1.0, 2.0, 3.0],
+                        label_smoothing=0.0, class_weights="none")
+    assert run.data.levels == LEVELS
+    labels = run.data.train.labels
+    outputs = {lv: torch.randn(len(labels), len(run.data.level_classes[lv])) for lv in LEVELS}
+    per_level = [torch.nn.functional.cross_entropy(outputs[lv], labels[:, i])
+                 for i, lv in enumerate(LEVELS)]
+    by_hand = (1 * per_level[0] + 2 * per_level[1] + 3 * per_level[2]) / 6
+    torch.testing.assert_close(loss_fn(run)(outputs, labels), by_hand)
+
+
+@pytest.fixture(scope="module")
+def hierarchical_run(demo_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("hier")
+    return train(read_dataset(demo_dir), tiny(tmp, levels=["label", "family", "genus"],
+                                              rare_below=7), tmp / "runs", quiet=True)
+
+
+def test_hierarchical_bundle_carries_the_taxonomy(hierarchical_run):
+    manifest = read_manifest(hierarchical_run / "model")
+    assert list(manifest["classes"]) == LEVELS  # ordered coarse to fine whatever was typed
+    assert manifest["taxonomy"]["levels"] == LEVELS
+    # The demo's smallest class (6 images, fewer than 7 in train) trains as its genus.
+    rare = manifest["training"]["rare_classes"]
+    assert "white_darktip" in rare and rare["white_darktip"].endswith("(rare label)")
+    assert rare["white_darktip"] in manifest["classes"]["label"]
+
+
+def test_hierarchical_evaluation_and_prediction(hierarchical_run, demo_dir):
+    result = evaluate(hierarchical_run, split="val", progress=False, workers=0)
+    h = result.metrics["hierarchy"]
+    assert set(h["levels"]) == set(LEVELS)
+    assert h["consistency"]["marginalised"] == 1.0
+    assert 0 <= h["consistency"]["heads"] <= 1
+    assert sum(h["mistake_depth"].values()) == result.metrics["images"]
+    assert "rare" in h and h["rare"]["images"] >= 1
+    table = pd.read_csv(result.out_dir / "levels.csv")
+    assert list(table.columns) == ["method", *LEVELS] and len(table) == 2
+    assert (result.out_dir / "confusion_family.png").is_file()
+    assert "Per taxonomic level" in result.report.read_text()
+    # Predict shows the branch, each level's probability the sum over its descendants.
+    image = next(demo_dir.rglob("*.jpg"))
+    row = predict(Predictor(hierarchical_run, workers=0), [str(image)],
+                  progress=False).rows[0]
+    assert [lv for lv, _, _ in row["taxonomy"]] == LEVELS
+    probs = [p for _, _, p in row["taxonomy"]]
+    assert probs == sorted(probs, reverse=True)  # a parent holds at least its child's share
+
+
+def test_hierarchical_family_accuracy_is_not_worse_than_family_only(demo_dir, tmp_path):
+    """The small version of the iNat check: marginalised family predictions of a run on
+    all levels against a run trained on family alone (same data, seed and budget)."""
+    hier = train(read_dataset(demo_dir), tiny(tmp_path, levels=LEVELS, epochs_head=6,
+                                              epochs_finetune=0), tmp_path / "h", quiet=True)
+    flat = train(read_dataset(demo_dir), tiny(tmp_path, level="family", epochs_head=6,
+                                              epochs_finetune=0), tmp_path / "f", quiet=True)
+    h = evaluate(hier, split="val", progress=False, workers=0, calibrate=False).metrics
+    f = evaluate(flat, split="val", progress=False, workers=0, calibrate=False).metrics
+    assert h["hierarchy"]["levels"]["family"]["accuracy"] >= f["accuracy"] - 0.15
+
+
+def test_contradictory_taxonomy_stops_training(demo_dir, tmp_path):
+    ds = read_dataset(demo_dir)
+    ds.table.loc[ds.table.index[0], "family"] = "Wrongidae"
+    with pytest.raises(WingspanError, match="taxonomy contradicts itself"):
+        train(ds, tiny(tmp_path, levels=LEVELS), tmp_path / "runs", quiet=True)
+
+
+def test_ethec_end_to_end_on_a_sample(shared_data, tmp_path):
+    """Real ETHEC split files, generated images at their paths, a grouped re-split, a
+    hierarchical run on all four levels and the per-level table."""
+    root = tmp_path / "ethec"
+    (root / "splits").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split in ("val", "test"):
+        records = json.loads((shared_data / "ethec-splits" / f"{split}.json").read_text())
+        genera = {"Pieris", "Erebia", "Polyommatus", "Parnassius"}
+        keep = {k: r for k, r in records.items() if r["genus"] in genera}
+        keep = dict(list(keep.items())[:150])
+        (root / "splits" / f"{split}.json").write_text(json.dumps(keep))
+        for r in keep.values():
+            write_image(root / IMAGE_DIR / r["image_path"] / r["image_name"], size=(40, 40),
+                        seed=int(rng.integers(1 << 30)), fmt="JPEG")
+    dataset = read_dataset(root)
+    assert dataset.levels == ["family", "subfamily", "genus", "species"]
+    split = split_and_sample(dataset, tmp_path / "split", "species",
+                             SplitConfig(val_fraction=0.2, test_fraction=0.2))
+    run = train(read_dataset(split.splits_csv),
+                tiny(tmp_path, levels=["family", "subfamily", "genus", "species"],
+                     rare_below=3, epochs_head=3, epochs_finetune=1), tmp_path / "runs",
+                quiet=True)
+    result = evaluate(run, progress=False, workers=0)
+    table = pd.read_csv(result.out_dir / "levels.csv")
+    assert list(table.columns) == ["method", "family", "subfamily", "genus", "species"]
+    assert result.metrics["hierarchy"]["consistency"]["marginalised"] == 1.0

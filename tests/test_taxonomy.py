@@ -1,0 +1,73 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from wingspan.data.taxonomy import Taxonomy
+from wingspan.errors import WingspanError
+
+ROWS = [  # family, genus, species
+    ("Nymphalidae", "Vanessa", "Vanessa atalanta"),
+    ("Nymphalidae", "Vanessa", "Vanessa cardui"),
+    ("Nymphalidae", "Danaus", "Danaus plexippus"),
+    ("Pieridae", "Pieris", "Pieris rapae"),
+]
+LEVELS = ["family", "genus", "species"]
+
+
+@pytest.fixture
+def tax():
+    table = pd.DataFrame(ROWS, columns=LEVELS).assign(path=[f"{i}.jpg" for i in range(4)])
+    return Taxonomy.from_table(table, LEVELS)
+
+
+def test_marginalisation_sums_descendants(tax):
+    # species order: Danaus plexippus, Pieris rapae, Vanessa atalanta, Vanessa cardui
+    probs = np.array([[0.1, 0.4, 0.3, 0.2]])
+    m = tax.marginals(probs)
+    assert tax.classes["family"] == ["Nymphalidae", "Pieridae"]
+    np.testing.assert_allclose(m["family"], [[0.6, 0.4]])
+    np.testing.assert_allclose(m["genus"], [[0.1, 0.4, 0.5]])  # Danaus, Pieris, Vanessa
+    np.testing.assert_allclose(m["species"], probs)
+
+
+def test_top_down_prediction_is_consistent_and_uses_the_marginals(tax):
+    # The likeliest single species is Pieris rapae (0.4), but the family is Nymphalidae
+    # (0.6) and within it genus Vanessa (0.5), then Vanessa atalanta.
+    pred = tax.predict(np.array([[0.1, 0.4, 0.3, 0.2]]))
+    names = {lv: tax.classes[lv][pred[lv][0]] for lv in LEVELS}
+    assert names == {"family": "Nymphalidae", "genus": "Vanessa", "species": "Vanessa atalanta"}
+    rng = np.random.default_rng(0)
+    many = rng.dirichlet(np.ones(4) * 0.3, size=500)
+    assert tax.consistent(tax.predict(many)).all()  # 100% by construction
+
+
+def test_consistency_of_independent_predictions(tax):
+    preds = {"family": np.array([0, 0, 1]), "genus": np.array([2, 1, 1]),
+             "species": np.array([2, 1, 1])}
+    # 1st: Nymphalidae > Vanessa > Vanessa atalanta (fine); 2nd: Nymphalidae > Pieris (not);
+    # 3rd: Pieridae > Pieris > Pieris rapae (fine)
+    assert tax.consistent(preds).tolist() == [True, False, True]
+
+
+def test_mistake_depth_on_hand_made_cases(tax):
+    truth = {"family": np.array([0, 0, 0, 0]), "genus": np.array([2, 2, 2, 2]),
+             "species": np.array([2, 2, 2, 2])}  # all Vanessa atalanta
+    preds = {"family": np.array([0, 0, 0, 1]), "genus": np.array([2, 2, 0, 1]),
+             "species": np.array([2, 3, 0, 1])}
+    # right; same genus (cardui); same family (Danaus); other family (Pieris)
+    assert tax.mistake_depth(preds, truth).tolist() == [0, 1, 2, 3]
+
+
+def test_contradictory_taxonomy_is_refused_naming_rows():
+    table = pd.DataFrame(ROWS + [("Pieridae", "Vanessa", "Vanessa virginiensis")],
+                         columns=LEVELS).assign(path=[f"img{i}.jpg" for i in range(5)])
+    with pytest.raises(WingspanError, match="(?s)genus 'Vanessa' is under 2 family values.*"
+                                            "'Pieridae' \\(e.g. img4.jpg\\)"):
+        Taxonomy.from_table(table, LEVELS)
+
+
+def test_round_trip(tax):
+    again = Taxonomy.from_dict(tax.to_dict())
+    probs = np.random.default_rng(1).dirichlet(np.ones(4), size=10)
+    for lv in LEVELS:
+        np.testing.assert_array_equal(again.predict(probs)[lv], tax.predict(probs)[lv])
