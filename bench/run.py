@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -157,25 +156,34 @@ def inference(backbones: list[str], smoke: bool) -> list[dict]:
 
 # --- scaling: a head-stage run on growing data, in a fresh process each -----------------
 
+# Runs the CLI, then reports the process's own peak resident memory on stderr.
+PEAK = ("import resource, sys\nfrom wingspan.cli import main\ntry:\n    main(sys.argv[1:])\n"
+        "except SystemExit:\n    pass\nprint('PEAK_RSS_KB', resource.getrusage("
+        "resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)")
+
+
 def scaling(sizes: list[int], work: Path, smoke: bool) -> list[dict]:
+    """Time of the head stage (feature caching + head epochs, from the run's metrics) and
+    the peak memory of the training process, on 1k to 16k generated images."""
     rows = []
     for n in sizes:
         data = work / f"scale-{n}"
         per_class = n // 8
         generate_demo(data, DemoConfig(image_size=64, images_per_class=(per_class,) * 8))
-        args = [sys.executable, "-m", "wingspan.cli", "train", str(data), "--epochs-finetune",
-                "0", "--epochs-head", "3", "--feature-views", "0", "--image-size", "64",
+        args = [sys.executable, "-c", PEAK, "train", str(data), "--epochs-finetune", "0",
+                "--epochs-head", "3", "--feature-views", "0", "--image-size", "64",
                 "--runs-dir", str(work / "scale-runs"), "--name", str(n), "--quiet"]
         args += (["--backbone", "test_efficientnet", "--weights", "none"] if smoke
                  else ["--backbone", "efficientnet_lite0"])
         env = {**os.environ, "WINGSPAN_CACHE": str(work / f"cache-{n}")}
-        t = time.perf_counter()
-        subprocess.run(args, check=True, env=env, stdout=subprocess.DEVNULL)
-        seconds = time.perf_counter() - t
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # MB, max so far
-        rows.append({"images": 8 * per_class, "seconds": round(seconds, 1),
+        proc = subprocess.run(args, check=True, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+        peak_kb = int(proc.stderr.rsplit("PEAK_RSS_KB", 1)[1].split()[0])
+        metrics = json.loads((work / "scale-runs" / str(n) / "metrics.json").read_text())
+        seconds = metrics["stage_seconds"]["head"]
+        rows.append({"images": 8 * per_class, "head_stage_seconds": round(seconds, 1),
                      "ms_per_image": round(1000 * seconds / (8 * per_class), 2),
-                     "peak_rss_mb": round(peak, 1)})
+                     "peak_rss_mb": round(peak_kb / 1024, 1)})
         console.print(rows[-1])
     return rows
 
@@ -252,7 +260,7 @@ def print_tables(results: dict) -> None:
             t.add_row(*row)
         console.print(t)
     if results.get("scaling"):
-        t = Table("images", "seconds", "ms/image", "peak RSS MB",
+        t = Table("images", "head-stage seconds", "ms/image", "peak RSS MB",
                   title="Scaling: head stage (features cached once)")
         for r in results["scaling"]:
             t.add_row(*map(str, r.values()))

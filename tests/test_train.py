@@ -212,3 +212,15 @@ def test_cli_train_and_resume_of_a_finished_run(run_cli, demo_dir, tmp_path):
     assert "val macro-F1" in out and str(tmp_path / "cli") in out
     code, _, err = run_cli("train", "--resume", tmp_path / "cli")
     assert code == 2 and "finished" in err
+
+
+def test_profile_writes_a_torch_profiler_trace_and_the_time_profile(demo_dir, tmp_path):
+    run_dir = train(read_dataset(demo_dir), tiny(tmp_path, profile=True, epochs_head=1,
+                                                 epochs_finetune=1), tmp_path, quiet=True)
+    trace = json.loads((run_dir / "profile" / "trace.json").read_text())
+    assert trace["traceEvents"]  # chrome://tracing / Perfetto format
+    assert "aten::" in (run_dir / "profile" / "operators.txt").read_text()
+    profile = json.loads((run_dir / "metrics.json").read_text())["profile"]
+    assert {"feature_cache", "data", "forward", "backward", "eval"} <= set(profile["head"])
+    assert {"data", "forward", "backward", "eval"} <= set(profile["finetune"])
+    assert profile["finetune"]["train_images_per_s"] > 0
