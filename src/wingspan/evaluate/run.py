@@ -50,8 +50,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     dataset = _dataset(data, run_dir)
     level = predictor.level if predictor.level in dataset.levels else dataset.default_level
     split = split or _default_split(dataset)
-    rows = dataset.table if split == "all" else dataset.table[dataset.table[SPLIT] == split]
-    rows = rows.assign(_label=rows[level].replace(predictor.rare))  # rare -> trained-as class
+    rows = _rows(dataset, split, level, predictor)
     known = rows["_label"].isin(predictor.classes)
     if not known.any():
         raise WingspanError(f"No images of the model's classes in the '{split}' split.",
@@ -61,19 +60,22 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     out_dir = Path(out) if out else (run_dir or predictor.bundle.parent) / f"evaluation-{split}"
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    calibration = _calibrate(predictor, dataset, level, split, calibrate, progress)
-    index = {c: i for i, c in enumerate(predictor.classes)}
     paths = rows["path"].tolist()
     preds = list(predictor.run(paths, progress=progress))
+    speed = predictor.images_per_second
     ok = [i for i, p in enumerate(preds) if not p.error]
     failed = [(p.path, p.error) for p in preds if p.error]
+    index = {c: i for i, c in enumerate(predictor.classes)}
     y = rows["_label"].map(index).to_numpy()[ok]
     logits = np.stack([preds[i].logits for i in ok])
-    probs = np.stack([preds[i].probs for i in ok])
+    # The val split's logits serve calibration too when val is what is evaluated.
+    val = (y, logits) if split == "val" else None
+    calibration = _calibrate(predictor, dataset, level, calibrate, progress, val)
+    probs = softmax(logits, predictor.temperature)
     classes = predictor.classes
     metrics = classification_metrics(y, probs, classes)
     metrics.update(level=level, split=split, unreadable=failed, unknown_classes=unknown,
-                   images_per_second=round(predictor.images_per_second, 1),
+                   images_per_second=round(speed, 1),
                    ece_uncalibrated=expected_calibration_error(softmax(logits), y),
                    temperature=predictor.temperature, calibration=calibration)
     y_pred = probs.argmax(1)
@@ -131,17 +133,30 @@ def _default_split(dataset: Dataset) -> str:
     return "test" if "test" in splits else "val" if "val" in splits else "all"
 
 
-def _calibrate(predictor: Predictor, dataset: Dataset, level: str, split: str, calibrate: bool,
-               progress: bool) -> dict:
-    """Fit a temperature on the validation split and store it in the bundle."""
-    val = dataset.table[(dataset.table[SPLIT] == "val") & dataset.table[level].isin(
-        predictor.classes)]
-    if not calibrate or val.empty:
+def _rows(dataset: Dataset, split: str, level: str, predictor: Predictor) -> pd.DataFrame:
+    """The rows of a split, with `_label`: the class each trained as (rare ones merged)."""
+    rows = dataset.table if split == "all" else dataset.table[dataset.table[SPLIT] == split]
+    return rows.assign(_label=rows[level].replace(predictor.rare))
+
+
+def _calibrate(predictor: Predictor, dataset: Dataset, level: str, calibrate: bool,
+               progress: bool, val: tuple[np.ndarray, np.ndarray] | None) -> dict:
+    """Fit a temperature on the validation split and store it in the bundle. `val`:
+    (labels, logits) already computed, else the val split is predicted here."""
+    if not calibrate:
         return {"fitted": False, "temperature": predictor.temperature}
-    preds = [p for p in predictor.run(val["path"].tolist(), progress=progress) if not p.error]
-    index = {c: i for i, c in enumerate(predictor.classes)}
-    y = val.set_index("path").loc[[p.path for p in preds], level].map(index).to_numpy()
-    logits = np.stack([p.logits for p in preds])
+    same_data = val is not None
+    if val is None:
+        rows = _rows(dataset, "val", level, predictor)
+        rows = rows[rows["_label"].isin(predictor.classes)]
+        if rows.empty:
+            return {"fitted": False, "temperature": predictor.temperature}
+        preds = list(predictor.run(rows["path"].tolist(), progress=progress))
+        ok = [i for i, p in enumerate(preds) if not p.error]
+        index = {c: i for i, c in enumerate(predictor.classes)}
+        val = (rows["_label"].map(index).to_numpy()[ok],
+               np.stack([preds[i].logits for i in ok]))
+    y, logits = val
     temperature = fit_temperature(logits, y)
     predictor.temperature = temperature
     update_manifest(predictor.bundle, calibration={
@@ -149,7 +164,7 @@ def _calibrate(predictor: Predictor, dataset: Dataset, level: str, split: str, c
     return {"fitted": True, "temperature": temperature, "fitted_on": "val", "images": len(y),
             "val_ece_before": expected_calibration_error(softmax(logits), y),
             "val_ece_after": expected_calibration_error(softmax(logits, temperature), y),
-            "same_data_as_evaluation": split == "val"}
+            "same_data_as_evaluation": same_data}
 
 
 def _write_predictions(path: Path, paths: list[str], y: np.ndarray, probs: np.ndarray,
