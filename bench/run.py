@@ -111,46 +111,52 @@ def compare_training(data: Path, backbone: str, work: Path, smoke: bool) -> dict
 
 # --- inference: images/s and latency, fp32 eager against the precision policy -----------
 
-def _speed(model, policy, size: int, batch: int, reps: int) -> tuple[float, float]:
-    """(images/s at `batch`, milliseconds per image at batch 1); policy None = fp32 eager."""
-    def forward(n: int) -> None:
+def _speed(forward, size: int, batch: int, reps: int) -> tuple[float, float]:
+    """(images/s at `batch`, milliseconds per image at batch 1), after a warm-up call."""
+    def timed(n: int, times: int) -> float:
         x = torch.randn(n, 3, size, size)
-        with torch.inference_mode():
-            if policy is None:
-                model(x)
-            else:
-                with policy.autocast():
-                    model(policy.prepare_batch(x))
+        forward(x)
+        t = time.perf_counter()
+        for _ in range(times):
+            forward(x)
+        return (time.perf_counter() - t) / times
 
-    forward(batch)
-    t = time.perf_counter()
-    for _ in range(reps):
-        forward(batch)
-    throughput = batch * reps / (time.perf_counter() - t)
-    forward(1)
-    t = time.perf_counter()
-    for _ in range(5):
-        forward(1)
-    return throughput, (time.perf_counter() - t) / 5 * 1000
+    return batch / timed(batch, reps), 1000 * timed(1, 5)
+
+
+def _modes() -> list[tuple[str, object]]:
+    eager = resolve_policy("cpu", "fp32", convolutional=False, runtime="torch")
+    torch_policy, policy = resolve_policy(runtime="torch"), resolve_policy()
+    modes = [("fp32 eager NCHW", eager), (f"torch: {torch_policy.describe()}", torch_policy)]
+    if policy.runtime != "torch":
+        modes.append((f"wingspan: {policy.describe()}", policy))
+    return modes
 
 
 def inference(backbones: list[str], smoke: bool) -> list[dict]:
+    """Three ways to run the same weights: the plain recipe's (fp32, eager, NCHW), PyTorch
+    under the policy's device/precision/layout, and the policy in full (which on an fp32
+    CPU hands frozen-weight passes to ONNX Runtime)."""
     rows = []
     for name in backbones:
         model, _ = create_classifier(name, {"y": 10}, weights="none")
         model.eval()
         size = 32 if smoke else model.preprocessing.input_size
         batch = 8 if smoke else 64
-        for label, policy in (("fp32 eager", None), ("wingspan policy", resolve_policy())):
-            if policy is None:
-                model = model.to(memory_format=torch.contiguous_format)
-            else:
-                model = policy.prepare_model(model)
-            throughput, latency = _speed(model, policy, size, batch, 1 if smoke else 3)
+        modes = _modes()
+        for label, policy in modes:
+            start = time.perf_counter()
+            model = policy.prepare_model(model.to(memory_format=torch.contiguous_format))
+            forward = policy.runner(model, size)
+            setup = time.perf_counter() - start
+            throughput, latency = _speed(forward, size, batch, 1 if smoke else 3)
             rows.append({"backbone": name, "mode": label, "size": size,
                          f"images_per_s_batch{batch}": round(throughput, 1),
-                         "latency_ms_batch1": round(latency, 1)})
+                         "latency_ms_batch1": round(latency, 1), "setup_s": round(setup, 1)})
             console.print(rows[-1])
+        base = rows[-len(modes)][f"images_per_s_batch{batch}"]
+        for row in rows[-len(modes):]:
+            row["speedup"] = round(row[f"images_per_s_batch{batch}"] / base, 2)
     return rows
 
 
@@ -194,12 +200,16 @@ def main(argv=None) -> None:
     parser.add_argument("--only", choices=["training", "inference", "scaling"], action="append")
     parser.add_argument("--datasets", nargs="*", default=["leeds-butterflies",
                                                            "inat-butterflies"])
-    parser.add_argument("--backbones", nargs="*", default=["efficientnet_lite0",
-                                                            "efficientnet_lite2"])
+    # Lite0 only by default: the plain recipe alone needs ~20 min for iNat / Lite2 on a
+    # 2-core CPU, so the full matrix (--backbones efficientnet_lite0 efficientnet_lite2,
+    # `make bench-full`) takes about an hour there.
+    parser.add_argument("--backbones", nargs="*", default=["efficientnet_lite0"])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     parts = args.only or ["training", "inference", "scaling"]
-    results: dict = {"machine": machine(), "smoke": args.smoke}
+    start = time.perf_counter()
+    command = "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    results: dict = {"machine": machine(), "smoke": args.smoke, "command": command.strip()}
     console.print(results["machine"])
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -219,52 +229,78 @@ def main(argv=None) -> None:
         if "scaling" in parts:
             results["scaling"] = scaling([48, 96] if args.smoke else [1000, 4000, 16000],
                                          work, args.smoke)
+    results["wall_seconds"] = round(time.perf_counter() - start, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"bench-{time.strftime('%Y%m%d-%H%M%S')}{'-smoke' if args.smoke else ''}.json"
     path.write_text(json.dumps(results, indent=2, default=str))
+    path.with_suffix(".md").write_text(markdown(results))
     print_tables(results)
-    console.print(f"Saved {path}")
+    console.print(f"Saved {path} and {path.with_suffix('.md').name}")
 
 
 def fmt(s: dict | None) -> str:
     return f"{s['seconds']} / {s['train_images_per_s']} / {s['val_macro_f1']:.3f}" if s else "-"
 
 
-def print_tables(results: dict) -> None:
-    console.print(f"Machine: {results['machine']}")
+def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The results as (title, header, rows), for the terminal and for Markdown alike."""
+    out = []
     if results.get("training"):
-        t = Table("data / backbone", "stage", "plain: s / img/s / F1", "wingspan: s / img/s / F1",
-                  title="Training (val macro-F1 at the end of each stage)")
+        rows = []
         for r in results["training"]:
             for stage in ("head", "finetune"):
                 b, w = r["baseline"]["stages"].get(stage), r["wingspan"]["stages"].get(stage)
-                t.add_row(f"{r['dataset']} / {r['backbone']}", stage, fmt(b), fmt(w))
-        console.print(t)
-        t = Table("data / backbone", "target", "plain s", "wingspan s", "speed-up",
-                  title="Time to reach the plain recipe's val macro-F1")
+                rows.append([f"{r['dataset']} / {r['backbone']}", stage, fmt(b), fmt(w)])
+        out.append(("Training: wall s / train images per s / val macro-F1 at the stage's end",
+                    ["data / backbone", "stage", "plain recipe", "wingspan"], rows))
+        rows = []
         for r in results["training"]:
             for key, what in (("stage1", "end of stage 1"), ("whole", "best")):
                 x = r[key]
-                t.add_row(f"{r['dataset']} / {r['backbone']}",
-                          f"{what}: {x['target']:.3f}", str(x["baseline_s"]),
-                          str(x["wingspan_s"] or "never"),
-                          f"{x['speedup']}x" if x["speedup"] else "-")
-            t.add_row("", "best (plain / wingspan)",
-                      f"{r['baseline']['best_val_macro_f1']:.3f}",
-                      f"{r['wingspan']['best_val_macro_f1']:.3f}", "")
-        console.print(t)
+                rows.append([f"{r['dataset']} / {r['backbone']}", f"{what}: {x['target']:.3f}",
+                             str(x["baseline_s"]), str(x["wingspan_s"] or "never"),
+                             f"{x['speedup']}x" if x["speedup"] else "-"])
+            rows.append(["", "best (plain / wingspan)", f"{r['baseline']['best_val_macro_f1']:.3f}",
+                         f"{r['wingspan']['best_val_macro_f1']:.3f}", ""])
+        out.append(("Time to reach the plain recipe's val macro-F1",
+                    ["data / backbone", "target", "plain s", "wingspan s", "speed-up"], rows))
     if results.get("inference"):
-        frame = pd.DataFrame(results["inference"])
-        t = Table(*frame.columns, title="Inference")
-        for row in frame.astype(str).itertuples(index=False):
+        key = next(k for k in results["inference"][0] if k.startswith("images_per_s"))
+        out.append(("Inference (random weights; setup = export or layout change, once)",
+                    ["backbone", "mode", "px", key.replace("_", " "), "speed-up",
+                     "batch 1 ms", "setup s"],
+                    [[r["backbone"], r["mode"], str(r["size"]), str(r[key]), f"{r['speedup']}x",
+                      str(r["latency_ms_batch1"]), str(r["setup_s"])]
+                     for r in results["inference"]]))
+    if results.get("scaling"):
+        out.append(("Scaling: head stage (features cached once, 3 head epochs)",
+                    ["images", "head-stage s", "ms/image", "peak RSS MB"],
+                    [[str(v) for v in r.values()] for r in results["scaling"]]))
+    return out
+
+
+def print_tables(results: dict) -> None:
+    console.print(f"Machine: {results['machine']}")
+    for title, header, rows in tables(results):
+        t = Table(*header, title=title)
+        for row in rows:
             t.add_row(*row)
         console.print(t)
-    if results.get("scaling"):
-        t = Table("images", "head-stage seconds", "ms/image", "peak RSS MB",
-                  title="Scaling: head stage (features cached once)")
-        for r in results["scaling"]:
-            t.add_row(*map(str, r.values()))
-        console.print(t)
+    console.print(f"Benchmark wall time: {results['wall_seconds'] / 60:.1f} min")
+
+
+def markdown(results: dict) -> str:
+    """The same tables in Markdown, for the README."""
+    m = results["machine"]
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, ISA {m['isa']}; "
+             f"policy: {m['policy']}. Command: `{results['command']}`, "
+             f"{results['wall_seconds'] / 60:.1f} min.", ""]
+    for title, header, rows in tables(results):
+        lines += [f"**{title}**", "", "| " + " | ".join(header) + " |",
+                  "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        lines.append("")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

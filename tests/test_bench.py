@@ -19,4 +19,11 @@ def test_bench_smoke(tmp_path):
     run = results["training"][0]
     assert set(run["baseline"]["stages"]) == set(run["wingspan"]["stages"]) == {"head",
                                                                                    "finetune"}
-    assert len(results["inference"]) == 2 and len(results["scaling"]) == 2
+    # fp32 eager, PyTorch under the policy, and the policy in full (ONNX Runtime here)
+    modes = [r["mode"] for r in results["inference"]]
+    assert len(modes) == 3 and modes[0] == "fp32 eager NCHW" and "ONNX" in modes[2], modes
+    assert results["inference"][0]["speedup"] == 1.0
+    assert len(results["scaling"]) == 2 and results["wall_seconds"] > 0
+    table = saved.with_suffix(".md").read_text()  # the README's tables, ready to paste
+    assert "| data / backbone | stage | plain recipe | wingspan |" in table
+    assert "--smoke" in table

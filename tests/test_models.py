@@ -164,3 +164,29 @@ def test_pickled_objects_and_mismatched_weights_are_refused(isolated_caches):
         create_classifier("resnet34", {"label": 2}, weights=isolated_caches / "r18.pth")
     with pytest.raises(WingspanError, match="not found"):
         resolve_weights(get_spec("resnet18"), isolated_caches / "nope.pth")
+
+
+@pytest.mark.parametrize("name", ["test_efficientnet", "test_resnet"])
+def test_frozen_stages_split_off_exactly(name):
+    from wingspan.models.backbone import Backbone
+    from wingspan.models.registry import get_spec
+
+    backbone = Backbone(get_spec(name)).eval()
+    x = torch.randn(2, 3, 48, 48)
+    backbone.freeze()
+    assert backbone.split_frozen() is None  # nothing to train: nothing to split
+    backbone.unfreeze_last(2)
+    frozen, rest = backbone.split_frozen()
+    assert not any(p.requires_grad for p in frozen.parameters())
+    assert all(p.requires_grad for p in rest.parameters() if p.ndim > 1)
+    with torch.no_grad():
+        torch.testing.assert_close(rest(frozen(x)), backbone(x))
+
+
+def test_a_network_that_is_not_a_chain_is_not_split():
+    from wingspan.models.backbone import Backbone
+    from wingspan.models.registry import get_spec
+
+    backbone = Backbone(get_spec("test_vit"))  # adds a position embedding between modules
+    backbone.unfreeze_last(1)
+    assert backbone.units() is None and backbone.split_frozen() is None

@@ -52,6 +52,9 @@ Level = Annotated[str | None, typer.Option(
 OutDir = Annotated[Path | None, typer.Option(
     "--out", help="Output folder (default: runs/data/<dataset name>).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+Runtime = Annotated[str, typer.Option(
+    help="Engine for passes with frozen weights: auto (ONNX Runtime on an fp32 CPU) | torch "
+    "| onnx.")]
 
 
 def _read(data: Path, format: str | None, group_regex: str | None, strict: bool,
@@ -232,6 +235,7 @@ def train_command(
     seed: Annotated[int, typer.Option(help="Random seed.")] = T.seed,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = T.device,
     precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16.")] = T.precision,
+    runtime: Runtime = T.runtime,
     workers: Annotated[int | None, typer.Option(help="Data workers (default: per machine).")]
     = None,
     profile: Annotated[bool, typer.Option(
@@ -304,13 +308,14 @@ def evaluate_command(
     calibrate: Annotated[bool, typer.Option(
         help="Fit a temperature on the val split and store it in the bundle.")] = True,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = T.batch_size,
+    runtime: Runtime = T.runtime,
     quiet: Quiet = False,
 ) -> None:
     """Metrics, confusion matrix, curves, mistakes, calibration and an HTML report."""
     from wingspan.evaluate.run import evaluate
 
     result = evaluate(model, data, split, out_dir, calibrate, progress=not quiet,
-                      batch_size=batch_size)
+                      batch_size=batch_size, runtime=runtime)
     _print_evaluation(result)
 
 
@@ -359,6 +364,7 @@ def predict_command(
     tta: Annotated[bool, typer.Option(help="Test-time augmentation: average flips and "
                                       "crops.")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = T.batch_size,
+    runtime: Runtime = T.runtime,
     quiet: Quiet = False,
 ) -> None:
     """Predict the classes of images, with calibrated probabilities."""
@@ -367,7 +373,7 @@ def predict_command(
     from wingspan.inference import Predictor
     from wingspan.predict import predict, write_predictions
 
-    predictor = Predictor(model, batch_size=batch_size)
+    predictor = Predictor(model, batch_size=batch_size, runtime=runtime)
     result = predict(predictor, paths, top_k, tta, progress=not quiet)
     hierarchical = predictor.taxonomy is not None
     table = Table("image", "prediction", "probability",

@@ -182,6 +182,7 @@ class TrainConfig:
     # machine
     device: str = "auto"
     precision: str = "auto"
+    runtime: str = "auto"  # frozen-weight passes: auto | torch | onnx (ONNX Runtime)
     workers: int | None = None  # None: sized to the machine
     cache_dir: str | None = None  # decoded-image cache (None: default_cache_dir())
     checkpoint_minutes: float = 5.0  # also checkpoint inside long epochs

@@ -64,7 +64,7 @@ class Predictor:
     """A loaded bundle with its preprocessing, precision policy and calibration."""
 
     def __init__(self, model: str | Path, device: str = "auto", precision: str = "auto",
-                 batch_size: int = 32, workers: int | None = None):
+                 batch_size: int = 32, workers: int | None = None, runtime: str = "auto"):
         self.bundle = find_bundle(model)
         self.model, self.manifest = load_bundle(self.bundle)
         self.level = list(self.manifest["classes"])[-1]
@@ -73,7 +73,7 @@ class Predictor:
         taxonomy = self.manifest.get("taxonomy")
         self.taxonomy = Taxonomy.from_dict(taxonomy) if taxonomy else None
         self.rare: dict[str, str] = self.manifest.get("training", {}).get("rare_classes") or {}
-        self.policy = resolve_policy(device, precision)
+        self.policy = resolve_policy(device, precision, runtime=runtime)
         self.policy.prepare_model(self.model)
         self.batch_size = batch_size
         self.workers = default_workers() if workers is None else workers
@@ -83,6 +83,8 @@ class Predictor:
         self.norm = {"mean": tuple(pre["mean"]), "std": tuple(pre["std"]),
                      "interpolation": pre["interpolation"]}
         self.images_per_second = 0.0
+        self.levels = list(self.model.head.config.outputs)
+        self.forward = self.policy.runner(self.model, self.size, self.levels)
 
     def views(self, tta: bool) -> list[v2.Transform]:
         """The evaluation view; with TTA also its mirror image and a less cropped view."""
@@ -104,8 +106,7 @@ class Predictor:
         start, done, i = time.perf_counter(), 0, 0
         for x, errors in track(loader, "Predicting", total=len(loader), enabled=progress):
             n, k = x.shape[:2]
-            with self.policy.autocast():
-                outputs = self.model(self.policy.prepare_batch(x.flatten(0, 1)))
+            outputs = self.forward(x.flatten(0, 1))
             logits = outputs[self.level].float().cpu().view(n, k, -1)
             probs = torch.softmax(logits / self.temperature, -1).mean(1).numpy()
             mean_logits = logits.mean(1).numpy()

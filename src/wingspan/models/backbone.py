@@ -14,6 +14,9 @@ from torch import nn
 
 from wingspan.models.registry import BackboneSpec
 
+# timm modules after the feature map: never part of `units`.
+_HEAD_MODULES = {"global_pool", "fc", "classifier", "head", "head_drop", "fc_norm", "pre_logits"}
+
 
 class Backbone(nn.Module):
     """A timm network without its classifier: image batch -> feature map (N, C, H, W)."""
@@ -32,6 +35,48 @@ class Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.forward_features(x)
+
+    def units(self) -> list[nn.Module] | None:
+        """The network as a chain of modules (stem layers, then each block stage) whose
+        composition is `forward`; None for a network that is not such a chain. Checked once
+        on a small input, so an unusual timm model is simply not split."""
+        if not hasattr(self, "_units"):
+            chain = []
+            for name, child in self.net.named_children():
+                if name in _HEAD_MODULES:
+                    continue
+                expand = name in ("blocks", "stages") and isinstance(child, nn.Sequential)
+                chain.extend(child if expand else [child])
+            self._units = chain if self._same_as_forward(chain) else None
+        return self._units
+
+    @torch.no_grad()
+    def _same_as_forward(self, chain: list[nn.Module]) -> bool:
+        was_training = self.training
+        self.eval()
+        try:
+            # Its own generator: the global one drives dropout and must stay reproducible.
+            x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+            return torch.allclose(nn.Sequential(*chain)(x), self.net.forward_features(x),
+                                  rtol=1e-4, atol=1e-5)
+        except Exception:  # noqa: BLE001 - not a chain of these modules: don't split
+            return False
+        finally:
+            self.train(was_training)
+
+    def split_frozen(self) -> tuple[nn.Module, nn.Module] | None:
+        """(frozen, rest): the leading units without a trainable parameter, and the others;
+        rest(frozen(x)) == forward(x). While fine-tuning, `frozen` is a pure function of the
+        image (its BatchNorm keeps its statistics), so it can run without autograd, on a
+        faster runtime. None when nothing leads frozen or the network is not a chain."""
+        units = self.units()
+        if not units:
+            return None
+        first = next((i for i, u in enumerate(units)
+                      if any(p.requires_grad for p in u.parameters())), len(units))
+        if first == 0 or first == len(units):
+            return None
+        return nn.Sequential(*units[:first]), nn.Sequential(*units[first:])
 
     def stage_parameters(self, stage: str) -> list[nn.Parameter]:
         params = dict(self.net.named_parameters())

@@ -56,6 +56,15 @@ class Classifier(nn.Module):
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.head(self.backbone(images))
 
+    def feature_extractor(self) -> nn.Module:
+        """images -> pooled features, as a module of its own (shares the weights)."""
+        return nn.Sequential(self.backbone, self.head.pool)
+
+    @property
+    def levels(self) -> list[str]:
+        """Output names, coarse to fine."""
+        return list(self.head.config.outputs)
+
     def construction(self) -> dict:
         """The arguments that rebuild this model (saved in bundles and checkpoints)."""
         c = self.head.config

@@ -3,8 +3,10 @@
 - CUDA when present, with autocast (bf16 where supported, else fp16 + grad scaling);
 - on CPUs with AMX or AVX-512 bf16, bf16 autocast (4x faster than fp32 for ResNet-50 on
   such CPUs); on other CPUs fp32, because emulated bf16 is several times *slower*;
-- channels_last memory format for convolutional networks.
-`--device` and `--precision` override the choice.
+- channels_last memory format for convolutional networks;
+- for passes with frozen weights (feature cache, validation, evaluate, predict), ONNX
+  Runtime where it beats PyTorch: fp32 on a CPU (see `runtime`).
+`--device`, `--precision` and `--runtime` override the choice.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 
 from wingspan.errors import WingspanError
+from wingspan.models.runtime import make_runner, resolve_runtime
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -43,6 +46,7 @@ class PrecisionPolicy:
     amp_dtype: torch.dtype | None  # autocast dtype; None = plain fp32
     channels_last: bool
     reason: str = ""
+    runtime: str = "torch"  # for frozen-weight passes: torch | onnx
 
     @property
     def precision(self) -> str:
@@ -66,14 +70,20 @@ class PrecisionPolicy:
         return images.contiguous(memory_format=torch.channels_last) if (
             self.channels_last and images.dim() == 4) else images
 
+    def runner(self, module: nn.Module, size: int, names: list[str] | None = None):
+        """`module` with its current weights as a fast `runner(images) -> outputs` for a
+        pass that changes no weights (outputs as float32 on the CPU)."""
+        return make_runner(module, size, self, names)
+
     def describe(self) -> str:
         layout = ", channels_last" if self.channels_last else ""
-        return f"{self.device.type}, {self.precision}{layout}" + (
+        engine = ", ONNX Runtime for inference" if self.runtime == "onnx" else ""
+        return f"{self.device.type}, {self.precision}{layout}{engine}" + (
             f" ({self.reason})" if self.reason else "")
 
 
 def resolve_policy(device: str = "auto", precision: str = "auto",
-                   convolutional: bool = True) -> PrecisionPolicy:
+                   convolutional: bool = True, runtime: str = "auto") -> PrecisionPolicy:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -98,4 +108,5 @@ def resolve_policy(device: str = "auto", precision: str = "auto",
                             hint=f"Use auto or one of: {', '.join(PRECISIONS)}.")
     if precision == "fp16" and dev.type == "cpu":
         raise WingspanError("fp16 is not supported on the CPU.", hint="Use bf16 or fp32.")
-    return PrecisionPolicy(dev, PRECISIONS[precision], convolutional, reason)
+    engine, _ = resolve_runtime(runtime, dev, PRECISIONS[precision])
+    return PrecisionPolicy(dev, PRECISIONS[precision], convolutional, reason, engine)

@@ -76,6 +76,10 @@ class Run:
     def checkpoints(self) -> Path:
         return self.dir / "checkpoints"
 
+    @property
+    def image_size(self) -> int:
+        return self.model.preprocessing.input_size
+
     def log(self, message: str) -> None:
         stamp = time.strftime("%H:%M:%S")
         with open(self.dir / "train.log", "a") as f:

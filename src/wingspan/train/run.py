@@ -113,7 +113,7 @@ def _next_stage(run: Run, stage: str) -> None:
 def _start(run_dir: Path, config: TrainConfig, dataset: Dataset, quiet: bool,
            checkpoint: dict | None) -> Run:
     torch.manual_seed(config.seed)
-    policy = resolve_policy(config.device, config.precision)
+    policy = resolve_policy(config.device, config.precision, runtime=config.runtime)
     logs: list[str] = []
     plan = plan_labels(dataset, config.trained_levels, config, log=logs.append)
     # A resumed run takes every weight from its checkpoint, so it needs no download.

@@ -1,0 +1,113 @@
+"""ONNX Runtime for frozen-weight passes: same numbers as PyTorch, chosen where it is faster."""
+
+import numpy as np
+import pytest
+import torch
+
+from wingspan.errors import WingspanError
+from wingspan.inference import Predictor
+from wingspan.models import create_classifier, resolve_policy
+from wingspan.models import precision as precision_module
+from wingspan.models import runtime as runtime_module
+from wingspan.models.runtime import OnnxRunner, TorchRunner
+
+
+@pytest.fixture
+def cpu_only(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def test_onnx_matches_torch_on_a_multi_level_model():
+    torch.manual_seed(0)
+    model, _ = create_classifier("test_efficientnet", {"family": 3, "species": 7}, "none")
+    model.eval()
+    x = torch.randn(5, 3, 40, 40)  # exported at one size, run at a different batch size
+    reference = TorchRunner(model, resolve_policy("cpu", "fp32", runtime="torch"))(x)
+    onnx = OnnxRunner(model, 40, model.levels)(x)
+    assert list(onnx) == ["family", "species"]
+    for level in onnx:
+        assert onnx[level].shape == reference[level].shape
+        torch.testing.assert_close(onnx[level], reference[level], rtol=1e-4, atol=1e-4)
+    features = OnnxRunner(model.feature_extractor(), 40)(x[:1])
+    torch.testing.assert_close(features, model.features(x[:1]).detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_runner_reflects_the_weights_it_was_made_with():
+    model, _ = create_classifier("test_efficientnet", {"y": 4}, "none")
+    policy = resolve_policy("cpu", "fp32", runtime="onnx")
+    x = torch.randn(2, 3, 32, 32)
+    before = policy.runner(model, 32, model.levels)(x)["y"]
+    with torch.no_grad():
+        model.head.outputs["y"].bias.add_(1.0)
+    after = policy.runner(model, 32, model.levels)(x)["y"]
+    torch.testing.assert_close(after, before + 1.0, rtol=1e-4, atol=1e-4)
+
+
+def test_runtime_choice(cpu_only, monkeypatch):
+    monkeypatch.setattr(precision_module, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert resolve_policy().runtime == "onnx"  # fp32 CPU: ONNX Runtime is faster
+    assert "ONNX Runtime" in resolve_policy().describe()
+    assert resolve_policy(runtime="torch").runtime == "torch"
+    assert resolve_policy(precision="bf16").runtime == "torch"  # autocast stays in PyTorch
+    monkeypatch.setattr(precision_module, "cpu_flags", lambda: frozenset({"amx_bf16"}))
+    assert resolve_policy().runtime == "torch"
+    monkeypatch.setattr(runtime_module, "onnx_available", lambda: False)
+    monkeypatch.setattr(precision_module, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert resolve_policy().runtime == "torch"  # without onnxruntime, still works
+    with pytest.raises(WingspanError, match="onnxruntime is not installed"):
+        resolve_policy(runtime="onnx")
+    with pytest.raises(WingspanError, match="Unknown runtime 'tvm'"):
+        resolve_policy(runtime="tvm")
+
+
+def test_predictions_agree_across_runtimes(demo_dir, tmp_path):
+    from test_train import tiny
+
+    from wingspan.data import read_dataset
+    from wingspan.train import train
+
+    config = tiny(tmp_path, epochs_head=2, epochs_finetune=0, val_fraction=0.25,
+                  test_fraction=0.0, runtime="torch")
+    run_dir = train(read_dataset(demo_dir), config, tmp_path / "runs", "r", quiet=True)
+    paths = [str(p) for p in sorted(demo_dir.rglob("*.jpg"))[:12]]
+    results = {}
+    for runtime in ("torch", "onnx"):
+        predictor = Predictor(run_dir, workers=0, runtime=runtime)
+        assert predictor.policy.runtime == runtime
+        results[runtime] = np.stack([p.probs for p in predictor.run(paths, progress=False)])
+    np.testing.assert_allclose(results["onnx"], results["torch"], rtol=1e-4, atol=1e-5)
+
+
+def test_training_gives_the_same_history_on_either_runtime(demo_dir, tmp_path):
+    """The feature cache and each validation pass run on ONNX Runtime or PyTorch; the
+    history must not depend on which."""
+    from test_train import history, tiny
+
+    from wingspan.data import read_dataset
+    from wingspan.train import train
+
+    runs = {}
+    for runtime in ("torch", "onnx"):
+        config = tiny(tmp_path / runtime, epochs_head=2, epochs_finetune=1, runtime=runtime)
+        runs[runtime] = history(train(read_dataset(demo_dir), config, tmp_path / runtime,
+                                      "r", quiet=True))
+    np.testing.assert_allclose(runs["onnx"]["val_loss"], runs["torch"]["val_loss"], atol=1e-3)
+    np.testing.assert_allclose(runs["onnx"]["train_loss"], runs["torch"]["train_loss"],
+                               atol=1e-3)
+
+
+def test_export_falls_back_to_the_torch_export_based_exporter(monkeypatch):
+    """torch is dropping the TorchScript exporter; without it the graph must still come."""
+    real = torch.onnx.export
+
+    def no_legacy(*args, dynamo=True, **kwargs):
+        if not dynamo:
+            raise RuntimeError("TorchScript-based ONNX export was removed")
+        return real(*args, dynamo=dynamo, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", no_legacy)
+    model, _ = create_classifier("test_efficientnet", {"y": 3}, "none")
+    model.eval()
+    x = torch.randn(3, 3, 32, 32)
+    out = OnnxRunner(model, 32, model.levels)(x)["y"]
+    torch.testing.assert_close(out, model(x)["y"].detach(), rtol=1e-4, atol=1e-4)
