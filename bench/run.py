@@ -8,9 +8,11 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -111,25 +113,34 @@ def compare_training(data: Path, backbone: str, work: Path, smoke: bool) -> dict
 
 # --- inference: images/s and latency, fp32 eager against the precision policy -----------
 
-def _speed(forward, size: int, batch: int, reps: int) -> tuple[float, float]:
-    """(images/s at `batch`, milliseconds per image at batch 1), after a warm-up call."""
-    def timed(n: int, times: int) -> float:
+def _speed(runners: list, size: int, batch: int, rounds: int) -> list[tuple[float, float]]:
+    """(images/s at `batch`, milliseconds at batch 1) per runner. The runners take turns,
+    round after round, and each keeps its median: on a shared machine a slow spell then
+    hits every mode alike instead of one."""
+    def one(forward, n: int) -> float:
         x = torch.randn(n, 3, size, size)
-        forward(x)
         t = time.perf_counter()
-        for _ in range(times):
-            forward(x)
-        return (time.perf_counter() - t) / times
+        forward(x)
+        return time.perf_counter() - t
 
-    return batch / timed(batch, reps), 1000 * timed(1, 5)
+    for forward in runners:  # warm-up: first-call allocations and kernel choices
+        one(forward, batch), one(forward, 1)
+    big = [[one(f, batch) for f in runners] for _ in range(rounds)]
+    small = [[one(f, 1) for f in runners] for _ in range(5)]
+    return [(batch / statistics.median(r[i] for r in big),
+             1000 * statistics.median(r[i] for r in small)) for i in range(len(runners))]
 
 
 def _modes() -> list[tuple[str, object]]:
     eager = resolve_policy("cpu", "fp32", convolutional=False, runtime="torch")
     torch_policy, policy = resolve_policy(runtime="torch"), resolve_policy()
-    modes = [("fp32 eager NCHW", eager), (f"torch: {torch_policy.describe()}", torch_policy)]
-    if policy.runtime != "torch":
-        modes.append((f"wingspan: {policy.describe()}", policy))
+    layout = "channels_last" if torch_policy.channels_last else "NCHW"
+    modes = [("fp32 eager NCHW", eager),
+             (f"PyTorch, {torch_policy.precision}, {layout}", torch_policy)]
+    if policy.runtime != "torch":  # the whole policy: what wingspan's inference uses
+        modes.append((f"ONNX Runtime, {policy.precision} (wingspan)", policy))
+    else:
+        modes[-1] = (modes[-1][0] + " (wingspan)", torch_policy)
     return modes
 
 
@@ -143,39 +154,45 @@ def inference(backbones: list[str], smoke: bool) -> list[dict]:
         model.eval()
         size = 32 if smoke else model.preprocessing.input_size
         batch = 8 if smoke else 64
-        modes = _modes()
-        for label, policy in modes:
+        modes, runners, setups = _modes(), [], []
+        for _, policy in modes:  # a copy each: the layout change is in place
             start = time.perf_counter()
-            model = policy.prepare_model(model.to(memory_format=torch.contiguous_format))
-            forward = policy.runner(model, size)
-            setup = time.perf_counter() - start
-            throughput, latency = _speed(forward, size, batch, 1 if smoke else 3)
+            runners.append(policy.runner(policy.prepare_model(copy.deepcopy(model)), size))
+            setups.append(time.perf_counter() - start)
+        speeds = _speed(runners, size, batch, 1 if smoke else 3)
+        for (label, _), (throughput, latency), setup in zip(modes, speeds, setups, strict=True):
             rows.append({"backbone": name, "mode": label, "size": size,
                          f"images_per_s_batch{batch}": round(throughput, 1),
+                         "speedup": round(throughput / speeds[0][0], 2),
                          "latency_ms_batch1": round(latency, 1), "setup_s": round(setup, 1)})
             console.print(rows[-1])
-        base = rows[-len(modes)][f"images_per_s_batch{batch}"]
-        for row in rows[-len(modes):]:
-            row["speedup"] = round(row[f"images_per_s_batch{batch}"] / base, 2)
     return rows
 
 
 # --- scaling: a head-stage run on growing data, in a fresh process each -----------------
 
-# Runs the CLI, then reports the process's own peak resident memory on stderr.
-PEAK = ("import resource, sys\nfrom wingspan.cli import main\ntry:\n    main(sys.argv[1:])\n"
-        "except SystemExit:\n    pass\nprint('PEAK_RSS_KB', resource.getrusage("
-        "resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)")
+# Runs the CLI, then reports the process's own peak resident memory on stderr. VmHWM, not
+# getrusage: Linux carries ru_maxrss across fork + exec, so a child would report this
+# (large) benchmark process's peak instead of its own.
+PEAK = ("import sys\nfrom wingspan.cli import main\ntry:\n    main(sys.argv[1:])\n"
+        "except SystemExit:\n    pass\nhwm = next(line for line in open('/proc/self/status') "
+        "if line.startswith('VmHWM'))\nprint('PEAK_RSS_KB', hwm.split()[1], file=sys.stderr)")
 
 
 def scaling(sizes: list[int], work: Path, smoke: bool) -> list[dict]:
     """Time of the head stage (feature caching + head epochs, from the run's metrics) and
     the peak memory of the training process, on 1k to 16k generated images."""
     rows = []
+    # One generated set; each size trains on the first n/8 images of every class.
+    images = generate_demo(work / "scale", DemoConfig(image_size=64,
+                                                      images_per_class=(max(sizes) // 8,) * 8))
     for n in sizes:
-        data = work / f"scale-{n}"
         per_class = n // 8
-        generate_demo(data, DemoConfig(image_size=64, images_per_class=(per_class,) * 8))
+        data = images / f"first-{n}.csv"
+        pd.DataFrame([(f"{folder.name}/{path.name}", folder.name)
+                      for folder in sorted(p for p in images.iterdir() if p.is_dir())
+                      for path in sorted(folder.glob("*.jpg"))[:per_class]],
+                     columns=["path", "label"]).to_csv(data, index=False)
         args = [sys.executable, "-c", PEAK, "train", str(data), "--epochs-finetune", "0",
                 "--epochs-head", "3", "--feature-views", "0", "--image-size", "64",
                 "--runs-dir", str(work / "scale-runs"), "--name", str(n), "--quiet"]

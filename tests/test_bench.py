@@ -22,7 +22,9 @@ def test_bench_smoke(tmp_path):
     # fp32 eager, PyTorch under the policy, and the policy in full (ONNX Runtime here)
     modes = [r["mode"] for r in results["inference"]]
     assert len(modes) == 3 and modes[0] == "fp32 eager NCHW" and "ONNX" in modes[2], modes
-    assert results["inference"][0]["speedup"] == 1.0
+    key = next(k for k in results["inference"][0] if k.startswith("images_per_s"))
+    eager = results["inference"][0][key]
+    assert all(abs(r["speedup"] - r[key] / eager) < 0.05 for r in results["inference"])
     assert len(results["scaling"]) == 2 and results["wall_seconds"] > 0
     table = saved.with_suffix(".md").read_text()  # the README's tables, ready to paste
     assert "| data / backbone | stage | plain recipe | wingspan |" in table

@@ -181,6 +181,26 @@ def test_frozen_stages_split_off_exactly(name):
     assert all(p.requires_grad for p in rest.parameters() if p.ndim > 1)
     with torch.no_grad():
         torch.testing.assert_close(rest(frozen(x)), backbone(x))
+        backbone.train()  # as while fine-tuning: frozen BatchNorm keeps its statistics
+        torch.testing.assert_close(rest(frozen.eval()(x)), backbone(x))
+
+
+def test_dropout_ends_the_frozen_part():
+    """Stochastic depth is random in training mode, so it cannot run as a fixed graph."""
+    import dataclasses
+
+    from timm.layers import DropPath
+
+    from wingspan.models.backbone import Backbone
+    from wingspan.models.registry import get_spec
+
+    spec = dataclasses.replace(get_spec("test_efficientnet"),
+                               timm_kwargs={"drop_path_rate": 0.2})
+    backbone = Backbone(spec)
+    backbone.unfreeze_last(1)
+    frozen, rest = backbone.split_frozen()
+    assert not any(isinstance(m, DropPath) and m.drop_prob > 0 for m in frozen.modules())
+    assert any(isinstance(m, DropPath) and m.drop_prob > 0 for m in rest.modules())
 
 
 def test_a_network_that_is_not_a_chain_is_not_split():

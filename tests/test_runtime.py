@@ -36,7 +36,9 @@ def test_runner_reflects_the_weights_it_was_made_with():
     model, _ = create_classifier("test_efficientnet", {"y": 4}, "none")
     policy = resolve_policy("cpu", "fp32", runtime="onnx")
     x = torch.randn(2, 3, 32, 32)
-    before = policy.runner(model, 32, model.levels)(x)["y"]
+    runner = policy.runner(model, 32, model.levels)
+    assert isinstance(runner, OnnxRunner)
+    before = runner(x)["y"]
     with torch.no_grad():
         model.head.outputs["y"].bias.add_(1.0)
     after = policy.runner(model, 32, model.levels)(x)["y"]
@@ -78,22 +80,47 @@ def test_predictions_agree_across_runtimes(demo_dir, tmp_path):
     np.testing.assert_allclose(results["onnx"], results["torch"], rtol=1e-4, atol=1e-5)
 
 
-def test_training_gives_the_same_history_on_either_runtime(demo_dir, tmp_path):
-    """The feature cache and each validation pass run on ONNX Runtime or PyTorch; the
-    history must not depend on which."""
+@pytest.mark.parametrize("feature_cache", [True, False])
+def test_training_gives_the_same_history_on_either_runtime(demo_dir, tmp_path, monkeypatch,
+                                                           feature_cache):
+    """Stage 1's features, each validation pass and the frozen stages while fine-tuning run
+    on ONNX Runtime or PyTorch; the history must not depend on which."""
     from test_train import history, tiny
 
     from wingspan.data import read_dataset
+    from wingspan.models.backbone import Backbone
     from wingspan.train import train
 
+    made, splits = [], []
+    real_init, real_split = OnnxRunner.__init__, Backbone.split_frozen
+    monkeypatch.setattr(OnnxRunner, "__init__",
+                        lambda self, *a, **k: made.append(a[0]) or real_init(self, *a, **k))
+    monkeypatch.setattr(Backbone, "split_frozen",
+                        lambda self: splits.append(real_split(self)) or splits[-1])
     runs = {}
     for runtime in ("torch", "onnx"):
-        config = tiny(tmp_path / runtime, epochs_head=2, epochs_finetune=1, runtime=runtime)
+        config = tiny(tmp_path / runtime, epochs_head=2, epochs_finetune=1, runtime=runtime,
+                      feature_cache=feature_cache)
         runs[runtime] = history(train(read_dataset(demo_dir), config, tmp_path / runtime,
                                       "r", quiet=True))
+    # ONNX Runtime really ran: the frozen part (features or prefix) and validation passes.
+    assert len(splits) == 1 and splits[0] is not None  # the fine-tuning prefix, onnx only
+    assert any(m is splits[0][0] for m in made) and len(made) >= 3
     np.testing.assert_allclose(runs["onnx"]["val_loss"], runs["torch"]["val_loss"], atol=1e-3)
     np.testing.assert_allclose(runs["onnx"]["train_loss"], runs["torch"]["train_loss"],
                                atol=1e-3)
+
+
+def test_a_model_that_cannot_be_exported_runs_in_pytorch(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("unsupported operator")
+
+    monkeypatch.setattr(runtime_module, "export_onnx", broken)
+    model, _ = create_classifier("test_efficientnet", {"y": 3}, "none")
+    with pytest.warns(UserWarning, match="unsupported operator.*using PyTorch instead"):
+        runner = resolve_policy("cpu", "fp32", runtime="onnx").runner(model, 32, model.levels)
+    assert isinstance(runner, TorchRunner)
+    assert runner(torch.randn(2, 3, 32, 32))["y"].shape == (2, 3)
 
 
 def test_export_falls_back_to_the_torch_export_based_exporter(monkeypatch):
@@ -109,5 +136,6 @@ def test_export_falls_back_to_the_torch_export_based_exporter(monkeypatch):
     model, _ = create_classifier("test_efficientnet", {"y": 3}, "none")
     model.eval()
     x = torch.randn(3, 3, 32, 32)
-    out = OnnxRunner(model, 32, model.levels)(x)["y"]
+    with torch.inference_mode():  # as in a validation pass
+        out = OnnxRunner(model, 32, model.levels)(x)["y"]
     torch.testing.assert_close(out, model(x)["y"].detach(), rtol=1e-4, atol=1e-4)

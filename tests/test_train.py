@@ -201,6 +201,26 @@ def test_a_class_missing_from_train_is_refused(tmp_path, demo_dir):
     rows[["path", "label", "split"]].to_csv(tmp_path / "d.csv", index=False)
     with pytest.raises(WingspanError, match="'white_darktip' \\(only in val\\)"):
         train(read_dataset(tmp_path / "d.csv"), tiny(tmp_path), tmp_path / "runs", quiet=True)
+    assert not any((tmp_path / "runs").iterdir())  # a failed start leaves no empty run
+
+
+def test_train_bn_reaches_the_model(tmp_path, demo_dir, monkeypatch):
+    """--train-bn: the unfrozen BatchNorm layers learn batch statistics while fine-tuning."""
+    import wingspan.train.run as run_module
+
+    stats, real = {}, run_module.finetune
+
+    def finetune_then_look(run):
+        real(run)
+        stats[run.config.train_bn] = {n: t.clone() for n, t in run.model.state_dict().items()
+                                      if n.endswith("num_batches_tracked")}
+
+    monkeypatch.setattr(run_module, "finetune", finetune_then_look)
+    for train_bn in (False, True):
+        config = tiny(tmp_path, epochs_head=1, epochs_finetune=1, train_bn=train_bn)
+        train(read_dataset(demo_dir), config, tmp_path / str(train_bn), quiet=True)
+    moved = [n for n in stats[True] if not torch.equal(stats[True][n], stats[False][n])]
+    assert moved and len(moved) < len(stats[True])  # the last stages only
 
 
 def test_cli_train_and_resume_of_a_finished_run(run_cli, demo_dir, tmp_path):

@@ -228,6 +228,9 @@ def train_command(
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing.")]
     = T.label_smoothing,
     augment: Annotated[str, typer.Option(help="light | standard | strong.")] = T.augment,
+    train_bn: Annotated[bool, typer.Option(
+        help="Let unfrozen BatchNorm layers use batch statistics while fine-tuning (off: "
+        "they keep ImageNet's, which did better on small batches).")] = T.train_bn,
     feature_views: Annotated[int, typer.Option(
         help="Augmented views per image in stage 1's feature cache.")] = T.feature_views,
     patience: Annotated[int, typer.Option(help="Early stopping patience (epochs).")]

@@ -103,7 +103,7 @@ class DemoConfig:
     backbone: str = "efficientnet_lite0"
     epochs_head: int = 20
     epochs_finetune: int = 2
-    feature_views: int = 2
+    feature_views: int = 1
 
     def __post_init__(self) -> None:
         from wingspan.data.demo import SPECIES
@@ -161,12 +161,16 @@ class TrainConfig:
     # stage 1: the head on a frozen backbone
     epochs_head: int = 30  # cheap: the head trains on cached features
     lr: float = 3e-3  # the head's learning rate; stage 2 derives its rates from it
-    feature_views: int = 2  # augmented views per training image in the feature cache
+    # Augmented views per training image in the feature cache, beside the clean one. One
+    # cost 30% less caching than two and did as well (iNat, Lite0: head 0.893 against 0.880
+    # val macro-F1, after fine-tuning 0.911 against 0.909).
+    feature_views: int = 1
     feature_cache: bool = True  # False runs the frozen backbone on every batch
     # stage 2: fine-tune the last stages
     epochs_finetune: int = 4
     unfreeze: int | None = None  # None: the backbone's default
     finetune_lr_scale: float = 0.1  # stage 2 top rate = lr * this
+    train_bn: bool = False  # unfrozen BatchNorm layers use batch statistics (see Backbone)
     layer_decay: float = 0.5  # each earlier stage's rate is this times the next one's
     warmup_fraction: float = 0.1  # of stage 2 steps
     weight_decay: float = 0.01

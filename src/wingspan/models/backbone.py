@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import timm
 import torch
+from timm.layers import DropPath
 from timm.models import group_parameters
 from torch import nn
 
@@ -16,6 +17,13 @@ from wingspan.models.registry import BackboneSpec
 
 # timm modules after the feature map: never part of `units`.
 _HEAD_MODULES = {"global_pool", "fc", "classifier", "head", "head_drop", "fc_norm", "pre_logits"}
+
+
+def _random(module: nn.Module) -> bool:
+    """Dropout or stochastic depth inside: its training-mode output is not a function of
+    the input alone, so it cannot run as a frozen, exported graph."""
+    return any((isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0)
+               or (isinstance(m, DropPath) and m.drop_prob > 0) for m in module.modules())
 
 
 class Backbone(nn.Module):
@@ -65,7 +73,8 @@ class Backbone(nn.Module):
             self.train(was_training)
 
     def split_frozen(self) -> tuple[nn.Module, nn.Module] | None:
-        """(frozen, rest): the leading units without a trainable parameter, and the others;
+        """(frozen, rest): the leading units with neither a trainable parameter nor dropout,
+        and the others;
         rest(frozen(x)) == forward(x). While fine-tuning, `frozen` is a pure function of the
         image (its BatchNorm keeps its statistics), so it can run without autograd, on a
         faster runtime. None when nothing leads frozen or the network is not a chain."""
@@ -73,7 +82,8 @@ class Backbone(nn.Module):
         if not units:
             return None
         first = next((i for i, u in enumerate(units)
-                      if any(p.requires_grad for p in u.parameters())), len(units))
+                      if any(p.requires_grad for p in u.parameters()) or _random(u)),
+                     len(units))
         if first == 0 or first == len(units):
             return None
         return nn.Sequential(*units[:first]), nn.Sequential(*units[first:])

@@ -12,6 +12,7 @@ always stay there; so do GPUs and CPUs with fast bf16, where PyTorch's autocast 
 from __future__ import annotations
 
 import io
+import logging
 import warnings
 from collections.abc import Callable
 from functools import lru_cache
@@ -22,6 +23,7 @@ from torch import nn
 
 from wingspan.errors import WingspanError
 
+log = logging.getLogger(__name__)
 RUNTIMES = ("auto", "torch", "onnx")
 Outputs = torch.Tensor | dict[str, torch.Tensor]
 
@@ -54,17 +56,19 @@ def export_onnx(module: nn.Module, size: int, names: list[str] | None = None) ->
     10-20 s on this class of CPU, so it is tried first; torch is dropping it, hence the
     fallback."""
     wrapped = _AsTuple(module, names).eval()
-    example = torch.zeros(2, 3, size, size)
     outputs = names or ["output"]
     buffer = io.BytesIO()
-    with warnings.catch_warnings():
+    # Callers may be inside inference_mode, which the exporters cannot trace.
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")
+        example = torch.zeros(2, 3, size, size)
         try:
             torch.onnx.export(wrapped, (example,), buffer, input_names=["images"],
                               output_names=outputs, dynamic_axes={"images": {0: "batch"}},
                               opset_version=17, dynamo=False)
             return buffer.getvalue()
-        except Exception:  # noqa: BLE001 - exporter gone or failed: try the new one
+        except Exception as e:  # noqa: BLE001 - exporter gone or failed: try the new one
+            log.info("TorchScript ONNX export failed (%s); using torch.export", e)
             program = torch.onnx.export(
                 wrapped, (example,), input_names=["images"], output_names=outputs,
                 dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}}, dynamo=True,
@@ -75,12 +79,10 @@ def export_onnx(module: nn.Module, size: int, names: list[str] | None = None) ->
 class OnnxRunner:
     """Runs an exported copy of `module` with ONNX Runtime, on as many threads as torch."""
 
-    def __init__(self, module: nn.Module, size: int, names: list[str] | None = None,
-                 graph: bytes | None = None):
+    def __init__(self, module: nn.Module, size: int, names: list[str] | None = None):
         import onnxruntime as ort
 
         self.names = names
-        self.graph = graph if graph is not None else export_onnx(module, size, names)
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         options.inter_op_num_threads = 1
@@ -88,7 +90,7 @@ class OnnxRunner:
         # No spin-waiting between calls: idle threads would burn the cores that PyTorch and
         # the data loaders need next (a fine-tuning step was 1.2x slower with it).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(self.graph, options,
+        self.session = ort.InferenceSession(export_onnx(module, size, names), options,
                                             providers=["CPUExecutionProvider"])
 
     def __call__(self, images: torch.Tensor) -> Outputs:
@@ -119,7 +121,12 @@ def make_runner(module: nn.Module, size: int, policy, names: list[str] | None = 
     dict-returning module's outputs, in order."""
     if policy.runtime == "onnx":
         module.eval()
-        return OnnxRunner(module, size, names)
+        try:
+            return OnnxRunner(module, size, names)
+        except Exception as e:  # noqa: BLE001 - an unexportable layer: PyTorch still works
+            warnings.warn(f"Could not run this model with ONNX Runtime ({type(e).__name__}: "
+                          f"{str(e)[:200]}); using PyTorch instead. --runtime torch skips "
+                          "the attempt.", stacklevel=2)
     return TorchRunner(module, policy)
 
 

@@ -125,8 +125,8 @@ class Run:
         return True
 
     def timing(self, stage: str, kind: str, seconds: float) -> None:
-        """Add to the time profile: data, forward, backward, eval, feature_cache (seconds)
-        or images (a count)."""
+        """Add to the time profile: data, forward, backward, eval, feature_cache, setup
+        (seconds) or images (a count)."""
         spent = self.state.profile.setdefault(stage, {})
         spent[kind] = spent.get(kind, 0.0) + seconds
 

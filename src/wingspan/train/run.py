@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -37,11 +38,15 @@ def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = "runs",
     level = config.level
     run_dir = _new_run_dir(Path(runs_dir), name or f"{dataset.name}-{config.backbone}")
     logs = []
-    dataset = ensure_splits(dataset, level, config, log=logs.append)
-    write_splits(dataset, run_dir / SPLITS_FILE)  # the run rebuilds its data from this
-    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(dataclasses.asdict(config),
-                                                      sort_keys=False))
-    run = _start(run_dir, config, dataset, quiet, checkpoint=None)
+    try:
+        dataset = ensure_splits(dataset, level, config, log=logs.append)
+        write_splits(dataset, run_dir / SPLITS_FILE)  # the run rebuilds its data from this
+        (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(dataclasses.asdict(config),
+                                                          sort_keys=False))
+        run = _start(run_dir, config, dataset, quiet, checkpoint=None)
+    except BaseException:  # nothing trained yet (bad data, no weights): leave no empty run
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     for line in logs:
         run.log(line)
     return _recipe(run)
@@ -121,6 +126,7 @@ def _start(run_dir: Path, config: TrainConfig, dataset: Dataset, quiet: bool,
     model, loaded = create_classifier(config.backbone,
                                       {lv: len(plan.classes[lv]) for lv in plan.levels},
                                       weights, hidden=config.hidden, dropout=config.dropout)
+    model.backbone.train_bn = config.train_bn
     if config.image_size:
         model.preprocessing = dataclasses.replace(model.preprocessing,
                                                   input_size=config.image_size)

@@ -96,6 +96,7 @@ def extract_features(run: Run, views: int) -> tuple[torch.Tensor, torch.Tensor]:
         saved = load_file(path)
         if saved["train"].shape[:2] == (n, views + 1) and len(saved["val"]) == m:
             return saved["train"], saved["val"]
+    start = time.perf_counter()  # the export (if any) counts as part of the cache pass
     run.model.eval()
     features = run.policy.runner(run.model.feature_extractor(), run.image_size)
     width = run.model.backbone.num_features
@@ -104,7 +105,6 @@ def extract_features(run: Run, views: int) -> tuple[torch.Tensor, torch.Tensor]:
     jobs = [(run.data.train_clean, 0, train[:, 0])]
     jobs += [(run.data.train, v, train[:, v]) for v in range(1, views + 1)]
     jobs += [(run.data.val, 0, val)]
-    start = time.perf_counter()
     with Bar(n * (views + 1) + m, "Caching backbone features", not run.quiet) as bar:
         for images, view, out in jobs:
             requests = [(i, 0, view) for i in range(len(images))]
@@ -137,8 +137,10 @@ def train_head(run: Run) -> None:
     if cached:
         train_feats, val_feats = extract_features(run, config.feature_views)
     else:  # the backbone's weights stay frozen, so one runner serves the whole stage
+        start = time.perf_counter()
         run.model.eval()
         frozen = run.policy.runner(run.model.feature_extractor(), run.image_size)
+        _add_seconds(run, "head", time.perf_counter() - start)
     criterion = loss_fn(run)
     for epoch in range(state.epoch, config.epochs_head):
         start = time.perf_counter()
@@ -207,7 +209,9 @@ def finetune(run: Run) -> None:
         run.log(f"Fine-tuning {', '.join(stages)} and the head; top learning rate {top_lr:g}, "
                 f"layer decay {config.layer_decay}")
     criterion = loss_fn(run)
+    start = time.perf_counter()
     forward = _finetune_forward(run)
+    _add_seconds(run, "finetune", time.perf_counter() - start)
     for epoch in range(state.epoch, config.epochs_finetune):
         partial = state.partial or {"loss_sum": 0.0, "labels": [], "preds": [], "seconds": 0.0}
         start, last_save = time.perf_counter(), time.perf_counter()
@@ -280,6 +284,12 @@ def _finetune_forward(run: Run):
             return model.head(rest(policy.prepare_batch(frozen_runner(x))))
 
     return chained
+
+
+def _add_seconds(run: Run, stage: str, seconds: float) -> None:
+    """Set-up time (an export) that belongs to a stage but to none of its epochs."""
+    run.state.stage_seconds[stage] = run.state.stage_seconds.get(stage, 0.0) + seconds
+    run.timing(stage, "setup", seconds)
 
 
 def _account(run: Run, stage: str, t0: float, t1: float, t2: float, images: int) -> None:
