@@ -1,6 +1,7 @@
 """`make bench`: wingspan against the plain recipe, side by side in one run, as ratios.
 
-    python bench/run.py            # the full benchmark (see README, Performance)
+    python bench/run.py            # make bench: both photo sets with Lite0 (~26 min, 2 cores)
+    python bench/run.py --backbones efficientnet_lite0 efficientnet_lite2   # make bench-full
     python bench/run.py --smoke    # tiny sizes, seconds: keeps this script from rotting
     python bench/run.py --only training --datasets inat-butterflies --backbones efficientnet_lite2
 """
