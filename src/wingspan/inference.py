@@ -83,8 +83,7 @@ class Predictor:
         self.norm = {"mean": tuple(pre["mean"]), "std": tuple(pre["std"]),
                      "interpolation": pre["interpolation"]}
         self.images_per_second = 0.0
-        self.levels = list(self.model.head.config.outputs)
-        self.forward = self.policy.runner(self.model, self.size, self.levels)
+        self.forward = self.policy.runner(self.model, self.size, self.model.levels)
 
     def views(self, tta: bool) -> list[v2.Transform]:
         """The evaluation view; with TTA also its mirror image and a less cropped view."""

@@ -74,10 +74,10 @@ class Backbone(nn.Module):
 
     def split_frozen(self) -> tuple[nn.Module, nn.Module] | None:
         """(frozen, rest): the leading units with neither a trainable parameter nor dropout,
-        and the others;
-        rest(frozen(x)) == forward(x). While fine-tuning, `frozen` is a pure function of the
-        image (its BatchNorm keeps its statistics), so it can run without autograd, on a
-        faster runtime. None when nothing leads frozen or the network is not a chain."""
+        and the others; rest(frozen(x)) == forward(x). While fine-tuning, `frozen` is a pure
+        function of the image (its BatchNorm keeps its statistics), so it can run without
+        autograd, on a faster runtime. None when nothing leads frozen or the network is not
+        a chain."""
         units = self.units()
         if not units:
             return None

@@ -108,5 +108,5 @@ def resolve_policy(device: str = "auto", precision: str = "auto",
                             hint=f"Use auto or one of: {', '.join(PRECISIONS)}.")
     if precision == "fp16" and dev.type == "cpu":
         raise WingspanError("fp16 is not supported on the CPU.", hint="Use bf16 or fp32.")
-    engine, _ = resolve_runtime(runtime, dev, PRECISIONS[precision])
+    engine = resolve_runtime(runtime, dev, PRECISIONS[precision])
     return PrecisionPolicy(dev, PRECISIONS[precision], convolutional, reason, engine)

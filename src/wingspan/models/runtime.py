@@ -130,8 +130,8 @@ def make_runner(module: nn.Module, size: int, policy, names: list[str] | None = 
     return TorchRunner(module, policy)
 
 
-def resolve_runtime(runtime: str, device: torch.device, amp_dtype) -> tuple[str, str]:
-    """(runtime, why) for inference passes."""
+def resolve_runtime(runtime: str, device: torch.device, amp_dtype) -> str:
+    """The runtime for frozen-weight passes: onnx where it beats PyTorch (fp32 on a CPU)."""
     if runtime not in RUNTIMES:
         raise WingspanError(f"Unknown runtime '{runtime}'.",
                             hint=f"Use one of: {', '.join(RUNTIMES)}.")
@@ -143,9 +143,8 @@ def resolve_runtime(runtime: str, device: torch.device, amp_dtype) -> tuple[str,
         if device.type != "cpu":
             raise WingspanError("--runtime onnx runs on the CPU only.",
                                 hint="Use --device cpu, or --runtime torch on a GPU.")
-        return "onnx", "asked for"
+        return "onnx"
     if runtime == "torch":
-        return "torch", "asked for"
-    if device.type == "cpu" and amp_dtype is None and onnx_available():
-        return "onnx", "fp32 CPU: ONNX Runtime is faster than eager PyTorch"
-    return "torch", "GPU or fast bf16" if onnx_available() else "onnxruntime not installed"
+        return "torch"
+    fast = device.type == "cpu" and amp_dtype is None and onnx_available()
+    return "onnx" if fast else "torch"

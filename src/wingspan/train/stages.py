@@ -138,7 +138,6 @@ def train_head(run: Run) -> None:
         train_feats, val_feats = extract_features(run, config.feature_views)
     else:  # the backbone's weights stay frozen, so one runner serves the whole stage
         start = time.perf_counter()
-        run.model.eval()
         frozen = run.policy.runner(run.model.feature_extractor(), run.image_size)
         _add_seconds(run, "head", time.perf_counter() - start)
     criterion = loss_fn(run)
@@ -276,8 +275,7 @@ def _finetune_forward(run: Run):
     if split is None:
         return plain
     frozen, rest = split
-    frozen_runner = policy.runner(frozen.eval(), run.image_size)
-    run.model.train()
+    frozen_runner = policy.runner(frozen, run.image_size)
 
     def chained(x: torch.Tensor) -> dict[str, torch.Tensor]:
         with policy.autocast():
