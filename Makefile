@@ -21,9 +21,20 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 demo: $(VENV)/.installed
 	$(BIN)/wingspan demo --out runs/demo
 
+# The suite as users run it (engines measured on this machine), then the tests marked
+# `policy` again under each forced engine, so that a bf16-only failure shows up on a CPU
+# whose auto choice is fp32, and an ONNX-only one where auto picks PyTorch.
+FORCED_POLICIES := fp32,torch fp32,onnx bf16,torch
+
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest
+	@for forced in $(FORCED_POLICIES); do \
+		precision=$${forced%,*}; runtime=$${forced#*,}; \
+		echo "== policy tests under WINGSPAN_PRECISION=$$precision WINGSPAN_RUNTIME=$$runtime"; \
+		WINGSPAN_PRECISION=$$precision WINGSPAN_RUNTIME=$$runtime \
+			$(BIN)/python -m pytest -q -m policy -p no:cacheprovider || exit 1; \
+	done
 
 # About 25 min on a 2-core CPU: both data sets with EfficientNet-Lite0, inference, scaling.
 bench: $(VENV)/.installed

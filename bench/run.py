@@ -12,7 +12,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -32,19 +31,21 @@ from wingspan.config import DemoConfig, TrainConfig, shared_data_dir  # noqa: E4
 from wingspan.data import read_dataset  # noqa: E402
 from wingspan.data.demo import generate_demo  # noqa: E402
 from wingspan.models import create_classifier, resolve_policy  # noqa: E402
-from wingspan.models.precision import cpu_flags  # noqa: E402
+from wingspan.models.engine import Engine, cpu_flags, cpu_name  # noqa: E402
+from wingspan.models.runtime import make_runner  # noqa: E402
 from wingspan.train import train  # noqa: E402
 from wingspan.train.prepare import ensure_splits  # noqa: E402
+from wingspan.train.step import choose_train, time_steps  # noqa: E402
 
 console = Console()
 
 
 def machine() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                  if line.startswith("model name")), platform.processor())
     isa = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "sse4")))
-    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__,
-            "isa": " ".join(isa), "policy": resolve_policy().describe()}
+    candidates = resolve_policy("cpu").frozen_candidates
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "isa": " ".join(isa), "torch_isa": torch.backends.cpu.get_cpu_capability(),
+            "candidates": ", ".join(e.name for e in candidates)}
 
 
 # --- training: wingspan's default recipe against the plain one --------------------------
@@ -112,7 +113,7 @@ def compare_training(data: Path, backbone: str, work: Path, smoke: bool) -> dict
     return result
 
 
-# --- inference: images/s and latency, fp32 eager against the precision policy -----------
+# --- inference and the training step: every candidate engine, auto's pick marked -------
 
 def _speed(runners: list, size: int, batch: int, rounds: int) -> list[tuple[float, float]]:
     """(images/s at `batch`, milliseconds at batch 1) per runner. The runners take turns,
@@ -132,41 +133,66 @@ def _speed(runners: list, size: int, batch: int, rounds: int) -> list[tuple[floa
              1000 * statistics.median(r[i] for r in small)) for i in range(len(runners))]
 
 
-def _modes() -> list[tuple[str, object]]:
-    eager = resolve_policy("cpu", "fp32", convolutional=False, runtime="torch")
-    torch_policy, policy = resolve_policy(runtime="torch"), resolve_policy()
-    layout = "channels_last" if torch_policy.channels_last else "NCHW"
-    modes = [("fp32 eager NCHW", eager),
-             (f"PyTorch, {torch_policy.precision}, {layout}", torch_policy)]
-    if policy.runtime != "torch":  # the whole policy: what wingspan's inference uses
-        modes.append((f"ONNX Runtime, {policy.precision} (wingspan)", policy))
-    else:
-        modes[-1] = (modes[-1][0] + " (wingspan)", torch_policy)
-    return modes
-
-
-def inference(backbones: list[str], smoke: bool) -> list[dict]:
-    """Three ways to run the same weights: the plain recipe's (fp32, eager, NCHW), PyTorch
-    under the policy's device/precision/layout, and the policy in full (which on an fp32
-    CPU hands frozen-weight passes to ONNX Runtime)."""
-    rows = []
+def inference(backbones: list[str], smoke: bool) -> tuple[list[dict], list[dict]]:
+    """For frozen passes: the plain recipe's way (fp32, eager, NCHW) and every candidate
+    engine of this machine, timed carefully at batch 64, beside `auto`'s pick (measured
+    afresh, on fewer images, as a run would). Then the same for the training step."""
+    rows, steps = [], []
+    device = torch.device("cpu")
     for name in backbones:
         model, _ = create_classifier(name, {"y": 10}, weights="none")
         model.eval()
         size = 32 if smoke else model.preprocessing.input_size
         batch = 8 if smoke else 64
-        modes, runners, setups = _modes(), [], []
-        for _, policy in modes:  # a copy each: the layout change is in place
+        policy = resolve_policy("cpu")
+        prepared = policy.prepare_model(copy.deepcopy(model))
+        start = time.perf_counter()
+        auto = policy.choose_frozen(prepared, size, batch, remeasure=True)
+        choice_s = time.perf_counter() - start
+        modes, runners, setups = [], [], []
+        for engine in [None, *policy.frozen_candidates]:  # None: the plain recipe's way
             start = time.perf_counter()
-            runners.append(policy.runner(policy.prepare_model(copy.deepcopy(model)), size))
+            if engine is None:
+                runners.append(make_runner(copy.deepcopy(model), size, Engine("torch", "fp32"),
+                                           device, channels_last=False))
+            else:
+                runners.append(make_runner(policy.prepare_model(copy.deepcopy(model)), size,
+                                           engine, device, policy.channels_last))
             setups.append(time.perf_counter() - start)
+            modes.append(engine)
         speeds = _speed(runners, size, batch, 1 if smoke else 3)
-        for (label, _), (throughput, latency), setup in zip(modes, speeds, setups, strict=True):
-            rows.append({"backbone": name, "mode": label, "size": size,
+        for engine, (throughput, latency), setup in zip(modes, speeds, setups, strict=True):
+            rows.append({"backbone": name, "engine": engine.name if engine else
+                         "fp32 eager NCHW (plain recipe)", "size": size,
                          f"images_per_s_batch{batch}": round(throughput, 1),
                          "speedup": round(throughput / speeds[0][0], 2),
-                         "latency_ms_batch1": round(latency, 1), "setup_s": round(setup, 1)})
+                         "latency_ms_batch1": round(latency, 1), "setup_s": round(setup, 1),
+                         "auto": bool(engine and engine == auto.frozen.engine),
+                         "auto_choice_s": round(choice_s, 1)})
             console.print(rows[-1])
+        for engine, why in policy.left_out.items():
+            rows.append({"backbone": name, "engine": engine, "size": size, "left_out": why})
+        steps += training_step(name, prepared, auto, size, smoke)
+    return rows, steps
+
+
+def training_step(name: str, model, policy, size: int, smoke: bool) -> list[dict]:
+    """Fine-tuning steps (the default stages unfrozen, the frozen prefix on the frozen-pass
+    engine auto picked) in each candidate precision, at the default batch size."""
+    batch = 4 if smoke else TrainConfig().batch_size
+    stages = model.spec.unfreeze
+    start = time.perf_counter()
+    picked = choose_train(policy, model, stages, size, batch, remeasure=True).train
+    choice_s = time.perf_counter() - start
+    seconds = time_steps(policy, model, stages, size, policy.train_candidates, batch,
+                         thorough=True)
+    fp32 = seconds.get("torch-fp32", max(seconds.values()))
+    rows = [{"backbone": name, "engine": engine, "size": size, "batch": batch,
+             "images_per_s": round(batch / s, 1), "speedup": round(fp32 / s, 2),
+             "auto": engine == picked.engine.name, "auto_choice_s": round(choice_s, 1)}
+            for engine, s in seconds.items()]
+    for row in rows:
+        console.print(row)
     return rows
 
 
@@ -241,9 +267,9 @@ def main(argv=None) -> None:
                          for b in args.backbones]
             results["training"] = [compare_training(d, b, work, args.smoke) for d, b in pairs]
         if "inference" in parts:
-            results["inference"] = inference(["test_efficientnet"] if args.smoke else
-                                             ["resnet50", "efficientnet_lite0",
-                                              "efficientnet_lite2"], args.smoke)
+            results["inference"], results["training_step"] = inference(
+                ["test_efficientnet"] if args.smoke else
+                ["resnet50", "efficientnet_lite0", "efficientnet_lite2"], args.smoke)
         if "scaling" in parts:
             results["scaling"] = scaling([48, 96] if args.smoke else [1000, 4000, 16000],
                                          work, args.smoke)
@@ -284,16 +310,47 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                     ["data / backbone", "target", "plain s", "wingspan s", "speed-up"], rows))
     if results.get("inference"):
         key = next(k for k in results["inference"][0] if k.startswith("images_per_s"))
-        out.append(("Inference (random weights; setup = export or layout change, once)",
-                    ["backbone", "mode", "px", key.replace("_", " "), "speed-up",
-                     "batch 1 ms", "setup s"],
-                    [[r["backbone"], r["mode"], str(r["size"]), str(r[key]), f"{r['speedup']}x",
-                      str(r["latency_ms_batch1"]), str(r["setup_s"])]
+        out.append(("Frozen passes: every candidate engine (random weights; setup = export "
+                    "or layout change, once; auto = the engine auto picked, measured afresh)",
+                    ["backbone", "engine", "px", key.replace("_", " "), "speed-up",
+                     "batch 1 ms", "setup s", "auto"],
+                    [[r["backbone"], r["engine"], str(r["size"]), str(r[key]),
+                      f"{r['speedup']}x", str(r["latency_ms_batch1"]), str(r["setup_s"]),
+                      f"picked ({r['auto_choice_s']} s to measure)" if r["auto"] else ""]
+                     if "left_out" not in r else
+                     [r["backbone"], r["engine"], str(r["size"]), "-", "-", "-", "-",
+                      f"not a candidate: {r['left_out']}"]
                      for r in results["inference"]]))
+    if results.get("training_step"):
+        out.append(("Training step: fine-tuning the default stages, frozen prefix on the "
+                    "picked frozen-pass engine",
+                    ["backbone", "engine", "px", "batch", "images per s", "vs fp32", "auto"],
+                    [[r["backbone"], r["engine"], str(r["size"]), str(r["batch"]),
+                      str(r["images_per_s"]), f"{r['speedup']}x",
+                      f"picked ({r['auto_choice_s']} s to measure)" if r["auto"] else ""]
+                     for r in results["training_step"]]))
+        out.append(("Auto against the fastest candidate (1.00 = auto picked the fastest)",
+                    ["backbone", "frozen passes", "training step"], auto_ratios(results)))
     if results.get("scaling"):
         out.append(("Scaling: head stage (features cached once, 3 head epochs)",
                     ["images", "head-stage s", "ms/image", "peak RSS MB"],
                     [[str(v) for v in r.values()] for r in results["scaling"]]))
+    return out
+
+
+def auto_ratios(results: dict) -> list[list[str]]:
+    """Per backbone: the picked engine's speed over the fastest candidate's, as the bench
+    measured them (the target: within 10%)."""
+    key = next(k for k in results["inference"][0] if k.startswith("images_per_s"))
+    out = []
+    for name in dict.fromkeys(r["backbone"] for r in results["inference"]):
+        ratios = []
+        for part, speed in (("inference", key), ("training_step", "images_per_s")):
+            rows = [r for r in results[part] if r["backbone"] == name and speed in r
+                    and not r["engine"].startswith("fp32 eager")]
+            picked = next(r[speed] for r in rows if r["auto"])
+            ratios.append(f"{picked / max(r[speed] for r in rows):.2f}")
+        out.append([name, *ratios])
     return out
 
 
@@ -310,9 +367,9 @@ def print_tables(results: dict) -> None:
 def markdown(results: dict) -> str:
     """The same tables in Markdown, for the README."""
     m = results["machine"]
-    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, ISA {m['isa']}; "
-             f"policy: {m['policy']}. Command: `{results['command']}`, "
-             f"{results['wall_seconds'] / 60:.1f} min.", ""]
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, ISA {m['isa']} "
+             f"(torch: {m['torch_isa']}); candidates: {m['candidates']}. "
+             f"Command: `{results['command']}`, {results['wall_seconds'] / 60:.1f} min.", ""]
     for title, header, rows in tables(results):
         lines += [f"**{title}**", "", "| " + " | ".join(header) + " |",
                   "|" + "---|" * len(header)]

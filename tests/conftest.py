@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,9 @@ from wingspan.data.demo import generate_demo
 
 # Tests never need a display or more threads than the machine has.
 os.environ.setdefault("MPLBACKEND", "Agg")
+# A cache of their own (decoded images, measured engines), shared by the whole session and
+# the processes it starts: never the user's ~/.cache, and one engine choice per model.
+os.environ["WINGSPAN_CACHE"] = tempfile.mkdtemp(prefix="wingspan-test-cache-")
 
 
 @pytest.fixture(scope="session")

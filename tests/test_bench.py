@@ -19,12 +19,22 @@ def test_bench_smoke(tmp_path):
     run = results["training"][0]
     assert set(run["baseline"]["stages"]) == set(run["wingspan"]["stages"]) == {"head",
                                                                                    "finetune"}
-    # fp32 eager, PyTorch under the policy, and the policy in full (ONNX Runtime here)
-    modes = [r["mode"] for r in results["inference"]]
-    assert len(modes) == 3 and modes[0] == "fp32 eager NCHW" and "ONNX" in modes[2], modes
-    key = next(k for k in results["inference"][0] if k.startswith("images_per_s"))
-    eager = results["inference"][0][key]
-    assert all(abs(r["speedup"] - r[key] / eager) < 0.05 for r in results["inference"])
+    # The plain recipe's way, then every candidate engine of this CPU, auto's pick marked.
+    from wingspan.models import resolve_policy
+
+    candidates = [e.name for e in resolve_policy("cpu").frozen_candidates]
+    rows = [r for r in results["inference"] if "left_out" not in r]
+    assert [r["engine"] for r in rows] == ["fp32 eager NCHW (plain recipe)", *candidates]
+    assert sum(r["auto"] for r in rows) == 1
+    key = next(k for k in rows[0] if k.startswith("images_per_s"))
+    assert all(abs(r["speedup"] - r[key] / rows[0][key]) < 0.05 for r in rows)
+    left_out = {r["engine"] for r in results["inference"] if "left_out" in r}
+    assert left_out | set(candidates) == {"torch-fp32", "torch-bf16", "torch-fp16", "onnx-fp32"}
+    steps = results["training_step"]
+    train_candidates = [e.name for e in resolve_policy("cpu").train_candidates]
+    assert [r["engine"] for r in steps] == train_candidates
+    assert sum(r["auto"] for r in steps) == 1 and all(r["images_per_s"] > 0 for r in steps)
+    assert "Auto against the fastest candidate" in proc.stdout
     assert len(results["scaling"]) == 2 and results["wall_seconds"] > 0
     table = saved.with_suffix(".md").read_text()  # the README's tables, ready to paste
     assert "| data / backbone | stage | plain recipe | wingspan |" in table

@@ -70,3 +70,34 @@ def test_models_list_shows_offline_weights(run_cli):
     lines = {line.split()[1]: line for line in out.splitlines() if line.startswith("│ ")}
     assert "yes (package)" in lines["efficientnet_lite0"]
     assert "resnet50" in lines
+
+
+def test_doctor_times_every_candidate_and_keeps_the_choice(run_cli, monkeypatch, tmp_path):
+    import json
+
+    from wingspan.models import resolve_policy
+
+    monkeypatch.delenv("WINGSPAN_PRECISION", raising=False)
+    monkeypatch.delenv("WINGSPAN_RUNTIME", raising=False)
+    monkeypatch.setenv("WINGSPAN_CACHE", str(tmp_path))
+    code, out, err = run_cli("doctor", "--backbone", "test_efficientnet", "--image-size", "32",
+                             "--batch-size", "4")
+    assert code == 0, err
+    text = " ".join(out.split())
+    assert "Machine" in text and "torch kernels" in text and "onnxruntime" in text
+    policy = resolve_policy()
+    for engine in (*policy.frozen_candidates, *policy.train_candidates):
+        assert f"│ {engine.name} " in out
+    assert out.count("picked") == 2  # one engine for frozen passes, one for the step
+    for name in policy.left_out:
+        assert f"│ {name} " in out
+    assert "efficientnet_lite0" in out and "package" in out  # the offline weights
+    saved = json.loads((tmp_path / "engines.json").read_text())
+    kinds = sorted(json.loads(k)["kind"] for k in saved)
+    assert kinds == ["frozen", "train"]
+    assert all(r["how"] == "measured" and r["images_per_s"] for r in saved.values())
+    # What doctor measured is what the next run with these settings uses.
+    from wingspan.models import create_classifier
+
+    net, _ = create_classifier("test_efficientnet", {"y": 3}, "none")
+    assert resolve_policy().choose_frozen(net, 32, 4).frozen.how == "cached"

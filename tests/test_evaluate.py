@@ -42,6 +42,7 @@ def evaluation(trained):
     return evaluate(trained, progress=False, workers=0)
 
 
+@pytest.mark.policy
 def test_evaluate_writes_every_output(evaluation, trained):
     out = evaluation.out_dir
     assert out == trained / "evaluation-test"
@@ -90,6 +91,7 @@ def test_report_is_self_contained(evaluation):
         assert f">{heading}<" in page, heading
 
 
+@pytest.mark.policy
 def test_predict_agrees_with_evaluate(evaluation, trained):
     saved = pd.read_csv(evaluation.out_dir / "predictions.csv").head(20)
     predictor = Predictor(trained, workers=0)
@@ -124,6 +126,7 @@ def test_predict_on_mixed_good_and_broken_files(trained, tmp_path, demo_dir):
     assert len(payload["predictions"]) == 7 and len(payload["failed"]) == 3
 
 
+@pytest.mark.policy
 def test_predict_streams_and_tta_averages(trained, demo_dir, monkeypatch):
     import wingspan.inference as inference
 

@@ -52,6 +52,7 @@ def test_hierarchical_bundle_carries_the_taxonomy(hierarchical_run):
     assert rare["white_darktip"] in manifest["classes"]["label"]
 
 
+@pytest.mark.policy
 def test_hierarchical_evaluation_and_prediction(hierarchical_run, demo_dir):
     result = evaluate(hierarchical_run, split="val", progress=False, workers=0)
     h = result.metrics["hierarchy"]

@@ -1,20 +1,14 @@
-"""ONNX Runtime for frozen-weight passes: same numbers as PyTorch, chosen where it is faster."""
+"""The runners for frozen-weight passes: every engine gives the numbers PyTorch fp32 gives,
+within its precision's tolerance (tests/agreement.py)."""
 
 import numpy as np
 import pytest
 import torch
 
-from wingspan.errors import WingspanError
 from wingspan.inference import Predictor
 from wingspan.models import create_classifier, resolve_policy
-from wingspan.models import precision as precision_module
 from wingspan.models import runtime as runtime_module
 from wingspan.models.runtime import OnnxRunner, TorchRunner
-
-
-@pytest.fixture
-def cpu_only(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
 def test_onnx_matches_torch_on_a_multi_level_model():
@@ -22,7 +16,7 @@ def test_onnx_matches_torch_on_a_multi_level_model():
     model, _ = create_classifier("test_efficientnet", {"family": 3, "species": 7}, "none")
     model.eval()
     x = torch.randn(5, 3, 40, 40)  # exported at one size, run at a different batch size
-    reference = TorchRunner(model, resolve_policy("cpu", "fp32", runtime="torch"))(x)
+    reference = TorchRunner(model, torch.device("cpu"), None, channels_last=False)(x)
     onnx = OnnxRunner(model, 40, model.levels)(x)
     assert list(onnx) == ["family", "species"]
     for level in onnx:
@@ -45,39 +39,27 @@ def test_runner_reflects_the_weights_it_was_made_with():
     torch.testing.assert_close(after, before + 1.0, rtol=1e-4, atol=1e-4)
 
 
-def test_runtime_choice(cpu_only, monkeypatch):
-    monkeypatch.setattr(precision_module, "cpu_flags", lambda: frozenset({"avx2"}))
-    assert resolve_policy().runtime == "onnx"  # fp32 CPU: ONNX Runtime is faster
-    assert "ONNX Runtime" in resolve_policy().describe()
-    assert resolve_policy(runtime="torch").runtime == "torch"
-    assert resolve_policy(precision="bf16").runtime == "torch"  # autocast stays in PyTorch
-    monkeypatch.setattr(precision_module, "cpu_flags", lambda: frozenset({"amx_bf16"}))
-    assert resolve_policy().runtime == "torch"
-    monkeypatch.setattr(runtime_module, "onnx_available", lambda: False)
-    monkeypatch.setattr(precision_module, "cpu_flags", lambda: frozenset({"avx2"}))
-    assert resolve_policy().runtime == "torch"  # without onnxruntime, still works
-    with pytest.raises(WingspanError, match="onnxruntime is not installed"):
-        resolve_policy(runtime="onnx")
-    with pytest.raises(WingspanError, match="Unknown runtime 'tvm'"):
-        resolve_policy(runtime="tvm")
-
-
-def test_predictions_agree_across_runtimes(demo_dir, tmp_path):
+@pytest.mark.parametrize("engine", ["onnx-fp32", "torch-bf16"])
+def test_predictions_agree_across_engines(demo_dir, tmp_path, engine):
+    """Each engine against PyTorch fp32, within the tolerance its precision allows."""
+    from agreement import assert_agree
     from test_train import tiny
 
     from wingspan.data import read_dataset
     from wingspan.train import train
 
     config = tiny(tmp_path, epochs_head=2, epochs_finetune=0, val_fraction=0.25,
-                  test_fraction=0.0, runtime="torch")
+                  test_fraction=0.0)
     run_dir = train(read_dataset(demo_dir), config, tmp_path / "runs", "r", quiet=True)
     paths = [str(p) for p in sorted(demo_dir.rglob("*.jpg"))[:12]]
+    runtime, precision = engine.split("-")
     results = {}
-    for runtime in ("torch", "onnx"):
-        predictor = Predictor(run_dir, workers=0, runtime=runtime)
-        assert predictor.policy.runtime == runtime
-        results[runtime] = np.stack([p.probs for p in predictor.run(paths, progress=False)])
-    np.testing.assert_allclose(results["onnx"], results["torch"], rtol=1e-4, atol=1e-5)
+    for name, (rt, prec) in {"torch-fp32": ("torch", "fp32"), engine: (runtime, precision)}.items():
+        predictor = Predictor(run_dir, workers=0, runtime=rt, precision=prec)
+        assert predictor.policy.frozen.engine.name == name
+        assert predictor.policy.frozen.how.startswith("forced")
+        results[name] = np.stack([p.probs for p in predictor.run(paths, progress=False)])
+    assert_agree(results["torch-fp32"], results[engine], precision)
 
 
 @pytest.mark.parametrize("feature_cache", [True, False])
@@ -100,7 +82,7 @@ def test_training_gives_the_same_history_on_either_runtime(demo_dir, tmp_path, m
     runs = {}
     for runtime in ("torch", "onnx"):
         config = tiny(tmp_path / runtime, epochs_head=2, epochs_finetune=1, runtime=runtime,
-                      feature_cache=feature_cache)
+                      precision="fp32", feature_cache=feature_cache)
         runs[runtime] = history(train(read_dataset(demo_dir), config, tmp_path / runtime,
                                       "r", quiet=True))
     # ONNX Runtime really ran: the frozen part (features or prefix) and validation passes.

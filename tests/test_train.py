@@ -34,6 +34,7 @@ def history(run_dir):
     return pd.read_csv(run_dir / "history.csv")
 
 
+@pytest.mark.policy
 def test_train_writes_a_complete_run(demo_dir, tmp_path):
     run_dir = train(read_dataset(demo_dir), tiny(tmp_path), tmp_path / "runs", "demo", quiet=True)
     for name in ["config.yaml", "splits.csv", "history.csv", "metrics.json", "train.log",
@@ -57,6 +58,7 @@ def test_train_writes_a_complete_run(demo_dir, tmp_path):
     assert again.name == "demo-2"
 
 
+@pytest.mark.policy
 def test_same_seed_same_history(demo_dir, tmp_path):
     a = train(read_dataset(demo_dir), tiny(tmp_path), tmp_path / "a", quiet=True)
     b = train(read_dataset(demo_dir), tiny(tmp_path), tmp_path / "b", quiet=True)
@@ -77,6 +79,7 @@ def _changed(before, model):
     return {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
 
 
+@pytest.mark.policy
 def test_each_stage_changes_what_it_should_and_nothing_else(demo_dir, tmp_path):
     run = _prepared_run(demo_dir, tmp_path, epochs_head=2, epochs_finetune=1, unfreeze=1)
     model = run.model
@@ -94,6 +97,7 @@ def test_each_stage_changes_what_it_should_and_nothing_else(demo_dir, tmp_path):
     assert not any("running_" in k for k in changed)  # BatchNorm statistics stay put
 
 
+@pytest.mark.policy
 def test_feature_cache_matches_running_the_frozen_backbone(demo_dir, tmp_path):
     results = []
     for cached in (True, False):
@@ -139,6 +143,7 @@ def test_early_stopping_stops(demo_dir, tmp_path):
     assert "stopped early" in (run_dir / "train.log").read_text()
 
 
+@pytest.mark.policy
 def test_kill_and_resume_matches_an_uninterrupted_run(demo_dir, tmp_path):
     config = tiny(tmp_path, epochs_head=2, epochs_finetune=6, checkpoint_minutes=0.0)
     ref = train(read_dataset(demo_dir), config, tmp_path / "ref", quiet=True)

@@ -53,8 +53,11 @@ OutDir = Annotated[Path | None, typer.Option(
     "--out", help="Output folder (default: runs/data/<dataset name>).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 Runtime = Annotated[str, typer.Option(
-    help="Engine for passes with frozen weights: auto (ONNX Runtime on an fp32 CPU) | torch "
-    "| onnx.")]
+    help="Engine for passes with frozen weights: auto (the fastest, measured once per model "
+    "and machine; see `wingspan doctor`) | torch | onnx. $WINGSPAN_RUNTIME sets auto.")]
+Precision = Annotated[str, typer.Option(
+    help="auto (measured, like --runtime) | fp32 | bf16 | fp16. $WINGSPAN_PRECISION sets "
+    "auto.")]
 
 
 def _read(data: Path, format: str | None, group_regex: str | None, strict: bool,
@@ -237,7 +240,7 @@ def train_command(
     = T.patience,
     seed: Annotated[int, typer.Option(help="Random seed.")] = T.seed,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = T.device,
-    precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16.")] = T.precision,
+    precision: Precision = T.precision,
     runtime: Runtime = T.runtime,
     workers: Annotated[int | None, typer.Option(help="Data workers (default: per machine).")]
     = None,
@@ -311,6 +314,7 @@ def evaluate_command(
     calibrate: Annotated[bool, typer.Option(
         help="Fit a temperature on the val split and store it in the bundle.")] = True,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = T.batch_size,
+    precision: Precision = T.precision,
     runtime: Runtime = T.runtime,
     quiet: Quiet = False,
 ) -> None:
@@ -318,7 +322,7 @@ def evaluate_command(
     from wingspan.evaluate.run import evaluate
 
     result = evaluate(model, data, split, out_dir, calibrate, progress=not quiet,
-                      batch_size=batch_size, runtime=runtime)
+                      batch_size=batch_size, runtime=runtime, precision=precision)
     _print_evaluation(result)
 
 
@@ -367,6 +371,7 @@ def predict_command(
     tta: Annotated[bool, typer.Option(help="Test-time augmentation: average flips and "
                                       "crops.")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = T.batch_size,
+    precision: Precision = T.precision,
     runtime: Runtime = T.runtime,
     quiet: Quiet = False,
 ) -> None:
@@ -376,7 +381,9 @@ def predict_command(
     from wingspan.inference import Predictor
     from wingspan.predict import predict, write_predictions
 
-    predictor = Predictor(model, batch_size=batch_size, runtime=runtime)
+    predictor = Predictor(model, batch_size=batch_size, runtime=runtime, precision=precision)
+    if not quiet:
+        err.print(f"Engine: {predictor.policy.describe()}", highlight=False)
     result = predict(predictor, paths, top_k, tta, progress=not quiet)
     hierarchical = predictor.taxonomy is not None
     table = Table("image", "prediction", "probability",
@@ -428,6 +435,78 @@ def _input_size(timm_name: str) -> int:
     import timm
 
     return timm.models.get_pretrained_cfg(timm_name).input_size[-1]
+
+
+@app.command("doctor")
+def doctor_command(
+    backbone: Annotated[str, typer.Option(help="The backbone to time the engines on.")]
+    = T.backbone,
+    image_size: Annotated[int | None, typer.Option(
+        help="Input size (default: the backbone's).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Batch size the runs will use.")]
+    = T.batch_size,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = T.device,
+    precision: Precision = T.precision,
+    runtime: Runtime = T.runtime,
+    train_step: Annotated[bool, typer.Option(
+        "--train-step/--no-train-step", help="Also time the fine-tuning step.")] = True,
+) -> None:
+    """Show this machine, what every engine measures on it for a backbone, what `auto`
+    picks (and stores for later runs), and which ImageNet weights are here offline.
+
+    Run it first when something is slow. It measures afresh and updates the cached choice.
+    """
+    from rich.table import Table
+
+    from wingspan.doctor import diagnose
+
+    with err.status(f"Timing every engine on {backbone}..."):
+        d = diagnose(backbone, image_size, batch_size, device, precision, runtime, train_step)
+    m = d.machine
+    table = Table(show_header=False, title="Machine", title_justify="left", box=None)
+    table.add_row("CPU", f"{m['cpu']}, {m['cores']} cores; torch uses {m['torch_threads']} "
+                  "threads")
+    table.add_row("ISA", f"{m['isa']} (torch kernels: {m['torch_isa']})")
+    table.add_row("bf16 on the CPU", "native" if m["cpu_bf16"] else
+                  "emulated (no AMX / AVX-512 bf16): not a candidate unless forced")
+    table.add_row("CUDA", ", ".join(m["cuda"]) or "no GPU")
+    table.add_row("versions", ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+                  + f", python {m['python']}")
+    out.print(table)
+    policy = d.policy
+    for title, choice, engines, left_out in (
+            ("Frozen passes (feature cache, validation, evaluate, predict)", policy.frozen,
+             policy.frozen_candidates, policy.left_out),
+            ("Training step (fine-tuning the default stages)", policy.train,
+             policy.train_candidates, {})):
+        if choice is None:
+            continue
+        t = Table("engine", "images/s", "vs torch-fp32", "top-1 change", "",
+                  title=f"{title}: {d.backbone} at {d.size} px, batch {d.batch_size}",
+                  title_justify="left")
+        fp32 = choice.images_per_s.get("torch-fp32")
+        for e in engines:
+            speed = choice.images_per_s.get(e.name)
+            status = ("[green]picked[/]" if e == choice.engine else
+                      f"[yellow]rejected: {choice.rejected[e.name]}[/]"
+                      if e.name in choice.rejected else "")
+            change = choice.top1_change.get(e.name)
+            t.add_row(e.name, f"{speed:.1f}" if speed else "-",
+                      f"{speed / fp32:.2f}x" if speed and fp32 else "-",
+                      f"{change:.0%}" if change is not None else "-", status)
+        for name, why in left_out.items():
+            t.add_row(f"[dim]{name}[/]", "-", "-", "-", f"[dim]not a candidate: {why}[/]")
+        out.print(t)
+    out.print(f"Picked: {policy.describe()}")
+    out.print(f"Kept in {d.cache}: runs of {d.backbone} at {d.size} px, batch {d.batch_size} "
+              "on this machine use it without timing again. Timed with weights: "
+              f"{d.weights}.")
+    weights = Table("backbone", "ImageNet weights offline", title="Offline weights",
+                    title_justify="left")
+    for name, source in d.offline_weights.items():
+        weights.add_row(name, f"[green]{source}[/]" if source else "[yellow]no[/] (--weights "
+                        "PATH, or one run with a network)")
+    out.print(weights)
 
 
 @app.command("demo")

@@ -118,6 +118,24 @@ class DemoConfig:
                self.images_per_class)
 
 
+@dataclass(frozen=True)
+class EngineConfig:
+    """How `auto` picks the engine for a pass by timing the candidates on this machine
+    (wingspan.models.engine). Measured once per model and machine, then cached."""
+
+    timing_images: int = 16  # images per timed call (fewer when the batch size is smaller)
+    rounds: int = 2  # timed calls per candidate, after a warm-up; the candidates take turns
+    drop_above: float = 1.5  # after round 1, stop timing a candidate this much slower than the best
+    # Accuracy guard: a candidate whose top-1 differs from PyTorch fp32's on more than this
+    # share of the timing images may not be chosen (a wrong export, or bf16 too coarse).
+    max_top1_change: float = 0.1
+    cache_file: str = "engines.json"  # under default_cache_dir()
+
+
+# Force the engine for every `auto` in this process (tests run under each; see Makefile).
+PRECISION_ENV, RUNTIME_ENV = "WINGSPAN_PRECISION", "WINGSPAN_RUNTIME"
+
+
 def to_dict(config: object) -> dict:
     """A config as plain JSON-ready values."""
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
@@ -185,8 +203,8 @@ class TrainConfig:
     seed: int = 0
     # machine
     device: str = "auto"
-    precision: str = "auto"
-    runtime: str = "auto"  # frozen-weight passes: auto | torch | onnx (ONNX Runtime)
+    precision: str = "auto"  # auto (measured) | fp32 | bf16 | fp16; or $WINGSPAN_PRECISION
+    runtime: str = "auto"  # frozen-weight passes: auto | torch | onnx; or $WINGSPAN_RUNTIME
     workers: int | None = None  # None: sized to the machine
     cache_dir: str | None = None  # decoded-image cache (None: default_cache_dir())
     checkpoint_minutes: float = 5.0  # also checkpoint inside long epochs

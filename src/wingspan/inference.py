@@ -73,12 +73,13 @@ class Predictor:
         taxonomy = self.manifest.get("taxonomy")
         self.taxonomy = Taxonomy.from_dict(taxonomy) if taxonomy else None
         self.rare: dict[str, str] = self.manifest.get("training", {}).get("rare_classes") or {}
-        self.policy = resolve_policy(device, precision, runtime=runtime)
-        self.policy.prepare_model(self.model)
-        self.batch_size = batch_size
-        self.workers = default_workers() if workers is None else workers
         pre = self.manifest["preprocessing"]
         self.size = int(pre["input_size"])
+        policy = resolve_policy(device, precision, runtime=runtime)
+        policy.prepare_model(self.model)
+        self.policy = policy.choose_frozen(self.model, self.size, batch_size)
+        self.batch_size = batch_size
+        self.workers = default_workers() if workers is None else workers
         self.config = AugmentConfig(image_size=self.size, eval_crop=float(pre["crop_pct"]))
         self.norm = {"mean": tuple(pre["mean"]), "std": tuple(pre["std"]),
                      "interpolation": pre["interpolation"]}

@@ -43,9 +43,10 @@ class Evaluation:
 
 def evaluate(model: str | Path, data: str | Path | None = None, split: str | None = None,
              out: str | Path | None = None, calibrate: bool = True, progress: bool = True,
-             batch_size: int = 32, workers: int | None = None, runtime: str = "auto"
-             ) -> Evaluation:
-    predictor = Predictor(model, batch_size=batch_size, workers=workers, runtime=runtime)
+             batch_size: int = 32, workers: int | None = None, runtime: str = "auto",
+             precision: str = "auto") -> Evaluation:
+    predictor = Predictor(model, batch_size=batch_size, workers=workers, runtime=runtime,
+                          precision=precision)
     run_dir = predictor.bundle.parent if (predictor.bundle.parent / "config.yaml").is_file() \
         else None
     dataset = _dataset(data, run_dir)
@@ -76,7 +77,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     classes = predictor.classes
     metrics = classification_metrics(y, probs, classes)
     metrics.update(level=level, split=split, unreadable=failed, unknown_classes=unknown,
-                   images_per_second=round(speed, 1),
+                   images_per_second=round(speed, 1), engine=predictor.policy.describe(),
                    ece_uncalibrated=expected_calibration_error(softmax(logits), y),
                    temperature=predictor.temperature, calibration=calibration)
     y_pred = probs.argmax(1)
@@ -218,7 +219,8 @@ def _report(out_dir, predictor, run_dir, dataset, level, split, metrics, table, 
     summary += [("Cohen's kappa", f"{metrics['cohen_kappa']:.4f}"),
                 ("unreadable images", len(metrics["unreadable"])),
                 ("images of classes the model does not know", len(metrics["unknown_classes"])),
-                ("inference speed", f"{metrics['images_per_second']} images/s")]
+                ("inference speed", f"{metrics['images_per_second']} images/s on "
+                 f"{metrics['engine']}")]
     cal = metrics["calibration"]
     calibration = [("temperature", f"{metrics['temperature']:.3f}"),
                    ("ECE before / after", f"{metrics['ece_uncalibrated']:.4f} / "

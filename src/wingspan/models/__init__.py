@@ -3,7 +3,7 @@
 from wingspan.models.bundle import load_bundle, save_bundle
 from wingspan.models.classifier import Classifier
 from wingspan.models.factory import create_classifier, create_imagenet_model
-from wingspan.models.precision import resolve_policy
+from wingspan.models.policy import resolve_policy
 from wingspan.models.registry import BACKBONES, get_spec
 
 __all__ = ["BACKBONES", "Classifier", "create_classifier", "create_imagenet_model",

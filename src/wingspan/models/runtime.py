@@ -1,40 +1,28 @@
 """Runners for frozen weights: a module in, `runner(images) -> outputs` out.
 
 Wherever the weights do not change while a pass runs (stage 1's feature cache, each
-validation pass, evaluation, predict) the model can be exported to ONNX once and run by
-ONNX Runtime, which folds BatchNorm into the convolutions, fuses the activations and
-picks its own CPU kernels. On the 2-core AVX2 CPU this was measured on, that ran
-ResNet-50 2.9x and EfficientNet-Lite0 5.7x faster than eager fp32 PyTorch at batch 64
-(`python bench/run.py --only inference`). Gradients need PyTorch, so training steps
-always stay there; so do GPUs and CPUs with fast bf16, where PyTorch's autocast wins.
+validation pass, evaluation, predict) the model can run in PyTorch (fp32 or bf16
+autocast) or be exported to ONNX once and run by ONNX Runtime, which folds BatchNorm into
+the convolutions, fuses the activations and picks its own CPU kernels: on a 2-core AVX2
+CPU that ran ResNet-50 2.9x and EfficientNet-Lite0 5.7x faster than eager fp32 PyTorch at
+batch 64. Which engine runs is measured (`wingspan.models.engine`). Gradients need
+PyTorch, so training steps always stay there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import warnings
 from collections.abc import Callable
-from functools import lru_cache
 
 import numpy as np
 import torch
 from torch import nn
 
-from wingspan.errors import WingspanError
-
 log = logging.getLogger(__name__)
-RUNTIMES = ("auto", "torch", "onnx")
 Outputs = torch.Tensor | dict[str, torch.Tensor]
-
-
-@lru_cache(maxsize=1)
-def onnx_available() -> bool:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 class _AsTuple(nn.Module):
@@ -100,51 +88,48 @@ class OnnxRunner:
 
 
 class TorchRunner:
-    """Eager PyTorch under the precision policy (device, autocast, memory format)."""
+    """Eager PyTorch on a device, in a precision (autocast) and memory format."""
 
-    def __init__(self, module: nn.Module, policy):
-        self.module, self.policy = module, policy
+    def __init__(self, module: nn.Module, device: torch.device, dtype: torch.dtype | None,
+                 channels_last: bool):
+        self.module, self.device, self.dtype = module, device, dtype
+        self.channels_last = channels_last
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> Outputs:
         self.module.eval()
-        with self.policy.autocast():
-            out = self.module(self.policy.prepare_batch(images))
+        x = images.to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.dtype):
+            out = self.module(x)
         if isinstance(out, dict):
             return {k: v.float().cpu() for k, v in out.items()}
         return out.float().cpu()
 
 
-def make_runner(module: nn.Module, size: int, policy, names: list[str] | None = None
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """torch.autocast in `dtype`, or nothing for plain fp32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def make_runner(module: nn.Module, size: int, engine, device: torch.device,
+                channels_last: bool, names: list[str] | None = None, fallback: bool = True
                 ) -> Callable[[torch.Tensor], Outputs]:
-    """The policy's runner for `module` with its current weights. `names`: the keys of a
-    dict-returning module's outputs, in order."""
-    if policy.runtime == "onnx":
+    """`module` with its current weights as `runner(images) -> outputs` (float32, on the
+    CPU) on `engine`. `names`: the keys of a dict-returning module's outputs, in order.
+    With `fallback`, a module ONNX cannot export runs in PyTorch fp32, with a warning."""
+    if engine.runtime == "onnx":
         module.eval()
         try:
             return OnnxRunner(module, size, names)
         except Exception as e:  # noqa: BLE001 - an unexportable layer: PyTorch still works
+            if not fallback:
+                raise
             warnings.warn(f"Could not run this model with ONNX Runtime ({type(e).__name__}: "
                           f"{str(e)[:200]}); using PyTorch instead. --runtime torch skips "
                           "the attempt.", stacklevel=2)
-    return TorchRunner(module, policy)
-
-
-def resolve_runtime(runtime: str, device: torch.device, amp_dtype) -> str:
-    """The runtime for frozen-weight passes: onnx where it beats PyTorch (fp32 on a CPU)."""
-    if runtime not in RUNTIMES:
-        raise WingspanError(f"Unknown runtime '{runtime}'.",
-                            hint=f"Use one of: {', '.join(RUNTIMES)}.")
-    if runtime == "onnx":
-        if not onnx_available():
-            raise WingspanError("--runtime onnx was asked for, but onnxruntime is not "
-                                "installed.", hint="pip install onnxruntime, or use "
-                                "--runtime torch.")
-        if device.type != "cpu":
-            raise WingspanError("--runtime onnx runs on the CPU only.",
-                                hint="Use --device cpu, or --runtime torch on a GPU.")
-        return "onnx"
-    if runtime == "torch":
-        return "torch"
-    fast = device.type == "cpu" and amp_dtype is None and onnx_available()
-    return "onnx" if fast else "torch"
+            return TorchRunner(module, device, None, channels_last)
+    return TorchRunner(module, device, engine.dtype, channels_last)

@@ -14,7 +14,7 @@ from rich.console import Console
 from wingspan.config import TrainConfig
 from wingspan.data.taxonomy import Taxonomy
 from wingspan.models.classifier import Classifier
-from wingspan.models.precision import PrecisionPolicy
+from wingspan.models.policy import Policy
 from wingspan.train.checkpoint import save_checkpoint
 from wingspan.train.data import LabelledImages
 
@@ -37,6 +37,7 @@ class RunState:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     partial: dict = field(default_factory=dict)  # running sums of an interrupted epoch
     profile: dict = field(default_factory=dict)  # stage -> seconds spent per kind of work
+    engines: dict = field(default_factory=dict)  # the policy's choices; a resumed run keeps them
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,7 +64,7 @@ class Run:
     dir: Path
     config: TrainConfig
     model: Classifier
-    policy: PrecisionPolicy
+    policy: Policy
     data: TrainData
     state: RunState
     workers: int

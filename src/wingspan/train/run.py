@@ -22,11 +22,14 @@ from wingspan.data.samples import Dataset
 from wingspan.data.split import write_splits
 from wingspan.errors import WingspanError
 from wingspan.models import create_classifier, resolve_policy, save_bundle
+from wingspan.models.classifier import Classifier
+from wingspan.models.policy import Policy
 from wingspan.train.checkpoint import load_checkpoint
 from wingspan.train.context import Run, RunState
 from wingspan.train.data import default_workers
 from wingspan.train.prepare import build_train_data, ensure_splits, plan_labels
 from wingspan.train.stages import finetune, train_head
+from wingspan.train.step import choose_train
 
 CONFIG_FILE, SPLITS_FILE = "config.yaml", "splits.csv"
 
@@ -132,20 +135,39 @@ def _start(run_dir: Path, config: TrainConfig, dataset: Dataset, quiet: bool,
                                                   input_size=config.image_size)
     state = RunState(**checkpoint["state"]) if checkpoint else RunState()
     workers = default_workers() if config.workers is None else config.workers
+    policy.prepare_model(model)
+    policy = _choose_engines(policy.resumed(state.engines), model, config)
+    state.engines = policy.records()
     run = Run(run_dir, config, model, policy, None, state, workers, quiet,
               weights_source=loaded.describe() if loaded else config.weights,
               resume_from=checkpoint)
     if not checkpoint:
         run.log(f"Run {run_dir}: {config.backbone} ({run.weights_source}) on {policy.describe()}"
                 f", {workers} data workers")
+    for kind, stage in (("frozen", "head"), ("train", "finetune")):
+        choice = getattr(policy, kind)
+        if choice and choice.how == "measured":  # the timing counts in the stage it serves
+            state.stage_seconds[stage] = state.stage_seconds.get(stage, 0.0) + choice.seconds
+            run.timing(stage, "engine_choice", choice.seconds)
     for line in logs:
         run.log(line)
     run.data = build_train_data(plan, config, model.preprocessing, log=run.log)
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
         torch.set_rng_state(checkpoint["rng"])
-    policy.prepare_model(model)
     return run
+
+
+def _choose_engines(policy: Policy, model: Classifier, config: TrainConfig) -> Policy:
+    """The engines for frozen passes and, if the run fine-tunes, for its training step:
+    forced, cached, or timed now (once per model and machine; see wingspan.models.engine).
+    Timing leaves the model and the random stream as they were."""
+    size = model.preprocessing.input_size
+    policy = policy.choose_frozen(model, size, config.batch_size)
+    if config.epochs_finetune:
+        stages = model.spec.unfreeze if config.unfreeze is None else config.unfreeze
+        policy = choose_train(policy, model, stages, size, config.batch_size)
+    return policy
 
 
 def _finish(run: Run) -> Path:
@@ -163,7 +185,8 @@ def _finish(run: Run) -> Path:
         "stage_seconds": {k: round(v, 1) for k, v in state.stage_seconds.items()},
         "epochs": {s: sum(r["stage"] == s for r in state.history) for s in ("head", "finetune")},
         "profile": _profile_table(state.profile),
-        "weights": run.weights_source, "precision": run.policy.describe(),
+        "weights": run.weights_source, "engine": run.policy.describe(),
+        "engines": run.policy.records(),
         "train_images": len(run.data.train), "val_images": len(run.data.val),
     }
     run.write_json("metrics.json", metrics)

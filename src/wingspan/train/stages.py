@@ -19,6 +19,7 @@ from wingspan.progress import Bar, track
 from wingspan.train.context import Run
 from wingspan.train.data import VIEW_CHOICE, EpochSampler, LabelledImages, item_seed, make_loader
 from wingspan.train.schedule import finetune_groups, make_scheduler
+from wingspan.train.step import finetune_forward
 
 
 def macro_f1(labels, preds) -> float:
@@ -209,7 +210,7 @@ def finetune(run: Run) -> None:
                 f"layer decay {config.layer_decay}")
     criterion = loss_fn(run)
     start = time.perf_counter()
-    forward = _finetune_forward(run)
+    forward = finetune_forward(run.model, run.policy, run.image_size)
     _add_seconds(run, "finetune", time.perf_counter() - start)
     for epoch in range(state.epoch, config.epochs_finetune):
         partial = state.partial or {"loss_sum": 0.0, "labels": [], "preds": [], "seconds": 0.0}
@@ -258,30 +259,6 @@ def finetune(run: Run) -> None:
             run.log(f"Fine-tuning stopped early: no better val macro-F1 in {config.patience} "
                     "epochs")
             break
-
-
-def _finetune_forward(run: Run):
-    """images -> outputs with gradients for the unfrozen stages. The frozen stages in front
-    of them cannot change during the stage, so where the policy has a faster runtime for
-    frozen weights (ONNX Runtime on an fp32 CPU) they run there, once exported: a 1.5x
-    faster fine-tuning step for EfficientNet-Lite2 on a 2-core CPU."""
-    model, policy = run.model, run.policy
-
-    def plain(x: torch.Tensor) -> dict[str, torch.Tensor]:
-        with policy.autocast():
-            return model(policy.prepare_batch(x))
-
-    split = model.backbone.split_frozen() if policy.runtime != "torch" else None
-    if split is None:
-        return plain
-    frozen, rest = split
-    frozen_runner = policy.runner(frozen, run.image_size)
-
-    def chained(x: torch.Tensor) -> dict[str, torch.Tensor]:
-        with policy.autocast():
-            return model.head(rest(policy.prepare_batch(frozen_runner(x))))
-
-    return chained
 
 
 def _add_seconds(run: Run, stage: str, seconds: float) -> None:

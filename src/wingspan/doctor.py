@@ -1,0 +1,77 @@
+"""`wingspan doctor`: this machine, what every engine measures on it for a backbone, what
+`auto` picks, where that is kept, and which ImageNet weights are here offline. The first
+thing to run when something is slow."""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass
+from importlib import metadata
+
+import torch
+
+from wingspan.models import create_classifier, resolve_policy
+from wingspan.models.engine import EngineCache, cpu_flags, cpu_name, native_bf16
+from wingspan.models.policy import Policy
+from wingspan.models.registry import BACKBONES, get_spec
+from wingspan.models.weights import find_offline
+from wingspan.train.step import choose_train
+
+VERSIONS = ("wingspan", "torch", "torchvision", "onnxruntime", "timm", "numpy")
+ISA = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+       "amx_tile", "amx_bf16", "amx_int8")
+
+
+@dataclass
+class Diagnosis:
+    machine: dict
+    backbone: str
+    weights: str  # what the timed model carried
+    size: int
+    batch_size: int
+    policy: Policy  # every candidate measured, the choices made
+    cache: str
+    offline_weights: dict[str, str | None]  # registered backbone -> where, or None
+
+
+def machine() -> dict:
+    """The CPU, its instruction sets, the GPUs and the library versions."""
+    versions = {}
+    for name in VERSIONS:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    gpus = [f"{torch.cuda.get_device_name(i)} (compute capability "
+            f"{'.'.join(map(str, torch.cuda.get_device_capability(i)))})"
+            for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    flags = cpu_flags()
+    return {
+        "cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "isa": " ".join(f for f in ISA if f in flags) or platform.machine(),
+        "torch_isa": torch.backends.cpu.get_cpu_capability(),
+        "cpu_bf16": native_bf16(torch.device("cpu")), "cuda": gpus,
+        "python": platform.python_version(), "versions": versions,
+    }
+
+
+def diagnose(backbone: str = "resnet50", image_size: int | None = None, batch_size: int = 32,
+             device: str = "auto", precision: str = "auto", runtime: str = "auto",
+             train: bool = True) -> Diagnosis:
+    """Time every candidate engine for `backbone` (ImageNet weights where they are here
+    offline, else random ones: the speed is the same) on frozen passes and, with `train`,
+    on the fine-tuning step; store the choices in the engine cache as a run would."""
+    spec = get_spec(backbone)
+    source = find_offline(spec)
+    model, _ = create_classifier(backbone, {"class": 10}, "auto" if source else "none")
+    size = image_size or model.preprocessing.input_size
+    policy = resolve_policy(device, precision, runtime=runtime)
+    policy.prepare_model(model)
+    policy = policy.choose_frozen(model, size, batch_size, remeasure=True, thorough=True)
+    if train:
+        policy = choose_train(policy, model, spec.unfreeze, size, batch_size, remeasure=True,
+                              thorough=True)
+    return Diagnosis(machine(), spec.name, source or "random (none offline)", size, batch_size,
+                     policy, str(EngineCache().path),
+                     {name: find_offline(s) for name, s in BACKBONES.items()})

@@ -1,0 +1,296 @@
+"""Engines, and choosing one by measuring it on this machine.
+
+An engine is a runtime and a numeric precision: PyTorch fp32, PyTorch bf16 (autocast) or
+ONNX Runtime fp32 for passes whose weights do not change; PyTorch fp32 or bf16 for the
+training step. Which is fastest depends on the CPU *and* the model: on one AVX-512-bf16
+EPYC bf16 was fastest for ResNet-50 but ONNX Runtime for EfficientNet-Lite2, and on an
+AVX2 EPYC bf16 was 7x slower than fp32. So the CPU's flags only say what may run natively
+(the candidates); a short timing on this machine says what runs. The timing is done once
+per (pass, model, input size, batch size, device, CPU, library versions) and kept in
+`engines.json` in the cache folder. Nothing here is in a library: timm and torch pick
+kernels, not engines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from wingspan.config import EngineConfig, default_cache_dir
+from wingspan.errors import WingspanError
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+RUNTIMES = ("torch", "onnx")
+
+
+@dataclass(frozen=True)
+class Engine:
+    runtime: str  # torch | onnx
+    precision: str  # fp32 | bf16 | fp16
+
+    @property
+    def name(self) -> str:
+        return f"{self.runtime}-{self.precision}"
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The autocast dtype; None for plain fp32."""
+        return PRECISIONS[self.precision]
+
+
+ENGINES = (Engine("torch", "fp32"), Engine("torch", "bf16"), Engine("torch", "fp16"),
+           Engine("onnx", "fp32"))
+
+
+def engine_named(name: str) -> Engine:
+    return next(e for e in ENGINES if e.name == name)
+
+
+# --- what may run here ------------------------------------------------------------------
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+@lru_cache(maxsize=1)
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@lru_cache(maxsize=1)
+def onnx_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def native_bf16(device: torch.device) -> bool:
+    """bf16 in hardware: AMX or AVX-512 bf16 on a CPU, Ampere or newer on a GPU. Elsewhere
+    bf16 is emulated and several times slower than fp32, so not worth timing."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
+
+
+def _runs(engine: Engine, device: torch.device, train: bool) -> str:
+    """Why `engine` cannot run on `device` (for a training step if `train`), or ''."""
+    if engine.runtime == "onnx":
+        if train:
+            return "training needs gradients, which only PyTorch computes"
+        if device.type != "cpu":
+            return "wingspan runs ONNX Runtime on the CPU only"
+        if not onnx_available():
+            return "onnxruntime is not installed"
+    if engine.precision == "fp16" and device.type == "cpu":
+        return "fp16 is not supported on the CPU"
+    if engine.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return "this GPU has no bf16"
+    return ""
+
+
+def _native(engine: Engine, device: torch.device, train: bool) -> str:
+    """Why `auto` leaves out an engine that could run, or ''."""
+    if engine.precision == "bf16" and not native_bf16(device):
+        return "bf16 is emulated here (no AMX / AVX-512 bf16), several times slower"
+    if engine.precision == "fp16" and train:
+        return "fp16 training needs gradient scaling, which is not wired in yet"
+    return ""
+
+
+def candidates(device: torch.device, precision: str, runtime: str, train: bool
+               ) -> tuple[list[Engine], dict[str, str]]:
+    """The engines `auto` chooses among, and why each other engine is left out.
+
+    `precision` and `runtime` ('auto' or a forced value) narrow the list; for a training
+    step the runtime is always PyTorch. An empty list is an error that says why."""
+    chosen, left_out = [], {}
+    for engine in ENGINES:
+        why = _runs(engine, device, train)
+        if not why and precision != "auto" and engine.precision != precision:
+            why = f"precision {precision} was asked for"
+        if not why and not train and runtime != "auto" and engine.runtime != runtime:
+            why = f"runtime {runtime} was asked for"
+        if not why and precision == "auto":
+            why = _native(engine, device, train)
+        if why:
+            left_out[engine.name] = why
+        else:
+            chosen.append(engine)
+    if not chosen:
+        asked = [e for e in ENGINES if (precision in ("auto", e.precision)) and
+                 (train or runtime in ("auto", e.runtime))]
+        reasons = "; ".join(sorted({_runs(e, device, train) for e in asked} - {""}))
+        raise WingspanError(
+            f"Nothing can run precision {precision} with runtime {runtime} on {device.type}"
+            + (f": {reasons}." if reasons else "."),
+            hint="ONNX Runtime runs fp32 on the CPU; bf16 and fp16 need --runtime torch. "
+            "Use auto for either to let wingspan choose.")
+    return chosen, left_out
+
+
+# --- a choice and where it is kept -------------------------------------------------------
+
+@dataclass(frozen=True)
+class Choice:
+    """The engine for one kind of pass, and why: forced, measured now, or cached."""
+
+    engine: Engine
+    how: str  # forced (by what) | measured | cached | resumed
+    images_per_s: dict[str, float] = field(default_factory=dict)  # per candidate measured
+    rejected: dict[str, str] = field(default_factory=dict)  # candidate -> why not eligible
+    top1_change: dict[str, float] = field(default_factory=dict)  # against PyTorch fp32
+    seconds: float = 0.0  # what measuring cost (0 when cached or forced)
+    measured_on: str = ""  # date of the measurement
+
+    def describe(self) -> str:
+        figures = ", ".join(f"{n} {v:.1f}" + (" (rejected)" if n in self.rejected else "")
+                            for n, v in sorted(self.images_per_s.items(), key=lambda kv: -kv[1]))
+        how = self.how + (f" {self.seconds:.1f}s" if self.how == "measured" else "")
+        return f"{self.engine.name} ({how}" + (f"; images/s {figures}" if figures else "") + ")"
+
+    def to_record(self) -> dict:
+        record = asdict(self)
+        record["engine"] = self.engine.name
+        return record
+
+    @classmethod
+    def from_record(cls, record: dict, how: str) -> Choice:
+        values = {k: v for k, v in record.items() if k in cls.__dataclass_fields__}
+        return cls(**{**values, "engine": engine_named(record["engine"]), "how": how})
+
+
+def engine_key(kind: str, model: str, size: int, batch_size: int, device: torch.device,
+               engines: list[Engine], **extra) -> dict:
+    """Everything a measurement depends on. A change in any of it measures again."""
+    import timm
+
+    ort = "-"
+    if onnx_available():
+        import onnxruntime
+
+        ort = onnxruntime.__version__
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"{cpu_name()} x{os.cpu_count()}, {torch.get_num_threads()} threads")
+    return {"kind": kind, "model": model, "size": size, "batch_size": batch_size,
+            "device": f"{device.type}: {where}", "torch": torch.__version__,
+            "onnxruntime": ort, "timm": timm.__version__,
+            "candidates": [e.name for e in engines], **extra}
+
+
+class EngineCache:
+    """Measured choices in one JSON file: key (as sorted JSON) -> Choice record."""
+
+    def __init__(self, path: Path | None = None):
+        self.path = path or default_cache_dir() / EngineConfig.cache_file
+
+    def _read(self) -> dict:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):  # none yet, or damaged: measure again
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def get(self, key: dict) -> dict | None:
+        return self._read().get(json.dumps(key, sort_keys=True))
+
+    def put(self, key: dict, record: dict) -> None:
+        """Read, add, write to a temporary file and rename: a reader never sees half a
+        file. Two processes writing at once may lose one entry, which is measured again."""
+        data = self._read()
+        data[json.dumps(key, sort_keys=True)] = record
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(data, indent=1))
+            os.replace(tmp, self.path)
+        except OSError:  # a read-only cache only costs a measurement next time
+            pass
+
+
+# --- measuring ----------------------------------------------------------------------------
+
+def time_calls(calls: dict[str, Callable[[torch.Tensor], object]], x: torch.Tensor,
+               rounds: int, drop_above: float | None) -> tuple[dict[str, float], dict]:
+    """Seconds per call of `x` for each candidate, and each one's output of round 1.
+
+    Each candidate first runs once on two images (allocations, kernel choice, thread
+    start-up). Then the candidates take turns, round after round, so that a slow spell on
+    a shared machine hits each alike; each keeps its fastest call. After round 1, a
+    candidate more than `drop_above` times slower than the best stops being timed."""
+    for call in calls.values():
+        call(x[:2])
+    best: dict[str, float] = {}
+    outputs: dict = {}
+    alive = list(calls)
+    for r in range(rounds):
+        for name in alive:
+            start = time.perf_counter()
+            out = calls[name](x)
+            seconds = time.perf_counter() - start
+            best[name] = min(best.get(name, seconds), seconds)
+            if r == 0:
+                outputs[name] = out
+        if drop_above:
+            fastest = min(best[n] for n in alive)
+            alive = [n for n in alive if best[n] <= drop_above * fastest]
+    return best, outputs
+
+
+def top1_change(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """Share of rows whose arg-max differs."""
+    return float((reference.argmax(1) != other.argmax(1)).float().mean())
+
+
+@lru_cache(maxsize=4)
+def _butterflies(size: int, n: int) -> torch.Tensor:
+    """`n` synthetic butterfly photos as uint8 (n, 3, size, size): image-like and the same
+    everywhere, so a measurement needs no data and its guard sees real structure."""
+    from wingspan.data.demo import SPECIES, draw_butterfly
+
+    rng = np.random.default_rng(0)
+    images = [np.asarray(draw_butterfly(SPECIES[i % len(SPECIES)], size, rng))
+              for i in range(n)]
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+
+
+def timing_batch(size: int, n: int, mean, std) -> torch.Tensor:
+    """The timing images, normalised as the model expects."""
+    x = _butterflies(size, n).float() / 255
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def measured_choice(seconds: dict[str, float], n: int, rejected: dict[str, str],
+                    changes: dict[str, float], cost: float) -> Choice:
+    """The fastest eligible candidate, with every figure (`n` images per timed call)."""
+    eligible = {k: v for k, v in seconds.items() if k not in rejected}
+    name = min(eligible, key=eligible.get)
+    return Choice(engine_named(name), "measured",
+                  images_per_s={k: round(n / v, 1) for k, v in seconds.items()},
+                  rejected=rejected, top1_change={k: round(v, 3) for k, v in changes.items()},
+                  seconds=round(cost, 2), measured_on=time.strftime("%Y-%m-%d %H:%M"))

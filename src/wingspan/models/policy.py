@@ -1,0 +1,223 @@
+"""Where a model runs and on which engine: one policy per run, forced or measured.
+
+- the device: CUDA when present, else the CPU (`--device`);
+- channels_last memory format for convolutional networks;
+- for passes whose weights do not change (stage 1's feature cache, validation, evaluate,
+  predict, the frozen stages in front of the fine-tuned ones): the fastest of PyTorch
+  fp32, PyTorch bf16 (where the hardware has bf16) and ONNX Runtime fp32, timed on this
+  machine the first time a model is used (`wingspan.models.engine`);
+- for the training step: PyTorch fp32 or bf16 autocast, timed the same way
+  (`wingspan.train.step`).
+`--precision` and `--runtime`, else $WINGSPAN_PRECISION and $WINGSPAN_RUNTIME, narrow the
+candidates; where one is left it is used without timing ("forced").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from wingspan.config import PRECISION_ENV, RUNTIME_ENV, EngineConfig
+from wingspan.errors import WingspanError
+from wingspan.models import engine
+from wingspan.models.engine import (
+    PRECISIONS,
+    RUNTIMES,
+    Choice,
+    Engine,
+    EngineCache,
+    candidates,
+    engine_key,
+    measured_choice,
+    time_calls,
+    timing_batch,
+    top1_change,
+)
+from wingspan.models.runtime import autocast, make_runner
+
+
+@dataclass(frozen=True)
+class Policy:
+    device: torch.device
+    channels_last: bool
+    frozen_candidates: tuple[Engine, ...]  # for passes with frozen weights
+    train_candidates: tuple[Engine, ...]  # for the training step
+    left_out: dict[str, str] = field(default_factory=dict)  # engine -> why not a candidate
+    forced_by: str = ""  # the settings that narrowed the candidates
+    frozen: Choice | None = None  # None until measured (or read from the cache)
+    train: Choice | None = None
+
+    # -- running -------------------------------------------------------------------------
+
+    @property
+    def needs_grad_scaler(self) -> bool:
+        return self.train is not None and self.train.engine.precision == "fp16"
+
+    def autocast(self):
+        """The training step's precision."""
+        return autocast(self.device, self._chosen("train").engine.dtype)
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        model = model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def prepare_batch(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        return images.contiguous(memory_format=torch.channels_last) if (
+            self.channels_last and images.dim() == 4) else images
+
+    def runner(self, module: nn.Module, size: int, names: list[str] | None = None):
+        """`module` with its current weights as a fast `runner(images) -> outputs` for a
+        pass that changes no weights (outputs as float32 on the CPU)."""
+        engine = self._chosen("frozen").engine
+        return make_runner(module, size, engine, self.device, self.channels_last, names)
+
+    def _chosen(self, kind: str) -> Choice:
+        choice = getattr(self, kind)
+        if choice is None:  # a programming error, not a user's
+            raise RuntimeError(f"The {kind} engine is not chosen yet: call choose_{kind}.")
+        return choice
+
+    def describe(self) -> str:
+        def one(choice: Choice | None, engines) -> str:
+            return choice.describe() if choice else (
+                "(to measure: " + ", ".join(e.name for e in engines) + ")")
+
+        layout = ", channels_last" if self.channels_last else ""
+        frozen = one(self.frozen, self.frozen_candidates)
+        text = f"{self.device.type}{layout}; frozen passes {frozen}"
+        return text + (f"; training step {self.train.describe()}" if self.train else "")
+
+    def records(self) -> dict:
+        """The choices as JSON (run metrics, checkpoints)."""
+        return {k: c.to_record() for k, c in (("frozen", self.frozen), ("train", self.train)) if c}
+
+    # -- choosing ------------------------------------------------------------------------
+
+    def choose_frozen(self, model: nn.Module, size: int, batch_size: int,
+                      remeasure: bool = False, thorough: bool = False) -> Policy:
+        """This policy with the engine for frozen passes of `model` (a Classifier) chosen:
+        forced, cached, or measured now and cached. `remeasure` ignores the cache;
+        `thorough` times every candidate fully (no early drop, one more round)."""
+        if self.frozen and not remeasure:
+            return self
+        engines = list(self.frozen_candidates)
+        key = engine_key("frozen", model.spec.name, size, batch_size, self.device, engines)
+        cache = EngineCache()
+        record = None if remeasure else cache.get(key)
+        if record and record.get("engine") in {e.name for e in engines}:
+            return dataclasses.replace(self, frozen=Choice.from_record(record, "cached"))
+        choice = self._measure_frozen(model, size, batch_size, engines, thorough)
+        cache.put(key, choice.to_record())
+        return dataclasses.replace(self, frozen=choice)
+
+    def _measure_frozen(self, model: nn.Module, size: int, batch_size: int,
+                        engines: list[Engine], thorough: bool) -> Choice:
+        """Time each candidate on the feature extractor (where the time goes), then guard
+        on the classes: each candidate's features through the head, top-1 against fp32."""
+        config = EngineConfig()
+        start = time.perf_counter()
+        n = max(2, min(batch_size, config.timing_images))
+        pre = model.preprocessing
+        x = timing_batch(size, n, pre.mean, pre.std)
+        features = model.feature_extractor()
+        runners, rejected = {}, {}
+        with torch.random.fork_rng(devices=[]):  # leaves the run's random stream alone
+            for engine in engines:
+                try:
+                    runners[engine.name] = make_runner(features, size, engine, self.device,
+                                                       self.channels_last, fallback=False)
+                except Exception as e:  # noqa: BLE001 - e.g. a layer ONNX cannot export
+                    rejected[engine.name] = f"cannot run this model: {str(e)[:120]}"
+            seconds, outputs = time_calls(runners, x, config.rounds + thorough,
+                                          None if thorough else config.drop_above)
+            changes = self._guard(model, outputs, rejected, config.max_top1_change)
+        return measured_choice(seconds, n, rejected, changes, time.perf_counter() - start)
+
+    @torch.inference_mode()
+    def _guard(self, model: nn.Module, outputs: dict, rejected: dict, limit: float) -> dict:
+        """Top-1 change against PyTorch fp32 per candidate; too large a change rejects it."""
+        if "torch-fp32" not in outputs:
+            return {}
+        model.head.eval()
+        finest = model.levels[-1]
+
+        def top(features):
+            return model.head(features.to(self.device).float())[finest].float().cpu()
+
+        reference = top(outputs["torch-fp32"])
+        changes = {}
+        for name, out in outputs.items():
+            changes[name] = top1_change(reference, top(out))
+            if not torch.isfinite(out).all():
+                rejected[name] = "gives NaN or infinite features"
+            elif changes[name] > limit:
+                rejected[name] = (f"top-1 differs from PyTorch fp32 on {changes[name]:.0%} of "
+                                  f"the timing images (at most {limit:.0%} allowed)")
+        return changes
+
+    def with_choice(self, kind: str, choice: Choice) -> Policy:
+        return dataclasses.replace(self, **{kind: choice})
+
+    def resumed(self, records: dict) -> Policy:
+        """A resumed run keeps the engines it started with, where they still run here."""
+        policy = self
+        for kind in ("frozen", "train"):
+            record = records.get(kind)
+            names = {e.name for e in getattr(self, f"{kind}_candidates")}
+            if record and record["engine"] in names:
+                policy = policy.with_choice(kind, Choice.from_record(record, "as the run began"))
+        return policy
+
+
+def resolve_policy(device: str = "auto", precision: str = "auto",
+                   convolutional: bool = True, runtime: str = "auto") -> Policy:
+    """The device and the candidate engines. Where a setting leaves one candidate it is
+    chosen; otherwise `choose_frozen` (and `wingspan.train.step.choose_train`) measure."""
+    forced = []
+    if precision == "auto" and os.environ.get(PRECISION_ENV):
+        precision = os.environ[PRECISION_ENV]
+        forced.append(f"{PRECISION_ENV}={precision}")
+    elif precision != "auto":
+        forced.append(f"precision {precision}")
+    if runtime == "auto" and os.environ.get(RUNTIME_ENV):
+        runtime = os.environ[RUNTIME_ENV]
+        forced.append(f"{RUNTIME_ENV}={runtime}")
+    elif runtime != "auto":
+        forced.append(f"runtime {runtime}")
+    if precision != "auto" and precision not in PRECISIONS:
+        raise WingspanError(f"Unknown precision '{precision}'.",
+                            hint=f"Use auto or one of: {', '.join(PRECISIONS)}.")
+    if runtime != "auto" and runtime not in RUNTIMES:
+        raise WingspanError(f"Unknown runtime '{runtime}'.",
+                            hint=f"Use auto or one of: {', '.join(RUNTIMES)}.")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise WingspanError(f"Unknown device '{device}'.", hint="Use auto, cpu or cuda.") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise WingspanError("--device cuda was asked for, but no CUDA GPU is available.",
+                            hint="Use --device cpu (or auto).")
+    if precision == "fp16" and dev.type == "cpu":
+        raise WingspanError("fp16 is not supported on the CPU.", hint="Use bf16 or fp32.")
+    if runtime == "onnx" and dev.type == "cpu" and not engine.onnx_available():
+        raise WingspanError("--runtime onnx was asked for, but onnxruntime is not installed.",
+                            hint="pip install onnxruntime, or use --runtime torch.")
+    frozen, left_out = candidates(dev, precision, runtime, train=False)
+    train, train_left_out = candidates(dev, precision, runtime, train=True)
+    policy = Policy(dev, convolutional, tuple(frozen), tuple(train), left_out,
+                    ", ".join(forced))
+    for kind, engines, others in (("frozen", frozen, left_out),
+                                  ("train", train, train_left_out)):
+        if len(engines) == 1:
+            why = (f"forced by {policy.forced_by}" if policy.forced_by else "the only "
+                   f"candidate; {'; '.join(f'not {k}: {v}' for k, v in others.items())}")
+            policy = policy.with_choice(kind, Choice(engines[0], why))
+    return policy

@@ -1,0 +1,108 @@
+"""The fine-tuning step's forward pass, and the precision it runs in (measured).
+
+While fine-tuning, the stages in front of the unfrozen ones cannot change, so they run
+on the policy's engine for frozen weights (ONNX Runtime, say), exported once; the rest
+runs in PyTorch with gradients, in fp32 or bf16 autocast. Which of those two is faster
+depends on the CPU and the model, so `choose_train` times a few steps of each on a copy
+of the model, once per machine and model, as `choose_frozen` does for frozen passes.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from collections.abc import Callable
+
+import torch
+
+from wingspan.config import EngineConfig
+from wingspan.models.classifier import Classifier
+from wingspan.models.engine import Choice, EngineCache, engine_key, measured_choice, time_calls
+from wingspan.models.engine import timing_batch as make_timing_batch
+from wingspan.models.policy import Policy
+
+
+def finetune_forward(model: Classifier, policy: Policy, size: int
+                     ) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+    """images -> outputs with gradients for the unfrozen stages. Where the frozen-pass
+    engine is not PyTorch, the frozen stages in front run there (a 1.5x faster step for
+    EfficientNet-Lite2 on a 2-core CPU with ONNX Runtime)."""
+
+    def plain(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        with policy.autocast():
+            return model(policy.prepare_batch(x))
+
+    split = model.backbone.split_frozen() if policy.frozen.engine.runtime != "torch" else None
+    if split is None:
+        return plain
+    frozen, rest = split
+    frozen_runner = policy.runner(frozen, size)
+
+    def chained(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        with policy.autocast():
+            return model.head(rest(policy.prepare_batch(frozen_runner(x))))
+
+    return chained
+
+
+def choose_train(policy: Policy, model: Classifier, stages: int, size: int, batch_size: int,
+                 remeasure: bool = False, thorough: bool = False) -> Policy:
+    """`policy` with the training step's engine chosen for fine-tuning the last `stages`
+    stages of `model`: forced, cached, or timed now on a copy of the model and cached.
+    An engine the frozen-pass guard rejected (bf16 changing too many top-1s) is left out."""
+    if policy.train and not remeasure:
+        return policy
+    rejected = policy.frozen.rejected if policy.frozen else {}
+    engines = [e for e in policy.train_candidates if e.name not in rejected]
+    key = engine_key("train", model.spec.name, size, batch_size, policy.device, engines,
+                     stages=stages, train_bn=model.backbone.train_bn,
+                     frozen=policy.frozen.engine.name)
+    cache = EngineCache()
+    record = None if remeasure else cache.get(key)
+    if record and record.get("engine") in {e.name for e in engines}:
+        return policy.with_choice("train", Choice.from_record(record, "cached"))
+    if len(engines) == 1 and not remeasure:
+        return policy.with_choice("train", Choice(engines[0], "the only candidate left"))
+    choice = _measure(policy, model, stages, size, batch_size, engines, thorough)
+    cache.put(key, choice.to_record())
+    return policy.with_choice("train", choice)
+
+
+def _measure(policy: Policy, model: Classifier, stages: int, size: int, batch_size: int,
+             engines, thorough: bool) -> Choice:
+    start = time.perf_counter()
+    n = max(2, min(batch_size, EngineConfig().timing_images))
+    seconds = time_steps(policy, model, stages, size, engines, n, thorough)
+    return measured_choice(seconds, n, {}, {}, time.perf_counter() - start)
+
+
+def time_steps(policy: Policy, model: Classifier, stages: int, size: int, engines,
+               images: int, thorough: bool = False) -> dict[str, float]:
+    """Seconds per step of `images` images for each engine: forward, loss and backward on
+    a copy of the model, so the run's own weights, BatchNorm statistics and random stream
+    stay as they were."""
+    config = EngineConfig()
+    pre = model.preprocessing
+    x = make_timing_batch(size, images, pre.mean, pre.std)
+    with torch.random.fork_rng(devices=[]):
+        trial = copy.deepcopy(model)
+        trial.backbone.unfreeze_last(stages)
+        trial.train()
+        steps = {}
+        for engine in engines:
+            candidate = dataclasses.replace(policy, train=Choice(engine, "timing"))
+            steps[engine.name] = _step(trial, finetune_forward(trial, candidate, size))
+        seconds, _ = time_calls(steps, x, config.rounds + thorough,
+                                None if thorough else config.drop_above)
+    return seconds
+
+
+def _step(model: Classifier, forward) -> Callable[[torch.Tensor], None]:
+    def step(x: torch.Tensor) -> None:
+        outputs = forward(x)
+        loss = sum(o.float().square().mean() for o in outputs.values())
+        loss.backward()  # the cost of a real step's backward; the loss itself is arbitrary
+        model.zero_grad(set_to_none=True)
+
+    return step

@@ -1,0 +1,189 @@
+"""`auto` measures: the fastest eligible candidate wins, once per model and machine."""
+
+import json
+import os
+import time
+
+import pytest
+import torch
+
+from wingspan.models import create_classifier, resolve_policy
+from wingspan.models import policy as policy_module
+from wingspan.models.runtime import make_runner
+from wingspan.train.step import choose_train
+
+SLOW = {"torch-fp32": 0.02, "torch-bf16": 0.04, "onnx-fp32": 0.0}  # seconds added per call
+
+
+@pytest.fixture
+def machine(monkeypatch, tmp_path):
+    """An AMX-like CPU with nothing forced, its own engine cache, and candidates whose
+    speed the test sets: each call sleeps `delays[name]` seconds on top of the real work."""
+    from wingspan.models import engine as engine_module
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("WINGSPAN_PRECISION", raising=False)
+    monkeypatch.delenv("WINGSPAN_RUNTIME", raising=False)
+    monkeypatch.setenv("WINGSPAN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(engine_module, "cpu_flags", lambda: frozenset({"amx_bf16"}))
+    delays, calls, broken = dict(SLOW), [], set()
+
+    def slowed(module, size, engine, *args, **kwargs):
+        runner = make_runner(module, size, engine, *args, **kwargs)
+
+        def run(x):
+            calls.append(engine.name)
+            time.sleep(delays[engine.name])
+            out = runner(x)
+            return out.flip(1) if engine.name in broken else out  # a wrong export
+
+        return run
+
+    monkeypatch.setattr(policy_module, "make_runner", slowed)
+    return delays, calls, broken
+
+
+def model():
+    """A random network whose top-1 depends on the image: a random head's bias would
+    otherwise decide every image's class, and no engine could change a top-1."""
+    torch.manual_seed(0)
+    classifier, _ = create_classifier("test_efficientnet", {"y": 5}, "none")
+    with torch.no_grad():
+        classifier.head.outputs["y"].bias.zero_()
+        classifier.head.outputs["y"].weight.mul_(1000)
+    return classifier
+
+
+def test_the_fastest_candidate_wins_and_is_cached(machine, tmp_path):
+    delays, calls, _ = machine
+    net = model()
+    policy = resolve_policy().choose_frozen(net, 32, batch_size=8)
+    choice = policy.frozen
+    assert choice.engine.name == "onnx-fp32" and choice.how == "measured"
+    speeds = choice.images_per_s
+    assert speeds["onnx-fp32"] > speeds["torch-fp32"] > speeds["torch-bf16"]
+    assert choice.top1_change["torch-fp32"] == 0.0 and choice.seconds > 0
+    assert "measured" in policy.describe() and "images/s" in policy.describe()
+    record = json.loads((tmp_path / "cache" / "engines.json").read_text())
+    (key, saved), = record.items()
+    assert json.loads(key)["model"] == "test_efficientnet" and saved["engine"] == "onnx-fp32"
+    # Known now: no timing the second time, whatever the speeds have become.
+    calls.clear()
+    delays["onnx-fp32"] = 1.0
+    again = resolve_policy().choose_frozen(net, 32, batch_size=8).frozen
+    assert (again.engine.name, again.how, calls) == ("onnx-fp32", "cached", [])
+    # Another batch size is another measurement, and the new speeds decide.
+    other = resolve_policy().choose_frozen(net, 32, batch_size=4).frozen
+    assert other.how == "measured" and other.engine.name == "torch-fp32" and calls
+    assert len(json.loads((tmp_path / "cache" / "engines.json").read_text())) == 2
+
+
+def test_clearly_slower_candidates_stop_being_timed(machine):
+    delays, calls, _ = machine
+    delays.update({"torch-fp32": 0.03, "torch-bf16": 0.3, "onnx-fp32": 0.03})
+    resolve_policy().choose_frozen(model(), 32, batch_size=8)
+    # a warm-up each, then round 1 for all; round 2 only for the two close ones
+    assert calls.count("torch-bf16") == 2 and calls.count("torch-fp32") == 3
+
+
+def test_the_accuracy_guard_rejects_a_fast_but_wrong_engine(machine):
+    delays, _, broken = machine
+    broken.add("onnx-fp32")  # fastest, but its features come out permuted
+    choice = resolve_policy().choose_frozen(model(), 32, batch_size=16).frozen
+    assert choice.engine.name == "torch-fp32"
+    assert "top-1 differs from PyTorch fp32" in choice.rejected["onnx-fp32"]
+    assert choice.top1_change["onnx-fp32"] > 0.1
+    assert "onnx-fp32" in choice.images_per_s  # still shown, marked rejected
+    assert "(rejected)" in choice.describe()
+
+
+def test_a_forced_policy_times_nothing(machine, monkeypatch):
+    _, calls, _ = machine
+    policy = resolve_policy(precision="bf16").choose_frozen(model(), 32, batch_size=8)
+    assert policy.frozen.how == "forced by precision bf16" and calls == []
+    monkeypatch.setenv("WINGSPAN_RUNTIME", "onnx")
+    policy = resolve_policy().choose_frozen(model(), 32, batch_size=8)
+    assert policy.frozen.engine.name == "onnx-fp32" and calls == []
+
+
+def test_timing_leaves_the_model_and_the_random_stream_alone(machine):
+    net = model()
+    net.train()
+    weights = {k: v.clone() for k, v in net.state_dict().items()}
+    rng = torch.get_rng_state()
+    policy = resolve_policy().choose_frozen(net, 32, batch_size=8)
+    policy = choose_train(policy, net, stages=2, size=32, batch_size=8)
+    assert policy.train.how == "measured"
+    assert set(policy.train.images_per_s) == {"torch-fp32", "torch-bf16"}
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(weights[k], v) for k, v in net.state_dict().items())
+    assert all(p.grad is None for p in net.parameters())
+    cached = choose_train(resolve_policy().choose_frozen(net, 32, 8), net, 2, 32, 8)
+    assert cached.train.how == "cached"
+    assert cached.train.engine == policy.train.engine
+
+
+def test_bf16_rejected_by_the_guard_is_not_trained_in(machine):
+    _, _, broken = machine
+    broken.add("torch-bf16")
+    net = model()
+    policy = resolve_policy().choose_frozen(net, 32, batch_size=16)
+    assert "torch-bf16" in policy.frozen.rejected
+    policy = choose_train(policy, net, stages=2, size=32, batch_size=16)
+    assert policy.train.engine.name == "torch-fp32"
+
+
+def test_a_resumed_run_keeps_its_engines_where_they_still_run(machine, monkeypatch):
+    from wingspan.models import engine as engine_module
+
+    policy = resolve_policy().choose_frozen(model(), 32, 8)
+    policy = choose_train(policy, model(), 2, 32, 8)
+    records = policy.records()
+    resumed = resolve_policy().resumed(records)
+    assert resumed.frozen.engine == policy.frozen.engine
+    assert resumed.train.how == "as the run began"
+    monkeypatch.setattr(engine_module, "cpu_flags", lambda: frozenset({"avx2"}))
+    records["train"]["engine"] = "torch-bf16"
+    assert resolve_policy().resumed(records).train.engine.name == "torch-fp32"
+
+
+@pytest.mark.policy
+def test_a_run_uses_and_reports_the_engines_it_chose(demo_dir, tmp_path, monkeypatch):
+    """Under any policy, forced or measured: the run log's first line names the engines and
+    why, and every frozen pass and training step of the run used exactly those."""
+    from test_train import tiny
+
+    from wingspan.data import read_dataset
+    from wingspan.inference import Predictor
+    from wingspan.train import train
+
+    net, _ = create_classifier("test_efficientnet", {"label": 4}, "none")
+    known = resolve_policy().choose_frozen(net, 32, 8)  # measured now if nothing is forced,
+    choose_train(known, net, net.spec.unfreeze, 32, 8)  # so the run below finds it known
+    used = []
+    monkeypatch.setattr(policy_module, "make_runner",
+                        lambda m, s, engine, *a, **k: used.append(engine.name) or make_runner(
+                            m, s, engine, *a, **k))
+    run_dir = train(read_dataset(demo_dir), tiny(tmp_path, epochs_head=2, epochs_finetune=1),
+                    tmp_path / "runs", "r", quiet=True)
+    first = (run_dir / "train.log").read_text().splitlines()[0]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    frozen, step = metrics["engines"]["frozen"], metrics["engines"]["train"]
+    assert f"frozen passes {frozen['engine']} (" in first
+    assert f"training step {step['engine']} (" in first
+    forced = [f"{k}={os.environ[k]}" for k in ("WINGSPAN_PRECISION", "WINGSPAN_RUNTIME")
+              if os.environ.get(k)]
+    for record in (frozen, step):
+        assert record["how"] == "cached" or record["how"].startswith(
+            ("forced by", "the only candidate"))
+        assert all(f in record["how"] for f in forced)
+    if os.environ.get("WINGSPAN_PRECISION"):
+        assert step["engine"].endswith(os.environ["WINGSPAN_PRECISION"])
+    if os.environ.get("WINGSPAN_RUNTIME"):
+        assert frozen["engine"].startswith(os.environ["WINGSPAN_RUNTIME"])
+    assert set(used) == {frozen["engine"]}  # feature cache, validation, the frozen prefix
+    used.clear()
+    predictor = Predictor(run_dir, workers=0, batch_size=8)  # the key the run measured
+    list(predictor.run([str(next(demo_dir.rglob("*.jpg")))], progress=False))
+    assert predictor.policy.frozen.engine.name == frozen["engine"]
+    assert set(used) == {frozen["engine"]}
