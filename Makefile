@@ -23,7 +23,8 @@ demo: $(VENV)/.installed
 
 # The suite as users run it (engines measured on this machine), then the tests marked
 # `policy` again under each forced engine, so that a bf16-only failure shows up on a CPU
-# whose auto choice is fp32, and an ONNX-only one where auto picks PyTorch.
+# whose auto choice is fp32, and an ONNX-only one where auto picks PyTorch. On the CPU:
+# ONNX Runtime runs there only, and a GPU machine runs the first pass on its GPU.
 FORCED_POLICIES := fp32,torch fp32,onnx bf16,torch
 
 test: $(VENV)/.installed-test
@@ -32,7 +33,7 @@ test: $(VENV)/.installed-test
 	@for forced in $(FORCED_POLICIES); do \
 		precision=$${forced%,*}; runtime=$${forced#*,}; \
 		echo "== policy tests under WINGSPAN_PRECISION=$$precision WINGSPAN_RUNTIME=$$runtime"; \
-		WINGSPAN_PRECISION=$$precision WINGSPAN_RUNTIME=$$runtime \
+		CUDA_VISIBLE_DEVICES= WINGSPAN_PRECISION=$$precision WINGSPAN_RUNTIME=$$runtime \
 			$(BIN)/python -m pytest -q -m policy -p no:cacheprovider || exit 1; \
 	done
 

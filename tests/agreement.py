@@ -1,4 +1,5 @@
-"""How closely two engines must agree, per precision: the tolerances every test uses.
+"""How closely two engines' predictions must agree, per precision (tests of whole models
+on ImageNet images state their own, on logits: tests/test_policy.py).
 
 - fp32 against fp32 (PyTorch against ONNX Runtime): the same numbers up to float
   rounding in a different order of operations.

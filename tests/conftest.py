@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -17,6 +19,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 # A cache of their own (decoded images, measured engines), shared by the whole session and
 # the processes it starts: never the user's ~/.cache, and one engine choice per model.
 os.environ["WINGSPAN_CACHE"] = tempfile.mkdtemp(prefix="wingspan-test-cache-")
+atexit.register(shutil.rmtree, os.environ["WINGSPAN_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -52,7 +52,9 @@ def test_forcing_narrows_the_candidates(auto):
     assert policy.frozen.how == "forced by precision bf16"
     policy = resolve_policy(runtime="onnx")
     assert policy.frozen.engine.name == "onnx-fp32"
-    assert policy.train.engine.name == "torch-fp32"  # training always runs in PyTorch
+    assert policy.frozen.how == "forced by runtime onnx"
+    assert policy.train.engine.name == "torch-fp32"  # training always runs in PyTorch,
+    assert policy.train.how.startswith("the only candidate")  # and here bf16 is emulated
     auto("amx_bf16")
     policy = resolve_policy(runtime="torch")
     assert names(policy.frozen_candidates) == ["torch-fp32", "torch-bf16"]
@@ -75,6 +77,9 @@ def test_the_environment_forces_every_auto(auto, monkeypatch):
     policy = resolve_policy()
     assert (policy.frozen.engine.name, policy.train.engine.name) == ("onnx-fp32", "torch-fp32")
     assert "WINGSPAN_RUNTIME=onnx" in policy.describe()
+    monkeypatch.setenv("WINGSPAN_PRECISION", "auto")  # the same as unset
+    monkeypatch.setenv("WINGSPAN_RUNTIME", "")
+    assert resolve_policy().frozen is None
     monkeypatch.setenv("WINGSPAN_RUNTIME", "tvm")
     with pytest.raises(WingspanError, match="Unknown runtime 'tvm'"):
         resolve_policy()

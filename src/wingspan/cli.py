@@ -478,10 +478,10 @@ def doctor_command(
             ("Frozen passes (feature cache, validation, evaluate, predict)", policy.frozen,
              policy.frozen_candidates, policy.left_out),
             ("Training step (fine-tuning the default stages)", policy.train,
-             policy.train_candidates, {})):
+             policy.train_candidates, policy.train_left_out)):
         if choice is None:
             continue
-        t = Table("engine", "images/s", "vs torch-fp32", "top-1 change", "",
+        t = Table("engine", "images/s", "vs torch-fp32", "images changed", "",
                   title=f"{title}: {d.backbone} at {d.size} px, batch {d.batch_size}",
                   title_justify="left")
         fp32 = choice.images_per_s.get("torch-fp32")
@@ -490,7 +490,7 @@ def doctor_command(
             status = ("[green]picked[/]" if e == choice.engine else
                       f"[yellow]rejected: {choice.rejected[e.name]}[/]"
                       if e.name in choice.rejected else "")
-            change = choice.top1_change.get(e.name)
+            change = choice.changed.get(e.name)
             t.add_row(e.name, f"{speed:.1f}" if speed else "-",
                       f"{speed / fp32:.2f}x" if speed and fp32 else "-",
                       f"{change:.0%}" if change is not None else "-", status)

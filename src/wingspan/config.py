@@ -123,12 +123,19 @@ class EngineConfig:
     """How `auto` picks the engine for a pass by timing the candidates on this machine
     (wingspan.models.engine). Measured once per model and machine, then cached."""
 
-    timing_images: int = 16  # images per timed call (fewer when the batch size is smaller)
+    # Images per timed call (fewer when the batch size is smaller). 12 kept the timing of
+    # ResNet-50 on a 2-core CPU under 5% of a default iNat head stage (16: 4.9%).
+    timing_images: int = 12
     rounds: int = 2  # timed calls per candidate, after a warm-up; the candidates take turns
     drop_above: float = 1.5  # after round 1, stop timing a candidate this much slower than the best
-    # Accuracy guard: a candidate whose top-1 differs from PyTorch fp32's on more than this
-    # share of the timing images may not be chosen (a wrong export, or bf16 too coarse).
-    max_top1_change: float = 0.1
+    # Accuracy guard: a candidate may not be chosen when, on more than `max_changed` of the
+    # timing images, its features point elsewhere than fp32's (cosine below
+    # `min_feature_cosine`; bf16 gave >= 0.997) or its top-1 class differs from fp32's where
+    # fp32's top-1 leads its runner-up by more than `top1_margin` in probability (a closer
+    # race may flip either way, and a new run's head is still random); or when it gives NaN.
+    max_changed: float = 0.1
+    min_feature_cosine: float = 0.99
+    top1_margin: float = 0.02
     cache_file: str = "engines.json"  # under default_cache_dir()
 
 

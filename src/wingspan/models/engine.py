@@ -164,7 +164,7 @@ class Choice:
     how: str  # forced (by what) | measured | cached | resumed
     images_per_s: dict[str, float] = field(default_factory=dict)  # per candidate measured
     rejected: dict[str, str] = field(default_factory=dict)  # candidate -> why not eligible
-    top1_change: dict[str, float] = field(default_factory=dict)  # against PyTorch fp32
+    changed: dict[str, float] = field(default_factory=dict)  # share against PyTorch fp32
     seconds: float = 0.0  # what measuring cost (0 when cached or forced)
     measured_on: str = ""  # date of the measurement
 
@@ -239,10 +239,13 @@ def time_calls(calls: dict[str, Callable[[torch.Tensor], object]], x: torch.Tens
                rounds: int, drop_above: float | None) -> tuple[dict[str, float], dict]:
     """Seconds per call of `x` for each candidate, and each one's output of round 1.
 
-    Each candidate first runs once on two images (allocations, kernel choice, thread
-    start-up). Then the candidates take turns, round after round, so that a slow spell on
-    a shared machine hits each alike; each keeps its fastest call. After round 1, a
-    candidate more than `drop_above` times slower than the best stops being timed."""
+    Each candidate first runs once on two images (weights' layout, thread start-up); a
+    warm-up on the full batch would cost as much as a round, and the first full call's
+    extra set-up (up to 1.5x for eager fp32) stays below `drop_above`. Then the
+    candidates take turns, round after round, so that a slow spell on a shared machine
+    hits each alike; each keeps its fastest call. After round 1, a candidate more than
+    `drop_above` times slower than the best stops being timed, and when one is left the
+    timing ends."""
     for call in calls.values():
         call(x[:2])
     best: dict[str, float] = {}
@@ -259,12 +262,44 @@ def time_calls(calls: dict[str, Callable[[torch.Tensor], object]], x: torch.Tens
         if drop_above:
             fastest = min(best[n] for n in alive)
             alive = [n for n in alive if best[n] <= drop_above * fastest]
+            if len(alive) == 1:  # a clear winner needs no more timing
+                break
     return best, outputs
 
 
-def top1_change(reference: torch.Tensor, other: torch.Tensor) -> float:
-    """Share of rows whose arg-max differs."""
-    return float((reference.argmax(1) != other.argmax(1)).float().mean())
+@torch.inference_mode()
+def guard(model, outputs: dict[str, torch.Tensor], device: torch.device,
+          reference: str = "torch-fp32") -> tuple[dict[str, float], dict[str, str]]:
+    """Each candidate's pooled features against the reference's, on the same images: the
+    share of images that changed (see EngineConfig), and why a candidate is rejected."""
+    config = EngineConfig()
+    changed, rejected = {}, {}
+    for name, out in outputs.items():
+        if not torch.isfinite(out).all():
+            rejected[name] = "gives NaN or infinite features"
+    if reference not in outputs:
+        return changed, rejected
+    was_training = model.head.training
+    model.head.eval()
+    finest = model.levels[-1]
+
+    def probs(features: torch.Tensor) -> torch.Tensor:
+        return model.head(features.to(device).float())[finest].float().softmax(1).cpu()
+
+    ref = outputs[reference].float()
+    ref_probs = probs(ref)
+    top2 = ref_probs.topk(2, dim=1).values
+    decided = (top2[:, 0] - top2[:, 1]) > config.top1_margin
+    for name, out in outputs.items():
+        cosine = torch.nn.functional.cosine_similarity(out.float(), ref, dim=1)
+        flipped = decided & (probs(out).argmax(1) != ref_probs.argmax(1))
+        changed[name] = float(((cosine < config.min_feature_cosine) | flipped).float().mean())
+        if name not in rejected and changed[name] > config.max_changed:
+            rejected[name] = (f"changes {changed[name]:.0%} of the timing images against "
+                              f"{reference} (features or top-1; at most "
+                              f"{config.max_changed:.0%} allowed)")
+    model.head.train(was_training)
+    return changed, rejected
 
 
 @lru_cache(maxsize=4)
@@ -279,6 +314,11 @@ def _butterflies(size: int, n: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
 
 
+def timing_images(batch_size: int) -> int:
+    """Images per timed call: the batch size, at most EngineConfig.timing_images."""
+    return max(2, min(batch_size, EngineConfig().timing_images))
+
+
 def timing_batch(size: int, n: int, mean, std) -> torch.Tensor:
     """The timing images, normalised as the model expects."""
     x = _butterflies(size, n).float() / 255
@@ -287,10 +327,11 @@ def timing_batch(size: int, n: int, mean, std) -> torch.Tensor:
 
 def measured_choice(seconds: dict[str, float], n: int, rejected: dict[str, str],
                     changes: dict[str, float], cost: float) -> Choice:
-    """The fastest eligible candidate, with every figure (`n` images per timed call)."""
-    eligible = {k: v for k, v in seconds.items() if k not in rejected}
+    """The fastest eligible candidate, with every figure (`n` images per timed call). If
+    every one is rejected, the model itself is broken: take the fastest, the run shows it."""
+    eligible = {k: v for k, v in seconds.items() if k not in rejected} or seconds
     name = min(eligible, key=eligible.get)
     return Choice(engine_named(name), "measured",
                   images_per_s={k: round(n / v, 1) for k, v in seconds.items()},
-                  rejected=rejected, top1_change={k: round(v, 3) for k, v in changes.items()},
+                  rejected=rejected, changed={k: round(v, 3) for k, v in changes.items()},
                   seconds=round(cost, 2), measured_on=time.strftime("%Y-%m-%d %H:%M"))

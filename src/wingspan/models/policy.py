@@ -33,10 +33,11 @@ from wingspan.models.engine import (
     EngineCache,
     candidates,
     engine_key,
+    guard,
     measured_choice,
     time_calls,
     timing_batch,
-    top1_change,
+    timing_images,
 )
 from wingspan.models.runtime import autocast, make_runner
 
@@ -48,7 +49,7 @@ class Policy:
     frozen_candidates: tuple[Engine, ...]  # for passes with frozen weights
     train_candidates: tuple[Engine, ...]  # for the training step
     left_out: dict[str, str] = field(default_factory=dict)  # engine -> why not a candidate
-    forced_by: str = ""  # the settings that narrowed the candidates
+    train_left_out: dict[str, str] = field(default_factory=dict)
     frozen: Choice | None = None  # None until measured (or read from the cache)
     train: Choice | None = None
 
@@ -107,59 +108,41 @@ class Policy:
         if self.frozen and not remeasure:
             return self
         engines = list(self.frozen_candidates)
-        key = engine_key("frozen", model.spec.name, size, batch_size, self.device, engines)
+        n = timing_images(batch_size)
+        key = engine_key("frozen", model.spec.name, size, batch_size, self.device, engines,
+                         timing_images=n)
         cache = EngineCache()
         record = None if remeasure else cache.get(key)
         if record and record.get("engine") in {e.name for e in engines}:
-            return dataclasses.replace(self, frozen=Choice.from_record(record, "cached"))
-        choice = self._measure_frozen(model, size, batch_size, engines, thorough)
+            return self.with_choice("frozen", Choice.from_record(record, "cached"))
+        choice = self._measure_frozen(model, size, n, engines, thorough)
         cache.put(key, choice.to_record())
-        return dataclasses.replace(self, frozen=choice)
+        return self.with_choice("frozen", choice)
 
-    def _measure_frozen(self, model: nn.Module, size: int, batch_size: int,
-                        engines: list[Engine], thorough: bool) -> Choice:
+    def _measure_frozen(self, model: nn.Module, size: int, n: int, engines: list[Engine],
+                        thorough: bool) -> Choice:
         """Time each candidate on the feature extractor (where the time goes), then guard
-        on the classes: each candidate's features through the head, top-1 against fp32."""
+        each one's features against PyTorch fp32's. The model is left as it was."""
         config = EngineConfig()
         start = time.perf_counter()
-        n = max(2, min(batch_size, config.timing_images))
         pre = model.preprocessing
         x = timing_batch(size, n, pre.mean, pre.std)
         features = model.feature_extractor()
-        runners, rejected = {}, {}
+        was_training = model.training
+        runners, failed = {}, {}
         with torch.random.fork_rng(devices=[]):  # leaves the run's random stream alone
             for engine in engines:
                 try:
                     runners[engine.name] = make_runner(features, size, engine, self.device,
                                                        self.channels_last, fallback=False)
                 except Exception as e:  # noqa: BLE001 - e.g. a layer ONNX cannot export
-                    rejected[engine.name] = f"cannot run this model: {str(e)[:120]}"
+                    failed[engine.name] = f"cannot run this model: {str(e)[:120]}"
             seconds, outputs = time_calls(runners, x, config.rounds + thorough,
                                           None if thorough else config.drop_above)
-            changes = self._guard(model, outputs, rejected, config.max_top1_change)
-        return measured_choice(seconds, n, rejected, changes, time.perf_counter() - start)
-
-    @torch.inference_mode()
-    def _guard(self, model: nn.Module, outputs: dict, rejected: dict, limit: float) -> dict:
-        """Top-1 change against PyTorch fp32 per candidate; too large a change rejects it."""
-        if "torch-fp32" not in outputs:
-            return {}
-        model.head.eval()
-        finest = model.levels[-1]
-
-        def top(features):
-            return model.head(features.to(self.device).float())[finest].float().cpu()
-
-        reference = top(outputs["torch-fp32"])
-        changes = {}
-        for name, out in outputs.items():
-            changes[name] = top1_change(reference, top(out))
-            if not torch.isfinite(out).all():
-                rejected[name] = "gives NaN or infinite features"
-            elif changes[name] > limit:
-                rejected[name] = (f"top-1 differs from PyTorch fp32 on {changes[name]:.0%} of "
-                                  f"the timing images (at most {limit:.0%} allowed)")
-        return changes
+            changed, rejected = guard(model, outputs, self.device)
+        model.train(was_training)
+        return measured_choice(seconds, n, {**failed, **rejected}, changed,
+                               time.perf_counter() - start)
 
     def with_choice(self, kind: str, choice: Choice) -> Policy:
         return dataclasses.replace(self, **{kind: choice})
@@ -179,17 +162,8 @@ def resolve_policy(device: str = "auto", precision: str = "auto",
                    convolutional: bool = True, runtime: str = "auto") -> Policy:
     """The device and the candidate engines. Where a setting leaves one candidate it is
     chosen; otherwise `choose_frozen` (and `wingspan.train.step.choose_train`) measure."""
-    forced = []
-    if precision == "auto" and os.environ.get(PRECISION_ENV):
-        precision = os.environ[PRECISION_ENV]
-        forced.append(f"{PRECISION_ENV}={precision}")
-    elif precision != "auto":
-        forced.append(f"precision {precision}")
-    if runtime == "auto" and os.environ.get(RUNTIME_ENV):
-        runtime = os.environ[RUNTIME_ENV]
-        forced.append(f"{RUNTIME_ENV}={runtime}")
-    elif runtime != "auto":
-        forced.append(f"runtime {runtime}")
+    precision, by_precision = _setting(precision, PRECISION_ENV, "precision")
+    runtime, by_runtime = _setting(runtime, RUNTIME_ENV, "runtime")
     if precision != "auto" and precision not in PRECISIONS:
         raise WingspanError(f"Unknown precision '{precision}'.",
                             hint=f"Use auto or one of: {', '.join(PRECISIONS)}.")
@@ -212,12 +186,23 @@ def resolve_policy(device: str = "auto", precision: str = "auto",
                             hint="pip install onnxruntime, or use --runtime torch.")
     frozen, left_out = candidates(dev, precision, runtime, train=False)
     train, train_left_out = candidates(dev, precision, runtime, train=True)
-    policy = Policy(dev, convolutional, tuple(frozen), tuple(train), left_out,
-                    ", ".join(forced))
-    for kind, engines, others in (("frozen", frozen, left_out),
-                                  ("train", train, train_left_out)):
+    policy = Policy(dev, convolutional, tuple(frozen), tuple(train), left_out, train_left_out)
+    # What narrowed each kind to one: a training step runs in PyTorch whatever the runtime.
+    for kind, engines, others, forced in (
+            ("frozen", frozen, left_out, [f for f in (by_precision, by_runtime) if f]),
+            ("train", train, train_left_out, [by_precision] if by_precision else [])):
         if len(engines) == 1:
-            why = (f"forced by {policy.forced_by}" if policy.forced_by else "the only "
-                   f"candidate; {'; '.join(f'not {k}: {v}' for k, v in others.items())}")
+            why = (f"forced by {', '.join(forced)}" if forced else "the only candidate; "
+                   + "; ".join(f"not {k}: {v}" for k, v in others.items()))
             policy = policy.with_choice(kind, Choice(engines[0], why))
     return policy
+
+
+def _setting(value: str, env: str, name: str) -> tuple[str, str]:
+    """An argument, else the environment variable, else auto; and what forced it, if any."""
+    if value != "auto":
+        return value, f"{name} {value}"
+    from_env = os.environ.get(env, "").strip()
+    if from_env and from_env != "auto":
+        return from_env, f"{env}={from_env}"
+    return "auto", ""

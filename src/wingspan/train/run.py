@@ -71,7 +71,7 @@ def resume(run_dir: str | Path, quiet: bool = False) -> Path:
     run = _start(run_dir, config, dataset, quiet, checkpoint)
     where = (f"{run.state.stage} epoch {run.state.epoch + 1}"
              + (f", batch {run.state.step + 1}" if run.state.step else ""))
-    run.log(f"Resuming {run_dir} at {where}")
+    run.log(f"Resuming {run_dir} at {where} on {run.policy.describe()}")
     return _recipe(run)
 
 
@@ -136,6 +136,8 @@ def _start(run_dir: Path, config: TrainConfig, dataset: Dataset, quiet: bool,
     state = RunState(**checkpoint["state"]) if checkpoint else RunState()
     workers = default_workers() if config.workers is None else config.workers
     policy.prepare_model(model)
+    if checkpoint:  # a resumed run that must choose again guards its own weights
+        model.load_state_dict(checkpoint["model"])
     policy = _choose_engines(policy.resumed(state.engines), model, config)
     state.engines = policy.records()
     run = Run(run_dir, config, model, policy, None, state, workers, quiet,
@@ -153,7 +155,6 @@ def _start(run_dir: Path, config: TrainConfig, dataset: Dataset, quiet: bool,
         run.log(line)
     run.data = build_train_data(plan, config, model.preprocessing, log=run.log)
     if checkpoint:
-        model.load_state_dict(checkpoint["model"])
         torch.set_rng_state(checkpoint["rng"])
     return run
 

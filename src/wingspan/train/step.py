@@ -18,26 +18,37 @@ import torch
 
 from wingspan.config import EngineConfig
 from wingspan.models.classifier import Classifier
-from wingspan.models.engine import Choice, EngineCache, engine_key, measured_choice, time_calls
+from wingspan.models.engine import (
+    Choice,
+    EngineCache,
+    engine_key,
+    engine_named,
+    guard,
+    measured_choice,
+    time_calls,
+    timing_images,
+)
 from wingspan.models.engine import timing_batch as make_timing_batch
 from wingspan.models.policy import Policy
+from wingspan.models.runtime import TorchRunner
 
 
-def finetune_forward(model: Classifier, policy: Policy, size: int
+def finetune_forward(model: Classifier, policy: Policy, size: int, prefix_runner=None
                      ) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
     """images -> outputs with gradients for the unfrozen stages. Where the frozen-pass
     engine is not PyTorch, the frozen stages in front run there (a 1.5x faster step for
-    EfficientNet-Lite2 on a 2-core CPU with ONNX Runtime)."""
+    EfficientNet-Lite2 on a 2-core CPU with ONNX Runtime); `prefix_runner` reuses one
+    already made for them."""
 
     def plain(x: torch.Tensor) -> dict[str, torch.Tensor]:
         with policy.autocast():
             return model(policy.prepare_batch(x))
 
-    split = model.backbone.split_frozen() if policy.frozen.engine.runtime != "torch" else None
+    split = _split(model, policy)
     if split is None:
         return plain
     frozen, rest = split
-    frozen_runner = policy.runner(frozen, size)
+    frozen_runner = prefix_runner or policy.runner(frozen, size)
 
     def chained(x: torch.Tensor) -> dict[str, torch.Tensor]:
         with policy.autocast():
@@ -46,35 +57,66 @@ def finetune_forward(model: Classifier, policy: Policy, size: int
     return chained
 
 
+def _split(model: Classifier, policy: Policy):
+    """(frozen prefix, rest) where the prefix runs on another engine than PyTorch."""
+    if policy.frozen.engine.runtime == "torch":
+        return None
+    return model.backbone.split_frozen()
+
+
 def choose_train(policy: Policy, model: Classifier, stages: int, size: int, batch_size: int,
                  remeasure: bool = False, thorough: bool = False) -> Policy:
     """`policy` with the training step's engine chosen for fine-tuning the last `stages`
-    stages of `model`: forced, cached, or timed now on a copy of the model and cached.
-    An engine the frozen-pass guard rejected (bf16 changing too many top-1s) is left out."""
+    stages of `model`: forced, cached, or timed now on a copy of the model and cached. A
+    precision the accuracy guard rejects (bf16 changing too many images) is not chosen."""
     if policy.train and not remeasure:
         return policy
-    rejected = policy.frozen.rejected if policy.frozen else {}
-    engines = [e for e in policy.train_candidates if e.name not in rejected]
+    frozen = policy.frozen
+    if frozen is None:  # a programming error: the prefix's engine must be known first
+        raise RuntimeError("Choose the frozen-pass engine before the training step's.")
+    engines = list(policy.train_candidates)
+    n = timing_images(batch_size)
     key = engine_key("train", model.spec.name, size, batch_size, policy.device, engines,
-                     stages=stages, train_bn=model.backbone.train_bn,
-                     frozen=policy.frozen.engine.name)
+                     timing_images=n, stages=stages, train_bn=model.backbone.train_bn,
+                     frozen=frozen.engine.name)
     cache = EngineCache()
     record = None if remeasure else cache.get(key)
     if record and record.get("engine") in {e.name for e in engines}:
         return policy.with_choice("train", Choice.from_record(record, "cached"))
     if len(engines) == 1 and not remeasure:
-        return policy.with_choice("train", Choice(engines[0], "the only candidate left"))
-    choice = _measure(policy, model, stages, size, batch_size, engines, thorough)
+        return policy.with_choice("train", Choice(engines[0], "the only candidate"))
+    choice = _measure(policy, model, stages, size, n, engines, thorough)
     cache.put(key, choice.to_record())
     return policy.with_choice("train", choice)
 
 
-def _measure(policy: Policy, model: Classifier, stages: int, size: int, batch_size: int,
+def _measure(policy: Policy, model: Classifier, stages: int, size: int, n: int,
              engines, thorough: bool) -> Choice:
+    """Time the step in each precision; guard each precision as frozen passes are guarded
+    (features against fp32's), unless the frozen-pass measurement already did."""
     start = time.perf_counter()
-    n = max(2, min(batch_size, EngineConfig().timing_images))
     seconds = time_steps(policy, model, stages, size, engines, n, thorough)
-    return measured_choice(seconds, n, {}, {}, time.perf_counter() - start)
+    changed = {k: v for k, v in policy.frozen.changed.items()
+               if k in {e.name for e in engines}}
+    rejected = {k: v for k, v in policy.frozen.rejected.items() if k in changed}
+    unguarded = [e for e in engines if e.name not in changed]
+    if unguarded and len(engines) > 1:
+        more_changed, more_rejected = _guard_precisions(policy, model, size, n, engines)
+        changed.update(more_changed)
+        rejected.update({k: v for k, v in more_rejected.items() if k not in rejected})
+    return measured_choice(seconds, n, rejected, changed, time.perf_counter() - start)
+
+
+def _guard_precisions(policy: Policy, model: Classifier, size: int, n: int, engines):
+    """Features of the timing images in each precision, against fp32's."""
+    pre = model.preprocessing
+    x = make_timing_batch(size, n, pre.mean, pre.std)
+    features = model.feature_extractor()
+    was_training = model.training
+    outputs = {e.name: TorchRunner(features, policy.device, e.dtype, policy.channels_last)(x)
+               for e in {*engines, engine_named("torch-fp32")}}
+    model.train(was_training)
+    return guard(model, outputs, policy.device)
 
 
 def time_steps(policy: Policy, model: Classifier, stages: int, size: int, engines,
@@ -89,10 +131,12 @@ def time_steps(policy: Policy, model: Classifier, stages: int, size: int, engine
         trial = copy.deepcopy(model)
         trial.backbone.unfreeze_last(stages)
         trial.train()
+        split = _split(trial, policy)
+        prefix = policy.runner(split[0], size) if split else None  # one export for all
         steps = {}
         for engine in engines:
             candidate = dataclasses.replace(policy, train=Choice(engine, "timing"))
-            steps[engine.name] = _step(trial, finetune_forward(trial, candidate, size))
+            steps[engine.name] = _step(trial, finetune_forward(trial, candidate, size, prefix))
         seconds, _ = time_calls(steps, x, config.rounds + thorough,
                                 None if thorough else config.drop_above)
     return seconds
