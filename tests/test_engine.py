@@ -84,6 +84,11 @@ def test_clearly_slower_candidates_stop_being_timed(machine):
     resolve_policy().choose_frozen(model(), 32, batch_size=8)
     # a warm-up each, then round 1 for all; round 2 only for the two close ones
     assert calls.count("torch-bf16") == 2 and calls.count("torch-fp32") == 3
+    calls.clear()
+    delays.update({"torch-fp32": 0.3, "torch-bf16": 0.3, "onnx-fp32": 0.02})
+    choice = resolve_policy().choose_frozen(model(), 32, batch_size=4).frozen
+    assert choice.engine.name == "onnx-fp32"  # a clear lead after round 1: no round 2
+    assert all(calls.count(name) == 2 for name in SLOW)
 
 
 def test_the_accuracy_guard_rejects_a_fast_but_wrong_engine(machine):

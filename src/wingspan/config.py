@@ -123,11 +123,12 @@ class EngineConfig:
     """How `auto` picks the engine for a pass by timing the candidates on this machine
     (wingspan.models.engine). Measured once per model and machine, then cached."""
 
-    # Images per timed call (fewer when the batch size is smaller). 12 kept the timing of
-    # ResNet-50 on a 2-core CPU under 5% of a default iNat head stage (16: 4.9%).
-    timing_images: int = 12
+    # Images per timed call: the pass's batch size, up to this. Not fewer: bf16 ran
+    # EfficientNet-Lite2 at 75 images/s on batches of 12 but 30-47 on batches of 64, where
+    # ONNX Runtime kept 65, so a small timing batch picked the slower engine (2-core EPYC).
+    timing_images: int = 64
     rounds: int = 2  # timed calls per candidate, after a warm-up; the candidates take turns
-    drop_above: float = 1.5  # after round 1, stop timing a candidate this much slower than the best
+    near_tie: float = 1.25  # after round 1, only candidates this close to the best go on
     # Accuracy guard: a candidate may not be chosen when, on more than `max_changed` of the
     # timing images, its features point elsewhere than fp32's (cosine below
     # `min_feature_cosine`; bf16 gave >= 0.997) or its top-1 class differs from fp32's where

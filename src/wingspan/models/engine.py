@@ -236,18 +236,17 @@ class EngineCache:
 # --- measuring ----------------------------------------------------------------------------
 
 def time_calls(calls: dict[str, Callable[[torch.Tensor], object]], x: torch.Tensor,
-               rounds: int, drop_above: float | None) -> tuple[dict[str, float], dict]:
+               rounds: int, near_tie: float | None) -> tuple[dict[str, float], dict]:
     """Seconds per call of `x` for each candidate, and each one's output of round 1.
 
-    Each candidate first runs once on two images (weights' layout, thread start-up); a
-    warm-up on the full batch would cost as much as a round, and the first full call's
-    extra set-up (up to 1.5x for eager fp32) stays below `drop_above`. Then the
-    candidates take turns, round after round, so that a slow spell on a shared machine
-    hits each alike; each keeps its fastest call. After round 1, a candidate more than
-    `drop_above` times slower than the best stops being timed, and when one is left the
-    timing ends."""
+    Each candidate first runs once on `x` itself: the first call at a new batch shape sets
+    up memory and kernels (ONNX Runtime's first call on 64 images was 1.4-2x slower than
+    the next), and one on fewer images left that set-up in round 1 and picked the slower
+    engine. Then the candidates take turns, round after round, so that a slow spell on a
+    shared machine hits each alike; each keeps its fastest call. After round 1, only the
+    candidates within `near_tie` of the best are timed again; alone, the best is done."""
     for call in calls.values():
-        call(x[:2])
+        call(x)
     best: dict[str, float] = {}
     outputs: dict = {}
     alive = list(calls)
@@ -259,10 +258,10 @@ def time_calls(calls: dict[str, Callable[[torch.Tensor], object]], x: torch.Tens
             best[name] = min(best.get(name, seconds), seconds)
             if r == 0:
                 outputs[name] = out
-        if drop_above:
+        if near_tie:
             fastest = min(best[n] for n in alive)
-            alive = [n for n in alive if best[n] <= drop_above * fastest]
-            if len(alive) == 1:  # a clear winner needs no more timing
+            alive = [n for n in alive if best[n] <= near_tie * fastest]
+            if len(alive) == 1:
                 break
     return best, outputs
 
@@ -304,14 +303,20 @@ def guard(model, outputs: dict[str, torch.Tensor], device: torch.device,
 
 @lru_cache(maxsize=4)
 def _butterflies(size: int, n: int) -> torch.Tensor:
-    """`n` synthetic butterfly photos as uint8 (n, 3, size, size): image-like and the same
-    everywhere, so a measurement needs no data and its guard sees real structure."""
+    """`n` synthetic butterfly photos as float (n, 3, size, size) in [0, 1]: image-like and
+    the same everywhere, so a measurement needs no data and its guard sees real structure.
+    16 distinct ones at most, drawn at up to 128 px and repeated (drawing 32 at 224 px took
+    1.3 s, a sizeable part of what the timing may cost)."""
     from wingspan.data.demo import SPECIES, draw_butterfly
 
     rng = np.random.default_rng(0)
-    images = [np.asarray(draw_butterfly(SPECIES[i % len(SPECIES)], size, rng))
-              for i in range(n)]
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    drawn = min(n, 16)
+    images = [np.asarray(draw_butterfly(SPECIES[i % len(SPECIES)], min(size, 128), rng))
+              for i in range(drawn)]
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear",
+                                        align_corners=False)
+    return x.repeat((n + drawn - 1) // drawn, 1, 1, 1)[:n].contiguous()
 
 
 def timing_images(batch_size: int) -> int:
@@ -321,7 +326,7 @@ def timing_images(batch_size: int) -> int:
 
 def timing_batch(size: int, n: int, mean, std) -> torch.Tensor:
     """The timing images, normalised as the model expects."""
-    x = _butterflies(size, n).float() / 255
+    x = _butterflies(size, n)
     return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 

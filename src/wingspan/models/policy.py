@@ -138,7 +138,7 @@ class Policy:
                 except Exception as e:  # noqa: BLE001 - e.g. a layer ONNX cannot export
                     failed[engine.name] = f"cannot run this model: {str(e)[:120]}"
             seconds, outputs = time_calls(runners, x, config.rounds + thorough,
-                                          None if thorough else config.drop_above)
+                                          None if thorough else config.near_tie)
             changed, rejected = guard(model, outputs, self.device)
         model.train(was_training)
         return measured_choice(seconds, n, {**failed, **rejected}, changed,

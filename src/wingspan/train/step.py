@@ -138,7 +138,7 @@ def time_steps(policy: Policy, model: Classifier, stages: int, size: int, engine
             candidate = dataclasses.replace(policy, train=Choice(engine, "timing"))
             steps[engine.name] = _step(trial, finetune_forward(trial, candidate, size, prefix))
         seconds, _ = time_calls(steps, x, config.rounds + thorough,
-                                None if thorough else config.drop_above)
+                                None if thorough else config.near_tie)
     return seconds
 
 
