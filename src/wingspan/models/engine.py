@@ -237,27 +237,33 @@ class EngineCache:
 
 def time_calls(calls: dict[str, Callable[[torch.Tensor], object]], x: torch.Tensor,
                rounds: int, near_tie: float | None) -> tuple[dict[str, float], dict]:
-    """Seconds per call of `x` for each candidate, and each one's output of round 1.
+    """Seconds per call of `x` for each candidate, and each one's output.
 
     Each candidate first runs once on `x` itself: the first call at a new batch shape sets
     up memory and kernels (ONNX Runtime's first call on 64 images was 1.4-2x slower than
     the next), and one on fewer images left that set-up in round 1 and picked the slower
-    engine. Then the candidates take turns, round after round, so that a slow spell on a
-    shared machine hits each alike; each keeps its fastest call. After round 1, only the
-    candidates within `near_tie` of the best are timed again; alone, the best is done."""
-    for call in calls.values():
-        call(x)
+    engine. That first call was at most 2x slower than the next in every case measured,
+    so a candidate whose warm-up took over twice the fastest warm-up is not timed further
+    (its figure is that warm-up). Then the candidates take turns, round after round, so
+    that a slow spell on a shared machine hits each alike; each keeps its fastest call.
+    After round 1, only the candidates within `near_tie` of the best are timed again;
+    alone, the best is done. Without `near_tie` every candidate runs every round."""
+    warm, outputs = {}, {}
+    for name, call in calls.items():
+        start = time.perf_counter()
+        outputs[name] = call(x)
+        warm[name] = time.perf_counter() - start
     best: dict[str, float] = {}
-    outputs: dict = {}
     alive = list(calls)
-    for r in range(rounds):
+    if near_tie:  # a warm-up over twice the fastest one's cannot win: go on without it
+        alive = [n for n in alive if warm[n] <= 2 * min(warm.values())]
+        best.update({n: warm[n] for n in calls if n not in alive})
+    for _ in range(rounds):
         for name in alive:
             start = time.perf_counter()
-            out = calls[name](x)
+            calls[name](x)
             seconds = time.perf_counter() - start
             best[name] = min(best.get(name, seconds), seconds)
-            if r == 0:
-                outputs[name] = out
         if near_tie:
             fastest = min(best[n] for n in alive)
             alive = [n for n in alive if best[n] <= near_tie * fastest]
