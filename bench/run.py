@@ -157,7 +157,8 @@ def inference(backbones: list[str], smoke: bool) -> tuple[list[dict], list[dict]
                                            device, channels_last=False))
             else:
                 runners.append(make_runner(policy.prepare_model(copy.deepcopy(model)), size,
-                                           engine, device, policy.channels_last))
+                                           engine, device, policy.channels_last,
+                                           fallback=False))  # never time torch as onnx
             setups.append(time.perf_counter() - start)
             modes.append(engine)
         speeds = _speed(runners, size, batch, 1 if smoke else 3)
