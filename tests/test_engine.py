@@ -78,6 +78,18 @@ def test_the_fastest_candidate_wins_and_is_cached(machine, tmp_path):
     assert len(json.loads((tmp_path / "cache" / "engines.json").read_text())) == 2
 
 
+def test_another_cpu_with_the_same_name_measures_again(machine, monkeypatch):
+    """VMs call an AVX2-only EPYC and an AVX-512-bf16 one both "AMD EPYC"."""
+    from wingspan.models import engine as engine_module
+
+    _, calls, _ = machine
+    net = model()
+    assert resolve_policy().choose_frozen(net, 32, 8).frozen.how == "measured"
+    assert resolve_policy().choose_frozen(net, 32, 8).frozen.how == "cached"
+    monkeypatch.setattr(engine_module, "cpu_flags", lambda: frozenset({"amx_bf16", "avx512f"}))
+    assert resolve_policy().choose_frozen(net, 32, 8).frozen.how == "measured"
+
+
 def test_clearly_slower_candidates_stop_being_timed(machine):
     delays, calls, _ = machine
     delays.update({"torch-fp32": 0.1, "torch-bf16": 0.6, "onnx-fp32": 0.1})

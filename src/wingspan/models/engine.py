@@ -195,8 +195,13 @@ def engine_key(kind: str, model: str, size: int, batch_size: int, device: torch.
         import onnxruntime
 
         ort = onnxruntime.__version__
+    # The CPU's name alone is not enough: VMs here report "AMD EPYC" for an AVX2-only part
+    # and for one with AVX-512 bf16, where the fastest engines differ.
+    fast = sorted({"avx2", "avx512f", "avx512_bf16", "amx_bf16"} & cpu_flags())
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
-             else f"{cpu_name()} x{os.cpu_count()}, {torch.get_num_threads()} threads")
+             else f"{cpu_name()} ({' '.join(fast)}; torch "
+             f"{torch.backends.cpu.get_cpu_capability()}) x{os.cpu_count()}, "
+             f"{torch.get_num_threads()} threads")
     return {"kind": kind, "model": model, "size": size, "batch_size": batch_size,
             "device": f"{device.type}: {where}", "torch": torch.__version__,
             "onnxruntime": ort, "timm": timm.__version__,
