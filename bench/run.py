@@ -268,9 +268,14 @@ def main(argv=None) -> None:
                          for b in args.backbones]
             results["training"] = [compare_training(d, b, work, args.smoke) for d, b in pairs]
         if "inference" in parts:
+            # Its own engine cache: these choices are timed on random weights and must not
+            # replace the ones a user's runs made (the decoded-image cache stays shared).
+            saved_cache = os.environ["WINGSPAN_CACHE"]
+            os.environ["WINGSPAN_CACHE"] = str(work / "engine-cache")
             results["inference"], results["training_step"] = inference(
                 ["test_efficientnet"] if args.smoke else
                 ["resnet50", "efficientnet_lite0", "efficientnet_lite2"], args.smoke)
+            os.environ["WINGSPAN_CACHE"] = saved_cache
         if "scaling" in parts:
             results["scaling"] = scaling([48, 96] if args.smoke else [1000, 4000, 16000],
                                          work, args.smoke)

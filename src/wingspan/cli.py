@@ -381,7 +381,8 @@ def predict_command(
     from wingspan.inference import Predictor
     from wingspan.predict import predict, write_predictions
 
-    predictor = Predictor(model, batch_size=batch_size, runtime=runtime, precision=precision)
+    predictor = Predictor(model, batch_size=batch_size, runtime=runtime, precision=precision,
+                          progress=not quiet)
     if not quiet:
         err.print(f"Engine: {predictor.policy.describe()}", highlight=False)
     result = predict(predictor, paths, top_k, tta, progress=not quiet)

@@ -64,7 +64,8 @@ class Predictor:
     """A loaded bundle with its preprocessing, precision policy and calibration."""
 
     def __init__(self, model: str | Path, device: str = "auto", precision: str = "auto",
-                 batch_size: int = 32, workers: int | None = None, runtime: str = "auto"):
+                 batch_size: int = 32, workers: int | None = None, runtime: str = "auto",
+                 progress: bool = False):
         self.bundle = find_bundle(model)
         self.model, self.manifest = load_bundle(self.bundle)
         self.level = list(self.manifest["classes"])[-1]
@@ -77,7 +78,7 @@ class Predictor:
         self.size = int(pre["input_size"])
         policy = resolve_policy(device, precision, runtime=runtime)
         policy.prepare_model(self.model)
-        self.policy = policy.choose_frozen(self.model, self.size, batch_size)
+        self.policy = policy.choose_frozen(self.model, self.size, batch_size, progress=progress)
         self.batch_size = batch_size
         self.workers = default_workers() if workers is None else workers
         self.config = AugmentConfig(image_size=self.size, eval_crop=float(pre["crop_pct"]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 from rich.console import Console
@@ -29,6 +30,16 @@ def track(items: Iterable[T], description: str, total: int | None = None,
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         yield from progress.track(items, total=total, description=description)
+
+
+@contextmanager
+def status(description: str, enabled: bool = True) -> Iterator[None]:
+    """A spinner with a message on stderr while work with no count runs."""
+    if not enabled:
+        yield
+        return
+    with console.status(description):
+        yield
 
 
 class Bar:

@@ -46,7 +46,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
              batch_size: int = 32, workers: int | None = None, runtime: str = "auto",
              precision: str = "auto") -> Evaluation:
     predictor = Predictor(model, batch_size=batch_size, workers=workers, runtime=runtime,
-                          precision=precision)
+                          precision=precision, progress=progress)
     run_dir = predictor.bundle.parent if (predictor.bundle.parent / "config.yaml").is_file() \
         else None
     dataset = _dataset(data, run_dir)

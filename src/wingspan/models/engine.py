@@ -98,7 +98,7 @@ def native_bf16(device: torch.device) -> bool:
     return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
 
 
-def _runs(engine: Engine, device: torch.device, train: bool) -> str:
+def cannot_run(engine: Engine, device: torch.device, train: bool) -> str:
     """Why `engine` cannot run on `device` (for a training step if `train`), or ''."""
     if engine.runtime == "onnx":
         if train:
@@ -114,7 +114,7 @@ def _runs(engine: Engine, device: torch.device, train: bool) -> str:
     return ""
 
 
-def _native(engine: Engine, device: torch.device, train: bool) -> str:
+def auto_leaves_out(engine: Engine, device: torch.device, train: bool) -> str:
     """Why `auto` leaves out an engine that could run, or ''."""
     if engine.precision == "bf16" and not native_bf16(device):
         return "bf16 is emulated here (no AMX / AVX-512 bf16), several times slower"
@@ -131,13 +131,13 @@ def candidates(device: torch.device, precision: str, runtime: str, train: bool
     step the runtime is always PyTorch. An empty list is an error that says why."""
     chosen, left_out = [], {}
     for engine in ENGINES:
-        why = _runs(engine, device, train)
+        why = cannot_run(engine, device, train)
         if not why and precision != "auto" and engine.precision != precision:
             why = f"precision {precision} was asked for"
         if not why and not train and runtime != "auto" and engine.runtime != runtime:
             why = f"runtime {runtime} was asked for"
         if not why and precision == "auto":
-            why = _native(engine, device, train)
+            why = auto_leaves_out(engine, device, train)
         if why:
             left_out[engine.name] = why
         else:
@@ -145,7 +145,7 @@ def candidates(device: torch.device, precision: str, runtime: str, train: bool
     if not chosen:
         asked = [e for e in ENGINES if (precision in ("auto", e.precision)) and
                  (train or runtime in ("auto", e.runtime))]
-        reasons = "; ".join(sorted({_runs(e, device, train) for e in asked} - {""}))
+        reasons = "; ".join(sorted({cannot_run(e, device, train) for e in asked} - {""}))
         raise WingspanError(
             f"Nothing can run precision {precision} with runtime {runtime} on {device.type}"
             + (f": {reasons}." if reasons else "."),
@@ -161,7 +161,7 @@ class Choice:
     """The engine for one kind of pass, and why: forced, measured now, or cached."""
 
     engine: Engine
-    how: str  # forced (by what) | measured | cached | resumed
+    how: str  # forced by ... | the only candidate... | measured | cached | as the run began
     images_per_s: dict[str, float] = field(default_factory=dict)  # per candidate measured
     rejected: dict[str, str] = field(default_factory=dict)  # candidate -> why not eligible
     changed: dict[str, float] = field(default_factory=dict)  # share against PyTorch fp32

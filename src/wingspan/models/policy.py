@@ -26,12 +26,15 @@ from wingspan.config import PRECISION_ENV, RUNTIME_ENV, EngineConfig
 from wingspan.errors import WingspanError
 from wingspan.models import engine
 from wingspan.models.engine import (
+    ENGINES,
     PRECISIONS,
     RUNTIMES,
     Choice,
     Engine,
     EngineCache,
+    auto_leaves_out,
     candidates,
+    cannot_run,
     engine_key,
     guard,
     measured_choice,
@@ -40,6 +43,7 @@ from wingspan.models.engine import (
     timing_images,
 )
 from wingspan.models.runtime import autocast, make_runner
+from wingspan.progress import status
 
 
 @dataclass(frozen=True)
@@ -101,10 +105,12 @@ class Policy:
     # -- choosing ------------------------------------------------------------------------
 
     def choose_frozen(self, model: nn.Module, size: int, batch_size: int,
-                      remeasure: bool = False, thorough: bool = False) -> Policy:
+                      remeasure: bool = False, thorough: bool = False,
+                      progress: bool = False) -> Policy:
         """This policy with the engine for frozen passes of `model` (a Classifier) chosen:
         forced, cached, or measured now and cached. `remeasure` ignores the cache;
-        `thorough` times every candidate fully (no early drop, one more round)."""
+        `thorough` times every candidate fully (no early drop, one more round); `progress`
+        shows a message while timing."""
         if self.frozen and not remeasure:
             return self
         engines = list(self.frozen_candidates)
@@ -115,7 +121,9 @@ class Policy:
         record = None if remeasure else cache.get(key)
         if record and record.get("engine") in {e.name for e in engines}:
             return self.with_choice("frozen", Choice.from_record(record, "cached"))
-        choice = self._measure_frozen(model, size, n, engines, thorough)
+        with status(f"Timing {', '.join(e.name for e in engines)} for {model.spec.name} "
+                    "(once per model and machine)", progress):
+            choice = self._measure_frozen(model, size, n, engines, thorough)
         cache.put(key, choice.to_record())
         return self.with_choice("frozen", choice)
 
@@ -192,8 +200,12 @@ def resolve_policy(device: str = "auto", precision: str = "auto",
             ("frozen", frozen, left_out, [f for f in (by_precision, by_runtime) if f]),
             ("train", train, train_left_out, [by_precision] if by_precision else [])):
         if len(engines) == 1:
-            why = (f"forced by {', '.join(forced)}" if forced else "the only candidate; "
-                   + "; ".join(f"not {k}: {v}" for k, v in others.items()))
+            # Name what auto left out (emulated bf16), not what cannot run here at all.
+            skipped = [f"not {e.name}: {others[e.name]}" for e in ENGINES
+                       if e.name in others and not cannot_run(e, dev, kind == "train")
+                       and auto_leaves_out(e, dev, kind == "train")]
+            why = (f"forced by {', '.join(forced)}" if forced else
+                   "; ".join(["the only candidate", *skipped]))
             policy = policy.with_choice(kind, Choice(engines[0], why))
     return policy
 

@@ -138,7 +138,7 @@ def _start(run_dir: Path, config: TrainConfig, dataset: Dataset, quiet: bool,
     policy.prepare_model(model)
     if checkpoint:  # a resumed run that must choose again guards its own weights
         model.load_state_dict(checkpoint["model"])
-    policy = _choose_engines(policy.resumed(state.engines), model, config)
+    policy = _choose_engines(policy.resumed(state.engines), model, config, not quiet)
     state.engines = policy.records()
     run = Run(run_dir, config, model, policy, None, state, workers, quiet,
               weights_source=loaded.describe() if loaded else config.weights,
@@ -159,15 +159,17 @@ def _start(run_dir: Path, config: TrainConfig, dataset: Dataset, quiet: bool,
     return run
 
 
-def _choose_engines(policy: Policy, model: Classifier, config: TrainConfig) -> Policy:
+def _choose_engines(policy: Policy, model: Classifier, config: TrainConfig,
+                    progress: bool) -> Policy:
     """The engines for frozen passes and, if the run fine-tunes, for its training step:
     forced, cached, or timed now (once per model and machine; see wingspan.models.engine).
     Timing leaves the model and the random stream as they were."""
     size = model.preprocessing.input_size
-    policy = policy.choose_frozen(model, size, config.batch_size)
+    policy = policy.choose_frozen(model, size, config.batch_size, progress=progress)
     if config.epochs_finetune:
         stages = model.spec.unfreeze if config.unfreeze is None else config.unfreeze
-        policy = choose_train(policy, model, stages, size, config.batch_size)
+        policy = choose_train(policy, model, stages, size, config.batch_size,
+                              progress=progress)
     return policy
 
 

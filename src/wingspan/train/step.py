@@ -31,6 +31,7 @@ from wingspan.models.engine import (
 from wingspan.models.engine import timing_batch as make_timing_batch
 from wingspan.models.policy import Policy
 from wingspan.models.runtime import TorchRunner
+from wingspan.progress import status
 
 
 def finetune_forward(model: Classifier, policy: Policy, size: int, prefix_runner=None
@@ -65,7 +66,8 @@ def _split(model: Classifier, policy: Policy):
 
 
 def choose_train(policy: Policy, model: Classifier, stages: int, size: int, batch_size: int,
-                 remeasure: bool = False, thorough: bool = False) -> Policy:
+                 remeasure: bool = False, thorough: bool = False, progress: bool = False
+                 ) -> Policy:
     """`policy` with the training step's engine chosen for fine-tuning the last `stages`
     stages of `model`: forced, cached, or timed now on a copy of the model and cached. A
     precision the accuracy guard rejects (bf16 changing too many images) is not chosen."""
@@ -85,7 +87,9 @@ def choose_train(policy: Policy, model: Classifier, stages: int, size: int, batc
         return policy.with_choice("train", Choice.from_record(record, "cached"))
     if len(engines) == 1 and not remeasure:
         return policy.with_choice("train", Choice(engines[0], "the only candidate"))
-    choice = _measure(policy, model, stages, size, n, engines, thorough)
+    with status(f"Timing the training step in {', '.join(e.name for e in engines)} "
+                "(once per model and machine)", progress):
+        choice = _measure(policy, model, stages, size, n, engines, thorough)
     cache.put(key, choice.to_record())
     return policy.with_choice("train", choice)
 
