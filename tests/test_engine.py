@@ -176,12 +176,12 @@ def test_a_resumed_run_keeps_its_engines_where_they_still_run(machine, monkeypat
     policy = resolve_policy().choose_frozen(model(), 32, 8)
     policy = choose_train(policy, model(), 2, 32, 8)
     records = policy.records()
-    resumed = resolve_policy().resumed(records)
+    resumed = resolve_policy().adopt(records)
     assert resumed.frozen.engine == policy.frozen.engine
     assert resumed.train.how == "as the run began"
     monkeypatch.setattr(engine_module, "cpu_flags", lambda: frozenset({"avx2"}))
     records["train"]["engine"] = "torch-bf16"
-    assert resolve_policy().resumed(records).train.engine.name == "torch-fp32"
+    assert resolve_policy().adopt(records).train.engine.name == "torch-fp32"
 
 
 @pytest.mark.policy

@@ -14,6 +14,7 @@ from wingspan.config import TrainConfig
 from wingspan.data import read_dataset
 from wingspan.errors import WingspanError
 from wingspan.models import load_bundle
+from wingspan.parallel import local_fabric
 from wingspan.train import resume, train
 from wingspan.train.run import _start
 from wingspan.train.stages import finetune, loss_fn, train_head
@@ -72,7 +73,8 @@ def _prepared_run(demo_dir, tmp_path, **changes):
     dataset = ensure_splits(read_dataset(demo_dir), "label", config, log=lambda _: None)
     run_dir = tmp_path / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
-    return _start(run_dir, config, dataset, quiet=True, checkpoint=None)
+    return _start(run_dir, config, dataset, quiet=True, checkpoint=None,
+                  fabric=local_fabric("cpu"))
 
 
 def _changed(before, model):

@@ -55,6 +55,15 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 Runtime = Annotated[str, typer.Option(
     help="Engine for passes with frozen weights: auto (the fastest, measured once per model "
     "and machine; see `wingspan doctor`) | torch | onnx. $WINGSPAN_RUNTIME sets auto.")]
+DeviceOpt = Annotated[str, typer.Option(
+    "--device", help="auto (a GPU when there is one) | cpu | cuda | cuda:N.")]
+Devices = Annotated[int | None, typer.Option(
+    help="Processes on this machine, one per GPU (or CPU processes): Lightning Fabric starts "
+    "them (default: as torchrun started them, else 1).", show_default=False)]
+Nodes = Annotated[int | None, typer.Option(
+    help="Machines in the run (run the same command on each, or under SLURM / torchrun).",
+    show_default=False)]
+Strategy = Annotated[str, typer.Option(help="auto | ddp.")]
 Precision = Annotated[str, typer.Option(
     help="auto (measured, like --runtime) | fp32 | bf16 | fp16. $WINGSPAN_PRECISION sets "
     "auto.")]
@@ -239,7 +248,13 @@ def train_command(
     patience: Annotated[int, typer.Option(help="Early stopping patience (epochs).")]
     = T.patience,
     seed: Annotated[int, typer.Option(help="Random seed.")] = T.seed,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = T.device,
+    device: DeviceOpt = T.device,
+    devices: Devices = None,
+    nodes: Nodes = None,
+    strategy: Strategy = T.strategy,
+    compile: Annotated[bool, typer.Option(
+        "--compile", help="torch.compile the fine-tuned layers (slow to start; pays on long "
+        "runs on a GPU).")] = T.compile,
     precision: Precision = T.precision,
     runtime: Runtime = T.runtime,
     workers: Annotated[int | None, typer.Option(help="Data workers (default: per machine).")]
@@ -263,8 +278,10 @@ def train_command(
     """
     from wingspan import train as training
 
-    if resume:
-        run_dir = training.resume(resume, quiet=quiet)
+    if resume:  # only where it runs may change
+        machine = {k: v for k, v in ctx.params.items() if k in training.MACHINE_SETTINGS
+                   and ctx.get_parameter_source(k).name == "COMMANDLINE"}
+        run_dir = training.resume(resume, quiet=quiet, **machine)
     else:
         if data is None:
             raise WingspanError("Give DATA to train on (or --resume RUN).")
@@ -284,7 +301,15 @@ def train_command(
                                    if k in TrainConfig.__dataclass_fields__}))
         dataset = _read(data, format, group_regex, strict)
         run_dir = training.train(dataset, settings, runs_dir, name, quiet)
-    _print_run(run_dir)
+    if _is_main_process():
+        _print_run(run_dir)
+
+
+def _is_main_process() -> bool:
+    """False in the ranks above 0 of a distributed run: they print nothing."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _print_run(run_dir: Path) -> None:
@@ -314,6 +339,7 @@ def evaluate_command(
     calibrate: Annotated[bool, typer.Option(
         help="Fit a temperature on the val split and store it in the bundle.")] = True,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = T.batch_size,
+    device: DeviceOpt = T.device,
     precision: Precision = T.precision,
     runtime: Runtime = T.runtime,
     quiet: Quiet = False,
@@ -322,7 +348,8 @@ def evaluate_command(
     from wingspan.evaluate.run import evaluate
 
     result = evaluate(model, data, split, out_dir, calibrate, progress=not quiet,
-                      batch_size=batch_size, runtime=runtime, precision=precision)
+                      batch_size=batch_size, runtime=runtime, precision=precision,
+                      device=device)
     _print_evaluation(result)
 
 
@@ -371,21 +398,35 @@ def predict_command(
     tta: Annotated[bool, typer.Option(help="Test-time augmentation: average flips and "
                                       "crops.")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = T.batch_size,
+    device: DeviceOpt = T.device,
+    devices: Devices = None,
+    nodes: Nodes = None,
+    strategy: Strategy = T.strategy,
     precision: Precision = T.precision,
     runtime: Runtime = T.runtime,
     quiet: Quiet = False,
 ) -> None:
-    """Predict the classes of images, with calibrated probabilities."""
+    """Predict the classes of images, with calibrated probabilities. With --devices N (or
+    under torchrun) the images are shared among the processes; one merged, ordered output."""
     from rich.table import Table
 
     from wingspan.inference import Predictor
+    from wingspan.parallel import Processes
     from wingspan.predict import predict, write_predictions
 
-    predictor = Predictor(model, batch_size=batch_size, runtime=runtime, precision=precision,
-                          progress=not quiet)
+    processes = Processes(device, devices, nodes, strategy)
+    per_machine, machines = processes.world()
+    fabric = processes.fabric() if per_machine * machines > 1 else None
+    main = fabric is None or fabric.is_global_zero
+    quiet = quiet or not main
+    predictor = Predictor(model, device=device, batch_size=batch_size, runtime=runtime,
+                          precision=precision, progress=not quiet, fabric=fabric)
     if not quiet:
-        err.print(f"Engine: {predictor.policy.describe()}", highlight=False)
-    result = predict(predictor, paths, top_k, tta, progress=not quiet)
+        err.print(f"Engine: {predictor.policy.describe()}"
+                  + (f"; {fabric.world_size} processes" if fabric else ""), highlight=False)
+    result = predict(predictor, paths, top_k, tta, progress=not quiet, fabric=fabric)
+    if not main:
+        return
     hierarchical = predictor.taxonomy is not None
     table = Table("image", "prediction", "probability",
                   "taxonomy (probability per level)" if hierarchical else f"top {top_k}")

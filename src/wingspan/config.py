@@ -209,8 +209,12 @@ class TrainConfig:
     label_smoothing: float = 0.1
     patience: int = 8  # epochs without a better val macro-F1 before stopping a stage
     seed: int = 0
-    # machine
-    device: str = "auto"
+    # machine (a resumed run may change these)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    devices: int | None = None  # processes (GPUs) per machine; None: as torchrun set, else 1
+    nodes: int | None = None  # machines; None: as torchrun set, else 1
+    strategy: str = "auto"  # auto | ddp (wingspan.parallel)
+    compile: bool = False  # torch.compile the fine-tuned part of the model
     precision: str = "auto"  # auto (measured) | fp32 | bf16 | fp16; or $WINGSPAN_PRECISION
     runtime: str = "auto"  # frozen-weight passes: auto | torch | onnx; or $WINGSPAN_RUNTIME
     workers: int | None = None  # None: sized to the machine
@@ -247,6 +251,9 @@ class TrainConfig:
             _check(self.image_size >= 16, "image_size", "at least 16 pixels", self.image_size)
         if self.workers is not None:
             _check(self.workers >= 0, "workers", "0 or more", self.workers)
+        for name in ("devices", "nodes"):
+            if getattr(self, name) is not None:
+                _check(getattr(self, name) >= 1, name, "at least 1", getattr(self, name))
         SplitConfig(val_fraction=self.val_fraction, test_fraction=self.test_fraction)
         if self.levels is not None:
             _check(len(self.levels) >= 1 and len(set(self.levels)) == len(self.levels),

@@ -61,11 +61,13 @@ class Prediction:
 
 
 class Predictor:
-    """A loaded bundle with its preprocessing, precision policy and calibration."""
+    """A loaded bundle with its preprocessing, precision policy and calibration. With a
+    `fabric` (a distributed predict) it runs on that process's device, and rank 0 chooses
+    the engine for all."""
 
     def __init__(self, model: str | Path, device: str = "auto", precision: str = "auto",
                  batch_size: int = 32, workers: int | None = None, runtime: str = "auto",
-                 progress: bool = False):
+                 progress: bool = False, fabric=None):
         self.bundle = find_bundle(model)
         self.model, self.manifest = load_bundle(self.bundle)
         self.level = list(self.manifest["classes"])[-1]
@@ -76,9 +78,16 @@ class Predictor:
         self.rare: dict[str, str] = self.manifest.get("training", {}).get("rare_classes") or {}
         pre = self.manifest["preprocessing"]
         self.size = int(pre["input_size"])
-        policy = resolve_policy(device, precision, runtime=runtime)
+        main = fabric is None or fabric.is_global_zero
+        policy = resolve_policy(str(fabric.device) if fabric else device, precision,
+                                runtime=runtime)
         policy.prepare_model(self.model)
-        self.policy = policy.choose_frozen(self.model, self.size, batch_size, progress=progress)
+        chosen = (policy.choose_frozen(self.model, self.size, batch_size, progress=progress)
+                  if main else None)
+        if fabric is not None and fabric.world_size > 1:
+            records = fabric.broadcast(chosen.records() if chosen else None)
+            chosen = chosen or policy.adopt(records, "as rank 0 chose")
+        self.policy = chosen
         self.batch_size = batch_size
         self.workers = default_workers() if workers is None else workers
         self.config = AugmentConfig(image_size=self.size, eval_crop=float(pre["crop_pct"]))

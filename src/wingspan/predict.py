@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from wingspan.config import IMAGE_EXTENSIONS
-from wingspan.inference import Predictor
+from wingspan.inference import Prediction, Predictor
+from wingspan.parallel import gather_objects, interleave, shard
 
 
 def expand_paths(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -52,11 +53,22 @@ class PredictResult:
 
 
 def predict(predictor: Predictor, inputs: list[str], top_k: int = 3, tta: bool = False,
-            progress: bool = True) -> PredictResult:
+            progress: bool = True, fabric=None) -> PredictResult:
+    """Predictions for every image the inputs name, in order. With a `fabric` of several
+    processes each rank predicts every world_size-th image and every rank returns all the
+    rows, in order (rank 0 writes them)."""
     paths, failed = expand_paths(inputs)
     result = PredictResult(failed=list(failed))
     k = min(top_k, len(predictor.classes))
-    for p in predictor.run(paths, tta=tta, progress=progress):
+    if fabric is not None and fabric.world_size > 1:
+        mine = [paths[i] for i in shard(len(paths), fabric)]
+        ours = list(predictor.run(mine, tta=tta, progress=progress and fabric.is_global_zero))
+        predictions: list[Prediction] = interleave(gather_objects(fabric, ours))
+        speeds = gather_objects(fabric, [predictor.images_per_second])
+        predictor.images_per_second = sum(s[0] for s in speeds)
+    else:
+        predictions = predictor.run(paths, tta=tta, progress=progress)
+    for p in predictions:
         if p.error:
             result.failed.append((p.path, p.error))
             continue

@@ -44,9 +44,9 @@ class Evaluation:
 def evaluate(model: str | Path, data: str | Path | None = None, split: str | None = None,
              out: str | Path | None = None, calibrate: bool = True, progress: bool = True,
              batch_size: int = 32, workers: int | None = None, runtime: str = "auto",
-             precision: str = "auto") -> Evaluation:
-    predictor = Predictor(model, batch_size=batch_size, workers=workers, runtime=runtime,
-                          precision=precision, progress=progress)
+             precision: str = "auto", device: str = "auto") -> Evaluation:
+    predictor = Predictor(model, device=device, batch_size=batch_size, workers=workers,
+                          runtime=runtime, precision=precision, progress=progress)
     run_dir = predictor.bundle.parent if (predictor.bundle.parent / "config.yaml").is_file() \
         else None
     dataset = _dataset(data, run_dir)

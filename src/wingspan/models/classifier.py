@@ -60,6 +60,15 @@ class Classifier(nn.Module):
         """images -> pooled features, as a module of its own (shares the weights)."""
         return nn.Sequential(self.backbone, self.head.pool)
 
+    def group_matcher(self, coarse: bool = False):
+        """timm's interface for layer-wise learning-rate decay: a parameter's name -> its
+        stage's ordinal (stem 0, ..., the head last). Stages whatever `coarse`, as the
+        recipe decays per stage."""
+        stage_of = {f"backbone.net.{name}": i
+                    for i, names in enumerate(self.backbone.stages.values()) for name in names}
+        head = len(self.backbone.stages)
+        return lambda name: stage_of.get(name, head)
+
     @property
     def levels(self) -> list[str]:
         """Output names, coarse to fine."""

@@ -118,8 +118,6 @@ def auto_leaves_out(engine: Engine, device: torch.device, train: bool) -> str:
     """Why `auto` leaves out an engine that could run, or ''."""
     if engine.precision == "bf16" and not native_bf16(device):
         return "bf16 is emulated here (no AMX / AVX-512 bf16), several times slower"
-    if engine.precision == "fp16" and train:
-        return "fp16 training needs gradient scaling, which is not wired in yet"
     return ""
 
 

@@ -6,8 +6,8 @@
   predict, the frozen stages in front of the fine-tuned ones): the fastest of PyTorch
   fp32, PyTorch bf16 (where the hardware has bf16) and ONNX Runtime fp32, timed on this
   machine the first time a model is used (`wingspan.models.engine`);
-- for the training step: PyTorch fp32 or bf16 autocast, timed the same way
-  (`wingspan.train.step`).
+- for the training step: PyTorch fp32, bf16 or (on GPUs) fp16 mixed precision, timed the
+  same way (`wingspan.train.step`) and run by Lightning Fabric (`wingspan.parallel`).
 `--precision` and `--runtime`, else $WINGSPAN_PRECISION and $WINGSPAN_RUNTIME, narrow the
 candidates; where one is left it is used without timing ("forced").
 """
@@ -60,11 +60,13 @@ class Policy:
     # -- running -------------------------------------------------------------------------
 
     @property
-    def needs_grad_scaler(self) -> bool:
-        return self.train is not None and self.train.engine.precision == "fp16"
+    def train_precision(self) -> str:
+        """fp32 | bf16 | fp16: the training step's, which Lightning Fabric applies (with a
+        grad scaler for fp16)."""
+        return self._chosen("train").engine.precision if self.train else "fp32"
 
     def autocast(self):
-        """The training step's precision."""
+        """The training step's precision, for timing it (training runs under Fabric)."""
         return autocast(self.device, self._chosen("train").engine.dtype)
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
@@ -155,14 +157,16 @@ class Policy:
     def with_choice(self, kind: str, choice: Choice) -> Policy:
         return dataclasses.replace(self, **{kind: choice})
 
-    def resumed(self, records: dict) -> Policy:
-        """A resumed run keeps the engines it started with, where they still run here."""
+    def adopt(self, records: dict, how: str = "as the run began") -> Policy:
+        """This policy with the choices in `records` (`records()` of another): a resumed run
+        keeps the engines it started with, and the ranks of a distributed run use rank 0's,
+        where they run here."""
         policy = self
         for kind in ("frozen", "train"):
             record = records.get(kind)
             names = {e.name for e in getattr(self, f"{kind}_candidates")}
             if record and record["engine"] in names:
-                policy = policy.with_choice(kind, Choice.from_record(record, "as the run began"))
+                policy = policy.with_choice(kind, Choice.from_record(record, how))
         return policy
 
 

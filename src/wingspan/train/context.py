@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from lightning_fabric import Fabric
 from rich.console import Console
 
 from wingspan.config import TrainConfig
@@ -68,10 +69,25 @@ class Run:
     data: TrainData
     state: RunState
     workers: int
+    fabric: Fabric  # this process's: its rank, device and the training step's precision
     quiet: bool = False
     weights_source: str | None = None
     resume_from: dict | None = None  # the checkpoint being resumed, until its stage restores it
     console: Console = field(default_factory=lambda: Console(stderr=True))
+    loaders: dict = field(default_factory=dict)  # kept between epochs (persistent workers)
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that writes (logs, progress, checkpoints, bundle)."""
+        return self.fabric.is_global_zero
+
+    @property
+    def show_progress(self) -> bool:
+        return self.is_main and not self.quiet
+
+    @property
+    def device(self) -> torch.device:
+        return self.policy.device
 
     @property
     def checkpoints(self) -> Path:
@@ -82,6 +98,8 @@ class Run:
         return self.model.preprocessing.input_size
 
     def log(self, message: str) -> None:
+        if not self.is_main:
+            return
         stamp = time.strftime("%H:%M:%S")
         with open(self.dir / "train.log", "a") as f:
             f.write(f"{stamp} {message}\n")
@@ -90,27 +108,30 @@ class Run:
 
     def add_history(self, row: dict) -> None:
         self.state.history.append(row)
+        if not self.is_main:
+            return
         with open(self.dir / "history.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, HISTORY_FIELDS)
             writer.writeheader()
             writer.writerows(self.state.history)
 
-    def save(self, optimizer=None, scheduler=None) -> None:
-        """The `last` checkpoint: everything needed to continue from this moment."""
+    def save(self, optimizer=None) -> None:
+        """The `last` checkpoint: everything needed to continue from this moment, on any
+        number of processes (rank 0 writes it; the schedule follows from the step count)."""
+        if not self.is_main:
+            return
         save_checkpoint(self.checkpoints / "last.pt", {
             "model": self.model.state_dict(),
             "optimizer": optimizer.state_dict() if optimizer else None,
-            "scheduler": scheduler.state_dict() if scheduler else None,
             "state": self.state.to_dict(),
             "rng": torch.get_rng_state(),
         })
 
-    def restore_optimizer(self, optimizer, scheduler) -> None:
+    def restore_optimizer(self, optimizer, scheduler, steps_done: int) -> None:
         """On resume, continue the optimizer and schedule where the checkpoint left them."""
         if self.resume_from and self.resume_from.get("optimizer"):
             optimizer.load_state_dict(self.resume_from["optimizer"])
-            if scheduler is not None and self.resume_from.get("scheduler"):
-                scheduler.load_state_dict(self.resume_from["scheduler"])
+        scheduler.step_update(steps_done)
         self.resume_from = None
 
     def consider_best(self, f1: float, stage: str, epoch: int) -> bool:
@@ -120,9 +141,10 @@ class Run:
             return False
         self.state.best_f1, self.state.best_stage, self.state.best_epoch = f1, stage, epoch
         self.state.bad_epochs = 0
-        save_checkpoint(self.checkpoints / "best.pt", {"model": self.model.state_dict(),
-                                                       "stage": stage, "epoch": epoch,
-                                                       "val_macro_f1": f1})
+        if self.is_main:
+            save_checkpoint(self.checkpoints / "best.pt", {
+                "model": self.model.state_dict(), "stage": stage, "epoch": epoch,
+                "val_macro_f1": f1})
         return True
 
     def timing(self, stage: str, kind: str, seconds: float) -> None:
@@ -132,4 +154,5 @@ class Run:
         spent[kind] = spent.get(kind, 0.0) + seconds
 
     def write_json(self, name: str, data: dict) -> None:
-        (self.dir / name).write_text(json.dumps(data, indent=2, default=str))
+        if self.is_main:
+            (self.dir / name).write_text(json.dumps(data, indent=2, default=str))

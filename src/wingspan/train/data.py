@@ -42,36 +42,60 @@ class LabelledImages(Dataset):
         index, epoch, view = request
         image = tv_tensors.Image(torch.from_numpy(self.cache.load(self.paths[index]))
                                  .permute(2, 0, 1))
-        with torch.random.fork_rng(devices=[]):  # leave the caller's random stream alone
-            torch.manual_seed(item_seed(self.seed, epoch, index, view))
+        # Leave the caller's random stream alone. Only the CPU generator is seeded: the
+        # transforms draw from it, and torch.manual_seed would reseed every GPU's too.
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(item_seed(self.seed, epoch, index, view))
             return self.transform(image), self.labels[index], index
 
 
-class EpochSampler(Sampler[Request]):
-    """One epoch's order: a seeded permutation (or weighted draw), skipping `start` items
-    already done when a run resumes mid-epoch."""
+def epoch_order(n: int, seed: int, epoch: int, weights: torch.Tensor | None = None
+                ) -> list[int]:
+    """One epoch's order of the n training items: a seeded permutation, or a weighted draw
+    with replacement (`--sampler weighted`). The same on every rank."""
+    g = torch.Generator().manual_seed(item_seed(seed, epoch, ORDER))
+    if weights is not None:
+        return torch.multinomial(weights, n, replacement=True, generator=g).tolist()
+    return torch.randperm(n, generator=g).tolist()
 
-    def __init__(self, n: int, seed: int, epoch: int, view: int = 0,
-                 weights: torch.Tensor | None = None, start: int = 0,
-                 shuffle: bool = True):
-        self.n, self.seed, self.epoch, self.view = n, seed, epoch, view
-        self.weights, self.start, self.shuffle = weights, start, shuffle
 
-    def order(self) -> list[int]:
-        if not self.shuffle:
-            return list(range(self.n))
-        g = torch.Generator().manual_seed(item_seed(self.seed, self.epoch, ORDER))
-        if self.weights is not None:
-            return torch.multinomial(self.weights, self.n, replacement=True,
-                                     generator=g).tolist()
-        return torch.randperm(self.n, generator=g).tolist()
+class EpochBatches(Sampler[list[Request]]):
+    """This rank's part of each global batch of an epoch, for a DataLoader's batch_sampler.
 
-    def __iter__(self) -> Iterator[Request]:
-        for index in self.order()[self.start:]:
-            yield index, self.epoch, self.view
+    The global batches are the epoch's order cut into `batch_size` items, as a single
+    process would take them; rank r of w takes the r-th of w near-equal slices of each, so
+    the ranks together see exactly what one process would (class weighting and weighted
+    sampling included), and a checkpoint taken after k batches resumes on any number of
+    ranks. A last batch smaller than w is padded with its own items, so that every rank
+    takes the same number of steps. `set_epoch` moves it on, so one loader (and its
+    persistent workers) serves every epoch."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, view: int = 1,
+                 weights: torch.Tensor | None = None, rank: int = 0, world: int = 1):
+        self.n, self.batch_size, self.seed, self.view = n, batch_size, seed, view
+        self.weights, self.rank, self.world = weights, rank, world
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start = epoch, start_batch
+
+    def __iter__(self) -> Iterator[list[Request]]:
+        order = epoch_order(self.n, self.seed, self.epoch, self.weights)
+        for b in range(self.start * self.batch_size, self.n, self.batch_size):
+            batch = order[b:b + self.batch_size]
+            batch = (batch * self.world)[:max(len(batch), self.world)]
+            mine = np.array_split(np.array(batch), self.world)[self.rank]
+            yield [(int(i), self.epoch, self.view) for i in mine]
 
     def __len__(self) -> int:
-        return self.n - self.start
+        return -(-self.n // self.batch_size) - self.start
+
+
+def fixed_batches(indices: Sequence[int], batch_size: int, view: int = 0
+                  ) -> list[list[Request]]:
+    """`indices` in order, `batch_size` at a time: a pass without augmentation."""
+    requests = [(int(i), 0, view) for i in indices]
+    return [requests[b:b + batch_size] for b in range(0, len(requests), batch_size)]
 
 
 def default_workers() -> int:
@@ -79,10 +103,14 @@ def default_workers() -> int:
     return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
-def make_loader(dataset: LabelledImages, sampler: EpochSampler, batch_size: int,
-                workers: int) -> DataLoader:
+def make_loader(dataset: LabelledImages, batches, workers: int, persistent: bool = False,
+                pin: bool = False) -> DataLoader:
+    """A loader over `batches` (lists of requests, e.g. EpochBatches). `persistent` keeps
+    its workers alive between passes, for a loader that is used once per epoch; `pin`
+    (for a GPU) lets batches be copied to it without blocking."""
     # Its own generator: a loader must not draw from the global random stream, or dropout
     # masks would depend on how many loaders ran before (and a resumed run would differ).
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=torch.cuda.is_available(), drop_last=False,
+    return DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                      pin_memory=pin,
+                      persistent_workers=persistent and workers > 0,
                       generator=torch.Generator().manual_seed(0))

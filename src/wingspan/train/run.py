@@ -3,6 +3,9 @@
     freeze the backbone, train the head      (stage 1, on cached features)
     unfreeze the last stages, lower the rate (stage 2, end to end)
     keep the best model by val macro-F1, write the bundle
+
+Every process of a distributed run runs these same functions (see `wingspan.parallel` for
+which rank does what); `train` and `resume` start the other processes when asked to.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from wingspan.errors import WingspanError
 from wingspan.models import create_classifier, resolve_policy, save_bundle
 from wingspan.models.classifier import Classifier
 from wingspan.models.policy import Policy
+from wingspan.parallel import Processes
 from wingspan.train.checkpoint import load_checkpoint
 from wingspan.train.context import Run, RunState
 from wingspan.train.data import default_workers
@@ -36,39 +40,58 @@ CONFIG_FILE, SPLITS_FILE = "config.yaml", "splits.csv"
 
 def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = "runs",
           name: str | None = None, quiet: bool = False) -> Path:
-    """Train a new run; returns its folder (runs/<name>, numbered if the name is taken)."""
+    """Train a new run; returns its folder (runs/<name>, numbered if the name is taken).
+    With `config.devices` (or `nodes`) above 1, or under torchrun, this runs in every
+    process of the run, and Fabric starts those of this machine."""
     config = resolve_levels(dataset, config)
     level = config.level
-    run_dir = _new_run_dir(Path(runs_dir), name or f"{dataset.name}-{config.backbone}")
+    fabric = _processes(config).fabric()
+    run_dir = None
+    if fabric.is_global_zero:  # rank 0 names the run; the others learn its folder
+        run_dir = _new_run_dir(Path(runs_dir), name or f"{dataset.name}-{config.backbone}")
+    run_dir = Path(fabric.broadcast(str(run_dir) if run_dir else None))
     logs = []
     try:
         dataset = ensure_splits(dataset, level, config, log=logs.append)
-        write_splits(dataset, run_dir / SPLITS_FILE)  # the run rebuilds its data from this
-        (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(dataclasses.asdict(config),
-                                                          sort_keys=False))
-        run = _start(run_dir, config, dataset, quiet, checkpoint=None)
+        if fabric.is_global_zero:
+            write_splits(dataset, run_dir / SPLITS_FILE)  # the run rebuilds its data from this
+            (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(dataclasses.asdict(config),
+                                                              sort_keys=False))
+        run = _start(run_dir, config, dataset, quiet, None, fabric)
     except BaseException:  # nothing trained yet (bad data, no weights): leave no empty run
-        shutil.rmtree(run_dir, ignore_errors=True)
+        if fabric.is_global_zero:
+            shutil.rmtree(run_dir, ignore_errors=True)
         raise
     for line in logs:
         run.log(line)
     return _recipe(run)
 
 
-def resume(run_dir: str | Path, quiet: bool = False) -> Path:
-    """Continue a run that was stopped or killed, from its last checkpoint."""
+# Settings a resumed run may change: where it runs, not what it learns.
+MACHINE_SETTINGS = ("device", "devices", "nodes", "strategy", "workers", "compile")
+
+
+def resume(run_dir: str | Path, quiet: bool = False, **machine) -> Path:
+    """Continue a run that was stopped or killed, from its last checkpoint; `machine`
+    changes MACHINE_SETTINGS, e.g. devices=1 for a run begun on 2 processes."""
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_FILE).is_file():
         raise WingspanError(f"{run_dir} is not a wingspan run (no {CONFIG_FILE}).",
                             hint="Give the folder a `wingspan train` run wrote, e.g. runs/NAME")
+    unknown = sorted(set(machine) - set(MACHINE_SETTINGS))
+    if unknown:
+        raise WingspanError(f"A resumed run cannot change {', '.join(unknown)}.",
+                            hint=f"It may change only {', '.join(MACHINE_SETTINGS)}.")
     config = TrainConfig(**yaml.safe_load((run_dir / CONFIG_FILE).read_text()))
+    config = dataclasses.replace(config, **machine)
+    fabric = _processes(config).fabric()
     last = run_dir / "checkpoints" / "last.pt"
     checkpoint = load_checkpoint(last) if last.is_file() else None
     if checkpoint and checkpoint["state"]["stage"] == "done":
         raise WingspanError(f"The run {run_dir} is finished; there is nothing to resume.",
                             hint=f"Its model is in {run_dir / 'model'}.")
     dataset = read_dataset(run_dir / SPLITS_FILE)
-    run = _start(run_dir, config, dataset, quiet, checkpoint)
+    run = _start(run_dir, config, dataset, quiet, checkpoint, fabric)
     where = (f"{run.state.stage} epoch {run.state.epoch + 1}"
              + (f", batch {run.state.step + 1}" if run.state.step else ""))
     run.log(f"Resuming {run_dir} at {where} on {run.policy.describe()}")
@@ -116,12 +139,17 @@ def _next_stage(run: Run, stage: str) -> None:
     run.state.stage, run.state.epoch, run.state.step = stage, 0, 0
     run.state.bad_epochs, run.state.partial = 0, {}
     run.save()
+    run.fabric.barrier()  # rank 0's checkpoints are on disk before any rank reads them
+
+
+def _processes(config: TrainConfig) -> Processes:
+    return Processes(config.device, config.devices, config.nodes, config.strategy)
 
 
 def _start(run_dir: Path, config: TrainConfig, dataset: Dataset, quiet: bool,
-           checkpoint: dict | None) -> Run:
+           checkpoint: dict | None, fabric) -> Run:
     torch.manual_seed(config.seed)
-    policy = resolve_policy(config.device, config.precision, runtime=config.runtime)
+    policy = resolve_policy(str(fabric.device), config.precision, runtime=config.runtime)
     logs: list[str] = []
     plan = plan_labels(dataset, config.trained_levels, config, log=logs.append)
     # A resumed run takes every weight from its checkpoint, so it needs no download.
@@ -138,14 +166,18 @@ def _start(run_dir: Path, config: TrainConfig, dataset: Dataset, quiet: bool,
     policy.prepare_model(model)
     if checkpoint:  # a resumed run that must choose again guards its own weights
         model.load_state_dict(checkpoint["model"])
-    policy = _choose_engines(policy.resumed(state.engines), model, config, not quiet)
+    policy = _choose_engines(fabric, policy.adopt(state.engines), model, config, not quiet)
     state.engines = policy.records()
-    run = Run(run_dir, config, model, policy, None, state, workers, quiet,
+    if policy.train_precision != "fp32":  # the same processes, with the step's precision
+        fabric = _processes(config).fabric(policy.train_precision)
+    run = Run(run_dir, config, model, policy, None, state, workers, fabric, quiet,
               weights_source=loaded.describe() if loaded else config.weights,
               resume_from=checkpoint)
+    world = (f", {fabric.world_size} processes ({fabric.strategy.__class__.__name__})"
+             if fabric.world_size > 1 else "")
     if not checkpoint:
         run.log(f"Run {run_dir}: {config.backbone} ({run.weights_source}) on {policy.describe()}"
-                f", {workers} data workers")
+                f", {workers} data workers{world}")
     for kind, stage in (("frozen", "head"), ("train", "finetune")):
         choice = getattr(policy, kind)
         if choice and choice.how == "measured":  # the timing counts in the stage it serves
@@ -159,11 +191,21 @@ def _start(run_dir: Path, config: TrainConfig, dataset: Dataset, quiet: bool,
     return run
 
 
-def _choose_engines(policy: Policy, model: Classifier, config: TrainConfig,
+def _choose_engines(fabric, policy: Policy, model: Classifier, config: TrainConfig,
                     progress: bool) -> Policy:
     """The engines for frozen passes and, if the run fine-tunes, for its training step:
     forced, cached, or timed now (once per model and machine; see wingspan.models.engine).
-    Timing leaves the model and the random stream as they were."""
+    Rank 0 chooses and the other ranks take its choice. Timing leaves the model and the
+    random stream as they were."""
+    chosen = _choose_here(policy, model, config, progress) if fabric.is_global_zero else None
+    if fabric.world_size == 1:
+        return chosen
+    records = fabric.broadcast(chosen.records() if chosen else None)
+    return chosen or policy.adopt(records, "as rank 0 chose")
+
+
+def _choose_here(policy: Policy, model: Classifier, config: TrainConfig,
+                 progress: bool) -> Policy:
     size = model.preprocessing.input_size
     policy = policy.choose_frozen(model, size, config.batch_size, progress=progress)
     if config.epochs_finetune:
@@ -174,7 +216,15 @@ def _choose_engines(policy: Policy, model: Classifier, config: TrainConfig,
 
 
 def _finish(run: Run) -> Path:
-    """Load the best model, write metrics.json and the bundle."""
+    """Load the best model, write metrics.json and the bundle (rank 0; the others wait, so
+    that the bundle exists wherever `train` returns)."""
+    if run.is_main:
+        _write_results(run)
+    run.fabric.barrier()
+    return run.dir
+
+
+def _write_results(run: Run) -> None:
     state = run.state
     best = load_checkpoint(run.checkpoints / "best.pt")
     run.model.load_state_dict(best["model"])
@@ -201,7 +251,6 @@ def _finish(run: Run) -> Path:
     run.save()
     run.log(f"Best val macro-F1 {best_row['val_macro_f1']:.4f} (acc {best_row['val_acc']:.4f}) "
             f"at {best['stage']} epoch {best['epoch']}; model in {run.dir / 'model'}")
-    return run.dir
 
 
 def _profile_table(profile: dict) -> dict:

@@ -1,38 +1,34 @@
-"""Learning-rate schedules and the per-stage parameter groups of fine-tuning."""
+"""Optimizers and learning-rate schedules of both stages: timm's, configured for the recipe.
+
+- AdamW, no weight decay on biases and norm layers (timm's `filter_bias_and_bn`);
+- stage 2's layer-wise decay: timm's `param_groups_layer_decay`, over the stages the
+  Classifier exposes (`Classifier.group_matcher`): the head at the top rate, each unfrozen
+  stage below it `layer_decay` times the one above (early features are general and
+  should move least);
+- a linear warmup, then cosine decay to zero, stepped once per batch.
+"""
 
 from __future__ import annotations
 
-import math
-
 import torch
-
-from wingspan.models.classifier import Classifier
-
-
-def warmup_cosine(total_steps: int, warmup_steps: int):
-    """Factor for LambdaLR: linear warmup, then cosine decay to zero."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from torch import nn
 
 
-def finetune_groups(model: Classifier, stages: list[str], top_lr: float, decay: float,
-                    weight_decay: float) -> list[dict]:
-    """The head at `top_lr`; each unfrozen stage below it `decay` times the one above
-    (layer-wise decay: early features are general and should move least)."""
-    groups = [{"params": list(model.head.parameters()), "lr": top_lr, "name": "head",
-               "weight_decay": weight_decay}]
-    for depth, stage in enumerate(reversed(stages), start=1):
-        groups.append({"params": model.backbone.stage_parameters(stage), "name": stage,
-                       "lr": top_lr * decay ** depth, "weight_decay": weight_decay})
-    return groups
+def make_optimizer(module: nn.Module, lr: float, weight_decay: float,
+                   layer_decay: float | None = None) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters of `module`."""
+    return create_optimizer_v2(module, "adamw", lr=lr, weight_decay=weight_decay,
+                               layer_decay=layer_decay)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float):
+def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int,
+                   warmup_fraction: float) -> CosineLRScheduler:
+    """Call `step_update(steps_done)` after each optimizer step. The first warmup step runs
+    at 1 / (warmup + 1) of the rate, not at zero."""
     warmup = int(total_steps * warmup_fraction)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup))
+    top = optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"])
+    return CosineLRScheduler(optimizer, t_initial=max(1, total_steps - warmup), lr_min=0.0,
+                             warmup_t=warmup, warmup_lr_init=top / (warmup + 1),
+                             warmup_prefix=True, t_in_epochs=False)

@@ -4,10 +4,15 @@ Stage 1 trains the head on a frozen backbone. The backbone's output for an image
 depends on the image alone, so by default it runs once per view (a clean view plus K
 augmented ones) and the head trains on those cached features for as many epochs as it
 needs. Stage 2 unfreezes the last stages and trains end to end.
+
+In a distributed run (see `wingspan.parallel`) each rank computes its shard of the feature
+cache and of every validation pass, and the shards are gathered; the head trains on all
+features on every rank; fine-tuning runs under DDP on each rank's slice of every batch.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -15,11 +20,20 @@ from safetensors.torch import load_file, save_file
 from sklearn.metrics import f1_score
 from torch import nn
 
+from wingspan.parallel import gather_objects, gather_shards, shard
 from wingspan.progress import Bar, track
 from wingspan.train.context import Run
-from wingspan.train.data import VIEW_CHOICE, EpochSampler, LabelledImages, item_seed, make_loader
-from wingspan.train.schedule import finetune_groups, make_scheduler
-from wingspan.train.step import finetune_forward
+from wingspan.train.data import (
+    VIEW_CHOICE,
+    EpochBatches,
+    LabelledImages,
+    epoch_order,
+    fixed_batches,
+    item_seed,
+    make_loader,
+)
+from wingspan.train.schedule import make_optimizer, make_scheduler
+from wingspan.train.step import finetune_parts
 
 
 def macro_f1(labels, preds) -> float:
@@ -28,23 +42,42 @@ def macro_f1(labels, preds) -> float:
 
 class Criterion:
     """Cross-entropy per trained level (class-weighted, label-smoothed), summed with the
-    level weights. Labels are (N, levels), one column per level."""
+    level weights. Labels are (N, levels), one column per level.
 
-    def __init__(self, run: Run):
+    A class-weighted mean divides by the summed weights of the batch's labels. Given a
+    `fabric` of several processes (fine-tuning under DDP) that sum is taken over the global
+    batch, so that DDP's average of the ranks' gradients is exactly one process's."""
+
+    def __init__(self, run: Run, device: torch.device, fabric=None):
         self.levels = run.data.levels
         self.weights = run.data.level_weights
-        self.losses = {lv: nn.CrossEntropyLoss(weight=run.data.class_weights[lv],
-                                               label_smoothing=run.config.label_smoothing)
-                       for lv in self.levels}
+        self.class_weights = {lv: _to(run.data.class_weights[lv], device) for lv in self.levels}
+        self.smoothing = run.config.label_smoothing
+        self.fabric = fabric if fabric is not None and fabric.world_size > 1 else None
 
     def __call__(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        total = sum(self.weights[lv] * self.losses[lv](outputs[lv].float(), labels[:, i])
+        total = sum(self.weights[lv] * self._level(outputs[lv].float(), labels[:, i], lv)
                     for i, lv in enumerate(self.levels))
         return total / sum(self.weights.values())
 
+    def _level(self, logits: torch.Tensor, y: torch.Tensor, level: str) -> torch.Tensor:
+        w = self.class_weights[level]
+        summed = nn.functional.cross_entropy(logits, y, weight=w, reduction="sum",
+                                             label_smoothing=self.smoothing)
+        norm = w[y].sum() if w is not None else torch.tensor(float(len(y)), device=y.device)
+        if self.fabric is not None:  # the global batch's, shared out over the ranks
+            norm = self.fabric.all_reduce(norm.detach(), reduce_op="sum") / self.fabric.world_size
+        return summed / norm
 
-def loss_fn(run: Run) -> Criterion:
-    return Criterion(run)
+
+def loss_fn(run: Run, device: torch.device | None = None, fabric=None) -> Criterion:
+    """The training loss, its class weights on `device` (default: the run's); `fabric`
+    normalises over a distributed global batch."""
+    return Criterion(run, device or run.device, fabric)
+
+
+def _to(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(device, non_blocking=True)
 
 
 def _logits(run: Run, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -56,22 +89,29 @@ def _logits(run: Run, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
 
 @torch.inference_mode()
 def evaluate_features(run: Run, features: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Scores of the head on cached features (every rank holds all of them)."""
     run.model.head.eval()
-    outputs = [run.model.head(features[i:i + 1024]) for i in range(0, len(features), 1024)]
-    return _scores(run, _concat(outputs), labels)
+    outputs = [run.model.head(features[i:i + 1024].to(run.device))
+               for i in range(0, len(features), 1024)]
+    return _scores(run, {lv: o.float().cpu() for lv, o in _concat(outputs).items()}, labels)
 
 
 @torch.inference_mode()
 def evaluate_images(run: Run, images: LabelledImages) -> dict:
+    """Scores of the model on `images` (the val split): each rank runs its shard, and the
+    outputs are gathered, so every rank scores the whole split."""
     run.model.eval()
     forward = run.policy.runner(run.model, run.image_size, run.model.levels)
-    loader = make_loader(images, EpochSampler(len(images), 0, 0, shuffle=False),
-                         run.config.batch_size, run.workers)
-    outputs, labels = [], []
-    for x, y, _ in loader:
-        outputs.append(forward(x))
-        labels.append(y)
-    return _scores(run, _concat(outputs), torch.cat(labels))
+    if "val" not in run.loaders:  # one loader for every validation pass (its workers stay)
+        batches = fixed_batches(shard(len(images), run.fabric), run.config.batch_size)
+        run.loaders["val"] = make_loader(images, batches, run.workers, persistent=True,
+                                         pin=run.device.type == "cuda")
+    outputs = [forward(x) for x, _, _ in run.loaders["val"]]
+    width = {lv: n for lv, n in run.model.head.config.outputs.items()}
+    mine = (_concat(outputs) if outputs else
+            {lv: torch.empty(0, width[lv]) for lv in run.model.levels})
+    everything = {lv: gather_shards(run.fabric, o, len(images)) for lv, o in mine.items()}
+    return _scores(run, everything, images.labels)
 
 
 def _concat(outputs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -80,7 +120,7 @@ def _concat(outputs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 def _scores(run: Run, outputs: dict[str, torch.Tensor], labels: torch.Tensor) -> dict:
     preds, truth = _logits(run, outputs).argmax(1), labels[:, -1]
-    return {"loss": float(loss_fn(run)(outputs, labels)),
+    return {"loss": float(loss_fn(run, torch.device("cpu"))(outputs, labels)),
             "acc": float((preds == truth).float().mean()),
             "macro_f1": macro_f1(truth.numpy(), preds.numpy())}
 
@@ -90,7 +130,8 @@ def _scores(run: Run, outputs: dict[str, torch.Tensor], labels: torch.Tensor) ->
 @torch.inference_mode()
 def extract_features(run: Run, views: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Backbone features of every training image (clean view + `views` augmented ones) and
-    of every validation image; kept in the run so a resumed run does not redo them."""
+    of every validation image, on the CPU; kept in the run so a resumed run does not redo
+    them. Each rank computes every world_size-th image, and the shards are gathered."""
     path = run.dir / "cache" / "features.safetensors"
     n, m = len(run.data.train), len(run.data.val)
     if path.is_file():
@@ -100,40 +141,49 @@ def extract_features(run: Run, views: int) -> tuple[torch.Tensor, torch.Tensor]:
     start = time.perf_counter()  # the export (if any) counts as part of the cache pass
     run.model.eval()
     features = run.policy.runner(run.model.feature_extractor(), run.image_size)
-    width = run.model.backbone.num_features
+    width, world = run.model.backbone.num_features, run.fabric.world_size
     train, val = torch.empty(n, views + 1, width), torch.empty(m, width)
     # (images, view, destination): view 0 is the clean view, 1..K augmented ones.
     jobs = [(run.data.train_clean, 0, train[:, 0])]
     jobs += [(run.data.train, v, train[:, v]) for v in range(1, views + 1)]
     jobs += [(run.data.val, 0, val)]
-    with Bar(n * (views + 1) + m, "Caching backbone features", not run.quiet) as bar:
+    with Bar(n * (views + 1) + m, "Caching backbone features", run.show_progress) as bar:
         for images, view, out in jobs:
-            requests = [(i, 0, view) for i in range(len(images))]
-            for x, _, idx in make_loader(images, requests, run.config.batch_size, run.workers):
-                out[idx] = features(x)
-                bar.advance(len(idx))
+            mine = shard(len(images), run.fabric)
+            part = torch.empty(len(mine), width)
+            loader = make_loader(images, fixed_batches(mine, run.config.batch_size, view),
+                                 run.workers, pin=run.device.type == "cuda")
+            for x, _, idx in loader:
+                part[(idx - run.fabric.global_rank) // world] = features(x)
+                bar.advance(len(idx) * world)
+            out.copy_(gather_shards(run.fabric, part, len(images)))
     seconds = time.perf_counter() - start
     run.state.stage_seconds["head"] = run.state.stage_seconds.get("head", 0.0) + seconds
     run.timing("head", "feature_cache", seconds)
     run.log(f"Cached features of {n} training images x {views + 1} views and {m} validation "
-            f"images in {seconds:.1f}s ({(n * (views + 1) + m) / seconds:.1f} images/s)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"train": train.contiguous(), "val": val.contiguous()}, path)
+            f"images in {seconds:.1f}s ({(n * (views + 1) + m) / seconds:.1f} images/s"
+            + (f" over {world} processes)" if world > 1 else ")"))
+    if run.is_main:  # a temporary file, then a rename: a kill leaves no half-written cache
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"train": train.contiguous(), "val": val.contiguous()}, tmp)
+        os.replace(tmp, path)
     return train, val
 
 
 def train_head(run: Run) -> None:
-    """Stage 1. The backbone is frozen; only the head's parameters get an optimizer."""
-    config, state = run.config, run.state
+    """Stage 1. The backbone is frozen; only the head's parameters get an optimizer. It
+    trains in fp32 on the run's device, on every rank alike (the head is small; rank 0's
+    weights are copied to the others after each epoch, so they cannot drift apart)."""
+    config, state, device = run.config, run.state, run.device
     run.model.backbone.freeze()
     head = run.model.head
     labels = run.data.train.labels
     n = len(labels)
     steps_per_epoch = -(-n // config.batch_size)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr,
-                                  weight_decay=config.weight_decay)
+    optimizer = make_optimizer(head, config.lr, config.weight_decay)
     scheduler = make_scheduler(optimizer, steps_per_epoch * config.epochs_head, 0.0)
-    run.restore_optimizer(optimizer, scheduler)
+    run.restore_optimizer(optimizer, scheduler, state.epoch * steps_per_epoch)
     cached = config.feature_cache
     if cached:
         train_feats, val_feats = extract_features(run, config.feature_views)
@@ -144,13 +194,13 @@ def train_head(run: Run) -> None:
     criterion = loss_fn(run)
     for epoch in range(state.epoch, config.epochs_head):
         start = time.perf_counter()
-        order = EpochSampler(n, config.seed, epoch, weights=run.data.sample_weights).order()
+        order = epoch_order(n, config.seed, epoch, run.data.sample_weights)
         g = torch.Generator().manual_seed(item_seed(config.seed, epoch, VIEW_CHOICE))
         views = torch.randint(0, config.feature_views + 1, (n,), generator=g)
         head.train()
         loss_sum, preds = 0.0, torch.empty(n, dtype=torch.long)
         seen = []
-        for b in range(0, n, config.batch_size):
+        for step, b in enumerate(range(0, n, config.batch_size)):
             t0 = time.perf_counter()
             idx = torch.tensor(order[b:b + config.batch_size])
             if cached:
@@ -158,18 +208,19 @@ def train_head(run: Run) -> None:
             else:
                 feats = _frozen_features(run, frozen, idx, views[idx], epoch)
             t1 = time.perf_counter()
-            outputs = head(feats)
+            outputs = head(feats.to(device, non_blocking=True))
             logits = _logits(run, outputs)
-            loss = criterion(outputs, labels[idx])
+            loss = criterion(outputs, labels[idx].to(device, non_blocking=True))
             t2 = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            scheduler.step()
+            scheduler.step_update(epoch * steps_per_epoch + step + 1)
             loss_sum += loss.item() * len(idx)
             seen.append(idx)
-            preds[idx] = logits.argmax(1).detach()
+            preds[idx] = logits.argmax(1).detach().cpu()
             _account(run, "head", t0, t1, t2, len(idx))
+        _sync_from_rank_zero(run, head)
         seen_idx = torch.cat(seen)
         t0 = time.perf_counter()
         val = (evaluate_features(run, val_feats, run.data.val.labels) if cached
@@ -185,80 +236,117 @@ def train_head(run: Run) -> None:
 
 @torch.inference_mode()
 def _frozen_features(run: Run, frozen, idx: torch.Tensor, views: torch.Tensor, epoch: int):
-    """Without the cache: run the frozen backbone on this batch (clean or augmented)."""
-    items = [run.data.train_clean[(int(i), 0, 0)] if v == 0 else run.data.train[(int(i), epoch, 1)]
-             for i, v in zip(idx, views, strict=True)]
-    return frozen(torch.stack([item[0] for item in items]))
+    """Without the cache: run the frozen backbone on this batch (clean or augmented), each
+    rank on its shard of it."""
+    mine = shard(len(idx), run.fabric)
+    items = [run.data.train_clean[(int(idx[j]), 0, 0)] if views[j] == 0
+             else run.data.train[(int(idx[j]), epoch, 1)] for j in mine]
+    part = (frozen(torch.stack([item[0] for item in items])) if items
+            else torch.empty(0, run.model.backbone.num_features))
+    return gather_shards(run.fabric, part, len(idx))
+
+
+@torch.no_grad()
+def _sync_from_rank_zero(run: Run, module: nn.Module) -> None:
+    """Copy rank 0's weights to every rank (GPU kernels need not be bit-reproducible)."""
+    if run.fabric.world_size > 1:
+        for tensor in module.state_dict().values():
+            torch.distributed.broadcast(tensor, src=0)
 
 
 # --- stage 2: fine-tune the last stages --------------------------------------------------
 
 def finetune(run: Run) -> None:
-    config, state = run.config, run.state
+    """Stage 2, under Lightning Fabric: the training step's precision (autocast, and a grad
+    scaler for fp16) and, in a distributed run, DDP over each rank's slice of the batch."""
+    config, state, fabric = run.config, run.state, run.fabric
     n_stages = run.model.spec.unfreeze if config.unfreeze is None else config.unfreeze
     stages = run.model.backbone.unfreeze_last(n_stages)
     top_lr = config.lr * config.finetune_lr_scale
-    optimizer = torch.optim.AdamW(
-        finetune_groups(run.model, stages, top_lr, config.layer_decay, config.weight_decay))
-    n = len(run.data.train)
-    steps_per_epoch = -(-n // config.batch_size)
+    optimizer = make_optimizer(run.model, top_lr, config.weight_decay, config.layer_decay)
+    batches = EpochBatches(len(run.data.train), config.batch_size, config.seed, view=1,
+                           weights=run.data.sample_weights, rank=fabric.global_rank,
+                           world=fabric.world_size)
+    steps_per_epoch = len(batches)
     scheduler = make_scheduler(optimizer, steps_per_epoch * config.epochs_finetune,
                                config.warmup_fraction)
-    run.restore_optimizer(optimizer, scheduler)
+    run.restore_optimizer(optimizer, scheduler, state.epoch * steps_per_epoch + state.step)
     if state.epoch == 0 and state.step == 0:
         run.log(f"Fine-tuning {', '.join(stages)} and the head; top learning rate {top_lr:g}, "
                 f"layer decay {config.layer_decay}")
-    criterion = loss_fn(run)
+    criterion = loss_fn(run, fabric=fabric)
     start = time.perf_counter()
-    forward = finetune_forward(run.model, run.policy, run.image_size)
+    prefix, trained = finetune_parts(run.model, run.policy, run.image_size)
+    if config.compile:
+        trained = torch.compile(trained)
+    trained, optimizer = fabric.setup(trained, optimizer)
     _add_seconds(run, "finetune", time.perf_counter() - start)
+    loader = make_loader(run.data.train, batches, run.workers, persistent=True,
+                         pin=run.device.type == "cuda")
     for epoch in range(state.epoch, config.epochs_finetune):
-        partial = state.partial or {"loss_sum": 0.0, "labels": [], "preds": [], "seconds": 0.0}
+        # Rank 0 carries the running sums of an epoch interrupted and resumed.
+        partial = ((run.is_main and state.partial)
+                   or {"loss_sum": 0.0, "labels": [], "preds": [], "seconds": 0.0})
         start, last_save = time.perf_counter(), time.perf_counter()
-        sampler = EpochSampler(n, config.seed, epoch, view=1, weights=run.data.sample_weights,
-                               start=state.step * config.batch_size)
-        loader = make_loader(run.data.train, sampler, config.batch_size, run.workers)
-        run.model.train()
+        batches.set_epoch(epoch, state.step)
+        run.model.train()  # through Backbone.train, which keeps frozen BatchNorm frozen
         bar = track(loader, f"Fine-tune epoch {epoch + 1}/{config.epochs_finetune}",
-                    total=len(loader), enabled=not run.quiet)
-        profiler = _Profiler(run) if config.profile and epoch == 0 else None
+                    total=len(loader), enabled=run.show_progress)
+        profiler = _Profiler(run) if config.profile and epoch == 0 and run.is_main else None
         t0 = time.perf_counter()
         for x, y, _ in bar:
+            if prefix is not None:
+                x = prefix(x)
+            x, y = run.policy.prepare_batch(x), y.to(run.device, non_blocking=True)
             t1 = time.perf_counter()
-            outputs = forward(x)
+            outputs = trained(x)
             logits = _logits(run, outputs)
             loss = criterion(outputs, y)
             t2 = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            fabric.backward(loss)
             optimizer.step()
-            scheduler.step()
             state.step += 1
-            _account(run, "finetune", t0, t1, t2, len(y))
+            scheduler.step_update(epoch * steps_per_epoch + state.step)
+            _account(run, "finetune", t0, t1, t2, len(y) * fabric.world_size)
             if profiler:
                 profiler = profiler.step()
             partial["loss_sum"] += loss.item() * len(y)
             partial["labels"] += y[:, -1].tolist()
             partial["preds"] += logits.argmax(1).tolist()
-            if time.perf_counter() - last_save > 60 * config.checkpoint_minutes:
-                state.partial = {**partial, "seconds": partial["seconds"] + time.perf_counter()
-                                 - start}
-                run.save(optimizer, scheduler)
+            # Rank 0's clock decides, so that every rank joins the gathering.
+            due = time.perf_counter() - last_save > 60 * config.checkpoint_minutes
+            if fabric.broadcast(due) if fabric.world_size > 1 else due:
+                state.partial = {**_merge(run, partial),
+                                 "seconds": partial["seconds"] + time.perf_counter() - start}
+                run.save(optimizer)
                 last_save = time.perf_counter()
             t0 = time.perf_counter()
         seconds = partial["seconds"] + time.perf_counter() - start
         val = evaluate_images(run, run.data.val)
         run.timing("finetune", "eval", time.perf_counter() - t0)
+        partial = _merge(run, partial)
         seen = len(partial["labels"])
         state.step, state.partial = 0, {}
         _end_epoch(run, "finetune", epoch, partial["loss_sum"] / max(seen, 1),
                    torch.tensor(partial["labels"]), torch.tensor(partial["preds"]), val,
                    optimizer, seen, time.perf_counter() - start + partial["seconds"],
-                   scheduler, seconds_train=seconds)
+                   seconds_train=seconds)
         if state.bad_epochs >= config.patience and epoch + 1 < config.epochs_finetune:
             run.log(f"Fine-tuning stopped early: no better val macro-F1 in {config.patience} "
                     "epochs")
             break
+
+
+def _merge(run: Run, partial: dict) -> dict:
+    """An epoch's running sums over every rank's slices (each rank gets the total)."""
+    parts = gather_objects(run.fabric, [partial])
+    merged = {"loss_sum": sum(p[0]["loss_sum"] for p in parts), "labels": [], "preds": [],
+              "seconds": partial["seconds"]}
+    for p in parts:
+        merged["labels"] += p[0]["labels"]
+        merged["preds"] += p[0]["preds"]
+    return merged
 
 
 def _add_seconds(run: Run, stage: str, seconds: float) -> None:
@@ -304,9 +392,12 @@ class _Profiler:
 
 
 def _end_epoch(run: Run, stage: str, epoch: int, train_loss: float, labels, preds, val: dict,
-               optimizer, images: int, seconds: float, scheduler=None,
+               optimizer, images: int, seconds: float,
                seconds_train: float | None = None) -> None:
-    """Record the epoch, keep the best model, and checkpoint."""
+    """Record the epoch, keep the best model, and checkpoint. Rank 0's scores decide, on
+    every rank, so that all stop (or not) together."""
+    if run.fabric.world_size > 1:
+        val = run.fabric.broadcast(val)
     row = {
         "stage": stage, "epoch": epoch + 1, "train_loss": round(train_loss, 5),
         "train_acc": round(float((labels == preds).float().mean()), 5),
@@ -322,7 +413,7 @@ def _end_epoch(run: Run, stage: str, epoch: int, train_loss: float, labels, pred
     row["elapsed"] = round(sum(run.state.stage_seconds.values()), 2)  # training time so far
     run.add_history(row)
     run.state.epoch = epoch + 1
-    run.save(optimizer, scheduler)
+    run.save(optimizer)
     run.log(f"{stage} {epoch + 1:>3}: loss {row['train_loss']:.4f}  val loss "
             f"{row['val_loss']:.4f}  val acc {row['val_acc']:.3f}  val macro-F1 "
             f"{row['val_macro_f1']:.4f}{'  *' if improved else ''}  ({row['seconds']:.1f}s)")

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch import nn
 
 from wingspan.config import EngineConfig
 from wingspan.models.classifier import Classifier
@@ -34,28 +35,46 @@ from wingspan.models.runtime import TorchRunner
 from wingspan.progress import status
 
 
-def finetune_forward(model: Classifier, policy: Policy, size: int, prefix_runner=None
-                     ) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
-    """images -> outputs with gradients for the unfrozen stages. Where the frozen-pass
-    engine is not PyTorch, the frozen stages in front run there (a 1.5x faster step for
-    EfficientNet-Lite2 on a 2-core CPU with ONNX Runtime); `prefix_runner` reuses one
-    already made for them."""
+class _Trained(nn.Module):
+    """What fine-tuning trains when a frozen prefix runs elsewhere: the backbone's units
+    after it, and the head."""
 
-    def plain(x: torch.Tensor) -> dict[str, torch.Tensor]:
-        with policy.autocast():
-            return model(policy.prepare_batch(x))
+    def __init__(self, rest: nn.Module, head: nn.Module):
+        super().__init__()
+        self.rest, self.head = rest, head
 
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.head(self.rest(x))
+
+
+def finetune_parts(model: Classifier, policy: Policy, size: int, prefix_runner=None
+                   ) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, nn.Module]:
+    """(prefix, trained), with `trained(policy.prepare_batch(prefix(images)))` the model's
+    outputs. Where the frozen-pass engine is not PyTorch, the frozen stages in front of the
+    unfrozen ones run there, without autograd (a 1.5x faster step for EfficientNet-Lite2 on
+    a 2-core CPU with ONNX Runtime); `prefix_runner` reuses one already made for them.
+    Otherwise `prefix` is None and `trained` is the model."""
     split = _split(model, policy)
     if split is None:
-        return plain
+        return None, model
     frozen, rest = split
-    frozen_runner = prefix_runner or policy.runner(frozen, size)
+    return prefix_runner or policy.runner(frozen, size), _Trained(rest, model.head)
 
-    def chained(x: torch.Tensor) -> dict[str, torch.Tensor]:
+
+def finetune_forward(model: Classifier, policy: Policy, size: int, prefix_runner=None
+                     ) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+    """images -> outputs with gradients for the unfrozen stages, in the policy's training
+    precision: the step that `choose_train` times. (Training itself runs `trained` under
+    Lightning Fabric, which applies the precision and, in a distributed run, DDP.)"""
+    prefix, trained = finetune_parts(model, policy, size, prefix_runner)
+
+    def forward(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if prefix is not None:
+            x = prefix(x)
         with policy.autocast():
-            return model.head(rest(policy.prepare_batch(frozen_runner(x))))
+            return trained(policy.prepare_batch(x))
 
-    return chained
+    return forward
 
 
 def _split(model: Classifier, policy: Policy):

@@ -1,0 +1,138 @@
+"""Processes, devices and the training step's precision: one Lightning Fabric per process.
+
+A run may be one process on a laptop CPU or 64 on 8 machines. Fabric starts the processes
+(its own launcher for `--devices N`; torchrun and SLURM start them themselves), gives each
+its device, runs the training step in mixed precision (with a grad scaler for fp16) and
+wraps the fine-tuned model in DistributedDataParallel. Who does what in a distributed run:
+
+- every rank reads the data and the splits (they are deterministic), computes its shard of
+  the feature cache and of each validation pass (gathered, so every rank holds all of it),
+  trains the head on all the cached features (identically everywhere), and fine-tunes on
+  its slice of each global batch;
+- rank 0 alone times the engines (and broadcasts the choice), names the run folder, and
+  writes logs, progress bars, checkpoints, the bundle and the report.
+
+`--batch-size` is the global batch, split across the ranks, so a run means the same thing
+on any number of processes and a checkpoint resumes on another number.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from lightning_fabric import Fabric
+
+from wingspan.errors import WingspanError
+
+# Our precision names -> Fabric's for the training step.
+FABRIC_PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
+STRATEGIES = ("auto", "ddp")
+
+
+@dataclass(frozen=True)
+class Processes:
+    """Where a command runs: the device kind, processes per machine, machines, strategy."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    devices: int | None = None  # per machine; None: as torchrun / SLURM started, else 1
+    nodes: int | None = None
+    strategy: str = "auto"
+
+    def fabric(self, precision: str = "fp32") -> Fabric:
+        """This process's Fabric. The first call starts the other processes of this machine
+        (with `--devices N`); in those, and on later calls, nothing more is started."""
+        if self.strategy not in STRATEGIES:
+            raise WingspanError(f"Unknown strategy '{self.strategy}'.",
+                                hint=f"Use one of: {', '.join(STRATEGIES)}.")
+        devices, nodes = self.world()
+        accelerator, which = _accelerator(self.device)
+        if which is not None:
+            if devices != 1:
+                raise WingspanError(f"--device {self.device} names one GPU, but --devices is "
+                                    f"{devices}.", hint="Use --device cuda with --devices N.")
+            devices = [which]
+        try:
+            fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=nodes,
+                            strategy=self.strategy, precision=FABRIC_PRECISION[precision])
+        except (ValueError, RuntimeError) as e:  # e.g. more devices than the machine has
+            raise WingspanError(f"Cannot run on {self.describe()}: {e}",
+                                hint="Check --device, --devices and --nodes.") from e
+        fabric.launch()
+        return fabric
+
+    def world(self) -> tuple[int, int]:
+        """(processes per machine, machines): as given, else as torchrun set them. Under
+        SLURM give both (`--devices` = tasks per node); Fabric checks them against SLURM's."""
+        local = os.environ.get("LOCAL_WORLD_SIZE")  # torchrun
+        world = os.environ.get("WORLD_SIZE")
+        if self.devices is None and local and world and "TORCHELASTIC_RUN_ID" in os.environ:
+            return int(local), self.nodes or int(world) // int(local)
+        return self.devices or 1, self.nodes or 1
+
+    def describe(self) -> str:
+        devices, nodes = self.world()
+        return f"{self.device} x {devices}" + (f" on {nodes} machines" if nodes > 1 else "")
+
+
+def _accelerator(device: str) -> tuple[str, int | None]:
+    """Fabric's accelerator for our --device, and the GPU index if one is named."""
+    if device == "auto":
+        return ("cuda" if torch.cuda.is_available() else "cpu"), None
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise WingspanError(f"Unknown device '{device}'.", hint="Use auto, cpu or cuda.") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise WingspanError(f"--device {device} was asked for, but no CUDA GPU is available.",
+                            hint="Use --device cpu (or auto).")
+    if dev.type not in ("cpu", "cuda"):
+        raise WingspanError(f"Device '{device}' is not supported.", hint="Use cpu or cuda.")
+    return dev.type, dev.index
+
+
+def local_fabric(device: str = "auto") -> Fabric:
+    """One process on one device: what a library call gets when it is not given a Fabric."""
+    return Processes(device=device, devices=1, nodes=1).fabric()
+
+
+# --- sharding: every rank takes every world_size-th item ---------------------------------
+
+def shard(n: int, fabric: Fabric) -> list[int]:
+    """This rank's items of 0..n-1 (strided, so the shards differ in size by one at most)."""
+    return list(range(fabric.global_rank, n, fabric.world_size))
+
+
+def gather_shards(fabric: Fabric, part: torch.Tensor, n: int) -> torch.Tensor:
+    """Every rank's rows for its `shard(n)` -> all n rows in order, on every rank (CPU)."""
+    world = fabric.world_size
+    if world == 1:
+        return part
+    rows = -(-n // world)
+    padded = part.new_zeros((rows, *part.shape[1:]))
+    padded[:len(part)] = part
+    padded = padded.to(fabric.device)
+    # torch's own collective: Fabric's all_gather goes through the autograd-aware one,
+    # which warns of its deprecation on every call, and nothing here needs gradients.
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(gathered, padded)
+    # Rank r's row i is item i * world + r.
+    return (torch.stack(gathered, 1).cpu()
+            .reshape(world * rows, *part.shape[1:])[:n])
+
+
+def gather_objects(fabric: Fabric, items: list) -> list:
+    """Each rank's list of picklable items -> the lists of all ranks, by rank (every rank).
+    Used between our own processes only, never on anything read from a file."""
+    if fabric.world_size == 1:
+        return [items]
+    out = [None] * fabric.world_size
+    torch.distributed.all_gather_object(out, items)
+    return out
+
+
+def interleave(parts: list[list]) -> list:
+    """Undo `shard`: the per-rank lists of a strided split back in item order."""
+    return [parts[i % len(parts)][i // len(parts)]
+            for i in range(sum(len(p) for p in parts))]

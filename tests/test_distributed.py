@@ -1,0 +1,143 @@
+"""Distributed runs on this CPU: 2 processes under DDP (gloo), started by Lightning Fabric's
+launcher through the CLI, as users start them, against 1 process."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from test_train import NUMBERS, history, tiny
+
+from wingspan.data import read_dataset
+from wingspan.models import load_bundle
+from wingspan.train import resume, train
+from wingspan.train.data import EpochBatches
+
+# Dropout off: each rank draws its masks from the same stream, so with dropout the two runs
+# differ by their masks (the data, weighting and gradients are the same). With it off the
+# 2-process run must be the 1-process run up to float rounding. fp32 whatever the machine:
+# bf16 kernels may round differently for the batch sizes of 1 and 2 processes.
+TOLERANCE = 1e-4
+
+
+def _config(tmp_path, **changes):
+    settings = dict(dropout=0.0, epochs_head=3, epochs_finetune=3, lr=3e-2, precision="fp32")
+    return tiny(tmp_path, **{**settings, **changes})
+
+
+def _cli(*args, **popen):
+    cmd = [sys.executable, "-m", "wingspan", *map(str, args)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True, **popen)  # its own group, to kill all
+
+
+def _finish(proc, timeout=300):
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    return out.decode(), err.decode()
+
+
+def _train_cli(demo_dir, tmp_path, config, runs, *extra):
+    config_file = tmp_path / f"{runs}.yaml"
+    config_file.write_text(yaml.safe_dump(vars(config)))
+    return _cli("train", demo_dir, "--config", config_file, "--runs-dir", tmp_path / runs,
+                "--name", "r", "--quiet", *extra)
+
+
+@pytest.fixture(scope="module")
+def one_process(demo_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("one")
+    return train(read_dataset(demo_dir), _config(tmp), tmp / "runs", "one", quiet=True)
+
+
+def test_two_processes_train_one_bundle_with_the_same_metrics(demo_dir, tmp_path,
+                                                               one_process):
+    _, err = _finish(_train_cli(demo_dir, tmp_path, _config(tmp_path), "two", "--devices", "2"))
+    run_dir = tmp_path / "two" / "r"
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["r"]  # one run folder
+    assert (run_dir / "model" / "manifest.json").is_file()
+    assert not list(run_dir.rglob("*.tmp"))
+    log = (run_dir / "train.log").read_text()
+    assert "2 processes (DDPStrategy)" in log and "over 2 processes" in log
+    assert log.count("head   1:") == 1  # rank 0 alone writes the log
+    two, one = history(run_dir), history(one_process)
+    assert two["stage"].tolist() == one["stage"].tolist()
+    pd.testing.assert_frame_equal(two[NUMBERS], one[NUMBERS], atol=TOLERANCE, rtol=0)
+    # The bundles predict alike.
+    a, _ = load_bundle(run_dir / "model")
+    b, _ = load_bundle(one_process / "model")
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.testing.assert_close(a.eval()(x)["label"], b.eval()(x)["label"], atol=1e-3,
+                                   rtol=1e-3)
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process(demo_dir, tmp_path, one_process):
+    config = _config(tmp_path, epochs_finetune=12, checkpoint_minutes=0.0)
+    reference = train(read_dataset(demo_dir), config, tmp_path / "ref", "ref", quiet=True)
+    proc = _train_cli(demo_dir, tmp_path, config, "killed", "--devices", "2")
+    run_dir = tmp_path / "killed" / "r"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        h = run_dir / "history.csv"
+        if h.is_file() and (history(run_dir)["stage"] == "finetune").sum() >= 1:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.communicate()[1].decode()[-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)  # both ranks
+    proc.wait()
+    assert len(history(run_dir)) < len(history(reference))  # it really was cut short
+
+    resume(run_dir, quiet=True, devices=1)
+    assert "Resuming" in (run_dir / "train.log").read_text()
+    pd.testing.assert_frame_equal(history(run_dir)[NUMBERS], history(reference)[NUMBERS],
+                                  atol=TOLERANCE, rtol=0)
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_predict_shared_over_two_processes_gives_the_same_rows(demo_dir, tmp_path,
+                                                                one_process):
+    images = sorted(str(p) for p in demo_dir.rglob("*.jpg"))[:13] + [str(tmp_path / "bad.jpg")]
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    for n in (1, 2):
+        _finish(_cli("predict", one_process, *images, "--output", tmp_path / f"{n}.csv",
+                     "--devices", n, "--top-k", 2, "--precision", "fp32", "--quiet"))
+    one, two = _rows(tmp_path / "1.csv"), _rows(tmp_path / "2.csv")
+    assert [r["path"] for r in two] == [r["path"] for r in one]
+    assert [r["path"] for r in one[:13]] == images[:13]  # in the order given
+    assert one[-1]["error"] and two[-1]["error"]  # the broken file, listed once
+    for a, b in zip(one, two, strict=True):
+        assert (a["class_1"], a["class_2"]) == (b["class_1"], b["class_2"])
+        if a["prob_1"]:
+            assert abs(float(a["prob_1"]) - float(b["prob_1"])) < 1e-5
+
+
+@pytest.mark.parametrize("n, batch, world", [(10, 4, 2), (9, 4, 3), (5, 8, 2), (7, 3, 4)])
+def test_the_ranks_together_take_one_process_batches(n, batch, world):
+    weights = torch.rand(n, generator=torch.Generator().manual_seed(1))
+    for w in (None, weights):
+        one = list(EpochBatches(n, batch, seed=3, weights=w))
+        ranks = [list(EpochBatches(n, batch, seed=3, weights=w, rank=r, world=world))
+                 for r in range(world)]
+        assert {len(r) for r in ranks} == {len(one)}  # every rank takes as many steps
+        for step, single in enumerate(one):
+            together = [req for r in ranks for req in r[step]]
+            assert all(r[step] for r in ranks)  # no rank idles (DDP would wait forever)
+            if len(single) >= world:
+                assert together == single
+            else:  # a last batch smaller than the world is padded with its own items
+                assert set(together) == set(single)
+        # Resuming after a step gives the same remaining batches, on any number of ranks.
+        later = EpochBatches(n, batch, seed=3, weights=w, rank=0, world=world)
+        later.set_epoch(0, start_batch=1)
+        assert list(later) == ranks[0][1:]

@@ -1,0 +1,33 @@
+"""timm's optimizer groups and schedule, configured for the recipe."""
+
+import pytest
+
+from wingspan.models import create_classifier
+from wingspan.train.schedule import make_optimizer, make_scheduler
+
+
+def test_layer_decay_per_unfrozen_stage_and_warmup_then_cosine():
+    model, _ = create_classifier("test_resnet", {"label": 3}, "none")
+    stages = model.backbone.unfreeze_last(2)
+    optimizer = make_optimizer(model, 1e-3, 0.01, layer_decay=0.5)
+    scheduler = make_scheduler(optimizer, total_steps=100, warmup_fraction=0.1)
+    params = {id(p): n for n, p in model.named_parameters()}
+    scale = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            name = params[id(p)]
+            stage = "head" if name.startswith("head.") else next(
+                s for s in stages if name.removeprefix("backbone.net.")
+                in model.backbone.stages[s])
+            scale.setdefault(stage, set()).add(group["lr_scale"])
+            assert group["weight_decay"] == (0.0 if p.ndim <= 1 else 0.01)  # no decay on 1-D
+    # Only the unfrozen stages and the head train; each stage at half the one above.
+    assert scale == {"head": {1.0}, stages[-1]: {0.5}, stages[-2]: {0.25}}
+    top = [g for g in optimizer.param_groups if g["lr_scale"] == 1.0][0]
+    assert top["lr"] == pytest.approx(1e-3 / 11)  # the first of 10 warmup steps
+    scheduler.step_update(10)
+    assert top["lr"] == pytest.approx(1e-3)  # warmup done
+    scheduler.step_update(55)
+    assert top["lr"] == pytest.approx(0.5e-3)  # half way down the cosine
+    scheduler.step_update(100)
+    assert top["lr"] == pytest.approx(0.0, abs=1e-9)
