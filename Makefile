@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip install --progress-bar off -q
 
-.PHONY: demo test bench bench-full lint clean
+.PHONY: demo test bench bench-full gpu-check lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ bench: $(VENV)/.installed
 # Adds EfficientNet-Lite2: about an hour on a 2-core CPU.
 bench-full: $(VENV)/.installed
 	$(BIN)/python bench/run.py --backbones efficientnet_lite0 efficientnet_lite2
+
+# On a CUDA machine: each precision, evaluate, predict, DDP over every GPU (bench/gpu_check.py).
+gpu-check: $(VENV)/.installed
+	$(BIN)/python bench/gpu_check.py
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check --fix src tests bench

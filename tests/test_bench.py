@@ -39,3 +39,24 @@ def test_bench_smoke(tmp_path):
     table = saved.with_suffix(".md").read_text()  # the README's tables, ready to paste
     assert "| data / backbone | stage | plain recipe | wingspan |" in table
     assert "--smoke" in table
+
+
+def test_gpu_check_dry_run_on_the_cpu(tmp_path):
+    """`make gpu-check`'s steps on 2 CPU processes: train, evaluate, predict, DDP with
+    Fabric's launcher and with torchrun."""
+    script = Path(__file__).parents[1] / "bench" / "gpu_check.py"
+    proc = subprocess.run([sys.executable, str(script), "--device", "cpu", "--quick",
+                           "--work", str(tmp_path)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "gpu-check.json").read_text())
+    fp32 = results["precisions"]["fp32"]
+    assert fp32["finetune_images_per_s"] > 0 and 0 <= fp32["data_wait"] <= 1
+    assert fp32["evaluate_images_per_s"] > 0 and fp32["predict_images_per_s"] > 0
+    fabric, torchrun = results["ddp"]
+    assert (fabric["launcher"], torchrun["launcher"]) == ("Fabric", "torchrun")
+    # Two launchers, the same 2-process run.
+    assert fabric["val_macro_f1"] == torchrun["val_macro_f1"]
+    for how in ("Fabric", "torchrun"):
+        log = (tmp_path / "runs" / f"ddp-{how}" / "train.log").read_text()
+        assert "2 processes (DDPStrategy)" in log

@@ -257,7 +257,7 @@ def _profile_table(profile: dict) -> dict:
     """Seconds per kind of work and training images/s, per stage."""
     table = {}
     for stage, spent in profile.items():
-        row = {k: round(v, 1) for k, v in spent.items() if k != "images"}
+        row = {k: round(v, 2) for k, v in spent.items() if k != "images"}
         busy = sum(spent.get(k, 0.0) for k in ("data", "forward", "backward"))
         row["train_images_per_s"] = round(spent.get("images", 0) / busy, 1) if busy else None
         table[stage] = row

@@ -295,10 +295,10 @@ def finetune(run: Run) -> None:
         profiler = _Profiler(run) if config.profile and epoch == 0 and run.is_main else None
         t0 = time.perf_counter()
         for x, y, _ in bar:
+            t1 = time.perf_counter()  # t1 - t0: waiting for the loader
             if prefix is not None:
                 x = prefix(x)
             x, y = run.policy.prepare_batch(x), y.to(run.device, non_blocking=True)
-            t1 = time.perf_counter()
             outputs = trained(x)
             logits = _logits(run, outputs)
             loss = criterion(outputs, y)
