@@ -141,3 +141,22 @@ def test_the_ranks_together_take_one_process_batches(n, batch, world):
         later = EpochBatches(n, batch, seed=3, weights=w, rank=0, world=world)
         later.set_epoch(0, start_batch=1)
         assert list(later) == ranks[0][1:]
+
+
+def test_processes_follow_torchrun_and_refuse_what_cannot_run(monkeypatch):
+    from wingspan.errors import WingspanError
+    from wingspan.parallel import Processes, interleave
+
+    assert Processes().world() == (1, 1)
+    assert Processes(devices=4, nodes=2).world() == (4, 2)
+    for k, v in {"TORCHELASTIC_RUN_ID": "x", "LOCAL_WORLD_SIZE": "8", "WORLD_SIZE": "16"}.items():
+        monkeypatch.setenv(k, v)
+    assert Processes().world() == (8, 2)  # as torchrun started them
+    assert Processes(devices=2).world() == (2, 1)  # given: Fabric checks it against torchrun
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(WingspanError, match="no CUDA GPU"):
+        Processes(device="cuda").fabric()
+    with pytest.raises(WingspanError, match="Unknown strategy 'fsdp'"):
+        Processes(strategy="fsdp").fabric()
+    # Undoing the strided shards: rank r held items r, r + w, ...
+    assert interleave([[0, 3, 6], [1, 4], [2, 5]]) == list(range(7))

@@ -210,3 +210,21 @@ def test_a_network_that_is_not_a_chain_is_not_split():
     backbone = Backbone(get_spec("test_vit"))  # adds a position embedding between modules
     backbone.unfreeze_last(1)
     assert backbone.units() is None and backbone.split_frozen() is None
+
+
+@pytest.mark.parametrize("name", ["test_convnext", "test_vit_relpos", "test_resnet"])
+def test_every_unfrozen_parameter_gets_a_gradient(name):
+    """timm groups parts of its head (ConvNeXt's head.norm, a ViT's fc_norm) with the last
+    stage; forward_features never uses them, and under DDP a trainable parameter without a
+    gradient stops the run. They stay frozen, and a stage of nothing else does not count."""
+    from wingspan.models.backbone import Backbone
+    from wingspan.models.registry import get_spec
+
+    backbone = Backbone(get_spec(name))
+    stages = backbone.unfreeze_last(1)
+    assert stages and any(p.requires_grad for p in backbone.parameters())
+    size = backbone.net.pretrained_cfg["input_size"][1]
+    backbone.train()
+    backbone(torch.randn(2, 3, size, size)).square().mean().backward()
+    missing = [n for n, p in backbone.net.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing

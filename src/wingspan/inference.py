@@ -89,7 +89,8 @@ class Predictor:
             chosen = chosen or policy.adopt(records, "as rank 0 chose")
         self.policy = chosen
         self.batch_size = batch_size
-        self.workers = default_workers() if workers is None else workers
+        per_machine = getattr(fabric.strategy, "num_processes", 1) if fabric else 1
+        self.workers = default_workers(per_machine) if workers is None else workers
         self.config = AugmentConfig(image_size=self.size, eval_crop=float(pre["crop_pct"]))
         self.norm = {"mean": tuple(pre["mean"]), "std": tuple(pre["std"]),
                      "interpolation": pre["interpolation"]}

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from lightning_fabric import Fabric
 
@@ -120,6 +121,22 @@ def gather_shards(fabric: Fabric, part: torch.Tensor, n: int) -> torch.Tensor:
     # Rank r's row i is item i * world + r.
     return (torch.stack(gathered, 1).cpu()
             .reshape(world * rows, *part.shape[1:])[:n])
+
+
+def rank_seed(seed: int, rank: int, *where: int) -> int:
+    """A seed for `rank`'s own random stream (dropout), distinct per rank and place."""
+    return int(np.random.SeedSequence([seed, rank, *where]).generate_state(1)[0])
+
+
+def gather_to_main(fabric: Fabric, items: list) -> list | None:
+    """Each rank's list of picklable items -> the lists of all ranks, by rank, on rank 0
+    only (None elsewhere): for results only rank 0 writes, so no rank holds them all but
+    the one that must."""
+    if fabric.world_size == 1:
+        return [items]
+    out = [None] * fabric.world_size if fabric.is_global_zero else None
+    torch.distributed.gather_object(items, out, dst=0)
+    return out
 
 
 def gather_objects(fabric: Fabric, items: list) -> list:

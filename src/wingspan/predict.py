@@ -10,7 +10,7 @@ from pathlib import Path
 
 from wingspan.config import IMAGE_EXTENSIONS
 from wingspan.inference import Prediction, Predictor
-from wingspan.parallel import gather_objects, interleave, shard
+from wingspan.parallel import gather_to_main, interleave, shard
 
 
 def expand_paths(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -56,16 +56,18 @@ def predict(predictor: Predictor, inputs: list[str], top_k: int = 3, tta: bool =
             progress: bool = True, fabric=None) -> PredictResult:
     """Predictions for every image the inputs name, in order. With a `fabric` of several
     processes each rank predicts every world_size-th image and every rank returns all the
-    rows, in order (rank 0 writes them)."""
+    rows, in order, to rank 0 (the others return no rows)."""
     paths, failed = expand_paths(inputs)
     result = PredictResult(failed=list(failed))
     k = min(top_k, len(predictor.classes))
     if fabric is not None and fabric.world_size > 1:
         mine = [paths[i] for i in shard(len(paths), fabric)]
         ours = list(predictor.run(mine, tta=tta, progress=progress and fabric.is_global_zero))
-        predictions: list[Prediction] = interleave(gather_objects(fabric, ours))
-        speeds = gather_objects(fabric, [predictor.images_per_second])
-        predictor.images_per_second = sum(s[0] for s in speeds)
+        gathered = gather_to_main(fabric, [(ours, predictor.images_per_second)])
+        if gathered is None:  # not rank 0: it has done its share
+            return result
+        predictions: list[Prediction] = interleave([g[0][0] for g in gathered])
+        predictor.images_per_second = sum(g[0][1] for g in gathered)
     else:
         predictions = predictor.run(paths, tta=tta, progress=progress)
     for p in predictions:

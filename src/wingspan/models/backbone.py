@@ -99,14 +99,54 @@ class Backbone(nn.Module):
         self.train(self.training)
 
     def unfreeze_last(self, n: int) -> list[str]:
-        """Make the last `n` stages trainable (everything else frozen); returns their names."""
+        """Make the last `n` stages trainable (everything else frozen); returns their names.
+        Parameters that `forward` never reaches stay frozen, and a stage of nothing else
+        does not count (see `unreached`)."""
         self.freeze()
-        chosen = list(self.stages)[len(self.stages) - n:] if n > 0 else []
+        unreached = self.unreached()
+        reached = [stage for stage, names in self.stages.items()
+                   if any(name not in unreached for name in names)]
+        chosen = reached[len(reached) - n:] if n > 0 else []
         for stage in chosen:
-            for p in self.stage_parameters(stage):
-                p.requires_grad_(True)
+            for name in self.stages[stage]:
+                if name not in unreached:
+                    self.net.get_parameter(name).requires_grad_(True)
         self.train(self.training)
         return chosen
+
+    def unreached(self) -> set[str]:
+        """Parameters of the stages that `forward` (timm's forward_features) never uses:
+        timm groups some of its head with the last stage (ConvNeXt's head.norm, a ViT's
+        fc_norm). Trained, they would get no gradient, and DDP would wait for one forever.
+        Found once, as the parameters of modules that a forward pass on a small input
+        does not call (parameters of the network itself count as used)."""
+        if not hasattr(self, "_unreached"):
+            self._unreached = self._find_unreached()
+        return self._unreached
+
+    @torch.no_grad()
+    def _find_unreached(self) -> set[str]:
+        called: set[str] = set()
+        hooks = [module.register_forward_hook(lambda *_, name=name: called.add(name))
+                 for name, module in self.net.named_modules() if name]
+        was_training = self.training
+        self.eval()
+        size = tuple(self.net.pretrained_cfg.get("input_size", (3, 224, 224))[1:])
+        try:
+            for shape in ((64, 64), size):  # small first; some networks fix the size
+                try:
+                    self.net.forward_features(torch.zeros(1, 3, *shape))
+                    break
+                except Exception:  # noqa: BLE001 - a size this network refuses
+                    called.clear()
+            else:
+                return set()
+        finally:
+            for hook in hooks:
+                hook.remove()
+            self.train(was_training)
+        return {name for name, _ in self.net.named_parameters()
+                if "." in name and name.rsplit(".", 1)[0] not in called}
 
     def train(self, mode: bool = True) -> Backbone:
         """BatchNorm layers stay in eval mode unless `train_bn` is set and they are trainable.

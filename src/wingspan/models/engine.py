@@ -81,6 +81,14 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def own_random_stream(device: torch.device):
+    """A context in which random draws (dropout while timing) leave the run's streams as
+    they were: the CPU's and, on a GPU, that GPU's."""
+    gpus = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=gpus)
+
+
 @lru_cache(maxsize=1)
 def onnx_available() -> bool:
     try:

@@ -38,6 +38,7 @@ from wingspan.models.engine import (
     engine_key,
     guard,
     measured_choice,
+    own_random_stream,
     time_calls,
     timing_batch,
     timing_images,
@@ -140,7 +141,7 @@ class Policy:
         features = model.feature_extractor()
         was_training = model.training
         runners, failed = {}, {}
-        with torch.random.fork_rng(devices=[]):  # leaves the run's random stream alone
+        with own_random_stream(self.device):
             for engine in engines:
                 try:
                     runners[engine.name] = make_runner(features, size, engine, self.device,

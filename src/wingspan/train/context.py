@@ -125,12 +125,17 @@ class Run:
             "optimizer": optimizer.state_dict() if optimizer else None,
             "state": self.state.to_dict(),
             "rng": torch.get_rng_state(),
+            "cuda_rng": (torch.cuda.get_rng_state(self.device) if self.device.type == "cuda"
+                         else None),
+            "precision": self.fabric.strategy.precision.state_dict(),  # fp16's loss scale
         })
 
     def restore_optimizer(self, optimizer, scheduler, steps_done: int) -> None:
         """On resume, continue the optimizer and schedule where the checkpoint left them."""
         if self.resume_from and self.resume_from.get("optimizer"):
             optimizer.load_state_dict(self.resume_from["optimizer"])
+            if self.resume_from.get("precision"):
+                self.fabric.strategy.precision.load_state_dict(self.resume_from["precision"])
         scheduler.step_update(steps_done)
         self.resume_from = None
 

@@ -98,9 +98,11 @@ def fixed_batches(indices: Sequence[int], batch_size: int, view: int = 0
     return [requests[b:b + batch_size] for b in range(0, len(requests), batch_size)]
 
 
-def default_workers() -> int:
-    # Leave a core for the model; on 2 cores one worker keeps decoding off the main thread.
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
+def default_workers(processes: int = 1) -> int:
+    """Data workers per process: the machine's cores shared by its `processes`, less one
+    for the process itself, at most 8 (on 2 cores, one worker keeps decoding off the main
+    thread; a fast GPU needs several to never wait for data)."""
+    return max(0, min(8, (os.cpu_count() or 1) // processes - 1))
 
 
 def make_loader(dataset: LabelledImages, batches, workers: int, persistent: bool = False,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from wingspan.errors import WingspanError
 from wingspan.models import create_classifier, resolve_policy, save_bundle
 from wingspan.models.classifier import Classifier
 from wingspan.models.policy import Policy
-from wingspan.parallel import Processes
+from wingspan.parallel import Processes, rank_seed
 from wingspan.train.checkpoint import load_checkpoint
 from wingspan.train.context import Run, RunState
 from wingspan.train.data import default_workers
@@ -83,6 +84,9 @@ def resume(run_dir: str | Path, quiet: bool = False, **machine) -> Path:
         raise WingspanError(f"A resumed run cannot change {', '.join(unknown)}.",
                             hint=f"It may change only {', '.join(MACHINE_SETTINGS)}.")
     config = TrainConfig(**yaml.safe_load((run_dir / CONFIG_FILE).read_text()))
+    # The processes: as given now, else as torchrun started them, else as the run began.
+    if {"devices", "nodes"} & set(machine) or "TORCHELASTIC_RUN_ID" in os.environ:
+        config = dataclasses.replace(config, devices=None, nodes=None)
     config = dataclasses.replace(config, **machine)
     fabric = _processes(config).fabric()
     last = run_dir / "checkpoints" / "last.pt"
@@ -162,7 +166,8 @@ def _start(run_dir: Path, config: TrainConfig, dataset: Dataset, quiet: bool,
         model.preprocessing = dataclasses.replace(model.preprocessing,
                                                   input_size=config.image_size)
     state = RunState(**checkpoint["state"]) if checkpoint else RunState()
-    workers = default_workers() if config.workers is None else config.workers
+    per_machine = _processes(config).world()[0]
+    workers = default_workers(per_machine) if config.workers is None else config.workers
     policy.prepare_model(model)
     if checkpoint:  # a resumed run that must choose again guards its own weights
         model.load_state_dict(checkpoint["model"])
@@ -186,8 +191,12 @@ def _start(run_dir: Path, config: TrainConfig, dataset: Dataset, quiet: bool,
     for line in logs:
         run.log(line)
     run.data = build_train_data(plan, config, model.preprocessing, log=run.log)
-    if checkpoint:
+    if checkpoint and fabric.is_global_zero:  # rank 0 goes on with the saved stream
         torch.set_rng_state(checkpoint["rng"])
+        if checkpoint.get("cuda_rng") is not None and run.device.type == "cuda":
+            torch.cuda.set_rng_state(checkpoint["cuda_rng"], run.device)
+    elif fabric.global_rank > 0:  # dropout masks of its own, not a copy of rank 0's
+        torch.manual_seed(rank_seed(config.seed, fabric.global_rank, state.epoch, state.step))
     return run
 
 

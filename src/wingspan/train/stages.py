@@ -35,6 +35,9 @@ from wingspan.train.data import (
 from wingspan.train.schedule import make_optimizer, make_scheduler
 from wingspan.train.step import finetune_parts
 
+# In a distributed run, how often (in steps) rank 0 is asked whether a checkpoint is due.
+CHECKPOINT_POLL_STEPS = 20
+
 
 def macro_f1(labels, preds) -> float:
     return float(f1_score(labels, preds, average="macro", zero_division=0))
@@ -66,7 +69,11 @@ class Criterion:
                                              label_smoothing=self.smoothing)
         norm = w[y].sum() if w is not None else torch.tensor(float(len(y)), device=y.device)
         if self.fabric is not None:  # the global batch's, shared out over the ranks
-            norm = self.fabric.all_reduce(norm.detach(), reduce_op="sum") / self.fabric.world_size
+            # torch's collective, queued on the device: Fabric's all_reduce adds a barrier,
+            # which would stall the host every step.
+            norm = norm.detach().clone()
+            torch.distributed.all_reduce(norm)
+            norm = norm / self.fabric.world_size
         return summed / norm
 
 
@@ -234,16 +241,17 @@ def train_head(run: Run) -> None:
             break
 
 
-@torch.inference_mode()
 def _frozen_features(run: Run, frozen, idx: torch.Tensor, views: torch.Tensor, epoch: int):
     """Without the cache: run the frozen backbone on this batch (clean or augmented), each
     rank on its shard of it."""
     mine = shard(len(idx), run.fabric)
-    items = [run.data.train_clean[(int(idx[j]), 0, 0)] if views[j] == 0
-             else run.data.train[(int(idx[j]), epoch, 1)] for j in mine]
-    part = (frozen(torch.stack([item[0] for item in items])) if items
-            else torch.empty(0, run.model.backbone.num_features))
-    return gather_shards(run.fabric, part, len(idx))
+    with torch.inference_mode():
+        items = [run.data.train_clean[(int(idx[j]), 0, 0)] if views[j] == 0
+                 else run.data.train[(int(idx[j]), epoch, 1)] for j in mine]
+        part = (frozen(torch.stack([item[0] for item in items])) if items
+                else torch.empty(0, run.model.backbone.num_features))
+        features = gather_shards(run.fabric, part, len(idx))
+    return features.clone()  # a normal tensor, which the head may save for its backward
 
 
 @torch.no_grad()
@@ -293,11 +301,13 @@ def finetune(run: Run) -> None:
         bar = track(loader, f"Fine-tune epoch {epoch + 1}/{config.epochs_finetune}",
                     total=len(loader), enabled=run.show_progress)
         profiler = _Profiler(run) if config.profile and epoch == 0 and run.is_main else None
+        preds = []  # on the device until the epoch ends or a checkpoint needs them
         t0 = time.perf_counter()
         for x, y, _ in bar:
             t1 = time.perf_counter()  # t1 - t0: waiting for the loader
             if prefix is not None:
                 x = prefix(x)
+            labels = y
             x, y = run.policy.prepare_batch(x), y.to(run.device, non_blocking=True)
             outputs = trained(x)
             logits = _logits(run, outputs)
@@ -311,18 +321,19 @@ def finetune(run: Run) -> None:
             _account(run, "finetune", t0, t1, t2, len(y) * fabric.world_size)
             if profiler:
                 profiler = profiler.step()
-            partial["loss_sum"] += loss.item() * len(y)
-            partial["labels"] += y[:, -1].tolist()
-            partial["preds"] += logits.argmax(1).tolist()
-            # Rank 0's clock decides, so that every rank joins the gathering.
-            due = time.perf_counter() - last_save > 60 * config.checkpoint_minutes
-            if fabric.broadcast(due) if fabric.world_size > 1 else due:
+            partial["loss_sum"] += loss.item() * len(y)  # the step's one wait for the device
+            partial["labels"] += labels[:, -1].tolist()
+            preds.append(logits.argmax(1))
+            if _checkpoint_due(run, last_save, state.step):
+                partial["preds"] += torch.cat(preds).tolist()
+                preds = []
                 state.partial = {**_merge(run, partial),
                                  "seconds": partial["seconds"] + time.perf_counter() - start}
                 run.save(optimizer)
                 last_save = time.perf_counter()
             t0 = time.perf_counter()
         seconds = partial["seconds"] + time.perf_counter() - start
+        partial["preds"] += torch.cat(preds).tolist() if preds else []
         val = evaluate_images(run, run.data.val)
         run.timing("finetune", "eval", time.perf_counter() - t0)
         partial = _merge(run, partial)
@@ -336,6 +347,16 @@ def finetune(run: Run) -> None:
             run.log(f"Fine-tuning stopped early: no better val macro-F1 in {config.patience} "
                     "epochs")
             break
+
+
+def _checkpoint_due(run: Run, last_save: float, step: int) -> bool:
+    """Time for a mid-epoch checkpoint? Rank 0's clock decides, asked every few steps only
+    in a distributed run (each asking waits for every rank), so that all ranks save
+    together."""
+    due = time.perf_counter() - last_save > 60 * run.config.checkpoint_minutes
+    if run.fabric.world_size == 1:
+        return due
+    return step % CHECKPOINT_POLL_STEPS == 0 and run.fabric.broadcast(due)
 
 
 def _merge(run: Run, partial: dict) -> dict:

@@ -26,6 +26,7 @@ from wingspan.models.engine import (
     engine_named,
     guard,
     measured_choice,
+    own_random_stream,
     time_calls,
     timing_images,
 )
@@ -150,7 +151,7 @@ def time_steps(policy: Policy, model: Classifier, stages: int, size: int, engine
     config = EngineConfig()
     pre = model.preprocessing
     x = make_timing_batch(size, images, pre.mean, pre.std)
-    with torch.random.fork_rng(devices=[]):
+    with own_random_stream(policy.device):
         trial = copy.deepcopy(model)
         trial.backbone.unfreeze_last(stages)
         trial.train()
