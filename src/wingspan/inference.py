@@ -113,7 +113,8 @@ class Predictor:
         views = self.views(tta)
         draft = round(self.size / self.config.eval_crop)
         loader = DataLoader(_Images(paths, views, self.size, draft), batch_size=self.batch_size,
-                            num_workers=self.workers, generator=torch.Generator())
+                            num_workers=self.workers, generator=torch.Generator(),
+                            pin_memory=self.policy.device.type == "cuda")
         start, done, i = time.perf_counter(), 0, 0
         for x, errors in track(loader, "Predicting", total=len(loader), enabled=progress):
             n, k = x.shape[:2]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from wingspan import __version__
 from wingspan.errors import WingspanError
+from wingspan.files import atomic_path
 from wingspan.models.classifier import Classifier
 
 FORMAT = "wingspan-bundle"
@@ -69,10 +69,8 @@ def save_bundle(model: Classifier, path: str | Path, classes: dict[str, list[str
 
 
 def _atomic(path: Path, write) -> None:
-    """Write to a temporary name, then rename: a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        write(str(tmp))
 
 
 def read_manifest(path: str | Path) -> dict:

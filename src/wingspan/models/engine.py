@@ -27,6 +27,7 @@ import torch
 
 from wingspan.config import EngineConfig, default_cache_dir
 from wingspan.errors import WingspanError
+from wingspan.files import atomic_path
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 RUNTIMES = ("torch", "onnx")
@@ -236,11 +237,10 @@ class EngineCache:
         data = self._read()
         data[json.dumps(key, sort_keys=True)] = record
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(data, indent=1))
-            os.replace(tmp, self.path)
-        except OSError:  # a read-only cache only costs a measurement next time
+            with atomic_path(self.path, durable=False) as tmp:
+                tmp.write_text(json.dumps(data, indent=1))
+        except (OSError, WingspanError):  # a read-only or full cache only costs a
+            pass  # measurement next time
             pass
 
 

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 from wingspan.errors import WingspanError
+from wingspan.files import atomic_path
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
-    """torch.save to a temporary file, then rename: a kill never leaves half a checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    """torch.save through a temporary file: a kill never leaves half a checkpoint."""
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def load_checkpoint(path: Path) -> dict:

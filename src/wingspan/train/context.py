@@ -14,6 +14,7 @@ from rich.console import Console
 
 from wingspan.config import TrainConfig
 from wingspan.data.taxonomy import Taxonomy
+from wingspan.files import atomic_path, write_text
 from wingspan.models.classifier import Classifier
 from wingspan.models.policy import Policy
 from wingspan.train.checkpoint import save_checkpoint
@@ -110,7 +111,7 @@ class Run:
         self.state.history.append(row)
         if not self.is_main:
             return
-        with open(self.dir / "history.csv", "w", newline="") as f:
+        with atomic_path(self.dir / "history.csv") as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, HISTORY_FIELDS)
             writer.writeheader()
             writer.writerows(self.state.history)
@@ -160,4 +161,4 @@ class Run:
 
     def write_json(self, name: str, data: dict) -> None:
         if self.is_main:
-            (self.dir / name).write_text(json.dumps(data, indent=2, default=str))
+            write_text(self.dir / name, json.dumps(data, indent=2, default=str))

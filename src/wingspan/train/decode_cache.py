@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from wingspan.data.images import open_rgb
+from wingspan.files import atomic_path
 
 
 class DecodeCache:
@@ -42,9 +43,8 @@ class DecodeCache:
                 pass  # a damaged entry (e.g. a killed write): decode again
         array = np.array(self.decode(path))  # a writable copy
         if entry is not None:
-            tmp = entry.with_name(f"{entry.stem}.{os.getpid()}.tmp.npy")
-            np.save(tmp, array, allow_pickle=False)
-            os.replace(tmp, entry)
+            with atomic_path(entry, durable=False) as tmp:
+                np.save(tmp, array, allow_pickle=False)
         return array
 
     def decode(self, path: str) -> Image.Image:

@@ -12,7 +12,6 @@ features on every rank; fine-tuning runs under DDP on each rank's slice of every
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
@@ -20,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from sklearn.metrics import f1_score
 from torch import nn
 
+from wingspan.files import atomic_path
 from wingspan.parallel import gather_objects, gather_shards, shard
 from wingspan.progress import Bar, track
 from wingspan.train.context import Run
@@ -170,11 +170,9 @@ def extract_features(run: Run, views: int) -> tuple[torch.Tensor, torch.Tensor]:
     run.log(f"Cached features of {n} training images x {views + 1} views and {m} validation "
             f"images in {seconds:.1f}s ({(n * (views + 1) + m) / seconds:.1f} images/s"
             + (f" over {world} processes)" if world > 1 else ")"))
-    if run.is_main:  # a temporary file, then a rename: a kill leaves no half-written cache
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"train": train.contiguous(), "val": val.contiguous()}, tmp)
-        os.replace(tmp, path)
+    if run.is_main:  # a kill leaves no half-written cache
+        with atomic_path(path) as tmp:
+            save_file({"train": train.contiguous(), "val": val.contiguous()}, tmp)
     return train, val
 
 
