@@ -47,4 +47,4 @@ def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
 
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")

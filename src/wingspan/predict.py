@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from wingspan.config import IMAGE_EXTENSIONS
+from wingspan.files import atomic_path, write_text
 from wingspan.inference import Prediction, Predictor
 from wingspan.parallel import gather_to_main, interleave, shard
 
@@ -87,7 +88,7 @@ def write_predictions(result: PredictResult, path: Path) -> None:
     """CSV (path, class_1, prob_1, ..., error) or JSON, by the file's suffix."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".json":
-        path.write_text(json.dumps({
+        write_text(path, json.dumps({
             "predictions": [{"path": r["path"], "top": [{"class": c, "probability": p}
                                                          for c, p in r["top"]],
                              **({"taxonomy": [{"level": lv, "class": c, "probability": p}
@@ -97,7 +98,7 @@ def write_predictions(result: PredictResult, path: Path) -> None:
             "failed": [{"path": f, "error": e} for f, e in result.failed]}, indent=2))
         return
     k = max((len(r["top"]) for r in result.rows), default=1)
-    with open(path, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", *[x for i in range(1, k + 1) for x in (f"class_{i}",
                                                                          f"prob_{i}")], "error"])

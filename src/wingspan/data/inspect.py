@@ -16,6 +16,7 @@ from wingspan.data.images import UNUSUAL_MODES, ImageFacts, image_facts
 from wingspan.data.plots import plot_class_balance
 from wingspan.data.samples import PATH, SPLIT, Dataset
 from wingspan.data.taxonomy import taxonomy_conflicts
+from wingspan.files import write_text
 from wingspan.progress import track
 
 EXAMPLES = 5  # how many paths the printed summary names per finding (the JSON has all)
@@ -48,7 +49,7 @@ def inspect_dataset(
                                       config.many_classes)
             plots[level] = str(plot)
     summary["plots"] = plots
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_text(out_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     return summary
 
 

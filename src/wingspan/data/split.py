@@ -15,6 +15,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from wingspan.config import SplitConfig
 from wingspan.data.samples import GROUP, SPLIT, Dataset
 from wingspan.errors import WingspanError
+from wingspan.files import atomic_path, write_text
 
 
 @dataclass
@@ -109,7 +110,8 @@ def write_splits(dataset: Dataset, path: str | os.PathLike) -> None:
     finest = dataset.default_level
     table["label"] = table[finest]  # the CSV reader's finest level; other levels keep names
     coarser = [lv for lv in dataset.levels if lv != "label"]
-    table[["path", "label", SPLIT, GROUP, *coarser]].to_csv(path, index=False)
+    with atomic_path(path) as tmp:
+        table[["path", "label", SPLIT, GROUP, *coarser]].to_csv(tmp, index=False)
 
 
 def leaked_groups(table: pd.DataFrame) -> list[str]:
@@ -156,7 +158,7 @@ def split_and_sample(dataset: Dataset, out_dir: Path, level: str | None = None,
     out_dir.mkdir(parents=True, exist_ok=True)
     splits_csv, sampling_json = out_dir / "splits.csv", out_dir / "sampling.json"
     write_splits(result, splits_csv)
-    sampling_json.write_text(json.dumps({
+    write_text(sampling_json, json.dumps({
         "level": level, "config": asdict(config), "sizes": report.sizes,
         "train_counts": train_labels.value_counts().to_dict(),
         "class_weights": weights, "train_only_classes": report.train_only,

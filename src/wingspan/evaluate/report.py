@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from wingspan.files import write_text
+
 
 def _img(path: Path | None, alt: str) -> str:
     if not path or not Path(path).is_file():
@@ -75,5 +77,5 @@ def write_report(path: Path, title: str, sections: dict) -> Path:
         parts += ["<h2>Where the time went</h2>", _table(s["profile"], "{:.1f}")]
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
             f"</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
-    path.write_text(page, encoding="utf-8")
+    write_text(path, page)
     return path

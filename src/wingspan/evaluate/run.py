@@ -30,6 +30,7 @@ from wingspan.evaluate.metrics import (
     per_class_table,
 )
 from wingspan.evaluate.report import write_report
+from wingspan.files import atomic_path, write_text
 from wingspan.inference import Predictor
 from wingspan.models.bundle import update_manifest
 
@@ -82,9 +83,9 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
                    temperature=predictor.temperature, calibration=calibration)
     y_pred = probs.argmax(1)
     table = per_class_table(y, y_pred, classes)
-    table.to_csv(out_dir / "per_class.csv", index=False)
+    _write_csv(table, out_dir / "per_class.csv", index=False)
     cm = confusion(y, y_pred, len(classes))
-    pd.DataFrame(cm, index=classes, columns=classes).to_csv(out_dir / "confusion.csv")
+    _write_csv(pd.DataFrame(cm, index=classes, columns=classes), out_dir / "confusion.csv")
     confused = most_confused(cm, classes)
     metrics["most_confused"] = confused
     _write_predictions(out_dir / "predictions.csv", [paths[i] for i in ok], y, probs, classes)
@@ -92,7 +93,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     if predictor.taxonomy:
         levels_table = _per_level(predictor, rows.iloc[ok], probs, [preds[i] for i in ok],
                                   metrics, out_dir)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
 
     pngs = _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, y,
                   probs, logits)
@@ -118,7 +119,7 @@ def _per_level(predictor: Predictor, rows: pd.DataFrame, probs: np.ndarray, pred
                              taxonomy.classes[lv], out_dir / f"confusion_{lv}.png")
     metrics["hierarchy"] = result
     table = level_table(result, taxonomy.levels)
-    table.to_csv(out_dir / "levels.csv", index=False)
+    _write_csv(table, out_dir / "levels.csv", index=False)
     return table
 
 
@@ -175,7 +176,12 @@ def _write_predictions(path: Path, paths: list[str], y: np.ndarray, probs: np.nd
                           "predicted": [classes[i] for i in probs.argmax(1)],
                           "probability": probs.max(1)})
     frame = pd.concat([frame, pd.DataFrame(probs, columns=[f"p:{c}" for c in classes])], axis=1)
-    frame.to_csv(path, index=False)
+    _write_csv(frame, path, index=False)
+
+
+def _write_csv(frame: pd.DataFrame, path: Path, **options) -> None:
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, **options)
 
 
 def _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, y, probs,

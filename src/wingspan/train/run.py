@@ -25,6 +25,7 @@ from wingspan.data import read_dataset
 from wingspan.data.samples import Dataset
 from wingspan.data.split import write_splits
 from wingspan.errors import WingspanError
+from wingspan.files import write_text
 from wingspan.models import create_classifier, resolve_policy, save_bundle
 from wingspan.models.classifier import Classifier
 from wingspan.models.policy import Policy
@@ -56,8 +57,8 @@ def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = "runs",
         dataset = ensure_splits(dataset, level, config, log=logs.append)
         if fabric.is_global_zero:
             write_splits(dataset, run_dir / SPLITS_FILE)  # the run rebuilds its data from this
-            (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(dataclasses.asdict(config),
-                                                              sort_keys=False))
+            write_text(run_dir / CONFIG_FILE, yaml.safe_dump(dataclasses.asdict(config),
+                                                             sort_keys=False))
         run = _start(run_dir, config, dataset, quiet, None, fabric)
     except BaseException:  # nothing trained yet (bad data, no weights): leave no empty run
         if fabric.is_global_zero:
