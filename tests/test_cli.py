@@ -101,3 +101,9 @@ def test_doctor_times_every_candidate_and_keeps_the_choice(run_cli, monkeypatch,
 
     net, _ = create_classifier("test_efficientnet", {"y": 3}, "none")
     assert resolve_policy().choose_frozen(net, 32, 4).frozen.how == "cached"
+
+
+@pytest.mark.parametrize("option", [("--top-k", "0"), ("--top-k", "-2"), ("--batch-size", "0")])
+def test_predict_refuses_counts_below_one(run_cli, tmp_path, option):
+    code, _, err = run_cli("predict", tmp_path, tmp_path / "x.jpg", *option)
+    assert code == 2 and "greater than or equal to 1" in err and "Traceback" not in err

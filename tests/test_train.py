@@ -174,6 +174,15 @@ def test_kill_and_resume_matches_an_uninterrupted_run(demo_dir, tmp_path):
                                   atol=1e-3, rtol=1e-3)
     with pytest.raises(WingspanError, match="finished"):
         resume(run_dir)
+    # Killed after the last checkpoint but before the model was written: resume writes it.
+    import shutil
+
+    shutil.rmtree(run_dir / "model")
+    (run_dir / "metrics.json").unlink()
+    resume(run_dir, quiet=True)
+    assert (run_dir / "model" / "manifest.json").is_file()
+    assert json.loads((run_dir / "metrics.json").read_text())["best"] == json.loads(
+        (ref / "metrics.json").read_text())["best"]
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -182,6 +191,14 @@ def test_kill_and_resume_matches_an_uninterrupted_run(demo_dir, tmp_path):
     ({"sampler": "random"}, "'sampler' setting must be shuffle or weighted"),
     ({"augment": "wild"}, "'augment' setting must be one of"),
     ({"val_fraction": 0.9, "test_fraction": 0.2}, "below 1"),
+    ({"lr": "fast"}, r"'lr' = 'fast': Input should be a valid number"),
+    ({"epochs_head": "two"}, r"'epochs_head' = 'two': Input should be a valid integer"),
+    ({"epochs_head": 1.5}, "got a number with a fractional part"),
+    ({"backbone": 5}, r"'backbone' = 5: Input should be a valid string"),
+    ({"lr": float("inf")}, "Input should be a finite number"),
+    ({"lr": float("nan"), "dropout": "high"}, r"'dropout' = 'high'.* \| 'lr' = nan"),
+    ({"lr": 1e30}, "'lr' setting must be below 10"),
+    ({"levels": "species"}, "'levels' = 'species': Input should be a valid list"),
 ])
 def test_bad_configs_fail_clearly(changes, message):
     with pytest.raises(WingspanError, match=message):
@@ -198,6 +215,22 @@ def test_config_file_and_command_line(tmp_path, run_cli, demo_dir):
         TrainConfig.from_file(path)
     code, _, err = run_cli("train", demo_dir, "--sampler", "random", "--quiet")
     assert code == 2 and "'sampler' setting must be shuffle or weighted" in err
+    # A wrong type in the file: refused before any run folder or feature cache is made.
+    path.write_text("epochs_head: 1.5\nlr: fast\n")
+    code, _, err = run_cli("train", demo_dir, "--config", path, "--runs-dir", tmp_path / "r")
+    assert code == 2 and "'epochs_head' = 1.5" in err and "'lr' = 'fast'" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_diverging_run_stops_with_a_clear_error_and_writes_no_model(demo_dir, tmp_path):
+    # Stage 2 at 1e8: the weights overflow within a few steps.
+    config = tiny(tmp_path, lr=1.0, finetune_lr_scale=1e8)
+    with pytest.raises(WingspanError, match="Training diverged.*finetune epoch 1") as e:
+        train(read_dataset(demo_dir), config, tmp_path / "runs", "nan", quiet=True)
+    assert "lower --lr" in e.value.hint
+    run_dir = tmp_path / "runs" / "nan"
+    assert "from before this" in e.value.message  # the head stage's checkpoint is kept
+    assert not (run_dir / "model").exists() and not (run_dir / "metrics.json").exists()
 
 
 def test_a_class_missing_from_train_is_refused(tmp_path, demo_dir):
@@ -251,3 +284,16 @@ def test_profile_writes_a_torch_profiler_trace_and_the_time_profile(demo_dir, tm
     assert {"feature_cache", "data", "forward", "backward", "eval"} <= set(profile["head"])
     assert {"data", "forward", "backward", "eval"} <= set(profile["finetune"])
     assert profile["finetune"]["train_images_per_s"] > 0
+
+
+def test_a_damaged_feature_cache_is_computed_again(demo_dir, tmp_path):
+    from wingspan.train.stages import extract_features
+
+    run = _prepared_run(demo_dir, tmp_path)
+    train_feats, val_feats = extract_features(run, 1)
+    path = run.dir / "cache" / "features.safetensors"
+    path.write_bytes(path.read_bytes()[:1000])  # cut short, as by a full disk or a kill
+    again, again_val = extract_features(run, 1)
+    torch.testing.assert_close(again, train_feats)
+    torch.testing.assert_close(again_val, val_feats)
+    assert "cannot be read" in (run.dir / "train.log").read_text()

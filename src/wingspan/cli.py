@@ -229,7 +229,7 @@ def train_command(
         help="Stages to fine-tune in stage 2 (default: per backbone).")] = None,
     lr: Annotated[float, typer.Option(help="Head learning rate; stage 2 uses lr x "
                                       "finetune-lr-scale with layer-wise decay.")] = T.lr,
-    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = T.batch_size,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = T.batch_size,
     image_size: Annotated[int | None, typer.Option(
         help="Training resolution (default: the backbone's).")] = None,
     max_per_class: Annotated[int | None, typer.Option(
@@ -338,7 +338,7 @@ def evaluate_command(
         "--out", help="Output folder (default: RUN/evaluation-SPLIT).")] = None,
     calibrate: Annotated[bool, typer.Option(
         help="Fit a temperature on the val split and store it in the bundle.")] = True,
-    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = T.batch_size,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = T.batch_size,
     device: DeviceOpt = T.device,
     precision: Precision = T.precision,
     runtime: Runtime = T.runtime,
@@ -392,12 +392,12 @@ def predict_command(
     model: Model,
     paths: Annotated[list[str], typer.Argument(help="Image files, folders (searched "
                                                "recursively) or globs.", show_default=False)],
-    top_k: Annotated[int, typer.Option(help="Classes to show per image.")] = 3,
+    top_k: Annotated[int, typer.Option(min=1, help="Classes to show per image.")] = 3,
     output: Annotated[Path | None, typer.Option(
         help="Write all predictions to a .csv or .json file.")] = None,
     tta: Annotated[bool, typer.Option(help="Test-time augmentation: average flips and "
                                       "crops.")] = False,
-    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = T.batch_size,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = T.batch_size,
     device: DeviceOpt = T.device,
     devices: Devices = None,
     nodes: Nodes = None,
@@ -485,7 +485,7 @@ def doctor_command(
     = T.backbone,
     image_size: Annotated[int | None, typer.Option(
         help="Input size (default: the backbone's).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Batch size the runs will use.")]
+    batch_size: Annotated[int, typer.Option(min=1, help="Batch size the runs will use.")]
     = T.batch_size,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = T.device,
     precision: Precision = T.precision,

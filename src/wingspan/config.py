@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
+from functools import cache
 from pathlib import Path
+from typing import get_type_hints
 
 from wingspan.errors import WingspanError
 
@@ -20,6 +22,35 @@ def _check(ok: bool, name: str, expected: str, got: object) -> None:
         raise WingspanError(f"The '{name}' setting must be {expected}. Got {got!r} instead.")
 
 
+@cache
+def _adapters(cls: type) -> dict:
+    """pydantic's validator for each field's declared type (finite numbers only)."""
+    from pydantic import ConfigDict, TypeAdapter
+
+    strict_numbers = ConfigDict(allow_inf_nan=False)
+    return {name: TypeAdapter(kind, config=strict_numbers)
+            for name, kind in get_type_hints(cls).items() if name in cls.__dataclass_fields__}
+
+
+def _check_types(config: object) -> None:
+    """Every field against its declared type, before any range check: 'two' for an int,
+    1.5 epochs, inf or NaN, a number for a name. Values of the right kind in another form
+    ('3' for 3) are converted. Raises a WingspanError naming each wrong setting."""
+    from pydantic import ValidationError
+
+    problems = []
+    for name, adapter in _adapters(type(config)).items():
+        value = getattr(config, name)
+        try:
+            setattr(config, name, adapter.validate_python(value))
+        except ValidationError as e:
+            why = "; ".join(err["msg"] for err in e.errors())
+            problems.append(f"'{name}' = {value!r}: {why}")
+    if problems:
+        raise WingspanError("Invalid settings: " + " | ".join(problems),
+                            hint="Fix these in the config file or on the command line.")
+
+
 @dataclass
 class ReadConfig:
     """How a dataset is read."""
@@ -28,6 +59,9 @@ class ReadConfig:
     group_regex: str | None = None  # regex on the file name; its first group is the group key
     strict: bool = False  # unreadable or missing files are an error instead of skipped + listed
     check_files: bool = True  # False reads labels only (e.g. ETHEC split files without images)
+
+    def __post_init__(self) -> None:
+        _check_types(self)
 
 
 @dataclass
@@ -39,6 +73,7 @@ class InspectConfig:
     many_classes: int = 40  # above this many classes the balance plot becomes a sorted log plot
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check(self.tiny_px >= 1, "tiny_px", "a positive number of pixels", self.tiny_px)
         _check(self.workers >= 1, "workers", "at least 1", self.workers)
 
@@ -54,6 +89,7 @@ class SplitConfig:
     oversample_to: int | None = None  # repeat rare train classes up to this many images
 
     def __post_init__(self) -> None:
+        _check_types(self)
         for name in ("val_fraction", "test_fraction"):
             v = getattr(self, name)
             _check(0 <= v < 1, name, "a fraction in [0, 1)", v)
@@ -85,6 +121,7 @@ class AugmentConfig:
     eval_crop: float = 0.875  # resize to size / crop, then centre-crop `size` (timm's default)
 
     def __post_init__(self) -> None:
+        _check_types(self)
         from wingspan.data.transforms import POLICIES
 
         _check(self.policy in POLICIES, "policy", f"one of {sorted(POLICIES)}", self.policy)
@@ -106,6 +143,7 @@ class DemoConfig:
     feature_views: int = 1
 
     def __post_init__(self) -> None:
+        _check_types(self)
         from wingspan.data.demo import SPECIES
 
         _check(
@@ -223,6 +261,7 @@ class TrainConfig:
     profile: bool = False  # write a torch.profiler trace of a few fine-tuning steps
 
     def __post_init__(self) -> None:
+        _check_types(self)
         from wingspan.data.transforms import POLICIES
 
         for name in ("epochs_head", "epochs_finetune", "feature_views", "patience", "seed"):
@@ -231,6 +270,8 @@ class TrainConfig:
                "at least 1", self.epochs_head + self.epochs_finetune)
         for name in ("lr", "finetune_lr_scale", "layer_decay"):
             _check(getattr(self, name) > 0, name, "a positive number", getattr(self, name))
+        # AdamW's update is about lr in size: 10 or more is no learning rate, and overflows.
+        _check(self.lr < 10, "lr", "below 10 (3e-3 is the default)", self.lr)
         _check(self.batch_size >= 1, "batch_size", "at least 1", self.batch_size)
         _check(0 <= self.dropout < 1, "dropout", "in [0, 1)", self.dropout)
         _check(0 <= self.label_smoothing < 1, "label_smoothing", "in [0, 1)",

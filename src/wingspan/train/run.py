@@ -92,14 +92,16 @@ def resume(run_dir: str | Path, quiet: bool = False, **machine) -> Path:
     fabric = _processes(config).fabric()
     last = run_dir / "checkpoints" / "last.pt"
     checkpoint = load_checkpoint(last) if last.is_file() else None
-    if checkpoint and checkpoint["state"]["stage"] == "done":
+    finished = checkpoint and checkpoint["state"]["stage"] == "done"
+    if finished and (run_dir / "model").exists() and (run_dir / "metrics.json").is_file():
         raise WingspanError(f"The run {run_dir} is finished; there is nothing to resume.",
                             hint=f"Its model is in {run_dir / 'model'}.")
     dataset = read_dataset(run_dir / SPLITS_FILE)
     run = _start(run_dir, config, dataset, quiet, checkpoint, fabric)
     where = (f"{run.state.stage} epoch {run.state.epoch + 1}"
              + (f", batch {run.state.step + 1}" if run.state.step else ""))
-    run.log(f"Resuming {run_dir} at {where} on {run.policy.describe()}")
+    run.log(f"Resuming {run_dir} at {where} on {run.policy.describe()}" if not finished else
+            f"Resuming {run_dir}: training was done, writing its model")
     return _recipe(run)
 
 

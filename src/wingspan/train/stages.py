@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from sklearn.metrics import f1_score
 from torch import nn
 
+from wingspan.errors import WingspanError
 from wingspan.files import atomic_path
 from wingspan.parallel import gather_objects, gather_shards, shard
 from wingspan.progress import Bar, track
@@ -142,9 +143,13 @@ def extract_features(run: Run, views: int) -> tuple[torch.Tensor, torch.Tensor]:
     path = run.dir / "cache" / "features.safetensors"
     n, m = len(run.data.train), len(run.data.val)
     if path.is_file():
-        saved = load_file(path)
-        if saved["train"].shape[:2] == (n, views + 1) and len(saved["val"]) == m:
-            return saved["train"], saved["val"]
+        try:
+            saved = load_file(path)
+            if saved["train"].shape[:2] == (n, views + 1) and len(saved["val"]) == m:
+                return saved["train"], saved["val"]
+        except Exception as e:  # noqa: BLE001 - a damaged cache file is only redone
+            run.log(f"The feature cache {path} cannot be read ({type(e).__name__}); "
+                    "computing it again")
     start = time.perf_counter()  # the export (if any) counts as part of the cache pass
     run.model.eval()
     features = run.policy.runner(run.model.feature_extractor(), run.image_size)
@@ -220,6 +225,7 @@ def train_head(run: Run) -> None:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            _stop_if_diverged(run, "head", epoch, step)
             scheduler.step_update(epoch * steps_per_epoch + step + 1)
             loss_sum += loss.item() * len(idx)
             seen.append(idx)
@@ -314,6 +320,7 @@ def finetune(run: Run) -> None:
             optimizer.zero_grad(set_to_none=True)
             fabric.backward(loss)
             optimizer.step()
+            _stop_if_diverged(run, "finetune", epoch, state.step)
             state.step += 1
             scheduler.step_update(epoch * steps_per_epoch + state.step)
             _account(run, "finetune", t0, t1, t2, len(y) * fabric.world_size)
@@ -345,6 +352,23 @@ def finetune(run: Run) -> None:
             run.log(f"Fine-tuning stopped early: no better val macro-F1 in {config.patience} "
                     "epochs")
             break
+
+
+def _stop_if_diverged(run: Run, stage: str, epoch: int, step: int) -> None:
+    """Stop at the first step that leaves a weight NaN or infinite (a learning rate too
+    high, say), keeping the last checkpoint, which was taken before it. The head's weights
+    are the same on every rank after a step, so every rank stops at the same one; an fp16
+    step whose gradients overflow is skipped by the grad scaler and changes nothing."""
+    weight = run.model.head.outputs[run.data.level].weight
+    if bool(torch.isfinite(weight).all()):
+        return
+    last = run.checkpoints / "last.pt"
+    raise WingspanError(
+        f"Training diverged: the weights became NaN or infinite at {stage} epoch {epoch + 1}, "
+        f"batch {step + 1} (learning rate {run.config.lr:g}). No model was written; "
+        + (f"the last checkpoint, from before this, is {last}." if last.is_file()
+           else "no checkpoint had been taken yet."),
+        hint="Train again with a lower --lr (stage 2 runs at lr x finetune_lr_scale).")
 
 
 def _checkpoint_due(run: Run, last_save: float, step: int) -> bool:
