@@ -54,9 +54,13 @@ def test_broken_bundles_give_clear_errors(model, tmp_path):
     with pytest.raises(WingspanError, match="(?s)bundle format 99, newer.*Upgrade"):
         load_bundle(path)
     write(model={**manifest["model"], "backbone": "no_such_net"})
+    with pytest.raises(WingspanError, match="do not match their checksum"):
+        load_bundle(path)
+    # The deeper checks, for a manifest without that checksum (or edited with care):
+    write(model={**manifest["model"], "backbone": "no_such_net"}, meaning_sha256=None)
     with pytest.raises(WingspanError, match="backbone cannot be built"):
         load_bundle(path)
-    write(model={**manifest["model"], "outputs": {"label": 4}})
+    write(model={**manifest["model"], "outputs": {"label": 4}}, meaning_sha256=None)
     with pytest.raises(WingspanError, match="do not fit the model"):
         load_bundle(path)
     (path / MANIFEST).write_text("{not json")
@@ -75,3 +79,23 @@ def test_broken_bundles_give_clear_errors(model, tmp_path):
 def test_class_names_must_match_the_head(model, tmp_path):
     with pytest.raises(WingspanError, match="3 outputs for 'label' but 2 class names"):
         save_bundle(model, tmp_path / "b", {"label": ["a", "b"]})
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m["classes"]["label"].__setitem__(0, "red admiral"),  # a renamed class
+    lambda m: m["classes"]["label"].pop(),  # a class name dropped
+    lambda m: m["preprocessing"].__setitem__("input_size", 96),
+])
+def test_an_edited_manifest_is_refused(model, tmp_path, edit):
+    path = save_bundle(model, tmp_path / "b", CLASSES)
+    manifest = json.loads((path / MANIFEST).read_text())
+    edit(manifest)
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(WingspanError, match="do not match their checksum"):
+        load_bundle(path)
+    # Without the checksum (an older bundle), a missing class name is still caught.
+    manifest.pop("meaning_sha256")
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    if len(manifest["classes"]["label"]) != 3:
+        with pytest.raises(WingspanError, match="3 'label' classes but its manifest names 2"):
+            load_bundle(path)

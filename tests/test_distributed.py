@@ -2,6 +2,7 @@
 launcher through the CLI, as users start them, against 1 process."""
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -160,3 +161,15 @@ def test_processes_follow_torchrun_and_refuse_what_cannot_run(monkeypatch):
         Processes(strategy="fsdp").fabric()
     # Undoing the strided shards: rank r held items r, r + w, ...
     assert interleave([[0, 3, 6], [1, 4], [2, 5]]) == list(range(7))
+
+
+def test_two_processes_skip_unreadable_images_alike(demo_dir, tmp_path):
+    from test_train import _with_broken_files
+
+    data = _with_broken_files(demo_dir, tmp_path)
+    _finish(_train_cli(data, tmp_path, _config(tmp_path), "broken", "--devices", "2"))
+    run_dir = tmp_path / "broken" / "r"
+    unreadable = json.loads((run_dir / "metrics.json").read_text())["unreadable"]
+    assert {os.path.basename(u["path"]) for u in unreadable} == {"zero.jpg", "text.jpg",
+                                                                  "cut.jpg"}
+    assert (run_dir / "model" / "manifest.json").is_file()

@@ -163,3 +163,17 @@ def test_cli_evaluate_and_predict(run_cli, trained, demo_dir, tmp_path):
 def test_preview_image_in_report_comes_from_training_images(evaluation):
     with Image.open(evaluation.out_dir / "preview.png") as im:
         assert im.width > 300
+
+
+def test_evaluate_on_images_none_of_which_can_be_read(trained, tmp_path):
+    from wingspan.errors import WingspanError
+
+    classes = read_manifest(trained / "model")["classes"]
+    finest = classes[list(classes)[-1]]
+    for c in finest[:2]:
+        (tmp_path / "bad" / c).mkdir(parents=True)
+        (tmp_path / "bad" / c / "zero.jpg").write_bytes(b"")
+        (tmp_path / "bad" / c / "text.jpg").write_text("no pixels here")
+    with pytest.raises(WingspanError, match="None of the 4 images of the 'all' split could"):
+        evaluate(trained, tmp_path / "bad", split="all", calibrate=False, progress=False,
+                 workers=0)

@@ -183,3 +183,11 @@ def test_real_ethec_metadata_only(shared_data):
 def test_ethec_without_images_suggests_metadata_only(shared_data):
     with pytest.raises(WingspanError, match="--metadata-only"):
         read_dataset(shared_data / "ethec-splits")
+
+
+def test_a_csv_row_with_an_extra_field_is_refused_with_its_line(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"")
+    csv_file = tmp_path / "data.csv"
+    csv_file.write_text("path,label,split\na.jpg,monarch,train\na.jpg,admiral,val,oops\n")
+    with pytest.raises(WingspanError, match=r"data.csv, line 3: 4 fields where the header"):
+        read_dataset(csv_file, ReadConfig(check_files=False))

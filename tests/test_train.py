@@ -48,8 +48,8 @@ def test_train_writes_a_complete_run(demo_dir, tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["best"]["val_macro_f1"] == h["val_macro_f1"].max()
     model, manifest = load_bundle(run_dir / "model")
-    assert manifest["classes"]["label"] == sorted(os.listdir(demo_dir / "..") if False else
-                                                  manifest["classes"]["label"])
+    assert manifest["classes"]["label"] == sorted(p.name for p in demo_dir.iterdir()
+                                                  if p.is_dir())  # the class folders
     assert len(manifest["classes"]["label"]) == 4
     assert manifest["preprocessing"]["input_size"] == 32
     assert manifest["training"]["backbone"] == "test_efficientnet"
@@ -297,3 +297,50 @@ def test_a_damaged_feature_cache_is_computed_again(demo_dir, tmp_path):
     torch.testing.assert_close(again, train_feats)
     torch.testing.assert_close(again_val, val_feats)
     assert "cannot be read" in (run.dir / "train.log").read_text()
+
+
+def _with_broken_files(demo_dir, tmp_path):
+    """A copy of the demo data with a zero-byte, a text and a truncated 'JPEG' in a class."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_dir, data)
+    folder = sorted(p for p in data.iterdir() if p.is_dir())[0]
+    good = sorted(folder.glob("*.jpg"))[0].read_bytes()
+    (folder / "zero.jpg").write_bytes(b"")
+    (folder / "text.jpg").write_text("not an image at all\n")
+    (folder / "cut.jpg").write_bytes(good[: len(good) // 3])
+    return data
+
+
+@pytest.mark.parametrize("feature_cache", [True, False])
+def test_unreadable_images_are_skipped_listed_and_training_goes_on(demo_dir, tmp_path,
+                                                                   monkeypatch, feature_cache):
+    from wingspan.train import run as run_module
+
+    data = _with_broken_files(demo_dir, tmp_path)
+    dataset = read_dataset(data)
+    # One more file goes bad after stage 1, as a photo edited or cut mid-run.
+    victim = next(p for p in dataset.table["path"] if p.endswith("_0001.jpg"))
+    original = run_module.train_head
+
+    def then_break_a_file(run):
+        original(run)
+        with open(victim, "r+b") as f:
+            f.truncate(200)
+
+    monkeypatch.setattr(run_module, "train_head", then_break_a_file)
+    config = tiny(tmp_path, feature_cache=feature_cache, val_fraction=0.3)
+    run_dir = train(dataset, config, tmp_path / "runs", "broken", quiet=True)
+    assert (run_dir / "model" / "manifest.json").is_file()
+    unreadable = json.loads((run_dir / "metrics.json").read_text())["unreadable"]
+    names = {os.path.basename(u["path"]) for u in unreadable}
+    in_train_or_val = {os.path.basename(p) for p in pd.read_csv(run_dir / "splits.csv")["path"]}
+    expected = {"zero.jpg", "text.jpg", "cut.jpg", os.path.basename(victim)}
+    assert expected <= in_train_or_val and names == expected  # (no test split in `tiny`)
+    assert all("Cannot read image" in u["reason"] for u in unreadable)
+    log = (run_dir / "train.log").read_text()
+    assert log.count("Skipping an unreadable image") == len(expected)  # each once
+    with pytest.raises(WingspanError, match="Cannot read image"):
+        train(read_dataset(data), tiny(tmp_path, strict=True), tmp_path / "strict",
+              quiet=True)

@@ -258,6 +258,7 @@ class TrainConfig:
     workers: int | None = None  # None: sized to the machine
     cache_dir: str | None = None  # decoded-image cache (None: default_cache_dir())
     checkpoint_minutes: float = 5.0  # also checkpoint inside long epochs
+    strict: bool = False  # an unreadable image stops training instead of being skipped
     profile: bool = False  # write a torch.profiler trace of a few fine-tuning steps
 
     def __post_init__(self) -> None:

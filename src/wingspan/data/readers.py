@@ -9,6 +9,7 @@ Formats:
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 from collections.abc import Callable
@@ -184,9 +185,25 @@ def _fixed_splits(table: pd.DataFrame, splits_csv: Path, problems: list[Problem]
 
 def _read_csv(path: Path) -> pd.DataFrame:
     try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        _check_field_counts(path)
+        return pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError,
+            csv.Error) as e:
         raise WingspanError(f"Cannot read the CSV file {path}: {e}") from e
+
+
+def _check_field_counts(path: Path) -> None:
+    """Every row as wide as the header. pandas would take a row with one field more as an
+    index plus shifted columns (its label read as the split, say) without a word."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = csv.reader(f)
+        header = next(rows, [])
+        for line, row in enumerate(rows, start=2):
+            if row and len(row) != len(header):
+                raise WingspanError(
+                    f"{path}, line {line}: {len(row)} fields where the header "
+                    f"({','.join(header)}) has {len(header)}.",
+                    hint="Quote values that contain commas, or fix the row.")
 
 
 def _check_split_values(table: pd.DataFrame, where: Path) -> None:

@@ -68,6 +68,11 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     speed = predictor.images_per_second
     ok = [i for i, p in enumerate(preds) if not p.error]
     failed = [(p.path, p.error) for p in preds if p.error]
+    if not ok:
+        raise WingspanError(
+            f"None of the {len(preds)} images of the '{split}' split could be read, e.g. "
+            f"{failed[0][1]}", hint="Check the files (`wingspan data inspect DATA` lists "
+            "unreadable ones), or evaluate another split with --split.")
     index = {c: i for i, c in enumerate(predictor.classes)}
     y = rows["_label"].map(index).to_numpy()[ok]
     logits = np.stack([preds[i].logits for i in ok])
@@ -156,6 +161,9 @@ def _calibrate(predictor: Predictor, dataset: Dataset, level: str, calibrate: bo
             return {"fitted": False, "temperature": predictor.temperature}
         preds = list(predictor.run(rows["path"].tolist(), progress=progress))
         ok = [i for i, p in enumerate(preds) if not p.error]
+        if not ok:  # nothing to fit on: keep the temperature, and say why
+            return {"fitted": False, "temperature": predictor.temperature,
+                    "why": "no image of the val split could be read"}
         index = {c: i for i, c in enumerate(predictor.classes)}
         val = (rows["_label"].map(index).to_numpy()[ok],
                np.stack([preds[i].logits for i in ok]))

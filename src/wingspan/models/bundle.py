@@ -38,6 +38,16 @@ def weights_digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+# What a bundle's predictions mean, besides its weights: a checksum covers these too.
+MEANING = ("model", "head", "classes", "taxonomy", "preprocessing")
+
+
+def meaning_digest(manifest: dict) -> str:
+    """A checksum over the manifest entries that decide what the outputs mean."""
+    return hashlib.sha256(json.dumps({k: manifest.get(k) for k in MEANING},
+                                     sort_keys=True).encode()).hexdigest()
+
+
 def save_bundle(model: Classifier, path: str | Path, classes: dict[str, list[str]],
                 taxonomy: dict | None = None, training: dict | None = None,
                 metrics: dict | None = None, weights_source: str | None = None) -> Path:
@@ -55,6 +65,7 @@ def save_bundle(model: Classifier, path: str | Path, classes: dict[str, list[str
         "training": training or {}, "metrics": metrics or {},
         "weights_sha256": weights_digest(state),
     }
+    manifest["meaning_sha256"] = meaning_digest(manifest)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".safetensors":
@@ -119,6 +130,13 @@ def load_bundle(path: str | Path) -> tuple[Classifier, dict]:
             f"The weights in {weights} do not match the checksum in its manifest: the "
             "bundle was changed or damaged after it was written.",
             hint="Use an intact copy of the bundle, or retrain.")
+    expected = manifest.get("meaning_sha256")  # absent from bundles written before it was
+    if expected and meaning_digest(manifest) != expected:
+        raise WingspanError(
+            f"The class names, taxonomy, preprocessing or model description in {path} do not "
+            "match their checksum: the manifest was edited after the bundle was written, and "
+            "its predictions would be named or prepared wrongly.",
+            hint="Use an intact copy of the bundle, or retrain.")
     try:
         model = Classifier(**manifest["model"])
     except WingspanError as e:
@@ -131,6 +149,12 @@ def load_bundle(path: str | Path) -> tuple[Classifier, dict]:
     except RuntimeError as e:
         raise WingspanError(f"The weights in {weights} do not fit the model its manifest "
                             f"describes: {str(e).splitlines()[0]}") from e
+    for level, n in model.head.config.outputs.items():
+        names = manifest.get("classes", {}).get(level) or []
+        if len(names) != n:
+            raise WingspanError(f"{path}: the model has {n} '{level}' classes but its manifest "
+                                f"names {len(names)}.", hint="Use an intact copy of the "
+                                "bundle, or retrain.")
     model.eval()
     return model, manifest
 

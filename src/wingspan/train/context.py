@@ -14,9 +14,11 @@ from rich.console import Console
 
 from wingspan.config import TrainConfig
 from wingspan.data.taxonomy import Taxonomy
+from wingspan.errors import WingspanError
 from wingspan.files import atomic_path, write_text
 from wingspan.models.classifier import Classifier
 from wingspan.models.policy import Policy
+from wingspan.parallel import gather_objects
 from wingspan.train.checkpoint import save_checkpoint
 from wingspan.train.data import LabelledImages
 
@@ -40,6 +42,7 @@ class RunState:
     partial: dict = field(default_factory=dict)  # running sums of an interrupted epoch
     profile: dict = field(default_factory=dict)  # stage -> seconds spent per kind of work
     engines: dict = field(default_factory=dict)  # the policy's choices; a resumed run keeps them
+    skipped: dict = field(default_factory=dict)  # path -> why, images that could not be read
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -106,6 +109,28 @@ class Run:
             f.write(f"{stamp} {message}\n")
         if not self.quiet:
             self.console.print(message, highlight=False)
+
+    def note_unreadable(self, failed: list[tuple[str, str]]) -> None:
+        """Images that could not be read: left out for the rest of the run and listed in
+        train.log and metrics.json (with `strict`, an error instead)."""
+        new = [(path, why) for path, why in failed if path not in self.state.skipped]
+        if new and self.config.strict:
+            raise WingspanError(new[0][1], hint="Without --strict, unreadable images are "
+                                "skipped for the rest of the run and listed.")
+        for path, why in new:
+            self.state.skipped[path] = why
+            self.log(f"Skipping an unreadable image for the rest of the run: {why}")
+
+    def share_unreadable(self) -> None:
+        """Every rank learns what the others could not read (so all leave out the same)."""
+        if self.fabric.world_size > 1:
+            for part in gather_objects(self.fabric, [self.state.skipped]):
+                self.note_unreadable(list(part[0].items()))
+
+    def readable(self, images: LabelledImages) -> torch.Tensor:
+        """A mask of the images not known to be unreadable."""
+        return torch.tensor([path not in self.state.skipped for path in images.paths],
+                            dtype=torch.bool)
 
     def add_history(self, row: dict) -> None:
         self.state.history.append(row)

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import tv_tensors
 
+from wingspan.errors import WingspanError
 from wingspan.train.decode_cache import DecodeCache
 
 # An item request: (sample index, epoch, view); the seed mixes all three.
@@ -30,23 +32,51 @@ def item_seed(seed: int, epoch: int, index: int, view: int = 0) -> int:
 
 
 class LabelledImages(Dataset):
+    """Labelled image files through the decode cache and a transform to `size` pixels. A
+    file that cannot be read (broken, truncated, a decompression bomb, changed since the
+    data was read) is not a crash: its item carries the reason, and `collate` leaves it out
+    of the batch, so training goes on and reports it (wingspan.train.stages)."""
+
     def __init__(self, paths: Sequence[str], labels: Sequence[int], transform: Callable,
-                 cache: DecodeCache, seed: int):
+                 cache: DecodeCache, seed: int, size: int):
         self.paths, self.labels = list(paths), torch.as_tensor(labels, dtype=torch.long)
-        self.transform, self.cache, self.seed = transform, cache, seed
+        self.transform, self.cache, self.seed, self.size = transform, cache, seed, size
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, request: Request) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def __getitem__(self, request: Request):
+        """(image, labels, index, ""), or (None, labels, index, why) for a file that cannot
+        be read."""
         index, epoch, view = request
-        image = tv_tensors.Image(torch.from_numpy(self.cache.load(self.paths[index]))
-                                 .permute(2, 0, 1))
+        try:
+            array = self.cache.load(self.paths[index])
+        except WingspanError as e:
+            return None, self.labels[index], index, e.message
+        image = tv_tensors.Image(torch.from_numpy(array).permute(2, 0, 1))
         # Leave the caller's random stream alone. Only the CPU generator is seeded: the
         # transforms draw from it, and torch.manual_seed would reseed every GPU's too.
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(item_seed(self.seed, epoch, index, view))
-            return self.transform(image), self.labels[index], index
+            return self.transform(image), self.labels[index], index, ""
+
+    def collate(self, items: list) -> Batch:
+        """The readable items as a batch (possibly empty), and the others' reasons."""
+        ok = [item for item in items if item[0] is not None]
+        failed = [(self.paths[item[2]], item[3]) for item in items if item[0] is None]
+        if not ok:
+            return Batch(torch.empty(0, 3, self.size, self.size),
+                         torch.empty(0, self.labels.shape[1], dtype=torch.long),
+                         torch.empty(0, dtype=torch.long), failed)
+        return Batch(torch.stack([item[0] for item in ok]), torch.stack([item[1] for item in ok]),
+                     torch.tensor([item[2] for item in ok]), failed)
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor  # (N, 3, size, size)
+    labels: torch.Tensor  # (N, levels)
+    index: torch.Tensor  # (N,) the items' indices in the dataset
+    failed: list[tuple[str, str]]  # (path, why) of the requested items that could not be read
 
 
 def epoch_order(n: int, seed: int, epoch: int, weights: torch.Tensor | None = None
@@ -75,20 +105,23 @@ class EpochBatches(Sampler[list[Request]]):
         self.n, self.batch_size, self.seed, self.view = n, batch_size, seed, view
         self.weights, self.rank, self.world = weights, rank, world
         self.epoch, self.start = 0, 0
+        self.skip: set[int] = set()  # items that could not be read: left out of the order
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start = epoch, start_batch
 
     def __iter__(self) -> Iterator[list[Request]]:
         order = epoch_order(self.n, self.seed, self.epoch, self.weights)
-        for b in range(self.start * self.batch_size, self.n, self.batch_size):
+        if self.skip:
+            order = [i for i in order if i not in self.skip]
+        for b in range(self.start * self.batch_size, len(order), self.batch_size):
             batch = order[b:b + self.batch_size]
             batch = (batch * self.world)[:max(len(batch), self.world)]
             mine = np.array_split(np.array(batch), self.world)[self.rank]
             yield [(int(i), self.epoch, self.view) for i in mine]
 
     def __len__(self) -> int:
-        return -(-self.n // self.batch_size) - self.start
+        return -(-(self.n - len(self.skip)) // self.batch_size) - self.start
 
 
 def fixed_batches(indices: Sequence[int], batch_size: int, view: int = 0
@@ -113,6 +146,7 @@ def make_loader(dataset: LabelledImages, batches, workers: int, persistent: bool
     # Its own generator: a loader must not draw from the global random stream, or dropout
     # masks would depend on how many loaders ran before (and a resumed run would differ).
     return DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                      collate_fn=dataset.collate,
                       pin_memory=pin,
                       persistent_workers=persistent and workers > 0,
                       generator=torch.Generator().manual_seed(0))

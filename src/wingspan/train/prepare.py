@@ -142,7 +142,7 @@ def build_train_data(plan: LabelPlan, config: TrainConfig, pre: Preprocessing,
 
     def images(part: pd.DataFrame, transform) -> LabelledImages:
         return LabelledImages(part["path"].tolist(), label_matrix(part), transform, cache,
-                              config.seed)
+                              config.seed, size)
 
     y_fine = label_matrix(train)[:, -1]
     return TrainData(

@@ -253,6 +253,7 @@ def _write_results(run: Run) -> None:
         "weights": run.weights_source, "engine": run.policy.describe(),
         "engines": run.policy.records(),
         "train_images": len(run.data.train), "val_images": len(run.data.val),
+        "unreadable": [{"path": p, "reason": why} for p, why in state.skipped.items()],
     }
     run.write_json("metrics.json", metrics)
     taxonomy = run.data.taxonomy.to_dict() if run.data.taxonomy else None

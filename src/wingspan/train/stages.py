@@ -75,7 +75,7 @@ class Criterion:
             norm = norm.detach().clone()
             torch.distributed.all_reduce(norm)
             norm = norm / self.fabric.world_size
-        return summed / norm
+        return summed / norm.clamp_min(1e-12)  # 0 / 0 for a batch with nothing readable
 
 
 def loss_fn(run: Run, device: torch.device | None = None, fabric=None) -> Criterion:
@@ -97,7 +97,10 @@ def _logits(run: Run, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
 
 @torch.inference_mode()
 def evaluate_features(run: Run, features: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Scores of the head on cached features (every rank holds all of them)."""
+    """Scores of the head on cached features (every rank holds all of them), leaving out
+    the images that could not be read."""
+    read = run.readable(run.data.val)
+    features, labels = features[read], labels[read]
     run.model.head.eval()
     outputs = [run.model.head(features[i:i + 1024].to(run.device))
                for i in range(0, len(features), 1024)]
@@ -114,12 +117,20 @@ def evaluate_images(run: Run, images: LabelledImages) -> dict:
         batches = fixed_batches(shard(len(images), run.fabric), run.config.batch_size)
         run.loaders["val"] = make_loader(images, batches, run.workers, persistent=True,
                                          pin=run.device.type == "cuda")
-    outputs = [forward(x) for x, _, _ in run.loaders["val"]]
-    width = {lv: n for lv, n in run.model.head.config.outputs.items()}
-    mine = (_concat(outputs) if outputs else
-            {lv: torch.empty(0, width[lv]) for lv in run.model.levels})
-    everything = {lv: gather_shards(run.fabric, o, len(images)) for lv, o in mine.items()}
-    return _scores(run, everything, images.labels)
+    mine = shard(len(images), run.fabric)
+    row = {item: k for k, item in enumerate(mine)}
+    parts = {lv: torch.zeros(len(mine), n) for lv, n in run.model.head.config.outputs.items()}
+    read = torch.zeros(len(mine), dtype=torch.uint8)
+    for x, _, index, failed in run.loaders["val"]:
+        run.note_unreadable(failed)
+        if len(index):
+            rows = torch.tensor([row[int(i)] for i in index])
+            for lv, out in forward(x).items():
+                parts[lv][rows] = out
+            read[rows] = 1
+    read = gather_shards(run.fabric, read, len(images)).bool()
+    everything = {lv: gather_shards(run.fabric, o, len(images))[read] for lv, o in parts.items()}
+    return _scores(run, everything, images.labels[read])
 
 
 def _concat(outputs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -127,6 +138,9 @@ def _concat(outputs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 
 def _scores(run: Run, outputs: dict[str, torch.Tensor], labels: torch.Tensor) -> dict:
+    if not len(labels):
+        raise WingspanError("No validation image could be read; the run cannot be scored.",
+                            hint=f"See the unreadable files listed in {run.dir / 'train.log'}.")
     preds, truth = _logits(run, outputs).argmax(1), labels[:, -1]
     return {"loss": float(loss_fn(run, torch.device("cpu"))(outputs, labels)),
             "acc": float((preds == truth).float().mean()),
@@ -165,10 +179,13 @@ def extract_features(run: Run, views: int) -> tuple[torch.Tensor, torch.Tensor]:
             part = torch.empty(len(mine), width)
             loader = make_loader(images, fixed_batches(mine, run.config.batch_size, view),
                                  run.workers, pin=run.device.type == "cuda")
-            for x, _, idx in loader:
-                part[(idx - run.fabric.global_rank) // world] = features(x)
-                bar.advance(len(idx) * world)
+            for x, _, idx, failed in loader:
+                run.note_unreadable(failed)
+                if len(idx):
+                    part[(idx - run.fabric.global_rank) // world] = features(x)
+                bar.advance((len(idx) + len(failed)) * world)
             out.copy_(gather_shards(run.fabric, part, len(images)))
+    run.share_unreadable()
     seconds = time.perf_counter() - start
     run.state.stage_seconds["head"] = run.state.stage_seconds.get("head", 0.0) + seconds
     run.timing("head", "feature_cache", seconds)
@@ -204,19 +221,24 @@ def train_head(run: Run) -> None:
     criterion = loss_fn(run)
     for epoch in range(state.epoch, config.epochs_head):
         start = time.perf_counter()
-        order = epoch_order(n, config.seed, epoch, run.data.sample_weights)
+        readable = run.readable(run.data.train)
+        order = [i for i in epoch_order(n, config.seed, epoch, run.data.sample_weights)
+                 if readable[i]]
         g = torch.Generator().manual_seed(item_seed(config.seed, epoch, VIEW_CHOICE))
         views = torch.randint(0, config.feature_views + 1, (n,), generator=g)
         head.train()
         loss_sum, preds = 0.0, torch.empty(n, dtype=torch.long)
         seen = []
-        for step, b in enumerate(range(0, n, config.batch_size)):
+        for step, b in enumerate(range(0, len(order), config.batch_size)):
             t0 = time.perf_counter()
-            idx = torch.tensor(order[b:b + config.batch_size])
+            idx = torch.tensor(order[b:b + config.batch_size], dtype=torch.long)
             if cached:
                 feats = train_feats[idx, views[idx]]
             else:
-                feats = _frozen_features(run, frozen, idx, views[idx], epoch)
+                feats, read = _frozen_features(run, frozen, idx, views[idx], epoch)
+                feats, idx = feats[read], idx[read]
+                if not len(idx):
+                    continue
             t1 = time.perf_counter()
             outputs = head(feats.to(device, non_blocking=True))
             logits = _logits(run, outputs)
@@ -247,15 +269,20 @@ def train_head(run: Run) -> None:
 
 def _frozen_features(run: Run, frozen, idx: torch.Tensor, views: torch.Tensor, epoch: int):
     """Without the cache: run the frozen backbone on this batch (clean or augmented), each
-    rank on its shard of it."""
+    rank on its shard of it. Returns the features and which images could be read."""
     mine = shard(len(idx), run.fabric)
     with torch.inference_mode():
         items = [run.data.train_clean[(int(idx[j]), 0, 0)] if views[j] == 0
                  else run.data.train[(int(idx[j]), epoch, 1)] for j in mine]
-        part = (frozen(torch.stack([item[0] for item in items])) if items
-                else torch.empty(0, run.model.backbone.num_features))
+        run.note_unreadable([(run.data.train.paths[i], why) for x, _, i, why in items if why])
+        read = torch.tensor([item[0] is not None for item in items], dtype=torch.uint8)
+        part = torch.zeros(len(items), run.model.backbone.num_features)
+        if read.any():
+            part[read.bool()] = frozen(torch.stack([it[0] for it in items if it[0] is not None]))
         features = gather_shards(run.fabric, part, len(idx))
-    return features.clone()  # a normal tensor, which the head may save for its backward
+        read = gather_shards(run.fabric, read, len(idx)).bool()
+    # A normal tensor (the head may save it for its backward); which rows could be read.
+    return features.clone(), read
 
 
 @torch.no_grad()
@@ -279,6 +306,7 @@ def finetune(run: Run) -> None:
     batches = EpochBatches(len(run.data.train), config.batch_size, config.seed, view=1,
                            weights=run.data.sample_weights, rank=fabric.global_rank,
                            world=fabric.world_size)
+    batches.skip = {i for i, ok in enumerate(run.readable(run.data.train)) if not ok}
     steps_per_epoch = len(batches)
     scheduler = make_scheduler(optimizer, steps_per_epoch * config.epochs_finetune,
                                config.warmup_fraction)
@@ -307,8 +335,12 @@ def finetune(run: Run) -> None:
         profiler = _Profiler(run) if config.profile and epoch == 0 and run.is_main else None
         preds = []  # on the device until the epoch ends or a checkpoint needs them
         t0 = time.perf_counter()
-        for x, y, _ in bar:
+        for x, y, _, failed in bar:
             t1 = time.perf_counter()  # t1 - t0: waiting for the loader
+            run.note_unreadable(failed)
+            if not len(y) and fabric.world_size == 1:  # nothing readable in this batch
+                t0 = time.perf_counter()
+                continue
             if prefix is not None:
                 x = prefix(x)
             labels = y
@@ -339,6 +371,8 @@ def finetune(run: Run) -> None:
             t0 = time.perf_counter()
         seconds = partial["seconds"] + time.perf_counter() - start
         partial["preds"] += torch.cat(preds).tolist() if preds else []
+        run.share_unreadable()  # every rank leaves the same files out of the next epoch
+        batches.skip = {i for i, ok in enumerate(run.readable(run.data.train)) if not ok}
         val = evaluate_images(run, run.data.val)
         run.timing("finetune", "eval", time.perf_counter() - t0)
         partial = _merge(run, partial)
