@@ -9,7 +9,9 @@ import torch
 
 from wingspan.models import create_classifier, resolve_policy
 from wingspan.models import policy as policy_module
+from wingspan.models.engine import time_calls
 from wingspan.models.runtime import make_runner
+from wingspan.train import step as step_module
 from wingspan.train.step import choose_train
 
 SLOW = {"torch-fp32": 0.02, "torch-bf16": 0.04, "onnx-fp32": 0.0}  # seconds added per call
@@ -18,7 +20,7 @@ SLOW = {"torch-fp32": 0.02, "torch-bf16": 0.04, "onnx-fp32": 0.0}  # seconds add
 @pytest.fixture
 def machine(monkeypatch, tmp_path):
     """An AMX-like CPU with nothing forced, its own engine cache, and candidates whose
-    speed the test sets: each call sleeps `delays[name]` seconds on top of the real work."""
+    speed the test sets: each call takes `delays[name]` seconds on the timing's clock."""
     from wingspan.models import engine as engine_module
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -27,13 +29,36 @@ def machine(monkeypatch, tmp_path):
     monkeypatch.setenv("WINGSPAN_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(engine_module, "cpu_flags", lambda: frozenset({"amx_bf16"}))
     delays, calls, broken = dict(SLOW), [], set()
+    # The timing's clock moves only by the speeds set here (plus 1 ms a call), not by the
+    # real work: on a busy machine a real clock made a 20 ms difference flip either way.
+    clock = {"now": 0.0}
+
+    class Clock:
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        def perf_counter(self):
+            return clock["now"]
+
+    monkeypatch.setattr(engine_module, "time", Clock())
+
+    def ticking(calls, x, rounds, near_tie):  # training steps: the same clock, same speeds
+        def tick(name, call):
+            def run(x):
+                clock["now"] += 0.001 + delays[name]
+                return call(x)
+            return run
+
+        return time_calls({n: tick(n, c) for n, c in calls.items()}, x, rounds, near_tie)
+
+    monkeypatch.setattr(step_module, "time_calls", ticking)
 
     def slowed(module, size, engine, *args, **kwargs):
         runner = make_runner(module, size, engine, *args, **kwargs)
 
         def run(x):
             calls.append(engine.name)
-            time.sleep(delays[engine.name])
+            clock["now"] += 0.001 + delays[engine.name]
             out = runner(x)
             return out.flip(1) if engine.name in broken else out  # a wrong export
 
