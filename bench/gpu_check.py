@@ -116,7 +116,7 @@ def main() -> None:
     results = {"device": name, "count": gpus, "precisions": {}}
     for precision in precisions:
         run = train(data, work / "runs", precision, settings, "--precision", precision)
-        wingspan("evaluate", run["run"], "--device", args.device, "--quiet", "--no-calibrate",
+        wingspan("evaluate", run["run"], "--device", args.device, "--quiet",
                  "--out", work / f"evaluation-{precision}")
         evaluation = json.loads((work / f"evaluation-{precision}" / "metrics.json").read_text())
         predicted = wingspan("predict", run["run"], data, "--device", args.device, "--quiet",

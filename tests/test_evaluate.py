@@ -54,10 +54,36 @@ def test_evaluate_writes_every_output(evaluation, trained):
     for key in ["accuracy", "top3_accuracy", "macro", "micro", "weighted", "cohen_kappa", "ece",
                 "ece_uncalibrated", "temperature", "most_confused", "images_per_second"]:
         assert key in metrics, key
-    assert metrics["calibration"]["fitted"] and metrics["calibration"]["fitted_on"] == "val"
-    # The temperature is stored in the bundle so that predict uses it too.
+    # Training fitted the temperature on its val split and stored it in the bundle, where
+    # evaluate (and predict) read it.
+    assert metrics["calibration"]["fitted_on"] == "val"
     manifest = read_manifest(trained / "model")
     assert manifest["calibration"]["temperature"] == pytest.approx(metrics["temperature"])
+    assert manifest["calibration"]["val_ece_after"] <= manifest["calibration"]["val_ece_before"]
+
+
+def test_evaluate_never_changes_the_model_and_calibrate_does(trained, tmp_path, run_cli):
+    import hashlib
+
+    def fingerprint():
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted((trained / "model").iterdir())}
+
+    before = fingerprint()
+    evaluate(trained, split="val", out=tmp_path / "ev", progress=False, workers=0)
+    evaluate(trained, split="train", out=tmp_path / "ev2", progress=False, workers=0)
+    assert fingerprint() == before
+    old = read_manifest(trained / "model")["calibration"]["temperature"]
+    code, out, err = run_cli("calibrate", trained, "--split", "train", "--quiet")
+    assert code == 0, err
+    new = read_manifest(trained / "model")["calibration"]
+    assert f"Temperature {old:.3f} -> {new['temperature']:.3f}" in out
+    assert new["fitted_on"] == "train" and new["previous_temperature"] == pytest.approx(old)
+    assert fingerprint() != before
+    # Put it back for the other tests of this module.
+    from wingspan.models.bundle import update_manifest
+
+    update_manifest(trained / "model", calibration={**new, "temperature": old})
 
 
 def test_numbers_match_scikit_learn_on_the_saved_predictions(evaluation):
@@ -148,7 +174,7 @@ def test_predict_streams_and_tta_averages(trained, demo_dir, monkeypatch):
 
 def test_cli_evaluate_and_predict(run_cli, trained, demo_dir, tmp_path):
     code, out, err = run_cli("evaluate", trained, "--split", "val", "--out", tmp_path / "ev",
-                             "--quiet", "--no-calibrate")
+                             "--quiet")
     assert code == 0, err
     assert "macro F1" in out and (tmp_path / "ev" / "report.html").is_file()
     image = next(demo_dir.rglob("*.jpg"))
@@ -175,5 +201,25 @@ def test_evaluate_on_images_none_of_which_can_be_read(trained, tmp_path):
         (tmp_path / "bad" / c / "zero.jpg").write_bytes(b"")
         (tmp_path / "bad" / c / "text.jpg").write_text("no pixels here")
     with pytest.raises(WingspanError, match="None of the 4 images of the 'all' split could"):
-        evaluate(trained, tmp_path / "bad", split="all", calibrate=False, progress=False,
-                 workers=0)
+        evaluate(trained, tmp_path / "bad", split="all", progress=False, workers=0)
+
+
+def test_a_killed_evaluation_leaves_the_previous_results_whole(trained, tmp_path, monkeypatch):
+    from wingspan.evaluate import run as run_module
+
+    out = tmp_path / "ev"
+    evaluate(trained, split="val", out=out, progress=False, workers=0)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # as if killed while plotting
+
+    monkeypatch.setattr(run_module, "_plots", killed)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(trained, split="val", out=out, progress=False, workers=0)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched
+    assert (tmp_path / ".ev.partial").is_dir()  # the unfinished one, marked as such
+    monkeypatch.undo()
+    result = evaluate(trained, split="val", out=out, progress=False, workers=0)
+    assert result.out_dir == out and result.report == out / "report.html"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ev"]  # no leftovers

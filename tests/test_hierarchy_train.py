@@ -81,8 +81,8 @@ def test_hierarchical_family_accuracy_is_not_worse_than_family_only(demo_dir, tm
                                               epochs_finetune=0), tmp_path / "h", quiet=True)
     flat = train(read_dataset(demo_dir), tiny(tmp_path, level="family", epochs_head=6,
                                               epochs_finetune=0), tmp_path / "f", quiet=True)
-    h = evaluate(hier, split="val", progress=False, workers=0, calibrate=False).metrics
-    f = evaluate(flat, split="val", progress=False, workers=0, calibrate=False).metrics
+    h = evaluate(hier, split="val", progress=False, workers=0).metrics
+    f = evaluate(flat, split="val", progress=False, workers=0).metrics
     assert h["hierarchy"]["levels"]["family"]["accuracy"] >= f["accuracy"] - 0.15
 
 

@@ -53,3 +53,19 @@ def test_preview_grid_file(demo_dir, tmp_path):
     with Image.open(path) as im:
         # 3 rows of 5 panels: wider than tall, and big enough to see.
         assert im.width > im.height > 200
+
+
+def test_the_config_names_every_policy_and_depends_on_nothing_above_it():
+    import subprocess
+    import sys
+
+    from wingspan.config import AUGMENT_POLICIES
+    from wingspan.data.transforms import POLICIES
+
+    assert tuple(POLICIES) == AUGMENT_POLICIES
+    code = ("import sys, wingspan.config as c; c.TrainConfig(); c.DemoConfig(); "
+            "c.AugmentConfig(); "
+            "print(sorted(m for m in sys.modules if m.startswith(('wingspan.', 'torch'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert eval(out) == ["wingspan.config", "wingspan.errors"]

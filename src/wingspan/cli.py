@@ -336,21 +336,40 @@ def evaluate_command(
         help="train | val | test | all (default: test, else val).")] = None,
     out_dir: Annotated[Path | None, typer.Option(
         "--out", help="Output folder (default: RUN/evaluation-SPLIT).")] = None,
-    calibrate: Annotated[bool, typer.Option(
-        help="Fit a temperature on the val split and store it in the bundle.")] = True,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = T.batch_size,
     device: DeviceOpt = T.device,
     precision: Precision = T.precision,
     runtime: Runtime = T.runtime,
     quiet: Quiet = False,
 ) -> None:
-    """Metrics, confusion matrix, curves, mistakes, calibration and an HTML report."""
+    """Metrics, confusion matrix, curves, mistakes, calibration and an HTML report. The
+    model is not changed (see `wingspan calibrate`)."""
     from wingspan.evaluate.run import evaluate
 
-    result = evaluate(model, data, split, out_dir, calibrate, progress=not quiet,
+    result = evaluate(model, data, split, out_dir, progress=not quiet,
                       batch_size=batch_size, runtime=runtime, precision=precision,
                       device=device)
     _print_evaluation(result)
+
+
+@app.command("calibrate")
+def calibrate_command(
+    model: Model,
+    data: Annotated[Path | None, typer.Argument(
+        help="Labelled data to fit on (default: the run's own).", show_default=False)] = None,
+    split: Annotated[str, typer.Option(help="train | val | test | all.")] = "val",
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = T.batch_size,
+    device: DeviceOpt = T.device,
+    quiet: Quiet = False,
+) -> None:
+    """Fit the model's temperature again (training fits it on its val split) and store it
+    in the bundle, e.g. on labelled photos from where the model will be used."""
+    from wingspan.evaluate.run import calibrate
+
+    c = calibrate(model, data, split, progress=not quiet, batch_size=batch_size, device=device)
+    out.print(f"Temperature {c['previous_temperature']:.3f} -> {c['temperature']:.3f}, fitted "
+              f"on {c['images']} images ({c['fitted_on']}); ECE {c['val_ece_before']:.4f} -> "
+              f"{c['val_ece_after']:.4f}")
 
 
 def _print_evaluation(result) -> None:

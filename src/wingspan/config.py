@@ -13,6 +13,11 @@ from typing import get_type_hints
 
 from wingspan.errors import WingspanError
 
+# The augmentation policies (wingspan.data.transforms registers one for each name) and how
+# many species the demo can draw (wingspan.data.demo): here, so that the config depends on
+# nothing above it.
+AUGMENT_POLICIES = ("light", "standard", "strong")
+DEMO_SPECIES = 8
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 SPLITS = ("train", "val", "test")
 
@@ -122,9 +127,8 @@ class AugmentConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
-        from wingspan.data.transforms import POLICIES
-
-        _check(self.policy in POLICIES, "policy", f"one of {sorted(POLICIES)}", self.policy)
+        _check(self.policy in AUGMENT_POLICIES, "policy", f"one of {list(AUGMENT_POLICIES)}",
+               self.policy)
         _check(self.image_size >= 16, "image_size", "at least 16 pixels", self.image_size)
         _check(0 < self.eval_crop <= 1, "eval_crop", "a fraction in (0, 1]", self.eval_crop)
 
@@ -144,12 +148,10 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
-        from wingspan.data.demo import SPECIES
-
         _check(
-            1 <= len(self.images_per_class) <= len(SPECIES),
+            1 <= len(self.images_per_class) <= DEMO_SPECIES,
             "images_per_class",
-            f"one count per class, for 1 to {len(SPECIES)} classes",
+            f"one count per class, for 1 to {DEMO_SPECIES} classes",
             self.images_per_class,
         )
         _check(min(self.images_per_class) >= 1, "images_per_class", "counts >= 1",
@@ -263,8 +265,6 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
-        from wingspan.data.transforms import POLICIES
-
         for name in ("epochs_head", "epochs_finetune", "feature_views", "patience", "seed"):
             _check(getattr(self, name) >= 0, name, "0 or more", getattr(self, name))
         _check(self.epochs_head + self.epochs_finetune > 0, "epochs_head + epochs_finetune",
@@ -280,7 +280,8 @@ class TrainConfig:
         _check(0 <= self.warmup_fraction < 1, "warmup_fraction", "in [0, 1)",
                self.warmup_fraction)
         _check(self.weight_decay >= 0, "weight_decay", "0 or more", self.weight_decay)
-        _check(self.augment in POLICIES, "augment", f"one of {sorted(POLICIES)}", self.augment)
+        _check(self.augment in AUGMENT_POLICIES, "augment", f"one of {list(AUGMENT_POLICIES)}",
+               self.augment)
         _check(self.class_weights in ("auto", "balanced", "none"), "class_weights",
                "one of auto, balanced, none", self.class_weights)
         _check(self.sampler in ("shuffle", "weighted"), "sampler", "shuffle or weighted",

@@ -57,7 +57,7 @@ def _load_split(path: Path, split: str) -> pd.DataFrame:
     return table
 
 
-@register_reader("ethec")
+@register_reader("ethec", detect=is_ethec_root)
 def read_ethec(root: Path, config: ReadConfig) -> Dataset:
     files = _split_files(root)
     if not files:

@@ -24,13 +24,19 @@ from wingspan.errors import WingspanError
 
 Reader = Callable[[Path, ReadConfig], Dataset]
 READERS: dict[str, Reader] = {}
+# Folder layouts a reader recognises (name -> test), tried before the plain class folders.
+DETECTORS: dict[str, Callable[[Path], bool]] = {}
 SPLITS_FILE = "splits.csv"
 LABEL = "label"
 
 
-def register_reader(name: str) -> Callable[[Reader], Reader]:
+def register_reader(name: str, detect: Callable[[Path], bool] | None = None
+                    ) -> Callable[[Reader], Reader]:
+    """Add a reader; `detect` says whether a folder is in its layout."""
     def add(fn: Reader) -> Reader:
         READERS[name] = fn
+        if detect is not None:
+            DETECTORS[name] = detect
         return fn
 
     return add
@@ -38,8 +44,6 @@ def register_reader(name: str) -> Callable[[Reader], Reader]:
 
 def detect_format(path: Path) -> str:
     """Which reader fits DATA, judged from what it is."""
-    from wingspan.data.ethec import is_ethec_root
-
     if path.is_file():
         if path.suffix.lower() == ".csv":
             return "csv"
@@ -48,9 +52,7 @@ def detect_format(path: Path) -> str:
             hint="Give a folder of class folders, a .csv file, or an ETHEC root, "
             "or name the format with --format.",
         )
-    if is_ethec_root(path):
-        return "ethec"
-    return "folder"
+    return next((name for name, detect in DETECTORS.items() if detect(path)), "folder")
 
 
 def read_dataset(path: str | Path, config: ReadConfig | None = None) -> Dataset:

@@ -32,6 +32,7 @@ def register_policy(name: str):
     return add
 
 
+# (config.AUGMENT_POLICIES names them for the settings' validation; a test keeps both equal.)
 @register_policy("light")
 def _light(size: int, interpolation: v2.InterpolationMode) -> list:
     return [v2.RandomResizedCrop(size, scale=(0.6, 1.0), interpolation=interpolation,

@@ -39,18 +39,20 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
 
     One number, fitted on validation data: it changes confidence, never the ranking.
     """
-    x = torch.tensor(np.asarray(logits), dtype=torch.float64)
-    y = torch.tensor(np.asarray(y_true), dtype=torch.long)
-    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)  # T = exp(log_t) > 0
-    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
+    with torch.inference_mode(False), torch.enable_grad():  # callers may be in either
+        x = torch.tensor(np.asarray(logits), dtype=torch.float64)
+        y = torch.tensor(np.asarray(y_true), dtype=torch.long)
+        log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)  # T = exp(log_t) > 0
+        optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200,
+                                      line_search_fn="strong_wolfe")
 
-    def closure():
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(x / log_t.exp(), y)
-        loss.backward()
-        return loss
+        def closure():
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(x / log_t.exp(), y)
+            loss.backward()
+            return loss
 
-    optimizer.step(closure)
+        optimizer.step(closure)
     # Bounded: with (near) perfect validation predictions the optimum runs off to T -> 0,
     # which would make every probability 1.0.
     return float(log_t.detach().exp().clamp(MIN_T, MAX_T))

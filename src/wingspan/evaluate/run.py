@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +45,7 @@ class Evaluation:
 
 
 def evaluate(model: str | Path, data: str | Path | None = None, split: str | None = None,
-             out: str | Path | None = None, calibrate: bool = True, progress: bool = True,
+             out: str | Path | None = None, progress: bool = True,
              batch_size: int = 32, workers: int | None = None, runtime: str = "auto",
              precision: str = "auto", device: str = "auto") -> Evaluation:
     predictor = Predictor(model, device=device, batch_size=batch_size, workers=workers,
@@ -60,8 +62,12 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
                             hint=f"The model knows: {', '.join(predictor.classes[:10])}...")
     unknown = sorted(set(rows.loc[~known, "_label"]))
     rows = rows[known]
-    out_dir = Path(out) if out else (run_dir or predictor.bundle.parent) / f"evaluation-{split}"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    final = Path(out) if out else (run_dir or predictor.bundle.parent) / f"evaluation-{split}"
+    # Everything is written to a folder beside it and moved in place at the end: a killed
+    # evaluation leaves a ".partial" folder and the previous results, never half of both.
+    out_dir = final.with_name(f".{final.name}.partial")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
 
     paths = rows["path"].tolist()
     preds = list(predictor.run(paths, progress=progress))
@@ -76,9 +82,11 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     index = {c: i for i, c in enumerate(predictor.classes)}
     y = rows["_label"].map(index).to_numpy()[ok]
     logits = np.stack([preds[i].logits for i in ok])
-    # The val split's logits serve calibration too when val is what is evaluated.
-    val = (y, logits) if split == "val" else None
-    calibration = _calibrate(predictor, dataset, level, calibrate, progress, val)
+    # The temperature fitted when the model was trained (or by `wingspan calibrate`):
+    # evaluating never changes the model.
+    calibration = {"temperature": predictor.temperature,
+                   **predictor.manifest.get("calibration", {"fitted_on": None}),
+                   "same_data_as_evaluation": split == "val" and data is None}
     probs = softmax(logits, predictor.temperature)
     classes = predictor.classes
     metrics = classification_metrics(y, probs, classes)
@@ -102,9 +110,21 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
 
     pngs = _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, y,
                   probs, logits)
-    report = _report(out_dir, predictor, run_dir, dataset, level, split, metrics, table,
+    _report(out_dir, (run_dir or final).name, predictor, run_dir, dataset, level, split,
+            metrics, table,
                      confused, pngs, levels_table)
-    return Evaluation(out_dir, metrics, report)
+    _put_in_place(out_dir, final)
+    return Evaluation(final, metrics, final / "report.html")
+
+
+def _put_in_place(partial: Path, final: Path) -> None:
+    """The finished folder replaces the previous results (renames, not copies)."""
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(partial, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _per_level(predictor: Predictor, rows: pd.DataFrame, probs: np.ndarray, preds: list,
@@ -147,35 +167,38 @@ def _rows(dataset: Dataset, split: str, level: str, predictor: Predictor) -> pd.
     return rows.assign(_label=rows[level].replace(predictor.rare))
 
 
-def _calibrate(predictor: Predictor, dataset: Dataset, level: str, calibrate: bool,
-               progress: bool, val: tuple[np.ndarray, np.ndarray] | None) -> dict:
-    """Fit a temperature on the validation split and store it in the bundle. `val`:
-    (labels, logits) already computed, else the val split is predicted here."""
-    if not calibrate:
-        return {"fitted": False, "temperature": predictor.temperature}
-    same_data = val is not None
-    if val is None:
-        rows = _rows(dataset, "val", level, predictor)
-        rows = rows[rows["_label"].isin(predictor.classes)]
-        if rows.empty:
-            return {"fitted": False, "temperature": predictor.temperature}
-        preds = list(predictor.run(rows["path"].tolist(), progress=progress))
-        ok = [i for i, p in enumerate(preds) if not p.error]
-        if not ok:  # nothing to fit on: keep the temperature, and say why
-            return {"fitted": False, "temperature": predictor.temperature,
-                    "why": "no image of the val split could be read"}
-        index = {c: i for i, c in enumerate(predictor.classes)}
-        val = (rows["_label"].map(index).to_numpy()[ok],
-               np.stack([preds[i].logits for i in ok]))
-    y, logits = val
+def calibrate(model: str | Path, data: str | Path | None = None, split: str = "val",
+              progress: bool = True, batch_size: int = 32, workers: int | None = None,
+              device: str = "auto") -> dict:
+    """Fit the temperature again, on `split` of DATA (default: the run's own val split),
+    and store it in the bundle: the one command that changes a trained model's
+    probabilities (training fits it on its val split; evaluate never does)."""
+    predictor = Predictor(model, device=device, batch_size=batch_size, workers=workers,
+                          progress=progress)
+    run_dir = predictor.bundle.parent if (predictor.bundle.parent / "config.yaml").is_file() \
+        else None
+    dataset = _dataset(data, run_dir)
+    level = predictor.level if predictor.level in dataset.levels else dataset.default_level
+    rows = _rows(dataset, split, level, predictor)
+    rows = rows[rows["_label"].isin(predictor.classes)]
+    if rows.empty:
+        raise WingspanError(f"No images of the model's classes in the '{split}' split to "
+                            "calibrate on.", hint="Give DATA with labelled images, or --split.")
+    preds = list(predictor.run(rows["path"].tolist(), progress=progress))
+    ok = [i for i, p in enumerate(preds) if not p.error]
+    if not ok:
+        raise WingspanError(f"None of the images of the '{split}' split could be read.")
+    index = {c: i for i, c in enumerate(predictor.classes)}
+    y = rows["_label"].map(index).to_numpy()[ok]
+    logits = np.stack([preds[i].logits for i in ok])
     temperature = fit_temperature(logits, y)
-    predictor.temperature = temperature
-    update_manifest(predictor.bundle, calibration={
-        "temperature": temperature, "fitted_on": "val", "images": len(y)})
-    return {"fitted": True, "temperature": temperature, "fitted_on": "val", "images": len(y),
-            "val_ece_before": expected_calibration_error(softmax(logits), y),
-            "val_ece_after": expected_calibration_error(softmax(logits, temperature), y),
-            "same_data_as_evaluation": same_data}
+    calibration = {"temperature": temperature, "images": len(y),
+                   "fitted_on": f"{split} of {data}" if data else split,
+                   "val_ece_before": expected_calibration_error(softmax(logits), y),
+                   "val_ece_after": expected_calibration_error(softmax(logits, temperature), y),
+                   "previous_temperature": predictor.temperature}
+    update_manifest(predictor.bundle, calibration=calibration)
+    return calibration
 
 
 def _write_predictions(path: Path, paths: list[str], y: np.ndarray, probs: np.ndarray,
@@ -219,7 +242,7 @@ def _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, 
     return pngs
 
 
-def _report(out_dir, predictor, run_dir, dataset, level, split, metrics, table, confused,
+def _report(out_dir, name, predictor, run_dir, dataset, level, split, metrics, table, confused,
             pngs, levels_table=None) -> Path:
     manifest = predictor.manifest
     data_table = pd.crosstab(dataset.table[level], dataset.table[SPLIT].replace("", "all"))
@@ -253,7 +276,7 @@ def _report(out_dir, predictor, run_dir, dataset, level, split, metrics, table, 
     profile = None
     if train_metrics.get("profile"):
         profile = pd.DataFrame([{"stage": s, **v} for s, v in train_metrics["profile"].items()])
-    return write_report(out_dir / "report.html", f"wingspan report: {(run_dir or out_dir).name}",
+    return write_report(out_dir / "report.html", f"wingspan report: {name}",
                         {"overview": overview, "data": data_table, "balance_png": pngs["balance"],
                          "preview_png": pngs.get("preview"), "curves_png": pngs.get("curves"),
                          "summary": summary, "per_class": table,

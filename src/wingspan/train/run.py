@@ -19,20 +19,23 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from wingspan.config import TrainConfig
 from wingspan.data import read_dataset
 from wingspan.data.samples import Dataset
 from wingspan.data.split import write_splits
 from wingspan.errors import WingspanError
+from wingspan.evaluate.calibration import expected_calibration_error, fit_temperature, softmax
 from wingspan.files import write_text
 from wingspan.models import create_classifier, resolve_policy, save_bundle
+from wingspan.models.bundle import update_manifest
 from wingspan.models.classifier import Classifier
 from wingspan.models.policy import Policy
 from wingspan.parallel import Processes, rank_seed
 from wingspan.train.checkpoint import load_checkpoint
 from wingspan.train.context import Run, RunState
-from wingspan.train.data import default_workers
+from wingspan.train.data import default_workers, fixed_batches, make_loader
 from wingspan.train.prepare import build_train_data, ensure_splits, plan_labels
 from wingspan.train.stages import finetune, train_head
 from wingspan.train.step import choose_train
@@ -259,11 +262,44 @@ def _write_results(run: Run) -> None:
     taxonomy = run.data.taxonomy.to_dict() if run.data.taxonomy else None
     training = json.loads(json.dumps(dataclasses.asdict(run.config)))
     training["rare_classes"] = run.data.rare
-    save_bundle(run.model.cpu(), run.dir / "model", run.data.level_classes, taxonomy=taxonomy,
-                training=training, metrics=metrics, weights_source=run.weights_source)
+    calibration = _fit_calibration(run)
+    metrics["calibration"] = calibration
+    bundle = save_bundle(run.model.cpu(), run.dir / "model", run.data.level_classes,
+                         taxonomy=taxonomy, training=training, metrics=metrics,
+                         weights_source=run.weights_source)
+    update_manifest(bundle, calibration=calibration)
     run.save()
     run.log(f"Best val macro-F1 {best_row['val_macro_f1']:.4f} (acc {best_row['val_acc']:.4f}) "
             f"at {best['stage']} epoch {best['epoch']}; model in {run.dir / 'model'}")
+
+
+@torch.inference_mode()
+def _fit_calibration(run: Run) -> dict:
+    """The temperature that makes the best model's probabilities honest on the run's own
+    val split (fitted here, once, so that evaluating never changes the model;
+    `wingspan calibrate` fits it again on purpose). Rank 0 alone: no collectives."""
+    run.model.eval()
+    features = run.dir / "cache" / "features.safetensors"
+    read = run.readable(run.data.val)
+    if run.state.best_stage == "head" and features.is_file():  # the backbone never moved
+        feats = load_file(features)["val"][read].to(run.device)
+        logits = run.model.head(feats)[run.data.level]
+    else:
+        forward = run.policy.runner(run.model, run.image_size, run.model.levels)
+        outputs, index = [], []
+        loader = make_loader(run.data.val, fixed_batches(range(len(run.data.val)),
+                                                         run.config.batch_size), run.workers)
+        for x, _, idx, _ in loader:
+            if len(idx):
+                outputs.append(forward(x)[run.data.level])
+                index.append(idx)
+        logits, read = torch.cat(outputs), torch.cat(index)
+    y = run.data.val.labels[read, -1].numpy()
+    logits = logits.float().cpu().numpy()
+    temperature = fit_temperature(logits, y)
+    return {"temperature": temperature, "fitted_on": "val", "images": len(y),
+            "val_ece_before": expected_calibration_error(softmax(logits), y),
+            "val_ece_after": expected_calibration_error(softmax(logits, temperature), y)}
 
 
 def _profile_table(profile: dict) -> dict:
