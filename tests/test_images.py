@@ -40,3 +40,23 @@ def test_open_rgb_errors_name_the_file(tmp_path):
         open_rgb(tmp_path / "bad.jpg")
     with pytest.raises(WingspanError, match="not found"):
         open_rgb(tmp_path / "missing.jpg")
+
+
+def test_the_pixel_budget_reduces_a_big_jpeg_and_refuses_a_big_png(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from wingspan.data.images import open_rgb
+    from wingspan.errors import WingspanError
+
+    Image.new("RGB", (1600, 1200), (200, 30, 30)).save(tmp_path / "big.jpg")
+    Image.new("RGBA", (1600, 1200), (0, 0, 0, 0)).save(tmp_path / "big.png")
+    assert open_rgb(tmp_path / "big.jpg").size == (1600, 1200)  # under the default budget
+    monkeypatch.setenv("WINGSPAN_MAX_PIXELS", "500000")
+    assert open_rgb(tmp_path / "big.jpg").size == (800, 600)  # decoded at 1/2 scale
+    assert open_rgb(tmp_path / "big.jpg", draft=100).size == (200, 150)  # and the draft
+    with pytest.raises(WingspanError, match=r"(?s)1600 x 1200 pixels \(1.92 MP\) is over "
+                       r"the budget of 0.5 MP.*--max-pixels"):
+        open_rgb(tmp_path / "big.png")
+    monkeypatch.setenv("WINGSPAN_MAX_PIXELS", "20000")
+    with pytest.raises(WingspanError, match="even decoded at 1/8 scale"):
+        open_rgb(tmp_path / "big.jpg")

@@ -5,6 +5,7 @@ Every default comes from `wingspan.config`; all the work happens in the library.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -14,6 +15,8 @@ from rich.console import Console
 
 from wingspan import __version__
 from wingspan.config import (
+    MAX_PIXELS,
+    MAX_PIXELS_ENV,
     AugmentConfig,
     DemoConfig,
     InspectConfig,
@@ -64,6 +67,18 @@ Nodes = Annotated[int | None, typer.Option(
     help="Machines in the run (run the same command on each, or under SLURM / torchrun).",
     show_default=False)]
 Strategy = Annotated[str, typer.Option(help="auto | ddp.")]
+
+
+def _set_max_pixels(value: int | None) -> int | None:
+    if value is not None:  # the environment reaches the data-loading worker processes too
+        os.environ[MAX_PIXELS_ENV] = str(value)
+    return value
+
+
+MaxPixels = Annotated[int | None, typer.Option(
+    "--max-pixels", min=1, callback=_set_max_pixels, show_default=False,
+    help=f"Pixel budget of one image (default {MAX_PIXELS / 1e6:.0f} MP): larger JPEGs are "
+    "decoded reduced, other images refused.")]
 Precision = Annotated[str, typer.Option(
     help="auto (measured, like --runtime) | fp32 | bf16 | fp16. $WINGSPAN_PRECISION sets "
     "auto.")]
@@ -269,6 +284,7 @@ def train_command(
     resume: Annotated[Path | None, typer.Option(
         help="Continue the run in this folder from its last checkpoint.")] = None,
     format: Format = None, group_regex: GroupRegex = None, strict: Strict = False,
+    max_pixels: MaxPixels = None,
     quiet: Quiet = False,
 ) -> None:
     """Train a classifier: a new head on a frozen pretrained backbone, then fine-tuning.
@@ -340,6 +356,7 @@ def evaluate_command(
     device: DeviceOpt = T.device,
     precision: Precision = T.precision,
     runtime: Runtime = T.runtime,
+    max_pixels: MaxPixels = None,
     quiet: Quiet = False,
 ) -> None:
     """Metrics, confusion matrix, curves, mistakes, calibration and an HTML report. The
@@ -423,6 +440,7 @@ def predict_command(
     strategy: Strategy = T.strategy,
     precision: Precision = T.precision,
     runtime: Runtime = T.runtime,
+    max_pixels: MaxPixels = None,
     quiet: Quiet = False,
 ) -> None:
     """Predict the classes of images, with calibrated probabilities. With --devices N (or

@@ -18,6 +18,9 @@ from wingspan.errors import WingspanError
 # nothing above it.
 AUGMENT_POLICIES = ("light", "standard", "strong")
 DEMO_SPECIES = 8
+# The pixel budget of one image (about 50 MP; a decoded pixel takes 3-4 bytes, several
+# times over while converting). $WINGSPAN_MAX_PIXELS (or --max-pixels) changes it.
+MAX_PIXELS, MAX_PIXELS_ENV = 50_000_000, "WINGSPAN_MAX_PIXELS"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 SPLITS = ("train", "val", "test")
 

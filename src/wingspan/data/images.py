@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from wingspan.config import MAX_PIXELS, MAX_PIXELS_ENV
 from wingspan.errors import WingspanError
 
 # Refuse decompression bombs, but allow large scans of museum drawers.
@@ -29,16 +31,43 @@ UNUSUAL_MODES = {
 }
 
 
+SCALES = (1, 2, 4, 8)  # JPEG decoding scales libjpeg offers (as divisors)
+
+
+def max_pixels() -> int:
+    """The pixel budget: $WINGSPAN_MAX_PIXELS, else MAX_PIXELS (read at each call, so that
+    data-loading worker processes follow the command's --max-pixels)."""
+    value = os.environ.get(MAX_PIXELS_ENV, "")
+    return int(value) if value.isdigit() and int(value) > 0 else MAX_PIXELS
+
+
 def open_rgb(path: str | Path, draft: int | None = None) -> Image.Image:
     """Decode an image as upright 8-bit RGB, whatever its mode or EXIF orientation.
 
     `draft` lets libjpeg decode a large JPEG at a reduced scale (1/2, 1/4, 1/8) that is
     still at least that many pixels on each side: much faster, same result after resize.
+    An image over the pixel budget (`max_pixels`, checked from its header, before any
+    decoding) is decoded reduced if it is a JPEG that libjpeg can bring under it, and
+    refused otherwise: a 15800 x 15800 PNG would take gigabytes to decode.
     """
     try:
         with Image.open(path) as im:
-            if draft and im.format == "JPEG":
-                im.draft("RGB", (draft, draft))
+            budget, (w, h) = max_pixels(), im.size
+            if im.format == "JPEG" and (draft or w * h > budget):
+                # libjpeg's scales: the least that fits the budget, and (for `draft`) the
+                # most that keeps the shorter side at least `draft`.
+                scale = next((s for s in SCALES if (w // s) * (h // s) <= budget), 8)
+                if draft:
+                    scale = max(scale, max(s for s in SCALES if min(w, h) // s >= draft
+                                           or s == 1))
+                im.draft("RGB", (-(-w // scale), -(-h // scale)))
+            if im.size[0] * im.size[1] > budget:
+                raise WingspanError(
+                    f"Cannot read image {path}: {w} x {h} pixels ({w * h / 1e6:.3g} MP) is over "
+                    f"the budget of {budget / 1e6:.3g} MP" + (
+                        ", even decoded at 1/8 scale" if im.format == "JPEG" else "") + ".",
+                    hint=f"Shrink the image, or raise the budget with --max-pixels (or "
+                    f"${MAX_PIXELS_ENV}); decoding takes about 4 bytes a pixel, several times.")
             im = ImageOps.exif_transpose(im)
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                 # Transparent areas become white rather than whatever colour they hid.
