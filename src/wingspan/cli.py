@@ -249,6 +249,10 @@ def train_command(
         help="Training resolution (default: the backbone's).")] = None,
     max_per_class: Annotated[int | None, typer.Option(
         help="Undersample: at most N training images per class.")] = None,
+    allow_leaky_splits: Annotated[bool, typer.Option(
+        help="Train on given splits even where one group, file or picture is on two sides "
+        "(refused by default; ETHEC's published splits are repaired).")]
+    = T.allow_leaky_splits,
     class_weights: Annotated[str, typer.Option(
         help="auto (balanced when imbalanced) | balanced | none.")] = T.class_weights,
     sampler: Annotated[str, typer.Option(help="shuffle | weighted.")] = T.sampler,

@@ -219,6 +219,9 @@ class TrainConfig:
     level_weights: list[float] | None = None  # loss weight per level (default: all 1)
     rare_below: int = 0  # finest classes with fewer training images learn their parent only
     max_per_class: int | None = None  # undersample the training split
+    # Given splits that put one group, file or picture on two sides are refused (ETHEC's
+    # published ones are repaired); True trains on them anyway, with a warning.
+    allow_leaky_splits: bool = False
     val_fraction: float = 0.15  # used only when the data has no split of its own
     test_fraction: float = 0.15
     # model

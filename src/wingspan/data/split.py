@@ -13,6 +13,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from wingspan.config import SplitConfig
+from wingspan.data.leaks import with_duplicates_grouped
 from wingspan.data.samples import GROUP, SPLIT, Dataset
 from wingspan.errors import WingspanError
 from wingspan.files import atomic_path, write_text
@@ -26,6 +27,7 @@ class SplitReport:
     fractions: dict[str, float]
     train_only: dict[str, int] = field(default_factory=dict)  # class -> groups it has
     missing: dict[str, list[str]] = field(default_factory=dict)  # split -> absent classes
+    duplicates_grouped: int = 0  # groups merged into others because they hold one picture
 
 
 def split_dataset(dataset: Dataset, level: str | None = None,
@@ -39,7 +41,8 @@ def split_dataset(dataset: Dataset, level: str | None = None,
     """
     config = config or SplitConfig()
     level = dataset.resolve_level(level)
-    table = dataset.table.copy()
+    # Identical files (one picture saved under two names) go to the same side.
+    table, merged = with_duplicates_grouped(dataset.table.copy())
     labels = table[level].to_numpy()
     if (labels == "").any():
         raise WingspanError(
@@ -74,7 +77,7 @@ def split_dataset(dataset: Dataset, level: str | None = None,
         sizes={k: int(v) for k, v in sizes.items()},
         fractions={k: round(v / len(table), 3) for k, v in sizes.items()},
         train_only={k: int(v) for k, v in small.items()},
-        missing=missing,
+        missing=missing, duplicates_grouped=merged,
     )
     result = Dataset(table, list(dataset.levels), dataset.root, dataset.format,
                      list(dataset.problems))

@@ -9,6 +9,7 @@ import pandas as pd
 import torch
 
 from wingspan.config import AugmentConfig, SplitConfig, TrainConfig, default_cache_dir
+from wingspan.data.leaks import find_leaks, repair_leaks
 from wingspan.data.samples import SPLIT, Dataset
 from wingspan.data.sampling import class_weights, undersample
 from wingspan.data.split import split_dataset
@@ -31,6 +32,8 @@ def ensure_splits(dataset: Dataset, level: str, config: TrainConfig,
             f"'{level}' (val {config.val_fraction}, test {config.test_fraction})")
         return split_dataset(dataset, level, SplitConfig(config.val_fraction,
                                                          config.test_fraction, config.seed))[0]
+    dataset = _check_leaks(dataset, config, log)
+    table = dataset.table
     unsplit = int((table[SPLIT] == "").sum())
     if unsplit:
         log(f"{unsplit} images have no split and are not used")
@@ -44,6 +47,28 @@ def ensure_splits(dataset: Dataset, level: str, config: TrainConfig,
         dataset = Dataset(pd.concat([carved.table, rest], ignore_index=True), dataset.levels,
                           dataset.root, dataset.format, dataset.problems)
     return dataset
+
+
+def _check_leaks(dataset: Dataset, config: TrainConfig, log) -> Dataset:
+    """Given splits must not share a group, a file or a picture between sides: ETHEC's
+    published splits are repaired (they list 51 images in both val and test), others are
+    refused unless `allow_leaky_splits`."""
+    leaks = find_leaks(dataset)
+    if not leaks:
+        return dataset
+    if dataset.format == "ethec":
+        repaired, dropped = repair_leaks(dataset)
+        log(f"The ETHEC splits leak: {leaks.describe()}. Repaired: {dropped} records dropped, "
+            "each leaked image kept on one side only (train, else test, else val)")
+        return repaired
+    if config.allow_leaky_splits:
+        log(f"WARNING: the given splits leak ({leaks.describe()}); training on them anyway "
+            "(--allow-leaky-splits): validation scores will be optimistic")
+        return dataset
+    raise WingspanError(
+        f"The data's own splits leak between training and evaluation: {leaks.describe()}.",
+        hint="Re-split with `wingspan data split` (which keeps groups and identical files "
+        "together), fix the split column, or pass --allow-leaky-splits.")
 
 
 def check_classes(table: pd.DataFrame, level: str) -> list[str]:

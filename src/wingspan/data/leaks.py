@@ -1,0 +1,115 @@
+"""Leaks between the sides of a split: one specimen, one file or one picture on two sides.
+
+An image that is both trained on and evaluated on makes the score a memory test. Three
+ways it happens: a group (specimen, observation) on two sides; one file listed on two
+sides (ETHEC's published splits have 51 images in both val and test); and the same
+picture saved twice under two names. The last needs the files' bytes, so it is found by
+hashing them (hand-written: no library groups files by content for a split).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from wingspan.data.samples import GROUP, PATH, SPLIT, Dataset
+
+# Which side keeps a leaked image: train (so the model still learns it), else test (the
+# final check stays as large as possible), else val.
+KEEP_ORDER = ("train", "test", "val")
+
+
+def content_hashes(paths: list[str]) -> list[str]:
+    """sha256 of each file's bytes ("" for a file that cannot be read)."""
+    out = []
+    for path in paths:
+        digest = hashlib.sha256()
+        try:
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+            out.append(digest.hexdigest())
+        except OSError:
+            out.append("")
+    return out
+
+
+def with_duplicates_grouped(table: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """The table with the groups of identical files merged into one (so a split keeps
+    copies together), and how many groups were merged away."""
+    hashes = pd.Series(content_hashes(table[PATH].tolist()), index=table.index)
+    parent: dict[str, str] = {}
+
+    def root(g: str) -> str:
+        while parent.get(g, g) != g:
+            g = parent[g]
+        return g
+
+    for _, groups in table[GROUP].groupby(hashes[hashes != ""]):
+        first = root(groups.iloc[0])
+        for g in groups.iloc[1:]:
+            r = root(g)
+            if r != first:
+                parent[r] = first
+    if not parent:
+        return table, 0
+    table = table.copy()
+    table[GROUP] = [root(g) for g in table[GROUP]]
+    return table, len(parent)
+
+
+@dataclass
+class Leaks:
+    """Rows (table index) that share a group, a file or a picture with another side."""
+
+    by_group: dict[str, list[str]]  # group -> its sides
+    by_path: dict[str, list[str]]
+    by_content: dict[str, list[str]]  # sha256 -> its sides
+    rows: dict[str, np.ndarray]  # kind -> row positions involved
+
+    def __bool__(self) -> bool:
+        return bool(self.by_group or self.by_path or self.by_content)
+
+    def describe(self) -> str:
+        parts = []
+        for what, found in (("groups", self.by_group), ("files", self.by_path),
+                            ("identical pictures", self.by_content)):
+            if found:
+                sides = pd.Series(["+".join(sorted(s)) for s in found.values()]).value_counts()
+                parts.append(f"{len(found)} {what} on two sides ("
+                             + ", ".join(f"{n} in {s}" for s, n in sides.items()) + ")")
+        return "; ".join(parts)
+
+
+def find_leaks(dataset: Dataset, by_content: bool = True) -> Leaks:
+    table = dataset.table[dataset.table[SPLIT] != ""]
+    found, rows = {}, {}
+    keys = {"by_group": table[GROUP], "by_path": table[PATH]}
+    if by_content:
+        hashes = pd.Series(content_hashes(table[PATH].tolist()), index=table.index)
+        keys["by_content"] = hashes.where(hashes != "")
+    for kind, key in keys.items():
+        sides = table[SPLIT].groupby(key).agg(lambda s: sorted(set(s)))
+        leaked = sides[sides.map(len) > 1]
+        found[kind] = leaked.to_dict()
+        rows[kind] = np.flatnonzero(key.isin(leaked.index).to_numpy())
+    found.setdefault("by_content", {})
+    return Leaks(found["by_group"], found["by_path"], found["by_content"], rows)
+
+
+def repair_leaks(dataset: Dataset) -> tuple[Dataset, int]:
+    """Keep each leaked group, file or picture on one side only (KEEP_ORDER), dropping its
+    rows from the others; returns the repaired dataset and the number of rows dropped."""
+    table = dataset.table
+    labelled = table[table[SPLIT] != ""]
+    hashes = pd.Series(content_hashes(labelled[PATH].tolist()), index=labelled.index)
+    drop = pd.Series(False, index=table.index)
+    for key in (labelled[GROUP], labelled[PATH], hashes.where(hashes != "")):
+        sides = labelled[SPLIT].groupby(key).agg(set)
+        keep = sides.map(lambda s: next(k for k in KEEP_ORDER if k in s))
+        chosen = key.map(keep)
+        drop.loc[labelled.index] |= chosen.notna() & (chosen != labelled[SPLIT])
+    return dataset.subset((~drop).to_numpy()), int(drop.sum())

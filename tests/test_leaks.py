@@ -1,0 +1,98 @@
+"""Leaks between the sides of a split: groups, files and identical pictures."""
+
+import shutil
+
+import pandas as pd
+import pytest
+from helpers import folder_dataset
+
+from wingspan.config import SplitConfig
+from wingspan.data import read_dataset
+from wingspan.data.leaks import find_leaks, repair_leaks
+from wingspan.data.split import split_dataset
+from wingspan.errors import WingspanError
+from wingspan.train.prepare import ensure_splits
+
+
+@pytest.fixture
+def copies(tmp_path):
+    """Two classes of distinct pictures, plus 3 pictures each saved again under new names."""
+    root = folder_dataset(tmp_path / "data", {"monarch": 12, "admiral": 12})
+    for label in ("monarch", "admiral"):
+        for i in range(3 if label == "monarch" else 0):
+            shutil.copy(root / label / f"{label}_{i}.jpg", root / label / f"copy_{i}.jpg")
+    return root
+
+
+def test_a_split_keeps_identical_pictures_on_one_side(copies):
+    dataset, report = split_dataset(read_dataset(copies), "label",
+                                    SplitConfig(val_fraction=0.3, test_fraction=0.3, seed=0))
+    table = dataset.table.set_index(dataset.table["path"].map(lambda p: p.split("/")[-1]))
+    assert report.duplicates_grouped == 3
+    for i in range(3):
+        assert table.loc[f"monarch_{i}.jpg", "split"] == table.loc[f"copy_{i}.jpg", "split"]
+    assert not find_leaks(dataset)
+
+
+def _with_split(root, sides):
+    rows = [(f"{lab}/{name}", lab, sides(name)) for lab in ("monarch", "admiral")
+            for name in sorted(p.name for p in (root / lab).iterdir())]
+    pd.DataFrame(rows, columns=["path", "label", "split"]).to_csv(root / "splits.csv",
+                                                                  index=False)
+    return read_dataset(root)
+
+
+def test_given_splits_that_leak_a_picture_are_refused_or_repaired(copies):
+    from test_train import tiny
+
+    dataset = _with_split(copies, lambda n: "val" if n.startswith("copy") or n.endswith(
+        ("_9.jpg", "_10.jpg", "_11.jpg")) else "train")
+    leaks = find_leaks(dataset)
+    assert len(leaks.by_content) == 3 and not leaks.by_group
+    assert "3 identical pictures on two sides (3 in train+val)" in leaks.describe()
+    config = tiny(copies.parent)
+    with pytest.raises(WingspanError, match="splits leak.*identical pictures"):
+        ensure_splits(dataset, "label", config)
+    logs = []
+    allowed = ensure_splits(dataset, "label", tiny(copies.parent, allow_leaky_splits=True),
+                            log=logs.append)
+    assert len(allowed.table) == len(dataset.table) and "WARNING" in logs[0]
+    repaired, dropped = repair_leaks(dataset)
+    assert dropped == 3 and not find_leaks(repaired)
+    assert (repaired.table["split"] == "val").sum() == (dataset.table["split"] == "val").sum() - 3
+
+
+def test_ethec_splits_that_list_an_image_twice_are_repaired_and_reported(tmp_path):
+    import json
+
+    from helpers import write_image
+    from test_train import tiny
+
+    from wingspan.data.ethec import IMAGE_DIR
+
+    root = tmp_path / "ethec"
+    (root / "splits").mkdir(parents=True)
+    species = [("Pieridae", "Pierinae", "Pieris", "rapae"),
+               ("Nymphalidae", "Satyrinae", "Erebia", "aethiops")]
+    records = {s: {} for s in ("train", "val", "test")}
+    n = 0
+    for split, count in (("train", 6), ("val", 3), ("test", 3)):
+        for family, subfamily, genus, epithet in species:
+            for _ in range(count):
+                n += 1
+                records[split][f"t{n}"] = {
+                    "token": f"t{n}", "image_path": "d", "image_name": f"{n}.jpg",
+                    "family": family, "subfamily": subfamily, "genus": genus,
+                    "specific_epithet": epithet, "barcode": f"B{n}"}
+                write_image(root / IMAGE_DIR / "d" / f"{n}.jpg", seed=n, fmt="JPEG")
+    leaked = next(iter(records["val"].values()))  # as in the published splits: val and test
+    records["test"]["again"] = {**leaked, "token": "again"}
+    for split, recs in records.items():
+        (root / "splits" / f"{split}.json").write_text(json.dumps(recs))
+    logs = []
+    dataset = ensure_splits(read_dataset(root), "species", tiny(tmp_path), log=logs.append)
+    assert any("The ETHEC splits leak" in line and "Repaired: 1 records dropped" in line
+               for line in logs)
+    assert not find_leaks(dataset)
+    rows = dataset.table[dataset.table["path"].str.endswith(f"/{leaked['image_name']}")]
+    assert rows["split"].tolist() == ["test"]  # kept on the test side only
