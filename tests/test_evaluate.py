@@ -223,3 +223,12 @@ def test_a_killed_evaluation_leaves_the_previous_results_whole(trained, tmp_path
     result = evaluate(trained, split="val", out=out, progress=False, workers=0)
     assert result.out_dir == out and result.report == out / "report.html"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ev"]  # no leftovers
+
+
+def test_a_run_moved_elsewhere_still_evaluates(trained, tmp_path, run_cli):
+    moved = tmp_path / "a" / "b" / "c" / "run"
+    shutil.copytree(trained, moved)
+    result = evaluate(moved, split="val", progress=False, workers=0)
+    assert result.out_dir == moved / "evaluation-val" and result.metrics["images"] > 0
+    code, _, err = run_cli("predict", moved, str(tmp_path), "--output", tmp_path / "p.txt")
+    assert code == 2 and "must end in .csv or .json" in err

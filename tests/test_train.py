@@ -344,3 +344,17 @@ def test_unreadable_images_are_skipped_listed_and_training_goes_on(demo_dir, tmp
     with pytest.raises(WingspanError, match="Cannot read image"):
         train(read_dataset(data), tiny(tmp_path, strict=True), tmp_path / "strict",
               quiet=True)
+
+
+def test_train_reports_what_reading_left_out(demo_dir, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_dir, data)
+    (data / "empty_species").mkdir()
+    (data / next(p.name for p in data.iterdir() if p.is_dir()) / "notes.txt").write_text("x")
+    run_dir = train(read_dataset(data), tiny(tmp_path, epochs_finetune=0), tmp_path / "runs",
+                    "r", quiet=True)
+    log = (run_dir / "train.log").read_text()
+    assert "While reading the data: 1 x empty class" in log and "empty_species" in log
+    assert "While reading the data: 1 x not image" in log and "notes.txt" in log

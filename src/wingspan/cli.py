@@ -455,6 +455,9 @@ def predict_command(
     from wingspan.parallel import Processes
     from wingspan.predict import predict, write_predictions
 
+    if output and output.suffix.lower() not in (".csv", ".json"):
+        raise WingspanError(f"--output {output}: the file must end in .csv or .json.",
+                            hint="e.g. --output predictions.csv")
     processes = Processes(device, devices, nodes, strategy)
     per_machine, machines = processes.world()
     fabric = processes.fabric() if per_machine * machines > 1 else None

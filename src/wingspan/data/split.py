@@ -104,12 +104,15 @@ def _take_fold(labels: np.ndarray, groups: np.ndarray, pool: np.ndarray, fractio
     return idx[fold]
 
 
-def write_splits(dataset: Dataset, path: str | os.PathLike) -> None:
-    """Write `splits.csv` (path,label,split,group,<levels>), paths relative to the file."""
+def write_splits(dataset: Dataset, path: str | os.PathLike, relative: bool = True) -> None:
+    """Write `splits.csv` (path,label,split,group,<levels>), paths relative to the file
+    (a split kept beside its data moves with it) or absolute (a run's record of its data,
+    which keeps working wherever the run folder is moved)."""
     table = dataset.table.copy()
     base = os.path.dirname(os.path.abspath(path))
     table[GROUP] = table[GROUP].where(table[GROUP] != table["path"], "")  # "" = the file itself
-    table["path"] = [os.path.relpath(p, base) for p in table["path"]]
+    table["path"] = [os.path.relpath(p, base) if relative else os.path.abspath(p)
+                     for p in table["path"]]
     finest = dataset.default_level
     table["label"] = table[finest]  # the CSV reader's finest level; other levels keep names
     coarser = [lv for lv in dataset.levels if lv != "label"]

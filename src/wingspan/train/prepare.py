@@ -49,6 +49,19 @@ def ensure_splits(dataset: Dataset, level: str, config: TrainConfig,
     return dataset
 
 
+def report_reading(dataset: Dataset, log) -> dict[str, int]:
+    """Say what reading the data left out or flagged (missing files, empty labels, empty
+    class folders, repeated records...), by kind, with an example each; returns the counts."""
+    kinds: dict[str, list] = {}
+    for problem in dataset.problems:
+        kinds.setdefault(problem.kind, []).append(problem)
+    for kind, problems in kinds.items():
+        example = problems[0]
+        log(f"While reading the data: {len(problems)} x {kind.replace('_', ' ')}, e.g. "
+            f"{example.message}" + (f" ({example.path})" if example.path else ""))
+    return {kind: len(problems) for kind, problems in kinds.items()}
+
+
 def _check_leaks(dataset: Dataset, config: TrainConfig, log) -> Dataset:
     """Given splits must not share a group, a file or a picture between sides: ETHEC's
     published splits are repaired (they list 51 images in both val and test), others are

@@ -36,7 +36,12 @@ from wingspan.parallel import Processes, rank_seed
 from wingspan.train.checkpoint import load_checkpoint
 from wingspan.train.context import Run, RunState
 from wingspan.train.data import default_workers, fixed_batches, make_loader
-from wingspan.train.prepare import build_train_data, ensure_splits, plan_labels
+from wingspan.train.prepare import (
+    build_train_data,
+    ensure_splits,
+    plan_labels,
+    report_reading,
+)
 from wingspan.train.stages import finetune, train_head
 from wingspan.train.step import choose_train
 
@@ -56,10 +61,12 @@ def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = "runs",
         run_dir = _new_run_dir(Path(runs_dir), name or f"{dataset.name}-{config.backbone}")
     run_dir = Path(fabric.broadcast(str(run_dir) if run_dir else None))
     logs = []
+    report_reading(dataset, logs.append)
     try:
         dataset = ensure_splits(dataset, level, config, log=logs.append)
         if fabric.is_global_zero:
-            write_splits(dataset, run_dir / SPLITS_FILE)  # the run rebuilds its data from this
+            # The run rebuilds its data from this; absolute paths survive moving the run.
+            write_splits(dataset, run_dir / SPLITS_FILE, relative=False)
             write_text(run_dir / CONFIG_FILE, yaml.safe_dump(dataclasses.asdict(config),
                                                              sort_keys=False))
         run = _start(run_dir, config, dataset, quiet, None, fabric)
