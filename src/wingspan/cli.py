@@ -192,6 +192,28 @@ def _some(items, n: int = 8) -> str:
     return ", ".join(map(str, items[:n])) + (f" ... (+{len(items) - n})" if len(items) > n else "")
 
 
+@data_app.command("download")
+def download_command(
+    name: Annotated[str, typer.Argument(help="The dataset: ethec.", show_default=False)],
+    to: Annotated[Path | None, typer.Option(
+        help="Folder to keep it in (default: the cache folder's datasets/).")] = None,
+    url: Annotated[str | None, typer.Option(help="A mirror of the published archive.")]
+    = None,
+    quiet: Quiet = False,
+) -> None:
+    """Download a public dataset: resumable (run it again after a cut), checked against
+    its published md5, unpacked; prints the folder to train on."""
+    from wingspan.config import default_cache_dir
+    from wingspan.data.download import SOURCES, download_dataset
+
+    if name in SOURCES and not quiet:
+        err.print(f"{SOURCES[name].description}", highlight=False)
+    root = download_dataset(name, to or default_cache_dir() / "datasets", url=url,
+                            progress=not quiet)
+    out.print(f"Dataset ready: {root}\nTrain on it with: wingspan train {root} "
+              "--levels family,subfamily,genus,species")
+
+
 @data_app.command("preview")
 def data_preview(
     data: Data, level: Level = None,

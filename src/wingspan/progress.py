@@ -9,11 +9,13 @@ from typing import TypeVar
 from rich.console import Console
 from rich.progress import (
     BarColumn,
+    DownloadColumn,
     MofNCompleteColumn,
     Progress,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
+    TransferSpeedColumn,
 )
 
 T = TypeVar("T")
@@ -45,11 +47,15 @@ def status(description: str, enabled: bool = True) -> Iterator[None]:
 class Bar:
     """A progress bar advanced by hand (for work that is not one loop over items)."""
 
-    def __init__(self, total: int, description: str, enabled: bool = True):
+    def __init__(self, total: int, description: str, enabled: bool = True,
+                 units: str = "items"):
+        """`units`: "items", or "bytes" (sizes and a transfer speed)."""
         self.enabled = enabled
         if enabled:
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
-                                     MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
+            counts = ((DownloadColumn(), TransferSpeedColumn()) if units == "bytes"
+                      else (MofNCompleteColumn(),))
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), *counts,
+                                     TimeElapsedColumn(), TextColumn("eta"),
                                      TimeRemainingColumn(), console=console, transient=True)
             self.task = self.progress.add_task(description, total=total)
 
