@@ -1,0 +1,114 @@
+"""The bad-input corpus: generated files and settings a hostile but realistic user gives,
+each with its expected outcome. `predict` reads every file kind; its outcome for each is
+one of: predicted, skipped with a reason (the others go on), or a clear error (exit 2)."""
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_train import tiny
+
+from wingspan.data import read_dataset
+from wingspan.train import train
+
+GOOD = (200, 120, 40)
+
+
+def _rgb(size=(64, 48)):
+    return Image.fromarray(np.random.default_rng(0).integers(0, 255, (*size[::-1], 3),
+                                                             dtype=np.uint8))
+
+
+def _truncated(path):
+    _rgb((256, 256)).save(path, "JPEG")
+    path.write_bytes(path.read_bytes()[:600])
+
+
+def _exif_rotated(path):
+    image, exif = _rgb(), Image.Exif()
+    exif[0x0112] = 6
+    image.save(path, "JPEG", exif=exif)
+
+
+# name -> (how to write it, expected: "predicted" or a fragment of the skip reason)
+FILES = {
+    "zero-byte.jpg": (lambda p: p.write_bytes(b""), "Cannot read image"),
+    "text.jpg": (lambda p: p.write_text("hello, I am not a picture\n"), "Cannot read image"),
+    "truncated.jpg": (_truncated, "Cannot read image"),
+    "huge.png": (lambda p: Image.new("L", (9000, 6000)).save(p), "over the budget of 50 MP"),
+    "huge.jpg": (lambda p: Image.new("RGB", (9000, 6000), GOOD).save(p), "predicted"),
+    "tiny-3x3.png": (lambda p: _rgb((3, 3)).save(p), "predicted"),
+    "strip-4000x10.png": (lambda p: _rgb((4000, 10)).save(p), "predicted"),
+    "cmyk.jpg": (lambda p: _rgb().convert("CMYK").save(p), "predicted"),
+    "grey16.png": (lambda p: Image.fromarray(
+        (np.arange(64 * 48).reshape(48, 64) * 20).astype(np.uint16)).save(p), "predicted"),
+    "rgba.png": (lambda p: _rgb().convert("RGBA").save(p), "predicted"),
+    "palette.gif": (lambda p: _rgb().convert("P").save(p), "predicted"),
+    "scan.tiff": (lambda p: _rgb().save(p), "predicted"),
+    "photo.webp": (lambda p: _rgb().save(p), "predicted"),
+    "rotated-exif.jpg": (_exif_rotated, "predicted"),
+    "écaille 🦋.jpg": (lambda p: _rgb().save(p, "JPEG"), "predicted"),
+    "png-named.jpg": (lambda p: _rgb().save(p, "PNG"), "predicted"),  # content, not suffix
+}
+
+
+@pytest.fixture(scope="module")
+def run_dir(demo_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bad-input")
+    return train(read_dataset(demo_dir), tiny(tmp, epochs_finetune=0), tmp / "runs", "r",
+                 quiet=True)
+
+
+@pytest.fixture(scope="module")
+def predicted(run_dir, tmp_path_factory):
+    """One predict over the whole corpus: every file either predicted or skipped."""
+    from wingspan.cli import main
+
+    folder = tmp_path_factory.mktemp("corpus")
+    for name, (write, _) in FILES.items():
+        write(folder / name)
+    out = folder.parent / "pred.csv"
+    with pytest.raises(SystemExit) as e:
+        main(["predict", str(run_dir), *[str(folder / n) for n in FILES], "--output", str(out),
+              "--quiet"])
+    assert e.value.code in (None, 0)
+    with open(out, newline="") as f:
+        return {row["path"].rsplit("/", 1)[-1]: row for row in csv.DictReader(f)}
+
+
+@pytest.mark.parametrize("name", list(FILES))
+def test_predict_outcome_for_each_kind_of_file(predicted, name):
+    expected = FILES[name][1]
+    row = predicted[name]
+    if expected == "predicted":
+        assert row["class_1"] and not row["error"], row["error"]
+        assert 0 < float(row["prob_1"]) <= 1
+    else:
+        assert not row["class_1"] and expected in row["error"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--top-k", "0"], "greater than or equal to 1"),
+    (["--batch-size", "0"], "greater than or equal to 1"),
+    (["--output", "p.txt"], "must end in .csv or .json"),
+    (["--max-pixels", "0"], "greater than or equal to 1"),
+    (["--device", "tpu"], "Unknown device 'tpu'"),
+    (["--device", "cuda:7", "--devices", "2"], "names one GPU"),
+])
+def test_predict_settings_that_are_refused(run_dir, run_cli, tmp_path, monkeypatch, args,
+                                           message):
+    image = tmp_path / "a.jpg"
+    _rgb().save(image)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # past "no GPU here"
+    code, _, err = run_cli("predict", run_dir, image, *args)
+    assert code == 2 and message in " ".join(err.split()) and "Traceback" not in err
+
+
+def test_a_missing_path_and_a_missing_model(run_dir, run_cli, tmp_path):
+    code, out, err = run_cli("predict", run_dir, tmp_path / "nowhere.jpg")
+    err = " ".join(err.split())
+    assert code == 2 and "no such file or folder" in err and "No image could be predicted" in err
+    code, _, err = run_cli("predict", tmp_path / "no-model", tmp_path)
+    assert code == 2 and "No model at" in err
