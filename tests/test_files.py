@@ -30,3 +30,33 @@ def test_an_error_while_writing_removes_the_temporary_file(tmp_path):
         assert tmp.suffix == ".safetensors" and tmp.parent == tmp_path
         raise RuntimeError("killed")
     assert not target.exists() and os.listdir(tmp_path) == []
+
+
+def test_a_full_cache_disk_does_not_make_images_unreadable(tmp_path, monkeypatch):
+    from helpers import write_image
+
+    from wingspan.train import decode_cache
+
+    image = write_image(tmp_path / "a.jpg", size=(40, 30), seed=1)
+
+    def full(*_, **__):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(decode_cache.np, "save", full)
+    array = decode_cache.DecodeCache(tmp_path / "cache", 32).load(str(image))
+    assert array.shape == (30, 40, 3)  # decoded all the same
+
+
+def test_the_cli_says_the_disk_is_full_instead_of_a_traceback(run_cli, tmp_path, monkeypatch):
+    from wingspan.data import inspect as inspect_module
+
+    def full(*_, **__):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
+
+    monkeypatch.setattr(inspect_module, "inspect_dataset", full)
+    (tmp_path / "d" / "a").mkdir(parents=True)
+    from helpers import write_image
+
+    write_image(tmp_path / "d" / "a" / "1.jpg")
+    code, _, err = run_cli("data", "inspect", tmp_path / "d", "--out", tmp_path / "o")
+    assert code == 2 and "The disk is full" in err and "Traceback" not in err

@@ -5,6 +5,7 @@ Every default comes from `wingspan.config`; all the work happens in the library.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -684,6 +685,14 @@ def main(argv: list[str] | None = None) -> None:
         err.print(f"[bold red]Error:[/] {e.message}", highlight=False)
         if e.hint:
             err.print(f"[cyan]Hint:[/] {e.hint}", highlight=False)
+        sys.exit(2)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        err.print(f"[bold red]Error:[/] The disk is full{where}.", highlight=False)
+        err.print("[cyan]Hint:[/] Free some space and run the command again (a training run "
+                  "continues with --resume).", highlight=False)
         sys.exit(2)
 
 

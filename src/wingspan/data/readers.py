@@ -158,7 +158,10 @@ def read_folder(root: Path, config: ReadConfig) -> Dataset:
                 "empty_class", f"class folder '{class_dir.name}' has no images; the class is "
                 "left out. Add images or remove the folder.", str(class_dir)))
     if config.strict and any(p.kind == "empty_class" for p in problems):
-        raise WingspanError(next(p.message for p in problems if p.kind == "empty_class"))
+        empty = next(p for p in problems if p.kind == "empty_class")
+        raise WingspanError(f"Class folder {empty.path} has no images (--strict).",
+                            hint="Add images or remove the folder; without --strict the "
+                            "class is left out and listed.")
     groups, group_problems = _group_keys(paths, config.group_regex)
     problems += group_problems
     table = make_table(paths, {LABEL: labels}, groups)

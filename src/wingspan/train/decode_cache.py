@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from wingspan.data.images import open_rgb
+from wingspan.errors import WingspanError
 from wingspan.files import atomic_path
 
 
@@ -43,8 +44,11 @@ class DecodeCache:
                 pass  # a damaged entry (e.g. a killed write): decode again
         array = np.array(self.decode(path))  # a writable copy
         if entry is not None:
-            with atomic_path(entry, durable=False) as tmp:
-                np.save(tmp, array, allow_pickle=False)
+            try:
+                with atomic_path(entry, durable=False) as tmp:
+                    np.save(tmp, array, allow_pickle=False)
+            except (OSError, WingspanError):  # a full or read-only cache costs a decode next
+                pass  # time; the image itself was read (it must not count as unreadable)
         return array
 
     def decode(self, path: str) -> Image.Image:

@@ -30,8 +30,16 @@ def ensure_splits(dataset: Dataset, level: str, config: TrainConfig,
     if not dataset.has_splits:
         log("The data has no split: splitting it by group, stratified by "
             f"'{level}' (val {config.val_fraction}, test {config.test_fraction})")
-        return split_dataset(dataset, level, SplitConfig(config.val_fraction,
-                                                         config.test_fraction, config.seed))[0]
+        split, report = split_dataset(dataset, level, SplitConfig(
+            config.val_fraction, config.test_fraction, config.seed))
+        if report.train_only:
+            log(f"{len(report.train_only)} classes have too few groups to appear on every "
+                "side, so they are in train only (not evaluated): "
+                + ", ".join(f"{c} ({n})" for c, n in list(report.train_only.items())[:5]))
+        if report.duplicates_grouped:
+            log(f"{report.duplicates_grouped} groups hold a picture that another group also "
+                "holds (the same file saved twice): each such pair is kept on one side")
+        return split
     dataset = _check_leaks(dataset, config, log)
     table = dataset.table
     unsplit = int((table[SPLIT] == "").sum())
