@@ -26,6 +26,20 @@ def _truncated(path):
     path.write_bytes(path.read_bytes()[:600])
 
 
+def _bomb(path):
+    """A PNG whose header claims 40000 x 40000 pixels (1.6 GP) over a few bytes of data."""
+    import struct
+    import zlib
+
+    _rgb((8, 8)).save(path)
+    data = bytearray(path.read_bytes())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4:ihdr + 12] = struct.pack(">II", 40000, 40000)
+    crc = zlib.crc32(bytes(data[ihdr:ihdr + 17]))
+    data[ihdr + 17:ihdr + 21] = struct.pack(">I", crc)
+    path.write_bytes(bytes(data))
+
+
 def _exif_rotated(path):
     image, exif = _rgb(), Image.Exif()
     exif[0x0112] = 6
@@ -38,6 +52,7 @@ FILES = {
     "text.jpg": (lambda p: p.write_text("hello, I am not a picture\n"), "Cannot read image"),
     "truncated.jpg": (_truncated, "Cannot read image"),
     "huge.png": (lambda p: Image.new("L", (9000, 6000)).save(p), "over the budget of 50 MP"),
+    "bomb-40000x40000.png": (_bomb, "Cannot read image"),
     "huge.jpg": (lambda p: Image.new("RGB", (9000, 6000), GOOD).save(p), "predicted"),
     "tiny-3x3.png": (lambda p: _rgb((3, 3)).save(p), "predicted"),
     "strip-4000x10.png": (lambda p: _rgb((4000, 10)).save(p), "predicted"),
