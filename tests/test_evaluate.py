@@ -225,6 +225,19 @@ def test_a_killed_evaluation_leaves_the_previous_results_whole(trained, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ev"]  # no leftovers
 
 
+def test_evaluate_never_replaces_a_folder_that_is_not_an_evaluation(trained, tmp_path):
+    from wingspan.errors import WingspanError
+
+    mine = tmp_path / "my-results"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    for out in (mine, trained):  # a user's folder; the run folder itself
+        with pytest.raises(WingspanError, match="not an evaluation's"):
+            evaluate(trained, split="val", out=out, progress=False, workers=0)
+    assert (mine / "thesis.tex").read_text() == "years of work"
+    assert (trained / "model" / "manifest.json").is_file()
+
+
 def test_a_run_moved_elsewhere_still_evaluates(trained, tmp_path, run_cli):
     moved = tmp_path / "a" / "b" / "c" / "run"
     shutil.copytree(trained, moved)

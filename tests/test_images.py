@@ -57,6 +57,8 @@ def test_the_pixel_budget_reduces_a_big_jpeg_and_refuses_a_big_png(tmp_path, mon
     with pytest.raises(WingspanError, match=r"(?s)1600 x 1200 pixels \(1.92 MP\) is over "
                        r"the budget of 0.5 MP.*--max-pixels"):
         open_rgb(tmp_path / "big.png")
+    Image.new("RGB", (1601, 1201), (200, 30, 30)).save(tmp_path / "odd.jpg")
+    assert open_rgb(tmp_path / "odd.jpg").size == (801, 601)  # odd sides: still 1/2 scale
     monkeypatch.setenv("WINGSPAN_MAX_PIXELS", "20000")
     with pytest.raises(WingspanError, match="even decoded at 1/8 scale"):
         open_rgb(tmp_path / "big.jpg")

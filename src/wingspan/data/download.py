@@ -9,6 +9,7 @@ folder that becomes the dataset only once complete.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import shutil
 import urllib.error
 import urllib.request
@@ -91,7 +92,7 @@ def _fetch(url: str, archive: Path, progress: bool) -> None:
                 while chunk := response.read(CHUNK):
                     f.write(chunk)
                     bar.advance(len(chunk))
-        except (OSError, urllib.error.URLError) as e:
+        except (OSError, urllib.error.URLError, http.client.HTTPException) as e:
             raise WingspanError(
                 f"The download of {url} stopped after {part.stat().st_size} of {total} bytes "
                 f"({e}).", hint="Run the same command again: it continues from there.") from e

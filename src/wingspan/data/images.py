@@ -60,7 +60,9 @@ def open_rgb(path: str | Path, draft: int | None = None) -> Image.Image:
                 if draft:
                     scale = max(scale, max(s for s in SCALES if min(w, h) // s >= draft
                                            or s == 1))
-                im.draft("RGB", (-(-w // scale), -(-h // scale)))
+                # Rounded down: libjpeg's size at 1/scale is at least w // scale, so it is
+                # this scale that is picked (rounded up, an odd side got the next one up).
+                im.draft("RGB", (max(1, w // scale), max(1, h // scale)))
             if im.size[0] * im.size[1] > budget:
                 raise WingspanError(
                     f"Cannot read image {path}: {w} x {h} pixels ({w * h / 1e6:.3g} MP) is over "

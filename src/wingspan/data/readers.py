@@ -204,7 +204,7 @@ def _check_field_counts(path: Path) -> None:
         rows = csv.reader(f)
         header = next(rows, [])
         for line, row in enumerate(rows, start=2):
-            if row and len(row) != len(header):
+            if len(row) > len(header):  # fewer is fine: pandas fills in empty fields
                 raise WingspanError(
                     f"{path}, line {line}: {len(row)} fields where the header "
                     f"({','.join(header)}) has {len(header)}.",

@@ -63,11 +63,13 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     unknown = sorted(set(rows.loc[~known, "_label"]))
     rows = rows[known]
     final = Path(out) if out else (run_dir or predictor.bundle.parent) / f"evaluation-{split}"
+    _check_out_dir(final)
     # Everything is written to a folder beside it and moved in place at the end: a killed
     # evaluation leaves a ".partial" folder and the previous results, never half of both.
     out_dir = final.with_name(f".{final.name}.partial")
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
+    (out_dir / MARKER).write_text("written by wingspan evaluate; replaced whole by the next\n")
 
     paths = rows["path"].tolist()
     preds = list(predictor.run(paths, progress=progress))
@@ -115,6 +117,23 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
                      confused, pngs, levels_table)
     _put_in_place(out_dir, final)
     return Evaluation(final, metrics, final / "report.html")
+
+
+MARKER = ".wingspan-evaluation"  # in every evaluation folder: only such a folder is replaced
+
+
+def _check_out_dir(final: Path) -> None:
+    """The output folder is replaced whole, so it must be new, empty, or an earlier
+    evaluation's: never a run folder or a user's folder of other files."""
+    name = final.resolve().name
+    if not name or name in (".", ".."):
+        raise WingspanError(f"--out {final} cannot be an evaluation folder.",
+                            hint="Give a new folder, e.g. --out evaluations/test")
+    if final.exists() and (not final.is_dir() or (any(final.iterdir())
+                                                  and not (final / MARKER).is_file())):
+        raise WingspanError(f"--out {final} already holds files that are not an evaluation's; "
+                            "the evaluation replaces its folder whole.",
+                            hint="Give a new or empty folder, or an earlier evaluation's.")
 
 
 def _put_in_place(partial: Path, final: Path) -> None:

@@ -50,8 +50,10 @@ def meaning_digest(manifest: dict) -> str:
 
 def save_bundle(model: Classifier, path: str | Path, classes: dict[str, list[str]],
                 taxonomy: dict | None = None, training: dict | None = None,
-                metrics: dict | None = None, weights_source: str | None = None) -> Path:
-    """Write a bundle: a directory, or a single file when `path` ends in .safetensors."""
+                metrics: dict | None = None, weights_source: str | None = None,
+                calibration: dict | None = None) -> Path:
+    """Write a bundle: a directory, or a single file when `path` ends in .safetensors. In a
+    directory the manifest is written last, so a bundle with a manifest is complete."""
     for level, n in model.head.config.outputs.items():
         if len(classes.get(level, [])) != n:
             raise WingspanError(f"The head has {n} outputs for '{level}' but "
@@ -63,6 +65,7 @@ def save_bundle(model: Classifier, path: str | Path, classes: dict[str, list[str
         "timm_name": model.spec.timm_name, "classes": classes, "taxonomy": taxonomy,
         "preprocessing": model.preprocessing.to_dict(), "weights_source": weights_source,
         "training": training or {}, "metrics": metrics or {},
+        **({"calibration": calibration} if calibration else {}),
         "weights_sha256": weights_digest(state),
     }
     manifest["meaning_sha256"] = meaning_digest(manifest)

@@ -53,6 +53,8 @@ class LabelledImages(Dataset):
             array = self.cache.load(self.paths[index])
         except WingspanError as e:
             return None, self.labels[index], index, e.message
+        except OSError as e:  # e.g. deleted or moved since the data was read
+            return None, self.labels[index], index, f"Cannot read image {self.paths[index]}: {e}"
         image = tv_tensors.Image(torch.from_numpy(array).permute(2, 0, 1))
         # Leave the caller's random stream alone. Only the CPU generator is seeded: the
         # transforms draw from it, and torch.manual_seed would reseed every GPU's too.

@@ -29,7 +29,7 @@ from wingspan.errors import WingspanError
 from wingspan.evaluate.calibration import expected_calibration_error, fit_temperature, softmax
 from wingspan.files import write_text
 from wingspan.models import create_classifier, resolve_policy, save_bundle
-from wingspan.models.bundle import update_manifest
+from wingspan.models.bundle import read_manifest
 from wingspan.models.classifier import Classifier
 from wingspan.models.policy import Policy
 from wingspan.parallel import Processes, rank_seed
@@ -103,7 +103,7 @@ def resume(run_dir: str | Path, quiet: bool = False, **machine) -> Path:
     last = run_dir / "checkpoints" / "last.pt"
     checkpoint = load_checkpoint(last) if last.is_file() else None
     finished = checkpoint and checkpoint["state"]["stage"] == "done"
-    if finished and (run_dir / "model").exists() and (run_dir / "metrics.json").is_file():
+    if finished and _complete_bundle(run_dir / "model"):
         raise WingspanError(f"The run {run_dir} is finished; there is nothing to resume.",
                             hint=f"Its model is in {run_dir / 'model'}.")
     dataset = read_dataset(run_dir / SPLITS_FILE)
@@ -113,6 +113,14 @@ def resume(run_dir: str | Path, quiet: bool = False, **machine) -> Path:
     run.log(f"Resuming {run_dir} at {where} on {run.policy.describe()}" if not finished else
             f"Resuming {run_dir}: training was done, writing its model")
     return _recipe(run)
+
+
+def _complete_bundle(path: Path) -> bool:
+    """Whether training wrote its bundle to the end (the manifest comes last)."""
+    try:
+        return "calibration" in read_manifest(path)
+    except WingspanError:
+        return False
 
 
 def resolve_levels(dataset: Dataset, config: TrainConfig) -> TrainConfig:
@@ -271,10 +279,9 @@ def _write_results(run: Run) -> None:
     training["rare_classes"] = run.data.rare
     calibration = _fit_calibration(run)
     metrics["calibration"] = calibration
-    bundle = save_bundle(run.model.cpu(), run.dir / "model", run.data.level_classes,
-                         taxonomy=taxonomy, training=training, metrics=metrics,
-                         weights_source=run.weights_source)
-    update_manifest(bundle, calibration=calibration)
+    save_bundle(run.model.cpu(), run.dir / "model", run.data.level_classes, taxonomy=taxonomy,
+                training=training, metrics=metrics, weights_source=run.weights_source,
+                calibration=calibration)
     run.save()
     run.log(f"Best val macro-F1 {best_row['val_macro_f1']:.4f} (acc {best_row['val_acc']:.4f}) "
             f"at {best['stage']} epoch {best['epoch']}; model in {run.dir / 'model'}")

@@ -12,9 +12,11 @@ features on every rank; fine-tuning runs under DDP on each rank's slice of every
 
 from __future__ import annotations
 
+import json
 import time
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from sklearn.metrics import f1_score
 from torch import nn
@@ -160,6 +162,9 @@ def extract_features(run: Run, views: int) -> tuple[torch.Tensor, torch.Tensor]:
         try:
             saved = load_file(path)
             if saved["train"].shape[:2] == (n, views + 1) and len(saved["val"]) == m:
+                with safe_open(path, "pt") as f:  # what could not be read, as it was cached
+                    unreadable = json.loads((f.metadata() or {}).get("unreadable", "{}"))
+                run.note_unreadable(list(unreadable.items()))
                 return saved["train"], saved["val"]
         except Exception as e:  # noqa: BLE001 - a damaged cache file is only redone
             run.log(f"The feature cache {path} cannot be read ({type(e).__name__}); "
@@ -168,7 +173,7 @@ def extract_features(run: Run, views: int) -> tuple[torch.Tensor, torch.Tensor]:
     run.model.eval()
     features = run.policy.runner(run.model.feature_extractor(), run.image_size)
     width, world = run.model.backbone.num_features, run.fabric.world_size
-    train, val = torch.empty(n, views + 1, width), torch.empty(m, width)
+    train, val = torch.zeros(n, views + 1, width), torch.zeros(m, width)
     # (images, view, destination): view 0 is the clean view, 1..K augmented ones.
     jobs = [(run.data.train_clean, 0, train[:, 0])]
     jobs += [(run.data.train, v, train[:, v]) for v in range(1, views + 1)]
@@ -194,7 +199,8 @@ def extract_features(run: Run, views: int) -> tuple[torch.Tensor, torch.Tensor]:
             + (f" over {world} processes)" if world > 1 else ")"))
     if run.is_main:  # a kill leaves no half-written cache
         with atomic_path(path) as tmp:
-            save_file({"train": train.contiguous(), "val": val.contiguous()}, tmp)
+            save_file({"train": train.contiguous(), "val": val.contiguous()}, tmp,
+                      metadata={"unreadable": json.dumps(run.state.skipped)})
     return train, val
 
 
@@ -222,6 +228,9 @@ def train_head(run: Run) -> None:
     for epoch in range(state.epoch, config.epochs_head):
         start = time.perf_counter()
         readable = run.readable(run.data.train)
+        if not readable.any():
+            raise WingspanError("No training image could be read.",
+                                hint=f"See the files listed in {run.dir / 'train.log'}.")
         order = [i for i in epoch_order(n, config.seed, epoch, run.data.sample_weights)
                  if readable[i]]
         g = torch.Generator().manual_seed(item_seed(config.seed, epoch, VIEW_CHOICE))
@@ -254,6 +263,10 @@ def train_head(run: Run) -> None:
             preds[idx] = logits.argmax(1).detach().cpu()
             _account(run, "head", t0, t1, t2, len(idx))
         _sync_from_rank_zero(run, head)
+        run.share_unreadable()  # (without the cache each rank read its own shard)
+        if not seen:
+            raise WingspanError("No training image could be read.",
+                                hint=f"See the files listed in {run.dir / 'train.log'}.")
         seen_idx = torch.cat(seen)
         t0 = time.perf_counter()
         val = (evaluate_features(run, val_feats, run.data.val.labels) if cached
@@ -339,6 +352,7 @@ def finetune(run: Run) -> None:
             t1 = time.perf_counter()  # t1 - t0: waiting for the loader
             run.note_unreadable(failed)
             if not len(y) and fabric.world_size == 1:  # nothing readable in this batch
+                state.step += 1  # its place in the epoch is passed all the same
                 t0 = time.perf_counter()
                 continue
             if prefix is not None:
@@ -377,6 +391,9 @@ def finetune(run: Run) -> None:
         run.timing("finetune", "eval", time.perf_counter() - t0)
         partial = _merge(run, partial)
         seen = len(partial["labels"])
+        if not seen:
+            raise WingspanError("No training image could be read.",
+                                hint=f"See the files listed in {run.dir / 'train.log'}.")
         state.step, state.partial = 0, {}
         _end_epoch(run, "finetune", epoch, partial["loss_sum"] / max(seen, 1),
                    torch.tensor(partial["labels"]), torch.tensor(partial["preds"]), val,
