@@ -519,6 +519,29 @@ def predict_command(
         raise WingspanError("No image could be predicted.", hint="Check the paths given.")
 
 
+@app.command("export")
+def export_command(
+    model: Model,
+    format: Annotated[str, typer.Option("--format", help="onnx.")] = "onnx",
+    out_path: Annotated[Path | None, typer.Option(
+        "--out", help="The model file (default: RUN/export/model.onnx); a .json goes beside "
+        "it.")] = None,
+) -> None:
+    """A model that runs without wingspan (ONNX Runtime alone): RGB pixels in, calibrated
+    probabilities per level out; checked against PyTorch before it is written."""
+    import json
+
+    from wingspan.export import export_model
+
+    path = export_model(model, out_path, format)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    check = meta["checked"]
+    out.print(f"Wrote {path} and {path.with_suffix('.json')}: input uint8 RGB "
+              f"(N, {meta['input']['size']}, {meta['input']['size']}, 3); agrees with PyTorch "
+              f"within {check['max_abs_probability_difference']:.1e} on {check['images']} "
+              "images.")
+
+
 @models_app.command("list")
 def models_list() -> None:
     """Show the registered backbones and whether ImageNet weights are available offline here.

@@ -37,8 +37,10 @@ class _AsTuple(nn.Module):
         return tuple(out[n] for n in self.names) if self.names else out
 
 
-def export_onnx(module: nn.Module, size: int, names: list[str] | None = None) -> bytes:
-    """The module as an ONNX graph taking (N, 3, size, size) float32 images, N free.
+def export_onnx(module: nn.Module, size: int, names: list[str] | None = None,
+                example: torch.Tensor | None = None, input_name: str = "images") -> bytes:
+    """The module as an ONNX graph taking (N, 3, size, size) float32 images (or inputs
+    shaped and typed like `example`, named `input_name`), N free.
 
     The TorchScript exporter takes 1-2 s for a ResNet-50 where the torch.export one takes
     10-20 s on this class of CPU, so it is tried first; torch is dropping it, hence the
@@ -49,16 +51,16 @@ def export_onnx(module: nn.Module, size: int, names: list[str] | None = None) ->
     # Callers may be inside inference_mode, which the exporters cannot trace.
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")
-        example = torch.zeros(2, 3, size, size)
+        example = torch.zeros(2, 3, size, size) if example is None else example
         try:
-            torch.onnx.export(wrapped, (example,), buffer, input_names=["images"],
-                              output_names=outputs, dynamic_axes={"images": {0: "batch"}},
+            torch.onnx.export(wrapped, (example,), buffer, input_names=[input_name],
+                              output_names=outputs, dynamic_axes={input_name: {0: "batch"}},
                               opset_version=17, dynamo=False)
             return buffer.getvalue()
         except Exception as e:  # noqa: BLE001 - exporter gone or failed: try the new one
             log.info("TorchScript ONNX export failed (%s); using torch.export", e)
             program = torch.onnx.export(
-                wrapped, (example,), input_names=["images"], output_names=outputs,
+                wrapped, (example,), input_names=[input_name], output_names=outputs,
                 dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}}, dynamo=True,
                 verbose=False)
             return program.model_proto.SerializeToString()
