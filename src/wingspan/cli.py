@@ -519,6 +519,32 @@ def predict_command(
         raise WingspanError("No image could be predicted.", hint="Check the paths given.")
 
 
+@app.command("explain")
+def explain_command(
+    model: Model,
+    images: Annotated[list[str], typer.Argument(help="Image files, folders or globs.",
+                                                show_default=False)],
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out", help="Folder for the overlays (default: RUN/explain).")] = None,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Grad-CAM overlays: where the model looked for the class it predicted, one PNG per
+    image."""
+    from wingspan.explain import explain
+    from wingspan.inference import find_bundle
+    from wingspan.predict import expand_paths
+
+    paths, missing = expand_paths(images)
+    for item, why in missing:
+        err.print(f"[yellow]skipped[/] {item}: {why}", highlight=False)
+    out_dir = out_dir or find_bundle(model).parent / "explain"
+    for e in explain(model, paths, out_dir, device=device):
+        if e.error:
+            err.print(f"[yellow]skipped[/] {e.path}: {e.error}", highlight=False)
+        else:
+            out.print(f"{e.path}: {e.label} {e.probability:.3f} -> {e.png}", highlight=False)
+
+
 @app.command("export")
 def export_command(
     model: Model,
