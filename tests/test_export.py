@@ -61,3 +61,45 @@ def test_export_runs_without_wingspan_and_matches_pytorch(run_dir, run_cli, demo
         assert total == pytest.approx(1.0, abs=1e-5)
     code, _, err = run_cli("export", run_dir, "--format", "tflite")
     assert code == 2 and "Unknown export format 'tflite'" in err
+
+
+def test_torchscript_export_runs_with_torch_alone(run_dir, run_cli, demo_dir):
+    code, _, err = run_cli("export", run_dir, "--format", "torchscript")
+    assert code == 0, err
+    model = run_dir / "export" / "model.pt"
+    meta = json.loads(model.with_suffix(".json").read_text())
+    # The same kernels as eager PyTorch: checked on real images, equal here.
+    assert meta["checked"]["images"] > 0
+    assert meta["checked"]["max_abs_probability_difference"] <= 1e-4
+    script = ("import sys, json, torch; extra = {'wingspan.json': ''}; "
+              "m = torch.jit.load(sys.argv[1], _extra_files=extra); "
+              "x = torch.zeros(2, 32, 32, 3, dtype=torch.uint8); out = m(x); "
+              "assert not any(k.startswith('wingspan') for k in sys.modules); "
+              "print(json.dumps({k: v.sum(1).tolist() for k, v in out.items()})); "
+              "print(json.dumps(json.loads(extra['wingspan.json'])['outputs']))")
+    printed = subprocess.run([sys.executable, "-c", script, str(model)], capture_output=True,
+                             text=True, check=True).stdout
+    sums, outputs = printed.strip().splitlines()
+    for row in json.loads(sums).values():
+        assert row == pytest.approx([1.0, 1.0], abs=1e-5)
+    assert json.loads(outputs) == ["family", "label"]
+
+
+def test_int8_is_written_only_within_a_point_of_fp32(run_dir, monkeypatch):
+    from wingspan import export
+    from wingspan.errors import WingspanError
+
+    monkeypatch.setattr(export, "INT8_MAX_DROP", -1.0)  # any result is too far: refused
+    with pytest.raises(WingspanError, match=r"int8 refused: val top-1 [\d.]+ against fp32's "
+                                            r"[\d.]+ on \d+ images"):
+        export.export_model(run_dir, run_dir / "q" / "m.int8.onnx", quantize="int8")
+    assert not (run_dir / "q" / "m.int8.onnx").exists()
+    monkeypatch.setattr(export, "INT8_MAX_DROP", 1.0)  # anything goes: written, with figures
+    path = export.export_model(run_dir, run_dir / "q" / "m.int8.onnx", quantize="int8")
+    figures = json.loads(path.with_suffix(".json").read_text())["int8"]
+    assert figures["val_images"] > 0 and figures["calibration_images"] > 0
+    assert 0 <= figures["val_top1_int8"] <= 1 and 0 <= figures["val_top1_fp32"] <= 1
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
