@@ -545,6 +545,20 @@ def explain_command(
             out.print(f"{e.path}: {e.label} {e.probability:.3f} -> {e.png}", highlight=False)
 
 
+@app.command("serve")
+def serve_command(
+    model: Model,
+    host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine "
+                                      "only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port.")] = 8000,
+    device: DeviceOpt = T.device,
+) -> None:
+    """An HTTP API for the model: POST /predict with image files; /health, /model, /docs."""
+    from wingspan.serve import serve
+
+    serve(model, host=host, port=port, device=device)
+
+
 @app.command("export")
 def export_command(
     model: Model,

@@ -1,0 +1,183 @@
+"""`wingspan serve RUN`: the model behind an HTTP API (FastAPI on uvicorn).
+
+    POST /predict   multipart image file(s) -> top-k per level, calibrated probabilities,
+                    the consistent taxonomic branch, latency
+    GET  /health    liveness
+    GET  /model     classes, backbone, metrics, training date
+    GET  /docs      OpenAPI
+
+Requests that arrive together are batched: each waits up to `batch_wait_ms` for others,
+and one forward pass on the engine the policy chose serves them all. Limits, each a 4xx
+with a JSON error while the server keeps serving: upload size (413), what the bytes are
+(sniffed by Pillow, not the extension: 415), the pixel budget (413), requests in flight
+(429) and a time limit (504).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import torch
+from fastapi import FastAPI, File, HTTPException, UploadFile
+from fastapi.responses import JSONResponse
+
+from wingspan.data.images import max_pixels
+from wingspan.errors import WingspanError
+from wingspan.inference import Predictor
+from wingspan.predict import taxonomy_path
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    max_bytes: int = 20 * 2**20  # per uploaded file
+    max_in_flight: int = 64  # requests being served at once; more get 429
+    timeout_s: float = 30.0  # per request
+    batch_size: int = 16  # images per forward pass
+    batch_wait_ms: float = 5.0  # how long a request waits for others to batch with
+    top_k: int = 5
+
+
+class _Batcher:
+    """Collects preprocessed images from concurrent requests into one forward pass."""
+
+    def __init__(self, predictor: Predictor, limits: ServeLimits):
+        self.predictor, self.limits = predictor, limits
+        self.queue: asyncio.Queue | None = None
+        self.loop = None
+
+    async def run(self, image: torch.Tensor) -> dict[str, np.ndarray]:
+        loop = asyncio.get_running_loop()
+        if self.loop is not loop:  # started on the server's loop (a test client may make more)
+            self.loop, self.queue = loop, asyncio.Queue()
+            loop.create_task(self._serve(self.queue))
+        done = asyncio.get_running_loop().create_future()
+        await self.queue.put((image, done))
+        return await done
+
+    async def _serve(self, queue: asyncio.Queue) -> None:
+        while True:
+            batch = [await queue.get()]
+            deadline = time.perf_counter() + self.limits.batch_wait_ms / 1000
+            while len(batch) < self.limits.batch_size:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(queue.get(), left))
+                except asyncio.TimeoutError:
+                    break
+            x = torch.stack([image for image, _ in batch])
+            try:
+                outputs = await asyncio.to_thread(self.predictor.forward, x)
+            except Exception as e:  # noqa: BLE001 - every waiting request hears of it
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(e)
+                continue
+            for i, (_, done) in enumerate(batch):
+                if not done.done():
+                    done.set_result({lv: o[i].float().numpy() for lv, o in outputs.items()})
+
+
+def create_app(model: str | Path, limits: ServeLimits | None = None, device: str = "auto"):
+    """The FastAPI application serving `model` (a run folder or a bundle)."""
+    limits = limits or ServeLimits()
+    predictor = Predictor(model, device=device, batch_size=limits.batch_size, workers=0)
+    view = predictor.views(tta=False)[0]
+    batcher = _Batcher(predictor, limits)
+    in_flight = {"n": 0}
+    manifest = predictor.manifest
+    app = FastAPI(title="wingspan", description=f"Predictions of {predictor.bundle}")
+    app.state.predictor = predictor
+
+    @app.exception_handler(HTTPException)
+    async def as_json(_, e: HTTPException):  # errors as {"error": ...}, not {"detail": ...}
+        return JSONResponse({"error": e.detail}, status_code=e.status_code)
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok", "in_flight": in_flight["n"]}
+
+    @app.get("/model")
+    def model_info() -> dict:
+        return {"classes": manifest["classes"], "backbone": manifest["model"]["backbone"],
+                "metrics": manifest.get("metrics", {}).get("best"),
+                "calibration": manifest.get("calibration"),
+                "trained": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(
+                    Path(predictor.bundle).stat().st_mtime)),
+                "engine": predictor.policy.describe()}
+
+    @app.post("/predict")
+    async def predict(files: Annotated[list[UploadFile], File()]) -> dict:
+        if in_flight["n"] >= limits.max_in_flight:
+            raise HTTPException(429, "Too many requests in flight; try again shortly.")
+        in_flight["n"] += 1
+        start = time.perf_counter()
+        try:
+            results = await asyncio.wait_for(
+                asyncio.gather(*[_one(f) for f in files]), limits.timeout_s)
+        except asyncio.TimeoutError as e:
+            raise HTTPException(504, f"No answer within {limits.timeout_s:g} s.") from e
+        finally:
+            in_flight["n"] -= 1
+        return {"predictions": results, "latency_ms": round(1000 * (time.perf_counter()
+                                                                    - start), 1)}
+
+    async def _one(upload: UploadFile) -> dict:
+        data = await upload.read(limits.max_bytes + 1)
+        if len(data) > limits.max_bytes:
+            raise HTTPException(413, f"{upload.filename}: over {limits.max_bytes} bytes.")
+        image = _decode(upload.filename, data)
+        outputs = await batcher.run(view(image))
+        return _answer(predictor, upload.filename, outputs, limits.top_k)
+
+    return app
+
+
+def _decode(name: str | None, data: bytes):
+    """Pillow decides what the bytes are (not the file name), within the pixel budget."""
+    from PIL import Image, UnidentifiedImageError
+
+    from wingspan.data.images import open_rgb
+
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            w, h = probe.size
+    except Image.DecompressionBombError as e:
+        raise HTTPException(413, f"{name}: refused as a decompression bomb ({e}).") from e
+    except (UnidentifiedImageError, OSError) as e:
+        raise HTTPException(415, f"{name}: not an image Pillow can read.") from e
+    if w * h > max_pixels() and probe.format != "JPEG":
+        raise HTTPException(413, f"{name}: {w} x {h} pixels is over the budget of "
+                                 f"{max_pixels() / 1e6:.3g} MP.")
+    try:
+        return open_rgb(io.BytesIO(data))
+    except WingspanError as e:
+        raise HTTPException(422, f"{name}: {e.message}") from e
+
+
+def _answer(predictor: Predictor, name: str | None, outputs: dict[str, np.ndarray],
+            top_k: int) -> dict:
+    logits = outputs[predictor.level]
+    probs = torch.softmax(torch.from_numpy(logits) / predictor.temperature, 0).numpy()
+    order = probs.argsort()[::-1][:top_k]
+    levels = {predictor.level: [{"class": predictor.classes[i], "probability": float(probs[i])}
+                                for i in order]}
+    answer = {"file": name, "top": levels}
+    if predictor.taxonomy:
+        answer["branch"] = [{"level": lv, "class": c, "probability": p}
+                            for lv, c, p in taxonomy_path(predictor.taxonomy, probs)]
+    return answer
+
+
+def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000,
+          limits: ServeLimits | None = None, device: str = "auto") -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(model, limits, device), host=host, port=port, log_level="info")

@@ -1,0 +1,102 @@
+"""`wingspan serve`: the API with FastAPI's test client, on a small run."""
+
+import asyncio
+import io
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from test_bad_input import _bomb
+from test_train import tiny
+
+from wingspan.data import read_dataset
+from wingspan.serve import ServeLimits, create_app
+from wingspan.train import train
+
+
+@pytest.fixture(scope="module")
+def run_dir(demo_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    return train(read_dataset(demo_dir), tiny(tmp, levels=["family", "label"],
+                                              epochs_finetune=0), tmp / "runs", "r", quiet=True)
+
+
+def _jpeg(colour=(200, 120, 40), size=(60, 40)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def client(run_dir):
+    return TestClient(create_app(run_dir, ServeLimits(max_bytes=200_000), device="cpu"))
+
+
+def test_health_model_and_a_good_image(client):
+    assert client.get("/health").json()["status"] == "ok"
+    info = client.get("/model").json()
+    assert list(info["classes"]) == ["family", "label"] and info["calibration"]["temperature"]
+    r = client.post("/predict", files=[("files", ("a.jpg", _jpeg(), "image/jpeg"))])
+    assert r.status_code == 200, r.text
+    (answer,) = r.json()["predictions"]
+    top = answer["top"]["label"]
+    assert len(top) == 4 and sum(t["probability"] for t in top) == pytest.approx(1, abs=1e-5)
+    assert [b["level"] for b in answer["branch"]] == ["family", "label"]
+    assert r.json()["latency_ms"] > 0
+    assert client.get("/docs").status_code == 200
+
+
+@pytest.mark.parametrize("name, data, status, message", [
+    ("broken.jpg", b"\xff\xd8\xff\xe0 not really", 415, "not an image"),
+    ("notes.jpg", b"a text file named like a photo", 415, "not an image"),
+    ("too-big.jpg", _jpeg(size=(60, 40)) + b"\0" * 300_000, 413, "over 200000 bytes"),
+    ("huge.png", None, 413, "over the budget"),
+    ("bomb.png", "bomb", 413, "decompression bomb"),
+])
+def test_bad_uploads_get_a_4xx_and_the_server_goes_on(client, tmp_path, name, data, status,
+                                                      message):
+    if data is None:
+        buffer = io.BytesIO()
+        Image.new("L", (8000, 7000)).save(buffer, "PNG")  # 56 MP, 56 kB compressed
+        data = buffer.getvalue()
+    elif data == "bomb":
+        _bomb(tmp_path / "bomb.png")
+        data = (tmp_path / "bomb.png").read_bytes()
+    r = client.post("/predict", files=[("files", (name, data, "image/jpeg"))])
+    assert r.status_code == status and message in r.json()["error"]
+    assert client.post("/predict", files=[("files", ("ok.jpg", _jpeg(), "image/jpeg"))]
+                       ).status_code == 200
+
+
+def test_concurrent_requests_are_batched(run_dir):
+    app = create_app(run_dir, ServeLimits(batch_wait_ms=50), device="cpu")
+    predictor = app.state.predictor
+    sizes, forward = [], predictor.forward
+
+    def counting(x):
+        sizes.append(len(x))
+        return forward(x)
+
+    predictor.forward = counting
+
+    async def many():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            return await asyncio.gather(*[
+                c.post("/predict", files=[("files", (f"{i}.jpg", _jpeg((i * 30, 90, 90)),
+                                                     "image/jpeg"))]) for i in range(8)])
+
+    responses = asyncio.run(many())
+    assert all(r.status_code == 200 for r in responses)
+    assert sum(sizes) == 8 and max(sizes) > 1  # fewer forward passes than requests
+
+
+def test_in_flight_and_time_limits(run_dir):
+    busy = TestClient(create_app(run_dir, ServeLimits(max_in_flight=0), device="cpu"))
+    r = busy.post("/predict", files=[("files", ("a.jpg", _jpeg(), "image/jpeg"))])
+    assert r.status_code == 429 and "Too many requests" in r.json()["error"]
+    slow = TestClient(create_app(run_dir, ServeLimits(timeout_s=1e-6), device="cpu"))
+    r = slow.post("/predict", files=[("files", ("a.jpg", _jpeg(), "image/jpeg"))])
+    assert r.status_code == 504 and "No answer within" in r.json()["error"]
+    assert slow.get("/health").status_code == 200
