@@ -245,3 +245,15 @@ def test_a_run_moved_elsewhere_still_evaluates(trained, tmp_path, run_cli):
     assert result.out_dir == moved / "evaluation-val" and result.metrics["images"] > 0
     code, _, err = run_cli("predict", moved, str(tmp_path), "--output", tmp_path / "p.txt")
     assert code == 2 and "must end in .csv or .json" in err
+
+
+def test_the_mistakes_gallery_shows_where_the_model_looked(trained, demo_dir):
+    from wingspan.evaluate.run import _grad_cam_view
+
+    predictor = Predictor(trained, workers=0)
+    image = str(next(demo_dir.rglob("*.jpg")))
+    view = _grad_cam_view(predictor, image, target=0)
+    size = predictor.size
+    assert view["pixels"].shape == (size, size, 3) and view["heatmap"].shape == (size, size)
+    assert 0 <= view["heatmap"].min() <= view["heatmap"].max() <= 1
+    assert _grad_cam_view(predictor, "/nowhere.jpg", target=0) == {}  # plain image instead

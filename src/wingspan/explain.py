@@ -74,13 +74,14 @@ def explain(model: str | Path, images: list[str], out: str | Path,
         heatmap = grad_cam(predictor, x, target)
         label = predictor.classes[target]
         png = out / f"{Path(path).stem}.gradcam.png"
-        _save_overlay(_unnormalise(x, predictor), heatmap, f"{label}  {float(probs.max()):.2f}",
+        _save_overlay(model_view(x, predictor), heatmap, f"{label}  {float(probs.max()):.2f}",
                       png)
         results.append(Explanation(path, label, float(probs.max()), heatmap, png))
     return results
 
 
-def _unnormalise(x: torch.Tensor, predictor: Predictor) -> np.ndarray:
+def model_view(x: torch.Tensor, predictor: Predictor) -> np.ndarray:
+    """A preprocessed image back as uint8 RGB pixels (what the model saw)."""
     mean = torch.tensor(predictor.norm["mean"]).view(3, 1, 1)
     std = torch.tensor(predictor.norm["std"]).view(3, 1, 1)
     return ((x * std + mean).clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)

@@ -77,7 +77,9 @@ def plot_curves(history: pd.DataFrame, path: Path) -> Path:
 
 
 def plot_mistakes(mistakes: list[dict], path: Path, columns: int = 6) -> Path:
-    """The most confident wrong predictions: image, truth, prediction, probability."""
+    """The most confident wrong predictions: image, truth, prediction, probability; with
+    the model's view and its Grad-CAM for the wrong class where given ("pixels",
+    "heatmap"): what the model took for evidence."""
     n = max(1, len(mistakes))
     columns = min(columns, n)
     rows = -(-n // columns)
@@ -86,9 +88,13 @@ def plot_mistakes(mistakes: list[dict], path: Path, columns: int = 6) -> Path:
         ax.axis("off")
     for ax, m in zip(axes.flat, mistakes, strict=False):
         try:
-            image = open_rgb(m["path"], draft=256)
-            image.thumbnail((256, 256))
-            ax.imshow(image)
+            if m.get("pixels") is not None:
+                ax.imshow(m["pixels"])
+                ax.imshow(m["heatmap"], cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            else:
+                image = open_rgb(m["path"], draft=256)
+                image.thumbnail((256, 256))
+                ax.imshow(image)
         except Exception:  # a file gone since prediction: show the text alone
             pass
         ax.set_title(f"true: {m['true'][:22]}\npred: {m['predicted'][:22]}\n"

@@ -229,6 +229,19 @@ def _write_predictions(path: Path, paths: list[str], y: np.ndarray, probs: np.nd
     _write_csv(frame, path, index=False)
 
 
+def _grad_cam_view(predictor: Predictor, path: str, target: int) -> dict:
+    """The model's view of an image and its Grad-CAM for `target` (the wrong class), for
+    the mistakes gallery; nothing when the image cannot be read or explained."""
+    from wingspan.data.images import open_rgb
+    from wingspan.explain import grad_cam, model_view
+
+    try:
+        x = predictor.views(tta=False)[0](open_rgb(path))
+        return {"pixels": model_view(x, predictor), "heatmap": grad_cam(predictor, x, target)}
+    except Exception:  # noqa: BLE001 - the gallery shows the plain image instead
+        return {}
+
+
 def _write_csv(frame: pd.DataFrame, path: Path, **options) -> None:
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, **options)
@@ -241,7 +254,9 @@ def _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, 
     worst = wrong[np.argsort(-probs.max(1)[wrong])][:18]
     pngs["mistakes"] = plots.plot_mistakes(
         [{"path": paths[ok[i]], "true": classes[y[i]], "predicted": classes[probs[i].argmax()],
-          "probability": float(probs[i].max())} for i in worst], out_dir / "mistakes.png")
+          "probability": float(probs[i].max()),
+          **_grad_cam_view(predictor, paths[ok[i]], int(probs[i].argmax()))} for i in worst],
+        out_dir / "mistakes.png")
     raw = softmax(logits)
     pngs["reliability"] = plots.plot_reliability(
         reliability(raw, y), reliability(probs, y),
