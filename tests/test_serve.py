@@ -100,3 +100,18 @@ def test_in_flight_and_time_limits(run_dir):
     r = slow.post("/predict", files=[("files", ("a.jpg", _jpeg(), "image/jpeg"))])
     assert r.status_code == 504 and "No answer within" in r.json()["error"]
     assert slow.get("/health").status_code == 200
+
+
+def test_explain_returns_an_overlay_png(client):
+    r = client.post("/explain", files={"file": ("a.jpg", _jpeg(), "image/jpeg")})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    with Image.open(io.BytesIO(r.content)) as im:
+        assert im.format == "PNG" and im.width > 100
+    classes = client.get("/model").json()["classes"]["label"]
+    r = client.post(f"/explain?target={classes[-1]}",
+                    files={"file": ("a.jpg", _jpeg(), "image/jpeg")})
+    assert r.status_code == 200
+    r = client.post("/explain?target=unicorn", files={"file": ("a.jpg", _jpeg(), "image/jpeg")})
+    assert r.status_code == 422 and "Unknown class 'unicorn'" in r.json()["error"]
+    r = client.post("/explain", files={"file": ("a.jpg", b"not an image", "image/jpeg")})
+    assert r.status_code == 415

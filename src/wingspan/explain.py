@@ -74,7 +74,7 @@ def explain(model: str | Path, images: list[str], out: str | Path,
         heatmap = grad_cam(predictor, x, target)
         label = predictor.classes[target]
         png = out / f"{Path(path).stem}.gradcam.png"
-        _save_overlay(model_view(x, predictor), heatmap, f"{label}  {float(probs.max()):.2f}",
+        save_overlay(model_view(x, predictor), heatmap, f"{label}  {float(probs.max()):.2f}",
                       png)
         results.append(Explanation(path, label, float(probs.max()), heatmap, png))
     return results
@@ -87,7 +87,7 @@ def model_view(x: torch.Tensor, predictor: Predictor) -> np.ndarray:
     return ((x * std + mean).clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
 
 
-def _save_overlay(pixels: np.ndarray, heatmap: np.ndarray, title: str, path: Path) -> None:
+def save_overlay(pixels: np.ndarray, heatmap: np.ndarray, title: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -2,6 +2,8 @@
 
     POST /predict   multipart image file(s) -> top-k per level, calibrated probabilities,
                     the consistent taxonomic branch, latency
+    POST /explain   one image file -> PNG: the model's view with its Grad-CAM for the
+                    predicted class (or ?target=CLASS)
     GET  /health    liveness
     GET  /model     classes, backbone, metrics, training date
     GET  /docs      OpenAPI
@@ -25,7 +27,7 @@ from typing import Annotated
 import numpy as np
 import torch
 from fastapi import FastAPI, File, HTTPException, UploadFile
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from wingspan.data.images import max_pixels
 from wingspan.errors import WingspanError
@@ -129,6 +131,19 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
         return {"predictions": results, "latency_ms": round(1000 * (time.perf_counter()
                                                                     - start), 1)}
 
+    @app.post("/explain", response_class=Response,
+              responses={200: {"content": {"image/png": {}}}})
+    async def explain_one(file: Annotated[UploadFile, File()], target: str | None = None):
+        data = await file.read(limits.max_bytes + 1)
+        if len(data) > limits.max_bytes:
+            raise HTTPException(413, f"{file.filename}: over {limits.max_bytes} bytes.")
+        if target is not None and target not in predictor.classes:
+            raise HTTPException(422, f"Unknown class '{target}'.")
+        x = view(_decode(file.filename, data))
+        png = await asyncio.wait_for(asyncio.to_thread(_explain_png, predictor, x, target),
+                                     limits.timeout_s)
+        return Response(png, media_type="image/png")
+
     async def _one(upload: UploadFile) -> dict:
         data = await upload.read(limits.max_bytes + 1)
         if len(data) > limits.max_bytes:
@@ -160,6 +175,23 @@ def _decode(name: str | None, data: bytes):
         return open_rgb(io.BytesIO(data))
     except WingspanError as e:
         raise HTTPException(422, f"{name}: {e.message}") from e
+
+
+def _explain_png(predictor: Predictor, x: torch.Tensor, target: str | None) -> bytes:
+    """The overlay `wingspan explain` writes, as PNG bytes."""
+    import tempfile
+
+    from wingspan.explain import grad_cam, model_view, save_overlay
+
+    with torch.inference_mode():
+        logits = predictor.model.float().eval()(x[None].to(predictor.policy.device))
+    probs = torch.softmax(logits[predictor.level][0].float().cpu() / predictor.temperature, 0)
+    index = predictor.classes.index(target) if target else int(probs.argmax())
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "overlay.png"
+        save_overlay(model_view(x, predictor), grad_cam(predictor, x, index),
+                     f"{predictor.classes[index]}  {float(probs[index]):.2f}", path)
+        return path.read_bytes()
 
 
 def _answer(predictor: Predictor, name: str | None, outputs: dict[str, np.ndarray],
