@@ -31,3 +31,19 @@ def folder_dataset(root: Path, counts: dict[str, int], size=(24, 24)) -> Path:
             write_image(root / label / f"{label}_{i}.jpg", size=size, seed=seed)
             seed += 1
     return root
+
+
+def wait_for_finetune_epochs(proc, run_dir: Path, epochs: int, timeout: float = 120) -> None:
+    """Poll a training subprocess until its history.csv has `epochs` fine-tuning rows (it
+    must still be running then, to be killed mid-run)."""
+    import time
+
+    import pandas as pd
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        h = run_dir / "history.csv"
+        if h.is_file() and (pd.read_csv(h)["stage"] == "finetune").sum() >= epochs:
+            return
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.communicate()[1].decode()[-3000:]

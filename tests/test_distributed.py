@@ -7,12 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pandas as pd
 import pytest
 import torch
 import yaml
+from helpers import wait_for_finetune_epochs
 from test_train import NUMBERS, history, tiny
 
 from wingspan.data import read_dataset
@@ -84,13 +84,7 @@ def test_a_two_process_checkpoint_resumes_in_one_process(demo_dir, tmp_path, one
     reference = train(read_dataset(demo_dir), config, tmp_path / "ref", "ref", quiet=True)
     proc = _train_cli(demo_dir, tmp_path, config, "killed", "--devices", "2")
     run_dir = tmp_path / "killed" / "r"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        h = run_dir / "history.csv"
-        if h.is_file() and (history(run_dir)["stage"] == "finetune").sum() >= 1:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, proc.communicate()[1].decode()[-3000:]
+    wait_for_finetune_epochs(proc, run_dir, 1)
     os.killpg(proc.pid, signal.SIGKILL)  # both ranks
     proc.wait()
     assert len(history(run_dir)) < len(history(reference))  # it really was cut short

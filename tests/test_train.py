@@ -3,12 +3,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pandas as pd
 import pytest
 import torch
 import yaml
+from helpers import wait_for_finetune_epochs
 
 from wingspan.config import TrainConfig
 from wingspan.data import read_dataset
@@ -156,13 +156,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(demo_dir, tmp_path):
            str(config_file), "--runs-dir", str(tmp_path / "killed"), "--name", "r", "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     run_dir = tmp_path / "killed" / "r"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        h = run_dir / "history.csv"
-        if h.is_file() and (history(run_dir)["stage"] == "finetune").sum() >= 2:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    wait_for_finetune_epochs(proc, run_dir, 2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = history(run_dir)

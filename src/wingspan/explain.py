@@ -53,6 +53,17 @@ def grad_cam(predictor: Predictor, image: torch.Tensor, target: int) -> np.ndarr
     return cam / top if top > 0 else np.zeros_like(cam)
 
 
+def explain_image(predictor: Predictor, x: torch.Tensor, target: str | None = None
+                  ) -> tuple[str, float, np.ndarray]:
+    """(class, its calibrated probability, its Grad-CAM map) for one preprocessed image:
+    the predicted class, or `target`."""
+    with torch.inference_mode():
+        logits = predictor.model.float().eval()(x[None].to(predictor.policy.device))
+    probs = torch.softmax(logits[predictor.level][0].float().cpu() / predictor.temperature, 0)
+    index = predictor.classes.index(target) if target else int(probs.argmax())
+    return predictor.classes[index], float(probs[index]), grad_cam(predictor, x, index)
+
+
 def explain(model: str | Path, images: list[str], out: str | Path,
             device: str = "cpu") -> list[Explanation]:
     """An overlay PNG per image in `out`; unreadable images are reported, not fatal."""
@@ -67,16 +78,10 @@ def explain(model: str | Path, images: list[str], out: str | Path,
             results.append(Explanation(path, "", 0.0, np.zeros(0), error=e.message))
             continue
         x = view(picture)
-        with torch.inference_mode():
-            logits = predictor.model.float().eval()(x[None].to(predictor.policy.device))
-        probs = torch.softmax(logits[predictor.level][0].float().cpu() / predictor.temperature, 0)
-        target = int(probs.argmax())
-        heatmap = grad_cam(predictor, x, target)
-        label = predictor.classes[target]
+        label, probability, heatmap = explain_image(predictor, x)
         png = out / f"{Path(path).stem}.gradcam.png"
-        save_overlay(model_view(x, predictor), heatmap, f"{label}  {float(probs.max()):.2f}",
-                      png)
-        results.append(Explanation(path, label, float(probs.max()), heatmap, png))
+        save_overlay(model_view(x, predictor), heatmap, f"{label}  {probability:.2f}", png)
+        results.append(Explanation(path, label, probability, heatmap, png))
     return results
 
 
@@ -87,7 +92,9 @@ def model_view(x: torch.Tensor, predictor: Predictor) -> np.ndarray:
     return ((x * std + mean).clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
 
 
-def save_overlay(pixels: np.ndarray, heatmap: np.ndarray, title: str, path: Path) -> None:
+def save_overlay(pixels: np.ndarray, heatmap: np.ndarray, title: str,
+                 path: Path | None) -> bytes | None:
+    """The overlay as a PNG at `path`, or its bytes when `path` is None."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,5 +108,8 @@ def save_overlay(pixels: np.ndarray, heatmap: np.ndarray, title: str, path: Path
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", bbox_inches="tight")
     plt.close(fig)
+    if path is None:
+        return buffer.getvalue()
     with atomic_path(path) as tmp:
         tmp.write_bytes(buffer.getvalue())
+    return None

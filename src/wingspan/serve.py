@@ -179,19 +179,10 @@ def _decode(name: str | None, data: bytes):
 
 def _explain_png(predictor: Predictor, x: torch.Tensor, target: str | None) -> bytes:
     """The overlay `wingspan explain` writes, as PNG bytes."""
-    import tempfile
+    from wingspan.explain import explain_image, model_view, save_overlay
 
-    from wingspan.explain import grad_cam, model_view, save_overlay
-
-    with torch.inference_mode():
-        logits = predictor.model.float().eval()(x[None].to(predictor.policy.device))
-    probs = torch.softmax(logits[predictor.level][0].float().cpu() / predictor.temperature, 0)
-    index = predictor.classes.index(target) if target else int(probs.argmax())
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "overlay.png"
-        save_overlay(model_view(x, predictor), grad_cam(predictor, x, index),
-                     f"{predictor.classes[index]}  {float(probs[index]):.2f}", path)
-        return path.read_bytes()
+    label, probability, heatmap = explain_image(predictor, x, target)
+    return save_overlay(model_view(x, predictor), heatmap, f"{label}  {probability:.2f}", None)
 
 
 def _answer(predictor: Predictor, name: str | None, outputs: dict[str, np.ndarray],

@@ -69,6 +69,7 @@ class Leaks:
     by_path: dict[str, list[str]]
     by_content: dict[str, list[str]]  # sha256 -> its sides
     rows: dict[str, np.ndarray]  # kind -> row positions involved
+    hashes: pd.Series | None = None  # of the labelled rows, for repair_leaks to reuse
 
     def __bool__(self) -> bool:
         return bool(self.by_group or self.by_path or self.by_content)
@@ -97,15 +98,18 @@ def find_leaks(dataset: Dataset, by_content: bool = True) -> Leaks:
         found[kind] = leaked.to_dict()
         rows[kind] = np.flatnonzero(key.isin(leaked.index).to_numpy())
     found.setdefault("by_content", {})
-    return Leaks(found["by_group"], found["by_path"], found["by_content"], rows)
+    return Leaks(found["by_group"], found["by_path"], found["by_content"], rows,
+                 hashes if by_content else None)
 
 
-def repair_leaks(dataset: Dataset) -> tuple[Dataset, int]:
+def repair_leaks(dataset: Dataset, leaks: Leaks | None = None) -> tuple[Dataset, int]:
     """Keep each leaked group, file or picture on one side only (KEEP_ORDER), dropping its
-    rows from the others; returns the repaired dataset and the number of rows dropped."""
+    rows from the others; returns the repaired dataset and the number of rows dropped.
+    `leaks` (from find_leaks on the same dataset) saves hashing the files again."""
     table = dataset.table
     labelled = table[table[SPLIT] != ""]
-    hashes = pd.Series(content_hashes(labelled[PATH].tolist()), index=labelled.index)
+    hashes = (leaks.hashes if leaks is not None and leaks.hashes is not None else
+              pd.Series(content_hashes(labelled[PATH].tolist()), index=labelled.index))
     drop = pd.Series(False, index=table.index)
     for key in (labelled[GROUP], labelled[PATH], hashes.where(hashes != "")):
         sides = labelled[SPLIT].groupby(key).agg(set)

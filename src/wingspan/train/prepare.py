@@ -78,7 +78,7 @@ def _check_leaks(dataset: Dataset, config: TrainConfig, log) -> Dataset:
     if not leaks:
         return dataset
     if dataset.format == "ethec":
-        repaired, dropped = repair_leaks(dataset)
+        repaired, dropped = repair_leaks(dataset, leaks)
         log(f"The ETHEC splits leak: {leaks.describe()}. Repaired: {dropped} records dropped, "
             "each leaked image kept on one side only (train, else test, else val)")
         return repaired
