@@ -60,3 +60,19 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path):
     for how in ("Fabric", "torchrun"):
         log = (tmp_path / "runs" / f"ddp-{how}" / "train.log").read_text()
         assert "2 processes (DDPStrategy)" in log
+
+
+def test_serve_load_smoke(tmp_path):
+    """bench/serve_load.py on a tiny model: a served process, clients, figures."""
+    script = BENCH.parent / "serve_load.py"
+    proc = subprocess.run([sys.executable, str(script), "--smoke", "--clients", "1", "3",
+                           "--seconds", "1", "--out", str(tmp_path / "load.json")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = json.loads((tmp_path / "load.json").read_text())
+    assert figures["predict_images_per_s"] > 0
+    assert [r["clients"] for r in figures["load"]] == [1, 3]
+    assert all(r["requests"] > 0 and r["errors"] == 0 and r["p99_ms"] >= r["p50_ms"]
+               for r in figures["load"])
+    assert all(mb > 100 for mb in figures["rss_mb"])  # a real process's RSS was read
+    assert "clients:" in proc.stdout and "server RSS" in proc.stdout

@@ -2,6 +2,11 @@
 
 import asyncio
 import io
+import json
+import os
+import shutil
+import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -11,7 +16,7 @@ from test_bad_input import _bomb
 from test_train import tiny
 
 from wingspan.data import read_dataset
-from wingspan.serve import ServeLimits, create_app
+from wingspan.serve import ServeLimits, create_app, serving_in_background
 from wingspan.train import train
 
 
@@ -115,3 +120,76 @@ def test_explain_returns_an_overlay_png(client):
     assert r.status_code == 422 and "Unknown class 'unicorn'" in r.json()["error"]
     r = client.post("/explain", files={"file": ("a.jpg", b"not an image", "image/jpeg")})
     assert r.status_code == 415
+
+
+def _chromium() -> str:
+    """Debian's chromium (.ci/run installs it). Missing, the page test skips on a
+    developer's machine, and fails where WINGSPAN_REQUIRE_BROWSER is set, as in CI."""
+    found = os.environ.get("WINGSPAN_CHROMIUM") or next(
+        filter(None, map(shutil.which, ["chromium", "chromium-browser", "google-chrome"])), None)
+    if not found:
+        message = "no chromium to drive: apt-get install -y chromium"
+        if os.environ.get("WINGSPAN_REQUIRE_BROWSER"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
+
+
+def test_the_page_in_a_real_browser(run_dir, demo_dir, tmp_path):
+    """GET / in headless Chromium: choose a photo, read the prediction and the top-5 bars
+    off the page and check them against the API; drop a second one; a text file's error.
+    The screenshot is kept in runs/test-artifacts/ (or $WINGSPAN_TEST_ARTIFACTS)."""
+    from playwright.sync_api import sync_playwright
+
+    chromium = _chromium()
+    photos = sorted(demo_dir.rglob("*.jpg"))
+    photo, other = photos[0], photos[-1]
+    artifacts = Path(os.environ.get("WINGSPAN_TEST_ARTIFACTS",
+                                    Path(__file__).parents[1] / "runs" / "test-artifacts"))
+    artifacts.mkdir(parents=True, exist_ok=True)
+    app = create_app(run_dir, device="cpu")
+    with serving_in_background(app) as url, sync_playwright() as p:
+        expected = httpx.post(f"{url}/predict", files=[(
+            "files", (photo.name, photo.read_bytes(), "image/jpeg"))]).json()["predictions"][0]
+        browser = p.chromium.launch(executable_path=chromium)
+        page = browser.new_page(viewport={"width": 1000, "height": 760})
+        page.goto(url)
+        assert "wingspan" in page.title()
+        page.wait_for_function("document.getElementById('model').textContent.includes('classes')")
+
+        start = time.perf_counter()
+        page.set_input_files("#file", str(photo))
+        page.wait_for_selector("body[data-state=predicted], body[data-state=explained]")
+        seconds_to_answer = time.perf_counter() - start
+        top = expected["top"]["label"]
+        assert page.text_content("#prediction") == top[0]["class"]
+        bars = page.eval_on_selector_all("#bars li", "els => els.map(e => [e.dataset.class, "
+                                         "+e.dataset.probability, e.querySelector('.fill')"
+                                         ".getBoundingClientRect().width])")
+        assert [c for c, _, _ in bars] == [t["class"] for t in top] and len(bars) == 4
+        assert [p for _, p, _ in bars] == pytest.approx([t["probability"] for t in top])
+        widths = [w for _, _, w in bars]
+        assert widths == sorted(widths, reverse=True) and widths[0] > 0  # drawn to scale
+        assert page.text_content("#branch") == "".join(b["class"] for b in expected["branch"])
+
+        page.wait_for_selector("body[data-state=explained]")
+        assert page.eval_on_selector("#overlay", "img => img.naturalWidth") > 100
+        page.screenshot(path=artifacts / "serve-page.png", full_page=True)
+
+        # Drag and drop: a DataTransfer holding the second photo, dropped on the zone.
+        transfer = page.evaluate_handle("""async ([name, bytes]) => {
+            const dt = new DataTransfer();
+            dt.items.add(new File([new Uint8Array(bytes)], name, {type: "image/jpeg"}));
+            return dt; }""", [other.name, list(other.read_bytes())])
+        page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+        page.wait_for_function(f"document.getElementById('photo-name').textContent == "
+                               f"'{other.name}' && document.body.dataset.state == 'explained'")
+
+        notes = tmp_path / "notes.jpg"
+        notes.write_text("a text file named like a photo")
+        page.set_input_files("#file", str(notes))
+        page.wait_for_selector("body[data-state=error]")
+        assert "not an image" in page.text_content("#error")
+        browser.close()
+    (artifacts / "serve-page.json").write_text(json.dumps(
+        {"seconds_from_choosing_to_answer": round(seconds_to_answer, 3)}))

@@ -97,6 +97,12 @@ class Predictor:
         self.images_per_second = 0.0
         self.forward = self.policy.runner(self.model, self.size, self.model.levels)
 
+    @property
+    def draft(self) -> int:
+        """The shorter side a JPEG must keep when decoded reduced (see `open_rgb`): the
+        resize before the centre crop."""
+        return round(self.size / self.config.eval_crop)
+
     def views(self, tta: bool) -> list[v2.Transform]:
         """The evaluation view; with TTA also its mirror image and a less cropped view."""
         clean = eval_transform(self.config, **self.norm)
@@ -111,9 +117,9 @@ class Predictor:
             ) -> Iterator[Prediction]:
         """Predictions for each path, in order, a batch at a time (memory stays flat)."""
         views = self.views(tta)
-        draft = round(self.size / self.config.eval_crop)
-        loader = DataLoader(_Images(paths, views, self.size, draft), batch_size=self.batch_size,
-                            num_workers=self.workers, generator=torch.Generator(),
+        loader = DataLoader(_Images(paths, views, self.size, self.draft),
+                            batch_size=self.batch_size, num_workers=self.workers,
+                            generator=torch.Generator(),
                             pin_memory=self.policy.device.type == "cuda")
         start, done, i = time.perf_counter(), 0, 0
         for x, errors in track(loader, "Predicting", total=len(loader), enabled=progress):

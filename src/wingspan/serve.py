@@ -4,6 +4,7 @@
                     the consistent taxonomic branch, latency
     POST /explain   one image file -> PNG: the model's view with its Grad-CAM for the
                     predicted class (or ?target=CLASS)
+    GET  /          a page: drop a photo, see the top 5, the branch and the Grad-CAM
     GET  /health    liveness
     GET  /model     classes, backbone, metrics, training date
     GET  /docs      OpenAPI
@@ -19,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -27,7 +30,7 @@ from typing import Annotated
 import numpy as np
 import torch
 from fastapi import FastAPI, File, HTTPException, UploadFile
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from wingspan.data.images import max_pixels
 from wingspan.errors import WingspanError
@@ -92,6 +95,9 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
     limits = limits or ServeLimits()
     predictor = Predictor(model, device=device, batch_size=limits.batch_size, workers=0)
     view = predictor.views(tta=False)[0]
+    # One pass at the largest batch before serving: the engine's buffers grow to it now,
+    # not under the first burst of requests (memory then stays flat while serving).
+    predictor.forward(torch.zeros(limits.batch_size, 3, predictor.size, predictor.size))
     batcher = _Batcher(predictor, limits)
     in_flight = {"n": 0}
     manifest = predictor.manifest
@@ -101,6 +107,12 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
     @app.exception_handler(HTTPException)
     async def as_json(_, e: HTTPException):  # errors as {"error": ...}, not {"detail": ...}
         return JSONResponse({"error": e.detail}, status_code=e.status_code)
+
+    page = (Path(__file__).parent / "serve_page.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def index() -> str:
+        return page
 
     @app.get("/health")
     def health() -> dict:
@@ -139,24 +151,29 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
             raise HTTPException(413, f"{file.filename}: over {limits.max_bytes} bytes.")
         if target is not None and target not in predictor.classes:
             raise HTTPException(422, f"Unknown class '{target}'.")
-        x = view(_decode(file.filename, data))
+        x = await asyncio.to_thread(_prepare, file.filename, data)
         png = await asyncio.wait_for(asyncio.to_thread(_explain_png, predictor, x, target),
                                      limits.timeout_s)
         return Response(png, media_type="image/png")
+
+    def _prepare(name: str | None, data: bytes) -> torch.Tensor:
+        return view(_decode(name, data, predictor.draft))
 
     async def _one(upload: UploadFile) -> dict:
         data = await upload.read(limits.max_bytes + 1)
         if len(data) > limits.max_bytes:
             raise HTTPException(413, f"{upload.filename}: over {limits.max_bytes} bytes.")
-        image = _decode(upload.filename, data)
-        outputs = await batcher.run(view(image))
+        # Decoding and resizing run on worker threads, so the event loop keeps accepting.
+        x = await asyncio.to_thread(_prepare, upload.filename, data)
+        outputs = await batcher.run(x)
         return _answer(predictor, upload.filename, outputs, limits.top_k)
 
     return app
 
 
-def _decode(name: str | None, data: bytes):
-    """Pillow decides what the bytes are (not the file name), within the pixel budget."""
+def _decode(name: str | None, data: bytes, draft: int | None = None):
+    """Pillow decides what the bytes are (not the file name), within the pixel budget; a
+    JPEG is decoded reduced to `draft`, as `wingspan predict` does."""
     from PIL import Image, UnidentifiedImageError
 
     from wingspan.data.images import open_rgb
@@ -172,7 +189,7 @@ def _decode(name: str | None, data: bytes):
         raise HTTPException(413, f"{name}: {w} x {h} pixels is over the budget of "
                                  f"{max_pixels() / 1e6:.3g} MP.")
     try:
-        return open_rgb(io.BytesIO(data))
+        return open_rgb(io.BytesIO(data), draft)
     except WingspanError as e:
         raise HTTPException(422, f"{name}: {e.message}") from e
 
@@ -197,6 +214,27 @@ def _answer(predictor: Predictor, name: str | None, outputs: dict[str, np.ndarra
         answer["branch"] = [{"level": lv, "class": c, "probability": p}
                             for lv, c, p in taxonomy_path(predictor.taxonomy, probs)]
     return answer
+
+
+@contextmanager
+def serving_in_background(app, host: str = "127.0.0.1", port: int = 0):
+    """Serve `app` from a thread of this process while the block runs; yields its base URL.
+    Port 0 takes a free one. For tests, benchmarks and notebooks."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="wingspan-serve", daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise WingspanError(f"The server could not start on {host}:{port}.")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000,
