@@ -2,6 +2,7 @@ import base64
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -257,3 +258,42 @@ def test_the_mistakes_gallery_shows_where_the_model_looked(trained, demo_dir):
     assert view["pixels"].shape == (size, size, 3) and view["heatmap"].shape == (size, size)
     assert 0 <= view["heatmap"].min() <= view["heatmap"].max() <= 1
     assert _grad_cam_view(predictor, "/nowhere.jpg", target=0) == {}  # plain image instead
+
+
+def test_evaluate_other_data_with_a_class_map_shows_the_drop_per_class(trained, tmp_path,
+                                                                        run_cli):
+    """Another dataset naming the classes differently: its folders hold the run's own test
+    images, two classes renamed and mapped, one renamed and not mapped, the rest as they
+    were. Same images, so each mapped class's recall here is its recall on its own data."""
+    own = read_dataset(trained / "splits.csv").table
+    test = own[own["split"] == "test"]
+    classes = sorted(test["label"].unique())
+    renamed = {classes[0]: "first_other", classes[1]: "second_other", classes[2]: "stranger"}
+    for label, path in zip(test["label"], test["path"], strict=True):
+        folder = tmp_path / "other" / renamed.get(label, label)
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, folder / f"{len(list(folder.iterdir()))}{Path(path).suffix}")
+    code, stdout, stderr = run_cli(
+        "evaluate", trained, tmp_path / "other", "--split", "all", "--out", tmp_path / "ev",
+        "--map", f"{classes[0]}=first_other", "--map", f"{classes[1]}=second_other",
+        "--quiet")
+    assert code == 0, stderr
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["unknown_classes"] == ["stranger"]
+    assert metrics["images"] == int((test["label"] != classes[2]).sum())
+    transfer = pd.read_csv(tmp_path / "ev" / "transfer.csv")
+    assert transfer["data class"].tolist() == ["first_other", "second_other"]
+    assert np.allclose(transfer["recall here"], transfer["recall on own data"])
+    assert np.allclose(transfer["drop"], 0)
+    per_class = pd.read_csv(tmp_path / "ev" / "per_class.csv").set_index("class")
+    assert transfer["recall here"].tolist() == per_class.loc[classes[:2], "recall"].tolist()
+    assert "Transfer per class" in stdout
+    assert "Transfer: recall per class" in (tmp_path / "ev" / "report.html").read_text()
+
+    code, _, stderr = run_cli("evaluate", trained, tmp_path / "other", "--split", "all",
+                              "--out", tmp_path / "ev2", "--map", "unicorn=first_other,"
+                              f"{classes[0]}=pegasus")
+    assert code != 0
+    assert "does not know (unicorn)" in stderr and "level 'label' (pegasus)" in stderr
+    code, _, stderr = run_cli("evaluate", trained, tmp_path / "other", "--map", "oops")
+    assert code != 0 and "expected NAME=NAME" in stderr

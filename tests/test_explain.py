@@ -45,16 +45,25 @@ def test_grad_cam_points_at_the_evidence():
 
     from wingspan.explain import grad_cam
 
+    class Backbone(nn.Conv2d):  # (N, 1, H, W) feature map, "pooled" as its right half
+        def pool(self, fmap):
+            return fmap[..., fmap.shape[-1] // 2:].mean((2, 3))
+
+        def spatial(self, fmap):
+            return fmap
+
     class Half(nn.Module):
         def __init__(self):
             super().__init__()
-            self.backbone = nn.Conv2d(3, 1, 1, bias=False)  # (N, 1, H, W) feature map
+            self.backbone = Backbone(3, 1, 1, bias=False)
             nn.init.constant_(self.backbone.weight, 1.0)
 
-        def forward(self, x):
-            fmap = self.backbone(x)
-            right = fmap[..., fmap.shape[-1] // 2:].mean((1, 2, 3))
+        def head(self, pooled):
+            right = pooled[:, 0]
             return {"y": torch.stack([-right, right], 1)}
+
+        def forward(self, x):
+            return self.head(self.backbone.pool(self.backbone(x)))
 
     class FakePredictor:
         model, level = Half(), "y"

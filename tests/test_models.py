@@ -1,6 +1,7 @@
 import functools
 import http.server
 import threading
+import time
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ from safetensors.torch import save_file
 from wingspan.errors import WingspanError
 from wingspan.models import BACKBONES, create_classifier, get_spec
 from wingspan.models import registry as registry_module
+from wingspan.models import weights as weights_module
+from wingspan.models.factory import choose_backbone
 from wingspan.models.weights import find_offline, resolve_weights
 
 
@@ -18,8 +21,11 @@ def isolated_caches(tmp_path, monkeypatch):
     """Empty torch hub and Hugging Face caches; no real download can happen."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for flag in ("HF_HUB_OFFLINE", "WINGSPAN_OFFLINE"):
+        monkeypatch.delenv(flag, raising=False)
+    # Downloads are on, from hosts that refuse at once (port 9 listens to nothing).
     monkeypatch.setattr(registry_module, "TORCHVISION_URL", "http://127.0.0.1:9/")
+    monkeypatch.setattr(weights_module, "HF_ENDPOINT", "http://127.0.0.1:9")
     return tmp_path
 
 
@@ -150,8 +156,32 @@ def test_no_weights_anywhere_gives_a_clear_error(isolated_caches):
     text = str(e.value)
     assert "No pretrained weights for backbone 'resnet50'" in text
     assert "caches: nothing in" in text and "package: none" in text
-    assert "download: http://127.0.0.1:9/resnet50-11ad3fa6.pth failed" in text
+    assert "download: 127.0.0.1 cannot be reached (no network?)" in text
     assert "--weights PATH" in text and "efficientnet_lite2" in text
+
+
+def test_offline_is_known_at_once_and_the_default_backbone_falls_back(isolated_caches,
+                                                                       monkeypatch):
+    """No network: one refused connection, no download retries; HF_HUB_OFFLINE skips even
+    that. `--backbone auto` is resnet50 when its weights resolve, else the best installed."""
+    start = time.perf_counter()
+    assert choose_backbone("auto") == ("efficientnet_lite2", "resnet50's ImageNet weights are "
+                                       "unavailable (not cached here, and no network to "
+                                       "download them): using efficientnet_lite2, whose "
+                                       "weights are installed.")
+    with pytest.raises(WingspanError, match="cannot be reached"):
+        resolve_weights(get_spec("resnet50"))
+    assert time.perf_counter() - start < 10  # a user waited 36 s of retries before
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WingspanError, match=r"download: skipped \(HF_HUB_OFFLINE is set\)"):
+        resolve_weights(get_spec("resnet50"))
+    assert "HF_HUB_OFFLINE is set" in choose_backbone("auto")[1]
+    assert choose_backbone("resnet50") == ("resnet50", "")  # a name is taken as given
+    assert choose_backbone("auto", weights="none") == ("resnet50", "")
+    hub = isolated_caches / "torch" / "hub" / "checkpoints"  # once cached, it is resnet50
+    hub.mkdir(parents=True)
+    (hub / get_spec("resnet50").torchvision_files[0]).write_bytes(b"")
+    assert choose_backbone("auto") == ("resnet50", "")
 
 
 def test_pickled_objects_and_mismatched_weights_are_refused(isolated_caches):
@@ -214,9 +244,9 @@ def test_a_network_that_is_not_a_chain_is_not_split():
 
 @pytest.mark.parametrize("name", ["test_convnext", "test_vit_relpos", "test_resnet"])
 def test_every_unfrozen_parameter_gets_a_gradient(name):
-    """timm groups parts of its head (ConvNeXt's head.norm, a ViT's fc_norm) with the last
-    stage; forward_features never uses them, and under DDP a trainable parameter without a
-    gradient stops the run. They stay frozen, and a stage of nothing else does not count."""
+    """timm groups parts of its head (ConvNeXt's head.norm) with the last stage: the
+    pooling (`forward_head(pre_logits=True)`) uses them, so they train; a parameter that
+    nothing uses stays frozen (under DDP one without a gradient would stop the run)."""
     from wingspan.models.backbone import Backbone
     from wingspan.models.registry import get_spec
 
@@ -225,6 +255,6 @@ def test_every_unfrozen_parameter_gets_a_gradient(name):
     assert stages and any(p.requires_grad for p in backbone.parameters())
     size = backbone.net.pretrained_cfg["input_size"][1]
     backbone.train()
-    backbone(torch.randn(2, 3, size, size)).square().mean().backward()
+    backbone.pool(backbone(torch.randn(2, 3, size, size))).square().mean().backward()
     missing = [n for n, p in backbone.net.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing

@@ -1,8 +1,10 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -12,8 +14,12 @@ from helpers import wait_for_finetune_epochs
 
 from wingspan.config import TrainConfig
 from wingspan.data import read_dataset
+from wingspan.data.images import open_rgb
 from wingspan.errors import WingspanError
+from wingspan.explain import explain_image
+from wingspan.inference import Predictor
 from wingspan.models import load_bundle
+from wingspan.models.registry import BACKBONES, BackboneSpec
 from wingspan.parallel import local_fabric
 from wingspan.train import resume, train
 from wingspan.train.run import _start
@@ -225,14 +231,17 @@ def test_a_diverging_run_stops_with_a_clear_error_and_writes_no_model(demo_dir, 
     assert not (run_dir / "model").exists() and not (run_dir / "metrics.json").exists()
 
 
-def test_a_class_missing_from_train_is_refused(tmp_path, demo_dir):
+@pytest.mark.parametrize("selection, side", [("val", "val"), ("holdout", "test")])
+def test_a_class_missing_from_train_is_refused(tmp_path, demo_dir, selection, side):
+    """(With holdout, the data's val is kept apart as test: the class is only in test.)"""
     ds = read_dataset(demo_dir)
     rows = ds.table.assign(split="train")
     rows.loc[rows.index[::4], "split"] = "val"
     rows.loc[rows["label"] == "white_darktip", "split"] = "val"
     rows[["path", "label", "split"]].to_csv(tmp_path / "d.csv", index=False)
-    with pytest.raises(WingspanError, match="'white_darktip' \\(only in val\\)"):
-        train(read_dataset(tmp_path / "d.csv"), tiny(tmp_path), tmp_path / "runs", quiet=True)
+    with pytest.raises(WingspanError, match=f"'white_darktip' \\(only in {side}\\)"):
+        train(read_dataset(tmp_path / "d.csv"), tiny(tmp_path, selection=selection),
+              tmp_path / "runs", quiet=True)
     assert not any((tmp_path / "runs").iterdir())  # a failed start leaves no empty run
 
 
@@ -350,3 +359,74 @@ def test_train_reports_what_reading_left_out(demo_dir, tmp_path):
     log = (run_dir / "train.log").read_text()
     assert "While reading the data: 1 x empty class" in log and "empty_species" in log
     assert "While reading the data: 1 x not image" in log and "notes.txt" in log
+
+
+# A 2-stage Swin small enough for tests (timm has no test_swin).
+TEST_SWIN = BackboneSpec(
+    "test_swin", "swin_tiny_patch4_window7_224", description="a 2-stage Swin for tests",
+    timm_kwargs=dict(img_size=32, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(1, 2)))
+
+
+@pytest.mark.parametrize("backbone", ["test_vit", "test_swin", "test_convnext", "test_mambaout"])
+def test_non_cnn_timm_backbones_train_predict_and_explain(backbone, demo_dir, tmp_path,
+                                                          monkeypatch):
+    """Beyond CNNs: a ViT (tokens, class-token pooling), a Swin (an NHWC map, fixed
+    windows), a ConvNeXt (a norm in its head) and a MambaOut (NHWC, a head wider than its
+    last map)."""
+    monkeypatch.setitem(BACKBONES, "test_swin", TEST_SWIN)
+    run_dir = train(read_dataset(demo_dir), tiny(tmp_path, backbone=backbone, image_size=None,
+                                                 epochs_head=1, epochs_finetune=1),
+                    tmp_path / "runs", backbone, quiet=True)
+    assert history(run_dir)["stage"].tolist() == ["head", "finetune"]
+    predictor = Predictor(run_dir, device="cpu", workers=0)
+    photo = str(next(demo_dir.rglob("*.jpg")))
+    (p,) = list(predictor.run([photo], progress=False))
+    assert p.probs.shape == (4,) and abs(p.probs.sum() - 1) < 1e-5
+    x = predictor.views(tta=False)[0](open_rgb(photo))
+    label, _, heatmap = explain_image(predictor, x)
+    assert label in predictor.classes and heatmap.shape == x.shape[-2:]
+    assert 0 <= heatmap.min() and heatmap.max() <= 1
+
+
+def test_a_vit_trains_at_another_size_and_its_bundle_rebuilds_at_it(demo_dir, tmp_path):
+    """A ViT is built for one size: --image-size resizes its position embeddings, and the
+    bundle records the size so that loading rebuilds the same shapes."""
+    run_dir = train(read_dataset(demo_dir), tiny(tmp_path, backbone="test_vit", image_size=64,
+                                                 epochs_head=1, epochs_finetune=1),
+                    tmp_path / "runs", "vit64", quiet=True)
+    model, manifest = load_bundle(run_dir / "model")
+    assert manifest["model"]["input_size"] == 64 == manifest["preprocessing"]["input_size"]
+    with torch.no_grad():
+        assert model.eval()(torch.randn(2, 3, 64, 64))["label"].shape == (2, 4)
+
+
+@pytest.mark.parametrize("selection", ["holdout", "val"])
+def test_data_with_its_own_val_keeps_it_apart_for_a_fair_score(demo_dir, tmp_path, selection):
+    """The best epoch is chosen on val, so val's score is optimistic. With holdout (the
+    default) data that brings train and val but no test keeps its val as the test split,
+    untouched, and the run chooses on a part of train; with val it chooses on that val."""
+    data = tmp_path / "data"
+    shutil.copytree(demo_dir, data)
+    paths = sorted(p.relative_to(data).as_posix() for p in data.rglob("*.jpg"))
+    given = {p: "val" if i % 3 == 0 else "train" for i, p in enumerate(paths)}
+    pd.DataFrame({"path": paths, "label": [p.split("/")[0] for p in paths],
+                  "split": [given[p] for p in paths]}).to_csv(data / "splits.csv", index=False)
+    run_dir = train(read_dataset(data), tiny(tmp_path, epochs_head=1, epochs_finetune=0,
+                                             selection=selection), tmp_path / "runs", "r",
+                    quiet=True)
+    used = pd.read_csv(run_dir / "splits.csv")
+    used["path"] = [Path(p).relative_to(data.resolve()).as_posix() for p in used["path"]]
+    side = dict(zip(used["path"], used["split"], strict=True))
+    given_val = {p for p, s in given.items() if s == "val"}
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    log = (run_dir / "train.log").read_text()
+    if selection == "holdout":
+        assert {p for p, s in side.items() if s == "test"} == given_val
+        chosen_on = {p for p, s in side.items() if s == "val"}
+        assert chosen_on and all(given[p] == "train" for p in chosen_on)
+        assert metrics["selection"] == {"chosen_on": "val", "unbiased_split": "test"}
+        assert metrics["test_images"] == len(given_val) and "never trained or chosen on" in log
+    else:
+        assert {p for p, s in side.items() if s == "val"} == given_val
+        assert "test" not in set(side.values())
+        assert metrics["selection"]["unbiased_split"] is None and "No test split" in log

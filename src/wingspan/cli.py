@@ -255,8 +255,9 @@ def train_command(
     rare_below: Annotated[int, typer.Option(
         help="With --levels: finest classes with fewer training images learn their parent "
         "level only.")] = T.rare_below,
-    backbone: Annotated[str, typer.Option(help="See `wingspan models list`; any timm name.")]
-    = T.backbone,
+    backbone: Annotated[str, typer.Option(
+        help="auto (resnet50 when its weights resolve, else the best one installed offline), "
+        "a name from `wingspan models list`, or any timm model.")] = T.backbone,
     weights: Annotated[str, typer.Option(help="auto (offline first) | none | a weights file.")]
     = T.weights,
     epochs_head: Annotated[int, typer.Option(help="Stage 1 epochs (frozen backbone).")]
@@ -276,6 +277,10 @@ def train_command(
         help="Train on given splits even where one group, file or picture is on two sides "
         "(refused by default; ETHEC's published splits are repaired).")]
     = T.allow_leaky_splits,
+    selection: Annotated[str, typer.Option(
+        help="holdout (data with its own val but no test: that val becomes the test split, "
+        "scored fairly, and epochs are chosen on a part of train) | val (choose on the "
+        "data's val; its score is then optimistic).")] = T.selection,
     class_weights: Annotated[str, typer.Option(
         help="auto (balanced when imbalanced) | balanced | none.")] = T.class_weights,
     sampler: Annotated[str, typer.Option(help="shuffle | weighted.")] = T.sampler,
@@ -384,6 +389,9 @@ def evaluate_command(
     precision: Precision = T.precision,
     runtime: Runtime = T.runtime,
     max_pixels: MaxPixels = None,
+    class_map: Annotated[list[str] | None, typer.Option(
+        "--map", help="MODEL_CLASS=DATA_CLASS (repeat, or separate with commas): evaluate on "
+        "data that names classes differently; the report shows each class's drop.")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Metrics, confusion matrix, curves, mistakes, calibration and an HTML report. The
@@ -392,8 +400,20 @@ def evaluate_command(
 
     result = evaluate(model, data, split, out_dir, progress=not quiet,
                       batch_size=batch_size, runtime=runtime, precision=precision,
-                      device=device)
+                      device=device, class_map=_pairs(class_map or [], "--map"))
     _print_evaluation(result)
+
+
+def _pairs(items: list[str], option: str) -> dict[str, str]:
+    """["a=b", "c=d,e=f"] -> {"a": "b", "c": "d", "e": "f"}."""
+    pairs = {}
+    for item in (part.strip() for text in items for part in text.split(",") if part.strip()):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise WingspanError(f"{option} {item!r}: expected NAME=NAME.",
+                                hint=f"For example {option} admiral=red_admiral.")
+        pairs[key.strip()] = value.strip()
+    return pairs
 
 
 @app.command("calibrate")
@@ -432,6 +452,14 @@ def _print_evaluation(result) -> None:
     table.add_row("ECE (temperature)", f"{m['ece_uncalibrated']:.4f} -> {m['ece']:.4f} "
                   f"(T = {m['temperature']:.2f})")
     out.print(table)
+    if m.get("transfer"):
+        transfer = Table("model class", "data class", "recall on own data", "recall here",
+                         "drop", "images here", title="Transfer per class")
+        for r in m["transfer"]:
+            transfer.add_row(r["model class"], r["data class"],
+                             *(f"{r[k]:.3f}" for k in ("recall on own data", "recall here",
+                                                       "drop")), str(r["images here"]))
+        out.print(transfer)
     if m.get("hierarchy"):
         h = m["hierarchy"]
         levels = Table("method", *h["levels"], title="Micro-F1 per level")

@@ -18,6 +18,10 @@ from wingspan.errors import WingspanError
 # nothing above it.
 AUGMENT_POLICIES = ("light", "standard", "strong")
 DEMO_SPECIES = 8
+# `--backbone auto`: the classic choice when its weights resolve, else the best of those
+# that install offline (pip packages), best first.
+DEFAULT_BACKBONE = "resnet50"
+OFFLINE_BACKBONES = ("efficientnet_lite2", "efficientnet_lite0")
 # The pixel budget of one image (about 50 MP; a decoded pixel takes 3-4 bytes, several
 # times over while converting). $WINGSPAN_MAX_PIXELS (or --max-pixels) changes it.
 MAX_PIXELS, MAX_PIXELS_ENV = 50_000_000, "WINGSPAN_MAX_PIXELS"
@@ -224,8 +228,15 @@ class TrainConfig:
     allow_leaky_splits: bool = False
     val_fraction: float = 0.15  # used only when the data has no split of its own
     test_fraction: float = 0.15
+    # Honest scores. The best epoch is chosen on val, so val's score is optimistic; only a
+    # split never used to choose scores the model fairly. holdout: data with its own val
+    # but no test keeps that val as the test split and chooses on val_fraction of train
+    # carved out for it. val: choose on the data's val (no unbiased score for such data).
+    selection: str = "holdout"
     # model
-    backbone: str = "resnet50"
+    # auto: DEFAULT_BACKBONE when its ImageNet weights resolve (cached, installed or
+    # downloadable), else the first of OFFLINE_BACKBONES whose weights are installed.
+    backbone: str = "auto"
     weights: str = "auto"  # auto | none | a file
     hidden: int | None = None
     dropout: float = 0.2
@@ -292,6 +303,8 @@ class TrainConfig:
                "one of auto, balanced, none", self.class_weights)
         _check(self.sampler in ("shuffle", "weighted"), "sampler", "shuffle or weighted",
                self.sampler)
+        _check(self.selection in ("holdout", "val"), "selection", "holdout or val",
+               self.selection)
         if self.unfreeze is not None:
             _check(self.unfreeze >= 0, "unfreeze", "0 or more stages", self.unfreeze)
         if self.max_per_class is not None:

@@ -13,6 +13,7 @@ import torch
 
 from wingspan.models import create_classifier, resolve_policy
 from wingspan.models.engine import EngineCache, cpu_flags, cpu_name, native_bf16
+from wingspan.models.factory import choose_backbone
 from wingspan.models.policy import Policy
 from wingspan.models.registry import BACKBONES, get_spec
 from wingspan.models.weights import find_offline
@@ -56,12 +57,13 @@ def machine() -> dict:
     }
 
 
-def diagnose(backbone: str = "resnet50", image_size: int | None = None, batch_size: int = 32,
+def diagnose(backbone: str = "auto", image_size: int | None = None, batch_size: int = 32,
              device: str = "auto", precision: str = "auto", runtime: str = "auto",
              train: bool = True) -> Diagnosis:
     """Time every candidate engine for `backbone` (ImageNet weights where they are here
     offline, else random ones: the speed is the same) on frozen passes and, with `train`,
     on the fine-tuning step; store the choices in the engine cache as a run would."""
+    backbone, _ = choose_backbone(backbone)
     spec = get_spec(backbone)
     source = find_offline(spec)
     model, _ = create_classifier(backbone, {"class": 10}, "auto" if source else "none")

@@ -1,6 +1,6 @@
 """`wingspan explain RUN IMAGE...`: where the model looked, as Grad-CAM overlays.
 
-Grad-CAM (captum's LayerGradCam) weights the backbone's last feature map by the gradient
+Grad-CAM weights the backbone's last feature map by the gradient
 of the predicted class's score and keeps the positive part: the regions that argued for
 that class. One PNG per image: the model's own view of it (resized and centre-cropped as
 the bundle says) with the map over it, titled with the prediction and its calibrated
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from wingspan.data.images import open_rgb
 from wingspan.errors import WingspanError
@@ -34,21 +35,25 @@ class Explanation:
 
 def grad_cam(predictor: Predictor, image: torch.Tensor, target: int) -> np.ndarray:
     """The Grad-CAM map of class `target` for one preprocessed image (3, size, size),
-    upsampled to the image and scaled to [0, 1] (all zeros when nothing argues for it)."""
-    from captum.attr import LayerAttribution, LayerGradCam
+    upsampled to the image and scaled to [0, 1] (all zeros when nothing argues for it).
 
+    Written out rather than captum's LayerGradCam, which needs the layer's output to be a
+    channels-first map: the backbone's features are laid out as one first
+    (`Backbone.spatial`: a ViT's patch tokens on their grid, a Swin's NHWC permuted)."""
     model = predictor.model.float().eval()
-    level = predictor.level
-
-    def score(x: torch.Tensor) -> torch.Tensor:
-        return model(x)[level]
-
+    backbone = model.backbone
     with torch.enable_grad():
+        # A gradient to the input makes one reach the features, frozen weights or not.
         x = image[None].to(next(model.parameters()).device).requires_grad_(True)
-        cam = LayerGradCam(score, model.backbone).attribute(x, target=target,
-                                                            relu_attributions=True)
-        cam = LayerAttribution.interpolate(cam, tuple(image.shape[-2:]), "bilinear")
-    cam = cam[0, 0].detach().float().cpu().numpy()
+        features = backbone(x)
+        features.retain_grad()
+        model.head(backbone.pool(features))[predictor.level][0, target].backward()
+        maps = backbone.spatial(features.detach())
+        grads = backbone.spatial(features.grad)
+    weights = grads.mean((2, 3), keepdim=True)  # each channel's importance for the class
+    cam = torch.relu((weights * maps).sum(1, keepdim=True))
+    cam = F.interpolate(cam, tuple(image.shape[-2:]), mode="bilinear", align_corners=False)
+    cam = cam[0, 0].float().cpu().numpy()
     top = cam.max()
     return cam / top if top > 0 else np.zeros_like(cam)
 

@@ -76,6 +76,11 @@ class Dataset:
         """Images per class at a level, largest first."""
         return self.table[self.resolve_level(level)].value_counts()
 
+    def with_table(self, table: pd.DataFrame) -> Dataset:
+        """The same dataset with another table (rows or splits changed)."""
+        return Dataset(table.reset_index(drop=True), list(self.levels), self.root, self.format,
+                       list(self.problems))
+
     def subset(self, rows) -> Dataset:
         """A dataset with the rows picked by a boolean mask or positions (repeats allowed)."""
         table = self.table.iloc[np.asarray(rows)].reset_index(drop=True)

@@ -40,8 +40,8 @@ img{max-width:100%;border:1px solid #eee}table.t{border-collapse:collapse;margin
 
 def write_report(path: Path, title: str, sections: dict) -> Path:
     """Sections (all optional): overview, data, balance_png, preview_png, curves_png,
-    summary, per_class, confusion_png, confused, mistakes_png, calibration, reliability_png,
-    profile."""
+    summary, transfer, per_class, confusion_png, confused, mistakes_png, calibration,
+    reliability_png, profile."""
     s = sections
     parts = [f"<h1>{html.escape(title)}</h1>", _kv(s.get("overview", []))]
     parts += ["<h2>Data</h2>"]
@@ -63,6 +63,9 @@ def write_report(path: Path, title: str, sections: dict) -> Path:
                        ("mistake depth (0 = right; 1 = right parent; ...): images", depth),
                        ("rare classes (trained at the parent level)",
                         h.get("rare", {}).get("images", 0))])]
+    if s.get("transfer") is not None:
+        parts += ["<h3>Transfer: recall per class on the model's own data and on this data"
+                  "</h3>", _table(s["transfer"])]
     if s.get("per_class") is not None:
         parts += ["<h3>Per class</h3>", _table(s["per_class"])]
     parts += ["<h2>Confusion matrix</h2><div class='grid'>",

@@ -47,7 +47,12 @@ class Evaluation:
 def evaluate(model: str | Path, data: str | Path | None = None, split: str | None = None,
              out: str | Path | None = None, progress: bool = True,
              batch_size: int = 32, workers: int | None = None, runtime: str = "auto",
-             precision: str = "auto", device: str = "auto") -> Evaluation:
+             precision: str = "auto", device: str = "auto",
+             class_map: dict[str, str] | None = None) -> Evaluation:
+    """Evaluate a model on a split of its own data or of DATA. `class_map` {model class:
+    DATA's class} evaluates on another dataset whose names differ (the same names match
+    anyway); the report then sets each class's recall there beside its recall on the
+    run's own data: the drop that the change of data costs."""
     predictor = Predictor(model, device=device, batch_size=batch_size, workers=workers,
                           runtime=runtime, precision=precision, progress=progress)
     run_dir = predictor.bundle.parent if (predictor.bundle.parent / "config.yaml").is_file() \
@@ -55,7 +60,8 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     dataset = _dataset(data, run_dir)
     level = predictor.level if predictor.level in dataset.levels else dataset.default_level
     split = split or _default_split(dataset)
-    rows = _rows(dataset, split, level, predictor)
+    class_map = _check_class_map(class_map or {}, predictor, dataset, level)
+    rows = _rows(dataset, split, level, predictor, class_map)
     known = rows["_label"].isin(predictor.classes)
     if not known.any():
         raise WingspanError(f"No images of the model's classes in the '{split}' split.",
@@ -95,7 +101,8 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     metrics.update(level=level, split=split, unreadable=failed, unknown_classes=unknown,
                    images_per_second=round(speed, 1), engine=predictor.policy.describe(),
                    ece_uncalibrated=expected_calibration_error(softmax(logits), y),
-                   temperature=predictor.temperature, calibration=calibration)
+                   temperature=predictor.temperature, calibration=calibration,
+                   fair=_fairness(predictor.manifest.get("metrics", {}), split, data))
     y_pred = probs.argmax(1)
     table = per_class_table(y, y_pred, classes)
     _write_csv(table, out_dir / "per_class.csv", index=False)
@@ -108,13 +115,17 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     if predictor.taxonomy:
         levels_table = _per_level(predictor, rows.iloc[ok], probs, [preds[i] for i in ok],
                                   metrics, out_dir)
+    transfer = None
+    if class_map:
+        transfer = _transfer(predictor, run_dir, class_map, table, progress)
+        _write_csv(transfer, out_dir / "transfer.csv", index=False)
+        metrics["transfer"] = transfer.to_dict("records")
     write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
 
     pngs = _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, y,
                   probs, logits)
     _report(out_dir, (run_dir or final).name, predictor, run_dir, dataset, level, split,
-            metrics, table,
-                     confused, pngs, levels_table)
+            metrics, table, confused, pngs, levels_table, transfer)
     _put_in_place(out_dir, final)
     return Evaluation(final, metrics, final / "report.html")
 
@@ -180,10 +191,57 @@ def _default_split(dataset: Dataset) -> str:
     return "test" if "test" in splits else "val" if "val" in splits else "all"
 
 
-def _rows(dataset: Dataset, split: str, level: str, predictor: Predictor) -> pd.DataFrame:
-    """The rows of a split, with `_label`: the class each trained as (rare ones merged)."""
+def _rows(dataset: Dataset, split: str, level: str, predictor: Predictor,
+          class_map: dict[str, str] | None = None) -> pd.DataFrame:
+    """The rows of a split, with `_label`: the class each trained as (rare ones merged;
+    DATA's names turned into the model's by `class_map`)."""
     rows = dataset.table if split == "all" else dataset.table[dataset.table[SPLIT] == split]
-    return rows.assign(_label=rows[level].replace(predictor.rare))
+    theirs_to_ours = {theirs: ours for ours, theirs in (class_map or {}).items()}
+    return rows.assign(_label=rows[level].replace(theirs_to_ours).replace(predictor.rare))
+
+
+def _check_class_map(class_map: dict[str, str], predictor: Predictor, dataset: Dataset,
+                     level: str) -> dict[str, str]:
+    ours = [c for c in class_map if c not in predictor.classes]
+    theirs = [c for c in class_map.values() if c not in set(dataset.table[level])]
+    if ours or theirs:
+        raise WingspanError(
+            "--map names " + " and ".join(filter(None, [
+                f"classes the model does not know ({', '.join(ours)})" if ours else "",
+                f"classes the data does not have at level '{level}' ({', '.join(theirs)})"
+                if theirs else ""])) + ".",
+            hint=f"Write --map MODEL_CLASS=DATA_CLASS. The model knows: "
+            f"{', '.join(predictor.classes)}; the data has: "
+            f"{', '.join(sorted(set(dataset.table[level]))[:30])}.")
+    if len(set(class_map.values())) < len(class_map):
+        raise WingspanError("--map gives one data class to two of the model's classes.")
+    return class_map
+
+
+def _transfer(predictor: Predictor, run_dir: Path | None, class_map: dict[str, str],
+              here: pd.DataFrame, progress: bool) -> pd.DataFrame:
+    """Each mapped class's recall on the run's own data (its test split, else val) beside
+    its recall on the data evaluated: the drop per class."""
+    recall_here = dict(zip(here["class"], here["recall"], strict=True))
+    support_here = dict(zip(here["class"], here["support"], strict=True))
+    home = {}
+    if run_dir is not None:
+        own = read_dataset(run_dir / "splits.csv")
+        split = _default_split(own)
+        rows = _rows(own, split, predictor.level, predictor)
+        rows = rows[rows["_label"].isin(list(class_map))]
+        preds = list(predictor.run(rows["path"].tolist(), progress=progress))
+        for label, p in zip(rows["_label"], preds, strict=True):
+            if not p.error:
+                hits = home.setdefault(label, [])
+                hits.append(predictor.classes[int(p.probs.argmax())] == label)
+    frame = pd.DataFrame([
+        {"model class": ours, "data class": theirs,
+         "recall on own data": float(np.mean(home[ours])) if home.get(ours) else np.nan,
+         "recall here": recall_here[ours], "images here": int(support_here[ours])}
+        for ours, theirs in class_map.items()])
+    frame["drop"] = frame["recall on own data"] - frame["recall here"]
+    return frame
 
 
 def calibrate(model: str | Path, data: str | Path | None = None, split: str = "val",
@@ -276,8 +334,21 @@ def _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, 
     return pngs
 
 
+def _fairness(train_metrics: dict, split: str, data) -> str:
+    """Whether this evaluation's figures are unbiased: the run chose its epochs on val."""
+    if data is not None:
+        return "yes, unless this data holds images the model was trained or chosen on"
+    if split == "test":
+        return "yes: the test split was never trained or chosen on"
+    if split == "val":
+        return ("no: the best epoch was chosen on val, so these figures are optimistic"
+                + (", and the run kept a test split: evaluate --split test"
+                   if train_metrics.get("test_images") else ""))
+    return "no: this split holds images the model was trained or chosen on"
+
+
 def _report(out_dir, name, predictor, run_dir, dataset, level, split, metrics, table, confused,
-            pngs, levels_table=None) -> Path:
+            pngs, levels_table=None, transfer=None) -> Path:
     manifest = predictor.manifest
     data_table = pd.crosstab(dataset.table[level], dataset.table[SPLIT].replace("", "all"))
     data_table.insert(0, "class", data_table.index)
@@ -306,7 +377,8 @@ def _report(out_dir, name, predictor, run_dir, dataset, level, split, metrics, t
                 ("classes", len(predictor.classes)), ("evaluated split", split),
                 ("training epochs (head + fine-tune)",
                  f"{training.get('epochs_head')} + {training.get('epochs_finetune')}"),
-                ("best validation macro-F1", train_metrics.get("best", {}).get("val_macro_f1"))]
+                ("best validation macro-F1", train_metrics.get("best", {}).get("val_macro_f1")),
+                ("are these figures fair?", metrics["fair"])]
     profile = None
     if train_metrics.get("profile"):
         profile = pd.DataFrame([{"stage": s, **v} for s, v in train_metrics["profile"].items()])
@@ -317,5 +389,5 @@ def _report(out_dir, name, predictor, run_dir, dataset, level, split, metrics, t
                          "confusion_png": pngs["confusion"],
                          "confused": pd.DataFrame(confused), "mistakes_png": pngs["mistakes"],
                          "calibration": calibration, "reliability_png": pngs["reliability"],
-                         "profile": profile, "levels": levels_table,
+                         "profile": profile, "levels": levels_table, "transfer": transfer,
                          "hierarchy": metrics.get("hierarchy")})

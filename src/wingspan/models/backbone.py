@@ -7,12 +7,15 @@ index surgery.
 
 from __future__ import annotations
 
+import math
+
 import timm
 import torch
 from timm.layers import DropPath
 from timm.models import group_parameters
 from torch import nn
 
+from wingspan.errors import WingspanError
 from wingspan.models.registry import BackboneSpec
 
 # timm modules after the feature map: never part of `units`.
@@ -26,16 +29,32 @@ def _random(module: nn.Module) -> bool:
                or (isinstance(m, DropPath) and m.drop_prob > 0) for m in module.modules())
 
 
+def native_size(net: nn.Module) -> int:
+    """The input size a timm network was built for: its patch embedding's when it has one
+    (built for another size than its pretrained config's), else the pretrained config's."""
+    size = getattr(getattr(net, "patch_embed", None), "img_size", None)
+    if size:
+        return int(size[-1] if isinstance(size, tuple | list) else size)
+    return int(net.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+
+
 class Backbone(nn.Module):
-    """A timm network without its classifier: image batch -> feature map (N, C, H, W)."""
+    """A timm network without its classifier: image batch -> its features, as timm's
+    `forward_features` gives them (a CNN's map (N, C, H, W), a ViT's tokens (N, L, C), a
+    Swin's NHWC map), and `pool` of those -> one vector per image (N, num_features), by
+    the network's own `forward_head(pre_logits=True)`: its pooling (average, class token),
+    and the norm some networks put there (ConvNeXt, MambaOut)."""
 
     def __init__(self, spec: BackboneSpec, train_bn: bool = False):
         super().__init__()
         self.spec = spec
         self.train_bn = train_bn
         self.net = timm.create_model(spec.timm_name, pretrained=False, num_classes=0,
-                                     global_pool="", **spec.timm_kwargs)
-        self.num_features: int = self.net.num_features
+                                     **spec.timm_kwargs)
+        # What pre_logits gives: wider than the last map where the head has a hidden layer.
+        self.num_features: int = getattr(self.net, "head_hidden_size", None) or \
+            self.net.num_features
+        self.built_size = self.input_size = native_size(self.net)
         groups = group_parameters(self.net, self.net.group_matcher(coarse=True))
         names = ["stem"] + [f"stage{i}" for i in range(1, len(groups))]
         # stage name -> parameter names, in order from input to output
@@ -43,6 +62,33 @@ class Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.forward_features(x)
+
+    def pool(self, features: torch.Tensor) -> torch.Tensor:
+        """`forward`'s output -> (N, num_features)."""
+        return self.net.forward_head(features, pre_logits=True)
+
+    def spatial(self, features: torch.Tensor) -> torch.Tensor:
+        """`forward`'s output as a map (N, C, H, W), for class activation maps: a ViT's
+        patch tokens (its class and register tokens dropped) laid out on their grid, a
+        Swin's NHWC map permuted."""
+        if features.dim() == 3:
+            tokens = features[:, getattr(self.net, "num_prefix_tokens", 0):]
+            side = math.isqrt(tokens.shape[1])
+            if side * side != tokens.shape[1]:
+                raise WingspanError(f"{self.spec.name}'s {tokens.shape[1]} tokens do not lie "
+                                    "on a square grid: no activation map for it.")
+            return tokens.transpose(1, 2).reshape(len(tokens), -1, side, side)
+        if getattr(self.net, "output_fmt", "NCHW") == "NHWC":
+            return features.permute(0, 3, 1, 2)
+        return features
+
+    def set_input_size(self, size: int) -> None:
+        """For networks built for one input size (a ViT's position embeddings, a Swin's
+        windows): resize them to `size` (timm resamples the position embeddings). CNNs
+        take any size and need nothing."""
+        if size != self.input_size and hasattr(self.net, "set_input_size"):
+            self.net.set_input_size(img_size=size)
+            self.input_size = size
 
     def units(self) -> list[nn.Module] | None:
         """The network as a chain of modules (stem layers, then each block stage) whose
@@ -115,9 +161,10 @@ class Backbone(nn.Module):
         return chosen
 
     def unreached(self) -> set[str]:
-        """Parameters of the stages that `forward` (timm's forward_features) never uses:
-        timm groups some of its head with the last stage (ConvNeXt's head.norm, a ViT's
-        fc_norm). Trained, they would get no gradient, and DDP would wait for one forever.
+        """Parameters of the stages that `pool(forward(x))` never uses: timm groups parts
+        of its head with the last stage, and a classifier-less network may skip some
+        (a ViT's unused norm). Trained, they would get no gradient, and DDP would wait for
+        one forever.
         Found once, as the parameters of modules that a forward pass on a small input
         does not call (parameters of the network itself count as used)."""
         if not hasattr(self, "_unreached"):
@@ -131,11 +178,11 @@ class Backbone(nn.Module):
                  for name, module in self.net.named_modules() if name]
         was_training = self.training
         self.eval()
-        size = tuple(self.net.pretrained_cfg.get("input_size", (3, 224, 224))[1:])
+        size = (self.input_size, self.input_size)
         try:
             for shape in ((64, 64), size):  # small first; some networks fix the size
                 try:
-                    self.net.forward_features(torch.zeros(1, 3, *shape))
+                    self.pool(self.net.forward_features(torch.zeros(1, 3, *shape)))
                     break
                 except Exception:  # noqa: BLE001 - a size this network refuses
                     called.clear()

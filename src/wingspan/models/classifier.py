@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 
 import torch
@@ -36,29 +37,51 @@ def preprocessing_for(spec: BackboneSpec, net: nn.Module) -> Preprocessing:
     )
 
 
+class PooledFeatures(nn.Module):
+    """images -> the backbone's pooled features: what the feature cache stores and the
+    frozen pass runs (exported to ONNX Runtime as one graph)."""
+
+    def __init__(self, backbone: Backbone):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone.pool(self.backbone(images))
+
+
 class Classifier(nn.Module):
     """images -> {level: logits}. `features` and `head` are exposed separately so that a
     frozen backbone's output can be computed once and cached."""
 
     def __init__(self, backbone: str, outputs: dict[str, int], hidden: int | None = None,
-                 dropout: float = 0.2):
+                 dropout: float = 0.2, input_size: int | None = None):
         super().__init__()
         self.spec = get_spec(backbone)
         self.backbone = Backbone(self.spec)
         self.head = ClassifierHead(HeadConfig(self.backbone.num_features, dict(outputs), hidden,
                                               dropout))
-        self.preprocessing = preprocessing_for(self.spec, self.backbone.net)
+        self.preprocessing = dataclasses.replace(preprocessing_for(self.spec, self.backbone.net),
+                                                 input_size=self.backbone.input_size)
+        if input_size:  # rebuilt from a bundle or checkpoint trained at this size
+            self.set_input_size(input_size)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features (N, C)."""
-        return self.head.pool(self.backbone(images))
+        return self.backbone.pool(self.backbone(images))
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.head(self.backbone(images))
+        return self.head(self.features(images))
 
     def feature_extractor(self) -> nn.Module:
         """images -> pooled features, as a module of its own (shares the weights)."""
-        return nn.Sequential(self.backbone, self.head.pool)
+        return PooledFeatures(self.backbone)
+
+    def set_input_size(self, size: int) -> None:
+        """Train and predict at `size` px: the preprocessing says so, and a network built
+        for one size (ViT, Swin) is resized to it. After loading ImageNet weights, which
+        are for the native size."""
+        self.backbone.set_input_size(size)
+        self.preprocessing = dataclasses.replace(self.preprocessing, input_size=size)
 
     def group_matcher(self, coarse: bool = False):
         """timm's interface for layer-wise learning-rate decay: a parameter's name -> its
@@ -77,5 +100,8 @@ class Classifier(nn.Module):
     def construction(self) -> dict:
         """The arguments that rebuild this model (saved in bundles and checkpoints)."""
         c = self.head.config
-        return {"backbone": self.spec.name, "outputs": dict(c.outputs), "hidden": c.hidden,
-                "dropout": c.dropout}
+        built = {"backbone": self.spec.name, "outputs": dict(c.outputs), "hidden": c.hidden,
+                 "dropout": c.dropout}
+        if self.backbone.input_size != self.backbone.built_size:  # resized: rebuild so
+            built["input_size"] = self.backbone.input_size
+        return built

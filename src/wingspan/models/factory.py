@@ -7,9 +7,34 @@ from pathlib import Path
 import timm
 from torch import nn
 
+from wingspan.config import DEFAULT_BACKBONE, OFFLINE_BACKBONES
 from wingspan.models.classifier import Classifier
 from wingspan.models.registry import get_spec
-from wingspan.models.weights import LoadedWeights, load_into, resolve_weights
+from wingspan.models.weights import (
+    LoadedWeights,
+    can_resolve,
+    find_offline,
+    load_into,
+    offline_reason,
+    resolve_weights,
+)
+
+
+def choose_backbone(backbone: str, weights: str | Path | None = "auto") -> tuple[str, str]:
+    """(the backbone to build, a line saying why) for `--backbone auto`: DEFAULT_BACKBONE
+    when its ImageNet weights resolve, else the best one whose weights are installed. Any
+    other name is taken as given."""
+    if backbone != "auto":
+        return backbone, ""
+    default = get_spec(DEFAULT_BACKBONE)
+    if str(weights).lower() != "auto" or can_resolve(default):
+        return DEFAULT_BACKBONE, ""
+    installed = next((n for n in OFFLINE_BACKBONES if find_offline(get_spec(n))), None)
+    if installed is None:  # resolving the default will fail with the full story
+        return DEFAULT_BACKBONE, ""
+    why = offline_reason() or "not cached here, and no network to download them"
+    return installed, (f"{DEFAULT_BACKBONE}'s ImageNet weights are unavailable ({why}): "
+                       f"using {installed}, whose weights are installed.")
 
 
 def create_classifier(backbone: str, outputs: dict[str, int], weights: str | Path | None = "auto",

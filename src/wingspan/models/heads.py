@@ -20,12 +20,12 @@ class HeadConfig:
 
 
 class ClassifierHead(nn.Module):
-    """Global average pooling, dropout, optional hidden layer, a linear layer per level."""
+    """Pooled features -> dropout, optional hidden layer, a linear layer per level. (The
+    pooling is the backbone's own: `Backbone.pool`.)"""
 
     def __init__(self, config: HeadConfig):
         super().__init__()
         self.config = config
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         width = config.in_features
         layers: list[nn.Module] = [nn.Dropout(config.dropout)]
         if config.hidden:
@@ -36,8 +36,6 @@ class ClassifierHead(nn.Module):
                                       for level, n in config.outputs.items()})
 
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Feature map (N, C, H, W) or pooled features (N, C) -> logits per level."""
-        if features.dim() == 4:
-            features = self.pool(features)
+        """Pooled features (N, C) -> logits per level."""
         hidden = self.trunk(features)
         return {level: layer(hidden) for level, layer in self.outputs.items()}

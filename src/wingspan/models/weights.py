@@ -11,10 +11,13 @@ Only tensors are ever loaded: `torch.load(weights_only=True)` or safetensors.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 from safetensors.torch import load_file
@@ -24,7 +27,8 @@ from wingspan.errors import WingspanError
 from wingspan.models.registry import BACKBONES, BackboneSpec
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
-OFFLINE_ENV = "WINGSPAN_OFFLINE"  # set to 1 to skip downloads (HF_HUB_OFFLINE skips the hub)
+OFFLINE_ENV = "WINGSPAN_OFFLINE"  # set to 1 (or HF_HUB_OFFLINE=1) to skip downloads
+HF_ENDPOINT = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
 
 
 @dataclass
@@ -183,11 +187,33 @@ def _from_package(spec: BackboneSpec, tried: list[str]) -> LoadedWeights | None:
     return None
 
 
+def offline_reason() -> str | None:
+    """Why downloads are off ($WINGSPAN_OFFLINE or $HF_HUB_OFFLINE set), or None."""
+    return next((f"{name} is set" for name in (OFFLINE_ENV, "HF_HUB_OFFLINE")
+                 if _env_flag(name)), None)
+
+
+@functools.cache
+def reachable(url: str, timeout: float = 3.0) -> bool:
+    """One short connection attempt to the URL's host, so that a machine without a network
+    learns it at once instead of through a download's retries (once per host and process)."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _from_download(spec: BackboneSpec, tried: list[str]) -> LoadedWeights | None:
-    if _env_flag(OFFLINE_ENV):
-        tried.append(f"download: skipped ({OFFLINE_ENV} is set)")
+    if offline_reason():
+        tried.append(f"download: skipped ({offline_reason()})")
         return None
-    if spec.download_url:
+    if spec.download_url and not reachable(spec.download_url):
+        tried.append(f"download: {urlsplit(spec.download_url).hostname} cannot be reached "
+                     "(no network?)")
+    elif spec.download_url:
         try:
             state = torch.hub.load_state_dict_from_url(
                 spec.download_url, map_location="cpu", weights_only=True, progress=True)
@@ -195,8 +221,8 @@ def _from_download(spec: BackboneSpec, tried: list[str]) -> LoadedWeights | None
         except Exception as e:  # no network, HTTP error, bad file: try the next way
             tried.append(f"download: {spec.download_url} failed ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:120]})")
-    if spec.hf_hub_id and _env_flag("HF_HUB_OFFLINE"):
-        tried.append(f"download: hf://{spec.hf_hub_id} skipped (HF_HUB_OFFLINE is set)")
+    if spec.hf_hub_id and not reachable(HF_ENDPOINT):
+        tried.append(f"download: hf://{spec.hf_hub_id}: {HF_ENDPOINT} cannot be reached")
     elif spec.hf_hub_id:
         try:
             from huggingface_hub import hf_hub_download
@@ -210,6 +236,17 @@ def _from_download(spec: BackboneSpec, tried: list[str]) -> LoadedWeights | None
 
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").lower() not in ("", "0", "false")
+
+
+def can_resolve(spec: BackboneSpec) -> bool:
+    """Whether `resolve_weights(spec, "auto")` can find weights, without loading any: on
+    this machine, or downloadable (its host answers and downloads are not turned off)."""
+    if find_offline(spec):
+        return True
+    if offline_reason():
+        return False
+    return any(url and reachable(url) for url in (
+        spec.download_url, HF_ENDPOINT if spec.hf_hub_id else None))
 
 
 def find_offline(spec: BackboneSpec) -> str | None:

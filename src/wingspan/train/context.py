@@ -62,6 +62,7 @@ class TrainData:
     class_weights: dict[str, torch.Tensor | None]  # per level, for the loss
     level_weights: dict[str, float]
     sample_weights: torch.Tensor | None  # for the weighted sampler
+    test_images: int = 0  # the test split: never trained or chosen on, so scored fairly
 
 
 @dataclass

@@ -46,15 +46,25 @@ def ensure_splits(dataset: Dataset, level: str, config: TrainConfig,
     if unsplit:
         log(f"{unsplit} images have no split and are not used")
         dataset = dataset.subset((table[SPLIT] != "").to_numpy())
-    if not (dataset.table[SPLIT] == "val").any():
+    splits = set(dataset.table[SPLIT])
+    if "val" not in splits:
         log(f"The data has no val split: taking {config.val_fraction:.0%} of train for it")
-        train = dataset.subset((dataset.table[SPLIT] == "train").to_numpy())
-        carved = split_dataset(train, level, SplitConfig(config.val_fraction, 0.0,
-                                                         config.seed))[0]
-        rest = dataset.table[dataset.table[SPLIT] != "train"]
-        dataset = Dataset(pd.concat([carved.table, rest], ignore_index=True), dataset.levels,
-                          dataset.root, dataset.format, dataset.problems)
+        return _carve_val(dataset, level, config)
+    if "test" not in splits and config.selection == "holdout":
+        log(f"The data's own val split is kept apart as the test split, for a score that no "
+            f"choice was made on; epochs are chosen on {config.val_fraction:.0%} of train, "
+            "carved out as val (--selection val chooses on the data's val instead)")
+        table = dataset.table.assign(**{SPLIT: dataset.table[SPLIT].replace({"val": "test"})})
+        return _carve_val(dataset.with_table(table), level, config)
     return dataset
+
+
+def _carve_val(dataset: Dataset, level: str, config: TrainConfig) -> Dataset:
+    """val_fraction of train, by group and stratified, becomes the val split."""
+    train = dataset.subset((dataset.table[SPLIT] == "train").to_numpy())
+    carved = split_dataset(train, level, SplitConfig(config.val_fraction, 0.0, config.seed))[0]
+    rest = dataset.table[dataset.table[SPLIT] != "train"]
+    return dataset.with_table(pd.concat([carved.table, rest], ignore_index=True))
 
 
 def report_reading(dataset: Dataset, log) -> dict[str, int]:
@@ -119,6 +129,7 @@ class LabelPlan:
     classes: dict[str, list[str]]
     taxonomy: Taxonomy | None  # when several levels are trained
     rare: dict[str, str]  # rare finest class -> the class it trains as
+    test_images: int = 0  # kept apart: never trained or chosen on
 
 
 def plan_labels(dataset: Dataset, levels: list[str], config: TrainConfig, log=print
@@ -129,6 +140,7 @@ def plan_labels(dataset: Dataset, levels: list[str], config: TrainConfig, log=pr
         if dropped:
             log(f"Undersampled train to {config.max_per_class} per class: left out "
                 f"{sum(dropped.values())} images of {len(dropped)} classes")
+    check_classes(dataset.table[dataset.table[SPLIT] != ""], finest)  # none only in val/test
     table = dataset.table[dataset.table[SPLIT].isin(["train", "val"])].copy()
     empty = (table[levels] == "").any(axis=1)
     if empty.any():
@@ -152,7 +164,8 @@ def plan_labels(dataset: Dataset, levels: list[str], config: TrainConfig, log=pr
     if not (table[SPLIT] == "val").any():
         raise WingspanError("The validation split is empty.",
                             hint="Give data with a val split, or more images.")
-    return LabelPlan(table, levels, classes, taxonomy, rare)
+    return LabelPlan(table, levels, classes, taxonomy, rare,
+                     int((dataset.table[SPLIT] == "test").sum()))
 
 
 def build_train_data(plan: LabelPlan, config: TrainConfig, pre: Preprocessing,
@@ -201,4 +214,5 @@ def build_train_data(plan: LabelPlan, config: TrainConfig, pre: Preprocessing,
                                strict=True)),
         sample_weights=(weights[finest][torch.as_tensor(y_fine)] if config.sampler == "weighted"
                         else None),
+        test_images=plan.test_images,
     )

@@ -31,6 +31,7 @@ from wingspan.files import write_text
 from wingspan.models import create_classifier, resolve_policy, save_bundle
 from wingspan.models.bundle import read_manifest
 from wingspan.models.classifier import Classifier
+from wingspan.models.factory import choose_backbone
 from wingspan.models.policy import Policy
 from wingspan.parallel import Processes, rank_seed
 from wingspan.train.checkpoint import load_checkpoint
@@ -54,13 +55,15 @@ def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = "runs",
     With `config.devices` (or `nodes`) above 1, or under torchrun, this runs in every
     process of the run, and Fabric starts those of this machine."""
     config = resolve_levels(dataset, config)
+    backbone, why = choose_backbone(config.backbone, config.weights)
+    config = dataclasses.replace(config, backbone=backbone)  # the run records the real one
     level = config.level
     fabric = _processes(config).fabric()
     run_dir = None
     if fabric.is_global_zero:  # rank 0 names the run; the others learn its folder
         run_dir = _new_run_dir(Path(runs_dir), name or f"{dataset.name}-{config.backbone}")
     run_dir = Path(fabric.broadcast(str(run_dir) if run_dir else None))
-    logs = []
+    logs = [why] if why else []
     report_reading(dataset, logs.append)
     try:
         dataset = ensure_splits(dataset, level, config, log=logs.append)
@@ -184,8 +187,7 @@ def _start(run_dir: Path, config: TrainConfig, dataset: Dataset, quiet: bool,
                                       weights, hidden=config.hidden, dropout=config.dropout)
     model.backbone.train_bn = config.train_bn
     if config.image_size:
-        model.preprocessing = dataclasses.replace(model.preprocessing,
-                                                  input_size=config.image_size)
+        model.set_input_size(config.image_size)
     state = RunState(**checkpoint["state"]) if checkpoint else RunState()
     per_machine = _processes(config).world()[0]
     workers = default_workers(per_machine) if config.workers is None else config.workers
@@ -271,6 +273,10 @@ def _write_results(run: Run) -> None:
         "weights": run.weights_source, "engine": run.policy.describe(),
         "engines": run.policy.records(),
         "train_images": len(run.data.train), "val_images": len(run.data.val),
+        "test_images": run.data.test_images,
+        # Which figure is fair: the best epoch was chosen on val, so its score is optimistic.
+        "selection": {"chosen_on": "val", "unbiased_split": "test" if run.data.test_images
+                      else None},
         "unreadable": [{"path": p, "reason": why} for p, why in state.skipped.items()],
     }
     run.write_json("metrics.json", metrics)
@@ -285,6 +291,13 @@ def _write_results(run: Run) -> None:
     run.save()
     run.log(f"Best val macro-F1 {best_row['val_macro_f1']:.4f} (acc {best_row['val_acc']:.4f}) "
             f"at {best['stage']} epoch {best['epoch']}; model in {run.dir / 'model'}")
+    if run.data.test_images:
+        run.log(f"That val figure is optimistic (the epoch was chosen on it). For a fair one: "
+                f"`wingspan evaluate {run.dir}` scores the {run.data.test_images} test images, "
+                "never trained or chosen on.")
+    else:
+        run.log("No test split was kept apart (--selection val on data with its own val): "
+                "the val figure is the only one, and optimistic (the epoch was chosen on it).")
 
 
 @torch.inference_mode()

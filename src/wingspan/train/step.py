@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from wingspan.config import EngineConfig
+from wingspan.models.backbone import Backbone
 from wingspan.models.classifier import Classifier
 from wingspan.models.engine import (
     Choice,
@@ -40,12 +41,14 @@ class _Trained(nn.Module):
     """What fine-tuning trains when a frozen prefix runs elsewhere: the backbone's units
     after it, and the head."""
 
-    def __init__(self, rest: nn.Module, head: nn.Module):
+    def __init__(self, rest: nn.Module, backbone: Backbone, head: nn.Module):
         super().__init__()
-        self.rest, self.head = rest, head
+        # The whole backbone is registered for its pooling's own parameters (ConvNeXt's
+        # norm); its frozen prefix has no gradients, so DDP and the optimiser skip it.
+        self.rest, self.backbone, self.head = rest, backbone, head
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.head(self.rest(x))
+        return self.head(self.backbone.pool(self.rest(x)))
 
 
 def finetune_parts(model: Classifier, policy: Policy, size: int, prefix_runner=None
@@ -59,7 +62,7 @@ def finetune_parts(model: Classifier, policy: Policy, size: int, prefix_runner=N
     if split is None:
         return None, model
     frozen, rest = split
-    return prefix_runner or policy.runner(frozen, size), _Trained(rest, model.head)
+    return prefix_runner or policy.runner(frozen, size), _Trained(rest, model.backbone, model.head)
 
 
 def finetune_forward(model: Classifier, policy: Policy, size: int, prefix_runner=None
