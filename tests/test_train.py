@@ -247,7 +247,7 @@ def test_a_class_missing_from_train_is_refused(tmp_path, demo_dir, selection, si
 
 def test_train_bn_reaches_the_model(tmp_path, demo_dir, monkeypatch):
     """--train-bn: the unfrozen BatchNorm layers learn batch statistics while fine-tuning."""
-    import wingspan.train.run as run_module
+    from wingspan.train import run as run_module
 
     stats, real = {}, run_module.finetune
 

@@ -1,1 +1,58 @@
+"""wingspan: train, evaluate, explain, export and serve image classifiers by transfer learning.
+
+    import wingspan as ws
+    data = ws.read("photos/")
+    run = ws.train(data, backbone="efficientnet_lite0", epochs_finetune=4)
+    ev = run.evaluate()
+
+The names below come from `wingspan.api` when first used, so `import wingspan` stays
+light (no torch until something needs it).
+"""
+
+import sys
+import types
+
 __version__ = "0.1.0"
+
+_API = ("Data", "Evaluation", "Image", "Inspection", "Run", "demo_data", "load", "read",
+        "resume", "train")
+__all__ = [*_API, "TrainConfig", "WingspanError", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        from wingspan import api
+
+        return getattr(api, name)
+    if name == "TrainConfig":
+        from wingspan.config import TrainConfig
+
+        return TrainConfig
+    if name == "WingspanError":
+        from wingspan.errors import WingspanError
+
+        return WingspanError
+    raise AttributeError(f"module 'wingspan' has no attribute '{name}'")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
+
+
+class _Package(types.ModuleType):
+    """`wingspan.train` is the API's function although a subpackage has that name: importing
+    the subpackage sets the package's attribute to it, and this keeps the function. The
+    subpackage stays importable as `from wingspan.train import ...`."""
+
+    @property
+    def train(self):
+        from wingspan.api import train
+
+        return train
+
+    @train.setter
+    def train(self, submodule) -> None:
+        pass  # importlib announcing wingspan.train; sys.modules has it
+
+
+sys.modules[__name__].__class__ = _Package

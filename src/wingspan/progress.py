@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
@@ -22,10 +23,18 @@ T = TypeVar("T")
 console = Console(stderr=True)
 
 
+def _shown(enabled: bool) -> bool:
+    """Whether to draw: in Jupyter rich draws live bars in an ipywidgets widget (one that
+    updates in place); without ipywidgets it would only warn, so nothing is drawn."""
+    if not enabled or not console.is_jupyter:
+        return enabled
+    return importlib.util.find_spec("ipywidgets") is not None
+
+
 def track(items: Iterable[T], description: str, total: int | None = None,
           enabled: bool = True) -> Iterator[T]:
     """Iterate with a progress bar on stderr (nothing shown when disabled or not a tty)."""
-    if not enabled:
+    if not _shown(enabled):
         yield from items
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -37,7 +46,7 @@ def track(items: Iterable[T], description: str, total: int | None = None,
 @contextmanager
 def status(description: str, enabled: bool = True) -> Iterator[None]:
     """A spinner with a message on stderr while work with no count runs."""
-    if not enabled:
+    if not _shown(enabled):
         yield
         return
     with console.status(description):
@@ -50,7 +59,7 @@ class Bar:
     def __init__(self, total: int, description: str, enabled: bool = True,
                  units: str = "items"):
         """`units`: "items", or "bytes" (sizes and a transfer speed)."""
-        self.enabled = enabled
+        self.enabled = enabled = _shown(enabled)
         if enabled:
             counts = ((DownloadColumn(), TransferSpeedColumn()) if units == "bytes"
                       else (MofNCompleteColumn(),))

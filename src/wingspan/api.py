@@ -1,0 +1,619 @@
+"""The Python API for notebooks and scripts: the CLI's functions behind a few names.
+
+    import wingspan as ws
+    data = ws.read("photos/")                     # data.inspect(), data.split(), data.preview()
+    run = ws.train(data, epochs_finetune=4)       # run.history, run.plot(), run.metrics
+    ev = run.evaluate()                           # ev.metrics, ev.report()
+    preds = run.predict(["a.jpg", "field/"])      # a DataFrame
+    run = ws.load("runs/my-run")                  # a run folder or a model bundle
+
+Every name, argument and default is the CLI's (`wingspan.config` holds them), every
+function calls the one the CLI calls, and mistakes raise the same `WingspanError`s. In
+Jupyter, datasets, runs and evaluations display themselves (`_repr_html_`).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import difflib
+import html
+import json
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+
+from wingspan.config import (
+    AugmentConfig,
+    DemoConfig,
+    InspectConfig,
+    ReadConfig,
+    SplitConfig,
+    TrainConfig,
+)
+from wingspan.data.samples import SPLIT, Dataset
+from wingspan.errors import WingspanError
+
+__all__ = ["Data", "Evaluation", "Image", "Inspection", "Run", "demo_data", "load", "read",
+           "resume", "train"]
+
+
+# ---------------------------------------------------------------------------- display
+
+
+class Image:
+    """A PNG that wingspan wrote; Jupyter shows it, `path` says where it is."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def _repr_png_(self) -> bytes:
+        return self.path.read_bytes()
+
+    def __repr__(self) -> str:
+        return f"Image({str(self.path)!r})"
+
+
+class Html:
+    """A page for Jupyter to show (`_repr_html_`)."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def _repr_html_(self) -> str:
+        return self.text
+
+
+def _img(png: str | Path | bytes, alt: str, width: int | None = None) -> str:
+    data = png if isinstance(png, bytes) else Path(png).read_bytes()
+    size = f" width='{width}'" if width else ""
+    return (f"<img alt='{html.escape(alt)}'{size} "
+            f"src='data:image/png;base64,{base64.b64encode(data).decode()}'>")
+
+
+def _plotted(plot: Callable[[Path], Path]) -> bytes:
+    """The PNG bytes of a plot function that writes to a path, leaving no file behind."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return plot(Path(tmp) / "plot.png").read_bytes()
+
+
+def _kv(title: str, pairs: list[tuple[str, object]]) -> str:
+    rows = "".join(f"<tr><th style='text-align:left'>{html.escape(str(k))}</th>"
+                   f"<td style='text-align:left'>{html.escape(str(v))}</td></tr>"
+                   for k, v in pairs)
+    return f"<b>{html.escape(title)}</b><table>{rows}</table>"
+
+
+def _frame(frame: pd.DataFrame, floats: str = "{:.3f}") -> str:
+    return frame.to_html(border=0, float_format=floats.format)
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def read(path: str | Path, format: str | None = None, group_regex: str | None = None,
+         strict: bool = False) -> Data:
+    """Read a dataset: a folder of class folders (with an optional taxonomy.csv and
+    splits.csv), a CSV (path,label,...) or an ETHEC root, as `wingspan data ...` does.
+
+    >>> data = ws.read("photos/")
+    >>> data                      # in Jupyter: the classes per split
+    >>> data.table.head()         # path, group, split, one column per level
+    """
+    from wingspan.data import read_dataset
+
+    config = ReadConfig(format=format, group_regex=group_regex, strict=strict)
+    return Data(read_dataset(path, config))
+
+
+def demo_data(out: str | Path = "runs/demo/data", **settings) -> Data:
+    """Generate the demo's synthetic butterflies (with a taxonomy) and read them.
+    `settings` are DemoConfig's, e.g. images_per_class, image_size, seed.
+
+    >>> data = ws.demo_data("runs/tutorial/data", images_per_class=(40, 30, 20, 12))
+    """
+    from wingspan.data.demo import generate_demo
+
+    return read(generate_demo(out, _config(DemoConfig, settings)))
+
+
+class Data:
+    """A dataset: the sample table with its label levels, and what to do with it.
+
+    >>> data = ws.read("photos/")
+    >>> data.counts()             # images per class and split
+    >>> data.inspect()            # problems, balance plots (runs/data/<name>/)
+    >>> data = data.split()       # train/val/test without leakage
+    """
+
+    def __init__(self, dataset: Dataset, split_report=None):
+        self.dataset = dataset
+        self.split_report = split_report  # from `split`: sizes, classes kept in train only
+
+    @property
+    def table(self) -> pd.DataFrame:
+        """One row per image: path, group, split, and one column per level."""
+        return self.dataset.table
+
+    @property
+    def levels(self) -> list[str]:
+        """The label levels, coarse to fine, e.g. ['family', 'label']."""
+        return list(self.dataset.levels)
+
+    @property
+    def name(self) -> str:
+        return self.dataset.name
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def counts(self, level: str | None = None) -> pd.DataFrame:
+        """Images per class at `level` (default: the finest), per split, largest first.
+
+        >>> data.counts("family")
+        """
+        level = self.dataset.resolve_level(level)
+        table = self.table
+        counts = pd.crosstab(table[level], table[SPLIT].replace("", "all"))
+        counts = counts[[c for c in ("train", "val", "test", "all") if c in counts.columns]]
+        counts["total"] = counts.sum(axis=1)
+        counts.columns.name = None
+        return counts.sort_values("total", ascending=False)
+
+    def inspect(self, out: str | Path | None = None, level: str | None = None,
+                tiny_px: int = InspectConfig.tiny_px, metadata_only: bool = False,
+                quiet: bool = False) -> Inspection:
+        """Count classes per level and find broken, duplicate, odd and tiny images, as
+        `wingspan data inspect`; writes summary.json and a balance plot per level to
+        `out` (default runs/data/<name>).
+
+        >>> data.inspect().summary["levels"]["label"]["imbalance_ratio"]
+        """
+        from wingspan.data.inspect import inspect_dataset
+
+        level = self.dataset.resolve_level(level)
+        out_dir = Path(out) if out else _data_dir(self.dataset)
+        summary = inspect_dataset(self.dataset, out_dir, InspectConfig(tiny_px=tiny_px),
+                                  check_images=not metadata_only, progress=not quiet)
+        return Inspection(summary, out_dir, self.counts(level), level)
+
+    def split(self, level: str | None = None, val: float = SplitConfig.val_fraction,
+              test: float = SplitConfig.test_fraction, seed: int = SplitConfig.seed,
+              max_per_class: int | None = None, oversample_to: int | None = None,
+              out: str | Path | None = None) -> Data:
+        """A new split into train/val/test, stratified by `level` and grouped (no group on
+        two sides), as `wingspan data split`; writes splits.csv and sampling.json to `out`
+        (default runs/data/<name>). Returns the split data; `.split_report` says how.
+
+        >>> data = data.split(val=0.2, test=0.2)
+        >>> data.counts()
+        """
+        from wingspan.data.split import split_and_sample
+
+        config = SplitConfig(val_fraction=val, test_fraction=test, seed=seed,
+                             max_per_class=max_per_class, oversample_to=oversample_to)
+        out_dir = Path(out) if out else _data_dir(self.dataset)
+        result = split_and_sample(self.dataset, out_dir, level, config)
+        return Data(result.dataset, result.report)
+
+    def preview(self, augment: str = AugmentConfig.policy,
+                image_size: int = AugmentConfig.image_size, level: str | None = None,
+                rows: int = 6, views: int = 5, seed: int = 0,
+                out: str | Path | None = None) -> Image:
+        """Originals beside augmented versions, as `wingspan data preview`; writes
+        preview.png to `out` (default runs/data/<name>).
+
+        >>> data.preview(augment="strong", rows=4)
+        """
+        from wingspan.data.preview import write_preview
+
+        config = AugmentConfig(policy=augment, image_size=image_size)
+        out_dir = Path(out) if out else _data_dir(self.dataset)
+        return Image(write_preview(self.dataset, out_dir / "preview.png", config, level,
+                                   rows=rows, augmented=views, seed=seed))
+
+    def __repr__(self) -> str:
+        return (f"Data({self.name!r}: {len(self)} images, levels {self.levels}, "
+                f"{self.dataset.format})")
+
+    def _repr_html_(self) -> str:
+        splits = self.table[SPLIT].replace("", "none").value_counts().to_dict()
+        parts = [_kv(f"Dataset {self.name}", [
+            ("images", len(self)), ("format", self.dataset.format),
+            ("levels", ", ".join(f"{lv} ({self.table[lv].nunique()} classes)"
+                                 for lv in self.levels)),
+            ("splits", ", ".join(f"{k} {v}" for k, v in splits.items())),
+            ("problems while reading", len(self.dataset.problems))])]
+        if self.split_report is not None:
+            r = self.split_report
+            parts.append(_kv("Split", [(k, f"{v} ({r.fractions[k]:.0%})")
+                                       for k, v in r.sizes.items()]
+                             + [("classes in train only", len(r.train_only))]))
+        parts.append(f"<b>Images per {self.dataset.default_level}</b>"
+                     + _frame(self.counts().head(30)))
+        return "<div>" + "".join(parts) + "</div>"
+
+
+def _data_dir(dataset: Dataset) -> Path:
+    return Path("runs") / "data" / dataset.name  # the CLI's default --out
+
+
+class Inspection:
+    """What `Data.inspect` found: `summary` (summary.json), the balance plots in `dir`."""
+
+    def __init__(self, summary: dict, out_dir: Path, counts: pd.DataFrame, level: str):
+        self.summary, self.dir, self.counts, self.level = summary, out_dir, counts, level
+
+    @property
+    def text(self) -> str:
+        """The digest `wingspan data inspect` prints."""
+        import io
+
+        from rich.console import Console
+
+        from wingspan.data.inspect import print_summary
+
+        console = Console(file=io.StringIO(), width=100, force_jupyter=False,
+                          force_terminal=False)
+        print_summary(self.summary, console)
+        return console.file.getvalue()
+
+    def plot(self, level: str | None = None) -> Image:
+        """The class-balance plot of a level (default: the one inspected)."""
+        return Image(self.summary["plots"][level or self.level])
+
+    def __repr__(self) -> str:
+        return self.text
+
+    def _repr_html_(self) -> str:
+        plots = "".join(_img(p, f"balance of {lv}", 480)
+                        for lv, p in self.summary["plots"].items())
+        return (f"<pre>{html.escape(self.text)}</pre><b>Images per {self.level}</b>"
+                f"{_frame(self.counts.head(30))}<div>{plots}</div>")
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def train(data: Data | Dataset | str | Path, config: TrainConfig | str | Path | None = None,
+          name: str | None = None, runs_dir: str | Path = "runs", quiet: bool = False,
+          **settings) -> Run:
+    """Train a classifier as `wingspan train` does: a new head on the frozen pretrained
+    backbone (on cached features), then fine-tuning. `settings` are TrainConfig's fields
+    (the CLI's options: backbone, epochs_head, epochs_finetune, levels, lr, ...);
+    `config` is a TrainConfig or a YAML file of them, which `settings` override.
+
+    >>> run = ws.train(data, backbone="efficientnet_lite0", epochs_finetune=4)
+    >>> run = ws.train("photos/", levels=["family", "species"], name="taxonomy")
+    """
+    from wingspan.train import train as train_run
+
+    if isinstance(config, TrainConfig):
+        settings = {**dataclasses.asdict(config), **settings}
+        config = None
+    _check_names(TrainConfig, settings)
+    settings = (TrainConfig.from_file(config, **settings) if config is not None
+                else TrainConfig(**settings))
+    return Run(train_run(_dataset(data), settings, runs_dir, name, quiet))
+
+
+def resume(run: str | Path, quiet: bool = False, **machine) -> Run:
+    """Continue a stopped or killed run from its last checkpoint, as `wingspan train
+    --resume`; `machine` may change only where it runs (device, devices, workers...).
+
+    >>> run = ws.resume("runs/big", devices=1)
+    """
+    from wingspan.train import resume as resume_run
+
+    return Run(resume_run(run, quiet=quiet, **machine))
+
+
+def load(path: str | Path) -> Run:
+    """An earlier run (runs/NAME) or a model bundle (a run's model/ folder, or one that
+    was copied elsewhere).
+
+    >>> run = ws.load("runs/my-run")
+    >>> run.predict(["field/"])
+    """
+    from wingspan.inference import find_bundle
+
+    path = Path(path)
+    if (path / "config.yaml").is_file() and (path / "history.csv").is_file():
+        return Run(path)
+    bundle = find_bundle(path)
+    if (bundle.parent / "config.yaml").is_file() and (bundle.parent / "history.csv").is_file():
+        return Run(bundle.parent)  # a run's own model/ folder: the whole run
+    return Run(None, bundle)
+
+
+def _dataset(data: Data | Dataset | str | Path) -> Dataset:
+    if isinstance(data, Data):
+        return data.dataset
+    if isinstance(data, Dataset):
+        return data
+    return read(data).dataset
+
+
+def _check_names(cls: type, settings: dict) -> None:
+    """Unknown keyword settings as a WingspanError naming the closest valid ones."""
+    fields = list(cls.__dataclass_fields__)
+    for key in settings:
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=3)
+            raise WingspanError(
+                f"Unknown setting '{key}'.",
+                hint=(f"Did you mean {' or '.join(repr(c) for c in close)}? " if close else "")
+                + f"Valid: {', '.join(fields)}.")
+
+
+def _config(cls: type, settings: dict):
+    _check_names(cls, settings)
+    return cls(**settings)
+
+
+class Run:
+    """A trained run (or a model bundle on its own): its history, metrics and model, and
+    what to do with them.
+
+    >>> run = ws.load("runs/my-run")
+    >>> run.history.tail()        # one row per epoch
+    >>> run.plot()                # loss, accuracy and macro-F1 curves
+    >>> run.evaluate().report()
+    """
+
+    def __init__(self, run_dir: str | Path | None, bundle: str | Path | None = None):
+        self.dir = Path(run_dir) if run_dir is not None else None
+        self.bundle = Path(bundle) if bundle is not None else self.dir / "model"
+
+    @property
+    def name(self) -> str:
+        return self.dir.name if self.dir else self.bundle.name
+
+    @property
+    def manifest(self) -> dict:
+        """The bundle's manifest: classes, taxonomy, preprocessing, training, metrics."""
+        from wingspan.models.bundle import read_manifest
+
+        return read_manifest(self.bundle)
+
+    @property
+    def config(self) -> TrainConfig:
+        """The resolved settings the run trained with."""
+        if self.dir:
+            import yaml
+
+            return TrainConfig(**yaml.safe_load((self.dir / "config.yaml").read_text()))
+        training = {k: v for k, v in self.manifest["training"].items()
+                    if k in TrainConfig.__dataclass_fields__}
+        return TrainConfig(**training)
+
+    @property
+    def metrics(self) -> dict:
+        """metrics.json: the best epoch, its val figures, stage seconds, engines..."""
+        if self.dir:
+            return json.loads((self.dir / "metrics.json").read_text())
+        return self.manifest.get("metrics", {})
+
+    @property
+    def history(self) -> pd.DataFrame:
+        """history.csv: per epoch, the stage, losses, accuracy, macro-F1, learning rate,
+        images/s and seconds."""
+        return pd.read_csv(self._run_file("history.csv"))
+
+    @property
+    def classes(self) -> list[str]:
+        """The finest level's class names."""
+        classes = self.manifest["classes"]
+        return classes[list(classes)[-1]]
+
+    def _run_file(self, name: str) -> Path:
+        if self.dir is None:
+            raise WingspanError(f"{self.bundle} is a model bundle without its run folder, so "
+                                f"it has no {name}.", hint="Load the run folder (runs/NAME).")
+        return self.dir / name
+
+    def plot(self) -> Image:
+        """The training curves (loss, accuracy, macro-F1; the stage change marked), written
+        to RUN/curves.png.
+
+        >>> run.plot()
+        """
+        from wingspan.evaluate.plots import plot_curves
+
+        return Image(plot_curves(self.history, self._run_file("curves.png")))
+
+    def evaluate(self, data: str | Path | None = None, split: str | None = None,
+                 out: str | Path | None = None, batch_size: int = TrainConfig.batch_size,
+                 device: str = TrainConfig.device, precision: str = TrainConfig.precision,
+                 runtime: str = TrainConfig.runtime, class_map: dict[str, str] | None = None,
+                 quiet: bool = False) -> Evaluation:
+        """Metrics, confusion matrix, calibration, curves and report.html, as `wingspan
+        evaluate`: the run's test split by default (else val), or `data`; written to
+        RUN/evaluation-SPLIT (or `out`).
+
+        >>> ev = run.evaluate()
+        >>> ev.metrics["macro"]["f1"], ev.metrics["micro"]["f1"]
+        """
+        from wingspan.evaluate.run import evaluate
+
+        result = evaluate(self._model, data, split, out, progress=not quiet,
+                          batch_size=batch_size, runtime=runtime, precision=precision,
+                          device=device, class_map=class_map)
+        return Evaluation(result.out_dir, result.metrics, result.report)
+
+    @property
+    def _model(self) -> Path:
+        return self.dir if self.dir else self.bundle
+
+    def predict(self, paths: str | Path | list[str | Path], top_k: int = 3, tta: bool = False,
+                batch_size: int = TrainConfig.batch_size, device: str = TrainConfig.device,
+                precision: str = TrainConfig.precision, runtime: str = TrainConfig.runtime,
+                quiet: bool = False) -> pd.DataFrame:
+        """Classes of image files, folders (searched recursively) and globs, as `wingspan
+        predict`. One row per image: path, class, probability (calibrated), branch (the
+        consistent taxonomic branch of a model with levels, e.g. "nymphalidae 0.98 >
+        monarch 0.95"), top (the top_k (class, probability) pairs) and error (why an
+        input was skipped).
+
+        >>> preds = run.predict(["a.jpg", "field/"])
+        >>> preds[preds.probability < 0.5]
+        """
+        from wingspan.inference import Predictor
+        from wingspan.predict import predict
+
+        inputs = [str(p) for p in ([paths] if isinstance(paths, str | Path) else paths)]
+        predictor = Predictor(self._model, device=device, batch_size=batch_size,
+                              runtime=runtime, precision=precision, progress=not quiet)
+        result = predict(predictor, inputs, top_k, tta, progress=not quiet)
+        if not result.rows:
+            raise WingspanError("No image could be predicted.", hint="Check the paths given.")
+        rows = []
+        for row in result.rows:
+            (best, p), branch = row["top"][0], ""
+            if "taxonomy" in row:  # the consistent branch is the prediction
+                _, best, p = row["taxonomy"][-1]
+                branch = " > ".join(f"{c} {q:.2f}" for _, c, q in row["taxonomy"])
+            rows.append({"path": row["path"], "class": best, "probability": p,
+                         "branch": branch, "top": row["top"], "error": ""})
+        rows += [{"path": path, "class": None, "probability": float("nan"), "branch": "",
+                  "top": [], "error": why} for path, why in result.failed]
+        return pd.DataFrame(rows, columns=["path", "class", "probability", "branch", "top",
+                                           "error"])
+
+    def explain(self, images: str | Path | list[str | Path], out: str | Path | None = None,
+                device: str = "cpu") -> list[Image]:
+        """Grad-CAM overlays (where the model looked for the class it predicted), as
+        `wingspan explain`; one PNG per image in `out` (default RUN/explain).
+
+        >>> run.explain(["a.jpg"])[0]
+        """
+        from wingspan.explain import explain
+        from wingspan.predict import expand_paths
+
+        inputs = [str(p) for p in ([images] if isinstance(images, str | Path) else images)]
+        paths, missing = expand_paths(inputs)
+        if not paths:
+            raise WingspanError(f"No image to explain: {missing[0][0]}: {missing[0][1]}."
+                                if missing else "No image to explain.")
+        out = Path(out) if out else self.bundle.parent / "explain"
+        return [Image(e.png) for e in explain(self._model, paths, out, device=device)
+                if not e.error]
+
+    def export(self, format: str = "onnx", quantize: str | None = None,
+               out: str | Path | None = None) -> Path:
+        """A model that runs without wingspan (ONNX Runtime or TorchScript), checked
+        against PyTorch, as `wingspan export`; returns the model file.
+
+        >>> run.export()              # RUN/export/model.onnx and model.json
+        """
+        from wingspan.export import export_model
+
+        return export_model(self._model, out, format, quantize=quantize)
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.dir or self.bundle)!r})"
+
+    def _repr_html_(self) -> str:
+        m = self.metrics
+        best = m.get("best", {})
+        pairs = [("folder", self.dir or self.bundle),
+                 ("backbone", self.manifest["model"]["backbone"]),
+                 ("weights", m.get("weights")),
+                 ("levels", ", ".join(f"{lv} ({n} classes)"
+                                      for lv, n in m.get("classes", {}).items())),
+                 ("best epoch", f"{best.get('stage')} epoch {best.get('epoch')}"),
+                 ("val macro-F1", f"{best.get('val_macro_f1', float('nan')):.4f}"),
+                 ("val accuracy", f"{best.get('val_acc', float('nan')):.4f}"),
+                 ("seconds per stage", m.get("stage_seconds")),
+                 ("engine", m.get("engine"))]
+        curves = ""
+        if self.dir and (self.dir / "history.csv").is_file():
+            from wingspan.evaluate.plots import plot_curves
+
+            history = self.history
+            curves = _img(_plotted(lambda p: plot_curves(history, p)), "training curves", 780)
+        return f"<div>{_kv(f'Run {self.name}', pairs)}{curves}</div>"
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+class Evaluation:
+    """What `Run.evaluate` measured: `metrics` (metrics.json), the tables and plots in
+    `dir`, and `report_path` (report.html, one self-contained page).
+
+    >>> ev = run.evaluate()
+    >>> ev.per_class              # precision, recall, F1, support per class
+    >>> ev.report()               # the whole report, embedded in the notebook
+    """
+
+    def __init__(self, out_dir: Path, metrics: dict, report: Path):
+        self.dir, self.metrics, self.report_path = Path(out_dir), metrics, Path(report)
+
+    @property
+    def per_class(self) -> pd.DataFrame:
+        return pd.read_csv(self.dir / "per_class.csv")
+
+    @property
+    def confusion(self) -> pd.DataFrame:
+        """Counts: rows the true class, columns the predicted one."""
+        return pd.read_csv(self.dir / "confusion.csv", index_col=0)
+
+    @property
+    def predictions(self) -> pd.DataFrame:
+        return pd.read_csv(self.dir / "predictions.csv")
+
+    def plot(self, name: str = "confusion") -> Image:
+        """One of the evaluation's plots: confusion, reliability, mistakes, curves,
+        balance, preview.
+
+        >>> ev.plot("reliability")    # calibration before and after the temperature
+        """
+        path = self.dir / f"{name}.png"
+        if not path.is_file():
+            found = sorted(p.stem for p in self.dir.glob("*.png"))
+            raise WingspanError(f"No plot '{name}' in {self.dir}.",
+                                hint=f"Available: {', '.join(found)}.")
+        return Image(path)
+
+    def report(self, open: bool = False) -> Html:
+        """report.html embedded in the notebook; `open=True` also opens it in the browser.
+
+        >>> ev.report()
+        """
+        if open:
+            import webbrowser
+
+            webbrowser.open(self.report_path.resolve().as_uri())
+        page = html.escape(self.report_path.read_text(), quote=True)
+        return Html(f"<iframe srcdoc=\"{page}\" style='width:100%;height:720px;border:1px "
+                    "solid #ddd'></iframe>")
+
+    def __repr__(self) -> str:
+        m = self.metrics
+        return (f"Evaluation({m['split']} split, {m['images']} images: accuracy "
+                f"{m['accuracy']:.4f}, macro-F1 {m['macro']['f1']:.4f}; {self.report_path})")
+
+    def _repr_html_(self) -> str:
+        m = self.metrics
+        pairs = [("images", m["images"]), ("accuracy", f"{m['accuracy']:.4f}")]
+        pairs += [(k.replace("_", " "), f"{m[k]:.4f}") for k in m if k.startswith("top")]
+        pairs += [(f"{avg} precision / recall / F1", f"{m[avg]['precision']:.4f} / "
+                   f"{m[avg]['recall']:.4f} / {m[avg]['f1']:.4f}")
+                  for avg in ("macro", "micro", "weighted")]
+        pairs += [("Cohen's kappa", f"{m['cohen_kappa']:.4f}"),
+                  ("ECE before / after the temperature",
+                   f"{m['ece_uncalibrated']:.4f} / {m['ece']:.4f} "
+                   f"(T = {m['temperature']:.2f})"),
+                  ("are these figures fair?", m["fair"]), ("report", self.report_path)]
+        parts = [_kv(f"Evaluation: {m['split']} split, level '{m['level']}'", pairs)]
+        if m.get("hierarchy"):
+            levels = pd.DataFrame({lv: {"micro-F1": v["micro_f1"]}
+                                   for lv, v in m["hierarchy"]["levels"].items()})
+            parts.append("<b>Per level (consistent predictions)</b>" + _frame(levels))
+        plots = [("confusion", 380), ("reliability", 380), ("curves", 780)]
+        parts.append("<div>" + "".join(_img(self.dir / f"{n}.png", n, w) for n, w in plots
+                                       if (self.dir / f"{n}.png").is_file()) + "</div>")
+        return "<div>" + "".join(parts) + "</div>"

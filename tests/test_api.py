@@ -1,0 +1,183 @@
+"""The Python API (`import wingspan as ws`): the CLI's functions, the same results."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from test_train import tiny
+
+import wingspan as ws
+from wingspan.data import read_dataset
+from wingspan.data.split import leaked_groups
+from wingspan.errors import WingspanError
+
+PNG = "data:image/png;base64,"
+
+
+@pytest.fixture(scope="module")
+def run(demo_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("api")
+    settings = {k: v for k, v in vars(tiny(tmp)).items()}
+    return ws.train(ws.read(demo_dir), name="api", runs_dir=tmp / "runs", quiet=True,
+                    **settings)
+
+
+def test_import_is_light_and_train_is_the_function():
+    code = ("import sys, wingspan as ws, wingspan.api; light = 'torch' not in sys.modules; "
+            "import wingspan.train.run; from wingspan import train; "
+            "print(light, ws.train is wingspan.api.train is train)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.split() == ["True", "True"]
+
+
+def test_read_counts_and_display(demo_dir):
+    data = ws.read(demo_dir)
+    assert len(data) == len(read_dataset(demo_dir)) == 16 + 12 + 9 + 6
+    assert data.levels == read_dataset(demo_dir).levels and data.levels[-1] == "label"
+    counts = data.counts()
+    assert counts["total"].tolist() == [16, 12, 9, 6]
+    assert counts.index.tolist() == [p.name for p in sorted(
+        (p for p in demo_dir.iterdir() if p.is_dir()), key=lambda p: -len(list(p.iterdir())))]
+    assert data.counts("family")["total"].sum() == len(data)
+    page = data._repr_html_()
+    assert all(name in page for name in counts.index) and ">16<" in page
+    with pytest.raises(WingspanError, match="no label level 'order'"):
+        data.counts("order")
+
+
+def test_split_inspect_preview(demo_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the CLI's default output folder: runs/data/<name>
+    data = ws.read(demo_dir)
+    split = data.split(val=0.25, test=0.25, seed=1)
+    assert set(split.table["split"]) == {"train", "val", "test"}
+    assert not leaked_groups(split.table)
+    written = pd.read_csv(tmp_path / "runs" / "data" / data.name / "splits.csv")
+    assert len(written) == len(split) == len(data)
+    assert "train" in split._repr_html_() and split.split_report.sizes["train"] > 0
+
+    inspection = split.inspect(quiet=True)
+    summary = json.loads((tmp_path / "runs/data" / data.name / "summary.json").read_text())
+    assert inspection.summary["levels"] == summary["levels"]
+    assert summary["levels"]["label"]["imbalance_ratio"] == round(16 / 6, 2)
+    page = inspection._repr_html_()
+    assert f"tiny images: {len(data)}" in page and page.count(PNG) == len(data.levels)
+    assert "No problems found" in split.inspect(tiny_px=32, quiet=True).text
+
+    preview = data.preview(image_size=32, rows=2, views=2)
+    assert preview.path.resolve() == tmp_path / "runs/data" / data.name / "preview.png"
+    assert preview._repr_png_().startswith(b"\x89PNG")
+
+
+def test_bad_settings_raise_wingspan_errors_naming_them(demo_dir, tmp_path):
+    data = ws.read(demo_dir)
+    with pytest.raises(WingspanError, match="'epochs_head'"):
+        ws.train(data, runs_dir=tmp_path, epochs_head=-1)
+    with pytest.raises(WingspanError, match="Unknown setting 'epoch_head'") as e:
+        ws.train(data, runs_dir=tmp_path, epoch_head=3)
+    assert "'epochs_head'" in e.value.hint
+    with pytest.raises(WingspanError, match="'image_size' = 'big'"):
+        ws.train(data, runs_dir=tmp_path, image_size="big")
+    with pytest.raises(WingspanError, match="Unknown setting 'colour'"):
+        ws.demo_data(tmp_path / "demo", colour="red")
+    assert not any(tmp_path.iterdir())  # nothing was started
+
+
+def test_run_history_metrics_and_display(run):
+    assert run.dir.name == "api"
+    pd.testing.assert_frame_equal(run.history, pd.read_csv(run.dir / "history.csv"))
+    assert run.metrics == json.loads((run.dir / "metrics.json").read_text())
+    assert run.config.backbone == "test_efficientnet" and run.config.epochs_head == 3
+    assert run.history["stage"].tolist() == ["head"] * 3 + ["finetune"] * 2
+    page = run._repr_html_()
+    assert f"{run.metrics['best']['val_macro_f1']:.4f}" in page and PNG in page
+    assert run.plot()._repr_png_().startswith(b"\x89PNG")
+
+
+def test_train_takes_a_config_and_a_yaml_file(demo_dir, tmp_path):
+    config = tiny(tmp_path, epochs_head=1, epochs_finetune=0)
+    a = ws.train(demo_dir, config, runs_dir=tmp_path, quiet=True, seed=3)
+    assert (a.config.epochs_head, a.config.seed) == (1, 3)
+    (tmp_path / "settings.yaml").write_text("epochs_head: 2\nepochs_finetune: 0\n")
+    with pytest.raises(WingspanError, match="'epochs_head'"):
+        ws.train(demo_dir, tmp_path / "settings.yaml", epochs_head=-1)
+
+
+def test_evaluate_is_the_cli_evaluation(run, run_cli, tmp_path):
+    ev = run.evaluate(split="val", quiet=True)
+    assert ev.dir == run.dir / "evaluation-val"
+    assert ev.metrics == json.loads((ev.dir / "metrics.json").read_text())
+    code, _, _ = run_cli("evaluate", run.dir, "--split", "val", "--out", tmp_path / "cli",
+                         "--quiet")
+    assert code == 0
+    cli = json.loads((tmp_path / "cli" / "metrics.json").read_text())
+    timing = {"images_per_second", "engine"}
+    assert {k: v for k, v in ev.metrics.items() if k not in timing} == \
+        {k: v for k, v in cli.items() if k not in timing}
+    page = ev._repr_html_()
+    for avg in ("macro", "micro"):
+        assert f"{ev.metrics[avg]['f1']:.4f}" in page
+    assert f"{ev.metrics['accuracy']:.4f}" in page and f"{ev.metrics['ece']:.4f}" in page
+    assert page.count(PNG) == 3  # confusion, reliability, curves
+    assert ev.confusion.to_numpy().sum() == ev.metrics["images"]
+    assert set(ev.per_class.columns) >= {"precision", "recall", "f1"}
+    assert ev.report()._repr_html_().startswith("<iframe srcdoc=")
+    with pytest.raises(WingspanError, match="Available: .*reliability"):
+        ev.plot("roc")
+
+
+def test_predict_agrees_with_the_cli(run, run_cli, demo_dir, tmp_path):
+    folder = sorted(p for p in demo_dir.iterdir() if p.is_dir())[0]
+    preds = run.predict([folder, tmp_path / "missing.jpg"], quiet=True)
+    code, _, _ = run_cli("predict", run.dir, folder, "--output", tmp_path / "p.csv", "--quiet")
+    assert code == 0
+    cli = pd.read_csv(tmp_path / "p.csv")
+    ok = preds[preds.error == ""]
+    assert ok.path.tolist() == cli.path.tolist()
+    assert ok["class"].tolist() == cli.class_1.tolist()
+    assert ok.probability.to_numpy() == pytest.approx(cli.prob_1.to_numpy(), abs=1e-6)
+    assert ok.top.map(len).eq(3).all() and (ok.branch == "").all()  # one level: no branch
+    assert preds.iloc[-1].error == "no such file or folder"
+    with pytest.raises(WingspanError, match="No image could be predicted"):
+        run.predict(tmp_path / "missing.jpg", quiet=True)
+
+
+def test_load_a_run_and_a_bundle(run, demo_dir, tmp_path):
+    again = ws.load(run.dir)
+    pd.testing.assert_frame_equal(again.history, run.history)
+    assert ws.load(run.dir / "model").dir == run.dir  # a run's own bundle: the whole run
+    shutil.copytree(run.dir / "model", tmp_path / "bundle")
+    bundle = ws.load(tmp_path / "bundle")
+    assert bundle.dir is None and bundle.classes == run.classes
+    assert bundle.metrics["best"] == run.metrics["best"]
+    assert bundle.config.backbone == "test_efficientnet"
+    with pytest.raises(WingspanError, match="without its run folder"):
+        _ = bundle.history
+    image = next(demo_dir.rglob("*.jpg"))
+    assert bundle.predict(image, quiet=True).equals(run.predict(image, quiet=True))
+    assert "val macro-F1" in bundle._repr_html_()
+    with pytest.raises(WingspanError, match="No model at"):
+        ws.load(tmp_path / "nothing")
+
+
+def test_explain_writes_overlays(run, demo_dir, tmp_path):
+    images = run.explain(sorted(demo_dir.rglob("*.jpg"))[:2], out=tmp_path)
+    assert [i.path.parent for i in images] == [tmp_path, tmp_path]
+    assert all(i._repr_png_().startswith(b"\x89PNG") for i in images)
+
+
+def test_hierarchical_levels(demo_dir, tmp_path):
+    data = ws.read(demo_dir)
+    run = ws.train(data, runs_dir=tmp_path, quiet=True,
+                   **{**vars(tiny(tmp_path)), "levels": ["family", "label"]})
+    preds = run.predict(demo_dir, quiet=True)
+    families = dict(zip(data.table["label"], data.table["family"], strict=False))
+    for _, row in preds.iterrows():  # the consistent branch: the class under its family
+        family, label = (part.rsplit(" ", 1)[0] for part in row.branch.split(" > "))
+        assert label == row["class"] and families[label] == family
+    ev = run.evaluate(split="val", quiet=True)
+    assert set(ev.metrics["hierarchy"]["levels"]) == {"family", "label"}
+    assert "Per level" in ev._repr_html_()
