@@ -57,13 +57,16 @@ class Image:
 
 
 class Html:
-    """A page for Jupyter to show (`_repr_html_`)."""
+    """A page for Jupyter to show (`_repr_html_`); `source` says what it shows."""
 
-    def __init__(self, text: str):
-        self.text = text
+    def __init__(self, text: str, source: str | Path):
+        self.text, self.source = text, source
 
     def _repr_html_(self) -> str:
         return self.text
+
+    def __repr__(self) -> str:
+        return f"Html({str(self.source)!r})"
 
 
 def _img(png: str | Path | bytes, alt: str, width: int | None = None) -> str:
@@ -589,7 +592,7 @@ class Evaluation:
             webbrowser.open(self.report_path.resolve().as_uri())
         page = html.escape(self.report_path.read_text(), quote=True)
         return Html(f"<iframe srcdoc=\"{page}\" style='width:100%;height:720px;border:1px "
-                    "solid #ddd'></iframe>")
+                    "solid #ddd'></iframe>", self.report_path)
 
     def __repr__(self) -> str:
         m = self.metrics

@@ -100,10 +100,7 @@ def model_view(x: torch.Tensor, predictor: Predictor) -> np.ndarray:
 def save_overlay(pixels: np.ndarray, heatmap: np.ndarray, title: str,
                  path: Path | None) -> bytes | None:
     """The overlay as a PNG at `path`, or its bytes when `path` is None."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from wingspan.plotting import plt
 
     fig, ax = plt.subplots(figsize=(4, 4.3), dpi=100)
     ax.imshow(pixels)

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
 
-matplotlib.use("Agg")  # files only; no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+from wingspan.plotting import plt
 
 
 def plot_class_balance(counts: pd.Series, level: str, path: Path, many: int = 40) -> Path:

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from wingspan.config import AugmentConfig  # noqa: E402
-from wingspan.data.images import open_rgb  # noqa: E402
-from wingspan.data.samples import PATH, Dataset  # noqa: E402
-from wingspan.data.transforms import eval_transform, train_transform  # noqa: E402
+from wingspan.config import AugmentConfig
+from wingspan.data.images import open_rgb
+from wingspan.data.samples import PATH, Dataset
+from wingspan.data.transforms import eval_transform, train_transform
+from wingspan.plotting import plt
 
 
 def write_preview(dataset: Dataset, out: Path, config: AugmentConfig | None = None,

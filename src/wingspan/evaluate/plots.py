@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from wingspan.data.images import open_rgb  # noqa: E402
+from wingspan.data.images import open_rgb
+from wingspan.plotting import plt
 
 MANY = 30  # above this many classes the confusion matrix drops its labels
 
