@@ -97,9 +97,10 @@ def _frame(frame: pd.DataFrame, floats: str = "{:.3f}") -> str:
 
 
 def read(path: str | Path, format: str | None = None, group_regex: str | None = None,
-         strict: bool = False) -> Data:
+         strict: bool = False, check_files: bool = True) -> Data:
     """Read a dataset: a folder of class folders (with an optional taxonomy.csv and
     splits.csv), a CSV (path,label,...) or an ETHEC root, as `wingspan data ...` does.
+    `check_files=False` reads the labels only (e.g. ETHEC's split files without images).
 
     >>> data = ws.read("photos/")
     >>> data                      # in Jupyter: the classes per split
@@ -107,7 +108,8 @@ def read(path: str | Path, format: str | None = None, group_regex: str | None = 
     """
     from wingspan.data import read_dataset
 
-    config = ReadConfig(format=format, group_regex=group_regex, strict=strict)
+    config = ReadConfig(format=format, group_regex=group_regex, strict=strict,
+                        check_files=check_files)
     return Data(read_dataset(path, config))
 
 
@@ -488,7 +490,8 @@ class Run:
     def explain(self, images: str | Path | list[str | Path], out: str | Path | None = None,
                 device: str = "cpu") -> list[Image]:
         """Grad-CAM overlays (where the model looked for the class it predicted), as
-        `wingspan explain`; one PNG per image in `out` (default RUN/explain).
+        `wingspan explain`; one PNG per image in `out` (default RUN/explain). Images
+        that cannot be read are left out.
 
         >>> run.explain(["a.jpg"])[0]
         """
