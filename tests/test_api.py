@@ -181,3 +181,11 @@ def test_hierarchical_levels(demo_dir, tmp_path):
     ev = run.evaluate(split="val", quiet=True)
     assert set(ev.metrics["hierarchy"]["levels"]) == {"family", "label"}
     assert "Per level" in ev._repr_html_()
+
+
+def test_export_and_resume_are_the_cli_functions(run, tmp_path):
+    path = run.export(out=tmp_path / "model.onnx")
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert path.is_file() and meta["classes"]["label"] == run.classes
+    with pytest.raises(WingspanError, match="is finished; there is nothing to resume"):
+        ws.resume(run.dir)
