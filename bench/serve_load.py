@@ -134,7 +134,7 @@ def page_check(url: str, paths: list[str], screenshot: Path, n: int = 10) -> dic
 def smoke_run(work: Path) -> tuple[Path, Path]:
     from wingspan.data import read_dataset
     from wingspan.data.demo import generate_demo
-    from wingspan.train import train
+    from wingspan.training import train
 
     data = generate_demo(work / "demo", DemoConfig(image_size=64, images_per_class=(8,) * 4))
     config = TrainConfig(weights="none", image_size=32, epochs_head=1, epochs_finetune=0,

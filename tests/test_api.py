@@ -27,7 +27,7 @@ def run(demo_dir, tmp_path_factory):
 
 def test_import_is_light_and_train_is_the_function():
     code = ("import sys, wingspan as ws, wingspan.api; light = 'torch' not in sys.modules; "
-            "import wingspan.train.run; from wingspan import train; "
+            "import wingspan.training.run; from wingspan import train; "
             "print(light, ws.train is wingspan.api.train is train)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout

@@ -11,7 +11,7 @@ from PIL import Image
 from test_train import tiny
 
 from wingspan.data import read_dataset
-from wingspan.train import train
+from wingspan.training import train
 
 GOOD = (200, 120, 40)
 

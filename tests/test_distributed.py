@@ -17,8 +17,8 @@ from test_train import NUMBERS, history, tiny
 
 from wingspan.data import read_dataset
 from wingspan.models import load_bundle
-from wingspan.train import resume, train
-from wingspan.train.data import EpochBatches
+from wingspan.training import resume, train
+from wingspan.training.data import EpochBatches
 
 # Dropout off: each rank draws its masks from the same stream, so with dropout the two runs
 # differ by their masks (the data, weighting and gradients are the same). With it off the

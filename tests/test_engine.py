@@ -11,8 +11,8 @@ from wingspan.models import create_classifier, resolve_policy
 from wingspan.models import policy as policy_module
 from wingspan.models.engine import time_calls
 from wingspan.models.runtime import make_runner
-from wingspan.train import step as step_module
-from wingspan.train.step import choose_train
+from wingspan.training import step as step_module
+from wingspan.training.step import choose_train
 
 SLOW = {"torch-fp32": 0.02, "torch-bf16": 0.04, "onnx-fp32": 0.0}  # seconds added per call
 
@@ -179,7 +179,7 @@ def test_the_step_precision_is_guarded_when_frozen_passes_were_forced(machine, m
     """With --runtime onnx nothing timed bf16 for frozen passes; the step's choice must
     still check bf16's features against fp32's before it may train in it."""
     from wingspan.models.runtime import TorchRunner
-    from wingspan.train import step as step_module
+    from wingspan.training import step as step_module
 
     class Coarse(TorchRunner):  # a bf16 whose features come out wrong
         def __call__(self, x):
@@ -217,7 +217,7 @@ def test_a_run_uses_and_reports_the_engines_it_chose(demo_dir, tmp_path, monkeyp
 
     from wingspan.data import read_dataset
     from wingspan.inference import Predictor
-    from wingspan.train import train
+    from wingspan.training import train
 
     net, _ = create_classifier("test_efficientnet", {"label": 4}, "none")
     known = resolve_policy().choose_frozen(net, 32, 8)  # measured now if nothing is forced,

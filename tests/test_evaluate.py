@@ -16,7 +16,7 @@ from wingspan.evaluate.run import evaluate
 from wingspan.inference import Predictor
 from wingspan.models.bundle import read_manifest
 from wingspan.predict import predict, write_predictions
-from wingspan.train import train
+from wingspan.training import train
 
 
 @pytest.fixture(scope="module")

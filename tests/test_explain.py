@@ -6,7 +6,7 @@ from PIL import Image
 from test_train import tiny
 
 from wingspan.data import read_dataset
-from wingspan.train import train
+from wingspan.training import train
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 from test_train import tiny
 
 from wingspan.data import read_dataset
-from wingspan.train import train
+from wingspan.training import train
 
 # What the README shows: the exported model with onnxruntime, Pillow and numpy only.
 STANDALONE = """

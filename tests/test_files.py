@@ -35,7 +35,7 @@ def test_an_error_while_writing_removes_the_temporary_file(tmp_path):
 def test_a_full_cache_disk_does_not_make_images_unreadable(tmp_path, monkeypatch):
     from helpers import write_image
 
-    from wingspan.train import decode_cache
+    from wingspan.training import decode_cache
 
     image = write_image(tmp_path / "a.jpg", size=(40, 30), seed=1)
 

@@ -16,13 +16,13 @@ from wingspan.evaluate.run import evaluate
 from wingspan.inference import Predictor
 from wingspan.models.bundle import read_manifest
 from wingspan.predict import predict
-from wingspan.train import train
+from wingspan.training import train
 
 LEVELS = ["family", "genus", "label"]
 
 
 def test_level_weights_in_the_loss(demo_dir, tmp_path):
-    from wingspan.train.stages import loss_fn
+    from wingspan.training.stages import loss_fn
 
     run = _prepared_run(demo_dir, tmp_path, levels=LEVELS, level_weights=[1.0, 2.0, 3.0],
                         label_smoothing=0.0, class_weights="none")

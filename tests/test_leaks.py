@@ -11,7 +11,7 @@ from wingspan.data import read_dataset
 from wingspan.data.leaks import find_leaks, repair_leaks
 from wingspan.data.split import split_dataset
 from wingspan.errors import WingspanError
-from wingspan.train.prepare import ensure_splits
+from wingspan.training.prepare import ensure_splits
 
 
 @pytest.fixture

@@ -46,7 +46,7 @@ def test_predictions_agree_across_engines(demo_dir, tmp_path, engine):
     from test_train import tiny
 
     from wingspan.data import read_dataset
-    from wingspan.train import train
+    from wingspan.training import train
 
     config = tiny(tmp_path, epochs_head=2, epochs_finetune=0, val_fraction=0.25,
                   test_fraction=0.0)
@@ -71,7 +71,7 @@ def test_training_gives_the_same_history_on_either_runtime(demo_dir, tmp_path, m
 
     from wingspan.data import read_dataset
     from wingspan.models.backbone import Backbone
-    from wingspan.train import train
+    from wingspan.training import train
 
     made, splits = [], []
     real_init, real_split = OnnxRunner.__init__, Backbone.split_frozen

@@ -3,7 +3,7 @@
 import pytest
 
 from wingspan.models import create_classifier
-from wingspan.train.schedule import make_optimizer, make_scheduler
+from wingspan.training.schedule import make_optimizer, make_scheduler
 
 
 def test_layer_decay_per_unfrozen_stage_and_warmup_then_cosine():

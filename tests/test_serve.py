@@ -17,7 +17,7 @@ from test_train import tiny
 
 from wingspan.data import read_dataset
 from wingspan.serve import ServeLimits, create_app, serving_in_background
-from wingspan.train import train
+from wingspan.training import train
 
 
 @pytest.fixture(scope="module")

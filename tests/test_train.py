@@ -21,9 +21,9 @@ from wingspan.inference import Predictor
 from wingspan.models import load_bundle
 from wingspan.models.registry import BACKBONES, BackboneSpec
 from wingspan.parallel import local_fabric
-from wingspan.train import resume, train
-from wingspan.train.run import _start
-from wingspan.train.stages import finetune, loss_fn, train_head
+from wingspan.training import resume, train
+from wingspan.training.run import _start
+from wingspan.training.stages import finetune, loss_fn, train_head
 
 NUMBERS = ["train_loss", "train_acc", "train_macro_f1", "val_loss", "val_acc", "val_macro_f1"]
 
@@ -73,7 +73,7 @@ def test_same_seed_same_history(demo_dir, tmp_path):
 
 
 def _prepared_run(demo_dir, tmp_path, **changes):
-    from wingspan.train.prepare import ensure_splits
+    from wingspan.training.prepare import ensure_splits
 
     config = tiny(tmp_path, level="label", **changes)
     dataset = ensure_splits(read_dataset(demo_dir), "label", config, log=lambda _: None)
@@ -247,7 +247,7 @@ def test_a_class_missing_from_train_is_refused(tmp_path, demo_dir, selection, si
 
 def test_train_bn_reaches_the_model(tmp_path, demo_dir, monkeypatch):
     """--train-bn: the unfrozen BatchNorm layers learn batch statistics while fine-tuning."""
-    from wingspan.train import run as run_module
+    from wingspan.training import run as run_module
 
     stats, real = {}, run_module.finetune
 
@@ -288,7 +288,7 @@ def test_profile_writes_a_torch_profiler_trace_and_the_time_profile(demo_dir, tm
 
 
 def test_a_damaged_feature_cache_is_computed_again(demo_dir, tmp_path):
-    from wingspan.train.stages import extract_features
+    from wingspan.training.stages import extract_features
 
     run = _prepared_run(demo_dir, tmp_path)
     train_feats, val_feats = extract_features(run, 1)
@@ -317,7 +317,7 @@ def _with_broken_files(demo_dir, tmp_path):
 @pytest.mark.parametrize("feature_cache", [True, False])
 def test_unreadable_images_are_skipped_listed_and_training_goes_on(demo_dir, tmp_path,
                                                                    monkeypatch, feature_cache):
-    from wingspan.train import run as run_module
+    from wingspan.training import run as run_module
 
     data = _with_broken_files(demo_dir, tmp_path)
     dataset = read_dataset(data)

@@ -9,9 +9,6 @@ The names below come from `wingspan.api` when first used, so `import wingspan` s
 light (no torch until something needs it).
 """
 
-import sys
-import types
-
 __version__ = "0.1.0"
 
 _API = ("Data", "Evaluation", "Image", "Inspection", "Run", "demo_data", "load", "read",
@@ -37,22 +34,3 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted([*globals(), *__all__])
-
-
-class _Package(types.ModuleType):
-    """`wingspan.train` is the API's function although a subpackage has that name: importing
-    the subpackage sets the package's attribute to it, and this keeps the function. The
-    subpackage stays importable as `from wingspan.train import ...`."""
-
-    @property
-    def train(self):
-        from wingspan.api import train
-
-        return train
-
-    @train.setter
-    def train(self, submodule) -> None:
-        pass  # importlib announcing wingspan.train; sys.modules has it
-
-
-sys.modules[__name__].__class__ = _Package

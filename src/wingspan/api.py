@@ -293,7 +293,7 @@ def train(data: Data | Dataset | str | Path, config: TrainConfig | str | Path | 
     >>> run = ws.train(data, backbone="efficientnet_lite0", epochs_finetune=4)
     >>> run = ws.train("photos/", levels=["family", "species"], name="taxonomy")
     """
-    from wingspan.train import train as train_run
+    from wingspan.training import train as train_run
 
     if isinstance(config, TrainConfig):
         settings = {**dataclasses.asdict(config), **settings}
@@ -310,7 +310,7 @@ def resume(run: str | Path, quiet: bool = False, **machine) -> Run:
 
     >>> run = ws.resume("runs/big", devices=1)
     """
-    from wingspan.train import resume as resume_run
+    from wingspan.training import resume as resume_run
 
     return Run(resume_run(run, quiet=quiet, **machine))
 

@@ -324,7 +324,7 @@ def train_command(
     Writes runs/NAME with config.yaml, history.csv, metrics.json, checkpoints and the
     model bundle (runs/NAME/model).
     """
-    from wingspan.train import run as training
+    from wingspan.training import run as training
 
     if resume:  # only where it runs may change
         machine = {k: v for k, v in ctx.params.items() if k in training.MACHINE_SETTINGS
@@ -734,7 +734,7 @@ def demo(
     from wingspan.data.inspect import inspect_dataset, print_summary
     from wingspan.data.preview import write_preview
     from wingspan.data.split import split_and_sample
-    from wingspan.train import run as training
+    from wingspan.training import run as training
 
     config = DemoConfig(seed=seed)
     data_dir = generate_demo(out_dir / "data", config)

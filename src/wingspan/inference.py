@@ -20,7 +20,7 @@ from wingspan.data.transforms import eval_transform
 from wingspan.errors import WingspanError
 from wingspan.models import load_bundle, resolve_policy
 from wingspan.progress import track
-from wingspan.train.data import default_workers
+from wingspan.training.data import default_workers
 
 
 def find_bundle(model: str | Path) -> Path:

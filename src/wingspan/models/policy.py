@@ -7,7 +7,7 @@
   fp32, PyTorch bf16 (where the hardware has bf16) and ONNX Runtime fp32, timed on this
   machine the first time a model is used (`wingspan.models.engine`);
 - for the training step: PyTorch fp32, bf16 or (on GPUs) fp16 mixed precision, timed the
-  same way (`wingspan.train.step`) and run by Lightning Fabric (`wingspan.parallel`).
+  same way (`wingspan.training.step`) and run by Lightning Fabric (`wingspan.parallel`).
 `--precision` and `--runtime`, else $WINGSPAN_PRECISION and $WINGSPAN_RUNTIME, narrow the
 candidates; where one is left it is used without timing ("forced").
 """
@@ -174,7 +174,7 @@ class Policy:
 def resolve_policy(device: str = "auto", precision: str = "auto",
                    convolutional: bool = True, runtime: str = "auto") -> Policy:
     """The device and the candidate engines. Where a setting leaves one candidate it is
-    chosen; otherwise `choose_frozen` (and `wingspan.train.step.choose_train`) measure."""
+    chosen; otherwise `choose_frozen` (and `wingspan.training.step.choose_train`) measure."""
     precision, by_precision = _setting(precision, PRECISION_ENV, "precision")
     runtime, by_runtime = _setting(runtime, RUNTIME_ENV, "runtime")
     if precision != "auto" and precision not in PRECISIONS:

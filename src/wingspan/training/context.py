@@ -19,8 +19,8 @@ from wingspan.files import atomic_path, write_text
 from wingspan.models.classifier import Classifier
 from wingspan.models.policy import Policy
 from wingspan.parallel import gather_objects
-from wingspan.train.checkpoint import save_checkpoint
-from wingspan.train.data import LabelledImages
+from wingspan.training.checkpoint import save_checkpoint
+from wingspan.training.data import LabelledImages
 
 HISTORY_FIELDS = ["stage", "epoch", "train_loss", "train_acc", "train_macro_f1", "val_loss",
                   "val_acc", "val_macro_f1", "lr", "images_per_s", "seconds", "elapsed"]

@@ -17,9 +17,9 @@ from wingspan.data.taxonomy import Taxonomy
 from wingspan.data.transforms import eval_transform, train_transform
 from wingspan.errors import WingspanError
 from wingspan.models.classifier import Preprocessing
-from wingspan.train.context import TrainData
-from wingspan.train.data import LabelledImages
-from wingspan.train.decode_cache import DecodeCache
+from wingspan.training.context import TrainData
+from wingspan.training.data import LabelledImages
+from wingspan.training.decode_cache import DecodeCache
 
 
 def ensure_splits(dataset: Dataset, level: str, config: TrainConfig,

@@ -25,8 +25,8 @@ from wingspan.errors import WingspanError
 from wingspan.files import atomic_path
 from wingspan.parallel import gather_objects, gather_shards, shard
 from wingspan.progress import Bar, track
-from wingspan.train.context import Run
-from wingspan.train.data import (
+from wingspan.training.context import Run
+from wingspan.training.data import (
     VIEW_CHOICE,
     EpochBatches,
     LabelledImages,
@@ -35,8 +35,8 @@ from wingspan.train.data import (
     item_seed,
     make_loader,
 )
-from wingspan.train.schedule import make_optimizer, make_scheduler
-from wingspan.train.step import finetune_parts
+from wingspan.training.schedule import make_optimizer, make_scheduler
+from wingspan.training.step import finetune_parts
 
 # In a distributed run, how often (in steps) rank 0 is asked whether a checkpoint is due.
 CHECKPOINT_POLL_STEPS = 20

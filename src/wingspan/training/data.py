@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import tv_tensors
 
 from wingspan.errors import WingspanError
-from wingspan.train.decode_cache import DecodeCache
+from wingspan.training.decode_cache import DecodeCache
 
 # An item request: (sample index, epoch, view); the seed mixes all three.
 Request = tuple[int, int, int]
@@ -35,7 +35,7 @@ class LabelledImages(Dataset):
     """Labelled image files through the decode cache and a transform to `size` pixels. A
     file that cannot be read (broken, truncated, a decompression bomb, changed since the
     data was read) is not a crash: its item carries the reason, and `collate` leaves it out
-    of the batch, so training goes on and reports it (wingspan.train.stages)."""
+    of the batch, so training goes on and reports it (wingspan.training.stages)."""
 
     def __init__(self, paths: Sequence[str], labels: Sequence[int], transform: Callable,
                  cache: DecodeCache, seed: int, size: int):

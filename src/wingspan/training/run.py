@@ -34,17 +34,17 @@ from wingspan.models.classifier import Classifier
 from wingspan.models.factory import choose_backbone
 from wingspan.models.policy import Policy
 from wingspan.parallel import Processes, rank_seed
-from wingspan.train.checkpoint import load_checkpoint
-from wingspan.train.context import Run, RunState
-from wingspan.train.data import default_workers, fixed_batches, make_loader
-from wingspan.train.prepare import (
+from wingspan.training.checkpoint import load_checkpoint
+from wingspan.training.context import Run, RunState
+from wingspan.training.data import default_workers, fixed_batches, make_loader
+from wingspan.training.prepare import (
     build_train_data,
     ensure_splits,
     plan_labels,
     report_reading,
 )
-from wingspan.train.stages import finetune, train_head
-from wingspan.train.step import choose_train
+from wingspan.training.stages import finetune, train_head
+from wingspan.training.step import choose_train
 
 CONFIG_FILE, SPLITS_FILE = "config.yaml", "splits.csv"
 
