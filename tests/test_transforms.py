@@ -69,3 +69,25 @@ def test_the_config_names_every_policy_and_depends_on_nothing_above_it():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert eval(out) == ["wingspan.config", "wingspan.errors"]
+
+
+def test_small_on_clutter_pastes_the_photo_shrunk_on_a_blurred_copy(photo):
+    import numpy as np
+
+    from wingspan.data.transforms import SmallOnClutter
+
+    assert SmallOnClutter(p=0.0)(photo) is photo
+    torch.manual_seed(1)
+    out = SmallOnClutter(p=1.0, area=(0.25, 0.25))(photo)  # half of each side: 150 x 100
+    torch.manual_seed(1)  # the same draws, to know where it went
+    torch.rand(())
+    torch.empty(()).uniform_(0.25, 0.25)
+    x, y = int(torch.randint(0, 151, ())), int(torch.randint(0, 101, ()))
+    pixels = np.asarray(out)
+    assert out.size == photo.size
+    assert np.array_equal(pixels[y:y + 100, x:x + 150], np.asarray(photo.resize((150, 100))))
+    outside = pixels.copy()
+    outside[y:y + 100, x:x + 150] = np.asarray(photo)[y:y + 100, x:x + 150]
+    assert not np.array_equal(outside, np.asarray(photo))  # the rest is not the photo
+    assert np.abs(np.diff(pixels[:, :, 0].astype(int), axis=1)).mean() < np.abs(
+        np.diff(np.asarray(photo)[:, :, 0].astype(int), axis=1)).mean()  # blurred: smoother

@@ -286,7 +286,10 @@ def train_command(
     sampler: Annotated[str, typer.Option(help="shuffle | weighted.")] = T.sampler,
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing.")]
     = T.label_smoothing,
-    augment: Annotated[str, typer.Option(help="light | standard | strong.")] = T.augment,
+    augment: Annotated[str, typer.Option(
+        help="light | standard | strong | field (standard, plus the photo small and off-centre "
+        "on a blurred copy of itself half the time: for close crops meeting field photos)."
+    )] = T.augment,
     train_bn: Annotated[bool, typer.Option(
         help="Let unfrozen BatchNorm layers use batch statistics while fine-tuning (off: "
         "they keep ImageNet's, which did better on small batches).")] = T.train_bn,

@@ -16,7 +16,7 @@ from wingspan.errors import WingspanError
 # The augmentation policies (wingspan.data.transforms registers one for each name) and how
 # many species the demo can draw (wingspan.data.demo): here, so that the config depends on
 # nothing above it.
-AUGMENT_POLICIES = ("light", "standard", "strong")
+AUGMENT_POLICIES = ("light", "standard", "strong", "field")
 DEMO_SPECIES = 8
 # `--backbone auto`: the classic choice when its weights resolve, else the best of those
 # that install offline (pip packages), best first.
@@ -128,7 +128,7 @@ class SplitConfig:
 class AugmentConfig:
     """On-the-fly augmentation for training, and the evaluation transform."""
 
-    policy: str = "standard"  # light | standard | strong
+    policy: str = "standard"  # light | standard | strong | field
     image_size: int = 224
     eval_crop: float = 0.875  # resize to size / crop, then centre-crop `size` (timm's default)
 
@@ -259,7 +259,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     # both stages
     batch_size: int = 32
-    augment: str = "standard"  # light | standard | strong
+    augment: str = "standard"  # light | standard | strong | field
     class_weights: str = "auto"  # auto (balanced when imbalanced) | balanced | none
     imbalance_threshold: float = 1.5  # auto turns class weights on above this max/min ratio
     sampler: str = "shuffle"  # shuffle | weighted

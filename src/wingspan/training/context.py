@@ -26,6 +26,11 @@ HISTORY_FIELDS = ["stage", "epoch", "train_loss", "train_acc", "train_macro_f1",
                   "val_acc", "val_macro_f1", "lr", "images_per_s", "seconds", "elapsed"]
 
 
+# At an equal val macro-F1, a val loss lower by at least this is an improvement (less
+# would be noise: an epoch that changes nothing must still count against patience).
+TIE_LOSS_DELTA = 1e-3
+
+
 @dataclass
 class RunState:
     """Where a run is; saved in every checkpoint so a killed run picks up here."""
@@ -34,6 +39,7 @@ class RunState:
     epoch: int = 0  # next epoch of the stage
     step: int = 0  # batches already done in that epoch (stage 2 saves mid-epoch)
     best_f1: float = -1.0
+    best_loss: float = float("inf")  # breaks ties in best_f1
     best_stage: str = ""
     best_epoch: int = -1
     bad_epochs: int = 0  # epochs since the stage last improved (early stopping)
@@ -166,12 +172,19 @@ class Run:
         scheduler.step_update(steps_done)
         self.resume_from = None
 
-    def consider_best(self, f1: float, stage: str, epoch: int) -> bool:
-        """Keep the model if it has the best validation macro-F1 so far."""
-        if f1 <= self.state.best_f1:
+    def consider_best(self, f1: float, stage: str, epoch: int,
+                      loss: float = float("inf")) -> bool:
+        """Keep the model if it has the best validation macro-F1 so far, or the same with a
+        lower validation loss: on a small or easy val split the macro-F1 saturates (Leeds
+        reaches 1.0 in a few head epochs), and without the tie-break no fine-tuned epoch
+        could ever be kept."""
+        better = f1 > self.state.best_f1 or (
+            f1 == self.state.best_f1 and loss < self.state.best_loss - TIE_LOSS_DELTA)
+        if not better:
             self.state.bad_epochs += 1
             return False
         self.state.best_f1, self.state.best_stage, self.state.best_epoch = f1, stage, epoch
+        self.state.best_loss = loss
         self.state.bad_epochs = 0
         if self.is_main:
             save_checkpoint(self.checkpoints / "best.pt", {

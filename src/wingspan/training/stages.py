@@ -275,8 +275,8 @@ def train_head(run: Run) -> None:
         _end_epoch(run, "head", epoch, loss_sum / len(seen_idx), labels[seen_idx, -1],
                    preds[seen_idx], val, optimizer, len(seen_idx), time.perf_counter() - start)
         if state.bad_epochs >= config.patience and epoch + 1 < config.epochs_head:
-            run.log(f"Head stage stopped early: no better val macro-F1 in {config.patience} "
-                    "epochs")
+            run.log(f"Head stage stopped early: no better val macro-F1 (or val loss at an "
+                    f"equal one) in {config.patience} epochs")
             break
 
 
@@ -400,8 +400,8 @@ def finetune(run: Run) -> None:
                    optimizer, seen, time.perf_counter() - start + partial["seconds"],
                    seconds_train=seconds)
         if state.bad_epochs >= config.patience and epoch + 1 < config.epochs_finetune:
-            run.log(f"Fine-tuning stopped early: no better val macro-F1 in {config.patience} "
-                    "epochs")
+            run.log(f"Fine-tuning stopped early: no better val macro-F1 (or val loss at an "
+                    f"equal one) in {config.patience} epochs")
             break
 
 
@@ -502,7 +502,7 @@ def _end_epoch(run: Run, stage: str, epoch: int, train_loss: float, labels, pred
         "images_per_s": round(images / (seconds_train or seconds), 1),
         "seconds": round(seconds, 2),
     }
-    improved = run.consider_best(val["macro_f1"], stage, epoch + 1)
+    improved = run.consider_best(val["macro_f1"], stage, epoch + 1, val["loss"])
     run.state.stage_seconds[stage] = run.state.stage_seconds.get(stage, 0.0) + seconds
     row["elapsed"] = round(sum(run.state.stage_seconds.values()), 2)  # training time so far
     run.add_history(row)
