@@ -16,11 +16,13 @@ from wingspan.evaluate.calibration import expected_calibration_error
 
 
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str],
-                           ks: tuple[int, ...] = (3, 5)) -> dict:
+                           ks: tuple[int, ...] = (3, 5), truth_only: bool = False) -> dict:
     """Everything `wingspan evaluate` reports about one label level.
 
     `y_true` holds class indices into `classes`; `probs` is (N, C). Averages are over the
-    classes that occur in `y_true` or the predictions (scikit-learn's convention).
+    classes that occur in `y_true` or the predictions (scikit-learn's convention), or with
+    `truth_only` over those in `y_true` alone: for data holding a few of the model's
+    classes, where the others would each add an F1 of 0 to the macro average.
     """
     y_pred = probs.argmax(1)
     labels = np.arange(len(classes))
@@ -30,8 +32,9 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[
             result[f"top{k}_accuracy"] = float(top_k_accuracy_score(y_true, probs, k=k,
                                                                     labels=labels))
     for average in ("macro", "micro", "weighted"):
-        p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, average=average,
-                                                     zero_division=0)
+        p, r, f, _ = precision_recall_fscore_support(
+            y_true, y_pred, average=average, zero_division=0,
+            labels=np.unique(y_true) if truth_only else None)
         result[average] = {"precision": float(p), "recall": float(r), "f1": float(f)}
     result["cohen_kappa"] = float(cohen_kappa_score(y_true, y_pred, labels=labels))
     result["ece"] = expected_calibration_error(probs, y_true)

@@ -97,7 +97,8 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
                    "same_data_as_evaluation": split == "val" and data is None}
     probs = softmax(logits, predictor.temperature)
     classes = predictor.classes
-    metrics = classification_metrics(y, probs, classes)
+    # On other data holding some of the model's classes (--map), average over those.
+    metrics = classification_metrics(y, probs, classes, truth_only=bool(class_map))
     metrics.update(level=level, split=split, unreadable=failed, unknown_classes=unknown,
                    images_per_second=round(speed, 1), engine=predictor.policy.describe(),
                    ece_uncalibrated=expected_calibration_error(softmax(logits), y),
