@@ -179,7 +179,7 @@ class Data:
         from wingspan.data.inspect import inspect_dataset
 
         level = self.dataset.resolve_level(level)
-        out_dir = Path(out) if out else _data_dir(self.dataset)
+        out_dir = Path(out) if out else self.dataset.out_dir
         summary = inspect_dataset(self.dataset, out_dir, InspectConfig(tiny_px=tiny_px),
                                   check_images=not metadata_only, progress=not quiet)
         return Inspection(summary, out_dir, self.counts(level), level)
@@ -199,7 +199,7 @@ class Data:
 
         config = SplitConfig(val_fraction=val, test_fraction=test, seed=seed,
                              max_per_class=max_per_class, oversample_to=oversample_to)
-        out_dir = Path(out) if out else _data_dir(self.dataset)
+        out_dir = Path(out) if out else self.dataset.out_dir
         result = split_and_sample(self.dataset, out_dir, level, config)
         return Data(result.dataset, result.report)
 
@@ -215,7 +215,7 @@ class Data:
         from wingspan.data.preview import write_preview
 
         config = AugmentConfig(policy=augment, image_size=image_size)
-        out_dir = Path(out) if out else _data_dir(self.dataset)
+        out_dir = Path(out) if out else self.dataset.out_dir
         return Image(write_preview(self.dataset, out_dir / "preview.png", config, level,
                                    rows=rows, augmented=views, seed=seed))
 
@@ -239,10 +239,6 @@ class Data:
         parts.append(f"<b>Images per {self.dataset.default_level}</b>"
                      + _frame(self.counts().head(30)))
         return "<div>" + "".join(parts) + "</div>"
-
-
-def _data_dir(dataset: Dataset) -> Path:
-    return Path("runs") / "data" / dataset.name  # the CLI's default --out
 
 
 class Inspection:

@@ -93,10 +93,6 @@ def _read(data: Path, format: str | None, group_regex: str | None, strict: bool,
                                          check_files=check_files))
 
 
-def _out_dir(out_opt: Path | None, dataset) -> Path:
-    return out_opt or Path("runs") / "data" / dataset.name
-
-
 @app.callback(invoke_without_command=True)
 def _root(version: Annotated[bool, typer.Option("--version", help="Show the version.")] = False):
     if version:
@@ -123,7 +119,7 @@ def data_inspect(
 
     dataset = _read(data, format, group_regex, strict, check_files=not metadata_only)
     level = dataset.resolve_level(level)
-    target = _out_dir(out_dir, dataset)
+    target = out_dir or dataset.out_dir
     summary = inspect_dataset(dataset, target, InspectConfig(tiny_px=tiny_px),
                               check_images=not metadata_only, progress=not quiet)
     unreadable = summary.get("images", {}).get("unreadable", [])
@@ -163,7 +159,7 @@ def data_split(
     config = SplitConfig(val_fraction=val, test_fraction=test, seed=seed,
                          max_per_class=max_per_class, oversample_to=oversample_to)
     dataset = _read(data, format, group_regex, strict)
-    result = split_and_sample(dataset, _out_dir(out_dir, dataset), level, config)
+    result = split_and_sample(dataset, out_dir or dataset.out_dir, level, config)
     _print_split(result)
 
 
@@ -232,7 +228,7 @@ def data_preview(
 
     config = AugmentConfig(policy=augment, image_size=image_size)
     dataset = _read(data, format, group_regex, strict=False)
-    path = write_preview(dataset, _out_dir(out_dir, dataset) / "preview.png", config, level,
+    path = write_preview(dataset, (out_dir or dataset.out_dir) / "preview.png", config, level,
                          rows=rows, augmented=views, seed=seed)
     out.print(f"Wrote {path}")
 

@@ -54,6 +54,12 @@ class Dataset:
         return self.root.stem if self.root.is_file() else self.root.name
 
     @property
+    def out_dir(self) -> Path:
+        """Where `wingspan data inspect/split/preview` (and `Data` in the API) write for
+        this dataset unless told otherwise."""
+        return Path("runs") / "data" / self.name
+
+    @property
     def default_level(self) -> str:
         return self.levels[-1]
 
