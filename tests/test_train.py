@@ -22,6 +22,7 @@ from wingspan.models import load_bundle
 from wingspan.models.registry import BACKBONES, BackboneSpec
 from wingspan.parallel import local_fabric
 from wingspan.training import resume, train
+from wingspan.training.checkpoint import load_checkpoint
 from wingspan.training.run import _start
 from wingspan.training.stages import finetune, loss_fn, train_head
 
@@ -430,3 +431,18 @@ def test_data_with_its_own_val_keeps_it_apart_for_a_fair_score(demo_dir, tmp_pat
         assert {p for p, s in side.items() if s == "val"} == given_val
         assert "test" not in set(side.values())
         assert metrics["selection"]["unbiased_split"] is None and "No test split" in log
+
+
+def test_an_equal_val_macro_f1_with_a_clearly_lower_val_loss_is_kept(demo_dir, tmp_path):
+    """A saturated val split (macro-F1 1.0 early) must not pin the best model to the first
+    epoch that reached it; a loss change within noise still counts against patience."""
+    from wingspan.training.context import TIE_LOSS_DELTA
+
+    run = _prepared_run(demo_dir, tmp_path)
+    assert run.consider_best(1.0, "head", 3, loss=0.60)
+    assert not run.consider_best(1.0, "head", 4, loss=0.60 - TIE_LOSS_DELTA / 2)
+    assert run.state.bad_epochs == 1
+    assert run.consider_best(1.0, "finetune", 1, loss=0.55)
+    assert (run.state.best_stage, run.state.best_epoch, run.state.bad_epochs) == ("finetune", 1, 0)
+    assert not run.consider_best(0.9, "finetune", 2, loss=0.10)  # macro-F1 comes first
+    assert load_checkpoint(run.checkpoints / "best.pt")["stage"] == "finetune"
