@@ -48,6 +48,11 @@ def test_health_model_and_a_good_image(client):
     top = answer["top"]["label"]
     assert len(top) == 4 and sum(t["probability"] for t in top) == pytest.approx(1, abs=1e-5)
     assert [b["level"] for b in answer["branch"]] == ["family", "label"]
+    # The unknown answer: known down to a level of the branch, or "unknown"; and the score
+    # decides the finest level.
+    named = {b["level"]: b["class"] for b in answer["branch"]}
+    assert answer["answer"] == named.get(answer["known_level"], "unknown")
+    assert (answer["unknown_score"] <= answer["threshold"]) == (answer["known_level"] == "label")
     assert r.json()["latency_ms"] > 0
     assert client.get("/docs").status_code == 200
 
@@ -77,13 +82,13 @@ def test_bad_uploads_get_a_4xx_and_the_server_goes_on(client, tmp_path, name, da
 def test_concurrent_requests_are_batched(run_dir):
     app = create_app(run_dir, ServeLimits(batch_wait_ms=50), device="cpu")
     predictor = app.state.predictor
-    sizes, forward = [], predictor.forward
+    sizes, forward = [], predictor.forward_with_scores
 
     def counting(x):
         sizes.append(len(x))
         return forward(x)
 
-    predictor.forward = counting
+    predictor.forward_with_scores = counting
 
     async def many():
         transport = httpx.ASGITransport(app=app)

@@ -453,10 +453,12 @@ class Run:
                 precision: str = TrainConfig.precision, runtime: str = TrainConfig.runtime,
                 quiet: bool = False) -> pd.DataFrame:
         """Classes of image files, folders (searched recursively) and globs, as `wingspan
-        predict`. One row per image: path, class, probability (calibrated), branch (the
-        consistent taxonomic branch of a model with levels, e.g. "nymphalidae 0.98 >
-        monarch 0.95"), top (the top_k (class, probability) pairs) and error (why an
-        input was skipped).
+        predict`. One row per image: path, answer (the class, or "unknown" for an image
+        unlike every class the model knows; with levels, the class at the finest level
+        it is known at), class and probability (calibrated: the closest class, whatever
+        the answer), branch (the consistent taxonomic branch of a model with levels, e.g.
+        "nymphalidae 0.98 > monarch 0.95"), top (the top_k (class, probability) pairs),
+        unknown_score and error (why an input was skipped).
 
         >>> preds = run.predict(["a.jpg", "field/"])
         >>> preds[preds.probability < 0.5]
@@ -476,12 +478,14 @@ class Run:
             if "taxonomy" in row:  # the consistent branch is the prediction
                 _, best, p = row["taxonomy"][-1]
                 branch = " > ".join(f"{c} {q:.2f}" for _, c, q in row["taxonomy"])
-            rows.append({"path": row["path"], "class": best, "probability": p,
-                         "branch": branch, "top": row["top"], "error": ""})
-        rows += [{"path": path, "class": None, "probability": float("nan"), "branch": "",
-                  "top": [], "error": why} for path, why in result.failed]
-        return pd.DataFrame(rows, columns=["path", "class", "probability", "branch", "top",
-                                           "error"])
+            rows.append({"path": row["path"], "answer": row["answer"], "class": best,
+                         "probability": p, "branch": branch, "top": row["top"],
+                         "unknown_score": row.get("unknown_score", float("nan")), "error": ""})
+        rows += [{"path": path, "answer": None, "class": None, "probability": float("nan"),
+                  "branch": "", "top": [], "unknown_score": float("nan"), "error": why}
+                 for path, why in result.failed]
+        return pd.DataFrame(rows, columns=["path", "answer", "class", "probability", "branch",
+                                           "top", "unknown_score", "error"])
 
     def explain(self, images: str | Path | list[str | Path], out: str | Path | None = None,
                 device: str = "cpu") -> list[Image]:

@@ -18,6 +18,7 @@ from wingspan import __version__
 from wingspan.config import (
     MAX_PIXELS,
     MAX_PIXELS_ENV,
+    AuditConfig,
     AugmentConfig,
     DemoConfig,
     InspectConfig,
@@ -80,6 +81,9 @@ MaxPixels = Annotated[int | None, typer.Option(
     "--max-pixels", min=1, callback=_set_max_pixels, show_default=False,
     help=f"Pixel budget of one image (default {MAX_PIXELS / 1e6:.0f} MP): larger JPEGs are "
     "decoded reduced, other images refused.")]
+UnknownScoreOpt = Annotated[str | None, typer.Option(
+    help="The unknown score to use, of those the model holds: msp | energy | mahalanobis | "
+    "knn (default: the one chosen at training).", show_default=False)]
 Precision = Annotated[str, typer.Option(
     help="auto (measured, like --runtime) | fp32 | bf16 | fp16. $WINGSPAN_PRECISION sets "
     "auto.")]
@@ -189,6 +193,51 @@ def _some(items, n: int = 8) -> str:
     return ", ".join(map(str, items[:n])) + (f" ... (+{len(items) - n})" if len(items) > n else "")
 
 
+@data_app.command("audit")
+def data_audit(
+    data: Data, level: Level = None,
+    backbone: Annotated[str, typer.Option(
+        help="Frozen ImageNet features from this backbone (auto: as train).")]
+    = AuditConfig.backbone,
+    folds: Annotated[int, typer.Option(help="Folds of the out-of-fold probabilities.")]
+    = AuditConfig.folds,
+    similarity: Annotated[float, typer.Option(
+        help="Cosine similarity of features at which two images are near-duplicates.")]
+    = AuditConfig.duplicate_similarity,
+    gallery: Annotated[int, typer.Option(help="Suspect images shown in audit.html.")]
+    = AuditConfig.gallery,
+    device: DeviceOpt = AuditConfig.device,
+    format: Format = None, group_regex: GroupRegex = None, out_dir: OutDir = None,
+    quiet: Quiet = False,
+) -> None:
+    """Find likely label errors (confident learning on out-of-fold probabilities, with
+    cleanlab) and near-duplicate images within and across splits.
+
+    Writes audit.csv (every image, most suspect first), duplicates.csv and audit.html.
+    """
+    from rich.table import Table
+
+    from wingspan.data.audit import audit_dataset
+
+    config = AuditConfig(backbone=backbone, folds=folds, duplicate_similarity=similarity,
+                         gallery=gallery, device=device)
+    dataset = _read(data, format, group_regex, strict=False)
+    result = audit_dataset(dataset, out_dir or dataset.out_dir, level, config,
+                           progress=not quiet)
+    issues, dups = result.issues, result.duplicates
+    table = Table("rank", "image", "label", "looks like", "label quality",
+                  title=f"Most suspect labels ({int(issues['flagged'].sum())} of {len(issues)} "
+                  "flagged by cleanlab)")
+    for r in issues.head(15).itertuples():
+        table.add_row(str(r.rank), r.path, r.label,
+                      f"{r.suspected} ({r.suspected_probability:.2f})", f"{r.label_quality:.3f}")
+    out.print(table)
+    out.print(f"{len(dups)} near-duplicate pairs (similarity >= {similarity}), "
+              f"{int(dups['across_splits'].sum())} across splits, "
+              f"{int(dups['labels_differ'].sum())} with different labels")
+    out.print(f"Wrote {result.csv}, {result.duplicates_csv} and {result.html}")
+
+
 @data_app.command("download")
 def download_command(
     name: Annotated[str, typer.Argument(help="The dataset: ethec.", show_default=False)],
@@ -277,6 +326,15 @@ def train_command(
         help="holdout (data with its own val but no test: that val becomes the test split, "
         "scored fairly, and epochs are chosen on a part of train) | val (choose on the "
         "data's val; its score is then optimistic).")] = T.selection,
+    holdout_classes: Annotated[str | None, typer.Option(
+        help="Leave these classes out of training (comma-separated) and score their images "
+        "as unknowns at the end: the open-set check without a second dataset.")] = None,
+    unknown_score: Annotated[str, typer.Option(
+        help="The default score for \"unknown\": msp | energy | mahalanobis | knn (all are "
+        "fitted; predict --unknown-score picks another).")] = T.unknown_score,
+    unknown_rate: Annotated[float, typer.Option(
+        help="Share of known images the unknown threshold may turn away (set on val).")]
+    = T.unknown_rate,
     class_weights: Annotated[str, typer.Option(
         help="auto (balanced when imbalanced) | balanced | none.")] = T.class_weights,
     sampler: Annotated[str, typer.Option(help="shuffle | weighted.")] = T.sampler,
@@ -336,6 +394,9 @@ def train_command(
         params = dict(ctx.params)
         if levels:
             params["levels"] = [lv.strip() for lv in levels.split(",") if lv.strip()]
+        if holdout_classes:
+            params["holdout_classes"] = [c.strip() for c in holdout_classes.split(",")
+                                         if c.strip()]
         if level_weights:
             try:
                 params["level_weights"] = [float(w) for w in level_weights.split(",")]
@@ -391,6 +452,11 @@ def evaluate_command(
     class_map: Annotated[list[str] | None, typer.Option(
         "--map", help="MODEL_CLASS=DATA_CLASS (repeat, or separate with commas): evaluate on "
         "data that names classes differently; the report shows each class's drop.")] = None,
+    unknown: Annotated[Path | None, typer.Option(
+        help="A folder of images of classes the model never saw: how well it answers "
+        "\"unknown\" (AUROC, FPR at 95% TPR, the cost to known classes).",
+        show_default=False)] = None,
+    unknown_score: UnknownScoreOpt = None,
     quiet: Quiet = False,
 ) -> None:
     """Metrics, confusion matrix, curves, mistakes, calibration and an HTML report. The
@@ -399,8 +465,25 @@ def evaluate_command(
 
     result = evaluate(model, data, split, out_dir, progress=not quiet,
                       batch_size=batch_size, runtime=runtime, precision=precision,
-                      device=device, class_map=_pairs(class_map or [], "--map"))
+                      device=device, class_map=_pairs(class_map or [], "--map"),
+                      unknown=unknown, unknown_score=unknown_score)
     _print_evaluation(result)
+
+
+def _print_unknown(u: dict) -> None:
+    from rich.table import Table
+
+    table = Table("score", "AUROC", "FPR at 95% TPR", title=f"Unknown images: "
+                  f"{u['unseen_images']} of unseen classes against the known ones")
+    for name, v in u["scores"].items():
+        mark = " (in use)" if name == u["score"] else ""
+        table.add_row(name + mark, f"{v['auroc']:.4f}", f"{v['fpr95']:.4f}")
+    out.print(table)
+    out.print(f"At the threshold ({u['score']} > {u['threshold']:.4g}): "
+              f"{u['unseen_flagged']:.1%} of unseen images answered unknown, "
+              f"{u['known_turned_away']:.1%} of known ones; known macro-F1 "
+              f"{u['known_macro_f1']:.4f} -> {u['known_macro_f1_with_unknown']:.4f}, open-set "
+              f"macro-F1 {u['open_macro_f1_without_unknown']:.4f} -> {u['open_macro_f1']:.4f}")
 
 
 def _pairs(items: list[str], option: str) -> dict[str, str]:
@@ -459,6 +542,8 @@ def _print_evaluation(result) -> None:
                              *(f"{r[k]:.3f}" for k in ("recall on own data", "recall here",
                                                        "drop")), str(r["images here"]))
         out.print(transfer)
+    if m.get("unknown"):
+        _print_unknown(m["unknown"])
     if m.get("hierarchy"):
         h = m["hierarchy"]
         levels = Table("method", *h["levels"], title="Micro-F1 per level")
@@ -495,10 +580,13 @@ def predict_command(
     precision: Precision = T.precision,
     runtime: Runtime = T.runtime,
     max_pixels: MaxPixels = None,
+    unknown_score: UnknownScoreOpt = None,
     quiet: Quiet = False,
 ) -> None:
-    """Predict the classes of images, with calibrated probabilities. With --devices N (or
-    under torchrun) the images are shared among the processes; one merged, ordered output."""
+    """Predict the classes of images, with calibrated probabilities; an image unlike
+    every class the model knows is answered "unknown" (its closest class stays in the
+    output). With --devices N (or under torchrun) the images are shared among the
+    processes; one merged, ordered output."""
     from rich.table import Table
 
     from wingspan.inference import Predictor
@@ -514,7 +602,8 @@ def predict_command(
     main = fabric is None or fabric.is_global_zero
     quiet = quiet or not main
     predictor = Predictor(model, device=device, batch_size=batch_size, runtime=runtime,
-                          precision=precision, progress=not quiet, fabric=fabric)
+                          precision=precision, progress=not quiet, fabric=fabric,
+                          unknown_score=unknown_score)
     if not quiet:
         err.print(f"Engine: {predictor.policy.describe()}"
                   + (f"; {fabric.world_size} processes" if fabric else ""), highlight=False)
@@ -531,6 +620,11 @@ def predict_command(
             detail = " > ".join(f"{c} {q:.2f}" for _, c, q in row["taxonomy"])
         else:
             detail = ", ".join(f"{c} {q:.2f}" for c, q in rest)
+        if row["answer"] != best:  # unknown here, or known only at a coarser level
+            level = f" ({row['known_level']})" if row["known_level"] else ""
+            detail = (f"closest: {best}; unknown score {row['unknown_score']:.3g} > "
+                      f"{row['threshold']:.3g}; " + detail)
+            best = f"[yellow]{row['answer']}[/]{level}"
         table.add_row(row["path"], best, f"{p:.3f}", detail)
     if len(result.rows) > 50:
         table.caption = f"first 50 of {len(result.rows)}; --output FILE writes all"
@@ -542,6 +636,12 @@ def predict_command(
     if output:
         write_predictions(result, output)
         out.print(f"Wrote {output}")
+    unknown = sum(r["answer"] != (r["taxonomy"][-1][1] if hierarchical else r["top"][0][0])
+                  for r in result.rows)
+    if unknown:
+        out.print(f"{unknown} images are unlike the classes the model knows (unknown score "
+                  f"'{predictor.unknown_score}' above the threshold that turns away "
+                  f"{predictor.unknown.rate:.0%} of known val images)")
     if not result.rows:
         raise WingspanError("No image could be predicted.", hint="Check the paths given.")
 

@@ -21,6 +21,9 @@ DEMO_SPECIES = 8
 # `--backbone auto`: the classic choice when its weights resolve, else the best of those
 # that install offline (pip packages), best first.
 DEFAULT_BACKBONE = "resnet50"
+# Out-of-distribution scores a bundle carries (wingspan.models.unknown); the default is
+# TrainConfig.unknown_score.
+UNKNOWN_SCORES = ("msp", "energy", "mahalanobis", "knn")
 OFFLINE_BACKBONES = ("efficientnet_lite2", "efficientnet_lite0")
 # The pixel budget of one image (about 50 MP; a decoded pixel takes 3-4 bytes, several
 # times over while converting). $WINGSPAN_MAX_PIXELS (or --max-pixels) changes it.
@@ -88,6 +91,36 @@ class InspectConfig:
         _check_types(self)
         _check(self.tiny_px >= 1, "tiny_px", "a positive number of pixels", self.tiny_px)
         _check(self.workers >= 1, "workers", "at least 1", self.workers)
+
+
+@dataclass
+class AuditConfig:
+    """What `data audit` looks for: likely label errors and near-duplicates."""
+
+    backbone: str = "auto"  # frozen ImageNet features (auto: as TrainConfig.backbone)
+    weights: str = "auto"
+    device: str = "auto"
+    batch_size: int = 32
+    folds: int = 5  # out-of-fold probabilities: each image scored by a head that never saw it
+    c: float = 1.0  # the logistic head's inverse regularisation (scikit-learn's C)
+    seed: int = 0
+    # Near-duplicates: perceptual hashes at most this many bits apart of 64 (a resized or
+    # re-encoded copy), or features at least this cosine-similar (copies of real photos
+    # measured 0.90-0.995; the closest distinct Leeds photos 0.93)
+    hash_distance: int = 6
+    duplicate_similarity: float = 0.96
+    gallery: int = 60  # suspect images shown in audit.html
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _check(self.folds >= 2, "folds", "at least 2", self.folds)
+        _check(0 <= self.hash_distance <= 64, "hash_distance", "0 to 64 bits",
+               self.hash_distance)
+        _check(self.c > 0, "c", "a positive number", self.c)
+        _check(0 < self.duplicate_similarity <= 1, "duplicate_similarity", "in (0, 1]",
+               self.duplicate_similarity)
+        _check(self.batch_size >= 1 and self.gallery >= 0, "batch_size / gallery",
+               "positive", (self.batch_size, self.gallery))
 
 
 @dataclass
@@ -233,6 +266,9 @@ class TrainConfig:
     # but no test keeps that val as the test split and chooses on val_fraction of train
     # carved out for it. val: choose on the data's val (no unbiased score for such data).
     selection: str = "holdout"
+    # Classes left out of training and scored as unknowns at the end (the open-set check
+    # without a second dataset): their images are in no split.
+    holdout_classes: list[str] | None = None
     # model
     # auto: DEFAULT_BACKBONE when its ImageNet weights resolve (cached, installed or
     # downloadable), else the first of OFFLINE_BACKBONES whose weights are installed.
@@ -279,6 +315,10 @@ class TrainConfig:
     checkpoint_minutes: float = 5.0  # also checkpoint inside long epochs
     strict: bool = False  # an unreadable image stops training instead of being skipped
     profile: bool = False  # write a torch.profiler trace of a few fine-tuning steps
+    # "unknown": the score (one of UNKNOWN_SCORES; the bundle holds them all) and the share
+    # of known val images it may turn away, which sets its threshold
+    unknown_score: str = "mahalanobis"
+    unknown_rate: float = 0.05
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -326,6 +366,10 @@ class TrainConfig:
             _check(all(w >= 0 for w in self.level_weights) and sum(self.level_weights) > 0,
                    "level_weights", "non-negative with a positive sum", self.level_weights)
         _check(self.rare_below >= 0, "rare_below", "0 or more", self.rare_below)
+        _check(self.unknown_score in UNKNOWN_SCORES, "unknown_score",
+               f"one of {list(UNKNOWN_SCORES)}", self.unknown_score)
+        _check(0 < self.unknown_rate < 1, "unknown_rate", "between 0 and 1, e.g. 0.05",
+               self.unknown_rate)
 
     @property
     def trained_levels(self) -> list[str]:

@@ -19,6 +19,7 @@ from wingspan.data.taxonomy import Taxonomy
 from wingspan.data.transforms import eval_transform
 from wingspan.errors import WingspanError
 from wingspan.models import load_bundle, resolve_policy
+from wingspan.models.unknown import deepest_known
 from wingspan.progress import track
 from wingspan.training.data import default_workers
 
@@ -58,6 +59,9 @@ class Prediction:
     logits: np.ndarray | None
     error: str = ""
     heads: dict[str, np.ndarray] | None = None  # each coarser level's own head (softmax)
+    unknown: dict[str, float] | None = None  # the unknown score per level (higher: less known)
+    known_level: str | None = None  # the finest level that passes its threshold (None: none)
+    every_score: dict[str, float] | None = None  # finest level, each score (run(every_score))
 
 
 class Predictor:
@@ -67,9 +71,15 @@ class Predictor:
 
     def __init__(self, model: str | Path, device: str = "auto", precision: str = "auto",
                  batch_size: int = 32, workers: int | None = None, runtime: str = "auto",
-                 progress: bool = False, fabric=None):
+                 progress: bool = False, fabric=None, unknown_score: str | None = None):
         self.bundle = find_bundle(model)
-        self.model, self.manifest = load_bundle(self.bundle)
+        self.model, self.manifest, self.unknown = load_bundle(self.bundle, with_unknown=True)
+        if unknown_score and self.unknown is None:
+            raise WingspanError(f"The model {self.bundle} has no unknown scores.",
+                                hint="Models trained before wingspan 0.x lack them: retrain.")
+        # The score this predictor uses (the bundle's default unless another is asked for).
+        self.unknown_score = (self.unknown.check_score(unknown_score or self.unknown.score)
+                              if self.unknown else None)
         self.level = list(self.manifest["classes"])[-1]
         self.classes: list[str] = self.manifest["classes"][self.level]
         self.temperature = float(self.manifest.get("calibration", {}).get("temperature", 1.0))
@@ -95,7 +105,44 @@ class Predictor:
         self.norm = {"mean": tuple(pre["mean"]), "std": tuple(pre["std"]),
                      "interpolation": pre["interpolation"]}
         self.images_per_second = 0.0
-        self.forward = self.policy.runner(self.model, self.size, self.model.levels)
+        # The backbone runs on the chosen engine; the small head, in fp32 PyTorch, also
+        # gives the unknown scores their features.
+        self.extract = self.policy.runner(self.model.feature_extractor(), self.size)
+        self._head_device = next(self.model.head.parameters()).device
+
+    def heads(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Pooled features -> float32 logits per level, on the CPU."""
+        with torch.inference_mode():
+            out = self.model.head(features.to(self._head_device).float())
+        return {lv: v.float().cpu() for lv, v in out.items()}
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Preprocessed images -> logits per level (float32, CPU)."""
+        return self.heads(self.extract(images))
+
+    def forward_with_scores(self, images: torch.Tensor):
+        """Preprocessed images -> (logits per level, unknown scores per level or None)."""
+        feats = self.extract(images).float()
+        outputs = self.heads(feats)
+        return outputs, self.unknown_scores(feats, outputs)
+
+    @property
+    def thresholds(self) -> dict[str, float] | None:
+        """Each level's unknown threshold for the score in use."""
+        return self.unknown.thresholds[self.unknown_score] if self.unknown else None
+
+    def unknown_scores(self, features: torch.Tensor, logits: dict[str, torch.Tensor]
+                       ) -> dict[str, np.ndarray] | None:
+        """Per level, each image's unknown score (None for a bundle without scores)."""
+        if self.unknown is None:
+            return None
+        return self.unknown.scores(features, logits, self.unknown_score)
+
+    def known_level(self, scores: dict[str, float] | None) -> str | None:
+        """The finest level an image's scores pass (all levels when there are none)."""
+        if scores is None:
+            return self.level
+        return deepest_known(self.model.levels, scores, self.thresholds)
 
     @property
     def draft(self) -> int:
@@ -113,9 +160,11 @@ class Predictor:
         return [clean, v2.Compose([clean, flip]), wide, v2.Compose([wide, flip])]
 
     @torch.inference_mode()
-    def run(self, paths: Sequence[str], tta: bool = False, progress: bool = True
-            ) -> Iterator[Prediction]:
-        """Predictions for each path, in order, a batch at a time (memory stays flat)."""
+    def run(self, paths: Sequence[str], tta: bool = False, progress: bool = True,
+            every_score: bool = False) -> Iterator[Prediction]:
+        """Predictions for each path, in order, a batch at a time (memory stays flat). With
+        `every_score`, each prediction also holds every unknown score of the finest level
+        (to compare them)."""
         views = self.views(tta)
         loader = DataLoader(_Images(paths, views, self.size, self.draft),
                             batch_size=self.batch_size, num_workers=self.workers,
@@ -124,8 +173,15 @@ class Predictor:
         start, done, i = time.perf_counter(), 0, 0
         for x, errors in track(loader, "Predicting", total=len(loader), enabled=progress):
             n, k = x.shape[:2]
-            outputs = self.forward(x.flatten(0, 1))
-            logits = outputs[self.level].float().cpu().view(n, k, -1)
+            feats = self.extract(x.flatten(0, 1)).float()
+            outputs = self.heads(feats)
+            logits = outputs[self.level].view(n, k, -1)
+            # With TTA, the views' mean features and logits are scored.
+            mean_feats = feats.view(n, k, -1).mean(1)
+            mean_outputs = {lv: o.view(n, k, -1).mean(1) for lv, o in outputs.items()}
+            unknown = self.unknown_scores(mean_feats, mean_outputs)
+            every = (self.unknown.scores(mean_feats, mean_outputs, every=True)
+                     if every_score and self.unknown else None)
             probs = torch.softmax(logits / self.temperature, -1).mean(1).numpy()
             mean_logits = logits.mean(1).numpy()
             heads = {lv: torch.softmax(o.float().cpu().view(n, k, -1), -1).mean(1).numpy()
@@ -134,8 +190,14 @@ class Predictor:
                 if errors[j]:
                     yield Prediction(paths[i], None, None, errors[j])
                 else:
+                    scores = ({lv: float(u[j]) for lv, u in unknown.items()}
+                              if unknown else None)
                     yield Prediction(paths[i], probs[j], mean_logits[j],
-                                     heads={lv: h[j] for lv, h in heads.items()} or None)
+                                     heads={lv: h[j] for lv, h in heads.items()} or None,
+                                     unknown=scores, known_level=self.known_level(scores),
+                                     every_score={name: float(v[self.level][j])
+                                                  for name, v in every.items()}
+                                     if every else None)
                 i += 1
             done += n
         self.images_per_second = done / max(time.perf_counter() - start, 1e-9)

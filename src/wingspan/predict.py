@@ -11,7 +11,11 @@ from pathlib import Path
 from wingspan.config import IMAGE_EXTENSIONS
 from wingspan.files import atomic_path, write_text
 from wingspan.inference import Prediction, Predictor
+from wingspan.models.unknown import UNKNOWN
 from wingspan.parallel import gather_to_main, interleave, shard
+
+# What the unknown scores add to each prediction (see `answer`).
+UNKNOWN_KEYS = ("answer", "known_level", "unknown_score", "threshold")
 
 
 def expand_paths(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -79,9 +83,25 @@ def predict(predictor: Predictor, inputs: list[str], top_k: int = 3, tta: bool =
         row = {"path": p.path, "top": [(predictor.classes[c], float(p.probs[c])) for c in order]}
         if predictor.taxonomy:
             row["taxonomy"] = taxonomy_path(predictor.taxonomy, p.probs)
+        row.update(answer(predictor, p, row))
         result.rows.append(row)
     result.images_per_second = predictor.images_per_second
     return result
+
+
+def answer(predictor: Predictor, p: Prediction, row: dict) -> dict:
+    """What to tell the user: the class at the finest level the image is known at (its
+    branch's class there), else "unknown"; with the score and the threshold it met."""
+    known = p.known_level
+    if predictor.taxonomy:
+        named = dict((lv, c) for lv, c, _ in row["taxonomy"])
+    else:
+        named = {predictor.level: row["top"][0][0]}
+    out = {"answer": named[known] if known else UNKNOWN, "known_level": known}
+    if p.unknown:
+        out["unknown_score"] = p.unknown[predictor.level]
+        out["threshold"] = predictor.thresholds[predictor.level]
+    return out
 
 
 def write_predictions(result: PredictResult, path: Path) -> None:
@@ -93,7 +113,8 @@ def write_predictions(result: PredictResult, path: Path) -> None:
                                                          for c, p in r["top"]],
                              **({"taxonomy": [{"level": lv, "class": c, "probability": p}
                                               for lv, c, p in r["taxonomy"]]}
-                                if "taxonomy" in r else {})}
+                                if "taxonomy" in r else {}),
+                             **{key: r[key] for key in UNKNOWN_KEYS if key in r}}
                             for r in result.rows],
             "failed": [{"path": f, "error": e} for f, e in result.failed]}, indent=2))
         return
@@ -101,8 +122,14 @@ def write_predictions(result: PredictResult, path: Path) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", *[x for i in range(1, k + 1) for x in (f"class_{i}",
-                                                                         f"prob_{i}")], "error"])
+                                                                         f"prob_{i}")],
+                         *UNKNOWN_KEYS, "error"])
         for r in result.rows:
-            writer.writerow([r["path"], *[x for c, p in r["top"] for x in (c, f"{p:.6f}")], ""])
+            writer.writerow([r["path"], *[x for c, p in r["top"] for x in (c, f"{p:.6f}")],
+                             *[_cell(r.get(key)) for key in UNKNOWN_KEYS], ""])
         for f_, e in result.failed:
-            writer.writerow([f_, *[""] * (2 * k), e])
+            writer.writerow([f_, *[""] * (2 * k + len(UNKNOWN_KEYS)), e])
+
+
+def _cell(value) -> str:
+    return "" if value is None else f"{value:.6g}" if isinstance(value, float) else str(value)

@@ -35,6 +35,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from wingspan.data.images import max_pixels
 from wingspan.errors import WingspanError
 from wingspan.inference import Predictor
+from wingspan.models.unknown import UNKNOWN
 from wingspan.predict import taxonomy_path
 
 
@@ -79,7 +80,7 @@ class _Batcher:
                     break
             x = torch.stack([image for image, _ in batch])
             try:
-                outputs = await asyncio.to_thread(self.predictor.forward, x)
+                outputs, scores = await asyncio.to_thread(self.predictor.forward_with_scores, x)
             except Exception as e:  # noqa: BLE001 - every waiting request hears of it
                 for _, done in batch:
                     if not done.done():
@@ -87,7 +88,9 @@ class _Batcher:
                 continue
             for i, (_, done) in enumerate(batch):
                 if not done.done():
-                    done.set_result({lv: o[i].float().numpy() for lv, o in outputs.items()})
+                    done.set_result(({lv: o[i].float().numpy() for lv, o in outputs.items()},
+                                     {lv: float(v[i]) for lv, v in scores.items()}
+                                     if scores else None))
 
 
 def create_app(model: str | Path, limits: ServeLimits | None = None, device: str = "auto"):
@@ -165,8 +168,8 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
             raise HTTPException(413, f"{upload.filename}: over {limits.max_bytes} bytes.")
         # Decoding and resizing run on worker threads, so the event loop keeps accepting.
         x = await asyncio.to_thread(_prepare, upload.filename, data)
-        outputs = await batcher.run(x)
-        return _answer(predictor, upload.filename, outputs, limits.top_k)
+        outputs, scores = await batcher.run(x)
+        return _answer(predictor, upload.filename, outputs, scores, limits.top_k)
 
     return app
 
@@ -203,16 +206,25 @@ def _explain_png(predictor: Predictor, x: torch.Tensor, target: str | None) -> b
 
 
 def _answer(predictor: Predictor, name: str | None, outputs: dict[str, np.ndarray],
-            top_k: int) -> dict:
+            scores: dict[str, float] | None, top_k: int) -> dict:
     logits = outputs[predictor.level]
     probs = torch.softmax(torch.from_numpy(logits) / predictor.temperature, 0).numpy()
     order = probs.argsort()[::-1][:top_k]
     levels = {predictor.level: [{"class": predictor.classes[i], "probability": float(probs[i])}
                                 for i in order]}
     answer = {"file": name, "top": levels}
-    if predictor.taxonomy:
-        answer["branch"] = [{"level": lv, "class": c, "probability": p}
-                            for lv, c, p in taxonomy_path(predictor.taxonomy, probs)]
+    branch = taxonomy_path(predictor.taxonomy, probs) if predictor.taxonomy else []
+    if branch:
+        answer["branch"] = [{"level": lv, "class": c, "probability": p} for lv, c, p in branch]
+    # The class at the finest level the image passes the unknown threshold at, else
+    # "unknown"; the closest class stays in `top`.
+    known = predictor.known_level(scores)
+    named = {lv: c for lv, c, _ in branch} or {predictor.level: predictor.classes[order[0]]}
+    answer["answer"] = named[known] if known else UNKNOWN
+    answer["known_level"] = known
+    if scores:
+        answer["unknown_score"] = scores[predictor.level]
+        answer["threshold"] = predictor.thresholds[predictor.level]
     return answer
 
 

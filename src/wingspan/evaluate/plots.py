@@ -121,3 +121,22 @@ def plot_reliability(before: dict, after: dict, ece: tuple[float, float], path: 
     axes[0].set_ylabel("accuracy")
     axes[0].legend(loc="upper left", fontsize=8)
     return _save(fig, path)
+
+
+def plot_unknown_scores(known: np.ndarray, unknown: np.ndarray, threshold: float,
+                        score: str, path: Path) -> Path:
+    """The unknown score of known-class images against images of classes never seen, with
+    the threshold: what lies right of it is answered "unknown"."""
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    both = np.concatenate([known, unknown])
+    lo, hi = np.quantile(both, [0.0, 0.995])
+    bins = np.linspace(lo, hi if hi > lo else lo + 1, 40)
+    ax.hist(np.clip(known, lo, hi), bins=bins, alpha=0.6, density=True,
+            label=f"known classes ({len(known)})", color="C0")
+    ax.hist(np.clip(unknown, lo, hi), bins=bins, alpha=0.6, density=True,
+            label=f"unseen classes ({len(unknown)})", color="C3")
+    ax.axvline(threshold, color="k", ls="--", lw=1, label="threshold")
+    ax.set_xlabel(f"unknown score ({score}; higher = less like the training images)")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=8)
+    return _save(fig, path)

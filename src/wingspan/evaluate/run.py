@@ -31,6 +31,7 @@ from wingspan.evaluate.metrics import (
     most_confused,
     per_class_table,
 )
+from wingspan.evaluate.openset import openset_metrics, separation
 from wingspan.evaluate.report import write_report
 from wingspan.files import atomic_path, write_text
 from wingspan.inference import Predictor
@@ -48,13 +49,21 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
              out: str | Path | None = None, progress: bool = True,
              batch_size: int = 32, workers: int | None = None, runtime: str = "auto",
              precision: str = "auto", device: str = "auto",
-             class_map: dict[str, str] | None = None) -> Evaluation:
+             class_map: dict[str, str] | None = None,
+             unknown: str | Path | list[str] | None = None,
+             unknown_score: str | None = None) -> Evaluation:
     """Evaluate a model on a split of its own data or of DATA. `class_map` {model class:
     DATA's class} evaluates on another dataset whose names differ (the same names match
     anyway); the report then sets each class's recall there beside its recall on the
-    run's own data: the drop that the change of data costs."""
+    run's own data: the drop that the change of data costs. `unknown`: a folder (or image
+    paths) of classes the model never saw, scored against the known images (AUROC,
+    FPR95, what the threshold costs; every score side by side)."""
     predictor = Predictor(model, device=device, batch_size=batch_size, workers=workers,
-                          runtime=runtime, precision=precision, progress=progress)
+                          runtime=runtime, precision=precision, progress=progress,
+                          unknown_score=unknown_score)
+    if unknown is not None and predictor.unknown is None:
+        raise WingspanError(f"The model {predictor.bundle} has no unknown scores to evaluate.",
+                            hint="Retrain it with this wingspan: training fits them.")
     run_dir = predictor.bundle.parent if (predictor.bundle.parent / "config.yaml").is_file() \
         else None
     dataset = _dataset(data, run_dir)
@@ -66,7 +75,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     if not known.any():
         raise WingspanError(f"No images of the model's classes in the '{split}' split.",
                             hint=f"The model knows: {', '.join(predictor.classes[:10])}...")
-    unknown = sorted(set(rows.loc[~known, "_label"]))
+    other_classes = sorted(set(rows.loc[~known, "_label"]))
     rows = rows[known]
     final = Path(out) if out else (run_dir or predictor.bundle.parent) / f"evaluation-{split}"
     _check_out_dir(final)
@@ -78,7 +87,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     (out_dir / MARKER).write_text("written by wingspan evaluate; replaced whole by the next\n")
 
     paths = rows["path"].tolist()
-    preds = list(predictor.run(paths, progress=progress))
+    preds = list(predictor.run(paths, progress=progress, every_score=unknown is not None))
     speed = predictor.images_per_second
     ok = [i for i, p in enumerate(preds) if not p.error]
     failed = [(p.path, p.error) for p in preds if p.error]
@@ -99,7 +108,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     classes = predictor.classes
     # On other data holding some of the model's classes (--map), average over those.
     metrics = classification_metrics(y, probs, classes, truth_only=bool(class_map))
-    metrics.update(level=level, split=split, unreadable=failed, unknown_classes=unknown,
+    metrics.update(level=level, split=split, unreadable=failed, unknown_classes=other_classes,
                    images_per_second=round(speed, 1), engine=predictor.policy.describe(),
                    ece_uncalibrated=expected_calibration_error(softmax(logits), y),
                    temperature=predictor.temperature, calibration=calibration,
@@ -121,14 +130,59 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
         transfer = _transfer(predictor, run_dir, class_map, table, progress)
         _write_csv(transfer, out_dir / "transfer.csv", index=False)
         metrics["transfer"] = transfer.to_dict("records")
+    if unknown is not None:
+        metrics["unknown"] = _openset(predictor, unknown, [preds[i] for i in ok], y,
+                                      probs.argmax(1), out_dir, progress)
     write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
 
     pngs = _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, y,
                   probs, logits)
+    if unknown is not None:
+        pngs["unknown"] = out_dir / "unknown.png"
     _report(out_dir, (run_dir or final).name, predictor, run_dir, dataset, level, split,
             metrics, table, confused, pngs, levels_table, transfer)
     _put_in_place(out_dir, final)
     return Evaluation(final, metrics, final / "report.html")
+
+
+def _openset(predictor: Predictor, unknown, known: list, y: np.ndarray, y_pred: np.ndarray,
+             out_dir: Path, progress: bool) -> dict:
+    """The known images' unknown scores against those of images of unseen classes; writes
+    unknown.csv (each unseen image: score, answer, closest class) and unknown.png."""
+    from wingspan.predict import expand_paths
+
+    paths, missing = (expand_paths([str(unknown)]) if isinstance(unknown, str | Path)
+                      else (list(unknown), []))
+    if not paths:
+        raise WingspanError(f"No images of unseen classes in {unknown}"
+                            + (f": {missing[0][1]}" if missing else "."),
+                            hint="Give a folder of images of classes the model never saw.")
+    seen = [p for p in predictor.run(paths, progress=progress, every_score=True)]
+    unseen = [p for p in seen if not p.error]
+    if not unseen:
+        raise WingspanError(f"None of the {len(paths)} images in {unknown} could be read, "
+                            f"e.g. {seen[0].error}")
+    level, name = predictor.level, predictor.unknown_score
+    k = np.array([p.unknown[level] for p in known])
+    u = np.array([p.unknown[level] for p in unseen])
+    u_pred = np.array([p.probs.argmax() for p in unseen])
+    result = openset_metrics(k, u, predictor.thresholds[level], y, y_pred, u_pred,
+                             len(predictor.classes))
+    result.update(score=name, rate=predictor.unknown.rate, unseen_images=len(unseen),
+                  unreadable=[(p.path, p.error) for p in seen if p.error],
+                  scores={s: separation(np.array([p.every_score[s] for p in known]),
+                                        np.array([p.every_score[s] for p in unseen]))
+                          for s in known[0].every_score})
+    if predictor.taxonomy:  # an unseen species may still be a known genus or family
+        result["unseen_known_at"] = {
+            lv: sum(p.known_level == lv for p in unseen) for lv in predictor.model.levels}
+    _write_csv(pd.DataFrame({
+        "path": [p.path for p in unseen], "unknown_score": u,
+        "answer": ["unknown" if p.known_level is None else p.known_level for p in unseen],
+        "closest_class": [predictor.classes[c] for c in u_pred]}),
+        out_dir / "unknown.csv", index=False)
+    plots.plot_unknown_scores(k, u, predictor.thresholds[level], name, out_dir / "unknown.png")
+    return result
 
 
 MARKER = ".wingspan-evaluation"  # in every evaluation folder: only such a folder is replaced
@@ -391,4 +445,29 @@ def _report(out_dir, name, predictor, run_dir, dataset, level, split, metrics, t
                          "confused": pd.DataFrame(confused), "mistakes_png": pngs["mistakes"],
                          "calibration": calibration, "reliability_png": pngs["reliability"],
                          "profile": profile, "levels": levels_table, "transfer": transfer,
-                         "hierarchy": metrics.get("hierarchy")})
+                         "hierarchy": metrics.get("hierarchy"),
+                         "unknown": _unknown_section(metrics.get("unknown")),
+                         "unknown_png": pngs.get("unknown")})
+
+
+def _unknown_section(u: dict | None) -> dict | None:
+    if not u:
+        return None
+    summary = [
+        ("score (threshold)", f"{u['score']} ({u['threshold']:.4g}: turns away "
+                              f"{u['rate']:.0%} of known val images)"),
+        ("images of unseen classes", u["unseen_images"]),
+        ("AUROC / FPR at 95% TPR", f"{u['auroc']:.4f} / {u['fpr95']:.4f}"),
+        ("unseen images answered unknown", f"{u['unseen_flagged']:.1%}"),
+        ("known images answered unknown", f"{u['known_turned_away']:.1%}"),
+        ("known accuracy without / with the unknown answer",
+         f"{u['known_accuracy']:.4f} / {u['known_accuracy_with_unknown']:.4f}"),
+        ("known-class macro-F1 without / with", f"{u['known_macro_f1']:.4f} / "
+                                               f"{u['known_macro_f1_with_unknown']:.4f}"),
+        ("open-set macro-F1 (known + unseen images) without / with",
+         f"{u['open_macro_f1_without_unknown']:.4f} / {u['open_macro_f1']:.4f}")]
+    if u.get("unseen_known_at"):
+        summary.append(("unseen images known down to (level: images)", ", ".join(
+            f"{lv}: {n}" for lv, n in u["unseen_known_at"].items())))
+    scores = pd.DataFrame([{"score": s, **v} for s, v in u["scores"].items()])
+    return {"summary": summary, "scores": scores}

@@ -21,6 +21,8 @@ from wingspan import __version__
 from wingspan.errors import WingspanError
 from wingspan.files import atomic_path
 from wingspan.models.classifier import Classifier
+from wingspan.models.unknown import PREFIX as UNKNOWN_PREFIX
+from wingspan.models.unknown import UnknownDetector
 
 FORMAT = "wingspan-bundle"
 FORMAT_VERSION = 1
@@ -51,7 +53,8 @@ def meaning_digest(manifest: dict) -> str:
 def save_bundle(model: Classifier, path: str | Path, classes: dict[str, list[str]],
                 taxonomy: dict | None = None, training: dict | None = None,
                 metrics: dict | None = None, weights_source: str | None = None,
-                calibration: dict | None = None) -> Path:
+                calibration: dict | None = None, unknown: UnknownDetector | None = None
+                ) -> Path:
     """Write a bundle: a directory, or a single file when `path` ends in .safetensors. In a
     directory the manifest is written last, so a bundle with a manifest is complete."""
     for level, n in model.head.config.outputs.items():
@@ -59,6 +62,8 @@ def save_bundle(model: Classifier, path: str | Path, classes: dict[str, list[str
             raise WingspanError(f"The head has {n} outputs for '{level}' but "
                                 f"{len(classes.get(level, []))} class names were given.")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if unknown is not None:  # beside the weights, under the checksum like them
+        state.update(unknown.tensors())
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "wingspan_version": __version__,
         "model": model.construction(), "head": model.head.config.to_dict(),
@@ -66,6 +71,7 @@ def save_bundle(model: Classifier, path: str | Path, classes: dict[str, list[str
         "preprocessing": model.preprocessing.to_dict(), "weights_source": weights_source,
         "training": training or {}, "metrics": metrics or {},
         **({"calibration": calibration} if calibration else {}),
+        **({"unknown": unknown.manifest()} if unknown else {}),
         "weights_sha256": weights_digest(state),
     }
     manifest["meaning_sha256"] = meaning_digest(manifest)
@@ -119,8 +125,10 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
-def load_bundle(path: str | Path) -> tuple[Classifier, dict]:
-    """Rebuild the model a bundle describes and load its weights, after checking them."""
+def load_bundle(path: str | Path, with_unknown: bool = False):
+    """Rebuild the model a bundle describes and load its weights, after checking them:
+    (model, manifest), and with `with_unknown` its fitted unknown scores too (None when
+    the bundle has none)."""
     path = Path(path)
     manifest = read_manifest(path)
     weights = path / WEIGHTS if path.is_dir() else path
@@ -147,6 +155,7 @@ def load_bundle(path: str | Path) -> tuple[Classifier, dict]:
                             hint=e.hint) from e
     except (KeyError, TypeError) as e:
         raise WingspanError(f"{path}: the manifest's model description is invalid ({e}).") from e
+    extra = {k: state.pop(k) for k in [k for k in state if k.startswith(UNKNOWN_PREFIX)]}
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -159,7 +168,12 @@ def load_bundle(path: str | Path) -> tuple[Classifier, dict]:
                                 f"names {len(names)}.", hint="Use an intact copy of the "
                                 "bundle, or retrain.")
     model.eval()
-    return model, manifest
+    if not with_unknown:
+        return model, manifest
+    unknown = None
+    if "unknown" in manifest:
+        unknown = UnknownDetector.from_bundle(manifest["unknown"], extra)
+    return model, manifest, unknown
 
 
 def update_manifest(path: str | Path, **changes) -> dict:

@@ -11,12 +11,14 @@ which rank does what); `train` and `resume` start the other processes when asked
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import shutil
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -33,7 +35,9 @@ from wingspan.models.bundle import read_manifest
 from wingspan.models.classifier import Classifier
 from wingspan.models.factory import choose_backbone
 from wingspan.models.policy import Policy
+from wingspan.models.unknown import UnknownDetector
 from wingspan.parallel import Processes, rank_seed
+from wingspan.progress import Bar
 from wingspan.training.checkpoint import load_checkpoint
 from wingspan.training.context import Run, RunState
 from wingspan.training.data import default_workers, fixed_batches, make_loader
@@ -47,6 +51,7 @@ from wingspan.training.stages import finetune, train_head
 from wingspan.training.step import choose_train
 
 CONFIG_FILE, SPLITS_FILE = "config.yaml", "splits.csv"
+HOLDOUT_FILE = "holdout.csv"  # --holdout-classes: their images, scored as unknowns at the end
 
 
 def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = "runs",
@@ -66,10 +71,16 @@ def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = "runs",
     logs = [why] if why else []
     report_reading(dataset, logs.append)
     try:
+        dataset, held_out = hold_out(dataset, level, config.holdout_classes)
+        if held_out is not None:
+            logs.append(f"Holding out {', '.join(config.holdout_classes)} ({len(held_out)} "
+                        "images): not trained on, scored as unknowns at the end")
         dataset = ensure_splits(dataset, level, config, log=logs.append)
         if fabric.is_global_zero:
             # The run rebuilds its data from this; absolute paths survive moving the run.
             write_splits(dataset, run_dir / SPLITS_FILE, relative=False)
+            if held_out is not None:
+                write_text(run_dir / HOLDOUT_FILE, held_out[["path", level]].to_csv(index=False))
             write_text(run_dir / CONFIG_FILE, yaml.safe_dump(dataclasses.asdict(config),
                                                              sort_keys=False))
         run = _start(run_dir, config, dataset, quiet, None, fabric)
@@ -79,7 +90,47 @@ def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = "runs",
         raise
     for line in logs:
         run.log(line)
-    return _recipe(run)
+    return _score_held_out(_recipe(run), run)
+
+
+def hold_out(dataset: Dataset, level: str, classes: list[str] | None):
+    """The dataset without `classes` (at `level`), and their rows (None if none asked)."""
+    if not classes:
+        return dataset, None
+    present = set(dataset.table[level])
+    missing = [c for c in classes if c not in present]
+    if missing:
+        close = {c: difflib.get_close_matches(c, sorted(present), n=1) for c in missing}
+        raise WingspanError(
+            f"--holdout-classes: no class {', '.join(map(repr, missing))} at level '{level}'"
+            + "".join(f" (did you mean {m[0]!r}?)" for m in close.values() if m) + ".",
+            hint=f"The classes: {', '.join(sorted(present)[:20])}")
+    held = dataset.table[level].isin(classes)
+    if len(present - set(classes)) < 2:
+        raise WingspanError("--holdout-classes would leave fewer than 2 classes to train.",
+                            hint="Hold out fewer classes.")
+    return dataset.with_table(dataset.table[~held]), dataset.table[held]
+
+
+def _score_held_out(run_dir: Path, run: Run) -> Path:
+    """With --holdout-classes: rank 0 evaluates the model with their images as unknowns
+    (RUN/evaluation-unknown) and adds the figures to metrics.json."""
+    held = run_dir / HOLDOUT_FILE
+    if not (run.config.holdout_classes and run.is_main and held.is_file()):
+        return run_dir
+    from wingspan.evaluate.run import evaluate
+
+    result = evaluate(run_dir, out=run_dir / "evaluation-unknown",
+                      progress=run.show_progress, workers=run.workers,
+                      unknown=pd.read_csv(held)["path"].tolist())
+    u = result.metrics["unknown"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    run.write_json("metrics.json", {**metrics, "unknown": u})
+    run.log(f"Held-out classes as unknowns ({u['unseen_images']} images, score '{u['score']}'): "
+            f"AUROC {u['auroc']:.3f}, FPR95 {u['fpr95']:.3f}; {u['unseen_flagged']:.1%} "
+            f"answered unknown, {u['known_turned_away']:.1%} of known {result.metrics['split']} "
+            f"images; report {result.report}")
+    return run_dir
 
 
 # Settings a resumed run may change: where it runs, not what it learns.
@@ -115,7 +166,7 @@ def resume(run_dir: str | Path, quiet: bool = False, **machine) -> Path:
              + (f", batch {run.state.step + 1}" if run.state.step else ""))
     run.log(f"Resuming {run_dir} at {where} on {run.policy.describe()}" if not finished else
             f"Resuming {run_dir}: training was done, writing its model")
-    return _recipe(run)
+    return _score_held_out(_recipe(run), run)
 
 
 def _complete_bundle(path: Path) -> bool:
@@ -283,11 +334,14 @@ def _write_results(run: Run) -> None:
     taxonomy = run.data.taxonomy.to_dict() if run.data.taxonomy else None
     training = json.loads(json.dumps(dataclasses.asdict(run.config)))
     training["rare_classes"] = run.data.rare
-    calibration = _fit_calibration(run)
+    run.model.eval()
+    val = _final_outputs(run, "val")
+    calibration = _fit_calibration(run, val)
     metrics["calibration"] = calibration
+    unknown = _fit_unknown(run, val, calibration["temperature"])
     save_bundle(run.model.cpu(), run.dir / "model", run.data.level_classes, taxonomy=taxonomy,
                 training=training, metrics=metrics, weights_source=run.weights_source,
-                calibration=calibration)
+                calibration=calibration, unknown=unknown)
     run.save()
     run.log(f"Best val macro-F1 {best_row['val_macro_f1']:.4f} (acc {best_row['val_acc']:.4f}) "
             f"at {best['stage']} epoch {best['epoch']}; model in {run.dir / 'model'}")
@@ -301,32 +355,56 @@ def _write_results(run: Run) -> None:
 
 
 @torch.inference_mode()
-def _fit_calibration(run: Run) -> dict:
+def _final_outputs(run: Run, split: str) -> tuple[torch.Tensor, dict[str, torch.Tensor],
+                                                  torch.Tensor]:
+    """The best model's pooled features, logits per level and labels (N, levels) of the
+    readable images of `train` (clean views) or `val`. From the feature cache when the
+    best model is a head on the frozen backbone; else one pass with the final weights."""
+    images = run.data.train_clean if split == "train" else run.data.val
+    cache = run.dir / "cache" / "features.safetensors"
+    read = run.readable(images)
+    if run.state.best_stage == "head" and cache.is_file():  # the backbone never moved
+        feats = load_file(cache)[split]
+        feats = (feats[:, 0] if split == "train" else feats)[read]
+        labels = images.labels[read]
+    else:
+        extract = run.policy.runner(run.model.feature_extractor(), run.image_size)
+        parts, index = [], []
+        loader = make_loader(images, fixed_batches(range(len(images)), run.config.batch_size),
+                             run.workers)
+        with Bar(len(images), f"Final {split} features", run.show_progress) as bar:
+            for x, _, idx, failed in loader:
+                if len(idx):
+                    parts.append(extract(x))
+                    index.append(idx)
+                bar.advance(len(idx) + len(failed))
+        feats, labels = torch.cat(parts), images.labels[torch.cat(index)]
+    head = run.model.head.float().cpu()
+    logits = {lv: v.float() for lv, v in head(feats.float()).items()}
+    return feats.float(), logits, labels
+
+
+def _fit_calibration(run: Run, val: tuple) -> dict:
     """The temperature that makes the best model's probabilities honest on the run's own
     val split (fitted here, once, so that evaluating never changes the model;
     `wingspan calibrate` fits it again on purpose). Rank 0 alone: no collectives."""
-    run.model.eval()
-    features = run.dir / "cache" / "features.safetensors"
-    read = run.readable(run.data.val)
-    if run.state.best_stage == "head" and features.is_file():  # the backbone never moved
-        feats = load_file(features)["val"][read].to(run.device)
-        logits = run.model.head(feats)[run.data.level]
-    else:
-        forward = run.policy.runner(run.model, run.image_size, run.model.levels)
-        outputs, index = [], []
-        loader = make_loader(run.data.val, fixed_batches(range(len(run.data.val)),
-                                                         run.config.batch_size), run.workers)
-        for x, _, idx, _ in loader:
-            if len(idx):
-                outputs.append(forward(x)[run.data.level])
-                index.append(idx)
-        logits, read = torch.cat(outputs), torch.cat(index)
-    y = run.data.val.labels[read, -1].numpy()
-    logits = logits.float().cpu().numpy()
+    _, logits, labels = val
+    y, logits = labels[:, -1].numpy(), logits[run.data.level].numpy()
     temperature = fit_temperature(logits, y)
     return {"temperature": temperature, "fitted_on": "val", "images": len(y),
             "val_ece_before": expected_calibration_error(softmax(logits), y),
             "val_ece_after": expected_calibration_error(softmax(logits, temperature), y)}
+
+
+def _fit_unknown(run: Run, val: tuple, temperature: float) -> UnknownDetector:
+    """Every unknown score, fitted on the training images' features with the best model,
+    and thresholded on val (see wingspan.models.unknown)."""
+    feats, logits, labels = _final_outputs(run, "train")
+    levels = run.data.levels
+    return UnknownDetector.fit(
+        feats, logits, {lv: labels[:, i] for i, lv in enumerate(levels)}, val[0], val[1],
+        score=run.config.unknown_score, rate=run.config.unknown_rate,
+        temperature=temperature, seed=run.config.seed)
 
 
 def _profile_table(profile: dict) -> dict:

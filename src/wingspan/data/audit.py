@@ -1,0 +1,254 @@
+"""`wingspan data audit`: images whose label is likely wrong, and near-duplicates.
+
+Label errors, confident-learning style: every labelled image gets a class probability
+from a logistic head that never saw it (k-fold over frozen ImageNet features), and
+cleanlab ranks the images by how little that probability believes the given label.
+Near-duplicates, within and across splits: perceptual hashes (imagehash) for a copy that
+was resized or re-encoded, which the byte-level check of `wingspan.data.leaks` misses,
+and cosine similarity of the features for the same scene taken twice.
+
+Writes audit.csv (every image, most suspect first), duplicates.csv and audit.html (a
+gallery: the image, its label, the suspected label, the score).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from wingspan.config import AuditConfig
+from wingspan.data.images import open_rgb
+from wingspan.data.samples import PATH, SPLIT, Dataset
+from wingspan.errors import WingspanError
+from wingspan.files import atomic_path, write_text
+from wingspan.progress import track
+
+
+@dataclass
+class AuditResult:
+    issues: pd.DataFrame  # every labelled image, most suspect first
+    duplicates: pd.DataFrame  # pairs at or above the similarity
+    csv: Path
+    duplicates_csv: Path
+    html: Path
+    backbone: str
+
+
+def audit_dataset(dataset: Dataset, out_dir: str | Path, level: str | None = None,
+                  config: AuditConfig | None = None, progress: bool = True) -> AuditResult:
+    config = config or AuditConfig()
+    level = dataset.resolve_level(level)
+    table = dataset.table[dataset.table[level] != ""].reset_index(drop=True)
+    counts = table[level].value_counts()
+    if len(counts) < 2:
+        raise WingspanError(f"An audit needs at least 2 classes at level '{level}'; "
+                            f"found {len(counts)}.")
+    features, hashes, backbone, failed = image_features(table[PATH].tolist(), config,
+                                                        progress)
+    ok = np.array([p not in failed for p in table[PATH]])
+    table, features, hashes = table[ok].reset_index(drop=True), features[ok], hashes[ok]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    issues = label_issues(table, features, level, config)
+    duplicates = near_duplicates(table, features, hashes, level, config)
+    csv_path, dup_path = out_dir / "audit.csv", out_dir / "duplicates.csv"
+    for frame, path in ((issues, csv_path), (duplicates, dup_path)):
+        with atomic_path(path) as tmp:
+            frame.to_csv(tmp, index=False)
+    page = write_gallery(issues, duplicates, out_dir / "audit.html", level, config, backbone,
+                         failed)
+    return AuditResult(issues, duplicates, csv_path, dup_path, page, backbone)
+
+
+class _Decoded(torch.utils.data.Dataset):
+    """Each file decoded once (reduced, as predict does): the model's view and the
+    picture's perceptual hash (64 bits: the same for a resized or re-encoded copy)."""
+
+    def __init__(self, paths: list[str], view, size: int, draft: int):
+        self.paths, self.view, self.size, self.draft = paths, view, size, draft
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        import imagehash
+
+        try:
+            image = open_rgb(self.paths[i], draft=self.draft)
+        except WingspanError as e:
+            return (torch.zeros(3, self.size, self.size), torch.zeros(64, dtype=torch.bool),
+                    e.message)
+        bits = torch.from_numpy(imagehash.phash(image).hash.reshape(-1).copy())
+        return self.view(image), bits, ""
+
+
+@torch.inference_mode()
+def image_features(paths: list[str], config: AuditConfig, progress: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, str, dict[str, str]]:
+    """Pooled features of a frozen ImageNet backbone and perceptual hashes (N, 64 bits) of
+    every path (zeros for a file that cannot be read, listed with why)."""
+    from wingspan.config import AugmentConfig
+    from wingspan.data.transforms import eval_transform
+    from wingspan.models import create_classifier, resolve_policy
+    from wingspan.models.factory import choose_backbone
+    from wingspan.training.data import default_workers
+
+    name, _ = choose_backbone(config.backbone, config.weights)
+    model, _ = create_classifier(name, {"label": 2}, config.weights)
+    pre = model.preprocessing
+    policy = resolve_policy(config.device)
+    policy.prepare_model(model)
+    policy = policy.choose_frozen(model, pre.input_size, config.batch_size, progress=progress)
+    extract = policy.runner(model.feature_extractor(), pre.input_size)
+    view = eval_transform(AugmentConfig(image_size=pre.input_size, eval_crop=pre.crop_pct),
+                          mean=pre.mean, std=pre.std, interpolation=pre.interpolation)
+    images = _Decoded(paths, view, pre.input_size, round(pre.input_size / pre.crop_pct))
+    loader = torch.utils.data.DataLoader(images, batch_size=config.batch_size,
+                                         num_workers=default_workers())
+    parts, hashes, failed, i = [], [], {}, 0
+    for x, bits, errors in track(loader, f"Features ({name})", total=len(loader),
+                                 enabled=progress):
+        parts.append(extract(x).float())
+        hashes.append(bits)
+        for e in errors:
+            if e:
+                failed[paths[i]] = e
+            i += 1
+    return torch.cat(parts), torch.cat(hashes), name, failed
+
+
+def label_issues(table: pd.DataFrame, features: torch.Tensor, level: str,
+                 config: AuditConfig) -> pd.DataFrame:
+    """Every image ranked by cleanlab's label quality (lowest first) from out-of-fold
+    probabilities of a logistic head on the features."""
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    classes = sorted(table[level].unique())
+    y = table[level].map({c: i for i, c in enumerate(classes)}).to_numpy()
+    smallest = int(np.bincount(y).min())
+    folds = min(config.folds, smallest)
+    if folds < 2:
+        rare = [c for c, n in table[level].value_counts().items() if n < 2]
+        raise WingspanError(f"Classes with a single image cannot be audited: {rare[:5]}",
+                            hint="Give them more images, or leave them out.")
+    x = torch.nn.functional.normalize(features, dim=1).numpy()
+    head = make_pipeline(StandardScaler(), LogisticRegression(C=config.c, max_iter=2000))
+    probs = cross_val_predict(head, x, y, method="predict_proba",
+                              cv=StratifiedKFold(folds, shuffle=True, random_state=config.seed))
+    quality = get_label_quality_scores(y, probs)
+    flagged = np.zeros(len(y), dtype=bool)
+    flagged[find_label_issues(y, probs, return_indices_ranked_by="self_confidence")] = True
+    suspected = probs.argmax(1)
+    frame = pd.DataFrame({
+        "path": table[PATH], "split": table[SPLIT].replace("", "-"), "label": table[level],
+        "suspected": [classes[i] for i in suspected],
+        "label_quality": quality, "suspected_probability": probs.max(1),
+        "flagged": flagged})
+    frame = frame.sort_values("label_quality", kind="stable").reset_index(drop=True)
+    frame.insert(0, "rank", np.arange(1, len(frame) + 1))
+    return frame
+
+
+def near_duplicates(table: pd.DataFrame, features: torch.Tensor, hashes: torch.Tensor,
+                    level: str, config: AuditConfig, block: int = 1024) -> pd.DataFrame:
+    """Pairs of images whose perceptual hashes differ in at most `hash_distance` bits
+    (a copy resized or re-encoded) or whose features' cosine similarity is at least
+    `duplicate_similarity` (the same scene, e.g. a burst); a block of rows at a time, so
+    memory stays at block x N."""
+    x = torch.nn.functional.normalize(features.float(), dim=1)
+    h = hashes.float()
+    pairs = []
+    for start in range(0, len(x), block):
+        sims = x[start:start + block] @ x.T
+        part = h[start:start + block]
+        bits = part @ (1 - h).T + (1 - part) @ h.T  # Hamming distances
+        close = (sims >= config.duplicate_similarity) | (bits <= config.hash_distance)
+        rows, cols = torch.nonzero(close, as_tuple=True)
+        keep = cols > rows + start  # each pair once, not an image with itself
+        for r, c in zip(rows[keep].tolist(), cols[keep].tolist(), strict=True):
+            pairs.append((start + r, c, float(sims[r, c]), int(bits[r, c])))
+    splits, labels, paths = table[SPLIT].tolist(), table[level].tolist(), table[PATH].tolist()
+    frame = pd.DataFrame([{
+        "path_a": paths[a], "path_b": paths[b], "split_a": splits[a] or "-",
+        "split_b": splits[b] or "-", "label_a": labels[a], "label_b": labels[b],
+        "similarity": s, "hash_distance": d, "across_splits": splits[a] != splits[b],
+        "labels_differ": labels[a] != labels[b]} for a, b, s, d in pairs],
+        columns=["path_a", "path_b", "split_a", "split_b", "label_a", "label_b", "similarity",
+                 "hash_distance", "across_splits", "labels_differ"])
+    # Leaks and contradictory labels first, then the closest.
+    return frame.sort_values(["across_splits", "labels_differ", "similarity"],
+                             ascending=False).reset_index(drop=True)
+
+
+def _thumbnail(path: str, size: int = 160) -> str:
+    try:
+        image = open_rgb(path, draft=size)
+    except WingspanError:
+        return ""
+    image.thumbnail((size, size))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+STYLE = """body{font:14px/1.4 system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em}
+.g{display:flex;flex-wrap:wrap;gap:12px}.c{width:170px;border:1px solid #ddd;padding:5px}
+.c img{width:160px;height:160px;object-fit:contain;background:#f4f4f4}.s{color:#b00}
+.m{color:#666;font-size:12px;word-break:break-all}"""
+
+
+def write_gallery(issues: pd.DataFrame, duplicates: pd.DataFrame, path: Path, level: str,
+                  config: AuditConfig, backbone: str, failed: dict[str, str]) -> Path:
+    """A self-contained page (thumbnails embedded): the most suspect labels, then the
+    near-duplicate pairs."""
+    e = html.escape
+    cards = []
+    for r in issues.head(config.gallery).itertuples():
+        cards.append(
+            f"<div class='c'><img alt='{e(r.path)}' src='{_thumbnail(r.path)}'>"
+            f"<div>#{r.rank} labelled <b>{e(r.label)}</b></div>"
+            f"<div class='s'>looks like <b>{e(r.suspected)}</b> "
+            f"({r.suspected_probability:.2f})</div>"
+            f"<div class='m'>quality {r.label_quality:.3f} · {e(r.split)} · {e(r.path)}</div>"
+            "</div>")
+    pairs = []
+    for r in duplicates.head(config.gallery // 2).itertuples():
+        pairs.append(
+            "<div class='c' style='width:350px'>"
+            f"<img alt='{e(r.path_a)}' src='{_thumbnail(r.path_a)}'>"
+            f"<img alt='{e(r.path_b)}' src='{_thumbnail(r.path_b)}'>"
+            f"<div>similarity {r.similarity:.3f}, hash distance {r.hash_distance}"
+            + (" · <b class='s'>across splits</b>" if r.across_splits else "")
+            + (" · <b class='s'>labels differ</b>" if r.labels_differ else "")
+            + f"</div><div class='m'>{e(r.split_a)} {e(r.label_a)}: {e(r.path_a)}<br>"
+            f"{e(r.split_b)} {e(r.label_b)}: {e(r.path_b)}</div></div>")
+    flagged = int(issues["flagged"].sum())
+    body = (
+        f"<h1>Label audit: {len(issues)} images, level '{e(level)}'</h1>"
+        f"<p>Features: {e(backbone)} (ImageNet, frozen). Out-of-fold probabilities from a "
+        f"{config.folds}-fold logistic head; cleanlab flags {flagged} images as likely "
+        f"mislabelled. Below, the {min(config.gallery, len(issues))} lowest label "
+        "qualities (the label's out-of-fold probability): check these first.</p>"
+        f"<div class='g'>{''.join(cards)}</div>"
+        f"<h2>Near-duplicates (perceptual hashes at most {config.hash_distance} bits apart, "
+        f"or feature cosine similarity at least {config.duplicate_similarity}): "
+        f"{len(duplicates)} pairs, {int(duplicates['across_splits'].sum())} across splits"
+        f"</h2><div class='g'>{''.join(pairs) or '<p>none</p>'}</div>"
+        + (f"<h2>Unreadable ({len(failed)})</h2><ul>"
+           + "".join(f"<li>{e(p)}: {e(w)}</li>" for p, w in failed.items()) + "</ul>"
+           if failed else ""))
+    write_text(path, f"<!doctype html><html><head><meta charset='utf-8'><title>wingspan audit"
+                     f"</title><style>{STYLE}</style></head><body>{body}</body></html>")
+    return path

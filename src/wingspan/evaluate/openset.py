@@ -1,0 +1,48 @@
+"""Open-set figures: how well the unknown score separates images of the model's classes
+from images of classes it never saw, and what its threshold costs the known ones."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import f1_score, roc_auc_score
+
+TPR = 0.95  # FPR is reported where this share of known images is kept
+
+
+def separation(known: np.ndarray, unknown: np.ndarray) -> dict:
+    """AUROC (unseen images as positives, higher score = unknown) and the share of unseen
+    images still taken for known where 95% of the known images are kept (FPR95)."""
+    truth = np.r_[np.zeros(len(known)), np.ones(len(unknown))]
+    keep_up_to = np.quantile(known, TPR)  # 95% of known images score at or below this
+    return {"auroc": float(roc_auc_score(truth, np.r_[known, unknown])),
+            "fpr95": float((unknown <= keep_up_to).mean())}
+
+
+def openset_metrics(known: np.ndarray, unknown: np.ndarray, threshold: float,
+                    y: np.ndarray, y_pred: np.ndarray, unknown_pred: np.ndarray,
+                    n_classes: int) -> dict:
+    """At the model's threshold: the share of each kind turned away, and macro-F1 over the
+    known classes (1) without the unknown answer, (2) on the known images with it (a
+    known image turned away is a miss) and (3) open-set: known and unseen images together,
+    where an unseen image given a class is a false positive of that class. Predictions are
+    class indices; -1 is "unknown"."""
+    labels = list(range(n_classes))
+    answered = np.where(known > threshold, -1, y_pred)
+    unseen_answered = np.where(unknown > threshold, -1, unknown_pred)
+
+    def macro(truth, pred):
+        return float(f1_score(truth, pred, labels=labels, average="macro", zero_division=0))
+
+    return {
+        **separation(known, unknown), "threshold": float(threshold),
+        "known_turned_away": float((known > threshold).mean()),
+        "unseen_flagged": float((unknown > threshold).mean()),
+        "known_accuracy": float((y_pred == y).mean()),
+        "known_accuracy_with_unknown": float((answered == y).mean()),
+        "known_macro_f1": macro(y, y_pred),
+        "known_macro_f1_with_unknown": macro(y, answered),
+        "open_macro_f1": macro(np.r_[y, np.full(len(unknown), -1)],
+                               np.r_[answered, unseen_answered]),
+        "open_macro_f1_without_unknown": macro(np.r_[y, np.full(len(unknown), -1)],
+                                               np.r_[y_pred, unknown_pred]),
+    }

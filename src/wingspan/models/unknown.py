@@ -1,0 +1,253 @@
+""""None of the species I know": out-of-distribution scores on a model's pooled features
+and logits, fitted when a run finishes, and each level's threshold.
+
+A score is higher the less an image looks like the training data (pytorch-ood's sign).
+The threshold is the score that `rate` of the known val images exceed, so about that
+share of known images is turned away: the rate is the price, stated up front.
+
+Every score below is fitted and stored in the bundle (a few MB), so `predict` and
+`evaluate` can use another one without retraining; the manifest names the default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from wingspan.config import UNKNOWN_SCORES
+from wingspan.errors import WingspanError
+
+UNKNOWN = "unknown"  # the answer for an image that passes no level's threshold
+PREFIX = "unknown."  # bundle tensors of the fitted scores: unknown.<score>.<level>.<name>
+# Fitting and the kNN bank use at most this many training images (a fixed random subset):
+# enough for a covariance of a 2048-wide feature, and a bank that keeps bundles small.
+MAX_FIT_IMAGES = 5000
+KNN_K = 10  # pytorch-ood's default of 50 needs more images per class than most users have
+
+
+class Score:
+    """One level's score: fitted on training features, logits and labels."""
+
+    uses_labels = True  # False: the same for every level (fitted once)
+
+    def fit(self, features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
+            temperature: float) -> Score:
+        return self
+
+    def __call__(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load(self, tensors: dict[str, torch.Tensor], temperature: float) -> Score:
+        return self
+
+
+class MaxSoftmax(Score):
+    """1 - the calibrated top probability (Hendrycks & Gimpel 2017): free, and good at
+    telling confused knowns, weak on far-away images the network is sure about."""
+
+    def fit(self, features, logits, labels, temperature):
+        self.t = temperature
+        return self
+
+    def load(self, tensors, temperature):
+        self.t = temperature
+        return self
+
+    def __call__(self, features, logits):
+        from pytorch_ood.detector import MaxSoftmax as Msp
+        return 1.0 + Msp.score(logits.float(), self.t)  # pytorch-ood gives -max p
+
+
+class Energy(Score):
+    """-logsumexp(logits) (Liu et al. 2020): MSP's logits before the softmax squashes
+    them, so a confidently wrong image stands out less often."""
+
+    def __call__(self, features, logits):
+        from pytorch_ood.detector import EnergyBased
+        return EnergyBased.score(logits.float())
+
+
+class Mahalanobis(Score):
+    """Distance to the nearest class mean under one shared covariance (Lee et al. 2018).
+    Written here rather than taken from pytorch-ood, whose unshrunk inverse is singular
+    whenever there are fewer images than feature channels (most users' data); Ledoit-Wolf
+    shrinkage keeps it invertible."""
+
+    def fit(self, features, logits, labels, temperature):
+        from sklearn.covariance import LedoitWolf
+        x = features.double()
+        classes = torch.unique(labels)
+        self.means = torch.stack([x[labels == c].mean(0) for c in classes])
+        centred = x - self.means[torch.searchsorted(classes, labels.contiguous())]
+        self.precision = torch.from_numpy(
+            LedoitWolf(assume_centered=True).fit(centred.numpy()).precision_)
+        return self
+
+    def tensors(self):
+        return {"means": self.means.float(), "precision": self.precision.float()}
+
+    def load(self, tensors, temperature):
+        self.means, self.precision = tensors["means"].double(), tensors["precision"].double()
+        return self
+
+    def __call__(self, features, logits):
+        # (x - m)' P (x - m) = x'Px - 2 x'Pm + m'Pm: no (images x classes x width) tensor
+        x, pm = features.double(), self.means @ self.precision
+        d = ((x @ self.precision) * x).sum(1, keepdim=True) - 2 * x @ pm.T \
+            + (pm * self.means).sum(1)
+        return d.min(1).values.float()
+
+
+class NearestNeighbour(Score):
+    """Cosine distance to the k-th nearest training image (Sun et al. 2022), with
+    pytorch-ood's detector: no assumption on the classes' shape."""
+
+    uses_labels = False
+
+    def fit(self, features, logits, labels, temperature):
+        self.bank = features.float()
+        return self._index()
+
+    def tensors(self):
+        return {"bank": self.bank.half()}  # half the bytes; distances move by ~1e-3
+
+    def load(self, tensors, temperature):
+        self.bank = tensors["bank"].float()
+        return self._index()
+
+    def _index(self):
+        from pytorch_ood.detector import KNN
+        self.k = min(KNN_K, len(self.bank))
+        self.detector = KNN(None, k=self.k, normalize=True)
+        self.detector.knn.n_jobs = 1  # pytorch-ood asks for every core; a server has others
+        self.detector.fit_features(self.bank, torch.zeros(len(self.bank), dtype=torch.long))
+        return self
+
+    def __call__(self, features, logits):
+        return self.detector.predict_features(features.float()).float()
+
+
+SCORES: dict[str, Callable[[], Score]] = {
+    "msp": MaxSoftmax, "energy": Energy, "mahalanobis": Mahalanobis, "knn": NearestNeighbour}
+assert set(SCORES) == set(UNKNOWN_SCORES)
+
+
+@dataclass
+class UnknownDetector:
+    """Each score fitted for each level, each with its threshold; `score` is the one used
+    unless another is asked for."""
+
+    score: str
+    rate: float
+    levels: list[str]
+    temperature: float
+    thresholds: dict[str, dict[str, float]] = field(default_factory=dict)  # score -> level
+    fitted: dict[str, dict[str, Score]] = field(default_factory=dict)  # score -> level
+
+    @classmethod
+    def fit(cls, features: torch.Tensor, logits: dict[str, torch.Tensor],
+            labels: dict[str, torch.Tensor], val_features: torch.Tensor,
+            val_logits: dict[str, torch.Tensor], score: str, rate: float,
+            temperature: float = 1.0, seed: int = 0) -> UnknownDetector:
+        """Fit every score on (a subset of) the training images' features, logits and
+        labels per level, and set each threshold on the known val images."""
+        check_rate(rate)
+        if len(features) > MAX_FIT_IMAGES:
+            keep = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed))
+            keep = keep[:MAX_FIT_IMAGES].sort().values
+            features = features[keep]
+            logits = {lv: v[keep] for lv, v in logits.items()}
+            labels = {lv: v[keep] for lv, v in labels.items()}
+        levels = list(logits)
+        detector = cls(score, rate, levels, temperature)
+        for name, make in SCORES.items():
+            shared = None if make.uses_labels else make().fit(features, None, None, temperature)
+            detector.fitted[name] = {
+                lv: shared or make().fit(features, logits[lv], labels[lv],
+                                         temperature if lv == levels[-1] else 1.0)
+                for lv in levels}
+        val = detector.scores(val_features, val_logits, every=True)
+        detector.thresholds = {name: {lv: float(np.quantile(s, 1.0 - rate))
+                                      for lv, s in per_level.items()}
+                               for name, per_level in val.items()}
+        return detector
+
+    def scores(self, features: torch.Tensor, logits: dict[str, torch.Tensor],
+               score: str | None = None, every: bool = False
+               ) -> dict[str, dict[str, np.ndarray]] | dict[str, np.ndarray]:
+        """Per level, the score of each image (the default score, `score`, or with
+        `every` a dict of them all)."""
+        names = list(self.fitted) if every else [self.check_score(score or self.score)]
+        out = {name: {lv: self.fitted[name][lv](features, logits[lv]).numpy()
+                      for lv in self.levels} for name in names}
+        return out if every else out[names[0]]
+
+    def check_score(self, name: str) -> str:
+        if name not in self.fitted:
+            raise WingspanError(f"This model has no unknown score '{name}'.",
+                                hint=f"Choose one of: {', '.join(self.fitted)}.")
+        return name
+
+    def manifest(self) -> dict:
+        # Its own temperature: MSP's thresholds hold for it, whatever `calibrate` does later.
+        return {"score": self.score, "rate": self.rate, "levels": self.levels,
+                "temperature": self.temperature,
+                "thresholds": self.thresholds, "fitted_on": "train", "threshold_on": "val",
+                "higher_is_unknown": True}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, per_level in self.fitted.items():
+            done = set()
+            for lv, scorer in per_level.items():
+                if id(scorer) in done:
+                    continue
+                done.add(id(scorer))
+                key = f"{PREFIX}{name}." + (f"{lv}." if scorer.uses_labels else "")
+                out.update({key + k: v.contiguous() for k, v in scorer.tensors().items()})
+        return out
+
+    @classmethod
+    def from_bundle(cls, entry: dict, tensors: dict[str, torch.Tensor]) -> UnknownDetector:
+        levels, temperature = entry["levels"], float(entry["temperature"])
+        detector = cls(entry["score"], float(entry["rate"]), levels, temperature,
+                       thresholds=entry["thresholds"])
+        for name in entry["thresholds"]:
+            make = SCORES[name]
+            if make.uses_labels:
+                detector.fitted[name] = {lv: make().load(
+                    _under(tensors, f"{PREFIX}{name}.{lv}."),
+                    temperature if lv == levels[-1] else 1.0) for lv in levels}
+            else:
+                shared = make().load(_under(tensors, f"{PREFIX}{name}."), temperature)
+                detector.fitted[name] = dict.fromkeys(levels, shared)
+        return detector
+
+
+def _under(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def check_rate(rate: float) -> None:
+    if not 0.0 < rate < 1.0:
+        raise WingspanError(f"--unknown-rate must be between 0 and 1 (got {rate}).",
+                            hint="It is the share of known images the model may call "
+                                 "unknown, e.g. 0.05.")
+
+
+def deepest_known(levels: list[str], scores: dict[str, float],
+                  thresholds: dict[str, float]) -> str | None:
+    """The finest level that passes its own threshold, and every coarser one too (None:
+    not even the coarsest): an unknown species can still be a confident family."""
+    known = None
+    for lv in levels:  # coarse to fine
+        if scores[lv] > thresholds[lv]:
+            break
+        known = lv
+    return known

@@ -1,0 +1,56 @@
+"""`wingspan data audit`: deliberately flipped labels come out on top; a resized copy in
+another split is found as a near-duplicate."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+from PIL import Image
+
+from wingspan.config import DemoConfig
+from wingspan.data.demo import generate_demo
+
+
+def test_audit_finds_flipped_labels_and_a_resized_copy(tmp_path, run_cli):
+    demo = generate_demo(tmp_path / "demo", DemoConfig())
+    images = sorted(p for p in demo.rglob("*.jpg"))
+    rng = np.random.default_rng(0)
+    classes = sorted(p.name for p in demo.iterdir() if p.is_dir())
+    flipped = set(rng.choice(len(images), round(0.05 * len(images)), replace=False).tolist())
+    # A copy of one photo, resized and re-encoded: not the same bytes, the same picture.
+    copy = tmp_path / "copy.jpg"
+    Image.open(images[1]).resize((80, 80)).save(copy, quality=70)
+    rows = []
+    for i, path in enumerate(images):
+        label = path.parent.name
+        if i in flipped:
+            label = rng.choice([c for c in classes if c != label])
+        rows.append({"path": str(path), "label": label, "split": "train"})
+    rows.append({"path": str(copy), "label": images[1].parent.name, "split": "test"})
+    table = tmp_path / "labels.csv"
+    with open(table, "w", newline="") as f:
+        writer = csv.DictWriter(f, ["path", "label", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+    code, stdout, err = run_cli("data", "audit", table, "--backbone", "efficientnet_lite0",
+                                "--out", tmp_path / "audit", "--quiet")
+    assert code == 0, err
+    ranked = list(csv.DictReader(open(tmp_path / "audit" / "audit.csv")))
+    assert len(ranked) == len(rows)
+    top = {r["path"] for r in ranked[:len(flipped)]}
+    wrong = {str(images[i]) for i in flipped}
+    recall = len(top & wrong) / len(wrong)
+    assert recall >= 0.8, f"only {recall:.0%} of the flipped labels in the top 5%"
+    # Each flipped image that is found is suspected to be its true class.
+    for r in ranked[:len(flipped)]:
+        if r["path"] in wrong:
+            assert r["suspected"] == r["path"].split("/")[-2]
+    dups = list(csv.DictReader(open(tmp_path / "audit" / "duplicates.csv")))
+    pair = {str(images[1]), str(copy)}
+    assert any({d["path_a"], d["path_b"]} == pair and d["across_splits"] == "True"
+               for d in dups), dups[:3]
+    page = (tmp_path / "audit" / "audit.html").read_text()
+    assert page.count("data:image/jpeg;base64,") >= 60 and "across splits" in page
+    assert "Most suspect labels" in stdout

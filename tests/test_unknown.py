@@ -1,0 +1,194 @@
+"""The "unknown" answer: scores fitted at the end of training, stored in the bundle, used by
+predict, evaluate and serve; --holdout-classes and evaluate --unknown."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from wingspan.config import DemoConfig, TrainConfig
+from wingspan.data import read_dataset
+from wingspan.data.demo import generate_demo
+from wingspan.errors import WingspanError
+from wingspan.evaluate.openset import openset_metrics, separation
+from wingspan.models.unknown import SCORES, UnknownDetector, deepest_known
+from wingspan.training.run import train
+
+HELD = "white_darktip"
+
+
+def _clusters(n_per_class: int, centres: torch.Tensor, seed: int, spread: float = 0.3):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(len(centres)).repeat_interleave(n_per_class)
+    features = centres[labels] + spread * torch.randn(len(labels), centres.shape[1], generator=g)
+    return features, labels
+
+
+def _fit(features, labels, val_features, val_labels, head: torch.nn.Linear, rate=0.05):
+    with torch.no_grad():
+        return UnknownDetector.fit(features, {"label": head(features)}, {"label": labels},
+                                   val_features, {"label": head(val_features)}, "mahalanobis",
+                                   rate)
+
+
+def test_every_score_separates_far_images_and_the_threshold_keeps_its_rate():
+    torch.manual_seed(0)
+    centres = 3 * torch.randn(4, 16)
+    head = torch.nn.Linear(16, 4)
+    with torch.no_grad():  # a head that knows the classes: weights along the class means
+        head.weight.copy_(centres)
+        head.bias.zero_()
+    train_x, train_y = _clusters(60, centres, seed=1)
+    val_x, val_y = _clusters(100, centres, seed=2)
+    detector = _fit(train_x, train_y, val_x, val_y, head)
+    # Far from every class: a cluster of its own, away from the others.
+    far = 3 * torch.randn(1, 16, generator=torch.Generator().manual_seed(9)) + 6
+    far_x = far + 0.3 * torch.randn(200, 16, generator=torch.Generator().manual_seed(3))
+    test_x, _ = _clusters(100, centres, seed=4)
+    with torch.no_grad():
+        known = detector.scores(test_x, {"label": head(test_x)}, every=True)
+        unseen = detector.scores(far_x, {"label": head(far_x)}, every=True)
+    for name in ("mahalanobis", "knn"):  # the feature scores see a far cluster at once
+        assert separation(known[name]["label"], unseen[name]["label"])["auroc"] > 0.99, name
+    # The threshold turns away about `rate` of known images from the same distribution.
+    for name in SCORES:
+        away = (known[name]["label"] > detector.thresholds[name]["label"]).mean()
+        assert 0.0 <= away <= 0.12, (name, away)
+
+
+def test_the_fitted_scores_survive_the_bundle_round_trip():
+    torch.manual_seed(0)
+    centres = 3 * torch.randn(3, 8)
+    head = torch.nn.Linear(8, 3)
+    x, y = _clusters(20, centres, seed=1)
+    vx, vy = _clusters(10, centres, seed=2)
+    detector = _fit(x, y, vx, vy, head)
+    entry = json.loads(json.dumps(detector.manifest()))  # as the manifest stores it
+    again = UnknownDetector.from_bundle(entry, detector.tensors())
+    probe = torch.randn(30, 8) * 4
+    with torch.no_grad():
+        before = detector.scores(probe, {"label": head(probe)}, every=True)
+        after = again.scores(probe, {"label": head(probe)}, every=True)
+    for name in SCORES:
+        tolerance = 1e-2 if name == "knn" else 1e-4  # the kNN bank is stored in fp16
+        np.testing.assert_allclose(after[name]["label"], before[name]["label"], rtol=tolerance,
+                                   atol=tolerance, err_msg=name)
+    with pytest.raises(WingspanError, match="no unknown score 'odin'"):
+        again.scores(probe, {"label": head(probe)}, score="odin")
+
+
+def test_deepest_known_level_stops_at_the_first_level_that_fails():
+    levels = ["family", "genus", "species"]
+    limits = dict.fromkeys(levels, 1.0)
+    assert deepest_known(levels, {"family": 0.5, "genus": 0.9, "species": 0.2}, limits) \
+        == "species"
+    assert deepest_known(levels, {"family": 0.5, "genus": 0.9, "species": 1.5}, limits) \
+        == "genus"
+    assert deepest_known(levels, {"family": 0.5, "genus": 1.9, "species": 0.2}, limits) \
+        == "family"
+    assert deepest_known(levels, {"family": 2.0, "genus": 0.1, "species": 0.1}, limits) is None
+
+
+def test_openset_metrics_count_a_turned_away_known_image_as_a_miss():
+    known = np.array([0.1, 0.2, 0.3, 2.0])  # the last known image is turned away
+    unseen = np.array([3.0, 0.5])  # the second unseen image is taken for class 1
+    y, y_pred = np.array([0, 0, 1, 1]), np.array([0, 0, 1, 1])
+    m = openset_metrics(known, unseen, 1.0, y, y_pred, np.array([1, 1]), 2)
+    assert m["known_turned_away"] == 0.25 and m["unseen_flagged"] == 0.5
+    assert m["known_accuracy"] == 1.0 and m["known_accuracy_with_unknown"] == 0.75
+    assert m["known_macro_f1"] == 1.0
+    # class 1: recall 1/2, precision 1 on known images only -> F1 2/3; class 0 stays 1.
+    assert m["known_macro_f1_with_unknown"] == pytest.approx((1 + 2 / 3) / 2)
+    # open set: class 1 also gets the accepted unseen image -> precision 1/2, recall 1/2.
+    assert m["open_macro_f1"] == pytest.approx((1 + 0.5) / 2)
+    assert m["auroc"] == pytest.approx(separation(known, unseen)["auroc"])
+
+
+@pytest.fixture(scope="module")
+def held_out_run(tmp_path_factory):
+    """The demo (6 species) trained with one species held out, on ImageNet weights that
+    install offline (EfficientNet-Lite0)."""
+    root = tmp_path_factory.mktemp("unknown")
+    demo = generate_demo(root / "demo", DemoConfig())
+    config = TrainConfig(backbone="efficientnet_lite0", image_size=96, epochs_head=20,
+                         epochs_finetune=2, workers=0, holdout_classes=[HELD])
+    return train(read_dataset(demo), config, root / "runs", "held", quiet=True), demo
+
+
+def test_a_held_out_species_comes_out_unknown(held_out_run):
+    run_dir, demo = held_out_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    manifest = json.loads((run_dir / "model" / "manifest.json").read_text())
+    assert HELD not in manifest["classes"]["label"] and len(manifest["classes"]["label"]) == 5
+    u = metrics["unknown"]
+    assert u["unseen_images"] == len(list((demo / HELD).glob("*.jpg")))
+    assert u["unseen_flagged"] >= 0.6, u  # most of the held-out species is "unknown"
+    assert u["auroc"] >= 0.85, u
+    assert set(u["scores"]) == set(SCORES)
+    report = (run_dir / "evaluation-unknown" / "report.html").read_text()
+    assert "Unknown images" in report and "unknown score histogram" in report
+    # The images called unknown are the ones whose score is above the bundle's threshold.
+    rows = list(csv.DictReader(open(run_dir / "evaluation-unknown" / "unknown.csv")))
+    threshold = manifest["unknown"]["thresholds"][manifest["unknown"]["score"]]["label"]
+    for r in rows:
+        assert (r["answer"] == "unknown") == (float(r["unknown_score"]) > threshold)
+
+
+def test_predict_answers_unknown_and_keeps_the_closest_class(held_out_run, run_cli, tmp_path):
+    run_dir, demo = held_out_run
+    out = tmp_path / "p.csv"
+    code, stdout, err = run_cli("predict", run_dir, demo / HELD, demo / "azure_spotwing",
+                                "--output", out, "--quiet")
+    assert code == 0, err
+    rows = list(csv.DictReader(open(out)))
+    held = [r for r in rows if f"/{HELD}/" in r["path"]]
+    known = [r for r in rows if "/azure_spotwing/" in r["path"]]
+    assert sum(r["answer"] == "unknown" for r in held) > len(held) / 2
+    assert sum(r["answer"] == "azure_spotwing" for r in known) > 0.8 * len(known)
+    assert all(r["class_1"] for r in held)  # the closest class is still there
+    assert "unlike the classes the model knows" in stdout
+    # Another score of those the bundle holds, chosen at predict time.
+    code, _, err = run_cli("predict", run_dir, demo / HELD, "--unknown-score", "knn",
+                           "--output", out, "--quiet")
+    assert code == 0, err
+    code, _, err = run_cli("predict", run_dir, demo / HELD, "--unknown-score", "odin")
+    assert code != 0 and "no unknown score 'odin'" in err
+
+
+def test_evaluate_unknown_folder_of_non_butterflies(held_out_run, run_cli, tmp_path):
+    """Photos with no butterfly at all (scikit-image's samples) are far from every class."""
+    from skimage import data as skdata
+
+    run_dir, _ = held_out_run
+    folder = tmp_path / "not-butterflies"
+    folder.mkdir()
+    for name in ("astronaut", "chelsea", "coffee", "rocket", "cat", "hubble_deep_field",
+                 "immunohistochemistry", "retina", "camera", "colorwheel"):
+        Image.fromarray(getattr(skdata, name)()).convert("RGB").save(folder / f"{name}.jpg")
+    code, stdout, err = run_cli("evaluate", run_dir, "--unknown", folder, "--out",
+                                tmp_path / "ev", "--quiet")
+    assert code == 0, err
+    assert "FPR at 95% TPR" in stdout and "mahalanobis (in use)" in stdout
+    u = json.loads((tmp_path / "ev" / "metrics.json").read_text())["unknown"]
+    assert u["unseen_images"] == 10 and u["unseen_flagged"] >= 0.9, u
+    code, _, err = run_cli("evaluate", run_dir, "--unknown", tmp_path / "nothing-here")
+    assert code != 0 and "No images of unseen classes" in err
+
+
+def test_holdout_classes_must_exist(tmp_path):
+    from wingspan.training.run import hold_out
+
+    demo = read_dataset(generate_demo(tmp_path, DemoConfig(image_size=32,
+                                                           images_per_class=(4, 4, 4, 4))))
+    with pytest.raises(WingspanError, match="did you mean 'white_darktip'"):
+        hold_out(demo, "label", ["white_darktp"])
+    with pytest.raises(WingspanError, match="fewer than 2 classes"):
+        hold_out(demo, "label", sorted(set(demo.table.label))[1:])
+    rest, held = hold_out(demo, "label", [HELD])
+    assert HELD not in set(rest.table.label) and set(held.label) == {HELD}
+
