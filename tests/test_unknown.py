@@ -11,12 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from wingspan.config import DemoConfig, TrainConfig
+from wingspan.config import UNKNOWN_SCORES, DemoConfig, TrainConfig
 from wingspan.data import read_dataset
 from wingspan.data.demo import generate_demo
 from wingspan.errors import WingspanError
 from wingspan.evaluate.openset import openset_metrics, separation
-from wingspan.models.unknown import SCORES, UnknownDetector, deepest_known
+from wingspan.inference import Predictor
+from wingspan.models.unknown import UnknownDetector, deepest_known
 from wingspan.training.run import train
 
 HELD = "white_darktip"
@@ -53,10 +54,10 @@ def test_every_score_separates_far_images_and_the_threshold_keeps_its_rate():
     with torch.no_grad():
         known = detector.scores(test_x, {"label": head(test_x)}, every=True)
         unseen = detector.scores(far_x, {"label": head(far_x)}, every=True)
-    for name in ("mahalanobis", "knn"):  # the feature scores see a far cluster at once
+    for name in ("mahalanobis", "knn", "msp+knn"):  # the feature scores see a far cluster
         assert separation(known[name]["label"], unseen[name]["label"])["auroc"] > 0.99, name
     # The threshold turns away about `rate` of known images from the same distribution.
-    for name in SCORES:
+    for name in UNKNOWN_SCORES:
         away = (known[name]["label"] > detector.thresholds[name]["label"]).mean()
         assert 0.0 <= away <= 0.12, (name, away)
 
@@ -74,8 +75,8 @@ def test_the_fitted_scores_survive_the_bundle_round_trip():
     with torch.no_grad():
         before = detector.scores(probe, {"label": head(probe)}, every=True)
         after = again.scores(probe, {"label": head(probe)}, every=True)
-    for name in SCORES:
-        tolerance = 1e-2 if name == "knn" else 1e-4  # the kNN bank is stored in fp16
+    for name in UNKNOWN_SCORES:
+        tolerance = 1e-2 if "knn" in name else 1e-4  # the kNN bank is stored in fp16
         np.testing.assert_allclose(after[name]["label"], before[name]["label"], rtol=tolerance,
                                    atol=tolerance, err_msg=name)
     with pytest.raises(WingspanError, match="no unknown score 'odin'"):
@@ -129,7 +130,7 @@ def test_a_held_out_species_comes_out_unknown(held_out_run):
     assert u["unseen_images"] == len(list((demo / HELD).glob("*.jpg")))
     assert u["unseen_flagged"] >= 0.6, u  # most of the held-out species is "unknown"
     assert u["auroc"] >= 0.85, u
-    assert set(u["scores"]) == set(SCORES)
+    assert set(u["scores"]) == set(UNKNOWN_SCORES)
     report = (run_dir / "evaluation-unknown" / "report.html").read_text()
     assert "Unknown images" in report and "unknown score histogram" in report
     # The images called unknown are the ones whose score is above the bundle's threshold.
@@ -173,7 +174,7 @@ def test_evaluate_unknown_folder_of_non_butterflies(held_out_run, run_cli, tmp_p
     code, stdout, err = run_cli("evaluate", run_dir, "--unknown", folder, "--out",
                                 tmp_path / "ev", "--quiet")
     assert code == 0, err
-    assert "FPR at 95% TPR" in stdout and "mahalanobis (in use)" in stdout
+    assert "FPR at 95% TPR" in stdout and "msp+knn (in use)" in stdout
     u = json.loads((tmp_path / "ev" / "metrics.json").read_text())["unknown"]
     assert u["unseen_images"] == 10 and u["unseen_flagged"] >= 0.9, u
     code, _, err = run_cli("evaluate", run_dir, "--unknown", tmp_path / "nothing-here")
@@ -192,3 +193,29 @@ def test_holdout_classes_must_exist(tmp_path):
     rest, held = hold_out(demo, "label", [HELD])
     assert HELD not in set(rest.table.label) and set(held.label) == {HELD}
 
+
+
+def test_calibrate_unknown_refits_the_threshold_and_keeps_the_model(held_out_run, run_cli,
+                                                                    tmp_path):
+    import shutil
+
+    run_dir, demo = held_out_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    before = json.loads((copy / "model" / "manifest.json").read_text())
+    code, stdout, err = run_cli("calibrate", copy, "--unknown", "--unknown-rate", "0.3",
+                                "--unknown-score", "msp+knn", "--quiet")
+    assert code == 0, err
+    after = json.loads((copy / "model" / "manifest.json").read_text())
+    assert after["unknown"]["rate"] == 0.3 and after["unknown"]["score"] == "msp+knn"
+    # The model and how it reads images are untouched (a CNN trained at 96 px keeps 96).
+    assert after["preprocessing"] == before["preprocessing"]
+    assert after["model"] == before["model"] and after["classes"] == before["classes"]
+    known = Predictor(copy)
+    assert known.unknown_score == "msp+knn"
+    original = Predictor(run_dir)
+    paths = sorted(str(p) for p in (demo / "azure_spotwing").glob("*.jpg"))[:12]
+    a, b = list(known.run(paths, progress=False)), list(original.run(paths, progress=False))
+    np.testing.assert_allclose([p.probs for p in a], [p.probs for p in b], atol=1e-5)
+    # A higher rate turns away more known images than the default 5%.
+    assert sum(p.known_level is None for p in a) >= sum(p.known_level is None for p in b)

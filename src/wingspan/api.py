@@ -429,19 +429,23 @@ class Run:
                  out: str | Path | None = None, batch_size: int = TrainConfig.batch_size,
                  device: str = TrainConfig.device, precision: str = TrainConfig.precision,
                  runtime: str = TrainConfig.runtime, class_map: dict[str, str] | None = None,
-                 quiet: bool = False) -> Evaluation:
+                 unknown: str | Path | list[str] | None = None,
+                 unknown_score: str | None = None, quiet: bool = False) -> Evaluation:
         """Metrics, confusion matrix, calibration, curves and report.html, as `wingspan
         evaluate`: the run's test split by default (else val), or `data`; written to
-        RUN/evaluation-SPLIT (or `out`).
+        RUN/evaluation-SPLIT (or `out`). `unknown`: a folder (or image paths) of classes
+        the model never saw, for the unknown answer's figures (metrics["unknown"]).
 
         >>> ev = run.evaluate()
         >>> ev.metrics["macro"]["f1"], ev.metrics["micro"]["f1"]
+        >>> run.evaluate(unknown="moths/").metrics["unknown"]["auroc"]
         """
         from wingspan.evaluate.run import evaluate
 
         result = evaluate(self._model, data, split, out, progress=not quiet,
                           batch_size=batch_size, runtime=runtime, precision=precision,
-                          device=device, class_map=class_map)
+                          device=device, class_map=class_map, unknown=unknown,
+                          unknown_score=unknown_score)
         return Evaluation(result.out_dir, result.metrics, result.report)
 
     @property
@@ -451,7 +455,7 @@ class Run:
     def predict(self, paths: str | Path | list[str | Path], top_k: int = 3, tta: bool = False,
                 batch_size: int = TrainConfig.batch_size, device: str = TrainConfig.device,
                 precision: str = TrainConfig.precision, runtime: str = TrainConfig.runtime,
-                quiet: bool = False) -> pd.DataFrame:
+                unknown_score: str | None = None, quiet: bool = False) -> pd.DataFrame:
         """Classes of image files, folders (searched recursively) and globs, as `wingspan
         predict`. One row per image: path, answer (the class, or "unknown" for an image
         unlike every class the model knows; with levels, the class at the finest level
@@ -468,7 +472,8 @@ class Run:
 
         inputs = [str(p) for p in ([paths] if isinstance(paths, str | Path) else paths)]
         predictor = Predictor(self._model, device=device, batch_size=batch_size,
-                              runtime=runtime, precision=precision, progress=not quiet)
+                              runtime=runtime, precision=precision, progress=not quiet,
+                              unknown_score=unknown_score)
         result = predict(predictor, inputs, top_k, tta, progress=not quiet)
         if not result.rows:
             raise WingspanError("No image could be predicted.", hint="Check the paths given.")

@@ -83,7 +83,7 @@ MaxPixels = Annotated[int | None, typer.Option(
     "decoded reduced, other images refused.")]
 UnknownScoreOpt = Annotated[str | None, typer.Option(
     help="The unknown score to use, of those the model holds: msp | energy | mahalanobis | "
-    "knn (default: the one chosen at training).", show_default=False)]
+    "knn | msp+knn (default: the one chosen at training).", show_default=False)]
 Precision = Annotated[str, typer.Option(
     help="auto (measured, like --runtime) | fp32 | bf16 | fp16. $WINGSPAN_PRECISION sets "
     "auto.")]
@@ -330,8 +330,8 @@ def train_command(
         help="Leave these classes out of training (comma-separated) and score their images "
         "as unknowns at the end: the open-set check without a second dataset.")] = None,
     unknown_score: Annotated[str, typer.Option(
-        help="The default score for \"unknown\": msp | energy | mahalanobis | knn (all are "
-        "fitted; predict --unknown-score picks another).")] = T.unknown_score,
+        help="The default score for \"unknown\": msp | energy | mahalanobis | knn | msp+knn "
+        "(all are fitted; predict --unknown-score picks another).")] = T.unknown_score,
     unknown_rate: Annotated[float, typer.Option(
         help="Share of known images the unknown threshold may turn away (set on val).")]
     = T.unknown_rate,
@@ -506,11 +506,27 @@ def calibrate_command(
     split: Annotated[str, typer.Option(help="train | val | test | all.")] = "val",
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = T.batch_size,
     device: DeviceOpt = T.device,
+    unknown: Annotated[bool, typer.Option(
+        "--unknown", help="Instead: fit the unknown scores again on the run's own train and "
+        "val images (e.g. with another --unknown-rate or --unknown-score).")] = False,
+    unknown_rate: Annotated[float | None, typer.Option(
+        help="With --unknown: the share of known val images it may turn away.",
+        show_default=False)] = None,
+    unknown_score: UnknownScoreOpt = None,
     quiet: Quiet = False,
 ) -> None:
     """Fit the model's temperature again (training fits it on its val split) and store it
-    in the bundle, e.g. on labelled photos from where the model will be used."""
-    from wingspan.evaluate.run import calibrate
+    in the bundle, e.g. on labelled photos from where the model will be used; or, with
+    --unknown, its unknown scores and thresholds."""
+    from wingspan.evaluate.run import calibrate, fit_unknown
+
+    if unknown:
+        u = fit_unknown(model, unknown_rate, unknown_score, progress=not quiet,
+                        batch_size=batch_size, device=device)
+        out.print(f"Unknown scores fitted on {u['train_images']} training images; thresholds "
+                  f"set on {u['val_images']} val images to turn away {u['rate']:.0%} of known "
+                  f"ones; default score '{u['score']}'")
+        return
 
     c = calibrate(model, data, split, progress=not quiet, batch_size=batch_size, device=device)
     out.print(f"Temperature {c['previous_temperature']:.3f} -> {c['temperature']:.3f}, fitted "

@@ -23,7 +23,7 @@ DEMO_SPECIES = 8
 DEFAULT_BACKBONE = "resnet50"
 # Out-of-distribution scores a bundle carries (wingspan.models.unknown); the default is
 # TrainConfig.unknown_score.
-UNKNOWN_SCORES = ("msp", "energy", "mahalanobis", "knn")
+UNKNOWN_SCORES = ("msp", "energy", "mahalanobis", "knn", "msp+knn")
 OFFLINE_BACKBONES = ("efficientnet_lite2", "efficientnet_lite0")
 # The pixel budget of one image (about 50 MP; a decoded pixel takes 3-4 bytes, several
 # times over while converting). $WINGSPAN_MAX_PIXELS (or --max-pixels) changes it.
@@ -317,7 +317,7 @@ class TrainConfig:
     profile: bool = False  # write a torch.profiler trace of a few fine-tuning steps
     # "unknown": the score (one of UNKNOWN_SCORES; the bundle holds them all) and the share
     # of known val images it may turn away, which sets its threshold
-    unknown_score: str = "mahalanobis"
+    unknown_score: str = "msp+knn"
     unknown_rate: float = 0.05
 
     def __post_init__(self) -> None:

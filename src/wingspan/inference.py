@@ -62,6 +62,7 @@ class Prediction:
     unknown: dict[str, float] | None = None  # the unknown score per level (higher: less known)
     known_level: str | None = None  # the finest level that passes its threshold (None: none)
     every_score: dict[str, float] | None = None  # finest level, each score (run(every_score))
+    features: np.ndarray | None = None  # pooled backbone features (run(with_features))
 
 
 class Predictor:
@@ -161,10 +162,10 @@ class Predictor:
 
     @torch.inference_mode()
     def run(self, paths: Sequence[str], tta: bool = False, progress: bool = True,
-            every_score: bool = False) -> Iterator[Prediction]:
+            every_score: bool = False, with_features: bool = False) -> Iterator[Prediction]:
         """Predictions for each path, in order, a batch at a time (memory stays flat). With
         `every_score`, each prediction also holds every unknown score of the finest level
-        (to compare them)."""
+        (to compare them); with `with_features`, its pooled features."""
         views = self.views(tta)
         loader = DataLoader(_Images(paths, views, self.size, self.draft),
                             batch_size=self.batch_size, num_workers=self.workers,
@@ -197,7 +198,8 @@ class Predictor:
                                      unknown=scores, known_level=self.known_level(scores),
                                      every_score={name: float(v[self.level][j])
                                                   for name, v in every.items()}
-                                     if every else None)
+                                     if every else None,
+                                     features=mean_feats[j].numpy() if with_features else None)
                 i += 1
             done += n
         self.images_per_second = done / max(time.perf_counter() - start, 1e-9)

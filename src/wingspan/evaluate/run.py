@@ -333,6 +333,62 @@ def calibrate(model: str | Path, data: str | Path | None = None, split: str = "v
     return calibration
 
 
+def fit_unknown(model: str | Path, rate: float | None = None, score: str | None = None,
+                progress: bool = True, batch_size: int = 32, workers: int | None = None,
+                device: str = "auto", seed: int = 0) -> dict:
+    """Fit the unknown scores again on a run's own training images and set their
+    thresholds on its val split (training does this once): for another `rate` or default
+    `score`, or for a model trained before wingspan had them. Rewrites the bundle."""
+    import torch
+
+    from wingspan.models import save_bundle
+    from wingspan.models.unknown import MAX_FIT_IMAGES, UnknownDetector
+
+    predictor = Predictor(model, device=device, batch_size=batch_size, workers=workers,
+                          progress=progress)
+    run_dir = predictor.bundle.parent
+    if not (run_dir / "splits.csv").is_file():
+        raise WingspanError(f"{model} is not a run folder: the unknown scores are fitted on "
+                            "the run's own training and val images.",
+                            hint="Give the folder `wingspan train` wrote (runs/NAME).")
+    manifest = predictor.manifest
+    previous = manifest.get("unknown") or {}
+    training = manifest.get("training", {})
+    rate = rate or previous.get("rate") or training.get("unknown_rate") or 0.05
+    score = score or previous.get("score") or training.get("unknown_score") or "msp+knn"
+    levels = predictor.model.levels
+    table = read_dataset(run_dir / "splits.csv").table
+    table[levels[-1]] = table[levels[-1]].replace(predictor.rare)  # as training named them
+    table = table[table[levels[-1]].isin(predictor.classes)]
+
+    train = table[table[SPLIT] == "train"]
+    if len(train) > MAX_FIT_IMAGES:  # the detector would subsample to this anyway
+        train = train.sample(MAX_FIT_IMAGES, random_state=seed)
+    val = table[table[SPLIT] == "val"]
+    if train.empty or val.empty:
+        raise WingspanError(f"{run_dir} has no training or no val images in splits.csv.")
+    parts = {}
+    for name, part in (("train", train), ("val", val)):
+        preds = [p for p in predictor.run(part["path"].tolist(), progress=progress,
+                                          with_features=True)]
+        ok = [i for i, p in enumerate(preds) if not p.error]
+        x = torch.as_tensor(np.stack([preds[i].features for i in ok])).float()
+        y = {lv: torch.as_tensor(part[lv].map(
+            {c: i for i, c in enumerate(manifest["classes"][lv])}).to_numpy()[ok])
+            for lv in levels}
+        parts[name] = (x, predictor.heads(x), y)
+    detector = UnknownDetector.fit(parts["train"][0], parts["train"][1], parts["train"][2],
+                                   parts["val"][0], parts["val"][1], score=score, rate=rate,
+                                   temperature=predictor.temperature, seed=seed)
+    save_bundle(predictor.model.cpu(), predictor.bundle, manifest["classes"],
+                taxonomy=manifest.get("taxonomy"), training=training,
+                metrics=manifest.get("metrics"), weights_source=manifest.get("weights_source"),
+                calibration=manifest.get("calibration"), unknown=detector)
+    return {"score": score, "rate": rate, "train_images": len(parts["train"][0]),
+            "val_images": len(parts["val"][0]),
+            "thresholds": detector.thresholds[score]}
+
+
 def _write_predictions(path: Path, paths: list[str], y: np.ndarray, probs: np.ndarray,
                        classes: list[str]) -> None:
     frame = pd.DataFrame({"path": paths, "true": [classes[i] for i in y],

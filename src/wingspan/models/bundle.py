@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from wingspan import __version__
 from wingspan.errors import WingspanError
 from wingspan.files import atomic_path
-from wingspan.models.classifier import Classifier
+from wingspan.models.classifier import Classifier, Preprocessing
 from wingspan.models.unknown import PREFIX as UNKNOWN_PREFIX
 from wingspan.models.unknown import UnknownDetector
 
@@ -167,6 +167,12 @@ def load_bundle(path: str | Path, with_unknown: bool = False):
             raise WingspanError(f"{path}: the model has {n} '{level}' classes but its manifest "
                                 f"names {len(names)}.", hint="Use an intact copy of the "
                                 "bundle, or retrain.")
+    # The manifest says how images were prepared (a CNN trained at another size records it
+    # there only), so a bundle saved again from this model keeps it.
+    pre = manifest.get("preprocessing")
+    if pre:
+        model.preprocessing = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v
+                                               for k, v in pre.items()})
     model.eval()
     if not with_unknown:
         return model, manifest

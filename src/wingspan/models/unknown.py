@@ -133,9 +133,41 @@ class NearestNeighbour(Score):
         return self.detector.predict_features(features.float()).float()
 
 
+class Combined(Score):
+    """The larger of several scores, each put in one unit first: the share of known val
+    images it exceeds. MSP sees a near neighbour of a known species (a confused head),
+    kNN an image far from every training image that the head is sure of anyway (a cat);
+    each misses what the other sees. (A small z-score term keeps images beyond every val
+    image in order.)"""
+
+    def __init__(self, parts: tuple[str, ...]):
+        self.parts = parts
+
+    def fit_val(self, val: dict[str, np.ndarray]) -> Combined:
+        self.val = {p: torch.as_tensor(np.sort(val[p])).double() for p in self.parts}
+        return self
+
+    def tensors(self):
+        return {f"val_{p}": v.float() for p, v in self.val.items()}
+
+    def load(self, tensors, temperature):
+        self.val = {p: tensors[f"val_{p}"].double() for p in self.parts}
+        return self
+
+    def combine(self, part_scores: dict[str, torch.Tensor]) -> torch.Tensor:
+        units = []
+        for p in self.parts:
+            val, x = self.val[p], part_scores[p].double()
+            share = torch.searchsorted(val, x, right=True) / len(val)
+            z = (x - val.mean()) / (val.std() + 1e-12)
+            units.append(share + 1e-3 * torch.tanh(z / 10))
+        return torch.stack(units).max(0).values.float()
+
+
 SCORES: dict[str, Callable[[], Score]] = {
     "msp": MaxSoftmax, "energy": Energy, "mahalanobis": Mahalanobis, "knn": NearestNeighbour}
-assert set(SCORES) == set(UNKNOWN_SCORES)
+COMBINED = {"msp+knn": ("msp", "knn")}
+assert set(SCORES) | set(COMBINED) == set(UNKNOWN_SCORES)
 
 
 @dataclass
@@ -173,6 +205,10 @@ class UnknownDetector:
                                          temperature if lv == levels[-1] else 1.0)
                 for lv in levels}
         val = detector.scores(val_features, val_logits, every=True)
+        for name, parts in COMBINED.items():  # in the units of the known val images
+            detector.fitted[name] = {lv: Combined(parts).fit_val({p: val[p][lv] for p in parts})
+                                     for lv in levels}
+        val = detector.scores(val_features, val_logits, every=True)
         detector.thresholds = {name: {lv: float(np.quantile(s, 1.0 - rate))
                                       for lv, s in per_level.items()}
                                for name, per_level in val.items()}
@@ -184,8 +220,15 @@ class UnknownDetector:
         """Per level, the score of each image (the default score, `score`, or with
         `every` a dict of them all)."""
         names = list(self.fitted) if every else [self.check_score(score or self.score)]
-        out = {name: {lv: self.fitted[name][lv](features, logits[lv]).numpy()
-                      for lv in self.levels} for name in names}
+        base = {n for n in names if n in SCORES}
+        base |= {p for n in names if n in COMBINED for p in COMBINED[n]}
+        raw = {n: {lv: self.fitted[n][lv](features, logits[lv]) for lv in self.levels}
+               for n in SCORES if n in base}
+        for n in names:
+            if n in COMBINED:
+                raw[n] = {lv: self.fitted[n][lv].combine({p: raw[p][lv] for p in COMBINED[n]})
+                          for lv in self.levels}
+        out = {n: {lv: raw[n][lv].numpy() for lv in self.levels} for n in names}
         return out if every else out[names[0]]
 
     def check_score(self, name: str) -> str:
@@ -219,6 +262,10 @@ class UnknownDetector:
         detector = cls(entry["score"], float(entry["rate"]), levels, temperature,
                        thresholds=entry["thresholds"])
         for name in entry["thresholds"]:
+            if name in COMBINED:
+                detector.fitted[name] = {lv: Combined(COMBINED[name]).load(
+                    _under(tensors, f"{PREFIX}{name}.{lv}."), temperature) for lv in levels}
+                continue
             make = SCORES[name]
             if make.uses_labels:
                 detector.fitted[name] = {lv: make().load(
