@@ -77,7 +77,8 @@ class Predictor:
         self.model, self.manifest, self.unknown = load_bundle(self.bundle, with_unknown=True)
         if unknown_score and self.unknown is None:
             raise WingspanError(f"The model {self.bundle} has no unknown scores.",
-                                hint="Models trained before wingspan 0.x lack them: retrain.")
+                                hint="A model trained before they existed: fit them with "
+                                "`wingspan calibrate RUN --unknown` on its run folder.")
         # The score this predictor uses (the bundle's default unless another is asked for).
         self.unknown_score = (self.unknown.check_score(unknown_score or self.unknown.score)
                               if self.unknown else None)

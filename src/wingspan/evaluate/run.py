@@ -36,6 +36,8 @@ from wingspan.evaluate.report import write_report
 from wingspan.files import atomic_path, write_text
 from wingspan.inference import Predictor
 from wingspan.models.bundle import update_manifest
+from wingspan.models.unknown import UNKNOWN
+from wingspan.predict import expand_paths, taxonomy_path
 
 
 @dataclass
@@ -63,7 +65,8 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
                           unknown_score=unknown_score)
     if unknown is not None and predictor.unknown is None:
         raise WingspanError(f"The model {predictor.bundle} has no unknown scores to evaluate.",
-                            hint="Retrain it with this wingspan: training fits them.")
+                            hint="Fit them with `wingspan calibrate RUN --unknown` on its run "
+                                 "folder (training fits them since they exist).")
     run_dir = predictor.bundle.parent if (predictor.bundle.parent / "config.yaml").is_file() \
         else None
     dataset = _dataset(data, run_dir)
@@ -149,7 +152,6 @@ def _openset(predictor: Predictor, unknown, known: list, y: np.ndarray, y_pred: 
              out_dir: Path, progress: bool) -> dict:
     """The known images' unknown scores against those of images of unseen classes; writes
     unknown.csv (each unseen image: score, answer, closest class) and unknown.png."""
-    from wingspan.predict import expand_paths
 
     paths, missing = (expand_paths([str(unknown)]) if isinstance(unknown, str | Path)
                       else (list(unknown), []))
@@ -178,11 +180,22 @@ def _openset(predictor: Predictor, unknown, known: list, y: np.ndarray, y_pred: 
             lv: sum(p.known_level == lv for p in unseen) for lv in predictor.model.levels}
     _write_csv(pd.DataFrame({
         "path": [p.path for p in unseen], "unknown_score": u,
-        "answer": ["unknown" if p.known_level is None else p.known_level for p in unseen],
+        "answer": [_named(predictor, p) for p in unseen],
+        "known_level": [p.known_level or "" for p in unseen],
         "closest_class": [predictor.classes[c] for c in u_pred]}),
         out_dir / "unknown.csv", index=False)
     plots.plot_unknown_scores(k, u, predictor.thresholds[level], name, out_dir / "unknown.png")
     return result
+
+
+def _named(predictor: Predictor, p) -> str:
+    """What predict answers for `p`: the class at its known level, else "unknown"."""
+    if p.known_level is None:
+        return UNKNOWN
+    if predictor.taxonomy:
+        branch = taxonomy_path(predictor.taxonomy, p.probs)
+        return next(c for lv, c, _ in branch if lv == p.known_level)
+    return predictor.classes[int(p.probs.argmax())]
 
 
 MARKER = ".wingspan-evaluation"  # in every evaluation folder: only such a folder is replaced
