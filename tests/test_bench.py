@@ -27,7 +27,11 @@ def test_bench_smoke(tmp_path):
     assert [r["engine"] for r in rows] == ["fp32 eager NCHW (plain recipe)", *candidates]
     assert sum(r["auto"] for r in rows) == 1
     key = next(k for k in rows[0] if k.startswith("images_per_s"))
-    assert all(abs(r["speedup"] - r[key] / rows[0][key]) < 0.05 for r in rows)
+    # speedup is computed before images/s are rounded to 0.1: allow for that rounding (a
+    # slow or busy CPU's few images/s make it large).
+    base = rows[0][key]
+    assert all((r[key] - 0.05) / (base + 0.05) - 0.01 <= r["speedup"]
+               <= (r[key] + 0.05) / max(base - 0.05, 1e-9) + 0.01 for r in rows), rows
     left_out = {r["engine"] for r in results["inference"] if "left_out" in r}
     assert left_out | set(candidates) == {"torch-fp32", "torch-bf16", "torch-fp16", "onnx-fp32"}
     steps = results["training_step"]
