@@ -80,3 +80,45 @@ def test_serve_load_smoke(tmp_path):
                for r in figures["load"])
     assert all(mb > 100 for mb in figures["rss_mb"])  # a real process's RSS was read
     assert "clients:" in proc.stdout and "server RSS" in proc.stdout
+
+
+def _levers():
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "bench" / "levers.py"
+    spec = importlib.util.spec_from_file_location("levers", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["levers"] = module  # (its dataclasses look their module up)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_levers_zoom_box_maps_the_cam_back_to_the_full_photo():
+    """bench/levers.py's two-pass zoom: the hot region of the map over the centre crop,
+    as a square box in the full photo's pixels, grown, kept inside the photo."""
+    import numpy as np
+
+    zoom_box = _levers().zoom_box
+    cam = np.zeros((100, 100))
+    cam[40:50, 60:70] = 1.0  # 10% of the view, right of centre
+    # A 2000 x 1000 photo whose centre crop showed the square (500, 0)-(1500, 1000).
+    box = zoom_box(cam, (500.0, 0.0, 1000.0), (2000, 1000), scale=2.0, least=0.0)
+    assert box == (1050, 350, 1250, 550)  # centre (1150, 450), side 2 x 100 px
+    # At least `least` of the short side, and shifted to stay inside the photo.
+    cam[:] = 0
+    cam[0:2, 0:2] = 1.0
+    left, top, right, bottom = zoom_box(cam, (500.0, 0.0, 1000.0), (2000, 1000), least=0.3)
+    assert (right - left, bottom - top) == (300, 300) and top == 0 and left >= 0
+    # Nothing hot: the centre crop itself.
+    assert zoom_box(np.zeros((8, 8)), (500.0, 0.0, 1000.0), (2000, 1000)) == (500, 0, 1500,
+                                                                               1000)
+
+
+def test_levers_help_and_list():
+    script = Path(__file__).parents[1] / "bench" / "levers.py"
+    help_text = subprocess.run([sys.executable, str(script), "--help"], capture_output=True,
+                               text=True, timeout=120).stdout
+    assert "--levers" in help_text and "--seeds" in help_text and "transfer" in help_text
+    listed = subprocess.run([sys.executable, str(script), "--list"], capture_output=True,
+                            text=True, timeout=120).stdout
+    assert set(_levers().LEVERS) == {line.split()[0] for line in listed.splitlines()}

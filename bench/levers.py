@@ -1,0 +1,453 @@
+"""Recipe levers side by side (issue 15): each against the default recipe, per split seed.
+
+    python bench/levers.py                                  # every lever, seeds 0 and 1
+    python bench/levers.py --levers baseline tta res300 --seeds 0
+    python bench/levers.py --targets transfer --levers camzoom
+    python bench/levers.py --list                           # the levers and what each does
+
+Two figures per seed, both on photos no run trains or chooses on:
+- inat: train on inat-butterflies (default recipe + the lever), macro-F1 on its test split
+  (the data's own val photos, kept apart by `--selection holdout`);
+- transfer: train on leeds-butterflies (web photos cropped to the butterfly), accuracy on
+  every inat-butterflies photo of the 4 species both share (monarch, red admiral, painted
+  lady, cabbage white), as `wingspan evaluate RUN inat/ --split all --map ...` scores it.
+
+A lever either trains its own runs (`wingspan train` in a subprocess, one at a time) or
+changes only how a baseline run predicts. Runs live in --runs-dir as `DATA-sSEED-LEVER`
+and are reused when their model exists (a symlink to an earlier run of the same recipe
+counts); scores are kept in --runs-dir/levers.json, so a second call only prints. The wall
+column is what the lever costs: a training lever's `wingspan train` wall seconds (iNat,
+then Leeds; mean over seeds), or a prediction lever's seconds to predict its photos (236
+iNat test photos, then 826 transfer photos). Wall times are upper bounds when other work
+shares the cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import f1_score
+
+from wingspan.config import AugmentConfig, shared_data_dir
+from wingspan.data import read_dataset
+from wingspan.data.images import open_rgb
+from wingspan.data.transforms import eval_transform
+from wingspan.inference import Predictor
+
+DATA = {"inat": "inat-butterflies", "transfer": "leeds-butterflies"}
+# Leeds class -> iNat class, for the 4 species both hold.
+TRANSFER_MAP = {"001-danaus_plexippus": "monarch", "009-vanessa_atalanta": "admiral",
+                "010-vanessa_cardui": "painted_lady", "008-pieris_rapae": "cabbage_white"}
+EMA_DECAY = 0.98  # fine-tuning has ~120 steps on iNat, ~64 on Leeds
+MIXUP_ALPHA = 0.4
+
+
+@dataclass
+class Lever:
+    about: str
+    train: dict = field(default_factory=dict)  # TrainConfig settings of its own runs
+    mode: str = "plain"  # how the run predicts (see `probabilities`)
+    partner: dict | None = None  # a second run whose probabilities are averaged in
+    targets: tuple[str, ...] = ("inat", "transfer")
+    cost: str = "train"  # what its wall column shows: train (the runs) or predict (photos)
+    patch: str | None = None  # trains with a recipe change made here (see `patched`)
+
+
+LEVERS = {
+    "baseline": Lever("the default recipe (efficientnet_lite2 offline, 4 fine-tuning epochs, "
+                      "augment standard, label smoothing 0.1)"),
+    "finetune2": Lever("--epochs-finetune 2 (default 4)", {"epochs_finetune": 2}),
+    "finetune8": Lever("--epochs-finetune 8", {"epochs_finetune": 8}),
+    "light": Lever("--augment light", {"augment": "light"}),
+    "strong": Lever("--augment strong", {"augment": "strong"}),
+    "ls0": Lever("--label-smoothing 0 (default 0.1)", {"label_smoothing": 0.0}),
+    "tta": Lever("evaluate --tta: mean of 4 views (centre crop, wider crop, their mirrors)",
+                 mode="tta", cost="predict"),
+    "res300": Lever("predict at 300 px (trained at 260)", mode="size300", cost="predict"),
+    "res340": Lever("predict at 340 px (trained at 260)", mode="size340", cost="predict"),
+    "ensemble": Lever("mean probabilities of the baseline and an efficientnet_lite0 run "
+                      "(same data and seed)", partner={"backbone": "efficientnet_lite0"}),
+    "swa": Lever("SWA: the mean of the weights at the end of each fine-tuning epoch (frozen "
+                 "BatchNorm, so no statistics to redo); same run as ema", mode="swa",
+                 patch="averages"),
+    "ema": Lever(f"EMA of the weights over the fine-tuning steps (timm ModelEmaV3, decay "
+                 f"{EMA_DECAY}); same run as swa", mode="ema", patch="averages"),
+    "feature-mixup": Lever(f"mixup (alpha {MIXUP_ALPHA}) of cached features and their labels "
+                           "in the head stage", patch="feature-mixup"),
+    "camzoom": Lever("two passes: predict, box the Grad-CAM map of the predicted class "
+                     "(>= 0.5 of its peak), crop that box (square, 1.6x, at least 30% of "
+                     "the short side) from the full-resolution photo, predict it; the two "
+                     "passes' probabilities averaged", mode="camzoom", targets=("transfer",),
+                     cost="predict"),
+    "camzoom-crop": Lever("as camzoom, the crop's probabilities alone", mode="camzoom-crop",
+                          targets=("transfer",), cost="predict"),
+}
+
+
+def run_name(target: str, seed: int, settings: dict, patch: str | None = None) -> str:
+    tag = "-".join([*(f"{k}={v}" for k, v in sorted(settings.items())), *([patch] if patch
+                                                                        else [])]) or "base"
+    return f"{target}-s{seed}-{tag}"
+
+
+def log(text: str) -> None:
+    print(f"{datetime.now():%H:%M:%S} {text}", file=sys.stderr, flush=True)
+
+
+def ensure_run(runs: Path, data_dir: Path, target: str, seed: int, settings: dict,
+               patch: str | None = None) -> Path:
+    """The run of the default recipe + `settings` (+ `patch`) on `target`'s training data,
+    trained here (`wingspan train` in a subprocess) unless it exists."""
+    run = runs / run_name(target, seed, settings, patch)
+    if (run / "model" / "manifest.json").is_file():
+        return run
+    data = str(data_dir / DATA[target])
+    flags = [x for k, v in settings.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    cmd = ([sys.executable, __file__, "--train-patched", patch, data] if patch else
+           [sys.executable, "-m", "wingspan", "train", data])
+    cmd += ["--runs-dir", str(runs), "--name", run.name, "--seed", str(seed), "--quiet", *flags]
+    log("training: " + " ".join(cmd[1:]))
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    (run / "wall.json").write_text(json.dumps({"seconds": time.perf_counter() - start}))
+    return run
+
+
+def train_seconds(run: Path) -> float:
+    """`wingspan train`'s wall seconds: timed here, else the span of its log."""
+    timed = run / "wall.json"
+    if timed.is_file():
+        return json.loads(timed.read_text())["seconds"]
+    stamps = [datetime.strptime(line[:8], "%H:%M:%S")
+              for line in (run / "train.log").read_text().splitlines() if line[:2].isdigit()]
+    return (stamps[-1] - stamps[0]).total_seconds() % 86400
+
+
+def photos(target: str, run: Path, data_dir: Path) -> tuple[list[str], list[str]]:
+    """(paths, true classes in the run's own names) that `target` scores on."""
+    if target == "inat":
+        splits = pd.read_csv(run / "splits.csv")
+        test = splits[splits.split == "test"]
+        return test.path.tolist(), test.label.tolist()
+    table = read_dataset(data_dir / DATA["inat"]).table
+    back = {v: k for k, v in TRANSFER_MAP.items()}
+    table = table[table.label.isin(back)]
+    return table.path.tolist(), [back[label] for label in table.label]
+
+
+def resized(predictor: Predictor, size: int) -> Predictor:
+    """The same predictor at another input size (resize + centre crop as trained)."""
+    predictor.size = size
+    predictor.config = AugmentConfig(image_size=size, eval_crop=predictor.config.eval_crop)
+    predictor.forward = predictor.policy.runner(predictor.model, size, predictor.model.levels)
+    return predictor
+
+
+def batched_cam(predictor: Predictor, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """wingspan.explain.grad_cam for a batch (eval mode: images do not interact): maps
+    upsampled to the input, each scaled to peak 1 (all zeros when nothing argues)."""
+    model = predictor.model
+    backbone = model.backbone
+    with torch.enable_grad():
+        x = x.clone().requires_grad_(True)
+        features = backbone(x)
+        features.retain_grad()
+        logits = model.head(backbone.pool(features))[predictor.level]
+        logits.gather(1, targets[:, None]).sum().backward()
+        maps, grads = backbone.spatial(features.detach()), backbone.spatial(features.grad)
+    cam = torch.relu((grads.mean((2, 3), keepdim=True) * maps).sum(1, keepdim=True))
+    cam = F.interpolate(cam, tuple(x.shape[-2:]), mode="bilinear", align_corners=False)[:, 0]
+    return cam / cam.flatten(1).max(1).values.clamp_min(1e-12)[:, None, None]
+
+
+def zoom_box(cam: np.ndarray, view: tuple[float, float, float], image_size: tuple[int, int],
+             threshold: float = 0.5, scale: float = 1.6, least: float = 0.3
+             ) -> tuple[int, int, int, int]:
+    """A square box in the full photo around the map's hot region. `view` (left, top,
+    side): the part of the photo the model's centre crop showed."""
+    left, top, side = view
+    ys, xs = np.nonzero(cam >= threshold)
+    if not len(xs):  # nothing argued for the class: the centre crop itself
+        return round(left), round(top), round(left + side), round(top + side)
+    h, w = cam.shape
+    x0, x1 = left + xs.min() / w * side, left + (xs.max() + 1) / w * side
+    y0, y1 = top + ys.min() / h * side, top + (ys.max() + 1) / h * side
+    width, height = image_size
+    half = min(max(x1 - x0, y1 - y0, 0) * scale, min(width, height)) / 2
+    half = max(half, least * min(width, height) / 2)
+    cx = min(max((x0 + x1) / 2, half), width - half)
+    cy = min(max((y0 + y1) / 2, half), height - half)
+    return round(cx - half), round(cy - half), round(cx + half), round(cy + half)
+
+
+def camzoom(predictor: Predictor, paths: list[str], batch: int = 16
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """(first-pass, zoomed) probabilities of each photo."""
+    model = predictor.model.float().eval()
+    clean = eval_transform(predictor.config, **predictor.norm)
+    square = eval_transform(AugmentConfig(image_size=predictor.size, eval_crop=1.0),
+                            **predictor.norm)
+    first, second = [], []
+    for i in range(0, len(paths), batch):
+        pictures = [open_rgb(p) for p in paths[i:i + batch]]
+        x = torch.stack([clean(p) for p in pictures])
+        with torch.inference_mode():
+            logits = model(x)[predictor.level].float()
+        probs = torch.softmax(logits / predictor.temperature, -1)
+        cams = batched_cam(predictor, x, probs.argmax(1)).numpy()
+        crops = []
+        for picture, cam in zip(pictures, cams, strict=True):
+            w, h = picture.size
+            side = min(w, h) * predictor.config.eval_crop  # what the centre crop showed
+            box = zoom_box(cam, ((w - side) / 2, (h - side) / 2, side), (w, h))
+            crops.append(square(picture.crop(box)))
+        with torch.inference_mode():
+            zoomed = model(torch.stack(crops))[predictor.level].float()
+        first.append(probs.numpy())
+        second.append(torch.softmax(zoomed / predictor.temperature, -1).numpy())
+    return np.concatenate(first), np.concatenate(second)
+
+
+def probabilities(run: Path, mode: str, paths: list[str]) -> tuple[np.ndarray, list[str], float]:
+    """(probabilities, the run's classes, seconds) of the run on `paths`, predicted as
+    `mode` says; kept in the run folder."""
+    keep = run / "levers" / f"{mode}-{len(paths)}.npz"
+    if keep.is_file():
+        saved = np.load(keep, allow_pickle=False)
+        return saved["probs"], saved["classes"].tolist(), float(saved["seconds"])
+    keep.parent.mkdir(exist_ok=True)
+    cam = mode.startswith("camzoom")  # Grad-CAM needs gradients: torch, fp32
+    bundle = run / f"model-{mode}" if mode in ("swa", "ema") else run
+    predictor = Predictor(bundle, workers=1, runtime="torch" if cam else "auto",
+                          precision="fp32" if cam else "auto")
+    start = time.perf_counter()
+    if cam:  # one pass for both modes, each kept
+        first, zoomed = camzoom(predictor, paths)
+        seconds = time.perf_counter() - start
+        for kind, p in (("camzoom", (first + zoomed) / 2), ("camzoom-crop", zoomed)):
+            np.savez(run / "levers" / f"{kind}-{len(paths)}.npz", probs=p,
+                     classes=np.array(predictor.classes), seconds=seconds)
+        return probabilities(run, mode, paths)
+    if mode.startswith("size"):
+        resized(predictor, int(mode[4:]))
+    probs = np.stack([p.probs for p in predictor.run(paths, tta=mode == "tta", progress=False)])
+    seconds = time.perf_counter() - start
+    np.savez(keep, probs=probs, classes=np.array(predictor.classes), seconds=seconds)
+    return probs, predictor.classes, seconds
+
+
+def figure(target: str, probs: np.ndarray, classes: list[str], truth: list[str]) -> float:
+    predicted = [classes[i] for i in probs.argmax(1)]
+    if target == "inat":
+        return float(f1_score(truth, predicted, average="macro"))
+    return float(np.mean([p == t for p, t in zip(predicted, truth, strict=True)]))
+
+
+def measure(name: str, target: str, seed: int, runs: Path, data_dir: Path) -> dict:
+    lever = LEVERS[name]
+    run = ensure_run(runs, data_dir, target, seed, lever.train, lever.patch)
+    paths, truth = photos(target, run, data_dir)
+    probs, classes, seconds = probabilities(run, lever.mode, paths)
+    if lever.partner is not None:
+        other = ensure_run(runs, data_dir, target, seed, lever.partner)
+        more, other_classes, more_seconds = probabilities(other, "plain", paths)
+        assert other_classes == classes
+        probs, seconds = (probs + more) / 2, seconds + more_seconds
+        train = train_seconds(run) + train_seconds(other)
+    else:
+        train = train_seconds(run)
+    if lever.patch == "averages":
+        live, _, _ = probabilities(run, "plain", paths)  # the run's own model, as a check
+        result_live = figure(target, live, classes, truth)
+    return {"figure": figure(target, probs, classes, truth), "train_seconds": train,
+            "predict_seconds": seconds, "images": len(paths), "run": run.name,
+            **({"live_model": result_live} if lever.patch == "averages" else {})}
+
+
+# --- recipe changes tried here, on wingspan's own training loop -------------------------
+
+def patched(patch: str) -> None:
+    """Change `wingspan train`'s recipe in this process (the names the loop looks up at
+    call time), for a lever that has no option of its own:
+    - feature-mixup: in the head stage each batch of cached features is mixed with a
+      shuffled copy of itself (weight lam ~ Beta(alpha, alpha)), its loss with both labels;
+    - averages: fine-tuning as usual, and beside it an EMA of the weights after every
+      step and the mean of the weights at each epoch's end (SWA); both are written as
+      bundles `model-ema` and `model-swa` next to the run's own `model`."""
+    from wingspan.training import run as recipe
+    from wingspan.training import stages
+
+    if patch == "feature-mixup":
+        original_head, original_loss = recipe.train_head, stages.loss_fn
+
+        def train_head(run) -> None:
+            g = torch.Generator().manual_seed(run.config.seed)
+            beta = torch.distributions.Beta(MIXUP_ALPHA, MIXUP_ALPHA)
+            mixed: dict = {}
+
+            def mix(module, args):
+                if module.training:
+                    (feats,) = args
+                    lam = float(beta.sample())
+                    perm = torch.randperm(len(feats), generator=g).to(feats.device)
+                    mixed.update(lam=lam, perm=perm)
+                    return (lam * feats + (1 - lam) * feats[perm],)
+                return None
+
+            def loss_fn(*args, **kwargs):
+                criterion = original_loss(*args, **kwargs)
+
+                def mixed_loss(outputs, labels):
+                    if not mixed:
+                        return criterion(outputs, labels)
+                    lam, perm = mixed.pop("lam"), mixed.pop("perm")
+                    return (lam * criterion(outputs, labels)
+                            + (1 - lam) * criterion(outputs, labels[perm]))
+                return mixed_loss
+
+            handle = run.model.head.register_forward_pre_hook(mix)
+            stages.loss_fn = loss_fn
+            try:
+                original_head(run)
+            finally:
+                handle.remove()
+                stages.loss_fn = original_loss
+
+        recipe.train_head = train_head
+    elif patch == "averages":
+        from timm.utils import ModelEmaV3
+
+        original_finetune, original_end = recipe.finetune, stages._end_epoch
+
+        def finetune(run) -> None:
+            ema = ModelEmaV3(run.model, decay=EMA_DECAY)
+            swa: dict[str, torch.Tensor] = {}
+            ends = 0
+            original_optimizer = stages.make_optimizer
+
+            def make_optimizer(*args, **kwargs):
+                optimizer = original_optimizer(*args, **kwargs)
+                optimizer.register_step_post_hook(lambda *_: ema.update(run.model))
+                return optimizer
+
+            def end_epoch(run_, stage, *args, **kwargs):
+                nonlocal ends
+                if stage == "finetune":
+                    ends += 1
+                    for k, v in run.model.state_dict().items():
+                        v = v.detach().float().cpu()
+                        swa[k] = v.clone() if k not in swa else swa[k] + (v - swa[k]) / ends
+                return original_end(run_, stage, *args, **kwargs)
+
+            stages.make_optimizer, stages._end_epoch = make_optimizer, end_epoch
+            try:
+                original_finetune(run)
+            finally:
+                stages.make_optimizer, stages._end_epoch = original_optimizer, original_end
+            torch.save({"ema": ema.module.state_dict(), "swa": swa},
+                       run.dir / "averages.pt")
+
+        recipe.finetune = finetune
+    else:
+        raise SystemExit(f"no such patch: {patch}")
+
+
+def train_patched(patch: str, argv: list[str]) -> None:
+    """`wingspan train ARGV` with `patch`, then (averages) the two averaged bundles."""
+    from wingspan.cli import main as cli
+    from wingspan.models import load_bundle, save_bundle
+
+    patched(patch)
+    try:
+        cli(["train", *argv])
+    except SystemExit as e:  # typer's way to end, 0 included
+        if e.code:
+            raise
+    run = Path(argv[argv.index("--runs-dir") + 1]) / argv[argv.index("--name") + 1]
+    if patch == "averages":
+        averages = torch.load(run / "averages.pt", weights_only=True)
+        for kind in ("ema", "swa"):
+            model, manifest = load_bundle(run / "model")
+            state = model.state_dict()
+            model.load_state_dict({k: averages[kind][k].to(v.dtype) for k, v in state.items()})
+            save_bundle(model, run / f"model-{kind}", manifest["classes"],
+                        manifest.get("taxonomy"), manifest.get("training"),
+                        manifest.get("metrics"), manifest.get("weights_source"),
+                        manifest.get("calibration"))
+
+
+def table(results: dict, levers: list[str], seeds: list[int]) -> str:
+    head = ["lever", *[f"iNat test macro-F1 s{s}" for s in seeds],
+            *[f"Leeds->iNat accuracy s{s}" for s in seeds], "wall s (iNat; Leeds)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in levers:
+        cost = LEVERS[name].cost
+        cells, walls = [], {}
+        for target in DATA:
+            for seed in seeds:
+                r = results.get(f"{name}/{target}/{seed}")
+                cells.append(f"{r['figure']:.3f}" if r else "")
+                if r:
+                    walls.setdefault(target, []).append(r[f"{cost}_seconds"])
+        wall = "; ".join(f"{np.mean(w):.0f}" if w else "-" for w in
+                         (walls.get(t, []) for t in DATA))
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {cost} {wall} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    parser.add_argument("--levers", nargs="+", default=list(LEVERS), choices=list(LEVERS),
+                        metavar="LEVER", help="which levers (default: all; see --list)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1],
+                        help="split seeds (default: 0 1)")
+    parser.add_argument("--targets", nargs="+", default=list(DATA), choices=list(DATA),
+                        help="inat (in-domain test macro-F1), transfer (Leeds -> iNat)")
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs/levers"),
+                        help="where the runs and levers.json go (default: runs/levers)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="the shared data folder (default: $WINGSPAN_SHARED_DATA or "
+                             "../shared/data)")
+    parser.add_argument("--list", action="store_true", help="list the levers and exit")
+    if sys.argv[1:2] == ["--train-patched"]:  # internal (ensure_run): PATCH, then train's
+        return train_patched(sys.argv[2], sys.argv[3:])
+    args = parser.parse_args()
+    if args.list:
+        for name, lever in LEVERS.items():
+            print(f"{name:13} {lever.about}")
+        return
+    data_dir = args.data or shared_data_dir()
+    args.runs_dir.mkdir(parents=True, exist_ok=True)
+    saved = args.runs_dir / "levers.json"
+    results = json.loads(saved.read_text()) if saved.is_file() else {}
+    for name in args.levers:
+        for target in args.targets:
+            if target not in LEVERS[name].targets:
+                continue
+            for seed in args.seeds:
+                key = f"{name}/{target}/{seed}"
+                if key not in results:
+                    result = measure(name, target, seed, args.runs_dir, data_dir)
+                    # Merged into the file as it is now: another call may have added some.
+                    results = {**(json.loads(saved.read_text()) if saved.is_file() else {}),
+                               **results, key: result}
+                    saved.write_text(json.dumps(results, indent=1))
+                log(f"{key}: {results[key]['figure']:.3f}")
+    print(table(results, args.levers, args.seeds))
+
+
+if __name__ == "__main__":
+    main()
