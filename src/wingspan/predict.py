@@ -89,15 +89,22 @@ def predict(predictor: Predictor, inputs: list[str], top_k: int = 3, tta: bool =
     return result
 
 
+def answer_at(known_level: str | None, branch: list[tuple[str, str, float]],
+              top_class: str, finest: str) -> str:
+    """The class at the level an image is known at (its branch's class there; the top
+    class for a one-level model), or "unknown"."""
+    if known_level is None:
+        return UNKNOWN
+    return dict((lv, c) for lv, c, _ in branch).get(known_level) or (
+        top_class if known_level == finest else UNKNOWN)
+
+
 def answer(predictor: Predictor, p: Prediction, row: dict) -> dict:
-    """What to tell the user: the class at the finest level the image is known at (its
-    branch's class there), else "unknown"; with the score and the threshold it met."""
-    known = p.known_level
-    if predictor.taxonomy:
-        named = dict((lv, c) for lv, c, _ in row["taxonomy"])
-    else:
-        named = {predictor.level: row["top"][0][0]}
-    out = {"answer": named[known] if known else UNKNOWN, "known_level": known}
+    """What to tell the user: the class at the finest level the image is known at, else
+    "unknown"; with the score and the threshold it met."""
+    out = {"answer": answer_at(p.known_level, row.get("taxonomy", []), row["top"][0][0],
+                               predictor.level),
+           "known_level": p.known_level}
     if p.unknown:
         out["unknown_score"] = p.unknown[predictor.level]
         out["threshold"] = predictor.thresholds[predictor.level]

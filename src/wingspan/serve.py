@@ -35,8 +35,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from wingspan.data.images import max_pixels
 from wingspan.errors import WingspanError
 from wingspan.inference import Predictor
-from wingspan.models.unknown import UNKNOWN
-from wingspan.predict import taxonomy_path
+from wingspan.predict import answer_at, taxonomy_path
 
 
 @dataclass(frozen=True)
@@ -219,8 +218,7 @@ def _answer(predictor: Predictor, name: str | None, outputs: dict[str, np.ndarra
     # The class at the finest level the image passes the unknown threshold at, else
     # "unknown"; the closest class stays in `top`.
     known = predictor.known_level(scores)
-    named = {lv: c for lv, c, _ in branch} or {predictor.level: predictor.classes[order[0]]}
-    answer["answer"] = named[known] if known else UNKNOWN
+    answer["answer"] = answer_at(known, branch, predictor.classes[order[0]], predictor.level)
     answer["known_level"] = known
     if scores:
         answer["unknown_score"] = scores[predictor.level]

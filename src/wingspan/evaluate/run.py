@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from wingspan.config import AugmentConfig
+from wingspan.config import AugmentConfig, TrainConfig
 from wingspan.data import read_dataset
 from wingspan.data.plots import plot_class_balance
 from wingspan.data.preview import write_preview
@@ -36,8 +36,7 @@ from wingspan.evaluate.report import write_report
 from wingspan.files import atomic_path, write_text
 from wingspan.inference import Predictor
 from wingspan.models.bundle import update_manifest
-from wingspan.models.unknown import UNKNOWN
-from wingspan.predict import expand_paths, taxonomy_path
+from wingspan.predict import answer_at, expand_paths, taxonomy_path
 
 
 @dataclass
@@ -189,13 +188,10 @@ def _openset(predictor: Predictor, unknown, known: list, y: np.ndarray, y_pred: 
 
 
 def _named(predictor: Predictor, p) -> str:
-    """What predict answers for `p`: the class at its known level, else "unknown"."""
-    if p.known_level is None:
-        return UNKNOWN
-    if predictor.taxonomy:
-        branch = taxonomy_path(predictor.taxonomy, p.probs)
-        return next(c for lv, c, _ in branch if lv == p.known_level)
-    return predictor.classes[int(p.probs.argmax())]
+    """What predict answers for `p`."""
+    branch = taxonomy_path(predictor.taxonomy, p.probs) if predictor.taxonomy else []
+    return answer_at(p.known_level, branch, predictor.classes[int(p.probs.argmax())],
+                     predictor.level)
 
 
 MARKER = ".wingspan-evaluation"  # in every evaluation folder: only such a folder is replaced
@@ -367,8 +363,8 @@ def fit_unknown(model: str | Path, rate: float | None = None, score: str | None 
     manifest = predictor.manifest
     previous = manifest.get("unknown") or {}
     training = manifest.get("training", {})
-    rate = rate or previous.get("rate") or training.get("unknown_rate") or 0.05
-    score = score or previous.get("score") or training.get("unknown_score") or "msp+knn"
+    rate = rate or previous.get("rate") or TrainConfig.unknown_rate
+    score = score or previous.get("score") or TrainConfig.unknown_score
     levels = predictor.model.levels
     table = read_dataset(run_dir / "splits.csv").table
     table[levels[-1]] = table[levels[-1]].replace(predictor.rare)  # as training named them
