@@ -25,8 +25,7 @@ from wingspan.training.data import EpochBatches
 # 2-process run must be the 1-process run up to float rounding. fp32 whatever the machine:
 # bf16 kernels may round differently for the batch sizes of 1 and 2 processes. PyTorch for
 # the frozen passes too: which engine runs them otherwise depends on what other tests left
-# in the session's engine cache (with onnx-fp32 from it, the resume test below diverged;
-# see the session note).
+# in the session's engine cache.
 TOLERANCE = 1e-4
 
 

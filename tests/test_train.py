@@ -184,6 +184,36 @@ def test_kill_and_resume_matches_an_uninterrupted_run(demo_dir, tmp_path):
         (ref / "metrics.json").read_text())["best"]
 
 
+def test_a_kill_between_the_best_and_the_last_checkpoint_resumes_alike(demo_dir, tmp_path,
+                                                                       monkeypatch):
+    """Killed once the first fine-tuned epoch has become best.pt, before the checkpoint
+    after it: the resumed run fine-tunes from the best head again, not from best.pt (which
+    by then holds the fine-tuned weights). The race the distributed resume test once hit."""
+    from wingspan.training.context import Run
+
+    config = tiny(tmp_path, dropout=0.0, epochs_finetune=12, lr=3e-2, precision="fp32",
+                  runtime="torch")
+    ref = train(read_dataset(demo_dir), config, tmp_path / "ref", quiet=True)
+    add_history = Run.add_history
+
+    def killed(run, row):
+        if row["stage"] == "finetune":
+            raise KeyboardInterrupt
+        add_history(run, row)
+
+    monkeypatch.setattr(Run, "add_history", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(read_dataset(demo_dir), config, tmp_path / "killed", "r", quiet=True)
+    monkeypatch.undo()
+    run_dir = tmp_path / "killed" / "r"
+    assert load_checkpoint(run_dir / "checkpoints" / "best.pt")["stage"] == "finetune"
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["state"]["epoch"] == 0
+
+    resume(run_dir, quiet=True)
+    pd.testing.assert_frame_equal(history(run_dir)[NUMBERS], history(ref)[NUMBERS],
+                                  atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("changes, message", [
     ({"lr": -1}, "'lr' setting must be a positive number"),
     ({"epochs_head": 0, "epochs_finetune": 0}, "must be at least 1"),

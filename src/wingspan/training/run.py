@@ -197,12 +197,16 @@ def _recipe(run: Run) -> Path:
     if run.state.stage == "head":
         if run.config.epochs_head:
             _timed(run, "head", train_head)
+            # Fine-tune from the best head, not from wherever stage 1 happened to stop. It
+            # goes into the stage's checkpoint: a run killed later, once a fine-tuned epoch
+            # has replaced best.pt but before its own checkpoint, resumes from this head.
+            run.fabric.barrier()  # rank 0's best.pt is on disk before any rank reads it
+            if run.state.best_epoch > 0:
+                run.model.load_state_dict(
+                    load_checkpoint(run.checkpoints / "best.pt")["model"])
         _next_stage(run, "finetune")
     if run.state.stage == "finetune":
         if run.config.epochs_finetune:
-            if run.state.epoch == 0 and run.state.step == 0 and run.state.best_epoch > 0:
-                # Fine-tune from the best head, not from wherever stage 1 happened to stop.
-                run.model.load_state_dict(load_checkpoint(run.checkpoints / "best.pt")["model"])
             _timed(run, "finetune", finetune)
         _next_stage(run, "done")
     return _finish(run)
