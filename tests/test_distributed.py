@@ -170,3 +170,15 @@ def test_two_processes_skip_unreadable_images_alike(demo_dir, tmp_path):
     assert {os.path.basename(u["path"]) for u in unreadable} == {"zero.jpg", "text.jpg",
                                                                   "cut.jpg"}
     assert (run_dir / "model" / "manifest.json").is_file()
+
+
+def test_strict_stops_every_process_with_the_error(demo_dir, tmp_path):
+    """--strict under DDP: the rank that meets the unreadable image must not leave the
+    others waiting for it forever; all stop with the error."""
+    from test_train import _with_broken_files
+
+    data = _with_broken_files(demo_dir, tmp_path)
+    proc = _train_cli(data, tmp_path, _config(tmp_path, strict=True), "strict", "--devices", "2")
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode != 0
+    assert "Cannot read image" in err.decode() and "Without --strict" in err.decode()

@@ -4,10 +4,15 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 from test_train import tiny
 
 from wingspan.data import read_dataset
+from wingspan.export import prepare_pixels
+from wingspan.models import load_bundle
 from wingspan.training import train
 
 # What the README shows: the exported model with onnxruntime, Pillow and numpy only.
@@ -19,6 +24,7 @@ from PIL import Image
 session = ort.InferenceSession(sys.argv[1])
 meta = json.loads(session.get_modelmeta().custom_metadata_map["wingspan"])
 size, resize = meta["input"]["size"], meta["input"]["resize_shorter_side_to"]
+unknown = meta.get("unknown")
 rows = []
 for path in sys.argv[2:]:
     image = Image.open(path).convert("RGB")
@@ -27,10 +33,18 @@ for path in sys.argv[2:]:
                           max(size, round(image.height * scale))), Image.Resampling.BICUBIC)
     left, top = (image.width - size) // 2, (image.height - size) // 2
     pixels = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
-    probs = dict(zip(meta["outputs"], session.run(None, {"pixels": pixels[None]})))
-    finest = meta["outputs"][-1]
-    p = probs[finest][0]
-    rows.append([path, meta["classes"][finest][int(p.argmax())], float(p.max()), float(p.sum())])
+    out = dict(zip(meta["outputs"], session.run(None, {"pixels": pixels[None]})))
+    answer, known, scores = None, True, {}
+    for level in meta["levels"]:  # coarse to fine: the finest level still known
+        if unknown:
+            scores[level] = float(out[unknown["outputs"][level]][0])
+            known = known and scores[level] <= unknown["thresholds"][level]
+        if known:
+            answer = meta["classes"][level][int(out[level][0].argmax())]
+    finest = meta["levels"][-1]
+    p = out[finest][0]
+    rows.append([path, meta["classes"][finest][int(p.argmax())], float(p.max()),
+                 float(p.sum()), answer or "unknown", scores])
 assert not any(m.startswith("wingspan") for m in sys.modules)
 print(json.dumps(rows))
 """
@@ -51,16 +65,42 @@ def test_export_runs_without_wingspan_and_matches_pytorch(run_dir, run_cli, demo
     # Checked on the run's val images against PyTorch: close, and really compared.
     check = meta["checked"]
     assert check["images"] > 0 and 0 < check["max_abs_probability_difference"] < 1e-4
-    assert meta["outputs"] == ["family", "label"] and meta["taxonomy"]
+    assert meta["levels"] == ["family", "label"] and meta["taxonomy"]
+    assert meta["outputs"] == ["family", "label", "unknown.family", "unknown.label"]
     assert meta["temperature"] > 0 and meta["input"]["dtype"] == "uint8"
-    images = [str(p) for p in sorted(demo_dir.rglob("*.jpg"))[:3]]
+    assert meta["unknown"]["score"] == "msp+knn" and check["max_unknown_score_difference"] < 1e-3
+    images = [str(p) for p in sorted(demo_dir.rglob("*.jpg"))[::7]]
     rows = json.loads(subprocess.run([sys.executable, "-c", STANDALONE, str(model), *images],
                                      capture_output=True, text=True, check=True).stdout)
-    for _, label, top, total in rows:
+    for _, label, top, total, answer, _ in rows:
         assert label in meta["classes"]["label"] and 0 < top <= 1
         assert total == pytest.approx(1.0, abs=1e-5)
+        assert answer == "unknown" or answer in {*meta["classes"]["family"], label}
+    # The exported scores are the bundle's own detector's (pytorch-ood, scikit-learn's index)
+    # on the same pixels, so its thresholds hold for them.
+    net, manifest, detector = load_bundle(run_dir / "model", with_unknown=True)
+    pre, size = manifest["preprocessing"], meta["input"]["size"]
+    pixels = np.stack([prepare_pixels(Image.open(p), size, meta["input"]["resize_shorter_side_to"])
+                       for p in images])
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+    x = (x - torch.tensor(pre["mean"])[:, None, None]) / torch.tensor(pre["std"])[:, None, None]
+    with torch.no_grad():
+        features = net.float().eval().features(x)
+        want = detector.scores(features, net.head(features))
+    for level in meta["levels"]:
+        got = np.array([row[5][level] for row in rows])
+        np.testing.assert_allclose(got, want[level], rtol=1e-3, atol=1e-3 + 1 / 8)
+        assert (got > meta["unknown"]["thresholds"][level]).tolist() == \
+            (want[level] > detector.thresholds["msp+knn"][level]).tolist()
     code, _, err = run_cli("export", run_dir, "--format", "tflite")
     assert code == 2 and "Unknown export format 'tflite'" in err
+    # Another of the scores the model holds, by name.
+    other = run_dir / "export" / "maha.onnx"
+    code, out, err = run_cli("export", run_dir, "--unknown-score", "mahalanobis", "--out", other)
+    assert code == 0, err
+    assert json.loads(other.with_suffix(".json").read_text())["unknown"]["score"] == "mahalanobis"
+    code, _, err = run_cli("export", run_dir, "--unknown-score", "odin")
+    assert code != 0 and "no unknown score 'odin'" in err
 
 
 def test_torchscript_export_runs_with_torch_alone(run_dir, run_cli, demo_dir):
@@ -75,14 +115,17 @@ def test_torchscript_export_runs_with_torch_alone(run_dir, run_cli, demo_dir):
               "m = torch.jit.load(sys.argv[1], _extra_files=extra); "
               "x = torch.zeros(2, 32, 32, 3, dtype=torch.uint8); out = m(x); "
               "assert not any(k.startswith('wingspan') for k in sys.modules); "
-              "print(json.dumps({k: v.sum(1).tolist() for k, v in out.items()})); "
+              "print(json.dumps({k: v.sum(1).tolist() if v.dim() == 2 else v.shape[0] "
+              "for k, v in out.items()})); "
               "print(json.dumps(json.loads(extra['wingspan.json'])['outputs']))")
     printed = subprocess.run([sys.executable, "-c", script, str(model)], capture_output=True,
                              text=True, check=True).stdout
     sums, outputs = printed.strip().splitlines()
-    for row in json.loads(sums).values():
-        assert row == pytest.approx([1.0, 1.0], abs=1e-5)
-    assert json.loads(outputs) == ["family", "label"]
+    sums = json.loads(sums)
+    for level in ("family", "label"):
+        assert sums[level] == pytest.approx([1.0, 1.0], abs=1e-5)
+        assert sums[f"unknown.{level}"] == 2  # a score per image
+    assert json.loads(outputs) == ["family", "label", "unknown.family", "unknown.label"]
 
 
 def test_int8_is_written_only_within_a_point_of_fp32(run_dir, monkeypatch):
@@ -99,6 +142,7 @@ def test_int8_is_written_only_within_a_point_of_fp32(run_dir, monkeypatch):
     figures = json.loads(path.with_suffix(".json").read_text())["int8"]
     assert figures["val_images"] > 0 and figures["calibration_images"] > 0
     assert 0 <= figures["val_top1_int8"] <= 1 and 0 <= figures["val_top1_fp32"] <= 1
+    assert 0 <= figures["val_unknown_share_int8"] <= 1  # the unknown score, measured again
     import onnx
 
     ops = {n.op_type for n in onnx.load(str(path)).graph.node}

@@ -83,6 +83,31 @@ def test_the_fitted_scores_survive_the_bundle_round_trip():
         again.scores(probe, {"label": head(probe)}, score="odin")
 
 
+def test_each_score_in_tensor_operations_matches_the_detector():
+    """What `wingspan export` puts in the graph (no pytorch-ood, no scikit-learn index)
+    gives the scores predict gives, for every score and two levels."""
+    torch.manual_seed(0)
+    centres = 3 * torch.randn(4, 8)
+    heads = {"family": torch.nn.Linear(8, 2), "label": torch.nn.Linear(8, 4)}
+    x, y = _clusters(30, centres, seed=1)
+    vx, _ = _clusters(15, centres, seed=2)
+    with torch.no_grad():
+        logits = {lv: h(x) for lv, h in heads.items()}
+        detector = UnknownDetector.fit(x, logits, {"family": y // 2, "label": y}, vx,
+                                       {lv: h(vx) for lv, h in heads.items()}, "msp+knn",
+                                       0.05, temperature=1.7)
+        probe = torch.cat([_clusters(10, centres, seed=3)[0], 4 * torch.randn(20, 8)])
+        probe_logits = {lv: h(probe) for lv, h in heads.items()}
+        want = detector.scores(probe, probe_logits, every=True)
+        for name in UNKNOWN_SCORES:
+            got = detector.graph(name)(probe, probe_logits)
+            for lv in heads:
+                np.testing.assert_allclose(got[lv].numpy(), want[name][lv], rtol=1e-4,
+                                           atol=1e-4, err_msg=(name, lv))
+    graph = detector.graph()  # the default score, msp+knn: one kNN bank for both levels
+    assert sum(b.numel() for b in graph.buffers() if b.dim() == 2) == x.numel()
+
+
 def test_deepest_known_level_stops_at_the_first_level_that_fails():
     levels = ["family", "genus", "species"]
     limits = dict.fromkeys(levels, 1.0)

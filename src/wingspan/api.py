@@ -513,15 +513,17 @@ class Run:
                 if not e.error]
 
     def export(self, format: str = "onnx", quantize: str | None = None,
-               out: str | Path | None = None) -> Path:
+               out: str | Path | None = None, unknown_score: str | None = None) -> Path:
         """A model that runs without wingspan (ONNX Runtime or TorchScript), checked
-        against PyTorch, as `wingspan export`; returns the model file.
+        against PyTorch, with its unknown score, as `wingspan export`; returns the model
+        file.
 
         >>> run.export()              # RUN/export/model.onnx and model.json
         """
         from wingspan.export import export_model
 
-        return export_model(self._model, out, format, quantize=quantize)
+        return export_model(self._model, out, format, quantize=quantize,
+                            unknown_score=unknown_score)
 
     def __repr__(self) -> str:
         return f"Run({str(self.dir or self.bundle)!r})"

@@ -712,21 +712,28 @@ def export_command(
     out_path: Annotated[Path | None, typer.Option(
         "--out", help="The model file (default: RUN/export/model.onnx); a .json goes beside "
         "it.")] = None,
+    unknown_score: UnknownScoreOpt = None,
 ) -> None:
     """A model that runs without wingspan (ONNX Runtime alone): RGB pixels in, calibrated
-    probabilities per level out; checked against PyTorch before it is written."""
+    probabilities per level out, and each level's unknown score with its threshold in the
+    metadata; checked against PyTorch before it is written."""
     import json
 
     from wingspan.export import export_model
 
-    path = export_model(model, out_path, format, quantize=quantize)
+    path = export_model(model, out_path, format, quantize=quantize, unknown_score=unknown_score)
     meta = json.loads(path.with_suffix(".json").read_text())
     check = meta["checked"]
+    unknown = meta.get("unknown")
     out.print(f"Wrote {path} and {path.with_suffix('.json')}: input uint8 RGB "
               f"(N, {meta['input']['size']}, {meta['input']['size']}, 3); agrees with PyTorch "
               f"within {check['max_abs_probability_difference']:.1e} on {check['images']} "
               "images." + (f" int8 val top-1 {meta['int8']['val_top1_int8']:.4f} (fp32 "
                            f"{meta['int8']['val_top1_fp32']:.4f})" if "int8" in meta else ""))
+    out.print(f"Unknown score '{unknown['score']}' in the outputs "
+              f"{', '.join(unknown['outputs'].values())}, thresholds in the metadata."
+              if unknown else "No unknown score (the model has none): it always names a class."
+              " `wingspan calibrate RUN --unknown` fits them.")
 
 
 @models_app.command("list")

@@ -3,11 +3,12 @@
 The exported graph takes what any image library gives: RGB pixels, uint8, already
 resized and centre-cropped to the model's input size, as (N, size, size, 3). The
 normalisation, the network and the temperature-scaled softmax are inside it, so it returns
-calibrated probabilities per taxonomic level. Everything needed to prepare an image and
-name the outputs (input size, the resize before the crop, class names, taxonomy,
-temperature) rides along: in the ONNX file's metadata, and in a JSON file beside it.
-Exporting checks the graph against PyTorch on real images and refuses an export that
-does not agree.
+calibrated probabilities per taxonomic level, and, for a model with unknown scores, each
+level's score (`unknown.LEVEL`) to compare with its threshold. Everything needed to
+prepare an image and name the outputs (input size, the resize before the crop, class
+names, taxonomy, temperature, thresholds) rides along: in the ONNX file's metadata, and in
+a JSON file beside it. Exporting checks the graph against PyTorch on real images and
+refuses an export that does not agree.
 """
 
 from __future__ import annotations
@@ -30,24 +31,32 @@ from wingspan.models.runtime import export_onnx
 FORMATS = ("onnx", "torchscript")
 INT8_MAX_DROP = 0.01  # int8 is written only when its val top-1 is within 1 point of fp32's
 TOLERANCE = 1e-4  # largest |probability difference| the export may show against PyTorch
+UNKNOWN_TOLERANCE = 1e-3  # the same for an unknown score (relative to 1 + |score|)
 METADATA_KEY = "wingspan"
+UNKNOWN_OUTPUT = "unknown.{}"  # a level's unknown score
 
 
 class _Deployable(nn.Module):
-    """uint8 RGB (N, H, W, 3) -> {level: calibrated probabilities}: preprocessing and
-    calibration folded into the graph."""
+    """uint8 RGB (N, H, W, 3) -> {level: calibrated probabilities} (and {unknown.level:
+    score}): preprocessing, calibration and the unknown score folded into the graph."""
 
-    def __init__(self, model: nn.Module, mean, std, temperature: float):
+    def __init__(self, model: nn.Module, mean, std, temperature: float,
+                 unknown: nn.Module | None = None):
         super().__init__()
-        self.model = model
+        self.model, self.unknown = model, unknown
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255)
         self.temperature = float(temperature)
 
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         x = (pixels.permute(0, 3, 1, 2).float() - self.mean) / self.std
-        return {lv: torch.softmax(logits / self.temperature, -1)
-                for lv, logits in self.model(x).items()}
+        features = self.model.features(x)
+        logits = self.model.head(features)
+        out = {lv: torch.softmax(v / self.temperature, -1) for lv, v in logits.items()}
+        if self.unknown is not None:
+            out.update({UNKNOWN_OUTPUT.format(lv): score
+                        for lv, score in self.unknown(features, logits).items()})
+        return out
 
 
 def prepare_pixels(image, size: int, resize: int) -> np.ndarray:
@@ -66,12 +75,14 @@ def prepare_pixels(image, size: int, resize: int) -> np.ndarray:
 
 
 def export_model(run: str | Path, out: str | Path | None = None, fmt: str = "onnx",
-                 check_images: list[str] | None = None, quantize: str | None = None) -> Path:
+                 check_images: list[str] | None = None, quantize: str | None = None,
+                 unknown_score: str | None = None) -> Path:
     """Write the model as `out` (default RUN/export/model.onnx, or model.pt for
     TorchScript) plus `out`.json; returns the model file. `check_images`: images to compare
     the export with PyTorch on (default: up to 16 of the run's val split). `quantize`
     "int8" (ONNX only): static int8 calibrated on training images, written only when its
-    val top-1 stays within a point of fp32's."""
+    val top-1 stays within a point of fp32's. `unknown_score`: the unknown score the
+    graph computes (default: the model's own; a model without scores has none)."""
     if fmt not in FORMATS:
         raise WingspanError(f"Unknown export format '{fmt}'.",
                             hint=f"Available: {', '.join(FORMATS)}.")
@@ -79,34 +90,49 @@ def export_model(run: str | Path, out: str | Path | None = None, fmt: str = "onn
         raise WingspanError(f"--quantize {quantize} with --format {fmt} is not available.",
                             hint="Use --format onnx --quantize int8.")
     bundle = find_bundle(run)
-    model, manifest = load_bundle(bundle)
+    model, manifest, detector = load_bundle(bundle, with_unknown=True)
     pre = manifest["preprocessing"]
     size, resize = int(pre["input_size"]), round(int(pre["input_size"]) / pre["crop_pct"])
     temperature = float(manifest.get("calibration", {}).get("temperature", 1.0))
     levels = list(manifest["classes"])
-    deployable = _Deployable(model.float().eval(), pre["mean"], pre["std"], temperature).eval()
+    if unknown_score and detector is None:
+        raise WingspanError(f"The model {bundle} has no unknown scores to export.",
+                            hint="Fit them first: `wingspan calibrate RUN --unknown`.")
+    unknown = detector.graph(unknown_score) if detector else None
+    deployable = _Deployable(model.float().eval(), pre["mean"], pre["std"], temperature,
+                             unknown).eval()
+    outputs = levels + ([UNKNOWN_OUTPUT.format(lv) for lv in levels] if unknown else [])
     meta = {
         "format": "wingspan-onnx", "input": {
             "name": "pixels", "layout": "NHWC", "dtype": "uint8", "size": size,
             "resize_shorter_side_to": resize, "then": f"centre crop {size}x{size}",
             "channels": "RGB"},
-        "outputs": levels, "classes": manifest["classes"], "taxonomy": manifest.get("taxonomy"),
-        "temperature": temperature, "backbone": manifest["model"]["backbone"],
+        "outputs": outputs, "levels": levels, "classes": manifest["classes"],
+        "taxonomy": manifest.get("taxonomy"), "temperature": temperature,
+        "backbone": manifest["model"]["backbone"],
         "metrics": manifest.get("metrics", {}).get("best"),
     }
+    if unknown:
+        score = detector.check_score(unknown_score or detector.score)
+        meta["unknown"] = {
+            "score": score, "rate": detector.rate,
+            "outputs": {lv: UNKNOWN_OUTPUT.format(lv) for lv in levels},
+            "thresholds": detector.thresholds[score],
+            "rule": "a level is known when its score is at most its threshold; the answer "
+                    "is the class at the finest level that is known, with every coarser "
+                    "level known too, else unknown"}
     name = {"onnx": "model.onnx", "torchscript": "model.pt"}[fmt]
     if quantize:
         name = "model.int8.onnx"
     out = Path(out) if out else bundle.parent / "export" / name
     images = check_images or _val_images(bundle, 16)
     if fmt == "torchscript":
-        return _export_torchscript(deployable, size, resize, levels, images, meta, out)
-    graph = _onnx_graph(deployable, size, levels, meta)
-    worst = _check(deployable, graph, size, resize, levels, images)
-    meta["checked"] = {"images": len(images), "max_abs_probability_difference": worst,
-                       "tolerance": TOLERANCE}
+        return _export_torchscript(deployable, size, resize, outputs, images, meta, out)
+    graph = _onnx_graph(deployable, size, outputs, meta)
+    meta["checked"] = _check(deployable, graph, size, resize, outputs, images)
     if quantize:
-        graph, meta["int8"] = _quantize(graph, bundle, size, resize, levels)
+        graph, meta["int8"] = _quantize(graph, bundle, size, resize, levels,
+                                        meta.get("unknown", {}).get("thresholds"))
     graph = _with_metadata(graph, meta)
     with atomic_path(out) as tmp:
         tmp.write_bytes(graph)
@@ -114,7 +140,7 @@ def export_model(run: str | Path, out: str | Path | None = None, fmt: str = "onn
     return out
 
 
-def _export_torchscript(deployable, size, resize, levels, images, meta, out) -> Path:
+def _export_torchscript(deployable, size, resize, outputs, images, meta, out) -> Path:
     """A traced TorchScript module (torch alone runs it), metadata in its extra files."""
     example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
     # torch deprecates TorchScript for torch.export, but torch.jit.load is still what C++
@@ -123,16 +149,13 @@ def _export_torchscript(deployable, size, resize, levels, images, meta, out) -> 
         warnings.filterwarnings("ignore", category=FutureWarning)
         traced = torch.jit.trace(deployable, example, strict=False)
     pixels = _pixels(images, size, resize)
-    worst = 0.0
+    got = want = {}
     if pixels is not None:
         with torch.no_grad():
             got, want = traced(torch.from_numpy(pixels)), deployable(torch.from_numpy(pixels))
-        worst = max(float((got[lv] - want[lv]).abs().max()) for lv in levels)
-        if worst > TOLERANCE:
-            raise WingspanError(f"The TorchScript export disagrees with PyTorch by {worst:.2g}; "
-                                "nothing was written.")
-    meta["checked"] = {"images": 0 if pixels is None else len(pixels),
-                       "max_abs_probability_difference": worst, "tolerance": TOLERANCE}
+        got = {k: v.numpy() for k, v in got.items()}
+    meta["checked"] = _compare(got, want, outputs, deployable.unknown, "TorchScript export",
+                               0 if pixels is None else len(pixels))
     buffer = io.BytesIO()
     torch.jit.save(traced, buffer, _extra_files={"wingspan.json": json.dumps(meta)})
     with atomic_path(out) as tmp:
@@ -141,11 +164,11 @@ def _export_torchscript(deployable, size, resize, levels, images, meta, out) -> 
     return out
 
 
-def _quantize(graph: bytes, bundle: Path, size: int, resize: int, levels: list[str]
-              ) -> tuple[bytes, dict]:
+def _quantize(graph: bytes, bundle: Path, size: int, resize: int, levels: list[str],
+              unknown: dict[str, float] | None = None) -> tuple[bytes, dict]:
     """ONNX Runtime's static int8 (QDQ, per-channel weights), calibrated on up to 64
     training images; refused (nothing written) when val top-1 drops by more than
-    INT8_MAX_DROP."""
+    INT8_MAX_DROP. `unknown`: each level's threshold, when the graph has unknown scores."""
     import tempfile
 
     import onnxruntime as ort
@@ -170,25 +193,36 @@ def _quantize(graph: bytes, bundle: Path, size: int, resize: int, levels: list[s
         def get_next(self):
             return next(self.batches, None)
 
+    import onnx
+
+    # The network is quantized, the unknown score kept in fp32 (its kNN distances and
+    # shares are not what int8 is for); it sees the int8 network's features, so the share
+    # of known val images it turns away is measured again below.
+    keep = [node.name for node in onnx.load_from_string(graph).graph.node
+            if node.name.startswith("/unknown/")]
     with tempfile.TemporaryDirectory() as tmp:
         source, target = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         source.write_bytes(graph)
         quantize_static(str(source), str(target), Batches(), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8)
+                        weight_type=QuantType.QInt8, nodes_to_exclude=keep)
         quantized = target.read_bytes()
     finest = levels[-1]
     classes = json.loads(json.dumps(_classes(bundle)))[finest]
     truth = np.array([classes.index(c) if c in classes else -1 for c in val_labels])
     pixels = _pixels(val_paths, size, resize)
-    accuracy = {}
+    figures = {"val_images": len(pixels), "calibration_images": len(calibration)}
     for name, model in (("fp32", graph), ("int8", quantized)):
         session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-        probs = np.concatenate([session.run([finest], {"pixels": pixels[i:i + 32]})[0]
-                                for i in range(0, len(pixels), 32)])
-        accuracy[name] = float((probs.argmax(1) == truth).mean())
-    figures = {"val_top1_fp32": accuracy["fp32"], "val_top1_int8": accuracy["int8"],
-               "val_images": len(pixels), "calibration_images": len(calibration)}
+        wanted = [finest] + ([UNKNOWN_OUTPUT.format(finest)] if unknown else [])
+        out = [session.run(wanted, {"pixels": pixels[i:i + 32]})
+               for i in range(0, len(pixels), 32)]
+        probs = np.concatenate([o[0] for o in out])
+        figures[f"val_top1_{name}"] = float((probs.argmax(1) == truth).mean())
+        if unknown:
+            scores = np.concatenate([o[1] for o in out])
+            figures[f"val_unknown_share_{name}"] = float((scores > unknown[finest]).mean())
+    accuracy = {k: figures[f"val_top1_{k}"] for k in ("fp32", "int8")}
     if accuracy["int8"] < accuracy["fp32"] - INT8_MAX_DROP:
         raise WingspanError(
             f"int8 refused: val top-1 {accuracy['int8']:.4f} against fp32's "
@@ -250,23 +284,45 @@ def _pixels(images: list[str], size: int, resize: int) -> np.ndarray | None:
     return np.stack(pixels) if pixels else None
 
 
-def _check(deployable: nn.Module, graph: bytes, size: int, resize: int, levels: list[str],
-           images: list[str]) -> float:
-    """The largest |probability difference| between ONNX Runtime and PyTorch on `images`
-    (refused above TOLERANCE); 0 when there is no image to check on."""
+def _check(deployable: nn.Module, graph: bytes, size: int, resize: int, outputs: list[str],
+           images: list[str]) -> dict:
+    """ONNX Runtime against PyTorch on `images` (see `_compare`); nothing to compare
+    without images."""
     import onnxruntime as ort
 
     batch = _pixels(images, size, resize)
     if batch is None:
-        return 0.0
+        return _compare({}, {}, outputs, deployable.unknown, "exported model", 0)
     session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
-    exported = dict(zip(levels, session.run(None, {"pixels": batch}), strict=True))
+    exported = dict(zip(outputs, session.run(None, {"pixels": batch}), strict=True))
     with torch.inference_mode():
         reference = deployable(torch.from_numpy(batch))
-    worst = max(float(np.abs(exported[lv] - reference[lv].numpy()).max()) for lv in levels)
-    if worst > TOLERANCE:
-        raise WingspanError(
-            f"The exported model disagrees with PyTorch by {worst:.2g} in probability on "
-            f"{len(batch)} images (tolerance {TOLERANCE:g}); nothing was written.",
-            hint="Report this with the backbone's name: an operator may export wrongly.")
-    return worst
+    return _compare(exported, reference, outputs, deployable.unknown, "exported model",
+                    len(batch))
+
+
+def _compare(got: dict, want: dict, outputs: list[str], unknown: nn.Module | None, what: str,
+             images: int) -> dict:
+    """The largest differences between an export's outputs (numpy) and PyTorch's: in
+    probability (refused above TOLERANCE) and in unknown score (refused above
+    UNKNOWN_TOLERANCE x (1 + |score|), plus one val image's share for a combined score)."""
+    worst = {"probability": 0.0, "unknown": 0.0}
+    for name in outputs if images else []:
+        kind = "unknown" if unknown is not None and name.startswith("unknown.") else "probability"
+        reference = want[name].numpy()
+        gap = np.abs(got[name] - reference)
+        if kind == "unknown":
+            gap = np.maximum(gap - unknown.step, 0.0) / (1.0 + np.abs(reference))
+        worst[kind] = max(worst[kind], float(gap.max()))
+    for kind, limit in (("probability", TOLERANCE), ("unknown", UNKNOWN_TOLERANCE)):
+        if worst[kind] > limit:
+            raise WingspanError(
+                f"The {what} disagrees with PyTorch by {worst[kind]:.2g} in "
+                f"{'unknown score' if kind == 'unknown' else kind} on {images} images "
+                f"(tolerance {limit:g}); nothing was written.",
+                hint="Report this with the backbone's name: an operator may export wrongly.")
+    checked = {"images": images, "max_abs_probability_difference": worst["probability"],
+               "tolerance": TOLERANCE}
+    if unknown is not None:
+        checked["max_unknown_score_difference"] = worst["unknown"]
+    return checked

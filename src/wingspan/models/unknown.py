@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch import nn
 
 from wingspan.config import UNKNOWN_SCORES
 from wingspan.errors import WingspanError
@@ -46,6 +47,58 @@ class Score:
     def load(self, tensors: dict[str, torch.Tensor], temperature: float) -> Score:
         return self
 
+    def graph(self) -> nn.Module:
+        """The fitted score as a module of tensor operations only, (features, logits) ->
+        score, for an exported model (`wingspan export`)."""
+        raise NotImplementedError
+
+
+class _MspGraph(nn.Module):
+    def __init__(self, t: float):
+        super().__init__()
+        self.t = float(t)
+
+    def forward(self, features, logits):
+        return 1.0 - torch.softmax(logits.float() / self.t, -1).max(-1).values
+
+
+class _EnergyGraph(nn.Module):
+    def forward(self, features, logits):
+        return -torch.logsumexp(logits.float(), -1)
+
+
+class _MahalanobisGraph(nn.Module):
+    def __init__(self, means: torch.Tensor, precision: torch.Tensor):
+        super().__init__()
+        # fp32, the precision folded in ahead: x'Px - 2 x'Pm + m'Pm
+        self.register_buffer("precision", precision.float())
+        self.register_buffer("pm", (means @ precision).float().T.contiguous())
+        self.register_buffer("mpm", ((means @ precision) * means).sum(1).float())
+
+    def forward(self, features, logits):
+        x = features.float()
+        d = ((x @ self.precision) * x).sum(-1, keepdim=True) - 2 * x @ self.pm + self.mpm
+        return d.min(-1).values
+
+
+class _KnnGraph(nn.Module):
+    """pytorch-ood's kNN distance, which it finds with scikit-learn's index (no graph can
+    hold one), as a matrix product: |a - b|^2 = 2 - 2 a.b for unit vectors."""
+
+    def __init__(self, bank: torch.Tensor, k: int):
+        super().__init__()
+        self.register_buffer("bank", _unit(bank.float()).T.contiguous())
+        self.k = k
+
+    def forward(self, features, logits):
+        similarity = _unit(features.float()) @ self.bank
+        kth = similarity.topk(self.k, -1).values[..., -1]
+        return (2.0 - 2.0 * kth).clamp_min(0.0).sqrt()
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
 
 class MaxSoftmax(Score):
     """1 - the calibrated top probability (Hendrycks & Gimpel 2017): free, and good at
@@ -63,6 +116,9 @@ class MaxSoftmax(Score):
         from pytorch_ood.detector import MaxSoftmax as Msp
         return 1.0 + Msp.score(logits.float(), self.t)  # pytorch-ood gives -max p
 
+    def graph(self):
+        return _MspGraph(self.t)
+
 
 class Energy(Score):
     """-logsumexp(logits) (Liu et al. 2020): MSP's logits before the softmax squashes
@@ -71,6 +127,9 @@ class Energy(Score):
     def __call__(self, features, logits):
         from pytorch_ood.detector import EnergyBased
         return EnergyBased.score(logits.float())
+
+    def graph(self):
+        return _EnergyGraph()
 
 
 class Mahalanobis(Score):
@@ -103,6 +162,9 @@ class Mahalanobis(Score):
             + (pm * self.means).sum(1)
         return d.min(1).values.float()
 
+    def graph(self):
+        return _MahalanobisGraph(self.means, self.precision)
+
 
 class NearestNeighbour(Score):
     """Cosine distance to the k-th nearest training image (Sun et al. 2022), with
@@ -131,6 +193,9 @@ class NearestNeighbour(Score):
 
     def __call__(self, features, logits):
         return self.detector.predict_features(features.float()).float()
+
+    def graph(self):
+        return _KnnGraph(self.bank, self.k)
 
 
 class Combined(Score):
@@ -162,6 +227,50 @@ class Combined(Score):
             z = (x - val.mean()) / (val.std() + 1e-12)
             units.append(share + 1e-3 * torch.tanh(z / 10))
         return torch.stack(units).max(0).values.float()
+
+    def graph(self, parts: dict[str, nn.Module]) -> nn.Module:
+        return _CombinedGraph(parts, self.val)
+
+
+class _CombinedGraph(nn.Module):
+    """Combined.combine in tensor operations: the share of val scores at or below the
+    image's is searchsorted(right=True) / n."""
+
+    def __init__(self, parts: dict[str, nn.Module], val: dict[str, torch.Tensor]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts.values())
+        self.vals = nn.ParameterList([nn.Parameter(val[p].float(), requires_grad=False)
+                                      for p in parts])
+        self.stats = [(float(val[p].mean()), float(val[p].std()) + 1e-12) for p in parts]
+
+    def forward(self, features, logits):
+        units = []
+        for part, val, (mean, std) in zip(self.parts, self.vals, self.stats, strict=True):
+            x = part(features, logits)
+            share = (val[None, :] <= x[:, None]).float().mean(-1)
+            units.append(share + 1e-3 * torch.tanh((x - mean) / std / 10))
+        return torch.stack(units).max(0).values
+
+
+class _LevelsGraph(nn.Module):
+    """(features, {level: logits}) -> {level: score}."""
+
+    def __init__(self, per_level: dict[str, nn.Module]):
+        super().__init__()
+        self.levels = list(per_level)
+        self.scores = nn.ModuleList(per_level.values())  # one module shared where fitted once
+
+    @property
+    def step(self) -> float:
+        """The smallest change of a share-valued score (1 / val images): float rounding
+        can move an image across one val score, and its score by this much."""
+        return max((1.0 / len(v) for m in self.modules() if isinstance(m, _CombinedGraph)
+                    for v in m.vals), default=0.0)
+
+    def forward(self, features: torch.Tensor, logits: dict[str, torch.Tensor]
+                ) -> dict[str, torch.Tensor]:
+        return {lv: score(features, logits[lv])
+                for lv, score in zip(self.levels, self.scores, strict=True)}
 
 
 SCORES: dict[str, Callable[[], Score]] = {
@@ -230,6 +339,21 @@ class UnknownDetector:
                           for lv in self.levels}
         out = {n: {lv: raw[n][lv].numpy() for lv in self.levels} for n in names}
         return out if every else out[names[0]]
+
+    def graph(self, score: str | None = None) -> nn.Module:
+        """The default score (or `score`) in tensor operations only, for an exported model:
+        (features, {level: logits}) -> {level: score}, to compare with `thresholds`."""
+        name = self.check_score(score or self.score)
+        made: dict[int, nn.Module] = {}  # a score fitted once for every level, built once
+
+        def build(n: str, lv: str) -> nn.Module:
+            scorer = self.fitted[n][lv]
+            if id(scorer) not in made:
+                made[id(scorer)] = (scorer.graph({p: build(p, lv) for p in COMBINED[n]})
+                                    if n in COMBINED else scorer.graph())
+            return made[id(scorer)]
+
+        return _LevelsGraph({lv: build(name, lv) for lv in self.levels})
 
     def check_score(self, name: str) -> str:
         if name not in self.fitted:
