@@ -96,6 +96,9 @@ def test_each_score_in_tensor_operations_matches_the_detector():
         detector = UnknownDetector.fit(x, logits, {"family": y // 2, "label": y}, vx,
                                        {lv: h(vx) for lv, h in heads.items()}, "msp+knn",
                                        0.05, temperature=1.7)
+        # As `wingspan export` has it: from a bundle (which keeps the kNN bank in fp16).
+        detector = UnknownDetector.from_bundle(json.loads(json.dumps(detector.manifest())),
+                                               detector.tensors())
         probe = torch.cat([_clusters(10, centres, seed=3)[0], 4 * torch.randn(20, 8)])
         probe_logits = {lv: h(probe) for lv, h in heads.items()}
         want = detector.scores(probe, probe_logits, every=True)

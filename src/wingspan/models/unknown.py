@@ -87,11 +87,12 @@ class _KnnGraph(nn.Module):
 
     def __init__(self, bank: torch.Tensor, k: int):
         super().__init__()
-        self.register_buffer("bank", _unit(bank.float()).T.contiguous())
+        # fp16 as the bundle stores it (half the file; a bundle's bank is fp16 already)
+        self.register_buffer("bank", bank.half().contiguous())
         self.k = k
 
     def forward(self, features, logits):
-        similarity = _unit(features.float()) @ self.bank
+        similarity = _unit(features.float()) @ _unit(self.bank.float()).T
         kth = similarity.topk(self.k, -1).values[..., -1]
         return (2.0 - 2.0 * kth).clamp_min(0.0).sqrt()
 
