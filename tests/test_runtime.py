@@ -121,3 +121,17 @@ def test_export_falls_back_to_the_torch_export_based_exporter(monkeypatch):
     with torch.inference_mode():  # as in a validation pass
         out = OnnxRunner(model, 32, model.levels)(x)["y"]
     torch.testing.assert_close(out, model(x)["y"].detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_exporting_leaves_each_module_in_the_mode_it_was_in():
+    """A validation pass may export the live model of a training run: it must go on
+    training afterwards, its frozen BatchNorm still frozen."""
+    from wingspan.models.runtime import export_onnx
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
+                                torch.nn.Dropout(0.5), torch.nn.Flatten())
+    model.train()
+    model[1].eval()  # as Backbone.train keeps a frozen BatchNorm
+    before = [m.training for m in model.modules()]
+    assert export_onnx(model, 8)
+    assert [m.training for m in model.modules()] == before

@@ -45,11 +45,16 @@ def export_onnx(module: nn.Module, size: int, names: list[str] | None = None,
     The TorchScript exporter takes 1-2 s for a ResNet-50 where the torch.export one takes
     10-20 s on this class of CPU, so it is tried first; torch is dropping it, hence the
     fallback."""
-    wrapped = _AsTuple(module, names).eval()
+    wrapped = _AsTuple(module, names)
     outputs = names or ["output"]
     buffer = io.BytesIO()
+    # Traced in eval mode, and handed back in the mode it came in: the module may be the
+    # live model of a training run (a validation pass exports it).
+    modes = {m: m.training for m in module.modules()}
+    wrapped.eval()
     # Callers may be inside inference_mode, which the exporters cannot trace.
-    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+    with _restored(modes), warnings.catch_warnings(), torch.inference_mode(False), \
+            torch.no_grad():
         warnings.simplefilter("ignore")
         example = torch.zeros(2, 3, size, size) if example is None else example
         try:
@@ -64,6 +69,15 @@ def export_onnx(module: nn.Module, size: int, names: list[str] | None = None,
                 dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}}, dynamo=True,
                 verbose=False)
             return program.model_proto.SerializeToString()
+
+
+@contextlib.contextmanager
+def _restored(modes: dict[nn.Module, bool]):
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
 
 
 class OnnxRunner:
