@@ -167,6 +167,10 @@ def test_a_held_out_species_comes_out_unknown(held_out_run):
     threshold = manifest["unknown"]["thresholds"][manifest["unknown"]["score"]]["label"]
     for r in rows:
         assert (r["answer"] == "unknown") == (float(r["unknown_score"]) > threshold)
+    # A threshold set on few val images says how loosely its rate holds.
+    n_val = sum(1 for r in csv.DictReader(open(run_dir / "splits.csv")) if r["split"] == "val")
+    assert (f"turns away 5% of the {n_val} known val images; on new known images expect 0%-"
+            in (run_dir / "train.log").read_text())
 
 
 def test_predict_answers_unknown_and_keeps_the_closest_class(held_out_run, run_cli, tmp_path):

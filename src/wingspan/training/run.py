@@ -405,10 +405,18 @@ def _fit_unknown(run: Run, val: tuple, temperature: float) -> UnknownDetector:
     and thresholded on val (see wingspan.models.unknown)."""
     feats, logits, labels = _final_outputs(run, "train")
     levels = run.data.levels
+    rate, n = run.config.unknown_rate, len(val[0])
+    # The threshold is a quantile of n val scores: on new known images its rate is about
+    # rate +- 2 binomial standard deviations, which on a small val split is wide.
+    spread = 2 * (rate * (1 - rate) / max(n, 1)) ** 0.5
+    run.log(f"Unknown answer ('{run.config.unknown_score}'): the threshold turns away "
+            f"{rate:.0%} of the {n} known val images"
+            + (f"; on new known images expect {max(rate - spread, 0):.0%}-{rate + spread:.0%} "
+               "with so few" if spread > rate / 2 else ""))
     return UnknownDetector.fit(
         feats, logits, {lv: labels[:, i] for i, lv in enumerate(levels)}, val[0], val[1],
-        score=run.config.unknown_score, rate=run.config.unknown_rate,
-        temperature=temperature, seed=run.config.seed)
+        score=run.config.unknown_score, rate=rate, temperature=temperature,
+        seed=run.config.seed)
 
 
 def _profile_table(profile: dict) -> dict:
