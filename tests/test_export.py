@@ -69,6 +69,10 @@ def test_export_runs_without_wingspan_and_matches_pytorch(run_dir, run_cli, demo
     assert meta["outputs"] == ["family", "label", "unknown.family", "unknown.label"]
     assert meta["temperature"] > 0 and meta["input"]["dtype"] == "uint8"
     assert meta["unknown"]["score"] == "msp+knn" and check["max_unknown_score_difference"] < 1e-3
+    import onnx
+
+    ops = [n.op_type for n in onnx.load(str(model)).graph.node]
+    assert ops.count("TopK") == 1  # one kNN search serves both levels
     images = [str(p) for p in sorted(demo_dir.rglob("*.jpg"))[::7]]
     rows = json.loads(subprocess.run([sys.executable, "-c", STANDALONE, str(model), *images],
                                      capture_output=True, text=True, check=True).stdout)
@@ -145,5 +149,12 @@ def test_int8_is_written_only_within_a_point_of_fp32(run_dir, monkeypatch):
     assert 0 <= figures["val_unknown_share_int8"] <= 1  # the unknown score, measured again
     import onnx
 
-    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    graph = onnx.load(str(path)).graph
+    ops = {n.op_type for n in graph.node}
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    # The network is int8, the unknown score's own nodes are not.
+    only_unknown = set(export._nodes_only_for(graph, ["unknown.family", "unknown.label"],
+                                              ["family", "label"]))
+    assert {n.op_type for n in graph.node if n.name in only_unknown} >= {"MatMul", "TopK"}
+    assert not {n.op_type for n in graph.node if n.name in only_unknown} & {
+        "QuantizeLinear", "DequantizeLinear"}

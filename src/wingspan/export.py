@@ -48,10 +48,14 @@ class _Deployable(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255)
         self.temperature = float(temperature)
 
+    def outputs(self, pixels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(pooled features, {level: logits}) of uint8 pixels."""
+        features = self.model.features((pixels.permute(0, 3, 1, 2).float() - self.mean)
+                                       / self.std)
+        return features, self.model.head(features)
+
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = (pixels.permute(0, 3, 1, 2).float() - self.mean) / self.std
-        features = self.model.features(x)
-        logits = self.model.head(features)
+        features, logits = self.outputs(pixels)
         out = {lv: torch.softmax(v / self.temperature, -1) for lv, v in logits.items()}
         if self.unknown is not None:
             out.update({UNKNOWN_OUTPUT.format(lv): score
@@ -101,6 +105,17 @@ def export_model(run: str | Path, out: str | Path | None = None, fmt: str = "onn
     unknown = detector.graph(unknown_score) if detector else None
     deployable = _Deployable(model.float().eval(), pre["mean"], pre["std"], temperature,
                              unknown).eval()
+
+    def reference(pixels: np.ndarray) -> dict[str, torch.Tensor]:
+        """What the export must give: PyTorch's probabilities, and the unknown scores of the
+        bundle's own detector (pytorch-ood, scikit-learn's index), not of the graph's."""
+        with torch.inference_mode():
+            features, logits = deployable.outputs(torch.from_numpy(pixels))
+            out = {lv: torch.softmax(v / temperature, -1) for lv, v in logits.items()}
+            if detector:
+                out.update({UNKNOWN_OUTPUT.format(lv): torch.from_numpy(v) for lv, v in
+                            detector.scores(features, logits, unknown_score).items()})
+        return out
     outputs = levels + ([UNKNOWN_OUTPUT.format(lv) for lv in levels] if unknown else [])
     meta = {
         "format": "wingspan-onnx", "input": {
@@ -127,9 +142,11 @@ def export_model(run: str | Path, out: str | Path | None = None, fmt: str = "onn
     out = Path(out) if out else bundle.parent / "export" / name
     images = check_images or _val_images(bundle, 16)
     if fmt == "torchscript":
-        return _export_torchscript(deployable, size, resize, outputs, images, meta, out)
+        return _export_torchscript(deployable, size, resize, outputs, images, meta, out,
+                                   reference)
     graph = _onnx_graph(deployable, size, outputs, meta)
-    meta["checked"] = _check(deployable, graph, size, resize, outputs, images)
+    meta["checked"] = _check(graph, size, resize, outputs, images, reference,
+                             deployable.unknown)
     if quantize:
         graph, meta["int8"] = _quantize(graph, bundle, size, resize, levels,
                                         meta.get("unknown", {}).get("thresholds"))
@@ -140,7 +157,8 @@ def export_model(run: str | Path, out: str | Path | None = None, fmt: str = "onn
     return out
 
 
-def _export_torchscript(deployable, size, resize, outputs, images, meta, out) -> Path:
+def _export_torchscript(deployable, size, resize, outputs, images, meta, out, reference
+                        ) -> Path:
     """A traced TorchScript module (torch alone runs it), metadata in its extra files."""
     example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
     # torch deprecates TorchScript for torch.export, but torch.jit.load is still what C++
@@ -152,8 +170,8 @@ def _export_torchscript(deployable, size, resize, outputs, images, meta, out) ->
     got = want = {}
     if pixels is not None:
         with torch.no_grad():
-            got, want = traced(torch.from_numpy(pixels)), deployable(torch.from_numpy(pixels))
-        got = {k: v.numpy() for k, v in got.items()}
+            got = {k: v.numpy() for k, v in traced(torch.from_numpy(pixels)).items()}
+        want = reference(pixels)
     meta["checked"] = _compare(got, want, outputs, deployable.unknown, "TorchScript export",
                                0 if pixels is None else len(pixels))
     buffer = io.BytesIO()
@@ -198,8 +216,9 @@ def _quantize(graph: bytes, bundle: Path, size: int, resize: int, levels: list[s
     # The network is quantized, the unknown score kept in fp32 (its kNN distances and
     # shares are not what int8 is for); it sees the int8 network's features, so the share
     # of known val images it turns away is measured again below.
-    keep = [node.name for node in onnx.load_from_string(graph).graph.node
-            if node.name.startswith("/unknown/")]
+    keep = _nodes_only_for(onnx.load_from_string(graph).graph,
+                           [UNKNOWN_OUTPUT.format(lv) for lv in levels] if unknown else [],
+                           levels)
     with tempfile.TemporaryDirectory() as tmp:
         source, target = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         source.write_bytes(graph)
@@ -230,6 +249,24 @@ def _quantize(graph: bytes, bundle: Path, size: int, resize: int, levels: list[s
             f"{INT8_MAX_DROP:.0%} lower); nothing was written.",
             hint="Use the fp32 export (without --quantize).")
     return quantized, figures
+
+
+def _nodes_only_for(graph, wanted: list[str], others: list[str]) -> list[str]:
+    """Names of the nodes that compute some of the outputs `wanted` and none of `others`
+    (found through the graph's edges, whatever the exporter named them)."""
+    producer = {name: node for node in graph.node for name in node.output}
+
+    def ancestors(outputs: list[str]) -> dict[int, str]:
+        seen, stack = {}, list(outputs)
+        while stack:
+            node = producer.get(stack.pop())
+            if node is not None and id(node) not in seen:
+                seen[id(node)] = node.name
+                stack.extend(node.input)
+        return seen
+
+    mine, theirs = ancestors(wanted), ancestors(others)
+    return sorted(name for key, name in mine.items() if key not in theirs)
 
 
 def _onnx_graph(deployable: nn.Module, size: int, levels: list[str], meta: dict) -> bytes:
@@ -284,26 +321,23 @@ def _pixels(images: list[str], size: int, resize: int) -> np.ndarray | None:
     return np.stack(pixels) if pixels else None
 
 
-def _check(deployable: nn.Module, graph: bytes, size: int, resize: int, outputs: list[str],
-           images: list[str]) -> dict:
-    """ONNX Runtime against PyTorch on `images` (see `_compare`); nothing to compare
+def _check(graph: bytes, size: int, resize: int, outputs: list[str], images: list[str],
+           reference, unknown: nn.Module | None) -> dict:
+    """ONNX Runtime against `reference` on `images` (see `_compare`); nothing to compare
     without images."""
     import onnxruntime as ort
 
     batch = _pixels(images, size, resize)
     if batch is None:
-        return _compare({}, {}, outputs, deployable.unknown, "exported model", 0)
+        return _compare({}, {}, outputs, unknown, "exported model", 0)
     session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
     exported = dict(zip(outputs, session.run(None, {"pixels": batch}), strict=True))
-    with torch.inference_mode():
-        reference = deployable(torch.from_numpy(batch))
-    return _compare(exported, reference, outputs, deployable.unknown, "exported model",
-                    len(batch))
+    return _compare(exported, reference(batch), outputs, unknown, "exported model", len(batch))
 
 
 def _compare(got: dict, want: dict, outputs: list[str], unknown: nn.Module | None, what: str,
              images: int) -> dict:
-    """The largest differences between an export's outputs (numpy) and PyTorch's: in
+    """The largest differences between an export's outputs (numpy) and the reference's: in
     probability (refused above TOLERANCE) and in unknown score (refused above
     UNKNOWN_TOLERANCE x (1 + |score|), plus one val image's share for a combined score)."""
     worst = {"probability": 0.0, "unknown": 0.0}

@@ -87,14 +87,19 @@ class _KnnGraph(nn.Module):
 
     def __init__(self, bank: torch.Tensor, k: int):
         super().__init__()
-        # fp16 as the bundle stores it (half the file; a bundle's bank is fp16 already)
-        self.register_buffer("bank", bank.half().contiguous())
+        # fp32: an exporter folds any cast of a constant, so fp16 would not stay smaller.
+        self.register_buffer("bank", _unit(bank.float()).T.contiguous())
         self.k = k
+        self.last: tuple[torch.Tensor, torch.Tensor] | None = None  # see _LevelsGraph
 
     def forward(self, features, logits):
-        similarity = _unit(features.float()) @ _unit(self.bank.float()).T
+        if self.last is not None and self.last[0] is features:  # shared by several levels
+            return self.last[1]
+        similarity = _unit(features.float()) @ self.bank
         kth = similarity.topk(self.k, -1).values[..., -1]
-        return (2.0 - 2.0 * kth).clamp_min(0.0).sqrt()
+        score = (2.0 - 2.0 * kth).clamp_min(0.0).sqrt()
+        self.last = (features, score)
+        return score
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -270,8 +275,15 @@ class _LevelsGraph(nn.Module):
 
     def forward(self, features: torch.Tensor, logits: dict[str, torch.Tensor]
                 ) -> dict[str, torch.Tensor]:
-        return {lv: score(features, logits[lv])
-                for lv, score in zip(self.levels, self.scores, strict=True)}
+        # A kNN score fitted once for every level is searched once per call (its module
+        # keeps its result for these features until the call ends), also in a traced graph.
+        try:
+            return {lv: score(features, logits[lv])
+                    for lv, score in zip(self.levels, self.scores, strict=True)}
+        finally:
+            for module in self.modules():
+                if isinstance(module, _KnnGraph):
+                    module.last = None
 
 
 SCORES: dict[str, Callable[[], Score]] = {
