@@ -13,6 +13,7 @@ refuses an export that does not agree.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import warnings
@@ -63,6 +64,20 @@ class _Deployable(nn.Module):
         return out
 
 
+def _expected(deployable: _Deployable, detector, score: str | None, pixels: np.ndarray
+              ) -> dict[str, torch.Tensor]:
+    """What an export must give for `pixels`: PyTorch's probabilities, and the unknown
+    scores of the bundle's own detector (pytorch-ood, scikit-learn's index), not those of
+    the graph's copy of it."""
+    with torch.inference_mode():
+        features, logits = deployable.outputs(torch.from_numpy(pixels))
+        out = {lv: torch.softmax(v / deployable.temperature, -1) for lv, v in logits.items()}
+        if detector:
+            out.update({UNKNOWN_OUTPUT.format(lv): torch.from_numpy(v)
+                        for lv, v in detector.scores(features, logits, score).items()})
+    return out
+
+
 def prepare_pixels(image, size: int, resize: int) -> np.ndarray:
     """A PIL image as the exported model wants it: RGB, shorter side resized to `resize`
     (bicubic), the centre `size` square, uint8 (size, size, 3). The README's example does
@@ -105,17 +120,7 @@ def export_model(run: str | Path, out: str | Path | None = None, fmt: str = "onn
     unknown = detector.graph(unknown_score) if detector else None
     deployable = _Deployable(model.float().eval(), pre["mean"], pre["std"], temperature,
                              unknown).eval()
-
-    def reference(pixels: np.ndarray) -> dict[str, torch.Tensor]:
-        """What the export must give: PyTorch's probabilities, and the unknown scores of the
-        bundle's own detector (pytorch-ood, scikit-learn's index), not of the graph's."""
-        with torch.inference_mode():
-            features, logits = deployable.outputs(torch.from_numpy(pixels))
-            out = {lv: torch.softmax(v / temperature, -1) for lv, v in logits.items()}
-            if detector:
-                out.update({UNKNOWN_OUTPUT.format(lv): torch.from_numpy(v) for lv, v in
-                            detector.scores(features, logits, unknown_score).items()})
-        return out
+    reference = functools.partial(_expected, deployable, detector, unknown_score)
     outputs = levels + ([UNKNOWN_OUTPUT.format(lv) for lv in levels] if unknown else [])
     meta = {
         "format": "wingspan-onnx", "input": {
