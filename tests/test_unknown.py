@@ -81,6 +81,18 @@ def test_the_fitted_scores_survive_the_bundle_round_trip():
                                    atol=tolerance, err_msg=name)
     with pytest.raises(WingspanError, match="no unknown score 'odin'"):
         again.scores(probe, {"label": head(probe)}, score="odin")
+    # The Mahalanobis precision is kept as its upper triangle; bundles written before that
+    # hold the whole matrix, and still load.
+    tensors = detector.tensors()
+    triangle = tensors.pop("unknown.mahalanobis.label.precision_triu")
+    assert triangle.numel() == 8 * 9 // 2
+    tensors["unknown.mahalanobis.label.precision"] = detector.fitted["mahalanobis"][
+        "label"].precision.float()
+    old = UnknownDetector.from_bundle(entry, tensors)
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            old.scores(probe, {"label": head(probe)}, score="mahalanobis")["label"],
+            after["mahalanobis"]["label"], rtol=1e-5)
 
 
 def test_each_score_in_tensor_operations_matches_the_detector():

@@ -155,10 +155,22 @@ class Mahalanobis(Score):
         return self
 
     def tensors(self):
-        return {"means": self.means.float(), "precision": self.precision.float()}
+        # The precision is symmetric: its upper triangle alone, half the bytes (16.8 MB a
+        # level for a 2048-wide ResNet-50 feature otherwise).
+        rows, cols = torch.triu_indices(*self.precision.shape)
+        return {"means": self.means.float(),
+                "precision_triu": self.precision[rows, cols].float()}
 
     def load(self, tensors, temperature):
-        self.means, self.precision = tensors["means"].double(), tensors["precision"].double()
+        self.means = tensors["means"].double()
+        if "precision" in tensors:  # a bundle written before the triangle was kept alone
+            self.precision = tensors["precision"].double()
+            return self
+        width = self.means.shape[1]
+        rows, cols = torch.triu_indices(width, width)
+        self.precision = torch.zeros(width, width, dtype=torch.float64)
+        self.precision[rows, cols] = tensors["precision_triu"].double()
+        self.precision[cols, rows] = tensors["precision_triu"].double()
         return self
 
     def __call__(self, features, logits):
