@@ -25,7 +25,9 @@ from wingspan.models.unknown import PREFIX as UNKNOWN_PREFIX
 from wingspan.models.unknown import UnknownDetector
 
 FORMAT = "wingspan-bundle"
-FORMAT_VERSION = 1
+# 2: the unknown scores' Mahalanobis precision is stored as its upper triangle, which a
+# reader of format 1 would look for in vain; this reader reads both.
+FORMAT_VERSION = 2
 WEIGHTS, MANIFEST = "model.safetensors", "manifest.json"
 METADATA_KEY = "wingspan_manifest"
 
