@@ -216,6 +216,7 @@ def test_a_kill_between_the_best_and_the_last_checkpoint_resumes_alike(demo_dir,
 
 @pytest.mark.parametrize("changes, message", [
     ({"lr": -1}, "'lr' setting must be a positive number"),
+    ({"min_delta": -1e-3}, "'min_delta' setting must be 0 or more"),
     ({"epochs_head": 0, "epochs_finetune": 0}, "must be at least 1"),
     ({"sampler": "random"}, "'sampler' setting must be shuffle or weighted"),
     ({"augment": "wild"}, "'augment' setting must be one of"),
@@ -466,11 +467,9 @@ def test_data_with_its_own_val_keeps_it_apart_for_a_fair_score(demo_dir, tmp_pat
 def test_an_equal_val_macro_f1_with_a_clearly_lower_val_loss_is_kept(demo_dir, tmp_path):
     """A saturated val split (macro-F1 1.0 early) must not pin the best model to the first
     epoch that reached it; a loss change within noise still counts against patience."""
-    from wingspan.training.context import TIE_LOSS_DELTA
-
     run = _prepared_run(demo_dir, tmp_path)
     assert run.consider_best(1.0, "head", 3, loss=0.60)
-    assert not run.consider_best(1.0, "head", 4, loss=0.60 - TIE_LOSS_DELTA / 2)
+    assert not run.consider_best(1.0, "head", 4, loss=0.60 - run.config.min_delta / 2)
     assert run.state.bad_epochs == 1
     assert run.consider_best(1.0, "finetune", 1, loss=0.55)
     assert (run.state.best_stage, run.state.best_epoch, run.state.bad_epochs) == ("finetune", 1, 0)

@@ -301,6 +301,10 @@ class TrainConfig:
     sampler: str = "shuffle"  # shuffle | weighted
     label_smoothing: float = 0.1
     patience: int = 8  # epochs without a better val macro-F1 before stopping a stage
+    # At an equal val macro-F1, a val loss lower by at least this is better (Keras'
+    # min_delta); less would be noise, and an epoch that changes nothing must count
+    # against patience.
+    min_delta: float = 1e-3
     seed: int = 0
     # machine (a resumed run may change these)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -337,6 +341,7 @@ class TrainConfig:
         _check(0 <= self.warmup_fraction < 1, "warmup_fraction", "in [0, 1)",
                self.warmup_fraction)
         _check(self.weight_decay >= 0, "weight_decay", "0 or more", self.weight_decay)
+        _check(self.min_delta >= 0, "min_delta", "0 or more", self.min_delta)
         _check(self.augment in AUGMENT_POLICIES, "augment", f"one of {list(AUGMENT_POLICIES)}",
                self.augment)
         _check(self.class_weights in ("auto", "balanced", "none"), "class_weights",

@@ -26,11 +26,6 @@ HISTORY_FIELDS = ["stage", "epoch", "train_loss", "train_acc", "train_macro_f1",
                   "val_acc", "val_macro_f1", "lr", "images_per_s", "seconds", "elapsed"]
 
 
-# At an equal val macro-F1, a val loss lower by at least this is an improvement (less
-# would be noise: an epoch that changes nothing must still count against patience).
-TIE_LOSS_DELTA = 1e-3
-
-
 @dataclass
 class RunState:
     """Where a run is; saved in every checkpoint so a killed run picks up here."""
@@ -179,7 +174,7 @@ class Run:
         reaches 1.0 in a few head epochs), and without the tie-break no fine-tuned epoch
         could ever be kept."""
         better = f1 > self.state.best_f1 or (
-            f1 == self.state.best_f1 and loss < self.state.best_loss - TIE_LOSS_DELTA)
+            f1 == self.state.best_f1 and loss < self.state.best_loss - self.config.min_delta)
         if not better:
             self.state.bad_epochs += 1
             return False
