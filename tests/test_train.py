@@ -475,3 +475,15 @@ def test_an_equal_val_macro_f1_with_a_clearly_lower_val_loss_is_kept(demo_dir, t
     assert (run.state.best_stage, run.state.best_epoch, run.state.bad_epochs) == ("finetune", 1, 0)
     assert not run.consider_best(0.9, "finetune", 2, loss=0.10)  # macro-F1 comes first
     assert load_checkpoint(run.checkpoints / "best.pt")["stage"] == "finetune"
+
+
+def test_why_the_backbone_was_chosen_comes_before_the_run_line(demo_dir, tmp_path,
+                                                                monkeypatch):
+    from wingspan.training import run as run_module
+
+    monkeypatch.setattr(run_module, "choose_backbone",
+                        lambda name, weights: ("test_efficientnet", "resnet50 is not here"))
+    run_dir = train(read_dataset(demo_dir), tiny(tmp_path, epochs_finetune=0), tmp_path,
+                    quiet=True)
+    lines = (run_dir / "train.log").read_text().splitlines()
+    assert lines[0].endswith("resnet50 is not here") and " Run " in lines[1]

@@ -68,7 +68,7 @@ def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = "runs",
     if fabric.is_global_zero:  # rank 0 names the run; the others learn its folder
         run_dir = _new_run_dir(Path(runs_dir), name or f"{dataset.name}-{config.backbone}")
     run_dir = Path(fabric.broadcast(str(run_dir) if run_dir else None))
-    logs = [why] if why else []
+    logs: list[str] = []
     report_reading(dataset, logs.append)
     try:
         dataset, held_out = hold_out(dataset, level, config.holdout_classes)
@@ -83,7 +83,7 @@ def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = "runs",
                 write_text(run_dir / HOLDOUT_FILE, held_out[["path", level]].to_csv(index=False))
             write_text(run_dir / CONFIG_FILE, yaml.safe_dump(dataclasses.asdict(config),
                                                              sort_keys=False))
-        run = _start(run_dir, config, dataset, quiet, None, fabric)
+        run = _start(run_dir, config, dataset, quiet, None, fabric, before=[why] if why else [])
     except BaseException:  # nothing trained yet (bad data, no weights): leave no empty run
         if fabric.is_global_zero:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -230,7 +230,9 @@ def _processes(config: TrainConfig) -> Processes:
 
 
 def _start(run_dir: Path, config: TrainConfig, dataset: Dataset, quiet: bool,
-           checkpoint: dict | None, fabric) -> Run:
+           checkpoint: dict | None, fabric, before: list[str] = ()) -> Run:
+    """The run's model, engines, data and state, from scratch or from `checkpoint`;
+    `before`: lines to log ahead of the "Run" line (why this backbone, say)."""
     torch.manual_seed(config.seed)
     policy = resolve_policy(str(fabric.device), config.precision, runtime=config.runtime)
     logs: list[str] = []
@@ -258,6 +260,8 @@ def _start(run_dir: Path, config: TrainConfig, dataset: Dataset, quiet: bool,
               resume_from=checkpoint)
     world = (f", {fabric.world_size} processes ({fabric.strategy.__class__.__name__})"
              if fabric.world_size > 1 else "")
+    for line in before:
+        run.log(line)
     if not checkpoint:
         run.log(f"Run {run_dir}: {config.backbone} ({run.weights_source}) on {policy.describe()}"
                 f", {workers} data workers{world}")
