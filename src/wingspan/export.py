@@ -55,9 +55,12 @@ class _Deployable(nn.Module):
                                        / self.std)
         return features, self.model.head(features)
 
+    def probabilities(self, logits: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {lv: torch.softmax(v / self.temperature, -1) for lv, v in logits.items()}
+
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         features, logits = self.outputs(pixels)
-        out = {lv: torch.softmax(v / self.temperature, -1) for lv, v in logits.items()}
+        out = self.probabilities(logits)
         if self.unknown is not None:
             out.update({UNKNOWN_OUTPUT.format(lv): score
                         for lv, score in self.unknown(features, logits).items()})
@@ -71,7 +74,7 @@ def _expected(deployable: _Deployable, detector, score: str | None, pixels: np.n
     the graph's copy of it."""
     with torch.inference_mode():
         features, logits = deployable.outputs(torch.from_numpy(pixels))
-        out = {lv: torch.softmax(v / deployable.temperature, -1) for lv, v in logits.items()}
+        out = deployable.probabilities(logits)
         if detector:
             out.update({UNKNOWN_OUTPUT.format(lv): torch.from_numpy(v)
                         for lv, v in detector.scores(features, logits, score).items()})

@@ -83,7 +83,7 @@ def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = "runs",
                 write_text(run_dir / HOLDOUT_FILE, held_out[["path", level]].to_csv(index=False))
             write_text(run_dir / CONFIG_FILE, yaml.safe_dump(dataclasses.asdict(config),
                                                              sort_keys=False))
-        run = _start(run_dir, config, dataset, quiet, None, fabric, before=[why] if why else [])
+        run = _start(run_dir, config, dataset, quiet, None, fabric, before=(why,) if why else ())
     except BaseException:  # nothing trained yet (bad data, no weights): leave no empty run
         if fabric.is_global_zero:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -230,7 +230,7 @@ def _processes(config: TrainConfig) -> Processes:
 
 
 def _start(run_dir: Path, config: TrainConfig, dataset: Dataset, quiet: bool,
-           checkpoint: dict | None, fabric, before: list[str] = ()) -> Run:
+           checkpoint: dict | None, fabric, before: tuple[str, ...] = ()) -> Run:
     """The run's model, engines, data and state, from scratch or from `checkpoint`;
     `before`: lines to log ahead of the "Run" line (why this backbone, say)."""
     torch.manual_seed(config.seed)
