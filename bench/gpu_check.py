@@ -15,6 +15,10 @@ users run it. It prints:
   most 20%, i.e. real JPEGs at >= 80% of the images/s of batches already on the GPU);
 - evaluate and predict images/s;
 - DDP scaling: fine-tuning images/s on N GPUs over 1 GPU (target >= 1.8x for 2).
+
+The figures are saved in WORK/gpu-check.json after every step, so a check stopped by a
+time limit keeps what it measured. Generating the data takes about a minute on one core:
+`--work DIR` keeps it, and a second call with the same DIR reuses it.
 """
 
 from __future__ import annotations
@@ -82,7 +86,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda (default) | cpu (a dry run)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: seconds, not minutes")
-    parser.add_argument("--work", type=Path, default=None, help="keep the runs here")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="keep the data and runs here (the data is reused)")
+    parser.add_argument("--precisions", nargs="+", choices=("bf16", "fp16", "fp32"),
+                        help="only these (default: every one the GPU has)")
     args = parser.parse_args()
 
     cuda = args.device == "cuda"
@@ -95,7 +102,14 @@ def main() -> None:
     quick = args.quick
     demo = DemoConfig(image_size=48 if quick else 256,
                       images_per_class=(8, 8, 6, 6) if quick else (400,) * 6)
-    data = generate_demo(work / "data", demo)
+    # Written last, with the settings: a killed generation or other sizes start afresh.
+    data, ready = work / "data", work / "data.json"
+    if not ready.is_file() or ready.read_text() != repr(demo):
+        shutil.rmtree(data, ignore_errors=True)
+        start = time.perf_counter()
+        data = generate_demo(data, demo)
+        ready.write_text(repr(demo))
+        console.print(f"Generated the data in {time.perf_counter() - start:.0f}s")
     workers = 0 if quick else min(8, os.cpu_count() or 1)
     settings = ["--device", args.device, "--workers", str(workers)]
     settings += (["--backbone", "test_efficientnet", "--weights", "none", "--image-size", "32",
@@ -109,11 +123,17 @@ def main() -> None:
         precisions = (["bf16"] if native_bf16 else []) + ["fp16", "fp32"]
     else:
         name, precisions = "CPU (dry run)", ["fp32"]
+    precisions = [p for p in precisions if p in (args.precisions or precisions)]
     console.print(f"{gpus} x {name}; torch {torch.__version__}; work in {work}")
 
     table = Table("precision", "val macro-F1", "fine-tune img/s", "waiting for data",
                   "evaluate img/s", "predict img/s", title=f"One device: {name}")
-    results = {"device": name, "count": gpus, "precisions": {}}
+    results = {"device": name, "count": gpus, "torch": torch.__version__, "precisions": {}}
+    saved = work / "gpu-check.json"
+
+    def save() -> None:
+        saved.write_text(json.dumps(results, indent=2, default=str))
+
     for precision in precisions:
         run = train(data, work / "runs", precision, settings, "--precision", precision)
         wingspan("evaluate", run["run"], "--device", args.device, "--quiet",
@@ -124,6 +144,8 @@ def main() -> None:
         run.update(evaluate_images_per_s=evaluation["images_per_second"],
                    predict_images_per_s=images_per_s(predicted))
         results["precisions"][precision] = {k: v for k, v in run.items() if k != "run"}
+        save()
+        console.print(f"{precision} done: {results['precisions'][precision]}", highlight=False)
         table.add_row(precision, f"{run['val_macro_f1']:.3f}",
                       f"{run['finetune_images_per_s']:.0f}", f"{run['data_wait']:.0%}",
                       f"{run['evaluate_images_per_s']:.0f}",
@@ -149,13 +171,14 @@ def main() -> None:
             ratio = run["finetune_images_per_s"] / one["finetune_images_per_s"]
             results["ddp"].append({"launcher": how, "processes": gpus, "ratio": ratio,
                                    **{k: v for k, v in run.items() if k != "run"}})
+            save()
             scaling.add_row(str(gpus), how, f"{run['finetune_images_per_s']:.0f}",
                             f"{ratio:.2f}", f"{run['val_macro_f1']:.3f}")
     console.print(scaling)
     if gpus < 2:
         console.print("One GPU: DDP was not run.")
-    (work / "gpu-check.json").write_text(json.dumps(results, indent=2, default=str))
-    console.print(f"Figures: {work / 'gpu-check.json'}")
+    save()
+    console.print(f"Figures: {saved}")
     if not args.work and not quick:
         shutil.rmtree(work / "data", ignore_errors=True)
 
