@@ -147,6 +147,19 @@ def test_int8_is_written_only_within_a_point_of_fp32(run_dir, monkeypatch):
     assert figures["val_images"] > 0 and figures["calibration_images"] > 0
     assert 0 <= figures["val_top1_int8"] <= 1 and 0 <= figures["val_top1_fp32"] <= 1
     assert 0 <= figures["val_unknown_share_int8"] <= 1  # the unknown score, measured again
+    # The int8 file's thresholds are its own: they turn away the stated share of the known
+    # val images as the int8 model scores them.
+    import onnxruntime as ort
+
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert figures["unknown_thresholds_fp32"].keys() == meta["unknown"]["thresholds"].keys()
+    paths, _ = export._split_images(export.find_bundle(run_dir), "val", 1000)
+    pixels = export._pixels(paths, meta["input"]["size"], meta["input"]["resize_shorter_side_to"])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for level, threshold in meta["unknown"]["thresholds"].items():
+        (scores,) = session.run([f"unknown.{level}"], {"pixels": pixels})
+        assert threshold == pytest.approx(np.quantile(scores, 1 - meta["unknown"]["rate"]),
+                                          rel=1e-6)
     import onnx
 
     graph = onnx.load(str(path)).graph
