@@ -181,4 +181,8 @@ def test_strict_stops_every_process_with_the_error(demo_dir, tmp_path):
     proc = _train_cli(data, tmp_path, _config(tmp_path, strict=True), "strict", "--devices", "2")
     _, err = proc.communicate(timeout=180)
     assert proc.returncode != 0
-    assert "Cannot read image" in err.decode() and "Without --strict" in err.decode()
+    err = err.decode()
+    # Every rank stops at the same point with the same error, which rank 0 alone prints;
+    # none dies on a closed connection.
+    assert err.count("Cannot read image") == 1 and "Without --strict" in err, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]

@@ -132,7 +132,7 @@ def test_torchscript_export_runs_with_torch_alone(run_dir, run_cli, demo_dir):
     assert json.loads(outputs) == ["family", "label", "unknown.family", "unknown.label"]
 
 
-def test_int8_is_written_only_within_a_point_of_fp32(run_dir, monkeypatch):
+def test_int8_is_written_only_within_a_point_of_fp32(run_dir, run_cli, monkeypatch, caplog):
     from wingspan import export
     from wingspan.errors import WingspanError
 
@@ -160,6 +160,11 @@ def test_int8_is_written_only_within_a_point_of_fp32(run_dir, monkeypatch):
         (scores,) = session.run([f"unknown.{level}"], {"pixels": pixels})
         assert threshold == pytest.approx(np.quantile(scores, 1 - meta["unknown"]["rate"]),
                                           rel=1e-6)
+    # The CLI says so, without the quantizer's advice to pre-process in the way.
+    code, out, err = run_cli("export", run_dir, "--quantize", "int8", "--out",
+                             run_dir / "q" / "cli.int8.onnx")
+    assert code == 0 and "the int8 model's own thresholds" in " ".join(out.split())
+    assert not [r for r in caplog.records if "pre-processing" in r.getMessage()]
     import onnx
 
     graph = onnx.load(str(path)).graph

@@ -730,8 +730,13 @@ def export_command(
               f"within {check['max_abs_probability_difference']:.1e} on {check['images']} "
               "images." + (f" int8 val top-1 {meta['int8']['val_top1_int8']:.4f} (fp32 "
                            f"{meta['int8']['val_top1_fp32']:.4f})" if "int8" in meta else ""))
+    int8 = meta.get("int8", {})
+    own = ("; the int8 model's own thresholds, set on its val scores: they turn away "
+           f"{int8['val_unknown_share_int8_own_threshold']:.1%} of known val images (fp32's "
+           f"would turn away {int8['val_unknown_share_int8']:.1%})"
+           if "val_unknown_share_int8_own_threshold" in int8 else "")
     out.print(f"Unknown score '{unknown['score']}' in the outputs "
-              f"{', '.join(unknown['outputs'].values())}, thresholds in the metadata."
+              f"{', '.join(unknown['outputs'].values())}, thresholds in the metadata{own}."
               if unknown else "No unknown score (the model has none): it always names a class."
               " `wingspan calibrate RUN --unknown` fits them.")
 
@@ -894,11 +899,19 @@ def demo(
         out.print(f"  {name:14s} {path}")
 
 
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app; user errors print as a message and a hint, exit code 2."""
     try:
         app(args=argv, prog_name="wingspan")
     except WingspanError as e:
+        if e.every_rank and _rank() != 0:  # rank 0 says it once for all
+            sys.exit(2)
         err.print(f"[bold red]Error:[/] {e.message}", highlight=False)
         if e.hint:
             err.print(f"[cyan]Hint:[/] {e.hint}", highlight=False)

@@ -9,10 +9,12 @@ class WingspanError(Exception):
     The CLI prints these without a traceback; library users can catch them.
     """
 
-    def __init__(self, message: str, hint: str | None = None):
+    def __init__(self, message: str, hint: str | None = None, every_rank: bool = False):
         super().__init__(message)
         self.message = message
         self.hint = hint
+        # Raised alike by every process of a distributed run: only rank 0 need print it.
+        self.every_rank = every_rank
 
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message}\n  Hint: {self.hint}"

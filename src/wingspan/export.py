@@ -13,9 +13,11 @@ refuses an export that does not agree.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
+import logging
 import warnings
 from pathlib import Path
 
@@ -231,7 +233,10 @@ def _quantize(graph: bytes, bundle: Path, size: int, resize: int, levels: list[s
     keep = _nodes_only_for(onnx.load_from_string(graph).graph,
                            [UNKNOWN_OUTPUT.format(lv) for lv in levels] if unknown else [],
                            levels)
-    with tempfile.TemporaryDirectory() as tmp:
+    # The quantizer's advice ("consider pre-processing", via the root logger) and ONNX
+    # Runtime's notes on each unused initializer would bury the result: errors only.
+    ort.set_default_logger_severity(3)
+    with tempfile.TemporaryDirectory() as tmp, _quiet_root_logger():
         source, target = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         source.write_bytes(graph)
         quantize_static(str(source), str(target), Batches(), quant_format=QuantFormat.QDQ,
@@ -274,6 +279,17 @@ def _quantize(graph: bytes, bundle: Path, size: int, resize: int, levels: list[s
             f"{INT8_MAX_DROP:.0%} lower); nothing was written.",
             hint="Use the fp32 export (without --quantize).")
     return quantized, figures, thresholds
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def _nodes_only_for(graph, wanted: list[str], others: list[str]) -> list[str]:

@@ -49,6 +49,10 @@ class RunState:
         return asdict(self)
 
 
+STRICT_HINT = ("Without --strict, unreadable images are skipped for the rest of the run and "
+               "listed.")
+
+
 @dataclass
 class TrainData:
     level: str  # the finest trained level: what the model predicts and is selected on
@@ -81,6 +85,9 @@ class Run:
     resume_from: dict | None = None  # the checkpoint being resumed, until its stage restores it
     console: Console = field(default_factory=lambda: Console(stderr=True))
     loaders: dict = field(default_factory=dict)  # kept between epochs (persistent workers)
+    # Under DDP with --strict: the first unreadable image this rank met, raised by every
+    # rank together at the next share_unreadable.
+    strict_stop: str | None = None
 
     @property
     def is_main(self) -> bool:
@@ -117,8 +124,12 @@ class Run:
         train.log and metrics.json (with `strict`, an error instead)."""
         new = [(path, why) for path, why in failed if path not in self.state.skipped]
         if new and self.config.strict:
-            raise WingspanError(new[0][1], hint="Without --strict, unreadable images are "
-                                "skipped for the rest of the run and listed.")
+            if self.fabric.world_size == 1:
+                raise WingspanError(new[0][1], hint=STRICT_HINT)
+            # The other ranks are on their way to a collective: raising here would leave
+            # them to die on a closed connection. All stop at the next share_unreadable.
+            self.strict_stop = self.strict_stop or new[0][1]
+            return
         for path, why in new:
             self.state.skipped[path] = why
             self.log(f"Skipping an unreadable image for the rest of the run: {why}")
@@ -126,8 +137,12 @@ class Run:
     def share_unreadable(self) -> None:
         """Every rank learns what the others could not read (so all leave out the same)."""
         if self.fabric.world_size > 1:
-            for part in gather_objects(self.fabric, [self.state.skipped]):
-                self.note_unreadable(list(part[0].items()))
+            parts = gather_objects(self.fabric, [self.state.skipped, self.strict_stop])
+            stops = [stop for _, stop in parts if stop]
+            if stops:  # every rank, the same error (the CLI prints rank 0's)
+                raise WingspanError(stops[0], hint=STRICT_HINT, every_rank=True)
+            for skipped, _ in parts:
+                self.note_unreadable(list(skipped.items()))
 
     def readable(self, images: LabelledImages) -> torch.Tensor:
         """A mask of the images not known to be unreadable."""

@@ -130,6 +130,7 @@ def evaluate_images(run: Run, images: LabelledImages) -> dict:
             for lv, out in forward(x).items():
                 parts[lv][rows] = out
             read[rows] = 1
+    run.share_unreadable()
     read = gather_shards(run.fabric, read, len(images)).bool()
     everything = {lv: gather_shards(run.fabric, o, len(images))[read] for lv, o in parts.items()}
     return _scores(run, everything, images.labels[read])
@@ -158,17 +159,21 @@ def extract_features(run: Run, views: int) -> tuple[torch.Tensor, torch.Tensor]:
     them. Each rank computes every world_size-th image, and the shards are gathered."""
     path = run.dir / "cache" / "features.safetensors"
     n, m = len(run.data.train), len(run.data.val)
+    cached = None
     if path.is_file():
         try:
             saved = load_file(path)
             if saved["train"].shape[:2] == (n, views + 1) and len(saved["val"]) == m:
                 with safe_open(path, "pt") as f:  # what could not be read, as it was cached
                     unreadable = json.loads((f.metadata() or {}).get("unreadable", "{}"))
-                run.note_unreadable(list(unreadable.items()))
-                return saved["train"], saved["val"]
+                cached = saved["train"], saved["val"]
         except Exception as e:  # noqa: BLE001 - a damaged cache file is only redone
             run.log(f"The feature cache {path} cannot be read ({type(e).__name__}); "
                     "computing it again")
+    if cached is not None:
+        run.note_unreadable(list(unreadable.items()))
+        run.share_unreadable()  # (--strict under DDP stops every rank here)
+        return cached
     start = time.perf_counter()  # the export (if any) counts as part of the cache pass
     run.model.eval()
     features = run.policy.runner(run.model.feature_extractor(), run.image_size)
