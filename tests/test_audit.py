@@ -54,3 +54,34 @@ def test_audit_finds_flipped_labels_and_a_resized_copy(tmp_path, run_cli):
     page = (tmp_path / "audit" / "audit.html").read_text()
     assert page.count("data:image/jpeg;base64,") >= 60 and "across splits" in page
     assert "Most suspect labels" in stdout
+
+
+def test_a_second_audit_decodes_only_what_changed(tmp_path, monkeypatch):
+    """The audit after a round of label fixes reuses every image's features; an edited
+    photo is computed again."""
+    from wingspan.config import AuditConfig
+    from wingspan.data import audit, read_dataset
+
+    demo = generate_demo(tmp_path / "demo", DemoConfig(image_size=64,
+                                                       images_per_class=(12, 12, 10)))
+    config = AuditConfig(backbone="test_efficientnet", weights="none", folds=2)
+    first = audit.audit_dataset(read_dataset(demo), tmp_path / "a", config=config,
+                                progress=False)
+    decoded = []
+    monkeypatch.setattr(audit._Decoded, "__len__", lambda self: decoded.extend(self.paths)
+                        or len(self.paths))
+    second = audit.audit_dataset(read_dataset(demo), tmp_path / "b", config=config,
+                                 progress=False)
+    assert decoded == []  # nothing was decoded or run through the backbone
+    assert first.issues.equals(second.issues) and first.duplicates.equals(second.duplicates)
+    # Edit one photo (a new picture in the same file): that one alone is computed again.
+    edited = sorted(demo.rglob("*.jpg"))[3]
+    Image.open(sorted(demo.rglob("*.jpg"))[20]).save(edited)
+    audit.audit_dataset(read_dataset(demo), tmp_path / "c", config=config, progress=False)
+    assert set(decoded) == {str(edited)}
+    # With the cache off, everything is computed.
+    decoded.clear()
+    audit.audit_dataset(read_dataset(demo), tmp_path / "d", progress=False,
+                        config=AuditConfig(backbone="test_efficientnet", weights="none",
+                                           folds=2, cache=False))
+    assert set(decoded) == {str(p) for p in demo.rglob("*.jpg")}

@@ -207,6 +207,9 @@ def data_audit(
     gallery: Annotated[int, typer.Option(help="Suspect images shown in audit.html.")]
     = AuditConfig.gallery,
     device: DeviceOpt = AuditConfig.device,
+    cache: Annotated[bool, typer.Option(
+        help="Keep each image's features in the cache folder, so that the next audit "
+        "computes only new or edited images.")] = AuditConfig.cache,
     format: Format = None, group_regex: GroupRegex = None, out_dir: OutDir = None,
     quiet: Quiet = False,
 ) -> None:
@@ -220,7 +223,7 @@ def data_audit(
     from wingspan.data.audit import audit_dataset
 
     config = AuditConfig(backbone=backbone, folds=folds, duplicate_similarity=similarity,
-                         gallery=gallery, device=device)
+                         gallery=gallery, device=device, cache=cache)
     dataset = _read(data, format, group_regex, strict=False)
     result = audit_dataset(dataset, out_dir or dataset.out_dir, level, config,
                            progress=not quiet)

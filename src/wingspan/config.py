@@ -110,6 +110,7 @@ class AuditConfig:
     hash_distance: int = 6
     duplicate_similarity: float = 0.96
     gallery: int = 60  # suspect images shown in audit.html
+    cache: bool = True  # keep each image's features in the cache dir for the next audit
 
     def __post_init__(self) -> None:
         _check_types(self)

@@ -14,8 +14,10 @@ gallery: the image, its label, the suspected label, the score).
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from wingspan.config import AuditConfig
+from wingspan.config import AuditConfig, default_cache_dir
 from wingspan.data.images import open_rgb
 from wingspan.data.samples import PATH, SPLIT, Dataset
 from wingspan.errors import WingspanError
@@ -101,27 +103,84 @@ def image_features(paths: list[str], config: AuditConfig, progress: bool
     from wingspan.training.data import default_workers
 
     name, _ = choose_backbone(config.backbone, config.weights)
-    model, _ = create_classifier(name, {"label": 2}, config.weights)
+    model, loaded = create_classifier(name, {"label": 2}, config.weights)
     pre = model.preprocessing
-    policy = resolve_policy(config.device)
-    policy.prepare_model(model)
-    policy = policy.choose_frozen(model, pre.input_size, config.batch_size, progress=progress)
-    extract = policy.runner(model.feature_extractor(), pre.input_size)
-    view = eval_transform(AugmentConfig(image_size=pre.input_size, eval_crop=pre.crop_pct),
-                          mean=pre.mean, std=pre.std, interpolation=pre.interpolation)
-    images = _Decoded(paths, view, pre.input_size, round(pre.input_size / pre.crop_pct))
-    loader = torch.utils.data.DataLoader(images, batch_size=config.batch_size,
-                                         num_workers=default_workers())
-    parts, hashes, failed, i = [], [], {}, 0
-    for x, bits, errors in track(loader, f"Features ({name})", total=len(loader),
-                                 enabled=progress):
-        parts.append(extract(x).float())
-        hashes.append(bits)
-        for e in errors:
-            if e:
-                failed[paths[i]] = e
-            i += 1
-    return torch.cat(parts), torch.cat(hashes), name, failed
+    cache = FeatureCache(default_cache_dir() if config.cache else None,
+                         f"{name}|{loaded.describe() if loaded else 'random'}|"
+                         f"{pre.input_size}|{pre.crop_pct}|{pre.interpolation}")
+    kept = [cache.get(p) for p in paths]
+    todo = [i for i, k in enumerate(kept) if k is None]
+    failed: dict[str, str] = {}
+    if todo:
+        policy = resolve_policy(config.device)
+        policy.prepare_model(model)
+        policy = policy.choose_frozen(model, pre.input_size, config.batch_size,
+                                      progress=progress)
+        extract = policy.runner(model.feature_extractor(), pre.input_size)
+        view = eval_transform(AugmentConfig(image_size=pre.input_size, eval_crop=pre.crop_pct),
+                              mean=pre.mean, std=pre.std, interpolation=pre.interpolation)
+        images = _Decoded([paths[i] for i in todo], view, pre.input_size,
+                          round(pre.input_size / pre.crop_pct))
+        loader = torch.utils.data.DataLoader(images, batch_size=config.batch_size,
+                                             num_workers=default_workers())
+        done = iter(todo)
+        title = f"Features ({name}; {len(paths) - len(todo)} kept from an earlier audit)"
+        for x, bits, errors in track(loader, title, total=len(loader), enabled=progress):
+            for feature, bit, error in zip(extract(x).float(), bits, errors, strict=True):
+                i = next(done)
+                if error:
+                    failed[paths[i]] = error
+                    kept[i] = (torch.zeros_like(feature), bit)
+                else:
+                    kept[i] = (feature, bit)
+                    cache.put(paths[i], feature, bit)
+    return (torch.stack([k[0] for k in kept]), torch.stack([k[1] for k in kept]), name,
+            failed)
+
+
+class FeatureCache:
+    """Each image's audit features and perceptual hash, kept on disk so that the audit
+    after a round of label fixes decodes nothing again. Hand-written like the decode cache
+    it sits beside: keyed by the file's path, size and modification time and by the
+    backbone, its weights and the view, so an edited photo or another backbone is
+    computed afresh. `directory` None keeps nothing."""
+
+    def __init__(self, directory: Path | None, model_key: str):
+        model = hashlib.sha1(model_key.encode()).hexdigest()[:16]
+        self.directory = Path(directory) / "audit-features" / model if directory else None
+        self.model_key = model_key
+
+    def _entry(self, path: str) -> Path | None:
+        if self.directory is None:
+            return None
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        key = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{self.model_key}"
+        return self.directory / f"{hashlib.sha1(key.encode()).hexdigest()}.npy"
+
+    def get(self, path: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        entry = self._entry(path)
+        if entry is None or not entry.is_file():
+            return None
+        try:
+            saved = torch.from_numpy(np.load(entry, allow_pickle=False))
+        except (OSError, ValueError):
+            return None  # a damaged entry (a killed write): computed again
+        return saved[:-64].float(), saved[-64:].bool()
+
+    def put(self, path: str, feature: torch.Tensor, bits: torch.Tensor) -> None:
+        entry = self._entry(path)
+        if entry is None:
+            return
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(entry, durable=False) as tmp:
+                np.save(tmp, torch.cat([feature.cpu(), bits.float()]).numpy(),
+                        allow_pickle=False)
+        except (OSError, WingspanError):  # a full or read-only cache: computed next time
+            pass
 
 
 def label_issues(table: pd.DataFrame, features: torch.Tensor, level: str,
