@@ -59,6 +59,7 @@ def wingspan(*args, launcher: list[str] | None = None, env: dict | None = None) 
 def train(data: Path, runs: Path, name: str, settings: list[str], *extra: str,
           launcher: list[str] | None = None) -> dict:
     """Train; the run's figures: val macro-F1, fine-tuning images/s and data-wait share."""
+    shutil.rmtree(runs / name, ignore_errors=True)  # a run of an earlier call: trained anew
     wingspan("train", data, "--runs-dir", runs, "--name", name, "--quiet", *settings, *extra,
              launcher=launcher)
     run = runs / name
@@ -124,12 +125,20 @@ def main() -> None:
     else:
         name, precisions = "CPU (dry run)", ["fp32"]
     precisions = [p for p in precisions if p in (args.precisions or precisions)]
+    if not precisions:
+        console.print(f"[red]None of --precisions {' '.join(args.precisions)} runs here[/] "
+                      f"({name}).")
+        sys.exit(1)
     console.print(f"{gpus} x {name}; torch {torch.__version__}; work in {work}")
 
     table = Table("precision", "val macro-F1", "fine-tune img/s", "waiting for data",
                   "evaluate img/s", "predict img/s", title=f"One device: {name}")
-    results = {"device": name, "count": gpus, "torch": torch.__version__, "precisions": {}}
     saved = work / "gpu-check.json"
+    results = {"device": name, "count": gpus, "torch": torch.__version__, "precisions": {}}
+    if saved.is_file():  # an earlier call on this --work (other precisions, or cut short)
+        earlier = json.loads(saved.read_text())
+        if (earlier.get("device"), earlier.get("count")) == (name, gpus):
+            results["precisions"] = earlier.get("precisions", {})
 
     def save() -> None:
         saved.write_text(json.dumps(results, indent=2, default=str))

@@ -734,10 +734,9 @@ def export_command(
               "images." + (f" int8 val top-1 {meta['int8']['val_top1_int8']:.4f} (fp32 "
                            f"{meta['int8']['val_top1_fp32']:.4f})" if "int8" in meta else ""))
     int8 = meta.get("int8", {})
-    own = ("; the int8 model's own thresholds, set on its val scores: they turn away "
-           f"{int8['val_unknown_share_int8_own_threshold']:.1%} of known val images (fp32's "
-           f"would turn away {int8['val_unknown_share_int8']:.1%})"
-           if "val_unknown_share_int8_own_threshold" in int8 else "")
+    own = ("; the int8 model's own, set again on its val scores (fp32's would turn away "
+           f"{int8['val_unknown_share_int8']:.1%} of known val images, not "
+           f"{unknown['rate']:.0%})" if "unknown_thresholds_fp32" in int8 else "")
     out.print(f"Unknown score '{unknown['score']}' in the outputs "
               f"{', '.join(unknown['outputs'].values())}, thresholds in the metadata{own}."
               if unknown else "No unknown score (the model has none): it always names a class."

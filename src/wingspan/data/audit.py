@@ -105,10 +105,14 @@ def image_features(paths: list[str], config: AuditConfig, progress: bool
     name, _ = choose_backbone(config.backbone, config.weights)
     model, loaded = create_classifier(name, {"label": 2}, config.weights)
     pre = model.preprocessing
-    cache = FeatureCache(default_cache_dir() if config.cache else None,
-                         f"{name}|{loaded.describe() if loaded else 'random'}|"
+    # Random weights (--weights none) differ on every call: nothing to keep. (The engine's
+    # precision is not in the key: bf16 and fp32 features differ far less than the audit's
+    # similarities and probabilities can tell apart.)
+    cache = FeatureCache(default_cache_dir() if config.cache and loaded else None,
+                         f"{name}|{_fingerprint(loaded.state_dict) if loaded else ''}|"
                          f"{pre.input_size}|{pre.crop_pct}|{pre.interpolation}")
-    kept = [cache.get(p) for p in paths]
+    entries = [cache.entry(p) for p in paths]  # before reading: an edit mid-audit is redone
+    kept = [cache.get(e) for e in entries]
     todo = [i for i, k in enumerate(kept) if k is None]
     failed: dict[str, str] = {}
     if todo:
@@ -133,9 +137,19 @@ def image_features(paths: list[str], config: AuditConfig, progress: bool
                     kept[i] = (torch.zeros_like(feature), bit)
                 else:
                     kept[i] = (feature, bit)
-                    cache.put(paths[i], feature, bit)
+                    cache.put(entries[i], feature, bit)
     return (torch.stack([k[0] for k in kept]), torch.stack([k[1] for k in kept]), name,
             failed)
+
+
+def _fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
+    """The weights' content (not where they came from: a file replaced in place, or the
+    same weights found first by download and then in the hub cache)."""
+    digest = hashlib.sha1()
+    for key in sorted(state_dict):
+        digest.update(key.encode())
+        digest.update(state_dict[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 class FeatureCache:
@@ -150,7 +164,8 @@ class FeatureCache:
         self.directory = Path(directory) / "audit-features" / model if directory else None
         self.model_key = model_key
 
-    def _entry(self, path: str) -> Path | None:
+    def entry(self, path: str) -> Path | None:
+        """Where the file's features are kept, as the file is now (None: not kept)."""
         if self.directory is None:
             return None
         try:
@@ -160,18 +175,16 @@ class FeatureCache:
         key = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{self.model_key}"
         return self.directory / f"{hashlib.sha1(key.encode()).hexdigest()}.npy"
 
-    def get(self, path: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        entry = self._entry(path)
+    def get(self, entry: Path | None) -> tuple[torch.Tensor, torch.Tensor] | None:
         if entry is None or not entry.is_file():
             return None
         try:
             saved = torch.from_numpy(np.load(entry, allow_pickle=False))
-        except (OSError, ValueError):
-            return None  # a damaged entry (a killed write): computed again
+        except (OSError, ValueError, EOFError):
+            return None  # a damaged or empty entry (a killed write): computed again
         return saved[:-64].float(), saved[-64:].bool()
 
-    def put(self, path: str, feature: torch.Tensor, bits: torch.Tensor) -> None:
-        entry = self._entry(path)
+    def put(self, entry: Path | None, feature: torch.Tensor, bits: torch.Tensor) -> None:
         if entry is None:
             return
         try:

@@ -40,8 +40,8 @@ class DecodeCache:
         if entry is not None and entry.is_file():
             try:
                 return np.load(entry, allow_pickle=False)
-            except (OSError, ValueError):
-                pass  # a damaged entry (e.g. a killed write): decode again
+            except (OSError, ValueError, EOFError):
+                pass  # a damaged or empty entry (e.g. a killed write): decode again
         array = np.array(self.decode(path))  # a writable copy
         if entry is not None:
             try:

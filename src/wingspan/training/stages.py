@@ -434,7 +434,11 @@ def _checkpoint_due(run: Run, last_save: float, step: int) -> bool:
     due = time.perf_counter() - last_save > 60 * run.config.checkpoint_minutes
     if run.fabric.world_size == 1:
         return due
-    return step % CHECKPOINT_POLL_STEPS == 0 and run.fabric.broadcast(due)
+    if step % CHECKPOINT_POLL_STEPS:
+        return False
+    if run.config.strict:  # stop here, before a checkpoint could pass the unreadable image
+        run.share_unreadable()
+    return run.fabric.broadcast(due)
 
 
 def _merge(run: Run, partial: dict) -> dict:
