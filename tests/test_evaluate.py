@@ -128,6 +128,22 @@ def test_predict_agrees_with_evaluate(evaluation, trained):
                                rtol=1e-4, atol=1e-5)
 
 
+def test_evaluate_says_how_often_the_answer_names_a_class(evaluation, trained):
+    """Beside the forced-choice figures: the share of images the unknown answer gives a
+    class, and how often that class is right, as predict answers the same images."""
+    answers = evaluation.metrics["answers"]
+    saved = pd.read_csv(evaluation.out_dir / "predictions.csv")
+    result = predict(Predictor(trained, workers=0), saved["path"].tolist(), top_k=1,
+                     progress=False)
+    named = np.array([r["answer"] != "unknown" for r in result.rows])
+    right = (saved["predicted"] == saved["true"]).to_numpy()
+    assert answers["named"] == pytest.approx(named.mean())
+    assert answers["named_wrongly"] == pytest.approx((named & ~right).mean())
+    if named.any():
+        assert answers["accuracy_when_named"] == pytest.approx(right[named].mean())
+    assert "accuracy when a class is named" in evaluation.report.read_text()
+
+
 def test_predict_on_mixed_good_and_broken_files(trained, tmp_path, demo_dir):
     folder = tmp_path / "photos"
     good = sorted(demo_dir.rglob("*.jpg"))[:5]

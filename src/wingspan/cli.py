@@ -552,6 +552,12 @@ def _print_evaluation(result) -> None:
     table.add_row("Cohen's kappa", f"{m['cohen_kappa']:.4f}")
     table.add_row("ECE (temperature)", f"{m['ece_uncalibrated']:.4f} -> {m['ece']:.4f} "
                   f"(T = {m['temperature']:.2f})")
+    if m.get("answers"):  # the metrics above name a class for every image; the answer may not
+        a = m["answers"]
+        table.add_row("named a class (else unknown)", f"{a['named']:.1%}")
+        table.add_row("accuracy when named", "-" if a["accuracy_when_named"] is None
+                      else f"{a['accuracy_when_named']:.4f}")
+        table.add_row("named a wrong class", f"{a['named_wrongly']:.1%}")
     out.print(table)
     if m.get("transfer"):
         transfer = Table("model class", "data class", "recall on own data", "recall here",

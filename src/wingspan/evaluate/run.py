@@ -116,6 +116,8 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
                    temperature=predictor.temperature, calibration=calibration,
                    fair=_fairness(predictor.manifest.get("metrics", {}), split, data))
     y_pred = probs.argmax(1)
+    if predictor.unknown is not None:
+        metrics["answers"] = _answers(predictor, [preds[i] for i in ok], y, y_pred)
     table = per_class_table(y, y_pred, classes)
     _write_csv(table, out_dir / "per_class.csv", index=False)
     cm = confusion(y, y_pred, len(classes))
@@ -145,6 +147,19 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
             metrics, table, confused, pngs, levels_table, transfer)
     _put_in_place(out_dir, final)
     return Evaluation(final, metrics, final / "report.html")
+
+
+def _answers(predictor: Predictor, preds: list, y: np.ndarray, y_pred: np.ndarray) -> dict:
+    """What the unknown answer does on these images: the share that gets a class (the rest
+    are answered "unknown" at the model's level) and how often that class is right. On
+    data unlike the training data (--map) this is the figure a user acts on: a model may
+    name few photos and be right on all of them."""
+    named = np.array([p.known_level == predictor.level for p in preds])
+    right = y_pred == y
+    return {"score": predictor.unknown_score, "rate": predictor.unknown.rate,
+            "named": float(named.mean()),
+            "accuracy_when_named": float(right[named].mean()) if named.any() else None,
+            "named_wrongly": float((named & ~right).mean())}
 
 
 def _openset(predictor: Predictor, unknown, known: list, y: np.ndarray, y_pred: np.ndarray,
@@ -481,6 +496,7 @@ def _report(out_dir, name, predictor, run_dir, dataset, level, split, metrics, t
     summary += [("Cohen's kappa", f"{metrics['cohen_kappa']:.4f}"),
                 ("unreadable images", len(metrics["unreadable"])),
                 ("images of classes the model does not know", len(metrics["unknown_classes"])),
+                *_answer_rows(metrics.get("answers")),
                 ("inference speed", f"{metrics['images_per_second']} images/s on "
                  f"{metrics['engine']}")]
     cal = metrics["calibration"]
@@ -513,6 +529,16 @@ def _report(out_dir, name, predictor, run_dir, dataset, level, split, metrics, t
                          "hierarchy": metrics.get("hierarchy"),
                          "unknown": _unknown_section(metrics.get("unknown")),
                          "unknown_png": pngs.get("unknown")})
+
+
+def _answer_rows(a: dict | None) -> list[tuple[str, str]]:
+    if not a:
+        return []
+    accuracy = "-" if a["accuracy_when_named"] is None else f"{a['accuracy_when_named']:.4f}"
+    return [(f"named a class (the rest answered unknown; '{a['score']}' at "
+             f"{a['rate']:.0%})", f"{a['named']:.1%}"),
+            ("accuracy when a class is named", accuracy),
+            ("named a wrong class", f"{a['named_wrongly']:.1%}")]
 
 
 def _unknown_section(u: dict | None) -> dict | None:
