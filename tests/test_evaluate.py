@@ -301,6 +301,12 @@ def test_evaluate_other_data_with_a_class_map_shows_the_drop_per_class(trained, 
     assert transfer["data class"].tolist() == ["first_other", "second_other"]
     assert np.allclose(transfer["recall here"], transfer["recall on own data"])
     assert np.allclose(transfer["drop"], 0)
+    # The model has unknown scores: per class, the share of its images the answer names.
+    predictor = Predictor(trained, workers=0)
+    for theirs, share in zip(transfer["data class"], transfer["named here"], strict=True):
+        rows = predict(predictor, [str(p) for p in (tmp_path / "other" / theirs).iterdir()],
+                       top_k=1, progress=False).rows
+        assert share == pytest.approx(np.mean([r["answer"] != "unknown" for r in rows]))
     per_class = pd.read_csv(tmp_path / "ev" / "per_class.csv").set_index("class")
     assert transfer["recall here"].tolist() == per_class.loc[classes[:2], "recall"].tolist()
     # Macro averages cover the classes this data holds, not every class of the model.

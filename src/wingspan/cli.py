@@ -560,12 +560,15 @@ def _print_evaluation(result) -> None:
         table.add_row("named a wrong class", f"{a['named_wrongly']:.1%}")
     out.print(table)
     if m.get("transfer"):
+        named = "named here" in m["transfer"][0]
         transfer = Table("model class", "data class", "recall on own data", "recall here",
-                         "drop", "images here", title="Transfer per class")
+                         "drop", "images here", *(["named here"] if named else []),
+                         title="Transfer per class")
         for r in m["transfer"]:
             transfer.add_row(r["model class"], r["data class"],
                              *(f"{r[k]:.3f}" for k in ("recall on own data", "recall here",
-                                                       "drop")), str(r["images here"]))
+                                                       "drop")), str(r["images here"]),
+                             *([f"{r['named here']:.1%}"] if named else []))
         out.print(transfer)
     if m.get("unknown"):
         _print_unknown(m["unknown"])

@@ -131,7 +131,12 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
                                   metrics, out_dir)
     transfer = None
     if class_map:
-        transfer = _transfer(predictor, run_dir, class_map, table, progress)
+        named = None
+        if predictor.unknown is not None:  # per class: how often the answer names one
+            named = {c: float(np.mean([preds[i].known_level == predictor.level
+                                       for i, t in zip(ok, y, strict=True) if t == k]))
+                     for k, c in enumerate(classes) if (y == k).any()}
+        transfer = _transfer(predictor, run_dir, class_map, table, progress, named)
         _write_csv(transfer, out_dir / "transfer.csv", index=False)
         metrics["transfer"] = transfer.to_dict("records")
     if unknown is not None:
@@ -298,9 +303,11 @@ def _check_class_map(class_map: dict[str, str], predictor: Predictor, dataset: D
 
 
 def _transfer(predictor: Predictor, run_dir: Path | None, class_map: dict[str, str],
-              here: pd.DataFrame, progress: bool) -> pd.DataFrame:
+              here: pd.DataFrame, progress: bool, named: dict[str, float] | None = None
+              ) -> pd.DataFrame:
     """Each mapped class's recall on the run's own data (its test split, else val) beside
-    its recall on the data evaluated: the drop per class."""
+    its recall on the data evaluated: the drop per class. `named`: per class, the share of
+    its images here that the unknown answer names a class for."""
     recall_here = dict(zip(here["class"], here["recall"], strict=True))
     support_here = dict(zip(here["class"], here["support"], strict=True))
     home = {}
@@ -320,6 +327,8 @@ def _transfer(predictor: Predictor, run_dir: Path | None, class_map: dict[str, s
          "recall here": recall_here[ours], "images here": int(support_here[ours])}
         for ours, theirs in class_map.items()])
     frame["drop"] = frame["recall on own data"] - frame["recall here"]
+    if named is not None:
+        frame["named here"] = [named.get(ours, np.nan) for ours in class_map]
     return frame
 
 
