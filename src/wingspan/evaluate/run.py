@@ -133,9 +133,10 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     if class_map:
         named = None
         if predictor.unknown is not None:  # per class: how often the answer names one
-            named = {c: float(np.mean([preds[i].known_level == predictor.level
-                                       for i, t in zip(ok, y, strict=True) if t == k]))
-                     for k, c in enumerate(classes) if (y == k).any()}
+            hits = np.array([preds[i].known_level == predictor.level for i in ok], float)
+            images = np.bincount(y, minlength=len(classes))
+            shares = np.bincount(y, weights=hits, minlength=len(classes)) / np.maximum(images, 1)
+            named = {c: float(shares[k]) for k, c in enumerate(classes) if images[k]}
         transfer = _transfer(predictor, run_dir, class_map, table, progress, named)
         _write_csv(transfer, out_dir / "transfer.csv", index=False)
         metrics["transfer"] = transfer.to_dict("records")
