@@ -122,3 +122,17 @@ def test_levers_help_and_list():
     listed = subprocess.run([sys.executable, str(script), "--list"], capture_output=True,
                             text=True, timeout=120).stdout
     assert set(_levers().LEVERS) == {line.split()[0] for line in listed.splitlines()}
+
+
+def test_augment_cost_times_every_step_of_each_policy():
+    """bench/augment_cost.py on a few images: a table per policy, one row per step."""
+    script = BENCH.parent / "augment_cost.py"
+    proc = subprocess.run([sys.executable, str(script), "--images", "4", "--size", "64",
+                           "--policies", "light", "standard"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = " ".join(proc.stdout.split())
+    assert out.count("images/s per worker") == 2
+    assert "'light' at 64 px" in out and "'standard' at 64 px" in out
+    assert "ColorJitter(brightness, contrast, saturation, hue)" in out  # standard's parts
+    assert "RandomRotation" in out and "Normalize" in out
