@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+
+import numpy as np
 
 from wingspan.errors import WingspanError
 
@@ -48,3 +51,45 @@ def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+class FileArrays:
+    """One .npy array per source file, worked out from it once (a decoded image, a feature
+    vector) and kept on disk. Keyed by the file's absolute path, size and modification
+    time plus `key` (how the array was made), so an edited file or another way of making
+    it misses. Hand-written: no library keys a cache by a file's state. A damaged or empty
+    entry (a killed write) reads as missing, and a full or read-only cache costs only the
+    work again. `directory` None keeps nothing."""
+
+    def __init__(self, directory: str | Path | None, key: str):
+        self.directory = Path(directory) if directory else None
+        self.key = key
+        if self.directory:
+            self.directory.mkdir(parents=True, exist_ok=True)
+
+    def entry(self, path: str) -> Path | None:
+        """Where `path`'s array is kept, as the file is now (OSError if it is gone)."""
+        if self.directory is None:
+            return None
+        st = os.stat(path)
+        key = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{self.key}"
+        return self.directory / f"{hashlib.sha1(key.encode()).hexdigest()}.npy"
+
+    @staticmethod
+    def get(entry: Path | None) -> np.ndarray | None:
+        if entry is None or not entry.is_file():
+            return None
+        try:
+            return np.load(entry, allow_pickle=False)
+        except (OSError, ValueError, EOFError):
+            return None
+
+    @staticmethod
+    def put(entry: Path | None, array: np.ndarray) -> None:
+        if entry is None:
+            return
+        try:
+            with atomic_path(entry, durable=False) as tmp:
+                np.save(tmp, array, allow_pickle=False)
+        except (OSError, WingspanError):
+            pass

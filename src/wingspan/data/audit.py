@@ -17,7 +17,6 @@ import base64
 import hashlib
 import html
 import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from wingspan.config import AuditConfig, default_cache_dir
 from wingspan.data.images import open_rgb
 from wingspan.data.samples import PATH, SPLIT, Dataset
 from wingspan.errors import WingspanError
-from wingspan.files import atomic_path, write_text
+from wingspan.files import FileArrays, atomic_path, write_text
 from wingspan.progress import track
 
 
@@ -108,11 +107,13 @@ def image_features(paths: list[str], config: AuditConfig, progress: bool
     # Random weights (--weights none) differ on every call: nothing to keep. (The engine's
     # precision is not in the key: bf16 and fp32 features differ far less than the audit's
     # similarities and probabilities can tell apart.)
-    cache = FeatureCache(default_cache_dir() if config.cache and loaded else None,
-                         f"{name}|{_fingerprint(loaded.state_dict) if loaded else ''}|"
-                         f"{pre.input_size}|{pre.crop_pct}|{pre.interpolation}")
-    entries = [cache.entry(p) for p in paths]  # before reading: an edit mid-audit is redone
-    kept = [cache.get(e) for e in entries]
+    made = (f"{name}|{_fingerprint(loaded.state_dict)}|{pre.input_size}|{pre.crop_pct}|"
+            f"{pre.interpolation}" if config.cache and loaded else "")
+    # Each image's features, then its 64 hash bits, in one array.
+    cache = FileArrays(default_cache_dir() / "audit-features" /
+                       hashlib.sha1(made.encode()).hexdigest()[:16] if made else None, made)
+    entries = [_entry(cache, p) for p in paths]  # before reading: an edit mid-audit is redone
+    kept = [_split(cache.get(e)) for e in entries]
     todo = [i for i, k in enumerate(kept) if k is None]
     failed: dict[str, str] = {}
     if todo:
@@ -137,9 +138,23 @@ def image_features(paths: list[str], config: AuditConfig, progress: bool
                     kept[i] = (torch.zeros_like(feature), bit)
                 else:
                     kept[i] = (feature, bit)
-                    cache.put(entries[i], feature, bit)
+                    cache.put(entries[i], torch.cat([feature.cpu(), bit.float()]).numpy())
     return (torch.stack([k[0] for k in kept]), torch.stack([k[1] for k in kept]), name,
             failed)
+
+
+def _split(saved: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A kept array as (features, hash bits)."""
+    if saved is None:
+        return None
+    return torch.from_numpy(saved[:-64]).float(), torch.from_numpy(saved[-64:]).bool()
+
+
+def _entry(cache: FileArrays, path: str) -> Path | None:
+    try:
+        return cache.entry(path)
+    except OSError:  # gone: reading it says so
+        return None
 
 
 def _fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
@@ -148,52 +163,9 @@ def _fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha1()
     for key in sorted(state_dict):
         digest.update(key.encode())
-        digest.update(state_dict[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        tensor = state_dict[key].detach().cpu().contiguous().reshape(-1)
+        digest.update(tensor.view(torch.uint8).numpy())
     return digest.hexdigest()
-
-
-class FeatureCache:
-    """Each image's audit features and perceptual hash, kept on disk so that the audit
-    after a round of label fixes decodes nothing again. Hand-written like the decode cache
-    it sits beside: keyed by the file's path, size and modification time and by the
-    backbone, its weights and the view, so an edited photo or another backbone is
-    computed afresh. `directory` None keeps nothing."""
-
-    def __init__(self, directory: Path | None, model_key: str):
-        model = hashlib.sha1(model_key.encode()).hexdigest()[:16]
-        self.directory = Path(directory) / "audit-features" / model if directory else None
-        self.model_key = model_key
-
-    def entry(self, path: str) -> Path | None:
-        """Where the file's features are kept, as the file is now (None: not kept)."""
-        if self.directory is None:
-            return None
-        try:
-            st = os.stat(path)
-        except OSError:
-            return None
-        key = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{self.model_key}"
-        return self.directory / f"{hashlib.sha1(key.encode()).hexdigest()}.npy"
-
-    def get(self, entry: Path | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if entry is None or not entry.is_file():
-            return None
-        try:
-            saved = torch.from_numpy(np.load(entry, allow_pickle=False))
-        except (OSError, ValueError, EOFError):
-            return None  # a damaged or empty entry (a killed write): computed again
-        return saved[:-64].float(), saved[-64:].bool()
-
-    def put(self, entry: Path | None, feature: torch.Tensor, bits: torch.Tensor) -> None:
-        if entry is None:
-            return
-        try:
-            entry.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(entry, durable=False) as tmp:
-                np.save(tmp, torch.cat([feature.cpu(), bits.float()]).numpy(),
-                        allow_pickle=False)
-        except (OSError, WingspanError):  # a full or read-only cache: computed next time
-            pass
 
 
 def label_issues(table: pd.DataFrame, features: torch.Tensor, level: str,

@@ -116,8 +116,10 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
                    temperature=predictor.temperature, calibration=calibration,
                    fair=_fairness(predictor.manifest.get("metrics", {}), split, data))
     y_pred = probs.argmax(1)
+    named = None  # which images the answer gives a class (the rest: "unknown")
     if predictor.unknown is not None:
-        metrics["answers"] = _answers(predictor, [preds[i] for i in ok], y, y_pred)
+        named = np.array([preds[i].known_level == predictor.level for i in ok])
+        metrics["answers"] = _answers(predictor, named, y, y_pred)
     table = per_class_table(y, y_pred, classes)
     _write_csv(table, out_dir / "per_class.csv", index=False)
     cm = confusion(y, y_pred, len(classes))
@@ -131,13 +133,12 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
                                   metrics, out_dir)
     transfer = None
     if class_map:
-        named = None
-        if predictor.unknown is not None:  # per class: how often the answer names one
-            hits = np.array([preds[i].known_level == predictor.level for i in ok], float)
+        named_share = None
+        if named is not None:  # per class: how often the answer names one
             images = np.bincount(y, minlength=len(classes))
-            shares = np.bincount(y, weights=hits, minlength=len(classes)) / np.maximum(images, 1)
-            named = {c: float(shares[k]) for k, c in enumerate(classes) if images[k]}
-        transfer = _transfer(predictor, run_dir, class_map, table, progress, named)
+            shares = np.bincount(y, weights=named, minlength=len(classes)) / np.maximum(images, 1)
+            named_share = {c: float(shares[k]) for k, c in enumerate(classes) if images[k]}
+        transfer = _transfer(predictor, run_dir, class_map, table, progress, named_share)
         _write_csv(transfer, out_dir / "transfer.csv", index=False)
         metrics["transfer"] = transfer.to_dict("records")
     if unknown is not None:
@@ -155,12 +156,12 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     return Evaluation(final, metrics, final / "report.html")
 
 
-def _answers(predictor: Predictor, preds: list, y: np.ndarray, y_pred: np.ndarray) -> dict:
+def _answers(predictor: Predictor, named: np.ndarray, y: np.ndarray, y_pred: np.ndarray
+             ) -> dict:
     """What the unknown answer does on these images: the share that gets a class (the rest
     are answered "unknown" at the model's level) and how often that class is right. On
     data unlike the training data (--map) this is the figure a user acts on: a model may
     name few photos and be right on all of them."""
-    named = np.array([p.known_level == predictor.level for p in preds])
     right = y_pred == y
     return {"score": predictor.unknown_score, "rate": predictor.unknown.rate,
             "named": float(named.mean()),

@@ -8,47 +8,30 @@ JPEGs are decoded in draft mode (libjpeg scales while decoding) when they are la
 
 from __future__ import annotations
 
-import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from wingspan.data.images import open_rgb
-from wingspan.errors import WingspanError
-from wingspan.files import atomic_path
+from wingspan.files import FileArrays
 
 
 class DecodeCache:
     def __init__(self, directory: str | Path | None, short_side: int):
-        self.directory = Path(directory) / f"decoded-{short_side}" if directory else None
+        self.arrays = FileArrays(Path(directory) / f"decoded-{short_side}" if directory
+                                 else None, str(short_side))
         self.short_side = short_side
-        if self.directory:
-            self.directory.mkdir(parents=True, exist_ok=True)
-
-    def _entry(self, path: str) -> Path | None:
-        if not self.directory:
-            return None
-        st = os.stat(path)
-        key = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{self.short_side}"
-        return self.directory / f"{hashlib.sha1(key.encode()).hexdigest()}.npy"
 
     def load(self, path: str) -> np.ndarray:
         """The image as an (H, W, 3) uint8 array, its shorter side at most `short_side`."""
-        entry = self._entry(path)
-        if entry is not None and entry.is_file():
-            try:
-                return np.load(entry, allow_pickle=False)
-            except (OSError, ValueError, EOFError):
-                pass  # a damaged or empty entry (e.g. a killed write): decode again
-        array = np.array(self.decode(path))  # a writable copy
-        if entry is not None:
-            try:
-                with atomic_path(entry, durable=False) as tmp:
-                    np.save(tmp, array, allow_pickle=False)
-            except (OSError, WingspanError):  # a full or read-only cache costs a decode next
-                pass  # time; the image itself was read (it must not count as unreadable)
+        entry = self.arrays.entry(path)
+        array = self.arrays.get(entry)
+        if array is None:
+            # Decoded, a writable copy; a cache that cannot keep it costs a decode next
+            # time, and the image itself was read (it must not count as unreadable).
+            array = np.array(self.decode(path))
+            self.arrays.put(entry, array)
         return array
 
     def decode(self, path: str) -> Image.Image:
