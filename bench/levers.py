@@ -71,6 +71,10 @@ LEVERS = {
     "finetune8": Lever("--epochs-finetune 8", {"epochs_finetune": 8}),
     "light": Lever("--augment light", {"augment": "light"}),
     "strong": Lever("--augment strong", {"augment": "strong"}),
+    "size320": Lever("--image-size 320: train and predict at 320 px (Lite2's own 260)",
+                     {"image_size": 320}),
+    "unfreeze5": Lever("--unfreeze 5: fine-tune 5 of the backbone's stages (Lite2's default 3)",
+                       {"unfreeze": 5}),
     "ls0": Lever("--label-smoothing 0 (default 0.1)", {"label_smoothing": 0.0}),
     "tta": Lever("evaluate --tta: mean of 4 views (centre crop, wider crop, their mirrors)",
                  mode="tta", cost="predict"),
@@ -83,6 +87,8 @@ LEVERS = {
                  patch="averages"),
     "ema": Lever(f"EMA of the weights over the fine-tuning steps (timm ModelEmaV3, decay "
                  f"{EMA_DECAY}); same run as swa", mode="ema", patch="averages"),
+    "nohue": Lever("--augment standard without its hue shift (+-0.03), which is half of a data "
+                   "worker's cost per image (bench/augment_cost.py)", patch="nohue"),
     "feature-mixup": Lever(f"mixup (alpha {MIXUP_ALPHA}) of cached features and their labels "
                            "in the head stage", patch="feature-mixup"),
     "camzoom": Lever("two passes: predict, box the Grad-CAM map of the predicted class "
@@ -284,7 +290,8 @@ def patched(patch: str) -> None:
       shuffled copy of itself (weight lam ~ Beta(alpha, alpha)), its loss with both labels;
     - averages: fine-tuning as usual, and beside it an EMA of the weights after every
       step and the mean of the weights at each epoch's end (SWA); both are written as
-      bundles `model-ema` and `model-swa` next to the run's own `model`."""
+      bundles `model-ema` and `model-swa` next to the run's own `model`;
+    - nohue: the 'standard' policy's colour jitter without its hue shift."""
     from wingspan.training import run as recipe
     from wingspan.training import stages
 
@@ -325,6 +332,18 @@ def patched(patch: str) -> None:
                 stages.loss_fn = original_loss
 
         recipe.train_head = train_head
+    elif patch == "nohue":
+        from torchvision.transforms import v2
+
+        from wingspan.data import transforms
+
+        standard = transforms.POLICIES["standard"]
+
+        def without_hue(size, interpolation) -> list:
+            return [v2.ColorJitter(s.brightness, s.contrast, s.saturation)
+                    if isinstance(s, v2.ColorJitter) else s for s in standard(size, interpolation)]
+
+        transforms.POLICIES["standard"] = without_hue
     elif patch == "averages":
         from timm.utils import ModelEmaV3
 

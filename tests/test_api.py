@@ -181,6 +181,24 @@ def test_hierarchical_levels(demo_dir, tmp_path):
     ev = run.evaluate(split="val", quiet=True)
     assert set(ev.metrics["hierarchy"]["levels"]) == {"family", "label"}
     assert "Per level" in ev._repr_html_()
+    # The unknown answer per level, as predict answers the same images: answered at least
+    # that deep, and the branch's class there right or not.
+    val = pd.read_csv(run.dir / "splits.csv").query("split == 'val'")
+    answers = ev.metrics["answers"]
+    got = run.predict(val["path"].tolist(), quiet=True)
+    depth = {**{f: 0 for f in data.table["family"]}, **{c: 1 for c in data.table["label"]}}
+    reach = got["answer"].map(depth).fillna(-1).to_numpy()
+    for i, level in enumerate(["family", "label"]):
+        branch = got["branch"].str.split(" > ").str[i].str.rsplit(" ", n=1).str[0]
+        right = (branch == val[level].to_numpy()).to_numpy()
+        named = reach >= i
+        figures = answers["by_level"][level]
+        assert figures["named"] == pytest.approx(named.mean())
+        assert figures["named_wrongly"] == pytest.approx((named & ~right).mean())
+        if named.any():
+            assert figures["accuracy_when_named"] == pytest.approx(right[named].mean())
+    assert answers["named"] == answers["by_level"]["label"]["named"]
+    assert answers["by_level"]["family"]["named"] >= answers["named"]
 
 
 def test_export_and_resume_are_the_cli_functions(run, tmp_path):

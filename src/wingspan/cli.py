@@ -537,6 +537,10 @@ def calibrate_command(
               f"{c['val_ece_after']:.4f}")
 
 
+def _figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 def _print_evaluation(result) -> None:
     from rich.table import Table
 
@@ -555,9 +559,11 @@ def _print_evaluation(result) -> None:
     if m.get("answers"):  # the metrics above name a class for every image; the answer may not
         a = m["answers"]
         table.add_row("named a class (else unknown)", f"{a['named']:.1%}")
-        table.add_row("accuracy when named", "-" if a["accuracy_when_named"] is None
-                      else f"{a['accuracy_when_named']:.4f}")
+        table.add_row("accuracy when named", _figure(a["accuracy_when_named"]))
         table.add_row("named a wrong class", f"{a['named_wrongly']:.1%}")
+        for lv, f in list(a.get("by_level", {}).items())[:-1]:  # the finest is above
+            table.add_row(f"named at {lv} or finer (accuracy there)",
+                          f"{f['named']:.1%} ({_figure(f['accuracy_when_named'])})")
     out.print(table)
     if m.get("transfer"):
         named = "named here" in m["transfer"][0]

@@ -119,7 +119,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     named = None  # which images the answer gives a class (the rest: "unknown")
     if predictor.unknown is not None:
         named = np.array([preds[i].known_level == predictor.level for i in ok])
-        metrics["answers"] = _answers(predictor, named, y, y_pred)
+        metrics["answers"] = _answers(predictor, [preds[i] for i in ok], y, y_pred)
     table = per_class_table(y, y_pred, classes)
     _write_csv(table, out_dir / "per_class.csv", index=False)
     cm = confusion(y, y_pred, len(classes))
@@ -156,15 +156,32 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     return Evaluation(final, metrics, final / "report.html")
 
 
-def _answers(predictor: Predictor, named: np.ndarray, y: np.ndarray, y_pred: np.ndarray
-             ) -> dict:
+def _answers(predictor: Predictor, preds: list, y: np.ndarray, y_pred: np.ndarray) -> dict:
     """What the unknown answer does on these images: the share that gets a class (the rest
     are answered "unknown" at the model's level) and how often that class is right. On
     data unlike the training data (--map) this is the figure a user acts on: a model may
-    name few photos and be right on all of them."""
-    right = y_pred == y
+    name few photos and be right on all of them. With a taxonomy the answer is a branch,
+    cut at the finest level that passes its own threshold, so `by_level` gives the same
+    figures at every level: the share answered at least that deep, and how often the
+    branch's class there is right."""
+    taxonomy = predictor.taxonomy
+    if taxonomy is None or predictor.level != taxonomy.finest:
+        named = np.array([p.known_level == predictor.level for p in preds])
+        return {"score": predictor.unknown_score, "rate": predictor.unknown.rate,
+                **_answer_figures(named, y == y_pred)}
+    # Predict names the top-down branch's class, which may differ from the flat argmax.
+    branch = taxonomy.predict(np.stack([p.probs for p in preds]))
+    truth = {lv: taxonomy.parents[lv][y] for lv in taxonomy.levels}  # y: finest indices
+    depth = {lv: i for i, lv in enumerate(taxonomy.levels)}
+    reach = np.array([depth.get(p.known_level, -1) for p in preds])
+    by_level = {lv: _answer_figures(reach >= depth[lv], truth[lv] == branch[lv])
+                for lv in taxonomy.levels}
     return {"score": predictor.unknown_score, "rate": predictor.unknown.rate,
-            "named": float(named.mean()),
+            **by_level[taxonomy.finest], "by_level": by_level}
+
+
+def _answer_figures(named: np.ndarray, right: np.ndarray) -> dict:
+    return {"named": float(named.mean()),
             "accuracy_when_named": float(right[named].mean()) if named.any() else None,
             "named_wrongly": float((named & ~right).mean())}
 
@@ -549,7 +566,10 @@ def _answer_rows(a: dict | None) -> list[tuple[str, str]]:
     return [(f"named a class (the rest answered unknown; '{a['score']}' at "
              f"{a['rate']:.0%})", f"{a['named']:.1%}"),
             ("accuracy when a class is named", accuracy),
-            ("named a wrong class", f"{a['named_wrongly']:.1%}")]
+            ("named a wrong class", f"{a['named_wrongly']:.1%}"),
+            *((f"named at {lv} or finer (accuracy there)", f"{f['named']:.1%} ("
+               + ("-" if f["accuracy_when_named"] is None else f"{f['accuracy_when_named']:.4f}")
+               + ")") for lv, f in list(a.get("by_level", {}).items())[:-1])]
 
 
 def _unknown_section(u: dict | None) -> dict | None:
