@@ -11,8 +11,10 @@ from wingspan.evaluate.calibration import (
     softmax,
 )
 from wingspan.evaluate.metrics import (
+    bootstrap_intervals,
     classification_metrics,
     confusion,
+    macro_f1,
     most_confused,
     per_class_table,
 )
@@ -43,6 +45,43 @@ def test_metrics_on_hand_made_predictions():
     table = per_class_table(y, pred, ["a", "b", "c", "d"])
     assert table["support"].tolist() == [2, 2, 2, 0]
     assert table["f1"].round(4).tolist() == [0.5, 0.8, 0.6667, 0.0]
+
+
+def noisy_predictions(n: int, classes: int, right: float, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    return y, np.where(rng.random(n) < right, y, rng.integers(0, classes, n))
+
+
+@pytest.mark.parametrize("truth_only", [False, True])
+def test_batched_macro_f1_is_scikit_learns(truth_only):
+    """The bootstrap's macro-F1, many resamples at once, is f1_score's on each resample
+    (some resamples miss a class, or predict one the truth lacks)."""
+    from sklearn.metrics import f1_score
+
+    y, p = noisy_predictions(60, 9, 0.7)
+    rows = np.random.default_rng(1).integers(0, 60, (20, 60))
+    expected = [f1_score(y[r], p[r], average="macro", zero_division=0,
+                         labels=np.unique(y[r]) if truth_only else None) for r in rows]
+    np.testing.assert_allclose(macro_f1(y[rows], p[rows], 9, truth_only), expected)
+    np.testing.assert_allclose(macro_f1(y[rows].T, p[rows].T, 9, truth_only, axis=0), expected)
+
+
+def test_bootstrap_intervals_hold_the_figure_and_narrow_with_more_images():
+    y, p = noisy_predictions(200, 6, 0.85)
+    m = classification_metrics(y, probs_for(p, y, 6), list("abcdef"))
+    interval = m["interval"]
+    assert interval["accuracy"][0] < m["accuracy"] < interval["accuracy"][1]
+    assert interval["macro_f1"][0] < m["macro"]["f1"] < interval["macro_f1"][1]
+    # Four times the images at the same error rate: about half as wide (1 / sqrt(4)).
+    y4, p4 = noisy_predictions(800, 6, 0.85, seed=1)
+    wide, narrow = (np.diff(bootstrap_intervals(a, b, 6)["accuracy"])[0]
+                    for a, b in ((y, p), (y4, p4)))
+    assert 0.35 < narrow / wide < 0.7
+    # Right on every image: no doubt left; one image: no interval.
+    assert bootstrap_intervals(y, y, 6)["macro_f1"] == [1.0, 1.0]
+    assert classification_metrics(y[:1], probs_for(p[:1], y[:1], 6), list("abcdef"))[
+        "interval"] is None
 
 
 def test_top_k_and_confusion():

@@ -544,15 +544,18 @@ def _figure(value: float | None) -> str:
 def _print_evaluation(result) -> None:
     from rich.table import Table
 
+    from wingspan.evaluate.metrics import interval_text
+
     m = result.metrics
     table = Table("metric", "value", title=f"{m['split']} split, level '{m['level']}': "
                   f"{m['images']} images")
-    table.add_row("accuracy", f"{m['accuracy']:.4f}")
+    table.add_row("accuracy", f"{m['accuracy']:.4f}{interval_text(m, 'accuracy')}")
     for k in [k for k in m if k.startswith("top")]:
         table.add_row(k.replace("_", " "), f"{m[k]:.4f}")
     for avg in ("macro", "micro", "weighted"):
         table.add_row(f"{avg} F1 (P / R)", f"{m[avg]['f1']:.4f} ({m[avg]['precision']:.4f} / "
-                      f"{m[avg]['recall']:.4f})")
+                      f"{m[avg]['recall']:.4f})"
+                      + (interval_text(m, "macro_f1") if avg == "macro" else ""))
     table.add_row("Cohen's kappa", f"{m['cohen_kappa']:.4f}")
     table.add_row("ECE (temperature)", f"{m['ece_uncalibrated']:.4f} -> {m['ece']:.4f} "
                   f"(T = {m['temperature']:.2f})")

@@ -28,6 +28,7 @@ from wingspan.evaluate.hierarchy import hierarchical_metrics, level_table, truth
 from wingspan.evaluate.metrics import (
     classification_metrics,
     confusion,
+    interval_text,
     most_confused,
     per_class_table,
 )
@@ -515,12 +516,14 @@ def _report(out_dir, name, predictor, run_dir, dataset, level, split, metrics, t
     manifest = predictor.manifest
     data_table = pd.crosstab(dataset.table[level], dataset.table[SPLIT].replace("", "all"))
     data_table.insert(0, "class", data_table.index)
-    summary = [("images evaluated", metrics["images"]), ("accuracy", f"{metrics['accuracy']:.4f}")]
+    summary = [("images evaluated", metrics["images"]),
+               ("accuracy", f"{metrics['accuracy']:.4f}{interval_text(metrics, 'accuracy')}")]
     summary += [(k.replace("_", " "), f"{metrics[k]:.4f}") for k in metrics if k.startswith("top")]
     for avg in ("macro", "micro", "weighted"):
         m = metrics[avg]
         summary.append((f"{avg} precision / recall / F1",
-                        f"{m['precision']:.4f} / {m['recall']:.4f} / {m['f1']:.4f}"))
+                        f"{m['precision']:.4f} / {m['recall']:.4f} / {m['f1']:.4f}"
+                        + (interval_text(metrics, "macro_f1") if avg == "macro" else "")))
     summary += [("Cohen's kappa", f"{metrics['cohen_kappa']:.4f}"),
                 ("unreadable images", len(metrics["unreadable"])),
                 ("images of classes the model does not know", len(metrics["unknown_classes"])),
