@@ -561,7 +561,8 @@ def _print_evaluation(result) -> None:
                   f"(T = {m['temperature']:.2f})")
     if m.get("answers"):  # the metrics above name a class for every image; the answer may not
         a = m["answers"]
-        table.add_row("named a class (else unknown)", f"{a['named']:.1%}")
+        table.add_row("named a class (else " + ("a coarser level or " if a.get("by_level")
+                                                else "") + "unknown)", f"{a['named']:.1%}")
         table.add_row("accuracy when named", _figure(a["accuracy_when_named"]))
         table.add_row("named a wrong class", f"{a['named_wrongly']:.1%}")
         for lv, f in list(a.get("by_level", {}).items())[:-1]:  # the finest is above

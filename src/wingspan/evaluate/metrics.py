@@ -1,4 +1,5 @@
-"""Classification metrics from predictions, all computed by scikit-learn."""
+"""Classification metrics from predictions: scikit-learn's, and scipy's bootstrap for their
+intervals."""
 
 from __future__ import annotations
 
@@ -77,6 +78,8 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, truth_only:
     which is 1000 calls per interval. Each class present (in the truth or the predictions,
     or with `truth_only` in the truth) counts, with F1 = 2TP / (2TP + FP + FN)."""
     y, p = np.moveaxis(y_true, axis, -1), np.moveaxis(y_pred, axis, -1)
+    if y.size and max(y.max(), p.max()) >= n_classes:  # it would count in another row
+        raise ValueError(f"class indices must be below n_classes ({n_classes})")
     shape = y.shape[:-1]
     y, p = y.reshape(-1, y.shape[-1]), p.reshape(-1, p.shape[-1])
     offset = (np.arange(len(y)) * n_classes)[:, None]  # one row of counts per resample
@@ -99,7 +102,7 @@ def interval_text(metrics: dict, name: str) -> str:
     if not interval or name not in interval:
         return ""
     low, high = interval[name]
-    return f" (95% CI {low:.3f}-{high:.3f})"
+    return f" ({interval['confidence']:.0%} CI {low:.3f}-{high:.3f})"
 
 
 def per_class_table(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> pd.DataFrame:

@@ -120,7 +120,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     named = None  # which images the answer gives a class (the rest: "unknown")
     if predictor.unknown is not None:
         named = np.array([preds[i].known_level == predictor.level for i in ok])
-        metrics["answers"] = _answers(predictor, [preds[i] for i in ok], y, y_pred)
+        metrics["answers"] = _answers(predictor, [preds[i] for i in ok], named, y, y_pred)
     table = per_class_table(y, y_pred, classes)
     _write_csv(table, out_dir / "per_class.csv", index=False)
     cm = confusion(y, y_pred, len(classes))
@@ -157,17 +157,18 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     return Evaluation(final, metrics, final / "report.html")
 
 
-def _answers(predictor: Predictor, preds: list, y: np.ndarray, y_pred: np.ndarray) -> dict:
-    """What the unknown answer does on these images: the share that gets a class (the rest
-    are answered "unknown" at the model's level) and how often that class is right. On
-    data unlike the training data (--map) this is the figure a user acts on: a model may
-    name few photos and be right on all of them. With a taxonomy the answer is a branch,
-    cut at the finest level that passes its own threshold, so `by_level` gives the same
-    figures at every level: the share answered at least that deep, and how often the
-    branch's class there is right."""
+def _answers(predictor: Predictor, preds: list, named: np.ndarray, y: np.ndarray,
+             y_pred: np.ndarray) -> dict:
+    """What the unknown answer does on these images: the share `named` a class at the
+    model's level (the rest are answered "unknown", or with a taxonomy a coarser level) and
+    how often that class is right. On data unlike the training data (--map) this is the
+    figure a user acts on: a model may name few photos and be right on all of them. With a
+    taxonomy the answer is a branch cut at the deepest level that passes its threshold
+    together with every coarser one, so `by_level` gives the same figures at every level:
+    the share answered at least that deep, and how often the branch's class there is
+    right."""
     taxonomy = predictor.taxonomy
-    if taxonomy is None or predictor.level != taxonomy.finest:
-        named = np.array([p.known_level == predictor.level for p in preds])
+    if taxonomy is None:
         return {"score": predictor.unknown_score, "rate": predictor.unknown.rate,
                 **_answer_figures(named, y == y_pred)}
     # Predict names the top-down branch's class, which may differ from the flat argmax.
@@ -566,7 +567,8 @@ def _answer_rows(a: dict | None) -> list[tuple[str, str]]:
     if not a:
         return []
     accuracy = "-" if a["accuracy_when_named"] is None else f"{a['accuracy_when_named']:.4f}"
-    return [(f"named a class (the rest answered unknown; '{a['score']}' at "
+    rest = "a coarser level or unknown" if a.get("by_level") else "unknown"
+    return [(f"named a class (the rest answered {rest}; '{a['score']}' at "
              f"{a['rate']:.0%})", f"{a['named']:.1%}"),
             ("accuracy when a class is named", accuracy),
             ("named a wrong class", f"{a['named_wrongly']:.1%}"),
