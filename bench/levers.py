@@ -236,8 +236,10 @@ def probabilities(run: Path, mode: str, paths: list[str]) -> tuple[np.ndarray, l
         return saved["probs"], saved["classes"].tolist(), float(saved["seconds"])
     keep.parent.mkdir(exist_ok=True)
     cam = mode.startswith("camzoom")  # Grad-CAM needs gradients: torch, fp32
+    # Another input size needs torch: an ONNX Runtime graph is exported at the trained one.
+    torch_only = cam or mode.startswith("size")
     bundle = run / f"model-{mode}" if mode in ("swa", "ema") else run
-    predictor = Predictor(bundle, workers=1, runtime="torch" if cam else "auto",
+    predictor = Predictor(bundle, workers=1, runtime="torch" if torch_only else "auto",
                           precision="fp32" if cam else "auto")
     start = time.perf_counter()
     if cam:  # one pass for both modes, each kept
@@ -522,12 +524,8 @@ def main() -> None:
         for target in args.targets:
             for seed in args.seeds:
                 base = bases[target, seed]
-                try:
-                    lever = (outputs(name, target, seed, args.runs_dir, data_dir, train=False)
-                             if base and f"{name}/{target}/{seed}" in results else None)
-                except Exception as e:  # e.g. a resized predictor on a fixed-size ONNX graph
-                    log(f"{name}/{target}/{seed}: no comparison ({type(e).__name__})")
-                    lever = None
+                lever = (outputs(name, target, seed, args.runs_dir, data_dir, train=False)
+                         if base and f"{name}/{target}/{seed}" in results else None)
                 if lever is None:
                     cells.append("")
                     continue

@@ -537,14 +537,11 @@ def calibrate_command(
               f"{c['val_ece_after']:.4f}")
 
 
-def _figure(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
 def _print_evaluation(result) -> None:
     from rich.table import Table
 
     from wingspan.evaluate.metrics import interval_text
+    from wingspan.evaluate.run import answer_rows
 
     m = result.metrics
     table = Table("metric", "value", title=f"{m['split']} split, level '{m['level']}': "
@@ -559,15 +556,9 @@ def _print_evaluation(result) -> None:
     table.add_row("Cohen's kappa", f"{m['cohen_kappa']:.4f}")
     table.add_row("ECE (temperature)", f"{m['ece_uncalibrated']:.4f} -> {m['ece']:.4f} "
                   f"(T = {m['temperature']:.2f})")
-    if m.get("answers"):  # the metrics above name a class for every image; the answer may not
-        a = m["answers"]
-        table.add_row("named a class (else " + ("a coarser level or " if a.get("by_level")
-                                                else "") + "unknown)", f"{a['named']:.1%}")
-        table.add_row("accuracy when named", _figure(a["accuracy_when_named"]))
-        table.add_row("named a wrong class", f"{a['named_wrongly']:.1%}")
-        for lv, f in list(a.get("by_level", {}).items())[:-1]:  # the finest is above
-            table.add_row(f"named at {lv} or finer (accuracy there)",
-                          f"{f['named']:.1%} ({_figure(f['accuracy_when_named'])})")
+    # The metrics above name a class for every image; the answer may not.
+    for label, value in answer_rows(m.get("answers")):
+        table.add_row(label, value)
     out.print(table)
     if m.get("transfer"):
         named = "named here" in m["transfer"][0]

@@ -78,8 +78,8 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, truth_only:
     which is 1000 calls per interval. Each class present (in the truth or the predictions,
     or with `truth_only` in the truth) counts, with F1 = 2TP / (2TP + FP + FN)."""
     y, p = np.moveaxis(y_true, axis, -1), np.moveaxis(y_pred, axis, -1)
-    if y.size and max(y.max(), p.max()) >= n_classes:  # it would count in another row
-        raise ValueError(f"class indices must be below n_classes ({n_classes})")
+    if y.size and (min(y.min(), p.min()) < 0 or max(y.max(), p.max()) >= n_classes):
+        raise ValueError(f"class indices must be in 0..{n_classes - 1}")  # else: another row
     shape = y.shape[:-1]
     y, p = y.reshape(-1, y.shape[-1]), p.reshape(-1, p.shape[-1])
     offset = (np.arange(len(y)) * n_classes)[:, None]  # one row of counts per resample

@@ -528,7 +528,7 @@ def _report(out_dir, name, predictor, run_dir, dataset, level, split, metrics, t
     summary += [("Cohen's kappa", f"{metrics['cohen_kappa']:.4f}"),
                 ("unreadable images", len(metrics["unreadable"])),
                 ("images of classes the model does not know", len(metrics["unknown_classes"])),
-                *_answer_rows(metrics.get("answers")),
+                *answer_rows(metrics.get("answers")),
                 ("inference speed", f"{metrics['images_per_second']} images/s on "
                  f"{metrics['engine']}")]
     cal = metrics["calibration"]
@@ -563,18 +563,21 @@ def _report(out_dir, name, predictor, run_dir, dataset, level, split, metrics, t
                          "unknown_png": pngs.get("unknown")})
 
 
-def _answer_rows(a: dict | None) -> list[tuple[str, str]]:
+def answer_rows(a: dict | None) -> list[tuple[str, str]]:
+    """The `answers` figures as (label, value) rows, for the report and the CLI."""
     if not a:
         return []
-    accuracy = "-" if a["accuracy_when_named"] is None else f"{a['accuracy_when_named']:.4f}"
+
+    def accuracy(f: dict) -> str:
+        return "-" if f["accuracy_when_named"] is None else f"{f['accuracy_when_named']:.4f}"
+
     rest = "a coarser level or unknown" if a.get("by_level") else "unknown"
     return [(f"named a class (the rest answered {rest}; '{a['score']}' at "
              f"{a['rate']:.0%})", f"{a['named']:.1%}"),
-            ("accuracy when a class is named", accuracy),
+            ("accuracy when a class is named", accuracy(a)),
             ("named a wrong class", f"{a['named_wrongly']:.1%}"),
-            *((f"named at {lv} or finer (accuracy there)", f"{f['named']:.1%} ("
-               + ("-" if f["accuracy_when_named"] is None else f"{f['accuracy_when_named']:.4f}")
-               + ")") for lv, f in list(a.get("by_level", {}).items())[:-1])]
+            *((f"named at {lv} or finer (accuracy there)", f"{f['named']:.1%} ({accuracy(f)})")
+              for lv, f in list(a.get("by_level", {}).items())[:-1])]  # the finest is above
 
 
 def _unknown_section(u: dict | None) -> dict | None:
