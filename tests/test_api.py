@@ -199,6 +199,15 @@ def test_hierarchical_levels(demo_dir, tmp_path):
             assert figures["accuracy_when_named"] == pytest.approx(right[named].mean())
     assert answers["named"] == answers["by_level"]["label"]["named"]
     assert answers["by_level"]["family"]["named"] >= answers["named"]
+    # The open-set figures count what predict answers too: the same val images as
+    # "unseen" are turned away exactly where predict names no species.
+    u = run.evaluate(split="val", unknown=val["path"].tolist(), out=tmp_path / "ev-u",
+                     quiet=True).metrics["unknown"]
+    named_species = (reach >= 1)
+    assert u["known_turned_away"] == pytest.approx(1 - named_species.mean())
+    assert u["unseen_flagged"] == u["known_turned_away"]
+    assert u["known_accuracy_with_unknown"] == pytest.approx(
+        (got["answer"].to_numpy() == val["label"].to_numpy()).mean())
 
 
 def test_export_and_resume_are_the_cli_functions(run, tmp_path):

@@ -18,7 +18,7 @@ from test_train import NUMBERS, history, tiny
 from wingspan.data import read_dataset
 from wingspan.models import load_bundle
 from wingspan.training import resume, train
-from wingspan.training.data import EpochBatches
+from wingspan.training.data import MAX_WORKERS, EpochBatches, default_workers
 
 # Dropout off: each rank draws its masks from the same stream, so with dropout the two runs
 # differ by their masks (the data, weighting and gradients are the same). With it off the
@@ -139,6 +139,14 @@ def test_the_ranks_together_take_one_process_batches(n, batch, world):
         later = EpochBatches(n, batch, seed=3, weights=w, rank=0, world=world)
         later.set_epoch(0, start_batch=1)
         assert list(later) == ranks[0][1:]
+
+
+def test_data_workers_share_the_cores_this_process_may_use(monkeypatch):
+    cores = set(range(4))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: cores, raising=False)
+    assert default_workers() == 3 and default_workers(2) == 1 and default_workers(4) == 0
+    cores = set(range(64))  # a big machine: capped
+    assert default_workers() == MAX_WORKERS and default_workers(8) == 7
 
 
 def test_processes_follow_torchrun_and_refuse_what_cannot_run(monkeypatch):

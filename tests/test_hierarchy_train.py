@@ -52,6 +52,20 @@ def test_hierarchical_bundle_carries_the_taxonomy(hierarchical_run):
     assert rare["white_darktip"] in manifest["classes"]["label"]
 
 
+def test_a_taxonomy_that_does_not_match_the_classes_is_not_written(hierarchical_run,
+                                                                      tmp_path):
+    from wingspan.models import load_bundle, save_bundle
+
+    model, manifest = load_bundle(hierarchical_run / "model")
+    taxonomy = manifest["taxonomy"]
+    save_bundle(model, tmp_path / "same", manifest["classes"], taxonomy)  # as trained: fine
+    shuffled = {**taxonomy, "classes": {**taxonomy["classes"],
+                                        "label": taxonomy["classes"]["label"][::-1]}}
+    with pytest.raises(WingspanError, match="taxonomy's 'label' classes are not the model's"):
+        save_bundle(model, tmp_path / "wrong", manifest["classes"], shuffled)
+    assert not (tmp_path / "wrong").exists()
+
+
 @pytest.mark.policy
 def test_hierarchical_evaluation_and_prediction(hierarchical_run, demo_dir):
     result = evaluate(hierarchical_run, split="val", progress=False, workers=0)

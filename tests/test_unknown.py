@@ -148,6 +148,14 @@ def test_openset_metrics_count_a_turned_away_known_image_as_a_miss():
     # open set: class 1 also gets the accepted unseen image -> precision 1/2, recall 1/2.
     assert m["open_macro_f1"] == pytest.approx((1 + 0.5) / 2)
     assert m["auroc"] == pytest.approx(separation(known, unseen)["auroc"])
+    # Given which images the answer turns away (a taxonomy can turn away one that passes
+    # the finest threshold), those count, not the threshold.
+    away = np.array([True, False, False, False])
+    m = openset_metrics(known, unseen, 1.0, y, y_pred, np.array([1, 1]), 2,
+                        known_away=away, unknown_away=np.array([False, False]))
+    assert m["known_turned_away"] == 0.25 and m["unseen_flagged"] == 0.0
+    assert m["known_accuracy_with_unknown"] == 0.75 and m["threshold"] == 1.0
+    assert m["known_macro_f1_with_unknown"] == pytest.approx((2 / 3 + 1) / 2)
 
 
 @pytest.fixture(scope="module")

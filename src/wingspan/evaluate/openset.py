@@ -20,23 +20,28 @@ def separation(known: np.ndarray, unknown: np.ndarray) -> dict:
 
 def openset_metrics(known: np.ndarray, unknown: np.ndarray, threshold: float,
                     y: np.ndarray, y_pred: np.ndarray, unknown_pred: np.ndarray,
-                    n_classes: int) -> dict:
+                    n_classes: int, known_away: np.ndarray | None = None,
+                    unknown_away: np.ndarray | None = None) -> dict:
     """At the model's threshold: the share of each kind turned away, and macro-F1 over the
     known classes (1) without the unknown answer, (2) on the known images with it (a
     known image turned away is a miss) and (3) open-set: known and unseen images together,
     where an unseen image given a class is a false positive of that class. Predictions are
-    class indices; -1 is "unknown"."""
+    class indices; -1 is "unknown". Which images are turned away: those scoring above
+    `threshold`, unless `known_away` and `unknown_away` say (a model with a taxonomy names
+    a species only when every coarser level passes its own threshold too)."""
     labels = list(range(n_classes))
-    answered = np.where(known > threshold, -1, y_pred)
-    unseen_answered = np.where(unknown > threshold, -1, unknown_pred)
+    known_away = known > threshold if known_away is None else known_away
+    unknown_away = unknown > threshold if unknown_away is None else unknown_away
+    answered = np.where(known_away, -1, y_pred)
+    unseen_answered = np.where(unknown_away, -1, unknown_pred)
 
     def macro(truth, pred):
         return float(f1_score(truth, pred, labels=labels, average="macro", zero_division=0))
 
     return {
         **separation(known, unknown), "threshold": float(threshold),
-        "known_turned_away": float((known > threshold).mean()),
-        "unseen_flagged": float((unknown > threshold).mean()),
+        "known_turned_away": float(known_away.mean()),
+        "unseen_flagged": float(unknown_away.mean()),
         "known_accuracy": float((y_pred == y).mean()),
         "known_accuracy_with_unknown": float((answered == y).mean()),
         "known_macro_f1": macro(y, y_pred),

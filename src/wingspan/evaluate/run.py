@@ -143,8 +143,9 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
         _write_csv(transfer, out_dir / "transfer.csv", index=False)
         metrics["transfer"] = transfer.to_dict("records")
     if unknown is not None:
-        metrics["unknown"] = _openset(predictor, unknown, [preds[i] for i in ok], y,
-                                      probs.argmax(1), out_dir, progress)
+        known = [preds[i] for i in ok]
+        metrics["unknown"] = _openset(predictor, unknown, known, y,
+                                      _finest_answer(predictor, known), out_dir, progress)
     write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
 
     pngs = _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, y,
@@ -207,9 +208,13 @@ def _openset(predictor: Predictor, unknown, known: list, y: np.ndarray, y_pred: 
     level, name = predictor.level, predictor.unknown_score
     k = np.array([p.unknown[level] for p in known])
     u = np.array([p.unknown[level] for p in unseen])
-    u_pred = np.array([p.probs.argmax() for p in unseen])
+    # The figures of what predict answers: a class only where the image is known at the
+    # finest level, and with a taxonomy the top-down branch's class (see _answers).
+    u_pred = _finest_answer(predictor, unseen)
     result = openset_metrics(k, u, predictor.thresholds[level], y, y_pred, u_pred,
-                             len(predictor.classes))
+                             len(predictor.classes),
+                             known_away=np.array([p.known_level != level for p in known]),
+                             unknown_away=np.array([p.known_level != level for p in unseen]))
     result.update(score=name, rate=predictor.unknown.rate, unseen_images=len(unseen),
                   unreadable=[(p.path, p.error) for p in seen if p.error],
                   scores={s: separation(np.array([p.every_score[s] for p in known]),
@@ -226,6 +231,15 @@ def _openset(predictor: Predictor, unknown, known: list, y: np.ndarray, y_pred: 
         out_dir / "unknown.csv", index=False)
     plots.plot_unknown_scores(k, u, predictor.thresholds[level], name, out_dir / "unknown.png")
     return result
+
+
+def _finest_answer(predictor: Predictor, preds: list) -> np.ndarray:
+    """The class index predict names at the finest level, whether or not it is turned
+    away: the flat argmax, or with a taxonomy the top-down branch's class."""
+    probs = np.stack([p.probs for p in preds])
+    if predictor.taxonomy is None:
+        return probs.argmax(1)
+    return predictor.taxonomy.predict(probs)[predictor.taxonomy.finest]
 
 
 def _named(predictor: Predictor, p) -> str:

@@ -63,6 +63,14 @@ def save_bundle(model: Classifier, path: str | Path, classes: dict[str, list[str
         if len(classes.get(level, [])) != n:
             raise WingspanError(f"The head has {n} outputs for '{level}' but "
                                 f"{len(classes.get(level, []))} class names were given.")
+    if taxonomy is not None:
+        # Predictions read the branch by index into the model's classes: a taxonomy whose
+        # classes differ would name the wrong species without a word.
+        for level, names in taxonomy["classes"].items():
+            if level in classes and list(names) != list(classes[level]):
+                raise WingspanError(f"The taxonomy's '{level}' classes are not the model's "
+                                    f"({len(names)} against {len(classes[level])}, or in "
+                                    "another order); the bundle would name wrong classes.")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if unknown is not None:  # beside the weights, under the checksum like them
         state.update(unknown.tensors())

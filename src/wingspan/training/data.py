@@ -133,11 +133,17 @@ def fixed_batches(indices: Sequence[int], batch_size: int, view: int = 0
     return [requests[b:b + batch_size] for b in range(0, len(requests), batch_size)]
 
 
+MAX_WORKERS = 16  # each worker holds its own copy of the loader's state
+
+
 def default_workers(processes: int = 1) -> int:
-    """Data workers per process: the machine's cores shared by its `processes`, less one
-    for the process itself, at most 8 (on 2 cores, one worker keeps decoding off the main
-    thread; a fast GPU needs several to never wait for data)."""
-    return max(0, min(8, (os.cpu_count() or 1) // processes - 1))
+    """Data workers per process: the cores this process may use (a container or `taskset`
+    may allow fewer than the machine has) shared by its `processes`, less one for the
+    process itself, at most MAX_WORKERS. On 2 cores one worker keeps decoding off the main
+    thread; a fast GPU needs all it can get (on a 16-core H200 machine, 8 workers left
+    Lite2's fine-tuning waiting for augmented images)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(0, min(MAX_WORKERS, (cores or 1) // processes - 1))
 
 
 def make_loader(dataset: LabelledImages, batches, workers: int, persistent: bool = False,
