@@ -198,7 +198,6 @@ def test_hierarchical_levels(demo_dir, tmp_path):
         if named.any():
             assert figures["accuracy_when_named"] == pytest.approx(right[named].mean())
     assert answers["named"] == answers["by_level"]["label"]["named"]
-    assert answers["by_level"]["family"]["named"] >= answers["named"]
     # The open-set figures count what predict answers too: the same val images as
     # "unseen" are turned away exactly where predict names no species.
     u = run.evaluate(split="val", unknown=val["path"].tolist(), out=tmp_path / "ev-u",

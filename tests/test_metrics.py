@@ -65,6 +65,7 @@ def test_batched_macro_f1_is_scikit_learns(truth_only):
                          labels=np.unique(y[r]) if truth_only else None) for r in rows]
     np.testing.assert_allclose(macro_f1(y[rows], p[rows], 9, truth_only), expected)
     np.testing.assert_allclose(macro_f1(y[rows].T, p[rows].T, 9, truth_only, axis=0), expected)
+    assert np.isnan(macro_f1(np.zeros((3, 0), int), np.zeros((3, 0), int), 9)).all()
 
 
 def test_bootstrap_intervals_hold_the_figure_and_narrow_with_more_images():

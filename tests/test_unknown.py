@@ -135,6 +135,26 @@ def test_deepest_known_level_stops_at_the_first_level_that_fails():
     assert deepest_known(levels, {"family": 2.0, "genus": 0.1, "species": 0.1}, limits) is None
 
 
+def test_the_open_set_figures_name_the_class_predict_names():
+    """With a taxonomy, predict names the top-down branch's class, which can differ from
+    the flat argmax: species a (family F1) at 0.4 loses to family F2's 0.6, so b."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from wingspan.data.taxonomy import Taxonomy
+    from wingspan.evaluate.run import _finest_answer
+
+    taxonomy = Taxonomy.from_table(pd.DataFrame({"path": ["1", "2", "3"],
+                                                 "family": ["F1", "F2", "F2"],
+                                                 "species": ["a", "b", "c"]}),
+                                   ["family", "species"])
+    preds = [SimpleNamespace(probs=np.array(p)) for p in ([0.4, 0.35, 0.25], [0.7, 0.2, 0.1])]
+    flat = SimpleNamespace(taxonomy=None)
+    assert _finest_answer(flat, preds).tolist() == [0, 0]
+    assert _finest_answer(SimpleNamespace(taxonomy=taxonomy), preds).tolist() == [1, 0]
+
+
 def test_openset_metrics_count_a_turned_away_known_image_as_a_miss():
     known = np.array([0.1, 0.2, 0.3, 2.0])  # the last known image is turned away
     unseen = np.array([3.0, 0.5])  # the second unseen image is taken for class 1

@@ -476,15 +476,19 @@ def evaluate_command(
 def _print_unknown(u: dict) -> None:
     from rich.table import Table
 
+    from wingspan.evaluate.run import away_wording
+
     table = Table("score", "AUROC", "FPR at 95% TPR", title=f"Unknown images: "
                   f"{u['unseen_images']} of unseen classes against the known ones")
     for name, v in u["scores"].items():
         mark = " (in use)" if name == u["score"] else ""
         table.add_row(name + mark, f"{v['auroc']:.4f}", f"{v['fpr95']:.4f}")
     out.print(table)
-    out.print(f"At the threshold ({u['score']} > {u['threshold']:.4g}): "
-              f"{u['unseen_flagged']:.1%} of unseen images answered unknown, "
-              f"{u['known_turned_away']:.1%} of known ones; known macro-F1 "
+    away, branch = away_wording(u)
+    where = ("At the thresholds of every level" if branch else
+             f"At the threshold ({u['score']} > {u['threshold']:.4g})")
+    out.print(f"{where}: {u['unseen_flagged']:.1%} of unseen images {away}, "
+              f"{u['known_turned_away']:.1%} of known ones; known macro-F1{branch} "
               f"{u['known_macro_f1']:.4f} -> {u['known_macro_f1_with_unknown']:.4f}, open-set "
               f"macro-F1 {u['open_macro_f1_without_unknown']:.4f} -> {u['open_macro_f1']:.4f}")
 

@@ -61,7 +61,8 @@ def bootstrap_intervals(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int,
         found = bootstrap((y_true, y_pred), statistic, paired=True, vectorized=True,
                           n_resamples=resamples, confidence_level=confidence,
                           method="percentile", random_state=seed,
-                          batch=max(1, 2_000_000 // len(y_true)))  # bounded memory
+                          # bounded memory: macro_f1 holds (batch, images + classes)
+                          batch=max(1, 2_000_000 // (len(y_true) + n_classes)))
         low, high = found.confidence_interval
         out[name] = [float(low), float(high)]
     return out
@@ -81,6 +82,8 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, truth_only:
     if y.size and (min(y.min(), p.min()) < 0 or max(y.max(), p.max()) >= n_classes):
         raise ValueError(f"class indices must be in 0..{n_classes - 1}")  # else: another row
     shape = y.shape[:-1]
+    if not y.shape[-1]:  # no images: no figure
+        return np.full(shape, np.nan)
     y, p = y.reshape(-1, y.shape[-1]), p.reshape(-1, p.shape[-1])
     offset = (np.arange(len(y)) * n_classes)[:, None]  # one row of counts per resample
 

@@ -221,6 +221,7 @@ def _openset(predictor: Predictor, unknown, known: list, y: np.ndarray, y_pred: 
                                         np.array([p.every_score[s] for p in unseen]))
                           for s in known[0].every_score})
     if predictor.taxonomy:  # an unseen species may still be a known genus or family
+        result["named_by"] = "branch"  # the figures count the top-down branch's class
         result["unseen_known_at"] = {
             lv: sum(p.known_level == lv for p in unseen) for lv in predictor.model.levels}
     _write_csv(pd.DataFrame({
@@ -594,17 +595,28 @@ def answer_rows(a: dict | None) -> list[tuple[str, str]]:
               for lv, f in list(a.get("by_level", {}).items())[:-1])]  # the finest is above
 
 
+def away_wording(u: dict) -> tuple[str, str]:
+    """How to say what the open-set figures count: (what a turned-away image is answered,
+    a note on which class is named). A model with a taxonomy names its finest level only
+    when every level passes its threshold, and then the top-down branch's class."""
+    if u.get("named_by") == "branch":
+        return ("not named at the finest level (answered a coarser level or unknown)",
+                " (the top-down branch's class, as predict names it)")
+    return "answered unknown", ""
+
+
 def _unknown_section(u: dict | None) -> dict | None:
     if not u:
         return None
+    away, branch = away_wording(u)
     summary = [
         ("score (threshold)", f"{u['score']} ({u['threshold']:.4g}: turns away "
                               f"{u['rate']:.0%} of known val images)"),
         ("images of unseen classes", u["unseen_images"]),
         ("AUROC / FPR at 95% TPR", f"{u['auroc']:.4f} / {u['fpr95']:.4f}"),
-        ("unseen images answered unknown", f"{u['unseen_flagged']:.1%}"),
-        ("known images answered unknown", f"{u['known_turned_away']:.1%}"),
-        ("known accuracy without / with the unknown answer",
+        (f"unseen images {away}", f"{u['unseen_flagged']:.1%}"),
+        (f"known images {away}", f"{u['known_turned_away']:.1%}"),
+        (f"known accuracy without / with the unknown answer{branch}",
          f"{u['known_accuracy']:.4f} / {u['known_accuracy_with_unknown']:.4f}"),
         ("known-class macro-F1 without / with", f"{u['known_macro_f1']:.4f} / "
                                                f"{u['known_macro_f1_with_unknown']:.4f}"),

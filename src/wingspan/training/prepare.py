@@ -156,12 +156,11 @@ def plan_labels(dataset: Dataset, levels: list[str], config: TrainConfig, log=pr
             table[finest] = table[finest].replace(rare)
             log(f"{len(rare)} {finest} classes have fewer than {config.rare_below} training "
                 f"images: they train as their {levels[-2]} only")
+    taxonomy = Taxonomy.from_table(table, levels) if len(levels) > 1 else None
     classes = {lv: check_classes(table, lv) for lv in levels}
     val = table[SPLIT] == "val"
     unknown = val & ~table[finest].isin(classes[finest])
     table = table[~unknown]
-    # From the rows that train and score, so that its classes are the model's classes.
-    taxonomy = Taxonomy.from_table(table, levels) if len(levels) > 1 else None
     if not (table[SPLIT] == "val").any():
         raise WingspanError("The validation split is empty.",
                             hint="Give data with a val split, or more images.")
