@@ -2,6 +2,7 @@
 
     python bench/serve_load.py RUN [--photos DIR] [--clients 1 8] [--seconds 60]
     python bench/serve_load.py RUN --page docs/serve-page.png   # + the page in Chromium
+    python bench/serve_load.py RUN --clients 8 8 8 8            # memory over 4 minutes
     python bench/serve_load.py --smoke                          # a tiny demo model, seconds
 
 The server is `python -m wingspan serve RUN` in its own process (so its RSS is its own).
@@ -172,8 +173,11 @@ def main(argv=None) -> None:
     try:
         asyncio.run(load(url, photos, max(args.clients), min(5.0, args.seconds)))  # warm
         rss_before = rss_mb(server.pid)
-        rows = [asyncio.run(load(url, photos, n, args.seconds)) for n in args.clients]
-        rss_after = rss_mb(server.pid)
+        rows = []
+        for n in args.clients:  # the RSS after each load: a leak climbs, warm-up levels off
+            rows.append({**asyncio.run(load(url, photos, n, args.seconds)),
+                         "rss_mb_after": rss_mb(server.pid)})
+        rss_after = rows[-1]["rss_mb_after"]
         page = page_check(url, paths[::7], args.page) if args.page else {}
     finally:
         server.terminate()
@@ -186,7 +190,8 @@ def main(argv=None) -> None:
               f"({r['images_per_s'] / baseline:.0%} of predict), p50 {r['p50_ms']:.0f} ms, "
               f"p99 {r['p99_ms']:.0f} ms (p99/p50 {r['p99_ms'] / r['p50_ms']:.2f}), "
               f"{r['requests']} requests, {r['errors']} errors; the clients took "
-              f"{r['client_cpu_share']:.0%} of the CPU")
+              f"{r['client_cpu_share']:.0%} of the CPU; server RSS then "
+              f"{r['rss_mb_after']:.0f} MB")
     growth = rss_after / rss_before - 1
     print(f"server RSS {rss_before:.0f} MB before, {rss_after:.0f} MB after ({growth:+.1%})")
     if page:

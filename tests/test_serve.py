@@ -209,3 +209,20 @@ def test_the_page_in_a_real_browser(run_dir, demo_dir, tmp_path):
         browser.close()
     (artifacts / "serve-page.json").write_text(json.dumps(
         {"seconds_from_choosing_to_answer": round(seconds_to_answer, 3)}))
+
+
+def test_malloc_arenas_are_capped_unless_the_user_set_them():
+    """In a process of its own, as `wingspan serve` is: the cap stays for its lifetime."""
+    import platform
+    import subprocess
+    import sys
+
+    def capped(**env) -> str:
+        code = "from wingspan.serve import limit_malloc_arenas; print(limit_malloc_arenas())"
+        environ = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+        return subprocess.run([sys.executable, "-c", code], env={**environ, **env},
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    assert capped(MALLOC_ARENA_MAX="4") == "False"  # the user's setting stands
+    # glibc (Debian, as CI) takes the cap; another C library is left as it is
+    assert capped() == str(platform.libc_ver()[0] == "glibc")
