@@ -250,10 +250,11 @@ def serving_in_background(app, host: str = "127.0.0.1", port: int = 0):
         thread.join(timeout=10)
 
 
-# glibc gives each thread that allocates its own memory arena, and photos of every size
-# decoded on the request threads leave them fragmented: the server's RSS rose 20% over 5
-# minutes of load (1230 -> 1474 MB, not levelling) against 11% with 2 arenas, flat after
-# the second minute (1077 -> 1198 MB) at the same throughput (bench/serve_load.py).
+# glibc gives threads that allocate at once arenas of their own (up to 8 per core), and
+# photos of every size decoded on the request threads leave them fragmented: over 5
+# minutes of load the server's RSS went 1230 -> 1474 MB without levelling off; with 2
+# arenas, 1120 -> 1223 MB, flat from the third minute, at the same throughput
+# (bench/serve_load.py --clients 8 8 8 8 8, 2-core EPYC).
 MALLOC_ARENAS = 2
 _M_ARENA_MAX = -8  # mallopt's parameter number, from glibc's malloc.h
 
