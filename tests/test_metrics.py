@@ -140,6 +140,10 @@ def test_curves_mistakes_and_reliability_plots(tmp_path, demo_dir):
     images = sorted(demo_dir.rglob("*.jpg"))[:7]
     mistakes = plots.plot_mistakes([{"path": str(p), "true": "a", "predicted": "b",
                                      "probability": 0.9} for p in images], tmp_path / "m.png")
+    told = {"true": "a", "predicted": "b", "probability": 0.9}
+    assert "answered" not in plots.mistake_title(told)
+    assert "answered" not in plots.mistake_title({**told, "answer": "b"})  # b was told
+    assert plots.mistake_title({**told, "answer": "unknown"}).endswith("answered unknown")
     rng = np.random.default_rng(0)
     probs = softmax(rng.normal(0, 2, (200, 4)))
     y = rng.integers(0, 4, 200)

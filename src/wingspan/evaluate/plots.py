@@ -73,10 +73,19 @@ def plot_curves(history: pd.DataFrame, path: Path) -> Path:
     return _save(fig, path)
 
 
+def mistake_title(m: dict) -> str:
+    """A mistake's caption; where the unknown answer (or a coarser level) replaced the
+    wrong class, what the user was told instead."""
+    told = m.get("answer")
+    return (f"true: {m['true'][:22]}\npred: {m['predicted'][:22]}\np = {m['probability']:.2f}"
+            + (f", answered {told[:16]}" if told and told != m["predicted"] else ""))
+
+
 def plot_mistakes(mistakes: list[dict], path: Path, columns: int = 6) -> Path:
-    """The most confident wrong predictions: image, truth, prediction, probability; with
-    the model's view and its Grad-CAM for the wrong class where given ("pixels",
-    "heatmap"): what the model took for evidence."""
+    """The most confident wrong predictions: image, truth, prediction, probability (and the
+    answer given, where it was not that class); with the model's view and its Grad-CAM
+    for the wrong class where given ("pixels", "heatmap"): what the model took for
+    evidence."""
     n = max(1, len(mistakes))
     columns = min(columns, n)
     rows = -(-n // columns)
@@ -94,8 +103,7 @@ def plot_mistakes(mistakes: list[dict], path: Path, columns: int = 6) -> Path:
                 ax.imshow(image)
         except Exception:  # a file gone since prediction: show the text alone
             pass
-        ax.set_title(f"true: {m['true'][:22]}\npred: {m['predicted'][:22]}\n"
-                     f"p = {m['probability']:.2f}", fontsize=7)
+        ax.set_title(mistake_title(m), fontsize=7)
     if not mistakes:
         axes.flat[0].text(0.5, 0.5, "no mistakes", ha="center", va="center")
     return _save(fig, path)

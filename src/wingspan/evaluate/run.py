@@ -148,8 +148,10 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
                                       _finest_answer(predictor, known), out_dir, progress)
     write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
 
+    answers = ([_named(predictor, preds[i]) for i in ok] if predictor.unknown is not None
+               else None)  # what predict told the user, for the mistakes' captions
     pngs = _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, y,
-                  probs, logits)
+                  probs, logits, answers)
     if unknown is not None:
         pngs["unknown"] = out_dir / "unknown.png"
     _report(out_dir, (run_dir or final).name, predictor, run_dir, dataset, level, split,
@@ -486,13 +488,13 @@ def _write_csv(frame: pd.DataFrame, path: Path, **options) -> None:
 
 
 def _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, y, probs,
-           logits) -> dict:
+           logits, answers: list[str] | None = None) -> dict:
     pngs = {"confusion": plots.plot_confusion(cm, classes, out_dir / "confusion.png")}
     wrong = np.flatnonzero(probs.argmax(1) != y)
     worst = wrong[np.argsort(-probs.max(1)[wrong])][:18]
     pngs["mistakes"] = plots.plot_mistakes(
         [{"path": paths[ok[i]], "true": classes[y[i]], "predicted": classes[probs[i].argmax()],
-          "probability": float(probs[i].max()),
+          "probability": float(probs[i].max()), "answer": answers[i] if answers else None,
           **_grad_cam_view(predictor, paths[ok[i]], int(probs[i].argmax()))} for i in worst],
         out_dir / "mistakes.png")
     raw = softmax(logits)
