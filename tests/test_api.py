@@ -205,6 +205,8 @@ def test_hierarchical_levels(demo_dir, tmp_path):
     named_species = (reach >= 1)
     assert u["known_turned_away"] == pytest.approx(1 - named_species.mean())
     assert u["unseen_flagged"] == u["known_turned_away"]
+    assert list(u["thresholds"]) == ["family", "label"]
+    assert u["thresholds"]["label"] == u["threshold"]
     assert u["known_accuracy_with_unknown"] == pytest.approx(
         (got["answer"].to_numpy() == val["label"].to_numpy()).mean())
 

@@ -224,6 +224,7 @@ def _openset(predictor: Predictor, unknown, known: list, y: np.ndarray, y_pred: 
                           for s in known[0].every_score})
     if predictor.taxonomy:  # an unseen species may still be a known genus or family
         result["named_by"] = "branch"  # the figures count the top-down branch's class
+        result["thresholds"] = {lv: float(t) for lv, t in predictor.thresholds.items()}
         result["unseen_known_at"] = {
             lv: sum(p.known_level == lv for p in unseen) for lv in predictor.model.levels}
     _write_csv(pd.DataFrame({
@@ -611,9 +612,11 @@ def _unknown_section(u: dict | None) -> dict | None:
     if not u:
         return None
     away, branch = away_wording(u)
+    limits = (", ".join(f"{lv} {t:.4g}" for lv, t in u["thresholds"].items()) + ": each"
+              if u.get("thresholds") else f"{u['threshold']:.4g}:")
     summary = [
-        ("score (threshold)", f"{u['score']} ({u['threshold']:.4g}: turns away "
-                              f"{u['rate']:.0%} of known val images)"),
+        ("score (threshold)", f"{u['score']} ({limits} turns away {u['rate']:.0%} of known "
+                              "val images)"),
         ("images of unseen classes", u["unseen_images"]),
         ("AUROC / FPR at 95% TPR", f"{u['auroc']:.4f} / {u['fpr95']:.4f}"),
         (f"unseen images {away}", f"{u['unseen_flagged']:.1%}"),
