@@ -12,6 +12,7 @@ from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score
 from test_train import tiny
 
 from wingspan.data import read_dataset
+from wingspan.errors import WingspanError
 from wingspan.evaluate.run import evaluate
 from wingspan.inference import Predictor
 from wingspan.models.bundle import read_manifest
@@ -168,6 +169,11 @@ def test_predict_on_mixed_good_and_broken_files(trained, tmp_path, demo_dir):
     write_predictions(result, tmp_path / "out.json")
     payload = json.loads((tmp_path / "out.json").read_text())
     assert len(payload["predictions"]) == 7 and len(payload["failed"]) == 3
+    # A file whose name looks like a pattern is that file, not a pattern matching nothing.
+    odd = shutil.copy(good[0], folder / "monarch [2] é.jpg")
+    assert predict(predictor, [str(odd)], progress=False).rows[0]["path"] == str(odd)
+    with pytest.raises(WingspanError, match="top_k must be at least 1"):
+        predict(predictor, [str(odd)], top_k=0, progress=False)
 
 
 @pytest.mark.policy
@@ -210,7 +216,6 @@ def test_preview_image_in_report_comes_from_training_images(evaluation):
 
 
 def test_evaluate_on_images_none_of_which_can_be_read(trained, tmp_path):
-    from wingspan.errors import WingspanError
 
     classes = read_manifest(trained / "model")["classes"]
     finest = classes[list(classes)[-1]]

@@ -24,8 +24,10 @@ def test_open_rgb_composites_alpha_on_white(tmp_path):
 def test_open_rgb_scales_16_bit(tmp_path):
     deep = (np.arange(100).reshape(10, 10) * 600).astype(np.uint16)
     Image.fromarray(deep).save(tmp_path / "deep.png")
-    pixels = np.asarray(open_rgb(tmp_path / "deep.png"))
-    assert pixels.min() == 0 and pixels.max() == 255  # not clipped to white
+    pixels = np.asarray(open_rgb(tmp_path / "deep.png"))[..., 0]
+    assert pixels.min() == 0 and pixels.max() == 255
+    # Stretched, not clipped: 100 values stay 100 grey levels, in the same order.
+    assert len(np.unique(pixels)) == 100 and (np.diff(pixels.ravel().astype(int)) > 0).all()
 
 
 def test_open_rgb_draft_decodes_large_jpeg_smaller(tmp_path):

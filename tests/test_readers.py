@@ -58,6 +58,30 @@ def test_folder_reader_takes_fixed_split_from_splits_csv(tmp_path):
     assert [p.kind for p in ds.problems] == ["not_in_splits"]
 
 
+def test_fixed_splits_follow_symlinks_and_refuse_a_file_on_two_sides(tmp_path):
+    folder_dataset(tmp_path / "elsewhere", {"b": 2})
+    folder_dataset(tmp_path / "data", {"a": 2})
+    (tmp_path / "data" / "b").symlink_to(tmp_path / "elsewhere" / "b")
+    (tmp_path / "data" / "splits.csv").write_text(
+        "path,label,split\na/a_0.jpg,a,train\na/a_1.jpg,a,val\na/a_1.jpg,a,test\n"
+        "b/b_0.jpg,b,train\nb/b_1.jpg,b,val\n")
+    ds = read_dataset(tmp_path / "data")
+    names = ds.table["path"].map(lambda p: p.split("/")[-1])
+    splits = dict(zip(names, ds.table["split"], strict=True))
+    assert splits == {"a_0.jpg": "train", "a_1.jpg": "", "b_0.jpg": "train", "b_1.jpg": "val"}
+    (torn,) = ds.problems
+    assert torn.kind == "conflicting_splits" and torn.path.endswith("a_1.jpg")
+
+
+def test_csv_labels_are_stripped(tmp_path):
+    folder_dataset(tmp_path, {"x": 3})
+    (tmp_path / "labels.csv").write_text(
+        "path,label,family\nx/x_0.jpg,monarch ,F1\nx/x_1.jpg, monarch,F1 \nx/x_2.jpg,monarch,F1\n")
+    ds = read_dataset(tmp_path / "labels.csv")
+    assert ds.class_counts().to_dict() == {"monarch": 3}
+    assert set(ds.table["family"]) == {"F1"}
+
+
 def test_csv_reader_relative_paths_levels_and_missing_files(tmp_path):
     folder_dataset(tmp_path / "imgs", {"x": 2, "y": 1})
     csv = tmp_path / "meta" / "labels.csv"

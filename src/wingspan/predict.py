@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from wingspan.config import IMAGE_EXTENSIONS
+from wingspan.errors import WingspanError
 from wingspan.files import atomic_path, write_text
 from wingspan.inference import Prediction, Predictor
 from wingspan.models.unknown import UNKNOWN
@@ -23,7 +24,7 @@ def expand_paths(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     Returns the image paths and (input, reason) for inputs that match nothing."""
     found, missing = [], []
     for item in inputs:
-        if any(c in item for c in "*?["):
+        if any(c in item for c in "*?[") and not Path(item).exists():  # img[1].jpg is a file
             matches = sorted(glob.glob(item, recursive=True))
             found += [m for m in matches if Path(m).is_file()]
             if not matches:
@@ -62,6 +63,9 @@ def predict(predictor: Predictor, inputs: list[str], top_k: int = 3, tta: bool =
     """Predictions for every image the inputs name, in order. With a `fabric` of several
     processes each rank predicts every world_size-th image and every rank returns all the
     rows, in order, to rank 0 (the others return no rows)."""
+    if top_k < 1:
+        raise WingspanError(f"top_k must be at least 1, not {top_k}.",
+                            hint="Ask for the top 1 (the answer alone) or more classes.")
     paths, failed = expand_paths(inputs)
     result = PredictResult(failed=list(failed))
     k = min(top_k, len(predictor.classes))
@@ -126,7 +130,7 @@ def write_predictions(result: PredictResult, path: Path) -> None:
             "failed": [{"path": f, "error": e} for f, e in result.failed]}, indent=2))
         return
     k = max((len(r["top"]) for r in result.rows), default=1)
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["path", *[x for i in range(1, k + 1) for x in (f"class_{i}",
                                                                          f"prob_{i}")],

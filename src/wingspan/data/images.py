@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from wingspan.config import MAX_PIXELS, MAX_PIXELS_ENV
@@ -77,8 +78,12 @@ def open_rgb(path: str | Path, draft: int | None = None) -> Image.Image:
                 background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 return Image.alpha_composite(background, rgba).convert("RGB")
             if im.mode.startswith("I;16") or im.mode in ("I", "F"):
-                # Scale 16/32-bit values to 0..255 instead of clipping them.
-                return ImageOps.autocontrast(im.convert("F").convert("L")).convert("RGB")
+                # Stretch 16/32-bit values over 0..255 (Pillow's own conversion to 8 bits
+                # clips everything above 255 to white).
+                values = np.asarray(im.convert("F"), dtype=np.float32)
+                low, span = float(values.min()), float(np.ptp(values))
+                grey = (values - low) * (255 / span) if span > 0 else values * 0
+                return Image.fromarray(grey.round().astype(np.uint8), "L").convert("RGB")
             return im.convert("RGB")
     except FileNotFoundError as e:
         raise WingspanError(f"Image not found: {path}") from e

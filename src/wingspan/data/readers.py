@@ -179,10 +179,17 @@ def _fixed_splits(table: pd.DataFrame, splits_csv: Path, problems: list[Problem]
                                 str(splits_csv)))
         return table
     _check_split_values(fixed, splits_csv)
-    by_path = dict(zip((str((splits_csv.parent / p).resolve()) for p in fixed[PATH]),
-                       fixed[SPLIT], strict=True))
-    table[SPLIT] = table[PATH].map(by_path).fillna("")
-    unlisted = table.loc[table[SPLIT] == "", PATH].tolist()
+    # Both sides resolved alike, so that a class folder reached through a symlink matches.
+    fixed = fixed.assign(_key=[str((splits_csv.parent / p).resolve()) for p in fixed[PATH]])
+    sides = fixed.groupby("_key")[SPLIT].nunique()
+    torn = set(sides[sides > 1].index)  # listed twice, on two sides: neither is trusted
+    problems += [Problem("conflicting_splits", f"listed in {splits_csv.name} on more than one "
+                         "side; has no split", p) for p in sorted(torn)]
+    by_path = dict(zip(fixed["_key"], fixed[SPLIT], strict=True))
+    table[SPLIT] = [("" if key in torn else by_path.get(key, ""))
+                    for key in (str(Path(p).resolve()) for p in table[PATH])]
+    unlisted = [p for p, side in zip(table[PATH], table[SPLIT], strict=True)
+                if side == "" and str(Path(p).resolve()) not in torn]
     problems += [Problem("not_in_splits", f"not listed in {splits_csv.name}; has no split", p)
                  for p in unlisted]
     return table
@@ -237,7 +244,10 @@ def read_csv_table(csv_path: Path, config: ReadConfig) -> Dataset:
     if SPLIT in raw.columns:
         _check_split_values(raw, csv_path)
     problems: list[Problem] = []
-    unlabelled = raw[LABEL].str.strip() == ""
+    # " monarch" and "monarch " are the class "monarch", not two more.
+    raw = raw.assign(**{c: raw[c].str.strip() for c in raw.columns
+                        if c not in (PATH, SPLIT, GROUP)})
+    unlabelled = raw[LABEL] == ""
     problems += [Problem("no_label", "row has an empty label; skipped", p)
                  for p in raw.loc[unlabelled, PATH]]
     raw = raw[~unlabelled]
