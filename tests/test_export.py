@@ -132,6 +132,20 @@ def test_torchscript_export_runs_with_torch_alone(run_dir, run_cli, demo_dir):
     assert json.loads(outputs) == ["family", "label", "unknown.family", "unknown.label"]
 
 
+def test_the_int8_check_reads_labels_at_the_models_level(tmp_path):
+    """A model whose finest level is not the data's `label` (--levels family,genus) is
+    checked against genus labels, not the species in `label`."""
+    from wingspan.export import _split_images
+
+    bundle = tmp_path / "run" / "model"
+    bundle.mkdir(parents=True)
+    (tmp_path / "run" / "splits.csv").write_text(
+        "path,label,split,group,family,genus\n/a.jpg,danaus_plexippus,val,,Nymph,Danaus\n"
+        "/b.jpg,pieris_rapae,train,,Pier,Pieris\n")
+    assert _split_images(bundle, "val", 10, level="genus") == (["/a.jpg"], ["Danaus"])
+    assert _split_images(bundle, "val", 10) == (["/a.jpg"], ["danaus_plexippus"])
+
+
 def test_int8_is_written_only_within_a_point_of_fp32(run_dir, run_cli, monkeypatch, caplog):
     from wingspan import export
     from wingspan.errors import WingspanError

@@ -110,6 +110,12 @@ def test_in_flight_and_time_limits(run_dir):
     r = slow.post("/predict", files=[("files", ("a.jpg", _jpeg(), "image/jpeg"))])
     assert r.status_code == 504 and "No answer within" in r.json()["error"]
     assert slow.get("/health").status_code == 200
+    # /explain keeps to the same limits, with the same answers
+    photo = {"file": ("a.jpg", _jpeg(), "image/jpeg")}
+    assert busy.post("/explain", files=photo).status_code == 429
+    r = slow.post("/explain", files=photo)
+    assert r.status_code == 504 and "No answer within" in r.json()["error"]
+    assert slow.get("/health").json()["in_flight"] == 0
 
 
 def test_explain_returns_an_overlay_png(client):

@@ -46,10 +46,13 @@ def grad_cam(predictor: Predictor, image: torch.Tensor, target: int) -> np.ndarr
         # A gradient to the input makes one reach the features, frozen weights or not.
         x = image[None].to(next(model.parameters()).device).requires_grad_(True)
         features = backbone(x)
-        features.retain_grad()
-        model.head(backbone.pool(features))[predictor.level][0, target].backward()
+        score = model.head(backbone.pool(features))[predictor.level][0, target]
+        # The gradient to the features alone: .backward() would also fill (and, call after
+        # call, add up) a gradient for every weight, a second copy of the model kept in a
+        # server for nothing.
+        (grad,) = torch.autograd.grad(score, features)
         maps = backbone.spatial(features.detach())
-        grads = backbone.spatial(features.grad)
+        grads = backbone.spatial(grad)
     weights = grads.mean((2, 3), keepdim=True)  # each channel's importance for the class
     cam = torch.relu((weights * maps).sum(1, keepdim=True))
     cam = F.interpolate(cam, tuple(image.shape[-2:]), mode="bilinear", align_corners=False)

@@ -212,7 +212,7 @@ def _quantize(graph: bytes, bundle: Path, size: int, resize: int, levels: list[s
     )
 
     calibration = _pixels(_split_images(bundle, "train", 64)[0], size, resize)
-    val_paths, val_labels = _split_images(bundle, "val", 1000)
+    val_paths, val_labels = _split_images(bundle, "val", 1000, level=levels[-1])
     if calibration is None or not val_paths:
         raise WingspanError("int8 needs the run's training and val images to calibrate and "
                             "check it; they were not found.", hint="Export from the run folder.")
@@ -246,6 +246,10 @@ def _quantize(graph: bytes, bundle: Path, size: int, resize: int, levels: list[s
     classes = json.loads(json.dumps(_classes(bundle)))[finest]
     pixels, kept = _readable_pixels(val_paths, size, resize)
     truth = np.array([classes.index(c) if c in classes else -1 for c in val_labels])[kept]
+    if not len(truth) or (truth < 0).all():  # else both top-1s are 0 and any int8 passes
+        raise WingspanError(f"int8 cannot be checked: none of the run's val images could be "
+                            f"read with a '{finest}' class the model knows.",
+                            hint="Export from the run folder, with its data where it was.")
     figures = {"val_images": len(pixels), "calibration_images": len(calibration)}
     fp32_thresholds = unknown["thresholds"] if unknown else {}
     thresholds = None
@@ -334,8 +338,10 @@ def _val_images(bundle: Path, n: int) -> list[str]:
     return _split_images(bundle, "val", n)[0]
 
 
-def _split_images(bundle: Path, split: str, n: int) -> tuple[list[str], list[str]]:
-    """Up to n (paths, finest labels) of a split of the run that wrote `bundle`."""
+def _split_images(bundle: Path, split: str, n: int, level: str = "label"
+                  ) -> tuple[list[str], list[str]]:
+    """Up to n (paths, labels at `level`) of a split of the run that wrote `bundle`. Its
+    splits.csv holds the data's finest level as `label` and every level under its name."""
     splits = bundle.parent / "splits.csv"
     if not splits.is_file():
         return [], []
@@ -345,7 +351,7 @@ def _split_images(bundle: Path, split: str, n: int) -> tuple[list[str], list[str
     rows = table[table["split"] == split]
     if len(rows) > n:  # splits.csv is sorted by class: a head would hold the first few only
         rows = rows.sample(n, random_state=0).sort_index()
-    return rows["path"].tolist(), rows["label"].tolist()
+    return rows["path"].tolist(), rows[level if level in rows.columns else "label"].tolist()
 
 
 def _classes(bundle: Path) -> dict:

@@ -132,19 +132,26 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
                     Path(predictor.bundle).stat().st_mtime)),
                 "engine": predictor.policy.describe()}
 
-    @app.post("/predict")
-    async def predict(files: Annotated[list[UploadFile], File()]) -> dict:
+    @contextmanager
+    def admitted():
+        """A request counted in flight (429 past the limit) and answered 504 past the
+        time limit, whichever endpoint it is."""
         if in_flight["n"] >= limits.max_in_flight:
             raise HTTPException(429, "Too many requests in flight; try again shortly.")
         in_flight["n"] += 1
-        start = time.perf_counter()
         try:
-            results = await asyncio.wait_for(
-                asyncio.gather(*[_one(f) for f in files]), limits.timeout_s)
+            yield
         except asyncio.TimeoutError as e:
             raise HTTPException(504, f"No answer within {limits.timeout_s:g} s.") from e
         finally:
             in_flight["n"] -= 1
+
+    @app.post("/predict")
+    async def predict(files: Annotated[list[UploadFile], File()]) -> dict:
+        start = time.perf_counter()
+        with admitted():
+            results = await asyncio.wait_for(
+                asyncio.gather(*[_one(f) for f in files]), limits.timeout_s)
         return {"predictions": results, "latency_ms": round(1000 * (time.perf_counter()
                                                                     - start), 1)}
 
@@ -156,9 +163,10 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
             raise HTTPException(413, f"{file.filename}: over {limits.max_bytes} bytes.")
         if target is not None and target not in predictor.classes:
             raise HTTPException(422, f"Unknown class '{target}'.")
-        x = await asyncio.to_thread(_prepare, file.filename, data)
-        png = await asyncio.wait_for(asyncio.to_thread(_explain_png, predictor, x, target),
-                                     limits.timeout_s)
+        with admitted():
+            x = await asyncio.to_thread(_prepare, file.filename, data)
+            png = await asyncio.wait_for(
+                asyncio.to_thread(_explain_png, predictor, x, target), limits.timeout_s)
         return Response(png, media_type="image/png")
 
     def _prepare(name: str | None, data: bytes) -> torch.Tensor:
