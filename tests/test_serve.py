@@ -63,6 +63,8 @@ def test_health_model_and_a_good_image(client):
     ("too-big.jpg", _jpeg(size=(60, 40)) + b"\0" * 300_000, 413, "over 200000 bytes"),
     ("huge.png", None, 413, "over the budget"),
     ("bomb.png", "bomb", 413, "decompression bomb"),
+    ("strip.png", "strip", 413, "too long and thin"),  # tiny file, gigabytes once resized
+    ("cut.jpg", "cut", 422, "cut.jpg: image file is truncated"),
 ])
 def test_bad_uploads_get_a_4xx_and_the_server_goes_on(client, tmp_path, name, data, status,
                                                       message):
@@ -73,8 +75,16 @@ def test_bad_uploads_get_a_4xx_and_the_server_goes_on(client, tmp_path, name, da
     elif data == "bomb":
         _bomb(tmp_path / "bomb.png")
         data = (tmp_path / "bomb.png").read_bytes()
+    elif data == "strip":
+        buffer = io.BytesIO()
+        Image.new("L", (60_000, 1)).save(buffer, "PNG")
+        data = buffer.getvalue()
+    elif data == "cut":
+        data = _jpeg(size=(400, 300))
+        data = data[:len(data) // 2]
     r = client.post("/predict", files=[("files", (name, data, "image/jpeg"))])
-    assert r.status_code == status and message in r.json()["error"]
+    assert r.status_code == status and message in r.json()["error"], r.json()
+    assert "<_io." not in r.json()["error"]  # named as uploaded, not as a Python object
     assert client.post("/predict", files=[("files", ("ok.jpg", _jpeg(), "image/jpeg"))]
                        ).status_code == 200
 

@@ -198,13 +198,21 @@ def _decode(name: str | None, data: bytes, draft: int | None = None):
         raise HTTPException(413, f"{name}: refused as a decompression bomb ({e}).") from e
     except (UnidentifiedImageError, OSError) as e:
         raise HTTPException(415, f"{name}: not an image Pillow can read.") from e
-    if w * h > max_pixels() and probe.format != "JPEG":
+    budget = max_pixels()
+    # A JPEG may be decoded at 1/8 scale (libjpeg rounds each side up).
+    decoded = -(-w // 8) * -(-h // 8) if probe.format == "JPEG" else w * h
+    if decoded > budget:
         raise HTTPException(413, f"{name}: {w} x {h} pixels is over the budget of "
-                                 f"{max_pixels() / 1e6:.3g} MP.")
+                                 f"{budget / 1e6:.3g} MP.")
+    # The view resizes the shorter side to `draft`: a 1 x 40000 strip of a few hundred
+    # bytes would become gigabytes.
+    if draft and min(w, h) and draft * draft * max(w, h) / min(w, h) > budget:
+        raise HTTPException(413, f"{name}: {w} x {h} pixels is too long and thin to resize "
+                                 "for the model.")
     try:
-        return open_rgb(io.BytesIO(data), draft)
+        return open_rgb(io.BytesIO(data), draft, name=name or "the upload")
     except WingspanError as e:
-        raise HTTPException(422, f"{name}: {e.message}") from e
+        raise HTTPException(422, e.message) from e
 
 
 def _explain_png(predictor: Predictor, x: torch.Tensor, target: str | None) -> bytes:

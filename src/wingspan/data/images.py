@@ -6,6 +6,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -42,15 +43,18 @@ def max_pixels() -> int:
     return int(value) if value.isdigit() and int(value) > 0 else MAX_PIXELS
 
 
-def open_rgb(path: str | Path, draft: int | None = None) -> Image.Image:
+def open_rgb(path: str | Path | BinaryIO, draft: int | None = None,
+             name: str | None = None) -> Image.Image:
     """Decode an image as upright 8-bit RGB, whatever its mode or EXIF orientation.
 
     `draft` lets libjpeg decode a large JPEG at a reduced scale (1/2, 1/4, 1/8) that is
     still at least that many pixels on each side: much faster, same result after resize.
     An image over the pixel budget (`max_pixels`, checked from its header, before any
     decoding) is decoded reduced if it is a JPEG that libjpeg can bring under it, and
-    refused otherwise: a 15800 x 15800 PNG would take gigabytes to decode.
+    refused otherwise: a 15800 x 15800 PNG would take gigabytes to decode. `name`: what
+    messages call the image (default: `path`; give one for bytes in memory).
     """
+    name = name or str(path)
     try:
         with Image.open(path) as im:
             budget, (w, h) = max_pixels(), im.size
@@ -66,7 +70,7 @@ def open_rgb(path: str | Path, draft: int | None = None) -> Image.Image:
                 im.draft("RGB", (max(1, w // scale), max(1, h // scale)))
             if im.size[0] * im.size[1] > budget:
                 raise WingspanError(
-                    f"Cannot read image {path}: {w} x {h} pixels ({w * h / 1e6:.3g} MP) is over "
+                    f"Cannot read image {name}: {w} x {h} pixels ({w * h / 1e6:.3g} MP) is over "
                     f"the budget of {budget / 1e6:.3g} MP" + (
                         ", even decoded at 1/8 scale" if im.format == "JPEG" else "") + ".",
                     hint=f"Shrink the image, or raise the budget with --max-pixels (or "
@@ -86,11 +90,11 @@ def open_rgb(path: str | Path, draft: int | None = None) -> Image.Image:
                 return Image.fromarray(grey.round().astype(np.uint8), "L").convert("RGB")
             return im.convert("RGB")
     except FileNotFoundError as e:
-        raise WingspanError(f"Image not found: {path}") from e
+        raise WingspanError(f"Image not found: {name}") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
             Image.DecompressionBombError) as e:
         raise WingspanError(
-            f"Cannot read image {path}: {e}",
+            f"Cannot read image {name}: {e}",
             hint="Replace or delete the file; `wingspan data inspect` lists all such files.",
         ) from e
 
