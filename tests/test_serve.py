@@ -89,6 +89,21 @@ def test_bad_uploads_get_a_4xx_and_the_server_goes_on(client, tmp_path, name, da
                        ).status_code == 200
 
 
+def test_every_error_is_json_with_an_error_key(run_dir, client):
+    few = TestClient(create_app(run_dir, ServeLimits(max_files=2), device="cpu"))
+    r = few.post("/predict", files=[("files", (f"{i}.jpg", _jpeg(), "image/jpeg"))
+                                    for i in range(3)])
+    assert r.status_code == 413 and "3 files in one request; at most 2" in r.json()["error"]
+    r = client.post("/predict")  # no form at all: FastAPI's own validation
+    assert r.status_code == 422 and "Malformed request" in r.json()["error"]
+    r = client.get("/no-such-page")  # Starlette's own 404
+    assert r.status_code == 404 and r.json() == {"error": "Not Found"}
+    # one unreadable file among good ones: the request gets its error, the server goes on
+    mixed = [("files", (f"{i}.jpg", _jpeg(), "image/jpeg")) for i in range(5)]
+    r = client.post("/predict", files=[*mixed, ("files", ("bad.jpg", b"nope", "image/jpeg"))])
+    assert r.status_code == 415 and client.get("/health").json()["in_flight"] == 0
+
+
 def test_concurrent_requests_are_batched(run_dir):
     app = create_app(run_dir, ServeLimits(batch_wait_ms=50), device="cpu")
     predictor = app.state.predictor

@@ -33,7 +33,9 @@ from typing import Annotated
 import numpy as np
 import torch
 from fastapi import FastAPI, File, HTTPException, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from wingspan.data.images import max_pixels
 from wingspan.errors import WingspanError
@@ -45,6 +47,7 @@ from wingspan.predict import answer_at, taxonomy_path
 class ServeLimits:
     max_bytes: int = 20 * 2**20  # per uploaded file
     max_in_flight: int = 64  # requests being served at once; more get 429
+    max_files: int = 32  # images in one request; more get 413 (each is read whole)
     timeout_s: float = 30.0  # per request
     batch_size: int = 16  # images per forward pass
     batch_wait_ms: float = 5.0  # how long a request waits for others to batch with
@@ -80,6 +83,9 @@ class _Batcher:
                     batch.append(await asyncio.wait_for(queue.get(), left))
                 except asyncio.TimeoutError:
                     break
+            batch = [item for item in batch if not item[1].done()]  # drop cancelled requests
+            if not batch:
+                continue
             x = torch.stack([image for image, _ in batch])
             try:
                 outputs, scores = await asyncio.to_thread(self.predictor.forward_with_scores, x)
@@ -109,9 +115,16 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
     app = FastAPI(title="wingspan", description=f"Predictions of {predictor.bundle}")
     app.state.predictor = predictor
 
-    @app.exception_handler(HTTPException)
-    async def as_json(_, e: HTTPException):  # errors as {"error": ...}, not {"detail": ...}
+    # Every error as {"error": ...}, not {"detail": ...}: ours, Starlette's own (404, too
+    # many form parts) and a request without the form FastAPI expects (422).
+    @app.exception_handler(StarletteHTTPException)
+    async def as_json(_, e: StarletteHTTPException):
         return JSONResponse({"error": e.detail}, status_code=e.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_as_json(_, e: RequestValidationError):
+        where = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        return JSONResponse({"error": f"Malformed request ({where})."}, status_code=422)
 
     page = (Path(__file__).parent / "serve_page.html").read_text(encoding="utf-8")
 
@@ -149,9 +162,11 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
     @app.post("/predict")
     async def predict(files: Annotated[list[UploadFile], File()]) -> dict:
         start = time.perf_counter()
+        if len(files) > limits.max_files:
+            raise HTTPException(413, f"{len(files)} files in one request; at most "
+                                     f"{limits.max_files}.")
         with admitted():
-            results = await asyncio.wait_for(
-                asyncio.gather(*[_one(f) for f in files]), limits.timeout_s)
+            results = await asyncio.wait_for(_each(files), limits.timeout_s)
         return {"predictions": results, "latency_ms": round(1000 * (time.perf_counter()
                                                                     - start), 1)}
 
@@ -171,6 +186,17 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
 
     def _prepare(name: str | None, data: bytes) -> torch.Tensor:
         return view(_decode(name, data, predictor.draft))
+
+    async def _each(files: list[UploadFile]) -> list[dict]:
+        """Every file's answer; the first file that fails cancels the rest (the request
+        gets its error, and the others' images are not computed for nothing)."""
+        tasks = [asyncio.ensure_future(_one(f)) for f in files]
+        try:
+            return await asyncio.gather(*tasks)
+        except BaseException:  # gather leaves the others running (3.10 has no TaskGroup)
+            for task in tasks:
+                task.cancel()
+            raise
 
     async def _one(upload: UploadFile) -> dict:
         data = await upload.read(limits.max_bytes + 1)
