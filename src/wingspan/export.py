@@ -367,16 +367,17 @@ def _pixels(images: list[str], size: int, resize: int) -> np.ndarray | None:
 
 def _readable_pixels(images: list[str], size: int, resize: int
                      ) -> tuple[np.ndarray | None, list[int]]:
-    """(the readable ones of `images` as the model's input or None, their positions)."""
-    from PIL import Image
+    """(the readable ones of `images` as the model's input or None, their positions),
+    each opened as training opens it (upright, alpha on white, 16-bit stretched, within
+    the pixel budget)."""
+    from wingspan.data.images import open_rgb
 
     pixels, kept = [], []
     for i, path in enumerate(images):
         try:
-            with Image.open(path) as im:
-                pixels.append(prepare_pixels(im, size, resize))
+            pixels.append(prepare_pixels(open_rgb(path), size, resize))
             kept.append(i)
-        except OSError:
+        except WingspanError:  # unreadable, gone or over the budget: not checked on
             continue
     return (np.stack(pixels) if pixels else None), kept
 
