@@ -38,6 +38,7 @@ def test_folder_reader_reports_empty_class_and_non_images(tmp_path):
     folder_dataset(tmp_path, {"a": 2})
     (tmp_path / "empty_species").mkdir()
     (tmp_path / "a" / "notes.txt").write_text("field notes")
+    write_image(tmp_path / "a" / ".ipynb_checkpoints" / "a_0-checkpoint.jpg")  # a copy
     ds = read_dataset(tmp_path)
     kinds = {p.kind: p for p in ds.problems}
     assert "empty_species" in kinds["empty_class"].message

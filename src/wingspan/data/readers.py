@@ -144,7 +144,9 @@ def read_folder(root: Path, config: ReadConfig) -> Dataset:
     for class_dir in class_dirs:
         found = 0
         for f in sorted(class_dir.rglob("*")):
-            if f.name.startswith(".") or not f.is_file():
+            # Hidden files and everything in hidden folders (.ipynb_checkpoints, .thumbnails)
+            if any(part.startswith(".") for part in f.relative_to(class_dir).parts) \
+                    or not f.is_file():
                 continue
             if f.suffix.lower() in IMAGE_EXTENSIONS:
                 paths.append(str(f))
