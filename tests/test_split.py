@@ -56,6 +56,14 @@ def test_classes_too_small_for_every_split_are_reported_and_kept_in_train():
     assert set(rare["split"]) == {"train"} and len(rare) == 9  # nothing dropped
 
 
+def test_classes_all_too_small_get_an_error_that_says_so():
+    ds = synthetic({c: 2 for c in "abcdefghij"})  # 20 groups, 2 per class
+    with pytest.raises(WingspanError, match="Every 'label' class has fewer than 3 independent"):
+        split_dataset(ds)
+    _, report = split_dataset(ds, config=SplitConfig(val_fraction=0.5, test_fraction=0.0))
+    assert report.sizes["val"] > 0  # with one split to make, 2 groups per class will do
+
+
 def test_unlabelled_samples_and_impossible_fractions_are_refused():
     ds = synthetic({"a": 10, "b": 10})
     ds.table.loc[0, "label"] = ""

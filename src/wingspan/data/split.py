@@ -55,6 +55,12 @@ def split_dataset(dataset: Dataset, level: str | None = None,
     small = groups_per_class[groups_per_class < len(wanted) + 1]
     split = np.full(len(table), "train", dtype=object)
     pool = ~np.isin(labels, small.index)  # samples still to be divided
+    if wanted and not pool.any():
+        raise WingspanError(
+            f"Every '{level}' class has fewer than {len(wanted) + 1} independent images "
+            f"(groups), one for train and one for each of {' and '.join(wanted)}: there is "
+            "nothing to split off.",
+            hint="Add images, split on a coarser --level, or make no test split (--test 0).")
     remaining = 1.0
     for name in wanted:
         fraction = getattr(config, f"{name}_fraction") / remaining
