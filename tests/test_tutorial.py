@@ -67,8 +67,10 @@ def test_tutorial_runs(tmp_path):
     assert any("macro precision / recall / F1" in o["data"]["text/html"]
                and "data:image/png;base64," in o["data"]["text/html"] for o in html)
     # Progress does not flood: no cell leaves more than a few dozen outputs (training
-    # prints one line per epoch), and no warning about a missing widget library.
-    assert max(len(c.outputs) for c in code) < 40
+    # prints one line per epoch, 22 here, and shows a few bars: two more pairs when the
+    # engines are timed, as when this test runs alone), and no warning about a missing
+    # widget library.
+    assert max(len(c.outputs) for c in code) < 60
     streams = "".join(o.get("text", "") for c in code for o in c.outputs)
     assert "ipywidgets" not in streams and "Traceback" not in streams
     # Pretrained features tell the synthetic species apart: the figures mean something.
