@@ -89,6 +89,14 @@ def test_bad_uploads_get_a_4xx_and_the_server_goes_on(client, tmp_path, name, da
                        ).status_code == 200
 
 
+def test_a_jpeg_over_the_budget_even_reduced_is_413(client, monkeypatch):
+    monkeypatch.setenv("WINGSPAN_MAX_PIXELS", "5000")  # 800 x 800 at 1/8: 10,000 pixels
+    r = client.post("/predict", files=[("files", ("big.jpg", _jpeg(size=(800, 800)),
+                                                  "image/jpeg"))])
+    assert r.status_code == 413 and "big.jpg" in r.json()["error"]
+    assert "over the budget" in r.json()["error"]
+
+
 def test_every_error_is_json_with_an_error_key(run_dir, client):
     few = TestClient(create_app(run_dir, ServeLimits(max_files=2), device="cpu"))
     r = few.post("/predict", files=[("files", (f"{i}.jpg", _jpeg(), "image/jpeg"))

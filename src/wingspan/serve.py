@@ -212,10 +212,11 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
 
 def _decode(name: str | None, data: bytes, draft: int | None = None):
     """Pillow decides what the bytes are (not the file name), within the pixel budget; a
-    JPEG is decoded reduced to `draft`, as `wingspan predict` does."""
+    JPEG is decoded reduced to `draft` (and to fit the budget), as `wingspan predict`
+    does."""
     from PIL import Image, UnidentifiedImageError
 
-    from wingspan.data.images import open_rgb
+    from wingspan.data.images import ImageTooLarge, open_rgb
 
     try:
         with Image.open(io.BytesIO(data)) as probe:
@@ -224,19 +225,15 @@ def _decode(name: str | None, data: bytes, draft: int | None = None):
         raise HTTPException(413, f"{name}: refused as a decompression bomb ({e}).") from e
     except (UnidentifiedImageError, OSError) as e:
         raise HTTPException(415, f"{name}: not an image Pillow can read.") from e
-    budget = max_pixels()
-    # A JPEG may be decoded at 1/8 scale (libjpeg rounds each side up).
-    decoded = -(-w // 8) * -(-h // 8) if probe.format == "JPEG" else w * h
-    if decoded > budget:
-        raise HTTPException(413, f"{name}: {w} x {h} pixels is over the budget of "
-                                 f"{budget / 1e6:.3g} MP.")
     # The view resizes the shorter side to `draft`: a 1 x 40000 strip of a few hundred
     # bytes would become gigabytes.
-    if draft and min(w, h) and draft * draft * max(w, h) / min(w, h) > budget:
+    if draft and min(w, h) and draft * draft * max(w, h) / min(w, h) > max_pixels():
         raise HTTPException(413, f"{name}: {w} x {h} pixels is too long and thin to resize "
                                  "for the model.")
-    try:
+    try:  # open_rgb holds to the pixel budget (from the header, before decoding)
         return open_rgb(io.BytesIO(data), draft, name=name or "the upload")
+    except ImageTooLarge as e:
+        raise HTTPException(413, e.message) from e
     except WingspanError as e:
         raise HTTPException(422, e.message) from e
 

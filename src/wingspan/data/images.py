@@ -36,6 +36,10 @@ UNUSUAL_MODES = {
 SCALES = (1, 2, 4, 8)  # JPEG decoding scales libjpeg offers (as divisors)
 
 
+class ImageTooLarge(WingspanError):
+    """An image over the pixel budget (a server answers it 413, not 422)."""
+
+
 def max_pixels() -> int:
     """The pixel budget: $WINGSPAN_MAX_PIXELS, else MAX_PIXELS (read at each call, so that
     data-loading worker processes follow the command's --max-pixels)."""
@@ -69,7 +73,7 @@ def open_rgb(path: str | Path | BinaryIO, draft: int | None = None,
                 # this scale that is picked (rounded up, an odd side got the next one up).
                 im.draft("RGB", (max(1, w // scale), max(1, h // scale)))
             if im.size[0] * im.size[1] > budget:
-                raise WingspanError(
+                raise ImageTooLarge(
                     f"Cannot read image {name}: {w} x {h} pixels ({w * h / 1e6:.3g} MP) is over "
                     f"the budget of {budget / 1e6:.3g} MP" + (
                         ", even decoded at 1/8 scale" if im.format == "JPEG" else "") + ".",

@@ -117,10 +117,11 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
                    temperature=predictor.temperature, calibration=calibration,
                    fair=_fairness(predictor.manifest.get("metrics", {}), split, data))
     y_pred = probs.argmax(1)
+    read = [preds[i] for i in ok]  # the readable images' predictions, in y's order
     named = None  # which images the answer gives a class (the rest: "unknown")
     if predictor.unknown is not None:
-        named = np.array([preds[i].known_level == predictor.level for i in ok])
-        metrics["answers"] = _answers(predictor, [preds[i] for i in ok], named, y, y_pred)
+        named = np.array([p.known_level == predictor.level for p in read])
+        metrics["answers"] = _answers(predictor, read, named, y, y_pred)
     table = per_class_table(y, y_pred, classes)
     _write_csv(table, out_dir / "per_class.csv", index=False)
     cm = confusion(y, y_pred, len(classes))
@@ -130,7 +131,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     _write_predictions(out_dir / "predictions.csv", [paths[i] for i in ok], y, probs, classes)
     levels_table = None
     if predictor.taxonomy:
-        levels_table = _per_level(predictor, rows.iloc[ok], probs, [preds[i] for i in ok],
+        levels_table = _per_level(predictor, rows.iloc[ok], probs, read,
                                   metrics, out_dir)
     transfer = None
     if class_map:
@@ -143,15 +144,12 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
         _write_csv(transfer, out_dir / "transfer.csv", index=False)
         metrics["transfer"] = transfer.to_dict("records")
     if unknown is not None:
-        known = [preds[i] for i in ok]
-        metrics["unknown"] = _openset(predictor, unknown, known, y,
-                                      _finest_answer(predictor, known), out_dir, progress)
+        metrics["unknown"] = _openset(predictor, unknown, read, y,
+                                      _finest_answer(predictor, read), out_dir, progress)
     write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
 
-    answers = ([_named(predictor, preds[i]) for i in ok] if predictor.unknown is not None
-               else None)  # what predict told the user, for the mistakes' captions
     pngs = _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, y,
-                  probs, logits, answers)
+                  probs, logits, read)
     if unknown is not None:
         pngs["unknown"] = out_dir / "unknown.png"
     _report(out_dir, (run_dir or final).name, predictor, run_dir, dataset, level, split,
@@ -489,13 +487,15 @@ def _write_csv(frame: pd.DataFrame, path: Path, **options) -> None:
 
 
 def _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, y, probs,
-           logits, answers: list[str] | None = None) -> dict:
+           logits, read: list) -> dict:
     pngs = {"confusion": plots.plot_confusion(cm, classes, out_dir / "confusion.png")}
     wrong = np.flatnonzero(probs.argmax(1) != y)
     worst = wrong[np.argsort(-probs.max(1)[wrong])][:18]
+    told = predictor.unknown is not None  # else the answer is always the top class
     pngs["mistakes"] = plots.plot_mistakes(
         [{"path": paths[ok[i]], "true": classes[y[i]], "predicted": classes[probs[i].argmax()],
-          "probability": float(probs[i].max()), "answer": answers[i] if answers else None,
+          "probability": float(probs[i].max()),
+          "answer": _named(predictor, read[i]) if told else None,
           **_grad_cam_view(predictor, paths[ok[i]], int(probs[i].argmax()))} for i in worst],
         out_dir / "mistakes.png")
     raw = softmax(logits)
