@@ -24,13 +24,14 @@ from PIL import Image
 session = ort.InferenceSession(sys.argv[1])
 meta = json.loads(session.get_modelmeta().custom_metadata_map["wingspan"])
 size, resize = meta["input"]["size"], meta["input"]["resize_shorter_side_to"]
+resample = Image.Resampling[meta["input"]["interpolation"].upper()]  # as in training
 unknown = meta.get("unknown")
 rows = []
 for path in sys.argv[2:]:
     image = Image.open(path).convert("RGB")
     scale = resize / min(image.size)
     image = image.resize((max(size, round(image.width * scale)),
-                          max(size, round(image.height * scale))), Image.Resampling.BICUBIC)
+                          max(size, round(image.height * scale))), resample)
     left, top = (image.width - size) // 2, (image.height - size) // 2
     pixels = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
     out = dict(zip(meta["outputs"], session.run(None, {"pixels": pixels[None]})))
@@ -84,8 +85,9 @@ def test_export_runs_without_wingspan_and_matches_pytorch(run_dir, run_cli, demo
     # on the same pixels, so its thresholds hold for them.
     net, manifest, detector = load_bundle(run_dir / "model", with_unknown=True)
     pre, size = manifest["preprocessing"], meta["input"]["size"]
-    pixels = np.stack([prepare_pixels(Image.open(p), size, meta["input"]["resize_shorter_side_to"])
-                       for p in images])
+    assert meta["input"]["interpolation"] == pre["interpolation"]  # training's resize
+    pixels = np.stack([prepare_pixels(Image.open(p), size, meta["input"]["resize_shorter_side_to"],
+                                      meta["input"]["interpolation"]) for p in images])
     x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
     x = (x - torch.tensor(pre["mean"])[:, None, None]) / torch.tensor(pre["std"])[:, None, None]
     with torch.no_grad():
@@ -168,7 +170,9 @@ def test_int8_is_written_only_within_a_point_of_fp32(run_dir, run_cli, monkeypat
     meta = json.loads(path.with_suffix(".json").read_text())
     assert figures["unknown_thresholds_fp32"].keys() == meta["unknown"]["thresholds"].keys()
     paths, _ = export._split_images(export.find_bundle(run_dir), "val", 1000)
-    pixels = export._pixels(paths, meta["input"]["size"], meta["input"]["resize_shorter_side_to"])
+    spec = meta["input"]
+    pixels = export._pixels(paths, export.InputSpec(spec["size"], spec["resize_shorter_side_to"],
+                                                    spec["interpolation"]))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for level, threshold in meta["unknown"]["thresholds"].items():
         (scores,) = session.run([f"unknown.{level}"], {"pixels": pixels})

@@ -1,3 +1,5 @@
+import io
+
 import numpy as np
 import pytest
 from helpers import write_image
@@ -61,6 +63,35 @@ def test_the_pixel_budget_reduces_a_big_jpeg_and_refuses_a_big_png(tmp_path, mon
         open_rgb(tmp_path / "big.png")
     Image.new("RGB", (1601, 1201), (200, 30, 30)).save(tmp_path / "odd.jpg")
     assert open_rgb(tmp_path / "odd.jpg").size == (801, 601)  # odd sides: still 1/2 scale
+    monkeypatch.setenv("WINGSPAN_MAX_PIXELS", str(800 * 600))
+    # libjpeg's half of 1601 x 1201 is 801 x 601, just over: a quarter, not a refusal
+    assert open_rgb(tmp_path / "odd.jpg").size == (401, 301)
     monkeypatch.setenv("WINGSPAN_MAX_PIXELS", "20000")
     with pytest.raises(WingspanError, match="even decoded at 1/8 scale"):
         open_rgb(tmp_path / "big.jpg")
+
+
+def _claiming(jpeg: bytes, width: int, height: int) -> bytes:
+    """`jpeg` with its frame header (SOF0) claiming another size; the data stays small."""
+    import struct
+
+    sof = jpeg.index(b"\xff\xc0")
+    return jpeg[:sof + 5] + struct.pack(">HH", height, width) + jpeg[sof + 9:]
+
+
+def test_a_drawer_scan_over_pillows_own_limit_is_read_reduced_not_called_a_bomb(tmp_path):
+    """Pillow refuses any image over 500 MP as a bomb from its header; wingspan's budget
+    decides instead, and a JPEG that 1/8 scale brings under it is decoded reduced."""
+    from PIL import Image
+
+    from wingspan.data.images import image_facts, open_rgb
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(buffer, "JPEG")
+    (tmp_path / "scan.jpg").write_bytes(_claiming(buffer.getvalue(), 24000, 24000))  # 576 MP
+    assert open_rgb(tmp_path / "scan.jpg").size == (6000, 6000)  # at 1/4: 36 MP
+    # A PNG cannot be reduced: refused from its header, by the budget, never decoded.
+    from test_bad_input import _bomb
+
+    _bomb(tmp_path / "bomb.png")
+    assert "over the pixel budget of 50 MP" in image_facts(str(tmp_path / "bomb.png")).error

@@ -5,10 +5,10 @@ resized and centre-cropped to the model's input size, as (N, size, size, 3). The
 normalisation, the network and the temperature-scaled softmax are inside it, so it returns
 calibrated probabilities per taxonomic level, and, for a model with unknown scores, each
 level's score (`unknown.LEVEL`) to compare with its threshold. Everything needed to
-prepare an image and name the outputs (input size, the resize before the crop, class
-names, taxonomy, temperature, thresholds) rides along: in the ONNX file's metadata, and in
-a JSON file beside it. Exporting checks the graph against PyTorch on real images and
-refuses an export that does not agree.
+prepare an image and name the outputs (input size, the resize before the crop and its
+filter, class names, taxonomy, temperature, thresholds) rides along: in the ONNX file's
+metadata, and in a JSON file beside it. Exporting checks the graph against PyTorch on
+real images and refuses an export that does not agree.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import warnings
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -83,17 +84,29 @@ def _expected(deployable: _Deployable, detector, score: str | None, pixels: np.n
     return out
 
 
-def prepare_pixels(image, size: int, resize: int) -> np.ndarray:
+@dataclass(frozen=True)
+class InputSpec:
+    """What the exported graph takes: the shorter side resized to `resize` with
+    `interpolation`, then the centre `size` square (`prepare_pixels`)."""
+
+    size: int
+    resize: int
+    interpolation: str = "bicubic"
+
+
+def prepare_pixels(image, size: int, resize: int, interpolation: str = "bicubic"
+                   ) -> np.ndarray:
     """A PIL image as the exported model wants it: RGB, shorter side resized to `resize`
-    (bicubic), the centre `size` square, uint8 (size, size, 3). The README's example does
-    the same in a few lines of Pillow."""
+    with the model's `interpolation` (the metadata's, as in training), the centre `size`
+    square, uint8 (size, size, 3). The README's example does the same in a few lines of
+    Pillow."""
     from PIL import Image
 
     image = image.convert("RGB")
     w, h = image.size
     scale = resize / min(w, h)
     image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))),
-                         Image.Resampling.BICUBIC)
+                         Image.Resampling[interpolation.upper()])
     left, top = (image.width - size) // 2, (image.height - size) // 2
     return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
@@ -117,6 +130,7 @@ def export_model(run: str | Path, out: str | Path | None = None, fmt: str = "onn
     model, manifest, detector = load_bundle(bundle, with_unknown=True)
     pre = manifest["preprocessing"]
     size, resize = int(pre["input_size"]), round(int(pre["input_size"]) / pre["crop_pct"])
+    spec = InputSpec(size, resize, pre.get("interpolation", "bicubic"))
     temperature = float(manifest.get("calibration", {}).get("temperature", 1.0))
     levels = list(manifest["classes"])
     if unknown_score and detector is None:
@@ -130,7 +144,8 @@ def export_model(run: str | Path, out: str | Path | None = None, fmt: str = "onn
     meta = {
         "format": "wingspan-onnx", "input": {
             "name": "pixels", "layout": "NHWC", "dtype": "uint8", "size": size,
-            "resize_shorter_side_to": resize, "then": f"centre crop {size}x{size}",
+            "resize_shorter_side_to": resize, "interpolation": spec.interpolation,
+            "then": f"centre crop {size}x{size}",
             "channels": "RGB"},
         "outputs": outputs, "levels": levels, "classes": manifest["classes"],
         "taxonomy": manifest.get("taxonomy"), "temperature": temperature,
@@ -152,13 +167,13 @@ def export_model(run: str | Path, out: str | Path | None = None, fmt: str = "onn
     out = Path(out) if out else bundle.parent / "export" / name
     images = check_images or _val_images(bundle, 16)
     if fmt == "torchscript":
-        return _export_torchscript(deployable, size, resize, outputs, images, meta, out,
+        return _export_torchscript(deployable, spec, outputs, images, meta, out,
                                    reference)
     graph = _onnx_graph(deployable, size, outputs, meta)
-    meta["checked"] = _check(graph, size, resize, outputs, images, reference,
+    meta["checked"] = _check(graph, spec, outputs, images, reference,
                              deployable.unknown)
     if quantize:
-        graph, meta["int8"], thresholds = _quantize(graph, bundle, size, resize, levels,
+        graph, meta["int8"], thresholds = _quantize(graph, bundle, spec, levels,
                                                     meta.get("unknown"))
         if thresholds:
             meta["unknown"]["thresholds"] = thresholds
@@ -169,16 +184,16 @@ def export_model(run: str | Path, out: str | Path | None = None, fmt: str = "onn
     return out
 
 
-def _export_torchscript(deployable, size, resize, outputs, images, meta, out, reference
+def _export_torchscript(deployable, spec: InputSpec, outputs, images, meta, out, reference
                         ) -> Path:
     """A traced TorchScript module (torch alone runs it), metadata in its extra files."""
-    example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
+    example = torch.zeros(2, spec.size, spec.size, 3, dtype=torch.uint8)
     # torch deprecates TorchScript for torch.export, but torch.jit.load is still what C++
     # and older Python deployments read; the issue asked for it by name.
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
         traced = torch.jit.trace(deployable, example, strict=False)
-    pixels = _pixels(images, size, resize)
+    pixels = _pixels(images, spec)
     got = want = {}
     if pixels is not None:
         with torch.no_grad():
@@ -194,7 +209,7 @@ def _export_torchscript(deployable, size, resize, outputs, images, meta, out, re
     return out
 
 
-def _quantize(graph: bytes, bundle: Path, size: int, resize: int, levels: list[str],
+def _quantize(graph: bytes, bundle: Path, spec: InputSpec, levels: list[str],
               unknown: dict | None = None) -> tuple[bytes, dict, dict[str, float] | None]:
     """ONNX Runtime's static int8 (QDQ, per-channel weights), calibrated on up to 64
     training images; refused (nothing written) when val top-1 drops by more than
@@ -211,7 +226,7 @@ def _quantize(graph: bytes, bundle: Path, size: int, resize: int, levels: list[s
         quantize_static,
     )
 
-    calibration = _pixels(_split_images(bundle, "train", 64)[0], size, resize)
+    calibration = _pixels(_split_images(bundle, "train", 64)[0], spec)
     val_paths, val_labels = _split_images(bundle, "val", 1000, level=levels[-1])
     if calibration is None or not val_paths:
         raise WingspanError("int8 needs the run's training and val images to calibrate and "
@@ -244,7 +259,7 @@ def _quantize(graph: bytes, bundle: Path, size: int, resize: int, levels: list[s
         quantized = target.read_bytes()
     finest = levels[-1]
     classes = json.loads(json.dumps(_classes(bundle)))[finest]
-    pixels, kept = _readable_pixels(val_paths, size, resize)
+    pixels, kept = _readable_pixels(val_paths, spec)
     truth = np.array([classes.index(c) if c in classes else -1 for c in val_labels])[kept]
     if not len(truth) or (truth < 0).all():  # else both top-1s are 0 and any int8 passes
         raise WingspanError(f"int8 cannot be checked: none of the run's val images could be "
@@ -360,12 +375,12 @@ def _classes(bundle: Path) -> dict:
     return read_manifest(bundle)["classes"]
 
 
-def _pixels(images: list[str], size: int, resize: int) -> np.ndarray | None:
+def _pixels(images: list[str], spec: InputSpec) -> np.ndarray | None:
     """The readable ones of `images` as the exported model's input, or None."""
-    return _readable_pixels(images, size, resize)[0]
+    return _readable_pixels(images, spec)[0]
 
 
-def _readable_pixels(images: list[str], size: int, resize: int
+def _readable_pixels(images: list[str], spec: InputSpec
                      ) -> tuple[np.ndarray | None, list[int]]:
     """(the readable ones of `images` as the model's input or None, their positions),
     each opened as training opens it (upright, alpha on white, 16-bit stretched, within
@@ -375,20 +390,20 @@ def _readable_pixels(images: list[str], size: int, resize: int
     pixels, kept = [], []
     for i, path in enumerate(images):
         try:
-            pixels.append(prepare_pixels(open_rgb(path), size, resize))
+            pixels.append(prepare_pixels(open_rgb(path), *astuple(spec)))
             kept.append(i)
         except WingspanError:  # unreadable, gone or over the budget: not checked on
             continue
     return (np.stack(pixels) if pixels else None), kept
 
 
-def _check(graph: bytes, size: int, resize: int, outputs: list[str], images: list[str],
+def _check(graph: bytes, spec: InputSpec, outputs: list[str], images: list[str],
            reference, unknown: nn.Module | None) -> dict:
     """ONNX Runtime against `reference` on `images` (see `_compare`); nothing to compare
     without images."""
     import onnxruntime as ort
 
-    batch = _pixels(images, size, resize)
+    batch = _pixels(images, spec)
     if batch is None:
         return _compare({}, {}, outputs, unknown, "exported model", 0)
     session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])

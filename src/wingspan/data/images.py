@@ -14,8 +14,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from wingspan.config import MAX_PIXELS, MAX_PIXELS_ENV
 from wingspan.errors import WingspanError
 
-# Refuse decompression bombs, but allow large scans of museum drawers.
-Image.MAX_IMAGE_PIXELS = 250_000_000
+# wingspan refuses decompression bombs itself, from each image's header against its own
+# budget (`max_pixels`), and decodes a large JPEG reduced first; Pillow's fixed check would
+# refuse a museum drawer scan of over 500 MP that 1/8 scale brings under the budget.
+Image.MAX_IMAGE_PIXELS = None
 EXIF_ORIENTATION = 0x0112
 UNUSUAL_MODES = {
     "CMYK": "CMYK colour",
@@ -47,6 +49,11 @@ def max_pixels() -> int:
     return int(value) if value.isdigit() and int(value) > 0 else MAX_PIXELS
 
 
+def _ceil(side: int, scale: int) -> int:
+    """libjpeg's side at 1/scale: rounded up."""
+    return -(-side // scale)
+
+
 def open_rgb(path: str | Path | BinaryIO, draft: int | None = None,
              name: str | None = None) -> Image.Image:
     """Decode an image as upright 8-bit RGB, whatever its mode or EXIF orientation.
@@ -65,7 +72,7 @@ def open_rgb(path: str | Path | BinaryIO, draft: int | None = None,
             if im.format == "JPEG" and (draft or w * h > budget):
                 # libjpeg's scales: the least that fits the budget, and (for `draft`) the
                 # most that keeps the shorter side at least `draft`.
-                scale = next((s for s in SCALES if (w // s) * (h // s) <= budget), 8)
+                scale = next((s for s in SCALES if _ceil(w, s) * _ceil(h, s) <= budget), 8)
                 if draft:
                     scale = max(scale, max(s for s in SCALES if min(w, h) // s >= draft
                                            or s == 1))
@@ -130,10 +137,15 @@ def image_facts(path: str) -> ImageFacts:
         with Image.open(path) as im:
             facts.width, facts.height = im.size
             facts.mode, facts.format = im.mode, im.format or ""
-            orientation = im.getexif().get(EXIF_ORIENTATION, 1)
-            facts.exif_rotated = orientation not in (0, 1)
             if im.format == "JPEG":
                 im.draft(im.mode, (im.width // 8 + 1, im.height // 8 + 1))  # fast, still reads all
+            # Checked before anything decodes (a PNG's EXIF is read by decoding it): no bomb.
+            if im.size[0] * im.size[1] > max_pixels():
+                facts.error = (f"{facts.width} x {facts.height} pixels is over the pixel "
+                               f"budget of {max_pixels() / 1e6:.3g} MP (--max-pixels)")
+                return facts
+            orientation = im.getexif().get(EXIF_ORIENTATION, 1)
+            facts.exif_rotated = orientation not in (0, 1)
             im.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
             Image.DecompressionBombError) as e:
