@@ -168,6 +168,7 @@ def test_int8_is_written_only_within_a_point_of_fp32(run_dir, run_cli, monkeypat
     import onnxruntime as ort
 
     meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["checked"]["graph"] == "fp32, before quantizing"  # not the int8 file's
     assert figures["unknown_thresholds_fp32"].keys() == meta["unknown"]["thresholds"].keys()
     paths, _ = export._split_images(export.find_bundle(run_dir), "val", 1000)
     spec = meta["input"]

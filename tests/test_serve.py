@@ -245,6 +245,11 @@ def test_the_page_in_a_real_browser(run_dir, demo_dir, tmp_path):
         page.set_input_files("#file", str(notes))
         page.wait_for_selector("body[data-state=error]")
         assert "not an image" in page.text_content("#error")
+        # The model's details failing to load says so, rather than "loading" for ever.
+        page.route("**/model", lambda route: route.fulfill(status=503, body="{}"))
+        page.reload()
+        page.wait_for_function("document.getElementById('model').textContent"
+                               ".includes('unavailable (the server answered 503)')")
         browser.close()
     (artifacts / "serve-page.json").write_text(json.dumps(
         {"seconds_from_choosing_to_answer": round(seconds_to_answer, 3)}))
