@@ -148,7 +148,37 @@ def test_in_flight_and_time_limits(run_dir):
     assert busy.post("/explain", files=photo).status_code == 429
     r = slow.post("/explain", files=photo)
     assert r.status_code == 504 and "No answer within" in r.json()["error"]
-    assert slow.get("/health").json()["in_flight"] == 0
+
+
+def test_a_timed_out_explanation_keeps_its_place_until_its_thread_ends(run_dir, monkeypatch):
+    """Grad-CAM runs in a thread that a 504 cannot stop: it counts in flight until it ends,
+    so that explanations answered 504 cannot pile up threads past max_in_flight."""
+    import threading
+
+    import wingspan.serve
+
+    release, started = threading.Event(), threading.Event()
+
+    def stuck(*args):
+        started.set()
+        release.wait(30)
+        return b""
+
+    monkeypatch.setattr(wingspan.serve, "_explain_png", stuck)
+    app = create_app(run_dir, ServeLimits(timeout_s=0.2, max_in_flight=1), device="cpu")
+    photo = {"file": ("a.jpg", _jpeg(), "image/jpeg")}
+    with TestClient(app) as client:
+        assert client.post("/explain", files=photo).status_code == 504
+        assert started.is_set() and client.get("/health").json()["in_flight"] == 1
+        assert client.post("/explain", files=photo).status_code == 429  # the place is held
+        release.set()
+        for _ in range(100):  # the thread ends, and its place is given back
+            if client.get("/health").json()["in_flight"] == 0:
+                break
+            time.sleep(0.05)
+        assert client.get("/health").json()["in_flight"] == 0
+        assert client.post("/predict", files=[("files", ("a.jpg", _jpeg(), "image/jpeg"))]
+                           ).status_code == 200
 
 
 def test_explain_returns_an_overlay_png(client):

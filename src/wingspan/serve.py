@@ -180,8 +180,15 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
             raise HTTPException(422, f"Unknown class '{target}'.")
         with admitted():
             x = await asyncio.to_thread(_prepare, file.filename, data)
-            png = await asyncio.wait_for(
-                asyncio.to_thread(_explain_png, predictor, x, target), limits.timeout_s)
+            work = asyncio.ensure_future(asyncio.to_thread(_explain_png, predictor, x, target))
+            try:
+                png = await asyncio.wait_for(asyncio.shield(work), limits.timeout_s)
+            except asyncio.TimeoutError:
+                # A thread cannot be stopped: it keeps a place in flight until it ends, so
+                # that slow explanations answered 504 cannot pile up past the limit.
+                in_flight["n"] += 1
+                work.add_done_callback(lambda _: in_flight.update(n=in_flight["n"] - 1))
+                raise
         return Response(png, media_type="image/png")
 
     def _prepare(name: str | None, data: bytes) -> torch.Tensor:
