@@ -47,6 +47,28 @@ def test_a_full_cache_disk_does_not_make_images_unreadable(tmp_path, monkeypatch
     assert array.shape == (30, 40, 3)  # decoded all the same
 
 
+def test_the_decoded_image_cache_shrinks_with_the_models_filter(tmp_path):
+    """Training's images are shrunk with the filter predict and the export use (timm's
+    `interpolation`), each filter in a cache of its own."""
+    import numpy as np
+    from helpers import write_image
+    from PIL import Image
+
+    from wingspan.training.decode_cache import DecodeCache
+
+    image = write_image(tmp_path / "a.png", size=(400, 300), seed=1)
+    with Image.open(image) as im:
+        want = {f: np.asarray(im.convert("RGB").resize((43, 32), getattr(Image.Resampling, f),
+                                                       reducing_gap=3.0))
+                for f in ("BILINEAR", "BICUBIC")}
+    assert not np.array_equal(want["BILINEAR"], want["BICUBIC"])
+    for name in ("bilinear", "bicubic"):
+        got = DecodeCache(tmp_path / "cache", 32, name).load(str(image))
+        np.testing.assert_array_equal(got, want[name.upper()])
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
+        "decoded-32", "decoded-32-bilinear"]
+
+
 def test_the_cli_says_the_disk_is_full_instead_of_a_traceback(run_cli, tmp_path, monkeypatch):
     from wingspan.data import inspect as inspect_module
 

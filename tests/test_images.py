@@ -90,8 +90,35 @@ def test_a_drawer_scan_over_pillows_own_limit_is_read_reduced_not_called_a_bomb(
     Image.new("RGB", (64, 48), (200, 30, 30)).save(buffer, "JPEG")
     (tmp_path / "scan.jpg").write_bytes(_claiming(buffer.getvalue(), 24000, 24000))  # 576 MP
     assert open_rgb(tmp_path / "scan.jpg").size == (6000, 6000)  # at 1/4: 36 MP
+    (tmp_path / "scan40k.jpg").write_bytes(_claiming(buffer.getvalue(), 40000, 40000))
+    assert open_rgb(tmp_path / "scan40k.jpg").size == (5000, 5000)  # 1/8: 25 MP
+    assert image_facts(str(tmp_path / "scan40k.jpg")).error is None  # inspect reads it too
     # A PNG cannot be reduced: refused from its header, by the budget, never decoded.
     from test_bad_input import _bomb
 
     _bomb(tmp_path / "bomb.png")
     assert "over the pixel budget of 50 MP" in image_facts(str(tmp_path / "bomb.png")).error
+
+
+def test_formats_that_decode_more_than_their_header_says_are_not_opened(tmp_path, monkeypatch):
+    """An ICO's directory says 16 x 16 and Pillow decodes the PNG inside, of any size: a
+    bomb the header check cannot see, so only formats whose header states the decoded
+    size are opened."""
+    import struct
+
+    from wingspan.data.images import image_facts
+
+    monkeypatch.setenv("WINGSPAN_MAX_PIXELS", "1000000")
+    buffer = io.BytesIO()
+    Image.new("L", (2000, 2000)).save(buffer, "PNG")  # 4 MP, over the 1 MP budget
+    png = buffer.getvalue()
+    ico = struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32,
+                                                     len(png), 22) + png
+    (tmp_path / "icon.ico").write_bytes(ico)
+    with pytest.raises(WingspanError, match="Cannot read image"):
+        open_rgb(tmp_path / "icon.ico")
+    assert image_facts(str(tmp_path / "icon.ico")).error
+    # A camera's multi-picture JPEG (MPO) is a JPEG: decoded reduced to fit the budget.
+    photo = Image.new("RGB", (1600, 1200), (200, 30, 30))
+    photo.save(tmp_path / "camera.mpo", "MPO", save_all=True, append_images=[photo])
+    assert open_rgb(tmp_path / "camera.mpo").size == (800, 600)

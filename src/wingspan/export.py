@@ -19,7 +19,7 @@ import io
 import json
 import logging
 import warnings
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -393,7 +393,8 @@ def _readable_pixels(images: list[str], spec: InputSpec
     pixels, kept = [], []
     for i, path in enumerate(images):
         try:
-            pixels.append(prepare_pixels(open_rgb(path), *astuple(spec)))
+            pixels.append(prepare_pixels(open_rgb(path), spec.size, spec.resize,
+                                         spec.interpolation))
             kept.append(i)
         except WingspanError:  # unreadable, gone or over the budget: not checked on
             continue

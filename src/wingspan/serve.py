@@ -183,9 +183,10 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
             work = asyncio.ensure_future(asyncio.to_thread(_explain_png, predictor, x, target))
             try:
                 png = await asyncio.wait_for(asyncio.shield(work), limits.timeout_s)
-            except asyncio.TimeoutError:
+            except (asyncio.TimeoutError, asyncio.CancelledError):
                 # A thread cannot be stopped: it keeps a place in flight until it ends, so
-                # that slow explanations answered 504 cannot pile up past the limit.
+                # that slow explanations answered 504 (or cancelled) cannot pile up past
+                # the limit.
                 in_flight["n"] += 1
                 work.add_done_callback(lambda _: in_flight.update(n=in_flight["n"] - 1))
                 raise
@@ -223,10 +224,10 @@ def _decode(name: str | None, data: bytes, draft: int | None = None):
     does."""
     from PIL import Image, UnidentifiedImageError
 
-    from wingspan.data.images import ImageTooLarge, open_rgb
+    from wingspan.data.images import FORMATS, ImageTooLarge, open_rgb
 
     try:  # the header only: a bomb is refused by the pixel budget below, before decoding
-        with Image.open(io.BytesIO(data)) as probe:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as probe:
             w, h = probe.size
     except (UnidentifiedImageError, OSError) as e:
         raise HTTPException(415, f"{name}: not an image Pillow can read.") from e

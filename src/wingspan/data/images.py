@@ -36,6 +36,10 @@ UNUSUAL_MODES = {
 
 
 SCALES = (1, 2, 4, 8)  # JPEG decoding scales libjpeg offers (as divisors)
+# The formats wingspan opens: each decodes to the size its header states, which the budget
+# checks first (an ICO or ICNS decodes an embedded PNG of any size, whatever it states).
+FORMATS = ("JPEG", "PNG", "TIFF", "WEBP", "GIF", "BMP")  # JPEG's opener also reads MPO
+REDUCIBLE = ("JPEG", "MPO")  # decoded by libjpeg, which can scale while decoding
 
 
 class ImageTooLarge(WingspanError):
@@ -67,9 +71,9 @@ def open_rgb(path: str | Path | BinaryIO, draft: int | None = None,
     """
     name = name or str(path)
     try:
-        with Image.open(path) as im:
+        with Image.open(path, formats=FORMATS) as im:
             budget, (w, h) = max_pixels(), im.size
-            if im.format == "JPEG" and (draft or w * h > budget):
+            if im.format in REDUCIBLE and (draft or w * h > budget):
                 # libjpeg's scales: the least that fits the budget, and (for `draft`) the
                 # most that keeps the shorter side at least `draft`.
                 scale = next((s for s in SCALES if _ceil(w, s) * _ceil(h, s) <= budget), 8)
@@ -83,7 +87,7 @@ def open_rgb(path: str | Path | BinaryIO, draft: int | None = None,
                 raise ImageTooLarge(
                     f"Cannot read image {name}: {w} x {h} pixels ({w * h / 1e6:.3g} MP) is over "
                     f"the budget of {budget / 1e6:.3g} MP" + (
-                        ", even decoded at 1/8 scale" if im.format == "JPEG" else "") + ".",
+                        ", even decoded at 1/8 scale" if im.format in REDUCIBLE else "") + ".",
                     hint=f"Shrink the image, or raise the budget with --max-pixels (or "
                     f"${MAX_PIXELS_ENV}); decoding takes about 4 bytes a pixel, several times.")
             im = ImageOps.exif_transpose(im)
@@ -134,11 +138,11 @@ def image_facts(path: str) -> ImageFacts:
         return facts
     facts.sha256 = hashlib.sha256(data).hexdigest()
     try:
-        with Image.open(path) as im:
+        with Image.open(path, formats=FORMATS) as im:
             facts.width, facts.height = im.size
             facts.mode, facts.format = im.mode, im.format or ""
-            if im.format == "JPEG":
-                im.draft(im.mode, (im.width // 8 + 1, im.height // 8 + 1))  # fast, still reads all
+            if im.format in REDUCIBLE:  # at 1/8 scale: fast, and still reads all the data
+                im.draft(im.mode, (_ceil(im.width, 8), _ceil(im.height, 8)))
             # Checked before anything decodes (a PNG's EXIF is read by decoding it): no bomb.
             if im.size[0] * im.size[1] > max_pixels():
                 facts.error = (f"{facts.width} x {facts.height} pixels is over the pixel "

@@ -18,10 +18,13 @@ from wingspan.files import FileArrays
 
 
 class DecodeCache:
-    def __init__(self, directory: str | Path | None, short_side: int):
-        self.arrays = FileArrays(Path(directory) / f"decoded-{short_side}" if directory
-                                 else None, str(short_side))
+    def __init__(self, directory: str | Path | None, short_side: int,
+                 interpolation: str = "bicubic"):
+        """`interpolation`: the model's resize filter (timm's name), as predict resizes."""
+        key = f"{short_side}" + ("" if interpolation == "bicubic" else f"-{interpolation}")
+        self.arrays = FileArrays(Path(directory) / f"decoded-{key}" if directory else None, key)
         self.short_side = short_side
+        self.resample = Image.Resampling[interpolation.upper()]
 
     def load(self, path: str) -> np.ndarray:
         """The image as an (H, W, 3) uint8 array, its shorter side at most `short_side`."""
@@ -40,5 +43,5 @@ class DecodeCache:
         scale = self.short_side / min(w, h)
         if scale < 1:  # only ever shrink
             image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))),
-                                 Image.Resampling.BICUBIC, reducing_gap=3.0)
+                                 self.resample, reducing_gap=3.0)
         return image

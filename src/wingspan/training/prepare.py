@@ -195,7 +195,8 @@ def build_train_data(plan: LabelPlan, config: TrainConfig, pre: Preprocessing,
 
     size = pre.input_size
     augment = AugmentConfig(policy=config.augment, image_size=size, eval_crop=pre.crop_pct)
-    cache = DecodeCache(config.cache_dir or default_cache_dir(), round(size / pre.crop_pct))
+    cache = DecodeCache(config.cache_dir or default_cache_dir(), round(size / pre.crop_pct),
+                        pre.interpolation)
     norm = {"mean": pre.mean, "std": pre.std, "interpolation": pre.interpolation}
     clean, augmented = eval_transform(augment, **norm), train_transform(augment, **norm)
 
