@@ -157,9 +157,10 @@ def test_a_timed_out_explanation_keeps_its_place_until_its_thread_ends(run_dir, 
 
     import wingspan.serve
 
-    release, started = threading.Event(), threading.Event()
+    release, started, names = threading.Event(), threading.Event(), []
 
     def stuck(*args):
+        names.append(threading.current_thread().name)
         started.set()
         release.wait(30)
         return b""
@@ -170,6 +171,7 @@ def test_a_timed_out_explanation_keeps_its_place_until_its_thread_ends(run_dir, 
     with TestClient(app) as client:
         assert client.post("/explain", files=photo).status_code == 504
         assert started.is_set() and client.get("/health").json()["in_flight"] == 1
+        assert names[0].startswith("wingspan-explain")  # not a thread /predict decodes on
         assert client.post("/explain", files=photo).status_code == 429  # the place is held
         release.set()
         for _ in range(100):  # the thread ends, and its place is given back

@@ -25,6 +25,7 @@ import os
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,7 @@ class ServeLimits:
     batch_size: int = 16  # images per forward pass
     batch_wait_ms: float = 5.0  # how long a request waits for others to batch with
     top_k: int = 5
+    explain_threads: int = 2  # Grad-CAMs computed at once (each uses every core); more wait
 
 
 class _Batcher:
@@ -111,6 +113,9 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
     predictor.forward(torch.zeros(limits.batch_size, 3, predictor.size, predictor.size))
     batcher = _Batcher(predictor, limits)
     in_flight = {"n": 0}
+    # Grad-CAM on threads of its own: one that outlives its 504 (a thread cannot be
+    # stopped) then holds one of these, not one of the pool that decodes /predict's images.
+    explainers = ThreadPoolExecutor(limits.explain_threads, thread_name_prefix="wingspan-explain")
     manifest = predictor.manifest
     app = FastAPI(title="wingspan", description=f"Predictions of {predictor.bundle}")
     app.state.predictor = predictor
@@ -180,7 +185,8 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
             raise HTTPException(422, f"Unknown class '{target}'.")
         with admitted():
             x = await asyncio.to_thread(_prepare, file.filename, data)
-            work = asyncio.ensure_future(asyncio.to_thread(_explain_png, predictor, x, target))
+            work = asyncio.get_running_loop().run_in_executor(
+                explainers, _explain_png, predictor, x, target)
             try:
                 png = await asyncio.wait_for(asyncio.shield(work), limits.timeout_s)
             except (asyncio.TimeoutError, asyncio.CancelledError):
