@@ -122,3 +122,12 @@ def test_formats_that_decode_more_than_their_header_says_are_not_opened(tmp_path
     photo = Image.new("RGB", (1600, 1200), (200, 30, 30))
     photo.save(tmp_path / "camera.mpo", "MPO", save_all=True, append_images=[photo])
     assert open_rgb(tmp_path / "camera.mpo").size == (800, 600)
+
+
+def test_resize_filters_are_named_as_timm_names_them():
+    from wingspan.data.images import pil_filter
+
+    assert pil_filter("bilinear") == Image.Resampling.BILINEAR
+    assert pil_filter("bicubic") == Image.Resampling.BICUBIC
+    with pytest.raises(WingspanError, match=r"(?s)Unknown resize filter 'nearest-exact'.*bicubic"):
+        pil_filter("nearest-exact")

@@ -100,13 +100,13 @@ def prepare_pixels(image, size: int, resize: int, interpolation: str = "bicubic"
     with the model's `interpolation` (the metadata's, as in training), the centre `size`
     square, uint8 (size, size, 3). The README's example does the same in a few lines of
     Pillow."""
-    from PIL import Image
+    from wingspan.data.images import pil_filter
 
     image = image.convert("RGB")
     w, h = image.size
     scale = resize / min(w, h)
     image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))),
-                         Image.Resampling[interpolation.upper()])
+                         pil_filter(interpolation))
     left, top = (image.width - size) // 2, (image.height - size) // 2
     return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
 

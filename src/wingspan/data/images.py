@@ -53,6 +53,16 @@ def max_pixels() -> int:
     return int(value) if value.isdigit() and int(value) > 0 else MAX_PIXELS
 
 
+def pil_filter(name: str) -> Image.Resampling:
+    """timm's interpolation name ('bicubic', 'bilinear', ...) as Pillow's resize filter."""
+    try:
+        return Image.Resampling[name.upper()]
+    except KeyError as e:
+        raise WingspanError(
+            f"Unknown resize filter '{name}'.",
+            hint=f"Use one of: {', '.join(f.name.lower() for f in Image.Resampling)}.") from e
+
+
 def _ceil(side: int, scale: int) -> int:
     """libjpeg's side at 1/scale: rounded up."""
     return -(-side // scale)

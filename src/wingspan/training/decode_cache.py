@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from wingspan.data.images import open_rgb
+from wingspan.data.images import open_rgb, pil_filter
 from wingspan.files import FileArrays
 
 
@@ -24,7 +24,7 @@ class DecodeCache:
         key = f"{short_side}" + ("" if interpolation == "bicubic" else f"-{interpolation}")
         self.arrays = FileArrays(Path(directory) / f"decoded-{key}" if directory else None, key)
         self.short_side = short_side
-        self.resample = Image.Resampling[interpolation.upper()]
+        self.resample = pil_filter(interpolation)
 
     def load(self, path: str) -> np.ndarray:
         """The image as an (H, W, 3) uint8 array, its shorter side at most `short_side`."""
