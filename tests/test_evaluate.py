@@ -330,3 +330,71 @@ def test_evaluate_other_data_with_a_class_map_shows_the_drop_per_class(trained, 
     assert "does not know (unicorn)" in stderr and "level 'label' (pegasus)" in stderr
     code, _, stderr = run_cli("evaluate", trained, tmp_path / "other", "--map", "oops")
     assert code != 0 and "expected NAME=NAME" in stderr
+
+
+def test_adapt_writes_a_new_run_and_leaves_the_run_as_it_was(trained, tmp_path, run_cli):
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    def fingerprint(run):
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted((run / "model").iterdir())}
+
+    before = fingerprint(trained)
+    splits = pd.read_csv(trained / "splits.csv")
+    photos = tmp_path / "photos"  # unlabelled: copies of test images, and a broken file
+    photos.mkdir()
+    for i, path in enumerate(splits[splits.split != "train"].path.head(24)):
+        shutil.copy(path, photos / f"{i}{Path(path).suffix}")
+    (photos / "broken.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "adapted"
+    code, stdout, err = run_cli("adapt", trained, photos, "--out", out, "--quiet")
+    assert code == 0, err
+    assert "25 photos (1 unreadable)" in stdout and str(out) in stdout
+    assert fingerprint(trained) == before
+    summary = json.loads((out / "adapt.json").read_text())
+    assert summary["photos"] == 25 and summary["unreadable"] == 1
+    assert summary["adapted_from"] == str(trained)
+    assert sum(summary["classes_after"].values()) == 24
+    # The head changed (and the unknown scores, fitted again); the backbone did not.
+    old, new = (load_file(r / "model" / "model.safetensors") for r in (trained, out))
+    assert old.keys() == new.keys()
+    for name in old:
+        same = np.array_equal(old[name].numpy(), new[name].numpy())
+        if name.startswith("head.outputs"):
+            assert not same, name
+        elif not name.startswith("unknown."):
+            assert same, name
+    manifest = read_manifest(out / "model")
+    assert manifest["classes"] == read_manifest(trained / "model")["classes"]
+    assert manifest["training"]["adapted"]["photos"] == 25
+    assert manifest["unknown"]["fitted_on"]
+    assert (out / "splits.csv").read_bytes() == (trained / "splits.csv").read_bytes()
+    assert not (out / "metrics.json").exists()  # the run's figures are not the adapted one's
+    # The adapted run is a run: it evaluates and predicts.
+    result = evaluate(out, split="val", progress=False, workers=0)
+    assert result.metrics["accuracy"] == pytest.approx(summary["val_accuracy"])
+    preds = list(Predictor(out, workers=0).run([str(p) for p in photos.iterdir()],
+                                               progress=False))
+    assert sum(p.error != "" for p in preds) == 1
+
+
+def test_adapt_refuses_what_it_cannot_do(trained, tmp_path):
+    from wingspan.training.adapt import adapt
+
+    with pytest.raises(WingspanError, match="no such file"):
+        adapt(trained, [str(tmp_path / "nowhere")], tmp_path / "a", progress=False)
+    with pytest.raises(WingspanError, match="folder of its own"):
+        adapt(trained, [str(tmp_path)], trained, progress=False)
+    other = tmp_path / "other-run"  # a folder that is not an earlier adapted run
+    (other / "model").mkdir(parents=True)
+    with pytest.raises(WingspanError, match="overwrite"):
+        adapt(trained, [str(tmp_path)], other, progress=False)
+    import wingspan as ws
+
+    with pytest.raises(WingspanError, match="Did you mean 'rounds'"):
+        ws.load(trained).adapt(tmp_path, roundz=2)
+    bundle = shutil.copytree(trained / "model", tmp_path / "bundle")  # no run around it
+    with pytest.raises(WingspanError, match="not a run folder"):
+        adapt(bundle, [str(tmp_path)], tmp_path / "b", progress=False)

@@ -512,6 +512,21 @@ class Run:
         return [Image(e.png) for e in explain(self._model, paths, out, device=device)
                 if not e.error]
 
+    def adapt(self, photos: str | Path | list[str | Path], out: str | Path | None = None,
+              **settings) -> Run:
+        """Fit the model to unlabelled photos from where it will be used (self-training of
+        its head), as `wingspan adapt`; returns the adapted run (this one is unchanged).
+        `settings` are AdaptConfig's (rounds, confidence, ...).
+
+        >>> garden = run.adapt("my_garden_photos/")
+        """
+        from wingspan.config import AdaptConfig
+        from wingspan.training.adapt import adapt
+
+        inputs = [str(p) for p in ([photos] if isinstance(photos, str | Path) else photos)]
+        done = adapt(self._model, inputs, out, _config(AdaptConfig, settings), progress=True)
+        return Run(done["out"])
+
     def export(self, format: str = "onnx", quantize: str | None = None,
                out: str | Path | None = None, unknown_score: str | None = None) -> Path:
         """A model that runs without wingspan (ONNX Runtime or TorchScript), checked

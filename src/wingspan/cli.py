@@ -18,6 +18,7 @@ from wingspan import __version__
 from wingspan.config import (
     MAX_PIXELS,
     MAX_PIXELS_ENV,
+    AdaptConfig,
     AuditConfig,
     AugmentConfig,
     DemoConfig,
@@ -539,6 +540,46 @@ def calibrate_command(
     out.print(f"Temperature {c['previous_temperature']:.3f} -> {c['temperature']:.3f}, fitted "
               f"on {c['images']} images ({c['fitted_on']}); ECE {c['val_ece_before']:.4f} -> "
               f"{c['val_ece_after']:.4f}")
+
+
+A = AdaptConfig
+
+
+@app.command("adapt")
+def adapt_command(
+    model: Model,
+    photos: Annotated[list[str], typer.Argument(
+        help="Unlabelled photos from where the model will be used: files, folders, globs.",
+        show_default=False)],
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out", help="The adapted run's folder (default: RUN-adapted).",
+        show_default=False)] = None,
+    rounds: Annotated[int, typer.Option(help="Rounds of pseudo-labelling.")] = A.rounds,
+    confidence: Annotated[float, typer.Option(
+        help="The probability a photo's label needs to be trained on.")] = A.confidence,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = A.batch_size,
+    device: DeviceOpt = A.device,
+    max_pixels: MaxPixels = None,
+    quiet: Quiet = False,
+) -> None:
+    """Fit a trained model to unlabelled photos of the place it will be used (e.g. a model
+    trained on web or museum images, for garden photos): its head learns from the photos it
+    is sure of (self-training). Writes a new run; the run itself stays as it is."""
+    from wingspan.training.adapt import adapt
+
+    config = AdaptConfig(rounds=rounds, confidence=confidence, batch_size=batch_size,
+                         device=device)
+    a = adapt(model, photos, out_dir, config, progress=not quiet)
+    used = list(a["photos_used_per_round"].values())[-1]  # the finest level's
+    out.print(f"{a['photos']} photos ({a['unreadable']} unreadable); trained on "
+              f"{' / '.join(map(str, used))} of them in {len(used)} rounds; the answer "
+              f"changed for {a['changed']:.1%}")
+    out.print("Photos per class before -> after: " + ", ".join(
+        f"{c} {n} -> {a['classes_after'][c]}" for c, n in a["classes_before"].items()))
+    out.print(f"On the run's own val images: accuracy {a['val_accuracy']:.4f}, temperature "
+              f"{a['temperature']:.3f}")
+    out.print(f"Adapted run: {a['out']}   (evaluate it like any run; its labels were never "
+              "seen, so only labelled photos from there can say how much it gained)")
 
 
 def _print_evaluation(result) -> None:

@@ -125,6 +125,29 @@ class AuditConfig:
 
 
 @dataclass
+class AdaptConfig:
+    """`wingspan adapt`: self-training the head on unlabelled photos from where the model
+    will be used. Measured on Leeds -> iNat field photos (README, Performance)."""
+
+    rounds: int = 3  # pseudo-label, refit, label again: more rounds drifted (10: -3 to -5 pts)
+    # A photo joins a round when the current head gives its class at least this probability
+    # (softmax of the logits, before the temperature, which may sharpen them: T 0.25 on
+    # Leeds let wrong labels in). 0.9 kept too few, 0.5 too many wrong ones.
+    confidence: float = 0.7
+    c: float = 1.0  # the logistic head's inverse regularisation (scikit-learn's C)
+    device: str = "auto"
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _check(self.rounds >= 1, "rounds", "at least 1", self.rounds)
+        _check(0 < self.confidence < 1, "confidence", "between 0 and 1, e.g. 0.7",
+               self.confidence)
+        _check(self.c > 0, "c", "a positive number", self.c)
+        _check(self.batch_size >= 1, "batch_size", "at least 1", self.batch_size)
+
+
+@dataclass
 class SplitConfig:
     """A grouped, stratified train/val/test split and the sampling of its train part."""
 
