@@ -46,6 +46,7 @@ from wingspan.data.images import open_rgb
 from wingspan.data.transforms import eval_transform
 from wingspan.evaluate.metrics import macro_f1
 from wingspan.inference import Predictor
+from wingspan.training.adapt import adapt
 
 DATA = {"inat": "inat-butterflies", "transfer": "leeds-butterflies"}
 # Leeds class -> iNat class, for the 4 species both hold.
@@ -106,6 +107,9 @@ LEVERS = {
                      cost="predict"),
     "camzoom-crop": Lever("as camzoom, the crop's probabilities alone", mode="camzoom-crop",
                           targets=("transfer",), cost="predict"),
+    "adapt": Lever("wingspan adapt on the photos it then names (unlabelled: self-training of "
+                   "the head, 3 rounds at p >= 0.7)", mode="adapt", targets=("transfer",),
+                   cost="predict"),
 }
 
 
@@ -245,6 +249,12 @@ def probabilities(run: Path, mode: str, paths: list[str]) -> tuple[np.ndarray, l
     # Another input size needs torch: an ONNX Runtime graph is exported at the trained one.
     torch_only = cam or mode.startswith("size")
     bundle = run / f"model-{mode}" if mode in ("swa", "ema") else run
+    adapting = 0.0
+    if mode == "adapt":  # its cost: adapting (its features of every photo) and predicting
+        start = time.perf_counter()
+        bundle = run / "levers" / "adapted"
+        adapt(run, paths, bundle, progress=False, workers=1)
+        adapting = time.perf_counter() - start
     predictor = Predictor(bundle, workers=1, runtime="torch" if torch_only else "auto",
                           precision="fp32" if cam else "auto")
     start = time.perf_counter()
@@ -258,7 +268,7 @@ def probabilities(run: Path, mode: str, paths: list[str]) -> tuple[np.ndarray, l
     if mode.startswith("size"):
         resized(predictor, int(mode[4:]))
     probs = np.stack([p.probs for p in predictor.run(paths, tta=mode == "tta", progress=False)])
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start + adapting
     np.savez(keep, probs=probs, classes=np.array(predictor.classes), seconds=seconds)
     return probs, predictor.classes, seconds
 

@@ -9,10 +9,10 @@ the new photos, the ones it gives at least `confidence` join the run's own label
 training images, and the head (a linear layer per level) is fitted again on both, as a
 logistic regression. The next round labels them all again with the new head.
 
-Hand-written rather than scikit-learn's SelfTrainingClassifier, which starts from a fit on
-the labelled images alone and keeps every pseudo-label it once gave: on Leeds -> iNat it
-gained 4-7 points where labelling afresh each round, from the trained head, gained 7-11
-(the figures are in the README).
+Hand-written rather than scikit-learn's SelfTrainingClassifier, which cannot start from
+the run's own head (it fits the labelled images alone first) and keeps every pseudo-label
+it once gave: on Leeds -> iNat it scored a point less in the mean of four figures, and 3
+less on one seed (README, Performance).
 
 The backbone, the class names and the preprocessing stay; the temperature and the unknown
 scores are fitted again on the run's own val and training images, as training fits them.
