@@ -349,8 +349,11 @@ def test_adapt_writes_a_new_run_and_leaves_the_run_as_it_was(trained, tmp_path, 
         shutil.copy(path, photos / f"{i}{Path(path).suffix}")
     (photos / "broken.jpg").write_bytes(b"not a jpeg")
     out = tmp_path / "adapted"
+    (out / "model").mkdir(parents=True)  # an earlier adapted run is replaced
+    (out / "adapt.json").write_text("{}")
     code, stdout, err = run_cli("adapt", trained, photos, "--out", out, "--quiet")
     assert code == 0, err
+    assert not list(tmp_path.glob(".*partial"))
     assert "25 photos (1 unreadable)" in stdout and str(out) in stdout
     assert fingerprint(trained) == before
     summary = json.loads((out / "adapt.json").read_text())
@@ -387,6 +390,12 @@ def test_adapt_refuses_what_it_cannot_do(trained, tmp_path):
         adapt(trained, [str(tmp_path / "nowhere")], tmp_path / "a", progress=False)
     with pytest.raises(WingspanError, match="folder of its own"):
         adapt(trained, [str(tmp_path)], trained, progress=False)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(WingspanError, match="None of the 1 images could be read"):
+        adapt(trained, [str(broken)], tmp_path / "c", progress=False)
+    assert not (tmp_path / "c").exists()
     other = tmp_path / "other-run"  # a folder that is not an earlier adapted run
     (other / "model").mkdir(parents=True)
     with pytest.raises(WingspanError, match="overwrite"):

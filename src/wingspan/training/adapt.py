@@ -101,7 +101,8 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
     if out.resolve() == run_dir.resolve():
         raise WingspanError("The adapted run must go to a folder of its own.",
                             hint="Give --out another folder; the run itself stays as it is.")
-    if out.is_dir() and any(out.iterdir()) and not (out / "adapt.json").is_file():
+    if out.exists() and not (out / "adapt.json").is_file() and (
+            not out.is_dir() or any(out.iterdir())):
         raise WingspanError(f"{out} is a folder with other things in it; the adapted run "
                             "would overwrite them.", hint="Give --out a new folder.")
     paths, missing = expand_paths([str(p) for p in photos])
@@ -122,11 +123,12 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
     def features(paths: list[str]) -> tuple[np.ndarray, list[int]]:
         preds = list(predictor.run(paths, progress=progress, with_features=True))
         ok = [i for i, p in enumerate(preds) if not p.error]
+        if not ok:
+            raise WingspanError(f"None of the {len(paths)} images could be read, e.g. "
+                                f"{preds[0].path}: {preds[0].error}")
         return np.stack([preds[i].features for i in ok]).astype(np.float64), ok
 
     x_photos, ok = features(paths)
-    if len(ok) == 0:
-        raise WingspanError("None of the photos could be read.")
     x_train, train_ok = features(train["path"].tolist())
     x_val, val_ok = features(val["path"].tolist())
     index = {lv: {c: i for i, c in enumerate(manifest["classes"][lv])} for lv in levels}
@@ -174,16 +176,23 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
         "val_accuracy": float(np.mean(val_logits[fine].argmax(1) == y_val)),
         "temperature": temperature,
     }
-    out.mkdir(parents=True, exist_ok=True)
+    # Written beside `out` and renamed into place: a killed adapt leaves no half a run.
+    partial = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
     for name in KEPT:
-        shutil.copy2(run_dir / name, out / name)
+        if (run_dir / name).is_file():
+            shutil.copy2(run_dir / name, partial / name)
     training = {**manifest.get("training", {}), "adapted": {
         k: summary[k] for k in ("adapted_from", "photos", "rounds", "confidence", "c")}}
-    save_bundle(predictor.model.cpu(), out / "model", manifest["classes"],
+    save_bundle(predictor.model.cpu(), partial / "model", manifest["classes"],
                 taxonomy=manifest.get("taxonomy"), training=training,
                 weights_source=manifest.get("weights_source"), calibration=calibration,
                 unknown=unknown)
-    write_text(out / "adapt.json", json.dumps(summary, indent=2))
+    write_text(partial / "adapt.json", json.dumps(summary, indent=2))
+    if out.exists():  # an earlier adapted run (checked above)
+        shutil.rmtree(out)
+    partial.rename(out)
     return {**summary, "out": str(out)}
 
 
