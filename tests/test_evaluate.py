@@ -350,15 +350,21 @@ def test_adapt_writes_a_new_run_and_leaves_the_run_as_it_was(trained, tmp_path, 
     (photos / "broken.jpg").write_bytes(b"not a jpeg")
     out = tmp_path / "adapted"
     (out / "model").mkdir(parents=True)  # an earlier adapted run is replaced
+    (out / "model" / "manifest.json").write_text('{"training": {"adapted": {}}}')
     (out / "adapt.json").write_text("{}")
-    code, stdout, err = run_cli("adapt", trained, photos, "--out", out, "--quiet")
+    # The test's model is small and unsure of everything: a bar this low lets every photo in.
+    code, stdout, err = run_cli("adapt", trained, photos, "--out", out, "--confidence", "0.01",
+                                "--quiet")
     assert code == 0, err
     assert not list(tmp_path.glob(".*partial"))
-    assert "25 photos (1 unreadable)" in stdout and str(out) in stdout
+    assert "25 photos (1 unreadable)" in stdout and "Replaced the earlier adapted run" in stdout
     assert fingerprint(trained) == before
     summary = json.loads((out / "adapt.json").read_text())
     assert summary["photos"] == 25 and summary["unreadable"] == 1
-    assert summary["adapted_from"] == str(trained)
+    assert summary["adapted_from"] == str(trained.resolve())
+    used = list(summary["photos_used_per_round"].values())[-1]
+    assert used == [24, 24, 24]  # every readable photo was trained on
+    assert summary["training_images"] > 0 and not summary["classes_without_training_images"]
     assert sum(summary["classes_after"].values()) == 24
     # The head changed (and the unknown scores, fitted again); the backbone did not.
     old, new = (load_file(r / "model" / "model.safetensors") for r in (trained, out))
@@ -388,8 +394,12 @@ def test_adapt_refuses_what_it_cannot_do(trained, tmp_path):
 
     with pytest.raises(WingspanError, match="no such file"):
         adapt(trained, [str(tmp_path / "nowhere")], tmp_path / "a", progress=False)
-    with pytest.raises(WingspanError, match="folder of its own"):
-        adapt(trained, [str(tmp_path)], trained, progress=False)
+    for holding_the_run in (trained, trained.parent):
+        with pytest.raises(WingspanError, match="holds the run itself"):
+            adapt(trained, [str(tmp_path)], holding_the_run, progress=False)
+    (tmp_path / "only-a-folder" / "sub").mkdir(parents=True)
+    with pytest.raises(WingspanError, match="No image files among"):
+        adapt(trained, [str(tmp_path / "only-a-folder" / "*")], tmp_path / "d", progress=False)
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "a.jpg").write_bytes(b"not a jpeg")
@@ -398,7 +408,8 @@ def test_adapt_refuses_what_it_cannot_do(trained, tmp_path):
     assert not (tmp_path / "c").exists()
     other = tmp_path / "other-run"  # a folder that is not an earlier adapted run
     (other / "model").mkdir(parents=True)
-    with pytest.raises(WingspanError, match="overwrite"):
+    (other / "adapt.json").write_text("{}")  # not enough: its model must say it was adapted
+    with pytest.raises(WingspanError, match="overwritten"):
         adapt(trained, [str(tmp_path)], other, progress=False)
     import wingspan as ws
 

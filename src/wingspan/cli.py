@@ -576,10 +576,18 @@ def adapt_command(
               f"changed for {a['changed']:.1%}")
     out.print("Photos per class before -> after: " + ", ".join(
         f"{c} {n} -> {a['classes_after'][c]}" for c, n in a["classes_before"].items()))
-    out.print(f"On the run's own val images: accuracy {a['val_accuracy']:.4f}, temperature "
-              f"{a['temperature']:.3f}")
-    out.print(f"Adapted run: {a['out']}   (evaluate it like any run; its labels were never "
-              "seen, so only labelled photos from there can say how much it gained)")
+    out.print(f"On the run's own val images: accuracy {a['val_accuracy_before']:.4f} -> "
+              f"{a['val_accuracy']:.4f}, temperature {a['temperature']:.3f}")
+    if not any(used):
+        out.print(f"[yellow]No photo reached p {confidence}:[/] the head was fitted again on the "
+                  "run's own images alone. Try a lower --confidence, or photos closer to the "
+                  "training images.")
+    for level, missing in a["classes_without_training_images"].items():
+        out.print(f"[yellow]{len(missing)} '{level}' classes had no readable training image[/] "
+                  f"and keep the run's own weights: {', '.join(missing[:5])}")
+    out.print(("Replaced the earlier adapted run: " if a["replaced"] else "Adapted run: ")
+              + f"{a['out']}   (evaluate it like any run; its labels were never seen, so only "
+              "labelled photos from there can say how much it gained)")
 
 
 def _print_evaluation(result) -> None:

@@ -45,6 +45,7 @@ from wingspan.predict import expand_paths
 # the curves of the training that made its backbone (metrics.json and the evaluations
 # describe the model before adapting, so they stay behind).
 KEPT = ("config.yaml", "splits.csv", "history.csv")
+NEVER = -1e4  # the bias of a class the fit never saw: its logit never wins
 
 
 def self_train(labelled: np.ndarray, labels: np.ndarray, photos: np.ndarray,
@@ -70,7 +71,7 @@ def self_train(labelled: np.ndarray, labels: np.ndarray, photos: np.ndarray,
 def _linear(fit: LogisticRegression, classes: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's fit as one logit per class, for every class of the head (a class that
     no image of the fit showed gets a logit that never wins)."""
-    weight, bias = np.zeros((classes, width)), np.full(classes, -1e4)
+    weight, bias = np.zeros((classes, width)), np.full(classes, NEVER)
     if len(fit.classes_) == 2:  # one decision function: logits (0, z) give the same softmax
         weight[fit.classes_[1]], bias[fit.classes_[1]] = fit.coef_[0], fit.intercept_[0]
         bias[fit.classes_[0]] = 0.0
@@ -97,17 +98,13 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
     if head.config.hidden:
         raise WingspanError("This model's head has a hidden layer; `wingspan adapt` refits "
                             "a linear head.", hint="Train without --hidden to adapt it.")
-    out = Path(out) if out else run_dir.with_name(run_dir.name + "-adapted")
-    if out.resolve() == run_dir.resolve():
-        raise WingspanError("The adapted run must go to a folder of its own.",
-                            hint="Give --out another folder; the run itself stays as it is.")
-    if out.exists() and not (out / "adapt.json").is_file() and (
-            not out.is_dir() or any(out.iterdir())):
-        raise WingspanError(f"{out} is a folder with other things in it; the adapted run "
-                            "would overwrite them.", hint="Give --out a new folder.")
+    run_dir = run_dir.resolve()
+    out = _check_out(Path(out) if out else run_dir.with_name(run_dir.name + "-adapted"),
+                     run_dir)
     paths, missing = expand_paths([str(p) for p in photos])
-    if missing:
-        raise WingspanError("Cannot read: " + "; ".join(f"{p} ({why})" for p, why in missing),
+    if missing or not paths:
+        raise WingspanError("Cannot read: " + "; ".join(f"{p} ({why})" for p, why in missing)
+                            if missing else f"No image files among {', '.join(photos)}.",
                             hint="Give image files, folders of images or globs.")
 
     manifest, levels = predictor.manifest, predictor.model.levels
@@ -116,7 +113,10 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
     table = table[table[levels[-1]].isin(predictor.classes)]
     train, val = table[table[SPLIT] == "train"], table[table[SPLIT] == "val"]
     if len(train) > MAX_FIT_IMAGES:  # enough to anchor the classes; the fit stays quick
-        train = train.sample(MAX_FIT_IMAGES, random_state=seed)
+        # Per class, so that a rare class keeps its images (a class missing from the fit
+        # could never be named again).
+        per_class = max(1, MAX_FIT_IMAGES // train[levels[-1]].nunique())
+        train = train.sample(frac=1.0, random_state=seed).groupby(levels[-1]).head(per_class)
     if train.empty or val.empty:
         raise WingspanError(f"{run_dir} has no training or no val images in splits.csv.")
 
@@ -136,19 +136,28 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
     def labels(part: pd.DataFrame, rows: list[int], lv: str) -> np.ndarray:
         return part[lv].map(index[lv]).to_numpy()[rows]
 
-    before = _logits(predictor, x_photos)
-    used = {}
+    fine = levels[-1]
+    before, y_val = _logits(predictor, x_photos), labels(val, val_ok, fine)
+    val_before = float(np.mean(_logits(predictor, x_val)[fine].argmax(1) == y_val))
+    used, unfitted = {}, {}
     for lv in levels:
-        weight, bias, used[lv] = self_train(x_train, labels(train, train_ok, lv), x_photos,
-                                            before[lv], len(index[lv]), config)
+        y = labels(train, train_ok, lv)
+        weight, bias, used[lv] = self_train(x_train, y, x_photos, before[lv], len(index[lv]),
+                                            config)
+        layer = head.outputs[lv]
+        # A class no image of the fit showed (none of its training images readable, none
+        # of the photos) keeps the run's own row rather than one that never wins.
+        keep = np.flatnonzero(bias <= NEVER)
+        unfitted[lv] = [manifest["classes"][lv][i] for i in keep]
         with torch.no_grad():
-            head.outputs[lv].weight.copy_(torch.as_tensor(weight))
-            head.outputs[lv].bias.copy_(torch.as_tensor(bias))
+            weight[keep] = layer.weight[keep].double().cpu().numpy()
+            bias[keep] = layer.bias[keep].double().cpu().numpy()
+            layer.weight.copy_(torch.as_tensor(weight))
+            layer.bias.copy_(torch.as_tensor(bias))
     after = _logits(predictor, x_photos)
 
     # Temperature and unknown scores, as training fits them (on the run's own images).
-    fine = levels[-1]
-    val_logits, y_val = _logits(predictor, x_val), labels(val, val_ok, fine)
+    val_logits = _logits(predictor, x_val)
     temperature = fit_temperature(val_logits[fine], y_val)
     calibration = {"temperature": temperature, "images": len(y_val), "fitted_on": "val",
                    "val_ece_before": expected_calibration_error(softmax(val_logits[fine]),
@@ -169,10 +178,13 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
     summary = {
         "adapted_from": str(run_dir), "photos": len(paths), "unreadable": len(paths) - len(ok),
         "rounds": config.rounds, "confidence": config.confidence, "c": config.c,
-        "photos_used_per_round": used,
+        "photos_used_per_round": used, "training_images": len(train_ok),
+        "unreadable_training_images": len(train) - len(train_ok),
+        "classes_without_training_images": {lv: c for lv, c in unfitted.items() if c},
         "changed": float(np.mean(before[fine].argmax(1) != after[fine].argmax(1))),
         "classes_before": _counts(before[fine], names), "classes_after": _counts(after[fine],
                                                                                  names),
+        "val_accuracy_before": val_before,
         "val_accuracy": float(np.mean(val_logits[fine].argmax(1) == y_val)),
         "temperature": temperature,
     }
@@ -190,10 +202,35 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
                 weights_source=manifest.get("weights_source"), calibration=calibration,
                 unknown=unknown)
     write_text(partial / "adapt.json", json.dumps(summary, indent=2))
-    if out.exists():  # an earlier adapted run (checked above)
+    replaced = out.exists()  # an earlier adapted run (see _check_out)
+    if replaced:
         shutil.rmtree(out)
     partial.rename(out)
-    return {**summary, "out": str(out)}
+    return {**summary, "out": str(out), "replaced": replaced}
+
+
+def _check_out(out: Path, run_dir: Path) -> Path:
+    """The adapted run's folder, resolved: new, empty, or an earlier adapted run (which is
+    replaced whole); never the run itself or a folder holding it."""
+    out = out.resolve()
+    if out == run_dir or out in run_dir.parents:
+        raise WingspanError(f"{out} holds the run itself; the adapted run needs a folder of "
+                            "its own.", hint="Give --out a new folder.")
+    if out.exists() and not out.is_dir():
+        raise WingspanError(f"{out} is a file.", hint="Give --out a new folder.")
+    if out.is_dir() and any(out.iterdir()) and not _adapted(out):
+        raise WingspanError(f"{out} holds other things than an adapted run; they would be "
+                            "overwritten.", hint="Give --out a new folder.")
+    return out
+
+
+def _adapted(folder: Path) -> bool:
+    """Whether `folder` is a run that `adapt` wrote."""
+    try:
+        manifest = json.loads((folder / "model" / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (folder / "adapt.json").is_file() and "adapted" in manifest.get("training", {})
 
 
 def _logits(predictor: Predictor, x: np.ndarray) -> dict[str, np.ndarray]:
