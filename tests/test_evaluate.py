@@ -365,6 +365,8 @@ def test_adapt_writes_a_new_run_and_leaves_the_run_as_it_was(trained, tmp_path, 
     used = list(summary["photos_used_per_round"].values())[-1]
     assert used == [24, 24, 24]  # every readable photo was trained on
     assert summary["training_images"] > 0 and not summary["classes_without_training_images"]
+    # The copies are of val and test images, at other paths: not the val images themselves.
+    assert summary["val_images_among_photos"] == 0
     assert sum(summary["classes_after"].values()) == 24
     # The head changed (and the unknown scores, fitted again); the backbone did not.
     old, new = (load_file(r / "model" / "model.safetensors") for r in (trained, out))
@@ -418,3 +420,12 @@ def test_adapt_refuses_what_it_cannot_do(trained, tmp_path):
     bundle = shutil.copytree(trained / "model", tmp_path / "bundle")  # no run around it
     with pytest.raises(WingspanError, match="not a run folder"):
         adapt(bundle, [str(tmp_path)], tmp_path / "b", progress=False)
+
+
+def test_adapt_warns_when_the_photos_are_the_runs_own_val_images(trained, tmp_path, run_cli):
+    splits = pd.read_csv(trained / "splits.csv")
+    val = splits[splits.split == "val"].path.head(5).tolist()
+    code, stdout, err = run_cli("adapt", trained, *val, "--out", tmp_path / "a", "--quiet")
+    assert code == 0, err
+    assert "5 of the photos are the run's own val images" in " ".join(stdout.split())
+    assert json.loads((tmp_path / "a" / "adapt.json").read_text())["val_images_among_photos"] == 5

@@ -184,6 +184,10 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
         "changed": float(np.mean(before[fine].argmax(1) != after[fine].argmax(1))),
         "classes_before": _counts(before[fine], names), "classes_after": _counts(after[fine],
                                                                                  names),
+        # The run's own val images among the photos: the temperature, the unknown thresholds
+        # and the val accuracy are then fitted or scored on images the head trained on.
+        "val_images_among_photos": len({str(Path(p).resolve()) for p in paths}
+                                       & {str(Path(p).resolve()) for p in val["path"]}),
         "val_accuracy_before": val_before,
         "val_accuracy": float(np.mean(val_logits[fine].argmax(1) == y_val)),
         "temperature": temperature,
