@@ -134,3 +134,26 @@ def test_ethec_end_to_end_on_a_sample(shared_data, tmp_path):
     table = pd.read_csv(result.out_dir / "levels.csv")
     assert list(table.columns) == ["method", "family", "subfamily", "genus", "species"]
     assert result.metrics["hierarchy"]["consistency"]["marginalised"] == 1.0
+
+
+def test_adapt_refits_every_level_of_a_taxonomy_run(hierarchical_run, demo_dir, tmp_path):
+    from wingspan.config import IMAGE_EXTENSIONS, AdaptConfig
+    from wingspan.training.adapt import adapt
+
+    photos = sorted(p for p in demo_dir.rglob("*") if p.suffix in IMAGE_EXTENSIONS)[:30]
+    done = adapt(hierarchical_run, [str(p) for p in photos], tmp_path / "adapted",
+                 AdaptConfig(confidence=0.01), progress=False, workers=0)
+    # Every level's head was fitted on the training images and every photo, including
+    # the rare class that trains under its genus's name.
+    assert set(done["photos_used_per_round"]) == set(LEVELS)
+    assert all(used == [len(photos)] * 3 for used in done["photos_used_per_round"].values())
+    assert not done["classes_without_training_images"]
+    manifest = read_manifest(tmp_path / "adapted" / "model")
+    old = read_manifest(hierarchical_run / "model")
+    assert manifest["classes"] == old["classes"] and manifest["taxonomy"] == old["taxonomy"]
+    assert manifest["training"]["rare_classes"] == old["training"]["rare_classes"]
+    assert set(manifest["unknown"]["levels"]) == set(LEVELS)
+    preds = list(Predictor(tmp_path / "adapted", workers=0).run([str(p) for p in photos[:4]],
+                                                                 progress=False))
+    assert all(set(p.heads) == set(LEVELS[:-1]) and p.unknown for p in preds)
+    assert json.loads((tmp_path / "adapted" / "adapt.json").read_text())["photos"] == len(photos)

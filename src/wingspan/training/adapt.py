@@ -141,6 +141,9 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
     val_before = float(np.mean(_logits(predictor, x_val)[fine].argmax(1) == y_val))
     used, unfitted = {}, {}
     for lv in levels:
+        if len(index[lv]) < 2:  # one class at this level (one family): nothing to fit
+            used[lv], unfitted[lv] = [], []
+            continue
         y = labels(train, train_ok, lv)
         weight, bias, used[lv] = self_train(x_train, y, x_photos, before[lv], len(index[lv]),
                                             config)
