@@ -389,6 +389,19 @@ def test_adapt_writes_a_new_run_and_leaves_the_run_as_it_was(trained, tmp_path, 
     preds = list(Predictor(out, workers=0).run([str(p) for p in photos.iterdir()],
                                                progress=False))
     assert sum(p.error != "" for p in preds) == 1
+    # A bar no photo reaches: nothing to learn from, and the head stays as trained (a head
+    # refitted on the run's own images alone would lose what the head stage gave it).
+    code, stdout, err = run_cli("adapt", trained, photos, "--out", tmp_path / "unsure",
+                                "--confidence", "0.999999", "--quiet")
+    assert code == 0, err
+    assert "No photo reached" in stdout and "the head stays as trained" in stdout
+    summary = json.loads((tmp_path / "unsure" / "adapt.json").read_text())
+    assert list(summary["photos_used_per_round"].values())[-1] == [0]
+    assert summary["changed"] == 0.0
+    unsure = load_file(tmp_path / "unsure" / "model" / "model.safetensors")
+    for name in old:
+        if not name.startswith("unknown."):
+            assert np.array_equal(old[name].numpy(), unsure[name].numpy()), name
 
 
 def test_adapt_refuses_what_it_cannot_do(trained, tmp_path):
@@ -405,7 +418,7 @@ def test_adapt_refuses_what_it_cannot_do(trained, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "a.jpg").write_bytes(b"not a jpeg")
-    with pytest.raises(WingspanError, match="None of the 1 images could be read"):
+    with pytest.raises(WingspanError, match="None of the 1 photos could be read"):
         adapt(trained, [str(broken)], tmp_path / "c", progress=False)
     assert not (tmp_path / "c").exists()
     other = tmp_path / "other-run"  # a folder that is not an earlier adapted run
@@ -420,6 +433,18 @@ def test_adapt_refuses_what_it_cannot_do(trained, tmp_path):
     bundle = shutil.copytree(trained / "model", tmp_path / "bundle")  # no run around it
     with pytest.raises(WingspanError, match="not a run folder"):
         adapt(bundle, [str(tmp_path)], tmp_path / "b", progress=False)
+    # A head with a hidden layer: adapt refits linear heads only.
+    from wingspan.models import create_classifier, save_bundle
+
+    manifest = read_manifest(trained / "model")
+    deep, _ = create_classifier("resnet18", {lv: len(c) for lv, c in manifest["classes"].items()},
+                                weights="none", hidden=16)
+    (tmp_path / "deep").mkdir()
+    shutil.copy(trained / "splits.csv", tmp_path / "deep")
+    save_bundle(deep.eval(), tmp_path / "deep" / "model", manifest["classes"])
+    with pytest.raises(WingspanError, match="hidden layer"):
+        adapt(tmp_path / "deep", [str(tmp_path)], tmp_path / "e", progress=False)
+    assert not (tmp_path / "e").exists()
 
 
 def test_adapt_warns_when_the_photos_are_the_runs_own_val_images(trained, tmp_path, run_cli):

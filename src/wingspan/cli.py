@@ -579,9 +579,8 @@ def adapt_command(
     out.print(f"On the run's own val images: accuracy {a['val_accuracy_before']:.4f} -> "
               f"{a['val_accuracy']:.4f}, temperature {a['temperature']:.3f}")
     if not any(used):
-        out.print(f"[yellow]No photo reached p {confidence}:[/] the head was fitted again on the "
-                  "run's own images alone. Try a lower --confidence, or photos closer to the "
-                  "training images.")
+        out.print(f"[yellow]No photo reached p {confidence}:[/] the head stays as trained. Try "
+                  "a lower --confidence, or photos closer to the training images.")
     if a["val_images_among_photos"]:
         out.print(f"[yellow]{a['val_images_among_photos']} of the photos are the run's own val "
                   "images[/]: the val accuracy, temperature and unknown thresholds above are "

@@ -411,42 +411,25 @@ def fit_unknown(model: str | Path, rate: float | None = None, score: str | None 
     `score`, or for a model trained before wingspan had them. Rewrites the bundle."""
     import torch
 
+    from wingspan.evaluate.own_images import own_images, run_folder
     from wingspan.models import save_bundle
-    from wingspan.models.unknown import MAX_FIT_IMAGES, UnknownDetector
+    from wingspan.models.unknown import UnknownDetector
 
     predictor = Predictor(model, device=device, batch_size=batch_size, workers=workers,
                           progress=progress)
-    run_dir = predictor.bundle.parent
-    if not (run_dir / "splits.csv").is_file():
-        raise WingspanError(f"{model} is not a run folder: the unknown scores are fitted on "
-                            "the run's own training and val images.",
-                            hint="Give the folder `wingspan train` wrote (runs/NAME).")
+    purpose = "the unknown scores are fitted on"
+    run_folder(predictor, purpose)  # before anything is computed
     manifest = predictor.manifest
     previous = manifest.get("unknown") or {}
     training = manifest.get("training", {})
     rate = rate or previous.get("rate") or TrainConfig.unknown_rate
     score = score or previous.get("score") or TrainConfig.unknown_score
-    levels = predictor.model.levels
-    table = read_dataset(run_dir / "splits.csv").table
-    table[levels[-1]] = table[levels[-1]].replace(predictor.rare)  # as training named them
-    table = table[table[levels[-1]].isin(predictor.classes)]
-
-    train = table[table[SPLIT] == "train"]
-    if len(train) > MAX_FIT_IMAGES:  # the detector would subsample to this anyway
-        train = train.sample(MAX_FIT_IMAGES, random_state=seed)
-    val = table[table[SPLIT] == "val"]
-    if train.empty or val.empty:
-        raise WingspanError(f"{run_dir} has no training or no val images in splits.csv.")
     parts = {}
-    for name, part in (("train", train), ("val", val)):
-        preds = [p for p in predictor.run(part["path"].tolist(), progress=progress,
-                                          with_features=True)]
-        ok = [i for i, p in enumerate(preds) if not p.error]
-        x = torch.as_tensor(np.stack([preds[i].features for i in ok])).float()
-        y = {lv: torch.as_tensor(part[lv].map(
-            {c: i for i, c in enumerate(manifest["classes"][lv])}).to_numpy()[ok])
-            for lv in levels}
-        parts[name] = (x, predictor.heads(x), y)
+    # A uniform sample past MAX_FIT_IMAGES, as training's detector takes.
+    for name, part in own_images(predictor, purpose, seed=seed, progress=progress).items():
+        x = torch.as_tensor(part.features)
+        parts[name] = (x, predictor.heads(x),
+                       {lv: torch.as_tensor(y) for lv, y in part.labels.items()})
     detector = UnknownDetector.fit(parts["train"][0], parts["train"][1], parts["train"][2],
                                    parts["val"][0], parts["val"][1], score=score, rate=rate,
                                    temperature=predictor.temperature, seed=seed)

@@ -26,19 +26,17 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from sklearn.linear_model import LogisticRegression
 
 from wingspan.config import AdaptConfig
-from wingspan.data import read_dataset
-from wingspan.data.samples import SPLIT
 from wingspan.errors import WingspanError
 from wingspan.evaluate.calibration import expected_calibration_error, fit_temperature, softmax
+from wingspan.evaluate.own_images import own_images, run_folder
 from wingspan.files import write_text
 from wingspan.inference import Predictor
 from wingspan.models import save_bundle
-from wingspan.models.unknown import MAX_FIT_IMAGES, UnknownDetector
+from wingspan.models.unknown import UnknownDetector
 from wingspan.predict import expand_paths
 
 # Files of the run folder that hold for the adapted run too: the data, the settings and
@@ -89,16 +87,12 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
     config = config or AdaptConfig()
     predictor = Predictor(model, device=config.device, batch_size=config.batch_size,
                           workers=workers, progress=progress)
-    run_dir = predictor.bundle.parent
-    if not (run_dir / "splits.csv").is_file():
-        raise WingspanError(f"{model} is not a run folder: adapting refits the head on the "
-                            "run's own labelled images beside the new photos.",
-                            hint="Give the folder `wingspan train` wrote (runs/NAME).")
+    purpose = "adapting refits the head on"
+    run_dir = run_folder(predictor, purpose)  # before anything is computed
     head = predictor.model.head
     if head.config.hidden:
         raise WingspanError("This model's head has a hidden layer; `wingspan adapt` refits "
                             "a linear head.", hint="Train without --hidden to adapt it.")
-    run_dir = run_dir.resolve()
     out = _check_out(Path(out) if out else run_dir.with_name(run_dir.name + "-adapted"),
                      run_dir)
     paths, missing = expand_paths([str(p) for p in photos])
@@ -108,45 +102,32 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
                             hint="Give image files, folders of images or globs.")
 
     manifest, levels = predictor.manifest, predictor.model.levels
-    table = read_dataset(run_dir / "splits.csv").table
-    table[levels[-1]] = table[levels[-1]].replace(predictor.rare)  # as training named them
-    table = table[table[levels[-1]].isin(predictor.classes)]
-    train, val = table[table[SPLIT] == "train"], table[table[SPLIT] == "val"]
-    if len(train) > MAX_FIT_IMAGES:  # enough to anchor the classes; the fit stays quick
-        # Per class, so that a rare class keeps its images (a class missing from the fit
-        # could never be named again).
-        per_class = max(1, MAX_FIT_IMAGES // train[levels[-1]].nunique())
-        train = train.sample(frac=1.0, random_state=seed).groupby(levels[-1]).head(per_class)
-    if train.empty or val.empty:
-        raise WingspanError(f"{run_dir} has no training or no val images in splits.csv.")
-
-    def features(paths: list[str]) -> tuple[np.ndarray, list[int]]:
-        preds = list(predictor.run(paths, progress=progress, with_features=True))
-        ok = [i for i, p in enumerate(preds) if not p.error]
-        if not ok:
-            raise WingspanError(f"None of the {len(paths)} images could be read, e.g. "
-                                f"{preds[0].path}: {preds[0].error}")
-        return np.stack([preds[i].features for i in ok]).astype(np.float64), ok
-
-    x_photos, ok = features(paths)
-    x_train, train_ok = features(train["path"].tolist())
-    x_val, val_ok = features(val["path"].tolist())
+    preds = list(predictor.run(paths, progress=progress, with_features=True))
+    ok = [i for i, p in enumerate(preds) if not p.error]
+    if not ok:
+        raise WingspanError(f"None of the {len(paths)} photos could be read, e.g. "
+                            f"{preds[0].path}: {preds[0].error}")
+    x_photos = np.stack([preds[i].features for i in ok]).astype(np.float64)
+    features = own_images(predictor, purpose, per_class=True, seed=seed, progress=progress)
+    train, val = features["train"], features["val"]
+    x_train, x_val = train.features.astype(np.float64), val.features.astype(np.float64)
     index = {lv: {c: i for i, c in enumerate(manifest["classes"][lv])} for lv in levels}
 
-    def labels(part: pd.DataFrame, rows: list[int], lv: str) -> np.ndarray:
-        return part[lv].map(index[lv]).to_numpy()[rows]
-
     fine = levels[-1]
-    before, y_val = _logits(predictor, x_photos), labels(val, val_ok, fine)
+    before, y_val = _logits(predictor, x_photos), val.labels[fine]
     val_before = float(np.mean(_logits(predictor, x_val)[fine].argmax(1) == y_val))
     used, unfitted = {}, {}
     for lv in levels:
         if len(index[lv]) < 2:  # one class at this level (one family): nothing to fit
             used[lv], unfitted[lv] = [], []
             continue
-        y = labels(train, train_ok, lv)
-        weight, bias, used[lv] = self_train(x_train, y, x_photos, before[lv], len(index[lv]),
-                                            config)
+        if not (softmax(before[lv]).max(1) >= config.confidence).any():
+            # Nothing to learn from: a head refitted on the run's own images alone would
+            # only lose what the head stage gave it (class weights, label smoothing).
+            used[lv], unfitted[lv] = [0], []
+            continue
+        weight, bias, used[lv] = self_train(x_train, train.labels[lv], x_photos, before[lv],
+                                            len(index[lv]), config)
         layer = head.outputs[lv]
         # A class no image of the fit showed (none of its training images readable, none
         # of the photos) keeps the run's own row rather than one that never wins.
@@ -169,7 +150,7 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
                        softmax(val_logits[fine], temperature), y_val)}
     unknown = None
     if predictor.unknown is not None:
-        t = {lv: torch.as_tensor(labels(train, train_ok, lv)) for lv in levels}
+        t = {lv: torch.as_tensor(y) for lv, y in train.labels.items()}
         as_t = {name: torch.as_tensor(x).float() for name, x in
                 (("train", x_train), ("val", x_val))}
         unknown = UnknownDetector.fit(
@@ -181,8 +162,8 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
     summary = {
         "adapted_from": str(run_dir), "photos": len(paths), "unreadable": len(paths) - len(ok),
         "rounds": config.rounds, "confidence": config.confidence, "c": config.c,
-        "photos_used_per_round": used, "training_images": len(train_ok),
-        "unreadable_training_images": len(train) - len(train_ok),
+        "photos_used_per_round": used, "training_images": len(train.paths),
+        "unreadable_training_images": train.unreadable,
         "classes_without_training_images": {lv: c for lv, c in unfitted.items() if c},
         "changed": float(np.mean(before[fine].argmax(1) != after[fine].argmax(1))),
         "classes_before": _counts(before[fine], names), "classes_after": _counts(after[fine],
@@ -190,7 +171,7 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
         # The run's own val images among the photos: the temperature, the unknown thresholds
         # and the val accuracy are then fitted or scored on images the head trained on.
         "val_images_among_photos": len({str(Path(p).resolve()) for p in paths}
-                                       & {str(Path(p).resolve()) for p in val["path"]}),
+                                       & {str(Path(p).resolve()) for p in val.paths}),
         "val_accuracy_before": val_before,
         "val_accuracy": float(np.mean(val_logits[fine].argmax(1) == y_val)),
         "temperature": temperature,

@@ -1,0 +1,76 @@
+"""A trained run's own labelled images, as the fine-tuned backbone sees them: what refitting
+a part of the model after training needs (its unknown scores in `calibrate --unknown`, its
+head in `adapt`). Training has these features at hand; afterwards they are computed again
+from the images that `splits.csv` lists."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from wingspan.data import read_dataset
+from wingspan.data.samples import SPLIT
+from wingspan.errors import WingspanError
+from wingspan.inference import Predictor
+from wingspan.models.unknown import MAX_FIT_IMAGES
+
+
+@dataclass
+class Labelled:
+    paths: list[str]  # the readable images
+    features: np.ndarray  # (N, C) float32 pooled features
+    labels: dict[str, np.ndarray]  # per level, each image's class index in the bundle
+    unreadable: int = 0
+
+
+def run_folder(predictor: Predictor, purpose: str) -> Path:
+    """The run folder the predictor's bundle sits in (resolved); a clear error when the
+    bundle stands alone, without the `splits.csv` that names the run's images."""
+    run_dir = predictor.bundle.parent
+    if not (run_dir / "splits.csv").is_file():
+        raise WingspanError(f"{run_dir} is not a run folder (it has no splits.csv): "
+                            f"{purpose} the run's own labelled images.",
+                            hint="Give the folder `wingspan train` wrote (runs/NAME).")
+    return run_dir.resolve()
+
+
+def own_images(predictor: Predictor, purpose: str, per_class: bool = False, seed: int = 0,
+               progress: bool = True) -> dict[str, Labelled]:
+    """The run's "train" and "val" images with their features. Past MAX_FIT_IMAGES training
+    images a fixed random sample is taken, of equal shares per class when `per_class` (a
+    rare class keeps its images: a refitted head could never name a class missing from its
+    fit)."""
+    run_dir = run_folder(predictor, purpose)
+    levels, manifest = predictor.model.levels, predictor.manifest
+    table = read_dataset(run_dir / "splits.csv").table
+    table[levels[-1]] = table[levels[-1]].replace(predictor.rare)  # as training named them
+    table = table[table[levels[-1]].isin(predictor.classes)]
+    train, val = table[table[SPLIT] == "train"], table[table[SPLIT] == "val"]
+    if train.empty or val.empty:
+        raise WingspanError(f"{run_dir} has no training or no val images in splits.csv.")
+    if len(train) > MAX_FIT_IMAGES:
+        if per_class:
+            share = max(1, MAX_FIT_IMAGES // train[levels[-1]].nunique())
+            train = train.sample(frac=1.0, random_state=seed).groupby(levels[-1]).head(share)
+        else:
+            train = train.sample(MAX_FIT_IMAGES, random_state=seed)
+    index = {lv: {c: i for i, c in enumerate(manifest["classes"][lv])} for lv in levels}
+    return {name: _features(predictor, part, index, progress)
+            for name, part in (("train", train), ("val", val))}
+
+
+def _features(predictor: Predictor, part: pd.DataFrame, index: dict[str, dict[str, int]],
+              progress: bool) -> Labelled:
+    preds = list(predictor.run(part["path"].tolist(), progress=progress, with_features=True))
+    ok = [i for i, p in enumerate(preds) if not p.error]
+    if not ok:
+        raise WingspanError(f"None of the run's {len(preds)} images could be read, e.g. "
+                            f"{preds[0].path}: {preds[0].error}",
+                            hint="The data folder the run was trained on must still be there.")
+    return Labelled(paths=[preds[i].path for i in ok],
+                    features=np.stack([preds[i].features for i in ok]).astype(np.float32),
+                    labels={lv: part[lv].map(idx).to_numpy()[ok] for lv, idx in index.items()},
+                    unreadable=len(preds) - len(ok))
