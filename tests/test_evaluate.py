@@ -17,7 +17,7 @@ from wingspan.evaluate.run import evaluate
 from wingspan.inference import Predictor
 from wingspan.models.bundle import read_manifest
 from wingspan.predict import predict, write_predictions
-from wingspan.training import train
+from wingspan.training import resume, train
 
 
 @pytest.fixture(scope="module")
@@ -389,6 +389,8 @@ def test_adapt_writes_a_new_run_and_leaves_the_run_as_it_was(trained, tmp_path, 
     preds = list(Predictor(out, workers=0).run([str(p) for p in photos.iterdir()],
                                                progress=False))
     assert sum(p.error != "" for p in preds) == 1
+    with pytest.raises(WingspanError, match="written by `wingspan adapt`"):
+        resume(out)  # it has no training of its own (it would start one from nothing)
     # A bar no photo reaches: nothing to learn from, and the head stays as trained (a head
     # refitted on the run's own images alone would lose what the head stage gave it).
     code, stdout, err = run_cli("adapt", trained, photos, "--out", tmp_path / "unsure",

@@ -305,6 +305,13 @@ def test_cli_train_and_resume_of_a_finished_run(run_cli, demo_dir, tmp_path):
     assert "val macro-F1" in out and str(tmp_path / "cli") in out
     code, _, err = run_cli("train", "--resume", tmp_path / "cli")
     assert code == 2 and "finished" in err
+    # Without its checkpoints (deleted to save space) the run would start again from
+    # nothing and overwrite its model: refused.
+    model = (tmp_path / "cli" / "model" / "model.safetensors").read_bytes()
+    shutil.rmtree(tmp_path / "cli" / "checkpoints")
+    code, _, err = run_cli("train", "--resume", tmp_path / "cli")
+    assert code == 2 and "no checkpoint" in err
+    assert (tmp_path / "cli" / "model" / "model.safetensors").read_bytes() == model
 
 
 def test_profile_writes_a_torch_profiler_trace_and_the_time_profile(demo_dir, tmp_path):

@@ -144,6 +144,10 @@ def resume(run_dir: str | Path, quiet: bool = False, **machine) -> Path:
     if not (run_dir / CONFIG_FILE).is_file():
         raise WingspanError(f"{run_dir} is not a wingspan run (no {CONFIG_FILE}).",
                             hint="Give the folder a `wingspan train` run wrote, e.g. runs/NAME")
+    if (run_dir / "adapt.json").is_file():
+        raise WingspanError(f"{run_dir} was written by `wingspan adapt`: there is no training "
+                            "of its own to resume.",
+                            hint="Resume the run it was adapted from, then adapt that again.")
     unknown = sorted(set(machine) - set(MACHINE_SETTINGS))
     if unknown:
         raise WingspanError(f"A resumed run cannot change {', '.join(unknown)}.",
@@ -160,6 +164,12 @@ def resume(run_dir: str | Path, quiet: bool = False, **machine) -> Path:
     if finished and _complete_bundle(run_dir / "model"):
         raise WingspanError(f"The run {run_dir} is finished; there is nothing to resume.",
                             hint=f"Its model is in {run_dir / 'model'}.")
+    if checkpoint is None and _complete_bundle(run_dir / "model"):
+        # Starting again from nothing would overwrite the finished model.
+        raise WingspanError(f"The run {run_dir} has a finished model and no checkpoint "
+                            f"({last}) to resume from.",
+                            hint="Train a new run to train again; this one's model stays in "
+                                 f"{run_dir / 'model'}.")
     dataset = read_dataset(run_dir / SPLITS_FILE)
     run = _start(run_dir, config, dataset, quiet, checkpoint, fabric)
     where = (f"{run.state.stage} epoch {run.state.epoch + 1}"
