@@ -86,6 +86,10 @@ def test_a_drawer_scan_over_pillows_own_limit_is_read_reduced_not_called_a_bomb(
 
     from wingspan.data.images import image_facts, open_rgb
 
+    # Pillow's own limit stays as it was for the user's code: wingspan lifts it only while
+    # it reads a header.
+    limit = Image.MAX_IMAGE_PIXELS
+    assert limit is not None and 24000 * 24000 > 2 * limit
     buffer = io.BytesIO()
     Image.new("RGB", (64, 48), (200, 30, 30)).save(buffer, "JPEG")
     (tmp_path / "scan.jpg").write_bytes(_claiming(buffer.getvalue(), 24000, 24000))  # 576 MP
@@ -93,6 +97,9 @@ def test_a_drawer_scan_over_pillows_own_limit_is_read_reduced_not_called_a_bomb(
     (tmp_path / "scan40k.jpg").write_bytes(_claiming(buffer.getvalue(), 40000, 40000))
     assert open_rgb(tmp_path / "scan40k.jpg").size == (5000, 5000)  # 1/8: 25 MP
     assert image_facts(str(tmp_path / "scan40k.jpg")).error is None  # inspect reads it too
+    assert Image.MAX_IMAGE_PIXELS == limit
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(tmp_path / "scan.jpg")
     # A PNG cannot be reduced: refused from its header, by the budget, never decoded.
     from test_bad_input import _bomb
 

@@ -228,12 +228,12 @@ def _decode(name: str | None, data: bytes, draft: int | None = None):
     """Pillow decides what the bytes are (not the file name), within the pixel budget; a
     JPEG is decoded reduced to `draft` (and to fit the budget), as `wingspan predict`
     does."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
-    from wingspan.data.images import FORMATS, ImageTooLarge, open_rgb
+    from wingspan.data.images import ImageTooLarge, open_image, open_rgb
 
     try:  # the header only: a bomb is refused by the pixel budget below, before decoding
-        with Image.open(io.BytesIO(data), formats=FORMATS) as probe:
+        with open_image(io.BytesIO(data)) as probe:
             w, h = probe.size
     except (UnidentifiedImageError, OSError) as e:
         raise HTTPException(415, f"{name}: not an image Pillow can read.") from e

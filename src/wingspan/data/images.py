@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -14,10 +17,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from wingspan.config import MAX_PIXELS, MAX_PIXELS_ENV
 from wingspan.errors import WingspanError
 
-# wingspan refuses decompression bombs itself, from each image's header against its own
-# budget (`max_pixels`), and decodes a large JPEG reduced first; Pillow's fixed check would
-# refuse a museum drawer scan of over 500 MP that 1/8 scale brings under the budget.
-Image.MAX_IMAGE_PIXELS = None
 EXIF_ORIENTATION = 0x0112
 UNUSUAL_MODES = {
     "CMYK": "CMYK colour",
@@ -40,6 +39,26 @@ SCALES = (1, 2, 4, 8)  # JPEG decoding scales libjpeg offers (as divisors)
 # checks first (an ICO or ICNS decodes an embedded PNG of any size, whatever it states).
 FORMATS = ("JPEG", "PNG", "TIFF", "WEBP", "GIF", "BMP")  # JPEG's opener also reads MPO
 REDUCIBLE = ("JPEG", "MPO")  # decoded by libjpeg, which can scale while decoding
+
+
+_PILLOW_LIMIT = threading.Lock()
+
+
+@contextmanager
+def open_image(path: str | Path | BinaryIO) -> Iterator[Image.Image]:
+    """Image.open without Pillow's own decompression-bomb check. wingspan refuses bombs
+    itself, from each image's header against its own budget (`max_pixels`), and decodes a
+    large JPEG reduced first; Pillow's fixed check would refuse a museum drawer scan of over
+    500 MP that 1/8 scale brings under the budget. Lifted only while the header is read
+    (under a lock, for threads), so that Pillow's limit stays as the user's own code set it."""
+    with _PILLOW_LIMIT:
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            im = Image.open(path, formats=FORMATS)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+    with im:
+        yield im
 
 
 class ImageTooLarge(WingspanError):
@@ -81,7 +100,7 @@ def open_rgb(path: str | Path | BinaryIO, draft: int | None = None,
     """
     name = name or str(path)
     try:
-        with Image.open(path, formats=FORMATS) as im:
+        with open_image(path) as im:
             budget, (w, h) = max_pixels(), im.size
             if im.format in REDUCIBLE and (draft or w * h > budget):
                 # libjpeg's scales: the least that fits the budget, and (for `draft`) the
@@ -117,7 +136,7 @@ def open_rgb(path: str | Path | BinaryIO, draft: int | None = None,
     except FileNotFoundError as e:
         raise WingspanError(f"Image not found: {name}") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
-            Image.DecompressionBombError) as e:
+            Image.DecompressionBombError) as e:  # the last: Pillow's own limit, past the header
         raise WingspanError(
             f"Cannot read image {name}: {e}",
             hint="Replace or delete the file; `wingspan data inspect` lists all such files.",
@@ -148,7 +167,7 @@ def image_facts(path: str) -> ImageFacts:
         return facts
     facts.sha256 = hashlib.sha256(data).hexdigest()
     try:
-        with Image.open(path, formats=FORMATS) as im:
+        with open_image(path) as im:
             facts.width, facts.height = im.size
             facts.mode, facts.format = im.mode, im.format or ""
             if im.format in REDUCIBLE:  # at 1/8 scale: fast, and still reads all the data
