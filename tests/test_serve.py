@@ -183,6 +183,27 @@ def test_a_timed_out_explanation_keeps_its_place_until_its_thread_ends(run_dir, 
                            ).status_code == 200
 
 
+def test_explains_time_limit_counts_the_decoding_too(run_dir, monkeypatch):
+    import wingspan.serve
+
+    decode = wingspan.serve._decode
+
+    def slow_decode(*args):
+        time.sleep(0.3)
+        return decode(*args)
+
+    def slow_explain(*args):
+        time.sleep(0.3)
+        return b""
+
+    monkeypatch.setattr(wingspan.serve, "_decode", slow_decode)
+    monkeypatch.setattr(wingspan.serve, "_explain_png", slow_explain)
+    # Each part alone keeps to 0.5 s, both together do not.
+    client = TestClient(create_app(run_dir, ServeLimits(timeout_s=0.5), device="cpu"))
+    r = client.post("/explain", files={"file": ("a.jpg", _jpeg(), "image/jpeg")})
+    assert r.status_code == 504 and "No answer within 0.5 s" in r.json()["error"]
+
+
 def test_explain_returns_an_overlay_png(client):
     r = client.post("/explain", files={"file": ("a.jpg", _jpeg(), "image/jpeg")})
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"

@@ -184,11 +184,14 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
         if target is not None and target not in predictor.classes:
             raise HTTPException(422, f"Unknown class '{target}'.")
         with admitted():
-            x = await asyncio.to_thread(_prepare, file.filename, data)
+            start = time.perf_counter()  # one time limit for the decoding and the Grad-CAM
+            x = await asyncio.wait_for(asyncio.to_thread(_prepare, file.filename, data),
+                                       limits.timeout_s)
             work = asyncio.get_running_loop().run_in_executor(
                 explainers, _explain_png, predictor, x, target)
+            left = max(0.0, limits.timeout_s - (time.perf_counter() - start))
             try:
-                png = await asyncio.wait_for(asyncio.shield(work), limits.timeout_s)
+                png = await asyncio.wait_for(asyncio.shield(work), left)
             except (asyncio.TimeoutError, asyncio.CancelledError):
                 # A thread cannot be stopped: it keeps a place in flight until it ends, so
                 # that slow explanations answered 504 (or cancelled) cannot pile up past
