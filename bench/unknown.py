@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image
 
 import wingspan as ws
@@ -56,7 +57,7 @@ def main() -> None:
     options = {}
     for item in train_options:  # --epochs-finetune=2 style
         key, _, value = item.lstrip("-").partition("=")
-        options[key.replace("-", "_")] = value
+        options[key.replace("-", "_")] = yaml.safe_load(value)  # "0" -> 0, as the CLI types
     runs = Path(args.runs_dir or tempfile.mkdtemp())
     others = non_butterflies(runs / "not-butterflies")
     results = []

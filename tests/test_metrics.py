@@ -120,6 +120,22 @@ def test_temperature_scaling_fixes_an_overconfident_model():
     assert (softmax(overconfident, t).argmax(1) == overconfident.argmax(1)).all()
 
 
+def test_a_val_split_with_no_mistake_gets_the_rule_of_successions_confidence():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 98)
+    logits = rng.normal(0, 1, (98, 4))
+    logits[np.arange(98), y] += 5
+    assert (logits.argmax(1) == y).all()  # every image right
+    t = fit_temperature(logits, y)
+    # Not the bound the likelihood runs off to, but the T that makes the mean top
+    # probability 99 / 100 (98 right of 98).
+    assert 0.25 < t < 10
+    assert softmax(logits, t).max(1).mean() == pytest.approx(99 / 100, abs=1e-6)
+    logits[0] = 0
+    logits[0, (y[0] + 1) % 4] = 1  # one mistake: the likelihood has its own optimum
+    assert fit_temperature(logits, y) != pytest.approx(t, abs=1e-3)
+
+
 @pytest.mark.parametrize("n", [6, 500])
 def test_confusion_plot_for_few_and_many_classes(tmp_path, n):
     rng = np.random.default_rng(0)

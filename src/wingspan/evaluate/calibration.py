@@ -38,7 +38,18 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
     """The temperature T that minimises the negative log-likelihood of softmax(logits / T).
 
     One number, fitted on validation data: it changes confidence, never the ranking.
+    A val split with no mistake names no such T (below).
     """
+    logits, y_true = np.asarray(logits, dtype=np.float64), np.asarray(y_true)
+    if len(y_true) and (logits.argmax(1) == y_true).all():
+        # Every val image right: the likelihood keeps rising as T -> 0, which would make
+        # every probability 1.0 (and did: T ran to its bound, 0.25). What n right of n
+        # does say is an accuracy of about (n + 1) / (n + 2) (Laplace's rule of
+        # succession), so T is set where the mean top probability on val is that. On
+        # Leeds (167 of 167) that is T 0.51-0.54, and the ECE on iNat field photos of the
+        # same species falls from 0.18-0.22 at the bound to 0.07-0.11.
+        n = len(y_true)
+        return _temperature_for_confidence(logits, (n + 1) / (n + 2))
     with torch.inference_mode(False), torch.enable_grad():  # callers may be in either
         x = torch.tensor(np.asarray(logits), dtype=torch.float64)
         y = torch.tensor(np.asarray(y_true), dtype=torch.long)
@@ -56,6 +67,23 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
     # Bounded: with (near) perfect validation predictions the optimum runs off to T -> 0,
     # which would make every probability 1.0.
     return float(log_t.detach().exp().clamp(MIN_T, MAX_T))
+
+
+def _temperature_for_confidence(logits: np.ndarray, confidence: float) -> float:
+    """The T in [MIN_T, MAX_T] at which the mean top probability is `confidence` (it falls
+    as T rises, so bisection on log T finds it)."""
+    def mean_top(t: float) -> float:
+        return float(softmax(logits, t).max(1).mean())
+
+    low, high = np.log(MIN_T), np.log(MAX_T)
+    if mean_top(MIN_T) <= confidence:
+        return MIN_T
+    if mean_top(MAX_T) >= confidence:
+        return MAX_T
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if mean_top(float(np.exp(mid))) > confidence else (low, mid)
+    return float(np.exp((low + high) / 2))
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
