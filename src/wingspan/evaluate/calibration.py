@@ -71,19 +71,18 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
 
 def _temperature_for_confidence(logits: np.ndarray, confidence: float) -> float:
     """The T in [MIN_T, MAX_T] at which the mean top probability is `confidence` (it falls
-    as T rises, so bisection on log T finds it)."""
-    def mean_top(t: float) -> float:
-        return float(softmax(logits, t).max(1).mean())
+    as T rises: one root, or a bound)."""
+    from scipy.optimize import brentq
+
+    def gap(log_t: float) -> float:
+        return float(softmax(logits, float(np.exp(log_t))).max(1).mean()) - confidence
 
     low, high = np.log(MIN_T), np.log(MAX_T)
-    if mean_top(MIN_T) <= confidence:
+    if gap(low) <= 0:
         return MIN_T
-    if mean_top(MAX_T) >= confidence:
+    if gap(high) >= 0:
         return MAX_T
-    for _ in range(60):
-        mid = (low + high) / 2
-        low, high = (mid, high) if mean_top(float(np.exp(mid))) > confidence else (low, mid)
-    return float(np.exp((low + high) / 2))
+    return float(np.exp(brentq(gap, low, high, xtol=1e-9)))
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
