@@ -5,6 +5,7 @@ from PIL import Image
 
 from wingspan.evaluate import plots
 from wingspan.evaluate.calibration import (
+    calibration_record,
     expected_calibration_error,
     fit_temperature,
     reliability,
@@ -131,9 +132,12 @@ def test_a_val_split_with_no_mistake_gets_the_rule_of_successions_confidence():
     # probability 99 / 100 (98 right of 98).
     assert 0.25 < t < 10
     assert softmax(logits, t).max(1).mean() == pytest.approx(99 / 100, abs=1e-6)
+    record = calibration_record(logits, y, "val")
+    assert record["temperature"] == t and record["method"].startswith("rule of succession")
     logits[0] = 0
     logits[0, (y[0] + 1) % 4] = 1  # one mistake: the likelihood has its own optimum
     assert fit_temperature(logits, y) != pytest.approx(t, abs=1e-3)
+    assert calibration_record(logits, y, "val")["method"] == "likelihood"
 
 
 @pytest.mark.parametrize("n", [6, 500])

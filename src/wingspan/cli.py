@@ -539,7 +539,8 @@ def calibrate_command(
     c = calibrate(model, data, split, progress=not quiet, batch_size=batch_size, device=device)
     out.print(f"Temperature {c['previous_temperature']:.3f} -> {c['temperature']:.3f}, fitted "
               f"on {c['images']} images ({c['fitted_on']}); ECE {c['val_ece_before']:.4f} -> "
-              f"{c['val_ece_after']:.4f}")
+              f"{c['val_ece_after']:.4f}"
+              + (f"; by the {c['method']}" if c["method"] != "likelihood" else ""))
 
 
 A = AdaptConfig

@@ -19,8 +19,8 @@ from wingspan.data.samples import SPLIT, Dataset
 from wingspan.errors import WingspanError
 from wingspan.evaluate import plots
 from wingspan.evaluate.calibration import (
+    calibration_record,
     expected_calibration_error,
-    fit_temperature,
     reliability,
     softmax,
 )
@@ -393,11 +393,7 @@ def calibrate(model: str | Path, data: str | Path | None = None, split: str = "v
     index = {c: i for i, c in enumerate(predictor.classes)}
     y = rows["_label"].map(index).to_numpy()[ok]
     logits = np.stack([preds[i].logits for i in ok])
-    temperature = fit_temperature(logits, y)
-    calibration = {"temperature": temperature, "images": len(y),
-                   "fitted_on": f"{split} of {data}" if data else split,
-                   "val_ece_before": expected_calibration_error(softmax(logits), y),
-                   "val_ece_after": expected_calibration_error(softmax(logits, temperature), y),
+    calibration = {**calibration_record(logits, y, f"{split} of {data}" if data else split),
                    "previous_temperature": predictor.temperature}
     update_manifest(predictor.bundle, calibration=calibration)
     return calibration
@@ -539,6 +535,9 @@ def _report(out_dir, name, predictor, run_dir, dataset, level, split, metrics, t
     if cal.get("same_data_as_evaluation"):
         calibration.append(("note", "fitted on the split being evaluated (no test split): "
                             "the ECE after is optimistic"))
+    if cal.get("method", "likelihood") != "likelihood":
+        calibration.append(("set by", f"the {cal['method']}: every one of the "
+                            f"{cal.get('images')} images it was fitted on was right"))
     training = manifest.get("training", {})
     train_metrics = manifest.get("metrics", {})
     overview = [("model", predictor.bundle), ("backbone", manifest["model"]["backbone"]),

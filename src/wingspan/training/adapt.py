@@ -31,7 +31,7 @@ from sklearn.linear_model import LogisticRegression
 
 from wingspan.config import AdaptConfig
 from wingspan.errors import WingspanError
-from wingspan.evaluate.calibration import expected_calibration_error, fit_temperature, softmax
+from wingspan.evaluate.calibration import calibration_record, softmax
 from wingspan.evaluate.own_images import own_images, run_folder
 from wingspan.files import write_text
 from wingspan.inference import Predictor
@@ -142,12 +142,8 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
 
     # Temperature and unknown scores, as training fits them (on the run's own images).
     val_logits = _logits(predictor, x_val)
-    temperature = fit_temperature(val_logits[fine], y_val)
-    calibration = {"temperature": temperature, "images": len(y_val), "fitted_on": "val",
-                   "val_ece_before": expected_calibration_error(softmax(val_logits[fine]),
-                                                                 y_val),
-                   "val_ece_after": expected_calibration_error(
-                       softmax(val_logits[fine], temperature), y_val)}
+    calibration = calibration_record(val_logits[fine], y_val, "val")
+    temperature = calibration["temperature"]
     unknown = None
     if predictor.unknown is not None:
         t = {lv: torch.as_tensor(y) for lv, y in train.labels.items()}

@@ -28,7 +28,7 @@ from wingspan.data import read_dataset
 from wingspan.data.samples import Dataset
 from wingspan.data.split import write_splits
 from wingspan.errors import WingspanError
-from wingspan.evaluate.calibration import expected_calibration_error, fit_temperature, softmax
+from wingspan.evaluate.calibration import calibration_record
 from wingspan.files import write_text
 from wingspan.models import create_classifier, resolve_policy, save_bundle
 from wingspan.models.bundle import read_manifest
@@ -407,11 +407,12 @@ def _fit_calibration(run: Run, val: tuple) -> dict:
     val split (fitted here, once, so that evaluating never changes the model;
     `wingspan calibrate` fits it again on purpose). Rank 0 alone: no collectives."""
     _, logits, labels = val
-    y, logits = labels[:, -1].numpy(), logits[run.data.level].numpy()
-    temperature = fit_temperature(logits, y)
-    return {"temperature": temperature, "fitted_on": "val", "images": len(y),
-            "val_ece_before": expected_calibration_error(softmax(logits), y),
-            "val_ece_after": expected_calibration_error(softmax(logits, temperature), y)}
+    record = calibration_record(logits[run.data.level].numpy(), labels[:, -1].numpy(), "val")
+    if record["method"] != "likelihood":
+        run.log(f"Every val image is right: the temperature ({record['temperature']:.3f}) is "
+                f"set by the {record['method']}, so that the mean top probability on val is "
+                f"{record['images'] + 1} / {record['images'] + 2}.")
+    return record
 
 
 def _fit_unknown(run: Run, val: tuple, temperature: float) -> UnknownDetector:
