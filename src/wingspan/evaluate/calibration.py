@@ -41,7 +41,7 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
     A val split with no mistake names no such T (below).
     """
     logits, y_true = np.asarray(logits, dtype=np.float64), np.asarray(y_true)
-    if len(y_true) and (logits.argmax(1) == y_true).all():
+    if _all_right(logits, y_true):
         # Every val image right: the likelihood keeps rising as T -> 0, which would make
         # every probability 1.0 (and did: T ran to its bound, 0.25). What n right of n
         # does say is an accuracy of about (n + 1) / (n + 2) (Laplace's rule of
@@ -51,8 +51,8 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
         n = len(y_true)
         return _temperature_for_confidence(logits, (n + 1) / (n + 2))
     with torch.inference_mode(False), torch.enable_grad():  # callers may be in either
-        x = torch.tensor(np.asarray(logits), dtype=torch.float64)
-        y = torch.tensor(np.asarray(y_true), dtype=torch.long)
+        x = torch.tensor(logits, dtype=torch.float64)
+        y = torch.tensor(y_true, dtype=torch.long)
         log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)  # T = exp(log_t) > 0
         optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200,
                                       line_search_fn="strong_wolfe")
@@ -74,11 +74,16 @@ def calibration_record(logits: np.ndarray, y_true: np.ndarray, fitted_on: str) -
     how it was set, and the ECE on them before and after."""
     logits, y_true = np.asarray(logits, dtype=np.float64), np.asarray(y_true)
     temperature = fit_temperature(logits, y_true)
-    perfect = bool(len(y_true)) and bool((logits.argmax(1) == y_true).all())
     return {"temperature": temperature, "fitted_on": fitted_on, "images": len(y_true),
-            "method": "rule of succession (no mistake to fit on)" if perfect else "likelihood",
+            "method": ("rule of succession (no mistake to fit on)"
+                       if _all_right(logits, y_true) else "likelihood"),
             "val_ece_before": expected_calibration_error(softmax(logits), y_true),
             "val_ece_after": expected_calibration_error(softmax(logits, temperature), y_true)}
+
+
+def _all_right(logits: np.ndarray, y_true: np.ndarray) -> bool:
+    """No mistake: the case in which the likelihood names no temperature."""
+    return len(y_true) > 0 and bool((logits.argmax(1) == y_true).all())
 
 
 def _temperature_for_confidence(logits: np.ndarray, confidence: float) -> float:

@@ -111,14 +111,13 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
     features = own_images(predictor, purpose, per_class=True, seed=seed, progress=progress)
     train, val = features["train"], features["val"]
     x_train, x_val = train.features.astype(np.float64), val.features.astype(np.float64)
-    index = {lv: {c: i for i, c in enumerate(manifest["classes"][lv])} for lv in levels}
 
     fine = levels[-1]
     before, y_val = _logits(predictor, x_photos), val.labels[fine]
     val_before = float(np.mean(_logits(predictor, x_val)[fine].argmax(1) == y_val))
     used, unfitted = {}, {}
     for lv in levels:
-        if len(index[lv]) < 2:  # one class at this level (one family): nothing to fit
+        if len(manifest["classes"][lv]) < 2:  # one class at this level (one family): nothing to fit
             used[lv], unfitted[lv] = [], []
             continue
         if not (softmax(before[lv]).max(1) >= config.confidence).any():
@@ -127,7 +126,7 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
             used[lv], unfitted[lv] = [0], []
             continue
         weight, bias, used[lv] = self_train(x_train, train.labels[lv], x_photos, before[lv],
-                                            len(index[lv]), config)
+                                            len(manifest["classes"][lv]), config)
         layer = head.outputs[lv]
         # A class no image of the fit showed (none of its training images readable, none
         # of the photos) keeps the run's own row rather than one that never wins.
