@@ -57,12 +57,15 @@ def test_user_errors_are_one_clear_message(run_cli, demo_dir, args, message):
 
 
 def test_demo_command_writes_everything(run_cli, tmp_path):
+    tmp_path = tmp_path / ("a-folder-name-long-enough-that-no-path-fits-in-80-columns" * 2)
     code, out, err = run_cli("demo", "--out", tmp_path, "--quiet")
     assert code == 0, err
     for name in ["inspect/summary.json", "splits.csv", "sampling.json", "preview.png",
                  "data/taxonomy.csv"]:
         assert (tmp_path / name).is_file(), name
         assert str(tmp_path / name.split("/")[0]) in out
+    # Paths are printed whole, never broken over lines, so they copy and paste.
+    assert f"report         {tmp_path / 'train' / 'evaluation-test' / 'report.html'}\n" in out
 
 
 def test_models_list_shows_offline_weights(run_cli):

@@ -157,3 +157,20 @@ def test_adapt_refits_every_level_of_a_taxonomy_run(hierarchical_run, demo_dir, 
                                                                  progress=False))
     assert all(set(p.heads) == set(LEVELS[:-1]) and p.unknown for p in preds)
     assert json.loads((tmp_path / "adapted" / "adapt.json").read_text())["photos"] == len(photos)
+
+
+def test_refitting_refuses_a_splits_csv_whose_coarse_classes_the_model_does_not_know(
+        hierarchical_run, tmp_path):
+    import shutil
+
+    from wingspan.evaluate.own_images import own_images
+
+    copy = tmp_path / "run"
+    shutil.copytree(hierarchical_run, copy)
+    splits = pd.read_csv(copy / "splits.csv")
+    family = splits.family.iloc[0]
+    splits.loc[splits.family == family, "family"] = "Renamedidae"  # edited by hand
+    splits.to_csv(copy / "splits.csv", index=False)
+    with pytest.raises(WingspanError, match="family classes the model does not know: "
+                                            "Renamedidae"):
+        own_images(Predictor(copy, workers=0), "calibrating needs", progress=False)

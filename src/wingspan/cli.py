@@ -39,8 +39,10 @@ data_app = typer.Typer(help="Read, check, split and preview datasets.", no_args_
 app.add_typer(data_app, name="data")
 models_app = typer.Typer(help="Backbones and their pretrained weights.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
-out = Console()  # results; progress bars and errors go to stderr
-err = Console(stderr=True)
+# Results on stdout; progress bars and errors on stderr. soft_wrap: a long line is left for
+# the terminal to wrap, so a path printed in it copies whole (rich would break it in two).
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 # Options shared by every command that reads a dataset.
 Data = Annotated[Path, typer.Argument(

@@ -58,6 +58,13 @@ def own_images(predictor: Predictor, purpose: str, per_class: bool = False, seed
         else:
             train = train.sample(MAX_FIT_IMAGES, random_state=seed)
     index = {lv: {c: i for i, c in enumerate(manifest["classes"][lv])} for lv in levels}
+    for lv in levels[:-1]:  # the finest level was filtered above; a coarser one may not map
+        stray = sorted(set(pd.concat([train, val])[lv].astype(str)) - set(index[lv]))
+        if stray:
+            raise WingspanError(
+                f"{run_dir / 'splits.csv'} names {lv} classes the model does not know: "
+                f"{', '.join(stray[:5])}{' ...' if len(stray) > 5 else ''}.",
+                hint="splits.csv must be the one training wrote; restore it or train again.")
     return {name: _features(predictor, part, index, progress)
             for name, part in (("train", train), ("val", val))}
 
