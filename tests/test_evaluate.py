@@ -88,6 +88,23 @@ def test_evaluate_never_changes_the_model_and_calibrate_does(trained, tmp_path, 
     update_manifest(trained / "model", calibration={**new, "temperature": old})
 
 
+def test_the_report_says_when_the_rule_of_succession_set_the_temperature(trained, tmp_path):
+    from wingspan.evaluate.calibration import calibration_record
+    from wingspan.models.bundle import update_manifest
+
+    copy = tmp_path / "run"
+    shutil.copytree(trained, copy, ignore=shutil.ignore_patterns("evaluation-*"))
+    logits = np.array([[3.0, 0.0], [0.0, 2.0], [4.0, 1.0]])  # three of three right
+    record = calibration_record(logits, np.array([0, 1, 0]), "val")
+    assert record["method"].startswith("rule of succession")
+    update_manifest(copy / "model", calibration=record)
+    page = evaluate(copy, split="val", progress=False, workers=0).report.read_text()
+    assert "set by" in page and "every one of the 3 images it was fitted on was right" in page
+    plain = evaluate(trained, split="val", out=tmp_path / "ev", progress=False, workers=0)
+    assert ("set by" in plain.report.read_text()) == (
+        plain.metrics["calibration"].get("method") != "likelihood")
+
+
 def test_numbers_match_scikit_learn_on_the_saved_predictions(evaluation):
     metrics = evaluation.metrics
     saved = pd.read_csv(evaluation.out_dir / "predictions.csv")
