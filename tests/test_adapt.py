@@ -10,7 +10,7 @@ from sklearn.linear_model import LogisticRegression
 from wingspan.config import AdaptConfig
 from wingspan.errors import WingspanError
 from wingspan.evaluate.calibration import softmax
-from wingspan.training.adapt import _linear, self_train
+from wingspan.training.adapt import _linear, self_train, spread_labels
 
 CENTRES = np.array([[-2.0, 0, 0, 0], [2.0, 0, 0, 0], [0, 4.0, 0, 0]])
 
@@ -21,29 +21,59 @@ def _draw(rng, n: int, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_self_training_follows_photos_shifted_from_the_training_images(seed):
+@pytest.mark.parametrize("rounds", [1, 3])
+def test_self_training_follows_photos_shifted_from_the_training_images(seed, rounds):
     # The photos' classes lie 1.6 further along the first axis than the labelled ones: a
     # head fitted on those alone puts class 0's photos near class 1 and misses some.
     rng = np.random.default_rng(seed)
     labelled, labels = _draw(rng, 40, np.zeros(4))
     photos, truth = _draw(rng, 100, np.array([1.6, 0, 0, 0]))
     before = LogisticRegression().fit(labelled, labels).decision_function(photos)
-    weight, bias, used = self_train(labelled, labels, photos, before, 3, AdaptConfig())
+    config = AdaptConfig(rounds=rounds)
+    weight, bias, used = self_train(labelled, labels, photos, before, 3, config)
     after = photos @ weight.T + bias
     accuracy_before = (before.argmax(1) == truth).mean()
     assert accuracy_before < 0.95
-    assert (after.argmax(1) == truth).mean() >= accuracy_before + 0.02
-    assert len(used) == 3 and all(0 < n <= len(photos) for n in used)
+    assert (after.argmax(1) == truth).mean() >= accuracy_before + 0.01  # 3 photos or more
+    assert len(used) == rounds and all(0 < n <= len(photos) for n in used)
 
 
-def test_only_confident_photos_are_trained_on():
+@pytest.mark.parametrize("seed", [0, 1])
+def test_label_spreading_passes_classes_along_the_photos(seed):
+    # Two interleaved half-moons, each labelled only at its outer tip: the inner end of each
+    # moon is nearer to the other moon's labelled images, and reached through its own
+    # photos alone. (A constant third feature keeps the shapes under L2 normalisation.)
+    from sklearn.datasets import make_moons
+    from sklearn.neighbors import KNeighborsClassifier
+
+    x, y = make_moons(300, noise=0.05, random_state=seed)
+    tips = np.r_[np.flatnonzero(y == 0)[np.argsort(x[y == 0, 0])[:10]],
+                 np.flatnonzero(y == 1)[np.argsort(-x[y == 1, 0])[:10]]]
+    rest = np.setdiff1d(np.arange(len(y)), tips)
+    features = np.c_[x, np.full(len(x), 10.0)]
+    spread = spread_labels(features[tips], y[tips], features[rest], AdaptConfig())
+    nearest = KNeighborsClassifier(1).fit(x[tips], y[tips]).predict(x[rest])
+    assert (spread == y[rest]).mean() > 0.75
+    assert (spread == y[rest]).mean() > (nearest == y[rest]).mean() + 0.1
+
+
+def test_only_photos_the_head_and_their_neighbours_agree_on_are_trained_on():
     rng = np.random.default_rng(0)
     labelled, labels = _draw(rng, 20, np.zeros(4))
-    photos, _ = _draw(rng, 30, np.zeros(4))
+    photos, truth = _draw(rng, 10, np.zeros(4))  # 10 of each class, beside their own
     logits = np.zeros((len(photos), 3))
-    logits[:10, 0] = 5.0  # 10 sure of class 0 (p 0.99), the rest even (p 1/3)
-    _, _, used = self_train(labelled, labels, photos, logits, 3, AdaptConfig(rounds=1))
-    assert used == [10]
+    logits[np.arange(30), truth] = 5.0  # sure and right (p 0.99)...
+    logits[:5] = [0.0, 5.0, 0.0]  # ...but 5 of class 0 taken for class 1
+    logits[10:13] = [0.0, 0.3, 0.0]  # 3 of class 1 named right, unsure (p 0.4)
+    assert (spread_labels(labelled, labels, photos, AdaptConfig()) == truth).all()
+    assert self_train(labelled, labels, photos, logits, 3, AdaptConfig())[2] == [25]
+    # A bar on the head's probability as well leaves out the unsure ones.
+    assert self_train(labelled, labels, photos, logits, 3,
+                      AdaptConfig(confidence=0.5))[2] == [22]
+    # No photo agreed on: nothing is fitted (the run's head stays as it is).
+    weight, bias, used = self_train(labelled, labels, photos, logits, 3,
+                                    AdaptConfig(confidence=0.999))
+    assert weight is None and bias is None and used == [0]
 
 
 def test_the_linear_layer_gives_scikit_learns_probabilities_for_every_head_class():
@@ -60,7 +90,8 @@ def test_the_linear_layer_gives_scikit_learns_probabilities_for_every_head_class
 
 
 @pytest.mark.parametrize("settings", [{"rounds": 0}, {"confidence": 1.0}, {"c": 0},
-                                      {"confidence": "high"}])
+                                      {"confidence": -0.1}, {"confidence": "high"},
+                                      {"neighbours": 0}, {"spreading": 1.0}])
 def test_settings_are_checked(settings):
     with pytest.raises(WingspanError, match=next(iter(settings))):
         AdaptConfig(**settings)

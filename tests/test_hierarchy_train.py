@@ -142,11 +142,12 @@ def test_adapt_refits_every_level_of_a_taxonomy_run(hierarchical_run, demo_dir, 
 
     photos = sorted(p for p in demo_dir.rglob("*") if p.suffix in IMAGE_EXTENSIONS)[:30]
     done = adapt(hierarchical_run, [str(p) for p in photos], tmp_path / "adapted",
-                 AdaptConfig(confidence=0.01), progress=False, workers=0)
-    # Every level's head was fitted on the training images and every photo, including
-    # the rare class that trains under its genus's name.
+                 AdaptConfig(rounds=2), progress=False, workers=0)
+    # Every level's head was fitted on the training images and photos, including the rare
+    # class that trains under its genus's name.
     assert set(done["photos_used_per_round"]) == set(LEVELS)
-    assert all(used == [len(photos)] * 3 for used in done["photos_used_per_round"].values())
+    assert all(len(used) == 2 and 0 < min(used) and max(used) <= len(photos)
+               for used in done["photos_used_per_round"].values())
     assert not done["classes_without_training_images"]
     manifest = read_manifest(tmp_path / "adapted" / "model")
     old = read_manifest(hierarchical_run / "model")

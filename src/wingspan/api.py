@@ -516,7 +516,7 @@ class Run:
               **settings) -> Run:
         """Fit the model to unlabelled photos from where it will be used (self-training of
         its head), as `wingspan adapt`; returns the adapted run (this one is unchanged).
-        `settings` are AdaptConfig's (rounds, confidence, ...).
+        `settings` are AdaptConfig's (neighbours, confidence, rounds, ...).
 
         >>> garden = run.adapt("my_garden_photos/")
         """

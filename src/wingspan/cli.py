@@ -557,33 +557,42 @@ def adapt_command(
     out_dir: Annotated[Path | None, typer.Option(
         "--out", help="The adapted run's folder (default: RUN-adapted).",
         show_default=False)] = None,
-    rounds: Annotated[int, typer.Option(help="Rounds of pseudo-labelling.")] = A.rounds,
+    neighbours: Annotated[int, typer.Option(
+        help="Neighbours per image in the graph that label spreading passes classes over."
+    )] = A.neighbours,
     confidence: Annotated[float, typer.Option(
-        help="The probability a photo's label needs to be trained on.")] = A.confidence,
+        help="The head's probability a photo also needs to be trained on (0: the head and "
+        "its neighbours agreeing is enough).")] = A.confidence,
+    rounds: Annotated[int, typer.Option(
+        help="Refits, the head's class taken afresh from each.")] = A.rounds,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = A.batch_size,
     device: DeviceOpt = A.device,
     max_pixels: MaxPixels = None,
     quiet: Quiet = False,
 ) -> None:
     """Fit a trained model to unlabelled photos of the place it will be used (e.g. a model
-    trained on web or museum images, for garden photos): its head learns from the photos it
-    is sure of (self-training). Writes a new run; the run itself stays as it is."""
+    trained on web or museum images, for garden photos): its head learns from the photos
+    whose class it and their nearest neighbours agree on (self-training). Writes a new run;
+    the run itself stays as it is."""
     from wingspan.training.adapt import adapt
 
-    config = AdaptConfig(rounds=rounds, confidence=confidence, batch_size=batch_size,
-                         device=device)
+    config = AdaptConfig(neighbours=neighbours, confidence=confidence, rounds=rounds,
+                         batch_size=batch_size, device=device)
     a = adapt(model, photos, out_dir, config, progress=not quiet)
     used = list(a["photos_used_per_round"].values())[-1]  # the finest level's
+    fits = f" in {len(used)} refits" if len(used) > 1 else ""
     out.print(f"{a['photos']} photos ({a['unreadable']} unreadable); trained on "
-              f"{' / '.join(map(str, used))} of them in {len(used)} rounds; the answer "
+              f"{' / '.join(map(str, used))} of them{fits}; the answer "
               f"changed for {a['changed']:.1%}")
     out.print("Photos per class before -> after: " + ", ".join(
         f"{c} {n} -> {a['classes_after'][c]}" for c, n in a["classes_before"].items()))
     out.print(f"On the run's own val images: accuracy {a['val_accuracy_before']:.4f} -> "
               f"{a['val_accuracy']:.4f}, temperature {a['temperature']:.3f}")
     if not any(used):
-        out.print(f"[yellow]No photo reached p {confidence}:[/] the head stays as trained. Try "
-                  "a lower --confidence, or photos closer to the training images.")
+        bar = f" at p >= {confidence}" if confidence else ""
+        out.print(f"[yellow]No photo's class was agreed on by the head and its neighbours"
+                  f"{bar}:[/] the head stays as trained. Give photos of the species the "
+                  "model knows" + (", or a lower --confidence." if confidence else "."))
     if a["val_images_among_photos"]:
         out.print(f"[yellow]{a['val_images_among_photos']} of the photos are the run's own val "
                   "images[/]: the val accuracy, temperature and unknown thresholds above are "
