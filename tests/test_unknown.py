@@ -95,6 +95,24 @@ def test_the_fitted_scores_survive_the_bundle_round_trip():
             after["mahalanobis"]["label"], rtol=1e-5)
 
 
+def test_a_bundle_keeps_the_k_its_knn_threshold_was_set_for(monkeypatch):
+    import wingspan.models.unknown as unknown
+
+    centres = 3 * torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    head = torch.nn.Linear(8, 3)
+    x, y = _clusters(20, centres, seed=1)
+    vx, vy = _clusters(10, centres, seed=2)
+    monkeypatch.setattr(unknown, "KNN_K", 5)
+    detector = _fit(x, y, vx, vy, head)
+    assert detector.fitted["knn"]["label"].k == 5
+    tensors, entry = detector.tensors(), json.loads(json.dumps(detector.manifest()))
+    monkeypatch.setattr(unknown, "KNN_K", 2)  # a later wingspan with another default
+    assert UnknownDetector.from_bundle(entry, tensors).fitted["knn"]["label"].k == 5
+    # A bundle written before k was stored was fitted with 10 (of its 60 images).
+    del tensors["unknown.knn.k"]
+    assert UnknownDetector.from_bundle(entry, tensors).fitted["knn"]["label"].k == 10
+
+
 def test_each_score_in_tensor_operations_matches_the_detector():
     """What `wingspan export` puts in the graph (no pytorch-ood, no scikit-learn index)
     gives the scores predict gives, for every score and two levels."""
