@@ -136,8 +136,8 @@ class AdaptConfig:
     neighbours: int = 7
     spreading: float = 0.8
     # A photo is trained on when the head's class is the one its neighbours give it and
-    # the head gives it at least this probability (0: agreeing is enough; 0.5 and 0.7
-    # kept fewer right photos and lost 1 and 4 points).
+    # the head gives it at least this probability (softmax before the temperature; 0:
+    # agreeing is enough; 0.5 and 0.7 kept fewer right photos and lost 1 and 4 points).
     confidence: float = 0.0
     rounds: int = 1  # refits, the head's class taken afresh from each (2-3: not kept, README)
     c: float = 1.0  # the logistic head's inverse regularisation (scikit-learn's C)
