@@ -364,7 +364,9 @@ def test_adapt_writes_a_new_run_and_leaves_the_run_as_it_was(trained, tmp_path, 
     photos.mkdir()
     shown = splits[splits.split != "train"]  # every class in turn
     shown = shown.assign(turn=shown.groupby("label").cumcount()).sort_values(["turn", "label"])
-    shown = shown.path.head(24)  # fewer on the demo data, when ../shared is not there
+    # The test's model is near chance, so the head and label spreading agree on few photos
+    # (about 1 in 5): 60 of them keep some agreed on whatever the machine's numerics.
+    shown = shown.path.head(60)  # fewer on the demo data, when ../shared is not there
     for i, path in enumerate(shown):
         shutil.copy(path, photos / f"{i}{Path(path).suffix}")
     n = len(shown)
