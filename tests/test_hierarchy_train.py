@@ -136,23 +136,36 @@ def test_ethec_end_to_end_on_a_sample(shared_data, tmp_path):
     assert result.metrics["hierarchy"]["consistency"]["marginalised"] == 1.0
 
 
-def test_adapt_refits_every_level_of_a_taxonomy_run(hierarchical_run, demo_dir, tmp_path):
+@pytest.fixture(scope="module")
+def pretrained_hierarchical_run(demo_dir, tmp_path_factory):
+    """The taxonomy run on EfficientNet-Lite0's installed ImageNet weights at 64 pixels:
+    features that tell the demo's classes apart (the random test network's are at chance,
+    and a head and label spreading at chance agree on 4 of 43 photos, or on none)."""
+    tmp = tmp_path_factory.mktemp("hier-lite0")
+    return train(read_dataset(demo_dir),
+                 tiny(tmp, levels=["label", "family", "genus"], rare_below=7,
+                      backbone="efficientnet_lite0", weights="auto", image_size=64),
+                 tmp / "runs", quiet=True)
+
+
+def test_adapt_refits_every_level_of_a_taxonomy_run(pretrained_hierarchical_run, demo_dir,
+                                                     tmp_path):
     from wingspan.config import IMAGE_EXTENSIONS, AdaptConfig
     from wingspan.training.adapt import adapt
 
-    # Every image: the test's model is near chance, and the head and label spreading agree
-    # on a few of them at each level (4 of 43 here; 1 of the first 30).
+    run = pretrained_hierarchical_run
     photos = sorted(p for p in demo_dir.rglob("*") if p.suffix in IMAGE_EXTENSIONS)
-    done = adapt(hierarchical_run, [str(p) for p in photos], tmp_path / "adapted",
-                 AdaptConfig(rounds=2), progress=False, workers=0)
+    done = adapt(run, [str(p) for p in photos], tmp_path / "adapted", AdaptConfig(rounds=2),
+                 progress=False, workers=0)
     # Every level's head was fitted on the training images and photos, including the rare
-    # class that trains under its genus's name.
+    # class that trains under its genus's name; on features that separate the classes, the
+    # head and label spreading agree on most photos (36-41 of 43 measured).
     assert set(done["photos_used_per_round"]) == set(LEVELS)
-    assert all(len(used) == 2 and 0 < min(used) and max(used) <= len(photos)
+    assert all(len(used) == 2 and len(photos) / 2 < min(used) and max(used) <= len(photos)
                for used in done["photos_used_per_round"].values())
     assert not done["classes_without_training_images"]
     manifest = read_manifest(tmp_path / "adapted" / "model")
-    old = read_manifest(hierarchical_run / "model")
+    old = read_manifest(run / "model")
     assert manifest["classes"] == old["classes"] and manifest["taxonomy"] == old["taxonomy"]
     assert manifest["training"]["rare_classes"] == old["training"]["rare_classes"]
     assert set(manifest["unknown"]["levels"]) == set(LEVELS)
