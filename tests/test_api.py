@@ -26,12 +26,20 @@ def run(demo_dir, tmp_path_factory):
 
 
 def test_import_is_light_and_train_is_the_function():
-    code = ("import sys, wingspan as ws, wingspan.api; light = 'torch' not in sys.modules; "
+    # `wingspan --help` (the CLI module) and the API stay light too.
+    code = ("import sys, wingspan as ws, wingspan.api, wingspan.cli; "
+            "light = 'torch' not in sys.modules; "
             "import wingspan.training.run; from wingspan import train; "
             "print(light, ws.train is wingspan.api.train is train)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.split() == ["True", "True"]
+    # predict and serve start without the training stack (scikit-learn is a second's import)
+    code = ("import sys, wingspan.inference, wingspan.serve; "
+            "print('sklearn' in sys.modules, 'wingspan.training.run' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.split() == ["False", "False"]
 
 
 def test_read_counts_and_display(demo_dir):

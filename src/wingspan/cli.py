@@ -16,6 +16,7 @@ from rich.console import Console
 
 from wingspan import __version__
 from wingspan.config import (
+    AUGMENT_POLICIES,
     MAX_PIXELS,
     MAX_PIXELS_ENV,
     AdaptConfig,
@@ -28,7 +29,6 @@ from wingspan.config import (
     TrainConfig,
     to_dict,
 )
-from wingspan.data.transforms import POLICIES
 from wingspan.errors import WingspanError
 
 app = typer.Typer(
@@ -269,7 +269,7 @@ def download_command(
 @data_app.command("preview")
 def data_preview(
     data: Data, level: Level = None,
-    augment: Annotated[str, typer.Option(help=f"Policy: {' | '.join(POLICIES)}.")]
+    augment: Annotated[str, typer.Option(help=f"Policy: {' | '.join(AUGMENT_POLICIES)}.")]
     = AugmentConfig.policy,
     image_size: Annotated[int, typer.Option(help="Training resolution in pixels.")]
     = AugmentConfig.image_size,
