@@ -66,6 +66,13 @@ def test_demo_command_writes_everything(run_cli, tmp_path):
         assert str(tmp_path / name.split("/")[0]) in out
     # Paths are printed whole, never broken over lines, so they copy and paste.
     assert f"report         {tmp_path / 'train' / 'evaluation-test' / 'report.html'}\n" in out
+    assert (tmp_path / "demo_config.json").is_file()  # marks the folder: it may run there again
+    # A folder of the user's is never written into: the demo would replace its train/.
+    (tmp_path.parent / "mine" / "train" / "cats").mkdir(parents=True)
+    (tmp_path.parent / "mine" / "train" / "cats" / "1.jpg").write_bytes(b"precious")
+    code, out, err = run_cli("demo", "--out", tmp_path.parent / "mine", "--quiet")
+    assert code == 2 and "holds files that the demo did not write" in " ".join(err.split())
+    assert [p.name for p in (tmp_path.parent / "mine").rglob("*")] == ["train", "cats", "1.jpg"]
 
 
 def test_models_list_shows_offline_weights(run_cli):

@@ -944,6 +944,16 @@ def demo(
     from wingspan.training import run as training
 
     config = DemoConfig(seed=seed)
+    # The demo replaces its own folders (data, train, ...) on a second run, so it writes
+    # only into a new or empty folder, or one it made itself (its settings file, written
+    # first, marks it: a killed demo runs again in the same place).
+    marker = out_dir / "demo_config.json"
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not marker.is_file():
+        raise WingspanError(f"{out_dir} holds files that the demo did not write, and the demo "
+                            "would replace its data/ and train/ folders.",
+                            hint="Give a new or empty folder: --out runs/demo.")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(to_dict(config), indent=2))
     data_dir = generate_demo(out_dir / "data", config)
     out.rule("1. demo data")
     out.print(f"Generated {sum(config.images_per_class)} images of "
@@ -971,7 +981,6 @@ def demo(
     evaluation = evaluate(run_dir, progress=not quiet)
     _print_evaluation(evaluation)
     out.rule("outputs")
-    (out_dir / "demo_config.json").write_text(json.dumps(to_dict(config), indent=2))
     for name, path in [("data", data_dir), ("summary", out_dir / "inspect" / "summary.json"),
                        ("balance plots", out_dir / "inspect"), ("splits", split.splits_csv),
                        ("preview", preview), ("training run", run_dir),
