@@ -88,6 +88,23 @@ def test_hierarchical_evaluation_and_prediction(hierarchical_run, demo_dir):
     assert probs == sorted(probs, reverse=True)  # a parent holds at least its child's share
 
 
+def test_photos_without_the_coarser_levels_are_scored_at_them_from_the_models_tree(
+        hierarchical_run, demo_dir, tmp_path):
+    """Species folders and no taxonomy.csv: each coarser level's truth is the model's own
+    parent of the folder's class, so the figures are those of the data with its table."""
+    import shutil
+
+    plain = tmp_path / "plain"
+    shutil.copytree(demo_dir, plain, ignore=shutil.ignore_patterns("taxonomy.csv"))
+    assert read_dataset(plain).levels == ["label"]
+    with_table, without = (
+        evaluate(hierarchical_run, data, split="all", progress=False, workers=0,
+                 out=tmp_path / f"ev-{data.name}").metrics["hierarchy"]
+        for data in (demo_dir, plain))
+    assert without["levels"] == with_table["levels"]
+    assert without["mistake_depth"] == with_table["mistake_depth"]
+
+
 def test_hierarchical_family_accuracy_is_not_worse_than_family_only(demo_dir, tmp_path):
     """The small version of the iNat check: marginalised family predictions of a run on
     all levels against a run trained on family alone (same data, seed and budget)."""

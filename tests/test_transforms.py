@@ -55,6 +55,27 @@ def test_preview_grid_file(demo_dir, tmp_path):
         assert im.width > im.height > 200
 
 
+def test_preview_passes_over_unreadable_images(demo_dir, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_dir, data)
+    folders = sorted(p for p in data.iterdir() if p.is_dir())
+    for image in folders[0].iterdir():  # a class none of whose images reads: left out
+        image.write_bytes(b"not an image")
+    for image in sorted(folders[1].iterdir())[:-1]:  # one that reads: shown
+        image.write_bytes(image.read_bytes()[:200])  # truncated
+    sizes = []
+    for source, rows in ((data, len(folders)), (demo_dir, len(folders) - 1)):
+        path = write_preview(read_dataset(source), tmp_path / f"{rows}.png",
+                             AugmentConfig(image_size=48), rows=rows, augmented=2)
+        with Image.open(path) as im:
+            sizes.append(im.size)
+    assert sizes[0] == sizes[1]  # the same number of rows: every class but the broken one
+    with pytest.raises(WingspanError, match="at least 1 row"):
+        write_preview(read_dataset(demo_dir), tmp_path / "none.png", rows=0)
+
+
 def test_the_config_names_every_policy_and_depends_on_nothing_above_it():
     import subprocess
     import sys

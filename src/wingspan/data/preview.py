@@ -11,28 +11,41 @@ from wingspan.config import AugmentConfig
 from wingspan.data.images import open_rgb
 from wingspan.data.samples import PATH, Dataset
 from wingspan.data.transforms import eval_transform, train_transform
+from wingspan.errors import WingspanError
 from wingspan.plotting import plt
 
 
 def write_preview(dataset: Dataset, out: Path, config: AugmentConfig | None = None,
                   level: str | None = None, rows: int = 6, augmented: int = 5,
                   seed: int = 0) -> Path:
-    """One row per class (up to `rows`): the evaluation view, then augmented views."""
+    """One row per class (up to `rows`): the evaluation view, then augmented views. An
+    unreadable image is passed over for another of its class."""
     config = config or AugmentConfig()
     level = dataset.resolve_level(level)
+    if rows < 1 or augmented < 0:
+        raise WingspanError(f"A preview needs at least 1 row and 0 augmented views (got "
+                            f"{rows} and {augmented}).", hint="Use --rows 1 or more.")
     rng = np.random.default_rng(seed)
-    picks = [(label, part[PATH].iloc[rng.integers(len(part))])
-             for label, part in dataset.table.groupby(level)]
-    picks = [picks[i] for i in sorted(rng.choice(len(picks), min(rows, len(picks)),
-                                                 replace=False))]
+    classes = list(dataset.table.groupby(level))
+    picks = []
+    for i in rng.permutation(len(classes)):
+        label, part = classes[i]
+        image = _first_readable(part[PATH].iloc[rng.permutation(len(part))])
+        if image is not None:
+            picks.append((i, label, image))
+        if len(picks) == rows:
+            break
+    if not picks:
+        raise WingspanError("No image of the data could be read for the preview.",
+                            hint="Run `wingspan data inspect DATA` to list the broken files.")
+    picks = [(label, image) for _, label, image in sorted(picks, key=lambda p: p[0])]
     clean = eval_transform(config, normalize=False)
     augment = train_transform(config, normalize=False)
     torch.manual_seed(seed)
     cols = augmented + 1
     fig, axes = plt.subplots(len(picks), cols, figsize=(1.6 * cols, 1.7 * len(picks)),
                              squeeze=False)
-    for r, (label, path) in enumerate(picks):
-        image = open_rgb(path)
+    for r, (label, image) in enumerate(picks):
         views = [clean(image)] + [augment(image) for _ in range(augmented)]
         for c, view in enumerate(views):
             ax = axes[r][c]
@@ -49,3 +62,13 @@ def write_preview(dataset: Dataset, out: Path, config: AugmentConfig | None = No
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def _first_readable(paths, tries: int = 20):
+    """The first of `paths` (at most `tries`) that opens as an image, or None."""
+    for path in paths[:tries]:
+        try:
+            return open_rgb(path)
+        except WingspanError:
+            continue
+    return None

@@ -19,13 +19,18 @@ def _scores(y: np.ndarray, pred: np.ndarray) -> dict:
 def truth_indices(taxonomy: Taxonomy, rows: pd.DataFrame, rare: dict[str, str]
                   ) -> dict[str, np.ndarray]:
     """Class index per level for each row (-1 where the model does not know the class);
-    rare finest classes count as the parent-level class they were trained as."""
-    out = {}
-    for lv in taxonomy.levels:
-        labels = rows[lv].replace(rare) if lv == taxonomy.finest else rows[lv]
-        index = {c: i for i, c in enumerate(taxonomy.classes[lv])}
-        out[lv] = labels.map(index).fillna(-1).astype(int).to_numpy()
-    return out
+    rare finest classes count as the parent-level class they were trained as. A coarser
+    level the rows lack (photos in species folders, no taxonomy.csv) is the model's own
+    parent of the finest label."""
+    def indices(level: str, labels: pd.Series) -> np.ndarray:
+        index = {c: i for i, c in enumerate(taxonomy.classes[level])}
+        return labels.map(index).fillna(-1).astype(int).to_numpy()
+
+    fine = indices(taxonomy.finest, rows[taxonomy.finest].replace(rare))
+    out = {lv: indices(lv, rows[lv]) if lv in rows
+           else np.where(fine >= 0, taxonomy.parents[lv][np.maximum(fine, 0)], -1)
+           for lv in taxonomy.levels[:-1]}
+    return {**out, taxonomy.finest: fine}
 
 
 def hierarchical_metrics(taxonomy: Taxonomy, truth: dict[str, np.ndarray],

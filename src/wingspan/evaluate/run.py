@@ -490,9 +490,13 @@ def _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, 
     train = dataset.table[SPLIT] == "train"
     if train.any():
         policy = predictor.manifest.get("training", {}).get("augment", "standard")
-        pngs["preview"] = write_preview(
-            dataset.subset(train.to_numpy()), out_dir / "preview.png",
-            AugmentConfig(policy=policy, image_size=predictor.size), level, rows=4, augmented=4)
+        try:
+            pngs["preview"] = write_preview(
+                dataset.subset(train.to_numpy()), out_dir / "preview.png",
+                AugmentConfig(policy=policy, image_size=predictor.size), level, rows=4,
+                augmented=4)
+        except WingspanError:  # no training image reads: the report goes without a preview
+            pass
     return pngs
 
 
