@@ -217,6 +217,7 @@ def test_a_kill_between_the_best_and_the_last_checkpoint_resumes_alike(demo_dir,
 @pytest.mark.parametrize("changes, message", [
     ({"lr": -1}, "'lr' setting must be a positive number"),
     ({"min_delta": -1e-3}, "'min_delta' setting must be 0 or more"),
+    ({"patience": 0}, "'patience' setting must be at least 1"),
     ({"epochs_head": 0, "epochs_finetune": 0}, "must be at least 1"),
     ({"sampler": "random"}, "'sampler' setting must be shuffle or weighted"),
     ({"augment": "wild"}, "'augment' setting must be one of"),

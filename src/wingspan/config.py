@@ -359,8 +359,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
-        for name in ("epochs_head", "epochs_finetune", "feature_views", "patience", "seed"):
+        for name in ("epochs_head", "epochs_finetune", "feature_views", "seed"):
             _check(getattr(self, name) >= 0, name, "0 or more", getattr(self, name))
+        # 1 stops a stage at its first epoch without a better score (Keras's patience 0)
+        _check(self.patience >= 1, "patience", "at least 1", self.patience)
         _check(self.epochs_head + self.epochs_finetune > 0, "epochs_head + epochs_finetune",
                "at least 1", self.epochs_head + self.epochs_finetune)
         for name in ("lr", "finetune_lr_scale", "layer_decay"):
