@@ -1,5 +1,7 @@
 """`wingspan explain`: Grad-CAM overlays that follow what the model looks at."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -34,6 +36,14 @@ def test_explain_writes_an_overlay_per_image_and_lists_bad_ones(run_dir, demo_di
     code, out, err = run_cli("explain", run_dir, images[0], "--out", tmp_path / "cli")
     assert code == 0, err
     assert len(list((tmp_path / "cli").glob("*.gradcam.png"))) == 1
+    # Two folders' 0001.jpg: two overlays, neither written over the other.
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "0001.jpg").write_bytes(Path(images[0]).read_bytes())
+    same = explain(run_dir, [str(tmp_path / f / "0001.jpg") for f in "aab"], tmp_path / "same")
+    assert [r.png.name for r in same] == ["0001.gradcam.png", "a-0001.gradcam.png",
+                                          "b-0001.gradcam.png"]
+    assert len(list((tmp_path / "same").glob("*.gradcam.png"))) == 3
 
 
 def test_grad_cam_points_at_the_evidence():

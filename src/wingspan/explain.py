@@ -78,7 +78,7 @@ def explain(model: str | Path, images: list[str], out: str | Path,
     predictor = Predictor(model, device=device, runtime="torch", precision="fp32")
     view = predictor.views(tta=False)[0]
     out = Path(out)
-    results = []
+    results, taken = [], set()
     for path in images:
         try:
             picture = open_rgb(path)
@@ -87,10 +87,24 @@ def explain(model: str | Path, images: list[str], out: str | Path,
             continue
         x = view(picture)
         label, probability, heatmap = explain_image(predictor, x)
-        png = out / f"{Path(path).stem}.gradcam.png"
+        png = out / f"{_unique_name(Path(path), taken)}.gradcam.png"
         save_overlay(model_view(x, predictor), heatmap, f"{label}  {probability:.2f}", png)
         results.append(Explanation(path, label, probability, heatmap, png))
     return results
+
+
+def _unique_name(path: Path, taken: set[str]) -> str:
+    """The file's stem, or with its folder's name before it when another image of the call
+    has that stem (class folders often reuse 0001.jpg), then a number: no overlay is
+    written over another."""
+    name = path.stem
+    if name in taken:
+        name = f"{path.parent.name}-{path.stem}"
+    base, n = name, 2
+    while name in taken:
+        name, n = f"{base}-{n}", n + 1
+    taken.add(name)
+    return name
 
 
 def model_view(x: torch.Tensor, predictor: Predictor) -> np.ndarray:
