@@ -79,6 +79,20 @@ def _claiming(jpeg: bytes, width: int, height: int) -> bytes:
     return jpeg[:sof + 5] + struct.pack(">HH", height, width) + jpeg[sof + 9:]
 
 
+def test_a_long_thin_image_is_refused_before_its_resize_outgrows_the_budget(tmp_path):
+    """A 1 x 40000 PNG is a few hundred bytes, and 10 GB once its shorter side is 512 px:
+    every path that opens images (predict, explain, evaluate, training) refuses it."""
+    from wingspan.data.images import ImageTooLarge
+
+    Image.new("RGB", (40000, 1), (200, 100, 50)).save(tmp_path / "strip.png")
+    assert (tmp_path / "strip.png").stat().st_size < 1000
+    for draft in (None, 224):
+        with pytest.raises(ImageTooLarge, match="40000 x 1 pixels is too long and thin"):
+            open_rgb(tmp_path / "strip.png", draft=draft)
+    Image.new("RGB", (4000, 400)).save(tmp_path / "panorama.png")  # 10:1 is fine
+    assert open_rgb(tmp_path / "panorama.png", draft=224).size == (4000, 400)
+
+
 def test_a_drawer_scan_over_pillows_own_limit_is_read_reduced_not_called_a_bomb(tmp_path):
     """Pillow refuses any image over 500 MP as a bomb from its header; wingspan's budget
     decides instead, and a JPEG that 1/8 scale brings under it is decoded reduced."""

@@ -39,6 +39,9 @@ SCALES = (1, 2, 4, 8)  # JPEG decoding scales libjpeg offers (as divisors)
 # checks first (an ICO or ICNS decodes an embedded PNG of any size, whatever it states).
 FORMATS = ("JPEG", "PNG", "TIFF", "WEBP", "GIF", "BMP")  # JPEG's opener also reads MPO
 REDUCIBLE = ("JPEG", "MPO")  # decoded by libjpeg, which can scale while decoding
+# The shorter side a view resizes an image to, at most, when the caller gives no `draft`:
+# with it, a long thin image is refused before its resize would outgrow the pixel budget.
+VIEW_SIDE = 512
 
 
 _PILLOW_LIMIT = threading.Lock()
@@ -102,6 +105,14 @@ def open_rgb(path: str | Path | BinaryIO, draft: int | None = None,
     try:
         with open_image(path) as im:
             budget, (w, h) = max_pixels(), im.size
+            side = draft or VIEW_SIDE
+            resized = side * side * max(w, h) / max(min(w, h), 1)
+            if resized > max(budget, w * h):  # a 1 x 40000 PNG of 100 bytes, upscaled
+                raise ImageTooLarge(
+                    f"Cannot read image {name}: {w} x {h} pixels is too long and thin to resize "
+                    f"for a model (its shorter side at {side} px would make {resized / 1e6:.3g} "
+                    f"MP, over the budget of {budget / 1e6:.3g} MP).",
+                    hint="Crop the image to the part that shows the subject.")
             if im.format in REDUCIBLE and (draft or w * h > budget):
                 # libjpeg's scales: the least that fits the budget, and (for `draft`) the
                 # most that keeps the shorter side at least `draft`.
