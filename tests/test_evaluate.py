@@ -71,9 +71,15 @@ def test_evaluate_never_changes_the_model_and_calibrate_does(trained, tmp_path, 
         return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
                 for p in sorted((trained / "model").iterdir())}
 
+    def fitted_on_these(split, out):  # the temperature was fitted on the images evaluated
+        result = evaluate(trained, split=split, out=tmp_path / out, progress=False, workers=0)
+        note = "the temperature was fitted on the images being evaluated"
+        same = result.metrics["calibration"]["same_data_as_evaluation"]
+        assert same == (note in " ".join(result.report.read_text().split()))
+        return same
+
     before = fingerprint()
-    evaluate(trained, split="val", out=tmp_path / "ev", progress=False, workers=0)
-    evaluate(trained, split="train", out=tmp_path / "ev2", progress=False, workers=0)
+    assert fitted_on_these("val", "ev") and not fitted_on_these("train", "ev2")  # training's
     assert fingerprint() == before
     old = read_manifest(trained / "model")["calibration"]["temperature"]
     code, out, err = run_cli("calibrate", trained, "--split", "train", "--quiet")
@@ -82,6 +88,7 @@ def test_evaluate_never_changes_the_model_and_calibrate_does(trained, tmp_path, 
     assert f"Temperature {old:.3f} -> {new['temperature']:.3f}" in out
     assert new["fitted_on"] == "train" and new["previous_temperature"] == pytest.approx(old)
     assert fingerprint() != before
+    assert fitted_on_these("train", "ev3") and not fitted_on_these("val", "ev4")
     # Put it back for the other tests of this module.
     from wingspan.models.bundle import update_manifest
 

@@ -106,7 +106,8 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     # evaluating never changes the model.
     calibration = {"temperature": predictor.temperature,
                    **predictor.manifest.get("calibration", {"fitted_on": None}),
-                   "same_data_as_evaluation": split == "val" and data is None}
+                   "same_data_as_evaluation": predictor.manifest.get("calibration", {}).get(
+                       "fitted_on", "val") == _calibration_data(split, data)}
     probs = softmax(logits, predictor.temperature)
     classes = predictor.classes
     # On other data holding some of the model's classes (--map), average over those.
@@ -393,7 +394,7 @@ def calibrate(model: str | Path, data: str | Path | None = None, split: str = "v
     index = {c: i for i, c in enumerate(predictor.classes)}
     y = rows["_label"].map(index).to_numpy()[ok]
     logits = np.stack([preds[i].logits for i in ok])
-    calibration = {**calibration_record(logits, y, f"{split} of {data}" if data else split),
+    calibration = {**calibration_record(logits, y, _calibration_data(split, data)),
                    "previous_temperature": predictor.temperature}
     update_manifest(predictor.bundle, calibration=calibration)
     return calibration
@@ -500,6 +501,12 @@ def _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, 
     return pngs
 
 
+def _calibration_data(split: str, data) -> str:
+    """What a temperature was fitted on, as the bundle records it: "val" (training's), or
+    the split of the data `wingspan calibrate` was given."""
+    return f"{split} of {Path(data).resolve()}" if data else split
+
+
 def _fairness(train_metrics: dict, split: str, data) -> str:
     """Whether this evaluation's figures are unbiased: the run chose its epochs on val."""
     if data is not None:
@@ -537,8 +544,8 @@ def _report(out_dir, name, predictor, run_dir, dataset, level, split, metrics, t
                    ("ECE before / after", f"{metrics['ece_uncalibrated']:.4f} / "
                     f"{metrics['ece']:.4f}")]
     if cal.get("same_data_as_evaluation"):
-        calibration.append(("note", "fitted on the split being evaluated (no test split): "
-                            "the ECE after is optimistic"))
+        calibration.append(("note", "the temperature was fitted on the images being "
+                            "evaluated: the ECE after is optimistic"))
     if cal.get("method", "likelihood") != "likelihood":
         calibration.append(("set by", f"the {cal['method']}: every one of the "
                             f"{cal.get('images')} images it was fitted on was right"))
