@@ -28,6 +28,7 @@ def test_audit_finds_flipped_labels_and_a_resized_copy(tmp_path, run_cli):
             label = rng.choice([c for c in classes if c != label])
         rows.append({"path": str(path), "label": label, "split": "train"})
     rows.append({"path": str(copy), "label": images[1].parent.name, "split": "test"})
+    rows.append(rows[5])  # a training row twice, as `data split --oversample-to` writes
     table = tmp_path / "labels.csv"
     with open(table, "w", newline="") as f:
         writer = csv.DictWriter(f, ["path", "label", "split"])
@@ -38,7 +39,7 @@ def test_audit_finds_flipped_labels_and_a_resized_copy(tmp_path, run_cli):
                                 "--out", tmp_path / "audit", "--quiet")
     assert code == 0, err
     ranked = list(csv.DictReader(open(tmp_path / "audit" / "audit.csv")))
-    assert len(ranked) == len(rows)
+    assert len(ranked) == len(rows) - 1 == len({r["path"] for r in ranked})  # each file once
     top = {r["path"] for r in ranked[:len(flipped)]}
     wrong = {str(images[i]) for i in flipped}
     recall = len(top & wrong) / len(wrong)
@@ -48,6 +49,7 @@ def test_audit_finds_flipped_labels_and_a_resized_copy(tmp_path, run_cli):
     right = sum(r["suspected"] == r["path"].split("/")[-2] for r in found)
     assert right >= 0.8 * len(found), found
     dups = list(csv.DictReader(open(tmp_path / "audit" / "duplicates.csv")))
+    assert all(d["path_a"] != d["path_b"] for d in dups)  # no file paired with itself
     pair = {str(images[1]), str(copy)}
     assert any({d["path_a"], d["path_b"]} == pair and d["across_splits"] == "True"
                for d in dups), dups[:3]

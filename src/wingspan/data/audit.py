@@ -46,7 +46,10 @@ def audit_dataset(dataset: Dataset, out_dir: str | Path, level: str | None = Non
                   config: AuditConfig | None = None, progress: bool = True) -> AuditResult:
     config = config or AuditConfig()
     level = dataset.resolve_level(level)
-    table = dataset.table[dataset.table[level] != ""].reset_index(drop=True)
+    table = dataset.table[dataset.table[level] != ""]
+    # Each file once: a splits.csv from `split --oversample-to` repeats training rows, and a
+    # repeat would be its own near-duplicate, and on both sides of the cross-validation.
+    table = table.drop_duplicates(PATH).reset_index(drop=True)
     counts = table[level].value_counts()
     if len(counts) < 2:
         raise WingspanError(f"An audit needs at least 2 classes at level '{level}'; "
