@@ -310,3 +310,10 @@ def test_calibrate_unknown_refits_the_threshold_and_keeps_the_model(held_out_run
     np.testing.assert_allclose([p.probs for p in a], [p.probs for p in b], atol=1e-5)
     # A higher rate turns away more known images than the default 5%.
     assert sum(p.known_level is None for p in a) >= sum(p.known_level is None for p in b)
+    # Settings that cannot apply are refused before any image is read.
+    for args, message in ((["--unknown", "--unknown-rate", "0"], "between 0 and 1"),
+                          (["--unknown", "--unknown-score", "vibes"], "Unknown score 'vibes'"),
+                          (["--unknown-rate", "0.3"], "only with --unknown")):
+        code, _, err = run_cli("calibrate", copy, *args, "--quiet")
+        assert code == 2 and message in " ".join(err.split()), err
+    assert json.loads((copy / "model" / "manifest.json").read_text()) == after

@@ -537,7 +537,10 @@ def calibrate_command(
                   f"set on {u['val_images']} val images to turn away {u['rate']:.0%} of known "
                   f"ones; default score '{u['score']}'")
         return
-
+    if unknown_rate is not None or unknown_score is not None:
+        raise WingspanError("--unknown-rate and --unknown-score set the unknown answer, which "
+                            "`calibrate` fits again only with --unknown.",
+                            hint="Add --unknown (the temperature is then left as it is).")
     c = calibrate(model, data, split, progress=not quiet, batch_size=batch_size, device=device)
     out.print(f"Temperature {c['previous_temperature']:.3f} -> {c['temperature']:.3f}, fitted "
               f"on {c['images']} images ({c['fitted_on']}); ECE {c['val_ece_before']:.4f} -> "

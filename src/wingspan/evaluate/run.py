@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from wingspan.config import AugmentConfig, TrainConfig
+from wingspan.config import UNKNOWN_SCORES, AugmentConfig, TrainConfig
 from wingspan.data import read_dataset
 from wingspan.data.plots import plot_class_balance
 from wingspan.data.preview import write_preview
@@ -412,6 +412,11 @@ def fit_unknown(model: str | Path, rate: float | None = None, score: str | None 
     from wingspan.models import save_bundle
     from wingspan.models.unknown import UnknownDetector
 
+    if rate is not None and not 0 < rate < 1:  # before any image is read
+        raise WingspanError(f"--unknown-rate must be between 0 and 1, e.g. 0.05 (got {rate}).")
+    if score is not None and score not in UNKNOWN_SCORES:
+        raise WingspanError(f"Unknown score '{score}'.",
+                            hint=f"Use one of: {', '.join(UNKNOWN_SCORES)}.")
     predictor = Predictor(model, device=device, batch_size=batch_size, workers=workers,
                           progress=progress)
     purpose = "the unknown scores are fitted on"
@@ -419,7 +424,7 @@ def fit_unknown(model: str | Path, rate: float | None = None, score: str | None 
     manifest = predictor.manifest
     previous = manifest.get("unknown") or {}
     training = manifest.get("training", {})
-    rate = rate or previous.get("rate") or TrainConfig.unknown_rate
+    rate = rate if rate is not None else previous.get("rate") or TrainConfig.unknown_rate
     score = score or previous.get("score") or TrainConfig.unknown_score
     parts = {}
     # A uniform sample past MAX_FIT_IMAGES, as training's detector takes.
