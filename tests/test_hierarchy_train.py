@@ -105,6 +105,17 @@ def test_photos_without_the_coarser_levels_are_scored_at_them_from_the_models_tr
     assert without["mistake_depth"] == with_table["mistake_depth"]
 
 
+def test_explain_draws_the_branch_that_predict_answers(hierarchical_run, demo_dir, tmp_path):
+    from wingspan.explain import explain
+
+    paths = [str(p) for p in sorted(demo_dir.rglob("*.jpg"))[::5]]
+    said = predict(Predictor(hierarchical_run, runtime="torch", precision="fp32", workers=0),
+                   paths, progress=False).rows
+    shown = explain(hierarchical_run, paths, tmp_path)
+    assert [e.label for e in shown] == [r["taxonomy"][-1][1] for r in said]
+    assert [e.answer for e in shown] == [r["answer"] for r in said]
+
+
 def test_hierarchical_family_accuracy_is_not_worse_than_family_only(demo_dir, tmp_path):
     """The small version of the iNat check: marginalised family predictions of a run on
     all levels against a run trained on family alone (same data, seed and budget)."""

@@ -244,6 +244,17 @@ def test_predict_answers_unknown_and_keeps_the_closest_class(held_out_run, run_c
     assert sum(r["answer"] == "azure_spotwing" for r in known) > 0.8 * len(known)
     assert all(r["class_1"] for r in held)  # the closest class is still there
     assert "unlike the classes the model knows" in stdout
+    # explain draws the map for predict's closest class and titles it with its answer.
+    from wingspan.explain import explain
+    from wingspan.predict import predict
+
+    paths = [r["path"] for r in held[:4] + known[:2]]
+    said = predict(Predictor(run_dir, runtime="torch", precision="fp32", workers=0), paths,
+                   progress=False).rows
+    shown = explain(run_dir, paths, tmp_path / "explain")
+    assert [e.answer for e in shown] == [r["answer"] for r in said]
+    assert [e.label for e in shown] == [r["top"][0][0] for r in said]
+    assert "unknown" in [e.answer for e in shown]
     # Another score of those the bundle holds, chosen at predict time.
     code, _, err = run_cli("predict", run_dir, demo / HELD, "--unknown-score", "knn",
                            "--output", out, "--quiet")

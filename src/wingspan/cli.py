@@ -769,7 +769,9 @@ def explain_command(
         if e.error:
             err.print(f"[yellow]skipped[/] {e.path}: {e.error}", highlight=False)
         else:
-            out.print(f"{e.path}: {e.label} {e.probability:.3f} -> {e.png}", highlight=False)
+            said = "" if e.answer == e.label else f" (answer: {e.answer})"
+            out.print(f"{e.path}: {e.label} {e.probability:.3f}{said} -> {e.png}",
+                      highlight=False)
 
 
 @app.command("serve")

@@ -3,8 +3,9 @@
 Grad-CAM weights the backbone's last feature map by the gradient
 of the predicted class's score and keeps the positive part: the regions that argued for
 that class. One PNG per image: the model's own view of it (resized and centre-cropped as
-the bundle says) with the map over it, titled with the prediction and its calibrated
-probability.
+the bundle says) with the map over it, titled with the class and its calibrated
+probability. The class is predict's (a taxonomy model's top-down branch), and where
+predict answers otherwise ("unknown", or only a coarser class) the title says so.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class Explanation:
     heatmap: np.ndarray  # (size, size) in [0, 1]
     png: Path | None = None
     error: str = ""
+    answer: str = ""  # what `wingspan predict` answers: `label`, a coarser class or "unknown"
 
 
 def grad_cam(predictor: Predictor, image: torch.Tensor, target: int) -> np.ndarray:
@@ -86,11 +88,28 @@ def explain(model: str | Path, images: list[str], out: str | Path,
             results.append(Explanation(path, "", 0.0, np.zeros(0), error=e.message))
             continue
         x = view(picture)
-        label, probability, heatmap = explain_image(predictor, x)
+        said, target = _answer(predictor, x)
+        label, probability, heatmap = explain_image(predictor, x, target)
         png = out / f"{_unique_name(Path(path), taken)}.gradcam.png"
-        save_overlay(model_view(x, predictor), heatmap, f"{label}  {probability:.2f}", png)
-        results.append(Explanation(path, label, probability, heatmap, png))
+        title = f"{label}  {probability:.2f}" + ("" if said == label else f"  (says: {said})")
+        save_overlay(model_view(x, predictor), heatmap, title, png)
+        results.append(Explanation(path, label, probability, heatmap, png, answer=said))
     return results
+
+
+def _answer(predictor: Predictor, x: torch.Tensor) -> tuple[str, str]:
+    """(what predict answers for this view, the finest class the map is drawn for): the
+    top-down branch's class for a taxonomy model, and "unknown" or a coarser class where
+    the unknown scores say so, as `wingspan predict` does."""
+    from wingspan.predict import answer_at, taxonomy_path
+
+    outputs, scores = predictor.forward_with_scores(x[None])
+    probs = torch.softmax(outputs[predictor.level][0] / predictor.temperature, 0).numpy()
+    branch = taxonomy_path(predictor.taxonomy, probs) if predictor.taxonomy else []
+    top = branch[-1][1] if branch else predictor.classes[int(probs.argmax())]
+    known = predictor.known_level({lv: float(s[0]) for lv, s in scores.items()}
+                                  if scores else None)
+    return answer_at(known, branch, top, predictor.level), top
 
 
 def _unique_name(path: Path, taken: set[str]) -> str:
