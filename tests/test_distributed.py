@@ -141,6 +141,18 @@ def test_the_ranks_together_take_one_process_batches(n, batch, world):
         assert list(later) == ranks[0][1:]
 
 
+def test_batches_count_what_is_left_once_unreadable_items_are_left_out():
+    """A weighted draw may hold an unreadable item many times: the length (the progress
+    bar's and the learning-rate schedule's count of steps) counts the batches that are left."""
+    weights = torch.ones(40)
+    weights[:2] = 50.0  # the two items that cannot be read are drawn most
+    for w in (None, weights):
+        batches = EpochBatches(40, 4, seed=3, weights=w)
+        batches.skip = {0, 1}
+        assert len(batches) == len(list(batches)) == (len(batches._order()) + 3) // 4
+        assert w is None or len(batches) < 9
+
+
 def test_data_workers_share_the_cores_this_process_may_use(monkeypatch):
     cores = set(range(4))
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: cores, raising=False)

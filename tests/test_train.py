@@ -184,6 +184,48 @@ def test_kill_and_resume_matches_an_uninterrupted_run(demo_dir, tmp_path):
         (ref / "metrics.json").read_text())["best"]
 
 
+def test_a_kill_after_an_image_broke_mid_epoch_resumes_alike(demo_dir, tmp_path, monkeypatch):
+    """An image that breaks during a fine-tuning epoch is left out from the next epoch on;
+    a run killed after it was found, in that epoch, resumes on the same batches (leaving it
+    out of the resumed epoch's order would shift every batch after it)."""
+    from wingspan.training.context import Run
+    from wingspan.training.data import epoch_order
+
+    config = tiny(tmp_path, epochs_head=1, epochs_finetune=3, checkpoint_minutes=0.0,
+                  precision="fp32", runtime="torch")
+    save = Run.save
+
+    def breaking(kill):
+        def saved(run, optimizer=None):
+            save(run, optimizer)
+            state = run.state
+            if state.stage != "finetune" or state.epoch != 1:
+                return
+            if state.step == 1:  # an image of the epoch's second batch breaks
+                order = epoch_order(len(run.data.train), config.seed, 1)
+                Path(run.data.train.paths[order[config.batch_size + 1]]).write_bytes(b"gone")
+            elif state.step == 2 and kill:  # killed once that batch has found it
+                assert len(state.skipped) == 1
+                raise KeyboardInterrupt
+        return saved
+
+    runs = {}
+    for name, kill in (("ref", False), ("killed", True)):
+        data = shutil.copytree(demo_dir, tmp_path / f"data-{name}")
+        monkeypatch.setattr(Run, "save", breaking(kill))
+        try:
+            runs[name] = train(read_dataset(data), config, tmp_path / name, "r", quiet=True)
+        except KeyboardInterrupt:
+            runs[name] = tmp_path / name / "r"
+        monkeypatch.undo()
+    assert len(history(runs["killed"])) < len(history(runs["ref"]))  # it was cut short
+    resume(runs["killed"], quiet=True)
+    pd.testing.assert_frame_equal(history(runs["killed"])[NUMBERS], history(runs["ref"])[NUMBERS],
+                                  atol=1e-4, rtol=0)
+    for run in runs.values():
+        assert len(json.loads((run / "metrics.json").read_text())["unreadable"]) == 1
+
+
 def test_a_kill_between_the_best_and_the_last_checkpoint_resumes_alike(demo_dir, tmp_path,
                                                                        monkeypatch):
     """Killed once the first fine-tuned epoch has become best.pt, before the checkpoint

@@ -44,6 +44,9 @@ class RunState:
     profile: dict = field(default_factory=dict)  # stage -> seconds spent per kind of work
     engines: dict = field(default_factory=dict)  # the policy's choices; a resumed run keeps them
     skipped: dict = field(default_factory=dict)  # path -> why, images that could not be read
+    # How many of `skipped` were known when this epoch's order was set (None: all): a
+    # resumed epoch leaves out the same images, so its step count points at the same batches.
+    epoch_skipped: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

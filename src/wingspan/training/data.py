@@ -112,18 +112,20 @@ class EpochBatches(Sampler[list[Request]]):
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start = epoch, start_batch
 
-    def __iter__(self) -> Iterator[list[Request]]:
+    def _order(self) -> list[int]:
         order = epoch_order(self.n, self.seed, self.epoch, self.weights)
-        if self.skip:
-            order = [i for i in order if i not in self.skip]
+        return [i for i in order if i not in self.skip] if self.skip else order
+
+    def __iter__(self) -> Iterator[list[Request]]:
+        order = self._order()
         for b in range(self.start * self.batch_size, len(order), self.batch_size):
             batch = order[b:b + self.batch_size]
             batch = (batch * self.world)[:max(len(batch), self.world)]
             mine = np.array_split(np.array(batch), self.world)[self.rank]
             yield [(int(i), self.epoch, self.view) for i in mine]
 
-    def __len__(self) -> int:
-        return -(-(self.n - len(self.skip)) // self.batch_size) - self.start
+    def __len__(self) -> int:  # a weighted draw holds a skipped image any number of times
+        return -(-len(self._order()) // self.batch_size) - self.start
 
 
 def fixed_batches(indices: Sequence[int], batch_size: int, view: int = 0

@@ -324,7 +324,7 @@ def finetune(run: Run) -> None:
     batches = EpochBatches(len(run.data.train), config.batch_size, config.seed, view=1,
                            weights=run.data.sample_weights, rank=fabric.global_rank,
                            world=fabric.world_size)
-    batches.skip = {i for i, ok in enumerate(run.readable(run.data.train)) if not ok}
+    _leave_out_unreadable(run, batches)
     steps_per_epoch = len(batches)
     scheduler = make_scheduler(optimizer, steps_per_epoch * config.epochs_finetune,
                                config.warmup_fraction)
@@ -346,6 +346,7 @@ def finetune(run: Run) -> None:
         partial = ((run.is_main and state.partial)
                    or {"loss_sum": 0.0, "labels": [], "preds": [], "seconds": 0.0})
         start, last_save = time.perf_counter(), time.perf_counter()
+        _leave_out_unreadable(run, batches)
         batches.set_epoch(epoch, state.step)
         run.model.train()  # through Backbone.train, which keeps frozen BatchNorm frozen
         bar = track(loader, f"Fine-tune epoch {epoch + 1}/{config.epochs_finetune}",
@@ -391,7 +392,6 @@ def finetune(run: Run) -> None:
         seconds = partial["seconds"] + time.perf_counter() - start
         partial["preds"] += torch.cat(preds).tolist() if preds else []
         run.share_unreadable()  # every rank leaves the same files out of the next epoch
-        batches.skip = {i for i, ok in enumerate(run.readable(run.data.train)) if not ok}
         val = evaluate_images(run, run.data.val)
         run.timing("finetune", "eval", time.perf_counter() - t0)
         partial = _merge(run, partial)
@@ -425,6 +425,17 @@ def _stop_if_diverged(run: Run, stage: str, epoch: int, step: int) -> None:
         + (f"the last checkpoint, from before this, is {last}." if last.is_file()
            else "no checkpoint had been taken yet."),
         hint="Train again with a lower --lr (stage 2 runs at lr x finetune_lr_scale).")
+
+
+def _leave_out_unreadable(run: Run, batches: EpochBatches) -> None:
+    """The fine-tuning epoch's order leaves out the images known to be unreadable when it
+    began; a resumed epoch the same ones, not those found since (they are left out of the
+    next), or its checkpoint's step count would point at other batches."""
+    state = run.state
+    if state.step == 0:
+        state.epoch_skipped = len(state.skipped)
+    known = set(list(state.skipped)[:state.epoch_skipped])  # kept in the order found
+    batches.skip = {i for i, path in enumerate(run.data.train.paths) if path in known}
 
 
 def _checkpoint_due(run: Run, last_save: float, step: int) -> bool:
