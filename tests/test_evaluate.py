@@ -198,6 +198,14 @@ def test_predict_on_mixed_good_and_broken_files(trained, tmp_path, demo_dir):
     assert predict(predictor, [str(odd)], progress=False).rows[0]["path"] == str(odd)
     with pytest.raises(WingspanError, match="top_k must be at least 1"):
         predict(predictor, [str(odd)], top_k=0, progress=False)
+    # A glob that matches folders (photos/* over class folders) takes their images.
+    from wingspan.predict import expand_paths
+
+    (tmp_path / "empty-folder").mkdir()
+    found, missing = expand_paths([str(folder / "s*"), str(tmp_path / "empty-*")])
+    assert found == sorted(str(p) for p in (folder / "sub").glob("*.jpg")) and len(found) == 2
+    assert missing == [(str(tmp_path / "empty-*"),
+                        "the pattern matches only folders without images")]
 
 
 @pytest.mark.policy

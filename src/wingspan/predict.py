@@ -22,16 +22,22 @@ UNKNOWN_KEYS = ("answer", "known_level", "unknown_score", "threshold")
 def expand_paths(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     """Files as given, folders searched recursively for images, globs expanded.
     Returns the image paths and (input, reason) for inputs that match nothing."""
+    def images_in(folder: str) -> list[str]:
+        return sorted(str(p) for p in Path(folder).rglob("*")
+                      if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
     found, missing = [], []
     for item in inputs:
         if any(c in item for c in "*?[") and not Path(item).exists():  # img[1].jpg is a file
             matches = sorted(glob.glob(item, recursive=True))
-            found += [m for m in matches if Path(m).is_file()]
-            if not matches:
-                missing.append((item, "the pattern matches no file"))
+            # A matched folder counts as a folder given (photos/* over class folders).
+            images = [i for m in matches for i in (images_in(m) if Path(m).is_dir() else [m])]
+            found += images
+            if not images:
+                missing.append((item, "the pattern matches no file" if not matches
+                                else "the pattern matches only folders without images"))
         elif Path(item).is_dir():
-            images = sorted(str(p) for p in Path(item).rglob("*")
-                            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            images = images_in(item)
             found += images
             if not images:
                 missing.append((item, "the folder holds no images"))
