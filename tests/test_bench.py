@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).parents[1] / "bench" / "run.py"
 
 
@@ -114,14 +116,18 @@ def test_levers_zoom_box_maps_the_cam_back_to_the_full_photo():
                                                                                1000)
 
 
-def test_levers_help_and_list():
-    script = Path(__file__).parents[1] / "bench" / "levers.py"
-    help_text = subprocess.run([sys.executable, str(script), "--help"], capture_output=True,
-                               text=True, timeout=120).stdout
+def test_levers_help_and_list(monkeypatch, capsys):
+    levers = _levers()  # in this process: two more Python start-ups would take 15 s
+    monkeypatch.setattr(sys, "argv", ["levers.py", "--help"])
+    with pytest.raises(SystemExit) as done:
+        levers.main()
+    help_text = capsys.readouterr().out
+    assert done.value.code == 0
     assert "--levers" in help_text and "--seeds" in help_text and "transfer" in help_text
-    listed = subprocess.run([sys.executable, str(script), "--list"], capture_output=True,
-                            text=True, timeout=120).stdout
-    assert set(_levers().LEVERS) == {line.split()[0] for line in listed.splitlines()}
+    monkeypatch.setattr(sys, "argv", ["levers.py", "--list"])
+    levers.main()
+    listed = capsys.readouterr().out
+    assert set(levers.LEVERS) == {line.split()[0] for line in listed.splitlines()}
 
 
 def test_augment_cost_times_every_step_of_each_policy():

@@ -56,6 +56,22 @@ def test_classes_too_small_for_every_split_are_reported_and_kept_in_train():
     assert set(rare["split"]) == {"train"} and len(rare) == 9  # nothing dropped
 
 
+def test_a_picture_in_a_train_only_class_and_a_common_one_stays_in_train():
+    """One picture saved in two class folders (one group), one of them a class with that
+    picture alone: whichever side the common class's fold would take it to, it trains."""
+    ds = synthetic({"common": 30, "other": 30})
+    table = ds.table.copy()
+    table.loc[len(table)] = {**table.iloc[0].to_dict(), "path": "/x/single/0.jpg",
+                             "label": "single"}  # the same group as common's first picture
+    ds = Dataset(table, ["label"], Path("/x"), "csv")
+    shared = table.iloc[0]["group"]
+    for seed in range(6):
+        result, report = split_dataset(ds, config=SplitConfig(seed=seed))
+        assert set(result.table[result.table["group"] == shared]["split"]) == {"train"}
+        assert report.train_only == {"single": 1} and "train" not in report.missing
+        assert leaked_groups(result.table) == []
+
+
 def test_classes_all_too_small_get_an_error_that_says_so():
     ds = synthetic({c: 2 for c in "abcdefghij"})  # 20 groups, 2 per class
     with pytest.raises(WingspanError, match="Every 'label' class has fewer than 3 independent"):

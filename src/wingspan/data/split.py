@@ -68,12 +68,11 @@ def split_dataset(dataset: Dataset, level: str | None = None,
         pool &= split == "train"
         remaining -= getattr(config, f"{name}_fraction")
     table[SPLIT] = split
-    # A group holding a train-only class and a pooled one could straddle two sides:
-    # keep it whole, on the side most of its samples went to.
+    # A group holding a train-only class and a pooled one (one picture in two class
+    # folders) could straddle two sides: it is kept whole, in train, where the train-only
+    # class must be (elsewhere that class would have no training image at all).
     sides = table.groupby(GROUP)[SPLIT].nunique()
-    for group in sides[sides > 1].index:
-        rows = table[GROUP] == group
-        table.loc[rows, SPLIT] = table.loc[rows, SPLIT].mode().iloc[0]
+    table.loc[table[GROUP].isin(sides[sides > 1].index), SPLIT] = "train"
 
     sizes = table[SPLIT].value_counts().reindex(["train", "val", "test"], fill_value=0)
     present = table.groupby(SPLIT)[level].apply(set)
