@@ -13,6 +13,7 @@ import wingspan as ws
 from wingspan.data import read_dataset
 from wingspan.data.split import leaked_groups
 from wingspan.errors import WingspanError
+from wingspan.export import metadata_path
 
 PNG = "data:image/png;base64,"
 
@@ -221,7 +222,7 @@ def test_hierarchical_levels(demo_dir, tmp_path):
 
 def test_export_and_resume_are_the_cli_functions(run, tmp_path):
     path = run.export(out=tmp_path / "model.onnx")
-    meta = json.loads(path.with_suffix(".json").read_text())
+    meta = json.loads(metadata_path(path).read_text())
     assert path.is_file() and meta["classes"]["label"] == run.classes
     with pytest.raises(WingspanError, match="is finished; there is nothing to resume"):
         ws.resume(run.dir)

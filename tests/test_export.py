@@ -11,7 +11,7 @@ from PIL import Image
 from test_train import tiny
 
 from wingspan.data import read_dataset
-from wingspan.export import prepare_pixels
+from wingspan.export import metadata_path, prepare_pixels
 from wingspan.models import load_bundle
 from wingspan.training import train
 
@@ -62,7 +62,7 @@ def test_export_runs_without_wingspan_and_matches_pytorch(run_dir, run_cli, demo
     code, out, err = run_cli("export", run_dir)
     assert code == 0, err
     model = run_dir / "export" / "model.onnx"
-    meta = json.loads(model.with_suffix(".json").read_text())
+    meta = json.loads(metadata_path(model).read_text())
     # Checked on the run's val images against PyTorch: close, and really compared.
     check = meta["checked"]
     assert check["images"] > 0 and 0 < check["max_abs_probability_difference"] < 1e-4
@@ -104,16 +104,20 @@ def test_export_runs_without_wingspan_and_matches_pytorch(run_dir, run_cli, demo
     other = run_dir / "export" / "maha.onnx"
     code, out, err = run_cli("export", run_dir, "--unknown-score", "mahalanobis", "--out", other)
     assert code == 0, err
-    assert json.loads(other.with_suffix(".json").read_text())["unknown"]["score"] == "mahalanobis"
+    assert json.loads(metadata_path(other).read_text())["unknown"]["score"] == "mahalanobis"
     code, _, err = run_cli("export", run_dir, "--unknown-score", "odin")
     assert code != 0 and "no unknown score 'odin'" in err
 
 
 def test_torchscript_export_runs_with_torch_alone(run_dir, run_cli, demo_dir):
-    code, _, err = run_cli("export", run_dir, "--format", "torchscript")
-    assert code == 0, err
+    for fmt in ("onnx", "torchscript"):
+        code, _, err = run_cli("export", run_dir, "--format", fmt)
+        assert code == 0, err
     model = run_dir / "export" / "model.pt"
-    meta = json.loads(model.with_suffix(".json").read_text())
+    meta = json.loads(metadata_path(model).read_text())
+    # Beside the ONNX export in the same folder, each file keeps its own metadata.
+    onnx = json.loads((run_dir / "export" / "model.onnx.json").read_text())
+    assert (meta["format"], onnx["format"]) == ("wingspan-torchscript", "wingspan-onnx")
     # The same kernels as eager PyTorch: checked on real images, equal here.
     assert meta["checked"]["images"] > 0
     assert meta["checked"]["max_abs_probability_difference"] <= 1e-4
@@ -159,7 +163,7 @@ def test_int8_is_written_only_within_a_point_of_fp32(run_dir, run_cli, monkeypat
     assert not (run_dir / "q" / "m.int8.onnx").exists()
     monkeypatch.setattr(export, "INT8_MAX_DROP", 1.0)  # anything goes: written, with figures
     path = export.export_model(run_dir, run_dir / "q" / "m.int8.onnx", quantize="int8")
-    figures = json.loads(path.with_suffix(".json").read_text())["int8"]
+    figures = json.loads(metadata_path(path).read_text())["int8"]
     assert figures["val_images"] > 0 and figures["calibration_images"] > 0
     assert 0 <= figures["val_top1_int8"] <= 1 and 0 <= figures["val_top1_fp32"] <= 1
     assert 0 <= figures["val_unknown_share_int8"] <= 1  # the unknown score, measured again
@@ -167,7 +171,7 @@ def test_int8_is_written_only_within_a_point_of_fp32(run_dir, run_cli, monkeypat
     # val images as the int8 model scores them.
     import onnxruntime as ort
 
-    meta = json.loads(path.with_suffix(".json").read_text())
+    meta = json.loads(metadata_path(path).read_text())
     assert meta["checked"]["graph"] == "fp32, before quantizing"  # not the int8 file's
     assert figures["unknown_thresholds_fp32"].keys() == meta["unknown"]["thresholds"].keys()
     paths, _ = export._split_images(export.find_bundle(run_dir), "val", 1000)

@@ -533,7 +533,7 @@ class Run:
         against PyTorch, with its unknown score, as `wingspan export`; returns the model
         file.
 
-        >>> run.export()              # RUN/export/model.onnx and model.json
+        >>> run.export()              # RUN/export/model.onnx and model.onnx.json
         """
         from wingspan.export import export_model
 

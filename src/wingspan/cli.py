@@ -805,13 +805,13 @@ def export_command(
     metadata; checked against PyTorch before it is written."""
     import json
 
-    from wingspan.export import export_model
+    from wingspan.export import export_model, metadata_path
 
     path = export_model(model, out_path, format, quantize=quantize, unknown_score=unknown_score)
-    meta = json.loads(path.with_suffix(".json").read_text())
+    meta = json.loads(metadata_path(path).read_text())
     check = meta["checked"]
     unknown = meta.get("unknown")
-    out.print(f"Wrote {path} and {path.with_suffix('.json')}: input uint8 RGB "
+    out.print(f"Wrote {path} and {metadata_path(path)}: input uint8 RGB "
               f"(N, {meta['input']['size']}, {meta['input']['size']}, 3); agrees with PyTorch "
               f"within {check['max_abs_probability_difference']:.1e} on {check['images']} "
               "images." + (f" int8 val top-1 {meta['int8']['val_top1_int8']:.4f} (fp32 "

@@ -111,15 +111,23 @@ def prepare_pixels(image, size: int, resize: int, interpolation: str = "bicubic"
     return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
+def metadata_path(model_file: str | Path) -> Path:
+    """The JSON beside an exported file, named after the whole file name (model.onnx.json,
+    model.pt.json): exports in two formats side by side each keep their own."""
+    model_file = Path(model_file)
+    return model_file.with_name(model_file.name + ".json")
+
+
 def export_model(run: str | Path, out: str | Path | None = None, fmt: str = "onnx",
                  check_images: list[str] | None = None, quantize: str | None = None,
                  unknown_score: str | None = None) -> Path:
     """Write the model as `out` (default RUN/export/model.onnx, or model.pt for
-    TorchScript) plus `out`.json; returns the model file. `check_images`: images to compare
-    the export with PyTorch on (default: up to 16 of the run's val split). `quantize`
-    "int8" (ONNX only): static int8 calibrated on training images, written only when its
-    val top-1 stays within a point of fp32's. `unknown_score`: the unknown score the
-    graph computes (default: the model's own; a model without scores has none)."""
+    TorchScript) and its metadata beside it as `out`.json (model.onnx.json); returns the
+    model file. `check_images`: images to compare the export with PyTorch on (default: up
+    to 16 of the run's val split). `quantize` "int8" (ONNX only): static int8 calibrated
+    on training images, written only when its val top-1 stays within a point of fp32's.
+    `unknown_score`: the unknown score the graph computes (default: the model's own; a
+    model without scores has none)."""
     if fmt not in FORMATS:
         raise WingspanError(f"Unknown export format '{fmt}'.",
                             hint=f"Available: {', '.join(FORMATS)}.")
@@ -142,7 +150,7 @@ def export_model(run: str | Path, out: str | Path | None = None, fmt: str = "onn
     reference = functools.partial(_expected, deployable, detector, unknown_score)
     outputs = levels + ([UNKNOWN_OUTPUT.format(lv) for lv in levels] if unknown else [])
     meta = {
-        "format": "wingspan-onnx", "input": {
+        "format": f"wingspan-{fmt}", "input": {
             "name": "pixels", "layout": "NHWC", "dtype": "uint8", "size": size,
             "resize_shorter_side_to": resize, "interpolation": spec.interpolation,
             "then": f"centre crop {size}x{size}",
@@ -183,7 +191,7 @@ def export_model(run: str | Path, out: str | Path | None = None, fmt: str = "onn
     graph = _with_metadata(graph, meta)
     with atomic_path(out) as tmp:
         tmp.write_bytes(graph)
-    write_text(out.with_suffix(".json"), json.dumps(meta, indent=2))
+    write_text(metadata_path(out), json.dumps(meta, indent=2))
     return out
 
 
@@ -208,7 +216,7 @@ def _export_torchscript(deployable, spec: InputSpec, outputs, images, meta, out,
     torch.jit.save(traced, buffer, _extra_files={"wingspan.json": json.dumps(meta)})
     with atomic_path(out) as tmp:
         tmp.write_bytes(buffer.getvalue())
-    write_text(out.with_suffix(".json"), json.dumps(meta, indent=2))
+    write_text(metadata_path(out), json.dumps(meta, indent=2))
     return out
 
 
