@@ -348,6 +348,11 @@ def test_cli_train_and_resume_of_a_finished_run(run_cli, demo_dir, tmp_path):
     assert "val macro-F1" in out and str(tmp_path / "cli") in out
     code, _, err = run_cli("train", "--resume", tmp_path / "cli")
     assert code == 2 and "finished" in err
+    # Settings a resumed run cannot take are refused by name, not silently dropped.
+    code, _, err = run_cli("train", demo_dir, "--resume", tmp_path / "cli", "--lr", "0.5",
+                           "--epochs-finetune", "6", "--workers", "0")
+    err = " ".join(err.split())
+    assert code == 2 and "DATA, --epochs-finetune, --lr cannot change them" in err, err
     # Without its checkpoints (deleted to save space) the run would start again from
     # nothing and overwrite its model: refused.
     model = (tmp_path / "cli" / "model" / "model.safetensors").read_bytes()

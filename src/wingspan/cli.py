@@ -390,8 +390,19 @@ def train_command(
     from wingspan.training import run as training
 
     if resume:  # only where it runs may change
-        machine = {k: v for k, v in ctx.params.items() if k in training.MACHINE_SETTINGS
-                   and ctx.get_parameter_source(k).name == "COMMANDLINE"}
+        given = {k: v for k, v in ctx.params.items()
+                 if ctx.get_parameter_source(k).name == "COMMANDLINE"}
+        ignored = sorted(set(given) - {"resume", "quiet", *training.MACHINE_SETTINGS})
+        if ignored:  # refused, not dropped: the user would believe they took effect
+            names = ", ".join("DATA" if k == "data" else "--" + k.replace("_", "-")
+                              for k in ignored)
+            raise WingspanError(
+                f"--resume continues {resume} with the settings it began with; {names} "
+                "cannot change them.",
+                hint="Leave them out; a resumed run may change only "
+                     f"{', '.join('--' + k for k in training.MACHINE_SETTINGS)}. To train "
+                     "with other settings, start a new run.")
+        machine = {k: v for k, v in given.items() if k in training.MACHINE_SETTINGS}
         run_dir = training.resume(resume, quiet=quiet, **machine)
     else:
         if data is None:
