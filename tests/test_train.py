@@ -226,6 +226,20 @@ def test_a_kill_after_an_image_broke_mid_epoch_resumes_alike(demo_dir, tmp_path,
         assert len(json.loads((run / "metrics.json").read_text())["unreadable"]) == 1
 
 
+def test_resuming_without_every_image_of_a_class_says_which(demo_dir, tmp_path, monkeypatch):
+    from wingspan.training.context import Run
+
+    data = shutil.copytree(demo_dir, tmp_path / "data")
+    monkeypatch.setattr(Run, "add_history", lambda run, row: (_ for _ in ()).throw(
+        KeyboardInterrupt) if row["stage"] == "finetune" else None)
+    with pytest.raises(KeyboardInterrupt):
+        train(read_dataset(data), tiny(tmp_path), tmp_path / "runs", "r", quiet=True)
+    monkeypatch.undo()
+    (data / "azure_spotwing").rename(tmp_path / "moved")
+    with pytest.raises(WingspanError, match="Every image of azure_spotwing is gone"):
+        resume(tmp_path / "runs" / "r", quiet=True)
+
+
 def test_a_kill_between_the_best_and_the_last_checkpoint_resumes_alike(demo_dir, tmp_path,
                                                                        monkeypatch):
     """Killed once the first fine-tuned epoch has become best.pt, before the checkpoint

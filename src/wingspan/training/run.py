@@ -171,6 +171,7 @@ def resume(run_dir: str | Path, quiet: bool = False, **machine) -> Path:
                             hint="Train a new run to train again; this one's model stays in "
                                  f"{run_dir / 'model'}.")
     dataset = read_dataset(run_dir / SPLITS_FILE)
+    _check_classes_remain(run_dir / SPLITS_FILE, dataset, config.trained_levels)
     run = _start(run_dir, config, dataset, quiet, checkpoint, fabric)
     where = (f"{run.state.stage} epoch {run.state.epoch + 1}"
              + (f", batch {run.state.step + 1}" if run.state.step else ""))
@@ -237,6 +238,21 @@ def _next_stage(run: Run, stage: str) -> None:
 
 def _processes(config: TrainConfig) -> Processes:
     return Processes(config.device, config.devices, config.nodes, config.strategy)
+
+
+def _check_classes_remain(splits: Path, dataset: Dataset, levels: list[str]) -> None:
+    """A resumed run's model has an output per class it began with: a class whose every
+    image has gone since (moved, deleted) cannot be resumed, and is named."""
+    written = pd.read_csv(splits, dtype=str, keep_default_na=False)
+    gone = sorted({c for lv in levels if lv in written
+                   for c in set(written[lv]) - set(dataset.table[lv]) if c})
+    if gone:
+        missing = [p.path for p in dataset.problems if p.kind == "missing_file"]
+        raise WingspanError(
+            f"Every image of {', '.join(gone)} is gone since the run began ({len(missing)} "
+            f"of the files {splits} lists cannot be found, e.g. {missing[0]}): the model "
+            "cannot resume without them.",
+            hint=f"Put the images back where {splits.name} says, or start a new run.")
 
 
 def _start(run_dir: Path, config: TrainConfig, dataset: Dataset, quiet: bool,
