@@ -15,7 +15,7 @@ def test_every_command_has_help(run_cli, command):
     assert "Usage" in out and "--help" in out
 
 
-def test_inspect_command(run_cli, demo_dir, tmp_path):
+def test_inspect_command(run_cli, demo_dir, tmp_path, monkeypatch):
     code, out, err = run_cli("data", "inspect", demo_dir, "--out", tmp_path, "--quiet",
                              "--level", "genus")
     assert code == 0, err
@@ -23,6 +23,14 @@ def test_inspect_command(run_cli, demo_dir, tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["dataset"]["images"] == 43
     assert (tmp_path / "balance_genus.png").stat().st_size > 1000
+    # The pixel budget its messages name can be set here too (48 x 48 JPEGs, 6 x 6 at 1/8).
+    monkeypatch.delenv("WINGSPAN_MAX_PIXELS", raising=False)  # (the option sets it)
+    code, out, err = run_cli("data", "inspect", demo_dir, "--out", tmp_path / "small",
+                             "--quiet", "--max-pixels", "30")
+    assert code == 0, err
+    unreadable = json.loads((tmp_path / "small" / "summary.json").read_text())["images"][
+        "unreadable"]
+    assert len(unreadable) == 43 and "over the pixel budget" in unreadable[0]["error"]
 
 
 def test_split_command(run_cli, demo_dir, tmp_path):

@@ -116,6 +116,7 @@ def data_inspect(
         "without the images).")] = False,
     tiny_px: Annotated[int, typer.Option(help="Flag images whose shorter side is smaller.")]
     = InspectConfig.tiny_px,
+    max_pixels: MaxPixels = None,
     quiet: Quiet = False,
 ) -> None:
     """Count classes per level and find broken, duplicate, odd and tiny images.
