@@ -138,6 +138,21 @@ def test_torchscript_export_runs_with_torch_alone(run_dir, run_cli, demo_dir):
     assert json.loads(outputs) == ["family", "label", "unknown.family", "unknown.label"]
 
 
+def test_a_bundle_away_from_its_run_is_checked_on_generated_pictures(run_dir, run_cli,
+                                                                      tmp_path):
+    import shutil
+
+    bundle = shutil.copytree(run_dir / "model", tmp_path / "model")  # no splits.csv beside
+    for fmt in ("onnx", "torchscript"):
+        code, out, err = run_cli("export", bundle, "--format", fmt, "--out",
+                                 tmp_path / f"m.{fmt}")
+        assert code == 0, err
+        checked = json.loads(metadata_path(tmp_path / f"m.{fmt}").read_text())["checked"]
+        assert checked["images"] == 8 and checked["generated"]
+        assert checked["max_abs_probability_difference"] <= 1e-4
+        assert "on 8 generated pictures" in " ".join(out.split())
+
+
 def test_the_int8_check_reads_labels_at_the_models_level(tmp_path):
     """A model whose finest level is not the data's `label` (--levels family,genus) is
     checked against genus labels, not the species in `label`."""

@@ -826,7 +826,9 @@ def export_command(
     out.print(f"Wrote {path} and {metadata_path(path)}: input uint8 RGB "
               f"(N, {meta['input']['size']}, {meta['input']['size']}, 3); agrees with PyTorch "
               f"within {check['max_abs_probability_difference']:.1e} on {check['images']} "
-              "images." + (f" int8 val top-1 {meta['int8']['val_top1_int8']:.4f} (fp32 "
+              + ("generated pictures (the run's val images were not found)."
+                 if check.get("generated") else "images.")
+              + (f" int8 val top-1 {meta['int8']['val_top1_int8']:.4f} (fp32 "
                            f"{meta['int8']['val_top1_fp32']:.4f})" if "int8" in meta else ""))
     int8 = meta.get("int8", {})
     own = ("; the int8 model's own, set again on its val scores (fp32's would turn away "
