@@ -42,6 +42,8 @@ def test_split_command(run_cli, demo_dir, tmp_path):
     assert set(ds.table["split"]) == {"train", "val", "test"}
     sampling = json.loads((tmp_path / "sampling.json").read_text())
     assert set(sampling["class_weights"]) == set(ds.table["label"])
+    code, _, err = run_cli("data", "split", demo_dir, "--out", tmp_path / "splits.csv")
+    assert code == 2 and "names a folder to write into" in err
 
 
 def test_preview_command(run_cli, demo_dir, tmp_path):

@@ -151,6 +151,12 @@ def test_a_bundle_away_from_its_run_is_checked_on_generated_pictures(run_dir, ru
         assert checked["images"] == 8 and checked["generated"]
         assert checked["max_abs_probability_difference"] <= 1e-4
         assert "on 8 generated pictures" in " ".join(out.split())
+    # --out a folder: the model file in it.
+    (tmp_path / "deploy").mkdir()
+    code, out, err = run_cli("export", bundle, "--out", tmp_path / "deploy")
+    assert code == 0, err
+    assert (tmp_path / "deploy" / "model.onnx").is_file()
+    assert metadata_path(tmp_path / "deploy" / "model.onnx").is_file()
 
 
 def test_the_int8_check_reads_labels_at_the_models_level(tmp_path):

@@ -57,8 +57,14 @@ Strict = Annotated[bool, typer.Option(
     "--strict", help="Stop at a missing or unreadable file instead of skipping and listing it.")]
 Level = Annotated[str | None, typer.Option(
     "--level", help="Label level to use (default: the finest, e.g. species).")]
+def _folder(value: Path | None) -> Path | None:
+    if value is not None and value.exists() and not value.is_dir():
+        raise typer.BadParameter(f"{value} is a file; --out names a folder to write into.")
+    return value
+
+
 OutDir = Annotated[Path | None, typer.Option(
-    "--out", help="Output folder (default: runs/data/<dataset name>).")]
+    "--out", callback=_folder, help="Output folder (default: runs/data/<dataset name>).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 Runtime = Annotated[str, typer.Option(
     help="Engine for passes with frozen weights: auto (the fastest, measured once per model "
@@ -808,8 +814,8 @@ def export_command(
         help="int8 (ONNX): static quantisation calibrated on training images, written only "
         "when its val top-1 stays within 1 point of fp32's.")] = None,
     out_path: Annotated[Path | None, typer.Option(
-        "--out", help="The model file (default: RUN/export/model.onnx); a .json goes beside "
-        "it.")] = None,
+        "--out", help="The model file, or a folder to write it in (default: "
+        "RUN/export/model.onnx); its metadata goes beside it as FILE.json.")] = None,
     unknown_score: UnknownScoreOpt = None,
 ) -> None:
     """A model that runs without wingspan (ONNX Runtime alone): RGB pixels in, calibrated

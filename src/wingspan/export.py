@@ -172,7 +172,8 @@ def export_model(run: str | Path, out: str | Path | None = None, fmt: str = "onn
     name = {"onnx": "model.onnx", "torchscript": "model.pt"}[fmt]
     if quantize:
         name = "model.int8.onnx"
-    out = Path(out) if out else bundle.parent / "export" / name
+    out = Path(out) if out else bundle.parent / "export"
+    out = out / name if out.is_dir() or not out.suffix else out  # a folder: the file in it
     images = check_images or _val_images(bundle, 16)
     if fmt == "torchscript":
         return _export_torchscript(deployable, spec, outputs, images, meta, out,
