@@ -96,6 +96,8 @@ def test_split_and_sample_writes_a_csv_that_reads_back(demo_dir, tmp_path):
     result = split_and_sample(ds, tmp_path, "label",
                               SplitConfig(max_per_class=8, oversample_to=7, seed=1))
     back = read_dataset(tmp_path / "splits.csv")
+    # Named with its folder: two splits.csv files get two output folders, not one.
+    assert back.out_dir == Path("runs") / "data" / f"{tmp_path.name}-splits"
     train = back.table[back.table["split"] == "train"]
     # Cap and oversampling hold in train; val/test keep their true mix.
     assert train["label"].value_counts().max() <= 8

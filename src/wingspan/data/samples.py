@@ -51,7 +51,12 @@ class Dataset:
 
     @property
     def name(self) -> str:
-        return self.root.stem if self.root.is_file() else self.root.name
+        """The folder's name, or the file's; every `data split` writes a splits.csv, so
+        that one is named with its folder (runs/data/leeds/splits.csv: leeds-splits)."""
+        if not self.root.is_file():
+            return self.root.name
+        stem = self.root.stem
+        return f"{self.root.parent.name}-{stem}" if stem == "splits" else stem
 
     @property
     def out_dir(self) -> Path:
