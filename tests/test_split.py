@@ -72,6 +72,15 @@ def test_a_picture_in_a_train_only_class_and_a_common_one_stays_in_train():
         assert leaked_groups(result.table) == []
 
 
+def test_few_groups_take_fewer_larger_folds():
+    """6 observations of 2 species: the default fractions need 7 folds, 6 groups make 6;
+    the split takes a fold of each group count it has rather than refusing."""
+    ds = synthetic({"a": 3, "b": 3}, per_group=2)
+    result, report = split_dataset(ds)
+    assert leaked_groups(result.table) == [] and report.sizes["train"] > 0
+    assert report.sizes["test"] > 0 and report.sizes["val"] > 0
+
+
 def test_classes_all_too_small_get_an_error_that_says_so():
     ds = synthetic({c: 2 for c in "abcdefghij"})  # 20 groups, 2 per class
     with pytest.raises(WingspanError, match="Every 'label' class has fewer than 3 independent"):

@@ -95,13 +95,15 @@ def _take_fold(labels: np.ndarray, groups: np.ndarray, pool: np.ndarray, fractio
     idx = np.flatnonzero(pool)
     # scikit-learn refuses more folds than the largest class has samples: with small
     # classes the fold grows a little (the report shows the fractions actually made).
+    # So does it with few groups (independent images): 6 groups make 6 folds at most.
     largest = np.unique(labels[idx], return_counts=True)[1].max() if len(idx) else 0
-    n_splits = max(2, min(round(1 / fraction), largest))
-    if len(np.unique(groups[idx])) < n_splits:
+    n_groups = len(np.unique(groups[idx]))
+    n_splits = max(2, min(round(1 / fraction), largest, n_groups))
+    if n_groups < n_splits:
         raise WingspanError(
-            f"Too few groups ({len(np.unique(groups[idx]))}) to split off {fraction:.0%}.",
-            hint="Lower --val / --test, or use a dataset with more independent images.",
-        )
+            f"Too few independent images (groups) to split: {n_groups} left to divide.",
+            hint="Add images, make fewer splits (--val 0 or --test 0), or group less "
+                 "(--group-regex).")
     folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     with warnings.catch_warnings():  # rare classes missing from a fold are reported by us
         warnings.filterwarnings("ignore", "The least populated class", UserWarning)
