@@ -51,6 +51,8 @@ def test_train_writes_a_complete_run(demo_dir, tmp_path):
         assert (run_dir / name).is_file(), name
     h = history(run_dir)
     assert h["stage"].tolist() == ["head"] * 3 + ["finetune"] * 2
+    assert "No test split was kept apart (--test-fraction 0)" in (
+        run_dir / "train.log").read_text()  # the reason of this run, not another's
     assert set(h.columns) >= {"lr", "images_per_s", "seconds", *NUMBERS}
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["best"]["val_macro_f1"] == h["val_macro_f1"].max()

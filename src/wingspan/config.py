@@ -274,7 +274,7 @@ def default_cache_dir() -> Path:
     """Decoded images and other reusable work: $WINGSPAN_CACHE, else ~/.cache/wingspan."""
     env = os.environ.get("WINGSPAN_CACHE")
     if env:
-        return Path(env)
+        return Path(env).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "wingspan"
 

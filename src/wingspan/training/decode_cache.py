@@ -22,7 +22,8 @@ class DecodeCache:
                  interpolation: str = "bicubic"):
         """`interpolation`: the model's resize filter (timm's name), as predict resizes."""
         key = f"{short_side}" + ("" if interpolation == "bicubic" else f"-{interpolation}")
-        self.arrays = FileArrays(Path(directory) / f"decoded-{key}" if directory else None, key)
+        folder = Path(directory).expanduser() / f"decoded-{key}" if directory else None  # ~/x
+        self.arrays = FileArrays(folder, key)
         self.short_side = short_side
         self.resample = pil_filter(interpolation)
 

@@ -384,8 +384,10 @@ def _write_results(run: Run) -> None:
                 f"`wingspan evaluate {run.dir}` scores the {run.data.test_images} test images, "
                 "never trained or chosen on.")
     else:
-        run.log("No test split was kept apart (--selection val on data with its own val): "
-                "the val figure is the only one, and optimistic (the epoch was chosen on it).")
+        why = ("--selection val on data with its own val" if run.config.selection == "val"
+               else "--test-fraction 0")
+        run.log(f"No test split was kept apart ({why}): the val figure is the only one, and "
+                "optimistic (the epoch was chosen on it).")
 
 
 @torch.inference_mode()
