@@ -57,6 +57,8 @@ Strict = Annotated[bool, typer.Option(
     "--strict", help="Stop at a missing or unreadable file instead of skipping and listing it.")]
 Level = Annotated[str | None, typer.Option(
     "--level", help="Label level to use (default: the finest, e.g. species).")]
+
+
 def _folder(value: Path | None) -> Path | None:
     if value is not None and value.exists() and not value.is_dir():
         raise typer.BadParameter(f"{value} is a file; --out names a folder to write into.")
