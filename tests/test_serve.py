@@ -38,10 +38,14 @@ def client(run_dir):
     return TestClient(create_app(run_dir, ServeLimits(max_bytes=200_000), device="cpu"))
 
 
-def test_health_model_and_a_good_image(client):
+def test_health_model_and_a_good_image(client, run_dir):
     assert client.get("/health").json()["status"] == "ok"
     info = client.get("/model").json()
     assert list(info["classes"]) == ["family", "label"] and info["calibration"]["temperature"]
+    # When training finished, which a later `calibrate` (rewriting the folder) leaves.
+    finished = json.loads((run_dir / "model" / "manifest.json").read_text())["training"][
+        "finished"]
+    assert info["trained"] == finished and finished.endswith(" UTC")
     r = client.post("/predict", files=[("files", ("a.jpg", _jpeg(), "image/jpeg"))])
     assert r.status_code == 200, r.text
     (answer,) = r.json()["predictions"]

@@ -145,8 +145,10 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
         return {"classes": manifest["classes"], "backbone": manifest["model"]["backbone"],
                 "metrics": manifest.get("metrics", {}).get("best"),
                 "calibration": manifest.get("calibration"),
-                "trained": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(
-                    Path(predictor.bundle).stat().st_mtime)),
+                # When training wrote it (calibrate rewrites the folder later); a bundle
+                # from before this was recorded: its folder's time.
+                "trained": manifest.get("training", {}).get("finished") or time.strftime(
+                    "%Y-%m-%d %H:%M UTC", time.gmtime(Path(predictor.bundle).stat().st_mtime)),
                 "engine": predictor.policy.describe()}
 
     @contextmanager

@@ -368,6 +368,7 @@ def _write_results(run: Run) -> None:
     taxonomy = run.data.taxonomy.to_dict() if run.data.taxonomy else None
     training = json.loads(json.dumps(dataclasses.asdict(run.config)))
     training["rare_classes"] = run.data.rare
+    training["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     run.model.eval()
     val = _final_outputs(run, "val")
     calibration = _fit_calibration(run, val)
