@@ -79,8 +79,8 @@ def _check_not_empty(dataset: Dataset, path: Path) -> None:
         missing = sum(p.kind == "missing_file" for p in dataset.problems)
         hint = "Put images in one folder per class: DATA/<class>/<image>.jpg"
         if missing:
-            hint = (f"All {missing} listed images are missing. Check the image root, or read "
-                    "the labels alone with --metadata-only.")
+            hint = (f"All {missing} listed images are missing. Check the image root (`data "
+                    "inspect --metadata-only` reads the labels alone).")
         raise WingspanError(f"The dataset at {path} has no usable images.", hint=hint)
 
 
