@@ -75,6 +75,8 @@ def test_split_inspect_preview(demo_dir, tmp_path, monkeypatch):
     page = inspection._repr_html_()
     assert f"tiny images: {len(data)}" in page and page.count(PNG) == len(data.levels)
     assert "No problems found" in split.inspect(tiny_px=32, quiet=True).text
+    with pytest.raises(WingspanError, match="No plot of a level 'Family'"):
+        inspection.plot("Family")
 
     preview = data.preview(image_size=32, rows=2, views=2)
     assert preview.path.resolve() == tmp_path / "runs/data" / data.name / "preview.png"
@@ -104,6 +106,16 @@ def test_run_history_metrics_and_display(run):
     page = run._repr_html_()
     assert f"{run.metrics['best']['val_macro_f1']:.4f}" in page and PNG in page
     assert run.plot()._repr_png_().startswith(b"\x89PNG")
+    # Nothing predicted: the reasons are in the error, not only "no image".
+    with pytest.raises(WingspanError, match="nowhere.jpg: no such file"):
+        run.predict([run.dir / "nowhere.jpg"], quiet=True)
+    # An adapted run has no metrics.json of its own: its bundle's figures stand in.
+    import shutil
+
+    adapted = shutil.copytree(run.dir, run.dir.with_name("api-adapted-copy"))
+    (adapted / "metrics.json").unlink()
+    copy = ws.load(adapted)
+    assert copy.metrics == copy.manifest["metrics"] and copy._repr_html_()
 
 
 def test_train_takes_a_config_and_a_yaml_file(demo_dir, tmp_path):

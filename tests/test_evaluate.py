@@ -315,7 +315,8 @@ def test_the_mistakes_gallery_shows_where_the_model_looked(trained, demo_dir):
 
 
 def test_evaluate_other_data_with_a_class_map_shows_the_drop_per_class(trained, tmp_path,
-                                                                        run_cli):
+                                                                        run_cli, evaluation,
+                                                                        monkeypatch):
     """Another dataset naming the classes differently: its folders hold the run's own test
     images, two classes renamed and mapped, one renamed and not mapped, the rest as they
     were. Same images, so each mapped class's recall here is its recall on its own data."""
@@ -352,7 +353,23 @@ def test_evaluate_other_data_with_a_class_map_shows_the_drop_per_class(trained, 
     assert len(held) < len(per_class)
     assert metrics["macro"]["recall"] == pytest.approx(held["recall"].mean())
     assert metrics["macro"]["f1"] == pytest.approx(held["f1"].mean())
+    # Micro counts every prediction, into any of the model's classes: it is the accuracy.
+    assert metrics["micro"]["f1"] == pytest.approx(metrics["accuracy"])
     assert "Transfer per class" in stdout
+    # Without --out, other data's evaluation is named after it, beside the run's own.
+    before = (trained / "evaluation-test" / "metrics.json").read_bytes()
+    assert run_cli("evaluate", trained, tmp_path / "other", "--split", "all", "--quiet")[0] == 0
+    assert (trained / "evaluation-other-all" / "metrics.json").is_file()
+    assert (trained / "evaluation-test" / "metrics.json").read_bytes() == before
+    # A split the data does not have is named, with those it has.
+    code, _, err = run_cli("evaluate", trained, "--split", "validation")
+    assert code == 2 and "no 'validation' split" in err and "It has: test, train, val" in err
+    # --out . : the folder it is run in (an empty one).
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    code, _, err = run_cli("evaluate", trained, "--split", "test", "--out", ".", "--quiet")
+    assert code == 0, err
+    assert (tmp_path / "here" / "metrics.json").is_file()
     assert "Transfer: recall per class" in (tmp_path / "ev" / "report.html").read_text()
 
     code, _, stderr = run_cli("evaluate", trained, tmp_path / "other", "--split", "all",
@@ -454,7 +471,7 @@ def test_adapt_refuses_what_it_cannot_do(trained, tmp_path):
         with pytest.raises(WingspanError, match="holds the run itself"):
             adapt(trained, [str(tmp_path)], holding_the_run, progress=False)
     (tmp_path / "only-a-folder" / "sub").mkdir(parents=True)
-    with pytest.raises(WingspanError, match="No image files among"):
+    with pytest.raises(WingspanError, match="the pattern matches only folders without images"):
         adapt(trained, [str(tmp_path / "only-a-folder" / "*")], tmp_path / "d", progress=False)
     broken = tmp_path / "broken"
     broken.mkdir()

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -46,6 +48,14 @@ def test_metrics_on_hand_made_predictions():
     table = per_class_table(y, pred, ["a", "b", "c", "d"])
     assert table["support"].tolist() == [2, 2, 2, 0]
     assert table["f1"].round(4).tolist() == [0.5, 0.8, 0.6667, 0.0]
+    # One class everywhere: no kappa to give, and null (not NaN) in metrics.json.
+    one = classification_metrics(np.zeros(4, int), probs_for(np.zeros(4, int),
+                                                             np.zeros(4, int), 2), ["a", "b"])
+    assert one["cohen_kappa"] is None and json.dumps(one, allow_nan=False)
+    # Over the classes of y_true (truth_only), micro still counts every mistake.
+    mapped = classification_metrics(y, probs_for(np.array([0, 3, 1, 1, 2, 2]), y, 4),
+                                    ["a", "b", "c", "d"], truth_only=True)
+    assert mapped["micro"]["precision"] == pytest.approx(mapped["accuracy"]) == 5 / 6
 
 
 def noisy_predictions(n: int, classes: int, right: float, seed: int = 0):

@@ -281,6 +281,13 @@ def test_evaluate_unknown_folder_of_non_butterflies(held_out_run, run_cli, tmp_p
     assert u["unseen_images"] == 10 and u["unseen_flagged"] >= 0.9, u
     code, _, err = run_cli("evaluate", run_dir, "--unknown", tmp_path / "nothing-here")
     assert code != 0 and "No images of unseen classes" in err
+    assert not list(run_dir.glob(".*partial"))  # refused before anything was done
+    # The API takes a list of folders, files or globs, as predict does.
+    from wingspan.evaluate.run import evaluate
+
+    listed = evaluate(run_dir, unknown=[folder], out=tmp_path / "ev2", progress=False,
+                      workers=0).metrics["unknown"]
+    assert listed["unseen_images"] == 10
 
 
 def test_holdout_classes_must_exist(tmp_path):

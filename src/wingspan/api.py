@@ -263,7 +263,11 @@ class Inspection:
 
     def plot(self, level: str | None = None) -> Image:
         """The class-balance plot of a level (default: the one inspected)."""
-        return Image(self.summary["plots"][level or self.level])
+        plots = self.summary["plots"]
+        if (level or self.level) not in plots:
+            raise WingspanError(f"No plot of a level '{level}'.",
+                                hint=f"The levels: {', '.join(plots)}.")
+        return Image(plots[level or self.level])
 
     def __repr__(self) -> str:
         return self.text
@@ -393,9 +397,9 @@ class Run:
     @property
     def metrics(self) -> dict:
         """metrics.json: the best epoch, its val figures, stage seconds, engines..."""
-        if self.dir:
+        if self.dir and (self.dir / "metrics.json").is_file():
             return json.loads((self.dir / "metrics.json").read_text())
-        return self.manifest.get("metrics", {})
+        return self.manifest.get("metrics", {})  # an adapted run keeps the bundle's
 
     @property
     def history(self) -> pd.DataFrame:
@@ -476,7 +480,9 @@ class Run:
                               unknown_score=unknown_score)
         result = predict(predictor, inputs, top_k, tta, progress=not quiet)
         if not result.rows:
-            raise WingspanError("No image could be predicted.", hint="Check the paths given.")
+            why = "; ".join(f"{path}: {reason}" for path, reason in result.failed[:3])
+            raise WingspanError("No image could be predicted" + (f" ({why})" if why else "")
+                                + ".", hint="Check the paths given.")
         rows = []
         for row in result.rows:
             (best, p), branch = row["top"][0], ""
@@ -635,7 +641,8 @@ class Evaluation:
                    f"{m[avg]['recall']:.4f} / {m[avg]['f1']:.4f}"
                    + (interval_text(m, "macro_f1") if avg == "macro" else ""))
                   for avg in ("macro", "micro", "weighted")]
-        pairs += [("Cohen's kappa", f"{m['cohen_kappa']:.4f}"),
+        kappa = m["cohen_kappa"]
+        pairs += [("Cohen's kappa", "-" if kappa is None else f"{kappa:.4f}"),
                   ("ECE before / after the temperature",
                    f"{m['ece_uncalibrated']:.4f} / {m['ece']:.4f} "
                    f"(T = {m['temperature']:.2f})"),

@@ -469,7 +469,8 @@ def evaluate_command(
     split: Annotated[str | None, typer.Option(
         help="train | val | test | all (default: test, else val).")] = None,
     out_dir: Annotated[Path | None, typer.Option(
-        "--out", help="Output folder (default: RUN/evaluation-SPLIT).")] = None,
+        "--out", help="Output folder (default: RUN/evaluation-SPLIT; other DATA: "
+        "RUN/evaluation-NAME-SPLIT).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = T.batch_size,
     device: DeviceOpt = T.device,
     precision: Precision = T.precision,
@@ -644,7 +645,8 @@ def _print_evaluation(result) -> None:
         table.add_row(f"{avg} F1 (P / R)", f"{m[avg]['f1']:.4f} ({m[avg]['precision']:.4f} / "
                       f"{m[avg]['recall']:.4f})"
                       + (interval_text(m, "macro_f1") if avg == "macro" else ""))
-    table.add_row("Cohen's kappa", f"{m['cohen_kappa']:.4f}")
+    kappa = m["cohen_kappa"]
+    table.add_row("Cohen's kappa", "-" if kappa is None else f"{kappa:.4f}")
     table.add_row("ECE (temperature)", f"{m['ece_uncalibrated']:.4f} -> {m['ece']:.4f} "
                   f"(T = {m['temperature']:.2f})")
     # The metrics above name a class for every image; the answer may not.

@@ -34,11 +34,15 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[
             result[f"top{k}_accuracy"] = float(top_k_accuracy_score(y_true, probs, k=k,
                                                                     labels=labels))
     for average in ("macro", "micro", "weighted"):
+        # Micro counts every prediction (it equals accuracy): leaving the classes that are
+        # not in y_true out of it would drop the mistakes into them.
+        only = truth_only and average != "micro"
         p, r, f, _ = precision_recall_fscore_support(
             y_true, y_pred, average=average, zero_division=0,
-            labels=np.unique(y_true) if truth_only else None)
+            labels=np.unique(y_true) if only else None)
         result[average] = {"precision": float(p), "recall": float(r), "f1": float(f)}
-    result["cohen_kappa"] = float(cohen_kappa_score(y_true, y_pred, labels=labels))
+    kappa = float(cohen_kappa_score(y_true, y_pred, labels=labels))
+    result["cohen_kappa"] = None if np.isnan(kappa) else kappa  # NaN: one class; JSON: null
     result["ece"] = expected_calibration_error(probs, y_true)
     result["interval"] = bootstrap_intervals(y_true, y_pred, len(classes), truth_only)
     return result

@@ -72,6 +72,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     dataset = _dataset(data, run_dir)
     level = predictor.level if predictor.level in dataset.levels else dataset.default_level
     split = split or _default_split(dataset)
+    _check_split(dataset, split)
     class_map = _check_class_map(class_map or {}, predictor, dataset, level)
     rows = _rows(dataset, split, level, predictor, class_map)
     known = rows["_label"].isin(predictor.classes)
@@ -80,7 +81,10 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
                             hint=f"The model knows: {', '.join(predictor.classes[:10])}...")
     other_classes = sorted(set(rows.loc[~known, "_label"]))
     rows = rows[known]
-    final = Path(out) if out else (run_dir or predictor.bundle.parent) / f"evaluation-{split}"
+    unknown_paths = _unknown_paths(unknown) if unknown is not None else None  # before work
+    # Other data's evaluation is named after it: the run's own stays where it is.
+    name = f"evaluation-{dataset.name}-{split}" if data is not None else f"evaluation-{split}"
+    final = Path(out).resolve() if out else (run_dir or predictor.bundle.parent) / name
     _check_out_dir(final)
     # Everything is written to a folder beside it and moved in place at the end: a killed
     # evaluation leaves a ".partial" folder and the previous results, never half of both.
@@ -145,7 +149,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
         _write_csv(transfer, out_dir / "transfer.csv", index=False)
         metrics["transfer"] = transfer.to_dict("records")
     if unknown is not None:
-        metrics["unknown"] = _openset(predictor, unknown, read, y,
+        metrics["unknown"] = _openset(predictor, unknown, unknown_paths, read, y,
                                       _finest_answer(predictor, read), out_dir, progress)
     write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
 
@@ -190,17 +194,31 @@ def _answer_figures(named: np.ndarray, right: np.ndarray) -> dict:
             "named_wrongly": float((named & ~right).mean())}
 
 
-def _openset(predictor: Predictor, unknown, known: list, y: np.ndarray, y_pred: np.ndarray,
-             out_dir: Path, progress: bool) -> dict:
-    """The known images' unknown scores against those of images of unseen classes; writes
-    unknown.csv (each unseen image: score, answer, closest class) and unknown.png."""
-
-    paths, missing = (expand_paths([str(unknown)]) if isinstance(unknown, str | Path)
-                      else (list(unknown), []))
+def _unknown_paths(unknown) -> list[str]:
+    """The images of `--unknown` (a folder, files or globs, or a list of them), checked
+    before anything is predicted."""
+    inputs = [str(unknown)] if isinstance(unknown, str | Path) else [str(u) for u in unknown]
+    paths, missing = expand_paths(inputs)
     if not paths:
-        raise WingspanError(f"No images of unseen classes in {unknown}"
+        raise WingspanError(f"No images of unseen classes in {', '.join(inputs)}"
                             + (f": {missing[0][1]}" if missing else "."),
                             hint="Give a folder of images of classes the model never saw.")
+    return paths
+
+
+def _check_split(dataset: Dataset, split: str) -> None:
+    """A split the data has ("all": every image)."""
+    have = sorted(set(dataset.table[SPLIT]) - {""})
+    if split != "all" and split not in have:
+        raise WingspanError(f"The data has no '{split}' split.",
+                            hint=f"It has: {', '.join(have) or 'none'} (or --split all).")
+
+
+def _openset(predictor: Predictor, unknown, paths: list[str], known: list, y: np.ndarray,
+             y_pred: np.ndarray, out_dir: Path, progress: bool) -> dict:
+    """The known images' unknown scores against those of images of unseen classes
+    (`paths`, from `unknown`); writes unknown.csv (each unseen image: score, answer,
+    closest class) and unknown.png."""
     seen = [p for p in predictor.run(paths, progress=progress, every_score=True)]
     unseen = [p for p in seen if not p.error]
     if not unseen:
@@ -362,7 +380,9 @@ def _transfer(predictor: Predictor, run_dir: Path | None, class_map: dict[str, s
     frame = pd.DataFrame([
         {"model class": ours, "data class": theirs,
          "recall on own data": float(np.mean(home[ours])) if home.get(ours) else np.nan,
-         "recall here": recall_here[ours], "images here": int(support_here[ours])}
+         # None of its images here: no recall to compare (not a recall of 0)
+         "recall here": recall_here[ours] if support_here[ours] else np.nan,
+         "images here": int(support_here[ours])}
         for ours, theirs in class_map.items()])
     frame["drop"] = frame["recall on own data"] - frame["recall here"]
     if named is not None:
@@ -382,6 +402,7 @@ def calibrate(model: str | Path, data: str | Path | None = None, split: str = "v
         else None
     dataset = _dataset(data, run_dir)
     level = predictor.level if predictor.level in dataset.levels else dataset.default_level
+    _check_split(dataset, split)
     rows = _rows(dataset, split, level, predictor)
     rows = rows[rows["_label"].isin(predictor.classes)]
     if rows.empty:
@@ -538,7 +559,8 @@ def _report(out_dir, name, predictor, run_dir, dataset, level, split, metrics, t
         summary.append((f"{avg} precision / recall / F1",
                         f"{m['precision']:.4f} / {m['recall']:.4f} / {m['f1']:.4f}"
                         + (interval_text(metrics, "macro_f1") if avg == "macro" else "")))
-    summary += [("Cohen's kappa", f"{metrics['cohen_kappa']:.4f}"),
+    kappa = metrics["cohen_kappa"]
+    summary += [("Cohen's kappa", "-" if kappa is None else f"{kappa:.4f}"),
                 ("unreadable images", len(metrics["unreadable"])),
                 ("images of classes the model does not know", len(metrics["unknown_classes"])),
                 *answer_rows(metrics.get("answers")),
