@@ -422,7 +422,7 @@ def test_adapt_writes_a_new_run_and_leaves_the_run_as_it_was(trained, tmp_path, 
     assert f"trained on {used[0]} of them;" in stdout
     assert summary["training_images"] > 0 and not summary["classes_without_training_images"]
     # The copies are of val and test images, at other paths: not the val images themselves.
-    assert summary["val_images_among_photos"] == 0
+    assert summary["val_images_among_photos"] == summary["test_images_among_photos"] == 0
     assert sum(summary["classes_after"].values()) == n
     # The head changed (and the unknown scores, fitted again); the backbone did not.
     old, new = (load_file(r / "model" / "model.safetensors") for r in (trained, out))
@@ -508,7 +508,15 @@ def test_adapt_refuses_what_it_cannot_do(trained, tmp_path):
 def test_adapt_warns_when_the_photos_are_the_runs_own_val_images(trained, tmp_path, run_cli):
     splits = pd.read_csv(trained / "splits.csv")
     val = splits[splits.split == "val"].path.head(5).tolist()
-    code, stdout, err = run_cli("adapt", trained, *val, "--out", tmp_path / "a", "--quiet")
+    test = splits[splits.split == "test"].path.head(3).tolist()
+    code, stdout, err = run_cli("adapt", trained, *val, *test, "--out", tmp_path / "a",
+                                "--quiet")
     assert code == 0, err
-    assert "5 of the photos are the run's own val images" in " ".join(stdout.split())
-    assert json.loads((tmp_path / "a" / "adapt.json").read_text())["val_images_among_photos"] == 5
+    stdout = " ".join(stdout.split())
+    assert "5 of the photos are the run's own val images" in stdout
+    assert "3 of the photos are the run's own test images" in stdout
+    summary = json.loads((tmp_path / "a" / "adapt.json").read_text())
+    assert (summary["val_images_among_photos"], summary["test_images_among_photos"]) == (5, 3)
+    # Its test figures are then not called fair.
+    fair = evaluate(tmp_path / "a", progress=False, workers=0).metrics["fair"]
+    assert fair.startswith("no: `wingspan adapt` trained this model on 3 of the test images")

@@ -621,6 +621,9 @@ def adapt_command(
         out.print(f"[yellow]{a['val_images_among_photos']} of the photos are the run's own val "
                   "images[/]: the val accuracy, temperature and unknown thresholds above are "
                   "fitted or scored on images the head has now trained on.")
+    if a["test_images_among_photos"]:
+        out.print(f"[yellow]{a['test_images_among_photos']} of the photos are the run's own test "
+                  "images[/]: its test figures are no longer fair (evaluate says so).")
     for level, missing in a["classes_without_training_images"].items():
         out.print(f"[yellow]{len(missing)} '{level}' classes had no readable training image[/] "
                   f"and keep the run's own weights: {', '.join(missing[:5])}")

@@ -120,7 +120,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
                    images_per_second=round(speed, 1), engine=predictor.policy.describe(),
                    ece_uncalibrated=expected_calibration_error(softmax(logits), y),
                    temperature=predictor.temperature, calibration=calibration,
-                   fair=_fairness(predictor.manifest.get("metrics", {}), split, data))
+                   fair=_fairness(predictor.manifest, split, data))
     y_pred = probs.argmax(1)
     read = [preds[i] for i in ok]  # the readable images' predictions, in y's order
     named = None  # which images the answer gives a class (the rest: "unknown")
@@ -533,10 +533,16 @@ def _calibration_data(split: str, data) -> str:
     return f"{split} of {Path(data).resolve()}" if data else split
 
 
-def _fairness(train_metrics: dict, split: str, data) -> str:
-    """Whether this evaluation's figures are unbiased: the run chose its epochs on val."""
+def _fairness(manifest: dict, split: str, data) -> str:
+    """Whether this evaluation's figures are unbiased: the run chose its epochs on val, and
+    `wingspan adapt` may have trained on test images given as photos."""
+    train_metrics = manifest.get("metrics", {})
     if data is not None:
         return "yes, unless this data holds images the model was trained or chosen on"
+    adapted_on = manifest.get("training", {}).get("adapted", {}).get("test_images_among_photos")
+    if split == "test" and adapted_on:
+        return (f"no: `wingspan adapt` trained this model on {adapted_on} of the test images "
+                "(as unlabelled photos), so these figures are optimistic")
     if split == "test":
         return "yes: the test split was never trained or chosen on"
     if split == "val":

@@ -184,8 +184,9 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
                                                                                  names),
         # The run's own val images among the photos: the temperature, the unknown thresholds
         # and the val accuracy are then fitted or scored on images the head trained on.
-        "val_images_among_photos": len({str(Path(p).resolve()) for p in paths}
-                                       & {str(Path(p).resolve()) for p in val.paths}),
+        "val_images_among_photos": len(_resolved(paths) & _resolved(val.paths)),
+        # ... and its test images: a test evaluation of the adapted run is then not fair.
+        "test_images_among_photos": len(_resolved(paths) & _resolved(_test_paths(run_dir))),
         "val_accuracy_before": val_before,
         "val_accuracy": float(np.mean(val_logits[fine].argmax(1) == y_val)),
         "temperature": temperature,
@@ -198,7 +199,8 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
         if (run_dir / name).is_file():
             shutil.copy2(run_dir / name, partial / name)
     training = {**manifest.get("training", {}), "adapted": {
-        k: summary[k] for k in ("adapted_from", "photos", *SETTINGS)}}
+        k: summary[k] for k in ("adapted_from", "photos", "test_images_among_photos",
+                                *SETTINGS)}}
     save_bundle(predictor.model.cpu(), partial / "model", manifest["classes"],
                 taxonomy=manifest.get("taxonomy"), training=training,
                 weights_source=manifest.get("weights_source"), calibration=calibration,
@@ -209,6 +211,18 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
         shutil.rmtree(out)
     partial.rename(out)
     return {**summary, "out": str(out), "replaced": replaced}
+
+
+def _resolved(paths) -> set[str]:
+    return {str(Path(p).resolve()) for p in paths}
+
+
+def _test_paths(run_dir: Path) -> list[str]:
+    """The run's test images (its splits.csv), if it kept any."""
+    import pandas as pd
+
+    table = pd.read_csv(run_dir / "splits.csv", dtype=str, keep_default_na=False)
+    return table.loc[table["split"] == "test", "path"].tolist()
 
 
 def _check_out(out: Path, run_dir: Path) -> Path:
