@@ -661,11 +661,15 @@ def _print_evaluation(result) -> None:
         transfer = Table("model class", "data class", "recall on own data", "recall here",
                          "drop", "images here", *(["named here"] if named else []),
                          title="Transfer per class")
+        def figure(value, spec: str) -> str:  # none: no images to measure it on
+            return "-" if value is None or value != value else format(value, spec)
+
         for r in m["transfer"]:
             transfer.add_row(r["model class"], r["data class"],
-                             *(f"{r[k]:.3f}" for k in ("recall on own data", "recall here",
-                                                       "drop")), str(r["images here"]),
-                             *([f"{r['named here']:.1%}"] if named else []))
+                             *(figure(r[k], ".3f") for k in ("recall on own data",
+                                                              "recall here", "drop")),
+                             str(r["images here"]),
+                             *([figure(r["named here"], ".1%")] if named else []))
         out.print(transfer)
     if m.get("unknown"):
         _print_unknown(m["unknown"])

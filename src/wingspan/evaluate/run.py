@@ -147,7 +147,9 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
             named_share = {c: float(shares[k]) for k, c in enumerate(classes) if images[k]}
         transfer = _transfer(predictor, run_dir, class_map, table, progress, named_share)
         _write_csv(transfer, out_dir / "transfer.csv", index=False)
-        metrics["transfer"] = transfer.to_dict("records")
+        # No figure (a class without images here or at home) is null in JSON, not NaN.
+        metrics["transfer"] = transfer.astype(object).where(transfer.notna(), None).to_dict(
+            "records")
     if unknown is not None:
         metrics["unknown"] = _openset(predictor, unknown, unknown_paths, read, y,
                                       _finest_answer(predictor, read), out_dir, progress)
