@@ -24,7 +24,9 @@ def test_inspect_command(run_cli, demo_dir, tmp_path, monkeypatch):
     assert summary["dataset"]["images"] == 43
     assert (tmp_path / "balance_genus.png").stat().st_size > 1000
     # The pixel budget its messages name can be set here too (48 x 48 JPEGs, 6 x 6 at 1/8).
-    monkeypatch.delenv("WINGSPAN_MAX_PIXELS", raising=False)  # (the option sets it)
+    # The option sets $WINGSPAN_MAX_PIXELS for the process: setenv first, so that the
+    # test's end takes it away again (delenv of an unset variable would not).
+    monkeypatch.setenv("WINGSPAN_MAX_PIXELS", "50000000")
     code, out, err = run_cli("data", "inspect", demo_dir, "--out", tmp_path / "small",
                              "--quiet", "--max-pixels", "30")
     assert code == 0, err
