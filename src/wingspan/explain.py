@@ -88,13 +88,22 @@ def explain(model: str | Path, images: list[str], out: str | Path,
             results.append(Explanation(path, "", 0.0, np.zeros(0), error=e.message))
             continue
         x = view(picture)
-        said, target = _answer(predictor, x)
-        label, probability, heatmap = explain_image(predictor, x, target)
+        label, probability, heatmap, said, title = explain_view(predictor, x)
         png = out / f"{_unique_name(Path(path), taken)}.gradcam.png"
-        title = f"{label}  {probability:.2f}" + ("" if said == label else f"  (says: {said})")
         save_overlay(model_view(x, predictor), heatmap, title, png)
         results.append(Explanation(path, label, probability, heatmap, png, answer=said))
     return results
+
+
+def explain_view(predictor: Predictor, x: torch.Tensor, target: str | None = None
+                 ) -> tuple[str, float, np.ndarray, str, str]:
+    """(class, probability, Grad-CAM map, predict's answer, title) for one preprocessed
+    image: the map of `target`, else of the class predict names; `wingspan explain` and the
+    server's /explain draw the same."""
+    said, top = _answer(predictor, x)
+    label, probability, heatmap = explain_image(predictor, x, target or top)
+    title = f"{label}  {probability:.2f}" + ("" if said == label else f"  (says: {said})")
+    return label, probability, heatmap, said, title
 
 
 def _answer(predictor: Predictor, x: torch.Tensor) -> tuple[str, str]:

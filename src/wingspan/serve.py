@@ -253,10 +253,10 @@ def _decode(name: str | None, data: bytes, draft: int | None = None):
 
 def _explain_png(predictor: Predictor, x: torch.Tensor, target: str | None) -> bytes:
     """The overlay `wingspan explain` writes, as PNG bytes."""
-    from wingspan.explain import explain_image, model_view, save_overlay
+    from wingspan.explain import explain_view, model_view, save_overlay
 
-    label, probability, heatmap = explain_image(predictor, x, target)
-    return save_overlay(model_view(x, predictor), heatmap, f"{label}  {probability:.2f}", None)
+    _, _, heatmap, _, title = explain_view(predictor, x, target)
+    return save_overlay(model_view(x, predictor), heatmap, title, None)
 
 
 def _answer(predictor: Predictor, name: str | None, outputs: dict[str, np.ndarray],
