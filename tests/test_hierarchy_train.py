@@ -109,7 +109,7 @@ def test_explain_draws_the_branch_that_predict_answers(hierarchical_run, demo_di
     from wingspan.explain import explain
 
     paths = [str(p) for p in sorted(demo_dir.rglob("*.jpg"))[::5]]
-    said = predict(Predictor(hierarchical_run, runtime="torch", precision="fp32", workers=0),
+    said = predict(Predictor(hierarchical_run, "cpu", "fp32", runtime="torch", workers=0),
                    paths, progress=False).rows
     shown = explain(hierarchical_run, paths, tmp_path)
     assert [e.label for e in shown] == [r["taxonomy"][-1][1] for r in said]

@@ -249,7 +249,7 @@ def test_predict_answers_unknown_and_keeps_the_closest_class(held_out_run, run_c
     from wingspan.predict import predict
 
     paths = [r["path"] for r in held[:4] + known[:2]]
-    said = predict(Predictor(run_dir, runtime="torch", precision="fp32", workers=0), paths,
+    said = predict(Predictor(run_dir, "cpu", "fp32", runtime="torch", workers=0), paths,
                    progress=False).rows
     shown = explain(run_dir, paths, tmp_path / "explain")
     assert [e.answer for e in shown] == [r["answer"] for r in said]

@@ -34,6 +34,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.semi_supervised import LabelSpreading
 
 from wingspan.config import AdaptConfig
+from wingspan.data import read_dataset
+from wingspan.data.samples import PATH, SPLIT
 from wingspan.errors import WingspanError
 from wingspan.evaluate.calibration import calibration_record, softmax
 from wingspan.evaluate.own_images import own_images, run_folder
@@ -173,6 +175,7 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
             rate=predictor.unknown.rate, temperature=temperature, seed=seed)
 
     names = manifest["classes"][fine]
+    given = _resolved(paths)
     summary = {
         "adapted_from": str(run_dir), "photos": len(paths), "unreadable": len(paths) - len(ok),
         **{k: getattr(config, k) for k in SETTINGS},
@@ -184,9 +187,9 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
                                                                                  names),
         # The run's own val images among the photos: the temperature, the unknown thresholds
         # and the val accuracy are then fitted or scored on images the head trained on.
-        "val_images_among_photos": len(_resolved(paths) & _resolved(val.paths)),
+        "val_images_among_photos": len(given & _resolved(val.paths)),
         # ... and its test images: a test evaluation of the adapted run is then not fair.
-        "test_images_among_photos": len(_resolved(paths) & _resolved(_test_paths(run_dir))),
+        "test_images_among_photos": len(given & _resolved(_test_paths(run_dir))),
         "val_accuracy_before": val_before,
         "val_accuracy": float(np.mean(val_logits[fine].argmax(1) == y_val)),
         "temperature": temperature,
@@ -218,11 +221,9 @@ def _resolved(paths) -> set[str]:
 
 
 def _test_paths(run_dir: Path) -> list[str]:
-    """The run's test images (its splits.csv), if it kept any."""
-    import pandas as pd
-
-    table = pd.read_csv(run_dir / "splits.csv", dtype=str, keep_default_na=False)
-    return table.loc[table["split"] == "test", "path"].tolist()
+    """The run's test images (its splits.csv, read as own_images reads it), if any."""
+    table = read_dataset(run_dir / "splits.csv").table
+    return table.loc[table[SPLIT] == "test", PATH].tolist()
 
 
 def _check_out(out: Path, run_dir: Path) -> Path:
