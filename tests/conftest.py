@@ -20,6 +20,13 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 # the processes it starts: never the user's ~/.cache, and one engine choice per model.
 os.environ["WINGSPAN_CACHE"] = tempfile.mkdtemp(prefix="wingspan-test-cache-")
 atexit.register(shutil.rmtree, os.environ["WINGSPAN_CACHE"], ignore_errors=True)
+# make test runs the suite in pytest-xdist workers, one per core: each takes its share of the
+# cores, so that two workers do not both spin two threads on two cores.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    import torch
+
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
 
 
 @pytest.fixture(scope="session")
