@@ -90,3 +90,18 @@ def test_a_second_audit_decodes_only_what_changed(tmp_path, monkeypatch):
             audit.audit_dataset(read_dataset(demo), tmp_path / out, config=off,
                                 progress=False)
             assert set(decoded) == {str(p) for p in demo.rglob("*.jpg")}
+
+
+def test_an_audit_of_one_readable_class_says_so_and_takes_weights(tmp_path, run_cli):
+    """Readable images of one class alone: a clear error naming the unreadable files, not
+    scikit-learn's; `--weights` is an option, as the offline hint says."""
+    from helpers import folder_dataset
+
+    folder_dataset(tmp_path / "data", {"monarch": 4, "admiral": 2})
+    for broken in (tmp_path / "data" / "admiral").iterdir():
+        broken.write_bytes(b"not a picture")
+    code, _, err = run_cli("data", "audit", tmp_path / "data", "--backbone", "test_efficientnet",
+                           "--weights", "none", "--folds", "2", "--out", tmp_path / "out",
+                           "--quiet")
+    assert code == 2 and "Traceback" not in err, err
+    assert "2 of 6 images could not be read" in err and "admiral" in err

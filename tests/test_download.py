@@ -115,3 +115,16 @@ def test_a_damaged_download_is_refused_kept_and_fetched_afresh(served, tmp_path,
     assert read_dataset(root).format == "ethec"
     code, _, err = run_cli("data", "download", "imagenet", "--to", tmp_path / "x")
     assert code == 2 and "Unknown dataset 'imagenet'" in err
+
+
+def test_url_may_be_an_archive_already_on_this_machine(tmp_path):
+    (tmp_path / "src").mkdir()
+    archive = _ethec_zip(tmp_path / "src" / "ETHEC.zip")
+    source = Source("ETHEC.zip", "https://example.invalid/ETHEC.zip",
+                    hashlib.md5(archive.read_bytes()).hexdigest(), "test")
+    root = download_dataset("ethec", tmp_path / "data", url=str(archive), source=source,
+                            progress=False)
+    assert len(read_dataset(root).table) == 12
+    with pytest.raises(WingspanError, match="neither a URL nor a file"):
+        download_dataset("ethec", tmp_path / "other", url=str(tmp_path / "nope.zip"),
+                         source=source, progress=False)

@@ -96,3 +96,22 @@ def test_ethec_splits_that_list_an_image_twice_are_repaired_and_reported(tmp_pat
     assert not find_leaks(dataset)
     rows = dataset.table[dataset.table["path"].str.endswith(f"/{leaked['image_name']}")]
     assert rows["split"].tolist() == ["test"]  # kept on the test side only
+
+
+def test_empty_files_are_not_one_picture_on_every_side(tmp_path):
+    """Failed downloads leave empty files: identical bytes, but no picture to leak."""
+    from wingspan.config import InspectConfig
+    from wingspan.data.inspect import inspect_dataset
+
+    folder_dataset(tmp_path, {"monarch": 3, "admiral": 3})
+    for name in ("monarch/empty.jpg", "admiral/empty.jpg"):
+        (tmp_path / name).write_bytes(b"")
+    ds = read_dataset(tmp_path)
+    empty = ds.table["path"].str.endswith("empty.jpg")
+    ds.table["split"] = "train"
+    ds.table.loc[empty & (ds.table["label"] == "admiral"), "split"] = "test"
+    leaks = find_leaks(ds)
+    assert not leaks.by_content
+    summary = inspect_dataset(ds, tmp_path / "out", InspectConfig(), progress=False)
+    assert summary["images"]["duplicates"]["groups"] == []
+    assert len(summary["images"]["unreadable"]) == 2

@@ -12,7 +12,7 @@ from wingspan.errors import WingspanError
 
 
 def test_registry_has_every_format():
-    assert set(READERS) == {"folder", "csv", "ethec"}
+    assert set(READERS) == {"folder", "split-folders", "csv", "ethec"}
 
 
 def test_folder_reader_with_taxonomy_and_groups(tmp_path):
@@ -121,7 +121,8 @@ def test_bad_paths_and_empty_datasets(tmp_path):
     (tmp_path / "weights.bin").write_bytes(b"\0")
     with pytest.raises(WingspanError, match="Cannot tell the dataset format"):
         read_dataset(tmp_path / "weights.bin")
-    with pytest.raises(WingspanError, match="(?s)Unknown dataset format 'parquet'.*folder, csv"):
+    with pytest.raises(WingspanError,
+                       match="(?s)Unknown dataset format 'parquet'.*folder, split-folders, csv"):
         read_dataset(tmp_path, ReadConfig(format="parquet"))
 
 
@@ -216,3 +217,113 @@ def test_a_csv_row_with_an_extra_field_is_refused_with_its_line(tmp_path):
     csv_file.write_text("path,label,split\na.jpg,monarch,train\na.jpg,admiral,val,oops\n")
     with pytest.raises(WingspanError, match=r"data.csv, line 3: 4 fields where the header"):
         read_dataset(csv_file, ReadConfig(check_files=False))
+
+
+def test_train_valid_test_folders_are_a_fixed_split_not_three_classes(tmp_path):
+    """Ultralytics, Keras and Kaggle lay a dataset out as train/ val/ test/, each with one
+    folder per class (`valid` or `validation` for val)."""
+    for side, n in (("train", 3), ("valid", 2), ("test", 1)):
+        folder_dataset(tmp_path / side, {f"{c}-{side}": n for c in ("monarch", "admiral")})
+        for c in ("monarch", "admiral"):
+            (tmp_path / side / f"{c}-{side}").rename(tmp_path / side / c)
+    (tmp_path / "taxonomy.csv").write_text("folder,family\nmonarch,Nymphalidae\n"
+                                           "admiral,Nymphalidae\n")
+    ds = read_dataset(tmp_path)
+    assert ds.format == "split-folders" and ds.levels == ["family", "label"]
+    assert ds.class_counts().to_dict() == {"admiral": 6, "monarch": 6}
+    assert ds.table.groupby("split").size().to_dict() == {"test": 2, "train": 6, "val": 4}
+    assert (ds.table["family"] == "Nymphalidae").all()
+    # Asked for as class folders, it is read as the user says.
+    assert set(read_dataset(tmp_path, ReadConfig(format="folder")).table["label"]) == {
+        "train", "valid", "test"}
+
+
+def test_a_group_regex_with_alternatives_takes_the_group_that_matched(tmp_path):
+    for name in ("obs_12_1.jpg", "obs_12_2.jpg", "IMG_7.jpg", "IMG_8.jpg", "other.jpg"):
+        write_image(tmp_path / "monarch" / name, seed=len(name))
+    ds = read_dataset(tmp_path, ReadConfig(group_regex=r"_(\d+)_\d+\.jpg$|^IMG_(\d)"))
+    groups = dict(zip(ds.table["path"].map(lambda p: p.rsplit("/", 1)[1]), ds.table["group"],
+                      strict=True))
+    assert groups["obs_12_1.jpg"] == groups["obs_12_2.jpg"] == "12"
+    assert (groups["IMG_7.jpg"], groups["IMG_8.jpg"]) == ("7", "8")
+    assert groups["other.jpg"].endswith("other.jpg")  # no match: its own group, listed
+    assert [p.kind for p in ds.problems] == ["group_unmatched"]
+
+
+def test_wingspan_output_inside_data_is_not_a_class(tmp_path):
+    """`cd DATA; wingspan data inspect .` writes runs/data/<name>/ there: a second run must
+    not read it as a class."""
+    folder_dataset(tmp_path, {"monarch": 2, "admiral": 2})
+    out = tmp_path / "runs" / "data" / tmp_path.name
+    write_image(out / "balance.png", fmt="PNG")
+    (out / "summary.json").write_text("{}")
+    ds = read_dataset(tmp_path)
+    assert set(ds.table["label"]) == {"monarch", "admiral"}
+    assert [(p.kind, p.path) for p in ds.problems] == [("not_a_class", str(tmp_path / "runs"))]
+
+
+def test_symlinked_folders_inside_a_class_are_followed_once(tmp_path):
+    folder_dataset(tmp_path / "elsewhere", {"y2023": 2})
+    folder_dataset(tmp_path / "data", {"monarch": 1})
+    (tmp_path / "data" / "monarch" / "2023").symlink_to(tmp_path / "elsewhere" / "y2023")
+    (tmp_path / "data" / "monarch" / "loop").symlink_to(tmp_path / "data" / "monarch")
+    (tmp_path / "data" / "monarch" / "gone.jpg").symlink_to(tmp_path / "nothing.jpg")
+    ds = read_dataset(tmp_path / "data")
+    assert len(ds) == 3  # its own picture and the two linked ones; the loop adds nothing
+    assert [p.kind for p in ds.problems] == ["missing_file"]  # the dangling link, listed
+
+
+def test_a_decomposed_folder_name_matches_its_composed_taxonomy_row(tmp_path):
+    """macOS writes 'é' as 'e' + a combining accent in folder names."""
+    import unicodedata
+
+    folder_dataset(tmp_path, {unicodedata.normalize("NFD", "paon du jour é"): 2})
+    (tmp_path / "taxonomy.csv").write_text("folder,family\npaon du jour é,Nymphalidae\n",
+                                           encoding="utf-8")
+    ds = read_dataset(tmp_path)
+    assert set(ds.table["label"]) == {"paon du jour é"}
+    assert (ds.table["family"] == "Nymphalidae").all() and not ds.problems
+
+
+@pytest.mark.parametrize("taxonomy", [
+    "folder,family,\nmonarch,Nymphalidae,\nadmiral,Nymphalidae,\n",  # saved from Excel
+    "folder, family\nmonarch , Nymphalidae\nadmiral,Nymphalidae \n",  # spaces
+])
+def test_a_taxonomy_file_is_read_as_loosely_as_the_data(tmp_path, taxonomy):
+    folder_dataset(tmp_path, {"monarch": 1, "admiral": 1})
+    (tmp_path / "taxonomy.csv").write_text(taxonomy)
+    ds = read_dataset(tmp_path)
+    assert ds.levels == ["family", "label"] and not ds.problems
+    assert (ds.table["family"] == "Nymphalidae").all()
+
+
+def test_a_taxonomy_column_named_like_a_table_column_is_refused(tmp_path):
+    folder_dataset(tmp_path, {"monarch": 1})
+    (tmp_path / "taxonomy.csv").write_text("folder,family,group\nmonarch,Nymphalidae,x\n")
+    with pytest.raises(WingspanError, match="column named 'group'"):
+        read_dataset(tmp_path)
+
+
+def test_empty_spreadsheet_columns_are_dropped_and_a_skipped_taxonomy_is_said(tmp_path):
+    folder_dataset(tmp_path / "img", {"monarch": 1, "admiral": 1})
+    (tmp_path / "taxonomy.csv").write_text("folder,family\nmonarch,Nymphalidae\n"
+                                           "admiral,Nymphalidae\n")
+    (tmp_path / "data.csv").write_text("path,label,,\nimg\\monarch\\monarch_0.jpg,monarch,,\n"
+                                       "img/admiral/admiral_0.jpg,admiral,,\n")
+    ds = read_dataset(tmp_path / "data.csv")  # a Windows path too
+    assert ds.levels == ["family", "label"] and len(ds) == 2 and not ds.problems
+    (tmp_path / "data.csv").write_text("path,label,photographer\n"
+                                       "img/monarch/monarch_0.jpg,monarch,Ann\n")
+    ds = read_dataset(tmp_path / "data.csv")
+    assert ds.levels == ["photographer", "label"]
+    assert [p.kind for p in ds.problems] == ["taxonomy_ignored"]
+
+
+def test_a_stray_split_json_says_how_to_read_class_folders(tmp_path):
+    folder_dataset(tmp_path, {"monarch": 1})
+    (tmp_path / "train.json").write_text('{"losses": [1, 2]}')
+    with pytest.raises(WingspanError) as e:
+        read_dataset(tmp_path)
+    assert "--format folder" in e.value.hint
+    assert read_dataset(tmp_path, ReadConfig(format="folder")).class_counts().to_dict() == {
+        "monarch": 1}

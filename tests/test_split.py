@@ -127,3 +127,15 @@ def test_real_inat_resplit_keeps_observations_together(shared_data, tmp_path):
     assert leaked_groups(result.table) == []
     assert not report.missing
     assert np.isclose(sum(report.fractions.values()), 1.0, atol=0.01)
+
+
+def test_a_resplit_keeps_one_row_of_an_image_listed_on_two_sides(demo_dir):
+    """ETHEC's published split lists 51 images in both val and test: split anew, each is
+    one image, not two rows on one side."""
+    ds = read_dataset(demo_dir)
+    table = ds.table.assign(split="val")
+    twice = table.iloc[:3].assign(split="test")
+    listed = Dataset(pd.concat([table, twice], ignore_index=True), ds.levels, ds.root, "csv", [])
+    split, report = split_dataset(listed, config=SplitConfig(0.2, 0.2, seed=0))
+    assert report.repeats_dropped == 3
+    assert len(split.table) == len(ds.table) and not split.table["path"].duplicated().any()

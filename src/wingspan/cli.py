@@ -49,7 +49,7 @@ Data = Annotated[Path, typer.Argument(
     help="A folder of class folders, a CSV (path,label,...), or an ETHEC root.",
     show_default=False)]
 Format = Annotated[str | None, typer.Option(
-    "--format", help="folder | csv | ethec (default: detected from DATA).")]
+    "--format", help="folder | split-folders | csv | ethec (default: detected from DATA).")]
 GroupRegex = Annotated[str | None, typer.Option(
     "--group-regex", help="Regex on the file name whose first group keeps images together in "
     r"splits, e.g. '_(\d+)_\d+\.jpg$' for iNaturalist observation ids.")]
@@ -183,6 +183,9 @@ def _print_split(result) -> None:
     r = result.report
     sizes = ", ".join(f"{k} {v} ({r.fractions[k]:.0%})" for k, v in r.sizes.items())
     out.print(f"Split on '{result.level}': {sizes}")
+    if r.repeats_dropped:
+        out.print(f"{r.repeats_dropped} images were listed twice (on two sides before): "
+                  "each is one image now")
     if r.train_only:
         out.print(f"[yellow]{len(r.train_only)} classes have too few groups for every split; "
                   f"kept in train only:[/] {_some(r.train_only)}")
@@ -211,6 +214,8 @@ def data_audit(
     backbone: Annotated[str, typer.Option(
         help="Frozen ImageNet features from this backbone (auto: as train).")]
     = AuditConfig.backbone,
+    weights: Annotated[str, typer.Option(help="auto (offline first) | none | a weights file.")]
+    = AuditConfig.weights,
     folds: Annotated[int, typer.Option(help="Folds of the out-of-fold probabilities.")]
     = AuditConfig.folds,
     similarity: Annotated[float, typer.Option(
@@ -234,8 +239,9 @@ def data_audit(
 
     from wingspan.data.audit import audit_dataset
 
-    config = AuditConfig(backbone=backbone, folds=folds, duplicate_similarity=similarity,
-                         gallery=gallery, device=device, cache=cache)
+    config = AuditConfig(backbone=backbone, weights=weights, folds=folds,
+                         duplicate_similarity=similarity, gallery=gallery, device=device,
+                         cache=cache)
     dataset = _read(data, format, group_regex, strict=False)
     result = audit_dataset(dataset, out_dir or dataset.out_dir, level, config,
                            progress=not quiet)

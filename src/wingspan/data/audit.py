@@ -58,6 +58,12 @@ def audit_dataset(dataset: Dataset, out_dir: str | Path, level: str | None = Non
                                                         progress)
     ok = np.array([p not in failed for p in table[PATH]])
     table, features, hashes = table[ok].reset_index(drop=True), features[ok], hashes[ok]
+    if table[level].nunique() < 2:
+        raise WingspanError(
+            f"An audit needs at least 2 classes at level '{level}' with readable images; "
+            f"{len(failed)} of {len(ok)} images could not be read (e.g. "
+            f"{next(iter(failed), '-')}), which leaves {table[level].nunique()}.",
+            hint="Fix or remove the unreadable images (`wingspan data inspect` lists them).")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     issues = label_issues(table, features, level, config)
@@ -69,6 +75,12 @@ def audit_dataset(dataset: Dataset, out_dir: str | Path, level: str | None = Non
     page = write_gallery(issues, duplicates, out_dir / "audit.html", level, config, backbone,
                          failed)
     return AuditResult(issues, duplicates, csv_path, dup_path, page, backbone)
+
+
+def fold_count(labels: pd.Series, config: AuditConfig) -> int:
+    """config.folds, or fewer when the smallest class has fewer images (each fold holds
+    one of its images at least)."""
+    return min(config.folds, int(labels.value_counts().min()))
 
 
 class _Decoded(torch.utils.data.Dataset):
@@ -184,8 +196,7 @@ def label_issues(table: pd.DataFrame, features: torch.Tensor, level: str,
 
     classes = sorted(table[level].unique())
     y = table[level].map({c: i for i, c in enumerate(classes)}).to_numpy()
-    smallest = int(np.bincount(y).min())
-    folds = min(config.folds, smallest)
+    folds = fold_count(table[level], config)
     if folds < 2:
         rare = [c for c, n in table[level].value_counts().items() if n < 2]
         raise WingspanError(f"Classes with a single image cannot be audited: {rare[:5]}",
@@ -285,9 +296,10 @@ def write_gallery(issues: pd.DataFrame, duplicates: pd.DataFrame, path: Path, le
     body = (
         f"<h1>Label audit: {len(issues)} images, level '{e(level)}'</h1>"
         f"<p>Features: {e(backbone)} (ImageNet, frozen). Out-of-fold probabilities from a "
-        f"{config.folds}-fold logistic head; cleanlab flags {flagged} images as likely "
-        f"mislabelled. Below, the {min(config.gallery, len(issues))} lowest label "
-        "qualities (the label's out-of-fold probability): check these first.</p>"
+        f"{fold_count(issues['label'], config)}-fold logistic head; cleanlab flags "
+        f"{flagged} images as likely mislabelled. Below, the "
+        f"{min(config.gallery, len(issues))} lowest label qualities (the label's "
+        "out-of-fold probability): check these first.</p>"
         f"<div class='g'>{''.join(cards)}</div>"
         f"<h2>Near-duplicates (perceptual hashes at most {config.hash_distance} bits apart, "
         f"or feature cosine similarity at least {config.duplicate_similarity}): "

@@ -69,7 +69,17 @@ def _fetch(url: str, archive: Path, progress: bool) -> None:
     """Into `archive.part`, continuing where an earlier transfer stopped."""
     part = archive.with_name(archive.name + ".part")
     done = part.stat().st_size if part.is_file() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={done}-"} if done else {})
+    if "://" not in url:  # --url an archive already on this machine (or a shared drive)
+        local = Path(url).expanduser()
+        if not local.is_file():
+            raise WingspanError(f"--url {url} is neither a URL nor a file.",
+                                hint="Give http(s)://..., file://..., or the archive's path.")
+        url = local.resolve().as_uri()
+    try:
+        request = urllib.request.Request(url,
+                                         headers={"Range": f"bytes={done}-"} if done else {})
+    except ValueError as e:
+        raise WingspanError(f"--url {url} is not a URL wingspan can fetch: {e}") from e
     try:
         response = urllib.request.urlopen(request, timeout=60)
     except urllib.error.HTTPError as e:

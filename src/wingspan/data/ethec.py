@@ -28,6 +28,11 @@ FIELDS = ["token", "image_path", "image_name", "family", "subfamily", "genus",
           "specific_epithet", "barcode"]
 
 
+# A train.json or val.json at the top of DATA is what marks an ETHEC root.
+NOT_ETHEC = ("DATA was read as ETHEC because it holds train.json, val.json or test.json; if it "
+             "is a folder of class folders, pass --format folder.")
+
+
 def _split_files(root: Path) -> dict[str, Path]:
     for folder in (root / "splits", root):
         found = {s: folder / f"{s}.json" for s in SPLITS if (folder / f"{s}.json").is_file()}
@@ -45,13 +50,18 @@ def _load_split(path: Path, split: str) -> pd.DataFrame:
         with open(path, encoding="utf-8") as f:
             records = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise WingspanError(f"Cannot read the ETHEC split file {path}: {e}") from e
+        raise WingspanError(f"Cannot read the ETHEC split file {path}: {e}",
+                            hint=NOT_ETHEC) from e
     if not isinstance(records, dict) or not records:
-        raise WingspanError(f"{path} is not an ETHEC split file (a dict of records by token).")
+        raise WingspanError(f"{path} is not an ETHEC split file (a dict of records by token).",
+                            hint=NOT_ETHEC)
+    if not all(isinstance(r, dict) for r in records.values()):
+        raise WingspanError(f"{path}: its records are not ETHEC's (field: value) records.",
+                            hint=NOT_ETHEC)
     table = pd.DataFrame.from_dict(records, orient="index")
     missing = [f for f in FIELDS if f not in table.columns]
     if missing:
-        raise WingspanError(f"{path}: records lack the fields {missing}.")
+        raise WingspanError(f"{path}: records lack the fields {missing}.", hint=NOT_ETHEC)
     table = table[FIELDS].fillna("").astype(str)
     table[SPLIT] = split
     return table

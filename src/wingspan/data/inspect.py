@@ -111,7 +111,9 @@ def _image_findings(table: pd.DataFrame, facts: list[ImageFacts], level: str,
 
 def _duplicates(table: pd.DataFrame, facts: list[ImageFacts], level: str) -> dict:
     """Files with identical bytes; worst are those across splits or with two labels."""
-    frame = table[[PATH, SPLIT, level]].assign(sha=[f.sha256 for f in facts])
+    # Only pictures: unreadable files (an empty failed download, say) are listed as such.
+    frame = table[[PATH, SPLIT, level]].assign(
+        sha=[f.sha256 if f.error is None else None for f in facts])
     frame = frame[frame["sha"].notna()]
     dup = frame[frame.duplicated("sha", keep=False)]
     groups = [

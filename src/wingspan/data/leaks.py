@@ -23,15 +23,17 @@ KEEP_ORDER = ("train", "test", "val")
 
 
 def content_hashes(paths: list[str]) -> list[str]:
-    """sha256 of each file's bytes ("" for a file that cannot be read)."""
+    """sha256 of each file's bytes; "" for a file that cannot be read or is empty (every
+    failed download would otherwise be one picture, on every side)."""
     out = []
     for path in paths:
-        digest = hashlib.sha256()
+        digest, size = hashlib.sha256(), 0
         try:
             with open(path, "rb") as f:
                 while chunk := f.read(1 << 20):
                     digest.update(chunk)
-            out.append(digest.hexdigest())
+                    size += len(chunk)
+            out.append(digest.hexdigest() if size else "")
         except OSError:
             out.append("")
     return out

@@ -3,13 +3,14 @@
 Formats:
 - folder: `DATA/<class>/<image>`, optional `DATA/taxonomy.csv` (higher levels) and
   `DATA/splits.csv` (`path,label,split`, a fixed split);
+- split-folders: `DATA/<train|val|test>/<class>/<image>`, the layout of Ultralytics,
+  Keras and Kaggle (`valid` and `validation` are val): a fixed split;
 - csv: `path,label[,split][,group][,<level>...]`, paths relative to the CSV;
 - ethec: the ETHEC collection (see `wingspan.data.ethec`).
 """
 
 from __future__ import annotations
 
-import csv
 import os
 import re
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from wingspan.config import IMAGE_EXTENSIONS, SPLITS, ReadConfig
+from wingspan.data.csvfiles import nfc, read_csv
 from wingspan.data.samples import GROUP, PATH, SPLIT, Dataset, Problem, make_table
 from wingspan.data.taxonomy import TAXONOMY_FILE, apply_taxonomy, read_taxonomy
 from wingspan.errors import WingspanError
@@ -28,6 +30,12 @@ READERS: dict[str, Reader] = {}
 DETECTORS: dict[str, Callable[[Path], bool]] = {}
 SPLITS_FILE = "splits.csv"
 LABEL = "label"
+# Top folders that name a side of a fixed split, as other tools' layouts spell them.
+SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val",
+                 "test": "test"}
+# Files that wingspan writes at the top of its output folders: a folder holding one is
+# wingspan's output (`runs/` when a command ran inside DATA), not a class.
+OUTPUT_MARKERS = ("manifest.json", "summary.json", "demo_config.json")
 
 
 def register_reader(name: str, detect: Callable[[Path], bool] | None = None
@@ -95,8 +103,11 @@ def _group_keys(paths: list[str], regex: str | None) -> tuple[list[str], list[Pr
     groups, problems = [], []
     for p in paths:
         m = pattern.search(os.path.basename(p))
-        if m:
-            groups.append(m.group(1) if pattern.groups else m.group(0))
+        # The first group that took part: with `a(\d+)|b(\d+)` one of the two is None.
+        key = next((g for g in m.groups() if g is not None), None) if m and pattern.groups \
+            else (m.group(0) if m else None)
+        if key is not None:
+            groups.append(key)
         else:
             groups.append(p)
             problems.append(Problem("group_unmatched", "group regex does not match; file is "
@@ -133,37 +144,80 @@ def _with_taxonomy(
     return table, added + levels
 
 
+def _is_output(folder: Path) -> bool:
+    """Whether `folder` is wingspan's own output (`runs/` with `data/<name>/summary.json` or
+    `<run>/manifest.json` inside), which a command run from inside DATA leaves there."""
+    return any(next(folder.glob(f"{deep}{marker}"), None) is not None
+               for marker in OUTPUT_MARKERS for deep in ("", "*/", "*/*/"))
+
+
+def _top_folders(root: Path, problems: list[Problem]) -> list[Path]:
+    """The class (or split) folders of `root`: not hidden, not wingspan's output."""
+    folders = []
+    for d in sorted(root.iterdir()):
+        if not d.is_dir() or d.name.startswith("."):
+            continue
+        if _is_output(d):
+            problems.append(Problem("not_a_class", "holds wingspan's output, not a class; "
+                                    "ignored (run commands outside DATA, or pass --out)",
+                                    str(d)))
+            continue
+        folders.append(d)
+    return folders
+
+
+def _images_under(folder: Path, problems: list[Problem]) -> list[str]:
+    """Every image below `folder`, in subfolders too; symlinked folders are followed (once:
+    a link back up the tree is not), hidden files and folders (.DS_Store,
+    .ipynb_checkpoints) skipped, anything else listed as a problem."""
+    found, seen = [], set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            if name.startswith("."):
+                continue
+            f = os.path.join(top, name)
+            if not os.path.isfile(f):
+                problems.append(Problem("missing_file", "a link to nothing; ignored", f))
+            elif os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                found.append(f)
+            else:
+                problems.append(Problem("not_image", "not an image file extension; ignored", f))
+    return [str(p) for p in sorted(map(Path, found))]
+
+
+def _class_folders(root: Path, config: ReadConfig, problems: list[Problem]
+                   ) -> tuple[list[str], list[str]]:
+    """Paths and labels of `root/<class>/...`; images in nested folders count for their top
+    class folder, whose name (in NFC) is the label."""
+    paths, labels = [], []
+    for class_dir in _top_folders(root, problems):
+        found = _images_under(class_dir, problems)
+        paths += found
+        labels += [nfc(class_dir.name)] * len(found)
+        if not found:
+            problems.append(Problem(
+                "empty_class", f"class folder '{class_dir.name}' has no images; the class is "
+                "left out. Add images or remove the folder.", str(class_dir)))
+            if config.strict:
+                raise WingspanError(f"Class folder {class_dir} has no images (--strict).",
+                                    hint="Add images or remove the folder; without --strict "
+                                    "the class is left out and listed.")
+    return paths, labels
+
+
 @register_reader("folder")
 def read_folder(root: Path, config: ReadConfig) -> Dataset:
     """`root/<class>/<image>`; images in nested folders count for their top class folder."""
     if not root.is_dir():
         raise WingspanError(f"{root} is not a folder.", hint="Use --format csv for a CSV file.")
     problems: list[Problem] = []
-    paths, labels = [], []
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    for class_dir in class_dirs:
-        found = 0
-        for f in sorted(class_dir.rglob("*")):
-            # Hidden files and everything in hidden folders (.ipynb_checkpoints, .thumbnails)
-            if any(part.startswith(".") for part in f.relative_to(class_dir).parts) \
-                    or not f.is_file():
-                continue
-            if f.suffix.lower() in IMAGE_EXTENSIONS:
-                paths.append(str(f))
-                labels.append(class_dir.name)
-                found += 1
-            else:
-                problems.append(Problem("not_image", "not an image file extension; ignored",
-                                        str(f)))
-        if not found:
-            problems.append(Problem(
-                "empty_class", f"class folder '{class_dir.name}' has no images; the class is "
-                "left out. Add images or remove the folder.", str(class_dir)))
-    if config.strict and any(p.kind == "empty_class" for p in problems):
-        empty = next(p for p in problems if p.kind == "empty_class")
-        raise WingspanError(f"Class folder {empty.path} has no images (--strict).",
-                            hint="Add images or remove the folder; without --strict the "
-                            "class is left out and listed.")
+    paths, labels = _class_folders(root, config, problems)
     groups, group_problems = _group_keys(paths, config.group_regex)
     problems += group_problems
     table = make_table(paths, {LABEL: labels}, groups)
@@ -173,51 +227,62 @@ def read_folder(root: Path, config: ReadConfig) -> Dataset:
     return Dataset(table, levels, root, "folder", problems)
 
 
+def _is_split_layout(root: Path) -> bool:
+    """`train/` beside only val/valid/validation/test folders, each holding class folders."""
+    folders = _top_folders(root, [])
+    return ("train" in {d.name.lower() for d in folders}
+            and all(d.name.lower() in SPLIT_FOLDERS for d in folders)
+            and all(any(c.is_dir() for c in d.iterdir()) for d in folders))
+
+
+@register_reader("split-folders", detect=_is_split_layout)
+def read_split_folders(root: Path, config: ReadConfig) -> Dataset:
+    """`root/<train|val|test>/<class>/<image>`: each image's side is its top folder."""
+    if not root.is_dir():
+        raise WingspanError(f"{root} is not a folder.", hint="Use --format csv for a CSV file.")
+    problems: list[Problem] = []
+    paths, labels, sides = [], [], []
+    for split_dir in _top_folders(root, problems):
+        side = SPLIT_FOLDERS.get(split_dir.name.lower())
+        if side is None:
+            raise WingspanError(
+                f"{split_dir} is not a split folder: in this layout every top folder is one "
+                f"of {sorted(SPLIT_FOLDERS)}.",
+                hint="Move it, or read DATA as class folders with --format folder.")
+        found, found_labels = _class_folders(split_dir, config, problems)
+        paths += found
+        labels += found_labels
+        sides += [side] * len(found)
+    groups, group_problems = _group_keys(paths, config.group_regex)
+    problems += group_problems
+    table = make_table(paths, {LABEL: labels}, groups, sides)
+    table, levels = _with_taxonomy(table, [LABEL], root, problems)
+    return Dataset(table, levels, root, "split-folders", problems)
+
+
 def _fixed_splits(table: pd.DataFrame, splits_csv: Path, problems: list[Problem]) -> pd.DataFrame:
     """Take the split of each image from a `path,...,split` file beside the class folders."""
-    fixed = _read_csv(splits_csv)
+    fixed = read_csv(splits_csv)
     if PATH not in fixed.columns or SPLIT not in fixed.columns:
         problems.append(Problem("splits_file_ignored", "has no path and split columns; ignored",
                                 str(splits_csv)))
         return table
     _check_split_values(fixed, splits_csv)
     # Both sides resolved alike, so that a class folder reached through a symlink matches.
-    fixed = fixed.assign(_key=[str((splits_csv.parent / p).resolve()) for p in fixed[PATH]])
+    fixed = fixed.assign(_key=[nfc(str((splits_csv.parent / p).resolve()))
+                               for p in fixed[PATH]])
     sides = fixed.groupby("_key")[SPLIT].nunique()
     torn = set(sides[sides > 1].index)  # listed twice, on two sides: neither is trusted
     problems += [Problem("conflicting_splits", f"listed in {splits_csv.name} on more than one "
                          "side; has no split", p) for p in sorted(torn)]
     by_path = dict(zip(fixed["_key"], fixed[SPLIT], strict=True))
     table[SPLIT] = [("" if key in torn else by_path.get(key, ""))
-                    for key in (str(Path(p).resolve()) for p in table[PATH])]
+                    for key in (nfc(str(Path(p).resolve())) for p in table[PATH])]
     unlisted = [p for p, side in zip(table[PATH], table[SPLIT], strict=True)
-                if side == "" and str(Path(p).resolve()) not in torn]
+                if side == "" and nfc(str(Path(p).resolve())) not in torn]
     problems += [Problem("not_in_splits", f"not listed in {splits_csv.name}; has no split", p)
                  for p in unlisted]
     return table
-
-
-def _read_csv(path: Path) -> pd.DataFrame:
-    try:
-        _check_field_counts(path)
-        return pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError,
-            csv.Error) as e:
-        raise WingspanError(f"Cannot read the CSV file {path}: {e}") from e
-
-
-def _check_field_counts(path: Path) -> None:
-    """Every row as wide as the header. pandas would take a row with one field more as an
-    index plus shifted columns (its label read as the split, say) without a word."""
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = csv.reader(f)
-        header = next(rows, [])
-        for line, row in enumerate(rows, start=2):
-            if len(row) > len(header):  # fewer is fine: pandas fills in empty fields
-                raise WingspanError(
-                    f"{path}, line {line}: {len(row)} fields where the header "
-                    f"({','.join(header)}) has {len(header)}.",
-                    hint="Quote values that contain commas, or fix the row.")
 
 
 def _check_split_values(table: pd.DataFrame, where: Path) -> None:
@@ -235,7 +300,7 @@ def read_csv_table(csv_path: Path, config: ReadConfig) -> Dataset:
     """`path,label[,split][,group][,<level>...]`; extra columns are coarser label levels."""
     if not csv_path.is_file():
         raise WingspanError(f"{csv_path} is not a CSV file.")
-    raw = _read_csv(csv_path)
+    raw = read_csv(csv_path)
     missing = [c for c in (PATH, LABEL) if c not in raw.columns]
     if missing:
         raise WingspanError(
@@ -246,14 +311,15 @@ def read_csv_table(csv_path: Path, config: ReadConfig) -> Dataset:
     if SPLIT in raw.columns:
         _check_split_values(raw, csv_path)
     problems: list[Problem] = []
-    # " monarch" and "monarch " are the class "monarch", not two more.
-    raw = raw.assign(**{c: raw[c].str.strip() for c in raw.columns
+    # " monarch" and "monarch " are the class "monarch", not two more; one Unicode spelling.
+    raw = raw.assign(**{c: raw[c].str.strip().map(nfc) for c in raw.columns
                         if c not in (PATH, SPLIT, GROUP)})
     unlabelled = raw[LABEL] == ""
     problems += [Problem("no_label", "row has an empty label; skipped", p)
                  for p in raw.loc[unlabelled, PATH]]
     raw = raw[~unlabelled]
-    paths = [p if os.path.isabs(p) else os.path.normpath(csv_path.parent / p) for p in raw[PATH]]
+    paths = [p if os.path.isabs(p) else os.path.normpath(csv_path.parent / p)
+             for p in map(_native, raw[PATH])]
     coarser = [c for c in raw.columns if c not in (PATH, LABEL, SPLIT, GROUP)]
     if GROUP in raw.columns:
         groups = [g or p for g, p in zip(raw[GROUP], paths, strict=True)]
@@ -265,6 +331,16 @@ def read_csv_table(csv_path: Path, config: ReadConfig) -> Dataset:
     levels = [*coarser, LABEL]
     if not coarser:
         table, levels = _with_taxonomy(table, levels, csv_path.parent, problems)
+    elif (csv_path.parent / TAXONOMY_FILE).is_file():
+        problems.append(Problem(
+            "taxonomy_ignored", f"not read: the CSV's own columns {coarser} are the coarser "
+            "levels. Drop them from the CSV to use the taxonomy file.",
+            str(csv_path.parent / TAXONOMY_FILE)))
     table = _keep_existing(table, config, problems, csv_path.name)
     return Dataset(table, levels, csv_path, "csv", problems)
 
+
+def _native(path: str) -> str:
+    """A relative path written on Windows (`images\\monarch\\1.jpg`) as this system
+    spells it: a backslash is a separator there, and in no file name anyone means here."""
+    return path.replace("\\", "/") if os.sep == "/" else path

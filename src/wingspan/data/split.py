@@ -14,7 +14,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from wingspan.config import SplitConfig
 from wingspan.data.leaks import with_duplicates_grouped
-from wingspan.data.samples import GROUP, SPLIT, Dataset
+from wingspan.data.samples import GROUP, PATH, SPLIT, Dataset
 from wingspan.errors import WingspanError
 from wingspan.files import atomic_path, write_text
 
@@ -28,6 +28,7 @@ class SplitReport:
     train_only: dict[str, int] = field(default_factory=dict)  # class -> groups it has
     missing: dict[str, list[str]] = field(default_factory=dict)  # split -> absent classes
     duplicates_grouped: int = 0  # groups merged into others because they hold one picture
+    repeats_dropped: int = 0  # rows of a path listed before (ETHEC's val+test images)
 
 
 def split_dataset(dataset: Dataset, level: str | None = None,
@@ -41,8 +42,11 @@ def split_dataset(dataset: Dataset, level: str | None = None,
     """
     config = config or SplitConfig()
     level = dataset.resolve_level(level)
+    # A path the source listed on two sides (ETHEC has such images in val and test) is one
+    # image once the old sides are gone: one row, or it would count twice.
+    repeated = dataset.table[PATH].duplicated().to_numpy()
     # Identical files (one picture saved under two names) go to the same side.
-    table, merged = with_duplicates_grouped(dataset.table.copy())
+    table, merged = with_duplicates_grouped(dataset.table[~repeated].reset_index(drop=True))
     labels = table[level].to_numpy()
     if (labels == "").any():
         raise WingspanError(
@@ -82,7 +86,7 @@ def split_dataset(dataset: Dataset, level: str | None = None,
         sizes={k: int(v) for k, v in sizes.items()},
         fractions={k: round(v / len(table), 3) for k, v in sizes.items()},
         train_only={k: int(v) for k, v in small.items()},
-        missing=missing, duplicates_grouped=merged,
+        missing=missing, duplicates_grouped=merged, repeats_dropped=int(repeated.sum()),
     )
     result = Dataset(table, list(dataset.levels), dataset.root, dataset.format,
                      list(dataset.problems))

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from wingspan.data.samples import Problem
+from wingspan.data.csvfiles import nfc, read_csv
+from wingspan.data.samples import GROUP, PATH, SPLIT, Problem
 from wingspan.errors import WingspanError
 
 TAXONOMY_FILE = "taxonomy.csv"
@@ -19,15 +20,21 @@ def read_taxonomy(path: Path) -> pd.DataFrame:
     A `genus` + `specific_epithet` pair becomes a `species` level ("Danaus plexippus"),
     the way taxonomists write it.
     """
-    try:
-        tax = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise WingspanError(f"Cannot read the taxonomy file {path}: {e}") from e
+    tax = read_csv(path)
+    # "monarch " is the folder "monarch", and a decomposed é the composed one.
+    tax = tax.apply(lambda column: column.str.strip().map(nfc))
     if "folder" not in tax.columns or len(tax.columns) < 2:
         raise WingspanError(
-            f"{path} must have a 'folder' column and at least one level column.",
+            f"{path} must have a 'folder' column and at least one level column "
+            f"(its columns: {list(tax.columns)}).",
             hint="Write it as: folder,family,subfamily,genus,specific_epithet",
         )
+    reserved = sorted({PATH, SPLIT, GROUP, "label"} & set(tax.columns))
+    if reserved:
+        raise WingspanError(
+            f"{path} has a column named {reserved[0]!r}: the name of a column of the sample "
+            "table, not a taxonomic level.",
+            hint="Name the levels after the ranks they are (family, genus, ...).")
     if tax["folder"].duplicated().any():
         dup = tax.loc[tax["folder"].duplicated(), "folder"].tolist()
         raise WingspanError(f"{path} lists these folders more than once: {dup[:10]}")

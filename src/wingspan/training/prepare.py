@@ -36,6 +36,9 @@ def ensure_splits(dataset: Dataset, level: str, config: TrainConfig,
             log(f"{len(report.train_only)} classes have too few groups to appear on every "
                 "side, so they are in train only (not evaluated): "
                 + ", ".join(f"{c} ({n})" for c, n in list(report.train_only.items())[:5]))
+        if report.repeats_dropped:
+            log(f"{report.repeats_dropped} images were listed twice (on two sides before): "
+                "each is one image now")
         if report.duplicates_grouped:
             log(f"{report.duplicates_grouped} groups hold a picture that another group also "
                 "holds (the same file saved twice): each such pair is kept on one side")

@@ -1,0 +1,50 @@
+"""Reading the CSV files users write by hand or save from a spreadsheet."""
+
+from __future__ import annotations
+
+import csv
+import unicodedata
+import warnings
+from pathlib import Path
+
+import pandas as pd
+
+from wingspan.errors import WingspanError
+
+
+def read_csv(path: Path) -> pd.DataFrame:
+    """Every field a string; column names stripped and in NFC, columns with no name and no
+    value (the trailing commas a spreadsheet saves) dropped; a row wider than the header is
+    an error rather than pandas' silent shift."""
+    try:
+        check_field_counts(path)
+        with warnings.catch_warnings():  # the extra fields left out are empty (checked above)
+            warnings.simplefilter("ignore", pd.errors.ParserWarning)
+            table = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError,
+            csv.Error) as e:
+        raise WingspanError(f"Cannot read the CSV file {path}: {e}") from e
+    table.columns = [nfc(str(c).strip()) for c in table.columns]
+    unnamed = [c for c in table.columns
+               if c.startswith("Unnamed: ") and (table[c].str.strip() == "").all()]
+    return table.drop(columns=unnamed)
+
+
+def check_field_counts(path: Path) -> None:
+    """Every row as wide as the header. pandas would take a row with one field more as an
+    index plus shifted columns (its label read as the split, say) without a word."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = csv.reader(f)
+        header = next(rows, [])
+        for line, row in enumerate(rows, start=2):
+            if len(row) > len(header) and any(v.strip() for v in row[len(header):]):
+                raise WingspanError(
+                    f"{path}, line {line}: {len(row)} fields where the header "
+                    f"({','.join(header)}) has {len(header)}.",
+                    hint="Quote values that contain commas, or fix the row.")
+
+
+def nfc(text: str) -> str:
+    """One spelling for one name: macOS writes folder names decomposed (e + combining
+    accent), a CSV typed elsewhere has them composed; compared as text they differ."""
+    return unicodedata.normalize("NFC", text)
