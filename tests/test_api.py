@@ -209,6 +209,11 @@ def test_hierarchical_levels(demo_dir, tmp_path):
     got = run.predict(val["path"].tolist(), quiet=True)
     depth = {**{f: 0 for f in data.table["family"]}, **{c: 1 for c in data.table["label"]}}
     reach = got["answer"].map(depth).fillna(-1).to_numpy()
+    # The level each answer is at, and the score that decided it, as the CLI writes them.
+    assert (got["known_level"].map({"family": 0, "label": 1}).fillna(-1) == reach).all()
+    over = got["unknown_score"] > got["threshold"]
+    assert (over == (got["known_level"] != "label")).all()
+    assert (got.loc[~over, "score_level"] == "label").all()
     for i, level in enumerate(["family", "label"]):
         branch = got["branch"].str.split(" > ").str[i].str.rsplit(" ", n=1).str[0]
         right = (branch == val[level].to_numpy()).to_numpy()

@@ -242,6 +242,35 @@ def test_cli_evaluate_and_predict(run_cli, trained, demo_dir, tmp_path):
     assert code == 2 and "No model at" in err
 
 
+def test_predict_prints_names_as_they_are_and_checks_output_first(run_cli, trained, demo_dir,
+                                                                  tmp_path, monkeypatch):
+    """Brackets in a file name are not Rich markup (`[male]` vanished, `[/` crashed after
+    the predicting); an --output that cannot be written is refused before any of it."""
+    import shutil
+
+    image = next(demo_dir.rglob("*.jpg"))
+    folder = tmp_path / "trip [spain] d [" / "x"
+    folder.mkdir(parents=True)
+    for name in ("IMG_1 [male].jpg", "IMG_1 [female].jpg"):
+        shutil.copy(image, folder / name)
+    (folder / "notes [b].jpg").write_text("no picture")  # the folder holds "[/"
+    monkeypatch.setenv("COLUMNS", "400")
+    code, out, err = run_cli("predict", trained, folder, "--output", tmp_path / "p.csv",
+                             "--quiet")
+    assert code == 0, err
+    assert "IMG_1 [male].jpg" in out and "IMG_1 [female].jpg" in out
+    assert "notes [b].jpg" in err and (tmp_path / "p.csv").is_file()
+
+    from wingspan.inference import Predictor
+    monkeypatch.setattr(Predictor, "run", lambda *a, **k: pytest.fail("predicted first"))
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "a-folder.csv").mkdir()
+    for output, message in ((tmp_path / "a-folder.csv", "is a folder"),
+                            (tmp_path / "a-file" / "p.csv", "is a file, not a folder")):
+        code, _, err = run_cli("predict", trained, image, "--output", output)
+        assert code == 2 and message in err, err
+
+
 def test_preview_image_in_report_comes_from_training_images(evaluation):
     with Image.open(evaluation.out_dir / "preview.png") as im:
         assert im.width > 300

@@ -105,6 +105,29 @@ def test_photos_without_the_coarser_levels_are_scored_at_them_from_the_models_tr
     assert without["mistake_depth"] == with_table["mistake_depth"]
 
 
+def test_an_answer_stopped_at_a_coarse_level_gives_that_levels_score(
+        hierarchical_run, demo_dir, tmp_path, monkeypatch, run_cli):
+    """Known as a family, not as a genus: the score shown is the genus's, over its
+    threshold (not the finest level's, under its own), and the probability the family's;
+    the CSV carries the branch the table shows."""
+    from wingspan.inference import Predictor
+
+    real = Predictor.thresholds.fget
+    monkeypatch.setattr(Predictor, "thresholds", property(
+        lambda self: {**real(self), "family": 1e9, "genus": -1e9}))  # genus turns all away
+    image = sorted(demo_dir.rglob("*.jpg"))[0]
+    code, out, err = run_cli("predict", hierarchical_run, image, "--device", "cpu",
+                             "--output", tmp_path / "p.csv", "--quiet")
+    assert code == 0, err
+    row = pd.read_csv(tmp_path / "p.csv").iloc[0]
+    assert list(row.index[:7]) == ["path", "family", "family_prob", "genus", "genus_prob",
+                                   "label", "label_prob"]
+    assert (row["known_level"], row["score_level"]) == ("family", "genus")
+    assert row["answer"] == row["family"] and row["unknown_score"] > row["threshold"]
+    assert f"{row['family_prob']:.3f}" in out and "at genus" in out
+    assert "0 images are unlike the classes the model knows, 1 known at a coarser" in out
+
+
 def test_explain_draws_the_branch_that_predict_answers(hierarchical_run, demo_dir, tmp_path):
     from wingspan.explain import explain
 

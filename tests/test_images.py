@@ -21,6 +21,14 @@ def test_open_rgb_composites_alpha_on_white(tmp_path):
     rgba = Image.new("RGBA", (10, 10), (255, 0, 0, 0))
     rgba.save(tmp_path / "clear.png")
     assert open_rgb(tmp_path / "clear.png").getpixel((0, 0)) == (255, 255, 255)
+    # A colour key (PNG's tRNS on an RGB or grey image, no alpha channel): the same.
+    for mode, key in (("RGB", (0, 0, 0)), ("L", 0)):
+        keyed = Image.new(mode, (10, 10), key)
+        keyed.putpixel((5, 5), (200, 0, 0) if mode == "RGB" else 200)
+        keyed.save(tmp_path / f"keyed-{mode}.png", transparency=key)
+        opened = open_rgb(tmp_path / f"keyed-{mode}.png")
+        assert opened.getpixel((0, 0)) == (255, 255, 255)
+        assert opened.getpixel((5, 5)) == ((200, 0, 0) if mode == "RGB" else (200,) * 3)
 
 
 def test_open_rgb_scales_16_bit(tmp_path):

@@ -51,6 +51,9 @@ def test_health_model_and_a_good_image(client, run_dir):
     (answer,) = r.json()["predictions"]
     top = answer["top"]["label"]
     assert len(top) == 4 and sum(t["probability"] for t in top) == pytest.approx(1, abs=1e-5)
+    # The top classes of every level, coarse to fine: a family holds its species' share.
+    assert list(answer["top"]) == ["family", "label"]
+    assert answer["top"]["family"][0]["probability"] >= top[0]["probability"]
     assert [b["level"] for b in answer["branch"]] == ["family", "label"]
     # The unknown answer: known down to a level of the branch, or "unknown"; and the score
     # decides the finest level.

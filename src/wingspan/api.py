@@ -466,7 +466,9 @@ class Run:
         it is known at), class and probability (calibrated: the closest class, whatever
         the answer), branch (the consistent taxonomic branch of a model with levels, e.g.
         "nymphalidae 0.98 > monarch 0.95"), top (the top_k (class, probability) pairs),
-        unknown_score and error (why an input was skipped).
+        known_level (the level the answer is at; None for "unknown"), unknown_score,
+        threshold and score_level (the score that decided, at the level it decided) and
+        error (why an input was skipped).
 
         >>> preds = run.predict(["a.jpg", "field/"])
         >>> preds[preds.probability < 0.5]
@@ -491,12 +493,17 @@ class Run:
                 branch = " > ".join(f"{c} {q:.2f}" for _, c, q in row["taxonomy"])
             rows.append({"path": row["path"], "answer": row["answer"], "class": best,
                          "probability": p, "branch": branch, "top": row["top"],
-                         "unknown_score": row.get("unknown_score", float("nan")), "error": ""})
+                         "known_level": row.get("known_level"),
+                         "unknown_score": row.get("unknown_score", float("nan")),
+                         "threshold": row.get("threshold", float("nan")),
+                         "score_level": row.get("score_level"), "error": ""})
         rows += [{"path": path, "answer": None, "class": None, "probability": float("nan"),
-                  "branch": "", "top": [], "unknown_score": float("nan"), "error": why}
+                  "branch": "", "top": [], "known_level": None, "unknown_score": float("nan"),
+                  "threshold": float("nan"), "score_level": None, "error": why}
                  for path, why in result.failed]
         return pd.DataFrame(rows, columns=["path", "answer", "class", "probability", "branch",
-                                           "top", "unknown_score", "error"])
+                                           "top", "known_level", "unknown_score", "threshold",
+                                           "score_level", "error"])
 
     def explain(self, images: str | Path | list[str | Path], out: str | Path | None = None,
                 device: str = "cpu") -> list[Image]:

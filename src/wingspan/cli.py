@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from wingspan import __version__
 from wingspan.config import (
@@ -44,6 +45,11 @@ app.add_typer(models_app, name="models")
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
+
+def _q(text) -> str:
+    """A path, class name or message as it is: `IMG [male].jpg` is not Rich markup."""
+    return escape(str(text))
+
 # Options shared by every command that reads a dataset.
 Data = Annotated[Path, typer.Argument(
     help="A folder of class folders, a CSV (path,label,...), or an ETHEC root.",
@@ -63,6 +69,22 @@ def _folder(value: Path | None) -> Path | None:
     if value is not None and value.exists() and not value.is_dir():
         raise typer.BadParameter(f"{value} is a file; --out names a folder to write into.")
     return value
+
+
+def _check_output_file(path: Path, suffixes: tuple[str, ...]) -> None:
+    """Before any work: a file of a known kind, where one can be written (the results of a
+    long prediction are not to be lost to a typo in --output)."""
+    if path.is_dir():
+        raise WingspanError(f"--output {path} is a folder.", hint="Name a file in it.")
+    if path.suffix.lower() not in suffixes:
+        raise WingspanError(f"--output {path}: the file must end in {' or '.join(suffixes)}.",
+                            hint=f"e.g. --output predictions{suffixes[0]}")
+    existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+    if existing != path.absolute() and not existing.is_dir():
+        raise WingspanError(f"--output {path}: {existing} is a file, not a folder.")
+    if not os.access(existing if existing.is_dir() else existing.parent, os.W_OK):
+        raise WingspanError(f"--output {path}: {existing} cannot be written to.",
+                            hint="Write somewhere you have write access.")
 
 
 OutDir = Annotated[Path | None, typer.Option(
@@ -145,8 +167,8 @@ def data_inspect(
                             hint="Fix or delete them (all are listed in summary.json).")
     print_summary(summary, out)
     print_class_table(dataset, level, out)
-    out.print(f"Wrote {target / 'summary.json'} and {len(summary['plots'])} balance plots "
-              f"in {target}")
+    out.print(f"Wrote {_q(target / 'summary.json')} and {len(summary['plots'])} balance "
+              f"plots in {_q(target)}")
 
 
 @data_app.command("split")
@@ -200,7 +222,7 @@ def _print_split(result) -> None:
     w = result.class_weights
     out.print(f"Balanced class weights (train): {min(w.values()):.3g} to {max(w.values()):.3g} "
               f"over {len(w)} classes")
-    out.print(f"Wrote {result.splits_csv} and {result.sampling_json}")
+    out.print(f"Wrote {_q(result.splits_csv)} and {_q(result.sampling_json)}")
 
 
 def _some(items, n: int = 8) -> str:
@@ -256,7 +278,7 @@ def data_audit(
     out.print(f"{len(dups)} near-duplicate pairs (similarity >= {similarity}), "
               f"{int(dups['across_splits'].sum())} across splits, "
               f"{int(dups['labels_differ'].sum())} with different labels")
-    out.print(f"Wrote {result.csv}, {result.duplicates_csv} and {result.html}")
+    out.print(f"Wrote {_q(result.csv)}, {_q(result.duplicates_csv)} and {_q(result.html)}")
 
 
 @data_app.command("download")
@@ -277,7 +299,7 @@ def download_command(
         err.print(f"{SOURCES[name].description}", highlight=False)
     root = download_dataset(name, to or default_cache_dir() / "datasets", url=url,
                             progress=not quiet)
-    out.print(f"Dataset ready: {root}\nTrain on it with: wingspan train {root} "
+    out.print(f"Dataset ready: {_q(root)}\nTrain on it with: wingspan train {_q(root)} "
               "--levels family,subfamily,genus,species")
 
 
@@ -300,7 +322,7 @@ def data_preview(
     dataset = _read(data, format, group_regex, strict=False)
     path = write_preview(dataset, (out_dir or dataset.out_dir) / "preview.png", config, level,
                          rows=rows, augmented=views, seed=seed)
-    out.print(f"Wrote {path}")
+    out.print(f"Wrote {_q(path)}")
 
 
 T = TrainConfig  # defaults shown in --help come from the one config
@@ -460,7 +482,7 @@ def _print_run(run_dir: Path) -> None:
     out.print(f"val macro-F1 {best['val_macro_f1']:.4f}, accuracy {best['val_acc']:.4f} "
               f"({best['stage']} epoch {best['epoch']}); stage seconds "
               f"{metrics['stage_seconds']}")
-    out.print(f"Run: {run_dir}   model: {run_dir / 'model'}")
+    out.print(f"Run: {_q(run_dir)}   model: {_q(run_dir / 'model')}")
 
 
 Model = Annotated[Path, typer.Argument(help="A run folder (runs/NAME) or a model bundle.",
@@ -694,7 +716,7 @@ def _print_evaluation(result) -> None:
                   + f"; mean mistake depth {h['mean_mistake_depth']:.2f}")
     if m["unreadable"]:
         out.print(f"[yellow]{len(m['unreadable'])} images could not be read[/] (in metrics.json)")
-    out.print(f"Report: {result.report}")
+    out.print(f"Report: {_q(result.report)}")
 
 
 @app.command("predict")
@@ -725,12 +747,12 @@ def predict_command(
     from rich.table import Table
 
     from wingspan.inference import Predictor
+    from wingspan.models.unknown import UNKNOWN
     from wingspan.parallel import Processes
     from wingspan.predict import predict, write_predictions
 
-    if output and output.suffix.lower() not in (".csv", ".json"):
-        raise WingspanError(f"--output {output}: the file must end in .csv or .json.",
-                            hint="e.g. --output predictions.csv")
+    if output:
+        _check_output_file(output, (".csv", ".json"))
     processes = Processes(device, devices, nodes, strategy)
     per_machine, machines = processes.world()
     fabric = processes.fabric() if per_machine * machines > 1 else None
@@ -757,26 +779,33 @@ def predict_command(
             detail = ", ".join(f"{c} {q:.2f}" for c, q in rest)
         if row["answer"] != best:  # unknown here, or known only at a coarser level
             level = f" ({row['known_level']})" if row["known_level"] else ""
+            at = f" at {row['score_level']}" if hierarchical else ""
+            if row["known_level"]:  # the probability of the class answered, at its level
+                p = next(q for lv, _, q in row["taxonomy"] if lv == row["known_level"])
             detail = (f"closest: {best}; unknown score {row['unknown_score']:.3g} > "
-                      f"{row['threshold']:.3g}; " + detail)
-            best = f"[yellow]{row['answer']}[/]{level}"
-        table.add_row(row["path"], best, f"{p:.3f}", detail)
+                      f"{row['threshold']:.3g}{at}; " + detail)
+            best = f"[yellow]{_q(row['answer'])}[/]{level}"
+        else:
+            best = _q(best)
+        table.add_row(_q(row["path"]), best, f"{p:.3f}", _q(detail))
     if len(result.rows) > 50:
         table.caption = f"first 50 of {len(result.rows)}; --output FILE writes all"
+    if output:  # first: nothing printed after can lose it
+        write_predictions(result, output)
     out.print(table)
     for path, reason in result.failed:
-        err.print(f"[yellow]skipped[/] {path}: {reason}", highlight=False)
+        err.print(f"[yellow]skipped[/] {_q(path)}: {_q(reason)}", highlight=False)
     out.print(f"{len(result.rows)} images predicted at {result.images_per_second:.1f} images/s"
               + (f"; {len(result.failed)} skipped" if result.failed else ""))
     if output:
-        write_predictions(result, output)
-        out.print(f"Wrote {output}")
-    unknown = sum(r["answer"] != (r["taxonomy"][-1][1] if hierarchical else r["top"][0][0])
-                  for r in result.rows)
-    if unknown:
-        out.print(f"{unknown} images are unlike the classes the model knows (unknown score "
-                  f"'{predictor.unknown_score}' above the threshold that turns away "
-                  f"{predictor.unknown.rate:.0%} of known val images)")
+        out.print(f"Wrote {_q(output)}")
+    unknown = sum(r["answer"] == UNKNOWN for r in result.rows)
+    coarser = sum(r.get("known_level") not in (None, predictor.level) for r in result.rows)
+    if unknown or coarser:
+        out.print(f"{unknown} images are unlike the classes the model knows"
+                  + (f", {coarser} known at a coarser level only" if coarser else "")
+                  + f" (unknown score '{predictor.unknown_score}' above the threshold that "
+                  f"turns away {predictor.unknown.rate:.0%} of known val images)")
     if not result.rows:
         raise WingspanError("No image could be predicted.", hint="Check the paths given.")
 
@@ -802,10 +831,10 @@ def explain_command(
     out_dir = out_dir or find_bundle(model).parent / "explain"
     for e in explain(model, paths, out_dir, device=device):
         if e.error:
-            err.print(f"[yellow]skipped[/] {e.path}: {e.error}", highlight=False)
+            err.print(f"[yellow]skipped[/] {_q(e.path)}: {_q(e.error)}", highlight=False)
         else:
             said = "" if e.answer == e.label else f" (answer: {e.answer})"
-            out.print(f"{e.path}: {e.label} {e.probability:.3f}{said} -> {e.png}",
+            out.print(f"{_q(e.path)}: {_q(e.label)} {e.probability:.3f}{_q(said)} -> {_q(e.png)}",
                       highlight=False)
 
 
@@ -846,7 +875,7 @@ def export_command(
     meta = json.loads(metadata_path(path).read_text())
     check = meta["checked"]
     unknown = meta.get("unknown")
-    out.print(f"Wrote {path} and {metadata_path(path)}: input uint8 RGB "
+    out.print(f"Wrote {_q(path)} and {_q(metadata_path(path))}: input uint8 RGB "
               f"(N, {meta['input']['size']}, {meta['input']['size']}, 3); agrees with PyTorch "
               f"within {check['max_abs_probability_difference']:.1e} on {check['images']} "
               + ("generated pictures (the run's val images were not found)."
@@ -951,7 +980,7 @@ def doctor_command(
             t.add_row(f"[dim]{name}[/]", "-", "-", "-", f"[dim]not a candidate: {why}[/]")
         out.print(t)
     out.print(f"Picked: {policy.describe()}")
-    out.print(f"Kept in {d.cache}: runs of {d.backbone} at {d.size} px, batch {d.batch_size} "
+    out.print(f"Kept in {_q(d.cache)}: runs of {d.backbone} at {d.size} px, batch {d.batch_size} "
               "on this machine use it without timing again. Timed with weights: "
               f"{d.weights}.")
     weights = Table("backbone", "ImageNet weights offline", title="Offline weights",
@@ -1009,7 +1038,7 @@ def demo(
     _print_split(split)
     out.rule("4. augmentation preview")
     preview = write_preview(dataset, out_dir / "preview.png", seed=seed)
-    out.print(f"Wrote {preview}")
+    out.print(f"Wrote {_q(preview)}")
     out.rule("5. train")
     shutil.rmtree(out_dir / "train", ignore_errors=True)  # the demo owns its folder
     settings = TrainConfig(backbone=config.backbone, image_size=config.image_size,
@@ -1027,7 +1056,7 @@ def demo(
                        ("balance plots", out_dir / "inspect"), ("splits", split.splits_csv),
                        ("preview", preview), ("training run", run_dir),
                        ("model bundle", run_dir / "model"), ("report", evaluation.report)]:
-        out.print(f"  {name:14s} {path}")
+        out.print(f"  {name:14s} {_q(path)}")
 
 
 def _rank() -> int:

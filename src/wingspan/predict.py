@@ -16,7 +16,7 @@ from wingspan.models.unknown import UNKNOWN
 from wingspan.parallel import gather_to_main, interleave, shard
 
 # What the unknown scores add to each prediction (see `answer`).
-UNKNOWN_KEYS = ("answer", "known_level", "unknown_score", "threshold")
+UNKNOWN_KEYS = ("answer", "known_level", "unknown_score", "threshold", "score_level")
 
 
 def expand_paths(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -112,17 +112,26 @@ def answer_at(known_level: str | None, branch: list[tuple[str, str, float]],
 def answer(predictor: Predictor, p: Prediction, row: dict) -> dict:
     """What to tell the user: the class at the finest level the image is known at, else
     "unknown"; with the score and the threshold it met."""
-    out = {"answer": answer_at(p.known_level, row.get("taxonomy", []), row["top"][0][0],
-                               predictor.level),
-           "known_level": p.known_level}
-    if p.unknown:
-        out["unknown_score"] = p.unknown[predictor.level]
-        out["threshold"] = predictor.thresholds[predictor.level]
-    return out
+    return {"answer": answer_at(p.known_level, row.get("taxonomy", []), row["top"][0][0],
+                                predictor.level),
+            "known_level": p.known_level, **deciding_score(predictor, p.unknown)}
+
+
+def deciding_score(predictor: Predictor, scores: dict[str, float] | None) -> dict:
+    """The unknown score that decided the answer, its threshold and its level: the first
+    level, coarse to fine, over its threshold (the one that stopped the answer there),
+    else the finest."""
+    if not scores:
+        return {}
+    level = next((lv for lv in predictor.model.levels
+                  if scores[lv] > predictor.thresholds[lv]), predictor.level)
+    return {"unknown_score": scores[level], "threshold": predictor.thresholds[level],
+            "score_level": level}
 
 
 def write_predictions(result: PredictResult, path: Path) -> None:
-    """CSV (path, class_1, prob_1, ..., error) or JSON, by the file's suffix."""
+    """CSV (path, [<level>, <level>_prob, ...,] class_1, prob_1, ..., error) or JSON, by
+    the file's suffix."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".json":
         write_text(path, json.dumps({
@@ -136,16 +145,23 @@ def write_predictions(result: PredictResult, path: Path) -> None:
             "failed": [{"path": f, "error": e} for f, e in result.failed]}, indent=2))
         return
     k = max((len(r["top"]) for r in result.rows), default=1)
+    # A taxonomy's branch (one class and its probability per level, coarse to fine) is its
+    # prediction: those columns come first, as the table shows them.
+    levels = [lv for lv, _, _ in result.rows[0]["taxonomy"]] \
+        if result.rows and "taxonomy" in result.rows[0] else []
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(["path", *[x for i in range(1, k + 1) for x in (f"class_{i}",
-                                                                         f"prob_{i}")],
-                         *UNKNOWN_KEYS, "error"])
+        header = ["path", *[x for lv in levels for x in (lv, f"{lv}_prob")],
+                  *[x for i in range(1, k + 1) for x in (f"class_{i}", f"prob_{i}")],
+                  *UNKNOWN_KEYS, "error"]
+        writer.writerow(header)
         for r in result.rows:
-            writer.writerow([r["path"], *[x for c, p in r["top"] for x in (c, f"{p:.6f}")],
+            writer.writerow([r["path"],
+                             *[x for _, c, p in r.get("taxonomy", []) for x in (c, f"{p:.6f}")],
+                             *[x for c, p in r["top"] for x in (c, f"{p:.6f}")],
                              *[_cell(r.get(key)) for key in UNKNOWN_KEYS], ""])
         for f_, e in result.failed:
-            writer.writerow([f_, *[""] * (2 * k + len(UNKNOWN_KEYS)), e])
+            writer.writerow([f_, *[""] * (len(header) - 2), e])
 
 
 def _cell(value) -> str:

@@ -40,7 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from wingspan.errors import WingspanError
 from wingspan.inference import Predictor
-from wingspan.predict import answer_at, taxonomy_path
+from wingspan.predict import answer_at, deciding_score, taxonomy_path
 
 
 @dataclass(frozen=True)
@@ -264,8 +264,15 @@ def _answer(predictor: Predictor, name: str | None, outputs: dict[str, np.ndarra
     logits = outputs[predictor.level]
     probs = torch.softmax(torch.from_numpy(logits) / predictor.temperature, 0).numpy()
     order = probs.argsort()[::-1][:top_k]
-    levels = {predictor.level: [{"class": predictor.classes[i], "probability": float(probs[i])}
-                                for i in order]}
+    levels = {}
+    if predictor.taxonomy:  # each coarser level's classes, their probabilities summed up
+        marginals = predictor.taxonomy.marginals(probs[None])
+        for lv in predictor.taxonomy.levels[:-1]:
+            p = marginals[lv][0]
+            levels[lv] = [{"class": predictor.taxonomy.classes[lv][i],
+                           "probability": float(p[i])} for i in p.argsort()[::-1][:top_k]]
+    levels[predictor.level] = [{"class": predictor.classes[i], "probability": float(probs[i])}
+                               for i in order]
     answer = {"file": name, "top": levels}
     branch = taxonomy_path(predictor.taxonomy, probs) if predictor.taxonomy else []
     if branch:
@@ -275,9 +282,7 @@ def _answer(predictor: Predictor, name: str | None, outputs: dict[str, np.ndarra
     known = predictor.known_level(scores)
     answer["answer"] = answer_at(known, branch, predictor.classes[order[0]], predictor.level)
     answer["known_level"] = known
-    if scores:
-        answer["unknown_score"] = scores[predictor.level]
-        answer["threshold"] = predictor.thresholds[predictor.level]
+    answer.update(deciding_score(predictor, scores))
     return answer
 
 

@@ -131,8 +131,10 @@ def open_rgb(path: str | Path | BinaryIO, draft: int | None = None,
                     hint=f"Shrink the image, or raise the budget with --max-pixels (or "
                     f"${MAX_PIXELS_ENV}); decoding takes about 4 bytes a pixel, several times.")
             im = ImageOps.exif_transpose(im)
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                # Transparent areas become white rather than whatever colour they hid.
+            if im.mode in ("RGBA", "LA", "PA") or ("transparency" in im.info
+                                                    and im.mode in ("P", "RGB", "L")):
+                # Transparent areas (an alpha channel, or a colour key as in a PNG's tRNS)
+                # become white rather than whatever colour they hid.
                 rgba = im.convert("RGBA")
                 background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 return Image.alpha_composite(background, rgba).convert("RGB")

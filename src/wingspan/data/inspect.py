@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from wingspan.config import InspectConfig
@@ -134,7 +135,8 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
     console = console or Console()
     d = summary["dataset"]
     splits = ", ".join(f"{k} {v}" for k, v in d["splits"].items())
-    console.print(f"[bold]{d['name']}[/] ({d['format']}): {d['images']} images; splits: {splits}")
+    console.print(f"[bold]{escape(d['name'])}[/] ({d['format']}): {d['images']} images; "
+                  f"splits: {splits}")
     levels = Table("level", "classes", "largest", "smallest", "imbalance",
                    title="Classes per level")
     for name, lv in summary["levels"].items():
@@ -174,7 +176,7 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
     for title, items, count in flagged:
         console.print(f"[yellow]{title}[/]: {count or len(items)}")
         for item in items[:EXAMPLES]:
-            console.print(f"  {item}", highlight=False)
+            console.print(f"  {escape(str(item))}", highlight=False)
         if len(items) > EXAMPLES:
             console.print(f"  ... {len(items) - EXAMPLES} more in summary.json")
     if images and images["size"]:
