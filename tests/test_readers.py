@@ -39,11 +39,14 @@ def test_folder_reader_reports_empty_class_and_non_images(tmp_path):
     (tmp_path / "empty_species").mkdir()
     (tmp_path / "a" / "notes.txt").write_text("field notes")
     write_image(tmp_path / "a" / ".ipynb_checkpoints" / "a_0-checkpoint.jpg")  # a copy
+    write_image(tmp_path / "stray.jpg")  # beside the class folders: no class
+    write_image(tmp_path / "a" / "saved.JFIF", fmt="JPEG")  # a JPEG as Windows saves one
     ds = read_dataset(tmp_path)
     kinds = {p.kind: p for p in ds.problems}
     assert "empty_species" in kinds["empty_class"].message
     assert kinds["not_image"].path.endswith("notes.txt")
-    assert len(ds) == 2
+    assert kinds["not_in_class_folder"].path.endswith("stray.jpg")
+    assert len(ds) == 3
     with pytest.raises(WingspanError, match="empty_species"):
         read_dataset(tmp_path, ReadConfig(strict=True))
 

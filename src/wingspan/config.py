@@ -28,7 +28,9 @@ OFFLINE_BACKBONES = ("efficientnet_lite2", "efficientnet_lite0")
 # The pixel budget of one image (about 50 MP; a decoded pixel takes 3-4 bytes, several
 # times over while converting). $WINGSPAN_MAX_PIXELS (or --max-pixels) changes it.
 MAX_PIXELS, MAX_PIXELS_ENV = 50_000_000, "WINGSPAN_MAX_PIXELS"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+# .jfif and .jpe: JPEGs as Windows browsers save them.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff",
+                    ".webp")
 SPLITS = ("train", "val", "test")
 
 

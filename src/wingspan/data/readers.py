@@ -155,7 +155,12 @@ def _top_folders(root: Path, problems: list[Problem]) -> list[Path]:
     """The class (or split) folders of `root`: not hidden, not wingspan's output."""
     folders = []
     for d in sorted(root.iterdir()):
-        if not d.is_dir() or d.name.startswith("."):
+        if d.name.startswith("."):
+            continue
+        if not d.is_dir():
+            if d.suffix.lower() in IMAGE_EXTENSIONS:
+                problems.append(Problem("not_in_class_folder", "an image outside the class "
+                                        "folders has no class; ignored", str(d)))
             continue
         if _is_output(d):
             problems.append(Problem("not_a_class", "holds wingspan's output, not a class; "
