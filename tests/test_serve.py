@@ -109,6 +109,11 @@ def test_every_error_is_json_with_an_error_key(run_dir, client):
     r = few.post("/predict", files=[("files", (f"{i}.jpg", _jpeg(), "image/jpeg"))
                                     for i in range(3)])
     assert r.status_code == 413 and "3 files in one request; at most 2" in r.json()["error"]
+    # A body larger than all the files allowed is refused from its header, unread.
+    small = TestClient(create_app(run_dir, ServeLimits(max_files=1, max_bytes=1000),
+                                  device="cpu"))
+    r = small.post("/predict", files=[("files", ("big.jpg", b"\0" * 6000, "image/jpeg"))])
+    assert r.status_code == 413 and "at most 5096 (1 files of 1000 bytes)" in r.json()["error"]
     r = client.post("/predict")  # no form at all: FastAPI's own validation
     assert r.status_code == 422 and "Malformed request" in r.json()["error"]
     r = client.get("/no-such-page")  # Starlette's own 404

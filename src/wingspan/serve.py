@@ -130,6 +130,18 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
         where = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
         return JSONResponse({"error": f"Malformed request ({where})."}, status_code=422)
 
+    @app.middleware("http")
+    async def refuse_oversized(request, call_next):
+        """A body larger than every allowed file together is refused from its header:
+        Starlette would otherwise spool all of it (gigabytes, say) to disk first."""
+        size = request.headers.get("content-length", "")
+        most = limits.max_files * (limits.max_bytes + 4096)  # with each part's headers
+        if size.isdigit() and int(size) > most:
+            return JSONResponse({"error": f"A request of {int(size)} bytes; at most {most} "
+                                 f"({limits.max_files} files of {limits.max_bytes} bytes)."},
+                                status_code=413)
+        return await call_next(request)
+
     page = (Path(__file__).parent / "serve_page.html").read_text(encoding="utf-8")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
