@@ -45,7 +45,9 @@ def test_split_command(run_cli, demo_dir, tmp_path):
     sampling = json.loads((tmp_path / "sampling.json").read_text())
     assert set(sampling["class_weights"]) == set(ds.table["label"])
     code, _, err = run_cli("data", "split", demo_dir, "--out", tmp_path / "splits.csv")
-    assert code == 2 and "names a folder to write into" in err
+    assert code == 2 and "is a file" in err
+    code, _, err = run_cli("train", demo_dir, "--runs-dir", tmp_path / "splits.csv")
+    assert code == 2 and "is a file" in err
 
 
 def test_preview_command(run_cli, demo_dir, tmp_path):
@@ -103,6 +105,8 @@ def test_doctor_times_every_candidate_and_keeps_the_choice(run_cli, monkeypatch,
     monkeypatch.delenv("WINGSPAN_PRECISION", raising=False)
     monkeypatch.delenv("WINGSPAN_RUNTIME", raising=False)
     monkeypatch.setenv("WINGSPAN_CACHE", str(tmp_path))
+    code, _, err = run_cli("doctor", "--image-size", "-3")
+    assert code == 2 and "Invalid value for '--image-size'" in err, err
     code, out, err = run_cli("doctor", "--backbone", "test_efficientnet", "--image-size", "32",
                              "--batch-size", "4")
     assert code == 0, err

@@ -45,6 +45,9 @@ def test_any_timm_name_passes_through_and_unknown_names_are_explained():
     assert get_spec("mobilenetv3_small_050").timm_name == "mobilenetv3_small_050"
     with pytest.raises(WingspanError, match="(?s)Unknown backbone 'resnet5O'.*resnet50"):
         get_spec("resnet5O")
+    assert get_spec("resnet18.a1_in1k").timm_name == "resnet18.a1_in1k"  # a pretrained tag
+    with pytest.raises(WingspanError, match="(?s)Invalid pretrained tag.*resnet18.a1_in1k, "):
+        get_spec("resnet18.a1_in1kk")
 
 
 @pytest.mark.parametrize("name", ["resnet18", "efficientnet_lite0"])
@@ -184,7 +187,32 @@ def test_offline_is_known_at_once_and_the_default_backbone_falls_back(isolated_c
     assert choose_backbone("auto") == ("resnet50", "")
 
 
-def test_pickled_objects_and_mismatched_weights_are_refused(isolated_caches):
+def test_the_default_backbone_falls_back_when_its_host_refuses_the_file(isolated_caches,
+                                                                         monkeypatch):
+    """A proxy that answers but refuses the download (403): still the installed backbone."""
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_error(403)
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        monkeypatch.setattr(registry_module, "TORCHVISION_URL", url + "/")
+        monkeypatch.setattr(weights_module, "HF_ENDPOINT", url)
+        monkeypatch.setenv("HF_ENDPOINT", url)
+        backbone, why = choose_backbone("auto")
+    finally:
+        server.shutdown()
+    assert backbone == "efficientnet_lite2" and "(downloading them failed)" in why
+
+
+def test_pickled_objects_and_mismatched_weights_are_refused(isolated_caches, monkeypatch):
     evil = isolated_caches / "model.pth"
     torch.save(torchvision.models.resnet18(), evil)  # a whole pickled module, not tensors
     with pytest.raises(WingspanError, match="Pickled model objects are refused"):
@@ -194,6 +222,12 @@ def test_pickled_objects_and_mismatched_weights_are_refused(isolated_caches):
         create_classifier("resnet34", {"label": 2}, weights=isolated_caches / "r18.pth")
     with pytest.raises(WingspanError, match="not found"):
         resolve_weights(get_spec("resnet18"), isolated_caches / "nope.pth")
+    monkeypatch.setenv("HOME", str(isolated_caches))  # a config file's ~/ path
+    assert resolve_weights(get_spec("resnet18"), "~/r18.pth").location == str(
+        isolated_caches / "r18.pth")
+    (isolated_caches / "empty.pth").write_bytes(b"")  # an interrupted copy
+    with pytest.raises(WingspanError, match="Cannot load weights from .*empty.pth: EOFError"):
+        resolve_weights(get_spec("resnet18"), isolated_caches / "empty.pth")
 
 
 @pytest.mark.parametrize("name", ["test_efficientnet", "test_resnet"])

@@ -288,10 +288,20 @@ def test_a_kill_between_the_best_and_the_last_checkpoint_resumes_alike(demo_dir,
     ({"lr": float("nan"), "dropout": "high"}, r"'dropout' = 'high'.* \| 'lr' = nan"),
     ({"lr": 1e30}, "'lr' setting must be below 10"),
     ({"levels": "species"}, "'levels' = 'species': Input should be a valid list"),
+    ({"hidden": -5}, "'hidden' setting must be at least 1 unit"),
+    ({"checkpoint_minutes": 0}, "'checkpoint_minutes' setting must be a positive number"),
+    ({"imbalance_threshold": -1}, "'imbalance_threshold' setting must be 1 or more"),
 ])
 def test_bad_configs_fail_clearly(changes, message):
     with pytest.raises(WingspanError, match=message):
         TrainConfig(**changes)
+
+
+def test_paths_are_settings_too(tmp_path):
+    """A Path where a file or folder is asked for, as Python users pass one."""
+    config = TrainConfig(weights=tmp_path / "w.pth", cache_dir=tmp_path / "cache")
+    assert (config.weights, config.cache_dir) == (str(tmp_path / "w.pth"),
+                                                  str(tmp_path / "cache"))
 
 
 def test_config_file_and_command_line(tmp_path, run_cli, demo_dir):

@@ -67,7 +67,7 @@ Level = Annotated[str | None, typer.Option(
 
 def _folder(value: Path | None) -> Path | None:
     if value is not None and value.exists() and not value.is_dir():
-        raise typer.BadParameter(f"{value} is a file; --out names a folder to write into.")
+        raise typer.BadParameter(f"{value} is a file; name a folder to write into.")
     return value
 
 
@@ -410,7 +410,8 @@ def train_command(
         help="Write a torch.profiler trace of a few fine-tuning steps (runs/NAME/profile).")]
     = False,
     name: Annotated[str | None, typer.Option(help="Run name (runs/NAME).")] = None,
-    runs_dir: Annotated[Path, typer.Option(help="Where runs are written.")] = Path("runs"),
+    runs_dir: Annotated[Path, typer.Option(callback=_folder, help="Where runs are written.")]
+    = Path("runs"),
     config: Annotated[Path | None, typer.Option(
         help="YAML file of settings; options given on the command line win.")] = None,
     resume: Annotated[Path | None, typer.Option(
@@ -924,7 +925,7 @@ def doctor_command(
     backbone: Annotated[str, typer.Option(help="The backbone to time the engines on.")]
     = T.backbone,
     image_size: Annotated[int | None, typer.Option(
-        help="Input size (default: the backbone's).")] = None,
+        min=16, help="Input size (default: the backbone's).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Batch size the runs will use.")]
     = T.batch_size,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = T.device,

@@ -58,6 +58,8 @@ def _check_types(config: object) -> None:
     problems = []
     for name, adapter in _adapters(type(config)).items():
         value = getattr(config, name)
+        if isinstance(value, os.PathLike):  # a Path for a file or folder setting
+            value = os.fspath(value)
         try:
             setattr(config, name, adapter.validate_python(value))
         except ValidationError as e:
@@ -408,6 +410,13 @@ class TrainConfig:
             _check(all(w >= 0 for w in self.level_weights) and sum(self.level_weights) > 0,
                    "level_weights", "non-negative with a positive sum", self.level_weights)
         _check(self.rare_below >= 0, "rare_below", "0 or more", self.rare_below)
+        if self.hidden is not None:
+            _check(self.hidden >= 1, "hidden", "at least 1 unit (or none: no hidden layer)",
+                   self.hidden)
+        _check(self.checkpoint_minutes > 0, "checkpoint_minutes", "a positive number",
+               self.checkpoint_minutes)
+        _check(self.imbalance_threshold >= 1, "imbalance_threshold",
+               "1 or more (a largest-to-smallest class ratio)", self.imbalance_threshold)
         _check(self.unknown_score in UNKNOWN_SCORES, "unknown_score",
                f"one of {list(UNKNOWN_SCORES)}", self.unknown_score)
         _check(0 < self.unknown_rate < 1, "unknown_rate", "between 0 and 1, e.g. 0.05",

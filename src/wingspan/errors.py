@@ -18,3 +18,9 @@ class WingspanError(Exception):
 
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message}\n  Hint: {self.hint}"
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's first line for a message, its type's name when it says nothing (an
+    empty file's EOFError)."""
+    return next(iter(str(error).splitlines()), "") or type(error).__name__

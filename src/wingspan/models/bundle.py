@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from wingspan import __version__
-from wingspan.errors import WingspanError
+from wingspan.errors import WingspanError, first_line
 from wingspan.files import atomic_path
 from wingspan.models.classifier import Classifier, Preprocessing
 from wingspan.models.unknown import PREFIX as UNKNOWN_PREFIX
@@ -170,7 +170,7 @@ def load_bundle(path: str | Path, with_unknown: bool = False):
         model.load_state_dict(state)
     except RuntimeError as e:
         raise WingspanError(f"The weights in {weights} do not fit the model its manifest "
-                            f"describes: {str(e).splitlines()[0]}") from e
+                            f"describes: {first_line(e)}") from e
     for level, n in model.head.config.outputs.items():
         names = manifest.get("classes", {}).get(level) or []
         if len(names) != n:

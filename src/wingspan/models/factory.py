@@ -8,6 +8,7 @@ import timm
 from torch import nn
 
 from wingspan.config import DEFAULT_BACKBONE, OFFLINE_BACKBONES
+from wingspan.errors import WingspanError
 from wingspan.models.classifier import Classifier
 from wingspan.models.registry import get_spec
 from wingspan.models.weights import (
@@ -27,12 +28,21 @@ def choose_backbone(backbone: str, weights: str | Path | None = "auto") -> tuple
     if backbone != "auto":
         return backbone, ""
     default = get_spec(DEFAULT_BACKBONE)
-    if str(weights).lower() != "auto" or can_resolve(default):
+    if str(weights).lower() != "auto" or find_offline(default):
         return DEFAULT_BACKBONE, ""
     installed = next((n for n in OFFLINE_BACKBONES if find_offline(get_spec(n))), None)
     if installed is None:  # resolving the default will fail with the full story
         return DEFAULT_BACKBONE, ""
-    why = offline_reason() or "not cached here, and no network to download them"
+    why = offline_reason()
+    if not why and can_resolve(default):
+        # A host that answers may still refuse the file (a proxy's 403): fetch it now, into
+        # the cache the run then reads, and fall back if that fails.
+        try:
+            resolve_weights(default, "auto")
+            return DEFAULT_BACKBONE, ""
+        except WingspanError:
+            why = "downloading them failed"
+    why = why or "not cached here, and no network to download them"
     return installed, (f"{DEFAULT_BACKBONE}'s ImageNet weights are unavailable ({why}): "
                        f"using {installed}, whose weights are installed.")
 

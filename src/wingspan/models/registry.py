@@ -76,6 +76,15 @@ def get_spec(name: str) -> BackboneSpec:
     if name in BACKBONES:
         return BACKBONES[name]
     if timm.is_model(name):
+        if "." in name:  # timm accepts any tag here, and refuses a wrong one only later
+            try:
+                timm.models.get_pretrained_cfg(name)
+            except RuntimeError as e:
+                arch = name.split(".")[0]
+                raise WingspanError(
+                    f"Unknown backbone '{name}': {e}",
+                    hint=f"{arch}'s pretrained tags: "
+                    + (", ".join(timm.list_pretrained(f"{arch}.*")) or "none") + ".") from e
         return BackboneSpec(name, name, description="timm model")
     close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:8]
     raise WingspanError(

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from wingspan.errors import WingspanError
+from wingspan.errors import WingspanError, first_line
 from wingspan.models.registry import BACKBONES, BackboneSpec
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
@@ -54,7 +54,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch and safetensors raise many types for a bad file
         raise WingspanError(
-            f"Cannot load weights from {path}: {type(e).__name__}: {str(e).splitlines()[0]}",
+            f"Cannot load weights from {path}: {type(e).__name__}: {first_line(e)}",
             hint="Give a file of plain tensors: a state dict saved with torch.save, or "
             ".safetensors. Pickled model objects are refused for safety.",
         ) from e
@@ -121,7 +121,8 @@ def resolve_weights(spec: BackboneSpec, weights: str | Path | None = "auto"
     if weights is None or str(weights).lower() == "none":
         return None
     if str(weights).lower() != "auto":
-        return LoadedWeights(read_state_dict(weights), "file", str(weights))
+        path = Path(weights).expanduser()
+        return LoadedWeights(read_state_dict(path), "file", str(path))
     tried: list[str] = []
     for step in (_from_caches, _from_package, _from_download):
         found = step(spec, tried)
@@ -220,14 +221,14 @@ def _from_download(spec: BackboneSpec, tried: list[str]) -> LoadedWeights | None
             return LoadedWeights(state, "download", spec.download_url)
         except Exception as e:  # no network, HTTP error, bad file: try the next way
             tried.append(f"download: {spec.download_url} failed ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:120]})")
+                         f"{first_line(e)[:120]})")
     if spec.hf_hub_id and not reachable(HF_ENDPOINT):
         tried.append(f"download: hf://{spec.hf_hub_id}: {HF_ENDPOINT} cannot be reached")
     elif spec.hf_hub_id:
         try:
             from huggingface_hub import hf_hub_download
 
-            path = hf_hub_download(spec.hf_hub_id, "model.safetensors")
+            path = hf_hub_download(spec.hf_hub_id, "model.safetensors", endpoint=HF_ENDPOINT)
             return LoadedWeights(read_state_dict(path), "download", f"hf://{spec.hf_hub_id}")
         except Exception as e:
             tried.append(f"download: hf://{spec.hf_hub_id} failed ({type(e).__name__})")
