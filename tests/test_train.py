@@ -54,6 +54,11 @@ def test_train_writes_a_complete_run(demo_dir, tmp_path):
     assert "No test split was kept apart (--test-fraction 0)" in (
         run_dir / "train.log").read_text()  # the reason of this run, not another's
     assert set(h.columns) >= {"lr", "images_per_s", "seconds", *NUMBERS}
+    # The top (head) rate, not an earlier layer's decayed share: half way down the cosine
+    # after the first of 2 fine-tuning epochs, 0 after the last.
+    top = tiny(tmp_path).lr * tiny(tmp_path).finetune_lr_scale
+    assert h.loc[h["stage"] == "finetune", "lr"].tolist() == pytest.approx([top / 2, 0],
+                                                                           abs=0.1 * top)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["best"]["val_macro_f1"] == h["val_macro_f1"].max()
     model, manifest = load_bundle(run_dir / "model")
@@ -319,6 +324,39 @@ def test_config_file_and_command_line(tmp_path, run_cli, demo_dir):
     code, _, err = run_cli("train", demo_dir, "--config", path, "--runs-dir", tmp_path / "r")
     assert code == 2 and "'epochs_head' = 1.5" in err and "'lr' = 'fast'" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_command_line_split_and_level_options_win_over_the_file(tmp_path, run_cli, demo_dir,
+                                                                 monkeypatch):
+    from wingspan.training import run as run_module
+
+    given = []
+
+    def capture(dataset, settings, *args):
+        given.append(settings)
+        raise WingspanError("captured")
+
+    monkeypatch.setattr(run_module, "train", capture)
+    path = tmp_path / "c.yaml"
+    path.write_text("levels: [family, label]\nlevel_weights: [1, 2]\n")
+    code, _, err = run_cli("train", demo_dir, "--config", path, "--level", "family",
+                           "--val-fraction", "0.3", "--test-fraction", "0")
+    assert "captured" in err
+    assert (given[0].level, given[0].levels, given[0].level_weights) == ("family", None, None)
+    assert (given[0].val_fraction, given[0].test_fraction) == (0.3, 0)
+    code, _, err = run_cli("train", demo_dir, "--levels", "family,label", "--level", "genus")
+    assert code == 2 and "--level genus is not one of --levels family,label" in err
+
+
+def test_data_split_into_train_only_still_keeps_a_test_split(demo_dir, tmp_path):
+    from wingspan.training.prepare import ensure_splits
+
+    data = read_dataset(demo_dir)
+    data.table["split"] = "train"
+    said = []
+    split = ensure_splits(data, "label", tiny(tmp_path, test_fraction=0.2), log=said.append)
+    assert set(split.table["split"]) == {"train", "val", "test"}
+    assert any("train only" in line for line in said)
 
 
 def test_a_diverging_run_stops_with_a_clear_error_and_writes_no_model(demo_dir, tmp_path):

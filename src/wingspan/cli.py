@@ -359,6 +359,12 @@ def train_command(
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = T.batch_size,
     image_size: Annotated[int | None, typer.Option(
         help="Training resolution (default: the backbone's).")] = None,
+    val_fraction: Annotated[float, typer.Option(
+        help="Share of the images for val, when the data has no split of its own.")]
+    = T.val_fraction,
+    test_fraction: Annotated[float, typer.Option(
+        help="Share kept apart for test (nothing is chosen on it), when the data has no "
+        "split of its own; 0 keeps none.")] = T.test_fraction,
     max_per_class: Annotated[int | None, typer.Option(
         help="Undersample: at most N training images per class.")] = None,
     allow_leaky_splits: Annotated[bool, typer.Option(
@@ -459,6 +465,13 @@ def train_command(
                 raise WingspanError(f"--level-weights must be numbers: {level_weights}") from e
         given = {k: v for k, v in params.items() if k in TrainConfig.__dataclass_fields__
                  and ctx.get_parameter_source(k).name == "COMMANDLINE"}
+        if "level" in given and "levels" in given and given["level"] not in given["levels"]:
+            raise WingspanError(
+                f"--level {level} is not one of --levels {levels}.",
+                hint="--levels trains every level named and predicts the finest; --level "
+                "trains one. Give one of them.")
+        if "level" in given and "levels" not in given:  # one level: not the file's several
+            given.update(levels=None, level_weights=None)
         settings = (TrainConfig.from_file(config, **given) if config else
                     TrainConfig(**{k: v for k, v in params.items()
                                    if k in TrainConfig.__dataclass_fields__}))

@@ -64,7 +64,8 @@ def split_dataset(dataset: Dataset, level: str | None = None,
             f"Every '{level}' class has fewer than {len(wanted) + 1} independent images "
             f"(groups), one for train and one for each of {' and '.join(wanted)}: there is "
             "nothing to split off.",
-            hint="Add images, split on a coarser --level, or make no test split (--test 0).")
+            hint="Add images, split on a coarser --level, or make no test split (--test 0 "
+            "for data split, --test-fraction 0 for train).")
     remaining = 1.0
     for name in wanted:
         fraction = getattr(config, f"{name}_fraction") / remaining

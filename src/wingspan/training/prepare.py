@@ -50,6 +50,10 @@ def ensure_splits(dataset: Dataset, level: str, config: TrainConfig,
         log(f"{unsplit} images have no split and are not used")
         dataset = dataset.subset((table[SPLIT] != "").to_numpy())
     splits = set(dataset.table[SPLIT])
+    if "val" not in splits and "test" not in splits and config.test_fraction:
+        log(f"The data's split has train only: taking {config.val_fraction:.0%} of it for val "
+            f"and {config.test_fraction:.0%} for test, by group and stratified")
+        return _carve_val(dataset, level, config, test=True)
     if "val" not in splits:
         log(f"The data has no val split: taking {config.val_fraction:.0%} of train for it")
         return _carve_val(dataset, level, config)
@@ -62,10 +66,13 @@ def ensure_splits(dataset: Dataset, level: str, config: TrainConfig,
     return dataset
 
 
-def _carve_val(dataset: Dataset, level: str, config: TrainConfig) -> Dataset:
-    """val_fraction of train, by group and stratified, becomes the val split."""
+def _carve_val(dataset: Dataset, level: str, config: TrainConfig, test: bool = False
+               ) -> Dataset:
+    """val_fraction of train (and test_fraction, with `test`), by group and stratified,
+    becomes the val split (and the test split)."""
     train = dataset.subset((dataset.table[SPLIT] == "train").to_numpy())
-    carved = split_dataset(train, level, SplitConfig(config.val_fraction, 0.0, config.seed))[0]
+    carved = split_dataset(train, level, SplitConfig(
+        config.val_fraction, config.test_fraction if test else 0.0, config.seed))[0]
     rest = dataset.table[dataset.table[SPLIT] != "train"]
     return dataset.with_table(pd.concat([carved.table, rest], ignore_index=True))
 

@@ -518,7 +518,9 @@ def _end_epoch(run: Run, stage: str, epoch: int, train_loss: float, labels, pred
         "train_macro_f1": round(macro_f1(labels.numpy(), preds.numpy()), 5),
         "val_loss": round(val["loss"], 5), "val_acc": round(val["acc"], 5),
         "val_macro_f1": round(val["macro_f1"], 5),
-        "lr": float(f"{optimizer.param_groups[0]['lr']:.6g}"),
+        # The top rate (the head's; earlier layers run at a decayed share of it) at the
+        # epoch's end, as the scheduler left it.
+        "lr": float(f"{max(g['lr'] for g in optimizer.param_groups):.6g}"),
         "images_per_s": round(images / (seconds_train or seconds), 1),
         "seconds": round(seconds, 2),
     }
