@@ -160,7 +160,8 @@ def test_early_stopping_stops(demo_dir, tmp_path):
 
 
 @pytest.mark.policy
-def test_kill_and_resume_matches_an_uninterrupted_run(demo_dir, tmp_path):
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT])  # killed, or Ctrl-C
+def test_kill_and_resume_matches_an_uninterrupted_run(demo_dir, tmp_path, how):
     config = tiny(tmp_path, epochs_head=2, epochs_finetune=6, checkpoint_minutes=0.0)
     ref = train(read_dataset(demo_dir), config, tmp_path / "ref", quiet=True)
 
@@ -171,10 +172,13 @@ def test_kill_and_resume_matches_an_uninterrupted_run(demo_dir, tmp_path):
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     run_dir = tmp_path / "killed" / "r"
     wait_for_finetune_epochs(proc, run_dir, 2)
-    proc.send_signal(signal.SIGKILL)
+    proc.send_signal(how)
     proc.wait()
     done = history(run_dir)
     assert len(done) < len(history(ref))  # it really was cut short
+    if how == signal.SIGINT:  # it says how to go on
+        assert f"Interrupted. Continue from the last checkpoint with: wingspan train " \
+            f"--resume {run_dir}" in (run_dir / "train.log").read_text()
 
     resume(run_dir, quiet=True)
     assert "Resuming" in (run_dir / "train.log").read_text()
@@ -294,7 +298,7 @@ def test_a_kill_between_the_best_and_the_last_checkpoint_resumes_alike(demo_dir,
     ({"lr": 1e30}, "'lr' setting must be below 10"),
     ({"levels": "species"}, "'levels' = 'species': Input should be a valid list"),
     ({"hidden": -5}, "'hidden' setting must be at least 1 unit"),
-    ({"checkpoint_minutes": 0}, "'checkpoint_minutes' setting must be a positive number"),
+    ({"checkpoint_minutes": -1}, "'checkpoint_minutes' setting must be 0 .after every"),
     ({"imbalance_threshold": -1}, "'imbalance_threshold' setting must be 1 or more"),
 ])
 def test_bad_configs_fail_clearly(changes, message):

@@ -1086,9 +1086,9 @@ def main(argv: list[str] | None = None) -> None:
     except WingspanError as e:
         if e.every_rank and _rank() != 0:  # rank 0 says it once for all
             sys.exit(2)
-        err.print(f"[bold red]Error:[/] {e.message}", highlight=False)
+        err.print(f"[bold red]Error:[/] {_q(e.message)}", highlight=False)
         if e.hint:
-            err.print(f"[cyan]Hint:[/] {e.hint}", highlight=False)
+            err.print(f"[cyan]Hint:[/] {_q(e.hint)}", highlight=False)
         sys.exit(2)
     except OSError as e:
         if e.errno != errno.ENOSPC:

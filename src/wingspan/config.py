@@ -353,7 +353,7 @@ class TrainConfig:
     runtime: str = "auto"  # frozen-weight passes: auto | torch | onnx; or $WINGSPAN_RUNTIME
     workers: int | None = None  # None: sized to the machine
     cache_dir: str | None = None  # decoded-image cache (None: default_cache_dir())
-    checkpoint_minutes: float = 5.0  # also checkpoint inside long epochs
+    checkpoint_minutes: float = 5.0  # also checkpoint inside long epochs (0: every step)
     strict: bool = False  # an unreadable image stops training instead of being skipped
     profile: bool = False  # write a torch.profiler trace of a few fine-tuning steps
     # "unknown": the score (one of UNKNOWN_SCORES; the bundle holds them all) and the share
@@ -413,8 +413,8 @@ class TrainConfig:
         if self.hidden is not None:
             _check(self.hidden >= 1, "hidden", "at least 1 unit (or none: no hidden layer)",
                    self.hidden)
-        _check(self.checkpoint_minutes > 0, "checkpoint_minutes", "a positive number",
-               self.checkpoint_minutes)
+        _check(self.checkpoint_minutes >= 0, "checkpoint_minutes",
+               "0 (after every step) or more", self.checkpoint_minutes)
         _check(self.imbalance_threshold >= 1, "imbalance_threshold",
                "1 or more (a largest-to-smallest class ratio)", self.imbalance_threshold)
         _check(self.unknown_score in UNKNOWN_SCORES, "unknown_score",

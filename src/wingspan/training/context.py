@@ -120,7 +120,7 @@ class Run:
         with open(self.dir / "train.log", "a") as f:
             f.write(f"{stamp} {message}\n")
         if not self.quiet:
-            self.console.print(message, highlight=False)
+            self.console.print(message, highlight=False, markup=False)  # paths, class names
 
     def note_unreadable(self, failed: list[tuple[str, str]]) -> None:
         """Images that could not be read: left out for the rest of the run and listed in

@@ -90,7 +90,7 @@ def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = "runs",
         raise
     for line in logs:
         run.log(line)
-    return _score_held_out(_recipe(run), run)
+    return _interruptible(run)
 
 
 def hold_out(dataset: Dataset, level: str, classes: list[str] | None):
@@ -177,7 +177,7 @@ def resume(run_dir: str | Path, quiet: bool = False, **machine) -> Path:
              + (f", batch {run.state.step + 1}" if run.state.step else ""))
     run.log(f"Resuming {run_dir} at {where} on {run.policy.describe()}" if not finished else
             f"Resuming {run_dir}: training was done, writing its model")
-    return _score_held_out(_recipe(run), run)
+    return _interruptible(run)
 
 
 def _complete_bundle(path: Path) -> bool:
@@ -201,6 +201,16 @@ def resolve_levels(dataset: Dataset, config: TrainConfig) -> TrainConfig:
         return dataclasses.replace(config, levels=levels, level_weights=weights,
                                    level=levels[-1])
     return dataclasses.replace(config, level=dataset.resolve_level(config.level))
+
+
+def _interruptible(run: Run) -> Path:
+    """The recipe; Ctrl-C leaves the run's last checkpoint, and says how to go on."""
+    try:
+        return _score_held_out(_recipe(run), run)
+    except KeyboardInterrupt:
+        run.log(f"Interrupted. Continue from the last checkpoint with: wingspan train "
+                f"--resume {run.dir}")
+        raise
 
 
 def _recipe(run: Run) -> Path:
