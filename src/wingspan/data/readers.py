@@ -145,10 +145,13 @@ def _with_taxonomy(
 
 
 def _is_output(folder: Path) -> bool:
-    """Whether `folder` is wingspan's own output (`runs/` with `data/<name>/summary.json` or
-    `<run>/manifest.json` inside), which a command run from inside DATA leaves there."""
-    return any(next(folder.glob(f"{deep}{marker}"), None) is not None
-               for marker in OUTPUT_MARKERS for deep in ("", "*/", "*/*/"))
+    """Whether `folder` is wingspan's own output: one it wrote into (--out), or `runs/` with
+    `data/<name>/summary.json` or `<run>/manifest.json` inside, which a command run from
+    inside DATA leaves there. (A few stats per class folder: no listing of its images.)"""
+    if any((folder / marker).is_file() for marker in OUTPUT_MARKERS):
+        return True
+    return folder.name == "runs" and any(next(folder.glob(f"{deep}{marker}"), None) is not None
+                                         for marker in OUTPUT_MARKERS for deep in ("*/", "*/*/"))
 
 
 def _top_folders(root: Path, problems: list[Problem]) -> list[Path]:
