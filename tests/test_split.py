@@ -139,3 +139,9 @@ def test_a_resplit_keeps_one_row_of_an_image_listed_on_two_sides(demo_dir):
     split, report = split_dataset(listed, config=SplitConfig(0.2, 0.2, seed=0))
     assert report.repeats_dropped == 3
     assert len(split.table) == len(ds.table) and not split.table["path"].duplicated().any()
+    # Repeats on one side (oversampled training rows) are the user's: they stay, together.
+    oversampled = Dataset(pd.concat([table, table.iloc[:3]], ignore_index=True), ds.levels,
+                          ds.root, "csv", [])
+    split, report = split_dataset(oversampled, config=SplitConfig(0.2, 0.2, seed=0))
+    assert report.repeats_dropped == 0 and len(split.table) == len(table) + 3
+    assert split.table.groupby("path")["split"].nunique().max() == 1

@@ -28,7 +28,7 @@ class SplitReport:
     train_only: dict[str, int] = field(default_factory=dict)  # class -> groups it has
     missing: dict[str, list[str]] = field(default_factory=dict)  # split -> absent classes
     duplicates_grouped: int = 0  # groups merged into others because they hold one picture
-    repeats_dropped: int = 0  # rows of a path listed before (ETHEC's val+test images)
+    repeats_dropped: int = 0  # rows of a path listed before on another side (ETHEC's)
 
 
 def split_dataset(dataset: Dataset, level: str | None = None,
@@ -43,8 +43,11 @@ def split_dataset(dataset: Dataset, level: str | None = None,
     config = config or SplitConfig()
     level = dataset.resolve_level(level)
     # A path the source listed on two sides (ETHEC has such images in val and test) is one
-    # image once the old sides are gone: one row, or it would count twice.
-    repeated = dataset.table[PATH].duplicated().to_numpy()
+    # image once the old sides are gone: its rows on the later sides go, or it would count
+    # twice. Repeats on one side (oversampled training rows) stay.
+    source = dataset.table
+    first_side = source.groupby(PATH, sort=False)[SPLIT].transform("first")
+    repeated = (source[PATH].duplicated() & (source[SPLIT] != first_side)).to_numpy()
     # Identical files (one picture saved under two names) go to the same side.
     table, merged = with_duplicates_grouped(dataset.table[~repeated].reset_index(drop=True))
     labels = table[level].to_numpy()
