@@ -35,7 +35,7 @@ def test_inspect_command(run_cli, demo_dir, tmp_path, monkeypatch):
     assert len(unreadable) == 43 and "over the pixel budget" in unreadable[0]["error"]
 
 
-def test_split_command(run_cli, demo_dir, tmp_path):
+def test_split_command(run_cli, demo_dir, tmp_path, monkeypatch):
     code, out, err = run_cli("data", "split", demo_dir, "--level", "label", "--val", "0.2",
                              "--test", "0.2", "--max-per-class", "5", "--out", tmp_path)
     assert code == 0, err
@@ -44,10 +44,11 @@ def test_split_command(run_cli, demo_dir, tmp_path):
     assert set(ds.table["split"]) == {"train", "val", "test"}
     sampling = json.loads((tmp_path / "sampling.json").read_text())
     assert set(sampling["class_weights"]) == set(ds.table["label"])
+    monkeypatch.setenv("COLUMNS", "400")  # the error box fits the path on one line
     code, _, err = run_cli("data", "split", demo_dir, "--out", tmp_path / "splits.csv")
-    assert code == 2 and "is a file" in err
+    assert code == 2 and "is a file; name a folder to write into" in err
     code, _, err = run_cli("train", demo_dir, "--runs-dir", tmp_path / "splits.csv")
-    assert code == 2 and "is a file" in err
+    assert code == 2 and "is a file; name a folder to write into" in err
 
 
 def test_preview_command(run_cli, demo_dir, tmp_path):

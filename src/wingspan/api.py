@@ -396,10 +396,12 @@ class Run:
 
     @property
     def metrics(self) -> dict:
-        """metrics.json: the best epoch, its val figures, stage seconds, engines..."""
+        """metrics.json: the best epoch, its val figures, stage seconds, engines... (a
+        bundle alone: its manifest's copy). An adapted run has none, as they describe the
+        model before adapting: what adapting did is in its adapt.json."""
         if self.dir and (self.dir / "metrics.json").is_file():
             return json.loads((self.dir / "metrics.json").read_text())
-        return self.manifest.get("metrics", {})  # an adapted run keeps the bundle's
+        return self.manifest.get("metrics", {})
 
     @property
     def history(self) -> pd.DataFrame:

@@ -354,8 +354,9 @@ def train_command(
     = T.epochs_finetune,
     unfreeze: Annotated[int | None, typer.Option(
         help="Stages to fine-tune in stage 2 (default: per backbone).")] = None,
-    lr: Annotated[float, typer.Option(help="Head learning rate; stage 2 uses lr x "
-                                      "finetune-lr-scale with layer-wise decay.")] = T.lr,
+    lr: Annotated[float, typer.Option(
+        help="Head learning rate; stage 2 uses lr x finetune_lr_scale (a config-file "
+        "setting) with layer-wise decay.")] = T.lr,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = T.batch_size,
     image_size: Annotated[int | None, typer.Option(
         help="Training resolution (default: the backbone's).")] = None,
@@ -831,7 +832,8 @@ def explain_command(
                                                 show_default=False)],
     out_dir: Annotated[Path | None, typer.Option(
         "--out", help="Folder for the overlays (default: RUN/explain).")] = None,
-    device: DeviceOpt = "cpu",
+    device: Annotated[str, typer.Option(
+        "--device", help="cpu (enough for a few images) | auto | cuda | cuda:N.")] = "cpu",
 ) -> None:
     """Grad-CAM overlays: where the model looked for the class it predicted, one PNG per
     image."""
