@@ -32,6 +32,8 @@ def test_folder_reader_with_taxonomy_and_groups(tmp_path):
 
     grouped = read_dataset(tmp_path, ReadConfig(group_regex=r"^([a-z]+)_"))
     assert set(grouped.table["group"]) == {"monarch", "peacock"}
+    # How the groups were read goes with the data, to the run that records it.
+    assert grouped.subset([0, 1]).with_table(grouped.table).group_regex == r"^([a-z]+)_"
 
 
 def test_folder_reader_reports_empty_class_and_non_images(tmp_path):

@@ -54,6 +54,10 @@ def test_train_writes_a_complete_run(demo_dir, tmp_path):
     assert "No test split was kept apart (--test-fraction 0)" in (
         run_dir / "train.log").read_text()  # the reason of this run, not another's
     assert set(h.columns) >= {"lr", "images_per_s", "seconds", *NUMBERS}
+    # config.yaml says what it cannot hold: the data, how it was read, how to train again.
+    said = (run_dir / "config.yaml").read_text()
+    assert said.startswith(f"# Trained on {demo_dir}, read with --format folder.\n")
+    assert f"wingspan train {run_dir / 'splits.csv'} --config {run_dir / 'config.yaml'}" in said
     # The top (head) rate, not an earlier layer's decayed share: half way down the cosine
     # after the first of 2 fine-tuning epochs, 0 after the last.
     top = tiny(tmp_path).lr * tiny(tmp_path).finetune_lr_scale

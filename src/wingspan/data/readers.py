@@ -79,6 +79,7 @@ def read_dataset(path: str | Path, config: ReadConfig | None = None) -> Dataset:
         )
     dataset = READERS[fmt](path.resolve(), config)
     _check_not_empty(dataset, path)
+    dataset.group_regex = config.group_regex
     return dataset
 
 

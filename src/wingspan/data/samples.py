@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,7 @@ class Dataset:
     root: Path
     format: str
     problems: list[Problem] = field(default_factory=list)
+    group_regex: str | None = None  # how groups were read: a run records it, to read alike
 
     def __post_init__(self) -> None:
         front = [PATH, GROUP, SPLIT, *self.levels]
@@ -89,13 +91,12 @@ class Dataset:
 
     def with_table(self, table: pd.DataFrame) -> Dataset:
         """The same dataset with another table (rows or splits changed)."""
-        return Dataset(table.reset_index(drop=True), list(self.levels), self.root, self.format,
-                       list(self.problems))
+        return dataclasses.replace(self, table=table.reset_index(drop=True),
+                                   levels=list(self.levels), problems=list(self.problems))
 
     def subset(self, rows) -> Dataset:
         """A dataset with the rows picked by a boolean mask or positions (repeats allowed)."""
-        table = self.table.iloc[np.asarray(rows)].reset_index(drop=True)
-        return Dataset(table, list(self.levels), self.root, self.format, list(self.problems))
+        return self.with_table(self.table.iloc[np.asarray(rows)])
 
 
 def make_table(

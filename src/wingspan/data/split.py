@@ -92,8 +92,7 @@ def split_dataset(dataset: Dataset, level: str | None = None,
         train_only={k: int(v) for k, v in small.items()},
         missing=missing, duplicates_grouped=merged, repeats_dropped=int(repeated.sum()),
     )
-    result = Dataset(table, list(dataset.levels), dataset.root, dataset.format,
-                     list(dataset.problems))
+    result = dataset.with_table(table)
     return result, report
 
 

@@ -23,7 +23,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from wingspan.config import TrainConfig
+from wingspan.config import MAX_PIXELS_ENV, TrainConfig
 from wingspan.data import read_dataset
 from wingspan.data.samples import Dataset
 from wingspan.data.split import write_splits
@@ -81,8 +81,8 @@ def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = "runs",
             write_splits(dataset, run_dir / SPLITS_FILE, relative=False)
             if held_out is not None:
                 write_text(run_dir / HOLDOUT_FILE, held_out[["path", level]].to_csv(index=False))
-            write_text(run_dir / CONFIG_FILE, yaml.safe_dump(dataclasses.asdict(config),
-                                                             sort_keys=False))
+            write_text(run_dir / CONFIG_FILE, _data_comment(dataset, run_dir) + yaml.safe_dump(
+                dataclasses.asdict(config), sort_keys=False))
         run = _start(run_dir, config, dataset, quiet, None, fabric, before=(why,) if why else ())
     except BaseException:  # nothing trained yet (bad data, no weights): leave no empty run
         if fabric.is_global_zero:
@@ -91,6 +91,19 @@ def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = "runs",
     for line in logs:
         run.log(line)
     return _interruptible(run)
+
+
+def _data_comment(dataset: Dataset, run_dir: Path) -> str:
+    """What config.yaml cannot hold, as a comment: the data and how it was read (a group
+    regex moves images between sides), and how to train again on the same split."""
+    how = [f"--format {dataset.format}"]
+    if dataset.group_regex:
+        how.append(f"--group-regex '{dataset.group_regex}'")
+    if os.environ.get(MAX_PIXELS_ENV):
+        how.append(f"--max-pixels {os.environ[MAX_PIXELS_ENV]}")
+    return (f"# Trained on {dataset.root}, read with {' '.join(how)}.\n"
+            f"# Again on the same split: wingspan train {run_dir / SPLITS_FILE} --config "
+            f"{run_dir / CONFIG_FILE}\n")
 
 
 def hold_out(dataset: Dataset, level: str, classes: list[str] | None):
