@@ -13,7 +13,7 @@ from test_train import tiny
 
 from wingspan.data import read_dataset
 from wingspan.errors import WingspanError
-from wingspan.evaluate.run import evaluate
+from wingspan.evaluate.run import calibrate, evaluate
 from wingspan.inference import Predictor
 from wingspan.models.bundle import read_manifest
 from wingspan.predict import predict, write_predictions
@@ -389,6 +389,20 @@ def test_evaluate_other_data_with_a_class_map_shows_the_drop_per_class(trained, 
     assert run_cli("evaluate", trained, tmp_path / "other", "--split", "all", "--quiet")[0] == 0
     assert (trained / "evaluation-other-all" / "metrics.json").is_file()
     assert (trained / "evaluation-test" / "metrics.json").read_bytes() == before
+    # Unmapped, the classes named alike match, and the macro averages cover those alone
+    # (the same rule as with --map); the images of the rest are counted, not just named.
+    plain = json.loads((trained / "evaluation-other-all" / "metrics.json").read_text())
+    held = pd.read_csv(trained / "evaluation-other-all" / "per_class.csv")
+    held = held[held["support"] > 0]
+    assert set(held["class"]) == set(classes[3:])
+    assert plain["macro"]["f1"] == pytest.approx(held["f1"].mean())
+    assert plain["unknown_class_images"] == int(test["label"].isin(classes[:3]).sum())
+    assert f"{plain['unknown_class_images']} of 3 classes: first_other" in (
+        trained / "evaluation-other-all" / "report.html").read_text()
+    # calibrate on photos without a split fits on all of them.
+    shutil.copytree(trained, tmp_path / "copy")
+    fitted = calibrate(tmp_path / "copy", tmp_path / "other", progress=False, workers=0)
+    assert fitted["images"] == plain["images"]
     # A split the data does not have is named, with those it has.
     code, _, err = run_cli("evaluate", trained, "--split", "validation")
     assert code == 2 and "no 'validation' split" in err and "It has: test, train, val" in err

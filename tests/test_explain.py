@@ -85,3 +85,28 @@ def test_grad_cam_points_at_the_evidence():
     # No gradient is left on the weights (a server explains again and again).
     assert FakePredictor.model.backbone.weight.grad is None
     assert grad_cam(FakePredictor(), x, target=0).max() == 0  # nothing argues for class 0
+
+
+def test_explain_decodes_a_large_jpeg_as_predict_does(run_dir, tmp_path, monkeypatch):
+    """predict decodes a large JPEG at a reduced scale; explain must see the same pixels,
+    or its class and probability can differ from predict's (0.56 against 0.40 on a field
+    photo, with a stronger model than this test's)."""
+    from wingspan import explain as explain_module
+    from wingspan.explain import explain
+    from wingspan.inference import Predictor
+    from wingspan.predict import predict
+
+    drafts, real = [], explain_module.open_rgb
+    monkeypatch.setattr(explain_module, "open_rgb",
+                        lambda path, **kw: drafts.append(kw.get("draft")) or real(path, **kw))
+
+    from skimage import data as skdata
+
+    big = tmp_path / "big.jpg"
+    Image.fromarray(skdata.astronaut()).resize((1024, 1024)).save(big, quality=90)
+    said = predict(Predictor(run_dir, "cpu", "fp32", runtime="torch", workers=0), [str(big)],
+                   progress=False).rows[0]
+    (shown,) = explain(run_dir, [str(big)], tmp_path / "out")
+    assert drafts == [Predictor(run_dir, "cpu").draft]  # predict's reduced decoding
+    assert shown.label == said["top"][0][0]
+    assert shown.probability == pytest.approx(said["top"][0][1], abs=1e-4)

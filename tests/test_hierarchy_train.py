@@ -105,6 +105,27 @@ def test_photos_without_the_coarser_levels_are_scored_at_them_from_the_models_tr
     assert without["mistake_depth"] == with_table["mistake_depth"]
 
 
+def test_other_names_mapped_are_scored_at_every_level_as_the_same_photos(
+        hierarchical_run, demo_dir, tmp_path):
+    """The demo's photos in renamed class folders, each mapped back: every level's figures
+    are those of the photos under their own names (the coarser ones from the model's
+    tree), not 0 for a truth looked up under the data's names."""
+    import shutil
+
+    rare = read_manifest(hierarchical_run / "model")["training"]["rare_classes"]
+    classes = sorted(p.name for p in demo_dir.iterdir() if p.is_dir() and p.name not in rare)
+    for c in classes:
+        shutil.copytree(demo_dir / c, tmp_path / "same" / c)
+        shutil.copytree(demo_dir / c, tmp_path / "renamed" / f"{c}-here")
+    own, mapped = (evaluate(hierarchical_run, tmp_path / name, split="all", progress=False,
+                            workers=0, out=tmp_path / f"ev-{name}",
+                            class_map=class_map).metrics["hierarchy"]
+                   for name, class_map in [("same", None),
+                                           ("renamed", {c: f"{c}-here" for c in classes})])
+    assert mapped["levels"] == own["levels"]
+    assert mapped["mistake_depth"] == own["mistake_depth"]
+
+
 def test_an_answer_stopped_at_a_coarse_level_gives_that_levels_score(
         hierarchical_run, demo_dir, tmp_path, monkeypatch, run_cli):
     """Known as a family, not as a genus: the score shown is the genus's, over its

@@ -4,6 +4,7 @@ predict, evaluate and serve; --holdout-classes and evaluate --unknown."""
 from __future__ import annotations
 
 import csv
+import html
 import json
 
 import numpy as np
@@ -177,7 +178,7 @@ def test_openset_metrics_count_a_turned_away_known_image_as_a_miss():
     known = np.array([0.1, 0.2, 0.3, 2.0])  # the last known image is turned away
     unseen = np.array([3.0, 0.5])  # the second unseen image is taken for class 1
     y, y_pred = np.array([0, 0, 1, 1]), np.array([0, 0, 1, 1])
-    m = openset_metrics(known, unseen, 1.0, y, y_pred, np.array([1, 1]), 2)
+    m = openset_metrics(known, unseen, 1.0, y, y_pred, np.array([1, 1]), np.arange(2))
     assert m["known_turned_away"] == 0.25 and m["unseen_flagged"] == 0.5
     assert m["known_accuracy"] == 1.0 and m["known_accuracy_with_unknown"] == 0.75
     assert m["known_macro_f1"] == 1.0
@@ -189,7 +190,7 @@ def test_openset_metrics_count_a_turned_away_known_image_as_a_miss():
     # Given which images the answer turns away (a taxonomy can turn away one that passes
     # the finest threshold), those count, not the threshold.
     away = np.array([True, False, False, False])
-    m = openset_metrics(known, unseen, 1.0, y, y_pred, np.array([1, 1]), 2,
+    m = openset_metrics(known, unseen, 1.0, y, y_pred, np.array([1, 1]), np.arange(2),
                         known_away=away, unknown_away=np.array([False, False]))
     assert m["known_turned_away"] == 0.25 and m["unseen_flagged"] == 0.0
     assert m["known_accuracy_with_unknown"] == 0.75 and m["threshold"] == 1.0
@@ -277,8 +278,13 @@ def test_evaluate_unknown_folder_of_non_butterflies(held_out_run, run_cli, tmp_p
                                 tmp_path / "ev", "--quiet")
     assert code == 0, err
     assert "FPR at 95% TPR" in stdout and "msp+knn (in use)" in stdout
-    u = json.loads((tmp_path / "ev" / "metrics.json").read_text())["unknown"]
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    u = m["unknown"]
     assert u["unseen_images"] == 10 and u["unseen_flagged"] >= 0.9, u
+    # Without the unknown answer, the known images' macro-F1 is the evaluation's own.
+    assert u["known_macro_f1"] == pytest.approx(m["macro"]["f1"])
+    assert "scored against the known images of the 'test' split" in html.unescape(
+        (tmp_path / "ev" / "report.html").read_text())
     code, _, err = run_cli("evaluate", run_dir, "--unknown", tmp_path / "nothing-here")
     assert code != 0 and "No images of unseen classes" in err
     assert not list(run_dir.glob(".*partial"))  # refused before anything was done

@@ -577,7 +577,9 @@ def calibrate_command(
     model: Model,
     data: Annotated[Path | None, typer.Argument(
         help="Labelled data to fit on (default: the run's own).", show_default=False)] = None,
-    split: Annotated[str, typer.Option(help="train | val | test | all.")] = "val",
+    split: Annotated[str | None, typer.Option(
+        help="train | val | test | all (default: val; all of DATA when it has no split).",
+        show_default=False)] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = T.batch_size,
     device: DeviceOpt = T.device,
     unknown: Annotated[bool, typer.Option(
@@ -699,6 +701,11 @@ def _print_evaluation(result) -> None:
     for label, value in answer_rows(m.get("answers")):
         table.add_row(label, value)
     out.print(table)
+    if m.get("unknown_classes"):
+        out.print(f"[yellow]{m.get('unknown_class_images', 0)} images of "
+                  f"{len(m['unknown_classes'])} classes the model does not know were left out"
+                  f":[/] {_q(_some(m['unknown_classes']))} (--map MODEL_CLASS=DATA_CLASS "
+                  "names one of the model's)")
     if m.get("transfer"):
         named = "named here" in m["transfer"][0]
         transfer = Table("model class", "data class", "recall on own data", "recall here",

@@ -83,7 +83,7 @@ def explain(model: str | Path, images: list[str], out: str | Path,
     results, taken = [], set()
     for path in images:
         try:
-            picture = open_rgb(path)
+            picture = open_rgb(path, draft=predictor.draft)  # decoded as predict decodes it
         except WingspanError as e:
             results.append(Explanation(path, "", 0.0, np.zeros(0), error=e.message))
             continue

@@ -20,7 +20,7 @@ def separation(known: np.ndarray, unknown: np.ndarray) -> dict:
 
 def openset_metrics(known: np.ndarray, unknown: np.ndarray, threshold: float,
                     y: np.ndarray, y_pred: np.ndarray, unknown_pred: np.ndarray,
-                    n_classes: int, known_away: np.ndarray | None = None,
+                    labels: np.ndarray, known_away: np.ndarray | None = None,
                     unknown_away: np.ndarray | None = None) -> dict:
     """At the model's threshold: the share of each kind turned away, and macro-F1 over the
     known classes (1) without the unknown answer, (2) on the known images with it (a
@@ -28,8 +28,9 @@ def openset_metrics(known: np.ndarray, unknown: np.ndarray, threshold: float,
     where an unseen image given a class is a false positive of that class. Predictions are
     class indices; -1 is "unknown". Which images are turned away: those scoring above
     `threshold`, unless `known_away` and `unknown_away` say (a model with a taxonomy names
-    a species only when every coarser level passes its own threshold too)."""
-    labels = list(range(n_classes))
+    a species only when every coarser level passes its own threshold too). `labels`: the
+    classes the macro averages cover, as the evaluation's own macro figures do."""
+    labels = list(labels)
     known_away = known > threshold if known_away is None else known_away
     unknown_away = unknown > threshold if unknown_away is None else unknown_away
     answered = np.where(known_away, -1, y_pred)

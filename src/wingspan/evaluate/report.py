@@ -76,8 +76,8 @@ def write_report(path: Path, title: str, sections: dict) -> Path:
               _img(s.get("mistakes_png"), "mistakes")]
     if s.get("unknown"):
         parts += ["<h2>Unknown images</h2><p>Images of classes the model never saw, scored "
-                  "against its known test images: right of the threshold, the answer is "
-                  "\"unknown\".</p>", _kv(s["unknown"]["summary"]),
+                  f"against {html.escape(s['unknown']['against'])}: right of the threshold, "
+                  "the answer is \"unknown\".</p>", _kv(s["unknown"]["summary"]),
                   _img(s.get("unknown_png"), "unknown score histogram"),
                   "<h3>Every score the model holds</h3>", _table(s["unknown"]["scores"])]
     parts += ["<h2>Calibration</h2>", _kv(s.get("calibration", [])),

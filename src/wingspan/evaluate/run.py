@@ -80,6 +80,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
         raise WingspanError(f"No images of the model's classes in the '{split}' split.",
                             hint=f"The model knows: {', '.join(predictor.classes[:10])}...")
     other_classes = sorted(set(rows.loc[~known, "_label"]))
+    other_images = int((~known).sum())
     rows = rows[known]
     unknown_paths = _unknown_paths(unknown) if unknown is not None else None  # before work
     # Other data's evaluation is named after it: the run's own stays where it is.
@@ -114,9 +115,12 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
                        "fitted_on", "val") == _calibration_data(split, data)}
     probs = softmax(logits, predictor.temperature)
     classes = predictor.classes
-    # On other data holding some of the model's classes (--map), average over those.
-    metrics = classification_metrics(y, probs, classes, truth_only=bool(class_map))
+    # On other data (holding some of the model's classes, with --map or by name), the
+    # macro averages cover the classes it holds; on the run's own, every class seen.
+    truth_only = data is not None
+    metrics = classification_metrics(y, probs, classes, truth_only=truth_only)
     metrics.update(level=level, split=split, unreadable=failed, unknown_classes=other_classes,
+                   unknown_class_images=other_images,
                    images_per_second=round(speed, 1), engine=predictor.policy.describe(),
                    ece_uncalibrated=expected_calibration_error(softmax(logits), y),
                    temperature=predictor.temperature, calibration=calibration,
@@ -136,8 +140,14 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     _write_predictions(out_dir / "predictions.csv", [paths[i] for i in ok], y, probs, classes)
     levels_table = None
     if predictor.taxonomy:
-        levels_table = _per_level(predictor, rows.iloc[ok], probs, read,
-                                  metrics, out_dir)
+        level_rows = rows.iloc[ok]
+        if class_map:  # other names: the truth is the mapped class and its parents in the
+            # model's tree, not whatever the data calls its coarser levels
+            theirs_to_ours = {theirs: ours for ours, theirs in class_map.items()}
+            level_rows = level_rows.drop(columns=[lv for lv in predictor.taxonomy.levels
+                                                  if lv in level_rows]).assign(
+                **{predictor.taxonomy.finest: level_rows[level].replace(theirs_to_ours)})
+        levels_table = _per_level(predictor, level_rows, probs, read, metrics, out_dir)
     transfer = None
     if class_map:
         named_share = None
@@ -151,8 +161,10 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
         metrics["transfer"] = transfer.astype(object).where(transfer.notna(), None).to_dict(
             "records")
     if unknown is not None:
-        metrics["unknown"] = _openset(predictor, unknown, unknown_paths, read, y,
-                                      _finest_answer(predictor, read), out_dir, progress)
+        answers = _finest_answer(predictor, read)
+        metrics["unknown"] = _openset(predictor, unknown, unknown_paths, read, y, answers,
+                                      np.unique(y) if truth_only else np.union1d(y, y_pred),
+                                      out_dir, progress)
     write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
 
     pngs = _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, y,
@@ -217,7 +229,7 @@ def _check_split(dataset: Dataset, split: str) -> None:
 
 
 def _openset(predictor: Predictor, unknown, paths: list[str], known: list, y: np.ndarray,
-             y_pred: np.ndarray, out_dir: Path, progress: bool) -> dict:
+             y_pred: np.ndarray, labels: np.ndarray, out_dir: Path, progress: bool) -> dict:
     """The known images' unknown scores against those of images of unseen classes
     (`paths`, from `unknown`); writes unknown.csv (each unseen image: score, answer,
     closest class) and unknown.png."""
@@ -232,8 +244,7 @@ def _openset(predictor: Predictor, unknown, paths: list[str], known: list, y: np
     # The figures of what predict answers: a class only where the image is known at the
     # finest level, and with a taxonomy the top-down branch's class (see _answers).
     u_pred = _finest_answer(predictor, unseen)
-    result = openset_metrics(k, u, predictor.thresholds[level], y, y_pred, u_pred,
-                             len(predictor.classes),
+    result = openset_metrics(k, u, predictor.thresholds[level], y, y_pred, u_pred, labels,
                              known_away=np.array([p.known_level != level for p in known]),
                              unknown_away=np.array([p.known_level != level for p in unseen]))
     result.update(score=name, rate=predictor.unknown.rate, unseen_images=len(unseen),
@@ -392,18 +403,21 @@ def _transfer(predictor: Predictor, run_dir: Path | None, class_map: dict[str, s
     return frame
 
 
-def calibrate(model: str | Path, data: str | Path | None = None, split: str = "val",
+def calibrate(model: str | Path, data: str | Path | None = None, split: str | None = None,
               progress: bool = True, batch_size: int = 32, workers: int | None = None,
               device: str = "auto") -> dict:
-    """Fit the temperature again, on `split` of DATA (default: the run's own val split),
-    and store it in the bundle: the one command that changes a trained model's
-    probabilities (training fits it on its val split; evaluate never does)."""
+    """Fit the temperature again, on `split` of DATA (default: the run's own val split;
+    DATA's val split, or all of it when it has none), and store it in the bundle: the one
+    command that changes a trained model's probabilities (training fits it on its val
+    split; evaluate never does)."""
     predictor = Predictor(model, device=device, batch_size=batch_size, workers=workers,
                           progress=progress)
     run_dir = predictor.bundle.parent if (predictor.bundle.parent / "config.yaml").is_file() \
         else None
     dataset = _dataset(data, run_dir)
     level = predictor.level if predictor.level in dataset.levels else dataset.default_level
+    if split is None:  # labelled photos from elsewhere often come without a split
+        split = "val" if data is None or "val" in set(dataset.table[SPLIT]) else "all"
     _check_split(dataset, split)
     rows = _rows(dataset, split, level, predictor)
     rows = rows[rows["_label"].isin(predictor.classes)]
@@ -570,7 +584,11 @@ def _report(out_dir, name, predictor, run_dir, dataset, level, split, metrics, t
     kappa = metrics["cohen_kappa"]
     summary += [("Cohen's kappa", "-" if kappa is None else f"{kappa:.4f}"),
                 ("unreadable images", len(metrics["unreadable"])),
-                ("images of classes the model does not know", len(metrics["unknown_classes"])),
+                ("images of classes the model does not know (left out)",
+                 f"{metrics.get('unknown_class_images', 0)} of "
+                 f"{len(metrics['unknown_classes'])} classes"
+                 + (f": {', '.join(metrics['unknown_classes'][:8])}"
+                    if metrics["unknown_classes"] else "")),
                 *answer_rows(metrics.get("answers")),
                 ("inference speed", f"{metrics['images_per_second']} images/s on "
                  f"{metrics['engine']}")]
@@ -605,7 +623,8 @@ def _report(out_dir, name, predictor, run_dir, dataset, level, split, metrics, t
                          "calibration": calibration, "reliability_png": pngs["reliability"],
                          "profile": profile, "levels": levels_table, "transfer": transfer,
                          "hierarchy": metrics.get("hierarchy"),
-                         "unknown": _unknown_section(metrics.get("unknown")),
+                         "unknown": _unknown_section(metrics.get("unknown"),
+                                                     metrics["split"]),
                          "unknown_png": pngs.get("unknown")})
 
 
@@ -636,7 +655,7 @@ def away_wording(u: dict) -> tuple[str, str]:
     return "answered unknown", ""
 
 
-def _unknown_section(u: dict | None) -> dict | None:
+def _unknown_section(u: dict | None, split: str) -> dict | None:
     if not u:
         return None
     away, branch = away_wording(u)
@@ -659,4 +678,5 @@ def _unknown_section(u: dict | None) -> dict | None:
         summary.append(("unseen images known down to (level: images)", ", ".join(
             f"{lv}: {n}" for lv, n in u["unseen_known_at"].items())))
     scores = pd.DataFrame([{"score": s, **v} for s, v in u["scores"].items()])
-    return {"summary": summary, "scores": scores}
+    return {"summary": summary, "scores": scores,
+            "against": f"the known images of the '{split}' split"}
