@@ -44,6 +44,11 @@ def test_split_command(run_cli, demo_dir, tmp_path, monkeypatch):
     assert set(ds.table["split"]) == {"train", "val", "test"}
     sampling = json.loads((tmp_path / "sampling.json").read_text())
     assert set(sampling["class_weights"]) == set(ds.table["label"])
+    # Split again, a split of its own: said, as train DATA would keep using that one.
+    code, out, _ = run_cli("data", "split", tmp_path / "splits.csv", "--out", tmp_path / "again")
+    assert code == 0 and "DATA has a split of its own" in out
+    code, out, _ = run_cli("data", "preview", demo_dir, "--rows", "2", "--out", tmp_path / "p")
+    assert code == 0 and "(2 of 4 classes; --rows 4 for all)" in out
     monkeypatch.setenv("COLUMNS", "400")  # the error box fits the path on one line
     code, _, err = run_cli("data", "split", demo_dir, "--out", tmp_path / "splits.csv")
     assert code == 2 and "is a file; name a folder to write into" in err

@@ -270,6 +270,20 @@ def test_predict_prints_names_as_they_are_and_checks_output_first(run_cli, train
         assert code == 2 and message in err, err
 
 
+def test_a_temperature_that_makes_calibration_worse_is_said(evaluation, capsys):
+    """On photos unlike its val images the run's temperature can make ECE worse: said,
+    with what to do."""
+    from types import SimpleNamespace
+
+    from wingspan.cli import _print_evaluation
+
+    m = evaluation.metrics
+    for ece, said in ((m["ece_uncalibrated"] + 0.2, True), (m["ece_uncalibrated"], False)):
+        _print_evaluation(SimpleNamespace(metrics={**m, "ece": ece}, report=evaluation.report))
+        out = capsys.readouterr().out
+        assert ("less calibrated" in out and "wingspan calibrate RUN DATA" in out) == said
+
+
 def test_preview_image_in_report_comes_from_training_images(evaluation):
     with Image.open(evaluation.out_dir / "preview.png") as im:
         assert im.width > 300

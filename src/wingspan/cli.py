@@ -62,7 +62,8 @@ GroupRegex = Annotated[str | None, typer.Option(
 Strict = Annotated[bool, typer.Option(
     "--strict", help="Stop at a missing or unreadable file instead of skipping and listing it.")]
 Level = Annotated[str | None, typer.Option(
-    "--level", help="Label level to use (default: the finest, e.g. species).")]
+    "--level", help="Label level to use (default: the finest: the class folder's name, or "
+    "the CSV's label column).")]
 
 
 def _folder(value: Path | None) -> Path | None:
@@ -197,6 +198,11 @@ def data_split(
     config = SplitConfig(val_fraction=val, test_fraction=test, seed=seed,
                          max_per_class=max_per_class, oversample_to=oversample_to)
     dataset = _read(data, format, group_regex, strict)
+    if dataset.has_splits:  # its own split stays what `train DATA` uses
+        sides = dataset.table["split"].value_counts()
+        out.print("[yellow]DATA has a split of its own[/] ("
+                  + ", ".join(f"{k} {v}" for k, v in sides.items() if k) + "): `wingspan train "
+                  "DATA` keeps using it; train on the splits.csv written here to use this one.")
     result = split_and_sample(dataset, out_dir or dataset.out_dir, level, config)
     _print_split(result)
 
@@ -322,7 +328,10 @@ def data_preview(
     dataset = _read(data, format, group_regex, strict=False)
     path = write_preview(dataset, (out_dir or dataset.out_dir) / "preview.png", config, level,
                          rows=rows, augmented=views, seed=seed)
-    out.print(f"Wrote {_q(path)}")
+    classes = dataset.table[dataset.resolve_level(level)].nunique()
+    shown = f" ({min(rows, classes)} of {classes} classes; --rows {classes} for all)" \
+        if classes > rows else ""
+    out.print(f"Wrote {_q(path)}{shown}")
 
 
 T = TrainConfig  # defaults shown in --help come from the one config
@@ -697,10 +706,15 @@ def _print_evaluation(result) -> None:
     table.add_row("Cohen's kappa", "-" if kappa is None else f"{kappa:.4f}")
     table.add_row("ECE (temperature)", f"{m['ece_uncalibrated']:.4f} -> {m['ece']:.4f} "
                   f"(T = {m['temperature']:.2f})")
+    worse = m["ece"] > m["ece_uncalibrated"] + 0.01
     # The metrics above name a class for every image; the answer may not.
     for label, value in answer_rows(m.get("answers")):
         table.add_row(label, value)
     out.print(table)
+    if worse:  # fitted on the run's own val, the temperature may not carry to other photos
+        out.print("[yellow]The temperature makes these probabilities less calibrated (ECE "
+                  f"{m['ece_uncalibrated']:.3f} -> {m['ece']:.3f}).[/] `wingspan calibrate RUN "
+                  "DATA` fits one on labelled photos like these.")
     if m.get("unknown_classes"):
         out.print(f"[yellow]{m.get('unknown_class_images', 0)} images of "
                   f"{len(m['unknown_classes'])} classes the model does not know were left out"
