@@ -157,6 +157,11 @@ def test_a_bundle_away_from_its_run_is_checked_on_generated_pictures(run_dir, ru
     assert code == 0, err
     assert (tmp_path / "deploy" / "model.onnx").is_file()
     assert metadata_path(tmp_path / "deploy" / "model.onnx").is_file()
+    # A file named for the other format is refused before any work.
+    code, _, err = run_cli("export", bundle, "--format", "torchscript", "--out",
+                           tmp_path / "x.onnx")
+    assert code == 2 and "a .onnx file for a torchscript export" in err
+    assert not (tmp_path / "x.onnx").exists()
 
 
 def test_the_int8_check_reads_labels_at_the_models_level(tmp_path):

@@ -179,6 +179,9 @@ def test_offline_is_known_at_once_and_the_default_backbone_falls_back(isolated_c
     with pytest.raises(WingspanError, match=r"download: skipped \(HF_HUB_OFFLINE is set\)"):
         resolve_weights(get_spec("resnet50"))
     assert "HF_HUB_OFFLINE is set" in choose_backbone("auto")[1]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "off")  # as huggingface_hub reads it: not offline
+    assert "HF_HUB_OFFLINE" not in choose_backbone("auto")[1]
+    monkeypatch.delenv("HF_HUB_OFFLINE")
     assert choose_backbone("resnet50") == ("resnet50", "")  # a name is taken as given
     assert choose_backbone("auto", weights="none") == ("resnet50", "")
     hub = isolated_caches / "torch" / "hub" / "checkpoints"  # once cached, it is resnet50

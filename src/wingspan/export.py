@@ -173,7 +173,13 @@ def export_model(run: str | Path, out: str | Path | None = None, fmt: str = "onn
     if quantize:
         name = "model.int8.onnx"
     out = Path(out) if out else bundle.parent / "export"
-    out = out / name if out.is_dir() or not out.suffix else out  # a folder: the file in it
+    # A folder, or a name without a suffix: the file in it. A file named for the other
+    # format is a slip, refused.
+    suffixes = {"onnx": (".onnx",), "torchscript": (".pt", ".pth")}
+    if any(out.suffix in ends for f, ends in suffixes.items() if f != fmt):
+        raise WingspanError(f"--out {out}: a {out.suffix} file for a {fmt} export.",
+                            hint=f"End it in {suffixes[fmt][0]}, or give a folder.")
+    out = out / name if out.is_dir() or not out.suffix else out
     images = check_images or _val_images(bundle, 16)
     if fmt == "torchscript":
         return _export_torchscript(deployable, spec, outputs, images, meta, out,

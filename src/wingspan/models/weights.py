@@ -236,7 +236,8 @@ def _from_download(spec: BackboneSpec, tried: list[str]) -> LoadedWeights | None
 
 
 def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() not in ("", "0", "false")
+    """As huggingface_hub reads its flags (HF_HUB_OFFLINE=off is not offline)."""
+    return os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE")
 
 
 def can_resolve(spec: BackboneSpec) -> bool:
