@@ -26,7 +26,8 @@ _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     import torch
 
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(max(1, (cores or 1) // _WORKERS))  # (macOS has no affinity call)
 
 
 @pytest.fixture(scope="session")
