@@ -163,6 +163,11 @@ def test_evaluate_says_how_often_the_answer_names_a_class(evaluation, trained):
                      progress=False)
     named = np.array([r["answer"] != "unknown" for r in result.rows])
     right = (saved["predicted"] == saved["true"]).to_numpy()
+    # predictions.csv holds the same answer and the score that decided it, row by row
+    assert saved["answer"].tolist() == [r["answer"] for r in result.rows]
+    np.testing.assert_allclose(saved["unknown_score"], [r["unknown_score"] for r in result.rows],
+                               rtol=1e-4, atol=1e-5)
+    assert ((saved["unknown_score"] > saved["threshold"]) == ~named).all()
     assert answers["named"] == pytest.approx(named.mean())
     assert answers["named_wrongly"] == pytest.approx((named & ~right).mean())
     if named.any():

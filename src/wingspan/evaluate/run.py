@@ -37,7 +37,7 @@ from wingspan.evaluate.report import write_report
 from wingspan.files import atomic_path, write_text
 from wingspan.inference import Predictor
 from wingspan.models.bundle import update_manifest
-from wingspan.predict import answer_at, expand_paths, taxonomy_path
+from wingspan.predict import answer_at, deciding_score, expand_paths, taxonomy_path
 
 
 @dataclass
@@ -137,7 +137,8 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     _write_csv(pd.DataFrame(cm, index=classes, columns=classes), out_dir / "confusion.csv")
     confused = most_confused(cm, classes)
     metrics["most_confused"] = confused
-    _write_predictions(out_dir / "predictions.csv", [paths[i] for i in ok], y, probs, classes)
+    _write_predictions(out_dir / "predictions.csv", [paths[i] for i in ok], y, probs, classes,
+                       predictor, read)
     levels_table = None
     if predictor.taxonomy:
         level_rows = rows.iloc[ok]
@@ -482,10 +483,19 @@ def fit_unknown(model: str | Path, rate: float | None = None, score: str | None 
 
 
 def _write_predictions(path: Path, paths: list[str], y: np.ndarray, probs: np.ndarray,
-                       classes: list[str]) -> None:
+                       classes: list[str], predictor: Predictor, read: list) -> None:
+    """One row per image: its true class, the top class and its probability, and with
+    unknown scores what predict would answer (a class, or "unknown") and the score that
+    decided it; then every class's probability."""
     frame = pd.DataFrame({"path": paths, "true": [classes[i] for i in y],
                           "predicted": [classes[i] for i in probs.argmax(1)],
                           "probability": probs.max(1)})
+    if predictor.unknown is not None:
+        decided = [deciding_score(predictor, p.unknown) for p in read]
+        frame = frame.assign(answer=[_named(predictor, p) for p in read],
+                             known_level=[p.known_level for p in read],
+                             unknown_score=[d.get("unknown_score") for d in decided],
+                             threshold=[d.get("threshold") for d in decided])
     frame = pd.concat([frame, pd.DataFrame(probs, columns=[f"p:{c}" for c in classes])], axis=1)
     _write_csv(frame, path, index=False)
 
