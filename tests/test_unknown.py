@@ -309,6 +309,19 @@ def test_holdout_classes_must_exist(tmp_path):
     assert HELD not in set(rest.table.label) and set(held.label) == {HELD}
 
 
+def test_a_class_named_unknown_is_pointed_out(tmp_path):
+    """Training says when a class has the name predict answers for unseen photos."""
+    from wingspan.training.run import _say_if_a_class_is_named_unknown
+
+    root = generate_demo(tmp_path, DemoConfig(image_size=32, images_per_class=(4, 4, 4, 4)))
+    said: list[str] = []
+    _say_if_a_class_is_named_unknown(read_dataset(root), ["label"], said.append)
+    assert said == []
+    (root / HELD).rename(root / "Unknown")
+    (root / "taxonomy.csv").unlink()
+    _say_if_a_class_is_named_unknown(read_dataset(root), ["label"], said.append)
+    assert len(said) == 1 and "'Unknown'" in said[0] and "known_level" in said[0]
+
 
 def test_calibrate_unknown_refits_the_threshold_and_keeps_the_model(held_out_run, run_cli,
                                                                     tmp_path):

@@ -35,7 +35,7 @@ from wingspan.models.bundle import read_manifest
 from wingspan.models.classifier import Classifier
 from wingspan.models.factory import choose_backbone
 from wingspan.models.policy import Policy
-from wingspan.models.unknown import UnknownDetector
+from wingspan.models.unknown import UNKNOWN, UnknownDetector
 from wingspan.parallel import Processes, rank_seed
 from wingspan.progress import Bar
 from wingspan.training.checkpoint import load_checkpoint
@@ -76,6 +76,7 @@ def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = "runs",
             logs.append(f"Holding out {', '.join(config.holdout_classes)} ({len(held_out)} "
                         "images): not trained on, scored as unknowns at the end")
         dataset = ensure_splits(dataset, level, config, log=logs.append)
+        _say_if_a_class_is_named_unknown(dataset, config.levels or [level], logs.append)
         if fabric.is_global_zero:
             # The run rebuilds its data from this; absolute paths survive moving the run.
             write_splits(dataset, run_dir / SPLITS_FILE, relative=False)
@@ -91,6 +92,17 @@ def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = "runs",
     for line in logs:
         run.log(line)
     return _interruptible(run)
+
+
+def _say_if_a_class_is_named_unknown(dataset: Dataset, levels: list[str], log) -> None:
+    """A class called "unknown" is the word predict answers for a photo unlike every
+    class: the user must know how to tell the two apart."""
+    for lv in levels:
+        named = sorted(c for c in dataset.table[lv].unique() if c.strip().lower() == UNKNOWN)
+        if named:
+            log(f"The {lv} class '{named[0]}' has the name predict answers for a photo unlike "
+                f"every class. Tell them apart by `known_level` (empty when turned away), or "
+                f"rename the folder (e.g. 'unidentified').")
 
 
 def _data_comment(dataset: Dataset, run_dir: Path) -> str:
