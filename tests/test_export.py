@@ -143,11 +143,10 @@ def test_a_bundle_away_from_its_run_is_checked_on_generated_pictures(run_dir, ru
     import shutil
 
     bundle = shutil.copytree(run_dir / "model", tmp_path / "model")  # no splits.csv beside
-    for fmt in ("onnx", "torchscript"):
-        code, out, err = run_cli("export", bundle, "--format", fmt, "--out",
-                                 tmp_path / f"m.{fmt}")
+    for fmt, file in (("onnx", "m.onnx"), ("torchscript", "m.pt")):
+        code, out, err = run_cli("export", bundle, "--format", fmt, "--out", tmp_path / file)
         assert code == 0, err
-        checked = json.loads(metadata_path(tmp_path / f"m.{fmt}").read_text())["checked"]
+        checked = json.loads(metadata_path(tmp_path / file).read_text())["checked"]
         assert checked["images"] == 8 and checked["generated"]
         assert checked["max_abs_probability_difference"] <= 1e-4
         assert "on 8 generated pictures" in " ".join(out.split())
@@ -157,6 +156,11 @@ def test_a_bundle_away_from_its_run_is_checked_on_generated_pictures(run_dir, ru
     assert code == 0, err
     assert (tmp_path / "deploy" / "model.onnx").is_file()
     assert metadata_path(tmp_path / "deploy" / "model.onnx").is_file()
+    # A name without the format's suffix is a folder too, even with a dot in it.
+    code, out, err = run_cli("export", bundle, "--format", "torchscript", "--out",
+                             tmp_path / "exports" / "v1.2")
+    assert code == 0, err
+    assert (tmp_path / "exports" / "v1.2" / "model.pt").is_file()
     # A file named for the other format is refused before any work.
     code, _, err = run_cli("export", bundle, "--format", "torchscript", "--out",
                            tmp_path / "x.onnx")

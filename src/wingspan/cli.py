@@ -897,8 +897,9 @@ def export_command(
         help="int8 (ONNX): static quantisation calibrated on training images, written only "
         "when its val top-1 stays within 1 point of fp32's.")] = None,
     out_path: Annotated[Path | None, typer.Option(
-        "--out", help="The model file, or a folder to write it in (default: "
-        "RUN/export/model.onnx); its metadata goes beside it as FILE.json.")] = None,
+        "--out", help="The model file (ending in .onnx, or .pt for TorchScript), or "
+        "else a folder to write it in (default: RUN/export/model.onnx); its metadata goes "
+        "beside it as FILE.json.")] = None,
     unknown_score: UnknownScoreOpt = None,
 ) -> None:
     """A model that runs without wingspan (ONNX Runtime alone): RGB pixels in, calibrated

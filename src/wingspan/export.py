@@ -173,13 +173,18 @@ def export_model(run: str | Path, out: str | Path | None = None, fmt: str = "onn
     if quantize:
         name = "model.int8.onnx"
     out = Path(out) if out else bundle.parent / "export"
-    # A folder, or a name without a suffix: the file in it. A file named for the other
-    # format is a slip, refused.
+    # A name ending in the format's suffix is the file; anything else is a folder to put
+    # it in (`--out exports/v1.2` is a folder, not a file called "v1.2"). A file named for
+    # the other format is a slip, refused.
     suffixes = {"onnx": (".onnx",), "torchscript": (".pt", ".pth")}
-    if any(out.suffix in ends for f, ends in suffixes.items() if f != fmt):
+    if any(out.suffix.lower() in ends for f, ends in suffixes.items() if f != fmt):
         raise WingspanError(f"--out {out}: a {out.suffix} file for a {fmt} export.",
                             hint=f"End it in {suffixes[fmt][0]}, or give a folder.")
-    out = out / name if out.is_dir() or not out.suffix else out
+    if out.is_dir() or out.suffix.lower() not in suffixes[fmt]:
+        if out.exists() and not out.is_dir():
+            raise WingspanError(f"--out {out} is a file, not a {suffixes[fmt][0]} model.",
+                                hint=f"Give a folder, or a name ending in {suffixes[fmt][0]}.")
+        out = out / name
     images = check_images or _val_images(bundle, 16)
     if fmt == "torchscript":
         return _export_torchscript(deployable, spec, outputs, images, meta, out,
