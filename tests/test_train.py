@@ -354,6 +354,12 @@ def test_command_line_split_and_level_options_win_over_the_file(tmp_path, run_cl
     assert (given[0].val_fraction, given[0].test_fraction) == (0.3, 0)
     code, _, err = run_cli("train", demo_dir, "--levels", "family,label", "--level", "genus")
     assert code == 2 and "--level genus is not one of --levels family,label" in err
+    # strict in the file stops the reading too, as --strict does: an empty class folder.
+    data = Path(shutil.copytree(demo_dir, tmp_path / "data"))
+    (data / "empty_species").mkdir()
+    path.write_text("strict: true\n")
+    code, _, err = run_cli("train", data, "--config", path, "--runs-dir", tmp_path / "r")
+    assert code == 2 and "has no images (--strict)" in " ".join(err.split())
 
 
 def test_data_split_into_train_only_still_keeps_a_test_split(demo_dir, tmp_path):

@@ -485,7 +485,9 @@ def train_command(
         settings = (TrainConfig.from_file(config, **given) if config else
                     TrainConfig(**{k: v for k, v in params.items()
                                    if k in TrainConfig.__dataclass_fields__}))
-        dataset = _read(data, format, group_regex, strict)
+        # strict: set here or in the config file (where it also stops training at a
+        # broken image), it stops the reading at a missing or unreadable file too.
+        dataset = _read(data, format, group_regex, settings.strict)
         run_dir = training.train(dataset, settings, runs_dir, name, quiet)
     if _is_main_process():
         _print_run(run_dir)
