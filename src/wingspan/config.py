@@ -410,6 +410,10 @@ class TrainConfig:
             _check(all(w >= 0 for w in self.level_weights) and sum(self.level_weights) > 0,
                    "level_weights", "non-negative with a positive sum", self.level_weights)
         _check(self.rare_below >= 0, "rare_below", "0 or more", self.rare_below)
+        # A rare class learns its parent level instead: with one level there is none.
+        _check(not self.rare_below or len(self.levels or []) >= 2, "rare_below",
+               "0 unless 'levels' names several (e.g. --levels genus,species)",
+               self.rare_below)
         if self.hidden is not None:
             _check(self.hidden >= 1, "hidden", "at least 1 unit (or none: no hidden layer)",
                    self.hidden)
