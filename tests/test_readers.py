@@ -222,6 +222,10 @@ def test_a_csv_row_with_an_extra_field_is_refused_with_its_line(tmp_path):
     csv_file.write_text("path,label,split\na.jpg,monarch,train\na.jpg,admiral,val,oops\n")
     with pytest.raises(WingspanError, match=r"data.csv, line 3: 4 fields where the header"):
         read_dataset(csv_file, ReadConfig(check_files=False))
+    # The line a text editor shows: blank lines and a quoted line break counted.
+    csv_file.write_text('\npath,label,split\n\na.jpg,"mon\narch",train\na.jpg,admiral,val,oops\n')
+    with pytest.raises(WingspanError, match=r"data.csv, line 6: 4 fields where the header"):
+        read_dataset(csv_file, ReadConfig(check_files=False))
 
 
 def test_train_valid_test_folders_are_a_fixed_split_not_three_classes(tmp_path):

@@ -35,11 +35,11 @@ def check_field_counts(path: Path) -> None:
     index plus shifted columns (its label read as the split, say) without a word."""
     with open(path, newline="", encoding="utf-8") as f:
         rows = csv.reader(f)
-        header = next(rows, [])
-        for line, row in enumerate(rows, start=2):
+        header = next((row for row in rows if row), [])  # pandas skips blank lines too
+        for row in rows:
             if len(row) > len(header) and any(v.strip() for v in row[len(header):]):
-                raise WingspanError(
-                    f"{path}, line {line}: {len(row)} fields where the header "
+                raise WingspanError(  # line_num: the file's line, quoted line breaks counted
+                    f"{path}, line {rows.line_num}: {len(row)} fields where the header "
                     f"({','.join(header)}) has {len(header)}.",
                     hint="Quote values that contain commas, or fix the row.")
 
