@@ -78,6 +78,39 @@ def test_train_writes_a_complete_run(demo_dir, tmp_path):
 
 
 @pytest.mark.policy
+def test_a_wingspan_model_is_a_starting_point(demo_dir, tmp_path):
+    """--weights RUN starts a new model from the backbone a run fine-tuned (e.g. museum
+    specimens first, then field photos), with its architecture under --backbone auto."""
+    from safetensors.torch import load_file
+
+    data = read_dataset(demo_dir)
+    # Another seed: another random backbone (fine-tuning a tiny run may keep a head epoch).
+    first = train(data, tiny(tmp_path, epochs_head=1, epochs_finetune=1, seed=1),
+                  tmp_path / "runs", "first", quiet=True)
+    # Only the head trains (no fine-tuning): the backbone stays the first run's, exactly.
+    second = train(data, tiny(tmp_path, backbone="auto", weights=str(first), epochs_head=1,
+                              epochs_finetune=0, cache_dir=str(tmp_path / "c2")),
+                   tmp_path / "runs", "second", quiet=True)
+    manifest = json.loads((second / "model" / "manifest.json").read_text())
+    assert manifest["model"]["backbone"] == "test_efficientnet"
+    assert manifest["weights_source"] == f"wingspan-model: {first / 'model'}"
+    a, b = (load_file(r / "model" / "model.safetensors") for r in (first, second))
+    fresh = load_file(train(data, tiny(tmp_path, epochs_head=1, epochs_finetune=0,
+                                       cache_dir=str(tmp_path / "c3")), tmp_path / "runs",
+                            "fresh", quiet=True) / "model" / "model.safetensors")
+    tuned = [k for k in a if k.startswith("backbone.net.") and k.endswith(".weight")
+             and not torch.equal(a[k], fresh[k])]  # the first run's own
+    assert tuned and all(torch.equal(a[k], b[k]) for k in tuned)
+    # The bundle's file names it too; another architecture is refused with what to do.
+    from wingspan.models import create_classifier
+
+    create_classifier("test_efficientnet", {"label": 2},
+                      weights=first / "model" / "model.safetensors")
+    with pytest.raises(WingspanError, match="(?s)has a test_efficientnet backbone, not "
+                                            "test_resnet.*--backbone test_efficientnet"):
+        create_classifier("test_resnet", {"label": 2}, weights=first)
+
+
 def test_same_seed_same_history(demo_dir, tmp_path):
     a = train(read_dataset(demo_dir), tiny(tmp_path), tmp_path / "a", quiet=True)
     b = train(read_dataset(demo_dir), tiny(tmp_path), tmp_path / "b", quiet=True)

