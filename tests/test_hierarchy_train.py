@@ -88,6 +88,30 @@ def test_hierarchical_evaluation_and_prediction(hierarchical_run, demo_dir):
     assert probs == sorted(probs, reverse=True)  # a parent holds at least its child's share
 
 
+def test_evaluate_scores_the_branch_not_the_finest_heads_top_class(hierarchical_run,
+                                                                   monkeypatch, tmp_path):
+    """The branch can differ from the finest head's own top class (a likelier family whose
+    species are each less likely): evaluate scores the branch, as predict answers it. A
+    branch that always ends in the least likely species makes the two differ here."""
+    from wingspan.data.taxonomy import Taxonomy
+
+    chosen = Taxonomy.predict
+
+    def least_likely_species(self, fine_probs):
+        return {**chosen(self, fine_probs), self.finest: fine_probs.argmin(1)}
+
+    monkeypatch.setattr(Taxonomy, "predict", least_likely_species)
+    result = evaluate(hierarchical_run, split="val", out=tmp_path / "ev", progress=False,
+                      workers=0)
+    saved = pd.read_csv(result.out_dir / "predictions.csv")
+    probs = saved.filter(like="p:").to_numpy()
+    species = [c.removeprefix("p:") for c in saved.filter(like="p:").columns]
+    assert saved["predicted"].tolist() == [species[i] for i in probs.argmin(1)]
+    assert result.metrics["accuracy"] == pytest.approx((saved["predicted"] == saved["true"]).mean())
+    assert result.metrics["accuracy"] == pytest.approx(
+        result.metrics["hierarchy"]["levels"]["label"]["accuracy"])
+
+
 def test_photos_without_the_coarser_levels_are_scored_at_them_from_the_models_tree(
         hierarchical_run, demo_dir, tmp_path):
     """Species folders and no taxonomy.csv: each coarser level's truth is the model's own

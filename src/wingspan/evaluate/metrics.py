@@ -18,15 +18,17 @@ from wingspan.evaluate.calibration import expected_calibration_error
 
 
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str],
-                           ks: tuple[int, ...] = (3, 5), truth_only: bool = False) -> dict:
+                           ks: tuple[int, ...] = (3, 5), truth_only: bool = False,
+                           y_pred: np.ndarray | None = None) -> dict:
     """Everything `wingspan evaluate` reports about one label level.
 
     `y_true` holds class indices into `classes`; `probs` is (N, C). Averages are over the
     classes that occur in `y_true` or the predictions (scikit-learn's convention), or with
     `truth_only` over those in `y_true` alone: for data holding a few of the model's
-    classes, where the others would each add an F1 of 0 to the macro average.
+    classes, where the others would each add an F1 of 0 to the macro average. `y_pred`:
+    the class answered, when it is not the top one (a taxonomy's top-down branch).
     """
-    y_pred = probs.argmax(1)
+    y_pred = probs.argmax(1) if y_pred is None else y_pred
     labels = np.arange(len(classes))
     result: dict = {"images": int(len(y_true)), "accuracy": float(accuracy_score(y_true, y_pred))}
     for k in ks:

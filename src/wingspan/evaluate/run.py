@@ -118,14 +118,16 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     # On other data (holding some of the model's classes, with --map or by name), the
     # macro averages cover the classes it holds; on the run's own, every class seen.
     truth_only = data is not None
-    metrics = classification_metrics(y, probs, classes, truth_only=truth_only)
+    # What predict answers (with a taxonomy the top-down branch's class, which may differ
+    # from the finest head's own top class) is what is scored.
+    y_pred = _predicted(predictor, probs)
+    metrics = classification_metrics(y, probs, classes, truth_only=truth_only, y_pred=y_pred)
     metrics.update(level=level, split=split, unreadable=failed, unknown_classes=other_classes,
                    unknown_class_images=other_images,
                    images_per_second=round(speed, 1), engine=predictor.policy.describe(),
                    ece_uncalibrated=expected_calibration_error(softmax(logits), y),
                    temperature=predictor.temperature, calibration=calibration,
                    fair=_fairness(predictor.manifest, split, data))
-    y_pred = probs.argmax(1)
     read = [preds[i] for i in ok]  # the readable images' predictions, in y's order
     named = None  # which images the answer gives a class (the rest: "unknown")
     if predictor.unknown is not None:
@@ -137,8 +139,8 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     _write_csv(pd.DataFrame(cm, index=classes, columns=classes), out_dir / "confusion.csv")
     confused = most_confused(cm, classes)
     metrics["most_confused"] = confused
-    _write_predictions(out_dir / "predictions.csv", [paths[i] for i in ok], y, probs, classes,
-                       predictor, read)
+    _write_predictions(out_dir / "predictions.csv", [paths[i] for i in ok], y, y_pred, probs,
+                       classes, predictor, read)
     levels_table = None
     if predictor.taxonomy:
         level_rows = rows.iloc[ok]
@@ -162,14 +164,13 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
         metrics["transfer"] = transfer.astype(object).where(transfer.notna(), None).to_dict(
             "records")
     if unknown is not None:
-        answers = _finest_answer(predictor, read)
-        metrics["unknown"] = _openset(predictor, unknown, unknown_paths, read, y, answers,
+        metrics["unknown"] = _openset(predictor, unknown, unknown_paths, read, y, y_pred,
                                       np.unique(y) if truth_only else np.union1d(y, y_pred),
                                       out_dir, progress)
     write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
 
     pngs = _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, y,
-                  probs, logits, read)
+                  y_pred, probs, logits, read)
     if unknown is not None:
         pngs["unknown"] = out_dir / "unknown.png"
     _report(out_dir, (run_dir or final).name, predictor, run_dir, dataset, level, split,
@@ -271,7 +272,11 @@ def _openset(predictor: Predictor, unknown, paths: list[str], known: list, y: np
 def _finest_answer(predictor: Predictor, preds: list) -> np.ndarray:
     """The class index predict names at the finest level, whether or not it is turned
     away: the flat argmax, or with a taxonomy the top-down branch's class."""
-    probs = np.stack([p.probs for p in preds])
+    return _predicted(predictor, np.stack([p.probs for p in preds]))
+
+
+def _predicted(predictor: Predictor, probs: np.ndarray) -> np.ndarray:
+    """`_finest_answer` from the probabilities (N, classes)."""
     if predictor.taxonomy is None:
         return probs.argmax(1)
     return predictor.taxonomy.predict(probs)[predictor.taxonomy.finest]
@@ -390,7 +395,8 @@ def _transfer(predictor: Predictor, run_dir: Path | None, class_map: dict[str, s
         for label, p in zip(rows["_label"], preds, strict=True):
             if not p.error:
                 hits = home.setdefault(label, [])
-                hits.append(predictor.classes[int(p.probs.argmax())] == label)
+                hits.append(predictor.classes[int(_predicted(predictor, p.probs[None])[0])]
+                            == label)
     frame = pd.DataFrame([
         {"model class": ours, "data class": theirs,
          "recall on own data": float(np.mean(home[ours])) if home.get(ours) else np.nan,
@@ -482,14 +488,15 @@ def fit_unknown(model: str | Path, rate: float | None = None, score: str | None 
             "thresholds": detector.thresholds[score]}
 
 
-def _write_predictions(path: Path, paths: list[str], y: np.ndarray, probs: np.ndarray,
-                       classes: list[str], predictor: Predictor, read: list) -> None:
-    """One row per image: its true class, the top class and its probability, and with
-    unknown scores what predict would answer (a class, or "unknown") and the score that
-    decided it; then every class's probability."""
+def _write_predictions(path: Path, paths: list[str], y: np.ndarray, y_pred: np.ndarray,
+                       probs: np.ndarray, classes: list[str], predictor: Predictor,
+                       read: list) -> None:
+    """One row per image: its true class, the class predicted and its probability, and
+    with unknown scores what predict would answer (a class, or "unknown") and the score
+    that decided it; then every class's probability."""
     frame = pd.DataFrame({"path": paths, "true": [classes[i] for i in y],
-                          "predicted": [classes[i] for i in probs.argmax(1)],
-                          "probability": probs.max(1)})
+                          "predicted": [classes[i] for i in y_pred],
+                          "probability": probs[np.arange(len(y_pred)), y_pred]})
     if predictor.unknown is not None:
         decided = [deciding_score(predictor, p.unknown) for p in read]
         frame = frame.assign(answer=[_named(predictor, p) for p in read],
@@ -518,17 +525,18 @@ def _write_csv(frame: pd.DataFrame, path: Path, **options) -> None:
         frame.to_csv(tmp, **options)
 
 
-def _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, y, probs,
-           logits, read: list) -> dict:
+def _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, y, y_pred,
+           probs, logits, read: list) -> dict:
     pngs = {"confusion": plots.plot_confusion(cm, classes, out_dir / "confusion.png")}
-    wrong = np.flatnonzero(probs.argmax(1) != y)
-    worst = wrong[np.argsort(-probs.max(1)[wrong])][:18]
+    wrong = np.flatnonzero(y_pred != y)
+    p_pred = probs[np.arange(len(y_pred)), y_pred]
+    worst = wrong[np.argsort(-p_pred[wrong])][:18]
     told = predictor.unknown is not None  # else the answer is always the top class
     pngs["mistakes"] = plots.plot_mistakes(
-        [{"path": paths[ok[i]], "true": classes[y[i]], "predicted": classes[probs[i].argmax()],
-          "probability": float(probs[i].max()),
+        [{"path": paths[ok[i]], "true": classes[y[i]], "predicted": classes[y_pred[i]],
+          "probability": float(p_pred[i]),
           "answer": _named(predictor, read[i]) if told else None,
-          **_grad_cam_view(predictor, paths[ok[i]], int(probs[i].argmax()))} for i in worst],
+          **_grad_cam_view(predictor, paths[ok[i]], int(y_pred[i]))} for i in worst],
         out_dir / "mistakes.png")
     raw = softmax(logits)
     pngs["reliability"] = plots.plot_reliability(
