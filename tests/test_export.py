@@ -35,17 +35,22 @@ for path in sys.argv[2:]:
     left, top = (image.width - size) // 2, (image.height - size) // 2
     pixels = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
     out = dict(zip(meta["outputs"], session.run(None, {"pixels": pixels[None]})))
-    answer, known, scores = None, True, {}
+    answer, known, scores, parent, branch = None, True, {}, None, []
     for level in meta["levels"]:  # coarse to fine: the finest level still known
+        p = out[level][0].copy()
+        if parent is not None:  # a taxonomy's branch: the likeliest class under the one above
+            p[np.array(meta["taxonomy"]["parent_index"][level]) != parent] = -1
+        parent = int(p.argmax())
+        branch.append([level, meta["classes"][level][parent], float(p[parent])])
         if unknown:
             scores[level] = float(out[unknown["outputs"][level]][0])
             known = known and scores[level] <= unknown["thresholds"][level]
         if known:
-            answer = meta["classes"][level][int(out[level][0].argmax())]
+            answer = meta["classes"][level][parent]
     finest = meta["levels"][-1]
     p = out[finest][0]
     rows.append([path, meta["classes"][finest][int(p.argmax())], float(p.max()),
-                 float(p.sum()), answer or "unknown", scores])
+                 float(p.sum()), answer or "unknown", scores, branch])
 assert not any(m.startswith("wingspan") for m in sys.modules)
 print(json.dumps(rows))
 """
@@ -77,10 +82,21 @@ def test_export_runs_without_wingspan_and_matches_pytorch(run_dir, run_cli, demo
     images = [str(p) for p in sorted(demo_dir.rglob("*.jpg"))[::7]]
     rows = json.loads(subprocess.run([sys.executable, "-c", STANDALONE, str(model), *images],
                                      capture_output=True, text=True, check=True).stdout)
-    for _, label, top, total, answer, _ in rows:
+    for _, label, top, total, answer, _, _ in rows:
         assert label in meta["classes"]["label"] and 0 < top <= 1
         assert total == pytest.approx(1.0, abs=1e-5)
         assert answer == "unknown" or answer in {*meta["classes"]["family"], label}
+    # The README's steps give predict's answer, branch and probabilities (a family's is the
+    # sum over its species, not its own head's), from the same pixels.
+    from wingspan.inference import Predictor
+    from wingspan.predict import predict
+
+    said = predict(Predictor(run_dir, workers=0), images, progress=False).rows
+    for row, (_, _, _, _, answer, _, branch) in zip(said, rows, strict=True):
+        assert row["answer"] == answer
+        assert [c for _, c, _ in row["taxonomy"]] == [c for _, c, _ in branch]
+        np.testing.assert_allclose([p for _, _, p in row["taxonomy"]],
+                                   [p for _, _, p in branch], atol=0.02)
     # The exported scores are the bundle's own detector's (pytorch-ood, scikit-learn's index)
     # on the same pixels, so its thresholds hold for them.
     net, manifest, detector = load_bundle(run_dir / "model", with_unknown=True)
@@ -125,6 +141,7 @@ def test_torchscript_export_runs_with_torch_alone(run_dir, run_cli, demo_dir):
               "m = torch.jit.load(sys.argv[1], _extra_files=extra); "
               "x = torch.zeros(2, 32, 32, 3, dtype=torch.uint8); out = m(x); "
               "assert not any(k.startswith('wingspan') for k in sys.modules); "
+              "assert not any(v.requires_grad for v in out.values()); "  # .numpy() works
               "print(json.dumps({k: v.sum(1).tolist() if v.dim() == 2 else v.shape[0] "
               "for k, v in out.items()})); "
               "print(json.dumps(json.loads(extra['wingspan.json'])['outputs']))")

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from wingspan.data.taxonomy import Taxonomy
 from wingspan.errors import WingspanError
 from wingspan.files import atomic_path, write_text
 from wingspan.inference import find_bundle
@@ -42,15 +43,23 @@ UNKNOWN_OUTPUT = "unknown.{}"  # a level's unknown score
 
 class _Deployable(nn.Module):
     """uint8 RGB (N, H, W, 3) -> {level: calibrated probabilities} (and {unknown.level:
-    score}): preprocessing, calibration and the unknown score folded into the graph."""
+    score}): preprocessing, calibration and the unknown score folded into the graph. With
+    a taxonomy each coarser level's probabilities are sums of the finest ones (what
+    predict shows), not its own head's."""
 
     def __init__(self, model: nn.Module, mean, std, temperature: float,
-                 unknown: nn.Module | None = None):
+                 unknown: nn.Module | None = None, taxonomy: Taxonomy | None = None):
         super().__init__()
         self.model, self.unknown = model, unknown
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255)
         self.temperature = float(temperature)
+        self.finest = taxonomy.finest if taxonomy else None
+        # member[f, c] = 1 when finest class f lies under class c of the level
+        self.members = nn.ParameterDict({
+            lv: nn.Parameter(torch.eye(len(taxonomy.classes[lv]))[taxonomy.parents[lv]],
+                             requires_grad=False)
+            for lv in taxonomy.levels[:-1]} if taxonomy else {})
 
     def outputs(self, pixels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(pooled features, {level: logits}) of uint8 pixels."""
@@ -59,7 +68,11 @@ class _Deployable(nn.Module):
         return features, self.model.head(features)
 
     def probabilities(self, logits: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {lv: torch.softmax(v / self.temperature, -1) for lv, v in logits.items()}
+        if self.finest is None:
+            return {lv: torch.softmax(v / self.temperature, -1) for lv, v in logits.items()}
+        fine = torch.softmax(logits[self.finest] / self.temperature, -1)
+        return {**{lv: fine @ member for lv, member in self.members.items()},
+                self.finest: fine}
 
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         features, logits = self.outputs(pixels)
@@ -111,6 +124,13 @@ def prepare_pixels(image, size: int, resize: int, interpolation: str = "bicubic"
     return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
+def _parent_index(taxonomy: Taxonomy) -> dict[str, list[int]]:
+    """Per level below the first, each class's parent at the level above: what a reader of
+    the metadata needs to choose the branch top-down, as predict does."""
+    return {lv: taxonomy.parent_of(lv, up).tolist()
+            for up, lv in zip(taxonomy.levels[:-1], taxonomy.levels[1:], strict=True)}
+
+
 def metadata_path(model_file: str | Path) -> Path:
     """The JSON beside an exported file, named after the whole file name (model.onnx.json,
     model.pt.json): exports in two formats side by side each keep their own."""
@@ -145,8 +165,9 @@ def export_model(run: str | Path, out: str | Path | None = None, fmt: str = "onn
         raise WingspanError(f"The model {bundle} has no unknown scores to export.",
                             hint="Fit them first: `wingspan calibrate RUN --unknown`.")
     unknown = detector.graph(unknown_score) if detector else None
+    taxonomy = Taxonomy.from_dict(manifest["taxonomy"]) if manifest.get("taxonomy") else None
     deployable = _Deployable(model.float().eval(), pre["mean"], pre["std"], temperature,
-                             unknown).eval()
+                             unknown, taxonomy).eval().requires_grad_(False)
     reference = functools.partial(_expected, deployable, detector, unknown_score)
     outputs = levels + ([UNKNOWN_OUTPUT.format(lv) for lv in levels] if unknown else [])
     meta = {
@@ -156,7 +177,8 @@ def export_model(run: str | Path, out: str | Path | None = None, fmt: str = "onn
             "then": f"centre crop {size}x{size}",
             "channels": "RGB"},
         "outputs": outputs, "levels": levels, "classes": manifest["classes"],
-        "taxonomy": manifest.get("taxonomy"), "temperature": temperature,
+        "taxonomy": {**taxonomy.to_dict(), "parent_index": _parent_index(taxonomy)}
+        if taxonomy else None, "temperature": temperature,
         "backbone": manifest["model"]["backbone"],
         "metrics": manifest.get("metrics", {}).get("best"),
     }

@@ -140,13 +140,13 @@ class Taxonomy:
         for lv in self.levels:
             scores = marg[lv].copy()
             if previous is not None:
-                parent_of = self._parent_of(lv, previous)
+                parent_of = self.parent_of(lv, previous)
                 scores[parent_of[None, :] != chosen[previous][:, None]] = -1.0
             chosen[lv] = scores.argmax(1)
             previous = lv
         return chosen
 
-    def _parent_of(self, level: str, parent_level: str) -> np.ndarray:
+    def parent_of(self, level: str, parent_level: str) -> np.ndarray:
         """For each class at `level`, its parent's index at `parent_level`."""
         out = np.zeros(len(self.classes[level]), dtype=np.int64)
         out[self.parents[level]] = self.parents[parent_level]
@@ -156,7 +156,7 @@ class Taxonomy:
         """Whether each prediction's levels lie on one branch (independent heads may not)."""
         ok = np.ones(len(preds[self.levels[0]]), dtype=bool)
         for parent, child in zip(self.levels[:-1], self.levels[1:], strict=True):
-            ok &= self._parent_of(child, parent)[preds[child]] == preds[parent]
+            ok &= self.parent_of(child, parent)[preds[child]] == preds[parent]
         return ok
 
     def mistake_depth(self, preds: dict[str, np.ndarray], truth: dict[str, np.ndarray]
