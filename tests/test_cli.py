@@ -142,3 +142,10 @@ def test_predict_refuses_counts_below_one(run_cli, tmp_path, option):
     # Typer's wording depends on its version: pydantic's, or click's "x>=1".
     assert code == 2 and re.search(r"greater than or equal to 1|x>=1", " ".join(err.split()))
     assert "Traceback" not in err
+
+
+def test_a_score_just_over_its_threshold_reads_as_over_it():
+    from wingspan.cli import _apart
+
+    assert _apart(1.00023, 1.0002) == ("1.00023", "1.0002")  # not "1 > 1"
+    assert _apart(0.8123, 0.25) == ("0.812", "0.25")

@@ -173,6 +173,13 @@ def test_a_bundle_away_from_its_run_is_checked_on_generated_pictures(run_dir, ru
     assert code == 0, err
     assert (tmp_path / "deploy" / "model.onnx").is_file()
     assert metadata_path(tmp_path / "deploy" / "model.onnx").is_file()
+    # By default a bundle away from its run exports into its own folder: two bundles side
+    # by side do not write over each other's export.
+    other = shutil.copytree(bundle, tmp_path / "model-b")
+    for each in (bundle, other):
+        code, out, err = run_cli("export", each)
+        assert code == 0, err
+        assert (each / "export" / "model.onnx").is_file()
     # A name without the format's suffix is a folder too, even with a dot in it.
     code, out, err = run_cli("export", bundle, "--format", "torchscript", "--out",
                              tmp_path / "exports" / "v1.2")

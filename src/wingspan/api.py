@@ -323,11 +323,13 @@ def load(path: str | Path) -> Run:
     >>> run.predict(["field/"])
     """
     from wingspan.inference import find_bundle
+    from wingspan.models.bundle import read_manifest
 
     path = Path(path)
     if (path / "config.yaml").is_file() and (path / "history.csv").is_file():
         return Run(path)
     bundle = find_bundle(path)
+    read_manifest(bundle)  # a model at all (not a data folder, say): said now, not at first use
     if (bundle.parent / "config.yaml").is_file() and (bundle.parent / "history.csv").is_file():
         return Run(bundle.parent)  # a run's own model/ folder: the whole run
     return Run(None, bundle)
@@ -516,6 +518,7 @@ class Run:
         >>> run.explain(["a.jpg"])[0]
         """
         from wingspan.explain import explain
+        from wingspan.inference import output_home
         from wingspan.predict import expand_paths
 
         inputs = [str(p) for p in ([images] if isinstance(images, str | Path) else images)]
@@ -523,7 +526,7 @@ class Run:
         if not paths:
             raise WingspanError(f"No image to explain: {missing[0][0]}: {missing[0][1]}."
                                 if missing else "No image to explain.")
-        out = Path(out) if out else self.bundle.parent / "explain"
+        out = Path(out) if out else output_home(self.bundle) / "explain"
         return [Image(e.png) for e in explain(self._model, paths, out, device=device)
                 if not e.error]
 

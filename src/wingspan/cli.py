@@ -72,6 +72,13 @@ def _folder(value: Path | None) -> Path | None:
     return value
 
 
+def _apart(a: float, b: float) -> tuple[str, str]:
+    """Two numbers with as many significant digits as it takes (3 to 8) for them to read
+    differently: a score just over its threshold must not print as "1 > 1"."""
+    digits = next((d for d in range(3, 9) if f"{a:.{d}g}" != f"{b:.{d}g}"), 8)
+    return f"{a:.{digits}g}", f"{b:.{digits}g}"
+
+
 def _check_output_file(path: Path, suffixes: tuple[str, ...]) -> None:
     """Before any work: a file of a known kind, where one can be written (the results of a
     long prediction are not to be lost to a typo in --output)."""
@@ -824,8 +831,8 @@ def predict_command(
             at = f" at {row['score_level']}" if hierarchical else ""
             if row["known_level"]:  # the probability of the class answered, at its level
                 p = next(q for lv, _, q in row["taxonomy"] if lv == row["known_level"])
-            detail = (f"closest: {best}; unknown score {row['unknown_score']:.3g} > "
-                      f"{row['threshold']:.3g}{at}; " + detail)
+            score, limit = _apart(row["unknown_score"], row["threshold"])
+            detail = f"closest: {best}; unknown score {score} > {limit}{at}; " + detail
             best = f"[yellow]{_q(row['answer'])}[/]{level}"
         else:
             best = _q(best)
@@ -865,20 +872,26 @@ def explain_command(
     """Grad-CAM overlays: where the model looked for the class it predicted, one PNG per
     image."""
     from wingspan.explain import explain
-    from wingspan.inference import find_bundle
+    from wingspan.inference import find_bundle, output_home
     from wingspan.predict import expand_paths
 
     paths, missing = expand_paths(images)
     for item, why in missing:
         err.print(f"[yellow]skipped[/] {item}: {why}", highlight=False)
-    out_dir = out_dir or find_bundle(model).parent / "explain"
+    if not paths:
+        raise WingspanError("No image to explain.", hint="Check the paths given.")
+    out_dir = out_dir or output_home(find_bundle(model)) / "explain"
+    explained = 0
     for e in explain(model, paths, out_dir, device=device):
         if e.error:
             err.print(f"[yellow]skipped[/] {_q(e.path)}: {_q(e.error)}", highlight=False)
         else:
+            explained += 1
             said = "" if e.answer == e.label else f" (answer: {e.answer})"
             out.print(f"{_q(e.path)}: {_q(e.label)} {e.probability:.3f}{_q(said)} -> {_q(e.png)}",
                       highlight=False)
+    if not explained:
+        raise WingspanError("No image could be explained.", hint="Check the files given.")
 
 
 @app.command("serve")

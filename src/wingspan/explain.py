@@ -77,9 +77,12 @@ def explain_image(predictor: Predictor, x: torch.Tensor, target: str | None = No
 def explain(model: str | Path, images: list[str], out: str | Path,
             device: str = "cpu") -> list[Explanation]:
     """An overlay PNG per image in `out`; unreadable images are reported, not fatal."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():  # before any work
+        raise WingspanError(f"--out {out} is a file, not a folder for the overlays.",
+                            hint="Give a folder (it is made if missing).")
     predictor = Predictor(model, device=device, runtime="torch", precision="fp32")
     view = predictor.views(tta=False)[0]
-    out = Path(out)
     results, taken = [], set()
     for path in images:
         try:

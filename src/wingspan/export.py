@@ -29,7 +29,7 @@ from torch import nn
 from wingspan.data.taxonomy import Taxonomy
 from wingspan.errors import WingspanError
 from wingspan.files import atomic_path, write_text
-from wingspan.inference import find_bundle
+from wingspan.inference import find_bundle, output_home
 from wingspan.models import load_bundle
 from wingspan.models.runtime import export_onnx
 
@@ -194,7 +194,7 @@ def export_model(run: str | Path, out: str | Path | None = None, fmt: str = "onn
     name = {"onnx": "model.onnx", "torchscript": "model.pt"}[fmt]
     if quantize:
         name = "model.int8.onnx"
-    out = Path(out) if out else bundle.parent / "export"
+    out = Path(out) if out else output_home(bundle) / "export"
     # A name ending in the format's suffix is the file; anything else is a folder to put
     # it in (`--out exports/v1.2` is a folder, not a file called "v1.2"). A file named for
     # the other format is a slip, refused.

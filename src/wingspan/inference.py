@@ -35,6 +35,16 @@ def find_bundle(model: str | Path) -> Path:
                         hint="Give a run folder (runs/NAME) or a model bundle.")
 
 
+def output_home(bundle: Path) -> Path:
+    """Where a model's outputs go by default (evaluation-*, export/, explain/): its run
+    folder; else the bundle's own folder (a file bundle: a folder named after it), so two
+    bundles side by side never write over each other's."""
+    bundle = Path(bundle)
+    if (bundle.parent / "config.yaml").is_file():
+        return bundle.parent
+    return bundle if bundle.is_dir() else bundle.with_suffix("")
+
+
 class _Images(Dataset):
     """Files -> tensors; a file that cannot be read becomes an error message, not a crash."""
 
@@ -73,6 +83,9 @@ class Predictor:
     def __init__(self, model: str | Path, device: str = "auto", precision: str = "auto",
                  batch_size: int = 32, workers: int | None = None, runtime: str = "auto",
                  progress: bool = False, fabric=None, unknown_score: str | None = None):
+        if batch_size < 1 or (workers is not None and workers < 0):
+            raise WingspanError(f"batch_size must be at least 1 and workers 0 or more, not "
+                                f"{batch_size} and {workers}.")
         self.bundle = find_bundle(model)
         self.model, self.manifest, self.unknown = load_bundle(self.bundle, with_unknown=True)
         if unknown_score and self.unknown is None:

@@ -35,7 +35,7 @@ from wingspan.evaluate.metrics import (
 from wingspan.evaluate.openset import openset_metrics, separation
 from wingspan.evaluate.report import write_report
 from wingspan.files import atomic_path, write_text
-from wingspan.inference import Predictor
+from wingspan.inference import Predictor, output_home
 from wingspan.models.bundle import update_manifest
 from wingspan.predict import answer_at, deciding_score, expand_paths, taxonomy_path
 
@@ -85,7 +85,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     unknown_paths = _unknown_paths(unknown) if unknown is not None else None  # before work
     # Other data's evaluation is named after it: the run's own stays where it is.
     name = f"evaluation-{dataset.name}-{split}" if data is not None else f"evaluation-{split}"
-    final = Path(out).resolve() if out else (run_dir or predictor.bundle.parent) / name
+    final = Path(out).resolve() if out else output_home(predictor.bundle) / name
     _check_out_dir(final)
     # Everything is written to a folder beside it and moved in place at the end: a killed
     # evaluation leaves a ".partial" folder and the previous results, never half of both.
@@ -337,11 +337,12 @@ def _per_level(predictor: Predictor, rows: pd.DataFrame, probs: np.ndarray, pred
     return table
 
 
-def _dataset(data, run_dir: Path | None) -> Dataset:
+def _dataset(data, run_dir: Path | None, doing: str = "evaluate on") -> Dataset:
     if data is not None:
         return read_dataset(data)
     if run_dir is None:
-        raise WingspanError("Give DATA to evaluate on: this bundle is not inside a run folder.")
+        raise WingspanError(f"Give DATA to {doing}: this bundle is not inside a run folder, "
+                            "so it has no split of its own.")
     return read_dataset(run_dir / "splits.csv")
 
 
@@ -421,7 +422,7 @@ def calibrate(model: str | Path, data: str | Path | None = None, split: str | No
                           progress=progress)
     run_dir = predictor.bundle.parent if (predictor.bundle.parent / "config.yaml").is_file() \
         else None
-    dataset = _dataset(data, run_dir)
+    dataset = _dataset(data, run_dir, "fit the temperature on")
     level = predictor.level if predictor.level in dataset.levels else dataset.default_level
     if split is None:  # labelled photos from elsewhere often come without a split
         split = "val" if data is None or "val" in set(dataset.table[SPLIT]) else "all"
