@@ -149,3 +149,14 @@ def test_a_score_just_over_its_threshold_reads_as_over_it():
 
     assert _apart(1.00023, 1.0002) == ("1.00023", "1.0002")  # not "1 > 1"
     assert _apart(0.8123, 0.25) == ("0.812", "0.25")
+
+
+def test_the_command_list_reads_as_sentences():
+    """`wingspan --help` lists each command by its docstring's first paragraph, joined
+    (rich mode kept its source line breaks mid-sentence)."""
+    from wingspan.cli import app, data_app
+
+    for info in [*app.registered_commands, *data_app.registered_commands]:
+        assert info.short_help and "\n" not in info.short_help, info.name
+    evaluate = next(i for i in app.registered_commands if i.name == "evaluate")
+    assert "HTML report. The model is not changed" in evaluate.short_help

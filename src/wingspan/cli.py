@@ -1122,6 +1122,21 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def _one_line_summaries(*apps: typer.Typer) -> None:
+    """`wingspan --help` lists each command by its docstring's first paragraph, which in
+    rich mode would keep the source's line breaks mid-sentence: join them."""
+    import inspect
+
+    for each in apps:
+        for info in each.registered_commands:
+            if info.short_help is None and info.callback is not None:
+                first = (inspect.getdoc(info.callback) or "").split("\n\n")[0]
+                info.short_help = " ".join(first.split())
+
+
+_one_line_summaries(app, data_app, models_app)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app; user errors print as a message and a hint, exit code 2."""
     try:
