@@ -35,6 +35,16 @@ def test_folder_reader_with_taxonomy_and_groups(tmp_path):
     # How the groups were read goes with the data, to the run that records it.
     assert grouped.subset([0, 1]).with_table(grouped.table).group_regex == r"^([a-z]+)_"
 
+    # A blank epithet is no species (a gap, reported), not its genus: two such classes of
+    # one genus would otherwise become one species.
+    gaps = tmp_path / "gaps"
+    folder_dataset(gaps, {"monarch": 1, "peacock": 1, "white": 1})
+    (gaps / "taxonomy.csv").write_text(
+        "folder,family,genus,specific_epithet\nmonarch,Nymphalidae,Danaus,plexippus\n"
+        "peacock,Nymphalidae,Aglais, \nwhite,Nymphalidae,Aglais,\n")
+    species = read_dataset(gaps).table.drop_duplicates("label").set_index("label")["species"]
+    assert species.to_dict() == {"monarch": "Danaus plexippus", "peacock": "", "white": ""}
+
 
 def test_folder_reader_reports_empty_class_and_non_images(tmp_path):
     folder_dataset(tmp_path, {"a": 2})
@@ -196,17 +206,28 @@ def test_real_ethec_split_files(ethec_root):
     assert ds.table["group"].str.startswith("ETHZ-ENT").all()  # barcodes
     general = [p.message for p in ds.problems if p.path is None]
     assert any("val: 169 images are listed more than once" in m for m in general)
-    assert any(m.startswith("51 images are in more than one split") for m in general)
-    assert any(m.startswith("139 barcodes are in more than one split") for m in general)
+    # 8 records name no file (6 in val, 2 in test): left out and said so. Two of them are
+    # among the 51 images (139 barcodes) that the files list in val and test.
+    assert any(m.startswith("val: 6 records have an empty image_name") for m in general)
+    assert any(m.startswith("test: 2 records have an empty image_name") for m in general)
+    assert any(m.startswith("49 images are in more than one split") for m in general)
+    assert any(m.startswith("138 barcodes are in more than one split") for m in general)
     missing = sum(p.kind == "missing_file" for p in ds.problems)
-    assert missing + len(ds) == 5286 + 5049 - 213 - 204
+    assert missing + len(ds) == 5286 + 5049 - 213 - 204 - 8
     print(f"read ETHEC val+test in {took:.2f}s")
 
 
 def test_real_ethec_metadata_only(shared_data):
     ds = read_dataset(shared_data / "ethec-splits", ReadConfig(check_files=False))
-    assert len(ds) == 5286 + 5049 - 213 - 204
-    assert ds.table["species"].nunique() == 561
+    assert len(ds) == 5286 + 5049 - 213 - 204 - 8
+    # Training's log counts the records dropped, not the records and the sums per split.
+    from wingspan.training.prepare import report_reading
+
+    said: list[str] = []
+    counts = report_reading(ds, said.append)
+    assert counts["duplicate_record"] == 213 + 204 and counts["no_image_name"] == 8
+    assert sum("213 extra records dropped" in line for line in said) == 1
+    assert ds.table["species"].nunique() == 560  # 561, one only in a record naming no file
     assert ds.table["family"].nunique() == 6
     assert isinstance(ds.table, pd.DataFrame)
 

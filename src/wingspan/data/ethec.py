@@ -20,6 +20,7 @@ import pandas as pd
 from wingspan.config import SPLITS, ReadConfig
 from wingspan.data.readers import _keep_existing, register_reader
 from wingspan.data.samples import GROUP, PATH, SPLIT, Dataset, Problem
+from wingspan.data.taxonomy import binomial
 from wingspan.errors import WingspanError
 
 IMAGE_DIR = "IMAGO_build_test_resized"
@@ -77,6 +78,7 @@ def read_ethec(root: Path, config: ReadConfig) -> Dataset:
         )
     raw = pd.concat([_load_split(p, s) for s, p in files.items()], ignore_index=True)
     problems: list[Problem] = []
+    raw = _drop_nameless(raw, problems)
     raw["image"] = raw["image_path"] + "/" + raw["image_name"]
     raw = _drop_repeats(raw, problems)
     _report_cross_split(raw, problems)
@@ -89,10 +91,25 @@ def read_ethec(root: Path, config: ReadConfig) -> Dataset:
         "family": raw["family"].to_numpy(),
         "subfamily": raw["subfamily"].to_numpy(),
         "genus": raw["genus"].to_numpy(),
-        "species": (raw["genus"] + " " + raw["specific_epithet"]).str.strip().to_numpy(),
+        "species": binomial(raw["genus"], raw["specific_epithet"]).to_numpy(),
     })
     table = _keep_existing(table, config, problems, "the ETHEC split files")
     return Dataset(table, list(LEVELS), root, "ethec", problems)
+
+
+def _drop_nameless(raw: pd.DataFrame, problems: list[Problem]) -> pd.DataFrame:
+    """Records without an image_name (the release has a few, with the file's name in
+    image_path instead) point at no file: left out and said so, not counted as missing."""
+    nameless = raw["image_name"].str.strip() == ""
+    for split, part in raw[nameless].groupby(SPLIT):
+        problems.append(Problem(
+            "no_image_name",
+            f"{split}: {len(part)} records have an empty image_name (their image_path holds "
+            f"a file name, e.g. {part['image_path'].iloc[0]}): left out, no image to read",
+        ))
+        problems += [Problem("no_image_name", f"{split}: record {t} names no file", i)
+                     for t, i in zip(part["token"], part["image_path"], strict=True)]
+    return raw[~nameless]
 
 
 def _drop_repeats(raw: pd.DataFrame, problems: list[Problem]) -> pd.DataFrame:
@@ -123,5 +140,6 @@ def _report_cross_split(raw: pd.DataFrame, problems: list[Problem]) -> None:
             problems.append(Problem(
                 f"{key}_in_two_splits",
                 f"{len(shared)} {what} are in more than one split ({where}): a leak between "
-                "training and evaluation. Re-split with `wingspan data split` to remove it.",
+                "training and evaluation. `wingspan train` repairs it (each image kept on one "
+                "side); `wingspan data split` writes a split without it.",
             ))

@@ -39,9 +39,17 @@ def read_taxonomy(path: Path) -> pd.DataFrame:
         dup = tax.loc[tax["folder"].duplicated(), "folder"].tolist()
         raise WingspanError(f"{path} lists these folders more than once: {dup[:10]}")
     if {"genus", "specific_epithet"} <= set(tax.columns):
-        tax["species"] = (tax["genus"] + " " + tax["specific_epithet"]).str.strip()
+        tax["species"] = binomial(tax["genus"], tax["specific_epithet"])
         tax = tax.drop(columns="specific_epithet")
     return tax.set_index("folder")
+
+
+def binomial(genus: pd.Series, epithet: pd.Series) -> pd.Series:
+    """"Danaus plexippus" from its genus and specific epithet; empty (no species: a gap
+    that is reported) when either is blank, not the genus alone, which would merge every
+    species of the genus that lacks an epithet into one."""
+    genus, epithet = genus.str.strip(), epithet.str.strip()
+    return (genus + " " + epithet).where((genus != "") & (epithet != ""), "")
 
 
 def apply_taxonomy(

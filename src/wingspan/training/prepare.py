@@ -83,11 +83,21 @@ def report_reading(dataset: Dataset, log) -> dict[str, int]:
     kinds: dict[str, list] = {}
     for problem in dataset.problems:
         kinds.setdefault(problem.kind, []).append(problem)
+    counts = {}
     for kind, problems in kinds.items():
-        example = problems[0]
-        log(f"While reading the data: {len(problems)} x {kind.replace('_', ' ')}, e.g. "
+        # A reader may sum a kind up (per split, say) besides listing each case: the sums
+        # say it best, and the count is of the cases, not of cases and sums together.
+        cases = [p for p in problems if p.path] or problems
+        sums = [p for p in problems if not p.path] if len(cases) < len(problems) else []
+        counts[kind] = len(cases)
+        if sums:
+            for each in sums:
+                log(f"While reading the data: {each.message}")
+            continue
+        example = cases[0]
+        log(f"While reading the data: {len(cases)} x {kind.replace('_', ' ')}, e.g. "
             f"{example.message}" + (f" ({example.path})" if example.path else ""))
-    return {kind: len(problems) for kind, problems in kinds.items()}
+    return counts
 
 
 def _check_leaks(dataset: Dataset, config: TrainConfig, log) -> Dataset:
