@@ -40,6 +40,7 @@ def messy(tmp_path):
     rows.append(("imgs/not_an_image.jpg", "a", "train"))
     good = write_image(d / "full.jpg", size=(200, 200), seed=25)
     rows.append(("imgs/full.jpg", "b", "train"))
+    rows.append(("imgs/full.jpg", "b", "val"))  # one file listed twice: not a copy of itself
     (d / "truncated.jpg").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     rows.append(("imgs/truncated.jpg", "b", "train"))
     shutil.copy(d / "good_a0.jpg", d / "copy_in_test.jpg")  # same bytes, another split
@@ -75,7 +76,7 @@ def test_inspect_finds_every_seeded_problem(messy, tmp_path):
         {"good_b0.jpg", "copy_other_label.jpg"}]
     assert dups["extra_copies"] == 2
     # What was printed is what was written.
-    assert json.loads((tmp_path / "out" / "summary.json").read_text())["images"]["checked"] == 19
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["images"]["checked"] == 20
 
 
 def test_inspect_counts_and_plots_per_level(demo_dir, tmp_path):
