@@ -137,6 +137,10 @@ def test_report_is_self_contained(evaluation):
         data = base64.b64decode(src.split(",", 1)[1])
         assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert "not available" not in page
+    # The data table's header row: the class, then one column per split (no empty one).
+    header = re.search(r"<thead>\s*<tr[^>]*>(.*?)</tr>", page, re.S).group(1)
+    assert re.findall(r"<th>(.*?)</th>", header)[0] == "class"
+    assert "<th>split</th>" not in page and "<th></th>" not in page
     assert "95% CI" in page  # how far accuracy and macro-F1 could move on other images
     for heading in ["Data", "Augmentation", "Training curves", "Metrics", "Per class",
                     "Confusion matrix", "Most confident mistakes", "Calibration",

@@ -591,6 +591,7 @@ def _report(out_dir, name, predictor, run_dir, dataset, level, split, metrics, t
             pngs, levels_table=None, transfer=None) -> Path:
     manifest = predictor.manifest
     data_table = pd.crosstab(dataset.table[level], dataset.table[SPLIT].replace("", "all"))
+    data_table.columns.name = None  # else an empty column headed "split"
     data_table.insert(0, "class", data_table.index)
     summary = [("images evaluated", metrics["images"]),
                ("accuracy", f"{metrics['accuracy']:.4f}{interval_text(metrics, 'accuracy')}")]

@@ -164,8 +164,8 @@ def plan_labels(dataset: Dataset, levels: list[str], config: TrainConfig, log=pr
     table = dataset.table[dataset.table[SPLIT].isin(["train", "val"])].copy()
     empty = (table[levels] == "").any(axis=1)
     if empty.any():
-        raise WingspanError(f"{int(empty.sum())} images lack a label at one of the levels "
-                            f"{levels}, e.g. {table.loc[empty, 'path'].iloc[0]}",
+        raise WingspanError(f"{int(empty.sum())} train and val images lack a label at one of "
+                            f"the levels {levels}, e.g. {table.loc[empty, 'path'].iloc[0]}",
                             hint="Complete taxonomy.csv, or train fewer levels.")
     rare: dict[str, str] = {}
     if config.rare_below and len(levels) > 1:
