@@ -78,7 +78,16 @@ def test_hierarchical_evaluation_and_prediction(hierarchical_run, demo_dir):
     table = pd.read_csv(result.out_dir / "levels.csv")
     assert list(table.columns) == ["method", *LEVELS] and len(table) == 2
     assert (result.out_dir / "confusion_family.png").is_file()
-    assert "Per taxonomic level" in result.report.read_text()
+    page = result.report.read_text()
+    assert "Per taxonomic level" in page
+    # Each level's accuracy and macro-F1 are in the page, and each coarser level's matrix.
+    for level in LEVELS[:-1]:
+        assert f"Confusion matrix: {level}" in page
+        start = page.index(f"Confusion matrix: {level}")
+        assert page[start:start + 400].count("data:image/png;base64,") == 1
+    for level in LEVELS:
+        assert f"<td>{level}</td>" in page
+        assert f"<td>{h['levels'][level]['macro_f1']:.4f}</td>" in page
     # Predict shows the branch, each level's probability the sum over its descendants.
     image = next(demo_dir.rglob("*.jpg"))
     row = predict(Predictor(hierarchical_run, workers=0), [str(image)],

@@ -40,8 +40,8 @@ img{max-width:100%;border:1px solid #eee}table.t{border-collapse:collapse;margin
 
 def write_report(path: Path, title: str, sections: dict) -> Path:
     """Sections (all optional): overview, data, balance_png, preview_png, curves_png,
-    summary, transfer, per_class, confusion_png, confused, mistakes_png, calibration,
-    reliability_png, profile."""
+    summary, transfer, per_class, confusion_png, confused, level_confusion_pngs ({level:
+    png}), mistakes_png, calibration, reliability_png, profile."""
     s = sections
     parts = [f"<h1>{html.escape(title)}</h1>", _kv(s.get("overview", []))]
     parts += ["<h2>Data</h2>"]
@@ -54,7 +54,12 @@ def write_report(path: Path, title: str, sections: dict) -> Path:
     if s.get("levels") is not None:
         h = s["hierarchy"]
         depth = ", ".join(f"{d}: {n}" for d, n in h["mistake_depth"].items())
-        parts += ["<h3>Per taxonomic level (micro-F1)</h3>", _table(s["levels"]),
+        per_level = pd.DataFrame([{"level": lv, "accuracy": m["accuracy"],
+                                   "macro-F1": m["macro_f1"], "micro-F1": m["micro_f1"]}
+                                  for lv, m in h["levels"].items()])
+        parts += ["<h3>Per taxonomic level (the predicted branch)</h3>", _table(per_level),
+                  "<h3>Per taxonomic level (micro-F1), as published for ETHEC</h3>",
+                  _table(s["levels"]),
                   _kv([("consistent predictions (marginalised)",
                         f"{h['consistency']['marginalised']:.1%}"),
                        ("consistent predictions (per-level heads)",
@@ -72,7 +77,11 @@ def write_report(path: Path, title: str, sections: dict) -> Path:
               _img(s.get("confusion_png"), "confusion matrix")]
     if s.get("confused") is not None and len(s["confused"]):
         parts += ["<div><h3>Most confused</h3>", _table(s["confused"], "{:.2f}"), "</div>"]
-    parts += ["</div>", "<h2>Most confident mistakes</h2>",
+    parts.append("</div>")
+    for level, png in (s.get("level_confusion_pngs") or {}).items():
+        parts += [f"<h3>Confusion matrix: {html.escape(level)}</h3>",
+                  _img(png, f"confusion matrix of {level}")]
+    parts += ["<h2>Most confident mistakes</h2>",
               _img(s.get("mistakes_png"), "mistakes")]
     if s.get("unknown"):
         parts += ["<h2>Unknown images</h2><p>Images of classes the model never saw, scored "

@@ -173,6 +173,9 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
                   y_pred, probs, logits, read)
     if unknown is not None:
         pngs["unknown"] = out_dir / "unknown.png"
+    if levels_table is not None:  # _per_level drew the coarser levels' matrices
+        pngs["levels"] = {lv: out_dir / f"confusion_{lv}.png"
+                          for lv in predictor.taxonomy.levels[:-1]}
     _report(out_dir, (run_dir or final).name, predictor, run_dir, dataset, level, split,
             metrics, table, confused, pngs, levels_table, transfer)
     _put_in_place(out_dir, final)
@@ -639,6 +642,7 @@ def _report(out_dir, name, predictor, run_dir, dataset, level, split, metrics, t
                          "preview_png": pngs.get("preview"), "curves_png": pngs.get("curves"),
                          "summary": summary, "per_class": table,
                          "confusion_png": pngs["confusion"],
+                         "level_confusion_pngs": pngs.get("levels"),
                          "confused": pd.DataFrame(confused), "mistakes_png": pngs["mistakes"],
                          "calibration": calibration, "reliability_png": pngs["reliability"],
                          "profile": profile, "levels": levels_table, "transfer": transfer,
