@@ -114,6 +114,10 @@ def test_csv_reader_relative_paths_levels_and_missing_files(tmp_path):
     assert len(missing) == 1 and missing[0].path.endswith("gone.jpg")
     with pytest.raises(WingspanError, match="do not exist.*gone.jpg"):
         read_dataset(csv, ReadConfig(strict=True))
+    # Level columns in any order are read coarse to fine (fewer classes: coarser).
+    csv.write_text("path,label,genus,family\n../imgs/x/x_0.jpg,x,Gx,F1\n"
+                   "../imgs/x/x_1.jpg,x,Gx,F1\n../imgs/y/y_0.jpg,y,Gy,F1\n")
+    assert read_dataset(csv).levels == ["family", "genus", "label"]
 
 
 @pytest.mark.parametrize("content, message", [

@@ -21,7 +21,12 @@ import pandas as pd
 from wingspan.config import IMAGE_EXTENSIONS, SPLITS, ReadConfig
 from wingspan.data.csvfiles import nfc, read_csv
 from wingspan.data.samples import GROUP, PATH, SPLIT, Dataset, Problem, make_table
-from wingspan.data.taxonomy import TAXONOMY_FILE, apply_taxonomy, read_taxonomy
+from wingspan.data.taxonomy import (
+    TAXONOMY_FILE,
+    apply_taxonomy,
+    coarse_to_fine,
+    read_taxonomy,
+)
 from wingspan.errors import WingspanError
 
 Reader = Callable[[Path, ReadConfig], Dataset]
@@ -329,7 +334,7 @@ def read_csv_table(csv_path: Path, config: ReadConfig) -> Dataset:
     raw = raw[~unlabelled]
     paths = [p if os.path.isabs(p) else os.path.normpath(csv_path.parent / p)
              for p in map(_native, raw[PATH])]
-    coarser = [c for c in raw.columns if c not in (PATH, LABEL, SPLIT, GROUP)]
+    coarser = coarse_to_fine(raw, [c for c in raw.columns if c not in (PATH, LABEL, SPLIT, GROUP)])
     if GROUP in raw.columns:
         groups = [g or p for g, p in zip(raw[GROUP], paths, strict=True)]
     else:

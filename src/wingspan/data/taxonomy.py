@@ -52,6 +52,13 @@ def binomial(genus: pd.Series, epithet: pd.Series) -> pd.Series:
     return (genus + " " + epithet).where((genus != "") & (epithet != ""), "")
 
 
+def coarse_to_fine(table: pd.DataFrame, columns: list[str]) -> list[str]:
+    """Level columns ordered coarse to fine, whatever order a file has them in: a coarser
+    level has fewer classes (a tie keeps the file's order, and there either order makes
+    the same tree)."""
+    return sorted(columns, key=lambda c: table.loc[table[c] != "", c].nunique())
+
+
 def apply_taxonomy(
     table: pd.DataFrame, key: str, tax: pd.DataFrame, source: Path
 ) -> tuple[pd.DataFrame, list[str], list[Problem]]:
@@ -60,7 +67,7 @@ def apply_taxonomy(
     Returns the table, the added levels (coarse to fine) and a problem for each class
     the taxonomy does not list (its higher levels are left empty).
     """
-    levels = [c for c in tax.columns if c != key]
+    levels = coarse_to_fine(tax, [c for c in tax.columns if c != key])
     joined = table.join(tax[levels], on=key)
     problems = [
         Problem("taxonomy_missing", f"Class '{c}' is not in {source}; its higher levels are empty.")
