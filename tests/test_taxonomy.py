@@ -71,3 +71,16 @@ def test_round_trip(tax):
     probs = np.random.default_rng(1).dirichlet(np.ones(4), size=10)
     for lv in LEVELS:
         np.testing.assert_array_equal(again.predict(probs)[lv], tax.predict(probs)[lv])
+
+
+def test_level_columns_are_ordered_coarse_to_fine():
+    from wingspan.data.taxonomy import coarse_to_fine
+
+    table = pd.DataFrame({
+        "genus": ["Danaus", "Vanessa", "Vanessa", "Pieris", "Lycaena"],
+        "family": ["Nymphalidae", "Nymphalidae", "Nymphalidae", "Pieridae", "Lycaenidae"],
+        "subfamily": ["Danainae", "Nymphalinae", "Nymphalinae", "", ""]})
+    # Subfamily is given for one family only: it has fewer classes overall than family,
+    # yet it is the finer of the two where both are given.
+    assert coarse_to_fine(table, ["genus", "family", "subfamily"]) == [
+        "family", "subfamily", "genus"]

@@ -54,9 +54,12 @@ def binomial(genus: pd.Series, epithet: pd.Series) -> pd.Series:
 
 def coarse_to_fine(table: pd.DataFrame, columns: list[str]) -> list[str]:
     """Level columns ordered coarse to fine, whatever order a file has them in: a coarser
-    level has fewer classes (a tie keeps the file's order, and there either order makes
-    the same tree)."""
-    return sorted(columns, key=lambda c: table.loc[table[c] != "", c].nunique())
+    level has fewer classes among the rows that give every level (a level filled in for
+    one family only has few classes overall); then among all rows. A tie keeps the file's
+    order: there either order makes the same tree."""
+    full = table[(table[columns] != "").all(axis=1)]
+    return sorted(columns, key=lambda c: (full[c].nunique(),
+                                          table.loc[table[c] != "", c].nunique()))
 
 
 def apply_taxonomy(
