@@ -114,6 +114,11 @@ def test_every_error_is_json_with_an_error_key(run_dir, client):
                                   device="cpu"))
     r = small.post("/predict", files=[("files", ("big.jpg", b"\0" * 6000, "image/jpeg"))])
     assert r.status_code == 413 and "at most 5096 (1 files of 1000 bytes)" in r.json()["error"]
+    # One without a length (chunked) is cut off once it passes the limit, not spooled whole.
+    chunks = (b"\0" * 1000 for _ in range(1000))
+    r = small.post("/predict", content=chunks,
+                   headers={"content-type": "multipart/form-data; boundary=x"})
+    assert r.status_code == 413 and "A request of over 5096 bytes" in r.json()["error"]
     r = client.post("/predict")  # no form at all: FastAPI's own validation
     assert r.status_code == 422 and "Malformed request" in r.json()["error"]
     r = client.get("/no-such-page")  # Starlette's own 404
@@ -229,6 +234,9 @@ def test_explain_returns_an_overlay_png(client):
     assert r.status_code == 422 and "Unknown class 'unicorn'" in r.json()["error"]
     r = client.post("/explain", files={"file": ("a.jpg", b"not an image", "image/jpeg")})
     assert r.status_code == 415
+    r = client.post("/explain", files=[("file", (f"{i}.jpg", _jpeg(), "image/jpeg"))
+                                       for i in range(2)])  # not the first drawn, the rest lost
+    assert r.status_code == 422 and "one image at a time" in r.json()["error"]
 
 
 def _chromium() -> str:
@@ -266,6 +274,10 @@ def test_the_page_in_a_real_browser(run_dir, demo_dir, tmp_path):
         assert "wingspan" in page.title()
         page.wait_for_function("document.getElementById('model').textContent.includes('classes')")
 
+        # The chooser is reached from the keyboard (Tab), and shows that it has the focus.
+        page.keyboard.press("Tab")
+        assert page.evaluate("document.activeElement.id") == "file"
+        assert page.eval_on_selector("#drop", "d => getComputedStyle(d).outlineStyle") == "solid"
         start = time.perf_counter()
         page.set_input_files("#file", str(photo))
         page.wait_for_selector("body[data-state=predicted], body[data-state=explained]")
@@ -280,8 +292,9 @@ def test_the_page_in_a_real_browser(run_dir, demo_dir, tmp_path):
                 f"{expected['answer']} ({expected['known_level']})"
         else:
             assert page.text_content("#prediction") == "Unknown"
-            assert f"closest: {expected['branch'][-1]['class']}" in \
-                page.text_content("#confidence")
+            assert page.text_content("#confidence").startswith(
+                "unlike every class it knows (the likeliest branch ends in "
+                f"{expected['branch'][-1]['class']}")
         assert page.eval_on_selector("body", "b => b.dataset.answer") == expected["answer"]
         bars = page.eval_on_selector_all("#bars li", "els => els.map(e => [e.dataset.class, "
                                          "+e.dataset.probability, e.querySelector('.fill')"
@@ -304,6 +317,19 @@ def test_the_page_in_a_real_browser(run_dir, demo_dir, tmp_path):
         page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
         page.wait_for_function(f"document.getElementById('photo-name').textContent == "
                                f"'{other.name}' && document.body.dataset.state == 'explained'")
+
+        # An answer known at a coarser level only (the API's answer for the photo, edited)
+        # reads as such; the same photo chosen again is shown again.
+        first = expected["branch"][0]
+        edited = {**expected, "known_level": first["level"], "answer": first["class"]}
+        page.route("**/predict", lambda route: route.fulfill(
+            json={"predictions": [edited], "latency_ms": 1.0}))
+        page.set_input_files("#file", str(photo))
+        page.wait_for_function(f"document.getElementById('prediction').textContent == "
+                               f"'{first['class']} (family)'")
+        assert page.text_content("#confidence").startswith(
+            "unlike the finest classes it knows (the likeliest branch ends in ")
+        page.unroute("**/predict")
 
         notes = tmp_path / "notes.jpg"
         notes.write_text("a text file named like a photo")

@@ -902,7 +902,8 @@ def serve_command(
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port.")] = 8000,
     device: DeviceOpt = T.device,
 ) -> None:
-    """An HTTP API for the model: POST /predict with image files; /health, /model, /docs."""
+    """A web page (drop a photo: its classes and where the model looked) and an HTTP API:
+    POST /predict with image files, POST /explain with one; /health, /model, /docs."""
     from wingspan.serve import serve
 
     serve(model, host=host, port=port, device=device)

@@ -36,6 +36,7 @@ import torch
 from fastapi import FastAPI, File, HTTPException, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from wingspan.errors import WingspanError
@@ -102,6 +103,37 @@ class _Batcher:
                                      if scores else None))
 
 
+class _BodyLimit:
+    """A body larger than every allowed file together is refused: from its Content-Length
+    header, unread, and one without (chunked) as soon as it passes the limit. Starlette
+    would otherwise spool all of it (gigabytes, say) to disk first. Raised from inside
+    the form parsing, the 413 reaches the app's handler and is answered as JSON."""
+
+    def __init__(self, app, most: int, allowed: str):
+        self.app, self.most, self.allowed = app, most, allowed
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        size = Headers(scope=scope).get("content-length", "")
+        if size.isdigit() and int(size) > self.most:
+            refused = JSONResponse({"error": f"A request of {int(size)} bytes; {self.allowed}"},
+                                   status_code=413)
+            return await refused(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.most:
+                raise StarletteHTTPException(413, f"A request of over {self.most} bytes; "
+                                                  + self.allowed)
+            return message
+
+        await self.app(scope, counted, send)
+
+
 def create_app(model: str | Path, limits: ServeLimits | None = None, device: str = "auto"):
     """The FastAPI application serving `model` (a run folder or a bundle)."""
     limits = limits or ServeLimits()
@@ -117,6 +149,10 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
     explainers = ThreadPoolExecutor(limits.explain_threads, thread_name_prefix="wingspan-explain")
     manifest = predictor.manifest
     app = FastAPI(title="wingspan", description=f"Predictions of {predictor.bundle}")
+    most = limits.max_files * (limits.max_bytes + 4096)  # every file, with its part headers
+    app.add_middleware(_BodyLimit, most=most,
+                       allowed=f"at most {most} ({limits.max_files} files of "
+                               f"{limits.max_bytes} bytes).")
     app.state.predictor = predictor
 
     # Every error as {"error": ...}, not {"detail": ...}: ours, Starlette's own (404, too
@@ -129,18 +165,6 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
     async def invalid_as_json(_, e: RequestValidationError):
         where = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
         return JSONResponse({"error": f"Malformed request ({where})."}, status_code=422)
-
-    @app.middleware("http")
-    async def refuse_oversized(request, call_next):
-        """A body larger than every allowed file together is refused from its header:
-        Starlette would otherwise spool all of it (gigabytes, say) to disk first."""
-        size = request.headers.get("content-length", "")
-        most = limits.max_files * (limits.max_bytes + 4096)  # with each part's headers
-        if size.isdigit() and int(size) > most:
-            return JSONResponse({"error": f"A request of {int(size)} bytes; at most {most} "
-                                 f"({limits.max_files} files of {limits.max_bytes} bytes)."},
-                                status_code=413)
-        return await call_next(request)
 
     page = (Path(__file__).parent / "serve_page.html").read_text(encoding="utf-8")
 
@@ -190,7 +214,11 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
 
     @app.post("/explain", response_class=Response,
               responses={200: {"content": {"image/png": {}}}})
-    async def explain_one(file: Annotated[UploadFile, File()], target: str | None = None):
+    async def explain_one(file: Annotated[list[UploadFile], File()],
+                          target: str | None = None):
+        if len(file) != 1:  # one overlay per request: the rest would be dropped unseen
+            raise HTTPException(422, f"{len(file)} files: /explain draws one image at a time.")
+        file = file[0]
         data = await file.read(limits.max_bytes + 1)
         if len(data) > limits.max_bytes:
             raise HTTPException(413, f"{file.filename}: over {limits.max_bytes} bytes.")
