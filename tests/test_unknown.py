@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import html
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -294,6 +295,28 @@ def test_evaluate_unknown_folder_of_non_butterflies(held_out_run, run_cli, tmp_p
     listed = evaluate(run_dir, unknown=[folder], out=tmp_path / "ev2", progress=False,
                       workers=0).metrics["unknown"]
     assert listed["unseen_images"] == 10
+
+
+def test_a_run_killed_while_scoring_its_held_out_classes_resumes_to_score_them(
+        held_out_run, tmp_path):
+    import shutil
+
+    from wingspan.training import resume
+
+    run_dir, _ = held_out_run
+    with pytest.raises(WingspanError, match="is finished; there is nothing to resume"):
+        resume(run_dir, quiet=True)
+    copy = Path(shutil.copytree(run_dir, tmp_path / "run"))
+    # As a kill during the scoring leaves it: the model written, no figures yet.
+    metrics = json.loads((copy / "metrics.json").read_text())
+    want = metrics.pop("unknown")
+    (copy / "metrics.json").write_text(json.dumps(metrics))
+    shutil.rmtree(copy / "evaluation-unknown")
+    assert resume(copy, quiet=True) == copy
+    got = json.loads((copy / "metrics.json").read_text())["unknown"]
+    assert got["auroc"] == pytest.approx(want["auroc"], abs=1e-6)
+    assert (copy / "evaluation-unknown" / "report.html").is_file()
+    assert "scoring the held-out classes" in (copy / "train.log").read_text()
 
 
 def test_holdout_classes_must_exist(tmp_path):

@@ -186,7 +186,8 @@ def resume(run_dir: str | Path, quiet: bool = False, **machine) -> Path:
     last = run_dir / "checkpoints" / "last.pt"
     checkpoint = load_checkpoint(last) if last.is_file() else None
     finished = checkpoint and checkpoint["state"]["stage"] == "done"
-    if finished and _complete_bundle(run_dir / "model"):
+    scored = not config.holdout_classes or "unknown" in _read_json(run_dir / "metrics.json")
+    if finished and _complete_bundle(run_dir / "model") and scored:
         raise WingspanError(f"The run {run_dir} is finished; there is nothing to resume.",
                             hint=f"Its model is in {run_dir / 'model'}.")
     if checkpoint is None and _complete_bundle(run_dir / "model"):
@@ -198,11 +199,21 @@ def resume(run_dir: str | Path, quiet: bool = False, **machine) -> Path:
     dataset = read_dataset(run_dir / SPLITS_FILE)
     _check_classes_remain(run_dir / SPLITS_FILE, dataset, config.trained_levels)
     run = _start(run_dir, config, dataset, quiet, checkpoint, fabric)
+    if finished and _complete_bundle(run_dir / "model"):  # killed while scoring held-out
+        run.log(f"Resuming {run_dir}: its model is written, scoring the held-out classes")
+        return _score_held_out(run_dir, run)
     where = (f"{run.state.stage} epoch {run.state.epoch + 1}"
              + (f", batch {run.state.step + 1}" if run.state.step else ""))
     run.log(f"Resuming {run_dir} at {where} on {run.policy.describe()}" if not finished else
             f"Resuming {run_dir}: training was done, writing its model")
     return _interruptible(run)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
 
 
 def _complete_bundle(path: Path) -> bool:
