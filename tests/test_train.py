@@ -232,6 +232,28 @@ def test_kill_and_resume_matches_an_uninterrupted_run(demo_dir, tmp_path, how):
         (ref / "metrics.json").read_text())["best"]
 
 
+def test_a_resumed_run_keeps_where_its_weights_came_from(demo_dir, tmp_path):
+    """A resumed run loads no weights of its own (its checkpoint has them all): the model
+    still says which file (or package, or download) the backbone started from."""
+    from safetensors.torch import save_file
+
+    from wingspan.models import create_classifier
+
+    model, _ = create_classifier("test_efficientnet", {"label": 2}, weights="none")
+    start = tmp_path / "start.safetensors"
+    save_file({k: v.contiguous() for k, v in model.backbone.net.state_dict().items()}, start)
+    run_dir = train(read_dataset(demo_dir), tiny(tmp_path, weights=str(start), epochs_head=1,
+                                                 epochs_finetune=1), tmp_path / "runs",
+                    quiet=True)
+    said = lambda: json.loads((run_dir / "model" / "manifest.json").read_text())  # noqa: E731
+    assert said()["weights_source"] == f"file: {start}"
+    (run_dir / "model" / "manifest.json").unlink()  # killed before the model was written
+    (run_dir / "metrics.json").unlink()
+    resume(run_dir, quiet=True)
+    assert said()["weights_source"] == f"file: {start}"
+    assert json.loads((run_dir / "metrics.json").read_text())["weights"] == f"file: {start}"
+
+
 def test_a_kill_after_an_image_broke_mid_epoch_resumes_alike(demo_dir, tmp_path, monkeypatch):
     """An image that breaks during a fine-tuning epoch is left out from the next epoch on;
     a run killed after it was found, in that epoch, resumes on the same batches (leaving it

@@ -47,6 +47,8 @@ class RunState:
     # How many of `skipped` were known when this epoch's order was set (None: all): a
     # resumed epoch leaves out the same images, so its step count points at the same batches.
     epoch_skipped: int | None = None
+    # Where the backbone's first weights came from: a resumed run loads none of its own.
+    weights_source: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)

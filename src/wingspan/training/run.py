@@ -317,7 +317,8 @@ def _start(run_dir: Path, config: TrainConfig, dataset: Dataset, quiet: bool,
     model.backbone.train_bn = config.train_bn
     if config.image_size:
         model.set_input_size(config.image_size)
-    state = RunState(**checkpoint["state"]) if checkpoint else RunState()
+    state = RunState(**checkpoint["state"]) if checkpoint else RunState(
+        weights_source=loaded.describe() if loaded else config.weights)
     per_machine = _processes(config).world()[0]
     workers = default_workers(per_machine) if config.workers is None else config.workers
     policy.prepare_model(model)
@@ -328,7 +329,7 @@ def _start(run_dir: Path, config: TrainConfig, dataset: Dataset, quiet: bool,
     if policy.train_precision != "fp32":  # the same processes, with the step's precision
         fabric = _processes(config).fabric(policy.train_precision)
     run = Run(run_dir, config, model, policy, None, state, workers, fabric, quiet,
-              weights_source=loaded.describe() if loaded else config.weights,
+              weights_source=state.weights_source or config.weights,
               resume_from=checkpoint)
     world = (f", {fabric.world_size} processes ({fabric.strategy.__class__.__name__})"
              if fabric.world_size > 1 else "")
