@@ -70,6 +70,9 @@ def test_only_photos_the_head_and_their_neighbours_agree_on_are_trained_on():
     # A bar on the head's probability as well leaves out the unsure ones.
     assert self_train(labelled, labels, photos, logits, 3,
                       AdaptConfig(confidence=0.5))[2] == [22]
+    # The bar is on the calibrated probability: at temperature 0.1 those are sure (p 0.91).
+    assert self_train(labelled, labels, photos, logits, 3, AdaptConfig(confidence=0.5),
+                      temperature=0.1)[2] == [25]
     # No photo agreed on: nothing is fitted (the run's head stays as it is).
     weight, bias, used = self_train(labelled, labels, photos, logits, 3,
                                     AdaptConfig(confidence=0.999))

@@ -535,6 +535,9 @@ def test_adapt_refuses_what_it_cannot_do(trained, tmp_path):
     for holding_the_run in (trained, trained.parent):
         with pytest.raises(WingspanError, match="holds the run itself"):
             adapt(trained, [str(tmp_path)], holding_the_run, progress=False)
+    with pytest.raises(WingspanError, match="is inside the run"):
+        adapt(trained, [str(tmp_path)], trained / "sub", progress=False)
+    assert not (trained / "sub").exists()
     (tmp_path / "only-a-folder" / "sub").mkdir(parents=True)
     with pytest.raises(WingspanError, match="the pattern matches only folders without images"):
         adapt(trained, [str(tmp_path / "only-a-folder" / "*")], tmp_path / "d", progress=False)

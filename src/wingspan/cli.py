@@ -652,8 +652,8 @@ def adapt_command(
         help="Neighbours per image in the graph that label spreading passes classes over."
     )] = A.neighbours,
     confidence: Annotated[float, typer.Option(
-        help="The head's probability a photo also needs to be trained on (0: the head and "
-        "its neighbours agreeing is enough).")] = A.confidence,
+        help="The head's calibrated probability (as predict shows it) a photo also needs "
+        "to be trained on (0: the head and its neighbours agreeing is enough).")] = A.confidence,
     rounds: Annotated[int, typer.Option(
         help="Refits, the head's class taken afresh from each.")] = A.rounds,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = A.batch_size,

@@ -54,7 +54,8 @@ NEVER = -1e4  # the bias of a class the fit never saw: its logit never wins
 
 
 def self_train(labelled: np.ndarray, labels: np.ndarray, photos: np.ndarray,
-               logits: np.ndarray, classes: int, config: AdaptConfig | None = None
+               logits: np.ndarray, classes: int, config: AdaptConfig | None = None,
+               temperature: float = 1.0
                ) -> tuple[np.ndarray | None, np.ndarray | None, list[int]]:
     """`labelled` (N, C) features with `labels`, `photos` (M, C) unlabelled features with the
     run's head's `logits` (M, K). Returns the new linear layer's (weight (K, C), bias (K,)),
@@ -64,7 +65,9 @@ def self_train(labelled: np.ndarray, labels: np.ndarray, photos: np.ndarray,
     weight = bias = None
     used = []
     for _ in range(config.rounds):
-        probs = softmax(logits)
+        # --confidence bars the probability a user sees: the head's calibrated one (its
+        # logits over the run's temperature) in the first round, the refit's own after.
+        probs = softmax(logits, temperature if weight is None else 1.0)
         keep = (probs.argmax(1) == spread) & (probs.max(1) >= config.confidence)
         used.append(int(keep.sum()))
         if not keep.any():  # nothing to learn from: a fit on the labelled images alone
@@ -144,7 +147,8 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
             used[lv], unfitted[lv] = [], []
             continue
         weight, bias, used[lv] = self_train(x_train, train.labels[lv], x_photos, before[lv],
-                                            len(manifest["classes"][lv]), config)
+                                            len(manifest["classes"][lv]), config,
+                                            predictor.temperature if lv == fine else 1.0)
         unfitted[lv] = []
         if weight is None:  # no photo agreed on: the level keeps its head as trained
             continue
@@ -228,11 +232,15 @@ def _test_paths(run_dir: Path) -> list[str]:
 
 def _check_out(out: Path, run_dir: Path) -> Path:
     """The adapted run's folder, resolved: new, empty, or an earlier adapted run (which is
-    replaced whole); never the run itself or a folder holding it."""
+    replaced whole); never the run itself, a folder holding it or one inside it (the run
+    is not changed)."""
     out = out.resolve()
     if out == run_dir or out in run_dir.parents:
         raise WingspanError(f"{out} holds the run itself; the adapted run needs a folder of "
                             "its own.", hint="Give --out a new folder.")
+    if run_dir.resolve() in out.parents:
+        raise WingspanError(f"{out} is inside the run {run_dir}, which adapting does not "
+                            "change.", hint="Give --out a folder outside it, e.g. beside it.")
     if out.exists() and not out.is_dir():
         raise WingspanError(f"{out} is a file.", hint="Give --out a new folder.")
     if out.is_dir() and any(out.iterdir()) and not _adapted(out):
