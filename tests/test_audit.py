@@ -105,3 +105,26 @@ def test_an_audit_of_one_readable_class_says_so_and_takes_weights(tmp_path, run_
                            "--quiet")
     assert code == 2 and "Traceback" not in err, err
     assert "2 of 6 images could not be read" in err and "admiral" in err
+
+
+def test_classes_of_a_single_image_are_left_out_of_the_label_audit_only(tmp_path, run_cli):
+    """Long-tailed data (ETHEC's species) has classes of one image: the others are audited,
+    those are named, and every image is still searched for duplicates."""
+    import pandas as pd
+    from helpers import folder_dataset
+
+    folder_dataset(tmp_path / "data", {"monarch": 4, "admiral": 3, "lone": 1})
+    code, out, err = run_cli("data", "audit", tmp_path / "data", "--backbone",
+                             "test_efficientnet", "--weights", "none", "--out",
+                             tmp_path / "out", "--quiet")
+    assert code == 0, err
+    said = " ".join(out.split())
+    assert "1 classes have a single image, so their labels were not checked" in said
+    assert "perceptual hashes within" in said
+    audited = pd.read_csv(tmp_path / "out" / "audit.csv")
+    assert set(audited["label"]) == {"monarch", "admiral"} and len(audited) == 7
+    folder_dataset(tmp_path / "few", {"monarch": 4, "lone": 1})
+    code, _, err = run_cli("data", "audit", tmp_path / "few", "--backbone",
+                           "test_efficientnet", "--weights", "none", "--out",
+                           tmp_path / "out2", "--quiet")
+    assert code == 2 and "at least 2 classes with 2 images or more" in " ".join(err.split())

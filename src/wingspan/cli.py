@@ -290,7 +290,13 @@ def data_audit(
         table.add_row(str(r.rank), r.path, r.label,
                       f"{r.suspected} ({r.suspected_probability:.2f})", f"{r.label_quality:.3f}")
     out.print(table)
-    out.print(f"{len(dups)} near-duplicate pairs (similarity >= {similarity}), "
+    if result.single_image_classes:
+        alone = result.single_image_classes
+        out.print(f"{len(alone)} classes have a single image, so their labels were not "
+                  f"checked (nothing of their class to learn from out of fold): "
+                  f"{', '.join(alone[:8])}{' ...' if len(alone) > 8 else ''}")
+    out.print(f"{len(dups)} near-duplicate pairs (similarity >= {similarity}, or perceptual "
+              f"hashes within {config.hash_distance} bits), "
               f"{int(dups['across_splits'].sum())} across splits, "
               f"{int(dups['labels_differ'].sum())} with different labels")
     out.print(f"Wrote {_q(result.csv)}, {_q(result.duplicates_csv)} and {_q(result.html)}")

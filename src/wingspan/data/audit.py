@@ -14,9 +14,11 @@ gallery: the image, its label, the suspected label, the score).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import html
 import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +42,9 @@ class AuditResult:
     duplicates_csv: Path
     html: Path
     backbone: str
+    # Classes of one image: no other of their class to learn from out of fold, so their
+    # labels are not checked (their images are in the duplicate search all the same).
+    single_image_classes: list[str] = dataclasses.field(default_factory=list)
 
 
 def audit_dataset(dataset: Dataset, out_dir: str | Path, level: str | None = None,
@@ -66,7 +71,16 @@ def audit_dataset(dataset: Dataset, out_dir: str | Path, level: str | None = Non
             hint="Fix or remove the unreadable images (`wingspan data inspect` lists them).")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    issues = label_issues(table, features, level, config)
+    counts = table[level].value_counts()
+    alone = sorted(counts[counts < 2].index)
+    checked = ~table[level].isin(alone).to_numpy()
+    if table.loc[checked, level].nunique() < 2:
+        raise WingspanError(
+            f"A label audit needs at least 2 classes with 2 images or more at level "
+            f"'{level}'; {len(alone)} of the {len(counts)} classes have a single image.",
+            hint="Audit a coarser level (--level), or give those classes more images.")
+    issues = label_issues(table[checked].reset_index(drop=True), features[checked], level,
+                          config)
     duplicates = near_duplicates(table, features, hashes, level, config)
     csv_path, dup_path = out_dir / "audit.csv", out_dir / "duplicates.csv"
     for frame, path in ((issues, csv_path), (duplicates, dup_path)):
@@ -74,13 +88,14 @@ def audit_dataset(dataset: Dataset, out_dir: str | Path, level: str | None = Non
             frame.to_csv(tmp, index=False)
     page = write_gallery(issues, duplicates, out_dir / "audit.html", level, config, backbone,
                          failed)
-    return AuditResult(issues, duplicates, csv_path, dup_path, page, backbone)
+    return AuditResult(issues, duplicates, csv_path, dup_path, page, backbone, alone)
 
 
 def fold_count(labels: pd.Series, config: AuditConfig) -> int:
-    """config.folds, or fewer when the smallest class has fewer images (each fold holds
-    one of its images at least)."""
-    return min(config.folds, int(labels.value_counts().min()))
+    """config.folds, or fewer when even the largest class has fewer images. A class with
+    fewer images than folds is in fewer test folds, and still in every training fold
+    when it has 2 or more: fewer folds for all would only train every head on less."""
+    return max(2, min(config.folds, int(labels.value_counts().max())))
 
 
 class _Decoded(torch.utils.data.Dataset):
@@ -197,14 +212,12 @@ def label_issues(table: pd.DataFrame, features: torch.Tensor, level: str,
     classes = sorted(table[level].unique())
     y = table[level].map({c: i for i, c in enumerate(classes)}).to_numpy()
     folds = fold_count(table[level], config)
-    if folds < 2:
-        rare = [c for c, n in table[level].value_counts().items() if n < 2]
-        raise WingspanError(f"Classes with a single image cannot be audited: {rare[:5]}",
-                            hint="Give them more images, or leave them out.")
     x = torch.nn.functional.normalize(features, dim=1).numpy()
     head = make_pipeline(StandardScaler(), LogisticRegression(C=config.c, max_iter=2000))
-    probs = cross_val_predict(head, x, y, method="predict_proba",
-                              cv=StratifiedKFold(folds, shuffle=True, random_state=config.seed))
+    with warnings.catch_warnings():  # "least populated class has only 2 members": meant
+        warnings.filterwarnings("ignore", message="The least populated class")
+        probs = cross_val_predict(head, x, y, method="predict_proba", cv=StratifiedKFold(
+            folds, shuffle=True, random_state=config.seed))
     quality = get_label_quality_scores(y, probs)
     flagged = np.zeros(len(y), dtype=bool)
     flagged[find_label_issues(y, probs, return_indices_ranked_by="self_confidence")] = True
