@@ -121,6 +121,26 @@ def test_split_and_sample_writes_a_csv_that_reads_back(demo_dir, tmp_path):
         result.dataset.table.sort_values("path")["split"].reset_index(drop=True))
 
 
+def test_identical_copies_stay_grouped_in_a_split_moved_with_its_data(demo_dir, tmp_path):
+    """The group of merged identical copies is written as the paths are (relative), so a
+    folder moved with its splits.csv keeps them together, and no absolute path leaks."""
+    import shutil
+
+    data = Path(shutil.copytree(demo_dir, tmp_path / "data"))
+    first = sorted(data.rglob("*.jpg"))[0]
+    shutil.copy(first, first.with_name("copy_of_first.jpg"))
+    split_and_sample(read_dataset(data), data, "label", SplitConfig(seed=1))
+    written = pd.read_csv(data / "splits.csv", keep_default_na=False)
+    assert not written["group"].str.contains(str(tmp_path), regex=False).any()
+    moved = Path(shutil.move(data, tmp_path / "elsewhere"))
+    back = read_dataset(moved / "splits.csv").table.set_index("path")
+    pair = [str(moved / first.relative_to(data)), str(moved / first.parent.relative_to(data)
+                                                        / "copy_of_first.jpg")]
+    assert back.loc[pair[0], "group"] == back.loc[pair[1], "group"]
+    assert back.loc[pair[0], "split"] == back.loc[pair[1], "split"]
+    assert back["group"].nunique() == len(back) - 1  # every other file is its own group
+
+
 def test_real_inat_resplit_keeps_observations_together(shared_data, tmp_path):
     ds = read_dataset(shared_data / "inat-butterflies", ReadConfig(group_regex=r"_(\d+)_\d+\."))
     result, report = split_dataset(ds, "label", SplitConfig(seed=0))

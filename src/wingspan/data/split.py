@@ -124,9 +124,18 @@ def write_splits(dataset: Dataset, path: str | os.PathLike, relative: bool = Tru
     which keeps working wherever the run folder is moved)."""
     table = dataset.table.copy()
     base = os.path.dirname(os.path.abspath(path))
-    table[GROUP] = table[GROUP].where(table[GROUP] != table["path"], "")  # "" = the file itself
-    table["path"] = [os.path.relpath(p, base) if relative else os.path.abspath(p)
-                     for p in table["path"]]
+
+    def where(p: str) -> str:
+        return os.path.relpath(p, base) if relative else os.path.abspath(p)
+
+    # A group that is a file's path (a file alone, or identical copies merged into the
+    # first one's group): "" for a file alone, read back as the file itself; for copies a
+    # key spelled like the paths (relative: it moves with the data), shared by them all.
+    own = (table[GROUP] == table["path"]) & ~table[GROUP].duplicated(keep=False)
+    shared_file = table[GROUP].isin(set(table["path"])) & ~own
+    table[GROUP] = [("" if alone else f"same-file:{where(g)}" if copies else g)
+                    for g, alone, copies in zip(table[GROUP], own, shared_file, strict=True)]
+    table["path"] = [where(p) for p in table["path"]]
     finest = dataset.default_level
     table["label"] = table[finest]  # the CSV reader's finest level; other levels keep names
     coarser = [lv for lv in dataset.levels if lv != "label"]
