@@ -123,6 +123,14 @@ def test_every_error_is_json_with_an_error_key(run_dir, client):
     assert r.status_code == 422 and "Malformed request" in r.json()["error"]
     r = client.get("/no-such-page")  # Starlette's own 404
     assert r.status_code == 404 and r.json() == {"error": "Not Found"}
+    # The OpenAPI schema declares those answers, in that shape.
+    schema = client.get("/openapi.json").json()
+    for path in ("/predict", "/explain"):
+        answers = schema["paths"][path]["post"]["responses"]
+        assert {"413", "415", "422", "429", "504"} <= set(answers), path
+        assert answers["422"]["content"]["application/json"]["schema"]["$ref"].endswith(
+            "/ApiError")
+    assert schema["components"]["schemas"]["ApiError"]["required"] == ["error"]
     # one unreadable file among good ones: the request gets its error, the server goes on
     mixed = [("files", (f"{i}.jpg", _jpeg(), "image/jpeg")) for i in range(5)]
     r = client.post("/predict", files=[*mixed, ("files", ("bad.jpg", b"nope", "image/jpeg"))])

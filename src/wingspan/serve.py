@@ -36,6 +36,7 @@ import torch
 from fastapi import FastAPI, File, HTTPException, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -101,6 +102,21 @@ class _Batcher:
                     done.set_result(({lv: o[i].float().numpy() for lv, o in outputs.items()},
                                      {lv: float(v[i]) for lv, v in scores.items()}
                                      if scores else None))
+
+
+class ApiError(BaseModel):
+    """Every error the API answers: {"error": what went wrong}."""
+
+    error: str
+
+
+# What each endpoint can answer besides 200, for the OpenAPI schema (/openapi.json).
+ERRORS = {code: {"model": ApiError, "description": what} for code, what in (
+    (413, "a file, the request or the pixels over their limits"),
+    (415, "bytes that are not a picture of a known format"),
+    (422, "a malformed request (no files, an unknown target class)"),
+    (429, "too many requests in flight; try again shortly"),
+    (504, "no answer within the time limit"))}
 
 
 class _BodyLimit:
@@ -201,7 +217,7 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
         finally:
             in_flight["n"] -= 1
 
-    @app.post("/predict")
+    @app.post("/predict", responses=ERRORS)
     async def predict(files: Annotated[list[UploadFile], File()]) -> dict:
         start = time.perf_counter()
         if len(files) > limits.max_files:
@@ -213,7 +229,7 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
                                                                     - start), 1)}
 
     @app.post("/explain", response_class=Response,
-              responses={200: {"content": {"image/png": {}}}})
+              responses={200: {"content": {"image/png": {}}}, **ERRORS})
     async def explain_one(file: Annotated[list[UploadFile], File()],
                           target: str | None = None):
         if len(file) != 1:  # one overlay per request: the rest would be dropped unseen
