@@ -199,6 +199,12 @@ def test_predict_on_mixed_good_and_broken_files(trained, tmp_path, demo_dir):
     write_predictions(result, tmp_path / "out.csv")
     table = pd.read_csv(tmp_path / "out.csv")
     assert len(table) == 10 and table["error"].notna().sum() == 3
+    # In the order given: the input that matched nothing first, then each image where it
+    # came among the folder's (sorted), failed or not.
+    from wingspan.predict import expand_paths
+
+    given, _ = expand_paths([str(folder), str(folder / "sub" / "*.jpg")])
+    assert table["path"].tolist() == [str(tmp_path / "missing.jpg"), *given]
     write_predictions(result, tmp_path / "out.json")
     payload = json.loads((tmp_path / "out.json").read_text())
     assert len(payload["predictions"]) == 7 and len(payload["failed"]) == 3
