@@ -410,6 +410,11 @@ def test_command_line_split_and_level_options_win_over_the_file(tmp_path, run_cl
     assert "captured" in err
     assert (given[0].level, given[0].levels, given[0].level_weights) == ("family", None, None)
     assert (given[0].val_fraction, given[0].test_fraction) == (0.3, 0)
+    # --holdout-classes '' holds none out, over a file's (a held-out run's config.yaml
+    # says so: its splits.csv has none of their images).
+    path.write_text("holdout_classes: [white_darktip]\n")
+    run_cli("train", demo_dir, "--config", path, "--holdout-classes", "")
+    assert given[-1].holdout_classes == []
     code, _, err = run_cli("train", demo_dir, "--levels", "family,label", "--level", "genus")
     assert code == 2 and "--level genus is not one of --levels family,label" in err
     # strict in the file stops the reading too, as --strict does: an empty class folder.

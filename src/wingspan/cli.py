@@ -482,7 +482,7 @@ def train_command(
         params = dict(ctx.params)
         if levels:
             params["levels"] = [lv.strip() for lv in levels.split(",") if lv.strip()]
-        if holdout_classes:
+        if holdout_classes is not None:  # "" holds none out (over a config file's)
             params["holdout_classes"] = [c.strip() for c in holdout_classes.split(",")
                                          if c.strip()]
         if level_weights:

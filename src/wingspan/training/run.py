@@ -113,9 +113,13 @@ def _data_comment(dataset: Dataset, run_dir: Path) -> str:
         how.append(f"--group-regex '{dataset.group_regex}'")
     if os.environ.get(MAX_PIXELS_ENV):
         how.append(f"--max-pixels {os.environ[MAX_PIXELS_ENV]}")
+    again = f"wingspan train {run_dir / SPLITS_FILE} --config {run_dir / CONFIG_FILE}"
+    if (run_dir / HOLDOUT_FILE).is_file():  # splits.csv has none of their images
+        again += (" --holdout-classes ''   (the held-out classes' images are in "
+                  f"{HOLDOUT_FILE}; to score them as unknowns again, train on the data "
+                  "above with this config)")
     return (f"# Trained on {dataset.root}, read with {' '.join(how)}.\n"
-            f"# Again on the same split: wingspan train {run_dir / SPLITS_FILE} --config "
-            f"{run_dir / CONFIG_FILE}\n")
+            f"# Again on the same split: {again}\n")
 
 
 def hold_out(dataset: Dataset, level: str, classes: list[str] | None):
