@@ -81,8 +81,18 @@ def test_the_environment_forces_every_auto(auto, monkeypatch):
     monkeypatch.setenv("WINGSPAN_RUNTIME", "")
     assert resolve_policy().frozen is None
     monkeypatch.setenv("WINGSPAN_RUNTIME", "tvm")
-    with pytest.raises(WingspanError, match="Unknown runtime 'tvm'"):
+    with pytest.raises(WingspanError, match=r"Unknown runtime 'tvm' \(WINGSPAN_RUNTIME=tvm\)"):
         resolve_policy()
+    # A combination nothing runs names the variable that set half of it.
+    monkeypatch.setenv("WINGSPAN_RUNTIME", "onnx")
+    with pytest.raises(WingspanError, match="set by precision bf16 and WINGSPAN_RUNTIME=onnx"):
+        resolve_policy(precision="bf16")
+    # What a run records as its own settings (a resumed run keeps them).
+    from wingspan.models.policy import settings_with_environment
+
+    monkeypatch.setenv("WINGSPAN_PRECISION", "bf16")
+    assert settings_with_environment("auto", "auto") == ("bf16", "onnx")
+    assert settings_with_environment("fp32", "torch") == ("fp32", "torch")
 
 
 def test_policy_errors(auto, monkeypatch):

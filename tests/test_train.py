@@ -254,6 +254,18 @@ def test_a_resumed_run_keeps_where_its_weights_came_from(demo_dir, tmp_path):
     assert json.loads((run_dir / "metrics.json").read_text())["weights"] == f"file: {start}"
 
 
+def test_engines_forced_by_the_environment_are_the_runs_own_settings(demo_dir, tmp_path,
+                                                                    monkeypatch):
+    """$WINGSPAN_PRECISION / $WINGSPAN_RUNTIME go into config.yaml: a resumed run (in a
+    shell without them, say) keeps the engines it began with."""
+    monkeypatch.setenv("WINGSPAN_PRECISION", "fp32")
+    monkeypatch.setenv("WINGSPAN_RUNTIME", "torch")
+    run_dir = train(read_dataset(demo_dir), tiny(tmp_path, epochs_head=1, epochs_finetune=0),
+                    tmp_path / "runs", quiet=True)
+    settings = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert (settings["precision"], settings["runtime"]) == ("fp32", "torch")
+
+
 def test_a_kill_after_an_image_broke_mid_epoch_resumes_alike(demo_dir, tmp_path, monkeypatch):
     """An image that breaks during a fine-tuning epoch is left out from the next epoch on;
     a run killed after it was found, in that epoch, resumes on the same batches (leaving it

@@ -178,10 +178,10 @@ def resolve_policy(device: str = "auto", precision: str = "auto",
     precision, by_precision = _setting(precision, PRECISION_ENV, "precision")
     runtime, by_runtime = _setting(runtime, RUNTIME_ENV, "runtime")
     if precision != "auto" and precision not in PRECISIONS:
-        raise WingspanError(f"Unknown precision '{precision}'.",
+        raise WingspanError(f"Unknown precision '{precision}' ({by_precision}).",
                             hint=f"Use auto or one of: {', '.join(PRECISIONS)}.")
     if runtime != "auto" and runtime not in RUNTIMES:
-        raise WingspanError(f"Unknown runtime '{runtime}'.",
+        raise WingspanError(f"Unknown runtime '{runtime}' ({by_runtime}).",
                             hint=f"Use auto or one of: {', '.join(RUNTIMES)}.")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -197,8 +197,13 @@ def resolve_policy(device: str = "auto", precision: str = "auto",
     if runtime == "onnx" and dev.type == "cpu" and not engine.onnx_available():
         raise WingspanError("--runtime onnx was asked for, but onnxruntime is not installed.",
                             hint="pip install onnxruntime, or use --runtime torch.")
-    frozen, left_out = candidates(dev, precision, runtime, train=False)
-    train, train_left_out = candidates(dev, precision, runtime, train=True)
+    try:
+        frozen, left_out = candidates(dev, precision, runtime, train=False)
+        train, train_left_out = candidates(dev, precision, runtime, train=True)
+    except WingspanError as e:  # say where a setting the user did not type came from
+        given = [f for f in (by_precision, by_runtime) if f]
+        raise WingspanError(f"{e.message} (set by {' and '.join(given)})", hint=e.hint
+                            ) from e
     policy = Policy(dev, convolutional, tuple(frozen), tuple(train), left_out, train_left_out)
     # What narrowed each kind to one: a training step runs in PyTorch whatever the runtime.
     for kind, engines, others, forced in (
@@ -213,6 +218,13 @@ def resolve_policy(device: str = "auto", precision: str = "auto",
                    "; ".join(["the only candidate", *skipped]))
             policy = policy.with_choice(kind, Choice(engines[0], why))
     return policy
+
+
+def settings_with_environment(precision: str, runtime: str) -> tuple[str, str]:
+    """`precision` and `runtime` as the environment resolves an "auto": what a run records
+    as its own settings, so that resuming it (maybe in another shell) keeps them."""
+    return (_setting(precision, PRECISION_ENV, "precision")[0],
+            _setting(runtime, RUNTIME_ENV, "runtime")[0])
 
 
 def _setting(value: str, env: str, name: str) -> tuple[str, str]:

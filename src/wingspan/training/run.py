@@ -34,7 +34,7 @@ from wingspan.models import create_classifier, resolve_policy, save_bundle
 from wingspan.models.bundle import read_manifest
 from wingspan.models.classifier import Classifier
 from wingspan.models.factory import choose_backbone
-from wingspan.models.policy import Policy
+from wingspan.models.policy import Policy, settings_with_environment
 from wingspan.models.unknown import UNKNOWN, UnknownDetector
 from wingspan.parallel import Processes, rank_seed
 from wingspan.progress import Bar
@@ -61,7 +61,11 @@ def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = "runs",
     process of the run, and Fabric starts those of this machine."""
     config = resolve_levels(dataset, config)
     backbone, why = choose_backbone(config.backbone, config.weights)
-    config = dataclasses.replace(config, backbone=backbone)  # the run records the real one
+    precision, runtime = settings_with_environment(config.precision, config.runtime)
+    # The run records the real backbone, and $WINGSPAN_PRECISION / _RUNTIME as its own
+    # settings: a resumed run keeps the engines it began with, whatever the shell says.
+    config = dataclasses.replace(config, backbone=backbone, precision=precision,
+                                 runtime=runtime)
     level = config.level
     fabric = _processes(config).fabric()
     run_dir = None
