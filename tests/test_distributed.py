@@ -206,3 +206,13 @@ def test_strict_stops_every_process_with_the_error(demo_dir, tmp_path):
     # none dies on a closed connection.
     assert err.count("Cannot read image") == 1 and "Without --strict" in err, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
+
+
+def test_a_data_error_on_two_processes_is_said_once(demo_dir, tmp_path):
+    """Every process reads the same data and meets the same error: rank 0 says it."""
+    proc = _cli("train", demo_dir, "--holdout-classes", "nosuch", "--devices", 2,
+                "--runs-dir", tmp_path / "runs", "--quiet", "--weights", "none",
+                "--backbone", "test_efficientnet")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert err.decode().count("no class 'nosuch'") == 1, err.decode()[-2000:]

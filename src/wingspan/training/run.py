@@ -89,9 +89,11 @@ def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = "runs",
             write_text(run_dir / CONFIG_FILE, _data_comment(dataset, run_dir) + yaml.safe_dump(
                 dataclasses.asdict(config), sort_keys=False))
         run = _start(run_dir, config, dataset, quiet, None, fabric, before=(why,) if why else ())
-    except BaseException:  # nothing trained yet (bad data, no weights): leave no empty run
+    except BaseException as e:  # nothing trained yet (bad data, no weights): no empty run
         if fabric.is_global_zero:
             shutil.rmtree(run_dir, ignore_errors=True)
+        if isinstance(e, WingspanError):  # every process read the same data: rank 0 says it
+            e.every_rank = True
         raise
     for line in logs:
         run.log(line)
