@@ -192,6 +192,8 @@ def test_predict_on_mixed_good_and_broken_files(trained, tmp_path, demo_dir):
     result = predict(predictor, [str(folder), str(tmp_path / "missing.jpg"),
                                  str(folder / "sub" / "*.jpg")], top_k=2, progress=False)
     assert len(result.rows) == 5 + 2  # the folder (recursive) and the glob's two files
+    nothing = predict(predictor, [str(folder / "broken.jpg")], progress=False)
+    assert nothing.images_per_second == 0  # a failure is no image predicted
     reasons = {p.rsplit("/", 1)[-1]: r for p, r in result.failed}
     assert set(reasons) == {"broken.jpg", "truncated.jpg", "missing.jpg"}
     assert "no such file" in reasons["missing.jpg"]

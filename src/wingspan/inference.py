@@ -215,5 +215,5 @@ class Predictor:
                                      if every else None,
                                      features=mean_feats[j].numpy() if with_features else None)
                 i += 1
-            done += n
+            done += sum(not e for e in errors)  # images read and predicted, not failures
         self.images_per_second = done / max(time.perf_counter() - start, 1e-9)
