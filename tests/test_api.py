@@ -127,7 +127,7 @@ def test_train_takes_a_config_and_a_yaml_file(demo_dir, tmp_path):
         ws.train(demo_dir, tmp_path / "settings.yaml", epochs_head=-1)
 
 
-def test_evaluate_is_the_cli_evaluation(run, run_cli, tmp_path):
+def test_evaluate_is_the_cli_evaluation(run, run_cli, tmp_path, demo_dir):
     ev = run.evaluate(split="val", quiet=True)
     assert ev.dir == run.dir / "evaluation-val"
     assert ev.metrics == json.loads((ev.dir / "metrics.json").read_text())
@@ -148,6 +148,12 @@ def test_evaluate_is_the_cli_evaluation(run, run_cli, tmp_path):
     assert ev.report()._repr_html_().startswith("<iframe srcdoc=")
     with pytest.raises(WingspanError, match="Available: .*reliability"):
         ev.plot("roc")
+    # Data from ws.read, as train takes it: the same figures as its folder's.
+    again = run.evaluate(ws.read(demo_dir), split="all", out=tmp_path / "a", quiet=True)
+    by_path = run.evaluate(demo_dir, split="all", out=tmp_path / "b", quiet=True)
+    assert again.metrics["accuracy"] == by_path.metrics["accuracy"]
+    # The run's summary says the seconds per stage in words, not as a Python dict.
+    assert "{" not in run._repr_html_().split("seconds per stage")[1][:200]
 
 
 def test_predict_agrees_with_the_cli(run, run_cli, demo_dir, tmp_path):

@@ -394,6 +394,11 @@ def test_config_file_and_command_line(tmp_path, run_cli, demo_dir):
         TrainConfig.from_file(path)
     code, _, err = run_cli("train", demo_dir, "--sampler", "random", "--quiet")
     assert code == 2 and "'sampler' setting must be shuffle or weighted" in err
+    for path_like in ("../elsewhere", "a/b"):  # a name, not a path out of --runs-dir
+        code, _, err = run_cli("train", demo_dir, "--name", path_like, "--runs-dir",
+                               tmp_path / "named", "--quiet")
+        assert code == 2 and "is a path" in err
+    assert not (tmp_path / "elsewhere").exists()
     code, _, err = run_cli("train", demo_dir, "--rare-below", "3", "--quiet")
     assert code == 2 and "'rare_below' setting must be 0 unless 'levels' names" in err
     assert TrainConfig(rare_below=3, levels=["family", "label"]).rare_below == 3

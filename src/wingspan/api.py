@@ -450,6 +450,8 @@ class Run:
         """
         from wingspan.evaluate.run import evaluate
 
+        if isinstance(data, Data):  # what ws.read gave (read as it was), as train takes it
+            data = data.dataset
         result = evaluate(self._model, data, split, out, progress=not quiet,
                           batch_size=batch_size, runtime=runtime, precision=precision,
                           device=device, class_map=class_map, unknown=unknown,
@@ -572,7 +574,8 @@ class Run:
                  ("best epoch", f"{best.get('stage')} epoch {best.get('epoch')}"),
                  ("val macro-F1", f"{best.get('val_macro_f1', float('nan')):.4f}"),
                  ("val accuracy", f"{best.get('val_acc', float('nan')):.4f}"),
-                 ("seconds per stage", m.get("stage_seconds")),
+                 ("seconds per stage", ", ".join(f"{stage} {seconds:g}" for stage, seconds
+                                                 in (m.get("stage_seconds") or {}).items())),
                  ("engine", m.get("engine"))]
         curves = ""
         if self.dir and (self.dir / "history.csv").is_file():

@@ -341,6 +341,8 @@ def _per_level(predictor: Predictor, rows: pd.DataFrame, probs: np.ndarray, pred
 
 
 def _dataset(data, run_dir: Path | None, doing: str = "evaluate on") -> Dataset:
+    if isinstance(data, Dataset):  # read already (the API's ws.read)
+        return data
     if data is not None:
         return read_dataset(data)
     if run_dir is None:
@@ -568,7 +570,9 @@ def _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, 
 def _calibration_data(split: str, data) -> str:
     """What a temperature was fitted on, as the bundle records it: "val" (training's), or
     the split of the data `wingspan calibrate` was given."""
-    return f"{split} of {Path(data).resolve()}" if data else split
+    if isinstance(data, Dataset):
+        data = data.root
+    return f"{split} of {Path(data).resolve()}" if data is not None else split
 
 
 def _fairness(manifest: dict, split: str, data) -> str:

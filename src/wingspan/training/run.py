@@ -523,6 +523,10 @@ def _profile_table(profile: dict) -> dict:
 
 
 def _new_run_dir(runs: Path, name: str) -> Path:
+    if name in ("", ".", "..") or "/" in name or os.sep in name:  # a name, not a path
+        raise WingspanError(f"The run name '{name}' is a path; a run is named, and goes in "
+                            f"--runs-dir ({runs}).", hint="Give a plain name, e.g. leeds-lite2, "
+                            "and the folder with --runs-dir.", every_rank=True)
     path, n = runs / name, 2
     while path.exists():
         path, n = runs / f"{name}-{n}", n + 1
