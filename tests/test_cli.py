@@ -103,6 +103,14 @@ def test_models_list_shows_offline_weights(run_cli):
     assert "resnet50" in lines
 
 
+def test_models_list_says_nothing_of_missing_weights_when_none_miss(run_cli, monkeypatch):
+    from wingspan.models import weights
+
+    monkeypatch.setattr(weights, "find_offline", lambda spec: "package")
+    code, out, _ = run_cli("models", "list")
+    assert code == 0 and "without offline weights" not in out
+
+
 def test_doctor_times_every_candidate_and_keeps_the_choice(run_cli, monkeypatch, tmp_path):
     import json
 

@@ -732,8 +732,10 @@ def _print_evaluation(result) -> None:
     out.print(table)
     if worse:  # fitted on the run's own val, the temperature may not carry to other photos
         out.print("[yellow]The temperature makes these probabilities less calibrated (ECE "
-                  f"{m['ece_uncalibrated']:.3f} -> {m['ece']:.3f}).[/] `wingspan calibrate RUN "
-                  "DATA` fits one on labelled photos like these.")
+                  f"{m['ece_uncalibrated']:.3f} -> {m['ece']:.3f}).[/]" + (
+                      " `wingspan calibrate RUN DATA` fits one on labelled photos like these."
+                      if not m.get("transfer") else " `wingspan calibrate RUN DATA` fits one "
+                      "on labelled photos like these, named as the model names its classes."))
     if m.get("unknown_classes"):
         out.print(f"[yellow]{m.get('unknown_class_images', 0)} images of "
                   f"{len(m['unknown_classes'])} classes the model does not know were left out"
@@ -844,7 +846,8 @@ def predict_command(
             best = _q(best)
         table.add_row(_q(row["path"]), best, f"{p:.3f}", _q(detail))
     if len(result.rows) > 50:
-        table.caption = f"first 50 of {len(result.rows)}; --output FILE writes all"
+        table.caption = f"first 50 of {len(result.rows)}; " + (
+            f"all in {_q(output)}" if output else "--output FILE writes all")
     if output:  # first: nothing printed after can lose it
         write_predictions(result, output)
     out.print(table)
@@ -968,12 +971,14 @@ def models_list() -> None:
     from wingspan.models.weights import find_offline
 
     table = Table("backbone", "timm model", "input", "unfreeze", "offline weights",
-                  title="Backbones", caption="No offline weights: pass --weights PATH, or run "
-                  "once with a network (the download is cached).")
+                  title="Backbones")
     for name, spec in BACKBONES.items():
         source = find_offline(spec)
         table.add_row(name, spec.timm_name, str(_input_size(spec.timm_name)), str(spec.unfreeze),
                       f"[green]yes ({source})[/]" if source else "[yellow]no[/]")
+        if not source:  # said for the backbones that lack them, not for every table
+            table.caption = ("A backbone without offline weights: pass --weights PATH, or "
+                             "run once with a network (the download is cached).")
     out.print(table)
 
 
