@@ -172,6 +172,7 @@ def test_evaluate_says_how_often_the_answer_names_a_class(evaluation, trained):
     np.testing.assert_allclose(saved["unknown_score"], [r["unknown_score"] for r in result.rows],
                                rtol=1e-4, atol=1e-5)
     assert ((saved["unknown_score"] > saved["threshold"]) == ~named).all()
+    assert saved["score_level"].tolist() == [r["score_level"] for r in result.rows]
     assert answers["named"] == pytest.approx(named.mean())
     assert answers["named_wrongly"] == pytest.approx((named & ~right).mean())
     if named.any():

@@ -48,8 +48,8 @@ def test_explain_writes_an_overlay_per_image_and_lists_bad_ones(run_dir, demo_di
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "0001.jpg").write_bytes(Path(images[0]).read_bytes())
     same = explain(run_dir, [str(tmp_path / f / "0001.jpg") for f in "aab"], tmp_path / "same")
-    assert [r.png.name for r in same] == ["0001.gradcam.png", "a-0001.gradcam.png",
-                                          "b-0001.gradcam.png"]
+    assert [r.png.name for r in same] == ["a-0001.gradcam.png", "a-0001-2.gradcam.png",
+                                          "b-0001.gradcam.png"]  # each names its folder
     assert len(list((tmp_path / "same").glob("*.gradcam.png"))) == 3
 
 

@@ -11,6 +11,7 @@ predict answers otherwise ("unknown", or only a coarser class) the title says so
 from __future__ import annotations
 
 import io
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +85,8 @@ def explain(model: str | Path, images: list[str], out: str | Path,
     predictor = Predictor(model, device=device, runtime="torch", precision="fp32")
     view = predictor.views(tta=False)[0]
     results, taken = [], set()
+    stems = Counter(Path(p).stem for p in images)
+    shared = {stem for stem, n in stems.items() if n > 1}
     for path in images:
         try:
             picture = open_rgb(path, draft=predictor.draft)  # decoded as predict decodes it
@@ -92,7 +95,7 @@ def explain(model: str | Path, images: list[str], out: str | Path,
             continue
         x = view(picture)
         label, probability, heatmap, said, title = explain_view(predictor, x)
-        png = out / f"{_unique_name(Path(path), taken)}.gradcam.png"
+        png = out / f"{_unique_name(Path(path), taken, shared)}.gradcam.png"
         save_overlay(model_view(x, predictor), heatmap, title, png)
         results.append(Explanation(path, label, probability, heatmap, png, answer=said))
     return results
@@ -124,12 +127,12 @@ def _answer(predictor: Predictor, x: torch.Tensor) -> tuple[str, str]:
     return answer_at(known, branch, top, predictor.level), top
 
 
-def _unique_name(path: Path, taken: set[str]) -> str:
-    """The file's stem, or with its folder's name before it when another image of the call
-    has that stem (class folders often reuse 0001.jpg), then a number: no overlay is
-    written over another."""
+def _unique_name(path: Path, taken: set[str], shared: set[str] = frozenset()) -> str:
+    """The file's stem, or with its folder's name before it when images of the call share
+    that stem (`shared`; class folders often reuse 0001.jpg): every one of them, so that no
+    name is left to mean either; then a number. No overlay is written over another."""
     name = path.stem
-    if name in taken:
+    if name in shared or name in taken:
         name = f"{path.parent.name}-{path.stem}"
     base, n = name, 2
     while name in taken:

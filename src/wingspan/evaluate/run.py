@@ -508,7 +508,8 @@ def _write_predictions(path: Path, paths: list[str], y: np.ndarray, y_pred: np.n
         frame = frame.assign(answer=[_named(predictor, p) for p in read],
                              known_level=[p.known_level for p in read],
                              unknown_score=[d.get("unknown_score") for d in decided],
-                             threshold=[d.get("threshold") for d in decided])
+                             threshold=[d.get("threshold") for d in decided],
+                             score_level=[d.get("score_level") for d in decided])
     frame = pd.concat([frame, pd.DataFrame(probs, columns=[f"p:{c}" for c in classes])], axis=1)
     _write_csv(frame, path, index=False)
 
