@@ -44,6 +44,9 @@ def test_split_command(run_cli, demo_dir, tmp_path, monkeypatch):
     assert set(ds.table["split"]) == {"train", "val", "test"}
     sampling = json.loads((tmp_path / "sampling.json").read_text())
     assert set(sampling["class_weights"]) == set(ds.table["label"])
+    written = ds.table["split"].value_counts()  # what the file holds, said as such
+    assert (f"So splits.csv holds train {written['train']}, val {written['val']}, test "
+            f"{written['test']} rows") in " ".join(out.split())
     # Split again, a split of its own: said, as train DATA would keep using that one.
     code, out, _ = run_cli("data", "split", tmp_path / "splits.csv", "--out", tmp_path / "again")
     assert code == 0 and "DATA has a split of its own" in out

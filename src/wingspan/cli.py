@@ -232,6 +232,10 @@ def _print_split(result) -> None:
     if result.oversampled:
         out.print(f"--oversample-to added {sum(result.oversampled.values())} repeated training "
                   f"images to {len(result.oversampled)} classes")
+    if result.undersampled or result.oversampled:  # the sizes above are the split's
+        rows = result.dataset.table["split"].value_counts()
+        out.print("So splits.csv holds " + ", ".join(
+            f"{k} {rows.get(k, 0)}" for k in r.sizes) + " rows")
     w = result.class_weights
     out.print(f"Balanced class weights (train): {min(w.values()):.3g} to {max(w.values()):.3g} "
               f"over {len(w)} classes")
