@@ -76,6 +76,21 @@ def test_preview_passes_over_unreadable_images(demo_dir, tmp_path):
         write_preview(read_dataset(demo_dir), tmp_path / "none.png", rows=0)
 
 
+def test_the_preview_names_each_class_whole(demo_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from matplotlib.axes import Axes
+
+    long = "a_class_named_at_some_length"  # 28 characters: cut at 18 before
+    shutil.copytree(next(p for p in demo_dir.iterdir() if p.is_dir()), tmp_path / "d" / long)
+    said, original = [], Axes.set_ylabel
+    monkeypatch.setattr(Axes, "set_ylabel", lambda ax, text, **kw: (
+        said.append(text), original(ax, text, **kw))[1])
+    write_preview(read_dataset(tmp_path / "d"), tmp_path / "p.png",
+                  AugmentConfig(image_size=48), rows=1, augmented=1)
+    assert [t.replace("\n", "") for t in said] == [long]
+
+
 def test_the_config_names_every_policy_and_depends_on_nothing_above_it():
     import subprocess
     import sys

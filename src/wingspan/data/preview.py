@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +54,8 @@ def write_preview(dataset: Dataset, out: Path, config: AugmentConfig | None = No
             ax.set_xticks([])
             ax.set_yticks([])
             if c == 0:
-                ax.set_ylabel(str(label)[:18], fontsize=7)
+                # The whole class name, over lines of 16 characters (three at most).
+                ax.set_ylabel("\n".join(textwrap.wrap(str(label), 16)[:3]), fontsize=7)
             if r == 0:
                 ax.set_title("original" if c == 0 else f"augmented {c}", fontsize=8)
     fig.suptitle(f"augmentation '{config.policy}' at {config.image_size}px", fontsize=9)
