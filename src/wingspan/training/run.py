@@ -61,11 +61,7 @@ def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = "runs",
     process of the run, and Fabric starts those of this machine."""
     config = resolve_levels(dataset, config)
     backbone, why = choose_backbone(config.backbone, config.weights)
-    precision, runtime = settings_with_environment(config.precision, config.runtime)
-    # The run records the real backbone, and $WINGSPAN_PRECISION / _RUNTIME as its own
-    # settings: a resumed run keeps the engines it began with, whatever the shell says.
-    config = dataclasses.replace(config, backbone=backbone, precision=precision,
-                                 runtime=runtime)
+    config = dataclasses.replace(config, backbone=backbone)  # the run records the real one
     level = config.level
     fabric = _processes(config).fabric()
     run_dir = None
@@ -86,8 +82,12 @@ def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = "runs",
             write_splits(dataset, run_dir / SPLITS_FILE, relative=False)
             if held_out is not None:
                 write_text(run_dir / HOLDOUT_FILE, held_out[["path", level]].to_csv(index=False))
+            # $WINGSPAN_PRECISION / _RUNTIME are recorded as the run's own settings: a
+            # resumed run keeps the engines it began with, whatever its shell says.
+            precision, runtime = settings_with_environment(config.precision, config.runtime)
+            recorded = dataclasses.replace(config, precision=precision, runtime=runtime)
             write_text(run_dir / CONFIG_FILE, _data_comment(dataset, run_dir) + yaml.safe_dump(
-                dataclasses.asdict(config), sort_keys=False))
+                dataclasses.asdict(recorded), sort_keys=False))
         run = _start(run_dir, config, dataset, quiet, None, fabric, before=(why,) if why else ())
     except BaseException as e:  # nothing trained yet (bad data, no weights): no empty run
         if fabric.is_global_zero:
