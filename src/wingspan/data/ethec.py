@@ -100,31 +100,32 @@ def read_ethec(root: Path, config: ReadConfig) -> Dataset:
 def _drop_nameless(raw: pd.DataFrame, problems: list[Problem]) -> pd.DataFrame:
     """Records without an image_name (the release has a few, with the file's name in
     image_path instead) point at no file: left out and said so, not counted as missing."""
-    nameless = raw["image_name"].str.strip() == ""
-    for split, part in raw[nameless].groupby(SPLIT):
-        problems.append(Problem(
-            "no_image_name",
-            f"{split}: {len(part)} records have an empty image_name (their image_path holds "
-            f"a file name, e.g. {part['image_path'].iloc[0]}): left out, no image to read",
-        ))
-        problems += [Problem("no_image_name", f"{split}: record {t} names no file", i)
-                     for t, i in zip(part["token"], part["image_path"], strict=True)]
-    return raw[~nameless]
+    return _drop_records(
+        raw, raw["image_name"].str.strip() == "", "no_image_name", "image_path",
+        lambda part: f"{len(part)} records have an empty image_name (their image_path holds "
+                     f"a file name, e.g. {part['image_path'].iloc[0]}): left out, no image "
+                     "to read",
+        "names no file", problems)
 
 
 def _drop_repeats(raw: pd.DataFrame, problems: list[Problem]) -> pd.DataFrame:
     """Keep one record per image within each split, reporting every dropped copy."""
-    repeated = raw.duplicated(subset=[SPLIT, "image"], keep="first")
-    for split, part in raw[repeated].groupby(SPLIT):
-        images = part["image"].nunique()
-        problems.append(Problem(
-            "duplicate_record",
-            f"{split}: {images} images are listed more than once under different tokens; "
-            f"{len(part)} extra records dropped",
-        ))
-        problems += [Problem("duplicate_record", f"{split}: extra record {t} dropped", i)
-                     for t, i in zip(part["token"], part["image"], strict=True)]
-    return raw[~repeated].reset_index(drop=True)
+    return _drop_records(
+        raw, raw.duplicated(subset=[SPLIT, "image"], keep="first"), "duplicate_record",
+        "image", lambda part: f"{part['image'].nunique()} images are listed more than once "
+                              f"under different tokens; {len(part)} extra records dropped",
+        "dropped", problems)
+
+
+def _drop_records(raw: pd.DataFrame, dropped: pd.Series, kind: str, where: str, summary,
+                  each: str, problems: list[Problem]) -> pd.DataFrame:
+    """Leave out the `dropped` records: per split one problem that sums them up, then one
+    per record (its token; `where` as its path), so that what is counted is records."""
+    for split, part in raw[dropped].groupby(SPLIT):
+        problems.append(Problem(kind, f"{split}: {summary(part)}"))
+        problems += [Problem(kind, f"{split}: record {t} {each}", i)
+                     for t, i in zip(part["token"], part[where], strict=True)]
+    return raw[~dropped].reset_index(drop=True)
 
 
 def _report_cross_split(raw: pd.DataFrame, problems: list[Problem]) -> None:
