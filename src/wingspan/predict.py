@@ -62,9 +62,9 @@ class PredictResult:
     rows: list[dict] = field(default_factory=list)  # one per readable image
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     images_per_second: float = 0.0
-    # Where each failed image came among the images (rows before it): the output file
-    # keeps the inputs' order. Inputs that matched no file at all come first.
-    failed_at: dict[int, int] = field(default_factory=dict)  # index in failed -> rows before
+    # ("row", i) and ("failed", j) in the order the inputs were given (those that matched no
+    # file first): the output file keeps it.
+    order: list[tuple[str, int]] = field(default_factory=list)
 
 
 def predict(predictor: Predictor, inputs: list[str], top_k: int = 3, tta: bool = False,
@@ -76,7 +76,7 @@ def predict(predictor: Predictor, inputs: list[str], top_k: int = 3, tta: bool =
         raise WingspanError(f"top_k must be at least 1, not {top_k}.",
                             hint="Ask for the top 1 (the answer alone) or more classes.")
     paths, failed = expand_paths(inputs)
-    result = PredictResult(failed=list(failed))
+    result = PredictResult(failed=list(failed), order=[("failed", j) for j in range(len(failed))])
     k = min(top_k, len(predictor.classes))
     if fabric is not None and fabric.world_size > 1:
         mine = [paths[i] for i in shard(len(paths), fabric)]
@@ -90,9 +90,10 @@ def predict(predictor: Predictor, inputs: list[str], top_k: int = 3, tta: bool =
         predictions = predictor.run(paths, tta=tta, progress=progress)
     for p in predictions:
         if p.error:
-            result.failed_at[len(result.failed)] = len(result.rows)
+            result.order.append(("failed", len(result.failed)))
             result.failed.append((p.path, p.error))
             continue
+        result.order.append(("row", len(result.rows)))
         order = p.probs.argsort()[::-1][:k]
         row = {"path": p.path, "top": [(predictor.classes[c], float(p.probs[c])) for c in order]}
         if predictor.taxonomy:
@@ -159,7 +160,7 @@ def write_predictions(result: PredictResult, path: Path) -> None:
                   *[x for i in range(1, k + 1) for x in (f"class_{i}", f"prob_{i}")],
                   *UNKNOWN_KEYS, "error"]
         writer.writerow(header)
-        for kind, i in _in_order(result):
+        for kind, i in result.order:
             if kind == "failed":
                 f_, e = result.failed[i]
                 writer.writerow([f_, *[""] * (len(header) - 2), e])
@@ -169,20 +170,6 @@ def write_predictions(result: PredictResult, path: Path) -> None:
                              *[x for _, c, p in r.get("taxonomy", []) for x in (c, f"{p:.6f}")],
                              *[x for c, p in r["top"] for x in (c, f"{p:.6f}")],
                              *[_cell(r.get(key)) for key in UNKNOWN_KEYS], ""])
-
-
-def _in_order(result: PredictResult) -> list[tuple[str, int]]:
-    """("row", i) and ("failed", j) in the order the images were given: inputs that
-    matched nothing first, then each image where it came."""
-    before: dict[int, list[int]] = {}
-    for j, at in result.failed_at.items():
-        before.setdefault(at, []).append(j)
-    order = [("failed", j) for j in range(len(result.failed)) if j not in result.failed_at]
-    for i in range(len(result.rows) + 1):
-        order += [("failed", j) for j in before.get(i, [])]
-        if i < len(result.rows):
-            order.append(("row", i))
-    return order
 
 
 def _cell(value) -> str:

@@ -76,7 +76,7 @@ def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = "runs",
             logs.append(f"Holding out {', '.join(config.holdout_classes)} ({len(held_out)} "
                         "images): not trained on, scored as unknowns at the end")
         dataset = ensure_splits(dataset, level, config, log=logs.append)
-        _say_if_a_class_is_named_unknown(dataset, config.levels or [level], logs.append)
+        _say_if_a_class_is_named_unknown(dataset, config.trained_levels, logs.append)
         if fabric.is_global_zero:
             # The run rebuilds its data from this; absolute paths survive moving the run.
             write_splits(dataset, run_dir / SPLITS_FILE, relative=False)
