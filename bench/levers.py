@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+import yaml
 from scipy.stats import bootstrap
 from sklearn.metrics import f1_score
 
@@ -79,6 +80,10 @@ LEVERS = {
     "unfreeze5": Lever("--unfreeze 5: fine-tune 5 of the backbone's stages (Lite2's default 3)",
                        {"unfreeze": 5}),
     "ls0": Lever("--label-smoothing 0 (default 0.1)", {"label_smoothing": 0.0}),
+    "ft-lr-0.3": Lever("fine-tuning's top rate 0.3x the head's (finetune_lr_scale; default 0.1)",
+                       {"finetune_lr_scale": 0.3}),
+    "layer-decay-0.8": Lever("each earlier stage fine-tunes at 0.8x the next one's rate "
+                             "(layer_decay; default 0.5)", {"layer_decay": 0.8}),
     "tta": Lever("evaluate --tta: mean of 4 views (centre crop, wider crop, their mirrors)",
                  mode="tta", cost="predict"),
     "res300": Lever("predict at 300 px (trained at 260)", mode="size300", cost="predict"),
@@ -131,7 +136,11 @@ def ensure_run(runs: Path, data_dir: Path, target: str, seed: int, settings: dic
     if (run / "model" / "manifest.json").is_file():
         return run
     data = str(data_dir / DATA[target])
-    flags = [x for k, v in settings.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    # The settings go in a config file: some (finetune_lr_scale, layer_decay) have no flag.
+    runs.mkdir(parents=True, exist_ok=True)
+    settings_file = runs / f"{run.name}.yaml"
+    settings_file.write_text(yaml.safe_dump(settings))
+    flags = ["--config", str(settings_file)] if settings else []
     cmd = ([sys.executable, __file__, "--train-patched", patch, data] if patch else
            [sys.executable, "-m", "wingspan", "train", data])
     cmd += ["--runs-dir", str(runs), "--name", run.name, "--seed", str(seed), "--quiet", *flags]

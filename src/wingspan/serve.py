@@ -175,6 +175,11 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
     # many form parts) and a request without the form FastAPI expects (422).
     @app.exception_handler(StarletteHTTPException)
     async def as_json(_, e: StarletteHTTPException):
+        if e.status_code == 400 and str(e.detail).startswith("Too many files"):
+            # Starlette's form parser stops at its own count (1000) before our check runs.
+            return JSONResponse({"error": f"{e.detail[:-1]} in its form parser; at most "
+                                          f"{limits.max_files} files in one request."},
+                                status_code=413)
         return JSONResponse({"error": e.detail}, status_code=e.status_code)
 
     @app.exception_handler(RequestValidationError)
