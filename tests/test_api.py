@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -236,7 +237,12 @@ def test_hierarchical_levels(demo_dir, tmp_path):
     assert answers["named"] == answers["by_level"]["label"]["named"]
     # The open-set figures count what predict answers too: the same val images as
     # "unseen" are turned away exactly where predict names no species.
-    u = run.evaluate(split="val", unknown=val["path"].tolist(), out=tmp_path / "ev-u",
+    # (copies: the val images themselves, in their class folders, would be refused)
+    unseen = tmp_path / "unseen"
+    unseen.mkdir()
+    for i, path in enumerate(val["path"]):
+        shutil.copy(path, unseen / f"{i:03d}{Path(path).suffix}")
+    u = run.evaluate(split="val", unknown=unseen, out=tmp_path / "ev-u",
                      quiet=True).metrics["unknown"]
     named_species = (reach >= 1)
     assert u["known_turned_away"] == pytest.approx(1 - named_species.mean())

@@ -119,7 +119,7 @@ def test_classes_of_a_single_image_are_left_out_of_the_label_audit_only(tmp_path
                              tmp_path / "out", "--quiet")
     assert code == 0, err
     said = " ".join(out.split())
-    assert "1 classes have a single image, so their labels were not checked" in said
+    assert "1 class has a single image, so its label was not checked" in said
     assert "perceptual hashes within" in said
     audited = pd.read_csv(tmp_path / "out" / "audit.csv")
     assert set(audited["label"]) == {"monarch", "admiral"} and len(audited) == 7

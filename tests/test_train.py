@@ -187,6 +187,15 @@ def test_class_weights_default_on_only_for_imbalanced_data(demo_dir, tmp_path):
     assert _prepared_run(demo_dir, tmp_path).data.class_weights["label"] is not None  # 16:6
     balanced = _prepared_run(demo_dir, tmp_path / "b", max_per_class=5)
     assert balanced.data.class_weights["label"] is None
+    # The weighted sampler draws classes evenly already: weighting the loss too would
+    # count the rare classes twice over, so auto leaves it off (balanced warns).
+    sampled = _prepared_run(demo_dir, tmp_path / "s", sampler="weighted")
+    assert sampled.data.class_weights["label"] is None
+    assert "class-weighted loss: off (the weighted sampler" in (
+        sampled.dir / "train.log").read_text()
+    both = _prepared_run(demo_dir, tmp_path / "w", sampler="weighted", class_weights="balanced")
+    assert both.data.class_weights["label"] is not None
+    assert "corrects the imbalance twice" in (both.dir / "train.log").read_text()
 
 
 def test_early_stopping_stops(demo_dir, tmp_path):

@@ -289,6 +289,14 @@ def test_evaluate_unknown_folder_of_non_butterflies(held_out_run, run_cli, tmp_p
     code, _, err = run_cli("evaluate", run_dir, "--unknown", tmp_path / "nothing-here")
     assert code != 0 and "No images of unseen classes" in err
     assert not list(run_dir.glob(".*partial"))  # refused before anything was done
+    # A folder of a class the model knows (DATA given as --unknown, say) is refused too:
+    # its right answers would count against the unknown answer.
+    _, demo = held_out_run
+    known = sorted(p for p in demo.iterdir() if p.is_dir() and p.name != HELD)[0]
+    code, _, err = run_cli("evaluate", run_dir, "--unknown", known, "--quiet")
+    assert code != 0 and f"named after classes the model knows: {known.name}." in err
+    code, _, err = run_cli("evaluate", run_dir, "--unknown", demo, "--quiet")
+    assert code != 0 and "named after classes the model knows" in err
     # The API takes a list of folders, files or globs, as predict does.
     from wingspan.evaluate.run import evaluate
 

@@ -296,9 +296,11 @@ def data_audit(
     out.print(table)
     if result.single_image_classes:
         alone = result.single_image_classes
-        out.print(f"{len(alone)} classes have a single image, so their labels were not "
-                  f"checked (nothing of their class to learn from out of fold): "
-                  f"{', '.join(alone[:8])}{' ...' if len(alone) > 8 else ''}")
+        out.print(f"{len(alone)} " + ("classes have a single image, so their labels were"
+                                       if len(alone) > 1 else
+                                       "class has a single image, so its label was")
+                  + " not checked (no other image of the class to learn from out of fold): "
+                  f"{_some(alone)}")
     out.print(f"{len(dups)} near-duplicate pairs (similarity >= {similarity}, or perceptual "
               f"hashes within {config.hash_distance} bits), "
               f"{int(dups['across_splits'].sum())} across splits, "

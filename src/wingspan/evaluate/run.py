@@ -83,6 +83,8 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     other_images = int((~known).sum())
     rows = rows[known]
     unknown_paths = _unknown_paths(unknown) if unknown is not None else None  # before work
+    if unknown_paths:
+        _check_unseen(unknown_paths, rows["path"], predictor)
     # Other data's evaluation is named after it: the run's own stays where it is.
     name = f"evaluation-{dataset.name}-{split}" if data is not None else f"evaluation-{split}"
     final = Path(out).resolve() if out else output_home(predictor.bundle) / name
@@ -223,6 +225,26 @@ def _unknown_paths(unknown) -> list[str]:
                             + (f": {missing[0][1]}" if missing else "."),
                             hint="Give a folder of images of classes the model never saw.")
     return paths
+
+
+def _check_unseen(unknown_paths: list[str], known_paths, predictor: Predictor) -> None:
+    """Images of `--unknown` that are in the evaluated split, or sit in a folder named
+    after one of the model's classes (DATA given as --unknown, say), would count a right
+    answer against the unknown answer's figures."""
+    resolved = {str(Path(p).resolve()) for p in known_paths}
+    both = [p for p in unknown_paths if str(Path(p).resolve()) in resolved]
+    if both:
+        raise WingspanError(f"{len(both)} of the --unknown images are also among the images "
+                            f"of known classes evaluated, e.g. {both[0]}.",
+                            hint="Give a folder of images of classes the model never saw.")
+    names = {c for level in predictor.manifest["classes"].values() for c in level}
+    named = sorted({Path(p).parent.name for p in unknown_paths} & names)
+    if named:
+        raise WingspanError(f"The --unknown images include folders named after classes the "
+                            f"model knows: {', '.join(named[:5])}"
+                            + (f" and {len(named) - 5} more." if len(named) > 5 else "."),
+                            hint="Give a folder of images of classes the model never saw "
+                                 "(rename a folder that only shares a name).")
 
 
 def _check_split(dataset: Dataset, split: str) -> None:

@@ -203,15 +203,26 @@ def build_train_data(plan: LabelPlan, config: TrainConfig, pre: Preprocessing,
         ratio = counts.max() / counts.min()
         w = class_weights(train[lv])
         weights[lv] = torch.tensor([w[c] for c in plan.classes[lv]], dtype=torch.float)
+        # The weighted sampler already draws classes evenly: weighting the loss as well
+        # would count a rare class's images about `ratio` times over.
         use[lv] = config.class_weights == "balanced" or (
-            config.class_weights == "auto" and ratio > config.imbalance_threshold)
+            config.class_weights == "auto" and ratio > config.imbalance_threshold
+            and config.sampler != "weighted")
     ratio = train[finest].value_counts()
+    # Every level's weights: a coarse level can be far more imbalanced than the finest.
+    weighted = [(f"{lv} " if len(levels) > 1 else "")
+                + f"on; weights {weights[lv].min():.2f}-{weights[lv].max():.2f}"
+                for lv in levels if use[lv]]
     log(f"{len(train)} training and {len(val)} validation images; "
         + "; ".join(f"{lv}: {len(plan.classes[lv])} classes" for lv in levels)
         + f" (imbalance {ratio.max() / ratio.min():.1f}x); class-weighted loss: "
-        + ("on" if use[finest] else "off")
-        + (f"; weights {weights[finest].min():.2f}-{weights[finest].max():.2f}"
-           if use[finest] else ""))
+        + (", ".join(weighted) or "off")
+        + (" (the weighted sampler draws classes evenly)"
+           if config.sampler == "weighted" and not weighted else ""))
+    if config.sampler == "weighted" and any(use.values()):
+        log("Warning: --class-weights balanced with --sampler weighted corrects the imbalance "
+            "twice (the sampler draws classes evenly, and the loss weights rare classes up "
+            "again): rare classes then count far more than common ones. Use one of the two.")
 
     size = pre.input_size
     augment = AugmentConfig(policy=config.augment, image_size=size, eval_crop=pre.crop_pct)
