@@ -29,9 +29,9 @@ unknown = meta.get("unknown")
 rows = []
 for path in sys.argv[2:]:
     image = Image.open(path).convert("RGB")
-    scale = resize / min(image.size)
-    image = image.resize((max(size, round(image.width * scale)),
-                          max(size, round(image.height * scale))), resample)
+    w, h = image.size  # shorter side to `resize`, the longer truncated as torchvision's Resize
+    image = image.resize((resize, int(resize * h / w)) if w <= h else
+                         (int(resize * w / h), resize), resample)
     left, top = (image.width - size) // 2, (image.height - size) // 2
     pixels = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
     out = dict(zip(meta["outputs"], session.run(None, {"pixels": pixels[None]})))

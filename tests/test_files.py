@@ -48,26 +48,33 @@ def test_a_full_cache_disk_does_not_make_images_unreadable(tmp_path, monkeypatch
 
 
 def test_the_decoded_image_cache_shrinks_with_the_models_filter(tmp_path):
-    """Training's images are shrunk with the filter predict and the export use (timm's
-    `interpolation`), each filter in a cache of its own."""
+    """Training's images are shrunk as predict's eval transform shrinks them (the same
+    size: 400 x 300 to 42 x 32, the long side truncated; the same pixels), with the
+    model's filter (timm's `interpolation`), each filter in a cache of its own."""
     import numpy as np
     from helpers import write_image
     from PIL import Image
 
+    from wingspan.data.transforms import AugmentConfig, eval_transform
+    from wingspan.export import prepare_pixels
     from wingspan.training.decode_cache import DecodeCache
 
     image = write_image(tmp_path / "a.png", size=(400, 300), seed=1)
     with Image.open(image) as im:
-        want = {f: np.asarray(im.convert("RGB").resize((43, 32), getattr(Image.Resampling, f),
-                                                       reducing_gap=3.0))
-                for f in ("BILINEAR", "BICUBIC")}
+        rgb = im.convert("RGB")
+    want = {f.upper(): eval_transform(AugmentConfig(image_size=32, eval_crop=1.0),
+                                      normalize=False, interpolation=f)(rgb)
+            for f in ("bilinear", "bicubic")}  # predict's pixels (a centre crop of 32)
     assert not np.array_equal(want["BILINEAR"], want["BICUBIC"])
+    want = {f: (w.permute(1, 2, 0) * 255).round().byte().numpy() for f, w in want.items()}
     for name in ("bilinear", "bicubic"):
         got = DecodeCache(tmp_path / "cache", 32, name).load(str(image))
-        np.testing.assert_array_equal(got, want[name.upper()])
+        assert got.shape == (32, 42, 3)
+        np.testing.assert_array_equal(got[:, 5:37], want[name.upper()])
+        # and the exported model's resize (the README's, in Pillow alone)
+        np.testing.assert_array_equal(prepare_pixels(rgb, 32, 32, name), want[name.upper()])
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
         "decoded-32", "decoded-32-bilinear"]
-
 
 def test_the_cli_says_the_disk_is_full_instead_of_a_traceback(run_cli, tmp_path, monkeypatch):
     from wingspan.data import inspect as inspect_module

@@ -284,6 +284,60 @@ def test_a_group_regex_with_alternatives_takes_the_group_that_matched(tmp_path):
     assert [p.kind for p in ds.problems] == ["group_unmatched"]
 
 
+def test_a_file_listed_twice_in_a_csv(tmp_path):
+    """With two labels it is left out; repeated in val or test it counts once; repeated in
+    train it stays (as --oversample-to writes it); on two sides, the leak check's."""
+    folder_dataset(tmp_path, {"x": 5})
+    (tmp_path / "l.csv").write_text(
+        "path,label,split\nx/x_0.jpg,a,train\nx/x_0.jpg,a,train\nx/x_1.jpg,a,val\n"
+        "x/x_1.jpg,a,val\nx/x_2.jpg,a,train\nx/x_2.jpg,b,train\nx/x_3.jpg,b,train\n"
+        "x/x_3.jpg,b,test\nx/x_4.jpg,b,val\n")
+    ds = read_dataset(tmp_path / "l.csv")
+    rows = [(p.rsplit("/", 1)[1], s) for p, s in zip(ds.table["path"], ds.table["split"],
+                                                     strict=True)]
+    assert rows == [("x_0.jpg", "train"), ("x_0.jpg", "train"), ("x_1.jpg", "val"),
+                    ("x_3.jpg", "train"), ("x_3.jpg", "test"), ("x_4.jpg", "val")]
+    said = {p.kind: (p.message, p.path.rsplit("/", 1)[1]) for p in ds.problems}
+    assert said == {"repeated_row": ("listed 2 times in the val split; counted once", "x_1.jpg"),
+                    "conflicting_labels": ("listed 2 times, with the labels a and b: left out",
+                                           "x_2.jpg")}
+
+
+def test_a_group_regex_wins_over_a_csvs_group_column(tmp_path):
+    for name in ("obs_1_1.jpg", "obs_1_2.jpg", "obs_2_1.jpg"):
+        write_image(tmp_path / "monarch" / name, seed=len(name) + int(name[4]) + int(name[6]))
+    (tmp_path / "s.csv").write_text("path,label,group\n" + "".join(
+        f"monarch/{n},monarch,monarch/{n}\n" for n in ("obs_1_1.jpg", "obs_1_2.jpg",
+                                                       "obs_2_1.jpg")))
+    ds = read_dataset(tmp_path / "s.csv", ReadConfig(group_regex=r"obs_(\d+)_"))
+    assert ds.table["group"].tolist() == ["1", "1", "2"]
+    assert [p.kind for p in ds.problems] == ["group_column_replaced"]
+    assert read_dataset(tmp_path / "s.csv").table["group"].tolist()[0] == "monarch/obs_1_1.jpg"
+
+
+def test_a_macs_zip_folder_is_not_a_class_or_a_split(tmp_path):
+    for side in ("train", "val"):
+        folder_dataset(tmp_path / side, {"monarch": 2, "admiral": 2})
+    write_image(tmp_path / "__MACOSX" / "train" / "monarch" / "._monarch_0.jpg")
+    ds = read_dataset(tmp_path)
+    assert ds.format == "split-folders" and set(ds.table["label"]) == {"monarch", "admiral"}
+    assert not ds.problems
+
+
+def test_predict_finds_the_images_training_reads(tmp_path):
+    """Symlinked folders followed, hidden files (a Mac's ._ copies) skipped: the same
+    images as the reader finds under a class folder."""
+    from wingspan.predict import expand_paths
+
+    folder_dataset(tmp_path / "elsewhere", {"y2023": 2})
+    folder_dataset(tmp_path / "photos", {"monarch": 2})
+    (tmp_path / "photos" / "monarch" / "y2023").symlink_to(tmp_path / "elsewhere" / "y2023")
+    write_image(tmp_path / "photos" / "monarch" / "._monarch_0.jpg")
+    found, missing = expand_paths([str(tmp_path / "photos")])
+    assert not missing and len(found) == 4
+    assert sorted(found) == sorted(read_dataset(tmp_path / "photos").table["path"])
+
+
 def test_wingspan_output_inside_data_is_not_a_class(tmp_path):
     """`cd DATA; wingspan data inspect .` writes runs/data/<name>/ there: a second run must
     not read it as a class."""

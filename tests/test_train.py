@@ -321,14 +321,37 @@ def test_resuming_without_every_image_of_a_class_says_which(demo_dir, tmp_path, 
     from wingspan.training.context import Run
 
     data = shutil.copytree(demo_dir, tmp_path / "data")
-    monkeypatch.setattr(Run, "add_history", lambda run, row: (_ for _ in ()).throw(
-        KeyboardInterrupt) if row["stage"] == "finetune" else None)
+    add_history = Run.add_history
+
+    def killed_at_finetuning(run, row):
+        if row["stage"] == "finetune":
+            raise KeyboardInterrupt
+        add_history(run, row)
+
+    monkeypatch.setattr(Run, "add_history", killed_at_finetuning)
     with pytest.raises(KeyboardInterrupt):
         train(read_dataset(data), tiny(tmp_path), tmp_path / "runs", "r", quiet=True)
     monkeypatch.undo()
     (data / "azure_spotwing").rename(tmp_path / "moved")
-    with pytest.raises(WingspanError, match="Every image of azure_spotwing is gone"):
+    with pytest.raises(WingspanError, match="Every training image of azure_spotwing is gone"):
         resume(tmp_path / "runs" / "r", quiet=True)
+    # One image gone, not a class: the run resumes without it, and says so.
+    (tmp_path / "moved").rename(data / "azure_spotwing")
+    splits = pd.read_csv(tmp_path / "runs" / "r" / "splits.csv")
+    gone = splits.loc[splits["split"] == "train", "path"].iloc[0]
+    Path(gone).unlink()
+    run_dir = resume(tmp_path / "runs" / "r", quiet=True)
+    assert f"{gone}: the file is gone since the run began" in (run_dir / "train.log").read_text()
+    unreadable = json.loads((run_dir / "metrics.json").read_text())["unreadable"]
+    assert [u["path"] for u in unreadable] == [gone]
+
+
+@pytest.mark.parametrize("written", ["name: my-project\n", "- a\n- b\n", "epochs: [\n"])
+def test_resuming_a_folder_whose_config_is_not_a_runs_says_so(tmp_path, written):
+    (tmp_path / "config.yaml").write_text(written)
+    (tmp_path / "splits.csv").write_text("path,label,split\n")
+    with pytest.raises(WingspanError, match="is not a wingspan run"):
+        resume(tmp_path, quiet=True)
 
 
 def test_a_kill_between_the_best_and_the_last_checkpoint_resumes_alike(demo_dir, tmp_path,
@@ -613,6 +636,30 @@ def test_train_reports_what_reading_left_out(demo_dir, tmp_path):
     log = (run_dir / "train.log").read_text()
     assert "While reading the data: 1 x empty class" in log and "empty_species" in log
     assert "While reading the data: 1 x not image" in log and "notes.txt" in log
+
+
+@pytest.mark.parametrize("feature_cache", [True, False])
+def test_a_class_with_no_readable_image_is_refused_not_learned(demo_dir, tmp_path,
+                                                             feature_cache):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_dir, data)
+    (data / "broken").mkdir()
+    for i in range(6):
+        (data / "broken" / f"{i}.jpg").write_text(f"not an image {i}\n")
+    with pytest.raises(WingspanError, match="No training image of 'broken' could be read"):
+        train(read_dataset(data), tiny(tmp_path, feature_cache=feature_cache), tmp_path / "r",
+              quiet=True)
+
+
+def test_a_single_class_is_refused(demo_dir, tmp_path):
+    import shutil
+
+    one = sorted(p for p in demo_dir.iterdir() if p.is_dir())[0]
+    shutil.copytree(one, tmp_path / "data" / one.name)
+    with pytest.raises(WingspanError, match=f"one 'label' class only \\({one.name}\\)"):
+        train(read_dataset(tmp_path / "data"), tiny(tmp_path), tmp_path / "r", quiet=True)
 
 
 # A 2-stage Swin small enough for tests (timm has no test_swin).

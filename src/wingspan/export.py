@@ -117,9 +117,9 @@ def prepare_pixels(image, size: int, resize: int, interpolation: str = "bicubic"
 
     image = image.convert("RGB")
     w, h = image.size
-    scale = resize / min(w, h)
-    image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))),
-                         pil_filter(interpolation))
+    # The long side truncated, as torchvision's Resize (training's and predict's) has it.
+    image = image.resize((resize, int(resize * h / w)) if w <= h else
+                         (int(resize * w / h), resize), pil_filter(interpolation))
     left, top = (image.width - size) // 2, (image.height - size) // 2
     return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
 

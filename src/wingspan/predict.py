@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wingspan.config import IMAGE_EXTENSIONS
+from wingspan.data.readers import images_under
 from wingspan.errors import WingspanError
 from wingspan.files import atomic_path, write_text
 from wingspan.inference import Prediction, Predictor
@@ -22,9 +22,8 @@ UNKNOWN_KEYS = ("answer", "known_level", "unknown_score", "threshold", "score_le
 def expand_paths(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     """Files as given, folders searched recursively for images, globs expanded.
     Returns the image paths and (input, reason) for inputs that match nothing."""
-    def images_in(folder: str) -> list[str]:
-        return sorted(str(p) for p in Path(folder).rglob("*")
-                      if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    def images_in(folder: str) -> list[str]:  # as training's reader finds them
+        return sorted(images_under(Path(folder), []))
 
     found, missing = [], []
     for item in inputs:

@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from wingspan.config import IMAGE_EXTENSIONS, SPLITS, ReadConfig
@@ -160,11 +161,17 @@ def _is_output(folder: Path) -> bool:
                                          for marker in OUTPUT_MARKERS for deep in ("*/", "*/*/"))
 
 
+def _hidden(name: str) -> bool:
+    """Not the user's pictures: hidden files and folders (.DS_Store, ._IMG.jpg,
+    .ipynb_checkpoints) and the __MACOSX folder a zip made on a Mac unpacks to."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
 def _top_folders(root: Path, problems: list[Problem]) -> list[Path]:
     """The class (or split) folders of `root`: not hidden, not wingspan's output."""
     folders = []
     for d in sorted(root.iterdir()):
-        if d.name.startswith("."):
+        if _hidden(d.name):
             continue
         if not d.is_dir():
             if d.suffix.lower() in IMAGE_EXTENSIONS:
@@ -180,10 +187,10 @@ def _top_folders(root: Path, problems: list[Problem]) -> list[Path]:
     return folders
 
 
-def _images_under(folder: Path, problems: list[Problem]) -> list[str]:
+def images_under(folder: Path, problems: list[Problem]) -> list[str]:
     """Every image below `folder`, in subfolders too; symlinked folders are followed (once:
-    a link back up the tree is not), hidden files and folders (.DS_Store,
-    .ipynb_checkpoints) skipped, anything else listed as a problem."""
+    a link back up the tree is not), hidden files and folders skipped (`_hidden`),
+    anything else listed as a problem."""
     found, seen = [], set()
     for top, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(top)
@@ -191,9 +198,9 @@ def _images_under(folder: Path, problems: list[Problem]) -> list[str]:
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        dirs[:] = [d for d in dirs if not _hidden(d)]
         for name in files:
-            if name.startswith("."):
+            if _hidden(name):
                 continue
             f = os.path.join(top, name)
             if not os.path.isfile(f):
@@ -211,7 +218,7 @@ def _class_folders(root: Path, config: ReadConfig, problems: list[Problem]
     class folder, whose name (in NFC) is the label."""
     paths, labels = [], []
     for class_dir in _top_folders(root, problems):
-        found = _images_under(class_dir, problems)
+        found = images_under(class_dir, problems)
         paths += found
         labels += [nfc(class_dir.name)] * len(found)
         if not found:
@@ -334,12 +341,19 @@ def read_csv_table(csv_path: Path, config: ReadConfig) -> Dataset:
     raw = raw[~unlabelled]
     paths = [p if os.path.isabs(p) else os.path.normpath(csv_path.parent / p)
              for p in map(_native, raw[PATH])]
+    keep, repeats = _repeated_paths(raw, paths)
+    problems += repeats
+    raw, paths = raw[keep], [p for p, k in zip(paths, keep, strict=True) if k]
     coarser = coarse_to_fine(raw, [c for c in raw.columns if c not in (PATH, LABEL, SPLIT, GROUP)])
-    if GROUP in raw.columns:
+    if GROUP in raw.columns and not config.group_regex:
         groups = [g or p for g, p in zip(raw[GROUP], paths, strict=True)]
-    else:
+    else:  # a regex given now wins over the column (a splits.csv written without one)
         groups, group_problems = _group_keys(paths, config.group_regex)
         problems += group_problems
+        if GROUP in raw.columns:
+            problems.append(Problem("group_column_replaced", "its 'group' column is not "
+                                    "used: --group-regex groups the files instead",
+                                    str(csv_path)))
     table = make_table(paths, {**{c: raw[c].tolist() for c in coarser}, LABEL: raw[LABEL].tolist()},
                        groups, raw[SPLIT].tolist() if SPLIT in raw.columns else None)
     levels = [*coarser, LABEL]
@@ -352,6 +366,32 @@ def read_csv_table(csv_path: Path, config: ReadConfig) -> Dataset:
             str(csv_path.parent / TAXONOMY_FILE)))
     table = _keep_existing(table, config, problems, csv_path.name)
     return Dataset(table, levels, csv_path, "csv", problems)
+
+
+def _repeated_paths(raw: pd.DataFrame, paths: list[str]) -> tuple[np.ndarray, list[Problem]]:
+    """Rows that list a file already listed. With another label, every row of the file is
+    left out (which is right cannot be known); as a repeat in val or test, the repeats
+    (the image would count twice in a score). Repeats in train stay: they weigh the image
+    more, as `data split --oversample-to` writes them. Another split with the same label
+    stays too, for the leak check to refuse."""
+    labels = [c for c in raw.columns if c not in (PATH, SPLIT, GROUP)]
+    frame = raw[labels].assign(_path=paths, _split=raw[SPLIT] if SPLIT in raw else "")
+    frame = frame.reset_index(drop=True)
+    keep, problems = np.ones(len(frame), dtype=bool), []
+    for path, rows in frame[frame.duplicated("_path", keep=False)].groupby("_path", sort=False):
+        given = rows[labels].drop_duplicates()
+        if len(given) > 1:
+            keep[rows.index] = False
+            problems.append(Problem("conflicting_labels", f"listed {len(rows)} times, with "
+                                    "the labels " + " and ".join(
+                                        "/".join(r) for r in given.itertuples(index=False))
+                                    + ": left out", path))
+        elif rows["_split"].nunique() == 1 and rows["_split"].iloc[0] != "train":
+            keep[rows.index[1:]] = False
+            where = f"in the {rows['_split'].iloc[0]} split" if rows["_split"].iloc[0] else ""
+            problems.append(Problem("repeated_row", f"listed {len(rows)} times {where}; "
+                                    "counted once".replace("  ", " "), path))
+    return keep, problems
 
 
 def _native(path: str) -> str:

@@ -231,12 +231,6 @@ def _check_unseen(unknown_paths: list[str], known_paths, predictor: Predictor) -
     """Images of `--unknown` that are in the evaluated split, or sit in a folder named
     after one of the model's classes (DATA given as --unknown, say), would count a right
     answer against the unknown answer's figures."""
-    resolved = {str(Path(p).resolve()) for p in known_paths}
-    both = [p for p in unknown_paths if str(Path(p).resolve()) in resolved]
-    if both:
-        raise WingspanError(f"{len(both)} of the --unknown images are also among the images "
-                            f"of known classes evaluated, e.g. {both[0]}.",
-                            hint="Give a folder of images of classes the model never saw.")
     names = {c for level in predictor.manifest["classes"].values() for c in level}
     named = sorted({Path(p).parent.name for p in unknown_paths} & names)
     if named:
@@ -245,6 +239,12 @@ def _check_unseen(unknown_paths: list[str], known_paths, predictor: Predictor) -
                             + (f" and {len(named) - 5} more." if len(named) > 5 else "."),
                             hint="Give a folder of images of classes the model never saw "
                                  "(rename a folder that only shares a name).")
+    resolved = {str(Path(p).resolve()) for p in known_paths}
+    both = [p for p in unknown_paths if str(Path(p).resolve()) in resolved]
+    if both:
+        raise WingspanError(f"{len(both)} of the --unknown images are also among the images "
+                            f"of known classes evaluated, e.g. {both[0]}.",
+                            hint="Give a folder of images of classes the model never saw.")
 
 
 def _check_split(dataset: Dataset, split: str) -> None:

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from torchvision.transforms.v2.functional import resize
 
-from wingspan.data.images import open_rgb, pil_filter
+from wingspan.data.images import open_rgb
+from wingspan.data.transforms import interpolation_mode
 from wingspan.files import FileArrays
 
 
@@ -23,9 +25,11 @@ class DecodeCache:
         """`interpolation`: the model's resize filter (timm's name), as predict resizes."""
         key = f"{short_side}" + ("" if interpolation == "bicubic" else f"-{interpolation}")
         folder = Path(directory).expanduser() / f"decoded-{key}" if directory else None  # ~/x
-        self.arrays = FileArrays(folder, key)
+        # "tv": resized by torchvision (entries from before, shrunk by Pillow with the long
+        # side rounded, miss).
+        self.arrays = FileArrays(folder, f"{key}|tv")
         self.short_side = short_side
-        self.resample = pil_filter(interpolation)
+        self.interpolation = interpolation_mode(interpolation)
 
     def load(self, path: str) -> np.ndarray:
         """The image as an (H, W, 3) uint8 array, its shorter side at most `short_side`."""
@@ -40,9 +44,9 @@ class DecodeCache:
 
     def decode(self, path: str) -> Image.Image:
         image = open_rgb(path, draft=self.short_side)
-        w, h = image.size
-        scale = self.short_side / min(w, h)
-        if scale < 1:  # only ever shrink
-            image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))),
-                                 self.resample, reducing_gap=3.0)
+        if min(image.size) > self.short_side:  # only ever shrink
+            # torchvision's own resize, as predict's eval transform resizes: the same sizes
+            # (it truncates the long side) and pixels, so that what training chooses its
+            # epoch, temperature and thresholds on is what predict sees.
+            image = resize(image, [self.short_side], interpolation=self.interpolation)
         return image

@@ -178,6 +178,10 @@ def plan_labels(dataset: Dataset, levels: list[str], config: TrainConfig, log=pr
                 f"images: they train as their {levels[-2]} only")
     taxonomy = Taxonomy.from_table(table, levels) if len(levels) > 1 else None
     classes = {lv: check_classes(table, lv) for lv in levels}
+    if len(classes[finest]) < 2:  # a softmax over one class says 1.0 whatever it sees
+        raise WingspanError(f"The training split has one '{finest}' class only "
+                            f"({classes[finest][0]}): there is nothing to tell apart.",
+                            hint="Give images of at least two classes.")
     val = table[SPLIT] == "val"
     unknown = val & ~table[finest].isin(classes[finest])
     table = table[~unknown]

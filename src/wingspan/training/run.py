@@ -23,7 +23,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from wingspan.config import MAX_PIXELS_ENV, TrainConfig
+from wingspan.config import MAX_PIXELS_ENV, ReadConfig, TrainConfig
 from wingspan.data import read_dataset
 from wingspan.data.samples import Dataset
 from wingspan.data.split import write_splits
@@ -187,7 +187,7 @@ def resume(run_dir: str | Path, quiet: bool = False, **machine) -> Path:
     if unknown:
         raise WingspanError(f"A resumed run cannot change {', '.join(unknown)}.",
                             hint=f"It may change only {', '.join(MACHINE_SETTINGS)}.")
-    config = TrainConfig(**yaml.safe_load((run_dir / CONFIG_FILE).read_text()))
+    config = _run_config(run_dir)
     # The processes: as given now, else as torchrun started them, else as the run began.
     if {"devices", "nodes"} & set(machine) or "TORCHELASTIC_RUN_ID" in os.environ:
         config = dataclasses.replace(config, devices=None, nodes=None)
@@ -206,9 +206,14 @@ def resume(run_dir: str | Path, quiet: bool = False, **machine) -> Path:
                             f"({last}) to resume from.",
                             hint="Train a new run to train again; this one's model stays in "
                                  f"{run_dir / 'model'}.")
-    dataset = read_dataset(run_dir / SPLITS_FILE)
-    _check_classes_remain(run_dir / SPLITS_FILE, dataset, config.trained_levels)
+    # Every row as the run began, files gone since too: the checkpoint's batches are
+    # positions in them. The gone ones are then left out as unreadable, and said so.
+    dataset = read_dataset(run_dir / SPLITS_FILE, ReadConfig(check_files=False))
+    gone = [p for p in dataset.table["path"] if not os.path.isfile(p)]
+    _check_classes_remain(run_dir / SPLITS_FILE, dataset, gone, config.trained_levels)
     run = _start(run_dir, config, dataset, quiet, checkpoint, fabric)
+    run.note_unreadable([(p, f"Cannot read image {p}: the file is gone since the run began")
+                         for p in gone])
     if finished and _complete_bundle(run_dir / "model"):  # killed while scoring held-out
         run.log(f"Resuming {run_dir}: its model is written, scoring the held-out classes")
         return _score_held_out(run_dir, run)
@@ -296,18 +301,37 @@ def _processes(config: TrainConfig) -> Processes:
     return Processes(config.device, config.devices, config.nodes, config.strategy)
 
 
-def _check_classes_remain(splits: Path, dataset: Dataset, levels: list[str]) -> None:
+def _run_config(run_dir: Path) -> TrainConfig:
+    """The settings a run began with, from its config.yaml; a folder whose config.yaml is
+    another program's (or whose splits.csv is gone) is not a run to resume."""
+    not_a_run = WingspanError(f"{run_dir} is not a wingspan run: its {CONFIG_FILE} is not "
+                              f"one `wingspan train` wrote, or its {SPLITS_FILE} is gone.",
+                              hint="Give the folder a `wingspan train` run wrote, e.g. "
+                                   "runs/NAME")
+    try:
+        settings = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
+    except yaml.YAMLError as e:
+        raise not_a_run from e
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    if (not isinstance(settings, dict) or not set(settings) <= fields
+            or not (run_dir / SPLITS_FILE).is_file()):
+        raise not_a_run
+    return TrainConfig(**settings)
+
+
+def _check_classes_remain(splits: Path, dataset: Dataset, gone: list[str],
+                          levels: list[str]) -> None:
     """A resumed run's model has an output per class it began with: a class whose every
-    image has gone since (moved, deleted) cannot be resumed, and is named."""
-    written = pd.read_csv(splits, dtype=str, keep_default_na=False)
-    gone = sorted({c for lv in levels if lv in written
-                   for c in set(written[lv]) - set(dataset.table[lv]) if c})
-    if gone:
-        missing = [p.path for p in dataset.problems if p.kind == "missing_file"]
+    training image has gone since (moved, deleted) cannot be resumed, and is named."""
+    train = dataset.table[dataset.table["split"] == "train"]
+    left = train[~train["path"].isin(gone)]
+    lost = sorted({c for lv in levels if lv in train for c in set(train[lv]) - set(left[lv])
+                   if c})
+    if lost:
         raise WingspanError(
-            f"Every image of {', '.join(gone)} is gone since the run began ({len(missing)} "
-            f"of the files {splits} lists cannot be found, e.g. {missing[0]}): the model "
-            "cannot resume without them.",
+            f"Every training image of {', '.join(lost)} is gone since the run began "
+            f"({len(gone)} of the files {splits} lists cannot be found, e.g. {gone[0]}): the "
+            "model cannot resume without them.",
             hint=f"Put the images back where {splits.name} says, or start a new run.")
 
 

@@ -209,6 +209,25 @@ def extract_features(run: Run, views: int) -> tuple[torch.Tensor, torch.Tensor]:
     return train, val
 
 
+def every_class_readable(run: Run) -> torch.Tensor:
+    """The mask of training images not known to be unreadable, once every class has one:
+    a class whose every image is broken would be an output the model never learns."""
+    readable = run.readable(run.data.train)
+    if not readable.any():
+        raise WingspanError("No training image could be read.",
+                            hint=f"See the files listed in {run.dir / 'train.log'}.")
+    read = set(run.data.train.labels[readable, -1].tolist())
+    lost = [c for i, c in enumerate(run.data.classes) if i not in read]
+    if lost:
+        raise WingspanError(f"No training image of {', '.join(map(repr, lost[:5]))} could "
+                            "be read: the model would "
+                            "have a class it never learns.",
+                            hint=f"Mend or remove its images (the files are listed in "
+                                 f"{run.dir / 'train.log'}), or leave the class out of the "
+                                 "data, then train again.")
+    return readable
+
+
 def train_head(run: Run) -> None:
     """Stage 1. The backbone is frozen; only the head's parameters get an optimizer. It
     trains in fp32 on the run's device, on every rank alike (the head is small; rank 0's
@@ -232,10 +251,7 @@ def train_head(run: Run) -> None:
     criterion = loss_fn(run)
     for epoch in range(state.epoch, config.epochs_head):
         start = time.perf_counter()
-        readable = run.readable(run.data.train)
-        if not readable.any():
-            raise WingspanError("No training image could be read.",
-                                hint=f"See the files listed in {run.dir / 'train.log'}.")
+        readable = every_class_readable(run)
         order = [i for i in epoch_order(n, config.seed, epoch, run.data.sample_weights)
                  if readable[i]]
         g = torch.Generator().manual_seed(item_seed(config.seed, epoch, VIEW_CHOICE))
@@ -433,6 +449,7 @@ def _leave_out_unreadable(run: Run, batches: EpochBatches) -> None:
     next), or its checkpoint's step count would point at other batches."""
     state = run.state
     if state.step == 0:
+        every_class_readable(run)
         state.epoch_skipped = len(state.skipped)
     known = set(list(state.skipped)[:state.epoch_skipped])  # kept in the order found
     batches.skip = {i for i, path in enumerate(run.data.train.paths) if path in known}
