@@ -189,7 +189,7 @@ def test_load_a_run_and_a_bundle(run, demo_dir, tmp_path):
     assert "val macro-F1" in bundle._repr_html_()
     with pytest.raises(WingspanError, match="No model at"):
         ws.load(tmp_path / "nothing")
-    with pytest.raises(WingspanError, match="not a complete model bundle"):
+    with pytest.raises(WingspanError, match="is not a model: it holds no manifest.json or"):
         ws.load(demo_dir)  # a data folder: said at once, not at the first prediction
     with pytest.raises(WingspanError, match="batch_size must be at least 1"):
         run.predict(image, batch_size=0, quiet=True)

@@ -71,8 +71,13 @@ def test_preview_command(run_cli, demo_dir, tmp_path):
     (["data", "split", "DEMO", "--val", "0.7", "--test", "0.5"], "must be below 1"),
     (["data", "split", "DEMO", "--level", "tribe"], "no label level 'tribe'"),
     (["data", "preview", "DEMO", "--augment", "wild"], "must be one of"),
+    (["data", "split", "DEMO", "--seed", "-1"], "'seed' = -1: must be between 0 and 2**32"),
+    (["data", "preview", "DEMO", "--seed", "-1"], "--seed must be from 0 to 2**32 - 1"),
+    (["MAX_PIXELS=10MP", "data", "inspect", "DEMO"], "is '10MP', not a number of pixels"),
 ])
-def test_user_errors_are_one_clear_message(run_cli, demo_dir, args, message):
+def test_user_errors_are_one_clear_message(run_cli, demo_dir, args, message, monkeypatch):
+    if args[0].startswith("MAX_PIXELS="):
+        monkeypatch.setenv("WINGSPAN_MAX_PIXELS", args.pop(0).split("=")[1])
     args = [str(demo_dir) if a == "DEMO" else a for a in args]
     code, out, err = run_cli(*args)
     assert code == 2

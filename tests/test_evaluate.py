@@ -453,6 +453,13 @@ def test_evaluate_other_data_with_a_class_map_shows_the_drop_per_class(trained, 
     assert "does not know (unicorn)" in stderr and "level 'label' (pegasus)" in stderr
     code, _, stderr = run_cli("evaluate", trained, tmp_path / "other", "--map", "oops")
     assert code != 0 and "expected NAME=NAME" in stderr
+    # A data class that already matches a model class by name is not joined by another.
+    code, _, stderr = run_cli("evaluate", trained, "--map", f"{classes[0]}={classes[1]}")
+    assert code != 0 and (f"would score the data's '{classes[1]}' and its own '{classes[0]}' "
+                          f"both as the model's '{classes[0]}'") in " ".join(stderr.split())
+    code, _, stderr = run_cli("evaluate", trained, tmp_path / "other", "--map",
+                              f"{classes[0]}=first_other", "--map", f"{classes[0]}=second_other")
+    assert code != 0 and f"gives {classes[0]} twice" in stderr
 
 
 def test_adapt_writes_a_new_run_and_leaves_the_run_as_it_was(trained, tmp_path, run_cli):

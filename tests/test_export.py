@@ -155,6 +155,22 @@ def test_torchscript_export_runs_with_torch_alone(run_dir, run_cli, demo_dir):
     assert json.loads(outputs) == ["family", "label", "unknown.family", "unknown.label"]
 
 
+def test_an_export_killed_between_its_two_files_leaves_no_stale_metadata(run_dir, tmp_path,
+                                                                         monkeypatch):
+    """The JSON beside a model must be that model's: killed after the new model file, an
+    export again leaves none rather than the previous export's thresholds."""
+    from wingspan import export
+
+    out = tmp_path / "model.pt"
+    export.export_model(run_dir, out, fmt="torchscript")
+    assert metadata_path(out).is_file()
+    monkeypatch.setattr(export, "write_text", lambda *_: (_ for _ in ()).throw(
+        KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        export.export_model(run_dir, out, fmt="torchscript", unknown_score="msp")
+    assert out.is_file() and not metadata_path(out).exists()
+
+
 def test_a_bundle_away_from_its_run_is_checked_on_generated_pictures(run_dir, run_cli,
                                                                       tmp_path):
     import shutil

@@ -96,6 +96,26 @@ def test_bootstrap_intervals_hold_the_figure_and_narrow_with_more_images():
         "interval"] is None
 
 
+def test_per_level_macro_on_other_data_averages_the_classes_it_holds():
+    """As the top-level figure does (`truth_only`): data holding only species a, predicted
+    a, a, b, c, has a species macro-F1 of a's alone (2/3), not a's over three classes."""
+    from wingspan.data.taxonomy import Taxonomy
+    from wingspan.evaluate.hierarchy import hierarchical_metrics
+
+    taxonomy = Taxonomy.from_table(pd.DataFrame({"path": ["1", "2", "3"],
+                                                 "family": ["F1", "F1", "F2"],
+                                                 "label": ["a", "b", "c"]}), ["family", "label"])
+    probs = np.eye(3)[[0, 0, 1, 2]] * 0.9 + 0.1 / 3
+    truth = {"family": np.zeros(4, int), "label": np.zeros(4, int)}
+    for truth_only, want in ((True, 2 / 3), (False, 2 / 9)):
+        levels = hierarchical_metrics(taxonomy, truth, probs, None, np.zeros(4, bool),
+                                      truth_only)["levels"]
+        assert levels["label"]["macro_f1"] == pytest.approx(want)
+        flat = classification_metrics(truth["label"], probs, ["a", "b", "c"],
+                                      truth_only=truth_only)
+        assert flat["macro"]["f1"] == pytest.approx(want)
+
+
 def test_top_k_and_confusion():
     y = np.array([0, 1, 2, 3])
     probs = np.array([[0.15, 0.5, 0.3, 0.05], [0.6, 0.3, 0.06, 0.04],
@@ -116,6 +136,14 @@ def test_ece_by_hand():
     y = np.array([0, 0, 0, 1, 0, 0])
     expected = 4 / 6 * abs(0.75 - 0.9) + 2 / 6 * abs(1.0 - 0.6)
     assert expected_calibration_error(probs, y) == pytest.approx(expected)
+    # The class answered need not be the top one (a taxonomy's branch): its probability and
+    # whether it is right are what is binned. Answering class 1 on the last two: 0.4, wrong.
+    answered = np.array([0, 0, 0, 0, 1, 1])
+    expected = 4 / 6 * abs(0.75 - 0.9) + 2 / 6 * abs(0.0 - 0.4)
+    assert expected_calibration_error(probs, y, y_pred=answered) == pytest.approx(expected)
+    diagram = reliability(probs, y, y_pred=answered)
+    assert diagram["counts"].sum() == 6
+    assert diagram["confidence"][diagram["counts"] == 2] == pytest.approx([0.4])
 
 
 def test_temperature_scaling_fixes_an_overconfident_model():

@@ -222,9 +222,11 @@ def test_kill_and_resume_matches_an_uninterrupted_run(demo_dir, tmp_path, how):
     proc.wait()
     done = history(run_dir)
     assert len(done) < len(history(ref))  # it really was cut short
-    if how == signal.SIGINT:  # it says how to go on
-        assert f"Interrupted. Continue from the last checkpoint with: wingspan train " \
-            f"--resume {run_dir}" in (run_dir / "train.log").read_text()
+    if how == signal.SIGINT:  # it says how to go on, in the log and (--quiet too) the terminal
+        said = f"Interrupted. Continue from the last checkpoint with: wingspan train " \
+            f"--resume {run_dir}"
+        assert said in (run_dir / "train.log").read_text()
+        assert said in " ".join(proc.stderr.read().decode().split())
 
     resume(run_dir, quiet=True)
     assert "Resuming" in (run_dir / "train.log").read_text()
@@ -332,6 +334,10 @@ def test_resuming_without_every_image_of_a_class_says_which(demo_dir, tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         train(read_dataset(data), tiny(tmp_path), tmp_path / "runs", "r", quiet=True)
     monkeypatch.undo()
+    from wingspan.inference import find_bundle  # predict, evaluate, export, serve...
+
+    with pytest.raises(WingspanError, match="has no model yet.*--resume"):
+        find_bundle(tmp_path / "runs" / "r")
     (data / "azure_spotwing").rename(tmp_path / "moved")
     with pytest.raises(WingspanError, match="Every training image of azure_spotwing is gone"):
         resume(tmp_path / "runs" / "r", quiet=True)

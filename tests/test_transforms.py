@@ -72,8 +72,10 @@ def test_preview_passes_over_unreadable_images(demo_dir, tmp_path):
         with Image.open(path) as im:
             sizes.append(im.size)
     assert sizes[0] == sizes[1]  # the same number of rows: every class but the broken one
-    with pytest.raises(WingspanError, match="at least 1 row"):
+    with pytest.raises(WingspanError, match="--rows must be from 1 to"):
         write_preview(read_dataset(demo_dir), tmp_path / "none.png", rows=0)
+    with pytest.raises(WingspanError, match="--seed must be from 0 to"):
+        write_preview(read_dataset(demo_dir), tmp_path / "none.png", seed=-1)
 
 
 def test_the_preview_names_each_class_whole(demo_dir, tmp_path, monkeypatch):

@@ -388,7 +388,9 @@ def test_calibrate_unknown_refits_the_threshold_and_keeps_the_model(held_out_run
     # Settings that cannot apply are refused before any image is read.
     for args, message in ((["--unknown", "--unknown-rate", "0"], "between 0 and 1"),
                           (["--unknown", "--unknown-score", "vibes"], "Unknown score 'vibes'"),
-                          (["--unknown-rate", "0.3"], "only with --unknown")):
+                          (["--unknown-rate", "0.3"], "only with --unknown"),
+                          ([str(demo), "--unknown"], "it takes no DATA or --split"),
+                          (["--unknown", "--split", "test"], "it takes no DATA or --split")):
         code, _, err = run_cli("calibrate", copy, *args, "--quiet")
         assert code == 2 and message in " ".join(err.split()), err
     assert json.loads((copy / "model" / "manifest.json").read_text()) == after

@@ -143,6 +143,11 @@ def _root(version: Annotated[bool, typer.Option("--version", help="Show the vers
     if version:
         out.print(f"wingspan {__version__}")
         raise typer.Exit()
+    budget = os.environ.get(MAX_PIXELS_ENV)
+    if budget is not None and not (budget.strip().isdigit() and int(budget) > 0):
+        raise WingspanError(f"${MAX_PIXELS_ENV} is {budget!r}, not a number of pixels.",
+                            hint=f"Set it to a whole number, e.g. {MAX_PIXELS_ENV}=100000000 "
+                                 "(100 MP), or unset it (or use --max-pixels).")
 
 
 @data_app.command("inspect")
@@ -602,7 +607,11 @@ def _pairs(items: list[str], option: str) -> dict[str, str]:
         if not sep or not key.strip() or not value.strip():
             raise WingspanError(f"{option} {item!r}: expected NAME=NAME.",
                                 hint=f"For example {option} admiral=red_admiral.")
-        pairs[key.strip()] = value.strip()
+        key, value = key.strip(), value.strip()
+        if pairs.get(key, value) != value:
+            raise WingspanError(f"{option} gives {key} twice ({key}={pairs[key]} and "
+                                f"{key}={value}).", hint="Give each name once.")
+        pairs[key] = value
     return pairs
 
 
@@ -631,6 +640,11 @@ def calibrate_command(
     from wingspan.evaluate.run import calibrate, fit_unknown
 
     if unknown:
+        if data is not None or split is not None:
+            raise WingspanError("calibrate --unknown fits the unknown scores on the run's own "
+                                "train and val images: it takes no DATA or --split.",
+                                hint="Leave DATA and --split out (without --unknown they "
+                                     "choose what the temperature is fitted on).")
         u = fit_unknown(model, unknown_rate, unknown_score, progress=not quiet,
                         batch_size=batch_size, device=device)
         out.print(f"Unknown scores fitted on {u['train_images']} training images; thresholds "

@@ -65,6 +65,9 @@ def _check_types(config: object) -> None:
         except ValidationError as e:
             why = "; ".join(err["msg"] for err in e.errors())
             problems.append(f"'{name}' = {value!r}: {why}")
+    seed = getattr(config, "seed", 0)
+    if not problems and not 0 <= seed < 2**32:  # numpy's random generators take no other
+        problems.append(f"'seed' = {seed!r}: must be between 0 and 2**32 - 1")
     if problems:
         raise WingspanError("Invalid settings: " + " | ".join(problems),
                             hint="Fix these in the config file or on the command line.")

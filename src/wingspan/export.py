@@ -222,11 +222,7 @@ def export_model(run: str | Path, out: str | Path | None = None, fmt: str = "onn
         meta["checked"]["graph"] = "fp32, before quantizing"
         if thresholds:
             meta["unknown"]["thresholds"] = thresholds
-    graph = _with_metadata(graph, meta)
-    with atomic_path(out) as tmp:
-        tmp.write_bytes(graph)
-    write_text(metadata_path(out), json.dumps(meta, indent=2))
-    return out
+    return _write(out, _with_metadata(graph, meta), meta)
 
 
 def _export_torchscript(deployable, spec: InputSpec, outputs, images, meta, out, reference
@@ -245,8 +241,16 @@ def _export_torchscript(deployable, spec: InputSpec, outputs, images, meta, out,
                                   "TorchScript export", len(pixels)), "generated": generated}
     buffer = io.BytesIO()
     torch.jit.save(traced, buffer, _extra_files={"wingspan.json": json.dumps(meta)})
+    return _write(out, buffer.getvalue(), meta)
+
+
+def _write(out: Path, model: bytes, meta: dict) -> Path:
+    """The model file, then its metadata beside it. The old metadata goes first: a kill
+    between the two writes leaves the new model (its metadata inside) without a JSON, never
+    beside the previous export's thresholds."""
+    metadata_path(out).unlink(missing_ok=True)
     with atomic_path(out) as tmp:
-        tmp.write_bytes(buffer.getvalue())
+        tmp.write_bytes(model)
     write_text(metadata_path(out), json.dumps(meta, indent=2))
     return out
 

@@ -29,6 +29,10 @@ def find_bundle(model: str | Path) -> Path:
     path = Path(model)
     if (path / "model" / "manifest.json").is_file():
         return path / "model"
+    if (path / "config.yaml").is_file() and (path / "splits.csv").is_file():
+        raise WingspanError(f"The run {path} has no model yet: its training has not finished "
+                            "(stopped or killed, or still running).",
+                            hint=f"Continue it with `wingspan train --resume {path}`.")
     if path.exists():
         return path
     raise WingspanError(f"No model at {path}.",

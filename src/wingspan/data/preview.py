@@ -23,9 +23,11 @@ def write_preview(dataset: Dataset, out: Path, config: AugmentConfig | None = No
     unreadable image is passed over for another of its class."""
     config = config or AugmentConfig()
     level = dataset.resolve_level(level)
-    if rows < 1 or augmented < 0:
-        raise WingspanError(f"A preview needs at least 1 row and 0 augmented views (got "
-                            f"{rows} and {augmented}).", hint="Use --rows 1 or more.")
+    for name, value, low in (("rows", rows, 1), ("views", augmented, 0), ("seed", seed, 0)):
+        if not low <= value < 2**32:
+            raise WingspanError(f"A preview's --{name} must be from {low} to 2**32 - 1 (got "
+                                f"{value}).",
+                                hint=f"Use --{name} {max(low, 1)}, say.")
     rng = np.random.default_rng(seed)
     classes = list(dataset.table.groupby(level))
     picks = []

@@ -6,10 +6,19 @@ import numpy as np
 import torch
 
 
-def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, bins: int = 15) -> float:
-    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by bin size."""
-    confidence = probs.max(1)
-    correct = probs.argmax(1) == y_true
+def _answered(probs: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray | None
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """(confidence, correct) of the class answered: the top one, or `y_pred` (a taxonomy's
+    top-down branch ends in a class that need not be the top species)."""
+    y_pred = probs.argmax(1) if y_pred is None else np.asarray(y_pred)
+    return probs[np.arange(len(probs)), y_pred], y_pred == y_true
+
+
+def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, bins: int = 15,
+                               y_pred: np.ndarray | None = None) -> float:
+    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by bin size,
+    of the class answered (`_answered`)."""
+    confidence, correct = _answered(probs, y_true, y_pred)
     edges = np.linspace(0, 1, bins + 1)
     ece = 0.0
     for lo, hi in zip(edges[:-1], edges[1:], strict=True):
@@ -19,10 +28,11 @@ def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, bins: int 
     return float(ece)
 
 
-def reliability(probs: np.ndarray, y_true: np.ndarray, bins: int = 15) -> dict:
-    """Per-bin confidence, accuracy and count, for the reliability diagram."""
-    confidence = probs.max(1)
-    correct = probs.argmax(1) == y_true
+def reliability(probs: np.ndarray, y_true: np.ndarray, bins: int = 15,
+                y_pred: np.ndarray | None = None) -> dict:
+    """Per-bin confidence, accuracy and count of the class answered, for the reliability
+    diagram."""
+    confidence, correct = _answered(probs, y_true, y_pred)
     edges = np.linspace(0, 1, bins + 1)
     index = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
     counts = np.bincount(index, minlength=bins)

@@ -10,10 +10,14 @@ from sklearn.metrics import accuracy_score, f1_score
 from wingspan.data.taxonomy import Taxonomy
 
 
-def _scores(y: np.ndarray, pred: np.ndarray) -> dict:
+def _scores(y: np.ndarray, pred: np.ndarray, truth_only: bool = False) -> dict:
+    """`truth_only`: macro over the classes in `y` alone (other data holding a few of the
+    model's classes), as `classification_metrics` averages it."""
+    labels = np.unique(y) if truth_only else None
     return {"accuracy": float(accuracy_score(y, pred)),
             "micro_f1": float(f1_score(y, pred, average="micro", zero_division=0)),
-            "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0))}
+            "macro_f1": float(f1_score(y, pred, average="macro", labels=labels,
+                                       zero_division=0))}
 
 
 def truth_indices(taxonomy: Taxonomy, rows: pd.DataFrame, rare: dict[str, str]
@@ -35,8 +39,9 @@ def truth_indices(taxonomy: Taxonomy, rows: pd.DataFrame, rare: dict[str, str]
 
 def hierarchical_metrics(taxonomy: Taxonomy, truth: dict[str, np.ndarray],
                          fine_probs: np.ndarray, heads: dict[str, np.ndarray] | None,
-                         is_rare: np.ndarray) -> dict:
-    """`truth`: index per level; `heads`: each coarser level's own probabilities."""
+                         is_rare: np.ndarray, truth_only: bool = False) -> dict:
+    """`truth`: index per level; `heads`: each coarser level's own probabilities;
+    `truth_only`: macro averages over the classes the rows hold (see `_scores`)."""
     marg = taxonomy.predict(fine_probs)
     own = None
     if heads:
@@ -44,9 +49,9 @@ def hierarchical_metrics(taxonomy: Taxonomy, truth: dict[str, np.ndarray],
         own[taxonomy.finest] = fine_probs.argmax(1)
     levels = {}
     for lv in taxonomy.levels:
-        entry = _scores(truth[lv], marg[lv])
+        entry = _scores(truth[lv], marg[lv], truth_only)
         if own is not None:
-            entry["heads"] = _scores(truth[lv], own[lv])
+            entry["heads"] = _scores(truth[lv], own[lv], truth_only)
         levels[lv] = entry
     depth = taxonomy.mistake_depth(marg, truth)
     result = {

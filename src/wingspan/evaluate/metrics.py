@@ -45,7 +45,7 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[
         result[average] = {"precision": float(p), "recall": float(r), "f1": float(f)}
     kappa = float(cohen_kappa_score(y_true, y_pred, labels=labels))
     result["cohen_kappa"] = None if np.isnan(kappa) else kappa  # NaN: one class; JSON: null
-    result["ece"] = expected_calibration_error(probs, y_true)
+    result["ece"] = expected_calibration_error(probs, y_true, y_pred=y_pred)
     result["interval"] = bootstrap_intervals(y_true, y_pred, len(classes), truth_only)
     return result
 

@@ -127,7 +127,8 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     metrics.update(level=level, split=split, unreadable=failed, unknown_classes=other_classes,
                    unknown_class_images=other_images,
                    images_per_second=round(speed, 1), engine=predictor.policy.describe(),
-                   ece_uncalibrated=expected_calibration_error(softmax(logits), y),
+                   ece_uncalibrated=expected_calibration_error(
+                       softmax(logits), y, y_pred=_predicted(predictor, softmax(logits))),
                    temperature=predictor.temperature, calibration=calibration,
                    fair=_fairness(predictor.manifest, split, data))
     read = [preds[i] for i in ok]  # the readable images' predictions, in y's order
@@ -152,7 +153,8 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
             level_rows = level_rows.drop(columns=[lv for lv in predictor.taxonomy.levels
                                                   if lv in level_rows]).assign(
                 **{predictor.taxonomy.finest: level_rows[level].replace(theirs_to_ours)})
-        levels_table = _per_level(predictor, level_rows, probs, read, metrics, out_dir)
+        levels_table = _per_level(predictor, level_rows, probs, read, metrics, out_dir,
+                                  truth_only)
     transfer = None
     if class_map:
         named_share = None
@@ -342,14 +344,14 @@ def _put_in_place(partial: Path, final: Path) -> None:
 
 
 def _per_level(predictor: Predictor, rows: pd.DataFrame, probs: np.ndarray, preds: list,
-               metrics: dict, out_dir: Path) -> pd.DataFrame:
+               metrics: dict, out_dir: Path, truth_only: bool = False) -> pd.DataFrame:
     """Metrics at every taxonomic level; confusion matrices for the coarser ones."""
     taxonomy = predictor.taxonomy
     truth = truth_indices(taxonomy, rows, predictor.rare)
     heads = ({lv: np.stack([p.heads[lv] for p in preds]) for lv in preds[0].heads}
              if preds[0].heads else None)
     is_rare = rows[taxonomy.finest].isin(list(predictor.rare)).to_numpy()
-    result = hierarchical_metrics(taxonomy, truth, probs, heads, is_rare)
+    result = hierarchical_metrics(taxonomy, truth, probs, heads, is_rare, truth_only)
     marg = result.pop("predictions")
     for lv in taxonomy.levels[:-1]:
         known = truth[lv] >= 0
@@ -402,6 +404,17 @@ def _check_class_map(class_map: dict[str, str], predictor: Predictor, dataset: D
             f"{', '.join(sorted(set(dataset.table[level]))[:30])}.")
     if len(set(class_map.values())) < len(class_map):
         raise WingspanError("--map gives one data class to two of the model's classes.")
+    # The data's classes named as the model's match without a map: one of those mapped
+    # to, or from, another name would give a model class two data classes.
+    data_classes, mapped = set(dataset.table[level]), set(class_map.values())
+    joined = [(ours, theirs) for ours, theirs in class_map.items()
+              if ours != theirs and ours in data_classes and ours not in mapped]
+    if joined:
+        ours, theirs = joined[0]
+        raise WingspanError(f"--map {ours}={theirs} would score the data's '{theirs}' and its "
+                            f"own '{ours}' both as the model's '{ours}'.",
+                            hint=f"Map the data's '{ours}' too (to another of the model's "
+                                 f"classes), or leave {ours}={theirs} out.")
     return class_map
 
 
@@ -568,10 +581,11 @@ def _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, 
           **_grad_cam_view(predictor, paths[ok[i]], int(y_pred[i]))} for i in worst],
         out_dir / "mistakes.png")
     raw = softmax(logits)
+    raw_pred = _predicted(predictor, raw)  # (the temperature can move a taxonomy's branch)
     pngs["reliability"] = plots.plot_reliability(
-        reliability(raw, y), reliability(probs, y),
-        (expected_calibration_error(raw, y), expected_calibration_error(probs, y)),
-        out_dir / "reliability.png")
+        reliability(raw, y, y_pred=raw_pred), reliability(probs, y, y_pred=y_pred),
+        (expected_calibration_error(raw, y, y_pred=raw_pred),
+         expected_calibration_error(probs, y, y_pred=y_pred)), out_dir / "reliability.png")
     counts = dataset.table[level].value_counts()
     pngs["balance"] = plot_class_balance(counts, level, out_dir / "balance.png")
     if run_dir and (run_dir / "history.csv").is_file():

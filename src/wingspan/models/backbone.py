@@ -152,7 +152,7 @@ class Backbone(nn.Module):
         unreached = self.unreached()
         reached = [stage for stage, names in self.stages.items()
                    if any(name not in unreached for name in names)]
-        chosen = reached[len(reached) - n:] if n > 0 else []
+        chosen = reached[max(0, len(reached) - n):] if n > 0 else []  # more: all of them
         for stage in chosen:
             for name in self.stages[stage]:
                 if name not in unreached:

@@ -107,9 +107,13 @@ def read_manifest(path: str | Path) -> dict:
     """The manifest of a bundle, checked for format and version."""
     path = Path(path)
     if path.is_dir():
-        if not (path / MANIFEST).is_file() or not (path / WEIGHTS).is_file():
-            missing = [n for n in (MANIFEST, WEIGHTS) if not (path / n).is_file()]
-            raise WingspanError(f"{path} is not a complete model bundle: {missing} missing.",
+        missing = [n for n in (MANIFEST, WEIGHTS) if not (path / n).is_file()]
+        if len(missing) == 2:  # a data folder, say
+            raise WingspanError(f"{path} is not a model: it holds no {MANIFEST} or {WEIGHTS}.",
+                                hint="Give a run folder (runs/NAME) or a model bundle (a "
+                                     "run's model/ folder).")
+        if missing:
+            raise WingspanError(f"{path} is not a complete model bundle: {missing[0]} missing.",
                                 hint="Point to a bundle written by `wingspan train`.")
         try:
             manifest = json.loads((path / MANIFEST).read_text())

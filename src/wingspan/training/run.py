@@ -15,6 +15,7 @@ import difflib
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -259,8 +260,11 @@ def _interruptible(run: Run) -> Path:
     try:
         return _score_held_out(_recipe(run), run)
     except KeyboardInterrupt:
-        run.log(f"Interrupted. Continue from the last checkpoint with: wingspan train "
-                f"--resume {run.dir}")
+        said = f"Interrupted. Continue from the last checkpoint with: wingspan train " \
+               f"--resume {run.dir}"
+        run.log(said)
+        if run.quiet and run.is_main:  # --quiet hides progress, not how to go on
+            print(said, file=sys.stderr)
         raise
 
 
