@@ -191,8 +191,20 @@ def test_load_a_run_and_a_bundle(run, demo_dir, tmp_path):
         ws.load(tmp_path / "nothing")
     with pytest.raises(WingspanError, match="is not a model: it holds no manifest.json or"):
         ws.load(demo_dir)  # a data folder: said at once, not at the first prediction
-    with pytest.raises(WingspanError, match="batch_size must be at least 1"):
+    with pytest.raises(WingspanError, match="batch_size: expected a whole number of at least 1"):
         run.predict(image, batch_size=0, quiet=True)
+    # Arguments of the wrong kind: a message naming the argument, not a TypeError inside.
+    import numpy as np
+
+    for call, message in ((lambda: ws.load(5), "path: expected a path"),
+                          (lambda: run.predict(np.zeros((2, 4, 3)), quiet=True),
+                           "paths: each must be a path"),
+                          (lambda: run.predict(b"a.jpg", quiet=True), "got bytes"),
+                          (lambda: run.predict(image, top_k="2", quiet=True), "top_k: expected"),
+                          (lambda: run.evaluate(class_map=3, quiet=True), "class_map: expected")):
+        with pytest.raises(WingspanError, match=message):
+            call()
+    assert len(run.predict((str(image), image), quiet=True)) == 2  # any list of paths
 
 
 def test_explain_writes_overlays(run, demo_dir, tmp_path):

@@ -176,3 +176,17 @@ def test_the_command_list_reads_as_sentences():
         assert info.short_help and "\n" not in info.short_help, info.name
     evaluate = next(i for i in app.registered_commands if i.name == "evaluate")
     assert "HTML report. The model is not changed" in evaluate.short_help
+
+
+def test_a_file_where_a_folder_goes_is_one_clear_message(run_cli, demo_dir, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    code, _, err = run_cli("demo", "--out", tmp_path / "afile" / "demo")
+    assert code == 2 and "afile is a file, where a folder is needed" in " ".join(err.split())
+    from test_train import tiny
+
+    from wingspan.data import read_dataset
+    from wingspan.errors import WingspanError
+    from wingspan.training import train
+
+    with pytest.raises(WingspanError, match="afile is a file, where a folder is needed"):
+        train(read_dataset(demo_dir), tiny(tmp_path), tmp_path / "afile", quiet=True)

@@ -141,6 +141,23 @@ def test_identical_copies_stay_grouped_in_a_split_moved_with_its_data(demo_dir, 
     assert back["group"].nunique() == len(back) - 1  # every other file is its own group
 
 
+def test_identical_copies_are_one_group_whatever_the_rows_order(demo_dir, tmp_path):
+    """The merged group is named by the least of its names: the same CSV with its rows in
+    another order splits alike under one seed."""
+    import shutil
+
+    from wingspan.data.leaks import with_duplicates_grouped
+
+    data = Path(shutil.copytree(demo_dir, tmp_path / "data"))
+    first = sorted(data.rglob("*.jpg"))[0]
+    shutil.copy(first, first.with_name("0_copy.jpg"))
+    table = read_dataset(data).table
+    grouped = [with_duplicates_grouped(t)[0].set_index("path")["group"]
+               for t in (table, table.iloc[::-1])]
+    pd.testing.assert_series_equal(grouped[0], grouped[1].loc[grouped[0].index])
+    assert grouped[0][str(first)] == str(first.with_name("0_copy.jpg"))
+
+
 def test_real_inat_resplit_keeps_observations_together(shared_data, tmp_path):
     ds = read_dataset(shared_data / "inat-butterflies", ReadConfig(group_regex=r"_(\d+)_\d+\."))
     result, report = split_dataset(ds, "label", SplitConfig(seed=0))

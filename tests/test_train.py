@@ -215,7 +215,10 @@ def test_kill_and_resume_matches_an_uninterrupted_run(demo_dir, tmp_path, how):
     config_file.write_text(yaml.safe_dump(vars(config)))
     cmd = [sys.executable, "-m", "wingspan.cli", "train", str(demo_dir), "--config",
            str(config_file), "--runs-dir", str(tmp_path / "killed"), "--name", "r", "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Ctrl-C's default in the child: a suite started in the background (`pytest &`) passes
+    # SIGINT down ignored, and Python then never turns it into KeyboardInterrupt.
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     run_dir = tmp_path / "killed" / "r"
     wait_for_finetune_epochs(proc, run_dir, 2)
     proc.send_signal(how)
@@ -336,8 +339,20 @@ def test_resuming_without_every_image_of_a_class_says_which(demo_dir, tmp_path, 
     monkeypatch.undo()
     from wingspan.inference import find_bundle  # predict, evaluate, export, serve...
 
-    with pytest.raises(WingspanError, match="has no model yet.*--resume"):
+    with pytest.raises(WingspanError, match="has no model yet"):
         find_bundle(tmp_path / "runs" / "r")
+    # A run that another process is training (its lock held) is not resumed beside it.
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; "
+                               "f = open(sys.argv[1], 'w'); fcntl.flock(f, fcntl.LOCK_EX); "
+                               "print('held', flush=True); time.sleep(120)",
+                               str(tmp_path / "runs" / "r" / ".lock")], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == b"held"
+        with pytest.raises(WingspanError, match="being trained by another process"):
+            resume(tmp_path / "runs" / "r", quiet=True)
+    finally:
+        holder.kill()
+        holder.wait()
     (data / "azure_spotwing").rename(tmp_path / "moved")
     with pytest.raises(WingspanError, match="Every training image of azure_spotwing is gone"):
         resume(tmp_path / "runs" / "r", quiet=True)
@@ -428,7 +443,8 @@ def test_config_file_and_command_line(tmp_path, run_cli, demo_dir):
     config = TrainConfig.from_file(path, lr=0.5)
     assert (config.epochs_head, config.lr) == (7, 0.5)
     path.write_text("epochs_heads: 7\n")
-    with pytest.raises(WingspanError, match="unknown settings \\['epochs_heads'\\]"):
+    with pytest.raises(WingspanError, match="(?s)unknown settings \\['epochs_heads'\\].*"
+                                            "Did you mean 'epochs_heads' -> 'epochs_head'"):
         TrainConfig.from_file(path)
     code, _, err = run_cli("train", demo_dir, "--sampler", "random", "--quiet")
     assert code == 2 and "'sampler' setting must be shuffle or weighted" in err

@@ -65,13 +65,15 @@ def test_preview_passes_over_unreadable_images(demo_dir, tmp_path):
         image.write_bytes(b"not an image")
     for image in sorted(folders[1].iterdir())[:-1]:  # one that reads: shown
         image.write_bytes(image.read_bytes()[:200])  # truncated
-    sizes = []
+    sizes, said = [], []
     for source, rows in ((data, len(folders)), (demo_dir, len(folders) - 1)):
         path = write_preview(read_dataset(source), tmp_path / f"{rows}.png",
-                             AugmentConfig(image_size=48), rows=rows, augmented=2)
+                             AugmentConfig(image_size=48), rows=rows, augmented=2,
+                             log=said.append)
         with Image.open(path) as im:
             sizes.append(im.size)
     assert sizes[0] == sizes[1]  # the same number of rows: every class but the broken one
+    assert said == [f"Not shown: {folders[0].name} (no image of the class could be read)."]
     with pytest.raises(WingspanError, match="--rows must be from 1 to"):
         write_preview(read_dataset(demo_dir), tmp_path / "none.png", rows=0)
     with pytest.raises(WingspanError, match="--seed must be from 0 to"):

@@ -19,10 +19,12 @@ import dataclasses
 import difflib
 import html
 import json
+import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from wingspan.config import (
@@ -325,7 +327,7 @@ def load(path: str | Path) -> Run:
     from wingspan.inference import find_bundle
     from wingspan.models.bundle import read_manifest
 
-    path = Path(path)
+    path = _path_arg("path", path)
     if (path / "config.yaml").is_file() and (path / "history.csv").is_file():
         return Run(path)
     bundle = find_bundle(path)
@@ -353,6 +355,51 @@ def _check_names(cls: type, settings: dict) -> None:
                 f"Unknown setting '{key}'.",
                 hint=(f"Did you mean {' or '.join(repr(c) for c in close)}? " if close else "")
                 + f"Valid: {', '.join(fields)}.")
+
+
+def _path_arg(name: str, value) -> Path:
+    """A file or folder argument, or a WingspanError naming it (not a TypeError later)."""
+    if not isinstance(value, str | os.PathLike):
+        raise WingspanError(f"{name}: expected a path (str or Path), got "
+                            f"{type(value).__name__} {value!r:.60}.")
+    return Path(value)
+
+
+def _paths_arg(value) -> list[str]:
+    """Files, folders or globs: one, or a list (a tuple, a pandas column...) of them."""
+    if isinstance(value, str | os.PathLike):
+        return [os.fspath(value)]
+    if isinstance(value, bytes | bytearray | dict) or not isinstance(value, Iterable):
+        raise WingspanError(f"paths: expected a file, folder or glob, or a list of them; got "
+                            f"{type(value).__name__}.",
+                            hint="Pass image files as paths; save an in-memory image to a "
+                                 "file first (or post it to `wingspan serve`).")
+    items = list(value)
+    odd = next((p for p in items if not isinstance(p, str | os.PathLike)), None)
+    if odd is not None:
+        raise WingspanError(f"paths: each must be a path (str or Path); got "
+                            f"{type(odd).__name__} {odd!r:.60}.")
+    return [os.fspath(p) for p in items]
+
+
+def _count_arg(name: str, value, least: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
+        raise WingspanError(f"{name}: expected a whole number of at least {least}, got "
+                            f"{value!r}.")
+    return int(value)
+
+
+def _class_map_arg(value) -> dict[str, str] | None:
+    """{model class: data class}; the CLI's "a=b" strings (one, or a list) are taken too."""
+    if value is None or isinstance(value, dict):
+        return value
+    texts = [value] if isinstance(value, str) else value
+    if isinstance(texts, Iterable) and all(isinstance(t, str) for t in texts):
+        from wingspan.cli import _pairs
+
+        return _pairs(list(texts), "class_map")
+    raise WingspanError(f"class_map: expected a dict {{model class: data class}}, got "
+                        f"{type(value).__name__}.", hint='For example {"admiral": "red_admiral"}.')
 
 
 def _config(cls: type, settings: dict):
@@ -453,8 +500,9 @@ class Run:
         if isinstance(data, Data):  # what ws.read gave (read as it was), as train takes it
             data = data.dataset
         result = evaluate(self._model, data, split, out, progress=not quiet,
-                          batch_size=batch_size, runtime=runtime, precision=precision,
-                          device=device, class_map=class_map, unknown=unknown,
+                          batch_size=_count_arg("batch_size", batch_size), runtime=runtime,
+                          precision=precision, device=device,
+                          class_map=_class_map_arg(class_map), unknown=unknown,
                           unknown_score=unknown_score)
         return Evaluation(result.out_dir, result.metrics, result.report)
 
@@ -482,8 +530,10 @@ class Run:
         from wingspan.inference import Predictor
         from wingspan.predict import predict
 
-        inputs = [str(p) for p in ([paths] if isinstance(paths, str | Path) else paths)]
-        predictor = Predictor(self._model, device=device, batch_size=batch_size,
+        inputs = _paths_arg(paths)
+        top_k = _count_arg("top_k", top_k)
+        predictor = Predictor(self._model, device=device,
+                              batch_size=_count_arg("batch_size", batch_size),
                               runtime=runtime, precision=precision, progress=not quiet,
                               unknown_score=unknown_score)
         result = predict(predictor, inputs, top_k, tta, progress=not quiet)

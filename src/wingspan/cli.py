@@ -353,7 +353,8 @@ def data_preview(
     config = AugmentConfig(policy=augment, image_size=image_size)
     dataset = _read(data, format, group_regex, strict=False)
     path = write_preview(dataset, (out_dir or dataset.out_dir) / "preview.png", config, level,
-                         rows=rows, augmented=views, seed=seed)
+                         rows=rows, augmented=views, seed=seed,
+                         log=lambda line: out.print(f"[yellow]{_q(line)}[/]"))
     classes = dataset.table[dataset.resolve_level(level)].nunique()
     shown = f" ({min(rows, classes)} of {classes} classes; --rows {classes} for all)" \
         if classes > rows else ""
@@ -1179,6 +1180,13 @@ def main(argv: list[str] | None = None) -> None:
         err.print(f"[bold red]Error:[/] {_q(e.message)}", highlight=False)
         if e.hint:
             err.print(f"[cyan]Hint:[/] {_q(e.hint)}", highlight=False)
+        sys.exit(2)
+    except (FileExistsError, NotADirectoryError) as e:  # a file named where a folder goes
+        from wingspan.files import not_a_folder
+
+        err.print(f"[bold red]Error:[/] {_q(not_a_folder(e.filename or '?').message)}",
+                  highlight=False)
+        err.print("[cyan]Hint:[/] Name another folder, or move the file.", highlight=False)
         sys.exit(2)
     except OSError as e:
         if e.errno != errno.ENOSPC:

@@ -5,6 +5,7 @@ The CLI reads its defaults from here, so a default changes in exactly one line.
 
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import asdict, dataclass
 from functools import cache
@@ -445,8 +446,12 @@ class TrainConfig:
             raise WingspanError(f"Cannot read the config file {path}: {e}") from e
         if not isinstance(values, dict):
             raise WingspanError(f"{path} must hold a mapping of setting: value.")
-        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
+        fields = list(cls.__dataclass_fields__)
+        unknown = sorted(set(values) - set(fields))
         if unknown:
+            close = {k: difflib.get_close_matches(k, fields, n=1) for k in unknown}
+            meant = [f"'{k}' -> '{c[0]}'" for k, c in close.items() if c]
             raise WingspanError(f"{path}: unknown settings {unknown}.",
-                                hint=f"Valid: {', '.join(cls.__dataclass_fields__)}.")
+                                hint=(f"Did you mean {', '.join(meant)}? " if meant else "")
+                                + f"Valid: {', '.join(fields)}.")
         return cls(**{**values, **overrides})

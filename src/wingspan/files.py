@@ -93,3 +93,21 @@ class FileArrays:
                 np.save(tmp, array, allow_pickle=False)
         except (OSError, WingspanError):
             pass
+
+
+def make_folder(path: str | Path) -> Path:
+    """`mkdir -p`, or a WingspanError naming the file that stands where a folder must go
+    (not a FileExistsError or NotADirectoryError from deep inside)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        raise not_a_folder(path) from e
+    return path
+
+
+def not_a_folder(path: str | Path) -> WingspanError:
+    path = Path(path)
+    blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
+    return WingspanError(f"{blocker} is a file, where a folder is needed ({path}).",
+                         hint="Name another folder, or move the file.")

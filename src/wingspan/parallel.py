@@ -41,6 +41,13 @@ class Processes:
     nodes: int | None = None
     strategy: str = "auto"
 
+    def __post_init__(self) -> None:  # predict's and audit's --devices, as train's
+        for name in ("devices", "nodes"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise WingspanError(f"--{name} {value}: must be at least 1.",
+                                    hint=f"Leave --{name} out for one.")
+
     def fabric(self, precision: str = "fp32") -> Fabric:
         """This process's Fabric. The first call starts the other processes of this machine
         (with `--devices N`); in those, and on later calls, nothing more is started."""

@@ -51,11 +51,12 @@ def with_duplicates_grouped(table: pd.DataFrame) -> tuple[pd.DataFrame, int]:
         return g
 
     for _, groups in table[GROUP].groupby(hashes[hashes != ""]):
-        first = root(groups.iloc[0])
         for g in groups.iloc[1:]:
-            r = root(g)
-            if r != first:
-                parent[r] = first
+            # A merged group is named by the least of its names, whatever the rows' order:
+            # the same data listed in another order then splits alike under one seed.
+            a, b = sorted((root(groups.iloc[0]), root(g)))
+            if a != b:
+                parent[b] = a
     if not parent:
         return table, 0
     table = table.copy()

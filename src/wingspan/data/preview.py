@@ -18,9 +18,10 @@ from wingspan.plotting import plt
 
 def write_preview(dataset: Dataset, out: Path, config: AugmentConfig | None = None,
                   level: str | None = None, rows: int = 6, augmented: int = 5,
-                  seed: int = 0) -> Path:
+                  seed: int = 0, log=None) -> Path:
     """One row per class (up to `rows`): the evaluation view, then augmented views. An
-    unreadable image is passed over for another of its class."""
+    unreadable image is passed over for another of its class; a class with none readable
+    is left out, and `log` (a function of a line) told which."""
     config = config or AugmentConfig()
     level = dataset.resolve_level(level)
     for name, value, low in (("rows", rows, 1), ("views", augmented, 0), ("seed", seed, 0)):
@@ -30,14 +31,19 @@ def write_preview(dataset: Dataset, out: Path, config: AugmentConfig | None = No
                                 hint=f"Use --{name} {max(low, 1)}, say.")
     rng = np.random.default_rng(seed)
     classes = list(dataset.table.groupby(level))
-    picks = []
+    picks, unreadable = [], []
     for i in rng.permutation(len(classes)):
         label, part = classes[i]
         image = _first_readable(part[PATH].iloc[rng.permutation(len(part))])
         if image is not None:
             picks.append((i, label, image))
+        else:
+            unreadable.append(str(label))
         if len(picks) == rows:
             break
+    if unreadable and log:
+        log(f"Not shown: {', '.join(sorted(unreadable))} (no image of "
+            + ("these classes" if len(unreadable) > 1 else "the class") + " could be read).")
     if not picks:
         raise WingspanError("No image of the data could be read for the preview.",
                             hint="Run `wingspan data inspect DATA` to list the broken files.")

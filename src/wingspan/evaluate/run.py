@@ -649,10 +649,12 @@ def _report(out_dir, name, predictor, run_dir, dataset, level, split, metrics, t
     summary += [("Cohen's kappa", "-" if kappa is None else f"{kappa:.4f}"),
                 ("unreadable images", len(metrics["unreadable"])),
                 ("images of classes the model does not know (left out)",
-                 f"{metrics.get('unknown_class_images', 0)} of "
-                 f"{len(metrics['unknown_classes'])} classes"
+                 f"{metrics.get('unknown_class_images', 0)} images of "
+                 f"{len(metrics['unknown_classes'])} "
+                 + ("class" if len(metrics["unknown_classes"]) == 1 else "classes")
                  + (f": {', '.join(metrics['unknown_classes'][:8])}"
-                    if metrics["unknown_classes"] else "")),
+                    if metrics["unknown_classes"] else "")
+                 if metrics["unknown_classes"] else "none"),
                 *answer_rows(metrics.get("answers")),
                 ("inference speed", f"{metrics['images_per_second']} images/s on "
                  f"{metrics['engine']}")]

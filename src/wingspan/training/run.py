@@ -30,7 +30,7 @@ from wingspan.data.samples import Dataset
 from wingspan.data.split import write_splits
 from wingspan.errors import WingspanError
 from wingspan.evaluate.calibration import calibration_record
-from wingspan.files import write_text
+from wingspan.files import make_folder, write_text
 from wingspan.models import create_classifier, resolve_policy, save_bundle
 from wingspan.models.bundle import read_manifest
 from wingspan.models.classifier import Classifier
@@ -68,6 +68,7 @@ def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = "runs",
     run_dir = None
     if fabric.is_global_zero:  # rank 0 names the run; the others learn its folder
         run_dir = _new_run_dir(Path(runs_dir), name or f"{dataset.name}-{config.backbone}")
+        _hold(run_dir)
     run_dir = Path(fabric.broadcast(str(run_dir) if run_dir else None))
     logs: list[str] = []
     report_reading(dataset, logs.append)
@@ -92,6 +93,7 @@ def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = "runs",
         run = _start(run_dir, config, dataset, quiet, None, fabric, before=(why,) if why else ())
     except BaseException as e:  # nothing trained yet (bad data, no weights): no empty run
         if fabric.is_global_zero:
+            _release(run_dir)
             shutil.rmtree(run_dir, ignore_errors=True)
         if isinstance(e, WingspanError):  # every process read the same data: rank 0 says it
             e.every_rank = True
@@ -194,6 +196,15 @@ def resume(run_dir: str | Path, quiet: bool = False, **machine) -> Path:
         config = dataclasses.replace(config, devices=None, nodes=None)
     config = dataclasses.replace(config, **machine)
     fabric = _processes(config).fabric()
+    if fabric.is_global_zero:
+        _hold(run_dir)
+    try:
+        return _resume(run_dir, config, fabric, quiet)
+    finally:
+        _release(run_dir)
+
+
+def _resume(run_dir: Path, config: TrainConfig, fabric, quiet: bool) -> Path:
     last = run_dir / "checkpoints" / "last.pt"
     checkpoint = load_checkpoint(last) if last.is_file() else None
     finished = checkpoint and checkpoint["state"]["stage"] == "done"
@@ -266,6 +277,8 @@ def _interruptible(run: Run) -> Path:
         if run.quiet and run.is_main:  # --quiet hides progress, not how to go on
             print(said, file=sys.stderr)
         raise
+    finally:
+        _release(run.dir)
 
 
 def _recipe(run: Run) -> Path:
@@ -303,6 +316,36 @@ def _next_stage(run: Run, stage: str) -> None:
 
 def _processes(config: TrainConfig) -> Processes:
     return Processes(config.device, config.devices, config.nodes, config.strategy)
+
+
+_HELD: dict[str, object] = {}  # run folder -> its open lock file, while this process trains
+
+
+def _hold(run_dir: Path) -> None:
+    """Rank 0 holds the run's lock while it trains: a second process training the same
+    folder (a --resume of a run still going) would write the same checkpoints and model.
+    The OS drops the lock when the process ends, however it ends. (POSIX only.)"""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    key = str(run_dir.resolve())
+    if key in _HELD:
+        return
+    handle = open(run_dir / ".lock", "w")  # noqa: SIM115 - held open for the whole run
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        handle.close()
+        raise WingspanError(f"The run {run_dir} is being trained by another process.",
+                            hint="Wait for it to finish (or stop it), then resume.") from e
+    _HELD[key] = handle
+
+
+def _release(run_dir: Path) -> None:
+    handle = _HELD.pop(str(Path(run_dir).resolve()), None)
+    if handle is not None:
+        handle.close()
 
 
 def _run_config(run_dir: Path) -> TrainConfig:
@@ -555,8 +598,8 @@ def _new_run_dir(runs: Path, name: str) -> Path:
         raise WingspanError(f"The run name '{name}' is a path; a run is named, and goes in "
                             f"--runs-dir ({runs}).", hint="Give a plain name, e.g. leeds-lite2, "
                             "and the folder with --runs-dir.", every_rank=True)
-    path, n = runs / name, 2
+    path, n = make_folder(runs) / name, 2
     while path.exists():
         path, n = runs / f"{name}-{n}", n + 1
-    path.mkdir(parents=True)
+    path.mkdir()
     return path
