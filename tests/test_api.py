@@ -205,6 +205,9 @@ def test_load_a_run_and_a_bundle(run, demo_dir, tmp_path):
         with pytest.raises(WingspanError, match=message):
             call()
     assert len(run.predict((str(image), image), quiet=True)) == 2  # any list of paths
+    from wingspan.api import _class_map_arg
+
+    assert _class_map_arg(t for t in ["a=b", "c=d"]) == {"a": "b", "c": "d"}  # a generator
 
 
 def test_explain_writes_overlays(run, demo_dir, tmp_path):

@@ -74,6 +74,7 @@ def test_preview_command(run_cli, demo_dir, tmp_path):
     (["data", "split", "DEMO", "--seed", "-1"], "'seed' = -1: must be between 0 and 2**32"),
     (["data", "preview", "DEMO", "--seed", "-1"], "--seed must be from 0 to 2**32 - 1"),
     (["MAX_PIXELS=10MP", "data", "inspect", "DEMO"], "is '10MP', not a number of pixels"),
+    (["MAX_PIXELS=²", "data", "inspect", "DEMO"], "is '²', not a number of pixels"),
 ])
 def test_user_errors_are_one_clear_message(run_cli, demo_dir, args, message, monkeypatch):
     if args[0].startswith("MAX_PIXELS="):

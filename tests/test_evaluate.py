@@ -604,3 +604,20 @@ def test_adapt_warns_when_the_photos_are_the_runs_own_val_images(trained, tmp_pa
     # Its test figures are then not called fair.
     fair = evaluate(tmp_path / "a", progress=False, workers=0).metrics["fair"]
     assert fair.startswith("no: `wingspan adapt` trained this model on 3 of the test images")
+
+
+def test_unknown_images_may_sit_under_a_known_genus_but_not_a_known_species(tmp_path):
+    """An unseen species filed under its (known) family is what --unknown is for; a folder
+    named after a species the model knows is refused."""
+    from types import SimpleNamespace
+
+    from wingspan.evaluate.run import _check_unseen
+
+    model = SimpleNamespace(classes=["monarch", "admiral"], manifest={"classes": {
+        "family": ["Nymphalidae"], "label": ["monarch", "admiral"]}})
+    _check_unseen([str(tmp_path / "Nymphalidae" / "x.jpg")], [], model)
+    with pytest.raises(WingspanError, match="classes the model knows: monarch"):
+        _check_unseen([str(tmp_path / "monarch" / "x.jpg")], [], model)
+    with pytest.raises(WingspanError, match="also among the images of known classes"):
+        _check_unseen([str(tmp_path / "new" / "x.jpg")], [str(tmp_path / "new" / "x.jpg")],
+                      model)

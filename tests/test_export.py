@@ -19,7 +19,7 @@ from wingspan.training import train
 STANDALONE = """
 import json, sys
 import numpy as np, onnxruntime as ort
-from PIL import Image
+from PIL import Image, ImageOps
 
 session = ort.InferenceSession(sys.argv[1])
 meta = json.loads(session.get_modelmeta().custom_metadata_map["wingspan"])
@@ -28,11 +28,13 @@ resample = Image.Resampling[meta["input"]["interpolation"].upper()]  # as in tra
 unknown = meta.get("unknown")
 rows = []
 for path in sys.argv[2:]:
-    image = Image.open(path).convert("RGB")
+    image = Image.open(path)
+    image.draft("RGB", (resize, resize))  # a large JPEG decoded reduced, as in training
+    image = ImageOps.exif_transpose(image).convert("RGB")  # upright, as the camera held it
     w, h = image.size  # shorter side to `resize`, the longer truncated as torchvision's Resize
     image = image.resize((resize, int(resize * h / w)) if w <= h else
                          (int(resize * w / h), resize), resample)
-    left, top = (image.width - size) // 2, (image.height - size) // 2
+    left, top = round((image.width - size) / 2), round((image.height - size) / 2)
     pixels = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
     out = dict(zip(meta["outputs"], session.run(None, {"pixels": pixels[None]})))
     answer, known, scores, parent, branch = None, True, {}, None, []

@@ -44,7 +44,7 @@ def test_a_full_cache_disk_does_not_make_images_unreadable(tmp_path, monkeypatch
 
     monkeypatch.setattr(decode_cache.np, "save", full)
     array = decode_cache.DecodeCache(tmp_path / "cache", 32).load(str(image))
-    assert array.shape == (30, 40, 3)  # decoded all the same
+    assert array.shape == (32, 42, 3)  # decoded (to the working size) all the same
 
 
 def test_the_decoded_image_cache_shrinks_with_the_models_filter(tmp_path):
@@ -52,6 +52,7 @@ def test_the_decoded_image_cache_shrinks_with_the_models_filter(tmp_path):
     size: 400 x 300 to 42 x 32, the long side truncated; the same pixels), with the
     model's filter (timm's `interpolation`), each filter in a cache of its own."""
     import numpy as np
+    import torch
     from helpers import write_image
     from PIL import Image
 
@@ -75,6 +76,20 @@ def test_the_decoded_image_cache_shrinks_with_the_models_filter(tmp_path):
         np.testing.assert_array_equal(prepare_pixels(rgb, 32, 32, name), want[name.upper()])
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
         "decoded-32", "decoded-32-bilinear"]
+    # Enlarged (an image smaller than the working size) and cropped (a side 19 over the
+    # crop: torchvision rounds 9.5 to 10) alike too, in training, predict and the export.
+    config = AugmentConfig(image_size=32, eval_crop=0.875)  # resized to 37, then cropped
+    for size in ((510, 370), (20, 30)):
+        image = write_image(tmp_path / f"{size[0]}.png", size=size, seed=2)
+        with Image.open(image) as im:
+            rgb = im.convert("RGB")
+        want = eval_transform(config, normalize=False, interpolation="bicubic")(rgb)
+        want = (want.permute(1, 2, 0) * 255).round().byte().numpy()
+        cached = DecodeCache(tmp_path / "cache", 37, "bicubic").load(str(image))
+        got = eval_transform(config, normalize=False, interpolation="bicubic")(
+            torch.from_numpy(cached).permute(2, 0, 1))  # as training's val pass takes it
+        np.testing.assert_array_equal((got.permute(1, 2, 0) * 255).round().byte().numpy(), want)
+        np.testing.assert_array_equal(prepare_pixels(rgb, 32, 37, "bicubic"), want)
 
 def test_the_cli_says_the_disk_is_full_instead_of_a_traceback(run_cli, tmp_path, monkeypatch):
     from wingspan.data import inspect as inspect_module

@@ -96,6 +96,12 @@ def test_csv_labels_are_stripped(tmp_path):
     ds = read_dataset(tmp_path / "labels.csv")
     assert ds.class_counts().to_dict() == {"monarch": 3}
     assert set(ds.table["family"]) == {"F1"}
+    # A spreadsheet's empty cell written as NaN is kept as it says, and said.
+    (tmp_path / "labels.csv").write_text("path,label\nx/x_0.jpg,monarch\nx/x_1.jpg,NaN\n")
+    ds = read_dataset(tmp_path / "labels.csv")
+    assert set(ds.table["label"]) == {"monarch", "NaN"}
+    assert [(p.kind, p.path.rsplit("/", 1)[1]) for p in ds.problems] == [
+        ("missing_like_label", "x_1.jpg")]
 
 
 def test_csv_reader_relative_paths_levels_and_missing_files(tmp_path):

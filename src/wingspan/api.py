@@ -393,8 +393,9 @@ def _class_map_arg(value) -> dict[str, str] | None:
     """{model class: data class}; the CLI's "a=b" strings (one, or a list) are taken too."""
     if value is None or isinstance(value, dict):
         return value
-    texts = [value] if isinstance(value, str) else value
-    if isinstance(texts, Iterable) and all(isinstance(t, str) for t in texts):
+    texts = [value] if isinstance(value, str) else list(value) if isinstance(
+        value, Iterable) else value
+    if isinstance(texts, list) and all(isinstance(t, str) for t in texts):
         from wingspan.cli import _pairs
 
         return _pairs(list(texts), "class_map")

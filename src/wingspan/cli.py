@@ -138,16 +138,22 @@ def _read(data: Path, format: str | None, group_regex: str | None, strict: bool,
                                          check_files=check_files))
 
 
+def _pixel_budget(text: str) -> int | None:
+    from wingspan.data.images import pixel_budget  # (Pillow: not for --help)
+
+    return pixel_budget(text)
+
+
 @app.callback(invoke_without_command=True)
 def _root(version: Annotated[bool, typer.Option("--version", help="Show the version.")] = False):
     if version:
         out.print(f"wingspan {__version__}")
         raise typer.Exit()
     budget = os.environ.get(MAX_PIXELS_ENV)
-    if budget is not None and not (budget.strip().isdigit() and int(budget) > 0):
+    if budget is not None and _pixel_budget(budget) is None:
         raise WingspanError(f"${MAX_PIXELS_ENV} is {budget!r}, not a number of pixels.",
                             hint=f"Set it to a whole number, e.g. {MAX_PIXELS_ENV}=100000000 "
-                                 "(100 MP), or unset it (or use --max-pixels).")
+                                 "(100 MP), or unset it.")
 
 
 @data_app.command("inspect")
@@ -407,7 +413,7 @@ def train_command(
     max_per_class: Annotated[int | None, typer.Option(
         help="Undersample: at most N training images per class.")] = None,
     allow_leaky_splits: Annotated[bool, typer.Option(
-        help="Train on given splits even where one group, file or picture is on two sides "
+        help="Train on given splits even where one group, file or identical copy is on two sides "
         "(refused by default; ETHEC's published splits are repaired).")]
     = T.allow_leaky_splits,
     selection: Annotated[str, typer.Option(

@@ -120,7 +120,9 @@ def prepare_pixels(image, size: int, resize: int, interpolation: str = "bicubic"
     # The long side truncated, as torchvision's Resize (training's and predict's) has it.
     image = image.resize((resize, int(resize * h / w)) if w <= h else
                          (int(resize * w / h), resize), pil_filter(interpolation))
-    left, top = (image.width - size) // 2, (image.height - size) // 2
+    # Rounded as torchvision's CenterCrop rounds (half to even), not floored: a side
+    # 3 pixels over a multiple of 4 past `size` (any 16:9 photo at 224) otherwise moves.
+    left, top = round((image.width - size) / 2), round((image.height - size) / 2)
     return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 

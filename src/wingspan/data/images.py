@@ -71,8 +71,14 @@ class ImageTooLarge(WingspanError):
 def max_pixels() -> int:
     """The pixel budget: $WINGSPAN_MAX_PIXELS, else MAX_PIXELS (read at each call, so that
     data-loading worker processes follow the command's --max-pixels)."""
-    value = os.environ.get(MAX_PIXELS_ENV, "")
-    return int(value) if value.isdigit() and int(value) > 0 else MAX_PIXELS
+    return pixel_budget(os.environ.get(MAX_PIXELS_ENV, "")) or MAX_PIXELS
+
+
+def pixel_budget(text: str) -> int | None:
+    """A pixel count as written in $WINGSPAN_MAX_PIXELS ("100000000"); None if it is not
+    one (the CLI refuses such a value, the library takes the default)."""
+    text = text.strip()
+    return int(text) if text.isascii() and text.isdigit() and int(text) > 0 else None
 
 
 def pil_filter(name: str) -> Image.Resampling:

@@ -339,6 +339,13 @@ def read_csv_table(csv_path: Path, config: ReadConfig) -> Dataset:
     problems += [Problem("no_label", "row has an empty label; skipped", p)
                  for p in raw.loc[unlabelled, PATH]]
     raw = raw[~unlabelled]
+    # "NaN" or "NA" where a label should be is usually a spreadsheet's empty cell; kept (a
+    # class may be so named) but said.
+    blank_like = raw[LABEL].str.lower().isin(["nan", "na", "n/a", "null", "none"])
+    problems += [Problem("missing_like_label", f"label '{label}' reads like an empty cell; "
+                         "kept as a class of that name", p)
+                 for p, label in zip(raw.loc[blank_like, PATH], raw.loc[blank_like, LABEL],
+                                     strict=True)]
     paths = [p if os.path.isabs(p) else os.path.normpath(csv_path.parent / p)
              for p in map(_native, raw[PATH])]
     keep, repeats = _repeated_paths(raw, paths)
@@ -388,9 +395,9 @@ def _repeated_paths(raw: pd.DataFrame, paths: list[str]) -> tuple[np.ndarray, li
                                     + ": left out", path))
         elif rows["_split"].nunique() == 1 and rows["_split"].iloc[0] != "train":
             keep[rows.index[1:]] = False
-            where = f"in the {rows['_split'].iloc[0]} split" if rows["_split"].iloc[0] else ""
-            problems.append(Problem("repeated_row", f"listed {len(rows)} times {where}; "
-                                    "counted once".replace("  ", " "), path))
+            where = f" in the {rows['_split'].iloc[0]} split" if rows["_split"].iloc[0] else ""
+            problems.append(Problem("repeated_row", f"listed {len(rows)} times{where}; "
+                                    "counted once", path))
     return keep, problems
 
 

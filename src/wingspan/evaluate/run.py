@@ -13,6 +13,7 @@ import pandas as pd
 
 from wingspan.config import UNKNOWN_SCORES, AugmentConfig, TrainConfig
 from wingspan.data import read_dataset
+from wingspan.data.csvfiles import nfc
 from wingspan.data.plots import plot_class_balance
 from wingspan.data.preview import write_preview
 from wingspan.data.samples import SPLIT, Dataset
@@ -233,8 +234,8 @@ def _check_unseen(unknown_paths: list[str], known_paths, predictor: Predictor) -
     """Images of `--unknown` that are in the evaluated split, or sit in a folder named
     after one of the model's classes (DATA given as --unknown, say), would count a right
     answer against the unknown answer's figures."""
-    names = {c for level in predictor.manifest["classes"].values() for c in level}
-    named = sorted({Path(p).parent.name for p in unknown_paths} & names)
+    # The finest level only: an unseen species is rightly filed under a known genus.
+    named = sorted({nfc(Path(p).parent.name) for p in unknown_paths} & set(predictor.classes))
     if named:
         raise WingspanError(f"The --unknown images include folders named after classes the "
                             f"model knows: {', '.join(named[:5])}"
@@ -556,7 +557,7 @@ def _grad_cam_view(predictor: Predictor, path: str, target: int) -> dict:
     from wingspan.explain import grad_cam, model_view
 
     try:
-        x = predictor.views(tta=False)[0](open_rgb(path))
+        x = predictor.views(tta=False)[0](open_rgb(path, draft=predictor.draft))
         return {"pixels": model_view(x, predictor), "heatmap": grad_cam(predictor, x, target)}
     except Exception:  # noqa: BLE001 - the gallery shows the plain image instead
         return {}

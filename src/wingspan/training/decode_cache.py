@@ -32,7 +32,7 @@ class DecodeCache:
         self.interpolation = interpolation_mode(interpolation)
 
     def load(self, path: str) -> np.ndarray:
-        """The image as an (H, W, 3) uint8 array, its shorter side at most `short_side`."""
+        """The image as an (H, W, 3) uint8 array, its shorter side `short_side`."""
         entry = self.arrays.entry(path)
         array = self.arrays.get(entry)
         if array is None:
@@ -44,9 +44,9 @@ class DecodeCache:
 
     def decode(self, path: str) -> Image.Image:
         image = open_rgb(path, draft=self.short_side)
-        if min(image.size) > self.short_side:  # only ever shrink
-            # torchvision's own resize, as predict's eval transform resizes: the same sizes
-            # (it truncates the long side) and pixels, so that what training chooses its
-            # epoch, temperature and thresholds on is what predict sees.
-            image = resize(image, [self.short_side], interpolation=self.interpolation)
-        return image
+        # torchvision's own resize of the PIL image, as predict's eval transform resizes it:
+        # the same sizes (it truncates the long side) and pixels, so that what training
+        # chooses its epoch, temperature and thresholds on is what predict sees. A smaller
+        # image is enlarged here too: the transform's resize of the cached array would
+        # enlarge it with torch's kernel, not Pillow's.
+        return resize(image, [self.short_side], interpolation=self.interpolation)

@@ -68,7 +68,7 @@ def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = "runs",
     run_dir = None
     if fabric.is_global_zero:  # rank 0 names the run; the others learn its folder
         run_dir = _new_run_dir(Path(runs_dir), name or f"{dataset.name}-{config.backbone}")
-        _hold(run_dir)
+        _hold(run_dir)  # a folder just made: no other process has it
     run_dir = Path(fabric.broadcast(str(run_dir) if run_dir else None))
     logs: list[str] = []
     report_reading(dataset, logs.append)
@@ -196,8 +196,12 @@ def resume(run_dir: str | Path, quiet: bool = False, **machine) -> Path:
         config = dataclasses.replace(config, devices=None, nodes=None)
     config = dataclasses.replace(config, **machine)
     fabric = _processes(config).fabric()
-    if fabric.is_global_zero:
-        _hold(run_dir)
+    # Rank 0 takes the lock; every process learns whether it did, so all stop together.
+    held = _hold(run_dir) if fabric.is_global_zero else None
+    if not fabric.broadcast(held):
+        raise WingspanError(f"The run {run_dir} is being trained by another process.",
+                            hint="Wait for it to finish (or stop it), then resume.",
+                            every_rank=True)
     try:
         return _resume(run_dir, config, fabric, quiet)
     finally:
@@ -321,25 +325,26 @@ def _processes(config: TrainConfig) -> Processes:
 _HELD: dict[str, object] = {}  # run folder -> its open lock file, while this process trains
 
 
-def _hold(run_dir: Path) -> None:
+def _hold(run_dir: Path) -> bool:
     """Rank 0 holds the run's lock while it trains: a second process training the same
     folder (a --resume of a run still going) would write the same checkpoints and model.
-    The OS drops the lock when the process ends, however it ends. (POSIX only.)"""
+    The OS drops the lock when the process ends, however it ends. False: another holds
+    it. (POSIX only; elsewhere nothing is locked.)"""
     try:
         import fcntl
     except ImportError:
-        return
+        return True
     key = str(run_dir.resolve())
     if key in _HELD:
-        return
+        return True
     handle = open(run_dir / ".lock", "w")  # noqa: SIM115 - held open for the whole run
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
+    except OSError:
         handle.close()
-        raise WingspanError(f"The run {run_dir} is being trained by another process.",
-                            hint="Wait for it to finish (or stop it), then resume.") from e
+        return False
     _HELD[key] = handle
+    return True
 
 
 def _release(run_dir: Path) -> None:

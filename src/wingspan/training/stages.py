@@ -215,7 +215,8 @@ def every_class_readable(run: Run) -> torch.Tensor:
     readable = run.readable(run.data.train)
     if not readable.any():
         raise WingspanError("No training image could be read.",
-                            hint=f"See the files listed in {run.dir / 'train.log'}.")
+                            hint=f"See the files listed in {run.dir / 'train.log'}.",
+                            every_rank=True)
     read = set(run.data.train.labels[readable, -1].tolist())
     lost = [c for i, c in enumerate(run.data.classes) if i not in read]
     if lost:
@@ -224,7 +225,7 @@ def every_class_readable(run: Run) -> torch.Tensor:
                             "have a class it never learns.",
                             hint=f"Mend or remove its images (the files are listed in "
                                  f"{run.dir / 'train.log'}), or leave the class out of the "
-                                 "data, then train again.")
+                                 "data, then train again.", every_rank=True)
     return readable
 
 
