@@ -429,7 +429,7 @@ def test_evaluate_other_data_with_a_class_map_shows_the_drop_per_class(trained, 
     assert set(held["class"]) == set(classes[3:])
     assert plain["macro"]["f1"] == pytest.approx(held["f1"].mean())
     assert plain["unknown_class_images"] == int(test["label"].isin(classes[:3]).sum())
-    assert f"{plain['unknown_class_images']} of 3 classes: first_other" in (
+    assert f"{plain['unknown_class_images']} images of 3 classes: first_other" in (
         trained / "evaluation-other-all" / "report.html").read_text()
     # calibrate on photos without a split fits on all of them.
     shutil.copytree(trained, tmp_path / "copy")
