@@ -367,11 +367,14 @@ def test_resuming_without_every_image_of_a_class_says_which(demo_dir, tmp_path, 
     assert [u["path"] for u in unreadable] == [gone]
 
 
-@pytest.mark.parametrize("written", ["name: my-project\n", "- a\n- b\n", "epochs: [\n"])
-def test_resuming_a_folder_whose_config_is_not_a_runs_says_so(tmp_path, written):
+@pytest.mark.parametrize("written, said", [
+    ("name: my-project\n", "is not a wingspan run"), ("- a\n- b\n", "is not a wingspan run"),
+    ("epochs: [\n", "is not a wingspan run"),
+    ("backbone: resnet50\nepochs_head: 3\nwarp: 9\n", "Another version of wingspan wrote it")])
+def test_resuming_a_folder_whose_config_is_not_a_runs_says_so(tmp_path, written, said):
     (tmp_path / "config.yaml").write_text(written)
     (tmp_path / "splits.csv").write_text("path,label,split\n")
-    with pytest.raises(WingspanError, match="is not a wingspan run"):
+    with pytest.raises(WingspanError, match=said):
         resume(tmp_path, quiet=True)
 
 

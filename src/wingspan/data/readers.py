@@ -380,24 +380,32 @@ def _repeated_paths(raw: pd.DataFrame, paths: list[str]) -> tuple[np.ndarray, li
     left out (which is right cannot be known); as a repeat in val or test, the repeats
     (the image would count twice in a score). Repeats in train stay: they weigh the image
     more, as `data split --oversample-to` writes them. Another split with the same label
-    stays too, for the leak check to refuse."""
+    stays too, for the leak check to refuse. Whole-column work: an oversampled splits.csv
+    repeats thousands of files."""
     labels = [c for c in raw.columns if c not in (PATH, SPLIT, GROUP)]
     frame = raw[labels].assign(_path=paths, _split=raw[SPLIT] if SPLIT in raw else "")
     frame = frame.reset_index(drop=True)
     keep, problems = np.ones(len(frame), dtype=bool), []
-    for path, rows in frame[frame.duplicated("_path", keep=False)].groupby("_path", sort=False):
-        given = rows[labels].drop_duplicates()
-        if len(given) > 1:
-            keep[rows.index] = False
-            problems.append(Problem("conflicting_labels", f"listed {len(rows)} times, with "
-                                    "the labels " + " and ".join(
-                                        "/".join(r) for r in given.itertuples(index=False))
-                                    + ": left out", path))
-        elif rows["_split"].nunique() == 1 and rows["_split"].iloc[0] != "train":
-            keep[rows.index[1:]] = False
-            where = f" in the {rows['_split'].iloc[0]} split" if rows["_split"].iloc[0] else ""
-            problems.append(Problem("repeated_row", f"listed {len(rows)} times{where}; "
-                                    "counted once", path))
+    repeated = frame[frame.duplicated("_path", keep=False)]
+    if repeated.empty:
+        return keep, problems
+    by_path = repeated.groupby("_path", sort=False)
+    times = by_path.size()
+    conflicting = (by_path[labels].nunique() > 1).any(axis=1)
+    splits = by_path["_split"].agg(["nunique", "first"])
+    once = ~conflicting & (splits["nunique"] == 1) & (splits["first"] != "train")
+    keep[frame["_path"].isin(conflicting.index[conflicting]).to_numpy()] = False
+    keep[(frame["_path"].isin(once.index[once]) & frame.duplicated("_path")).to_numpy()] = False
+    given = repeated[repeated["_path"].isin(conflicting.index[conflicting])].drop_duplicates()
+    for path, rows in given.groupby("_path", sort=False):  # few: each said with its labels
+        problems.append(Problem("conflicting_labels", f"listed {times[path]} times, with the "
+                                "labels " + " and ".join("/".join(r) for r in rows[labels]
+                                                         .drop_duplicates().itertuples(
+                                                             index=False)) + ": left out", path))
+    for path, split in splits.loc[once, "first"].items():
+        where = f" in the {split} split" if split else ""
+        problems.append(Problem("repeated_row", f"listed {times[path]} times{where}; counted "
+                                "once", path))
     return keep, problems
 
 

@@ -365,8 +365,14 @@ def _run_config(run_dir: Path) -> TrainConfig:
     except yaml.YAMLError as e:
         raise not_a_run from e
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    if (not isinstance(settings, dict) or not set(settings) <= fields
-            or not (run_dir / SPLITS_FILE).is_file()):
+    if not isinstance(settings, dict) or not (run_dir / SPLITS_FILE).is_file():
+        raise not_a_run
+    unknown = sorted(set(settings) - fields)
+    if unknown and {"backbone", "epochs_head"} <= set(settings):  # a run, of another version
+        raise WingspanError(f"The run {run_dir} has settings this wingspan does not know: "
+                            f"{', '.join(unknown)}. Another version of wingspan wrote it.",
+                            hint="Resume it with that version, or train a new run.")
+    if unknown:
         raise not_a_run
     return TrainConfig(**settings)
 
