@@ -48,3 +48,8 @@ def test_every_demo_species_is_distinct_and_the_taxonomy_is_a_tree(tmp_path):
 def test_demo_config_is_validated():
     with pytest.raises(WingspanError, match="images_per_class"):
         DemoConfig(images_per_class=(1,) * (len(SPECIES) + 1))
+    # A size of 0 or less is a setting's error, not Pillow's "cannot write empty image".
+    for size in (0, -5, 15):
+        with pytest.raises(WingspanError, match=r"'image_size' setting must be at least 16 "
+                           rf"pixels. Got {size} instead"):
+            DemoConfig(image_size=size)

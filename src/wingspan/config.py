@@ -237,6 +237,8 @@ class DemoConfig:
         )
         _check(min(self.images_per_class) >= 1, "images_per_class", "counts >= 1",
                self.images_per_class)
+        # As small as training takes (TrainConfig's own floor): the demo trains on them.
+        _check(self.image_size >= 16, "image_size", "at least 16 pixels", self.image_size)
 
 
 @dataclass(frozen=True)
