@@ -101,7 +101,12 @@ def open_rgb(path: str | Path | BinaryIO, draft: int | None = None,
     """Decode an image as upright 8-bit RGB, whatever its mode or EXIF orientation.
 
     `draft` lets libjpeg decode a large JPEG at a reduced scale (1/2, 1/4, 1/8) that is
-    still at least that many pixels on each side: much faster, same result after resize.
+    still at least that many pixels on each side: much faster, and after the resize close
+    to a full decode, not identical (libjpeg scales inside its inverse DCT, from each 8 x 8
+    block's low frequencies, where a resize filter weighs neighbouring pixels: about 1
+    level in 255 on average on photos, more at sharp edges). Training (its decode cache)
+    and predict both decode with the same `draft` (the resize before the centre crop), so
+    a model sees what it learned from.
     An image over the pixel budget (`max_pixels`, checked from its header, before any
     decoding) is decoded reduced if it is a JPEG that libjpeg can bring under it, and
     refused otherwise: a 15800 x 15800 PNG would take gigabytes to decode. `name`: what
