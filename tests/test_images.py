@@ -101,6 +101,24 @@ def test_a_long_thin_image_is_refused_before_its_resize_outgrows_the_budget(tmp_
     assert open_rgb(tmp_path / "panorama.png", draft=224).size == (4000, 400)
 
 
+def test_a_budget_below_a_models_view_says_so_not_long_and_thin(tmp_path, monkeypatch):
+    """--max-pixels under the view's 512 x 512: a square image is not "too long and thin",
+    the budget is too small, and the message says how far to raise it."""
+    from wingspan.data.images import ImageTooLarge
+
+    Image.new("RGB", (300, 300), (200, 100, 50)).save(tmp_path / "square.png")
+    Image.new("RGB", (40000, 1), (200, 100, 50)).save(tmp_path / "strip.png")
+    monkeypatch.setenv("WINGSPAN_MAX_PIXELS", "100000")
+    with pytest.raises(ImageTooLarge, match=r"(?s)300 x 300 pixels for a model \(shorter side "
+                       r"512 px\) makes 0.262 MP, over the pixel budget of 0.1 MP") as e:
+        open_rgb(tmp_path / "square.png")
+    assert "long and thin" not in e.value.message
+    assert "--max-pixels" in e.value.hint and "at least 262144" in e.value.hint
+    assert open_rgb(tmp_path / "square.png", draft=256).size == (300, 300)  # 256 x 256 fits
+    with pytest.raises(ImageTooLarge, match="40000 x 1 pixels is too long and thin"):
+        open_rgb(tmp_path / "strip.png")  # too long and thin for any budget left as it is
+
+
 def test_a_drawer_scan_over_pillows_own_limit_is_read_reduced_not_called_a_bomb(tmp_path):
     """Pillow refuses any image over 500 MP as a bomb from its header; wingspan's budget
     decides instead, and a JPEG that 1/8 scale brings under it is decoded reduced."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import threading
 from collections.abc import Iterator
@@ -118,6 +119,15 @@ def open_rgb(path: str | Path | BinaryIO, draft: int | None = None,
             budget, (w, h) = max_pixels(), im.size
             side = draft or VIEW_SIDE
             resized = side * side * max(w, h) / max(min(w, h), 1)
+            if max(budget, w * h) < resized <= MAX_PIXELS:
+                # It would fit the default budget: not the image's shape but a lowered
+                # budget is at fault (a square image is refused too).
+                raise ImageTooLarge(
+                    f"Cannot read image {name}: resizing its {w} x {h} pixels for a model "
+                    f"(shorter side {side} px) makes {resized / 1e6:.3g} MP, over the pixel "
+                    f"budget of {budget / 1e6:.3g} MP.",
+                    hint=f"Raise the budget with --max-pixels (or ${MAX_PIXELS_ENV}) to at "
+                    f"least {math.ceil(resized)} (the default is {MAX_PIXELS}).")
             if resized > max(budget, w * h):  # a 1 x 40000 PNG of 100 bytes, upscaled
                 raise ImageTooLarge(
                     f"Cannot read image {name}: {w} x {h} pixels is too long and thin to resize "
