@@ -115,3 +115,24 @@ def test_empty_files_are_not_one_picture_on_every_side(tmp_path):
     summary = inspect_dataset(ds, tmp_path / "out", InspectConfig(), progress=False)
     assert summary["images"]["duplicates"]["groups"] == []
     assert len(summary["images"]["unreadable"]) == 2
+
+
+def test_each_leak_is_counted_once(tmp_path):
+    """One file listed in train and test is one leak: not also a group (by default one
+    file) and an identical picture (its own bytes). A specimen of two pictures on two
+    sides is a group's leak, and a copy under another name a picture's."""
+    folder_dataset(tmp_path, {"monarch": 4, "admiral": 4})
+    shutil.copy(tmp_path / "admiral" / "admiral_3.jpg", tmp_path / "admiral" / "copy.jpg")
+    (tmp_path / "l.csv").write_text(
+        "path,label,split,group\n"
+        "monarch/monarch_0.jpg,monarch,train,\nmonarch/monarch_0.jpg,monarch,test,\n"
+        "monarch/monarch_1.jpg,monarch,train,\nmonarch/monarch_2.jpg,monarch,train,\n"
+        "admiral/admiral_0.jpg,admiral,train,\nadmiral/admiral_1.jpg,admiral,train,B7\n"
+        "admiral/admiral_2.jpg,admiral,val,B7\n"
+        "admiral/admiral_3.jpg,admiral,train,\nadmiral/copy.jpg,admiral,val,\n")
+    leaks = find_leaks(read_dataset(tmp_path / "l.csv"))
+    assert list(leaks.by_path) == [str(tmp_path / "monarch" / "monarch_0.jpg")]
+    assert list(leaks.by_group) == ["B7"] and len(leaks.by_content) == 1
+    assert leaks.describe() == ("1 group on two sides (1 in train+val); 1 file on two sides "
+                                "(1 in test+train); 1 identical picture on two sides "
+                                "(1 in train+val)")

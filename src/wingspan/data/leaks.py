@@ -83,21 +83,30 @@ class Leaks:
                             ("identical pictures", self.by_content)):
             if found:
                 sides = pd.Series(["+".join(sorted(s)) for s in found.values()]).value_counts()
+                what = what if len(found) > 1 else what[:-1]  # "1 file", not "1 files"
                 parts.append(f"{len(found)} {what} on two sides ("
                              + ", ".join(f"{n} in {s}" for s, n in sides.items()) + ")")
         return "; ".join(parts)
 
 
 def find_leaks(dataset: Dataset, by_content: bool = True) -> Leaks:
+    """Each leak once: one file listed on two sides is a file's leak, not also a picture's
+    (its bytes) and a group's (by default a group is one file), so a group counts only
+    when it holds more than one picture, and a picture only under more than one name."""
     table = dataset.table[dataset.table[SPLIT] != ""]
     found, rows = {}, {}
     keys = {"by_group": table[GROUP], "by_path": table[PATH]}
+    picture = table[PATH]  # one picture: one content, else (not hashed, unreadable) one file
     if by_content:
         hashes = pd.Series(content_hashes(table[PATH].tolist()), index=table.index)
         keys["by_content"] = hashes.where(hashes != "")
+        picture = hashes.where(hashes != "", table[PATH])
+    holds = {"by_group": picture, "by_content": table[PATH]}  # what each must hold 2 of
     for kind, key in keys.items():
         sides = table[SPLIT].groupby(key).agg(lambda s: sorted(set(s)))
         leaked = sides[sides.map(len) > 1]
+        if kind in holds:
+            leaked = leaked[holds[kind].groupby(key).nunique().reindex(leaked.index) > 1]
         found[kind] = leaked.to_dict()
         rows[kind] = np.flatnonzero(key.isin(leaked.index).to_numpy())
     found.setdefault("by_content", {})
