@@ -128,3 +128,36 @@ def test_classes_of_a_single_image_are_left_out_of_the_label_audit_only(tmp_path
                            "test_efficientnet", "--weights", "none", "--out",
                            tmp_path / "out2", "--quiet")
     assert code == 2 and "at least 2 classes with 2 images or more" in " ".join(err.split())
+
+
+def test_an_audit_stopped_midway_leaves_the_previous_audit_whole(tmp_path, monkeypatch):
+    """Killed while it draws its page (thumbnails: the slow part), an audit leaves the
+    previous audit's three files as they were, not new tables beside the old page."""
+    import pytest
+    from helpers import folder_dataset, write_image
+
+    from wingspan.config import AuditConfig
+    from wingspan.data import audit, read_dataset
+
+    folder_dataset(tmp_path / "data", {"monarch": 4, "admiral": 3})
+    out = tmp_path / "out"
+    (out / "splits.csv").parent.mkdir()
+    (out / "splits.csv").write_text("another command's output\n")  # the folder is shared
+    config = AuditConfig(backbone="test_efficientnet", weights="none", folds=2)
+    audit.audit_dataset(read_dataset(tmp_path / "data"), out, config=config, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(before) == {"audit.csv", "duplicates.csv", "audit.html", "splits.csv"}
+    write_image(tmp_path / "data" / "admiral" / "new.jpg", seed=99)  # the next audit's tables
+
+    def killed(path, size=160):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(audit, "_thumbnail", killed)
+    with pytest.raises(KeyboardInterrupt):
+        audit.audit_dataset(read_dataset(tmp_path / "data"), out, config=config,
+                            progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # and no leftovers
+    monkeypatch.undo()
+    audit.audit_dataset(read_dataset(tmp_path / "data"), out, config=config, progress=False)
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(after) == set(before) and b"new.jpg" in after["audit.csv"]

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from wingspan.errors import WingspanError
-from wingspan.files import atomic_path, write_text
+from wingspan.files import atomic_path, atomic_paths, write_text
 
 
 def test_a_full_disk_keeps_the_old_file_and_says_where(tmp_path, monkeypatch):
@@ -30,6 +30,25 @@ def test_an_error_while_writing_removes_the_temporary_file(tmp_path):
         assert tmp.suffix == ".safetensors" and tmp.parent == tmp_path
         raise RuntimeError("killed")
     assert not target.exists() and os.listdir(tmp_path) == []
+
+
+def test_files_written_together_are_replaced_together(tmp_path):
+    """An error while writing the last of them keeps every old one (not the first ones new
+    beside an old last); done, all are new."""
+    paths = [tmp_path / name for name in ("audit.csv", "duplicates.csv", "audit.html")]
+    for path in paths:
+        path.write_text("old")
+    with pytest.raises(RuntimeError), atomic_paths(*paths) as tmps:
+        tmps[0].write_text("new")
+        tmps[1].write_text("new")
+        raise RuntimeError("killed")
+    assert [p.read_text() for p in paths] == ["old"] * 3
+    assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in paths)
+    with atomic_paths(*paths) as tmps:
+        for tmp in tmps:
+            tmp.write_text("new")
+    assert [p.read_text() for p in paths] == ["new"] * 3
+    assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in paths)
 
 
 def test_a_full_cache_disk_does_not_make_images_unreadable(tmp_path, monkeypatch):

@@ -31,8 +31,7 @@ def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
     try:
         yield tmp
         if durable:
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
+            _flush(tmp)
         os.replace(tmp, path)
     except OSError as e:
         if e.errno == errno.ENOSPC:
@@ -46,6 +45,23 @@ def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_paths(*paths: str | Path) -> Iterator[list[Path]]:
+    """atomic_path for files that belong together (an audit's tables and its page): all
+    written and flushed to disk before the first is renamed, so that a kill or an error
+    while writing them leaves every previous version, never some of each."""
+    with contextlib.ExitStack() as stack:
+        tmps = [stack.enter_context(atomic_path(p, durable=False)) for p in paths]
+        yield tmps
+        for tmp in tmps:
+            _flush(tmp)
+
+
+def _flush(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -30,7 +30,7 @@ from wingspan.config import AuditConfig, default_cache_dir
 from wingspan.data.images import open_rgb
 from wingspan.data.samples import PATH, SPLIT, Dataset
 from wingspan.errors import WingspanError
-from wingspan.files import FileArrays, atomic_path, write_text
+from wingspan.files import FileArrays, atomic_paths
 from wingspan.progress import track
 
 
@@ -82,13 +82,16 @@ def audit_dataset(dataset: Dataset, out_dir: str | Path, level: str | None = Non
     issues = label_issues(table[checked].reset_index(drop=True), features[checked], level,
                           config)
     duplicates = near_duplicates(table, features, hashes, level, config)
-    csv_path, dup_path = out_dir / "audit.csv", out_dir / "duplicates.csv"
-    for frame, path in ((issues, csv_path), (duplicates, dup_path)):
-        with atomic_path(path) as tmp:
-            frame.to_csv(tmp, index=False)
-    page = write_gallery(issues, duplicates, out_dir / "audit.html", level, config, backbone,
-                         failed)
-    return AuditResult(issues, duplicates, csv_path, dup_path, page, backbone, alone)
+    page = gallery(issues, duplicates, level, config, backbone, failed)  # the slow part
+    paths = out_dir / "audit.csv", out_dir / "duplicates.csv", out_dir / "audit.html"
+    # Replaced together: a killed audit leaves the previous audit's three files, never new
+    # tables beside an old page. (Not a whole new folder: it holds inspect's and split's
+    # outputs too.)
+    with atomic_paths(*paths) as (csv_tmp, dup_tmp, page_tmp):
+        issues.to_csv(csv_tmp, index=False)
+        duplicates.to_csv(dup_tmp, index=False)
+        page_tmp.write_text(page, encoding="utf-8")
+    return AuditResult(issues, duplicates, *paths, backbone, alone)
 
 
 def fold_count(labels: pd.Series, config: AuditConfig) -> int:
@@ -280,10 +283,10 @@ STYLE = """body{font:14px/1.4 system-ui,sans-serif;margin:2em auto;max-width:120
 .m{color:#666;font-size:12px;word-break:break-all}"""
 
 
-def write_gallery(issues: pd.DataFrame, duplicates: pd.DataFrame, path: Path, level: str,
-                  config: AuditConfig, backbone: str, failed: dict[str, str]) -> Path:
-    """A self-contained page (thumbnails embedded): the most suspect labels, then the
-    near-duplicate pairs."""
+def gallery(issues: pd.DataFrame, duplicates: pd.DataFrame, level: str, config: AuditConfig,
+            backbone: str, failed: dict[str, str]) -> str:
+    """audit.html: a self-contained page (thumbnails embedded) of the most suspect labels,
+    then the near-duplicate pairs."""
     e = html.escape
     cards = []
     for r in issues.head(config.gallery).itertuples():
@@ -321,6 +324,5 @@ def write_gallery(issues: pd.DataFrame, duplicates: pd.DataFrame, path: Path, le
         + (f"<h2>Unreadable ({len(failed)})</h2><ul>"
            + "".join(f"<li>{e(p)}: {e(w)}</li>" for p, w in failed.items()) + "</ul>"
            if failed else ""))
-    write_text(path, f"<!doctype html><html><head><meta charset='utf-8'><title>wingspan audit"
-                     f"</title><style>{STYLE}</style></head><body>{body}</body></html>")
-    return path
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>wingspan audit"
+            f"</title><style>{STYLE}</style></head><body>{body}</body></html>")
