@@ -18,7 +18,7 @@ from test_train import NUMBERS, history, tiny
 from wingspan.data import read_dataset
 from wingspan.models import load_bundle
 from wingspan.training import resume, train
-from wingspan.training.data import MAX_WORKERS, EpochBatches, default_workers
+from wingspan.training.data import MAX_WORKERS, EpochBatches, default_workers, resolve_workers
 
 # Dropout off: each rank draws its masks from the same stream, so with dropout the two runs
 # differ by their masks (the data, weighting and gradients are the same). With it off the
@@ -159,6 +159,22 @@ def test_data_workers_share_the_cores_this_process_may_use(monkeypatch):
     assert default_workers() == 3 and default_workers(2) == 1 and default_workers(4) == 0
     cores = set(range(64))  # a big machine: capped
     assert default_workers() == MAX_WORKERS and default_workers(8) == 7
+
+
+def test_an_absurd_number_of_workers_is_refused_before_any_is_started(monkeypatch, run_cli,
+                                                                       demo_dir, tmp_path):
+    from wingspan.errors import WingspanError
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)), raising=False)
+    assert resolve_workers(None) == default_workers() and resolve_workers(8) == 8
+    assert resolve_workers(0) == 0 and resolve_workers(4, processes=2) == 4
+    for workers, processes in ((9, 1), (5, 2), (514, 1)):
+        with pytest.raises(WingspanError, match=f"--workers {workers} would start"):
+            resolve_workers(workers, processes)
+    code, _, err = run_cli("train", demo_dir, "--workers", "514", "--runs-dir", tmp_path,
+                           "--backbone", "test_efficientnet", "--weights", "none")
+    assert code != 0 and "--workers 514" in err and "at most 8" in err
+    assert not any(tmp_path.iterdir())  # no run folder left behind
 
 
 def test_processes_follow_torchrun_and_refuse_what_cannot_run(monkeypatch):

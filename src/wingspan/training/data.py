@@ -136,6 +136,36 @@ def fixed_batches(indices: Sequence[int], batch_size: int, view: int = 0
 
 
 MAX_WORKERS = 16  # each worker holds its own copy of the loader's state
+# More workers than cores only time-share them; a few per core can hide slow reads (a
+# network drive), so 4 per core is generous. Past it, `--workers` is a typo (514 for 4).
+WORKERS_PER_CORE = 4
+
+
+def resolve_workers(workers: int | None, processes: int = 1) -> int:
+    """The data workers per process: `workers` as given (`--workers`), else
+    default_workers. Refuses more than WORKERS_PER_CORE per usable core, shared by the
+    machine's `processes`, before a loader forks them."""
+    if workers is None:
+        return default_workers(processes)
+    cores = _usable_cores()
+    most = max(1, WORKERS_PER_CORE * cores // processes)
+    if workers > most:
+        per = f" in each of {processes} processes" if processes > 1 else ""
+        raise WingspanError(
+            f"--workers {workers} would start {workers * processes} data-loading processes "
+            f"on {cores} CPU cores; at most {most}{per} ({WORKERS_PER_CORE} per core) are "
+            "allowed.",
+            hint=f"Give a smaller --workers, or leave it out for {default_workers(processes)} "
+                 "(sized to this machine).")
+    return workers
+
+
+def _usable_cores() -> int:
+    """The cores this process may use (a container or `taskset` may allow fewer than the
+    machine has)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def default_workers(processes: int = 1) -> int:
@@ -144,8 +174,7 @@ def default_workers(processes: int = 1) -> int:
     process itself, at most MAX_WORKERS. On 2 cores one worker keeps decoding off the main
     thread; a fast GPU needs all it can get (on a 16-core H200 machine, 8 workers left
     Lite2's fine-tuning waiting for augmented images)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(0, min(MAX_WORKERS, (cores or 1) // processes - 1))
+    return max(0, min(MAX_WORKERS, _usable_cores() // processes - 1))
 
 
 def make_loader(dataset: LabelledImages, batches, workers: int, persistent: bool = False,

@@ -41,7 +41,7 @@ from wingspan.parallel import Processes, rank_seed
 from wingspan.progress import Bar
 from wingspan.training.checkpoint import load_checkpoint
 from wingspan.training.context import Run, RunState
-from wingspan.training.data import default_workers, fixed_batches, make_loader
+from wingspan.training.data import fixed_batches, make_loader, resolve_workers
 from wingspan.training.prepare import (
     build_train_data,
     ensure_splits,
@@ -398,6 +398,7 @@ def _start(run_dir: Path, config: TrainConfig, dataset: Dataset, quiet: bool,
     """The run's model, engines, data and state, from scratch or from `checkpoint`;
     `before`: lines to log ahead of the "Run" line (why this backbone, say)."""
     torch.manual_seed(config.seed)
+    workers = resolve_workers(config.workers, _processes(config).world()[0])  # before work
     policy = resolve_policy(str(fabric.device), config.precision, runtime=config.runtime)
     logs: list[str] = []
     plan = plan_labels(dataset, config.trained_levels, config, log=logs.append)
@@ -411,8 +412,6 @@ def _start(run_dir: Path, config: TrainConfig, dataset: Dataset, quiet: bool,
         model.set_input_size(config.image_size)
     state = RunState(**checkpoint["state"]) if checkpoint else RunState(
         weights_source=loaded.describe() if loaded else config.weights)
-    per_machine = _processes(config).world()[0]
-    workers = default_workers(per_machine) if config.workers is None else config.workers
     policy.prepare_model(model)
     if checkpoint:  # a resumed run that must choose again guards its own weights
         model.load_state_dict(checkpoint["model"])
