@@ -56,6 +56,22 @@ def test_classes_too_small_for_every_split_are_reported_and_kept_in_train():
     assert set(rare["split"]) == {"train"} and len(rare) == 9  # nothing dropped
 
 
+def test_training_warns_of_the_classes_with_no_val_image():
+    from wingspan.config import TrainConfig
+    from wingspan.training.prepare import plan_labels
+
+    split = split_dataset(synthetic({"common": 30, "other": 20, "rare": 2}))[0]
+    logs: list[str] = []
+    plan_labels(split, ["label"], TrainConfig(), log=logs.append)
+    warned = [line for line in logs if "no val image" in line]
+    assert len(warned) == 1 and "1 of 3 'label' classes" in warned[0]
+    assert ": rare." in warned[0] and "--val-fraction" in warned[0]
+    logs.clear()
+    plan_labels(split_dataset(synthetic({"a": 30, "b": 20}))[0], ["label"], TrainConfig(),
+                log=logs.append)
+    assert not any("no val image" in line for line in logs)
+
+
 def test_a_picture_in_a_train_only_class_and_a_common_one_stays_in_train():
     """One picture saved in two class folders (one group), one of them a class with that
     picture alone: whichever side the common class's fold would take it to, it trains."""

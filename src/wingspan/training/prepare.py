@@ -188,8 +188,24 @@ def plan_labels(dataset: Dataset, levels: list[str], config: TrainConfig, log=pr
     if not (table[SPLIT] == "val").any():
         raise WingspanError("The validation split is empty.",
                             hint="Give data with a val split, or more images.")
+    _warn_of_classes_without_val(table, finest, classes[finest], log)
     return LabelPlan(table, levels, classes, taxonomy, rare,
                      int((dataset.table[SPLIT] == "test").sum()))
+
+
+def _warn_of_classes_without_val(table: pd.DataFrame, level: str, classes: list[str],
+                                 log) -> None:
+    """A class with no val image has no val figure (and no say in choosing the epoch):
+    the per-class val figures would leave it out without a word."""
+    seen = set(table.loc[table[SPLIT] == "val", level])
+    absent = [c for c in classes if c not in seen]
+    if absent:
+        names = ", ".join(absent[:10]) + (f" and {len(absent) - 10} more" if len(absent) > 10
+                                          else "")
+        log(f"Warning: {len(absent)} of {len(classes)} '{level}' classes have no val image, "
+            f"so no val figure says how they do: {names}. Give them more images (val images, "
+            "where the data has its own split), or a larger "
+            "--val-fraction.")
 
 
 def build_train_data(plan: LabelPlan, config: TrainConfig, pre: Preprocessing,
