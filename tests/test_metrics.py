@@ -7,6 +7,7 @@ from PIL import Image
 
 from wingspan.evaluate import plots
 from wingspan.evaluate.calibration import (
+    bound_warning,
     calibration_record,
     expected_calibration_error,
     fit_temperature,
@@ -176,6 +177,44 @@ def test_a_val_split_with_no_mistake_gets_the_rule_of_successions_confidence():
     logits[0, (y[0] + 1) % 4] = 1  # one mistake: the likelihood has its own optimum
     assert fit_temperature(logits, y) != pytest.approx(t, abs=1e-3)
     assert calibration_record(logits, y, "val")["method"] == "likelihood"
+
+
+def test_a_temperature_stopped_at_its_bound_is_said():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, 400)
+    calibrated = calibration_record(rng.normal(0, 2, (400, 5)) + 3 * np.eye(5)[y], y, "val")
+    assert not calibrated["at_bound"] and bound_warning(calibrated) is None
+    # Sure of itself and right by chance only: the likelihood wants T far past 10.
+    guessing = calibration_record(rng.normal(0, 60, (400, 5)), y, "val")
+    assert guessing["temperature"] == 10.0 and guessing["at_bound"]
+    assert "upper bound" in bound_warning(guessing) and "too sure" in bound_warning(guessing)
+    timid = calibration_record(0.01 * (np.eye(5)[y] - 0.5), y, "val")  # right, barely sure
+    assert timid["temperature"] == 0.25 and "lower bound" in bound_warning(timid)
+
+
+def test_the_calibration_record_bins_the_class_answered_as_evaluate_does():
+    from wingspan.data.taxonomy import Taxonomy
+
+    # Genus A holds a1-a3, genus B b1 alone: b1 can be the top species while A is the
+    # likelier genus, and then the answer (top-down) is an A species.
+    tree = Taxonomy(["genus", "species"], {"genus": ["A", "B"],
+                                           "species": ["a1", "a2", "a3", "b1"]},
+                    {"genus": [0, 0, 0, 1], "species": [0, 1, 2, 3]})
+
+    def answer(probs):
+        return tree.predict(probs)[tree.finest]
+
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 1, (300, 4)) + np.array([0, 0, 0, 1.2])
+    y = rng.integers(0, 4, 300)
+    assert (answer(softmax(logits)) != softmax(logits).argmax(1)).any()
+    record = calibration_record(logits, y, "val", answer=answer)
+    for key, t in (("val_ece_before", 1.0), ("val_ece_after", record["temperature"])):
+        probs = softmax(logits, t)
+        assert record[key] == pytest.approx(
+            expected_calibration_error(probs, y, y_pred=answer(probs)))
+    assert record["val_ece_before"] != pytest.approx(
+        calibration_record(logits, y, "val")["val_ece_before"])
 
 
 @pytest.mark.parametrize("n", [6, 500])

@@ -644,6 +644,7 @@ def calibrate_command(
     """Fit the model's temperature again (training fits it on its val split) and store it
     in the bundle, e.g. on labelled photos from where the model will be used; or, with
     --unknown, its unknown scores and thresholds."""
+    from wingspan.evaluate.calibration import bound_warning
     from wingspan.evaluate.run import calibrate, fit_unknown
 
     if unknown:
@@ -667,6 +668,8 @@ def calibrate_command(
               f"on {c['images']} images ({c['fitted_on']}); ECE {c['val_ece_before']:.4f} -> "
               f"{c['val_ece_after']:.4f}"
               + (f"; by the {c['method']}" if c["method"] != "likelihood" else ""))
+    if bound_warning(c):
+        out.print(f"[yellow]Warning:[/] {escape(bound_warning(c))}")
 
 
 A = AdaptConfig

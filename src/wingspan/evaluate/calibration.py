@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -79,16 +81,38 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
     return float(log_t.detach().exp().clamp(MIN_T, MAX_T))
 
 
-def calibration_record(logits: np.ndarray, y_true: np.ndarray, fitted_on: str) -> dict:
+def calibration_record(logits: np.ndarray, y_true: np.ndarray, fitted_on: str,
+                       answer: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
     """fit_temperature's T, and what a bundle's manifest keeps of it: on how many images and
-    how it was set, and the ECE on them before and after."""
+    how it was set, whether it stopped at a bound of its search, and the ECE on them before
+    and after. `answer`: the class answered for probabilities (N, C), as evaluate scores it
+    (a taxonomy's top-down branch); by default the top class."""
     logits, y_true = np.asarray(logits, dtype=np.float64), np.asarray(y_true)
     temperature = fit_temperature(logits, y_true)
+
+    def ece(t: float) -> float:  # binned as evaluate bins it, so the figures agree
+        probs = softmax(logits, t)
+        return expected_calibration_error(probs, y_true,
+                                          y_pred=None if answer is None else answer(probs))
+
     return {"temperature": temperature, "fitted_on": fitted_on, "images": len(y_true),
             "method": ("rule of succession (no mistake to fit on)"
                        if _all_right(logits, y_true) else "likelihood"),
-            "val_ece_before": expected_calibration_error(softmax(logits), y_true),
-            "val_ece_after": expected_calibration_error(softmax(logits, temperature), y_true)}
+            "at_bound": not MIN_T < temperature < MAX_T,
+            "val_ece_before": ece(1.0), "val_ece_after": ece(temperature)}
+
+
+def bound_warning(record: dict) -> str | None:
+    """What to say of a temperature that stopped at a bound of its search: the best one
+    lies beyond it, so the probabilities are still too sure (or too unsure) after it."""
+    if not record.get("at_bound"):
+        return None
+    t = record["temperature"]
+    side, sure = ("lower", "too unsure") if t <= MIN_T else ("upper", "too sure")
+    return (f"the temperature stopped at the {side} bound of its search ({MIN_T:g}-{MAX_T:g}): "
+            f"the best fit lies beyond it, so the probabilities are still {sure} (ECE "
+            f"{record['val_ece_after']:.4f} on the {record['images']} images it was fitted "
+            "on); `wingspan calibrate` fits it again on other images.")
 
 
 def _all_right(logits: np.ndarray, y_true: np.ndarray) -> bool:

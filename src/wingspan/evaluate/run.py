@@ -20,6 +20,7 @@ from wingspan.data.samples import SPLIT, Dataset
 from wingspan.errors import WingspanError
 from wingspan.evaluate import plots
 from wingspan.evaluate.calibration import (
+    bound_warning,
     calibration_record,
     expected_calibration_error,
     reliability,
@@ -480,7 +481,8 @@ def calibrate(model: str | Path, data: str | Path | None = None, split: str | No
     index = {c: i for i, c in enumerate(predictor.classes)}
     y = rows["_label"].map(index).to_numpy()[ok]
     logits = np.stack([preds[i].logits for i in ok])
-    calibration = {**calibration_record(logits, y, _calibration_data(split, data)),
+    calibration = {**calibration_record(logits, y, _calibration_data(split, data),
+                                        answer=lambda probs: _predicted(predictor, probs)),
                    "previous_temperature": predictor.temperature}
     update_manifest(predictor.bundle, calibration=calibration)
     return calibration
@@ -666,6 +668,8 @@ def _report(out_dir, name, predictor, run_dir, dataset, level, split, metrics, t
     if cal.get("same_data_as_evaluation"):
         calibration.append(("note", "the temperature was fitted on the images being "
                             "evaluated: the ECE after is optimistic"))
+    if bound_warning(cal):
+        calibration.append(("warning", bound_warning(cal)))
     if cal.get("method", "likelihood") != "likelihood":
         calibration.append(("set by", f"the {cal['method']}: every one of the "
                             f"{cal.get('images')} images it was fitted on was right"))

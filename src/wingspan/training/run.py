@@ -29,7 +29,7 @@ from wingspan.data import read_dataset
 from wingspan.data.samples import Dataset
 from wingspan.data.split import write_splits
 from wingspan.errors import WingspanError
-from wingspan.evaluate.calibration import calibration_record
+from wingspan.evaluate.calibration import bound_warning, calibration_record
 from wingspan.files import make_folder, write_text
 from wingspan.models import create_classifier, resolve_policy, save_bundle
 from wingspan.models.bundle import read_manifest
@@ -565,7 +565,12 @@ def _fit_calibration(run: Run, val: tuple) -> dict:
     val split (fitted here, once, so that evaluating never changes the model;
     `wingspan calibrate` fits it again on purpose). Rank 0 alone: no collectives."""
     _, logits, labels = val
-    record = calibration_record(logits[run.data.level].numpy(), labels[:, -1].numpy(), "val")
+    taxonomy = run.data.taxonomy  # the class answered is its top-down branch's, as evaluate's
+    answer = (lambda probs: taxonomy.predict(probs)[taxonomy.finest]) if taxonomy else None
+    record = calibration_record(logits[run.data.level].numpy(), labels[:, -1].numpy(), "val",
+                                answer=answer)
+    if bound_warning(record):
+        run.log(f"Warning: {bound_warning(record)}")
     if record["method"] != "likelihood":
         run.log(f"Every val image is right: the temperature ({record['temperature']:.3f}) is "
                 f"set by the {record['method']}, so that the mean top probability on val is "
