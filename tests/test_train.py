@@ -183,6 +183,29 @@ def test_class_weights_change_the_loss_as_computed_by_hand(demo_dir, tmp_path):
     assert not torch.isclose(loss_fn(unweighted)({"label": logits}, table), by_hand)
 
 
+def test_class_weights_count_only_the_images_that_can_be_read(demo_dir, tmp_path):
+    run = _prepared_run(demo_dir, tmp_path, class_weights="balanced")
+    labels = run.data.train.labels[:, 0]
+    common = int(torch.bincount(labels).argmax())
+    broken = [i for i in range(len(labels)) if labels[i] == common][:4]
+    run.note_unreadable([(run.data.train.paths[i], "Cannot read image") for i in broken])
+    readable = run.readable(run.data.train)
+    counts = torch.bincount(labels[readable]).float()
+    expected = readable.sum() / (len(counts) * counts)
+    torch.testing.assert_close(loss_fn(run).class_weights["label"], expected)
+    assert not torch.allclose(run.data.class_weights["label"], expected)
+    # auto: on when the readable images are imbalanced, not all of them
+    auto = _prepared_run(demo_dir, tmp_path / "a")
+    assert auto.data.class_weights["label"] is not None  # 16:6 in all
+    fewest, seen, beyond = int(torch.bincount(labels).min()), {}, []
+    for i, c in enumerate(labels.tolist()):
+        seen[c] = seen.get(c, 0) + 1
+        if seen[c] > fewest:
+            beyond.append((auto.data.train.paths[i], "Cannot read image"))
+    auto.note_unreadable(beyond)
+    assert loss_fn(auto).class_weights["label"] is None  # as many of each class readable
+
+
 def test_class_weights_default_on_only_for_imbalanced_data(demo_dir, tmp_path):
     assert _prepared_run(demo_dir, tmp_path).data.class_weights["label"] is not None  # 16:6
     balanced = _prepared_run(demo_dir, tmp_path / "b", max_per_class=5)
@@ -641,6 +664,8 @@ def test_unreadable_images_are_skipped_listed_and_training_goes_on(demo_dir, tmp
     in_train_or_val = {os.path.basename(p) for p in pd.read_csv(run_dir / "splits.csv")["path"]}
     expected = {"zero.jpg", "text.jpg", "cut.jpg", os.path.basename(victim)}
     assert expected <= in_train_or_val and names == expected  # (no test split in `tiny`)
+    counted = json.loads((run_dir / "metrics.json").read_text())
+    assert counted["train_images"] + counted["val_images"] == len(in_train_or_val) - len(names)
     assert all("Cannot read image" in u["reason"] for u in unreadable)
     log = (run_dir / "train.log").read_text()
     assert log.count("Skipping an unreadable image") == len(expected)  # each once

@@ -11,7 +11,7 @@ import torch
 from wingspan.config import AugmentConfig, SplitConfig, TrainConfig, default_cache_dir
 from wingspan.data.leaks import find_leaks, repair_leaks
 from wingspan.data.samples import SPLIT, Dataset
-from wingspan.data.sampling import class_weights, undersample
+from wingspan.data.sampling import undersample
 from wingspan.data.split import split_dataset
 from wingspan.data.taxonomy import Taxonomy
 from wingspan.data.transforms import eval_transform, train_transform
@@ -208,6 +208,25 @@ def _warn_of_classes_without_val(table: pd.DataFrame, level: str, classes: list[
             "--val-fraction.")
 
 
+def weigh_classes(labels: torch.Tensor, levels: list[str], classes: dict[str, list[str]],
+                  config: TrainConfig) -> tuple[dict[str, torch.Tensor], dict[str, bool]]:
+    """Per level (a column of `labels`, of indices into its `classes`):
+    balanced weights, n / (classes x count) as scikit-learn's, and whether the loss uses
+    them (`class_weights`). Training counts the images it can read (see stages.Criterion)."""
+    weights, use = {}, {}
+    for i, lv in enumerate(levels):
+        # (clamped: a class with nothing readable stops the run before a step, not here)
+        counts = torch.bincount(labels[:, i], minlength=len(classes[lv])).double().clamp_min(1)
+        weights[lv] = (len(labels) / (len(counts) * counts)).float()
+        ratio = float(counts.max() / counts.min())
+        # The weighted sampler already draws classes evenly: weighting the loss as well
+        # would count a rare class's images about `ratio` times over.
+        use[lv] = config.class_weights == "balanced" or (
+            config.class_weights == "auto" and ratio > config.imbalance_threshold
+            and config.sampler != "weighted")
+    return weights, use
+
+
 def build_train_data(plan: LabelPlan, config: TrainConfig, pre: Preprocessing,
                      log=print) -> TrainData:
     table, levels, finest = plan.table, plan.levels, plan.levels[-1]
@@ -217,17 +236,8 @@ def build_train_data(plan: LabelPlan, config: TrainConfig, pre: Preprocessing,
         return np.stack([part[lv].map({c: i for i, c in enumerate(plan.classes[lv])})
                          .to_numpy() for lv in levels], axis=1)
 
-    weights, use = {}, {}
-    for lv in levels:
-        counts = train[lv].value_counts()
-        ratio = counts.max() / counts.min()
-        w = class_weights(train[lv])
-        weights[lv] = torch.tensor([w[c] for c in plan.classes[lv]], dtype=torch.float)
-        # The weighted sampler already draws classes evenly: weighting the loss as well
-        # would count a rare class's images about `ratio` times over.
-        use[lv] = config.class_weights == "balanced" or (
-            config.class_weights == "auto" and ratio > config.imbalance_threshold
-            and config.sampler != "weighted")
+    weights, use = weigh_classes(torch.as_tensor(label_matrix(train)), levels, plan.classes,
+                                 config)
     ratio = train[finest].value_counts()
     # Every level's weights: a coarse level can be far more imbalanced than the finest.
     weighted = [(f"{lv} " if len(levels) > 1 else "")

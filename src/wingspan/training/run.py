@@ -495,7 +495,9 @@ def _write_results(run: Run) -> None:
         "profile": _profile_table(state.profile),
         "weights": run.weights_source, "engine": run.policy.describe(),
         "engines": run.policy.records(),
-        "train_images": len(run.data.train), "val_images": len(run.data.val),
+        # The images it could read (the others are listed under "unreadable")
+        "train_images": int(run.readable(run.data.train).sum()),
+        "val_images": int(run.readable(run.data.val).sum()),
         "test_images": run.data.test_images,
         # Which figure is fair: the best epoch was chosen on val, so its score is optimistic.
         "selection": {"chosen_on": "val", "unbiased_split": "test" if run.data.test_images

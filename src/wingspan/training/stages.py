@@ -35,6 +35,7 @@ from wingspan.training.data import (
     item_seed,
     make_loader,
 )
+from wingspan.training.prepare import weigh_classes
 from wingspan.training.schedule import make_optimizer, make_scheduler
 from wingspan.training.step import finetune_parts
 
@@ -54,10 +55,12 @@ class Criterion:
     `fabric` of several processes (fine-tuning under DDP) that sum is taken over the global
     batch, so that DDP's average of the ranks' gradients is exactly one process's."""
 
-    def __init__(self, run: Run, device: torch.device, fabric=None):
+    def __init__(self, run: Run, device: torch.device, fabric=None,
+                 readable: torch.Tensor | None = None):
         self.levels = run.data.levels
         self.weights = run.data.level_weights
-        self.class_weights = {lv: _to(run.data.class_weights[lv], device) for lv in self.levels}
+        weights = _class_weights(run, readable)
+        self.class_weights = {lv: _to(weights[lv], device) for lv in self.levels}
         self.smoothing = run.config.label_smoothing
         self.fabric = fabric if fabric is not None and fabric.world_size > 1 else None
 
@@ -80,10 +83,26 @@ class Criterion:
         return summed / norm.clamp_min(1e-12)  # 0 / 0 for a batch with nothing readable
 
 
-def loss_fn(run: Run, device: torch.device | None = None, fabric=None) -> Criterion:
+def loss_fn(run: Run, device: torch.device | None = None, fabric=None,
+            readable: torch.Tensor | None = None) -> Criterion:
     """The training loss, its class weights on `device` (default: the run's); `fabric`
-    normalises over a distributed global batch."""
-    return Criterion(run, device or run.device, fabric)
+    normalises over a distributed global batch; `readable`: the training images it counts
+    for the class weights (default: those not known to be unreadable now)."""
+    return Criterion(run, device or run.device, fabric, readable)
+
+
+def _class_weights(run: Run, readable: torch.Tensor | None) -> dict:
+    """The loss's class weights (or None per level), counted on the `readable` training
+    images: a class's unreadable files, skipped, must not make it look common."""
+    if readable is None:
+        if not run.state.skipped:
+            return run.data.class_weights
+        readable = run.readable(run.data.train)
+    if bool(readable.all()):
+        return run.data.class_weights
+    weights, use = weigh_classes(run.data.train.labels[readable], run.data.levels,
+                                 run.data.level_classes, run.config)
+    return {lv: weights[lv] if use[lv] else None for lv in run.data.levels}
 
 
 def _to(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
@@ -249,10 +268,10 @@ def train_head(run: Run) -> None:
         start = time.perf_counter()
         frozen = run.policy.runner(run.model.feature_extractor(), run.image_size)
         _add_seconds(run, "head", time.perf_counter() - start)
-    criterion = loss_fn(run)
     for epoch in range(state.epoch, config.epochs_head):
         start = time.perf_counter()
         readable = every_class_readable(run)
+        criterion = loss_fn(run, readable=readable)  # weights of the images it can read
         order = [i for i in epoch_order(n, config.seed, epoch, run.data.sample_weights)
                  if readable[i]]
         g = torch.Generator().manual_seed(item_seed(config.seed, epoch, VIEW_CHOICE))
@@ -349,7 +368,6 @@ def finetune(run: Run) -> None:
     if state.epoch == 0 and state.step == 0:
         run.log(f"Fine-tuning {', '.join(stages)} and the head; top learning rate {top_lr:g}, "
                 f"layer decay {config.layer_decay}")
-    criterion = loss_fn(run, fabric=fabric)
     start = time.perf_counter()
     prefix, trained = finetune_parts(run.model, run.policy, run.image_size)
     if config.compile:
@@ -363,7 +381,9 @@ def finetune(run: Run) -> None:
         partial = ((run.is_main and state.partial)
                    or {"loss_sum": 0.0, "labels": [], "preds": [], "seconds": 0.0})
         start, last_save = time.perf_counter(), time.perf_counter()
-        _leave_out_unreadable(run, batches)
+        readable = _leave_out_unreadable(run, batches)
+        # The class weights of the images the epoch's order holds (a resumed epoch's too)
+        criterion = loss_fn(run, fabric=fabric, readable=readable)
         batches.set_epoch(epoch, state.step)
         run.model.train()  # through Backbone.train, which keeps frozen BatchNorm frozen
         bar = track(loader, f"Fine-tune epoch {epoch + 1}/{config.epochs_finetune}",
@@ -444,16 +464,18 @@ def _stop_if_diverged(run: Run, stage: str, epoch: int, step: int) -> None:
         hint="Train again with a lower --lr (stage 2 runs at lr x finetune_lr_scale).")
 
 
-def _leave_out_unreadable(run: Run, batches: EpochBatches) -> None:
+def _leave_out_unreadable(run: Run, batches: EpochBatches) -> torch.Tensor:
     """The fine-tuning epoch's order leaves out the images known to be unreadable when it
     began; a resumed epoch the same ones, not those found since (they are left out of the
-    next), or its checkpoint's step count would point at other batches."""
+    next), or its checkpoint's step count would point at other batches. Returns the mask
+    of the images it keeps."""
     state = run.state
     if state.step == 0:
         every_class_readable(run)
         state.epoch_skipped = len(state.skipped)
     known = set(list(state.skipped)[:state.epoch_skipped])  # kept in the order found
     batches.skip = {i for i, path in enumerate(run.data.train.paths) if path in known}
+    return torch.tensor([path not in known for path in run.data.train.paths])
 
 
 def _checkpoint_due(run: Run, last_save: float, step: int) -> bool:
