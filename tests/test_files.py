@@ -66,6 +66,23 @@ def test_a_full_cache_disk_does_not_make_images_unreadable(tmp_path, monkeypatch
     assert array.shape == (32, 42, 3)  # decoded (to the working size) all the same
 
 
+def test_an_image_rewritten_in_place_is_decoded_again(tmp_path):
+    """Other pixels in the same file (of the same size, with its old modification time
+    put back, as `cp -p` or `rsync -a` leave it): the cache must not give the old ones."""
+    from helpers import write_image
+
+    from wingspan.training.decode_cache import DecodeCache
+
+    image = write_image(tmp_path / "a.bmp", size=(40, 30), colour=(10, 10, 10))
+    cache = DecodeCache(tmp_path / "cache", 30)
+    assert cache.load(str(image)).max() == 10
+    before = os.stat(image)
+    write_image(image, size=(40, 30), colour=(200, 200, 200))
+    os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(image).st_size == before.st_size
+    assert cache.load(str(image)).min() == 200
+
+
 def test_the_decoded_image_cache_shrinks_with_the_models_filter(tmp_path):
     """Training's images are shrunk as predict's eval transform shrinks them (the same
     size: 400 x 300 to 42 x 32, the long side truncated; the same pixels), with the

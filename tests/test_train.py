@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from helpers import wait_for_finetune_epochs
+from PIL import Image
 
 from wingspan.config import TrainConfig
 from wingspan.data import read_dataset
@@ -164,6 +165,27 @@ def test_feature_cache_matches_running_the_frozen_backbone(demo_dir, tmp_path):
     pd.testing.assert_frame_equal(h1, h2, atol=1e-3, rtol=1e-3)
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], atol=1e-3, rtol=1e-3)
+
+
+def test_a_resumed_run_computes_the_features_of_an_edited_image_again(demo_dir, tmp_path):
+    from helpers import write_image
+
+    from wingspan.training.stages import extract_features
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_dir, data)
+    run = _prepared_run(data, tmp_path, feature_views=0)
+    train, _ = extract_features(run, 0)
+    assert extract_features(run, 0)[0].equal(train)  # unchanged images: the cache
+    edited = run.data.train.paths[0]
+    with open(edited, "rb") as f:
+        fmt = Image.open(f).format
+    write_image(Path(edited), size=(64, 48), seed=7, fmt=fmt)  # another picture, in place
+    again = _prepared_run(data, tmp_path, feature_views=0)  # the resume: the same run folder
+    features, _ = extract_features(again, 0)
+    assert not features[0].equal(train[0]) and features[1:].allclose(train[1:], atol=1e-5)
+    assert "1 images changed since their features were cached" in (
+        again.dir / "train.log").read_text()
 
 
 def test_class_weights_change_the_loss_as_computed_by_hand(demo_dir, tmp_path):

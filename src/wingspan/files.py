@@ -69,13 +69,21 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def file_stamp(path: str) -> tuple[int, int, int]:
+    """What changes when a file's content does, at the cost of one stat: its size,
+    modification time and change time (a copy that keeps the old modification time, as
+    `cp -p` or `rsync -a` make, still gets a new change time). OSError if it is gone."""
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 class FileArrays:
     """One .npy array per source file, worked out from it once (a decoded image, a feature
-    vector) and kept on disk. Keyed by the file's absolute path, size and modification
-    time plus `key` (how the array was made), so an edited file or another way of making
-    it misses. Hand-written: no library keys a cache by a file's state. A damaged or empty
-    entry (a killed write) reads as missing, and a full or read-only cache costs only the
-    work again. `directory` None keeps nothing."""
+    vector) and kept on disk. Keyed by the file's absolute path and `file_stamp` plus `key`
+    (how the array was made), so an edited file or another way of making it misses.
+    Hand-written: no library keys a cache by a file's state. A damaged or empty entry (a
+    killed write) reads as missing, and a full or read-only cache costs only the work
+    again. `directory` None keeps nothing."""
 
     def __init__(self, directory: str | Path | None, key: str):
         self.directory = Path(directory) if directory else None
@@ -87,8 +95,8 @@ class FileArrays:
         """Where `path`'s array is kept, as the file is now (OSError if it is gone)."""
         if self.directory is None:
             return None
-        st = os.stat(path)
-        key = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{self.key}"
+        size, mtime, ctime = file_stamp(path)
+        key = f"{os.path.abspath(path)}|{size}|{mtime}|{ctime}|{self.key}"
         return self.directory / f"{hashlib.sha1(key.encode()).hexdigest()}.npy"
 
     @staticmethod

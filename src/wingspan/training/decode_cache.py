@@ -2,7 +2,8 @@
 
 A 4000-pixel JPEG takes ~100 ms to decode; the same picture stored as a 300-pixel
 uint8 array loads in well under a millisecond. Entries are keyed by the file's path,
-size and modification time and the working size, so an edited photo is decoded again.
+size, modification and change times and the working size, so an edited photo is decoded
+again (files.FileArrays).
 JPEGs are decoded in draft mode (libjpeg scales while decoding) when they are large.
 """
 

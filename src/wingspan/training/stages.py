@@ -22,7 +22,7 @@ from sklearn.metrics import f1_score
 from torch import nn
 
 from wingspan.errors import WingspanError
-from wingspan.files import atomic_path
+from wingspan.files import atomic_path, file_stamp
 from wingspan.parallel import gather_objects, gather_shards, shard
 from wingspan.progress import Bar, track
 from wingspan.training.context import Run
@@ -178,11 +178,13 @@ def extract_features(run: Run, views: int) -> tuple[torch.Tensor, torch.Tensor]:
     them. Each rank computes every world_size-th image, and the shards are gathered."""
     path = run.dir / "cache" / "features.safetensors"
     n, m = len(run.data.train), len(run.data.val)
+    stamps = _stamps(run.data.train.paths + run.data.val.paths)  # before any is read
     cached = None
     if path.is_file():
         try:
             saved = load_file(path)
-            if saved["train"].shape[:2] == (n, views + 1) and len(saved["val"]) == m:
+            if (saved["train"].shape[:2] == (n, views + 1) and len(saved["val"]) == m
+                    and run.fabric.broadcast(_same_images(run, saved.get("stamps"), stamps))):
                 with safe_open(path, "pt") as f:  # what could not be read, as it was cached
                     unreadable = json.loads((f.metadata() or {}).get("unreadable", "{}"))
                 cached = saved["train"], saved["val"]
@@ -223,9 +225,36 @@ def extract_features(run: Run, views: int) -> tuple[torch.Tensor, torch.Tensor]:
             + (f" over {world} processes)" if world > 1 else ")"))
     if run.is_main:  # a kill leaves no half-written cache
         with atomic_path(path) as tmp:
-            save_file({"train": train.contiguous(), "val": val.contiguous()}, tmp,
+            save_file({"train": train.contiguous(), "val": val.contiguous(),
+                       "stamps": stamps}, tmp,
                       metadata={"unreadable": json.dumps(run.state.skipped)})
     return train, val
+
+
+def _stamps(paths: list[str]) -> torch.Tensor:
+    """Each file's files.file_stamp as it is now (-1s for a file that is gone)."""
+    rows = []
+    for p in paths:
+        try:
+            rows.append(file_stamp(p))
+        except OSError:
+            rows.append((-1, -1, -1))
+    return torch.tensor(rows, dtype=torch.int64).reshape(len(paths), 3)
+
+
+def _same_images(run: Run, saved: torch.Tensor | None, now: torch.Tensor) -> bool:
+    """Are the cached features of the images as they are now? An image edited between a
+    kill and the resume must not keep its old features; one gone since is left out as
+    unreadable (its features are never used), so it does not count."""
+    if saved is None or saved.shape != now.shape:  # a cache of an older wingspan
+        run.log("The feature cache does not say which images it holds; computing it again")
+        return False
+    changed = ((saved != now).any(1) & (now[:, 0] >= 0)).nonzero().flatten()
+    if len(changed):
+        paths = run.data.train.paths + run.data.val.paths
+        run.log(f"{len(changed)} images changed since their features were cached (e.g. "
+                f"{paths[int(changed[0])]}): computing the feature cache again")
+    return not len(changed)
 
 
 def every_class_readable(run: Run) -> torch.Tensor:
