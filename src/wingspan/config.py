@@ -144,8 +144,10 @@ class AdaptConfig:
     neighbours: int = 7
     spreading: float = 0.8
     # A photo is trained on when the head's class is the one its neighbours give it and
-    # the head gives it at least this probability (softmax before the temperature; 0:
-    # agreeing is enough; 0.5 and 0.7 kept fewer right photos and lost 1 and 4 points).
+    # the head gives it at least this probability: the calibrated one predict shows (the
+    # finest level's logits over the run's temperature) in the first round, each refit's
+    # own after. 0: agreeing is enough (0.5 and 0.7, measured on the head's softmax before
+    # the temperature, kept fewer right photos and lost 1 and 4 points).
     confidence: float = 0.0
     rounds: int = 1  # refits, the head's class taken afresh from each (2-3: not kept, README)
     c: float = 1.0  # the logistic head's inverse regularisation (scikit-learn's C)
