@@ -68,10 +68,10 @@ def test_preview_command(run_cli, demo_dir, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["data", "inspect", "/no/such/folder"], "does not exist"),
-    (["data", "split", "DEMO", "--val", "0.7", "--test", "0.5"], "must be below 1"),
+    (["data", "split", "DEMO", "--val", "0.7", "--test", "0.5"], "--val + --test must be below 1"),
     (["data", "split", "DEMO", "--level", "tribe"], "no label level 'tribe'"),
-    (["data", "preview", "DEMO", "--augment", "wild"], "must be one of"),
-    (["data", "split", "DEMO", "--seed", "-1"], "'seed' = -1: must be between 0 and 2**32"),
+    (["data", "preview", "DEMO", "--augment", "wild"], "--augment must be one of"),
+    (["data", "split", "DEMO", "--seed", "-1"], "--seed = -1: must be between 0 and 2**32"),
     (["data", "preview", "DEMO", "--seed", "-1"], "--seed must be from 0 to 2**32 - 1"),
     (["MAX_PIXELS=10MP", "data", "inspect", "DEMO"], "is '10MP', not a number of pixels"),
     (["MAX_PIXELS=²", "data", "inspect", "DEMO"], "is '²', not a number of pixels"),
@@ -83,6 +83,37 @@ def test_user_errors_are_one_clear_message(run_cli, demo_dir, args, message, mon
     code, out, err = run_cli(*args)
     assert code == 2
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args, message, setting", [
+    (["train", "DEMO", "--val-fraction", "2"], "--val-fraction must be a fraction in [0, 1)",
+     "val_fraction"),
+    (["train", "DEMO", "--epochs-head", "0", "--epochs-finetune", "0"],
+     "--epochs-head + --epochs-finetune must be at least 1", "epochs_head"),
+    (["train", "DEMO", "--lr", "inf"], "--lr = inf: Input should be a finite number", "'lr'"),
+    (["data", "audit", "DEMO", "--similarity", "2"], "--similarity must be in (0, 1]",
+     "duplicate_similarity"),
+    (["data", "preview", "DEMO", "--augment", "wild"], "--augment must be one of", "policy"),
+    (["data", "inspect", "DEMO", "--tiny-px", "0"], "--tiny-px must be a positive", "tiny_px"),
+    (["adapt", "DEMO", "DEMO", "--confidence", "1"], "--confidence must be from 0 to below 1",
+     "'confidence'"),
+])
+def test_a_bad_option_is_named_as_typed(run_cli, demo_dir, args, message, setting):
+    """A value refused by the config names the option the user typed, not the setting
+    behind it."""
+    code, _, err = run_cli(*[str(demo_dir) if a == "DEMO" else a for a in args])
+    err = " ".join(err.split())
+    assert code == 2 and message in err and setting not in err, err
+
+
+def test_a_bad_setting_from_a_config_file_keeps_its_name(run_cli, demo_dir, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("val_fraction: 2\n")
+    code, _, err = run_cli("train", demo_dir, "--config", path)
+    assert code == 2 and "The 'val_fraction' setting must be a fraction" in err
+    path.write_text("test_fraction: 0.2\n")  # one from each: each named where it was set
+    code, _, err = run_cli("train", demo_dir, "--config", path, "--val-fraction", "0.9")
+    assert code == 2 and "--val-fraction + test_fraction must be below 1" in err
 
 
 def test_demo_command_writes_everything(run_cli, tmp_path):

@@ -495,14 +495,14 @@ def test_config_file_and_command_line(tmp_path, run_cli, demo_dir):
                                             "Did you mean 'epochs_heads' -> 'epochs_head'"):
         TrainConfig.from_file(path)
     code, _, err = run_cli("train", demo_dir, "--sampler", "random", "--quiet")
-    assert code == 2 and "'sampler' setting must be shuffle or weighted" in err
+    assert code == 2 and "--sampler must be shuffle or weighted" in err
     for path_like in ("../elsewhere", "a/b"):  # a name, not a path out of --runs-dir
         code, _, err = run_cli("train", demo_dir, "--name", path_like, "--runs-dir",
                                tmp_path / "named", "--quiet")
         assert code == 2 and "is a path" in err
     assert not (tmp_path / "elsewhere").exists()
     code, _, err = run_cli("train", demo_dir, "--rare-below", "3", "--quiet")
-    assert code == 2 and "'rare_below' setting must be 0 unless 'levels' names" in err
+    assert code == 2 and "--rare-below must be 0 unless 'levels' names" in err
     assert TrainConfig(rare_below=3, levels=["family", "label"]).rare_below == 3
     # A wrong type in the file: refused before any run folder or feature cache is made.
     path.write_text("epochs_head: 1.5\nlr: fast\n")

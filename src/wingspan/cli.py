@@ -26,6 +26,7 @@ from wingspan.config import (
     DemoConfig,
     InspectConfig,
     ReadConfig,
+    SettingError,
     SplitConfig,
     TrainConfig,
     to_dict,
@@ -64,6 +65,20 @@ Strict = Annotated[bool, typer.Option(
 Level = Annotated[str | None, typer.Option(
     "--level", help="Label level to use (default: the finest: the class folder's name, or "
     "the CSV's label column).")]
+
+
+def _config(ctx: typer.Context, make, *args, **values):
+    """`make(*args, **values)`: a config, whose errors name the options typed on the command
+    line (--val-fraction) rather than the settings they set (val_fraction); a setting from
+    a config file keeps its name. An option is found by its parameter's name, which is the
+    setting's."""
+    try:
+        return make(*args, **values)
+    except SettingError as e:
+        typed = {p.name: max(p.opts, key=len) for p in ctx.command.params
+                 if p.param_type_name == "option"
+                 and ctx.get_parameter_source(p.name).name == "COMMANDLINE"}
+        raise WingspanError(e.worded(typed), hint=e.hint) from None
 
 
 def _folder(value: Path | None) -> Path | None:
@@ -158,6 +173,7 @@ def _root(version: Annotated[bool, typer.Option("--version", help="Show the vers
 
 @data_app.command("inspect")
 def data_inspect(
+    ctx: typer.Context,
     data: Data, level: Level = None, format: Format = None, group_regex: GroupRegex = None,
     strict: Strict = False, out_dir: OutDir = None,
     metadata_only: Annotated[bool, typer.Option(
@@ -177,7 +193,7 @@ def data_inspect(
     dataset = _read(data, format, group_regex, strict, check_files=not metadata_only)
     level = dataset.resolve_level(level)
     target = out_dir or dataset.out_dir
-    summary = inspect_dataset(dataset, target, InspectConfig(tiny_px=tiny_px),
+    summary = inspect_dataset(dataset, target, _config(ctx, InspectConfig, tiny_px=tiny_px),
                               check_images=not metadata_only, progress=not quiet)
     unreadable = summary.get("images", {}).get("unreadable", [])
     if strict and unreadable:
@@ -192,11 +208,12 @@ def data_inspect(
 
 @data_app.command("split")
 def data_split(
+    ctx: typer.Context,
     data: Data, level: Level = None,
-    val: Annotated[float, typer.Option(help="Fraction of groups for validation.")]
-    = SplitConfig.val_fraction,
-    test: Annotated[float, typer.Option(help="Fraction of groups for the test split.")]
-    = SplitConfig.test_fraction,
+    val_fraction: Annotated[float, typer.Option(
+        "--val", help="Fraction of groups for validation.")] = SplitConfig.val_fraction,
+    test_fraction: Annotated[float, typer.Option(
+        "--test", help="Fraction of groups for the test split.")] = SplitConfig.test_fraction,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same split).")]
     = SplitConfig.seed,
     max_per_class: Annotated[int | None, typer.Option(
@@ -213,8 +230,8 @@ def data_split(
     """
     from wingspan.data.split import split_and_sample
 
-    config = SplitConfig(val_fraction=val, test_fraction=test, seed=seed,
-                         max_per_class=max_per_class, oversample_to=oversample_to)
+    config = _config(ctx, SplitConfig, val_fraction=val_fraction, test_fraction=test_fraction,
+                     seed=seed, max_per_class=max_per_class, oversample_to=oversample_to)
     dataset = _read(data, format, group_regex, strict)
     if dataset.has_splits:  # its own split stays what `train DATA` uses
         sides = dataset.table["split"].value_counts()
@@ -260,6 +277,7 @@ def _some(items, n: int = 8) -> str:
 
 @data_app.command("audit")
 def data_audit(
+    ctx: typer.Context,
     data: Data, level: Level = None,
     backbone: Annotated[str, typer.Option(
         help="Frozen ImageNet features from this backbone (auto: as train).")]
@@ -270,7 +288,8 @@ def data_audit(
     = AuditConfig.weights,
     folds: Annotated[int, typer.Option(help="Folds of the out-of-fold probabilities.")]
     = AuditConfig.folds,
-    similarity: Annotated[float, typer.Option(
+    duplicate_similarity: Annotated[float, typer.Option(
+        "--similarity",
         help="Cosine similarity of features at which two images are near-duplicates.")]
     = AuditConfig.duplicate_similarity,
     gallery: Annotated[int, typer.Option(help="Suspect images shown in audit.html.")]
@@ -291,9 +310,9 @@ def data_audit(
 
     from wingspan.data.audit import audit_dataset
 
-    config = AuditConfig(backbone=backbone, weights=weights, folds=folds,
-                         duplicate_similarity=similarity, gallery=gallery, device=device,
-                         cache=cache)
+    config = _config(ctx, AuditConfig, backbone=backbone, weights=weights, folds=folds,
+                     duplicate_similarity=duplicate_similarity, gallery=gallery,
+                     device=device, cache=cache)
     dataset = _read(data, format, group_regex, strict=False)
     result = audit_dataset(dataset, out_dir or dataset.out_dir, level, config,
                            progress=not quiet)
@@ -312,8 +331,8 @@ def data_audit(
                                        "class has a single image, so its label was")
                   + " not checked (no other image of the class to learn from out of fold): "
                   f"{_some(alone)}")
-    out.print(f"{len(dups)} near-duplicate pairs (similarity >= {similarity}, or perceptual "
-              f"hashes within {config.hash_distance} bits), "
+    out.print(f"{len(dups)} near-duplicate pairs (similarity >= {duplicate_similarity}, or "
+              f"perceptual hashes within {config.hash_distance} bits), "
               f"{int(dups['across_splits'].sum())} across splits, "
               f"{int(dups['labels_differ'].sum())} with different labels")
     out.print(f"Wrote {_q(result.csv)}, {_q(result.duplicates_csv)} and {_q(result.html)}")
@@ -343,9 +362,10 @@ def download_command(
 
 @data_app.command("preview")
 def data_preview(
+    ctx: typer.Context,
     data: Data, level: Level = None,
-    augment: Annotated[str, typer.Option(help=f"Policy: {' | '.join(AUGMENT_POLICIES)}.")]
-    = AugmentConfig.policy,
+    policy: Annotated[str, typer.Option(
+        "--augment", help=f"Policy: {' | '.join(AUGMENT_POLICIES)}.")] = AugmentConfig.policy,
     image_size: Annotated[int, typer.Option(help="Training resolution in pixels.")]
     = AugmentConfig.image_size,
     rows: Annotated[int, typer.Option(help="Classes shown (one image each).")] = 6,
@@ -356,7 +376,7 @@ def data_preview(
     """Write a grid PNG: originals beside several augmented versions."""
     from wingspan.data.preview import write_preview
 
-    config = AugmentConfig(policy=augment, image_size=image_size)
+    config = _config(ctx, AugmentConfig, policy=policy, image_size=image_size)
     dataset = _read(data, format, group_regex, strict=False)
     path = write_preview(dataset, (out_dir or dataset.out_dir) / "preview.png", config, level,
                          rows=rows, augmented=views, seed=seed,
@@ -517,9 +537,9 @@ def train_command(
                 "trains one. Give one of them.")
         if "level" in given and "levels" not in given:  # one level: not the file's several
             given.update(levels=None, level_weights=None)
-        settings = (TrainConfig.from_file(config, **given) if config else
-                    TrainConfig(**{k: v for k, v in params.items()
-                                   if k in TrainConfig.__dataclass_fields__}))
+        settings = (_config(ctx, TrainConfig.from_file, config, **given) if config else
+                    _config(ctx, TrainConfig, **{k: v for k, v in params.items()
+                                            if k in TrainConfig.__dataclass_fields__}))
         # strict: set here or in the config file (where it also stops training at a
         # broken image), it stops the reading at a missing or unreadable file too.
         dataset = _read(data, format, group_regex, settings.strict)
@@ -677,6 +697,7 @@ A = AdaptConfig
 
 @app.command("adapt")
 def adapt_command(
+    ctx: typer.Context,
     model: Model,
     photos: Annotated[list[str], typer.Argument(
         help="Unlabelled photos from where the model will be used: files, folders, globs.",
@@ -703,8 +724,8 @@ def adapt_command(
     the run itself stays as it is."""
     from wingspan.training.adapt import adapt
 
-    config = AdaptConfig(neighbours=neighbours, confidence=confidence, rounds=rounds,
-                         batch_size=batch_size, device=device)
+    config = _config(ctx, AdaptConfig, neighbours=neighbours, confidence=confidence, rounds=rounds,
+                     batch_size=batch_size, device=device)
     a = adapt(model, photos, out_dir, config, progress=not quiet)
     used = list(a["photos_used_per_round"].values())[-1]  # the finest level's
     fits = f" in {len(used)} refits" if len(used) > 1 else ""
@@ -1092,6 +1113,7 @@ def doctor_command(
 
 @app.command("demo")
 def demo(
+    ctx: typer.Context,
     out_dir: Annotated[Path, typer.Option("--out", help="Where the demo writes everything.")]
     = Path("runs/demo"),
     seed: Annotated[int, typer.Option(help="Random seed of the generated data.")]
@@ -1113,7 +1135,7 @@ def demo(
     from wingspan.data.split import split_and_sample
     from wingspan.training import run as training
 
-    config = DemoConfig(seed=seed)
+    config = _config(ctx, DemoConfig, seed=seed)
     # The demo replaces its own folders (data, train, ...) on a second run, so it writes
     # only into a new or empty folder, or one it made itself (its settings file, written
     # first, marks it: a killed demo runs again in the same place).

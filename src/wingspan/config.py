@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
@@ -35,9 +36,35 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".
 SPLITS = ("train", "val", "test")
 
 
+class SettingError(WingspanError):
+    """Settings that a config refuses, each named at the start of its problem, so that the
+    CLI can name the option the user typed in its place (`worded`)."""
+
+    def __init__(self, problems: list[tuple[str, str]], intro: str = "", form: str = "'{}'",
+                 hint: str | None = None):
+        self.problems, self.intro, self.form = problems, intro, form
+        super().__init__(self.worded({}), hint)
+
+    def worded(self, options: dict[str, str]) -> str:
+        """The message, each setting named by its entry in `options` (val_fraction:
+        --val-fraction) where it has one, else as a setting; a sum of settings
+        ('val_fraction + test_fraction'), part by part."""
+
+        def name(setting: str) -> str:
+            if not any(part in options for part in re.findall(r"\w+", setting)):
+                return self.form.format(setting)
+            return re.sub(r"\w+", lambda m: options.get(m[0], m[0]), setting)
+
+        return self.intro + " | ".join(name(setting) + text for setting, text in self.problems)
+
+    def __reduce__(self):  # pickled by worker processes: not as (message,)
+        return type(self), (self.problems, self.intro, self.form, self.hint)
+
+
 def _check(ok: bool, name: str, expected: str, got: object) -> None:
     if not ok:
-        raise WingspanError(f"The '{name}' setting must be {expected}. Got {got!r} instead.")
+        raise SettingError([(name, f" must be {expected}. Got {got!r} instead.")],
+                           form="The '{}' setting")
 
 
 @cache
@@ -53,7 +80,7 @@ def _adapters(cls: type) -> dict:
 def _check_types(config: object) -> None:
     """Every field against its declared type, before any range check: 'two' for an int,
     1.5 epochs, inf or NaN, a number for a name. Values of the right kind in another form
-    ('3' for 3) are converted. Raises a WingspanError naming each wrong setting."""
+    ('3' for 3) are converted. Raises a SettingError naming each wrong setting."""
     from pydantic import ValidationError
 
     problems = []
@@ -65,13 +92,13 @@ def _check_types(config: object) -> None:
             setattr(config, name, adapter.validate_python(value))
         except ValidationError as e:
             why = "; ".join(err["msg"] for err in e.errors())
-            problems.append(f"'{name}' = {value!r}: {why}")
+            problems.append((name, f" = {value!r}: {why}"))
     seed = getattr(config, "seed", 0)
     if not problems and not 0 <= seed < 2**32:  # numpy's random generators take no other
-        problems.append(f"'seed' = {seed!r}: must be between 0 and 2**32 - 1")
+        problems.append(("seed", f" = {seed!r}: must be between 0 and 2**32 - 1"))
     if problems:
-        raise WingspanError("Invalid settings: " + " | ".join(problems),
-                            hint="Fix these in the config file or on the command line.")
+        raise SettingError(problems, intro="Invalid settings: ",
+                           hint="Fix these in the config file or on the command line.")
 
 
 @dataclass
