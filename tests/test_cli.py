@@ -116,6 +116,24 @@ def test_a_bad_setting_from_a_config_file_keeps_its_name(run_cli, demo_dir, tmp_
     assert code == 2 and "--val-fraction + test_fraction must be below 1" in err
 
 
+def test_weights_that_are_no_keyword_and_no_file_say_what_weights_takes(
+        run_cli, demo_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # `data`: no such file or folder here
+    monkeypatch.setenv("COLUMNS", "400")
+    code, _, err = run_cli("train", demo_dir, "--weights", "data", "--backbone",
+                           "test_efficientnet", "--runs-dir", tmp_path / "runs", "--quiet")
+    assert code == 2 and "--weights data is neither a keyword (auto, none) nor an existing " \
+        f"file or folder ({tmp_path / 'data'} is not found)" in err, err
+    assert "--weights takes auto" in err and ".safetensors" in err
+    (tmp_path / "data").mkdir()  # a folder, but no run
+    code, _, err = run_cli("train", demo_dir, "--weights", "data", "--backbone",
+                           "test_efficientnet", "--runs-dir", tmp_path / "runs", "--quiet")
+    assert code == 2 and "--weights data is a folder but not a wingspan run or model" in err
+    code, _, err = run_cli("train", demo_dir, "--weights", "atuo", "--backbone",
+                           "test_efficientnet", "--runs-dir", tmp_path / "runs", "--quiet")
+    assert code == 2 and "Did you mean auto?" in err
+
+
 def test_demo_command_writes_everything(run_cli, tmp_path):
     tmp_path = tmp_path / ("a-folder-name-long-enough-that-no-path-fits-in-80-columns" * 2)
     code, out, err = run_cli("demo", "--out", tmp_path, "--quiet")

@@ -13,6 +13,7 @@ Only tensors are ever loaded: `torch.load(weights_only=True)` or safetensors.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib.util
 import os
@@ -127,6 +128,8 @@ def resolve_weights(spec: BackboneSpec, weights: str | Path | None = "auto"
         model = wingspan_model(path)
         if model is not None:
             return _model_backbone(model, spec)
+        if not path.is_file():
+            raise _not_weights(str(weights), path)
         return LoadedWeights(read_state_dict(path), "file", str(path))
     tried: list[str] = []
     for step in (_from_caches, _from_package, _from_download):
@@ -141,6 +144,24 @@ def resolve_weights(spec: BackboneSpec, weights: str | Path | None = "auto"
         f"are installed offline ({', '.join(offline) or 'efficientnet_lite0, efficientnet_lite2'}"
         "), or --weights none to train from scratch.",
     )
+
+
+def _not_weights(weights: str, path: Path) -> WingspanError:
+    """A --weights value that is no keyword and no file to read weights from (`--weights
+    data`: a typo, or a word taken for a keyword)."""
+    from wingspan.models.bundle import MANIFEST
+
+    if path.is_dir():
+        what = f"is a folder but not a wingspan run or model (no {MANIFEST} in it)"
+    else:
+        what = ("is neither a keyword (auto, none) nor an existing file or folder "
+                f"({path.absolute()} is not found)")
+    close = difflib.get_close_matches(weights.lower(), ["auto", "none"], n=1)
+    return WingspanError(
+        f"--weights {weights} {what}.",
+        hint=(f"Did you mean {close[0]}? " if close else "") + "--weights takes auto "
+        "(ImageNet weights, offline first), none (no pretrained weights), a weights file ("
+        + ", ".join(WEIGHT_SUFFIXES) + ") or a wingspan run or model (its fine-tuned backbone).")
 
 
 BACKBONE_PREFIX = "backbone.net."  # a bundle's backbone tensors (timm's keys after it)
