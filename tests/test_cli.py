@@ -134,6 +134,20 @@ def test_weights_that_are_no_keyword_and_no_file_say_what_weights_takes(
     assert code == 2 and "Did you mean auto?" in err
 
 
+def test_serve_on_a_port_in_use_is_one_clear_message(run_cli, tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # Said before the model loads: MODEL need not be one.
+        code, out, err = run_cli("serve", tmp_path, "--port", port)
+    assert code == 2, err
+    assert " ".join(err.split()) == (f"Error: Port {port} is in use on 127.0.0.1 (another "
+                                     "server listens there): pick another with --port.")
+
+
 def test_demo_command_writes_everything(run_cli, tmp_path):
     tmp_path = tmp_path / ("a-folder-name-long-enough-that-no-path-fits-in-80-columns" * 2)
     code, out, err = run_cli("demo", "--out", tmp_path, "--quiet")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import io
 import os
 import sys
@@ -40,7 +41,7 @@ from pydantic import BaseModel
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from wingspan.errors import WingspanError
+from wingspan.errors import WingspanError, first_line
 from wingspan.inference import Predictor
 from wingspan.predict import answer_at, deciding_score, taxonomy_path
 
@@ -389,9 +390,31 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
         return False
 
 
+def check_port(host: str, port: int) -> None:
+    """A WingspanError, in one line, where the server could not listen (uvicorn would log
+    the error and exit with status 3): bound as uvicorn binds (asyncio's create_server),
+    then let go. Before the model loads, so that a taken port is said at once."""
+
+    async def bind() -> None:
+        server = await asyncio.get_running_loop().create_server(asyncio.Protocol, host, port)
+        server.close()
+        await server.wait_closed()
+
+    try:
+        asyncio.run(bind())
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise WingspanError(f"Port {port} is in use on {host} (another server listens "
+                                "there): pick another with --port.") from e
+        raise WingspanError(f"Cannot listen on {host}:{port}: {first_line(e)}",
+                            hint="Check --host (an address of this machine) and --port "
+                            "(below 1024 needs root).") from e
+
+
 def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000,
           limits: ServeLimits | None = None, device: str = "auto") -> None:
     import uvicorn
 
+    check_port(host, port)
     limit_malloc_arenas()
     uvicorn.run(create_app(model, limits, device), host=host, port=port, log_level="info")
