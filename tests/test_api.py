@@ -210,6 +210,38 @@ def test_load_a_run_and_a_bundle(run, demo_dir, tmp_path):
     assert _class_map_arg(t for t in ["a=b", "c=d"]) == {"a": "b", "c": "d"}  # a generator
 
 
+def test_explain_adapt_and_evaluate_check_their_arguments(run, demo_dir, tmp_path):
+    """A wrong kind of argument raises a WingspanError naming it, before any work: not a
+    TypeError from deep inside."""
+    import numpy as np
+
+    image = next(demo_dir.rglob("*.jpg"))
+    for call, message in (
+            (lambda: run.explain(5), "images: expected a file, folder or glob"),
+            (lambda: run.explain(np.zeros((2, 3))), "images: each must be a path"),
+            (lambda: run.explain([]), "images: got an empty list"),
+            (lambda: run.explain(image, out=5), "out: expected a path"),
+            (lambda: run.adapt(5), "photos: expected a file, folder or glob"),
+            (lambda: run.adapt([image, 3]), "photos: each must be a path"),
+            (lambda: run.adapt(image, out=tmp_path / "a", roundz=2), "Unknown setting"),
+            (lambda: run.adapt(image, out=5), "out: expected a path"),
+            (lambda: run.evaluate(unknown=5, quiet=True), "unknown: expected a file"),
+            (lambda: run.evaluate(unknown=b"moths", quiet=True), "unknown: .* got bytes"),
+            (lambda: run.evaluate(unknown=[None], quiet=True), "unknown: each must be a path"),
+            (lambda: run.evaluate(5, quiet=True), "data: expected a path"),
+            (lambda: run.evaluate(out=5, quiet=True), "out: expected a path")):
+        with pytest.raises(WingspanError, match=message):
+            call()
+    # A path that is not there: said by name, as the CLI says it.
+    with pytest.raises(WingspanError, match="nowhere.jpg: no such file or folder"):
+        run.explain(tmp_path / "nowhere.jpg")
+    with pytest.raises(WingspanError, match=r"nowhere \(no such file or folder\)"):
+        run.adapt([tmp_path / "nowhere"], out=tmp_path / "a")
+    with pytest.raises(WingspanError, match="No images of unseen classes in .*nowhere"):
+        run.evaluate(unknown=tmp_path / "nowhere", out=tmp_path / "ev", quiet=True)
+    assert not any(tmp_path.iterdir())  # nothing was written
+
+
 def test_explain_writes_overlays(run, demo_dir, tmp_path):
     images = run.explain(sorted(demo_dir.rglob("*.jpg"))[:2], out=tmp_path)
     assert [i.path.parent for i in images] == [tmp_path, tmp_path]

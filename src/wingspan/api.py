@@ -365,20 +365,28 @@ def _path_arg(name: str, value) -> Path:
     return Path(value)
 
 
-def _paths_arg(value) -> list[str]:
+def _out_arg(value) -> Path | None:
+    """An optional output folder: None (the default place) or a path."""
+    return None if value is None else _path_arg("out", value)
+
+
+def _paths_arg(value, name: str = "paths") -> list[str]:
     """Files, folders or globs: one, or a list (a tuple, a pandas column...) of them."""
     if isinstance(value, str | os.PathLike):
         return [os.fspath(value)]
     if isinstance(value, bytes | bytearray | dict) or not isinstance(value, Iterable):
-        raise WingspanError(f"paths: expected a file, folder or glob, or a list of them; got "
+        raise WingspanError(f"{name}: expected a file, folder or glob, or a list of them; got "
                             f"{type(value).__name__}.",
                             hint="Pass image files as paths; save an in-memory image to a "
                                  "file first (or post it to `wingspan serve`).")
     items = list(value)
-    odd = next((p for p in items if not isinstance(p, str | os.PathLike)), None)
-    if odd is not None:
-        raise WingspanError(f"paths: each must be a path (str or Path); got "
-                            f"{type(odd).__name__} {odd!r:.60}.")
+    odd = [p for p in items if not isinstance(p, str | os.PathLike)]  # None among them too
+    if odd:
+        raise WingspanError(f"{name}: each must be a path (str or Path); got "
+                            f"{type(odd[0]).__name__} {odd[0]!r:.60}.")
+    if not items:
+        raise WingspanError(f"{name}: got an empty list; give at least one file, folder or "
+                            "glob.")
     return [os.fspath(p) for p in items]
 
 
@@ -500,10 +508,13 @@ class Run:
 
         if isinstance(data, Data):  # what ws.read gave (read as it was), as train takes it
             data = data.dataset
-        result = evaluate(self._model, data, split, out, progress=not quiet,
+        elif data is not None and not isinstance(data, Dataset):
+            data = _path_arg("data", data)
+        result = evaluate(self._model, data, split, _out_arg(out), progress=not quiet,
                           batch_size=_count_arg("batch_size", batch_size), runtime=runtime,
                           precision=precision, device=device,
-                          class_map=_class_map_arg(class_map), unknown=unknown,
+                          class_map=_class_map_arg(class_map),
+                          unknown=None if unknown is None else _paths_arg(unknown, "unknown"),
                           unknown_score=unknown_score)
         return Evaluation(result.out_dir, result.metrics, result.report)
 
@@ -574,12 +585,11 @@ class Run:
         from wingspan.inference import output_home
         from wingspan.predict import expand_paths
 
-        inputs = [str(p) for p in ([images] if isinstance(images, str | Path) else images)]
-        paths, missing = expand_paths(inputs)
+        paths, missing = expand_paths(_paths_arg(images, "images"))
         if not paths:
             raise WingspanError(f"No image to explain: {missing[0][0]}: {missing[0][1]}."
                                 if missing else "No image to explain.")
-        out = Path(out) if out else output_home(self.bundle) / "explain"
+        out = _out_arg(out) or output_home(self.bundle) / "explain"
         return [Image(e.png) for e in explain(self._model, paths, out, device=device)
                 if not e.error]
 
@@ -594,8 +604,8 @@ class Run:
         from wingspan.config import AdaptConfig
         from wingspan.training.adapt import adapt
 
-        inputs = [str(p) for p in ([photos] if isinstance(photos, str | Path) else photos)]
-        done = adapt(self._model, inputs, out, _config(AdaptConfig, settings), progress=True)
+        done = adapt(self._model, _paths_arg(photos, "photos"), _out_arg(out),
+                     _config(AdaptConfig, settings), progress=True)
         return Run(done["out"])
 
     def export(self, format: str = "onnx", quantize: str | None = None,
