@@ -149,6 +149,7 @@ def test_evaluate_is_the_cli_evaluation(run, run_cli, tmp_path, demo_dir):
     assert ev.report()._repr_html_().startswith("<iframe srcdoc=")
     with pytest.raises(WingspanError, match="Available: .*reliability"):
         ev.plot("roc")
+    assert run.evaluate(split="val", out=tmp_path / "tta", tta=True, quiet=True).metrics["tta"]
     # Data from ws.read, as train takes it: the same figures as its folder's.
     again = run.evaluate(ws.read(demo_dir), split="all", out=tmp_path / "a", quiet=True)
     by_path = run.evaluate(demo_dir, split="all", out=tmp_path / "b", quiet=True)

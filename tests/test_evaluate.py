@@ -158,6 +158,31 @@ def test_predict_agrees_with_evaluate(evaluation, trained):
                                rtol=1e-4, atol=1e-5)
 
 
+def test_evaluate_with_tta_scores_what_predict_tta_answers(evaluation, trained, run_cli,
+                                                           tmp_path):
+    code, stdout, stderr = run_cli("evaluate", trained, "--tta", "--out", tmp_path / "tta",
+                                   "--quiet")
+    assert code == 0, stderr
+    assert "test-time augmentation" in stdout
+    metrics = json.loads((tmp_path / "tta" / "metrics.json").read_text())
+    assert metrics["tta"] is True and evaluation.metrics["tta"] is False
+    assert "<th>test-time augmentation</th><td>on: each image" in (
+        tmp_path / "tta" / "report.html").read_text()
+    assert "<th>test-time augmentation</th><td>off</td>" in evaluation.report.read_text()
+    tta = pd.read_csv(tmp_path / "tta" / "predictions.csv")
+    plain = pd.read_csv(evaluation.out_dir / "predictions.csv")
+    assert tta["path"].tolist() == plain["path"].tolist()
+    probs = [c for c in tta.columns if c.startswith("p:")]
+    assert not np.allclose(tta[probs], plain[probs])  # the views were averaged
+    # ... as predict --tta averages them, image by image, with the same answers
+    predictor = Predictor(trained, workers=0)
+    result = predict(predictor, tta["path"].tolist(), top_k=len(probs), tta=True,
+                     progress=False)
+    np.testing.assert_allclose([[dict(r["top"])[c[2:]] for c in probs] for r in result.rows],
+                               tta[probs], rtol=1e-4, atol=1e-6)
+    assert tta["answer"].tolist() == [r["answer"] for r in result.rows]
+
+
 def test_evaluate_says_how_often_the_answer_names_a_class(evaluation, trained):
     """Beside the forced-choice figures: the share of images the unknown answer gives a
     class, and how often that class is right, as predict answers the same images."""

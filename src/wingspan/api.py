@@ -494,11 +494,13 @@ class Run:
                  device: str = TrainConfig.device, precision: str = TrainConfig.precision,
                  runtime: str = TrainConfig.runtime, class_map: dict[str, str] | None = None,
                  unknown: str | Path | list[str] | None = None,
-                 unknown_score: str | None = None, quiet: bool = False) -> Evaluation:
+                 unknown_score: str | None = None, tta: bool = False,
+                 quiet: bool = False) -> Evaluation:
         """Metrics, confusion matrix, calibration, curves and report.html, as `wingspan
         evaluate`: the run's test split by default (else val), or `data`; written to
         RUN/evaluation-SPLIT (or `out`). `unknown`: a folder (or image paths) of classes
         the model never saw, for the unknown answer's figures (metrics["unknown"]).
+        `tta`: test-time augmentation, as predict's (metrics["tta"] says so).
 
         >>> ev = run.evaluate()
         >>> ev.metrics["macro"]["f1"], ev.metrics["micro"]["f1"]
@@ -515,7 +517,7 @@ class Run:
                           precision=precision, device=device,
                           class_map=_class_map_arg(class_map),
                           unknown=None if unknown is None else _paths_arg(unknown, "unknown"),
-                          unknown_score=unknown_score)
+                          unknown_score=unknown_score, tta=tta)
         return Evaluation(result.out_dir, result.metrics, result.report)
 
     @property

@@ -593,6 +593,8 @@ def evaluate_command(
         "\"unknown\" (AUROC, FPR at 95% TPR, the cost to known classes).",
         show_default=False)] = None,
     unknown_score: UnknownScoreOpt = None,
+    tta: Annotated[bool, typer.Option(help="Test-time augmentation: average flips and crops, "
+                                      "as predict --tta.")] = False,
     quiet: Quiet = False,
 ) -> None:
     """Metrics, confusion matrix, curves, mistakes, calibration and an HTML report. The
@@ -602,7 +604,7 @@ def evaluate_command(
     result = evaluate(model, data, split, out_dir, progress=not quiet,
                       batch_size=batch_size, runtime=runtime, precision=precision,
                       device=device, class_map=_pairs(class_map or [], "--map"),
-                      unknown=unknown, unknown_score=unknown_score)
+                      unknown=unknown, unknown_score=unknown_score, tta=tta)
     _print_evaluation(result)
 
 
@@ -764,7 +766,7 @@ def _print_evaluation(result) -> None:
 
     m = result.metrics
     table = Table("metric", "value", title=f"{m['split']} split, level '{m['level']}': "
-                  f"{m['images']} images")
+                  f"{m['images']} images" + (", test-time augmentation" if m.get("tta") else ""))
     table.add_row("accuracy", f"{m['accuracy']:.4f}{interval_text(m, 'accuracy')}")
     for k in [k for k in m if k.startswith("top")]:
         table.add_row(k.replace("_", " "), f"{m[k]:.4f}")

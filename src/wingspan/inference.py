@@ -77,6 +77,7 @@ class Prediction:
     known_level: str | None = None  # the finest level that passes its threshold (None: none)
     every_score: dict[str, float] | None = None  # finest level, each score (run(every_score))
     features: np.ndarray | None = None  # pooled backbone features (run(with_features))
+    view_logits: np.ndarray | None = None  # (views, classes): each view's (one without TTA)
 
 
 class Predictor:
@@ -217,7 +218,8 @@ class Predictor:
                                      every_score={name: float(v[self.level][j])
                                                   for name, v in every.items()}
                                      if every else None,
-                                     features=mean_feats[j].numpy() if with_features else None)
+                                     features=mean_feats[j].numpy() if with_features else None,
+                                     view_logits=logits[j].numpy())
                 i += 1
             done += sum(not e for e in errors)  # images read and predicted, not failures
         self.images_per_second = done / max(time.perf_counter() - start, 1e-9)

@@ -55,13 +55,14 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
              precision: str = "auto", device: str = "auto",
              class_map: dict[str, str] | None = None,
              unknown: str | Path | list[str] | None = None,
-             unknown_score: str | None = None) -> Evaluation:
+             unknown_score: str | None = None, tta: bool = False) -> Evaluation:
     """Evaluate a model on a split of its own data or of DATA. `class_map` {model class:
     DATA's class} evaluates on another dataset whose names differ (the same names match
     anyway); the report then sets each class's recall there beside its recall on the
     run's own data: the drop that the change of data costs. `unknown`: a folder (or image
     paths) of classes the model never saw, scored against the known images (AUROC,
-    FPR95, what the threshold costs; every score side by side)."""
+    FPR95, what the threshold costs; every score side by side). `tta`: score what
+    `predict --tta` answers (each image's views averaged), on every image read here."""
     predictor = Predictor(model, device=device, batch_size=batch_size, workers=workers,
                           runtime=runtime, precision=precision, progress=progress,
                           unknown_score=unknown_score)
@@ -99,7 +100,8 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     (out_dir / MARKER).write_text("written by wingspan evaluate; replaced whole by the next\n")
 
     paths = rows["path"].tolist()
-    preds = list(predictor.run(paths, progress=progress, every_score=unknown is not None))
+    preds = list(predictor.run(paths, tta=tta, progress=progress,
+                               every_score=unknown is not None))
     speed = predictor.images_per_second
     ok = [i for i, p in enumerate(preds) if not p.error]
     failed = [(p.path, p.error) for p in preds if p.error]
@@ -110,14 +112,14 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
             "unreadable ones), or evaluate another split with --split.")
     index = {c: i for i, c in enumerate(predictor.classes)}
     y = rows["_label"].map(index).to_numpy()[ok]
-    logits = np.stack([preds[i].logits for i in ok])
+    logits = np.stack([preds[i].view_logits for i in ok])  # (images, views, classes)
     # The temperature fitted when the model was trained (or by `wingspan calibrate`):
     # evaluating never changes the model.
     calibration = {"temperature": predictor.temperature,
                    **predictor.manifest.get("calibration", {"fitted_on": None}),
                    "same_data_as_evaluation": predictor.manifest.get("calibration", {}).get(
                        "fitted_on", "val") == _calibration_data(split, data)}
-    probs = softmax(logits, predictor.temperature)
+    probs = view_softmax(logits, predictor.temperature)
     classes = predictor.classes
     # On other data (holding some of the model's classes, with --map or by name), the
     # macro averages cover the classes it holds; on the run's own, every class seen.
@@ -130,8 +132,9 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
                    unknown_class_images=other_images,
                    images_per_second=round(speed, 1), engine=predictor.policy.describe(),
                    ece_uncalibrated=expected_calibration_error(
-                       softmax(logits), y, y_pred=_predicted(predictor, softmax(logits))),
-                   temperature=predictor.temperature, calibration=calibration,
+                       view_softmax(logits), y,
+                       y_pred=_predicted(predictor, view_softmax(logits))),
+                   temperature=predictor.temperature, calibration=calibration, tta=tta,
                    fair=_fairness(predictor.manifest, split, data))
     read = [preds[i] for i in ok]  # the readable images' predictions, in y's order
     named = None  # which images the answer gives a class (the rest: "unknown")
@@ -164,7 +167,8 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
             images = np.bincount(y, minlength=len(classes))
             shares = np.bincount(y, weights=named, minlength=len(classes)) / np.maximum(images, 1)
             named_share = {c: float(shares[k]) for k, c in enumerate(classes) if images[k]}
-        transfer = _transfer(predictor, run_dir, class_map, table, progress, named_share)
+        transfer = _transfer(predictor, run_dir, class_map, table, progress, named_share,
+                             tta)
         _write_csv(transfer, out_dir / "transfer.csv", index=False)
         # No figure (a class without images here or at home) is null in JSON, not NaN.
         metrics["transfer"] = transfer.astype(object).where(transfer.notna(), None).to_dict(
@@ -172,7 +176,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     if unknown is not None:
         metrics["unknown"] = _openset(predictor, unknown, unknown_paths, read, y, y_pred,
                                       np.unique(y) if truth_only else np.union1d(y, y_pred),
-                                      out_dir, progress)
+                                      out_dir, progress, tta)
     write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
 
     pngs = _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, y,
@@ -260,11 +264,12 @@ def _check_split(dataset: Dataset, split: str) -> None:
 
 
 def _openset(predictor: Predictor, unknown, paths: list[str], known: list, y: np.ndarray,
-             y_pred: np.ndarray, labels: np.ndarray, out_dir: Path, progress: bool) -> dict:
+             y_pred: np.ndarray, labels: np.ndarray, out_dir: Path, progress: bool,
+             tta: bool = False) -> dict:
     """The known images' unknown scores against those of images of unseen classes
     (`paths`, from `unknown`); writes unknown.csv (each unseen image: score, answer,
     closest class) and unknown.png."""
-    seen = [p for p in predictor.run(paths, progress=progress, every_score=True)]
+    seen = list(predictor.run(paths, tta=tta, progress=progress, every_score=True))
     unseen = [p for p in seen if not p.error]
     if not unseen:
         raise WingspanError(f"None of the {len(paths)} images in {unknown} could be read, "
@@ -302,6 +307,13 @@ def _finest_answer(predictor: Predictor, preds: list) -> np.ndarray:
     """The class index predict names at the finest level, whether or not it is turned
     away: the flat argmax, or with a taxonomy the top-down branch's class."""
     return _predicted(predictor, np.stack([p.probs for p in preds]))
+
+
+def view_softmax(view_logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Probabilities (images, classes) from each view's logits (images, views, classes),
+    as predict gives them: each view's softmax, averaged over the views (one without TTA)."""
+    n, k, c = view_logits.shape
+    return softmax(view_logits.reshape(n * k, c), temperature).reshape(n, k, c).mean(1)
 
 
 def _predicted(predictor: Predictor, probs: np.ndarray) -> np.ndarray:
@@ -421,11 +433,12 @@ def _check_class_map(class_map: dict[str, str], predictor: Predictor, dataset: D
 
 
 def _transfer(predictor: Predictor, run_dir: Path | None, class_map: dict[str, str],
-              here: pd.DataFrame, progress: bool, named: dict[str, float] | None = None
-              ) -> pd.DataFrame:
+              here: pd.DataFrame, progress: bool, named: dict[str, float] | None = None,
+              tta: bool = False) -> pd.DataFrame:
     """Each mapped class's recall on the run's own data (its test split, else val) beside
-    its recall on the data evaluated: the drop per class. `named`: per class, the share of
-    its images here that the unknown answer names a class for."""
+    its recall on the data evaluated (both with TTA or both without): the drop per class.
+    `named`: per class, the share of its images here that the unknown answer names a class
+    for."""
     recall_here = dict(zip(here["class"], here["recall"], strict=True))
     support_here = dict(zip(here["class"], here["support"], strict=True))
     home = {}
@@ -434,7 +447,7 @@ def _transfer(predictor: Predictor, run_dir: Path | None, class_map: dict[str, s
         split = _default_split(own)
         rows = _rows(own, split, predictor.level, predictor)
         rows = rows[rows["_label"].isin(list(class_map))]
-        preds = list(predictor.run(rows["path"].tolist(), progress=progress))
+        preds = list(predictor.run(rows["path"].tolist(), tta=tta, progress=progress))
         for label, p in zip(rows["_label"], preds, strict=True):
             if not p.error:
                 hits = home.setdefault(label, [])
@@ -583,7 +596,7 @@ def _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, 
           "answer": _named(predictor, read[i]) if told else None,
           **_grad_cam_view(predictor, paths[ok[i]], int(y_pred[i]))} for i in worst],
         out_dir / "mistakes.png")
-    raw = softmax(logits)
+    raw = view_softmax(logits)
     raw_pred = _predicted(predictor, raw)  # (the temperature can move a taxonomy's branch)
     pngs["reliability"] = plots.plot_reliability(
         reliability(raw, y, y_pred=raw_pred), reliability(probs, y, y_pred=y_pred),
@@ -678,6 +691,8 @@ def _report(out_dir, name, predictor, run_dir, dataset, level, split, metrics, t
     overview = [("model", predictor.bundle), ("backbone", manifest["model"]["backbone"]),
                 ("weights", manifest.get("weights_source")), ("level", level),
                 ("classes", len(predictor.classes)), ("evaluated split", split),
+                ("test-time augmentation", "on: each image's flips and crops averaged, as "
+                 "predict --tta" if metrics.get("tta") else "off"),
                 ("training epochs (head + fine-tune)",
                  f"{training.get('epochs_head')} + {training.get('epochs_finetune')}"),
                 ("best validation macro-F1", train_metrics.get("best", {}).get("val_macro_f1")),
