@@ -433,11 +433,18 @@ def test_evaluate_other_data_with_a_class_map_shows_the_drop_per_class(trained, 
         assert share == pytest.approx(np.mean([r["answer"] != "unknown" for r in rows]))
     per_class = pd.read_csv(tmp_path / "ev" / "per_class.csv").set_index("class")
     assert transfer["recall here"].tolist() == per_class.loc[classes[:2], "recall"].tolist()
-    # Macro averages cover the classes this data holds, not every class of the model.
-    held = per_class[per_class["support"] > 0]
-    assert len(held) < len(per_class)
-    assert metrics["macro"]["recall"] == pytest.approx(held["recall"].mean())
-    assert metrics["macro"]["f1"] == pytest.approx(held["f1"].mean())
+    # Macro averages cover the classes this data holds, not every class of the model, and
+    # so does the per-class table: the model's class without images here ('stranger' is
+    # not mapped to it) is left out of both and named, not listed with an F1 of 0.
+    model_classes = read_manifest(trained / "model")["classes"]["label"]
+    assert sorted(per_class.index) == sorted(set(model_classes) - {classes[2]})
+    assert (per_class["support"] > 0).all()
+    assert metrics["absent_classes"] == [classes[2]]
+    assert metrics["macro"]["recall"] == pytest.approx(per_class["recall"].mean())
+    assert metrics["macro"]["f1"] == pytest.approx(per_class["f1"].mean())
+    assert "without images here (left out of the per-class table and the macro averages)" \
+           f"</th><td>1: {classes[2]}</td>" in (tmp_path / "ev" / "report.html").read_text()
+    assert "left out of the per-class table and the macro averages" in " ".join(stdout.split())
     # Micro counts every prediction, into any of the model's classes: it is the accuracy.
     assert metrics["micro"]["f1"] == pytest.approx(metrics["accuracy"])
     assert "Transfer per class" in stdout
@@ -450,8 +457,8 @@ def test_evaluate_other_data_with_a_class_map_shows_the_drop_per_class(trained, 
     # (the same rule as with --map); the images of the rest are counted, not just named.
     plain = json.loads((trained / "evaluation-other-all" / "metrics.json").read_text())
     held = pd.read_csv(trained / "evaluation-other-all" / "per_class.csv")
-    held = held[held["support"] > 0]
-    assert set(held["class"]) == set(classes[3:])
+    assert sorted(held["class"]) == classes[3:] and (held["support"] > 0).all()
+    assert plain["absent_classes"] == sorted(set(model_classes) - set(classes[3:]))
     assert plain["macro"]["f1"] == pytest.approx(held["f1"].mean())
     assert plain["unknown_class_images"] == int(test["label"].isin(classes[:3]).sum())
     assert f"{plain['unknown_class_images']} images of 3 classes: first_other" in (

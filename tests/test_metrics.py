@@ -46,9 +46,12 @@ def test_metrics_on_hand_made_predictions():
     # kappa: observed 2/3, chance (2*2 + 2*3 + 2*1) / 36 = 1/3 -> (2/3 - 1/3) / (2/3) = 1/2
     assert m["cohen_kappa"] == pytest.approx(0.5)
     assert m["top3_accuracy"] == pytest.approx(1.0)  # the true class is always in the top 3
+    # The per-class table lists the classes the macro averages cover: d, neither true nor
+    # predicted, is in neither.
     table = per_class_table(y, pred, ["a", "b", "c", "d"])
-    assert table["support"].tolist() == [2, 2, 2, 0]
-    assert table["f1"].round(4).tolist() == [0.5, 0.8, 0.6667, 0.0]
+    assert table["class"].tolist() == ["a", "b", "c"] and table["support"].tolist() == [2, 2, 2]
+    assert table["f1"].round(4).tolist() == [0.5, 0.8, 0.6667]
+    assert m["macro"]["f1"] == pytest.approx(table["f1"].mean())
     # One class everywhere: no kappa to give, and null (not NaN) in metrics.json.
     one = classification_metrics(np.zeros(4, int), probs_for(np.zeros(4, int),
                                                              np.zeros(4, int), 2), ["a", "b"])
@@ -57,6 +60,16 @@ def test_metrics_on_hand_made_predictions():
     mapped = classification_metrics(y, probs_for(np.array([0, 3, 1, 1, 2, 2]), y, 4),
                                     ["a", "b", "c", "d"], truth_only=True)
     assert mapped["micro"]["precision"] == pytest.approx(mapped["accuracy"]) == 5 / 6
+    # d, predicted once but never true: in the table (precision 0) as in the macro
+    # averages, unless they cover the true classes alone (other data's evaluation).
+    wrong_d = np.array([0, 3, 1, 1, 2, 2])
+    for truth_only, listed in ((False, ["a", "b", "c", "d"]), (True, ["a", "b", "c"])):
+        table = per_class_table(y, wrong_d, ["a", "b", "c", "d"], truth_only)
+        m = classification_metrics(y, probs_for(wrong_d, y, 4), ["a", "b", "c", "d"],
+                                   truth_only=truth_only)
+        assert table["class"].tolist() == listed
+        assert m["macro"]["f1"] == pytest.approx(table["f1"].mean())
+        assert m["macro"]["precision"] == pytest.approx(table["precision"].mean())
 
 
 def noisy_predictions(n: int, classes: int, right: float, seed: int = 0):

@@ -794,6 +794,10 @@ def _print_evaluation(result) -> None:
                   f"{len(m['unknown_classes'])} classes the model does not know were left out"
                   f":[/] {_q(_some(m['unknown_classes']))} (--map MODEL_CLASS=DATA_CLASS "
                   "names one of the model's)")
+    if m.get("absent_classes"):
+        out.print(f"{len(m['absent_classes'])} of the model's classes have no images here and "
+                  f"are left out of the per-class table and the macro averages: "
+                  f"{_q(_some(m['absent_classes']))}")
     if m.get("transfer"):
         named = "named here" in m["transfer"][0]
         transfer = Table("model class", "data class", "recall on own data", "recall here",

@@ -41,13 +41,20 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[
         only = truth_only and average != "micro"
         p, r, f, _ = precision_recall_fscore_support(
             y_true, y_pred, average=average, zero_division=0,
-            labels=np.unique(y_true) if only else None)
+            labels=averaged_classes(y_true, y_pred, only))
         result[average] = {"precision": float(p), "recall": float(r), "f1": float(f)}
     kappa = float(cohen_kappa_score(y_true, y_pred, labels=labels))
     result["cohen_kappa"] = None if np.isnan(kappa) else kappa  # NaN: one class; JSON: null
     result["ece"] = expected_calibration_error(probs, y_true, y_pred=y_pred)
     result["interval"] = bootstrap_intervals(y_true, y_pred, len(classes), truth_only)
     return result
+
+
+def averaged_classes(y_true: np.ndarray, y_pred: np.ndarray, truth_only: bool = False
+                     ) -> np.ndarray:
+    """The class indices the macro averages cover: those in the truth or the predictions
+    (scikit-learn's convention), or with `truth_only` those in the truth alone."""
+    return np.unique(y_true) if truth_only else np.union1d(y_true, y_pred)
 
 
 def bootstrap_intervals(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int,
@@ -114,11 +121,16 @@ def interval_text(metrics: dict, name: str) -> str:
     return f" ({interval['confidence']:.0%} CI {low:.3f}-{high:.3f})"
 
 
-def per_class_table(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> pd.DataFrame:
-    """Precision, recall, F1 and support of every class."""
-    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=np.arange(len(classes)),
+def per_class_table(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str],
+                    truth_only: bool = False) -> pd.DataFrame:
+    """Precision, recall, F1 and support of each class the macro averages cover (see
+    `averaged_classes`): a class left out of them is left out here too, not listed with
+    an F1 of 0 it was never scored on."""
+    labels = averaged_classes(y_true, y_pred, truth_only)
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels,
                                                  zero_division=0)
-    return pd.DataFrame({"class": classes, "precision": p, "recall": r, "f1": f, "support": s})
+    return pd.DataFrame({"class": [classes[i] for i in labels], "precision": p, "recall": r,
+                         "f1": f, "support": s.astype(int)})
 
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:

@@ -28,6 +28,7 @@ from wingspan.evaluate.calibration import (
 )
 from wingspan.evaluate.hierarchy import hierarchical_metrics, level_table, truth_indices
 from wingspan.evaluate.metrics import (
+    averaged_classes,
     classification_metrics,
     confusion,
     interval_text,
@@ -141,8 +142,11 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     if predictor.unknown is not None:
         named = np.array([p.known_level == predictor.level for p in read])
         metrics["answers"] = _answers(predictor, read, named, y, y_pred)
-    table = per_class_table(y, y_pred, classes)
+    table = per_class_table(y, y_pred, classes, truth_only)
     _write_csv(table, out_dir / "per_class.csv", index=False)
+    # The model's classes the macro averages and that table leave out: no image of them
+    # here (and on the run's own data, none predicted either).
+    metrics["absent_classes"] = [c for c in classes if c not in set(table["class"])]
     cm = confusion(y, y_pred, len(classes))
     _write_csv(pd.DataFrame(cm, index=classes, columns=classes), out_dir / "confusion.csv")
     confused = most_confused(cm, classes)
@@ -175,7 +179,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
             "records")
     if unknown is not None:
         metrics["unknown"] = _openset(predictor, unknown, unknown_paths, read, y, y_pred,
-                                      np.unique(y) if truth_only else np.union1d(y, y_pred),
+                                      averaged_classes(y, y_pred, truth_only),
                                       out_dir, progress, tta)
     write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
 
@@ -457,8 +461,8 @@ def _transfer(predictor: Predictor, run_dir: Path | None, class_map: dict[str, s
         {"model class": ours, "data class": theirs,
          "recall on own data": float(np.mean(home[ours])) if home.get(ours) else np.nan,
          # None of its images here: no recall to compare (not a recall of 0)
-         "recall here": recall_here[ours] if support_here[ours] else np.nan,
-         "images here": int(support_here[ours])}
+         "recall here": recall_here[ours] if support_here.get(ours) else np.nan,
+         "images here": int(support_here.get(ours, 0))}
         for ours, theirs in class_map.items()])
     frame["drop"] = frame["recall on own data"] - frame["recall here"]
     if named is not None:
@@ -671,6 +675,7 @@ def _report(out_dir, name, predictor, run_dir, dataset, level, split, metrics, t
                  + (f": {', '.join(metrics['unknown_classes'][:8])}"
                     if metrics["unknown_classes"] else "")
                  if metrics["unknown_classes"] else "none"),
+                *absent_rows(metrics.get("absent_classes")),
                 *answer_rows(metrics.get("answers")),
                 ("inference speed", f"{metrics['images_per_second']} images/s on "
                  f"{metrics['engine']}")]
@@ -713,6 +718,16 @@ def _report(out_dir, name, predictor, run_dir, dataset, level, split, metrics, t
                          "unknown": _unknown_section(metrics.get("unknown"),
                                                      metrics["split"]),
                          "unknown_png": pngs.get("unknown")})
+
+
+def absent_rows(absent: list[str] | None) -> list[tuple[str, str]]:
+    """The model's classes left out of the per-class table and the macro averages, as a
+    (label, value) row for the report (none when every class is there)."""
+    if not absent:
+        return []
+    return [("the model's classes without images here (left out of the per-class table "
+             "and the macro averages)", f"{len(absent)}: {', '.join(absent[:8])}"
+             + (f" and {len(absent) - 8} more" if len(absent) > 8 else ""))]
 
 
 def answer_rows(a: dict | None) -> list[tuple[str, str]]:
