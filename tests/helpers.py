@@ -1,4 +1,4 @@
-"""Small image-writing helpers for tests."""
+"""Small helpers for tests: writing images, and stopping a training run part-way."""
 
 from __future__ import annotations
 
@@ -47,3 +47,19 @@ def wait_for_finetune_epochs(proc, run_dir: Path, epochs: int, timeout: float = 
             return
         time.sleep(0.02)
     assert proc.poll() is None, proc.communicate()[1].decode()[-3000:]
+
+
+def kill_at_first_finetune_row(monkeypatch) -> None:
+    """Make training raise KeyboardInterrupt (a Ctrl-C) when the first fine-tuning epoch's
+    history row is about to be written: after that epoch's best.pt, before its last.pt.
+    Call monkeypatch.undo() once the killed run is done."""
+    from wingspan.training.context import Run
+
+    add_history = Run.add_history
+
+    def killed(run, row):
+        if row["stage"] == "finetune":
+            raise KeyboardInterrupt
+        add_history(run, row)
+
+    monkeypatch.setattr(Run, "add_history", killed)

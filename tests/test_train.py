@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from helpers import wait_for_finetune_epochs
+from helpers import kill_at_first_finetune_row, wait_for_finetune_epochs
 from PIL import Image
 
 from wingspan.config import TrainConfig
@@ -368,17 +368,8 @@ def test_a_kill_after_an_image_broke_mid_epoch_resumes_alike(demo_dir, tmp_path,
 
 
 def test_resuming_without_every_image_of_a_class_says_which(demo_dir, tmp_path, monkeypatch):
-    from wingspan.training.context import Run
-
     data = shutil.copytree(demo_dir, tmp_path / "data")
-    add_history = Run.add_history
-
-    def killed_at_finetuning(run, row):
-        if row["stage"] == "finetune":
-            raise KeyboardInterrupt
-        add_history(run, row)
-
-    monkeypatch.setattr(Run, "add_history", killed_at_finetuning)
+    kill_at_first_finetune_row(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train(read_dataset(data), tiny(tmp_path), tmp_path / "runs", "r", quiet=True)
     monkeypatch.undo()
@@ -428,19 +419,10 @@ def test_a_kill_between_the_best_and_the_last_checkpoint_resumes_alike(demo_dir,
     """Killed once the first fine-tuned epoch has become best.pt, before the checkpoint
     after it: the resumed run fine-tunes from the best head again, not from best.pt (which
     by then holds the fine-tuned weights). The race the distributed resume test once hit."""
-    from wingspan.training.context import Run
-
     config = tiny(tmp_path, dropout=0.0, epochs_finetune=12, lr=3e-2, precision="fp32",
                   runtime="torch")
     ref = train(read_dataset(demo_dir), config, tmp_path / "ref", quiet=True)
-    add_history = Run.add_history
-
-    def killed(run, row):
-        if row["stage"] == "finetune":
-            raise KeyboardInterrupt
-        add_history(run, row)
-
-    monkeypatch.setattr(Run, "add_history", killed)
+    kill_at_first_finetune_row(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train(read_dataset(demo_dir), config, tmp_path / "killed", "r", quiet=True)
     monkeypatch.undo()
