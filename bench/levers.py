@@ -137,10 +137,13 @@ def ensure_run(runs: Path, data_dir: Path, target: str, seed: int, settings: dic
         return run
     data = str(data_dir / DATA[target])
     # The settings go in a config file: some (finetune_lr_scale, layer_decay) have no flag.
+    # The baseline has none, and trains on the defaults without one.
     runs.mkdir(parents=True, exist_ok=True)
-    settings_file = runs / f"{run.name}.yaml"
-    settings_file.write_text(yaml.safe_dump(settings))
-    flags = ["--config", str(settings_file)] if settings else []
+    flags = []
+    if settings:
+        settings_file = runs / f"{run.name}.yaml"
+        settings_file.write_text(yaml.safe_dump(settings))
+        flags = ["--config", str(settings_file)]
     cmd = ([sys.executable, __file__, "--train-patched", patch, data] if patch else
            [sys.executable, "-m", "wingspan", "train", data])
     cmd += ["--runs-dir", str(runs), "--name", run.name, "--seed", str(seed), "--quiet", *flags]

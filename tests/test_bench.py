@@ -142,3 +142,24 @@ def test_augment_cost_times_every_step_of_each_policy():
     assert "'light' at 64 px" in out and "'standard' at 64 px" in out
     assert "ColorJitter(brightness, contrast, saturation, hue)" in out  # standard's parts
     assert "RandomRotation" in out and "Normalize" in out
+
+
+def test_levers_baseline_run_takes_no_config_file(tmp_path, monkeypatch):
+    """A lever with no settings (the baseline) trains on the defaults: no `--config`, and
+    no empty `{}` YAML file beside the runs; a lever with settings gets both."""
+    import yaml
+
+    levers = _levers()
+    commands = []
+
+    def fake_run(cmd, **kwargs):
+        commands.append(cmd)
+        (tmp_path / "runs" / cmd[cmd.index("--name") + 1]).mkdir(parents=True)
+
+    monkeypatch.setattr(levers.subprocess, "run", fake_run)
+    levers.ensure_run(tmp_path / "runs", tmp_path, "inat", 0, {})
+    assert "--config" not in commands[-1]
+    assert list((tmp_path / "runs").glob("*.yaml")) == []
+    levers.ensure_run(tmp_path / "runs", tmp_path, "inat", 0, {"layer_decay": 0.7})
+    config = Path(commands[-1][commands[-1].index("--config") + 1])
+    assert yaml.safe_load(config.read_text()) == {"layer_decay": 0.7}
