@@ -1,4 +1,5 @@
 import json
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -52,9 +53,12 @@ def test_metrics_on_hand_made_predictions():
     assert table["class"].tolist() == ["a", "b", "c"] and table["support"].tolist() == [2, 2, 2]
     assert table["f1"].round(4).tolist() == [0.5, 0.8, 0.6667]
     assert m["macro"]["f1"] == pytest.approx(table["f1"].mean())
-    # One class everywhere: no kappa to give, and null (not NaN) in metrics.json.
-    one = classification_metrics(np.zeros(4, int), probs_for(np.zeros(4, int),
-                                                             np.zeros(4, int), 2), ["a", "b"])
+    # One class everywhere: no kappa to give, and null (not NaN) in metrics.json, without
+    # scikit-learn's warning on the user's terminal ("-" in the summary says it).
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        one = classification_metrics(np.zeros(4, int), probs_for(np.zeros(4, int),
+                                                                 np.zeros(4, int), 2), ["a", "b"])
     assert one["cohen_kappa"] is None and json.dumps(one, allow_nan=False)
     # Over the classes of y_true (truth_only), micro still counts every mistake.
     mapped = classification_metrics(y, probs_for(np.array([0, 3, 1, 1, 2, 2]), y, 4),

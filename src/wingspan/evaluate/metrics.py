@@ -3,6 +3,8 @@ intervals."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 from scipy.stats import bootstrap
@@ -13,6 +15,7 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
     top_k_accuracy_score,
 )
+from sklearn.exceptions import UndefinedMetricWarning
 
 from wingspan.evaluate.calibration import expected_calibration_error
 
@@ -43,7 +46,10 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[
             y_true, y_pred, average=average, zero_division=0,
             labels=averaged_classes(y_true, y_pred, only))
         result[average] = {"precision": float(p), "recall": float(r), "f1": float(f)}
-    kappa = float(cohen_kappa_score(y_true, y_pred, labels=labels))
+    with warnings.catch_warnings():  # one class in truth and predictions: no kappa, and
+        # "-" in the summary says so (scikit-learn's warning would only repeat it)
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        kappa = float(cohen_kappa_score(y_true, y_pred, labels=labels))
     result["cohen_kappa"] = None if np.isnan(kappa) else kappa  # NaN: one class; JSON: null
     result["ece"] = expected_calibration_error(probs, y_true, y_pred=y_pred)
     result["interval"] = bootstrap_intervals(y_true, y_pred, len(classes), truth_only)
