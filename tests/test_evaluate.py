@@ -653,3 +653,26 @@ def test_unknown_images_may_sit_under_a_known_genus_but_not_a_known_species(tmp_
     with pytest.raises(WingspanError, match="also among the images of known classes"):
         _check_unseen([str(tmp_path / "new" / "x.jpg")], [str(tmp_path / "new" / "x.jpg")],
                       model)
+
+
+def test_unreadable_unknown_images_are_said_beside_the_figures(trained, tmp_path, run_cli):
+    """`evaluate --unknown DIR` with broken files in DIR: the summary and the report say
+    that part of the folder was not scored, not metrics.json alone."""
+    from helpers import write_image
+
+    unseen = tmp_path / "moths"
+    for i in range(3):
+        write_image(unseen / f"moth_{i}.jpg", size=(40, 40), seed=i)
+    (unseen / "broken.jpg").write_bytes(b"not a jpeg")
+    code, stdout, err = run_cli("evaluate", trained, "--unknown", unseen, "--out",
+                                tmp_path / "ev", "--quiet")
+    assert code == 0, err
+    u = json.loads((tmp_path / "ev" / "metrics.json").read_text())["unknown"]
+    assert u["unseen_images"] == 3 and [p for p, _ in u["unreadable"]] == [
+        str(unseen / "broken.jpg")]
+    said = " ".join(stdout.split())
+    assert "1 of the --unknown images could not be read and were not scored" in said
+    assert "broken.jpg" in said
+    page = " ".join((tmp_path / "ev" / "report.html").read_text().split())
+    assert re.search(r"unreadable images of unseen classes \(not scored\)</t[dh]>\s*<td[^>]*>1<",
+                     page), page[page.find("unseen classes"):][:300]

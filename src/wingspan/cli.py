@@ -626,6 +626,10 @@ def _print_unknown(u: dict) -> None:
               f"{u['known_turned_away']:.1%} of known ones; known macro-F1{branch} "
               f"{u['known_macro_f1']:.4f} -> {u['known_macro_f1_with_unknown']:.4f}, open-set "
               f"macro-F1 {u['open_macro_f1_without_unknown']:.4f} -> {u['open_macro_f1']:.4f}")
+    if u.get("unreadable"):  # not scored: the figures above are of the rest
+        out.print(f"[yellow]{len(u['unreadable'])} of the --unknown images could not be read[/]"
+                  f" and were not scored, e.g. {_q(u['unreadable'][0][0])}: "
+                  f"{escape(u['unreadable'][0][1])} (all in metrics.json)")
 
 
 def _pairs(items: list[str], option: str) -> dict[str, str]:

@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pandas as pd
 from scipy.stats import bootstrap
+from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import (
     accuracy_score,
     cohen_kappa_score,
@@ -15,7 +16,6 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
     top_k_accuracy_score,
 )
-from sklearn.exceptions import UndefinedMetricWarning
 
 from wingspan.evaluate.calibration import expected_calibration_error
 

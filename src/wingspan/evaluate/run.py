@@ -767,6 +767,7 @@ def _unknown_section(u: dict | None, split: str) -> dict | None:
         ("score (threshold)", f"{u['score']} ({limits} turns away {u['rate']:.0%} of known "
                               "val images)"),
         ("images of unseen classes", u["unseen_images"]),
+        ("unreadable images of unseen classes (not scored)", len(u.get("unreadable", []))),
         ("AUROC / FPR at 95% TPR", f"{u['auroc']:.4f} / {u['fpr95']:.4f}"),
         (f"unseen images {away}", f"{u['unseen_flagged']:.1%}"),
         (f"known images {away}", f"{u['known_turned_away']:.1%}"),

@@ -167,7 +167,9 @@ def _score_held_out(run_dir: Path, run: Run) -> Path:
     run.log(f"Held-out classes as unknowns ({u['unseen_images']} images, score '{u['score']}'): "
             f"AUROC {u['auroc']:.3f}, FPR95 {u['fpr95']:.3f}; {u['unseen_flagged']:.1%} "
             f"answered unknown, {u['known_turned_away']:.1%} of known {result.metrics['split']} "
-            f"images; report {result.report}")
+            f"images; report {result.report}"
+            + (f" ({len(u['unreadable'])} of their images could not be read and were not "
+               "scored: listed in metrics.json)" if u.get("unreadable") else ""))
     return run_dir
 
 
