@@ -89,6 +89,18 @@ def test_fixed_splits_follow_symlinks_and_refuse_a_file_on_two_sides(tmp_path):
     assert torn.kind == "conflicting_splits" and torn.path.endswith("a_1.jpg")
 
 
+def test_class_folders_are_stripped_as_csv_labels_are(tmp_path):
+    """A folder 'monarch ' beside 'monarch' is the one class, said, not a second class."""
+    folder_dataset(tmp_path, {"monarch": 2, "admiral": 2})
+    write_image(tmp_path / "monarch " / "m.jpg", seed=9)
+    ds = read_dataset(tmp_path)
+    assert ds.class_counts().to_dict() == {"monarch": 3, "admiral": 2}
+    (said,) = ds.problems
+    assert said.kind == "label_stripped" and said.path == str(tmp_path / "monarch ")
+    assert "class folder 'monarch ' has spaces at its ends; read as the class 'monarch'" in (
+        said.message)
+
+
 def test_csv_labels_are_stripped(tmp_path):
     folder_dataset(tmp_path, {"x": 3})
     (tmp_path / "labels.csv").write_text(
@@ -96,6 +108,9 @@ def test_csv_labels_are_stripped(tmp_path):
     ds = read_dataset(tmp_path / "labels.csv")
     assert ds.class_counts().to_dict() == {"monarch": 3}
     assert set(ds.table["family"]) == {"F1"}
+    # Said, once per row changed (train.log sums them up in one line).
+    assert [(p.kind, p.path) for p in ds.problems] == [("label_stripped", "x/x_0.jpg"),
+                                                       ("label_stripped", "x/x_1.jpg")]
     # A spreadsheet's empty cell written as NaN is kept as it says, and said.
     (tmp_path / "labels.csv").write_text("path,label\nx/x_0.jpg,monarch\nx/x_1.jpg,NaN\n")
     ds = read_dataset(tmp_path / "labels.csv")

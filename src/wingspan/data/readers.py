@@ -220,7 +220,12 @@ def _class_folders(root: Path, config: ReadConfig, problems: list[Problem]
     for class_dir in _top_folders(root, problems):
         found = images_under(class_dir, problems)
         paths += found
-        labels += [nfc(class_dir.name)] * len(found)
+        label = nfc(class_dir.name.strip())  # as a CSV's labels: "monarch " is "monarch"
+        if label != nfc(class_dir.name) and found:
+            problems.append(Problem("label_stripped", f"class folder '{class_dir.name}' has "
+                                    f"spaces at its ends; read as the class '{label}'",
+                                    str(class_dir)))
+        labels += [label] * len(found)
         if not found:
             problems.append(Problem(
                 "empty_class", f"class folder '{class_dir.name}' has no images; the class is "
@@ -333,8 +338,13 @@ def read_csv_table(csv_path: Path, config: ReadConfig) -> Dataset:
         _check_split_values(raw, csv_path)
     problems: list[Problem] = []
     # " monarch" and "monarch " are the class "monarch", not two more; one Unicode spelling.
-    raw = raw.assign(**{c: raw[c].str.strip().map(nfc) for c in raw.columns
-                        if c not in (PATH, SPLIT, GROUP)})
+    names = [c for c in raw.columns if c not in (PATH, SPLIT, GROUP)]
+    stripped = raw.assign(**{c: raw[c].str.strip().map(nfc) for c in names})
+    padded = np.logical_or.reduce([stripped[c] != raw[c].map(nfc) for c in names])
+    problems += [Problem("label_stripped", f"label {'/'.join(values)!r} has spaces at its "
+                         "ends; read without them", path)
+                 for path, *values in raw.loc[padded, [PATH, *names]].itertuples(index=False)]
+    raw = stripped
     unlabelled = raw[LABEL] == ""
     problems += [Problem("no_label", "row has an empty label; skipped", p)
                  for p in raw.loc[unlabelled, PATH]]

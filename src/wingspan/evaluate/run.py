@@ -244,7 +244,8 @@ def _check_unseen(unknown_paths: list[str], known_paths, predictor: Predictor) -
     after one of the model's classes (DATA given as --unknown, say), would count a right
     answer against the unknown answer's figures."""
     # The finest level only: an unseen species is rightly filed under a known genus.
-    named = sorted({nfc(Path(p).parent.name) for p in unknown_paths} & set(predictor.classes))
+    named = sorted({nfc(Path(p).parent.name.strip()) for p in unknown_paths}
+                   & set(predictor.classes))
     if named:
         raise WingspanError(f"The --unknown images include folders named after classes the "
                             f"model knows: {', '.join(named[:5])}"
