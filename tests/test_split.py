@@ -39,6 +39,18 @@ def test_grouped_stratified_split_has_no_leak_and_every_class_everywhere():
         assert (share - overall).abs().max() < 0.06
 
 
+@pytest.mark.parametrize(("val", "test"), [(0.4, 0.0), (0.7, 0.0), (0.5, 0.3), (0.2, 0.4),
+                                          (0.15, 0.15)])
+def test_the_split_makes_the_fractions_asked_not_one_fold_of_round_1_over_them(val, test):
+    """One fold of round(1 / fraction) made 0.5 of 0.4 and of 0.7, and 0.33 of a val of 0.5
+    after a test of 0.3 (train 0.33 in place of 0.2)."""
+    ds = synthetic({"a": 50, "b": 50, "c": 50}, per_group=1)
+    result, report = split_dataset(ds, config=SplitConfig(val_fraction=val, test_fraction=test))
+    assert leaked_groups(result.table) == []
+    for split, asked in (("val", val), ("test", test), ("train", 1 - val - test)):
+        assert report.fractions[split] == pytest.approx(asked, abs=0.02), split
+
+
 def test_split_is_deterministic_for_a_seed():
     ds = synthetic({"a": 30, "b": 20})
     first = split_dataset(ds, config=SplitConfig(seed=3))[0].table["split"]

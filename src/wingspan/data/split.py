@@ -6,6 +6,7 @@ import json
 import os
 import warnings
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -105,17 +106,32 @@ def _take_fold(labels: np.ndarray, groups: np.ndarray, pool: np.ndarray, fractio
     # So does it with few groups (independent images): 6 groups make 6 folds at most.
     largest = np.unique(labels[idx], return_counts=True)[1].max() if len(idx) else 0
     n_groups = len(np.unique(groups[idx]))
-    n_splits = max(2, min(round(1 / fraction), largest, n_groups))
-    if n_groups < n_splits:
+    if n_groups < 2:
         raise WingspanError(
             f"Too few independent images (groups) to split: {n_groups} left to divide.",
             hint="Add images, make fewer splits (--val 0 or --test 0), or group less "
                  "(--group-regex).")
+    n_splits, taken = _fold_share(fraction, max(2, min(largest, n_groups)))
     folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     with warnings.catch_warnings():  # rare classes missing from a fold are reported by us
         warnings.filterwarnings("ignore", "The least populated class", UserWarning)
-        _, fold = next(folds.split(idx, labels[idx], groups[idx]))
-    return idx[fold]
+        chosen = [fold for _, fold in islice(folds.split(idx, labels[idx], groups[idx]), taken)]
+    return idx[np.sort(np.concatenate(chosen))]
+
+
+def _fold_share(fraction: float, most: int) -> tuple[int, int]:
+    """(folds, folds taken) whose share is nearest `fraction`, with at most `most` folds
+    (or 1 / fraction, for a small fraction). One fold of round(1 / fraction) gave 0.5 for
+    0.4 and for 0.7 (a val of 0.5 after a test of 0.3 took a third): several folds of a
+    few are taken where one is far off. The fewest folds win a tie, so the usual fractions
+    (0.15, 0.2, 0.25) are one fold, as before."""
+    limit = min(most, max(10, round(1 / fraction)))
+    options = [(abs(round(fraction * k) / k - fraction), k, round(fraction * k))
+               for k in range(2, limit + 1) if 0 < round(fraction * k) < k]
+    if not options:  # a share under 1 / limit: the smallest fold there is
+        return limit, 1
+    _, k, m = min(options)
+    return k, m
 
 
 def write_splits(dataset: Dataset, path: str | os.PathLike, relative: bool = True) -> None:
