@@ -161,3 +161,28 @@ def test_an_audit_stopped_midway_leaves_the_previous_audit_whole(tmp_path, monke
     audit.audit_dataset(read_dataset(tmp_path / "data"), out, config=config, progress=False)
     after = {p.name: p.read_bytes() for p in out.iterdir()}
     assert set(after) == set(before) and b"new.jpg" in after["audit.csv"]
+
+
+def test_audit_reads_images_by_trains_rules_strict_and_max_pixels(tmp_path, run_cli,
+                                                                   monkeypatch):
+    """`data audit` takes --strict and --max-pixels as train does, and says how many images
+    it could not read (not only in audit.html)."""
+    from helpers import folder_dataset, write_image
+
+    folder_dataset(tmp_path / "data", {"monarch": 3, "admiral": 3})
+    (tmp_path / "data" / "admiral" / "broken.jpg").write_bytes(b"not a picture")
+    write_image(tmp_path / "data" / "monarch" / "large.png", size=(800, 800))
+    args = ("data", "audit", tmp_path / "data", "--backbone", "test_efficientnet",
+            "--weights", "none", "--folds", "2", "--out", tmp_path / "out", "--quiet")
+    code, stdout, err = run_cli(*args)
+    assert code == 0, err
+    assert "1 images could not be read and were not audited" in " ".join(stdout.split())
+    code, _, err = run_cli(*args, "--strict")
+    assert code == 2 and "1 images cannot be read (--strict)" in err and "broken.jpg" in err
+    # A PNG over the pixel budget is refused, as train refuses it. (The option sets
+    # $WINGSPAN_MAX_PIXELS for the process: setenv first, so that the test puts it back.)
+    monkeypatch.setenv("WINGSPAN_MAX_PIXELS", "50000000")
+    code, stdout, err = run_cli(*args, "--max-pixels", "200000")
+    assert code == 0, err
+    said = " ".join(stdout.split())
+    assert "2 images could not be read and were not audited" in said

@@ -298,8 +298,8 @@ def data_audit(
     cache: Annotated[bool, typer.Option(
         help="Keep each image's features in the cache folder, so that the next audit "
         "computes only new or edited images.")] = AuditConfig.cache,
-    format: Format = None, group_regex: GroupRegex = None, out_dir: OutDir = None,
-    quiet: Quiet = False,
+    format: Format = None, group_regex: GroupRegex = None, strict: Strict = False,
+    max_pixels: MaxPixels = None, out_dir: OutDir = None, quiet: Quiet = False,
 ) -> None:
     """Find likely label errors (confident learning on out-of-fold probabilities, with
     cleanlab) and near-duplicate images within and across splits.
@@ -313,9 +313,9 @@ def data_audit(
     config = _config(ctx, AuditConfig, backbone=backbone, weights=weights, folds=folds,
                      duplicate_similarity=duplicate_similarity, gallery=gallery,
                      device=device, cache=cache)
-    dataset = _read(data, format, group_regex, strict=False)
+    dataset = _read(data, format, group_regex, strict=strict)
     result = audit_dataset(dataset, out_dir or dataset.out_dir, level, config,
-                           progress=not quiet)
+                           progress=not quiet, strict=strict)
     issues, dups = result.issues, result.duplicates
     table = Table("rank", "image", "label", "looks like", "label quality",
                   title=f"Most suspect labels ({int(issues['flagged'].sum())} of {len(issues)} "
@@ -335,6 +335,11 @@ def data_audit(
               f"perceptual hashes within {config.hash_distance} bits), "
               f"{int(dups['across_splits'].sum())} across splits, "
               f"{int(dups['labels_differ'].sum())} with different labels")
+    if result.unreadable:  # left out of both searches
+        path, why = next(iter(result.unreadable.items()))
+        out.print(f"[yellow]{len(result.unreadable)} images could not be read[/] and were not "
+                  f"audited, e.g. {_q(path)}: {escape(why)} (all in audit.html; --strict "
+                  "stops at them)")
     out.print(f"Wrote {_q(result.csv)}, {_q(result.duplicates_csv)} and {_q(result.html)}")
 
 

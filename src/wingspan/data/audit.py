@@ -45,10 +45,14 @@ class AuditResult:
     # Classes of one image: no other of their class to learn from out of fold, so their
     # labels are not checked (their images are in the duplicate search all the same).
     single_image_classes: list[str] = dataclasses.field(default_factory=list)
+    unreadable: dict[str, str] = dataclasses.field(default_factory=dict)  # path: why
 
 
 def audit_dataset(dataset: Dataset, out_dir: str | Path, level: str | None = None,
-                  config: AuditConfig | None = None, progress: bool = True) -> AuditResult:
+                  config: AuditConfig | None = None, progress: bool = True,
+                  strict: bool = False) -> AuditResult:
+    """`strict`: an image that cannot be read stops the audit (as `train --strict`), else
+    it is left out and listed."""
     config = config or AuditConfig()
     level = dataset.resolve_level(level)
     table = dataset.table[dataset.table[level] != ""]
@@ -61,6 +65,11 @@ def audit_dataset(dataset: Dataset, out_dir: str | Path, level: str | None = Non
                             f"found {len(counts)}.")
     features, hashes, backbone, failed = image_features(table[PATH].tolist(), config,
                                                         progress)
+    if strict and failed:
+        path, why = next(iter(failed.items()))
+        raise WingspanError(f"{len(failed)} images cannot be read (--strict), e.g. {path}: "
+                            f"{why}", hint="Fix or remove them, or leave --strict out to "
+                            "audit the rest (the unreadable ones are listed).")
     ok = np.array([p not in failed for p in table[PATH]])
     table, features, hashes = table[ok].reset_index(drop=True), features[ok], hashes[ok]
     if table[level].nunique() < 2:
@@ -91,7 +100,7 @@ def audit_dataset(dataset: Dataset, out_dir: str | Path, level: str | None = Non
         issues.to_csv(csv_tmp, index=False)
         duplicates.to_csv(dup_tmp, index=False)
         page_tmp.write_text(page, encoding="utf-8")
-    return AuditResult(issues, duplicates, *paths, backbone, alone)
+    return AuditResult(issues, duplicates, *paths, backbone, alone, failed)
 
 
 def fold_count(labels: pd.Series, config: AuditConfig) -> int:
