@@ -13,7 +13,7 @@ from test_train import tiny
 
 from wingspan.data import read_dataset
 from wingspan.errors import WingspanError
-from wingspan.evaluate.run import calibrate, evaluate
+from wingspan.evaluate.run import MIN_CALIBRATION_IMAGES, calibrate, evaluate
 from wingspan.inference import Predictor
 from wingspan.models.bundle import read_manifest
 from wingspan.predict import predict, write_predictions
@@ -465,8 +465,9 @@ def test_evaluate_other_data_with_a_class_map_shows_the_drop_per_class(trained, 
         trained / "evaluation-other-all" / "report.html").read_text()
     # calibrate on photos without a split fits on all of them.
     shutil.copytree(trained, tmp_path / "copy")
-    fitted = calibrate(tmp_path / "copy", tmp_path / "other", progress=False, workers=0)
-    assert fitted["images"] == plain["images"]
+    if plain["images"] >= MIN_CALIBRATION_IMAGES:  # the Leeds photos (the demo's are few)
+        fitted = calibrate(tmp_path / "copy", tmp_path / "other", progress=False, workers=0)
+        assert fitted["images"] == plain["images"]
     # A split the data does not have is named, with those it has.
     code, _, err = run_cli("evaluate", trained, "--split", "validation")
     assert code == 2 and "no 'validation' split" in err and "It has: test, train, val" in err
@@ -676,3 +677,37 @@ def test_unreadable_unknown_images_are_said_beside_the_figures(trained, tmp_path
     page = " ".join((tmp_path / "ev" / "report.html").read_text().split())
     assert re.search(r"unreadable images of unseen classes \(not scored\)</t[dh]>\s*<td[^>]*>1<",
                      page), page[page.find("unseen classes"):][:300]
+
+
+def test_calibrate_refuses_a_handful_of_images_and_keeps_the_temperature(trained, tmp_path,
+                                                                          run_cli):
+    """A temperature fitted on 1 image (or 3) says little: refused with the minimum said,
+    and the model keeps the one it has."""
+    split = pd.read_csv(trained / "splits.csv")
+    label, rows = next(iter(split[split["split"] == "test"].groupby("label")))
+    for i, path in enumerate(rows["path"].head(3)):
+        (tmp_path / "few" / label).mkdir(parents=True, exist_ok=True)
+        shutil.copy(trained / path if not Path(path).is_absolute() else path,
+                    tmp_path / "few" / label / f"{i}.jpg")
+    before = read_manifest(trained / "model")["calibration"]
+    code, _, err = run_cli("calibrate", trained, tmp_path / "few", "--quiet")
+    said = " ".join(err.split())
+    n = min(3, len(rows))
+    assert code == 2 and (f"Only {n} image{'s' if n > 1 else ''} of the model's classes in the "
+                          "'all' split") in said
+    assert f"fewer than {MIN_CALIBRATION_IMAGES} says little" in said
+    assert f"The model keeps its temperature ({before['temperature']:.3f}" in said
+    assert read_manifest(trained / "model")["calibration"] == before
+
+
+def test_the_note_on_a_temperature_fitted_on_the_evaluated_images_covers_all_of_them():
+    """Fitted on all of DATA, evaluated on its test split (or the other way round): the
+    temperature saw the images evaluated, and the report's note says so."""
+    from wingspan.evaluate.run import _among_evaluated
+
+    assert _among_evaluated("val", "val") and _among_evaluated("all", "test")
+    assert _among_evaluated("val", "all") and not _among_evaluated("val", "test")
+    assert _among_evaluated("all of /d", "test of /d") and _among_evaluated("test of /d",
+                                                                            "all of /d")
+    assert not _among_evaluated("all of /d", "test of /e")
+    assert not _among_evaluated("all of /d", "test") and not _among_evaluated(None, "val")
