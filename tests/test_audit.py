@@ -186,3 +186,42 @@ def test_audit_reads_images_by_trains_rules_strict_and_max_pixels(tmp_path, run_
     assert code == 0, err
     said = " ".join(stdout.split())
     assert "2 images could not be read and were not audited" in said
+
+
+def test_an_audit_with_a_runs_weights_sees_images_as_the_run_was_trained(tmp_path, run_cli,
+                                                                         monkeypatch):
+    """`data audit --weights RUN` reads images at the run's --image-size (its bundle's
+    preprocessing), not the backbone's default; the same weights at two sizes are kept
+    apart in the feature cache."""
+    from safetensors.torch import load_file, save_file
+
+    from wingspan.config import AuditConfig, TrainConfig
+    from wingspan.data import audit, read_dataset
+    from wingspan.training import train
+
+    demo = generate_demo(tmp_path / "demo", DemoConfig(image_size=48,
+                                                       images_per_class=(8, 8, 8)))
+    run = train(read_dataset(demo), TrainConfig(
+        backbone="test_efficientnet", weights="none", image_size=32, epochs_head=1,
+        epochs_finetune=0, batch_size=8, feature_views=1, workers=0,
+        cache_dir=str(tmp_path / "cache"), val_fraction=0.25, test_fraction=0.0),
+        tmp_path / "runs", "small", quiet=True)
+    sizes = []  # (input size, images decoded) of each audit's feature pass
+    monkeypatch.setattr(audit._Decoded, "__len__", lambda self: sizes.append(
+        (self.size, len(self.paths))) or len(self.paths))
+    code, _, err = run_cli("data", "audit", demo, "--weights", run, "--folds", "2",
+                           "--out", tmp_path / "a", "--quiet")
+    assert code == 0, err
+    assert sizes and {s for s, _ in sizes} == {32}, sizes  # test_efficientnet's own is 160
+    # The same backbone as a plain weights file: no run to say its size, so the
+    # backbone's default, computed anew (not the 32-pixel features under the same weights).
+    plain = tmp_path / "backbone.safetensors"
+    save_file({k.removeprefix("backbone.net."): v for k, v in
+               load_file(run / "model" / "model.safetensors").items()
+               if k.startswith("backbone.net.")}, plain)
+    images = len(list(demo.rglob("*.jpg")))
+    for weights, size in ((plain, 160), (run, None)):  # None: all kept from the first audit
+        sizes.clear()
+        audit.audit_dataset(read_dataset(demo), tmp_path / "b", progress=False,
+                            config=AuditConfig("test_efficientnet", str(weights), folds=2))
+        assert set(sizes) == ({(size, images)} if size else set()), (weights, sizes)

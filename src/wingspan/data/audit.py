@@ -21,6 +21,7 @@ import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -32,6 +33,10 @@ from wingspan.data.samples import PATH, SPLIT, Dataset
 from wingspan.errors import WingspanError
 from wingspan.files import FileArrays, atomic_paths
 from wingspan.progress import track
+
+if TYPE_CHECKING:
+    from wingspan.models.classifier import Classifier, Preprocessing
+    from wingspan.models.weights import LoadedWeights
 
 
 @dataclass
@@ -145,12 +150,13 @@ def image_features(paths: list[str], config: AuditConfig, progress: bool
 
     name, _ = choose_backbone(config.backbone, config.weights)
     model, loaded = create_classifier(name, {"label": 2}, config.weights)
-    pre = model.preprocessing
+    pre = model.preprocessing = _preprocessing(model, loaded)
     # Random weights (--weights none) differ on every call: nothing to keep. (The engine's
     # precision is not in the key: bf16 and fp32 features differ far less than the audit's
-    # similarities and probabilities can tell apart.)
+    # similarities and probabilities can tell apart.) The preprocessing is: a run trained
+    # at 96 px and ImageNet's 224 px see other features in the same weights.
     made = (f"{name}|{_fingerprint(loaded.state_dict)}|{pre.input_size}|{pre.crop_pct}|"
-            f"{pre.interpolation}" if config.cache and loaded else "")
+            f"{pre.interpolation}|{pre.mean}|{pre.std}" if config.cache and loaded else "")
     # Each image's features, then its 64 hash bits, in one array.
     cache = FileArrays(default_cache_dir() / "audit-features" /
                        hashlib.sha1(made.encode()).hexdigest()[:16] if made else None, made)
@@ -183,6 +189,19 @@ def image_features(paths: list[str], config: AuditConfig, progress: bool
                     cache.put(entries[i], torch.cat([feature.cpu(), bit.float()]).numpy())
     return (torch.stack([k[0] for k in kept]), torch.stack([k[1] for k in kept]), name,
             failed)
+
+
+def _preprocessing(model: Classifier, loaded: LoadedWeights | None) -> Preprocessing:
+    """How the features' backbone wants its images: a wingspan run's or model's own (its
+    bundle's size, crop and normalisation, e.g. a run trained with --image-size 96), else
+    the backbone's default for its ImageNet weights."""
+    from wingspan.models.bundle import read_manifest
+    from wingspan.models.classifier import Preprocessing
+
+    if loaded is None or loaded.source != "wingspan-model":
+        return model.preprocessing
+    saved = read_manifest(loaded.location).get("preprocessing")
+    return Preprocessing.from_dict(saved) if saved else model.preprocessing
 
 
 def _split(saved: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor] | None:

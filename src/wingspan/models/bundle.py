@@ -185,8 +185,7 @@ def load_bundle(path: str | Path, with_unknown: bool = False):
     # there only), so a bundle saved again from this model keeps it.
     pre = manifest.get("preprocessing")
     if pre:
-        model.preprocessing = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v
-                                               for k, v in pre.items()})
+        model.preprocessing = Preprocessing.from_dict(pre)
     model.eval()
     if not with_unknown:
         return model, manifest

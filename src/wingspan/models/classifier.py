@@ -27,6 +27,11 @@ class Preprocessing:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, saved: dict) -> Preprocessing:
+        """As `to_dict` wrote it (JSON's lists back to tuples)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+
 
 def preprocessing_for(spec: BackboneSpec, net: nn.Module) -> Preprocessing:
     cfg = resolve_model_data_config(net)
