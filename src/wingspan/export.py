@@ -231,10 +231,7 @@ def _export_torchscript(deployable, spec: InputSpec, outputs, images, meta, out,
                         ) -> Path:
     """A traced TorchScript module (torch alone runs it), metadata in its extra files."""
     example = torch.zeros(2, spec.size, spec.size, 3, dtype=torch.uint8)
-    # torch deprecates TorchScript for torch.export, but torch.jit.load is still what C++
-    # and older Python deployments read; the issue asked for it by name.
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning)
+    with torch.no_grad(), _torchscript():
         traced = torch.jit.trace(deployable, example, strict=False)
     pixels, generated = _check_pixels(images, spec)
     with torch.no_grad():
@@ -242,8 +239,20 @@ def _export_torchscript(deployable, spec: InputSpec, outputs, images, meta, out,
     meta["checked"] = {**_compare(got, reference(pixels), outputs, deployable.unknown,
                                   "TorchScript export", len(pixels)), "generated": generated}
     buffer = io.BytesIO()
-    torch.jit.save(traced, buffer, _extra_files={"wingspan.json": json.dumps(meta)})
+    with _torchscript():
+        torch.jit.save(traced, buffer, _extra_files={"wingspan.json": json.dumps(meta)})
     return _write(out, buffer.getvalue(), meta)
+
+
+@contextlib.contextmanager
+def _torchscript():
+    """Without torch's FutureWarning that TorchScript is deprecated for torch.export (on
+    trace and on save): a C++ or mobile app loads a .pt with libtorch's torch::jit::load,
+    which a torch.export .pt2 does not replace, so the format is still offered, and the
+    user exporting can do nothing about the warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        yield
 
 
 def _write(out: Path, model: bytes, meta: dict) -> Path:
