@@ -176,16 +176,16 @@ def test_audit_reads_images_by_trains_rules_strict_and_max_pixels(tmp_path, run_
             "--weights", "none", "--folds", "2", "--out", tmp_path / "out", "--quiet")
     code, stdout, err = run_cli(*args)
     assert code == 0, err
-    assert "1 images could not be read and were not audited" in " ".join(stdout.split())
+    assert "Could not read 1 image, left out of the audit" in " ".join(stdout.split())
     code, _, err = run_cli(*args, "--strict")
-    assert code == 2 and "1 images cannot be read (--strict)" in err and "broken.jpg" in err
+    assert code == 2 and "1 image cannot be read (--strict)" in err and "broken.jpg" in err
     # A PNG over the pixel budget is refused, as train refuses it. (The option sets
     # $WINGSPAN_MAX_PIXELS for the process: setenv first, so that the test puts it back.)
     monkeypatch.setenv("WINGSPAN_MAX_PIXELS", "50000000")
     code, stdout, err = run_cli(*args, "--max-pixels", "200000")
     assert code == 0, err
     said = " ".join(stdout.split())
-    assert "2 images could not be read and were not audited" in said
+    assert "Could not read 2 images, left out of the audit" in said
 
 
 def test_an_audit_with_a_runs_weights_sees_images_as_the_run_was_trained(tmp_path, run_cli,

@@ -171,6 +171,9 @@ def test_an_absurd_number_of_workers_is_refused_before_any_is_started(monkeypatc
     for workers, processes in ((9, 1), (5, 2), (514, 1)):
         with pytest.raises(WingspanError, match=f"--workers {workers} would start"):
             resolve_workers(workers, processes)
+    # A resumed run's saved setting (from a larger machine, say) is lowered, and said.
+    said = []
+    assert resolve_workers(16, log=said.append) == 8 and "--workers 16" in said[0]
     code, _, err = run_cli("train", demo_dir, "--workers", "514", "--runs-dir", tmp_path,
                            "--backbone", "test_efficientnet", "--weights", "none")
     assert code != 0 and "--workers 514" in err and "at most 8" in err

@@ -342,6 +342,11 @@ def test_evaluate_on_images_none_of_which_can_be_read(trained, tmp_path):
         (tmp_path / "bad" / c / "text.jpg").write_text("no pixels here")
     with pytest.raises(WingspanError, match="None of the 4 images of the 'all' split could"):
         evaluate(trained, tmp_path / "bad", split="all", progress=False, workers=0)
+    # The same as unknowns, given as the API gives them (a list): named as folders.
+    folders = [str(shutil.copytree(tmp_path / "bad" / c, tmp_path / f"unseen{i}"))
+               for i, c in enumerate(finest[:2])]
+    with pytest.raises(WingspanError, match=f"None of the 4 images in {folders[0]}, "):
+        evaluate(trained, split="val", progress=False, workers=0, unknown=folders)
 
 
 def test_a_killed_evaluation_leaves_the_previous_results_whole(trained, tmp_path, monkeypatch):
@@ -711,3 +716,24 @@ def test_the_note_on_a_temperature_fitted_on_the_evaluated_images_covers_all_of_
                                                                             "all of /d")
     assert not _among_evaluated("all of /d", "test of /e")
     assert not _among_evaluated("all of /d", "test") and not _among_evaluated(None, "val")
+
+
+def test_a_model_whose_class_names_end_in_a_space_evaluates_on_the_names_read_now(trained,
+                                                                                  tmp_path):
+    """Folders are read without end spaces now; a model trained before knows "name "."""
+    from wingspan.inference import find_bundle
+    from wingspan.models.bundle import meaning_digest, read_manifest, update_manifest
+
+    old = tmp_path / "old"
+    shutil.copytree(trained, old)
+    bundle = find_bundle(old)
+    classes = read_manifest(bundle)["classes"]
+    level = list(classes)[-1]
+    spaced = classes[level][0] + " "
+    manifest = {**read_manifest(bundle), "classes": {**classes, level: [spaced,
+                                                                      *classes[level][1:]]}}
+    update_manifest(bundle, classes=manifest["classes"], meaning_sha256=meaning_digest(manifest))
+    before = evaluate(trained, split="val", progress=False, workers=0).metrics
+    after = evaluate(old, split="val", progress=False, workers=0).metrics
+    assert after["images"] == before["images"] and not after.get("unknown_class_images")
+    assert after["accuracy"] == pytest.approx(before["accuracy"])

@@ -184,7 +184,7 @@ def test_a_resumed_run_computes_the_features_of_an_edited_image_again(demo_dir, 
     again = _prepared_run(data, tmp_path, feature_views=0)  # the resume: the same run folder
     features, _ = extract_features(again, 0)
     assert not features[0].equal(train[0]) and features[1:].allclose(train[1:], atol=1e-5)
-    assert "1 images changed since their features were cached" in (
+    assert "the feature cache again: 1 image changed since it was made" in (
         again.dir / "train.log").read_text()
 
 

@@ -31,7 +31,7 @@ from wingspan.config import (
     TrainConfig,
     to_dict,
 )
-from wingspan.errors import WingspanError
+from wingspan.errors import WingspanError, counted
 
 app = typer.Typer(
     help="Train, evaluate and explain butterfly image classifiers by transfer learning.",
@@ -337,9 +337,9 @@ def data_audit(
               f"{int(dups['labels_differ'].sum())} with different labels")
     if result.unreadable:  # left out of both searches
         path, why = next(iter(result.unreadable.items()))
-        out.print(f"[yellow]{len(result.unreadable)} images could not be read[/] and were not "
-                  f"audited, e.g. {_q(path)}: {escape(why)} (all in audit.html; --strict "
-                  "stops at them)")
+        out.print(f"[yellow]Could not read {counted(len(result.unreadable), 'image')}[/], "
+                  f"left out of the audit, e.g. {_q(path)}: {escape(why)} (all in audit.html; "
+                  "--strict stops at them)")
     out.print(f"Wrote {_q(result.csv)}, {_q(result.duplicates_csv)} and {_q(result.html)}")
 
 
@@ -804,8 +804,10 @@ def _print_evaluation(result) -> None:
                   f":[/] {_q(_some(m['unknown_classes']))} (--map MODEL_CLASS=DATA_CLASS "
                   "names one of the model's)")
     if m.get("absent_classes"):
-        out.print(f"{len(m['absent_classes'])} of the model's classes have no images here and "
-                  f"are left out of the per-class table and the macro averages: "
+        absent = len(m["absent_classes"])
+        out.print(f"{counted(absent, 'class', 'classes')} of the model's "
+                  f"{'has' if absent == 1 else 'have'} no images here and are left out of "
+                  "the per-class table and the macro averages: "
                   f"{_q(_some(m['absent_classes']))}")
     if m.get("transfer"):
         named = "named here" in m["transfer"][0]

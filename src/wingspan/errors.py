@@ -20,6 +20,11 @@ class WingspanError(Exception):
         return self.message if not self.hint else f"{self.message}\n  Hint: {self.hint}"
 
 
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """'1 image', '2 images': a count in a message, its noun agreeing."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 def first_line(error: BaseException) -> str:
     """An exception's first line for a message, its type's name when it says nothing (an
     empty file's EOFError)."""

@@ -30,7 +30,7 @@ import torch
 from wingspan.config import AuditConfig, default_cache_dir
 from wingspan.data.images import open_rgb
 from wingspan.data.samples import PATH, SPLIT, Dataset
-from wingspan.errors import WingspanError
+from wingspan.errors import WingspanError, counted
 from wingspan.files import FileArrays, atomic_paths
 from wingspan.progress import track
 
@@ -72,9 +72,9 @@ def audit_dataset(dataset: Dataset, out_dir: str | Path, level: str | None = Non
                                                         progress)
     if strict and failed:
         path, why = next(iter(failed.items()))
-        raise WingspanError(f"{len(failed)} images cannot be read (--strict), e.g. {path}: "
-                            f"{why}", hint="Fix or remove them, or leave --strict out to "
-                            "audit the rest (the unreadable ones are listed).")
+        raise WingspanError(f"{counted(len(failed), 'image')} cannot be read (--strict), "
+                            f"e.g. {path}: {why}", hint="Fix or remove them, or leave --strict "
+                            "out to audit the rest (the unreadable ones are listed).")
     ok = np.array([p not in failed for p in table[PATH]])
     table, features, hashes = table[ok].reset_index(drop=True), features[ok], hashes[ok]
     if table[level].nunique() < 2:

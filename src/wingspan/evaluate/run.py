@@ -278,7 +278,8 @@ def _openset(predictor: Predictor, unknown, paths: list[str], known: list, y: np
     seen = list(predictor.run(paths, tta=tta, progress=progress, every_score=True))
     unseen = [p for p in seen if not p.error]
     if not unseen:
-        raise WingspanError(f"None of the {len(paths)} images in {unknown} could be read, "
+        where = unknown if isinstance(unknown, str | Path) else ", ".join(map(str, unknown))
+        raise WingspanError(f"None of the {len(paths)} images in {where} could be read, "
                             f"e.g. {seen[0].error}")
     level, name = predictor.level, predictor.unknown_score
     k = np.array([p.unknown[level] for p in known])
@@ -405,7 +406,10 @@ def _rows(dataset: Dataset, split: str, level: str, predictor: Predictor,
     """The rows of a split, with `_label`: the class each trained as (rare ones merged;
     DATA's names turned into the model's by `class_map`)."""
     rows = dataset.table if split == "all" else dataset.table[dataset.table[SPLIT] == split]
-    theirs_to_ours = {theirs: ours for ours, theirs in (class_map or {}).items()}
+    # A model trained before folder names lost their end spaces knows "monarch " where the
+    # data now reads "monarch": that is its class.
+    theirs_to_ours = {nfc(c.strip()): c for c in predictor.classes if nfc(c.strip()) != c}
+    theirs_to_ours.update({theirs: ours for ours, theirs in (class_map or {}).items()})
     return rows.assign(_label=rows[level].replace(theirs_to_ours).replace(predictor.rare))
 
 

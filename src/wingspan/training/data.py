@@ -141,16 +141,22 @@ MAX_WORKERS = 16  # each worker holds its own copy of the loader's state
 WORKERS_PER_CORE = 4
 
 
-def resolve_workers(workers: int | None, processes: int = 1) -> int:
+def resolve_workers(workers: int | None, processes: int = 1, log=None) -> int:
     """The data workers per process: `workers` as given (`--workers`), else
     default_workers. Refuses more than WORKERS_PER_CORE per usable core, shared by the
-    machine's `processes`, before a loader forks them."""
+    machine's `processes`, before a loader forks them. With `log` (a resumed run, whose
+    saved setting may come from a larger machine) it says so there and takes the most
+    allowed instead."""
     if workers is None:
         return default_workers(processes)
     cores = _usable_cores()
     most = max(1, WORKERS_PER_CORE * cores // processes)
     if workers > most:
         per = f" in each of {processes} processes" if processes > 1 else ""
+        if log is not None:
+            log(f"The run's --workers {workers} is more than this machine's {cores} CPU cores "
+                f"take ({most}{per}, {WORKERS_PER_CORE} per core): resuming with {most}.")
+            return most
         raise WingspanError(
             f"--workers {workers} would start {workers * processes} data-loading processes "
             f"on {cores} CPU cores; at most {most}{per} ({WORKERS_PER_CORE} per core) are "

@@ -400,9 +400,11 @@ def _start(run_dir: Path, config: TrainConfig, dataset: Dataset, quiet: bool,
     """The run's model, engines, data and state, from scratch or from `checkpoint`;
     `before`: lines to log ahead of the "Run" line (why this backbone, say)."""
     torch.manual_seed(config.seed)
-    workers = resolve_workers(config.workers, _processes(config).world()[0])  # before work
-    policy = resolve_policy(str(fabric.device), config.precision, runtime=config.runtime)
     logs: list[str] = []
+    # Before any work; a resumed run's saved --workers may come from a larger machine.
+    workers = resolve_workers(config.workers, _processes(config).world()[0],
+                              log=logs.append if checkpoint else None)
+    policy = resolve_policy(str(fabric.device), config.precision, runtime=config.runtime)
     plan = plan_labels(dataset, config.trained_levels, config, log=logs.append)
     # A resumed run takes every weight from its checkpoint, so it needs no download.
     weights = "none" if checkpoint else config.weights

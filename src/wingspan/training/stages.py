@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from sklearn.metrics import f1_score
 from torch import nn
 
-from wingspan.errors import WingspanError
+from wingspan.errors import WingspanError, counted
 from wingspan.files import atomic_path, file_stamp
 from wingspan.parallel import gather_objects, gather_shards, shard
 from wingspan.progress import Bar, track
@@ -252,8 +252,8 @@ def _same_images(run: Run, saved: torch.Tensor | None, now: torch.Tensor) -> boo
     changed = ((saved != now).any(1) & (now[:, 0] >= 0)).nonzero().flatten()
     if len(changed):
         paths = run.data.train.paths + run.data.val.paths
-        run.log(f"{len(changed)} images changed since their features were cached (e.g. "
-                f"{paths[int(changed[0])]}): computing the feature cache again")
+        run.log(f"Computing the feature cache again: {counted(len(changed), 'image')} changed "
+                f"since it was made (e.g. {paths[int(changed[0])]})")
     return not len(changed)
 
 
