@@ -211,7 +211,7 @@ def test_load_a_run_and_a_bundle(run, demo_dir, tmp_path):
     assert _class_map_arg(t for t in ["a=b", "c=d"]) == {"a": "b", "c": "d"}  # a generator
 
 
-def test_explain_adapt_and_evaluate_check_their_arguments(run, demo_dir, tmp_path):
+def test_explain_adapt_evaluate_and_export_check_their_arguments(run, demo_dir, tmp_path):
     """A wrong kind of argument raises a WingspanError naming it, before any work: not a
     TypeError from deep inside."""
     import numpy as np
@@ -230,7 +230,11 @@ def test_explain_adapt_and_evaluate_check_their_arguments(run, demo_dir, tmp_pat
             (lambda: run.evaluate(unknown=b"moths", quiet=True), "unknown: .* got bytes"),
             (lambda: run.evaluate(unknown=[None], quiet=True), "unknown: each must be a path"),
             (lambda: run.evaluate(5, quiet=True), "data: expected a path"),
-            (lambda: run.evaluate(out=5, quiet=True), "out: expected a path")):
+            (lambda: run.evaluate(out=5, quiet=True), "out: expected a path"),
+            (lambda: run.evaluate(split=0, quiet=True), "split: expected one of train, val"),
+            (lambda: run.evaluate(split=["val"], quiet=True), "split: .* got list"),
+            (lambda: run.evaluate(split="tst", quiet=True), "split: .* or all, got str 'tst'"),
+            (lambda: run.export(out=5), "out: expected a path")):
         with pytest.raises(WingspanError, match=message):
             call()
     # A path that is not there: said by name, as the CLI says it.

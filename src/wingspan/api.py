@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from wingspan.config import (
+    SPLITS,
     AugmentConfig,
     DemoConfig,
     InspectConfig,
@@ -411,6 +412,15 @@ def _class_map_arg(value) -> dict[str, str] | None:
                         f"{type(value).__name__}.", hint='For example {"admiral": "red_admiral"}.')
 
 
+def _split_arg(value) -> str | None:
+    """None (the default split) or one of SPLITS or "all", as evaluate's --split."""
+    if value is None or (isinstance(value, str) and value in (*SPLITS, "all")):
+        return value
+    raise WingspanError(f"split: expected one of {', '.join(SPLITS)} or all, got "
+                        f"{type(value).__name__} {value!r:.60}.",
+                        hint="Leave it out for the test split (else val).")
+
+
 def _config(cls: type, settings: dict):
     _check_names(cls, settings)
     return cls(**settings)
@@ -512,7 +522,8 @@ class Run:
             data = data.dataset
         elif data is not None and not isinstance(data, Dataset):
             data = _path_arg("data", data)
-        result = evaluate(self._model, data, split, _out_arg(out), progress=not quiet,
+        result = evaluate(self._model, data, _split_arg(split), _out_arg(out),
+                          progress=not quiet,
                           batch_size=_count_arg("batch_size", batch_size), runtime=runtime,
                           precision=precision, device=device,
                           class_map=_class_map_arg(class_map),
@@ -620,7 +631,7 @@ class Run:
         """
         from wingspan.export import export_model
 
-        return export_model(self._model, out, format, quantize=quantize,
+        return export_model(self._model, _out_arg(out), format, quantize=quantize,
                             unknown_score=unknown_score)
 
     def __repr__(self) -> str:
