@@ -180,6 +180,21 @@ def test_an_absurd_number_of_workers_is_refused_before_any_is_started(monkeypatc
     assert not any(tmp_path.iterdir())  # no run folder left behind
 
 
+def test_predict_and_evaluate_refuse_absurd_workers_as_train_does(monkeypatch, tmp_path):
+    """Predictor (predict, evaluate, calibrate, adapt) sizes its workers with train's
+    resolve_workers: 514 is refused with train's message, before the model is looked for."""
+    from wingspan.errors import WingspanError
+    from wingspan.evaluate.run import evaluate
+    from wingspan.inference import Predictor
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)), raising=False)
+    nowhere = tmp_path / "no-run"  # never reached
+    for call in (lambda: Predictor(nowhere, workers=514),
+                 lambda: evaluate(nowhere, workers=514, progress=False)):
+        with pytest.raises(WingspanError, match="--workers 514 would start .* at most 8"):
+            call()
+
+
 def test_processes_follow_torchrun_and_refuse_what_cannot_run(monkeypatch):
     from wingspan.errors import WingspanError
     from wingspan.parallel import Processes, interleave

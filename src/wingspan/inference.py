@@ -21,7 +21,7 @@ from wingspan.errors import WingspanError
 from wingspan.models import load_bundle, resolve_policy
 from wingspan.models.unknown import deepest_known
 from wingspan.progress import track
-from wingspan.training.data import default_workers
+from wingspan.training.data import resolve_workers
 
 
 def find_bundle(model: str | Path) -> Path:
@@ -91,6 +91,9 @@ class Predictor:
         if batch_size < 1 or (workers is not None and workers < 0):
             raise WingspanError(f"batch_size must be at least 1 and workers 0 or more, not "
                                 f"{batch_size} and {workers}.")
+        # Before the model loads: 514 for 4 is refused as train's --workers is.
+        per_machine = getattr(fabric.strategy, "num_processes", 1) if fabric else 1
+        self.workers = resolve_workers(workers, per_machine)
         self.bundle = find_bundle(model)
         self.model, self.manifest, self.unknown = load_bundle(self.bundle, with_unknown=True)
         if unknown_score and self.unknown is None:
@@ -119,8 +122,6 @@ class Predictor:
             chosen = chosen or policy.adopt(records, "as rank 0 chose")
         self.policy = chosen
         self.batch_size = batch_size
-        per_machine = getattr(fabric.strategy, "num_processes", 1) if fabric else 1
-        self.workers = default_workers(per_machine) if workers is None else workers
         self.config = AugmentConfig(image_size=self.size, eval_crop=float(pre["crop_pct"]))
         self.norm = {"mean": tuple(pre["mean"]), "std": tuple(pre["std"]),
                      "interpolation": pre["interpolation"]}
