@@ -753,6 +753,23 @@ def test_a_vit_trains_at_another_size_and_its_bundle_rebuilds_at_it(demo_dir, tm
     assert manifest["model"]["input_size"] == 64 == manifest["preprocessing"]["input_size"]
     with torch.no_grad():
         assert model.eval()(torch.randn(2, 3, 64, 64))["label"].shape == (2, 4)
+    # --weights RUN: the new model is built at the run's size to take its weights, then
+    # resized as asked (here, to 32); without --image-size it stays at the run's size.
+    for size, expected in ((32, 32), (None, 64)):
+        again = train(read_dataset(demo_dir), tiny(
+            tmp_path, backbone="auto", weights=str(run_dir), image_size=size, epochs_head=1,
+            epochs_finetune=0, cache_dir=str(tmp_path / f"c{size}")),
+            tmp_path / "runs", f"from-vit64-{size}", quiet=True)
+        manifest = load_bundle(again / "model")[1]
+        assert manifest["preprocessing"]["input_size"] == expected
+    # data audit --weights RUN: the run's backbone, at its size.
+    from wingspan.config import AuditConfig
+    from wingspan.data.audit import image_features
+
+    photos = [str(p) for p in sorted(demo_dir.rglob("*.jpg"))[:2]]
+    features, _, name, failed = image_features(
+        photos, AuditConfig("auto", str(run_dir), folds=2, cache=False, device="cpu"), False)
+    assert name == "test_vit" and features.shape[0] == 2 and not failed
 
 
 @pytest.mark.parametrize("selection", ["holdout", "val"])

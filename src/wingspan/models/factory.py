@@ -56,9 +56,12 @@ def create_classifier(backbone: str, outputs: dict[str, int], weights: str | Pat
                       hidden: int | None = None, dropout: float = 0.2
                       ) -> tuple[Classifier, LoadedWeights | None]:
     """A new classifier head on a pretrained backbone; returns the model and the weights'
-    source (None for random initialisation)."""
-    model = Classifier(backbone, outputs, hidden=hidden, dropout=dropout)
-    loaded = resolve_weights(model.spec, weights)
+    source (None for random initialisation). A wingspan model's resized backbone (a ViT
+    trained with --image-size) is taken at its size, as its bundle rebuilds: the new model
+    is at that size too until set_input_size changes it."""
+    loaded = resolve_weights(get_spec(backbone), weights)
+    model = Classifier(backbone, outputs, hidden=hidden, dropout=dropout,
+                       input_size=loaded.input_size if loaded else None)
     if loaded:
         load_into(model.backbone.net, loaded, classifier=_classifier_name(model.spec.timm_name))
     return model, loaded

@@ -39,6 +39,9 @@ class LoadedWeights:
     state_dict: dict[str, torch.Tensor]
     source: str  # file | torch-hub-cache | hf-cache | package | download
     location: str
+    # A wingspan model's size when its backbone was resized (a ViT trained with
+    # --image-size): its position embeddings fit a backbone built at that size only.
+    input_size: int | None = None
 
     def describe(self) -> str:
         return f"{self.source}: {self.location}"
@@ -206,7 +209,8 @@ def _model_backbone(model: tuple[Path, dict], spec: BackboneSpec) -> LoadedWeigh
     net, _ = load_bundle(path)
     state = {k.removeprefix(BACKBONE_PREFIX): v for k, v in net.state_dict().items()
              if k.startswith(BACKBONE_PREFIX)}
-    return LoadedWeights(state, "wingspan-model", str(path))
+    return LoadedWeights(state, "wingspan-model", str(path),
+                         input_size=manifest["model"].get("input_size"))
 
 
 def _cache_candidates(spec: BackboneSpec) -> list[tuple[str, Path]]:
