@@ -1,6 +1,7 @@
 """The Python API (`import wingspan as ws`): the CLI's functions, the same results."""
 
 import json
+import pickle
 import shutil
 import subprocess
 import sys
@@ -96,6 +97,23 @@ def test_bad_settings_raise_wingspan_errors_naming_them(demo_dir, tmp_path):
     with pytest.raises(WingspanError, match="Unknown setting 'colour'"):
         ws.demo_data(tmp_path / "demo", colour="red")
     assert not any(tmp_path.iterdir())  # nothing was started
+
+
+def test_errors_keep_their_fields_when_pickled():
+    """Worker processes send errors back pickled: the hint, every_rank (set after the
+    error was made, as a run's start does) and a SettingError's own fields survive."""
+    from wingspan.config import SettingError
+
+    plain = WingspanError("Bad.", hint="Fix it.", every_rank=True)
+    setting = SettingError([("val_fraction", " must be below 1.")], intro="Invalid: ",
+                           form="The '{}' setting", hint="Lower it.")
+    setting.every_rank = True
+    for error in (plain, setting):
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is type(error) and vars(copy) == vars(error)
+        assert str(copy) == str(error) and copy.every_rank
+    copy = pickle.loads(pickle.dumps(setting))
+    assert copy.worded({"val_fraction": "--val-fraction"}).startswith("Invalid: --val-fraction")
 
 
 def test_run_history_metrics_and_display(run):

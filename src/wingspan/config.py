@@ -57,8 +57,9 @@ class SettingError(WingspanError):
 
         return self.intro + " | ".join(name(setting) + text for setting, text in self.problems)
 
-    def __reduce__(self):  # pickled by worker processes: not as (message,)
-        return type(self), (self.problems, self.intro, self.form, self.hint)
+    def __reduce__(self):  # pickled by worker processes: not as (message,); the state keeps
+        # what was set after construction (every_rank)
+        return type(self), (self.problems, self.intro, self.form, self.hint), self.__dict__
 
 
 def _check(ok: bool, name: str, expected: str, got: object) -> None:
