@@ -226,6 +226,10 @@ def test_class_weights_count_only_the_images_that_can_be_read(demo_dir, tmp_path
             beyond.append((auto.data.train.paths[i], "Cannot read image"))
     auto.note_unreadable(beyond)
     assert loss_fn(auto).class_weights["label"] is None  # as many of each class readable
+    loss_fn(auto)  # each epoch's loss: the change is said once
+    said = [line for line in (auto.dir / "train.log").read_text().splitlines()
+            if "Class-weighted loss now off: without the" in line]
+    assert len(said) == 1 and f"{len(beyond)} unreadable training images" in said[0]
 
 
 def test_class_weights_default_on_only_for_imbalanced_data(demo_dir, tmp_path):

@@ -93,6 +93,8 @@ class Run:
     # Under DDP with --strict: the first unreadable image this rank met, raised by every
     # rank together at the next share_unreadable.
     strict_stop: str | None = None
+    # Per level, whether the loss was last said to be class-weighted (None: as at the start).
+    loss_weighted: dict[str, bool] | None = None
 
     @property
     def is_main(self) -> bool:

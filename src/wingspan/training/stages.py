@@ -102,7 +102,23 @@ def _class_weights(run: Run, readable: torch.Tensor | None) -> dict:
         return run.data.class_weights
     weights, use = weigh_classes(run.data.train.labels[readable], run.data.levels,
                                  run.data.level_classes, run.config)
+    _note_weighting(run, use, int((~readable).sum()))
     return {lv: weights[lv] if use[lv] else None for lv in run.data.levels}
+
+
+def _note_weighting(run: Run, use: dict[str, bool], unreadable: int) -> None:
+    """One train.log line when the readable images turn `auto`'s class weighting on or off
+    for a level: the line at the start counted every image."""
+    said = run.loss_weighted or {lv: w is not None for lv, w in run.data.class_weights.items()}
+    changed = [lv for lv in run.data.levels if use[lv] != said[lv]]
+    if changed:
+        now = ", ".join((f"{lv} " if len(run.data.levels) > 1 else "")
+                        + ("on" if use[lv] else "off") for lv in changed)
+        run.log(f"Class-weighted loss now {now}: without the "
+                f"{counted(unreadable, 'unreadable training image')} the largest-to-smallest "
+                f"class ratio moved across imbalance_threshold "
+                f"({run.config.imbalance_threshold:g}).")
+    run.loss_weighted = use
 
 
 def _to(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
