@@ -120,11 +120,16 @@ def test_weights_that_are_no_keyword_and_no_file_say_what_weights_takes(
         run_cli, demo_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # `data`: no such file or folder here
     monkeypatch.setenv("COLUMNS", "400")
+    read = []  # said before the data is read (slow on a large dataset)
+    monkeypatch.setattr("wingspan.cli._read", lambda *args: read.append(args))
     code, _, err = run_cli("train", demo_dir, "--weights", "data", "--backbone",
                            "test_efficientnet", "--runs-dir", tmp_path / "runs", "--quiet")
     assert code == 2 and "--weights data is neither a keyword (auto, none) nor an existing " \
         f"file or folder ({tmp_path / 'data'} is not found)" in err, err
     assert "--weights takes auto" in err and ".safetensors" in err
+    assert not read and not (tmp_path / "runs").exists()
+    code, _, err = run_cli("data", "audit", demo_dir, "--weights", "data", "--quiet")
+    assert code == 2 and "--weights data is neither a keyword" in err and not read
     (tmp_path / "data").mkdir()  # a folder, but no run
     code, _, err = run_cli("train", demo_dir, "--weights", "data", "--backbone",
                            "test_efficientnet", "--runs-dir", tmp_path / "runs", "--quiet")

@@ -309,10 +309,12 @@ def data_audit(
     from rich.table import Table
 
     from wingspan.data.audit import audit_dataset
+    from wingspan.models.weights import check_weights
 
     config = _config(ctx, AuditConfig, backbone=backbone, weights=weights, folds=folds,
                      duplicate_similarity=duplicate_similarity, gallery=gallery,
                      device=device, cache=cache)
+    check_weights(config.weights)  # a typo: said now, not after reading the data
     dataset = _read(data, format, group_regex, strict=strict)
     result = audit_dataset(dataset, out_dir or dataset.out_dir, level, config,
                            progress=not quiet, strict=strict)
@@ -501,6 +503,7 @@ def train_command(
     Writes runs/NAME with config.yaml, history.csv, metrics.json, checkpoints and the
     model bundle (runs/NAME/model).
     """
+    from wingspan.models.weights import check_weights
     from wingspan.training import run as training
 
     if resume:  # only where it runs may change
@@ -545,6 +548,7 @@ def train_command(
         settings = (_config(ctx, TrainConfig.from_file, config, **given) if config else
                     _config(ctx, TrainConfig, **{k: v for k, v in params.items()
                                             if k in TrainConfig.__dataclass_fields__}))
+        check_weights(settings.weights)  # a typo: said now, not after reading the data
         # strict: set here or in the config file (where it also stops training at a
         # broken image), it stops the reading at a missing or unreadable file too.
         dataset = _read(data, format, group_regex, settings.strict)

@@ -149,6 +149,16 @@ def resolve_weights(spec: BackboneSpec, weights: str | Path | None = "auto"
     )
 
 
+def check_weights(weights: str | Path | None) -> None:
+    """Refuse a --weights value that names nothing (resolve_weights's error), before any
+    slow work such as reading the data."""
+    if weights is None or str(weights).lower() in ("auto", "none"):
+        return
+    path = Path(weights).expanduser()
+    if not path.is_file() and wingspan_model(path) is None:
+        raise _not_weights(str(weights), path)
+
+
 def _not_weights(weights: str, path: Path) -> WingspanError:
     """A --weights value that is no keyword and no file to read weights from (`--weights
     data`: a typo, or a word taken for a keyword)."""
