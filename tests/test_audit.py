@@ -213,6 +213,8 @@ def test_an_audit_with_a_runs_weights_sees_images_as_the_run_was_trained(tmp_pat
                            "--out", tmp_path / "a", "--quiet")
     assert code == 0, err
     assert sizes and {s for s, _ in sizes} == {32}, sizes  # test_efficientnet's own is 160
+    page = (tmp_path / "a" / "audit.html").read_text()
+    assert "the fine-tuned backbone of" in page and "ImageNet" not in page
     # The same backbone as a plain weights file: no run to say its size, so the
     # backbone's default, computed anew (not the 32-pixel features under the same weights).
     plain = tmp_path / "backbone.safetensors"

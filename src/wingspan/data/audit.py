@@ -68,8 +68,8 @@ def audit_dataset(dataset: Dataset, out_dir: str | Path, level: str | None = Non
     if len(counts) < 2:
         raise WingspanError(f"An audit needs at least 2 classes at level '{level}'; "
                             f"found {len(counts)}.")
-    features, hashes, backbone, failed = image_features(table[PATH].tolist(), config,
-                                                        progress)
+    features, hashes, backbone, failed, what = image_features(table[PATH].tolist(), config,
+                                                              progress)
     if strict and failed:
         path, why = next(iter(failed.items()))
         raise WingspanError(f"{counted(len(failed), 'image')} cannot be read (--strict), "
@@ -96,7 +96,7 @@ def audit_dataset(dataset: Dataset, out_dir: str | Path, level: str | None = Non
     issues = label_issues(table[checked].reset_index(drop=True), features[checked], level,
                           config)
     duplicates = near_duplicates(table, features, hashes, level, config)
-    page = gallery(issues, duplicates, level, config, backbone, failed)  # the slow part
+    page = gallery(issues, duplicates, level, config, what, failed)  # the slow part
     paths = out_dir / "audit.csv", out_dir / "duplicates.csv", out_dir / "audit.html"
     # Replaced together: a killed audit leaves the previous audit's three files, never new
     # tables beside an old page. (Not a whole new folder: it holds inspect's and split's
@@ -139,9 +139,10 @@ class _Decoded(torch.utils.data.Dataset):
 
 @torch.inference_mode()
 def image_features(paths: list[str], config: AuditConfig, progress: bool
-                   ) -> tuple[torch.Tensor, torch.Tensor, str, dict[str, str]]:
-    """Pooled features of a frozen ImageNet backbone and perceptual hashes (N, 64 bits) of
-    every path (zeros for a file that cannot be read, listed with why)."""
+                   ) -> tuple[torch.Tensor, torch.Tensor, str, dict[str, str], str]:
+    """Pooled features of a frozen backbone and perceptual hashes (N, 64 bits) of every
+    path (zeros for a file that cannot be read, listed with why); the backbone's name, and
+    what its features are (`features_source`)."""
     from wingspan.config import AugmentConfig
     from wingspan.data.transforms import eval_transform
     from wingspan.models import create_classifier, resolve_policy
@@ -188,7 +189,19 @@ def image_features(paths: list[str], config: AuditConfig, progress: bool
                     kept[i] = (feature, bit)
                     cache.put(entries[i], torch.cat([feature.cpu(), bit.float()]).numpy())
     return (torch.stack([k[0] for k in kept]), torch.stack([k[1] for k in kept]), name,
-            failed)
+            failed, features_source(name, loaded))
+
+
+def features_source(name: str, loaded: LoadedWeights | None) -> str:
+    """What the audit's features are, for audit.html: ImageNet's only when the weights
+    came from an ImageNet source (--weights auto)."""
+    if loaded is None:
+        return f"{name} (random weights, --weights none, frozen)"
+    if loaded.source == "wingspan-model":
+        return f"{name} (the fine-tuned backbone of {loaded.location}, frozen)"
+    if loaded.source == "file":
+        return f"{name} (weights file {loaded.location}, frozen)"
+    return f"{name} (ImageNet, frozen)"
 
 
 def _preprocessing(model: Classifier, loaded: LoadedWeights | None) -> Preprocessing:
@@ -312,7 +325,7 @@ STYLE = """body{font:14px/1.4 system-ui,sans-serif;margin:2em auto;max-width:120
 
 
 def gallery(issues: pd.DataFrame, duplicates: pd.DataFrame, level: str, config: AuditConfig,
-            backbone: str, failed: dict[str, str]) -> str:
+            features: str, failed: dict[str, str]) -> str:
     """audit.html: a self-contained page (thumbnails embedded) of the most suspect labels,
     then the near-duplicate pairs."""
     e = html.escape
@@ -339,7 +352,7 @@ def gallery(issues: pd.DataFrame, duplicates: pd.DataFrame, level: str, config: 
     flagged = int(issues["flagged"].sum())
     body = (
         f"<h1>Label audit: {len(issues)} images, level '{e(level)}'</h1>"
-        f"<p>Features: {e(backbone)} (ImageNet, frozen). Out-of-fold probabilities from a "
+        f"<p>Features: {e(features)}. Out-of-fold probabilities from a "
         f"{fold_count(issues['label'], config)}-fold logistic head; cleanlab flags "
         f"{flagged} images as likely mislabelled. Below, the "
         f"{min(config.gallery, len(issues))} lowest label qualities (the label's "
