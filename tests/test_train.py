@@ -831,3 +831,29 @@ def test_why_the_backbone_was_chosen_comes_before_the_run_line(demo_dir, tmp_pat
                     quiet=True)
     lines = (run_dir / "train.log").read_text().splitlines()
     assert lines[0].endswith("resnet50 is not here") and " Run " in lines[1]
+
+
+def test_a_temperature_fitted_on_few_val_images_is_fitted_and_said_to_be_shaky(tmp_path):
+    """Training fits its temperature on val however small (a run must finish), but below
+    calibrate's minimum train.log says so and how to refit it."""
+    from types import SimpleNamespace
+
+    from wingspan.evaluate.calibration import MIN_CALIBRATION_IMAGES
+    from wingspan.training.run import _fit_calibration
+
+    said = []
+    run = SimpleNamespace(dir=tmp_path / "runs/few", log=said.append,
+                          data=SimpleNamespace(taxonomy=None, level="label"))
+    generator = torch.Generator().manual_seed(0)
+    for n in (MIN_CALIBRATION_IMAGES - 1, MIN_CALIBRATION_IMAGES):
+        said.clear()
+        logits = torch.randn(n, 3, generator=generator)
+        labels = torch.randint(0, 3, (n, 1), generator=generator)
+        record = _fit_calibration(run, (None, {"label": logits}, labels))
+        assert record["images"] == n and record["temperature"] > 0
+        shaky = [line for line in said if "rests on" in line]
+        if n < MIN_CALIBRATION_IMAGES:
+            assert len(shaky) == 1 and f"{n} val images" in shaky[0]
+            assert f"wingspan calibrate {run.dir} DATA" in shaky[0]
+        else:
+            assert not shaky

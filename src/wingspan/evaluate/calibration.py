@@ -81,6 +81,11 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
     return float(log_t.detach().exp().clamp(MIN_T, MAX_T))
 
 
+# Fewer val images say little about a temperature: `calibrate` refuses them, training
+# (which must finish) fits on them and says so (see evaluate.run._check_enough_to_calibrate).
+MIN_CALIBRATION_IMAGES = 10
+
+
 def calibration_record(logits: np.ndarray, y_true: np.ndarray, fitted_on: str,
                        answer: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
     """fit_temperature's T, and what a bundle's manifest keeps of it: on how many images and

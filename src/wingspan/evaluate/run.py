@@ -20,6 +20,7 @@ from wingspan.data.samples import SPLIT, Dataset
 from wingspan.errors import WingspanError
 from wingspan.evaluate import plots
 from wingspan.evaluate.calibration import (
+    MIN_CALIBRATION_IMAGES,
     bound_warning,
     calibration_record,
     expected_calibration_error,
@@ -510,9 +511,6 @@ def calibrate(model: str | Path, data: str | Path | None = None, split: str | No
                    "previous_temperature": predictor.temperature}
     update_manifest(predictor.bundle, calibration=calibration)
     return calibration
-
-
-MIN_CALIBRATION_IMAGES = 10
 
 
 def _check_enough_to_calibrate(readable: int, given: int, split: str, manifest: dict) -> None:

@@ -28,8 +28,12 @@ from wingspan.config import MAX_PIXELS_ENV, ReadConfig, TrainConfig
 from wingspan.data import read_dataset
 from wingspan.data.samples import Dataset
 from wingspan.data.split import write_splits
-from wingspan.errors import WingspanError
-from wingspan.evaluate.calibration import bound_warning, calibration_record
+from wingspan.errors import WingspanError, counted
+from wingspan.evaluate.calibration import (
+    MIN_CALIBRATION_IMAGES,
+    bound_warning,
+    calibration_record,
+)
 from wingspan.files import make_folder, write_text
 from wingspan.models import create_classifier, resolve_policy, save_bundle
 from wingspan.models.bundle import read_manifest
@@ -577,6 +581,11 @@ def _fit_calibration(run: Run, val: tuple) -> dict:
                                 answer=answer)
     if bound_warning(record):
         run.log(f"Warning: {bound_warning(record)}")
+    if record["images"] < MIN_CALIBRATION_IMAGES:  # still fitted: the run must finish
+        run.log(f"Warning: the temperature ({record['temperature']:.3f}) rests on "
+                f"{counted(record['images'], 'val image')}, too few to say much (`wingspan "
+                f"calibrate` asks for {MIN_CALIBRATION_IMAGES}). Fit it again on more labelled "
+                f"images of these classes: `wingspan calibrate {run.dir} DATA`.")
     if record["method"] != "likelihood":
         run.log(f"Every val image is right: the temperature ({record['temperature']:.3f}) is "
                 f"set by the {record['method']}, so that the mean top probability on val is "
