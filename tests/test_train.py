@@ -771,7 +771,7 @@ def test_a_vit_trains_at_another_size_and_its_bundle_rebuilds_at_it(demo_dir, tm
     from wingspan.data.audit import image_features
 
     photos = [str(p) for p in sorted(demo_dir.rglob("*.jpg"))[:2]]
-    features, _, name, failed = image_features(
+    features, _, name, failed, _ = image_features(
         photos, AuditConfig("auto", str(run_dir), folds=2, cache=False, device="cpu"), False)
     assert name == "test_vit" and features.shape[0] == 2 and not failed
 
