@@ -49,13 +49,18 @@ def test_forcing_narrows_the_candidates(auto):
     auto("avx2")
     policy = resolve_policy(precision="bf16")  # emulated here, but the user decides
     assert policy.frozen.engine.name == policy.train.engine.name == "torch-bf16"
-    assert policy.frozen.how == "forced by precision bf16"
+    # honoured, but the user learns it is likely slow here, for both kinds of pass
+    for choice in (policy.frozen, policy.train):
+        assert choice.how.startswith("forced by precision bf16; likely slower than fp32")
+        assert "emulated" in choice.how
+    assert "likely slower" in policy.describe()
     policy = resolve_policy(runtime="onnx")
     assert policy.frozen.engine.name == "onnx-fp32"
     assert policy.frozen.how == "forced by runtime onnx"
     assert policy.train.engine.name == "torch-fp32"  # training always runs in PyTorch,
     assert policy.train.how.startswith("the only candidate")  # and here bf16 is emulated
     auto("amx_bf16")
+    assert resolve_policy(precision="bf16").frozen.how == "forced by precision bf16"  # native
     policy = resolve_policy(runtime="torch")
     assert names(policy.frozen_candidates) == ["torch-fp32", "torch-bf16"]
     assert policy.frozen is None
@@ -70,7 +75,7 @@ def test_the_environment_forces_every_auto(auto, monkeypatch):
     monkeypatch.setenv("WINGSPAN_PRECISION", "bf16")
     policy = resolve_policy()
     assert policy.frozen.engine.name == "torch-bf16"
-    assert policy.frozen.how == "forced by WINGSPAN_PRECISION=bf16"
+    assert policy.frozen.how.startswith("forced by WINGSPAN_PRECISION=bf16; likely slower")
     assert resolve_policy(precision="fp32").train.engine.name == "torch-fp32"  # the argument wins
     monkeypatch.setenv("WINGSPAN_PRECISION", "fp32")
     monkeypatch.setenv("WINGSPAN_RUNTIME", "onnx")

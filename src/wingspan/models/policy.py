@@ -214,10 +214,17 @@ def resolve_policy(device: str = "auto", precision: str = "auto",
             skipped = [f"not {e.name}: {others[e.name]}" for e in ENGINES
                        if e.name in others and not cannot_run(e, dev, kind == "train")
                        and auto_leaves_out(e, dev, kind == "train")]
-            why = (f"forced by {', '.join(forced)}" if forced else
-                   "; ".join(["the only candidate", *skipped]))
+            why = (f"forced by {', '.join(forced)}" + _slow_note(engines[0], dev, kind)
+                   if forced else "; ".join(["the only candidate", *skipped]))
             policy = policy.with_choice(kind, Choice(engines[0], why))
     return policy
+
+
+def _slow_note(forced: Engine, device: torch.device, kind: str) -> str:
+    """A forced engine is used as asked, but where auto would leave it out as slow here
+    (emulated bf16; never timed, so the flags are all there is to go by) say so."""
+    why = auto_leaves_out(forced, device, kind == "train")
+    return f"; likely slower than fp32: {why}" if why else ""
 
 
 def settings_with_environment(precision: str, runtime: str) -> tuple[str, str]:
