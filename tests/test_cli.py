@@ -180,6 +180,19 @@ def test_models_list_shows_offline_weights(run_cli):
     assert "resnet50" in lines
 
 
+def test_tables_fold_long_names_in_80_columns(run_cli, monkeypatch):
+    """A narrow terminal, or a pipe (rich then assumes 80 columns), keeps every name whole:
+    folded onto a second line, not cut to 'tf_efficientnet_l…' for both Lite0 and Lite2."""
+    from wingspan import cli
+
+    monkeypatch.setattr(cli.out, "_width", 80)  # rich's own field: restored to None after
+    code, out, _ = run_cli("models", "list")
+    assert code == 0 and "…" not in out
+    timm_names = "".join(line.split("│")[2].strip() for line in out.splitlines()
+                         if line.startswith("│ "))
+    assert "tf_efficientnet_lite0" in timm_names and "tf_efficientnet_lite2" in timm_names
+
+
 def test_models_list_says_nothing_of_missing_weights_when_none_miss(run_cli, monkeypatch):
     from wingspan.models import weights
 

@@ -319,7 +319,7 @@ def data_audit(
     result = audit_dataset(dataset, out_dir or dataset.out_dir, level, config,
                            progress=not quiet, strict=strict)
     issues, dups = result.issues, result.duplicates
-    table = Table("rank", "image", "label", "looks like", "label quality",
+    table = Table("rank", _folding("image"), "label", "looks like", "label quality",
                   title=f"Most suspect labels ({int(issues['flagged'].sum())} of {len(issues)} "
                   "flagged by cleanlab)")
     for r in issues.head(15).itertuples():
@@ -555,6 +555,14 @@ def train_command(
         run_dir = training.train(dataset, settings, runs_dir, name, quiet)
     if _is_main_process():
         _print_run(run_dir)
+
+
+def _folding(header: str):
+    """A column whose long values (a path, a timm name) fold onto more lines in a narrow
+    terminal or a pipe (80 columns), instead of losing their ends to an ellipsis."""
+    from rich.table import Column
+
+    return Column(header, overflow="fold")
 
 
 def _is_main_process() -> bool:
@@ -897,7 +905,7 @@ def predict_command(
     if not main:
         return
     hierarchical = predictor.taxonomy is not None
-    table = Table("image", "prediction", "probability",
+    table = Table(_folding("image"), "prediction", "probability",
                   "taxonomy (probability per level)" if hierarchical else f"top {top_k}")
     for row in result.rows[:50]:
         (best, p), rest = row["top"][0], row["top"][1:]
@@ -1042,7 +1050,7 @@ def models_list() -> None:
     from wingspan.models import BACKBONES
     from wingspan.models.weights import find_offline
 
-    table = Table("backbone", "timm model", "input", "unfreeze", "offline weights",
+    table = Table("backbone", _folding("timm model"), "input", "unfreeze", "offline weights",
                   title="Backbones")
     for name, spec in BACKBONES.items():
         source = find_offline(spec)
