@@ -146,6 +146,8 @@ def test_report_is_self_contained(evaluation):
                     "Confusion matrix", "Most confident mistakes", "Calibration",
                     "Where the time went"]:
         assert f">{heading}<" in page, heading
+    # Each stage's row has every kind of work, though stage 2 builds no feature cache.
+    assert "NaN" not in page.split(">Where the time went<")[1]
 
 
 @pytest.mark.policy

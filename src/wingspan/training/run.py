@@ -613,10 +613,13 @@ def _fit_unknown(run: Run, val: tuple, temperature: float) -> UnknownDetector:
 
 
 def _profile_table(profile: dict) -> dict:
-    """Seconds per kind of work and training images/s, per stage."""
+    """Seconds per kind of work and training images/s, per stage. Every stage has every
+    kind (0 where it did none, as stage 2 builds no feature cache): a table of the stages
+    then shows a figure in each cell, not a NaN."""
+    kinds = list(dict.fromkeys(k for spent in profile.values() for k in spent if k != "images"))
     table = {}
     for stage, spent in profile.items():
-        row = {k: round(v, 2) for k, v in spent.items() if k != "images"}
+        row = {k: round(spent.get(k, 0.0), 2) for k in kinds}
         busy = sum(spent.get(k, 0.0) for k in ("data", "forward", "backward"))
         row["train_images_per_s"] = round(spent.get("images", 0) / busy, 1) if busy else None
         table[stage] = row
