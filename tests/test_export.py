@@ -278,3 +278,20 @@ def test_int8_is_written_only_within_a_point_of_fp32(run_dir, run_cli, monkeypat
     assert {n.op_type for n in graph.node if n.name in only_unknown} >= {"MatMul", "TopK"}
     assert not {n.op_type for n in graph.node if n.name in only_unknown} & {
         "QuantizeLinear", "DequantizeLinear"}
+
+
+def test_checking_an_export_prints_no_onnx_runtime_warnings(capfd):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from wingspan.export import _ort_session
+
+    # An initializer no node uses: ONNX Runtime removes it, with a warning at its default level.
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 2]) for n in ("pixels", "y")]
+    unused = numpy_helper.from_array(np.zeros(3, np.float32), "unused")
+    graph = helper.make_graph([helper.make_node("Identity", ["pixels"], ["y"])], "g", io[:1],
+                              io[1:], [unused])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = _ort_session(model.SerializeToString())
+    assert session.run(None, {"pixels": np.ones((1, 2), np.float32)})[0].tolist() == [[1, 1]]
+    out, err = capfd.readouterr()
+    assert "Removing initializer" not in out + err

@@ -275,7 +275,6 @@ def _quantize(graph: bytes, bundle: Path, spec: InputSpec, levels: list[str],
     turns away the stated share of known images, as the fp32 model does."""
     import tempfile
 
-    import onnxruntime as ort
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -325,10 +324,8 @@ def _quantize(graph: bytes, bundle: Path, spec: InputSpec, levels: list[str],
     figures = {"val_images": len(pixels), "calibration_images": len(calibration)}
     fp32_thresholds = unknown["thresholds"] if unknown else {}
     thresholds = None
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only
     for name, model in (("fp32", graph), ("int8", quantized)):
-        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        session = _ort_session(model)
         wanted = [finest] + ([UNKNOWN_OUTPUT.format(lv) for lv in levels] if unknown else [])
         out = [session.run(wanted, {"pixels": pixels[i:i + 32]})
                for i in range(0, len(pixels), 32)]
@@ -472,13 +469,22 @@ def _check_pixels(images: list[str], spec: InputSpec) -> tuple[np.ndarray, bool]
     return np.clip(pixels, 0, 255).astype(np.uint8), True
 
 
+def _ort_session(graph: bytes):
+    """An ONNX Runtime session for checking an export, printing errors only: its warnings
+    (an initializer it removes, say) are about the graph, not for the user's terminal."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only
+    return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+
+
 def _check(graph: bytes, spec: InputSpec, outputs: list[str], images: list[str],
            reference, unknown: nn.Module | None) -> dict:
     """ONNX Runtime against `reference` on `images` (see `_compare`)."""
-    import onnxruntime as ort
 
     batch, generated = _check_pixels(images, spec)
-    session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+    session = _ort_session(graph)
     exported = dict(zip(outputs, session.run(None, {"pixels": batch}), strict=True))
     return {**_compare(exported, reference(batch), outputs, unknown, "exported model",
                        len(batch)), "generated": generated}
