@@ -739,3 +739,13 @@ def test_a_model_whose_class_names_end_in_a_space_evaluates_on_the_names_read_no
     after = evaluate(old, split="val", progress=False, workers=0).metrics
     assert after["images"] == before["images"] and not after.get("unknown_class_images")
     assert after["accuracy"] == pytest.approx(before["accuracy"])
+    # A model that knows both names keeps each to its own.
+    from types import SimpleNamespace
+
+    from wingspan.evaluate.run import _rows
+
+    both = SimpleNamespace(classes=["monarch", "monarch "], rare={})
+    table = pd.DataFrame({"path": ["a.jpg", "b.jpg"], "label": ["monarch", "monarch "],
+                          "split": ["val", "val"]})
+    rows = _rows(SimpleNamespace(table=table), "val", "label", both)
+    assert rows["_label"].tolist() == ["monarch", "monarch "]

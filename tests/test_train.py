@@ -312,7 +312,14 @@ def test_a_resumed_run_keeps_where_its_weights_came_from(demo_dir, tmp_path):
     assert said()["weights_source"] == f"file: {start}"
     (run_dir / "model" / "manifest.json").unlink()  # killed before the model was written
     (run_dir / "metrics.json").unlink()
+    # --workers typed for the resume is checked as train's; the run's saved one (from a
+    # larger machine, say) is lowered to what this machine takes, and said.
+    with pytest.raises(WingspanError, match="--workers 514 would start"):
+        resume(run_dir, quiet=True, workers=514)
+    settings = yaml.safe_load((run_dir / "config.yaml").read_text())
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({**settings, "workers": 514}))
     resume(run_dir, quiet=True)
+    assert "The run's --workers 514 is more than" in (run_dir / "train.log").read_text()
     assert said()["weights_source"] == f"file: {start}"
     assert json.loads((run_dir / "metrics.json").read_text())["weights"] == f"file: {start}"
 
@@ -766,6 +773,12 @@ def test_a_vit_trains_at_another_size_and_its_bundle_rebuilds_at_it(demo_dir, tm
             tmp_path / "runs", f"from-vit64-{size}", quiet=True)
         manifest = load_bundle(again / "model")[1]
         assert manifest["preprocessing"]["input_size"] == expected
+    # A resume loads no weights but its checkpoint's: it builds the model at that size again
+    # (as a run that was killed before its bundle was written).
+    (again / "model" / "manifest.json").unlink()
+    (again / "metrics.json").unlink()
+    resume(again, quiet=True)
+    assert load_bundle(again / "model")[1]["preprocessing"]["input_size"] == 64
     # data audit --weights RUN: the run's backbone, at its size.
     from wingspan.config import AuditConfig
     from wingspan.data.audit import image_features

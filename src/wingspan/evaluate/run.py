@@ -409,7 +409,8 @@ def _rows(dataset: Dataset, split: str, level: str, predictor: Predictor,
     rows = dataset.table if split == "all" else dataset.table[dataset.table[SPLIT] == split]
     # A model trained before folder names lost their end spaces knows "monarch " where the
     # data now reads "monarch": that is its class.
-    theirs_to_ours = {nfc(c.strip()): c for c in predictor.classes if nfc(c.strip()) != c}
+    theirs_to_ours = {nfc(c.strip()): c for c in predictor.classes
+                      if nfc(c.strip()) not in predictor.classes}
     theirs_to_ours.update({theirs: ours for ours, theirs in (class_map or {}).items()})
     return rows.assign(_label=rows[level].replace(theirs_to_ours).replace(predictor.rare))
 

@@ -49,6 +49,9 @@ class RunState:
     epoch_skipped: int | None = None
     # Where the backbone's first weights came from: a resumed run loads none of its own.
     weights_source: str = ""
+    # The size the model was built at when not --image-size's: a resized ViT's whose weights
+    # it started from (--weights RUN), which a resume, loading no weights, must build again.
+    input_size: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -399,6 +399,14 @@ def _check_classes_remain(splits: Path, dataset: Dataset, gone: list[str],
             hint=f"Put the images back where {splits.name} says, or start a new run.")
 
 
+def _saved_workers(run_dir: Path) -> int | None:
+    """The --workers in the run's config.yaml (a resume may set another)."""
+    try:
+        return (yaml.safe_load((run_dir / CONFIG_FILE).read_text()) or {}).get("workers")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+
+
 def _start(run_dir: Path, config: TrainConfig, dataset: Dataset, quiet: bool,
            checkpoint: dict | None, fabric, before: tuple[str, ...] = ()) -> Run:
     """The run's model, engines, data and state, from scratch or from `checkpoint`;
@@ -406,8 +414,9 @@ def _start(run_dir: Path, config: TrainConfig, dataset: Dataset, quiet: bool,
     torch.manual_seed(config.seed)
     logs: list[str] = []
     # Before any work; a resumed run's saved --workers may come from a larger machine.
+    saved = checkpoint is not None and config.workers == _saved_workers(run_dir)
     workers = resolve_workers(config.workers, _processes(config).world()[0],
-                              log=logs.append if checkpoint else None)
+                              log=logs.append if saved else None)
     policy = resolve_policy(str(fabric.device), config.precision, runtime=config.runtime)
     plan = plan_labels(dataset, config.trained_levels, config, log=logs.append)
     # A resumed run takes every weight from its checkpoint, so it needs no download.
@@ -416,10 +425,11 @@ def _start(run_dir: Path, config: TrainConfig, dataset: Dataset, quiet: bool,
                                       {lv: len(plan.classes[lv]) for lv in plan.levels},
                                       weights, hidden=config.hidden, dropout=config.dropout)
     model.backbone.train_bn = config.train_bn
-    if config.image_size:
-        model.set_input_size(config.image_size)
     state = RunState(**checkpoint["state"]) if checkpoint else RunState(
-        weights_source=loaded.describe() if loaded else config.weights)
+        weights_source=loaded.describe() if loaded else config.weights,
+        input_size=loaded.input_size if loaded else None)
+    if config.image_size or state.input_size:
+        model.set_input_size(config.image_size or state.input_size)
     policy.prepare_model(model)
     if checkpoint:  # a resumed run that must choose again guards its own weights
         model.load_state_dict(checkpoint["model"])
