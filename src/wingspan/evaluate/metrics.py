@@ -140,7 +140,10 @@ def per_class_table(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str],
 
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
-    return confusion_matrix(y_true, y_pred, labels=np.arange(n_classes))
+    with warnings.catch_warnings():  # one class everywhere (a taxonomy's single family):
+        # scikit-learn warns of a shape that `labels` already fixes
+        warnings.filterwarnings("ignore", "A single label was found", UserWarning)
+        return confusion_matrix(y_true, y_pred, labels=np.arange(n_classes))
 
 
 def most_confused(cm: np.ndarray, classes: list[str], n: int = 15) -> list[dict]:
