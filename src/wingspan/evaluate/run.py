@@ -17,7 +17,7 @@ from wingspan.data.csvfiles import nfc
 from wingspan.data.plots import plot_class_balance
 from wingspan.data.preview import write_preview
 from wingspan.data.samples import SPLIT, Dataset
-from wingspan.errors import WingspanError
+from wingspan.errors import WingspanError, counted
 from wingspan.evaluate import plots
 from wingspan.evaluate.calibration import (
     MIN_CALIBRATION_IMAGES,
@@ -524,7 +524,7 @@ def _check_enough_to_calibrate(readable: int, given: int, split: str, manifest: 
     kept = manifest.get("calibration", {})
     unread = f" ({given - readable} could not be read)" if given > readable else ""
     raise WingspanError(
-        f"Only {readable} image{'s' if readable != 1 else ''} of the model's classes in the "
+        f"Only {counted(readable, 'image')} of the model's classes in the "
         f"'{split}' split to fit the temperature on{unread}: a temperature fitted on fewer "
         f"than {MIN_CALIBRATION_IMAGES} says little about other images. The model keeps its "
         f"temperature ({kept.get('temperature', 1.0):.3f}"
@@ -709,9 +709,8 @@ def _report(out_dir, name, predictor, run_dir, dataset, level, split, metrics, t
     summary += [("Cohen's kappa", "-" if kappa is None else f"{kappa:.4f}"),
                 ("unreadable images", len(metrics["unreadable"])),
                 ("images of classes the model does not know (left out)",
-                 f"{metrics.get('unknown_class_images', 0)} images of "
-                 f"{len(metrics['unknown_classes'])} "
-                 + ("class" if len(metrics["unknown_classes"]) == 1 else "classes")
+                 f"{counted(metrics.get('unknown_class_images', 0), 'image')} of "
+                 + counted(len(metrics["unknown_classes"]), "class", "classes")
                  + (f": {', '.join(metrics['unknown_classes'][:8])}"
                     if metrics["unknown_classes"] else "")
                  if metrics["unknown_classes"] else "none"),
