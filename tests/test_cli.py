@@ -139,6 +139,20 @@ def test_weights_that_are_no_keyword_and_no_file_say_what_weights_takes(
     assert code == 2 and "Did you mean auto?" in err
 
 
+def test_a_bad_option_under_torchrun_is_said_by_rank_0_alone(run_cli, demo_dir, tmp_path,
+                                                               monkeypatch):
+    """torchrun starts every process with the same command line: each finds the same typo
+    before any process group exists, and only rank 0 (RANK from the launcher) prints it."""
+    bad = ("train", demo_dir, "--weights", "atuo", "--runs-dir", tmp_path / "runs", "--quiet")
+    for rank, says in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        code, _, err = run_cli(*bad)
+        assert code == 2 and ("Did you mean auto?" in err) == says, (rank, err)
+    monkeypatch.setenv("RANK", "1")  # errors met after the options: each process says its own
+    code, _, err = run_cli("train", "--resume", tmp_path / "no-such-run", "--quiet")
+    assert code == 2 and "Error" in err, err
+
+
 def test_serve_on_a_port_in_use_is_one_clear_message(run_cli, tmp_path):
     import socket
 

@@ -5,6 +5,7 @@ Every default comes from `wingspan.config`; all the work happens in the library.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import sys
@@ -507,48 +508,50 @@ def train_command(
     from wingspan.training import run as training
 
     if resume:  # only where it runs may change
-        given = {k: v for k, v in ctx.params.items()
-                 if ctx.get_parameter_source(k).name == "COMMANDLINE"}
-        ignored = sorted(set(given) - {"resume", "quiet", *training.MACHINE_SETTINGS})
-        if ignored:  # refused, not dropped: the user would believe they took effect
-            names = ", ".join("DATA" if k == "data" else "--" + k.replace("_", "-")
-                              for k in ignored)
-            raise WingspanError(
-                f"--resume continues {resume} with the settings it began with; {names} "
-                "cannot change them.",
-                hint="Leave them out; a resumed run may change only "
-                     f"{', '.join('--' + k for k in training.MACHINE_SETTINGS)}. To train "
-                     "with other settings, start a new run.")
+        with _same_on_every_rank():
+            given = {k: v for k, v in ctx.params.items()
+                     if ctx.get_parameter_source(k).name == "COMMANDLINE"}
+            ignored = sorted(set(given) - {"resume", "quiet", *training.MACHINE_SETTINGS})
+            if ignored:  # refused, not dropped: the user would believe they took effect
+                names = ", ".join("DATA" if k == "data" else "--" + k.replace("_", "-")
+                                  for k in ignored)
+                raise WingspanError(
+                    f"--resume continues {resume} with the settings it began with; {names} "
+                    "cannot change them.",
+                    hint="Leave them out; a resumed run may change only "
+                         f"{', '.join('--' + k for k in training.MACHINE_SETTINGS)}. To train "
+                         "with other settings, start a new run.")
         machine = {k: v for k, v in given.items() if k in training.MACHINE_SETTINGS}
         run_dir = training.resume(resume, quiet=quiet, **machine)
     else:
-        if data is None:
-            raise WingspanError("Give DATA to train on (or --resume RUN).")
-        # Only options set on the command line override the config file.
-        params = dict(ctx.params)
-        if levels:
-            params["levels"] = [lv.strip() for lv in levels.split(",") if lv.strip()]
-        if holdout_classes is not None:  # "" holds none out (over a config file's)
-            params["holdout_classes"] = [c.strip() for c in holdout_classes.split(",")
-                                         if c.strip()]
-        if level_weights:
-            try:
-                params["level_weights"] = [float(w) for w in level_weights.split(",")]
-            except ValueError as e:
-                raise WingspanError(f"--level-weights must be numbers: {level_weights}") from e
-        given = {k: v for k, v in params.items() if k in TrainConfig.__dataclass_fields__
-                 and ctx.get_parameter_source(k).name == "COMMANDLINE"}
-        if "level" in given and "levels" in given and given["level"] not in given["levels"]:
-            raise WingspanError(
-                f"--level {level} is not one of --levels {levels}.",
-                hint="--levels trains every level named and predicts the finest; --level "
-                "trains one. Give one of them.")
-        if "level" in given and "levels" not in given:  # one level: not the file's several
-            given.update(levels=None, level_weights=None)
-        settings = (_config(ctx, TrainConfig.from_file, config, **given) if config else
-                    _config(ctx, TrainConfig, **{k: v for k, v in params.items()
-                                            if k in TrainConfig.__dataclass_fields__}))
-        check_weights(settings.weights)  # a typo: said now, not after reading the data
+        with _same_on_every_rank():
+            if data is None:
+                raise WingspanError("Give DATA to train on (or --resume RUN).")
+            # Only options set on the command line override the config file.
+            params = dict(ctx.params)
+            if levels:
+                params["levels"] = [lv.strip() for lv in levels.split(",") if lv.strip()]
+            if holdout_classes is not None:  # "" holds none out (over a config file's)
+                params["holdout_classes"] = [c.strip() for c in holdout_classes.split(",")
+                                             if c.strip()]
+            if level_weights:
+                try:
+                    params["level_weights"] = [float(w) for w in level_weights.split(",")]
+                except ValueError as e:
+                    raise WingspanError(f"--level-weights must be numbers: {level_weights}") from e
+            given = {k: v for k, v in params.items() if k in TrainConfig.__dataclass_fields__
+                     and ctx.get_parameter_source(k).name == "COMMANDLINE"}
+            if "level" in given and "levels" in given and given["level"] not in given["levels"]:
+                raise WingspanError(
+                    f"--level {level} is not one of --levels {levels}.",
+                    hint="--levels trains every level named and predicts the finest; --level "
+                    "trains one. Give one of them.")
+            if "level" in given and "levels" not in given:  # one level: not the file's several
+                given.update(levels=None, level_weights=None)
+            settings = (_config(ctx, TrainConfig.from_file, config, **given) if config else
+                        _config(ctx, TrainConfig, **{k: v for k, v in params.items()
+                                                if k in TrainConfig.__dataclass_fields__}))
+            check_weights(settings.weights)  # a typo: said now, not after reading the data
         # strict: set here or in the config file (where it also stops training at a
         # broken image), it stops the reading at a missing or unreadable file too.
         dataset = _read(data, format, group_regex, settings.strict)
@@ -1210,9 +1213,24 @@ def demo(
 
 
 def _rank() -> int:
+    """This process's rank: the process group's, or before it exists the launcher's
+    (torchrun sets RANK in every process it starts)."""
     import torch.distributed as dist
 
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+@contextlib.contextmanager
+def _same_on_every_rank():
+    """Errors in the options themselves: under torchrun every process finds the same one
+    before training starts, and rank 0 alone says it (not once per process)."""
+    try:
+        yield
+    except WingspanError as e:
+        e.every_rank = True
+        raise
 
 
 def _one_line_summaries(*apps: typer.Typer) -> None:
