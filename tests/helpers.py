@@ -33,6 +33,16 @@ def folder_dataset(root: Path, counts: dict[str, int], size=(24, 24)) -> Path:
     return root
 
 
+def broken_images(folder: Path, n: int) -> list[Path]:
+    """n unreadable '.jpg' files in `folder`: empty, text, and JPEGs cut short, in turn."""
+    good = write_image(folder / "whole.tmp.jpg", seed=99, fmt="JPEG").read_bytes()
+    (folder / "whole.tmp.jpg").unlink()
+    paths = [folder / f"broken_{i}.jpg" for i in range(n)]
+    for i, path in enumerate(paths):
+        path.write_bytes([b"", b"not an image\n", good[: len(good) // 3]][i % 3])
+    return paths
+
+
 def wait_for_finetune_epochs(proc, run_dir: Path, epochs: int, timeout: float = 120) -> None:
     """Poll a training subprocess until its history.csv has `epochs` fine-tuning rows (it
     must still be running then, to be killed mid-run)."""

@@ -10,7 +10,12 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from helpers import kill_at_first_finetune_row, wait_for_finetune_epochs
+from helpers import (
+    broken_images,
+    folder_dataset,
+    kill_at_first_finetune_row,
+    wait_for_finetune_epochs,
+)
 from PIL import Image
 
 from wingspan.config import TrainConfig
@@ -230,6 +235,49 @@ def test_class_weights_count_only_the_images_that_can_be_read(demo_dir, tmp_path
     said = [line for line in (auto.dir / "train.log").read_text().splitlines()
             if "Class-weighted loss now off: without the" in line]
     assert len(said) == 1 and f"{len(beyond)} unreadable training images" in said[0]
+
+
+def test_the_weighted_sampler_counts_only_the_images_that_can_be_read(tmp_path, monkeypatch):
+    from wingspan.training import stages
+    from wingspan.training.data import EpochBatches
+
+    data = folder_dataset(tmp_path / "data", {"a": 12, "b": 12})
+    broken_images(data / "a", 9)  # 'a' lists 21 files, only 12 of which can be read
+    seen, draws = {}, []  # (stage, the sampler's weights, the images the epoch may draw)
+    every_class_readable, epoch_order = stages.every_class_readable, stages.epoch_order
+    set_epoch = EpochBatches.set_epoch
+
+    def readable(run):
+        seen["run"] = run
+        return every_class_readable(run)
+
+    def head_order(n, seed, epoch, weights=None):
+        draws.append(("head", weights, seen["run"].readable(seen["run"].data.train)))
+        return epoch_order(n, seed, epoch, weights)
+
+    def finetune_order(batches, epoch, start_batch=0):
+        kept = torch.tensor([i not in batches.skip for i in range(batches.n)])
+        draws.append(("finetune", batches.weights, kept))
+        set_epoch(batches, epoch, start_batch)
+
+    monkeypatch.setattr(stages, "every_class_readable", readable)
+    monkeypatch.setattr(stages, "epoch_order", head_order)
+    monkeypatch.setattr(EpochBatches, "set_epoch", finetune_order)
+    # (balanced as well: the loss's weights are on too, to compare the sampler's with)
+    train(read_dataset(data), tiny(tmp_path, sampler="weighted", class_weights="balanced",
+                                   epochs_head=2, epochs_finetune=1), tmp_path / "runs",
+          quiet=True)
+    run = seen["run"]
+    labels = run.data.train.labels[:, -1]
+    loss = loss_fn(run, torch.device("cpu")).class_weights["label"]
+    assert not run.readable(run.data.train).all()  # the feature cache found them at once
+    assert [stage for stage, *_ in draws] == ["head", "head", "finetune"]
+    for stage, weights, kept in draws:
+        # each class as likely to be drawn, once its unreadable images are left out
+        mass = [float(weights[kept & (labels == c)].sum()) for c in (0, 1)]
+        assert mass[0] == pytest.approx(mass[1]), (stage, mass)
+        # by the weights of the loss's count, not one of its own
+        torch.testing.assert_close(weights[kept], loss[labels[kept]])
 
 
 def test_class_weights_default_on_only_for_imbalanced_data(demo_dir, tmp_path):

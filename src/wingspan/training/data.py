@@ -84,10 +84,12 @@ class Batch(NamedTuple):
 def epoch_order(n: int, seed: int, epoch: int, weights: torch.Tensor | None = None
                 ) -> list[int]:
     """One epoch's order of the n training items: a seeded permutation, or a weighted draw
-    with replacement (`--sampler weighted`). The same on every rank."""
+    with replacement (`--sampler weighted`) of as many as have a weight (an unreadable
+    image has none). The same on every rank."""
     g = torch.Generator().manual_seed(item_seed(seed, epoch, ORDER))
     if weights is not None:
-        return torch.multinomial(weights, n, replacement=True, generator=g).tolist()
+        draws = int(weights.count_nonzero())
+        return torch.multinomial(weights, draws, replacement=True, generator=g).tolist()
     return torch.randperm(n, generator=g).tolist()
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -56,11 +57,11 @@ class Criterion:
     batch, so that DDP's average of the ranks' gradients is exactly one process's."""
 
     def __init__(self, run: Run, device: torch.device, fabric=None,
-                 readable: torch.Tensor | None = None):
+                 weights: Weighting | None = None):
         self.levels = run.data.levels
         self.weights = run.data.level_weights
-        weights = _class_weights(run, readable)
-        self.class_weights = {lv: _to(weights[lv], device) for lv in self.levels}
+        loss = (weights or weighting(run)).loss
+        self.class_weights = {lv: _to(loss[lv], device) for lv in self.levels}
         self.smoothing = run.config.label_smoothing
         self.fabric = fabric if fabric is not None and fabric.world_size > 1 else None
 
@@ -84,26 +85,39 @@ class Criterion:
 
 
 def loss_fn(run: Run, device: torch.device | None = None, fabric=None,
-            readable: torch.Tensor | None = None) -> Criterion:
+            weights: Weighting | None = None) -> Criterion:
     """The training loss, its class weights on `device` (default: the run's); `fabric`
-    normalises over a distributed global batch; `readable`: the training images it counts
-    for the class weights (default: those not known to be unreadable now)."""
-    return Criterion(run, device or run.device, fabric, readable)
+    normalises over a distributed global batch; `weights`: the epoch's (default: those of
+    the training images not known to be unreadable now)."""
+    return Criterion(run, device or run.device, fabric, weights)
 
 
-def _class_weights(run: Run, readable: torch.Tensor | None) -> dict:
-    """The loss's class weights (or None per level), counted on the `readable` training
-    images: a class's unreadable files, skipped, must not make it look common."""
+class Weighting(NamedTuple):
+    """How an epoch balances the classes, both parts from one count of its readable images."""
+
+    loss: dict[str, torch.Tensor | None]  # per level, the loss's class weights (None: off)
+    sample: torch.Tensor | None  # per training image, the weighted sampler's (None: shuffle)
+
+
+def weighting(run: Run, readable: torch.Tensor | None = None) -> Weighting:
+    """The loss's class weights and the weighted sampler's image weights, counted on the
+    `readable` training images (default: those not known to be unreadable now). A class's
+    unreadable files, skipped, must not make it look common to the loss, nor take draws
+    from the sampler that are then thrown away (it would be drawn less than the others)."""
+    data = run.data
     if readable is None:
         if not run.state.skipped:
-            return run.data.class_weights
-        readable = run.readable(run.data.train)
+            return Weighting(data.class_weights, data.sample_weights)
+        readable = run.readable(data.train)
     if bool(readable.all()):
-        return run.data.class_weights
-    weights, use = weigh_classes(run.data.train.labels[readable], run.data.levels,
-                                 run.data.level_classes, run.config)
+        return Weighting(data.class_weights, data.sample_weights)
+    weights, use = weigh_classes(data.train.labels[readable], data.levels,
+                                 data.level_classes, run.config)
     _note_weighting(run, use, int((~readable).sum()))
-    return {lv: weights[lv] if use[lv] else None for lv in run.data.levels}
+    sample = None
+    if data.sample_weights is not None:  # an unreadable image is never drawn
+        sample = weights[data.level][data.train.labels[:, -1]] * readable
+    return Weighting({lv: weights[lv] if use[lv] else None for lv in data.levels}, sample)
 
 
 def _note_weighting(run: Run, use: dict[str, bool], unreadable: int) -> None:
@@ -316,9 +330,9 @@ def train_head(run: Run) -> None:
     for epoch in range(state.epoch, config.epochs_head):
         start = time.perf_counter()
         readable = every_class_readable(run)
-        criterion = loss_fn(run, readable=readable)  # weights of the images it can read
-        order = [i for i in epoch_order(n, config.seed, epoch, run.data.sample_weights)
-                 if readable[i]]
+        balance = weighting(run, readable)  # of the images it can read
+        criterion = loss_fn(run, weights=balance)
+        order = [i for i in epoch_order(n, config.seed, epoch, balance.sample) if readable[i]]
         g = torch.Generator().manual_seed(item_seed(config.seed, epoch, VIEW_CHOICE))
         views = torch.randint(0, config.feature_views + 1, (n,), generator=g)
         head.train()
@@ -403,8 +417,7 @@ def finetune(run: Run) -> None:
     top_lr = config.lr * config.finetune_lr_scale
     optimizer = make_optimizer(run.model, top_lr, config.weight_decay, config.layer_decay)
     batches = EpochBatches(len(run.data.train), config.batch_size, config.seed, view=1,
-                           weights=run.data.sample_weights, rank=fabric.global_rank,
-                           world=fabric.world_size)
+                           rank=fabric.global_rank, world=fabric.world_size)
     _leave_out_unreadable(run, batches)
     steps_per_epoch = len(batches)
     scheduler = make_scheduler(optimizer, steps_per_epoch * config.epochs_finetune,
@@ -426,9 +439,8 @@ def finetune(run: Run) -> None:
         partial = ((run.is_main and state.partial)
                    or {"loss_sum": 0.0, "labels": [], "preds": [], "seconds": 0.0})
         start, last_save = time.perf_counter(), time.perf_counter()
-        readable = _leave_out_unreadable(run, batches)
-        # The class weights of the images the epoch's order holds (a resumed epoch's too)
-        criterion = loss_fn(run, fabric=fabric, readable=readable)
+        # Weights of the images the epoch's order holds (a resumed epoch's too)
+        criterion = loss_fn(run, fabric=fabric, weights=_leave_out_unreadable(run, batches))
         batches.set_epoch(epoch, state.step)
         run.model.train()  # through Backbone.train, which keeps frozen BatchNorm frozen
         bar = track(loader, f"Fine-tune epoch {epoch + 1}/{config.epochs_finetune}",
@@ -509,18 +521,20 @@ def _stop_if_diverged(run: Run, stage: str, epoch: int, step: int) -> None:
         hint="Train again with a lower --lr (stage 2 runs at lr x finetune_lr_scale).")
 
 
-def _leave_out_unreadable(run: Run, batches: EpochBatches) -> torch.Tensor:
+def _leave_out_unreadable(run: Run, batches: EpochBatches) -> Weighting:
     """The fine-tuning epoch's order leaves out the images known to be unreadable when it
     began; a resumed epoch the same ones, not those found since (they are left out of the
-    next), or its checkpoint's step count would point at other batches. Returns the mask
-    of the images it keeps."""
+    next), or its checkpoint's step count would point at other batches. The sampler's
+    weights are counted on the images it keeps; returns them with the loss's."""
     state = run.state
     if state.step == 0:
         every_class_readable(run)
         state.epoch_skipped = len(state.skipped)
     known = set(list(state.skipped)[:state.epoch_skipped])  # kept in the order found
     batches.skip = {i for i, path in enumerate(run.data.train.paths) if path in known}
-    return torch.tensor([path not in known for path in run.data.train.paths])
+    balance = weighting(run, torch.tensor([path not in known for path in run.data.train.paths]))
+    batches.weights = balance.sample
+    return balance
 
 
 def _checkpoint_due(run: Run, last_save: float, step: int) -> bool:
