@@ -737,6 +737,30 @@ def test_unreadable_images_are_skipped_listed_and_training_goes_on(demo_dir, tmp
               quiet=True)
 
 
+@pytest.mark.parametrize("feature_cache", [True, False])
+def test_the_training_image_count_is_said_of_the_images_that_can_be_read(tmp_path,
+                                                                         feature_cache):
+    data = folder_dataset(tmp_path / "data", {"a": 12, "b": 12})
+    broken_images(data / "a", 6)
+    run_dir = train(read_dataset(data), tiny(tmp_path, feature_cache=feature_cache,
+                                             epochs_head=2, epochs_finetune=0),
+                    tmp_path / "runs", quiet=True)
+    split = pd.read_csv(run_dir / "splits.csv")["split"]
+    listed, listed_val = int((split == "train").sum()), int((split == "val").sum())
+    read = json.loads((run_dir / "metrics.json").read_text())
+    assert read["train_images"] < listed and read["val_images"] < listed_val
+    log = (run_dir / "train.log").read_text()
+    assert f"{listed} training and {listed_val} validation images;" in log  # as listed
+    # Once read (the feature cache, else the first epoch), the counts of what it reads
+    said = [line for line in log.splitlines() if "(left out: 6 unreadable images," in line]
+    assert len(said) == 1, log
+    assert (f"Training on {read['train_images']} of the {listed} training images and "
+            f"validating on {read['val_images']} of the {listed_val} validation images") in said[0]
+    if feature_cache:
+        assert (f"Cached features of {read['train_images']} training images x 2 views and "
+                f"{read['val_images']} validation images") in log
+
+
 def test_train_reports_what_reading_left_out(demo_dir, tmp_path):
     import shutil
 

@@ -98,6 +98,8 @@ class Run:
     strict_stop: str | None = None
     # Per level, whether the loss was last said to be class-weighted (None: as at the start).
     loss_weighted: dict[str, bool] | None = None
+    # (training, val) images last said to be unreadable (None: none yet).
+    unreadable_said: tuple[int, int] | None = None
 
     @property
     def is_main(self) -> bool:

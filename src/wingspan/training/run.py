@@ -52,7 +52,7 @@ from wingspan.training.prepare import (
     plan_labels,
     report_reading,
 )
-from wingspan.training.stages import finetune, train_head
+from wingspan.training.stages import finetune, say_what_is_read, train_head
 from wingspan.training.step import choose_train
 
 CONFIG_FILE, SPLITS_FILE = "config.yaml", "splits.csv"
@@ -499,6 +499,7 @@ def _finish(run: Run) -> Path:
 
 def _write_results(run: Run) -> None:
     state = run.state
+    say_what_is_read(run)  # what the last epoch found too
     best = load_checkpoint(run.checkpoints / "best.pt")
     run.model.load_state_dict(best["model"])
     best_row = next(r for r in state.history

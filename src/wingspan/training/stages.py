@@ -250,6 +250,8 @@ def extract_features(run: Run, views: int) -> tuple[torch.Tensor, torch.Tensor]:
     seconds = time.perf_counter() - start
     run.state.stage_seconds["head"] = run.state.stage_seconds.get("head", 0.0) + seconds
     run.timing("head", "feature_cache", seconds)
+    # Of the images read: unreadable ones have no features (and are listed above).
+    n, m = int(run.readable(run.data.train).sum()), int(run.readable(run.data.val).sum())
     run.log(f"Cached features of {n} training images x {views + 1} views and {m} validation "
             f"images in {seconds:.1f}s ({(n * (views + 1) + m) / seconds:.1f} images/s"
             + (f" over {world} processes)" if world > 1 else ")"))
@@ -304,7 +306,27 @@ def every_class_readable(run: Run) -> torch.Tensor:
                             hint=f"Mend or remove its images (the files are listed in "
                                  f"{run.dir / 'train.log'}), or leave the class out of the "
                                  "data, then train again.", every_rank=True)
+    say_what_is_read(run, readable)
     return readable
+
+
+def say_what_is_read(run: Run, readable: torch.Tensor | None = None) -> None:
+    """One train.log line each time more images are known to be unreadable: the counts said
+    at the start were of the files listed, before any was read. `readable`: the training
+    images' mask, if known."""
+    read = readable if readable is not None else run.readable(run.data.train)
+    read_val = run.readable(run.data.val)
+    unreadable = (int((~read).sum()), int((~read_val).sum()))
+    if unreadable == (run.unreadable_said or (0, 0)):
+        return
+    run.unreadable_said = unreadable
+    parts = [f"{what} on {int(mask.sum())} of the {len(mask)} {split} images"
+             for what, split, mask, k in (("training", "training", read, unreadable[0]),
+                                          ("validating", "validation", read_val, unreadable[1]))
+             if k]
+    run.log(f"{' and '.join(parts).capitalize()} (left out: "
+            f"{counted(sum(unreadable), 'unreadable image')}, listed above and in "
+            "metrics.json)")
 
 
 def train_head(run: Run) -> None:
