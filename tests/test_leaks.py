@@ -4,7 +4,7 @@ import shutil
 
 import pandas as pd
 import pytest
-from helpers import folder_dataset
+from helpers import folder_dataset, write_image
 
 from wingspan.config import SplitConfig
 from wingspan.data import read_dataset
@@ -96,6 +96,37 @@ def test_ethec_splits_that_list_an_image_twice_are_repaired_and_reported(tmp_pat
     assert not find_leaks(dataset)
     rows = dataset.table[dataset.table["path"].str.endswith(f"/{leaked['image_name']}")]
     assert rows["split"].tolist() == ["test"]  # kept on the test side only
+
+
+def test_ethec_reports_each_leak_once(tmp_path):
+    """An image listed in val and test lists its barcode (the group) twice too: that is the
+    image's leak, not also the barcode's. A barcode leaks through two of its images."""
+    import json
+
+    from wingspan.data.ethec import IMAGE_DIR
+
+    root = tmp_path / "ethec"
+    (root / "splits").mkdir(parents=True)
+
+    def record(n, barcode):
+        return {"token": f"t{n}", "image_path": "d", "image_name": f"{n}.jpg",
+                "family": "Pieridae", "subfamily": "Pierinae", "genus": "Pieris",
+                "specific_epithet": "rapae", "barcode": barcode}
+
+    records = {"val": {f"t{n}": record(n, f"B{n}") for n in range(4)},
+               "test": {f"t{n}": record(n, f"B{n}") for n in range(4, 8)}}
+    records["test"]["again"] = {**record(0, "B0"), "token": "again"}  # image 0, val + test
+    records["test"]["t8"] = record(8, "B1")  # specimen B1: image 1 in val, image 8 in test
+    for split, recs in records.items():
+        (root / "splits" / f"{split}.json").write_text(json.dumps(recs))
+    for n in range(9):
+        write_image(root / IMAGE_DIR / "d" / f"{n}.jpg", seed=n, fmt="JPEG")
+    dataset = read_dataset(root)
+    said = {p.kind: p.message for p in dataset.problems if "two_splits" in p.kind}
+    assert said["barcode_in_two_splits"].startswith("1 barcode has images in more than one")
+    assert said["image_in_two_splits"].startswith("1 image is in more than one split")
+    leaks = find_leaks(dataset, by_content=False)  # what training counts, the same
+    assert len(leaks.by_path) == 1 and list(leaks.by_group) == ["B1"]
 
 
 def test_empty_files_are_not_one_picture_on_every_side(tmp_path):
