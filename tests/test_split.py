@@ -204,6 +204,12 @@ def test_a_resplit_keeps_one_row_of_an_image_listed_on_two_sides(demo_dir):
     split, report = split_dataset(listed, config=SplitConfig(0.2, 0.2, seed=0))
     assert report.repeats_dropped == 3
     assert len(split.table) == len(ds.table) and not split.table["path"].duplicated().any()
+    # An image on three sides is one image listed again, not two
+    thrice = pd.concat([table, table.iloc[:1].assign(split="test"),
+                        table.iloc[:1].assign(split="train")], ignore_index=True)
+    split, report = split_dataset(Dataset(thrice, ds.levels, ds.root, "csv", []),
+                                  config=SplitConfig(0.2, 0.2, seed=0))
+    assert report.repeats_dropped == 1 and len(split.table) == len(ds.table)
     # Repeats on one side (oversampled training rows) are the user's: they stay, together.
     oversampled = Dataset(pd.concat([table, table.iloc[:3]], ignore_index=True), ds.levels,
                           ds.root, "csv", [])

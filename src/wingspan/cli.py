@@ -248,8 +248,8 @@ def _print_split(result) -> None:
     sizes = ", ".join(f"{k} {v} ({r.fractions[k]:.0%})" for k, v in r.sizes.items())
     out.print(f"Split on '{result.level}': {sizes}")
     if r.repeats_dropped:
-        out.print(f"{r.repeats_dropped} images were listed twice (on two sides before): "
-                  "each is one image now")
+        out.print(f"{counted(r.repeats_dropped, 'image')} listed on more than one side: one "
+                  "row each now")
     if r.train_only:
         out.print(f"[yellow]{len(r.train_only)} classes have too few groups for every split; "
                   f"kept in train only:[/] {_some(r.train_only)}")

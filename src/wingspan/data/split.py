@@ -29,7 +29,7 @@ class SplitReport:
     train_only: dict[str, int] = field(default_factory=dict)  # class -> groups it has
     missing: dict[str, list[str]] = field(default_factory=dict)  # split -> absent classes
     duplicates_grouped: int = 0  # groups merged into others because they hold one picture
-    repeats_dropped: int = 0  # rows of a path listed before on another side (ETHEC's)
+    repeats_dropped: int = 0  # images listed on more than one side (ETHEC's), now one row
 
 
 def split_dataset(dataset: Dataset, level: str | None = None,
@@ -91,7 +91,8 @@ def split_dataset(dataset: Dataset, level: str | None = None,
         sizes={k: int(v) for k, v in sizes.items()},
         fractions={k: round(v / len(table), 3) for k, v in sizes.items()},
         train_only={k: int(v) for k, v in small.items()},
-        missing=missing, duplicates_grouped=merged, repeats_dropped=int(repeated.sum()),
+        missing=missing, duplicates_grouped=merged,
+        repeats_dropped=int(source.loc[repeated, PATH].nunique()),  # images, not their rows
     )
     result = dataset.with_table(table)
     return result, report

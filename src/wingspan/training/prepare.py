@@ -15,7 +15,7 @@ from wingspan.data.sampling import undersample
 from wingspan.data.split import split_dataset
 from wingspan.data.taxonomy import Taxonomy
 from wingspan.data.transforms import eval_transform, train_transform
-from wingspan.errors import WingspanError
+from wingspan.errors import WingspanError, counted
 from wingspan.models.classifier import Preprocessing
 from wingspan.training.context import TrainData
 from wingspan.training.data import LabelledImages
@@ -37,8 +37,8 @@ def ensure_splits(dataset: Dataset, level: str, config: TrainConfig,
                 "side, so they are in train only (not evaluated): "
                 + ", ".join(f"{c} ({n})" for c, n in list(report.train_only.items())[:5]))
         if report.repeats_dropped:
-            log(f"{report.repeats_dropped} images were listed twice (on two sides before): "
-                "each is one image now")
+            log(f"{counted(report.repeats_dropped, 'image')} listed on more than one side: one "
+                "row each now")
         if report.duplicates_grouped:
             log(f"{report.duplicates_grouped} groups hold a picture that another group also "
                 "holds (the same file saved twice): each such pair is kept on one side")
