@@ -192,6 +192,50 @@ def test_predict_agrees_with_the_cli(run, run_cli, demo_dir, tmp_path):
         run.predict(tmp_path / "missing.jpg", quiet=True)
 
 
+def test_workers_reach_the_loader_and_change_no_answer(run, run_cli, demo_dir, tmp_path,
+                                                       monkeypatch):
+    """predict, evaluate and calibrate --workers (and the API's `workers`) set the data
+    loader's workers; 0 and 1 give the same answers."""
+    import wingspan.inference as inference
+
+    used, loader = [], inference.DataLoader
+
+    def spy(*args, **kwargs):
+        used.append(kwargs["num_workers"])
+        return loader(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "DataLoader", spy)
+    folder = sorted(p for p in demo_dir.iterdir() if p.is_dir())[0]
+    for n in ("0", "1"):
+        code, _, err = run_cli("predict", run.dir, folder, "--workers", n, "--quiet",
+                               "--output", tmp_path / f"p{n}.csv")
+        assert code == 0, err
+    assert used == [0, 1]
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "p0.csv"),
+                                  pd.read_csv(tmp_path / "p1.csv"))
+    assert run.predict(folder, workers=1, quiet=True).equals(
+        run.predict(folder, workers=0, quiet=True))
+    assert used[2:] == [1, 0]
+    code, _, err = run_cli("evaluate", run.dir, "--split", "val", "--workers", "1", "--quiet",
+                           "--out", tmp_path / "e1")
+    assert code == 0, err
+    e0 = run.evaluate(split="val", workers=0, out=tmp_path / "e0", quiet=True).metrics
+    e1 = json.loads((tmp_path / "e1" / "metrics.json").read_text())
+    timing = {"images_per_second", "engine"}
+    assert {k: v for k, v in e0.items() if k not in timing} == \
+        {k: v for k, v in e1.items() if k not in timing}
+    assert used[4:] == [1, 0]
+    shutil.copytree(run.dir, tmp_path / "copy")  # calibrate rewrites the bundle
+    code, _, err = run_cli("calibrate", tmp_path / "copy", "--workers", "1", "--quiet")
+    assert code == 0, err
+    assert used[6:] == [1]
+    with pytest.raises(WingspanError, match="workers: expected a whole number of at least 0, "
+                                            "got -1"):
+        run.predict(folder, workers=-1, quiet=True)
+    with pytest.raises(WingspanError, match="workers: expected a whole number"):
+        run.evaluate(workers="2", quiet=True)
+
+
 def test_load_a_run_and_a_bundle(run, demo_dir, tmp_path):
     again = ws.load(run.dir)
     pd.testing.assert_frame_equal(again.history, run.history)

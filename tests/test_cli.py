@@ -1,4 +1,5 @@
 import json
+import os
 import re
 
 import pytest
@@ -253,6 +254,25 @@ def test_predict_refuses_counts_below_one(run_cli, tmp_path, option):
     code, _, err = run_cli("predict", tmp_path, tmp_path / "x.jpg", *option)
     # Typer's wording depends on its version: pydantic's, or click's "x>=1".
     assert code == 2 and re.search(r"greater than or equal to 1|x>=1", " ".join(err.split()))
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", [["predict", "MODEL", "x.jpg"], ["evaluate", "MODEL"],
+                                     ["calibrate", "MODEL"], ["calibrate", "MODEL", "--unknown"],
+                                     ["adapt", "MODEL", "x.jpg"]])
+@pytest.mark.parametrize("workers, message", [
+    ("-1", "--workers must be 0 or more. Got -1 instead."),
+    ("514", "--workers 514 would start 514 data-loading processes on 2 CPU cores; at most 8"),
+])
+def test_commands_that_read_images_refuse_a_bad_workers_as_train_does(
+        run_cli, tmp_path, monkeypatch, command, workers, message):
+    """Each command whose images go through a data loader takes --workers, checked as
+    train's is, before the model is looked for (MODEL is not there)."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)), raising=False)
+    args = [str(tmp_path / "no-run") if a == "MODEL" else a for a in command]
+    code, _, err = run_cli(*args, "--workers", workers)
+    err = " ".join(err.split())
+    assert code == 2 and message in err and "No model at" not in err, err
     assert "Traceback" not in err
 
 

@@ -398,6 +398,11 @@ def _count_arg(name: str, value, least: int = 1) -> int:
     return int(value)
 
 
+def _workers_arg(value) -> int | None:
+    """None (sized to the machine) or 0 or more data workers, named as the API names it."""
+    return None if value is None else _count_arg("workers", value, least=0)
+
+
 def _class_map_arg(value) -> dict[str, str] | None:
     """{model class: data class}; the CLI's "a=b" strings (one, or a list) are taken too."""
     if value is None or isinstance(value, dict):
@@ -502,7 +507,8 @@ class Run:
     def evaluate(self, data: str | Path | None = None, split: str | None = None,
                  out: str | Path | None = None, batch_size: int = TrainConfig.batch_size,
                  device: str = TrainConfig.device, precision: str = TrainConfig.precision,
-                 runtime: str = TrainConfig.runtime, class_map: dict[str, str] | None = None,
+                 runtime: str = TrainConfig.runtime, workers: int | None = None,
+                 class_map: dict[str, str] | None = None,
                  unknown: str | Path | list[str] | None = None,
                  unknown_score: str | None = None, tta: bool = False,
                  quiet: bool = False) -> Evaluation:
@@ -510,7 +516,8 @@ class Run:
         evaluate`: the run's test split by default (else val), or `data`; written to
         RUN/evaluation-SPLIT (or `out`). `unknown`: a folder (or image paths) of classes
         the model never saw, for the unknown answer's figures (metrics["unknown"]).
-        `tta`: test-time augmentation, as predict's (metrics["tta"] says so).
+        `tta`: test-time augmentation, as predict's (metrics["tta"] says so). `workers`:
+        data workers (0: read the images in this process; None: sized to the machine).
 
         >>> ev = run.evaluate()
         >>> ev.metrics["macro"]["f1"], ev.metrics["micro"]["f1"]
@@ -524,7 +531,8 @@ class Run:
             data = _path_arg("data", data)
         result = evaluate(self._model, data, _split_arg(split), _out_arg(out),
                           progress=not quiet,
-                          batch_size=_count_arg("batch_size", batch_size), runtime=runtime,
+                          batch_size=_count_arg("batch_size", batch_size),
+                          workers=_workers_arg(workers), runtime=runtime,
                           precision=precision, device=device,
                           class_map=_class_map_arg(class_map),
                           unknown=None if unknown is None else _paths_arg(unknown, "unknown"),
@@ -538,7 +546,8 @@ class Run:
     def predict(self, paths: str | Path | list[str | Path], top_k: int = 3, tta: bool = False,
                 batch_size: int = TrainConfig.batch_size, device: str = TrainConfig.device,
                 precision: str = TrainConfig.precision, runtime: str = TrainConfig.runtime,
-                unknown_score: str | None = None, quiet: bool = False) -> pd.DataFrame:
+                workers: int | None = None, unknown_score: str | None = None,
+                quiet: bool = False) -> pd.DataFrame:
         """Classes of image files, folders (searched recursively) and globs, as `wingspan
         predict`. One row per image: path, answer (the class, or "unknown" for an image
         unlike every class the model knows; with levels, the class at the finest level
@@ -547,7 +556,8 @@ class Run:
         "nymphalidae 0.98 > monarch 0.95"), top (the top_k (class, probability) pairs),
         known_level (the level the answer is at; None for "unknown"), unknown_score,
         threshold and score_level (the score that decided, at the level it decided) and
-        error (why an input was skipped).
+        error (why an input was skipped). `workers`: data workers (0: read the images in
+        this process; None: sized to the machine).
 
         >>> preds = run.predict(["a.jpg", "field/"])
         >>> preds[preds.probability < 0.5]
@@ -559,7 +569,8 @@ class Run:
         top_k = _count_arg("top_k", top_k)
         predictor = Predictor(self._model, device=device,
                               batch_size=_count_arg("batch_size", batch_size),
-                              runtime=runtime, precision=precision, progress=not quiet,
+                              workers=_workers_arg(workers), runtime=runtime,
+                              precision=precision, progress=not quiet,
                               unknown_score=unknown_score)
         result = predict(predictor, inputs, top_k, tta, progress=not quiet)
         if not result.rows:

@@ -144,6 +144,10 @@ UnknownScoreOpt = Annotated[str | None, typer.Option(
 Precision = Annotated[str, typer.Option(
     help="auto (measured, like --runtime) | fp32 | bf16 | fp16. $WINGSPAN_PRECISION sets "
     "auto.")]
+# Every command that reads images through a data loader; checked by resolve_workers.
+Workers = Annotated[int | None, typer.Option(
+    help="Data workers (0: read the images in this process; default: per machine).",
+    show_default=False)]
 
 
 def _read(data: Path, format: str | None, group_regex: str | None, strict: bool,
@@ -483,8 +487,7 @@ def train_command(
         "runs on a GPU).")] = T.compile,
     precision: Precision = T.precision,
     runtime: Runtime = T.runtime,
-    workers: Annotated[int | None, typer.Option(help="Data workers (default: per machine).")]
-    = None,
+    workers: Workers = None,
     profile: Annotated[bool, typer.Option(
         help="Write a torch.profiler trace of a few fine-tuning steps (runs/NAME/profile).")]
     = False,
@@ -604,6 +607,7 @@ def evaluate_command(
     device: DeviceOpt = T.device,
     precision: Precision = T.precision,
     runtime: Runtime = T.runtime,
+    workers: Workers = None,
     max_pixels: MaxPixels = None,
     class_map: Annotated[list[str] | None, typer.Option(
         "--map", help="MODEL_CLASS=DATA_CLASS (repeat, or separate with commas): evaluate on "
@@ -622,9 +626,10 @@ def evaluate_command(
     from wingspan.evaluate.run import evaluate
 
     result = evaluate(model, data, split, out_dir, progress=not quiet,
-                      batch_size=batch_size, runtime=runtime, precision=precision,
-                      device=device, class_map=_pairs(class_map or [], "--map"),
-                      unknown=unknown, unknown_score=unknown_score, tta=tta)
+                      batch_size=batch_size, workers=workers, runtime=runtime,
+                      precision=precision, device=device,
+                      class_map=_pairs(class_map or [], "--map"), unknown=unknown,
+                      unknown_score=unknown_score, tta=tta)
     _print_evaluation(result)
 
 
@@ -678,6 +683,7 @@ def calibrate_command(
         show_default=False)] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = T.batch_size,
     device: DeviceOpt = T.device,
+    workers: Workers = None,
     unknown: Annotated[bool, typer.Option(
         "--unknown", help="Instead: fit the unknown scores again on the run's own train and "
         "val images (e.g. with another --unknown-rate or --unknown-score).")] = False,
@@ -700,7 +706,7 @@ def calibrate_command(
                                 hint="Leave DATA and --split out (without --unknown they "
                                      "choose what the temperature is fitted on).")
         u = fit_unknown(model, unknown_rate, unknown_score, progress=not quiet,
-                        batch_size=batch_size, device=device)
+                        batch_size=batch_size, workers=workers, device=device)
         out.print(f"Unknown scores fitted on {u['train_images']} training images; thresholds "
                   f"set on {u['val_images']} val images to turn away {u['rate']:.0%} of known "
                   f"ones; default score '{u['score']}'")
@@ -709,7 +715,8 @@ def calibrate_command(
         raise WingspanError("--unknown-rate and --unknown-score set the unknown answer, which "
                             "`calibrate` fits again only with --unknown.",
                             hint="Add --unknown (the temperature is then left as it is).")
-    c = calibrate(model, data, split, progress=not quiet, batch_size=batch_size, device=device)
+    c = calibrate(model, data, split, progress=not quiet, batch_size=batch_size,
+                  workers=workers, device=device)
     out.print(f"Temperature {c['previous_temperature']:.3f} -> {c['temperature']:.3f}, fitted "
               f"on {c['images']} images ({c['fitted_on']}); ECE {c['val_ece_before']:.4f} -> "
               f"{c['val_ece_after']:.4f}"
@@ -741,6 +748,7 @@ def adapt_command(
         help="Refits, the head's class taken afresh from each.")] = A.rounds,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = A.batch_size,
     device: DeviceOpt = A.device,
+    workers: Workers = None,
     max_pixels: MaxPixels = None,
     quiet: Quiet = False,
 ) -> None:
@@ -752,7 +760,7 @@ def adapt_command(
 
     config = _config(ctx, AdaptConfig, neighbours=neighbours, confidence=confidence, rounds=rounds,
                      batch_size=batch_size, device=device)
-    a = adapt(model, photos, out_dir, config, progress=not quiet)
+    a = adapt(model, photos, out_dir, config, progress=not quiet, workers=workers)
     used = list(a["photos_used_per_round"].values())[-1]  # the finest level's
     fits = f" in {len(used)} refits" if len(used) > 1 else ""
     out.print(f"{a['photos']} photos ({a['unreadable']} unreadable); trained on "
@@ -876,6 +884,7 @@ def predict_command(
     strategy: Strategy = T.strategy,
     precision: Precision = T.precision,
     runtime: Runtime = T.runtime,
+    workers: Workers = None,
     max_pixels: MaxPixels = None,
     unknown_score: UnknownScoreOpt = None,
     quiet: Quiet = False,
@@ -890,17 +899,19 @@ def predict_command(
     from wingspan.models.unknown import UNKNOWN
     from wingspan.parallel import Processes
     from wingspan.predict import predict, write_predictions
+    from wingspan.training.data import resolve_workers
 
     if output:
         _check_output_file(output, (".csv", ".json"))
     processes = Processes(device, devices, nodes, strategy)
     per_machine, machines = processes.world()
+    resolve_workers(workers, per_machine)  # before any other process starts
     fabric = processes.fabric() if per_machine * machines > 1 else None
     main = fabric is None or fabric.is_global_zero
     quiet = quiet or not main
-    predictor = Predictor(model, device=device, batch_size=batch_size, runtime=runtime,
-                          precision=precision, progress=not quiet, fabric=fabric,
-                          unknown_score=unknown_score)
+    predictor = Predictor(model, device=device, batch_size=batch_size, workers=workers,
+                          runtime=runtime, precision=precision, progress=not quiet,
+                          fabric=fabric, unknown_score=unknown_score)
     if not quiet:
         err.print(f"Engine: {predictor.policy.describe()}"
                   + (f"; {fabric.world_size} processes" if fabric else ""), highlight=False)

@@ -88,10 +88,9 @@ class Predictor:
     def __init__(self, model: str | Path, device: str = "auto", precision: str = "auto",
                  batch_size: int = 32, workers: int | None = None, runtime: str = "auto",
                  progress: bool = False, fabric=None, unknown_score: str | None = None):
-        if batch_size < 1 or (workers is not None and workers < 0):
-            raise WingspanError(f"batch_size must be at least 1 and workers 0 or more, not "
-                                f"{batch_size} and {workers}.")
-        # Before the model loads: 514 for 4 is refused as train's --workers is.
+        if batch_size < 1:
+            raise WingspanError(f"batch_size must be at least 1, not {batch_size}.")
+        # Before the model loads: -1, or 514 for 4, is refused as train's --workers is.
         per_machine = getattr(fabric.strategy, "num_processes", 1) if fabric else 1
         self.workers = resolve_workers(workers, per_machine)
         self.bundle = find_bundle(model)

@@ -145,12 +145,16 @@ WORKERS_PER_CORE = 4
 
 def resolve_workers(workers: int | None, processes: int = 1, log=None) -> int:
     """The data workers per process: `workers` as given (`--workers`), else
-    default_workers. Refuses more than WORKERS_PER_CORE per usable core, shared by the
-    machine's `processes`, before a loader forks them. With `log` (a resumed run, whose
-    saved setting may come from a larger machine) it says so there and takes the most
-    allowed instead."""
+    default_workers. Refuses a negative number, and more than WORKERS_PER_CORE per usable
+    core shared by the machine's `processes`, before a loader forks them. With `log` (a
+    resumed run, whose saved setting may come from a larger machine) it says so there and
+    takes the most allowed instead."""
     if workers is None:
         return default_workers(processes)
+    if workers < 0:  # train's config refuses it first; predict, evaluate... come here
+        raise WingspanError(f"--workers must be 0 or more. Got {workers} instead.",
+                            hint=f"0 reads the images in this process; leave it out for "
+                                 f"{default_workers(processes)} (sized to this machine).")
     cores = _usable_cores()
     most = max(1, WORKERS_PER_CORE * cores // processes)
     if workers > most:
