@@ -118,7 +118,9 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
     head = predictor.model.head
     if head.config.hidden:
         raise WingspanError("This model's head has a hidden layer; `wingspan adapt` refits "
-                            "a linear head.", hint="Train without --hidden to adapt it.")
+                            "a linear head.",
+                            hint="Train it again without `hidden` in its --config file (a "
+                                 "linear head, the default) to adapt it.")
     out = _check_out(Path(out) if out else run_dir.with_name(run_dir.name + "-adapted"),
                      run_dir)
     paths, missing = expand_paths([str(p) for p in photos])
