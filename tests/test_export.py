@@ -7,9 +7,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+import typer.main
 from PIL import Image
 from test_train import tiny
 
+from wingspan.cli import app
 from wingspan.data import read_dataset
 from wingspan.export import metadata_path, prepare_pixels
 from wingspan.models import load_bundle
@@ -139,6 +141,10 @@ def test_torchscript_export_runs_with_torch_alone(run_dir, run_cli, demo_dir):
         assert not [str(w.message) for w in caught if w.category is FutureWarning]
     model = run_dir / "export" / "model.pt"
     meta = json.loads(metadata_path(model).read_text())
+    # --help names the file each format is written to by default (it named model.onnx only).
+    out = next(p for p in typer.main.get_command(app).commands["export"].params
+               if p.name == "out_path")
+    assert all(f.name in out.help for f in (model, run_dir / "export" / "model.onnx"))
     # Beside the ONNX export in the same folder, each file keeps its own metadata.
     onnx = json.loads((run_dir / "export" / "model.onnx.json").read_text())
     assert (meta["format"], onnx["format"]) == ("wingspan-torchscript", "wingspan-onnx")

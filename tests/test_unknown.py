@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import typer.main
 from PIL import Image
 
+from wingspan.cli import app
 from wingspan.config import UNKNOWN_SCORES, DemoConfig, TrainConfig
 from wingspan.data import read_dataset
 from wingspan.data.demo import generate_demo
@@ -394,3 +396,11 @@ def test_calibrate_unknown_refits_the_threshold_and_keeps_the_model(held_out_run
         code, _, err = run_cli("calibrate", copy, *args, "--quiet")
         assert code == 2 and message in " ".join(err.split()), err
     assert json.loads((copy / "model" / "manifest.json").read_text()) == after
+    # Without --unknown-rate the model keeps its own rate, as --help says.
+    code, _, err = run_cli("calibrate", copy, "--unknown", "--unknown-score", "knn", "--quiet")
+    assert code == 0, err
+    refitted = json.loads((copy / "model" / "manifest.json").read_text())["unknown"]
+    assert (refitted["rate"], refitted["score"]) == (0.3, "knn")
+    rate = next(p for p in typer.main.get_command(app).commands["calibrate"].params
+                if p.name == "unknown_rate")
+    assert "(default: the model's own)" in rate.help

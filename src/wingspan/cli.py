@@ -688,7 +688,8 @@ def calibrate_command(
         "--unknown", help="Instead: fit the unknown scores again on the run's own train and "
         "val images (e.g. with another --unknown-rate or --unknown-score).")] = False,
     unknown_rate: Annotated[float | None, typer.Option(
-        help="With --unknown: the share of known val images it may turn away.",
+        help="With --unknown: the share of known val images it may turn away (default: "
+        "the model's own).",
         show_default=False)] = None,
     unknown_score: UnknownScoreOpt = None,
     quiet: Quiet = False,
@@ -1021,8 +1022,9 @@ def export_command(
         "when its val top-1 stays within 1 point of fp32's.")] = None,
     out_path: Annotated[Path | None, typer.Option(
         "--out", help="The model file (ending in .onnx, or .pt for TorchScript), or "
-        "else a folder to write it in (default: RUN/export/model.onnx); its metadata goes "
-        "beside it as FILE.json.")] = None,
+        "else a folder to write it in (default: RUN/export/model.onnx, model.int8.onnx with "
+        "--quantize int8, model.pt for TorchScript); its metadata goes beside it as "
+        "FILE.json.")] = None,
     unknown_score: UnknownScoreOpt = None,
 ) -> None:
     """A model that runs without wingspan (ONNX Runtime alone): RGB pixels in, calibrated
@@ -1090,7 +1092,7 @@ def doctor_command(
         min=16, help="Input size (default: the backbone's).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Batch size the runs will use.")]
     = T.batch_size,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = T.device,
+    device: DeviceOpt = T.device,
     precision: Precision = T.precision,
     runtime: Runtime = T.runtime,
     train_step: Annotated[bool, typer.Option(

@@ -106,7 +106,7 @@ def _check_types(config: object) -> None:
 class ReadConfig:
     """How a dataset is read."""
 
-    format: str | None = None  # folder | csv | ethec; None = detect from DATA
+    format: str | None = None  # folder | split-folders | csv | ethec; None = detect
     group_regex: str | None = None  # regex on the file name; its first group is the group key
     strict: bool = False  # unreadable or missing files are an error instead of skipped + listed
     check_files: bool = True  # False reads labels only (e.g. ETHEC split files without images)
