@@ -1,0 +1,121 @@
+"""The README's commands and the CLI agree, and so do the CLI's own words: an option that is
+renamed or dropped, or a choice added, shows here rather than in a user's failed command."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import typer.main
+
+from wingspan.cli import app
+
+ROOT = Path(__file__).parents[1]
+README = (ROOT / "README.md").read_text()
+OPTION = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*)")
+# `--opt a|b|c`: the values an option takes, as the README lists them
+CHOICES = re.compile(r"(--[a-z][a-z0-9-]*) ([a-z0-9+]+(?:\|[a-z0-9+]+)+)(?=[\]\s`]|$)")
+
+
+def _commands(command=None, path=()):
+    """Every command (`data split`, `train`...) by its words, with its click object."""
+    command = command or typer.main.get_command(app)
+    if not hasattr(command, "commands"):
+        yield path, command
+        return
+    for name, sub in command.commands.items():
+        yield from _commands(sub, (*path, name))
+
+
+COMMANDS = dict(_commands())
+
+
+def _options(command) -> dict[str, object]:
+    return {o: p for p in command.params for o in (*p.opts, *p.secondary_opts)}
+
+
+def _command_lines() -> list[str]:
+    """The README's `wingspan ...` commands: inline code and shell lines (continuations
+    joined), wherever they are (Usage, GPUs, Performance)."""
+    blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", README, flags=re.S)
+    lines = [line for b in blocks for line in b.replace("\\\n", " ").splitlines()]
+    inline = re.findall(r"`([^`]+)`", re.sub(r"```.*?```", "", README, flags=re.S))
+    return [" ".join(s.split()) for s in lines + inline
+            if re.search(r"(^|\s)wingspan [a-z]", s)]
+
+
+def _resolve(line: str):
+    """The command a README line runs, and the words after it."""
+    words = line[line.index("wingspan ") + len("wingspan "):].split()
+    for n in range(len(words), 0, -1):
+        if tuple(words[:n]) in COMMANDS:
+            return tuple(words[:n]), words[n:]
+    return None, words
+
+
+def _help_choices(text: str) -> set[str]:
+    """The values a help text lists as `a (what it does) | b | c.`"""
+    parts = re.sub(r"\([^()]*\)", "", text).split(" | ")
+    if len(parts) < 2:
+        return set()
+    first = parts[0].split()[-1]
+    return {first, *(p.split()[0].rstrip(".,;") for p in parts[1:])}
+
+
+def test_the_readme_runs_real_commands_with_real_options():
+    lines = _command_lines()
+    assert len(lines) > 30  # the parsing found the README's commands
+    wrong = []
+    for line in lines:
+        path, rest = _resolve(line)
+        if path is None:
+            if not line.startswith("|"):  # a table's header ("wingspan s") runs nothing
+                wrong.append(f"no such command: `{line}`")
+            continue
+        options = _options(COMMANDS[path])
+        wrong += [f"wingspan {' '.join(path)} has no {o} (README: `{line}`)"
+                  for o in OPTION.findall(" ".join(rest)) if o not in options]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_readme_lists_each_options_choices_as_its_help_does():
+    """A synopsis (`### wingspan data preview DATA [--augment a|b|c]`) lists every value the
+    option takes; elsewhere the README may name a few (`--precision fp32|bf16|fp16`), but
+    only real ones."""
+    wrong = []
+    for line in _command_lines() + re.findall(r"`(--[a-z-]+ [a-z0-9+|]+)`", README):
+        path, rest = _resolve(line) if "wingspan " in line else (None, line.split())
+        synopsis = f"### `{line}`" in README
+        for option, listed in CHOICES.findall(" ".join(rest)):
+            commands = [path] if path else [p for p, c in COMMANDS.items()
+                                            if option in _options(c)]
+            for p in commands:
+                real = _help_choices(_options(COMMANDS[p])[option].help or "")
+                listed_set = set(listed.split("|"))
+                if not listed_set <= real or (synopsis and listed_set != real):
+                    wrong.append(f"`{line}`: wingspan {' '.join(p)} {option} takes "
+                                 f"{' | '.join(sorted(real))}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_every_option_a_message_or_help_names_exists():
+    """Hints, errors and help texts that tell the user to type `--x`: --x is a real option
+    (of some command: "predict --unknown-score" is named in train's help)."""
+    real = {"--help"} | {o for c in COMMANDS.values() for o in _options(c)}
+    real |= {o for p in typer.main.get_command(app).params for o in p.opts}  # --version
+    named = []
+    for file in sorted((ROOT / "src" / "wingspan").rglob("*.py")):
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                named += [(file.name, node.lineno, o) for o in OPTION.findall(node.value)]
+    assert named  # the scan sees the messages
+    assert [n for n in named if n[2] not in real] == []
+
+
+@pytest.mark.parametrize("path", [p for p, c in COMMANDS.items() if "--device" in _options(c)],
+                         ids=" ".join)
+def test_every_device_option_says_it_takes_a_gpus_number(path):
+    # They all resolve the device alike (cuda:1 picks the second GPU), so all say so.
+    assert "cuda:N" in _options(COMMANDS[path])["--device"].help
