@@ -744,7 +744,8 @@ def test_a_model_whose_class_names_end_in_a_space_evaluates_on_the_names_read_no
 
     from wingspan.evaluate.run import _rows
 
-    both = SimpleNamespace(classes=["monarch", "monarch "], rare={})
+    both = SimpleNamespace(classes=["monarch", "monarch "], rare={}, level="label",
+                           taxonomy=None)
     table = pd.DataFrame({"path": ["a.jpg", "b.jpg"], "label": ["monarch", "monarch "],
                           "split": ["val", "val"]})
     rows = _rows(SimpleNamespace(table=table), "val", "label", both)

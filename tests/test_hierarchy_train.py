@@ -159,6 +159,47 @@ def test_other_names_mapped_are_scored_at_every_level_as_the_same_photos(
     assert mapped["mistake_depth"] == own["mistake_depth"]
 
 
+def test_a_taxonomy_model_whose_names_end_in_a_space_is_scored_at_every_level(
+        hierarchical_run, tmp_path):
+    """A model trained before folder names and taxonomy.csv values lost their end spaces
+    knows 'azure_spotwing ' in 'Pixelia ' in 'Lycaenidae ' (and the rare 'white_darktip '
+    as 'Chalkia  (rare label)') where its own splits.csv now reads the names without:
+    every level scores as it did, not as classes the model does not know."""
+    import shutil
+
+    from wingspan.models.bundle import meaning_digest, update_manifest
+
+    def old(name: str) -> str:  # the name the model was trained with
+        return name.replace(" (rare", "  (rare") if name.endswith(" (rare label)") else name + " "
+
+    def padded(classes: dict) -> dict:
+        return {lv: [old(c) for c in names] for lv, names in classes.items()}
+
+    copy = tmp_path / "old"
+    shutil.copytree(hierarchical_run, copy)
+    manifest = read_manifest(copy / "model")
+    training = manifest["training"]
+    changes = {"classes": padded(manifest["classes"]),
+               "taxonomy": {**manifest["taxonomy"],
+                            "classes": padded(manifest["taxonomy"]["classes"])},
+               "training": {**training, "rare_classes": {
+                   old(k): old(v) for k, v in training["rare_classes"].items()}}}
+    update_manifest(copy / "model", **changes,
+                    meaning_sha256=meaning_digest({**manifest, **changes}))
+    before, after = (evaluate(run, split="val", progress=False, workers=0,
+                              out=tmp_path / f"ev-{run.name}").metrics
+                     for run in (hierarchical_run, copy))
+    # Right answers to lose at every level, and a rare class among the images.
+    assert all(f["accuracy"] > 0 for f in before["hierarchy"]["levels"].values())
+    assert before["hierarchy"]["rare"]["images"] > 0
+    assert after["images"] == before["images"] and not after["unknown_class_images"]
+    assert after["accuracy"] == pytest.approx(before["accuracy"])
+    assert after["hierarchy"] == before["hierarchy"]
+    levels = [pd.read_csv(tmp_path / f"ev-{run.name}" / "levels.csv")
+              for run in (hierarchical_run, copy)]
+    pd.testing.assert_frame_equal(*levels)
+
+
 def test_an_answer_stopped_at_a_coarse_level_gives_that_levels_score(
         hierarchical_run, demo_dir, tmp_path, monkeypatch, run_cli):
     """Known as a family, not as a genus: the score shown is the genus's, over its
