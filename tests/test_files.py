@@ -2,6 +2,7 @@
 
 import errno
 import os
+from pathlib import Path
 
 import pytest
 
@@ -49,6 +50,33 @@ def test_files_written_together_are_replaced_together(tmp_path):
             tmp.write_text("new")
     assert [p.read_text() for p in paths] == ["new"] * 3
     assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in paths)
+
+
+def test_a_rename_that_fails_puts_back_the_files_renamed_before_it(tmp_path, monkeypatch):
+    """The last of the three renames fails (its file held open on Windows, say) after two
+    were done: those two get their previous version back (a file that had none is gone
+    again), not new tables beside an old page."""
+    import wingspan.files
+
+    paths = [tmp_path / name for name in ("audit.csv", "duplicates.csv", "audit.html")]
+    for path in paths[1:]:
+        path.write_text("old")
+    replace, new_before_failure = os.replace, []
+
+    def third_held_open(src, dst):
+        if ".tmp" in Path(src).name and sum(p.is_file() and p.read_text() == "new"
+                                            for p in paths) == 2:
+            new_before_failure.append(dst)
+            raise PermissionError(errno.EACCES, "The file is used by another process", dst)
+        replace(src, dst)
+
+    monkeypatch.setattr(wingspan.files.os, "replace", third_held_open)
+    with pytest.raises(PermissionError), atomic_paths(*paths) as tmps:
+        for tmp in tmps:
+            tmp.write_text("new")
+    assert new_before_failure  # the failure came between renames
+    assert not paths[0].exists() and [p.read_text() for p in paths[1:]] == ["old"] * 2
+    assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in paths[1:])  # no litter
 
 
 def test_a_full_cache_disk_does_not_make_images_unreadable(tmp_path, monkeypatch):

@@ -23,16 +23,42 @@ def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
     removed if it fails. `durable` flushes it to disk first (not needed for a cache, whose
     torn entries are detected and redone). A full disk becomes a WingspanError that names
     the folder."""
-    path = Path(path)
+    with _temporary(Path(path)) as tmp:
+        yield tmp
+        if durable:
+            _flush(tmp)
+        os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_paths(*paths: str | Path) -> Iterator[list[Path]]:
+    """atomic_path for files that belong together (an audit's tables and its page): all
+    written and flushed to disk before the first is renamed, and an error renaming one
+    (a file held open on Windows, say) puts back those renamed before it, so that an error
+    or a kill while writing them leaves every previous version, never some of each.
+
+    The limit: a kill in the microseconds between the renames still leaves some of each,
+    until the command runs again. Files cannot be renamed together, and these share a
+    folder with other outputs (so no new folder can replace the old one whole), and are
+    read by people (so no marker written last is checked by a reader)."""
+    paths = [Path(p) for p in paths]
+    with contextlib.ExitStack() as stack:
+        tmps = [stack.enter_context(_temporary(p)) for p in paths]
+        yield tmps
+        for tmp in tmps:
+            _flush(tmp)
+        _replace_together(tmps, paths)
+
+
+@contextlib.contextmanager
+def _temporary(path: Path) -> Iterator[Path]:
+    """A temporary name beside `path`, removed when the block ends unless renamed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # Same folder (rename is atomic only within a file system), same suffix (np.save and
     # safetensors look at it), a leading dot and the pid (two processes never collide).
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     try:
         yield tmp
-        if durable:
-            _flush(tmp)
-        os.replace(tmp, path)
     except OSError as e:
         if e.errno == errno.ENOSPC:
             free = shutil.disk_usage(path.parent).free
@@ -47,16 +73,36 @@ def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
             tmp.unlink()
 
 
-@contextlib.contextmanager
-def atomic_paths(*paths: str | Path) -> Iterator[list[Path]]:
-    """atomic_path for files that belong together (an audit's tables and its page): all
-    written and flushed to disk before the first is renamed, so that a kill or an error
-    while writing them leaves every previous version, never some of each."""
-    with contextlib.ExitStack() as stack:
-        tmps = [stack.enter_context(atomic_path(p, durable=False)) for p in paths]
-        yield tmps
-        for tmp in tmps:
-            _flush(tmp)
+def _replace_together(tmps: list[Path], paths: list[Path]) -> None:
+    """Each temporary file renamed onto its path; if one fails (or Ctrl-C comes), those
+    renamed before it get their previous version back, kept until the end as a hard link
+    (or a copy)."""
+    def kept(path: Path) -> Path:
+        return path.with_name(f".{path.stem}.{os.getpid()}.old{path.suffix}")
+
+    done: dict[Path, bool] = {}  # each path renamed onto: whether it had a version before
+    try:
+        for tmp, path in zip(tmps, paths, strict=True):
+            had = path.is_file()
+            if had:
+                try:
+                    os.link(path, kept(path))
+                except OSError:  # a file system without hard links
+                    shutil.copy2(path, kept(path))
+            os.replace(tmp, path)
+            done[path] = had
+    except BaseException:
+        for path, had in done.items():
+            with contextlib.suppress(OSError):
+                if had:
+                    os.replace(kept(path), path)
+                else:
+                    path.unlink()
+        raise
+    finally:
+        for path in paths:
+            with contextlib.suppress(OSError):
+                kept(path).unlink()
 
 
 def _flush(path: Path) -> None:
