@@ -198,6 +198,15 @@ def test_a_taxonomy_model_whose_names_end_in_a_space_is_scored_at_every_level(
     levels = [pd.read_csv(tmp_path / f"ev-{run.name}" / "levels.csv")
               for run in (hierarchical_run, copy)]
     pd.testing.assert_frame_equal(*levels)
+    # The run's own images (what calibrate --unknown and adapt fit on) are the same too.
+    from wingspan.evaluate.own_images import own_images
+
+    ours, theirs = (own_images(Predictor(run, workers=0), "fit", progress=False)
+                    for run in (hierarchical_run, copy))
+    for part in ("train", "val"):
+        assert theirs[part].paths == ours[part].paths
+        for lv in LEVELS:
+            np.testing.assert_array_equal(theirs[part].labels[lv], ours[part].labels[lv])
 
 
 def test_an_answer_stopped_at_a_coarse_level_gives_that_levels_score(

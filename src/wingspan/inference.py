@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from wingspan.config import AugmentConfig
+from wingspan.data.csvfiles import nfc
 from wingspan.data.images import open_rgb
 from wingspan.data.taxonomy import Taxonomy
 from wingspan.data.transforms import eval_transform
@@ -47,6 +48,17 @@ def output_home(bundle: Path) -> Path:
     if (bundle.parent / "config.yaml").is_file():
         return bundle.parent
     return bundle if bundle.is_dir() else bundle.with_suffix("")
+
+
+def spelt_as_trained(predictor: Predictor) -> dict[str, dict[str, str]]:
+    """{level: {name read now: the model's name}} for a model trained before folder names
+    and taxonomy.csv values lost their end spaces: it knows "monarch " (its genus "Danaus ",
+    a rare class "white " it merged) where the data now reads "monarch". A model that
+    knows both names keeps each to its own."""
+    known = {**(predictor.taxonomy.classes if predictor.taxonomy else {}),
+             predictor.level: [*predictor.classes, *predictor.rare]}
+    return {lv: {nfc(c.strip()): c for c in names if nfc(c.strip()) not in names}
+            for lv, names in known.items()}
 
 
 class _Images(Dataset):

@@ -14,7 +14,7 @@ import pandas as pd
 from wingspan.data import read_dataset
 from wingspan.data.samples import SPLIT
 from wingspan.errors import WingspanError
-from wingspan.inference import Predictor
+from wingspan.inference import Predictor, spelt_as_trained
 from wingspan.models.unknown import MAX_FIT_IMAGES
 
 
@@ -46,7 +46,9 @@ def own_images(predictor: Predictor, purpose: str, per_class: bool = False, seed
     run_dir = run_folder(predictor, purpose)
     levels, manifest = predictor.model.levels, predictor.manifest
     table = read_dataset(run_dir / "splits.csv").table
-    table[levels[-1]] = table[levels[-1]].replace(predictor.rare)  # as training named them
+    spelt = spelt_as_trained(predictor)  # as training named them
+    table = table.assign(**{lv: table[lv].replace(spelt.get(lv, {})) for lv in levels})
+    table[levels[-1]] = table[levels[-1]].replace(predictor.rare)
     table = table[table[levels[-1]].isin(predictor.classes)]
     train, val = table[table[SPLIT] == "train"], table[table[SPLIT] == "val"]
     if train.empty or val.empty:

@@ -39,7 +39,7 @@ from wingspan.evaluate.metrics import (
 from wingspan.evaluate.openset import openset_metrics, separation
 from wingspan.evaluate.report import write_report
 from wingspan.files import atomic_path, write_text
-from wingspan.inference import Predictor, output_home
+from wingspan.inference import Predictor, output_home, spelt_as_trained
 from wingspan.models.bundle import update_manifest
 from wingspan.predict import answer_at, deciding_score, expand_paths, taxonomy_path
 
@@ -406,26 +406,15 @@ def _rows(dataset: Dataset, split: str, level: str, predictor: Predictor,
           class_map: dict[str, str] | None = None) -> pd.DataFrame:
     """The rows of a split, with `_label`: the class each trained as (rare ones merged;
     DATA's names turned into the model's by `class_map`). The level columns name classes
-    as the model spells them (see `_spelt_as_trained`)."""
+    as the model spells them (see `spelt_as_trained`)."""
     rows = dataset.table if split == "all" else dataset.table[dataset.table[SPLIT] == split]
     theirs_to_ours = {theirs: ours for ours, theirs in (class_map or {}).items()}
-    spelt = _spelt_as_trained(predictor)
+    spelt = spelt_as_trained(predictor)
     spelt[level] = {k: v for k, v in spelt.pop(predictor.level, {}).items()
                     if k not in theirs_to_ours}  # --map says what those are
     rows = rows.assign(**{lv: rows[lv].replace(names) for lv, names in spelt.items()
                           if names and lv in rows})
     return rows.assign(_label=rows[level].replace(theirs_to_ours).replace(predictor.rare))
-
-
-def _spelt_as_trained(predictor: Predictor) -> dict[str, dict[str, str]]:
-    """{level: {name read now: the model's name}} for a model trained before folder names
-    and taxonomy.csv values lost their end spaces: it knows "monarch " (its genus "Danaus ",
-    a rare class "white " it merged) where the data now reads "monarch". A model that
-    knows both names keeps each to its own."""
-    known = {**(predictor.taxonomy.classes if predictor.taxonomy else {}),
-             predictor.level: [*predictor.classes, *predictor.rare]}
-    return {lv: {nfc(c.strip()): c for c in names if nfc(c.strip()) not in names}
-            for lv, names in known.items()}
 
 
 def _check_class_map(class_map: dict[str, str], predictor: Predictor, dataset: Dataset,
