@@ -98,9 +98,9 @@ def audit_dataset(dataset: Dataset, out_dir: str | Path, level: str | None = Non
     duplicates = near_duplicates(table, features, hashes, level, config)
     page = gallery(issues, duplicates, level, config, what, failed)  # the slow part
     paths = out_dir / "audit.csv", out_dir / "duplicates.csv", out_dir / "audit.html"
-    # Replaced together: a killed audit leaves the previous audit's three files, never new
-    # tables beside an old page. (Not a whole new folder: it holds inspect's and split's
-    # outputs too.)
+    # Replaced together: a killed or failed audit leaves the previous audit's three files,
+    # never new tables beside an old page (but for a kill between the renames: see
+    # atomic_paths). Not a whole new folder: it holds inspect's and split's outputs too.
     with atomic_paths(*paths) as (csv_tmp, dup_tmp, page_tmp):
         issues.to_csv(csv_tmp, index=False)
         duplicates.to_csv(dup_tmp, index=False)
