@@ -81,6 +81,7 @@ def test_train_writes_a_complete_run(demo_dir, tmp_path):
     again = train(read_dataset(demo_dir), tiny(tmp_path, epochs_finetune=0), tmp_path / "runs",
                   "demo", quiet=True)
     assert again.name == "demo-2"
+    assert f"{run_dir} is taken: this run is {again}" in (again / "train.log").read_text()
 
 
 @pytest.mark.policy
@@ -492,6 +493,23 @@ def test_a_kill_between_the_best_and_the_last_checkpoint_resumes_alike(demo_dir,
     resume(run_dir, quiet=True)
     pd.testing.assert_frame_equal(history(run_dir)[NUMBERS], history(ref)[NUMBERS],
                                   atol=1e-4, rtol=0)
+
+
+def test_the_command_of_a_stopped_run_again_says_how_to_resume_that_run(demo_dir, tmp_path,
+                                                                        monkeypatch):
+    """Ctrl-C, then the same command again: a new run beside the stopped one, which says
+    that `--resume` would continue the stopped one instead of starting from nothing."""
+    config = tiny(tmp_path, epochs_head=1, epochs_finetune=1)
+    kill_at_first_finetune_row(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        train(read_dataset(demo_dir), config, tmp_path / "runs", "r", quiet=True)
+    monkeypatch.undo()
+    stopped = tmp_path / "runs" / "r"
+    again = train(read_dataset(demo_dir), config, tmp_path / "runs", "r", quiet=True)
+    assert again.name == "r-2"
+    log = " ".join((again / "train.log").read_text().split())
+    assert (f"{stopped} holds a run that did not finish; this one starts afresh in {again}. "
+            f"If that one was stopped, `wingspan train --resume {stopped}` continues it") in log
 
 
 @pytest.mark.parametrize("changes, message", [

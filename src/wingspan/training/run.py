@@ -70,11 +70,12 @@ def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = "runs",
     level = config.level
     fabric = _processes(config).fabric()
     run_dir = None
+    name = name or f"{dataset.name}-{config.backbone}"
     if fabric.is_global_zero:  # rank 0 names the run; the others learn its folder
-        run_dir = _new_run_dir(Path(runs_dir), name or f"{dataset.name}-{config.backbone}")
+        run_dir = _new_run_dir(Path(runs_dir), name)
         _hold(run_dir)  # a folder just made: no other process has it
     run_dir = Path(fabric.broadcast(str(run_dir) if run_dir else None))
-    logs: list[str] = []
+    logs: list[str] = [_name_taken(run_dir, name)] if fabric.is_global_zero else []
     report_reading(dataset, logs.append)
     try:
         dataset, held_out = hold_out(dataset, level, config.holdout_classes)
@@ -102,7 +103,7 @@ def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = "runs",
         if isinstance(e, WingspanError):  # every process read the same data: rank 0 says it
             e.every_rank = True
         raise
-    for line in logs:
+    for line in filter(None, logs):
         run.log(line)
     return _interruptible(run)
 
@@ -635,6 +636,23 @@ def _profile_table(profile: dict) -> dict:
         row["train_images_per_s"] = round(spent.get("images", 0) / busy, 1) if busy else None
         table[stage] = row
     return table
+
+
+def _name_taken(run_dir: Path, name: str) -> str:
+    """Why a run is not runs/NAME (the name was taken), and whether a run before it there
+    did not finish: rerunning a stopped run's command (after a Ctrl-C) starts afresh, and
+    the user must know that `--resume` continues the other instead."""
+    if run_dir.name == name:
+        return ""
+    n = int(run_dir.name.rpartition("-")[2])
+    earlier = [run_dir.parent / name, *(run_dir.parent / f"{name}-{k}" for k in range(2, n))]
+    stopped = [d for d in earlier if (d / CONFIG_FILE).is_file()
+               and not _complete_bundle(d / "model")]
+    if not stopped:
+        return f"{earlier[0]} is taken: this run is {run_dir}"
+    return (f"{stopped[-1]} holds a run that did not finish; this one starts afresh in "
+            f"{run_dir}. If that one was stopped, `wingspan train --resume {stopped[-1]}` "
+            "continues it instead (Ctrl-C this one).")
 
 
 def _new_run_dir(runs: Path, name: str) -> Path:
