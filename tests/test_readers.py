@@ -158,6 +158,12 @@ def test_bad_paths_and_empty_datasets(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(WingspanError, match="no usable images"):
         read_dataset(tmp_path / "empty")
+    # A folder of photos (or one class's folder) given as DATA: said as such, not "empty".
+    for i in range(3):
+        write_image(tmp_path / "photos" / f"IMG_{i}.JPG", seed=i)
+    with pytest.raises(WingspanError, match=r"(?s)photos has no class folders: its 3 images "
+                       r"lie in it directly.*Sort them into one folder per class"):
+        read_dataset(tmp_path / "photos")
     (tmp_path / "weights.bin").write_bytes(b"\0")
     with pytest.raises(WingspanError, match="Cannot tell the dataset format"):
         read_dataset(tmp_path / "weights.bin")

@@ -28,7 +28,7 @@ from wingspan.data.taxonomy import (
     coarse_to_fine,
     read_taxonomy,
 )
-from wingspan.errors import WingspanError
+from wingspan.errors import WingspanError, counted
 
 Reader = Callable[[Path, ReadConfig], Dataset]
 READERS: dict[str, Reader] = {}
@@ -92,11 +92,18 @@ def read_dataset(path: str | Path, config: ReadConfig | None = None) -> Dataset:
 def _check_not_empty(dataset: Dataset, path: Path) -> None:
     if len(dataset) == 0:
         missing = sum(p.kind == "missing_file" for p in dataset.problems)
+        loose = sum(p.kind == "not_in_class_folder" for p in dataset.problems)
+        message = f"The dataset at {path} has no usable images."
         hint = "Put images in one folder per class: DATA/<class>/<image>.jpg"
         if missing:
             hint = (f"All {missing} listed images are missing. Check the image root (`data "
                     "inspect --metadata-only` reads the labels alone).")
-        raise WingspanError(f"The dataset at {path} has no usable images.", hint=hint)
+        elif loose:  # a folder of photos, or one class's folder, given as DATA
+            message = (f"{path} has no class folders: its {counted(loose, 'image')} lie in "
+                       "it directly, and an image's class is the name of its folder.")
+            hint = (f"Sort them into one folder per class, {path}/<class>/<image>.jpg (or, "
+                    f"if {path} is one class's folder, give the folder above it).")
+        raise WingspanError(message, hint=hint)
 
 
 def _group_keys(paths: list[str], regex: str | None) -> tuple[list[str], list[Problem]]:
