@@ -4,6 +4,7 @@ one of: predicted, skipped with a reason (the others go on), or a clear error (e
 
 import csv
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -134,3 +135,30 @@ def test_a_missing_path_and_a_missing_model(run_dir, run_cli, tmp_path):
     assert code == 2 and "no such file or folder" in err and "No image could be predicted" in err
     code, _, err = run_cli("predict", tmp_path / "no-model", tmp_path)
     assert code == 2 and "No model at" in err
+
+
+def test_predict_on_one_photo_and_on_none(run_dir, run_cli, tmp_path):
+    image = tmp_path / "a.jpg"
+    _rgb().save(image)
+    code, out, err = run_cli("predict", run_dir, image, "--quiet")
+    assert code == 0, err
+    assert "1 image predicted" in " ".join(out.split())
+    # Nothing predicted: the files skipped and why, not an empty table above them.
+    code, out, err = run_cli("predict", run_dir, tmp_path / "nowhere.jpg")
+    assert code == 2 and "prediction" not in out and "no such file" in err
+
+
+def test_evaluate_on_photos_whose_classes_the_model_does_not_know(run_dir, run_cli, tmp_path,
+                                                                  demo_dir):
+    """A folder whose class names are not the model's: both sets named, and --map."""
+    source = next(p for p in demo_dir.rglob("*") if p.suffix.lower() in (".jpg", ".png"))
+    for label in ("garden_a", "garden_b"):
+        (tmp_path / "garden" / label).mkdir(parents=True)
+        shutil.copy(source, tmp_path / "garden" / label / source.name)
+    code, _, err = run_cli("evaluate", run_dir, tmp_path / "garden", "--split", "all",
+                           "--quiet")
+    err = " ".join(err.split())
+    classes = ", ".join(sorted(p.name for p in demo_dir.iterdir() if p.is_dir()))
+    assert code == 2 and "Traceback" not in err
+    assert f"the model knows {classes}; the data's 'label' classes there are garden_a, " \
+           "garden_b" in err and "--map MODEL_CLASS=DATA_CLASS" in err

@@ -282,7 +282,7 @@ def test_cli_evaluate_and_predict(run_cli, trained, demo_dir, tmp_path):
     code, out, err = run_cli("predict", trained, str(image), "--output", tmp_path / "p.json",
                              "--quiet")
     assert code == 0, err
-    assert "images predicted" in out and (tmp_path / "p.json").is_file()
+    assert "1 image predicted" in out and (tmp_path / "p.json").is_file()
     code, _, err = run_cli("predict", tmp_path / "nothing-here", str(image))
     assert code == 2 and "No model at" in err
 

@@ -945,17 +945,20 @@ def predict_command(
             f"all in {_q(output)}" if output else "--output FILE writes all")
     if output:  # first: nothing printed after can lose it
         write_predictions(result, output)
-    out.print(table)
+    if result.rows:  # not an empty table above the skipped files
+        out.print(table)
     for path, reason in result.failed:
         err.print(f"[yellow]skipped[/] {_q(path)}: {_q(reason)}", highlight=False)
-    out.print(f"{len(result.rows)} images predicted at {result.images_per_second:.1f} images/s"
+    out.print(f"{counted(len(result.rows), 'image')} predicted at "
+              f"{result.images_per_second:.1f} images/s"
               + (f"; {len(result.failed)} skipped" if result.failed else ""))
     if output:
         out.print(f"Wrote {_q(output)}")
     unknown = sum(r["answer"] == UNKNOWN for r in result.rows)
     coarser = sum(r.get("known_level") not in (None, predictor.level) for r in result.rows)
     if unknown or coarser:
-        out.print(f"{unknown} images are unlike the classes the model knows"
+        out.print(f"{counted(unknown, 'image is', 'images are')} unlike the classes the "
+                  "model knows"
                   + (f", {coarser} known at a coarser level only" if coarser else "")
                   + f" (unknown score '{predictor.unknown_score}' above the threshold that "
                   f"turns away {predictor.unknown.rate:.0%} of known val images)")

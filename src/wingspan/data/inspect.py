@@ -17,6 +17,7 @@ from wingspan.data.images import UNUSUAL_MODES, ImageFacts, image_facts
 from wingspan.data.plots import plot_class_balance
 from wingspan.data.samples import PATH, SPLIT, Dataset
 from wingspan.data.taxonomy import taxonomy_conflicts
+from wingspan.errors import counted
 from wingspan.files import write_text
 from wingspan.progress import track
 
@@ -198,7 +199,8 @@ def print_class_table(dataset: Dataset, level: str, console: Console, limit: int
     cols = [c for c in ["train", "val", "test", "all"] if c in counts.columns] + ["total"]
     shown = counts if len(counts) <= limit else pd.concat([counts.head(limit // 2),
                                                            counts.tail(limit // 2)])
-    view = Table(level, *cols, title=f"Images per {level} ({len(counts)} classes"
+    classes = counted(len(counts), "class", "classes")
+    view = Table(level, *cols, title=f"Images per {level} ({classes}"
                  + (f", largest and smallest {limit // 2} shown)" if len(counts) > limit else ")"))
     for i, (name, row) in enumerate(shown.iterrows()):
         if len(counts) > limit and i == limit // 2:

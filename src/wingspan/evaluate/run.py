@@ -82,8 +82,13 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     rows = _rows(dataset, split, level, predictor, class_map)
     known = rows["_label"].isin(predictor.classes)
     if not known.any():
-        raise WingspanError(f"No images of the model's classes in the '{split}' split.",
-                            hint=f"The model knows: {', '.join(predictor.classes[:10])}...")
+        theirs = sorted(set(rows["_label"]))
+        raise WingspanError(
+            f"No images of the model's classes in the '{split}' split: the model knows "
+            f"{_some(predictor.classes)}; the data's '{level}' classes there are "
+            f"{_some(theirs) or 'none'}.",
+            hint="If they are the same classes under other names, map them with --map "
+                 "MODEL_CLASS=DATA_CLASS (once per class).")
     other_classes = sorted(set(rows.loc[~known, "_label"]))
     other_images = int((~known).sum())
     rows = rows[known]
@@ -415,6 +420,10 @@ def _rows(dataset: Dataset, split: str, level: str, predictor: Predictor,
     rows = rows.assign(**{lv: rows[lv].replace(names) for lv, names in spelt.items()
                           if names and lv in rows})
     return rows.assign(_label=rows[level].replace(theirs_to_ours).replace(predictor.rare))
+
+
+def _some(names: list[str], n: int = 10) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def _check_class_map(class_map: dict[str, str], predictor: Predictor, dataset: Dataset,
