@@ -63,6 +63,21 @@ def test_folder_reader_reports_empty_class_and_non_images(tmp_path):
         read_dataset(tmp_path, ReadConfig(strict=True))
 
 
+def test_class_folders_sorted_further_by_subfolder_are_said_to_be_one_class(tmp_path):
+    """family/species/<image>: the classes are the families, which the user is told; a
+    class folder with one subfolder, or images of its own beside them, is not flagged."""
+    folder_dataset(tmp_path / "Nymphalidae", {"admiral": 2, "monarch": 2})
+    folder_dataset(tmp_path / "Pieridae", {"cabbage_white": 2})
+    folder_dataset(tmp_path, {"Lycaenidae": 1})
+    folder_dataset(tmp_path / "Lycaenidae", {"common_blue": 1, "holly_blue": 1})
+    ds = read_dataset(tmp_path)
+    assert sorted(ds.table["label"].unique()) == ["Lycaenidae", "Nymphalidae", "Pieridae"]
+    nested = [p for p in ds.problems if p.kind == "nested_classes"]
+    assert [p.path for p in nested] == [str(tmp_path / "Nymphalidae")]
+    assert ("class folder 'Nymphalidae' holds its images in 2 subfolders (e.g. 'admiral'), "
+            "all read as the class 'Nymphalidae'") in nested[0].message
+
+
 def test_folder_reader_takes_fixed_split_from_splits_csv(tmp_path):
     folder_dataset(tmp_path, {"a": 2, "b": 2})
     (tmp_path / "splits.csv").write_text(

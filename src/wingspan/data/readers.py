@@ -233,6 +233,7 @@ def _class_folders(root: Path, config: ReadConfig, problems: list[Problem]
                                     f"spaces at its ends; read as the class '{label}'",
                                     str(class_dir)))
         labels += [label] * len(found)
+        _note_nested_classes(class_dir, label, found, problems)
         if not found:
             problems.append(Problem(
                 "empty_class", f"class folder '{class_dir.name}' has no images; the class is "
@@ -242,6 +243,19 @@ def _class_folders(root: Path, config: ReadConfig, problems: list[Problem]
                                     hint="Add images or remove the folder; without --strict "
                                     "the class is left out and listed.")
     return paths, labels
+
+
+def _note_nested_classes(class_dir: Path, label: str, found: list[str],
+                         problems: list[Problem]) -> None:
+    """A class folder whose images all sit in several subfolders (family/species/...):
+    they count as the top folder's class, which a user who sorted by species must know."""
+    subs = {Path(f).relative_to(class_dir).parts[0] for f in found}
+    if len(subs) > 1 and not any(Path(f).parent == class_dir for f in found):
+        problems.append(Problem(
+            "nested_classes", f"class folder '{class_dir.name}' holds its images in "
+            f"{len(subs)} subfolders (e.g. '{min(subs)}'), all read as the class '{label}'. "
+            f"To tell the subfolders apart, give {class_dir} as DATA, or a CSV "
+            "(path,label,<coarser level>).", str(class_dir)))
 
 
 @register_reader("folder")
