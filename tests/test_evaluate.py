@@ -750,3 +750,45 @@ def test_a_model_whose_class_names_end_in_a_space_evaluates_on_the_names_read_no
                           "split": ["val", "val"]})
     rows = _rows(SimpleNamespace(table=table), "val", "label", both)
     assert rows["_label"].tolist() == ["monarch", "monarch "]
+
+
+def test_images_the_run_trained_or_chose_on_give_figures_called_optimistic(trained, evaluation,
+                                                                           tmp_path, run_cli):
+    """Evaluating the run's train split (to check the fit) or its val (the best epoch was
+    chosen on it) is allowed but called optimistic, on screen, in metrics.json and in the
+    report; so is other DATA holding some of those images, whatever its splits call them."""
+    code, stdout, err = run_cli("evaluate", trained, "--split", "train", "--out",
+                                tmp_path / "train", "--quiet")
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "train" / "metrics.json").read_text())
+    fair = metrics["fair"]
+    assert fair.startswith(f"no: the model was trained on all {metrics['images']} of these "
+                           "images, so these figures are optimistic")
+    assert "wingspan evaluate RUN --split test" in fair
+    assert fair in " ".join(stdout.split())
+    page = (tmp_path / "train" / "report.html").read_text()
+    assert "are these figures fair?</th><td>no: the model was trained on all" in page
+    assert evaluation.metrics["fair"] == "yes: the test split was never trained or chosen on"
+    # Other data: a CSV of the run's own images, a few of each split, all called test.
+    own = pd.read_csv(trained / "splits.csv")
+    some = own.groupby("split").head(3).assign(split="test")[["path", "label", "split"]]
+    some.to_csv(tmp_path / "other.csv", index=False)
+    code, stdout, err = run_cli("evaluate", trained, tmp_path / "other.csv", "--out",
+                                tmp_path / "other", "--quiet")
+    assert code == 0, err
+    fair = json.loads((tmp_path / "other" / "metrics.json").read_text())["fair"]
+    assert fair.startswith("no: the model was trained on 3 of these 9 images and chose "
+                           "its best epoch on 3, so these figures are optimistic")
+    assert "Are these figures fair?" in stdout
+    # Only val's: chosen on.
+    some[own.loc[some.index, "split"] != "train"].to_csv(tmp_path / "other.csv", index=False)
+    assert run_cli("evaluate", trained, tmp_path / "other.csv", "--out", tmp_path / "other",
+                   "--quiet")[0] == 0
+    fair = json.loads((tmp_path / "other" / "metrics.json").read_text())["fair"]
+    assert fair.startswith("no: the best epoch was chosen on val (3 of these images)")
+    # None of them: fair.
+    some[own.loc[some.index, "split"] == "test"].to_csv(tmp_path / "other.csv", index=False)
+    assert run_cli("evaluate", trained, tmp_path / "other.csv", "--out", tmp_path / "other",
+                   "--quiet")[0] == 0
+    fair = json.loads((tmp_path / "other" / "metrics.json").read_text())["fair"]
+    assert fair.startswith("yes: none of these files")

@@ -816,6 +816,8 @@ def _print_evaluation(result) -> None:
     for label, value in answer_rows(m.get("answers")):
         table.add_row(label, value)
     out.print(table)
+    if m.get("fair", "").startswith("no"):  # evaluated on images trained or chosen on
+        out.print(f"[yellow]Are these figures fair?[/] {escape(m['fair'])}.")
     if worse:  # fitted on the run's own val, the temperature may not carry to other photos
         out.print("[yellow]The temperature makes these probabilities less calibrated (ECE "
                   f"{m['ece_uncalibrated']:.3f} -> {m['ece']:.3f}).[/]" + (

@@ -143,7 +143,8 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
                        view_softmax(logits), y,
                        y_pred=_predicted(predictor, view_softmax(logits))),
                    temperature=predictor.temperature, calibration=calibration, tta=tta,
-                   fair=_fairness(predictor.manifest, split, data))
+                   fair=_fairness(predictor.manifest, split, data, [paths[i] for i in ok],
+                                  _own_splits(dataset, data, run_dir)))
     read = [preds[i] for i in ok]  # the readable images' predictions, in y's order
     named = None  # which images the answer gives a class (the rest: "unknown")
     if predictor.unknown is not None:
@@ -683,23 +684,45 @@ def _among_evaluated(fitted_on: str | None, evaluated: str) -> bool:
     return fitted_data == data and (fitted_split == split or "all" in (fitted_split, split))
 
 
-def _fairness(manifest: dict, split: str, data) -> str:
-    """Whether this evaluation's figures are unbiased: the run chose its epochs on val, and
-    `wingspan adapt` may have trained on test images given as photos."""
-    train_metrics = manifest.get("metrics", {})
-    if data is not None:
-        return "yes, unless this data holds images the model was trained or chosen on"
+def _own_splits(dataset: Dataset, data, run_dir: Path | None) -> pd.DataFrame | None:
+    """The run's images and their splits (its splits.csv), None for a bundle on its own."""
+    if data is None:
+        return dataset.table
+    has = run_dir is not None and (run_dir / "splits.csv").is_file()
+    return read_dataset(run_dir / "splits.csv").table if has else None
+
+
+def _fairness(manifest: dict, split: str, data, paths: list[str],
+              own: pd.DataFrame | None) -> str:
+    """Whether this evaluation's figures are unbiased: none of the images evaluated
+    (`paths`) is one the run trained on (its train split) or chose its best epoch on (val),
+    as its splits.csv (`own`, None without one) names them, whatever data or split they
+    came from; and `wingspan adapt` may have trained on test images given as photos."""
     adapted_on = manifest.get("training", {}).get("adapted", {}).get("test_images_among_photos")
-    if split == "test" and adapted_on:
+    if data is None and split == "test" and adapted_on:
         return (f"no: `wingspan adapt` trained this model on {adapted_on} of the test images "
                 "(as unlabelled photos), so these figures are optimistic")
-    if split == "test":
-        return "yes: the test split was never trained or chosen on"
-    if split == "val":
-        return ("no: the best epoch was chosen on val, so these figures are optimistic"
-                + (", and the run kept a test split: evaluate --split test"
-                   if train_metrics.get("test_images") else ""))
-    return "no: this split holds images the model was trained or chosen on"
+    if own is None:
+        return "yes, unless this data holds images the model was trained or chosen on"
+    evaluated = {str(Path(p).resolve()) for p in paths}
+    trained, chosen = (sum(str(Path(p).resolve()) in evaluated
+                           for p in own.loc[own[SPLIT] == s, "path"]) for s in ("train", "val"))
+    if not trained and not chosen:
+        return ("yes: the test split was never trained or chosen on" if data is None else
+                "yes: none of these files is one the run trained or chose its best epoch on "
+                "(copies of them under other names would not be seen)")
+    tests = int((own[SPLIT] == "test").sum())
+    fair = (f"; for a fair figure evaluate the run's {counted(tests, 'test image')}, never "
+            "trained or chosen on (`wingspan evaluate RUN --split test`)" if tests else "")
+    if not trained:
+        return (f"no: the best epoch was chosen on val ({chosen} of these images), so these "
+                "figures are optimistic" + fair)
+    share = (f"all {trained} of these images" if trained == len(paths) else
+             f"{trained} of these {len(paths)} images")
+    return (f"no: the model was trained on {share}"
+            + (f" and chose its best epoch on {chosen}" if chosen else "")
+            + ", so these figures are optimistic: they show how well it fits the images it "
+            "learnt from, not how well it does on new ones" + fair)
 
 
 def _report(out_dir, name, predictor, run_dir, dataset, level, split, metrics, table, confused,
