@@ -1,5 +1,6 @@
 """The Python API (`import wingspan as ws`): the CLI's functions, the same results."""
 
+import dataclasses
 import json
 import pickle
 import shutil
@@ -234,6 +235,38 @@ def test_workers_reach_the_loader_and_change_no_answer(run, run_cli, demo_dir, t
         run.predict(folder, workers=-1, quiet=True)
     with pytest.raises(WingspanError, match="workers: expected a whole number"):
         run.evaluate(workers="2", quiet=True)
+
+
+def test_adapt_takes_the_keywords_evaluate_and_predict_take(run, demo_dir, tmp_path,
+                                                            monkeypatch):
+    """Every Run method that reads images takes quiet (no progress bars), workers, device
+    and batch_size, as its command does (adapt's device and batch_size are AdaptConfig's);
+    adapt took neither quiet nor workers ("Unknown setting")."""
+    import inspect
+
+    import wingspan.inference as inference
+    import wingspan.progress as progress
+    from wingspan.config import AdaptConfig
+
+    common = {"quiet", "workers", "device", "batch_size"}
+    for method in (ws.Run.evaluate, ws.Run.predict, ws.Run.adapt):
+        takes = set(inspect.signature(method).parameters)
+        if method is ws.Run.adapt:
+            takes |= {f.name for f in dataclasses.fields(AdaptConfig)}
+        assert common <= takes, method.__name__
+    shown, workers, loader = [], [], inference.DataLoader
+    monkeypatch.setattr(progress, "_shown", lambda enabled: shown.append(enabled) or enabled)
+
+    def spy(*args, **kwargs):
+        workers.append(kwargs["num_workers"])
+        return loader(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "DataLoader", spy)
+    folder = sorted(p for p in demo_dir.iterdir() if p.is_dir())[0]
+    adapted = run.adapt(folder, out=tmp_path / "a", workers=0, quiet=True, batch_size=4)
+    assert (adapted.dir / "adapt.json").is_file()
+    assert shown and not any(shown)  # progress was asked about, and never drawn
+    assert workers and set(workers) == {0}
 
 
 def test_load_a_run_and_a_bundle(run, demo_dir, tmp_path):

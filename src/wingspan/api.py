@@ -618,10 +618,12 @@ class Run:
                 if not e.error]
 
     def adapt(self, photos: str | Path | list[str | Path], out: str | Path | None = None,
-              **settings) -> Run:
+              workers: int | None = None, quiet: bool = False, **settings) -> Run:
         """Fit the model to unlabelled photos from where it will be used (self-training of
         its head), as `wingspan adapt`; returns the adapted run (this one is unchanged).
-        `settings` are AdaptConfig's (neighbours, confidence, rounds, ...).
+        `settings` are AdaptConfig's (neighbours, confidence, rounds, device, batch_size,
+        ...). `workers`: data workers (0: read the images in this process; None: sized to
+        the machine).
 
         >>> garden = run.adapt("my_garden_photos/")
         """
@@ -629,7 +631,8 @@ class Run:
         from wingspan.training.adapt import adapt
 
         done = adapt(self._model, _paths_arg(photos, "photos"), _out_arg(out),
-                     _config(AdaptConfig, settings), progress=True)
+                     _config(AdaptConfig, settings), progress=not quiet,
+                     workers=_workers_arg(workers))
         return Run(done["out"])
 
     def export(self, format: str = "onnx", quantize: str | None = None,
