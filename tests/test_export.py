@@ -1,8 +1,10 @@
 """`wingspan export`: an ONNX model that runs with onnxruntime alone."""
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,47 +19,54 @@ from wingspan.export import metadata_path, prepare_pixels
 from wingspan.models import load_bundle
 from wingspan.training import train
 
-# What the README shows: the exported model with onnxruntime, Pillow and numpy only.
-STANDALONE = """
-import json, sys
-import numpy as np, onnxruntime as ort
-from PIL import Image, ImageOps
-
-session = ort.InferenceSession(sys.argv[1])
-meta = json.loads(session.get_modelmeta().custom_metadata_map["wingspan"])
-size, resize = meta["input"]["size"], meta["input"]["resize_shorter_side_to"]
-resample = Image.Resampling[meta["input"]["interpolation"].upper()]  # as in training
-unknown = meta.get("unknown")
+# The README's ONNX Runtime example, run as it stands (onnxruntime, Pillow and numpy only)
+# on each image, its model and image paths swapped for the test's: what it prints, and
+# the model's outputs it leaves in `out`.
+RUN_README_EXAMPLE = """
+import contextlib, io, json, sys
+code, model, images = sys.argv[1], sys.argv[2], sys.argv[3:]
 rows = []
-for path in sys.argv[2:]:
-    image = Image.open(path)
-    image.draft("RGB", (resize, resize))  # a large JPEG decoded reduced, as in training
-    image = ImageOps.exif_transpose(image).convert("RGB")  # upright, as the camera held it
-    w, h = image.size  # shorter side to `resize`, the longer truncated as torchvision's Resize
-    image = image.resize((resize, int(resize * h / w)) if w <= h else
-                         (int(resize * w / h), resize), resample)
-    left, top = round((image.width - size) / 2), round((image.height - size) / 2)
-    pixels = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
-    out = dict(zip(meta["outputs"], session.run(None, {"pixels": pixels[None]})))
-    answer, known, scores, parent, branch = None, True, {}, None, []
-    for level in meta["levels"]:  # coarse to fine: the finest level still known
-        p = out[level][0].copy()
-        if parent is not None:  # a taxonomy's branch: the likeliest class under the one above
-            p[np.array(meta["taxonomy"]["parent_index"][level]) != parent] = -1
-        parent = int(p.argmax())
-        branch.append([level, meta["classes"][level][parent], float(p[parent])])
-        if unknown:
-            scores[level] = float(out[unknown["outputs"][level]][0])
-            known = known and scores[level] <= unknown["thresholds"][level]
-        if known:
-            answer = meta["classes"][level][parent]
-    finest = meta["levels"][-1]
-    p = out[finest][0]
-    rows.append([path, meta["classes"][finest][int(p.argmax())], float(p.max()),
-                 float(p.sum()), answer or "unknown", scores, branch])
+for path in images:
+    names, printed = {"__name__": "__main__", "MODEL": model, "IMAGE": path}, io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(code, names)
+    rows.append({"printed": printed.getvalue().splitlines(),
+                 "out": {k: v[0].tolist() for k, v in names["out"].items()}})
 assert not any(m.startswith("wingspan") for m in sys.modules)
 print(json.dumps(rows))
 """
+
+
+def readme_onnx_example() -> str:
+    """The README's python block that uses onnxruntime, reading MODEL and IMAGE."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+              if "onnxruntime" in b]
+    assert len(blocks) == 1, "the README has one ONNX Runtime example"
+    code, models = re.subn(r'InferenceSession\("[^"]+"\)', "InferenceSession(MODEL)",
+                           blocks[0])
+    code, images = re.subn(r'Image\.open\("[^"]+"\)', "Image.open(IMAGE)", code)
+    assert (models, images) == (1, 1), "the example opens one model file and one image"
+    return code
+
+
+def run_readme_onnx_example(model, images: list[str]) -> list[dict]:
+    """Per image: the levels' lines [level, class, probability] the example prints, its
+    answer, and the model's outputs by name."""
+    done = subprocess.run(
+        [sys.executable, "-c", RUN_README_EXAMPLE, readme_onnx_example(), str(model), *images],
+        capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr  # the README's example fails: its traceback
+    rows = json.loads(done.stdout)
+    for row in rows:
+        *levels, answer = row.pop("printed")
+        assert answer.startswith("answer: ")
+        row["answer"] = answer.removeprefix("answer: ")
+        row["branch"] = []
+        for line in levels:  # "family Nymphalidae 0.97": a class name may hold spaces
+            level, *name, probability = line.split()
+            row["branch"].append((level, " ".join(name), float(probability)))
+    return rows
 
 
 @pytest.fixture(scope="module")
@@ -84,23 +93,24 @@ def test_export_runs_without_wingspan_and_matches_pytorch(run_dir, run_cli, demo
     ops = [n.op_type for n in onnx.load(str(model)).graph.node]
     assert ops.count("TopK") == 1  # one kNN search serves both levels
     images = [str(p) for p in sorted(demo_dir.rglob("*.jpg"))[::7]]
-    rows = json.loads(subprocess.run([sys.executable, "-c", STANDALONE, str(model), *images],
-                                     capture_output=True, text=True, check=True).stdout)
-    for _, label, top, total, answer, _, _ in rows:
-        assert label in meta["classes"]["label"] and 0 < top <= 1
-        assert total == pytest.approx(1.0, abs=1e-5)
-        assert answer == "unknown" or answer in {*meta["classes"]["family"], label}
+    rows = run_readme_onnx_example(model, images)
+    for row in rows:
+        p = np.array(row["out"]["label"])
+        assert 0 < p.max() <= 1 and p.sum() == pytest.approx(1.0, abs=1e-5)
+        assert row["answer"] == "unknown" or row["answer"] in {*meta["classes"]["family"],
+                                                               *meta["classes"]["label"]}
     # The README's steps give predict's answer, branch and probabilities (a family's is the
     # sum over its species, not its own head's), from the same pixels.
     from wingspan.inference import Predictor
     from wingspan.predict import predict
 
     said = predict(Predictor(run_dir, workers=0), images, progress=False).rows
-    for row, (_, _, _, _, answer, _, branch) in zip(said, rows, strict=True):
-        assert row["answer"] == answer
-        assert [c for _, c, _ in row["taxonomy"]] == [c for _, c, _ in branch]
+    for row, theirs in zip(said, rows, strict=True):
+        assert row["answer"] == theirs["answer"]
+        assert [c for _, c, _ in row["taxonomy"]] == [c for _, c, _ in theirs["branch"]]
+        assert [lv for lv, _, _ in theirs["branch"]] == meta["levels"]
         np.testing.assert_allclose([p for _, _, p in row["taxonomy"]],
-                                   [p for _, _, p in branch], atol=0.02)
+                                   [p for _, _, p in theirs["branch"]], atol=0.02)
     # The exported scores are the bundle's own detector's (pytorch-ood, scikit-learn's index)
     # on the same pixels, so its thresholds hold for them.
     net, manifest, detector = load_bundle(run_dir / "model", with_unknown=True)
@@ -114,7 +124,7 @@ def test_export_runs_without_wingspan_and_matches_pytorch(run_dir, run_cli, demo
         features = net.float().eval().features(x)
         want = detector.scores(features, net.head(features))
     for level in meta["levels"]:
-        got = np.array([row[5][level] for row in rows])
+        got = np.array([row["out"][meta["unknown"]["outputs"][level]] for row in rows])
         np.testing.assert_allclose(got, want[level], rtol=1e-3, atol=1e-3 + 1 / 8)
         assert (got > meta["unknown"]["thresholds"][level]).tolist() == \
             (want[level] > detector.thresholds["msp+knn"][level]).tolist()
