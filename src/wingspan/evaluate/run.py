@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from wingspan.config import UNKNOWN_SCORES, AugmentConfig, TrainConfig
+from wingspan.config import UNKNOWN_SCORES, AugmentConfig, ReadConfig, TrainConfig
 from wingspan.data import read_dataset
 from wingspan.data.csvfiles import nfc
 from wingspan.data.plots import plot_class_balance
@@ -688,8 +688,12 @@ def _own_splits(dataset: Dataset, data, run_dir: Path | None) -> pd.DataFrame | 
     """The run's images and their splits (its splits.csv), None for a bundle on its own."""
     if data is None:
         return dataset.table
-    has = run_dir is not None and (run_dir / "splits.csv").is_file()
-    return read_dataset(run_dir / "splits.csv").table if has else None
+    if run_dir is None or not (run_dir / "splits.csv").is_file():
+        return None
+    try:  # the paths are matched, not opened: the run's images may be gone since
+        return read_dataset(run_dir / "splits.csv", ReadConfig(check_files=False)).table
+    except WingspanError:  # an unreadable splits.csv: not this evaluation's concern
+        return None
 
 
 def _fairness(manifest: dict, split: str, data, paths: list[str],
