@@ -296,11 +296,23 @@ def test_class_weights_default_on_only_for_imbalanced_data(demo_dir, tmp_path):
     assert "corrects the imbalance twice" in (both.dir / "train.log").read_text()
 
 
-def test_early_stopping_stops(demo_dir, tmp_path):
-    run_dir = train(read_dataset(demo_dir), tiny(tmp_path, lr=1e-12, epochs_head=20, patience=2,
-                                                 epochs_finetune=0), tmp_path, quiet=True)
+def test_early_stopping_stops(demo_dir, tmp_path, monkeypatch):
+    config = tiny(tmp_path, lr=1e-12, epochs_head=20, patience=2, epochs_finetune=0)
+    run_dir = train(read_dataset(demo_dir), config, tmp_path, quiet=True)
     assert len(history(run_dir)) == 3  # the first epoch, then two without improvement
     assert "stopped early" in (run_dir / "train.log").read_text()
+    # Killed once the stage has stopped, before the next began: the resumed run stays stopped.
+    import wingspan.training.run as run_module
+
+    def killed(run, stage):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "_next_stage", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(read_dataset(demo_dir), config, tmp_path, "killed", quiet=True)
+    monkeypatch.undo()
+    resume(tmp_path / "killed", quiet=True)
+    assert len(history(tmp_path / "killed")) == 3
 
 
 @pytest.mark.policy

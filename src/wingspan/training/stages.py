@@ -349,7 +349,7 @@ def train_head(run: Run) -> None:
         start = time.perf_counter()
         frozen = run.policy.runner(run.model.feature_extractor(), run.image_size)
         _add_seconds(run, "head", time.perf_counter() - start)
-    for epoch in range(state.epoch, config.epochs_head):
+    for epoch in _epochs_left(run, config.epochs_head):
         start = time.perf_counter()
         readable = every_class_readable(run)
         balance = weighting(run, readable)  # of the images it can read
@@ -400,6 +400,13 @@ def train_head(run: Run) -> None:
             run.log(f"Head stage stopped early: no better val macro-F1 (or val loss at an "
                     f"equal one) in {config.patience} epochs")
             break
+
+
+def _epochs_left(run: Run, epochs: int) -> range:
+    """The stage's epochs still to train: none once it has stopped early, which a run killed
+    after that epoch's checkpoint, before the next stage began, resumes at."""
+    state = run.state
+    return range(state.epoch, state.epoch if state.bad_epochs >= run.config.patience else epochs)
 
 
 def _frozen_features(run: Run, frozen, idx: torch.Tensor, views: torch.Tensor, epoch: int):
@@ -456,7 +463,7 @@ def finetune(run: Run) -> None:
     _add_seconds(run, "finetune", time.perf_counter() - start)
     loader = make_loader(run.data.train, batches, run.workers, persistent=True,
                          pin=run.device.type == "cuda")
-    for epoch in range(state.epoch, config.epochs_finetune):
+    for epoch in _epochs_left(run, config.epochs_finetune):
         # Rank 0 carries the running sums of an epoch interrupted and resumed.
         partial = ((run.is_main and state.partial)
                    or {"loss_sum": 0.0, "labels": [], "preds": [], "seconds": 0.0})
