@@ -73,3 +73,40 @@ def kill_at_first_finetune_row(monkeypatch) -> None:
         add_history(run, row)
 
     monkeypatch.setattr(Run, "add_history", killed)
+
+
+def kill_at(target: str, nth: int = 1, match: str = "") -> None:
+    """SIGKILL this process (no cleanup, as `kill -9` or the OOM killer) on entering the
+    nth call of `target`, "module:function" or "module:Class.method", whose str or Path
+    arguments include `match`."""
+    import importlib
+    import os
+    import signal
+
+    module, name = target.split(":")
+    owner = importlib.import_module(module)
+    if "." in name:
+        cls, name = name.split(".")
+        owner = getattr(owner, cls)
+    function, calls = getattr(owner, name), [0]
+
+    def killed(*args, **kwargs):
+        if any(match in str(a) for a in args if isinstance(a, str | Path)) or not match:
+            calls[0] += 1
+            if calls[0] == nth:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return function(*args, **kwargs)
+
+    setattr(owner, name, killed)
+
+
+def cli_killed_at(argv: list, target: str, nth: int = 1, match: str = ""):
+    """Run `wingspan ARGV` in a new process, killed as kill_at says; its CompletedProcess."""
+    import subprocess
+    import sys
+
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import helpers; "
+            f"helpers.kill_at({target!r}, {nth}, {match!r}); from wingspan.cli import main; "
+            "main(sys.argv[1:])")
+    return subprocess.run([sys.executable, "-c", code, *map(str, argv)], capture_output=True,
+                          text=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from wingspan.errors import WingspanError
-from wingspan.files import atomic_path, atomic_paths, write_text
+from wingspan.files import atomic_path, atomic_paths, remove_leftovers, write_text
 
 
 def test_a_full_disk_keeps_the_old_file_and_says_where(tmp_path, monkeypatch):
@@ -31,6 +31,19 @@ def test_an_error_while_writing_removes_the_temporary_file(tmp_path):
         assert tmp.suffix == ".safetensors" and tmp.parent == tmp_path
         raise RuntimeError("killed")
     assert not target.exists() and os.listdir(tmp_path) == []
+
+
+def test_the_temporary_files_of_killed_writes_are_removed_and_nothing_else(tmp_path):
+    kept = ["last.pt", "manifest.json", "notes", ".lock", ".wingspan-evaluation", "a.tmp.csv"]
+    for name in kept:
+        (tmp_path / name).write_text("")
+    for name in kept[:3]:
+        with atomic_path(tmp_path / name) as tmp:
+            tmp.write_text("")
+            temporary = tmp.name
+        (tmp_path / temporary).write_text("half")  # as a write killed before its rename
+    remove_leftovers(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == sorted(kept)
 
 
 def test_files_written_together_are_replaced_together(tmp_path):

@@ -12,6 +12,7 @@ import torch
 import yaml
 from helpers import (
     broken_images,
+    cli_killed_at,
     folder_dataset,
     kill_at_first_finetune_row,
     wait_for_finetune_epochs,
@@ -354,6 +355,52 @@ def test_kill_and_resume_matches_an_uninterrupted_run(demo_dir, tmp_path, how):
     assert (run_dir / "model" / "manifest.json").is_file()
     assert json.loads((run_dir / "metrics.json").read_text())["best"] == json.loads(
         (ref / "metrics.json").read_text())["best"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(demo_dir, tmp_path_factory):
+    """A run of a config that learns (its best epoch is fine-tuned) and checkpoints every
+    step; (its folder, the config)."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    config = tiny(tmp, epochs_head=2, epochs_finetune=2, lr=3e-2, checkpoint_minutes=0.0,
+                  precision="fp32", runtime="torch")
+    return train(read_dataset(demo_dir), config, tmp, "r", quiet=True), config
+
+
+@pytest.mark.parametrize("target, nth, match", [
+    ("wingspan.files:_flush", 1, "features"),  # writing the head stage's feature cache
+    ("wingspan.training.run:_next_stage", 1, ""),  # between the stages
+    ("wingspan.files:_flush", 5, "last"),  # writing a checkpoint mid fine-tuning epoch
+    ("wingspan.training.run:_fit_unknown", 1, ""),  # fitting the unknown scores at the end
+    ("wingspan.files:_flush", 1, "manifest"),  # writing the bundle, its weights written
+])
+def test_a_run_killed_anywhere_resumes_to_the_same_model(demo_dir, uninterrupted, tmp_path,
+                                                         target, nth, match):
+    """SIGKILL (no cleanup, no checkpoint) at each weak point: the resumed run ends as the
+    uninterrupted one, with none of the killed writes' temporary files left."""
+    ref, config = uninterrupted
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(vars(config)))
+    run_dir = tmp_path / "runs" / "r"
+    killed = cli_killed_at(["train", demo_dir, "--config", config_file, "--runs-dir",
+                            run_dir.parent, "--name", "r", "--quiet"], target, nth, match)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not (run_dir / "model" / "manifest.json").is_file()
+    if match:  # killed mid-write
+        assert list(run_dir.rglob(f".{match}.*.tmp*"))
+    resume(run_dir, quiet=True)
+    columns = ["stage", "epoch", *NUMBERS]
+    pd.testing.assert_frame_equal(history(run_dir)[columns], history(ref)[columns], atol=1e-4,
+                                  rtol=0)
+    metrics = [json.loads((run / "metrics.json").read_text()) for run in (run_dir, ref)]
+    assert metrics[0]["best"] == metrics[1]["best"]
+    assert metrics[1]["best"]["stage"] == "finetune"  # the final pass runs on the model
+    (_, got), (_, want) = load_bundle(run_dir / "model"), load_bundle(ref / "model")
+    assert got["calibration"]["temperature"] == pytest.approx(want["calibration"]["temperature"])
+    thresholds = [{(score, lv): t for score, by in m["unknown"]["thresholds"].items()
+                   for lv, t in by.items()} for m in (got, want)]
+    assert thresholds[0] == pytest.approx(thresholds[1], rel=1e-4)
+    assert not [p for p in run_dir.rglob(".*") if ".tmp" in p.name]
 
 
 def test_a_resumed_run_keeps_where_its_weights_came_from(demo_dir, tmp_path):

@@ -8,6 +8,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,7 +57,7 @@ def _temporary(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Same folder (rename is atomic only within a file system), same suffix (np.save and
     # safetensors look at it), a leading dot and the pid (two processes never collide).
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # _TEMPORARY matches it
     try:
         yield tmp
     except OSError as e:
@@ -103,6 +104,20 @@ def _replace_together(tmps: list[Path], paths: list[Path]) -> None:
         for path in paths:
             with contextlib.suppress(OSError):
                 kept(path).unlink()
+
+
+# The name atomic_path writes through, which a process killed mid-write leaves behind.
+_TEMPORARY = re.compile(r"\..+\.\d+\.tmp(\.[^.]+)?")
+
+
+def remove_leftovers(folder: str | Path) -> None:
+    """Remove the temporary files that writers killed mid-write left in `folder` (a
+    checkpoint's can be hundreds of MB). Only for a folder no other process writes now."""
+    folder = Path(folder)
+    if folder.is_dir():
+        for path in folder.iterdir():
+            if _TEMPORARY.fullmatch(path.name) and path.is_file():
+                path.unlink(missing_ok=True)
 
 
 def _flush(path: Path) -> None:

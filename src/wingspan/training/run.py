@@ -34,7 +34,7 @@ from wingspan.evaluate.calibration import (
     bound_warning,
     calibration_record,
 )
-from wingspan.files import make_folder, write_text
+from wingspan.files import make_folder, remove_leftovers, write_text
 from wingspan.models import create_classifier, resolve_policy, save_bundle
 from wingspan.models.bundle import read_manifest
 from wingspan.models.classifier import Classifier
@@ -216,6 +216,9 @@ def resume(run_dir: str | Path, quiet: bool = False, **machine) -> Path:
 
 
 def _resume(run_dir: Path, config: TrainConfig, fabric, quiet: bool) -> Path:
+    if fabric.is_global_zero:  # it holds the run's lock: nothing else writes there now
+        for folder in (run_dir, run_dir / "checkpoints", run_dir / "cache", run_dir / "model"):
+            remove_leftovers(folder)  # of the writes a kill cut short
     last = run_dir / "checkpoints" / "last.pt"
     checkpoint = load_checkpoint(last) if last.is_file() else None
     finished = checkpoint and checkpoint["state"]["stage"] == "done"
