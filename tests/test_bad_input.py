@@ -143,6 +143,9 @@ def test_predict_on_one_photo_and_on_none(run_dir, run_cli, tmp_path):
     code, out, err = run_cli("predict", run_dir, image, "--quiet")
     assert code == 0, err
     assert "1 image predicted" in " ".join(out.split())
+    # More classes asked for than the model has: the header names those shown.
+    code, out, err = run_cli("predict", run_dir, image, "--top-k", "10", "--quiet")
+    assert code == 0 and "top 4" in out and "top 10" not in out, out
     # Nothing predicted: the files skipped and why, not an empty table above them.
     code, out, err = run_cli("predict", run_dir, tmp_path / "nowhere.jpg")
     assert code == 2 and "prediction" not in out and "no such file" in err

@@ -922,8 +922,10 @@ def predict_command(
     if not main:
         return
     hierarchical = predictor.taxonomy is not None
+    # --top-k 10 of a 3-class model shows 3: the header says what is shown.
+    k = min(top_k, len(predictor.classes))
     table = Table(_folding("image"), "prediction", "probability",
-                  "taxonomy (probability per level)" if hierarchical else f"top {top_k}")
+                  "taxonomy (probability per level)" if hierarchical else f"top {k}")
     for row in result.rows[:50]:
         (best, p), rest = row["top"][0], row["top"][1:]
         if hierarchical:  # the consistent branch is the prediction
