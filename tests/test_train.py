@@ -612,6 +612,11 @@ def test_config_file_and_command_line(tmp_path, run_cli, demo_dir):
     with pytest.raises(WingspanError, match="(?s)unknown settings \\['epochs_heads'\\].*"
                                             "Did you mean 'epochs_heads' -> 'epochs_head'"):
         TrainConfig.from_file(path)
+    # Names other tools use, no spelling away from ours, still find ours.
+    path.write_text("learning_rate: 0.01\nbs: 8\nmodel: resnet18\n")
+    code, _, err = run_cli("train", demo_dir, "--config", path, "--quiet")
+    assert code == 2 and "Did you mean 'bs' -> 'batch_size', 'learning_rate' -> 'lr', " \
+                         "'model' -> 'backbone'?" in " ".join(err.split()), err
     code, _, err = run_cli("train", demo_dir, "--sampler", "random", "--quiet")
     assert code == 2 and "--sampler must be shuffle or weighted" in err
     for path_like in ("../elsewhere", "a/b"):  # a name, not a path out of --runs-dir

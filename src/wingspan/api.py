@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import difflib
 import html
 import json
 import os
@@ -35,6 +34,7 @@ from wingspan.config import (
     ReadConfig,
     SplitConfig,
     TrainConfig,
+    closest_settings,
 )
 from wingspan.data.samples import SPLIT, Dataset
 from wingspan.errors import WingspanError
@@ -351,7 +351,7 @@ def _check_names(cls: type, settings: dict) -> None:
     fields = list(cls.__dataclass_fields__)
     for key in settings:
         if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=3)
+            close = closest_settings(key, fields, n=3)
             raise WingspanError(
                 f"Unknown setting '{key}'.",
                 hint=(f"Did you mean {' or '.join(repr(c) for c in close)}? " if close else "")

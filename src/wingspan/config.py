@@ -62,6 +62,28 @@ class SettingError(WingspanError):
         return type(self), (self.problems, self.intro, self.form, self.hint), self.__dict__
 
 
+# Settings other trainers (timm's train.py) name in words no spelling distance finds.
+_OTHER_NAMES = {"model": "backbone", "arch": "backbone", "pretrained": "weights",
+                "amp": "precision"}
+
+
+def closest_settings(name: object, fields: list[str], n: int = 1) -> list[str]:
+    """The settings an unknown one most likely means: the nearest spellings (epoch_head:
+    epochs_head), else the one its initials abbreviate or that abbreviates it, as other
+    tools name them (learning_rate: lr, bs: batch_size)."""
+    name = str(name).lower().replace("-", "_")
+    if _OTHER_NAMES.get(name) in fields:
+        return [_OTHER_NAMES[name]]
+    close = difflib.get_close_matches(name, fields, n=n)
+    if close or len(name) < 2:
+        return close
+
+    def initials(words: str) -> str:
+        return "".join(w[:1] for w in words.split("_") if w)
+
+    return [f for f in fields if f == initials(name) or initials(f) == name][:n]
+
+
 def _check(ok: bool, name: str, expected: str, got: object) -> None:
     if not ok:
         raise SettingError([(name, f" must be {expected}. Got {got!r} instead.")],
@@ -479,9 +501,9 @@ class TrainConfig:
         if not isinstance(values, dict):
             raise WingspanError(f"{path} must hold a mapping of setting: value.")
         fields = list(cls.__dataclass_fields__)
-        unknown = sorted(set(values) - set(fields))
+        unknown = sorted(set(values) - set(fields), key=str)
         if unknown:
-            close = {k: difflib.get_close_matches(k, fields, n=1) for k in unknown}
+            close = {k: closest_settings(k, fields) for k in unknown}
             meant = [f"'{k}' -> '{c[0]}'" for k, c in close.items() if c]
             raise WingspanError(f"{path}: unknown settings {unknown}.",
                                 hint=(f"Did you mean {', '.join(meant)}? " if meant else "")
