@@ -522,6 +522,21 @@ def test_resuming_without_every_image_of_a_class_says_which(demo_dir, tmp_path, 
     assert [u["path"] for u in unreadable] == [gone]
 
 
+def test_resuming_a_path_that_does_not_exist_says_so_and_names_close_runs(
+        run_cli, tmp_path, monkeypatch):
+    for name in ("leeds-lite2", "oxford"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "config.yaml").write_text("lr: 0.01\n")
+    monkeypatch.chdir(tmp_path)
+    for given, meant in [("runs/leeds-lite", "runs/leeds-lite2"),  # a typo
+                         ("oxford", "runs/oxford"),  # the name without its runs folder
+                         ("runs/cambridge", None)]:
+        code, _, err = run_cli("train", "--resume", given)
+        err = " ".join(err.split())
+        assert code == 2 and f"{given} does not exist" in err and "not a wingspan run" not in err
+        assert (f"Did you mean {meant}?" in err) if meant else "Did you mean" not in err, err
+
+
 @pytest.mark.parametrize("written, said", [
     ("name: my-project\n", "is not a wingspan run"), ("- a\n- b\n", "is not a wingspan run"),
     ("epochs: [\n", "is not a wingspan run"),

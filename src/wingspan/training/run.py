@@ -186,6 +186,8 @@ def resume(run_dir: str | Path, quiet: bool = False, **machine) -> Path:
     """Continue a run that was stopped or killed, from its last checkpoint; `machine`
     changes MACHINE_SETTINGS, e.g. devices=1 for a run begun on 2 processes."""
     run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise _no_run_at(run_dir)
     if not (run_dir / CONFIG_FILE).is_file():
         raise WingspanError(f"{run_dir} is not a wingspan run (no {CONFIG_FILE}).",
                             hint="Give the folder a `wingspan train` run wrote, e.g. runs/NAME")
@@ -355,6 +357,23 @@ def _hold(run_dir: Path) -> bool:
         return False
     _HELD[key] = handle
     return True
+
+
+def _no_run_at(run_dir: Path) -> WingspanError:
+    """A run to resume that does not exist (a typo, or its name without the runs folder):
+    the runs beside it, or in the runs folder there, with the closest names."""
+    runs = []
+    for folder in dict.fromkeys([run_dir.parent, run_dir.parent / "runs"]):
+        try:
+            runs += [d for d in sorted(folder.iterdir()) if (d / CONFIG_FILE).is_file()]
+        except OSError:  # no such folder, or one we may not read: nothing to suggest
+            pass
+    close = difflib.get_close_matches(run_dir.name, [d.name for d in runs], n=3)
+    meant = [str(d) for name in close for d in runs if d.name == name]
+    return WingspanError(
+        f"{run_dir} does not exist: there is no run there to resume.",
+        hint=(f"Did you mean {' or '.join(meant)}?" if meant else
+              "Give the folder a `wingspan train` run wrote, e.g. runs/NAME."))
 
 
 def _release(run_dir: Path) -> None:
