@@ -1,6 +1,7 @@
 import json
 import os
 import re
+import shutil
 
 import pytest
 
@@ -306,3 +307,17 @@ def test_a_file_where_a_folder_goes_is_one_clear_message(run_cli, demo_dir, tmp_
 
     with pytest.raises(WingspanError, match="afile is a file, where a folder is needed"):
         train(read_dataset(demo_dir), tiny(tmp_path), tmp_path / "afile", quiet=True)
+
+
+def test_a_count_of_one_takes_the_singular(run_cli, demo_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(demo_dir, data)
+    (next(p for p in sorted(data.iterdir()) if p.is_dir()) / "broken.jpg").write_bytes(b"no")
+    code, _, err = run_cli("data", "inspect", data, "--out", tmp_path / "i", "--quiet",
+                           "--strict")
+    assert code == 2 and "1 image cannot be read" in " ".join(err.split()), err
+    # Only the largest class (16 images, 11 in train) is over 10: one image of one class.
+    code, out, err = run_cli("data", "split", demo_dir, "--level", "label", "--max-per-class",
+                             "10", "--out", tmp_path / "s")
+    out = " ".join(out.split())
+    assert code == 0 and "left out 1 training image of 1 class (listed" in out, out

@@ -91,7 +91,7 @@ def test_ethec_splits_that_list_an_image_twice_are_repaired_and_reported(tmp_pat
         (root / "splits" / f"{split}.json").write_text(json.dumps(recs))
     logs = []
     dataset = ensure_splits(read_dataset(root), "species", tiny(tmp_path), log=logs.append)
-    assert any("The ETHEC splits leak" in line and "Repaired: 1 records dropped" in line
+    assert any("The ETHEC splits leak" in line and "Repaired: 1 record dropped" in line
                for line in logs)
     assert not find_leaks(dataset)
     rows = dataset.table[dataset.table["path"].str.endswith(f"/{leaked['image_name']}")]

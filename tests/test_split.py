@@ -120,7 +120,7 @@ def test_classes_all_too_small_get_an_error_that_says_so():
 def test_unlabelled_samples_and_impossible_fractions_are_refused():
     ds = synthetic({"a": 10, "b": 10})
     ds.table.loc[0, "label"] = ""
-    with pytest.raises(WingspanError, match="1 samples have no 'label' label"):
+    with pytest.raises(WingspanError, match="1 sample has no 'label' label"):
         split_dataset(ds)
     with pytest.raises(WingspanError, match="'val_fraction \\+ test_fraction' setting must be"):
         SplitConfig(val_fraction=0.6, test_fraction=0.5)

@@ -202,13 +202,13 @@ def data_inspect(
                               check_images=not metadata_only, progress=not quiet)
     unreadable = summary.get("images", {}).get("unreadable", [])
     if strict and unreadable:
-        raise WingspanError(f"{len(unreadable)} images cannot be read, e.g. "
+        raise WingspanError(f"{counted(len(unreadable), 'image')} cannot be read, e.g. "
                             f"{unreadable[0]['path']}: {unreadable[0]['error']}",
                             hint="Fix or delete them (all are listed in summary.json).")
     print_summary(summary, out)
     print_class_table(dataset, level, out)
-    out.print(f"Wrote {_q(target / 'summary.json')} and {len(summary['plots'])} balance "
-              f"plots in {_q(target)}")
+    out.print(f"Wrote {_q(target / 'summary.json')} and "
+              f"{counted(len(summary['plots']), 'balance plot')} in {_q(target)}")
 
 
 @data_app.command("split")
@@ -255,23 +255,28 @@ def _print_split(result) -> None:
         out.print(f"{counted(r.repeats_dropped, 'image')} listed on more than one side: one "
                   "row each now")
     if r.train_only:
-        out.print(f"[yellow]{len(r.train_only)} classes have too few groups for every split; "
+        out.print(f"[yellow]{counted(len(r.train_only), 'class has', 'classes have')} too few "
+                  "groups for every split; "
                   f"kept in train only:[/] {_some(r.train_only)}")
     for split, classes in r.missing.items():
-        out.print(f"[yellow]{len(classes)} classes have no images in {split}:[/] {_some(classes)}")
+        out.print(f"[yellow]{counted(len(classes), 'class has', 'classes have')} no images in "
+                  f"{split}:[/] {_some(classes)}")
     if result.undersampled:
-        out.print(f"--max-per-class left out {sum(result.undersampled.values())} training "
-                  f"images of {len(result.undersampled)} classes (listed in sampling.json)")
+        out.print(f"--max-per-class left out "
+                  f"{counted(sum(result.undersampled.values()), 'training image')} of "
+                  f"{counted(len(result.undersampled), 'class', 'classes')} (listed in "
+                  "sampling.json)")
     if result.oversampled:
-        out.print(f"--oversample-to added {sum(result.oversampled.values())} repeated training "
-                  f"images to {len(result.oversampled)} classes")
+        out.print(f"--oversample-to added "
+                  f"{counted(sum(result.oversampled.values()), 'repeated training image')} to "
+                  f"{counted(len(result.oversampled), 'class', 'classes')}")
     if result.undersampled or result.oversampled:  # the sizes above are the split's
         rows = result.dataset.table["split"].value_counts()
         out.print("So splits.csv holds " + ", ".join(
             f"{k} {rows.get(k, 0)}" for k in r.sizes) + " rows")
     w = result.class_weights
     out.print(f"Balanced class weights (train): {min(w.values()):.3g} to {max(w.values()):.3g} "
-              f"over {len(w)} classes")
+              f"over {counted(len(w), 'class', 'classes')}")
     out.print(f"Wrote {_q(result.splits_csv)} and {_q(result.sampling_json)}")
 
 
@@ -338,8 +343,8 @@ def data_audit(
                                        "class has a single image, so its label was")
                   + " not checked (no other image of the class to learn from out of fold): "
                   f"{_some(alone)}")
-    out.print(f"{len(dups)} near-duplicate pairs (similarity >= {duplicate_similarity}, or "
-              f"perceptual hashes within {config.hash_distance} bits), "
+    out.print(f"{counted(len(dups), 'near-duplicate pair')} (similarity >= "
+              f"{duplicate_similarity}, or perceptual hashes within {config.hash_distance} bits), "
               f"{int(dups['across_splits'].sum())} across splits, "
               f"{int(dups['labels_differ'].sum())} with different labels")
     if result.unreadable:  # left out of both searches
@@ -719,8 +724,8 @@ def calibrate_command(
     c = calibrate(model, data, split, progress=not quiet, batch_size=batch_size,
                   workers=workers, device=device)
     out.print(f"Temperature {c['previous_temperature']:.3f} -> {c['temperature']:.3f}, fitted "
-              f"on {c['images']} images ({c['fitted_on']}); ECE {c['val_ece_before']:.4f} -> "
-              f"{c['val_ece_after']:.4f}"
+              f"on {counted(c['images'], 'image')} ({c['fitted_on']}); ECE "
+              f"{c['val_ece_before']:.4f} -> {c['val_ece_after']:.4f}"
               + (f"; by the {c['method']}" if c["method"] != "likelihood" else ""))
     if bound_warning(c):
         out.print(f"[yellow]Warning:[/] {escape(bound_warning(c))}")
@@ -764,7 +769,7 @@ def adapt_command(
     a = adapt(model, photos, out_dir, config, progress=not quiet, workers=workers)
     used = list(a["photos_used_per_round"].values())[-1]  # the finest level's
     fits = f" in {len(used)} refits" if len(used) > 1 else ""
-    out.print(f"{a['photos']} photos ({a['unreadable']} unreadable); trained on "
+    out.print(f"{counted(a['photos'], 'photo')} ({a['unreadable']} unreadable); trained on "
               f"{' / '.join(map(str, used))} of them{fits}; the answer "
               f"changed for {a['changed']:.1%}")
     out.print("Photos per class before -> after: " + ", ".join(
@@ -799,7 +804,8 @@ def _print_evaluation(result) -> None:
 
     m = result.metrics
     table = Table("metric", "value", title=f"{m['split']} split, level '{m['level']}': "
-                  f"{m['images']} images" + (", test-time augmentation" if m.get("tta") else ""))
+                  + counted(m["images"], "image")
+                  + (", test-time augmentation" if m.get("tta") else ""))
     table.add_row("accuracy", f"{m['accuracy']:.4f}{interval_text(m, 'accuracy')}")
     for k in [k for k in m if k.startswith("top")]:
         table.add_row(k.replace("_", " "), f"{m[k]:.4f}")
@@ -825,8 +831,10 @@ def _print_evaluation(result) -> None:
                       if not m.get("transfer") else " `wingspan calibrate RUN DATA` fits one "
                       "on labelled photos like these, named as the model names its classes."))
     if m.get("unknown_classes"):
-        out.print(f"[yellow]{m.get('unknown_class_images', 0)} images of "
-                  f"{len(m['unknown_classes'])} classes the model does not know were left out"
+        left = m.get("unknown_class_images", 0)
+        out.print(f"[yellow]{counted(left, 'image')} of "
+                  f"{counted(len(m['unknown_classes']), 'class', 'classes')} the model does not "
+                  f"know {'was' if left == 1 else 'were'} left out"
                   f":[/] {_q(_some(m['unknown_classes']))} (--map MODEL_CLASS=DATA_CLASS "
                   "names one of the model's)")
     if m.get("absent_classes"):
@@ -866,7 +874,8 @@ def _print_evaluation(result) -> None:
                   + (f", {heads:.1%} from the per-level heads" if heads is not None else "")
                   + f"; mean mistake depth {h['mean_mistake_depth']:.2f}")
     if m["unreadable"]:
-        out.print(f"[yellow]{len(m['unreadable'])} images could not be read[/] (in metrics.json)")
+        out.print(f"[yellow]{counted(len(m['unreadable']), 'image')} could not be read[/] "
+                  "(in metrics.json)")
     out.print(f"Report: {_q(result.report)}")
 
 
@@ -1200,7 +1209,7 @@ def demo(
     marker.write_text(json.dumps(to_dict(config), indent=2))
     data_dir = generate_demo(out_dir / "data", config)
     out.rule("1. demo data")
-    out.print(f"Generated {sum(config.images_per_class)} images of "
+    out.print(f"Generated {counted(sum(config.images_per_class), 'image')} of "
               f"{len(config.images_per_class)} species in {data_dir}")
     dataset = read_dataset(data_dir)
     out.rule("2. inspect")

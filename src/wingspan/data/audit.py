@@ -91,7 +91,8 @@ def audit_dataset(dataset: Dataset, out_dir: str | Path, level: str | None = Non
     if table.loc[checked, level].nunique() < 2:
         raise WingspanError(
             f"A label audit needs at least 2 classes with 2 images or more at level "
-            f"'{level}'; {len(alone)} of the {len(counts)} classes have a single image.",
+            f"'{level}'; {len(alone)} of the {counted(len(counts), 'class', 'classes')} "
+            f"{'has' if len(alone) == 1 else 'have'} a single image.",
             hint="Audit a coarser level (--level), or give those classes more images.")
     issues = label_issues(table[checked].reset_index(drop=True), features[checked], level,
                           config)

@@ -22,7 +22,7 @@ from wingspan.data.leaks import find_leaks
 from wingspan.data.readers import _keep_existing, register_reader
 from wingspan.data.samples import GROUP, PATH, SPLIT, Dataset, Problem
 from wingspan.data.taxonomy import binomial
-from wingspan.errors import WingspanError
+from wingspan.errors import WingspanError, counted
 
 IMAGE_DIR = "IMAGO_build_test_resized"
 LEVELS = ["family", "subfamily", "genus", "species"]
@@ -103,7 +103,8 @@ def _drop_nameless(raw: pd.DataFrame, problems: list[Problem]) -> pd.DataFrame:
     image_path instead) point at no file: left out and said so, not counted as missing."""
     return _drop_records(
         raw, raw["image_name"].str.strip() == "", "no_image_name", "image_path",
-        lambda part: f"{len(part)} records have an empty image_name (their image_path holds "
+        lambda part: f"{counted(len(part), 'record has', 'records have')} an empty image_name "
+                     "(their image_path holds "
                      f"a file name, e.g. {part['image_path'].iloc[0]}): left out, no image "
                      "to read",
         "names no file", problems)
@@ -113,8 +114,9 @@ def _drop_repeats(raw: pd.DataFrame, problems: list[Problem]) -> pd.DataFrame:
     """Keep one record per image within each split, reporting every dropped copy."""
     return _drop_records(
         raw, raw.duplicated(subset=[SPLIT, "image"], keep="first"), "duplicate_record",
-        "image", lambda part: f"{part['image'].nunique()} images are listed more than once "
-                              f"under different tokens; {len(part)} extra records dropped",
+        "image", lambda part: f"{counted(part['image'].nunique(), 'image is', 'images are')} "
+                              "listed more than once under different tokens; "
+                              f"{counted(len(part), 'extra record')} dropped",
         "dropped", problems)
 
 

@@ -138,7 +138,8 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
     console = console or Console()
     d = summary["dataset"]
     splits = ", ".join(f"{k} {v}" for k, v in d["splits"].items())
-    console.print(f"[bold]{escape(d['name'])}[/] ({d['format']}): {d['images']} images; "
+    console.print(f"[bold]{escape(d['name'])}[/] ({d['format']}): "
+                  f"{counted(d['images'], 'image')}; "
                   f"splits: {splits}")
     levels = Table("level", "classes", "largest", "smallest", "imbalance",
                    title="Classes per level")

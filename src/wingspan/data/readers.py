@@ -139,7 +139,9 @@ def _keep_existing(
     missing = table.loc[~exists, PATH].tolist()
     if missing and config.strict:
         raise WingspanError(
-            f"{len(missing)} images listed in {where} do not exist, e.g. {missing[0]}",
+            f"{counted(len(missing), 'image')} listed in {where} "
+            + ("does not exist:" if len(missing) == 1 else "do not exist, e.g.")
+            + f" {missing[0]}",
             hint="Fix the paths, or drop --strict to skip and list them.",
         )
     problems += [Problem("missing_file", f"listed in {where} but not found", p) for p in missing]

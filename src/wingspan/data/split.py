@@ -16,7 +16,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from wingspan.config import SplitConfig
 from wingspan.data.leaks import with_duplicates_grouped
 from wingspan.data.samples import GROUP, PATH, SPLIT, Dataset
-from wingspan.errors import WingspanError
+from wingspan.errors import WingspanError, counted
 from wingspan.files import atomic_path, write_text
 
 
@@ -54,7 +54,8 @@ def split_dataset(dataset: Dataset, level: str | None = None,
     labels = table[level].to_numpy()
     if (labels == "").any():
         raise WingspanError(
-            f"{int((labels == '').sum())} samples have no '{level}' label.",
+            f"{counted(int((labels == '').sum()), 'sample has', 'samples have')} no '{level}' "
+            "label.",
             hint="Fill in the taxonomy, or split on a level every sample has.",
         )
     groups = table[GROUP].to_numpy()

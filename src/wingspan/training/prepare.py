@@ -33,21 +33,22 @@ def ensure_splits(dataset: Dataset, level: str, config: TrainConfig,
         split, report = split_dataset(dataset, level, SplitConfig(
             config.val_fraction, config.test_fraction, config.seed))
         if report.train_only:
-            log(f"{len(report.train_only)} classes have too few groups to appear on every "
-                "side, so they are in train only (not evaluated): "
+            log(f"{counted(len(report.train_only), 'class has', 'classes have')} too few "
+                "groups to appear on every side; kept in train only (not evaluated): "
                 + ", ".join(f"{c} ({n})" for c, n in list(report.train_only.items())[:5]))
         if report.repeats_dropped:
             log(f"{counted(report.repeats_dropped, 'image')} listed on more than one side: one "
                 "row each now")
         if report.duplicates_grouped:
-            log(f"{report.duplicates_grouped} groups hold a picture that another group also "
-                "holds (the same file saved twice): each such pair is kept on one side")
+            log(f"{counted(report.duplicates_grouped, 'group holds', 'groups hold')} a picture "
+                "that another group also holds (the same file saved twice): each such pair is "
+                "kept on one side")
         return split
     dataset = _check_leaks(dataset, config, log)
     table = dataset.table
     unsplit = int((table[SPLIT] == "").sum())
     if unsplit:
-        log(f"{unsplit} images have no split and are not used")
+        log(f"{counted(unsplit, 'image has', 'images have')} no split and will not be used")
         dataset = dataset.subset((table[SPLIT] != "").to_numpy())
     splits = set(dataset.table[SPLIT])
     if "val" not in splits and "test" not in splits and config.test_fraction:
@@ -109,8 +110,9 @@ def _check_leaks(dataset: Dataset, config: TrainConfig, log) -> Dataset:
         return dataset
     if dataset.format == "ethec":
         repaired, dropped = repair_leaks(dataset, leaks)
-        log(f"The ETHEC splits leak: {leaks.describe()}. Repaired: {dropped} records dropped, "
-            "each leaked image kept on one side only (train, else test, else val)")
+        log(f"The ETHEC splits leak: {leaks.describe()}. Repaired: "
+            f"{counted(dropped, 'record')} dropped, each leaked image kept on one side only "
+            "(train, else test, else val)")
         return repaired
     if config.allow_leaky_splits:
         log(f"WARNING: the given splits leak ({leaks.describe()}); training on them anyway "
@@ -159,13 +161,15 @@ def plan_labels(dataset: Dataset, levels: list[str], config: TrainConfig, log=pr
         dataset, dropped = undersample(dataset, finest, config.max_per_class, config.seed)
         if dropped:
             log(f"Undersampled train to {config.max_per_class} per class: left out "
-                f"{sum(dropped.values())} images of {len(dropped)} classes")
+                f"{counted(sum(dropped.values()), 'image')} of "
+                f"{counted(len(dropped), 'class', 'classes')}")
     check_classes(dataset.table[dataset.table[SPLIT] != ""], finest)  # none only in val/test
     table = dataset.table[dataset.table[SPLIT].isin(["train", "val"])].copy()
     empty = (table[levels] == "").any(axis=1)
     if empty.any():
-        raise WingspanError(f"{int(empty.sum())} train and val images lack a label at one of "
-                            f"the levels {levels}, e.g. {table.loc[empty, 'path'].iloc[0]}",
+        lack = counted(int(empty.sum()), "train or val image lacks", "train and val images lack")
+        raise WingspanError(f"{lack} a label at one of the levels {levels}, e.g. "
+                            f"{table.loc[empty, 'path'].iloc[0]}",
                             hint="Complete taxonomy.csv, or train fewer levels.")
     rare: dict[str, str] = {}
     if config.rare_below and len(levels) > 1:
@@ -174,8 +178,10 @@ def plan_labels(dataset: Dataset, levels: list[str], config: TrainConfig, log=pr
         rare = {c: f"{parent[c]} (rare {finest})" for c in counts[counts < config.rare_below].index}
         if rare:
             table[finest] = table[finest].replace(rare)
-            log(f"{len(rare)} {finest} classes have fewer than {config.rare_below} training "
-                f"images: they train as their {levels[-2]} only")
+            log(f"{counted(len(rare), f'{finest} class has', f'{finest} classes have')} fewer "
+                f"than {counted(config.rare_below, 'training image')}: "
+                + ("it trains as its" if len(rare) == 1 else "they train as their")
+                + f" {levels[-2]} only")
     taxonomy = Taxonomy.from_table(table, levels) if len(levels) > 1 else None
     classes = {lv: check_classes(table, lv) for lv in levels}
     if len(classes[finest]) < 2:  # a softmax over one class says 1.0 whatever it sees
@@ -243,8 +249,9 @@ def build_train_data(plan: LabelPlan, config: TrainConfig, pre: Preprocessing,
     weighted = [(f"{lv} " if len(levels) > 1 else "")
                 + f"on; weights {weights[lv].min():.2f}-{weights[lv].max():.2f}"
                 for lv in levels if use[lv]]
-    log(f"{len(train)} training and {len(val)} validation images; "
-        + "; ".join(f"{lv}: {len(plan.classes[lv])} classes" for lv in levels)
+    log(f"{len(train)} training and {counted(len(val), 'validation image')}; "  # train has 2+
+        + "; ".join(f"{lv}: {counted(len(plan.classes[lv]), 'class', 'classes')}"
+                    for lv in levels)
         + f" (imbalance {ratio.max() / ratio.min():.1f}x); class-weighted loss: "
         + (", ".join(weighted) or "off")
         + (" (the weighted sampler draws classes evenly)"
