@@ -792,3 +792,21 @@ def test_images_the_run_trained_or_chose_on_give_figures_called_optimistic(train
                    "--quiet")[0] == 0
     fair = json.loads((tmp_path / "other" / "metrics.json").read_text())["fair"]
     assert fair.startswith("yes: none of these files")
+
+
+def test_the_fairness_check_matches_the_runs_images_through_a_link(tmp_path):
+    """DATA read through a symlinked folder (or relative to here) names the run's images
+    by other paths: they are still the images it trained or chose on."""
+    from helpers import write_image
+
+    from wingspan.evaluate.run import _fairness
+
+    for name in ("t.jpg", "v.jpg", "new.jpg"):
+        write_image(tmp_path / "data" / "a" / name, seed=0)
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    own = pd.DataFrame({"path": [str(tmp_path / "data" / "a" / n) for n in ("t.jpg", "v.jpg")],
+                        "split": ["train", "val"]})
+    seen = [str(tmp_path / "link" / "a" / n) for n in ("t.jpg", "v.jpg", "new.jpg")]
+    assert _fairness({}, "all", "other", seen, own).startswith(
+        "no: the model was trained on 1 of these 3 images and chose its best epoch on 1")
+    assert _fairness({}, "all", "other", seen[2:], own).startswith("yes: none of these files")

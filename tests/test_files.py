@@ -181,3 +181,22 @@ def test_the_cli_says_the_disk_is_full_instead_of_a_traceback(run_cli, tmp_path,
     write_image(tmp_path / "d" / "a" / "1.jpg")
     code, _, err = run_cli("data", "inspect", tmp_path / "d", "--out", tmp_path / "o")
     assert code == 2 and "The disk is full" in err and "Traceback" not in err
+
+
+def test_real_paths_resolve_as_path_resolve_does(tmp_path, monkeypatch):
+    """Folders resolved once, files only if links: the same strings as Path.resolve, for
+    relative paths, links to folders and to files, a missing file and a bare name."""
+    from wingspan.files import real_paths
+
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    (tmp_path / "data" / "a" / "1.jpg").write_bytes(b"x")
+    (tmp_path / "pool").mkdir()
+    (tmp_path / "pool" / "2.jpg").write_bytes(b"y")
+    (tmp_path / "data" / "a" / "2.jpg").symlink_to(tmp_path / "pool" / "2.jpg")
+    (tmp_path / "seen").symlink_to(tmp_path / "data")
+    monkeypatch.chdir(tmp_path / "seen")
+    paths = ["a/1.jpg", "a/2.jpg", str(tmp_path / "seen" / "a" / "1.jpg"), "a/gone.jpg",
+             "a/../a/1.jpg", "1.jpg", str(tmp_path / "data" / "a" / "2.jpg")]
+    assert real_paths(paths) == [str(Path(p).resolve()) for p in paths]
+    assert real_paths(paths)[:2] == [str(tmp_path / "data" / "a" / "1.jpg"),
+                                     str(tmp_path / "pool" / "2.jpg")]

@@ -180,6 +180,21 @@ class FileArrays:
             pass
 
 
+def real_paths(paths) -> list[str]:
+    """Each file's path with every symlink resolved, as Path.resolve() gives it, to tell
+    whether two lists name the same files: each folder is resolved once, and a file only if
+    it is a link (resolving 48k images one by one took seconds)."""
+    folders: dict[str, str] = {}
+    real = []
+    for path in map(str, paths):
+        head, tail = os.path.split(path)
+        if head not in folders:
+            folders[head] = os.path.realpath(head or os.curdir)
+        full = os.path.join(folders[head], tail)
+        real.append(os.path.realpath(full) if os.path.islink(full) else full)
+    return real
+
+
 def make_folder(path: str | Path) -> Path:
     """`mkdir -p`, or a WingspanError naming the file that stands where a folder must go
     (not a FileExistsError or NotADirectoryError from deep inside)."""

@@ -38,7 +38,7 @@ from wingspan.evaluate.metrics import (
 )
 from wingspan.evaluate.openset import openset_metrics, separation
 from wingspan.evaluate.report import write_report
-from wingspan.files import atomic_path, write_text
+from wingspan.files import atomic_path, real_paths, write_text
 from wingspan.inference import Predictor, output_home, spelt_as_trained
 from wingspan.models.bundle import update_manifest
 from wingspan.predict import answer_at, deciding_score, expand_paths, taxonomy_path
@@ -260,8 +260,9 @@ def _check_unseen(unknown_paths: list[str], known_paths, predictor: Predictor) -
                             + (f" and {len(named) - 5} more." if len(named) > 5 else "."),
                             hint="Give a folder of images of classes the model never saw "
                                  "(rename a folder that only shares a name).")
-    resolved = {str(Path(p).resolve()) for p in known_paths}
-    both = [p for p in unknown_paths if str(Path(p).resolve()) in resolved]
+    resolved = set(real_paths(known_paths))
+    both = [p for p, real in zip(unknown_paths, real_paths(unknown_paths), strict=True)
+            if real in resolved]
     if both:
         raise WingspanError(f"{len(both)} of the --unknown images are also among the images "
                             f"of known classes evaluated, e.g. {both[0]}.",
@@ -708,9 +709,9 @@ def _fairness(manifest: dict, split: str, data, paths: list[str],
                 "(as unlabelled photos), so these figures are optimistic")
     if own is None:
         return "yes, unless this data holds images the model was trained or chosen on"
-    evaluated = {str(Path(p).resolve()) for p in paths}
-    trained, chosen = (sum(str(Path(p).resolve()) in evaluated
-                           for p in own.loc[own[SPLIT] == s, "path"]) for s in ("train", "val"))
+    evaluated = set(real_paths(paths))
+    trained, chosen = (len(evaluated.intersection(real_paths(own.loc[own[SPLIT] == s, "path"])))
+                       for s in ("train", "val"))
     if not trained and not chosen:
         return ("yes: the test split was never trained or chosen on" if data is None else
                 "yes: none of these files is one the run trained or chose its best epoch on "

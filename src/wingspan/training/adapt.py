@@ -39,7 +39,7 @@ from wingspan.data.samples import PATH, SPLIT
 from wingspan.errors import WingspanError
 from wingspan.evaluate.calibration import calibration_record, softmax
 from wingspan.evaluate.own_images import own_images, run_folder
-from wingspan.files import write_text
+from wingspan.files import real_paths, write_text
 from wingspan.inference import Predictor
 from wingspan.models import save_bundle
 from wingspan.models.unknown import UnknownDetector
@@ -181,7 +181,7 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
             rate=predictor.unknown.rate, temperature=temperature, seed=seed)
 
     names = manifest["classes"][fine]
-    given = _resolved(paths)
+    given = set(real_paths(paths))
     summary = {
         "adapted_from": str(run_dir), "photos": len(paths), "unreadable": len(paths) - len(ok),
         **{k: getattr(config, k) for k in SETTINGS},
@@ -193,9 +193,9 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
                                                                                  names),
         # The run's own val images among the photos: the temperature, the unknown thresholds
         # and the val accuracy are then fitted or scored on images the head trained on.
-        "val_images_among_photos": len(given & _resolved(val.paths)),
+        "val_images_among_photos": len(given.intersection(real_paths(val.paths))),
         # ... and its test images: a test evaluation of the adapted run is then not fair.
-        "test_images_among_photos": len(given & _resolved(_test_paths(run_dir))),
+        "test_images_among_photos": len(given.intersection(real_paths(_test_paths(run_dir)))),
         "val_accuracy_before": val_before,
         "val_accuracy": float(np.mean(val_logits[fine].argmax(1) == y_val)),
         "temperature": temperature,
@@ -220,10 +220,6 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
         shutil.rmtree(out)
     partial.rename(out)
     return {**summary, "out": str(out), "replaced": replaced}
-
-
-def _resolved(paths) -> set[str]:
-    return {str(Path(p).resolve()) for p in paths}
 
 
 def _test_paths(run_dir: Path) -> list[str]:
