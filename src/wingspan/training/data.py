@@ -126,7 +126,7 @@ class EpochBatches(Sampler[list[Request]]):
             mine = np.array_split(np.array(batch), self.world)[self.rank]
             yield [(int(i), self.epoch, self.view) for i in mine]
 
-    def __len__(self) -> int:  # a weighted draw holds a skipped image any number of times
+    def __len__(self) -> int:  # (a weighted draw's length is its count of weighted images)
         return -(-len(self._order()) // self.batch_size) - self.start
 
 

@@ -218,7 +218,7 @@ def weigh_classes(labels: torch.Tensor, levels: list[str], classes: dict[str, li
                   config: TrainConfig) -> tuple[dict[str, torch.Tensor], dict[str, bool]]:
     """Per level (a column of `labels`, of indices into its `classes`):
     balanced weights, n / (classes x count) as scikit-learn's, and whether the loss uses
-    them (`class_weights`). Training counts the images it can read (see stages.Criterion)."""
+    them (`class_weights`). Training counts the images it can read (see stages.weighting)."""
     weights, use = {}, {}
     for i, lv in enumerate(levels):
         # (clamped: a class with nothing readable stops the run before a step, not here)
