@@ -165,3 +165,11 @@ def test_evaluate_on_photos_whose_classes_the_model_does_not_know(run_dir, run_c
     assert code == 2 and "Traceback" not in err
     assert f"the model knows {classes}; the data's 'label' classes there are garden_a, " \
            "garden_b" in err and "--map MODEL_CLASS=DATA_CLASS" in err
+
+
+def test_a_message_names_some_and_counts_the_rest():
+    from wingspan.errors import some
+
+    assert some(["a", "b"]) == "a, b"
+    assert some(list("abcdefg"), 5) == "a, b, c, d, e and 2 more"
+    assert some([]) == ""

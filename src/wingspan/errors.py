@@ -25,6 +25,11 @@ def counted(n: int, noun: str, plural: str | None = None) -> str:
     return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
+def some(names: list[str], n: int = 10) -> str:
+    """'a, b and 3 more': the first n names in a message, and how many it leaves out."""
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
 def first_line(error: BaseException) -> str:
     """An exception's first line for a message, its type's name when it says nothing (an
     empty file's EOFError)."""

@@ -17,7 +17,7 @@ from wingspan.data.csvfiles import nfc
 from wingspan.data.plots import plot_class_balance
 from wingspan.data.preview import write_preview
 from wingspan.data.samples import SPLIT, Dataset
-from wingspan.errors import WingspanError, counted
+from wingspan.errors import WingspanError, counted, some
 from wingspan.evaluate import plots
 from wingspan.evaluate.calibration import (
     MIN_CALIBRATION_IMAGES,
@@ -85,8 +85,8 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
         theirs = sorted(set(rows["_label"]))
         raise WingspanError(
             f"No images of the model's classes in the '{split}' split: the model knows "
-            f"{_some(predictor.classes)}; the data's '{level}' classes there are "
-            f"{_some(theirs) or 'none'}.",
+            f"{some(predictor.classes)}; the data's '{level}' classes there are "
+            f"{some(theirs) or 'none'}.",
             hint="If they are the same classes under other names, map them with --map "
                  "MODEL_CLASS=DATA_CLASS (once per class).")
     other_classes = sorted(set(rows.loc[~known, "_label"]))
@@ -256,8 +256,7 @@ def _check_unseen(unknown_paths: list[str], known_paths, predictor: Predictor) -
                    & set(predictor.classes))
     if named:
         raise WingspanError(f"The --unknown images include folders named after classes the "
-                            f"model knows: {', '.join(named[:5])}"
-                            + (f" and {len(named) - 5} more." if len(named) > 5 else "."),
+                            f"model knows: {some(named, 5)}.",
                             hint="Give a folder of images of classes the model never saw "
                                  "(rename a folder that only shares a name).")
     resolved = set(real_paths(known_paths))
@@ -422,10 +421,6 @@ def _rows(dataset: Dataset, split: str, level: str, predictor: Predictor,
     rows = rows.assign(**{lv: rows[lv].replace(names) for lv, names in spelt.items()
                           if names and lv in rows})
     return rows.assign(_label=rows[level].replace(theirs_to_ours).replace(predictor.rare))
-
-
-def _some(names: list[str], n: int = 10) -> str:
-    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def _check_class_map(class_map: dict[str, str], predictor: Predictor, dataset: Dataset,
@@ -804,8 +799,7 @@ def absent_rows(absent: list[str] | None) -> list[tuple[str, str]]:
     if not absent:
         return []
     return [("the model's classes without images here (left out of the per-class table "
-             "and the macro averages)", f"{len(absent)}: {', '.join(absent[:8])}"
-             + (f" and {len(absent) - 8} more" if len(absent) > 8 else ""))]
+             "and the macro averages)", f"{len(absent)}: {some(absent, 8)}")]
 
 
 def answer_rows(a: dict | None) -> list[tuple[str, str]]:

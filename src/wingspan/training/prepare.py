@@ -15,7 +15,7 @@ from wingspan.data.sampling import undersample
 from wingspan.data.split import split_dataset
 from wingspan.data.taxonomy import Taxonomy
 from wingspan.data.transforms import eval_transform, train_transform
-from wingspan.errors import WingspanError, counted
+from wingspan.errors import WingspanError, counted, some
 from wingspan.models.classifier import Preprocessing
 from wingspan.training.context import TrainData
 from wingspan.training.data import LabelledImages
@@ -206,8 +206,7 @@ def _warn_of_classes_without_val(table: pd.DataFrame, level: str, classes: list[
     seen = set(table.loc[table[SPLIT] == "val", level])
     absent = [c for c in classes if c not in seen]
     if absent:
-        names = ", ".join(absent[:10]) + (f" and {len(absent) - 10} more" if len(absent) > 10
-                                          else "")
+        names = some(absent)
         log(f"Warning: {len(absent)} of {len(classes)} '{level}' classes have no val image, "
             f"so no val figure says how they do: {names}. Give them more images (val images, "
             "where the data has its own split), or a larger "
