@@ -459,3 +459,22 @@ def test_a_stray_split_json_says_how_to_read_class_folders(tmp_path):
     assert "--format folder" in e.value.hint
     assert read_dataset(tmp_path, ReadConfig(format="folder")).class_counts().to_dict() == {
         "monarch": 1}
+
+
+def test_levels_with_as_many_classes_go_in_rank_order(tmp_path):
+    """One genus per family (a small collection) ties their class counts: the CSV's own
+    column order (genus first) put genus above family, and a genus under two families
+    was reported as a family under two genera."""
+    from wingspan.data.taxonomy import taxonomy_conflicts
+
+    folder_dataset(tmp_path, {"a": 1, "b": 1, "c": 1, "d": 1})
+    csv = tmp_path / "specimens.csv"
+    csv.write_text("path,label,genus,family\n"
+                   "a/a_0.jpg,Pieris rapae,Pieris,Pieridae\n"
+                   "b/b_0.jpg,Pieris napi,Pieris,Papilionidae\n"
+                   "c/c_0.jpg,Papilio machaon,Papilio,Papilionidae\n"
+                   "d/d_0.jpg,Vanessa cardui,Vanessa,Nymphalidae\n")
+    ds = read_dataset(csv)
+    assert ds.levels == ["family", "genus", "label"]
+    assert "genus 'Pieris' is under 2 family values: ['Papilionidae', 'Pieridae']" \
+        in taxonomy_conflicts(ds.table, ds.levels)

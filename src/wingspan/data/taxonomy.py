@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -52,14 +53,28 @@ def binomial(genus: pd.Series, epithet: pd.Series) -> pd.Series:
     return (genus + " " + epithet).where((genus != "") & (epithet != ""), "")
 
 
+# Ranks in their order, to break a tie in the class counts (one genus per family in
+# a small collection) that would otherwise put genus above family in every message.
+RANKS = ["kingdom", "phylum", "class", "order", "superfamily", "family", "subfamily",
+         "tribe", "subtribe", "genus", "subgenus", "species", "subspecies"]
+
+
 def coarse_to_fine(table: pd.DataFrame, columns: list[str]) -> list[str]:
     """Level columns ordered coarse to fine, whatever order a file has them in: a coarser
     level has fewer classes among the rows that give every level (a level filled in for
-    one family only has few classes overall); then among all rows. A tie keeps the file's
-    order: there either order makes the same tree."""
+    one family only has few classes overall); then among all rows. A tie makes the same
+    tree either way: levels named after ranks then go in rank order, others keep the
+    file's order."""
     full = table[(table[columns] != "").all(axis=1)]
-    return sorted(columns, key=lambda c: (full[c].nunique(),
-                                          table.loc[table[c] != "", c].nunique()))
+    counts = {c: (full[c].nunique(), table.loc[table[c] != "", c].nunique()) for c in columns}
+    ordered = sorted(columns, key=counts.__getitem__)
+    out: list[str] = []
+    for _, tied in itertools.groupby(ordered, key=counts.__getitem__):
+        tied = list(tied)
+        if all(c.lower() in RANKS for c in tied):
+            tied.sort(key=lambda c: RANKS.index(c.lower()))
+        out += tied
+    return out
 
 
 def apply_taxonomy(
