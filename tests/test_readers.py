@@ -478,3 +478,24 @@ def test_levels_with_as_many_classes_go_in_rank_order(tmp_path):
     assert ds.levels == ["family", "genus", "label"]
     assert "genus 'Pieris' is under 2 family values: ['Papilionidae', 'Pieridae']" \
         in taxonomy_conflicts(ds.table, ds.levels)
+
+
+@pytest.mark.parametrize("sep", [";", "\t"])
+def test_a_csv_saved_by_a_european_spreadsheet_is_read(tmp_path, sep):
+    """Excel where the comma is the decimal point saves "CSV" with semicolons (and a BOM
+    and CRLF as "CSV UTF-8"): read as it was meant, not as one column named
+    'path;label;family' and refused."""
+    folder_dataset(tmp_path, {"a": 2, "b": 1})
+    rows = ["path,label,family", "a/a_0.jpg,Pieris rapae,Pieridae",
+            "a/a_1.jpg,Pieris rapae,Pieridae", "b/b_0.jpg,Papilio machaon,Papilionidae"]
+    csv = tmp_path / "specimens.csv"
+    csv.write_bytes(("\ufeff" + "\r\n".join(r.replace(",", sep) for r in rows) + "\r\n")
+                    .encode("utf-8"))
+    ds = read_dataset(csv)
+    assert ds.levels == ["family", "label"]
+    assert ds.table["label"].tolist() == ["Pieris rapae", "Pieris rapae", "Papilio machaon"]
+    assert ds.table["family"].tolist() == ["Pieridae", "Pieridae", "Papilionidae"]
+    # A row with a field too many is still found, counted in the file's own separator.
+    csv.write_text(f"path{sep}label\na/a_0.jpg{sep}x{sep}extra\n")
+    with pytest.raises(WingspanError, match="line 2: 3 fields"):
+        read_dataset(csv)

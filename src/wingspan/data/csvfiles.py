@@ -15,12 +15,15 @@ from wingspan.errors import WingspanError
 def read_csv(path: Path) -> pd.DataFrame:
     """Every field a string; column names stripped and in NFC, columns with no name and no
     value (the trailing commas a spreadsheet saves) dropped; a row wider than the header is
-    an error rather than pandas' silent shift."""
+    an error rather than pandas' silent shift. Separated by commas, or by the semicolons
+    (or tabs) a spreadsheet saves where the comma is the decimal point."""
     try:
-        check_field_counts(path)
+        sep = separator(path)
+        check_field_counts(path, sep)
         with warnings.catch_warnings():  # the extra fields left out are empty (checked above)
             warnings.simplefilter("ignore", pd.errors.ParserWarning)
-            table = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
+            table = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False,
+                                index_col=False)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError,
             csv.Error) as e:
         raise WingspanError(f"Cannot read the CSV file {path}: {e}") from e
@@ -30,18 +33,26 @@ def read_csv(path: Path) -> pd.DataFrame:
     return table.drop(columns=unnamed)
 
 
-def check_field_counts(path: Path) -> None:
+def separator(path: Path) -> str:
+    """The header's separator: a comma, else a semicolon or a tab (Excel in much of
+    Europe saves "CSV" with semicolons); a header of one column has none."""
+    with open(path, newline="", encoding="utf-8") as f:
+        header = next((line for line in f if line.strip()), "")
+    return next((sep for sep in (",", ";", "\t") if sep in header), ",")
+
+
+def check_field_counts(path: Path, sep: str = ",") -> None:
     """Every row as wide as the header. pandas would take a row with one field more as an
     index plus shifted columns (its label read as the split, say) without a word."""
     with open(path, newline="", encoding="utf-8") as f:
-        rows = csv.reader(f)
+        rows = csv.reader(f, delimiter=sep)
         header = next((row for row in rows if row), [])  # pandas skips blank lines too
         for row in rows:
             if len(row) > len(header) and any(v.strip() for v in row[len(header):]):
                 raise WingspanError(  # line_num: the file's line, quoted line breaks counted
                     f"{path}, line {rows.line_num}: {len(row)} fields where the header "
-                    f"({','.join(header)}) has {len(header)}.",
-                    hint="Quote values that contain commas, or fix the row.")
+                    f"({sep.join(header)}) has {len(header)}.",
+                    hint=f"Quote values that contain {sep!r}, or fix the row.")
 
 
 def nfc(text: str) -> str:
