@@ -499,3 +499,20 @@ def test_a_csv_saved_by_a_european_spreadsheet_is_read(tmp_path, sep):
     csv.write_text(f"path{sep}label\na/a_0.jpg{sep}x{sep}extra\n")
     with pytest.raises(WingspanError, match="line 2: 3 fields"):
         read_dataset(csv)
+
+
+def test_csv_paths_written_from_the_current_folder_say_where_they_are_read_from(
+        tmp_path, monkeypatch):
+    """museum/specimens.csv listing museum/img/a.jpg (relative to where the user stood):
+    every file was 'missing', with a hint to check the image root."""
+    folder_dataset(tmp_path / "museum" / "img", {"a": 2})
+    csv = tmp_path / "museum" / "specimens.csv"
+    csv.write_text("path,label\nmuseum/img/a/a_0.jpg,x\nmuseum/img/a/a_1.jpg,x\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(WingspanError, match=r"from the CSV's folder .*museum\).*current folder "
+                       r"\(e\.g\. museum/img/a/a_0\.jpg\)[\s\S]*e\.g\. img/a/a_0\.jpg"):
+        read_dataset("museum/specimens.csv")
+    # Written relative to the CSV, they are read; --metadata-only does not look.
+    assert len(read_dataset(csv, ReadConfig(check_files=False))) == 2
+    csv.write_text("path,label\nimg/a/a_0.jpg,x\nimg/a/a_1.jpg,x\n")
+    assert len(read_dataset("museum/specimens.csv")) == 2

@@ -382,8 +382,10 @@ def read_csv_table(csv_path: Path, config: ReadConfig) -> Dataset:
                          "kept as a class of that name", p)
                  for p, label in zip(raw.loc[blank_like, PATH], raw.loc[blank_like, LABEL],
                                      strict=True)]
-    paths = [p if os.path.isabs(p) else os.path.normpath(csv_path.parent / p)
-             for p in map(_native, raw[PATH])]
+    written = list(map(_native, raw[PATH]))
+    paths = [p if os.path.isabs(p) else os.path.normpath(csv_path.parent / p) for p in written]
+    if config.check_files:
+        _check_relative_to_csv(written, paths, csv_path)
     keep, repeats = _repeated_paths(raw, paths)
     problems += repeats
     raw, paths = raw[keep], [p for p, k in zip(paths, keep, strict=True) if k]
@@ -409,6 +411,23 @@ def read_csv_table(csv_path: Path, config: ReadConfig) -> Dataset:
             str(csv_path.parent / TAXONOMY_FILE)))
     table = _keep_existing(table, config, problems, csv_path.name)
     return Dataset(table, levels, csv_path, "csv", problems)
+
+
+def _check_relative_to_csv(written: list[str], paths: list[str], csv_path: Path) -> None:
+    """Relative paths are read from the CSV's folder. Written from the folder the command
+    runs in instead (museum/img/1.jpg in museum/specimens.csv), every one is missing:
+    that is said, with the path to write, rather than 'all listed images are missing'."""
+    relative = [(w, p) for w, p in zip(written, paths, strict=True) if not os.path.isabs(w)]
+    if not relative or any(os.path.isfile(p) for _, p in relative):
+        return
+    found = next((w for w, _ in relative if os.path.isfile(w)), None)
+    if found is not None:
+        raise WingspanError(
+            f"None of the {counted(len(relative), 'relative path')} in {csv_path} exists "
+            f"from the CSV's folder ({csv_path.parent}), which they are read from; they "
+            f"do from the current folder (e.g. {found}).",
+            hint=f"Write them relative to the CSV's folder (e.g. "
+            f"{os.path.relpath(os.path.abspath(found), csv_path.parent)}), or absolute.")
 
 
 def _repeated_paths(raw: pd.DataFrame, paths: list[str]) -> tuple[np.ndarray, list[Problem]]:
