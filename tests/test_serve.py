@@ -244,6 +244,7 @@ def test_explain_returns_an_overlay_png(client):
     assert r.status_code == 200
     r = client.post("/explain?target=unicorn", files={"file": ("a.jpg", _jpeg(), "image/jpeg")})
     assert r.status_code == 422 and "Unknown class 'unicorn'" in r.json()["error"]
+    assert f"label classes: {', '.join(classes)}." in r.json()["error"]  # the valid ones
     r = client.post("/explain", files={"file": ("a.jpg", b"not an image", "image/jpeg")})
     assert r.status_code == 415
     r = client.post("/explain", files=[("file", (f"{i}.jpg", _jpeg(), "image/jpeg"))
@@ -373,3 +374,20 @@ def test_malloc_arenas_are_capped_unless_the_user_set_them():
     printed = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True,
                              text=True, check=True).stdout.split()
     assert printed == ["False", str(platform.libc_ver()[0] == "glibc")]
+
+
+@pytest.mark.parametrize("path, field", [("/predict", "files"), ("/explain", "file")])
+@pytest.mark.parametrize("request_kind", ["no body", "json", "other field", "text"])
+def test_a_request_without_the_file_field_names_the_field_to_send(client, path, field,
+                                                                  request_kind):
+    """'Malformed request (body.files: Field required)' left a user who sent the image as
+    `image`, as JSON or as text to guess; the answer names the field, and the server goes on."""
+    sent = {"no body": {}, "json": {"json": {"image": "a.jpg"}},
+            "other field": {"files": {"image": ("a.jpg", _jpeg(), "image/jpeg")}},
+            "text": {"data": {field: "a.jpg"}}}[request_kind]
+    r = client.post(path, **sent)
+    assert r.status_code == 422, r.text
+    assert f"multipart/form-data field '{field}', e.g. curl -F {field}=@photo.jpg " \
+        f"http://testserver{path}" in r.json()["error"]
+    assert client.post("/predict", files=[("files", ("ok.jpg", _jpeg(), "image/jpeg"))]
+                       ).status_code == 200

@@ -34,7 +34,7 @@ from typing import Annotated
 
 import numpy as np
 import torch
-from fastapi import FastAPI, File, HTTPException, UploadFile
+from fastapi import FastAPI, File, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
@@ -184,9 +184,16 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
         return JSONResponse({"error": e.detail}, status_code=e.status_code)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_as_json(_, e: RequestValidationError):
+    async def invalid_as_json(request: Request, e: RequestValidationError):
         where = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        return JSONResponse({"error": f"Malformed request ({where})."}, status_code=422)
+        # No file where one is expected (no body, JSON, a field named 'image', text): the
+        # field to send it in, which FastAPI's 'body.files: Field required' leaves to guess.
+        fields = {err["loc"][1] for err in e.errors() if err["loc"][:1] == ("body",)
+                  and len(err["loc"]) > 1}
+        url = str(request.url.replace(query=None))
+        how = "".join(f" Send the image as a file in the multipart/form-data field '{f}', "
+                      f"e.g. curl -F {f}=@photo.jpg {url}" for f in sorted(fields))
+        return JSONResponse({"error": f"Malformed request ({where}).{how}"}, status_code=422)
 
     page = (Path(__file__).parent / "serve_page.html").read_text(encoding="utf-8")
 
@@ -245,7 +252,11 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
         if len(data) > limits.max_bytes:
             raise HTTPException(413, f"{file.filename}: over {limits.max_bytes} bytes.")
         if target is not None and target not in predictor.classes:
-            raise HTTPException(422, f"Unknown class '{target}'.")
+            some = ", ".join(predictor.classes[:20])
+            more = f", ... ({len(predictor.classes)} in all: GET /model lists them)" \
+                if len(predictor.classes) > 20 else ""
+            raise HTTPException(422, f"Unknown class '{target}': target names one of the "
+                                     f"model's {predictor.level} classes: {some}{more}.")
         with admitted():
             start = time.perf_counter()  # one time limit for the decoding and the Grad-CAM
             x = await asyncio.wait_for(asyncio.to_thread(_prepare, file.filename, data),
