@@ -345,3 +345,22 @@ def test_refitting_refuses_a_splits_csv_whose_coarse_classes_the_model_does_not_
     with pytest.raises(WingspanError, match="family classes the model does not know: "
                                             "Renamedidae"):
         own_images(Predictor(copy, workers=0), "calibrating needs", progress=False)
+
+
+def test_a_blank_level_cell_in_a_csv_names_the_level_and_what_other_rows_give(tmp_path):
+    """A genus left blank on one row: the hint said to complete a taxonomy.csv the user
+    never had, and not which level was missing."""
+    from helpers import folder_dataset
+
+    from wingspan.training.prepare import plan_labels
+
+    folder_dataset(tmp_path, {"a": 4, "b": 4})
+    rows = [f"a/a_{i}.jpg,Pieris rapae,{'' if i == 2 else 'Pieris'},Pieridae,"
+            f"{'val' if i == 3 else 'train'}" for i in range(4)]
+    rows += [f"b/b_{i}.jpg,Papilio machaon,Papilio,Papilionidae,{'val' if i == 3 else 'train'}"
+             for i in range(4)]
+    csv = tmp_path / "specimens.csv"
+    csv.write_text("path,label,genus,family,split\n" + "\n".join(rows) + "\n")
+    with pytest.raises(WingspanError, match=r"a_2\.jpg \(no genus; other rows of label "
+                       r"'Pieris rapae' give 'Pieris'\)[\s\S]*level columns of specimens\.csv"):
+        plan_labels(read_dataset(csv), LEVELS, tiny(tmp_path, levels=LEVELS), log=lambda _: None)

@@ -13,7 +13,7 @@ from wingspan.data.leaks import find_leaks, repair_leaks
 from wingspan.data.samples import SPLIT, Dataset
 from wingspan.data.sampling import undersample
 from wingspan.data.split import split_dataset
-from wingspan.data.taxonomy import Taxonomy
+from wingspan.data.taxonomy import TAXONOMY_FILE, Taxonomy
 from wingspan.data.transforms import eval_transform, train_transform
 from wingspan.errors import WingspanError, counted, some
 from wingspan.models.classifier import Preprocessing
@@ -168,9 +168,19 @@ def plan_labels(dataset: Dataset, levels: list[str], config: TrainConfig, log=pr
     empty = (table[levels] == "").any(axis=1)
     if empty.any():
         lack = counted(int(empty.sum()), "train or val image lacks", "train and val images lack")
+        row = table[empty].iloc[0]
+        gap = next(lv for lv in levels if row[lv] == "")
+        # The curator's usual slip: one row's genus left blank that the species' other
+        # rows give.
+        given = table.loc[(table[finest] == row[finest]) & (table[gap] != ""), gap]
+        known = f"; other rows of {finest} '{row[finest]}' give '{given.iloc[0]}'" \
+            if row[finest] and len(given) else ""
+        where = (f"the level columns of {dataset.root.name} (or {TAXONOMY_FILE} beside it)"
+                 if dataset.format == "csv" else TAXONOMY_FILE)
         raise WingspanError(f"{lack} a label at one of the levels {levels}, e.g. "
-                            f"{table.loc[empty, 'path'].iloc[0]}",
-                            hint="Complete taxonomy.csv, or train fewer levels.")
+                            f"{row['path']} (no {gap}{known})",
+                            hint=f"Fill in the missing levels in {where}, or train fewer "
+                            "levels.")
     rare: dict[str, str] = {}
     if config.rare_below and len(levels) > 1:
         counts = table.loc[table[SPLIT] == "train", finest].value_counts()
