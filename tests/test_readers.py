@@ -104,6 +104,30 @@ def test_fixed_splits_follow_symlinks_and_refuse_a_file_on_two_sides(tmp_path):
     assert torn.kind == "conflicting_splits" and torn.path.endswith("a_1.jpg")
 
 
+
+def test_fixed_splits_resolve_each_folder_once(tmp_path, monkeypatch):
+    """A splits.csv beside class folders is matched by resolved paths, each folder once
+    (Path.resolve walked every part of every path three times per image: seconds at 48k)."""
+    import os
+
+    for label in ("a", "b"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for i in range(300):
+            (tmp_path / "data" / label / f"{i}.jpg").write_bytes(b"")  # listed, never opened
+    rows = [f"{lab}/{i}.jpg,{lab},{'train' if i % 2 else 'val'}" for lab in "ab"
+            for i in range(299)]  # the last of each is not listed
+    (tmp_path / "data" / "splits.csv").write_text("path,label,split\n" + "\n".join(rows))
+    calls = []
+    realpath = os.path.realpath
+    monkeypatch.setattr(os.path, "realpath", lambda p, **kw: calls.append(p) or realpath(p, **kw))
+    ds = read_dataset(tmp_path / "data")
+    names = [os.path.relpath(p, tmp_path / "data") for p in ds.table["path"]]
+    splits = dict(zip(names, ds.table["split"], strict=True))
+    assert splits["a/1.jpg"] == "train" and splits["b/298.jpg"] == "val"
+    assert splits["a/299.jpg"] == "" and splits["b/299.jpg"] == ""
+    assert [p.kind for p in ds.problems] == ["not_in_splits"] * 2
+    assert len(calls) < 20  # a few per folder, not one or more per image
+
 def test_class_folders_are_stripped_as_csv_labels_are(tmp_path):
     """A folder 'monarch ' beside 'monarch' is the one class, said, not a second class."""
     folder_dataset(tmp_path, {"monarch": 2, "admiral": 2})
