@@ -84,3 +84,26 @@ def test_level_columns_are_ordered_coarse_to_fine():
     # yet it is the finer of the two where both are given.
     assert coarse_to_fine(table, ["genus", "family", "subfamily"]) == [
         "family", "subfamily", "genus"]
+
+
+def test_one_image_at_a_time_answers_as_a_batch_on_a_large_tree():
+    """predict's per-image branch (taxonomy_path, with the tree's membership made once, not
+    per image) gives what the batch does, and each marginal is its descendants' sum."""
+    from wingspan.predict import taxonomy_path
+
+    rng = np.random.default_rng(0)
+    species = [f"s{i:03d}" for i in range(300)]  # sorted as the model orders them
+    table = pd.DataFrame({"species": species, "genus": [f"g{i // 4:02d}" for i in range(300)],
+                          "family": [f"f{i // 60}" for i in range(300)], "path": species})
+    tree = Taxonomy.from_dict(Taxonomy.from_table(table, ["family", "genus", "species"])
+                              .to_dict())
+    probs = rng.dirichlet(np.ones(300) * 0.1, 50)
+    marginals, chosen = tree.marginals(probs), tree.predict(probs)
+    by_family = pd.DataFrame(probs.T).groupby(table["family"].to_numpy()).sum().T.to_numpy()
+    np.testing.assert_allclose(marginals["family"], by_family)
+    for i in range(len(probs)):
+        branch = taxonomy_path(tree, probs[i])
+        assert [(lv, c) for lv, c, _ in branch] == [
+            (lv, tree.classes[lv][chosen[lv][i]]) for lv in tree.levels]
+        assert [p for _, _, p in branch] == pytest.approx(
+            [marginals[lv][i, chosen[lv][i]] for lv in tree.levels])
