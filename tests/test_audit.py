@@ -227,3 +227,38 @@ def test_an_audit_with_a_runs_weights_sees_images_as_the_run_was_trained(tmp_pat
         audit.audit_dataset(read_dataset(demo), tmp_path / "b", progress=False,
                             config=AuditConfig("test_efficientnet", str(weights), folds=2))
         assert set(sizes) == ({(size, images)} if size else set()), (weights, sizes)
+
+
+def test_near_duplicates_are_the_same_pairs_in_any_size_of_block():
+    """The search goes a block of rows at a time, sized to hold memory flat as N grows:
+    whatever the block, the pairs are those a full N x N comparison finds."""
+    import pandas as pd
+    import torch
+
+    from wingspan.config import AuditConfig
+    from wingspan.data.audit import near_duplicates
+
+    rng = np.random.default_rng(0)
+    n = 400
+    features = rng.normal(size=(n, 16))
+    features[1::40] = features[0::40] + rng.normal(scale=0.01, size=(10, 16))  # bursts
+    bits = rng.integers(0, 2, size=(n, 64)).astype(bool)
+    bits[3::40] = bits[2::40]
+    bits[3::40, :5] ^= True  # resized copies: 5 bits apart
+    table = pd.DataFrame({"path": [f"/d/{i}.jpg" for i in range(n)],
+                          "split": ["train", "val"] * (n // 2),
+                          "label": ["a", "b", "c", "d"] * (n // 4)})
+    config = AuditConfig()
+    unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+    sims = unit @ unit.T
+    hamming = (bits[:, None, :] != bits[None, :, :]).sum(2)
+    close = (sims >= config.duplicate_similarity) | (hamming <= config.hash_distance)
+    expected = {(f"/d/{a}.jpg", f"/d/{b}.jpg", int(hamming[a, b]))
+                for a, b in zip(*np.nonzero(np.triu(close, 1)), strict=True)}
+    assert len(expected) == 20
+    for cells in (1 << 24, 7 * n, 1):  # one block, blocks of 7 rows, a row at a time
+        found = near_duplicates(table, torch.from_numpy(features), torch.from_numpy(bits),
+                                "label", config, cells=cells)
+        assert set(zip(found["path_a"], found["path_b"], found["hash_distance"],
+                       strict=True)) == expected
+        assert found["across_splits"].all() and found["labels_differ"].all()

@@ -278,18 +278,22 @@ def label_issues(table: pd.DataFrame, features: torch.Tensor, level: str,
 
 
 def near_duplicates(table: pd.DataFrame, features: torch.Tensor, hashes: torch.Tensor,
-                    level: str, config: AuditConfig, block: int = 1024) -> pd.DataFrame:
+                    level: str, config: AuditConfig, cells: int = 1 << 24) -> pd.DataFrame:
     """Pairs of images whose perceptual hashes differ in at most `hash_distance` bits
     (a copy resized or re-encoded) or whose features' cosine similarity is at least
-    `duplicate_similarity` (the same scene, e.g. a burst); a block of rows at a time, so
-    memory stays at block x N."""
+    `duplicate_similarity` (the same scene, e.g. a burst); a block of rows at a time, of
+    about `cells` pairs (64 MB a matrix), so that memory stays flat as N grows (1024 rows
+    a block held ~0.8 GB at ETHEC's 48k images, ~8 GB at 500k)."""
     x = torch.nn.functional.normalize(features.float(), dim=1)
     h = hashes.float()
+    ones = h.sum(1)
+    block = max(1, cells // max(len(x), 1))
     pairs = []
     for start in range(0, len(x), block):
         sims = x[start:start + block] @ x.T
         part = h[start:start + block]
-        bits = part @ (1 - h).T + (1 - part) @ h.T  # Hamming distances
+        # Hamming distances: the bits set in either, less twice those set in both.
+        bits = (part @ h.T).mul_(-2).add_(ones).add_(ones[start:start + block, None])
         close = (sims >= config.duplicate_similarity) | (bits <= config.hash_distance)
         rows, cols = torch.nonzero(close, as_tuple=True)
         keep = cols > rows + start  # each pair once, not an image with itself
