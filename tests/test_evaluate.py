@@ -810,3 +810,6 @@ def test_the_fairness_check_matches_the_runs_images_through_a_link(tmp_path):
     assert _fairness({}, "all", "other", seen, own).startswith(
         "no: the model was trained on 1 of these 3 images and chose its best epoch on 1")
     assert _fairness({}, "all", "other", seen[2:], own).startswith("yes: none of these files")
+    twice = [seen[0], str(tmp_path / "data" / "a" / "t.jpg")]  # one file by two paths
+    assert _fairness({}, "all", "other", twice, own).startswith(
+        "no: the model was trained on this image")

@@ -717,8 +717,9 @@ def _fairness(manifest: dict, split: str, data, paths: list[str],
     if not trained:
         return (f"no: the best epoch was chosen on val ({chosen} of these images), so these "
                 "figures are optimistic" + fair)
-    share = (f"all {trained} of these images" if trained == len(paths) else
-             f"{trained} of these {len(paths)} images")
+    n = len(evaluated)  # files: one named twice is one
+    share = ("this image" if trained == n == 1 else f"all {trained} of these images"
+             if trained == n else f"{trained} of these {n} images")
     return (f"no: the model was trained on {share}"
             + (f" and chose its best epoch on {chosen}" if chosen else "")
             + ", so these figures are optimistic: they show how well it fits the images it "
