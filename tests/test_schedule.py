@@ -31,3 +31,19 @@ def test_layer_decay_per_unfrozen_stage_and_warmup_then_cosine():
     assert top["lr"] == pytest.approx(0.5e-3)  # half way down the cosine
     scheduler.step_update(100)
     assert top["lr"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_a_stage_of_one_step_trains_at_the_top_rate_without_timm_warning(caplog):
+    """One step after warmup leaves nothing to anneal: the step runs at the top rate, and
+    timm's warning about it (meaningless to a user) stays off the terminal."""
+    import logging
+
+    import torch
+
+    optimizer = make_optimizer(torch.nn.Linear(4, 2), lr=0.1, weight_decay=0.0)
+    with caplog.at_level(logging.WARNING):
+        scheduler = make_scheduler(optimizer, total_steps=1, warmup_fraction=0.0)
+    assert not [r for r in caplog.records if r.name.startswith("timm")], caplog.text
+    scheduler.step_update(0)
+    assert optimizer.param_groups[0]["lr"] == 0.1
+    assert logging.getLogger("timm.scheduler.cosine_lr").level == logging.NOTSET

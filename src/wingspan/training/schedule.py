@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
@@ -29,6 +31,15 @@ def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int,
     at 1 / (warmup + 1) of the rate, not at zero."""
     warmup = int(total_steps * warmup_fraction)
     top = optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"])
-    return CosineLRScheduler(optimizer, t_initial=max(1, total_steps - warmup), lr_min=0.0,
-                             warmup_t=warmup, warmup_lr_init=top / (warmup + 1),
-                             warmup_prefix=True, t_in_epochs=False)
+    # A stage of one step after warmup (a tiny dataset, --epochs-head 1) has nothing to
+    # anneal, which is right; timm's warning of it on stderr would only puzzle a user.
+    timm_log = logging.getLogger("timm.scheduler.cosine_lr")
+    level = timm_log.level
+    timm_log.setLevel(logging.ERROR)
+    try:
+        return CosineLRScheduler(optimizer, t_initial=max(1, total_steps - warmup),
+                                 lr_min=0.0, warmup_t=warmup,
+                                 warmup_lr_init=top / (warmup + 1), warmup_prefix=True,
+                                 t_in_epochs=False)
+    finally:
+        timm_log.setLevel(level)
