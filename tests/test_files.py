@@ -200,3 +200,6 @@ def test_real_paths_resolve_as_path_resolve_does(tmp_path, monkeypatch):
     assert real_paths(paths) == [str(Path(p).resolve()) for p in paths]
     assert real_paths(paths)[:2] == [str(tmp_path / "data" / "a" / "1.jpg"),
                                      str(tmp_path / "pool" / "2.jpg")]
+    # One name in two spellings (macOS writes the decomposed one): one file for the checks.
+    composed, decomposed = "a/\u00e9t\u00e9.jpg", "a/e\u0301te\u0301.jpg"
+    assert real_paths([composed]) == real_paths([decomposed])

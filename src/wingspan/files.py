@@ -10,6 +10,7 @@ import hashlib
 import os
 import re
 import shutil
+import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -183,7 +184,8 @@ class FileArrays:
 def real_paths(paths) -> list[str]:
     """Each file's path with every symlink resolved, as Path.resolve() gives it, to tell
     whether two lists name the same files: each folder is resolved once, and a file only if
-    it is a link (resolving 48k images one by one took seconds)."""
+    it is a link (resolving 48k images one by one took seconds). In NFC, as the readers
+    key paths: a run's splits.csv written on macOS spells 'é' in two characters."""
     folders: dict[str, str] = {}
     real = []
     for path in map(str, paths):
@@ -192,7 +194,7 @@ def real_paths(paths) -> list[str]:
             folders[head] = os.path.realpath(head or os.curdir)
         full = os.path.join(folders[head], tail)
         real.append(os.path.realpath(full) if os.path.islink(full) else full)
-    return real
+    return [unicodedata.normalize("NFC", p) for p in real]
 
 
 def make_folder(path: str | Path) -> Path:

@@ -322,14 +322,13 @@ def _fixed_splits(table: pd.DataFrame, splits_csv: Path, problems: list[Problem]
         return table
     _check_split_values(fixed, splits_csv)
     # Both sides resolved alike, so that a class folder reached through a symlink matches.
-    fixed = fixed.assign(_key=[nfc(p) for p in real_paths(splits_csv.parent / p
-                                                          for p in fixed[PATH])])
+    fixed = fixed.assign(_key=real_paths(splits_csv.parent / p for p in fixed[PATH]))
     sides = fixed.groupby("_key")[SPLIT].nunique()
     torn = set(sides[sides > 1].index)  # listed twice, on two sides: neither is trusted
     problems += [Problem("conflicting_splits", f"listed in {splits_csv.name} on more than one "
                          "side; has no split", p) for p in sorted(torn)]
     by_path = dict(zip(fixed["_key"], fixed[SPLIT], strict=True))
-    keys = [nfc(p) for p in real_paths(table[PATH])]
+    keys = real_paths(table[PATH])  # in NFC, as the keys above
     table[SPLIT] = [("" if key in torn else by_path.get(key, "")) for key in keys]
     unlisted = [p for p, side, key in zip(table[PATH], table[SPLIT], keys, strict=True)
                 if side == "" and key not in torn]
