@@ -84,6 +84,8 @@ LEVERS = {
                        {"finetune_lr_scale": 0.3}),
     "layer-decay-0.8": Lever("each earlier stage fine-tunes at 0.8x the next one's rate "
                              "(layer_decay; default 0.5)", {"layer_decay": 0.8}),
+    "layer-decay-0.65": Lever("each earlier stage fine-tunes at 0.65x the next one's rate "
+                              "(layer_decay; default 0.5)", {"layer_decay": 0.65}),
     "tta": Lever("evaluate --tta: mean of 4 views (centre crop, wider crop, their mirrors)",
                  mode="tta", cost="predict"),
     "res300": Lever("predict at 300 px (trained at 260)", mode="size300", cost="predict"),
