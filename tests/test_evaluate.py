@@ -813,3 +813,29 @@ def test_the_fairness_check_matches_the_runs_images_through_a_link(tmp_path):
     twice = [seen[0], str(tmp_path / "data" / "a" / "t.jpg")]  # one file by two paths
     assert _fairness({}, "all", "other", twice, own).startswith(
         "no: the model was trained on this image")
+
+
+@pytest.mark.parametrize("dtype", [object, "str"])
+def test_evaluate_rows_rename_by_spelling_then_map_then_rare_each_in_one_pass(dtype):
+    """The truth of each row: the model's old spelling first, then --map (a swap of two
+    names stays a swap, not a chain), then the rare merge (a mapped name that is rare
+    merges); other names, and missing cells, stay as they are, in the table's own dtype."""
+    from types import SimpleNamespace
+
+    from wingspan.evaluate.run import _rows
+
+    rare = {"white": "Pieris (rare species)", "cabbage ": "Pieris (rare species)"}
+    model = SimpleNamespace(classes=["monarch", "admiral", "Pieris (rare species)"],
+                            rare=rare, level="species", taxonomy=None)
+    class_map = {"monarch": "admiral", "admiral": "monarch", "white": "Weiss"}  # ours: theirs
+    names = ["admiral", "monarch", "Weiss", "cabbage", "white", "painted lady", None, np.nan]
+    table = pd.DataFrame({"path": [f"{i}.jpg" for i in range(len(names) + 1)],
+                          "species": pd.Series([*names, "monarch"], dtype=dtype),
+                          "split": ["val"] * len(names) + ["train"]})
+    rows = _rows(SimpleNamespace(table=table), "val", "species", model, class_map)
+    assert rows["species"].tolist()[:6] == ["admiral", "monarch", "Weiss", "cabbage ", "white",
+                                            "painted lady"]
+    assert rows["_label"].tolist()[:6] == ["monarch", "admiral", *["Pieris (rare species)"] * 3,
+                                           "painted lady"]
+    assert rows["_label"].iloc[6:].isna().all() and rows["_label"].dtype == table["species"].dtype
+    assert rows["_label"].tolist()[6:] == table["species"].tolist()[6:8]  # None stays None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,3 +110,14 @@ def make_table(
             SPLIT: splits if splits is not None else [""] * n}
     data.update(labels)
     return pd.DataFrame(data)
+
+
+def renamed(labels: pd.Series, names: Mapping[str, str]) -> pd.Series:
+    """`labels.replace(names)` for label columns, in one hash lookup per row: pandas'
+    replace tries each key in turn, a second at 48k rows and 300 rare classes. Like replace,
+    one pass ({"a": "b", "b": "c"} turns "a" into "b", not "c"), and values that are not
+    keys (None and NaN too) keep their value and the column its dtype."""
+    hit = labels.isin(list(names)).to_numpy()
+    out = labels.copy()
+    out[hit] = labels[hit].map(names).to_numpy()
+    return out

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import accuracy_score, f1_score
 
+from wingspan.data.samples import renamed
 from wingspan.data.taxonomy import Taxonomy
 
 
@@ -30,7 +31,7 @@ def truth_indices(taxonomy: Taxonomy, rows: pd.DataFrame, rare: dict[str, str]
         index = {c: i for i, c in enumerate(taxonomy.classes[level])}
         return labels.map(index).fillna(-1).astype(int).to_numpy()
 
-    fine = indices(taxonomy.finest, rows[taxonomy.finest].replace(rare))
+    fine = indices(taxonomy.finest, renamed(rows[taxonomy.finest], rare))
     out = {lv: indices(lv, rows[lv]) if lv in rows
            else np.where(fine >= 0, taxonomy.parents[lv][np.maximum(fine, 0)], -1)
            for lv in taxonomy.levels[:-1]}

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from wingspan.data import read_dataset
-from wingspan.data.samples import SPLIT
+from wingspan.data.samples import SPLIT, renamed
 from wingspan.errors import WingspanError
 from wingspan.inference import Predictor, spelt_as_trained
 from wingspan.models.unknown import MAX_FIT_IMAGES
@@ -47,8 +47,8 @@ def own_images(predictor: Predictor, purpose: str, per_class: bool = False, seed
     levels, manifest = predictor.model.levels, predictor.manifest
     table = read_dataset(run_dir / "splits.csv").table
     spelt = spelt_as_trained(predictor)  # as training named them
-    table = table.assign(**{lv: table[lv].replace(spelt.get(lv, {})) for lv in levels})
-    table[levels[-1]] = table[levels[-1]].replace(predictor.rare)
+    table = table.assign(**{lv: renamed(table[lv], spelt.get(lv, {})) for lv in levels})
+    table[levels[-1]] = renamed(table[levels[-1]], predictor.rare)
     table = table[table[levels[-1]].isin(predictor.classes)]
     train, val = table[table[SPLIT] == "train"], table[table[SPLIT] == "val"]
     if train.empty or val.empty:

@@ -16,7 +16,7 @@ from wingspan.data import read_dataset
 from wingspan.data.csvfiles import nfc
 from wingspan.data.plots import plot_class_balance
 from wingspan.data.preview import write_preview
-from wingspan.data.samples import SPLIT, Dataset
+from wingspan.data.samples import SPLIT, Dataset, renamed
 from wingspan.errors import WingspanError, counted, some
 from wingspan.evaluate import plots
 from wingspan.evaluate.calibration import (
@@ -169,7 +169,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
             theirs_to_ours = {theirs: ours for ours, theirs in class_map.items()}
             level_rows = level_rows.drop(columns=[lv for lv in predictor.taxonomy.levels
                                                   if lv in level_rows]).assign(
-                **{predictor.taxonomy.finest: level_rows[level].replace(theirs_to_ours)})
+                **{predictor.taxonomy.finest: renamed(level_rows[level], theirs_to_ours)})
         levels_table = _per_level(predictor, level_rows, probs, read, metrics, out_dir,
                                   truth_only)
     transfer = None
@@ -418,9 +418,9 @@ def _rows(dataset: Dataset, split: str, level: str, predictor: Predictor,
     spelt = spelt_as_trained(predictor)
     spelt[level] = {k: v for k, v in spelt.pop(predictor.level, {}).items()
                     if k not in theirs_to_ours}  # --map says what those are
-    rows = rows.assign(**{lv: rows[lv].replace(names) for lv, names in spelt.items()
+    rows = rows.assign(**{lv: renamed(rows[lv], names) for lv, names in spelt.items()
                           if names and lv in rows})
-    return rows.assign(_label=rows[level].replace(theirs_to_ours).replace(predictor.rare))
+    return rows.assign(_label=renamed(renamed(rows[level], theirs_to_ours), predictor.rare))
 
 
 def _check_class_map(class_map: dict[str, str], predictor: Predictor, dataset: Dataset,

@@ -10,7 +10,7 @@ import torch
 
 from wingspan.config import AugmentConfig, SplitConfig, TrainConfig, default_cache_dir
 from wingspan.data.leaks import find_leaks, repair_leaks
-from wingspan.data.samples import SPLIT, Dataset
+from wingspan.data.samples import SPLIT, Dataset, renamed
 from wingspan.data.sampling import undersample
 from wingspan.data.split import split_dataset
 from wingspan.data.taxonomy import TAXONOMY_FILE, Taxonomy
@@ -62,7 +62,7 @@ def ensure_splits(dataset: Dataset, level: str, config: TrainConfig,
         log(f"The data's own val split is kept apart as the test split, for a score that no "
             f"choice was made on; epochs are chosen on {config.val_fraction:.0%} of train, "
             "carved out as val (--selection val chooses on the data's val instead)")
-        table = dataset.table.assign(**{SPLIT: dataset.table[SPLIT].replace({"val": "test"})})
+        table = dataset.table.assign(**{SPLIT: renamed(dataset.table[SPLIT], {"val": "test"})})
         return _carve_val(dataset.with_table(table), level, config)
     return dataset
 
@@ -187,7 +187,7 @@ def plan_labels(dataset: Dataset, levels: list[str], config: TrainConfig, log=pr
         parent = table.drop_duplicates(finest).set_index(finest)[levels[-2]]
         rare = {c: f"{parent[c]} (rare {finest})" for c in counts[counts < config.rare_below].index}
         if rare:
-            table[finest] = table[finest].replace(rare)
+            table[finest] = renamed(table[finest], rare)
             log(f"{counted(len(rare), f'{finest} class has', f'{finest} classes have')} fewer "
                 f"than {counted(config.rare_below, 'training image')}: "
                 + ("it trains as its" if len(rare) == 1 else "they train as their")
