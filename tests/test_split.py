@@ -1,13 +1,20 @@
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.model_selection import StratifiedGroupKFold
 
 from wingspan.config import ReadConfig, SplitConfig
 from wingspan.data import read_dataset
 from wingspan.data.samples import Dataset, make_table
-from wingspan.data.split import leaked_groups, split_and_sample, split_dataset
+from wingspan.data.split import (
+    leaked_groups,
+    split_and_sample,
+    split_dataset,
+    stratified_group_folds,
+)
 from wingspan.errors import WingspanError
 
 
@@ -216,3 +223,100 @@ def test_a_resplit_keeps_one_row_of_an_image_listed_on_two_sides(demo_dir):
     split, report = split_dataset(oversampled, config=SplitConfig(0.2, 0.2, seed=0))
     assert report.repeats_dropped == 0 and len(split.table) == len(table) + 3
     assert split.table.groupby("path")["split"].nunique().max() == 1
+
+
+def sklearn_folds(y, groups, n_splits: int, seed: int) -> np.ndarray:
+    """The fold of each sample by scikit-learn's StratifiedGroupKFold itself."""
+    folds = np.full(len(y), -1)
+    splitter = StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "The least populated class ..."
+        for fold, (_, test) in enumerate(splitter.split(y, y, groups)):
+            folds[test] = fold
+    return folds
+
+
+def random_case(rng: np.random.Generator, most: int = 400):
+    """Labels, groups and a fold count of the kinds a split meets: one class to 150, even
+    or very uneven classes, groups of one image, a few or many, or a mix; 2 to 10 folds."""
+    n_classes = int(rng.choice([1, 2, 3, 5, 10, 40, 150]))
+    n = int(rng.integers(10, most))
+    p = rng.dirichlet(np.full(n_classes, 0.3)) if rng.random() < 0.4 else None
+    y = rng.choice(n_classes, n, p=p)
+    g = [np.arange(n), rng.integers(0, max(2, n // 3), n), rng.integers(0, max(2, n // 20), n),
+         np.where(rng.random(n) < 0.5, np.arange(n), n + rng.integers(0, 10, n))][
+        rng.integers(4)]
+    labels = np.array([f"c{v}" for v in y], dtype=object)
+    return labels, np.array([f"g{v}" for v in g], dtype=object), int(rng.integers(2, 11))
+
+
+def assert_sklearns_folds(y, groups, n_splits: int, seed: int) -> bool:
+    """Our folds are scikit-learn's, sample for sample; False where it refuses (as we do)."""
+    try:
+        expected = sklearn_folds(y, groups, n_splits, seed)
+    except ValueError:
+        with pytest.raises(ValueError, match="n_splits"):
+            stratified_group_folds(y, groups, n_splits, seed)
+        return False
+    np.testing.assert_array_equal(stratified_group_folds(y, groups, n_splits, seed), expected)
+    return True
+
+
+def test_folds_are_scikit_learns_on_random_inputs():
+    """The hand-written StratifiedGroupKFold (scikit-learn's took 23-40 s on ETHEC) must
+    keep every seed's split: the same folds, down to which of two tied folds a group takes."""
+    rng = np.random.default_rng(0)
+    compared = sum(assert_sklearns_folds(*random_case(rng, 250), int(rng.integers(2**31)))
+                   for _ in range(60))
+    assert compared > 40
+
+
+def ties(kind: str, n_splits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs where many folds score alike, so the last bit of each score decides."""
+    if kind == "one class":  # numpy sums a one-class table's folds pairwise, not in turn
+        y, g = ["a"] * 60, range(60)
+    elif kind == "even singletons":
+        y, g = [c for c in "abcd" for _ in range(25)], range(100)
+    elif kind == "identical groups":  # every group a, a, b
+        y, g = ["a", "a", "b"] * 30, [i // 3 for i in range(90)]
+    elif kind == "rare classes":  # one common class and 30 of one image
+        y, g = ["common"] * 50 + [f"r{i}" for i in range(30)], range(80)
+    elif kind == "groups across classes":
+        y, g = [f"c{i % 7}" for i in range(140)], [i % 23 for i in range(140)]
+    else:  # "exactly n_splits": the smallest class has one image per fold
+        y, g = ["a"] * n_splits + ["b"] * 40, range(n_splits + 40)
+    return np.array(y, dtype=object), np.array([f"g{v}" for v in g], dtype=object)
+
+
+@pytest.mark.parametrize("kind", ["one class", "even singletons", "identical groups",
+                                  "rare classes", "groups across classes", "exactly n_splits"])
+def test_folds_are_scikit_learns_where_folds_tie(kind):
+    for n_splits in (2, 3, 5, 8, 10):
+        y, groups = ties(kind, n_splits)
+        for seed in (0, 1, 7, 12345):
+            assert assert_sklearns_folds(y, groups, n_splits, seed)
+
+
+@pytest.mark.slow
+def test_folds_are_scikit_learns_on_many_random_inputs_and_an_ethec_like_one():
+    rng = np.random.default_rng(1)
+    for _ in range(600):
+        assert_sklearns_folds(*random_case(rng), int(rng.integers(2**31)))
+    # ETHEC's shape, smaller: an image per group, 200 species of very uneven sizes.
+    y = np.array([f"s{v}" for v in rng.choice(200, 4000, p=rng.dirichlet(np.full(200, 0.5)))],
+                 dtype=object)
+    for n_splits in (5, 7):
+        assert assert_sklearns_folds(y, np.arange(len(y)).astype(str), n_splits, 0)
+
+
+def test_split_dataset_is_the_split_scikit_learn_made(monkeypatch):
+    """End to end: the splits wingspan made with StratifiedGroupKFold, for every setting."""
+    import wingspan.data.split as split_module
+
+    ds = synthetic({"a": 40, "b": 25, "c": 9, "d": 4, "e": 2}, per_group=2)
+    configs = [SplitConfig(seed=s) for s in range(3)] + [SplitConfig(0.5, 0.3, seed=1),
+                                                          SplitConfig(0.4, 0.0, seed=2)]
+    ours = [split_dataset(ds, config=c)[0].table["split"] for c in configs]
+    monkeypatch.setattr(split_module, "stratified_group_folds", sklearn_folds)
+    for config, mine in zip(configs, ours, strict=True):
+        pd.testing.assert_series_equal(mine, split_dataset(ds, config=config)[0].table["split"])
