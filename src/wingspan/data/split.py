@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -170,15 +169,16 @@ def _assign_groups(order: np.ndarray, starts: np.ndarray, pair_class: np.ndarray
     scores = np.zeros((n_splits, n_classes))
     fold_sizes = [0] * n_splits
     fold_of_group = np.empty(len(sizes_of), dtype=np.int64)
-    diagonal = np.eye(n_splits, dtype=bool)
+    diagonal = np.eye(n_splits, dtype=bool)[:, :, None]
     for g in order.tolist():
         first, last = bounds[g], bounds[g + 1]
         counts, totals = pair_counts[first:last], pair_totals[first:last]
         # The group's classes: a slice (a view, much faster) for the usual one class.
         classes = (slice(class_of[first], class_of[first] + 1) if last - first == 1
                    else pair_class[first:last])
-        shares = fold_shares[None, :, classes].repeat(n_splits, axis=0)
-        shares[diagonal] = (fold_counts[:, classes] + counts) / totals
+        # shares[i]: the folds' shares of these classes with the group put in fold i.
+        shares = np.where(diagonal, (fold_counts[:, classes] + counts) / totals,
+                          fold_shares[:, classes])
         stds = _std_over_folds(shares, n_classes == 1)
         scores[:, classes] = stds
         best = _first_best((np.add.reduce(scores, axis=1) / n_classes).tolist(), fold_sizes)
@@ -213,19 +213,18 @@ def _std_over_folds(shares: np.ndarray, one_class: bool) -> np.ndarray:
     if one_class:
         return np.std(shares, axis=1)
     n = shares.shape[1]
-    mean = np.add.accumulate(shares, axis=1)[:, -1] / n
-    deviation = np.square(shares - mean[:, None])
+    mean = np.add.accumulate(shares, axis=1)[:, -1:] / n
+    deviation = np.square(shares - mean)
     return np.sqrt(np.add.accumulate(deviation, axis=1)[:, -1] / n)
 
 
 def _first_best(scores: list[float], sizes: list[int]) -> int:
     """scikit-learn's choice of fold, in its order: a fold beats the best so far with a lower
-    score, or with one np.isclose to it and fewer samples."""
-    best, low, low_size = 0, math.inf, math.inf
-    for fold, (score, size) in enumerate(zip(scores, sizes, strict=True)):
-        close = (abs(score - low) <= 1e-08 + 1e-05 * abs(low) and math.isfinite(low)
-                 or score == low)
-        if score < low or (close and size < low_size):
+    score, or with one np.isclose to it (default tolerances) and fewer samples."""
+    best, low, low_size = 0, scores[0], sizes[0]
+    for fold in range(1, len(scores)):
+        score, size = scores[fold], sizes[fold]
+        if score < low or (size < low_size and abs(score - low) <= 1e-08 + 1e-05 * abs(low)):
             best, low, low_size = fold, score, size
     return best
 
