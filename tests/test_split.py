@@ -320,3 +320,11 @@ def test_split_dataset_is_the_split_scikit_learn_made(monkeypatch):
     monkeypatch.setattr(split_module, "stratified_group_folds", sklearn_folds)
     for config, mine in zip(configs, ours, strict=True):
         pd.testing.assert_series_equal(mine, split_dataset(ds, config=config)[0].table["split"])
+
+
+def test_folds_are_scikit_learns_where_scores_are_close_but_not_equal():
+    """One class of 1000 images beside 100 of 2: where one of its images goes moves the
+    score by less than np.isclose's tolerance, inside which the fold with fewer samples
+    wins (a tolerance 10 times tighter gives other folds)."""
+    y = np.array(["big"] * 1000 + [f"s{i % 100}" for i in range(200)], dtype=object)
+    assert assert_sklearns_folds(y, np.arange(len(y)).astype(str), 8, 0)
