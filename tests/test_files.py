@@ -92,6 +92,34 @@ def test_a_rename_that_fails_puts_back_the_files_renamed_before_it(tmp_path, mon
     assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in paths[1:])  # no litter
 
 
+def test_a_previous_version_that_cannot_be_put_back_is_kept_and_named(tmp_path, monkeypatch):
+    """The third rename fails, and so does putting the first file's previous version back
+    (held open too): that version stays where it was kept, and the error says where, rather
+    than the user's previous file being deleted with the litter."""
+    import wingspan.files
+
+    paths = [tmp_path / name for name in ("audit.csv", "duplicates.csv", "audit.html")]
+    for path in paths:
+        path.write_text("old")
+    replace = os.replace
+
+    def held_open(src, dst):
+        if Path(dst) == paths[2] or ".old" in Path(src).name and Path(dst) == paths[0]:
+            raise PermissionError(errno.EACCES, "The file is used by another process", dst)
+        replace(src, dst)
+
+    monkeypatch.setattr(wingspan.files.os, "replace", held_open)
+    with pytest.raises(WingspanError, match="audit.csv") as caught, \
+            atomic_paths(*paths) as tmps:
+        for tmp in tmps:
+            tmp.write_text("new")
+    kept = [p for p in tmp_path.iterdir() if ".old" in p.name]
+    assert len(kept) == 1 and kept[0].read_text() == "old"
+    assert str(kept[0]) in str(caught.value), str(caught.value)
+    assert isinstance(caught.value.__cause__, PermissionError)  # the first failure too
+    assert [p.read_text() for p in paths] == ["new", "old", "old"]
+
+
 def test_a_full_cache_disk_does_not_make_images_unreadable(tmp_path, monkeypatch):
     from helpers import write_image
 

@@ -11,12 +11,12 @@ import os
 import re
 import shutil
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
-from wingspan.errors import WingspanError
+from wingspan.errors import WingspanError, first_line
 
 
 @contextlib.contextmanager
@@ -83,6 +83,7 @@ def _replace_together(tmps: list[Path], paths: list[Path]) -> None:
         return path.with_name(f".{path.stem}.{os.getpid()}.old{path.suffix}")
 
     done: dict[Path, bool] = {}  # each path renamed onto: whether it had a version before
+    stranded: list[Path] = []  # previous versions that could not be put back: never deleted
     try:
         for tmp, path in zip(tmps, paths, strict=True):
             had = path.is_file()
@@ -93,18 +94,35 @@ def _replace_together(tmps: list[Path], paths: list[Path]) -> None:
                     shutil.copy2(path, kept(path))
             os.replace(tmp, path)
             done[path] = had
-    except BaseException:
+    except BaseException as error:
         for path, had in done.items():
-            with contextlib.suppress(OSError):
+            try:
                 if had:
                     os.replace(kept(path), path)
                 else:
                     path.unlink()
+            except OSError:
+                if had:
+                    stranded.append(path)
+        if stranded:
+            raise _not_put_back(paths, stranded, kept, error) from error
         raise
     finally:
         for path in paths:
-            with contextlib.suppress(OSError):
-                kept(path).unlink()
+            if path not in stranded:
+                with contextlib.suppress(OSError):
+                    kept(path).unlink()
+
+
+def _not_put_back(paths: list[Path], stranded: list[Path], kept: Callable[[Path], Path],
+                  error: BaseException) -> WingspanError:
+    """The error for previous versions a failed write could not put back: where they are."""
+    where = "; ".join(f"{p.name}'s is kept as {kept(p)}" for p in stranded)
+    return WingspanError(
+        f"Writing {', '.join(p.name for p in paths)} failed ({first_line(error)}), and a "
+        f"previous version could not be put back: {where}.",
+        hint="Rename it back to its name once nothing holds the file open, or remove it "
+        "and run the command again.")
 
 
 # The name atomic_path writes through, which a process killed mid-write leaves behind.
