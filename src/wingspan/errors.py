@@ -25,6 +25,16 @@ def counted(n: int, noun: str, plural: str | None = None) -> str:
     return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
+def none_read(n: int, noun: str, where: str = "", of: str = "the") -> str:
+    """'None of the 3 images in X could be read', 'The only image in X could not be read':
+    that none of n things could be read, said naturally for one."""
+    if n == 1:
+        said = f"{of} only {noun}{where} could not be read"
+    else:
+        said = f"none of {of} {counted(n, noun)}{where} could be read"
+    return said[0].upper() + said[1:]
+
+
 def some(names: list[str], n: int = 10) -> str:
     """'a, b and 3 more': the first n names in a message, and how many it leaves out."""
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")

@@ -17,7 +17,7 @@ from wingspan.data.csvfiles import nfc
 from wingspan.data.plots import plot_class_balance
 from wingspan.data.preview import write_preview
 from wingspan.data.samples import SPLIT, Dataset, renamed
-from wingspan.errors import WingspanError, counted, some
+from wingspan.errors import WingspanError, counted, none_read, some
 from wingspan.evaluate import plots
 from wingspan.evaluate.calibration import (
     MIN_CALIBRATION_IMAGES,
@@ -114,7 +114,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     failed = [(p.path, p.error) for p in preds if p.error]
     if not ok:
         raise WingspanError(
-            f"None of the {len(preds)} images of the '{split}' split could be read, e.g. "
+            none_read(len(preds), "image", f" of the '{split}' split") + ", e.g. "
             f"{failed[0][1]}", hint="Check the files (`wingspan data inspect DATA` lists "
             "unreadable ones), or evaluate another split with --split.")
     index = {c: i for i, c in enumerate(predictor.classes)}
@@ -286,8 +286,8 @@ def _openset(predictor: Predictor, unknown, paths: list[str], known: list, y: np
     unseen = [p for p in seen if not p.error]
     if not unseen:
         where = unknown if isinstance(unknown, str | Path) else ", ".join(map(str, unknown))
-        raise WingspanError(f"None of the {len(paths)} images in {where} could be read, "
-                            f"e.g. {seen[0].error}")
+        raise WingspanError(none_read(len(paths), "image", f" in {where}")
+                            + f", e.g. {seen[0].error}")
     level, name = predictor.level, predictor.unknown_score
     k = np.array([p.unknown[level] for p in known])
     u = np.array([p.unknown[level] for p in unseen])
@@ -510,7 +510,7 @@ def calibrate(model: str | Path, data: str | Path | None = None, split: str | No
     preds = list(predictor.run(rows["path"].tolist(), progress=progress))
     ok = [i for i, p in enumerate(preds) if not p.error]
     if not ok:
-        raise WingspanError(f"None of the images of the '{split}' split could be read.")
+        raise WingspanError(none_read(len(preds), "image", f" of the '{split}' split") + ".")
     _check_enough_to_calibrate(len(ok), len(preds), split, predictor.manifest)
     index = {c: i for i, c in enumerate(predictor.classes)}
     y = rows["_label"].map(index).to_numpy()[ok]

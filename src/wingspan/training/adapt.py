@@ -36,7 +36,7 @@ from sklearn.semi_supervised import LabelSpreading
 from wingspan.config import AdaptConfig
 from wingspan.data import read_dataset
 from wingspan.data.samples import PATH, SPLIT
-from wingspan.errors import WingspanError
+from wingspan.errors import WingspanError, none_read
 from wingspan.evaluate.calibration import calibration_record, softmax
 from wingspan.evaluate.own_images import own_images, run_folder
 from wingspan.files import real_paths, write_text
@@ -133,8 +133,8 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
     preds = list(predictor.run(paths, progress=progress, with_features=True))
     ok = [i for i, p in enumerate(preds) if not p.error]
     if not ok:
-        raise WingspanError(f"None of the {len(paths)} photos could be read, e.g. "
-                            f"{preds[0].path}: {preds[0].error}")
+        raise WingspanError(none_read(len(paths), "photo")
+                            + f", e.g. {preds[0].path}: {preds[0].error}")
     x_photos = np.stack([preds[i].features for i in ok]).astype(np.float64)
     features = own_images(predictor, purpose, per_class=True, seed=seed, progress=progress)
     train, val = features["train"], features["val"]
