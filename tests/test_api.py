@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import pickle
 import shutil
 import subprocess
@@ -267,6 +268,32 @@ def test_adapt_takes_the_keywords_evaluate_and_predict_take(run, demo_dir, tmp_p
     assert (adapted.dir / "adapt.json").is_file()
     assert shown and not any(shown)  # progress was asked about, and never drawn
     assert workers and set(workers) == {0}
+
+
+def test_max_pixels_is_a_keyword_where_the_command_has_the_option(run, demo_dir, tmp_path,
+                                                                    monkeypatch):
+    """--max-pixels (the pixel budget of one image) as the API's `max_pixels`, on each
+    function whose command takes it; for that call only (the next one has the default)."""
+    import inspect
+
+    from wingspan.config import MAX_PIXELS_ENV
+
+    monkeypatch.delenv(MAX_PIXELS_ENV, raising=False)
+    for function in (ws.train, ws.resume, ws.Data.inspect, ws.Run.evaluate, ws.Run.predict,
+                     ws.Run.adapt):
+        assert "max_pixels" in inspect.signature(function).parameters, function.__name__
+    folder = sorted(p for p in demo_dir.iterdir() if p.is_dir())[0]
+    with pytest.raises(WingspanError, match="over the budget of 1e-05 MP"):  # 48 x 48 JPEGs:
+        run.predict(folder, max_pixels=10, quiet=True, workers=0)  # 6 x 6 at 1/8 is over
+    assert MAX_PIXELS_ENV not in os.environ
+    assert (run.predict(folder, quiet=True, workers=0).error == "").all()
+    with pytest.raises(WingspanError, match="could be read"):
+        run.evaluate(split="val", max_pixels=10, out=tmp_path / "e", quiet=True, workers=0)
+    summary = ws.read(demo_dir).inspect(out=tmp_path / "i", max_pixels=10, quiet=True).summary
+    assert len(summary["images"]["unreadable"]) == summary["images"]["checked"] == len(
+        ws.read(demo_dir))
+    with pytest.raises(WingspanError, match="max_pixels: expected a whole number"):
+        run.predict(folder, max_pixels=0, quiet=True)
 
 
 def test_load_a_run_and_a_bundle(run, demo_dir, tmp_path):

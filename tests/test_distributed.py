@@ -120,6 +120,29 @@ def test_predict_shared_over_two_processes_gives_the_same_rows(demo_dir, tmp_pat
             assert abs(float(a["prob_1"]) - float(b["prob_1"])) < 1e-5
 
 
+def test_the_apis_predict_takes_devices_as_the_cli_does(demo_dir, tmp_path, one_process):
+    """Run.predict(devices=2) in a script: Fabric's launcher starts the second process (it
+    runs the script again), the rows are shared and merged in order on rank 0, and the other
+    process gets no rows (it did its share)."""
+    import wingspan as ws
+
+    images = sorted(str(p) for p in demo_dir.rglob("*.jpg"))[:7]
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import os, sys\nimport wingspan as ws\n"
+        f"preds = ws.load({str(one_process)!r}).predict({images!r}, devices=2, "
+        "strategy='ddp', top_k=2, precision='fp32', quiet=True)\n"
+        "preds.to_json(f\"{sys.argv[1]}.{os.environ.get('LOCAL_RANK', '0')}.json\")\n")
+    _finish(subprocess.Popen([sys.executable, script, tmp_path / "out"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    two = pd.read_json(tmp_path / "out.0.json")
+    one = ws.load(one_process).predict(images, top_k=2, precision="fp32", quiet=True)
+    assert two.path.tolist() == one.path.tolist() == images
+    assert two["class"].tolist() == one["class"].tolist()
+    assert two.probability.to_numpy() == pytest.approx(one.probability.to_numpy(), abs=1e-5)
+    assert pd.read_json(tmp_path / "out.1.json").empty
+
+
 @pytest.mark.parametrize("n, batch, world", [(10, 4, 2), (9, 4, 3), (5, 8, 2), (7, 3, 4)])
 def test_the_ranks_together_take_one_process_batches(n, batch, world):
     weights = torch.rand(n, generator=torch.Generator().manual_seed(1))

@@ -15,18 +15,20 @@ Jupyter, datasets, runs and evaluations display themselves (`_repr_html_`).
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import html
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from wingspan.config import (
+    MAX_PIXELS_ENV,
     SPLITS,
     AugmentConfig,
     DemoConfig,
@@ -172,7 +174,7 @@ class Data:
 
     def inspect(self, out: str | Path | None = None, level: str | None = None,
                 tiny_px: int = InspectConfig.tiny_px, metadata_only: bool = False,
-                quiet: bool = False) -> Inspection:
+                max_pixels: int | None = None, quiet: bool = False) -> Inspection:
         """Count classes per level and find broken, duplicate, odd and tiny images, as
         `wingspan data inspect`; writes summary.json and a balance plot per level to
         `out` (default runs/data/<name>).
@@ -183,8 +185,9 @@ class Data:
 
         level = self.dataset.resolve_level(level)
         out_dir = Path(out) if out else self.dataset.out_dir
-        summary = inspect_dataset(self.dataset, out_dir, InspectConfig(tiny_px=tiny_px),
-                                  check_images=not metadata_only, progress=not quiet)
+        with _max_pixels(max_pixels):
+            summary = inspect_dataset(self.dataset, out_dir, InspectConfig(tiny_px=tiny_px),
+                                      check_images=not metadata_only, progress=not quiet)
         return Inspection(summary, out_dir, self.counts(level), level)
 
     def split(self, level: str | None = None, val: float = SplitConfig.val_fraction,
@@ -286,8 +289,8 @@ class Inspection:
 
 
 def train(data: Data | Dataset | str | Path, config: TrainConfig | str | Path | None = None,
-          name: str | None = None, runs_dir: str | Path = "runs", quiet: bool = False,
-          **settings) -> Run:
+          name: str | None = None, runs_dir: str | Path = "runs",
+          max_pixels: int | None = None, quiet: bool = False, **settings) -> Run:
     """Train a classifier as `wingspan train` does: a new head on the frozen pretrained
     backbone (on cached features), then fine-tuning. `settings` are TrainConfig's fields
     (the CLI's options: backbone, epochs_head, epochs_finetune, levels, lr, ...);
@@ -304,10 +307,12 @@ def train(data: Data | Dataset | str | Path, config: TrainConfig | str | Path | 
     _check_names(TrainConfig, settings)
     settings = (TrainConfig.from_file(config, **settings) if config is not None
                 else TrainConfig(**settings))
-    return Run(train_run(_dataset(data), settings, runs_dir, name, quiet))
+    with _max_pixels(max_pixels):
+        return Run(train_run(_dataset(data), settings, runs_dir, name, quiet))
 
 
-def resume(run: str | Path, quiet: bool = False, **machine) -> Run:
+def resume(run: str | Path, max_pixels: int | None = None, quiet: bool = False,
+           **machine) -> Run:
     """Continue a stopped or killed run from its last checkpoint, as `wingspan train
     --resume`; `machine` may change only where it runs (device, devices, workers...).
 
@@ -315,7 +320,8 @@ def resume(run: str | Path, quiet: bool = False, **machine) -> Run:
     """
     from wingspan.training import resume as resume_run
 
-    return Run(resume_run(run, quiet=quiet, **machine))
+    with _max_pixels(max_pixels):
+        return Run(resume_run(run, quiet=quiet, **machine))
 
 
 def load(path: str | Path) -> Run:
@@ -398,6 +404,10 @@ def _count_arg(name: str, value, least: int = 1) -> int:
     return int(value)
 
 
+def _optional_count(name: str, value) -> int | None:
+    return None if value is None else _count_arg(name, value)
+
+
 def _workers_arg(value) -> int | None:
     """None (sized to the machine) or 0 or more data workers, named as the API names it."""
     return None if value is None else _count_arg("workers", value, least=0)
@@ -426,9 +436,35 @@ def _split_arg(value) -> str | None:
                         hint="Leave it out for the test split (else val).")
 
 
+@contextlib.contextmanager
+def _max_pixels(value) -> Iterator[None]:
+    """--max-pixels for one call: set in the environment as the CLI sets it (so that the
+    data-loading worker processes follow it too), the previous value back afterwards."""
+    if value is None:
+        yield
+        return
+    value = _count_arg("max_pixels", value)
+    before = os.environ.get(MAX_PIXELS_ENV)
+    os.environ[MAX_PIXELS_ENV] = str(value)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(MAX_PIXELS_ENV, None)
+        else:
+            os.environ[MAX_PIXELS_ENV] = before
+
+
 def _config(cls: type, settings: dict):
     _check_names(cls, settings)
     return cls(**settings)
+
+
+def _predictions(rows: list[dict]) -> pd.DataFrame:
+    """Run.predict's table (its columns even with no rows)."""
+    return pd.DataFrame(rows, columns=["path", "answer", "class", "probability", "branch",
+                                       "top", "known_level", "unknown_score", "threshold",
+                                       "score_level", "error"])
 
 
 class Run:
@@ -511,7 +547,7 @@ class Run:
                  class_map: dict[str, str] | None = None,
                  unknown: str | Path | list[str] | None = None,
                  unknown_score: str | None = None, tta: bool = False,
-                 quiet: bool = False) -> Evaluation:
+                 max_pixels: int | None = None, quiet: bool = False) -> Evaluation:
         """Metrics, confusion matrix, calibration, curves and report.html, as `wingspan
         evaluate`: the run's test split by default (else val), or `data`; written to
         RUN/evaluation-SPLIT (or `out`). `unknown`: a folder (or image paths) of classes
@@ -529,14 +565,14 @@ class Run:
             data = data.dataset
         elif data is not None and not isinstance(data, Dataset):
             data = _path_arg("data", data)
-        result = evaluate(self._model, data, _split_arg(split), _out_arg(out),
-                          progress=not quiet,
-                          batch_size=_count_arg("batch_size", batch_size),
-                          workers=_workers_arg(workers), runtime=runtime,
-                          precision=precision, device=device,
-                          class_map=_class_map_arg(class_map),
-                          unknown=None if unknown is None else _paths_arg(unknown, "unknown"),
-                          unknown_score=unknown_score, tta=tta)
+        with _max_pixels(max_pixels):
+            result = evaluate(
+                self._model, data, _split_arg(split), _out_arg(out), progress=not quiet,
+                batch_size=_count_arg("batch_size", batch_size), workers=_workers_arg(workers),
+                runtime=runtime, precision=precision, device=device,
+                class_map=_class_map_arg(class_map),
+                unknown=None if unknown is None else _paths_arg(unknown, "unknown"),
+                unknown_score=unknown_score, tta=tta)
         return Evaluation(result.out_dir, result.metrics, result.report)
 
     @property
@@ -547,6 +583,8 @@ class Run:
                 batch_size: int = TrainConfig.batch_size, device: str = TrainConfig.device,
                 precision: str = TrainConfig.precision, runtime: str = TrainConfig.runtime,
                 workers: int | None = None, unknown_score: str | None = None,
+                max_pixels: int | None = None, devices: int | None = None,
+                nodes: int | None = None, strategy: str = TrainConfig.strategy,
                 quiet: bool = False) -> pd.DataFrame:
         """Classes of image files, folders (searched recursively) and globs, as `wingspan
         predict`. One row per image: path, answer (the class, or "unknown" for an image
@@ -557,22 +595,32 @@ class Run:
         known_level (the level the answer is at; None for "unknown"), unknown_score,
         threshold and score_level (the score that decided, at the level it decided) and
         error (why an input was skipped). `workers`: data workers (0: read the images in
-        this process; None: sized to the machine).
+        this process; None: sized to the machine). `devices`, `nodes`, `strategy`: the
+        images shared among processes, as predict's --devices (in a script: Fabric starts
+        the others by running it again); the rows come back in the first process, the
+        others get none.
 
         >>> preds = run.predict(["a.jpg", "field/"])
         >>> preds[preds.probability < 0.5]
         """
         from wingspan.inference import Predictor
-        from wingspan.predict import predict
+        from wingspan.predict import predict, predict_fabric
 
         inputs = _paths_arg(paths)
         top_k = _count_arg("top_k", top_k)
-        predictor = Predictor(self._model, device=device,
-                              batch_size=_count_arg("batch_size", batch_size),
-                              workers=_workers_arg(workers), runtime=runtime,
-                              precision=precision, progress=not quiet,
-                              unknown_score=unknown_score)
-        result = predict(predictor, inputs, top_k, tta, progress=not quiet)
+        batch_size, workers = _count_arg("batch_size", batch_size), _workers_arg(workers)
+        with _max_pixels(max_pixels):
+            fabric = predict_fabric(device, _optional_count("devices", devices),
+                                    _optional_count("nodes", nodes), strategy, workers)
+            main = fabric is None or fabric.is_global_zero
+            predictor = Predictor(self._model, device=device, batch_size=batch_size,
+                                  workers=workers, runtime=runtime, precision=precision,
+                                  progress=main and not quiet, fabric=fabric,
+                                  unknown_score=unknown_score)
+            result = predict(predictor, inputs, top_k, tta, progress=main and not quiet,
+                             fabric=fabric)
+        if not main:  # its share is in the first process's rows
+            return _predictions([])
         if not result.rows:
             why = "; ".join(f"{path}: {reason}" for path, reason in result.failed[:3])
             raise WingspanError("No image could be predicted" + (f" ({why})" if why else "")
@@ -593,9 +641,7 @@ class Run:
                   "branch": "", "top": [], "known_level": None, "unknown_score": float("nan"),
                   "threshold": float("nan"), "score_level": None, "error": why}
                  for path, why in result.failed]
-        return pd.DataFrame(rows, columns=["path", "answer", "class", "probability", "branch",
-                                           "top", "known_level", "unknown_score", "threshold",
-                                           "score_level", "error"])
+        return _predictions(rows)
 
     def explain(self, images: str | Path | list[str | Path], out: str | Path | None = None,
                 device: str = "cpu") -> list[Image]:
@@ -618,7 +664,8 @@ class Run:
                 if not e.error]
 
     def adapt(self, photos: str | Path | list[str | Path], out: str | Path | None = None,
-              workers: int | None = None, quiet: bool = False, **settings) -> Run:
+              workers: int | None = None, max_pixels: int | None = None, quiet: bool = False,
+              **settings) -> Run:
         """Fit the model to unlabelled photos from where it will be used (self-training of
         its head), as `wingspan adapt`; returns the adapted run (this one is unchanged).
         `settings` are AdaptConfig's (neighbours, confidence, rounds, device, batch_size,
@@ -630,9 +677,10 @@ class Run:
         from wingspan.config import AdaptConfig
         from wingspan.training.adapt import adapt
 
-        done = adapt(self._model, _paths_arg(photos, "photos"), _out_arg(out),
-                     _config(AdaptConfig, settings), progress=not quiet,
-                     workers=_workers_arg(workers))
+        with _max_pixels(max_pixels):
+            done = adapt(self._model, _paths_arg(photos, "photos"), _out_arg(out),
+                         _config(AdaptConfig, settings), progress=not quiet,
+                         workers=_workers_arg(workers))
         return Run(done["out"])
 
     def export(self, format: str = "onnx", quantize: str | None = None,

@@ -909,16 +909,11 @@ def predict_command(
 
     from wingspan.inference import Predictor
     from wingspan.models.unknown import UNKNOWN
-    from wingspan.parallel import Processes
-    from wingspan.predict import predict, write_predictions
-    from wingspan.training.data import resolve_workers
+    from wingspan.predict import predict, predict_fabric, write_predictions
 
     if output:
         _check_output_file(output, (".csv", ".json"))
-    processes = Processes(device, devices, nodes, strategy)
-    per_machine, machines = processes.world()
-    resolve_workers(workers, per_machine)  # before any other process starts
-    fabric = processes.fabric() if per_machine * machines > 1 else None
+    fabric = predict_fabric(device, devices, nodes, strategy, workers)
     main = fabric is None or fabric.is_global_zero
     quiet = quiet or not main
     predictor = Predictor(model, device=device, batch_size=batch_size, workers=workers,

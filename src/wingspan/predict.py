@@ -13,7 +13,7 @@ from wingspan.errors import WingspanError
 from wingspan.files import atomic_path, write_text
 from wingspan.inference import Prediction, Predictor
 from wingspan.models.unknown import UNKNOWN
-from wingspan.parallel import gather_to_main, interleave, shard
+from wingspan.parallel import Processes, gather_to_main, interleave, shard
 
 # What the unknown scores add to each prediction (see `answer`).
 UNKNOWN_KEYS = ("answer", "known_level", "unknown_score", "threshold", "score_level")
@@ -64,6 +64,19 @@ class PredictResult:
     # ("row", i) and ("failed", j) in the order the inputs were given (those that matched no
     # file first): the output file keeps it.
     order: list[tuple[str, int]] = field(default_factory=list)
+
+
+def predict_fabric(device: str, devices: int | None, nodes: int | None, strategy: str,
+                   workers: int | None):
+    """The Fabric that shares a predict among processes (`--devices N`, or as torchrun
+    started them), None for one process. Checks `workers` against the processes first:
+    the others are started here."""
+    from wingspan.training.data import resolve_workers
+
+    processes = Processes(device, devices, nodes, strategy)
+    per_machine, machines = processes.world()
+    resolve_workers(workers, per_machine)  # before any other process starts
+    return processes.fabric() if per_machine * machines > 1 else None
 
 
 def predict(predictor: Predictor, inputs: list[str], top_k: int = 3, tta: bool = False,
