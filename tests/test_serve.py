@@ -252,6 +252,25 @@ def test_explain_returns_an_overlay_png(client):
     assert r.status_code == 422 and "one image at a time" in r.json()["error"]
 
 
+def test_an_unknown_target_of_a_model_with_many_classes_names_a_few(run_dir, monkeypatch):
+    """A 500-class model's error names ten classes and how many more (GET /model has all),
+    as other messages do, not a screenful."""
+    import wingspan.serve as serve
+
+    class ManyClasses(serve.Predictor):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.classes = [f"class{i:03d}" for i in range(500)]
+
+    monkeypatch.setattr(serve, "Predictor", ManyClasses)
+    client = TestClient(create_app(run_dir, ServeLimits(), device="cpu"))
+    r = client.post("/explain?target=unicorn", files={"file": ("a.jpg", _jpeg(), "image/jpeg")})
+    error = r.json()["error"]
+    assert r.status_code == 422 and "Unknown class 'unicorn'" in error
+    assert "class009 and 490 more (GET /model lists them)" in error
+    assert "class010" not in error
+
+
 def _chromium() -> str:
     """Debian's chromium (.ci/run installs it). Missing, the page test skips on a
     developer's machine, and fails where WINGSPAN_REQUIRE_BROWSER is set, as in CI."""

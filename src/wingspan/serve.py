@@ -41,7 +41,7 @@ from pydantic import BaseModel
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from wingspan.errors import WingspanError, first_line
+from wingspan.errors import WingspanError, first_line, some
 from wingspan.inference import Predictor
 from wingspan.predict import answer_at, deciding_score, taxonomy_path
 
@@ -252,11 +252,10 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
         if len(data) > limits.max_bytes:
             raise HTTPException(413, f"{file.filename}: over {limits.max_bytes} bytes.")
         if target is not None and target not in predictor.classes:
-            some = ", ".join(predictor.classes[:20])
-            more = f", ... ({len(predictor.classes)} in all: GET /model lists them)" \
-                if len(predictor.classes) > 20 else ""
+            more = " (GET /model lists them)" if len(predictor.classes) > 10 else ""
             raise HTTPException(422, f"Unknown class '{target}': target names one of the "
-                                     f"model's {predictor.level} classes: {some}{more}.")
+                                     f"model's {predictor.level} classes: "
+                                     f"{some(predictor.classes, 10)}{more}.")
         with admitted():
             start = time.perf_counter()  # one time limit for the decoding and the Grad-CAM
             x = await asyncio.wait_for(asyncio.to_thread(_prepare, file.filename, data),
