@@ -723,11 +723,11 @@ def test_the_note_on_a_temperature_fitted_on_the_evaluated_images_covers_all_of_
     assert not _among_evaluated("all of /d", "test") and not _among_evaluated(None, "val")
 
 
-def test_a_model_whose_class_names_end_in_a_space_evaluates_on_the_names_read_now(trained,
-                                                                                  tmp_path):
-    """Folders are read without end spaces now; a model trained before knows "name "."""
+def _with_an_end_space(trained, tmp_path) -> tuple[Path, list[str]]:
+    """A copy of the run whose model spells its first class with an end space, as models
+    trained before names lost theirs do; and the classes as the data names them now."""
     from wingspan.inference import find_bundle
-    from wingspan.models.bundle import meaning_digest, read_manifest, update_manifest
+    from wingspan.models.bundle import meaning_digest, update_manifest
 
     old = tmp_path / "old"
     shutil.copytree(trained, old)
@@ -738,6 +738,13 @@ def test_a_model_whose_class_names_end_in_a_space_evaluates_on_the_names_read_no
     manifest = {**read_manifest(bundle), "classes": {**classes, level: [spaced,
                                                                       *classes[level][1:]]}}
     update_manifest(bundle, classes=manifest["classes"], meaning_sha256=meaning_digest(manifest))
+    return old, classes[level]
+
+
+def test_a_model_whose_class_names_end_in_a_space_evaluates_on_the_names_read_now(trained,
+                                                                                  tmp_path):
+    """Folders are read without end spaces now; a model trained before knows "name "."""
+    old, _ = _with_an_end_space(trained, tmp_path)
     before = evaluate(trained, split="val", progress=False, workers=0).metrics
     after = evaluate(old, split="val", progress=False, workers=0).metrics
     assert after["images"] == before["images"] and not after.get("unknown_class_images")
@@ -753,6 +760,32 @@ def test_a_model_whose_class_names_end_in_a_space_evaluates_on_the_names_read_no
                           "split": ["val", "val"]})
     rows = _rows(SimpleNamespace(table=table), "val", "label", both)
     assert rows["_label"].tolist() == ["monarch", "monarch "]
+
+
+def test_map_and_unknown_match_a_class_name_that_ends_in_a_space_as_read_now(trained,
+                                                                             tmp_path):
+    """--map monarch=X against a model that knows 'monarch ' maps it (the user types the
+    name as folders read now); the data's own 'monarch' still matches 'monarch ', so a map
+    joining another class to it is refused; and an --unknown folder 'monarch' is a class
+    the model knows."""
+    old, classes = _with_an_end_space(trained, tmp_path)
+    val = read_dataset(trained / "splits.csv").table.query("split == 'val'")
+    for label, path in zip(val["label"], val["path"], strict=True):
+        folder = tmp_path / "other" / ("first_other" if label == classes[0] else label)
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, folder)
+    metrics = evaluate(old, tmp_path / "other", split="all", progress=False, workers=0,
+                       class_map={classes[0]: "first_other"}, out=tmp_path / "ev").metrics
+    assert metrics["images"] == len(val) and not metrics["unknown_classes"]
+    with pytest.raises(WingspanError, match=f"would score the data's '{classes[1]}' and its "
+                                            f"own '{classes[0]}' both"):
+        evaluate(old, split="val", progress=False, workers=0,
+                 class_map={classes[0]: classes[1]})
+    unseen = tmp_path / "unseen" / classes[0]
+    unseen.mkdir(parents=True)
+    shutil.copy(val["path"].iloc[0], unseen / "x.jpg")
+    with pytest.raises(WingspanError, match="folders named after classes the model knows"):
+        evaluate(old, split="val", progress=False, workers=0, unknown=unseen.parent)
 
 
 def test_images_the_run_trained_or_chose_on_give_figures_called_optimistic(trained, evaluation,

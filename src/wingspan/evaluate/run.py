@@ -251,9 +251,10 @@ def _check_unseen(unknown_paths: list[str], known_paths, predictor: Predictor) -
     """Images of `--unknown` that are in the evaluated split, or sit in a folder named
     after one of the model's classes (DATA given as --unknown, say), would count a right
     answer against the unknown answer's figures."""
-    # The finest level only: an unseen species is rightly filed under a known genus.
+    # The finest level only: an unseen species is rightly filed under a known genus. Names
+    # as folders read now: a model's 'monarch ' (see `spelt_as_trained`) is 'monarch'.
     named = sorted({nfc(Path(p).parent.name.strip()) for p in unknown_paths}
-                   & set(predictor.classes))
+                   & {nfc(c.strip()) for c in predictor.classes})
     if named:
         raise WingspanError(f"The --unknown images include folders named after classes the "
                             f"model knows: {some(named, 5)}.",
@@ -425,6 +426,11 @@ def _rows(dataset: Dataset, split: str, level: str, predictor: Predictor,
 
 def _check_class_map(class_map: dict[str, str], predictor: Predictor, dataset: Dataset,
                      level: str) -> dict[str, str]:
+    """`class_map` with the model's classes as it spells them: 'monarch' names a model's
+    'monarch ' (see `spelt_as_trained`), as the data's own 'monarch' matches it."""
+    spelt = spelt_as_trained(predictor).get(predictor.level, {})
+    class_map = {spelt.get(nfc(ours.strip()), ours) if ours not in predictor.classes
+                 else ours: theirs for ours, theirs in class_map.items()}
     ours = [c for c in class_map if c not in predictor.classes]
     theirs = [c for c in class_map.values() if c not in set(dataset.table[level])]
     if ours or theirs:
@@ -440,15 +446,17 @@ def _check_class_map(class_map: dict[str, str], predictor: Predictor, dataset: D
         raise WingspanError("--map gives one data class to two of the model's classes.")
     # The data's classes named as the model's match without a map: one of those mapped
     # to, or from, another name would give a model class two data classes.
-    data_classes, mapped = set(dataset.table[level]), set(class_map.values())
+    mapped = set(class_map.values())
+    alike = {spelt.get(c, c): c for c in set(dataset.table[level])}  # model's: data's name
     joined = [(ours, theirs) for ours, theirs in class_map.items()
-              if ours != theirs and ours in data_classes and ours not in mapped]
+              if alike.get(ours, theirs) != theirs and alike[ours] not in mapped]
     if joined:
         ours, theirs = joined[0]
-        raise WingspanError(f"--map {ours}={theirs} would score the data's '{theirs}' and its "
-                            f"own '{ours}' both as the model's '{ours}'.",
-                            hint=f"Map the data's '{ours}' too (to another of the model's "
-                                 f"classes), or leave {ours}={theirs} out.")
+        own = alike[ours]
+        raise WingspanError(f"--map {own}={theirs} would score the data's '{theirs}' and its "
+                            f"own '{own}' both as the model's '{ours}'.",
+                            hint=f"Map the data's '{own}' too (to another of the model's "
+                                 f"classes), or leave {own}={theirs} out.")
     return class_map
 
 
