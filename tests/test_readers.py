@@ -525,6 +525,29 @@ def test_a_csv_saved_by_a_european_spreadsheet_is_read(tmp_path, sep):
         read_dataset(csv)
 
 
+@pytest.mark.parametrize("header, sep", [
+    ("path\tlabel\tgenus;species", "\t"),  # no comma, a ';' inside a name: not split there
+    ("path\tlabel\tlength, mm", "\t"),  # a comma inside a name of a tab-separated file
+    ('path;label;"length, mm"', ";"),  # a quoted comma in a semicolon file's header
+])
+def test_the_separator_is_the_one_that_reads_the_header_as_columns(tmp_path, header, sep):
+    """A separator inside a column name does not decide how the file is split: the one
+    that names the expected column (else gives the most columns) does."""
+    from wingspan.data.taxonomy import read_taxonomy
+
+    folder_dataset(tmp_path, {"a": 2})
+    csv = tmp_path / "specimens.csv"
+    csv.write_text(header + "\n" + "".join(f"a/a_{i}.jpg{sep}Pieris rapae{sep}x\n"
+                                           for i in range(2)))
+    ds = read_dataset(csv)
+    assert ds.table["label"].tolist() == ["Pieris rapae"] * 2
+    assert ds.levels[-1] == "label" and len(ds.levels) == 2  # the third column: a level
+    # As many columns either way: the separator that names the 'folder' column.
+    taxonomy = tmp_path / "taxonomy.csv"
+    taxonomy.write_text("folder\tfamily, Latin\nmonarch\tNymphalidae\n")
+    assert read_taxonomy(taxonomy).to_dict() == {"family, Latin": {"monarch": "Nymphalidae"}}
+
+
 def test_csv_paths_written_from_the_current_folder_say_where_they_are_read_from(
         tmp_path, monkeypatch):
     """museum/specimens.csv listing museum/img/a.jpg (relative to where the user stood):

@@ -12,13 +12,14 @@ import pandas as pd
 from wingspan.errors import WingspanError
 
 
-def read_csv(path: Path) -> pd.DataFrame:
+def read_csv(path: Path, key: str | None = None) -> pd.DataFrame:
     """Every field a string; column names stripped and in NFC, columns with no name and no
     value (the trailing commas a spreadsheet saves) dropped; a row wider than the header is
     an error rather than pandas' silent shift. Separated by commas, or by the semicolons
-    (or tabs) a spreadsheet saves where the comma is the decimal point."""
+    (or tabs) a spreadsheet saves where the comma is the decimal point: see `separator`
+    (`key`: the column the file must have)."""
     try:
-        sep = separator(path)
+        sep = separator(path, key)
         check_field_counts(path, sep)
         with warnings.catch_warnings():  # the extra fields left out are empty (checked above)
             warnings.simplefilter("ignore", pd.errors.ParserWarning)
@@ -33,12 +34,19 @@ def read_csv(path: Path) -> pd.DataFrame:
     return table.drop(columns=unnamed)
 
 
-def separator(path: Path) -> str:
-    """The header's separator: a comma, else a semicolon or a tab (Excel in much of
-    Europe saves "CSV" with semicolons); a header of one column has none."""
-    with open(path, newline="", encoding="utf-8") as f:
+SEPARATORS = (",", ";", "\t")  # Excel in much of Europe saves "CSV" with semicolons
+
+
+def separator(path: Path, key: str | None = None) -> str:
+    """The header's separator, of SEPARATORS: the one that reads it as naming the column
+    `key` ('path'), else the one that reads it as the most columns, the first of them on
+    a tie (a comma; a header of one column has none). Not merely the first found in it: a
+    tab-separated header may hold 'length, mm' or 'genus;species' as a column's name."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
         header = next((line for line in f if line.strip()), "")
-    return next((sep for sep in (",", ";", "\t") if sep in header), ",")
+    columns = {sep: [nfc(c.strip()) for c in next(csv.reader([header], delimiter=sep), [])]
+               for sep in SEPARATORS}
+    return max(SEPARATORS, key=lambda sep: (key in columns[sep], len(columns[sep])))
 
 
 def check_field_counts(path: Path, sep: str = ",") -> None:

@@ -315,7 +315,7 @@ def read_split_folders(root: Path, config: ReadConfig) -> Dataset:
 
 def _fixed_splits(table: pd.DataFrame, splits_csv: Path, problems: list[Problem]) -> pd.DataFrame:
     """Take the split of each image from a `path,...,split` file beside the class folders."""
-    fixed = read_csv(splits_csv)
+    fixed = read_csv(splits_csv, key=PATH)
     if PATH not in fixed.columns or SPLIT not in fixed.columns:
         problems.append(Problem("splits_file_ignored", "has no path and split columns; ignored",
                                 str(splits_csv)))
@@ -352,7 +352,7 @@ def read_csv_table(csv_path: Path, config: ReadConfig) -> Dataset:
     """`path,label[,split][,group][,<level>...]`; extra columns are coarser label levels."""
     if not csv_path.is_file():
         raise WingspanError(f"{csv_path} is not a CSV file.")
-    raw = read_csv(csv_path)
+    raw = read_csv(csv_path, key=PATH)
     missing = [c for c in (PATH, LABEL) if c not in raw.columns]
     if missing:
         raise WingspanError(

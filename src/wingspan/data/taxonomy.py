@@ -21,7 +21,7 @@ def read_taxonomy(path: Path) -> pd.DataFrame:
     A `genus` + `specific_epithet` pair becomes a `species` level ("Danaus plexippus"),
     the way taxonomists write it.
     """
-    tax = read_csv(path)
+    tax = read_csv(path, key="folder")
     # "monarch " is the folder "monarch", and a decomposed é the composed one.
     tax = tax.apply(lambda column: column.str.strip().map(nfc))
     if "folder" not in tax.columns or len(tax.columns) < 2:
