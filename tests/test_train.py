@@ -1039,3 +1039,39 @@ def test_a_temperature_fitted_on_few_val_images_is_fitted_and_said_to_be_shaky(t
             assert f"wingspan calibrate {run.dir} DATA" in shaky[0]
         else:
             assert not shaky
+
+
+def test_the_sampler_and_loss_weights_have_one_source_before_and_after_images_break(
+        tmp_path, monkeypatch):
+    """The start's weights and those recounted once images are unreadable come from one
+    function: a change to how classes are weighed (a square-root weighting stands in for
+    one here) reaches both, so the two can never drift apart."""
+    from wingspan.training import prepare
+    from wingspan.training.stages import weighting
+
+    weigh = prepare.weigh_classes
+
+    def square_root(labels, levels, classes, config):
+        weights, use = weigh(labels, levels, classes, config)
+        return {lv: w.sqrt() for lv, w in weights.items()}, use
+
+    monkeypatch.setattr(prepare, "weigh_classes", square_root)
+    data = folder_dataset(tmp_path / "data", {"a": 18, "b": 6})
+    run = _prepared_run(data, tmp_path, sampler="weighted", class_weights="balanced")
+    labels = run.data.train.labels[:, -1]
+
+    def expected(readable):
+        counts = torch.bincount(labels[readable], minlength=2).double()
+        return (int(readable.sum()) / (2 * counts)).sqrt().float()[labels] * readable
+
+    everything = torch.ones(len(labels), dtype=torch.bool)
+    torch.testing.assert_close(run.data.sample_weights, expected(everything))
+    common = [i for i in range(len(labels)) if labels[i] == 0][:5]
+    run.note_unreadable([(run.data.train.paths[i], "Cannot read image") for i in common])
+    readable = run.readable(run.data.train)
+    balance = weighting(run, readable)
+    torch.testing.assert_close(balance.sample, expected(readable))
+    torch.testing.assert_close(balance.loss["label"],
+                               (int(readable.sum()) / (2 * torch.bincount(
+                                   labels[readable]).double())).sqrt().float())
+

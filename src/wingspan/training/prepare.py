@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -227,7 +228,7 @@ def weigh_classes(labels: torch.Tensor, levels: list[str], classes: dict[str, li
                   config: TrainConfig) -> tuple[dict[str, torch.Tensor], dict[str, bool]]:
     """Per level (a column of `labels`, of indices into its `classes`):
     balanced weights, n / (classes x count) as scikit-learn's, and whether the loss uses
-    them (`class_weights`). Training counts the images it can read (see stages.weighting)."""
+    them (`class_weights`). Training counts the images it can read (see `balance`)."""
     weights, use = {}, {}
     for i, lv in enumerate(levels):
         # (clamped: a class with nothing readable stops the run before a step, not here)
@@ -242,6 +243,26 @@ def weigh_classes(labels: torch.Tensor, levels: list[str], classes: dict[str, li
     return weights, use
 
 
+class Weighting(NamedTuple):
+    """How training balances the classes, both parts from one count of readable images."""
+
+    loss: dict[str, torch.Tensor | None]  # per level, the loss's class weights (None: off)
+    sample: torch.Tensor | None  # per training image, the weighted sampler's (None: shuffle)
+
+
+def balance(labels: torch.Tensor, readable: torch.Tensor, levels: list[str],
+            classes: dict[str, list[str]], config: TrainConfig) -> Weighting:
+    """The loss's class weights and the weighted sampler's image weights, counted on the
+    `readable` training images (a mask over `labels`): the one place both are computed,
+    at the start (every image, none known unreadable) and once images cannot be read. A
+    class's unreadable files must not make it look common to the loss, nor take draws from
+    the sampler that are then thrown away (an unreadable image gets weight 0)."""
+    weights, use = weigh_classes(labels[readable], levels, classes, config)
+    sample = (weights[levels[-1]][labels[:, -1]] * readable
+              if config.sampler == "weighted" else None)
+    return Weighting({lv: weights[lv] if use[lv] else None for lv in levels}, sample)
+
+
 def build_train_data(plan: LabelPlan, config: TrainConfig, pre: Preprocessing,
                      log=print) -> TrainData:
     table, levels, finest = plan.table, plan.levels, plan.levels[-1]
@@ -251,13 +272,15 @@ def build_train_data(plan: LabelPlan, config: TrainConfig, pre: Preprocessing,
         return np.stack([part[lv].map({c: i for i, c in enumerate(plan.classes[lv])})
                          .to_numpy() for lv in levels], axis=1)
 
-    weights, use = weigh_classes(torch.as_tensor(label_matrix(train)), levels, plan.classes,
-                                 config)
+    labels = torch.as_tensor(label_matrix(train))
+    # None is known to be unreadable yet: every image counts (stages.weighting recounts).
+    weights = balance(labels, torch.ones(len(labels), dtype=torch.bool), levels,
+                      plan.classes, config)
     ratio = train[finest].value_counts()
     # Every level's weights: a coarse level can be far more imbalanced than the finest.
     weighted = [(f"{lv} " if len(levels) > 1 else "")
-                + f"on; weights {weights[lv].min():.2f}-{weights[lv].max():.2f}"
-                for lv in levels if use[lv]]
+                + f"on; weights {w.min():.2f}-{w.max():.2f}"
+                for lv, w in weights.loss.items() if w is not None]
     log(f"{len(train)} training and {counted(len(val), 'validation image')}; "  # train has 2+
         + "; ".join(f"{lv}: {counted(len(plan.classes[lv]), 'class', 'classes')}"
                     for lv in levels)
@@ -265,7 +288,7 @@ def build_train_data(plan: LabelPlan, config: TrainConfig, pre: Preprocessing,
         + (", ".join(weighted) or "off")
         + (" (the weighted sampler draws classes evenly)"
            if config.sampler == "weighted" and not weighted else ""))
-    if config.sampler == "weighted" and any(use.values()):
+    if config.sampler == "weighted" and weighted:
         log("Warning: --class-weights balanced with --sampler weighted corrects the imbalance "
             "twice (the sampler draws classes evenly, and the loss weights rare classes up "
             "again): rare classes then count far more than common ones. Use one of the two.")
@@ -281,16 +304,14 @@ def build_train_data(plan: LabelPlan, config: TrainConfig, pre: Preprocessing,
         return LabelledImages(part["path"].tolist(), label_matrix(part), transform, cache,
                               config.seed, size)
 
-    y_fine = label_matrix(train)[:, -1]
     return TrainData(
         level=finest, classes=plan.classes[finest], levels=levels, level_classes=plan.classes,
         taxonomy=plan.taxonomy, rare=plan.rare,
         train=images(train, augmented), train_clean=images(train, clean),
         val=images(val, clean),
-        class_weights={lv: weights[lv] if use[lv] else None for lv in levels},
+        class_weights=weights.loss,
         level_weights=dict(zip(levels, config.level_weights or [1.0] * len(levels),
                                strict=True)),
-        sample_weights=(weights[finest][torch.as_tensor(y_fine)] if config.sampler == "weighted"
-                        else None),
+        sample_weights=weights.sample,
         test_images=plan.test_images,
     )

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import time
-from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -36,7 +35,7 @@ from wingspan.training.data import (
     item_seed,
     make_loader,
 )
-from wingspan.training.prepare import weigh_classes
+from wingspan.training.prepare import Weighting, balance
 from wingspan.training.schedule import make_optimizer, make_scheduler
 from wingspan.training.step import finetune_parts
 
@@ -92,18 +91,10 @@ def loss_fn(run: Run, device: torch.device | None = None, fabric=None,
     return Criterion(run, device or run.device, fabric, weights)
 
 
-class Weighting(NamedTuple):
-    """How an epoch balances the classes, both parts from one count of its readable images."""
-
-    loss: dict[str, torch.Tensor | None]  # per level, the loss's class weights (None: off)
-    sample: torch.Tensor | None  # per training image, the weighted sampler's (None: shuffle)
-
-
 def weighting(run: Run, readable: torch.Tensor | None = None) -> Weighting:
-    """The loss's class weights and the weighted sampler's image weights, counted on the
-    `readable` training images (default: those not known to be unreadable now). A class's
-    unreadable files, skipped, must not make it look common to the loss, nor take draws
-    from the sampler that are then thrown away (it would be drawn less than the others)."""
+    """The loss's class weights and the weighted sampler's image weights (prepare.balance),
+    counted on the `readable` training images (default: those not known to be unreadable
+    now)."""
     data = run.data
     if readable is None:
         if not run.state.skipped:
@@ -111,13 +102,11 @@ def weighting(run: Run, readable: torch.Tensor | None = None) -> Weighting:
         readable = run.readable(data.train)
     if bool(readable.all()):
         return Weighting(data.class_weights, data.sample_weights)
-    weights, use = weigh_classes(data.train.labels[readable], data.levels,
-                                 data.level_classes, run.config)
-    _note_weighting(run, use, int((~readable).sum()))
-    sample = None
-    if data.sample_weights is not None:  # an unreadable image is never drawn
-        sample = weights[data.level][data.train.labels[:, -1]] * readable
-    return Weighting({lv: weights[lv] if use[lv] else None for lv in data.levels}, sample)
+    weights = balance(data.train.labels, readable, data.levels, data.level_classes,
+                      run.config)
+    _note_weighting(run, {lv: w is not None for lv, w in weights.loss.items()},
+                    int((~readable).sum()))
+    return weights
 
 
 def _note_weighting(run: Run, use: dict[str, bool], unreadable: int) -> None:
