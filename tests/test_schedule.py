@@ -1,5 +1,7 @@
 """timm's optimizer groups and schedule, configured for the recipe."""
 
+import math
+
 import pytest
 
 from wingspan.models import create_classifier
@@ -47,3 +49,21 @@ def test_a_stage_of_one_step_trains_at_the_top_rate_without_timm_warning(caplog)
     scheduler.step_update(0)
     assert optimizer.param_groups[0]["lr"] == 0.1
     assert logging.getLogger("timm.scheduler.cosine_lr").level == logging.NOTSET
+
+
+def test_a_shorter_epoch_takes_its_share_of_the_stage_and_the_last_batch_ends_at_zero():
+    """Images found unreadable make later epochs shorter: each epoch still covers its
+    1 / epochs of the schedule, so the stage ends at zero, not part way down."""
+    import torch
+
+    from wingspan.training.schedule import StageSchedule
+
+    optimizer = make_optimizer(torch.nn.Linear(4, 2), lr=0.1, weight_decay=0.0)
+    schedule = StageSchedule(optimizer, steps_per_epoch=4, epochs=2, warmup_fraction=0.0)
+    rate = lambda: optimizer.param_groups[0]["lr"]  # noqa: E731
+    schedule.at(0, 4, 4)
+    assert rate() == pytest.approx(0.05)  # half way after the first (whole) epoch
+    schedule.at(1, 1, 2)  # the second epoch has 2 batches
+    assert rate() == pytest.approx(0.05 * (1 + math.cos(math.pi * 0.75)))
+    schedule.at(1, 2, 2)
+    assert rate() == pytest.approx(0.0, abs=1e-12)

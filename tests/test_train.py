@@ -1075,3 +1075,65 @@ def test_the_sampler_and_loss_weights_have_one_source_before_and_after_images_br
                                (int(readable.sum()) / (2 * torch.bincount(
                                    labels[readable]).double())).sqrt().float())
 
+@pytest.mark.parametrize("feature_cache", [True, False])
+def test_the_head_schedule_ends_at_zero_when_images_cannot_be_read(tmp_path, feature_cache):
+    """The head stage's rate is annealed over the batches it trains, not the files listed:
+    unreadable images make fewer batches, and the last one still ends the cosine at 0."""
+    data = folder_dataset(tmp_path / "data", {"a": 12, "b": 12})
+    broken_images(data / "a", 8)
+    config = tiny(tmp_path, batch_size=4, epochs_head=2, epochs_finetune=0,
+                  feature_cache=feature_cache)
+    run_dir = train(read_dataset(data), config, tmp_path / "runs", quiet=True)
+    listed = int((pd.read_csv(run_dir / "splits.csv")["split"] == "train").sum())
+    read = json.loads((run_dir / "metrics.json").read_text())["train_images"]
+    assert -(-read // 4) < -(-listed // 4)  # fewer batches than the files listed make
+    lr = history(run_dir)["lr"].tolist()
+    assert lr[-1] == pytest.approx(0.0, abs=1e-9), lr
+    if feature_cache:  # every image read before the first epoch: half way down after it
+        assert lr[0] == pytest.approx(config.lr / 2, rel=1e-3), lr
+
+
+def test_a_run_resumed_after_images_broke_mid_fine_tuning_ends_alike(demo_dir, tmp_path,
+                                                                     monkeypatch):
+    """Images that break during a fine-tuning epoch make the next epochs shorter: the rate
+    still ends at 0, and a run killed at that epoch's end resumes on the schedule the
+    uninterrupted one follows (not one sized again from the shorter epochs)."""
+    from wingspan.training.context import Run
+
+    config = tiny(tmp_path, epochs_head=1, epochs_finetune=3, precision="fp32",
+                  runtime="torch")
+    save = Run.save
+
+    def breaking(kill):
+        def saved(run, optimizer=None):
+            save(run, optimizer)
+            state = run.state
+            if state.stage != "finetune" or state.step:
+                return
+            if state.epoch == 1:  # enough images break to make a batch fewer
+                n, bs = len(run.data.train), config.batch_size
+                labels = run.data.train.labels[:, -1]
+                common = int(torch.bincount(labels).argmax())
+                k = n - bs * (-(-n // bs) - 1)
+                for i in [i for i in range(n) if labels[i] == common][:k]:
+                    Path(run.data.train.paths[i]).write_bytes(b"gone")
+            elif state.epoch == 2 and kill:  # killed at the end of the epoch that found them
+                raise KeyboardInterrupt
+        return saved
+
+    runs = {}
+    for name, kill in (("ref", False), ("killed", True)):
+        data = shutil.copytree(demo_dir, tmp_path / f"data-{name}")
+        monkeypatch.setattr(Run, "save", breaking(kill))
+        try:
+            runs[name] = train(read_dataset(data), config, tmp_path / name, "r", quiet=True)
+        except KeyboardInterrupt:
+            runs[name] = tmp_path / name / "r"
+        monkeypatch.undo()
+    assert len(history(runs["killed"])) < len(history(runs["ref"]))  # it was cut short
+    resume(runs["killed"], quiet=True)
+    got, ref = history(runs["killed"]), history(runs["ref"])
+    assert got["lr"].tolist() == pytest.approx(ref["lr"].tolist(), rel=1e-6, abs=1e-12)
+    assert ref["lr"].iloc[-1] == pytest.approx(0.0, abs=1e-9)
+    pd.testing.assert_frame_equal(got[NUMBERS], ref[NUMBERS], atol=1e-4, rtol=0)
+

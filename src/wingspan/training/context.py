@@ -33,6 +33,9 @@ class RunState:
     stage: str = "head"  # head | finetune | done
     epoch: int = 0  # next epoch of the stage
     step: int = 0  # batches already done in that epoch (stage 2 saves mid-epoch)
+    # The batches per epoch the stage's schedule was sized with, at its start (0: not yet):
+    # a resumed run keeps it, whatever is readable now.
+    steps_per_epoch: int = 0
     best_f1: float = -1.0
     best_loss: float = float("inf")  # breaks ties in best_f1
     best_stage: str = ""
@@ -185,13 +188,13 @@ class Run:
             "precision": self.fabric.strategy.precision.state_dict(),  # fp16's loss scale
         })
 
-    def restore_optimizer(self, optimizer, scheduler, steps_done: int) -> None:
-        """On resume, continue the optimizer and schedule where the checkpoint left them."""
+    def restore_optimizer(self, optimizer) -> None:
+        """On resume, continue the optimizer where the checkpoint left it (the schedule
+        follows from the epoch and step)."""
         if self.resume_from and self.resume_from.get("optimizer"):
             optimizer.load_state_dict(self.resume_from["optimizer"])
             if self.resume_from.get("precision"):
                 self.fabric.strategy.precision.load_state_dict(self.resume_from["precision"])
-        scheduler.step_update(steps_done)
         self.resume_from = None
 
     def consider_best(self, f1: float, stage: str, epoch: int,

@@ -325,6 +325,7 @@ def _timed(run: Run, stage: str, fn) -> None:
 
 def _next_stage(run: Run, stage: str) -> None:
     run.state.stage, run.state.epoch, run.state.step = stage, 0, 0
+    run.state.steps_per_epoch = 0  # the next stage sizes its own schedule
     run.state.bad_epochs, run.state.partial = 0, {}
     run.save()
     run.fabric.barrier()  # rank 0's checkpoints are on disk before any rank reads them

@@ -5,7 +5,10 @@
   Classifier exposes (`Classifier.group_matcher`): the head at the top rate, each unfrozen
   stage below it `layer_decay` times the one above (early features are general and
   should move least);
-- a linear warmup, then cosine decay to zero, stepped once per batch.
+- a linear warmup, then cosine decay to zero, stepped once per batch; sized at a stage's
+  start by the batches of the images it can read, and positioned by the share of each
+  epoch done, so that the last batch of the stage ends at zero even when images found
+  unreadable on the way make later epochs shorter (see StageSchedule).
 """
 
 from __future__ import annotations
@@ -43,3 +46,21 @@ def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int,
                                  t_in_epochs=False)
     finally:
         timm_log.setLevel(level)
+
+
+class StageSchedule:
+    """A stage's schedule over `epochs` of `steps_per_epoch` batches. Each epoch takes its
+    1 / epochs of it whatever its own count of batches (fewer, once more images are known
+    to be unreadable): the rate reaches zero at the stage's last batch, and where a run is
+    on it depends only on (epoch, batch), as a resumed run needs."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int,
+                 warmup_fraction: float):
+        self.steps_per_epoch = steps_per_epoch
+        self.scheduler = make_scheduler(optimizer, steps_per_epoch * epochs, warmup_fraction)
+
+    def at(self, epoch: int, step: int, steps: int) -> None:
+        """Set the rate for after `step` of the `steps` batches of `epoch` (from 0)."""
+        # (step * S / steps, not step / steps * S: exact when the epoch has S batches)
+        self.scheduler.step_update(epoch * self.steps_per_epoch
+                                   + step * self.steps_per_epoch / max(steps, 1))

@@ -36,7 +36,7 @@ from wingspan.training.data import (
     make_loader,
 )
 from wingspan.training.prepare import Weighting, balance
-from wingspan.training.schedule import make_optimizer, make_scheduler
+from wingspan.training.schedule import StageSchedule, make_optimizer
 from wingspan.training.step import finetune_parts
 
 # In a distributed run, how often (in steps) rank 0 is asked whether a checkpoint is due.
@@ -327,17 +327,20 @@ def train_head(run: Run) -> None:
     head = run.model.head
     labels = run.data.train.labels
     n = len(labels)
-    steps_per_epoch = -(-n // config.batch_size)
-    optimizer = make_optimizer(head, config.lr, config.weight_decay)
-    scheduler = make_scheduler(optimizer, steps_per_epoch * config.epochs_head, 0.0)
-    run.restore_optimizer(optimizer, scheduler, state.epoch * steps_per_epoch)
     cached = config.feature_cache
-    if cached:
+    if cached:  # (which reads every image: those it cannot are known from here on)
         train_feats, val_feats = extract_features(run, config.feature_views)
     else:  # the backbone's weights stay frozen, so one runner serves the whole stage
         start = time.perf_counter()
         frozen = run.policy.runner(run.model.feature_extractor(), run.image_size)
         _add_seconds(run, "head", time.perf_counter() - start)
+    optimizer = make_optimizer(head, config.lr, config.weight_decay)
+    # An epoch's order holds the readable images (a weighted draw, as many)
+    readable = int(run.readable(run.data.train).sum())
+    schedule = _schedule(run, optimizer, -(-readable // config.batch_size),
+                         config.epochs_head, 0.0)
+    run.restore_optimizer(optimizer)
+    schedule.at(state.epoch, 0, 1)
     for epoch in _epochs_left(run, config.epochs_head):
         start = time.perf_counter()
         readable = every_class_readable(run)
@@ -348,7 +351,7 @@ def train_head(run: Run) -> None:
         views = torch.randint(0, config.feature_views + 1, (n,), generator=g)
         head.train()
         loss_sum, preds = 0.0, torch.empty(n, dtype=torch.long)
-        seen = []
+        seen, steps = [], -(-len(order) // config.batch_size)
         for step, b in enumerate(range(0, len(order), config.batch_size)):
             t0 = time.perf_counter()
             idx = torch.tensor(order[b:b + config.batch_size], dtype=torch.long)
@@ -368,7 +371,7 @@ def train_head(run: Run) -> None:
             loss.backward()
             optimizer.step()
             _stop_if_diverged(run, "head", epoch, step)
-            scheduler.step_update(epoch * steps_per_epoch + step + 1)
+            schedule.at(epoch, step + 1, steps)
             loss_sum += loss.item() * len(idx)
             seen.append(idx)
             preds[idx] = logits.argmax(1).detach().cpu()
@@ -389,6 +392,14 @@ def train_head(run: Run) -> None:
             run.log(f"Head stage stopped early: no better val macro-F1 (or val loss at an "
                     f"equal one) in {config.patience} epochs")
             break
+
+
+def _schedule(run: Run, optimizer, steps_per_epoch: int, epochs: int,
+              warmup_fraction: float) -> StageSchedule:
+    """The stage's schedule, sized by its first epoch's batches; a resumed run's as it was
+    sized then (more images may have been found unreadable since, or gone)."""
+    run.state.steps_per_epoch = run.state.steps_per_epoch or steps_per_epoch
+    return StageSchedule(optimizer, run.state.steps_per_epoch, epochs, warmup_fraction)
 
 
 def _epochs_left(run: Run, epochs: int) -> range:
@@ -437,10 +448,10 @@ def finetune(run: Run) -> None:
     batches = EpochBatches(len(run.data.train), config.batch_size, config.seed, view=1,
                            rank=fabric.global_rank, world=fabric.world_size)
     _leave_out_unreadable(run, batches)
-    steps_per_epoch = len(batches)
-    scheduler = make_scheduler(optimizer, steps_per_epoch * config.epochs_finetune,
-                               config.warmup_fraction)
-    run.restore_optimizer(optimizer, scheduler, state.epoch * steps_per_epoch + state.step)
+    schedule = _schedule(run, optimizer, len(batches), config.epochs_finetune,
+                         config.warmup_fraction)
+    run.restore_optimizer(optimizer)
+    schedule.at(state.epoch, state.step, len(batches))  # (the resumed epoch's batches)
     if state.epoch == 0 and state.step == 0:
         run.log(f"Fine-tuning {', '.join(stages)} and the head; top learning rate {top_lr:g}, "
                 f"layer decay {config.layer_decay}")
@@ -460,6 +471,7 @@ def finetune(run: Run) -> None:
         # Weights of the images the epoch's order holds (a resumed epoch's too)
         criterion = loss_fn(run, fabric=fabric, weights=_leave_out_unreadable(run, batches))
         batches.set_epoch(epoch, state.step)
+        steps = state.step + len(batches)  # the epoch's, with those a resumed run did
         run.model.train()  # through Backbone.train, which keeps frozen BatchNorm frozen
         bar = track(loader, f"Fine-tune epoch {epoch + 1}/{config.epochs_finetune}",
                     total=len(loader), enabled=run.show_progress)
@@ -486,7 +498,7 @@ def finetune(run: Run) -> None:
             optimizer.step()
             _stop_if_diverged(run, "finetune", epoch, state.step)
             state.step += 1
-            scheduler.step_update(epoch * steps_per_epoch + state.step)
+            schedule.at(epoch, state.step, steps)
             _account(run, "finetune", t0, t1, t2, len(y) * fabric.world_size)
             if profiler:
                 profiler = profiler.step()
