@@ -1137,3 +1137,25 @@ def test_a_run_resumed_after_images_broke_mid_fine_tuning_ends_alike(demo_dir, t
     assert ref["lr"].iloc[-1] == pytest.approx(0.0, abs=1e-9)
     pd.testing.assert_frame_equal(got[NUMBERS], ref[NUMBERS], atol=1e-4, rtol=0)
 
+def test_a_resumed_run_says_so_and_does_not_repeat_what_it_said_once(tmp_path, monkeypatch):
+    """train.log reads top to bottom: after "Resuming ...", the lines said once at the
+    start (the image counts, the class weighting) are not said again as if new."""
+    data = folder_dataset(tmp_path / "data", {"a": 12, "b": 12})
+    broken_images(data / "a", 9)  # 21:12 listed turns auto's class weights on; 12:12 off
+    kill_at_first_finetune_row(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        train(read_dataset(data), tiny(tmp_path, epochs_head=1, epochs_finetune=1),
+              tmp_path / "runs", "r", quiet=True)
+    monkeypatch.undo()
+    run_dir = tmp_path / "runs" / "r"
+    resume(run_dir, quiet=True)
+    lines = [line.partition(" ")[2] for line in (run_dir / "train.log").read_text()
+             .splitlines()]
+    for once in ("training and", "Training on", "Class-weighted loss now off",
+                 "Resuming"):
+        assert sum(line.startswith(once) or f" {once} " in f" {line}" for line in lines) == 1, (
+            once, lines)
+    resumed = next(i for i, line in enumerate(lines) if line.startswith("Resuming"))
+    assert lines[resumed - 1].startswith("Interrupted")  # the first line the resume says
+    assert f"Resuming {run_dir} at finetune epoch 1, on " in lines[resumed]
+

@@ -55,6 +55,11 @@ class RunState:
     # The size the model was built at when not --image-size's: a resized ViT's whose weights
     # it started from (--weights RUN), which a resume, loading no weights, must build again.
     input_size: int | None = None
+    # What train.log last said (None: as at the start), kept so that a resumed run does not
+    # say it again as if new: per level, whether the loss is class-weighted; and the
+    # (training, val) images known to be unreadable.
+    loss_weighted: dict[str, bool] | None = None
+    unreadable_said: list[int] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -99,10 +104,6 @@ class Run:
     # Under DDP with --strict: the first unreadable image this rank met, raised by every
     # rank together at the next share_unreadable.
     strict_stop: str | None = None
-    # Per level, whether the loss was last said to be class-weighted (None: as at the start).
-    loss_weighted: dict[str, bool] | None = None
-    # (training, val) images last said to be unreadable (None: none yet).
-    unreadable_said: tuple[int, int] | None = None
 
     @property
     def is_main(self) -> bool:

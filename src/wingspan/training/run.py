@@ -239,17 +239,25 @@ def _resume(run_dir: Path, config: TrainConfig, fabric, quiet: bool) -> Path:
     dataset = read_dataset(run_dir / SPLITS_FILE, ReadConfig(check_files=False))
     gone = [p for p in dataset.table["path"] if not os.path.isfile(p)]
     _check_classes_remain(run_dir / SPLITS_FILE, dataset, gone, config.trained_levels)
-    run = _start(run_dir, config, dataset, quiet, checkpoint, fabric)
+    scoring = finished and _complete_bundle(run_dir / "model")  # killed scoring held-out
+    run = _start(run_dir, config, dataset, quiet, checkpoint, fabric,
+                 resuming=_resuming(run_dir, checkpoint, scoring))
     run.note_unreadable([(p, f"Cannot read image {p}: the file is gone since the run began")
                          for p in gone])
-    if finished and _complete_bundle(run_dir / "model"):  # killed while scoring held-out
-        run.log(f"Resuming {run_dir}: its model is written, scoring the held-out classes")
-        return _score_held_out(run_dir, run)
-    where = (f"{run.state.stage} epoch {run.state.epoch + 1}"
-             + (f", batch {run.state.step + 1}" if run.state.step else ""))
-    run.log(f"Resuming {run_dir} at {where} on {run.policy.describe()}" if not finished else
-            f"Resuming {run_dir}: training was done, writing its model")
-    return _interruptible(run)
+    return _score_held_out(run_dir, run) if scoring else _interruptible(run)
+
+
+def _resuming(run_dir: Path, checkpoint: dict | None, scoring: bool) -> str:
+    """train.log's first line of a resumed run: where it takes up."""
+    if checkpoint is None:
+        return f"Resuming {run_dir} from the beginning: it stopped before its first checkpoint"
+    state = checkpoint["state"]
+    if scoring:
+        return f"Resuming {run_dir}: its model is written, scoring the held-out classes"
+    if state["stage"] == "done":
+        return f"Resuming {run_dir}: training was done, writing its model"
+    return (f"Resuming {run_dir} at {state['stage']} epoch {state['epoch'] + 1}"
+            + (f", batch {state['step'] + 1}" if state["step"] else ""))
 
 
 def _read_json(path: Path) -> dict:
@@ -432,17 +440,22 @@ def _saved_workers(run_dir: Path) -> int | None:
 
 
 def _start(run_dir: Path, config: TrainConfig, dataset: Dataset, quiet: bool,
-           checkpoint: dict | None, fabric, before: tuple[str, ...] = ()) -> Run:
+           checkpoint: dict | None, fabric, before: tuple[str, ...] = (),
+           resuming: str = "") -> Run:
     """The run's model, engines, data and state, from scratch or from `checkpoint`;
-    `before`: lines to log ahead of the "Run" line (why this backbone, say)."""
+    `before`: lines to log ahead of the "Run" line (why this backbone, say); `resuming`:
+    a resumed run's first line, in its place. A run resumed from a checkpoint does not say
+    again what its train.log says above (the data's counts and warnings)."""
     torch.manual_seed(config.seed)
     logs: list[str] = []
+    said_before = checkpoint is not None
     # Before any work; a resumed run's saved --workers may come from a larger machine.
     saved = checkpoint is not None and config.workers == _saved_workers(run_dir)
     workers = resolve_workers(config.workers, _processes(config).world()[0],
                               log=logs.append if saved else None)
     policy = resolve_policy(str(fabric.device), config.precision, runtime=config.runtime)
-    plan = plan_labels(dataset, config.trained_levels, config, log=logs.append)
+    plan = plan_labels(dataset, config.trained_levels, config,
+                       log=_unsaid if said_before else logs.append)
     # A resumed run takes every weight from its checkpoint, so it needs no download.
     weights = "none" if checkpoint else config.weights
     model, loaded = create_classifier(config.backbone,
@@ -468,7 +481,9 @@ def _start(run_dir: Path, config: TrainConfig, dataset: Dataset, quiet: bool,
              if fabric.world_size > 1 else "")
     for line in before:
         run.log(line)
-    if not checkpoint:
+    if resuming:
+        run.log(f"{resuming}, on {policy.describe()}")
+    else:
         run.log(f"Run {run_dir}: {config.backbone} ({run.weights_source}) on {policy.describe()}"
                 f", {workers} data workers{world}")
     for kind, stage in (("frozen", "head"), ("train", "finetune")):
@@ -478,7 +493,8 @@ def _start(run_dir: Path, config: TrainConfig, dataset: Dataset, quiet: bool,
             run.timing(stage, "engine_choice", choice.seconds)
     for line in logs:
         run.log(line)
-    run.data = build_train_data(plan, config, model.preprocessing, log=run.log)
+    run.data = build_train_data(plan, config, model.preprocessing,
+                                log=_unsaid if said_before else run.log)
     if checkpoint and fabric.is_global_zero:  # rank 0 goes on with the saved stream
         torch.set_rng_state(checkpoint["rng"])
         if checkpoint.get("cuda_rng") is not None and run.device.type == "cuda":
@@ -486,6 +502,10 @@ def _start(run_dir: Path, config: TrainConfig, dataset: Dataset, quiet: bool,
     elif fabric.global_rank > 0:  # dropout masks of its own, not a copy of rank 0's
         torch.manual_seed(rank_seed(config.seed, fabric.global_rank, state.epoch, state.step))
     return run
+
+
+def _unsaid(line: str) -> None:
+    """What a resumed run's train.log already says, above."""
 
 
 def _choose_engines(fabric, policy: Policy, model: Classifier, config: TrainConfig,

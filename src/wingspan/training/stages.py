@@ -112,7 +112,8 @@ def weighting(run: Run, readable: torch.Tensor | None = None) -> Weighting:
 def _note_weighting(run: Run, use: dict[str, bool], unreadable: int) -> None:
     """One train.log line when the readable images turn `auto`'s class weighting on or off
     for a level: the line at the start counted every image."""
-    said = run.loss_weighted or {lv: w is not None for lv, w in run.data.class_weights.items()}
+    said = run.state.loss_weighted or {lv: w is not None
+                                       for lv, w in run.data.class_weights.items()}
     changed = [lv for lv in run.data.levels if use[lv] != said[lv]]
     if changed:
         now = ", ".join((f"{lv} " if len(run.data.levels) > 1 else "")
@@ -121,7 +122,7 @@ def _note_weighting(run: Run, use: dict[str, bool], unreadable: int) -> None:
                 f"{counted(unreadable, 'unreadable training image')} the largest-to-smallest "
                 f"class ratio moved across imbalance_threshold "
                 f"({run.config.imbalance_threshold:g}).")
-    run.loss_weighted = use
+    run.state.loss_weighted = use
 
 
 def _to(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
@@ -305,10 +306,10 @@ def say_what_is_read(run: Run, readable: torch.Tensor | None = None) -> None:
     images' mask, if known."""
     read = readable if readable is not None else run.readable(run.data.train)
     read_val = run.readable(run.data.val)
-    unreadable = (int((~read).sum()), int((~read_val).sum()))
-    if unreadable == (run.unreadable_said or (0, 0)):
+    unreadable = [int((~read).sum()), int((~read_val).sum())]
+    if unreadable == (run.state.unreadable_said or [0, 0]):
         return
-    run.unreadable_said = unreadable
+    run.state.unreadable_said = unreadable
     parts = [f"{what} on {int(mask.sum())} of the {len(mask)} {split} images"
              for what, split, mask, k in (("training", "training", read, unreadable[0]),
                                           ("validating", "validation", read_val, unreadable[1]))
