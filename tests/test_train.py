@@ -1075,6 +1075,7 @@ def test_the_sampler_and_loss_weights_have_one_source_before_and_after_images_br
                                (int(readable.sum()) / (2 * torch.bincount(
                                    labels[readable]).double())).sqrt().float())
 
+
 @pytest.mark.parametrize("feature_cache", [True, False])
 def test_the_head_schedule_ends_at_zero_when_images_cannot_be_read(tmp_path, feature_cache):
     """The head stage's rate is annealed over the batches it trains, not the files listed:
@@ -1137,6 +1138,7 @@ def test_a_run_resumed_after_images_broke_mid_fine_tuning_ends_alike(demo_dir, t
     assert ref["lr"].iloc[-1] == pytest.approx(0.0, abs=1e-9)
     pd.testing.assert_frame_equal(got[NUMBERS], ref[NUMBERS], atol=1e-4, rtol=0)
 
+
 def test_a_resumed_run_says_so_and_does_not_repeat_what_it_said_once(tmp_path, monkeypatch):
     """train.log reads top to bottom: after "Resuming ...", the lines said once at the
     start (the image counts, the class weighting) are not said again as if new."""
@@ -1159,3 +1161,36 @@ def test_a_resumed_run_says_so_and_does_not_repeat_what_it_said_once(tmp_path, m
     assert lines[resumed - 1].startswith("Interrupted")  # the first line the resume says
     assert f"Resuming {run_dir} at finetune epoch 1, on " in lines[resumed]
 
+
+@pytest.mark.parametrize("target, match", [
+    ("wingspan.files:_flush", "config"),  # config.yaml being written, splits.csv before it
+    ("wingspan.files:_flush", "splits"),
+    ("wingspan.training.run:_hold", ""),  # the run's folder just made
+])
+def test_a_run_killed_while_it_is_set_up_says_what_to_do(demo_dir, tmp_path, target, match):
+    """Killed before config.yaml and splits.csv are both written: nothing was trained, and
+    resuming says so and what to do, not that the folder is no run."""
+    run_dir = tmp_path / "runs" / "r"
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(vars(tiny(tmp_path))))
+    killed = cli_killed_at(["train", demo_dir, "--config", config_file, "--runs-dir",
+                            run_dir.parent, "--name", "r", "--quiet"], target, 1, match)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not (run_dir / "config.yaml").is_file() and not (run_dir / "splits.csv").is_file()
+    with pytest.raises(WingspanError, match="stopped while it was being set up") as e:
+        resume(run_dir, quiet=True)
+    assert "Nothing was trained" in str(e.value) and "delete" in e.value.hint.lower()
+
+
+def test_a_run_killed_once_set_up_resumes(demo_dir, tmp_path):
+    """Killed with config.yaml and splits.csv written, before a checkpoint: it resumes."""
+    run_dir = tmp_path / "runs" / "r"
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(vars(tiny(tmp_path, epochs_head=1,
+                                                    epochs_finetune=0))))
+    killed = cli_killed_at(["train", demo_dir, "--config", config_file, "--runs-dir",
+                            run_dir.parent, "--name", "r", "--quiet"],
+                           "wingspan.training.run:_start")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    resume(run_dir, quiet=True)
+    assert (run_dir / "model" / "manifest.json").is_file()

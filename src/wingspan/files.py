@@ -129,13 +129,18 @@ def _not_put_back(paths: list[Path], stranded: list[Path], kept: Callable[[Path]
 _TEMPORARY = re.compile(r"\..+\.\d+\.tmp(\.[^.]+)?")
 
 
+def is_leftover(name: str) -> bool:
+    """Whether a file's name is that of a temporary file a killed write left behind."""
+    return bool(_TEMPORARY.fullmatch(name))
+
+
 def remove_leftovers(folder: str | Path) -> None:
     """Remove the temporary files that writers killed mid-write left in `folder` (a
     checkpoint's can be hundreds of MB). Only for a folder no other process writes now."""
     folder = Path(folder)
     if folder.is_dir():
         for path in folder.iterdir():
-            if _TEMPORARY.fullmatch(path.name) and path.is_file():
+            if is_leftover(path.name) and path.is_file():
                 path.unlink(missing_ok=True)
 
 

@@ -34,7 +34,7 @@ from wingspan.evaluate.calibration import (
     bound_warning,
     calibration_record,
 )
-from wingspan.files import make_folder, remove_leftovers, write_text
+from wingspan.files import atomic_paths, is_leftover, make_folder, remove_leftovers
 from wingspan.models import create_classifier, resolve_policy, save_bundle
 from wingspan.models.bundle import read_manifest
 from wingspan.models.classifier import Classifier
@@ -85,16 +85,7 @@ def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = "runs",
         dataset = ensure_splits(dataset, level, config, log=logs.append)
         _say_if_a_class_is_named_unknown(dataset, config.trained_levels, logs.append)
         if fabric.is_global_zero:
-            # The run rebuilds its data from this; absolute paths survive moving the run.
-            write_splits(dataset, run_dir / SPLITS_FILE, relative=False)
-            if held_out is not None:
-                write_text(run_dir / HOLDOUT_FILE, held_out[["path", level]].to_csv(index=False))
-            # $WINGSPAN_PRECISION / _RUNTIME are recorded as the run's own settings: a
-            # resumed run keeps the engines it began with, whatever its shell says.
-            precision, runtime = settings_with_environment(config.precision, config.runtime)
-            recorded = dataclasses.replace(config, precision=precision, runtime=runtime)
-            write_text(run_dir / CONFIG_FILE, _data_comment(dataset, run_dir) + yaml.safe_dump(
-                dataclasses.asdict(recorded), sort_keys=False))
+            _write_run_files(run_dir, dataset, held_out, config)
         run = _start(run_dir, config, dataset, quiet, None, fabric, before=(why,) if why else ())
     except BaseException as e:  # nothing trained yet (bad data, no weights): no empty run
         if fabric.is_global_zero:
@@ -119,7 +110,28 @@ def _say_if_a_class_is_named_unknown(dataset: Dataset, levels: list[str], log) -
                 f"rename the folder (e.g. 'unidentified').")
 
 
-def _data_comment(dataset: Dataset, run_dir: Path) -> str:
+def _write_run_files(run_dir: Path, dataset: Dataset, held_out: pd.DataFrame | None,
+                     config: TrainConfig) -> None:
+    """splits.csv (and holdout.csv), then config.yaml, written together: a kill leaves
+    all of them (a run to resume) or none (a run stopped while it was set up, see
+    _stopped_while_set_up), and config.yaml, renamed last, never without splits.csv."""
+    files = [run_dir / SPLITS_FILE, run_dir / CONFIG_FILE]
+    if held_out is not None:
+        files.insert(1, run_dir / HOLDOUT_FILE)
+    # $WINGSPAN_PRECISION / _RUNTIME are recorded as the run's own settings: a resumed
+    # run keeps the engines it began with, whatever its shell says.
+    precision, runtime = settings_with_environment(config.precision, config.runtime)
+    recorded = dataclasses.replace(config, precision=precision, runtime=runtime)
+    with atomic_paths(*files) as tmps:
+        # The run rebuilds its data from this; absolute paths survive moving the run.
+        write_splits(dataset, tmps[0], relative=False)
+        if held_out is not None:
+            tmps[1].write_text(held_out[["path", config.level]].to_csv(index=False))
+        tmps[-1].write_text(_data_comment(dataset, run_dir, held_out is not None)
+                            + yaml.safe_dump(dataclasses.asdict(recorded), sort_keys=False))
+
+
+def _data_comment(dataset: Dataset, run_dir: Path, held_out: bool) -> str:
     """What config.yaml cannot hold, as a comment: the data and how it was read (a group
     regex moves images between sides), and how to train again on the same split."""
     how = [f"--format {dataset.format}"]
@@ -128,7 +140,7 @@ def _data_comment(dataset: Dataset, run_dir: Path) -> str:
     if os.environ.get(MAX_PIXELS_ENV):
         how.append(f"--max-pixels {os.environ[MAX_PIXELS_ENV]}")
     again = f"wingspan train {run_dir / SPLITS_FILE} --config {run_dir / CONFIG_FILE}"
-    if (run_dir / HOLDOUT_FILE).is_file():  # splits.csv has none of their images
+    if held_out:  # splits.csv has none of their images
         again += (" --holdout-classes ''   (the held-out classes' images are in "
                   f"{HOLDOUT_FILE}; to score them as unknowns again, train on the data "
                   "above with this config)")
@@ -188,6 +200,12 @@ def resume(run_dir: str | Path, quiet: bool = False, **machine) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.exists():
         raise _no_run_at(run_dir)
+    if not (run_dir / CONFIG_FILE).is_file() and _stopped_while_set_up(run_dir):
+        raise WingspanError(f"{run_dir} has no {CONFIG_FILE}: it holds a run that was stopped "
+                            "while it was being set up, before its settings were written. "
+                            "Nothing was trained, so nothing is lost.",
+                            hint="Delete the folder and start the run again with the same "
+                                 "`wingspan train` command.")
     if not (run_dir / CONFIG_FILE).is_file():
         raise WingspanError(f"{run_dir} is not a wingspan run (no {CONFIG_FILE}).",
                             hint="Give the folder a `wingspan train` run wrote, e.g. runs/NAME")
@@ -258,6 +276,14 @@ def _resuming(run_dir: Path, checkpoint: dict | None, scoring: bool) -> str:
         return f"Resuming {run_dir}: training was done, writing its model"
     return (f"Resuming {run_dir} at {state['stage']} epoch {state['epoch'] + 1}"
             + (f", batch {state['step'] + 1}" if state["step"] else ""))
+
+
+def _stopped_while_set_up(run_dir: Path) -> bool:
+    """A folder holding only what `train` writes before config.yaml (its lock, the files
+    written with config.yaml, or their temporary files), or nothing: a run killed then."""
+    before = {".lock", SPLITS_FILE, HOLDOUT_FILE}
+    return run_dir.is_dir() and all(p.name in before or is_leftover(p.name)
+                                    for p in run_dir.iterdir())
 
 
 def _read_json(path: Path) -> dict:
