@@ -101,12 +101,42 @@ def kill_at(target: str, nth: int = 1, match: str = "") -> None:
 
 
 def cli_killed_at(argv: list, target: str, nth: int = 1, match: str = ""):
-    """Run `wingspan ARGV` in a new process, killed as kill_at says; its CompletedProcess."""
+    """Run `wingspan ARGV` in a new process, killed as kill_at says; its CompletedProcess.
+
+    The process is forked from a server that imported wingspan once for the whole session
+    (multiprocessing's forkserver, which itself never ran torch): a fresh `python` would
+    spend most of each call importing torch and timm again."""
     import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = Path(tmp) / "out", Path(tmp) / "err"
+        child = _warm().Process(target=_main_killed_at,
+                                args=([str(a) for a in argv], target, nth, match, out, err))
+        child.start()
+        child.join()
+        return subprocess.CompletedProcess(argv, child.exitcode, out.read_text(),
+                                           err.read_text())
+
+
+def _warm():
+    import multiprocessing
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["wingspan.cli", "wingspan.training.run", "helpers"])
+    return context
+
+
+def _main_killed_at(argv: list[str], target: str, nth: int, match: str, out: Path,
+                    err: Path) -> None:
+    """In the forked process: stdout and stderr to files, the kill set, then the CLI."""
+    import os
     import sys
 
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import helpers; "
-            f"helpers.kill_at({target!r}, {nth}, {match!r}); from wingspan.cli import main; "
-            "main(sys.argv[1:])")
-    return subprocess.run([sys.executable, "-c", code, *map(str, argv)], capture_output=True,
-                          text=True)
+    for stream, path in ((sys.stdout, out), (sys.stderr, err)):
+        with open(path, "w") as f:
+            os.dup2(f.fileno(), stream.fileno())
+    kill_at(target, nth, match)
+    from wingspan.cli import main
+
+    main(argv)
