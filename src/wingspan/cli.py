@@ -1174,6 +1174,11 @@ def demo(
     = Path("runs/demo"),
     seed: Annotated[int, typer.Option(help="Random seed of the generated data.")]
     = DemoConfig.seed,
+    image_size: Annotated[int, typer.Option(
+        help="Pixels of the generated images and of training: 64 takes about half the "
+             "time.")] = DemoConfig.image_size,
+    epochs_finetune: Annotated[int, typer.Option(help="Fine-tuning epochs (0: the head only).")]
+    = DemoConfig.epochs_finetune,
     quiet: Quiet = False,
 ) -> None:
     """Run the main job on built-in synthetic butterflies (offline, about a minute).
@@ -1191,7 +1196,8 @@ def demo(
     from wingspan.data.split import split_and_sample
     from wingspan.training import run as training
 
-    config = _config(ctx, DemoConfig, seed=seed)
+    config = _config(ctx, DemoConfig, seed=seed, image_size=image_size,
+                     epochs_finetune=epochs_finetune)
     # The demo replaces its own folders (data, train, ...) on a second run, so it writes
     # only into a new or empty folder, or one it made itself (its settings file, written
     # first, marks it: a killed demo runs again in the same place).
