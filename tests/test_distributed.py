@@ -107,8 +107,10 @@ def test_predict_shared_over_two_processes_gives_the_same_rows(demo_dir, tmp_pat
                                                                 one_process, run_cli):
     images = sorted(str(p) for p in demo_dir.rglob("*.jpg"))[:13] + [str(tmp_path / "bad.jpg")]
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
-    args = lambda n: ["predict", one_process, *images, "--output", tmp_path / f"{n}.csv",  # noqa: E731
-                      "--devices", n, "--top-k", 2, "--precision", "fp32", "--quiet"]
+    def args(n: int) -> list:
+        return ["predict", one_process, *images, "--output", tmp_path / f"{n}.csv",
+                "--devices", n, "--top-k", 2, "--precision", "fp32", "--quiet"]
+
     # One process: the CLI in this one (a new python would only import torch again).
     code, _, err = run_cli(*args(1))
     assert code == 0, err
