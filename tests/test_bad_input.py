@@ -50,8 +50,9 @@ def _exif_rotated(path):
 
 # name -> (how to write it, expected: "predicted" or a fragment of the skip reason)
 FILES = {
-    "zero-byte.jpg": (lambda p: p.write_bytes(b""), "Cannot read image"),
-    "text.jpg": (lambda p: p.write_text("hello, I am not a picture\n"), "Cannot read image"),
+    "zero-byte.jpg": (lambda p: p.write_bytes(b""), "is not a JPEG, PNG, TIFF, WebP, GIF or BMP"),
+    "text.jpg": (lambda p: p.write_text("hello, I am not a picture\n"),
+                 "is not a JPEG, PNG, TIFF, WebP, GIF or BMP image, whatever its name says"),
     "truncated.jpg": (_truncated, "Cannot read image"),
     "huge.png": (lambda p: Image.new("L", (9000, 6000)).save(p), "over the budget of 50 MP"),
     "bomb-40000x40000.png": (_bomb, "Cannot read image"),

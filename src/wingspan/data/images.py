@@ -169,7 +169,13 @@ def open_rgb(path: str | Path | BinaryIO, draft: int | None = None,
             return im.convert("RGB")
     except FileNotFoundError as e:
         raise WingspanError(f"Image not found: {name}") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
+    except UnidentifiedImageError as e:  # Pillow's words name the file again, and no format
+        raise WingspanError(
+            f"Cannot read image {name}: it is not a JPEG, PNG, TIFF, WebP, GIF or BMP image, "
+            "whatever its name says.",
+            hint="Replace or delete the file; `wingspan data inspect` lists all such files.",
+        ) from e
+    except (OSError, SyntaxError, ValueError,
             Image.DecompressionBombError) as e:  # the last: Pillow's own limit, past the header
         raise WingspanError(
             f"Cannot read image {name}: {e}",
