@@ -130,12 +130,19 @@ def test_predict_settings_that_are_refused(run_dir, run_cli, tmp_path, monkeypat
     assert code == 2 and re.search(message, " ".join(err.split())) and "Traceback" not in err
 
 
-def test_a_missing_path_and_a_missing_model(run_dir, run_cli, tmp_path):
+def test_a_missing_path_and_a_missing_model(run_dir, run_cli, tmp_path, monkeypatch):
     code, out, err = run_cli("predict", run_dir, tmp_path / "nowhere.jpg")
     err = " ".join(err.split())
-    assert code == 2 and "no such file or folder" in err and "No image could be predicted" in err
+    assert code == 2 and "no such file or folder" in err and "No model at" not in err
+    assert "No image could be predicted" in err
     code, _, err = run_cli("predict", tmp_path / "no-model", tmp_path)
-    assert code == 2 and "No model at" in err
+    assert code == 2 and "No model at" in err and "Did you mean" not in err
+    # A run's name mistyped: the runs with names close to it.
+    monkeypatch.chdir(run_dir.parent.parent)
+    code, _, err = run_cli("predict", f"{run_dir.parent.name}/{run_dir.name}x", tmp_path)
+    err = " ".join(err.split())
+    assert code == 2 and "the path does not exist" in err, err
+    assert f"Did you mean {run_dir.parent.name}/{run_dir.name}?" in err, err
 
 
 def test_predict_on_one_photo_and_on_none(run_dir, run_cli, tmp_path):

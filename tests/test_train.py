@@ -494,7 +494,7 @@ def test_resuming_without_every_image_of_a_class_says_which(demo_dir, tmp_path, 
     monkeypatch.undo()
     from wingspan.inference import find_bundle  # predict, evaluate, export, serve...
 
-    with pytest.raises(WingspanError, match="has no model yet"):
+    with pytest.raises(WingspanError, match="has no model yet: its training stopped"):
         find_bundle(tmp_path / "runs" / "r")
     # A run that another process is training (its lock held) is not resumed beside it.
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; "
@@ -505,6 +505,10 @@ def test_resuming_without_every_image_of_a_class_says_which(demo_dir, tmp_path, 
         assert holder.stdout.readline().strip() == b"held"
         with pytest.raises(WingspanError, match="being trained by another process"):
             resume(tmp_path / "runs" / "r", quiet=True)
+        # predict, evaluate... on it: wait (a resume now would be refused, as above)
+        with pytest.raises(WingspanError, match="no model yet: it is being trained now") as e:
+            find_bundle(tmp_path / "runs" / "r")
+        assert "Wait for it to finish" in e.value.hint and "--resume" not in e.value.hint
     finally:
         holder.kill()
         holder.wait()

@@ -31,13 +31,23 @@ def find_bundle(model: str | Path) -> Path:
     if (path / "model" / "manifest.json").is_file():
         return path / "model"
     if (path / "config.yaml").is_file() and (path / "splits.csv").is_file():
-        raise WingspanError(f"The run {path} has no model yet: its training has not finished "
-                            "(stopped or killed, or still running).",
+        from wingspan.training.run import being_trained
+
+        if being_trained(path):  # resuming it now would be refused
+            raise WingspanError(f"The run {path} has no model yet: it is being trained now.",
+                                hint=f"Wait for it to finish; {path / 'train.log'} shows "
+                                     "how far it is.")
+        raise WingspanError(f"The run {path} has no model yet: its training stopped before "
+                            "it finished.",
                             hint=f"Continue it with `wingspan train --resume {path}`.")
     if path.exists():
         return path
-    raise WingspanError(f"No model at {path}.",
-                        hint="Give a run folder (runs/NAME) or a model bundle.")
+    from wingspan.training.run import close_runs
+
+    meant = close_runs(path)
+    raise WingspanError(f"No model at {path}: the path does not exist.",
+                        hint=f"Did you mean {' or '.join(meant)}?" if meant else
+                        "Give a run folder (runs/NAME) or a model bundle.")
 
 
 def output_home(bundle: Path) -> Path:

@@ -394,17 +394,39 @@ def _hold(run_dir: Path) -> bool:
     return True
 
 
-def _no_run_at(run_dir: Path) -> WingspanError:
-    """A run to resume that does not exist (a typo, or its name without the runs folder):
-    the runs beside it, or in the runs folder there, with the closest names."""
+def being_trained(run_dir: Path) -> bool:
+    """Whether another process holds the run's lock (trains it now), tested without
+    keeping the lock. (POSIX only; elsewhere False.)"""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    if str(Path(run_dir).resolve()) in _HELD:
+        return False  # this process trains it
+    try:
+        with open(Path(run_dir) / ".lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released as it closes
+    except OSError:
+        return (Path(run_dir) / ".lock").is_file()  # held; else a folder we may not write
+    return False
+
+
+def close_runs(path: Path) -> list[str]:
+    """The runs beside a path that is no run (a typo, or a run's name without its runs
+    folder), or in the runs folder there, whose names are closest to its name."""
     runs = []
-    for folder in dict.fromkeys([run_dir.parent, run_dir.parent / "runs"]):
+    for folder in dict.fromkeys([path.parent, path.parent / "runs"]):
         try:
             runs += [d for d in sorted(folder.iterdir()) if (d / CONFIG_FILE).is_file()]
         except OSError:  # no such folder, or one we may not read: nothing to suggest
             pass
-    close = difflib.get_close_matches(run_dir.name, [d.name for d in runs], n=3)
-    meant = [str(d) for name in close for d in runs if d.name == name]
+    close = difflib.get_close_matches(path.name, [d.name for d in runs], n=3)
+    return [str(d) for name in close for d in runs if d.name == name]
+
+
+def _no_run_at(run_dir: Path) -> WingspanError:
+    """A run to resume that does not exist: the runs with the closest names."""
+    meant = close_runs(run_dir)
     return WingspanError(
         f"{run_dir} does not exist: there is no run there to resume.",
         hint=(f"Did you mean {' or '.join(meant)}?" if meant else
