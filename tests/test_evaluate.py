@@ -708,6 +708,15 @@ def test_calibrate_refuses_a_handful_of_images_and_keeps_the_temperature(trained
     assert f"fewer than {MIN_CALIBRATION_IMAGES} says little" in said
     assert f"The model keeps its temperature ({before['temperature']:.3f}" in said
     assert read_manifest(trained / "model")["calibration"] == before
+    # The model's classes under other names (iNat's 'monarch' for Leeds' '001-danaus_...'):
+    # both sides named, and how to give the model's names.
+    (tmp_path / "few" / label).rename(tmp_path / "few" / "other-name")
+    code, _, err = run_cli("calibrate", trained, tmp_path / "few", "--quiet")
+    said = " ".join(err.split())
+    assert code == 2 and "No images of the model's classes" in said, said
+    assert label in said.split("the model knows ")[1].split(";")[0], said
+    assert "classes there are other-name" in said and "rename the folders" in said, said
+    assert read_manifest(trained / "model")["calibration"] == before
 
 
 def test_the_note_on_a_temperature_fitted_on_the_evaluated_images_covers_all_of_them():

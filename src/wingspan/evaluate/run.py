@@ -511,10 +511,16 @@ def calibrate(model: str | Path, data: str | Path | None = None, split: str | No
         split = "val" if data is None or "val" in set(dataset.table[SPLIT]) else "all"
     _check_split(dataset, split)
     rows = _rows(dataset, split, level, predictor)
+    theirs = sorted(set(rows["_label"]))
     rows = rows[rows["_label"].isin(predictor.classes)]
-    if rows.empty:
-        raise WingspanError(f"No images of the model's classes in the '{split}' split to "
-                            "calibrate on.", hint="Give DATA with labelled images, or --split.")
+    if rows.empty:  # as evaluate says it, but calibrate has no --map
+        raise WingspanError(
+            f"No images of the model's classes in the '{split}' split to calibrate on: the "
+            f"model knows {some(predictor.classes)}; the data's '{level}' classes there are "
+            f"{some(theirs) or 'none'}.",
+            hint="Calibrate on labelled images of the model's classes, under its class names "
+                 "(rename the folders, or give a CSV of path,label)" + (
+                     "; or another --split." if data is not None else "."))
     preds = list(predictor.run(rows["path"].tolist(), progress=progress))
     ok = [i for i, p in enumerate(preds) if not p.error]
     if not ok:
