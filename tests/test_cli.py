@@ -327,3 +327,19 @@ def test_a_count_of_one_takes_the_singular(run_cli, demo_dir, tmp_path):
                              "10", "--out", tmp_path / "s")
     out = " ".join(out.split())
     assert code == 0 and "left out 1 training image of 1 class (listed" in out, out
+
+
+def test_train_ends_with_the_seconds_per_stage_and_the_engine_timing_in_them(tmp_path, capsys):
+    """The last lines of `wingspan train`: the stage totals count the engine timing that the
+    log's 'Stage ... took' lines leave out, and say so, in words rather than a dict."""
+    from wingspan.cli import _print_run
+
+    metrics = {"best": {"val_macro_f1": 1.0, "val_acc": 1.0, "stage": "finetune", "epoch": 1},
+               "stage_seconds": {"head": 37.4, "finetune": 62.8},
+               "engines": {"frozen": {"how": "measured", "seconds": 13.79},
+                           "train": {"how": "cached", "seconds": 0.0}}}
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    _print_run(tmp_path)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "seconds: head 37.4, finetune 62.8 (timing the engines included: 13.8)" in out, out
+    assert "{" not in out

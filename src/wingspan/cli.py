@@ -588,9 +588,13 @@ def _print_run(run_dir: Path) -> None:
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     best = metrics["best"]
+    # The stage lines of the log leave out the engine timing that the totals count in.
+    timed = sum(c.get("seconds", 0) for c in (metrics.get("engines") or {}).values()
+                if c and c.get("how") == "measured")
+    seconds = ", ".join(f"{stage} {s:.1f}" for stage, s in metrics["stage_seconds"].items())
     out.print(f"val macro-F1 {best['val_macro_f1']:.4f}, accuracy {best['val_acc']:.4f} "
-              f"({best['stage']} epoch {best['epoch']}); stage seconds "
-              f"{metrics['stage_seconds']}")
+              f"({best['stage']} epoch {best['epoch']}); seconds: {seconds}"
+              + (f" (timing the engines included: {timed:.1f})" if timed else ""))
     out.print(f"Run: {_q(run_dir)}   model: {_q(run_dir / 'model')}")
 
 
