@@ -50,7 +50,7 @@ def _exif_rotated(path):
 
 # name -> (how to write it, expected: "predicted" or a fragment of the skip reason)
 FILES = {
-    "zero-byte.jpg": (lambda p: p.write_bytes(b""), "is not a JPEG, PNG, TIFF, WebP, GIF or BMP"),
+    "zero-byte.jpg": (lambda p: p.write_bytes(b""), "the file is empty (0 bytes)"),
     "text.jpg": (lambda p: p.write_text("hello, I am not a picture\n"),
                  "is not a JPEG, PNG, TIFF, WebP, GIF or BMP image, whatever its name says"),
     "truncated.jpg": (_truncated, "Cannot read image"),

@@ -97,6 +97,13 @@ def _ceil(side: int, scale: int) -> int:
     return -(-side // scale)
 
 
+def _empty(path: str | Path) -> bool:
+    try:
+        return os.path.getsize(path) == 0
+    except OSError:  # gone meanwhile: not empty, just unreadable
+        return False
+
+
 def open_rgb(path: str | Path | BinaryIO, draft: int | None = None,
              name: str | None = None) -> Image.Image:
     """Decode an image as upright 8-bit RGB, whatever its mode or EXIF orientation.
@@ -170,9 +177,10 @@ def open_rgb(path: str | Path | BinaryIO, draft: int | None = None,
     except FileNotFoundError as e:
         raise WingspanError(f"Image not found: {name}") from e
     except UnidentifiedImageError as e:  # Pillow's words name the file again, and no format
+        empty = isinstance(path, (str, Path)) and _empty(path)  # a download cut short
         raise WingspanError(
-            f"Cannot read image {name}: it is not a JPEG, PNG, TIFF, WebP, GIF or BMP image, "
-            "whatever its name says.",
+            f"Cannot read image {name}: " + ("the file is empty (0 bytes)." if empty else
+            "it is not a JPEG, PNG, TIFF, WebP, GIF or BMP image, whatever its name says."),
             hint="Replace or delete the file; `wingspan data inspect` lists all such files.",
         ) from e
     except (OSError, SyntaxError, ValueError,
