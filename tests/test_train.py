@@ -1198,3 +1198,49 @@ def test_a_run_killed_once_set_up_resumes(demo_dir, tmp_path):
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     resume(run_dir, quiet=True)
     assert (run_dir / "model" / "manifest.json").is_file()
+
+
+def test_the_run_files_are_utf8_whatever_the_locale(tmp_path):
+    """holdout.csv and config.yaml, written with splits.csv, are UTF-8 as their readers
+    expect, also where the locale's encoding is another (ASCII in a bare C locale; a Windows
+    code page cannot hold every class name either)."""
+    folder_dataset(tmp_path / "img", {"a": 4, "b": 6, "c": 6})
+    names = {"a": "Pieris napi (Linné)", "b": "b", "c": "c"}
+    (tmp_path / "data.csv").write_text("path,label\n" + "".join(
+        f"{p.relative_to(tmp_path)},{names[p.parent.name]}\n"
+        for p in sorted((tmp_path / "img").rglob("*.jpg"))), encoding="utf-8")
+    code = """if True:
+        import sys
+        from pathlib import Path
+        from wingspan.config import TrainConfig
+        from wingspan.data import read_dataset
+        from wingspan.data.split import split_dataset
+        from wingspan.training.run import _write_run_files, hold_out
+        config = TrainConfig(level="label", holdout_classes=["Pieris napi (Linn\\u00e9)"])
+        data, held = hold_out(read_dataset(sys.argv[1]), "label", config.holdout_classes)
+        _write_run_files(Path(sys.argv[2]), split_dataset(data)[0], held, config)"""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    done = subprocess.run([sys.executable, "-c", code, tmp_path / "data.csv", run_dir],
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Pieris napi (Linné)" in (run_dir / "holdout.csv").read_text(encoding="utf-8")
+    assert TrainConfig.from_file(run_dir / "config.yaml").holdout_classes == [
+        "Pieris napi (Linné)"]
+
+
+def test_a_config_file_is_read_as_yaml_says_whatever_the_locale(tmp_path):
+    """config.yaml is UTF-8 (its comment names the data's folder, 'Łódź' say), read so in
+    an ASCII locale too; a file in another encoding is a clear error, not a traceback."""
+    path = tmp_path / "config.yaml"
+    path.write_text("# Trained on /data/Łódź\nlevel: Linné\n", encoding="utf-8")
+    code = ("import sys; from wingspan.config import TrainConfig; "
+            "print(ascii(TrainConfig.from_file(sys.argv[1]).level))")
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    done = subprocess.run([sys.executable, "-c", code, path], env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 0 and done.stdout.strip() == ascii("Linné"), done.stderr[-3000:]
+    path.write_bytes("level: Linné\n".encode("latin-1"))
+    with pytest.raises(WingspanError, match="Cannot read the config file"):
+        TrainConfig.from_file(path)

@@ -498,7 +498,7 @@ class Run:
         if self.dir:
             import yaml
 
-            return TrainConfig(**yaml.safe_load((self.dir / "config.yaml").read_text()))
+            return TrainConfig(**yaml.safe_load((self.dir / "config.yaml").read_bytes()))
         training = {k: v for k, v in self.manifest["training"].items()
                     if k in TrainConfig.__dataclass_fields__}
         return TrainConfig(**training)

@@ -495,7 +495,7 @@ class TrainConfig:
         import yaml
 
         try:
-            values = yaml.safe_load(Path(path).read_text()) or {}
+            values = yaml.safe_load(Path(path).read_bytes()) or {}
         except (OSError, yaml.YAMLError) as e:
             raise WingspanError(f"Cannot read the config file {path}: {e}") from e
         if not isinstance(values, dict):

@@ -126,9 +126,11 @@ def _write_run_files(run_dir: Path, dataset: Dataset, held_out: pd.DataFrame | N
         # The run rebuilds its data from this; absolute paths survive moving the run.
         write_splits(dataset, tmps[0], relative=False)
         if held_out is not None:
-            tmps[1].write_text(held_out[["path", config.level]].to_csv(index=False))
+            tmps[1].write_text(held_out[["path", config.level]].to_csv(index=False),
+                               encoding="utf-8")  # as read_csv reads it, whatever the locale
         tmps[-1].write_text(_data_comment(dataset, run_dir, held_out is not None)
-                            + yaml.safe_dump(dataclasses.asdict(recorded), sort_keys=False))
+                            + yaml.safe_dump(dataclasses.asdict(recorded), sort_keys=False),
+                            encoding="utf-8")
 
 
 def _data_comment(dataset: Dataset, run_dir: Path, held_out: bool) -> str:
@@ -447,7 +449,7 @@ def _run_config(run_dir: Path) -> TrainConfig:
                               hint="Give the folder a `wingspan train` run wrote, e.g. "
                                    "runs/NAME")
     try:
-        settings = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
+        settings = yaml.safe_load((run_dir / CONFIG_FILE).read_bytes())
     except yaml.YAMLError as e:
         raise not_a_run from e
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -482,7 +484,7 @@ def _check_classes_remain(splits: Path, dataset: Dataset, gone: list[str],
 def _saved_workers(run_dir: Path) -> int | None:
     """The --workers in the run's config.yaml (a resume may set another)."""
     try:
-        return (yaml.safe_load((run_dir / CONFIG_FILE).read_text()) or {}).get("workers")
+        return (yaml.safe_load((run_dir / CONFIG_FILE).read_bytes()) or {}).get("workers")
     except (OSError, yaml.YAMLError, AttributeError):
         return None
 
