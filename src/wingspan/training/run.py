@@ -202,6 +202,11 @@ def resume(run_dir: str | Path, quiet: bool = False, **machine) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.exists():
         raise _no_run_at(run_dir)
+    if run_dir.is_dir() and not any(run_dir.iterdir()):  # a user's own, or a run killed
+        raise WingspanError(f"{run_dir} is empty: there is no run in it to resume.",  # at mkdir
+                            hint="Give the folder a `wingspan train` run wrote, e.g. "
+                                 "runs/NAME; if this one was a run killed as it started, "
+                                 "delete it and run the same `wingspan train` command again.")
     if not (run_dir / CONFIG_FILE).is_file() and _stopped_while_set_up(run_dir):
         raise WingspanError(f"{run_dir} has no {CONFIG_FILE}: it holds a run that was stopped "
                             "while it was being set up, before its settings were written. "
