@@ -174,7 +174,7 @@ class Data:
 
     def inspect(self, out: str | Path | None = None, level: str | None = None,
                 tiny_px: int = InspectConfig.tiny_px, metadata_only: bool = False,
-                max_pixels: int | None = None, quiet: bool = False) -> Inspection:
+                quiet: bool = False, max_pixels: int | None = None) -> Inspection:
         """Count classes per level and find broken, duplicate, odd and tiny images, as
         `wingspan data inspect`; writes summary.json and a balance plot per level to
         `out` (default runs/data/<name>).
@@ -290,7 +290,7 @@ class Inspection:
 
 def train(data: Data | Dataset | str | Path, config: TrainConfig | str | Path | None = None,
           name: str | None = None, runs_dir: str | Path = "runs",
-          max_pixels: int | None = None, quiet: bool = False, **settings) -> Run:
+          quiet: bool = False, max_pixels: int | None = None, **settings) -> Run:
     """Train a classifier as `wingspan train` does: a new head on the frozen pretrained
     backbone (on cached features), then fine-tuning. `settings` are TrainConfig's fields
     (the CLI's options: backbone, epochs_head, epochs_finetune, levels, lr, ...);
@@ -311,7 +311,7 @@ def train(data: Data | Dataset | str | Path, config: TrainConfig | str | Path | 
         return Run(train_run(_dataset(data), settings, runs_dir, name, quiet))
 
 
-def resume(run: str | Path, max_pixels: int | None = None, quiet: bool = False,
+def resume(run: str | Path, quiet: bool = False, max_pixels: int | None = None,
            **machine) -> Run:
     """Continue a stopped or killed run from its last checkpoint, as `wingspan train
     --resume`; `machine` may change only where it runs (device, devices, workers...).
@@ -547,7 +547,7 @@ class Run:
                  class_map: dict[str, str] | None = None,
                  unknown: str | Path | list[str] | None = None,
                  unknown_score: str | None = None, tta: bool = False,
-                 max_pixels: int | None = None, quiet: bool = False) -> Evaluation:
+                 quiet: bool = False, max_pixels: int | None = None) -> Evaluation:
         """Metrics, confusion matrix, calibration, curves and report.html, as `wingspan
         evaluate`: the run's test split by default (else val), or `data`; written to
         RUN/evaluation-SPLIT (or `out`). `unknown`: a folder (or image paths) of classes
@@ -583,9 +583,9 @@ class Run:
                 batch_size: int = TrainConfig.batch_size, device: str = TrainConfig.device,
                 precision: str = TrainConfig.precision, runtime: str = TrainConfig.runtime,
                 workers: int | None = None, unknown_score: str | None = None,
-                max_pixels: int | None = None, devices: int | None = None,
-                nodes: int | None = None, strategy: str = TrainConfig.strategy,
-                quiet: bool = False) -> pd.DataFrame:
+                quiet: bool = False, max_pixels: int | None = None,
+                devices: int | None = None, nodes: int | None = None,
+                strategy: str = TrainConfig.strategy) -> pd.DataFrame:
         """Classes of image files, folders (searched recursively) and globs, as `wingspan
         predict`. One row per image: path, answer (the class, or "unknown" for an image
         unlike every class the model knows; with levels, the class at the finest level
@@ -664,7 +664,7 @@ class Run:
                 if not e.error]
 
     def adapt(self, photos: str | Path | list[str | Path], out: str | Path | None = None,
-              workers: int | None = None, max_pixels: int | None = None, quiet: bool = False,
+              workers: int | None = None, quiet: bool = False, max_pixels: int | None = None,
               **settings) -> Run:
         """Fit the model to unlabelled photos from where it will be used (self-training of
         its head), as `wingspan adapt`; returns the adapted run (this one is unchanged).
@@ -772,7 +772,7 @@ class Evaluation:
             import webbrowser
 
             webbrowser.open(self.report_path.resolve().as_uri())
-        page = html.escape(self.report_path.read_text(), quote=True)
+        page = html.escape(self.report_path.read_text(encoding="utf-8"), quote=True)
         return Html(f"<iframe srcdoc=\"{page}\" style='width:100%;height:720px;border:1px "
                     "solid #ddd'></iframe>", self.report_path)
 
