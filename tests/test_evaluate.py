@@ -350,8 +350,10 @@ def test_evaluate_on_images_none_of_which_can_be_read(trained, tmp_path):
     with pytest.raises(WingspanError, match=f"None of the 4 images in {folders[0]}, "):
         evaluate(trained, split="val", progress=False, workers=0, unknown=folders)
     (Path(folders[0]) / "text.jpg").unlink()  # one image: said as one
-    with pytest.raises(WingspanError, match=f"The only image in {folders[0]} could not be "):
+    with pytest.raises(WingspanError, match=f"The only image in {folders[0]} could not be "
+                       "read: ") as e:
         evaluate(trained, split="val", progress=False, workers=0, unknown=folders[0])
+    assert "e.g." not in str(e.value)
 
 
 def test_a_killed_evaluation_leaves_the_previous_results_whole(trained, tmp_path, monkeypatch):
@@ -603,7 +605,7 @@ def test_adapt_refuses_what_it_cannot_do(trained, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "a.jpg").write_bytes(b"not a jpeg")
-    with pytest.raises(WingspanError, match="The only photo could not be read"):
+    with pytest.raises(WingspanError, match="The only photo could not be read: "):
         adapt(trained, [str(broken)], tmp_path / "c", progress=False)
     assert not (tmp_path / "c").exists()
     other = tmp_path / "other-run"  # a folder that is not an earlier adapted run

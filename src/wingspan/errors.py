@@ -25,13 +25,14 @@ def counted(n: int, noun: str, plural: str | None = None) -> str:
     return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
-def none_read(n: int, noun: str, where: str = "", of: str = "the") -> str:
-    """'None of the 3 images in X could be read', 'The only image in X could not be read':
-    that none of n things could be read, said naturally for one."""
+def none_read(n: int, noun: str, where: str = "", of: str = "the", example: str = "") -> str:
+    """'None of the 3 images in X could be read, e.g. WHY', 'The only image in X could not
+    be read: WHY': that none of n things could be read, said naturally for one."""
     if n == 1:
-        said = f"{of} only {noun}{where} could not be read"
+        said = f"{of} only {noun}{where} could not be read" + (f": {example}" if example else "")
     else:
-        said = f"none of {of} {counted(n, noun)}{where} could be read"
+        said = (f"none of {of} {counted(n, noun)}{where} could be read"
+                + (f", e.g. {example}" if example else ""))
     return said[0].upper() + said[1:]
 
 

@@ -76,8 +76,8 @@ def _features(predictor: Predictor, part: pd.DataFrame, index: dict[str, dict[st
     preds = list(predictor.run(part["path"].tolist(), progress=progress, with_features=True))
     ok = [i for i, p in enumerate(preds) if not p.error]
     if not ok:
-        raise WingspanError(none_read(len(preds), "image", of="the run's")
-                            + f", e.g. {preds[0].path}: {preds[0].error}",
+        raise WingspanError(none_read(len(preds), "image", of="the run's",
+                                      example=f"{preds[0].path}: {preds[0].error}"),
                             hint="The data folder the run was trained on must still be there.")
     return Labelled(paths=[preds[i].path for i in ok],
                     features=np.stack([preds[i].features for i in ok]).astype(np.float32),

@@ -114,8 +114,8 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     failed = [(p.path, p.error) for p in preds if p.error]
     if not ok:
         raise WingspanError(
-            none_read(len(preds), "image", f" of the '{split}' split") + ", e.g. "
-            f"{failed[0][1]}", hint="Check the files (`wingspan data inspect DATA` lists "
+            none_read(len(preds), "image", f" of the '{split}' split", example=failed[0][1]),
+            hint="Check the files (`wingspan data inspect DATA` lists "
             "unreadable ones), or evaluate another split with --split.")
     index = {c: i for i, c in enumerate(predictor.classes)}
     y = rows["_label"].map(index).to_numpy()[ok]
@@ -287,8 +287,8 @@ def _openset(predictor: Predictor, unknown, paths: list[str], known: list, y: np
     unseen = [p for p in seen if not p.error]
     if not unseen:
         where = unknown if isinstance(unknown, str | Path) else ", ".join(map(str, unknown))
-        raise WingspanError(none_read(len(paths), "image", f" in {where}")
-                            + f", e.g. {seen[0].error}")
+        raise WingspanError(none_read(len(paths), "image", f" in {where}",
+                                      example=seen[0].error))
     level, name = predictor.level, predictor.unknown_score
     k = np.array([p.unknown[level] for p in known])
     u = np.array([p.unknown[level] for p in unseen])

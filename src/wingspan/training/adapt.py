@@ -133,8 +133,8 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
     preds = list(predictor.run(paths, progress=progress, with_features=True))
     ok = [i for i, p in enumerate(preds) if not p.error]
     if not ok:
-        raise WingspanError(none_read(len(paths), "photo")
-                            + f", e.g. {preds[0].path}: {preds[0].error}")
+        raise WingspanError(none_read(len(paths), "photo",
+                                      example=f"{preds[0].path}: {preds[0].error}"))
     x_photos = np.stack([preds[i].features for i in ok]).astype(np.float64)
     features = own_images(predictor, purpose, per_class=True, seed=seed, progress=progress)
     train, val = features["train"], features["val"]
