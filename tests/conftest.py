@@ -13,6 +13,7 @@ import pytest
 from wingspan.cli import main
 from wingspan.config import DemoConfig, shared_data_dir
 from wingspan.data.demo import generate_demo
+from wingspan.models.runtime import forget_sessions
 
 # Tests never need a display or more threads than the machine has.
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -28,6 +29,13 @@ if _WORKERS > 1:
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(max(1, (cores or 1) // _WORKERS))  # (macOS has no affinity call)
+
+
+@pytest.fixture(autouse=True)
+def _no_onnx_session_kept():
+    """Each test exports its own ONNX graphs: one kept from an earlier test would hide an
+    export that a test counts or breaks on purpose."""
+    forget_sessions()
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ import torch
 
 from wingspan.inference import Predictor
 from wingspan.models import create_classifier, resolve_policy
+from wingspan.models import policy as policy_module
 from wingspan.models import runtime as runtime_module
 from wingspan.models.runtime import OnnxRunner, TorchRunner
 
@@ -135,3 +136,77 @@ def test_exporting_leaves_each_module_in_the_mode_it_was_in():
     before = [m.training for m in model.modules()]
     assert export_onnx(model, 8)
     assert [m.training for m in model.modules()] == before
+
+
+def _counting_exports(monkeypatch) -> list[tuple]:
+    """The graph_key of each module exported from here on."""
+    exported, real = [], runtime_module.export_onnx
+
+    def counted(module, size, names=None, **kwargs):
+        exported.append(runtime_module.graph_key(module, size, names))
+        return real(module, size, names, **kwargs)
+
+    monkeypatch.setattr(runtime_module, "export_onnx", counted)
+    return exported
+
+
+def test_a_graph_is_exported_once_per_weights_and_size(monkeypatch):
+    import copy
+
+    exported = _counting_exports(monkeypatch)
+    model, _ = create_classifier("test_efficientnet", {"y": 4}, "none")
+    model.eval()
+    x = torch.randn(3, 3, 32, 32)
+    first = OnnxRunner(model.feature_extractor(), 32)(x)
+    # The same weights, in a new wrapper or a copy of the model: no export.
+    again = OnnxRunner(copy.deepcopy(model).feature_extractor(), 32)(x)
+    assert len(exported) == 1 and torch.equal(again, first)
+    OnnxRunner(model.feature_extractor(), 40)  # another size: another graph
+    with torch.no_grad():  # one BatchNorm statistic moves: stale weights must not run
+        next(b for n, b in model.named_buffers() if "running_mean" in n)[0] += 1.0
+    changed = OnnxRunner(model.feature_extractor(), 32)(x)
+    assert len(exported) == 3 and not torch.equal(changed, first)
+    torch.testing.assert_close(changed, model.features(x).detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_a_training_run_exports_each_graph_once(demo_dir, tmp_path, monkeypatch):
+    """ONNX Runtime is timed and wins; the run then needs the frozen backbone for the feature
+    cache (the graph just timed), the frozen prefix for fine-tuning (the one the step's
+    timing made, where it timed one), each validation pass's model and the final features
+    of train and val. Each graph is exported once, and the run computes exactly what it
+    computes when every pass exports its own."""
+    from safetensors.torch import load_file
+    from test_train import NUMBERS, history, tiny
+
+    from wingspan.config import PRECISION_ENV, RUNTIME_ENV
+    from wingspan.data import read_dataset
+    from wingspan.training import train
+
+    real_timing = policy_module.time_calls
+
+    def onnx_fastest(calls, x, rounds, near_tie):  # real outputs (guarded), a fixed winner
+        _, outputs = real_timing(calls, x, 0, None)
+        return {name: 1.0 if name == "onnx-fp32" else 2.0 for name in calls}, outputs
+
+    monkeypatch.setattr(policy_module, "time_calls", onnx_fastest)
+    for forced in (PRECISION_ENV, RUNTIME_ENV):  # (make test sets them): ONNX is timed here
+        monkeypatch.delenv(forced, raising=False)
+    exported = _counting_exports(monkeypatch)
+    runs, counts = {}, {}
+    for reuse in (False, True):
+        monkeypatch.setattr(runtime_module, "_KEEP", 2 if reuse else 0)
+        monkeypatch.setenv("WINGSPAN_CACHE", str(tmp_path / f"cache-{reuse}"))  # timed anew
+        config = tiny(tmp_path / str(reuse), epochs_head=2, epochs_finetune=2)
+        runs[reuse] = train(read_dataset(demo_dir), config, tmp_path / str(reuse), "r",
+                            quiet=True)
+        counts[reuse], exported[:] = list(exported), []
+    assert "frozen passes onnx-fp32 (measured" in (runs[True] / "train.log").read_text()
+    # Every pass exporting its own graph exported some twice; now each graph once, all of them.
+    assert len(counts[False]) > len(set(counts[False]))
+    assert len(counts[True]) == len(set(counts[True]))
+    assert set(counts[True]) == set(counts[False])
+    # The same features, model and history, to the bit.
+    for file in ("cache/features.safetensors", "model/model.safetensors"):
+        old, new = load_file(runs[False] / file), load_file(runs[True] / file)
+        assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)
+    assert history(runs[True])[NUMBERS].equals(history(runs[False])[NUMBERS])

@@ -12,9 +12,13 @@ PyTorch, so training steps always stay there.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import itertools
 import logging
+import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 
 import numpy as np
@@ -80,22 +84,66 @@ def _restored(modes: dict[nn.Module, bool]):
             module.training = training
 
 
+# The sessions of the last few graphs exported: a training run exports the same weights
+# more than once (timing the engines, then the feature cache; the fine-tuning prefix when
+# timing the step, then for training; the final features of train, then val), and an
+# export costs 0.5-2 s. Two cover each of those pairs; a run forgets them when it ends.
+_SESSIONS: OrderedDict[tuple, object] = OrderedDict()
+_KEEP = 2
+_LOCK = threading.Lock()
+
+
+def forget_sessions() -> None:
+    """Drop the kept sessions (and the memory their weights take)."""
+    with _LOCK:
+        _SESSIONS.clear()
+
+
+def graph_key(module: nn.Module, size: int, names: list[str] | None) -> tuple:
+    """What an exported graph depends on: the layers and their settings (the module's
+    repr), every parameter and buffer to the bit, the input size and the outputs; and the
+    threads the session runs on. Weights that changed in any way (a fine-tuning step, a
+    loaded checkpoint) give another key, so a graph is never run with stale weights."""
+    digest = hashlib.sha256(repr(module).encode())
+    for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy())  # the bytes, not the values
+    return digest.hexdigest(), size, tuple(names or ()), torch.get_num_threads()
+
+
+def onnx_session(module: nn.Module, size: int, names: list[str] | None = None):
+    """An ONNX Runtime session running `module` as it is now: one kept from an export of
+    the same graph (`graph_key`), else a new export."""
+    import onnxruntime as ort
+
+    key = graph_key(module, size, names)
+    with _LOCK:
+        if key in _SESSIONS:
+            _SESSIONS.move_to_end(key)
+            return _SESSIONS[key]
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only
+    # No spin-waiting between calls: idle threads would burn the cores that PyTorch and
+    # the data loaders need next (a fine-tuning step was 1.2x slower with it).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(export_onnx(module, size, names), options,
+                                   providers=["CPUExecutionProvider"])
+    with _LOCK:  # (ONNX Runtime lets several threads run one session)
+        _SESSIONS[key] = session
+        while len(_SESSIONS) > _KEEP:
+            _SESSIONS.popitem(last=False)
+    return session
+
+
 class OnnxRunner:
     """Runs an exported copy of `module` with ONNX Runtime, on as many threads as torch."""
 
     def __init__(self, module: nn.Module, size: int, names: list[str] | None = None):
-        import onnxruntime as ort
-
         self.names = names
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3  # errors only
-        # No spin-waiting between calls: idle threads would burn the cores that PyTorch and
-        # the data loaders need next (a fine-tuning step was 1.2x slower with it).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(export_onnx(module, size, names), options,
-                                            providers=["CPUExecutionProvider"])
+        self.session = onnx_session(module, size, names)
 
     def __call__(self, images: torch.Tensor) -> Outputs:
         x = np.ascontiguousarray(images.detach().float().cpu().numpy())

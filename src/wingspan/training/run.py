@@ -40,6 +40,7 @@ from wingspan.models.bundle import read_manifest
 from wingspan.models.classifier import Classifier
 from wingspan.models.factory import choose_backbone
 from wingspan.models.policy import Policy, settings_with_environment
+from wingspan.models.runtime import forget_sessions
 from wingspan.models.unknown import UNKNOWN, UnknownDetector
 from wingspan.parallel import Processes, rank_seed
 from wingspan.progress import Bar
@@ -336,6 +337,7 @@ def _interruptible(run: Run) -> Path:
         raise
     finally:
         _release(run.dir)
+        forget_sessions()  # the ONNX graphs of this run's weights (see models.runtime)
 
 
 def _recipe(run: Run) -> Path:
