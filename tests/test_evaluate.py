@@ -711,14 +711,57 @@ def test_calibrate_refuses_a_handful_of_images_and_keeps_the_temperature(trained
     assert f"The model keeps its temperature ({before['temperature']:.3f}" in said
     assert read_manifest(trained / "model")["calibration"] == before
     # The model's classes under other names (iNat's 'monarch' for Leeds' '001-danaus_...'):
-    # both sides named, and how to give the model's names.
+    # both sides named, and how to map them.
     (tmp_path / "few" / label).rename(tmp_path / "few" / "other-name")
     code, _, err = run_cli("calibrate", trained, tmp_path / "few", "--quiet")
     said = " ".join(err.split())
     assert code == 2 and "No images of the model's classes" in said, said
     assert label in said.split("the model knows ")[1].split(";")[0], said
-    assert "classes there are other-name" in said and "rename the folders" in said, said
+    assert "classes there are other-name" in said and "--map MODEL_CLASS=DATA_CLASS" in said, said
     assert read_manifest(trained / "model")["calibration"] == before
+
+
+def test_calibrate_with_a_map_fits_on_the_mapped_images_as_if_renamed(trained, tmp_path,
+                                                                      run_cli):
+    """The run's images under other folder names (iNat's for Leeds' species), mapped with
+    --map, give the temperature that the same images under the model's names give; the
+    folder of a class the model does not know is left out of both."""
+    from wingspan.models.bundle import update_manifest
+
+    own = read_dataset(trained / "splits.csv").table
+    classes = sorted(own["label"].unique())
+    theirs = {c: f"other-{i}" for i, c in enumerate(classes[:-1])}
+    for i, (label, path) in enumerate(zip(own["label"], own["path"], strict=True)):
+        for data, folder in (("mapped", theirs.get(label, "stranger")),
+                             ("renamed", label if label in theirs else "stranger")):
+            (tmp_path / data / folder).mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, tmp_path / data / folder / f"{i}{Path(path).suffix}")
+    kept = read_manifest(trained / "model")["calibration"]
+    try:
+        code, _, err = run_cli("calibrate", trained, tmp_path / "renamed", "--quiet")
+        assert code == 0, err
+        renamed = read_manifest(trained / "model")["calibration"]
+        maps = [f"{ours}={data}" for ours, data in theirs.items()]
+        code, out, err = run_cli("calibrate", trained, tmp_path / "mapped", "--quiet",
+                                 "--map", maps[0], "--map", ",".join(maps[1:]))
+        assert code == 0, err
+        mapped = read_manifest(trained / "model")["calibration"]
+        n = int(own["label"].isin(list(theirs)).sum())
+        assert renamed["images"] == mapped["images"] == n, (renamed, mapped)
+        assert mapped["temperature"] == renamed["temperature"], (renamed, mapped)
+        assert mapped["val_ece_after"] == renamed["val_ece_after"]
+        assert mapped["class_map"] == theirs and "class_map" not in renamed
+        assert f"fitted on {n} images" in out
+        # evaluate's checks, and its words.
+        code, _, err = run_cli("calibrate", trained, tmp_path / "mapped", "--quiet",
+                               "--map", "nosuch=other-0")
+        said = " ".join(err.split())
+        assert code == 2 and "--map names classes the model does not know (nosuch)" in said
+        code, _, err = run_cli("calibrate", trained, "--unknown", "--quiet",
+                               "--map", maps[0])
+        assert code == 2 and "it takes no DATA, --split or --map" in " ".join(err.split())
+    finally:  # the module's other tests expect training's temperature
+        update_manifest(trained / "model", calibration=kept)
 
 
 def test_the_note_on_a_temperature_fitted_on_the_evaluated_images_covers_all_of_them():

@@ -693,6 +693,9 @@ def calibrate_command(
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = T.batch_size,
     device: DeviceOpt = T.device,
     workers: Workers = None,
+    class_map: Annotated[list[str] | None, typer.Option(
+        "--map", help="MODEL_CLASS=DATA_CLASS (repeat, or separate with commas): fit on data "
+        "that names classes differently, as evaluate's --map.")] = None,
     unknown: Annotated[bool, typer.Option(
         "--unknown", help="Instead: fit the unknown scores again on the run's own train and "
         "val images (e.g. with another --unknown-rate or --unknown-score).")] = False,
@@ -710,11 +713,11 @@ def calibrate_command(
     from wingspan.evaluate.run import calibrate, fit_unknown
 
     if unknown:
-        if data is not None or split is not None:
+        if data is not None or split is not None or class_map:
             raise WingspanError("calibrate --unknown fits the unknown scores on the run's own "
-                                "train and val images: it takes no DATA or --split.",
-                                hint="Leave DATA and --split out (without --unknown they "
-                                     "choose what the temperature is fitted on).")
+                                "train and val images: it takes no DATA, --split or --map.",
+                                hint="Leave DATA, --split and --map out (without --unknown "
+                                     "they choose what the temperature is fitted on).")
         u = fit_unknown(model, unknown_rate, unknown_score, progress=not quiet,
                         batch_size=batch_size, workers=workers, device=device)
         out.print(f"Unknown scores fitted on {u['train_images']} training images; thresholds "
@@ -726,7 +729,7 @@ def calibrate_command(
                             "`calibrate` fits again only with --unknown.",
                             hint="Add --unknown (the temperature is then left as it is).")
     c = calibrate(model, data, split, progress=not quiet, batch_size=batch_size,
-                  workers=workers, device=device)
+                  workers=workers, device=device, class_map=_pairs(class_map or [], "--map"))
     out.print(f"Temperature {c['previous_temperature']:.3f} -> {c['temperature']:.3f}, fitted "
               f"on {counted(c['images'], 'image')} ({c['fitted_on']}); ECE "
               f"{c['val_ece_before']:.4f} -> {c['val_ece_after']:.4f}"

@@ -496,11 +496,13 @@ def _transfer(predictor: Predictor, run_dir: Path | None, class_map: dict[str, s
 
 def calibrate(model: str | Path, data: str | Path | None = None, split: str | None = None,
               progress: bool = True, batch_size: int = 32, workers: int | None = None,
-              device: str = "auto") -> dict:
+              device: str = "auto", class_map: dict[str, str] | None = None) -> dict:
     """Fit the temperature again, on `split` of DATA (default: the run's own val split;
     DATA's val split, or all of it when it has none), and store it in the bundle: the one
     command that changes a trained model's probabilities (training fits it on its val
-    split; evaluate never does)."""
+    split; evaluate never does). `class_map` {model class: DATA's class}, as evaluate's:
+    DATA's images of the model's classes under other names (the same names match anyway);
+    the images of classes the model does not know are left out."""
     predictor = Predictor(model, device=device, batch_size=batch_size, workers=workers,
                           progress=progress)
     run_dir = predictor.bundle.parent if (predictor.bundle.parent / "config.yaml").is_file() \
@@ -510,17 +512,18 @@ def calibrate(model: str | Path, data: str | Path | None = None, split: str | No
     if split is None:  # labelled photos from elsewhere often come without a split
         split = "val" if data is None or "val" in set(dataset.table[SPLIT]) else "all"
     _check_split(dataset, split)
-    rows = _rows(dataset, split, level, predictor)
+    class_map = _check_class_map(class_map or {}, predictor, dataset, level)
+    rows = _rows(dataset, split, level, predictor, class_map)
     theirs = sorted(set(rows["_label"]))
     rows = rows[rows["_label"].isin(predictor.classes)]
-    if rows.empty:  # as evaluate says it, but calibrate has no --map
+    if rows.empty:  # as evaluate says it
         raise WingspanError(
             f"No images of the model's classes in the '{split}' split to calibrate on: the "
             f"model knows {some(predictor.classes)}; the data's '{level}' classes there are "
             f"{some(theirs) or 'none'}.",
-            hint="Calibrate on labelled images of the model's classes, under its class names "
-                 "(rename the folders, or give a CSV of path,label)" + (
-                     "; or another --split." if data is not None else "."))
+            hint="If they are the same classes under other names, map them with --map "
+                 "MODEL_CLASS=DATA_CLASS (once per class)" + (
+                     "; or give another --split." if data is not None else "."))
     preds = list(predictor.run(rows["path"].tolist(), progress=progress))
     ok = [i for i, p in enumerate(preds) if not p.error]
     if not ok:
@@ -531,7 +534,8 @@ def calibrate(model: str | Path, data: str | Path | None = None, split: str | No
     logits = np.stack([preds[i].logits for i in ok])
     calibration = {**calibration_record(logits, y, _calibration_data(split, data),
                                         answer=lambda probs: _predicted(predictor, probs)),
-                   "previous_temperature": predictor.temperature}
+                   "previous_temperature": predictor.temperature,
+                   **({"class_map": class_map} if class_map else {})}
     update_manifest(predictor.bundle, calibration=calibration)
     return calibration
 
