@@ -343,3 +343,31 @@ def test_train_ends_with_the_seconds_per_stage_and_the_engine_timing_in_them(tmp
     out = " ".join(capsys.readouterr().out.split())
     assert "seconds: head 37.4, finetune 62.8 (timing the engines included: 13.8)" in out, out
     assert "{" not in out
+
+
+def test_class_names_and_paths_are_printed_as_they_are_not_as_rich_markup(run_cli, tmp_path,
+                                                                          monkeypatch):
+    """`[red]x` is a class name and `d[b]` a folder, not Rich markup (a red 'x', a bold
+    nothing): inspect, split, audit and explain print them as the files name them."""
+    from helpers import folder_dataset
+
+    monkeypatch.setenv("COLUMNS", "200")  # table cells on one line
+
+    data = folder_dataset(tmp_path / "d[b]", {"[red]x": 6, "plain": 5, "[i]one": 1})
+    code, out, err = run_cli("data", "inspect", data, "--out", tmp_path / "o", "--quiet")
+    assert code == 0, err
+    said = " ".join(out.split())
+    assert "[red]x" in said and "[i]one (1)" in said and "d[b]" in said, said
+    code, out, err = run_cli("data", "split", data, "--out", tmp_path / "s")
+    assert code == 0, err
+    assert "kept in train only: [i]one" in " ".join(out.split()), out
+    code, out, err = run_cli("data", "audit", data, "--backbone", "test_efficientnet",
+                             "--weights", "none", "--folds", "2", "--out", tmp_path / "a",
+                             "--quiet")
+    assert code == 0, err
+    said = " ".join(out.split())
+    assert "so its label was not checked (no other image of the class to learn from out of " \
+           "fold): [i]one" in said, said
+    assert f"{data / '[red]x'}" in said and "│ [red]x " in said, said  # path and label
+    code, _, err = run_cli("explain", tmp_path, tmp_path / "no[b].jpg")
+    assert code == 2 and f"skipped {tmp_path / 'no[b].jpg'}" in err, err

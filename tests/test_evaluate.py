@@ -420,21 +420,22 @@ def test_evaluate_other_data_with_a_class_map_shows_the_drop_per_class(trained, 
     own = read_dataset(trained / "splits.csv").table
     test = own[own["split"] == "test"]
     classes = sorted(test["label"].unique())
-    renamed = {classes[0]: "first_other", classes[1]: "second_other", classes[2]: "stranger"}
+    renamed = {classes[0]: "first_other", classes[1]: "second_[b]", classes[2]: "stranger"}
     for label, path in zip(test["label"], test["path"], strict=True):
         folder = tmp_path / "other" / renamed.get(label, label)
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copy(path, folder / f"{len(list(folder.iterdir()))}{Path(path).suffix}")
+    monkeypatch.setenv("COLUMNS", "200")  # the transfer table's names on one line
     code, stdout, stderr = run_cli(
         "evaluate", trained, tmp_path / "other", "--split", "all", "--out", tmp_path / "ev",
-        "--map", f"{classes[0]}=first_other", "--map", f"{classes[1]}=second_other",
+        "--map", f"{classes[0]}=first_other", "--map", f"{classes[1]}=second_[b]",
         "--quiet")
     assert code == 0, stderr
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["unknown_classes"] == ["stranger"]
     assert metrics["images"] == int((test["label"] != classes[2]).sum())
     transfer = pd.read_csv(tmp_path / "ev" / "transfer.csv")
-    assert transfer["data class"].tolist() == ["first_other", "second_other"]
+    assert transfer["data class"].tolist() == ["first_other", "second_[b]"]
     assert np.allclose(transfer["recall here"], transfer["recall on own data"])
     assert np.allclose(transfer["drop"], 0)
     # The model has unknown scores: per class, the share of its images the answer names.
@@ -459,7 +460,7 @@ def test_evaluate_other_data_with_a_class_map_shows_the_drop_per_class(trained, 
     assert "left out of the per-class table and the macro averages" in " ".join(stdout.split())
     # Micro counts every prediction, into any of the model's classes: it is the accuracy.
     assert metrics["micro"]["f1"] == pytest.approx(metrics["accuracy"])
-    assert "Transfer per class" in stdout
+    assert "Transfer per class" in stdout and "second_[b]" in stdout  # not Rich markup
     # Without --out, other data's evaluation is named after it, beside the run's own.
     before = (trained / "evaluation-test" / "metrics.json").read_bytes()
     assert run_cli("evaluate", trained, tmp_path / "other", "--split", "all", "--quiet")[0] == 0
@@ -507,7 +508,8 @@ def test_evaluate_other_data_with_a_class_map_shows_the_drop_per_class(trained, 
     assert code != 0 and f"gives {classes[0]} twice" in stderr
 
 
-def test_adapt_writes_a_new_run_and_leaves_the_run_as_it_was(trained, tmp_path, run_cli):
+def test_adapt_writes_a_new_run_and_leaves_the_run_as_it_was(trained, tmp_path, run_cli,
+                                                              monkeypatch):
     import hashlib
 
     from safetensors.torch import load_file
@@ -575,14 +577,17 @@ def test_adapt_writes_a_new_run_and_leaves_the_run_as_it_was(trained, tmp_path, 
         resume(out)  # it has no training of its own (it would start one from nothing)
     # A probability no photo reaches: nothing to learn from, and the head stays as trained
     # (a head refitted on the run's own images alone would lose what training gave it).
-    code, stdout, err = run_cli("adapt", trained, photos, "--out", tmp_path / "unsure",
+    # Its folder is said as given, relative, and `[b]` is no Rich markup (bold).
+    monkeypatch.chdir(tmp_path)
+    code, stdout, err = run_cli("adapt", trained, photos, "--out", "runs/a[b]",
                                 "--confidence", "0.999999", "--quiet")
     assert code == 0, err
     assert "No photo's class was agreed on" in stdout and "the head stays as trained" in stdout
-    summary = json.loads((tmp_path / "unsure" / "adapt.json").read_text())
+    assert "Adapted run: runs/a[b] " in stdout, stdout
+    summary = json.loads((tmp_path / "runs" / "a[b]" / "adapt.json").read_text())
     assert list(summary["photos_used_per_round"].values())[-1] == [0]
     assert summary["changed"] == 0.0
-    unsure = load_file(tmp_path / "unsure" / "model" / "model.safetensors")
+    unsure = load_file(tmp_path / "runs" / "a[b]" / "model" / "model.safetensors")
     for name in old:
         if not name.startswith("unknown."):
             assert np.array_equal(old[name].numpy(), unsure[name].numpy()), name
@@ -732,7 +737,7 @@ def test_calibrate_with_a_map_fits_on_the_mapped_images_as_if_renamed(trained, t
     classes = sorted(own["label"].unique())
     theirs = {c: f"other-{i}" for i, c in enumerate(classes[:-1])}
     for i, (label, path) in enumerate(zip(own["label"], own["path"], strict=True)):
-        for data, folder in (("mapped", theirs.get(label, "stranger")),
+        for data, folder in (("mapped[b]", theirs.get(label, "stranger")),
                              ("renamed", label if label in theirs else "stranger")):
             (tmp_path / data / folder).mkdir(parents=True, exist_ok=True)
             shutil.copy(path, tmp_path / data / folder / f"{i}{Path(path).suffix}")
@@ -742,7 +747,7 @@ def test_calibrate_with_a_map_fits_on_the_mapped_images_as_if_renamed(trained, t
         assert code == 0, err
         renamed = read_manifest(trained / "model")["calibration"]
         maps = [f"{ours}={data}" for ours, data in theirs.items()]
-        code, out, err = run_cli("calibrate", trained, tmp_path / "mapped", "--quiet",
+        code, out, err = run_cli("calibrate", trained, tmp_path / "mapped[b]", "--quiet",
                                  "--map", maps[0], "--map", ",".join(maps[1:]))
         assert code == 0, err
         mapped = read_manifest(trained / "model")["calibration"]
@@ -751,9 +756,9 @@ def test_calibrate_with_a_map_fits_on_the_mapped_images_as_if_renamed(trained, t
         assert mapped["temperature"] == renamed["temperature"], (renamed, mapped)
         assert mapped["val_ece_after"] == renamed["val_ece_after"]
         assert mapped["class_map"] == theirs and "class_map" not in renamed
-        assert f"fitted on {n} images" in out
+        assert f"fitted on {n} images (all of {tmp_path / 'mapped[b]'})" in out, out
         # evaluate's checks, and its words.
-        code, _, err = run_cli("calibrate", trained, tmp_path / "mapped", "--quiet",
+        code, _, err = run_cli("calibrate", trained, tmp_path / "mapped[b]", "--quiet",
                                "--map", "nosuch=other-0")
         said = " ".join(err.split())
         assert code == 2 and "--map names classes the model does not know (nosuch)" in said

@@ -52,6 +52,16 @@ def _q(text) -> str:
     """A path, class name or message as it is: `IMG [male].jpg` is not Rich markup."""
     return escape(str(text))
 
+
+def _here(path) -> Path:
+    """A resolved path shown as other commands show theirs: relative to the working folder
+    when it lies inside it (runs/NAME), else as it is."""
+    path = Path(path)
+    try:
+        return path.relative_to(Path.cwd())
+    except ValueError:
+        return path
+
 # Options shared by every command that reads a dataset.
 Data = Annotated[Path, typer.Argument(
     help="A folder of class folders, a CSV (path,label,...), or an ETHEC root.",
@@ -250,17 +260,17 @@ def data_split(
 def _print_split(result) -> None:
     r = result.report
     sizes = ", ".join(f"{k} {v} ({r.fractions[k]:.0%})" for k, v in r.sizes.items())
-    out.print(f"Split on '{result.level}': {sizes}")
+    out.print(f"Split on '{_q(result.level)}': {sizes}")
     if r.repeats_dropped:
         out.print(f"{counted(r.repeats_dropped, 'image')} listed on more than one side: one "
                   "row each now")
     if r.train_only:
         out.print(f"[yellow]{counted(len(r.train_only), 'class has', 'classes have')} too few "
                   "groups for every split; "
-                  f"kept in train only:[/] {_some(r.train_only)}")
+                  f"kept in train only:[/] {_q(_some(r.train_only))}")
     for split, classes in r.missing.items():
         out.print(f"[yellow]{counted(len(classes), 'class has', 'classes have')} no images in "
-                  f"{split}:[/] {_some(classes)}")
+                  f"{split}:[/] {_q(_some(classes))}")
     if result.undersampled:
         out.print(f"--max-per-class left out "
                   f"{counted(sum(result.undersampled.values()), 'training image')} of "
@@ -333,8 +343,9 @@ def data_audit(
                   title=f"Most suspect labels ({int(issues['flagged'].sum())} of {len(issues)} "
                   "flagged by cleanlab)")
     for r in issues.head(15).itertuples():
-        table.add_row(str(r.rank), r.path, r.label,
-                      f"{r.suspected} ({r.suspected_probability:.2f})", f"{r.label_quality:.3f}")
+        table.add_row(str(r.rank), _q(r.path), _q(r.label),
+                      f"{_q(r.suspected)} ({r.suspected_probability:.2f})",
+                      f"{r.label_quality:.3f}")
     out.print(table)
     if result.single_image_classes:
         alone = result.single_image_classes
@@ -342,7 +353,7 @@ def data_audit(
                                        if len(alone) > 1 else
                                        "class has a single image, so its label was")
                   + " not checked (no other image of the class to learn from out of fold): "
-                  f"{_some(alone)}")
+                  f"{_q(_some(alone))}")
     out.print(f"{counted(len(dups), 'near-duplicate pair')} (similarity >= "
               f"{duplicate_similarity}, or perceptual hashes within {config.hash_distance} bits), "
               f"{int(dups['across_splits'].sum())} across splits, "
@@ -731,7 +742,7 @@ def calibrate_command(
     c = calibrate(model, data, split, progress=not quiet, batch_size=batch_size,
                   workers=workers, device=device, class_map=_pairs(class_map or [], "--map"))
     out.print(f"Temperature {c['previous_temperature']:.3f} -> {c['temperature']:.3f}, fitted "
-              f"on {counted(c['images'], 'image')} ({c['fitted_on']}); ECE "
+              f"on {counted(c['images'], 'image')} ({_q(c['fitted_on'])}); ECE "
               f"{c['val_ece_before']:.4f} -> {c['val_ece_after']:.4f}"
               + (f"; by the {c['method']}" if c["method"] != "likelihood" else ""))
     if bound_warning(c):
@@ -780,7 +791,7 @@ def adapt_command(
               f"{' / '.join(map(str, used))} of them{fits}; the answer "
               f"changed for {a['changed']:.1%}")
     out.print("Photos per class before -> after: " + ", ".join(
-        f"{c} {n} -> {a['classes_after'][c]}" for c, n in a["classes_before"].items()))
+        f"{_q(c)} {n} -> {a['classes_after'][c]}" for c, n in a["classes_before"].items()))
     out.print(f"On the run's own val images: accuracy {a['val_accuracy_before']:.4f} -> "
               f"{a['val_accuracy']:.4f}, temperature {a['temperature']:.3f}")
     if not any(used):
@@ -796,11 +807,11 @@ def adapt_command(
         out.print(f"[yellow]{a['test_images_among_photos']} of the photos are the run's own test "
                   "images[/]: its test figures are no longer fair (evaluate says so).")
     for level, missing in a["classes_without_training_images"].items():
-        out.print(f"[yellow]{len(missing)} '{level}' classes had no readable training image[/] "
-                  f"and keep the run's own weights: {', '.join(missing[:5])}")
+        out.print(f"[yellow]{len(missing)} '{_q(level)}' classes had no readable training "
+                  f"image[/] and keep the run's own weights: {_q(', '.join(missing[:5]))}")
     out.print(("Replaced the earlier adapted run: " if a["replaced"] else "Adapted run: ")
-              + f"{a['out']}   (evaluate it like any run; its labels were never seen, so only "
-              "labelled photos from there can say how much it gained)")
+              + f"{_q(_here(a['out']))}   (evaluate it like any run; its labels were never "
+              "seen, so only labelled photos from there can say how much it gained)")
 
 
 def _print_evaluation(result) -> None:
@@ -810,7 +821,7 @@ def _print_evaluation(result) -> None:
     from wingspan.evaluate.run import answer_rows
 
     m = result.metrics
-    table = Table("metric", "value", title=f"{m['split']} split, level '{m['level']}': "
+    table = Table("metric", "value", title=f"{m['split']} split, level '{_q(m['level'])}': "
                   + counted(m["images"], "image")
                   + (", test-time augmentation" if m.get("tta") else ""))
     table.add_row("accuracy", f"{m['accuracy']:.4f}{interval_text(m, 'accuracy')}")
@@ -859,7 +870,7 @@ def _print_evaluation(result) -> None:
             return "-" if value is None or value != value else format(value, spec)
 
         for r in m["transfer"]:
-            transfer.add_row(r["model class"], r["data class"],
+            transfer.add_row(_q(r["model class"]), _q(r["data class"]),
                              *(figure(r[k], ".3f") for k in ("recall on own data",
                                                               "recall here", "drop")),
                              str(r["images here"]),
@@ -869,7 +880,7 @@ def _print_evaluation(result) -> None:
         _print_unknown(m["unknown"])
     if m.get("hierarchy"):
         h = m["hierarchy"]
-        levels = Table("method", *h["levels"], title="Micro-F1 per level")
+        levels = Table("method", *map(_q, h["levels"]), title="Micro-F1 per level")
         levels.add_row("marginalisation (consistent)",
                        *[f"{v['micro_f1']:.3f}" for v in h["levels"].values()])
         if "heads" in next(iter(h["levels"].values())):
@@ -945,7 +956,7 @@ def predict_command(
         else:
             detail = ", ".join(f"{c} {q:.2f}" for c, q in rest)
         if row["answer"] != best:  # unknown here, or known only at a coarser level
-            level = f" ({row['known_level']})" if row["known_level"] else ""
+            level = f" ({_q(row['known_level'])})" if row["known_level"] else ""
             at = f" at {row['score_level']}" if hierarchical else ""
             if row["known_level"]:  # the probability of the class answered, at its level
                 p = next(q for lv, _, q in row["taxonomy"] if lv == row["known_level"])
@@ -999,7 +1010,7 @@ def explain_command(
 
     paths, missing = expand_paths(images)
     for item, why in missing:
-        err.print(f"[yellow]skipped[/] {item}: {why}", highlight=False)
+        err.print(f"[yellow]skipped[/] {_q(item)}: {_q(why)}", highlight=False)
     if not paths:
         raise WingspanError("No image to explain.", hint="Check the paths given.")
     out_dir = out_dir or output_home(find_bundle(model)) / "explain"
@@ -1218,7 +1229,7 @@ def demo(
     data_dir = generate_demo(out_dir / "data", config)
     out.rule("1. demo data")
     out.print(f"Generated {counted(sum(config.images_per_class), 'image')} of "
-              f"{len(config.images_per_class)} species in {data_dir}")
+              f"{len(config.images_per_class)} species in {_q(data_dir)}")
     dataset = read_dataset(data_dir)
     out.rule("2. inspect")
     summary = inspect_dataset(dataset, out_dir / "inspect", progress=not quiet)

@@ -146,8 +146,10 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
     for name, lv in summary["levels"].items():
         if not lv["classes"]:
             continue
-        levels.add_row(name, str(lv["classes"]), f"{lv['largest'][0]} ({lv['largest'][1]})",
-                       f"{lv['smallest'][0]} ({lv['smallest'][1]})", f"{lv['imbalance_ratio']}x")
+        levels.add_row(escape(name), str(lv["classes"]),
+                       f"{escape(str(lv['largest'][0]))} ({lv['largest'][1]})",
+                       f"{escape(str(lv['smallest'][0]))} ({lv['smallest'][1]})",
+                       f"{lv['imbalance_ratio']}x")
     console.print(levels)
 
     findings: list[tuple[str, list[str]]] = []
@@ -201,10 +203,10 @@ def print_class_table(dataset: Dataset, level: str, console: Console, limit: int
     shown = counts if len(counts) <= limit else pd.concat([counts.head(limit // 2),
                                                            counts.tail(limit // 2)])
     classes = counted(len(counts), "class", "classes")
-    view = Table(level, *cols, title=f"Images per {level} ({classes}"
+    view = Table(escape(level), *cols, title=f"Images per {escape(level)} ({classes}"
                  + (f", largest and smallest {limit // 2} shown)" if len(counts) > limit else ")"))
     for i, (name, row) in enumerate(shown.iterrows()):
         if len(counts) > limit and i == limit // 2:
             view.add_row("...", *["" for _ in cols])
-        view.add_row(str(name), *[str(int(row[c])) for c in cols])
+        view.add_row(escape(str(name)), *[str(int(row[c])) for c in cols])
     console.print(view)
