@@ -754,7 +754,10 @@ def test_calibrate_with_a_map_fits_on_the_mapped_images_as_if_renamed(trained, t
         n = int(own["label"].isin(list(theirs)).sum())
         assert renamed["images"] == mapped["images"] == n, (renamed, mapped)
         assert mapped["temperature"] == renamed["temperature"], (renamed, mapped)
-        assert mapped["val_ece_after"] == renamed["val_ece_after"]
+        # The tiny model's T may stop at a bound: the ECE on the images fitted on (before
+        # any temperature, and after) says they and their classes are the same.
+        for ece in ("val_ece_before", "val_ece_after"):
+            assert mapped[ece] == renamed[ece], (renamed, mapped)
         assert mapped["class_map"] == theirs and "class_map" not in renamed
         assert f"fitted on {n} images (all of {tmp_path / 'mapped[b]'})" in out, out
         # evaluate's checks, and its words.
