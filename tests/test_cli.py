@@ -351,7 +351,11 @@ def test_class_names_and_paths_are_printed_as_they_are_not_as_rich_markup(run_cl
     nothing): inspect, split, audit and explain print them as the files name them."""
     from helpers import folder_dataset
 
-    monkeypatch.setenv("COLUMNS", "200")  # table cells on one line
+    from wingspan import cli
+
+    # Table cells on one line. rich reads $COLUMNS once, when the console is made: an
+    # import under pytest-xdist may have fixed it already, so set the console's own field.
+    monkeypatch.setattr(cli.out, "_width", 200)
 
     data = folder_dataset(tmp_path / "d[b]", {"[red]x": 6, "plain": 5, "[i]one": 1})
     code, out, err = run_cli("data", "inspect", data, "--out", tmp_path / "o", "--quiet")

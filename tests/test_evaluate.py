@@ -425,7 +425,9 @@ def test_evaluate_other_data_with_a_class_map_shows_the_drop_per_class(trained, 
         folder = tmp_path / "other" / renamed.get(label, label)
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copy(path, folder / f"{len(list(folder.iterdir()))}{Path(path).suffix}")
-    monkeypatch.setenv("COLUMNS", "200")  # the transfer table's names on one line
+    from wingspan import cli
+
+    monkeypatch.setattr(cli.out, "_width", 200)  # the transfer table's names on one line
     code, stdout, stderr = run_cli(
         "evaluate", trained, tmp_path / "other", "--split", "all", "--out", tmp_path / "ev",
         "--map", f"{classes[0]}=first_other", "--map", f"{classes[1]}=second_[b]",
