@@ -391,8 +391,9 @@ def test_calibrate_unknown_refits_the_threshold_and_keeps_the_model(held_out_run
     for args, message in ((["--unknown", "--unknown-rate", "0"], "between 0 and 1"),
                           (["--unknown", "--unknown-score", "vibes"], "Unknown score 'vibes'"),
                           (["--unknown-rate", "0.3"], "only with --unknown"),
-                          ([str(demo), "--unknown"], "it takes no DATA or --split"),
-                          (["--unknown", "--split", "test"], "it takes no DATA or --split")):
+                          ([str(demo), "--unknown"], "it takes no DATA, --split or --map"),
+                          (["--unknown", "--split", "test"], "it takes no DATA, --split or --map"),
+                          (["--unknown", "--map", "a=b"], "it takes no DATA, --split or --map")):
         code, _, err = run_cli("calibrate", copy, *args, "--quiet")
         assert code == 2 and message in " ".join(err.split()), err
     assert json.loads((copy / "model" / "manifest.json").read_text()) == after
