@@ -406,6 +406,15 @@ def test_predict_finds_the_images_training_reads(tmp_path):
     assert sorted(found) == sorted(read_dataset(tmp_path / "photos").table["path"])
 
 
+def test_a_missing_file_with_brackets_in_its_name_is_said_missing(tmp_path):
+    """photos/a[b].jpg that is not there is a missing file, not a pattern matching nothing."""
+    from wingspan.predict import expand_paths
+
+    named = str(tmp_path / "photos" / "a[b].jpg")
+    assert expand_paths([named]) == ([], [(named, "no such file or folder, nor any match as "
+                                                  "a pattern")])
+
+
 def test_wingspan_output_inside_data_is_not_a_class(tmp_path):
     """`cd DATA; wingspan data inspect .` writes runs/data/<name>/ there: a second run must
     not read it as a class."""

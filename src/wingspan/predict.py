@@ -33,7 +33,9 @@ def expand_paths(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
             images = [i for m in matches for i in (images_in(m) if Path(m).is_dir() else [m])]
             found += images
             if not images:
-                missing.append((item, "the pattern matches no file" if not matches
+                # Not there as named either: photos/a[b].jpg is most likely a file's name.
+                missing.append((item, "no such file or folder, nor any match as a pattern"
+                                if not matches
                                 else "the pattern matches only folders without images"))
         elif Path(item).is_dir():
             images = images_in(item)
