@@ -595,6 +595,26 @@ def test_adapt_writes_a_new_run_and_leaves_the_run_as_it_was(trained, tmp_path, 
             assert np.array_equal(old[name].numpy(), unsure[name].numpy()), name
 
 
+def test_a_wrong_map_hint_names_some_classes_and_counts_the_rest(tmp_path):
+    """With many classes the --map hint names ten of each side and counts the others,
+    rather than every class the model knows and 30 of the data's."""
+    from types import SimpleNamespace
+
+    from helpers import folder_dataset
+
+    from wingspan.evaluate.run import _check_class_map
+
+    names = [f"c{i:02d}" for i in range(40)]
+    dataset = read_dataset(folder_dataset(tmp_path / "d", dict.fromkeys(names, 1), (8, 8)))
+    model = SimpleNamespace(classes=[f"m{i:02d}" for i in range(40)], rare=[], level="label",
+                            taxonomy=None)
+    with pytest.raises(WingspanError, match="does not know") as e:
+        _check_class_map({"unicorn": "c00"}, model, dataset, "label")
+    assert e.value.hint == ("Write --map MODEL_CLASS=DATA_CLASS. The model knows: "
+                            f"{', '.join(model.classes[:10])} and 30 more; the data has: "
+                            f"{', '.join(names[:10])} and 30 more.")
+
+
 def test_adapt_refuses_what_it_cannot_do(trained, tmp_path):
     from wingspan.training.adapt import adapt
 

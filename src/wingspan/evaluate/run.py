@@ -440,8 +440,8 @@ def _check_class_map(class_map: dict[str, str], predictor: Predictor, dataset: D
                 f"classes the data does not have at level '{level}' ({', '.join(theirs)})"
                 if theirs else ""])) + ".",
             hint=f"Write --map MODEL_CLASS=DATA_CLASS. The model knows: "
-            f"{', '.join(predictor.classes)}; the data has: "
-            f"{', '.join(sorted(set(dataset.table[level]))[:30])}.")
+            f"{some(predictor.classes)}; the data has: "
+            f"{some(sorted(set(dataset.table[level])))}.")
     if len(set(class_map.values())) < len(class_map):
         raise WingspanError("--map gives one data class to two of the model's classes.")
     # The data's classes named as the model's match without a map: one of those mapped
