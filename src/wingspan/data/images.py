@@ -43,6 +43,8 @@ REDUCIBLE = ("JPEG", "MPO")  # decoded by libjpeg, which can scale while decodin
 # The shorter side a view resizes an image to, at most, when the caller gives no `draft`:
 # with it, a long thin image is refused before its resize would outgrow the pixel budget.
 VIEW_SIDE = 512
+# Where a user raises the pixel budget, for hints: the CLI, the library, the environment.
+RAISE_BUDGET = f"--max-pixels, max_pixels= in Python, or ${MAX_PIXELS_ENV}"
 
 
 _PILLOW_LIMIT = threading.Lock()
@@ -133,8 +135,8 @@ def open_rgb(path: str | Path | BinaryIO, draft: int | None = None,
                     f"Cannot read image {name}: resizing its {w} x {h} pixels for a model "
                     f"(shorter side {side} px) makes {resized / 1e6:.3g} MP, over the pixel "
                     f"budget of {budget / 1e6:.3g} MP.",
-                    hint=f"Raise the budget with --max-pixels (or ${MAX_PIXELS_ENV}) to at "
-                    f"least {math.ceil(resized)} (the default is {MAX_PIXELS}).")
+                    hint=f"Raise the budget to at least {math.ceil(resized)} (the default "
+                    f"is {MAX_PIXELS}) with {RAISE_BUDGET}.")
             if resized > max(budget, w * h):  # a 1 x 40000 PNG of 100 bytes, upscaled
                 raise ImageTooLarge(
                     f"Cannot read image {name}: {w} x {h} pixels is too long and thin to resize "
@@ -156,8 +158,8 @@ def open_rgb(path: str | Path | BinaryIO, draft: int | None = None,
                     f"Cannot read image {name}: {w} x {h} pixels ({w * h / 1e6:.3g} MP) is over "
                     f"the budget of {budget / 1e6:.3g} MP" + (
                         ", even decoded at 1/8 scale" if im.format in REDUCIBLE else "") + ".",
-                    hint=f"Shrink the image, or raise the budget with --max-pixels (or "
-                    f"${MAX_PIXELS_ENV}); decoding takes about 4 bytes a pixel, several times.")
+                    hint=f"Shrink the image, or raise the budget ({RAISE_BUDGET}); decoding "
+                    "takes about 4 bytes a pixel, several times.")
             im = ImageOps.exif_transpose(im)
             if im.mode in ("RGBA", "LA", "PA") or ("transparency" in im.info
                                                     and im.mode in ("P", "RGB", "L")):
