@@ -105,14 +105,17 @@ def cli_killed_at(argv: list, target: str, nth: int = 1, match: str = ""):
 
     The process is forked from a server that imported wingspan once for the whole session
     (multiprocessing's forkserver, which itself never ran torch): a fresh `python` would
-    spend most of each call importing torch and timm again."""
+    spend most of each call importing torch and timm again. The server's environment and
+    working folder are those of the test that started it: the caller's are passed on."""
+    import os
     import subprocess
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         out, err = Path(tmp) / "out", Path(tmp) / "err"
         child = _warm().Process(target=_main_killed_at,
-                                args=([str(a) for a in argv], target, nth, match, out, err))
+                                args=([str(a) for a in argv], target, nth, match, out, err,
+                                      dict(os.environ), os.getcwd()))
         child.start()
         child.join()
         return subprocess.CompletedProcess(argv, child.exitcode, out.read_text(),
@@ -128,10 +131,15 @@ def _warm():
 
 
 def _main_killed_at(argv: list[str], target: str, nth: int, match: str, out: Path,
-                    err: Path) -> None:
-    """In the forked process: stdout and stderr to files, the kill set, then the CLI."""
+                    err: Path, environ: dict[str, str], cwd: str) -> None:
+    """In the forked process: the caller's environment and folder, stdout and stderr to
+    files, the kill set, then the CLI."""
     import os
     import sys
+
+    os.environ.clear()
+    os.environ.update(environ)
+    os.chdir(cwd)
 
     for stream, path in ((sys.stdout, out), (sys.stderr, err)):
         with open(path, "w") as f:

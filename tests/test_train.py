@@ -367,6 +367,21 @@ def uninterrupted(demo_dir, tmp_path_factory):
     return train(read_dataset(demo_dir), config, tmp, "r", quiet=True), config
 
 
+def test_cli_killed_at_runs_in_the_callers_environment_and_folder(tmp_path, monkeypatch):
+    """The forkserver started once a session: its child takes the calling test's
+    environment and working folder, not the server's."""
+    folder_dataset(tmp_path / "flutter", {"monarch": 1, "admiral": 1}, (8, 8))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WINGSPAN_MAX_PIXELS", "lots")
+    never = ("wingspan.cli:_pixel_budget", 1, "never")
+    said = cli_killed_at(["data", "inspect", "flutter", "--metadata-only"], *never)
+    assert said.returncode != 0 and "$WINGSPAN_MAX_PIXELS is 'lots'" in said.stderr
+    monkeypatch.delenv("WINGSPAN_MAX_PIXELS")
+    said = cli_killed_at(["data", "inspect", "flutter", "--metadata-only"], *never)
+    assert said.returncode == 0, said.stderr
+    assert (tmp_path / "runs" / "data").is_dir()  # written under the caller's folder
+
+
 @pytest.mark.parametrize("target, nth, match", [
     ("wingspan.files:_flush", 1, "features"),  # writing the head stage's feature cache
     ("wingspan.training.run:_next_stage", 1, ""),  # between the stages
