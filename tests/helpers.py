@@ -8,6 +8,20 @@ import numpy as np
 from PIL import Image
 
 
+def bench_module(name: str):
+    """A script of bench/ as a module (bench/ is no package), once per session."""
+    import importlib.util
+    import sys
+
+    if name not in sys.modules:
+        path = Path(__file__).parents[1] / "bench" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # (its dataclasses look their module up)
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 def write_image(path: Path, size=(32, 32), colour=(200, 50, 50), mode="RGB", fmt=None,
                 seed: int | None = None, **save) -> Path:
     """Write an image; a seed gives random pixels so that files differ."""

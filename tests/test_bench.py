@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import bench_module
 
 BENCH = Path(__file__).parents[1] / "bench" / "run.py"
 
@@ -85,14 +86,7 @@ def test_serve_load_smoke(tmp_path):
 
 
 def _levers():
-    import importlib.util
-
-    path = Path(__file__).parents[1] / "bench" / "levers.py"
-    spec = importlib.util.spec_from_file_location("levers", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["levers"] = module  # (its dataclasses look their module up)
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("levers")
 
 
 def test_levers_zoom_box_maps_the_cam_back_to_the_full_photo():

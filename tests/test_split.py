@@ -1,10 +1,9 @@
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.model_selection import StratifiedGroupKFold
+from helpers import bench_module
 
 from wingspan.config import ReadConfig, SplitConfig
 from wingspan.data import read_dataset
@@ -16,6 +15,10 @@ from wingspan.data.split import (
     stratified_group_folds,
 )
 from wingspan.errors import WingspanError
+
+# The fold of each sample by scikit-learn's StratifiedGroupKFold itself, as the bench
+# times it.
+sklearn_folds = bench_module("split_speed").sklearn_folds
 
 
 def synthetic(n_groups_per_class: dict[str, int], per_group: int = 3) -> Dataset:
@@ -223,17 +226,6 @@ def test_a_resplit_keeps_one_row_of_an_image_listed_on_two_sides(demo_dir):
     split, report = split_dataset(oversampled, config=SplitConfig(0.2, 0.2, seed=0))
     assert report.repeats_dropped == 0 and len(split.table) == len(table) + 3
     assert split.table.groupby("path")["split"].nunique().max() == 1
-
-
-def sklearn_folds(y, groups, n_splits: int, seed: int) -> np.ndarray:
-    """The fold of each sample by scikit-learn's StratifiedGroupKFold itself."""
-    folds = np.full(len(y), -1)
-    splitter = StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "The least populated class ..."
-        for fold, (_, test) in enumerate(splitter.split(y, y, groups)):
-            folds[test] = fold
-    return folds
 
 
 def random_case(rng: np.random.Generator, most: int = 400):

@@ -459,6 +459,26 @@ def test_engines_forced_by_the_environment_are_the_runs_own_settings(demo_dir, t
     assert (settings["precision"], settings["runtime"]) == ("fp32", "torch")
 
 
+def _uninterrupted_and_resumed(demo_dir, tmp_path, monkeypatch, config, breaking) -> dict:
+    """Two runs on copies of the demo data, with Run.save wrapped by `breaking(kill)`
+    (which breaks images, and with kill raises KeyboardInterrupt): "ref" uninterrupted,
+    "killed" cut short and then resumed. Their folders."""
+    from wingspan.training.context import Run
+
+    runs = {}
+    for name, kill in (("ref", False), ("killed", True)):
+        data = shutil.copytree(demo_dir, tmp_path / f"data-{name}")
+        monkeypatch.setattr(Run, "save", breaking(kill))
+        try:
+            runs[name] = train(read_dataset(data), config, tmp_path / name, "r", quiet=True)
+        except KeyboardInterrupt:
+            runs[name] = tmp_path / name / "r"
+        monkeypatch.undo()
+    assert len(history(runs["killed"])) < len(history(runs["ref"]))  # it was cut short
+    resume(runs["killed"], quiet=True)
+    return runs
+
+
 def test_a_kill_after_an_image_broke_mid_epoch_resumes_alike(demo_dir, tmp_path, monkeypatch):
     """An image that breaks during a fine-tuning epoch is left out from the next epoch on;
     a run killed after it was found, in that epoch, resumes on the same batches (leaving it
@@ -484,17 +504,7 @@ def test_a_kill_after_an_image_broke_mid_epoch_resumes_alike(demo_dir, tmp_path,
                 raise KeyboardInterrupt
         return saved
 
-    runs = {}
-    for name, kill in (("ref", False), ("killed", True)):
-        data = shutil.copytree(demo_dir, tmp_path / f"data-{name}")
-        monkeypatch.setattr(Run, "save", breaking(kill))
-        try:
-            runs[name] = train(read_dataset(data), config, tmp_path / name, "r", quiet=True)
-        except KeyboardInterrupt:
-            runs[name] = tmp_path / name / "r"
-        monkeypatch.undo()
-    assert len(history(runs["killed"])) < len(history(runs["ref"]))  # it was cut short
-    resume(runs["killed"], quiet=True)
+    runs = _uninterrupted_and_resumed(demo_dir, tmp_path, monkeypatch, config, breaking)
     pd.testing.assert_frame_equal(history(runs["killed"])[NUMBERS], history(runs["ref"])[NUMBERS],
                                   atol=1e-4, rtol=0)
     for run in runs.values():
@@ -1141,17 +1151,7 @@ def test_a_run_resumed_after_images_broke_mid_fine_tuning_ends_alike(demo_dir, t
                 raise KeyboardInterrupt
         return saved
 
-    runs = {}
-    for name, kill in (("ref", False), ("killed", True)):
-        data = shutil.copytree(demo_dir, tmp_path / f"data-{name}")
-        monkeypatch.setattr(Run, "save", breaking(kill))
-        try:
-            runs[name] = train(read_dataset(data), config, tmp_path / name, "r", quiet=True)
-        except KeyboardInterrupt:
-            runs[name] = tmp_path / name / "r"
-        monkeypatch.undo()
-    assert len(history(runs["killed"])) < len(history(runs["ref"]))  # it was cut short
-    resume(runs["killed"], quiet=True)
+    runs = _uninterrupted_and_resumed(demo_dir, tmp_path, monkeypatch, config, breaking)
     got, ref = history(runs["killed"]), history(runs["ref"])
     assert got["lr"].tolist() == pytest.approx(ref["lr"].tolist(), rel=1e-6, abs=1e-12)
     assert ref["lr"].iloc[-1] == pytest.approx(0.0, abs=1e-9)
