@@ -7,6 +7,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -238,6 +239,74 @@ def test_workers_reach_the_loader_and_change_no_answer(run, run_cli, demo_dir, t
         run.evaluate(workers="2", quiet=True)
 
 
+def test_calibrate_changes_the_bundle_as_the_command_does(run, run_cli, tmp_path):
+    """Run.calibrate fits what `wingspan calibrate` fits, on a copy of the same run: the
+    temperature (and with unknown=True the unknown scores), stored in the bundle, and
+    returns what the command prints."""
+    from wingspan.models.bundle import read_manifest
+
+    def copy(name):
+        return shutil.copytree(run.dir, tmp_path / name,
+                               ignore=shutil.ignore_patterns("evaluation-*"))
+
+    def fingerprint(run_dir):
+        return {p.name: p.read_bytes() for p in sorted((run_dir / "model").iterdir())}
+
+    api, cli = copy("api"), copy("cli")
+    before = read_manifest(api / "model")["calibration"]
+    untouched = fingerprint(api)
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        fitted = ws.load(api).calibrate(split="train", workers=0, quiet=True)
+    assert fingerprint(api) != untouched
+    assert read_manifest(api / "model")["calibration"] == fitted
+    assert fitted["previous_temperature"] == pytest.approx(before["temperature"])
+    assert fitted["fitted_on"] == "train" and fitted["images"] >= 10
+    code, out, err = run_cli("calibrate", cli, "--split", "train", "--workers", "0", "--quiet")
+    assert code == 0, err
+    by_cli = read_manifest(cli / "model")["calibration"]
+    assert by_cli.keys() == fitted.keys()
+    for key in ("temperature", "val_ece_before", "val_ece_after", "images", "fitted_on"):
+        assert fitted[key] == pytest.approx(by_cli[key]), key
+    assert (f"Temperature {before['temperature']:.3f} -> {fitted['temperature']:.3f}" in out
+            and f"ECE {fitted['val_ece_before']:.4f} -> {fitted['val_ece_after']:.4f}" in out)
+    # A temperature at a bound of its search: the command's warning, as a Python warning.
+    said = [str(w.message) for w in warned if "bound of its search" in str(w.message)]
+    assert len(said) == fitted["at_bound"] and ("Warning:" in out) == fitted["at_bound"]
+
+    # unknown=True: the unknown scores fitted again, the temperature left as it is.
+    u = ws.load(api).calibrate(unknown=True, unknown_rate=0.2, unknown_score="energy",
+                               workers=0, quiet=True)
+    manifest = read_manifest(api / "model")
+    assert manifest["calibration"] == fitted
+    assert manifest["unknown"]["score"] == u["score"] == "energy" and u["rate"] == 0.2
+    code, out, err = run_cli("calibrate", cli, "--unknown", "--unknown-rate", "0.2",
+                             "--unknown-score", "energy", "--workers", "0", "--quiet")
+    assert code == 0, err
+    assert f"{u['train_images']} training images" in out and f"{u['val_images']} val" in out
+    by_cli = read_manifest(cli / "model")["unknown"]["thresholds"]
+    assert by_cli.keys() == manifest["unknown"]["thresholds"].keys()
+    for score, thresholds in manifest["unknown"]["thresholds"].items():
+        assert by_cli[score] == pytest.approx(thresholds), score
+    assert u["thresholds"] == pytest.approx(by_cli["energy"])
+
+    # Refused before any image is read, in the API's own names.
+    same = fingerprint(api)
+    for settings, message in [
+            ({"unknown": "moths/"}, "unknown: expected True or False, got str"),
+            ({"unknown": True, "split": "val"}, "it takes no data, split or class_map"),
+            ({"unknown_rate": 0.1}, "fits again only with unknown=True"),
+            ({"unknown": True, "unknown_rate": 1.5}, "unknown_rate: expected a share between"),
+            ({"split": "dev"}, "split: expected one of"),
+            ({"batch_size": 0}, "batch_size: expected a whole number"),
+            ({"max_pixels": 0}, "max_pixels: expected a whole number")]:
+        with pytest.raises(WingspanError, match=message) as e:
+            ws.load(api).calibrate(quiet=True, **settings)
+        if "split" in settings and not settings.get("unknown"):
+            assert e.value.hint == "Leave it out for the val split."
+    assert fingerprint(api) == same
+
+
 def test_adapt_takes_the_keywords_evaluate_and_predict_take(run, demo_dir, tmp_path,
                                                             monkeypatch):
     """Every Run method that reads images takes quiet (no progress bars), workers, device
@@ -279,8 +348,8 @@ def test_max_pixels_is_a_keyword_where_the_command_has_the_option(run, demo_dir,
     from wingspan.config import MAX_PIXELS_ENV
 
     monkeypatch.delenv(MAX_PIXELS_ENV, raising=False)
-    for function in (ws.train, ws.resume, ws.Data.inspect, ws.Run.evaluate, ws.Run.predict,
-                     ws.Run.adapt):
+    for function in (ws.train, ws.resume, ws.Data.inspect, ws.Run.evaluate, ws.Run.calibrate,
+                     ws.Run.predict, ws.Run.adapt):
         names = list(inspect.signature(function).parameters)
         # added after `quiet`, so that a call passing quiet by position still means it
         assert names.index("max_pixels") > names.index("quiet"), function.__name__
@@ -291,6 +360,9 @@ def test_max_pixels_is_a_keyword_where_the_command_has_the_option(run, demo_dir,
     assert (run.predict(folder, quiet=True, workers=0).error == "").all()
     with pytest.raises(WingspanError, match="could be read"):
         run.evaluate(split="val", max_pixels=10, out=tmp_path / "e", quiet=True, workers=0)
+    shutil.copytree(run.dir, tmp_path / "copy")  # calibrate would rewrite the bundle
+    with pytest.raises(WingspanError, match="could be read"):
+        ws.load(tmp_path / "copy").calibrate(max_pixels=10, quiet=True, workers=0)
     summary = ws.read(demo_dir).inspect(out=tmp_path / "i", max_pixels=10, quiet=True).summary
     assert len(summary["images"]["unreadable"]) == summary["images"]["checked"] == len(
         ws.read(demo_dir))

@@ -21,6 +21,7 @@ import html
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -427,13 +428,21 @@ def _class_map_arg(value) -> dict[str, str] | None:
                         f"{type(value).__name__}.", hint='For example {"admiral": "red_admiral"}.')
 
 
-def _split_arg(value) -> str | None:
+def _split_arg(value, default: str = "the test split (else val)") -> str | None:
     """None (the default split) or one of SPLITS or "all", as evaluate's --split."""
     if value is None or (isinstance(value, str) and value in (*SPLITS, "all")):
         return value
     raise WingspanError(f"split: expected one of {', '.join(SPLITS)} or all, got "
                         f"{type(value).__name__} {value!r:.60}.",
-                        hint="Leave it out for the test split (else val).")
+                        hint=f"Leave it out for {default}.")
+
+
+def _rate_arg(value) -> float | None:
+    """None (the model's own) or a share strictly between 0 and 1, as --unknown-rate."""
+    if value is None or (isinstance(value, float | np.floating) and 0 < value < 1):
+        return None if value is None else float(value)
+    raise WingspanError(f"unknown_rate: expected a share between 0 and 1, e.g. 0.05; got "
+                        f"{type(value).__name__} {value!r:.60}.")
 
 
 @contextlib.contextmanager
@@ -574,6 +583,60 @@ class Run:
                 unknown=None if unknown is None else _paths_arg(unknown, "unknown"),
                 unknown_score=unknown_score, tta=tta)
         return Evaluation(result.out_dir, result.metrics, result.report)
+
+    def calibrate(self, data: Data | str | Path | None = None, split: str | None = None,
+                  batch_size: int = TrainConfig.batch_size, device: str = TrainConfig.device,
+                  workers: int | None = None, class_map: dict[str, str] | None = None,
+                  unknown: bool = False, unknown_rate: float | None = None,
+                  unknown_score: str | None = None, quiet: bool = False,
+                  max_pixels: int | None = None) -> dict:
+        """Fit the temperature again and store it in the bundle, as `wingspan calibrate`:
+        on `split` of `data` (default: the run's own val split; `data`'s val split, or all
+        of it when it has none), 10 labelled images at least; `class_map` as evaluate's.
+        Returns what the bundle now keeps: temperature and previous_temperature, fitted_on,
+        images, method, val_ece_before and val_ece_after, and at_bound (the search stopped
+        at a bound; a warning says so). With `unknown=True`, instead: the unknown scores
+        fitted again on the run's own train and val images (`unknown_rate`: the share of
+        known val images turned away; `unknown_score`: the default score); returns score,
+        rate, train_images, val_images and thresholds.
+
+        >>> run.calibrate("garden/")["temperature"]
+        >>> run.calibrate(unknown=True, unknown_rate=0.1)
+        """
+        from wingspan.evaluate.calibration import bound_warning
+        from wingspan.evaluate.run import calibrate, fit_unknown
+
+        if not isinstance(unknown, bool):
+            raise WingspanError(f"unknown: expected True or False, got {type(unknown).__name__} "
+                                f"{unknown!r:.60}.",
+                                hint="To measure the unknown answer on images of classes the "
+                                     "model never saw, use run.evaluate(unknown=folder).")
+        options = dict(progress=not quiet, batch_size=_count_arg("batch_size", batch_size),
+                       workers=_workers_arg(workers), device=device)
+        if unknown:
+            if data is not None or split is not None or class_map:
+                raise WingspanError("calibrate(unknown=True) fits the unknown scores on the "
+                                    "run's own train and val images: it takes no data, split "
+                                    "or class_map.",
+                                    hint="Leave them out (without unknown=True they choose "
+                                         "what the temperature is fitted on).")
+            with _max_pixels(max_pixels):
+                return fit_unknown(self._model, _rate_arg(unknown_rate), unknown_score,
+                                   **options)
+        if unknown_rate is not None or unknown_score is not None:
+            raise WingspanError("unknown_rate and unknown_score set the unknown answer, which "
+                                "calibrate fits again only with unknown=True.",
+                                hint="Add unknown=True (the temperature is then left as it is).")
+        if isinstance(data, Data):  # what ws.read gave, as evaluate takes it
+            data = data.dataset
+        elif data is not None and not isinstance(data, Dataset):
+            data = _path_arg("data", data)
+        with _max_pixels(max_pixels):
+            record = calibrate(self._model, data, _split_arg(split, "the val split"),
+                               class_map=_class_map_arg(class_map), **options)
+        if bound_warning(record):
+            warnings.warn(bound_warning(record), stacklevel=2)
+        return record
 
     @property
     def _model(self) -> Path:

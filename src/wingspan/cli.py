@@ -704,6 +704,7 @@ def calibrate_command(
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = T.batch_size,
     device: DeviceOpt = T.device,
     workers: Workers = None,
+    max_pixels: MaxPixels = None,
     class_map: Annotated[list[str] | None, typer.Option(
         "--map", help="MODEL_CLASS=DATA_CLASS (repeat, or separate with commas): fit on data "
         "that names classes differently, as evaluate's --map.")] = None,
