@@ -370,6 +370,43 @@ def test_max_pixels_is_a_keyword_where_the_command_has_the_option(run, demo_dir,
         run.predict(folder, max_pixels=0, quiet=True)
 
 
+def test_max_pixels_in_two_threads_each_keep_their_own(monkeypatch):
+    """Two calls in two threads with different max_pixels each read images with their own
+    budget throughout, also after the other has ended (the budget was the environment's,
+    set and put back by each call: the last set won, and the first to end undid the
+    other's)."""
+    import threading
+
+    from wingspan.api import _max_pixels
+    from wingspan.config import MAX_PIXELS_ENV
+    from wingspan.data.images import max_pixels
+
+    monkeypatch.setenv(MAX_PIXELS_ENV, "30")  # the process's own (as --max-pixels sets it)
+    inside, first_left = threading.Barrier(3, timeout=60), threading.Event()
+    seen = {}
+
+    def call(budget):
+        with _max_pixels(budget):
+            inside.wait()  # both calls have begun
+            seen[budget] = [max_pixels()]
+            inside.wait()
+            if budget == 10:
+                return
+            assert first_left.wait(60)
+            seen[budget].append(max_pixels())
+
+    threads = [threading.Thread(target=call, args=(b,)) for b in (10, 20)]
+    for thread in threads:
+        thread.start()
+    inside.wait()
+    inside.wait()
+    threads[0].join(60)
+    first_left.set()
+    threads[1].join(60)
+    assert seen == {10: [10], 20: [20, 20]}
+    assert max_pixels() == 30 and os.environ[MAX_PIXELS_ENV] == "30"
+
+
 def test_load_a_run_and_a_bundle(run, demo_dir, tmp_path):
     again = ws.load(run.dir)
     pd.testing.assert_frame_equal(again.history, run.history)

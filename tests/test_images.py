@@ -80,6 +80,33 @@ def test_the_pixel_budget_reduces_a_big_jpeg_and_refuses_a_big_png(tmp_path, mon
     assert "(--max-pixels, max_pixels= in Python, or $WINGSPAN_MAX_PIXELS)" in e.value.hint
 
 
+def test_a_calls_budget_goes_along_with_what_reads_images_elsewhere(tmp_path, monkeypatch):
+    """A call's budget (the library's max_pixels=) holds in its own thread only; the
+    datasets that data-loader workers read images in take it along when they are made:
+    a spawned or forkserver worker gets them pickled, without the call's context."""
+    import pickle
+
+    from torchvision.transforms import v2
+
+    from wingspan.data.images import call_budget, max_pixels
+    from wingspan.inference import _Images
+    from wingspan.training.decode_cache import DecodeCache
+
+    monkeypatch.delenv("WINGSPAN_MAX_PIXELS", raising=False)
+    path = str(tmp_path / "a.png")
+    Image.new("RGB", (100, 100), (200, 30, 30)).save(path)
+    with call_budget(5000):  # under 100 x 100
+        assert max_pixels() == 5000
+        made = (_Images([path], [v2.PILToTensor()], 100, 100), DecodeCache(None, 100))
+    assert max_pixels() == 50_000_000
+    images, cache = pickle.loads(pickle.dumps(made))  # as a worker process receives them
+    assert "over the budget of 0.005 MP" in images[0][1]
+    with pytest.raises(WingspanError, match="over the budget of 0.005 MP"):
+        cache.decode(path)
+    assert not _Images([path], [v2.PILToTensor()], 100, 100)[0][1]  # made outside: read
+    assert DecodeCache(None, 100).decode(path).size == (100, 100)
+
+
 def _claiming(jpeg: bytes, width: int, height: int) -> bytes:
     """`jpeg` with its frame header (SOF0) claiming another size; the data stays small."""
     import struct

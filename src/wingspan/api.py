@@ -22,14 +22,13 @@ import json
 import os
 import tempfile
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from wingspan.config import (
-    MAX_PIXELS_ENV,
     SPLITS,
     AugmentConfig,
     DemoConfig,
@@ -445,23 +444,14 @@ def _rate_arg(value) -> float | None:
                         f"{type(value).__name__} {value!r:.60}.")
 
 
-@contextlib.contextmanager
-def _max_pixels(value) -> Iterator[None]:
-    """--max-pixels for one call: set in the environment as the CLI sets it (so that the
-    data-loading worker processes follow it too), the previous value back afterwards."""
+def _max_pixels(value) -> contextlib.AbstractContextManager:
+    """--max-pixels for one call, in its thread only (not the process's environment, as the
+    CLI sets it: two calls in two threads may each have their own)."""
     if value is None:
-        yield
-        return
-    value = _count_arg("max_pixels", value)
-    before = os.environ.get(MAX_PIXELS_ENV)
-    os.environ[MAX_PIXELS_ENV] = str(value)
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(MAX_PIXELS_ENV, None)
-        else:
-            os.environ[MAX_PIXELS_ENV] = before
+        return contextlib.nullcontext()
+    from wingspan.data.images import call_budget
+
+    return call_budget(_count_arg("max_pixels", value))
 
 
 def _config(cls: type, settings: dict):

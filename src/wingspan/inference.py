@@ -15,7 +15,7 @@ from torchvision.transforms import v2
 
 from wingspan.config import AugmentConfig
 from wingspan.data.csvfiles import nfc
-from wingspan.data.images import open_rgb
+from wingspan.data.images import max_pixels, open_rgb
 from wingspan.data.taxonomy import Taxonomy
 from wingspan.data.transforms import eval_transform
 from wingspan.errors import WingspanError
@@ -76,13 +76,14 @@ class _Images(Dataset):
 
     def __init__(self, paths: Sequence[str], views: list[v2.Transform], size: int, draft: int):
         self.paths, self.views, self.size, self.draft = list(paths), views, size, draft
+        self.budget = max_pixels()  # the call's, taken along to the worker processes
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         try:
-            image = open_rgb(self.paths[i], draft=self.draft)
+            image = open_rgb(self.paths[i], draft=self.draft, budget=self.budget)
             return torch.stack([view(image) for view in self.views]), ""
         except WingspanError as e:
             return torch.zeros(len(self.views), 3, self.size, self.size), e.message

@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 
 from wingspan.config import AuditConfig, default_cache_dir
-from wingspan.data.images import open_rgb
+from wingspan.data.images import max_pixels, open_rgb
 from wingspan.data.samples import PATH, SPLIT, Dataset
 from wingspan.errors import WingspanError, counted
 from wingspan.files import FileArrays, atomic_paths
@@ -122,6 +122,7 @@ class _Decoded(torch.utils.data.Dataset):
 
     def __init__(self, paths: list[str], view, size: int, draft: int):
         self.paths, self.view, self.size, self.draft = paths, view, size, draft
+        self.budget = max_pixels()  # the call's, taken along to the worker processes
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -130,7 +131,7 @@ class _Decoded(torch.utils.data.Dataset):
         import imagehash
 
         try:
-            image = open_rgb(self.paths[i], draft=self.draft)
+            image = open_rgb(self.paths[i], draft=self.draft, budget=self.budget)
         except WingspanError as e:
             return (torch.zeros(3, self.size, self.size), torch.zeros(64, dtype=torch.bool),
                     e.message)

@@ -8,6 +8,7 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -71,10 +72,32 @@ class ImageTooLarge(WingspanError):
     """An image over the pixel budget (a server answers it 413, not 422)."""
 
 
+# The library's max_pixels= for one call: a context variable, so that calls in two threads
+# each keep their own (the environment is the whole process's). A data loader's worker
+# processes and a pool's threads do not see the call's context: the datasets and pools
+# that read images there take the budget along (`max_pixels()` when they are made).
+_CALL_BUDGET: ContextVar[int | None] = ContextVar("wingspan_max_pixels", default=None)
+
+
 def max_pixels() -> int:
-    """The pixel budget: $WINGSPAN_MAX_PIXELS, else MAX_PIXELS (read at each call, so that
-    data-loading worker processes follow the command's --max-pixels)."""
-    return pixel_budget(os.environ.get(MAX_PIXELS_ENV, "")) or MAX_PIXELS
+    """The pixel budget: the library call's max_pixels=, else $WINGSPAN_MAX_PIXELS (which
+    the CLI's --max-pixels sets for its process), else MAX_PIXELS."""
+    return chosen_budget() or MAX_PIXELS
+
+
+def chosen_budget() -> int | None:
+    """The budget a user chose (max_pixels= or --max-pixels), None for the default."""
+    return _CALL_BUDGET.get() or pixel_budget(os.environ.get(MAX_PIXELS_ENV, ""))
+
+
+@contextmanager
+def call_budget(value: int) -> Iterator[None]:
+    """`max_pixels()` is `value` inside, in this thread (or task) only."""
+    token = _CALL_BUDGET.set(value)
+    try:
+        yield
+    finally:
+        _CALL_BUDGET.reset(token)
 
 
 def pixel_budget(text: str) -> int | None:
@@ -107,7 +130,7 @@ def _empty(path: str | Path) -> bool:
 
 
 def open_rgb(path: str | Path | BinaryIO, draft: int | None = None,
-             name: str | None = None) -> Image.Image:
+             name: str | None = None, budget: int | None = None) -> Image.Image:
     """Decode an image as upright 8-bit RGB, whatever its mode or EXIF orientation.
 
     `draft` lets libjpeg decode a large JPEG at a reduced scale (1/2, 1/4, 1/8) that is
@@ -120,12 +143,13 @@ def open_rgb(path: str | Path | BinaryIO, draft: int | None = None,
     An image over the pixel budget (`max_pixels`, checked from its header, before any
     decoding) is decoded reduced if it is a JPEG that libjpeg can bring under it, and
     refused otherwise: a 15800 x 15800 PNG would take gigabytes to decode. `name`: what
-    messages call the image (default: `path`; give one for bytes in memory).
+    messages call the image (default: `path`; give one for bytes in memory). `budget`:
+    `max_pixels()` where the caller looked it up (another process or thread sees another).
     """
     name = name or str(path)
     try:
         with open_image(path) as im:
-            budget, (w, h) = max_pixels(), im.size
+            budget, (w, h) = budget or max_pixels(), im.size
             side = draft or VIEW_SIDE
             resized = side * side * max(w, h) / max(min(w, h), 1)
             if max(budget, w * h) < resized <= MAX_PIXELS:
@@ -207,9 +231,10 @@ class ImageFacts:
     error: str | None = None  # set when the file cannot be decoded in full
 
 
-def image_facts(path: str) -> ImageFacts:
-    """Hash the bytes and decode the image completely, so truncation is caught too."""
-    facts = ImageFacts(path)
+def image_facts(path: str, budget: int | None = None) -> ImageFacts:
+    """Hash the bytes and decode the image completely, so truncation is caught too.
+    `budget`: as open_rgb's."""
+    facts, budget = ImageFacts(path), budget or max_pixels()
     try:
         data = Path(path).read_bytes()
     except OSError as e:
@@ -223,9 +248,9 @@ def image_facts(path: str) -> ImageFacts:
             if im.format in REDUCIBLE:  # at 1/8 scale: fast, and still reads all the data
                 im.draft(im.mode, (_ceil(im.width, 8), _ceil(im.height, 8)))
             # Checked before anything decodes (a PNG's EXIF is read by decoding it): no bomb.
-            if im.size[0] * im.size[1] > max_pixels():
+            if im.size[0] * im.size[1] > budget:
                 facts.error = (f"{facts.width} x {facts.height} pixels is over the pixel "
-                               f"budget of {max_pixels() / 1e6:.3g} MP (--max-pixels)")
+                               f"budget of {budget / 1e6:.3g} MP (--max-pixels)")
                 return facts
             orientation = im.getexif().get(EXIF_ORIENTATION, 1)
             facts.exif_rotated = orientation not in (0, 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from wingspan.config import InspectConfig
-from wingspan.data.images import UNUSUAL_MODES, ImageFacts, image_facts
+from wingspan.data.images import UNUSUAL_MODES, ImageFacts, image_facts, max_pixels
 from wingspan.data.plots import plot_class_balance
 from wingspan.data.samples import PATH, SPLIT, Dataset
 from wingspan.data.taxonomy import taxonomy_conflicts
@@ -81,9 +82,11 @@ def _group_problems(dataset: Dataset) -> dict:
 
 
 def _all_facts(paths: list[str], workers: int, progress: bool) -> list[ImageFacts]:
-    # Decoding releases the GIL, so threads use every core without pickling anything.
+    # Decoding releases the GIL, so threads use every core without pickling anything. The
+    # pool's threads do not see this call's context: its budget goes along.
+    facts = functools.partial(image_facts, budget=max_pixels())
     with ThreadPoolExecutor(workers) as pool:
-        return list(track(pool.map(image_facts, paths, chunksize=16), "Checking images",
+        return list(track(pool.map(facts, paths, chunksize=16), "Checking images",
                           total=len(paths), enabled=progress))
 
 

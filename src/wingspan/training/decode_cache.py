@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 from torchvision.transforms.v2.functional import resize
 
-from wingspan.data.images import open_rgb
+from wingspan.data.images import max_pixels, open_rgb
 from wingspan.data.transforms import interpolation_mode
 from wingspan.files import FileArrays
 
@@ -30,6 +30,7 @@ class DecodeCache:
         # side rounded, miss).
         self.arrays = FileArrays(folder, f"{key}|tv")
         self.short_side = short_side
+        self.budget = max_pixels()  # the call's, taken along to the worker processes
         self.interpolation = interpolation_mode(interpolation)
 
     def load(self, path: str) -> np.ndarray:
@@ -44,7 +45,7 @@ class DecodeCache:
         return array
 
     def decode(self, path: str) -> Image.Image:
-        image = open_rgb(path, draft=self.short_side)
+        image = open_rgb(path, draft=self.short_side, budget=self.budget)
         # torchvision's own resize of the PIL image, as predict's eval transform resizes it:
         # the same sizes (it truncates the long side) and pixels, so that what training
         # chooses its epoch, temperature and thresholds on is what predict sees. A smaller

@@ -24,8 +24,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from wingspan.config import MAX_PIXELS_ENV, ReadConfig, TrainConfig
+from wingspan.config import ReadConfig, TrainConfig
 from wingspan.data import read_dataset
+from wingspan.data.images import chosen_budget
 from wingspan.data.samples import Dataset
 from wingspan.data.split import write_splits
 from wingspan.errors import WingspanError, counted
@@ -140,8 +141,8 @@ def _data_comment(dataset: Dataset, run_dir: Path, held_out: bool) -> str:
     how = [f"--format {dataset.format}"]
     if dataset.group_regex:
         how.append(f"--group-regex '{dataset.group_regex}'")
-    if os.environ.get(MAX_PIXELS_ENV):
-        how.append(f"--max-pixels {os.environ[MAX_PIXELS_ENV]}")
+    if chosen_budget():  # --max-pixels, or the library's max_pixels=
+        how.append(f"--max-pixels {chosen_budget()}")
     again = f"wingspan train {run_dir / SPLITS_FILE} --config {run_dir / CONFIG_FILE}"
     if held_out:  # splits.csv has none of their images
         again += (" --holdout-classes ''   (the held-out classes' images are in "
