@@ -170,7 +170,10 @@ def test_evaluate_is_the_cli_evaluation(run, run_cli, tmp_path, demo_dir):
     assert ev.report()._repr_html_().startswith("<iframe srcdoc=")
     with pytest.raises(WingspanError, match="Available: .*reliability"):
         ev.plot("roc")
-    assert run.evaluate(split="val", out=tmp_path / "tta", tta=True, quiet=True).metrics["tta"]
+    # With TTA, beside the plain evaluation (RUN/evaluation-val-tta), which stays.
+    tta = run.evaluate(split="val", tta=True, quiet=True)
+    assert tta.dir == run.dir / "evaluation-val-tta" and tta.metrics["tta"]
+    assert json.loads((ev.dir / "metrics.json").read_text()) == ev.metrics
     # Data from ws.read, as train takes it: the same figures as its folder's.
     again = run.evaluate(ws.read(demo_dir), split="all", out=tmp_path / "a", quiet=True)
     by_path = run.evaluate(demo_dir, split="all", out=tmp_path / "b", quiet=True)

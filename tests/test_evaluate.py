@@ -959,3 +959,67 @@ def test_evaluate_rows_rename_by_spelling_then_map_then_rare_each_in_one_pass(dt
                                            "painted lady"]
     assert rows["_label"].iloc[6:].isna().all() and rows["_label"].dtype == table["species"].dtype
     assert rows["_label"].tolist()[6:] == table["species"].tolist()[6:8]  # None stays None
+
+
+def test_a_tta_evaluation_goes_beside_the_plain_one(evaluation, trained, run_cli, tmp_path):
+    """`--tta` writes RUN/evaluation-SPLIT-tta: a user who evaluates with and without TTA
+    keeps both, and evaluating either again replaces only its own folder."""
+    plain, tta = trained / "evaluation-test", trained / "evaluation-test-tta"
+    assert evaluation.out_dir == plain
+    shutil.rmtree(tta, ignore_errors=True)
+    before = (plain / "predictions.csv").read_bytes()
+    code, stdout, err = run_cli("evaluate", trained, "--tta", "--quiet")
+    assert code == 0, err
+    assert f"Report: {tta / 'report.html'}" in stdout  # where it wrote
+    assert (plain / "predictions.csv").read_bytes() == before
+    assert json.loads((plain / "metrics.json").read_text())["tta"] is False
+    assert json.loads((tta / "metrics.json").read_text())["tta"] is True
+    probs = pd.read_csv(tta / "predictions.csv").filter(like="p:")
+    assert not np.allclose(probs, pd.read_csv(plain / "predictions.csv").filter(like="p:"))
+    page = (tta / "report.html").read_text()
+    assert "<th>test-time augmentation</th><td>on: each image" in page
+    # The temperature and thresholds were fitted without TTA: the report says so.
+    assert "fitted on single views" in page
+    assert "fitted on single views" not in (plain / "report.html").read_text()
+    # The plain evaluation again: the TTA one stays.
+    again = evaluate(trained, progress=False, workers=0)
+    assert again.out_dir == plain and again.metrics["tta"] is False
+    assert json.loads((tta / "metrics.json").read_text())["tta"] is True
+
+
+def test_tta_names_other_data_and_unknown_evaluations_too(trained, tmp_path, run_cli):
+    """With other DATA (and --map) the TTA evaluation is RUN/evaluation-NAME-SPLIT-tta,
+    beside the plain one; with --unknown (which adds to the same folder's figures) it is
+    the split's -tta folder, and the unknown figures are scored on the views' mean."""
+    from helpers import write_image
+
+    own = read_dataset(trained / "splits.csv").table
+    test = own[own["split"] == "test"].head(12)
+    classes = sorted(test["label"].unique())
+    for label, path in zip(test["label"], test["path"], strict=True):
+        folder = tmp_path / "mine" / ("renamed" if label == classes[0] else label)
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, folder / f"{len(list(folder.iterdir()))}{Path(path).suffix}")
+    mapped = ["--map", f"{classes[0]}=renamed", "--split", "all", "--quiet"]
+    for extra in ([], ["--tta"]):
+        code, stdout, err = run_cli("evaluate", trained, tmp_path / "mine", *mapped, *extra)
+        assert code == 0, err
+    plain, tta = trained / "evaluation-mine-all", trained / "evaluation-mine-all-tta"
+    assert json.loads((plain / "metrics.json").read_text())["tta"] is False
+    metrics = json.loads((tta / "metrics.json").read_text())
+    assert metrics["tta"] is True and metrics["transfer"][0]["data class"] == "renamed"
+    assert f"Report: {tta / 'report.html'}" in stdout
+
+    for i in range(6):
+        write_image(tmp_path / "noise" / f"{i}.jpg", size=(40, 40), seed=i)
+    shutil.rmtree(trained / "evaluation-val-tta", ignore_errors=True)
+    for extra in ([], ["--tta"]):
+        code, stdout, err = run_cli("evaluate", trained, "--split", "val", "--unknown",
+                                    tmp_path / "noise", "--quiet", *extra)
+        assert code == 0, err
+    for folder, on in ((trained / "evaluation-val", False),
+                       (trained / "evaluation-val-tta", True)):
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert metrics["tta"] is on and metrics["unknown"]["unseen_images"] == 6
+        assert (folder / "unknown.csv").is_file()
+    assert "fitted on single views" in stdout  # the thresholds were set without TTA

@@ -622,7 +622,7 @@ def evaluate_command(
         help="train | val | test | all (default: test, else val).")] = None,
     out_dir: Annotated[Path | None, typer.Option(
         "--out", help="Output folder (default: RUN/evaluation-SPLIT; other DATA: "
-        "RUN/evaluation-NAME-SPLIT).")] = None,
+        "RUN/evaluation-NAME-SPLIT; with --tta, either with -tta after it).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = T.batch_size,
     device: DeviceOpt = T.device,
     precision: Precision = T.precision,
@@ -843,6 +843,8 @@ def _print_evaluation(result) -> None:
     out.print(table)
     if m.get("fair", "").startswith("no"):  # evaluated on images trained or chosen on
         out.print(f"[yellow]Are these figures fair?[/] {escape(m['fair'])}.")
+    if m.get("tta_note"):
+        out.print(f"Test-time augmentation: {escape(m['tta_note'])}.")
     if worse:  # fitted on the run's own val, the temperature may not carry to other photos
         out.print("[yellow]The temperature makes these probabilities less calibrated (ECE "
                   f"{m['ece_uncalibrated']:.3f} -> {m['ece']:.3f}).[/]" + (

@@ -95,9 +95,9 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     unknown_paths = _unknown_paths(unknown) if unknown is not None else None  # before work
     if unknown_paths:
         _check_unseen(unknown_paths, rows["path"], predictor)
-    # Other data's evaluation is named after it: the run's own stays where it is.
-    name = f"evaluation-{dataset.name}-{split}" if data is not None else f"evaluation-{split}"
-    final = Path(out).resolve() if out else output_home(predictor.bundle) / name
+    final = (Path(out).resolve() if out else
+             output_home(predictor.bundle) / evaluation_name(dataset.name, split,
+                                                             data is not None, tta))
     _check_out_dir(final)
     # Everything is written to a folder beside it and moved in place at the end: a killed
     # evaluation leaves a ".partial" folder and the previous results, never half of both.
@@ -143,6 +143,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
                        view_softmax(logits), y,
                        y_pred=_predicted(predictor, view_softmax(logits))),
                    temperature=predictor.temperature, calibration=calibration, tta=tta,
+                   **({"tta_note": tta_note(predictor.unknown is not None)} if tta else {}),
                    fair=_fairness(predictor.manifest, split, data, [paths[i] for i in ok],
                                   _own_splits(dataset, data, run_dir)))
     read = [preds[i] for i in ok]  # the readable images' predictions, in y's order
@@ -202,6 +203,27 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
             metrics, table, confused, pngs, levels_table, transfer)
     _put_in_place(out_dir, final)
     return Evaluation(final, metrics, final / "report.html")
+
+
+def evaluation_name(data_name: str, split: str, other_data: bool, tta: bool) -> str:
+    """The default folder of an evaluation: evaluation-SPLIT for the run's own data,
+    evaluation-NAME-SPLIT for other DATA, and "-tta" after either with TTA, so that no
+    variant writes over another (a user compares them side by side)."""
+    name = f"evaluation-{data_name}-{split}" if other_data else f"evaluation-{split}"
+    return f"{name}-tta" if tta else name
+
+
+def tta_note(thresholds: bool) -> str:
+    """What TTA does to the fitted figures: the temperature (and the unknown thresholds)
+    are fitted on one view of each image (training, `wingspan calibrate`), while TTA
+    scores the mean of the views, which is softer; refitting them on TTA would need
+    TTA-specific values in the bundle, so the evaluation measures and says it instead."""
+    fitted = "the temperature and the unknown thresholds were" if thresholds else \
+        "the temperature was"
+    return (f"{fitted} fitted on single views of the images, not on the mean of the views "
+            "that TTA scores: the ECE after the temperature"
+            + (" and the share of images turned away are" if thresholds else " is")
+            + " as measured here, not as fitted")
 
 
 def _answers(predictor: Predictor, preds: list, named: np.ndarray, y: np.ndarray,
@@ -778,6 +800,8 @@ def _report(out_dir, name, predictor, run_dir, dataset, level, split, metrics, t
     if cal.get("same_data_as_evaluation"):
         calibration.append(("note", "the temperature was fitted on the images being "
                             "evaluated (or some of them): the ECE after is optimistic"))
+    if metrics.get("tta_note"):
+        calibration.append(("test-time augmentation", metrics["tta_note"]))
     if bound_warning(cal):
         calibration.append(("warning", bound_warning(cal)))
     if cal.get("method", "likelihood") != "likelihood":
@@ -797,7 +821,8 @@ def _report(out_dir, name, predictor, run_dir, dataset, level, split, metrics, t
     profile = None
     if train_metrics.get("profile"):
         profile = pd.DataFrame([{"stage": s, **v} for s, v in train_metrics["profile"].items()])
-    return write_report(out_dir / "report.html", f"wingspan report: {name}",
+    title = f"wingspan report: {name}" + (" (test-time augmentation)" if metrics["tta"] else "")
+    return write_report(out_dir / "report.html", title,
                         {"overview": overview, "data": data_table, "balance_png": pngs["balance"],
                          "preview_png": pngs.get("preview"), "curves_png": pngs.get("curves"),
                          "summary": summary, "per_class": table,
@@ -808,7 +833,7 @@ def _report(out_dir, name, predictor, run_dir, dataset, level, split, metrics, t
                          "profile": profile, "levels": levels_table, "transfer": transfer,
                          "hierarchy": metrics.get("hierarchy"),
                          "unknown": _unknown_section(metrics.get("unknown"),
-                                                     metrics["split"]),
+                                                     metrics["split"], metrics["tta"]),
                          "unknown_png": pngs.get("unknown")})
 
 
@@ -848,7 +873,7 @@ def away_wording(u: dict) -> tuple[str, str]:
     return "answered unknown", ""
 
 
-def _unknown_section(u: dict | None, split: str) -> dict | None:
+def _unknown_section(u: dict | None, split: str, tta: bool = False) -> dict | None:
     if not u:
         return None
     away, branch = away_wording(u)
@@ -856,7 +881,8 @@ def _unknown_section(u: dict | None, split: str) -> dict | None:
               if u.get("thresholds") else f"{u['threshold']:.4g}:")
     summary = [
         ("score (threshold)", f"{u['score']} ({limits} turns away {u['rate']:.0%} of known "
-                              "val images)"),
+                              "val images" + (", each a single view, without TTA" if tta
+                                              else "") + ")"),
         ("images of unseen classes", u["unseen_images"]),
         ("unreadable images of unseen classes (not scored)", len(u.get("unreadable", []))),
         ("AUROC / FPR at 95% TPR", f"{u['auroc']:.4f} / {u['fpr95']:.4f}"),
