@@ -99,6 +99,34 @@ def test_the_fitted_scores_survive_the_bundle_round_trip():
             after["mahalanobis"]["label"], rtol=1e-5)
 
 
+def test_a_combined_score_stays_a_share_in_0_1_and_old_thresholds_keep_their_answers():
+    """msp+knn is the share of known val images a score exceeds: images beyond every val
+    image (far away, or closer than any) stay within [0, 1], in the graph too."""
+    torch.manual_seed(0)
+    centres = 3 * torch.randn(3, 8)
+    head = torch.nn.Linear(8, 3)
+    x, y = _clusters(20, centres, seed=1)
+    vx, vy = _clusters(10, centres, seed=2)
+    with torch.no_grad():
+        detector = UnknownDetector.fit(x, {"label": head(x)}, {"label": y}, vx,
+                                       {"label": head(vx)}, "msp+knn", 0.05)
+        probe = torch.cat([x[:10], 20 * torch.randn(20, 8)])  # training images, far ones
+        scores = detector.scores(probe, {"label": head(probe)})["label"]
+        graph = detector.graph()(probe, {"label": head(probe)})["label"].numpy()
+    for got in (scores, graph):
+        assert got.min() >= 0.0 and got.max() <= 1.0, (got.min(), got.max())
+    assert scores.max() > 0.998  # the far images: beyond every val image
+    # A bundle written before the scaling holds an unscaled threshold (share + 1e-3 *
+    # tanh(z / 10)); it is read in today's units, so it turns away the same images.
+    entry = json.loads(json.dumps(detector.manifest()))
+    del entry["combined_range"]
+    want = detector.thresholds["msp+knn"]["label"]
+    entry["thresholds"]["msp+knn"]["label"] = want * 1.002 - 1e-3
+    old = UnknownDetector.from_bundle(entry, detector.tensors())
+    assert old.thresholds["msp+knn"]["label"] == pytest.approx(want, abs=1e-9)
+    assert old.thresholds["msp"] == detector.thresholds["msp"]
+
+
 def test_a_bundle_keeps_the_k_its_knn_threshold_was_set_for(monkeypatch):
     import wingspan.models.unknown as unknown
 

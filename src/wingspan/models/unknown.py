@@ -31,6 +31,9 @@ MAX_FIT_IMAGES = 5000
 # +0.004 to +0.019 on all six runs, README), but at k 1 a non-butterfly slipped through.
 KNN_K = 3
 KNN_K_UNSTORED = 10  # what a bundle that does not store its k was fitted with
+# A combined score's tie-break: a z-score term of at most this much either way keeps images
+# beyond every val image in order; the sum is scaled back into [0, 1], a share's range.
+TIE_BREAK = 1e-3
 
 
 class Score:
@@ -229,7 +232,7 @@ class Combined(Score):
     images it exceeds. MSP sees a near neighbour of a known species (a confused head),
     kNN an image far from every training image that the head is sure of anyway (a cat);
     each misses what the other sees. (A small z-score term keeps images beyond every val
-    image in order.)"""
+    image in order; the sum is scaled back into [0, 1].)"""
 
     def __init__(self, parts: tuple[str, ...]):
         self.parts = parts
@@ -250,8 +253,7 @@ class Combined(Score):
         for p in self.parts:
             val, x = self.val[p], part_scores[p].double()
             share = torch.searchsorted(val, x, right=True) / len(val)
-            z = (x - val.mean()) / (val.std() + 1e-12)
-            units.append(share + 1e-3 * torch.tanh(z / 10))
+            units.append(_in_unit(share, (x - val.mean()) / (val.std() + 1e-12)))
         return torch.stack(units).max(0).values.float()
 
     def graph(self, parts: dict[str, nn.Module]) -> nn.Module:
@@ -274,8 +276,21 @@ class _CombinedGraph(nn.Module):
         for part, val, (mean, std) in zip(self.parts, self.vals, self.stats, strict=True):
             x = part(features, logits)
             share = (val[None, :] <= x[:, None]).float().mean(-1)
-            units.append(share + 1e-3 * torch.tanh((x - mean) / std / 10))
+            units.append(_in_unit(share, (x - mean) / std))
         return torch.stack(units).max(0).values
+
+
+def _in_unit(share: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """A share of val images plus the tie-break, scaled into [0, 1] (the clamp only
+    catches rounding: tanh reaches +-1 in floating point)."""
+    tied = share + TIE_BREAK * (1.0 + torch.tanh(z / 10))
+    return (tied / (1.0 + 2 * TIE_BREAK)).clamp(0.0, 1.0)
+
+
+def _legacy_threshold(threshold: float) -> float:
+    """A combined threshold from a bundle written before the scaling, share + TIE_BREAK *
+    tanh(z / 10) unscaled, in today's units: the same affine map as the scores'."""
+    return (threshold + TIE_BREAK) / (1.0 + 2 * TIE_BREAK)
 
 
 class _LevelsGraph(nn.Module):
@@ -399,7 +414,7 @@ class UnknownDetector:
         return {"score": self.score, "rate": self.rate, "levels": self.levels,
                 "temperature": self.temperature,
                 "thresholds": self.thresholds, "fitted_on": "train", "threshold_on": "val",
-                "higher_is_unknown": True}
+                "higher_is_unknown": True, "combined_range": [0.0, 1.0]}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -416,8 +431,13 @@ class UnknownDetector:
     @classmethod
     def from_bundle(cls, entry: dict, tensors: dict[str, torch.Tensor]) -> UnknownDetector:
         levels, temperature = entry["levels"], float(entry["temperature"])
+        thresholds = entry["thresholds"]
+        if "combined_range" not in entry:  # written before combined scores were scaled
+            thresholds = {name: ({lv: _legacy_threshold(t) for lv, t in per_level.items()}
+                                 if name in COMBINED else per_level)
+                          for name, per_level in thresholds.items()}
         detector = cls(entry["score"], float(entry["rate"]), levels, temperature,
-                       thresholds=entry["thresholds"])
+                       thresholds=thresholds)
         for name in entry["thresholds"]:
             if name in COMBINED:
                 detector.fitted[name] = {lv: Combined(COMBINED[name]).load(
