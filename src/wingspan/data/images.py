@@ -250,7 +250,8 @@ def image_facts(path: str, budget: int | None = None) -> ImageFacts:
             # Checked before anything decodes (a PNG's EXIF is read by decoding it): no bomb.
             if im.size[0] * im.size[1] > budget:
                 facts.error = (f"{facts.width} x {facts.height} pixels is over the pixel "
-                               f"budget of {budget / 1e6:.3g} MP (--max-pixels)")
+                               f"budget of {budget / 1e6:.3g} MP (raise it with "
+                               f"{RAISE_BUDGET})")
                 return facts
             orientation = im.getexif().get(EXIF_ORIENTATION, 1)
             facts.exif_rotated = orientation not in (0, 1)
