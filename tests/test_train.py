@@ -1205,6 +1205,27 @@ def test_a_run_killed_while_it_is_set_up_says_what_to_do(demo_dir, tmp_path, tar
         assert "Nothing was trained" in str(e.value)
 
 
+def test_the_command_again_after_a_kill_in_set_up_says_the_folder_is_a_leftover(
+        demo_dir, tmp_path):
+    """Killed before config.yaml: the same command again trains in r-2, and says that r is
+    what the killed set-up left (nothing to resume) and to delete it, not only "taken"."""
+    run_dir = tmp_path / "runs" / "r"
+    config_file = tmp_path / "config.yaml"
+    config = tiny(tmp_path, epochs_head=1, epochs_finetune=0)
+    config_file.write_text(yaml.safe_dump(vars(config)))
+    killed = cli_killed_at(["train", demo_dir, "--config", config_file, "--runs-dir",
+                            run_dir.parent, "--name", "r", "--quiet"],
+                           "wingspan.files:_flush", 1, "config")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    again = train(read_dataset(demo_dir), config, run_dir.parent, "r", quiet=True)
+    assert again.name == "r-2"
+    line = next(x for x in (again / "train.log").read_text().splitlines()
+                if f"{run_dir} " in x)  # one line, whatever its length
+    assert (f"{run_dir} is left from a run killed while it was being set up, before it "
+            f"trained anything: this run is {again}. Delete {run_dir} (there is nothing in "
+            "it to resume) to give a run that name again.") in line
+
+
 def test_a_run_killed_once_set_up_resumes(demo_dir, tmp_path):
     """Killed with config.yaml and splits.csv written, before a checkpoint: it resumes."""
     run_dir = tmp_path / "runs" / "r"

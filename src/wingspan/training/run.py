@@ -749,6 +749,13 @@ def _name_taken(run_dir: Path, name: str) -> str:
     earlier = [run_dir.parent / name, *(run_dir.parent / f"{name}-{k}" for k in range(2, n))]
     stopped = [d for d in earlier if (d / CONFIG_FILE).is_file()
                and not _complete_bundle(d / "model")]
+    # Killed before config.yaml (none of them is being set up now): nothing to resume.
+    set_up = [d for d in earlier if _stopped_while_set_up(d)
+              and not ((d / ".lock").is_file() and being_trained(d))]
+    if not stopped and set_up:
+        return (f"{set_up[-1]} is left from a run killed while it was being set up, before "
+                f"it trained anything: this run is {run_dir}. Delete {set_up[-1]} (there is "
+                "nothing in it to resume) to give a run that name again.")
     if not stopped:
         return f"{earlier[0]} is taken: this run is {run_dir}"
     return (f"{stopped[-1]} holds a run that did not finish; this one starts afresh in "
