@@ -693,6 +693,10 @@ def test_unknown_images_may_sit_under_a_known_genus_but_not_a_known_species(tmp_
     with pytest.raises(WingspanError, match="also among the images of known classes"):
         _check_unseen([str(tmp_path / "new" / "x.jpg")], [str(tmp_path / "new" / "x.jpg")],
                       model)
+    # A folder named as the class reads (macOS's decomposed é, an end space) is that class.
+    model.classes = ["Pieris napi (Linn\u00e9)"]
+    with pytest.raises(WingspanError, match="classes the model knows: Pieris napi"):
+        _check_unseen([str(tmp_path / "Pieris napi (Linne\u0301) " / "x.jpg")], [], model)
 
 
 def test_unreadable_unknown_images_are_said_beside_the_figures(trained, tmp_path, run_cli):

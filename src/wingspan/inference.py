@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from wingspan.config import AugmentConfig
-from wingspan.data.csvfiles import nfc
+from wingspan.data.csvfiles import name_as_read
 from wingspan.data.images import max_pixels, open_rgb
 from wingspan.data.taxonomy import Taxonomy
 from wingspan.data.transforms import eval_transform
@@ -67,7 +67,7 @@ def spelt_as_trained(predictor: Predictor) -> dict[str, dict[str, str]]:
     knows both names keeps each to its own."""
     known = {**(predictor.taxonomy.classes if predictor.taxonomy else {}),
              predictor.level: [*predictor.classes, *predictor.rare]}
-    return {lv: {nfc(c.strip()): c for c in names if nfc(c.strip()) not in names}
+    return {lv: {name_as_read(c): c for c in names if name_as_read(c) not in names}
             for lv, names in known.items()}
 
 

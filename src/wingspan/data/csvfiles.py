@@ -67,3 +67,9 @@ def nfc(text: str) -> str:
     """One spelling for one name: macOS writes folder names decomposed (e + combining
     accent), a CSV typed elsewhere has them composed; compared as text they differ."""
     return unicodedata.normalize("NFC", text)
+
+
+def name_as_read(text: str) -> str:
+    """A class name (a folder's, a CSV's or taxonomy.csv's label) as wingspan reads it:
+    without end spaces, in NFC. Whatever compares a name with a model's classes reads it so."""
+    return nfc(text.strip())

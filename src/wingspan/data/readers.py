@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from wingspan.config import IMAGE_EXTENSIONS, SPLITS, ReadConfig
-from wingspan.data.csvfiles import nfc, read_csv
+from wingspan.data.csvfiles import name_as_read, nfc, read_csv
 from wingspan.data.samples import GROUP, PATH, SPLIT, Dataset, Problem, make_table
 from wingspan.data.taxonomy import (
     TAXONOMY_FILE,
@@ -230,7 +230,7 @@ def _class_folders(root: Path, config: ReadConfig, problems: list[Problem]
     for class_dir in _top_folders(root, problems):
         found = images_under(class_dir, problems)
         paths += found
-        label = nfc(class_dir.name.strip())  # as a CSV's labels: "monarch " is "monarch"
+        label = name_as_read(class_dir.name)  # as a CSV's labels: "monarch " is "monarch"
         if label != nfc(class_dir.name) and found:
             problems.append(Problem("label_stripped", f"class folder '{class_dir.name}' has "
                                     f"spaces at its ends; read as the class '{label}'",
@@ -365,7 +365,7 @@ def read_csv_table(csv_path: Path, config: ReadConfig) -> Dataset:
     problems: list[Problem] = []
     # " monarch" and "monarch " are the class "monarch", not two more; one Unicode spelling.
     names = [c for c in raw.columns if c not in (PATH, SPLIT, GROUP)]
-    stripped = raw.assign(**{c: raw[c].str.strip().map(nfc) for c in names})
+    stripped = raw.assign(**{c: raw[c].map(name_as_read) for c in names})
     padded = np.logical_or.reduce([stripped[c] != raw[c].map(nfc) for c in names])
     problems += [Problem("label_stripped", f"label {'/'.join(values)!r} has spaces at its "
                          "ends; read without them", path)

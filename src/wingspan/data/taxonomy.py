@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from wingspan.data.csvfiles import nfc, read_csv
+from wingspan.data.csvfiles import name_as_read, read_csv
 from wingspan.data.samples import GROUP, PATH, SPLIT, Problem
 from wingspan.errors import WingspanError
 
@@ -23,7 +23,7 @@ def read_taxonomy(path: Path) -> pd.DataFrame:
     """
     tax = read_csv(path, key="folder")
     # "monarch " is the folder "monarch", and a decomposed é the composed one.
-    tax = tax.apply(lambda column: column.str.strip().map(nfc))
+    tax = tax.apply(lambda column: column.map(name_as_read))
     if "folder" not in tax.columns or len(tax.columns) < 2:
         raise WingspanError(
             f"{path} must have a 'folder' column and at least one level column "

@@ -13,7 +13,7 @@ import pandas as pd
 
 from wingspan.config import UNKNOWN_SCORES, AugmentConfig, ReadConfig, TrainConfig
 from wingspan.data import read_dataset
-from wingspan.data.csvfiles import nfc
+from wingspan.data.csvfiles import name_as_read
 from wingspan.data.plots import plot_class_balance
 from wingspan.data.preview import write_preview
 from wingspan.data.samples import SPLIT, Dataset, renamed
@@ -275,8 +275,8 @@ def _check_unseen(unknown_paths: list[str], known_paths, predictor: Predictor) -
     answer against the unknown answer's figures."""
     # The finest level only: an unseen species is rightly filed under a known genus. Names
     # as folders read now: a model's 'monarch ' (see `spelt_as_trained`) is 'monarch'.
-    named = sorted({nfc(Path(p).parent.name.strip()) for p in unknown_paths}
-                   & {nfc(c.strip()) for c in predictor.classes})
+    named = sorted({name_as_read(Path(p).parent.name) for p in unknown_paths}
+                   & {name_as_read(c) for c in predictor.classes})
     if named:
         raise WingspanError(f"The --unknown images include folders named after classes the "
                             f"model knows: {some(named, 5)}.",
@@ -451,7 +451,7 @@ def _check_class_map(class_map: dict[str, str], predictor: Predictor, dataset: D
     """`class_map` with the model's classes as it spells them: 'monarch' names a model's
     'monarch ' (see `spelt_as_trained`), as the data's own 'monarch' matches it."""
     spelt = spelt_as_trained(predictor).get(predictor.level, {})
-    class_map = {spelt.get(nfc(ours.strip()), ours) if ours not in predictor.classes
+    class_map = {spelt.get(name_as_read(ours), ours) if ours not in predictor.classes
                  else ours: theirs for ours, theirs in class_map.items()}
     ours = [c for c in class_map if c not in predictor.classes]
     theirs = [c for c in class_map.values() if c not in set(dataset.table[level])]
