@@ -180,6 +180,11 @@ class Taxonomy:
             previous = lv
         return chosen
 
+    def answer(self, fine_probs: np.ndarray) -> np.ndarray:
+        """The finest class of each top-down branch: the class predict answers, which may
+        differ from the flat argmax (a likelier family whose species are each less likely)."""
+        return self.predict(fine_probs)[self.finest]
+
     def parent_of(self, level: str, parent_level: str) -> np.ndarray:
         """For each class at `level`, its parent's index at `parent_level`."""
         out = np.zeros(len(self.classes[level]), dtype=np.int64)

@@ -357,7 +357,7 @@ def _predicted(predictor: Predictor, probs: np.ndarray) -> np.ndarray:
     """`_finest_answer` from the probabilities (N, classes)."""
     if predictor.taxonomy is None:
         return probs.argmax(1)
-    return predictor.taxonomy.predict(probs)[predictor.taxonomy.finest]
+    return predictor.taxonomy.answer(probs)
 
 
 def _named(predictor: Predictor, p) -> str:

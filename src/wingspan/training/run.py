@@ -689,7 +689,7 @@ def _fit_calibration(run: Run, val: tuple) -> dict:
     `wingspan calibrate` fits it again on purpose). Rank 0 alone: no collectives."""
     _, logits, labels = val
     taxonomy = run.data.taxonomy  # the class answered is its top-down branch's, as evaluate's
-    answer = (lambda probs: taxonomy.predict(probs)[taxonomy.finest]) if taxonomy else None
+    answer = taxonomy.answer if taxonomy else None
     record = calibration_record(logits[run.data.level].numpy(), labels[:, -1].numpy(), "val",
                                 answer=answer)
     if bound_warning(record):
