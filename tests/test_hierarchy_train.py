@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 import torch
 from helpers import write_image
+from sklearn.metrics import f1_score
 from test_train import _prepared_run, tiny
 
 from wingspan.config import SplitConfig
@@ -15,6 +16,7 @@ from wingspan.errors import WingspanError
 from wingspan.evaluate.run import evaluate
 from wingspan.inference import Predictor
 from wingspan.models.bundle import read_manifest
+from wingspan.parallel import local_fabric
 from wingspan.predict import predict
 from wingspan.training import train
 
@@ -260,6 +262,85 @@ def test_contradictory_taxonomy_stops_training(demo_dir, tmp_path):
     ds.table.loc[ds.table.index[0], "family"] = "Wrongidae"
     with pytest.raises(WingspanError, match="taxonomy contradicts itself"):
         train(ds, tiny(tmp_path, levels=LEVELS), tmp_path / "runs", quiet=True)
+
+
+BIG_FAMILY = ["azure_spotwing", "orange_veined", "white_darktip"]
+
+
+def _one_big_family(demo_dir):
+    """The demo with three of its four species in one family: the family's summed
+    probability can win where none of its species is the top class, so the top-down
+    branch and the flat argmax differ (in the demo as generated each family has one)."""
+    dataset = read_dataset(demo_dir)
+    dataset.table.loc[dataset.table["label"].isin(BIG_FAMILY), "family"] = "Nymphalidae"
+    return dataset
+
+
+def test_the_epoch_is_scored_on_the_branch_not_the_finest_heads_top_class(demo_dir, tmp_path):
+    """Hand-made logits where the top class (yellow_tailwing) is alone in its family and the
+    other family's three species together are likelier: the score counts the branch."""
+    from wingspan.training.prepare import ensure_splits
+    from wingspan.training.run import _start
+    from wingspan.training.stages import _scores
+
+    config = tiny(tmp_path, levels=["family", "label"])
+    dataset = ensure_splits(_one_big_family(demo_dir), "label", config, log=lambda _: None)
+    (tmp_path / "run").mkdir()
+    run = _start(tmp_path / "run", config, dataset, quiet=True, checkpoint=None,
+                 fabric=local_fabric("cpu"))
+    classes, families = run.data.classes, run.data.level_classes["family"]
+    assert families == ["Nymphalidae", "Papilionidae"]
+    azure, orange, yellow = (classes.index(c) for c in
+                             ("azure_spotwing", "orange_veined", "yellow_tailwing"))
+    # Rows 1-2: yellow_tailwing 0.4 and 0.2 each of the others, so the argmax is
+    # yellow_tailwing, but Nymphalidae holds 0.6 and the branch ends in its first species
+    # (azure_spotwing, on a tie). Row 3: clearly yellow_tailwing either way.
+    probs = torch.full((3, 4), 0.2)
+    probs[:2, yellow] = 0.4
+    probs[2] = 0.1
+    probs[2, yellow] = 0.7
+    outputs = {"label": probs.log(), "family": torch.zeros(3, 2)}
+    truth = [azure, orange, yellow]
+    labels = torch.tensor([[int(c == yellow), c] for c in truth])  # (family, label)
+    scores = _scores(run, outputs, labels)
+    flat = outputs["label"].argmax(1).tolist()
+    assert flat == [yellow] * 3  # would score accuracy 1/3, macro-F1 1/6
+    branch = [azure, azure, yellow]
+    assert scores["acc"] == pytest.approx(2 / 3)
+    assert scores["macro_f1"] == pytest.approx(f1_score(truth, branch, average="macro"))
+    assert scores["macro_f1"] == pytest.approx(5 / 9)  # azure 2/3, orange 0, yellow 1
+
+
+def test_the_kept_epochs_val_score_is_that_of_what_predict_answers(demo_dir, tmp_path):
+    """A taxonomy run keeps the epoch whose branch answers score best on val: the kept
+    epoch's val macro-F1 in the history is the macro-F1 of the kept model's top-down
+    branches on the val images, computed here by hand (at temperature 1, as in training)."""
+    run_dir = train(_one_big_family(demo_dir), tiny(tmp_path, levels=["family", "label"]),
+                    tmp_path / "runs", quiet=True)
+    best = json.loads((run_dir / "metrics.json").read_text())["best"]
+    h = pd.read_csv(run_dir / "history.csv")
+    kept = h[(h["stage"] == best["stage"]) & (h["epoch"] == best["epoch"])].iloc[0]
+    assert kept["val_macro_f1"] == h["val_macro_f1"].max()
+    splits = pd.read_csv(run_dir / "splits.csv")
+    val = splits[splits["split"] == "val"]
+    predictor = Predictor(run_dir, workers=0)
+    classes = predictor.classes
+    logits = np.stack([p.logits for p in predictor.run(val["path"].tolist(), progress=False)])
+    probs = torch.softmax(torch.from_numpy(logits).double(), 1).numpy()
+    family_of = val.drop_duplicates("label").set_index("label")["family"]
+    families = sorted(set(family_of))
+    in_family = np.array([[family_of[c] == f for f in families] for c in classes])
+    top_family = (probs @ in_family).argmax(1)
+    branch = np.where(in_family[:, top_family].T, probs, -1).argmax(1)
+    truth = val["label"].map(classes.index).to_numpy()
+    flat = f1_score(truth, probs.argmax(1), average="macro", zero_division=0)
+    # The premise: a model near chance puts the three-species family first, and its own
+    # top class need not be in it (here they differ).
+    assert (branch != probs.argmax(1)).any()
+    assert kept["val_macro_f1"] != pytest.approx(flat, abs=1e-5)
+    assert kept["val_macro_f1"] == pytest.approx(
+        f1_score(truth, branch, average="macro", zero_division=0), abs=1e-5)
+    assert kept["val_acc"] == pytest.approx((branch == truth).mean(), abs=1e-5)
 
 
 def test_ethec_end_to_end_on_a_sample(shared_data, tmp_path):

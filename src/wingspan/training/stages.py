@@ -130,8 +130,18 @@ def _to(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | Non
 
 
 def _logits(run: Run, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The finest level's logits: what the model predicts and is selected on."""
+    """The finest level's logits: what the model predicts from."""
     return outputs[run.data.level].float()
+
+
+def _answered(run: Run, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The finest class predict would answer: the top class, or with a taxonomy the top-down
+    branch's (Taxonomy.answer), so that the epoch kept is chosen on the figure reported.
+    The branch is taken at temperature 1: the temperature is fitted on the kept model."""
+    logits = _logits(run, outputs)
+    if run.data.taxonomy is None:
+        return logits.argmax(1)
+    return torch.from_numpy(run.data.taxonomy.answer(logits.softmax(1).cpu().numpy()))
 
 
 # --- evaluation -------------------------------------------------------------------------
@@ -183,7 +193,7 @@ def _scores(run: Run, outputs: dict[str, torch.Tensor], labels: torch.Tensor) ->
     if not len(labels):
         raise WingspanError("No validation image could be read; the run cannot be scored.",
                             hint=f"See the unreadable files listed in {run.dir / 'train.log'}.")
-    preds, truth = _logits(run, outputs).argmax(1), labels[:, -1]
+    preds, truth = _answered(run, outputs), labels[:, -1]
     return {"loss": float(loss_fn(run, torch.device("cpu"))(outputs, labels)),
             "acc": float((preds == truth).float().mean()),
             "macro_f1": macro_f1(truth.numpy(), preds.numpy())}
