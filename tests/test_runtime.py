@@ -1,6 +1,8 @@
 """The runners for frozen-weight passes: every engine gives the numbers PyTorch fp32 gives,
 within its precision's tolerance (tests/agreement.py)."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -210,3 +212,57 @@ def test_a_training_run_exports_each_graph_once(demo_dir, tmp_path, monkeypatch)
         old, new = load_file(runs[False] / file), load_file(runs[True] / file)
         assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)
     assert history(runs[True])[NUMBERS].equals(history(runs[False])[NUMBERS])
+
+
+def _broken_export(monkeypatch) -> list[str]:
+    """Every export fails, like a layer ONNX does not support; the type of each module
+    whose export was tried."""
+    tried = []
+
+    def broken(module, *args, **kwargs):
+        tried.append(type(module).__name__)
+        raise RuntimeError("unsupported operator")
+
+    monkeypatch.setattr(runtime_module, "export_onnx", broken)
+    return tried
+
+
+def test_a_failed_export_is_tried_once_per_graph_in_a_run(demo_dir, tmp_path, monkeypatch):
+    """Each pass of a run would try the export again (0.5-2 s) and warn again; the first
+    failure of a graph is remembered for the run, and the run trains in PyTorch fp32 as
+    with --runtime torch (its frozen prefix too: its fallback runs without autograd)."""
+    from test_train import history, tiny
+
+    from wingspan.data import read_dataset
+    from wingspan.training import train
+
+    tried = _broken_export(monkeypatch)
+    runs = {}
+    for runtime in ("torch", "onnx"):
+        config = tiny(tmp_path / runtime, epochs_head=2, epochs_finetune=2, runtime=runtime,
+                      precision="fp32", feature_cache=False)
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            runs[runtime] = history(train(read_dataset(demo_dir), config, tmp_path / runtime,
+                                          "r", quiet=True))
+        warned = [str(w.message) for w in said if "ONNX Runtime" in str(w.message)]
+        assert len(warned) == (runtime == "onnx")
+    # The frozen backbone of stage 1, the fine-tuning prefix, the model validated: once each
+    assert sorted(tried) == ["PooledFeatures", "Sequential", "WithFeatures"]
+    np.testing.assert_allclose(runs["onnx"]["val_loss"], runs["torch"]["val_loss"], atol=1e-5)
+    np.testing.assert_allclose(runs["onnx"]["train_loss"], runs["torch"]["train_loss"],
+                               atol=1e-5)
+
+
+def test_an_unexportable_model_is_tried_again_in_the_next_run(monkeypatch):
+    """What a failure is remembered for ends with the run (forget_sessions)."""
+    tried = _broken_export(monkeypatch)
+    model, _ = create_classifier("test_efficientnet", {"y": 3}, "none")
+    policy = resolve_policy("cpu", "fp32", runtime="onnx")
+    with pytest.warns(UserWarning, match="unsupported operator"):
+        runners = [policy.runner(model, 32, model.levels) for _ in range(3)]
+    assert len(tried) == 1 and all(isinstance(r, TorchRunner) for r in runners)
+    runtime_module.forget_sessions()
+    with pytest.warns(UserWarning, match="unsupported operator"):
+        policy.runner(model, 32, model.levels)
+    assert len(tried) == 2

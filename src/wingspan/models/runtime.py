@@ -17,6 +17,7 @@ import io
 import itertools
 import logging
 import threading
+import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
@@ -93,10 +94,36 @@ _KEEP = 2
 _LOCK = threading.Lock()
 
 
+# The graphs the exporter could not make, by what an export depends on but the weights
+# (an unsupported layer stays unsupported after a fine-tuning step): later passes of the
+# run go straight to PyTorch fp32, without another try (0.5-2 s) or another warning.
+_UNEXPORTABLE: dict[tuple, str] = {}
+# What each export of the run took, with its session (same keys): what a pass that would
+# export for itself alone weighs against running in PyTorch (`export_seconds`).
+_EXPORTED: dict[tuple, float] = {}
+
+
 def forget_sessions() -> None:
-    """Drop the kept sessions (and the memory their weights take)."""
+    """Drop the kept sessions (and the memory their weights take), and the graphs found
+    unexportable: the end of a run."""
     with _LOCK:
         _SESSIONS.clear()
+        _UNEXPORTABLE.clear()
+        _EXPORTED.clear()
+
+
+def _shape(module: nn.Module, size: int, names: list[str] | None) -> tuple:
+    """What an export depends on but the weights."""
+    return repr(module), size, tuple(names or ())
+
+
+def export_seconds(module: nn.Module, size: int, names: list[str] | None = None
+                   ) -> float | None:
+    """Seconds an export of `module` (and its session) took in this run: its own last one,
+    else the longest of any graph's (a backbone's), else None (none made yet)."""
+    with _LOCK:
+        own = _EXPORTED.get(_shape(module, size, names))
+        return own if own is not None else max(_EXPORTED.values(), default=None)
 
 
 def graph_key(module: nn.Module, size: int, names: list[str] | None) -> tuple:
@@ -129,9 +156,11 @@ def onnx_session(module: nn.Module, size: int, names: list[str] | None = None):
     # No spin-waiting between calls: idle threads would burn the cores that PyTorch and
     # the data loaders need next (a fine-tuning step was 1.2x slower with it).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    start = time.perf_counter()
     session = ort.InferenceSession(export_onnx(module, size, names), options,
                                    providers=["CPUExecutionProvider"])
     with _LOCK:  # (ONNX Runtime lets several threads run one session)
+        _EXPORTED[_shape(module, size, names)] = time.perf_counter() - start
         _SESSIONS[key] = session
         while len(_SESSIONS) > _KEEP:
             _SESSIONS.popitem(last=False)
@@ -184,16 +213,27 @@ def make_runner(module: nn.Module, size: int, engine, device: torch.device,
                 ) -> Callable[[torch.Tensor], Outputs]:
     """`module` with its current weights as `runner(images) -> outputs` (float32, on the
     CPU) on `engine`. `names`: the keys of a dict-returning module's outputs, in order.
-    With `fallback`, a module ONNX cannot export runs in PyTorch fp32, with a warning."""
+    With `fallback`, a module ONNX cannot export runs in PyTorch fp32, with one warning,
+    and later calls for the same layers do not try again (until `forget_sessions`)."""
     if engine.runtime == "onnx":
         module.eval()
-        try:
-            return OnnxRunner(module, size, names)
-        except Exception as e:  # noqa: BLE001 - an unexportable layer: PyTorch still works
-            if not fallback:
-                raise
-            warnings.warn(f"Could not run this model with ONNX Runtime ({type(e).__name__}: "
-                          f"{str(e)[:200]}); using PyTorch instead. --runtime torch skips "
-                          "the attempt.", stacklevel=2)
-            return TorchRunner(module, device, None, channels_last)
+        shape = _shape(module, size, names)
+        if shape not in _UNEXPORTABLE:
+            try:
+                return OnnxRunner(module, size, names)
+            except Exception as e:  # noqa: BLE001 - an unexportable layer: PyTorch still works
+                if not fallback:
+                    raise
+                _unexportable(shape, f"{type(e).__name__}: {str(e)[:200]}")
+        return TorchRunner(module, device, None, channels_last)
     return TorchRunner(module, device, engine.dtype, channels_last)
+
+
+def _unexportable(shape: tuple, why: str) -> None:
+    """Remember a graph that could not be exported; warn once per reason."""
+    with _LOCK:
+        said = why in _UNEXPORTABLE.values()
+        _UNEXPORTABLE[shape] = why
+    if not said:
+        warnings.warn(f"Could not run this model with ONNX Runtime ({why}); using PyTorch "
+                      "instead. --runtime torch skips the attempt.", stacklevel=3)

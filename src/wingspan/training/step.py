@@ -33,7 +33,7 @@ from wingspan.models.engine import (
 )
 from wingspan.models.engine import timing_batch as make_timing_batch
 from wingspan.models.policy import Policy
-from wingspan.models.runtime import TorchRunner
+from wingspan.models.runtime import OnnxRunner, TorchRunner
 from wingspan.progress import status
 
 
@@ -62,7 +62,10 @@ def finetune_parts(model: Classifier, policy: Policy, size: int, prefix_runner=N
     if split is None:
         return None, model
     frozen, rest = split
-    return prefix_runner or policy.runner(frozen, size), _Trained(rest, model.backbone, model.head)
+    prefix = prefix_runner or policy.runner(frozen, size)
+    if not isinstance(prefix, OnnxRunner):  # it could not be exported: all in PyTorch, as
+        return None, model  # with --runtime torch (the fallback's output has no autograd)
+    return prefix, _Trained(rest, model.backbone, model.head)
 
 
 def finetune_forward(model: Classifier, policy: Policy, size: int, prefix_runner=None
