@@ -157,3 +157,21 @@ def test_levers_baseline_run_takes_no_config_file(tmp_path, monkeypatch):
     levers.ensure_run(tmp_path / "runs", tmp_path, "inat", 0, {"layer_decay": 0.7})
     config = Path(commands[-1][commands[-1].index("--config") + 1])
     assert yaml.safe_load(config.read_text()) == {"layer_decay": 0.7}
+
+
+def test_oneoff_pass_weighs_each_engine_against_the_export(monkeypatch, capsys):
+    """bench/oneoff_pass.py on the tiny network: the export's seconds, and a row per engine
+    with its pass's seconds against export + ONNX Runtime's at each image count."""
+    oneoff = bench_module("oneoff_pass")
+    monkeypatch.setattr(sys, "argv", ["oneoff_pass.py", "--backbones", "test_efficientnet",
+                                      "--size", "32", "--batch", "4", "--rounds", "1",
+                                      "--images", "10", "1000"])
+    oneoff.main()
+    out = capsys.readouterr().out
+    assert "onnx-whole setup (export + session)" in out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()
+            if line.startswith(("onnx-", "torch-", "prefix+"))}
+    assert {"onnx-whole", "torch-fp32", "prefix+torch-fp32"} <= set(rows)
+    assert rows["onnx-whole"][1:] == ["1.00", "1.00"]  # itself, at each count
+    # The export weighs most on the fewest images: PyTorch's share grows with the count.
+    assert float(rows["torch-fp32"][1]) < float(rows["torch-fp32"][2])

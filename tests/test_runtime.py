@@ -266,3 +266,54 @@ def test_an_unexportable_model_is_tried_again_in_the_next_run(monkeypatch):
     with pytest.warns(UserWarning, match="unsupported operator"):
         policy.runner(model, 32, model.levels)
     assert len(tried) == 2
+
+
+def test_one_pass_on_new_weights_exports_only_where_that_pays(monkeypatch):
+    """A validation pass while training runs once on weights that change right after: the
+    export is weighed (its seconds in this run) against the fastest eligible PyTorch engine,
+    by the images/s measured for the frozen passes."""
+    from wingspan.models.engine import Choice, engine_named
+
+    exported = _counting_exports(monkeypatch)
+    monkeypatch.setattr(policy_module, "export_seconds", lambda *a, **k: 2.0)
+    model, _ = create_classifier("test_efficientnet", {"y": 3}, "none")
+    measured = Choice(engine_named("onnx-fp32"), "measured",
+                      images_per_s={"onnx-fp32": 30.0, "torch-fp32": 15.0, "torch-bf16": 29.0},
+                      rejected={"torch-bf16": "changes too many images"})
+    policy = resolve_policy("cpu", "fp32").with_choice("frozen", measured)
+    small = policy.runner(model, 32, model.levels, once=10)  # 0.67 s against 2.33 s
+    assert isinstance(small, TorchRunner) and small.dtype is None and not exported
+    assert isinstance(policy.runner(model, 32, model.levels, once=100), OnnxRunner)  # 6.7 / 5.3
+    assert isinstance(policy.runner(model, 32, model.levels), OnnxRunner)  # fixed weights
+    forced = resolve_policy("cpu", "fp32", runtime="onnx")  # no figures: as asked
+    assert isinstance(forced.runner(model, 32, model.levels, once=1), OnnxRunner)
+    monkeypatch.setattr(policy_module, "export_seconds", lambda *a, **k: None)
+    assert isinstance(policy.runner(model, 32, model.levels, once=10), OnnxRunner)  # none yet
+
+
+def test_the_final_pass_reuses_the_last_validation_graph(demo_dir, tmp_path, monkeypatch):
+    """Where the best model is the last one validated, the final features (for calibration
+    and the unknown score) come from the graph its validation pass exported, not a new
+    export, and are the features PyTorch gives."""
+    import json
+
+    from test_train import tiny
+
+    from wingspan.data import read_dataset
+    from wingspan.models.bundle import read_manifest
+    from wingspan.training import train
+
+    exported = _counting_exports(monkeypatch)
+    metrics = {}
+    for runtime in ("onnx", "torch"):
+        config = tiny(tmp_path / runtime, epochs_head=1, epochs_finetune=3, lr=0.03,
+                      runtime=runtime, precision="fp32")
+        run = train(read_dataset(demo_dir), config, tmp_path / runtime, "r", quiet=True)
+        metrics[runtime] = {**json.loads((run / "metrics.json").read_text()),
+                            **read_manifest(run / "model")}
+    best = metrics["onnx"]["best"]
+    assert (best["stage"], best["epoch"]) == ("finetune", 3)  # (what this test is about)
+    # Stage 1's backbone, the fine-tuning prefix, three validation passes; nothing after.
+    assert len(exported) == 2 + 3 == len(set(exported))
+    temperatures = [m["calibration"]["temperature"] for m in metrics.values()]
+    assert temperatures[0] == pytest.approx(temperatures[1], rel=1e-4)

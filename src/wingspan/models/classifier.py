@@ -54,6 +54,21 @@ class PooledFeatures(nn.Module):
         return self.backbone.pool(self.backbone(images))
 
 
+class WithFeatures(nn.Module):
+    """images -> {"features": pooled features, level: logits}: one graph for a validation
+    pass (which reads the logits) and the final pass over the best model (which needs the
+    features), so that where the best model is the last one validated, the ONNX export
+    made for its validation serves the final pass too."""
+
+    def __init__(self, model: Classifier):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.model.features(images)
+        return {"features": features, **self.model.head(features)}
+
+
 class Classifier(nn.Module):
     """images -> {level: logits}. `features` and `head` are exposed separately so that a
     frozen backbone's output can be computed once and cached."""
@@ -80,6 +95,11 @@ class Classifier(nn.Module):
     def feature_extractor(self) -> nn.Module:
         """images -> pooled features, as a module of its own (shares the weights)."""
         return PooledFeatures(self.backbone)
+
+    def with_features(self) -> tuple[nn.Module, list[str]]:
+        """The model returning its pooled features too (`WithFeatures`), and its outputs'
+        names in order."""
+        return WithFeatures(self), ["features", *self.levels]
 
     def set_input_size(self, size: int) -> None:
         """Train and predict at `size` px: the preprocessing says so, and a network built

@@ -36,6 +36,7 @@ from wingspan.models.engine import (
     candidates,
     cannot_run,
     engine_key,
+    engine_named,
     guard,
     measured_choice,
     own_random_stream,
@@ -43,7 +44,7 @@ from wingspan.models.engine import (
     timing_batch,
     timing_images,
 )
-from wingspan.models.runtime import autocast, make_runner
+from wingspan.models.runtime import autocast, export_seconds, make_runner
 from wingspan.progress import status
 
 
@@ -79,11 +80,37 @@ class Policy:
         return images.contiguous(memory_format=torch.channels_last) if (
             self.channels_last and images.dim() == 4) else images
 
-    def runner(self, module: nn.Module, size: int, names: list[str] | None = None):
+    def runner(self, module: nn.Module, size: int, names: list[str] | None = None,
+               once: int = 0):
         """`module` with its current weights as a fast `runner(images) -> outputs` for a
-        pass that changes no weights (outputs as float32 on the CPU)."""
+        pass that changes no weights (outputs as float32 on the CPU). `once`: the images of
+        a single pass on weights that change right after it (a validation pass while
+        training), for which an ONNX export is made only where it pays for itself."""
         engine = self._chosen("frozen").engine
+        if once and engine.runtime == "onnx":
+            engine = self._for_one_pass(module, size, names, once)
         return make_runner(module, size, engine, self.device, self.channels_last, names)
+
+    def _for_one_pass(self, module: nn.Module, size: int, names: list[str] | None,
+                      images: int) -> Engine:
+        """ONNX Runtime, or the fastest eligible PyTorch engine where that runs `images`
+        images sooner than an export (its seconds as measured in this run) and ONNX Runtime
+        together, by the images/s measured on this machine. No rule of thumb holds: for
+        EfficientNet-Lite0 on one thread of an AMX Xeon an export took 1.7 s, and ONNX
+        Runtime ran 32 images/s against PyTorch bf16's 31 and fp32's 14, so bf16 wins any
+        one pass and fp32 one of up to about 45 images (bench/oneoff_pass.py); on an AVX2
+        CPU, where ONNX Runtime ran 3-4x as fast as fp32, the export pays from a few dozen.
+        A forced choice has no figures and keeps ONNX Runtime."""
+        choice = self._chosen("frozen")
+        speeds = {k: v for k, v in choice.images_per_s.items()
+                  if k not in choice.rejected and v > 0}
+        fastest = max((k for k in speeds if k.startswith("torch-")), key=speeds.get,
+                      default=None)
+        export = export_seconds(module, size, names)
+        if fastest is None or choice.engine.name not in speeds or export is None:
+            return choice.engine  # nothing to weigh (an export measures one for next time)
+        onnx = export + images / speeds[choice.engine.name]
+        return engine_named(fastest) if images / speeds[fastest] < onnx else choice.engine
 
     def _chosen(self, kind: str) -> Choice:
         choice = getattr(self, kind)

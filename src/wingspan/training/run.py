@@ -667,14 +667,17 @@ def _final_outputs(run: Run, split: str) -> tuple[torch.Tensor, dict[str, torch.
         feats = (feats[:, 0] if split == "train" else feats)[read]
         labels = images.labels[read]
     else:
-        extract = run.policy.runner(run.model.feature_extractor(), run.image_size)
+        # The graph of the last validation pass, when that was of these weights (the best
+        # epoch the last one): no export. The logits are the head's, below, as before.
+        module, names = run.model.with_features()
+        run_model = run.policy.runner(module, run.image_size, names)
         parts, index = [], []
         loader = make_loader(images, fixed_batches(range(len(images)), run.config.batch_size),
                              run.workers)
         with Bar(len(images), f"Final {split} features", run.show_progress) as bar:
             for x, _, idx, failed in loader:
                 if len(idx):
-                    parts.append(extract(x))
+                    parts.append(run_model(x)["features"])
                     index.append(idx)
                 bar.advance(len(idx) + len(failed))
         feats, labels = torch.cat(parts), images.labels[torch.cat(index)]

@@ -163,12 +163,15 @@ def evaluate_images(run: Run, images: LabelledImages) -> dict:
     """Scores of the model on `images` (the val split): each rank runs its shard, and the
     outputs are gathered, so every rank scores the whole split."""
     run.model.eval()
-    forward = run.policy.runner(run.model, run.image_size, run.model.levels)
+    mine = shard(len(images), run.fabric)
+    # The weights change after this pass: an ONNX export only where it pays for itself. The
+    # features too, so the final pass can reuse the graph (run._final_outputs).
+    module, names = run.model.with_features()
+    forward = run.policy.runner(module, run.image_size, names, once=len(mine))
     if "val" not in run.loaders:  # one loader for every validation pass (its workers stay)
         batches = fixed_batches(shard(len(images), run.fabric), run.config.batch_size)
         run.loaders["val"] = make_loader(images, batches, run.workers, persistent=True,
                                          pin=run.device.type == "cuda")
-    mine = shard(len(images), run.fabric)
     row = {item: k for k, item in enumerate(mine)}
     parts = {lv: torch.zeros(len(mine), n) for lv, n in run.model.head.config.outputs.items()}
     read = torch.zeros(len(mine), dtype=torch.uint8)
@@ -176,8 +179,9 @@ def evaluate_images(run: Run, images: LabelledImages) -> dict:
         run.note_unreadable(failed)
         if len(index):
             rows = torch.tensor([row[int(i)] for i in index])
-            for lv, out in forward(x).items():
-                parts[lv][rows] = out
+            out = forward(x)
+            for lv, part in parts.items():
+                part[rows] = out[lv]
             read[rows] = 1
     run.share_unreadable()
     read = gather_shards(run.fabric, read, len(images)).bool()
