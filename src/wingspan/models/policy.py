@@ -96,11 +96,11 @@ class Policy:
         """ONNX Runtime, or the fastest eligible PyTorch engine where that runs `images`
         images sooner than an export (its seconds as measured in this run) and ONNX Runtime
         together, by the images/s measured on this machine. No rule of thumb holds: for
-        EfficientNet-Lite0 on one thread of an AMX Xeon an export took 1.7 s, and ONNX
-        Runtime ran 32 images/s against PyTorch bf16's 31 and fp32's 14, so bf16 wins any
-        one pass and fp32 one of up to about 45 images (bench/oneoff_pass.py); on an AVX2
-        CPU, where ONNX Runtime ran 3-4x as fast as fp32, the export pays from a few dozen.
-        A forced choice has no figures and keeps ONNX Runtime."""
+        EfficientNet-Lite0 on one thread of an AMX Xeon (bench/oneoff_pass.py, twice) an
+        export took 1.4-1.7 s, and ONNX Runtime ran 32-54 images/s against PyTorch bf16's
+        31-46 and fp32's 14-21: bf16 won a pass of up to 450 images or more, fp32 one of up
+        to about 45; on an AVX2 CPU, where ONNX Runtime ran 3-4x as fast as fp32 (README),
+        the export pays from a few dozen. A forced choice has no figures: ONNX Runtime."""
         choice = self._chosen("frozen")
         speeds = {k: v for k, v in choice.images_per_s.items()
                   if k not in choice.rejected and v > 0}
