@@ -191,6 +191,9 @@ def test_a_training_run_exports_each_graph_once(demo_dir, tmp_path, monkeypatch)
         return {name: 1.0 if name == "onnx-fp32" else 2.0 for name in calls}, outputs
 
     monkeypatch.setattr(policy_module, "time_calls", onnx_fastest)
+    # Exports cost nothing here, so that every pass runs on ONNX Runtime, however long an
+    # export takes on this machine today (Policy._for_one_pass weighs the measured one).
+    monkeypatch.setattr(policy_module, "export_seconds", lambda *a, **k: 0.0)
     for forced in (PRECISION_ENV, RUNTIME_ENV):  # (make test sets them): ONNX is timed here
         monkeypatch.delenv(forced, raising=False)
     exported = _counting_exports(monkeypatch)
@@ -317,3 +320,18 @@ def test_the_final_pass_reuses_the_last_validation_graph(demo_dir, tmp_path, mon
     assert len(exported) == 2 + 3 == len(set(exported))
     temperatures = [m["calibration"]["temperature"] for m in metrics.values()]
     assert temperatures[0] == pytest.approx(temperatures[1], rel=1e-4)
+
+
+def test_export_seconds_are_the_graphs_own_else_the_last_made(monkeypatch):
+    """What the one-pass rule weighs: a graph's own export, else the run's latest one."""
+    model, _ = create_classifier("test_efficientnet", {"y": 3}, "none")
+    model.eval()
+    assert runtime_module.export_seconds(model, 32, model.levels) is None
+    OnnxRunner(model.feature_extractor(), 32)
+    last = runtime_module.export_seconds(model.feature_extractor(), 32)
+    assert last > 0 and runtime_module.export_seconds(model, 32, model.levels) == last
+    OnnxRunner(model, 32, model.levels)
+    own = runtime_module.export_seconds(model, 32, model.levels)
+    assert own > 0 and runtime_module.export_seconds(model.feature_extractor(), 32) == last
+    runtime_module.forget_sessions()
+    assert runtime_module.export_seconds(model, 32, model.levels) is None

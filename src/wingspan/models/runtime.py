@@ -120,10 +120,11 @@ def _shape(module: nn.Module, size: int, names: list[str] | None) -> tuple:
 def export_seconds(module: nn.Module, size: int, names: list[str] | None = None
                    ) -> float | None:
     """Seconds an export of `module` (and its session) took in this run: its own last one,
-    else the longest of any graph's (a backbone's), else None (none made yet)."""
+    else the last of any graph's (a backbone's; the first of a process also pays for the
+    exporter's imports), else None (none made yet)."""
     with _LOCK:
         own = _EXPORTED.get(_shape(module, size, names))
-        return own if own is not None else max(_EXPORTED.values(), default=None)
+        return own if own is not None else next(reversed(_EXPORTED.values()), None)
 
 
 def graph_key(module: nn.Module, size: int, names: list[str] | None) -> tuple:
@@ -160,7 +161,9 @@ def onnx_session(module: nn.Module, size: int, names: list[str] | None = None):
     session = ort.InferenceSession(export_onnx(module, size, names), options,
                                    providers=["CPUExecutionProvider"])
     with _LOCK:  # (ONNX Runtime lets several threads run one session)
-        _EXPORTED[_shape(module, size, names)] = time.perf_counter() - start
+        shape = _shape(module, size, names)
+        _EXPORTED.pop(shape, None)  # (kept in the order made: the last one last)
+        _EXPORTED[shape] = time.perf_counter() - start
         _SESSIONS[key] = session
         while len(_SESSIONS) > _KEEP:
             _SESSIONS.popitem(last=False)
