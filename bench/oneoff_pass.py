@@ -31,7 +31,7 @@ from wingspan.models.runtime import OnnxRunner, TorchRunner, forget_sessions
 from wingspan.training.step import _Trained
 
 
-def parts(name: str, size: int):
+def parts(name: str):
     model, _ = create_classifier(name, {"species": 100}, "none")
     model.backbone.unfreeze_last(model.spec.unfreeze)
     frozen, rest = model.backbone.split_frozen()
@@ -88,7 +88,7 @@ def main() -> None:
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.size, args.size)
     for name in args.backbones:
-        model, frozen, trained = parts(name, args.size)
+        model, frozen, trained = parts(name)
         model = model.to(memory_format=torch.channels_last)
         calls = candidates(model, frozen, trained, args.size)
         seconds = per_image(calls, x, args.rounds)
