@@ -1226,6 +1226,25 @@ def test_the_command_again_after_a_kill_in_set_up_says_the_folder_is_a_leftover(
             "it to resume) to give a run that name again.") in line
 
 
+def test_a_folder_set_up_now_by_another_train_is_not_called_a_leftover(tmp_path):
+    """A taken name's folder that holds only a lock is a leftover when no process holds
+    the lock, but a run being set up now when one does (two trains started at once):
+    that one is not to be deleted."""
+    import fcntl
+
+    from wingspan.training.run import _name_taken
+
+    runs = tmp_path / "runs"
+    (runs / "r").mkdir(parents=True)
+    (runs / "r" / ".lock").touch()
+    with open(runs / "r" / ".lock", "a") as held:  # as another train's _hold holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        said = _name_taken(runs / "r-2", "r")
+    assert said == f"{runs / 'r'} is taken: this run is {runs / 'r-2'}"
+    assert _name_taken(runs / "r-2", "r").startswith(
+        f"{runs / 'r'} is left from a run killed while it was being set up")
+
+
 def test_a_run_killed_once_set_up_resumes(demo_dir, tmp_path):
     """Killed with config.yaml and splits.csv written, before a checkpoint: it resumes."""
     run_dir = tmp_path / "runs" / "r"
