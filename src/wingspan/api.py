@@ -427,6 +427,14 @@ def _class_map_arg(value) -> dict[str, str] | None:
                         f"{type(value).__name__}.", hint='For example {"admiral": "red_admiral"}.')
 
 
+def _data_arg(value) -> Dataset | Path | None:
+    """evaluate's and calibrate's `data`: what ws.read gave (read as it was, as train takes
+    it), a Dataset, a path, or None (the run's own)."""
+    if isinstance(value, Data):
+        return value.dataset
+    return value if value is None or isinstance(value, Dataset) else _path_arg("data", value)
+
+
 def _split_arg(value, default: str = "the test split (else val)") -> str | None:
     """None (the default split) or one of SPLITS or "all", as evaluate's --split."""
     if value is None or (isinstance(value, str) and value in (*SPLITS, "all")):
@@ -561,13 +569,9 @@ class Run:
         """
         from wingspan.evaluate.run import evaluate
 
-        if isinstance(data, Data):  # what ws.read gave (read as it was), as train takes it
-            data = data.dataset
-        elif data is not None and not isinstance(data, Dataset):
-            data = _path_arg("data", data)
         with _max_pixels(max_pixels):
             result = evaluate(
-                self._model, data, _split_arg(split), _out_arg(out), progress=not quiet,
+                self._model, _data_arg(data), _split_arg(split), _out_arg(out), progress=not quiet,
                 batch_size=_count_arg("batch_size", batch_size), workers=_workers_arg(workers),
                 runtime=runtime, precision=precision, device=device,
                 class_map=_class_map_arg(class_map),
@@ -618,12 +622,8 @@ class Run:
             raise WingspanError("unknown_rate and unknown_score set the unknown answer, which "
                                 "calibrate fits again only with unknown=True.",
                                 hint="Add unknown=True (the temperature is then left as it is).")
-        if isinstance(data, Data):  # what ws.read gave, as evaluate takes it
-            data = data.dataset
-        elif data is not None and not isinstance(data, Dataset):
-            data = _path_arg("data", data)
         with _max_pixels(max_pixels):
-            record = calibrate(self._model, data, _split_arg(split, "the val split"),
+            record = calibrate(self._model, _data_arg(data), _split_arg(split, "the val split"),
                                class_map=_class_map_arg(class_map), **options)
         if bound_warning(record):
             warnings.warn(bound_warning(record), stacklevel=2)
