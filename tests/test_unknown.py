@@ -127,6 +127,36 @@ def test_a_combined_score_stays_a_share_in_0_1_and_old_thresholds_keep_their_ans
     assert old.thresholds["msp"] == detector.thresholds["msp"]
 
 
+def test_an_old_bundles_combined_scores_keep_their_distance_from_the_threshold(monkeypatch):
+    """A bundle fitted before combined scores were scaled (share + 1e-3 * tanh(z / 10),
+    its threshold in those units): read today, each image's score minus its threshold is
+    the old one over 1.002, so the same images are turned away at any threshold."""
+    import wingspan.models.unknown as unknown
+
+    torch.manual_seed(0)
+    centres = 3 * torch.randn(3, 8)
+    head = torch.nn.Linear(8, 3)
+    x, y = _clusters(20, centres, seed=1)
+    vx, vy = _clusters(10, centres, seed=2)
+    # New known images and far ones (not val's own: those tie with the val scores, which the
+    # bundle keeps in float32)
+    probe = torch.cat([_clusters(10, centres, seed=3)[0], 20 * torch.randn(20, 8)])
+    with torch.no_grad(), monkeypatch.context() as m:
+        m.setattr(unknown, "_in_unit", lambda share, z: share + 1e-3 * torch.tanh(z / 10))
+        old = UnknownDetector.fit(x, {"label": head(x)}, {"label": y}, vx,
+                                  {"label": head(vx)}, "msp+knn", 0.05)
+        entry = json.loads(json.dumps(old.manifest()))
+        del entry["combined_range"]  # as written then
+        was = old.scores(probe, {"label": head(probe)})["label"].astype(np.float64)
+    with torch.no_grad():
+        now = UnknownDetector.from_bundle(entry, old.tensors())
+        got = now.scores(probe, {"label": head(probe)})["label"].astype(np.float64)
+    before = was - entry["thresholds"]["msp+knn"]["label"]
+    after = got - now.thresholds["msp+knn"]["label"]
+    assert (before > 0).any() and (before < 0).any()  # some turned away, some not
+    assert after == pytest.approx(before / 1.002, abs=1e-6)
+
+
 def test_a_bundle_keeps_the_k_its_knn_threshold_was_set_for(monkeypatch):
     import wingspan.models.unknown as unknown
 
