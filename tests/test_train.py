@@ -1243,6 +1243,10 @@ def test_a_folder_set_up_now_by_another_train_is_not_called_a_leftover(tmp_path)
     assert said == f"{runs / 'r'} is taken: this run is {runs / 'r-2'}"
     assert _name_taken(runs / "r-2", "r").startswith(
         f"{runs / 'r'} is left from a run killed while it was being set up")
+    (runs / "r" / ".lock").unlink()  # a folder the user made: not called a killed run's
+    assert _name_taken(runs / "r-2", "r") == (
+        f"{runs / 'r'} is an empty folder: this run is {runs / 'r-2'}. Delete {runs / 'r'} "
+        "(there is nothing in it to resume) to give a run that name again.")
 
 
 def test_a_run_killed_once_set_up_resumes(demo_dir, tmp_path):

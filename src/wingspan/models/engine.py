@@ -241,7 +241,6 @@ class EngineCache:
                 tmp.write_text(json.dumps(data, indent=1))
         except (OSError, WingspanError):  # a read-only or full cache only costs a
             pass  # measurement next time
-            pass
 
 
 # --- measuring ----------------------------------------------------------------------------

@@ -31,8 +31,8 @@ MAX_FIT_IMAGES = 5000
 # +0.004 to +0.019 on all six runs, README), but at k 1 a non-butterfly slipped through.
 KNN_K = 3
 KNN_K_UNSTORED = 10  # what a bundle that does not store its k was fitted with
-# A combined score's tie-break: a z-score term of at most this much either way keeps images
-# beyond every val image in order; the sum is scaled back into [0, 1], a share's range.
+# A combined score's tie-break: a z-score term between 0 and twice this keeps images beyond
+# every val image in order; the sum is scaled back into [0, 1], a share's range.
 TIE_BREAK = 1e-3
 
 

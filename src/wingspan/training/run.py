@@ -756,9 +756,11 @@ def _name_taken(run_dir: Path, name: str) -> str:
     set_up = [d for d in earlier if _stopped_while_set_up(d)
               and not ((d / ".lock").is_file() and being_trained(d))]
     if not stopped and set_up:
-        return (f"{set_up[-1]} is left from a run killed while it was being set up, before "
-                f"it trained anything: this run is {run_dir}. Delete {set_up[-1]} (there is "
-                "nothing in it to resume) to give a run that name again.")
+        what = (f"{set_up[-1]} is left from a run killed while it was being set up, before "
+                "it trained anything" if any(set_up[-1].iterdir())
+                else f"{set_up[-1]} is an empty folder")
+        return (f"{what}: this run is {run_dir}. Delete {set_up[-1]} (there is nothing in it "
+                "to resume) to give a run that name again.")
     if not stopped:
         return f"{earlier[0]} is taken: this run is {run_dir}"
     return (f"{stopped[-1]} holds a run that did not finish; this one starts afresh in "
