@@ -241,7 +241,8 @@ def test_a_run_uses_and_reports_the_engines_it_chose(demo_dir, tmp_path, monkeyp
     for record, by in ((frozen, forced.values()), (step, [forced.get("WINGSPAN_PRECISION")])):
         assert record["how"] == "cached" or record["how"].startswith(
             ("forced by", "the only candidate"))
-        assert all(f in record["how"] for f in by if f)  # the runtime does not pick a step
+        if record["how"] != "cached":  # a setting that leaves several engines is not named
+            assert all(f in record["how"] for f in by if f)  # the runtime picks no step
     if os.environ.get("WINGSPAN_PRECISION"):
         assert step["engine"].endswith(os.environ["WINGSPAN_PRECISION"])
     if os.environ.get("WINGSPAN_RUNTIME"):
