@@ -991,10 +991,43 @@ def test_a_tta_evaluation_goes_beside_the_plain_one(evaluation, trained, run_cli
     assert json.loads((tta / "metrics.json").read_text())["tta"] is True
 
 
+def test_unknown_evaluations_go_beside_the_plain_one(evaluation, trained, run_cli, tmp_path):
+    """`--unknown DIR` writes RUN/evaluation-SPLIT-unknown, and an --unknown-score other than
+    the model's own adds its name: a plain rerun afterwards replaces only its own folder, so
+    the unknown figures stay (before, all three shared RUN/evaluation-SPLIT)."""
+    from helpers import write_image
+
+    plain, with_unknown = trained / "evaluation-test", trained / "evaluation-test-unknown"
+    other = "knn" if evaluation.metrics["answers"]["score"] != "knn" else "msp"
+    scored = trained / f"evaluation-test-unknown-{other}"
+    for i in range(4):
+        write_image(tmp_path / "noise" / f"{i}.jpg", size=(40, 40), seed=i)
+    for extra in ([], ["--unknown-score", other]):
+        code, stdout, err = run_cli("evaluate", trained, "--unknown", tmp_path / "noise",
+                                    "--quiet", *extra)
+        assert code == 0, err
+    assert f"Report: {scored / 'report.html'}" in stdout  # where it wrote
+    for folder, score in ((with_unknown, evaluation.metrics["answers"]["score"]),
+                          (scored, other)):
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert metrics["unknown"]["unseen_images"] == 4 and metrics["unknown"]["score"] == score
+        assert (folder / "unknown.csv").is_file() and (folder / "unknown.png").is_file()
+    # The model's own score named again is the plain evaluation, which a rerun replaces
+    # while the unknown folders stay.
+    code, stdout, err = run_cli("evaluate", trained, "--unknown-score",
+                                evaluation.metrics["answers"]["score"], "--quiet")
+    assert code == 0, err
+    assert f"Report: {plain / 'report.html'}" in stdout
+    assert "unknown" not in json.loads((plain / "metrics.json").read_text())
+    for folder in (with_unknown, scored):
+        assert "unknown" in json.loads((folder / "metrics.json").read_text())
+        assert (folder / "unknown.csv").is_file()
+
+
 def test_tta_names_other_data_and_unknown_evaluations_too(trained, tmp_path, run_cli):
     """With other DATA (and --map) the TTA evaluation is RUN/evaluation-NAME-SPLIT-tta,
-    beside the plain one; with --unknown (which adds to the same folder's figures) it is
-    the split's -tta folder, and the unknown figures are scored on the views' mean."""
+    beside the plain one; with --unknown it is the split's -unknown-tta folder, and the
+    unknown figures are scored on the views' mean."""
     from helpers import write_image
 
     own = read_dataset(trained / "splits.csv").table
@@ -1016,13 +1049,13 @@ def test_tta_names_other_data_and_unknown_evaluations_too(trained, tmp_path, run
 
     for i in range(6):
         write_image(tmp_path / "noise" / f"{i}.jpg", size=(40, 40), seed=i)
-    shutil.rmtree(trained / "evaluation-val-tta", ignore_errors=True)
+    shutil.rmtree(trained / "evaluation-val-unknown-tta", ignore_errors=True)
     for extra in ([], ["--tta"]):
         code, stdout, err = run_cli("evaluate", trained, "--split", "val", "--unknown",
                                     tmp_path / "noise", "--quiet", *extra)
         assert code == 0, err
-    for folder, on in ((trained / "evaluation-val", False),
-                       (trained / "evaluation-val-tta", True)):
+    for folder, on in ((trained / "evaluation-val-unknown", False),
+                       (trained / "evaluation-val-unknown-tta", True)):
         metrics = json.loads((folder / "metrics.json").read_text())
         assert metrics["tta"] is on and metrics["unknown"]["unseen_images"] == 6
         assert (folder / "unknown.csv").is_file()

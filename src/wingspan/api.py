@@ -557,9 +557,10 @@ class Run:
                  quiet: bool = False, max_pixels: int | None = None) -> Evaluation:
         """Metrics, confusion matrix, calibration, curves and report.html, as `wingspan
         evaluate`: the run's test split by default (else val), or `data`; written to
-        RUN/evaluation-SPLIT (other data: RUN/evaluation-NAME-SPLIT; with `tta`, either
-        with -tta after it; or `out`). `unknown`: a folder (or image paths) of classes
-        the model never saw, for the unknown answer's figures (metrics["unknown"]).
+        RUN/evaluation-SPLIT (other data: RUN/evaluation-NAME-SPLIT; then -unknown with
+        `unknown`, -SCORE with another `unknown_score` than the model's, -tta with `tta`;
+        or `out`). `unknown`: a folder (or image paths) of classes the model never saw,
+        for the unknown answer's figures (metrics["unknown"]).
         `tta`: test-time augmentation, as predict's (metrics["tta"] says so). `workers`:
         data workers (0: read the images in this process; None: sized to the machine).
 

@@ -622,7 +622,8 @@ def evaluate_command(
         help="train | val | test | all (default: test, else val).")] = None,
     out_dir: Annotated[Path | None, typer.Option(
         "--out", help="Output folder (default: RUN/evaluation-SPLIT; other DATA: "
-        "RUN/evaluation-NAME-SPLIT; with --tta, either with -tta after it).")] = None,
+        "RUN/evaluation-NAME-SPLIT; then -unknown with --unknown, -SCORE with another "
+        "--unknown-score than the model's, -tta with --tta).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = T.batch_size,
     device: DeviceOpt = T.device,
     precision: Precision = T.precision,

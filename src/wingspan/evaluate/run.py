@@ -95,9 +95,12 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     unknown_paths = _unknown_paths(unknown) if unknown is not None else None  # before work
     if unknown_paths:
         _check_unseen(unknown_paths, rows["path"], predictor)
+    # A score other than the bundle's own changes what the answer is (named, predictions.csv).
+    score = (predictor.unknown_score
+             if unknown_score and predictor.unknown_score != predictor.unknown.score else None)
     final = (Path(out).resolve() if out else
-             output_home(predictor.bundle) / evaluation_name(dataset.name, split,
-                                                             data is not None, tta))
+             output_home(predictor.bundle) / evaluation_name(
+                 dataset.name, split, data is not None, tta, unknown is not None, score))
     _check_out_dir(final)
     # Everything is written to a folder beside it and moved in place at the end: a killed
     # evaluation leaves a ".partial" folder and the previous results, never half of both.
@@ -205,11 +208,19 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     return Evaluation(final, metrics, final / "report.html")
 
 
-def evaluation_name(data_name: str, split: str, other_data: bool, tta: bool) -> str:
+def evaluation_name(data_name: str, split: str, other_data: bool, tta: bool,
+                    unknown: bool = False, score: str | None = None) -> str:
     """The default folder of an evaluation: evaluation-SPLIT for the run's own data,
-    evaluation-NAME-SPLIT for other DATA, and "-tta" after either with TTA, so that no
-    variant writes over another (a user compares them side by side)."""
+    evaluation-NAME-SPLIT for other DATA, then "-unknown" with --unknown images (the
+    figures under metrics.json's `unknown`), "-SCORE" with an --unknown-score other than
+    the model's own, and "-tta" with TTA, so that no variant writes over another (a user
+    compares them side by side; a plain rerun keeps the unknown figures). Training's
+    --holdout-classes writes evaluation-unknown, which none of these is."""
     name = f"evaluation-{data_name}-{split}" if other_data else f"evaluation-{split}"
+    if unknown:
+        name += "-unknown"
+    if score:
+        name += f"-{score}"
     return f"{name}-tta" if tta else name
 
 
