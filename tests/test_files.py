@@ -196,6 +196,32 @@ def test_the_decoded_image_cache_shrinks_with_the_models_filter(tmp_path):
         np.testing.assert_array_equal((got.permute(1, 2, 0) * 255).round().byte().numpy(), want)
         np.testing.assert_array_equal(prepare_pixels(rgb, 32, 37, "bicubic"), want)
 
+def test_the_decoded_image_cache_keeps_each_pixel_budgets_decodes_apart(tmp_path):
+    """A low pixel budget decodes a JPEG reduced below the working size (then enlarges it):
+    the on-disk cache, shared by every run, must not hand that to a run or call with the
+    default budget, nor an image a low budget refuses to a call under it."""
+    import numpy as np
+    from helpers import write_image
+
+    from wingspan.data.images import ImageTooLarge, call_budget
+    from wingspan.training.decode_cache import DecodeCache
+
+    jpeg = str(write_image(tmp_path / "a.jpg", size=(2000, 1500), seed=1, quality=95))
+    png = str(write_image(tmp_path / "b.png", size=(2000, 1500), seed=2))
+    full = np.array(DecodeCache(None, 300).decode(jpeg))  # libjpeg at 1/4, then resized
+    with call_budget(100_000):  # 1/8 fits it: 250 x 188, enlarged (another picture)
+        reduced = DecodeCache(tmp_path / "cache", 300).load(jpeg)
+    assert full.shape == (300, 400, 3) and reduced.shape == (300, 398, 3)
+    cache = DecodeCache(tmp_path / "cache", 300)
+    np.testing.assert_array_equal(cache.load(jpeg), full)  # decoded again, not reused
+    cache.load(png)
+    with call_budget(100_000):  # as it was: reused, and the PNG refused, as uncached
+        low = DecodeCache(tmp_path / "cache", 300)
+        np.testing.assert_array_equal(low.load(jpeg), reduced)
+        with pytest.raises(ImageTooLarge, match="over the budget of 0.1 MP"):
+            low.load(png)
+
+
 def test_the_cli_says_the_disk_is_full_instead_of_a_traceback(run_cli, tmp_path, monkeypatch):
     from wingspan.data import inspect as inspect_module
 

@@ -2,8 +2,8 @@
 
 A 4000-pixel JPEG takes ~100 ms to decode; the same picture stored as a 300-pixel
 uint8 array loads in well under a millisecond. Entries are keyed by the file's path,
-size, modification and change times and the working size, so an edited photo is decoded
-again (files.FileArrays).
+size, modification and change times, the working size and the pixel budget, so an edited
+photo is decoded again (files.FileArrays).
 JPEGs are decoded in draft mode (libjpeg scales while decoding) when they are large.
 """
 
@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 from torchvision.transforms.v2.functional import resize
 
+from wingspan.config import MAX_PIXELS
 from wingspan.data.images import max_pixels, open_rgb
 from wingspan.data.transforms import interpolation_mode
 from wingspan.files import FileArrays
@@ -26,11 +27,16 @@ class DecodeCache:
         """`interpolation`: the model's resize filter (timm's name), as predict resizes."""
         key = f"{short_side}" + ("" if interpolation == "bicubic" else f"-{interpolation}")
         folder = Path(directory).expanduser() / f"decoded-{key}" if directory else None  # ~/x
+        self.budget = max_pixels()  # the call's, taken along to the worker processes
+        # The cache is on disk, shared by every run: a low budget decodes a large JPEG
+        # below the working size (or refuses an image), which another budget must not be
+        # handed. Only a budget other than the default is in the key, so entries made under
+        # the default (all of them, before budgets were keyed) stay valid.
+        budget = "" if self.budget == MAX_PIXELS else f"|{self.budget}px"
         # "tv": resized by torchvision (entries from before, shrunk by Pillow with the long
         # side rounded, miss).
-        self.arrays = FileArrays(folder, f"{key}|tv")
+        self.arrays = FileArrays(folder, f"{key}|tv{budget}")
         self.short_side = short_side
-        self.budget = max_pixels()  # the call's, taken along to the worker processes
         self.interpolation = interpolation_mode(interpolation)
 
     def load(self, path: str) -> np.ndarray:
