@@ -81,6 +81,16 @@ def test_a_second_audit_decodes_only_what_changed(tmp_path, monkeypatch):
     Image.open(sorted(demo.rglob("*.jpg"))[20]).save(edited)
     audit.audit_dataset(read_dataset(demo), tmp_path / "c", config=config, progress=False)
     assert set(decoded) == {str(edited)}
+    # Under another pixel budget the images decode otherwise: its features are its own.
+    from wingspan.data.images import call_budget
+
+    for out in ("budget-1", "budget-2"):
+        decoded.clear()
+        with call_budget(10**7):
+            audit.audit_dataset(read_dataset(demo), tmp_path / out, config=config,
+                                progress=False)
+        assert set(decoded) == ({str(p) for p in demo.rglob("*.jpg")} if out == "budget-1"
+                                else set())
     # With the cache off, or with random weights (another network on every call),
     # everything is computed.
     for off in (AuditConfig(backbone="efficientnet_lite0", folds=2, cache=False),

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from wingspan.config import AuditConfig, default_cache_dir
+from wingspan.config import MAX_PIXELS, AuditConfig, default_cache_dir
 from wingspan.data.images import max_pixels, open_rgb
 from wingspan.data.samples import PATH, SPLIT, Dataset
 from wingspan.errors import WingspanError, counted
@@ -158,8 +158,12 @@ def image_features(paths: list[str], config: AuditConfig, progress: bool
     # precision is not in the key: bf16 and fp32 features differ far less than the audit's
     # similarities and probabilities can tell apart.) The preprocessing is: a run trained
     # at 96 px and ImageNet's 224 px see other features in the same weights.
+    # A pixel budget other than the default decodes large images smaller (or refuses them):
+    # its features are kept apart, as the decode cache keeps its images.
+    budget = "" if max_pixels() == MAX_PIXELS else f"|{max_pixels()}px"
     made = (f"{name}|{_fingerprint(loaded.state_dict)}|{pre.input_size}|{pre.crop_pct}|"
-            f"{pre.interpolation}|{pre.mean}|{pre.std}" if config.cache and loaded else "")
+            f"{pre.interpolation}|{pre.mean}|{pre.std}{budget}"
+            if config.cache and loaded else "")
     # Each image's features, then its 64 hash bits, in one array.
     cache = FileArrays(default_cache_dir() / "audit-features" /
                        hashlib.sha1(made.encode()).hexdigest()[:16] if made else None, made)
