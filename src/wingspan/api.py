@@ -435,13 +435,13 @@ def _data_arg(value) -> Dataset | Path | None:
     return value if value is None or isinstance(value, Dataset) else _path_arg("data", value)
 
 
-def _split_arg(value, default: str = "the test split (else val)") -> str | None:
+def _split_arg(value, unset_means: str = "the test split (else val)") -> str | None:
     """None (the default split) or one of SPLITS or "all", as evaluate's --split."""
     if value is None or (isinstance(value, str) and value in (*SPLITS, "all")):
         return value
     raise WingspanError(f"split: expected one of {', '.join(SPLITS)} or all, got "
                         f"{type(value).__name__} {value!r:.60}.",
-                        hint=f"Leave it out for {default}.")
+                        hint=f"Leave it out for {unset_means}.")
 
 
 def _rate_arg(value) -> float | None:

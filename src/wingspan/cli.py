@@ -848,10 +848,11 @@ def _print_evaluation(result) -> None:
         out.print(f"Test-time augmentation: {escape(m['tta_note'])}.")
     if worse:  # fitted on the run's own val, the temperature may not carry to other photos
         out.print("[yellow]The temperature makes these probabilities less calibrated (ECE "
-                  f"{m['ece_uncalibrated']:.3f} -> {m['ece']:.3f}).[/]" + (
-                      " `wingspan calibrate RUN DATA` fits one on labelled photos like these."
-                      if not m.get("transfer") else " `wingspan calibrate RUN DATA` fits one "
-                      "on labelled photos like these, named as the model names its classes."))
+                  f"{m['ece_uncalibrated']:.3f} -> {m['ece']:.3f}).[/] `wingspan calibrate RUN "
+                  "DATA` fits one on labelled photos like these"
+                  + (", named as the model names its classes" if m.get("transfer") else "")
+                  + ("; it fits on single views, so compare without --tta."
+                     if m.get("tta_note") else "."))
     if m.get("unknown_classes"):
         left = m.get("unknown_class_images", 0)
         out.print(f"[yellow]{counted(left, 'image')} of "

@@ -224,16 +224,16 @@ def evaluation_name(data_name: str, split: str, other_data: bool, tta: bool,
     return f"{name}-tta" if tta else name
 
 
-def tta_note(thresholds: bool) -> str:
+def tta_note(has_thresholds: bool) -> str:
     """What TTA does to the fitted figures: the temperature (and the unknown thresholds)
     are fitted on one view of each image (training, `wingspan calibrate`), while TTA
     scores the mean of the views, which is softer; refitting them on TTA would need
     TTA-specific values in the bundle, so the evaluation measures and says it instead."""
-    fitted = "the temperature and the unknown thresholds were" if thresholds else \
+    fitted = "the temperature and the unknown thresholds were" if has_thresholds else \
         "the temperature was"
     return (f"{fitted} fitted on single views of the images, not on the mean of the views "
             "that TTA scores: the ECE after the temperature"
-            + (" and the share of images turned away are" if thresholds else " is")
+            + (" and the share of images turned away are" if has_thresholds else " is")
             + " as measured here, not as fitted")
 
 
