@@ -34,6 +34,8 @@ MAX_PIXELS, MAX_PIXELS_ENV = 50_000_000, "WINGSPAN_MAX_PIXELS"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff",
                     ".webp")
 SPLITS = ("train", "val", "test")
+# Where `wingspan train` writes its runs (--runs-dir) and `wingspan runs` lists them.
+RUNS_DIR = "runs"
 
 
 class SettingError(WingspanError):

@@ -31,7 +31,7 @@ def find_bundle(model: str | Path) -> Path:
     if (path / "model" / "manifest.json").is_file():
         return path / "model"
     if (path / "config.yaml").is_file() and (path / "splits.csv").is_file():
-        from wingspan.training.run import being_trained
+        from wingspan.training.folder import being_trained
 
         if being_trained(path):  # resuming it now would be refused
             raise WingspanError(f"The run {path} has no model yet: it is being trained now.",

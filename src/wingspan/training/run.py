@@ -24,7 +24,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from wingspan.config import ReadConfig, TrainConfig
+from wingspan.config import RUNS_DIR, ReadConfig, TrainConfig
 from wingspan.data import read_dataset
 from wingspan.data.images import chosen_budget
 from wingspan.data.samples import Dataset
@@ -35,7 +35,7 @@ from wingspan.evaluate.calibration import (
     bound_warning,
     calibration_record,
 )
-from wingspan.files import atomic_paths, is_leftover, make_folder, remove_leftovers
+from wingspan.files import atomic_paths, make_folder, remove_leftovers
 from wingspan.models import create_classifier, resolve_policy, save_bundle
 from wingspan.models.bundle import read_manifest
 from wingspan.models.classifier import Classifier
@@ -48,6 +48,15 @@ from wingspan.progress import Bar
 from wingspan.training.checkpoint import load_checkpoint
 from wingspan.training.context import Run, RunState
 from wingspan.training.data import fixed_batches, make_loader, resolve_workers
+from wingspan.training.folder import (
+    CONFIG_FILE,
+    HOLDOUT_FILE,
+    SPLITS_FILE,
+    _hold,
+    _release,
+    _stopped_while_set_up,
+    being_trained,
+)
 from wingspan.training.prepare import (
     build_train_data,
     ensure_splits,
@@ -57,11 +66,8 @@ from wingspan.training.prepare import (
 from wingspan.training.stages import finetune, say_what_is_read, train_head
 from wingspan.training.step import choose_train
 
-CONFIG_FILE, SPLITS_FILE = "config.yaml", "splits.csv"
-HOLDOUT_FILE = "holdout.csv"  # --holdout-classes: their images, scored as unknowns at the end
 
-
-def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = "runs",
+def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = RUNS_DIR,
           name: str | None = None, quiet: bool = False) -> Path:
     """Train a new run; returns its folder (runs/<name>, numbered if the name is taken).
     With `config.devices` (or `nodes`) above 1, or under torchrun, this runs in every
@@ -287,14 +293,6 @@ def _resuming(run_dir: Path, checkpoint: dict | None, scoring: bool) -> str:
             + (f", batch {state['step'] + 1}" if state["step"] else ""))
 
 
-def _stopped_while_set_up(run_dir: Path) -> bool:
-    """A folder holding only what `train` writes before config.yaml (its lock, the files
-    written with config.yaml, or their temporary files), or nothing: a run killed then."""
-    before = {".lock", SPLITS_FILE, HOLDOUT_FILE}
-    return run_dir.is_dir() and all(p.name in before or is_leftover(p.name)
-                                    for p in run_dir.iterdir())
-
-
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -379,48 +377,6 @@ def _processes(config: TrainConfig) -> Processes:
     return Processes(config.device, config.devices, config.nodes, config.strategy)
 
 
-_HELD: dict[str, object] = {}  # run folder -> its open lock file, while this process trains
-
-
-def _hold(run_dir: Path) -> bool:
-    """Rank 0 holds the run's lock while it trains: a second process training the same
-    folder (a --resume of a run still going) would write the same checkpoints and model.
-    The OS drops the lock when the process ends, however it ends. False: another holds
-    it. (POSIX only; elsewhere nothing is locked.)"""
-    try:
-        import fcntl
-    except ImportError:
-        return True
-    key = str(run_dir.resolve())
-    if key in _HELD:
-        return True
-    handle = open(run_dir / ".lock", "w")  # noqa: SIM115 - held open for the whole run
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        return False
-    _HELD[key] = handle
-    return True
-
-
-def being_trained(run_dir: Path) -> bool:
-    """Whether another process holds the run's lock (trains it now), tested without
-    keeping the lock. (POSIX only; elsewhere False.)"""
-    try:
-        import fcntl
-    except ImportError:
-        return False
-    if str(Path(run_dir).resolve()) in _HELD:
-        return False  # this process trains it
-    try:
-        with open(Path(run_dir) / ".lock", "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released as it closes
-    except OSError:
-        return (Path(run_dir) / ".lock").is_file()  # held; else a folder we may not write
-    return False
-
-
 def close_runs(path: Path) -> list[str]:
     """The runs beside a path that is no run (a typo, or a run's name without its runs
     folder), or in the runs folder there, whose names are closest to its name."""
@@ -441,12 +397,6 @@ def _no_run_at(run_dir: Path) -> WingspanError:
         f"{run_dir} does not exist: there is no run there to resume.",
         hint=(f"Did you mean {' or '.join(meant)}?" if meant else
               "Give the folder a `wingspan train` run wrote, e.g. runs/NAME."))
-
-
-def _release(run_dir: Path) -> None:
-    handle = _HELD.pop(str(Path(run_dir).resolve()), None)
-    if handle is not None:
-        handle.close()
 
 
 def _run_config(run_dir: Path) -> TrainConfig:

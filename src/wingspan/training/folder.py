@@ -1,0 +1,68 @@
+"""What a run folder holds and who trains it, without the training stack (no torch), so
+that `wingspan runs` and predict's checks read it in a blink: the file names, the lock
+that rank 0 holds while it trains, and the folder a run killed while set up leaves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from wingspan.files import is_leftover
+
+CONFIG_FILE, SPLITS_FILE = "config.yaml", "splits.csv"
+HOLDOUT_FILE = "holdout.csv"  # --holdout-classes: their images, scored as unknowns at the end
+
+
+_HELD: dict[str, object] = {}  # run folder -> its open lock file, while this process trains
+
+
+def _hold(run_dir: Path) -> bool:
+    """Rank 0 holds the run's lock while it trains: a second process training the same
+    folder (a --resume of a run still going) would write the same checkpoints and model.
+    The OS drops the lock when the process ends, however it ends. False: another holds
+    it. (POSIX only; elsewhere nothing is locked.)"""
+    try:
+        import fcntl
+    except ImportError:
+        return True
+    key = str(run_dir.resolve())
+    if key in _HELD:
+        return True
+    handle = open(run_dir / ".lock", "w")  # noqa: SIM115 - held open for the whole run
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        return False
+    _HELD[key] = handle
+    return True
+
+
+def being_trained(run_dir: Path) -> bool:
+    """Whether another process holds the run's lock (trains it now), tested without
+    keeping the lock. (POSIX only; elsewhere False.)"""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    if str(Path(run_dir).resolve()) in _HELD:
+        return False  # this process trains it
+    try:
+        with open(Path(run_dir) / ".lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released as it closes
+    except OSError:
+        return (Path(run_dir) / ".lock").is_file()  # held; else a folder we may not write
+    return False
+
+
+def _release(run_dir: Path) -> None:
+    handle = _HELD.pop(str(Path(run_dir).resolve()), None)
+    if handle is not None:
+        handle.close()
+
+
+def _stopped_while_set_up(run_dir: Path) -> bool:
+    """A folder holding only what `train` writes before config.yaml (its lock, the files
+    written with config.yaml, or their temporary files), or nothing: a run killed then."""
+    before = {".lock", SPLITS_FILE, HOLDOUT_FILE}
+    return run_dir.is_dir() and all(p.name in before or is_leftover(p.name)
+                                    for p in run_dir.iterdir())
