@@ -46,11 +46,14 @@ def being_trained(run_dir: Path) -> bool:
         return False
     if str(Path(run_dir).resolve()) in _HELD:
         return False  # this process trains it
-    try:
-        with open(Path(run_dir) / ".lock", "a") as handle:
+    try:  # opened to read: a run folder without a lock is left so (`wingspan runs` lists
+        # without writing), and one we may not write is tested too (flock needs no write)
+        with open(Path(run_dir) / ".lock") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released as it closes
+    except FileNotFoundError:
+        return False  # never locked
     except OSError:
-        return (Path(run_dir) / ".lock").is_file()  # held; else a folder we may not write
+        return (Path(run_dir) / ".lock").is_file()  # held; else a lock we may not read
     return False
 
 
