@@ -11,7 +11,7 @@ from wingspan.data import read_dataset
 
 @pytest.mark.parametrize("command", [[], ["data"], ["data", "inspect"], ["data", "split"],
                                      ["data", "preview"], ["demo"], ["models"],
-                                     ["models", "list"]])
+                                     ["models", "list"], ["runs"]])
 def test_every_command_has_help(run_cli, command):
     code, out, _ = run_cli(*command, "--help")
     assert code == 0

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from wingspan.config import (
+    RUNS_DIR,
     SPLITS,
     AugmentConfig,
     DemoConfig,
@@ -42,7 +43,7 @@ from wingspan.data.samples import SPLIT, Dataset
 from wingspan.errors import WingspanError
 
 __all__ = ["Data", "Evaluation", "Image", "Inspection", "Run", "demo_data", "load", "read",
-           "resume", "train"]
+           "resume", "runs", "train"]
 
 
 # ---------------------------------------------------------------------------- display
@@ -289,7 +290,7 @@ class Inspection:
 
 
 def train(data: Data | Dataset | str | Path, config: TrainConfig | str | Path | None = None,
-          name: str | None = None, runs_dir: str | Path = "runs",
+          name: str | None = None, runs_dir: str | Path = RUNS_DIR,
           quiet: bool = False, max_pixels: int | None = None, **settings) -> Run:
     """Train a classifier as `wingspan train` does: a new head on the frozen pretrained
     backbone (on cached features), then fine-tuning. `settings` are TrainConfig's fields
@@ -342,6 +343,21 @@ def load(path: str | Path) -> Run:
     if (bundle.parent / "config.yaml").is_file() and (bundle.parent / "history.csv").is_file():
         return Run(bundle.parent)  # a run's own model/ folder: the whole run
     return Run(None, bundle)
+
+
+def runs(runs_dir: str | Path = RUNS_DIR, sort: str | None = None) -> pd.DataFrame:
+    """The runs in `runs_dir` side by side, as `wingspan runs` lists them: one row per run
+    folder (name, status, data, backbone, image_size, seed, selection, val_macro_f1 (the
+    figure the best epoch was chosen on), held_out_macro_f1 (`evaluate`'s on the split
+    nothing was chosen on, once run), best_stage, best_epoch, train_seconds, created,
+    path), oldest first or by the column `sort` (scores best first). A damaged run's
+    status says what is wrong; folders that are no run are left out.
+
+    >>> ws.runs().groupby("backbone")["held_out_macro_f1"].describe()
+    """
+    from wingspan.run_table import run_table
+
+    return run_table(_path_arg("runs_dir", runs_dir), sort)
 
 
 def _dataset(data: Data | Dataset | str | Path) -> Dataset:

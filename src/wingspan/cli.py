@@ -21,6 +21,7 @@ from wingspan.config import (
     AUGMENT_POLICIES,
     MAX_PIXELS,
     MAX_PIXELS_ENV,
+    RUNS_DIR,
     AdaptConfig,
     AuditConfig,
     AugmentConfig,
@@ -509,7 +510,7 @@ def train_command(
     = False,
     name: Annotated[str | None, typer.Option(help="Run name (runs/NAME).")] = None,
     runs_dir: Annotated[Path, typer.Option(callback=_folder, help="Where runs are written.")]
-    = Path("runs"),
+    = Path(RUNS_DIR),
     config: Annotated[Path | None, typer.Option(
         help="YAML file of settings; options given on the command line win.")] = None,
     resume: Annotated[Path | None, typer.Option(
@@ -607,6 +608,79 @@ def _print_run(run_dir: Path) -> None:
               f"({best['stage']} epoch {best['epoch']}); seconds: {seconds}"
               + (f" (timing the engines included: {timed:.1f})" if timed else ""))
     out.print(f"Run: {_q(run_dir)}   model: {_q(run_dir / 'model')}")
+
+
+@app.command("runs")
+def runs_command(
+    runs_dir: Annotated[Path, typer.Argument(
+        help="The folder `wingspan train` wrote its runs into (its --runs-dir).")]
+    = Path(RUNS_DIR),
+    sort: Annotated[str | None, typer.Option(
+        help="Order by this column (of the CSV: name, status, val_macro_f1, "
+        "held_out_macro_f1, train_seconds, seed...); scores best first, the rest ascending "
+        "(default: created, oldest first).", show_default=False)] = None,
+    output: Annotated[Path | None, typer.Option(
+        help="Write every column to a .csv or .json file.")] = None,
+) -> None:
+    """List the runs in RUNS_DIR side by side: status, data, backbone, seed, the val figure
+    the best epoch was chosen on and the fair held-out one, training time."""
+    from rich.table import Table
+
+    from wingspan.run_table import DONE, SET_UP, STOPPED, TRAINING, run_table, write_run_table
+
+    if output:
+        _check_output_file(output, (".csv", ".json"))
+    frame = run_table(runs_dir, sort)
+    if output:
+        write_run_table(frame, output)
+    if frame.empty:
+        out.print(f"No runs in {_q(runs_dir)}.")
+    else:
+        colours = {DONE: "green", TRAINING: "cyan", STOPPED: "yellow"}
+        table = Table("run", "status", _folding("data"), _folding("backbone"), "size", "seed",
+                      "selection", "val F1", "held-out F1", "best", "seconds", "created")
+        for r in frame.to_dict("records"):
+            colour = colours.get(r["status"], "yellow" if r["status"] == SET_UP else "red")
+            table.add_row(_q(r["name"]), f"[{colour}]{_q(r['status'])}[/]",
+                          _q(_here(r["data"])) if _given(r["data"]) else "",
+                          *(_q(_cell(r[k])) for k in ("backbone", "image_size", "seed",
+                                                        "selection", "val_macro_f1")),
+                          _held_out(r),
+                          f"{r['best_stage']} {r['best_epoch']}" if _given(r["best_stage"])
+                          else "",
+                          f"{r['train_seconds']:.1f}" if _given(r["train_seconds"]) else "",
+                          str(r["created"])[:16])
+        table.caption = ("val F1: the macro-F1 the best epoch was chosen on (optimistic); "
+                         "held-out F1: on the split nothing was chosen on, once `wingspan "
+                         "evaluate RUN` has scored it")
+        out.print(table)
+        if (frame["status"] == STOPPED).any():
+            out.print(f"A stopped run continues with `wingspan train --resume "
+                      f"{_q(runs_dir)}/NAME`.")
+        if (frame["status"] == SET_UP).any():
+            out.print("A run killed while set up trained nothing: delete its folder.")
+    if output:
+        out.print(f"Wrote {_q(output)}")
+
+
+def _given(value) -> bool:
+    import pandas as pd
+
+    return value is not None and not pd.isna(value)
+
+
+def _cell(value) -> str:
+    if not _given(value):
+        return ""
+    return f"{value:.4f}" if isinstance(value, float) and not value.is_integer() else str(value)
+
+
+def _held_out(row: dict) -> str:
+    if _given(row["held_out_macro_f1"]):
+        return f"{row['held_out_macro_f1']:.4f}"
+    if row["status"] != "done":
+        return ""
+    return "not evaluated" if _given(row["held_out_split"]) else "none kept"
 
 
 Model = Annotated[Path, typer.Argument(help="A run folder (runs/NAME) or a model bundle.",

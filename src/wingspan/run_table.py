@@ -1,0 +1,210 @@
+"""`wingspan runs`: the runs of a runs folder side by side, one row each, read from their
+JSON and YAML files alone (never a checkpoint: no pickle, no torch), so that listing is
+instant and a damaged run is a row that says what is wrong, never a crash.
+
+(Not `wingspan/runs.py`: a submodule of that name would shadow the `wingspan.runs`
+function once imported.)"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from wingspan.config import RUNS_DIR
+from wingspan.errors import WingspanError, first_line
+from wingspan.files import atomic_path, write_text
+from wingspan.training.folder import (
+    CONFIG_FILE,
+    SPLITS_FILE,
+    _stopped_while_set_up,
+    being_trained,
+)
+
+COLUMNS = ["name", "status", "data", "backbone", "image_size", "seed", "selection",
+           "val_macro_f1", "held_out_split", "held_out_macro_f1", "best_stage", "best_epoch",
+           "train_seconds", "created", "path"]
+# Sorted best first; every other column in ascending order (names, dates, seeds...).
+BEST_FIRST = ("val_macro_f1", "held_out_macro_f1")
+INTEGERS, FIGURES = ("image_size", "seed", "best_epoch"), BEST_FIRST + ("train_seconds",)
+DONE, TRAINING, STOPPED, SET_UP = "done", "training now", "stopped (resumable)", \
+    "left over: killed while set up"
+ADAPTED = "done (adapted)"
+
+
+class Damaged(Exception):
+    """A run file that cannot be read as wingspan wrote it; the message says which."""
+
+
+def run_table(runs_dir: str | Path, sort: str | None = None) -> pd.DataFrame:
+    """One row per run folder in `runs_dir` (COLUMNS), oldest first or by `sort`. Folders
+    that are not runs are left out."""
+    runs_dir = Path(runs_dir)
+    _check_runs_dir(runs_dir)
+    rows = [row for d in sorted(runs_dir.iterdir()) if d.is_dir()
+            if (row := run_row(d)) is not None]
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    for column in (*INTEGERS, *FIGURES):  # whole numbers empty where a run has none (not
+        frame[column] = pd.to_numeric(frame[column], errors="coerce")  # 32.0 beside a NaN)
+        if column in INTEGERS:
+            frame[column] = frame[column].astype("Int64")
+    return sort_runs(frame, sort or "created")
+
+
+def sort_runs(frame: pd.DataFrame, column: str) -> pd.DataFrame:
+    if column not in frame.columns:
+        close = difflib.get_close_matches(column, list(frame.columns), n=1)
+        raise WingspanError(f"Cannot sort by '{column}': no such column.",
+                            hint=(f"Did you mean '{close[0]}'? " if close else "")
+                            + f"The columns: {', '.join(frame.columns)}.")
+    # Ties (and empty cells, put last) keep the names' order.
+    return frame.sort_values(column, ascending=column not in BEST_FIRST, kind="stable",
+                             na_position="last").reset_index(drop=True)
+
+
+def _check_runs_dir(path: Path) -> None:
+    hint = ("Give the folder `wingspan train` wrote its runs into: its --runs-dir "
+            f"({RUNS_DIR} by default), e.g. `wingspan runs experiments/runs`.")
+    if not path.exists():
+        raise WingspanError(f"There is no folder {path} to list runs from.", hint=hint)
+    if not path.is_dir():
+        raise WingspanError(f"{path} is a file, not a folder of runs.", hint=hint)
+    if (path / CONFIG_FILE).is_file() and (path / SPLITS_FILE).is_file():
+        raise WingspanError(f"{path} is a run itself, not a folder of runs.",
+                            hint=f"List the folder that holds it: `wingspan runs "
+                                 f"{path.parent}`.")
+
+
+def run_row(run_dir: Path) -> dict | None:
+    """The row of a run folder, or None for a folder that is no run."""
+    row = dict.fromkeys(COLUMNS)
+    row.update(name=run_dir.name, path=str(run_dir))
+    if not (run_dir / CONFIG_FILE).is_file():
+        # What `train` writes before config.yaml, and nothing else: killed then, or being
+        # set up now. (An empty folder may be anyone's: not listed.)
+        if not any(run_dir.iterdir()) or not _stopped_while_set_up(run_dir):
+            return None
+        row.update(status=TRAINING if being_trained(run_dir) else SET_UP,
+                   created=_stamp(run_dir))
+        return row
+    if not (run_dir / SPLITS_FILE).is_file():
+        return None  # another program's config.yaml: train writes both together
+    try:
+        _read_run(run_dir, row)
+    except Damaged as e:
+        row["status"] = f"damaged: {e}"
+    row["created"] = row["created"] or _stamp(run_dir / CONFIG_FILE)
+    if being_trained(run_dir):  # a resume of a finished run ends at once: never "done"
+        row["status"] = TRAINING
+    return row
+
+
+def _read_run(run_dir: Path, row: dict) -> None:
+    """Fills `row` file by file, so that a damaged run keeps what could be read."""
+    row["data"] = _trained_on(run_dir / CONFIG_FILE)
+    config = _read(run_dir, CONFIG_FILE)
+    row.update({k: config.get(k) for k in ("backbone", "image_size", "seed", "selection")})
+    if (run_dir / "adapt.json").is_file():  # a copy: created when adapted, not trained
+        _read(run_dir, "adapt.json")
+        row.update(status=ADAPTED, created=_stamp(run_dir / "adapt.json"))
+        return
+    manifest = _read(run_dir, "model/manifest.json", missing={})
+    metrics = _read(run_dir, "metrics.json", missing={})
+    preprocessing = manifest.get("preprocessing")
+    if row["image_size"] is None and isinstance(preprocessing, dict):  # the backbone's own
+        row["image_size"] = preprocessing.get("input_size")  # as the bundle records it
+    # As `train --resume` tells a finished run: its bundle written to the end (the
+    # manifest comes last) and, with --holdout-classes, those classes scored.
+    done = ("calibration" in manifest and (run_dir / "model" / "model.safetensors").is_file()
+            and bool(metrics)
+            and (not config.get("holdout_classes") or "unknown" in metrics))
+    if not done:
+        row["status"] = STOPPED
+        return
+    try:
+        best, selection = metrics["best"], metrics.get("selection") or {}
+        row.update(status=DONE, val_macro_f1=float(best["val_macro_f1"]),
+                   best_stage=best["stage"], best_epoch=int(best["epoch"]),
+                   train_seconds=round(sum(metrics["stage_seconds"].values()), 1),
+                   held_out_split=selection.get("unbiased_split"))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise Damaged(f"metrics.json is not one wingspan wrote ({first_line(e)})") from e
+    if row["held_out_split"]:
+        row["held_out_macro_f1"] = _held_out_figure(run_dir, row["held_out_split"])
+
+
+def _held_out_figure(run_dir: Path, split: str) -> float | None:
+    """The macro-F1 that `wingspan evaluate RUN` measured on the split nothing was chosen
+    on, when it has been run and called its figure fair (None until then)."""
+    name = f"evaluation-{split}/metrics.json"
+    evaluation = _read(run_dir, name, missing={})
+    try:
+        fair = str(evaluation.get("fair", "")).startswith("yes")
+        return float(evaluation["macro"]["f1"]) if evaluation and fair else None
+    except (KeyError, TypeError, ValueError) as e:
+        raise Damaged(f"{name} is not one wingspan wrote ({first_line(e)})") from e
+
+
+def _read(run_dir: Path, name: str, missing: dict | None = None) -> dict:
+    """The JSON or YAML mapping in the run's file `name`; `missing` when the file is not
+    there (None: it must be)."""
+    path = run_dir / name
+    if missing is not None and not path.is_file():
+        return missing
+    try:
+        text = path.read_bytes()
+        value = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except OSError as e:
+        raise Damaged(f"{name} cannot be read ({first_line(e)})") from e
+    except (ValueError, yaml.YAMLError) as e:  # JSONDecodeError and UnicodeDecodeError too
+        kind = "JSON" if path.suffix == ".json" else "YAML"
+        raise Damaged(f"{name} is not valid {kind}{_where(e)}") from e
+    if not isinstance(value, dict):
+        raise Damaged(f"{name} is not one wingspan wrote (not a mapping)")
+    return value
+
+
+def _where(error: Exception) -> str:
+    """Where a JSON or YAML error is, briefly: " (line 3, column 7)"."""
+    mark = getattr(error, "problem_mark", None)  # YAML's, counted from 0
+    line, column = ((error.lineno, error.colno) if hasattr(error, "lineno") else
+                    (mark.line + 1, mark.column + 1) if mark else (None, None))
+    return f" (line {line}, column {column})" if line else ""
+
+
+def _trained_on(config_file: Path) -> str | None:
+    """The data, from the comment config.yaml opens with ("# Trained on DATA, read with")."""
+    try:
+        with open(config_file, encoding="utf-8", errors="replace") as f:
+            first = f.readline()
+    except OSError:
+        return None
+    if first.startswith("# Trained on ") and ", read with " in first:
+        return first[len("# Trained on "):].rpartition(", read with ")[0]
+    return None
+
+
+def _stamp(path: Path) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(path.stat().st_mtime))
+
+
+def _plain(value):
+    """numpy's numbers as JSON's."""
+    return value.item() if hasattr(value, "item") else str(value)
+
+
+def write_run_table(frame: pd.DataFrame, path: str | Path) -> None:
+    """CSV (a header row, the columns above) or JSON ({"runs": [one object per run]},
+    empty cells as null), by the file's suffix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".json":
+        records = frame.astype(object).where(frame.notna(), None).to_dict("records")
+        write_text(path, json.dumps({"runs": records}, indent=2, default=_plain))
+        return
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False, encoding="utf-8")

@@ -1,0 +1,178 @@
+"""`wingspan runs` and `ws.runs`: a runs folder's runs side by side, read from their files."""
+
+import fcntl
+import json
+import shutil
+
+import pandas as pd
+import pytest
+import yaml
+from test_train import tiny
+
+import wingspan as ws
+from wingspan.data import read_dataset
+from wingspan.errors import WingspanError
+from wingspan.evaluate.run import evaluate
+from wingspan.training import train
+
+
+@pytest.fixture(scope="module")
+def finished(demo_dir, tmp_path_factory):
+    """One tiny run with a test split, evaluated there (its fair held-out figure)."""
+    tmp = tmp_path_factory.mktemp("runs-src")
+    run_dir = train(read_dataset(demo_dir), tiny(tmp, test_fraction=0.25), tmp / "runs", "r",
+                    quiet=True)
+    evaluate(run_dir, progress=False, workers=0)
+    return run_dir
+
+
+def _copy(run_dir, to):
+    shutil.copytree(run_dir, to, ignore=shutil.ignore_patterns(".lock", "cache"))
+    return to
+
+
+def _edit_json(path, change):
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+
+
+@pytest.fixture
+def runs_dir(finished, tmp_path):
+    """Copies of the run: as trained; another seed with its own figures and not evaluated;
+    one with a torn metrics.json; one stopped before its model; one killed while set up;
+    and folders that are no run."""
+    runs = tmp_path / "runs"
+    _copy(finished, runs / "seed0")
+    other = _copy(finished, runs / "[red]seed1")  # a name that is also rich markup
+    config = yaml.safe_load((other / "config.yaml").read_bytes())
+    (other / "config.yaml").write_text(yaml.safe_dump({**config, "seed": 1}))
+    _edit_json(other / "metrics.json",
+               lambda m: {**m, "best": {**m["best"], "stage": "finetune", "epoch": 2,
+                                        "val_macro_f1": 0.99},
+                          "stage_seconds": {"head": 7.25, "finetune": 100.0}})
+    shutil.rmtree(other / "evaluation-test")
+    torn = _copy(finished, runs / "torn")
+    (torn / "metrics.json").write_text('{"best": ')  # cut short by a full disk, say
+    stopped = _copy(finished, runs / "stopped")
+    (stopped / "model" / "manifest.json").unlink()
+    (stopped / "metrics.json").unlink()
+    (runs / "leftover").mkdir()
+    shutil.copy(finished / "splits.csv", runs / "leftover" / "splits.csv")
+    (runs / "leftover" / ".lock").touch()
+    (runs / "notes").mkdir()
+    (runs / "notes" / "ideas.txt").write_text("try lite2\n")
+    (runs / "empty").mkdir()
+    (runs / "data" / "demo").mkdir(parents=True)  # what `data inspect` writes in runs/
+    (runs / "data" / "demo" / "summary.json").write_text("{}")
+    (runs / "README.txt").write_text("a file, not a folder\n")
+    return runs
+
+
+def _plain(frame: pd.DataFrame) -> list[dict]:
+    """Records with every empty cell None (NaN, <NA>), to compare across formats."""
+    return [{k: None if pd.isna(v) else v for k, v in row.items()}
+            for row in frame.astype(object).to_dict("records")]
+
+
+def test_runs_frame_lists_each_run_with_values_from_its_files(runs_dir, finished, demo_dir):
+    frame = ws.runs(runs_dir)
+    assert not (runs_dir / "seed0" / ".lock").exists()  # listing writes nothing
+    rows = {r["name"]: r for r in _plain(frame)}
+    assert set(rows) == {"seed0", "[red]seed1", "torn", "stopped", "leftover"}  # no others
+    assert {n: r["status"] for n, r in rows.items()} == {
+        "seed0": "done", "[red]seed1": "done", "stopped": "stopped (resumable)",
+        "torn": "damaged: metrics.json is not valid JSON (line 1, column 10)",
+        "leftover": "left over: killed while set up"}
+    metrics = json.loads((finished / "metrics.json").read_text())
+    evaluation = json.loads((finished / "evaluation-test" / "metrics.json").read_text())
+    assert evaluation["fair"].startswith("yes")
+    seed0 = rows["seed0"]
+    assert seed0 == {**seed0, "data": str(demo_dir), "backbone": "test_efficientnet",
+                     "image_size": 32, "seed": 0, "selection": "holdout",
+                     "val_macro_f1": metrics["best"]["val_macro_f1"],
+                     "best_stage": metrics["best"]["stage"],
+                     "best_epoch": metrics["best"]["epoch"],
+                     "held_out_split": "test",
+                     "held_out_macro_f1": evaluation["macro"]["f1"],
+                     "train_seconds": round(sum(metrics["stage_seconds"].values()), 1),
+                     "path": str(runs_dir / "seed0")}
+    seed1 = rows["[red]seed1"]
+    assert (seed1["seed"], seed1["val_macro_f1"], seed1["best_stage"], seed1["best_epoch"],
+            seed1["train_seconds"]) == (1, 0.99, "finetune", 2, 107.2)
+    assert seed1["held_out_split"] == "test" and seed1["held_out_macro_f1"] is None
+    # A damaged run keeps what could be read before the damaged file.
+    assert (rows["torn"]["backbone"], rows["torn"]["val_macro_f1"]) == ("test_efficientnet",
+                                                                         None)
+    assert rows["stopped"]["val_macro_f1"] is None and rows["stopped"]["seed"] == 0
+    assert rows["leftover"]["backbone"] is None and rows["leftover"]["created"]
+    # Sorted: scores best first, empty cells last; other columns ascending.
+    assert ws.runs(runs_dir, sort="val_macro_f1")["name"].tolist()[:2] == ["[red]seed1",
+                                                                          "seed0"]
+    assert ws.runs(runs_dir, sort="seed")["seed"].tolist()[:4] == [0, 0, 0, 1]
+    with pytest.raises(WingspanError, match="Cannot sort by 'val_f1'") as e:
+        ws.runs(runs_dir, sort="val_f1")
+    assert "Did you mean 'val_macro_f1'?" in e.value.hint
+
+
+def test_runs_says_which_run_is_being_trained_now(runs_dir):
+    # Another process's lock on the run: flock'd through a file of our own (this process
+    # holds no run through train's own lock, which being_trained would not count).
+    with open(runs_dir / "stopped" / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        frame = ws.runs(runs_dir)
+    assert frame.set_index("name").loc["stopped", "status"] == "training now"
+    assert ws.runs(runs_dir).set_index("name").loc["stopped", "status"] == "stopped (resumable)"
+
+
+def test_runs_command_table_and_outputs(run_cli, runs_dir, tmp_path, monkeypatch):
+    from wingspan import cli
+
+    monkeypatch.setattr(cli.out, "_width", 400)  # a row on a line (rich's own field)
+    monkeypatch.chdir(tmp_path)  # RUNS_DIR by default: runs/, as train writes it
+    code, out, err = run_cli("runs", "--sort", "name", "--output", "all.csv")
+    assert code == 0, err
+    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in out.splitlines()
+             if line.startswith("│")]
+    assert [c[:2] for c in cells] == [
+        ["[red]seed1", "done"], ["leftover", "left over: killed while set up"],
+        ["seed0", "done"], ["stopped", "stopped (resumable)"],
+        ["torn", "damaged: metrics.json is not valid JSON (line 1, column 10)"]]
+    frame = ws.runs("runs", sort="name")
+    seed1 = cells[0]
+    assert seed1[4:11] == ["32", "1", "holdout", "0.9900", "not evaluated", "finetune 2",
+                           "107.2"]
+    seed0 = frame.iloc[2]
+    assert cells[2][7:9] == [f"{seed0['val_macro_f1']:.4f}",
+                             f"{seed0['held_out_macro_f1']:.4f}"]
+    assert "`wingspan train --resume runs/NAME`" in out and "Wrote all.csv" in out
+    # What was written is the frame, cell for cell, in either format.
+    assert _plain(pd.read_csv(tmp_path / "all.csv")) == _plain(frame)
+    code, _, err = run_cli("runs", "runs", "--sort", "name", "--output", "out/all.json")
+    assert code == 0, err
+    assert json.loads((tmp_path / "out" / "all.json").read_text())["runs"] == _plain(frame)
+    code, _, err = run_cli("runs", "runs", "--output", "all.txt")
+    assert code == 2 and "must end in .csv or .json" in err
+
+
+def test_listing_runs_needs_no_torch():
+    """Read from JSON and YAML alone, it starts in a blink (no training stack)."""
+    import subprocess
+    import sys
+
+    code = "import sys, wingspan.run_table; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.split() == ["False"]
+
+
+def test_runs_dir_that_is_no_runs_folder_is_a_clear_error(run_cli, runs_dir, tmp_path):
+    code, _, err = run_cli("runs", tmp_path / "no-such")
+    assert code == 2 and "There is no folder" in err and "Hint:" in err and "--runs-dir" in err
+    code, _, err = run_cli("runs", runs_dir / "README.txt")
+    assert code == 2 and "is a file, not a folder of runs" in err
+    code, _, err = run_cli("runs", runs_dir / "seed0")
+    assert code == 2 and "is a run itself" in err
+    assert f"`wingspan runs {runs_dir}`" in " ".join(err.split())
+    with pytest.raises(WingspanError, match="There is no folder"):
+        ws.runs(tmp_path / "no-such")
+    code, out, _ = run_cli("runs", runs_dir / "notes")
+    assert code == 0 and "No runs in" in out
