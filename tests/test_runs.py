@@ -55,6 +55,9 @@ def runs_dir(finished, tmp_path):
     stopped = _copy(finished, runs / "stopped")
     (stopped / "model" / "manifest.json").unlink()
     (stopped / "metrics.json").unlink()
+    adapted = _copy(finished, runs / "adapted")  # as `wingspan adapt` writes one: no
+    (adapted / "metrics.json").unlink()  # metrics of its own, its adapt.json instead
+    (adapted / "adapt.json").write_text(json.dumps({"photos": 3}))
     (runs / "leftover").mkdir()
     shutil.copy(finished / "splits.csv", runs / "leftover" / "splits.csv")
     (runs / "leftover" / ".lock").touch()
@@ -77,8 +80,9 @@ def test_runs_frame_lists_each_run_with_values_from_its_files(runs_dir, finished
     frame = ws.runs(runs_dir)
     assert not (runs_dir / "seed0" / ".lock").exists()  # listing writes nothing
     rows = {r["name"]: r for r in _plain(frame)}
-    assert set(rows) == {"seed0", "[red]seed1", "torn", "stopped", "leftover"}  # no others
-    assert {n: r["status"] for n, r in rows.items()} == {
+    assert set(rows) == {"seed0", "[red]seed1", "torn", "stopped", "adapted",
+                         "leftover"}  # no others
+    assert {n: r["status"] for n, r in rows.items()} == {"adapted": "done (adapted)",
         "seed0": "done", "[red]seed1": "done", "stopped": "stopped (resumable)",
         "torn": "damaged: metrics.json is not valid JSON (line 1, column 10)",
         "leftover": "left over: killed while set up"}
@@ -107,7 +111,7 @@ def test_runs_frame_lists_each_run_with_values_from_its_files(runs_dir, finished
     # Sorted: scores best first, empty cells last; other columns ascending.
     assert ws.runs(runs_dir, sort="val_macro_f1")["name"].tolist()[:2] == ["[red]seed1",
                                                                           "seed0"]
-    assert ws.runs(runs_dir, sort="seed")["seed"].tolist()[:4] == [0, 0, 0, 1]
+    assert ws.runs(runs_dir, sort="seed")["seed"].tolist()[:5] == [0, 0, 0, 0, 1]
     with pytest.raises(WingspanError, match="Cannot sort by 'val_f1'") as e:
         ws.runs(runs_dir, sort="val_f1")
     assert "Did you mean 'val_macro_f1'?" in e.value.hint
@@ -133,15 +137,16 @@ def test_runs_command_table_and_outputs(run_cli, runs_dir, tmp_path, monkeypatch
     cells = [[c.strip() for c in line.split("│")[1:-1]] for line in out.splitlines()
              if line.startswith("│")]
     assert [c[:2] for c in cells] == [
-        ["[red]seed1", "done"], ["leftover", "left over: killed while set up"],
+        ["[red]seed1", "done"], ["adapted", "done (adapted)"],
+        ["leftover", "left over: killed while set up"],
         ["seed0", "done"], ["stopped", "stopped (resumable)"],
         ["torn", "damaged: metrics.json is not valid JSON (line 1, column 10)"]]
     frame = ws.runs("runs", sort="name")
     seed1 = cells[0]
     assert seed1[4:11] == ["32", "1", "holdout", "0.9900", "not evaluated", "finetune 2",
                            "107.2"]
-    seed0 = frame.iloc[2]
-    assert cells[2][7:9] == [f"{seed0['val_macro_f1']:.4f}",
+    seed0 = frame.iloc[3]
+    assert cells[3][7:9] == [f"{seed0['val_macro_f1']:.4f}",
                              f"{seed0['held_out_macro_f1']:.4f}"]
     assert "`wingspan train --resume runs/NAME`" in out and "Wrote all.csv" in out
     # What was written is the frame, cell for cell, in either format.
