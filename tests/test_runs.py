@@ -2,6 +2,7 @@
 
 import fcntl
 import json
+import re
 import shutil
 
 import pandas as pd
@@ -127,6 +128,20 @@ def test_runs_says_which_run_is_being_trained_now(runs_dir):
     assert ws.runs(runs_dir).set_index("name").loc["stopped", "status"] == "stopped (resumable)"
 
 
+def _cells(out: str) -> list[list[str]]:
+    """The table's rows, cut at the columns where its header's labels begin."""
+    lines = out.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.strip().startswith("run "))
+    starts = [m.start(1) for m in re.finditer(r"(?:^|\s{2})(\S)", lines[head])]
+    rows = []
+    for line in lines[head + 2:]:
+        if not line.strip():
+            break
+        rows.append([line[a:b].strip() for a, b in
+                     zip(starts, [*starts[1:], None], strict=True)])
+    return rows
+
+
 def test_runs_command_table_and_outputs(run_cli, runs_dir, tmp_path, monkeypatch):
     from wingspan import cli
 
@@ -134,8 +149,7 @@ def test_runs_command_table_and_outputs(run_cli, runs_dir, tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)  # RUNS_DIR by default: runs/, as train writes it
     code, out, err = run_cli("runs", "--sort", "name", "--output", "all.csv")
     assert code == 0, err
-    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in out.splitlines()
-             if line.startswith("│")]
+    cells = _cells(out)
     assert [c[:2] for c in cells] == [
         ["[red]seed1", "done"], ["adapted", "done (adapted)"],
         ["leftover", "left over: killed while set up"],
@@ -156,6 +170,11 @@ def test_runs_command_table_and_outputs(run_cli, runs_dir, tmp_path, monkeypatch
     assert json.loads((tmp_path / "out" / "all.json").read_text())["runs"] == _plain(frame)
     code, _, err = run_cli("runs", "runs", "--output", "all.txt")
     assert code == 2 and "must end in .csv or .json" in err
+    # A narrow terminal (or a pipe) gets the main columns, no cell cut short.
+    monkeypatch.setattr(cli.out, "_width", 80)
+    code, out, _ = run_cli("runs")
+    assert code == 0 and "…" not in out and "0.9900" in out
+    assert "created in a wider terminal or with --output" in " ".join(out.split())
 
 
 def test_listing_runs_needs_no_torch():

@@ -624,9 +624,7 @@ def runs_command(
 ) -> None:
     """List the runs in RUNS_DIR side by side: status, data, backbone, seed, the val figure
     the best epoch was chosen on and the fair held-out one, training time."""
-    from rich.table import Table
-
-    from wingspan.run_table import DONE, SET_UP, STOPPED, TRAINING, run_table, write_run_table
+    from wingspan.run_table import SET_UP, STOPPED, run_table, write_run_table
 
     if output:
         _check_output_file(output, (".csv", ".json"))
@@ -636,24 +634,7 @@ def runs_command(
     if frame.empty:
         out.print(f"No runs in {_q(runs_dir)}.")
     else:
-        colours = {DONE: "green", TRAINING: "cyan", STOPPED: "yellow"}
-        table = Table("run", "status", _folding("data"), _folding("backbone"), "size", "seed",
-                      "selection", "val F1", "held-out F1", "best", "seconds", "created")
-        for r in frame.to_dict("records"):
-            colour = colours.get(r["status"], "yellow" if r["status"] == SET_UP else "red")
-            table.add_row(_q(r["name"]), f"[{colour}]{_q(r['status'])}[/]",
-                          _q(_here(r["data"])) if _given(r["data"]) else "",
-                          *(_q(_cell(r[k])) for k in ("backbone", "image_size", "seed",
-                                                        "selection", "val_macro_f1")),
-                          _held_out(r),
-                          f"{r['best_stage']} {r['best_epoch']}" if _given(r["best_stage"])
-                          else "",
-                          f"{r['train_seconds']:.1f}" if _given(r["train_seconds"]) else "",
-                          str(r["created"])[:16])
-        table.caption = ("val F1: the macro-F1 the best epoch was chosen on (optimistic); "
-                         "held-out F1: on the split nothing was chosen on, once `wingspan "
-                         "evaluate RUN` has scored it")
-        out.print(table)
+        out.print(_runs_table(frame))
         if (frame["status"] == STOPPED).any():
             out.print(f"A stopped run continues with `wingspan train --resume "
                       f"{_q(runs_dir)}/NAME`.")
@@ -661,6 +642,49 @@ def runs_command(
             out.print("A run killed while set up trained nothing: delete its folder.")
     if output:
         out.print(f"Wrote {_q(output)}")
+
+
+# `wingspan runs`' columns: header, the cell of a row, and whether it is shown in a narrow
+# terminal (80 columns, or a pipe) too, where the others would squeeze every cell to "0.…".
+_RUN_COLUMNS = [
+    ("run", lambda r: r["name"], True),
+    ("status", lambda r: r["status"], True),
+    ("data", lambda r: _here(r["data"]) if _given(r["data"]) else "", False),
+    ("backbone", lambda r: _cell(r["backbone"]), True),
+    ("size", lambda r: _cell(r["image_size"]), False),
+    ("seed", lambda r: _cell(r["seed"]), True),
+    ("selection", lambda r: _cell(r["selection"]), False),
+    ("val F1", lambda r: _cell(r["val_macro_f1"]), True),
+    ("held-out F1", lambda r: _held_out(r), True),
+    ("best", lambda r: f"{r['best_stage']} {r['best_epoch']}" if _given(r["best_stage"])
+     else "", True),
+    ("seconds", lambda r: f"{r['train_seconds']:.1f}" if _given(r["train_seconds"]) else "",
+     False),
+    ("created", lambda r: str(r["created"])[:16], False),
+]
+
+
+def _runs_table(frame):
+    from rich import box
+    from rich.table import Table
+
+    from wingspan.run_table import ADAPTED, DONE, SET_UP, STOPPED, TRAINING
+
+    wide = out.width >= 150
+    shown = [c for c in _RUN_COLUMNS if wide or c[2]]
+    table = Table(*(_folding(header) for header, _, _ in shown), box=box.SIMPLE_HEAD)
+    colours = {DONE: "green", ADAPTED: "green", TRAINING: "cyan", STOPPED: "yellow",
+               SET_UP: "yellow"}  # and red: damaged
+    for r in frame.to_dict("records"):
+        cells = [_q(cell(r)) for _, cell, _ in shown]
+        cells[1] = f"[{colours.get(r['status'], 'red')}]{cells[1]}[/]"
+        table.add_row(*cells)
+    table.caption = ("val F1: the macro-F1 the best epoch was chosen on (optimistic); "
+                     "held-out F1: on the split nothing was chosen on, once `wingspan "
+                     "evaluate RUN` has scored it"
+                     + ("" if wide else "; data, size, selection, seconds and created in a "
+                        "wider terminal or with --output"))
+    return table
 
 
 def _given(value) -> bool:
