@@ -86,7 +86,10 @@ def run_row(run_dir: Path) -> dict | None:
     if not (run_dir / CONFIG_FILE).is_file():
         # What `train` writes before config.yaml, and nothing else: killed then, or being
         # set up now. (An empty folder may be anyone's: not listed.)
-        if not any(run_dir.iterdir()) or not _stopped_while_set_up(run_dir):
+        try:
+            if not any(run_dir.iterdir()) or not _stopped_while_set_up(run_dir):
+                return None
+        except OSError:  # a folder we may not read: no telling what it holds
             return None
         row.update(status=TRAINING if being_trained(run_dir) else SET_UP,
                    created=_stamp(run_dir))
