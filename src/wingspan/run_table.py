@@ -21,8 +21,8 @@ from wingspan.files import atomic_path, write_text
 from wingspan.training.folder import (
     CONFIG_FILE,
     SPLITS_FILE,
-    _stopped_while_set_up,
     being_trained,
+    stopped_while_set_up,
 )
 
 COLUMNS = ["name", "status", "data", "backbone", "image_size", "seed", "selection",
@@ -87,7 +87,7 @@ def run_row(run_dir: Path) -> dict | None:
         # What `train` writes before config.yaml, and nothing else: killed then, or being
         # set up now. (An empty folder may be anyone's: not listed.)
         try:
-            if not any(run_dir.iterdir()) or not _stopped_while_set_up(run_dir):
+            if not any(run_dir.iterdir()) or not stopped_while_set_up(run_dir):
                 return None
         except OSError:  # a folder we may not read: no telling what it holds
             return None

@@ -63,7 +63,7 @@ def _release(run_dir: Path) -> None:
         handle.close()
 
 
-def _stopped_while_set_up(run_dir: Path) -> bool:
+def stopped_while_set_up(run_dir: Path) -> bool:
     """A folder holding only what `train` writes before config.yaml (its lock, the files
     written with config.yaml, or their temporary files), or nothing: a run killed then."""
     before = {".lock", SPLITS_FILE, HOLDOUT_FILE}

@@ -54,8 +54,8 @@ from wingspan.training.folder import (
     SPLITS_FILE,
     _hold,
     _release,
-    _stopped_while_set_up,
     being_trained,
+    stopped_while_set_up,
 )
 from wingspan.training.prepare import (
     build_train_data,
@@ -122,7 +122,7 @@ def _write_run_files(run_dir: Path, dataset: Dataset, held_out: pd.DataFrame | N
                      config: TrainConfig) -> None:
     """splits.csv (and holdout.csv), then config.yaml, written together: a kill leaves
     all of them (a run to resume) or none (a run stopped while it was set up, see
-    _stopped_while_set_up), and config.yaml, renamed last, never without splits.csv."""
+    stopped_while_set_up), and config.yaml, renamed last, never without splits.csv."""
     files = [run_dir / SPLITS_FILE, run_dir / CONFIG_FILE]
     if held_out is not None:
         files.insert(1, run_dir / HOLDOUT_FILE)
@@ -215,7 +215,7 @@ def resume(run_dir: str | Path, quiet: bool = False, **machine) -> Path:
                             hint="Give the folder a `wingspan train` run wrote, e.g. "
                                  "runs/NAME; if this one was a run killed as it started, "
                                  "delete it and run the same `wingspan train` command again.")
-    if not (run_dir / CONFIG_FILE).is_file() and _stopped_while_set_up(run_dir):
+    if not (run_dir / CONFIG_FILE).is_file() and stopped_while_set_up(run_dir):
         raise WingspanError(f"{run_dir} has no {CONFIG_FILE}: it holds a run that was stopped "
                             "while it was being set up, before its settings were written. "
                             "Nothing was trained, so nothing is lost.",
@@ -703,7 +703,7 @@ def _name_taken(run_dir: Path, name: str) -> str:
     stopped = [d for d in earlier if (d / CONFIG_FILE).is_file()
                and not _complete_bundle(d / "model")]
     # Killed before config.yaml (none of them is being set up now): nothing to resume.
-    set_up = [d for d in earlier if _stopped_while_set_up(d)
+    set_up = [d for d in earlier if stopped_while_set_up(d)
               and not ((d / ".lock").is_file() and being_trained(d))]
     if not stopped and set_up:
         what = (f"{set_up[-1]} is left from a run killed while it was being set up, before "
