@@ -88,9 +88,11 @@ def test_training_gives_the_same_history_on_either_runtime(demo_dir, tmp_path, m
                       precision="fp32", feature_cache=feature_cache)
         runs[runtime] = history(train(read_dataset(demo_dir), config, tmp_path / runtime,
                                       "r", quiet=True))
-    # ONNX Runtime really ran: the frozen part (features or prefix) and validation passes.
-    assert len(splits) == 1 and splits[0] is not None  # the fine-tuning prefix, onnx only
-    assert any(m is splits[0][0] for m in made) and len(made) >= 3
+    # ONNX Runtime really ran: stage 1's frozen backbone and the fine-tuning prefix (which
+    # the fine-tuning validation passes reuse).
+    # The fine-tuning prefix (and the final pass's, where it runs the model): onnx only
+    assert splits and all(split is not None for split in splits)
+    assert any(m is splits[0][0] for m in made) and len(made) >= 2
     np.testing.assert_allclose(runs["onnx"]["val_loss"], runs["torch"]["val_loss"], atol=1e-3)
     np.testing.assert_allclose(runs["onnx"]["train_loss"], runs["torch"]["train_loss"],
                                atol=1e-3)
@@ -294,32 +296,83 @@ def test_one_pass_on_new_weights_exports_only_where_that_pays(monkeypatch):
     assert isinstance(policy.runner(model, 32, model.levels, once=10), OnnxRunner)  # none yet
 
 
-def test_the_final_pass_reuses_the_last_validation_graph(demo_dir, tmp_path, monkeypatch):
-    """Where the best model is the last one validated, the final features (for calibration
-    and the unknown score) come from the graph its validation pass exported, not a new
-    export, and are the features PyTorch gives."""
+def _exported_types(monkeypatch) -> list[str]:
+    """The type of each module exported from here on."""
+    exported, real = [], runtime_module.export_onnx
+
+    def counted(module, *args, **kwargs):
+        exported.append(type(module).__name__)
+        return real(module, *args, **kwargs)
+
+    monkeypatch.setattr(runtime_module, "export_onnx", counted)
+    return exported
+
+
+@pytest.mark.parametrize("lr", [0.03, 0.1])
+def test_fine_tuning_exports_its_prefix_once_and_no_model_per_epoch(demo_dir, tmp_path,
+                                                                   monkeypatch, lr):
+    """With ONNX Runtime forced, the frozen prefix is exported once for fine-tuning; each
+    validation pass and the final pass (features for calibration and the unknown score)
+    reuse its runner, the rest in PyTorch, and score what PyTorch alone scores, whether the
+    best epoch is the last one (lr 0.03) or not (0.1: the best weights are reloaded)."""
     import json
 
-    from test_train import tiny
+    from test_train import history, tiny
 
     from wingspan.data import read_dataset
     from wingspan.models.bundle import read_manifest
     from wingspan.training import train
 
-    exported = _counting_exports(monkeypatch)
-    metrics = {}
+    exported = _exported_types(monkeypatch)
+    metrics, runs = {}, {}
     for runtime in ("onnx", "torch"):
-        config = tiny(tmp_path / runtime, epochs_head=1, epochs_finetune=3, lr=0.03,
+        config = tiny(tmp_path / runtime, epochs_head=1, epochs_finetune=3, lr=lr,
                       runtime=runtime, precision="fp32")
         run = train(read_dataset(demo_dir), config, tmp_path / runtime, "r", quiet=True)
         metrics[runtime] = {**json.loads((run / "metrics.json").read_text()),
                             **read_manifest(run / "model")}
+        runs[runtime] = history(run)
     best = metrics["onnx"]["best"]
-    assert (best["stage"], best["epoch"]) == ("finetune", 3)  # (what this test is about)
-    # Stage 1's backbone, the fine-tuning prefix, three validation passes; nothing after.
-    assert len(exported) == 2 + 3 == len(set(exported))
+    assert best["stage"] == "finetune" and (best["epoch"] == 3) == (lr == 0.03)
+    # Stage 1's backbone and the fine-tuning prefix; nothing per epoch, nothing after.
+    assert exported == ["PooledFeatures", "Sequential"]
+    np.testing.assert_allclose(runs["onnx"]["val_loss"], runs["torch"]["val_loss"], atol=1e-4)
+    np.testing.assert_allclose(runs["onnx"]["val_macro_f1"], runs["torch"]["val_macro_f1"])
     temperatures = [m["calibration"]["temperature"] for m in metrics.values()]
     assert temperatures[0] == pytest.approx(temperatures[1], rel=1e-4)
+
+
+def test_a_prefixed_pass_runs_the_model_as_it_is_now(monkeypatch):
+    """The fine-tuning prefix on ONNX Runtime and the rest in PyTorch give the whole model's
+    features and logits, for the rest's weights of the moment (new ones each epoch, or the
+    best epoch's reloaded), without another export."""
+    from wingspan.models.runtime import TorchRunner
+    from wingspan.training.step import finetune_parts, prefixed_pass
+
+    exported = _counting_exports(monkeypatch)
+    model, _ = create_classifier("test_efficientnet", {"family": 2, "species": 3}, "none")
+    model.backbone.unfreeze_last(1)
+    policy = resolve_policy("cpu", "fp32", runtime="onnx")
+    prefix, trained = finetune_parts(model, policy, 32)
+    forward = prefixed_pass(prefix, trained, policy, None)
+    module, names = model.with_features()
+    reference = TorchRunner(module, torch.device("cpu"), None, channels_last=False)
+    x = torch.randn(5, 3, 32, 32)
+    best = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:  # what a fine-tuning step changes
+                p.add_(0.1 * torch.randn_like(p))
+    features = []
+    for _ in range(2):  # the weights of the moment, then the best ones reloaded
+        out, expected = forward(x), reference(x)
+        assert list(out) == names
+        for name in names:
+            torch.testing.assert_close(out[name], expected[name], rtol=1e-4, atol=1e-4)
+        features.append(out["features"])
+        model.load_state_dict(best)
+    assert len(exported) == 1  # the prefix, for the training steps
+    assert not torch.equal(*features)  # (the weights did move)
 
 
 def test_export_seconds_are_the_graphs_own_else_the_last_made(monkeypatch):

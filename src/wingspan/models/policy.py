@@ -67,9 +67,14 @@ class Policy:
         grad scaler for fp16)."""
         return self._chosen("train").engine.precision if self.train else "fp32"
 
+    @property
+    def train_dtype(self) -> torch.dtype | None:
+        """The training step's autocast dtype (None: fp32)."""
+        return self._chosen("train").engine.dtype
+
     def autocast(self):
         """The training step's precision, for timing it (training runs under Fabric)."""
-        return autocast(self.device, self._chosen("train").engine.dtype)
+        return autocast(self.device, self.train_dtype)
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         model = model.to(self.device)

@@ -64,7 +64,7 @@ from wingspan.training.prepare import (
     report_reading,
 )
 from wingspan.training.stages import finetune, say_what_is_read, train_head
-from wingspan.training.step import choose_train
+from wingspan.training.step import choose_train, finetune_parts, prefixed_pass
 
 
 def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = RUNS_DIR,
@@ -617,10 +617,7 @@ def _final_outputs(run: Run, split: str) -> tuple[torch.Tensor, dict[str, torch.
         feats = (feats[:, 0] if split == "train" else feats)[read]
         labels = images.labels[read]
     else:
-        # The graph of the last validation pass, when that was of these weights (the best
-        # epoch the last one): no export. The logits are the head's, below, as before.
-        module, names = run.model.with_features()
-        run_model = run.policy.runner(module, run.image_size, names)
+        run_model = _final_pass(run)
         parts, index = [], []
         loader = make_loader(images, fixed_batches(range(len(images)), run.config.batch_size),
                              run.workers)
@@ -634,6 +631,19 @@ def _final_outputs(run: Run, split: str) -> tuple[torch.Tensor, dict[str, torch.
     head = run.model.head.float().cpu()
     logits = {lv: v.float() for lv, v in head(feats.float()).items()}
     return feats.float(), logits, labels
+
+
+def _final_pass(run: Run):
+    """images -> {"features", ...} of the best model, as it is now. After fine-tuning with
+    a frozen prefix on ONNX Runtime: that prefix's runner (the best weights loaded hold the
+    same frozen ones, and the session is found by its weights, so no export) and the rest
+    in PyTorch fp32. Else the whole model: the graph of the last validation pass, when that
+    was of these weights, or one export. The logits are the head's (_final_outputs)."""
+    prefix, trained = finetune_parts(run.model, run.policy, run.image_size)
+    if prefix is not None:
+        return prefixed_pass(prefix, trained, run.policy, None)
+    module, names = run.model.with_features()
+    return run.policy.runner(module, run.image_size, names)
 
 
 def _fit_calibration(run: Run, val: tuple) -> dict:

@@ -37,7 +37,7 @@ from wingspan.training.data import (
 )
 from wingspan.training.prepare import Weighting, balance
 from wingspan.training.schedule import StageSchedule, make_optimizer
-from wingspan.training.step import finetune_parts
+from wingspan.training.step import finetune_parts, prefixed_pass
 
 # In a distributed run, how often (in steps) rank 0 is asked whether a checkpoint is due.
 CHECKPOINT_POLL_STEPS = 20
@@ -159,15 +159,17 @@ def evaluate_features(run: Run, features: torch.Tensor, labels: torch.Tensor) ->
 
 
 @torch.inference_mode()
-def evaluate_images(run: Run, images: LabelledImages) -> dict:
+def evaluate_images(run: Run, images: LabelledImages, forward=None) -> dict:
     """Scores of the model on `images` (the val split): each rank runs its shard, and the
-    outputs are gathered, so every rank scores the whole split."""
+    outputs are gathered, so every rank scores the whole split. `forward`: images ->
+    {level: logits, ...} for the pass (fine-tuning's prefix and rest), else one is made."""
     run.model.eval()
     mine = shard(len(images), run.fabric)
-    # The weights change after this pass: an ONNX export only where it pays for itself. The
-    # features too, so the final pass can reuse the graph (run._final_outputs).
-    module, names = run.model.with_features()
-    forward = run.policy.runner(module, run.image_size, names, once=len(mine))
+    if forward is None:
+        # The weights change after this pass: an ONNX export only where it pays for itself.
+        # The features too, so the final pass can reuse the graph (run._final_outputs).
+        module, names = run.model.with_features()
+        forward = run.policy.runner(module, run.image_size, names, once=len(mine))
     if "val" not in run.loaders:  # one loader for every validation pass (its workers stay)
         batches = fixed_batches(shard(len(images), run.fabric), run.config.batch_size)
         run.loaders["val"] = make_loader(images, batches, run.workers, persistent=True,
@@ -472,6 +474,10 @@ def finetune(run: Run) -> None:
                 f"layer decay {config.layer_decay}")
     start = time.perf_counter()
     prefix, trained = finetune_parts(run.model, run.policy, run.image_size)
+    # Validation reuses the prefix's runner (frozen weights: no export per epoch) and runs
+    # the rest in the training step's precision.
+    validate = (prefixed_pass(prefix, trained, run.policy, run.policy.train_dtype)
+                if prefix is not None else None)
     if config.compile:
         trained = torch.compile(trained)
     trained, optimizer = fabric.setup(trained, optimizer)
@@ -531,7 +537,7 @@ def finetune(run: Run) -> None:
         seconds = partial["seconds"] + time.perf_counter() - start
         partial["preds"] += torch.cat(preds).tolist() if preds else []
         run.share_unreadable()  # every rank leaves the same files out of the next epoch
-        val = evaluate_images(run, run.data.val)
+        val = evaluate_images(run, run.data.val, validate)
         run.timing("finetune", "eval", time.perf_counter() - t0)
         partial = _merge(run, partial)
         seen = len(partial["labels"])
