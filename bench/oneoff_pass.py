@@ -1,6 +1,6 @@
 """Is an ONNX export worth it for one pass on weights that change right after?
 
-    python bench/oneoff_pass.py                                 # lite0 and resnet50, 224 px
+    python bench/oneoff_pass.py                                 # lite0 and lite2, 224 px
     python bench/oneoff_pass.py --backbones efficientnet_lite0 --size 224 --batch 32
 
 Each fine-tuning epoch ends with a validation pass on new weights. With ONNX Runtime as
@@ -11,7 +11,9 @@ each keeps its fastest batch), what that pass can cost:
 - onnx-whole: export the whole model, then run it in ONNX Runtime;
 - torch-fp32 / torch-bf16: the live model in PyTorch, eval mode, inference mode;
 - prefix+torch-fp32 / -bf16: the fine-tuning prefix's ONNX session (already made for the
-  training steps, so no export) and the unfrozen rest in PyTorch.
+  training steps, so no export) and the unfrozen rest in PyTorch, as a fine-tuning
+  validation pass now runs (`wingspan.training.step.prefixed_pass`, in the training step's
+  precision; the final pass over the best model in fp32).
 
 and prints each one's seconds for a pass over N images against onnx-whole's. Random
 weights (timing does not depend on them); no data loading (the same for each).
@@ -25,10 +27,10 @@ import time
 
 import torch
 
-from wingspan.models import create_classifier
+from wingspan.models import create_classifier, resolve_policy
 from wingspan.models.engine import cpu_name, native_bf16
 from wingspan.models.runtime import OnnxRunner, TorchRunner, forget_sessions
-from wingspan.training.step import _Trained
+from wingspan.training.step import _Trained, prefixed_pass
 
 
 def parts(name: str):
@@ -49,8 +51,8 @@ def candidates(model, frozen, trained, size: int) -> dict:
     bf16 = [("bf16", torch.bfloat16)] if native_bf16(cpu) else []
     for tag, dtype in [("fp32", None), *bf16]:
         calls[f"torch-{tag}"] = (0.0, TorchRunner(model, cpu, dtype, channels_last=True))
-        rest = TorchRunner(trained, cpu, dtype, channels_last=True)
-        calls[f"prefix+torch-{tag}"] = (0.0, lambda x, rest=rest: rest(prefix(x)))
+        policy = resolve_policy("cpu", "fp32", runtime="onnx")  # (its device and layout)
+        calls[f"prefix+torch-{tag}"] = (0.0, prefixed_pass(prefix, trained, policy, dtype))
     return calls
 
 
@@ -77,7 +79,7 @@ def per_image(calls: dict, x: torch.Tensor, rounds: int) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "resnet50"])
+    ap.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "efficientnet_lite2"])
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
