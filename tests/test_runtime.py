@@ -388,3 +388,37 @@ def test_export_seconds_are_the_graphs_own_else_the_last_made(monkeypatch):
     assert own > 0 and runtime_module.export_seconds(model.feature_extractor(), 32) == last
     runtime_module.forget_sessions()
     assert runtime_module.export_seconds(model, 32, model.levels) is None
+
+
+def test_fine_tuning_validates_in_the_training_steps_precision(demo_dir, tmp_path,
+                                                              monkeypatch):
+    """The unfrozen rest of a validation pass runs in the training step's precision (bf16
+    here, as measured on a CPU with bf16), the final pass in fp32; both without an export
+    of the whole model."""
+    import json
+
+    from test_train import tiny
+
+    from wingspan.data import read_dataset
+    from wingspan.models.engine import Choice, engine_named
+    from wingspan.training import run as run_module
+    from wingspan.training import stages as stages_module
+    from wingspan.training import train
+
+    def bf16_step(policy, *args, **kwargs):
+        return policy.with_choice("train", Choice(engine_named("torch-bf16"), "test"))
+
+    monkeypatch.setattr(run_module, "choose_train", bf16_step)
+    dtypes = {}
+    for module, name in ((stages_module, "validation"), (run_module, "final")):
+        real = module.prefixed_pass
+        monkeypatch.setattr(module, "prefixed_pass", lambda *a, real=real, name=name:
+                            dtypes.setdefault(name, []).append(a[3]) or real(*a))
+    exported = _exported_types(monkeypatch)
+    config = tiny(tmp_path, epochs_head=1, epochs_finetune=3, lr=0.03, runtime="onnx",
+                  precision="auto")
+    run = train(read_dataset(demo_dir), config, tmp_path, "r", quiet=True)
+    assert json.loads((run / "metrics.json").read_text())["best"]["stage"] == "finetune"
+    # One validation pass runner for the stage; the final pass over val, then train.
+    assert dtypes == {"validation": [torch.bfloat16], "final": [None, None]}
+    assert exported == ["PooledFeatures", "Sequential"]

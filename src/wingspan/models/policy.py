@@ -69,12 +69,13 @@ class Policy:
 
     @property
     def train_dtype(self) -> torch.dtype | None:
-        """The training step's autocast dtype (None: fp32)."""
-        return self._chosen("train").engine.dtype
+        """The training step's autocast dtype, None for fp32 (as `train_precision`): what
+        a fine-tuning validation pass runs the unfrozen stages in."""
+        return self.train.engine.dtype if self.train else None
 
     def autocast(self):
         """The training step's precision, for timing it (training runs under Fabric)."""
-        return autocast(self.device, self.train_dtype)
+        return autocast(self.device, self._chosen("train").engine.dtype)
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         model = model.to(self.device)
