@@ -128,6 +128,31 @@ def test_runs_says_which_run_is_being_trained_now(runs_dir):
     assert ws.runs(runs_dir).set_index("name").loc["stopped", "status"] == "stopped (resumable)"
 
 
+def test_runs_on_nfs_says_a_finished_run_is_not_being_trained(runs_dir, monkeypatch):
+    """NFS emulates flock with byte-range locks: an exclusive one needs a file opened to
+    write (flock(2)). being_trained opens the lock to read, so it must test with a shared
+    lock, or every run with a .lock reads as being trained there."""
+    import errno
+    import os
+
+    flock = fcntl.flock
+
+    def nfs_flock(handle, operation):
+        fd = handle if isinstance(handle, int) else handle.fileno()
+        if operation & fcntl.LOCK_EX and \
+                fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        return flock(handle, operation)
+
+    (runs_dir / "stopped" / ".lock").touch()  # left by the run that trained it
+    monkeypatch.setattr(fcntl, "flock", nfs_flock)
+    assert ws.runs(runs_dir).set_index("name").loc["stopped", "status"] == \
+        "stopped (resumable)"
+    with open(runs_dir / "stopped" / ".lock", "w") as lock:  # and one held is still seen
+        flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert ws.runs(runs_dir).set_index("name").loc["stopped", "status"] == "training now"
+
+
 def _cells(out: str) -> list[list[str]]:
     """The table's rows, cut at the columns where its header's labels begin."""
     lines = out.splitlines()

@@ -47,9 +47,11 @@ def being_trained(run_dir: Path) -> bool:
     if str(Path(run_dir).resolve()) in _HELD:
         return False  # this process trains it
     try:  # opened to read: a run folder without a lock is left so (`wingspan runs` lists
-        # without writing), and one we may not write is tested too (flock needs no write)
+        # without writing), and one we may not write is tested too. A shared lock: NFS
+        # refuses an exclusive one on a file opened to read (flock(2)), and two tests at
+        # once must not see each other as a run being trained.
         with open(Path(run_dir) / ".lock") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released as it closes
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released as it closes
     except FileNotFoundError:
         return False  # never locked
     except OSError:
