@@ -153,6 +153,25 @@ def test_runs_on_nfs_says_a_finished_run_is_not_being_trained(runs_dir, monkeypa
         assert ws.runs(runs_dir).set_index("name").loc["stopped", "status"] == "training now"
 
 
+def test_runs_leaves_out_a_folder_it_may_not_enter(runs_dir, monkeypatch):
+    """Path.is_file raises PermissionError (Python < 3.14) inside a folder without the
+    execute bit: emulated, as the tests may run as root, whom no mode stops."""
+    import errno
+    import pathlib
+
+    (runs_dir / "private").mkdir()
+    stat = pathlib.Path.stat
+
+    def no_entry(path, *args, **kwargs):
+        if path.parent.name == "private":
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "stat", no_entry)
+    names = ws.runs(runs_dir)["name"].tolist()
+    assert "private" not in names and "seed0" in names
+
+
 def _cells(out: str) -> list[list[str]]:
     """The table's rows, cut at the columns where its header's labels begin."""
     lines = out.splitlines()

@@ -83,14 +83,16 @@ def run_row(run_dir: Path) -> dict | None:
     """The row of a run folder, or None for a folder that is no run."""
     row = dict.fromkeys(COLUMNS)
     row.update(name=run_dir.name, path=str(run_dir))
-    if not (run_dir / CONFIG_FILE).is_file():
+    try:  # (Path.is_file raises PermissionError for a folder we may not enter)
+        configured = (run_dir / CONFIG_FILE).is_file()
         # What `train` writes before config.yaml, and nothing else: killed then, or being
         # set up now. (An empty folder may be anyone's: not listed.)
-        try:
-            if not any(run_dir.iterdir()) or not stopped_while_set_up(run_dir):
-                return None
-        except OSError:  # a folder we may not read: no telling what it holds
+        if not configured and (not any(run_dir.iterdir())
+                               or not stopped_while_set_up(run_dir)):
             return None
+    except OSError:  # a folder we may not read: no telling what it holds
+        return None
+    if not configured:
         row.update(status=TRAINING if being_trained(run_dir) else SET_UP,
                    created=_stamp(run_dir))
         return row
