@@ -172,6 +172,19 @@ def test_runs_leaves_out_a_folder_it_may_not_enter(runs_dir, monkeypatch):
     assert "private" not in names and "seed0" in names
 
 
+def test_runs_in_a_folder_it_may_not_read_is_a_clear_error(run_cli, runs_dir, monkeypatch):
+    import errno
+    import pathlib
+
+    def no_listing(path):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(pathlib.Path, "iterdir", no_listing)  # (root reads any folder)
+    code, _, err = run_cli("runs", runs_dir)
+    assert code == 2 and f"Cannot list runs in {runs_dir}" in " ".join(err.split())
+    assert "Permission denied" in err and "Traceback" not in err
+
+
 def _cells(out: str) -> list[list[str]]:
     """The table's rows, cut at the columns where its header's labels begin."""
     lines = out.splitlines()

@@ -44,9 +44,14 @@ def run_table(runs_dir: str | Path, sort: str | None = None) -> pd.DataFrame:
     """One row per run folder in `runs_dir` (COLUMNS), oldest first or by `sort`. Folders
     that are not runs are left out."""
     runs_dir = Path(runs_dir)
-    _check_runs_dir(runs_dir)
-    rows = [row for d in sorted(runs_dir.iterdir()) if d.is_dir()
-            if (row := run_row(d)) is not None]
+    try:
+        _check_runs_dir(runs_dir)
+        folders = sorted(d for d in runs_dir.iterdir() if d.is_dir())
+    except PermissionError as e:
+        raise WingspanError(f"Cannot list runs in {runs_dir}: {e.strerror or first_line(e)}.",
+                            hint="Give a folder you may read, or ask its owner for "
+                                 "access.") from e
+    rows = [row for d in folders if (row := run_row(d)) is not None]
     frame = pd.DataFrame(rows, columns=COLUMNS)
     for column in (*INTEGERS, *FIGURES):  # whole numbers empty where a run has none (not
         frame[column] = pd.to_numeric(frame[column], errors="coerce")  # 32.0 beside a NaN)
