@@ -89,8 +89,7 @@ def test_training_gives_the_same_history_on_either_runtime(demo_dir, tmp_path, m
         runs[runtime] = history(train(read_dataset(demo_dir), config, tmp_path / runtime,
                                       "r", quiet=True))
     # ONNX Runtime really ran: stage 1's frozen backbone and the fine-tuning prefix (which
-    # the fine-tuning validation passes reuse).
-    # The fine-tuning prefix (and the final pass's, where it runs the model): onnx only
+    # the validation passes and the final pass reuse); a prefix is split off on onnx only.
     assert splits and all(split is not None for split in splits)
     assert any(m is splits[0][0] for m in made) and len(made) >= 2
     np.testing.assert_allclose(runs["onnx"]["val_loss"], runs["torch"]["val_loss"], atol=1e-3)
