@@ -57,8 +57,9 @@ class PooledFeatures(nn.Module):
 class WithFeatures(nn.Module):
     """images -> {"features": pooled features, level: logits}: one graph for a validation
     pass (which reads the logits) and the final pass over the best model (which needs the
-    features), so that where the best model is the last one validated, the ONNX export
-    made for its validation serves the final pass too."""
+    features), so that, where no frozen prefix runs apart (`training.step.prefixed_pass`)
+    and the best model is the last one validated, the ONNX export made for its validation
+    serves the final pass too."""
 
     def __init__(self, model: Classifier):
         super().__init__()

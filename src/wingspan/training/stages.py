@@ -167,7 +167,7 @@ def evaluate_images(run: Run, images: LabelledImages, forward=None) -> dict:
     mine = shard(len(images), run.fabric)
     if forward is None:
         # The weights change after this pass: an ONNX export only where it pays for itself.
-        # The features too, so the final pass can reuse the graph (run._final_outputs).
+        # The features too, so the final pass can reuse the graph (run._final_pass).
         module, names = run.model.with_features()
         forward = run.policy.runner(module, run.image_size, names, once=len(mine))
     if "val" not in run.loaders:  # one loader for every validation pass (its workers stay)
