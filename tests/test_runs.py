@@ -71,6 +71,18 @@ def runs_dir(finished, tmp_path):
     return runs
 
 
+def test_the_held_out_figure_is_read_from_an_unknown_evaluation_too(finished, tmp_path):
+    """`evaluate --unknown` alone writes evaluation-test-unknown/, with the plain figures
+    too; a `--tta` evaluation alone is another recipe's figure, not the run's."""
+    runs = tmp_path / "runs"
+    evaluation = json.loads((finished / "evaluation-test" / "metrics.json").read_text())
+    for name, folder in (("unknown", "evaluation-test-unknown"), ("tta", "evaluation-test-tta")):
+        (_copy(finished, runs / name) / "evaluation-test").rename(runs / name / folder)
+    rows = {r["name"]: r for r in _plain(ws.runs(runs))}
+    assert rows["unknown"]["held_out_macro_f1"] == evaluation["macro"]["f1"]
+    assert rows["tta"]["held_out_macro_f1"] is None
+
+
 def _plain(frame: pd.DataFrame) -> list[dict]:
     """Records with every empty cell None (NaN, <NA>), to compare across formats."""
     return [{k: None if pd.isna(v) else v for k, v in row.items()}

@@ -149,8 +149,12 @@ def _read_run(run_dir: Path, row: dict) -> None:
 
 def _held_out_figure(run_dir: Path, split: str) -> float | None:
     """The macro-F1 that `wingspan evaluate RUN` measured on the split nothing was chosen
-    on, when it has been run and called its figure fair (None until then)."""
-    name = f"evaluation-{split}/metrics.json"
+    on, when it has been run and called its figure fair (None until then). `--unknown`'s
+    folder holds the same plain figures beside its own; `--tta`'s are another recipe's."""
+    name = next((f"{folder}/metrics.json" for folder in (f"evaluation-{split}",
+                                                         f"evaluation-{split}-unknown")
+                 if (run_dir / folder / "metrics.json").is_file()),
+                f"evaluation-{split}/metrics.json")
     evaluation = _read(run_dir, name, missing={})
     try:
         fair = str(evaluation.get("fair", "")).startswith("yes")

@@ -50,7 +50,7 @@ class _Trained(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.head(self.backbone.pool(self.rest(x)))
 
-    def with_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def features_and_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """{"features": pooled features, level: logits}, as `WithFeatures` returns them."""
         features = self.backbone.pool(self.rest(x))
         return {"features": features, **self.head(features)}
@@ -88,7 +88,7 @@ def prefixed_pass(prefix: Callable[[torch.Tensor], torch.Tensor], trained: _Trai
         trained.eval()  # (the model's own modules: its BatchNorm and dropout)
         x = policy.prepare_batch(prefix(images))
         with autocast(policy.device, dtype):
-            out = trained.with_features(x)
+            out = trained.features_and_outputs(x)
         return {k: v.float().cpu() for k, v in out.items()}
 
     return run
