@@ -306,7 +306,7 @@ def test_calibrate_changes_the_bundle_as_the_command_does(run, run_cli, tmp_path
         with pytest.raises(WingspanError, match=message) as e:
             ws.load(api).calibrate(quiet=True, **settings)
         if "split" in settings and not settings.get("unknown"):
-            assert e.value.hint == "Leave it out for the val split."
+            assert e.value.hint == "Leave it out for the val split (else all of data)."
     assert fingerprint(api) == same
 
 

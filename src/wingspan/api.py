@@ -640,7 +640,8 @@ class Run:
                                 "calibrate fits again only with unknown=True.",
                                 hint="Add unknown=True (the temperature is then left as it is).")
         with _max_pixels(max_pixels):
-            record = calibrate(self._model, _data_arg(data), _split_arg(split, "the val split"),
+            record = calibrate(self._model, _data_arg(data),
+                               _split_arg(split, "the val split (else all of data)"),
                                class_map=_class_map_arg(class_map), **options)
         if bound_warning(record):
             warnings.warn(bound_warning(record), stacklevel=2)
