@@ -89,6 +89,12 @@ def _plain(frame: pd.DataFrame) -> list[dict]:
             for row in frame.astype(object).to_dict("records")]
 
 
+def _stopped_after(run_dir) -> str:
+    """The status of a stopped copy of the run: after its history's last epoch."""
+    last = pd.read_csv(run_dir / "history.csv").iloc[-1]
+    return f"stopped after {last['stage']} epoch {last['epoch']} (resumable)"
+
+
 def test_runs_frame_lists_each_run_with_values_from_its_files(runs_dir, finished, demo_dir):
     frame = ws.runs(runs_dir)
     assert not (runs_dir / "seed0" / ".lock").exists()  # listing writes nothing
@@ -96,7 +102,7 @@ def test_runs_frame_lists_each_run_with_values_from_its_files(runs_dir, finished
     assert set(rows) == {"seed0", "[red]seed1", "torn", "stopped", "adapted",
                          "leftover"}  # no others
     assert {n: r["status"] for n, r in rows.items()} == {"adapted": "done (adapted)",
-        "seed0": "done", "[red]seed1": "done", "stopped": "stopped (resumable)",
+        "seed0": "done", "[red]seed1": "done", "stopped": _stopped_after(finished),
         "torn": "damaged: metrics.json is not valid JSON (line 1, column 10)",
         "leftover": "left over: killed while set up"}
     metrics = json.loads((finished / "metrics.json").read_text())
@@ -130,17 +136,39 @@ def test_runs_frame_lists_each_run_with_values_from_its_files(runs_dir, finished
     assert "Did you mean 'val_macro_f1'?" in e.value.hint
 
 
-def test_runs_says_which_run_is_being_trained_now(runs_dir):
+def test_a_stopped_run_says_after_which_epoch_and_plainly_without_its_history(runs_dir):
+    """Read from history.csv's last row (`--resume` takes up after it); a history missing,
+    empty, damaged or not wingspan's must not cost the listing: the plain status."""
+    stopped = runs_dir / "stopped"
+    history = pd.read_csv(stopped / "history.csv")
+    history.iloc[:2].to_csv(stopped / "history.csv", index=False)  # killed in head epoch 3
+    first = history.iloc[1]
+    assert ws.runs(runs_dir).set_index("name").loc["stopped", "status"] == \
+        f"stopped after {first['stage']} epoch {first['epoch']} (resumable)"
+    for damage in (lambda p: p.unlink(), lambda p: p.write_text(""),
+                   lambda p: p.write_text("stage,epoch\n"),  # before its first epoch
+                   lambda p: p.write_bytes(b"\xff\xfe,\x00\n\"a"),
+                   lambda p: p.write_text("stage,epoch\nhead,two\n"),
+                   lambda p: p.write_text("when,what\n1,2\n"),
+                   lambda p: p.write_text("stage,epoch\n[red]x[/],1\n")):
+        damage(stopped / "history.csv")
+        assert ws.runs(runs_dir).set_index("name").loc["stopped", "status"] == \
+            "stopped (resumable)"
+
+
+def test_runs_says_which_run_is_being_trained_now(runs_dir, finished):
     # Another process's lock on the run: flock'd through a file of our own (this process
     # holds no run through train's own lock, which being_trained would not count).
     with open(runs_dir / "stopped" / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         frame = ws.runs(runs_dir)
     assert frame.set_index("name").loc["stopped", "status"] == "training now"
-    assert ws.runs(runs_dir).set_index("name").loc["stopped", "status"] == "stopped (resumable)"
+    assert ws.runs(runs_dir).set_index("name").loc["stopped", "status"] == \
+        _stopped_after(finished)
 
 
-def test_runs_on_nfs_says_a_finished_run_is_not_being_trained(runs_dir, monkeypatch):
+def test_runs_on_nfs_says_a_finished_run_is_not_being_trained(runs_dir, finished,
+                                                              monkeypatch):
     """NFS emulates flock with byte-range locks: an exclusive one needs a file opened to
     write (flock(2)). being_trained opens the lock to read, so it must test with a shared
     lock, or every run with a .lock reads as being trained there."""
@@ -159,7 +187,7 @@ def test_runs_on_nfs_says_a_finished_run_is_not_being_trained(runs_dir, monkeypa
     (runs_dir / "stopped" / ".lock").touch()  # left by the run that trained it
     monkeypatch.setattr(fcntl, "flock", nfs_flock)
     assert ws.runs(runs_dir).set_index("name").loc["stopped", "status"] == \
-        "stopped (resumable)"
+        _stopped_after(finished)
     with open(runs_dir / "stopped" / ".lock", "w") as lock:  # and one held is still seen
         flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert ws.runs(runs_dir).set_index("name").loc["stopped", "status"] == "training now"
@@ -211,7 +239,7 @@ def _cells(out: str) -> list[list[str]]:
     return rows
 
 
-def test_runs_command_table_and_outputs(run_cli, runs_dir, tmp_path, monkeypatch):
+def test_runs_command_table_and_outputs(run_cli, runs_dir, finished, tmp_path, monkeypatch):
     from wingspan import cli
 
     monkeypatch.setattr(cli.out, "_width", 400)  # a row on a line (rich's own field)
@@ -222,7 +250,7 @@ def test_runs_command_table_and_outputs(run_cli, runs_dir, tmp_path, monkeypatch
     assert [c[:2] for c in cells] == [
         ["[red]seed1", "done"], ["adapted", "done (adapted)"],
         ["leftover", "left over: killed while set up"],
-        ["seed0", "done"], ["stopped", "stopped (resumable)"],
+        ["seed0", "done"], ["stopped", _stopped_after(finished)],
         ["torn", "damaged: metrics.json is not valid JSON (line 1, column 10)"]]
     frame = ws.runs("runs", sort="name")
     seed1 = cells[0]

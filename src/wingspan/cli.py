@@ -624,7 +624,7 @@ def runs_command(
 ) -> None:
     """List the runs in RUNS_DIR side by side: status, data, backbone, seed, the val figure
     the best epoch was chosen on and the fair held-out one, training time."""
-    from wingspan.run_table import SET_UP, STOPPED, run_table, write_run_table
+    from wingspan.run_table import SET_UP, STOPPED, run_table, status_kind, write_run_table
 
     if output:
         _check_output_file(output, (".csv", ".json"))
@@ -635,7 +635,7 @@ def runs_command(
         out.print(f"No runs in {_q(runs_dir)}.")
     else:
         out.print(_runs_table(frame))
-        if (frame["status"] == STOPPED).any():
+        if (frame["status"].map(status_kind) == STOPPED).any():
             out.print(f"A stopped run continues with `wingspan train --resume "
                       f"{_q(runs_dir)}/NAME`.")
         if (frame["status"] == SET_UP).any():
@@ -668,7 +668,7 @@ def _runs_table(frame):
     from rich import box
     from rich.table import Table
 
-    from wingspan.run_table import ADAPTED, DONE, SET_UP, STOPPED, TRAINING
+    from wingspan.run_table import ADAPTED, DONE, SET_UP, STOPPED, TRAINING, status_kind
 
     wide = out.width >= 150
     shown = [c for c in _RUN_COLUMNS if wide or c[2]]
@@ -677,7 +677,7 @@ def _runs_table(frame):
                SET_UP: "yellow"}  # and red: damaged
     for r in frame.to_dict("records"):
         cells = [_q(cell(r)) for _, cell, _ in shown]
-        cells[1] = f"[{colours.get(r['status'], 'red')}]{cells[1]}[/]"
+        cells[1] = f"[{colours.get(status_kind(r['status']), 'red')}]{cells[1]}[/]"
         table.add_row(*cells)
     table.caption = ("val F1: the macro-F1 the best epoch was chosen on (optimistic); "
                      "held-out F1: on the split nothing was chosen on, once `wingspan "

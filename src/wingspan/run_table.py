@@ -1,5 +1,5 @@
 """`wingspan runs`: the runs of a runs folder side by side, one row each, read from their
-JSON and YAML files alone (never a checkpoint: no pickle, no torch), so that listing is
+JSON, YAML and CSV files alone (never a checkpoint: no pickle, no torch), so that listing is
 instant and a damaged run is a row that says what is wrong, never a crash.
 
 (Not `wingspan/runs.py`: a submodule of that name would shadow the `wingspan.runs`
@@ -34,6 +34,16 @@ INTEGERS, FIGURES = ("image_size", "seed", "best_epoch"), BEST_FIRST + ("train_s
 DONE, TRAINING, STOPPED, SET_UP = "done", "training now", "stopped (resumable)", \
     "left over: killed while set up"
 ADAPTED = "done (adapted)"
+
+
+def status_kind(status: str) -> str:
+    """Which of the constants above a status is: a stopped run's names where it stopped
+    ("stopped after finetune epoch 2 (resumable)"), yet is STOPPED all the same."""
+    stopped = STOPPED.removesuffix(" (resumable)")
+    if isinstance(status, str) and status.startswith(stopped) and status.endswith(
+            " (resumable)"):
+        return STOPPED
+    return status
 
 
 class Damaged(Exception):
@@ -133,7 +143,7 @@ def _read_run(run_dir: Path, row: dict) -> None:
             and bool(metrics)
             and (not config.get("holdout_classes") or "unknown" in metrics))
     if not done:
-        row["status"] = STOPPED
+        row["status"] = _stopped(run_dir)
         return
     try:
         best, selection = metrics["best"], metrics.get("selection") or {}
@@ -145,6 +155,20 @@ def _read_run(run_dir: Path, row: dict) -> None:
         raise Damaged(f"metrics.json is not one wingspan wrote ({first_line(e)})") from e
     if row["held_out_split"]:
         row["held_out_macro_f1"] = _held_out_figure(run_dir, row["held_out_split"])
+
+
+def _stopped(run_dir: Path) -> str:
+    """STOPPED, saying the last epoch the run finished when history.csv tells (a row is
+    written as each epoch ends). A history missing or damaged tells nothing: the plain
+    STOPPED, never a crash."""
+    try:
+        last = pd.read_csv(run_dir / "history.csv", usecols=["stage", "epoch"]).iloc[-1]
+        stage, epoch = str(last["stage"]), int(last["epoch"])
+    except (OSError, ValueError, IndexError):  # pandas' parse errors are ValueErrors
+        return STOPPED
+    if stage not in ("head", "finetune") or epoch < 1:
+        return STOPPED
+    return f"stopped after {stage} epoch {epoch} (resumable)"
 
 
 def _held_out_figure(run_dir: Path, split: str) -> float | None:
