@@ -193,6 +193,36 @@ def test_runs_on_nfs_says_a_finished_run_is_not_being_trained(runs_dir, finished
         assert ws.runs(runs_dir).set_index("name").loc["stopped", "status"] == "training now"
 
 
+def test_runs_says_when_a_lock_cannot_be_read(run_cli, runs_dir, monkeypatch):
+    """Another user's run whose .lock we may not open: `train` takes it as held (never two
+    at once), but the listing must not call a finished run "training now". Emulated, as
+    the tests may run as root, whom no mode stops."""
+    import builtins
+    import errno
+    from pathlib import Path
+
+    from wingspan.training.folder import being_trained
+
+    (runs_dir / "seed0" / ".lock").touch()  # (leftover has its own)
+    real_open = builtins.open
+
+    def no_lock(file, *args, **kwargs):
+        if isinstance(file, str | Path) and Path(file).name == ".lock" and \
+                Path(file).parent.name in ("seed0", "leftover"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_lock)
+    status = ws.runs(runs_dir).set_index("name")["status"]
+    assert status["seed0"] == status["leftover"] == "unknown: cannot read .lock"
+    assert status["[red]seed1"] == "done"  # a lock that can be read: as before
+    assert being_trained(runs_dir / "seed0")  # what `train` asks: held, to be safe
+    code, out, err = run_cli("runs", runs_dir)
+    assert code == 0, err
+    assert "A run whose .lock cannot be read may or may not be training now" in \
+        " ".join(out.split())
+
+
 def test_runs_leaves_out_a_folder_it_may_not_enter(runs_dir, monkeypatch):
     """Path.is_file raises PermissionError (Python < 3.14) inside a folder without the
     execute bit: emulated, as the tests may run as root, whom no mode stops."""

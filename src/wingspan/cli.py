@@ -624,7 +624,14 @@ def runs_command(
 ) -> None:
     """List the runs in RUNS_DIR side by side: status, data, backbone, seed, the val figure
     the best epoch was chosen on and the fair held-out one, training time."""
-    from wingspan.run_table import SET_UP, STOPPED, run_table, status_kind, write_run_table
+    from wingspan.run_table import (
+        LOCK_UNREADABLE,
+        SET_UP,
+        STOPPED,
+        run_table,
+        status_kind,
+        write_run_table,
+    )
 
     if output:
         _check_output_file(output, (".csv", ".json"))
@@ -640,6 +647,9 @@ def runs_command(
                       f"{_q(runs_dir)}/NAME`.")
         if (frame["status"] == SET_UP).any():
             out.print("A run killed while set up trained nothing: delete its folder.")
+        if (frame["status"] == LOCK_UNREADABLE).any():
+            out.print("A run whose .lock cannot be read may or may not be training now: "
+                      "ask its owner (or for read access to its .lock).")
     if output:
         out.print(f"Wrote {_q(output)}")
 
@@ -668,13 +678,21 @@ def _runs_table(frame):
     from rich import box
     from rich.table import Table
 
-    from wingspan.run_table import ADAPTED, DONE, SET_UP, STOPPED, TRAINING, status_kind
+    from wingspan.run_table import (
+        ADAPTED,
+        DONE,
+        LOCK_UNREADABLE,
+        SET_UP,
+        STOPPED,
+        TRAINING,
+        status_kind,
+    )
 
     wide = out.width >= 150
     shown = [c for c in _RUN_COLUMNS if wide or c[2]]
     table = Table(*(_folding(header) for header, _, _ in shown), box=box.SIMPLE_HEAD)
     colours = {DONE: "green", ADAPTED: "green", TRAINING: "cyan", STOPPED: "yellow",
-               SET_UP: "yellow"}  # and red: damaged
+               SET_UP: "yellow", LOCK_UNREADABLE: "yellow"}  # and red: damaged
     for r in frame.to_dict("records"):
         cells = [_q(cell(r)) for _, cell, _ in shown]
         cells[1] = f"[{colours.get(status_kind(r['status']), 'red')}]{cells[1]}[/]"

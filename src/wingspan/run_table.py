@@ -20,8 +20,11 @@ from wingspan.errors import WingspanError, first_line
 from wingspan.files import atomic_path, write_text
 from wingspan.training.folder import (
     CONFIG_FILE,
+    FREE,
+    HELD,
     SPLITS_FILE,
-    being_trained,
+    UNREADABLE,
+    lock_state,
     stopped_while_set_up,
 )
 
@@ -34,6 +37,8 @@ INTEGERS, FIGURES = ("image_size", "seed", "best_epoch"), BEST_FIRST + ("train_s
 DONE, TRAINING, STOPPED, SET_UP = "done", "training now", "stopped (resumable)", \
     "left over: killed while set up"
 ADAPTED = "done (adapted)"
+# `train` takes a lock it cannot read as held (never two at once); a listing says so.
+LOCK_UNREADABLE = "unknown: cannot read .lock"
 
 
 def status_kind(status: str) -> str:
@@ -108,8 +113,7 @@ def run_row(run_dir: Path) -> dict | None:
     except OSError:  # a folder we may not read: no telling what it holds
         return None
     if not configured:
-        row.update(status=TRAINING if being_trained(run_dir) else SET_UP,
-                   created=_stamp(run_dir))
+        row.update(status=_LOCKED.get(lock_state(run_dir), SET_UP), created=_stamp(run_dir))
         return row
     if not (run_dir / SPLITS_FILE).is_file():
         return None  # another program's config.yaml: train writes both together
@@ -118,9 +122,12 @@ def run_row(run_dir: Path) -> dict | None:
     except Damaged as e:
         row["status"] = f"damaged: {e}"
     row["created"] = row["created"] or _stamp(run_dir / CONFIG_FILE)
-    if being_trained(run_dir):  # a resume of a finished run ends at once: never "done"
-        row["status"] = TRAINING
+    if (lock := lock_state(run_dir)) != FREE:  # a resume of a finished run ends at once:
+        row["status"] = _LOCKED[lock]  # never "done"
     return row
+
+
+_LOCKED = {HELD: TRAINING, UNREADABLE: LOCK_UNREADABLE}  # the status a lock state tells
 
 
 def _read_run(run_dir: Path, row: dict) -> None:

@@ -37,26 +37,40 @@ def _hold(run_dir: Path) -> bool:
     return True
 
 
+FREE, HELD, UNREADABLE = "free", "held", "unreadable"  # the states of a run's lock
+
+
 def being_trained(run_dir: Path) -> bool:
     """Whether another process holds the run's lock (trains it now), tested without
-    keeping the lock. (POSIX only; elsewhere False.)"""
+    keeping the lock; a lock that cannot be read counts as held, so that `train` never
+    trains a run twice at once. (POSIX only; elsewhere False.)"""
+    return lock_state(run_dir) != FREE
+
+
+def lock_state(run_dir: Path) -> str:
+    """FREE (nobody trains the run, or this process does), HELD (another process does),
+    or UNREADABLE (its .lock cannot be opened: no telling)."""
     try:
         import fcntl
     except ImportError:
-        return False
+        return FREE
     if str(Path(run_dir).resolve()) in _HELD:
-        return False  # this process trains it
+        return FREE  # this process trains it
+    lock = Path(run_dir) / ".lock"
     try:  # opened to read: a run folder without a lock is left so (`wingspan runs` lists
-        # without writing), and one we may not write is tested too. A shared lock: NFS
-        # refuses an exclusive one on a file opened to read (flock(2)), and two tests at
-        # once must not see each other as a run being trained.
-        with open(Path(run_dir) / ".lock") as handle:
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released as it closes
+        # without writing), and one we may not write is tested too.
+        handle = open(lock)  # noqa: SIM115 - closed below, once tested
     except FileNotFoundError:
-        return False  # never locked
-    except OSError:
-        return (Path(run_dir) / ".lock").is_file()  # held; else a lock we may not read
-    return False
+        return FREE  # never locked
+    except OSError:  # e.g. another user's run we may not read
+        return UNREADABLE if lock.is_file() else FREE
+    with handle:  # A shared lock: NFS refuses an exclusive one on a file opened to read
+        # (flock(2)), and two tests at once must not see each other as a run being trained.
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released as it closes
+        except OSError:
+            return HELD
+    return FREE
 
 
 def _release(run_dir: Path) -> None:
