@@ -718,9 +718,11 @@ def _cell(value) -> str:
 
 
 def _held_out(row: dict) -> str:
+    from wingspan.run_table import DONE
+
     if _given(row["held_out_macro_f1"]):
         return f"{row['held_out_macro_f1']:.4f}"
-    if row["status"] != "done":
+    if row["status"] != DONE:
         return ""
     return "not evaluated" if _given(row["held_out_split"]) else "none kept"
 
