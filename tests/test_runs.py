@@ -90,9 +90,15 @@ def _plain(frame: pd.DataFrame) -> list[dict]:
 
 
 def _stopped_after(run_dir) -> str:
-    """The status of a stopped copy of the run: after its history's last epoch."""
+    """The detail of a stopped copy of the run: after its history's last epoch."""
     last = pd.read_csv(run_dir / "history.csv").iloc[-1]
-    return f"stopped after {last['stage']} epoch {last['epoch']} (resumable)"
+    return f"after {last['stage']} epoch {last['epoch']}"
+
+
+def _status(runs_dir, name: str) -> tuple:
+    """A run's (status, detail) in ws.runs, None for no detail."""
+    row = _plain(ws.runs(runs_dir).set_index("name").loc[[name]].reset_index())[0]
+    return row["status"], row["detail"]
 
 
 def test_runs_frame_lists_each_run_with_values_from_its_files(runs_dir, finished, demo_dir):
@@ -101,10 +107,12 @@ def test_runs_frame_lists_each_run_with_values_from_its_files(runs_dir, finished
     rows = {r["name"]: r for r in _plain(frame)}
     assert set(rows) == {"seed0", "[red]seed1", "torn", "stopped", "adapted",
                          "leftover"}  # no others
-    assert {n: r["status"] for n, r in rows.items()} == {"adapted": "done (adapted)",
-        "seed0": "done", "[red]seed1": "done", "stopped": _stopped_after(finished),
-        "torn": "damaged: metrics.json is not valid JSON (line 1, column 10)",
-        "leftover": "left over: killed while set up"}
+    assert {n: (r["status"], r["detail"]) for n, r in rows.items()} == {
+        "adapted": ("done (adapted)", None), "seed0": ("done", None),
+        "[red]seed1": ("done", None),
+        "stopped": ("stopped (resumable)", _stopped_after(finished)),
+        "torn": ("damaged", "metrics.json is not valid JSON (line 1, column 10)"),
+        "leftover": ("left over: killed while set up", None)}
     metrics = json.loads((finished / "metrics.json").read_text())
     evaluation = json.loads((finished / "evaluation-test" / "metrics.json").read_text())
     assert evaluation["fair"].startswith("yes")
@@ -143,8 +151,8 @@ def test_a_stopped_run_says_after_which_epoch_and_plainly_without_its_history(ru
     history = pd.read_csv(stopped / "history.csv")
     history.iloc[:2].to_csv(stopped / "history.csv", index=False)  # killed in head epoch 3
     first = history.iloc[1]
-    assert ws.runs(runs_dir).set_index("name").loc["stopped", "status"] == \
-        f"stopped after {first['stage']} epoch {first['epoch']} (resumable)"
+    assert _status(runs_dir, "stopped") == (
+        "stopped (resumable)", f"after {first['stage']} epoch {first['epoch']}")
     for damage in (lambda p: p.unlink(), lambda p: p.write_text(""),
                    lambda p: p.write_text("stage,epoch\n"),  # before its first epoch
                    lambda p: p.write_bytes(b"\xff\xfe,\x00\n\"a"),
@@ -152,8 +160,7 @@ def test_a_stopped_run_says_after_which_epoch_and_plainly_without_its_history(ru
                    lambda p: p.write_text("when,what\n1,2\n"),
                    lambda p: p.write_text("stage,epoch\n[red]x[/],1\n")):
         damage(stopped / "history.csv")
-        assert ws.runs(runs_dir).set_index("name").loc["stopped", "status"] == \
-            "stopped (resumable)"
+        assert _status(runs_dir, "stopped") == ("stopped (resumable)", None)
 
 
 def test_runs_says_which_run_is_being_trained_now(runs_dir, finished):
@@ -163,8 +170,7 @@ def test_runs_says_which_run_is_being_trained_now(runs_dir, finished):
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         frame = ws.runs(runs_dir)
     assert frame.set_index("name").loc["stopped", "status"] == "training now"
-    assert ws.runs(runs_dir).set_index("name").loc["stopped", "status"] == \
-        _stopped_after(finished)
+    assert _status(runs_dir, "stopped") == ("stopped (resumable)", _stopped_after(finished))
 
 
 def test_runs_on_nfs_says_a_finished_run_is_not_being_trained(runs_dir, finished,
@@ -186,8 +192,7 @@ def test_runs_on_nfs_says_a_finished_run_is_not_being_trained(runs_dir, finished
 
     (runs_dir / "stopped" / ".lock").touch()  # left by the run that trained it
     monkeypatch.setattr(fcntl, "flock", nfs_flock)
-    assert ws.runs(runs_dir).set_index("name").loc["stopped", "status"] == \
-        _stopped_after(finished)
+    assert _status(runs_dir, "stopped") == ("stopped (resumable)", _stopped_after(finished))
     with open(runs_dir / "stopped" / ".lock", "w") as lock:  # and one held is still seen
         flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert ws.runs(runs_dir).set_index("name").loc["stopped", "status"] == "training now"
@@ -280,7 +285,8 @@ def test_runs_command_table_and_outputs(run_cli, runs_dir, finished, tmp_path, m
     assert [c[:2] for c in cells] == [
         ["[red]seed1", "done"], ["adapted", "done (adapted)"],
         ["leftover", "left over: killed while set up"],
-        ["seed0", "done"], ["stopped", _stopped_after(finished)],
+        ["seed0", "done"],
+        ["stopped", f"stopped {_stopped_after(finished)} (resumable)"],
         ["torn", "damaged: metrics.json is not valid JSON (line 1, column 10)"]]
     frame = ws.runs("runs", sort="name")
     seed1 = cells[0]

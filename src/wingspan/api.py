@@ -347,11 +347,12 @@ def load(path: str | Path) -> Run:
 
 def runs(runs_dir: str | Path = RUNS_DIR, sort: str | None = None) -> pd.DataFrame:
     """The runs in `runs_dir` side by side, as `wingspan runs` lists them: one row per run
-    folder (name, status, data, backbone, image_size, seed, selection, val_macro_f1 (the
-    figure the best epoch was chosen on), held_out_macro_f1 (`evaluate`'s on the split
-    nothing was chosen on, once run), best_stage, best_epoch, train_seconds, created,
-    path), oldest first or by the column `sort` (scores best first). A damaged run's
-    status says what is wrong; folders that are no run are left out.
+    folder (name; status, one of a few values to filter on: done, stopped (resumable),
+    damaged...; detail: where a stopped run stopped, what is wrong with a damaged one;
+    data, backbone, image_size, seed, selection, val_macro_f1 (the figure the best epoch
+    was chosen on), held_out_macro_f1 (`evaluate`'s on the split nothing was chosen on,
+    once run), best_stage, best_epoch, train_seconds, created, path), oldest first or by
+    the column `sort` (scores best first). Folders that are no run are left out.
 
     >>> ws.runs().groupby("backbone")["held_out_macro_f1"].describe()
     """

@@ -629,7 +629,6 @@ def runs_command(
         SET_UP,
         STOPPED,
         run_table,
-        status_kind,
         write_run_table,
     )
 
@@ -642,7 +641,7 @@ def runs_command(
         out.print(f"No runs in {_q(runs_dir)}.")
     else:
         out.print(_runs_table(frame))
-        if (frame["status"].map(status_kind) == STOPPED).any():
+        if (frame["status"] == STOPPED).any():
             out.print(f"A stopped run continues with `wingspan train --resume "
                       f"{_q(runs_dir)}/NAME`.")
         if (frame["status"] == SET_UP).any():
@@ -658,7 +657,7 @@ def runs_command(
 # terminal (80 columns, or a pipe) too, where the others would squeeze every cell to "0.…".
 _RUN_COLUMNS = [
     ("run", lambda r: r["name"], True),
-    ("status", lambda r: r["status"], True),
+    ("status", lambda r: _status_cell(r), True),
     ("data", lambda r: _here(r["data"]) if _given(r["data"]) else "", False),
     ("backbone", lambda r: _cell(r["backbone"]), True),
     ("size", lambda r: _cell(r["image_size"]), False),
@@ -685,7 +684,6 @@ def _runs_table(frame):
         SET_UP,
         STOPPED,
         TRAINING,
-        status_kind,
     )
 
     wide = out.width >= 150
@@ -695,7 +693,7 @@ def _runs_table(frame):
                SET_UP: "yellow", LOCK_UNREADABLE: "yellow"}  # and red: damaged
     for r in frame.to_dict("records"):
         cells = [_q(cell(r)) for _, cell, _ in shown]
-        cells[1] = f"[{colours.get(status_kind(r['status']), 'red')}]{cells[1]}[/]"
+        cells[1] = f"[{colours.get(r['status'], 'red')}]{cells[1]}[/]"
         table.add_row(*cells)
     table.caption = ("val F1: the macro-F1 the best epoch was chosen on (optimistic); "
                      "held-out F1: on the split nothing was chosen on, once `wingspan "
@@ -715,6 +713,12 @@ def _cell(value) -> str:
     if not _given(value):
         return ""
     return f"{value:.4f}" if isinstance(value, float) and not value.is_integer() else str(value)
+
+
+def _status_cell(row: dict) -> str:
+    from wingspan.run_table import status_text
+
+    return status_text(row["status"], row["detail"] if _given(row["detail"]) else None)
 
 
 def _held_out(row: dict) -> str:

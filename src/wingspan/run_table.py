@@ -28,7 +28,7 @@ from wingspan.training.folder import (
     stopped_while_set_up,
 )
 
-COLUMNS = ["name", "status", "data", "backbone", "image_size", "seed", "selection",
+COLUMNS = ["name", "status", "detail", "data", "backbone", "image_size", "seed", "selection",
            "val_macro_f1", "held_out_split", "held_out_macro_f1", "best_stage", "best_epoch",
            "train_seconds", "created", "path"]
 # Sorted best first; every other column in ascending order (names, dates, seeds...).
@@ -39,16 +39,19 @@ DONE, TRAINING, STOPPED, SET_UP = "done", "training now", "stopped (resumable)",
 ADAPTED = "done (adapted)"
 # `train` takes a lock it cannot read as held (never two at once); a listing says so.
 LOCK_UNREADABLE = "unknown: cannot read .lock"
+DAMAGED = "damaged"  # `detail` says which file and what is wrong
+# `status` is one of the constants above, to filter on; `detail` says more where there is
+# more to say: where a stopped run stopped, what is wrong with a damaged one.
 
 
-def status_kind(status: str) -> str:
-    """Which of the constants above a status is: a stopped run's names where it stopped
-    ("stopped after finetune epoch 2 (resumable)"), yet is STOPPED all the same."""
-    stopped = STOPPED.removesuffix(" (resumable)")
-    if isinstance(status, str) and status.startswith(stopped) and status.endswith(
-            " (resumable)"):
-        return STOPPED
-    return status
+def status_text(status: str, detail) -> str:
+    """A status and its detail in words: "stopped after finetune epoch 2 (resumable)",
+    "damaged: metrics.json is not valid JSON (line 1, column 10)"."""
+    if not isinstance(detail, str) or not detail:
+        return status
+    if status == STOPPED:
+        return f"stopped {detail} (resumable)"
+    return f"{status}: {detail}"
 
 
 class Damaged(Exception):
@@ -120,10 +123,10 @@ def run_row(run_dir: Path) -> dict | None:
     try:
         _read_run(run_dir, row)
     except Damaged as e:
-        row["status"] = f"damaged: {e}"
+        row.update(status=DAMAGED, detail=str(e))
     row["created"] = row["created"] or _stamp(run_dir / CONFIG_FILE)
     if (lock := lock_state(run_dir)) != FREE:  # a resume of a finished run ends at once:
-        row["status"] = _LOCKED[lock]  # never "done"
+        row.update(status=_LOCKED[lock], detail=None)  # never "done"
     return row
 
 
@@ -150,7 +153,7 @@ def _read_run(run_dir: Path, row: dict) -> None:
             and bool(metrics)
             and (not config.get("holdout_classes") or "unknown" in metrics))
     if not done:
-        row["status"] = _stopped(run_dir)
+        row.update(status=STOPPED, detail=_stopped_after(run_dir))
         return
     try:
         best, selection = metrics["best"], metrics.get("selection") or {}
@@ -164,18 +167,18 @@ def _read_run(run_dir: Path, row: dict) -> None:
         row["held_out_macro_f1"] = _held_out_figure(run_dir, row["held_out_split"])
 
 
-def _stopped(run_dir: Path) -> str:
-    """STOPPED, saying the last epoch the run finished when history.csv tells (a row is
-    written as each epoch ends). A history missing or damaged tells nothing: the plain
-    STOPPED, never a crash."""
+def _stopped_after(run_dir: Path) -> str | None:
+    """"after finetune epoch 2": the last epoch a stopped run finished, as history.csv
+    tells (a row is written as each epoch ends). A history missing or damaged tells
+    nothing: None, never a crash."""
     try:
         last = pd.read_csv(run_dir / "history.csv", usecols=["stage", "epoch"]).iloc[-1]
         stage, epoch = str(last["stage"]), int(last["epoch"])
     except (OSError, ValueError, IndexError):  # pandas' parse errors are ValueErrors
-        return STOPPED
+        return None
     if stage not in ("head", "finetune") or epoch < 1:
-        return STOPPED
-    return f"stopped after {stage} epoch {epoch} (resumable)"
+        return None
+    return f"after {stage} epoch {epoch}"
 
 
 def _held_out_figure(run_dir: Path, split: str) -> float | None:
