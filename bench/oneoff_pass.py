@@ -13,7 +13,7 @@ each keeps its fastest batch), what that pass can cost:
 - prefix+torch-fp32 / -bf16: the fine-tuning prefix's ONNX session (already made for the
   training steps, so no export) and the unfrozen rest in PyTorch, as a fine-tuning
   validation pass now runs (`wingspan.training.step.prefixed_pass`, in the training step's
-  precision; the final pass over the best model in fp32).
+  precision).
 
 and prints each one's seconds for a pass over N images against onnx-whole's. Random
 weights (timing does not depend on them); no data loading (the same for each).

@@ -89,7 +89,7 @@ def test_training_gives_the_same_history_on_either_runtime(demo_dir, tmp_path, m
         runs[runtime] = history(train(read_dataset(demo_dir), config, tmp_path / runtime,
                                       "r", quiet=True))
     # ONNX Runtime really ran: stage 1's frozen backbone and the fine-tuning prefix (which
-    # the validation passes and the final pass reuse); a prefix is split off on onnx only.
+    # the validation passes reuse); a prefix is split off on onnx only.
     assert splits and all(split is not None for split in splits)
     assert any(m is splits[0][0] for m in made) and len(made) >= 2
     np.testing.assert_allclose(runs["onnx"]["val_loss"], runs["torch"]["val_loss"], atol=1e-3)
@@ -311,9 +311,10 @@ def _exported_types(monkeypatch) -> list[str]:
 def test_fine_tuning_exports_its_prefix_once_and_no_model_per_epoch(demo_dir, tmp_path,
                                                                    monkeypatch, lr):
     """With ONNX Runtime forced, the frozen prefix is exported once for fine-tuning; each
-    validation pass and the final pass (features for calibration and the unknown score)
-    reuse its runner, the rest in PyTorch, and score what PyTorch alone scores, whether the
-    best epoch is the last one (lr 0.03) or not (0.1: the best weights are reloaded)."""
+    validation pass reuses its runner, the rest in PyTorch; the final passes (features for
+    calibration and the unknown score) export the best model once; all score what PyTorch
+    alone scores, whether the best epoch is the last one (lr 0.03) or not (0.1: the best
+    weights are reloaded)."""
     import json
 
     from test_train import history, tiny
@@ -333,8 +334,8 @@ def test_fine_tuning_exports_its_prefix_once_and_no_model_per_epoch(demo_dir, tm
         runs[runtime] = history(run)
     best = metrics["onnx"]["best"]
     assert best["stage"] == "finetune" and (best["epoch"] == 3) == (lr == 0.03)
-    # Stage 1's backbone and the fine-tuning prefix; nothing per epoch, nothing after.
-    assert exported == ["PooledFeatures", "Sequential"]
+    # Stage 1's backbone and the fine-tuning prefix; nothing per epoch; the best model.
+    assert exported == ["PooledFeatures", "Sequential", "WithFeatures"]
     np.testing.assert_allclose(runs["onnx"]["val_loss"], runs["torch"]["val_loss"], atol=1e-4)
     np.testing.assert_allclose(runs["onnx"]["val_macro_f1"], runs["torch"]["val_macro_f1"])
     temperatures = [m["calibration"]["temperature"] for m in metrics.values()]
@@ -392,8 +393,8 @@ def test_export_seconds_are_the_graphs_own_else_the_last_made(monkeypatch):
 def test_fine_tuning_validates_in_the_training_steps_precision(demo_dir, tmp_path,
                                                               monkeypatch):
     """The unfrozen rest of a validation pass runs in the training step's precision (bf16
-    here, as measured on a CPU with bf16), the final pass in fp32; both without an export
-    of the whole model."""
+    here, as measured on a CPU with bf16), without an export of the whole model; the final
+    passes run one export of it, in fp32."""
     import json
 
     from test_train import tiny
@@ -409,15 +410,14 @@ def test_fine_tuning_validates_in_the_training_steps_precision(demo_dir, tmp_pat
 
     monkeypatch.setattr(run_module, "choose_train", bf16_step)
     dtypes = {}
-    for module, name in ((stages_module, "validation"), (run_module, "final")):
-        real = module.prefixed_pass
-        monkeypatch.setattr(module, "prefixed_pass", lambda *a, real=real, name=name:
-                            dtypes.setdefault(name, []).append(a[3]) or real(*a))
+    real = stages_module.prefixed_pass
+    monkeypatch.setattr(stages_module, "prefixed_pass", lambda *a:
+                        dtypes.setdefault("validation", []).append(a[3]) or real(*a))
     exported = _exported_types(monkeypatch)
     config = tiny(tmp_path, epochs_head=1, epochs_finetune=3, lr=0.03, runtime="onnx",
                   precision="auto")
     run = train(read_dataset(demo_dir), config, tmp_path, "r", quiet=True)
     assert json.loads((run / "metrics.json").read_text())["best"]["stage"] == "finetune"
-    # One validation pass runner for the stage; the final pass over val, then train.
-    assert dtypes == {"validation": [torch.bfloat16], "final": [None, None]}
-    assert exported == ["PooledFeatures", "Sequential"]
+    # One validation pass runner for the stage; one export for the final passes.
+    assert dtypes == {"validation": [torch.bfloat16]}
+    assert exported == ["PooledFeatures", "Sequential", "WithFeatures"]

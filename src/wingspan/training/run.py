@@ -64,7 +64,7 @@ from wingspan.training.prepare import (
     report_reading,
 )
 from wingspan.training.stages import finetune, say_what_is_read, train_head
-from wingspan.training.step import choose_train, finetune_parts, prefixed_pass
+from wingspan.training.step import choose_train
 
 
 def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = RUNS_DIR,
@@ -634,14 +634,13 @@ def _final_outputs(run: Run, split: str) -> tuple[torch.Tensor, dict[str, torch.
 
 
 def _final_pass(run: Run):
-    """images -> {"features", ...} of the best model, as it is now. After fine-tuning with
-    a frozen prefix on ONNX Runtime: that prefix's runner (the best weights loaded hold the
-    same frozen ones, and the session is found by its weights, so no export) and the rest
-    in PyTorch fp32. Else the whole model: the graph of the last validation pass, when that
-    was of these weights, or one export. The logits are the head's (_final_outputs)."""
-    prefix, trained = finetune_parts(run.model, run.policy, run.image_size)
-    if prefix is not None:
-        return prefixed_pass(prefix, trained, run.policy, None)
+    """images -> {"features", ...} of the best model, as it is now, in fp32 on the frozen
+    passes' engine: with ONNX Runtime, one export of the whole model for both final passes
+    (val, then train: a thousand images or more, where the export's second pays for itself;
+    the fine-tuning prefix with the rest in PyTorch fp32 ran them no faster on an AMX Xeon,
+    bench/oneoff_pass.py, and PyTorch fp32 is 3-4x slower than ONNX Runtime on an AVX2 EPYC),
+    or the last validation pass's graph when that was of these weights. The logits are the
+    head's (_final_outputs)."""
     module, names = run.model.with_features()
     return run.policy.runner(module, run.image_size, names)
 
