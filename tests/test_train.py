@@ -1185,7 +1185,7 @@ def test_a_resumed_run_says_so_and_does_not_repeat_what_it_said_once(tmp_path, m
     # config.yaml being written, splits.csv before it
     ("wingspan.files:_flush", "config", "stopped while it was being set up"),
     ("wingspan.files:_flush", "splits", "stopped while it was being set up"),
-    ("wingspan.training.run:_hold", "", "is empty"),  # the run's folder just made
+    ("wingspan.training.run:hold_lock", "", "is empty"),  # the run's folder just made
 ])
 def test_a_run_killed_while_it_is_set_up_says_what_to_do(demo_dir, tmp_path, target, match,
                                                          said):
@@ -1237,7 +1237,7 @@ def test_a_folder_set_up_now_by_another_train_is_not_called_a_leftover(tmp_path)
     runs = tmp_path / "runs"
     (runs / "r").mkdir(parents=True)
     (runs / "r" / ".lock").touch()
-    with open(runs / "r" / ".lock", "a") as held:  # as another train's _hold holds it
+    with open(runs / "r" / ".lock", "a") as held:  # as another train's hold_lock holds it
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         said = _name_taken(runs / "r-2", "r")
     assert said == f"{runs / 'r'} is taken: this run is {runs / 'r-2'}"

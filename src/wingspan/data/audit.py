@@ -27,8 +27,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from wingspan.config import MAX_PIXELS, AuditConfig, default_cache_dir
-from wingspan.data.images import max_pixels, open_rgb
+from wingspan.config import AuditConfig, default_cache_dir
+from wingspan.data.images import budget_key, max_pixels, open_rgb
 from wingspan.data.samples import PATH, SPLIT, Dataset
 from wingspan.errors import WingspanError, counted
 from wingspan.files import FileArrays, atomic_paths
@@ -159,11 +159,9 @@ def image_features(paths: list[str], config: AuditConfig, progress: bool
     # move a near-tie of the ranking: 8 of 11 flipped labels in the test's top 5% in bf16
     # on an AMX Xeon, 9 in fp32.) The preprocessing is: a run trained
     # at 96 px and ImageNet's 224 px see other features in the same weights.
-    # A pixel budget other than the default decodes large images smaller (or refuses them):
-    # its features are kept apart, as the decode cache keeps its images.
-    budget = "" if max_pixels() == MAX_PIXELS else f"|{max_pixels()}px"
+    # A pixel budget decodes large images otherwise: its features are its own.
     made = (f"{name}|{_fingerprint(loaded.state_dict)}|{pre.input_size}|{pre.crop_pct}|"
-            f"{pre.interpolation}|{pre.mean}|{pre.std}{budget}"
+            f"{pre.interpolation}|{pre.mean}|{pre.std}{budget_key(max_pixels())}"
             if config.cache and loaded else "")
     # Each image's features, then its 64 hash bits, in one array.
     cache = FileArrays(default_cache_dir() / "audit-features" /

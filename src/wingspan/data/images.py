@@ -90,6 +90,13 @@ def chosen_budget() -> int | None:
     return _CALL_BUDGET.get() or pixel_budget(os.environ.get(MAX_PIXELS_ENV, ""))
 
 
+def budget_key(budget: int) -> str:
+    """A budget's part of an on-disk cache key: "" for the default (so that entries made
+    before budgets were keyed stay valid), else "|Npx". A low budget decodes a large JPEG
+    smaller (or refuses it), which another budget must not be handed."""
+    return "" if budget == MAX_PIXELS else f"|{budget}px"
+
+
 @contextmanager
 def call_budget(value: int) -> Iterator[None]:
     """`max_pixels()` is `value` inside, in this thread (or task) only."""

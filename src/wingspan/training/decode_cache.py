@@ -15,8 +15,7 @@ import numpy as np
 from PIL import Image
 from torchvision.transforms.v2.functional import resize
 
-from wingspan.config import MAX_PIXELS
-from wingspan.data.images import max_pixels, open_rgb
+from wingspan.data.images import budget_key, max_pixels, open_rgb
 from wingspan.data.transforms import interpolation_mode
 from wingspan.files import FileArrays
 
@@ -28,14 +27,10 @@ class DecodeCache:
         key = f"{short_side}" + ("" if interpolation == "bicubic" else f"-{interpolation}")
         folder = Path(directory).expanduser() / f"decoded-{key}" if directory else None  # ~/x
         self.budget = max_pixels()  # the call's, taken along to the worker processes
-        # The cache is on disk, shared by every run: a low budget decodes a large JPEG
-        # below the working size (or refuses an image), which another budget must not be
-        # handed. Only a budget other than the default is in the key, so entries made under
-        # the default (all of them, before budgets were keyed) stay valid.
-        budget = "" if self.budget == MAX_PIXELS else f"|{self.budget}px"
-        # "tv": resized by torchvision (entries from before, shrunk by Pillow with the long
-        # side rounded, miss).
-        self.arrays = FileArrays(folder, f"{key}|tv{budget}")
+        # The cache is on disk, shared by every run (and budget: `budget_key`). "tv":
+        # resized by torchvision (entries from before, shrunk by Pillow with the long side
+        # rounded, miss).
+        self.arrays = FileArrays(folder, f"{key}|tv{budget_key(self.budget)}")
         self.short_side = short_side
         self.interpolation = interpolation_mode(interpolation)
 

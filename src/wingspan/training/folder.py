@@ -15,7 +15,7 @@ HOLDOUT_FILE = "holdout.csv"  # --holdout-classes: their images, scored as unkno
 _HELD: dict[str, object] = {}  # run folder -> its open lock file, while this process trains
 
 
-def _hold(run_dir: Path) -> bool:
+def hold_lock(run_dir: Path) -> bool:
     """Rank 0 holds the run's lock while it trains: a second process training the same
     folder (a --resume of a run still going) would write the same checkpoints and model.
     The OS drops the lock when the process ends, however it ends. False: another holds
@@ -73,7 +73,7 @@ def lock_state(run_dir: Path) -> str:
     return FREE
 
 
-def _release(run_dir: Path) -> None:
+def release_lock(run_dir: Path) -> None:
     handle = _HELD.pop(str(Path(run_dir).resolve()), None)
     if handle is not None:
         handle.close()

@@ -52,9 +52,9 @@ from wingspan.training.folder import (
     CONFIG_FILE,
     HOLDOUT_FILE,
     SPLITS_FILE,
-    _hold,
-    _release,
     being_trained,
+    hold_lock,
+    release_lock,
     stopped_while_set_up,
 )
 from wingspan.training.prepare import (
@@ -81,7 +81,7 @@ def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = RUNS_DIR
     name = name or f"{dataset.name}-{config.backbone}"
     if fabric.is_global_zero:  # rank 0 names the run; the others learn its folder
         run_dir = _new_run_dir(Path(runs_dir), name)
-        _hold(run_dir)  # a folder just made: no other process has it
+        hold_lock(run_dir)  # a folder just made: no other process has it
     run_dir = Path(fabric.broadcast(str(run_dir) if run_dir else None))
     logs: list[str] = [_name_taken(run_dir, name)] if fabric.is_global_zero else []
     report_reading(dataset, logs.append)
@@ -97,7 +97,7 @@ def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = RUNS_DIR
         run = _start(run_dir, config, dataset, quiet, None, fabric, before=(why,) if why else ())
     except BaseException as e:  # nothing trained yet (bad data, no weights): no empty run
         if fabric.is_global_zero:
-            _release(run_dir)
+            release_lock(run_dir)
             shutil.rmtree(run_dir, ignore_errors=True)
         if isinstance(e, WingspanError):  # every process read the same data: rank 0 says it
             e.every_rank = True
@@ -239,7 +239,7 @@ def resume(run_dir: str | Path, quiet: bool = False, **machine) -> Path:
     config = dataclasses.replace(config, **machine)
     fabric = _processes(config).fabric()
     # Rank 0 takes the lock; every process learns whether it did, so all stop together.
-    held = _hold(run_dir) if fabric.is_global_zero else None
+    held = hold_lock(run_dir) if fabric.is_global_zero else None
     if not fabric.broadcast(held):
         raise WingspanError(f"The run {run_dir} is being trained by another process.",
                             hint="Wait for it to finish (or stop it), then resume.",
@@ -247,7 +247,7 @@ def resume(run_dir: str | Path, quiet: bool = False, **machine) -> Path:
     try:
         return _resume(run_dir, config, fabric, quiet)
     finally:
-        _release(run_dir)
+        release_lock(run_dir)
 
 
 def _resume(run_dir: Path, config: TrainConfig, fabric, quiet: bool) -> Path:
@@ -335,7 +335,7 @@ def _interruptible(run: Run) -> Path:
             print(said, file=sys.stderr)
         raise
     finally:
-        _release(run.dir)
+        release_lock(run.dir)
         forget_sessions()  # the ONNX graphs of this run's weights (see models.runtime)
 
 
