@@ -22,13 +22,17 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ["WINGSPAN_CACHE"] = tempfile.mkdtemp(prefix="wingspan-test-cache-")
 atexit.register(shutil.rmtree, os.environ["WINGSPAN_CACHE"], ignore_errors=True)
 # make test runs the suite in pytest-xdist workers, one per core: each takes its share of the
-# cores, so that two workers do not both spin two threads on two cores.
+# cores, so that two workers do not both spin two threads on two cores. The processes a test
+# starts (the CLI, DDP ranks, the tutorial's kernel, the bench scripts) take the same share
+# through OMP_NUM_THREADS, which torch reads at start (ONNX Runtime follows torch's count).
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     import torch
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(max(1, (cores or 1) // _WORKERS))  # (macOS has no affinity call)
+    _THREADS = max(1, (cores or 1) // _WORKERS)  # (macOS has no affinity call)
+    torch.set_num_threads(_THREADS)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
 
 
 @pytest.fixture(autouse=True)
