@@ -603,10 +603,10 @@ def fit_unknown(model: str | Path, rate: float | None = None, score: str | None 
 
     from wingspan.evaluate.own_images import own_images, run_folder
     from wingspan.models import save_bundle
-    from wingspan.models.unknown import UnknownDetector
+    from wingspan.models.unknown import UnknownDetector, check_rate
 
-    if rate is not None and not 0 < rate < 1:  # before any image is read
-        raise WingspanError(f"--unknown-rate must be between 0 and 1, e.g. 0.05 (got {rate}).")
+    if rate is not None:
+        check_rate(rate)  # before any image is read
     if score is not None and score not in UNKNOWN_SCORES:
         raise WingspanError(f"Unknown score '{score}'.",
                             hint=f"Use one of: {', '.join(UNKNOWN_SCORES)}.")
