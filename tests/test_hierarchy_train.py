@@ -445,3 +445,27 @@ def test_a_blank_level_cell_in_a_csv_names_the_level_and_what_other_rows_give(tm
     with pytest.raises(WingspanError, match=r"a_2\.jpg \(no genus; other rows of label "
                        r"'Pieris rapae' give 'Pieris'\)[\s\S]*level columns of specimens\.csv"):
         plan_labels(read_dataset(csv), LEVELS, tiny(tmp_path, levels=LEVELS), log=lambda _: None)
+
+
+def test_training_figures_count_the_answer_as_val_does(demo_dir, tmp_path, monkeypatch):
+    """train_acc and train_macro_f1 score the class predict would answer (the top-down
+    branch, with a taxonomy), as val's figures do: with the answer stubbed to the first
+    class, every epoch's train accuracy is that class's share of the training images."""
+    from wingspan.training import stages
+
+    answered = []
+
+    def first_class(run, outputs):
+        answered.append(len(outputs["label"]))
+        return torch.zeros(len(outputs["label"]), dtype=torch.long)
+
+    monkeypatch.setattr(stages, "_answered", first_class)
+    run_dir = train(_one_big_family(demo_dir), tiny(tmp_path, levels=["family", "label"]),
+                    tmp_path / "runs", quiet=True)
+    splits = pd.read_csv(run_dir / "splits.csv")
+    first = sorted(splits["label"].unique())[0]
+    share = {s: (part["label"] == first).mean() for s, part in splits.groupby("split")}
+    h = pd.read_csv(run_dir / "history.csv")
+    assert set(h["stage"]) == {"head", "finetune"} and answered
+    assert h["train_acc"].to_numpy() == pytest.approx(share["train"], abs=1e-4)
+    assert h["val_acc"].to_numpy() == pytest.approx(share["val"], abs=1e-4)

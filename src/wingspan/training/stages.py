@@ -137,8 +137,10 @@ def _logits(run: Run, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
 def _answered(run: Run, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """The finest class predict would answer: the top class, or with a taxonomy the top-down
     branch's (Taxonomy.answer), so that the epoch kept is chosen on the figure reported.
-    The branch is taken at temperature 1: the temperature is fitted on the kept model."""
-    logits = _logits(run, outputs)
+    The branch is taken at temperature 1: the temperature is fitted on the kept model.
+    Training's own figures (train_acc, train_macro_f1) use it too, so that a taxonomy run's
+    curves compare train and val on one answer."""
+    logits = _logits(run, outputs).detach()
     if run.data.taxonomy is None:
         return logits.argmax(1)
     return torch.from_numpy(run.data.taxonomy.answer(logits.softmax(1).cpu().numpy()))
@@ -381,7 +383,6 @@ def train_head(run: Run) -> None:
                     continue
             t1 = time.perf_counter()
             outputs = head(feats.to(device, non_blocking=True))
-            logits = _logits(run, outputs)
             loss = criterion(outputs, labels[idx].to(device, non_blocking=True))
             t2 = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
@@ -391,7 +392,7 @@ def train_head(run: Run) -> None:
             schedule.at(epoch, step + 1, steps)
             loss_sum += loss.item() * len(idx)
             seen.append(idx)
-            preds[idx] = logits.argmax(1).detach().cpu()
+            preds[idx] = _answered(run, outputs).cpu()
             _account(run, "head", t0, t1, t2, len(idx))
         _sync_from_rank_zero(run, head)
         run.share_unreadable()  # (without the cache each rank read its own shard)
@@ -511,7 +512,6 @@ def finetune(run: Run) -> None:
             labels = y
             x, y = run.policy.prepare_batch(x), y.to(run.device, non_blocking=True)
             outputs = trained(x)
-            logits = _logits(run, outputs)
             loss = criterion(outputs, y)
             t2 = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
@@ -525,7 +525,7 @@ def finetune(run: Run) -> None:
                 profiler = profiler.step()
             partial["loss_sum"] += loss.item() * len(y)  # the step's one wait for the device
             partial["labels"] += labels[:, -1].tolist()
-            preds.append(logits.argmax(1))
+            preds.append(_answered(run, outputs))  # (a taxonomy's branch: on the CPU)
             if _checkpoint_due(run, last_save, state.step):
                 partial["preds"] += torch.cat(preds).tolist()
                 preds = []
