@@ -99,3 +99,25 @@ def test_an_edited_manifest_is_refused(model, tmp_path, edit):
     if len(manifest["classes"]["label"]) != 3:
         with pytest.raises(WingspanError, match="3 'label' classes but its manifest names 2"):
             load_bundle(path)
+
+
+@pytest.mark.parametrize("calibration", [
+    {"temperature": 0}, {"temperature": -0.25}, {"temperature": float("nan")},
+    {"temperature": "abc"}, {"temperature": True}, None, "1.5"])
+def test_a_temperature_that_is_no_positive_number_is_refused(model, tmp_path, calibration):
+    """The calibration is outside the checksums (calibrate rewrites it): zero would answer
+    NaN, a negative temperature the least likely class. A positive one loads."""
+    path = save_bundle(model, tmp_path / "b", CLASSES, calibration={"temperature": 1.5})
+    manifest = json.loads((path / MANIFEST).read_text())
+    assert load_bundle(path)[1]["calibration"]["temperature"] == 1.5
+    (path / MANIFEST).write_text(json.dumps({**manifest, "calibration": calibration}))
+    with pytest.raises(WingspanError, match="calibration temperature is .*, not a positive"):
+        load_bundle(path)
+
+
+@pytest.mark.parametrize("manifest", ["[]", "null", '"wingspan"', "3"])
+def test_a_manifest_that_is_no_json_object_is_no_bundle(model, tmp_path, manifest):
+    path = save_bundle(model, tmp_path / "b", CLASSES)
+    (path / MANIFEST).write_text(manifest)
+    with pytest.raises(WingspanError, match="not a wingspan model bundle"):
+        load_bundle(path)

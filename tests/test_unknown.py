@@ -99,6 +99,31 @@ def test_the_fitted_scores_survive_the_bundle_round_trip():
             after["mahalanobis"]["label"], rtol=1e-5)
 
 
+@pytest.mark.parametrize("damage", [
+    lambda e: e.update(temperature=0),  # every MSP score NaN
+    lambda e: e.update(temperature="warm"),
+    lambda e: e.update(thresholds={}),
+    lambda e: e.pop("levels"),
+    lambda e: e.update(levels=3)])
+def test_damaged_unknown_scores_in_a_manifest_are_refused(tmp_path, damage):
+    """The unknown section is outside the manifest's checksums (calibrate rewrites it)."""
+    from wingspan.models import create_classifier, load_bundle, save_bundle
+
+    torch.manual_seed(0)
+    centres = 3 * torch.randn(3, 8)
+    x, y = _clusters(20, centres, seed=1)
+    vx, vy = _clusters(10, centres, seed=2)
+    detector = _fit(x, y, vx, vy, torch.nn.Linear(8, 3))
+    model, _ = create_classifier("resnet18", {"label": 3}, weights="none", hidden=16)
+    path = save_bundle(model, tmp_path / "b", {"label": ["a", "b", "c"]}, unknown=detector)
+    assert load_bundle(path, with_unknown=True)[2].thresholds
+    manifest = json.loads((path / "manifest.json").read_text())
+    damage(manifest["unknown"])
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(WingspanError, match="unknown scores"):
+        load_bundle(path, with_unknown=True)
+
+
 def test_a_combined_score_stays_a_share_in_0_1_and_old_thresholds_keep_their_answers():
     """msp+knn is the share of known val images a score exceeds: images beyond every val
     image (far away, or closer than any) stay within [0, 1], in the graph too."""

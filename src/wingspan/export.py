@@ -499,6 +499,12 @@ def _compare(got: dict, want: dict, outputs: list[str], unknown: nn.Module | Non
     for name in outputs if images else []:
         kind = "unknown" if unknown is not None and name.startswith("unknown.") else "probability"
         reference = want[name].numpy()
+        if not (np.isfinite(got[name]).all() and np.isfinite(reference).all()):
+            raise WingspanError(  # (a NaN gap would pass the tolerance below unseen)
+                f"The {what} or PyTorch answers NaN or infinity for '{name}' on {images} "
+                "images; nothing was written.",
+                hint="The bundle's weights or manifest are damaged: use an intact copy of "
+                "the bundle, or retrain.")
         gap = np.abs(got[name] - reference)
         if kind == "unknown":
             gap = np.maximum(gap - unknown.step, 0.0) / (1.0 + np.abs(reference))

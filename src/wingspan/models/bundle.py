@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -128,7 +129,7 @@ def read_manifest(path: str | Path) -> dict:
             raise WingspanError(f"{path} is not a wingspan model bundle ({e}).") from e
     else:
         raise WingspanError(f"No model bundle at {path}.")
-    if manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise WingspanError(f"{path} is not a wingspan model bundle.")
     version = manifest.get("format_version", 0)
     if not isinstance(version, int) or version > FORMAT_VERSION:
@@ -136,7 +137,21 @@ def read_manifest(path: str | Path) -> dict:
             f"{path} was written in bundle format {version}, newer than this wingspan "
             f"({__version__}) reads (up to {FORMAT_VERSION}).",
             hint="Upgrade wingspan: pip install -U wingspan")
+    calibration = manifest.get("calibration", {})
+    _check_temperature(calibration.get("temperature", 1.0) if isinstance(calibration, dict)
+                       else calibration, "calibration", path)
     return manifest
+
+
+def _check_temperature(value, section: str, path: Path) -> None:
+    """A temperature divides every logit: zero would answer NaN, a negative one the least
+    likely class. The sections that hold one (calibration, unknown) are outside the
+    manifest's checksums, as `wingspan calibrate` rewrites them, so they are checked here."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise WingspanError(
+            f"{path}: the manifest's {section} temperature is {value!r}, not a positive "
+            "number: the manifest was edited or damaged after the bundle was written.",
+            hint="Use an intact copy of the bundle, or retrain.")
 
 
 def load_bundle(path: str | Path, with_unknown: bool = False):
@@ -191,7 +206,15 @@ def load_bundle(path: str | Path, with_unknown: bool = False):
         return model, manifest
     unknown = None
     if "unknown" in manifest:
-        unknown = UnknownDetector.from_bundle(manifest["unknown"], extra)
+        entry = manifest["unknown"]
+        try:
+            _check_temperature(entry["temperature"], "unknown scores'", path)
+            if not entry["thresholds"]:
+                raise ValueError("no thresholds")
+            unknown = UnknownDetector.from_bundle(entry, extra)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise WingspanError(f"{path}: the manifest's unknown scores are damaged ({e!r}).",
+                                hint="Use an intact copy of the bundle, or retrain.") from e
     return model, manifest, unknown
 
 
