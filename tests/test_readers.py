@@ -191,6 +191,25 @@ def test_csv_reader_clear_errors(tmp_path, content, message):
         read_dataset(csv)
 
 
+@pytest.mark.parametrize("rows, left_out", [
+    ("", None), ("a.jpg,\nb.jpg,\n", "2 rows with an empty label"),
+    ("a.jpg,x\na.jpg,y\n", "1 image listed with two labels")])
+def test_a_csv_with_no_usable_row_says_so(tmp_path, rows, left_out):
+    """A header alone, or only rows that are left out: a message about the CSV's rows, not
+    a traceback (an empty table once lost its columns) nor a hint about class folders."""
+    for name in ("a.jpg", "b.jpg"):
+        write_image(tmp_path / name, size=(8, 8))
+    csv = tmp_path / "labels.csv"
+    csv.write_text("path,label\n" + rows)
+    with pytest.raises(WingspanError, match="no usable images") as e:
+        read_dataset(csv)
+    assert e.value.hint.startswith("List one image per row under the header: path,label")
+    if left_out:
+        assert left_out in e.value.hint
+    else:
+        assert e.value.hint.endswith("path,label.")
+
+
 def test_bad_paths_and_empty_datasets(tmp_path):
     with pytest.raises(WingspanError, match="does not exist"):
         read_dataset(tmp_path / "nope")

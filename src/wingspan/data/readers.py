@@ -96,6 +96,14 @@ def _check_not_empty(dataset: Dataset, path: Path) -> None:
         loose = sum(p.kind == "not_in_class_folder" for p in dataset.problems)
         message = f"The dataset at {path} has no usable images."
         hint = "Put images in one folder per class: DATA/<class>/<image>.jpg"
+        if path.is_file():  # a CSV: its rows, not folders, name the images
+            unlabelled = sum(p.kind == "no_label" for p in dataset.problems)
+            conflicting = sum(p.kind == "conflicting_labels" for p in dataset.problems)
+            hint = ("List one image per row under the header: path,label"
+                    + (f" ({counted(unlabelled, 'row')} with an empty label left out)"
+                       if unlabelled else "")
+                    + (f" ({counted(conflicting, 'image')} listed with two labels left out)"
+                       if conflicting else "") + ".")
         if missing:
             hint = (f"All {missing} listed images are missing. Check the image root (`data "
                     "inspect --metadata-only` reads the labels alone).")
@@ -136,7 +144,7 @@ def _keep_existing(
     """Drop rows whose file is missing, listing each one (an error under --strict)."""
     if not config.check_files:
         return table
-    exists = table[PATH].map(os.path.isfile)
+    exists = table[PATH].map(os.path.isfile).astype(bool)  # (empty: object, read as columns)
     missing = table.loc[~exists, PATH].tolist()
     if missing and config.strict:
         raise WingspanError(
