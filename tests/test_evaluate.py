@@ -88,6 +88,15 @@ def test_evaluate_never_changes_the_model_and_calibrate_does(trained, tmp_path, 
     assert f"Temperature {old:.3f} -> {new['temperature']:.3f}" in out
     assert new["fitted_on"] == "train" and new["previous_temperature"] == pytest.approx(old)
     assert fingerprint() != before
+    # Fitted again on the same images: "before" is the ECE at the temperature it replaces,
+    # the last one's "after" (also said beside: the ECE without any temperature).
+    code, out, err = run_cli("calibrate", trained, "--split", "train", "--quiet")
+    again = read_manifest(trained / "model")["calibration"]
+    assert again["val_ece_previous"] == pytest.approx(new["val_ece_after"])
+    assert again["val_ece_before"] == pytest.approx(new["val_ece_before"])
+    assert (f"ECE {new['val_ece_after']:.4f} -> {again['val_ece_after']:.4f} "
+            f"({new['val_ece_before']:.4f} without a temperature)") in " ".join(out.split())
+    new = again
     assert fitted_on_these("train", "ev3") and not fitted_on_these("val", "ev4")
     # Put it back for the other tests of this module.
     from wingspan.models.bundle import update_manifest

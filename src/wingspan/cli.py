@@ -867,7 +867,8 @@ def calibrate_command(
                   workers=workers, device=device, class_map=_pairs(class_map or [], "--map"))
     out.print(f"Temperature {c['previous_temperature']:.3f} -> {c['temperature']:.3f}, fitted "
               f"on {counted(c['images'], 'image')} ({_q(c['fitted_on'])}); ECE "
-              f"{c['val_ece_before']:.4f} -> {c['val_ece_after']:.4f}"
+              f"{c['val_ece_previous']:.4f} -> {c['val_ece_after']:.4f} "
+              f"({c['val_ece_before']:.4f} without a temperature)"
               + (f"; by the {c['method']}" if c["method"] != "likelihood" else ""))
     if bound_warning(c):
         out.print(f"[yellow]Warning:[/] {escape(bound_warning(c))}")

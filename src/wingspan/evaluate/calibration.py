@@ -87,11 +87,14 @@ MIN_CALIBRATION_IMAGES = 10
 
 
 def calibration_record(logits: np.ndarray, y_true: np.ndarray, fitted_on: str,
-                       answer: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
+                       answer: Callable[[np.ndarray], np.ndarray] | None = None,
+                       previous: float | None = None) -> dict:
     """fit_temperature's T, and what a bundle's manifest keeps of it: on how many images and
     how it was set, whether it stopped at a bound of its search, and the ECE on them before
-    and after. `answer`: the class answered for probabilities (N, C), as evaluate scores it
-    (a taxonomy's top-down branch); by default the top class."""
+    any temperature and after this one. `answer`: the class answered for probabilities
+    (N, C), as evaluate scores it (a taxonomy's top-down branch); by default the top class.
+    `previous`: the temperature this one replaces (`wingspan calibrate`), whose ECE on the
+    same images is recorded too: what the fit changed for the user."""
     logits, y_true = np.asarray(logits, dtype=np.float64), np.asarray(y_true)
     temperature = fit_temperature(logits, y_true)
 
@@ -104,7 +107,9 @@ def calibration_record(logits: np.ndarray, y_true: np.ndarray, fitted_on: str,
             "method": ("rule of succession (no mistake to fit on)"
                        if _all_right(logits, y_true) else "likelihood"),
             "at_bound": not MIN_T < temperature < MAX_T,
-            "val_ece_before": ece(1.0), "val_ece_after": ece(temperature)}
+            "val_ece_before": ece(1.0), "val_ece_after": ece(temperature),
+            **({"previous_temperature": previous, "val_ece_previous": ece(previous)}
+               if previous is not None else {})}
 
 
 def bound_warning(record: dict) -> str | None:

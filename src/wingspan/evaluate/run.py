@@ -566,8 +566,8 @@ def calibrate(model: str | Path, data: str | Path | None = None, split: str | No
     y = rows["_label"].map(index).to_numpy()[ok]
     logits = np.stack([preds[i].logits for i in ok])
     calibration = {**calibration_record(logits, y, _calibration_data(split, data),
-                                        answer=lambda probs: _predicted(predictor, probs)),
-                   "previous_temperature": predictor.temperature,
+                                        answer=lambda probs: _predicted(predictor, probs),
+                                        previous=predictor.temperature),
                    **({"class_map": class_map} if class_map else {})}
     update_manifest(predictor.bundle, calibration=calibration)
     return calibration
