@@ -269,10 +269,11 @@ def test_calibrate_changes_the_bundle_as_the_command_does(run, run_cli, tmp_path
     assert code == 0, err
     by_cli = read_manifest(cli / "model")["calibration"]
     assert by_cli.keys() == fitted.keys()
-    for key in ("temperature", "val_ece_before", "val_ece_after", "images", "fitted_on"):
+    for key in ("temperature", "val_ece_previous", "val_ece_before", "val_ece_after", "images",
+                "fitted_on"):
         assert fitted[key] == pytest.approx(by_cli[key]), key
     assert (f"Temperature {before['temperature']:.3f} -> {fitted['temperature']:.3f}" in out
-            and f"ECE {fitted['val_ece_before']:.4f} -> {fitted['val_ece_after']:.4f}" in out)
+            and f"ECE {fitted['val_ece_previous']:.4f} -> {fitted['val_ece_after']:.4f}" in out)
     # A temperature at a bound of its search: the command's warning, as a Python warning.
     said = [str(w.message) for w in warned if "bound of its search" in str(w.message)]
     assert len(said) == fitted["at_bound"] and ("Warning:" in out) == fitted["at_bound"]
