@@ -670,7 +670,8 @@ def test_adapt_refuses_what_it_cannot_do(trained, tmp_path):
     assert not (tmp_path / "e").exists()
 
 
-def test_adapt_warns_when_the_photos_are_the_runs_own_val_images(trained, tmp_path, run_cli):
+def test_adapt_warns_when_the_photos_are_the_runs_own_val_images(trained, tmp_path, run_cli,
+                                                                 shared_data_or_demo):
     splits = pd.read_csv(trained / "splits.csv")
     val = splits[splits.split == "val"].path.head(5).tolist()
     test = splits[splits.split == "test"].path.head(3).tolist()
@@ -682,9 +683,13 @@ def test_adapt_warns_when_the_photos_are_the_runs_own_val_images(trained, tmp_pa
     assert "3 of the photos are the run's own test images" in stdout
     summary = json.loads((tmp_path / "a" / "adapt.json").read_text())
     assert (summary["val_images_among_photos"], summary["test_images_among_photos"]) == (5, 3)
-    # Its test figures are then not called fair.
-    fair = evaluate(tmp_path / "a", progress=False, workers=0).metrics["fair"]
-    assert fair.startswith("no: `wingspan adapt` trained this model on 3 of the test images")
+    # Its test figures are then not called fair, nor those of any data holding the photos
+    # (here the run's own data given as other data: its test split was "fair" before).
+    assert pd.read_csv(tmp_path / "a" / "adapt-photos.csv")["path"].size == 8
+    for data in (None, shared_data_or_demo[0]):
+        fair = evaluate(tmp_path / "a", data, split="test", progress=False, workers=0,
+                        out=tmp_path / f"ev-{data is None}").metrics["fair"]
+        assert fair.startswith("no: `wingspan adapt` refitted this model on 3 of these "), fair
 
 
 def test_unknown_images_may_sit_under_a_known_genus_but_not_a_known_species(tmp_path):

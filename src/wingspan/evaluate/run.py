@@ -42,6 +42,7 @@ from wingspan.files import atomic_path, real_paths, write_text
 from wingspan.inference import Predictor, output_home, spelt_as_trained
 from wingspan.models.bundle import update_manifest
 from wingspan.predict import answer_at, deciding_score, expand_paths, taxonomy_path
+from wingspan.training.folder import ADAPT_PHOTOS_FILE
 
 
 @dataclass
@@ -148,7 +149,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
                    temperature=predictor.temperature, calibration=calibration, tta=tta,
                    **({"tta_note": tta_note(predictor.unknown is not None)} if tta else {}),
                    fair=_fairness(predictor.manifest, split, data, [paths[i] for i in ok],
-                                  _own_splits(dataset, data, run_dir)))
+                                  _own_splits(dataset, data, run_dir), _adapted_on(run_dir)))
     read = [preds[i] for i in ok]  # the readable images' predictions, in y's order
     named = None  # which images the answer gives a class (the rest: "unknown")
     if predictor.unknown is not None:
@@ -743,16 +744,32 @@ def _own_splits(dataset: Dataset, data, run_dir: Path | None) -> pd.DataFrame | 
         return None
 
 
+def _adapted_on(run_dir: Path | None) -> list[str]:
+    """The photos `wingspan adapt` refitted this run's head on (none for a run not adapted,
+    or adapted before the list was kept)."""
+    photos = run_dir / ADAPT_PHOTOS_FILE if run_dir else None
+    if not photos or not photos.is_file():
+        return []
+    try:
+        return pd.read_csv(photos, dtype=str, keep_default_na=False)["path"].tolist()
+    except (OSError, ValueError, KeyError):  # damaged: not this evaluation's concern
+        return []
+
+
 def _fairness(manifest: dict, split: str, data, paths: list[str],
-              own: pd.DataFrame | None) -> str:
+              own: pd.DataFrame | None, adapted: list[str] = ()) -> str:
     """Whether this evaluation's figures are unbiased: none of the images evaluated
     (`paths`) is one the run trained on (its train split) or chose its best epoch on (val),
     as its splits.csv (`own`, None without one) names them, whatever data or split they
-    came from; and `wingspan adapt` may have trained on test images given as photos."""
-    adapted_on = manifest.get("training", {}).get("adapted", {}).get("test_images_among_photos")
-    if data is None and split == "test" and adapted_on:
-        return (f"no: `wingspan adapt` trained this model on {adapted_on} of the test images "
-                "(as unlabelled photos), so these figures are optimistic")
+    came from, nor one that `wingspan adapt` refitted its head on (`adapted`, real paths)."""
+    among = len(set(real_paths(paths)).intersection(adapted)) if adapted else 0
+    adapted_on = among or (data is None and split == "test" and manifest.get(
+        "training", {}).get("adapted", {}).get("test_images_among_photos"))
+    if adapted_on:  # (before the list was kept, the count of the run's own test images)
+        n = len(set(real_paths(paths))) if among else None
+        return (f"no: `wingspan adapt` refitted this model on {adapted_on} of these "
+                + (f"{n} " if n else "") + "images (as unlabelled photos), so these figures "
+                "are optimistic: evaluate it on photos that were not given to adapt")
     if own is None:
         return "yes, unless this data holds images the model was trained or chosen on"
     evaluated = set(real_paths(paths))

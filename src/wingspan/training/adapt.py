@@ -29,6 +29,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.semi_supervised import LabelSpreading
@@ -44,6 +45,7 @@ from wingspan.inference import Predictor
 from wingspan.models import save_bundle
 from wingspan.models.unknown import UnknownDetector
 from wingspan.predict import expand_paths
+from wingspan.training.folder import ADAPT_PHOTOS_FILE
 
 # Files of the run folder that hold for the adapted run too: the data, the settings and
 # the curves of the training that made its backbone (metrics.json and the evaluations
@@ -215,6 +217,8 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
                 weights_source=manifest.get("weights_source"), calibration=calibration,
                 unknown=unknown)
     write_text(partial / "adapt.json", json.dumps(summary, indent=2))
+    pd.DataFrame({PATH: real_paths([paths[i] for i in ok])}).to_csv(
+        partial / ADAPT_PHOTOS_FILE, index=False)
     replaced = out.exists()  # an earlier adapted run (see _check_out)
     if replaced:
         shutil.rmtree(out)

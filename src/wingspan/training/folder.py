@@ -10,6 +10,9 @@ from wingspan.files import is_leftover
 
 CONFIG_FILE, SPLITS_FILE = "config.yaml", "splits.csv"
 HOLDOUT_FILE = "holdout.csv"  # --holdout-classes: their images, scored as unknowns at the end
+# `wingspan adapt`: the photos its head was refitted on (unlabelled), which an evaluation
+# of the adapted run must not call fair.
+ADAPT_PHOTOS_FILE = "adapt-photos.csv"
 
 
 _HELD: dict[str, object] = {}  # run folder -> its open lock file, while this process trains
