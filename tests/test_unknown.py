@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import html
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -444,6 +445,30 @@ def test_a_class_named_unknown_is_pointed_out(tmp_path):
     (root / "taxonomy.csv").unlink()
     _say_if_a_class_is_named_unknown(read_dataset(root), ["label"], said.append)
     assert len(said) == 1 and "'Unknown'" in said[0] and "known_level" in said[0]
+
+
+def test_predict_counts_the_turned_away_not_a_class_named_unknown(tmp_path, run_cli):
+    """predict's count of images "unlike the classes the model knows" is of those no level
+    passes (known_level empty), not of answers that read "unknown": a class may be named so."""
+    from test_train import tiny
+
+    root = generate_demo(tmp_path / "demo", DemoConfig(image_size=32,
+                                                       images_per_class=(12, 12, 12, 12)))
+    (root / HELD).rename(root / "unknown")
+    (root / "taxonomy.csv").unlink()
+    run_dir = train(read_dataset(root), tiny(tmp_path), tmp_path / "runs", quiet=True)
+    out = tmp_path / "p.csv"
+    code, stdout, err = run_cli("predict", run_dir, root, "--output", out, "--quiet")
+    assert code == 0, err
+    rows = list(csv.DictReader(open(out)))
+    named = sum(r["answer"] == "unknown" and bool(r["known_level"]) for r in rows)
+    turned_away = sum(not r["known_level"] for r in rows)
+    assert named > 0  # the class "unknown" is answered
+    said = " ".join(stdout.split())
+    if turned_away:
+        assert re.search(rf"(?<!\d){turned_away} images? (is|are) unlike the classes", said)
+    else:
+        assert "unlike the classes" not in said
 
 
 def test_calibrate_unknown_refits_the_threshold_and_keeps_the_model(held_out_run, run_cli,

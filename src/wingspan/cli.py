@@ -1054,7 +1054,6 @@ def predict_command(
     from rich.table import Table
 
     from wingspan.inference import Predictor
-    from wingspan.models.unknown import UNKNOWN
     from wingspan.predict import predict, predict_fabric, write_predictions
 
     if output:
@@ -1108,7 +1107,8 @@ def predict_command(
               + (f"; {len(result.failed)} skipped" if result.failed else ""))
     if output:
         out.print(f"Wrote {_q(output)}")
-    unknown = sum(r["answer"] == UNKNOWN for r in result.rows)
+    # (by the level known, not the answer's text: a class may be named "unknown")
+    unknown = sum(r["known_level"] is None for r in result.rows)
     coarser = sum(r.get("known_level") not in (None, predictor.level) for r in result.rows)
     if unknown or coarser:
         out.print(f"{counted(unknown, 'image is', 'images are')} unlike the classes the "
