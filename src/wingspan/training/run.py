@@ -183,7 +183,7 @@ def _score_held_out(run_dir: Path, run: Run) -> Path:
     held = run_dir / HOLDOUT_FILE
     if not (run.config.holdout_classes and run.is_main and held.is_file()):
         return run_dir
-    from wingspan.evaluate.run import evaluate
+    from wingspan.evaluate.run import away_wording, evaluate
 
     result = evaluate(run_dir, out=run_dir / "evaluation-unknown",
                       progress=run.show_progress, workers=run.workers,
@@ -193,7 +193,8 @@ def _score_held_out(run_dir: Path, run: Run) -> Path:
     run.write_json("metrics.json", {**metrics, "unknown": u})
     run.log(f"Held-out classes as unknowns ({u['unseen_images']} images, score '{u['score']}'): "
             f"AUROC {u['auroc']:.3f}, FPR95 {u['fpr95']:.3f}; {u['unseen_flagged']:.1%} "
-            f"answered unknown, {u['known_turned_away']:.1%} of known {result.metrics['split']} "
+            f"{away_wording(u)[0]}, {u['known_turned_away']:.1%} of known "
+            f"{result.metrics['split']} "
             f"images; report {result.report}"
             + (f" ({len(u['unreadable'])} of their images could not be read and were not "
                "scored: listed in metrics.json)" if u.get("unreadable") else ""))
