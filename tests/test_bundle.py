@@ -41,6 +41,10 @@ def test_tampered_weights_are_refused(model, tmp_path):
     (path / WEIGHTS).write_bytes(bytes(data))
     with pytest.raises(WingspanError, match="do not match the checksum"):
         load_bundle(path)
+    (path / WEIGHTS).write_bytes(bytes(data[:5000]))  # cut short
+    with pytest.raises(WingspanError, match="are corrupt") as e:
+        load_bundle(path)
+    assert e.value.hint == "Use an intact copy of the bundle, or retrain."
 
 
 def test_broken_bundles_give_clear_errors(model, tmp_path):

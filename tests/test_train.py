@@ -420,6 +420,17 @@ def test_a_run_killed_anywhere_resumes_to_the_same_model(demo_dir, uninterrupted
     assert not [p for p in run_dir.rglob(".*") if ".tmp" in p.name]
 
 
+def test_a_damaged_last_checkpoint_says_how_to_go_on(uninterrupted, tmp_path):
+    ref, _ = uninterrupted
+    run_dir = shutil.copytree(ref, tmp_path / "r")
+    last = run_dir / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])  # cut short (a full disk, a bad copy)
+    with pytest.raises(WingspanError, match="cannot be read") as e:
+        resume(run_dir, quiet=True)
+    assert e.value.hint.startswith("It may be damaged. Delete it to train this run again "
+                                   f"from its start (`wingspan train --resume {run_dir}`)")
+
+
 def test_a_resumed_run_keeps_where_its_weights_came_from(demo_dir, tmp_path):
     """A resumed run loads no weights of its own (its checkpoint has them all): the model
     still says which file (or package, or download) the backbone started from."""

@@ -164,7 +164,8 @@ def load_bundle(path: str | Path, with_unknown: bool = False):
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as e:
-        raise WingspanError(f"The weights in {weights} are corrupt: {e}") from e
+        raise WingspanError(f"The weights in {weights} are corrupt: {e}",
+                            hint="Use an intact copy of the bundle, or retrain.") from e
     if weights_digest(state) != manifest.get("weights_sha256"):
         raise WingspanError(
             f"The weights in {weights} do not match the checksum in its manifest: the "

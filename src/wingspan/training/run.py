@@ -256,7 +256,12 @@ def _resume(run_dir: Path, config: TrainConfig, fabric, quiet: bool) -> Path:
         for folder in (run_dir, run_dir / "checkpoints", run_dir / "cache", run_dir / "model"):
             remove_leftovers(folder)  # of the writes a kill cut short
     last = run_dir / "checkpoints" / "last.pt"
-    checkpoint = load_checkpoint(last) if last.is_file() else None
+    try:
+        checkpoint = load_checkpoint(last) if last.is_file() else None
+    except WingspanError as e:
+        raise WingspanError(e.message, hint=f"It may be damaged. Delete it to train this run "
+                            f"again from its start (`wingspan train --resume {run_dir}`), or "
+                            "train a new run.") from e
     finished = checkpoint and checkpoint["state"]["stage"] == "done"
     scored = not config.holdout_classes or "unknown" in _read_json(run_dir / "metrics.json")
     if finished and _complete_bundle(run_dir / "model") and scored:
