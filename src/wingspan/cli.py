@@ -74,6 +74,9 @@ GroupRegex = Annotated[str | None, typer.Option(
     r"splits, e.g. '_(\d+)_\d+\.jpg$' for iNaturalist observation ids.")]
 Strict = Annotated[bool, typer.Option(
     "--strict", help="Stop at a missing or unreadable file instead of skipping and listing it.")]
+SplitStrict = Annotated[bool, typer.Option(
+    "--strict", help="Stop at a listed file that is missing instead of skipping and listing it "
+    "(split opens no image: `data inspect` finds the unreadable ones).")]
 Level = Annotated[str | None, typer.Option(
     "--level", help="Label level to use (default: the finest: the class folder's name, or "
     "the CSV's label column).")]
@@ -236,7 +239,7 @@ def data_split(
         help="Undersample: keep at most N training images per class.")] = None,
     oversample_to: Annotated[int | None, typer.Option(
         help="Oversample: repeat rare training classes up to N images.")] = None,
-    format: Format = None, group_regex: GroupRegex = None, strict: Strict = False,
+    format: Format = None, group_regex: GroupRegex = None, strict: SplitStrict = False,
     out_dir: OutDir = None,
 ) -> None:
     """Split into train/val/test, stratified by LEVEL and grouped (no group on two sides).
