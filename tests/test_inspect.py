@@ -119,3 +119,20 @@ def test_metadata_only_reads_labels_without_images(shared_data, tmp_path):
     assert "images" not in summary
     kinds = set(summary["reader_problems"])
     assert {"duplicate_record", "image_in_two_splits", "barcode_in_two_splits"} <= kinds
+
+
+def test_the_sizes_line_gives_each_side_its_own_range(tmp_path):
+    """The narrowest image need not be the shortest: widths and heights are said apart,
+    not as a "min 1x1" that no image has."""
+    from rich.console import Console
+
+    from wingspan.data.inspect import print_summary
+
+    write_image(tmp_path / "d" / "a" / "wide.png", size=(500, 20))
+    write_image(tmp_path / "d" / "b" / "tall.png", size=(10, 300))
+    write_image(tmp_path / "d" / "b" / "square.png", size=(40, 40))
+    summary = inspect_dataset(read_dataset(tmp_path / "d"), tmp_path / "out", progress=False)
+    console = Console(record=True, width=200)
+    print_summary(summary, console)
+    said = console.export_text()
+    assert "Image sizes: widths 10-500 px (median 40), heights 20-300 px (median 40)" in said

@@ -190,8 +190,11 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
             console.print(f"  ... {len(items) - EXAMPLES} more in summary.json")
     if images and images["size"]:
         s = images["size"]
-        console.print(f"Image sizes (w x h): min {s['min'][0]}x{s['min'][1]}, median "
-                      f"{s['median'][0]:g}x{s['median'][1]:g}, max {s['max'][0]}x{s['max'][1]}")
+        # Each side on its own: the narrowest image need not be the shortest.
+        sides = [f"{name} " + (f"{s['min'][i]} px" if s["min"][i] == s["max"][i] else
+                               f"{s['min'][i]}-{s['max'][i]} px (median {s['median'][i]:g})")
+                 for i, name in enumerate(("widths", "heights"))]
+        console.print(f"Image sizes: {', '.join(sides)}")
 
 
 def print_class_table(dataset: Dataset, level: str, console: Console, limit: int = 30) -> None:
