@@ -136,3 +136,21 @@ def test_the_sizes_line_gives_each_side_its_own_range(tmp_path):
     print_summary(summary, console)
     said = console.export_text()
     assert "Image sizes: widths 10-500 px (median 40), heights 20-300 px (median 40)" in said
+
+
+def test_a_class_of_unreadable_files_is_pointed_out(tmp_path):
+    """Its files count among the images, but training has nothing of it to learn from."""
+    for i in range(3):
+        write_image(tmp_path / "d" / "fine" / f"{i}.png", size=(16, 16), seed=i)
+    (tmp_path / "d" / "broken").mkdir()
+    (tmp_path / "d" / "broken" / "empty.jpg").write_bytes(b"")
+    (tmp_path / "d" / "broken" / "text.jpg").write_text("not a picture")
+    summary = inspect_dataset(read_dataset(tmp_path / "d"), tmp_path / "out", progress=False)
+    assert summary["images"]["classes_without_readable_images"] == ["broken"]
+    from rich.console import Console
+
+    from wingspan.data.inspect import print_summary
+
+    console = Console(record=True, width=200)
+    print_summary(summary, console)
+    assert "classes with no readable image (training stops at them): 1" in console.export_text()

@@ -100,10 +100,16 @@ def _image_findings(table: pd.DataFrame, facts: list[ImageFacts], level: str,
     tiny = [{"path": f.path, "size": [f.width, f.height]} for f in facts
             if not f.error and min(f.width, f.height) < config.tiny_px]
     readable = [f for f in facts if not f.error]
+    # A class whose every file is unreadable counts its files above, yet gives training
+    # nothing to learn from: said here, before `train` stops at it.
+    read_ok = pd.Series([not f.error for f in facts], index=table.index)
+    labelled = table[level] != ""
+    per_class = read_ok[labelled].groupby(table.loc[labelled, level]).sum()
     sizes = pd.DataFrame([(f.width, f.height) for f in readable], columns=["w", "h"])
     return {
         "checked": len(facts),
         "unreadable": unreadable,
+        "classes_without_readable_images": sorted(per_class[per_class == 0].index.tolist()),
         "duplicates": _duplicates(table, facts, level),
         "unusual_modes": dict(modes),
         "exif_rotated": [f.path for f in readable if f.exif_rotated],
@@ -167,6 +173,8 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
         findings += [(*finding, None) for finding in [
             ("unreadable or truncated",
              [f"{u['path']}: {u['error']}" for u in images["unreadable"]]),
+            ("classes with no readable image (training stops at them)",
+             images.get("classes_without_readable_images", [])),
             ("duplicate images (same bytes)", [" = ".join(g["paths"]) for g in dups["groups"]]),
             ("duplicates across splits",
              [f"{' = '.join(g['paths'])} ({'/'.join(g['splits'])})"
