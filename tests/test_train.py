@@ -426,6 +426,11 @@ def test_a_damaged_last_checkpoint_says_how_to_go_on(uninterrupted, tmp_path):
     last = run_dir / "checkpoints" / "last.pt"
     last.write_bytes(last.read_bytes()[:1000])  # cut short (a full disk, a bad copy)
     with pytest.raises(WingspanError, match="cannot be read") as e:
+        resume(run_dir, quiet=True)  # finished: deleting it would not train again
+    assert e.value.hint == ("It may be damaged; the run's finished model is in "
+                            f"{run_dir / 'model'}.")
+    (run_dir / "model" / "manifest.json").unlink()  # killed before the model was written
+    with pytest.raises(WingspanError, match="cannot be read") as e:
         resume(run_dir, quiet=True)
     assert e.value.hint.startswith("It may be damaged. Delete it to train this run again "
                                    f"from its start (`wingspan train --resume {run_dir}`)")

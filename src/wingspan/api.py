@@ -607,8 +607,8 @@ class Run:
         on `split` of `data` (default: the run's own val split; `data`'s val split, or all
         of it when it has none), 10 labelled images at least; `class_map` as evaluate's.
         Returns what the bundle now keeps: temperature and previous_temperature, fitted_on,
-        images, method, val_ece_previous, val_ece_before (no temperature) and
-        val_ece_after, and at_bound (the search stopped
+        images, method, the ECE at the previous temperature, without one and at the new one
+        (val_ece_previous, val_ece_before, val_ece_after), and at_bound (the search stopped
         at a bound; a warning says so). With `unknown=True`, instead: the unknown scores
         fitted again on the run's own train and val images (`unknown_rate`: the share of
         known val images turned away; `unknown_score`: the default score); returns score,

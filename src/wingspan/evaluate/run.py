@@ -762,17 +762,17 @@ def _fairness(manifest: dict, split: str, data, paths: list[str],
     (`paths`) is one the run trained on (its train split) or chose its best epoch on (val),
     as its splits.csv (`own`, None without one) names them, whatever data or split they
     came from, nor one that `wingspan adapt` refitted its head on (`adapted`, real paths)."""
-    among = len(set(real_paths(paths)).intersection(adapted)) if adapted else 0
+    evaluated = set(real_paths(paths))
+    among = len(evaluated.intersection(adapted))
     adapted_on = among or (data is None and split == "test" and manifest.get(
         "training", {}).get("adapted", {}).get("test_images_among_photos"))
     if adapted_on:  # (before the list was kept, the count of the run's own test images)
-        n = len(set(real_paths(paths))) if among else None
         return (f"no: `wingspan adapt` refitted this model on {adapted_on} of these "
-                + (f"{n} " if n else "") + "images (as unlabelled photos), so these figures "
-                "are optimistic: evaluate it on photos that were not given to adapt")
+                + (f"{len(evaluated)} " if among else "") + "images (as unlabelled photos), "
+                "so these figures are optimistic: evaluate it on photos that were not given "
+                "to adapt")
     if own is None:
         return "yes, unless this data holds images the model was trained or chosen on"
-    evaluated = set(real_paths(paths))
     trained, chosen = (len(evaluated.intersection(real_paths(own.loc[own[SPLIT] == s, "path"])))
                        for s in ("train", "val"))
     if not trained and not chosen:

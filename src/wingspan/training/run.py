@@ -258,10 +258,12 @@ def _resume(run_dir: Path, config: TrainConfig, fabric, quiet: bool) -> Path:
     last = run_dir / "checkpoints" / "last.pt"
     try:
         checkpoint = load_checkpoint(last) if last.is_file() else None
-    except WingspanError as e:
-        raise WingspanError(e.message, hint=f"It may be damaged. Delete it to train this run "
-                            f"again from its start (`wingspan train --resume {run_dir}`), or "
-                            "train a new run.") from e
+    except WingspanError as e:  # (a finished model is never trained over: see below)
+        raise WingspanError(e.message, hint=(
+            f"It may be damaged; the run's finished model is in {run_dir / 'model'}."
+            if _complete_bundle(run_dir / "model") else
+            f"It may be damaged. Delete it to train this run again from its start "
+            f"(`wingspan train --resume {run_dir}`), or train a new run.")) from e
     finished = checkpoint and checkpoint["state"]["stage"] == "done"
     scored = not config.holdout_classes or "unknown" in _read_json(run_dir / "metrics.json")
     if finished and _complete_bundle(run_dir / "model") and scored:
