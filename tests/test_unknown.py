@@ -449,11 +449,13 @@ def test_a_class_named_unknown_is_pointed_out(tmp_path):
     assert len(said) == 1 and "'Unknown'" in said[0] and "known_level" in said[0]
 
 
-def test_predict_counts_the_turned_away_not_a_class_named_unknown(tmp_path, run_cli):
+def test_predict_counts_the_turned_away_not_a_class_named_unknown(tmp_path, run_cli,
+                                                                 monkeypatch):
     """predict's count of images "unlike the classes the model knows" is of those no level
     passes (known_level empty), not of answers that read "unknown": a class may be named so."""
     from test_train import tiny
 
+    monkeypatch.setenv("WINGSPAN_PRECISION", "fp32")  # the same tiny model on every CPU
     root = generate_demo(tmp_path / "demo", DemoConfig(image_size=32,
                                                        images_per_class=(12, 12, 12, 12)))
     (root / HELD).rename(root / "unknown")
