@@ -1,6 +1,7 @@
 """The Python API (`import wingspan as ws`): the CLI's functions, the same results."""
 
 import dataclasses
+import html
 import json
 import os
 import pickle
@@ -175,25 +176,46 @@ def test_evaluate_is_the_cli_evaluation(run, run_cli, tmp_path, demo_dir):
     assert tta.dir == run.dir / "evaluation-val-tta" and tta.metrics["tta"]
     assert json.loads((ev.dir / "metrics.json").read_text()) == ev.metrics
     # Data from ws.read, as train takes it: the same figures as its folder's.
-    again = run.evaluate(ws.read(demo_dir), split="all", out=tmp_path / "a", quiet=True)
+    # (as the command prints in yellow, a warning says the figures are the training's own)
+    with pytest.warns(UserWarning, match="not fair: the model was trained on"):
+        again = run.evaluate(ws.read(demo_dir), split="all", out=tmp_path / "a", quiet=True)
     by_path = run.evaluate(demo_dir, split="all", out=tmp_path / "b", quiet=True)
     assert again.metrics["accuracy"] == by_path.metrics["accuracy"]
     # The run's summary says the seconds per stage in words, not as a Python dict.
     assert "{" not in run._repr_html_().split("seconds per stage")[1][:200]
 
 
+def test_evaluate_warns_of_classes_it_left_out(run, demo_dir, tmp_path):
+    known = sorted(p for p in demo_dir.iterdir() if p.is_dir())[0]
+    shutil.copytree(known, tmp_path / "data" / known.name)
+    (tmp_path / "data" / "stranger").mkdir()
+    for image in sorted(known.iterdir())[:3]:
+        shutil.copy(image, tmp_path / "data" / "stranger" / image.name)
+    with pytest.warns(UserWarning) as caught:
+        ev = run.evaluate(tmp_path / "data", split="all", out=tmp_path / "ev", quiet=True)
+    assert [str(w.message) for w in caught] == [
+        "3 images of 1 class the model does not know were left out: stranger (class_map="
+        "{model class: data class} names one of the model's)."]
+    assert ev.metrics["images"] == len(list(known.iterdir()))
+
+
 def test_predict_agrees_with_the_cli(run, run_cli, demo_dir, tmp_path):
-    folder = sorted(p for p in demo_dir.iterdir() if p.is_dir())[0]
-    preds = run.predict([folder, tmp_path / "missing.jpg"], quiet=True)
-    code, _, _ = run_cli("predict", run.dir, folder, "--output", tmp_path / "p.csv", "--quiet")
+    folder, other = sorted(p for p in demo_dir.iterdir() if p.is_dir())[:2]
+    last = sorted(other.iterdir())[0]
+    # An input that cannot be read keeps its place: rows line up with what was asked.
+    inputs = [folder, tmp_path / "missing.jpg", last]
+    preds = run.predict(inputs, quiet=True)
+    code, _, _ = run_cli("predict", run.dir, *inputs, "--output", tmp_path / "p.csv", "--quiet")
     assert code == 0
-    cli = pd.read_csv(tmp_path / "p.csv")
+    cli = pd.read_csv(tmp_path / "p.csv", keep_default_na=False)
+    assert preds.path.tolist() == cli.path.tolist()
+    assert preds.path.tolist()[-2:] == [str(tmp_path / "missing.jpg"), str(last)]
+    assert preds.iloc[-2].error == cli.error.iloc[-2] == "no such file or folder"
     ok = preds[preds.error == ""]
-    assert ok.path.tolist() == cli.path.tolist()
-    assert ok["class"].tolist() == cli.class_1.tolist()
-    assert ok.probability.to_numpy() == pytest.approx(cli.prob_1.to_numpy(), abs=1e-6)
+    assert ok["class"].tolist() == cli.class_1[cli.error == ""].tolist()
+    assert ok.probability.to_numpy() == pytest.approx(
+        cli.prob_1[cli.error == ""].astype(float).to_numpy(), abs=1e-6)
     assert ok.top.map(len).eq(3).all() and (ok.branch == "").all()  # one level: no branch
-    assert preds.iloc[-1].error == "no such file or folder"
     with pytest.raises(WingspanError, match="No image could be predicted"):
         run.predict(tmp_path / "missing.jpg", quiet=True)
 
@@ -472,9 +494,19 @@ def test_explain_adapt_evaluate_and_export_check_their_arguments(run, demo_dir, 
             (lambda: run.evaluate(split=0, quiet=True), "split: expected one of train, val"),
             (lambda: run.evaluate(split=["val"], quiet=True), "split: .* got list"),
             (lambda: run.evaluate(split="tst", quiet=True), "split: .* or all, got str 'tst'"),
-            (lambda: run.export(out=5), "out: expected a path")):
+            (lambda: run.export(out=5), "out: expected a path"),
+            (lambda: ws.read(5), "path: expected a path"),
+            (lambda: ws.read(None), "path: expected a path"),
+            (lambda: ws.train(3), "data: expected a dataset"),
+            (lambda: ws.train(demo_dir, runs_dir=5), "runs_dir: expected a path"),
+            (lambda: ws.train(demo_dir, config=5), "config: expected a path"),
+            (lambda: ws.train(demo_dir, config={"epoch_head": 2}), "'epoch_head'"),
+            (lambda: ws.TrainConfig(epoch_head=1), "Unknown setting 'epoch_head'")):
         with pytest.raises(WingspanError, match=message):
             call()
+    # (a dict of settings is taken as a TrainConfig is)
+    with pytest.raises(WingspanError, match="'batch_size' setting must be at least 1"):
+        ws.train(demo_dir, config={"batch_size": 0}, runs_dir=tmp_path / "never")
     # A path that is not there: said by name, as the CLI says it.
     with pytest.raises(WingspanError, match="nowhere.jpg: no such file or folder"):
         run.explain(tmp_path / "nowhere.jpg")
@@ -541,6 +573,21 @@ def test_hierarchical_levels(demo_dir, tmp_path):
     assert u["thresholds"]["label"] == u["threshold"]
     assert u["known_accuracy_with_unknown"] == pytest.approx(
         (got["answer"].to_numpy() == val["label"].to_numpy()).mean())
+
+
+def test_a_stopped_run_shows_where_it_stopped_and_how_to_go_on(run, tmp_path):
+    stopped = tmp_path / "stopped"
+    shutil.copytree(run.dir, stopped, ignore=shutil.ignore_patterns("model", "metrics.json",
+                                                                   "evaluation-*"))
+    again = ws.load(stopped)
+    last = again.history.iloc[-1]
+    page = again._repr_html_()  # what a notebook shows for `again`: no traceback
+    assert f"stopped after {last['stage']} epoch {last['epoch']} (resumable)" in page
+    assert html.escape(f"ws.resume({str(stopped)!r})") in page and "training curves" in page
+    for use in (lambda: again.metrics, lambda: again.classes, lambda: again.predict(stopped)):
+        with pytest.raises(WingspanError, match="has no model yet: its training stopped") as e:
+            use()
+        assert f"ws.resume({str(stopped)!r})" in e.value.hint
 
 
 def test_export_and_resume_are_the_cli_functions(run, tmp_path):

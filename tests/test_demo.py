@@ -53,3 +53,20 @@ def test_demo_config_is_validated():
         with pytest.raises(WingspanError, match=r"'image_size' setting must be at least 16 "
                            rf"pixels. Got {size} instead"):
             DemoConfig(image_size=size)
+
+
+def test_a_second_demo_in_the_same_folder_replaces_the_first(tmp_path):
+    generate_demo(tmp_path / "d", DemoConfig(image_size=24, images_per_class=(4, 4, 4)))
+    again = generate_demo(tmp_path / "d", DemoConfig(image_size=24, images_per_class=(2, 1)))
+    assert _digest(again) == _digest(generate_demo(
+        tmp_path / "fresh", DemoConfig(image_size=24, images_per_class=(2, 1))))
+    assert read_dataset(again).class_counts().tolist() == [2, 1]
+    # Files it did not write are not its to delete: it refuses and leaves them.
+    mine = tmp_path / "d" / SPECIES[0].folder / "my_photo.jpg"
+    mine.write_bytes(b"x")
+    (tmp_path / "own").mkdir()
+    (tmp_path / "own" / "notes.txt").write_text("keep")
+    for folder, name in ((tmp_path / "d", "my_photo.jpg"), (tmp_path / "own", "notes.txt")):
+        with pytest.raises(WingspanError, match=f"did not write .*{name}"):
+            generate_demo(folder, DemoConfig(image_size=24, images_per_class=(2, 1)))
+    assert mine.exists() and (tmp_path / "own" / "notes.txt").read_text() == "keep"

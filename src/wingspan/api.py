@@ -37,10 +37,10 @@ from wingspan.config import (
     ReadConfig,
     SplitConfig,
     TrainConfig,
-    closest_settings,
+    check_names,
 )
 from wingspan.data.samples import SPLIT, Dataset
-from wingspan.errors import WingspanError
+from wingspan.errors import WingspanError, counted, some
 
 __all__ = ["Data", "Evaluation", "Image", "Inspection", "Run", "demo_data", "load", "read",
            "resume", "runs", "train"]
@@ -116,7 +116,7 @@ def read(path: str | Path, format: str | None = None, group_regex: str | None = 
 
     config = ReadConfig(format=format, group_regex=group_regex, strict=strict,
                         check_files=check_files)
-    return Data(read_dataset(path, config))
+    return Data(read_dataset(_path_arg("path", path), config))
 
 
 def demo_data(out: str | Path = "runs/demo/data", **settings) -> Data:
@@ -289,25 +289,27 @@ class Inspection:
 # ---------------------------------------------------------------------------- training
 
 
-def train(data: Data | Dataset | str | Path, config: TrainConfig | str | Path | None = None,
+def train(data: Data | Dataset | str | Path, config: TrainConfig | dict | str | Path | None = None,
           name: str | None = None, runs_dir: str | Path = RUNS_DIR,
           quiet: bool = False, max_pixels: int | None = None, **settings) -> Run:
     """Train a classifier as `wingspan train` does: a new head on the frozen pretrained
     backbone (on cached features), then fine-tuning. `settings` are TrainConfig's fields
     (the CLI's options: backbone, epochs_head, epochs_finetune, levels, lr, ...);
-    `config` is a TrainConfig or a YAML file of them, which `settings` override.
+    `config` is a TrainConfig, a dict or a YAML file of them, which `settings` override.
 
     >>> run = ws.train(data, backbone="efficientnet_lite0", epochs_finetune=4)
     >>> run = ws.train("photos/", levels=["family", "species"], name="taxonomy")
     """
     from wingspan.training import train as train_run
 
-    if isinstance(config, TrainConfig):
-        settings = {**dataclasses.asdict(config), **settings}
+    if isinstance(config, TrainConfig | dict):
+        settings = {**(dataclasses.asdict(config) if isinstance(config, TrainConfig)
+                       else config), **settings}
         config = None
-    _check_names(TrainConfig, settings)
-    settings = (TrainConfig.from_file(config, **settings) if config is not None
-                else TrainConfig(**settings))
+    check_names(TrainConfig, settings)
+    settings = (TrainConfig.from_file(_path_arg("config", config), **settings)
+                if config is not None else TrainConfig(**settings))
+    runs_dir = _path_arg("runs_dir", runs_dir)
     with _max_pixels(max_pixels):
         return Run(train_run(_dataset(data), settings, runs_dir, name, quiet))
 
@@ -366,19 +368,10 @@ def _dataset(data: Data | Dataset | str | Path) -> Dataset:
         return data.dataset
     if isinstance(data, Dataset):
         return data
+    if not isinstance(data, str | os.PathLike):
+        raise WingspanError(f"data: expected a dataset (ws.read's) or a path to one, got "
+                            f"{type(data).__name__} {data!r:.60}.")
     return read(data).dataset
-
-
-def _check_names(cls: type, settings: dict) -> None:
-    """Unknown keyword settings as a WingspanError naming the closest valid ones."""
-    fields = list(cls.__dataclass_fields__)
-    for key in settings:
-        if key not in fields:
-            close = closest_settings(key, fields, n=3)
-            raise WingspanError(
-                f"Unknown setting '{key}'.",
-                hint=(f"Did you mean {' or '.join(repr(c) for c in close)}? " if close else "")
-                + f"Valid: {', '.join(fields)}.")
 
 
 def _path_arg(name: str, value) -> Path:
@@ -480,7 +473,7 @@ def _max_pixels(value) -> contextlib.AbstractContextManager:
 
 
 def _config(cls: type, settings: dict):
-    _check_names(cls, settings)
+    check_names(cls, settings)
     return cls(**settings)
 
 
@@ -489,6 +482,42 @@ def _predictions(rows: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["path", "answer", "class", "probability", "branch",
                                        "top", "known_level", "unknown_score", "threshold",
                                        "score_level", "error"])
+
+
+def _evaluation_warnings(metrics: dict) -> list[str]:
+    """What an evaluation's figures do not show: they are optimistic (images trained or
+    chosen on), or images of classes the model does not know were left out of them."""
+    notes = []
+    if metrics.get("fair", "").startswith("no"):
+        notes.append(f"These figures are not fair: {metrics['fair'][4:]}.")
+    if metrics.get("unknown_classes"):
+        left = metrics.get("unknown_class_images", 0)
+        classes = counted(len(metrics["unknown_classes"]), "class", "classes")
+        notes.append(f"{counted(left, 'image')} of {classes} the model does not know "
+                     f"{'was' if left == 1 else 'were'} left out: "
+                     f"{some(metrics['unknown_classes'], 8)} (class_map={{model class: data "
+                     "class} names one of the model's).")
+    return notes
+
+
+def _prediction_row(result, kind: str, i: int) -> dict:
+    """One row of `Run.predict`'s table: a prediction, or an input that could not be read
+    (kept at its place among the inputs, as the CLI's output file keeps it)."""
+    if kind == "failed":
+        path, why = result.failed[i]
+        return {"path": path, "answer": None, "class": None, "probability": float("nan"),
+                "branch": "", "top": [], "known_level": None, "unknown_score": float("nan"),
+                "threshold": float("nan"), "score_level": None, "error": why}
+    row = result.rows[i]
+    (best, p), branch = row["top"][0], ""
+    if "taxonomy" in row:  # the consistent branch is the prediction
+        _, best, p = row["taxonomy"][-1]
+        branch = " > ".join(f"{c} {q:.2f}" for _, c, q in row["taxonomy"])
+    return {"path": row["path"], "answer": row["answer"], "class": best, "probability": p,
+            "branch": branch, "top": row["top"], "known_level": row.get("known_level"),
+            "unknown_score": row.get("unknown_score", float("nan")),
+            "threshold": row.get("threshold", float("nan")),
+            "score_level": row.get("score_level"), "error": ""}
 
 
 class Run:
@@ -512,17 +541,17 @@ class Run:
     @property
     def manifest(self) -> dict:
         """The bundle's manifest: classes, taxonomy, preprocessing, training, metrics."""
+        from wingspan.inference import find_bundle
         from wingspan.models.bundle import read_manifest
 
-        return read_manifest(self.bundle)
+        # A run folder without its model says why (stopped, or being trained now).
+        return read_manifest(find_bundle(self.dir) if self.dir else self.bundle)
 
     @property
     def config(self) -> TrainConfig:
         """The resolved settings the run trained with."""
-        if self.dir:
-            import yaml
-
-            return TrainConfig(**yaml.safe_load((self.dir / "config.yaml").read_bytes()))
+        if self.dir:  # a damaged file said as such, not as a YAML parser's traceback
+            return TrainConfig.from_file(self.dir / "config.yaml")
         training = {k: v for k, v in self.manifest["training"].items()
                     if k in TrainConfig.__dataclass_fields__}
         return TrainConfig(**training)
@@ -595,6 +624,8 @@ class Run:
                 class_map=_class_map_arg(class_map),
                 unknown=None if unknown is None else _paths_arg(unknown, "unknown"),
                 unknown_score=unknown_score, tta=tta)
+        for note in _evaluation_warnings(result.metrics):  # what the command prints in yellow
+            warnings.warn(note, stacklevel=2)
         return Evaluation(result.out_dir, result.metrics, result.report)
 
     def calibrate(self, data: Data | str | Path | None = None, split: str | None = None,
@@ -699,23 +730,7 @@ class Run:
             why = "; ".join(f"{path}: {reason}" for path, reason in result.failed[:3])
             raise WingspanError("No image could be predicted" + (f" ({why})" if why else "")
                                 + ".", hint="Check the paths given.")
-        rows = []
-        for row in result.rows:
-            (best, p), branch = row["top"][0], ""
-            if "taxonomy" in row:  # the consistent branch is the prediction
-                _, best, p = row["taxonomy"][-1]
-                branch = " > ".join(f"{c} {q:.2f}" for _, c, q in row["taxonomy"])
-            rows.append({"path": row["path"], "answer": row["answer"], "class": best,
-                         "probability": p, "branch": branch, "top": row["top"],
-                         "known_level": row.get("known_level"),
-                         "unknown_score": row.get("unknown_score", float("nan")),
-                         "threshold": row.get("threshold", float("nan")),
-                         "score_level": row.get("score_level"), "error": ""})
-        rows += [{"path": path, "answer": None, "class": None, "probability": float("nan"),
-                  "branch": "", "top": [], "known_level": None, "unknown_score": float("nan"),
-                  "threshold": float("nan"), "score_level": None, "error": why}
-                 for path, why in result.failed]
-        return _predictions(rows)
+        return _predictions([_prediction_row(result, kind, i) for kind, i in result.order])
 
     def explain(self, images: str | Path | list[str | Path], out: str | Path | None = None,
                 device: str = "cpu") -> list[Image]:
@@ -774,6 +789,8 @@ class Run:
         return f"Run({str(self.dir or self.bundle)!r})"
 
     def _repr_html_(self) -> str:
+        if self.dir and not (self.bundle / "manifest.json").is_file():
+            return self._unfinished_html()
         m = self.metrics
         best = m.get("best", {})
         pairs = [("folder", self.dir or self.bundle),
@@ -792,6 +809,20 @@ class Run:
             from wingspan.evaluate.plots import plot_curves
 
             history = self.history
+            curves = _img(_plotted(lambda p: plot_curves(history, p)), "training curves", 780)
+        return f"<div>{_kv(f'Run {self.name}', pairs)}{curves}</div>"
+
+    def _unfinished_html(self) -> str:
+        """A run without its model yet: where it stopped, what continues it, its curves."""
+        from wingspan.evaluate.plots import plot_curves
+        from wingspan.run_table import STOPPED, run_row, status_text
+
+        row = run_row(self.dir) or {"status": "no model", "detail": None}
+        pairs = [("folder", self.dir), ("status", status_text(row["status"], row["detail"]))]
+        if row["status"] == STOPPED:
+            pairs.append(("continue it", f"ws.resume({str(self.dir)!r})"))
+        curves = ""
+        if (self.dir / "history.csv").is_file() and len(history := self.history):
             curves = _img(_plotted(lambda p: plot_curves(history, p)), "training curves", 780)
         return f"<div>{_kv(f'Run {self.name}', pairs)}{curves}</div>"
 

@@ -6,6 +6,7 @@ The CLI reads its defaults from here, so a default changes in exactly one line.
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -86,6 +87,36 @@ def closest_settings(name: object, fields: list[str], n: int = 1) -> list[str]:
     return [f for f in fields if f == initials(name) or initials(f) == name][:n]
 
 
+def check_names(cls: type, settings) -> None:
+    """Unknown keyword settings as a WingspanError naming the closest valid ones."""
+    fields = list(cls.__dataclass_fields__)
+    for key in settings:
+        if key not in fields:
+            close = closest_settings(key, fields, n=3)
+            raise WingspanError(
+                f"Unknown setting '{key}'.",
+                hint=(f"Did you mean {' or '.join(repr(c) for c in close)}? " if close else "")
+                + f"Valid: {', '.join(fields)}.")
+
+
+def settings(cls=None, **options):
+    """@dataclass, whose constructor names an unknown keyword as a WingspanError with the
+    closest valid ones (TrainConfig(epoch_head=1): epochs_head), not a bare TypeError."""
+    def wrap(cls):
+        cls = dataclass(cls, **options)
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def checked_init(self, *args, **kwargs):
+            check_names(cls, kwargs)
+            init(self, *args, **kwargs)
+
+        cls.__init__ = checked_init
+        return cls
+
+    return wrap if cls is None else wrap(cls)
+
+
 def _check(ok: bool, name: str, expected: str, got: object) -> None:
     if not ok:
         raise SettingError([(name, f" must be {expected}. Got {got!r} instead.")],
@@ -126,7 +157,7 @@ def _check_types(config: object) -> None:
                            hint="Fix these in the config file or on the command line.")
 
 
-@dataclass
+@settings
 class ReadConfig:
     """How a dataset is read."""
 
@@ -139,7 +170,7 @@ class ReadConfig:
         _check_types(self)
 
 
-@dataclass
+@settings
 class InspectConfig:
     """What `data inspect` flags."""
 
@@ -153,7 +184,7 @@ class InspectConfig:
         _check(self.workers >= 1, "workers", "at least 1", self.workers)
 
 
-@dataclass
+@settings
 class AuditConfig:
     """What `data audit` looks for: likely label errors and near-duplicates."""
 
@@ -184,7 +215,7 @@ class AuditConfig:
                "positive", (self.batch_size, self.gallery))
 
 
-@dataclass
+@settings
 class AdaptConfig:
     """`wingspan adapt`: self-training the head on unlabelled photos from where the model
     will be used. Measured on Leeds -> iNat field photos (README, Performance); the
@@ -218,7 +249,7 @@ class AdaptConfig:
         _check(self.batch_size >= 1, "batch_size", "at least 1", self.batch_size)
 
 
-@dataclass
+@settings
 class SplitConfig:
     """A grouped, stratified train/val/test split and the sampling of its train part."""
 
@@ -252,7 +283,7 @@ class SplitConfig:
             )
 
 
-@dataclass
+@settings
 class AugmentConfig:
     """On-the-fly augmentation for training, and the evaluation transform."""
 
@@ -268,7 +299,7 @@ class AugmentConfig:
         _check(0 < self.eval_crop <= 1, "eval_crop", "a fraction in (0, 1]", self.eval_crop)
 
 
-@dataclass
+@settings
 class DemoConfig:
     """The synthetic butterfly dataset that `make demo` and the tests use."""
 
@@ -295,7 +326,7 @@ class DemoConfig:
         _check(self.image_size >= 16, "image_size", "at least 16 pixels", self.image_size)
 
 
-@dataclass(frozen=True)
+@settings(frozen=True)
 class EngineConfig:
     """How `auto` picks the engine for a pass by timing the candidates on this machine
     (wingspan.models.engine). Measured once per model and machine, then cached."""
@@ -343,7 +374,7 @@ def default_cache_dir() -> Path:
     return Path(base) / "wingspan"
 
 
-@dataclass
+@settings
 class TrainConfig:
     """The two-stage transfer-learning recipe. Saved, resolved, in every run."""
 

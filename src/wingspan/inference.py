@@ -39,7 +39,8 @@ def find_bundle(model: str | Path) -> Path:
                                      "how far it is.")
         raise WingspanError(f"The run {path} has no model yet: its training stopped before "
                             "it finished.",
-                            hint=f"Continue it with `wingspan train --resume {path}`.")
+                            hint=f"Continue it with `wingspan train --resume {path}` (in "
+                                 f"Python: ws.resume({str(path)!r})).")
     if path.exists():
         return path
     from wingspan.training.run import close_runs

@@ -63,8 +63,8 @@ class PredictResult:
     rows: list[dict] = field(default_factory=list)  # one per readable image
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     images_per_second: float = 0.0
-    # ("row", i) and ("failed", j) in the order the inputs were given (those that matched no
-    # file first): the output file keeps it.
+    # ("row", i) and ("failed", j) in the order the inputs were given: the output file and
+    # the library's table keep it.
     order: list[tuple[str, int]] = field(default_factory=list)
 
 
@@ -89,8 +89,14 @@ def predict(predictor: Predictor, inputs: list[str], top_k: int = 3, tta: bool =
     if top_k < 1:
         raise WingspanError(f"top_k must be at least 1, not {top_k}.",
                             hint="Ask for the top 1 (the answer alone) or more classes.")
-    paths, failed = expand_paths(inputs)
-    result = PredictResult(failed=list(failed), order=[("failed", j) for j in range(len(failed))])
+    # Each input expanded apart, so that one that matches nothing keeps its place among
+    # the others' images: (number of images before it, (input, reason)).
+    paths, unmatched = [], []
+    for item in inputs:
+        found, missing = expand_paths([item])
+        unmatched += [(len(paths), m) for m in missing]
+        paths += found
+    result = PredictResult()
     k = min(top_k, len(predictor.classes))
     if fabric is not None and fabric.world_size > 1:
         mine = [paths[i] for i in shard(len(paths), fabric)]
@@ -102,7 +108,14 @@ def predict(predictor: Predictor, inputs: list[str], top_k: int = 3, tta: bool =
         predictor.images_per_second = sum(g[0][1] for g in gathered)
     else:
         predictions = predictor.run(paths, tta=tta, progress=progress)
-    for p in predictions:
+
+    def unmatched_before(position: float) -> None:
+        while unmatched and unmatched[0][0] <= position:
+            result.order.append(("failed", len(result.failed)))
+            result.failed.append(unmatched.pop(0)[1])
+
+    for j, p in enumerate(predictions):
+        unmatched_before(j)
         if p.error:
             result.order.append(("failed", len(result.failed)))
             result.failed.append((p.path, p.error))
@@ -114,6 +127,7 @@ def predict(predictor: Predictor, inputs: list[str], top_k: int = 3, tta: bool =
             row["taxonomy"] = taxonomy_path(predictor.taxonomy, p.probs)
         row.update(answer(predictor, p, row))
         result.rows.append(row)
+    unmatched_before(float("inf"))
     result.images_per_second = predictor.images_per_second
     return result
 

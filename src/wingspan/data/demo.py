@@ -9,6 +9,8 @@ seconds. The taxonomy mixes real family names with invented genera.
 from __future__ import annotations
 
 import csv
+import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from wingspan.config import DEMO_SPECIES, DemoConfig
 from wingspan.data.taxonomy import TAXONOMY_FILE
+from wingspan.errors import WingspanError
 
 # Right-hand wings in body coordinates: x outwards, y towards the tail, wingspan ~2.
 FOREWINGS = {
@@ -77,6 +80,7 @@ def generate_demo(out_dir: str | Path, config: DemoConfig | None = None) -> Path
     config = config or DemoConfig()
     assert len(SPECIES) == DEMO_SPECIES  # the config's limit on images_per_class
     out_dir = Path(out_dir)
+    _clear_previous(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(config.seed)
     species = SPECIES[: len(config.images_per_class)]
@@ -91,6 +95,28 @@ def generate_demo(out_dir: str | Path, config: DemoConfig | None = None) -> Path
         for sp in species:
             writer.writerow([sp.folder, sp.family, sp.subfamily, sp.genus, sp.epithet])
     return out_dir
+
+
+def _clear_previous(out_dir: Path) -> None:
+    """Remove what an earlier demo wrote here, so that asking for fewer images or species
+    does not leave the old ones to be read with the new; refuse a folder holding anything
+    else, which is not ours to delete."""
+    if not out_dir.is_dir():
+        return
+    ours = {sp.folder: sp for sp in SPECIES}
+    foreign = [p for p in out_dir.iterdir() if p.name != TAXONOMY_FILE and p.name not in ours]
+    foreign += [f for p in out_dir.iterdir() if p.name in ours and p.is_dir()
+                for f in p.iterdir()
+                if not re.fullmatch(rf"{re.escape(p.name)}_\d{{4}}\.jpg", f.name)]
+    if foreign:
+        names = ", ".join(str(f.relative_to(out_dir)) for f in foreign[:3])
+        raise WingspanError(
+            f"{out_dir} holds files that the demo generator did not write ({names}"
+            f"{', ...' if len(foreign) > 3 else ''}); it replaces its images on a second run.",
+            hint="Give a new or empty folder for the demo data.")
+    for name in ours:
+        shutil.rmtree(out_dir / name, ignore_errors=True)
+    (out_dir / TAXONOMY_FILE).unlink(missing_ok=True)
 
 
 def draw_butterfly(sp: Species, size: int, rng: np.random.Generator) -> Image.Image:
