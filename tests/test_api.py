@@ -298,7 +298,14 @@ def test_calibrate_changes_the_bundle_as_the_command_does(run, run_cli, tmp_path
             and f"ECE {fitted['val_ece_previous']:.4f} -> {fitted['val_ece_after']:.4f}" in out)
     # A temperature at a bound of its search: the command's warning, as a Python warning.
     said = [str(w.message) for w in warned if "bound of its search" in str(w.message)]
-    assert len(said) == fitted["at_bound"] and ("Warning:" in out) == fitted["at_bound"]
+    assert len(said) == fitted["at_bound"] and ("bound of its search" in out) == \
+        fitted["at_bound"]
+    # Fitted on the training split: both say the probabilities come out too sure.
+    trained = fitted["run_images_among"]["train"]
+    assert trained == fitted["images"] and "test" not in fitted["run_images_among"]
+    note = f"{trained} of the {trained} images the temperature was fitted on are ones the model"
+    assert any(str(w.message).startswith(note) for w in warned)
+    assert note in " ".join(out.split())
 
     # unknown=True: the unknown scores fitted again, the temperature left as it is.
     u = ws.load(api).calibrate(unknown=True, unknown_rate=0.2, unknown_score="energy",
@@ -486,6 +493,7 @@ def test_explain_adapt_evaluate_and_export_check_their_arguments(run, demo_dir, 
             (lambda: run.adapt(image, out=tmp_path / "a", roundz=2), "Unknown setting"),
             (lambda: run.adapt(image, out=5), "out: expected a path"),
             (lambda: run.evaluate(unknown=5, quiet=True), "unknown: expected a file"),
+            (lambda: run.evaluate(unknown=True, quiet=True), "unknown: expected a folder"),
             (lambda: run.evaluate(unknown=b"moths", quiet=True), "unknown: .* got bytes"),
             (lambda: run.evaluate(unknown=[None], quiet=True), "unknown: each must be a path"),
             (lambda: run.evaluate(5, quiet=True), "data: expected a path"),
@@ -501,7 +509,8 @@ def test_explain_adapt_evaluate_and_export_check_their_arguments(run, demo_dir, 
             (lambda: ws.train(demo_dir, runs_dir=5), "runs_dir: expected a path"),
             (lambda: ws.train(demo_dir, config=5), "config: expected a path"),
             (lambda: ws.train(demo_dir, config={"epoch_head": 2}), "'epoch_head'"),
-            (lambda: ws.TrainConfig(epoch_head=1), "Unknown setting 'epoch_head'")):
+            (lambda: ws.TrainConfig(epoch_head=1), "Unknown setting 'epoch_head'"),
+            (lambda: ws.demo_data(tmp_path / "d", backbone="resnet50"), "training setting")):
         with pytest.raises(WingspanError, match=message):
             call()
     # (a dict of settings is taken as a TrainConfig is)
@@ -521,6 +530,15 @@ def test_explain_writes_overlays(run, demo_dir, tmp_path):
     images = run.explain(sorted(demo_dir.rglob("*.jpg"))[:2], out=tmp_path)
     assert [i.path.parent for i in images] == [tmp_path, tmp_path]
     assert all(i._repr_png_().startswith(b"\x89PNG") for i in images)
+    # What cannot be explained is said: a warning naming it, or an error when it is all.
+    (tmp_path / "notes.jpg").write_text("not an image")
+    with pytest.warns(UserWarning, match=r"2 inputs left out: .*nowhere.jpg: no such file.*"
+                                         r"notes.jpg"):
+        images = run.explain([tmp_path / "nowhere.jpg", *sorted(demo_dir.rglob("*.jpg"))[:1],
+                              tmp_path / "notes.jpg"], out=tmp_path / "some")
+    assert len(images) == 1
+    with pytest.raises(WingspanError, match="No image could be explained .*notes.jpg"):
+        run.explain(tmp_path / "notes.jpg", out=tmp_path / "none")
 
 
 def test_hierarchical_levels(demo_dir, tmp_path):

@@ -238,12 +238,13 @@ def test_predict_on_mixed_good_and_broken_files(trained, tmp_path, demo_dir):
     write_predictions(result, tmp_path / "out.csv")
     table = pd.read_csv(tmp_path / "out.csv")
     assert len(table) == 10 and table["error"].notna().sum() == 3
-    # In the order given: the input that matched nothing first, then each image where it
-    # came among the folder's (sorted), failed or not.
+    # In the order given, the input that matched nothing at its place among them, each
+    # image where it came among the folder's (sorted), failed or not.
     from wingspan.predict import expand_paths
 
-    given, _ = expand_paths([str(folder), str(folder / "sub" / "*.jpg")])
-    assert table["path"].tolist() == [str(tmp_path / "missing.jpg"), *given]
+    in_folder, _ = expand_paths([str(folder)])
+    in_glob, _ = expand_paths([str(folder / "sub" / "*.jpg")])
+    assert table["path"].tolist() == [*in_folder, str(tmp_path / "missing.jpg"), *in_glob]
     write_predictions(result, tmp_path / "out.json")
     payload = json.loads((tmp_path / "out.json").read_text())
     assert len(payload["predictions"]) == 7 and len(payload["failed"]) == 3
@@ -654,7 +655,7 @@ def test_adapt_refuses_what_it_cannot_do(trained, tmp_path):
     with pytest.raises(WingspanError, match="Did you mean 'rounds'"):
         ws.load(trained).adapt(tmp_path, roundz=2)
     bundle = shutil.copytree(trained / "model", tmp_path / "bundle")  # no run around it
-    with pytest.raises(WingspanError, match="not a run folder"):
+    with pytest.raises(WingspanError, match="bundle is not inside a run folder"):
         adapt(bundle, [str(tmp_path)], tmp_path / "b", progress=False)
     # A head with a hidden layer: adapt refits linear heads only.
     from wingspan.models import create_classifier, save_bundle

@@ -18,6 +18,7 @@ from wingspan.inference import Predictor
 from wingspan.models.bundle import read_manifest
 from wingspan.parallel import local_fabric
 from wingspan.predict import predict
+from wingspan.run_table import run_row
 from wingspan.training import train
 
 LEVELS = ["family", "genus", "label"]
@@ -52,6 +53,8 @@ def test_hierarchical_bundle_carries_the_taxonomy(hierarchical_run):
     rare = manifest["training"]["rare_classes"]
     assert "white_darktip" in rare and rare["white_darktip"].endswith("(rare label)")
     assert rare["white_darktip"] in manifest["classes"]["label"]
+    # `wingspan runs` shows the levels learnt, coarse to fine.
+    assert run_row(hierarchical_run)["levels"] == ",".join(LEVELS)
 
 
 def test_a_taxonomy_that_does_not_match_the_classes_is_not_written(hierarchical_run,

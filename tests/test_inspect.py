@@ -9,7 +9,7 @@ from PIL import Image
 
 from wingspan.config import InspectConfig, ReadConfig
 from wingspan.data import read_dataset
-from wingspan.data.inspect import inspect_dataset
+from wingspan.data.inspect import inspect_dataset, print_summary
 from wingspan.data.plots import plot_class_balance
 
 
@@ -84,7 +84,7 @@ def test_inspect_counts_and_plots_per_level(demo_dir, tmp_path):
     summary = inspect_dataset(ds, tmp_path, progress=False)
     assert summary["levels"]["label"]["counts"] == ds.class_counts().to_dict()
     assert summary["levels"]["label"]["imbalance_ratio"] == round(16 / 6, 2)
-    assert summary["taxonomy_conflicts"] == []
+    assert summary["taxonomy_conflicts"] == [] and summary["blank_levels"] == []
     for level in ds.levels:
         with Image.open(tmp_path / f"balance_{level}.png") as im:
             assert im.width > 300 and im.height > 100
@@ -97,6 +97,19 @@ def test_inspect_reports_taxonomy_conflicts(demo_dir, tmp_path):
     ds.table.loc[ds.table["genus"] == genus, "genus"] = ds.table["genus"].iloc[0]
     summary = inspect_dataset(ds, tmp_path, check_images=False, progress=False)
     assert any("under 2 family values" in c for c in summary["taxonomy_conflicts"])
+
+
+def test_inspect_names_images_left_blank_at_a_level(demo_dir, tmp_path, capsys):
+    ds = read_dataset(demo_dir)
+    first, second = ds.table["path"].iloc[0], ds.table["path"].iloc[1]
+    ds.table.loc[0, "genus"] = ""
+    ds.table.loc[1, "family"] = ""
+    summary = inspect_dataset(ds, tmp_path, check_images=False, progress=False)
+    assert summary["blank_levels"] == [f"{second}: no family", f"{first}: no genus"]
+    print_summary(summary)
+    printed = capsys.readouterr().out
+    assert "blank at a level (train --levels refuses them): 2" in printed
+    assert "No problems found" not in printed
 
 
 @pytest.mark.parametrize("n_classes", [10, 500])

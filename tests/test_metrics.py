@@ -270,3 +270,24 @@ def test_curves_mistakes_and_reliability_plots(tmp_path, demo_dir):
         with Image.open(path) as im:
             assert im.width >= min_w and im.height >= 250
             assert np.asarray(im.convert("L")).std() > 5  # something is drawn
+
+
+def test_rows_without_a_truth_at_a_level_are_left_out_of_its_figures_only():
+    """A blank genus (truth -1) is no class of its own that drags the genus macro-F1 down
+    and counts as a genus mistake: that level leaves the row out and says how many; the
+    other levels still score it."""
+    from wingspan.data.taxonomy import Taxonomy
+    from wingspan.evaluate.hierarchy import hierarchical_metrics
+
+    taxonomy = Taxonomy.from_table(pd.DataFrame({"path": ["1", "2", "3"],
+                                                 "genus": ["G1", "G1", "G2"],
+                                                 "label": ["a", "b", "c"]}), ["genus", "label"])
+    probs = np.eye(3)[[0, 1, 2, 2]] * 0.9 + 0.1 / 3  # right on every image
+    truth = {"genus": np.array([0, 0, 1, -1]), "label": np.array([0, 1, 2, 2])}
+    result = hierarchical_metrics(taxonomy, truth, probs, None, np.zeros(4, bool))
+    genus, label = result["levels"]["genus"], result["levels"]["label"]
+    assert genus["macro_f1"] == genus["accuracy"] == 1.0 and genus["no_truth"] == 1
+    assert label["macro_f1"] == 1.0 and "no_truth" not in label
+    assert result["mistake_depth"] == {0: 4}
+    # Marginals stay probabilities however float sums round.
+    assert taxonomy.marginals(np.array([[0.5, 0.5 + 1e-9, 0.0]]))["genus"].max() == 1.0

@@ -1,4 +1,5 @@
 import json
+import os
 import time
 
 import pandas as pd
@@ -455,6 +456,20 @@ def test_symlinked_folders_inside_a_class_are_followed_once(tmp_path):
     ds = read_dataset(tmp_path / "data")
     assert len(ds) == 3  # its own picture and the two linked ones; the loop adds nothing
     assert [p.kind for p in ds.problems] == ["missing_file"]  # the dangling link, listed
+    # A link up the tree (a "shortcut to Photos") or into another class would give this
+    # class the others' photos too: not followed, and said. Windows' junk is no problem.
+    folder_dataset(tmp_path / "data", {"admiral": 2})
+    (tmp_path / "data" / "monarch" / "Shortcut to Photos").symlink_to(tmp_path / "data")
+    (tmp_path / "data" / "monarch" / "admirals").symlink_to(tmp_path / "data" / "admiral")
+    (tmp_path / "data" / "monarch" / "Thumbs.db").write_bytes(b"\0" * 10)
+    ds = read_dataset(tmp_path / "data")
+    assert ds.class_counts().to_dict() == {"monarch": 3, "admiral": 2}
+    linked = {os.path.basename(p.path): p.message for p in ds.problems
+              if p.kind == "link_not_followed"}
+    assert set(linked) == {"Shortcut to Photos", "admirals"}
+    assert "a folder above it: not followed" in linked["Shortcut to Photos"]
+    assert "another part of the data: not followed" in linked["admirals"]
+    assert "not_image" not in {p.kind for p in ds.problems}
 
 
 def test_a_decomposed_folder_name_matches_its_composed_taxonomy_row(tmp_path):

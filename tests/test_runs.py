@@ -118,6 +118,7 @@ def test_runs_frame_lists_each_run_with_values_from_its_files(runs_dir, finished
     assert evaluation["fair"].startswith("yes")
     seed0 = rows["seed0"]
     assert seed0 == {**seed0, "data": str(demo_dir), "backbone": "test_efficientnet",
+                     "levels": "label",
                      "image_size": 32, "seed": 0, "selection": "holdout",
                      "val_macro_f1": metrics["best"]["val_macro_f1"],
                      "best_stage": metrics["best"]["stage"],
@@ -290,10 +291,10 @@ def test_runs_command_table_and_outputs(run_cli, runs_dir, finished, tmp_path, m
         ["torn", "damaged: metrics.json is not valid JSON (line 1, column 10)"]]
     frame = ws.runs("runs", sort="name")
     seed1 = cells[0]
-    assert seed1[4:11] == ["32", "1", "holdout", "0.9900", "not evaluated", "finetune 2",
-                           "107.2"]
+    assert seed1[4:12] == ["label", "32", "1", "holdout", "0.9900", "not evaluated",
+                           "finetune 2", "107.2"]
     seed0 = frame.iloc[3]
-    assert cells[3][7:9] == [f"{seed0['val_macro_f1']:.4f}",
+    assert cells[3][8:10] == [f"{seed0['val_macro_f1']:.4f}",
                              f"{seed0['held_out_macro_f1']:.4f}"]
     assert "`wingspan train --resume runs/NAME`" in out and "Wrote all.csv" in out
     # What was written is the frame, cell for cell, in either format.

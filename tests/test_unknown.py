@@ -517,3 +517,26 @@ def test_calibrate_unknown_refits_the_threshold_and_keeps_the_model(held_out_run
     rate = next(p for p in typer.main.get_command(app).commands["calibrate"].params
                 if p.name == "unknown_rate")
     assert "(default: the model's own)" in rate.help
+
+
+def test_the_rate_is_the_share_not_named_down_to_the_finest_level():
+    """Levels cut each at 5% turn away nearly 4 x 5% of known images when their scores
+    disagree; set together, 5% in all, and equal scores at two levels get one threshold."""
+    from wingspan.models.unknown import level_thresholds
+
+    rng = np.random.default_rng(0)
+    same = rng.random(400)
+    val = {"family": rng.random(400), "subfamily": same, "genus": same.copy(),
+           "species": rng.random(400)}
+    thresholds = level_thresholds(val, 0.05)
+    turned_away = np.any([s > thresholds[lv] for lv, s in val.items()], axis=0).mean()
+    assert 0.04 <= turned_away <= 0.05
+    assert thresholds["subfamily"] == thresholds["genus"]
+    each = {lv: np.quantile(s, 0.95) for lv, s in val.items()}
+    assert np.any([s > each[lv] for lv, s in val.items()], axis=0).mean() > 0.1
+    # On 11 val images one is 9%: levels set together turn away what one level alone does.
+    few = {"genus": rng.random(11), "species": rng.random(11)}
+    thresholds = level_thresholds(few, 0.05)
+    assert np.any([s > thresholds[lv] for lv, s in few.items()], axis=0).sum() <= 1
+    # One level: its own 95th percentile, as before.
+    assert level_thresholds({"label": same}, 0.05) == {"label": np.quantile(same, 0.95)}

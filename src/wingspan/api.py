@@ -127,7 +127,12 @@ def demo_data(out: str | Path = "runs/demo/data", **settings) -> Data:
     """
     from wingspan.data.demo import generate_demo
 
-    return read(generate_demo(out, _config(DemoConfig, settings)))
+    training = [k for k in settings if k in TrainConfig.__dataclass_fields__
+                and k not in ("image_size", "seed")]  # DemoConfig's for `wingspan demo`'s run
+    if training:
+        raise WingspanError(f"demo_data only draws the images; {training[0]!r} is a training "
+                            "setting.", hint=f"Give it to ws.train(data, {training[0]}=...).")
+    return read(generate_demo(_path_arg("out", out), _config(DemoConfig, settings)))
 
 
 class Data:
@@ -616,6 +621,11 @@ class Run:
         """
         from wingspan.evaluate.run import evaluate
 
+        if isinstance(unknown, bool):  # calibrate's unknown=True is a switch; this one is data
+            raise WingspanError("unknown: expected a folder (or image paths) of classes the "
+                                f"model never saw, got {unknown}.",
+                                hint="To fit the unknown answer again on the run's own images, "
+                                     "use run.calibrate(unknown=True).")
         with _max_pixels(max_pixels):
             result = evaluate(
                 self._model, _data_arg(data), _split_arg(split), _out_arg(out), progress=not quiet,
@@ -648,7 +658,7 @@ class Run:
         >>> run.calibrate("garden/")["temperature"]
         >>> run.calibrate(unknown=True, unknown_rate=0.1)
         """
-        from wingspan.evaluate.calibration import bound_warning
+        from wingspan.evaluate.calibration import calibrate_warnings
         from wingspan.evaluate.run import calibrate, fit_unknown
 
         if not isinstance(unknown, bool):
@@ -676,8 +686,8 @@ class Run:
             record = calibrate(self._model, _data_arg(data),
                                _split_arg(split, "the val split (else all of data)"),
                                class_map=_class_map_arg(class_map), **options)
-        if bound_warning(record):
-            warnings.warn(bound_warning(record), stacklevel=2)
+        for note in calibrate_warnings(record):
+            warnings.warn(note, stacklevel=2)
         return record
 
     @property
@@ -735,8 +745,8 @@ class Run:
     def explain(self, images: str | Path | list[str | Path], out: str | Path | None = None,
                 device: str = "cpu") -> list[Image]:
         """Grad-CAM overlays (where the model looked for the class it predicted), as
-        `wingspan explain`; one PNG per image in `out` (default RUN/explain). Images
-        that cannot be read are left out.
+        `wingspan explain`; one PNG per image in `out` (default RUN/explain). Inputs that
+        cannot be read are left out, with a warning naming them.
 
         >>> run.explain(["a.jpg"])[0]
         """
@@ -749,8 +759,17 @@ class Run:
             raise WingspanError(f"No image to explain: {missing[0][0]}: {missing[0][1]}."
                                 if missing else "No image to explain.")
         out = _out_arg(out) or output_home(self.bundle) / "explain"
-        return [Image(e.png) for e in explain(self._model, paths, out, device=device)
-                if not e.error]
+        explained = explain(self._model, paths, out, device=device)
+        failed = [f"{path}: {why}" for path, why in missing] + [
+            f"{e.path}: {e.error}" for e in explained if e.error]
+        if len(failed) == len(missing) + len(explained):  # as predict says it
+            raise WingspanError(f"No image could be explained ({'; '.join(failed[:3])}).",
+                                hint="Check the paths given.")
+        if failed:  # the list is shorter than the inputs: say which are left out
+            warnings.warn(f"{counted(len(failed), 'input')} left out: "
+                          + "; ".join(failed[:3]) + ("; ..." if len(failed) > 3 else ""),
+                          stacklevel=2)
+        return [Image(e.png) for e in explained if not e.error]
 
     def adapt(self, photos: str | Path | list[str | Path], out: str | Path | None = None,
               workers: int | None = None, quiet: bool = False, max_pixels: int | None = None,

@@ -483,6 +483,9 @@ def train_command(
     = T.unknown_rate,
     class_weights: Annotated[str, typer.Option(
         help="auto (balanced when imbalanced) | balanced | none.")] = T.class_weights,
+    max_class_weight: Annotated[float, typer.Option(
+        help="Cap on a class's weight, as a multiple of the commonest class's (0: none).")]
+    = T.max_class_weight,
     sampler: Annotated[str, typer.Option(help="shuffle | weighted.")] = T.sampler,
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing.")]
     = T.label_smoothing,
@@ -663,6 +666,7 @@ _RUN_COLUMNS = [
     ("status", lambda r: _status_cell(r), True),
     ("data", lambda r: _here(r["data"]) if _given(r["data"]) else "", False),
     ("backbone", lambda r: _cell(r["backbone"]), True),
+    ("levels", lambda r: _cell(r["levels"]), False),
     ("size", lambda r: _cell(r["image_size"]), False),
     ("seed", lambda r: _cell(r["seed"]), True),
     ("selection", lambda r: _cell(r["selection"]), False),
@@ -847,7 +851,7 @@ def calibrate_command(
     """Fit the model's temperature again (training fits it on its val split) and store it
     in the bundle, e.g. on labelled photos from where the model will be used; or, with
     --unknown, its unknown scores and thresholds."""
-    from wingspan.evaluate.calibration import bound_warning
+    from wingspan.evaluate.calibration import calibrate_warnings
     from wingspan.evaluate.run import calibrate, fit_unknown
 
     if unknown:
@@ -873,8 +877,8 @@ def calibrate_command(
               f"{c['val_ece_previous']:.4f} -> {c['val_ece_after']:.4f} "
               f"({c['val_ece_before']:.4f} without a temperature)"
               + (f"; by the {c['method']}" if c["method"] != "likelihood" else ""))
-    if bound_warning(c):
-        out.print(f"[yellow]Warning:[/] {escape(bound_warning(c))}")
+    for note in calibrate_warnings(c):
+        out.print(f"[yellow]Warning:[/] {escape(note)}")
 
 
 A = AdaptConfig
@@ -1018,6 +1022,11 @@ def _print_evaluation(result) -> None:
             levels.add_row("per-level heads",
                            *[f"{v['heads']['micro_f1']:.3f}" for v in h["levels"].values()])
         out.print(levels)
+        for lv, v in h["levels"].items():
+            if n := v.get("no_truth"):
+                out.print(f"[yellow]{counted(n, 'image')} with no {_q(lv)} the model knows "
+                          f"(blank, or a name its tree lacks) {'is' if n == 1 else 'are'} "
+                          f"left out of the {_q(lv)} figures.[/]")
         heads = h["consistency"]["heads"]
         out.print(f"Consistent predictions: {h['consistency']['marginalised']:.1%} marginalised"
                   + (f", {heads:.1%} from the per-level heads" if heads is not None else "")

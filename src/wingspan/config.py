@@ -426,6 +426,10 @@ class TrainConfig:
     augment: str = "standard"  # light | standard | strong | field
     class_weights: str = "auto"  # auto (balanced when imbalanced) | balanced | none
     imbalance_threshold: float = 1.5  # auto turns class weights on above this max/min ratio
+    # The largest class weight, as a multiple of the commonest class's: balanced weights
+    # would count a species of 1 training image beside one of 50 as 50 images (see
+    # training.prepare.weigh_classes). 0: no cap.
+    max_class_weight: float = 10.0
     sampler: str = "shuffle"  # shuffle | weighted
     label_smoothing: float = 0.1
     patience: int = 8  # epochs without a better val macro-F1 before stopping a stage
@@ -510,6 +514,9 @@ class TrainConfig:
                    self.hidden)
         _check(self.checkpoint_minutes >= 0, "checkpoint_minutes",
                "0 (after every step) or more", self.checkpoint_minutes)
+        _check(self.max_class_weight == 0 or self.max_class_weight >= 1, "max_class_weight",
+               "1 or more (a multiple of the commonest class's weight), or 0 for no cap",
+               self.max_class_weight)
         _check(self.imbalance_threshold >= 1, "imbalance_threshold",
                "1 or more (a largest-to-smallest class ratio)", self.imbalance_threshold)
         _check(self.unknown_score in UNKNOWN_SCORES, "unknown_score",

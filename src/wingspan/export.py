@@ -32,6 +32,7 @@ from wingspan.files import atomic_path, write_text
 from wingspan.inference import find_bundle, output_home
 from wingspan.models import load_bundle
 from wingspan.models.runtime import export_onnx
+from wingspan.models.unknown import level_thresholds
 
 FORMATS = ("onnx", "torchscript")
 INT8_MAX_DROP = 0.01  # int8 is written only when its val top-1 is within 1 point of fp32's
@@ -340,8 +341,7 @@ def _quantize(graph: bytes, bundle: Path, spec: InputSpec, levels: list[str],
         # int8 moves the features a little, and with them every score: a threshold kept
         # from fp32 turned away 6.6% instead of 5% (README). Set it again, as training
         # does, on these val images' int8 scores.
-        thresholds = {lv: float(np.quantile(s, 1.0 - unknown["rate"]))
-                      for lv, s in scores.items()}
+        thresholds = level_thresholds(scores, unknown["rate"])
         figures["unknown_thresholds_fp32"] = fp32_thresholds
     accuracy = {k: figures[f"val_top1_{k}"] for k in ("fp32", "int8")}
     if accuracy["int8"] < accuracy["fp32"] - INT8_MAX_DROP:

@@ -28,7 +28,8 @@ from wingspan.training.folder import (
     stopped_while_set_up,
 )
 
-COLUMNS = ["name", "status", "detail", "data", "backbone", "image_size", "seed", "selection",
+COLUMNS = ["name", "status", "detail", "data", "backbone", "levels", "image_size", "seed",
+           "selection",
            "val_macro_f1", "held_out_split", "held_out_macro_f1", "best_stage", "best_epoch",
            "train_seconds", "created", "path"]
 # Sorted best first; every other column in ascending order (names, dates, seeds...).
@@ -144,6 +145,12 @@ def _read_run(run_dir: Path, row: dict) -> None:
         return
     manifest = _read(run_dir, "model/manifest.json", missing={})
     metrics = _read(run_dir, "metrics.json", missing={})
+    classes = manifest.get("classes")
+    # The levels learnt, coarse to fine as the bundle orders them (config.yaml keeps them
+    # as typed); a stopped run's as configured.
+    levels = list(classes) if isinstance(classes, dict) else (
+        config.get("levels") or ([config["level"]] if config.get("level") else None))
+    row["levels"] = ",".join(map(str, levels)) if levels else None
     preprocessing = manifest.get("preprocessing")
     if row["image_size"] is None and isinstance(preprocessing, dict):  # the backbone's own
         row["image_size"] = preprocessing.get("input_size")  # as the bundle records it

@@ -39,6 +39,7 @@ def inspect_dataset(
                     "splits": table[SPLIT].replace("", "none").value_counts().to_dict()},
         "levels": {level: _level_summary(table, level) for level in dataset.levels},
         "taxonomy_conflicts": taxonomy_conflicts(table, dataset.levels),
+        "blank_levels": _blank_levels(table, dataset.levels),
         "reader_problems": _group_problems(dataset),
     }
     if check_images:
@@ -54,6 +55,14 @@ def inspect_dataset(
     summary["plots"] = plots
     write_text(out_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def _blank_levels(table: pd.DataFrame, levels: list[str]) -> list[str]:
+    """"path: no genus" for each labelled image with a coarser level left blank, which
+    `train --levels` refuses (and a level's counts silently lack)."""
+    finest = table[levels[-1]] != ""
+    return [f"{path}: no {lv}" for lv in levels[:-1]
+            for path in table.loc[finest & (table[lv] == ""), PATH]]
 
 
 def _level_summary(table: pd.DataFrame, level: str) -> dict:
@@ -166,7 +175,9 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
         general = [i["message"] for i in items if i["path"] is None]
         per_file = [f"{i['path']}: {i['message']}" for i in items if i["path"] is not None]
         findings.append((kind.replace("_", " "), general + per_file, len(per_file) or None))
-    findings += [("taxonomy conflict", summary["taxonomy_conflicts"], None)]
+    findings += [("taxonomy conflict", summary["taxonomy_conflicts"], None),
+                 ("blank at a level (train --levels refuses them)",
+                  summary.get("blank_levels", []), None)]
     images = summary.get("images")
     if images:
         dups = images["duplicates"]

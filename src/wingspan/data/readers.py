@@ -179,6 +179,11 @@ def _is_output(folder: Path) -> bool:
                                          for marker in OUTPUT_MARKERS for deep in ("*/", "*/*/"))
 
 
+# What Windows writes into photo folders (thumbnail caches, folder settings): skipped as
+# hidden files are, not listed as files that are not images.
+FILE_MANAGER_JUNK = {"thumbs.db", "ehthumbs.db", "desktop.ini"}
+
+
 def _hidden(name: str) -> bool:
     """Not the user's pictures: hidden files and folders (.DS_Store, ._IMG.jpg,
     .ipynb_checkpoints) and the __MACOSX folder a zip made on a Mac unpacks to."""
@@ -205,20 +210,26 @@ def _top_folders(root: Path, problems: list[Problem]) -> list[Path]:
     return folders
 
 
-def images_under(folder: Path, problems: list[Problem]) -> list[str]:
-    """Every image below `folder`, in subfolders too; symlinked folders are followed (once:
-    a link back up the tree is not), hidden files and folders skipped (`_hidden`),
-    anything else listed as a problem."""
+def images_under(folder: Path, problems: list[Problem], within: Path | None = None
+                 ) -> list[str]:
+    """Every image below `folder`, in subfolders too; symlinked folders are followed (once),
+    hidden files and folders (`_hidden`) and the junk of file managers skipped, anything
+    else listed as a problem. A linked folder is not followed where it leads up the tree
+    (`folder` or above: every other class's photos would become this class's too) or, with
+    `within` (the dataset's root), into another of its folders (another class's)."""
     found, seen = [], set()
+    here = os.path.realpath(folder)
+    root = os.path.realpath(within) if within is not None else None
     for top, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(top)
         if real in seen:
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = [d for d in dirs if not _hidden(d)]
+        dirs[:] = [d for d in dirs if not _hidden(d)
+                   and not _link_elsewhere(os.path.join(top, d), here, root, problems)]
         for name in files:
-            if _hidden(name):
+            if _hidden(name) or name.lower() in FILE_MANAGER_JUNK:
                 continue
             f = os.path.join(top, name)
             if not os.path.isfile(f):
@@ -230,13 +241,31 @@ def images_under(folder: Path, problems: list[Problem]) -> list[str]:
     return [str(p) for p in sorted(map(Path, found))]
 
 
+def _link_elsewhere(path: str, folder: str, root: str | None,
+                    problems: list[Problem]) -> bool:
+    """Whether `path` is a link to a folder that images_under must not follow (said as a
+    problem): `folder` itself or one above it, or another part of the dataset `root`."""
+    if not os.path.islink(path):
+        return False
+    target = os.path.realpath(path)
+    up = os.path.commonpath([target, folder]) == target != folder  # (itself: a loop, no harm)
+    beside = root is not None and not up and os.path.commonpath([target, root]) == root \
+        and os.path.commonpath([target, folder]) != folder
+    if up or beside:
+        problems.append(Problem("link_not_followed", f"a link to {target}, "
+                                + ("a folder above it" if up else "another part of the data")
+                                + ": not followed (its images would count for this class "
+                                "too)", path))
+    return up or beside
+
+
 def _class_folders(root: Path, config: ReadConfig, problems: list[Problem]
                    ) -> tuple[list[str], list[str]]:
     """Paths and labels of `root/<class>/...`; images in nested folders count for their top
     class folder, whose name (in NFC) is the label."""
     paths, labels = [], []
     for class_dir in _top_folders(root, problems):
-        found = images_under(class_dir, problems)
+        found = images_under(class_dir, problems, within=root)
         paths += found
         label = name_as_read(class_dir.name)  # as a CSV's labels: "monarch " is "monarch"
         if label != nfc(class_dir.name) and found:

@@ -163,7 +163,8 @@ class Taxonomy:
 
     def marginals(self, fine_probs: np.ndarray) -> dict[str, np.ndarray]:
         """P(class at each level) = the sum of its finest descendants' probabilities."""
-        return {lv: fine_probs @ self.member[lv] for lv in self.levels}
+        # (clipped: a float64 sum of float32 probabilities may pass 1 by 1e-11)
+        return {lv: np.clip(fine_probs @ self.member[lv], 0.0, 1.0) for lv in self.levels}
 
     def predict(self, fine_probs: np.ndarray) -> dict[str, np.ndarray]:
         """Top-down on the marginals: the likeliest family, then the likeliest genus in
@@ -205,8 +206,8 @@ class Taxonomy:
         already at the top."""
         n = len(truth[self.levels[0]])
         depth = np.zeros(n, dtype=np.int64)
-        for k, lv in enumerate(self.levels):
-            wrong = (preds[lv] != truth[lv]) & (depth == 0)
+        for k, lv in enumerate(self.levels):  # (no truth at a level, -1: not wrong there)
+            wrong = (preds[lv] != truth[lv]) & (truth[lv] >= 0) & (depth == 0)
             depth[wrong] = len(self.levels) - k
         return depth
 

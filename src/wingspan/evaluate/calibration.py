@@ -125,6 +125,25 @@ def bound_warning(record: dict) -> str | None:
             "on); `wingspan calibrate` fits it again on other images.")
 
 
+def calibrate_warnings(record: dict) -> list[str]:
+    """What `wingspan calibrate` warns of: a temperature at a bound of its search, or fitted
+    on images the run trained on (it is surer of them than of new photos, so the fit comes
+    out too sure) or on its test images (whose calibration figures it then flatters)."""
+    notes = [bound_warning(record)] if bound_warning(record) else []
+    among = record.get("run_images_among") or {}
+    if among.get("train"):
+        notes.append(f"{among['train']} of the {record['images']} images the temperature was "
+                     "fitted on are ones the model was trained on: it is surer of those than "
+                     "of new photos, so the probabilities come out too sure. Fit it on images "
+                     "it never trained on (the run's val split: `wingspan calibrate RUN`).")
+    if among.get("test"):
+        notes.append(f"{among['test']} of the {record['images']} images the temperature was "
+                     "fitted on are the run's test images: their evaluation's calibration "
+                     "figures (ECE, reliability) are now optimistic; its accuracy and F1 "
+                     "are not.")
+    return notes
+
+
 def _all_right(logits: np.ndarray, y_true: np.ndarray) -> bool:
     """No mistake: the case in which the likelihood names no temperature."""
     return len(y_true) > 0 and bool((logits.argmax(1) == y_true).all())

@@ -14,6 +14,8 @@ from wingspan.data.taxonomy import Taxonomy
 def _scores(y: np.ndarray, pred: np.ndarray, truth_only: bool = False) -> dict:
     """`truth_only`: macro over the classes in `y` alone (other data holding a few of the
     model's classes), as `classification_metrics` averages it."""
+    if not len(y):  # no row has a truth at this level
+        return {"accuracy": float("nan"), "micro_f1": float("nan"), "macro_f1": float("nan")}
     labels = np.unique(y) if truth_only else None
     return {"accuracy": float(accuracy_score(y, pred)),
             "micro_f1": float(f1_score(y, pred, average="micro", zero_division=0)),
@@ -50,9 +52,15 @@ def hierarchical_metrics(taxonomy: Taxonomy, truth: dict[str, np.ndarray],
         own[taxonomy.finest] = fine_probs.argmax(1)
     levels = {}
     for lv in taxonomy.levels:
-        entry = _scores(truth[lv], marg[lv], truth_only)
+        # A row with no class the model knows at this level (blank there, or a name the
+        # model's tree lacks) has no truth to score here: left out of this level's figures
+        # and counted, not scored as a class of its own that no prediction can match.
+        known = truth[lv] >= 0
+        entry = _scores(truth[lv][known], marg[lv][known], truth_only)
         if own is not None:
-            entry["heads"] = _scores(truth[lv], own[lv], truth_only)
+            entry["heads"] = _scores(truth[lv][known], own[lv][known], truth_only)
+        if not known.all():
+            entry["no_truth"] = int((~known).sum())
         levels[lv] = entry
     depth = taxonomy.mistake_depth(marg, truth)
     result = {

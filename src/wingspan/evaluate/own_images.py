@@ -31,8 +31,8 @@ def run_folder(predictor: Predictor, purpose: str) -> Path:
     bundle stands alone, without the `splits.csv` that names the run's images."""
     run_dir = predictor.bundle.parent
     if not (run_dir / "splits.csv").is_file():
-        raise WingspanError(f"{run_dir} is not a run folder (it has no splits.csv): "
-                            f"{purpose} the run's own labelled images.",
+        raise WingspanError(f"The model {predictor.bundle} is not inside a run folder (no "
+                            f"splits.csv beside it): {purpose} the run's own labelled images.",
                             hint="Give the folder `wingspan train` wrote (runs/NAME).")
     return run_dir.resolve()
 

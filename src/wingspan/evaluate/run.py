@@ -566,12 +566,26 @@ def calibrate(model: str | Path, data: str | Path | None = None, split: str | No
     index = {c: i for i, c in enumerate(predictor.classes)}
     y = rows["_label"].map(index).to_numpy()[ok]
     logits = np.stack([preds[i].logits for i in ok])
+    among = _run_images_among(rows["path"].iloc[ok].tolist(),
+                              _own_splits(dataset, data, run_dir))
     calibration = {**calibration_record(logits, y, _calibration_data(split, data),
                                         answer=lambda probs: _predicted(predictor, probs),
                                         previous=predictor.temperature),
-                   **({"class_map": class_map} if class_map else {})}
+                   **({"class_map": class_map} if class_map else {}),
+                   **({"run_images_among": among} if among else {})}
     update_manifest(predictor.bundle, calibration=calibration)
     return calibration
+
+
+def _run_images_among(paths: list[str], own: pd.DataFrame | None) -> dict[str, int]:
+    """How many of `paths` are the run's own training or test images (by real path, as
+    evaluate's fairness check matches them), where any are."""
+    if own is None:
+        return {}
+    fitted = set(real_paths(paths))
+    among = {s: len(fitted.intersection(real_paths(own.loc[own[SPLIT] == s, "path"])))
+             for s in ("train", "test")}
+    return {s: n for s, n in among.items() if n}
 
 
 def _check_enough_to_calibrate(readable: int, given: int, split: str, manifest: dict) -> None:
