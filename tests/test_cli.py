@@ -55,6 +55,12 @@ def test_split_command(run_cli, demo_dir, tmp_path, monkeypatch):
     assert code == 0 and "DATA has a split of its own" in out
     code, out, _ = run_cli("data", "preview", demo_dir, "--rows", "2", "--out", tmp_path / "p")
     assert code == 0 and "(2 of 4 classes; --rows 4 for all)" in out
+    # What reading left out is said before splitting, as train says it.
+    data = shutil.copytree(demo_dir, tmp_path / "data")
+    (data / "empty class").mkdir()
+    code, out, err = run_cli("data", "split", data, "--out", tmp_path / "s2")
+    assert code == 0 and "While reading the data: 1 x empty class, e.g. class folder 'empty " \
+        "class' has no images" in " ".join(err.split())
     # The path on one line of typer's error box. typer draws it on a console it makes for
     # each error, so $COLUMNS set now counts (cli.out's and cli.err's widths, fixed at
     # import, are not the ones that draw it).
@@ -378,3 +384,11 @@ def test_class_names_and_paths_are_printed_as_they_are_not_as_rich_markup(run_cl
     assert f"{data / '[red]x'}" in said and "│ [red]x " in said, said  # path and label
     code, _, err = run_cli("explain", tmp_path, tmp_path / "no[b].jpg")
     assert code == 2 and f"skipped {tmp_path / 'no[b].jpg'}" in err, err
+
+
+def test_a_class_name_with_a_comma_is_quoted_in_lists_of_names():
+    from wingspan.cli import _some
+
+    assert _some(["Danaus plexippus, Monarch", "admiral"]) == \
+        "'Danaus plexippus, Monarch', admiral"
+    assert _some(list("abc"), n=2) == "a, b ... (+1)"

@@ -210,3 +210,21 @@ def test_resize_filters_are_named_as_timm_names_them():
     assert pil_filter("bicubic") == Image.Resampling.BICUBIC
     with pytest.raises(WingspanError, match=r"(?s)Unknown resize filter 'nearest-exact'.*bicubic"):
         pil_filter("nearest-exact")
+
+
+def test_a_damaged_exif_block_reads_upright_without_pillows_console_warning(tmp_path):
+    """Pillow warns of it with its own source line and no file name; the picture reads."""
+    import subprocess
+    import sys
+
+    good = write_image(tmp_path / "good.jpg", size=(30, 20), seed=1, fmt="JPEG").read_bytes()
+    exif = b"Exif\x00\x00MM\x00\x2a\x00\x00\x00\x08\xff\xff" + b"\x00" * 20
+    damaged = tmp_path / "damaged.jpg"
+    damaged.write_bytes(good[:2] + b"\xff\xe1" + (len(exif) + 2).to_bytes(2, "big") + exif
+                        + good[2:])
+    script = ("from wingspan.data.images import open_rgb, image_facts; import sys; "
+              "print(open_rgb(sys.argv[1]).size, image_facts(sys.argv[1]).error)")
+    done = subprocess.run([sys.executable, "-W", "default", "-c", script, str(damaged)],
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["(30,", "20)", "None"]
+    assert "EXIF" not in done.stderr, done.stderr

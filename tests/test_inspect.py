@@ -160,6 +160,10 @@ def test_a_class_of_unreadable_files_is_pointed_out(tmp_path):
     (tmp_path / "d" / "broken" / "text.jpg").write_text("not a picture")
     summary = inspect_dataset(read_dataset(tmp_path / "d"), tmp_path / "out", progress=False)
     assert summary["images"]["classes_without_readable_images"] == ["broken"]
+    # Each file's reason as training and predict would give it: a cut-off copy is empty.
+    errors = {u["path"].rsplit("/", 1)[-1]: u["error"] for u in summary["images"]["unreadable"]}
+    assert errors == {"empty.jpg": "the file is empty (0 bytes)",
+                      "text.jpg": "not an image (unrecognised format)"}
     from rich.console import Console
 
     from wingspan.data.inspect import print_summary

@@ -313,7 +313,7 @@ def test_real_ethec_metadata_only(shared_data):
     ds = read_dataset(shared_data / "ethec-splits", ReadConfig(check_files=False))
     assert len(ds) == 5286 + 5049 - 213 - 204 - 8
     # Training's log counts the records dropped, not the records and the sums per split.
-    from wingspan.training.prepare import report_reading
+    from wingspan.data.samples import report_reading
 
     said: list[str] = []
     counts = report_reading(ds, said.append)
@@ -606,3 +606,28 @@ def test_csv_paths_written_from_the_current_folder_say_where_they_are_read_from(
     assert len(read_dataset(csv, ReadConfig(check_files=False))) == 2
     csv.write_text("path,label\nimg/a/a_0.jpg,x\nimg/a/a_1.jpg,x\n")
     assert len(read_dataset("museum/specimens.csv")) == 2
+
+
+def test_phone_and_camera_photos_that_cannot_be_read_are_named_as_such(tmp_path):
+    folder_dataset(tmp_path, {"monarch": 2})
+    (tmp_path / "monarch" / "IMG_0001.HEIC").write_bytes(b"\0" * 16)
+    (tmp_path / "iphone").mkdir()
+    for i in range(3):
+        (tmp_path / "iphone" / f"IMG_{i}.heic").write_bytes(b"\0" * 16)
+    (tmp_path / "iphone" / "DSC_1.NEF").write_bytes(b"\0" * 16)
+    ds = read_dataset(tmp_path)
+    said = {os.path.basename(p.path): p for p in ds.problems}
+    assert said["IMG_0001.HEIC"].kind == "unsupported_photo"
+    assert "a HEIC photo, which cannot be read here" in said["IMG_0001.HEIC"].message
+    assert "a Nikon RAW photo" in said["DSC_1.NEF"].message
+    assert "has no images it can read (4 photos in a format that cannot be read: convert " \
+           "them to JPEG)" in said["iphone"].message
+
+
+def test_class_folders_that_differ_only_in_case_are_pointed_out(tmp_path):
+    folder_dataset(tmp_path, {"admiral": 2, "Admiral": 1, "monarch": 1})
+    ds = read_dataset(tmp_path)
+    assert ds.class_counts().to_dict() == {"admiral": 2, "Admiral": 1, "monarch": 1}
+    [said] = [p for p in ds.problems if p.kind == "classes_differ_in_case"]
+    assert "'Admiral' and 'admiral' differ only in case, and are read as 2 classes" in \
+        said.message

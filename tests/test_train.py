@@ -941,6 +941,14 @@ def test_a_single_class_is_refused(demo_dir, tmp_path):
     shutil.copytree(one, tmp_path / "data" / one.name)
     with pytest.raises(WingspanError, match=f"one 'label' class only \\({one.name}\\)"):
         train(read_dataset(tmp_path / "data"), tiny(tmp_path), tmp_path / "r", quiet=True)
+    # The class folders inside one folder (photos/Butterflies/<species>/): that folder named.
+    wrapped = tmp_path / "photos" / "Butterflies"
+    for folder in sorted(p for p in demo_dir.iterdir() if p.is_dir())[:2]:
+        shutil.copytree(folder, wrapped / folder.name)
+    with pytest.raises(WingspanError) as caught:
+        train(read_dataset(tmp_path / "photos"), tiny(tmp_path), tmp_path / "r2", quiet=True)
+    assert caught.value.hint == (f"Its images sit in subfolders: give {wrapped} as DATA to "
+                                 "learn them as the classes.")
 
 
 # A 2-stage Swin small enough for tests (timm has no test_swin).

@@ -165,11 +165,18 @@ Workers = Annotated[int | None, typer.Option(
 
 
 def _read(data: Path, format: str | None, group_regex: str | None, strict: bool,
-          check_files: bool = True):
+          check_files: bool = True, report: bool = False):
+    """DATA read; with `report`, what reading left out or flagged said first, as train says
+    it (inspect lists every case itself)."""
     from wingspan.data import read_dataset
+    from wingspan.data.samples import report_reading
 
-    return read_dataset(data, ReadConfig(format=format, group_regex=group_regex, strict=strict,
-                                         check_files=check_files))
+    dataset = read_dataset(data, ReadConfig(format=format, group_regex=group_regex,
+                                            strict=strict, check_files=check_files))
+    if report:
+        report_reading(dataset, lambda line: err.print(f"[yellow]{escape(line)}[/]",
+                                                       highlight=False))
+    return dataset
 
 
 def _pixel_budget(text: str) -> int | None:
@@ -251,7 +258,7 @@ def data_split(
 
     config = _config(ctx, SplitConfig, val_fraction=val_fraction, test_fraction=test_fraction,
                      seed=seed, max_per_class=max_per_class, oversample_to=oversample_to)
-    dataset = _read(data, format, group_regex, strict)
+    dataset = _read(data, format, group_regex, strict, report=True)
     if dataset.has_splits:  # its own split stays what `train DATA` uses
         sides = dataset.table["split"].value_counts()
         out.print("[yellow]DATA has a split of its own[/] ("
@@ -295,8 +302,10 @@ def _print_split(result) -> None:
 
 
 def _some(items, n: int = 8) -> str:
-    items = list(items)
-    return ", ".join(map(str, items[:n])) + (f" ... (+{len(items) - n})" if len(items) > n else "")
+    """The first n names, comma-separated; names that hold a comma themselves quoted
+    ("Danaus plexippus, Monarch" is one class, not two)."""
+    items = [f"'{i}'" if "," in str(i) else str(i) for i in items]
+    return ", ".join(items[:n]) + (f" ... (+{len(items) - n})" if len(items) > n else "")
 
 
 @data_app.command("audit")
@@ -339,7 +348,7 @@ def data_audit(
                      duplicate_similarity=duplicate_similarity, gallery=gallery,
                      device=device, cache=cache)
     check_weights(config.weights)  # a typo: said now, not after reading the data
-    dataset = _read(data, format, group_regex, strict=strict)
+    dataset = _read(data, format, group_regex, strict=strict, report=True)
     result = audit_dataset(dataset, out_dir or dataset.out_dir, level, config,
                            progress=not quiet, strict=strict)
     issues, dups = result.issues, result.duplicates
@@ -409,7 +418,7 @@ def data_preview(
     from wingspan.data.preview import write_preview
 
     config = _config(ctx, AugmentConfig, policy=policy, image_size=image_size)
-    dataset = _read(data, format, group_regex, strict=False)
+    dataset = _read(data, format, group_regex, strict=False, report=True)
     path = write_preview(dataset, (out_dir or dataset.out_dir) / "preview.png", config, level,
                          rows=rows, augmented=views, seed=seed,
                          log=lambda line: out.print(f"[yellow]{_q(line)}[/]"))
@@ -993,7 +1002,8 @@ def _print_evaluation(result) -> None:
     if m.get("absent_classes"):
         absent = len(m["absent_classes"])
         out.print(f"{counted(absent, 'class', 'classes')} of the model's "
-                  f"{'has' if absent == 1 else 'have'} no images here and are left out of "
+                  f"{'has' if absent == 1 else 'have'} no images here and "
+                  f"{'is' if absent == 1 else 'are'} left out of "
                   "the per-class table and the macro averages: "
                   f"{_q(_some(m['absent_classes']))}")
     if m.get("transfer"):

@@ -22,10 +22,15 @@ UNKNOWN_KEYS = ("answer", "known_level", "unknown_score", "threshold", "score_le
 def expand_paths(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     """Files as given, folders searched recursively for images, globs expanded.
     Returns the image paths and (input, reason) for inputs that match nothing."""
-    def images_in(folder: str) -> list[str]:  # as training's reader finds them
-        return sorted(images_under(Path(folder), []))
-
     found, missing = [], []
+
+    def images_in(folder: str) -> list[str]:  # as training's reader finds them
+        problems = []
+        images = sorted(images_under(Path(folder), problems))
+        # (a phone's HEIC photos in the folder: skipped with the reason, not in silence)
+        missing.extend((p.path, p.message) for p in problems if p.kind == "unsupported_photo")
+        return images
+
     for item in inputs:
         if any(c in item for c in "*?[") and not Path(item).exists():  # img[1].jpg is a file
             matches = sorted(glob.glob(item, recursive=True))

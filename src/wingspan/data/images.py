@@ -6,6 +6,7 @@ import hashlib
 import math
 import os
 import threading
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -18,6 +19,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from wingspan.config import MAX_PIXELS, MAX_PIXELS_ENV
 from wingspan.errors import WingspanError
+
+# Pillow warns of a photo's damaged EXIF block (its orientation is then taken as upright)
+# on the console, as its own source line, without the file's name: nothing a user can act
+# on, amid progress bars. Only these, and only from Pillow's TIFF/EXIF parser, are quiet.
+warnings.filterwarnings("ignore", message=r"(Possibly )?[Cc]orrupt EXIF data",
+                        category=UserWarning, module=r"PIL\.TiffImagePlugin")
 
 EXIF_ORIENTATION = 0x0112
 UNUSUAL_MODES = {
@@ -265,6 +272,7 @@ def image_facts(path: str, budget: int | None = None) -> ImageFacts:
             im.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
             Image.DecompressionBombError) as e:
-        facts.error = "not an image (unrecognised format)" if isinstance(
-            e, UnidentifiedImageError) else str(e)
+        facts.error = str(e) if not isinstance(e, UnidentifiedImageError) else (
+            "the file is empty (0 bytes)" if _empty(path)  # as decoding says it
+            else "not an image (unrecognised format)")
     return facts

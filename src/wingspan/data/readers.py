@@ -179,6 +179,12 @@ def _is_output(folder: Path) -> bool:
                                          for marker in OUTPUT_MARKERS for deep in ("*/", "*/*/"))
 
 
+# Photos that cameras and phones write in formats Pillow does not read: said as such, not
+# as files that are no images (an iPhone's default is HEIC).
+UNREADABLE_PHOTOS = {".heic": "HEIC", ".heif": "HEIF", ".cr2": "Canon RAW",
+                     ".cr3": "Canon RAW", ".nef": "Nikon RAW", ".arw": "Sony RAW",
+                     ".dng": "DNG RAW", ".raf": "Fujifilm RAW", ".orf": "Olympus RAW",
+                     ".rw2": "Panasonic RAW"}
 # What Windows writes into photo folders (thumbnail caches, folder settings): skipped as
 # hidden files are, not listed as files that are not images.
 FILE_MANAGER_JUNK = {"thumbs.db", "ehthumbs.db", "desktop.ini"}
@@ -234,8 +240,12 @@ def images_under(folder: Path, problems: list[Problem], within: Path | None = No
             f = os.path.join(top, name)
             if not os.path.isfile(f):
                 problems.append(Problem("missing_file", "a link to nothing; ignored", f))
-            elif os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+            elif (ext := os.path.splitext(name)[1].lower()) in IMAGE_EXTENSIONS:
                 found.append(f)
+            elif ext in UNREADABLE_PHOTOS:
+                problems.append(Problem("unsupported_photo", f"a {UNREADABLE_PHOTOS[ext]} photo, "
+                                        "which cannot be read here; ignored (convert it to "
+                                        "JPEG)", f))
             else:
                 problems.append(Problem("not_image", "not an image file extension; ignored", f))
     return [str(p) for p in sorted(map(Path, found))]
@@ -275,13 +285,27 @@ def _class_folders(root: Path, config: ReadConfig, problems: list[Problem]
         labels += [label] * len(found)
         _note_nested_classes(class_dir, label, found, problems)
         if not found:
+            inside = str(class_dir) + os.sep
+            photos = sum(p.kind == "unsupported_photo" and p.path.startswith(inside)
+                         for p in problems)
             problems.append(Problem(
-                "empty_class", f"class folder '{class_dir.name}' has no images; the class is "
-                "left out. Add images or remove the folder.", str(class_dir)))
+                "empty_class", f"class folder '{class_dir.name}' has no images"
+                + (f" it can read ({counted(photos, 'photo')} in a format that cannot be read: "
+                   "convert them to JPEG)" if photos else "")
+                + "; the class is left out. Add images or remove the folder.", str(class_dir)))
             if config.strict:
                 raise WingspanError(f"Class folder {class_dir} has no images (--strict).",
                                     hint="Add images or remove the folder; without --strict "
                                     "the class is left out and listed.")
+    by_case: dict[str, set[str]] = {}
+    for label in set(labels):
+        by_case.setdefault(label.casefold(), set()).add(label)
+    for names in (sorted(n) for n in by_case.values() if len(n) > 1):
+        # 'admiral' and 'Admiral' cannot sit side by side on macOS or Windows: two folders
+        # merged from elsewhere, most likely one species.
+        problems.append(Problem("classes_differ_in_case", "the classes " + " and ".join(
+            f"'{n}'" for n in names) + " differ only in case, and are read as "
+            f"{len(names)} classes; rename the folders alike to make them one", str(root)))
     return paths, labels
 
 

@@ -121,3 +121,26 @@ def renamed(labels: pd.Series, names: Mapping[str, str]) -> pd.Series:
     out = labels.copy()
     out[hit] = labels[hit].map(names).to_numpy()
     return out
+
+
+def report_reading(dataset: Dataset, log) -> dict[str, int]:
+    """Say what reading the data left out or flagged (missing files, empty labels, empty
+    class folders, repeated records...), by kind, with an example each; returns the counts."""
+    kinds: dict[str, list] = {}
+    for problem in dataset.problems:
+        kinds.setdefault(problem.kind, []).append(problem)
+    counts = {}
+    for kind, problems in kinds.items():
+        # A reader may sum a kind up (per split, say) besides listing each case: the sums
+        # say it best, and the count is of the cases, not of cases and sums together.
+        cases = [p for p in problems if p.path] or problems
+        sums = [p for p in problems if not p.path] if len(cases) < len(problems) else []
+        counts[kind] = len(cases)
+        if sums:
+            for each in sums:
+                log(f"While reading the data: {each.message}")
+            continue
+        example = cases[0]
+        log(f"While reading the data: {len(cases)} x {kind.replace('_', ' ')}, e.g. "
+            f"{example.message}" + (f" ({example.path})" if example.path else ""))
+    return counts

@@ -79,29 +79,6 @@ def _carve_val(dataset: Dataset, level: str, config: TrainConfig, test: bool = F
     return dataset.with_table(pd.concat([carved.table, rest], ignore_index=True))
 
 
-def report_reading(dataset: Dataset, log) -> dict[str, int]:
-    """Say what reading the data left out or flagged (missing files, empty labels, empty
-    class folders, repeated records...), by kind, with an example each; returns the counts."""
-    kinds: dict[str, list] = {}
-    for problem in dataset.problems:
-        kinds.setdefault(problem.kind, []).append(problem)
-    counts = {}
-    for kind, problems in kinds.items():
-        # A reader may sum a kind up (per split, say) besides listing each case: the sums
-        # say it best, and the count is of the cases, not of cases and sums together.
-        cases = [p for p in problems if p.path] or problems
-        sums = [p for p in problems if not p.path] if len(cases) < len(problems) else []
-        counts[kind] = len(cases)
-        if sums:
-            for each in sums:
-                log(f"While reading the data: {each.message}")
-            continue
-        example = cases[0]
-        log(f"While reading the data: {len(cases)} x {kind.replace('_', ' ')}, e.g. "
-            f"{example.message}" + (f" ({example.path})" if example.path else ""))
-    return counts
-
-
 def _check_leaks(dataset: Dataset, config: TrainConfig, log) -> Dataset:
     """Given splits must not share a group, a file or a picture between sides: ETHEC's
     published splits are repaired (they list 51 images in both val and test), others are
@@ -196,9 +173,14 @@ def plan_labels(dataset: Dataset, levels: list[str], config: TrainConfig, log=pr
     taxonomy = Taxonomy.from_table(table, levels) if len(levels) > 1 else None
     classes = {lv: check_classes(table, lv) for lv in levels}
     if len(classes[finest]) < 2:  # a softmax over one class says 1.0 whatever it sees
+        # One folder around the class folders (photos/Butterflies/<species>/...) is the
+        # likeliest cause: the reader noted its subfolders.
+        nested = [p.path for p in dataset.problems if p.kind == "nested_classes"]
         raise WingspanError(f"The training split has one '{finest}' class only "
                             f"({classes[finest][0]}): there is nothing to tell apart.",
-                            hint="Give images of at least two classes.")
+                            hint=f"Its images sit in subfolders: give {nested[0]} as DATA to "
+                                 "learn them as the classes." if len(nested) == 1 else
+                                 "Give images of at least two classes.")
     val = table[SPLIT] == "val"
     unknown = val & ~table[finest].isin(classes[finest])
     table = table[~unknown]

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from wingspan.config import RUNS_DIR, ReadConfig, TrainConfig
 from wingspan.data import read_dataset
 from wingspan.data.images import chosen_budget
-from wingspan.data.samples import Dataset
+from wingspan.data.samples import Dataset, report_reading
 from wingspan.data.split import write_splits
 from wingspan.errors import WingspanError, counted
 from wingspan.evaluate.calibration import (
@@ -61,7 +61,6 @@ from wingspan.training.prepare import (
     build_train_data,
     ensure_splits,
     plan_labels,
-    report_reading,
 )
 from wingspan.training.stages import finetune, say_what_is_read, train_head
 from wingspan.training.step import choose_train
