@@ -221,7 +221,7 @@ def images_under(folder: Path, problems: list[Problem], within: Path | None = No
     """Every image below `folder`, in subfolders too; symlinked folders are followed (once),
     hidden files and folders (`_hidden`) and the junk of file managers skipped, anything
     else listed as a problem. A linked folder is not followed where it leads up the tree
-    (`folder` or above: every other class's photos would become this class's too) or, with
+    (above `folder`: every other class's photos would become this class's too) or, with
     `within` (the dataset's root), into another of its folders (another class's)."""
     found, seen = [], set()
     here = os.path.realpath(folder)
@@ -254,7 +254,7 @@ def images_under(folder: Path, problems: list[Problem], within: Path | None = No
 def _link_elsewhere(path: str, folder: str, root: str | None,
                     problems: list[Problem]) -> bool:
     """Whether `path` is a link to a folder that images_under must not follow (said as a
-    problem): `folder` itself or one above it, or another part of the dataset `root`."""
+    problem): one above `folder`, or another part of the dataset `root`."""
     if not os.path.islink(path):
         return False
     target = os.path.realpath(path)
