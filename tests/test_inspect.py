@@ -33,6 +33,9 @@ def messy(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees when shown
     add("rotated.jpg", "a", "train", size=(90, 70), seed=24, exif=exif)
+    exif = Image.Exif()
+    exif[0x0112] = 9  # no orientation at all: decoding leaves it upright, unlisted
+    add("odd_orientation.jpg", "b", "train", size=(90, 70), seed=25, exif=exif)
     deep = np.linspace(0, 65535, 80 * 80).reshape(80, 80).astype(np.uint16)
     Image.fromarray(deep).save(d / "deep.png")
     rows.append(("imgs/deep.png", "b", "train"))
@@ -76,7 +79,7 @@ def test_inspect_finds_every_seeded_problem(messy, tmp_path):
         {"good_b0.jpg", "copy_other_label.jpg"}]
     assert dups["extra_copies"] == 2
     # What was printed is what was written.
-    assert json.loads((tmp_path / "out" / "summary.json").read_text())["images"]["checked"] == 20
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["images"]["checked"] == 21
 
 
 def test_inspect_counts_and_plots_per_level(demo_dir, tmp_path):

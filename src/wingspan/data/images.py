@@ -268,7 +268,9 @@ def image_facts(path: str, budget: int | None = None) -> ImageFacts:
                                f"{RAISE_BUDGET})")
                 return facts
             orientation = im.getexif().get(EXIF_ORIENTATION, 1)
-            facts.exif_rotated = orientation not in (0, 1)
+            # 2-8 turn or mirror the picture; other values (0, 9, 255 from some cameras)
+            # are ignored by the decoding that training and predict share, so not listed.
+            facts.exif_rotated = orientation in range(2, 9)
             im.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
             Image.DecompressionBombError) as e:
