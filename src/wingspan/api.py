@@ -37,7 +37,6 @@ from wingspan.config import (
     ReadConfig,
     SplitConfig,
     TrainConfig,
-    check_names,
 )
 from wingspan.data.samples import SPLIT, Dataset
 from wingspan.errors import WingspanError, counted, some
@@ -132,7 +131,7 @@ def demo_data(out: str | Path = "runs/demo/data", **settings) -> Data:
     if training:
         raise WingspanError(f"demo_data only draws the images; {training[0]!r} is a training "
                             "setting.", hint=f"Give it to ws.train(data, {training[0]}=...).")
-    return read(generate_demo(_path_arg("out", out), _config(DemoConfig, settings)))
+    return read(generate_demo(_path_arg("out", out), DemoConfig(**settings)))
 
 
 class Data:
@@ -311,7 +310,7 @@ def train(data: Data | Dataset | str | Path, config: TrainConfig | dict | str | 
         settings = {**(dataclasses.asdict(config) if isinstance(config, TrainConfig)
                        else config), **settings}
         config = None
-    check_names(TrainConfig, settings)
+    # (an unknown keyword: the config classes name the closest setting themselves)
     settings = (TrainConfig.from_file(_path_arg("config", config), **settings)
                 if config is not None else TrainConfig(**settings))
     runs_dir = _path_arg("runs_dir", runs_dir)
@@ -477,11 +476,6 @@ def _max_pixels(value) -> contextlib.AbstractContextManager:
     return call_budget(_count_arg("max_pixels", value))
 
 
-def _config(cls: type, settings: dict):
-    check_names(cls, settings)
-    return cls(**settings)
-
-
 def _predictions(rows: list[dict]) -> pd.DataFrame:
     """Run.predict's table (its columns even with no rows)."""
     return pd.DataFrame(rows, columns=["path", "answer", "class", "probability", "branch",
@@ -492,16 +486,14 @@ def _predictions(rows: list[dict]) -> pd.DataFrame:
 def _evaluation_warnings(metrics: dict) -> list[str]:
     """What an evaluation's figures do not show: they are optimistic (images trained or
     chosen on), or images of classes the model does not know were left out of them."""
+    from wingspan.evaluate.run import left_out_wording
+
     notes = []
     if metrics.get("fair", "").startswith("no"):
         notes.append(f"These figures are not fair: {metrics['fair'][4:]}.")
-    if metrics.get("unknown_classes"):
-        left = metrics.get("unknown_class_images", 0)
-        classes = counted(len(metrics["unknown_classes"]), "class", "classes")
-        notes.append(f"{counted(left, 'image')} of {classes} the model does not know "
-                     f"{'was' if left == 1 else 'were'} left out: "
-                     f"{some(metrics['unknown_classes'], 8)} (class_map={{model class: data "
-                     "class} names one of the model's).")
+    if said := left_out_wording(metrics, some(metrics.get("unknown_classes", []), 8),
+                                "class_map={model class: data class}"):
+        notes.append(said + ".")
     return notes
 
 
@@ -787,7 +779,7 @@ class Run:
 
         with _max_pixels(max_pixels):
             done = adapt(self._model, _paths_arg(photos, "photos"), _out_arg(out),
-                         _config(AdaptConfig, settings), progress=not quiet,
+                         AdaptConfig(**settings), progress=not quiet,
                          workers=_workers_arg(workers))
         return Run(done["out"])
 

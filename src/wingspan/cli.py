@@ -959,7 +959,7 @@ def _print_evaluation(result) -> None:
     from rich.table import Table
 
     from wingspan.evaluate.metrics import interval_text
-    from wingspan.evaluate.run import answer_rows
+    from wingspan.evaluate.run import answer_rows, left_out_wording
 
     m = result.metrics
     table = Table("metric", "value", title=f"{m['split']} split, level '{_q(m['level'])}': "
@@ -992,13 +992,9 @@ def _print_evaluation(result) -> None:
                   + (", named as the model names its classes" if m.get("transfer") else "")
                   + ("; it fits on single views, so compare without --tta."
                      if m.get("tta_note") else "."))
-    if m.get("unknown_classes"):
-        left = m.get("unknown_class_images", 0)
-        out.print(f"[yellow]{counted(left, 'image')} of "
-                  f"{counted(len(m['unknown_classes']), 'class', 'classes')} the model does not "
-                  f"know {'was' if left == 1 else 'were'} left out"
-                  f":[/] {_q(_some(m['unknown_classes']))} (--map MODEL_CLASS=DATA_CLASS "
-                  "names one of the model's)")
+    if said := left_out_wording(m, _some(m.get("unknown_classes", [])),
+                                "--map MODEL_CLASS=DATA_CLASS"):
+        out.print(f"[yellow]{_q(said)}[/]")
     if m.get("absent_classes"):
         absent = len(m["absent_classes"])
         out.print(f"{counted(absent, 'class', 'classes')} of the model's "

@@ -430,7 +430,7 @@ class TrainConfig:
     # would count a species of 1 training image beside one of 50 as 50 images (see
     # training.prepare.weigh_classes). 0: no cap.
     max_class_weight: float = 10.0
-    sampler: str = "shuffle"  # shuffle | weighted
+    sampler: str = "shuffle"  # shuffle | weighted (by the class weights, capped alike)
     label_smoothing: float = 0.1
     patience: int = 8  # epochs without a better val macro-F1 before stopping a stage
     # At an equal val macro-F1, a val loss lower by at least this is better (Keras'

@@ -905,6 +905,19 @@ def answer_rows(a: dict | None) -> list[tuple[str, str]]:
               for lv, f in list(a.get("by_level", {}).items())[:-1])]  # the finest is above
 
 
+def left_out_wording(metrics: dict, names: str, how_to_map: str) -> str | None:
+    """What evaluate says of the images of classes the model does not know (left out of
+    every figure), or None; `names` lists them, `how_to_map` is the CLI's --map or the
+    library's class_map."""
+    if not metrics.get("unknown_classes"):
+        return None
+    left = metrics.get("unknown_class_images", 0)
+    classes = counted(len(metrics["unknown_classes"]), "class", "classes")
+    return (f"{counted(left, 'image')} of {classes} the model does not know "
+            f"{'was' if left == 1 else 'were'} left out: {names} ({how_to_map} names one of "
+            "the model's)")
+
+
 def away_wording(u: dict) -> tuple[str, str]:
     """How to say what the open-set figures count: (what a turned-away image is answered,
     a note on which class is named). A model with a taxonomy names its finest level only
