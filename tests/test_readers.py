@@ -10,6 +10,7 @@ from wingspan.config import ReadConfig
 from wingspan.data import READERS, detect_format, read_dataset
 from wingspan.data.ethec import IMAGE_DIR
 from wingspan.errors import WingspanError
+from wingspan.predict import expand_paths
 
 
 def test_registry_has_every_format():
@@ -631,3 +632,37 @@ def test_class_folders_that_differ_only_in_case_are_pointed_out(tmp_path):
     [said] = [p for p in ds.problems if p.kind == "classes_differ_in_case"]
     assert "'Admiral' and 'admiral' differ only in case, and are read as 2 classes" in \
         said.message
+
+
+def test_a_folder_that_cannot_be_listed_is_said_not_skipped(tmp_path, monkeypatch, run_cli):
+    """os.walk passes over a folder it may not list without a word: its photos would be
+    lost silently. (Simulated: CI runs as root, for whom chmod 000 changes nothing.)"""
+    folder_dataset(tmp_path, {"monarch": 2, "admiral": 2})
+    write_image(tmp_path / "monarch" / "2023" / "a.jpg")
+    locked = {str(tmp_path / "monarch" / "2023"), str(tmp_path / "admiral")}
+    scandir = os.scandir
+
+    def guarded(path="."):
+        if os.fspath(path) in locked:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", guarded)
+    ds = read_dataset(tmp_path)
+    assert ds.class_counts().to_dict() == {"monarch": 2}
+    said = {(p.kind, p.path): p.message for p in ds.problems}
+    assert "Permission denied" in said["unreadable_folder", str(tmp_path / "monarch" / "2023")]
+    assert ("unreadable_folder", str(tmp_path / "admiral")) in said
+    # The class left out is not said to be empty of images, but to be locked.
+    assert "may list (check its permissions)" in said["empty_class", str(tmp_path / "admiral")]
+    # predict lists it among the inputs skipped, with the reason.
+    found, skipped = expand_paths([str(tmp_path / "monarch")])
+    assert len(found) == 2
+    assert [p for p, _ in skipped] == [str(tmp_path / "monarch" / "2023")]
+    # An unreadable data folder itself: a message, not a traceback.
+    listdir = os.listdir
+    monkeypatch.setattr(os, "listdir", lambda p=".": (_ for _ in ()).throw(
+        PermissionError(13, "Permission denied", os.fspath(p))) if os.fspath(p) == str(tmp_path)
+        else listdir(p))
+    code, _, err = run_cli("data", "inspect", tmp_path)
+    assert code == 2 and "Permission denied" in err and "Traceback" not in err

@@ -1460,6 +1460,12 @@ def main(argv: list[str] | None = None) -> None:
                   highlight=False)
         err.print("[cyan]Hint:[/] Name another folder, or move the file.", highlight=False)
         sys.exit(2)
+    except PermissionError as e:  # a folder or file this user may not read or write
+        err.print(f"[bold red]Error:[/] Permission denied: {_q(e.filename or str(e))}.",
+                  highlight=False)
+        err.print("[cyan]Hint:[/] Check its permissions (ls -l), or name a file or folder "
+                  "you may use.", highlight=False)
+        sys.exit(2)
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise

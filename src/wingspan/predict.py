@@ -27,8 +27,10 @@ def expand_paths(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     def images_in(folder: str) -> list[str]:  # as training's reader finds them
         problems = []
         images = sorted(images_under(Path(folder), problems))
-        # (a phone's HEIC photos in the folder: skipped with the reason, not in silence)
-        missing.extend((p.path, p.message) for p in problems if p.kind == "unsupported_photo")
+        # (a phone's HEIC photos in the folder, or a subfolder it may not list: skipped
+        # with the reason, not in silence)
+        missing.extend((p.path, p.message) for p in problems
+                       if p.kind in ("unsupported_photo", "unreadable_folder"))
         return images
 
     for item in inputs:

@@ -222,11 +222,17 @@ def images_under(folder: Path, problems: list[Problem], within: Path | None = No
     hidden files and folders (`_hidden`) and the junk of file managers skipped, anything
     else listed as a problem. A linked folder is not followed where it leads up the tree
     (above `folder`: every other class's photos would become this class's too) or, with
-    `within` (the dataset's root), into another of its folders (another class's)."""
+    `within` (the dataset's root), into another of its folders (another class's). A folder
+    that cannot be listed (permissions) is listed as a problem, its images as lost."""
     found, seen = [], set()
     here = os.path.realpath(folder)
     root = os.path.realpath(within) if within is not None else None
-    for top, dirs, files in os.walk(folder, followlinks=True):
+    def unreadable(error: OSError) -> None:  # os.walk would skip it without a word
+        problems.append(Problem("unreadable_folder", "a folder that cannot be listed "
+                                f"({error.strerror or error}): its images are left out; "
+                                "check its permissions", error.filename))
+
+    for top, dirs, files in os.walk(folder, onerror=unreadable, followlinks=True):
         real = os.path.realpath(top)
         if real in seen:
             dirs[:] = []
@@ -288,10 +294,13 @@ def _class_folders(root: Path, config: ReadConfig, problems: list[Problem]
             inside = str(class_dir) + os.sep
             photos = sum(p.kind == "unsupported_photo" and p.path.startswith(inside)
                          for p in problems)
+            locked = any(p.kind == "unreadable_folder" and (p.path + os.sep).startswith(inside)
+                         for p in problems)
             problems.append(Problem(
                 "empty_class", f"class folder '{class_dir.name}' has no images"
                 + (f" it can read ({counted(photos, 'photo')} in a format that cannot be read: "
                    "convert them to JPEG)" if photos else "")
+                + (" it may list (check its permissions)" if locked and not photos else "")
                 + "; the class is left out. Add images or remove the folder.", str(class_dir)))
             if config.strict:
                 raise WingspanError(f"Class folder {class_dir} has no images (--strict).",
