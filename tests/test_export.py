@@ -15,6 +15,7 @@ from test_train import tiny
 
 from wingspan.cli import app
 from wingspan.data import read_dataset
+from wingspan.data.images import open_rgb
 from wingspan.export import metadata_path, prepare_pixels
 from wingspan.models import load_bundle
 from wingspan.models.unknown import level_thresholds
@@ -94,6 +95,12 @@ def test_export_runs_without_wingspan_and_matches_pytorch(run_dir, run_cli, demo
     ops = [n.op_type for n in onnx.load(str(model)).graph.node]
     assert ops.count("TopK") == 1  # one kNN search serves both levels
     images = [str(p) for p in sorted(demo_dir.rglob("*.jpg"))[::7]]
+    # A cut-out on a transparent background, its hidden pixels black: wingspan puts it on
+    # white, and the README's steps must too.
+    cutout = np.asarray(Image.open(images[0]).convert("RGBA")).copy()
+    cutout[: len(cutout) // 2, :, :] = 0  # the top half: transparent, and black beneath
+    images.append(str(run_dir / "cutout.png"))
+    Image.fromarray(cutout, "RGBA").save(images[-1])
     rows = run_readme_onnx_example(model, images)
     for row in rows:
         p = np.array(row["out"]["label"])
@@ -117,7 +124,8 @@ def test_export_runs_without_wingspan_and_matches_pytorch(run_dir, run_cli, demo
     net, manifest, detector = load_bundle(run_dir / "model", with_unknown=True)
     pre, size = manifest["preprocessing"], meta["input"]["size"]
     assert meta["input"]["interpolation"] == pre["interpolation"]  # training's resize
-    pixels = np.stack([prepare_pixels(Image.open(p), size, meta["input"]["resize_shorter_side_to"],
+    pixels = np.stack([prepare_pixels(open_rgb(p), size,
+                                      meta["input"]["resize_shorter_side_to"],
                                       meta["input"]["interpolation"]) for p in images])
     x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
     x = (x - torch.tensor(pre["mean"])[:, None, None]) / torch.tensor(pre["std"])[:, None, None]
