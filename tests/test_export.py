@@ -259,12 +259,13 @@ def test_int8_is_written_only_within_a_point_of_fp32(run_dir, run_cli, monkeypat
     from wingspan import export
     from wingspan.errors import WingspanError
 
-    monkeypatch.setattr(export, "INT8_MAX_DROP", -1.0)  # any result is too far: refused
+    assert export.int8_allowed_drop(1000) == 0.01 and export.int8_allowed_drop(25) == 0.04
+    monkeypatch.setattr(export, "int8_allowed_drop", lambda n: -1.0)  # any result: refused
     with pytest.raises(WingspanError, match=r"int8 refused: val top-1 [\d.]+ against fp32's "
                                             r"[\d.]+ on \d+ images"):
         export.export_model(run_dir, run_dir / "q" / "m.int8.onnx", quantize="int8")
     assert not (run_dir / "q" / "m.int8.onnx").exists()
-    monkeypatch.setattr(export, "INT8_MAX_DROP", 1.0)  # anything goes: written, with figures
+    monkeypatch.setattr(export, "int8_allowed_drop", lambda n: 1.0)  # written, with figures
     path = export.export_model(run_dir, run_dir / "q" / "m.int8.onnx", quantize="int8")
     figures = json.loads(metadata_path(path).read_text())["int8"]
     assert figures["val_images"] > 0 and figures["calibration_images"] > 0
