@@ -24,6 +24,34 @@ def test_a_full_disk_keeps_the_old_file_and_says_where(tmp_path, monkeypatch):
     assert os.listdir(target.parent) == ["pred.csv"]  # no temporary file left behind
 
 
+@pytest.mark.parametrize("error", [
+    # torch.save's, as a full disk raised it while writing a checkpoint (it names no cause)
+    RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2942976 vs "
+                 "2942872"),
+    # safetensors', writing a bundle
+    Exception('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+              '"No space left on device" })')])
+def test_a_full_disk_said_in_torch_or_safetensors_words_is_a_full_disk(tmp_path, error):
+    target = tmp_path / "checkpoints" / "best.pt"
+    with pytest.raises(WingspanError, match=r"checkpoints is full.*best.pt was not written"):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise error
+    assert os.listdir(target.parent) == []
+
+
+def test_a_read_only_folder_is_a_message(tmp_path, monkeypatch, run_cli):
+    from wingspan import files
+
+    def read_only(path):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(files, "make_folder", read_only)
+    monkeypatch.setattr(Path, "mkdir", lambda self, *a, **k: read_only(self))
+    code, _, err = run_cli("demo", "--out", tmp_path / "ro")
+    assert code == 2 and "read-only file system" in err and "Traceback" not in err
+
+
 def test_an_error_while_writing_removes_the_temporary_file(tmp_path):
     target = tmp_path / "features.safetensors"
     with pytest.raises(RuntimeError), atomic_path(target) as tmp:

@@ -1467,6 +1467,12 @@ def main(argv: list[str] | None = None) -> None:
                   "you may use.", highlight=False)
         sys.exit(2)
     except OSError as e:
+        if e.errno == errno.EROFS:
+            err.print(f"[bold red]Error:[/] {_q(e.filename or str(e))} is on a read-only file "
+                      "system.", highlight=False)
+            err.print("[cyan]Hint:[/] Write elsewhere (--runs-dir or --out), or mount it "
+                      "writable.", highlight=False)
+            sys.exit(2)
         if e.errno != errno.ENOSPC:
             raise
         where = f" writing {e.filename}" if e.filename else ""

@@ -61,8 +61,8 @@ def _temporary(path: Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # _TEMPORARY matches it
     try:
         yield tmp
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
+    except Exception as e:
+        if _disk_full(e):
             free = shutil.disk_usage(path.parent).free
             raise WingspanError(
                 f"The disk holding {path.parent} is full ({free / 2**20:.0f} MiB free); "
@@ -73,6 +73,17 @@ def _temporary(path: Path) -> Iterator[Path]:
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+def _disk_full(e: Exception) -> bool:
+    """Whether a write failed for want of space: an OSError says so by its number; torch.save
+    and safetensors raise their own errors, torch's without naming the cause (a file
+    position short of what it wrote)."""
+    if isinstance(e, OSError):
+        return e.errno == errno.ENOSPC
+    said = str(e)
+    return "No space left on device" in said or "os error 28" in said or (
+        isinstance(e, RuntimeError) and "unexpected pos" in said)
 
 
 def _replace_together(tmps: list[Path], paths: list[Path]) -> None:
