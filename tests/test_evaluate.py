@@ -13,7 +13,7 @@ from test_train import tiny
 
 from wingspan.data import read_dataset
 from wingspan.errors import WingspanError
-from wingspan.evaluate.run import MIN_CALIBRATION_IMAGES, calibrate, evaluate
+from wingspan.evaluate.run import MIN_CALIBRATION_IMAGES, calibrate, evaluate, unreadable_wording
 from wingspan.inference import Predictor
 from wingspan.models.bundle import read_manifest
 from wingspan.predict import predict, write_predictions
@@ -403,8 +403,17 @@ def test_evaluate_never_replaces_a_folder_that_is_not_an_evaluation(trained, tmp
 def test_a_run_moved_elsewhere_still_evaluates(trained, tmp_path, run_cli):
     moved = tmp_path / "a" / "b" / "c" / "run"
     shutil.copytree(trained, moved)
+    # A val photo deleted since training: counted and named, not dropped without a word.
+    splits = pd.read_csv(moved / "splits.csv")
+    gone = splits.index[splits["split"] == "val"][0]
+    splits.loc[gone, "path"] = str(tmp_path / "deleted.jpg")
+    splits.to_csv(moved / "splits.csv", index=False)
     result = evaluate(moved, split="val", progress=False, workers=0)
     assert result.out_dir == moved / "evaluation-val" and result.metrics["images"] > 0
+    assert [p for p, _ in result.metrics["unreadable"]] == [str(tmp_path / "deleted.jpg")]
+    said = unreadable_wording(result.metrics)
+    assert said.startswith(f"1 image of the {(splits['split'] == 'val').sum()} could not be "
+                           "read and was left out of these figures, e.g. ")
     code, _, err = run_cli("predict", moved, str(tmp_path), "--output", tmp_path / "p.txt")
     assert code == 2 and "must end in .csv or .json" in err
 

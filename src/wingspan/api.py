@@ -485,12 +485,15 @@ def _predictions(rows: list[dict]) -> pd.DataFrame:
 
 def _evaluation_warnings(metrics: dict) -> list[str]:
     """What an evaluation's figures do not show: they are optimistic (images trained or
-    chosen on), or images of classes the model does not know were left out of them."""
-    from wingspan.evaluate.run import left_out_wording
+    chosen on), or images that could not be read, or of classes the model does not know,
+    were left out of them."""
+    from wingspan.evaluate.run import left_out_wording, unreadable_wording
 
     notes = []
     if metrics.get("fair", "").startswith("no"):
         notes.append(f"These figures are not fair: {metrics['fair'][4:]}.")
+    if said := unreadable_wording(metrics):
+        notes.append(said + ".")
     if said := left_out_wording(metrics, some(metrics.get("unknown_classes", []), 8),
                                 "class_map={model class: data class}"):
         notes.append(said + ".")

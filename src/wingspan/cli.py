@@ -959,7 +959,7 @@ def _print_evaluation(result) -> None:
     from rich.table import Table
 
     from wingspan.evaluate.metrics import interval_text
-    from wingspan.evaluate.run import answer_rows, left_out_wording
+    from wingspan.evaluate.run import answer_rows, left_out_wording, unreadable_wording
 
     m = result.metrics
     table = Table("metric", "value", title=f"{m['split']} split, level '{_q(m['level'])}': "
@@ -992,6 +992,8 @@ def _print_evaluation(result) -> None:
                   + (", named as the model names its classes" if m.get("transfer") else "")
                   + ("; it fits on single views, so compare without --tta."
                      if m.get("tta_note") else "."))
+    if said := unreadable_wording(m):
+        out.print(f"[yellow]{_q(said)}.[/]")
     if said := left_out_wording(m, _some(m.get("unknown_classes", [])),
                                 "--map MODEL_CLASS=DATA_CLASS"):
         out.print(f"[yellow]{_q(said)}[/]")

@@ -435,7 +435,9 @@ def _dataset(data, run_dir: Path | None, doing: str = "evaluate on") -> Dataset:
     if run_dir is None:
         raise WingspanError(f"Give DATA to {doing}: this bundle is not inside a run folder, "
                             "so it has no split of its own.")
-    return read_dataset(run_dir / "splits.csv")
+    # Every image the run split off, there or not: one deleted or moved since training is
+    # then counted and named as unreadable, not dropped from the figures without a word.
+    return read_dataset(run_dir / "splits.csv", ReadConfig(check_files=False))
 
 
 def _default_split(dataset: Dataset) -> str:
@@ -916,6 +918,18 @@ def left_out_wording(metrics: dict, names: str, how_to_map: str) -> str | None:
     return (f"{counted(left, 'image')} of {classes} the model does not know "
             f"{'was' if left == 1 else 'were'} left out: {names} ({how_to_map} names one of "
             "the model's)")
+
+
+def unreadable_wording(metrics: dict) -> str | None:
+    """What evaluate says of the images it could not read (gone since training, broken),
+    left out of every figure; None when it read them all."""
+    failed = metrics.get("unreadable") or []
+    if not failed:
+        return None
+    path, why = failed[0]
+    return (f"{counted(len(failed), 'image')} of the {len(failed) + metrics['images']} "
+            f"could not be read and {'was' if len(failed) == 1 else 'were'} left out of "
+            f"these figures, e.g. {path}: {why} (all in metrics.json's unreadable)")
 
 
 def away_wording(u: dict) -> tuple[str, str]:
