@@ -1195,9 +1195,12 @@ def test_a_resumed_run_says_so_and_does_not_repeat_what_it_said_once(tmp_path, m
               tmp_path / "runs", "r", quiet=True)
     monkeypatch.undo()
     run_dir = tmp_path / "runs" / "r"
+    folder_dataset(data / "c_added", {"": 5})  # a species added to the data since
     resume(run_dir, quiet=True)
     lines = [line.partition(" ")[2] for line in (run_dir / "train.log").read_text()
              .splitlines()]
+    assert f"{data} now holds 1 class this run does not train on (c_added: 5 images): a " \
+           "resumed run keeps the classes and split it began with." in "\n".join(lines)
     for once in ("training and", "Training on", "Class-weighted loss now off",
                  "Resuming"):
         assert sum(line.startswith(once) or f" {once} " in f" {line}" for line in lines) == 1, (

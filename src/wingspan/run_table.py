@@ -26,6 +26,7 @@ from wingspan.training.folder import (
     UNREADABLE,
     lock_state,
     stopped_while_set_up,
+    trained_on,
 )
 
 COLUMNS = ["name", "status", "detail", "data", "backbone", "levels", "image_size", "seed",
@@ -136,7 +137,7 @@ _LOCKED = {HELD: TRAINING, UNREADABLE: LOCK_UNREADABLE}  # the status a lock sta
 
 def _read_run(run_dir: Path, row: dict) -> None:
     """Fills `row` file by file, so that a damaged run keeps what could be read."""
-    row["data"] = _trained_on(run_dir / CONFIG_FILE)
+    row["data"] = trained_on(run_dir)
     config = _read(run_dir, CONFIG_FILE)
     row.update({k: config.get(k) for k in ("backbone", "image_size", "seed", "selection")})
     if (run_dir / "adapt.json").is_file():  # a copy: created when adapted, not trained
@@ -229,18 +230,6 @@ def _where(error: Exception) -> str:
     line, column = ((error.lineno, error.colno) if hasattr(error, "lineno") else
                     (mark.line + 1, mark.column + 1) if mark else (None, None))
     return f" (line {line}, column {column})" if line else ""
-
-
-def _trained_on(config_file: Path) -> str | None:
-    """The data, from the comment config.yaml opens with ("# Trained on DATA, read with")."""
-    try:
-        with open(config_file, encoding="utf-8", errors="replace") as f:
-            first = f.readline()
-    except OSError:
-        return None
-    if first.startswith("# Trained on ") and ", read with " in first:
-        return first[len("# Trained on "):].rpartition(", read with ")[0]
-    return None
 
 
 def _stamp(path: Path) -> str:

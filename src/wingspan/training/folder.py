@@ -88,3 +88,16 @@ def stopped_while_set_up(run_dir: Path) -> bool:
     before = {".lock", SPLITS_FILE, HOLDOUT_FILE}
     return run_dir.is_dir() and all(p.name in before or is_leftover(p.name)
                                     for p in run_dir.iterdir())
+
+
+def trained_on(run_dir: Path) -> str | None:
+    """The data a run was trained on, from the comment its config.yaml opens with
+    ("# Trained on DATA, read with ...")."""
+    try:
+        with open(run_dir / CONFIG_FILE, encoding="utf-8", errors="replace") as f:
+            first = f.readline()
+    except OSError:
+        return None
+    if first.startswith("# Trained on ") and ", read with " in first:
+        return first[len("# Trained on "):].rpartition(", read with ")[0]
+    return None

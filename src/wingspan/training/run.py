@@ -29,7 +29,7 @@ from wingspan.data import read_dataset
 from wingspan.data.images import chosen_budget
 from wingspan.data.samples import Dataset, report_reading
 from wingspan.data.split import write_splits
-from wingspan.errors import WingspanError, counted
+from wingspan.errors import WingspanError, counted, some
 from wingspan.evaluate.calibration import (
     MIN_CALIBRATION_IMAGES,
     bound_warning,
@@ -56,6 +56,7 @@ from wingspan.training.folder import (
     hold_lock,
     release_lock,
     stopped_while_set_up,
+    trained_on,
 )
 from wingspan.training.prepare import (
     build_train_data,
@@ -284,7 +285,29 @@ def _resume(run_dir: Path, config: TrainConfig, fabric, quiet: bool) -> Path:
                  resuming=_resuming(run_dir, checkpoint, scoring))
     run.note_unreadable([(p, f"Cannot read image {p}: the file is gone since the run began")
                          for p in gone])
+    if run.is_main:
+        _note_classes_added(run, dataset, config)
     return _score_held_out(run_dir, run) if scoring else _interruptible(run)
+
+
+def _note_classes_added(run: Run, dataset: Dataset, config: TrainConfig) -> None:
+    """A resumed run keeps the split and the classes it began with: a class folder added
+    to its data since is not trained on. Said, rather than left out without a word."""
+    root = trained_on(run.dir)
+    if not root or not os.path.exists(root):
+        return
+    try:
+        now = read_dataset(root, ReadConfig(check_files=False))
+        labels = now.table[now.resolve_level(config.level)]
+    except WingspanError:  # the data moved or changed its shape: the split carries on
+        return
+    added = sorted(set(labels) - set(dataset.table[config.level])
+                   - set(config.holdout_classes or []))
+    if added:
+        run.log(f"{root} now holds {counted(len(added), 'class', 'classes')} this run does "
+                f"not train on ({some(added)}: {counted(int(labels.isin(added).sum()), 'image')}"
+                "): a resumed run keeps the classes and split it began with. Train a new run "
+                "to learn them.")
 
 
 def _resuming(run_dir: Path, checkpoint: dict | None, scoring: bool) -> str:
