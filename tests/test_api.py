@@ -20,6 +20,7 @@ from wingspan.data import read_dataset
 from wingspan.data.split import leaked_groups
 from wingspan.errors import WingspanError
 from wingspan.export import metadata_path
+from wingspan.models.bundle import read_manifest
 
 PNG = "data:image/png;base64,"
 
@@ -614,3 +615,16 @@ def test_export_and_resume_are_the_cli_functions(run, tmp_path):
     assert path.is_file() and meta["classes"]["label"] == run.classes
     with pytest.raises(WingspanError, match="is finished; there is nothing to resume"):
         ws.resume(run.dir)
+    # Its model damaged (a disk error, a copy cut short): predict says a resume writes it
+    # again from the checkpoint, and the resume does, the same weights.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run.dir, damaged)
+    weights = damaged / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    with pytest.raises(WingspanError, match="are corrupt") as e:
+        ws.load(damaged).predict([str(tmp_path)])
+    assert "wingspan train --resume RUN" in e.value.hint
+    ws.resume(damaged, quiet=True)
+    assert read_manifest(damaged / "model")["weights_sha256"] == \
+        read_manifest(run.dir / "model")["weights_sha256"]
+    assert "training was done, writing its model" in (damaged / "train.log").read_text()

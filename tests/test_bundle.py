@@ -5,7 +5,7 @@ import torch
 
 from wingspan.errors import WingspanError
 from wingspan.models import create_classifier, load_bundle, save_bundle
-from wingspan.models.bundle import MANIFEST, WEIGHTS
+from wingspan.models.bundle import DAMAGED_HINT, MANIFEST, WEIGHTS
 
 
 @pytest.fixture
@@ -44,7 +44,7 @@ def test_tampered_weights_are_refused(model, tmp_path):
     (path / WEIGHTS).write_bytes(bytes(data[:5000]))  # cut short
     with pytest.raises(WingspanError, match="are corrupt") as e:
         load_bundle(path)
-    assert e.value.hint == "Use an intact copy of the bundle, or retrain."
+    assert e.value.hint == DAMAGED_HINT and "--resume" in e.value.hint
 
 
 def test_broken_bundles_give_clear_errors(model, tmp_path):

@@ -457,6 +457,10 @@ def test_symlinked_folders_inside_a_class_are_followed_once(tmp_path):
     ds = read_dataset(tmp_path / "data")
     assert len(ds) == 3  # its own picture and the two linked ones; the loop adds nothing
     assert [p.kind for p in ds.problems] == ["missing_file"]  # the dangling link, listed
+    os.mkfifo(tmp_path / "data" / "monarch" / "fifo.jpg")  # not a link, nor to be opened
+    said = [p.message for p in read_dataset(tmp_path / "data").problems if "fifo" in p.path]
+    assert said == ["not a regular file (a pipe, socket or device); ignored"]
+    os.remove(tmp_path / "data" / "monarch" / "fifo.jpg")
     # A link up the tree (a "shortcut to Photos") or into another class would give this
     # class the others' photos too: not followed, and said. Windows' junk is no problem.
     folder_dataset(tmp_path / "data", {"admiral": 2})

@@ -245,7 +245,10 @@ def images_under(folder: Path, problems: list[Problem], within: Path | None = No
                 continue
             f = os.path.join(top, name)
             if not os.path.isfile(f):
-                problems.append(Problem("missing_file", "a link to nothing; ignored", f))
+                problems.append(
+                    Problem("missing_file", "a link to nothing; ignored", f) if os.path.islink(f)
+                    else Problem("not_image", "not a regular file (a pipe, socket or device); "
+                                 "ignored", f))
             elif (ext := os.path.splitext(name)[1].lower()) in IMAGE_EXTENSIONS:
                 found.append(f)
             elif ext in UNREADABLE_PHOTOS:

@@ -154,30 +154,41 @@ def _check_temperature(value, section: str, path: Path) -> None:
             hint="Use an intact copy of the bundle, or retrain.")
 
 
+# (a run's bundle is written from its best checkpoint, which a resume reads again)
+DAMAGED_HINT = ("Use an intact copy of the bundle, or retrain; a run folder that still has "
+                "its checkpoints writes its model again with `wingspan train --resume RUN`.")
+
+
+def checked_weights(path: Path, manifest: dict) -> dict[str, torch.Tensor]:
+    """A bundle's weights, read and checked against its manifest's checksum."""
+    weights = path / WEIGHTS if path.is_dir() else path
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise WingspanError(f"The weights in {weights} are corrupt: {e}",
+                            hint=DAMAGED_HINT) from e
+    if weights_digest(state) != manifest.get("weights_sha256"):
+        raise WingspanError(
+            f"The weights in {weights} do not match the checksum in its manifest: the "
+            "bundle was changed or damaged after it was written.", hint=DAMAGED_HINT)
+    return state
+
+
 def load_bundle(path: str | Path, with_unknown: bool = False):
     """Rebuild the model a bundle describes and load its weights, after checking them:
     (model, manifest), and with `with_unknown` its fitted unknown scores too (None when
     the bundle has none)."""
     path = Path(path)
     manifest = read_manifest(path)
+    state = checked_weights(path, manifest)
     weights = path / WEIGHTS if path.is_dir() else path
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError) as e:
-        raise WingspanError(f"The weights in {weights} are corrupt: {e}",
-                            hint="Use an intact copy of the bundle, or retrain.") from e
-    if weights_digest(state) != manifest.get("weights_sha256"):
-        raise WingspanError(
-            f"The weights in {weights} do not match the checksum in its manifest: the "
-            "bundle was changed or damaged after it was written.",
-            hint="Use an intact copy of the bundle, or retrain.")
     expected = manifest.get("meaning_sha256")  # absent from bundles written before it was
     if expected and meaning_digest(manifest) != expected:
         raise WingspanError(
             f"The class names, taxonomy, preprocessing or model description in {path} do not "
             "match their checksum: the manifest was edited after the bundle was written, and "
             "its predictions would be named or prepared wrongly.",
-            hint="Use an intact copy of the bundle, or retrain.")
+            hint=DAMAGED_HINT)
     try:
         model = Classifier(**manifest["model"])
     except WingspanError as e:

@@ -37,7 +37,7 @@ from wingspan.evaluate.calibration import (
 )
 from wingspan.files import atomic_paths, make_folder, remove_leftovers
 from wingspan.models import create_classifier, resolve_policy, save_bundle
-from wingspan.models.bundle import read_manifest
+from wingspan.models.bundle import checked_weights, read_manifest
 from wingspan.models.classifier import Classifier
 from wingspan.models.factory import choose_backbone
 from wingspan.models.policy import Policy, settings_with_environment
@@ -331,9 +331,11 @@ def _read_json(path: Path) -> dict:
 
 
 def _complete_bundle(path: Path) -> bool:
-    """Whether training wrote its bundle to the end (the manifest comes last)."""
+    """Whether training wrote its bundle to the end (the manifest comes last), and its
+    weights are intact: a damaged one is written again from the checkpoint."""
     try:
-        return "calibration" in read_manifest(path)
+        manifest = read_manifest(path)
+        return "calibration" in manifest and bool(checked_weights(path, manifest))
     except WingspanError:
         return False
 
