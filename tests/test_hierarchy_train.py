@@ -17,7 +17,7 @@ from wingspan.evaluate.run import evaluate
 from wingspan.inference import Predictor
 from wingspan.models.bundle import read_manifest
 from wingspan.parallel import local_fabric
-from wingspan.predict import predict
+from wingspan.predict import predict, write_predictions
 from wingspan.run_table import run_row
 from wingspan.training import train
 
@@ -72,7 +72,7 @@ def test_a_taxonomy_that_does_not_match_the_classes_is_not_written(hierarchical_
 
 
 @pytest.mark.policy
-def test_hierarchical_evaluation_and_prediction(hierarchical_run, demo_dir):
+def test_hierarchical_evaluation_and_prediction(hierarchical_run, demo_dir, tmp_path):
     result = evaluate(hierarchical_run, split="val", progress=False, workers=0)
     h = result.metrics["hierarchy"]
     assert set(h["levels"]) == set(LEVELS)
@@ -95,11 +95,16 @@ def test_hierarchical_evaluation_and_prediction(hierarchical_run, demo_dir):
         assert f"<td>{h['levels'][level]['macro_f1']:.4f}</td>" in page
     # Predict shows the branch, each level's probability the sum over its descendants.
     image = next(demo_dir.rglob("*.jpg"))
-    row = predict(Predictor(hierarchical_run, workers=0), [str(image)],
-                  progress=False).rows[0]
+    result = predict(Predictor(hierarchical_run, workers=0), [str(image)], progress=False)
+    row = result.rows[0]
     assert [lv for lv, _, _ in row["taxonomy"]] == LEVELS
     probs = [p for _, _, p in row["taxonomy"]]
     assert probs == sorted(probs, reverse=True)  # a parent holds at least its child's share
+    # The JSON names the branch as the server's answers and the library's table do.
+    write_predictions(result, tmp_path / "preds.json")
+    [said] = json.loads((tmp_path / "preds.json").read_text())["predictions"]
+    assert [(b["level"], b["class"]) for b in said["branch"]] == \
+        [(lv, c) for lv, c, _ in row["taxonomy"]]
 
 
 def test_evaluate_scores_the_branch_not_the_finest_heads_top_class(hierarchical_run,

@@ -177,8 +177,8 @@ def write_predictions(result: PredictResult, path: Path) -> None:
         write_text(path, json.dumps({
             "predictions": [{"path": r["path"], "top": [{"class": c, "probability": p}
                                                          for c, p in r["top"]],
-                             **({"taxonomy": [{"level": lv, "class": c, "probability": p}
-                                              for lv, c, p in r["taxonomy"]]}
+                             **({"branch": [{"level": lv, "class": c, "probability": p}
+                                            for lv, c, p in r["taxonomy"]]}
                                 if "taxonomy" in r else {}),
                              **{key: r[key] for key in UNKNOWN_KEYS if key in r}}
                             for r in result.rows],
