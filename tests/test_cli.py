@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import yaml
+from helpers import write_image
 
 from wingspan.data import read_dataset
 
@@ -392,3 +393,17 @@ def test_a_class_name_with_a_comma_is_quoted_in_lists_of_names():
     assert _some(["Danaus plexippus, Monarch", "admiral"]) == \
         "'Danaus plexippus, Monarch', admiral"
     assert _some(list("abc"), n=2) == "a, b ... (+1)"
+
+
+def test_an_exported_model_or_an_unwritable_output_is_refused_before_any_work(tmp_path,
+                                                                              run_cli):
+    image = write_image(tmp_path / "a.jpg")
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"\x08\x07\x12\x07pytorch" + bytes(200))  # what an ONNX file opens with
+    code, _, err = run_cli("predict", onnx, image)
+    assert code == 2 and "is not a wingspan model bundle" in err
+    assert "It is an exported model, for ONNX Runtime" in err and "Traceback" not in err
+    # root may write anywhere, says os.access, /proc included: a file is really made there.
+    if os.path.isdir("/proc/self"):
+        code, _, err = run_cli("predict", onnx, image, "--output", "/proc/preds.csv")
+        assert code == 2 and "/proc cannot be written to" in err

@@ -120,9 +120,15 @@ def _check_output_file(path: Path, suffixes: tuple[str, ...]) -> None:
     existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
     if existing != path.absolute() and not existing.is_dir():
         raise WingspanError(f"--output {path}: {existing} is a file, not a folder.")
-    if not os.access(existing if existing.is_dir() else existing.parent, os.W_OK):
-        raise WingspanError(f"--output {path}: {existing} cannot be written to.",
-                            hint="Write somewhere you have write access.")
+    folder = existing if existing.is_dir() else existing.parent
+    try:  # a file made and removed: os.access says yes to root in /proc or a read-only mount
+        probe = folder / f".{path.name}.{os.getpid()}.probe"
+        probe.open("w").close()
+        probe.unlink()
+    except OSError as e:
+        raise WingspanError(f"--output {path}: {folder} cannot be written to "
+                            f"({e.strerror or e}).",
+                            hint="Write somewhere you have write access.") from e
 
 
 OutDir = Annotated[Path | None, typer.Option(

@@ -126,7 +126,14 @@ def read_manifest(path: str | Path) -> dict:
                 meta = f.metadata() or {}
             manifest = json.loads(meta[METADATA_KEY])
         except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
-            raise WingspanError(f"{path} is not a wingspan model bundle ({e}).") from e
+            exported = {".onnx": "ONNX Runtime", ".pt": "torch.jit.load"}.get(
+                path.suffix.lower())
+            raise WingspanError(
+                f"{path} is not a wingspan model bundle ({first_line(e)}).",
+                hint=f"It is an exported model, for {exported} (the README's export section); "
+                "wingspan's commands take its run folder (runs/NAME) or bundle." if exported
+                else "Give a run folder (runs/NAME) or a model bundle (a run's model/ "
+                "folder, or a .safetensors file wingspan wrote).") from e
     else:
         raise WingspanError(f"No model bundle at {path}.")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
