@@ -92,8 +92,11 @@ def test_export_runs_without_wingspan_and_matches_pytorch(run_dir, run_cli, demo
     assert meta["unknown"]["score"] == "msp+knn" and check["max_unknown_score_difference"] < 1e-3
     import onnx
 
-    ops = [n.op_type for n in onnx.load(str(model)).graph.node]
-    assert ops.count("TopK") == 1  # one kNN search serves both levels
+    graph = onnx.load(str(model)).graph
+    assert [n.op_type for n in graph.node].count("TopK") == 1  # one kNN search, both levels
+    # The batch axis is called so on every input and output (not "Softmaxlabel_dim_0").
+    assert {v.type.tensor_type.shape.dim[0].dim_param
+            for v in [*graph.input, *graph.output]} == {"batch"}
     images = [str(p) for p in sorted(demo_dir.rglob("*.jpg"))[::7]]
     # A cut-out on a transparent background, its hidden pixels black: wingspan puts it on
     # white, and the README's steps must too.

@@ -64,7 +64,8 @@ def export_onnx(module: nn.Module, size: int, names: list[str] | None = None,
         example = torch.zeros(2, 3, size, size) if example is None else example
         try:
             torch.onnx.export(wrapped, (example,), buffer, input_names=[input_name],
-                              output_names=outputs, dynamic_axes={input_name: {0: "batch"}},
+                              output_names=outputs,  # every output's first axis "batch" too
+                              dynamic_axes={n: {0: "batch"} for n in [input_name, *outputs]},
                               opset_version=17, dynamo=False)
             return buffer.getvalue()
         except Exception as e:  # noqa: BLE001 - exporter gone or failed: try the new one
