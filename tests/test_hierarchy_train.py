@@ -55,6 +55,15 @@ def test_hierarchical_bundle_carries_the_taxonomy(hierarchical_run):
     assert rare["white_darktip"] in manifest["classes"]["label"]
     # `wingspan runs` shows the levels learnt, coarse to fine.
     assert run_row(hierarchical_run)["levels"] == ",".join(LEVELS)
+    # The unknown answer's MSP at the coarser levels is on the species' shares, the
+    # probabilities predict shows there: the taxonomy's membership is kept for it.
+    from wingspan.models import load_bundle
+
+    _, _, detector = load_bundle(hierarchical_run / "model", with_unknown=True)
+    assert list(detector.members) == LEVELS[:-1]
+    for lv in LEVELS[:-1]:
+        assert detector.members[lv].shape == (len(manifest["classes"][LEVELS[-1]]),
+                                              len(manifest["classes"][lv]))
 
 
 def test_a_taxonomy_that_does_not_match_the_classes_is_not_written(hierarchical_run,

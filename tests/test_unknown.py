@@ -201,7 +201,8 @@ def test_a_bundle_keeps_the_k_its_knn_threshold_was_set_for(monkeypatch):
     assert UnknownDetector.from_bundle(entry, tensors).fitted["knn"]["label"].k == 10
 
 
-def test_each_score_in_tensor_operations_matches_the_detector():
+@pytest.mark.parametrize("taxonomy", [True, False])  # False: bundles written before it
+def test_each_score_in_tensor_operations_matches_the_detector(taxonomy):
     """What `wingspan export` puts in the graph (no pytorch-ood, no scikit-learn index)
     gives the scores predict gives, for every score and two levels."""
     torch.manual_seed(0)
@@ -209,17 +210,24 @@ def test_each_score_in_tensor_operations_matches_the_detector():
     heads = {"family": torch.nn.Linear(8, 2), "label": torch.nn.Linear(8, 4)}
     x, y = _clusters(30, centres, seed=1)
     vx, _ = _clusters(15, centres, seed=2)
+    member = np.array([[1, 0], [1, 0], [0, 1], [0, 1]])  # species 0, 1 in family 0
     with torch.no_grad():
         logits = {lv: h(x) for lv, h in heads.items()}
         detector = UnknownDetector.fit(x, logits, {"family": y // 2, "label": y}, vx,
                                        {lv: h(vx) for lv, h in heads.items()}, "msp+knn",
-                                       0.05, temperature=1.7)
+                                       0.05, temperature=1.7,
+                                       members={"family": member} if taxonomy else None)
         # As `wingspan export` has it: from a bundle (which keeps the kNN bank in fp16).
         detector = UnknownDetector.from_bundle(json.loads(json.dumps(detector.manifest())),
                                                detector.tensors())
         probe = torch.cat([_clusters(10, centres, seed=3)[0], 4 * torch.randn(20, 8)])
         probe_logits = {lv: h(probe) for lv, h in heads.items()}
         want = detector.scores(probe, probe_logits, every=True)
+        # A family's MSP: 1 - its likeliest class's share of the calibrated species
+        # probabilities, as predict shows it; else (before) the family head's own at T 1.
+        shown = (torch.softmax(probe_logits["label"] / 1.7, -1).numpy() @ member
+                 if taxonomy else torch.softmax(probe_logits["family"], -1).numpy())
+        np.testing.assert_allclose(want["msp"]["family"], 1 - shown.max(1), atol=1e-5)
         for name in UNKNOWN_SCORES:
             got = detector.graph(name)(probe, probe_logits)
             for lv in heads:

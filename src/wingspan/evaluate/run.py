@@ -644,7 +644,9 @@ def fit_unknown(model: str | Path, rate: float | None = None, score: str | None 
                        {lv: torch.as_tensor(y) for lv, y in part.labels.items()})
     detector = UnknownDetector.fit(parts["train"][0], parts["train"][1], parts["train"][2],
                                    parts["val"][0], parts["val"][1], score=score, rate=rate,
-                                   temperature=predictor.temperature, seed=seed)
+                                   temperature=predictor.temperature, seed=seed,
+                                   members=predictor.taxonomy.member
+                                   if predictor.taxonomy else None)
     save_bundle(predictor.model.cpu(), predictor.bundle, manifest["classes"],
                 taxonomy=manifest.get("taxonomy"), training=training,
                 metrics=manifest.get("metrics"), weights_source=manifest.get("weights_source"),

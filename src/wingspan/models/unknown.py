@@ -296,13 +296,28 @@ def _legacy_threshold(threshold: float) -> float:
     return (threshold + TIE_BREAK) / (1.0 + 2 * TIE_BREAK)
 
 
+def _marginal_logits(logits: dict[str, torch.Tensor], finest: str,
+                     members: dict[str, torch.Tensor], temperature: float
+                     ) -> dict[str, torch.Tensor]:
+    """`logits` with each level in `members` replaced by the log of its classes' shares of
+    the finest level's probabilities at `temperature`."""
+    probs = torch.softmax(logits[finest].float() / temperature, -1)
+    return {lv: (probs @ members[lv]).clamp_min(1e-30).log() if lv in members else v
+            for lv, v in logits.items()}
+
+
 class _LevelsGraph(nn.Module):
     """(features, {level: logits}) -> {level: score}."""
 
-    def __init__(self, per_level: dict[str, nn.Module]):
+    def __init__(self, per_level: dict[str, nn.Module],
+                 members: dict[str, torch.Tensor] | None = None, temperature: float = 1.0):
         super().__init__()
         self.levels = list(per_level)
         self.scores = nn.ModuleList(per_level.values())  # one module shared where fitted once
+        # (for a score using MSP: a taxonomy's coarser levels scored on the finest's shares)
+        self.members = nn.ParameterDict({lv: nn.Parameter(m, requires_grad=False)
+                                         for lv, m in (members or {}).items()})
+        self.temperature = temperature
 
     @property
     def step(self) -> float:
@@ -315,6 +330,9 @@ class _LevelsGraph(nn.Module):
                 ) -> dict[str, torch.Tensor]:
         # A kNN score fitted once for every level is searched once per call (its module
         # keeps its result for these features until the call ends), also in a traced graph.
+        if len(self.members):
+            logits = _marginal_logits(logits, self.levels[-1], dict(self.members.items()),
+                                      self.temperature)
         try:
             return {lv: score(features, logits[lv])
                     for lv, score in zip(self.levels, self.scores, strict=True)}
@@ -367,14 +385,23 @@ class UnknownDetector:
     temperature: float
     thresholds: dict[str, dict[str, float]] = field(default_factory=dict)  # score -> level
     fitted: dict[str, dict[str, Score]] = field(default_factory=dict)  # score -> level
+    # A taxonomy's coarser levels: which finest classes each class holds (finest x level,
+    # 0/1). MSP there is 1 - the likeliest class's share of the calibrated finest
+    # probabilities, the probability predict shows for that level. (Bundles written before
+    # have none: MSP there is their own head's, at T 1, chosen by val loss on the very
+    # images its threshold is set on, which turned away 24% of a small demo run's test
+    # images where 5% was asked.)
+    members: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def fit(cls, features: torch.Tensor, logits: dict[str, torch.Tensor],
             labels: dict[str, torch.Tensor], val_features: torch.Tensor,
             val_logits: dict[str, torch.Tensor], score: str, rate: float,
-            temperature: float = 1.0, seed: int = 0) -> UnknownDetector:
+            temperature: float = 1.0, seed: int = 0,
+            members: dict[str, np.ndarray] | None = None) -> UnknownDetector:
         """Fit every score on (a subset of) the training images' features, logits and
-        labels per level, and set each threshold on the known val images."""
+        labels per level, and set each threshold on the known val images. `members`: a
+        taxonomy's membership matrices (`Taxonomy.member`), for MSP at coarser levels."""
         check_rate(rate)
         if len(features) > MAX_FIT_IMAGES:
             keep = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed))
@@ -383,7 +410,9 @@ class UnknownDetector:
             logits = {lv: v[keep] for lv, v in logits.items()}
             labels = {lv: v[keep] for lv, v in labels.items()}
         levels = list(logits)
-        detector = cls(score, rate, levels, temperature)
+        detector = cls(score, rate, levels, temperature,
+                       members={lv: torch.as_tensor(np.asarray(m), dtype=torch.float32)
+                                for lv, m in (members or {}).items() if lv != levels[-1]})
         for name, make in SCORES.items():
             shared = None if make.uses_labels else make().fit(features, None, None, temperature)
             detector.fitted[name] = {
@@ -407,7 +436,9 @@ class UnknownDetector:
         names = list(self.fitted) if every else [self.check_score(score or self.score)]
         base = {n for n in names if n in SCORES}
         base |= {p for n in names if n in COMBINED for p in COMBINED[n]}
-        raw = {n: {lv: self.fitted[n][lv](features, logits[lv]) for lv in self.levels}
+        shares = self.msp_logits(logits) if "msp" in base else logits
+        raw = {n: {lv: self.fitted[n][lv](features, (shares if n == "msp" else logits)[lv])
+                   for lv in self.levels}
                for n in SCORES if n in base}
         for n in names:
             if n in COMBINED:
@@ -415,6 +446,14 @@ class UnknownDetector:
                           for lv in self.levels}
         out = {n: {lv: raw[n][lv].numpy() for lv in self.levels} for n in names}
         return out if every else out[names[0]]
+
+    def msp_logits(self, logits: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What MSP scores at each level: the level's own logits, or for a coarser level of
+        a taxonomy the log of its classes' shares of the calibrated finest probabilities
+        (MSP takes them at T 1: their softmax is those shares)."""
+        if not self.members:
+            return logits
+        return _marginal_logits(logits, self.levels[-1], self.members, self.temperature)
 
     def graph(self, score: str | None = None) -> nn.Module:
         """The default score (or `score`) in tensor operations only, for an exported model:
@@ -429,7 +468,9 @@ class UnknownDetector:
                                     if n in COMBINED else scorer.graph())
             return made[id(scorer)]
 
-        return _LevelsGraph({lv: build(name, lv) for lv in self.levels})
+        uses_msp = name == "msp" or "msp" in COMBINED.get(name, ())
+        return _LevelsGraph({lv: build(name, lv) for lv in self.levels},
+                            self.members if uses_msp else {}, self.temperature)
 
     def check_score(self, name: str) -> str:
         if name not in self.fitted:
@@ -454,6 +495,7 @@ class UnknownDetector:
                 done.add(id(scorer))
                 key = f"{PREFIX}{name}." + (f"{lv}." if scorer.uses_labels else "")
                 out.update({key + k: v.contiguous() for k, v in scorer.tensors().items()})
+        out.update({f"{PREFIX}members.{lv}": m.contiguous() for lv, m in self.members.items()})
         return out
 
     @classmethod
@@ -465,7 +507,9 @@ class UnknownDetector:
                                  if name in COMBINED else per_level)
                           for name, per_level in thresholds.items()}
         detector = cls(entry["score"], float(entry["rate"]), levels, temperature,
-                       thresholds=thresholds)
+                       thresholds=thresholds,
+                       members={lv: m.float() for lv, m in
+                                _under(tensors, f"{PREFIX}members.").items()})
         for name in entry["thresholds"]:
             if name in COMBINED:
                 detector.fitted[name] = {lv: Combined(COMBINED[name]).load(

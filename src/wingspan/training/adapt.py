@@ -180,7 +180,8 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
         unknown = UnknownDetector.fit(
             as_t["train"], predictor.heads(as_t["train"]), t, as_t["val"],
             predictor.heads(as_t["val"]), score=predictor.unknown.score,
-            rate=predictor.unknown.rate, temperature=temperature, seed=seed)
+            rate=predictor.unknown.rate, temperature=temperature, seed=seed,
+            members=predictor.taxonomy.member if predictor.taxonomy else None)
 
     names = manifest["classes"][fine]
     given = set(real_paths(paths))

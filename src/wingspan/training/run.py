@@ -716,7 +716,7 @@ def _fit_unknown(run: Run, val: tuple, temperature: float) -> UnknownDetector:
     return UnknownDetector.fit(
         feats, logits, {lv: labels[:, i] for i, lv in enumerate(levels)}, val[0], val[1],
         score=run.config.unknown_score, rate=rate, temperature=temperature,
-        seed=run.config.seed)
+        seed=run.config.seed, members=run.data.taxonomy.member if run.data.taxonomy else None)
 
 
 def _profile_table(profile: dict) -> dict:
