@@ -42,6 +42,9 @@ def test_health_model_and_a_good_image(client, run_dir):
     assert client.get("/health").json()["status"] == "ok"
     info = client.get("/model").json()
     assert list(info["classes"]) == ["family", "label"] and info["calibration"]["temperature"]
+    unknown = json.loads((run_dir / "model" / "manifest.json").read_text())["unknown"]
+    assert info["unknown"] == {"score": unknown["score"], "rate": unknown["rate"],
+                               "thresholds": unknown["thresholds"][unknown["score"]]}
     # When training finished, which a later `calibrate` (rewriting the folder) leaves.
     finished = json.loads((run_dir / "model" / "manifest.json").read_text())["training"][
         "finished"]

@@ -214,7 +214,11 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
                 # from before this was recorded: its folder's time.
                 "trained": manifest.get("training", {}).get("finished") or time.strftime(
                     "%Y-%m-%d %H:%M UTC", time.gmtime(Path(predictor.bundle).stat().st_mtime)),
-                "engine": predictor.policy.describe()}
+                "engine": predictor.policy.describe(),
+                # what "unknown" in an answer means: the score, and each level's threshold
+                "unknown": ({"score": predictor.unknown_score, "rate": predictor.unknown.rate,
+                             "thresholds": predictor.thresholds}
+                            if predictor.unknown else None)}
 
     @contextmanager
     def admitted():
