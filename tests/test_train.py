@@ -1210,6 +1210,25 @@ def test_a_resumed_run_says_so_and_does_not_repeat_what_it_said_once(tmp_path, m
     assert f"Resuming {run_dir} at finetune epoch 1, on " in lines[resumed]
 
 
+def test_a_test_photo_deleted_while_a_run_was_stopped_is_counted_out(tmp_path, monkeypatch):
+    """train.log's last line and metrics.json count the test images evaluate can score."""
+    data = folder_dataset(tmp_path / "data", {"a": 15, "b": 15})
+    kill_at_first_finetune_row(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        train(read_dataset(data), tiny(tmp_path, epochs_head=1, epochs_finetune=1,
+                                       test_fraction=0.2), tmp_path / "runs", "r", quiet=True)
+    monkeypatch.undo()
+    run_dir = tmp_path / "runs" / "r"
+    splits = pd.read_csv(run_dir / "splits.csv")
+    tests = splits.loc[splits["split"] == "test", "path"].tolist()
+    os.remove(tests[0])
+    resume(run_dir, quiet=True)
+    last = (run_dir / "train.log").read_text().splitlines()[-1]
+    assert f"scores the {len(tests) - 1} test images left (1 of the {len(tests)} are gone " \
+           "since the run began)" in last
+    assert json.loads((run_dir / "metrics.json").read_text())["test_images"] == len(tests) - 1
+
+
 @pytest.mark.parametrize("target, match, said", [
     # config.yaml being written, splits.csv before it
     ("wingspan.files:_flush", "config", "stopped while it was being set up"),

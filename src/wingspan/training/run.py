@@ -588,6 +588,7 @@ def _write_results(run: Run) -> None:
     run.model.load_state_dict(best["model"])
     best_row = next(r for r in state.history
                     if r["stage"] == best["stage"] and r["epoch"] == best["epoch"])
+    test_gone = _test_images_gone(run)
     metrics = {
         "level": run.data.level, "levels": run.data.levels,
         "classes": {lv: len(c) for lv, c in run.data.level_classes.items()},
@@ -601,7 +602,7 @@ def _write_results(run: Run) -> None:
         # The images it could read (the others are listed under "unreadable")
         "train_images": int(run.readable(run.data.train).sum()),
         "val_images": int(run.readable(run.data.val).sum()),
-        "test_images": run.data.test_images,
+        "test_images": run.data.test_images - test_gone,  # (gone since the run began: left)
         # Which figure is fair: the best epoch was chosen on val, so its score is optimistic.
         "selection": {"chosen_on": "val", "unbiased_split": "test" if run.data.test_images
                       else None},
@@ -624,15 +625,26 @@ def _write_results(run: Run) -> None:
     run.log(f"Best val macro-F1 {best_row['val_macro_f1']:.4f} (acc {best_row['val_acc']:.4f}) "
             f"at {best['stage']} epoch {best['epoch']}; model in {run.dir / 'model'}")
     if run.data.test_images:
+        left = run.data.test_images - test_gone
         run.log(f"That val figure is optimistic (the epoch was chosen on it). For a fair one: "
-                f"`wingspan evaluate {run.dir}` scores the {run.data.test_images} test images, "
-                "never trained or chosen on.")
+                f"`wingspan evaluate {run.dir}` scores the {left} test images"
+                + (f" left ({test_gone} of the {run.data.test_images} are gone since the run "
+                   "began)" if test_gone else "") + ", never trained or chosen on.")
     else:
         why = ("--test-fraction 0" if not run.config.test_fraction else
                "--selection val on data with its own val" if run.config.selection == "val"
                else "the data's own split has no test images that could be read")
         run.log(f"No test split was kept apart ({why}): the val figure is the only one, and "
                 "optimistic (the epoch was chosen on it).")
+
+
+def _test_images_gone(run: Run) -> int:
+    """How many of the run's test images are gone since it began (deleted or moved while
+    it was stopped): what evaluate then cannot score."""
+    if not run.data.test_images:
+        return 0
+    table = read_dataset(run.dir / SPLITS_FILE, ReadConfig(check_files=False)).table
+    return sum(not os.path.isfile(p) for p in table.loc[table["split"] == "test", "path"])
 
 
 @torch.inference_mode()
