@@ -316,7 +316,9 @@ def _decode(name: str | None, data: bytes, draft: int | None = None):
         with open_image(io.BytesIO(data)):
             pass
     except (UnidentifiedImageError, OSError) as e:
-        raise HTTPException(415, f"{name}: not an image Pillow can read.") from e
+        raise HTTPException(415, f"{name}: " + (
+            "the file is empty (0 bytes)." if not data else "not a JPEG, PNG, TIFF, WebP, GIF "
+            "or BMP image, whatever its name says.")) from e
     # open_rgb holds to the pixel budget (from the header, before decoding), and refuses a
     # strip whose resize to `draft` would outgrow it (a 1 x 40000 PNG of a few hundred bytes)
     try:
