@@ -256,20 +256,21 @@ def _resume(run_dir: Path, config: TrainConfig, fabric, quiet: bool) -> Path:
         for folder in (run_dir, run_dir / "checkpoints", run_dir / "cache", run_dir / "model"):
             remove_leftovers(folder)  # of the writes a kill cut short
     last = run_dir / "checkpoints" / "last.pt"
+    complete = _complete_bundle(run_dir / "model", intact=True)
     try:
         checkpoint = load_checkpoint(last) if last.is_file() else None
     except WingspanError as e:  # (a finished model is never trained over: see below)
         raise WingspanError(e.message, hint=(
             f"It may be damaged; the run's finished model is in {run_dir / 'model'}."
-            if _complete_bundle(run_dir / "model") else
+            if complete else
             f"It may be damaged. Delete it to train this run again from its start "
             f"(`wingspan train --resume {run_dir}`), or train a new run.")) from e
     finished = checkpoint and checkpoint["state"]["stage"] == "done"
     scored = not config.holdout_classes or "unknown" in _read_json(run_dir / "metrics.json")
-    if finished and _complete_bundle(run_dir / "model") and scored:
+    if finished and complete and scored:
         raise WingspanError(f"The run {run_dir} is finished; there is nothing to resume.",
                             hint=f"Its model is in {run_dir / 'model'}.")
-    if checkpoint is None and _complete_bundle(run_dir / "model"):
+    if checkpoint is None and complete:
         # Starting again from nothing would overwrite the finished model.
         raise WingspanError(f"The run {run_dir} has a finished model and no checkpoint "
                             f"({last}) to resume from.",
@@ -280,7 +281,7 @@ def _resume(run_dir: Path, config: TrainConfig, fabric, quiet: bool) -> Path:
     dataset = read_dataset(run_dir / SPLITS_FILE, ReadConfig(check_files=False))
     gone = [p for p in dataset.table["path"] if not os.path.isfile(p)]
     _check_classes_remain(run_dir / SPLITS_FILE, dataset, gone, config.trained_levels)
-    scoring = finished and _complete_bundle(run_dir / "model")  # killed scoring held-out
+    scoring = finished and complete  # killed while scoring the held-out classes
     run = _start(run_dir, config, dataset, quiet, checkpoint, fabric,
                  resuming=_resuming(run_dir, checkpoint, scoring))
     run.note_unreadable([(p, f"Cannot read image {p}: the file is gone since the run began")
@@ -330,12 +331,14 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
-def _complete_bundle(path: Path) -> bool:
-    """Whether training wrote its bundle to the end (the manifest comes last), and its
-    weights are intact: a damaged one is written again from the checkpoint."""
+def _complete_bundle(path: Path, intact: bool = False) -> bool:
+    """Whether training wrote its bundle to the end (the manifest comes last), and with
+    `intact` whether its weights match their checksum (a resume writes a damaged one again
+    from the checkpoint; reading them costs a second or two for a ResNet-50)."""
     try:
         manifest = read_manifest(path)
-        return "calibration" in manifest and bool(checked_weights(path, manifest))
+        return "calibration" in manifest and (not intact or bool(checked_weights(path,
+                                                                                manifest)))
     except WingspanError:
         return False
 
