@@ -372,7 +372,7 @@ def test_the_page_in_a_real_browser(run_dir, demo_dir, tmp_path):
         notes.write_text("a text file named like a photo")
         page.set_input_files("#file", str(notes))
         page.wait_for_selector("body[data-state=error]")
-        assert "not an image" in page.text_content("#error")
+        assert "not a JPEG, PNG" in page.text_content("#error")
         # The model's details failing to load says so, rather than "loading" for ever.
         page.route("**/model", lambda route: route.fulfill(status=503, body="{}"))
         page.reload()
