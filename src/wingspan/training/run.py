@@ -191,11 +191,12 @@ def _score_held_out(run_dir: Path, run: Run) -> Path:
     u = result.metrics["unknown"]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     run.write_json("metrics.json", {**metrics, "unknown": u})
+    away = away_wording(u)[0]
     run.log(f"Held-out classes as unknowns ({u['unseen_images']} images, score '{u['score']}'): "
-            f"AUROC {u['auroc']:.3f}, FPR95 {u['fpr95']:.3f}; {u['unseen_flagged']:.1%} "
-            f"{away_wording(u)[0]}, {u['known_turned_away']:.1%} of known "
-            f"{result.metrics['split']} "
-            f"images; report {result.report}"
+            f"AUROC {u['auroc']:.3f}, FPR95 {u['fpr95']:.3f}; {u['unseen_flagged']:.1%} of them "
+            f"{away}, the other {1 - u['unseen_flagged']:.1%} named as a known class; "
+            f"{u['known_turned_away']:.1%} of the known {result.metrics['split']} images "
+            f"{away} too; report {result.report}"
             + (f" ({len(u['unreadable'])} of their images could not be read and were not "
                "scored: listed in metrics.json)" if u.get("unreadable") else ""))
     return run_dir
