@@ -663,6 +663,8 @@ def test_a_folder_that_cannot_be_listed_is_said_not_skipped(tmp_path, monkeypatc
     found, skipped = expand_paths([str(tmp_path / "monarch")])
     assert len(found) == 2
     assert [p for p, _ in skipped] == [str(tmp_path / "monarch" / "2023")]
+    _, skipped = expand_paths([str(tmp_path / "admiral") + "/"])  # said once, not twice
+    assert [p for p, _ in skipped] == [str(tmp_path / "admiral")]
     # An unreadable data folder itself: a message, not a traceback.
     listdir = os.listdir
     monkeypatch.setattr(os, "listdir", lambda p=".": (_ for _ in ()).throw(

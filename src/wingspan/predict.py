@@ -47,7 +47,7 @@ def expand_paths(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
         elif Path(item).is_dir():
             images = images_in(item)
             found += images
-            if not images:
+            if not images and not any(Path(m[0]) == Path(item) for m in missing):  # (locked)
                 missing.append((item, "the folder holds no images"))
         elif Path(item).is_file():
             found.append(item)
