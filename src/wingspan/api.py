@@ -738,7 +738,7 @@ class Run:
         return _predictions([_prediction_row(result, kind, i) for kind, i in result.order])
 
     def explain(self, images: str | Path | list[str | Path], out: str | Path | None = None,
-                device: str = "cpu") -> list[Image]:
+                device: str = TrainConfig.device) -> list[Image]:
         """Grad-CAM overlays (where the model looked for the class it predicted), as
         `wingspan explain`; one PNG per image in `out` (default RUN/explain). Inputs that
         cannot be read are left out, with a warning naming them.

@@ -1153,8 +1153,7 @@ def explain_command(
                                                 show_default=False)],
     out_dir: Annotated[Path | None, typer.Option(
         "--out", help="Folder for the overlays (default: RUN/explain).")] = None,
-    device: Annotated[str, typer.Option(
-        "--device", help="cpu (enough for a few images) | auto | cuda | cuda:N.")] = "cpu",
+    device: DeviceOpt = T.device,
 ) -> None:
     """Grad-CAM overlays: where the model looked for the class it predicted, one PNG per
     image."""

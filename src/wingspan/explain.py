@@ -76,7 +76,7 @@ def explain_image(predictor: Predictor, x: torch.Tensor, target: str | None = No
 
 
 def explain(model: str | Path, images: list[str], out: str | Path,
-            device: str = "cpu") -> list[Explanation]:
+            device: str = "auto") -> list[Explanation]:
     """An overlay PNG per image in `out`; unreadable images are reported, not fatal."""
     out = Path(out)
     if out.exists() and not out.is_dir():  # before any work
