@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 
 import pandas as pd
 import pytest
@@ -278,3 +279,40 @@ def test_a_data_error_on_two_processes_is_said_once(demo_dir, tmp_path):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode != 0
     assert err.decode().count("no class 'nosuch'") == 1, err.decode()[-2000:]
+
+
+def test_the_ranks_train_the_same_head_with_dropout_on(demo_dir, tmp_path):
+    """Stage 1 trains the whole head on every rank, on the same features: the ranks draw
+    the same dropout masks, so their heads are equal at each epoch's end, before rank 0's
+    are copied to the others. (A rank that drifted could stop alone on a NaN, and leave
+    the others waiting for it.)"""
+    found = tmp_path / "differences.txt"
+    script = tmp_path / "check.py"  # Fabric's launcher starts rank 1 by running it again
+    script.write_text(textwrap.dedent(f"""
+        import wingspan.training.stages as stages
+        from wingspan.cli import main
+
+        sync = stages._sync_from_rank_zero
+
+        def compared(run, module):
+            for name, tensor in module.state_dict().items():
+                both = run.fabric.all_gather(tensor)
+                if run.fabric.is_global_zero:
+                    with open({str(found)!r}, "a") as f:
+                        f.write(f"{{name}} {{float((both[0] - both[1]).abs().max())}}\\n")
+            sync(run, module)
+
+        stages._sync_from_rank_zero = compared
+        main()
+    """))
+    config = _config(tmp_path, dropout=0.5, epochs_finetune=0)
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text(yaml.safe_dump(vars(config)))
+    proc = subprocess.Popen([sys.executable, str(script), "train", str(demo_dir), "--config",
+                             str(config_file), "--runs-dir", str(tmp_path / "runs"), "--quiet",
+                             "--devices", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    _finish(proc)
+    rows = [line.split() for line in found.read_text().splitlines()]
+    assert len(rows) >= 3 * 2  # 3 epochs, a weight and a bias at least
+    assert all(float(diff) == 0.0 for _, diff in rows), rows

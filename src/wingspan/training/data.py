@@ -24,7 +24,7 @@ Request = tuple[int, int, int]
 
 
 # Stand-ins for an image index when seeding per-epoch draws rather than one image.
-ORDER, VIEW_CHOICE = 2**32 - 1, 2**32 - 2
+ORDER, VIEW_CHOICE, HEAD_DROPOUT = 2**32 - 1, 2**32 - 2, 2**32 - 3
 
 
 def item_seed(seed: int, epoch: int, index: int, view: int = 0) -> int:

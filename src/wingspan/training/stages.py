@@ -23,10 +23,12 @@ from torch import nn
 
 from wingspan.errors import WingspanError, counted
 from wingspan.files import atomic_path, file_stamp
+from wingspan.models.engine import own_random_stream
 from wingspan.parallel import gather_objects, gather_shards, shard
 from wingspan.progress import Bar, track
 from wingspan.training.context import Run
 from wingspan.training.data import (
+    HEAD_DROPOUT,
     VIEW_CHOICE,
     EpochBatches,
     LabelledImages,
@@ -340,7 +342,8 @@ def say_what_is_read(run: Run, readable: torch.Tensor | None = None) -> None:
 def train_head(run: Run) -> None:
     """Stage 1. The backbone is frozen; only the head's parameters get an optimizer. It
     trains in fp32 on the run's device, on every rank alike (the head is small; rank 0's
-    weights are copied to the others after each epoch, so they cannot drift apart)."""
+    weights are also copied to the others after each epoch, as a GPU's kernels need not
+    be bit-reproducible)."""
     config, state, device = run.config, run.state, run.device
     run.model.backbone.freeze()
     head = run.model.head
@@ -369,31 +372,36 @@ def train_head(run: Run) -> None:
         g = torch.Generator().manual_seed(item_seed(config.seed, epoch, VIEW_CHOICE))
         views = torch.randint(0, config.feature_views + 1, (n,), generator=g)
         head.train()
-        loss_sum, preds = 0.0, torch.empty(n, dtype=torch.long)
+        loss_sum, preds = 0.0, []
         seen, steps = [], -(-len(order) // config.batch_size)
-        for step, b in enumerate(range(0, len(order), config.batch_size)):
-            t0 = time.perf_counter()
-            idx = torch.tensor(order[b:b + config.batch_size], dtype=torch.long)
-            if cached:
-                feats = train_feats[idx, views[idx]]
-            else:
-                feats, read = _frozen_features(run, frozen, idx, views[idx], epoch)
-                feats, idx = feats[read], idx[read]
-                if not len(idx):
-                    continue
-            t1 = time.perf_counter()
-            outputs = head(feats.to(device, non_blocking=True))
-            loss = criterion(outputs, labels[idx].to(device, non_blocking=True))
-            t2 = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            _stop_if_diverged(run, "head", epoch, step)
-            schedule.at(epoch, step + 1, steps)
-            loss_sum += loss.item() * len(idx)
-            seen.append(idx)
-            preds[idx] = _answered(run, outputs).cpu()
-            _account(run, "head", t0, t1, t2, len(idx))
+        # Every rank trains the whole head on the same features: its dropout masks are
+        # drawn alike on each, from the epoch's own seed (so a resumed epoch draws them
+        # again), and the ranks' heads stay equal step by step, not just at the sync.
+        with own_random_stream(device):
+            torch.manual_seed(item_seed(config.seed, epoch, HEAD_DROPOUT))
+            for step, b in enumerate(range(0, len(order), config.batch_size)):
+                t0 = time.perf_counter()
+                idx = torch.tensor(order[b:b + config.batch_size], dtype=torch.long)
+                if cached:
+                    feats = train_feats[idx, views[idx]]
+                else:
+                    feats, read = _frozen_features(run, frozen, idx, views[idx], epoch)
+                    feats, idx = feats[read], idx[read]
+                    if not len(idx):
+                        continue
+                t1 = time.perf_counter()
+                outputs = head(feats.to(device, non_blocking=True))
+                loss = criterion(outputs, labels[idx].to(device, non_blocking=True))
+                t2 = time.perf_counter()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                _stop_if_diverged(run, "head", epoch, step)
+                schedule.at(epoch, step + 1, steps)
+                loss_sum += loss.item() * len(idx)
+                seen.append(idx)
+                preds.append(_answered(run, outputs).cpu())  # a weighted draw repeats images
+                _account(run, "head", t0, t1, t2, len(idx))
         _sync_from_rank_zero(run, head)
         run.share_unreadable()  # (without the cache each rank read its own shard)
         if not seen:
@@ -405,7 +413,7 @@ def train_head(run: Run) -> None:
                else evaluate_images(run, run.data.val))
         run.timing("head", "eval", time.perf_counter() - t0)
         _end_epoch(run, "head", epoch, loss_sum / len(seen_idx), labels[seen_idx, -1],
-                   preds[seen_idx], val, optimizer, len(seen_idx), time.perf_counter() - start)
+                   torch.cat(preds), val, optimizer, len(seen_idx), time.perf_counter() - start)
         if state.bad_epochs >= config.patience and epoch + 1 < config.epochs_head:
             run.log(f"Head stage stopped early: no better val macro-F1 (or val loss at an "
                     f"equal one) in {config.patience} epochs")
