@@ -19,7 +19,7 @@ from helpers import (
 )
 from PIL import Image
 
-from wingspan.config import TrainConfig
+from wingspan.config import SettingError, TrainConfig
 from wingspan.data import read_dataset
 from wingspan.data.images import open_rgb
 from wingspan.errors import WingspanError
@@ -689,6 +689,14 @@ def test_config_file_and_command_line(tmp_path, run_cli, demo_dir):
     code, _, err = run_cli("train", demo_dir, "--rare-below", "3", "--quiet")
     assert code == 2 and "--rare-below must be 0 unless 'levels' names" in err
     assert TrainConfig(rare_below=3, levels=["family", "label"]).rare_below == 3
+    # The library as the CLI: a level the levels lack, or a coarser one, is not dropped in
+    # silence (the run would have predicted the finest).
+    with pytest.raises(SettingError, match="must be one of levels"):
+        TrainConfig(level="genus", levels=["family", "label"])
+    with pytest.raises(WingspanError, match="'family' is not the finest of levels"):
+        train(read_dataset(demo_dir), tiny(tmp_path, level="family", levels=["label", "family"]),
+              tmp_path / "lv", "lv", quiet=True)
+    assert not (tmp_path / "lv").exists()
     # A wrong type in the file: refused before any run folder or feature cache is made.
     path.write_text("epochs_head: 1.5\nlr: fast\n")
     code, _, err = run_cli("train", demo_dir, "--config", path, "--runs-dir", tmp_path / "r")

@@ -499,6 +499,11 @@ class TrainConfig:
         if self.levels is not None:
             _check(len(self.levels) >= 1 and len(set(self.levels)) == len(self.levels),
                    "levels", "distinct level names", self.levels)
+            # A run with several levels predicts the finest: a level outside them would be
+            # dropped without a word.
+            _check(self.level is None or self.level in self.levels, "level",
+                   f"one of levels {self.levels} (the finest is predicted), or left out",
+                   self.level)
         if self.level_weights is not None:
             _check(self.levels is not None and len(self.level_weights) == len(self.levels),
                    "level_weights", "one weight per entry of 'levels'", self.level_weights)

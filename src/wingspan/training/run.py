@@ -350,6 +350,12 @@ def resolve_levels(dataset: Dataset, config: TrainConfig) -> TrainConfig:
         for lv in config.levels:
             dataset.resolve_level(lv)
         levels = [lv for lv in dataset.levels if lv in config.levels]
+        if config.level not in (None, levels[-1]):
+            raise WingspanError(
+                f"level '{config.level}' is not the finest of levels {levels}: a run with "
+                f"several levels predicts the finest, here '{levels[-1]}'.",
+                hint="Leave level out (or name the finest); evaluate and predict report "
+                     "every level.")
         weights = config.level_weights
         if weights:
             by_name = dict(zip(config.levels, weights, strict=True))
