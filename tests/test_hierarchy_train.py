@@ -426,6 +426,12 @@ def test_adapt_refits_every_level_of_a_taxonomy_run(pretrained_hierarchical_run,
                                                                  progress=False))
     assert all(set(p.heads) == set(LEVELS[:-1]) and p.unknown for p in preds)
     assert json.loads((tmp_path / "adapted" / "adapt.json").read_text())["photos"] == len(photos)
+    # Its val figures are what evaluate gives: the top-down branch's answers, at the
+    # temperature fitted again.
+    result = evaluate(tmp_path / "adapted", split="val", progress=False, workers=0)
+    assert result.metrics["accuracy"] == pytest.approx(done["val_accuracy"])
+    assert result.metrics["ece"] == pytest.approx(manifest["calibration"]["val_ece_after"],
+                                                  abs=1e-6)
 
 
 def test_refitting_refuses_a_splits_csv_whose_coarse_classes_the_model_does_not_know(

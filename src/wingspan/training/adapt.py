@@ -143,8 +143,11 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
     x_train, x_val = train.features.astype(np.float64), val.features.astype(np.float64)
 
     fine = levels[-1]
+    # The class answered is a taxonomy's top-down branch, as training and evaluate score it.
+    answer = predictor.taxonomy.answer if predictor.taxonomy else (lambda p: p.argmax(1))
     before, y_val = _logits(predictor, x_photos), val.labels[fine]
-    val_before = float(np.mean(_logits(predictor, x_val)[fine].argmax(1) == y_val))
+    val_before = float(np.mean(answer(softmax(_logits(predictor, x_val)[fine],
+                                              predictor.temperature)) == y_val))
     used, unfitted = {}, {}
     for lv in levels:
         if len(manifest["classes"][lv]) < 2:  # one class at this level (one family): nothing to fit
@@ -170,7 +173,7 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
 
     # Temperature and unknown scores, as training fits them (on the run's own images).
     val_logits = _logits(predictor, x_val)
-    calibration = calibration_record(val_logits[fine], y_val, "val")
+    calibration = calibration_record(val_logits[fine], y_val, "val", answer=answer)
     temperature = calibration["temperature"]
     unknown = None
     if predictor.unknown is not None:
@@ -200,7 +203,7 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
         # ... and its test images: a test evaluation of the adapted run is then not fair.
         "test_images_among_photos": len(given.intersection(real_paths(_test_paths(run_dir)))),
         "val_accuracy_before": val_before,
-        "val_accuracy": float(np.mean(val_logits[fine].argmax(1) == y_val)),
+        "val_accuracy": float(np.mean(answer(softmax(val_logits[fine], temperature)) == y_val)),
         "temperature": temperature,
     }
     # Written beside `out` and renamed into place: a killed adapt leaves no half a run.
