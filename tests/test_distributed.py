@@ -316,3 +316,21 @@ def test_the_ranks_train_the_same_head_with_dropout_on(demo_dir, tmp_path):
     rows = [line.split() for line in found.read_text().splitlines()]
     assert len(rows) >= 3 * 2  # 3 epochs, a weight and a bias at least
     assert all(float(diff) == 0.0 for _, diff in rows), rows
+
+
+def test_a_run_folder_rank_0_cannot_make_stops_every_torchrun_process_cleanly(demo_dir,
+                                                                               tmp_path):
+    """Rank 0 alone makes the run folder: when it cannot (here a name that is a path), the
+    others learn it and stop too, rather than fail on a connection rank 0 closed."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-port", "29517", "-m", "wingspan", "train", str(demo_dir), "--name", "../x",
+         "--runs-dir", str(tmp_path / "runs"), "--weights", "none", "--backbone",
+         "test_efficientnet", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        start_new_session=True)
+    _, err = proc.communicate(timeout=300)
+    err = err.decode()
+    assert proc.returncode != 0
+    assert err.count("is a path") == 1, err[-3000:]
+    assert "Connection closed" not in err and "[rank1]" not in err, err[-3000:]
+    assert not (tmp_path / "x").exists()

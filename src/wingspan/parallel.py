@@ -12,6 +12,9 @@ wraps the fine-tuned model in DistributedDataParallel. Who does what in a distri
 - rank 0 alone times the engines (and broadcasts the choice), names the run folder, and
   writes logs, progress bars, checkpoints, the bundle and the report.
 
+Every rank reads the checkpoints rank 0 writes, so on several machines the runs folder is
+one they all share.
+
 `--batch-size` is the global batch, split across the ranks, so a run means the same thing
 on any number of processes and a checkpoint resumes on another number.
 """
@@ -154,6 +157,13 @@ def gather_objects(fabric: Fabric, items: list) -> list:
     out = [None] * fabric.world_size
     torch.distributed.all_gather_object(out, items)
     return out
+
+
+def every_rank(fabric: Fabric, flag: bool) -> bool:
+    """True on every rank if `flag` is true on every rank (a collective: every rank calls
+    it): a choice each rank makes from its own reading, such as a cache file it can use,
+    taken by all or none."""
+    return all(gather_objects(fabric, [bool(flag)])[r][0] for r in range(fabric.world_size))
 
 
 def interleave(parts: list[list]) -> list:

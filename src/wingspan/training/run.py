@@ -77,12 +77,19 @@ def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = RUNS_DIR
     config = dataclasses.replace(config, backbone=backbone)  # the run records the real one
     level = config.level
     fabric = _processes(config).fabric()
-    run_dir = None
+    made = None
     name = name or f"{dataset.name}-{config.backbone}"
-    if fabric.is_global_zero:  # rank 0 names the run; the others learn its folder
-        run_dir = _new_run_dir(Path(runs_dir), name)
-        hold_lock(run_dir)  # a folder just made: no other process has it
-    run_dir = Path(fabric.broadcast(str(run_dir) if run_dir else None))
+    if fabric.is_global_zero:  # rank 0 names the run; the others learn its folder, or that
+        try:  # it could not make one (a bad name, a folder it may not write), and stop too
+            made = _new_run_dir(Path(runs_dir), name)
+            hold_lock(made)  # a folder just made: no other process has it
+        except BaseException:
+            fabric.broadcast(None)
+            raise
+    made = fabric.broadcast(str(made) if made else None)
+    if made is None:  # (rank 0 says why)
+        raise WingspanError("No run folder could be made.", every_rank=True)
+    run_dir = Path(made)
     logs: list[str] = [_name_taken(run_dir, name)] if fabric.is_global_zero else []
     report_reading(dataset, logs.append)
     try:
@@ -785,7 +792,7 @@ def _new_run_dir(runs: Path, name: str) -> Path:
     if name in ("", ".", "..") or "/" in name or os.sep in name:  # a name, not a path
         raise WingspanError(f"The run name '{name}' is a path; a run is named, and goes in "
                             f"--runs-dir ({runs}).", hint="Give a plain name, e.g. leeds-lite2, "
-                            "and the folder with --runs-dir.", every_rank=True)
+                            "and the folder with --runs-dir.")
     path, n = make_folder(runs) / name, 2
     while path.exists():
         path, n = runs / f"{name}-{n}", n + 1

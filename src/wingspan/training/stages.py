@@ -24,7 +24,7 @@ from torch import nn
 from wingspan.errors import WingspanError, counted
 from wingspan.files import atomic_path, file_stamp
 from wingspan.models.engine import own_random_stream
-from wingspan.parallel import gather_objects, gather_shards, shard
+from wingspan.parallel import every_rank, gather_objects, gather_shards, shard
 from wingspan.progress import Bar, track
 from wingspan.training.context import Run
 from wingspan.training.data import (
@@ -224,14 +224,16 @@ def extract_features(run: Run, views: int) -> tuple[torch.Tensor, torch.Tensor]:
         try:
             saved = load_file(path)
             if (saved["train"].shape[:2] == (n, views + 1) and len(saved["val"]) == m
-                    and run.fabric.broadcast(_same_images(run, saved.get("stamps"), stamps))):
+                    and _same_images(run, saved.get("stamps"), stamps)):
                 with safe_open(path, "pt") as f:  # what could not be read, as it was cached
                     unreadable = json.loads((f.metadata() or {}).get("unreadable", "{}"))
                 cached = saved["train"], saved["val"]
         except Exception as e:  # noqa: BLE001 - a damaged cache file is only redone
             run.log(f"The feature cache {path} cannot be read ({type(e).__name__}); "
                     "computing it again")
-    if cached is not None:
+    # Used by all ranks or none (each read it for itself; runs/ on a disk a machine of a
+    # multi-node run does not share is computed again).
+    if every_rank(run.fabric, cached is not None):
         run.note_unreadable(list(unreadable.items()))
         run.share_unreadable()  # (--strict under DDP stops every rank here)
         return cached
