@@ -276,3 +276,32 @@ def test_near_duplicates_are_the_same_pairs_in_any_size_of_block():
         assert set(zip(found["path_a"], found["path_b"], found["hash_distance"],
                        strict=True)) == expected
         assert found["across_splits"].all() and found["labels_differ"].all()
+
+
+def test_a_look_alike_class_lists_each_image_with_its_closest_not_every_pair():
+    """Pinned specimens shot alike: 60 near-identical images list each one's closest few
+    partners (not 1,770 pairs), and each pair names the group of all 60."""
+    import pandas as pd
+    import torch
+
+    from wingspan.config import AuditConfig
+    from wingspan.data.audit import near_duplicates
+
+    rng = np.random.default_rng(1)
+    n = 100
+    features = rng.normal(size=(n, 16))
+    features[:60] = features[0] + rng.normal(scale=0.01, size=(60, 16))  # one look
+    features[60:62] = features[60] + rng.normal(scale=0.01, size=(2, 16))  # a pair apart
+    bits = rng.integers(0, 2, size=(n, 64)).astype(bool)
+    table = pd.DataFrame({"path": [f"/d/{i}.jpg" for i in range(n)], "split": "train",
+                          "label": "a"})
+    found = near_duplicates(table, torch.from_numpy(features), torch.from_numpy(bits),
+                            "label", AuditConfig(duplicates_per_image=5), cells=7 * n)
+    look = found[found["group_size"] == 60]
+    listed = set(look["path_a"]) | set(look["path_b"])
+    assert listed == {f"/d/{i}.jpg" for i in range(60)}  # every image of it, once or more
+    assert 60 * 5 / 2 <= len(look) <= 60 * 5 and look["group"].nunique() == 1
+    pair = found[found["group_size"] == 2]
+    assert len(pair) == 1 and {pair["path_a"].iloc[0], pair["path_b"].iloc[0]} == {
+        "/d/60.jpg", "/d/61.jpg"}
+    assert len(found) == len(look) + 1

@@ -154,9 +154,23 @@ def test_report_is_self_contained(evaluation):
     for heading in ["Data", "Augmentation", "Training curves", "Metrics", "Per class",
                     "Confusion matrix", "Most confident mistakes", "Calibration",
                     "Where the time went"]:
-        assert f">{heading}<" in page, heading
+        assert f">{heading}" in page, heading
     # Each stage's row has every kind of work, though stage 2 builds no feature cache.
-    assert "NaN" not in page.split(">Where the time went<")[1]
+    assert "NaN" not in page.split(">Where the time went")[1]
+    # The files beside it are linked, and are there; the classes to look at come first.
+    links = re.findall(r"<a href='([^']*)'>", page)
+    assert {"metrics.json", "per_class.csv", "predictions.csv"} <= set(links)
+    assert all((evaluation.out_dir / link).is_file() for link in links)
+    per_class = page.split(">Per class (lowest F1 first)<")[1].split("</table>")[0]
+    shown = re.findall(r"<tr>\s*<td>(.*?)</td>", per_class)
+    table = pd.read_csv(evaluation.out_dir / "per_class.csv")
+    assert shown == table.sort_values(["f1", "support"], ascending=[True, False],
+                                      kind="stable")["class"].tolist()
+    # What ran and what was kept, not what was asked: the val figure is called optimistic.
+    best = json.loads((evaluation.out_dir.parent / "metrics.json").read_text())["best"]
+    assert f"head epoch {best['epoch']}, the best on val" in page or \
+        f"fine-tuning epoch {best['epoch']}, the best on val" in page
+    assert "optimistic: the epoch was chosen on it" in page
 
 
 @pytest.mark.policy

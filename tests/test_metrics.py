@@ -16,9 +16,10 @@ from wingspan.evaluate.calibration import (
     softmax,
 )
 from wingspan.evaluate.metrics import (
-    bootstrap_intervals,
     classification_metrics,
+    confidence_intervals,
     confusion,
+    interval_text,
     macro_f1,
     most_confused,
     per_class_table,
@@ -97,7 +98,7 @@ def test_batched_macro_f1_is_scikit_learns(truth_only):
     assert np.isnan(macro_f1(np.zeros((3, 0), int), np.zeros((3, 0), int), 9)).all()
 
 
-def test_bootstrap_intervals_hold_the_figure_and_narrow_with_more_images():
+def test_intervals_hold_the_figure_and_narrow_with_more_images():
     y, p = noisy_predictions(200, 6, 0.85)
     m = classification_metrics(y, probs_for(p, y, 6), list("abcdef"))
     interval = m["interval"]
@@ -105,11 +106,19 @@ def test_bootstrap_intervals_hold_the_figure_and_narrow_with_more_images():
     assert interval["macro_f1"][0] < m["macro"]["f1"] < interval["macro_f1"][1]
     # Four times the images at the same error rate: about half as wide (1 / sqrt(4)).
     y4, p4 = noisy_predictions(800, 6, 0.85, seed=1)
-    wide, narrow = (np.diff(bootstrap_intervals(a, b, 6)["accuracy"])[0]
-                    for a, b in ((y, p), (y4, p4)))
-    assert 0.35 < narrow / wide < 0.7
-    # Right on every image: no doubt left; one image: no interval.
-    assert bootstrap_intervals(y, y, 6)["macro_f1"] == [1.0, 1.0]
+    for name in ("accuracy", "macro_f1"):
+        wide, narrow = (np.diff(confidence_intervals(a, b, 6)[name])[0]
+                        for a, b in ((y, p), (y4, p4)))
+        assert 0.35 < narrow / wide < 0.7, name
+    # Right on every one of 33 images is no proof of 100%: accuracy's exact binomial
+    # interval reaches down to 0.894 (a bootstrap stayed at 1.000-1.000); macro-F1's
+    # bootstrap cannot move, and says so.
+    all_right = classification_metrics(y[:33], probs_for(y[:33], y[:33], 6), list("abcdef"))
+    low, high = all_right["interval"]["accuracy"]
+    assert high == 1.0 and 0.88 < low < 0.9
+    assert all_right["interval"]["macro_f1"] == [1.0, 1.0]
+    assert "CI 0.894-1.000" in interval_text(all_right, "accuracy")
+    assert "no resample of the images moves it" in interval_text(all_right, "macro_f1")
     assert classification_metrics(y[:1], probs_for(p[:1], y[:1], 6), list("abcdef"))[
         "interval"] is None
 
@@ -237,15 +246,28 @@ def test_the_calibration_record_bins_the_class_answered_as_evaluate_does():
         calibration_record(logits, y, "val")["val_ece_before"])
 
 
-@pytest.mark.parametrize("n", [6, 500])
-def test_confusion_plot_for_few_and_many_classes(tmp_path, n):
+@pytest.mark.parametrize("n", [6, 45, 500])
+def test_confusion_plot_for_few_and_many_classes(tmp_path, n, monkeypatch):
     rng = np.random.default_rng(0)
     y = rng.integers(0, n, 3000)
     pred = np.where(rng.random(3000) < 0.7, y, rng.integers(0, n, 3000))
-    path = plots.plot_confusion(confusion(y, pred, n), [f"species {i}" for i in range(n)],
-                                tmp_path / "cm.png")
+    drawn = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or save(fig, path))
+    names = [f"species {i}" for i in range(n)]
+    path = plots.plot_confusion(confusion(y, pred, n), names, tmp_path / "cm.png")
     with Image.open(path) as im:
         assert 400 < im.width < 1500 and 300 < im.height < 1500
+    ax = drawn[0].axes[0]
+    # Named up to 60 classes (a student's 40 species could not be told apart unnamed),
+    # counted in the cells up to 30; unnamed above, sorted by size where sizes differ.
+    assert [t.get_text() for t in ax.get_yticklabels()] == (names if n <= 60 else [])
+    assert bool(ax.texts) == (n <= 30)
+    assert ("sorted by number of images" in ax.get_title()) == (n > 60)
+    equal = np.repeat(np.arange(70), 3)
+    plots.plot_confusion(confusion(equal, equal, 70), [str(i) for i in range(70)],
+                         tmp_path / "eq.png")
+    assert drawn[-1].axes[0].get_title() == "70 classes, in confusion.csv's order"
 
 
 def test_curves_mistakes_and_reliability_plots(tmp_path, demo_dir):
@@ -254,9 +276,24 @@ def test_curves_mistakes_and_reliability_plots(tmp_path, demo_dir):
         **{f"{s}_{m}": np.linspace(0.5, 0.9, 5) for s in ("train", "val")
            for m in ("loss", "acc", "macro_f1")}})
     curves = plots.plot_curves(history, tmp_path / "curves.png")
+    # The epoch the model was kept from is marked; an epoch the history lacks marks nothing.
+    marked = plots.plot_curves(history, tmp_path / "kept.png", {"stage": "head", "epoch": 2})
+    none = plots.plot_curves(history, tmp_path / "none.png", {"stage": "head", "epoch": 9})
+    assert marked.read_bytes() != curves.read_bytes() == none.read_bytes()
     images = sorted(demo_dir.rglob("*.jpg"))[:7]
     mistakes = plots.plot_mistakes([{"path": str(p), "true": "a", "predicted": "b",
                                      "probability": 0.9} for p in images], tmp_path / "m.png")
+    # With the model's view and its Grad-CAM: the view in its own colours, and beside it
+    # the same under the heat map.
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    heat = np.linspace(0, 1, 1600).reshape(40, 40)
+    pair = plots._side_by_side(pixels, heat)
+    assert pair.shape[0] == 40 and pair.shape[1] > 80
+    np.testing.assert_allclose(pair[:, :40], pixels / 255.0)
+    assert not np.allclose(pair[:, -40:], pixels / 255.0)
+    plots.plot_mistakes([{"path": "gone.jpg", "true": "a", "predicted": "b",
+                          "probability": 0.9, "pixels": pixels, "heatmap": heat}],
+                        tmp_path / "pair.png")
     told = {"true": "a", "predicted": "b", "probability": 0.9}
     assert "answered" not in plots.mistake_title(told)
     assert "answered" not in plots.mistake_title({**told, "answer": "b"})  # b was told

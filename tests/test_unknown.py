@@ -321,6 +321,13 @@ def test_a_held_out_species_comes_out_unknown(held_out_run):
     threshold = manifest["unknown"]["thresholds"][manifest["unknown"]["score"]]["label"]
     for r in rows:
         assert (r["answer"] == "unknown") == (float(r["unknown_score"]) > threshold)
+    # The held-out images given a class are listed, surest (lowest score) first, in the
+    # report too: what a user would have been told wrongly.
+    given = sorted((r for r in rows if r["answer"] != "unknown"),
+                   key=lambda r: float(r["unknown_score"]))
+    assert [n["path"] for n in u["unseen_named"]] == [r["path"] for r in given][:20]
+    assert ("Unseen images given a class" in report) == bool(given)
+    assert f"{u['score']} (in use)" in report
     # A threshold set on few val images says how loosely its rate holds.
     n_val = sum(1 for r in csv.DictReader(open(run_dir / "splits.csv")) if r["split"] == "val")
     log = " ".join((run_dir / "train.log").read_text().split())

@@ -584,14 +584,15 @@ class Run:
         return self.dir / name
 
     def plot(self) -> Image:
-        """The training curves (loss, accuracy, macro-F1; the stage change marked), written
-        to RUN/curves.png.
+        """The training curves (loss, accuracy, macro-F1; the stage change and the epoch the
+        model was kept from marked), written to RUN/curves.png.
 
         >>> run.plot()
         """
         from wingspan.evaluate.plots import plot_curves
 
-        return Image(plot_curves(self.history, self._run_file("curves.png")))
+        kept = self.metrics.get("best") if (self.bundle / "manifest.json").is_file() else None
+        return Image(plot_curves(self.history, self._run_file("curves.png"), kept))
 
     def evaluate(self, data: str | Path | None = None, split: str | None = None,
                  out: str | Path | None = None, batch_size: int = TrainConfig.batch_size,
@@ -823,7 +824,8 @@ class Run:
             from wingspan.evaluate.plots import plot_curves
 
             history = self.history
-            curves = _img(_plotted(lambda p: plot_curves(history, p)), "training curves", 780)
+            curves = _img(_plotted(lambda p: plot_curves(history, p, best)), "training curves",
+                          780)
         return f"<div>{_kv(f'Run {self.name}', pairs)}{curves}</div>"
 
     def _unfinished_html(self) -> str:

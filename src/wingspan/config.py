@@ -200,6 +200,7 @@ class AuditConfig:
     # measured 0.90-0.995; the closest distinct Leeds photos 0.93)
     hash_distance: int = 6
     duplicate_similarity: float = 0.96
+    duplicates_per_image: int = 10  # an image's closest partners listed (all: its group)
     gallery: int = 60  # suspect images shown in audit.html
     cache: bool = True  # keep each image's features in the cache dir for the next audit
 
@@ -211,6 +212,8 @@ class AuditConfig:
         _check(self.c > 0, "c", "a positive number", self.c)
         _check(0 < self.duplicate_similarity <= 1, "duplicate_similarity", "in (0, 1]",
                self.duplicate_similarity)
+        _check(self.duplicates_per_image >= 1, "duplicates_per_image", "at least 1",
+               self.duplicates_per_image)
         _check(self.batch_size >= 1 and self.gallery >= 0, "batch_size / gallery",
                "positive", (self.batch_size, self.gallery))
 

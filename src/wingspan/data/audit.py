@@ -32,7 +32,7 @@ from wingspan.data.images import budget_key, max_pixels, open_rgb
 from wingspan.data.samples import PATH, SPLIT, Dataset
 from wingspan.errors import WingspanError, counted
 from wingspan.files import FileArrays, atomic_paths
-from wingspan.progress import track
+from wingspan.progress import status, track
 
 if TYPE_CHECKING:
     from wingspan.models.classifier import Classifier, Preprocessing
@@ -94,9 +94,12 @@ def audit_dataset(dataset: Dataset, out_dir: str | Path, level: str | None = Non
             f"'{level}'; {len(alone)} of the {counted(len(counts), 'class', 'classes')} "
             f"{'has' if len(alone) == 1 else 'have'} a single image.",
             hint="Audit a coarser level (--level), or give those classes more images.")
-    issues = label_issues(table[checked].reset_index(drop=True), features[checked], level,
-                          config)
-    duplicates = near_duplicates(table, features, hashes, level, config)
+    # (minutes on tens of thousands of images and hundreds of classes: said while it runs)
+    with status(f"Scoring the labels of {counted(int(checked.sum()), 'image')} with "
+                f"{config.folds} heads out of fold, and looking for near-duplicates", progress):
+        issues = label_issues(table[checked].reset_index(drop=True), features[checked], level,
+                              config)
+        duplicates = near_duplicates(table, features, hashes, level, config)
     page = gallery(issues, duplicates, level, config, what, failed)  # the slow part
     paths = out_dir / "audit.csv", out_dir / "duplicates.csv", out_dir / "audit.html"
     # Replaced together: a killed or failed audit leaves the previous audit's three files,
@@ -287,30 +290,53 @@ def near_duplicates(table: pd.DataFrame, features: torch.Tensor, hashes: torch.T
     (a copy resized or re-encoded) or whose features' cosine similarity is at least
     `duplicate_similarity` (the same scene, e.g. a burst); a block of rows at a time, of
     about `cells` pairs (64 MB a matrix), so that memory stays flat as N grows (1024 rows
-    a block held ~0.8 GB at ETHEC's 48k images, ~8 GB at 500k)."""
+    a block held ~0.8 GB at ETHEC's 48k images, ~8 GB at 500k).
+
+    Each image is listed with its `duplicates_per_image` closest partners (a pair stays
+    if either image keeps it): n images of one look, pinned specimens on one background
+    say, would otherwise list n (n - 1) / 2 pairs (4,950 for a species of 100). Every
+    pair carries its group, the images linked by any chain of close pairs (scipy's
+    connected components over all of them, capped or not), and the group's size."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
     x = torch.nn.functional.normalize(features.float(), dim=1)
     h = hashes.float()
     ones = h.sum(1)
-    block = max(1, cells // max(len(x), 1))
-    pairs = []
-    for start in range(0, len(x), block):
+    n, most = len(x), config.duplicates_per_image
+    block = max(1, cells // max(n, 1))
+    links, kept = [], {}
+    for start in range(0, n, block):
         sims = x[start:start + block] @ x.T
         part = h[start:start + block]
         # Hamming distances: the bits set in either, less twice those set in both.
         bits = (part @ h.T).mul_(-2).add_(ones).add_(ones[start:start + block, None])
         close = (sims >= config.duplicate_similarity) | (bits <= config.hash_distance)
+        own = torch.arange(len(part))
+        close[own, own + start] = False  # not an image with itself
         rows, cols = torch.nonzero(close, as_tuple=True)
-        keep = cols > rows + start  # each pair once, not an image with itself
-        for r, c in zip(rows[keep].tolist(), cols[keep].tolist(), strict=True):
-            pairs.append((start + r, c, float(sims[r, c]), int(bits[r, c])))
+        links.append(np.stack([(rows + start).numpy(), cols.numpy()]))
+        # Each row's closest partners: the most similar first, then the fewest bits apart.
+        rank = sims.masked_fill(~close, -2.0) - bits * 1e-3
+        top = rank.topk(min(most, n), dim=1)
+        r, k = torch.nonzero(top.values > -1.5, as_tuple=True)  # (-2: not close)
+        c = top.indices[r, k]
+        for a, b, sim, bit in zip((r + start).tolist(), c.tolist(), sims[r, c].tolist(),
+                                  bits[r, c].tolist(), strict=True):
+            kept[(min(a, b), max(a, b))] = (sim, int(bit))
+    edges = np.concatenate(links, axis=1) if links else np.zeros((2, 0), dtype=np.int64)
+    _, group = connected_components(coo_matrix(
+        (np.ones(edges.shape[1]), (edges[0], edges[1])), shape=(n, n)), directed=False)
+    sizes = np.bincount(group, minlength=n)
     splits, labels, paths = table[SPLIT].tolist(), table[level].tolist(), table[PATH].tolist()
     frame = pd.DataFrame([{
         "path_a": paths[a], "path_b": paths[b], "split_a": splits[a] or "-",
         "split_b": splits[b] or "-", "label_a": labels[a], "label_b": labels[b],
         "similarity": s, "hash_distance": d, "across_splits": splits[a] != splits[b],
-        "labels_differ": labels[a] != labels[b]} for a, b, s, d in pairs],
+        "labels_differ": labels[a] != labels[b], "group": int(group[a]),
+        "group_size": int(sizes[group[a]])} for (a, b), (s, d) in kept.items()],
         columns=["path_a", "path_b", "split_a", "split_b", "label_a", "label_b", "similarity",
-                 "hash_distance", "across_splits", "labels_differ"])
+                 "hash_distance", "across_splits", "labels_differ", "group", "group_size"])
     # Leaks and contradictory labels first, then the closest.
     return frame.sort_values(["across_splits", "labels_differ", "similarity"],
                              ascending=False).reset_index(drop=True)

@@ -10,7 +10,8 @@ import pandas as pd
 from wingspan.data.images import open_rgb
 from wingspan.plotting import plt
 
-MANY = 30  # above this many classes the confusion matrix drops its labels
+ANNOTATED = 30  # up to this many classes the confusion matrix writes counts in its cells
+LABELLED = 60  # ... and names its classes; above it the matrix drops its labels
 
 
 def _save(fig, path: Path) -> Path:
@@ -24,52 +25,74 @@ def _save(fig, path: Path) -> Path:
 def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> Path:
     """Rows normalised (recall per class) for colour, counts written in the cells.
 
-    With many classes, names and counts would be unreadable: the matrix is sorted by class
-    frequency, drawn without labels, and the most confused pairs are listed beside it.
+    With many classes counts, then names, would be unreadable: above ANNOTATED the cells
+    lose their counts, above LABELLED the axes lose their names, and the matrix is sorted
+    by class frequency (where the classes differ in it; else it keeps confusion.csv's
+    order); the most confused pairs are listed beside it.
     """
     n = len(classes)
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    if n <= MANY:
-        fig, ax = plt.subplots(figsize=(2.5 + 0.45 * n, 2 + 0.4 * n))
-        im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-        for t in range(n):
+    if n <= LABELLED:
+        side = 2.5 + 0.45 * n if n <= ANNOTATED else 12
+        fig, ax = plt.subplots(figsize=(side, side - 0.5))
+        im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+        for t in range(n if n <= ANNOTATED else 0):
             for p in range(n):
                 if cm[t, p]:
                     ax.text(p, t, str(cm[t, p]), ha="center", va="center", fontsize=7,
                             color="white" if norm[t, p] > 0.5 else "black")
-        ax.set_xticks(range(n), classes, rotation=60, ha="right", fontsize=7)
-        ax.set_yticks(range(n), classes, fontsize=7)
+        size = 7 if n <= ANNOTATED else 6
+        ax.set_xticks(range(n), classes, rotation=60 if n <= ANNOTATED else 90,
+                      ha="right" if n <= ANNOTATED else "center", fontsize=size)
+        ax.set_yticks(range(n), classes, fontsize=size)
     else:
-        order = np.argsort(-cm.sum(1), kind="stable")
+        counts = cm.sum(1)
+        by_size = len(set(counts.tolist())) > 1
+        order = np.argsort(-counts, kind="stable") if by_size else np.arange(n)
         fig, ax = plt.subplots(figsize=(9, 8))
         im = ax.imshow(norm[np.ix_(order, order)], cmap="Blues", vmin=0, vmax=1,
                        interpolation="nearest")
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_title(f"{n} classes, sorted by number of images (largest top-left)")
+        ax.set_title(f"{n} classes, " + ("sorted by number of images (largest top-left)"
+                                         if by_size else "in confusion.csv's order"))
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true class")
     return _save(fig, path)
 
 
-def plot_curves(history: pd.DataFrame, path: Path) -> Path:
-    """Loss, accuracy and macro-F1 per epoch for train and val; the stage change marked."""
+def plot_curves(history: pd.DataFrame, path: Path, kept: dict | None = None) -> Path:
+    """Loss, accuracy and macro-F1 per epoch for train and val; the stage change marked, and
+    the epoch the model was kept from (`kept`: metrics.json's best, its stage and epoch)."""
+    from matplotlib.ticker import MaxNLocator
+
     h = history.reset_index(drop=True)
     x = np.arange(1, len(h) + 1)
+    at = None
+    if kept:
+        rows = np.flatnonzero((h["stage"] == kept.get("stage")).to_numpy()
+                              & (h["epoch"] == kept.get("epoch")).to_numpy())
+        at = int(rows[0]) + 1 if len(rows) else None
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, metric in zip(axes, ["loss", "acc", "macro_f1"], strict=True):
         ax.plot(x, h[f"train_{metric}"], "o-", ms=3, label="train")
         ax.plot(x, h[f"val_{metric}"], "o-", ms=3, label="val")
         ax.set_title({"loss": "loss", "acc": "accuracy", "macro_f1": "macro-F1"}[metric])
         ax.set_xlabel("epoch (all stages)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        # Inside the axes, in axes height: a label above them would overlap the title.
+        top = ax.get_xaxis_transform()
         changes = np.flatnonzero(h["stage"].to_numpy()[1:] != h["stage"].to_numpy()[:-1])
         for c in changes:
             ax.axvline(c + 1.5, color="grey", ls="--", lw=1)
-            ax.text(c + 1.6, ax.get_ylim()[1], f" {h['stage'][c + 1]}", va="top", fontsize=8,
-                    color="grey")
+            ax.text(c + 1.35, 0.97, h["stage"][c + 1], transform=top, va="top", ha="right",
+                    rotation=90, fontsize=8, color="grey")
+        if at is not None:
+            ax.plot(at, h[f"val_{metric}"][at - 1], "*", ms=13, color="C3", zorder=3,
+                    label="model kept")
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    axes[0].legend(fontsize=8)
     return _save(fig, path)
 
 
@@ -81,29 +104,42 @@ def mistake_title(m: dict) -> str:
             + (f", answered {told[:16]}" if told and told != m["predicted"] else ""))
 
 
-def plot_mistakes(mistakes: list[dict], path: Path, columns: int = 6) -> Path:
+def _side_by_side(pixels: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """The image, and beside it the image under its Grad-CAM (jet): the overlay alone hides
+    the colours, which are often what two species differ by."""
+    from PIL import Image as PILImage
+
+    if heatmap.shape != pixels.shape[:2]:
+        heatmap = np.asarray(PILImage.fromarray(heatmap.astype(np.float32)).resize(
+            pixels.shape[1::-1], PILImage.BILINEAR))
+    image = pixels.astype(np.float32) / (255.0 if pixels.dtype == np.uint8 else 1.0)
+    heat = plt.get_cmap("jet")(np.clip(heatmap, 0, 1))[..., :3]
+    gap = np.ones((image.shape[0], max(2, image.shape[1] // 40), 3))
+    return np.concatenate([image, gap, (1 - alpha) * image + alpha * heat], axis=1)
+
+
+def plot_mistakes(mistakes: list[dict], path: Path, columns: int = 4) -> Path:
     """The most confident wrong predictions: image, truth, prediction, probability (and the
-    answer given, where it was not that class); with the model's view and its Grad-CAM
-    for the wrong class where given ("pixels", "heatmap"): what the model took for
-    evidence."""
+    answer given, where it was not that class); where the model's view and its Grad-CAM
+    for the wrong class are given ("pixels", "heatmap"), that view beside the same under
+    its Grad-CAM: what the model took for evidence."""
     n = max(1, len(mistakes))
     columns = min(columns, n)
     rows = -(-n // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(2.3 * columns, 2.9 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 2.4 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, m in zip(axes.flat, mistakes, strict=False):
         try:
             if m.get("pixels") is not None:
-                ax.imshow(m["pixels"])
-                ax.imshow(m["heatmap"], cmap="jet", alpha=0.45, vmin=0, vmax=1)
+                ax.imshow(_side_by_side(m["pixels"], m["heatmap"]))
             else:
                 image = open_rgb(m["path"], draft=256)
                 image.thumbnail((256, 256))
                 ax.imshow(image)
         except Exception:  # a file gone since prediction: show the text alone
             pass
-        ax.set_title(mistake_title(m), fontsize=7)
+        ax.set_title(mistake_title(m), fontsize=8)
     if not mistakes:
         axes.flat[0].text(0.5, 0.5, "no mistakes", ha="center", va="center")
     return _save(fig, path)
@@ -139,12 +175,13 @@ def plot_unknown_scores(known: np.ndarray, unknown: np.ndarray, threshold: float
     both = np.concatenate([known, unknown])
     lo, hi = np.quantile(both, [0.0, 0.995])
     bins = np.linspace(lo, hi if hi > lo else lo + 1, 40)
-    ax.hist(np.clip(known, lo, hi), bins=bins, alpha=0.6, density=True,
+    # Counts, not densities: a bar of 40 "density" over a narrow bin reads as 40 images.
+    ax.hist(np.clip(known, lo, hi), bins=bins, alpha=0.6,
             label=f"known classes ({len(known)})", color="C0")
-    ax.hist(np.clip(unknown, lo, hi), bins=bins, alpha=0.6, density=True,
+    ax.hist(np.clip(unknown, lo, hi), bins=bins, alpha=0.6,
             label=f"unseen classes ({len(unknown)})", color="C3")
     ax.axvline(threshold, color="k", ls="--", lw=1, label="threshold")
     ax.set_xlabel(f"unknown score ({score}; higher = less like the training images)")
-    ax.set_ylabel("density")
+    ax.set_ylabel("images")
     ax.legend(fontsize=8)
     return _save(fig, path)

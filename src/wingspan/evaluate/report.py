@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 from pathlib import Path
+from urllib.parse import quote
 
 import pandas as pd
 
@@ -71,8 +72,10 @@ def write_report(path: Path, title: str, sections: dict) -> Path:
     if s.get("transfer") is not None:
         parts += ["<h3>Transfer: recall per class on the model's own data and on this data"
                   "</h3>", _table(s["transfer"])]
-    if s.get("per_class") is not None:
-        parts += ["<h3>Per class</h3>", _table(s["per_class"])]
+    if s.get("per_class") is not None:  # the classes to look at first, first
+        worst = s["per_class"].sort_values(["f1", "support"], ascending=[True, False],
+                                           kind="stable")
+        parts += ["<h3>Per class (lowest F1 first)</h3>", _table(worst)]
     parts += ["<h2>Confusion matrix</h2><div class='grid'>",
               _img(s.get("confusion_png"), "confusion matrix")]
     if s.get("confused") is not None and len(s["confused"]):
@@ -81,18 +84,31 @@ def write_report(path: Path, title: str, sections: dict) -> Path:
     for level, png in (s.get("level_confusion_pngs") or {}).items():
         parts += [f"<h3>Confusion matrix: {html.escape(level)}</h3>",
                   _img(png, f"confusion matrix of {level}")]
-    parts += ["<h2>Most confident mistakes</h2>",
+    parts += ["<h2>Most confident mistakes</h2><p>Each: the image as the model saw it, "
+              "and beside it the same under the Grad-CAM of the wrong class it named (red: "
+              "where it found the most evidence for that class).</p>",
               _img(s.get("mistakes_png"), "mistakes")]
     if s.get("unknown"):
         parts += ["<h2>Unknown images</h2><p>Images of classes the model never saw, scored "
                   f"against {html.escape(s['unknown']['against'])}: right of the threshold, "
                   "the answer is \"unknown\".</p>", _kv(s["unknown"]["summary"]),
-                  _img(s.get("unknown_png"), "unknown score histogram"),
-                  "<h3>Every score the model holds</h3>", _table(s["unknown"]["scores"])]
+                  _img(s.get("unknown_png"), "unknown score histogram")]
+        named = s["unknown"].get("named")
+        if named is not None and len(named):
+            parts += ["<h3>Unseen images given a class (the surest first; every image in "
+                      "unknown.csv)</h3>", _table(named)]
+        parts += ["<h3>Every score the model holds</h3>", _table(s["unknown"]["scores"])]
     parts += ["<h2>Calibration</h2>", _kv(s.get("calibration", [])),
               _img(s.get("reliability_png"), "reliability diagram")]
     if s.get("profile") is not None:
-        parts += ["<h2>Where the time went</h2>", _table(s["profile"], "{:.1f}")]
+        parts += ["<h2>Where the time went (seconds per stage; training images per second)"
+                  "</h2>", _table(s["profile"], "{:.1f}")]
+    # The figures' files beside the report, linked (relative: the folder moves as one).
+    files = sorted(p.name for p in Path(path).parent.glob("*")
+                   if p.suffix in (".csv", ".json") and p.is_file())
+    if files:
+        parts.insert(2, "<p>Files: " + ", ".join(
+            f"<a href='{quote(name)}'>{html.escape(name)}</a>" for name in files) + "</p>")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
             f"</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
     write_text(path, page)

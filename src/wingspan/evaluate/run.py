@@ -342,14 +342,24 @@ def _openset(predictor: Predictor, unknown, paths: list[str], known: list, y: np
         result["thresholds"] = {lv: float(t) for lv, t in predictor.thresholds.items()}
         result["unseen_known_at"] = {
             lv: sum(p.known_level == lv for p in unseen) for lv in predictor.model.levels}
+    # The unseen images that got a class (at some level), surest first: what a user of the
+    # model would have been told wrongly.
+    answers = [_named(predictor, p) for p in unseen]
+    named = sorted((i for i, p in enumerate(unseen) if p.known_level is not None),
+                   key=lambda i: u[i])
+    result["unseen_named"] = [{"path": unseen[i].path, "answer": answers[i],
+                               "unknown_score": float(u[i])} for i in named[:UNSEEN_LISTED]]
     _write_csv(pd.DataFrame({
         "path": [p.path for p in unseen], "unknown_score": u,
-        "answer": [_named(predictor, p) for p in unseen],
+        "answer": answers,
         "known_level": [p.known_level or "" for p in unseen],
         "closest_class": [predictor.classes[c] for c in u_pred]}),
         out_dir / "unknown.csv", index=False)
     plots.plot_unknown_scores(k, u, predictor.thresholds[level], name, out_dir / "unknown.png")
     return result
+
+
+UNSEEN_LISTED = 20  # the unseen images given a class that the report lists (all: unknown.csv)
 
 
 def _finest_answer(predictor: Predictor, preds: list) -> np.ndarray:
@@ -717,7 +727,8 @@ def _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, 
     pngs["balance"] = plot_class_balance(counts, level, out_dir / "balance.png")
     if run_dir and (run_dir / "history.csv").is_file():
         pngs["curves"] = plots.plot_curves(pd.read_csv(run_dir / "history.csv"),
-                                           out_dir / "curves.png")
+                                           out_dir / "curves.png",
+                                           predictor.manifest.get("metrics", {}).get("best"))
     train = dataset.table[SPLIT] == "train"
     if train.any():
         policy = predictor.manifest.get("training", {}).get("augment", "standard")
@@ -817,6 +828,9 @@ def _report(out_dir, name, predictor, run_dir, dataset, level, split, metrics, t
     manifest = predictor.manifest
     data_table = pd.crosstab(dataset.table[level], dataset.table[SPLIT].replace("", "all"))
     data_table.columns.name = None  # else an empty column headed "split"
+    order = ["train", "val", "test", "all"]  # the recipe's order, not the alphabet's
+    data_table = data_table[sorted(data_table.columns, key=lambda c: (
+        order.index(c) if c in order else len(order), str(c)))]
     data_table.insert(0, "class", data_table.index)
     summary = [("images evaluated", metrics["images"]),
                ("accuracy", f"{metrics['accuracy']:.4f}{interval_text(metrics, 'accuracy')}")]
@@ -860,9 +874,8 @@ def _report(out_dir, name, predictor, run_dir, dataset, level, split, metrics, t
                 ("classes", len(predictor.classes)), ("evaluated split", split),
                 ("test-time augmentation", "on: each image's flips and crops averaged, as "
                  "predict --tta" if metrics.get("tta") else "off"),
-                ("training epochs (head + fine-tune)",
-                 f"{training.get('epochs_head')} + {training.get('epochs_finetune')}"),
-                ("best validation macro-F1", train_metrics.get("best", {}).get("val_macro_f1")),
+                ("training epochs (head + fine-tune)", _epochs_run(training, train_metrics)),
+                *_kept_rows(train_metrics),
                 ("are these figures fair?", metrics["fair"])]
     profile = None
     if train_metrics.get("profile"):
@@ -881,6 +894,30 @@ def _report(out_dir, name, predictor, run_dir, dataset, level, split, metrics, t
                          "unknown": _unknown_section(metrics.get("unknown"),
                                                      metrics["split"], metrics["tta"]),
                          "unknown_png": pngs.get("unknown")})
+
+
+def _epochs_run(training: dict, train_metrics: dict) -> str:
+    """The epochs each stage ran, and where that is not what was asked (stopped early)."""
+    ran = train_metrics.get("epochs", {})
+    parts = []
+    for stage, asked in (("head", training.get("epochs_head")),
+                         ("finetune", training.get("epochs_finetune"))):
+        done = ran.get(stage, asked)
+        parts.append(f"{done}" + (f" (of {asked}: stopped early)" if asked is not None
+                                  and done is not None and done < asked else ""))
+    return " + ".join(parts)
+
+
+def _kept_rows(train_metrics: dict) -> list[tuple[str, str]]:
+    """Which epoch the model is, and its val figure, which is optimistic (chosen on)."""
+    best = train_metrics.get("best") or {}
+    if not best:
+        return []
+    stage = {"head": "head", "finetune": "fine-tuning"}.get(best.get("stage"), best.get("stage"))
+    f1 = best.get("val_macro_f1")
+    return [("model kept", f"{stage} epoch {best.get('epoch')}, the best on val"),
+            ("its val macro-F1 (optimistic: the epoch was chosen on it)",
+             "-" if f1 is None else f"{f1:.4f}")]
 
 
 def absent_rows(absent: list[str] | None) -> list[tuple[str, str]]:
@@ -966,8 +1003,13 @@ def _unknown_section(u: dict | None, split: str, tta: bool = False) -> dict | No
         ("open-set macro-F1 (known + unseen images) without / with",
          f"{u['open_macro_f1_without_unknown']:.4f} / {u['open_macro_f1']:.4f}")]
     if u.get("unseen_known_at"):
+        known_at = u["unseen_known_at"]
         summary.append(("unseen images known down to (level: images)", ", ".join(
-            f"{lv}: {n}" for lv, n in u["unseen_known_at"].items())))
-    scores = pd.DataFrame([{"score": s, **v} for s, v in u["scores"].items()])
-    return {"summary": summary, "scores": scores,
+            f"{lv}: {n}" for lv, n in known_at.items())
+            + f"; unknown: {u['unseen_images'] - sum(known_at.values())}"))
+    scores = pd.DataFrame([{"score": s + (" (in use)" if s == u["score"] else ""), **v}
+                           for s, v in u["scores"].items()])
+    named = pd.DataFrame(u.get("unseen_named") or [], columns=["path", "answer",
+                                                               "unknown_score"])
+    return {"summary": summary, "scores": scores, "named": named,
             "against": f"the known images of the '{split}' split"}
