@@ -92,6 +92,12 @@ def test_hierarchical_evaluation_and_prediction(hierarchical_run, demo_dir, tmp_
     table = pd.read_csv(result.out_dir / "levels.csv")
     assert list(table.columns) == ["method", *LEVELS] and len(table) == 2
     assert (result.out_dir / "confusion_family.png").is_file()
+    # predictions.csv holds each coarser level's truth and answer: the level's figures
+    # can be recomputed from it.
+    saved = pd.read_csv(result.out_dir / "predictions.csv", dtype=str, keep_default_na=False)
+    for level in LEVELS[:-1]:
+        right = (saved[f"true:{level}"] == saved[f"predicted:{level}"]).mean()
+        assert right == pytest.approx(h["levels"][level]["accuracy"]), level
     page = result.report.read_text()
     assert "Per taxonomic level" in page
     # Each level's accuracy and macro-F1 are in the page, and each coarser level's matrix.

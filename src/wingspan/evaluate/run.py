@@ -164,9 +164,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     _write_csv(pd.DataFrame(cm, index=classes, columns=classes), out_dir / "confusion.csv")
     confused = most_confused(cm, classes)
     metrics["most_confused"] = confused
-    _write_predictions(out_dir / "predictions.csv", [paths[i] for i in ok], y, y_pred, probs,
-                       classes, predictor, read)
-    levels_table = None
+    levels_table, by_level = None, {}
     if predictor.taxonomy:
         level_rows = rows.iloc[ok]
         if class_map:  # other names: the truth is the mapped class and its parents in the
@@ -175,8 +173,10 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
             level_rows = level_rows.drop(columns=[lv for lv in predictor.taxonomy.levels
                                                   if lv in level_rows]).assign(
                 **{predictor.taxonomy.finest: renamed(level_rows[level], theirs_to_ours)})
-        levels_table = _per_level(predictor, level_rows, probs, read, metrics, out_dir,
-                                  truth_only)
+        levels_table, by_level = _per_level(predictor, level_rows, probs, read, metrics,
+                                            out_dir, truth_only)
+    _write_predictions(out_dir / "predictions.csv", [paths[i] for i in ok], y, y_pred, probs,
+                       classes, predictor, read, by_level)
     transfer = None
     if class_map:
         named_share = None
@@ -417,8 +417,11 @@ def _put_in_place(partial: Path, final: Path) -> None:
 
 
 def _per_level(predictor: Predictor, rows: pd.DataFrame, probs: np.ndarray, preds: list,
-               metrics: dict, out_dir: Path, truth_only: bool = False) -> pd.DataFrame:
-    """Metrics at every taxonomic level; confusion matrices for the coarser ones."""
+               metrics: dict, out_dir: Path, truth_only: bool = False
+               ) -> tuple[pd.DataFrame, dict[str, list[str]]]:
+    """Metrics at every taxonomic level; confusion matrices for the coarser ones. Returns
+    the levels' table, and each image's true and predicted class at each coarser level
+    (columns for predictions.csv; "" where the data does not say the truth)."""
     taxonomy = predictor.taxonomy
     truth = truth_indices(taxonomy, rows, predictor.rare)
     heads = ({lv: np.stack([p.heads[lv] for p in preds]) for lv in preds[0].heads}
@@ -434,7 +437,12 @@ def _per_level(predictor: Predictor, rows: pd.DataFrame, probs: np.ndarray, pred
     metrics["hierarchy"] = result
     table = level_table(result, taxonomy.levels)
     _write_csv(table, out_dir / "levels.csv", index=False)
-    return table
+    columns = {}
+    for lv in taxonomy.levels[:-1]:
+        names = taxonomy.classes[lv]
+        columns[f"true:{lv}"] = [names[i] if i >= 0 else "" for i in truth[lv]]
+        columns[f"predicted:{lv}"] = [names[i] for i in marg[lv]]
+    return table, columns
 
 
 def _dataset(data, run_dir: Path | None, doing: str = "evaluate on") -> Dataset:
@@ -668,13 +676,15 @@ def fit_unknown(model: str | Path, rate: float | None = None, score: str | None 
 
 def _write_predictions(path: Path, paths: list[str], y: np.ndarray, y_pred: np.ndarray,
                        probs: np.ndarray, classes: list[str], predictor: Predictor,
-                       read: list) -> None:
-    """One row per image: its true class, the class predicted and its probability, and
-    with unknown scores what predict would answer (a class, or "unknown") and the score
-    that decided it; then every class's probability."""
+                       read: list, by_level: dict[str, list[str]] | None = None) -> None:
+    """One row per image: its true class, the class predicted and its probability (and
+    with a taxonomy both at each coarser level, `by_level`), and with unknown scores what
+    predict would answer (a class, or "unknown") and the score that decided it; then every
+    class's probability."""
     frame = pd.DataFrame({"path": paths, "true": [classes[i] for i in y],
                           "predicted": [classes[i] for i in y_pred],
-                          "probability": probs[np.arange(len(y_pred)), y_pred]})
+                          "probability": probs[np.arange(len(y_pred)), y_pred],
+                          **(by_level or {})})
     if predictor.unknown is not None:
         decided = [deciding_score(predictor, p.unknown) for p in read]
         frame = frame.assign(answer=[_named(predictor, p) for p in read],
