@@ -301,7 +301,7 @@ def test_cli_evaluate_and_predict(run_cli, trained, demo_dir, tmp_path):
     code, out, err = run_cli("evaluate", trained, "--split", "val", "--out", tmp_path / "ev",
                              "--quiet")
     assert code == 0, err
-    assert "macro F1" in out and (tmp_path / "ev" / "report.html").is_file()
+    assert "macro precision / recall / F1" in out and (tmp_path / "ev" / "report.html").is_file()
     image = next(demo_dir.rglob("*.jpg"))
     code, out, err = run_cli("predict", trained, str(image), "--output", tmp_path / "p.json",
                              "--quiet")

@@ -903,19 +903,11 @@ class Evaluation:
                 f"{m['accuracy']:.4f}, macro-F1 {m['macro']['f1']:.4f}; {self.report_path})")
 
     def _repr_html_(self) -> str:
-        from wingspan.evaluate.metrics import interval_text
+        from wingspan.evaluate.metrics import summary_rows
 
         m = self.metrics
-        pairs = [("images", m["images"]),
-                 ("accuracy", f"{m['accuracy']:.4f}{interval_text(m, 'accuracy')}")]
-        pairs += [(k.replace("_", " "), f"{m[k]:.4f}") for k in m if k.startswith("top")]
-        pairs += [(f"{avg} precision / recall / F1", f"{m[avg]['precision']:.4f} / "
-                   f"{m[avg]['recall']:.4f} / {m[avg]['f1']:.4f}"
-                   + (interval_text(m, "macro_f1") if avg == "macro" else ""))
-                  for avg in ("macro", "micro", "weighted")]
-        kappa = m["cohen_kappa"]
-        pairs += [("Cohen's kappa", "-" if kappa is None else f"{kappa:.4f}"),
-                  ("ECE before / after the temperature",
+        pairs = [("images", m["images"]), *summary_rows(m),
+                 ("ECE before / after the temperature",
                    f"{m['ece_uncalibrated']:.4f} / {m['ece']:.4f} "
                    f"(T = {m['temperature']:.2f})"),
                   ("are these figures fair?", m["fair"]), ("report", self.report_path)]

@@ -964,22 +964,15 @@ def adapt_command(
 def _print_evaluation(result) -> None:
     from rich.table import Table
 
-    from wingspan.evaluate.metrics import interval_text
+    from wingspan.evaluate.metrics import summary_rows
     from wingspan.evaluate.run import answer_rows, left_out_wording, unreadable_wording
 
     m = result.metrics
     table = Table("metric", "value", title=f"{m['split']} split, level '{_q(m['level'])}': "
                   + counted(m["images"], "image")
                   + (", test-time augmentation" if m.get("tta") else ""))
-    table.add_row("accuracy", f"{m['accuracy']:.4f}{interval_text(m, 'accuracy')}")
-    for k in [k for k in m if k.startswith("top")]:
-        table.add_row(k.replace("_", " "), f"{m[k]:.4f}")
-    for avg in ("macro", "micro", "weighted"):
-        table.add_row(f"{avg} F1 (P / R)", f"{m[avg]['f1']:.4f} ({m[avg]['precision']:.4f} / "
-                      f"{m[avg]['recall']:.4f})"
-                      + (interval_text(m, "macro_f1") if avg == "macro" else ""))
-    kappa = m["cohen_kappa"]
-    table.add_row("Cohen's kappa", "-" if kappa is None else f"{kappa:.4f}")
+    for label, value in summary_rows(m):
+        table.add_row(label, value)
     table.add_row("ECE (temperature)", f"{m['ece_uncalibrated']:.4f} -> {m['ece']:.4f} "
                   f"(T = {m['temperature']:.2f})")
     worse = m["ece"] > m["ece_uncalibrated"] + 0.01

@@ -118,6 +118,20 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, truth_only:
     return ((f1 * present).sum(1) / present.sum(1)).reshape(shape)
 
 
+def summary_rows(m: dict) -> list[tuple[str, str]]:
+    """The headline figures of an evaluation's metrics as (label, value) rows, as the
+    terminal, the report and a notebook show them: accuracy and top-k, precision / recall
+    / F1 per average (with the intervals), Cohen's kappa."""
+    rows = [("accuracy", f"{m['accuracy']:.4f}{interval_text(m, 'accuracy')}")]
+    rows += [(k.replace("_", " "), f"{m[k]:.4f}") for k in m if k.startswith("top")]
+    rows += [(f"{avg} precision / recall / F1", f"{m[avg]['precision']:.4f} / "
+              f"{m[avg]['recall']:.4f} / {m[avg]['f1']:.4f}"
+              + (interval_text(m, "macro_f1") if avg == "macro" else ""))
+             for avg in ("macro", "micro", "weighted")]
+    kappa = m["cohen_kappa"]
+    return [*rows, ("Cohen's kappa", "-" if kappa is None else f"{kappa:.4f}")]
+
+
 def interval_text(metrics: dict, name: str) -> str:
     """' (95% CI low-high)' for a figure with an interval, else ''."""
     interval = metrics.get("interval")

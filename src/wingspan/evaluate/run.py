@@ -32,9 +32,9 @@ from wingspan.evaluate.metrics import (
     averaged_classes,
     classification_metrics,
     confusion,
-    interval_text,
     most_confused,
     per_class_table,
+    summary_rows,
 )
 from wingspan.evaluate.openset import openset_metrics, separation
 from wingspan.evaluate.report import write_report
@@ -842,27 +842,18 @@ def _report(out_dir, name, predictor, run_dir, dataset, level, split, metrics, t
     data_table = data_table[sorted(data_table.columns, key=lambda c: (
         order.index(c) if c in order else len(order), str(c)))]
     data_table.insert(0, "class", data_table.index)
-    summary = [("images evaluated", metrics["images"]),
-               ("accuracy", f"{metrics['accuracy']:.4f}{interval_text(metrics, 'accuracy')}")]
-    summary += [(k.replace("_", " "), f"{metrics[k]:.4f}") for k in metrics if k.startswith("top")]
-    for avg in ("macro", "micro", "weighted"):
-        m = metrics[avg]
-        summary.append((f"{avg} precision / recall / F1",
-                        f"{m['precision']:.4f} / {m['recall']:.4f} / {m['f1']:.4f}"
-                        + (interval_text(metrics, "macro_f1") if avg == "macro" else "")))
-    kappa = metrics["cohen_kappa"]
-    summary += [("Cohen's kappa", "-" if kappa is None else f"{kappa:.4f}"),
-                ("unreadable images", len(metrics["unreadable"])),
-                ("images of classes the model does not know (left out)",
-                 f"{counted(metrics.get('unknown_class_images', 0), 'image')} of "
-                 + counted(len(metrics["unknown_classes"]), "class", "classes")
-                 + (f": {', '.join(metrics['unknown_classes'][:8])}"
-                    if metrics["unknown_classes"] else "")
-                 if metrics["unknown_classes"] else "none"),
-                *absent_rows(metrics.get("absent_classes")),
-                *answer_rows(metrics.get("answers")),
-                ("inference speed", f"{metrics['images_per_second']} images/s on "
-                 f"{metrics['engine']}")]
+    summary = [("images evaluated", metrics["images"]), *summary_rows(metrics),
+               ("unreadable images", len(metrics["unreadable"])),
+               ("images of classes the model does not know (left out)",
+                f"{counted(metrics.get('unknown_class_images', 0), 'image')} of "
+                + counted(len(metrics["unknown_classes"]), "class", "classes")
+                + (f": {', '.join(metrics['unknown_classes'][:8])}"
+                   if metrics["unknown_classes"] else "")
+                if metrics["unknown_classes"] else "none"),
+               *absent_rows(metrics.get("absent_classes")),
+               *answer_rows(metrics.get("answers")),
+               ("inference speed", f"{metrics['images_per_second']} images/s on "
+                f"{metrics['engine']}")]
     cal = metrics["calibration"]
     calibration = [("temperature", f"{metrics['temperature']:.3f}"),
                    ("ECE before / after", f"{metrics['ece_uncalibrated']:.4f} / "
