@@ -88,6 +88,15 @@ def test_training_warns_of_the_classes_with_no_val_image():
     warned = [line for line in logs if "no val image" in line]
     assert len(warned) == 1 and "1 of 3 'label' classes" in warned[0]
     assert ": rare." in warned[0] and "--val-fraction" in warned[0]
+    assert "--rare-below" not in warned[0]  # one level: nothing coarser to learn it at
+    # With a coarser level, the way to name such classes there is said.
+    split.table["genus"] = split.table["label"].map({"common": "G1", "other": "G1",
+                                                     "rare": "G2"})
+    logs.clear()
+    plan_labels(split, ["genus", "label"], TrainConfig(levels=["genus", "label"]),
+                log=logs.append)
+    warned = [line for line in logs if "no val image" in line]
+    assert "named at their genus only (--rare-below N" in warned[0], warned
     logs.clear()
     plan_labels(split_dataset(synthetic({"a": 30, "b": 20}))[0], ["label"], TrainConfig(),
                 log=logs.append)

@@ -187,23 +187,26 @@ def plan_labels(dataset: Dataset, levels: list[str], config: TrainConfig, log=pr
     if not (table[SPLIT] == "val").any():
         raise WingspanError("The validation split is empty.",
                             hint="Give data with a val split, or more images.")
-    _warn_of_classes_without_val(table, finest, classes[finest], log)
+    _warn_of_classes_without_val(table, finest, classes[finest], log,
+                                 coarser=levels[-2] if len(levels) > 1 and not rare else None)
     return LabelPlan(table, levels, classes, taxonomy, rare,
                      int((dataset.table[SPLIT] == "test").sum()))
 
 
 def _warn_of_classes_without_val(table: pd.DataFrame, level: str, classes: list[str],
-                                 log) -> None:
+                                 log, coarser: str | None = None) -> None:
     """A class with no val image has no val figure (and no say in choosing the epoch):
-    the per-class val figures would leave it out without a word."""
+    the per-class val figures would leave it out without a word. With a `coarser` level
+    (and no --rare-below yet), the rare classes can be learnt there instead."""
     seen = set(table.loc[table[SPLIT] == "val", level])
     absent = [c for c in classes if c not in seen]
     if absent:
         names = some(absent)
         log(f"Warning: {len(absent)} of {len(classes)} '{level}' classes have no val image, "
             f"so no val figure says how they do: {names}. Give them more images (val images, "
-            "where the data has its own split), or a larger "
-            "--val-fraction.")
+            "where the data has its own split), or a larger --val-fraction"
+            + (f"; or let {level} classes this rare be named at their {coarser} only (--rare-below "
+               "N: classes with fewer than N training images)." if coarser else "."))
 
 
 def weigh_classes(labels: torch.Tensor, levels: list[str], classes: dict[str, list[str]],
