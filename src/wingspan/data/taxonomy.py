@@ -131,6 +131,9 @@ class Taxonomy:
         for lv, p in self.parents.items():
             self.member[lv] = np.zeros((len(p), len(self.classes[lv])))
             self.member[lv][np.arange(len(p)), p] = 1.0
+        # Each level's classes' parents one level up, for the top-down walk (made once too).
+        self._up = {lv: self.parent_of(lv, coarser)
+                    for coarser, lv in zip(self.levels, self.levels[1:], strict=False)}
 
     @classmethod
     def from_table(cls, table: pd.DataFrame, levels: list[str]) -> Taxonomy:
@@ -163,8 +166,11 @@ class Taxonomy:
 
     def marginals(self, fine_probs: np.ndarray) -> dict[str, np.ndarray]:
         """P(class at each level) = the sum of its finest descendants' probabilities."""
-        # (clipped: a float64 sum of float32 probabilities may pass 1 by 1e-11)
-        return {lv: np.clip(fine_probs @ self.member[lv], 0.0, 1.0) for lv in self.levels}
+        # (clipped: a float64 sum of float32 probabilities may pass 1 by 1e-11; the finest
+        # level is its own, not a product with an identity of 561 x 561)
+        return {lv: np.clip(fine_probs @ self.member[lv] if lv != self.finest
+                            else fine_probs.astype(np.float64), 0.0, 1.0)
+                for lv in self.levels}
 
     def predict(self, fine_probs: np.ndarray) -> dict[str, np.ndarray]:
         """Top-down on the marginals: the likeliest family, then the likeliest genus in
@@ -175,8 +181,7 @@ class Taxonomy:
         for lv in self.levels:
             scores = marg[lv].copy()
             if previous is not None:
-                parent_of = self.parent_of(lv, previous)
-                scores[parent_of[None, :] != chosen[previous][:, None]] = -1.0
+                scores[self._up[lv][None, :] != chosen[previous][:, None]] = -1.0
             chosen[lv] = scores.argmax(1)
             previous = lv
         return chosen

