@@ -434,9 +434,9 @@ def _class_map_arg(value) -> dict[str, str] | None:
     texts = [value] if isinstance(value, str) else list(value) if isinstance(
         value, Iterable) else value
     if isinstance(texts, list) and all(isinstance(t, str) for t in texts):
-        from wingspan.cli import _pairs
+        from wingspan.config import name_pairs
 
-        return _pairs(list(texts), "class_map")
+        return name_pairs(list(texts), "class_map")
     raise WingspanError(f"class_map: expected a dict {{model class: data class}}, got "
                         f"{type(value).__name__}.", hint='For example {"admiral": "red_admiral"}.')
 

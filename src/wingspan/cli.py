@@ -31,6 +31,7 @@ from wingspan.config import (
     SettingError,
     SplitConfig,
     TrainConfig,
+    name_pairs,
     to_dict,
 )
 from wingspan.errors import WingspanError, counted
@@ -793,7 +794,7 @@ def evaluate_command(
     result = evaluate(model, data, split, out_dir, progress=not quiet,
                       batch_size=batch_size, workers=workers, runtime=runtime,
                       precision=precision, device=device,
-                      class_map=_pairs(class_map or [], "--map"), unknown=unknown,
+                      class_map=name_pairs(class_map or [], "--map"), unknown=unknown,
                       unknown_score=unknown_score, tta=tta)
     _print_evaluation(result)
 
@@ -820,22 +821,6 @@ def _print_unknown(u: dict) -> None:
         out.print(f"[yellow]{len(u['unreadable'])} of the --unknown images could not be read[/]"
                   f" and were not scored, e.g. {_q(u['unreadable'][0][0])}: "
                   f"{escape(u['unreadable'][0][1])} (all in metrics.json)")
-
-
-def _pairs(items: list[str], option: str) -> dict[str, str]:
-    """["a=b", "c=d,e=f"] -> {"a": "b", "c": "d", "e": "f"}."""
-    pairs = {}
-    for item in (part.strip() for text in items for part in text.split(",") if part.strip()):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip() or not value.strip():
-            raise WingspanError(f"{option} {item!r}: expected NAME=NAME.",
-                                hint=f"For example {option} admiral=red_admiral.")
-        key, value = key.strip(), value.strip()
-        if pairs.get(key, value) != value:
-            raise WingspanError(f"{option} gives {key} twice ({key}={pairs[key]} and "
-                                f"{key}={value}).", hint="Give each name once.")
-        pairs[key] = value
-    return pairs
 
 
 @app.command("calibrate")
@@ -886,7 +871,7 @@ def calibrate_command(
                             "`calibrate` fits again only with --unknown.",
                             hint="Add --unknown (the temperature is then left as it is).")
     c = calibrate(model, data, split, progress=not quiet, batch_size=batch_size,
-                  workers=workers, device=device, class_map=_pairs(class_map or [], "--map"))
+                  workers=workers, device=device, class_map=name_pairs(class_map or [], "--map"))
     out.print(f"Temperature {c['previous_temperature']:.3f} -> {c['temperature']:.3f}, fitted "
               f"on {counted(c['images'], 'image')} ({_q(c['fitted_on'])}); ECE "
               f"{c['val_ece_previous']:.4f} -> {c['val_ece_after']:.4f} "

@@ -557,3 +557,20 @@ class TrainConfig:
                                 hint=(f"Did you mean {', '.join(meant)}? " if meant else "")
                                 + f"Valid: {', '.join(fields)}.")
         return cls(**{**values, **overrides})
+
+
+def name_pairs(items: list[str], option: str) -> dict[str, str]:
+    """["a=b", "c=d,e=f"] -> {"a": "b", "c": "d", "e": "f"}: a class map as the CLI's
+    --map and the library's class_map give it (`option` names it in errors)."""
+    pairs = {}
+    for item in (part.strip() for text in items for part in text.split(",") if part.strip()):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise WingspanError(f"{option} {item!r}: expected NAME=NAME.",
+                                hint=f"For example {option} admiral=red_admiral.")
+        key, value = key.strip(), value.strip()
+        if pairs.get(key, value) != value:
+            raise WingspanError(f"{option} gives {key} twice ({key}={pairs[key]} and "
+                                f"{key}={value}).", hint="Give each name once.")
+        pairs[key] = value
+    return pairs

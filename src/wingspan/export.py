@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,6 @@ from wingspan.models import load_bundle
 from wingspan.models.runtime import export_onnx
 from wingspan.models.unknown import level_thresholds
 
-FORMATS = ("onnx", "torchscript")
 INT8_MAX_DROP = 0.01  # int8 is written only when its val top-1 is within 1 point of fp32's
 TOLERANCE = 1e-4  # largest |probability difference| the export may show against PyTorch
 UNKNOWN_TOLERANCE = 1e-3  # the same for an unknown score (relative to 1 + |score|)
@@ -194,55 +194,87 @@ def export_model(run: str | Path, out: str | Path | None = None, fmt: str = "onn
             "rule": "a level is known when its score is at most its threshold; the answer "
                     "is the class at the finest level that is known, with every coarser "
                     "level known too, else unknown"}
-    name = {"onnx": "model.onnx", "torchscript": "model.pt"}[fmt]
-    if quantize:
-        name = "model.int8.onnx"
+    form = FORMATS[fmt]
     out = Path(out) if out else output_home(bundle) / "export"
     # A name ending in the format's suffix is the file; anything else is a folder to put
     # it in (`--out exports/v1.2` is a folder, not a file called "v1.2"). A file named for
     # the other format is a slip, refused.
-    suffixes = {"onnx": (".onnx",), "torchscript": (".pt", ".pth")}
-    if any(out.suffix.lower() in ends for f, ends in suffixes.items() if f != fmt):
+    if any(out.suffix.lower() in f.suffixes for name, f in FORMATS.items() if name != fmt):
         raise WingspanError(f"--out {out}: a {out.suffix} file for a {fmt} export.",
-                            hint=f"End it in {suffixes[fmt][0]}, or give a folder.")
-    if out.is_dir() or out.suffix.lower() not in suffixes[fmt]:
+                            hint=f"End it in {form.suffixes[0]}, or give a folder.")
+    if out.is_dir() or out.suffix.lower() not in form.suffixes:
         if out.exists() and not out.is_dir():
-            raise WingspanError(f"--out {out} is a file, not a {suffixes[fmt][0]} model.",
-                                hint=f"Give a folder, or a name ending in {suffixes[fmt][0]}.")
-        out = out / name
-    images = check_images or _val_images(bundle, 16)
-    if fmt == "torchscript":
-        return _export_torchscript(deployable, spec, outputs, images, meta, out,
-                                   reference)
-    graph = _onnx_graph(deployable, size, outputs, meta)
-    meta["checked"] = _check(graph, spec, outputs, images, reference,
-                             deployable.unknown)
-    if quantize:
-        graph, meta["int8"], thresholds = _quantize(graph, bundle, spec, levels,
+            raise WingspanError(f"--out {out} is a file, not a {form.suffixes[0]} model.",
+                                hint=f"Give a folder, or a name ending in {form.suffixes[0]}.")
+        out = out / ("model.int8.onnx" if quantize else form.file)
+    job = _Job(deployable, spec, outputs, check_images or _val_images(bundle, 16), meta,
+               reference, bundle, levels, quantize)
+    return _write(out, form.export(job), meta)
+
+
+@dataclass
+class _Job:
+    """What an exporter needs: the module to export, its input and outputs, the images
+    to check it on with PyTorch's answers for them (`reference`), and the metadata it
+    completes (`checked`, `int8`)."""
+    deployable: nn.Module
+    spec: InputSpec
+    outputs: list[str]
+    images: list
+    meta: dict
+    reference: Callable
+    bundle: Path
+    levels: list[str]
+    quantize: str | None
+
+
+def _export_onnx(job: _Job) -> bytes:
+    """An ONNX graph (ONNX Runtime and others run it), checked against PyTorch; with
+    --quantize int8 quantized then, if it keeps val top-1 within INT8_MAX_DROP. The
+    metadata goes in the graph too."""
+    meta = job.meta
+    graph = _onnx_graph(job.deployable, job.spec.size, job.outputs, meta)
+    meta["checked"] = _check(graph, job.spec, job.outputs, job.images, job.reference,
+                             job.deployable.unknown)
+    if job.quantize:
+        graph, meta["int8"], thresholds = _quantize(graph, job.bundle, job.spec, job.levels,
                                                     meta.get("unknown"))
         # int8 cannot agree with PyTorch to 1e-4: that check was the graph before it
         # (`int8` holds how the int8 one compares, on val top-1 and unknown shares).
         meta["checked"]["graph"] = "fp32, before quantizing"
         if thresholds:
             meta["unknown"]["thresholds"] = thresholds
-    return _write(out, _with_metadata(graph, meta), meta)
+    return _with_metadata(graph, meta)
 
 
-def _export_torchscript(deployable, spec: InputSpec, outputs, images, meta, out, reference
-                        ) -> Path:
+def _export_torchscript(job: _Job) -> bytes:
     """A traced TorchScript module (torch alone runs it), metadata in its extra files."""
-    example = torch.zeros(2, spec.size, spec.size, 3, dtype=torch.uint8)
+    size = job.spec.size
+    example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
     with torch.no_grad(), _torchscript():
-        traced = torch.jit.trace(deployable, example, strict=False)
-    pixels, generated = _check_pixels(images, spec)
+        traced = torch.jit.trace(job.deployable, example, strict=False)
+    pixels, generated = _check_pixels(job.images, job.spec)
     with torch.no_grad():
         got = {k: v.numpy() for k, v in traced(torch.from_numpy(pixels)).items()}
-    meta["checked"] = {**_compare(got, reference(pixels), outputs, deployable.unknown,
-                                  "TorchScript export", len(pixels)), "generated": generated}
+    job.meta["checked"] = {**_compare(got, job.reference(pixels), job.outputs,
+                                      job.deployable.unknown, "TorchScript export",
+                                      len(pixels)), "generated": generated}
     buffer = io.BytesIO()
     with _torchscript():
-        torch.jit.save(traced, buffer, _extra_files={"wingspan.json": json.dumps(meta)})
-    return _write(out, buffer.getvalue(), meta)
+        torch.jit.save(traced, buffer, _extra_files={"wingspan.json": json.dumps(job.meta)})
+    return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class _Format:
+    file: str  # its name in an --out folder
+    suffixes: tuple[str, ...]  # the names that are a file of it
+    export: Callable[[_Job], bytes]
+
+
+# The export formats: --format's choices, each with its exporter.
+FORMATS = {"onnx": _Format("model.onnx", (".onnx",), _export_onnx),
+           "torchscript": _Format("model.pt", (".pt", ".pth"), _export_torchscript)}
 
 
 @contextlib.contextmanager

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from scipy.special import softmax as scipy_softmax
 
 
 def _answered(probs: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray | None
@@ -166,7 +167,5 @@ def _temperature_for_confidence(logits: np.ndarray, confidence: float) -> float:
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = logits / temperature
-    z = z - z.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
+    """Probabilities (N, C) from logits at a temperature (scipy's stable softmax)."""
+    return scipy_softmax(logits / temperature, axis=1)
