@@ -180,6 +180,22 @@ def test_serve_on_a_port_in_use_is_one_clear_message(run_cli, tmp_path):
                                      "server listens there): pick another with --port.")
 
 
+def test_serve_takes_its_limits_from_the_command_line(run_cli, tmp_path, monkeypatch):
+    """A deployment sets what the server takes on (behind a proxy with its own limits, say)."""
+    import wingspan.serve
+    from wingspan.config import ServeLimits
+
+    given = {}
+    monkeypatch.setattr(wingspan.serve, "serve", lambda model, **kw: given.update(kw))
+    code, _, err = run_cli("serve", tmp_path, "--top-k", "2", "--max-files", "3",
+                           "--max-upload-mb", "1.5", "--max-in-flight", "4", "--timeout", "9")
+    assert code == 0, err
+    assert given["limits"] == ServeLimits(top_k=2, max_files=3, max_bytes=1572864,
+                                          max_in_flight=4, timeout_s=9.0)
+    code, _, err = run_cli("serve", tmp_path, "--max-files", "0")
+    assert code == 2 and "--max-files must be at least 1" in err
+
+
 def test_demo_command_writes_everything(run_cli, tmp_path):
     tmp_path = tmp_path / ("a-folder-name-long-enough-that-no-path-fits-in-80-columns" * 2)
     # Smaller than the default (96 px, 2 fine-tuning epochs): the same steps, in half the time.

@@ -28,6 +28,7 @@ from wingspan.config import (
     DemoConfig,
     InspectConfig,
     ReadConfig,
+    ServeLimits,
     SettingError,
     SplitConfig,
     TrainConfig,
@@ -436,6 +437,7 @@ def data_preview(
 
 
 T = TrainConfig  # defaults shown in --help come from the one config
+S = ServeLimits
 
 
 @app.command("train")
@@ -1160,17 +1162,29 @@ def explain_command(
 
 @app.command("serve")
 def serve_command(
+    ctx: typer.Context,
     model: Model,
     host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine "
                                       "only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port.")] = 8000,
     device: DeviceOpt = T.device,
+    top_k: Annotated[int, typer.Option(help="Classes per level in an answer.")] = S.top_k,
+    max_upload_mb: Annotated[float, typer.Option(
+        min=0.001, help="Largest file taken (413 above).")] = S.max_bytes / 2**20,
+    max_files: Annotated[int, typer.Option(
+        help="Most images in one request (413 above).")] = S.max_files,
+    max_in_flight: Annotated[int, typer.Option(
+        help="Most requests served at once (429 above).")] = S.max_in_flight,
+    timeout: Annotated[float, typer.Option(
+        min=0.001, help="Seconds a request may take (504 after).")] = S.timeout_s,
 ) -> None:
     """A web page (drop a photo: its classes and where the model looked) and an HTTP API:
     POST /predict with image files, POST /explain with one; /health, /model, /docs."""
     from wingspan.serve import serve
 
-    serve(model, host=host, port=port, device=device)
+    limits = _config(ctx, ServeLimits, top_k=top_k, max_bytes=round(max_upload_mb * 2**20),
+                     max_files=max_files, max_in_flight=max_in_flight, timeout_s=timeout)
+    serve(model, host=host, port=port, device=device, limits=limits)
 
 
 @app.command("export")

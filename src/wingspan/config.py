@@ -185,6 +185,28 @@ class InspectConfig:
 
 
 @settings
+class ServeLimits:
+    """What `wingspan serve` takes on, and how it batches."""
+
+    max_bytes: int = 20 * 2**20  # per uploaded file; larger gets 413
+    max_in_flight: int = 64  # requests being served at once; more get 429
+    max_files: int = 32  # images in one request; more get 413 (each is read whole)
+    timeout_s: float = 30.0  # per request; slower gets 504
+    batch_size: int = 16  # images per forward pass
+    batch_wait_ms: float = 5.0  # how long a request waits for others to batch with
+    top_k: int = 5  # classes per level in an answer
+    explain_threads: int = 2  # Grad-CAMs computed at once (each uses every core); more wait
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        for name in ("max_bytes", "max_files", "batch_size", "top_k", "explain_threads"):
+            _check(getattr(self, name) >= 1, name, "at least 1", getattr(self, name))
+        _check(self.max_in_flight >= 0, "max_in_flight", "0 or more", self.max_in_flight)
+        _check(self.timeout_s > 0, "timeout_s", "a positive number of seconds", self.timeout_s)
+        _check(self.batch_wait_ms >= 0, "batch_wait_ms", "0 or more", self.batch_wait_ms)
+
+
+@settings
 class AuditConfig:
     """What `data audit` looks for: likely label errors and near-duplicates."""
 

@@ -28,7 +28,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -41,21 +40,10 @@ from pydantic import BaseModel
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from wingspan.config import ServeLimits
 from wingspan.errors import WingspanError, first_line, some
 from wingspan.inference import Predictor
 from wingspan.predict import answer_at, deciding_score, taxonomy_path
-
-
-@dataclass(frozen=True)
-class ServeLimits:
-    max_bytes: int = 20 * 2**20  # per uploaded file
-    max_in_flight: int = 64  # requests being served at once; more get 429
-    max_files: int = 32  # images in one request; more get 413 (each is read whole)
-    timeout_s: float = 30.0  # per request
-    batch_size: int = 16  # images per forward pass
-    batch_wait_ms: float = 5.0  # how long a request waits for others to batch with
-    top_k: int = 5
-    explain_threads: int = 2  # Grad-CAMs computed at once (each uses every core); more wait
 
 
 class _Batcher:
