@@ -868,6 +868,9 @@ def _report(out_dir, name, predictor, run_dir, dataset, level, split, metrics, t
     if cal.get("method", "likelihood") != "likelihood":
         calibration.append(("set by", f"the {cal['method']}: every one of the "
                             f"{cal.get('images')} images it was fitted on was right"))
+    elif cal.get("images"):
+        calibration.append(("set by", f"the likelihood of {cal['images']} images "
+                            f"({cal.get('fitted_on', 'val')})"))
     training = manifest.get("training", {})
     train_metrics = manifest.get("metrics", {})
     overview = [("model", predictor.bundle), ("backbone", manifest["model"]["backbone"]),

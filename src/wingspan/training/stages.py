@@ -175,7 +175,7 @@ def evaluate_images(run: Run, images: LabelledImages, forward=None) -> dict:
         module, names = run.model.with_features()
         forward = run.policy.runner(module, run.image_size, names, once=len(mine))
     if "val" not in run.loaders:  # one loader for every validation pass (its workers stay)
-        batches = fixed_batches(shard(len(images), run.fabric), run.config.batch_size)
+        batches = fixed_batches(mine, run.config.batch_size)
         run.loaders["val"] = make_loader(images, batches, run.workers, persistent=True,
                                          pin=run.device.type == "cuda")
     row = {item: k for k, item in enumerate(mine)}
