@@ -298,6 +298,11 @@ def test_curves_mistakes_and_reliability_plots(tmp_path, demo_dir):
     assert "answered" not in plots.mistake_title(told)
     assert "answered" not in plots.mistake_title({**told, "answer": "b"})  # b was told
     assert plots.mistake_title({**told, "answer": "unknown"}).endswith("answered unknown")
+    # Long names that differ at their end stay told apart.
+    long = {"true": "class_with_a_longish_name_00", "predicted": "class_with_a_very_long"
+            "ish_name_that_goes_on_35", "probability": 0.9}
+    title = plots.mistake_title(long)
+    assert "class_with_a_longish_name_00" in title and title.split("\n")[1].endswith("on_35")
     rng = np.random.default_rng(0)
     probs = softmax(rng.normal(0, 2, (200, 4)))
     y = rng.integers(0, 4, 200)

@@ -1174,7 +1174,7 @@ def serve_command(
     max_files: Annotated[int, typer.Option(
         help="Most images in one request (413 above).")] = S.max_files,
     max_in_flight: Annotated[int, typer.Option(
-        help="Most requests served at once (429 above).")] = S.max_in_flight,
+        min=1, help="Most requests served at once (429 above).")] = S.max_in_flight,
     timeout: Annotated[float, typer.Option(
         min=0.001, help="Seconds a request may take (504 after).")] = S.timeout_s,
 ) -> None:

@@ -374,9 +374,15 @@ def gallery(issues: pd.DataFrame, duplicates: pd.DataFrame, level: str, config: 
             f"<div class='m'>quality {r.label_quality:.3f} · {e(r.split)} · {e(r.path)}</div>"
             "</div>")
     pairs = []
-    for r in duplicates.head(config.gallery // 2).itertuples():
+    # One pair a group first (its first in the table's order: leaks and two labels lead),
+    # so that one look-alike series does not fill the page; then the rest in order.
+    first = ~duplicates.duplicated("group")
+    shown = pd.concat([duplicates[first], duplicates[~first]]).head(config.gallery // 2)
+    for r in shown.itertuples():
         pairs.append(
             "<div class='c' style='width:350px'>"
+            + (f"<div>group of {r.group_size} images</div>" if r.group_size > 2 else "")
+            +
             f"<img alt='{e(r.path_a)}' src='{_thumbnail(r.path_a)}'>"
             f"<img alt='{e(r.path_b)}' src='{_thumbnail(r.path_b)}'>"
             f"<div>similarity {r.similarity:.3f}, hash distance {r.hash_distance}"
@@ -395,7 +401,9 @@ def gallery(issues: pd.DataFrame, duplicates: pd.DataFrame, level: str, config: 
         f"<div class='g'>{''.join(cards)}</div>"
         f"<h2>Near-duplicates (perceptual hashes at most {config.hash_distance} bits apart, "
         f"or feature cosine similarity at least {config.duplicate_similarity}): "
-        f"{len(duplicates)} pairs, {int(duplicates['across_splits'].sum())} across splits"
+        f"{len(duplicates)} pairs in {duplicates['group'].nunique()} groups, "
+        f"{int(duplicates['across_splits'].sum())} across splits, "
+        f"{int(duplicates['labels_differ'].sum())} with two labels (one pair a group first)"
         f"</h2><div class='g'>{''.join(pairs) or '<p>none</p>'}</div>"
         + (f"<h2>Unreadable ({len(failed)})</h2><ul>"
            + "".join(f"<li>{e(p)}: {e(w)}</li>" for p, w in failed.items()) + "</ul>"

@@ -100,8 +100,18 @@ def mistake_title(m: dict) -> str:
     """A mistake's caption; where the unknown answer (or a coarser level) replaced the
     wrong class, what the user was told instead."""
     told = m.get("answer")
-    return (f"true: {m['true'][:22]}\npred: {m['predicted'][:22]}\np = {m['probability']:.2f}"
-            + (f", answered {told[:16]}" if told and told != m["predicted"] else ""))
+    return (f"true: {_short(m['true'])}\npred: {_short(m['predicted'])}\n"
+            f"p = {m['probability']:.2f}"
+            + (f", answered {_short(told, 20)}" if told and told != m["predicted"] else ""))
+
+
+def _short(name: str, most: int = 34) -> str:
+    """A name cut in the middle where too long: class names often differ at their end
+    (..._00, ..._35), which a cut at the end would hide."""
+    if len(name) <= most:
+        return name
+    keep = most - 1
+    return f"{name[:keep - keep // 2]}…{name[-(keep // 2):]}"
 
 
 def _side_by_side(pixels: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.ndarray:
@@ -115,7 +125,8 @@ def _side_by_side(pixels: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) 
     image = pixels.astype(np.float32) / (255.0 if pixels.dtype == np.uint8 else 1.0)
     heat = plt.get_cmap("jet")(np.clip(heatmap, 0, 1))[..., :3]
     gap = np.ones((image.shape[0], max(2, image.shape[1] // 40), 3))
-    return np.concatenate([image, gap, (1 - alpha) * image + alpha * heat], axis=1)
+    both = np.concatenate([image, gap, (1 - alpha) * image + alpha * heat], axis=1)
+    return np.clip(both, 0.0, 1.0)  # (float rounding may pass 1: imshow would warn)
 
 
 def plot_mistakes(mistakes: list[dict], path: Path, columns: int = 4) -> Path:
