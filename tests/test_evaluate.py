@@ -928,7 +928,7 @@ def test_images_the_run_trained_or_chose_on_give_figures_called_optimistic(train
     fair = metrics["fair"]
     assert fair.startswith(f"no: the model was trained on all {metrics['images']} of these "
                            "images, so these figures are optimistic")
-    assert "wingspan evaluate RUN --split test" in fair
+    assert f"wingspan evaluate {trained} --split test" in fair  # the run's own path
     assert fair in " ".join(stdout.split())
     page = (tmp_path / "train" / "report.html").read_text()
     assert "are these figures fair?</th><td>no: the model was trained on all" in page

@@ -122,7 +122,8 @@ def test_every_error_is_json_with_an_error_key(run_dir, client):
     small = TestClient(create_app(run_dir, ServeLimits(max_files=1, max_bytes=1000),
                                   device="cpu"))
     r = small.post("/predict", files=[("files", ("big.jpg", b"\0" * 6000, "image/jpeg"))])
-    assert r.status_code == 413 and "at most 5096 (1 files of 1000 bytes)" in r.json()["error"]
+    assert r.status_code == 413 and "at most 5096 (1 file of 1000 bytes, each with 4096 " \
+                                    "bytes of form headers)" in r.json()["error"]
     # One without a length (chunked) is cut off once it passes the limit, not spooled whole.
     chunks = (b"\0" * 1000 for _ in range(1000))
     r = small.post("/predict", content=chunks,

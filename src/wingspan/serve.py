@@ -41,7 +41,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from wingspan.config import ServeLimits
-from wingspan.errors import WingspanError, first_line, some
+from wingspan.errors import WingspanError, counted, first_line, some
 from wingspan.inference import Predictor
 from wingspan.predict import answer_at, deciding_score, taxonomy_path
 
@@ -156,8 +156,9 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
     app = FastAPI(title="wingspan", description=f"Predictions of {predictor.bundle}")
     most = limits.max_files * (limits.max_bytes + 4096)  # every file, with its part headers
     app.add_middleware(_BodyLimit, most=most,
-                       allowed=f"at most {most} ({limits.max_files} files of "
-                               f"{limits.max_bytes} bytes).")
+                       allowed=f"at most {most} ({counted(limits.max_files, 'file')} of "
+                               f"{limits.max_bytes} bytes, each with 4096 bytes of form "
+                               "headers).")
     app.state.predictor = predictor
 
     # Every error as {"error": ...}, not {"detail": ...}: ours, Starlette's own (404, too

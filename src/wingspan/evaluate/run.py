@@ -149,7 +149,8 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
                    temperature=predictor.temperature, calibration=calibration, tta=tta,
                    **({"tta_note": tta_note(predictor.unknown is not None)} if tta else {}),
                    fair=_fairness(predictor.manifest, split, data, [paths[i] for i in ok],
-                                  _own_splits(dataset, data, run_dir), _adapted_on(run_dir)))
+                                  _own_splits(dataset, data, run_dir), _adapted_on(run_dir),
+                                  run_dir))
     read = [preds[i] for i in ok]  # the readable images' predictions, in y's order
     named = None  # which images the answer gives a class (the rest: "unknown")
     if predictor.unknown is not None:
@@ -796,7 +797,8 @@ def _adapted_on(run_dir: Path | None) -> list[str]:
 
 
 def _fairness(manifest: dict, split: str, data, paths: list[str],
-              own: pd.DataFrame | None, adapted: list[str] = ()) -> str:
+              own: pd.DataFrame | None, adapted: list[str] = (),
+              run_dir: Path | None = None) -> str:
     """Whether this evaluation's figures are unbiased: none of the images evaluated
     (`paths`) is one the run trained on (its train split) or chose its best epoch on (val),
     as its splits.csv (`own`, None without one) names them, whatever data or split they
@@ -820,7 +822,8 @@ def _fairness(manifest: dict, split: str, data, paths: list[str],
                 "(copies of them under other names would not be seen)")
     tests = int((own[SPLIT] == "test").sum())
     fair = (f"; for a fair figure evaluate the run's {counted(tests, 'test image')}, never "
-            "trained or chosen on (`wingspan evaluate RUN --split test`)" if tests else "")
+            f"trained or chosen on (`wingspan evaluate {run_dir or 'RUN'} --split test`)"
+            if tests else "")
     if not trained:
         return (f"no: the best epoch was chosen on val ({chosen} of these images), so these "
                 "figures are optimistic" + fair)
