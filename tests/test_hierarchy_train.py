@@ -100,6 +100,7 @@ def test_hierarchical_evaluation_and_prediction(hierarchical_run, demo_dir, tmp_
         assert right == pytest.approx(h["levels"][level]["accuracy"]), level
     page = result.report.read_text()
     assert "Per taxonomic level" in page
+    assert " &gt; ".join(LEVELS) in page  # the header names every level the run learnt
     # Each level's accuracy and macro-F1 are in the page, and each coarser level's matrix.
     for level in LEVELS[:-1]:
         assert f"Confusion matrix: {level}" in page

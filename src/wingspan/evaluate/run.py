@@ -877,7 +877,9 @@ def _report(out_dir, name, predictor, run_dir, dataset, level, split, metrics, t
     training = manifest.get("training", {})
     train_metrics = manifest.get("metrics", {})
     overview = [("model", predictor.bundle), ("backbone", manifest["model"]["backbone"]),
-                ("weights", manifest.get("weights_source")), ("level", level),
+                ("weights", manifest.get("weights_source")),
+                ("levels (coarse to fine), scored at each" if predictor.taxonomy else "level",
+                 " > ".join(predictor.taxonomy.levels) if predictor.taxonomy else level),
                 ("classes", len(predictor.classes)), ("evaluated split", split),
                 ("test-time augmentation", "on: each image's flips and crops averaged, as "
                  "predict --tta" if metrics.get("tta") else "off"),
