@@ -322,9 +322,14 @@ def test_a_run_folder_rank_0_cannot_make_stops_every_torchrun_process_cleanly(de
                                                                                tmp_path):
     """Rank 0 alone makes the run folder: when it cannot (here a name that is a path), the
     others learn it and stop too, rather than fail on a connection rank 0 closed."""
+    import socket
+
+    with socket.socket() as probe:  # a port free now, not one fixed that may be taken
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-         "--master-port", "29517", "-m", "wingspan", "train", str(demo_dir), "--name", "../x",
+         "--master-port", str(port), "-m", "wingspan", "train", str(demo_dir), "--name", "../x",
          "--runs-dir", str(tmp_path / "runs"), "--weights", "none", "--backbone",
          "test_efficientnet", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         start_new_session=True)
