@@ -141,10 +141,27 @@ def test_every_error_is_json_with_an_error_key(run_dir, client):
         assert answers["422"]["content"]["application/json"]["schema"]["$ref"].endswith(
             "/ApiError")
     assert schema["components"]["schemas"]["ApiError"]["required"] == ["error"]
-    # one unreadable file among good ones: the request gets its error, the server goes on
-    mixed = [("files", (f"{i}.jpg", _jpeg(), "image/jpeg")) for i in range(5)]
-    r = client.post("/predict", files=[*mixed, ("files", ("bad.jpg", b"nope", "image/jpeg"))])
-    assert r.status_code == 415 and client.get("/health").json()["in_flight"] == 0
+    # Unreadable files among good ones: each gets its error in its place, the others their
+    # answers; a request of nothing but bad files is refused with the first one's status.
+    good = [("files", (f"{i}.jpg", _jpeg(), "image/jpeg")) for i in range(4)]
+    cut = _jpeg(size=(400, 300))
+    bad = [("files", ("bad.jpg", b"nope", "image/jpeg")),
+           ("files", ("cut.jpg", cut[:len(cut) // 2], "image/jpeg"))]
+    r = client.post("/predict", files=[*good[:2], bad[0], *good[2:], bad[1]])
+    assert r.status_code == 200, r.text
+    answers = r.json()["predictions"]
+    assert [a["file"] for a in answers] == ["0.jpg", "1.jpg", "bad.jpg", "2.jpg", "3.jpg",
+                                            "cut.jpg"]
+    assert [a.get("status") for a in answers] == [None, None, 415, None, None, 422]
+    assert "bad.jpg: " in answers[2]["error"] and "truncated" in answers[5]["error"]
+    assert all("top" in answers[i] and "error" not in answers[i] for i in (0, 1, 3, 4))
+    # The good files' answers are what each gets alone.
+    alone = client.post("/predict", files=[good[2]]).json()["predictions"][0]
+    assert alone["top"] == answers[3]["top"]
+    r = client.post("/predict", files=bad)
+    assert r.status_code == 415 and r.json()["error"].startswith(
+        "None of the 2 files could be read: bad.jpg: ")
+    assert "cut.jpg" in r.json()["error"] and client.get("/health").json()["in_flight"] == 0
 
 
 def test_concurrent_requests_are_batched(run_dir):

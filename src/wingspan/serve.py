@@ -13,7 +13,8 @@ Requests that arrive together are batched: each waits up to `batch_wait_ms` for 
 and one forward pass on the engine the policy chose serves them all. Limits, each a 4xx
 with a JSON error while the server keeps serving: upload size (413), what the bytes are
 (sniffed by Pillow, not the extension: 415), the pixel budget (413), requests in flight
-(429) and a time limit (504).
+(429) and a time limit (504). In a request of several files, one that fails gets its
+error in its place in the answer and the others are answered.
 """
 
 from __future__ import annotations
@@ -271,22 +272,34 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
         return view(_decode(name, data, predictor.draft))
 
     async def _each(files: list[UploadFile]) -> list[dict]:
-        """Every file's answer; the first file that fails cancels the rest (the request
-        gets its error, and the others' images are not computed for nothing)."""
+        """Every file's answer, in order. A file that cannot be read gets its error in its
+        place ({"file", "error", "status"}) and the others their answers, as `wingspan
+        predict` goes on past a broken photo; only when no file can be read is the request
+        itself refused, with the first file's status."""
         tasks = [asyncio.ensure_future(_one(f)) for f in files]
         try:
-            return await asyncio.gather(*tasks)
-        except BaseException:  # gather leaves the others running (3.10 has no TaskGroup)
-            for task in tasks:
+            answers = await asyncio.gather(*tasks)
+        except BaseException:  # a time limit or a fault of ours: the others are not
+            for task in tasks:  # computed for nothing (3.10 has no TaskGroup)
                 task.cancel()
             raise
+        failed = [a for a in answers if "error" in a]
+        if failed and len(failed) == len(answers):
+            what = "; ".join(a["error"] for a in failed[:3]) + ("; ..." if len(failed) > 3
+                                                               else "")
+            raise HTTPException(failed[0]["status"], what if len(failed) == 1 else
+                                f"None of the {len(failed)} files could be read: {what}")
+        return answers
 
     async def _one(upload: UploadFile) -> dict:
-        data = await upload.read(limits.max_bytes + 1)
-        if len(data) > limits.max_bytes:
-            raise HTTPException(413, f"{upload.filename}: over {limits.max_bytes} bytes.")
-        # Decoding and resizing run on worker threads, so the event loop keeps accepting.
-        x = await asyncio.to_thread(_prepare, upload.filename, data)
+        try:
+            data = await upload.read(limits.max_bytes + 1)
+            if len(data) > limits.max_bytes:
+                raise HTTPException(413, f"{upload.filename}: over {limits.max_bytes} bytes.")
+            # Decoding and resizing run on worker threads, so the event loop keeps accepting.
+            x = await asyncio.to_thread(_prepare, upload.filename, data)
+        except HTTPException as e:  # this file's fault: the request's other files go on
+            return {"file": upload.filename, "error": e.detail, "status": e.status_code}
         outputs, scores = await batcher.run(x)
         return _answer(predictor, upload.filename, outputs, scores, limits.top_k)
 
