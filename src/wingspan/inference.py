@@ -51,14 +51,19 @@ def find_bundle(model: str | Path) -> Path:
                         "Give a run folder (runs/NAME) or a model bundle.")
 
 
+def run_dir_of(bundle: Path) -> Path | None:
+    """The run folder a bundle sits in (runs/NAME/model), or None for one that stands
+    alone."""
+    bundle = Path(bundle)
+    return bundle.parent if (bundle.parent / "config.yaml").is_file() else None
+
+
 def output_home(bundle: Path) -> Path:
     """Where a model's outputs go by default (evaluation-*, export/, explain/): its run
     folder; else the bundle's own folder (a file bundle: a folder named after it), so two
     bundles side by side never write over each other's."""
     bundle = Path(bundle)
-    if (bundle.parent / "config.yaml").is_file():
-        return bundle.parent
-    return bundle if bundle.is_dir() else bundle.with_suffix("")
+    return run_dir_of(bundle) or (bundle if bundle.is_dir() else bundle.with_suffix(""))
 
 
 def spelt_as_trained(predictor: Predictor) -> dict[str, dict[str, str]]:

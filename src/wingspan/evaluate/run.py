@@ -39,7 +39,7 @@ from wingspan.evaluate.metrics import (
 from wingspan.evaluate.openset import openset_metrics, separation
 from wingspan.evaluate.report import write_report
 from wingspan.files import atomic_path, real_paths, write_text
-from wingspan.inference import Predictor, output_home, spelt_as_trained
+from wingspan.inference import Predictor, output_home, run_dir_of, spelt_as_trained
 from wingspan.models.bundle import update_manifest
 from wingspan.predict import answer_at, deciding_score, expand_paths, taxonomy_path
 from wingspan.training.folder import ADAPT_PHOTOS_FILE
@@ -73,42 +73,20 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
         raise WingspanError(f"The model {predictor.bundle} has no unknown scores to evaluate.",
                             hint="Fit them with `wingspan calibrate RUN --unknown` on its run "
                                  "folder (training fits them since they exist).")
-    run_dir = predictor.bundle.parent if (predictor.bundle.parent / "config.yaml").is_file() \
-        else None
+    run_dir = run_dir_of(predictor.bundle)
     dataset = _dataset(data, run_dir)
     level = predictor.level if predictor.level in dataset.levels else dataset.default_level
     split = split or _default_split(dataset)
     _check_split(dataset, split)
     class_map = _check_class_map(class_map or {}, predictor, dataset, level)
-    rows = _rows(dataset, split, level, predictor, class_map)
-    known = rows["_label"].isin(predictor.classes)
-    if not known.any():
-        theirs = sorted(set(rows["_label"]))
-        raise WingspanError(
-            f"No images of the model's classes in the '{split}' split: the model knows "
-            f"{some(predictor.classes)}; the data's '{level}' classes there are "
-            f"{some(theirs) or 'none'}.",
-            hint="If they are the same classes under other names, map them with --map "
-                 "MODEL_CLASS=DATA_CLASS (once per class).")
-    other_classes = sorted(set(rows.loc[~known, "_label"]))
-    other_images = int((~known).sum())
-    rows = rows[known]
+    rows, other_classes, other_images = _known_rows(dataset, split, level, predictor,
+                                                    class_map)
     unknown_paths = _unknown_paths(unknown) if unknown is not None else None  # before work
     if unknown_paths:
         _check_unseen(unknown_paths, rows["path"], predictor)
-    # A score other than the bundle's own changes what the answer is (named, predictions.csv).
-    score = (predictor.unknown_score
-             if unknown_score and predictor.unknown_score != predictor.unknown.score else None)
-    final = (Path(out).resolve() if out else
-             output_home(predictor.bundle) / evaluation_name(
-                 dataset.name, split, data is not None, tta, unknown is not None, score))
-    _check_out_dir(final)
-    # Everything is written to a folder beside it and moved in place at the end: a killed
-    # evaluation leaves a ".partial" folder and the previous results, never half of both.
-    out_dir = final.with_name(f".{final.name}.partial")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    out_dir.mkdir(parents=True)
-    (out_dir / MARKER).write_text("written by wingspan evaluate; replaced whole by the next\n")
+    final = Path(out).resolve() if out else _default_out(predictor, dataset, split, data,
+                                                         tta, unknown, unknown_score)
+    out_dir = _partial_folder(final)
 
     paths = rows["path"].tolist()
     preds = list(predictor.run(paths, tta=tta, progress=progress,
@@ -124,13 +102,6 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     index = {c: i for i, c in enumerate(predictor.classes)}
     y = rows["_label"].map(index).to_numpy()[ok]
     logits = np.stack([preds[i].view_logits for i in ok])  # (images, views, classes)
-    # The temperature fitted when the model was trained (or by `wingspan calibrate`):
-    # evaluating never changes the model.
-    calibration = {"temperature": predictor.temperature,
-                   **predictor.manifest.get("calibration", {"fitted_on": None}),
-                   "same_data_as_evaluation": _among_evaluated(
-                       predictor.manifest.get("calibration", {}).get("fitted_on", "val"),
-                       _calibration_data(split, data))}
     probs = view_softmax(logits, predictor.temperature)
     classes = predictor.classes
     # On other data (holding some of the model's classes, with --map or by name), the
@@ -146,7 +117,8 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
                    ece_uncalibrated=expected_calibration_error(
                        view_softmax(logits), y,
                        y_pred=_predicted(predictor, view_softmax(logits))),
-                   temperature=predictor.temperature, calibration=calibration, tta=tta,
+                   temperature=predictor.temperature,
+                   calibration=_calibration_used(predictor, split, data), tta=tta,
                    **({"tta_note": tta_note(predictor.unknown is not None)} if tta else {}),
                    fair=_fairness(predictor.manifest, split, data, [paths[i] for i in ok],
                                   _own_splits(dataset, data, run_dir), _adapted_on(run_dir),
@@ -167,26 +139,15 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     metrics["most_confused"] = confused
     levels_table, by_level = None, {}
     if predictor.taxonomy:
-        level_rows = rows.iloc[ok]
-        if class_map:  # other names: the truth is the mapped class and its parents in the
-            # model's tree, not whatever the data calls its coarser levels
-            theirs_to_ours = {theirs: ours for ours, theirs in class_map.items()}
-            level_rows = level_rows.drop(columns=[lv for lv in predictor.taxonomy.levels
-                                                  if lv in level_rows]).assign(
-                **{predictor.taxonomy.finest: renamed(level_rows[level], theirs_to_ours)})
-        levels_table, by_level = _per_level(predictor, level_rows, probs, read, metrics,
-                                            out_dir, truth_only)
+        levels_table, by_level = _per_level(predictor, _level_rows(rows.iloc[ok], predictor,
+                                                                   level, class_map),
+                                            probs, read, metrics, out_dir, truth_only)
     _write_predictions(out_dir / "predictions.csv", [paths[i] for i in ok], y, y_pred, probs,
                        classes, predictor, read, by_level)
     transfer = None
     if class_map:
-        named_share = None
-        if named is not None:  # per class: how often the answer names one
-            images = np.bincount(y, minlength=len(classes))
-            shares = np.bincount(y, weights=named, minlength=len(classes)) / np.maximum(images, 1)
-            named_share = {c: float(shares[k]) for k, c in enumerate(classes) if images[k]}
-        transfer = _transfer(predictor, run_dir, class_map, table, progress, named_share,
-                             tta)
+        transfer = _transfer(predictor, run_dir, class_map, table, progress,
+                             _named_share(named, y, classes), tta)
         _write_csv(transfer, out_dir / "transfer.csv", index=False)
         # No figure (a class without images here or at home) is null in JSON, not NaN.
         metrics["transfer"] = transfer.astype(object).where(transfer.notna(), None).to_dict(
@@ -199,7 +160,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
 
     pngs = _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, y,
                   y_pred, probs, logits, read)
-    if unknown is not None:
+    if unknown is not None:  # _openset drew it
         pngs["unknown"] = out_dir / "unknown.png"
     if levels_table is not None:  # _per_level drew the coarser levels' matrices
         pngs["levels"] = {lv: out_dir / f"confusion_{lv}.png"
@@ -208,6 +169,77 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
             metrics, table, confused, pngs, levels_table, transfer)
     _put_in_place(out_dir, final)
     return Evaluation(final, metrics, final / "report.html")
+
+
+def _known_rows(dataset: Dataset, split: str, level: str, predictor: Predictor,
+                class_map: dict[str, str]) -> tuple[pd.DataFrame, list[str], int]:
+    """The split's images of the model's classes (see `_rows`), and the data's other
+    classes there and how many images they have (left out, and said so)."""
+    rows = _rows(dataset, split, level, predictor, class_map)
+    known = rows["_label"].isin(predictor.classes)
+    if not known.any():
+        theirs = sorted(set(rows["_label"]))
+        raise WingspanError(
+            f"No images of the model's classes in the '{split}' split: the model knows "
+            f"{some(predictor.classes)}; the data's '{level}' classes there are "
+            f"{some(theirs) or 'none'}.",
+            hint="If they are the same classes under other names, map them with --map "
+                 "MODEL_CLASS=DATA_CLASS (once per class).")
+    return rows[known], sorted(set(rows.loc[~known, "_label"])), int((~known).sum())
+
+
+def _default_out(predictor: Predictor, dataset: Dataset, split: str, data, tta: bool,
+                 unknown, unknown_score: str | None) -> Path:
+    """The evaluation's folder in the run (see `evaluation_name`). A score other than the
+    bundle's own changes what the answer is (named, predictions.csv): it is named too."""
+    score = (predictor.unknown_score
+             if unknown_score and predictor.unknown_score != predictor.unknown.score else None)
+    return output_home(predictor.bundle) / evaluation_name(
+        dataset.name, split, data is not None, tta, unknown is not None, score)
+
+
+def _partial_folder(final: Path) -> Path:
+    """Where the evaluation is written: a folder beside `final`, moved in place at the end
+    (`_put_in_place`). A killed evaluation leaves a ".partial" folder and the previous
+    results, never half of both."""
+    _check_out_dir(final)
+    out_dir = final.with_name(f".{final.name}.partial")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    (out_dir / MARKER).write_text("written by wingspan evaluate; replaced whole by the next\n")
+    return out_dir
+
+
+def _calibration_used(predictor: Predictor, split: str, data) -> dict:
+    """The temperature fitted when the model was trained (or by `wingspan calibrate`),
+    where it was fitted, and whether on the images evaluated: evaluating never changes
+    the model."""
+    fitted = predictor.manifest.get("calibration", {})
+    return {"temperature": predictor.temperature, **(fitted or {"fitted_on": None}),
+            "same_data_as_evaluation": _among_evaluated(fitted.get("fitted_on", "val"),
+                                                        _calibration_data(split, data))}
+
+
+def _level_rows(rows: pd.DataFrame, predictor: Predictor, level: str,
+                class_map: dict[str, str]) -> pd.DataFrame:
+    """The rows whose level columns give each image's truth at every taxonomic level. With
+    --map (other names) the truth is the mapped class and its parents in the model's tree,
+    not whatever the data calls its coarser levels."""
+    if not class_map:
+        return rows
+    theirs_to_ours = {theirs: ours for ours, theirs in class_map.items()}
+    return rows.drop(columns=[lv for lv in predictor.taxonomy.levels if lv in rows]).assign(
+        **{predictor.taxonomy.finest: renamed(rows[level], theirs_to_ours)})
+
+
+def _named_share(named: np.ndarray | None, y: np.ndarray, classes: list[str]
+                 ) -> dict[str, float] | None:
+    """Per class with images, the share the unknown answer names a class for."""
+    if named is None:
+        return None
+    images = np.bincount(y, minlength=len(classes))
+    shares = np.bincount(y, weights=named, minlength=len(classes)) / np.maximum(images, 1)
+    return {c: float(shares[k]) for k, c in enumerate(classes) if images[k]}
 
 
 def evaluation_name(data_name: str, split: str, other_data: bool, tta: bool,
@@ -560,8 +592,7 @@ def calibrate(model: str | Path, data: str | Path | None = None, split: str | No
     the images of classes the model does not know are left out."""
     predictor = Predictor(model, device=device, batch_size=batch_size, workers=workers,
                           progress=progress)
-    run_dir = predictor.bundle.parent if (predictor.bundle.parent / "config.yaml").is_file() \
-        else None
+    run_dir = run_dir_of(predictor.bundle)
     dataset = _dataset(data, run_dir, "fit the temperature on")
     level = predictor.level if predictor.level in dataset.levels else dataset.default_level
     if split is None:  # labelled photos from elsewhere often come without a split
