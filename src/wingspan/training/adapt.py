@@ -148,43 +148,15 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
     before, y_val = _logits(predictor, x_photos), val.labels[fine]
     val_before = float(np.mean(answer(softmax(_logits(predictor, x_val)[fine],
                                               predictor.temperature)) == y_val))
-    used, unfitted = {}, {}
-    for lv in levels:
-        if len(manifest["classes"][lv]) < 2:  # one class at this level (one family): nothing to fit
-            used[lv], unfitted[lv] = [], []
-            continue
-        weight, bias, used[lv] = self_train(x_train, train.labels[lv], x_photos, before[lv],
-                                            len(manifest["classes"][lv]), config,
-                                            predictor.temperature if lv == fine else 1.0)
-        unfitted[lv] = []
-        if weight is None:  # no photo agreed on: the level keeps its head as trained
-            continue
-        layer = head.outputs[lv]
-        # A class no image of the fit showed (none of its training images readable, none
-        # of the photos) keeps the run's own row rather than one that never wins.
-        keep = np.flatnonzero(bias <= NEVER)
-        unfitted[lv] = [manifest["classes"][lv][i] for i in keep]
-        with torch.no_grad():
-            weight[keep] = layer.weight[keep].double().cpu().numpy()
-            bias[keep] = layer.bias[keep].double().cpu().numpy()
-            layer.weight.copy_(torch.as_tensor(weight))
-            layer.bias.copy_(torch.as_tensor(bias))
+    used, unfitted = _refit_heads(predictor, x_train, train.labels, x_photos, before, config)
     after = _logits(predictor, x_photos)
 
     # Temperature and unknown scores, as training fits them (on the run's own images).
     val_logits = _logits(predictor, x_val)
     calibration = calibration_record(val_logits[fine], y_val, "val", answer=answer)
     temperature = calibration["temperature"]
-    unknown = None
-    if predictor.unknown is not None:
-        t = {lv: torch.as_tensor(y) for lv, y in train.labels.items()}
-        as_t = {name: torch.as_tensor(x).float() for name, x in
-                (("train", x_train), ("val", x_val))}
-        unknown = UnknownDetector.fit(
-            as_t["train"], predictor.heads(as_t["train"]), t, as_t["val"],
-            predictor.heads(as_t["val"]), score=predictor.unknown.score,
-            rate=predictor.unknown.rate, temperature=temperature, seed=seed,
-            members=predictor.taxonomy.member if predictor.taxonomy else None)
+    unknown = (_refit_unknown(predictor, x_train, train.labels, x_val, temperature, seed)
+               if predictor.unknown is not None else None)
 
     names = manifest["classes"][fine]
     given = set(real_paths(paths))
@@ -206,7 +178,60 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
         "val_accuracy": float(np.mean(answer(softmax(val_logits[fine], temperature)) == y_val)),
         "temperature": temperature,
     }
-    # Written beside `out` and renamed into place: a killed adapt leaves no half a run.
+    replaced = _write_run(out, run_dir, predictor, summary, calibration, unknown,
+                          [paths[i] for i in ok])
+    return {**summary, "out": str(out), "replaced": replaced}
+
+
+def _refit_heads(predictor: Predictor, x_train: np.ndarray, labels: dict[str, np.ndarray],
+                 x_photos: np.ndarray, before: dict[str, np.ndarray], config: AdaptConfig
+                 ) -> tuple[dict[str, list[int]], dict[str, list[str]]]:
+    """Each level's linear layer self-trained on the photos (`self_train`), in place.
+    Returns how many photos each level's refits used, and each level's classes that kept
+    the run's own row (no image of the fit showed them)."""
+    classes, fine = predictor.manifest["classes"], predictor.model.levels[-1]
+    used, unfitted = {}, {}
+    for lv in predictor.model.levels:
+        used[lv], unfitted[lv] = [], []
+        if len(classes[lv]) < 2:  # one class at this level (one family): nothing to fit
+            continue
+        weight, bias, used[lv] = self_train(x_train, labels[lv], x_photos, before[lv],
+                                            len(classes[lv]), config,
+                                            predictor.temperature if lv == fine else 1.0)
+        if weight is None:  # no photo agreed on: the level keeps its head as trained
+            continue
+        layer = predictor.model.head.outputs[lv]
+        # A class no image of the fit showed (none of its training images readable, none
+        # of the photos) keeps the run's own row rather than one that never wins.
+        keep = np.flatnonzero(bias <= NEVER)
+        unfitted[lv] = [classes[lv][i] for i in keep]
+        with torch.no_grad():
+            weight[keep] = layer.weight[keep].double().cpu().numpy()
+            bias[keep] = layer.bias[keep].double().cpu().numpy()
+            layer.weight.copy_(torch.as_tensor(weight))
+            layer.bias.copy_(torch.as_tensor(bias))
+    return used, unfitted
+
+
+def _refit_unknown(predictor: Predictor, x_train: np.ndarray, labels: dict[str, np.ndarray],
+                   x_val: np.ndarray, temperature: float, seed: int) -> UnknownDetector:
+    """The model's unknown scores fitted again with the refitted head, as training fits
+    them: on the run's own training images, thresholded on its val images."""
+    train, val = torch.as_tensor(x_train).float(), torch.as_tensor(x_val).float()
+    return UnknownDetector.fit(
+        train, predictor.heads(train), {lv: torch.as_tensor(y) for lv, y in labels.items()},
+        val, predictor.heads(val), score=predictor.unknown.score, rate=predictor.unknown.rate,
+        temperature=temperature, seed=seed,
+        members=predictor.taxonomy.member if predictor.taxonomy else None)
+
+
+def _write_run(out: Path, run_dir: Path, predictor: Predictor, summary: dict,
+               calibration: dict, unknown: UnknownDetector | None, photos: list[str]) -> bool:
+    """The adapted run: the run's kept files, the new bundle, adapt.json and the photos it
+    adapted on. Written beside `out` and renamed into place, so that a killed adapt leaves
+    no half a run; an earlier adapted run there is replaced whole (returns whether one
+    was)."""
+    manifest = predictor.manifest
     partial = out.with_name(f".{out.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -221,13 +246,12 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
                 weights_source=manifest.get("weights_source"), calibration=calibration,
                 unknown=unknown)
     write_text(partial / "adapt.json", json.dumps(summary, indent=2))
-    pd.DataFrame({PATH: real_paths([paths[i] for i in ok])}).to_csv(
-        partial / ADAPT_PHOTOS_FILE, index=False)
+    pd.DataFrame({PATH: real_paths(photos)}).to_csv(partial / ADAPT_PHOTOS_FILE, index=False)
     replaced = out.exists()  # an earlier adapted run (see _check_out)
     if replaced:
         shutil.rmtree(out)
     partial.rename(out)
-    return {**summary, "out": str(out), "replaced": replaced}
+    return replaced
 
 
 def _test_paths(run_dir: Path) -> list[str]:
