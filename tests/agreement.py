@@ -5,10 +5,10 @@ on ImageNet images state their own, on logits: tests/test_policy.py).
   rounding in a different order of operations.
 - bf16 against fp32: bf16 keeps 8 bits of mantissa, and its rounding adds up over a
   network's layers: on EfficientNet-Lite0 at 32 px with a head that decides, probabilities
-  moved by up to 0.07 (AVX2 EPYC; the tolerance is twice that). The top-1 class must be the same wherever fp32's top-1
-  leads its runner-up
-  by more than twice that tolerance (a closer race may flip either way), and the
-  reference must decide most images so clearly, or the check would say nothing.
+  moved by up to 0.07 (AVX2 EPYC; the tolerance is twice that). The top-1 class must be
+  the same wherever fp32's top-1 leads its runner-up by more than twice the tolerance (a
+  closer race may flip either way), and the reference must decide most images so
+  clearly, or the check would say nothing.
 """
 
 import numpy as np

@@ -453,7 +453,9 @@ def test_load_a_run_and_a_bundle(run, demo_dir, tmp_path):
     with pytest.raises(WingspanError, match="without its run folder"):
         _ = bundle.history
     image = next(demo_dir.rglob("*.jpg"))
-    assert bundle.predict(image, quiet=True).equals(run.predict(image, quiet=True))
+    one_engine = {"precision": "fp32", "runtime": "torch"}  # auto may time them apart
+    assert bundle.predict(image, quiet=True, **one_engine).equals(
+        run.predict(image, quiet=True, **one_engine))
     assert "val macro-F1" in bundle._repr_html_()
     with pytest.raises(WingspanError, match="No model at"):
         ws.load(tmp_path / "nothing")

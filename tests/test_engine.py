@@ -219,6 +219,9 @@ def test_a_run_uses_and_reports_the_engines_it_chose(demo_dir, tmp_path, monkeyp
     from wingspan.inference import Predictor
     from wingspan.training import train
 
+    # A cache of its own: the suite's other worker, writing the shared one at the same
+    # time, may lose the entries measured here (EngineCache.put), and the run time anew.
+    monkeypatch.setenv("WINGSPAN_CACHE", str(tmp_path / "engines"))
     net, _ = create_classifier("test_efficientnet", {"label": 4}, "none")
     known = resolve_policy().choose_frozen(net, 32, 8)  # measured now if nothing is forced,
     choose_train(known, net, net.spec.unfreeze, 32, 8)  # so the run below finds it known

@@ -19,7 +19,7 @@ from helpers import (
 )
 from PIL import Image
 
-from wingspan.config import SettingError, TrainConfig
+from wingspan.config import PRECISION_ENV, RUNTIME_ENV, SettingError, TrainConfig
 from wingspan.data import read_dataset
 from wingspan.data.images import open_rgb
 from wingspan.errors import WingspanError
@@ -120,8 +120,11 @@ def test_a_wingspan_model_is_a_starting_point(demo_dir, tmp_path):
 
 
 def test_same_seed_same_history(demo_dir, tmp_path):
-    a = train(read_dataset(demo_dir), tiny(tmp_path), tmp_path / "a", quiet=True)
-    b = train(read_dataset(demo_dir), tiny(tmp_path), tmp_path / "b", quiet=True)
+    # One engine for both: under auto the second run may time the engines again (the cache
+    # is shared with the suite's other worker) and pick another, rounding otherwise.
+    config = tiny(tmp_path, precision="fp32", runtime="torch")
+    a = train(read_dataset(demo_dir), config, tmp_path / "a", quiet=True)
+    b = train(read_dataset(demo_dir), config, tmp_path / "b", quiet=True)
     pd.testing.assert_frame_equal(history(a)[NUMBERS], history(b)[NUMBERS])
 
 
@@ -321,7 +324,11 @@ def test_early_stopping_stops(demo_dir, tmp_path, monkeypatch):
 @pytest.mark.parametrize("how", [pytest.param(signal.SIGKILL, marks=pytest.mark.policy),
                                  signal.SIGINT])
 def test_kill_and_resume_matches_an_uninterrupted_run(demo_dir, tmp_path, how):
-    config = tiny(tmp_path, epochs_head=2, epochs_finetune=6, checkpoint_minutes=0.0)
+    # One engine for both: the killed run is a process of its own, which under auto may
+    # time the engines again (another thread count, a cache entry lost) and pick another.
+    config = tiny(tmp_path, epochs_head=2, epochs_finetune=6, checkpoint_minutes=0.0,
+                  **({} if os.environ.get(PRECISION_ENV) else {"precision": "fp32"}),
+                  **({} if os.environ.get(RUNTIME_ENV) else {"runtime": "torch"}))
     ref = train(read_dataset(demo_dir), config, tmp_path / "ref", quiet=True)
 
     config_file = tmp_path / "config.yaml"
