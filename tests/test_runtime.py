@@ -315,14 +315,28 @@ def _exported_types(monkeypatch) -> list[str]:
     return exported
 
 
-@pytest.mark.parametrize("lr", [0.03, 0.1])
+def _epochs_scored(monkeypatch, scores: dict[str, list[float]]) -> None:
+    """Each stage's epochs get these val macro-F1s, so that which epoch is best is set by
+    the test, not by how a random network at chance happened to train on this CPU."""
+    from wingspan.training import stages as stages_module
+
+    real = stages_module._end_epoch
+
+    def scored(run, stage, epoch, train_loss, labels, preds, val, *rest, **kwargs):
+        val = {**val, "macro_f1": scores[stage][epoch]}
+        return real(run, stage, epoch, train_loss, labels, preds, val, *rest, **kwargs)
+
+    monkeypatch.setattr(stages_module, "_end_epoch", scored)
+
+
+@pytest.mark.parametrize("best_is_last", [True, False])
 def test_fine_tuning_exports_its_prefix_once_and_no_model_per_epoch(demo_dir, tmp_path,
-                                                                   monkeypatch, lr):
+                                                                   monkeypatch, best_is_last):
     """With ONNX Runtime forced, the frozen prefix is exported once for fine-tuning; each
     validation pass reuses its runner, the rest in PyTorch; the final passes (features for
     calibration and the unknown score) export the best model once; all score what PyTorch
-    alone scores, whether the best epoch is the last one (lr 0.03) or not (0.1: the best
-    weights are reloaded)."""
+    alone scores, whether the best epoch is the last one or not (the best weights are
+    reloaded)."""
     import json
 
     from test_train import history, tiny
@@ -332,22 +346,26 @@ def test_fine_tuning_exports_its_prefix_once_and_no_model_per_epoch(demo_dir, tm
     from wingspan.training import train
 
     exported = _exported_types(monkeypatch)
+    _epochs_scored(monkeypatch, {"head": [0.0], "finetune": [0.5, 0.6, 0.7] if best_is_last
+                                 else [0.5, 0.9, 0.1]})
     metrics, runs = {}, {}
     for runtime in ("onnx", "torch"):
-        config = tiny(tmp_path / runtime, epochs_head=1, epochs_finetune=3, lr=lr,
+        config = tiny(tmp_path / runtime, epochs_head=1, epochs_finetune=3, lr=0.03,
                       runtime=runtime, precision="fp32")
         run = train(read_dataset(demo_dir), config, tmp_path / runtime, "r", quiet=True)
         metrics[runtime] = {**json.loads((run / "metrics.json").read_text()),
                             **read_manifest(run / "model")}
         runs[runtime] = history(run)
     best = metrics["onnx"]["best"]
-    assert best["stage"] == "finetune" and (best["epoch"] == 3) == (lr == 0.03)
+    assert (best["stage"], best["epoch"]) == ("finetune", 3 if best_is_last else 2)
     # Stage 1's backbone and the fine-tuning prefix; nothing per epoch; the best model.
     assert exported == ["PooledFeatures", "Sequential", "WithFeatures"]
     np.testing.assert_allclose(runs["onnx"]["val_loss"], runs["torch"]["val_loss"], atol=1e-4)
     np.testing.assert_allclose(runs["onnx"]["val_macro_f1"], runs["torch"]["val_macro_f1"])
+    # The random network's logits are nearly flat, and the temperature that fits them is
+    # poorly determined: the two engines' rounding moved it by 7.5e-4 (2 workers, 1 thread).
     temperatures = [m["calibration"]["temperature"] for m in metrics.values()]
-    assert temperatures[0] == pytest.approx(temperatures[1], rel=1e-4)
+    assert temperatures[0] == pytest.approx(temperatures[1], rel=3e-3)
 
 
 def test_a_prefixed_pass_runs_the_model_as_it_is_now(monkeypatch):
@@ -422,6 +440,7 @@ def test_fine_tuning_validates_in_the_training_steps_precision(demo_dir, tmp_pat
     monkeypatch.setattr(stages_module, "prefixed_pass", lambda *a:
                         dtypes.setdefault("validation", []).append(a[3]) or real(*a))
     exported = _exported_types(monkeypatch)
+    _epochs_scored(monkeypatch, {"head": [0.0], "finetune": [0.5, 0.6, 0.7]})
     config = tiny(tmp_path, epochs_head=1, epochs_finetune=3, lr=0.03, runtime="onnx",
                   precision="auto")
     run = train(read_dataset(demo_dir), config, tmp_path, "r", quiet=True)
