@@ -138,11 +138,18 @@ def test_export_runs_without_wingspan_and_matches_pytorch(run_dir, run_cli, demo
     with torch.no_grad():
         features = net.float().eval().features(x)
         want = detector.scores(features, net.head(features))
+    # A combined score is a share of val images: rounding may move an image across one
+    # val score, and its score by one val image's share (`step`), as export allows. The
+    # answers above (predict's and the README's) can then differ only for an image that
+    # close to a threshold.
+    step = detector.graph("msp+knn").step
     for level in meta["levels"]:
         got = np.array([row["out"][meta["unknown"]["outputs"][level]] for row in rows])
-        np.testing.assert_allclose(got, want[level], rtol=1e-3, atol=1e-3 + 1 / 8)
-        assert (got > meta["unknown"]["thresholds"][level]).tolist() == \
-            (want[level] > detector.thresholds["msp+knn"][level]).tolist()
+        np.testing.assert_allclose(got, want[level], rtol=1e-3, atol=1e-3 + step)
+        threshold = detector.thresholds["msp+knn"][level]
+        assert meta["unknown"]["thresholds"][level] == pytest.approx(threshold)
+        clear = np.abs(want[level] - threshold) > step + 1e-3
+        assert ((got > threshold) == (want[level] > threshold))[clear].all()
     code, _, err = run_cli("export", run_dir, "--format", "tflite")
     assert code == 2 and "Unknown export format 'tflite'" in err
     # Another of the scores the model holds, by name.
