@@ -355,9 +355,17 @@ def test_a_temperature_that_makes_calibration_worse_is_said(evaluation, capsys):
         assert ("less calibrated" in out and "wingspan calibrate RUN DATA" in out) == said
 
 
-def test_preview_image_in_report_comes_from_training_images(evaluation):
+def test_preview_image_in_report_comes_from_training_images(trained, evaluation, tmp_path,
+                                                           monkeypatch):
     with Image.open(evaluation.out_dir / "preview.png") as im:
         assert im.width > 300
+    import wingspan.evaluate.run as evaluate_module
+
+    drawn, real = [], evaluate_module.write_preview
+    monkeypatch.setattr(evaluate_module, "write_preview",
+                        lambda data, *a, **k: drawn.append(data) or real(data, *a, **k))
+    evaluate(trained, progress=False, workers=0, out=tmp_path / "e")
+    assert len(drawn) == 1 and set(drawn[0].table["split"]) == {"train"}
 
 
 def test_evaluate_on_images_none_of_which_can_be_read(trained, tmp_path):
