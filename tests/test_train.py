@@ -85,7 +85,6 @@ def test_train_writes_a_complete_run(demo_dir, tmp_path):
     assert f"{run_dir} is taken: this run is {again}" in (again / "train.log").read_text()
 
 
-@pytest.mark.policy
 def test_a_wingspan_model_is_a_starting_point(demo_dir, tmp_path):
     """--weights RUN starts a new model from the backbone a run fine-tuned (e.g. museum
     specimens first, then field photos), with its architecture under --backbone auto."""
@@ -1370,3 +1369,29 @@ def test_a_config_file_is_read_as_yaml_says_whatever_the_locale(tmp_path):
     path.write_bytes("level: Linné\n".encode("latin-1"))
     with pytest.raises(WingspanError, match="Cannot read the config file"):
         TrainConfig.from_file(path)
+
+
+def test_compile_fine_tunes_through_the_compiled_module_and_the_bundle_loads(demo_dir,
+                                                                            tmp_path,
+                                                                            monkeypatch):
+    """--compile: the fine-tuned part runs as torch.compile's module (TorchDynamo traces
+    it; the eager backend here, as inductor's C++ build takes minutes on a CPU), and what
+    is saved is the model's own weights, which load as any bundle's."""
+    real, compiled = torch.compile, []
+
+    def eager(module, **options):
+        compiled.append(real(module, backend="eager"))
+        return compiled[-1]
+
+    monkeypatch.setattr(torch, "compile", eager)
+    config = tiny(tmp_path, epochs_head=1, epochs_finetune=1, compile=True, precision="fp32",
+                  runtime="torch")
+    run_dir = train(read_dataset(demo_dir), config, tmp_path / "runs", "r", quiet=True)
+    assert compiled and all(type(m).__name__ == "OptimizedModule" for m in compiled)
+    h = history(run_dir)
+    assert h["stage"].tolist() == ["head", "finetune"]
+    net, manifest = load_bundle(run_dir / "model")
+    assert manifest["classes"] and not any("_orig_mod" in k for k in net.state_dict())
+    [answer] = Predictor(run_dir, workers=0).run([str(next(demo_dir.rglob("*.jpg")))],
+                         progress=False)
+    assert not answer.error and answer.probs.sum() == pytest.approx(1.0, abs=1e-5)
