@@ -630,3 +630,26 @@ def test_export_and_resume_are_the_cli_functions(run, tmp_path):
     assert read_manifest(damaged / "model")["weights_sha256"] == \
         read_manifest(run.dir / "model")["weights_sha256"]
     assert "training was done, writing its model" in (damaged / "train.log").read_text()
+
+
+def test_a_path_in_the_home_folder_is_read_there(run, demo_dir, tmp_path, monkeypatch,
+                                                 run_cli):
+    """"~/runs" is the home's runs folder in the library and in a quoted CLI argument, as a
+    shell reads it: never a folder named "~" made in the current one."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    shutil.copytree(run.dir, tmp_path / "runs" / "r")
+    shutil.copytree(next(p for p in demo_dir.iterdir() if p.is_dir()), tmp_path / "photos")
+    assert ws.load("~/runs/r").dir == tmp_path / "runs" / "r"
+    assert ws.runs("~/runs")["name"].tolist() == ["r"]
+    answers = run.predict("~/photos", quiet=True)
+    assert len(answers) == len(list((tmp_path / "photos").iterdir()))
+    assert not answers["error"].astype(bool).any()
+    ws.read(demo_dir).split(out="~/split")
+    assert (tmp_path / "split" / "splits.csv").is_file()
+    code, out, err = run_cli("runs", "~/runs")
+    assert code == 0 and " r " in out, err
+    code, out, err = run_cli("data", "split", str(demo_dir), "--out=~/split2")
+    assert code == 0 and (tmp_path / "split2" / "splits.csv").is_file(), err
+    assert not list((tmp_path / "here").iterdir())  # no "~" folder here

@@ -189,7 +189,7 @@ class Data:
         from wingspan.data.inspect import inspect_dataset
 
         level = self.dataset.resolve_level(level)
-        out_dir = Path(out) if out else self.dataset.out_dir
+        out_dir = _out_arg(out) or self.dataset.out_dir
         with _max_pixels(max_pixels):
             summary = inspect_dataset(self.dataset, out_dir, InspectConfig(tiny_px=tiny_px),
                                       check_images=not metadata_only, progress=not quiet)
@@ -210,7 +210,7 @@ class Data:
 
         config = SplitConfig(val_fraction=val, test_fraction=test, seed=seed,
                              max_per_class=max_per_class, oversample_to=oversample_to)
-        out_dir = Path(out) if out else self.dataset.out_dir
+        out_dir = _out_arg(out) or self.dataset.out_dir
         result = split_and_sample(self.dataset, out_dir, level, config)
         return Data(result.dataset, result.report)
 
@@ -226,7 +226,7 @@ class Data:
         from wingspan.data.preview import write_preview
 
         config = AugmentConfig(policy=augment, image_size=image_size)
-        out_dir = Path(out) if out else self.dataset.out_dir
+        out_dir = _out_arg(out) or self.dataset.out_dir
         return Image(write_preview(self.dataset, out_dir / "preview.png", config, level,
                                    rows=rows, augmented=views, seed=seed))
 
@@ -318,17 +318,23 @@ def train(data: Data | Dataset | str | Path, config: TrainConfig | dict | str | 
         return Run(train_run(_dataset(data), settings, runs_dir, name, quiet))
 
 
-def resume(run: str | Path, quiet: bool = False, max_pixels: int | None = None,
+def resume(run: Run | str | Path, quiet: bool = False, max_pixels: int | None = None,
            **machine) -> Run:
-    """Continue a stopped or killed run from its last checkpoint, as `wingspan train
-    --resume`; `machine` may change only where it runs (device, devices, workers...).
+    """Continue a stopped or killed run (its folder, or the Run `ws.load` gave) from its
+    last checkpoint, as `wingspan train --resume`; `machine` may change only where it runs
+    (device, devices, workers...).
 
     >>> run = ws.resume("runs/big", devices=1)
     """
     from wingspan.training import resume as resume_run
 
+    if isinstance(run, Run):
+        if run.dir is None:
+            raise WingspanError(f"{run.name} is a model bundle without its run folder: "
+                                "there is no training to resume.")
+        run = run.dir
     with _max_pixels(max_pixels):
-        return Run(resume_run(run, quiet=quiet, **machine))
+        return Run(resume_run(_path_arg("run", run), quiet=quiet, **machine))
 
 
 def load(path: str | Path) -> Run:
@@ -379,11 +385,13 @@ def _dataset(data: Data | Dataset | str | Path) -> Dataset:
 
 
 def _path_arg(name: str, value) -> Path:
-    """A file or folder argument, or a WingspanError naming it (not a TypeError later)."""
+    """A file or folder argument, or a WingspanError naming it (not a TypeError later).
+    "~" is the user's home, as a shell would read it (a folder named "~" made in the
+    current one instead is one a user may later clean up with `rm -rf ~`)."""
     if not isinstance(value, str | os.PathLike):
         raise WingspanError(f"{name}: expected a path (str or Path), got "
                             f"{type(value).__name__} {value!r:.60}.")
-    return Path(value)
+    return Path(value).expanduser()
 
 
 def _out_arg(value) -> Path | None:
@@ -394,7 +402,7 @@ def _out_arg(value) -> Path | None:
 def _paths_arg(value, name: str = "paths") -> list[str]:
     """Files, folders or globs: one, or a list (a tuple, a pandas column...) of them."""
     if isinstance(value, str | os.PathLike):
-        return [os.fspath(value)]
+        return [os.path.expanduser(value)]
     if isinstance(value, bytes | bytearray | dict) or not isinstance(value, Iterable):
         raise WingspanError(f"{name}: expected a file, folder or glob, or a list of them; got "
                             f"{type(value).__name__}.",
@@ -408,7 +416,7 @@ def _paths_arg(value, name: str = "paths") -> list[str]:
     if not items:
         raise WingspanError(f"{name}: got an empty list; give at least one file, folder or "
                             "glob.")
-    return [os.fspath(p) for p in items]
+    return [os.path.expanduser(p) for p in items]
 
 
 def _count_arg(name: str, value, least: int = 1) -> int:

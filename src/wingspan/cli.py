@@ -1441,10 +1441,26 @@ def _one_line_summaries(*apps: typer.Typer) -> None:
 _one_line_summaries(app, data_app, models_app)
 
 
+def _home_expanded(argv: list[str]) -> list[str]:
+    """A quoted "~/runs" (or --out=~/runs), which the shell passes as it is, is the user's
+    home as every other tool reads it: never a folder named "~" made in the current one
+    (which a user may later clean up with `rm -rf ~`)."""
+    expanded = []
+    for arg in argv:
+        option, eq, value = arg.partition("=")
+        if arg.startswith("~"):
+            arg = os.path.expanduser(arg)
+        elif arg.startswith("--") and eq and value.startswith("~"):
+            arg = f"{option}={os.path.expanduser(value)}"
+        expanded.append(arg)
+    return expanded
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app; user errors print as a message and a hint, exit code 2."""
     try:
-        app(args=argv, prog_name="wingspan")
+        app(args=_home_expanded(sys.argv[1:] if argv is None else list(argv)),
+            prog_name="wingspan")
     except WingspanError as e:
         if e.every_rank and _rank() != 0:  # rank 0 says it once for all
             sys.exit(2)
