@@ -533,6 +533,8 @@ def test_explain_writes_overlays(run, demo_dir, tmp_path):
     images = run.explain(sorted(demo_dir.rglob("*.jpg"))[:2], out=tmp_path)
     assert [i.path.parent for i in images] == [tmp_path, tmp_path]
     assert all(i._repr_png_().startswith(b"\x89PNG") for i in images)
+    shown = images._repr_html_()  # a notebook shows the overlays, not a list's text
+    assert shown.count("<img") == 2 and all(i.path.name in shown for i in images)
     # What cannot be explained is said: a warning naming it, or an error when it is all.
     (tmp_path / "notes.jpg").write_text("not an image")
     with pytest.warns(UserWarning, match=r"2 inputs left out: .*nowhere.jpg: no such file.*"

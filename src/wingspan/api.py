@@ -61,6 +61,18 @@ class Image:
         return f"Image({str(self.path)!r})"
 
 
+class Images(list):
+    """Images (a list of them) that Jupyter shows side by side, each under its file name,
+    where a plain list shows only their reprs."""
+
+    def _repr_html_(self) -> str:
+        return "".join(
+            f'<figure style="display:inline-block;margin:4px">'
+            f'{_img(image.path.read_bytes(), image.path.name, 256)}'
+            f'<figcaption>{html.escape(image.path.name)}</figcaption></figure>'
+            for image in self)
+
+
 class Html:
     """A page for Jupyter to show (`_repr_html_`); `source` says what it shows."""
 
@@ -747,10 +759,11 @@ class Run:
         return _predictions([_prediction_row(result, kind, i) for kind, i in result.order])
 
     def explain(self, images: str | Path | list[str | Path], out: str | Path | None = None,
-                device: str = TrainConfig.device) -> list[Image]:
+                device: str = TrainConfig.device) -> Images:
         """Grad-CAM overlays (where the model looked for the class it predicted), as
-        `wingspan explain`; one PNG per image in `out` (default RUN/explain). Inputs that
-        cannot be read are left out, with a warning naming them.
+        `wingspan explain`; one PNG per image in `out` (default RUN/explain), returned as
+        a list of Image that a notebook shows side by side. Inputs that cannot be read are
+        left out, with a warning naming them.
 
         >>> run.explain(["a.jpg"])[0]
         """
@@ -773,7 +786,7 @@ class Run:
             warnings.warn(f"{counted(len(failed), 'input')} left out: "
                           + "; ".join(failed[:3]) + ("; ..." if len(failed) > 3 else ""),
                           stacklevel=2)
-        return [Image(e.png) for e in explained if not e.error]
+        return Images(Image(e.png) for e in explained if not e.error)
 
     def adapt(self, photos: str | Path | list[str | Path], out: str | Path | None = None,
               workers: int | None = None, quiet: bool = False, max_pixels: int | None = None,
