@@ -98,8 +98,14 @@ def test_evaluate_never_changes_the_model_and_calibrate_does(trained, tmp_path, 
             f"({new['val_ece_before']:.4f} without a temperature)") in " ".join(out.split())
     new = again
     assert fitted_on_these("train", "ev3") and not fitted_on_these("val", "ev4")
-    # Put it back for the other tests of this module.
+    # Fitted on other data that holds some of the run's test images (its own folder, say):
+    # the run's test split is then among them, though the data's name is another.
     from wingspan.models.bundle import update_manifest
+
+    update_manifest(trained / "model", calibration={
+        **new, "fitted_on": f"all of {tmp_path}", "run_images_among": {"train": 9, "test": 2}})
+    assert fitted_on_these("test", "ev5") and not fitted_on_these("val", "ev6")
+    # Put it back for the other tests of this module.
 
     update_manifest(trained / "model", calibration={**new, "temperature": old})
 

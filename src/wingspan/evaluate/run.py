@@ -212,12 +212,15 @@ def _partial_folder(final: Path) -> Path:
 
 def _calibration_used(predictor: Predictor, split: str, data) -> dict:
     """The temperature fitted when the model was trained (or by `wingspan calibrate`),
-    where it was fitted, and whether on the images evaluated: evaluating never changes
-    the model."""
+    where it was fitted, and whether on the images evaluated (the same split of the same
+    data; or other data that held some of the run's images of the split evaluated, as
+    `calibrate` counted them): evaluating never changes the model."""
     fitted = predictor.manifest.get("calibration", {})
+    among = fitted.get("run_images_among") or {}
+    own_images = data is None and bool(among.get(split) or (split == "all" and among))
     return {"temperature": predictor.temperature, **(fitted or {"fitted_on": None}),
-            "same_data_as_evaluation": _among_evaluated(fitted.get("fitted_on", "val"),
-                                                        _calibration_data(split, data))}
+            "same_data_as_evaluation": own_images or _among_evaluated(
+                fitted.get("fitted_on", "val"), _calibration_data(split, data))}
 
 
 def _level_rows(rows: pd.DataFrame, predictor: Predictor, level: str,
