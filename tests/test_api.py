@@ -587,8 +587,11 @@ def test_hierarchical_levels(demo_dir, tmp_path):
     unseen.mkdir()
     for i, path in enumerate(val["path"]):
         shutil.copy(path, unseen / f"{i:03d}{Path(path).suffix}")
-    u = run.evaluate(split="val", unknown=unseen, out=tmp_path / "ev-u",
-                     quiet=True).metrics["unknown"]
+    evaluation = run.evaluate(split="val", unknown=unseen, out=tmp_path / "ev-u", quiet=True)
+    u = evaluation.metrics["unknown"]
+    shown = evaluation._repr_html_()  # a notebook shows what the terminal prints
+    assert "Unknown images: " in shown and "msp+knn (in use)" in shown
+    assert "At the thresholds of every level" in shown and "named a class" in shown
     named_species = (reach >= 1)
     assert u["known_turned_away"] == pytest.approx(1 - named_species.mean())
     assert u["unseen_flagged"] == u["known_turned_away"]

@@ -925,14 +925,22 @@ class Evaluation:
 
     def _repr_html_(self) -> str:
         from wingspan.evaluate.metrics import summary_rows
+        from wingspan.evaluate.run import answer_rows, at_threshold
 
         m = self.metrics
         pairs = [("images", m["images"]), *summary_rows(m),
                  ("ECE before / after the temperature",
                    f"{m['ece_uncalibrated']:.4f} / {m['ece']:.4f} "
-                   f"(T = {m['temperature']:.2f})"),
+                   f"(T = {m['temperature']:.2f})"), *answer_rows(m.get("answers")),
                   ("are these figures fair?", m["fair"]), ("report", self.report_path)]
         parts = [_kv(f"Evaluation: {m['split']} split, level '{m['level']}'", pairs)]
+        if u := m.get("unknown"):  # evaluated with unknown=: the unseen images' figures
+            scores = pd.DataFrame({(f"{name} (in use)" if name == u["score"] else name):
+                                   {"AUROC": v["auroc"], "FPR at 95% TPR": v["fpr95"]}
+                                   for name, v in u["scores"].items()}).T
+            parts.append(f"<b>Unknown images: {u['unseen_images']} of unseen classes against "
+                         f"the known ones</b>" + _frame(scores, "{:.4f}")
+                         + f"<p>{html.escape(at_threshold(u))}</p>")
         if m.get("hierarchy"):
             levels = pd.DataFrame({lv: {"micro-F1": v["micro_f1"]}
                                    for lv, v in m["hierarchy"]["levels"].items()})

@@ -804,7 +804,7 @@ def evaluate_command(
 def _print_unknown(u: dict) -> None:
     from rich.table import Table
 
-    from wingspan.evaluate.run import away_wording
+    from wingspan.evaluate.run import at_threshold
 
     table = Table("score", "AUROC", "FPR at 95% TPR", title=f"Unknown images: "
                   f"{u['unseen_images']} of unseen classes against the known ones")
@@ -812,13 +812,7 @@ def _print_unknown(u: dict) -> None:
         mark = " (in use)" if name == u["score"] else ""
         table.add_row(name + mark, f"{v['auroc']:.4f}", f"{v['fpr95']:.4f}")
     out.print(table)
-    away, branch = away_wording(u)
-    where = ("At the thresholds of every level" if branch else
-             f"At the threshold ({u['score']} > {u['threshold']:.4g})")
-    out.print(f"{where}: {u['unseen_flagged']:.1%} of unseen images {away}, "
-              f"{u['known_turned_away']:.1%} of known ones; known macro-F1{branch} "
-              f"{u['known_macro_f1']:.4f} -> {u['known_macro_f1_with_unknown']:.4f}, open-set "
-              f"macro-F1 {u['open_macro_f1_without_unknown']:.4f} -> {u['open_macro_f1']:.4f}")
+    out.print(at_threshold(u))
     if u.get("unreadable"):  # not scored: the figures above are of the rest
         out.print(f"[yellow]{len(u['unreadable'])} of the --unknown images could not be read[/]"
                   f" and were not scored, e.g. {_q(u['unreadable'][0][0])}: "

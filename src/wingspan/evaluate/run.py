@@ -1024,6 +1024,18 @@ def away_wording(u: dict) -> tuple[str, str]:
     return "answered unknown", ""
 
 
+def at_threshold(u: dict) -> str:
+    """What the threshold does to unseen and known images, in a sentence (the terminal and
+    a notebook say it alike)."""
+    away, branch = away_wording(u)
+    where = ("At the thresholds of every level" if branch else
+             f"At the threshold ({u['score']} > {u['threshold']:.4g})")
+    return (f"{where}: {u['unseen_flagged']:.1%} of unseen images {away}, "
+            f"{u['known_turned_away']:.1%} of known ones; known macro-F1{branch} "
+            f"{u['known_macro_f1']:.4f} -> {u['known_macro_f1_with_unknown']:.4f}, open-set "
+            f"macro-F1 {u['open_macro_f1_without_unknown']:.4f} -> {u['open_macro_f1']:.4f}")
+
+
 def _unknown_section(u: dict | None, split: str, tta: bool = False) -> dict | None:
     if not u:
         return None
