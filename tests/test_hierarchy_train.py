@@ -271,14 +271,20 @@ def test_explain_draws_the_branch_that_predict_answers(hierarchical_run, demo_di
 
 def test_hierarchical_family_accuracy_is_not_worse_than_family_only(demo_dir, tmp_path):
     """The small version of the iNat check: marginalised family predictions of a run on
-    all levels against a run trained on family alone (same data, seed and budget)."""
-    hier = train(read_dataset(demo_dir), tiny(tmp_path, levels=LEVELS, epochs_head=6,
-                                              epochs_finetune=0), tmp_path / "h", quiet=True)
-    flat = train(read_dataset(demo_dir), tiny(tmp_path, level="family", epochs_head=6,
-                                              epochs_finetune=0), tmp_path / "f", quiet=True)
+    all levels against a run trained on family alone (same data, seed and budget), on
+    ImageNet features (Lite0's installed weights; the random test network's are at
+    chance, where the two would differ by luck alone) in fp32 PyTorch on every CPU."""
+    same = dict(epochs_head=6, epochs_finetune=0, backbone="efficientnet_lite0",
+                weights="auto", image_size=64, precision="fp32", runtime="torch")
+    hier = train(read_dataset(demo_dir), tiny(tmp_path, levels=LEVELS, **same),
+                 tmp_path / "h", quiet=True)
+    flat = train(read_dataset(demo_dir), tiny(tmp_path, level="family", **same),
+                 tmp_path / "f", quiet=True)
     h = evaluate(hier, split="val", progress=False, workers=0).metrics
     f = evaluate(flat, split="val", progress=False, workers=0).metrics
-    assert h["hierarchy"]["levels"]["family"]["accuracy"] >= f["accuracy"] - 0.15
+    family = h["hierarchy"]["levels"]["family"]["accuracy"]
+    assert f["accuracy"] >= 0.8  # a family model that learnt something to compare with
+    assert family >= f["accuracy"] - 1 / f["images"]  # at most one val image worse
 
 
 def test_contradictory_taxonomy_stops_training(demo_dir, tmp_path):
