@@ -1,5 +1,6 @@
 import functools
 import http.server
+import socket
 import threading
 import time
 
@@ -23,10 +24,14 @@ def isolated_caches(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     for flag in ("HF_HUB_OFFLINE", "WINGSPAN_OFFLINE"):
         monkeypatch.delenv(flag, raising=False)
-    # Downloads are on, from hosts that refuse at once (port 9 listens to nothing).
-    monkeypatch.setattr(registry_module, "TORCHVISION_URL", "http://127.0.0.1:9/")
-    monkeypatch.setattr(weights_module, "HF_ENDPOINT", "http://127.0.0.1:9")
-    return tmp_path
+    # Downloads are on, from a host that refuses at once: a port bound here and never
+    # listened on (a fixed one may be served, or filtered, on some machines).
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        monkeypatch.setattr(registry_module, "TORCHVISION_URL", f"http://127.0.0.1:{port}/")
+        monkeypatch.setattr(weights_module, "HF_ENDPOINT", f"http://127.0.0.1:{port}")
+        yield tmp_path
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))
