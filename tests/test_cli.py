@@ -280,6 +280,14 @@ def test_doctor_times_every_candidate_and_keeps_the_choice(run_cli, monkeypatch,
 
     net, _ = create_classifier("test_efficientnet", {"y": 3}, "none")
     assert resolve_policy().choose_frozen(net, 32, 4).frozen.how == "cached"
+    # --no-train-step: the frozen passes alone are timed and kept (a step with one
+    # candidate, as on a CPU without bf16, is still shown: nothing to time).
+    monkeypatch.setenv("WINGSPAN_CACHE", str(tmp_path / "frozen-only"))
+    code, out, err = run_cli("doctor", "--backbone", "test_efficientnet", "--image-size", "32",
+                             "--batch-size", "4", "--no-train-step")
+    assert code == 0 and "picked" in out, err
+    saved = json.loads((tmp_path / "frozen-only" / "engines.json").read_text())
+    assert [json.loads(k)["kind"] for k in saved] == ["frozen"]
 
 
 @pytest.mark.parametrize("option", [("--top-k", "0"), ("--top-k", "-2"), ("--batch-size", "0")])
