@@ -369,6 +369,11 @@ def test_adapt_takes_the_keywords_evaluate_and_predict_take(run, demo_dir, tmp_p
     folder = sorted(p for p in demo_dir.iterdir() if p.is_dir())[0]
     adapted = run.adapt(folder, out=tmp_path / "a", workers=0, quiet=True, batch_size=4)
     assert (adapted.dir / "adapt.json").is_file()
+    # A notebook shows what adapting did, not a training's figures (it has none: "nan")
+    summary = json.loads((adapted.dir / "adapt.json").read_text())
+    page = adapted._repr_html_()
+    assert "Adapted run" in page and str(run.dir) in page and "nan" not in page
+    assert f"{summary['val_accuracy_before']:.4f} / {summary['val_accuracy']:.4f}" in page
     assert shown and not any(shown)  # progress was asked about, and never drawn
     assert workers and set(workers) == {0}
 

@@ -262,3 +262,34 @@ def test_a_run_uses_and_reports_the_engines_it_chose(demo_dir, tmp_path, monkeyp
     list(predictor.run([str(next(demo_dir.rglob("*.jpg")))], progress=False))
     assert predictor.policy.frozen.engine.name == frozen["engine"]
     assert set(used) == {frozen["engine"]}
+
+
+def test_a_damaged_or_read_only_engine_cache_costs_a_measurement_not_a_run(tmp_path):
+    """The cache is a convenience: a file that is not JSON (a write cut short on another
+    machine's old version, an edit) reads as empty and is written afresh; a folder that
+    cannot be written keeps nothing and raises nothing."""
+    from wingspan.models.engine import EngineCache
+
+    path = tmp_path / "engines.json"
+    path.write_text("{not json")
+    cache = EngineCache(path)
+    assert cache.get({"kind": "frozen"}) is None
+    cache.put({"kind": "frozen"}, {"engine": "onnx-fp32"})
+    assert json.loads(path.read_text()) and cache.get({"kind": "frozen"}) == {
+        "engine": "onnx-fp32"}
+    path.write_text("[1, 2]")  # JSON, but not a table of choices
+    assert cache.get({"kind": "frozen"}) is None
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root writes anyway: a file where the folder goes
+            locked.chmod(0o700)
+            locked.rmdir()
+            locked.write_text("a file, not a folder")
+        read_only = EngineCache(locked / "engines.json")
+        read_only.put({"kind": "frozen"}, {"engine": "torch-fp32"})  # no exception
+        assert read_only.get({"kind": "frozen"}) is None
+    finally:
+        if locked.is_dir():
+            locked.chmod(0o700)

@@ -827,6 +827,8 @@ class Run:
     def _repr_html_(self) -> str:
         if self.dir and not (self.bundle / "manifest.json").is_file():
             return self._unfinished_html()
+        if self.dir and (self.dir / "adapt.json").is_file():
+            return self._adapted_html()
         m = self.metrics
         best = m.get("best", {})
         pairs = [("folder", self.dir or self.bundle),
@@ -848,6 +850,23 @@ class Run:
             curves = _img(_plotted(lambda p: plot_curves(history, p, best)), "training curves",
                           780)
         return f"<div>{_kv(f'Run {self.name}', pairs)}{curves}</div>"
+
+    def _adapted_html(self) -> str:
+        """A run `adapt` wrote: what adapting did (its adapt.json), not a training's figures
+        (it trained no epoch; its metrics.json stays with the run it came from)."""
+        a = json.loads((self.dir / "adapt.json").read_text())
+        used = a.get("photos_used_per_round", {})
+        pairs = [("folder", self.dir), ("adapted from", a.get("adapted_from")),
+                 ("backbone", self.manifest["model"]["backbone"]),
+                 ("photos", f"{a.get('photos')} ({a.get('unreadable', 0)} could not be read)"),
+                 ("photos the head was refitted on, per round",
+                  "; ".join(f"{lv}: {', '.join(map(str, n)) or 'none'}"
+                            for lv, n in used.items())),
+                 ("answers changed", f"{a.get('changed', float('nan')):.1%}"),
+                 ("val accuracy before / after", f"{a.get('val_accuracy_before', float('nan')):.4f}"
+                  f" / {a.get('val_accuracy', float('nan')):.4f}"),
+                 ("temperature", f"{a.get('temperature', float('nan')):.3f}")]
+        return f"<div>{_kv(f'Adapted run {self.name}', pairs)}</div>"
 
     def _unfinished_html(self) -> str:
         """A run without its model yet: where it stopped, what continues it, its curves."""
