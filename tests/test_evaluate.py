@@ -659,7 +659,8 @@ def test_a_wrong_map_hint_names_some_classes_and_counts_the_rest(tmp_path):
                             taxonomy=None)
     with pytest.raises(WingspanError, match="does not know") as e:
         _check_class_map({"unicorn": "c00"}, model, dataset, "label")
-    assert e.value.hint == ("Write --map MODEL_CLASS=DATA_CLASS. The model knows: "
+    assert e.value.hint == ("Write --map MODEL_CLASS=DATA_CLASS (in Python: class_map="
+                            "{model class: data class}). The model knows: "
                             f"{', '.join(model.classes[:10])} and 30 more; the data has: "
                             f"{', '.join(names[:10])} and 30 more.")
 

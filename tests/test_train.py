@@ -349,6 +349,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(demo_dir, tmp_path, how):
             f"--resume {run_dir}"
         assert said in (run_dir / "train.log").read_text()
         assert said in " ".join(proc.stderr.read().decode().split())
+        assert f"(in Python: ws.resume({str(run_dir)!r}))" in (run_dir / "train.log").read_text()
 
     resume(run_dir, quiet=True)
     assert "Resuming" in (run_dir / "train.log").read_text()

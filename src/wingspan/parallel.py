@@ -97,7 +97,7 @@ def _accelerator(device: str) -> tuple[str, int | None]:
         raise WingspanError(f"Unknown device '{device}'.", hint="Use auto, cpu or cuda.") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise WingspanError(f"--device {device} was asked for, but no CUDA GPU is available.",
-                            hint="Use --device cpu (or auto).")
+                            hint="Use --device cpu (or auto; device=\"cpu\" in Python).")
     if dev.type not in ("cpu", "cuda"):
         raise WingspanError(f"Device '{device}' is not supported.", hint="Use cpu or cuda.")
     return dev.type, dev.index

@@ -184,7 +184,8 @@ def _known_rows(dataset: Dataset, split: str, level: str, predictor: Predictor,
             f"{some(predictor.classes)}; the data's '{level}' classes there are "
             f"{some(theirs) or 'none'}.",
             hint="If they are the same classes under other names, map them with --map "
-                 "MODEL_CLASS=DATA_CLASS (once per class).")
+                 "MODEL_CLASS=DATA_CLASS (once per class; in Python class_map={model "
+                 "class: data class}).")
     return rows[known], sorted(set(rows.loc[~known, "_label"])), int((~known).sum())
 
 
@@ -529,7 +530,8 @@ def _check_class_map(class_map: dict[str, str], predictor: Predictor, dataset: D
                 f"classes the model does not know ({', '.join(ours)})" if ours else "",
                 f"classes the data does not have at level '{level}' ({', '.join(theirs)})"
                 if theirs else ""])) + ".",
-            hint=f"Write --map MODEL_CLASS=DATA_CLASS. The model knows: "
+            hint=f"Write --map MODEL_CLASS=DATA_CLASS (in Python: class_map={{model "
+            f"class: data class}}). The model knows: "
             f"{some(predictor.classes)}; the data has: "
             f"{some(sorted(set(dataset.table[level])))}.")
     if len(set(class_map.values())) < len(class_map):
@@ -611,7 +613,8 @@ def calibrate(model: str | Path, data: str | Path | None = None, split: str | No
             f"model knows {some(predictor.classes)}; the data's '{level}' classes there are "
             f"{some(theirs) or 'none'}.",
             hint="If they are the same classes under other names, map them with --map "
-                 "MODEL_CLASS=DATA_CLASS (once per class)" + (
+                 "MODEL_CLASS=DATA_CLASS (once per class; in Python class_map={model "
+                 "class: data class})" + (
                      "; or give another --split." if data is not None else "."))
     preds = list(predictor.run(rows["path"].tolist(), progress=progress))
     ok = [i for i, p in enumerate(preds) if not p.error]

@@ -224,7 +224,7 @@ def resolve_policy(device: str = "auto", precision: str = "auto",
         raise WingspanError(f"Unknown device '{device}'.", hint="Use auto, cpu or cuda.") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise WingspanError("--device cuda was asked for, but no CUDA GPU is available.",
-                            hint="Use --device cpu (or auto).")
+                            hint="Use --device cpu (or auto; device=\"cpu\" in Python).")
     if precision == "fp16" and dev.type == "cpu":
         raise WingspanError("fp16 is not supported on the CPU.", hint="Use bf16 or fp32.")
     if runtime == "onnx" and dev.type == "cpu" and not engine.onnx_available():

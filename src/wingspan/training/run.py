@@ -378,7 +378,7 @@ def _interruptible(run: Run) -> Path:
         return _score_held_out(_recipe(run), run)
     except KeyboardInterrupt:
         said = f"Interrupted. Continue from the last checkpoint with: wingspan train " \
-               f"--resume {run.dir}"
+               f"--resume {run.dir} (in Python: ws.resume({str(run.dir)!r}))"
         run.log(said)
         if run.quiet and run.is_main:  # --quiet hides progress, not how to go on
             print(said, file=sys.stderr)
@@ -644,7 +644,8 @@ def _write_results(run: Run) -> None:
     if run.data.test_images:
         left = run.data.test_images - test_gone
         run.log(f"That val figure is optimistic (the epoch was chosen on it). For a fair one: "
-                f"`wingspan evaluate {run.dir}` scores the {left} test images"
+                f"`wingspan evaluate {run.dir}` (run.evaluate() in Python) scores the "
+                f"{left} test images"
                 + (f" left ({test_gone} of the {run.data.test_images} are gone since the run "
                    "began)" if test_gone else "") + ", never trained or chosen on.")
     else:
