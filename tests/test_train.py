@@ -655,7 +655,7 @@ def test_the_command_of_a_stopped_run_again_says_how_to_resume_that_run(demo_dir
     ({"lr": float("inf")}, "Input should be a finite number"),
     ({"lr": float("nan"), "dropout": "high"}, r"'dropout' = 'high'.* \| 'lr' = nan"),
     ({"lr": 1e30}, "'lr' setting must be below 10"),
-    ({"levels": "species"}, "'levels' = 'species': Input should be a valid list"),
+    ({"levels": 5}, "'levels' = 5: Input should be a valid list"),
     ({"hidden": -5}, "'hidden' setting must be at least 1 unit"),
     ({"checkpoint_minutes": -1}, "'checkpoint_minutes' setting must be 0 .after every"),
     ({"imbalance_threshold": -1}, "'imbalance_threshold' setting must be 1 or more"),
@@ -1396,3 +1396,14 @@ def test_compile_fine_tunes_through_the_compiled_module_and_the_bundle_loads(dem
     [answer] = Predictor(run_dir, workers=0).run([str(next(demo_dir.rglob("*.jpg")))],
                          progress=False)
     assert not answer.error and answer.probs.sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_list_settings_take_the_commands_comma_separated_form():
+    """levels="family,species" (as --levels takes it, and as a config file may write it)
+    is the list of them; one name is a list of one."""
+    config = TrainConfig(levels="family, species", level_weights="1,2",
+                         holdout_classes="monarch")
+    assert config.levels == ["family", "species"] and config.level_weights == [1.0, 2.0]
+    assert config.holdout_classes == ["monarch"]
+    with pytest.raises(SettingError, match="'level_weights' = \\['1', 'x'\\]"):
+        TrainConfig(levels="family,species", level_weights="1,x")

@@ -12,7 +12,7 @@ import re
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
-from typing import get_type_hints
+from typing import get_args, get_origin, get_type_hints
 
 from wingspan.errors import WingspanError
 
@@ -133,10 +133,21 @@ def _adapters(cls: type) -> dict:
             for name, kind in get_type_hints(cls).items() if name in cls.__dataclass_fields__}
 
 
+@cache
+def _list_fields(cls: type) -> frozenset[str]:
+    """The fields that hold a list (levels, holdout_classes...), optional or not."""
+    def is_list(kind) -> bool:
+        return get_origin(kind) is list or any(is_list(k) for k in get_args(kind))
+
+    return frozenset(name for name, kind in get_type_hints(cls).items()
+                     if name in cls.__dataclass_fields__ and is_list(kind))
+
+
 def _check_types(config: object) -> None:
     """Every field against its declared type, before any range check: 'two' for an int,
     1.5 epochs, inf or NaN, a number for a name. Values of the right kind in another form
-    ('3' for 3) are converted. Raises a SettingError naming each wrong setting."""
+    ('3' for 3; for a list, "family,genus" as the command takes it) are converted. Raises
+    a SettingError naming each wrong setting."""
     from pydantic import ValidationError
 
     problems = []
@@ -144,6 +155,8 @@ def _check_types(config: object) -> None:
         value = getattr(config, name)
         if isinstance(value, os.PathLike):  # a Path for a file or folder setting
             value = os.fspath(value)
+        if isinstance(value, str) and name in _list_fields(type(config)):
+            value = [part.strip() for part in value.split(",") if part.strip()]
         try:
             setattr(config, name, adapter.validate_python(value))
         except ValidationError as e:
