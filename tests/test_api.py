@@ -5,6 +5,7 @@ import html
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -483,6 +484,26 @@ def test_load_a_run_and_a_bundle(run, demo_dir, tmp_path):
     from wingspan.api import _class_map_arg
 
     assert _class_map_arg(t for t in ["a=b", "c=d"]) == {"a": "b", "c": "d"}  # a generator
+
+
+def test_a_misspelt_keyword_is_named_with_the_closest_ones(run, demo_dir):
+    """As ws.train(epoch_head=1) answers: each function and method names the keyword it
+    does not take and the likeliest meant, not Python's bare TypeError."""
+    image = next(demo_dir.rglob("*.jpg"))
+    data = ws.read(demo_dir)
+    for call, message, meant in (
+            (lambda: ws.read(demo_dir, formt="folder"), "read() takes no keyword 'formt'",
+             "'format'"),
+            (lambda: data.split(valid=0.2), "data.split() takes no keyword 'valid'", "'val'"),
+            (lambda: run.predict(image, topk=2), "run.predict() takes no keyword 'topk'",
+             "'top_k'"),
+            (lambda: run.evaluate(batchsize=8), "run.evaluate() takes no keyword 'batchsize'",
+             "'batch_size'"),
+            (lambda: ws.runs(run.dir.parent, srot="name"), "runs() takes no keyword 'srot'",
+             "'sort'")):
+        with pytest.raises(WingspanError, match=re.escape(message)) as e:
+            call()
+        assert f"Did you mean {meant}" in e.value.hint, e.value.hint
 
 
 def test_explain_adapt_evaluate_and_export_check_their_arguments(run, demo_dir, tmp_path):

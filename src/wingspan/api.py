@@ -17,7 +17,9 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import functools
 import html
+import inspect
 import json
 import os
 import tempfile
@@ -43,6 +45,33 @@ from wingspan.errors import WingspanError, counted, some
 
 __all__ = ["Data", "Evaluation", "Image", "Inspection", "Run", "demo_data", "load", "read",
            "resume", "runs", "train"]
+
+
+# ---------------------------------------------------------------------------- keywords
+
+
+def _keywords_checked(function):
+    """An unknown keyword as a WingspanError naming the closest ones (`run.predict(p,
+    topk=2)`: top_k), as the config classes answer (`ws.train(data, epoch_head=1)`), not
+    Python's bare TypeError. Functions taking **settings leave that to their config."""
+    from wingspan.config import closest_settings
+
+    names = [name for name, p in inspect.signature(function).parameters.items()
+             if name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+    @functools.wraps(function)
+    def checked(*args, **kwargs):
+        for key in kwargs:
+            if key not in names:
+                close = closest_settings(key, names, n=3)
+                raise WingspanError(
+                    f"{function.__qualname__.replace('Run.', 'run.').replace('Data.', 'data.')}"
+                    f"() takes no keyword '{key}'.",
+                    hint=(f"Did you mean {' or '.join(repr(c) for c in close)}? " if close
+                          else "") + f"It takes: {', '.join(names)}.")
+        return function(*args, **kwargs)
+
+    return checked
 
 
 # ---------------------------------------------------------------------------- display
@@ -113,6 +142,7 @@ def _frame(frame: pd.DataFrame, floats: str = "{:.3f}") -> str:
 # ---------------------------------------------------------------------------- data
 
 
+@_keywords_checked
 def read(path: str | Path, format: str | None = None, group_regex: str | None = None,
          strict: bool = False, check_files: bool = True) -> Data:
     """Read a dataset: a folder of class folders (with an optional taxonomy.csv and
@@ -189,6 +219,7 @@ class Data:
         counts.columns.name = None
         return counts.sort_values("total", ascending=False)
 
+    @_keywords_checked
     def inspect(self, out: str | Path | None = None, level: str | None = None,
                 tiny_px: int = InspectConfig.tiny_px, metadata_only: bool = False,
                 quiet: bool = False, max_pixels: int | None = None) -> Inspection:
@@ -207,6 +238,7 @@ class Data:
                                       check_images=not metadata_only, progress=not quiet)
         return Inspection(summary, out_dir, self.counts(level), level)
 
+    @_keywords_checked
     def split(self, level: str | None = None, val: float = SplitConfig.val_fraction,
               test: float = SplitConfig.test_fraction, seed: int = SplitConfig.seed,
               max_per_class: int | None = None, oversample_to: int | None = None,
@@ -226,6 +258,7 @@ class Data:
         result = split_and_sample(self.dataset, out_dir, level, config)
         return Data(result.dataset, result.report)
 
+    @_keywords_checked
     def preview(self, augment: str = AugmentConfig.policy,
                 image_size: int = AugmentConfig.image_size, level: str | None = None,
                 rows: int = 6, views: int = 5, seed: int = 0,
@@ -349,6 +382,7 @@ def resume(run: Run | str | Path, quiet: bool = False, max_pixels: int | None = 
         return Run(resume_run(_path_arg("run", run), quiet=quiet, **machine))
 
 
+@_keywords_checked
 def load(path: str | Path) -> Run:
     """An earlier run (runs/NAME) or a model bundle (a run's model/ folder, or one that
     was copied elsewhere).
@@ -369,6 +403,7 @@ def load(path: str | Path) -> Run:
     return Run(None, bundle)
 
 
+@_keywords_checked
 def runs(runs_dir: str | Path = RUNS_DIR, sort: str | None = None) -> pd.DataFrame:
     """The runs in `runs_dir` side by side, as `wingspan runs` lists them: one row per run
     folder (name; status, one of a few values to filter on: done, stopped (resumable),
@@ -614,6 +649,7 @@ class Run:
         kept = self.metrics.get("best") if (self.bundle / "manifest.json").is_file() else None
         return Image(plot_curves(self.history, self._run_file("curves.png"), kept))
 
+    @_keywords_checked
     def evaluate(self, data: str | Path | None = None, split: str | None = None,
                  out: str | Path | None = None, batch_size: int = TrainConfig.batch_size,
                  device: str = TrainConfig.device, precision: str = TrainConfig.precision,
@@ -654,6 +690,7 @@ class Run:
             warnings.warn(note, stacklevel=2)
         return Evaluation(result.out_dir, result.metrics, result.report)
 
+    @_keywords_checked
     def calibrate(self, data: Data | str | Path | None = None, split: str | None = None,
                   batch_size: int = TrainConfig.batch_size, device: str = TrainConfig.device,
                   workers: int | None = None, class_map: dict[str, str] | None = None,
@@ -710,6 +747,7 @@ class Run:
     def _model(self) -> Path:
         return self.dir if self.dir else self.bundle
 
+    @_keywords_checked
     def predict(self, paths: str | Path | list[str | Path], top_k: int = 3, tta: bool = False,
                 batch_size: int = TrainConfig.batch_size, device: str = TrainConfig.device,
                 precision: str = TrainConfig.precision, runtime: str = TrainConfig.runtime,
@@ -758,6 +796,7 @@ class Run:
                                 + ".", hint="Check the paths given.")
         return _predictions([_prediction_row(result, kind, i) for kind, i in result.order])
 
+    @_keywords_checked
     def explain(self, images: str | Path | list[str | Path], out: str | Path | None = None,
                 device: str = TrainConfig.device) -> Images:
         """Grad-CAM overlays (where the model looked for the class it predicted), as
@@ -808,6 +847,7 @@ class Run:
                          workers=_workers_arg(workers))
         return Run(done["out"])
 
+    @_keywords_checked
     def export(self, format: str = "onnx", quantize: str | None = None,
                out: str | Path | None = None, unknown_score: str | None = None) -> Path:
         """A model that runs without wingspan (ONNX Runtime or TorchScript), checked
@@ -911,6 +951,7 @@ class Evaluation:
     def predictions(self) -> pd.DataFrame:
         return pd.read_csv(self.dir / "predictions.csv")
 
+    @_keywords_checked
     def plot(self, name: str = "confusion") -> Image:
         """One of the evaluation's plots: confusion, reliability, mistakes, curves,
         balance, preview.
@@ -924,6 +965,7 @@ class Evaluation:
                                 hint=f"Available: {', '.join(found)}.")
         return Image(path)
 
+    @_keywords_checked
     def report(self, open: bool = False) -> Html:
         """report.html embedded in the notebook; `open=True` also opens it in the browser.
 
