@@ -572,7 +572,7 @@ def _prediction_row(result, kind: str, i: int) -> dict:
             "branch": branch, "top": row["top"], "known_level": row.get("known_level"),
             "unknown_score": row.get("unknown_score", float("nan")),
             "threshold": row.get("threshold", float("nan")),
-            "score_level": row.get("score_level"), "error": ""}
+            "score_level": row.get("score_level"), "error": None}  # (isna(): read)
 
 
 class Run:
@@ -763,11 +763,11 @@ class Run:
         "nymphalidae 0.98 > monarch 0.95"), top (the top_k (class, probability) pairs),
         known_level (the level the answer is at; None for "unknown"), unknown_score,
         threshold and score_level (the score that decided, at the level it decided) and
-        error (why an input was skipped). `workers`: data workers (0: read the images in
-        this process; None: sized to the machine). `devices`, `nodes`, `strategy`: the
-        images shared among processes, as predict's --devices (in a script: Fabric starts
-        the others by running it again); the rows come back in the first process, the
-        others get none.
+        error (why an input was skipped; None where it was read). `workers`: data
+        workers (0: read the images in this process; None: sized to the machine).
+        `devices`, `nodes`, `strategy`: the images shared among processes, as predict's
+        --devices (in a script: Fabric starts the others by running it again); the rows
+        come back in the first process, the others get none.
 
         >>> preds = run.predict(["a.jpg", "field/"])
         >>> preds[preds.probability < 0.5]
