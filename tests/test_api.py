@@ -74,6 +74,9 @@ def test_split_inspect_preview(demo_dir, tmp_path, monkeypatch):
     assert not leaked_groups(split.table)
     written = pd.read_csv(tmp_path / "runs" / "data" / data.name / "splits.csv")
     assert len(written) == len(split) == len(data)
+    # Split again, data that has its own split now: said, as `wingspan data split` says it.
+    with pytest.warns(UserWarning, match=r"has a split of its own \(train \d+, val \d+, test"):
+        split.split(val=0.25, test=0.25, seed=2, out=tmp_path / "again")
     assert "train" in split._repr_html_() and split.split_report.sizes["train"] > 0
 
     inspection = split.inspect(quiet=True)

@@ -255,6 +255,11 @@ class Data:
         config = SplitConfig(val_fraction=val, test_fraction=test, seed=seed,
                              max_per_class=max_per_class, oversample_to=oversample_to)
         out_dir = _out_arg(out) or self.dataset.out_dir
+        if self.dataset.has_splits:  # a published split is what figures compare on
+            sides = self.dataset.table[SPLIT].value_counts()
+            warnings.warn("This data has a split of its own (" + ", ".join(
+                f"{k} {sides[k]}" for k in SPLITS if k in sides) + "); the Data returned "
+                "holds a new one. Train on the data as read to keep its own.", stacklevel=2)
         result = split_and_sample(self.dataset, out_dir, level, config)
         return Data(result.dataset, result.report)
 
