@@ -105,6 +105,13 @@ def test_evaluate_never_changes_the_model_and_calibrate_does(trained, tmp_path, 
     update_manifest(trained / "model", calibration={
         **new, "fitted_on": f"all of {tmp_path}", "run_images_among": {"train": 9, "test": 2}})
     assert fitted_on_these("test", "ev5") and not fitted_on_these("val", "ev6")
+    # ... as calibrate counts them: given the run's own folder, every split's images.
+    code, _, err = run_cli("calibrate", trained, trained / "splits.csv", "--split", "all",
+                           "--quiet")
+    assert code == 0, err
+    among = read_manifest(trained / "model")["calibration"]["run_images_among"]
+    assert set(among) == {"train", "val", "test"}
+    assert fitted_on_these("val", "ev7") and fitted_on_these("test", "ev8")
     # Put it back for the other tests of this module.
 
     update_manifest(trained / "model", calibration={**new, "temperature": old})

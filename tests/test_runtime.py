@@ -361,7 +361,8 @@ def test_fine_tuning_exports_its_prefix_once_and_no_model_per_epoch(demo_dir, tm
     # Stage 1's backbone and the fine-tuning prefix; nothing per epoch; the best model.
     assert exported == ["PooledFeatures", "Sequential", "WithFeatures"]
     np.testing.assert_allclose(runs["onnx"]["val_loss"], runs["torch"]["val_loss"], atol=1e-4)
-    np.testing.assert_allclose(runs["onnx"]["val_macro_f1"], runs["torch"]["val_macro_f1"])
+    # (val_macro_f1 is what _epochs_scored gave: the engines are compared on val_acc)
+    np.testing.assert_allclose(runs["onnx"]["val_acc"], runs["torch"]["val_acc"])
     # The random network's logits are nearly flat, and the temperature that fits them is
     # poorly determined: the two engines' rounding moved it by 7.5e-4 (2 workers, 1 thread).
     temperatures = [m["calibration"]["temperature"] for m in metrics.values()]

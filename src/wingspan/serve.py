@@ -100,11 +100,19 @@ class ApiError(BaseModel):
     error: str
 
 
-# What each endpoint can answer besides 200, for the OpenAPI schema (/openapi.json).
+# What each endpoint can answer, for the OpenAPI schema (/openapi.json). A request of
+# several files is refused for a file only when none of them can be read.
+PREDICT_ANSWER = ('{"predictions": [one per file, in order], "latency_ms"}. Each prediction '
+                  'is {"file", "top": {level: [{"class", "probability"}]}, "branch", "answer", '
+                  '"known_level", "unknown_score", "threshold", "score_level"}; a file that '
+                  'cannot be read is {"file", "error", "status"} in its place (its 4xx below), '
+                  "and the others are answered.")
 ERRORS = {code: {"model": ApiError, "description": what} for code, what in (
-    (413, "a file, the request or the pixels over their limits"),
-    (415, "bytes that are not a picture of a known format"),
-    (422, "a malformed request (no files, an unknown target class)"),
+    (413, "a file (the only one, or every one), the request or the pixels over their "
+          "limits"),
+    (415, "bytes that are not a picture of a known format (the only file, or every one)"),
+    (422, "a malformed request (no files, an unknown target class), or an image cut short "
+          "(the only file, or every one)"),
     (429, "too many requests in flight; try again shortly"),
     (504, "no answer within the time limit"))}
 
@@ -224,7 +232,7 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
         finally:
             in_flight["n"] -= 1
 
-    @app.post("/predict", responses=ERRORS)
+    @app.post("/predict", responses={200: {"description": PREDICT_ANSWER}, **ERRORS})
     async def predict(files: Annotated[list[UploadFile], File()]) -> dict:
         start = time.perf_counter()
         if len(files) > limits.max_files:

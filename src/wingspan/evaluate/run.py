@@ -636,13 +636,14 @@ def calibrate(model: str | Path, data: str | Path | None = None, split: str | No
 
 
 def _run_images_among(paths: list[str], own: pd.DataFrame | None) -> dict[str, int]:
-    """How many of `paths` are the run's own training or test images (by real path, as
-    evaluate's fairness check matches them), where any are."""
+    """How many of `paths` are the run's own images of each split (by real path, as
+    evaluate's fairness check matches them), where any are: calibrate warns of train and
+    test, and evaluate says when it scores the split a temperature was fitted on."""
     if own is None:
         return {}
     fitted = set(real_paths(paths))
     among = {s: len(fitted.intersection(real_paths(own.loc[own[SPLIT] == s, "path"])))
-             for s in ("train", "test")}
+             for s in ("train", "val", "test")}
     return {s: n for s, n in among.items() if n}
 
 
