@@ -27,7 +27,7 @@ demo: $(VENV)/.installed
 # ONNX Runtime runs there only, and a GPU machine runs the first pass on its GPU.
 FORCED_POLICIES := fp32,torch fp32,onnx bf16,torch
 # pytest-xdist workers, one per core up to 4; a test module stays on one worker, so its
-# module-scoped fixtures (trained runs) are built once. On 2 cores: 10 min, not 15.
+# module-scoped fixtures (trained runs) are built once. The main pass took 11 min on 2 cores.
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
 XDIST := -n $(TEST_WORKERS) --dist loadscope
 

@@ -54,21 +54,15 @@ def _keywords_checked(function):
     """An unknown keyword as a WingspanError naming the closest ones (`run.predict(p,
     topk=2)`: top_k), as the config classes answer (`ws.train(data, epoch_head=1)`), not
     Python's bare TypeError. Functions taking **settings leave that to their config."""
-    from wingspan.config import closest_settings
+    from wingspan.config import check_names
 
     names = [name for name, p in inspect.signature(function).parameters.items()
              if name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    called = function.__qualname__.replace("Run.", "run.").replace("Data.", "data.")
 
     @functools.wraps(function)
     def checked(*args, **kwargs):
-        for key in kwargs:
-            if key not in names:
-                close = closest_settings(key, names, n=3)
-                raise WingspanError(
-                    f"{function.__qualname__.replace('Run.', 'run.').replace('Data.', 'data.')}"
-                    f"() takes no keyword '{key}'.",
-                    hint=(f"Did you mean {' or '.join(repr(c) for c in close)}? " if close
-                          else "") + f"It takes: {', '.join(names)}.")
+        check_names(kwargs, names, f"{called}() takes no keyword '{{}}'.", "It takes")
         return function(*args, **kwargs)
 
     return checked

@@ -87,16 +87,17 @@ def closest_settings(name: object, fields: list[str], n: int = 1) -> list[str]:
     return [f for f in fields if f == initials(name) or initials(f) == name][:n]
 
 
-def check_names(cls: type, settings) -> None:
-    """Unknown keyword settings as a WingspanError naming the closest valid ones."""
-    fields = list(cls.__dataclass_fields__)
-    for key in settings:
-        if key not in fields:
-            close = closest_settings(key, fields, n=3)
+def check_names(given, valid: list[str], unknown: str = "Unknown setting '{}'.",
+                listed: str = "Valid") -> None:
+    """The first of the `given` keywords not in `valid` as a WingspanError (`unknown`,
+    formatted with it) naming the closest valid ones, then every one."""
+    for key in given:
+        if key not in valid:
+            close = closest_settings(key, valid, n=3)
             raise WingspanError(
-                f"Unknown setting '{key}'.",
+                unknown.format(key),
                 hint=(f"Did you mean {' or '.join(repr(c) for c in close)}? " if close else "")
-                + f"Valid: {', '.join(fields)}.")
+                + f"{listed}: {', '.join(valid)}.")
 
 
 def settings(cls=None, **options):
@@ -108,7 +109,7 @@ def settings(cls=None, **options):
 
         @functools.wraps(init)
         def checked_init(self, *args, **kwargs):
-            check_names(cls, kwargs)
+            check_names(kwargs, list(cls.__dataclass_fields__))
             init(self, *args, **kwargs)
 
         cls.__init__ = checked_init
