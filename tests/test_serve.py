@@ -155,9 +155,16 @@ def test_every_error_is_json_with_an_error_key(run_dir, client):
     assert [a.get("status") for a in answers] == [None, None, 415, None, None, 422]
     assert "bad.jpg: " in answers[2]["error"] and "truncated" in answers[5]["error"]
     assert all("top" in answers[i] and "error" not in answers[i] for i in (0, 1, 3, 4))
-    # The good files' answers are what each gets alone.
+    # The good files' answers are what each gets alone (to rounding: a batch of 4 against
+    # one of 1 may take other kernels, in bf16 on some CPUs).
     alone = client.post("/predict", files=[good[2]]).json()["predictions"][0]
-    assert alone["top"] == answers[3]["top"]
+    assert alone["top"].keys() == answers[3]["top"].keys()
+    for level, top in alone["top"].items():
+        theirs = {c["class"]: c["probability"] for c in answers[3]["top"][level]}
+        mine = {c["class"]: c["probability"] for c in top}
+        common = mine.keys() & theirs.keys()
+        assert len(common) >= min(len(mine), len(theirs)) - 1  # a near-tie at the k-th
+        assert all(abs(mine[c] - theirs[c]) < 2e-3 for c in common), (mine, theirs)
     r = client.post("/predict", files=bad)
     assert r.status_code == 415 and r.json()["error"].startswith(
         "None of the 2 files could be read: bad.jpg: ")
