@@ -197,7 +197,8 @@ def test_evaluate_warns_of_classes_it_left_out(run, demo_dir, tmp_path):
     for image in sorted(known.iterdir())[:3]:
         shutil.copy(image, tmp_path / "data" / "stranger" / image.name)
     with pytest.warns(UserWarning) as caught:
-        ev = run.evaluate(tmp_path / "data", split="all", out=tmp_path / "ev", quiet=True)
+        ev = run.evaluate(tmp_path / "data", split="all", out=tmp_path / "ev", quiet=True,
+                          plots=False)
     assert [str(w.message) for w in caught] == [
         "3 images of 1 class the model does not know were left out: stranger (class_map="
         "{model class: data class} names one of the model's)."]
@@ -251,10 +252,11 @@ def test_workers_reach_the_loader_and_change_no_answer(run, run_cli, demo_dir, t
     assert run.predict(folder, workers=1, quiet=True).equals(
         run.predict(folder, workers=0, quiet=True))
     assert used[2:] == [1, 0]
-    code, _, err = run_cli("evaluate", run.dir, "--split", "val", "--workers", "1", "--quiet",
+    code, _, err = run_cli("evaluate", "--no-plots",
+                           run.dir, "--split", "val", "--workers", "1", "--quiet",
                            "--out", tmp_path / "e1")
     assert code == 0, err
-    e0 = run.evaluate(split="val", workers=0, out=tmp_path / "e0", quiet=True).metrics
+    e0 = run.evaluate(split="val", workers=0, out=tmp_path / "e0", quiet=True, plots=False).metrics
     e1 = json.loads((tmp_path / "e1" / "metrics.json").read_text())
     timing = {"images_per_second", "engine"}
     assert {k: v for k, v in e0.items() if k not in timing} == \
@@ -586,7 +588,7 @@ def test_hierarchical_levels(demo_dir, tmp_path):
     for _, row in preds.iterrows():  # the consistent branch: the class under its family
         family, label = (part.rsplit(" ", 1)[0] for part in row.branch.split(" > "))
         assert label == row["class"] and families[label] == family
-    ev = run.evaluate(split="val", quiet=True)
+    ev = run.evaluate(split="val", quiet=True, plots=False)
     assert set(ev.metrics["hierarchy"]["levels"]) == {"family", "label"}
     assert "Per level" in ev._repr_html_()
     # The unknown answer per level, as predict answers the same images: answered at least
@@ -618,7 +620,8 @@ def test_hierarchical_levels(demo_dir, tmp_path):
     unseen.mkdir()
     for i, path in enumerate(val["path"]):
         shutil.copy(path, unseen / f"{i:03d}{Path(path).suffix}")
-    evaluation = run.evaluate(split="val", unknown=unseen, out=tmp_path / "ev-u", quiet=True)
+    evaluation = run.evaluate(split="val", unknown=unseen, out=tmp_path / "ev-u", quiet=True,
+                              plots=False)
     u = evaluation.metrics["unknown"]
     shown = evaluation._repr_html_()  # a notebook shows what the terminal prints
     assert "Unknown images: " in shown and "msp+knn (in use)" in shown

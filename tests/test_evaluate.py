@@ -64,6 +64,27 @@ def test_evaluate_writes_every_output(evaluation, trained):
     assert manifest["calibration"]["val_ece_after"] <= manifest["calibration"]["val_ece_before"]
 
 
+def test_no_plots_gives_the_same_figures_without_the_pngs(evaluation, trained, tmp_path,
+                                                         run_cli):
+    """--no-plots (plots=False): the same metrics and tables, no PNG, and the report says
+    where each figure would have been that it was not drawn."""
+    code, _, err = run_cli("evaluate", trained, "--no-plots", "--out", tmp_path / "ev",
+                           "--quiet", "--workers", "0")
+    assert code == 0, err
+    out = tmp_path / "ev"
+    assert not list(out.glob("*.png")) and list(evaluation.out_dir.glob("*.png"))
+    varies = {"images_per_second", "engine"}  # timed afresh each time
+    plain = json.loads((evaluation.out_dir / "metrics.json").read_text())
+    bare = json.loads((out / "metrics.json").read_text())
+    assert {k: v for k, v in bare.items() if k not in varies} == \
+        {k: v for k, v in plain.items() if k not in varies}
+    for name in ("per_class.csv", "confusion.csv", "predictions.csv"):
+        assert (out / name).read_text() == (evaluation.out_dir / name).read_text(), name
+    page = " ".join((out / "report.html").read_text().split())
+    assert "<img" not in page and page.count("not drawn: evaluated with --no-plots") >= 5
+    assert "not drawn" not in evaluation.report.read_text()
+
+
 def test_evaluate_never_changes_the_model_and_calibrate_does(trained, tmp_path, run_cli):
     import hashlib
 
@@ -72,32 +93,34 @@ def test_evaluate_never_changes_the_model_and_calibrate_does(trained, tmp_path, 
                 for p in sorted((trained / "model").iterdir())}
 
     def fitted_on_these(split, out):  # the temperature was fitted on the images evaluated
-        result = evaluate(trained, split=split, out=tmp_path / out, progress=False, workers=0)
+        result = evaluate(trained, split=split, out=tmp_path / out, progress=False, workers=0,
+                          plots=False)
         note = "the temperature was fitted on the images being evaluated"
         same = result.metrics["calibration"]["same_data_as_evaluation"]
         assert same == (note in " ".join(result.report.read_text().split()))
         return same
 
+    # The smaller splits throughout (Leeds' val and test: 167 photos each, train 498).
     before = fingerprint()
-    assert fitted_on_these("val", "ev") and not fitted_on_these("train", "ev2")  # training's
+    assert fitted_on_these("val", "ev") and not fitted_on_these("test", "ev2")  # training's
     assert fingerprint() == before
     old = read_manifest(trained / "model")["calibration"]["temperature"]
-    code, out, err = run_cli("calibrate", trained, "--split", "train", "--quiet")
+    code, out, err = run_cli("calibrate", trained, "--split", "test", "--quiet")
     assert code == 0, err
     new = read_manifest(trained / "model")["calibration"]
     assert f"Temperature {old:.3f} -> {new['temperature']:.3f}" in out
-    assert new["fitted_on"] == "train" and new["previous_temperature"] == pytest.approx(old)
+    assert new["fitted_on"] == "test" and new["previous_temperature"] == pytest.approx(old)
     assert fingerprint() != before
     # Fitted again on the same images: "before" is the ECE at the temperature it replaces,
     # the last one's "after" (also said beside: the ECE without any temperature).
-    code, out, err = run_cli("calibrate", trained, "--split", "train", "--quiet")
+    code, out, err = run_cli("calibrate", trained, "--split", "test", "--quiet")
     again = read_manifest(trained / "model")["calibration"]
     assert again["val_ece_previous"] == pytest.approx(new["val_ece_after"])
     assert again["val_ece_before"] == pytest.approx(new["val_ece_before"])
     assert (f"ECE {new['val_ece_after']:.4f} -> {again['val_ece_after']:.4f} "
             f"({new['val_ece_before']:.4f} without a temperature)") in " ".join(out.split())
     new = again
-    assert fitted_on_these("train", "ev3") and not fitted_on_these("val", "ev4")
+    assert fitted_on_these("test", "ev3") and not fitted_on_these("val", "ev4")
     # Fitted on other data that holds some of the run's test images (its own folder, say):
     # the run's test split is then among them, though the data's name is another.
     from wingspan.models.bundle import update_manifest
@@ -105,12 +128,16 @@ def test_evaluate_never_changes_the_model_and_calibrate_does(trained, tmp_path, 
     update_manifest(trained / "model", calibration={
         **new, "fitted_on": f"all of {tmp_path}", "run_images_among": {"train": 9, "test": 2}})
     assert fitted_on_these("test", "ev5") and not fitted_on_these("val", "ev6")
-    # ... as calibrate counts them: given the run's own folder, every split's images.
-    code, _, err = run_cli("calibrate", trained, trained / "splits.csv", "--split", "all",
+    # ... as calibrate counts them: given other data holding images of every split of the
+    # run's (here 5 of each, listed with a split column of their own).
+    rows = pd.read_csv(trained / "splits.csv")
+    mixed = rows.groupby("split").head(5).assign(split="train")
+    mixed.to_csv(tmp_path / "mixed.csv", index=False)
+    code, _, err = run_cli("calibrate", trained, tmp_path / "mixed.csv", "--split", "all",
                            "--quiet")
     assert code == 0, err
     among = read_manifest(trained / "model")["calibration"]["run_images_among"]
-    assert set(among) == {"train", "val", "test"}
+    assert among == {"train": 5, "val": 5, "test": 5}
     assert fitted_on_these("val", "ev7") and fitted_on_these("test", "ev8")
     # Put it back for the other tests of this module.
 
@@ -127,9 +154,10 @@ def test_the_report_says_when_the_rule_of_succession_set_the_temperature(trained
     record = calibration_record(logits, np.array([0, 1, 0]), "val")
     assert record["method"].startswith("rule of succession")
     update_manifest(copy / "model", calibration=record)
-    page = evaluate(copy, split="val", progress=False, workers=0).report.read_text()
+    page = evaluate(copy, split="val", progress=False, workers=0, plots=False).report.read_text()
     assert "set by" in page and "every one of the 3 images it was fitted on was right" in page
-    plain = evaluate(trained, split="val", out=tmp_path / "ev", progress=False, workers=0)
+    plain = evaluate(trained, split="val", out=tmp_path / "ev", progress=False, workers=0,
+                     plots=False)
     cal = plain.metrics["calibration"]
     said = (f"the likelihood of {cal['images']} images" if cal.get("method") == "likelihood"
             else "was right")
@@ -200,7 +228,8 @@ def test_predict_agrees_with_evaluate(evaluation, trained):
 
 def test_evaluate_with_tta_scores_what_predict_tta_answers(evaluation, trained, run_cli,
                                                            tmp_path):
-    code, stdout, stderr = run_cli("evaluate", trained, "--tta", "--out", tmp_path / "tta",
+    code, stdout, stderr = run_cli("evaluate", "--no-plots",
+                                   trained, "--tta", "--out", tmp_path / "tta",
                                    "--quiet")
     assert code == 0, stderr
     assert "test-time augmentation" in stdout
@@ -313,7 +342,8 @@ def test_predict_streams_and_tta_averages(trained, demo_dir, monkeypatch):
 
 
 def test_cli_evaluate_and_predict(run_cli, trained, demo_dir, tmp_path):
-    code, out, err = run_cli("evaluate", trained, "--split", "val", "--out", tmp_path / "ev",
+    code, out, err = run_cli("evaluate", "--no-plots",
+                             trained, "--split", "val", "--out", tmp_path / "ev",
                              "--quiet")
     assert code == 0, err
     assert "macro precision / recall / F1" in out and (tmp_path / "ev" / "report.html").is_file()
@@ -407,19 +437,19 @@ def test_a_killed_evaluation_leaves_the_previous_results_whole(trained, tmp_path
     from wingspan.evaluate import run as run_module
 
     out = tmp_path / "ev"
-    evaluate(trained, split="val", out=out, progress=False, workers=0)
+    evaluate(trained, split="val", out=out, progress=False, workers=0, plots=False)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     def killed(*args, **kwargs):
-        raise KeyboardInterrupt  # as if killed while plotting
+        raise KeyboardInterrupt  # as if killed while writing the report, the last step
 
-    monkeypatch.setattr(run_module, "_plots", killed)
+    monkeypatch.setattr(run_module, "_report", killed)
     with pytest.raises(KeyboardInterrupt):
-        evaluate(trained, split="val", out=out, progress=False, workers=0)
+        evaluate(trained, split="val", out=out, progress=False, workers=0, plots=False)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched
     assert (tmp_path / ".ev.partial").is_dir()  # the unfinished one, marked as such
     monkeypatch.undo()
-    result = evaluate(trained, split="val", out=out, progress=False, workers=0)
+    result = evaluate(trained, split="val", out=out, progress=False, workers=0, plots=False)
     assert result.out_dir == out and result.report == out / "report.html"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ev"]  # no leftovers
 
@@ -445,7 +475,7 @@ def test_a_run_moved_elsewhere_still_evaluates(trained, tmp_path, run_cli):
     gone = splits.index[splits["split"] == "val"][0]
     splits.loc[gone, "path"] = str(tmp_path / "deleted.jpg")
     splits.to_csv(moved / "splits.csv", index=False)
-    result = evaluate(moved, split="val", progress=False, workers=0)
+    result = evaluate(moved, split="val", progress=False, workers=0, plots=False)
     assert result.out_dir == moved / "evaluation-val" and result.metrics["images"] > 0
     assert [p for p, _ in result.metrics["unreadable"]] == [str(tmp_path / "deleted.jpg")]
     said = unreadable_wording(result.metrics)
@@ -521,7 +551,8 @@ def test_evaluate_other_data_with_a_class_map_shows_the_drop_per_class(trained, 
     assert "Transfer per class" in stdout and "second_[b]" in stdout  # not Rich markup
     # Without --out, other data's evaluation is named after it, beside the run's own.
     before = (trained / "evaluation-test" / "metrics.json").read_bytes()
-    assert run_cli("evaluate", trained, tmp_path / "other", "--split", "all", "--quiet")[0] == 0
+    assert run_cli("evaluate", "--no-plots",
+                   trained, tmp_path / "other", "--split", "all", "--quiet")[0] == 0
     assert (trained / "evaluation-other-all" / "metrics.json").is_file()
     assert (trained / "evaluation-test" / "metrics.json").read_bytes() == before
     # Unmapped, the classes named alike match, and the macro averages cover those alone
@@ -550,7 +581,8 @@ def test_evaluate_other_data_with_a_class_map_shows_the_drop_per_class(trained, 
     assert (tmp_path / "here" / "metrics.json").is_file()
     assert "Transfer: recall per class" in (tmp_path / "ev" / "report.html").read_text()
 
-    code, _, stderr = run_cli("evaluate", trained, tmp_path / "other", "--split", "all",
+    code, _, stderr = run_cli("evaluate", "--no-plots",
+                              trained, tmp_path / "other", "--split", "all",
                               "--out", tmp_path / "ev2", "--map", "unicorn=first_other,"
                               f"{classes[0]}=pegasus")
     assert code != 0
@@ -561,7 +593,7 @@ def test_evaluate_other_data_with_a_class_map_shows_the_drop_per_class(trained, 
     code, _, stderr = run_cli("evaluate", trained, "--map", f"{classes[0]}={classes[1]}")
     assert code != 0 and (f"would score the data's '{classes[1]}' and its own '{classes[0]}' "
                           f"both as the model's '{classes[0]}'") in " ".join(stderr.split())
-    code, _, stderr = run_cli("evaluate", trained, tmp_path / "other", "--map",
+    code, _, stderr = run_cli("evaluate", "--no-plots", trained, tmp_path / "other", "--map",
                               f"{classes[0]}=first_other", "--map", f"{classes[0]}=second_other")
     assert code != 0 and f"gives {classes[0]} twice" in stderr
 
@@ -626,7 +658,7 @@ def test_adapt_writes_a_new_run_and_leaves_the_run_as_it_was(trained, tmp_path, 
     assert (out / "splits.csv").read_bytes() == (trained / "splits.csv").read_bytes()
     assert not (out / "metrics.json").exists()  # the run's figures are not the adapted one's
     # The adapted run is a run: it evaluates and predicts.
-    result = evaluate(out, split="val", progress=False, workers=0)
+    result = evaluate(out, split="val", progress=False, workers=0, plots=False)
     assert result.metrics["accuracy"] == pytest.approx(summary["val_accuracy"])
     preds = list(Predictor(out, workers=0).run([str(p) for p in photos.iterdir()],
                                                progress=False))
@@ -735,7 +767,7 @@ def test_adapt_warns_when_the_photos_are_the_runs_own_val_images(trained, tmp_pa
     # (here the run's own data given as other data: its test split was "fair" before).
     assert pd.read_csv(tmp_path / "a" / "adapt-photos.csv")["path"].size == 8
     for data in (None, shared_data_or_demo[0]):
-        fair = evaluate(tmp_path / "a", data, split="test", progress=False, workers=0,
+        fair = evaluate(tmp_path / "a", data, split="test", progress=False, workers=0, plots=False,
                         out=tmp_path / f"ev-{data is None}").metrics["fair"]
         assert fair.startswith("no: `wingspan adapt` refitted this model on 3 of these "), fair
 
@@ -770,7 +802,7 @@ def test_unreadable_unknown_images_are_said_beside_the_figures(trained, tmp_path
     for i in range(3):
         write_image(unseen / f"moth_{i}.jpg", size=(40, 40), seed=i)
     (unseen / "broken.jpg").write_bytes(b"not a jpeg")
-    code, stdout, err = run_cli("evaluate", trained, "--unknown", unseen, "--out",
+    code, stdout, err = run_cli("evaluate", "--no-plots", trained, "--unknown", unseen, "--out",
                                 tmp_path / "ev", "--quiet")
     assert code == 0, err
     u = json.loads((tmp_path / "ev" / "metrics.json").read_text())["unknown"]
@@ -895,8 +927,8 @@ def test_a_model_whose_class_names_end_in_a_space_evaluates_on_the_names_read_no
                                                                                   tmp_path):
     """Folders are read without end spaces now; a model trained before knows "name "."""
     old, _ = _with_an_end_space(trained, tmp_path)
-    before = evaluate(trained, split="val", progress=False, workers=0).metrics
-    after = evaluate(old, split="val", progress=False, workers=0).metrics
+    before = evaluate(trained, split="val", progress=False, workers=0, plots=False).metrics
+    after = evaluate(old, split="val", progress=False, workers=0, plots=False).metrics
     assert after["images"] == before["images"] and not after.get("unknown_class_images")
     assert after["accuracy"] == pytest.approx(before["accuracy"])
     # A model that knows both names keeps each to its own.
@@ -924,18 +956,18 @@ def test_map_and_unknown_match_a_class_name_that_ends_in_a_space_as_read_now(tra
         folder = tmp_path / "other" / ("first_other" if label == classes[0] else label)
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copy(path, folder)
-    metrics = evaluate(old, tmp_path / "other", split="all", progress=False, workers=0,
+    metrics = evaluate(old, tmp_path / "other", split="all", progress=False, workers=0, plots=False,
                        class_map={classes[0]: "first_other"}, out=tmp_path / "ev").metrics
     assert metrics["images"] == len(val) and not metrics["unknown_classes"]
     with pytest.raises(WingspanError, match=f"would score the data's '{classes[1]}' and its "
                                             f"own '{classes[0]}' both"):
-        evaluate(old, split="val", progress=False, workers=0,
+        evaluate(old, split="val", progress=False, workers=0, plots=False,
                  class_map={classes[0]: classes[1]})
     unseen = tmp_path / "unseen" / classes[0]
     unseen.mkdir(parents=True)
     shutil.copy(val["path"].iloc[0], unseen / "x.jpg")
     with pytest.raises(WingspanError, match="folders named after classes the model knows"):
-        evaluate(old, split="val", progress=False, workers=0, unknown=unseen.parent)
+        evaluate(old, split="val", progress=False, workers=0, plots=False, unknown=unseen.parent)
 
 
 def test_images_the_run_trained_or_chose_on_give_figures_called_optimistic(trained, evaluation,
@@ -943,7 +975,7 @@ def test_images_the_run_trained_or_chose_on_give_figures_called_optimistic(train
     """Evaluating the run's train split (to check the fit) or its val (the best epoch was
     chosen on it) is allowed but called optimistic, on screen, in metrics.json and in the
     report; so is other DATA holding some of those images, whatever its splits call them."""
-    code, stdout, err = run_cli("evaluate", trained, "--split", "train", "--out",
+    code, stdout, err = run_cli("evaluate", "--no-plots", trained, "--split", "train", "--out",
                                 tmp_path / "train", "--quiet")
     assert code == 0, err
     metrics = json.loads((tmp_path / "train" / "metrics.json").read_text())
@@ -959,7 +991,7 @@ def test_images_the_run_trained_or_chose_on_give_figures_called_optimistic(train
     own = pd.read_csv(trained / "splits.csv")
     some = own.groupby("split").head(3).assign(split="test")[["path", "label", "split"]]
     some.to_csv(tmp_path / "other.csv", index=False)
-    code, stdout, err = run_cli("evaluate", trained, tmp_path / "other.csv", "--out",
+    code, stdout, err = run_cli("evaluate", "--no-plots", trained, tmp_path / "other.csv", "--out",
                                 tmp_path / "other", "--quiet")
     assert code == 0, err
     fair = json.loads((tmp_path / "other" / "metrics.json").read_text())["fair"]
@@ -968,13 +1000,15 @@ def test_images_the_run_trained_or_chose_on_give_figures_called_optimistic(train
     assert "Are these figures fair?" in stdout
     # Only val's: chosen on.
     some[own.loc[some.index, "split"] != "train"].to_csv(tmp_path / "other.csv", index=False)
-    assert run_cli("evaluate", trained, tmp_path / "other.csv", "--out", tmp_path / "other",
+    assert run_cli("evaluate", "--no-plots",
+                   trained, tmp_path / "other.csv", "--out", tmp_path / "other",
                    "--quiet")[0] == 0
     fair = json.loads((tmp_path / "other" / "metrics.json").read_text())["fair"]
     assert fair.startswith("no: the best epoch was chosen on val (3 of these images)")
     # None of them: fair.
     some[own.loc[some.index, "split"] == "test"].to_csv(tmp_path / "other.csv", index=False)
-    assert run_cli("evaluate", trained, tmp_path / "other.csv", "--out", tmp_path / "other",
+    assert run_cli("evaluate", "--no-plots",
+                   trained, tmp_path / "other.csv", "--out", tmp_path / "other",
                    "--quiet")[0] == 0
     fair = json.loads((tmp_path / "other" / "metrics.json").read_text())["fair"]
     assert fair.startswith("yes: none of these files")
@@ -1034,7 +1068,7 @@ def test_a_tta_evaluation_goes_beside_the_plain_one(evaluation, trained, run_cli
     assert evaluation.out_dir == plain
     shutil.rmtree(tta, ignore_errors=True)
     before = (plain / "predictions.csv").read_bytes()
-    code, stdout, err = run_cli("evaluate", trained, "--tta", "--quiet")
+    code, stdout, err = run_cli("evaluate", "--no-plots", trained, "--tta", "--quiet")
     assert code == 0, err
     assert f"Report: {tta / 'report.html'}" in stdout  # where it wrote
     assert (plain / "predictions.csv").read_bytes() == before
@@ -1048,7 +1082,7 @@ def test_a_tta_evaluation_goes_beside_the_plain_one(evaluation, trained, run_cli
     assert "fitted on single views" in page
     assert "fitted on single views" not in (plain / "report.html").read_text()
     # The plain evaluation again: the TTA one stays.
-    again = evaluate(trained, progress=False, workers=0)
+    again = evaluate(trained, progress=False, workers=0, plots=False)
     assert again.out_dir == plain and again.metrics["tta"] is False
     assert json.loads((tta / "metrics.json").read_text())["tta"] is True
 
@@ -1101,7 +1135,8 @@ def test_tta_names_other_data_and_unknown_evaluations_too(trained, tmp_path, run
         shutil.copy(path, folder / f"{len(list(folder.iterdir()))}{Path(path).suffix}")
     mapped = ["--map", f"{classes[0]}=renamed", "--split", "all", "--quiet"]
     for extra in ([], ["--tta"]):
-        code, stdout, err = run_cli("evaluate", trained, tmp_path / "mine", *mapped, *extra)
+        code, stdout, err = run_cli("evaluate", "--no-plots",
+                                    trained, tmp_path / "mine", *mapped, *extra)
         assert code == 0, err
     plain, tta = trained / "evaluation-mine-all", trained / "evaluation-mine-all-tta"
     assert json.loads((plain / "metrics.json").read_text())["tta"] is False
@@ -1113,7 +1148,8 @@ def test_tta_names_other_data_and_unknown_evaluations_too(trained, tmp_path, run
         write_image(tmp_path / "noise" / f"{i}.jpg", size=(40, 40), seed=i)
     shutil.rmtree(trained / "evaluation-val-unknown-tta", ignore_errors=True)
     for extra in ([], ["--tta"]):
-        code, stdout, err = run_cli("evaluate", trained, "--split", "val", "--unknown",
+        code, stdout, err = run_cli("evaluate", "--no-plots",
+                                    trained, "--split", "val", "--unknown",
                                     tmp_path / "noise", "--quiet", *extra)
         assert code == 0, err
     for folder, on in ((trained / "evaluation-val-unknown", False),

@@ -157,7 +157,7 @@ def test_photos_without_the_coarser_levels_are_scored_at_them_from_the_models_tr
     shutil.copytree(demo_dir, plain, ignore=shutil.ignore_patterns("taxonomy.csv"))
     assert read_dataset(plain).levels == ["label"]
     with_table, without = (
-        evaluate(hierarchical_run, data, split="all", progress=False, workers=0,
+        evaluate(hierarchical_run, data, split="all", progress=False, workers=0, plots=False,
                  out=tmp_path / f"ev-{data.name}").metrics["hierarchy"]
         for data in (demo_dir, plain))
     assert without["levels"] == with_table["levels"]
@@ -212,7 +212,7 @@ def test_a_taxonomy_model_whose_names_end_in_a_space_is_scored_at_every_level(
                    old(k): old(v) for k, v in training["rare_classes"].items()}}}
     update_manifest(copy / "model", **changes,
                     meaning_sha256=meaning_digest({**manifest, **changes}))
-    before, after = (evaluate(run, split="val", progress=False, workers=0,
+    before, after = (evaluate(run, split="val", progress=False, workers=0, plots=False,
                               out=tmp_path / f"ev-{run.name}").metrics
                      for run in (hierarchical_run, copy))
     # Right answers to lose at every level, and a rare class among the images.
@@ -280,8 +280,8 @@ def test_hierarchical_family_accuracy_is_not_worse_than_family_only(demo_dir, tm
                  tmp_path / "h", quiet=True)
     flat = train(read_dataset(demo_dir), tiny(tmp_path, level="family", **same),
                  tmp_path / "f", quiet=True)
-    h = evaluate(hier, split="val", progress=False, workers=0).metrics
-    f = evaluate(flat, split="val", progress=False, workers=0).metrics
+    h = evaluate(hier, split="val", progress=False, workers=0, plots=False).metrics
+    f = evaluate(flat, split="val", progress=False, workers=0, plots=False).metrics
     family = h["hierarchy"]["levels"]["family"]["accuracy"]
     assert f["accuracy"] >= 0.8  # a family model that learnt something to compare with
     assert family >= f["accuracy"] - 1 / f["images"]  # at most one val image worse
@@ -396,7 +396,7 @@ def test_ethec_end_to_end_on_a_sample(shared_data, tmp_path):
                 tiny(tmp_path, levels=["family", "subfamily", "genus", "species"],
                      rare_below=3, epochs_head=3, epochs_finetune=1), tmp_path / "runs",
                 quiet=True)
-    result = evaluate(run, progress=False, workers=0)
+    result = evaluate(run, progress=False, workers=0, plots=False)
     table = pd.read_csv(result.out_dir / "levels.csv")
     assert list(table.columns) == ["method", "family", "subfamily", "genus", "species"]
     assert result.metrics["hierarchy"]["consistency"]["marginalised"] == 1.0
@@ -441,7 +441,7 @@ def test_adapt_refits_every_level_of_a_taxonomy_run(pretrained_hierarchical_run,
     assert json.loads((tmp_path / "adapted" / "adapt.json").read_text())["photos"] == len(photos)
     # Its val figures are what evaluate gives: the top-down branch's answers, at the
     # temperature fitted again.
-    result = evaluate(tmp_path / "adapted", split="val", progress=False, workers=0)
+    result = evaluate(tmp_path / "adapted", split="val", progress=False, workers=0, plots=False)
     assert result.metrics["accuracy"] == pytest.approx(done["val_accuracy"])
     assert result.metrics["ece"] == pytest.approx(manifest["calibration"]["val_ece_after"],
                                                   abs=1e-6)

@@ -23,7 +23,7 @@ def finished(demo_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("runs-src")
     run_dir = train(read_dataset(demo_dir), tiny(tmp, test_fraction=0.25), tmp / "runs", "r",
                     quiet=True)
-    evaluate(run_dir, progress=False, workers=0)
+    evaluate(run_dir, progress=False, workers=0, plots=False)
     return run_dir
 
 

@@ -386,7 +386,7 @@ def test_evaluate_unknown_folder_of_non_butterflies(held_out_run, run_cli, tmp_p
     for name in ("astronaut", "chelsea", "coffee", "rocket", "cat", "hubble_deep_field",
                  "immunohistochemistry", "retina", "camera", "colorwheel"):
         Image.fromarray(getattr(skdata, name)()).convert("RGB").save(folder / f"{name}.jpg")
-    code, stdout, err = run_cli("evaluate", run_dir, "--unknown", folder, "--out",
+    code, stdout, err = run_cli("evaluate", "--no-plots", run_dir, "--unknown", folder, "--out",
                                 tmp_path / "ev", "--quiet")
     assert code == 0, err
     assert "FPR at 95% TPR" in stdout and "msp+knn (in use)" in stdout
@@ -404,9 +404,9 @@ def test_evaluate_unknown_folder_of_non_butterflies(held_out_run, run_cli, tmp_p
     # its right answers would count against the unknown answer.
     _, demo = held_out_run
     known = sorted(p for p in demo.iterdir() if p.is_dir() and p.name != HELD)[0]
-    code, _, err = run_cli("evaluate", run_dir, "--unknown", known, "--quiet")
+    code, _, err = run_cli("evaluate", "--no-plots", run_dir, "--unknown", known, "--quiet")
     assert code != 0 and f"named after classes the model knows: {known.name}." in err
-    code, _, err = run_cli("evaluate", run_dir, "--unknown", demo, "--quiet")
+    code, _, err = run_cli("evaluate", "--no-plots", run_dir, "--unknown", demo, "--quiet")
     assert code != 0 and "named after classes the model knows" in err
     # The API takes a list of folders, files or globs, as predict does.
     from wingspan.evaluate.run import evaluate

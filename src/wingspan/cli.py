@@ -787,6 +787,9 @@ def evaluate_command(
     unknown_score: UnknownScoreOpt = None,
     tta: Annotated[bool, typer.Option(help="Test-time augmentation: average flips and crops, "
                                       "as predict --tta.")] = False,
+    plots: Annotated[bool, typer.Option(help="Draw the figures (PNGs, and in the report). "
+                                        "--no-plots: the figures and tables alone, seconds "
+                                        "sooner for a small evaluation.")] = True,
     quiet: Quiet = False,
 ) -> None:
     """Metrics, confusion matrix, curves, mistakes, calibration and an HTML report. The
@@ -797,7 +800,7 @@ def evaluate_command(
                       batch_size=batch_size, workers=workers, runtime=runtime,
                       precision=precision, device=device,
                       class_map=name_pairs(class_map or [], "--map"), unknown=unknown,
-                      unknown_score=unknown_score, tta=tta)
+                      unknown_score=unknown_score, tta=tta, plots=plots)
     _print_evaluation(result)
 
 

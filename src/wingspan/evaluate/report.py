@@ -12,9 +12,9 @@ import pandas as pd
 from wingspan.files import write_text
 
 
-def _img(path: Path | None, alt: str) -> str:
+def _img(path: Path | None, alt: str, missing: str = "not available") -> str:
     if not path or not Path(path).is_file():
-        return f"<p class='missing'>({html.escape(alt)}: not available)</p>"
+        return f"<p class='missing'>({html.escape(alt)}: {html.escape(missing)})</p>"
     data = base64.b64encode(Path(path).read_bytes()).decode()
     return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{data}'>"
 
@@ -42,15 +42,19 @@ img{max-width:100%;border:1px solid #eee}table.t{border-collapse:collapse;margin
 def write_report(path: Path, title: str, sections: dict) -> Path:
     """Sections (all optional): overview, data, balance_png, preview_png, curves_png,
     summary, transfer, per_class, confusion_png, confused, level_confusion_pngs ({level:
-    png}), mistakes_png, calibration, reliability_png, profile."""
+    png}), mistakes_png, calibration, reliability_png, profile; no_plots (the figures were
+    not asked for: each says so in its place)."""
     s = sections
+    missing = "not drawn: evaluated with --no-plots" if s.get("no_plots") else "not available"
     parts = [f"<h1>{html.escape(title)}</h1>", _kv(s.get("overview", []))]
     parts += ["<h2>Data</h2>"]
     if s.get("data") is not None:
         parts.append(_table(s["data"], "{:.0f}"))
-    parts.append(_img(s.get("balance_png"), "class balance"))
-    parts += ["<h2>Augmentation</h2>", _img(s.get("preview_png"), "augmentation preview")]
-    parts += ["<h2>Training curves</h2>", _img(s.get("curves_png"), "training curves")]
+    parts.append(_img(s.get("balance_png"), "class balance", missing))
+    parts += ["<h2>Augmentation</h2>",
+              _img(s.get("preview_png"), "augmentation preview", missing)]
+    parts += ["<h2>Training curves</h2>",
+              _img(s.get("curves_png"), "training curves", missing)]
     parts += ["<h2>Metrics</h2>", _kv(s.get("summary", []))]
     if s.get("levels") is not None:
         h = s["hierarchy"]
@@ -77,29 +81,29 @@ def write_report(path: Path, title: str, sections: dict) -> Path:
                                            kind="stable")
         parts += ["<h3>Per class (lowest F1 first)</h3>", _table(worst)]
     parts += ["<h2>Confusion matrix</h2><div class='grid'>",
-              _img(s.get("confusion_png"), "confusion matrix")]
+              _img(s.get("confusion_png"), "confusion matrix", missing)]
     if s.get("confused") is not None and len(s["confused"]):
         parts += ["<div><h3>Most confused</h3>", _table(s["confused"], "{:.2f}"), "</div>"]
     parts.append("</div>")
     for level, png in (s.get("level_confusion_pngs") or {}).items():
         parts += [f"<h3>Confusion matrix: {html.escape(level)}</h3>",
-                  _img(png, f"confusion matrix of {level}")]
+                  _img(png, f"confusion matrix of {level}", missing)]
     parts += ["<h2>Most confident mistakes</h2><p>Each: the image as the model saw it, "
               "and beside it the same under the Grad-CAM of the wrong class it named (red: "
               "where it found the most evidence for that class).</p>",
-              _img(s.get("mistakes_png"), "mistakes")]
+              _img(s.get("mistakes_png"), "mistakes", missing)]
     if s.get("unknown"):
         parts += ["<h2>Unknown images</h2><p>Images of classes the model never saw, scored "
                   f"against {html.escape(s['unknown']['against'])}: right of the threshold, "
                   "the answer is \"unknown\".</p>", _kv(s["unknown"]["summary"]),
-                  _img(s.get("unknown_png"), "unknown score histogram")]
+                  _img(s.get("unknown_png"), "unknown score histogram", missing)]
         named = s["unknown"].get("named")
         if named is not None and len(named):
             parts += ["<h3>Unseen images given a class (the surest first; every image in "
                       "unknown.csv)</h3>", _table(named)]
         parts += ["<h3>Every score the model holds</h3>", _table(s["unknown"]["scores"])]
     parts += ["<h2>Calibration</h2>", _kv(s.get("calibration", [])),
-              _img(s.get("reliability_png"), "reliability diagram")]
+              _img(s.get("reliability_png"), "reliability diagram", missing)]
     if s.get("profile") is not None:
         parts += ["<h2>Where the time went (seconds per stage; training images per second)"
                   "</h2>", _table(s["profile"], "{:.1f}")]

@@ -58,14 +58,17 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
              precision: str = "auto", device: str = "auto",
              class_map: dict[str, str] | None = None,
              unknown: str | Path | list[str] | None = None,
-             unknown_score: str | None = None, tta: bool = False) -> Evaluation:
+             unknown_score: str | None = None, tta: bool = False,
+             plots: bool = True) -> Evaluation:
     """Evaluate a model on a split of its own data or of DATA. `class_map` {model class:
     DATA's class} evaluates on another dataset whose names differ (the same names match
     anyway); the report then sets each class's recall there beside its recall on the
     run's own data: the drop that the change of data costs. `unknown`: a folder (or image
     paths) of classes the model never saw, scored against the known images (AUROC,
     FPR95, what the threshold costs; every score side by side). `tta`: score what
-    `predict --tta` answers (each image's views averaged), on every image read here."""
+    `predict --tta` answers (each image's views averaged), on every image read here.
+    `plots=False`: the figures and tables without the PNGs (2-5 s less on a 2-core CPU,
+    most of a small evaluation's time; Ultralytics' `val(plots=False)`)."""
     predictor = Predictor(model, device=device, batch_size=batch_size, workers=workers,
                           runtime=runtime, precision=precision, progress=progress,
                           unknown_score=unknown_score)
@@ -141,7 +144,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     if predictor.taxonomy:
         levels_table, by_level = _per_level(predictor, _level_rows(rows.iloc[ok], predictor,
                                                                    level, class_map),
-                                            probs, read, metrics, out_dir, truth_only)
+                                            probs, read, metrics, out_dir, truth_only, plots)
     _write_predictions(out_dir / "predictions.csv", [paths[i] for i in ok], y, y_pred, probs,
                        classes, predictor, read, by_level)
     transfer = None
@@ -155,14 +158,14 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     if unknown is not None:
         metrics["unknown"] = _openset(predictor, unknown, unknown_paths, read, y, y_pred,
                                       averaged_classes(y, y_pred, truth_only),
-                                      out_dir, progress, tta)
+                                      out_dir, progress, tta, plots)
     write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
 
     pngs = _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, y,
-                  y_pred, probs, logits, read)
-    if unknown is not None:  # _openset drew it
+                  y_pred, probs, logits, read) if plots else {}
+    if unknown is not None and plots:  # _openset drew it
         pngs["unknown"] = out_dir / "unknown.png"
-    if levels_table is not None:  # _per_level drew the coarser levels' matrices
+    if levels_table is not None and plots:  # _per_level drew the coarser levels' matrices
         pngs["levels"] = {lv: out_dir / f"confusion_{lv}.png"
                           for lv in predictor.taxonomy.levels[:-1]}
     _report(out_dir, (run_dir or final).name, predictor, run_dir, dataset, level, split,
@@ -350,7 +353,7 @@ def _check_split(dataset: Dataset, split: str) -> None:
 
 def _openset(predictor: Predictor, unknown, paths: list[str], known: list, y: np.ndarray,
              y_pred: np.ndarray, labels: np.ndarray, out_dir: Path, progress: bool,
-             tta: bool = False) -> dict:
+             tta: bool = False, draw: bool = True) -> dict:
     """The known images' unknown scores against those of images of unseen classes
     (`paths`, from `unknown`); writes unknown.csv (each unseen image: score, answer,
     closest class) and unknown.png."""
@@ -392,7 +395,9 @@ def _openset(predictor: Predictor, unknown, paths: list[str], known: list, y: np
         "known_level": [p.known_level or "" for p in unseen],
         "closest_class": [predictor.classes[c] for c in u_pred]}),
         out_dir / "unknown.csv", index=False)
-    plots.plot_unknown_scores(k, u, predictor.thresholds[level], name, out_dir / "unknown.png")
+    if draw:
+        plots.plot_unknown_scores(k, u, predictor.thresholds[level], name,
+                                  out_dir / "unknown.png")
     return result
 
 
@@ -454,7 +459,7 @@ def _put_in_place(partial: Path, final: Path) -> None:
 
 
 def _per_level(predictor: Predictor, rows: pd.DataFrame, probs: np.ndarray, preds: list,
-               metrics: dict, out_dir: Path, truth_only: bool = False
+               metrics: dict, out_dir: Path, truth_only: bool = False, draw: bool = True
                ) -> tuple[pd.DataFrame, dict[str, list[str]]]:
     """Metrics at every taxonomic level; confusion matrices for the coarser ones. Returns
     the levels' table, and each image's true and predicted class at each coarser level
@@ -466,7 +471,7 @@ def _per_level(predictor: Predictor, rows: pd.DataFrame, probs: np.ndarray, pred
     is_rare = rows[taxonomy.finest].isin(list(predictor.rare)).to_numpy()
     result = hierarchical_metrics(taxonomy, truth, probs, heads, is_rare, truth_only)
     marg = result.pop("predictions")
-    for lv in taxonomy.levels[:-1]:
+    for lv in taxonomy.levels[:-1] if draw else []:
         known = truth[lv] >= 0
         plots.plot_confusion(confusion(truth[lv][known], marg[lv][known],
                                        len(taxonomy.classes[lv])),
@@ -929,18 +934,19 @@ def _report(out_dir, name, predictor, run_dir, dataset, level, split, metrics, t
         profile = pd.DataFrame([{"stage": s, **v} for s, v in train_metrics["profile"].items()])
     title = f"wingspan report: {name}" + (" (test-time augmentation)" if metrics["tta"] else "")
     return write_report(out_dir / "report.html", title,
-                        {"overview": overview, "data": data_table, "balance_png": pngs["balance"],
+                        {"overview": overview, "data": data_table,
+                         "balance_png": pngs.get("balance"),
                          "preview_png": pngs.get("preview"), "curves_png": pngs.get("curves"),
                          "summary": summary, "per_class": table,
-                         "confusion_png": pngs["confusion"],
+                         "confusion_png": pngs.get("confusion"),
                          "level_confusion_pngs": pngs.get("levels"),
-                         "confused": pd.DataFrame(confused), "mistakes_png": pngs["mistakes"],
-                         "calibration": calibration, "reliability_png": pngs["reliability"],
+                         "confused": pd.DataFrame(confused), "mistakes_png": pngs.get("mistakes"),
+                         "calibration": calibration, "reliability_png": pngs.get("reliability"),
                          "profile": profile, "levels": levels_table, "transfer": transfer,
                          "hierarchy": metrics.get("hierarchy"),
                          "unknown": _unknown_section(metrics.get("unknown"),
                                                      metrics["split"], metrics["tta"]),
-                         "unknown_png": pngs.get("unknown")})
+                         "unknown_png": pngs.get("unknown"), "no_plots": not pngs})
 
 
 def _epochs_run(training: dict, train_metrics: dict) -> str:
