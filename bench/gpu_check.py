@@ -113,6 +113,10 @@ def main() -> None:
         console.print(f"Generated the data in {time.perf_counter() - start:.0f}s")
     workers = 0 if quick else min(8, os.cpu_count() or 1)
     settings = ["--device", args.device, "--workers", str(workers)]
+    # The dry run runs PyTorch alone, as a GPU does (ONNX Runtime runs on the CPU only),
+    # and evaluates without drawing plots: seconds of each of its processes' time.
+    torch_only = ["--runtime", "torch"] if quick else []
+    settings += torch_only
     settings += (["--backbone", "test_efficientnet", "--weights", "none", "--image-size", "32",
                   "--epochs-head", "2", "--epochs-finetune", "2", "--batch-size", "8"]
                  if quick else
@@ -145,11 +149,11 @@ def main() -> None:
 
     for precision in precisions:
         run = train(data, work / "runs", precision, settings, "--precision", precision)
-        wingspan("evaluate", run["run"], "--device", args.device, "--quiet",
-                 "--out", work / f"evaluation-{precision}")
+        wingspan("evaluate", run["run"], "--device", args.device, "--quiet", *torch_only,
+                 *(["--no-plots"] if quick else []), "--out", work / f"evaluation-{precision}")
         evaluation = json.loads((work / f"evaluation-{precision}" / "metrics.json").read_text())
         predicted = wingspan("predict", run["run"], data, "--device", args.device, "--quiet",
-                             "--output", work / f"pred-{precision}.csv")
+                             *torch_only, "--output", work / f"pred-{precision}.csv")
         run.update(evaluate_images_per_s=evaluation["images_per_second"],
                    predict_images_per_s=images_per_s(predicted))
         results["precisions"][precision] = {k: v for k, v in run.items() if k != "run"}
