@@ -145,9 +145,13 @@ def test_exporting_leaves_each_module_in_the_mode_it_was_in():
     assert [m.training for m in model.modules()] == before
 
 
-def _counting_exports(monkeypatch) -> list[tuple]:
-    """The graph_key of each module exported from here on."""
+def _counting_exports(monkeypatch, disk: bool = False) -> list[tuple]:
+    """The graph_key of each module exported from here on. Unless `disk`, no graph is read
+    from the cache folder: what other tests left there (the same seeded weights) would
+    spare exports that a test counts."""
     exported, real = [], runtime_module.export_onnx
+    if not disk:
+        monkeypatch.setattr(runtime_module, "_stored_graph", lambda path: None)
 
     def counted(module, size, names=None, **kwargs):
         exported.append(runtime_module.graph_key(module, size, names))
@@ -236,6 +240,7 @@ def _broken_export(monkeypatch) -> list[str]:
         raise RuntimeError("unsupported operator")
 
     monkeypatch.setattr(runtime_module, "export_onnx", broken)
+    monkeypatch.setattr(runtime_module, "_stored_graph", lambda path: None)  # none kept
     return tried
 
 
@@ -304,8 +309,10 @@ def test_one_pass_on_new_weights_exports_only_where_that_pays(monkeypatch):
 
 
 def _exported_types(monkeypatch) -> list[str]:
-    """The type of each module exported from here on."""
+    """The type of each module exported from here on (none read from the cache folder, as
+    in _counting_exports)."""
     exported, real = [], runtime_module.export_onnx
+    monkeypatch.setattr(runtime_module, "_stored_graph", lambda path: None)
 
     def counted(module, *args, **kwargs):
         exported.append(type(module).__name__)
@@ -449,3 +456,40 @@ def test_fine_tuning_validates_in_the_training_steps_precision(demo_dir, tmp_pat
     # One validation pass runner for the stage; one export for the final passes.
     assert dtypes == {"validation": [torch.bfloat16]}
     assert exported == ["PooledFeatures", "Sequential", "WithFeatures"]
+
+
+def test_the_graph_of_weights_that_stay_is_kept_on_disk_for_the_next_process(
+        monkeypatch, tmp_path):
+    """A predictor's graph is read back from the cache folder in a new process (here: the
+    sessions forgotten) without an export, and runs alike; a damaged file is exported
+    again and replaced; other weights never use it; the last GRAPHS_KEPT stay."""
+    monkeypatch.setenv("WINGSPAN_CACHE", str(tmp_path))
+    exported = _counting_exports(monkeypatch, disk=True)
+    model, _ = create_classifier("test_efficientnet", {"y": 4}, "none")
+    model.eval()
+    x = torch.randn(3, 3, 32, 32)
+    first = OnnxRunner(model, 32, model.levels, keep=True)(x)["y"]
+    kept = list((tmp_path / "graphs").glob("*.onnx"))
+    assert len(exported) == 1 and len(kept) == 1
+    runtime_module.forget_sessions()  # as a new process starts
+    again = OnnxRunner(model, 32, model.levels, keep=True)(x)["y"]
+    assert len(exported) == 1 and torch.equal(again, first)
+    runtime_module.forget_sessions()
+    OnnxRunner(model, 32, model.levels)(x)  # a one-pass runner neither reads nor writes
+    assert len(exported) == 2 and len(list((tmp_path / "graphs").glob("*.onnx"))) == 1
+
+    kept[0].write_bytes(kept[0].read_bytes()[:1000])  # cut short
+    runtime_module.forget_sessions()
+    redone = OnnxRunner(model, 32, model.levels, keep=True)(x)["y"]
+    assert len(exported) == 3 and torch.equal(redone, first)
+    assert kept[0].stat().st_size > 1000  # replaced whole
+
+    with torch.no_grad():  # other weights: another graph, never the kept one
+        model.head.outputs["y"].bias.add_(1.0)
+    moved = OnnxRunner(model, 32, model.levels, keep=True)(x)["y"]
+    assert len(exported) == 4
+    torch.testing.assert_close(moved, first + 1.0, rtol=1e-4, atol=1e-4)
+    for size in (33, 34, 35, 36):
+        OnnxRunner(model.feature_extractor(), size, keep=True)
+    assert len(list((tmp_path / "graphs").glob("*.onnx"))) == runtime_module.GRAPHS_KEPT
+    runtime_module.forget_sessions()

@@ -194,17 +194,21 @@ def test_concurrent_requests_are_batched(run_dir):
     assert sum(sizes) == 8 and max(sizes) > 1  # fewer forward passes than requests
 
 
-def test_in_flight_and_time_limits(run_dir):
-    busy = TestClient(create_app(run_dir, ServeLimits(max_in_flight=0), device="cpu"))
-    r = busy.post("/predict", files=[("files", ("a.jpg", _jpeg(), "image/jpeg"))])
-    assert r.status_code == 429 and "Too many requests" in r.json()["error"]
+def test_limits_that_would_refuse_every_request_are_refused():
+    from wingspan.errors import WingspanError
+
+    for name in ("max_in_flight", "max_files", "max_bytes"):
+        with pytest.raises(WingspanError, match=f"'{name}' setting must be at least 1"):
+            ServeLimits(**{name: 0})
+
+
+def test_time_limits(run_dir):
     slow = TestClient(create_app(run_dir, ServeLimits(timeout_s=1e-6), device="cpu"))
     r = slow.post("/predict", files=[("files", ("a.jpg", _jpeg(), "image/jpeg"))])
     assert r.status_code == 504 and "No answer within" in r.json()["error"]
     assert slow.get("/health").status_code == 200
-    # /explain keeps to the same limits, with the same answers
+    # /explain keeps to the same limit, with the same answer
     photo = {"file": ("a.jpg", _jpeg(), "image/jpeg")}
-    assert busy.post("/explain", files=photo).status_code == 429
     r = slow.post("/explain", files=photo)
     assert r.status_code == 504 and "No answer within" in r.json()["error"]
 
@@ -231,7 +235,10 @@ def test_a_timed_out_explanation_keeps_its_place_until_its_thread_ends(run_dir, 
         assert client.post("/explain", files=photo).status_code == 504
         assert started.is_set() and client.get("/health").json()["in_flight"] == 1
         assert names[0].startswith("wingspan-explain")  # not a thread /predict decodes on
-        assert client.post("/explain", files=photo).status_code == 429  # the place is held
+        # The one place is held: /explain and /predict are refused, with the reason.
+        for r in (client.post("/explain", files=photo),
+                  client.post("/predict", files=[("files", ("a.jpg", _jpeg(), "image/jpeg"))])):
+            assert r.status_code == 429 and "Too many requests" in r.json()["error"]
         release.set()
         for _ in range(100):  # the thread ends, and its place is given back
             if client.get("/health").json()["in_flight"] == 0:

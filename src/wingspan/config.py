@@ -213,9 +213,9 @@ class ServeLimits:
 
     def __post_init__(self) -> None:
         _check_types(self)
-        for name in ("max_bytes", "max_files", "batch_size", "top_k", "explain_threads"):
+        for name in ("max_bytes", "max_in_flight", "max_files", "batch_size", "top_k",
+                     "explain_threads"):  # (0 in flight would refuse every request)
             _check(getattr(self, name) >= 1, name, "at least 1", getattr(self, name))
-        _check(self.max_in_flight >= 0, "max_in_flight", "0 or more", self.max_in_flight)
         _check(self.timeout_s > 0, "timeout_s", "a positive number of seconds", self.timeout_s)
         _check(self.batch_wait_ms >= 0, "batch_wait_ms", "0 or more", self.batch_wait_ms)
 

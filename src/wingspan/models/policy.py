@@ -95,7 +95,8 @@ class Policy:
         engine = self._chosen("frozen").engine
         if once and engine.runtime == "onnx":
             engine = self._for_one_pass(module, size, names, once)
-        return make_runner(module, size, engine, self.device, self.channels_last, names)
+        return make_runner(module, size, engine, self.device, self.channels_last, names,
+                           keep=not once)  # weights that stay: their graph is kept
 
     def _for_one_pass(self, module: nn.Module, size: int, names: list[str] | None,
                       images: int) -> Engine:
@@ -178,7 +179,8 @@ class Policy:
             for engine in engines:
                 try:
                     runners[engine.name] = make_runner(features, size, engine, self.device,
-                                                       self.channels_last, fallback=False)
+                                                       self.channels_last, fallback=False,
+                                                       keep=True)
                 except Exception as e:  # noqa: BLE001 - e.g. a layer ONNX cannot export
                     failed[engine.name] = f"cannot run this model: {str(e)[:120]}"
             seconds, outputs = time_calls(runners, x, config.rounds + thorough,

@@ -16,11 +16,13 @@ import hashlib
 import io
 import itertools
 import logging
+import os
 import threading
 import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -141,9 +143,55 @@ def graph_key(module: nn.Module, size: int, names: list[str] | None) -> tuple:
     return digest.hexdigest(), size, tuple(names or ()), torch.get_num_threads()
 
 
-def onnx_session(module: nn.Module, size: int, names: list[str] | None = None):
+# Graphs of weights that stay (a bundle's; a backbone's ImageNet weights, the same in every
+# run) are kept on disk too, by what they depend on: the next process that runs the same
+# weights (each `wingspan predict` of a model, each run of a backbone) skips the export,
+# 0.5-2 s and, the first time in a process, 0.8 s of importing the exporter on a 2-core
+# EPYC. No library keeps exports by content. The GRAPHS_KEPT last used stay.
+GRAPHS_KEPT = 4
+
+
+def graph_file(key: tuple) -> Path:
+    """Where the graph of `graph_key` is kept: it depends on the exporter's version too,
+    but not on the threads a session runs on."""
+    from wingspan.config import default_cache_dir
+
+    digest, size, names, _threads = key
+    name = hashlib.sha256(repr((digest, size, names, torch.__version__)).encode()).hexdigest()
+    return default_cache_dir() / "graphs" / f"{name[:32]}.onnx"
+
+
+def _stored_graph(path: Path) -> bytes | None:
+    try:
+        graph = path.read_bytes()
+        os.utime(path)  # used now: kept the longest
+        return graph
+    except OSError:
+        return None
+
+
+def _store_graph(path: Path, graph: bytes) -> None:
+    """Write it whole (renamed into place), then drop all but the GRAPHS_KEPT last used. A
+    read-only or full cache only costs an export next time."""
+    from wingspan.errors import WingspanError
+    from wingspan.files import atomic_path
+
+    try:
+        with atomic_path(path, durable=False) as tmp:
+            tmp.write_bytes(graph)
+        kept = sorted((p for p in path.parent.glob("*.onnx") if not p.name.startswith(".")),
+                      key=lambda p: p.stat().st_mtime)  # (.NAME.PID.tmp.onnx: being written)
+        for old in kept[:max(0, len(kept) - GRAPHS_KEPT)]:
+            old.unlink(missing_ok=True)
+    except (OSError, WingspanError):
+        pass
+
+
+def onnx_session(module: nn.Module, size: int, names: list[str] | None = None,
+                 keep: bool = False):
     """An ONNX Runtime session running `module` as it is now: one kept from an export of
-    the same graph (`graph_key`), else a new export."""
+    the same graph (`graph_key`), else a new export. `keep`: weights that stay, whose graph
+    is kept on disk for other processes, and read from there when it is."""
     import onnxruntime as ort
 
     key = graph_key(module, size, names)
@@ -158,13 +206,26 @@ def onnx_session(module: nn.Module, size: int, names: list[str] | None = None):
     # No spin-waiting between calls: idle threads would burn the cores that PyTorch and
     # the data loaders need next (a fine-tuning step was 1.2x slower with it).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    start = time.perf_counter()
-    session = ort.InferenceSession(export_onnx(module, size, names), options,
-                                   providers=["CPUExecutionProvider"])
+    session, path = None, graph_file(key) if keep else None
+    stored = _stored_graph(path) if path else None
+    if stored is not None:
+        try:
+            session = ort.InferenceSession(stored, options, providers=["CPUExecutionProvider"])
+        except Exception:  # noqa: BLE001 - damaged (ONNX Runtime says how): export again
+            log.info("The kept graph %s could not be read; exporting again", path)
+    exported = session is None
+    if exported:
+        start = time.perf_counter()
+        graph = export_onnx(module, size, names)
+        session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        seconds = time.perf_counter() - start
+        if path:
+            _store_graph(path, graph)
     with _LOCK:  # (ONNX Runtime lets several threads run one session)
-        shape = _shape(module, size, names)
-        _EXPORTED.pop(shape, None)  # (kept in the order made: the last one last)
-        _EXPORTED[shape] = time.perf_counter() - start
+        if exported:  # what an export costs here (a graph read from disk costs next to none)
+            shape = _shape(module, size, names)
+            _EXPORTED.pop(shape, None)  # (kept in the order made: the last one last)
+            _EXPORTED[shape] = seconds
         _SESSIONS[key] = session
         while len(_SESSIONS) > _KEEP:
             _SESSIONS.popitem(last=False)
@@ -174,9 +235,10 @@ def onnx_session(module: nn.Module, size: int, names: list[str] | None = None):
 class OnnxRunner:
     """Runs an exported copy of `module` with ONNX Runtime, on as many threads as torch."""
 
-    def __init__(self, module: nn.Module, size: int, names: list[str] | None = None):
+    def __init__(self, module: nn.Module, size: int, names: list[str] | None = None,
+                 keep: bool = False):
         self.names = names
-        self.session = onnx_session(module, size, names)
+        self.session = onnx_session(module, size, names, keep)
 
     def __call__(self, images: torch.Tensor) -> Outputs:
         x = np.ascontiguousarray(images.detach().float().cpu().numpy())
@@ -213,10 +275,11 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def make_runner(module: nn.Module, size: int, engine, device: torch.device,
-                channels_last: bool, names: list[str] | None = None, fallback: bool = True
-                ) -> Callable[[torch.Tensor], Outputs]:
+                channels_last: bool, names: list[str] | None = None, fallback: bool = True,
+                keep: bool = False) -> Callable[[torch.Tensor], Outputs]:
     """`module` with its current weights as `runner(images) -> outputs` (float32, on the
     CPU) on `engine`. `names`: the keys of a dict-returning module's outputs, in order.
+    `keep`: weights that stay, whose ONNX graph is kept on disk (`onnx_session`).
     With `fallback`, a module ONNX cannot export runs in PyTorch fp32, with one warning,
     and later calls for the same layers do not try again (until `forget_sessions`)."""
     if engine.runtime == "onnx":
@@ -224,7 +287,7 @@ def make_runner(module: nn.Module, size: int, engine, device: torch.device,
         shape = _shape(module, size, names)
         if shape not in _UNEXPORTABLE:
             try:
-                return OnnxRunner(module, size, names)
+                return OnnxRunner(module, size, names, keep)
             except Exception as e:  # noqa: BLE001 - an unexportable layer: PyTorch still works
                 if not fallback:
                     raise
