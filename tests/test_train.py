@@ -640,6 +640,27 @@ def test_the_command_of_a_stopped_run_again_says_how_to_resume_that_run(demo_dir
             f"If that one was stopped, `wingspan train --resume {stopped}` continues it") in log
 
 
+def test_quiet_hides_the_progress_not_what_the_figures_lack(demo_dir, tmp_path, run_cli):
+    """--quiet (quiet=True): no epoch lines, but a caveat about the figures (here: no test
+    split, so the val figure is the only one) still reaches the user, on stderr, as it
+    reaches train.log; without --quiet it is printed among the other lines (on stderr
+    too: stdout holds the results alone)."""
+    config = tiny(tmp_path, epochs_head=1, epochs_finetune=1)  # (test_fraction 0)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(vars(config)))
+    said = "No test split was kept apart (--test-fraction 0): the val figure is the only one"
+    for quiet in (True, False):
+        code, out, err = run_cli("train", demo_dir, "--config", path, "--runs-dir",
+                                 tmp_path / "runs", "--name", str(quiet),
+                                 *(["--quiet"] if quiet else []))
+        assert code == 0, err
+        out, err = " ".join(out.split()), " ".join(err.split())
+        assert said in err and said not in out
+        assert ("head 1:" in err) is not quiet  # the epoch lines: progress
+        log = " ".join((tmp_path / "runs" / str(quiet) / "train.log").read_text().split())
+        assert said in log and "head 1:" in log
+
+
 @pytest.mark.parametrize("changes, message", [
     ({"lr": -1}, "'lr' setting must be a positive number"),
     ({"min_delta": -1e-3}, "'min_delta' setting must be 0 or more"),

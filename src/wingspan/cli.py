@@ -135,7 +135,9 @@ def _check_output_file(path: Path, suffixes: tuple[str, ...]) -> None:
 
 OutDir = Annotated[Path | None, typer.Option(
     "--out", callback=_folder, help="Output folder (default: runs/data/<dataset name>).")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+Quiet = Annotated[bool, typer.Option(
+    "--quiet", "-q", help="No progress (bars, each epoch's line); what the figures lack is "
+    "still said.")]
 Runtime = Annotated[str, typer.Option(
     help="Engine for passes with frozen weights: auto (the fastest, measured once per model "
     "and machine; see `wingspan doctor`) | torch | onnx. $WINGSPAN_RUNTIME sets auto.")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -126,7 +127,10 @@ class Run:
     def image_size(self) -> int:
         return self.model.preprocessing.input_size
 
-    def log(self, message: str) -> None:
+    def log(self, message: str, caveat: bool = False) -> None:
+        """A line of train.log, shown as it is written. `caveat`: what the figures or the
+        run lack, or how to go on, shown (on stderr) even with --quiet, which hides
+        progress, not that."""
         if not self.is_main:
             return
         stamp = time.strftime("%H:%M:%S")
@@ -134,6 +138,8 @@ class Run:
             f.write(f"{stamp} {message}\n")
         if not self.quiet:
             self.console.print(message, highlight=False, markup=False)  # paths, class names
+        elif caveat:
+            print(message, file=sys.stderr)
 
     def note_unreadable(self, failed: list[tuple[str, str]]) -> None:
         """Images that could not be read: left out for the rest of the run and listed in
@@ -148,7 +154,8 @@ class Run:
             return
         for path, why in new:
             self.state.skipped[path] = why
-            self.log(f"Skipping an unreadable image for the rest of the run: {why}")
+            self.log(f"Skipping an unreadable image for the rest of the run: {why}",
+                     caveat=True)
 
     def share_unreadable(self) -> None:
         """Every rank learns what the others could not read (so all leave out the same)."""

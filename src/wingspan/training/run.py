@@ -15,7 +15,6 @@ import difflib
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -316,7 +315,7 @@ def _note_classes_added(run: Run, dataset: Dataset, config: TrainConfig) -> None
         run.log(f"{root} now holds {counted(len(added), 'class', 'classes')} this run does "
                 f"not train on ({some(added)}: {counted(int(labels.isin(added).sum()), 'image')}"
                 "): a resumed run keeps the classes and split it began with. Train a new run "
-                "to learn them.")
+                "to learn them.", caveat=True)
 
 
 def _resuming(run_dir: Path, checkpoint: dict | None, scoring: bool) -> str:
@@ -379,9 +378,7 @@ def _interruptible(run: Run) -> Path:
     except KeyboardInterrupt:
         said = f"Interrupted. Continue from the last checkpoint with: wingspan train " \
                f"--resume {run.dir} (in Python: ws.resume({str(run.dir)!r}))"
-        run.log(said)
-        if run.quiet and run.is_main:  # --quiet hides progress, not how to go on
-            print(said, file=sys.stderr)
+        run.log(said, caveat=True)
         raise
     finally:
         release_lock(run.dir)
@@ -647,13 +644,14 @@ def _write_results(run: Run) -> None:
                 f"`wingspan evaluate {run.dir}` (run.evaluate() in Python) scores the "
                 f"{left} test images"
                 + (f" left ({test_gone} of the {run.data.test_images} are gone since the run "
-                   "began)" if test_gone else "") + ", never trained or chosen on.")
+                   "began)" if test_gone else "") + ", never trained or chosen on.",
+                caveat=True)
     else:
         why = ("--test-fraction 0" if not run.config.test_fraction else
                "--selection val on data with its own val" if run.config.selection == "val"
                else "the data's own split has no test images that could be read")
         run.log(f"No test split was kept apart ({why}): the val figure is the only one, and "
-                "optimistic (the epoch was chosen on it).")
+                "optimistic (the epoch was chosen on it).", caveat=True)
 
 
 def _test_images_gone(run: Run) -> int:
@@ -717,12 +715,12 @@ def _fit_calibration(run: Run, val: tuple) -> dict:
     record = calibration_record(logits[run.data.level].numpy(), labels[:, -1].numpy(), "val",
                                 answer=answer)
     if bound_warning(record):
-        run.log(f"Warning: {bound_warning(record)}")
+        run.log(f"Warning: {bound_warning(record)}", caveat=True)
     if record["images"] < MIN_CALIBRATION_IMAGES:  # still fitted: the run must finish
         run.log(f"Warning: the temperature ({record['temperature']:.3f}) rests on "
                 f"{counted(record['images'], 'val image')}, too few to say much (`wingspan "
                 f"calibrate` asks for {MIN_CALIBRATION_IMAGES}). Fit it again on more labelled "
-                f"images of these classes: `wingspan calibrate {run.dir} DATA`.")
+                f"images of these classes: `wingspan calibrate {run.dir} DATA`.", caveat=True)
     if record["method"] != "likelihood":
         run.log(f"Every val image is right: the temperature ({record['temperature']:.3f}) is "
                 f"set by the {record['method']}, so that the mean top probability on val is "
