@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import numpy as np
@@ -326,3 +327,24 @@ def test_folds_are_scikit_learns_where_scores_are_close_but_not_equal():
     wins (a tolerance 10 times tighter gives other folds)."""
     y = np.array(["big"] * 1000 + [f"s{i % 100}" for i in range(200)], dtype=object)
     assert assert_sklearns_folds(y, np.arange(len(y)).astype(str), 8, 0)
+
+
+def test_two_data_folders_of_one_name_keep_their_own_output_folders(demo_dir, tmp_path,
+                                                                    monkeypatch, run_cli):
+    """runs/data/photos is the first "photos" folder's; another one of that name writes to
+    runs/data/photos-HASH, and each finds its own again on the next command."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    folders = [tmp_path / side / "photos" for side in ("a", "b")]
+    for folder in folders:
+        shutil.copytree(demo_dir, folder)
+    outs = []
+    for folder in (*folders, folders[0]):
+        code, _, err = run_cli("data", "inspect", folder, "--metadata-only", "--quiet")
+        assert code == 0, err
+        outs.append(read_dataset(folder).out_dir)
+        summary = json.loads((outs[-1] / "summary.json").read_text())
+        assert summary["dataset"]["root"] == str(folder)  # its own, not the other's
+    assert outs[0] == outs[2] == Path("runs") / "data" / "photos"
+    assert outs[1].parent == outs[0].parent and outs[1].name.startswith("photos-")

@@ -226,7 +226,7 @@ class Data:
         from wingspan.data.inspect import inspect_dataset
 
         level = self.dataset.resolve_level(level)
-        out_dir = _out_arg(out) or self.dataset.out_dir
+        out_dir = _out_arg(out) or self.dataset.claim_out_dir()
         with _max_pixels(max_pixels):
             summary = inspect_dataset(self.dataset, out_dir, InspectConfig(tiny_px=tiny_px),
                                       check_images=not metadata_only, progress=not quiet)
@@ -248,7 +248,7 @@ class Data:
 
         config = SplitConfig(val_fraction=val, test_fraction=test, seed=seed,
                              max_per_class=max_per_class, oversample_to=oversample_to)
-        out_dir = _out_arg(out) or self.dataset.out_dir
+        out_dir = _out_arg(out) or self.dataset.claim_out_dir()
         if self.dataset.has_splits:  # a published split is what figures compare on
             sides = self.dataset.table[SPLIT].value_counts()
             warnings.warn("This data has a split of its own (" + ", ".join(
@@ -270,7 +270,7 @@ class Data:
         from wingspan.data.preview import write_preview
 
         config = AugmentConfig(policy=augment, image_size=image_size)
-        out_dir = _out_arg(out) or self.dataset.out_dir
+        out_dir = _out_arg(out) or self.dataset.claim_out_dir()
         return Image(write_preview(self.dataset, out_dir / "preview.png", config, level,
                                    rows=rows, augmented=views, seed=seed))
 

@@ -228,7 +228,7 @@ def data_inspect(
 
     dataset = _read(data, format, group_regex, strict, check_files=not metadata_only)
     level = dataset.resolve_level(level)
-    target = out_dir or dataset.out_dir
+    target = out_dir or dataset.claim_out_dir()
     summary = inspect_dataset(dataset, target, _config(ctx, InspectConfig, tiny_px=tiny_px),
                               check_images=not metadata_only, progress=not quiet)
     unreadable = summary.get("images", {}).get("unreadable", [])
@@ -274,7 +274,7 @@ def data_split(
         out.print("[yellow]DATA has a split of its own[/] ("
                   + ", ".join(f"{k} {v}" for k, v in sides.items() if k) + "): `wingspan train "
                   "DATA` keeps using it; train on the splits.csv written here to use this one.")
-    result = split_and_sample(dataset, out_dir or dataset.out_dir, level, config)
+    result = split_and_sample(dataset, out_dir or dataset.claim_out_dir(), level, config)
     _print_split(result)
 
 
@@ -359,7 +359,7 @@ def data_audit(
                      device=device, cache=cache)
     check_weights(config.weights)  # a typo: said now, not after reading the data
     dataset = _read(data, format, group_regex, strict=strict, report=True)
-    result = audit_dataset(dataset, out_dir or dataset.out_dir, level, config,
+    result = audit_dataset(dataset, out_dir or dataset.claim_out_dir(), level, config,
                            progress=not quiet, strict=strict)
     issues, dups = result.issues, result.duplicates
     table = Table("rank", _folding("image"), "label", "looks like", "label quality",
@@ -429,8 +429,9 @@ def data_preview(
 
     config = _config(ctx, AugmentConfig, policy=policy, image_size=image_size)
     dataset = _read(data, format, group_regex, strict=False, report=True)
-    path = write_preview(dataset, (out_dir or dataset.out_dir) / "preview.png", config, level,
-                         rows=rows, augmented=views, seed=seed,
+    target = out_dir or dataset.claim_out_dir()
+    path = write_preview(dataset, target / "preview.png", config, level, rows=rows,
+                         augmented=views, seed=seed,
                          log=lambda line: out.print(f"[yellow]{_q(line)}[/]"))
     classes = dataset.table[dataset.resolve_level(level)].nunique()
     shown = f" ({min(rows, classes)} of {classes} classes; --rows {classes} for all)" \

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from wingspan.errors import WingspanError
 
 # Fixed columns of the table; every other column is a label level.
 PATH, GROUP, SPLIT = "path", "group", "split"
+SOURCE = ".source"  # in runs/data/NAME: the data folder (or file) it holds the outputs of
 
 
 @dataclass
@@ -63,9 +65,28 @@ class Dataset:
 
     @property
     def out_dir(self) -> Path:
-        """Where `wingspan data inspect/split/preview` (and `Data` in the API) write for
-        this dataset unless told otherwise."""
-        return Path("runs") / "data" / self.name
+        """Where `wingspan data inspect/split/preview/audit` (and `Data` in the API) write
+        for this dataset unless told otherwise: runs/data/NAME, or NAME-HASH (8 hex digits
+        of its path) where runs/data/NAME is another folder's of the same name (two
+        "photos" folders, say), as its SOURCE file says."""
+        base = Path("runs") / "data" / self.name
+        try:
+            owner = (base / SOURCE).read_text().strip()
+        except OSError:  # no one's yet
+            return base
+        mine = str(self.root.resolve())
+        if owner == mine:
+            return base
+        return base.with_name(f"{self.name}-{hashlib.sha256(mine.encode()).hexdigest()[:8]}")
+
+    def claim_out_dir(self) -> Path:
+        """`out_dir`, made, and marked as this data's if no one's yet (by the command about
+        to write there)."""
+        out = self.out_dir
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / SOURCE).is_file():
+            (out / SOURCE).write_text(str(self.root.resolve()) + "\n")
+        return out
 
     @property
     def default_level(self) -> str:
