@@ -68,6 +68,8 @@ def test_no_plots_gives_the_same_figures_without_the_pngs(evaluation, trained, t
                                                          run_cli):
     """--no-plots (plots=False): the same metrics and tables, no PNG, and the report says
     where each figure would have been that it was not drawn."""
+    from wingspan.api import Evaluation as ApiEvaluation
+
     code, _, err = run_cli("evaluate", trained, "--no-plots", "--out", tmp_path / "ev",
                            "--quiet", "--workers", "0")
     assert code == 0, err
@@ -82,6 +84,8 @@ def test_no_plots_gives_the_same_figures_without_the_pngs(evaluation, trained, t
         assert (out / name).read_text() == (evaluation.out_dir / name).read_text(), name
     page = " ".join((out / "report.html").read_text().split())
     assert "<img" not in page and page.count("not drawn: evaluated with --no-plots") >= 5
+    with pytest.raises(WingspanError, match="evaluated with plots=False"):
+        ApiEvaluation(out, bare, out / "report.html").plot("confusion")
     assert "not drawn" not in evaluation.report.read_text()
 
 
@@ -1082,7 +1086,7 @@ def test_a_tta_evaluation_goes_beside_the_plain_one(evaluation, trained, run_cli
     assert "fitted on single views" in page
     assert "fitted on single views" not in (plain / "report.html").read_text()
     # The plain evaluation again: the TTA one stays.
-    again = evaluate(trained, progress=False, workers=0, plots=False)
+    again = evaluate(trained, progress=False, workers=0)  # (the shared one: with its plots)
     assert again.out_dir == plain and again.metrics["tta"] is False
     assert json.loads((tta / "metrics.json").read_text())["tta"] is True
 
@@ -1098,7 +1102,7 @@ def test_unknown_evaluations_go_beside_the_plain_one(evaluation, trained, run_cl
     scored = trained / f"evaluation-test-unknown-{other}"
     for i in range(4):
         write_image(tmp_path / "noise" / f"{i}.jpg", size=(40, 40), seed=i)
-    for extra in ([], ["--unknown-score", other]):
+    for extra in ([], ["--unknown-score", other, "--no-plots"]):
         code, stdout, err = run_cli("evaluate", trained, "--unknown", tmp_path / "noise",
                                     "--quiet", *extra)
         assert code == 0, err
@@ -1107,7 +1111,8 @@ def test_unknown_evaluations_go_beside_the_plain_one(evaluation, trained, run_cl
                           (scored, other)):
         metrics = json.loads((folder / "metrics.json").read_text())
         assert metrics["unknown"]["unseen_images"] == 4 and metrics["unknown"]["score"] == score
-        assert (folder / "unknown.csv").is_file() and (folder / "unknown.png").is_file()
+        assert (folder / "unknown.csv").is_file()
+        assert (folder / "unknown.png").is_file() is (folder == with_unknown)  # (--no-plots)
     # The model's own score named again is the plain evaluation, which a rerun replaces
     # while the unknown folders stay.
     code, stdout, err = run_cli("evaluate", trained, "--unknown-score",

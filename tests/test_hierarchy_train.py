@@ -162,6 +162,11 @@ def test_photos_without_the_coarser_levels_are_scored_at_them_from_the_models_tr
         for data in (demo_dir, plain))
     assert without["levels"] == with_table["levels"]
     assert without["mistake_depth"] == with_table["mistake_depth"]
+    # (evaluated without plots: each coarser level's matrix says so in its place)
+    page = " ".join((tmp_path / "ev-plain" / "report.html").read_text().split())
+    for level in list(without["levels"])[:-1]:  # the model's coarser levels
+        assert (f"Confusion matrix: {level}</h3><p class='missing'>(confusion matrix of "
+                f"{level}: not drawn") in page, level
 
 
 def test_other_names_mapped_are_scored_at_every_level_as_the_same_photos(

@@ -1,6 +1,7 @@
 """The runners for frozen-weight passes: every engine gives the numbers PyTorch fp32 gives,
 within its precision's tolerance (tests/agreement.py)."""
 
+import json
 import warnings
 
 import numpy as np
@@ -106,6 +107,7 @@ def test_a_model_that_cannot_be_exported_runs_in_pytorch(monkeypatch):
         raise RuntimeError("unsupported operator")
 
     monkeypatch.setattr(runtime_module, "export_onnx", broken)
+    monkeypatch.setattr(runtime_module, "_stored_graph", lambda path: None)  # none kept
     model, _ = create_classifier("test_efficientnet", {"y": 3}, "none")
     with pytest.warns(UserWarning, match="unsupported operator.*using PyTorch instead"):
         runner = resolve_policy("cpu", "fp32", runtime="onnx").runner(model, 32, model.levels)
@@ -471,23 +473,36 @@ def test_the_graph_of_weights_that_stay_is_kept_on_disk_for_the_next_process(
     first = OnnxRunner(model, 32, model.levels, keep=True)(x)["y"]
     kept = list((tmp_path / "graphs").glob("*.onnx"))
     assert len(exported) == 1 and len(kept) == 1
+    took = json.loads(kept[0].with_suffix(".json").read_text())["seconds"]
     runtime_module.forget_sessions()  # as a new process starts
     again = OnnxRunner(model, 32, model.levels, keep=True)(x)["y"]
     assert len(exported) == 1 and torch.equal(again, first)
+    # What the export took, for Policy._for_one_pass to weigh, as if exported here.
+    assert runtime_module.export_seconds(model, 32, model.levels) == took > 0
+    # Another wingspan, timm or torch (its exporter) makes its own graph of these weights.
+    runtime_module.forget_sessions()
+    monkeypatch.setattr(runtime_module, "_code_digest", lambda: "another version")
+    OnnxRunner(model, 32, model.levels, keep=True)
+    assert len(exported) == 2 and len(list((tmp_path / "graphs").glob("*.onnx"))) == 2
+    monkeypatch.undo()  # (the cache folder and the counting again)
+    monkeypatch.setenv("WINGSPAN_CACHE", str(tmp_path))
+    exported = _counting_exports(monkeypatch, disk=True)
+    for stale in set((tmp_path / "graphs").glob("*")) - {kept[0], kept[0].with_suffix(".json")}:
+        stale.unlink()
     runtime_module.forget_sessions()
     OnnxRunner(model, 32, model.levels)(x)  # a one-pass runner neither reads nor writes
-    assert len(exported) == 2 and len(list((tmp_path / "graphs").glob("*.onnx"))) == 1
+    assert len(exported) == 1 and len(list((tmp_path / "graphs").glob("*.onnx"))) == 1
 
     kept[0].write_bytes(kept[0].read_bytes()[:1000])  # cut short
     runtime_module.forget_sessions()
     redone = OnnxRunner(model, 32, model.levels, keep=True)(x)["y"]
-    assert len(exported) == 3 and torch.equal(redone, first)
+    assert len(exported) == 2 and torch.equal(redone, first)
     assert kept[0].stat().st_size > 1000  # replaced whole
 
     with torch.no_grad():  # other weights: another graph, never the kept one
         model.head.outputs["y"].bias.add_(1.0)
     moved = OnnxRunner(model, 32, model.levels, keep=True)(x)["y"]
-    assert len(exported) == 4
+    assert len(exported) == 3
     torch.testing.assert_close(moved, first + 1.0, rtol=1e-4, atol=1e-4)
     for size in (33, 34, 35, 36):
         OnnxRunner(model.feature_extractor(), size, keep=True)

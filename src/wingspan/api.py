@@ -656,8 +656,8 @@ class Run:
                  class_map: dict[str, str] | None = None,
                  unknown: str | Path | list[str] | None = None,
                  unknown_score: str | None = None, tta: bool = False,
-                 plots: bool = True, quiet: bool = False,
-                 max_pixels: int | None = None) -> Evaluation:
+                 quiet: bool = False, max_pixels: int | None = None,
+                 plots: bool = True) -> Evaluation:
         """Metrics, confusion matrix, calibration, curves and report.html, as `wingspan
         evaluate`: the run's test split by default (else val), or `data`; written to
         RUN/evaluation-SPLIT (other data: RUN/evaluation-NAME-SPLIT; then -unknown with

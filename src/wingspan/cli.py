@@ -790,8 +790,8 @@ def evaluate_command(
     unknown_score: UnknownScoreOpt = None,
     tta: Annotated[bool, typer.Option(help="Test-time augmentation: average flips and crops, "
                                       "as predict --tta.")] = False,
-    plots: Annotated[bool, typer.Option(help="Draw the figures (PNGs, and in the report). "
-                                        "--no-plots: the figures and tables alone, seconds "
+    plots: Annotated[bool, typer.Option(help="Draw the plots (PNGs, and in the report). "
+                                        "--no-plots: the metrics and tables alone, seconds "
                                         "sooner for a small evaluation.")] = True,
     quiet: Quiet = False,
 ) -> None:

@@ -45,7 +45,8 @@ def write_report(path: Path, title: str, sections: dict) -> Path:
     png}), mistakes_png, calibration, reliability_png, profile; no_plots (the figures were
     not asked for: each says so in its place)."""
     s = sections
-    missing = "not drawn: evaluated with --no-plots" if s.get("no_plots") else "not available"
+    missing = ("not drawn: evaluated with --no-plots (plots=False in Python)"
+               if s.get("no_plots") else "not available")
     parts = [f"<h1>{html.escape(title)}</h1>", _kv(s.get("overview", []))]
     parts += ["<h2>Data</h2>"]
     if s.get("data") is not None:

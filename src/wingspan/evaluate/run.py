@@ -165,11 +165,11 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
                   y_pred, probs, logits, read) if plots else {}
     if unknown is not None and plots:  # _openset drew it
         pngs["unknown"] = out_dir / "unknown.png"
-    if levels_table is not None and plots:  # _per_level drew the coarser levels' matrices
-        pngs["levels"] = {lv: out_dir / f"confusion_{lv}.png"
+    if levels_table is not None:  # _per_level drew the coarser levels' matrices (if plots)
+        pngs["levels"] = {lv: out_dir / f"confusion_{lv}.png" if plots else None
                           for lv in predictor.taxonomy.levels[:-1]}
     _report(out_dir, (run_dir or final).name, predictor, run_dir, dataset, level, split,
-            metrics, table, confused, pngs, levels_table, transfer)
+            metrics, table, confused, pngs, levels_table, transfer, plots)
     _put_in_place(out_dir, final)
     return Evaluation(final, metrics, final / "report.html")
 
@@ -880,7 +880,7 @@ def _fairness(manifest: dict, split: str, data, paths: list[str],
 
 
 def _report(out_dir, name, predictor, run_dir, dataset, level, split, metrics, table, confused,
-            pngs, levels_table=None, transfer=None) -> Path:
+            pngs, levels_table=None, transfer=None, plots: bool = True) -> Path:
     manifest = predictor.manifest
     data_table = pd.crosstab(dataset.table[level], dataset.table[SPLIT].replace("", "all"))
     data_table.columns.name = None  # else an empty column headed "split"
@@ -946,7 +946,7 @@ def _report(out_dir, name, predictor, run_dir, dataset, level, split, metrics, t
                          "hierarchy": metrics.get("hierarchy"),
                          "unknown": _unknown_section(metrics.get("unknown"),
                                                      metrics["split"], metrics["tta"]),
-                         "unknown_png": pngs.get("unknown"), "no_plots": not pngs})
+                         "unknown_png": pngs.get("unknown"), "no_plots": not plots})
 
 
 def _epochs_run(training: dict, train_metrics: dict) -> str:

@@ -87,16 +87,17 @@ class Policy:
             self.channels_last and images.dim() == 4) else images
 
     def runner(self, module: nn.Module, size: int, names: list[str] | None = None,
-               once: int = 0):
+               once: int = 0, keep: bool | None = None):
         """`module` with its current weights as a fast `runner(images) -> outputs` for a
         pass that changes no weights (outputs as float32 on the CPU). `once`: the images of
         a single pass on weights that change right after it (a validation pass while
-        training), for which an ONNX export is made only where it pays for itself."""
+        training), for which an ONNX export is made only where it pays for itself. `keep`:
+        an ONNX graph kept on disk for other processes (default: unless `once`)."""
         engine = self._chosen("frozen").engine
         if once and engine.runtime == "onnx":
             engine = self._for_one_pass(module, size, names, once)
         return make_runner(module, size, engine, self.device, self.channels_last, names,
-                           keep=not once)  # weights that stay: their graph is kept
+                           keep=not once if keep is None else keep)
 
     def _for_one_pass(self, module: nn.Module, size: int, names: list[str] | None,
                       images: int) -> Engine:

@@ -12,9 +12,11 @@ PyTorch, so training steps always stay there.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import itertools
+import json
 import logging
 import os
 import threading
@@ -147,42 +149,68 @@ def graph_key(module: nn.Module, size: int, names: list[str] | None) -> tuple:
 # run) are kept on disk too, by what they depend on: the next process that runs the same
 # weights (each `wingspan predict` of a model, each run of a backbone) skips the export,
 # 0.5-2 s and, the first time in a process, 0.8 s of importing the exporter on a 2-core
-# EPYC. No library keeps exports by content. The GRAPHS_KEPT last used stay.
+# EPYC. No library keeps exports by content. The GRAPHS_KEPT last used stay, each with
+# what its export took (NAME.json), which Policy._for_one_pass weighs as if just exported.
 GRAPHS_KEPT = 4
+_STORING = threading.Lock()  # a process's threads share a temporary name (files.atomic_path)
+
+
+@functools.cache
+def _code_digest() -> str:
+    """What else a graph is made from: the versions of torch (its exporter) and timm, and
+    wingspan's own modules' source (their forward methods), which a version number alone
+    would not tell apart between two checkouts."""
+    import timm
+
+    digest = hashlib.sha256(f"{torch.__version__} {timm.__version__}".encode())
+    for source in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(source.read_bytes())
+    return digest.hexdigest()
 
 
 def graph_file(key: tuple) -> Path:
-    """Where the graph of `graph_key` is kept: it depends on the exporter's version too,
-    but not on the threads a session runs on."""
+    """Where the graph of `graph_key` is kept (not by the threads a session runs on)."""
     from wingspan.config import default_cache_dir
 
     digest, size, names, _threads = key
-    name = hashlib.sha256(repr((digest, size, names, torch.__version__)).encode()).hexdigest()
+    name = hashlib.sha256(repr((digest, size, names, _code_digest())).encode()).hexdigest()
     return default_cache_dir() / "graphs" / f"{name[:32]}.onnx"
 
 
-def _stored_graph(path: Path) -> bytes | None:
+def _stored_graph(path: Path) -> tuple[bytes, float] | None:
+    """The graph kept at `path` and the seconds its export took, or None."""
     try:
         graph = path.read_bytes()
-        os.utime(path)  # used now: kept the longest
-        return graph
-    except OSError:
+        seconds = float(json.loads(path.with_suffix(".json").read_text())["seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
         return None
+    with contextlib.suppress(OSError):  # (another user's file in a shared cache)
+        os.utime(path)  # used now: kept the longest
+    return graph, seconds
 
 
-def _store_graph(path: Path, graph: bytes) -> None:
-    """Write it whole (renamed into place), then drop all but the GRAPHS_KEPT last used. A
-    read-only or full cache only costs an export next time."""
+def _store_graph(path: Path, graph: bytes, seconds: float) -> None:
+    """Write it whole (renamed into place), then drop all but the GRAPHS_KEPT last used,
+    and what killed writers left. A read-only or full cache only costs an export next
+    time."""
     from wingspan.errors import WingspanError
     from wingspan.files import atomic_path
 
     try:
-        with atomic_path(path, durable=False) as tmp:
-            tmp.write_bytes(graph)
+        with _STORING:
+            with atomic_path(path, durable=False) as tmp:
+                tmp.write_bytes(graph)
+            with atomic_path(path.with_suffix(".json"), durable=False) as tmp:
+                tmp.write_text(json.dumps({"seconds": round(seconds, 3)}))
+        now = time.time()
+        for left in path.parent.glob(".*.tmp.*"):  # .NAME.PID.tmp.onnx: being written...
+            if now - left.stat().st_mtime > 600:  # ...or not, ten minutes on
+                left.unlink(missing_ok=True)
         kept = sorted((p for p in path.parent.glob("*.onnx") if not p.name.startswith(".")),
-                      key=lambda p: p.stat().st_mtime)  # (.NAME.PID.tmp.onnx: being written)
+                      key=lambda p: p.stat().st_mtime)
         for old in kept[:max(0, len(kept) - GRAPHS_KEPT)]:
             old.unlink(missing_ok=True)
+            old.with_suffix(".json").unlink(missing_ok=True)
     except (OSError, WingspanError):
         pass
 
@@ -209,23 +237,22 @@ def onnx_session(module: nn.Module, size: int, names: list[str] | None = None,
     session, path = None, graph_file(key) if keep else None
     stored = _stored_graph(path) if path else None
     if stored is not None:
+        graph, seconds = stored
         try:
-            session = ort.InferenceSession(stored, options, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
         except Exception:  # noqa: BLE001 - damaged (ONNX Runtime says how): export again
             log.info("The kept graph %s could not be read; exporting again", path)
-    exported = session is None
-    if exported:
+    if session is None:
         start = time.perf_counter()
         graph = export_onnx(module, size, names)
         session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
         seconds = time.perf_counter() - start
         if path:
-            _store_graph(path, graph)
+            _store_graph(path, graph, seconds)
     with _LOCK:  # (ONNX Runtime lets several threads run one session)
-        if exported:  # what an export costs here (a graph read from disk costs next to none)
-            shape = _shape(module, size, names)
-            _EXPORTED.pop(shape, None)  # (kept in the order made: the last one last)
-            _EXPORTED[shape] = seconds
+        shape = _shape(module, size, names)
+        _EXPORTED.pop(shape, None)  # (kept in the order made: the last one last)
+        _EXPORTED[shape] = seconds  # what an export costs here, read from disk or not
         _SESSIONS[key] = session
         while len(_SESSIONS) > _KEEP:
             _SESSIONS.popitem(last=False)

@@ -700,9 +700,10 @@ def _final_pass(run: Run):
     the fine-tuning prefix with the rest in PyTorch fp32 ran them no faster on an AMX Xeon,
     bench/oneoff_pass.py, and PyTorch fp32 is 3-4x slower than ONNX Runtime on an AVX2 EPYC),
     or the last validation pass's graph when that was of these weights. The logits are the
-    head's (_final_outputs)."""
+    head's (_final_outputs). Its graph is not kept on disk: predict runs the bundle's
+    feature extractor, another graph."""
     module, names = run.model.with_features()
-    return run.policy.runner(module, run.image_size, names)
+    return run.policy.runner(module, run.image_size, names, keep=False)
 
 
 def _fit_calibration(run: Run, val: tuple) -> dict:
