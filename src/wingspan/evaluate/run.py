@@ -67,7 +67,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     paths) of classes the model never saw, scored against the known images (AUROC,
     FPR95, what the threshold costs; every score side by side). `tta`: score what
     `predict --tta` answers (each image's views averaged), on every image read here.
-    `plots=False`: the figures and tables without the PNGs (2-5 s less on a 2-core CPU,
+    `plots=False`: the metrics and tables without the PNGs (2-5 s less on a 2-core CPU,
     most of a small evaluation's time; Ultralytics' `val(plots=False)`)."""
     predictor = Predictor(model, device=device, batch_size=batch_size, workers=workers,
                           runtime=runtime, precision=precision, progress=progress,

@@ -124,9 +124,9 @@ def _shape(module: nn.Module, size: int, names: list[str] | None) -> tuple:
 
 def export_seconds(module: nn.Module, size: int, names: list[str] | None = None
                    ) -> float | None:
-    """Seconds an export of `module` (and its session) took in this run: its own last one,
-    else the last of any graph's (a backbone's; the first of a process also pays for the
-    exporter's imports), else None (none made yet)."""
+    """Seconds an export of `module` (and its session) took in this run, or when a graph
+    read from disk was kept: its own last one, else the last of any graph's (a backbone's;
+    the first of a process also pays for the exporter's imports), else None (none yet)."""
     with _LOCK:
         own = _EXPORTED.get(_shape(module, size, names))
         return own if own is not None else next(reversed(_EXPORTED.values()), None)
