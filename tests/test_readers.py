@@ -91,6 +91,32 @@ def test_folder_reader_takes_fixed_split_from_splits_csv(tmp_path):
     assert [p.kind for p in ds.problems] == ["not_in_splits"]
 
 
+def test_a_splits_csv_written_on_windows_or_with_spaces_is_read_as_meant(tmp_path):
+    """Backslashed paths (a splits.csv saved on Windows) and the spaces a "path, label,
+    split" file puts after its commas were taken for unlisted images: a fresh random split
+    then replaced the user's fixed one without a word."""
+    folder_dataset(tmp_path, {"a": 2, "b": 2})
+    (tmp_path / "splits.csv").write_text(
+        "path, label, split\na\\a_0.jpg, a, train\na\\a_1.jpg, a, Valid\n"
+        "b\\b_0.jpg, b, TRAIN \nb/b_1.jpg, b, test\n")
+    ds = read_dataset(tmp_path)
+    names = ds.table["path"].map(lambda p: p.split("/")[-1])
+    assert dict(zip(names, ds.table["split"], strict=True)) == {
+        "a_0.jpg": "train", "a_1.jpg": "val", "b_0.jpg": "train", "b_1.jpg": "test"}
+    assert [p.kind for p in ds.problems] == []
+
+
+def test_a_csv_with_spaces_after_its_commas_finds_its_files_sides_and_groups(tmp_path):
+    folder_dataset(tmp_path, {"x": 3})
+    (tmp_path / "labels.csv").write_text(
+        "path, label, split, group\nx/x_0.jpg, monarch, train, obs1\n"
+        "x/x_1.jpg, monarch, train,obs1\nx/x_2.jpg, monarch, val, obs2\n")
+    ds = read_dataset(tmp_path / "labels.csv")
+    assert len(ds) == 3 and not [p for p in ds.problems if p.kind == "missing_file"]
+    assert ds.table["split"].tolist() == ["train", "train", "val"]
+    assert ds.table["group"].tolist() == ["obs1", "obs1", "obs2"]  # one observation, not two
+
+
 def test_fixed_splits_follow_symlinks_and_refuse_a_file_on_two_sides(tmp_path):
     folder_dataset(tmp_path / "elsewhere", {"b": 2})
     folder_dataset(tmp_path / "data", {"a": 2})
@@ -359,6 +385,23 @@ def test_train_valid_test_folders_are_a_fixed_split_not_three_classes(tmp_path):
     # Asked for as class folders, it is read as the user says.
     assert set(read_dataset(tmp_path, ReadConfig(format="folder")).table["label"]) == {
         "train", "valid", "test"}
+
+
+def test_a_kaggle_test_folder_of_unlabelled_images_leaves_the_layout_a_split(tmp_path):
+    """Kaggle ships test/ as images with no class folders (and some a val/ left empty): read
+    as class folders, that made classes named train, valid and test."""
+    for side in ("train", "valid"):
+        folder_dataset(tmp_path / side, {"monarch": 3, "admiral": 3})
+    folder_dataset(tmp_path / "loose", {"x": 4})
+    (tmp_path / "loose" / "x").rename(tmp_path / "test")
+    (tmp_path / "loose").rmdir()
+    (tmp_path / "val").mkdir()
+    ds = read_dataset(tmp_path)
+    assert ds.format == "split-folders"
+    assert ds.class_counts().to_dict() == {"admiral": 6, "monarch": 6}
+    assert ds.table.groupby("split").size().to_dict() == {"train": 6, "val": 6}
+    said = [p for p in ds.problems if p.kind == "unlabelled_split"]
+    assert len(said) == 1 and said[0].path.endswith("test") and "4 images" in said[0].message
 
 
 def test_a_group_regex_with_alternatives_takes_the_group_that_matched(tmp_path):

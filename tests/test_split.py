@@ -348,3 +348,17 @@ def test_two_data_folders_of_one_name_keep_their_own_output_folders(demo_dir, tm
         assert summary["dataset"]["root"] == str(folder)  # its own, not the other's
     assert outs[0] == outs[2] == Path("runs") / "data" / "photos"
     assert outs[1].parent == outs[0].parent and outs[1].name.startswith("photos-")
+
+
+def test_a_class_of_few_groups_keeps_one_in_train_whatever_the_folds_take():
+    """3 groups at val 0.3 and test 0.3: the folds could take two to test and the third to
+    val, and a split that training then refuses came out; one goes back to train, whole."""
+    for seed in range(30):  # (before, 17 of these 30 left a class without train)
+        ds = synthetic({"c0": 3, "c1": 8, "c2": 8, **{f"r{i}": 3 + i % 5 for i in range(12)}},
+                       per_group=1 + seed % 2)
+        config = SplitConfig(val_fraction=0.3, test_fraction=0.3, seed=seed)
+        result, report = split_dataset(ds, config=config)
+        table = result.table
+        assert "train" not in report.missing, (seed, report.missing)
+        assert set(table["label"]) == set(table[table["split"] == "train"]["label"])
+        assert leaked_groups(table) == []

@@ -354,11 +354,16 @@ def read_folder(root: Path, config: ReadConfig) -> Dataset:
 
 
 def _is_split_layout(root: Path) -> bool:
-    """`train/` beside only val/valid/validation/test folders, each holding class folders."""
+    """`train/` holding class folders, beside only val/valid/validation/test folders (a
+    Kaggle test/ of unlabelled images, or an empty val/, included)."""
     folders = _top_folders(root, [])
-    return ("train" in {d.name.lower() for d in folders}
-            and all(d.name.lower() in SPLIT_FOLDERS for d in folders)
-            and all(any(c.is_dir() for c in d.iterdir()) for d in folders))
+    train = [d for d in folders if d.name.lower() == "train"]
+    return (bool(train) and all(d.name.lower() in SPLIT_FOLDERS for d in folders)
+            and _has_subfolders(train[0]))
+
+
+def _has_subfolders(folder: Path) -> bool:
+    return any(c.is_dir() and not _hidden(c.name) for c in folder.iterdir())
 
 
 @register_reader("split-folders", detect=_is_split_layout)
@@ -375,6 +380,14 @@ def read_split_folders(root: Path, config: ReadConfig) -> Dataset:
                 f"{split_dir} is not a split folder: in this layout every top folder is one "
                 f"of {sorted(SPLIT_FOLDERS)}.",
                 hint="Move it, or read DATA as class folders with --format folder.")
+        if side != "train" and not _has_subfolders(split_dir):
+            loose = images_under(split_dir, [])
+            if loose:  # Kaggle's test/: images to name, not to train or test on
+                problems.append(Problem(
+                    "unlabelled_split", f"{counted(len(loose), 'image')} with no class "
+                    f"folder: unlabelled, so not read (`wingspan predict RUN {split_dir}` "
+                    "names them)", str(split_dir)))
+            continue
         found, found_labels = _class_folders(split_dir, config, problems)
         paths += found
         labels += found_labels
@@ -393,9 +406,10 @@ def _fixed_splits(table: pd.DataFrame, splits_csv: Path, problems: list[Problem]
         problems.append(Problem("splits_file_ignored", "has no path and split columns; ignored",
                                 str(splits_csv)))
         return table
+    fixed = _as_written(fixed)
     _check_split_values(fixed, splits_csv)
     # Both sides resolved alike, so that a class folder reached through a symlink matches.
-    fixed = fixed.assign(_key=real_paths(splits_csv.parent / p for p in fixed[PATH]))
+    fixed = fixed.assign(_key=real_paths(splits_csv.parent / _native(p) for p in fixed[PATH]))
     sides = fixed.groupby("_key")[SPLIT].nunique()
     torn = set(sides[sides > 1].index)  # listed twice, on two sides: neither is trusted
     problems += [Problem("conflicting_splits", f"listed in {splits_csv.name} on more than one "
@@ -408,6 +422,16 @@ def _fixed_splits(table: pd.DataFrame, splits_csv: Path, problems: list[Problem]
     problems += [Problem("not_in_splits", f"not listed in {splits_csv.name}; has no split", p)
                  for p in unlisted]
     return table
+
+
+def _as_written(table: pd.DataFrame) -> pd.DataFrame:
+    """Paths, sides and groups as meant: without the spaces a "path, label, split" file
+    puts after its commas (" val" is val, " obs1" the group obs1), and a side in any case or
+    spelling the split folders take ("Valid" is val)."""
+    fields = {c: table[c].str.strip() for c in (PATH, SPLIT, GROUP) if c in table.columns}
+    if SPLIT in fields:
+        fields[SPLIT] = fields[SPLIT].map(lambda s: SPLIT_FOLDERS.get(s.lower(), s))
+    return table.assign(**fields)
 
 
 def _check_split_values(table: pd.DataFrame, where: Path) -> None:
@@ -433,6 +457,7 @@ def read_csv_table(csv_path: Path, config: ReadConfig) -> Dataset:
             f"(its columns: {list(raw.columns)}).",
             hint="The first line must name the columns: path,label[,split][,group][,<level>...]",
         )
+    raw = _as_written(raw)
     if SPLIT in raw.columns:
         _check_split_values(raw, csv_path)
     problems: list[Problem] = []

@@ -69,12 +69,14 @@ def split_dataset(dataset: Dataset, level: str | None = None,
             "nothing to split off.",
             hint="Add images, split on a coarser --level, or make no test split (--test 0 "
             "for data split, --test-fraction 0 for train).")
+    pooled = pool.copy()
     remaining = 1.0
     for name in wanted:
         fraction = getattr(config, f"{name}_fraction") / remaining
         split[_take_fold(labels, groups, pool, fraction, config.seed)] = name
         pool &= split == "train"
         remaining -= getattr(config, f"{name}_fraction")
+    _keep_one_in_train(split, labels, groups, pooled)
     table[SPLIT] = split
     # A group holding a train-only class and a pooled one (one picture in two class
     # folders) could straddle two sides: it is kept whole, in train, where the train-only
@@ -95,6 +97,21 @@ def split_dataset(dataset: Dataset, level: str | None = None,
     )
     result = dataset.with_table(table)
     return result, report
+
+
+def _keep_one_in_train(split: np.ndarray, labels: np.ndarray, groups: np.ndarray,
+                       pooled: np.ndarray) -> None:
+    """A class of few groups can lose every one to the folds (3 groups at --val 0.3 --test
+    0.3: two to test, the third to val), leaving nothing to learn it from. One of its
+    groups goes back to train, whole, from the side that holds the most of them."""
+    for cls in np.unique(labels[pooled]):
+        mine = labels == cls
+        if (split[mine] == "train").any():
+            continue
+        held = pd.Series(groups[mine]).groupby(split[mine]).nunique()
+        side = held.index[np.argmax(held.to_numpy())]  # (the first of a tie: test)
+        group = pd.unique(groups[mine & (split == side)])[0]
+        split[groups == group] = "train"
 
 
 def _take_fold(labels: np.ndarray, groups: np.ndarray, pool: np.ndarray, fraction: float,
