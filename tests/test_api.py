@@ -228,6 +228,21 @@ def test_predict_agrees_with_the_cli(run, run_cli, demo_dir, tmp_path):
         run.predict(tmp_path / "missing.jpg", quiet=True)
 
 
+def test_a_photo_skipped_inside_a_folder_keeps_its_place_among_the_folders_photos(
+        run, demo_dir, tmp_path):
+    """A phone's HEIC photo in a folder was listed at the folder's start."""
+    photos = tmp_path / "photos"
+    (photos / "x").mkdir(parents=True)
+    first, last = sorted(next(p for p in demo_dir.iterdir() if p.is_dir()).iterdir())[:2]
+    shutil.copy(first, photos / "a.jpg")
+    (photos / "m.heic").write_bytes(b"\0" * 16)
+    shutil.copy(last, photos / "x" / "z.jpg")
+    preds = run.predict(photos, quiet=True)
+    assert [Path(p).relative_to(photos).as_posix() for p in preds.path] == [
+        "a.jpg", "m.heic", "x/z.jpg"]
+    assert preds.error.notna().tolist() == [False, True, False]
+
+
 def test_workers_reach_the_loader_and_change_no_answer(run, run_cli, demo_dir, tmp_path,
                                                        monkeypatch):
     """predict, evaluate and calibrate --workers (and the API's `workers`) set the data

@@ -151,9 +151,12 @@ def test_predict_on_one_photo_and_on_none(run_dir, run_cli, tmp_path):
     code, out, err = run_cli("predict", run_dir, image, "--quiet")
     assert code == 0, err
     assert "1 image predicted" in " ".join(out.split())
-    # More classes asked for than the model has: the header names those shown.
+    # More classes asked for than the model has: the header names those shown, the 3
+    # after the prediction (it said "top 4" over 3); with --top-k 1, none.
     code, out, err = run_cli("predict", run_dir, image, "--top-k", "10", "--quiet")
-    assert code == 0 and "top 4" in out and "top 10" not in out, out
+    assert code == 0 and "next 3" in out and "next 9" not in out, out
+    code, out, err = run_cli("predict", run_dir, image, "--top-k", "1", "--quiet")
+    assert code == 0 and "prediction" in out and "next" not in out, out
     # Nothing predicted: the files skipped and why, not an empty table above them.
     code, out, err = run_cli("predict", run_dir, tmp_path / "nowhere.jpg")
     assert code == 2 and "prediction" not in out and "no such file" in err

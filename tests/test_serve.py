@@ -68,15 +68,17 @@ def test_health_model_and_a_good_image(client, run_dir):
 
 
 @pytest.mark.parametrize("name, data, status, message", [
-    ("broken.jpg", b"\xff\xd8\xff\xe0 not really", 415, "not a JPEG, PNG, TIFF, WebP, GIF "
+    ("broken.jpg", b"\xff\xd8\xff\xe0 not really", 422, "broken.jpg: cannot be read"),
+    ("notes.jpg", b"a text file named like a photo", 415, "not a JPEG, PNG, TIFF, WebP, GIF "
      "or BMP image, whatever its name says"),
-    ("notes.jpg", b"a text file named like a photo", 415, "not a JPEG, PNG"),
     ("empty.jpg", b"", 415, "empty.jpg: the file is empty (0 bytes)"),
     ("too-big.jpg", _jpeg(size=(60, 40)) + b"\0" * 300_000, 413, "over 200000 bytes"),
     ("huge.png", None, 413, "over the budget"),
     ("bomb.png", "bomb", 413, "40000 x 40000 pixels (1.6e+03 MP) is over the budget"),
     ("strip.png", "strip", 413, "too long and thin"),  # tiny file, gigabytes once resized
     ("cut.jpg", "cut", 422, "cut.jpg: image file is truncated"),
+    ("head.jpg", "head", 422, "head.jpg: cannot be read (Truncated File Read): the file is "
+     "cut short"),  # cut within its header: an image still, not "not an image"
 ])
 def test_bad_uploads_get_a_4xx_and_the_server_goes_on(client, tmp_path, name, data, status,
                                                       message):
@@ -94,6 +96,8 @@ def test_bad_uploads_get_a_4xx_and_the_server_goes_on(client, tmp_path, name, da
     elif data == "cut":
         data = _jpeg(size=(400, 300))
         data = data[:len(data) // 2]
+    elif data == "head":
+        data = _jpeg(size=(400, 300))[:300]
     r = client.post("/predict", files=[("files", (name, data, "image/jpeg"))])
     assert r.status_code == status and message in r.json()["error"], r.json()
     assert "<_io." not in r.json()["error"]  # named as uploaded, not as a Python object

@@ -1077,10 +1077,13 @@ def predict_command(
     if not main:
         return
     hierarchical = predictor.taxonomy is not None
-    # --top-k 10 of a 3-class model shows 3: the header says what is shown.
+    # The classes after the prediction: --top-k 3 shows the next 2, and --top-k 10 of a
+    # 3-class model the next 2 as well; the header says what is shown (with --top-k 1, an
+    # unknown answer's closest class alone).
     k = min(top_k, len(predictor.classes))
     table = Table(_folding("image"), "prediction", "probability",
-                  "taxonomy (probability per level)" if hierarchical else f"top {k}")
+                  "taxonomy (probability per level)" if hierarchical else
+                  f"next {k - 1}" if k > 1 else "")
     for row in result.rows[:50]:
         (best, p), rest = row["top"][0], row["top"][1:]
         if hierarchical:  # the consistent branch is the prediction

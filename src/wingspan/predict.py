@@ -97,11 +97,12 @@ def predict(predictor: Predictor, inputs: list[str], top_k: int = 3, tta: bool =
         raise WingspanError(f"top_k must be at least 1, not {top_k}.",
                             hint="Ask for the top 1 (the answer alone) or more classes.")
     # Each input expanded apart, so that one that matches nothing keeps its place among
-    # the others' images: (number of images before it, (input, reason)).
+    # the others' images: (number of images before it, (input, reason)); a file skipped
+    # inside a folder (a HEIC photo) keeps its place in the folder's sorted images.
     paths, unmatched = [], []
     for item in inputs:
         found, missing = expand_paths([item])
-        unmatched += [(len(paths), m) for m in missing]
+        unmatched += sorted((len(paths) + sum(f < m[0] for f in found), m) for m in missing)
         paths += found
     result = PredictResult()
     k = min(top_k, len(predictor.classes))

@@ -325,10 +325,13 @@ def _decode(name: str | None, data: bytes, draft: int | None = None):
     try:  # the header only: a bomb is refused by the pixel budget below, before decoding
         with open_image(io.BytesIO(data)):
             pass
-    except (UnidentifiedImageError, OSError) as e:
+    except UnidentifiedImageError as e:
         raise HTTPException(415, f"{name}: " + (
             "the file is empty (0 bytes)." if not data else "not a JPEG, PNG, TIFF, WebP, GIF "
             "or BMP image, whatever its name says.")) from e
+    except OSError as e:  # an image, cut off within its header ("Truncated File Read")
+        raise HTTPException(422, f"{name}: cannot be read ({e}): the file is cut short or "
+                            "damaged.") from e
     # open_rgb holds to the pixel budget (from the header, before decoding), and refuses a
     # strip whose resize to `draft` would outgrow it (a 1 x 40000 PNG of a few hundred bytes)
     try:
