@@ -57,7 +57,8 @@ def runs_dir(finished, tmp_path):
     (stopped / "model" / "manifest.json").unlink()
     (stopped / "metrics.json").unlink()
     adapted = _copy(finished, runs / "adapted")  # as `wingspan adapt` writes one: no
-    (adapted / "metrics.json").unlink()  # metrics of its own, its adapt.json instead
+    (adapted / "metrics.json").unlink()  # metrics of its own, its adapt.json instead,
+    shutil.rmtree(adapted / "evaluation-test")  # and no evaluation until it is evaluated
     (adapted / "adapt.json").write_text(json.dumps({"photos": 3}))
     (runs / "leftover").mkdir()
     shutil.copy(finished / "splits.csv", runs / "leftover" / "splits.csv")
@@ -135,6 +136,15 @@ def test_runs_frame_lists_each_run_with_values_from_its_files(runs_dir, finished
     assert (rows["torn"]["backbone"], rows["torn"]["val_macro_f1"]) == ("test_efficientnet",
                                                                          None)
     assert rows["stopped"]["val_macro_f1"] is None and rows["stopped"]["seed"] == 0
+    # An adapted copy has no figures of its own training, but its levels and, once
+    # `wingspan evaluate` has scored it, the held-out figure (its reason to be listed).
+    adapted = rows["adapted"]
+    assert (adapted["levels"], adapted["image_size"], adapted["held_out_split"],
+            adapted["held_out_macro_f1"], adapted["val_macro_f1"]) == (
+        "label", 32, "test", None, None)
+    shutil.copytree(finished / "evaluation-test", runs_dir / "adapted" / "evaluation-test")
+    assert _plain(ws.runs(runs_dir).set_index("name").loc[["adapted"]])[0][
+        "held_out_macro_f1"] == evaluation["macro"]["f1"]
     assert rows["leftover"]["backbone"] is None and rows["leftover"]["created"]
     # Sorted: scores best first, empty cells last; other columns ascending.
     assert ws.runs(runs_dir, sort="val_macro_f1")["name"].tolist()[:2] == ["[red]seed1",
@@ -293,6 +303,7 @@ def test_runs_command_table_and_outputs(run_cli, runs_dir, finished, tmp_path, m
     seed1 = cells[0]
     assert seed1[4:12] == ["label", "32", "1", "holdout", "0.9900", "not evaluated",
                            "finetune 2", "107.2"]
+    assert cells[1][4:10] == ["label", "32", "0", "holdout", "", "not evaluated"]
     seed0 = frame.iloc[3]
     assert cells[3][8:10] == [f"{seed0['val_macro_f1']:.4f}",
                              f"{seed0['held_out_macro_f1']:.4f}"]

@@ -750,11 +750,11 @@ def _status_cell(row: dict) -> str:
 
 
 def _held_out(row: dict) -> str:
-    from wingspan.run_table import DONE
+    from wingspan.run_table import ADAPTED, DONE
 
     if _given(row["held_out_macro_f1"]):
         return f"{row['held_out_macro_f1']:.4f}"
-    if row["status"] != DONE:
+    if row["status"] not in (DONE, ADAPTED):
         return ""
     return "not evaluated" if _given(row["held_out_split"]) else "none kept"
 

@@ -140,12 +140,7 @@ def _read_run(run_dir: Path, row: dict) -> None:
     row["data"] = trained_on(run_dir)
     config = _read(run_dir, CONFIG_FILE)
     row.update({k: config.get(k) for k in ("backbone", "image_size", "seed", "selection")})
-    if (run_dir / "adapt.json").is_file():  # a copy: created when adapted, not trained
-        _read(run_dir, "adapt.json")
-        row.update(status=ADAPTED, created=_stamp(run_dir / "adapt.json"))
-        return
     manifest = _read(run_dir, "model/manifest.json", missing={})
-    metrics = _read(run_dir, "metrics.json", missing={})
     classes = manifest.get("classes")
     # The levels learnt, coarse to fine as the bundle orders them (config.yaml keeps them
     # as typed); a stopped run's as configured.
@@ -155,6 +150,14 @@ def _read_run(run_dir: Path, row: dict) -> None:
     preprocessing = manifest.get("preprocessing")
     if row["image_size"] is None and isinstance(preprocessing, dict):  # the backbone's own
         row["image_size"] = preprocessing.get("input_size")  # as the bundle records it
+    if (run_dir / "adapt.json").is_file():  # a copy: created when adapted, not trained
+        _read(run_dir, "adapt.json")  # (metrics.json stays with the run it was made from:
+        row.update(status=ADAPTED, created=_stamp(run_dir / "adapt.json"),  # no val figure)
+                   held_out_split="test" if _has_test_split(run_dir) else None)
+        if row["held_out_split"]:  # what `evaluate` of the adapted model found, if fair
+            row["held_out_macro_f1"] = _held_out_figure(run_dir, "test")
+        return
+    metrics = _read(run_dir, "metrics.json", missing={})
     # As `train --resume` tells a finished run: its bundle written to the end (the
     # manifest comes last) and, with --holdout-classes, those classes scored.
     done = ("calibration" in manifest and (run_dir / "model" / "model.safetensors").is_file()
@@ -173,6 +176,15 @@ def _read_run(run_dir: Path, row: dict) -> None:
         raise Damaged(f"metrics.json is not one wingspan wrote ({first_line(e)})") from e
     if row["held_out_split"]:
         row["held_out_macro_f1"] = _held_out_figure(run_dir, row["held_out_split"])
+
+
+def _has_test_split(run_dir: Path) -> bool:
+    """Whether the run's splits.csv keeps a test split (the one nothing was chosen on)."""
+    try:
+        return bool((pd.read_csv(run_dir / SPLITS_FILE, usecols=["split"], dtype=str)["split"]
+                     == "test").any())
+    except (OSError, ValueError) as e:
+        raise Damaged(f"{SPLITS_FILE} cannot be read ({first_line(e)})") from e
 
 
 def _stopped_after(run_dir: Path) -> str | None:
