@@ -1,7 +1,9 @@
 """`wingspan runs` and `ws.runs`: a runs folder's runs side by side, read from their files."""
 
+import contextlib
 import fcntl
 import json
+import os
 import re
 import shutil
 
@@ -345,3 +347,40 @@ def test_runs_dir_that_is_no_runs_folder_is_a_clear_error(run_cli, runs_dir, tmp
         ws.runs(tmp_path / "no-such")
     code, out, _ = run_cli("runs", runs_dir / "notes")
     assert code == 0 and "No runs in" in out
+
+
+def test_a_killed_trainers_data_workers_do_not_keep_its_run_locked(tmp_path):
+    """The trainer holds the run's lock; a worker forked after it (a data loader's) shared
+    it and, outliving a trainer killed with SIGKILL by seconds, kept the run "training now"
+    and a --resume refused."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    from wingspan.training.folder import HELD, lock_state
+
+    run = tmp_path / "r"
+    run.mkdir()
+    trainer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import os, sys, time
+        from pathlib import Path
+        from wingspan.training.folder import hold_lock
+        assert hold_lock(Path({str(run)!r}))
+        child = os.fork()
+        if child == 0:  # a worker: lives on after the trainer
+            time.sleep(30)
+            os._exit(0)
+        print(child, flush=True)
+        time.sleep(30)
+        """)], stdout=subprocess.PIPE, text=True)
+    worker = int(trainer.stdout.readline())
+    try:
+        assert lock_state(run) == HELD  # the trainer trains it
+        trainer.send_signal(signal.SIGKILL)
+        trainer.wait(10)
+        os.kill(worker, 0)  # the worker still lives...
+        assert lock_state(run) != HELD  # ...and holds nothing
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGKILL)

@@ -4,6 +4,7 @@ that rank 0 holds while it trains, and the folder a run killed while set up leav
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from wingspan.files import is_leftover
@@ -16,6 +17,20 @@ ADAPT_PHOTOS_FILE = "adapt-photos.csv"
 
 
 _HELD: dict[str, object] = {}  # run folder -> its open lock file, while this process trains
+
+
+def _let_go_in_child() -> None:
+    """A forked child (a data loader's worker) shares the lock with the trainer, and kept
+    it held for the seconds it outlives a trainer killed with SIGKILL: `wingspan runs` said
+    "training now" and `--resume` refused. Its copy is closed (not unlocked: the trainer's
+    stays locked)."""
+    for handle in _HELD.values():
+        handle.close()
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):  # (POSIX)
+    os.register_at_fork(after_in_child=_let_go_in_child)
 
 
 def hold_lock(run_dir: Path) -> bool:
