@@ -243,6 +243,20 @@ def test_a_photo_skipped_inside_a_folder_keeps_its_place_among_the_folders_photo
     assert preds.error.notna().tolist() == [False, True, False]
 
 
+def test_a_bundles_own_tensors_file_loads_its_bundle(run, demo_dir, tmp_path):
+    """runs/NAME/model/model.safetensors, which --weights takes, was refused by load and
+    predict as "not a wingspan model bundle ('wingspan_manifest')"."""
+    image = sorted(next(p for p in demo_dir.iterdir() if p.is_dir()).iterdir())[0]
+    tensors = run.dir / "model" / "model.safetensors"
+    by_file = ws.load(tensors).predict(image, quiet=True)
+    assert by_file.drop(columns="path").equals(
+        run.predict(image, quiet=True).drop(columns="path"))
+    (tmp_path / "other.safetensors").write_bytes(tensors.read_bytes())  # no manifest beside
+    with pytest.raises(WingspanError, match=r"not a wingspan model bundle \(no wingspan "
+                       r"manifest in its metadata\)"):
+        ws.load(tmp_path / "other.safetensors")
+
+
 def test_workers_reach_the_loader_and_change_no_answer(run, run_cli, demo_dir, tmp_path,
                                                        monkeypatch):
     """predict, evaluate and calibrate --workers (and the API's `workers`) set the data

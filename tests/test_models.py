@@ -120,6 +120,34 @@ def test_explicit_file_in_torchvision_layout(isolated_caches, suffix):
     torch.testing.assert_close(ours, theirs)
 
 
+def test_a_distilled_models_two_imagenet_heads_are_left_out(isolated_caches):
+    """DeiT-distilled (and LeViT, ~70 timm models) name two classifiers, ('head',
+    'head_dist'): loading their weights crashed on the tuple."""
+    import timm
+
+    reference = timm.create_model("deit_tiny_distilled_patch16_224").eval()
+    save_file(reference.state_dict(), isolated_caches / "deit.safetensors")
+    model, loaded = create_classifier("deit_tiny_distilled_patch16_224", {"label": 2},
+                                      weights=isolated_caches / "deit.safetensors")
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        theirs = reference.forward_head(reference.forward_features(x), pre_logits=True)
+        torch.testing.assert_close(model.eval().features(x), theirs)
+
+
+def test_a_size_a_fixed_size_backbone_cannot_take_is_refused_plainly():
+    """LeViT takes its own 224 px only: --image-size 32 ended in a shape error deep in the
+    engines' timing; a ViT is resized, and a CNN takes any size."""
+    model, _ = create_classifier("levit_128s", {"label": 2}, weights="none")
+    with pytest.raises(WingspanError, match="levit_128s cannot run at 32 px") as e:
+        model.set_input_size(32, check=True)
+    assert "Leave out --image-size (levit_128s is built for 224 px)" in e.value.hint
+    for name in ("vit_tiny_patch16_224", "resnet18"):
+        model, _ = create_classifier(name, {"label": 2}, weights="none")
+        model.set_input_size(48, check=True)
+        assert model.eval()(torch.zeros(1, 3, 48, 48))["label"].shape == (1, 2)
+
+
 def test_torch_hub_cache_then_hf_cache(isolated_caches):
     spec = get_spec("resnet18")
     hub = isolated_caches / "torch" / "hub" / "checkpoints"

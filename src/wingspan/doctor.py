@@ -68,7 +68,7 @@ def diagnose(backbone: str = "auto", image_size: int | None = None, batch_size: 
     source = find_offline(spec)
     model, _ = create_classifier(backbone, {"class": 10}, "auto" if source else "none")
     if image_size:  # as a run at this size builds it (a ViT's position embedding, say)
-        model.set_input_size(image_size)
+        model.set_input_size(image_size, check=True)
     size = image_size or model.preprocessing.input_size
     policy = resolve_policy(device, precision, runtime=runtime)
     policy.prepare_model(model)

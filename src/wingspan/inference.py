@@ -30,6 +30,8 @@ def find_bundle(model: str | Path) -> Path:
     path = Path(model)
     if (path / "model" / "manifest.json").is_file():
         return path / "model"
+    if path.name == "model.safetensors" and (path.parent / "manifest.json").is_file():
+        return path.parent  # a bundle folder's tensors, as --weights takes them
     if (path / "config.yaml").is_file() and (path / "splits.csv").is_file():
         from wingspan.training.folder import being_trained
 

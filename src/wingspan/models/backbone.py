@@ -15,7 +15,7 @@ from timm.layers import DropPath
 from timm.models import group_parameters
 from torch import nn
 
-from wingspan.errors import WingspanError
+from wingspan.errors import WingspanError, first_line
 from wingspan.models.registry import BackboneSpec
 
 # timm modules after the feature map: never part of `units`.
@@ -89,6 +89,24 @@ class Backbone(nn.Module):
         if size != self.input_size and hasattr(self.net, "set_input_size"):
             self.net.set_input_size(img_size=size)
             self.input_size = size
+
+    @torch.no_grad()
+    def check_input_size(self, size: int) -> None:
+        """Refuse `size` for a network that takes its own size only (CaiT, LeViT; MaxViT
+        at sizes its windows do not divide), said plainly instead of the layer's own
+        assertion or shape error deep in the first pass: one pass over a blank image."""
+        was_training = self.training
+        self.eval()
+        try:
+            self.pool(self(torch.zeros(1, 3, size, size)))
+        except Exception as e:  # noqa: BLE001 - the layer's own words, whatever they are
+            raise WingspanError(
+                f"{self.spec.name} cannot run at {size} px: {first_line(e)}",
+                hint=f"Leave out --image-size ({self.spec.name} is built for "
+                     f"{self.built_size} px), try a size near it, or pick a backbone that "
+                     "takes any size (a CNN, a ViT).") from e
+        finally:
+            self.train(was_training)
 
     def units(self) -> list[nn.Module] | None:
         """The network as a chain of modules (stem layers, then each block stage) whose

@@ -128,8 +128,10 @@ def read_manifest(path: str | Path) -> dict:
         except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
             exported = {".onnx": "ONNX Runtime", ".pt": "torch.jit.load"}.get(
                 path.suffix.lower())
+            why = "no wingspan manifest in its metadata" if isinstance(e, KeyError) else \
+                first_line(e)
             raise WingspanError(
-                f"{path} is not a wingspan model bundle ({first_line(e)}).",
+                f"{path} is not a wingspan model bundle ({why}).",
                 hint=f"It is an exported model, for {exported} (the README's export section); "
                 "wingspan's commands take its run folder (runs/NAME) or bundle." if exported
                 else "Give a run folder (runs/NAME) or a model bundle (a run's model/ "

@@ -102,11 +102,13 @@ class Classifier(nn.Module):
         names in order."""
         return WithFeatures(self), ["features", *self.levels]
 
-    def set_input_size(self, size: int) -> None:
+    def set_input_size(self, size: int, check: bool = False) -> None:
         """Train and predict at `size` px: the preprocessing says so, and a network built
         for one size (ViT, Swin) is resized to it. After loading ImageNet weights, which
-        are for the native size."""
+        are for the native size. `check`: a size the user asked for, tried once first."""
         self.backbone.set_input_size(size)
+        if check and size != self.backbone.built_size:
+            self.backbone.check_input_size(size)
         self.preprocessing = dataclasses.replace(self.preprocessing, input_size=size)
 
     def group_matcher(self, coarse: bool = False):

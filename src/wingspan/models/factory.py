@@ -63,7 +63,8 @@ def create_classifier(backbone: str, outputs: dict[str, int], weights: str | Pat
     model = Classifier(backbone, outputs, hidden=hidden, dropout=dropout,
                        input_size=loaded.input_size if loaded else None)
     if loaded:
-        load_into(model.backbone.net, loaded, classifier=_classifier_name(model.spec.timm_name))
+        load_into(model.backbone.net, loaded,
+                  classifiers=_classifier_names(model.spec.timm_name))
     return model, loaded
 
 
@@ -78,5 +79,8 @@ def create_imagenet_model(backbone: str, weights: str | Path | None = "auto"
     return net.eval(), loaded
 
 
-def _classifier_name(timm_name: str) -> str:
-    return timm.models.get_pretrained_cfg(timm_name).classifier or "fc"
+def _classifier_names(timm_name: str) -> tuple[str, ...]:
+    """The ImageNet classifier's module names: one, or several for a distilled model
+    (DeiT's ('head', 'head_dist'), LeViT's)."""
+    named = timm.models.get_pretrained_cfg(timm_name).classifier or "fc"
+    return (named,) if isinstance(named, str) else tuple(named)

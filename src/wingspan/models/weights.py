@@ -99,13 +99,16 @@ def to_timm_layout(state: dict[str, torch.Tensor], reference: dict[str, torch.Te
     return mapped
 
 
-def load_into(net: nn.Module, loaded: LoadedWeights, classifier: str | None = None) -> None:
-    """Load weights into a timm network; the ImageNet classifier is skipped when the network
-    has none (`classifier` names it). Anything else missing or misshapen is an error."""
+def load_into(net: nn.Module, loaded: LoadedWeights, classifiers: tuple[str, ...] = ()
+              ) -> None:
+    """Load weights into a timm network; the ImageNet classifiers (`classifiers` names
+    them) are skipped where the network has none. Anything else missing or misshapen is an
+    error."""
     state = to_timm_layout(loaded.state_dict, net.state_dict(), loaded.location)
     own = net.state_dict()
-    if classifier and not any(k.startswith(classifier + ".") for k in own):
-        state = {k: v for k, v in state.items() if not k.startswith(classifier + ".")}
+    for classifier in classifiers:
+        if not any(k.startswith(classifier + ".") for k in own):
+            state = {k: v for k, v in state.items() if not k.startswith(classifier + ".")}
     bad_shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
                   if k in own and v.shape != own[k].shape]
     missing = sorted(set(own) - set(state))

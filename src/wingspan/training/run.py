@@ -519,8 +519,9 @@ def _start(run_dir: Path, config: TrainConfig, dataset: Dataset, quiet: bool,
     state = RunState(**checkpoint["state"]) if checkpoint else RunState(
         weights_source=loaded.describe() if loaded else config.weights,
         input_size=loaded.input_size if loaded else None)
-    if config.image_size or state.input_size:
-        model.set_input_size(config.image_size or state.input_size)
+    if config.image_size or state.input_size:  # (a size asked for is tried first)
+        model.set_input_size(config.image_size or state.input_size,
+                             check=bool(config.image_size) and not checkpoint)
     policy.prepare_model(model)
     if checkpoint:  # a resumed run that must choose again guards its own weights
         model.load_state_dict(checkpoint["model"])
