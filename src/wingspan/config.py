@@ -158,6 +158,8 @@ def _check_types(config: object) -> None:
             value = os.fspath(value)
         if isinstance(value, str) and name in _list_fields(type(config)):
             value = [part.strip() for part in value.split(",") if part.strip()]
+        if name == "weights" and value is None:  # Keras' weights=None: random weights
+            value = "none"
         try:
             setattr(config, name, adapter.validate_python(value))
         except ValidationError as e:
@@ -168,7 +170,8 @@ def _check_types(config: object) -> None:
         problems.append(("seed", f" = {seed!r}: must be between 0 and 2**32 - 1"))
     if problems:
         raise SettingError(problems, intro="Invalid settings: ",
-                           hint="Fix these in the config file or on the command line.")
+                           hint="Fix these where they were given: the config file, the "
+                                "command line, or the keywords in Python.")
 
 
 @settings
