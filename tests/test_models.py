@@ -192,6 +192,7 @@ def test_no_weights_anywhere_gives_a_clear_error(isolated_caches):
     text = str(e.value)
     assert "No pretrained weights for backbone 'resnet50'" in text
     assert "caches: nothing in" in text and "package: none" in text
+    assert str(isolated_caches / "hf") in text  # the Hugging Face cache, looked in too
     assert "download: 127.0.0.1 cannot be reached (no network?)" in text
     assert "--weights PATH" in text and "efficientnet_lite2" in text
 

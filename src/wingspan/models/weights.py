@@ -251,8 +251,8 @@ def _from_caches(spec: BackboneSpec, tried: list[str]) -> LoadedWeights | None:
     for source, path in _cache_candidates(spec):
         if path.is_file():
             return LoadedWeights(read_state_dict(path), source, str(path))
-    where = sorted({str(p.parent if s == "torch-hub-cache" else _hf_cache_dir())
-                    for s, p in _cache_candidates(spec)})
+    where = sorted({str(p.parent) for s, p in _cache_candidates(spec) if s == "torch-hub-cache"}
+                   | ({str(_hf_cache_dir())} if spec.hf_hub_id else set()))  # (looked in)
     tried.append(f"caches: nothing in {', '.join(where) or 'no cache known for this model'}")
     return None
 
