@@ -38,6 +38,21 @@ def test_level_weights_in_the_loss(demo_dir, tmp_path):
     torch.testing.assert_close(loss_fn(run)(outputs, labels), by_hand)
 
 
+def test_the_finest_level_must_learn(demo_dir):
+    """Weight 0 on the finest level left untrained the one head every answer is read from
+    (the coarser levels are summed from it); 0 on a coarser level is allowed."""
+    from wingspan.config import TrainConfig
+    from wingspan.training.run import resolve_levels
+
+    data = read_dataset(demo_dir)
+    with pytest.raises(WingspanError, match="finest level, 'label', weight 0") as e:
+        resolve_levels(data, TrainConfig(levels=["label", "family"], level_weights=[0, 1]))
+    assert "a coarser one may be 0" in e.value.hint
+    resolved = resolve_levels(data, TrainConfig(levels=["label", "family"],
+                                                level_weights=[1, 0]))
+    assert (resolved.levels, resolved.level_weights) == (["family", "label"], [0, 1])
+
+
 @pytest.fixture(scope="module")
 def hierarchical_run(demo_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hier")

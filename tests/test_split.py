@@ -142,6 +142,14 @@ def test_unlabelled_samples_and_impossible_fractions_are_refused():
     ds.table.loc[0, "label"] = ""
     with pytest.raises(WingspanError, match="1 sample has no 'label' label"):
         split_dataset(ds)
+    # A class folder taxonomy.csv lacks: its name said, not only a count.
+    ds = synthetic({"a": 10, "b": 10, "c": 4})
+    ds.table["genus"] = ds.table["label"].map({"a": "G1", "b": "", "c": ""})
+    ds = Dataset(ds.table, ["genus", "label"], Path("/x"), "csv")
+    with pytest.raises(WingspanError, match="42 samples have no 'genus' label: those of 'b', "
+                       "'c'.") as e:
+        split_dataset(ds, level="genus")
+    assert "row in taxonomy.csv" in e.value.hint
     with pytest.raises(WingspanError, match="'val_fraction \\+ test_fraction' setting must be"):
         SplitConfig(val_fraction=0.6, test_fraction=0.5)
     with pytest.raises(WingspanError, match="'val_fraction' setting must be a fraction"):

@@ -51,10 +51,13 @@ def split_dataset(dataset: Dataset, level: str | None = None,
     table, merged = with_duplicates_grouped(dataset.table[~repeated].reset_index(drop=True))
     labels = table[level].to_numpy()
     if (labels == "").any():
+        # Named by their finest class (a class folder taxonomy.csv lacks, most often).
+        finest = sorted(set(table.loc[labels == "", dataset.levels[-1]]) - {""})
         raise WingspanError(
             f"{counted(int((labels == '').sum()), 'sample has', 'samples have')} no '{level}' "
-            "label.",
-            hint="Fill in the taxonomy, or split on a level every sample has.",
+            "label" + (f": those of {_some_of(finest)}." if finest else "."),
+            hint="Give those classes their row in taxonomy.csv (or fill in the level), or "
+                 "split on a level every sample has.",
         )
     groups = table[GROUP].to_numpy()
     wanted = [s for s, f in (("test", config.test_fraction), ("val", config.val_fraction)) if f]
@@ -97,6 +100,11 @@ def split_dataset(dataset: Dataset, level: str | None = None,
     )
     result = dataset.with_table(table)
     return result, report
+
+
+def _some_of(names: list[str], n: int = 3) -> str:
+    shown = ", ".join(f"'{c}'" for c in names[:n])
+    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def _keep_one_in_train(split: np.ndarray, labels: np.ndarray, groups: np.ndarray,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import shutil
 import time
@@ -366,6 +367,13 @@ def resolve_levels(dataset: Dataset, config: TrainConfig) -> TrainConfig:
         if weights:
             by_name = dict(zip(config.levels, weights, strict=True))
             weights = [by_name[lv] for lv in levels]
+            if weights[-1] <= 0:  # every answer and the unknown score come from its head
+                raise WingspanError(
+                    f"level_weights gives the finest level, '{levels[-1]}', weight "
+                    f"{weights[-1]:g}: its head, which predict, the best epoch and the "
+                    "unknown answer all read (coarser levels are summed from it), would "
+                    "not learn.",
+                    hint="Give the finest level a positive weight; a coarser one may be 0.")
         return dataclasses.replace(config, levels=levels, level_weights=weights,
                                    level=levels[-1])
     return dataclasses.replace(config, level=dataset.resolve_level(config.level))
@@ -736,13 +744,18 @@ def _fit_unknown(run: Run, val: tuple, temperature: float) -> UnknownDetector:
     feats, logits, labels = _final_outputs(run, "train")
     levels = run.data.levels
     rate, n = run.config.unknown_rate, len(val[0])
-    # The threshold is a quantile of n val scores: on new known images its rate is about
-    # rate +- 2 binomial standard deviations, which on a small val split is wide.
-    spread = 2 * (rate * (1 - rate) / max(n, 1)) ** 0.5
-    run.log(f"Unknown answer ('{run.config.unknown_score}'): the threshold turns away "
+    # The threshold is the val score with at most `rate` of the n above it, the i-th of
+    # them (from 0): a new known image scores above it with chance (n - i) / (n + 1), which
+    # on a few val images is well over `rate` (1 in 4 of 3), +- 2 binomial standard
+    # deviations.
+    expected = (n - math.ceil((1 - rate) * (n - 1))) / (n + 1) if n else 1.0
+    spread = 2 * (expected * (1 - expected) / max(n, 1)) ** 0.5
+    few = spread > rate / 2 or expected > 1.5 * rate
+    run.log(f"Unknown answer ('{run.config.unknown_score}'): the threshold turns away at most "
             f"{rate:.0%} of the {n} known val images"
-            + (f"; on new known images expect {max(rate - spread, 0):.0%}-{rate + spread:.0%} "
-               "with so few" if spread > rate / 2 else ""))
+            + (f"; on new known images expect {max(expected - spread, 0):.0%}-"
+               f"{min(expected + spread, 1):.0%} with so few (more val images narrow it: "
+               "--val-fraction)" if few else ""), caveat=expected > 2 * rate)
     return UnknownDetector.fit(
         feats, logits, {lv: labels[:, i] for i, lv in enumerate(levels)}, val[0], val[1],
         score=run.config.unknown_score, rate=rate, temperature=temperature,
