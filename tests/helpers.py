@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 
@@ -162,3 +165,16 @@ def _main_killed_at(argv: list[str], target: str, nth: int, match: str, out: Pat
     from wingspan.cli import main
 
     main(argv)
+
+
+def chromium_path() -> str:
+    """Debian's chromium (.ci/run installs it). Missing, the page test skips on a
+    developer's machine, and fails where WINGSPAN_REQUIRE_BROWSER is set, as in CI."""
+    found = os.environ.get("WINGSPAN_CHROMIUM") or next(
+        filter(None, map(shutil.which, ["chromium", "chromium-browser", "google-chrome"])), None)
+    if not found:
+        message = "no chromium to drive: apt-get install -y chromium"
+        if os.environ.get("WINGSPAN_REQUIRE_BROWSER"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return found

@@ -184,6 +184,24 @@ def test_numbers_match_scikit_learn_on_the_saved_predictions(evaluation):
     assert per_class["support"].sum() == len(saved)
 
 
+def test_the_report_reads_on_a_phone(evaluation):
+    """Without a viewport a phone laid the report out 980 px wide (its text a third of its
+    size), and the overview's long paths ran off a 375 px window."""
+    from helpers import chromium_path
+    from playwright.sync_api import sync_playwright
+
+    chromium = chromium_path()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium)
+        page = browser.new_page(viewport={"width": 375, "height": 700}, is_mobile=True,
+                                device_scale_factor=2)
+        page.goto(evaluation.report.resolve().as_uri())
+        widths = page.evaluate("[document.documentElement.clientWidth, "
+                               "document.documentElement.scrollWidth]")
+        browser.close()
+    assert widths[0] == 375 and widths[1] <= 375, widths
+
+
 def test_report_is_self_contained(evaluation):
     page = evaluation.report.read_text()
     sources = re.findall(r"<img[^>]*src='([^']*)'", page)

@@ -270,6 +270,40 @@ def test_confusion_plot_for_few_and_many_classes(tmp_path, n, monkeypatch):
     assert drawn[-1].axes[0].get_title() == "70 classes, in confusion.csv's order"
 
 
+def test_long_class_names_leave_the_confusion_matrix_its_room(tmp_path, monkeypatch):
+    """Full names of ~50 characters as tick labels left the matrix ~70 px wide: they are
+    cut in the middle, as the mistakes' captions are, and the matrix keeps its size."""
+    drawn = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or save(fig, path))
+    names = [f"Aglais urticae (Linnaeus, 1758) - small tortoiseshell {i}" for i in range(4)]
+    cm = confusion(np.arange(4).repeat(5), np.arange(4).repeat(5), 4)
+    plots.plot_confusion(cm, names, tmp_path / "long.png")
+    plots.plot_confusion(cm, [str(i) for i in range(4)], tmp_path / "short.png")
+    ticks = [t.get_text() for t in drawn[0].axes[0].get_yticklabels()]
+    assert all(len(t) <= 34 for t in ticks) and ticks[0].endswith("shell 0")
+    assert len(set(ticks)) == 4  # still told apart (by their ends)
+    (long_box, short_box) = (f.axes[0].get_position().width for f in drawn)
+    assert long_box > 0.6 * short_box
+
+
+def test_the_unknown_histogram_splits_its_bars_at_the_threshold(tmp_path, monkeypatch):
+    """Scores right of the threshold drew in a bar that lay mostly left of the line: the
+    threshold is a bin edge now, so every bar is on the side its images' answer is."""
+    drawn = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or save(fig, path))
+    rng = np.random.default_rng(0)
+    known = np.concatenate([rng.uniform(0.2, 0.99, 60), [0.9995, 0.9996]])
+    unseen = rng.uniform(0.9996, 0.9998, 8)
+    threshold = 0.99921
+    plots.plot_unknown_scores(known, unseen, threshold, "msp+knn", tmp_path / "u.png")
+    for bar in drawn[0].axes[0].patches:
+        if bar.get_height() > 0:
+            left, right = bar.get_x(), bar.get_x() + bar.get_width()
+            assert right <= threshold + 1e-12 or left >= threshold - 1e-12, (left, right)
+
+
 def test_curves_mistakes_and_reliability_plots(tmp_path, demo_dir):
     history = pd.DataFrame({
         "stage": ["head"] * 3 + ["finetune"] * 2, "epoch": [1, 2, 3, 1, 2],

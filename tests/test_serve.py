@@ -4,13 +4,13 @@ import asyncio
 import io
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from helpers import chromium_path
 from PIL import Image
 from test_bad_input import _bomb
 from test_train import tiny
@@ -312,26 +312,13 @@ def test_an_unknown_target_of_a_model_with_many_classes_names_a_few(run_dir, mon
     assert "class010" not in error
 
 
-def _chromium() -> str:
-    """Debian's chromium (.ci/run installs it). Missing, the page test skips on a
-    developer's machine, and fails where WINGSPAN_REQUIRE_BROWSER is set, as in CI."""
-    found = os.environ.get("WINGSPAN_CHROMIUM") or next(
-        filter(None, map(shutil.which, ["chromium", "chromium-browser", "google-chrome"])), None)
-    if not found:
-        message = "no chromium to drive: apt-get install -y chromium"
-        if os.environ.get("WINGSPAN_REQUIRE_BROWSER"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
-
-
 def test_the_page_in_a_real_browser(run_dir, demo_dir, tmp_path):
     """GET / in headless Chromium: choose a photo, read the prediction and the top-5 bars
     off the page and check them against the API; drop a second one; a text file's error.
     The screenshot is kept in runs/test-artifacts/ (or $WINGSPAN_TEST_ARTIFACTS)."""
     from playwright.sync_api import sync_playwright
 
-    chromium = _chromium()
+    chromium = chromium_path()
     photos = sorted(demo_dir.rglob("*.jpg"))
     photo, other = photos[0], photos[-1]
     artifacts = Path(os.environ.get("WINGSPAN_TEST_ARTIFACTS",
@@ -403,6 +390,20 @@ def test_the_page_in_a_real_browser(run_dir, demo_dir, tmp_path):
         assert page.text_content("#confidence").startswith(
             "unlike the finest classes it knows (the likeliest branch ends in ")
         page.unroute("**/predict")
+
+        # On a phone, a class name without spaces wraps instead of widening the page.
+        long = "Coenonympha_gardetta_darwiniana_" * 2
+        named = {**expected, "answer": long, "known_level": expected["branch"][-1]["level"],
+                 "branch": [*expected["branch"][:-1], {**expected["branch"][-1], "class": long}]}
+        page.set_viewport_size({"width": 375, "height": 700})
+        page.route("**/predict", lambda route: route.fulfill(
+            json={"predictions": [named], "latency_ms": 1.0}))
+        page.set_input_files("#file", str(photo))
+        page.wait_for_function(f"document.getElementById('prediction').textContent"
+                               f".startsWith('{long}')")
+        assert page.evaluate("document.documentElement.scrollWidth") <= 375
+        page.unroute("**/predict")
+        page.set_viewport_size({"width": 1000, "height": 760})
 
         notes = tmp_path / "notes.jpg"
         notes.write_text("a text file named like a photo")

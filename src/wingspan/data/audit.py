@@ -409,4 +409,5 @@ def gallery(issues: pd.DataFrame, duplicates: pd.DataFrame, level: str, config: 
            + "".join(f"<li>{e(p)}: {e(w)}</li>" for p, w in failed.items()) + "</ul>"
            if failed else ""))
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>wingspan audit"
-            f"</title><style>{STYLE}</style></head><body>{body}</body></html>")
+            "</title><meta name='viewport' content='width=device-width, initial-scale=1'>"
+            f"<style>{STYLE}</style></head><body>{body}</body></html>")  # (readable on a phone)

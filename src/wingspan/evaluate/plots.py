@@ -33,7 +33,10 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> Path:
     n = len(classes)
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     if n <= LABELLED:
-        side = 2.5 + 0.45 * n if n <= ANNOTATED else 12
+        names = [_short(c) for c in classes]  # (full names left the matrix a sliver)
+        # Room for the names besides the cells: 2.5 in holds about 16 characters.
+        room = max(0.0, 0.06 * (max(map(len, names), default=0) - 16))
+        side = (2.5 + 0.45 * n if n <= ANNOTATED else 12) + room
         fig, ax = plt.subplots(figsize=(side, side - 0.5))
         im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
         for t in range(n if n <= ANNOTATED else 0):
@@ -42,9 +45,9 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> Path:
                     ax.text(p, t, str(cm[t, p]), ha="center", va="center", fontsize=7,
                             color="white" if norm[t, p] > 0.5 else "black")
         size = 7 if n <= ANNOTATED else 6
-        ax.set_xticks(range(n), classes, rotation=60 if n <= ANNOTATED else 90,
+        ax.set_xticks(range(n), names, rotation=60 if n <= ANNOTATED else 90,
                       ha="right" if n <= ANNOTATED else "center", fontsize=size)
-        ax.set_yticks(range(n), classes, fontsize=size)
+        ax.set_yticks(range(n), names, fontsize=size)
     else:
         counts = cm.sum(1)
         by_size = len(set(counts.tolist())) > 1
@@ -185,7 +188,10 @@ def plot_unknown_scores(known: np.ndarray, unknown: np.ndarray, threshold: float
     fig, ax = plt.subplots(figsize=(7, 3.6))
     both = np.concatenate([known, unknown])
     lo, hi = np.quantile(both, [0.0, 0.995])
-    bins = np.linspace(lo, hi if hi > lo else lo + 1, 40)
+    hi = hi if hi > lo else lo + 1
+    bins = np.linspace(lo, hi, 40)
+    if lo < threshold < hi:  # an edge: no bar straddles the line, which sides the answers
+        bins = np.union1d(bins, [threshold])
     # Counts, not densities: a bar of 40 "density" over a narrow bin reads as 40 images.
     ax.hist(np.clip(known, lo, hi), bins=bins, alpha=0.6,
             label=f"known classes ({len(known)})", color="C0")

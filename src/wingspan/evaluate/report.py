@@ -30,11 +30,14 @@ def _kv(pairs: list[tuple[str, object]]) -> str:
     return f"<table class='t kv'>{rows}</table>"
 
 
+# A phone lays a page without it out 980 px wide, its text a third of its size.
+VIEWPORT = "<meta name='viewport' content='width=device-width, initial-scale=1'>"
 STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
-img{max-width:100%;border:1px solid #eee}table.t{border-collapse:collapse;margin:.5em 0}
-.t td,.t th{padding:.2em .7em;border-bottom:1px solid #eee;text-align:left}
+img{max-width:100%;border:1px solid #eee}table.t{border-collapse:collapse;margin:.5em 0;
+display:block;max-width:100%;overflow-x:auto}
+.t td,.t th{padding:.2em .7em;border-bottom:1px solid #eee;text-align:left;overflow-wrap:anywhere}
 .kv th{color:#555;font-weight:500}.missing{color:#999}.grid{display:flex;gap:2em;flex-wrap:wrap}
 """
 
@@ -115,6 +118,6 @@ def write_report(path: Path, title: str, sections: dict) -> Path:
         parts.insert(2, "<p>Files: " + ", ".join(
             f"<a href='{quote(name)}'>{html.escape(name)}</a>" for name in files) + "</p>")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
-            f"</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
+            f"</title>{VIEWPORT}<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
     write_text(path, page)
     return path
