@@ -377,6 +377,16 @@ def test_the_page_in_a_real_browser(run_dir, demo_dir, tmp_path):
         page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
         page.wait_for_function(f"document.getElementById('photo-name').textContent == "
                                f"'{other.name}' && document.body.dataset.state == 'explained'")
+        # Dropped beside the zone (on the answer), it is taken too: the browser would
+        # otherwise leave the page to show the photo.
+        beside = page.evaluate_handle("""async ([name, bytes]) => {
+            const dt = new DataTransfer();
+            dt.items.add(new File([new Uint8Array(bytes)], name, {type: "image/jpeg"}));
+            return dt; }""", ["beside.jpg", list(other.read_bytes())])
+        page.dispatch_event("#prediction", "drop", {"dataTransfer": beside})
+        page.wait_for_function("document.getElementById('photo-name').textContent == "
+                               "'beside.jpg' && document.body.dataset.state == 'explained'")
+        assert page.url.startswith(url)
 
         # An answer known at a coarser level only (the API's answer for the photo, edited)
         # reads as such; the same photo chosen again is shown again.
