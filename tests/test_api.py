@@ -103,6 +103,15 @@ def test_bad_settings_raise_wingspan_errors_naming_them(demo_dir, tmp_path):
     assert "'epochs_head'" in e.value.hint
     with pytest.raises(WingspanError, match="'image_size' = 'big'"):
         ws.train(data, runs_dir=tmp_path, image_size="big")
+    # Keras' weights=None (random weights) is taken as "none": only the bad setting is named.
+    with pytest.raises(WingspanError, match="'epochs_head' setting must be 0 or more"):
+        ws.train(data, runs_dir=tmp_path, weights=None, epochs_head=-1)
+    with pytest.raises(WingspanError, match="'image_size' = 'big'") as e:
+        ws.train(data, runs_dir=tmp_path, weights=None, image_size="big")
+    assert "'weights'" not in str(e.value) and "the keywords in Python" in e.value.hint
+    (tmp_path.parent / "blank.yaml").write_text("weights:\n")  # a file's blank is no choice
+    with pytest.raises(WingspanError, match="'weights' = None"):
+        ws.train(data, config=tmp_path.parent / "blank.yaml", runs_dir=tmp_path)
     with pytest.raises(WingspanError, match="Unknown setting 'colour'"):
         ws.demo_data(tmp_path / "demo", colour="red")
     assert not any(tmp_path.iterdir())  # nothing was started
@@ -241,6 +250,18 @@ def test_a_photo_skipped_inside_a_folder_keeps_its_place_among_the_folders_photo
     assert [Path(p).relative_to(photos).as_posix() for p in preds.path] == [
         "a.jpg", "m.heic", "x/z.jpg"]
     assert preds.error.notna().tolist() == [False, True, False]
+    # A glob over folders, one's name the start of another's ("-" sorts before "/"): each
+    # skipped file in its own folder's place.
+    for folder, names in (("2024-05", ["b.jpg", "c.heic", "d.jpg"]), ("2024-05-12", ["a.jpg"])):
+        (tmp_path / "g" / folder).mkdir(parents=True)
+        for name in names:
+            if name.endswith(".heic"):
+                (tmp_path / "g" / folder / name).write_bytes(b"\0" * 16)
+            else:
+                shutil.copy(first, tmp_path / "g" / folder / name)
+    preds = run.predict(str(tmp_path / "g" / "*"), quiet=True)
+    assert [Path(p).relative_to(tmp_path / "g").as_posix() for p in preds.path] == [
+        "2024-05/b.jpg", "2024-05/c.heic", "2024-05/d.jpg", "2024-05-12/a.jpg"]
 
 
 def test_a_bundles_own_tensors_file_loads_its_bundle(run, demo_dir, tmp_path):

@@ -117,6 +117,21 @@ def test_a_csv_with_spaces_after_its_commas_finds_its_files_sides_and_groups(tmp
     assert ds.table["group"].tolist() == ["obs1", "obs1", "obs2"]  # one observation, not two
 
 
+def test_a_path_into_a_folder_named_with_spaces_at_its_ends_keeps_them(tmp_path):
+    """A class folder " monarch" is read (as the class "monarch"): its paths in a CSV or a
+    splits.csv keep the space, which the stripping of ", "-separated files must not take."""
+    folder_dataset(tmp_path, {" monarch": 2, "admiral": 2})
+    (tmp_path / "labels.csv").write_text(
+        "path,label,split\n monarch/ monarch_0.jpg,monarch,train\n"
+        " monarch/ monarch_1.jpg,monarch,val\nadmiral/admiral_0.jpg,admiral, train\n"
+        "admiral/admiral_1.jpg,admiral,val\n")
+    ds = read_dataset(tmp_path / "labels.csv")
+    assert len(ds) == 4 and ds.table["split"].tolist() == ["train", "val", "train", "val"]
+    (tmp_path / "labels.csv").rename(tmp_path / "splits.csv")  # beside the class folders
+    ds = read_dataset(tmp_path)
+    assert sorted(ds.table["split"]) == ["train", "train", "val", "val"]
+
+
 def test_fixed_splits_follow_symlinks_and_refuse_a_file_on_two_sides(tmp_path):
     folder_dataset(tmp_path / "elsewhere", {"b": 2})
     folder_dataset(tmp_path / "data", {"a": 2})

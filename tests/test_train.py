@@ -691,8 +691,6 @@ def test_paths_are_settings_too(tmp_path):
     config = TrainConfig(weights=tmp_path / "w.pth", cache_dir=tmp_path / "cache")
     assert (config.weights, config.cache_dir) == (str(tmp_path / "w.pth"),
                                                   str(tmp_path / "cache"))
-    # Keras' weights=None (random weights) is "none", not a type error.
-    assert TrainConfig(weights=None).weights == "none"
     with pytest.raises(SettingError, match="'epochs_head' = 'x'") as e:
         TrainConfig(epochs_head="x")
     assert "the keywords in Python" in e.value.hint

@@ -354,6 +354,8 @@ def train(data: Data | Dataset | str | Path, config: TrainConfig | dict | str | 
         settings = {**(dataclasses.asdict(config) if isinstance(config, TrainConfig)
                        else config), **settings}
         config = None
+    if "weights" in settings and settings["weights"] is None:  # Keras' meaning: random
+        settings["weights"] = "none"  # (in Python only: a config file's blank is an error)
     # (an unknown keyword: the config classes name the closest setting themselves)
     settings = (TrainConfig.from_file(_path_arg("config", config), **settings)
                 if config is not None else TrainConfig(**settings))

@@ -158,8 +158,6 @@ def _check_types(config: object) -> None:
             value = os.fspath(value)
         if isinstance(value, str) and name in _list_fields(type(config)):
             value = [part.strip() for part in value.split(",") if part.strip()]
-        if name == "weights" and value is None:  # Keras' weights=None: random weights
-            value = "none"
         try:
             setattr(config, name, adapter.validate_python(value))
         except ValidationError as e:

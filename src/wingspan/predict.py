@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import csv
 import glob
 import json
@@ -19,40 +20,50 @@ from wingspan.parallel import Processes, gather_to_main, interleave, shard
 UNKNOWN_KEYS = ("answer", "known_level", "unknown_score", "threshold", "score_level")
 
 
-def expand_paths(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+def expand_paths(inputs: list[str], places: list[int] | None = None
+                 ) -> tuple[list[str], list[tuple[str, str]]]:
     """Files as given, folders searched recursively for images, globs expanded.
-    Returns the image paths and (input, reason) for inputs that match nothing."""
+    Returns the image paths and (input, reason) for inputs that match nothing. `places`
+    gets where each of those belongs among the images (the number before it): an input
+    that matches nothing keeps its place among the others, and a file skipped inside a
+    folder (a HEIC photo) its place among the folder's sorted images."""
     found, missing = [], []
+
+    def skip(entry: tuple[str, str], at: int) -> None:
+        missing.append(entry)
+        if places is not None:
+            places.append(at)
 
     def images_in(folder: str) -> list[str]:  # as training's reader finds them
         problems = []
         images = sorted(images_under(Path(folder), problems))
         # (a phone's HEIC photos in the folder, or a subfolder it may not list: skipped
         # with the reason, not in silence)
-        missing.extend((p.path, p.message) for p in problems
-                       if p.kind in ("unsupported_photo", "unreadable_folder"))
+        for p in problems:
+            if p.kind in ("unsupported_photo", "unreadable_folder"):
+                skip((p.path, p.message), len(found) + bisect.bisect_left(images, p.path))
         return images
 
     for item in inputs:
         if any(c in item for c in "*?[") and not Path(item).exists():  # img[1].jpg is a file
             matches = sorted(glob.glob(item, recursive=True))
-            # A matched folder counts as a folder given (photos/* over class folders).
-            images = [i for m in matches for i in (images_in(m) if Path(m).is_dir() else [m])]
-            found += images
-            if not images:
+            before = len(found)
+            for match in matches:  # a matched folder counts as a folder given (photos/*)
+                found += images_in(match) if Path(match).is_dir() else [match]
+            if len(found) == before:
                 # Not there as named either: photos/a[b].jpg is most likely a file's name.
-                missing.append((item, "no such file or folder, nor any match as a pattern"
-                                if not matches
-                                else "the pattern matches only folders without images"))
+                skip((item, "no such file or folder, nor any match as a pattern"
+                      if not matches else "the pattern matches only folders without images"),
+                     len(found))
         elif Path(item).is_dir():
             images = images_in(item)
             found += images
             if not images and not any(Path(m[0]) == Path(item) for m in missing):  # (locked)
-                missing.append((item, "the folder holds no images"))
+                skip((item, "the folder holds no images"), len(found))
         elif Path(item).is_file():
             found.append(item)
         else:
-            missing.append((item, "no such file or folder"))
+            skip((item, "no such file or folder"), len(found))
     return found, missing
 
 
@@ -96,14 +107,9 @@ def predict(predictor: Predictor, inputs: list[str], top_k: int = 3, tta: bool =
     if top_k < 1:
         raise WingspanError(f"top_k must be at least 1, not {top_k}.",
                             hint="Ask for the top 1 (the answer alone) or more classes.")
-    # Each input expanded apart, so that one that matches nothing keeps its place among
-    # the others' images: (number of images before it, (input, reason)); a file skipped
-    # inside a folder (a HEIC photo) keeps its place in the folder's sorted images.
-    paths, unmatched = [], []
-    for item in inputs:
-        found, missing = expand_paths([item])
-        unmatched += sorted((len(paths) + sum(f < m[0] for f in found), m) for m in missing)
-        paths += found
+    places: list[int] = []  # (number of images before it, (input, reason))
+    paths, missing = expand_paths(inputs, places)
+    unmatched = sorted(zip(places, missing, strict=True), key=lambda u: u[0])
     result = PredictResult()
     k = min(top_k, len(predictor.classes))
     if fabric is not None and fabric.world_size > 1:

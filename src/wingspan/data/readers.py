@@ -406,7 +406,7 @@ def _fixed_splits(table: pd.DataFrame, splits_csv: Path, problems: list[Problem]
         problems.append(Problem("splits_file_ignored", "has no path and split columns; ignored",
                                 str(splits_csv)))
         return table
-    fixed = _as_written(fixed)
+    fixed = _as_written(fixed, splits_csv.parent)
     _check_split_values(fixed, splits_csv)
     # Both sides resolved alike, so that a class folder reached through a symlink matches.
     fixed = fixed.assign(_key=real_paths(splits_csv.parent / _native(p) for p in fixed[PATH]))
@@ -424,11 +424,14 @@ def _fixed_splits(table: pd.DataFrame, splits_csv: Path, problems: list[Problem]
     return table
 
 
-def _as_written(table: pd.DataFrame) -> pd.DataFrame:
+def _as_written(table: pd.DataFrame, root: Path) -> pd.DataFrame:
     """Paths, sides and groups as meant: without the spaces a "path, label, split" file
     puts after its commas (" val" is val, " obs1" the group obs1), and a side in any case or
-    spelling the split folders take ("Valid" is val)."""
-    fields = {c: table[c].str.strip() for c in (PATH, SPLIT, GROUP) if c in table.columns}
+    spelling the split folders take ("Valid" is val). A path keeps its spaces where a file
+    is so named (a class folder " monarch", relative to `root`)."""
+    fields = {c: table[c].str.strip() for c in (SPLIT, GROUP) if c in table.columns}
+    fields[PATH] = [p if p == p.strip() or (root / _native(p)).exists() else p.strip()
+                    for p in table[PATH]]
     if SPLIT in fields:
         fields[SPLIT] = fields[SPLIT].map(lambda s: SPLIT_FOLDERS.get(s.lower(), s))
     return table.assign(**fields)
@@ -457,7 +460,7 @@ def read_csv_table(csv_path: Path, config: ReadConfig) -> Dataset:
             f"(its columns: {list(raw.columns)}).",
             hint="The first line must name the columns: path,label[,split][,group][,<level>...]",
         )
-    raw = _as_written(raw)
+    raw = _as_written(raw, csv_path.parent)
     if SPLIT in raw.columns:
         _check_split_values(raw, csv_path)
     problems: list[Problem] = []

@@ -79,13 +79,15 @@ def split_dataset(dataset: Dataset, level: str | None = None,
         split[_take_fold(labels, groups, pool, fraction, config.seed)] = name
         pool &= split == "train"
         remaining -= getattr(config, f"{name}_fraction")
-    _keep_one_in_train(split, labels, groups, pooled)
     table[SPLIT] = split
     # A group holding a train-only class and a pooled one (one picture in two class
     # folders) could straddle two sides: it is kept whole, in train, where the train-only
     # class must be (elsewhere that class would have no training image at all).
     sides = table.groupby(GROUP)[SPLIT].nunique()
     table.loc[table[GROUP].isin(sides[sides > 1].index), SPLIT] = "train"
+    split = table[SPLIT].to_numpy()
+    _keep_one_in_train(split, labels, groups, pooled)
+    table[SPLIT] = split
 
     sizes = table[SPLIT].value_counts().reindex(["train", "val", "test"], fill_value=0)
     present = table.groupby(SPLIT)[level].apply(set)
@@ -112,9 +114,10 @@ def _keep_one_in_train(split: np.ndarray, labels: np.ndarray, groups: np.ndarray
     """A class of few groups can lose every one to the folds (3 groups at --val 0.3 --test
     0.3: two to test, the third to val), leaving nothing to learn it from. One of its
     groups goes back to train, whole, from the side that holds the most of them."""
-    for cls in np.unique(labels[pooled]):
+    trains = pd.Series(split == "train").groupby(labels).any()  # (one pass: 10k classes)
+    for cls in sorted(set(labels[pooled]) - set(trains[trains].index)):
         mine = labels == cls
-        if (split[mine] == "train").any():
+        if (split[mine] == "train").any():  # given one with another class's group
             continue
         held = pd.Series(groups[mine]).groupby(split[mine]).nunique()
         side = held.index[np.argmax(held.to_numpy())]  # (the first of a tie: test)
