@@ -397,7 +397,7 @@ def _openset(predictor: Predictor, unknown, paths: list[str], known: list, y: np
         out_dir / "unknown.csv", index=False)
     if draw:
         plotting.plot_unknown_scores(k, u, predictor.thresholds[level], name,
-                                  out_dir / "unknown.png")
+                                     out_dir / "unknown.png")
     return result
 
 
@@ -474,8 +474,8 @@ def _per_level(predictor: Predictor, rows: pd.DataFrame, probs: np.ndarray, pred
     for lv in taxonomy.levels[:-1] if draw else []:
         known = truth[lv] >= 0
         plotting.plot_confusion(confusion(truth[lv][known], marg[lv][known],
-                                       len(taxonomy.classes[lv])),
-                             taxonomy.classes[lv], out_dir / f"confusion_{lv}.png")
+                                          len(taxonomy.classes[lv])),
+                                taxonomy.classes[lv], out_dir / f"confusion_{lv}.png")
     metrics["hierarchy"] = result
     table = level_table(result, taxonomy.levels)
     _write_csv(table, out_dir / "levels.csv", index=False)
@@ -781,8 +781,8 @@ def _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, 
     pngs["balance"] = plot_class_balance(counts, level, out_dir / "balance.png")
     if run_dir and (run_dir / "history.csv").is_file():
         pngs["curves"] = plotting.plot_curves(pd.read_csv(run_dir / "history.csv"),
-                                           out_dir / "curves.png",
-                                           predictor.manifest.get("metrics", {}).get("best"))
+                                              out_dir / "curves.png",
+                                              predictor.manifest.get("metrics", {}).get("best"))
     train = dataset.table[SPLIT] == "train"
     if train.any():
         policy = predictor.manifest.get("training", {}).get("augment", "standard")
