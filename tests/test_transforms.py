@@ -131,3 +131,27 @@ def test_small_on_clutter_pastes_the_photo_shrunk_on_a_blurred_copy(photo):
     assert not np.array_equal(outside, np.asarray(photo))  # the rest is not the photo
     assert np.abs(np.diff(pixels[:, :, 0].astype(int), axis=1)).mean() < np.abs(
         np.diff(np.asarray(photo)[:, :, 0].astype(int), axis=1)).mean()  # blurred: smoother
+
+
+def test_preview_cuts_a_long_class_name_in_the_middle(demo_dir, tmp_path, monkeypatch):
+    """Wrapped to three lines of 16, a long name lost its end, where names differ."""
+    import shutil
+
+    import wingspan.data.preview as preview
+
+    long = "Coenonympha gardetta darwiniana from the southern alps, series 17"
+    shutil.copytree(next(p for p in demo_dir.iterdir() if p.is_dir()), tmp_path / "d" / long)
+    labels = []
+    real = preview.plt.subplots
+
+    def spy(*args, **kwargs):
+        fig, axes = real(*args, **kwargs)
+        labels.append(axes)
+        return fig, axes
+
+    monkeypatch.setattr(preview.plt, "subplots", spy)
+    write_preview(read_dataset(tmp_path / "d"), tmp_path / "p.png", AugmentConfig(image_size=32),
+                  rows=1, augmented=1)
+    shown = labels[0][0][0].get_ylabel()
+    assert len(shown.split("\n")) <= 3 and shown.replace("\n", "").endswith("series 17")
+    assert "…" in shown

@@ -11,4 +11,13 @@ if not os.environ.get("MPLBACKEND"):
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["plt"]
+__all__ = ["plt", "short_name"]
+
+
+def short_name(name: str, most: int = 34) -> str:
+    """A name cut in the middle where too long: class names often differ at their end
+    (..._00, ..._35), which a cut at the end would hide."""
+    if len(name) <= most:
+        return name
+    keep = most - 1
+    return f"{name[:keep - keep // 2]}…{name[-(keep // 2):]}"

@@ -13,7 +13,7 @@ from wingspan.data.images import open_rgb
 from wingspan.data.samples import PATH, Dataset
 from wingspan.data.transforms import eval_transform, train_transform
 from wingspan.errors import WingspanError
-from wingspan.plotting import plt
+from wingspan.plotting import plt, short_name
 
 
 def write_preview(dataset: Dataset, out: Path, config: AugmentConfig | None = None,
@@ -62,8 +62,7 @@ def write_preview(dataset: Dataset, out: Path, config: AugmentConfig | None = No
             ax.set_xticks([])
             ax.set_yticks([])
             if c == 0:
-                # The whole class name, over lines of 16 characters (three at most).
-                ax.set_ylabel("\n".join(textwrap.wrap(str(label), 16)[:3]), fontsize=7)
+                ax.set_ylabel("\n".join(_name_lines(str(label))), fontsize=7)
             if r == 0:
                 ax.set_title("original" if c == 0 else f"augmented {c}", fontsize=8)
     fig.suptitle(f"augmentation '{config.policy}' at {config.image_size}px", fontsize=9)
@@ -72,6 +71,16 @@ def write_preview(dataset: Dataset, out: Path, config: AugmentConfig | None = No
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def _name_lines(name: str, width: int = 16, most: int = 3) -> list[str]:
+    """A class name over lines of `width` characters, three at most: where its words take
+    more, cut in the middle to fit (its end kept: names often differ there)."""
+    lines = textwrap.wrap(name, width)
+    if len(lines) <= most:
+        return lines
+    short = short_name(name, width * most)
+    return [short[i:i + width] for i in range(0, len(short), width)]
 
 
 def _first_readable(paths, tries: int = 20):

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from wingspan.data.images import open_rgb
-from wingspan.plotting import plt
+from wingspan.plotting import plt, short_name
 
 ANNOTATED = 30  # up to this many classes the confusion matrix writes counts in its cells
 LABELLED = 60  # ... and names its classes; above it the matrix drops its labels
@@ -33,7 +33,7 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> Path:
     n = len(classes)
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     if n <= LABELLED:
-        names = [_short(c) for c in classes]  # (full names left the matrix a sliver)
+        names = [short_name(c) for c in classes]  # (full names left the matrix a sliver)
         # Room for the names besides the cells: 2.5 in holds about 16 characters.
         room = max(0.0, 0.06 * (max(map(len, names), default=0) - 16))
         side = (2.5 + 0.45 * n if n <= ANNOTATED else 12) + room
@@ -103,18 +103,9 @@ def mistake_title(m: dict) -> str:
     """A mistake's caption; where the unknown answer (or a coarser level) replaced the
     wrong class, what the user was told instead."""
     told = m.get("answer")
-    return (f"true: {_short(m['true'])}\npred: {_short(m['predicted'])}\n"
+    return (f"true: {short_name(m['true'])}\npred: {short_name(m['predicted'])}\n"
             f"p = {m['probability']:.2f}"
-            + (f", answered {_short(told, 20)}" if told and told != m["predicted"] else ""))
-
-
-def _short(name: str, most: int = 34) -> str:
-    """A name cut in the middle where too long: class names often differ at their end
-    (..._00, ..._35), which a cut at the end would hide."""
-    if len(name) <= most:
-        return name
-    keep = most - 1
-    return f"{name[:keep - keep // 2]}…{name[-(keep // 2):]}"
+            + (f", answered {short_name(told, 20)}" if told and told != m["predicted"] else ""))
 
 
 def _side_by_side(pixels: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.ndarray:

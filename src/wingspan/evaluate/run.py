@@ -18,7 +18,7 @@ from wingspan.data.plots import plot_class_balance
 from wingspan.data.preview import write_preview
 from wingspan.data.samples import SPLIT, Dataset, renamed
 from wingspan.errors import WingspanError, counted, none_read, some
-from wingspan.evaluate import plots as plotting  # not `plots`: evaluate() has a plots= flag
+from wingspan.evaluate import plots as charts  # not `plots`: evaluate() has a plots= flag
 from wingspan.evaluate.calibration import (
     MIN_CALIBRATION_IMAGES,
     bound_warning,
@@ -396,8 +396,8 @@ def _openset(predictor: Predictor, unknown, paths: list[str], known: list, y: np
         "closest_class": [predictor.classes[c] for c in u_pred]}),
         out_dir / "unknown.csv", index=False)
     if draw:
-        plotting.plot_unknown_scores(k, u, predictor.thresholds[level], name,
-                                     out_dir / "unknown.png")
+        charts.plot_unknown_scores(k, u, predictor.thresholds[level], name,
+                                   out_dir / "unknown.png")
     return result
 
 
@@ -473,9 +473,9 @@ def _per_level(predictor: Predictor, rows: pd.DataFrame, probs: np.ndarray, pred
     marg = result.pop("predictions")
     for lv in taxonomy.levels[:-1] if draw else []:
         known = truth[lv] >= 0
-        plotting.plot_confusion(confusion(truth[lv][known], marg[lv][known],
-                                          len(taxonomy.classes[lv])),
-                                taxonomy.classes[lv], out_dir / f"confusion_{lv}.png")
+        charts.plot_confusion(confusion(truth[lv][known], marg[lv][known],
+                                        len(taxonomy.classes[lv])),
+                              taxonomy.classes[lv], out_dir / f"confusion_{lv}.png")
     metrics["hierarchy"] = result
     table = level_table(result, taxonomy.levels)
     _write_csv(table, out_dir / "levels.csv", index=False)
@@ -760,12 +760,12 @@ def _write_csv(frame: pd.DataFrame, path: Path, **options) -> None:
 
 def _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, y, y_pred,
            probs, logits, read: list) -> dict:
-    pngs = {"confusion": plotting.plot_confusion(cm, classes, out_dir / "confusion.png")}
+    pngs = {"confusion": charts.plot_confusion(cm, classes, out_dir / "confusion.png")}
     wrong = np.flatnonzero(y_pred != y)
     p_pred = probs[np.arange(len(y_pred)), y_pred]
     worst = wrong[np.argsort(-p_pred[wrong])][:18]
     told = predictor.unknown is not None  # else the answer is always the top class
-    pngs["mistakes"] = plotting.plot_mistakes(
+    pngs["mistakes"] = charts.plot_mistakes(
         [{"path": paths[ok[i]], "true": classes[y[i]], "predicted": classes[y_pred[i]],
           "probability": float(p_pred[i]),
           "answer": _named(predictor, read[i]) if told else None,
@@ -773,16 +773,16 @@ def _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, 
         out_dir / "mistakes.png")
     raw = view_softmax(logits)
     raw_pred = _predicted(predictor, raw)  # (the temperature can move a taxonomy's branch)
-    pngs["reliability"] = plotting.plot_reliability(
+    pngs["reliability"] = charts.plot_reliability(
         reliability(raw, y, y_pred=raw_pred), reliability(probs, y, y_pred=y_pred),
         (expected_calibration_error(raw, y, y_pred=raw_pred),
          expected_calibration_error(probs, y, y_pred=y_pred)), out_dir / "reliability.png")
     counts = dataset.table[level].value_counts()
     pngs["balance"] = plot_class_balance(counts, level, out_dir / "balance.png")
     if run_dir and (run_dir / "history.csv").is_file():
-        pngs["curves"] = plotting.plot_curves(pd.read_csv(run_dir / "history.csv"),
-                                              out_dir / "curves.png",
-                                              predictor.manifest.get("metrics", {}).get("best"))
+        pngs["curves"] = charts.plot_curves(pd.read_csv(run_dir / "history.csv"),
+                                            out_dir / "curves.png",
+                                            predictor.manifest.get("metrics", {}).get("best"))
     train = dataset.table[SPLIT] == "train"
     if train.any():
         policy = predictor.manifest.get("training", {}).get("augment", "standard")
