@@ -339,3 +339,17 @@ def test_a_run_folder_rank_0_cannot_make_stops_every_torchrun_process_cleanly(de
     assert err.count("is a path") == 1, err[-3000:]
     assert "Connection closed" not in err and "[rank1]" not in err, err[-3000:]
     assert not (tmp_path / "x").exists()
+
+
+def test_two_processes_train_with_frozen_passes_on_onnx_runtime(demo_dir, tmp_path):
+    """Each rank exports its own graphs for the frozen passes (and both may keep one in the
+    shared cache folder at once): the run ends, its ranks agree, and its model predicts."""
+    config = _config(tmp_path, runtime="onnx", epochs_head=2, epochs_finetune=1)
+    _, err = _finish(_train_cli(demo_dir, tmp_path, config, "onnx", "--devices", "2"))
+    run_dir = tmp_path / "onnx" / "r"
+    log = (run_dir / "train.log").read_text()
+    assert "2 processes (DDPStrategy)" in log and "frozen passes onnx-fp32" in log, log
+    assert not list(run_dir.rglob("*.tmp")) and "Traceback" not in err
+    model, _ = load_bundle(run_dir / "model")
+    out = model.eval()(torch.randn(2, 3, 32, 32))["label"]
+    assert out.shape[0] == 2 and torch.isfinite(out).all()
