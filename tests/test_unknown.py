@@ -589,6 +589,12 @@ def test_the_rate_is_the_share_not_named_down_to_the_finest_level():
         assert (few["species"] > alone).sum() == most
     three = rng.random(3)
     assert level_thresholds({"label": three}, 0.05) == {"label": three.max()}
+    # What train.log says to expect on new known images, from the same cut: 1 in 4 above
+    # the highest of 3; on 400, the 381st of 400 sorted (19 val scores above it), 20 in 401.
+    from wingspan.models.unknown import new_known_rate
+
+    assert new_known_rate(3, 0.05) == 0.25 and new_known_rate(400, 0.05) == 20 / 401
+    assert (same > level_thresholds({"label": same}, 0.05)["label"]).sum() == 19
     # One level: the val score at its 95th percentile, at most 5% above it.
     assert level_thresholds({"label": same}, 0.05) == {
         "label": np.quantile(same, 0.95, method="higher")}

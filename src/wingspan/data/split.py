@@ -14,7 +14,7 @@ from sklearn.utils import check_random_state
 from wingspan.config import SplitConfig
 from wingspan.data.leaks import with_duplicates_grouped
 from wingspan.data.samples import GROUP, PATH, SPLIT, Dataset
-from wingspan.errors import WingspanError, counted
+from wingspan.errors import WingspanError, counted, some
 from wingspan.files import atomic_path, write_text
 
 
@@ -55,7 +55,7 @@ def split_dataset(dataset: Dataset, level: str | None = None,
         finest = sorted(set(table.loc[labels == "", dataset.levels[-1]]) - {""})
         raise WingspanError(
             f"{counted(int((labels == '').sum()), 'sample has', 'samples have')} no '{level}' "
-            "label" + (f": those of {_some_of(finest)}." if finest else "."),
+            "label" + (f": those of {some([repr(c) for c in finest], 3)}." if finest else "."),
             hint="Give those classes their row in taxonomy.csv (or fill in the level), or "
                  "split on a level every sample has.",
         )
@@ -102,11 +102,6 @@ def split_dataset(dataset: Dataset, level: str | None = None,
     )
     result = dataset.with_table(table)
     return result, report
-
-
-def _some_of(names: list[str], n: int = 3) -> str:
-    shown = ", ".join(f"'{c}'" for c in names[:n])
-    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def _keep_one_in_train(split: np.ndarray, labels: np.ndarray, groups: np.ndarray,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import math
 import os
 import shutil
 import time
@@ -42,7 +41,7 @@ from wingspan.models.classifier import Classifier
 from wingspan.models.factory import choose_backbone
 from wingspan.models.policy import Policy, settings_with_environment
 from wingspan.models.runtime import forget_sessions
-from wingspan.models.unknown import UNKNOWN, UnknownDetector
+from wingspan.models.unknown import UNKNOWN, UnknownDetector, new_known_rate
 from wingspan.parallel import Processes, rank_seed
 from wingspan.progress import Bar
 from wingspan.training.checkpoint import load_checkpoint
@@ -744,11 +743,9 @@ def _fit_unknown(run: Run, val: tuple, temperature: float) -> UnknownDetector:
     feats, logits, labels = _final_outputs(run, "train")
     levels = run.data.levels
     rate, n = run.config.unknown_rate, len(val[0])
-    # The threshold is the val score with at most `rate` of the n above it, the i-th of
-    # them (from 0): a new known image scores above it with chance (n - i) / (n + 1), which
-    # on a few val images is well over `rate` (1 in 4 of 3), +- 2 binomial standard
-    # deviations.
-    expected = (n - math.ceil((1 - rate) * (n - 1))) / (n + 1) if n else 1.0
+    # On few val images the threshold's rate on new known images is well over `rate`,
+    # and loose: +- 2 binomial standard deviations.
+    expected = new_known_rate(n, rate)
     spread = 2 * (expected * (1 - expected) / max(n, 1)) ** 0.5
     few = spread > rate / 2 or expected > 1.5 * rate
     run.log(f"Unknown answer ('{run.config.unknown_score}'): the threshold turns away at most "
