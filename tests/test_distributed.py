@@ -344,7 +344,8 @@ def test_a_run_folder_rank_0_cannot_make_stops_every_torchrun_process_cleanly(de
 def test_two_processes_train_with_frozen_passes_on_onnx_runtime(demo_dir, tmp_path):
     """Each rank exports its own graphs for the frozen passes (and both may keep one in the
     shared cache folder at once): the run ends, its ranks agree, and its model predicts."""
-    config = _config(tmp_path, runtime="onnx", epochs_head=2, epochs_finetune=1)
+    config = _config(tmp_path, runtime="onnx", device="cpu", epochs_head=2,  # (a CPU engine:
+                     epochs_finetune=1)  # refused on a GPU, whatever the box)
     _, err = _finish(_train_cli(demo_dir, tmp_path, config, "onnx", "--devices", "2"))
     run_dir = tmp_path / "onnx" / "r"
     log = (run_dir / "train.log").read_text()
