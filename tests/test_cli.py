@@ -63,7 +63,7 @@ def test_split_command(run_cli, demo_dir, tmp_path, monkeypatch):
     assert code == 0 and "While reading the data: 1 x empty class, e.g. class folder 'empty " \
         "class' has no images" in " ".join(err.split())
     # The path on one line of typer's error box. typer draws it on a console it makes for
-    # each error, so $COLUMNS set now counts (cli.out's and cli.err's widths, fixed at
+    # each error, so $COLUMNS set now counts (the consoles' widths, fixed at
     # import, are not the ones that draw it).
     monkeypatch.setenv("COLUMNS", "400")
     code, _, err = run_cli("data", "split", demo_dir, "--out", tmp_path / "splits.csv")
@@ -132,9 +132,9 @@ def test_a_bad_setting_from_a_config_file_keeps_its_name(run_cli, demo_dir, tmp_
 def test_weights_that_are_no_keyword_and_no_file_say_what_weights_takes(
         run_cli, demo_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # `data`: no such file or folder here
-    # (At any width: main prints a WingspanError on cli.err, which never wraps a line.)
+    # (At any width: main prints a WingspanError on the err console, which never wraps a line.)
     read = []  # said before the data is read (slow on a large dataset)
-    monkeypatch.setattr("wingspan.cli._read", lambda *args: read.append(args))
+    monkeypatch.setattr("wingspan.cli.train.read_data", lambda *args: read.append(args))
     code, _, err = run_cli("train", demo_dir, "--weights", "data", "--backbone",
                            "test_efficientnet", "--runs-dir", tmp_path / "runs", "--quiet")
     assert code == 2 and "--weights data is neither a keyword (auto, none) nor an existing " \
@@ -231,7 +231,7 @@ def test_models_list_shows_offline_weights(run_cli):
 def test_tables_fold_long_names_in_80_columns(run_cli, monkeypatch):
     """A narrow terminal, or a pipe (rich then assumes 80 columns), keeps every name whole:
     folded onto a second line, not cut to 'tf_efficientnet_l…' for both Lite0 and Lite2."""
-    from wingspan import cli
+    from wingspan.cli import common as cli
 
     monkeypatch.setattr(cli.out, "_width", 80)  # rich's own field: restored to None after
     code, out, _ = run_cli("models", "list")
@@ -318,10 +318,10 @@ def test_commands_that_read_images_refuse_a_bad_workers_as_train_does(
 
 
 def test_a_score_just_over_its_threshold_reads_as_over_it():
-    from wingspan.cli import _apart
+    from wingspan.cli.common import apart
 
-    assert _apart(1.00023, 1.0002) == ("1.00023", "1.0002")  # not "1 > 1"
-    assert _apart(0.8123, 0.25) == ("0.812", "0.25")
+    assert apart(1.00023, 1.0002) == ("1.00023", "1.0002")  # not "1 > 1"
+    assert apart(0.8123, 0.25) == ("0.812", "0.25")
 
 
 def test_the_command_list_reads_as_sentences():
@@ -366,14 +366,14 @@ def test_a_count_of_one_takes_the_singular(run_cli, demo_dir, tmp_path):
 def test_train_ends_with_the_seconds_per_stage_and_the_engine_timing_in_them(tmp_path, capsys):
     """The last lines of `wingspan train`: the stage totals count the engine timing that the
     log's 'Stage ... took' lines leave out, and say so, in words rather than a dict."""
-    from wingspan.cli import _print_run
+    from wingspan.cli.train import print_run
 
     metrics = {"best": {"val_macro_f1": 1.0, "val_acc": 1.0, "stage": "finetune", "epoch": 1},
                "stage_seconds": {"head": 37.4, "finetune": 62.8},
                "engines": {"frozen": {"how": "measured", "seconds": 13.79},
                            "train": {"how": "cached", "seconds": 0.0}}}
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
-    _print_run(tmp_path)
+    print_run(tmp_path)
     out = " ".join(capsys.readouterr().out.split())
     assert "seconds: head 37.4, finetune 62.8 (timing the engines included: 13.8)" in out, out
     assert "{" not in out
@@ -385,7 +385,7 @@ def test_class_names_and_paths_are_printed_as_they_are_not_as_rich_markup(run_cl
     nothing): inspect, split, audit and explain print them as the files name them."""
     from helpers import folder_dataset
 
-    from wingspan import cli
+    from wingspan.cli import common as cli
 
     # Table cells on one line. rich reads $COLUMNS once, when the console is made: an
     # import under pytest-xdist may have fixed it already, so set the console's own field.
@@ -412,11 +412,11 @@ def test_class_names_and_paths_are_printed_as_they_are_not_as_rich_markup(run_cl
 
 
 def test_a_class_name_with_a_comma_is_quoted_in_lists_of_names():
-    from wingspan.cli import _some
+    from wingspan.cli.common import some
 
-    assert _some(["Danaus plexippus, Monarch", "admiral"]) == \
+    assert some(["Danaus plexippus, Monarch", "admiral"]) == \
         "'Danaus plexippus, Monarch', admiral"
-    assert _some(list("abc"), n=2) == "a, b ... (+1)"
+    assert some(list("abc"), n=2) == "a, b ... (+1)"
 
 
 def test_an_exported_model_or_an_unwritable_output_is_refused_before_any_work(tmp_path,

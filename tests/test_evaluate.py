@@ -411,11 +411,11 @@ def test_a_temperature_that_makes_calibration_worse_is_said(evaluation, capsys):
     with what to do."""
     from types import SimpleNamespace
 
-    from wingspan.cli import _print_evaluation
+    from wingspan.cli.evaluate import print_evaluation
 
     m = evaluation.metrics
     for ece, said in ((m["ece_uncalibrated"] + 0.2, True), (m["ece_uncalibrated"], False)):
-        _print_evaluation(SimpleNamespace(metrics={**m, "ece": ece}, report=evaluation.report))
+        print_evaluation(SimpleNamespace(metrics={**m, "ece": ece}, report=evaluation.report))
         out = capsys.readouterr().out
         assert ("less calibrated" in out and "wingspan calibrate RUN DATA" in out) == said
 
@@ -533,7 +533,7 @@ def test_evaluate_other_data_with_a_class_map_shows_the_drop_per_class(trained, 
         folder = tmp_path / "other" / renamed.get(label, label)
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copy(path, folder / f"{len(list(folder.iterdir()))}{Path(path).suffix}")
-    from wingspan import cli
+    from wingspan.cli import common as cli
 
     monkeypatch.setattr(cli.out, "_width", 200)  # the transfer table's names on one line
     code, stdout, stderr = run_cli(

@@ -288,7 +288,7 @@ def _cells(out: str) -> list[list[str]]:
 
 
 def test_runs_command_table_and_outputs(run_cli, runs_dir, finished, tmp_path, monkeypatch):
-    from wingspan import cli
+    from wingspan.cli import common as cli
 
     monkeypatch.setattr(cli.out, "_width", 400)  # a row on a line (rich's own field)
     monkeypatch.chdir(tmp_path)  # RUNS_DIR by default: runs/, as train writes it

@@ -382,7 +382,7 @@ def test_cli_killed_at_runs_in_the_callers_environment_and_folder(tmp_path, monk
     folder_dataset(tmp_path / "flutter", {"monarch": 1, "admiral": 1}, (8, 8))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WINGSPAN_MAX_PIXELS", "lots")
-    never = ("wingspan.cli:_pixel_budget", 1, "never")
+    never = ("wingspan.cli.app:pixel_budget", 1, "never")
     said = cli_killed_at(["data", "inspect", "flutter", "--metadata-only"], *never)
     assert said.returncode != 0 and "$WINGSPAN_MAX_PIXELS is 'lots'" in said.stderr
     monkeypatch.delenv("WINGSPAN_MAX_PIXELS")

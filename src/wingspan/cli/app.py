@@ -1,0 +1,115 @@
+"""The `wingspan` app, its `data` and `models` groups, and `main`: the entry point that turns
+a user's error into a message and a hint (exit code 2) instead of a traceback."""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+from wingspan import __version__
+from wingspan.cli.common import err, out, pixel_budget, plain
+from wingspan.config import MAX_PIXELS_ENV
+from wingspan.errors import WingspanError
+
+app = typer.Typer(
+    help="Train, evaluate and explain butterfly image classifiers by transfer learning.",
+    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+)
+data_app = typer.Typer(help="Read, check, split and preview datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+models_app = typer.Typer(help="Backbones and their pretrained weights.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@app.callback(invoke_without_command=True)
+def _root(version: Annotated[bool, typer.Option("--version", help="Show the version.")] = False):
+    if version:
+        out.print(f"wingspan {__version__}")
+        raise typer.Exit()
+    budget = os.environ.get(MAX_PIXELS_ENV)
+    if budget is not None and pixel_budget(budget) is None:
+        raise WingspanError(f"${MAX_PIXELS_ENV} is {budget!r}, not a number of pixels.",
+                            hint=f"Set it to a whole number, e.g. {MAX_PIXELS_ENV}=100000000 "
+                                 "(100 MP), or unset it.")
+
+
+def one_line_summaries(*apps: typer.Typer) -> None:
+    """`wingspan --help` lists each command by its docstring's first paragraph, which in
+    rich mode would keep the source's line breaks mid-sentence: join them."""
+    import inspect
+
+    for each in apps:
+        for info in each.registered_commands:
+            if info.short_help is None and info.callback is not None:
+                first = (inspect.getdoc(info.callback) or "").split("\n\n")[0]
+                info.short_help = " ".join(first.split())
+
+
+def _rank() -> int:
+    """This process's rank: the process group's, or before it exists the launcher's
+    (torchrun sets RANK in every process it starts)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def _home_expanded(argv: list[str]) -> list[str]:
+    """A quoted "~/runs" (or --out=~/runs), which the shell passes as it is, is the user's
+    home as every other tool reads it: never a folder named "~" made in the current one
+    (which a user may later clean up with `rm -rf ~`)."""
+    expanded = []
+    for arg in argv:
+        option, eq, value = arg.partition("=")
+        if arg.startswith("~"):
+            arg = os.path.expanduser(arg)
+        elif arg.startswith("--") and eq and value.startswith("~"):
+            arg = f"{option}={os.path.expanduser(value)}"
+        expanded.append(arg)
+    return expanded
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app; user errors print as a message and a hint, exit code 2."""
+    try:
+        app(args=_home_expanded(sys.argv[1:] if argv is None else list(argv)),
+            prog_name="wingspan")
+    except WingspanError as e:
+        if e.every_rank and _rank() != 0:  # rank 0 says it once for all
+            sys.exit(2)
+        err.print(f"[bold red]Error:[/] {plain(e.message)}", highlight=False)
+        if e.hint:
+            err.print(f"[cyan]Hint:[/] {plain(e.hint)}", highlight=False)
+        sys.exit(2)
+    except (FileExistsError, NotADirectoryError) as e:  # a file named where a folder goes
+        from wingspan.files import not_a_folder
+
+        err.print(f"[bold red]Error:[/] {plain(not_a_folder(e.filename or '?').message)}",
+                  highlight=False)
+        err.print("[cyan]Hint:[/] Name another folder, or move the file.", highlight=False)
+        sys.exit(2)
+    except PermissionError as e:  # a folder or file this user may not read or write
+        err.print(f"[bold red]Error:[/] Permission denied: {plain(e.filename or str(e))}.",
+                  highlight=False)
+        err.print("[cyan]Hint:[/] Check its permissions (ls -l), or name a file or folder "
+                  "you may use.", highlight=False)
+        sys.exit(2)
+    except OSError as e:
+        if e.errno == errno.EROFS:
+            err.print(f"[bold red]Error:[/] {plain(e.filename or str(e))} is on a read-only file "
+                      "system.", highlight=False)
+            err.print("[cyan]Hint:[/] Write elsewhere (--runs-dir or --out), or mount it "
+                      "writable.", highlight=False)
+            sys.exit(2)
+        if e.errno != errno.ENOSPC:
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        err.print(f"[bold red]Error:[/] The disk is full{where}.", highlight=False)
+        err.print("[cyan]Hint:[/] Free some space and run the command again (a training run "
+                  "continues with --resume).", highlight=False)
+        sys.exit(2)

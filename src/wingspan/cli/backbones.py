@@ -1,0 +1,116 @@
+"""`wingspan models list` and `wingspan doctor`: the backbones, their offline weights, and
+what each engine measures on this machine."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from wingspan.cli.app import app, models_app
+from wingspan.cli.common import err, folding, out, plain
+from wingspan.cli.options import DeviceOpt, Precision, Runtime
+from wingspan.config import TrainConfig
+
+T = TrainConfig  # defaults shown in --help come from the one config
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Show the registered backbones and whether ImageNet weights are available offline here.
+
+    Any other timm model name can be passed to --backbone too.
+    """
+    from rich.table import Table
+
+    from wingspan.models import BACKBONES
+    from wingspan.models.weights import find_offline
+
+    table = Table("backbone", folding("timm model"), "input", "unfreeze", "offline weights",
+                  title="Backbones")
+    for name, spec in BACKBONES.items():
+        source = find_offline(spec)
+        table.add_row(name, spec.timm_name, str(_input_size(spec.timm_name)), str(spec.unfreeze),
+                      f"[green]yes ({source})[/]" if source else "[yellow]no[/]")
+        if not source:  # said for the backbones that lack them, not for every table
+            table.caption = ("A backbone without offline weights: pass --weights PATH, or "
+                             "run once with a network (the download is cached).")
+    out.print(table)
+
+
+def _input_size(timm_name: str) -> int:
+    import timm
+
+    return timm.models.get_pretrained_cfg(timm_name).input_size[-1]
+
+
+@app.command("doctor")
+def doctor_command(
+    backbone: Annotated[str, typer.Option(help="The backbone to time the engines on.")]
+    = T.backbone,
+    image_size: Annotated[int | None, typer.Option(
+        min=16, help="Input size (default: the backbone's).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Batch size the runs will use.")]
+    = T.batch_size,
+    device: DeviceOpt = T.device,
+    precision: Precision = T.precision,
+    runtime: Runtime = T.runtime,
+    train_step: Annotated[bool, typer.Option(
+        "--train-step/--no-train-step", help="Also time the fine-tuning step.")] = True,
+) -> None:
+    """Show this machine, what every engine measures on it for a backbone, what `auto`
+    picks (and stores for later runs), and which ImageNet weights are here offline.
+
+    Run it first when something is slow. It measures afresh and updates the cached choice.
+    """
+    from rich.table import Table
+
+    from wingspan.doctor import diagnose
+
+    with err.status(f"Timing every engine on {backbone}..."):
+        d = diagnose(backbone, image_size, batch_size, device, precision, runtime, train_step)
+    m = d.machine
+    table = Table(show_header=False, title="Machine", title_justify="left", box=None)
+    table.add_row("CPU", f"{m['cpu']}, {m['cores']} cores; torch uses {m['torch_threads']} "
+                  "threads")
+    table.add_row("ISA", f"{m['isa']} (torch kernels: {m['torch_isa']})")
+    table.add_row("bf16 on the CPU", "native" if m["cpu_bf16"] else
+                  "emulated (no AMX / AVX-512 bf16): not a candidate unless forced")
+    table.add_row("CUDA", ", ".join(m["cuda"]) or "no GPU")
+    table.add_row("versions", ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+                  + f", python {m['python']}")
+    out.print(table)
+    policy = d.policy
+    for title, choice, engines, left_out in (
+            ("Frozen passes (feature cache, validation, evaluate, predict)", policy.frozen,
+             policy.frozen_candidates, policy.left_out),
+            ("Training step (fine-tuning the default stages)", policy.train,
+             policy.train_candidates, policy.train_left_out)):
+        if choice is None:
+            continue
+        t = Table("engine", "images/s", "vs torch-fp32", "images changed", "",
+                  title=f"{title}: {d.backbone} at {d.size} px, batch {d.batch_size}",
+                  title_justify="left")
+        fp32 = choice.images_per_s.get("torch-fp32")
+        for e in engines:
+            speed = choice.images_per_s.get(e.name)
+            status = ("[green]picked[/]" if e == choice.engine else
+                      f"[yellow]rejected: {choice.rejected[e.name]}[/]"
+                      if e.name in choice.rejected else "")
+            change = choice.changed.get(e.name)
+            t.add_row(e.name, f"{speed:.1f}" if speed else "-",
+                      f"{speed / fp32:.2f}x" if speed and fp32 else "-",
+                      f"{change:.0%}" if change is not None else "-", status)
+        for name, why in left_out.items():
+            t.add_row(f"[dim]{name}[/]", "-", "-", "-", f"[dim]not a candidate: {why}[/]")
+        out.print(t)
+    out.print(f"Picked: {policy.describe()}")
+    out.print(f"Kept in {plain(d.cache)}: runs of {d.backbone} at {d.size} px, batch "
+              f"{d.batch_size} on this machine use it without timing again. Timed with weights: "
+              f"{d.weights}.")
+    weights = Table("backbone", "ImageNet weights offline", title="Offline weights",
+                    title_justify="left")
+    for name, source in d.offline_weights.items():
+        weights.add_row(name, f"[green]{source}[/]" if source else "[yellow]no[/] (--weights "
+                        "PATH, or one run with a network)")
+    out.print(weights)

@@ -1,0 +1,132 @@
+"""What the commands share: the consoles they print on, and small helpers (markup-free
+text, paths as shown, configs whose errors name the options typed, the data read)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from wingspan.config import ReadConfig, SettingError
+from wingspan.errors import WingspanError
+
+# Results on stdout; progress bars and errors on stderr. soft_wrap: a long line is left for
+# the terminal to wrap, so a path printed in it copies whole (rich would break it in two).
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+def plain(text) -> str:
+    """A path, class name or message as it is: `IMG [male].jpg` is not Rich markup."""
+    return escape(str(text))
+
+
+def here(path) -> Path:
+    """A resolved path shown as other commands show theirs: relative to the working folder
+    when it lies inside it (runs/NAME), else as it is."""
+    path = Path(path)
+    try:
+        return path.relative_to(Path.cwd())
+    except ValueError:
+        return path
+
+
+def make_config(ctx: typer.Context, make, *args, **values):
+    """`make(*args, **values)`: a config, whose errors name the options typed on the command
+    line (--val-fraction) rather than the settings they set (val_fraction); a setting from
+    a config file keeps its name. An option is found by its parameter's name, which is the
+    setting's."""
+    try:
+        return make(*args, **values)
+    except SettingError as e:
+        typed = {p.name: max(p.opts, key=len) for p in ctx.command.params
+                 if p.param_type_name == "option"
+                 and ctx.get_parameter_source(p.name).name == "COMMANDLINE"}
+        raise WingspanError(e.worded(typed), hint=e.hint) from None
+
+
+def apart(a: float, b: float) -> tuple[str, str]:
+    """Two numbers with as many significant digits as it takes (3 to 8) for them to read
+    differently: a score just over its threshold must not print as "1 > 1"."""
+    digits = next((d for d in range(3, 9) if f"{a:.{d}g}" != f"{b:.{d}g}"), 8)
+    return f"{a:.{digits}g}", f"{b:.{digits}g}"
+
+
+def check_output_file(path: Path, suffixes: tuple[str, ...]) -> None:
+    """Before any work: a file of a known kind, where one can be written (the results of a
+    long prediction are not to be lost to a typo in --output)."""
+    if path.is_dir():
+        raise WingspanError(f"--output {path} is a folder.", hint="Name a file in it.")
+    if path.suffix.lower() not in suffixes:
+        raise WingspanError(f"--output {path}: the file must end in {' or '.join(suffixes)}.",
+                            hint=f"e.g. --output predictions{suffixes[0]}")
+    existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+    if existing != path.absolute() and not existing.is_dir():
+        raise WingspanError(f"--output {path}: {existing} is a file, not a folder.")
+    folder = existing if existing.is_dir() else existing.parent
+    try:  # a file made and removed: os.access says yes to root in /proc or a read-only mount
+        probe = folder / f".{path.name}.{os.getpid()}.probe"
+        probe.open("w").close()
+        probe.unlink()
+    except OSError as e:
+        raise WingspanError(f"--output {path}: {folder} cannot be written to "
+                            f"({e.strerror or e}).",
+                            hint="Write somewhere you have write access.") from e
+
+
+def read_data(data: Path, format: str | None, group_regex: str | None, strict: bool,
+              check_files: bool = True, report: bool = False):
+    """DATA read; with `report`, what reading left out or flagged said first, as train says
+    it (inspect lists every case itself)."""
+    from wingspan.data import read_dataset
+    from wingspan.data.samples import report_reading
+
+    dataset = read_dataset(data, ReadConfig(format=format, group_regex=group_regex,
+                                            strict=strict, check_files=check_files))
+    if report:
+        report_reading(dataset, lambda line: err.print(f"[yellow]{escape(line)}[/]",
+                                                       highlight=False))
+    return dataset
+
+
+def pixel_budget(text: str) -> int | None:
+    from wingspan.data.images import pixel_budget  # (Pillow: not for --help)
+
+    return pixel_budget(text)
+
+
+def some(items, n: int = 8) -> str:
+    """The first n names, comma-separated; names that hold a comma themselves quoted
+    ("Danaus plexippus, Monarch" is one class, not two)."""
+    items = [f"'{i}'" if "," in str(i) else str(i) for i in items]
+    return ", ".join(items[:n]) + (f" ... (+{len(items) - n})" if len(items) > n else "")
+
+
+def folding(header: str):
+    """A column whose long values (a path, a timm name) fold onto more lines in a narrow
+    terminal or a pipe (80 columns), instead of losing their ends to an ellipsis."""
+    from rich.table import Column
+
+    return Column(header, overflow="fold")
+
+
+def is_main_process() -> bool:
+    """False in the ranks above 0 of a distributed run: they print nothing."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+@contextlib.contextmanager
+def same_on_every_rank():
+    """Errors in the options themselves: under torchrun every process finds the same one
+    before training starts, and rank 0 alone says it (not once per process)."""
+    try:
+        yield
+    except WingspanError as e:
+        e.every_rank = True
+        raise

@@ -1,0 +1,295 @@
+"""`wingspan evaluate`, `calibrate` and `adapt`: score a model, fit its temperature or
+unknown scores again, or fit its head to unlabelled photos."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from wingspan.cli.app import app
+from wingspan.cli.common import here, make_config, out, plain, some
+from wingspan.cli.options import (
+    DeviceOpt,
+    MaxPixels,
+    Model,
+    Precision,
+    Quiet,
+    Runtime,
+    UnknownScoreOpt,
+    Workers,
+)
+from wingspan.config import AdaptConfig, TrainConfig, name_pairs
+from wingspan.errors import WingspanError, counted
+
+T = TrainConfig  # defaults shown in --help come from the one config
+
+
+@app.command("evaluate")
+def evaluate_command(
+    model: Model,
+    data: Annotated[Path | None, typer.Argument(
+        help="Data to evaluate on (default: the run's own split).", show_default=False)] = None,
+    split: Annotated[str | None, typer.Option(
+        help="train | val | test | all (default: test, else val).")] = None,
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out", help="Output folder (default: RUN/evaluation-SPLIT; other DATA: "
+        "RUN/evaluation-NAME-SPLIT; then -unknown with --unknown, -SCORE with another "
+        "--unknown-score than the model's, -tta with --tta).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = T.batch_size,
+    device: DeviceOpt = T.device,
+    precision: Precision = T.precision,
+    runtime: Runtime = T.runtime,
+    workers: Workers = None,
+    max_pixels: MaxPixels = None,
+    class_map: Annotated[list[str] | None, typer.Option(
+        "--map", help="MODEL_CLASS=DATA_CLASS (repeat, or separate with commas): evaluate on "
+        "data that names classes differently; the report shows each class's drop.")] = None,
+    unknown: Annotated[Path | None, typer.Option(
+        help="A folder of images of classes the model never saw: how well it answers "
+        "\"unknown\" (AUROC, FPR at 95% TPR, the cost to known classes).",
+        show_default=False)] = None,
+    unknown_score: UnknownScoreOpt = None,
+    tta: Annotated[bool, typer.Option(help="Test-time augmentation: average flips and crops, "
+                                      "as predict --tta.")] = False,
+    plots: Annotated[bool, typer.Option(help="Draw the plots (PNGs, and in the report). "
+                                        "--no-plots: the metrics and tables alone, seconds "
+                                        "sooner for a small evaluation.")] = True,
+    quiet: Quiet = False,
+) -> None:
+    """Metrics, confusion matrix, curves, mistakes, calibration and an HTML report. The
+    model is not changed (see `wingspan calibrate`)."""
+    from wingspan.evaluate.run import evaluate
+
+    result = evaluate(model, data, split, out_dir, progress=not quiet,
+                      batch_size=batch_size, workers=workers, runtime=runtime,
+                      precision=precision, device=device,
+                      class_map=name_pairs(class_map or [], "--map"), unknown=unknown,
+                      unknown_score=unknown_score, tta=tta, plots=plots)
+    print_evaluation(result)
+
+
+def _print_unknown(u: dict) -> None:
+    from rich.table import Table
+
+    from wingspan.evaluate.run import at_threshold
+
+    table = Table("score", "AUROC", "FPR at 95% TPR", title=f"Unknown images: "
+                  f"{u['unseen_images']} of unseen classes against the known ones")
+    for name, v in u["scores"].items():
+        mark = " (in use)" if name == u["score"] else ""
+        table.add_row(name + mark, f"{v['auroc']:.4f}", f"{v['fpr95']:.4f}")
+    out.print(table)
+    out.print(at_threshold(u))
+    if u.get("unreadable"):  # not scored: the figures above are of the rest
+        out.print(f"[yellow]{len(u['unreadable'])} of the --unknown images could not be read[/]"
+                  f" and were not scored, e.g. {plain(u['unreadable'][0][0])}: "
+                  f"{escape(u['unreadable'][0][1])} (all in metrics.json)")
+
+
+def print_evaluation(result) -> None:
+    from rich.table import Table
+
+    from wingspan.evaluate.metrics import summary_rows
+    from wingspan.evaluate.run import answer_rows, left_out_wording, unreadable_wording
+
+    m = result.metrics
+    table = Table("metric", "value", title=f"{m['split']} split, level '{plain(m['level'])}': "
+                  + counted(m["images"], "image")
+                  + (", test-time augmentation" if m.get("tta") else ""))
+    for label, value in summary_rows(m):
+        table.add_row(label, value)
+    table.add_row("ECE (temperature)", f"{m['ece_uncalibrated']:.4f} -> {m['ece']:.4f} "
+                  f"(T = {m['temperature']:.2f})")
+    worse = m["ece"] > m["ece_uncalibrated"] + 0.01
+    # The metrics above name a class for every image; the answer may not.
+    for label, value in answer_rows(m.get("answers")):
+        table.add_row(label, value)
+    out.print(table)
+    if m.get("fair", "").startswith("no"):  # evaluated on images trained or chosen on
+        out.print(f"[yellow]Are these figures fair?[/] {escape(m['fair'])}.")
+    if m.get("tta_note"):
+        out.print(f"Test-time augmentation: {escape(m['tta_note'])}.")
+    if worse:  # fitted on the run's own val, the temperature may not carry to other photos
+        out.print("[yellow]The temperature makes these probabilities less calibrated (ECE "
+                  f"{m['ece_uncalibrated']:.3f} -> {m['ece']:.3f}).[/] `wingspan calibrate RUN "
+                  "DATA` fits one on labelled photos like these"
+                  + (", named as the model names its classes" if m.get("transfer") else "")
+                  + ("; it fits on single views, so compare without --tta."
+                     if m.get("tta_note") else "."))
+    if said := unreadable_wording(m):
+        out.print(f"[yellow]{plain(said)}.[/]")
+    if said := left_out_wording(m, some(m.get("unknown_classes", [])),
+                                "--map MODEL_CLASS=DATA_CLASS"):
+        out.print(f"[yellow]{plain(said)}[/]")
+    if m.get("absent_classes"):
+        absent = len(m["absent_classes"])
+        out.print(f"{counted(absent, 'class', 'classes')} of the model's "
+                  f"{'has' if absent == 1 else 'have'} no images here and "
+                  f"{'is' if absent == 1 else 'are'} left out of "
+                  "the per-class table and the macro averages: "
+                  f"{plain(some(m['absent_classes']))}")
+    if m.get("transfer"):
+        named = "named here" in m["transfer"][0]
+        transfer = Table("model class", "data class", "recall on own data", "recall here",
+                         "drop", "images here", *(["named here"] if named else []),
+                         title="Transfer per class")
+        def figure(value, spec: str) -> str:  # none: no images to measure it on
+            return "-" if value is None or value != value else format(value, spec)
+
+        for r in m["transfer"]:
+            transfer.add_row(plain(r["model class"]), plain(r["data class"]),
+                             *(figure(r[k], ".3f") for k in ("recall on own data",
+                                                              "recall here", "drop")),
+                             str(r["images here"]),
+                             *([figure(r["named here"], ".1%")] if named else []))
+        out.print(transfer)
+    if m.get("unknown"):
+        _print_unknown(m["unknown"])
+    if m.get("hierarchy"):
+        h = m["hierarchy"]
+        levels = Table("method", *map(plain, h["levels"]), title="Micro-F1 per level")
+        levels.add_row("marginalisation (consistent)",
+                       *[f"{v['micro_f1']:.3f}" for v in h["levels"].values()])
+        if "heads" in next(iter(h["levels"].values())):
+            levels.add_row("per-level heads",
+                           *[f"{v['heads']['micro_f1']:.3f}" for v in h["levels"].values()])
+        out.print(levels)
+        for lv, v in h["levels"].items():
+            if n := v.get("no_truth"):
+                out.print(f"[yellow]{counted(n, 'image')} with no {plain(lv)} the model knows "
+                          f"(blank, or a name its tree lacks) {'is' if n == 1 else 'are'} "
+                          f"left out of the {plain(lv)} figures.[/]")
+        heads = h["consistency"]["heads"]
+        out.print(f"Consistent predictions: {h['consistency']['marginalised']:.1%} marginalised"
+                  + (f", {heads:.1%} from the per-level heads" if heads is not None else "")
+                  + f"; mean mistake depth {h['mean_mistake_depth']:.2f}")
+    if m["unreadable"]:
+        out.print(f"[yellow]{counted(len(m['unreadable']), 'image')} could not be read[/] "
+                  "(in metrics.json)")
+    out.print(f"Report: {plain(result.report)}")
+
+
+@app.command("calibrate")
+def calibrate_command(
+    model: Model,
+    data: Annotated[Path | None, typer.Argument(
+        help="Labelled data to fit on (default: the run's own).", show_default=False)] = None,
+    split: Annotated[str | None, typer.Option(
+        help="train | val | test | all (default: val; all of DATA when it has no split).",
+        show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = T.batch_size,
+    device: DeviceOpt = T.device,
+    workers: Workers = None,
+    max_pixels: MaxPixels = None,
+    class_map: Annotated[list[str] | None, typer.Option(
+        "--map", help="MODEL_CLASS=DATA_CLASS (repeat, or separate with commas): fit on data "
+        "that names classes differently, as evaluate's --map.")] = None,
+    unknown: Annotated[bool, typer.Option(
+        "--unknown", help="Instead: fit the unknown scores again on the run's own train and "
+        "val images (e.g. with another --unknown-rate or --unknown-score).")] = False,
+    unknown_rate: Annotated[float | None, typer.Option(
+        help="With --unknown: the share of known val images it may turn away (default: "
+        "the model's own).",
+        show_default=False)] = None,
+    unknown_score: UnknownScoreOpt = None,
+    quiet: Quiet = False,
+) -> None:
+    """Fit the model's temperature again (training fits it on its val split) and store it
+    in the bundle, e.g. on labelled photos from where the model will be used; or, with
+    --unknown, its unknown scores and thresholds."""
+    from wingspan.evaluate.calibration import calibrate_warnings
+    from wingspan.evaluate.run import calibrate, fit_unknown
+
+    if unknown:
+        if data is not None or split is not None or class_map:
+            raise WingspanError("calibrate --unknown fits the unknown scores on the run's own "
+                                "train and val images: it takes no DATA, --split or --map.",
+                                hint="Leave DATA, --split and --map out (without --unknown "
+                                     "they choose what the temperature is fitted on).")
+        u = fit_unknown(model, unknown_rate, unknown_score, progress=not quiet,
+                        batch_size=batch_size, workers=workers, device=device)
+        out.print(f"Unknown scores fitted on {u['train_images']} training images; thresholds "
+                  f"set on {u['val_images']} val images to turn away {u['rate']:.0%} of known "
+                  f"ones; default score '{u['score']}'")
+        return
+    if unknown_rate is not None or unknown_score is not None:
+        raise WingspanError("--unknown-rate and --unknown-score set the unknown answer, which "
+                            "`calibrate` fits again only with --unknown.",
+                            hint="Add --unknown (the temperature is then left as it is).")
+    c = calibrate(model, data, split, progress=not quiet, batch_size=batch_size,
+                  workers=workers, device=device, class_map=name_pairs(class_map or [], "--map"))
+    out.print(f"Temperature {c['previous_temperature']:.3f} -> {c['temperature']:.3f}, fitted "
+              f"on {counted(c['images'], 'image')} ({plain(c['fitted_on'])}); ECE "
+              f"{c['val_ece_previous']:.4f} -> {c['val_ece_after']:.4f} "
+              f"({c['val_ece_before']:.4f} without a temperature)"
+              + (f"; by the {c['method']}" if c["method"] != "likelihood" else ""))
+    for note in calibrate_warnings(c):
+        out.print(f"[yellow]Warning:[/] {escape(note)}")
+
+
+A = AdaptConfig
+
+
+@app.command("adapt")
+def adapt_command(
+    ctx: typer.Context,
+    model: Model,
+    photos: Annotated[list[str], typer.Argument(
+        help="Unlabelled photos from where the model will be used: files, folders, globs.",
+        show_default=False)],
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out", help="The adapted run's folder (default: RUN-adapted).",
+        show_default=False)] = None,
+    neighbours: Annotated[int, typer.Option(
+        help="Neighbours per image in the graph that label spreading passes classes over."
+    )] = A.neighbours,
+    confidence: Annotated[float, typer.Option(
+        help="The head's calibrated probability (as predict shows it) a photo also needs "
+        "to be trained on (0: the head and its neighbours agreeing is enough).")] = A.confidence,
+    rounds: Annotated[int, typer.Option(
+        help="Refits, the head's class taken afresh from each.")] = A.rounds,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = A.batch_size,
+    device: DeviceOpt = A.device,
+    workers: Workers = None,
+    max_pixels: MaxPixels = None,
+    quiet: Quiet = False,
+) -> None:
+    """Fit a trained model to unlabelled photos of the place it will be used (e.g. a model
+    trained on web or museum images, for garden photos): its head learns from the photos
+    whose class it and their nearest neighbours agree on (self-training). Writes a new run;
+    the run itself stays as it is."""
+    from wingspan.training.adapt import adapt
+
+    config = make_config(ctx, AdaptConfig, neighbours=neighbours, confidence=confidence,
+                         rounds=rounds, batch_size=batch_size, device=device)
+    a = adapt(model, photos, out_dir, config, progress=not quiet, workers=workers)
+    used = list(a["photos_used_per_round"].values())[-1]  # the finest level's
+    fits = f" in {len(used)} refits" if len(used) > 1 else ""
+    out.print(f"{counted(a['photos'], 'photo')} ({a['unreadable']} unreadable); trained on "
+              f"{' / '.join(map(str, used))} of them{fits}; the answer "
+              f"changed for {a['changed']:.1%}")
+    out.print("Photos per class before -> after: " + ", ".join(
+        f"{plain(c)} {n} -> {a['classes_after'][c]}" for c, n in a["classes_before"].items()))
+    out.print(f"On the run's own val images: accuracy {a['val_accuracy_before']:.4f} -> "
+              f"{a['val_accuracy']:.4f}, temperature {a['temperature']:.3f}")
+    if not any(used):
+        bar = f" at p >= {confidence}" if confidence else ""
+        out.print(f"[yellow]No photo's class was agreed on by the head and its neighbours"
+                  f"{bar}:[/] the head stays as trained. Give photos of the species the "
+                  "model knows" + (", or a lower --confidence." if confidence else "."))
+    if a["val_images_among_photos"]:
+        out.print(f"[yellow]{a['val_images_among_photos']} of the photos are the run's own val "
+                  "images[/]: the val accuracy, temperature and unknown thresholds above are "
+                  "fitted or scored on images the head has now trained on.")
+    if a["test_images_among_photos"]:
+        out.print(f"[yellow]{a['test_images_among_photos']} of the photos are the run's own test "
+                  "images[/]: its test figures are no longer fair (evaluate says so).")
+    for level, missing in a["classes_without_training_images"].items():
+        out.print(f"[yellow]{len(missing)} '{plain(level)}' classes had no readable training "
+                  f"image[/] and keep the run's own weights: {plain(', '.join(missing[:5]))}")
+    out.print(("Replaced the earlier adapted run: " if a["replaced"] else "Adapted run: ")
+              + f"{plain(here(a['out']))}   (evaluate it like any run; its labels were never "
+              "seen, so only labelled photos from there can say how much it gained)")

@@ -1,0 +1,81 @@
+"""Options that several commands take, declared once: the data read, the engine, devices,
+processes, pixel budget and output folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from wingspan.config import MAX_PIXELS, MAX_PIXELS_ENV
+
+# Options shared by every command that reads a dataset.
+Data = Annotated[Path, typer.Argument(
+    help="A folder of class folders, a CSV (path,label,...), or an ETHEC root.",
+    show_default=False)]
+Format = Annotated[str | None, typer.Option(
+    "--format", help="folder | split-folders | csv | ethec (default: detected from DATA).")]
+GroupRegex = Annotated[str | None, typer.Option(
+    "--group-regex", help="Regex on the file name whose first group keeps images together in "
+    r"splits, e.g. '_(\d+)_\d+\.jpg$' for iNaturalist observation ids.")]
+Strict = Annotated[bool, typer.Option(
+    "--strict", help="Stop at a missing or unreadable file instead of skipping and listing it.")]
+SplitStrict = Annotated[bool, typer.Option(
+    "--strict", help="Stop at a listed file that is missing instead of skipping and listing it "
+    "(split opens no image: `data inspect` finds the unreadable ones).")]
+Level = Annotated[str | None, typer.Option(
+    "--level", help="Label level to use (default: the finest: the class folder's name, or "
+    "the CSV's label column).")]
+
+
+def check_folder(value: Path | None) -> Path | None:
+    if value is not None and value.exists() and not value.is_dir():
+        raise typer.BadParameter(f"{value} is a file; name a folder to write into.")
+    return value
+
+
+OutDir = Annotated[Path | None, typer.Option(
+    "--out", callback=check_folder, help="Output folder (default: runs/data/<dataset name>).")]
+Quiet = Annotated[bool, typer.Option(
+    "--quiet", "-q", help="No progress (bars, each epoch's line); what the figures lack is "
+    "still said.")]
+Runtime = Annotated[str, typer.Option(
+    help="Engine for passes with frozen weights: auto (the fastest, measured once per model "
+    "and machine; see `wingspan doctor`) | torch | onnx. $WINGSPAN_RUNTIME sets auto.")]
+DeviceOpt = Annotated[str, typer.Option(
+    "--device", help="auto (a GPU when there is one) | cpu | cuda | cuda:N.")]
+Devices = Annotated[int | None, typer.Option(
+    help="Processes on this machine, one per GPU (or CPU processes): Lightning Fabric starts "
+    "them (default: as torchrun started them, else 1).", show_default=False)]
+Nodes = Annotated[int | None, typer.Option(
+    help="Machines in the run (run the same command on each, or under SLURM / torchrun).",
+    show_default=False)]
+Strategy = Annotated[str, typer.Option(help="auto | ddp.")]
+
+
+def _set_max_pixels(value: int | None) -> int | None:
+    if value is not None:  # the environment reaches the data-loading worker processes too
+        os.environ[MAX_PIXELS_ENV] = str(value)
+    return value
+
+
+MaxPixels = Annotated[int | None, typer.Option(
+    "--max-pixels", min=1, callback=_set_max_pixels, show_default=False,
+    help=f"Pixel budget of one image (default {MAX_PIXELS / 1e6:.0f} MP): larger JPEGs are "
+    "decoded reduced, other images refused.")]
+UnknownScoreOpt = Annotated[str | None, typer.Option(
+    help="The unknown score to use, of those the model holds: msp | energy | mahalanobis | "
+    "knn | msp+knn (default: the one chosen at training).", show_default=False)]
+Precision = Annotated[str, typer.Option(
+    help="auto (measured, like --runtime) | fp32 | bf16 | fp16. $WINGSPAN_PRECISION sets "
+    "auto.")]
+
+
+# Every command that reads images through a data loader; checked by resolve_workers.
+Workers = Annotated[int | None, typer.Option(
+    help="Data workers (0: read the images in this process; default: per machine).",
+    show_default=False)]
+Model = Annotated[Path, typer.Argument(help="A run folder (runs/NAME) or a model bundle.",
+                                        show_default=False)]

@@ -1,0 +1,230 @@
+"""`wingspan predict`, `explain`, `serve` and `export`: a trained model put to use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from wingspan.cli.app import app
+from wingspan.cli.common import apart, check_output_file, err, folding, make_config, out, plain
+from wingspan.cli.options import (
+    DeviceOpt,
+    Devices,
+    MaxPixels,
+    Model,
+    Nodes,
+    Precision,
+    Quiet,
+    Runtime,
+    Strategy,
+    UnknownScoreOpt,
+    Workers,
+)
+from wingspan.config import ServeLimits, TrainConfig
+from wingspan.errors import WingspanError, counted
+
+T = TrainConfig  # defaults shown in --help come from the one config
+S = ServeLimits
+
+
+@app.command("predict")
+def predict_command(
+    model: Model,
+    paths: Annotated[list[str], typer.Argument(help="Image files, folders (searched "
+                                               "recursively) or globs.", show_default=False)],
+    top_k: Annotated[int, typer.Option(min=1, help="Classes to show per image.")] = 3,
+    output: Annotated[Path | None, typer.Option(
+        help="Write all predictions to a .csv or .json file.")] = None,
+    tta: Annotated[bool, typer.Option(help="Test-time augmentation: average flips and "
+                                      "crops.")] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = T.batch_size,
+    device: DeviceOpt = T.device,
+    devices: Devices = None,
+    nodes: Nodes = None,
+    strategy: Strategy = T.strategy,
+    precision: Precision = T.precision,
+    runtime: Runtime = T.runtime,
+    workers: Workers = None,
+    max_pixels: MaxPixels = None,
+    unknown_score: UnknownScoreOpt = None,
+    quiet: Quiet = False,
+) -> None:
+    """Predict the classes of images, with calibrated probabilities; an image unlike
+    every class the model knows is answered "unknown" (its closest class stays in the
+    output). With --devices N (or under torchrun) the images are shared among the
+    processes; one merged, ordered output."""
+    from rich.table import Table
+
+    from wingspan.inference import Predictor
+    from wingspan.predict import predict, predict_fabric, write_predictions
+
+    if output:
+        check_output_file(output, (".csv", ".json"))
+    fabric = predict_fabric(device, devices, nodes, strategy, workers)
+    main = fabric is None or fabric.is_global_zero
+    quiet = quiet or not main
+    predictor = Predictor(model, device=device, batch_size=batch_size, workers=workers,
+                          runtime=runtime, precision=precision, progress=not quiet,
+                          fabric=fabric, unknown_score=unknown_score)
+    if not quiet:
+        err.print(f"Engine: {predictor.policy.describe()}"
+                  + (f"; {fabric.world_size} processes" if fabric else ""), highlight=False)
+    result = predict(predictor, paths, top_k, tta, progress=not quiet, fabric=fabric)
+    if not main:
+        return
+    hierarchical = predictor.taxonomy is not None
+    # The classes after the prediction: --top-k 3 shows the next 2, and --top-k 10 of a
+    # 3-class model the next 2 as well; the header says what is shown (with --top-k 1, an
+    # unknown answer's closest class alone).
+    k = min(top_k, len(predictor.classes))
+    table = Table(folding("image"), "prediction", "probability",
+                  "taxonomy (probability per level)" if hierarchical else
+                  f"next {k - 1}" if k > 1 else "")
+    for row in result.rows[:50]:
+        (best, p), rest = row["top"][0], row["top"][1:]
+        if hierarchical:  # the consistent branch is the prediction
+            _, best, p = row["taxonomy"][-1]
+            detail = " > ".join(f"{c} {q:.2f}" for _, c, q in row["taxonomy"])
+        else:
+            detail = ", ".join(f"{c} {q:.2f}" for c, q in rest)
+        if row["answer"] != best:  # unknown here, or known only at a coarser level
+            level = f" ({plain(row['known_level'])})" if row["known_level"] else ""
+            at = f" at {row['score_level']}" if hierarchical else ""
+            if row["known_level"]:  # the probability of the class answered, at its level
+                p = next(q for lv, _, q in row["taxonomy"] if lv == row["known_level"])
+            score, limit = apart(row["unknown_score"], row["threshold"])
+            detail = f"closest: {best}; unknown score {score} > {limit}{at}; " + detail
+            best = f"[yellow]{plain(row['answer'])}[/]{level}"
+        else:
+            best = plain(best)
+        table.add_row(plain(row["path"]), best, f"{p:.3f}", plain(detail))
+    if len(result.rows) > 50:
+        table.caption = f"first 50 of {len(result.rows)}; " + (
+            f"all in {plain(output)}" if output else "--output FILE writes all")
+    if output:  # first: nothing printed after can lose it
+        write_predictions(result, output)
+    if result.rows:  # not an empty table above the skipped files
+        out.print(table)
+    for path, reason in result.failed:
+        err.print(f"[yellow]skipped[/] {plain(path)}: {plain(reason)}", highlight=False)
+    out.print(f"{counted(len(result.rows), 'image')} predicted at "
+              f"{result.images_per_second:.1f} images/s"
+              + (f"; {len(result.failed)} skipped" if result.failed else ""))
+    if output:
+        out.print(f"Wrote {plain(output)}")
+    # (by the level known, not the answer's text: a class may be named "unknown")
+    unknown = sum(r["known_level"] is None for r in result.rows)
+    coarser = sum(r.get("known_level") not in (None, predictor.level) for r in result.rows)
+    if unknown or coarser:
+        out.print(f"{counted(unknown, 'image is', 'images are')} unlike the classes the "
+                  "model knows"
+                  + (f", {coarser} known at a coarser level only" if coarser else "")
+                  + f" (unknown score '{predictor.unknown_score}' above the threshold that "
+                  f"turns away {predictor.unknown.rate:.0%} of known val images)")
+    if not result.rows:
+        raise WingspanError("No image could be predicted.", hint="Check the paths given.")
+
+
+@app.command("explain")
+def explain_command(
+    model: Model,
+    images: Annotated[list[str], typer.Argument(help="Image files, folders or globs.",
+                                                show_default=False)],
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out", help="Folder for the overlays (default: RUN/explain).")] = None,
+    device: DeviceOpt = T.device,
+) -> None:
+    """Grad-CAM overlays: where the model looked for the class it predicted, one PNG per
+    image."""
+    from wingspan.explain import explain
+    from wingspan.inference import find_bundle, output_home
+    from wingspan.predict import expand_paths
+
+    paths, missing = expand_paths(images)
+    for item, why in missing:
+        err.print(f"[yellow]skipped[/] {plain(item)}: {plain(why)}", highlight=False)
+    if not paths:
+        raise WingspanError("No image to explain.", hint="Check the paths given.")
+    out_dir = out_dir or output_home(find_bundle(model)) / "explain"
+    explained = 0
+    for e in explain(model, paths, out_dir, device=device):
+        if e.error:
+            err.print(f"[yellow]skipped[/] {plain(e.path)}: {plain(e.error)}", highlight=False)
+        else:
+            explained += 1
+            said = "" if e.answer == e.label else f" (answer: {e.answer})"
+            out.print(f"{plain(e.path)}: {plain(e.label)} {e.probability:.3f}{plain(said)} -> "
+                      f"{plain(e.png)}", highlight=False)
+    if not explained:
+        raise WingspanError("No image could be explained.", hint="Check the files given.")
+
+
+@app.command("serve")
+def serve_command(
+    ctx: typer.Context,
+    model: Model,
+    host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine "
+                                      "only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port.")] = 8000,
+    device: DeviceOpt = T.device,
+    top_k: Annotated[int, typer.Option(help="Classes per level in an answer.")] = S.top_k,
+    max_upload_mb: Annotated[float, typer.Option(
+        min=0.001, help="Largest file taken (413 above).")] = S.max_bytes / 2**20,
+    max_files: Annotated[int, typer.Option(
+        help="Most images in one request (413 above).")] = S.max_files,
+    max_in_flight: Annotated[int, typer.Option(
+        min=1, help="Most requests served at once (429 above).")] = S.max_in_flight,
+    timeout: Annotated[float, typer.Option(
+        min=0.001, help="Seconds a request may take (504 after).")] = S.timeout_s,
+) -> None:
+    """A web page (drop a photo: its classes and where the model looked) and an HTTP API:
+    POST /predict with image files, POST /explain with one; /health, /model, /docs."""
+    from wingspan.serve import serve
+
+    limits = make_config(ctx, ServeLimits, top_k=top_k, max_bytes=round(max_upload_mb * 2**20),
+                         max_files=max_files, max_in_flight=max_in_flight, timeout_s=timeout)
+    serve(model, host=host, port=port, device=device, limits=limits)
+
+
+@app.command("export")
+def export_command(
+    model: Model,
+    format: Annotated[str, typer.Option("--format", help="onnx | torchscript.")] = "onnx",
+    quantize: Annotated[str | None, typer.Option(
+        help="int8 (ONNX): static quantisation calibrated on training images, written only "
+        "when its val top-1 stays within 1 point of fp32's.")] = None,
+    out_path: Annotated[Path | None, typer.Option(
+        "--out", help="The model file (ending in .onnx, or .pt for TorchScript), or "
+        "else a folder to write it in (default: RUN/export/model.onnx, model.int8.onnx with "
+        "--quantize int8, model.pt for TorchScript); its metadata goes beside it as "
+        "FILE.json.")] = None,
+    unknown_score: UnknownScoreOpt = None,
+) -> None:
+    """A model that runs without wingspan (ONNX Runtime alone): RGB pixels in, calibrated
+    probabilities per level out, and each level's unknown score with its threshold in the
+    metadata; checked against PyTorch before it is written."""
+    import json
+
+    from wingspan.export import export_model, metadata_path
+
+    path = export_model(model, out_path, format, quantize=quantize, unknown_score=unknown_score)
+    meta = json.loads(metadata_path(path).read_text())
+    check = meta["checked"]
+    unknown = meta.get("unknown")
+    out.print(f"Wrote {plain(path)} and {plain(metadata_path(path))}: input uint8 RGB "
+              f"(N, {meta['input']['size']}, {meta['input']['size']}, 3); agrees with PyTorch "
+              f"within {check['max_abs_probability_difference']:.1e} on {check['images']} "
+              + ("generated pictures (the run's val images were not found)."
+                 if check.get("generated") else "images.")
+              + (f" int8 val top-1 {meta['int8']['val_top1_int8']:.4f} (fp32 "
+                           f"{meta['int8']['val_top1_fp32']:.4f})" if "int8" in meta else ""))
+    int8 = meta.get("int8", {})
+    own = ("; the int8 model's own, set again on its val scores (fp32's would turn away "
+           f"{int8['val_unknown_share_int8']:.1%} of known val images, not "
+           f"{unknown['rate']:.0%})" if "unknown_thresholds_fp32" in int8 else "")
+    out.print(f"Unknown score '{unknown['score']}' in the outputs "
+              f"{', '.join(unknown['outputs'].values())}, thresholds in the metadata{own}."
+              if unknown else "No unknown score (the model has none): it always names a class."
+              " `wingspan calibrate RUN --unknown` fits them.")

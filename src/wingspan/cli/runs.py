@@ -1,0 +1,134 @@
+"""`wingspan runs`: the runs of a folder side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from wingspan.cli.app import app
+from wingspan.cli.common import check_output_file, folding, here, out, plain
+from wingspan.config import RUNS_DIR
+
+
+@app.command("runs")
+def runs_command(
+    runs_dir: Annotated[Path, typer.Argument(
+        help="The folder `wingspan train` wrote its runs into (its --runs-dir).")]
+    = Path(RUNS_DIR),
+    sort: Annotated[str | None, typer.Option(
+        help="Order by this column (of the CSV: name, status, val_macro_f1, "
+        "held_out_macro_f1, train_seconds, seed...); scores best first, the rest ascending "
+        "(default: created, oldest first).", show_default=False)] = None,
+    output: Annotated[Path | None, typer.Option(
+        help="Write every column to a .csv or .json file.")] = None,
+) -> None:
+    """List the runs in RUNS_DIR side by side: status, data, backbone, seed, the val figure
+    the best epoch was chosen on and the fair held-out one, training time."""
+    from wingspan.run_table import (
+        LOCK_UNREADABLE,
+        SET_UP,
+        STOPPED,
+        run_table,
+        write_run_table,
+    )
+
+    if output:
+        check_output_file(output, (".csv", ".json"))
+    frame = run_table(runs_dir, sort)
+    if output:
+        write_run_table(frame, output)
+    if frame.empty:
+        out.print(f"No runs in {plain(runs_dir)}.")
+    else:
+        out.print(_runs_table(frame))
+        if (frame["status"] == STOPPED).any():
+            out.print(f"A stopped run continues with `wingspan train --resume "
+                      f"{plain(runs_dir)}/NAME`.")
+        if (frame["status"] == SET_UP).any():
+            out.print("A run killed while set up trained nothing: delete its folder.")
+        if (frame["status"] == LOCK_UNREADABLE).any():
+            out.print("A run whose .lock cannot be read may or may not be training now: "
+                      "ask its owner (or for read access to its .lock).")
+    if output:
+        out.print(f"Wrote {plain(output)}")
+
+
+# `wingspan runs`' columns: header, the cell of a row, and whether it is shown in a narrow
+# terminal (80 columns, or a pipe) too, where the others would squeeze every cell to "0.…".
+_RUN_COLUMNS = [
+    ("run", lambda r: r["name"], True),
+    ("status", lambda r: _status_cell(r), True),
+    ("data", lambda r: here(r["data"]) if _given(r["data"]) else "", False),
+    ("backbone", lambda r: _cell(r["backbone"]), True),
+    ("levels", lambda r: _cell(r["levels"]), False),
+    ("size", lambda r: _cell(r["image_size"]), False),
+    ("seed", lambda r: _cell(r["seed"]), True),
+    ("selection", lambda r: _cell(r["selection"]), False),
+    ("val F1", lambda r: _cell(r["val_macro_f1"]), True),
+    ("held-out F1", lambda r: _held_out(r), True),
+    ("best", lambda r: f"{r['best_stage']} {r['best_epoch']}" if _given(r["best_stage"])
+     else "", True),
+    ("seconds", lambda r: f"{r['train_seconds']:.1f}" if _given(r["train_seconds"]) else "",
+     False),
+    ("created", lambda r: str(r["created"])[:16], False),
+]
+
+
+def _runs_table(frame):
+    from rich import box
+    from rich.table import Table
+
+    from wingspan.run_table import (
+        ADAPTED,
+        DONE,
+        LOCK_UNREADABLE,
+        SET_UP,
+        STOPPED,
+        TRAINING,
+    )
+
+    wide = out.width >= 150
+    shown = [c for c in _RUN_COLUMNS if wide or c[2]]
+    table = Table(*(folding(header) for header, _, _ in shown), box=box.SIMPLE_HEAD)
+    colours = {DONE: "green", ADAPTED: "green", TRAINING: "cyan", STOPPED: "yellow",
+               SET_UP: "yellow", LOCK_UNREADABLE: "yellow"}  # and red: damaged
+    for r in frame.to_dict("records"):
+        cells = [plain(cell(r)) for _, cell, _ in shown]
+        cells[1] = f"[{colours.get(r['status'], 'red')}]{cells[1]}[/]"
+        table.add_row(*cells)
+    table.caption = ("val F1: the macro-F1 the best epoch was chosen on (optimistic); "
+                     "held-out F1: on the split nothing was chosen on, once `wingspan "
+                     "evaluate RUN` has scored it"
+                     + ("" if wide else "; data, size, selection, seconds and created in a "
+                        "wider terminal or with --output"))
+    return table
+
+
+def _given(value) -> bool:
+    import pandas as pd
+
+    return value is not None and not pd.isna(value)
+
+
+def _cell(value) -> str:
+    if not _given(value):
+        return ""
+    return f"{value:.4f}" if isinstance(value, float) and not value.is_integer() else str(value)
+
+
+def _status_cell(row: dict) -> str:
+    from wingspan.run_table import status_text
+
+    return status_text(row["status"], row["detail"] if _given(row["detail"]) else None)
+
+
+def _held_out(row: dict) -> str:
+    from wingspan.run_table import ADAPTED, DONE
+
+    if _given(row["held_out_macro_f1"]):
+        return f"{row['held_out_macro_f1']:.4f}"
+    if row["status"] not in (DONE, ADAPTED):
+        return ""
+    return "not evaluated" if _given(row["held_out_split"]) else "none kept"

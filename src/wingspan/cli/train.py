@@ -1,0 +1,217 @@
+"""`wingspan train`: a new run, or `--resume` of a stopped one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from wingspan.cli.app import app
+from wingspan.cli.common import (
+    is_main_process,
+    make_config,
+    out,
+    plain,
+    read_data,
+    same_on_every_rank,
+)
+from wingspan.cli.options import (
+    DeviceOpt,
+    Devices,
+    Format,
+    GroupRegex,
+    Level,
+    MaxPixels,
+    Nodes,
+    Precision,
+    Quiet,
+    Runtime,
+    Strategy,
+    Strict,
+    Workers,
+    check_folder,
+)
+from wingspan.config import RUNS_DIR, TrainConfig
+from wingspan.errors import WingspanError
+
+T = TrainConfig  # defaults shown in --help come from the one config
+
+
+@app.command("train")
+def train_command(
+    ctx: typer.Context,
+    data: Annotated[Path | None, typer.Argument(
+        help="A folder of class folders, a CSV, or an ETHEC root (not needed with --resume).",
+        show_default=False)] = None,
+    level: Level = None,
+    levels: Annotated[str | None, typer.Option(
+        help="Train several taxonomic levels at once, e.g. family,subfamily,genus,species "
+        "(one head each; predictions are made consistent).")] = None,
+    level_weights: Annotated[str | None, typer.Option(
+        help="Loss weight per level in --levels, e.g. 1,1,1,2.")] = None,
+    rare_below: Annotated[int, typer.Option(
+        help="With --levels: finest classes with fewer training images learn their parent "
+        "level only.")] = T.rare_below,
+    backbone: Annotated[str, typer.Option(
+        help="auto (resnet50 when its weights resolve, else the best one installed offline), "
+        "a name from `wingspan models list`, or any timm model.")] = T.backbone,
+    weights: Annotated[str, typer.Option(
+        help="auto (offline first) | none | a weights file | a wingspan run or model (its "
+        "fine-tuned backbone; --backbone auto takes its architecture).")]
+    = T.weights,
+    epochs_head: Annotated[int, typer.Option(help="Stage 1 epochs (frozen backbone).")]
+    = T.epochs_head,
+    epochs_finetune: Annotated[int, typer.Option(help="Stage 2 epochs (fine-tuning).")]
+    = T.epochs_finetune,
+    unfreeze: Annotated[int | None, typer.Option(
+        help="Stages to fine-tune in stage 2 (default: per backbone).")] = None,
+    lr: Annotated[float, typer.Option(
+        help="Head learning rate; stage 2 uses lr x finetune_lr_scale (a config-file "
+        "setting) with layer-wise decay.")] = T.lr,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = T.batch_size,
+    image_size: Annotated[int | None, typer.Option(
+        help="Training resolution (default: the backbone's).")] = None,
+    val_fraction: Annotated[float, typer.Option(
+        help="Share of the images for val, when the data has no split of its own.")]
+    = T.val_fraction,
+    test_fraction: Annotated[float, typer.Option(
+        help="Share kept apart for test (nothing is chosen on it), when the data has no "
+        "split of its own; 0 keeps none.")] = T.test_fraction,
+    max_per_class: Annotated[int | None, typer.Option(
+        help="Undersample: at most N training images per class.")] = None,
+    allow_leaky_splits: Annotated[bool, typer.Option(
+        help="Train on given splits even where one group, file or identical copy is on two sides "
+        "(refused by default; ETHEC's published splits are repaired).")]
+    = T.allow_leaky_splits,
+    selection: Annotated[str, typer.Option(
+        help="holdout (data with its own val but no test: that val becomes the test split, "
+        "scored fairly, and epochs are chosen on a part of train) | val (choose on the "
+        "data's val; its score is then optimistic).")] = T.selection,
+    holdout_classes: Annotated[str | None, typer.Option(
+        help="Leave these classes out of training (comma-separated) and score their images "
+        "as unknowns at the end: the open-set check without a second dataset.")] = None,
+    unknown_score: Annotated[str, typer.Option(
+        help="The default score for \"unknown\": msp | energy | mahalanobis | knn | msp+knn "
+        "(all are fitted; predict --unknown-score picks another).")] = T.unknown_score,
+    unknown_rate: Annotated[float, typer.Option(
+        help="Share of known images the unknown threshold may turn away (set on val).")]
+    = T.unknown_rate,
+    class_weights: Annotated[str, typer.Option(
+        help="auto (balanced when imbalanced) | balanced | none.")] = T.class_weights,
+    max_class_weight: Annotated[float, typer.Option(
+        help="Cap on a class's weight, as a multiple of the commonest class's (0: none).")]
+    = T.max_class_weight,
+    sampler: Annotated[str, typer.Option(help="shuffle | weighted.")] = T.sampler,
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing.")]
+    = T.label_smoothing,
+    augment: Annotated[str, typer.Option(
+        help="light | standard | strong | field (standard, plus the photo small and off-centre "
+        "on a blurred copy of itself half the time: for close crops meeting field photos)."
+    )] = T.augment,
+    train_bn: Annotated[bool, typer.Option(
+        help="Let unfrozen BatchNorm layers use batch statistics while fine-tuning (off: "
+        "they keep ImageNet's, which did better on small batches).")] = T.train_bn,
+    feature_views: Annotated[int, typer.Option(
+        help="Augmented views per image in stage 1's feature cache.")] = T.feature_views,
+    patience: Annotated[int, typer.Option(help="Early stopping patience (epochs).")]
+    = T.patience,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = T.seed,
+    device: DeviceOpt = T.device,
+    devices: Devices = None,
+    nodes: Nodes = None,
+    strategy: Strategy = T.strategy,
+    compile: Annotated[bool, typer.Option(
+        "--compile", help="torch.compile the fine-tuned layers (slow to start; pays on long "
+        "runs on a GPU).")] = T.compile,
+    precision: Precision = T.precision,
+    runtime: Runtime = T.runtime,
+    workers: Workers = None,
+    profile: Annotated[bool, typer.Option(
+        help="Write a torch.profiler trace of a few fine-tuning steps (runs/NAME/profile).")]
+    = False,
+    name: Annotated[str | None, typer.Option(help="Run name (runs/NAME).")] = None,
+    runs_dir: Annotated[Path, typer.Option(callback=check_folder, help="Where runs are written.")]
+    = Path(RUNS_DIR),
+    config: Annotated[Path | None, typer.Option(
+        help="YAML file of settings; options given on the command line win.")] = None,
+    resume: Annotated[Path | None, typer.Option(
+        help="Continue the run in this folder from its last checkpoint.")] = None,
+    format: Format = None, group_regex: GroupRegex = None, strict: Strict = False,
+    max_pixels: MaxPixels = None,
+    quiet: Quiet = False,
+) -> None:
+    """Train a classifier: a new head on a frozen pretrained backbone, then fine-tuning.
+
+    Writes runs/NAME with config.yaml, history.csv, metrics.json, checkpoints and the
+    model bundle (runs/NAME/model).
+    """
+    from wingspan.models.weights import check_weights
+    from wingspan.training import run as training
+
+    if resume:  # only where it runs may change
+        with same_on_every_rank():
+            given = {k: v for k, v in ctx.params.items()
+                     if ctx.get_parameter_source(k).name == "COMMANDLINE"}
+            ignored = sorted(set(given) - {"resume", "quiet", *training.MACHINE_SETTINGS})
+            if ignored:  # refused, not dropped: the user would believe they took effect
+                names = ", ".join("DATA" if k == "data" else "--" + k.replace("_", "-")
+                                  for k in ignored)
+                raise WingspanError(
+                    f"--resume continues {resume} with the settings it began with; {names} "
+                    "cannot change them.",
+                    hint="Leave them out; a resumed run may change only "
+                         f"{', '.join('--' + k for k in training.MACHINE_SETTINGS)}. To train "
+                         "with other settings, start a new run.")
+        machine = {k: v for k, v in given.items() if k in training.MACHINE_SETTINGS}
+        run_dir = training.resume(resume, quiet=quiet, **machine)
+    else:
+        with same_on_every_rank():
+            if data is None:
+                raise WingspanError("Give DATA to train on (or --resume RUN).")
+            # Only options set on the command line override the config file.
+            params = dict(ctx.params)
+            if levels:
+                params["levels"] = [lv.strip() for lv in levels.split(",") if lv.strip()]
+            if holdout_classes is not None:  # "" holds none out (over a config file's)
+                params["holdout_classes"] = [c.strip() for c in holdout_classes.split(",")
+                                             if c.strip()]
+            if level_weights:
+                try:
+                    params["level_weights"] = [float(w) for w in level_weights.split(",")]
+                except ValueError as e:
+                    raise WingspanError(f"--level-weights must be numbers: {level_weights}") from e
+            given = {k: v for k, v in params.items() if k in TrainConfig.__dataclass_fields__
+                     and ctx.get_parameter_source(k).name == "COMMANDLINE"}
+            if "level" in given and "levels" in given and given["level"] not in given["levels"]:
+                raise WingspanError(
+                    f"--level {level} is not one of --levels {levels}.",
+                    hint="--levels trains every level named and predicts the finest; --level "
+                    "trains one. Give one of them.")
+            if "level" in given and "levels" not in given:  # one level: not the file's several
+                given.update(levels=None, level_weights=None)
+            settings = (make_config(ctx, TrainConfig.from_file, config, **given) if config else
+                        make_config(ctx, TrainConfig, **{k: v for k, v in params.items()
+                                                if k in TrainConfig.__dataclass_fields__}))
+            check_weights(settings.weights)  # a typo: said now, not after reading the data
+        # strict: set here or in the config file (where it also stops training at a
+        # broken image), it stops the reading at a missing or unreadable file too.
+        dataset = read_data(data, format, group_regex, settings.strict)
+        run_dir = training.train(dataset, settings, runs_dir, name, quiet)
+    if is_main_process():
+        print_run(run_dir)
+
+
+def print_run(run_dir: Path) -> None:
+    import json
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    best = metrics["best"]
+    # The stage lines of the log leave out the engine timing that the totals count in.
+    timed = sum(c.get("seconds", 0) for c in (metrics.get("engines") or {}).values()
+                if c and c.get("how") == "measured")
+    seconds = ", ".join(f"{stage} {s:.1f}" for stage, s in metrics["stage_seconds"].items())
+    out.print(f"val macro-F1 {best['val_macro_f1']:.4f}, accuracy {best['val_acc']:.4f} "
+              f"({best['stage']} epoch {best['epoch']}); seconds: {seconds}"
+              + (f" (timing the engines included: {timed:.1f})" if timed else ""))
+    out.print(f"Run: {plain(run_dir)}   model: {plain(run_dir / 'model')}")
