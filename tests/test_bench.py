@@ -1,6 +1,7 @@
 """The benchmark's --smoke mode: tiny sizes, so the script cannot rot unnoticed."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -52,9 +53,10 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path):
     """`make gpu-check`'s steps on 2 CPU processes: train, evaluate, predict, DDP with
     Fabric's launcher and with torchrun."""
     script = Path(__file__).parents[1] / "bench" / "gpu_check.py"
+    # TMPDIR: torchrun leaves a folder of its logs in the temporary folder.
     proc = subprocess.run([sys.executable, str(script), "--device", "cpu", "--quick",
                            "--work", str(tmp_path)], capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, env={**os.environ, "TMPDIR": str(tmp_path)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((tmp_path / "gpu-check.json").read_text())
     fp32 = results["precisions"]["fp32"]

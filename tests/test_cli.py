@@ -412,11 +412,11 @@ def test_class_names_and_paths_are_printed_as_they_are_not_as_rich_markup(run_cl
 
 
 def test_a_class_name_with_a_comma_is_quoted_in_lists_of_names():
-    from wingspan.cli.common import some
+    from wingspan.errors import some
 
     assert some(["Danaus plexippus, Monarch", "admiral"]) == \
         "'Danaus plexippus, Monarch', admiral"
-    assert some(list("abc"), n=2) == "a, b ... (+1)"
+    assert some(list("abc"), n=2) == "a, b and 1 more"
 
 
 def test_an_exported_model_or_an_unwritable_output_is_refused_before_any_work(tmp_path,

@@ -332,7 +332,7 @@ def test_a_run_folder_rank_0_cannot_make_stops_every_torchrun_process_cleanly(de
          "--master-port", str(port), "-m", "wingspan", "train", str(demo_dir), "--name", "../x",
          "--runs-dir", str(tmp_path / "runs"), "--weights", "none", "--backbone",
          "test_efficientnet", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        start_new_session=True)
+        start_new_session=True, env={**os.environ, "TMPDIR": str(tmp_path)})  # torchrun's logs
     _, err = proc.communicate(timeout=300)
     err = err.decode()
     assert proc.returncode != 0

@@ -36,9 +36,12 @@ def none_read(n: int, noun: str, where: str = "", of: str = "the", example: str 
     return said[0].upper() + said[1:]
 
 
-def some(names: list[str], n: int = 10) -> str:
-    """'a, b and 3 more': the first n names in a message, and how many it leaves out."""
-    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+def some(names, n: int = 10) -> str:
+    """'a, b and 3 more': the first n names in a message, and how many it leaves out. A name
+    that holds a comma itself is quoted ("Danaus plexippus, Monarch" is one class)."""
+    names = list(names)
+    shown = [f"'{name}'" if "," in str(name) else str(name) for name in names[:n]]
+    return ", ".join(shown) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def first_line(error: BaseException) -> str:

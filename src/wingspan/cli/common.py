@@ -99,13 +99,6 @@ def pixel_budget(text: str) -> int | None:
     return pixel_budget(text)
 
 
-def some(items, n: int = 8) -> str:
-    """The first n names, comma-separated; names that hold a comma themselves quoted
-    ("Danaus plexippus, Monarch" is one class, not two)."""
-    items = [f"'{i}'" if "," in str(i) else str(i) for i in items]
-    return ", ".join(items[:n]) + (f" ... (+{len(items) - n})" if len(items) > n else "")
-
-
 def folding(header: str):
     """A column whose long values (a path, a timm name) fold onto more lines in a narrow
     terminal or a pipe (80 columns), instead of losing their ends to an ellipsis."""

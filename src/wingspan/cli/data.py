@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from wingspan.cli.app import data_app
-from wingspan.cli.common import err, folding, make_config, out, plain, read_data, some
+from wingspan.cli.common import err, folding, make_config, out, plain, read_data
 from wingspan.cli.options import (
     Data,
     DeviceOpt,
@@ -23,7 +23,7 @@ from wingspan.cli.options import (
     Strict,
 )
 from wingspan.config import AUGMENT_POLICIES, AuditConfig, AugmentConfig, InspectConfig, SplitConfig
-from wingspan.errors import WingspanError, counted
+from wingspan.errors import WingspanError, counted, some
 
 
 @data_app.command("inspect")

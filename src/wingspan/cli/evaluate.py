@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from wingspan.cli.app import app
-from wingspan.cli.common import here, make_config, out, plain, some
+from wingspan.cli.common import here, make_config, out, plain
 from wingspan.cli.options import (
     DeviceOpt,
     MaxPixels,
@@ -22,7 +22,7 @@ from wingspan.cli.options import (
     Workers,
 )
 from wingspan.config import AdaptConfig, TrainConfig, name_pairs
-from wingspan.errors import WingspanError, counted
+from wingspan.errors import WingspanError, counted, some
 
 T = TrainConfig  # defaults shown in --help come from the one config
 
