@@ -184,6 +184,26 @@ def test_photos_without_the_coarser_levels_are_scored_at_them_from_the_models_tr
                 f"{level}: not drawn") in page, level
 
 
+def test_data_that_names_the_finest_level_otherwise_is_scored_at_every_level(
+        demo_dir, tmp_path):
+    """A model whose finest level is 'species' (a taxonomy.csv's), evaluated on a CSV of
+    path,label whose labels are species: the label column is the species' truth (it was a
+    KeyError once every image had been predicted)."""
+    table = read_dataset(demo_dir).table
+    own = train(read_dataset(demo_dir), tiny(tmp_path, levels=["family", "species"],
+                                              epochs_finetune=0), tmp_path / "runs",
+                quiet=True)
+    table[["path", "species"]].rename(columns={"species": "label"}).to_csv(
+        tmp_path / "photos.csv", index=False)
+    assert read_dataset(tmp_path / "photos.csv").levels == ["label"]
+    by_label, by_species = (
+        evaluate(own, data, split="all", progress=False, workers=0, plots=False,
+                 out=tmp_path / f"ev-{i}").metrics
+        for i, data in enumerate((tmp_path / "photos.csv", demo_dir)))
+    assert by_label["images"] == len(table)
+    assert by_label["hierarchy"]["levels"] == by_species["hierarchy"]["levels"]
+
+
 def test_other_names_mapped_are_scored_at_every_level_as_the_same_photos(
         hierarchical_run, demo_dir, tmp_path):
     """The demo's photos in renamed class folders, each mapped back: every level's figures

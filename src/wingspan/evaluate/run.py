@@ -232,11 +232,14 @@ def _level_rows(rows: pd.DataFrame, predictor: Predictor, level: str,
     """The rows whose level columns give each image's truth at every taxonomic level. With
     --map (other names) the truth is the mapped class and its parents in the model's tree,
     not whatever the data calls its coarser levels."""
-    if not class_map:
-        return rows
-    theirs_to_ours = {theirs: ours for ours, theirs in class_map.items()}
-    return rows.drop(columns=[lv for lv in predictor.taxonomy.levels if lv in rows]).assign(
-        **{predictor.taxonomy.finest: renamed(rows[level], theirs_to_ours)})
+    finest = predictor.taxonomy.finest
+    if class_map:
+        theirs_to_ours = {theirs: ours for ours, theirs in class_map.items()}
+        return rows.drop(columns=[lv for lv in predictor.taxonomy.levels if lv in rows]).assign(
+            **{finest: renamed(rows[level], theirs_to_ours)})
+    # Data that calls the finest level otherwise (a CSV's label column, class folders,
+    # for a model's 'species') gives its truth in the level evaluated.
+    return rows if finest in rows else rows.assign(**{finest: rows[level]})
 
 
 def _named_share(named: np.ndarray | None, y: np.ndarray, classes: list[str]
