@@ -228,3 +228,64 @@ def test_a_damaged_exif_block_reads_upright_without_pillows_console_warning(tmp_
                           capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["(30,", "20)", "None"]
     assert "EXIF" not in done.stderr, done.stderr
+
+
+def _tiff(path, pixels: np.ndarray, planar: bool, sample_format: int = 1):
+    """A baseline little-endian RGB TIFF of `pixels` (h, w, 3), in separate colour planes
+    or interleaved: as scanners write them, which Pillow cannot save."""
+    import struct
+
+    h, w, _ = pixels.shape
+    bits = pixels.dtype.itemsize * 8
+    strips = ([np.ascontiguousarray(pixels[..., c]).tobytes() for c in range(3)] if planar
+              else [pixels.tobytes()])
+    data_at = 8
+    offsets, at = [], data_at
+    for s in strips:
+        offsets.append(at)
+        at += len(s)
+    extra = at  # BitsPerSample, SampleFormat and the strips' offsets and sizes follow
+    tags, blobs = [], b""
+
+    def values(kind: str, items: list[int]) -> tuple[int, int, int]:
+        nonlocal blobs
+        code, size = {"H": (3, 2), "I": (4, 4)}[kind]
+        if len(items) * size <= 4:
+            return code, len(items), int.from_bytes(
+                struct.pack(f"<{len(items)}{kind}", *items).ljust(4, b"\0"), "little")
+        offset = extra + len(blobs)
+        blobs += struct.pack(f"<{len(items)}{kind}", *items)
+        return code, len(items), offset
+
+    for tag, kind, items in ((256, "I", [w]), (257, "I", [h]), (258, "H", [bits] * 3),
+                             (259, "H", [1]), (262, "H", [2]), (273, "I", offsets),
+                             (277, "H", [3]), (278, "I", [h]),
+                             (279, "I", [len(s) for s in strips]),
+                             (284, "H", [2 if planar else 1]),
+                             (339, "H", [sample_format] * 3)):
+        tags.append((tag, *values(kind, items)))
+    ifd_at = extra + len(blobs)
+    ifd = struct.pack("<H", len(tags)) + b"".join(struct.pack("<HHII", *t) for t in tags)
+    path.write_bytes(b"II*\0" + struct.pack("<I", ifd_at) + b"".join(strips) + blobs + ifd
+                     + b"\0\0\0\0")
+    return path
+
+
+def test_tiffs_pillow_cannot_read_right_are_refused_as_what_they_are(tmp_path):
+    """A 16-bit TIFF in separate colour planes decodes striped and shifted (Pillow 13), and
+    a floating-point one not at all: each refused, and named a TIFF (not 'no image')."""
+    pixels = np.random.default_rng(0).integers(0, 65535, (6, 8, 3)).astype("<u2")
+    interleaved = open_rgb(_tiff(tmp_path / "contiguous.tif", pixels, planar=False))
+    assert interleaved.size == (8, 6)  # the same pixels interleaved read as ever
+    with pytest.raises(WingspanError, match="separate colour planes, which is decoded wrongly"):
+        open_rgb(_tiff(tmp_path / "planar.tif", pixels, planar=True))
+    with pytest.raises(WingspanError, match="a TIFF of a kind that cannot be read here") as e:
+        open_rgb(_tiff(tmp_path / "float.tif", pixels.astype("<f4") / 65535, planar=False,
+                       sample_format=3))
+    assert "Convert it to JPEG or PNG" in e.value.hint
+    heic = tmp_path / "IMG_0001.jpg"  # an iPhone photo renamed
+    heic.write_bytes(b"\0\0\0\x18ftypheic" + bytes(200))
+    with pytest.raises(WingspanError, match="a HEIC photo, which cannot be read here"):
+        open_rgb(heic)
+    with pytest.raises(WingspanError, match="not a JPEG, PNG, TIFF"):
+        open_rgb(io.BytesIO(b"just text, no picture"), name="notes.jpg")

@@ -730,3 +730,28 @@ def test_a_folder_that_cannot_be_listed_is_said_not_skipped(tmp_path, monkeypatc
         else listdir(p))
     code, _, err = run_cli("data", "inspect", tmp_path)
     assert code == 2 and "Permission denied" in err and "Traceback" not in err
+
+
+def test_a_recursive_glob_gives_each_image_once_and_passes_over_what_a_folder_would(tmp_path):
+    """`photos/**` matches the folders and the files in them: each image predicted once
+    (twice or three times, it doubled a species' count in the CSV), and the files that a
+    folder's search passes over (Thumbs.db, notes.txt) passed over too; a HEIC photo, in a
+    glob or named, said as such."""
+    for name in ("monarch/a.jpg", "monarch/b.jpg", "admiral/deep/c.jpg"):
+        write_image(tmp_path / "photos" / name)
+    (tmp_path / "photos" / "monarch" / "Thumbs.db").write_bytes(b"\0" * 10)
+    (tmp_path / "photos" / "monarch" / "notes.txt").write_text("seen on the fence")
+    heic = tmp_path / "photos" / "IMG_1.HEIC"
+    heic.write_bytes(b"\0\0\0\x18ftypheic")
+    images = sorted(str(p) for p in (tmp_path / "photos").rglob("*.jpg"))
+    for pattern in ("photos/**", "photos/**/*"):
+        found, skipped = expand_paths([str(tmp_path / pattern)])
+        assert sorted(found) == images and len(found) == len(images), pattern
+        assert [(path, why.split(",")[0]) for path, why in skipped] == [
+            (str(heic), "a HEIC photo")], pattern
+    found, skipped = expand_paths([images[0], str(tmp_path / "photos"), str(heic)])
+    assert found[0] == images[0] and sorted(found) == images  # given first, kept first
+    assert [path for path, _ in skipped] == [str(heic)]  # in the folder and named: once
+    _, skipped = expand_paths([str(tmp_path / "photos" / "monarch" / "*.txt")])
+    assert skipped == [(str(tmp_path / "photos" / "monarch" / "*.txt"),
+                        "the pattern matches no image file")]

@@ -6,10 +6,11 @@ import bisect
 import csv
 import glob
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wingspan.data.readers import images_under
+from wingspan.data.readers import images_under, is_image_name, unsupported_photo
 from wingspan.errors import WingspanError
 from wingspan.files import atomic_path, write_text
 from wingspan.inference import Prediction, Predictor
@@ -27,9 +28,18 @@ def expand_paths(inputs: list[str], places: list[int] | None = None
     gets where each of those belongs among the images (the number before it): an input
     that matches nothing keeps its place among the others, and a file skipped inside a
     folder (a HEIC photo) its place among the folder's sorted images."""
-    found, missing = [], []
+    found, missing, seen = [], [], set()
+
+    def add(paths: list[str]) -> None:  # each image once: `photos/**` matches a folder
+        for path in paths:                # and the files in it too
+            if (key := os.path.normpath(path)) not in seen:
+                seen.add(key)
+                found.append(path)
 
     def skip(entry: tuple[str, str], at: int) -> None:
+        if (key := ("skipped", os.path.normpath(entry[0]))) in seen:  # said once
+            return
+        seen.add(key)
         missing.append(entry)
         if places is not None:
             places.append(at)
@@ -48,20 +58,31 @@ def expand_paths(inputs: list[str], places: list[int] | None = None
         if any(c in item for c in "*?[") and not Path(item).exists():  # img[1].jpg is a file
             matches = sorted(glob.glob(item, recursive=True))
             before = len(found)
-            for match in matches:  # a matched folder counts as a folder given (photos/*)
-                found += images_in(match) if Path(match).is_dir() else [match]
+            # A matched folder counts as a folder given (photos/*); of the files matched,
+            # those a folder's search takes (not notes.txt, nor Thumbs.db).
+            for match in matches:
+                if Path(match).is_dir():
+                    add(images_in(match))
+                elif why := unsupported_photo(match):
+                    skip((match, why), len(found))
+                elif is_image_name(Path(match).name):
+                    add([match])
             if len(found) == before:
                 # Not there as named either: photos/a[b].jpg is most likely a file's name.
                 skip((item, "no such file or folder, nor any match as a pattern"
-                      if not matches else "the pattern matches only folders without images"),
-                     len(found))
+                      if not matches else "the pattern matches only folders without images"
+                      if all(Path(m).is_dir() for m in matches) else
+                      "the pattern matches no image file"), len(found))
         elif Path(item).is_dir():
             images = images_in(item)
-            found += images
+            add(images)
             if not images and not any(Path(m[0]) == Path(item) for m in missing):  # (locked)
                 skip((item, "the folder holds no images"), len(found))
         elif Path(item).is_file():
-            found.append(item)
+            if why := unsupported_photo(item):  # named as it is in a folder
+                skip((item, why), len(found))
+            else:
+                add([item])
         else:
             skip((item, "no such file or folder"), len(found))
     return found, missing

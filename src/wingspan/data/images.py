@@ -163,6 +163,12 @@ def open_rgb(path: str | Path | BinaryIO, draft: int | None = None,
     name = name or str(path)
     try:
         with open_image(path) as im:
+            if _planar_wide_tiff(im):  # Pillow 13 reads it, striped and shifted
+                raise WingspanError(
+                    f"Cannot read image {name}: a TIFF of more than 8 bits per colour stored in "
+                    "separate colour planes, which is decoded wrongly here.",
+                    hint="Save it again with interleaved (contiguous) colours, or as 8 bits "
+                         "per colour.")
             budget, (w, h) = budget or max_pixels(), im.size
             side = draft or VIEW_SIDE
             resized = side * side * max(w, h) / max(min(w, h), 1)
@@ -218,10 +224,13 @@ def open_rgb(path: str | Path | BinaryIO, draft: int | None = None,
         raise WingspanError(f"Image not found: {name}") from e
     except UnidentifiedImageError as e:  # Pillow's words name the file again, and no format
         empty = isinstance(path, (str, Path)) and _empty(path)  # a download cut short
+        kind = None if empty else _unread_kind(path)
         raise WingspanError(
             f"Cannot read image {name}: " + ("the file is empty (0 bytes)." if empty else
+            f"{kind}." if kind else
             "it is not a JPEG, PNG, TIFF, WebP, GIF or BMP image, whatever its name says."),
-            hint="Replace or delete the file; `wingspan data inspect` lists all such files.",
+            hint="Convert it to JPEG or PNG." if kind else
+            "Replace or delete the file; `wingspan data inspect` lists all such files.",
         ) from e
     except (OSError, SyntaxError, ValueError,
             Image.DecompressionBombError) as e:  # the last: Pillow's own limit, past the header
@@ -229,6 +238,40 @@ def open_rgb(path: str | Path | BinaryIO, draft: int | None = None,
             f"Cannot read image {name}: {e}",
             hint="Replace or delete the file; `wingspan data inspect` lists all such files.",
         ) from e
+
+
+def _planar_wide_tiff(im: Image.Image) -> bool:
+    """A TIFF of 16 bits or more per colour in separate planes (PlanarConfiguration 2),
+    as scanners and museum workflows write them."""
+    if im.format != "TIFF":
+        return False
+    bits = im.tag_v2.get(258, 8)  # BitsPerSample: one value, or one per colour
+    return im.tag_v2.get(284) == 2 and max(bits if isinstance(bits, tuple) else (bits,)) > 8
+
+
+# Files Pillow does not identify that are images all the same, by their first bytes: said
+# as what they are, not as "no image whatever its name says".
+_UNREAD_KINDS = ((b"II*\x00", 0, "a TIFF of a kind that cannot be read here (floating-point "
+                  "pixels, say)"),
+                 (b"MM\x00*", 0, "a TIFF of a kind that cannot be read here (floating-point "
+                  "pixels, say)"),
+                 (b"ftyphei", 4, "a HEIC photo, which cannot be read here"),
+                 (b"ftypmif1", 4, "a HEIC photo, which cannot be read here"),
+                 (b"ftyphevc", 4, "a HEIC photo, which cannot be read here"))
+
+
+def _unread_kind(path: str | Path | BinaryIO) -> str | None:
+    try:
+        if isinstance(path, (str, Path)):
+            with open(path, "rb") as f:
+                head = f.read(16)
+        else:
+            path.seek(0)
+            head = path.read(16)
+    except OSError:
+        return None
+    return next((kind for magic, at, kind in _UNREAD_KINDS
+                 if head[at:at + len(magic)] == magic), None)
 
 
 @dataclass

@@ -190,6 +190,19 @@ UNREADABLE_PHOTOS = {".heic": "HEIC", ".heif": "HEIF", ".cr2": "Canon RAW",
 FILE_MANAGER_JUNK = {"thumbs.db", "ehthumbs.db", "desktop.ini"}
 
 
+def unsupported_photo(path: str) -> str | None:
+    """Why a photo in a camera's or phone's own format is left out (by its extension), or
+    None for any other file."""
+    kind = UNREADABLE_PHOTOS.get(os.path.splitext(path)[1].lower())
+    return kind and f"a {kind} photo, which cannot be read here; ignored (convert it to JPEG)"
+
+
+def is_image_name(name: str) -> bool:
+    """A file a folder's search takes: an image's extension, not hidden, not junk."""
+    return (not _hidden(name) and name.lower() not in FILE_MANAGER_JUNK
+            and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS)
+
+
 def _hidden(name: str) -> bool:
     """Not the user's pictures: hidden files and folders (.DS_Store, ._IMG.jpg,
     .ipynb_checkpoints) and the __MACOSX folder a zip made on a Mac unpacks to."""
@@ -249,12 +262,10 @@ def images_under(folder: Path, problems: list[Problem], within: Path | None = No
                     Problem("missing_file", "a link to nothing; ignored", f) if os.path.islink(f)
                     else Problem("not_image", "not a regular file (a pipe, socket or device); "
                                  "ignored", f))
-            elif (ext := os.path.splitext(name)[1].lower()) in IMAGE_EXTENSIONS:
+            elif is_image_name(name):
                 found.append(f)
-            elif ext in UNREADABLE_PHOTOS:
-                problems.append(Problem("unsupported_photo", f"a {UNREADABLE_PHOTOS[ext]} photo, "
-                                        "which cannot be read here; ignored (convert it to "
-                                        "JPEG)", f))
+            elif why := unsupported_photo(name):
+                problems.append(Problem("unsupported_photo", why, f))
             else:
                 problems.append(Problem("not_image", "not an image file extension; ignored", f))
     return [str(p) for p in sorted(map(Path, found))]
