@@ -72,7 +72,8 @@ def test_health_model_and_a_good_image(client, run_dir):
     ("notes.jpg", b"a text file named like a photo", 415, "not a JPEG, PNG, TIFF, WebP, GIF "
      "or BMP image, whatever its name says"),
     ("empty.jpg", b"", 415, "empty.jpg: the file is empty (0 bytes)"),
-    ("too-big.jpg", _jpeg(size=(60, 40)) + b"\0" * 300_000, 413, "over 200000 bytes"),
+    ("too-big.jpg", _jpeg(size=(60, 40)) + b"\0" * 300_000, 413,
+     "over 200000 bytes (0.191 MB), the most this server takes (wingspan serve --max-upload-mb)"),
     ("huge.png", None, 413, "over the budget"),
     ("bomb.png", "bomb", 413, "40000 x 40000 pixels (1.6e+03 MP) is over the budget"),
     ("strip.png", "strip", 413, "too long and thin"),  # tiny file, gigabytes once resized

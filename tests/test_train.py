@@ -710,6 +710,14 @@ def test_config_file_and_command_line(tmp_path, run_cli, demo_dir):
     code, _, err = run_cli("train", demo_dir, "--config", path, "--quiet")
     assert code == 2 and "Did you mean 'bs' -> 'batch_size', 'learning_rate' -> 'lr', " \
                          "'model' -> 'backbone'?" in " ".join(err.split()), err
+    # An option of the command in the file: where it goes, not a setting that sounds alike
+    # (max_pixels is no max_per_class).
+    path.write_text("max_pixels: 1000\nformat: csv\n")
+    code, _, err = run_cli("train", demo_dir, "--config", path, "--quiet")
+    said = " ".join(err.split())
+    assert code == 2 and "'format', 'max_pixels' are options of the command, not a setting " \
+        "a config file holds" in said and "Give --format, --max-pixels on the command line" \
+        in said and "max_per_class" not in said, said
     code, _, err = run_cli("train", demo_dir, "--sampler", "random", "--quiet")
     assert code == 2 and "--sampler must be shuffle or weighted" in err
     for path_like in ("../elsewhere", "a/b"):  # a name, not a path out of --runs-dir
@@ -753,6 +761,18 @@ def test_command_line_split_and_level_options_win_over_the_file(tmp_path, run_cl
     assert "captured" in err
     assert (given[0].level, given[0].levels, given[0].level_weights) == ("family", None, None)
     assert (given[0].val_fraction, given[0].test_fraction) == (0.3, 0)
+    # And --levels over a run's config.yaml (which names its level): the file's level and
+    # weights were for its own levels, not an error in levels the user never gave.
+    path.write_text("level: label\nlevels: [family, label]\nlevel_weights: [1, 2]\n")
+    run_cli("train", demo_dir, "--config", path, "--levels", "family,genus")
+    assert (given[-1].level, given[-1].levels, given[-1].level_weights) == (
+        None, ["family", "genus"], None)  # (the finest, when the run resolves it)
+    run_cli("train", demo_dir, "--config", path, "--levels", "genus,label")
+    assert (given[-1].level, given[-1].levels, given[-1].level_weights) == (
+        "label", ["genus", "label"], None)
+    run_cli("train", demo_dir, "--config", path, "--epochs-head", "2")  # the file's own
+    assert (given[-1].level, given[-1].levels, given[-1].level_weights) == (
+        "label", ["family", "label"], [1, 2])
     # --holdout-classes '' holds none out, over a file's (a held-out run's config.yaml
     # says so: its splits.csv has none of their images).
     path.write_text("holdout_classes: [white_darktip]\n")

@@ -587,13 +587,39 @@ class TrainConfig:
             raise WingspanError(f"{path} must hold a mapping of setting: value.")
         fields = list(cls.__dataclass_fields__)
         unknown = sorted(set(values) - set(fields), key=str)
+        if options := [k for k in unknown if k in COMMAND_OPTIONS]:
+            # Said as such, not "did you mean" a setting that sounds alike (max_pixels is
+            # not max_per_class).
+            raise WingspanError(
+                f"{path}: {', '.join(map(repr, options))} "
+                + ("is an option" if len(options) == 1 else "are options")
+                + " of the command, not a setting a config file holds.",
+                hint=f"Give {', '.join(COMMAND_OPTIONS[k] for k in options)} on the command "
+                     "line (in Python: ws.read(DATA, format=..., group_regex=...), "
+                     "ws.train(..., name=..., runs_dir=..., max_pixels=...)).")
         if unknown:
             close = {k: closest_settings(k, fields) for k in unknown}
             meant = [f"'{k}' -> '{c[0]}'" for k, c in close.items() if c]
             raise WingspanError(f"{path}: unknown settings {unknown}.",
                                 hint=(f"Did you mean {', '.join(meant)}? " if meant else "")
                                 + f"Valid: {', '.join(fields)}.")
+        levels = overrides.get("levels")
+        if levels:  # given: the file's level and level weights were for its own levels
+            levels = [lv.strip() for lv in levels.split(",")] if isinstance(levels, str) \
+                else list(levels)
+            if "level" not in overrides and values.get("level") not in levels:
+                values.pop("level", None)
+            if "level_weights" not in overrides and values.get("levels") != levels:
+                values.pop("level_weights", None)
         return cls(**{**values, **overrides})
+
+
+# Options of `wingspan train` that are not settings (what it reads and where it writes):
+# a config file that holds one is told where it goes.
+COMMAND_OPTIONS = {"format": "--format", "group_regex": "--group-regex",
+                   "max_pixels": "--max-pixels", "name": "--name", "runs_dir": "--runs-dir",
+                   "resume": "--resume", "config": "--config", "quiet": "--quiet",
+                   "data": "DATA"}
 
 
 def name_pairs(items: list[str], option: str) -> dict[str, str]:

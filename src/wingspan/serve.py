@@ -252,7 +252,9 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
         file = file[0]
         data = await file.read(limits.max_bytes + 1)
         if len(data) > limits.max_bytes:
-            raise HTTPException(413, f"{file.filename}: over {limits.max_bytes} bytes.")
+            raise HTTPException(413, f"{file.filename}: over {limits.max_bytes} bytes "
+                                f"({limits.max_bytes / 2**20:.3g} MB), the most this server takes "
+                                "(wingspan serve --max-upload-mb).")
         if target is not None and target not in predictor.classes:
             more = " (GET /model lists them)" if len(predictor.classes) > 10 else ""
             raise HTTPException(422, f"Unknown class '{target}': target names one of the "
@@ -303,7 +305,9 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
         try:
             data = await upload.read(limits.max_bytes + 1)
             if len(data) > limits.max_bytes:
-                raise HTTPException(413, f"{upload.filename}: over {limits.max_bytes} bytes.")
+                raise HTTPException(413, f"{upload.filename}: over {limits.max_bytes} bytes "
+                                f"({limits.max_bytes / 2**20:.3g} MB), the most this server takes "
+                                "(wingspan serve --max-upload-mb).")
             # Decoding and resizing run on worker threads, so the event loop keeps accepting.
             x = await asyncio.to_thread(_prepare, upload.filename, data)
         except HTTPException as e:  # this file's fault: the request's other files go on
