@@ -332,6 +332,14 @@ def test_contradictory_taxonomy_stops_training(demo_dir, tmp_path):
     ds.table.loc[ds.table.index[0], "family"] = "Wrongidae"
     with pytest.raises(WingspanError, match="taxonomy contradicts itself"):
         train(ds, tiny(tmp_path, levels=LEVELS), tmp_path / "runs", quiet=True)
+    # In the test split too: its images would be scored against a tree that says otherwise.
+    ds = read_dataset(demo_dir)
+    ds.table["split"] = "train"
+    ds.table.loc[ds.table.index[::5], "split"] = "val"
+    ds.table.loc[ds.table.index[1::5], "split"] = "test"
+    ds.table.loc[ds.table.index[1], "family"] = "Wrongidae"
+    with pytest.raises(WingspanError, match="taxonomy contradicts itself"):
+        train(ds, tiny(tmp_path, levels=LEVELS), tmp_path / "runs", quiet=True)
 
 
 BIG_FAMILY = ["azure_spotwing", "orange_veined", "white_darktip"]

@@ -170,6 +170,9 @@ def plan_labels(dataset: Dataset, levels: list[str], config: TrainConfig, log=pr
                 f"than {counted(config.rare_below, 'training image')}: "
                 + ("it trains as its" if len(rare) == 1 else "they train as their")
                 + f" {levels[-2]} only")
+    if len(levels) > 1:  # the test rows too: they would be scored against the tree
+        labelled = dataset.table[dataset.table[SPLIT] != ""]
+        Taxonomy.from_table(labelled[~(labelled[levels] == "").any(axis=1)], levels)
     taxonomy = Taxonomy.from_table(table, levels) if len(levels) > 1 else None
     classes = {lv: check_classes(table, lv) for lv in levels}
     if len(classes[finest]) < 2:  # a softmax over one class says 1.0 whatever it sees
