@@ -13,6 +13,7 @@ from test_train import tiny
 
 from wingspan.data import read_dataset
 from wingspan.errors import WingspanError
+from wingspan.evaluate.calibration import calibrate_warnings
 from wingspan.evaluate.run import MIN_CALIBRATION_IMAGES, calibrate, evaluate, unreadable_wording
 from wingspan.inference import Predictor
 from wingspan.models.bundle import read_manifest
@@ -115,6 +116,13 @@ def test_evaluate_never_changes_the_model_and_calibrate_does(trained, tmp_path, 
     assert f"Temperature {old:.3f} -> {new['temperature']:.3f}" in out
     assert new["fitted_on"] == "test" and new["previous_temperature"] == pytest.approx(old)
     assert fingerprint() != before
+    # The unknown answer keeps the temperature its thresholds were set at, and says so
+    # when the new one differs.
+    assert new["unknown_temperature"] == pytest.approx(old)
+    kept = "The unknown answer keeps the temperature its scores and thresholds were fitted at"
+    assert (kept in " ".join(out.split())) == (f"{old:.3f}" != f"{new['temperature']:.3f}")
+    assert any(kept + " (T 0.300)" in note for note in calibrate_warnings(
+        {**new, "temperature": 1.7, "unknown_temperature": 0.3}))
     # Fitted again on the same images: "before" is the ECE at the temperature it replaces,
     # the last one's "after" (also said beside: the ECE without any temperature).
     code, out, err = run_cli("calibrate", trained, "--split", "test", "--quiet")

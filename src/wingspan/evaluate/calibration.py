@@ -142,6 +142,11 @@ def calibrate_warnings(record: dict) -> list[str]:
                      "fitted on are the run's test images: their evaluation's calibration "
                      "figures (ECE, reliability) are now optimistic; its accuracy and F1 "
                      "are not.")
+    kept = record.get("unknown_temperature")
+    if kept is not None and round(kept, 3) != round(record["temperature"], 3):
+        notes.append(f"The unknown answer keeps the temperature its scores and thresholds were "
+                     f"fitted at (T {kept:.3f}), so it turns away the same images as before: "
+                     "`wingspan calibrate RUN --unknown` fits them again at the new one.")
     return notes
 
 

@@ -638,7 +638,10 @@ def calibrate(model: str | Path, data: str | Path | None = None, split: str | No
                                         answer=lambda probs: _predicted(predictor, probs),
                                         previous=predictor.temperature),
                    **({"class_map": class_map} if class_map else {}),
-                   **({"run_images_among": among} if among else {})}
+                   **({"run_images_among": among} if among else {}),
+                   # (kept: the unknown thresholds were set on scores at that temperature)
+                   **({"unknown_temperature": predictor.unknown.temperature}
+                      if predictor.unknown is not None else {})}
     update_manifest(predictor.bundle, calibration=calibration)
     return calibration
 
