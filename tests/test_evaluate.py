@@ -732,6 +732,11 @@ def test_a_wrong_map_hint_names_some_classes_and_counts_the_rest(tmp_path):
                             "{model class: data class}). The model knows: "
                             f"{', '.join(model.classes[:10])} and 30 more; the data has: "
                             f"{', '.join(names[:10])} and 30 more.")
+    # One data class given to two model classes: both named.
+    with pytest.raises(WingspanError, match="--map gives the data class 'c05' to 2 of the "
+                                            "model's classes \\(m01, m02\\)") as e:
+        _check_class_map({"m01": "c05", "m02": "c05"}, model, dataset, "label")
+    assert e.value.hint == "Map each data class to one model class."
 
 
 def test_adapt_refuses_what_it_cannot_do(trained, tmp_path):

@@ -543,7 +543,12 @@ def _check_class_map(class_map: dict[str, str], predictor: Predictor, dataset: D
             f"{some(predictor.classes)}; the data has: "
             f"{some(sorted(set(dataset.table[level])))}.")
     if len(set(class_map.values())) < len(class_map):
-        raise WingspanError("--map gives one data class to two of the model's classes.")
+        theirs = next(t for t in class_map.values() if list(class_map.values()).count(t) > 1)
+        ours = [o for o, t in class_map.items() if t == theirs]
+        raise WingspanError(
+            f"--map gives the data class '{theirs}' to {len(ours)} of the model's classes "
+            f"({some(ours)}): each of its images would be right for one and wrong for the "
+            "other.", hint="Map each data class to one model class.")
     # The data's classes named as the model's match without a map: one of those mapped
     # to, or from, another name would give a model class two data classes.
     mapped = set(class_map.values())
