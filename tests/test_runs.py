@@ -147,6 +147,17 @@ def test_runs_frame_lists_each_run_with_values_from_its_files(runs_dir, finished
     shutil.copytree(finished / "evaluation-test", runs_dir / "adapted" / "evaluation-test")
     assert _plain(ws.runs(runs_dir).set_index("name").loc[["adapted"]])[0][
         "held_out_macro_f1"] == evaluation["macro"]["f1"]
+    # Scored on photos it adapted on, the figure is not fair: said so, not "not evaluated"
+    # (evaluating again would say the same).
+    from wingspan.cli.runs import _held_out
+
+    unfair = {**evaluation, "fair": "no: `wingspan adapt` refitted this model on 3 of these"}
+    (runs_dir / "adapted" / "evaluation-test" / "metrics.json").write_text(json.dumps(unfair))
+    row = ws.runs(runs_dir).set_index("name").loc["adapted"]
+    assert pd.isna(row["held_out_macro_f1"]) and bool(row["held_out_evaluated"])
+    assert _held_out(row) == "not fair (see evaluate)"
+    shutil.rmtree(runs_dir / "adapted" / "evaluation-test")
+    assert _held_out(ws.runs(runs_dir).set_index("name").loc["adapted"]) == "not evaluated"
     assert rows["leftover"]["backbone"] is None and rows["leftover"]["created"]
     # Sorted: scores best first, empty cells last; other columns ascending.
     assert ws.runs(runs_dir, sort="val_macro_f1")["name"].tolist()[:2] == ["[red]seed1",

@@ -30,9 +30,8 @@ from wingspan.training.folder import (
 )
 
 COLUMNS = ["name", "status", "detail", "data", "backbone", "levels", "image_size", "seed",
-           "selection",
-           "val_macro_f1", "held_out_split", "held_out_macro_f1", "best_stage", "best_epoch",
-           "train_seconds", "created", "path"]
+           "selection", "val_macro_f1", "held_out_split", "held_out_macro_f1",
+           "held_out_evaluated", "best_stage", "best_epoch", "train_seconds", "created", "path"]
 # Sorted best first; every other column in ascending order (names, dates, seeds...).
 BEST_FIRST = ("val_macro_f1", "held_out_macro_f1")
 INTEGERS, FIGURES = ("image_size", "seed", "best_epoch"), BEST_FIRST + ("train_seconds",)
@@ -155,7 +154,8 @@ def _read_run(run_dir: Path, row: dict) -> None:
         row.update(status=ADAPTED, created=_stamp(run_dir / "adapt.json"),  # no val figure)
                    held_out_split="test" if _has_test_split(run_dir) else None)
         if row["held_out_split"]:  # what `evaluate` of the adapted model found, if fair
-            row["held_out_macro_f1"] = _held_out_figure(run_dir, "test")
+            row["held_out_macro_f1"], row["held_out_evaluated"] = _held_out_figure(run_dir,
+                                                                                   "test")
         return
     metrics = _read(run_dir, "metrics.json", missing={})
     # As `train --resume` tells a finished run: its bundle written to the end (the
@@ -175,7 +175,8 @@ def _read_run(run_dir: Path, row: dict) -> None:
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise Damaged(f"metrics.json is not one wingspan wrote ({first_line(e)})") from e
     if row["held_out_split"]:
-        row["held_out_macro_f1"] = _held_out_figure(run_dir, row["held_out_split"])
+        row["held_out_macro_f1"], row["held_out_evaluated"] = _held_out_figure(
+            run_dir, row["held_out_split"])
 
 
 def _has_test_split(run_dir: Path) -> bool:
@@ -201,10 +202,12 @@ def _stopped_after(run_dir: Path) -> str | None:
     return f"after {stage} epoch {epoch}"
 
 
-def _held_out_figure(run_dir: Path, split: str) -> float | None:
+def _held_out_figure(run_dir: Path, split: str) -> tuple[float | None, bool]:
     """The macro-F1 that `wingspan evaluate RUN` measured on the split nothing was chosen
-    on, when it has been run and called its figure fair (None until then). `--unknown`'s
-    folder holds the same plain figures beside its own; `--tta`'s are another recipe's."""
+    on, when it has been run and called its figure fair (None until then, or when it was
+    not fair: an adapted run scored on photos it adapted on), and whether it has been run.
+    `--unknown`'s folder holds the same plain figures beside its own; `--tta`'s are another
+    recipe's."""
     name = next((f"{folder}/metrics.json" for folder in (f"evaluation-{split}",
                                                          f"evaluation-{split}-unknown")
                  if (run_dir / folder / "metrics.json").is_file()),
@@ -212,7 +215,8 @@ def _held_out_figure(run_dir: Path, split: str) -> float | None:
     evaluation = _read(run_dir, name, missing={})
     try:
         fair = str(evaluation.get("fair", "")).startswith("yes")
-        return float(evaluation["macro"]["f1"]) if evaluation and fair else None
+        return (float(evaluation["macro"]["f1"]) if evaluation and fair else None,
+                bool(evaluation))
     except (KeyError, TypeError, ValueError) as e:
         raise Damaged(f"{name} is not one wingspan wrote ({first_line(e)})") from e
 

@@ -131,4 +131,8 @@ def _held_out(row: dict) -> str:
         return f"{row['held_out_macro_f1']:.4f}"
     if row["status"] not in (DONE, ADAPTED):
         return ""
-    return "not evaluated" if _given(row["held_out_split"]) else "none kept"
+    if not _given(row["held_out_split"]):
+        return "none kept"
+    # (evaluated, and found not fair: an adapted run scored on photos it adapted on)
+    evaluated = _given(row["held_out_evaluated"]) and bool(row["held_out_evaluated"])
+    return "not fair (see evaluate)" if evaluated else "not evaluated"
