@@ -470,14 +470,16 @@ def test_a_killed_evaluation_leaves_the_previous_results_whole(trained, tmp_path
     evaluate(trained, split="val", out=out, progress=False, workers=0, plots=False)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
-    def killed(*args, **kwargs):
-        raise KeyboardInterrupt  # as if killed while writing the report, the last step
+    for stop in (KeyboardInterrupt(), OSError(28, "No space left on device")):
+        def stopped(*args, stop=stop, **kwargs):
+            raise stop  # as if stopped while writing the report, the last step
 
-    monkeypatch.setattr(run_module, "_report", killed)
-    with pytest.raises(KeyboardInterrupt):
-        evaluate(trained, split="val", out=out, progress=False, workers=0, plots=False)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched
-    assert (tmp_path / ".ev.partial").is_dir()  # the unfinished one, marked as such
+        monkeypatch.setattr(run_module, "_report", stopped)
+        with pytest.raises(type(stop)):
+            evaluate(trained, split="val", out=out, progress=False, workers=0, plots=False)
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched
+        # The unfinished one is gone: on a full disk it held space the user needs.
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["ev"]
     monkeypatch.undo()
     result = evaluate(trained, split="val", out=out, progress=False, workers=0, plots=False)
     assert result.out_dir == out and result.report == out / "report.html"

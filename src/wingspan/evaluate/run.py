@@ -91,86 +91,90 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
                                                          tta, unknown, unknown_score)
     out_dir = _partial_folder(final)
 
-    paths = rows["path"].tolist()
-    preds = list(predictor.run(paths, tta=tta, progress=progress,
-                               every_score=unknown is not None))
-    speed = predictor.images_per_second
-    ok = [i for i, p in enumerate(preds) if not p.error]
-    failed = [(p.path, p.error) for p in preds if p.error]
-    if not ok:
-        raise WingspanError(
-            none_read(len(preds), "image", f" of the '{split}' split", example=failed[0][1]),
-            hint="Check the files (`wingspan data inspect DATA` lists "
-            "unreadable ones), or evaluate another split with --split.")
-    index = {c: i for i, c in enumerate(predictor.classes)}
-    y = rows["_label"].map(index).to_numpy()[ok]
-    logits = np.stack([preds[i].view_logits for i in ok])  # (images, views, classes)
-    probs = view_softmax(logits, predictor.temperature)
-    classes = predictor.classes
-    # On other data (holding some of the model's classes, with --map or by name), the
-    # macro averages cover the classes it holds; on the run's own, every class seen.
-    truth_only = data is not None
-    # What predict answers (with a taxonomy the top-down branch's class, which may differ
-    # from the finest head's own top class) is what is scored.
-    y_pred = _predicted(predictor, probs)
-    metrics = classification_metrics(y, probs, classes, truth_only=truth_only, y_pred=y_pred)
-    metrics.update(level=level, split=split, unreadable=failed, unknown_classes=other_classes,
-                   unknown_class_images=other_images,
-                   images_per_second=round(speed, 1), engine=predictor.policy.describe(),
-                   ece_uncalibrated=expected_calibration_error(
-                       view_softmax(logits), y,
-                       y_pred=_predicted(predictor, view_softmax(logits))),
-                   temperature=predictor.temperature,
-                   calibration=_calibration_used(predictor, split, data), tta=tta,
-                   **({"tta_note": tta_note(predictor.unknown is not None)} if tta else {}),
-                   fair=_fairness(predictor.manifest, split, data, [paths[i] for i in ok],
-                                  _own_splits(dataset, data, run_dir), _adapted_on(run_dir),
-                                  run_dir))
-    read = [preds[i] for i in ok]  # the readable images' predictions, in y's order
-    named = None  # which images the answer gives a class (the rest: "unknown")
-    if predictor.unknown is not None:
-        named = np.array([p.known_level == predictor.level for p in read])
-        metrics["answers"] = _answers(predictor, read, named, y, y_pred)
-    table = per_class_table(y, y_pred, classes, truth_only)
-    _write_csv(table, out_dir / "per_class.csv", index=False)
-    # The model's classes the macro averages and that table leave out: no image of them
-    # here (and on the run's own data, none predicted either).
-    metrics["absent_classes"] = [c for c in classes if c not in set(table["class"])]
-    cm = confusion(y, y_pred, len(classes))
-    _write_csv(pd.DataFrame(cm, index=classes, columns=classes), out_dir / "confusion.csv")
-    confused = most_confused(cm, classes)
-    metrics["most_confused"] = confused
-    levels_table, by_level = None, {}
-    if predictor.taxonomy:
-        levels_table, by_level = _per_level(predictor, _level_rows(rows.iloc[ok], predictor,
-                                                                   level, class_map),
-                                            probs, read, metrics, out_dir, truth_only, plots)
-    _write_predictions(out_dir / "predictions.csv", [paths[i] for i in ok], y, y_pred, probs,
-                       classes, predictor, read, by_level)
-    transfer = None
-    if class_map:
-        transfer = _transfer(predictor, run_dir, class_map, table, progress,
-                             _named_share(named, y, classes), tta)
-        _write_csv(transfer, out_dir / "transfer.csv", index=False)
-        # No figure (a class without images here or at home) is null in JSON, not NaN.
-        metrics["transfer"] = transfer.astype(object).where(transfer.notna(), None).to_dict(
-            "records")
-    if unknown is not None:
-        metrics["unknown"] = _openset(predictor, unknown, unknown_paths, read, y, y_pred,
-                                      averaged_classes(y, y_pred, truth_only),
-                                      out_dir, progress, tta, plots)
-    write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+    try:  # a failed evaluation (a full disk, Ctrl-C) leaves no folder behind
+        paths = rows["path"].tolist()
+        preds = list(predictor.run(paths, tta=tta, progress=progress,
+                                   every_score=unknown is not None))
+        speed = predictor.images_per_second
+        ok = [i for i, p in enumerate(preds) if not p.error]
+        failed = [(p.path, p.error) for p in preds if p.error]
+        if not ok:
+            raise WingspanError(
+                none_read(len(preds), "image", f" of the '{split}' split", example=failed[0][1]),
+                hint="Check the files (`wingspan data inspect DATA` lists "
+                "unreadable ones), or evaluate another split with --split.")
+        index = {c: i for i, c in enumerate(predictor.classes)}
+        y = rows["_label"].map(index).to_numpy()[ok]
+        logits = np.stack([preds[i].view_logits for i in ok])  # (images, views, classes)
+        probs = view_softmax(logits, predictor.temperature)
+        classes = predictor.classes
+        # On other data (holding some of the model's classes, with --map or by name), the
+        # macro averages cover the classes it holds; on the run's own, every class seen.
+        truth_only = data is not None
+        # What predict answers (with a taxonomy the top-down branch's class, which may differ
+        # from the finest head's own top class) is what is scored.
+        y_pred = _predicted(predictor, probs)
+        metrics = classification_metrics(y, probs, classes, truth_only=truth_only, y_pred=y_pred)
+        metrics.update(level=level, split=split, unreadable=failed, unknown_classes=other_classes,
+                       unknown_class_images=other_images,
+                       images_per_second=round(speed, 1), engine=predictor.policy.describe(),
+                       ece_uncalibrated=expected_calibration_error(
+                           view_softmax(logits), y,
+                           y_pred=_predicted(predictor, view_softmax(logits))),
+                       temperature=predictor.temperature,
+                       calibration=_calibration_used(predictor, split, data), tta=tta,
+                       **({"tta_note": tta_note(predictor.unknown is not None)} if tta else {}),
+                       fair=_fairness(predictor.manifest, split, data, [paths[i] for i in ok],
+                                      _own_splits(dataset, data, run_dir), _adapted_on(run_dir),
+                                      run_dir))
+        read = [preds[i] for i in ok]  # the readable images' predictions, in y's order
+        named = None  # which images the answer gives a class (the rest: "unknown")
+        if predictor.unknown is not None:
+            named = np.array([p.known_level == predictor.level for p in read])
+            metrics["answers"] = _answers(predictor, read, named, y, y_pred)
+        table = per_class_table(y, y_pred, classes, truth_only)
+        _write_csv(table, out_dir / "per_class.csv", index=False)
+        # The model's classes the macro averages and that table leave out: no image of them
+        # here (and on the run's own data, none predicted either).
+        metrics["absent_classes"] = [c for c in classes if c not in set(table["class"])]
+        cm = confusion(y, y_pred, len(classes))
+        _write_csv(pd.DataFrame(cm, index=classes, columns=classes), out_dir / "confusion.csv")
+        confused = most_confused(cm, classes)
+        metrics["most_confused"] = confused
+        levels_table, by_level = None, {}
+        if predictor.taxonomy:
+            levels_table, by_level = _per_level(predictor, _level_rows(rows.iloc[ok], predictor,
+                                                                       level, class_map),
+                                                probs, read, metrics, out_dir, truth_only, plots)
+        _write_predictions(out_dir / "predictions.csv", [paths[i] for i in ok], y, y_pred, probs,
+                           classes, predictor, read, by_level)
+        transfer = None
+        if class_map:
+            transfer = _transfer(predictor, run_dir, class_map, table, progress,
+                                 _named_share(named, y, classes), tta)
+            _write_csv(transfer, out_dir / "transfer.csv", index=False)
+            # No figure (a class without images here or at home) is null in JSON, not NaN.
+            metrics["transfer"] = transfer.astype(object).where(transfer.notna(), None).to_dict(
+                "records")
+        if unknown is not None:
+            metrics["unknown"] = _openset(predictor, unknown, unknown_paths, read, y, y_pred,
+                                          averaged_classes(y, y_pred, truth_only),
+                                          out_dir, progress, tta, plots)
+        write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
 
-    pngs = _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, y,
-                  y_pred, probs, logits, read) if plots else {}
-    if unknown is not None and plots:  # _openset drew it
-        pngs["unknown"] = out_dir / "unknown.png"
-    if levels_table is not None:  # _per_level drew the coarser levels' matrices (if plots)
-        pngs["levels"] = {lv: out_dir / f"confusion_{lv}.png" if plots else None
-                          for lv in predictor.taxonomy.levels[:-1]}
-    _report(out_dir, (run_dir or final).name, predictor, run_dir, dataset, level, split,
-            metrics, table, confused, pngs, levels_table, transfer, plots)
-    _put_in_place(out_dir, final)
+        pngs = _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, y,
+                      y_pred, probs, logits, read) if plots else {}
+        if unknown is not None and plots:  # _openset drew it
+            pngs["unknown"] = out_dir / "unknown.png"
+        if levels_table is not None:  # _per_level drew the coarser levels' matrices (if plots)
+            pngs["levels"] = {lv: out_dir / f"confusion_{lv}.png" if plots else None
+                              for lv in predictor.taxonomy.levels[:-1]}
+        _report(out_dir, (run_dir or final).name, predictor, run_dir, dataset, level, split,
+                metrics, table, confused, pngs, levels_table, transfer, plots)
+        _put_in_place(out_dir, final)
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     return Evaluation(final, metrics, final / "report.html")
 
 
@@ -204,8 +208,8 @@ def _default_out(predictor: Predictor, dataset: Dataset, split: str, data, tta: 
 
 def _partial_folder(final: Path) -> Path:
     """Where the evaluation is written: a folder beside `final`, moved in place at the end
-    (`_put_in_place`). A killed evaluation leaves a ".partial" folder and the previous
-    results, never half of both."""
+    (`_put_in_place`). A failed evaluation removes it, and one killed outright (SIGKILL)
+    leaves it: the previous results stay whole, never half of both."""
     _check_out_dir(final)
     out_dir = final.with_name(f".{final.name}.partial")
     shutil.rmtree(out_dir, ignore_errors=True)
