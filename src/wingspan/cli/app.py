@@ -103,8 +103,9 @@ def main(argv: list[str] | None = None) -> None:
         if e.errno == errno.EROFS:
             err.print(f"[bold red]Error:[/] {plain(e.filename or str(e))} is on a read-only file "
                       "system.", highlight=False)
-            err.print("[cyan]Hint:[/] Write elsewhere (--runs-dir or --out), or mount it "
-                      "writable.", highlight=False)
+            err.print("[cyan]Hint:[/] Write elsewhere (the command's --runs-dir or --out), or "
+                      "mount it writable; to resume a run there, copy its folder somewhere "
+                      "writable and resume the copy.", highlight=False)
             sys.exit(2)
         if e.errno != errno.ENOSPC:
             raise

@@ -119,7 +119,7 @@ def read_manifest(path: str | Path) -> dict:
         try:
             manifest = json.loads((path / MANIFEST).read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise WingspanError(f"{path / MANIFEST} is corrupt: {e}") from e
+            raise WingspanError(f"{path / MANIFEST} is corrupt: {e}", hint=DAMAGED_HINT) from e
     elif path.is_file():
         try:
             with safe_open(str(path), "pt") as f:
