@@ -193,6 +193,9 @@ def test_csv_labels_are_stripped(tmp_path):
     # Said, once per row changed (train.log sums them up in one line).
     assert [(p.kind, p.path) for p in ds.problems] == [("label_stripped", "x/x_0.jpg"),
                                                        ("label_stripped", "x/x_1.jpg")]
+    assert [p.message for p in ds.problems] == [  # each cell by its column
+        "label 'monarch ' has spaces at its ends; read without them",
+        "label ' monarch', family 'F1 ' have spaces at their ends; read without them"]
     # A spreadsheet's empty cell written as NaN is kept as it says, and said.
     (tmp_path / "labels.csv").write_text("path,label\nx/x_0.jpg,monarch\nx/x_1.jpg,NaN\n")
     ds = read_dataset(tmp_path / "labels.csv")
@@ -694,6 +697,16 @@ def test_class_folders_that_differ_only_in_case_are_pointed_out(tmp_path):
     [said] = [p for p in ds.problems if p.kind == "classes_differ_in_case"]
     assert "'Admiral' and 'admiral' differ only in case, and are read as 2 classes" in \
         said.message
+    # In a CSV too, at every level: one species typed two ways is two classes.
+    (tmp_path / "labels.csv").write_text(
+        "path,label,genus\nadmiral/admiral_0.jpg,Pieris napi,Pieris\n"
+        "admiral/admiral_1.jpg,pieris napi,pieris\nmonarch/monarch_0.jpg,Danaus,Danaus\n")
+    said = [p.message for p in read_dataset(tmp_path / "labels.csv").problems
+            if p.kind == "classes_differ_in_case"]
+    assert said == ["the label values 'Pieris napi' and 'pieris napi' differ only in case, and "
+                    "are read as 2 classes; write them alike to make them one",
+                    "the genus values 'Pieris' and 'pieris' differ only in case, and are read "
+                    "as 2 classes; write them alike to make them one"]
 
 
 def test_a_folder_that_cannot_be_listed_is_said_not_skipped(tmp_path, monkeypatch, run_cli):

@@ -320,16 +320,21 @@ def _class_folders(root: Path, config: ReadConfig, problems: list[Problem]
                 raise WingspanError(f"Class folder {class_dir} has no images (--strict).",
                                     hint="Add images or remove the folder; without --strict "
                                     "the class is left out and listed.")
-    by_case: dict[str, set[str]] = {}
-    for label in set(labels):
-        by_case.setdefault(label.casefold(), set()).add(label)
-    for names in (sorted(n) for n in by_case.values() if len(n) > 1):
-        # 'admiral' and 'Admiral' cannot sit side by side on macOS or Windows: two folders
-        # merged from elsewhere, most likely one species.
-        problems.append(Problem("classes_differ_in_case", "the classes " + " and ".join(
-            f"'{n}'" for n in names) + " differ only in case, and are read as "
-            f"{len(names)} classes; rename the folders alike to make them one", str(root)))
+    # 'admiral' and 'Admiral' cannot sit side by side on macOS or Windows: two folders
+    # merged from elsewhere, most likely one species.
+    problems += [Problem("classes_differ_in_case", "the classes " + " and ".join(
+        f"'{n}'" for n in names) + " differ only in case, and are read as "
+        f"{len(names)} classes; rename the folders alike to make them one", str(root))
+        for names in _case_twins(labels)]
     return paths, labels
+
+
+def _case_twins(names) -> list[list[str]]:
+    """The names that differ only in case ('admiral', 'Admiral'), in sets of two or more."""
+    by_case: dict[str, set[str]] = {}
+    for name in set(names):
+        by_case.setdefault(name.casefold(), set()).add(name)
+    return sorted(sorted(n) for n in by_case.values() if len(n) > 1)
 
 
 def _note_nested_classes(class_dir: Path, label: str, found: list[str],
@@ -478,11 +483,18 @@ def read_csv_table(csv_path: Path, config: ReadConfig) -> Dataset:
     # " monarch" and "monarch " are the class "monarch", not two more; one Unicode spelling.
     names = [c for c in raw.columns if c not in (PATH, SPLIT, GROUP)]
     stripped = raw.assign(**{c: raw[c].map(name_as_read) for c in names})
-    padded = np.logical_or.reduce([stripped[c] != raw[c].map(nfc) for c in names])
-    problems += [Problem("label_stripped", f"label {'/'.join(values)!r} has spaces at its "
-                         "ends; read without them", path)
-                 for path, *values in raw.loc[padded, [PATH, *names]].itertuples(index=False)]
+    changed = {c: (stripped[c] != raw[c].map(nfc)).to_numpy() for c in names}
+    for i in np.flatnonzero(np.logical_or.reduce(list(changed.values()))):  # once a row
+        cells = [f"{c} {raw[c].iloc[i]!r}" for c in names if changed[c][i]]
+        problems.append(Problem("label_stripped", ", ".join(cells) + (
+            " has spaces at its ends" if len(cells) == 1 else " have spaces at their ends")
+            + "; read without them", raw[PATH].iloc[i]))
     raw = stripped
+    # One species typed 'pieris napi' on one row, 'Pieris napi' on another: two classes.
+    problems += [Problem("classes_differ_in_case", f"the {c} values " + " and ".join(
+        f"'{n}'" for n in twins) + f" differ only in case, and are read as {len(twins)} "
+        "classes; write them alike to make them one", str(csv_path))
+        for c in names for twins in _case_twins(v for v in raw[c] if v)]
     unlabelled = raw[LABEL] == ""
     problems += [Problem("no_label", "row has an empty label; skipped", p)
                  for p in raw.loc[unlabelled, PATH]]
