@@ -661,6 +661,7 @@ def test_adapt_writes_a_new_run_and_leaves_the_run_as_it_was(trained, tmp_path, 
     assert code == 0, err
     assert not list(tmp_path.glob(".*partial"))
     assert f"{n + 1} photos (1 unreadable)" in stdout
+    assert f"skipped {photos / 'broken.jpg'}: Cannot read image" in err  # which, and why
     assert "Replaced the earlier adapted run" in stdout
     assert fingerprint(trained) == before
     summary = json.loads((out / "adapt.json").read_text())
@@ -697,6 +698,13 @@ def test_adapt_writes_a_new_run_and_leaves_the_run_as_it_was(trained, tmp_path, 
     assert sum(p.error != "" for p in preds) == 1
     with pytest.raises(WingspanError, match="written by `wingspan adapt`"):
         resume(out)  # it has no training of its own (it would start one from nothing)
+    # Adapted again on some photos: the first ones shaped it too (its head labelled these),
+    # so an evaluation on them is no fairer than on the adapted run's.
+    some_photos = sorted(photos.glob("[0-4].*"))
+    code, _, err = run_cli("adapt", out, *some_photos, "--out", tmp_path / "again", "--quiet")
+    assert code == 0, err
+    listed = pd.read_csv(tmp_path / "again" / "adapt-photos.csv")["path"].tolist()
+    assert sorted(listed) == sorted(pd.read_csv(out / "adapt-photos.csv")["path"])
     # A probability no photo reaches: nothing to learn from, and the head stays as trained
     # (a head refitted on the run's own images alone would lose what training gave it).
     # Its folder is said as given, relative, and `[b]` is no Rich markup (bold).

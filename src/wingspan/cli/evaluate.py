@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from wingspan.cli.app import app
-from wingspan.cli.common import here, make_config, out, plain
+from wingspan.cli.common import err, here, make_config, out, plain
 from wingspan.cli.options import (
     DeviceOpt,
     MaxPixels,
@@ -266,6 +266,8 @@ def adapt_command(
     config = make_config(ctx, AdaptConfig, neighbours=neighbours, confidence=confidence,
                          rounds=rounds, batch_size=batch_size, device=device)
     a = adapt(model, photos, out_dir, config, progress=not quiet, workers=workers)
+    for path, why in a["unreadable_photos"]:  # as predict says them
+        err.print(f"[yellow]skipped[/] {plain(path)}: {plain(why)}", highlight=False)
     used = list(a["photos_used_per_round"].values())[-1]  # the finest level's
     fits = f" in {len(used)} refits" if len(used) > 1 else ""
     out.print(f"{counted(a['photos'], 'photo')} ({a['unreadable']} unreadable); trained on "

@@ -42,7 +42,7 @@ from wingspan.files import atomic_path, real_paths, write_text
 from wingspan.inference import Predictor, output_home, run_dir_of, spelt_as_trained
 from wingspan.models.bundle import update_manifest
 from wingspan.predict import answer_at, deciding_score, expand_paths, taxonomy_path
-from wingspan.training.folder import ADAPT_PHOTOS_FILE
+from wingspan.training.folder import adapted_photos
 
 
 @dataclass
@@ -125,7 +125,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
                        calibration=_calibration_used(predictor, split, data), tta=tta,
                        **({"tta_note": tta_note(predictor.unknown is not None)} if tta else {}),
                        fair=_fairness(predictor.manifest, split, data, [paths[i] for i in ok],
-                                      _own_splits(dataset, data, run_dir), _adapted_on(run_dir),
+                                      _own_splits(dataset, data, run_dir), adapted_photos(run_dir),
                                       run_dir))
         read = [preds[i] for i in ok]  # the readable images' predictions, in y's order
         named = None  # which images the answer gives a class (the rest: "unknown")
@@ -840,18 +840,6 @@ def _own_splits(dataset: Dataset, data, run_dir: Path | None) -> pd.DataFrame | 
         return read_dataset(run_dir / "splits.csv", ReadConfig(check_files=False)).table
     except WingspanError:  # an unreadable splits.csv: not this evaluation's concern
         return None
-
-
-def _adapted_on(run_dir: Path | None) -> list[str]:
-    """The photos `wingspan adapt` refitted this run's head on (none for a run not adapted,
-    or adapted before the list was kept)."""
-    photos = run_dir / ADAPT_PHOTOS_FILE if run_dir else None
-    if not photos or not photos.is_file():
-        return []
-    try:
-        return pd.read_csv(photos, dtype=str, keep_default_na=False)["path"].tolist()
-    except (OSError, ValueError, KeyError):  # damaged: not this evaluation's concern
-        return []
 
 
 def _fairness(manifest: dict, split: str, data, paths: list[str],

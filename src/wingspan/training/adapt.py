@@ -45,7 +45,7 @@ from wingspan.inference import Predictor
 from wingspan.models import save_bundle
 from wingspan.models.unknown import UnknownDetector
 from wingspan.predict import expand_paths
-from wingspan.training.folder import ADAPT_PHOTOS_FILE
+from wingspan.training.folder import ADAPT_PHOTOS_FILE, adapted_photos
 
 # Files of the run folder that hold for the adapted run too: the data, the settings and
 # the curves of the training that made its backbone (metrics.json and the evaluations
@@ -162,6 +162,7 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
     given = set(real_paths(paths))
     summary = {
         "adapted_from": str(run_dir), "photos": len(paths), "unreadable": len(paths) - len(ok),
+        "unreadable_photos": [[p.path, p.error] for p in preds if p.error],
         **{k: getattr(config, k) for k in SETTINGS},
         "photos_used_per_round": used, "training_images": len(train.paths),
         "unreadable_training_images": train.unreadable,
@@ -246,7 +247,10 @@ def _write_run(out: Path, run_dir: Path, predictor: Predictor, summary: dict,
                 weights_source=manifest.get("weights_source"), calibration=calibration,
                 unknown=unknown)
     write_text(partial / "adapt.json", json.dumps(summary, indent=2))
-    pd.DataFrame({PATH: real_paths(photos)}).to_csv(partial / ADAPT_PHOTOS_FILE, index=False)
+    # An adapted run adapted again: the first photos shaped it too (the first refit head
+    # picked the classes of these), so its evaluations must not call them fair either.
+    every = dict.fromkeys([*adapted_photos(run_dir), *real_paths(photos)])
+    pd.DataFrame({PATH: list(every)}).to_csv(partial / ADAPT_PHOTOS_FILE, index=False)
     replaced = out.exists()  # an earlier adapted run (see _check_out)
     if replaced:
         shutil.rmtree(out)

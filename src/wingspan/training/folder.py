@@ -4,6 +4,7 @@ that rank 0 holds while it trains, and the folder a run killed while set up leav
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
@@ -14,6 +15,19 @@ HOLDOUT_FILE = "holdout.csv"  # --holdout-classes: their images, scored as unkno
 # `wingspan adapt`: the photos its head was refitted on (unlabelled), which an evaluation
 # of the adapted run must not call fair.
 ADAPT_PHOTOS_FILE = "adapt-photos.csv"
+
+
+def adapted_photos(run_dir: Path | None) -> list[str]:
+    """The photos `wingspan adapt` refitted this run's head on, as real paths (none for a
+    run not adapted, or adapted before the list was kept)."""
+    photos = run_dir / ADAPT_PHOTOS_FILE if run_dir else None
+    if not photos or not photos.is_file():
+        return []
+    try:
+        with open(photos, newline="", encoding="utf-8") as f:
+            return [row["path"] for row in csv.DictReader(f)]
+    except (OSError, ValueError, KeyError, csv.Error):  # damaged: taken as none
+        return []
 
 
 _HELD: dict[str, object] = {}  # run folder -> its open lock file, while this process trains
