@@ -925,6 +925,12 @@ def test_calibrate_with_a_map_fits_on_the_mapped_images_as_if_renamed(trained, t
             assert mapped[ece] == renamed[ece], (renamed, mapped)
         assert mapped["class_map"] == theirs and "class_map" not in renamed
         assert f"fitted on {n} images (all of {tmp_path / 'mapped[b]'})" in out, out
+        # ... and the images it left out, said as evaluate says them.
+        stranger = len(own) - n
+        assert mapped["unknown_classes"] == ["stranger"]
+        assert (f"{stranger} image{'s' if stranger > 1 else ''} of 1 class the model does not "
+                f"know {'were' if stranger > 1 else 'was'} left out: stranger") in \
+            " ".join(out.split()), out
         # evaluate's checks, and its words.
         code, _, err = run_cli("calibrate", trained, tmp_path / "mapped[b]", "--quiet",
                                "--map", "nosuch=other-0")

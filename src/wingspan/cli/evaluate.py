@@ -201,7 +201,7 @@ def calibrate_command(
     in the bundle, e.g. on labelled photos from where the model will be used; or, with
     --unknown, its unknown scores and thresholds."""
     from wingspan.evaluate.calibration import calibrate_warnings
-    from wingspan.evaluate.run import calibrate, fit_unknown
+    from wingspan.evaluate.run import calibrate, fit_unknown, left_out_wording
 
     if unknown:
         if data is not None or split is not None or class_map:
@@ -226,6 +226,9 @@ def calibrate_command(
               f"{c['val_ece_previous']:.4f} -> {c['val_ece_after']:.4f} "
               f"({c['val_ece_before']:.4f} without a temperature)"
               + (f"; by the {c['method']}" if c["method"] != "likelihood" else ""))
+    if said := left_out_wording(c, some(c.get("unknown_classes", [])),
+                                "--map MODEL_CLASS=DATA_CLASS"):
+        out.print(f"[yellow]{plain(said)}[/]")
     for note in calibrate_warnings(c):
         out.print(f"[yellow]Warning:[/] {escape(note)}")
 

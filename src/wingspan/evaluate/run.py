@@ -623,7 +623,10 @@ def calibrate(model: str | Path, data: str | Path | None = None, split: str | No
     class_map = _check_class_map(class_map or {}, predictor, dataset, level)
     rows = _rows(dataset, split, level, predictor, class_map)
     theirs = sorted(set(rows["_label"]))
-    rows = rows[rows["_label"].isin(predictor.classes)]
+    known = rows["_label"].isin(predictor.classes)
+    left_out = {"unknown_classes": sorted(set(rows.loc[~known, "_label"])),
+                "unknown_class_images": int((~known).sum())}  # said, as evaluate says them
+    rows = rows[known]
     if rows.empty:  # as evaluate says it
         raise WingspanError(
             f"No images of the model's classes in the '{split}' split to calibrate on: the "
@@ -648,6 +651,7 @@ def calibrate(model: str | Path, data: str | Path | None = None, split: str | No
                                         previous=predictor.temperature),
                    **({"class_map": class_map} if class_map else {}),
                    **({"run_images_among": among} if among else {}),
+                   **(left_out if left_out["unknown_classes"] else {}),
                    # (kept: the unknown thresholds were set on scores at that temperature)
                    **({"unknown_temperature": predictor.unknown.temperature}
                       if predictor.unknown is not None else {})}
