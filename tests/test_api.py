@@ -113,7 +113,7 @@ def test_bad_settings_raise_wingspan_errors_naming_them(demo_dir, tmp_path):
         ws.demo_data(tmp_path / "demo", colour="red")
     assert not any(tmp_path.iterdir())  # nothing was started
     (tmp_path / "blank.yaml").write_text("weights:\n")  # a file's blank is no choice
-    with pytest.raises(WingspanError, match="'weights' = None"):
+    with pytest.raises(WingspanError, match="'weights' is empty"):
         ws.train(data, config=tmp_path / "blank.yaml", runs_dir=tmp_path / "runs")
 
 

@@ -737,6 +737,14 @@ def test_config_file_and_command_line(tmp_path, run_cli, demo_dir):
               tmp_path / "lv", "lv", quiet=True)
     assert not (tmp_path / "lv").exists()
     # A wrong type in the file: refused before any run folder or feature cache is made.
+    path.write_text("epochs_head: true\n")  # a yes/no for a number: not read as 1 epoch
+    with pytest.raises(SettingError, match="'epochs_head' = True: true or false, where a "
+                                           "number or a name goes"):
+        TrainConfig.from_file(path)
+    path.write_text("weights:\n")  # Keras' None is no YAML blank
+    with pytest.raises(WingspanError, match="'weights' is empty") as e:
+        TrainConfig.from_file(path)
+    assert "`weights: none` for random weights" in e.value.hint
     path.write_text("epochs_head: 1.5\nlr: fast\n")
     code, _, err = run_cli("train", demo_dir, "--config", path, "--runs-dir", tmp_path / "r")
     assert code == 2 and "'epochs_head' = 1.5" in err and "'lr' = 'fast'" in err

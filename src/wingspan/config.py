@@ -135,6 +135,13 @@ def _adapters(cls: type) -> dict:
 
 
 @cache
+def _yes_no_fields(cls: type) -> frozenset[str]:
+    """The fields that take true or false (pydantic would read `epochs_head: true` as 1)."""
+    return frozenset(name for name, kind in get_type_hints(cls).items()
+                     if kind is bool or bool in get_args(kind))
+
+
+@cache
 def _list_fields(cls: type) -> frozenset[str]:
     """The fields that hold a list (levels, holdout_classes...), optional or not."""
     def is_list(kind) -> bool:
@@ -158,6 +165,10 @@ def _check_types(config: object) -> None:
             value = os.fspath(value)
         if isinstance(value, str) and name in _list_fields(type(config)):
             value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, bool) and name not in _yes_no_fields(type(config)):
+            problems.append((name, f" = {value!r}: true or false, where a number or a name "
+                                   "goes"))
+            continue
         try:
             setattr(config, name, adapter.validate_python(value))
         except ValidationError as e:
@@ -603,6 +614,11 @@ class TrainConfig:
             raise WingspanError(f"{path}: unknown settings {unknown}.",
                                 hint=(f"Did you mean {', '.join(meant)}? " if meant else "")
                                 + f"Valid: {', '.join(fields)}.")
+        if "weights" in values and values["weights"] is None and "weights" not in overrides:
+            raise WingspanError(f"{path}: 'weights' is empty (YAML reads a blank or null as "
+                                "no value).",
+                                hint="Write `weights: none` for random weights, `weights: "
+                                     "auto` for ImageNet's, or a weights file.")
         levels = overrides.get("levels")
         if levels:  # given: the file's level and level weights were for its own levels
             levels = [lv.strip() for lv in levels.split(",")] if isinstance(levels, str) \
