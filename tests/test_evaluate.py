@@ -1210,3 +1210,27 @@ def test_tta_names_other_data_and_unknown_evaluations_too(trained, tmp_path, run
         assert metrics["tta"] is on and metrics["unknown"]["unseen_images"] == 6
         assert (folder / "unknown.csv").is_file()
     assert "fitted on single views" in stdout  # the thresholds were set without TTA
+
+
+def test_another_photo_of_a_specimen_trained_on_is_not_called_fair(demo_dir, tmp_path):
+    """ETHEC's specimens have several photos, grouped by barcode: evaluated on the data the
+    run was trained on, a test photo of a specimen whose other photo it trained on makes
+    the figures optimistic, though no file is one it trained on."""
+    table = read_dataset(demo_dir).table
+    table = table.assign(split=["train", "train", "val", "test"] * (len(table) // 4)
+                         + ["train"] * (len(table) % 4))
+    table[["path", "label", "split", "group"]].to_csv(tmp_path / "photos.csv", index=False)
+    run = train(read_dataset(tmp_path / "photos.csv"), tiny(tmp_path, epochs_finetune=0),
+                tmp_path / "runs", quiet=True)
+    fair = evaluate(run, tmp_path / "photos.csv", split="test", progress=False, workers=0,
+                    plots=False, out=tmp_path / "ev").metrics["fair"]
+    assert fair.startswith("yes"), fair
+    # A second photo of a trained-on specimen, put in test afterwards (a repaired leak).
+    trained_on_row = table[table.split == "train"].iloc[0]
+    second = Path(shutil.copy(trained_on_row.path, tmp_path / "second-photo.jpg"))
+    table = pd.concat([table, pd.DataFrame([{**trained_on_row, "path": str(second),
+                                             "split": "test"}])])
+    table[["path", "label", "split", "group"]].to_csv(tmp_path / "photos.csv", index=False)
+    fair = evaluate(run, tmp_path / "photos.csv", split="test", progress=False, workers=0,
+                    plots=False, out=tmp_path / "ev").metrics["fair"]
+    assert fair.startswith("no: 1 of these") and "(the same group)" in fair, fair

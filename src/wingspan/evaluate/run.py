@@ -16,7 +16,7 @@ from wingspan.data import read_dataset
 from wingspan.data.csvfiles import name_as_read
 from wingspan.data.plots import plot_class_balance
 from wingspan.data.preview import write_preview
-from wingspan.data.samples import SPLIT, Dataset, renamed
+from wingspan.data.samples import GROUP, SPLIT, Dataset, renamed
 from wingspan.errors import WingspanError, counted, none_read, some
 from wingspan.evaluate import plots as charts  # not `plots`: evaluate() has a plots= flag
 from wingspan.evaluate.calibration import (
@@ -42,7 +42,7 @@ from wingspan.files import atomic_path, real_paths, write_text
 from wingspan.inference import Predictor, output_home, run_dir_of, spelt_as_trained
 from wingspan.models.bundle import update_manifest
 from wingspan.predict import answer_at, deciding_score, expand_paths, taxonomy_path
-from wingspan.training.folder import adapted_photos
+from wingspan.training.folder import adapted_photos, trained_on
 
 
 @dataclass
@@ -124,9 +124,11 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
                        temperature=predictor.temperature,
                        calibration=_calibration_used(predictor, split, data), tta=tta,
                        **({"tta_note": tta_note(predictor.unknown is not None)} if tta else {}),
-                       fair=_fairness(predictor.manifest, split, data, [paths[i] for i in ok],
-                                      _own_splits(dataset, data, run_dir), adapted_photos(run_dir),
-                                      run_dir))
+                       fair=_fairness(
+                           predictor.manifest, split, data, [paths[i] for i in ok],
+                           _own_splits(dataset, data, run_dir), adapted_photos(run_dir),
+                           run_dir, _comparable_groups(rows["group"].iloc[ok], dataset, data,
+                                                       run_dir)))
         read = [preds[i] for i in ok]  # the readable images' predictions, in y's order
         named = None  # which images the answer gives a class (the rest: "unknown")
         if predictor.unknown is not None:
@@ -846,13 +848,26 @@ def _own_splits(dataset: Dataset, data, run_dir: Path | None) -> pd.DataFrame | 
         return None
 
 
+def _comparable_groups(groups: pd.Series, dataset: Dataset, data, run_dir: Path | None
+                       ) -> list[str] | None:
+    """The evaluated images' groups (an ETHEC specimen's barcode, an observation) where they
+    mean what the run's splits.csv means by them: DATA is the data the run was trained on
+    (a group key of other data, a number a regex found, may name something else)."""
+    source = trained_on(run_dir) if run_dir is not None and data is not None else None
+    if source is None or Path(source).resolve() != Path(dataset.root).resolve():
+        return None
+    return groups.tolist()
+
+
 def _fairness(manifest: dict, split: str, data, paths: list[str],
               own: pd.DataFrame | None, adapted: list[str] = (),
-              run_dir: Path | None = None) -> str:
+              run_dir: Path | None = None, groups: list[str] | None = None) -> str:
     """Whether this evaluation's figures are unbiased: none of the images evaluated
     (`paths`) is one the run trained on (its train split) or chose its best epoch on (val),
     as its splits.csv (`own`, None without one) names them, whatever data or split they
-    came from, nor one that `wingspan adapt` refitted its head on (`adapted`, real paths)."""
+    came from, nor one that `wingspan adapt` refitted its head on (`adapted`, real paths),
+    nor (`groups`, on the run's own data) another photo of a specimen or observation it
+    trained or chose on."""
     evaluated = set(real_paths(paths))
     among = len(evaluated.intersection(adapted))
     adapted_on = among or (data is None and split == "test" and manifest.get(
@@ -866,6 +881,12 @@ def _fairness(manifest: dict, split: str, data, paths: list[str],
         return "yes, unless this data holds images the model was trained or chosen on"
     trained, chosen = (len(evaluated.intersection(real_paths(own.loc[own[SPLIT] == s, "path"])))
                        for s in ("train", "val"))
+    seen = set(own.loc[own[SPLIT].isin(["train", "val"]), GROUP]) if groups else set()
+    if not trained and not chosen and (shared := sum(g in seen for g in groups or [])):
+        return (f"no: {shared} of these {len(evaluated)} images show a specimen or "
+                "observation (the same group) that the run trained or chose its best epoch "
+                "on in another photo, so these figures are optimistic; the run's own test "
+                f"split keeps groups apart (`wingspan evaluate {run_dir or 'RUN'}`)")
     if not trained and not chosen:
         return ("yes: the test split was never trained or chosen on" if data is None else
                 "yes: none of these files is one the run trained or chose its best epoch on "
