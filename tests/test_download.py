@@ -128,3 +128,11 @@ def test_url_may_be_an_archive_already_on_this_machine(tmp_path):
     with pytest.raises(WingspanError, match="neither a URL nor a file"):
         download_dataset("ethec", tmp_path / "other", url=str(tmp_path / "nope.zip"),
                          source=source, progress=False)
+    # An empty folder where the dataset is unpacked was never a download: said so, not
+    # that the archive's layout may have changed.
+    (tmp_path / "empty" / "ethec").mkdir(parents=True)
+    with pytest.raises(WingspanError, match="is an empty folder, where the unpacked dataset "
+                                            "goes") as e:
+        download_dataset("ethec", tmp_path / "empty", url=str(archive), source=source,
+                         progress=False)
+    assert "Remove it" in e.value.hint

@@ -63,7 +63,7 @@ def check_output_file(path: Path, suffixes: tuple[str, ...]) -> None:
         raise WingspanError(f"--output {path} is a folder.", hint="Name a file in it.")
     if path.suffix.lower() not in suffixes:
         raise WingspanError(f"--output {path}: the file must end in {' or '.join(suffixes)}.",
-                            hint=f"e.g. --output predictions{suffixes[0]}")
+                            hint=f"e.g. --output {path.with_suffix(suffixes[0])}")
     existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
     if existing != path.absolute() and not existing.is_dir():
         raise WingspanError(f"--output {path}: {existing} is a file, not a folder.")

@@ -54,7 +54,11 @@ def download_dataset(name: str, to: str | Path, url: str | None = None,
         source = SOURCES[name]
     to = Path(to).expanduser()
     root = to / name
-    if root.is_dir():
+    if root.is_dir():  # unpacked before (an empty one: made by the user, not unpacked)
+        if not any(root.iterdir()):
+            raise WingspanError(f"{root} is an empty folder, where the unpacked dataset "
+                                "goes.", hint="Remove it and run the command again, or "
+                                              "give another --to.")
         return _dataset_root(root)
     to.mkdir(parents=True, exist_ok=True)
     archive = to / source.name
@@ -156,4 +160,6 @@ def _dataset_root(root: Path) -> Path:
         if is_ethec_root(candidate):
             return candidate
     raise WingspanError(f"{root} holds no ETHEC split files (splits/train.json ...).",
-                        hint="The archive's layout may have changed; see its README.")
+                        hint=f"If it was unpacked here by wingspan, the archive's layout may "
+                             f"have changed (see its README); else remove {root} or give "
+                             "another --to.")
