@@ -185,7 +185,7 @@ def test_photos_without_the_coarser_levels_are_scored_at_them_from_the_models_tr
 
 
 def test_data_that_names_the_finest_level_otherwise_is_scored_at_every_level(
-        demo_dir, tmp_path):
+        demo_dir, tmp_path, capsys):
     """A model whose finest level is 'species' (a taxonomy.csv's), evaluated on a CSV of
     path,label whose labels are species: the label column is the species' truth (it was a
     KeyError once every image had been predicted)."""
@@ -196,12 +196,19 @@ def test_data_that_names_the_finest_level_otherwise_is_scored_at_every_level(
     table[["path", "species"]].rename(columns={"species": "label"}).to_csv(
         tmp_path / "photos.csv", index=False)
     assert read_dataset(tmp_path / "photos.csv").levels == ["label"]
-    by_label, by_species = (
-        evaluate(own, data, split="all", progress=False, workers=0, plots=False,
-                 out=tmp_path / f"ev-{i}").metrics
-        for i, data in enumerate((tmp_path / "photos.csv", demo_dir)))
+    from wingspan.cli.evaluate import print_evaluation
+
+    evaluations = [evaluate(own, data, split="all", progress=False, workers=0, plots=False,
+                            out=tmp_path / f"ev-{i}")
+                   for i, data in enumerate((tmp_path / "photos.csv", demo_dir))]
+    by_label, by_species = (e.metrics for e in evaluations)
     assert by_label["images"] == len(table)
     assert by_label["hierarchy"]["levels"] == by_species["hierarchy"]["levels"]
+    # On screen: each level's micro- and macro-F1.
+    print_evaluation(evaluations[0])
+    said = " ".join(capsys.readouterr().out.split())
+    macro = " │ ".join(f"{v['macro_f1']:.3f}" for v in by_label["hierarchy"]["levels"].values())
+    assert f"macro-F1, marginalisation │ {macro} │" in said, said
 
 
 def test_other_names_mapped_are_scored_at_every_level_as_the_same_photos(

@@ -150,11 +150,13 @@ def print_evaluation(result) -> None:
         _print_unknown(m["unknown"])
     if m.get("hierarchy"):
         h = m["hierarchy"]
-        levels = Table("method", *map(plain, h["levels"]), title="Micro-F1 per level")
-        levels.add_row("marginalisation (consistent)",
+        levels = Table("method", *map(plain, h["levels"]), title="F1 per level")
+        levels.add_row("micro-F1, marginalisation (consistent)",
                        *[f"{v['micro_f1']:.3f}" for v in h["levels"].values()])
+        levels.add_row("macro-F1, marginalisation",  # rare classes count as much as common
+                       *[f"{v['macro_f1']:.3f}" for v in h["levels"].values()])
         if "heads" in next(iter(h["levels"].values())):
-            levels.add_row("per-level heads",
+            levels.add_row("micro-F1, per-level heads",
                            *[f"{v['heads']['micro_f1']:.3f}" for v in h["levels"].values()])
         out.print(levels)
         for lv, v in h["levels"].items():
