@@ -104,6 +104,11 @@ def test_export_runs_without_wingspan_and_matches_pytorch(run_dir, run_cli, demo
     cutout[: len(cutout) // 2, :, :] = 0  # the top half: transparent, and black beneath
     images.append(str(run_dir / "cutout.png"))
     Image.fromarray(cutout, "RGBA").save(images[-1])
+    # A 16-bit scan: its values stretched over 0..255 (converting it clips them to white).
+    deep = np.asarray(Image.open(images[1]).convert("L"), dtype=np.uint16) * 40 + 300
+    images.append(str(run_dir / "scan16.png"))
+    Image.fromarray(deep).save(images[-1])
+    assert Image.open(images[-1]).mode.startswith("I")
     rows = run_readme_onnx_example(model, images)
     for row in rows:
         p = np.array(row["out"]["label"])
