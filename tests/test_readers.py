@@ -765,6 +765,11 @@ def test_a_recursive_glob_gives_each_image_once_and_passes_over_what_a_folder_wo
     found, skipped = expand_paths([images[0], str(tmp_path / "photos"), str(heic)])
     assert found[0] == images[0] and sorted(found) == images  # given first, kept first
     assert [path for path, _ in skipped] == [str(heic)]  # in the folder and named: once
+    # As zsh expands photos/**/* unquoted: the folders, then the files in them.
+    found, _ = expand_paths([str(tmp_path / "photos" / "monarch"), *images])
+    assert sorted(found) == images and len(found) == len(images)
+    # A file named twice is predicted twice: a row for each input, in order.
+    assert expand_paths([images[0], images[0]])[0] == [images[0], images[0]]
     _, skipped = expand_paths([str(tmp_path / "photos" / "monarch" / "*.txt")])
     assert skipped == [(str(tmp_path / "photos" / "monarch" / "*.txt"),
                         "the pattern matches no image file")]

@@ -28,13 +28,20 @@ def expand_paths(inputs: list[str], places: list[int] | None = None
     gets where each of those belongs among the images (the number before it): an input
     that matches nothing keeps its place among the others, and a file skipped inside a
     folder (a HEIC photo) its place among the folder's sorted images."""
-    found, missing, seen = [], [], set()
+    found, missing, seen, searched = [], [], set(), set()
 
-    def add(paths: list[str]) -> None:  # each image once: `photos/**` matches a folder
-        for path in paths:                # and the files in it too
-            if (key := os.path.normpath(path)) not in seen:
-                seen.add(key)
-                found.append(path)
+    def add(paths: list[str], search: bool = True) -> None:
+        """Each image a folder or a glob finds once (`photos/**` matches a folder and the
+        files in it too, and zsh's unquoted photos/**/* names both); a file named as
+        such, as often as it is named (a row for each input), unless a search found it."""
+        for path in paths:
+            key = os.path.normpath(path)
+            if key in (seen if search else searched):
+                continue
+            seen.add(key)
+            if search:
+                searched.add(key)
+            found.append(path)
 
     def skip(entry: tuple[str, str], at: int) -> None:
         if (key := ("skipped", os.path.normpath(entry[0]))) in seen:  # said once
@@ -57,17 +64,18 @@ def expand_paths(inputs: list[str], places: list[int] | None = None
     for item in inputs:
         if any(c in item for c in "*?[") and not Path(item).exists():  # img[1].jpg is a file
             matches = sorted(glob.glob(item, recursive=True))
-            before = len(found)
+            matched = 0  # images the pattern matches, found before or not
             # A matched folder counts as a folder given (photos/*); of the files matched,
             # those a folder's search takes (not notes.txt, nor Thumbs.db).
             for match in matches:
-                if Path(match).is_dir():
-                    add(images_in(match))
-                elif why := unsupported_photo(match):
+                folder = Path(match).is_dir()
+                images = (images_in(match) if folder else
+                          [match] if is_image_name(Path(match).name) else [])
+                if not folder and (why := unsupported_photo(match)):
                     skip((match, why), len(found))
-                elif is_image_name(Path(match).name):
-                    add([match])
-            if len(found) == before:
+                matched += len(images)
+                add(images)
+            if not matched:
                 # Not there as named either: photos/a[b].jpg is most likely a file's name.
                 skip((item, "no such file or folder, nor any match as a pattern"
                       if not matches else "the pattern matches only folders without images"
@@ -82,7 +90,7 @@ def expand_paths(inputs: list[str], places: list[int] | None = None
             if why := unsupported_photo(item):  # named as it is in a folder
                 skip((item, why), len(found))
             else:
-                add([item])
+                add([item], search=False)
         else:
             skip((item, "no such file or folder"), len(found))
     return found, missing
