@@ -185,7 +185,7 @@ def test_photos_without_the_coarser_levels_are_scored_at_them_from_the_models_tr
 
 
 def test_data_that_names_the_finest_level_otherwise_is_scored_at_every_level(
-        demo_dir, tmp_path, capsys):
+        demo_dir, tmp_path, capsys, monkeypatch):
     """A model whose finest level is 'species' (a taxonomy.csv's), evaluated on a CSV of
     path,label whose labels are species: the label column is the species' truth (it was a
     KeyError once every image had been predicted)."""
@@ -196,7 +196,10 @@ def test_data_that_names_the_finest_level_otherwise_is_scored_at_every_level(
     table[["path", "species"]].rename(columns={"species": "label"}).to_csv(
         tmp_path / "photos.csv", index=False)
     assert read_dataset(tmp_path / "photos.csv").levels == ["label"]
+    from wingspan.cli.common import out
     from wingspan.cli.evaluate import print_evaluation
+
+    monkeypatch.setattr(out, "_width", 200)  # a table row on a line, whatever the terminal
 
     evaluations = [evaluate(own, data, split="all", progress=False, workers=0, plots=False,
                             out=tmp_path / f"ev-{i}")
