@@ -61,6 +61,22 @@ def test_an_error_while_writing_removes_the_temporary_file(tmp_path):
     assert not target.exists() and os.listdir(tmp_path) == []
 
 
+def test_files_get_the_mode_a_plain_open_gives_them(tmp_path):
+    """safetensors creates its files readable by their owner alone: a model trained by one
+    user could not be served by another on a shared machine."""
+    import torch
+    from safetensors.torch import save_file
+    (tmp_path / "plain").write_text("")
+    usual = os.stat(tmp_path / "plain").st_mode & 0o777
+    with atomic_path(tmp_path / "model.safetensors") as tmp:
+        save_file({"w": torch.zeros(2)}, tmp)
+    with atomic_paths(tmp_path / "a.safetensors", tmp_path / "b.json") as (a, b):
+        save_file({"w": torch.zeros(2)}, a)
+        b.write_text("{}")
+    for name in ("model.safetensors", "a.safetensors", "b.json"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == usual, name
+
+
 def test_the_temporary_files_of_killed_writes_are_removed_and_nothing_else(tmp_path):
     kept = ["last.pt", "manifest.json", "notes", ".lock", ".wingspan-evaluation", "a.tmp.csv"]
     for name in kept:

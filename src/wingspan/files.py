@@ -18,6 +18,14 @@ import numpy as np
 
 from wingspan.errors import WingspanError, first_line
 
+# The mode a plain open() gives a new file here (0666 less the umask, read once while the
+# process is still one thread). safetensors creates its files 0600, and a model one user
+# trained is served or evaluated by others (a lab's shared machine): every file we write
+# gets this mode.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+_MODE = 0o666 & ~_UMASK
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
@@ -29,6 +37,7 @@ def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
         yield tmp
         if durable:
             _flush(tmp)
+        os.chmod(tmp, _MODE)
         os.replace(tmp, path)
 
 
@@ -49,6 +58,7 @@ def atomic_paths(*paths: str | Path) -> Iterator[list[Path]]:
         yield tmps
         for tmp in tmps:
             _flush(tmp)
+            os.chmod(tmp, _MODE)
         _replace_together(tmps, paths)
 
 
