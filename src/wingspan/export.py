@@ -301,51 +301,25 @@ def _write(out: Path, model: bytes, meta: dict) -> Path:
 
 def _quantize(graph: bytes, bundle: Path, spec: InputSpec, levels: list[str],
               unknown: dict | None = None) -> tuple[bytes, dict, dict[str, float] | None]:
-    """ONNX Runtime's static int8 (QDQ, per-channel weights), calibrated on up to 64
-    training images; refused (nothing written) when val top-1 drops by more than
+    """ONNX Runtime's static int8 (int8_graph), calibrated on up to 64 training images;
+    refused (nothing written) when val top-1 drops by more than
     int8_allowed_drop. `unknown`: the metadata's unknown entry, when the graph has unknown
     scores; the int8 model's own thresholds are returned, set on its val scores so that it
     turns away the stated share of known images, as the fp32 model does."""
-    import tempfile
-
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
+    import onnx
 
     calibration = _pixels(_split_images(bundle, "train", 64)[0], spec)
     val_paths, val_labels = _split_images(bundle, "val", 1000, level=levels[-1])
     if calibration is None or not val_paths:
         raise WingspanError("int8 needs the run's training and val images to calibrate and "
                             "check it; they were not found.", hint="Export from the run folder.")
-
-    class Batches(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter([{"pixels": calibration[i:i + 8]}
-                                 for i in range(0, len(calibration), 8)])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    import onnx
-
     # The network is quantized, the unknown score kept in fp32 (its kNN distances and
     # shares are not what int8 is for); it sees the int8 network's features, so the share
     # of known val images it turns away is measured again below.
     keep = _nodes_only_for(onnx.load_from_string(graph).graph,
                            [UNKNOWN_OUTPUT.format(lv) for lv in levels] if unknown else [],
                            levels)
-    # The quantizer's advice ("consider pre-processing", via the root logger) and ONNX
-    # Runtime's notes on each unused initializer would bury the result: errors only.
-    with tempfile.TemporaryDirectory() as tmp, _quiet_logs():
-        source, target = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
-        source.write_bytes(graph)
-        quantize_static(str(source), str(target), Batches(), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, nodes_to_exclude=keep)
-        quantized = target.read_bytes()
+    quantized = int8_graph(graph, calibration, keep)
     finest = levels[-1]
     classes = json.loads(json.dumps(_classes(bundle)))[finest]
     pixels, kept = _readable_pixels(val_paths, spec)
@@ -385,6 +359,44 @@ def _quantize(graph: bytes, bundle: Path, spec: InputSpec, levels: list[str],
     return quantized, figures, thresholds
 
 
+def int8_graph(graph: bytes, calibration: np.ndarray, keep: list[str] = ()) -> bytes:
+    """`graph` (input "pixels") as ONNX Runtime's static int8: QDQ, per-channel weights,
+    activations calibrated on `calibration`; the nodes named in `keep` and the size
+    arithmetic stay in fp32."""
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"pixels": calibration[i:i + 8]}
+                                 for i in range(0, len(calibration), 8)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    exclude = [*keep, *_size_arithmetic(onnx.load_from_string(graph).graph)]
+    # The quantizer's advice ("consider pre-processing", via the root logger) and ONNX
+    # Runtime's notes on each unused initializer would bury the result: errors only.
+    with tempfile.TemporaryDirectory() as tmp, _quiet_logs():
+        source, target = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        source.write_bytes(graph)
+        # uint8 weights as well as activations: x86 CPUs without VNNI (AVX2, most AVX-512)
+        # sum uint8 x int8 products in saturating 16 bits, which on a Lite0 bundle at 64
+        # pixels changed 9% of 158 val photos' top-1 (int8 weights: 29%; 7-bit ones: 16%). uint8
+        # x uint8 does not saturate, on whichever CPU the file is run.
+        quantize_static(str(source), str(target), Batches(), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QUInt8, nodes_to_exclude=exclude)
+        return target.read_bytes()
+
+
 @contextlib.contextmanager
 def _quiet_logs():
     """Errors only, from the root logger and ONNX Runtime's default one, for the block."""
@@ -417,6 +429,30 @@ def _nodes_only_for(graph, wanted: list[str], others: list[str]) -> list[str]:
 
     mine, theirs = ancestors(wanted), ancestors(others)
     return sorted(name for key, name in mine.items() if key not in theirs)
+
+
+def _size_arithmetic(graph) -> list[str]:
+    """Names of the nodes that work out sizes from the input's shape: the pads of timm's
+    TF "same" padding (tf_efficientnet_lite*), a Reshape's or a Slice's arguments. Int8
+    would round these integers to nonsense (every Pad then pads wrongly, and the features
+    of the offline Lite backbones came out near zero). The walk stops at Shape, whose
+    input is the network's own data."""
+    producer = {name: node for node in graph.node for name in node.output}
+    found, stack = {}, [node.input[i] for node in graph.node
+                        for i in _SIZES.get(node.op_type, ()) if i < len(node.input)]
+    while stack:
+        node = producer.get(stack.pop())
+        if node is not None and node.name not in found:
+            found[node.name] = node
+            if node.op_type != "Shape":
+                stack.extend(node.input)
+    return sorted(found)
+
+
+# The inputs that are sizes, indices or pads, not data (Pad's third, the value it pads
+# with, is data: the quantizer gives it the input's scale).
+_SIZES = {"Pad": (1, 3), "Reshape": (1,), "Slice": (1, 2, 3, 4), "Expand": (1,),
+          "Resize": (1, 2, 3), "Tile": (1,)}
 
 
 def _onnx_graph(deployable: nn.Module, size: int, levels: list[str], meta: dict) -> bytes:
