@@ -91,6 +91,49 @@ def test_folder_reader_takes_fixed_split_from_splits_csv(tmp_path):
     assert [p.kind for p in ds.problems] == ["not_in_splits"]
 
 
+def test_a_splits_csv_that_names_none_of_the_images_is_an_error(tmp_path):
+    """Paths written from the folder above (data/a/a_0.jpg) matched no image: every one was
+    'not in splits', and training made a random split in place of the user's fixed one."""
+    data = tmp_path / "data"
+    folder_dataset(data, {"a": 2, "b": 2})
+    (data / "splits.csv").write_text("path,label,split\ndata/a/a_0.jpg,a,train\n"
+                                     "data/a/a_1.jpg,a,val\ndata/b/b_0.jpg,b,train\n")
+    with pytest.raises(WingspanError, match=r"None of the 3 paths in .*splits.csv is an image "
+                       r"of its class folders \(e.g. data/a/a_0.jpg, read as .*data/data/a/"
+                       r"a_0.jpg\)") as e:
+        read_dataset(data)
+    assert "relative to" in e.value.hint and "(e.g. a/a_0.jpg)" in e.value.hint
+
+
+def test_a_splits_csv_gives_groups_and_says_what_it_cannot_use(tmp_path):
+    """Beside class folders, a splits.csv's groups are read (one observation on two sides
+    was trained without a word, where the same rows as a CSV are refused); a label other
+    than the folder's and a listed file that is not there are said, not dropped silently."""
+    from wingspan.data.leaks import find_leaks
+
+    folder_dataset(tmp_path, {"a": 3, "b": 2})
+    (tmp_path / "splits.csv").write_text(
+        "path,label,split,group\na/a_0.jpg,a,train,obs1\na/a_1.jpg,a,test,obs1\n"
+        "a/a_2.jpg,b,val,\nb/b_0.jpg,b,train,\nb/b_1.jpg,b,val,\nb/gone.jpg,b,test,\n")
+    ds = read_dataset(tmp_path)
+    groups = dict(zip(ds.table["path"].map(lambda p: p.split("/")[-1]), ds.table["group"],
+                      strict=True))
+    assert groups["a_0.jpg"] == groups["a_1.jpg"] == "obs1"
+    assert groups["b_0.jpg"].endswith("b_0.jpg")  # no group: the file alone
+    kinds = {p.kind: p for p in ds.problems}
+    assert sorted(kinds) == ["label_not_folder", "missing_file"]
+    assert kinds["label_not_folder"].path.endswith("a_2.jpg")
+    assert "labels it 'b', its folder 'a'; the folder's is used" in kinds[
+        "label_not_folder"].message
+    assert kinds["missing_file"].path.endswith("gone.jpg")
+    assert ds.table.set_index(ds.table["path"].map(lambda p: p.split("/")[-1])).loc[
+        "a_2.jpg", "label"] == "a"
+    assert find_leaks(ds).by_group == {"obs1": ["test", "train"]}  # refused by train
+    # --group-regex given now groups the files instead, and says so.
+    ds = read_dataset(tmp_path, ReadConfig(group_regex=r"(\w)_\d"))
+    assert "group_column_replaced" in [p.kind for p in ds.problems]
+
+
 def test_a_splits_csv_written_on_windows_or_with_spaces_is_read_as_meant(tmp_path):
     """Backslashed paths (a splits.csv saved on Windows) and the spaces a "path, label,
     split" file puts after its commas were taken for unlisted images: a fresh random split

@@ -365,7 +365,7 @@ def read_folder(root: Path, config: ReadConfig) -> Dataset:
     table = make_table(paths, {LABEL: labels}, groups)
     table, levels = _with_taxonomy(table, [LABEL], root, problems)
     if (root / SPLITS_FILE).is_file():
-        table = _fixed_splits(table, root / SPLITS_FILE, problems)
+        table = _fixed_splits(table, root / SPLITS_FILE, problems, config.group_regex)
     return Dataset(table, levels, root, "folder", problems)
 
 
@@ -415,8 +415,11 @@ def read_split_folders(root: Path, config: ReadConfig) -> Dataset:
     return Dataset(table, levels, root, "split-folders", problems)
 
 
-def _fixed_splits(table: pd.DataFrame, splits_csv: Path, problems: list[Problem]) -> pd.DataFrame:
-    """Take the split of each image from a `path,...,split` file beside the class folders."""
+def _fixed_splits(table: pd.DataFrame, splits_csv: Path, problems: list[Problem],
+                  group_regex: str | None = None) -> pd.DataFrame:
+    """Take the split of each image (and its group, from a `group` column) from a
+    `path,...,split` file beside the class folders. A file's class is its folder's: a
+    `label` that says otherwise is reported, not used."""
     fixed = read_csv(splits_csv, key=PATH)
     if PATH not in fixed.columns or SPLIT not in fixed.columns:
         problems.append(Problem("splits_file_ignored", "has no path and split columns; ignored",
@@ -426,18 +429,53 @@ def _fixed_splits(table: pd.DataFrame, splits_csv: Path, problems: list[Problem]
     _check_split_values(fixed, splits_csv)
     # Both sides resolved alike, so that a class folder reached through a symlink matches.
     fixed = fixed.assign(_key=real_paths(splits_csv.parent / _native(p) for p in fixed[PATH]))
+    keys = real_paths(table[PATH])  # in NFC, as the keys above
+    _check_splits_name_images(fixed, set(keys), splits_csv)
     sides = fixed.groupby("_key")[SPLIT].nunique()
     torn = set(sides[sides > 1].index)  # listed twice, on two sides: neither is trusted
     problems += [Problem("conflicting_splits", f"listed in {splits_csv.name} on more than one "
                          "side; has no split", p) for p in sorted(torn)]
-    by_path = dict(zip(fixed["_key"], fixed[SPLIT], strict=True))
-    keys = real_paths(table[PATH])  # in NFC, as the keys above
-    table[SPLIT] = [("" if key in torn else by_path.get(key, "")) for key in keys]
+    rows = fixed.drop_duplicates("_key", keep="last").set_index("_key")
+    table[SPLIT] = [("" if key in torn else rows[SPLIT].get(key, "")) for key in keys]
     unlisted = [p for p, side, key in zip(table[PATH], table[SPLIT], keys, strict=True)
                 if side == "" and key not in torn]
     problems += [Problem("not_in_splits", f"not listed in {splits_csv.name}; has no split", p)
                  for p in unlisted]
+    read = set(keys)
+    problems += [Problem("missing_file", f"listed in {splits_csv.name} but not found", key)
+                 for key in rows.index if key not in read and not os.path.exists(key)]
+    if LABEL in rows.columns:
+        said = [(p, rows[LABEL].get(key), label)
+                for p, key, label in zip(table[PATH], keys, table[LABEL], strict=True)]
+        problems += [Problem("label_not_folder", f"{splits_csv.name} labels it '{other}', its "
+                             f"folder '{label}'; the folder's is used", p)
+                     for p, other, label in said
+                     if other and name_as_read(other) != label]
+    if GROUP in rows.columns and not group_regex:  # as data split wrote it, or edited
+        table[GROUP] = [rows[GROUP].get(key) or group
+                        for key, group in zip(keys, table[GROUP], strict=True)]
+    elif GROUP in rows.columns:
+        problems.append(Problem("group_column_replaced", "its 'group' column is not used: "
+                                "--group-regex groups the files instead", str(splits_csv)))
     return table
+
+
+def _check_splits_name_images(fixed: pd.DataFrame, images: set[str], splits_csv: Path) -> None:
+    """A splits.csv none of whose paths is an image of the class folders (written relative
+    to another folder, say) would leave every image unsplit, and a random split would be
+    trained in its place without a word: that is an error, with what the paths should be."""
+    if fixed.empty or not images or any(key in images for key in fixed["_key"]):
+        return
+    example = fixed[PATH].iloc[0]
+    # The commonest slip: paths that start with the data folder's own name.
+    inner = Path(_native(example)).parts[1:]
+    hint = (f"Write each path relative to {splits_csv.parent} (e.g. {Path(*inner).as_posix()})"
+            if inner and (splits_csv.parent / Path(*inner)).is_file() else
+            f"Write each path relative to {splits_csv.parent}, as `wingspan data split` does")
+    raise WingspanError(
+        f"None of the {counted(len(fixed), 'path')} in {splits_csv} is an image of its class "
+        f"folders (e.g. {example}, read as {splits_csv.parent / _native(example)}), so it would "
+        "split nothing.", hint=hint + ", or remove the file to split at random.")
 
 
 def _as_written(table: pd.DataFrame, root: Path) -> pd.DataFrame:
