@@ -174,3 +174,33 @@ def test_a_class_of_unreadable_files_is_pointed_out(tmp_path):
     console = Console(record=True, width=200)
     print_summary(summary, console)
     assert "classes with no readable image (training stops at them): 1" in console.export_text()
+
+
+def test_inspect_names_the_groups_and_files_on_two_sides_that_train_refuses(tmp_path):
+    """One file listed in train and test, and one observation on two sides: inspect said
+    "No problems found", and then train refused the data without naming either."""
+    from rich.console import Console
+
+    from wingspan.config import TrainConfig
+    from wingspan.errors import WingspanError
+    from wingspan.training.prepare import _check_leaks
+
+    for i in range(4):
+        write_image(tmp_path / "img" / f"{i}.jpg", size=(40, 40), seed=i)
+    (tmp_path / "l.csv").write_text(
+        "path,label,split,group\nimg/0.jpg,a,train,\nimg/0.jpg,a,test,\n"
+        "img/1.jpg,b,train,obs7\nimg/2.jpg,b,val,obs7\nimg/3.jpg,a,val,\n")
+    ds = read_dataset(tmp_path / "l.csv")
+    summary = inspect_dataset(ds, tmp_path / "out", progress=False)
+    img = tmp_path / "img"
+    assert summary["split_leaks"] == [
+        f"group 'obs7' ({img / '1.jpg'}, {img / '2.jpg'}) on train+val",
+        f"{img / '0.jpg'} on test+train"]
+    console = Console(width=400, record=True)
+    print_summary(summary, console)
+    said = console.export_text()
+    assert "groups or files on two sides of the split (train refuses them): 2" in said
+    assert "No problems found" not in said
+    with pytest.raises(WingspanError, match=r"1 group on two sides \(1 in train\+val\), "
+                       r"e\.g\. group 'obs7'"):
+        _check_leaks(ds, TrainConfig(), print)

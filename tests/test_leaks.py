@@ -164,9 +164,17 @@ def test_each_leak_is_counted_once(tmp_path):
     leaks = find_leaks(read_dataset(tmp_path / "l.csv"))
     assert list(leaks.by_path) == [str(tmp_path / "monarch" / "monarch_0.jpg")]
     assert list(leaks.by_group) == ["B7"] and len(leaks.by_content) == 1
-    assert leaks.describe() == ("1 group on two sides (1 in train+val); 1 file on two sides "
-                                "(1 in test+train); 1 identical picture on two sides "
-                                "(1 in train+val)")
+    assert leaks.describe(examples=0) == (
+        "1 group on two sides (1 in train+val); 1 file on two sides (1 in test+train); "
+        "1 identical picture on two sides (1 in train+val)")
+    # Named, so that one leak among 48k images can be found.
+    admiral = tmp_path / "admiral"
+    assert leaks.describe() == (
+        f"1 group on two sides (1 in train+val), e.g. group 'B7' ({admiral / 'admiral_1.jpg'}, "
+        f"{admiral / 'admiral_2.jpg'}) on train+val; 1 file on two sides (1 in test+train), "
+        f"e.g. {tmp_path / 'monarch' / 'monarch_0.jpg'} on test+train; 1 identical picture "
+        f"on two sides (1 in train+val), e.g. {admiral / 'admiral_3.jpg'} = "
+        f"{admiral / 'copy.jpg'} on train+val")
 
 
 def _table_dataset(rows):

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from wingspan.config import InspectConfig
 from wingspan.data.images import UNUSUAL_MODES, ImageFacts, image_facts, max_pixels
+from wingspan.data.leaks import find_leaks
 from wingspan.data.plots import plot_class_balance
 from wingspan.data.samples import PATH, SPLIT, Dataset
 from wingspan.data.taxonomy import taxonomy_conflicts
@@ -41,6 +42,7 @@ def inspect_dataset(
         "taxonomy_conflicts": taxonomy_conflicts(table, dataset.levels),
         "blank_levels": _blank_levels(table, dataset.levels),
         "reader_problems": _group_problems(dataset),
+        "split_leaks": _split_leaks(dataset),
     }
     if check_images:
         facts = _all_facts(table[PATH].tolist(), config.workers, progress)
@@ -81,6 +83,13 @@ def _level_summary(table: pd.DataFrame, level: str) -> dict:
         "counts": {k: int(v) for k, v in counts.items()},
         "counts_per_split": per_split,
     }
+
+
+def _split_leaks(dataset: Dataset) -> list[str]:
+    """Groups and files the given splits put on two sides, which train refuses (identical
+    pictures under two names are the duplicates' finding)."""
+    leaks = find_leaks(dataset, by_content=False)
+    return leaks.named("by_group") + leaks.named("by_path")
 
 
 def _group_problems(dataset: Dataset) -> dict:
@@ -175,7 +184,11 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
         general = [i["message"] for i in items if i["path"] is None]
         per_file = [f"{i['path']}: {i['message']}" for i in items if i["path"] is not None]
         findings.append((kind.replace("_", " "), general + per_file, len(per_file) or None))
-    findings += [("taxonomy conflict", summary["taxonomy_conflicts"], None),
+    # ETHEC's are repaired by train (each kept on one side); any other data's refused.
+    fate = "train repairs them" if summary["dataset"]["format"] == "ethec" else "train refuses them"
+    findings += [(f"groups or files on two sides of the split ({fate})",
+                  summary.get("split_leaks", []), None),
+                 ("taxonomy conflict", summary["taxonomy_conflicts"], None),
                  ("blank at a level (train --levels refuses them)",
                   summary.get("blank_levels", []), None)]
     images = summary.get("images")

@@ -10,7 +10,7 @@ hashing them (hand-written: no library groups files by content for a split).
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -76,20 +76,35 @@ class Leaks:
     by_content: dict[str, list[str]]  # sha256 -> its sides
     rows: dict[str, np.ndarray]  # kind -> row positions involved
     hashes: pd.Series | None = None  # of the labelled rows, for repair_leaks to reuse
+    paths: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # kind -> key -> files
 
     def __bool__(self) -> bool:
         return bool(self.by_group or self.by_path or self.by_content)
 
-    def describe(self) -> str:
+    def describe(self, examples: int = 1) -> str:
+        """Counts per kind and side, each with up to `examples` of its leaks named (with
+        48k images, "1 group on two sides" alone cannot be found)."""
         parts = []
-        for what, found in (("groups", self.by_group), ("files", self.by_path),
-                            ("identical pictures", self.by_content)):
+        for kind, what, found in (("by_group", "groups", self.by_group),
+                                  ("by_path", "files", self.by_path),
+                                  ("by_content", "identical pictures", self.by_content)):
             if found:
                 sides = pd.Series(["+".join(sorted(s)) for s in found.values()]).value_counts()
                 what = what if len(found) > 1 else what[:-1]  # "1 file", not "1 files"
+                named = self.named(kind)[:examples]
                 parts.append(f"{len(found)} {what} on two sides ("
-                             + ", ".join(f"{n} in {s}" for s, n in sides.items()) + ")")
+                             + ", ".join(f"{n} in {s}" for s, n in sides.items()) + ")"
+                             + (f", e.g. {'; '.join(named)}" if named else ""))
         return "; ".join(parts)
+
+    def named(self, kind: str) -> list[str]:
+        """Each leak of a kind in words, with its files and sides."""
+        found = {"by_group": self.by_group, "by_path": self.by_path,
+                 "by_content": self.by_content}[kind]
+        paths = self.paths.get(kind, {})
+        return [(f"group '{key}' ({', '.join(paths.get(key, []))})" if kind == "by_group" else
+                 key if kind == "by_path" else " = ".join(paths.get(key, [])))
+                + f" on {'+'.join(sorted(sides))}" for key, sides in found.items()]
 
 
 def find_leaks(dataset: Dataset, by_content: bool = True) -> Leaks:
@@ -97,7 +112,7 @@ def find_leaks(dataset: Dataset, by_content: bool = True) -> Leaks:
     (its bytes) and a group's (by default a group is one file), so a group counts only
     when it holds more than one picture, and a picture only under more than one name."""
     table = dataset.table[dataset.table[SPLIT] != ""]
-    found, rows = {}, {}
+    found, rows, paths = {}, {}, {}
     keys = {"by_group": table[GROUP], "by_path": table[PATH]}
     picture = table[PATH]  # one picture: one content, else (not hashed, unreadable) one file
     if by_content:
@@ -115,10 +130,11 @@ def find_leaks(dataset: Dataset, by_content: bool = True) -> Leaks:
         on = key.isin(leaked)
         found[kind] = (table.loc[on, SPLIT].groupby(key[on]).agg(lambda s: sorted(set(s)))
                        .to_dict())
+        paths[kind] = table.loc[on, PATH].groupby(key[on]).agg(lambda s: sorted(set(s))).to_dict()
         rows[kind] = np.flatnonzero(on.to_numpy())
     found.setdefault("by_content", {})
     return Leaks(found["by_group"], found["by_path"], found["by_content"], rows,
-                 hashes if by_content else None)
+                 hashes if by_content else None, paths)
 
 
 def repair_leaks(dataset: Dataset, leaks: Leaks | None = None) -> tuple[Dataset, int]:
