@@ -624,9 +624,10 @@ def test_a_kill_between_the_best_and_the_last_checkpoint_resumes_alike(demo_dir,
 
 
 def test_the_command_of_a_stopped_run_again_says_how_to_resume_that_run(demo_dir, tmp_path,
-                                                                        monkeypatch):
+                                                                        monkeypatch, capsys):
     """Ctrl-C, then the same command again: a new run beside the stopped one, which says
-    that `--resume` would continue the stopped one instead of starting from nothing."""
+    that `--resume` would continue the stopped one instead of starting from nothing (even
+    with --quiet: it may be what the user meant)."""
     config = tiny(tmp_path, epochs_head=1, epochs_finetune=1)
     kill_at_first_finetune_row(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
@@ -638,6 +639,8 @@ def test_the_command_of_a_stopped_run_again_says_how_to_resume_that_run(demo_dir
     log = " ".join((again / "train.log").read_text().split())
     assert (f"{stopped} holds a run that did not finish; this one starts afresh in {again}. "
             f"If that one was stopped, `wingspan train --resume {stopped}` continues it") in log
+    assert f"`wingspan train --resume {stopped}` continues it" in " ".join(
+        capsys.readouterr().err.split())
 
 
 def test_quiet_hides_the_progress_not_what_the_figures_lack(demo_dir, tmp_path, run_cli):
@@ -998,7 +1001,20 @@ def test_a_class_with_no_readable_image_is_refused_not_learned(demo_dir, tmp_pat
         (data / "broken" / f"{i}.jpg").write_text(f"not an image {i}\n")
     with pytest.raises(WingspanError, match="No training image of 'broken' could be read"):
         train(read_dataset(data), tiny(tmp_path, feature_cache=feature_cache), tmp_path / "r",
-              quiet=True)
+              "x", quiet=True)
+    # A failed run, with the error in its train.log (which the hint sends the user to), not
+    # a "stopped (resumable)" one that the next run of the command says to --resume.
+    from wingspan.run_table import FAILED, run_row
+
+    row = run_row(tmp_path / "r" / "x")
+    assert row["status"] == FAILED and "No training image of 'broken'" in row["detail"]
+    assert "Stopped: No training image of 'broken'" in (tmp_path / "r" / "x" / "train.log"
+                                                          ).read_text()
+    if feature_cache:
+        with pytest.raises(WingspanError):
+            train(read_dataset(data), tiny(tmp_path), tmp_path / "r", "x", quiet=True)
+        log = (tmp_path / "r" / "x-2" / "train.log").read_text()
+        assert "--resume" not in log and "is taken" in log
 
 
 def test_a_single_class_is_refused(demo_dir, tmp_path):

@@ -408,7 +408,8 @@ def load(path: str | Path) -> Run:
 def runs(runs_dir: str | Path = RUNS_DIR, sort: str | None = None) -> pd.DataFrame:
     """The runs in `runs_dir` side by side, as `wingspan runs` lists them: one row per run
     folder (name; status, one of a few values to filter on: done, stopped (resumable),
-    damaged...; detail: where a stopped run stopped, what is wrong with a damaged one;
+    failed, damaged...; detail: where a stopped run stopped, the error a failed one stopped
+    at, what is wrong with a damaged one;
     data, backbone, image_size, seed, selection, val_macro_f1 (the figure the best epoch
     was chosen on), held_out_macro_f1 (`evaluate`'s on the split nothing was chosen on,
     once run and fair), held_out_evaluated (whether it has been run), best_stage,

@@ -25,6 +25,7 @@ from wingspan.training.folder import (
     SPLITS_FILE,
     UNREADABLE,
     lock_state,
+    stopped_by,
     stopped_while_set_up,
     trained_on,
 )
@@ -41,6 +42,7 @@ ADAPTED = "done (adapted)"
 # `train` takes a lock it cannot read as held (never two at once); a listing says so.
 LOCK_UNREADABLE = "unknown: cannot read .lock"
 DAMAGED = "damaged"  # `detail` says which file and what is wrong
+FAILED = "failed"  # stopped at an error (bad data, say): `detail` says which
 # `status` is one of the constants above, to filter on; `detail` says more where there is
 # more to say: where a stopped run stopped, what is wrong with a damaged one.
 
@@ -164,7 +166,9 @@ def _read_run(run_dir: Path, row: dict) -> None:
             and bool(metrics)
             and (not config.get("holdout_classes") or "unknown" in metrics))
     if not done:
-        row.update(status=STOPPED, detail=_stopped_after(run_dir))
+        error = stopped_by(run_dir)
+        row.update(status=FAILED if error else STOPPED,
+                   detail=error or _stopped_after(run_dir))
         return
     try:
         best, selection = metrics["best"], metrics.get("selection") or {}

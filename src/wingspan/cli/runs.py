@@ -27,6 +27,7 @@ def runs_command(
     """List the runs in RUNS_DIR side by side: status, data, backbone, seed, the val figure
     the best epoch was chosen on and the fair held-out one, training time."""
     from wingspan.run_table import (
+        FAILED,
         LOCK_UNREADABLE,
         SET_UP,
         STOPPED,
@@ -48,6 +49,9 @@ def runs_command(
                       f"{plain(runs_dir)}/NAME`.")
         if (frame["status"] == SET_UP).any():
             out.print("A run killed while set up trained nothing: delete its folder.")
+        if (frame["status"] == FAILED).any():
+            out.print("A failed run stopped at the error shown (its train.log says more): "
+                      "fix that and `--resume` it, or delete it.")
         if (frame["status"] == LOCK_UNREADABLE).any():
             out.print("A run whose .lock cannot be read may or may not be training now: "
                       "ask its owner (or for read access to its .lock).")

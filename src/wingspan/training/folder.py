@@ -12,6 +12,17 @@ from wingspan.files import is_leftover
 
 CONFIG_FILE, SPLITS_FILE = "config.yaml", "splits.csv"
 HOLDOUT_FILE = "holdout.csv"  # --holdout-classes: their images, scored as unknowns at the end
+# Why a run stopped at an error (bad data, say), for `wingspan runs` to show it as failed
+# rather than resumable; a resume that gets going again removes it.
+ERROR_FILE = "error.txt"
+
+
+def stopped_by(run_dir: Path) -> str | None:
+    """The error a run stopped at (its first line), or None."""
+    try:
+        return (run_dir / ERROR_FILE).read_text(encoding="utf-8").splitlines()[0]
+    except (OSError, UnicodeDecodeError, IndexError):
+        return None
 # `wingspan adapt`: the photos its head was refitted on (unlabelled), which an evaluation
 # of the adapted run must not call fair.
 ADAPT_PHOTOS_FILE = "adapt-photos.csv"

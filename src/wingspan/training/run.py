@@ -34,7 +34,7 @@ from wingspan.evaluate.calibration import (
     bound_warning,
     calibration_record,
 )
-from wingspan.files import atomic_paths, make_folder, remove_leftovers
+from wingspan.files import atomic_paths, make_folder, remove_leftovers, write_text
 from wingspan.models import create_classifier, resolve_policy, save_bundle
 from wingspan.models.bundle import checked_weights, read_manifest
 from wingspan.models.classifier import Classifier
@@ -49,11 +49,13 @@ from wingspan.training.context import Run, RunState
 from wingspan.training.data import fixed_batches, make_loader, resolve_workers
 from wingspan.training.folder import (
     CONFIG_FILE,
+    ERROR_FILE,
     HOLDOUT_FILE,
     SPLITS_FILE,
     being_trained,
     hold_lock,
     release_lock,
+    stopped_by,
     stopped_while_set_up,
     trained_on,
 )
@@ -89,7 +91,10 @@ def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = RUNS_DIR
     if made is None:  # (rank 0 says why)
         raise WingspanError("No run folder could be made.", every_rank=True)
     run_dir = Path(made)
-    logs: list[str] = [_name_taken(run_dir, name)] if fabric.is_global_zero else []
+    # Whether a run of this name did not finish: said even with --quiet, as --resume may be
+    # what the user meant.
+    taken = _name_taken(run_dir, name) if fabric.is_global_zero else ""
+    logs: list[str] = []
     report_reading(dataset, logs.append)
     try:
         dataset, held_out = hold_out(dataset, level, config.holdout_classes)
@@ -108,6 +113,8 @@ def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = RUNS_DIR
         if isinstance(e, WingspanError):  # every process read the same data: rank 0 says it
             e.every_rank = True
         raise
+    if taken:
+        run.log(taken, caveat=True)
     for line in filter(None, logs):
         run.log(line)
     return _interruptible(run)
@@ -380,12 +387,20 @@ def resolve_levels(dataset: Dataset, config: TrainConfig) -> TrainConfig:
 
 def _interruptible(run: Run) -> Path:
     """The recipe; Ctrl-C leaves the run's last checkpoint, and says how to go on."""
+    if run.is_main:
+        (run.dir / ERROR_FILE).unlink(missing_ok=True)  # a resume goes at it again
     try:
         return _score_held_out(_recipe(run), run)
     except KeyboardInterrupt:
         said = f"Interrupted. Continue from the last checkpoint with: wingspan train " \
                f"--resume {run.dir} (in Python: ws.resume({str(run.dir)!r}))"
         run.log(said, caveat=True)
+        raise
+    except WingspanError as e:  # bad data, say: in train.log, and a failed run, not a paused one
+        if run.is_main:
+            with open(run.dir / "train.log", "a") as f:
+                f.write(f"{time.strftime('%H:%M:%S')} Stopped: {e.message}\n")
+            write_text(run.dir / ERROR_FILE, e.message + "\n")
         raise
     finally:
         release_lock(run.dir)
@@ -782,7 +797,7 @@ def _name_taken(run_dir: Path, name: str) -> str:
     n = int(run_dir.name.rpartition("-")[2])
     earlier = [run_dir.parent / name, *(run_dir.parent / f"{name}-{k}" for k in range(2, n))]
     stopped = [d for d in earlier if (d / CONFIG_FILE).is_file()
-               and not _complete_bundle(d / "model")]
+               and not _complete_bundle(d / "model") and not stopped_by(d)]
     # Killed before config.yaml (none of them is being set up now): nothing to resume.
     set_up = [d for d in earlier if stopped_while_set_up(d)
               and not ((d / ".lock").is_file() and being_trained(d))]
