@@ -194,6 +194,13 @@ def test_serve_takes_its_limits_from_the_command_line(run_cli, tmp_path, monkeyp
                                           max_in_flight=4, timeout_s=9.0)
     code, _, err = run_cli("serve", tmp_path, "--max-files", "0")
     assert code == 2 and "--max-files must be at least 1" in err
+    code, _, err = run_cli("serve", tmp_path, "--max-upload-mb", "inf")  # "no limit": said,
+    assert code == 2 and "--max-upload-mb" in err  # not an OverflowError's traceback
+    # The pixel budget, as predict takes it (museum scans): the server's decodes read it.
+    monkeypatch.setenv("WINGSPAN_MAX_PIXELS", "1")  # (put back as it was after the test)
+    code, _, err = run_cli("serve", tmp_path, "--max-pixels", "100000000")
+    assert code == 0, err
+    assert os.environ["WINGSPAN_MAX_PIXELS"] == "100000000"
 
 
 def test_demo_command_writes_everything(run_cli, tmp_path):

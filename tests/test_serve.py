@@ -74,7 +74,8 @@ def test_health_model_and_a_good_image(client, run_dir):
     ("empty.jpg", b"", 415, "empty.jpg: the file is empty (0 bytes)"),
     ("too-big.jpg", _jpeg(size=(60, 40)) + b"\0" * 300_000, 413,
      "over 200000 bytes (0.191 MB), the most this server takes (wingspan serve --max-upload-mb)"),
-    ("huge.png", None, 413, "over the budget"),
+    ("huge.png", None, 413, "over the budget of 50 MP. Shrink it, or start the server with "
+     "a larger wingspan serve --max-pixels"),
     ("bomb.png", "bomb", 413, "40000 x 40000 pixels (1.6e+03 MP) is over the budget"),
     ("strip.png", "strip", 413, "too long and thin"),  # tiny file, gigabytes once resized
     ("cut.jpg", "cut", 422, "cut.jpg: image file is truncated"),
@@ -275,6 +276,62 @@ def test_explains_time_limit_counts_the_decoding_too(run_dir, monkeypatch):
     assert r.status_code == 504 and "No answer within 0.5 s" in r.json()["error"]
 
 
+def test_large_images_take_turns_to_decode_and_a_small_one_passes_them(run_dir, monkeypatch):
+    """32 flat 49 MP PNGs (5 MB, inside every other limit) were decoded six at once (4.3 GB)
+    and a one-photo request waited 29 s behind them. Decodes now share a pool of pixels,
+    counted from the headers: the large take turns, a small one goes by."""
+    import threading
+
+    import wingspan.serve
+
+    decode, lock, now, most, done = wingspan.serve._decode, threading.Lock(), [0], [0], {}
+
+    def slow_decode(name, data, draft=None):
+        if name.startswith("big"):
+            with lock:
+                now[0] += 1
+                most[0] = max(most[0], now[0])
+            time.sleep(0.3)
+            with lock:
+                now[0] -= 1
+        return decode(name, data, draft)
+
+    monkeypatch.setattr(wingspan.serve, "_decode", slow_decode)
+    buffer = io.BytesIO()
+    Image.new("L", (800, 800)).save(buffer, "PNG")  # 0.64 MP: one at a time in 1 MP
+    big = buffer.getvalue()
+    app = create_app(run_dir, ServeLimits(decode_pixels=1_000_000), device="cpu")
+
+    async def both():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t",
+                                     timeout=60) as c:
+            async def post(name, files):
+                r = await c.post("/predict", files=files)
+                done[name] = time.perf_counter()
+                return r
+
+            large = asyncio.ensure_future(post("large", [
+                ("files", (f"big{i}.png", big, "image/png")) for i in range(4)]))
+            await asyncio.sleep(0.1)
+            small = await post("small", [("files", ("small.jpg", _jpeg(), "image/jpeg"))])
+            return await large, small
+
+    large, small = asyncio.run(both())
+    assert large.status_code == small.status_code == 200
+    assert len(large.json()["predictions"]) == 4
+    assert most[0] == 1  # never two 0.64 MP decodes at once in a 1 MP pool
+    assert done["small"] < done["large"] - 0.5  # not queued behind the large ones
+
+
+def test_a_heic_upload_is_named_as_predict_names_it(client):
+    heic = b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + b"\0" * 64
+    r = client.post("/predict", files=[("files", ("IMG_0001.jpg", heic, "image/jpeg"))])
+    assert r.status_code == 415
+    assert r.json()["error"] == ("IMG_0001.jpg: a HEIC photo, which cannot be read here. "
+                                 "Convert it to JPEG or PNG.")
+
+
 def test_explain_returns_an_overlay_png(client):
     r = client.post("/explain", files={"file": ("a.jpg", _jpeg(), "image/jpeg")})
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
@@ -402,10 +459,14 @@ def test_the_page_in_a_real_browser(run_dir, demo_dir, tmp_path):
             "unlike the finest classes it knows (the likeliest branch ends in ")
         page.unroute("**/predict")
 
-        # On a phone, a class name without spaces wraps instead of widening the page.
+        # On a phone, a class name without spaces wraps instead of widening the page, in
+        # the bars too: names that share their start all read "Coenonympha_…" cut short.
         long = "Coenonympha_gardetta_darwiniana_" * 2
+        level = list(expected["top"])[-1]
         named = {**expected, "answer": long, "known_level": expected["branch"][-1]["level"],
-                 "branch": [*expected["branch"][:-1], {**expected["branch"][-1], "class": long}]}
+                 "branch": [*expected["branch"][:-1], {**expected["branch"][-1], "class": long}],
+                 "top": {**expected["top"], level: [{**t, "class": f"{long}{i}"} for i, t
+                                                    in enumerate(expected["top"][level])]}}
         page.set_viewport_size({"width": 375, "height": 700})
         page.route("**/predict", lambda route: route.fulfill(
             json={"predictions": [named], "latency_ms": 1.0}))
@@ -413,8 +474,18 @@ def test_the_page_in_a_real_browser(run_dir, demo_dir, tmp_path):
         page.wait_for_function(f"document.getElementById('prediction').textContent"
                                f".startsWith('{long}')")
         assert page.evaluate("document.documentElement.scrollWidth") <= 375
+        cut = page.eval_on_selector_all("#bars .name", "els => els.map(e => e.scrollWidth > "
+                                        "e.clientWidth + 1)")
+        assert len(cut) == 4 and not any(cut)  # each name whole, on lines of its own
         page.unroute("**/predict")
         page.set_viewport_size({"width": 1000, "height": 760})
+
+        # The server gone: said so, not the browser's "Failed to fetch".
+        page.route("**/predict", lambda route: route.abort())
+        page.set_input_files("#file", str(photo))
+        page.wait_for_selector("body[data-state=error]")
+        assert "The server could not be reached" in page.text_content("#error")
+        page.unroute("**/predict")
 
         notes = tmp_path / "notes.jpg"
         notes.write_text("a text file named like a photo")

@@ -227,11 +227,15 @@ class ServeLimits:
     batch_wait_ms: float = 5.0  # how long a request waits for others to batch with
     top_k: int = 5  # classes per level in an answer
     explain_threads: int = 2  # Grad-CAMs computed at once (each uses every core); more wait
+    # Pixels decoded at once, counted from each image's header (two images at the default
+    # budget, about 1.5 GB); more wait their turn, small ones passing large ones by.
+    decode_pixels: int = 2 * MAX_PIXELS
 
     def __post_init__(self) -> None:
         _check_types(self)
+        # (0 in flight would refuse every request)
         for name in ("max_bytes", "max_in_flight", "max_files", "batch_size", "top_k",
-                     "explain_threads"):  # (0 in flight would refuse every request)
+                     "explain_threads", "decode_pixels"):
             _check(getattr(self, name) >= 1, name, "at least 1", getattr(self, name))
         _check(self.timeout_s > 0, "timeout_s", "a positive number of seconds", self.timeout_s)
         _check(self.batch_wait_ms >= 0, "batch_wait_ms", "0 or more", self.batch_wait_ms)

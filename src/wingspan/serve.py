@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -148,6 +148,44 @@ class _BodyLimit:
         await self.app(scope, counted, send)
 
 
+class _PixelPool:
+    """How many pixels the server decodes at once. A request of 32 flat 49 MP PNGs (5 MB:
+    inside every other limit) had six decoded together on the shared threads: 4.3 GB at
+    its peak, and a one-photo request sent after it waited 29 s behind its queue. Each
+    image now holds its header's pixels (up to the pool) while it is decoded, so large ones
+    take turns and a small one passes them by while there is room."""
+
+    def __init__(self, size: int):
+        self.size = self.free = size
+        self.changed: asyncio.Condition | None = None
+
+    @asynccontextmanager
+    async def hold(self, pixels: int):
+        if self.changed is None:  # made on the server's loop
+            self.changed = asyncio.Condition()
+        pixels = min(pixels, self.size)
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.free >= pixels)
+            self.free -= pixels
+        try:
+            yield
+        finally:
+            async with self.changed:
+                self.free += pixels
+                self.changed.notify_all()
+
+
+def _header_pixels(data: bytes) -> int:
+    """Width x height from the image's header (0 if it has none: decoding says why)."""
+    from wingspan.data.images import open_image
+
+    try:
+        with open_image(io.BytesIO(data)) as im:
+            return im.size[0] * im.size[1]
+    except Exception:  # noqa: BLE001 - any unreadable file: _decode gives its 4xx
+        return 0
+
+
 def create_app(model: str | Path, limits: ServeLimits | None = None, device: str = "auto"):
     """The FastAPI application serving `model` (a run folder or a bundle)."""
     limits = limits or ServeLimits()
@@ -158,6 +196,7 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
     predictor.forward(torch.zeros(limits.batch_size, 3, predictor.size, predictor.size))
     batcher = _Batcher(predictor, limits)
     in_flight = {"n": 0}
+    decoding = _PixelPool(limits.decode_pixels)
     # Grad-CAM on threads of its own: one that outlives its 504 (a thread cannot be
     # stopped) then holds one of these, not one of the pool that decodes /predict's images.
     explainers = ThreadPoolExecutor(limits.explain_threads, thread_name_prefix="wingspan-explain")
@@ -262,8 +301,7 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
                                      f"{some(predictor.classes, 10)}{more}.")
         with admitted():
             start = time.perf_counter()  # one time limit for the decoding and the Grad-CAM
-            x = await asyncio.wait_for(asyncio.to_thread(_prepare, file.filename, data),
-                                       limits.timeout_s)
+            x = await asyncio.wait_for(_decoded(file.filename, data), limits.timeout_s)
             work = asyncio.get_running_loop().run_in_executor(
                 explainers, _explain_png, predictor, x, target)
             left = max(0.0, limits.timeout_s - (time.perf_counter() - start))
@@ -280,6 +318,12 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
 
     def _prepare(name: str | None, data: bytes) -> torch.Tensor:
         return view(_decode(name, data, predictor.draft))
+
+    async def _decoded(name: str | None, data: bytes) -> torch.Tensor:
+        # On worker threads, so that the event loop keeps accepting; in turn with the
+        # other requests' images, by their pixels.
+        async with decoding.hold(_header_pixels(data)):
+            return await asyncio.to_thread(_prepare, name, data)
 
     async def _each(files: list[UploadFile]) -> list[dict]:
         """Every file's answer, in order. A file that cannot be read gets its error in its
@@ -308,8 +352,7 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
                 raise HTTPException(413, f"{upload.filename}: over {limits.max_bytes} bytes "
                                 f"({limits.max_bytes / 2**20:.3g} MB), the most this server takes "
                                 "(wingspan serve --max-upload-mb).")
-            # Decoding and resizing run on worker threads, so the event loop keeps accepting.
-            x = await asyncio.to_thread(_prepare, upload.filename, data)
+            x = await _decoded(upload.filename, data)
         except HTTPException as e:  # this file's fault: the request's other files go on
             return {"file": upload.filename, "error": e.detail, "status": e.status_code}
         outputs, scores = await batcher.run(x)
@@ -324,15 +367,17 @@ def _decode(name: str | None, data: bytes, draft: int | None = None):
     does."""
     from PIL import UnidentifiedImageError
 
-    from wingspan.data.images import ImageTooLarge, open_image, open_rgb
+    from wingspan.data.images import ImageTooLarge, _unread_kind, open_image, open_rgb
 
     try:  # the header only: a bomb is refused by the pixel budget below, before decoding
         with open_image(io.BytesIO(data)):
             pass
     except UnidentifiedImageError as e:
+        kind = _unread_kind(io.BytesIO(data))  # an iPhone's HEIC, say: as predict says it
         raise HTTPException(415, f"{name}: " + (
-            "the file is empty (0 bytes)." if not data else "not a JPEG, PNG, TIFF, WebP, GIF "
-            "or BMP image, whatever its name says.")) from e
+            "the file is empty (0 bytes)." if not data else
+            f"{kind}. Convert it to JPEG or PNG." if kind else
+            "not a JPEG, PNG, TIFF, WebP, GIF or BMP image, whatever its name says.")) from e
     except OSError as e:  # an image, cut off within its header ("Truncated File Read")
         raise HTTPException(422, f"{name}: cannot be read ({e}): the file is cut short or "
                             "damaged.") from e
@@ -340,8 +385,12 @@ def _decode(name: str | None, data: bytes, draft: int | None = None):
     # strip whose resize to `draft` would outgrow it (a 1 x 40000 PNG of a few hundred bytes)
     try:
         return open_rgb(io.BytesIO(data), draft, name=name or "the upload")
-    except ImageTooLarge as e:
-        raise HTTPException(413, e.message) from e
+    except ImageTooLarge as e:  # the server's budget, which its own command line raises
+        raise HTTPException(413, e.message + (" Shrink it, or start the server with a larger "
+                                              "wingspan serve --max-pixels."
+                                              if "too long and thin" not in e.message else
+                                              " Crop it to the part that shows the subject.")
+                            ) from e
     except WingspanError as e:
         raise HTTPException(422, e.message) from e
 

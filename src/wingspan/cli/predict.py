@@ -171,13 +171,14 @@ def serve_command(
     device: DeviceOpt = T.device,
     top_k: Annotated[int, typer.Option(help="Classes per level in an answer.")] = S.top_k,
     max_upload_mb: Annotated[float, typer.Option(
-        min=0.001, help="Largest file taken (413 above).")] = S.max_bytes / 2**20,
+        min=0.001, max=1e6, help="Largest file taken (413 above).")] = S.max_bytes / 2**20,
     max_files: Annotated[int, typer.Option(
         help="Most images in one request (413 above).")] = S.max_files,
     max_in_flight: Annotated[int, typer.Option(
         min=1, help="Most requests served at once (429 above).")] = S.max_in_flight,
     timeout: Annotated[float, typer.Option(
         min=0.001, help="Seconds a request may take (504 after).")] = S.timeout_s,
+    max_pixels: MaxPixels = None,
 ) -> None:
     """A web page (drop a photo: its classes and where the model looked) and an HTTP API:
     POST /predict with image files, POST /explain with one; /health, /model, /docs."""
