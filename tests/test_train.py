@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -878,8 +879,12 @@ def test_cli_train_and_resume_of_a_finished_run(run_cli, demo_dir, tmp_path):
 
 
 def test_profile_writes_a_torch_profiler_trace_and_the_time_profile(demo_dir, tmp_path):
+    # Batches of 16: a first fine-tuning epoch of 2 steps, fewer than the profiler takes
+    # (it wrote nothing then, and said nothing).
     run_dir = train(read_dataset(demo_dir), tiny(tmp_path, profile=True, epochs_head=1,
-                                                 epochs_finetune=1), tmp_path, quiet=True)
+                                                 epochs_finetune=1, batch_size=16),
+                    tmp_path, quiet=True)
+    assert re.search(r"Profiled [1-3] fine-tuning steps?: ", (run_dir / "train.log").read_text())
     trace = json.loads((run_dir / "profile" / "trace.json").read_text())
     assert trace["traceEvents"]  # chrome://tracing / Perfetto format
     assert "aten::" in (run_dir / "profile" / "operators.txt").read_text()

@@ -544,6 +544,8 @@ def finetune(run: Run) -> None:
                 run.save(optimizer)
                 last_save = time.perf_counter()
             t0 = time.perf_counter()
+        if profiler:  # an epoch of fewer steps than it profiles
+            profiler = profiler.finish()
         seconds = partial["seconds"] + time.perf_counter() - start
         partial["preds"] += torch.cat(preds).tolist() if preds else []
         run.share_unreadable()  # every rank leaves the same files out of the next epoch
@@ -654,15 +656,21 @@ class _Profiler:
 
     def step(self) -> _Profiler | None:
         self.done += 1
-        if self.done < self.STEPS:
-            return self
+        return self if self.done < self.STEPS else self.finish()
+
+    def finish(self) -> None:
+        """Write what was profiled: STEPS steps, or all an epoch had (a small data set's
+        first epoch may have fewer, and wrote nothing at all)."""
         self.profiler.__exit__(None, None, None)
+        if not self.done:
+            self.run.log("--profile: the first fine-tuning epoch had no step to profile")
+            return None
         out = self.run.dir / "profile"
         out.mkdir(exist_ok=True)
         self.profiler.export_chrome_trace(str(out / "trace.json"))
         (out / "operators.txt").write_text(self.profiler.key_averages().table(
             sort_by="self_cpu_time_total", row_limit=30))
-        self.run.log(f"Profiled {self.STEPS} fine-tuning steps: {out / 'trace.json'}")
+        self.run.log(f"Profiled {counted(self.done, 'fine-tuning step')}: {out / 'trace.json'}")
         return None
 
 
