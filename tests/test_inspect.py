@@ -204,3 +204,34 @@ def test_inspect_names_the_groups_and_files_on_two_sides_that_train_refuses(tmp_
     with pytest.raises(WingspanError, match=r"1 group on two sides \(1 in train\+val\), "
                        r"e\.g\. group 'obs7'"):
         _check_leaks(ds, TrainConfig(), print)
+
+
+def test_a_class_misspelt_in_valid_is_said_before_train_refuses_it(tmp_path):
+    """train/monarch beside valid/Monarch: two classes, one with no training image. The
+    case twins were compared within each split folder only, and inspect found nothing."""
+    from helpers import folder_dataset
+
+    folder_dataset(tmp_path / "train", {"monarch": 3, "admiral": 3})
+    folder_dataset(tmp_path / "valid", {"Monarch": 2, "admiral": 1, "onlyinval": 1})
+    ds = read_dataset(tmp_path)
+    (twins,) = [p for p in ds.problems if p.kind == "classes_differ_in_case"]
+    assert ("the classes 'Monarch' (in valid/) and 'monarch' (in train/) differ only in case"
+            in twins.message)
+    summary = inspect_dataset(ds, tmp_path / "out", check_images=False, progress=False)
+    side = ds.table.loc[ds.table["label"] == "onlyinval", "split"].iloc[0]
+    assert summary["classes_without_training_images"] == [f"Monarch (only in {side})",
+                                                          f"onlyinval (only in {side})"]
+
+
+def test_one_class_is_said_before_train_refuses_it(tmp_path):
+    from helpers import folder_dataset
+    from rich.console import Console
+
+    folder_dataset(tmp_path / "d", {"monarch": 3})
+    summary = inspect_dataset(read_dataset(tmp_path / "d"), tmp_path / "out",
+                              check_images=False, progress=False)
+    console = Console(width=200, record=True)
+    print_summary(summary, console)
+    said = console.export_text()
+    assert "one class only (train refuses it): 1" in said and "'monarch'" in said
+    assert "No problems found" not in said

@@ -43,7 +43,12 @@ def inspect_dataset(
         "blank_levels": _blank_levels(table, dataset.levels),
         "reader_problems": _group_problems(dataset),
         "split_leaks": _split_leaks(dataset),
+        "classes_without_training_images": _untrained_classes(table, dataset.default_level),
     }
+    named = summary["levels"][dataset.default_level]
+    if named["classes"] == 1:  # a classifier tells classes apart: train refuses one alone
+        summary["one_class_only"] = [f"every image is '{named['largest'][0]}': add a folder "
+                                     "(a class) of other images to tell it from"]
     if check_images:
         facts = _all_facts(table[PATH].tolist(), config.workers, progress)
         summary["images"] = _image_findings(table, facts, dataset.default_level, config)
@@ -90,6 +95,18 @@ def _split_leaks(dataset: Dataset) -> list[str]:
     pictures under two names are the duplicates' finding)."""
     leaks = find_leaks(dataset, by_content=False)
     return leaks.named("by_group") + leaks.named("by_path")
+
+
+def _untrained_classes(table: pd.DataFrame, level: str) -> list[str]:
+    """Classes that given splits hold in val or test only (a folder misspelt in valid/,
+    say): train refuses them, as nothing can learn them."""
+    train = table[SPLIT] == "train"
+    if not train.any():
+        return []
+    held = table.loc[~train & (table[SPLIT] != "") & (table[level] != ""), [level, SPLIT]]
+    learnt = set(table.loc[train, level])
+    return [f"{name} (only in {'/'.join(sorted(set(part[SPLIT])))})"
+            for name, part in held[~held[level].isin(learnt)].groupby(level)]
 
 
 def _group_problems(dataset: Dataset) -> dict:
@@ -188,6 +205,9 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
     fate = "train repairs them" if summary["dataset"]["format"] == "ethec" else "train refuses them"
     findings += [(f"groups or files on two sides of the split ({fate})",
                   summary.get("split_leaks", []), None),
+                 ("classes with no training image (train refuses them)",
+                  summary.get("classes_without_training_images", []), None),
+                 ("one class only (train refuses it)", summary.get("one_class_only", []), None),
                  ("taxonomy conflict", summary["taxonomy_conflicts"], None),
                  ("blank at a level (train --levels refuses them)",
                   summary.get("blank_levels", []), None)]

@@ -11,6 +11,7 @@ Formats:
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from collections.abc import Callable
@@ -389,6 +390,7 @@ def read_split_folders(root: Path, config: ReadConfig) -> Dataset:
         raise WingspanError(f"{root} is not a folder.", hint="Use --format csv for a CSV file.")
     problems: list[Problem] = []
     paths, labels, sides = [], [], []
+    classes: dict[str, set[str]] = {}  # a class -> the split folders that hold it
     for split_dir in _top_folders(root, problems):
         side = SPLIT_FOLDERS.get(split_dir.name.lower())
         if side is None:
@@ -408,6 +410,15 @@ def read_split_folders(root: Path, config: ReadConfig) -> Dataset:
         paths += found
         labels += found_labels
         sides += [side] * len(found)
+        for label in set(found_labels):
+            classes.setdefault(label, set()).add(f"{split_dir.name}/")
+    # Twins within one split folder are said by _class_folders; across two (train/monarch,
+    # valid/Monarch) they would be two classes, one with no training image.
+    problems += [Problem("classes_differ_in_case", "the classes " + " and ".join(
+        f"'{n}' (in {', '.join(sorted(classes[n]))})" for n in names) + " differ only in "
+        f"case, and are read as {len(names)} classes; rename the folders alike to make "
+        "them one", str(root)) for names in _case_twins(classes)
+        if not any(classes[a] & classes[b] for a, b in itertools.combinations(names, 2))]
     groups, group_problems = _group_keys(paths, config.group_regex)
     problems += group_problems
     table = make_table(paths, {LABEL: labels}, groups, sides)
