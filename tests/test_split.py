@@ -214,6 +214,29 @@ def test_identical_copies_are_one_group_whatever_the_rows_order(demo_dir, tmp_pa
     assert grouped[0][str(first)] == str(first.with_name("0_copy.jpg"))
 
 
+def test_one_picture_in_two_class_folders_is_said_with_both_classes(demo_dir, tmp_path):
+    """A copy of a monarch in the admiral folder was trained and scored with both labels,
+    and train said only that a picture was saved twice."""
+    import shutil
+
+    data = Path(shutil.copytree(demo_dir, tmp_path / "data"))
+    folders = sorted(p for p in data.iterdir() if p.is_dir())
+    photo = sorted(folders[0].glob("*.jpg"))[0]
+    copy = folders[1] / "copy.jpg"
+    shutil.copy(photo, copy)
+    _, report = split_dataset(read_dataset(data), "label", SplitConfig(seed=0))
+    assert report.mixed_labels == [f"{photo} ({folders[0].name}) = {copy} ({folders[1].name})"
+                                   if str(photo) < str(copy) else
+                                   f"{copy} ({folders[1].name}) = {photo} ({folders[0].name})"]
+    said = report.mixed_labels_said("label")
+    assert said.startswith("1 group holds images of different 'label' classes (e.g. ")
+    assert "fix the labels" in said
+    # Copies with one class, the usual case, are not said.
+    shutil.copy(photo, photo.with_name("again.jpg"))
+    copy.unlink()
+    assert split_dataset(read_dataset(data), "label", SplitConfig(seed=0))[1].mixed_labels == []
+
+
 def test_real_inat_resplit_keeps_observations_together(shared_data, tmp_path):
     ds = read_dataset(shared_data / "inat-butterflies", ReadConfig(group_regex=r"_(\d+)_\d+\."))
     result, report = split_dataset(ds, "label", SplitConfig(seed=0))

@@ -104,6 +104,8 @@ def print_split(result) -> None:
     if r.repeats_dropped:
         out.print(f"{counted(r.repeats_dropped, 'image')} listed on more than one side: one "
                   "row each now")
+    if r.mixed_labels:
+        out.print(f"[yellow]{plain(r.mixed_labels_said(result.level))}[/]")
     if r.train_only:
         out.print(f"[yellow]{counted(len(r.train_only), 'class has', 'classes have')} too few "
                   "groups for every split; "

@@ -28,6 +28,19 @@ class SplitReport:
     missing: dict[str, list[str]] = field(default_factory=dict)  # split -> absent classes
     duplicates_grouped: int = 0  # groups merged into others because they hold one picture
     repeats_dropped: int = 0  # images listed on more than one side (ETHEC's), now one row
+    # Groups of images with different classes: the same picture saved in two class folders
+    # (copies are one group), or one observation given two. "a.jpg (admiral) = b.jpg (monarch)"
+    mixed_labels: list[str] = field(default_factory=list)
+
+    def mixed_labels_said(self, level: str) -> str:
+        """The warning for mixed_labels, or ""."""
+        if not self.mixed_labels:
+            return ""
+        return (f"{counted(len(self.mixed_labels), 'group holds', 'groups hold')} images of "
+                f"different '{level}' classes (e.g. {self.mixed_labels[0]}): the same picture "
+                "saved in two class folders, or one observation given two classes. One of them "
+                "is wrong in training and in every score: fix the labels (`wingspan data "
+                "inspect` lists identical copies).")
 
 
 def split_dataset(dataset: Dataset, level: str | None = None,
@@ -99,9 +112,18 @@ def split_dataset(dataset: Dataset, level: str | None = None,
         train_only={k: int(v) for k, v in small.items()},
         missing=missing, duplicates_grouped=merged,
         repeats_dropped=int(source.loc[repeated, PATH].nunique()),  # images, not their rows
+        mixed_labels=_mixed_labels(table, level),
     )
     result = dataset.with_table(table)
     return result, report
+
+
+def _mixed_labels(table: pd.DataFrame, level: str) -> list[str]:
+    """Each group that holds more than one class, as its images with their classes."""
+    classes = table.groupby(GROUP)[level].nunique()
+    mixed = table[table[GROUP].isin(classes.index[classes > 1])]
+    return [" = ".join(f"{p} ({c})" for p, c in zip(part[PATH], part[level], strict=True))
+            for _, part in mixed.groupby(GROUP, sort=True)]
 
 
 def _keep_one_in_train(split: np.ndarray, labels: np.ndarray, groups: np.ndarray,

@@ -44,6 +44,8 @@ def ensure_splits(dataset: Dataset, level: str, config: TrainConfig,
             log(f"{counted(report.duplicates_grouped, 'group holds', 'groups hold')} a picture "
                 "that another group also holds (the same file saved twice): each such pair is "
                 "kept on one side")
+        if report.mixed_labels:
+            log(report.mixed_labels_said(level))
         return split
     dataset = _check_leaks(dataset, config, log)
     table = dataset.table
