@@ -816,3 +816,14 @@ def test_a_recursive_glob_gives_each_image_once_and_passes_over_what_a_folder_wo
     _, skipped = expand_paths([str(tmp_path / "photos" / "monarch" / "*.txt")])
     assert skipped == [(str(tmp_path / "photos" / "monarch" / "*.txt"),
                         "the pattern matches no image file")]
+
+
+def test_a_class_folder_linked_to_nothing_is_said_not_dropped(tmp_path):
+    """A class folder that links to an external disk not mounted vanished without a word."""
+    folder_dataset(tmp_path, {"a": 2, "b": 2})
+    (tmp_path / "monarch_external").symlink_to(tmp_path / "not-mounted" / "monarchs")
+    ds = read_dataset(tmp_path)
+    (gone,) = [p for p in ds.problems if p.kind == "missing_file"]
+    assert gone.path == str(tmp_path / "monarch_external")
+    assert "not-mounted/monarchs, which is not there" in gone.message
+    assert sorted(set(ds.table["label"])) == ["a", "b"]

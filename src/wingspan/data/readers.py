@@ -217,7 +217,11 @@ def _top_folders(root: Path, problems: list[Problem]) -> list[Path]:
         if _hidden(d.name):
             continue
         if not d.is_dir():
-            if d.suffix.lower() in IMAGE_EXTENSIONS:
+            if d.is_symlink() and not d.exists():  # an external disk not mounted, say
+                problems.append(Problem("missing_file", f"a link to {os.readlink(d)}, which "
+                                        "is not there: a class folder that cannot be read; "
+                                        "ignored", str(d)))
+            elif d.suffix.lower() in IMAGE_EXTENSIONS:
                 problems.append(Problem("not_in_class_folder", "an image outside the class "
                                         "folders has no class; ignored", str(d)))
             continue
