@@ -557,7 +557,9 @@ def test_a_misspelt_keyword_is_named_with_the_closest_ones(run, demo_dir):
             (lambda: run.evaluate(batchsize=8), "run.evaluate() takes no keyword 'batchsize'",
              "'batch_size'"),
             (lambda: ws.runs(run.dir.parent, srot="name"), "runs() takes no keyword 'srot'",
-             "'sort'")):
+             "'sort'"),
+            (lambda: run.evaluate(map={"a": "b"}), "run.evaluate() takes no keyword 'map'",
+             "'class_map'")):
         with pytest.raises(WingspanError, match=re.escape(message)) as e:
             call()
         assert f"Did you mean {meant}" in e.value.hint, e.value.hint

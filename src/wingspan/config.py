@@ -73,7 +73,7 @@ _OTHER_NAMES = {"model": "backbone", "arch": "backbone", "pretrained": "weights"
 def closest_settings(name: object, fields: list[str], n: int = 1) -> list[str]:
     """The settings an unknown one most likely means: the nearest spellings (epoch_head:
     epochs_head), else the one its initials abbreviate or that abbreviates it, as other
-    tools name them (learning_rate: lr, bs: batch_size)."""
+    tools name them (learning_rate: lr, bs: batch_size), else those it is a word of."""
     name = str(name).lower().replace("-", "_")
     if _OTHER_NAMES.get(name) in fields:
         return [_OTHER_NAMES[name]]
@@ -84,7 +84,9 @@ def closest_settings(name: object, fields: list[str], n: int = 1) -> list[str]:
     def initials(words: str) -> str:
         return "".join(w[:1] for w in words.split("_") if w)
 
-    return [f for f in fields if f == initials(name) or initials(f) == name][:n]
+    abbreviated = [f for f in fields if f == initials(name) or initials(f) == name]
+    # Else the settings it is a word of (map: class_map).
+    return (abbreviated or [f for f in fields if name in f.split("_")])[:n]
 
 
 def check_names(given, valid: list[str], unknown: str = "Unknown setting '{}'.",
