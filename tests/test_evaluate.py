@@ -72,8 +72,9 @@ def test_no_plots_gives_the_same_figures_without_the_pngs(evaluation, trained, t
     from wingspan.api import Evaluation as ApiEvaluation
 
     code, _, err = run_cli("evaluate", trained, "--no-plots", "--out", tmp_path / "ev",
-                           "--quiet", "--workers", "0")
+                           "--workers", "0")
     assert code == 0, err
+    assert "Engine: cpu" in err  # as predict says which engine ran
     out = tmp_path / "ev"
     assert not list(out.glob("*.png")) and list(evaluation.out_dir.glob("*.png"))
     varies = {"images_per_second", "engine"}  # timed afresh each time
@@ -262,7 +263,7 @@ def test_evaluate_with_tta_scores_what_predict_tta_answers(evaluation, trained, 
                                    trained, "--tta", "--out", tmp_path / "tta",
                                    "--quiet")
     assert code == 0, stderr
-    assert "test-time augmentation" in stdout
+    assert "test-time augmentation" in stdout and "Engine:" not in stderr  # (--quiet)
     metrics = json.loads((tmp_path / "tta" / "metrics.json").read_text())
     assert metrics["tta"] is True and evaluation.metrics["tta"] is False
     assert "<th>test-time augmentation</th><td>on: each image" in (

@@ -68,6 +68,8 @@ def evaluate_command(
                       precision=precision, device=device,
                       class_map=name_pairs(class_map or [], "--map"), unknown=unknown,
                       unknown_score=unknown_score, tta=tta, plots=plots)
+    if not quiet:  # as predict says it: whether --precision and --runtime took effect
+        err.print(f"Engine: {result.metrics['engine']}", highlight=False)
     print_evaluation(result)
 
 
