@@ -536,7 +536,8 @@ def read_csv_table(csv_path: Path, config: ReadConfig) -> Dataset:
     # " monarch" and "monarch " are the class "monarch", not two more; one Unicode spelling.
     names = [c for c in raw.columns if c not in (PATH, SPLIT, GROUP)]
     stripped = raw.assign(**{c: raw[c].map(name_as_read) for c in names})
-    changed = {c: (stripped[c] != raw[c].map(nfc)).to_numpy() for c in names}
+    # Said where a space ends a cell: one after the separator is how "a, b" is written.
+    changed = {c: (stripped[c] != raw[c].map(nfc).str.lstrip(" ")).to_numpy() for c in names}
     for i in np.flatnonzero(np.logical_or.reduce(list(changed.values()))):  # once a row
         cells = [f"{c} {raw[c].iloc[i]!r}" for c in names if changed[c][i]]
         problems.append(Problem("label_stripped", ", ".join(cells) + (
