@@ -44,3 +44,28 @@ def test_balanced_class_weights_match_the_formula():
     # Weighted, every class contributes the same total.
     totals = {c: w * labels.count(c) for c, w in weights.items()}
     assert np.ptp(list(totals.values())) == pytest.approx(0)
+
+
+def test_data_split_caps_the_weights_as_train_does(tmp_path):
+    """data split wrote a rare class's weight as 10.5 where train weighs it 5.0 (capped at
+    10x the commonest's): sampling.json holds train's figure, and the uncapped one beside."""
+    import json
+
+    from helpers import folder_dataset
+
+    from wingspan.config import SplitConfig, TrainConfig
+    from wingspan.data import read_dataset
+    from wingspan.data.split import split_and_sample
+
+    labels = ["a"] * 60 + ["c"] * 2
+    capped = class_weights(labels, cap=10)
+    assert capped["c"] == pytest.approx(10 * capped["a"])
+    assert capped["c"] < class_weights(labels)["c"]
+    folder_dataset(tmp_path / "d", {"a": 60, "c": 2})
+    result = split_and_sample(read_dataset(tmp_path / "d"), tmp_path / "out",
+                              config=SplitConfig(seed=0))
+    written = json.loads(result.sampling_json.read_text())
+    w, raw = written["class_weights"], written["class_weights_uncapped"]
+    assert written["class_weight_cap"] == TrainConfig.max_class_weight == 10
+    assert w["c"] == pytest.approx(10 * w["a"]) and raw["c"] > w["c"]
+    assert result.capped == ["c"]

@@ -22,7 +22,14 @@ from wingspan.cli.options import (
     SplitStrict,
     Strict,
 )
-from wingspan.config import AUGMENT_POLICIES, AuditConfig, AugmentConfig, InspectConfig, SplitConfig
+from wingspan.config import (
+    AUGMENT_POLICIES,
+    AuditConfig,
+    AugmentConfig,
+    InspectConfig,
+    SplitConfig,
+    TrainConfig,
+)
 from wingspan.errors import WingspanError, counted, some
 
 
@@ -127,8 +134,11 @@ def print_split(result) -> None:
         out.print("So splits.csv holds " + ", ".join(
             f"{k} {rows.get(k, 0)}" for k in r.sizes) + " rows")
     w = result.class_weights
+    capped = len(result.capped)
     out.print(f"Balanced class weights (train): {min(w.values()):.3g} to {max(w.values()):.3g} "
-              f"over {counted(len(w), 'class', 'classes')}")
+              f"over {counted(len(w), 'class', 'classes')}" + (
+                  f" ({counted(capped, 'class')} capped at {TrainConfig.max_class_weight:g}x "
+                  "the commonest's, as train does: --max-class-weight)" if capped else ""))
     out.print(f"Wrote {plain(result.splits_csv)} and {plain(result.sampling_json)}")
 
 

@@ -50,9 +50,14 @@ def oversample(dataset: Dataset, level: str, min_per_class: int, seed: int = 0,
     return dataset.subset(order), added
 
 
-def class_weights(labels: pd.Series | np.ndarray | list[str]) -> dict[str, float]:
-    """Balanced weights, n_samples / (n_classes * count), as scikit-learn computes them."""
+def class_weights(labels: pd.Series | np.ndarray | list[str], cap: float = 0
+                  ) -> dict[str, float]:
+    """Balanced weights, n_samples / (n_classes * count), as scikit-learn computes them;
+    with `cap`, at most that many times the commonest class's, as train caps them
+    (--max-class-weight)."""
     labels = np.asarray(labels)
     classes = np.unique(labels)
     weights = compute_class_weight("balanced", classes=classes, y=labels)
+    if cap and len(weights):
+        weights = np.minimum(weights, cap * weights.min())
     return {str(c): float(w) for c, w in zip(classes, weights, strict=True)}

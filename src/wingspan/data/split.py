@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from sklearn.utils import check_random_state
 
-from wingspan.config import SplitConfig
+from wingspan.config import SplitConfig, TrainConfig
 from wingspan.data.leaks import with_duplicates_grouped
 from wingspan.data.samples import GROUP, PATH, SPLIT, Dataset
 from wingspan.errors import WingspanError, counted, some
@@ -327,9 +327,10 @@ class SplitResult:
     report: SplitReport
     undersampled: dict[str, int]
     oversampled: dict[str, int]
-    class_weights: dict[str, float]
+    class_weights: dict[str, float]  # capped as train caps them by default
     splits_csv: Path
     sampling_json: Path
+    capped: list[str] = field(default_factory=list)  # the classes whose weight was capped
 
 
 def split_and_sample(dataset: Dataset, out_dir: Path, level: str | None = None,
@@ -354,16 +355,19 @@ def split_and_sample(dataset: Dataset, out_dir: Path, level: str | None = None,
     if config.oversample_to:
         result, oversampled = oversample(result, level, config.oversample_to, config.seed)
     train_labels = result.table.loc[result.table[SPLIT] == "train", level]
-    weights = class_weights(train_labels)
+    # As train weighs them by default (so the figures agree), and uncapped beside them.
+    cap = TrainConfig.max_class_weight
+    weights, uncapped = class_weights(train_labels, cap), class_weights(train_labels)
     out_dir.mkdir(parents=True, exist_ok=True)
     splits_csv, sampling_json = out_dir / "splits.csv", out_dir / "sampling.json"
     write_splits(result, splits_csv)
     write_text(sampling_json, json.dumps({
         "level": level, "config": asdict(config), "sizes": report.sizes,
         "train_counts": train_labels.value_counts().to_dict(),
-        "class_weights": weights, "train_only_classes": report.train_only,
+        "class_weights": weights, "class_weight_cap": cap,
+        "class_weights_uncapped": uncapped, "train_only_classes": report.train_only,
         "missing_classes": report.missing, "undersampled": undersampled,
         "left_out_by_cap": left_out, "oversampled": oversampled,
     }, indent=2))
     return SplitResult(level, result, report, undersampled, oversampled, weights, splits_csv,
-                       sampling_json)
+                       sampling_json, [c for c in weights if weights[c] < uncapped[c]])
