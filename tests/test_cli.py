@@ -205,6 +205,10 @@ def test_serve_takes_its_limits_from_the_command_line(run_cli, tmp_path, monkeyp
 
 def test_demo_command_writes_everything(run_cli, tmp_path):
     tmp_path = tmp_path / ("a-folder-name-long-enough-that-no-path-fits-in-80-columns" * 2)
+    # A folder that a Finder window left its .DS_Store in is empty as far as anyone is
+    # concerned (the demo refused it).
+    tmp_path.mkdir()
+    (tmp_path / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
     # Smaller than the default (96 px, 2 fine-tuning epochs): the same steps, in half the time.
     code, out, err = run_cli("demo", "--out", tmp_path, "--image-size", "64",
                              "--epochs-finetune", "1", "--quiet")

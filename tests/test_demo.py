@@ -61,6 +61,10 @@ def test_a_second_demo_in_the_same_folder_replaces_the_first(tmp_path):
     assert _digest(again) == _digest(generate_demo(
         tmp_path / "fresh", DemoConfig(image_size=24, images_per_class=(2, 1))))
     assert read_dataset(again).class_counts().tolist() == [2, 1]
+    # A Finder's .DS_Store (or Windows' Thumbs.db) is nobody's work: not refused.
+    (tmp_path / "d" / ".DS_Store").write_bytes(b"\0")
+    (tmp_path / "d" / SPECIES[0].folder / "Thumbs.db").write_bytes(b"\0")
+    generate_demo(tmp_path / "d", DemoConfig(image_size=24, images_per_class=(2, 1)))
     # Files it did not write are not its to delete: it refuses and leaves them.
     mine = tmp_path / "d" / SPECIES[0].folder / "my_photo.jpg"
     mine.write_bytes(b"x")

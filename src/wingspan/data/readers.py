@@ -191,6 +191,11 @@ UNREADABLE_PHOTOS = {".heic": "HEIC", ".heif": "HEIF", ".cr2": "Canon RAW",
 FILE_MANAGER_JUNK = {"thumbs.db", "ehthumbs.db", "desktop.ini"}
 
 
+def is_junk(name: str) -> bool:
+    """A file or folder no user put there: hidden (.DS_Store) or a file manager's."""
+    return _hidden(name) or name.lower() in FILE_MANAGER_JUNK
+
+
 def unsupported_photo(path: str) -> str | None:
     """Why a photo in a camera's or phone's own format is left out (by its extension), or
     None for any other file."""
@@ -259,7 +264,7 @@ def images_under(folder: Path, problems: list[Problem], within: Path | None = No
         dirs[:] = [d for d in dirs if not _hidden(d)
                    and not _link_elsewhere(os.path.join(top, d), here, root, problems)]
         for name in files:
-            if _hidden(name) or name.lower() in FILE_MANAGER_JUNK:
+            if is_junk(name):
                 continue
             f = os.path.join(top, name)
             if not os.path.isfile(f):
