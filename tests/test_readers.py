@@ -479,6 +479,10 @@ def test_a_group_regex_with_alternatives_takes_the_group_that_matched(tmp_path):
     assert (groups["IMG_7.jpg"], groups["IMG_8.jpg"]) == ("7", "8")
     assert groups["other.jpg"].endswith("other.jpg")  # no match: its own group, listed
     assert [p.kind for p in ds.problems] == ["group_unmatched"]
+    # Matching no file at all is a slip in the regex: the split would not be grouped.
+    with pytest.raises(WingspanError, match=r"--group-regex '\^obs\(\\d\+\)' matches none "
+                       r"of the 5 file names \(e.g. IMG_7.jpg\): nothing would be grouped"):
+        read_dataset(tmp_path, ReadConfig(group_regex=r"^obs(\d+)"))
 
 
 def test_a_file_listed_twice_in_a_csv(tmp_path):

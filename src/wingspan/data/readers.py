@@ -136,6 +136,12 @@ def _group_keys(paths: list[str], regex: str | None) -> tuple[list[str], list[Pr
             groups.append(p)
             problems.append(Problem("group_unmatched", "group regex does not match; file is "
                                     "its own group", p))
+    if paths and len(problems) == len(paths):  # a slip in the regex, not ungrouped photos
+        raise WingspanError(
+            f"--group-regex '{regex}' matches none of the {counted(len(paths), 'file name')} "
+            f"(e.g. {os.path.basename(paths[0])}): nothing would be grouped.",
+            hint="It is searched in each file's name (not its folders); its first group "
+                 r"is the key, e.g. '_(\d+)_\d+\.' for inat_123_1.jpg.")
     return groups, problems
 
 
