@@ -835,3 +835,20 @@ def test_a_class_folder_linked_to_nothing_is_said_not_dropped(tmp_path):
     assert gone.path == str(tmp_path / "monarch_external")
     assert "not-mounted/monarchs, which is not there" in gone.message
     assert sorted(set(ds.table["label"])) == ["a", "b"]
+
+
+def test_class_folders_spelt_in_two_unicode_forms_are_one_class_and_said(tmp_path):
+    import unicodedata
+
+    composed, decomposed = (unicodedata.normalize(f, "Bläuling") for f in ("NFC", "NFD"))
+    try:
+        folder_dataset(tmp_path, {composed: 2})
+        folder_dataset(tmp_path, {decomposed: 3})
+    except OSError:  # a file system that keeps one spelling (macOS's) cannot hold both
+        pytest.skip("this file system normalises names")
+    if len([p for p in tmp_path.iterdir() if p.is_dir()]) < 2:
+        pytest.skip("this file system normalises names")
+    ds = read_dataset(tmp_path)
+    assert ds.class_counts().to_dict() == {composed: 5}
+    (merged,) = [p for p in ds.problems if p.kind == "classes_merged"]
+    assert "two Unicode spellings" in merged.message and f"'{composed}'" in merged.message

@@ -310,10 +310,18 @@ def _class_folders(root: Path, config: ReadConfig, problems: list[Problem]
     """Paths and labels of `root/<class>/...`; images in nested folders count for their top
     class folder, whose name (in NFC) is the label."""
     paths, labels = [], []
+    spelt: dict[str, str] = {}  # label -> the first folder name read as it
     for class_dir in _top_folders(root, problems):
         found = images_under(class_dir, problems, within=root)
         paths += found
         label = name_as_read(class_dir.name)  # as a CSV's labels: "monarch " is "monarch"
+        other = spelt.setdefault(label, class_dir.name)
+        if other.strip() != class_dir.name.strip():  # (spaces are said as label_stripped)
+            # 'Bläuling' copied from a Mac (ä as a + umlaut) beside one typed here
+            problems.append(Problem("classes_merged", f"the class folders '{other}' and "
+                                    f"'{class_dir.name}' are one name in two Unicode spellings "
+                                    f"(as macOS and others write accents): read as one class "
+                                    f"'{label}'", str(class_dir)))
         if label != nfc(class_dir.name) and found:
             problems.append(Problem("label_stripped", f"class folder '{class_dir.name}' has "
                                     f"spaces at its ends; read as the class '{label}'",
