@@ -852,3 +852,10 @@ def test_class_folders_spelt_in_two_unicode_forms_are_one_class_and_said(tmp_pat
     assert ds.class_counts().to_dict() == {composed: 5}
     (merged,) = [p for p in ds.problems if p.kind == "classes_merged"]
     assert "two Unicode spellings" in merged.message and f"'{composed}'" in merged.message
+
+
+def test_a_level_data_without_a_taxonomy_lacks_says_where_levels_come_from(tmp_path):
+    folder_dataset(tmp_path, {"a": 1, "b": 1})
+    with pytest.raises(WingspanError, match="no label level 'family'") as e:
+        read_dataset(tmp_path).resolve_level("family")
+    assert "Choose one of: label. Coarser levels come from a taxonomy.csv" in e.value.hint

@@ -97,9 +97,12 @@ class Dataset:
         if level is None:
             return self.default_level
         if level not in self.levels:
+            where = ("" if len(self.levels) > 1 else " Coarser levels come from a taxonomy.csv "
+                     "beside the class folders (folder,family,subfamily,genus,specific_epithet)"
+                     " or from a CSV's extra columns.")
             raise WingspanError(
                 f"This dataset has no label level '{level}'.",
-                hint=f"Choose one of: {', '.join(self.levels)}.",
+                hint=f"Choose one of: {', '.join(self.levels)}.{where}",
             )
         return level
 
