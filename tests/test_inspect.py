@@ -235,3 +235,24 @@ def test_one_class_is_said_before_train_refuses_it(tmp_path):
     said = console.export_text()
     assert "one class only (train refuses it): 1" in said and "'monarch'" in said
     assert "No problems found" not in said
+
+
+def test_the_class_table_calls_images_of_no_split_none(tmp_path):
+    """Its column of unsplit images was headed "all", which the summary line calls "none";
+    with no split at all it repeated the total."""
+    from helpers import folder_dataset
+    from rich.console import Console
+
+    from wingspan.data.inspect import print_class_table
+
+    folder_dataset(tmp_path, {"a": 3, "b": 2})
+
+    def header(ds) -> list[str]:
+        console = Console(width=200, record=True)
+        print_class_table(ds, "label", console)
+        return next(line for line in console.export_text().splitlines()
+                    if "label" in line and "total" in line).replace("┃", " ").split()
+
+    assert header(read_dataset(tmp_path)) == ["label", "total"]
+    (tmp_path / "splits.csv").write_text("path,split\na/a_0.jpg,train\nb/b_0.jpg,val\n")
+    assert header(read_dataset(tmp_path)) == ["label", "train", "val", "none", "total"]

@@ -252,12 +252,15 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
 def print_class_table(dataset: Dataset, level: str, console: Console, limit: int = 30) -> None:
     """Images per class at one level, by split when there are splits."""
     table = dataset.table
-    counts = pd.crosstab(table[level], table[SPLIT].replace("", "all")) if len(table) else None
+    # Images of no split: "none", as the summary's line calls them; with no split at all,
+    # the total alone.
+    counts = pd.crosstab(table[level], table[SPLIT].replace("", "none")) if len(table) else None
     if counts is None or counts.empty:
         return
     counts["total"] = counts.sum(axis=1)
     counts = counts.sort_values("total", ascending=False)
-    cols = [c for c in ["train", "val", "test", "all"] if c in counts.columns] + ["total"]
+    cols = [c for c in ["train", "val", "test", "none"] if c in counts.columns
+            and dataset.has_splits] + ["total"]
     shown = counts if len(counts) <= limit else pd.concat([counts.head(limit // 2),
                                                            counts.tail(limit // 2)])
     classes = counted(len(counts), "class", "classes")
