@@ -256,3 +256,19 @@ def test_the_class_table_calls_images_of_no_split_none(tmp_path):
     assert header(read_dataset(tmp_path)) == ["label", "total"]
     (tmp_path / "splits.csv").write_text("path,split\na/a_0.jpg,train\nb/b_0.jpg,val\n")
     assert header(read_dataset(tmp_path)) == ["label", "train", "val", "none", "total"]
+
+
+def test_a_notes_column_read_as_a_level_is_pointed_at(tmp_path):
+    """An extra CSV column (notes) is a coarser level, and each class 'is under N notes
+    values': the finding says what the columns mean and what to do."""
+    from helpers import folder_dataset
+    from rich.console import Console
+
+    folder_dataset(tmp_path, {"a": 2})
+    (tmp_path / "l.csv").write_text("path,label,notes\na/a_0.jpg,a,sunny\na/a_1.jpg,a,wet\n")
+    summary = inspect_dataset(read_dataset(tmp_path / "l.csv"), tmp_path / "out",
+                              check_images=False, progress=False)
+    console = Console(width=300, record=True)
+    print_summary(summary, console)
+    assert ("taxonomy conflict (every extra column of a CSV is read as a coarser level: "
+            "remove one that is not, e.g. notes): 1") in console.export_text()

@@ -208,7 +208,10 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
                  ("classes with no training image (train refuses them)",
                   summary.get("classes_without_training_images", []), None),
                  ("one class only (train refuses it)", summary.get("one_class_only", []), None),
-                 ("taxonomy conflict", summary["taxonomy_conflicts"], None),
+                 ("taxonomy conflict" + (" (every extra column of a CSV is read as a "
+                                         "coarser level: remove one that is not, e.g. notes)"
+                                         if summary["dataset"]["format"] == "csv" else ""),
+                  summary["taxonomy_conflicts"], None),
                  ("blank at a level (train --levels refuses them)",
                   summary.get("blank_levels", []), None)]
     images = summary.get("images")
