@@ -859,3 +859,12 @@ def test_a_level_data_without_a_taxonomy_lacks_says_where_levels_come_from(tmp_p
     with pytest.raises(WingspanError, match="no label level 'family'") as e:
         read_dataset(tmp_path).resolve_level("family")
     assert "Choose one of: label. Coarser levels come from a taxonomy.csv" in e.value.hint
+
+
+def test_a_taxonomy_row_spelt_in_another_case_is_named(tmp_path):
+    folder_dataset(tmp_path, {"008-pieris_rapae": 1, "001-danaus": 1})
+    (tmp_path / "taxonomy.csv").write_text("folder,family\n008-Pieris_Rapae,Pieridae\n"
+                                           "001-danaus,Nymphalidae\n")
+    (missing,) = [p for p in read_dataset(tmp_path).problems if p.kind == "taxonomy_missing"]
+    assert missing.message.endswith("Its row '008-Pieris_Rapae' differs only in case: write it "
+                                    "as the folder is named.")

@@ -87,8 +87,12 @@ def apply_taxonomy(
     """
     levels = coarse_to_fine(tax, [c for c in tax.columns if c != key])
     joined = table.join(tax[levels], on=key)
+    # A row spelt in another case ('008-Pieris_Rapae') is the likeliest slip: named.
+    unused = {str(row).casefold(): row for row in tax.index if row not in set(table[key])}
     problems = [
-        Problem("taxonomy_missing", f"Class '{c}' is not in {source}; its higher levels are empty.")
+        Problem("taxonomy_missing", f"Class '{c}' is not in {source}; its higher levels are "
+                "empty." + (f" Its row '{unused[c.casefold()]}' differs only in case: write "
+                            "it as the folder is named." if c.casefold() in unused else ""))
         for c in sorted(joined.loc[joined[levels[0]].isna(), key].unique())
     ]
     joined[levels] = joined[levels].fillna("")
