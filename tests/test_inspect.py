@@ -256,6 +256,12 @@ def test_the_class_table_calls_images_of_no_split_none(tmp_path):
     assert header(read_dataset(tmp_path)) == ["label", "total"]
     (tmp_path / "splits.csv").write_text("path,split\na/a_0.jpg,train\nb/b_0.jpg,val\n")
     assert header(read_dataset(tmp_path)) == ["label", "train", "val", "none", "total"]
+    # Images blank at a level are no class of it (they counted as one, named "").
+    ds = read_dataset(tmp_path)
+    ds.table["family"] = ["F"] * 3 + [""] * 2
+    console = Console(width=200, record=True)
+    print_class_table(ds, "family", console)
+    assert "Images per family (1 class)" in console.export_text()
 
 
 def test_a_notes_column_read_as_a_level_is_pointed_at(tmp_path):

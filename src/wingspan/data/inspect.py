@@ -253,8 +253,9 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
 
 
 def print_class_table(dataset: Dataset, level: str, console: Console, limit: int = 30) -> None:
-    """Images per class at one level, by split when there are splits."""
-    table = dataset.table
+    """Images per class at one level, by split when there are splits (images left blank
+    at the level are no class: the findings list them)."""
+    table = dataset.table[dataset.table[level] != ""]
     # Images of no split: "none", as the summary's line calls them; with no split at all,
     # the total alone.
     counts = pd.crosstab(table[level], table[SPLIT].replace("", "none")) if len(table) else None
