@@ -279,8 +279,10 @@ def test_int8_is_written_only_within_a_point_of_fp32(run_dir, run_cli, monkeypat
 
     assert export.int8_allowed_drop(1000) == 0.01 and export.int8_allowed_drop(25) == 0.04
     monkeypatch.setattr(export, "int8_allowed_drop", lambda n: -1.0)  # any result: refused
-    with pytest.raises(WingspanError, match=r"int8 refused: val top-1 [\d.]+ against fp32's "
-                                            r"[\d.]+ on \d+ images"):
+    # Both weights tried (the fast, then the exact) and named with their figures.
+    with pytest.raises(WingspanError, match=r"int8 refused: val top-1 [\d.]+ \(int8-7bit "
+                       r"weights\) and [\d.]+ \(uint8 weights\) against fp32's [\d.]+ on "
+                       r"\d+ images"):
         export.export_model(run_dir, run_dir / "q" / "m.int8.onnx", quantize="int8")
     assert not (run_dir / "q" / "m.int8.onnx").exists()
     monkeypatch.setattr(export, "int8_allowed_drop", lambda n: 1.0)  # written, with figures
@@ -289,6 +291,9 @@ def test_int8_is_written_only_within_a_point_of_fp32(run_dir, run_cli, monkeypat
     assert figures["val_images"] > 0 and figures["calibration_images"] > 0
     assert 0 <= figures["val_top1_int8"] <= 1 and 0 <= figures["val_top1_fp32"] <= 1
     assert 0 <= figures["val_unknown_share_int8"] <= 1  # the unknown score, measured again
+    # The fast weights first, kept when they pass; how long it took beside fp32, here.
+    assert figures["weights"] == "int8-7bit" and figures["refused"] == {}
+    assert figures["seconds_int8_vs_fp32"] > 0
     # The int8 file's thresholds are its own: they turn away the stated share of the known
     # val images as the int8 model scores them.
     import onnxruntime as ort
@@ -311,6 +316,8 @@ def test_int8_is_written_only_within_a_point_of_fp32(run_dir, run_cli, monkeypat
                              run_dir / "q" / "cli.int8.onnx")
     said = " ".join(out.split())
     assert code == 0 and "the int8 model's own, set again on its val scores" in said
+    assert re.search(r"int8 \(int8-7bit weights\) val top-1 [\d.]+ \(fp32 [\d.]+\), "
+                     r"[\d.]+x fp32's time here", said), said
     assert not [r for r in caplog.records if "pre-processing" in r.getMessage()]
     import onnx
 

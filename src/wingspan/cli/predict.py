@@ -219,8 +219,11 @@ def export_command(
               f"within {check['max_abs_probability_difference']:.1e} on {check['images']} "
               + ("generated pictures (the run's val images were not found)."
                  if check.get("generated") else "images.")
-              + (f" int8 val top-1 {meta['int8']['val_top1_int8']:.4f} (fp32 "
-                           f"{meta['int8']['val_top1_fp32']:.4f})" if "int8" in meta else ""))
+              + (f" int8 ({meta['int8']['weights']} weights) val top-1 "
+                 f"{meta['int8']['val_top1_int8']:.4f} (fp32 {meta['int8']['val_top1_fp32']:.4f}"
+                 f"), {meta['int8']['seconds_int8_vs_fp32']:.2f}x fp32's time here"
+                 + (" (7-bit weights cost accuracy: uint8 ones are exact, slower)"
+                    if meta['int8']['refused'] else "") if "int8" in meta else ""))
     int8 = meta.get("int8", {})
     own = ("; the int8 model's own, set again on its val scores (fp32's would turn away "
            f"{int8['val_unknown_share_int8']:.1%} of known val images, not "
