@@ -317,11 +317,12 @@ def test_large_images_take_turns_to_decode_and_a_small_one_passes_them(run_dir, 
             small = await post("small", [("files", ("small.jpg", _jpeg(), "image/jpeg"))])
             return await large, small
 
-    large, small = asyncio.run(both())
-    assert large.status_code == small.status_code == 200
-    assert len(large.json()["predictions"]) == 4
-    assert most[0] == 1  # never two 0.64 MP decodes at once in a 1 MP pool
-    assert done["small"] < done["large"] - 0.5  # not queued behind the large ones
+    for _ in range(2):  # the second on another event loop, as test clients make them
+        large, small = asyncio.run(both())
+        assert large.status_code == small.status_code == 200, large.text
+        assert len(large.json()["predictions"]) == 4
+        assert most[0] == 1  # never two 0.64 MP decodes at once in a 1 MP pool
+        assert done["small"] < done["large"] - 0.5  # not queued behind the large ones
 
 
 def test_a_heic_upload_is_named_as_predict_names_it(client):

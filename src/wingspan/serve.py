@@ -158,11 +158,13 @@ class _PixelPool:
     def __init__(self, size: int):
         self.size = self.free = size
         self.changed: asyncio.Condition | None = None
+        self.loop = None
 
     @asynccontextmanager
     async def hold(self, pixels: int):
-        if self.changed is None:  # made on the server's loop
-            self.changed = asyncio.Condition()
+        loop = asyncio.get_running_loop()
+        if self.loop is not loop:  # made on the server's loop (a test client may make more)
+            self.loop, self.changed = loop, asyncio.Condition()
         pixels = min(pixels, self.size)
         async with self.changed:
             await self.changed.wait_for(lambda: self.free >= pixels)
