@@ -325,6 +325,48 @@ def test_large_images_take_turns_to_decode_and_a_small_one_passes_them(run_dir, 
         assert done["small"] < done["large"] - 0.5  # not queued behind the large ones
 
 
+def test_an_image_over_the_budget_is_refused_without_waiting_for_the_whole_pool(
+        run_dir, monkeypatch):
+    """A 400 MP PNG claimed the whole pool (its header's pixels), so it waited until no
+    image at all was decoding, only to be refused from its header: it holds at most the
+    budget (50 MP), as no image decodes to more, and passes a 49 MP one being decoded."""
+    import wingspan.serve
+
+    decode, done = wingspan.serve._decode, {}
+
+    def slow_decode(name, data, draft=None):
+        if name == "big.png":
+            time.sleep(1.5)
+        return decode(name, data, draft)
+
+    monkeypatch.setattr(wingspan.serve, "_decode", slow_decode)
+    monkeypatch.delenv("WINGSPAN_MAX_PIXELS", raising=False)
+    images = {}
+    for name, side in (("big.png", 7000), ("bomb.png", 20_000)):
+        buffer = io.BytesIO()
+        Image.new("1", (side, side)).save(buffer, "PNG")  # 49 and 400 MP, a few kB
+        images[name] = buffer.getvalue()
+    app = create_app(run_dir, ServeLimits(), device="cpu")  # a pool of 100 MP
+
+    async def both():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t",
+                                     timeout=60) as c:
+            async def post(name):
+                r = await c.post("/predict", files=[("files", (name, images[name]))])
+                done[name] = time.perf_counter()
+                return r
+
+            big = asyncio.ensure_future(post("big.png"))
+            await asyncio.sleep(0.3)
+            return await post("bomb.png"), await big
+
+    bomb, big = asyncio.run(both())
+    assert bomb.status_code == 413 and "400 MP" in bomb.json()["error"]
+    assert big.status_code == 200
+    assert done["bomb.png"] < done["big.png"] - 0.5  # not queued behind it
+
+
 def test_a_heic_upload_is_named_as_predict_names_it(client):
     heic = b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + b"\0" * 64
     r = client.post("/predict", files=[("files", ("IMG_0001.jpg", heic, "image/jpeg"))])

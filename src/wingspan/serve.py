@@ -42,6 +42,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from wingspan.config import ServeLimits
+from wingspan.data.images import max_pixels
 from wingspan.errors import WingspanError, counted, first_line, some
 from wingspan.inference import Predictor
 from wingspan.predict import answer_at, deciding_score, taxonomy_path
@@ -324,7 +325,9 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
     async def _decoded(name: str | None, data: bytes) -> torch.Tensor:
         # On worker threads, so that the event loop keeps accepting; in turn with the
         # other requests' images, by their pixels.
-        async with decoding.hold(_header_pixels(data)):
+        # At most the pixel budget: over it, an image is refused from its header or (a
+        # JPEG) decoded reduced to fit, so a 400 MP bomb need not wait for the whole pool.
+        async with decoding.hold(min(_header_pixels(data), max_pixels())):
             return await asyncio.to_thread(_prepare, name, data)
 
     async def _each(files: list[UploadFile]) -> list[dict]:
