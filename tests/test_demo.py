@@ -65,6 +65,15 @@ def test_a_second_demo_in_the_same_folder_replaces_the_first(tmp_path):
     (tmp_path / "d" / ".DS_Store").write_bytes(b"\0")
     (tmp_path / "d" / SPECIES[0].folder / "Thumbs.db").write_bytes(b"\0")
     generate_demo(tmp_path / "d", DemoConfig(image_size=24, images_per_class=(2, 1)))
+    # Other hidden files and folders may be someone's work: refused, and left.
+    notes = tmp_path / "d" / SPECIES[0].folder / ".my_notes" / "field_log.txt"
+    notes.parent.mkdir()
+    notes.write_text("months of notes")
+    with pytest.raises(WingspanError, match="did not write .*my_notes"):
+        generate_demo(tmp_path / "d", DemoConfig(image_size=24, images_per_class=(2, 1)))
+    assert notes.read_text() == "months of notes"
+    notes.unlink()
+    notes.parent.rmdir()
     # Files it did not write are not its to delete: it refuses and leaves them.
     mine = tmp_path / "d" / SPECIES[0].folder / "my_photo.jpg"
     mine.write_bytes(b"x")

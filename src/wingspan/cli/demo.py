@@ -43,7 +43,7 @@ def demo(
     from wingspan.data.demo import generate_demo
     from wingspan.data.inspect import inspect_dataset, print_summary
     from wingspan.data.preview import write_preview
-    from wingspan.data.readers import is_junk
+    from wingspan.data.readers import is_file_manager_file
     from wingspan.data.split import split_and_sample
     from wingspan.training import run as training
 
@@ -53,7 +53,7 @@ def demo(
     # only into a new or empty folder, or one it made itself (its settings file, written
     # first, marks it: a killed demo runs again in the same place).
     marker = out_dir / "demo_config.json"
-    if out_dir.is_dir() and any(not is_junk(p.name) for p in out_dir.iterdir()) \
+    if out_dir.is_dir() and any(not is_file_manager_file(p) for p in out_dir.iterdir()) \
             and not marker.is_file():  # (a Finder's .DS_Store is no one's work)
         raise WingspanError(f"{out_dir} holds files that the demo did not write, and the demo "
                             "would replace its data/ and train/ folders.",

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from wingspan.config import DEMO_SPECIES, DemoConfig
-from wingspan.data.readers import is_junk
+from wingspan.data.readers import is_file_manager_file
 from wingspan.data.taxonomy import TAXONOMY_FILE
 from wingspan.errors import WingspanError
 
@@ -106,11 +106,11 @@ def _clear_previous(out_dir: Path) -> None:
         return
     ours = {sp.folder: sp for sp in SPECIES}
     foreign = [p for p in out_dir.iterdir()
-               if p.name != TAXONOMY_FILE and p.name not in ours and not is_junk(p.name)]
+               if p.name != TAXONOMY_FILE and p.name not in ours and not is_file_manager_file(p)]
     foreign += [f for p in out_dir.iterdir() if p.name in ours and p.is_dir()
                 for f in p.iterdir()
                 if not re.fullmatch(rf"{re.escape(p.name)}_\d{{4}}\.jpg", f.name)
-                and not is_junk(f.name)]
+                and not is_file_manager_file(f)]
     if foreign:
         names = ", ".join(str(f.relative_to(out_dir)) for f in foreign[:3])
         raise WingspanError(

@@ -197,9 +197,11 @@ UNREADABLE_PHOTOS = {".heic": "HEIC", ".heif": "HEIF", ".cr2": "Canon RAW",
 FILE_MANAGER_JUNK = {"thumbs.db", "ehthumbs.db", "desktop.ini"}
 
 
-def is_junk(name: str) -> bool:
-    """A file or folder no user put there: hidden (.DS_Store) or a file manager's."""
-    return _hidden(name) or name.lower() in FILE_MANAGER_JUNK
+def is_file_manager_file(path: Path) -> bool:
+    """A file a file manager leaves behind (.DS_Store, a Mac's ._photo.jpg, Thumbs.db):
+    no one's work, unlike other hidden files and folders (.git, notes)."""
+    return path.is_file() and (path.name == ".DS_Store" or path.name.startswith("._")
+                               or path.name.lower() in FILE_MANAGER_JUNK)
 
 
 def unsupported_photo(path: str) -> str | None:
@@ -270,7 +272,7 @@ def images_under(folder: Path, problems: list[Problem], within: Path | None = No
         dirs[:] = [d for d in dirs if not _hidden(d)
                    and not _link_elsewhere(os.path.join(top, d), here, root, problems)]
         for name in files:
-            if is_junk(name):
+            if _hidden(name) or name.lower() in FILE_MANAGER_JUNK:
                 continue
             f = os.path.join(top, name)
             if not os.path.isfile(f):
