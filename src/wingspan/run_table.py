@@ -44,7 +44,8 @@ LOCK_UNREADABLE = "unknown: cannot read .lock"
 DAMAGED = "damaged"  # `detail` says which file and what is wrong
 FAILED = "failed"  # stopped at an error (bad data, say): `detail` says which
 # `status` is one of the constants above, to filter on; `detail` says more where there is
-# more to say: where a stopped run stopped, what is wrong with a damaged one.
+# more to say: where a stopped run stopped, the error a failed one stopped at, what is
+# wrong with a damaged one.
 
 
 def status_text(status: str, detail) -> str:

@@ -15,6 +15,9 @@ HOLDOUT_FILE = "holdout.csv"  # --holdout-classes: their images, scored as unkno
 # Why a run stopped at an error (bad data, say), for `wingspan runs` to show it as failed
 # rather than resumable; a resume that gets going again removes it.
 ERROR_FILE = "error.txt"
+# `wingspan adapt`: the photos its head was refitted on (unlabelled), which an evaluation
+# of the adapted run must not call fair.
+ADAPT_PHOTOS_FILE = "adapt-photos.csv"
 
 
 def stopped_by(run_dir: Path) -> str | None:
@@ -23,9 +26,6 @@ def stopped_by(run_dir: Path) -> str | None:
         return (run_dir / ERROR_FILE).read_text(encoding="utf-8").splitlines()[0]
     except (OSError, UnicodeDecodeError, IndexError):
         return None
-# `wingspan adapt`: the photos its head was refitted on (unlabelled), which an evaluation
-# of the adapted run must not call fair.
-ADAPT_PHOTOS_FILE = "adapt-photos.csv"
 
 
 def adapted_photos(run_dir: Path | None) -> list[str]:
