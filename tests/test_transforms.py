@@ -93,6 +93,14 @@ def test_the_preview_names_each_class_whole(demo_dir, tmp_path, monkeypatch):
     write_preview(read_dataset(tmp_path / "d"), tmp_path / "p.png",
                   AugmentConfig(image_size=48), rows=1, augmented=1)
     assert [t.replace("\n", "") for t in said] == [long]
+    # Images left blank at a level are no class of it: not a row named "".
+    data = read_dataset(demo_dir)
+    data.table.loc[data.table.index[:5], "family"] = ""
+    said.clear()
+    write_preview(data, tmp_path / "f.png", AugmentConfig(image_size=48), level="family",
+                  rows=10, augmented=1)
+    assert sorted(t.replace("\n", "") for t in said) == sorted(
+        set(data.table["family"]) - {""})
 
 
 def test_the_config_names_every_policy_and_depends_on_nothing_above_it():

@@ -30,7 +30,8 @@ def write_preview(dataset: Dataset, out: Path, config: AugmentConfig | None = No
                                 f"{value}).",
                                 hint=f"Use --{name} {max(low, 1)}, say.")
     rng = np.random.default_rng(seed)
-    classes = list(dataset.table.groupby(level))
+    named = dataset.table[dataset.table[level] != ""]  # blank at the level: no class of it
+    classes = list(named.groupby(level))
     picks, unreadable = [], []
     for i in rng.permutation(len(classes)):
         label, part = classes[i]
