@@ -85,9 +85,9 @@ class Leaks:
         """Counts per kind and side, each with up to `examples` of its leaks named (with
         48k images, "1 group on two sides" alone cannot be found)."""
         parts = []
-        for kind, what, found in (("by_group", "groups", self.by_group),
-                                  ("by_path", "files", self.by_path),
-                                  ("by_content", "identical pictures", self.by_content)):
+        for kind, what in (("by_group", "groups"), ("by_path", "files"),
+                           ("by_content", "identical pictures")):
+            found = getattr(self, kind)
             if found:
                 sides = pd.Series(["+".join(sorted(s)) for s in found.values()]).value_counts()
                 what = what if len(found) > 1 else what[:-1]  # "1 file", not "1 files"
@@ -99,9 +99,7 @@ class Leaks:
 
     def named(self, kind: str) -> list[str]:
         """Each leak of a kind in words, with its files and sides."""
-        found = {"by_group": self.by_group, "by_path": self.by_path,
-                 "by_content": self.by_content}[kind]
-        paths = self.paths.get(kind, {})
+        found, paths = getattr(self, kind), self.paths.get(kind, {})
         return [(f"group '{key}' ({', '.join(paths.get(key, []))})" if kind == "by_group" else
                  key if kind == "by_path" else " = ".join(paths.get(key, [])))
                 + f" on {'+'.join(sorted(sides))}" for key, sides in found.items()]

@@ -88,7 +88,8 @@ def apply_taxonomy(
     levels = coarse_to_fine(tax, [c for c in tax.columns if c != key])
     joined = table.join(tax[levels], on=key)
     # A row spelt in another case ('008-Pieris_Rapae') is the likeliest slip: named.
-    unused = {str(row).casefold(): row for row in tax.index if row not in set(table[key])}
+    used = set(table[key])
+    unused = {str(row).casefold(): row for row in tax.index if row not in used}
     problems = [
         Problem("taxonomy_missing", f"Class '{c}' is not in {source}; its higher levels are "
                 "empty." + (f" Its row '{unused[c.casefold()]}' differs only in case: write "

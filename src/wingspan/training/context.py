@@ -127,15 +127,18 @@ class Run:
     def image_size(self) -> int:
         return self.model.preprocessing.input_size
 
-    def log(self, message: str, caveat: bool = False) -> None:
+    def log(self, message: str, caveat: bool = False, shown: bool = True) -> None:
         """A line of train.log, shown as it is written. `caveat`: what the figures or the
         run lack, or how to go on, shown (on stderr) even with --quiet, which hides
-        progress, not that."""
+        progress, not that. `shown=False`: train.log's alone (an error the caller raises,
+        which the CLI prints)."""
         if not self.is_main:
             return
         stamp = time.strftime("%H:%M:%S")
         with open(self.dir / "train.log", "a") as f:
             f.write(f"{stamp} {message}\n")
+        if not shown:
+            return
         if not self.quiet:
             self.console.print(message, highlight=False, markup=False)  # paths, class names
         elif caveat:

@@ -397,9 +397,8 @@ def _interruptible(run: Run) -> Path:
         run.log(said, caveat=True)
         raise
     except WingspanError as e:  # bad data, say: in train.log, and a failed run, not a paused one
+        run.log(f"Stopped: {e.message}", shown=False)  # (the error itself is printed)
         if run.is_main:
-            with open(run.dir / "train.log", "a") as f:
-                f.write(f"{time.strftime('%H:%M:%S')} Stopped: {e.message}\n")
             write_text(run.dir / ERROR_FILE, e.message + "\n")
         raise
     finally:
