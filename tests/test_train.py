@@ -117,6 +117,15 @@ def test_a_wingspan_model_is_a_starting_point(demo_dir, tmp_path):
     with pytest.raises(WingspanError, match="(?s)has a test_efficientnet backbone, not "
                                             "test_resnet.*--backbone test_efficientnet"):
         create_classifier("test_resnet", {"label": 2}, weights=first)
+    # So does a checkpoint of the run (best.pt, which the model was made from): its backbone,
+    # not the head, whose classes are the first run's.
+    model, loaded = create_classifier("test_efficientnet", {"label": 2},
+                                      weights=first / "checkpoints" / "best.pt")
+    assert loaded.source == "wingspan-checkpoint"
+    state = model.state_dict()
+    assert tuned and all(torch.equal(a[k], state[k]) for k in tuned)
+    with pytest.raises(WingspanError, match="(?s)do not fit.*config.yaml names its backbone"):
+        create_classifier("test_resnet", {"label": 2}, weights=first / "checkpoints" / "last.pt")
 
 
 def test_same_seed_same_history(demo_dir, tmp_path):

@@ -207,6 +207,8 @@ def features_source(name: str, loaded: LoadedWeights | None) -> str:
         return f"{name} (random weights, --weights none, frozen)"
     if loaded.source == "wingspan-model":
         return f"{name} (the fine-tuned backbone of {loaded.location}, frozen)"
+    if loaded.source == "wingspan-checkpoint":
+        return f"{name} (the backbone of the checkpoint {loaded.location}, frozen)"
     if loaded.source == "file":
         return f"{name} (weights file {loaded.location}, frozen)"
     return f"{name} (ImageNet, frozen)"

@@ -37,7 +37,8 @@ HF_ENDPOINT = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
 @dataclass
 class LoadedWeights:
     state_dict: dict[str, torch.Tensor]
-    source: str  # file | torch-hub-cache | hf-cache | package | download
+    source: str  # file | wingspan-model | wingspan-checkpoint | torch-hub-cache | hf-cache
+    #              | package | download
     location: str
     # A wingspan model's size when its backbone was resized (a ViT trained with
     # --image-size): its position embeddings fit a backbone built at that size only.
@@ -120,7 +121,9 @@ def load_into(net: nn.Module, loaded: LoadedWeights, classifiers: tuple[str, ...
             f"unexpected {len(unexpected)} (e.g. {unexpected[:3]})" if unexpected else ""]))
         raise WingspanError(
             f"The weights from {loaded.describe()} do not fit this backbone: {details}.",
-            hint="Check that the file is for the same architecture as --backbone.")
+            hint="Check that the file is for the same architecture as --backbone"
+            + (" (the run's config.yaml names its backbone)."
+               if loaded.source == "wingspan-checkpoint" else "."))
     net.load_state_dict(state)
 
 
@@ -136,7 +139,14 @@ def resolve_weights(spec: BackboneSpec, weights: str | Path | None = "auto"
             return _model_backbone(model, spec)
         if not path.is_file():
             raise _not_weights(str(weights), path)
-        return LoadedWeights(read_state_dict(path), "file", str(path))
+        state = read_state_dict(path)
+        if any(k.startswith(BACKBONE_PREFIX) for k in state):
+            # A run's checkpoints/best.pt or last.pt: its backbone, as from the run's model
+            # (which also holds the head and does not fit a new one's classes).
+            return LoadedWeights({k.removeprefix(BACKBONE_PREFIX): v for k, v in state.items()
+                                  if k.startswith(BACKBONE_PREFIX)}, "wingspan-checkpoint",
+                                 str(path))
+        return LoadedWeights(state, "file", str(path))
     tried: list[str] = []
     for step in (_from_caches, _from_package, _from_download):
         found = step(spec, tried)
