@@ -453,6 +453,25 @@ def test_a_damaged_last_checkpoint_says_how_to_go_on(uninterrupted, tmp_path):
                                    f"from its start (`wingspan train --resume {run_dir}`)")
 
 
+def test_a_damaged_best_checkpoint_still_lets_the_run_finish(uninterrupted, tmp_path):
+    """Killed before its model was written, with best.pt damaged since: the resumed run
+    finishes with the last epoch's model and says so, rather than failing for good."""
+    ref, _ = uninterrupted
+    run_dir = shutil.copytree(ref, tmp_path / "r")
+    (run_dir / "model" / "manifest.json").unlink()
+    (run_dir / "metrics.json").unlink()
+    best = run_dir / "checkpoints" / "best.pt"
+    best.write_bytes(best.read_bytes()[:1000])
+    resume(run_dir, quiet=True)
+    last = history(run_dir).iloc[-1]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert (metrics["best"]["stage"], metrics["best"]["epoch"]) == (last["stage"], last["epoch"])
+    assert load_bundle(run_dir / "model")[1]["metrics"]["best"]["epoch"] == last["epoch"]
+    log = (run_dir / "train.log").read_text()
+    assert f"{best} cannot be read" in log and "The model is the last epoch's (finetune " \
+        f"epoch {last['epoch']})" in log
+
+
 def test_a_resumed_run_keeps_where_its_weights_came_from(demo_dir, tmp_path):
     """A resumed run loads no weights of its own (its checkpoint has them all): the model
     still says which file (or package, or download) the backbone started from."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from wingspan.errors import WingspanError
+from wingspan.errors import WingspanError, first_line
 from wingspan.files import atomic_path
 
 
@@ -23,6 +23,6 @@ def load_checkpoint(path: Path) -> dict:
     except FileNotFoundError as e:
         raise WingspanError(f"No checkpoint at {path}.") from e
     except Exception as e:
-        raise WingspanError(f"The checkpoint {path} cannot be read: {e}",
+        raise WingspanError(f"The checkpoint {path} cannot be read: {first_line(e)}",
                             hint="It may be damaged; the previous run cannot resume from it.") \
             from e

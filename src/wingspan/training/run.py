@@ -416,8 +416,7 @@ def _recipe(run: Run) -> Path:
             # has replaced best.pt but before its own checkpoint, resumes from this head.
             run.fabric.barrier()  # rank 0's best.pt is on disk before any rank reads it
             if run.state.best_epoch > 0:
-                run.model.load_state_dict(
-                    load_checkpoint(run.checkpoints / "best.pt")["model"])
+                run.model.load_state_dict(_best_checkpoint(run)["model"])
         _next_stage(run, "finetune")
     if run.state.stage == "finetune":
         if run.config.epochs_finetune:
@@ -620,7 +619,7 @@ def _finish(run: Run) -> Path:
 def _write_results(run: Run) -> None:
     state = run.state
     say_what_is_read(run)  # what the last epoch found too
-    best = load_checkpoint(run.checkpoints / "best.pt")
+    best = _best_checkpoint(run)
     run.model.load_state_dict(best["model"])
     best_row = next(r for r in state.history
                     if r["stage"] == best["stage"] and r["epoch"] == best["epoch"])
@@ -674,6 +673,20 @@ def _write_results(run: Run) -> None:
                else "the data's own split has no test images that could be read")
         run.log(f"No test split was kept apart ({why}): the val figure is the only one, and "
                 "optimistic (the epoch was chosen on it).", caveat=True)
+
+
+def _best_checkpoint(run: Run) -> dict:
+    """best.pt; when it cannot be read (a damaged disk or copy), the model as it stands,
+    the last epoch's, said so: the run still finishes rather than stopping for good."""
+    try:
+        return load_checkpoint(run.checkpoints / "best.pt")
+    except WingspanError as e:
+        state, last = run.state, run.state.history[-1]
+        run.log(f"{e.message} The model is the last epoch's ({last['stage']} epoch "
+                f"{last['epoch']}), not the best one's ({state.best_stage} epoch "
+                f"{state.best_epoch}).", caveat=True)
+        state.best_stage, state.best_epoch = last["stage"], last["epoch"]
+        return {"model": run.model.state_dict(), "stage": last["stage"], "epoch": last["epoch"]}
 
 
 def _test_images_gone(run: Run) -> int:
