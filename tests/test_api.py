@@ -199,6 +199,31 @@ def test_evaluate_is_the_cli_evaluation(run, run_cli, tmp_path, demo_dir):
     assert "{" not in run._repr_html_().split("seconds per stage")[1][:200]
 
 
+def test_an_evaluation_keeps_its_own_results_when_its_folder_is_written_again(
+        run, demo_dir, tmp_path):
+    """Two data folders of one name evaluate into two folders; an Evaluation whose folder a
+    later one replaced keeps its own tables, and says so rather than show the other's
+    plots."""
+    first, second = tmp_path / "a" / "data", tmp_path / "b" / "data"
+    for folder, n in ((first, 2), (second, 3)):
+        for class_dir in sorted(p for p in demo_dir.iterdir() if p.is_dir()):
+            (folder / class_dir.name).mkdir(parents=True)
+            for image in sorted(class_dir.iterdir())[:n]:
+                shutil.copy(image, folder / class_dir.name / image.name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (its figures are the training's own: not fair)
+        a = run.evaluate(first, split="all", quiet=True)
+        b = run.evaluate(second, split="all", quiet=True)
+        assert a.dir != b.dir and a.dir.parent == b.dir.parent == run.dir
+        assert len(a.predictions) == a.metrics["images"] == len(b.predictions) * 2 // 3
+        again = run.evaluate(first, split="all", quiet=True, plots=False)
+    assert again.dir == a.dir
+    assert len(a.predictions) == a.metrics["images"]  # read when it was made
+    with pytest.raises(WingspanError, match="now holds a later evaluation"):
+        a.plot("confusion")
+    assert PNG not in a._repr_html_() and b.plot("confusion").path.is_file()
+
+
 def test_evaluate_warns_of_classes_it_left_out(run, demo_dir, tmp_path):
     known = sorted(p for p in demo_dir.iterdir() if p.is_dir())[0]
     shutil.copytree(known, tmp_path / "data" / known.name)
@@ -211,6 +236,7 @@ def test_evaluate_warns_of_classes_it_left_out(run, demo_dir, tmp_path):
     assert [str(w.message) for w in caught] == [
         "3 images of 1 class the model does not know were left out: stranger (class_map="
         "{model class: data class} names one of the model's)."]
+    assert caught[0].filename == __file__  # the user's line, not the library's
     assert ev.metrics["images"] == len(list(known.iterdir()))
 
 
@@ -537,6 +563,18 @@ def test_load_a_run_and_a_bundle(run, demo_dir, tmp_path):
                           (lambda: run.evaluate(class_map=3, quiet=True), "class_map: expected")):
         with pytest.raises(WingspanError, match=message):
             call()
+    with pytest.raises(WingspanError, match="name: expected a run name"):
+        ws.train(demo_dir, name=5)
+    # A training checkpoint (what an Ultralytics user loads first) is said to be one.
+    with pytest.raises(WingspanError, match="not a safetensors file") as e:
+        ws.load(run.dir / "checkpoints" / "best.pt")
+    assert e.value.hint.startswith(f"It is a training checkpoint of the run {run.dir}")
+    # A damaged metrics.json is said so, as `ws.runs` says it.
+    copy = shutil.copytree(run.dir, tmp_path / "copy", ignore=shutil.ignore_patterns(
+        "evaluation-*", "cache"))
+    (copy / "metrics.json").write_text("{")
+    with pytest.raises(WingspanError, match="metrics.json is damaged: not valid JSON"):
+        _ = ws.load(copy).metrics
     assert len(run.predict((str(image), image), quiet=True)) == 2  # any list of paths
     from wingspan.api import _class_map_arg
 

@@ -1234,3 +1234,21 @@ def test_another_photo_of_a_specimen_trained_on_is_not_called_fair(demo_dir, tmp
     fair = evaluate(run, tmp_path / "photos.csv", split="test", progress=False, workers=0,
                     plots=False, out=tmp_path / "ev").metrics["fair"]
     assert fair.startswith("no: 1 of these") and "(the same group)" in fair, fair
+
+
+def test_images_blank_at_the_level_are_said_as_such_not_as_a_nameless_class():
+    """A class folder that taxonomy.csv lacks reads with no species: evaluate leaves those
+    images out saying why, rather than as 'a class the model does not know' named ''."""
+    from wingspan.evaluate.run import _left_out, left_out_wording
+
+    rows = pd.DataFrame({"_label": ["Danaus plexippus", "", "", "Pieris rapae", "moth"]})
+    known = rows["_label"].isin(["Danaus plexippus", "Pieris rapae"])
+    left = _left_out(rows, known, "species")
+    assert left == {"unknown_classes": ["moth"], "unknown_class_images": 1,
+                    "unlabelled": {"level": "species", "images": 2}}
+    said = left_out_wording(left, "moth", "--map MODEL_CLASS=DATA_CLASS")
+    assert said.startswith("1 image of 1 class the model does not know was left out: moth (")
+    assert said.endswith("; 2 images with no 'species' in the data (blank there: a class "
+                         "folder that taxonomy.csv lacks, say) were left out")
+    only_blank = _left_out(rows.iloc[:3], known.iloc[:3], "species")
+    assert left_out_wording(only_blank, "", "--map").startswith("2 images with no 'species'")

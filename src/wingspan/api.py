@@ -253,7 +253,7 @@ class Data:
             sides = self.dataset.table[SPLIT].value_counts()
             warnings.warn("This data has a split of its own (" + ", ".join(
                 f"{k} {sides[k]}" for k in SPLITS if k in sides) + "); the Data returned "
-                "holds a new one. Train on the data as read to keep its own.", stacklevel=2)
+                "holds a new one. Train on the data as read to keep its own.", stacklevel=3)
         result = split_and_sample(self.dataset, out_dir, level, config)
         return Data(result.dataset, result.report)
 
@@ -360,6 +360,9 @@ def train(data: Data | Dataset | str | Path, config: TrainConfig | dict | str | 
     settings = (TrainConfig.from_file(_path_arg("config", config), **settings)
                 if config is not None else TrainConfig(**settings))
     runs_dir = _path_arg("runs_dir", runs_dir)
+    if name is not None and not isinstance(name, str):
+        raise WingspanError(f"name: expected a run name (a string), got {name!r}.",
+                            hint="The run is written to runs_dir/name.")
     with _max_pixels(max_pixels):
         return Run(train_run(_dataset(data), settings, runs_dir, name, quiet))
 
@@ -620,7 +623,12 @@ class Run:
         bundle alone: its manifest's copy). An adapted run has none, as they describe the
         model before adapting: what adapting did is in its adapt.json."""
         if self.dir and (self.dir / "metrics.json").is_file():
-            return json.loads((self.dir / "metrics.json").read_text())
+            try:
+                return json.loads((self.dir / "metrics.json").read_text())
+            except json.JSONDecodeError as e:
+                raise WingspanError(
+                    f"{self.dir / 'metrics.json'} is damaged: not valid JSON ({e}).",
+                    hint="Delete it to see the copy in the model's manifest instead.") from e
         return self.manifest.get("metrics", {})
 
     @property
@@ -692,7 +700,7 @@ class Run:
                 unknown=None if unknown is None else _paths_arg(unknown, "unknown"),
                 unknown_score=unknown_score, tta=tta, plots=plots)
         for note in _evaluation_warnings(result.metrics):  # what the command prints in yellow
-            warnings.warn(note, stacklevel=2)
+            warnings.warn(note, stacklevel=3)
         return Evaluation(result.out_dir, result.metrics, result.report)
 
     @_keywords_checked
@@ -745,7 +753,7 @@ class Run:
                                _split_arg(split, "the val split (else all of data)"),
                                class_map=_class_map_arg(class_map), **options)
         for note in calibrate_warnings(record):
-            warnings.warn(note, stacklevel=2)
+            warnings.warn(note, stacklevel=3)
         return record
 
     @property
@@ -829,7 +837,7 @@ class Run:
         if failed:  # the list is shorter than the inputs: say which are left out
             warnings.warn(f"{counted(len(failed), 'input')} left out: "
                           + "; ".join(failed[:3]) + ("; ..." if len(failed) > 3 else ""),
-                          stacklevel=2)
+                          stacklevel=3)
         return Images(Image(e.png) for e in explained if not e.error)
 
     def adapt(self, photos: str | Path | list[str | Path], out: str | Path | None = None,
@@ -942,19 +950,28 @@ class Evaluation:
 
     def __init__(self, out_dir: Path, metrics: dict, report: Path):
         self.dir, self.metrics, self.report_path = Path(out_dir), metrics, Path(report)
+        # The tables are read now: a later evaluation into the same folder (after
+        # run.calibrate, say) replaces it whole, and this one must keep showing its own.
+        self._written = self._stamp()
+        self.per_class = pd.read_csv(self.dir / "per_class.csv")
+        self.confusion = pd.read_csv(self.dir / "confusion.csv", index_col=0)  # rows: truth
+        self.predictions = pd.read_csv(self.dir / "predictions.csv")
 
-    @property
-    def per_class(self) -> pd.DataFrame:
-        return pd.read_csv(self.dir / "per_class.csv")
+    def _stamp(self) -> str | None:
+        try:
+            return (self.dir / "metrics.json").read_text()
+        except OSError:
+            return None
 
-    @property
-    def confusion(self) -> pd.DataFrame:
-        """Counts: rows the true class, columns the predicted one."""
-        return pd.read_csv(self.dir / "confusion.csv", index_col=0)
-
-    @property
-    def predictions(self) -> pd.DataFrame:
-        return pd.read_csv(self.dir / "predictions.csv")
+    def _files(self) -> Path:
+        """The folder, once checked to hold this evaluation's plots and report still."""
+        if self._stamp() != self._written:
+            raise WingspanError(
+                f"{self.dir} now holds a later evaluation; this one's plots and report were "
+                "replaced with it (its metrics and tables are kept in this object).",
+                hint="Evaluate again for its plots, or give each evaluation its own folder "
+                     "with out=.")
+        return self.dir
 
     @_keywords_checked
     def plot(self, name: str = "confusion") -> Image:
@@ -963,7 +980,7 @@ class Evaluation:
 
         >>> ev.plot("reliability")    # calibration before and after the temperature
         """
-        path = self.dir / f"{name}.png"
+        path = self._files() / f"{name}.png"
         if not path.is_file():
             found = sorted(p.stem for p in self.dir.glob("*.png"))
             raise WingspanError(f"No plot '{name}' in {self.dir}.",
@@ -977,6 +994,7 @@ class Evaluation:
 
         >>> ev.report()
         """
+        self._files()
         if open:
             import webbrowser
 
@@ -1013,6 +1031,7 @@ class Evaluation:
                                    for lv, v in m["hierarchy"]["levels"].items()})
             parts.append("<b>Per level (consistent predictions)</b>" + _frame(levels))
         plots = [("confusion", 380), ("reliability", 380), ("curves", 780)]
-        parts.append("<div>" + "".join(_img(self.dir / f"{n}.png", n, w) for n, w in plots
-                                       if (self.dir / f"{n}.png").is_file()) + "</div>")
+        if self._stamp() == self._written:  # (a later evaluation's plots are not this one's)
+            parts.append("<div>" + "".join(_img(self.dir / f"{n}.png", n, w) for n, w in plots
+                                           if (self.dir / f"{n}.png").is_file()) + "</div>")
         return "<div>" + "".join(parts) + "</div>"

@@ -18,6 +18,20 @@ PATH, GROUP, SPLIT = "path", "group", "split"
 SOURCE = ".source"  # in runs/data/NAME: the data folder (or file) it holds the outputs of
 
 
+def folder_of(base: Path, source: Path) -> Path:
+    """`base`, or base-HASH (8 hex digits of `source`'s path) where `base` holds the
+    outputs of another folder or file of the same name, as its SOURCE file says: two
+    "photos" folders each get their own."""
+    try:
+        owner = (base / SOURCE).read_text().strip()
+    except OSError:  # no one's yet
+        return base
+    mine = str(source.resolve())
+    if owner == mine:
+        return base
+    return base.with_name(f"{base.name}-{hashlib.sha256(mine.encode()).hexdigest()[:8]}")
+
+
 @dataclass
 class Problem:
     """Something wrong with the input that was skipped or needs attention."""
@@ -69,15 +83,7 @@ class Dataset:
         for this dataset unless told otherwise: runs/data/NAME, or NAME-HASH (8 hex digits
         of its path) where runs/data/NAME is another folder's of the same name (two
         "photos" folders, say), as its SOURCE file says."""
-        base = Path("runs") / "data" / self.name
-        try:
-            owner = (base / SOURCE).read_text().strip()
-        except OSError:  # no one's yet
-            return base
-        mine = str(self.root.resolve())
-        if owner == mine:
-            return base
-        return base.with_name(f"{self.name}-{hashlib.sha256(mine.encode()).hexdigest()[:8]}")
+        return folder_of(Path("runs") / "data" / self.name, self.root)
 
     def claim_out_dir(self) -> Path:
         """`out_dir`, made, and marked as this data's if no one's yet (by the command about

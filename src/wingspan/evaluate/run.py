@@ -16,7 +16,7 @@ from wingspan.data import read_dataset
 from wingspan.data.csvfiles import name_as_read
 from wingspan.data.plots import plot_class_balance
 from wingspan.data.preview import write_preview
-from wingspan.data.samples import GROUP, SPLIT, Dataset, renamed
+from wingspan.data.samples import GROUP, SOURCE, SPLIT, Dataset, folder_of, renamed
 from wingspan.errors import WingspanError, counted, none_read, some
 from wingspan.evaluate import plots as charts  # not `plots`: evaluate() has a plots= flag
 from wingspan.evaluate.calibration import (
@@ -82,14 +82,15 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     split = split or _default_split(dataset)
     _check_split(dataset, split)
     class_map = _check_class_map(class_map or {}, predictor, dataset, level)
-    rows, other_classes, other_images = _known_rows(dataset, split, level, predictor,
-                                                    class_map)
+    rows, left_out = _known_rows(dataset, split, level, predictor, class_map)
     unknown_paths = _unknown_paths(unknown) if unknown is not None else None  # before work
     if unknown_paths:
         _check_unseen(unknown_paths, rows["path"], predictor)
     final = Path(out).resolve() if out else _default_out(predictor, dataset, split, data,
                                                          tta, unknown, unknown_score)
     out_dir = _partial_folder(final)
+    if data is not None:  # whose folder it is (`folder_of`): another of the same name has its own
+        (out_dir / SOURCE).write_text(str(dataset.root.resolve()) + "\n")
 
     try:  # a failed evaluation (a full disk, Ctrl-C) leaves no folder behind
         paths = rows["path"].tolist()
@@ -115,8 +116,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
         # from the finest head's own top class) is what is scored.
         y_pred = _predicted(predictor, probs)
         metrics = classification_metrics(y, probs, classes, truth_only=truth_only, y_pred=y_pred)
-        metrics.update(level=level, split=split, unreadable=failed, unknown_classes=other_classes,
-                       unknown_class_images=other_images,
+        metrics.update(level=level, split=split, unreadable=failed, **left_out,
                        images_per_second=round(speed, 1), engine=predictor.policy.describe(),
                        ece_uncalibrated=expected_calibration_error(
                            view_softmax(logits), y,
@@ -180,10 +180,22 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     return Evaluation(final, metrics, final / "report.html")
 
 
+def _left_out(rows: pd.DataFrame, known: pd.Series, level: str) -> dict:
+    """What is left out of the figures, for metrics.json and `left_out_wording`: the data's
+    classes the model does not know and their images, and the images blank at the level
+    (a class folder that taxonomy.csv lacks, say), which are no class at all."""
+    blank = rows["_label"] == ""
+    other = ~known & ~blank
+    return {"unknown_classes": sorted(set(rows.loc[other, "_label"])),
+            "unknown_class_images": int(other.sum()),
+            **({"unlabelled": {"level": level, "images": int(blank.sum())}}
+               if blank.any() else {})}
+
+
 def _known_rows(dataset: Dataset, split: str, level: str, predictor: Predictor,
-                class_map: dict[str, str]) -> tuple[pd.DataFrame, list[str], int]:
-    """The split's images of the model's classes (see `_rows`), and the data's other
-    classes there and how many images they have (left out, and said so)."""
+                class_map: dict[str, str]) -> tuple[pd.DataFrame, dict]:
+    """The split's images of the model's classes (see `_rows`), and what is left out (said
+    so: `_left_out`)."""
     rows = _rows(dataset, split, level, predictor, class_map)
     known = rows["_label"].isin(predictor.classes)
     if not known.any():
@@ -195,7 +207,7 @@ def _known_rows(dataset: Dataset, split: str, level: str, predictor: Predictor,
             hint="If they are the same classes under other names, map them with --map "
                  "MODEL_CLASS=DATA_CLASS (once per class; in Python class_map={model "
                  "class: data class}).")
-    return rows[known], sorted(set(rows.loc[~known, "_label"])), int((~known).sum())
+    return rows[known], _left_out(rows, known, level)
 
 
 def _default_out(predictor: Predictor, dataset: Dataset, split: str, data, tta: bool,
@@ -204,8 +216,9 @@ def _default_out(predictor: Predictor, dataset: Dataset, split: str, data, tta: 
     bundle's own changes what the answer is (named, predictions.csv): it is named too."""
     score = (predictor.unknown_score
              if unknown_score and predictor.unknown_score != predictor.unknown.score else None)
-    return output_home(predictor.bundle) / evaluation_name(
+    folder = output_home(predictor.bundle) / evaluation_name(
         dataset.name, split, data is not None, tta, unknown is not None, score)
+    return folder if data is None else folder_of(folder, dataset.root)
 
 
 def _partial_folder(final: Path) -> Path:
@@ -626,8 +639,7 @@ def calibrate(model: str | Path, data: str | Path | None = None, split: str | No
     rows = _rows(dataset, split, level, predictor, class_map)
     theirs = sorted(set(rows["_label"]))
     known = rows["_label"].isin(predictor.classes)
-    left_out = {"unknown_classes": sorted(set(rows.loc[~known, "_label"])),
-                "unknown_class_images": int((~known).sum())}  # said, as evaluate says them
+    left_out = _left_out(rows, known, level)  # said, as evaluate says them
     rows = rows[known]
     if rows.empty:  # as evaluate says it
         raise WingspanError(
@@ -653,7 +665,8 @@ def calibrate(model: str | Path, data: str | Path | None = None, split: str | No
                                         previous=predictor.temperature),
                    **({"class_map": class_map} if class_map else {}),
                    **({"run_images_among": among} if among else {}),
-                   **(left_out if left_out["unknown_classes"] else {}),
+                   **(left_out if left_out["unknown_classes"] or "unlabelled" in left_out
+                      else {}),
                    # (kept: the unknown thresholds were set on scores at that temperature)
                    **({"unknown_temperature": predictor.unknown.temperature}
                       if predictor.unknown is not None else {})}
@@ -924,6 +937,8 @@ def _report(out_dir, name, predictor, run_dir, dataset, level, split, metrics, t
                 + (f": {', '.join(metrics['unknown_classes'][:8])}"
                    if metrics["unknown_classes"] else "")
                 if metrics["unknown_classes"] else "none"),
+               *([(f"images with no '{metrics['unlabelled']['level']}' in the data (left out)",
+                   metrics["unlabelled"]["images"])] if metrics.get("unlabelled") else []),
                *absent_rows(metrics.get("absent_classes")),
                *answer_rows(metrics.get("answers")),
                ("inference speed", f"{metrics['images_per_second']} images/s on "
@@ -1031,13 +1046,19 @@ def left_out_wording(metrics: dict, names: str, how_to_map: str) -> str | None:
     """What evaluate says of the images of classes the model does not know (left out of
     every figure), or None; `names` lists them, `how_to_map` is the CLI's --map or the
     library's class_map."""
-    if not metrics.get("unknown_classes"):
-        return None
-    left = metrics.get("unknown_class_images", 0)
-    classes = counted(len(metrics["unknown_classes"]), "class", "classes")
-    return (f"{counted(left, 'image')} of {classes} the model does not know "
-            f"{'was' if left == 1 else 'were'} left out: {names} ({how_to_map} names one of "
-            "the model's)")
+    said = []
+    if metrics.get("unknown_classes"):
+        left = metrics.get("unknown_class_images", 0)
+        classes = counted(len(metrics["unknown_classes"]), "class", "classes")
+        said.append(f"{counted(left, 'image')} of {classes} the model does not know "
+                    f"{'was' if left == 1 else 'were'} left out: {names} ({how_to_map} names "
+                    "one of the model's)")
+    if blank := metrics.get("unlabelled"):
+        n = blank["images"]
+        said.append(f"{counted(n, 'image')} with no '{blank['level']}' in the data (blank "
+                    f"there: a class folder that taxonomy.csv lacks, say) "
+                    f"{'was' if n == 1 else 'were'} left out")
+    return "; ".join(said) or None
 
 
 def unreadable_wording(metrics: dict) -> str | None:

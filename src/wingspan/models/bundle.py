@@ -128,14 +128,22 @@ def read_manifest(path: str | Path) -> dict:
         except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
             exported = {".onnx": "ONNX Runtime", ".pt": "torch.jit.load"}.get(
                 path.suffix.lower())
-            why = "no wingspan manifest in its metadata" if isinstance(e, KeyError) else \
-                first_line(e)
-            raise WingspanError(
-                f"{path} is not a wingspan model bundle ({why}).",
-                hint=f"It is an exported model, for {exported} (the README's export section); "
-                "wingspan's commands take its run folder (runs/NAME) or bundle." if exported
-                else "Give a run folder (runs/NAME) or a model bundle (a run's model/ "
-                "folder, or a .safetensors file wingspan wrote).") from e
+            why = ("no wingspan manifest in its metadata" if isinstance(e, KeyError) else
+                   "not a safetensors file" if isinstance(e, SafetensorError) else first_line(e))
+            run = path.parent.parent
+            if path.parent.name == "checkpoints" and (run / "train.log").is_file():
+                hint = (f"It is a training checkpoint of the run {run}: give the run folder, "
+                        f"or continue the run with `wingspan train --resume {run}` "
+                        "(ws.resume) if it did not finish.")
+            elif exported:
+                hint = (f"It is an exported model, for {exported} (the README's export "
+                        "section); wingspan's commands take its run folder (runs/NAME) or "
+                        "bundle.")
+            else:
+                hint = ("Give a run folder (runs/NAME) or a model bundle (a run's model/ "
+                        "folder, or a .safetensors file wingspan wrote).")
+            raise WingspanError(f"{path} is not a wingspan model bundle ({why}).",
+                                hint=hint) from e
     else:
         raise WingspanError(f"No model bundle at {path}.")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
