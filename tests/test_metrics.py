@@ -244,6 +244,18 @@ def test_the_calibration_record_bins_the_class_answered_as_evaluate_does():
             expected_calibration_error(probs, y, y_pred=answer(probs)))
     assert record["val_ece_before"] != pytest.approx(
         calibration_record(logits, y, "val")["val_ece_before"])
+    # The temperature moves that branch (genus A's three species gain on b1 as T rises):
+    # how many answers it changed, and the accuracy before and after, are recorded and said.
+    before, after = answer(softmax(logits)), answer(softmax(logits, record["temperature"]))
+    assert record["answers_changed"] == (before != after).sum() > 0
+    assert record["accuracy_after"] == pytest.approx((after == y).mean())
+    from wingspan.evaluate.calibration import calibrate_warnings
+
+    assert any(f"changes the answer for {record['answers_changed']} of the 300 images" in note
+               for note in calibrate_warnings(record))
+    flat = calibration_record(logits, y, "val", answer=lambda p: p.argmax(1))
+    assert flat["answers_changed"] == 0  # a flat model's top class never moves
+    assert not any("changes the answer" in note for note in calibrate_warnings(flat))
 
 
 @pytest.mark.parametrize("n", [6, 45, 500])

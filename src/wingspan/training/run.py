@@ -752,6 +752,12 @@ def _fit_calibration(run: Run, val: tuple) -> dict:
                                 answer=answer)
     if bound_warning(record):
         run.log(f"Warning: {bound_warning(record)}", caveat=True)
+    if record.get("answers_changed"):  # the epoch was chosen on the branch at T 1
+        run.log(f"Warning: the temperature ({record['temperature']:.3f}) changes the answer "
+                f"for {record['answers_changed']} of the {record['images']} val images (the "
+                "taxonomy's branch is chosen on sums of probabilities, which it moves): val "
+                f"accuracy {record['accuracy_before']:.4f} -> {record['accuracy_after']:.4f}, "
+                "as predict answers.", caveat=True)
     if record["images"] < MIN_CALIBRATION_IMAGES:  # still fitted: the run must finish
         run.log(f"Warning: the temperature ({record['temperature']:.3f}) rests on "
                 f"{counted(record['images'], 'val image')}, too few to say much (`wingspan "
