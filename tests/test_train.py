@@ -472,6 +472,25 @@ def test_a_damaged_best_checkpoint_still_lets_the_run_finish(uninterrupted, tmp_
         f"epoch {last['epoch']})" in log
 
 
+def test_a_damaged_feature_cache_at_the_end_is_computed_again(demo_dir, tmp_path):
+    """A run whose best model is a head on the frozen backbone reads its final features from
+    the cache; killed before its model was written and its cache damaged since, the resume
+    computes them again (as stage 1 does) rather than stopping at every try."""
+    run_dir = train(read_dataset(demo_dir), tiny(tmp_path, epochs_finetune=0, precision="fp32",
+                                                 runtime="torch"),
+                    tmp_path / "runs", "r", quiet=True)
+    want = load_bundle(run_dir / "model")[1]
+    (run_dir / "model" / "manifest.json").unlink()
+    cache = run_dir / "cache" / "features.safetensors"
+    cache.write_bytes(cache.read_bytes()[:1000])
+    resume(run_dir, quiet=True)
+    got = load_bundle(run_dir / "model")[1]
+    assert got["metrics"]["best"] == want["metrics"]["best"]
+    assert got["calibration"]["temperature"] == pytest.approx(
+        want["calibration"]["temperature"], rel=1e-3)
+    assert f"The feature cache {cache} cannot be read" in (run_dir / "train.log").read_text()
+
+
 def test_a_resumed_run_keeps_where_its_weights_came_from(demo_dir, tmp_path):
     """A resumed run loads no weights of its own (its checkpoint has them all): the model
     still says which file (or package, or download) the backbone started from."""

@@ -707,8 +707,9 @@ def _final_outputs(run: Run, split: str) -> tuple[torch.Tensor, dict[str, torch.
     images = run.data.train_clean if split == "train" else run.data.val
     cache = run.dir / "cache" / "features.safetensors"
     read = run.readable(images)
-    if run.state.best_stage == "head" and cache.is_file():  # the backbone never moved
-        feats = load_file(cache)[split]
+    head_only = run.state.best_stage == "head" and cache.is_file()  # the backbone never moved
+    feats = _cached(run, cache, split, len(images)) if head_only else None
+    if feats is not None:
         feats = (feats[:, 0] if split == "train" else feats)[read]
         labels = images.labels[read]
     else:
@@ -726,6 +727,18 @@ def _final_outputs(run: Run, split: str) -> tuple[torch.Tensor, dict[str, torch.
     head = run.model.head.float().cpu()
     logits = {lv: v.float() for lv, v in head(feats.float()).items()}
     return feats.float(), logits, labels
+
+
+def _cached(run: Run, cache: Path, split: str, images: int) -> torch.Tensor | None:
+    """A split's features from the head stage's cache, or None (then computed again) where
+    the file is damaged (as stage 1 takes it) or holds another number of images."""
+    try:
+        feats = load_file(cache)[split]
+    except Exception as e:  # noqa: BLE001 - safetensors raises many types for a bad file
+        run.log(f"The feature cache {cache} cannot be read ({type(e).__name__}); computing "
+                f"the final {split} features again")
+        return None
+    return feats if len(feats) == images else None
 
 
 def _final_pass(run: Run):
