@@ -446,11 +446,17 @@ def test_a_damaged_last_checkpoint_says_how_to_go_on(uninterrupted, tmp_path):
         resume(run_dir, quiet=True)  # finished: deleting it would not train again
     assert e.value.hint == ("It may be damaged; the run's finished model is in "
                             f"{run_dir / 'model'}.")
+    from wingspan.run_table import DONE, FAILED, run_row
+
+    assert run_row(run_dir)["status"] == DONE  # (a finished run is not marked failed)
     (run_dir / "model" / "manifest.json").unlink()  # killed before the model was written
     with pytest.raises(WingspanError, match="cannot be read") as e:
         resume(run_dir, quiet=True)
     assert e.value.hint.startswith("It may be damaged. Delete it to train this run again "
                                    f"from its start (`wingspan train --resume {run_dir}`)")
+    # `wingspan runs` says that the resume failed, and why, not "stopped (resumable)".
+    row = run_row(run_dir)
+    assert row["status"] == FAILED and row["detail"].startswith(f"The checkpoint {last} cannot")
 
 
 def test_a_damaged_best_checkpoint_still_lets_the_run_finish(uninterrupted, tmp_path):

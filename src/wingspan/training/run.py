@@ -261,6 +261,13 @@ def resume(run_dir: str | Path, quiet: bool = False, **machine) -> Path:
                             every_rank=True)
     try:
         return _resume(run_dir, config, fabric, quiet)
+    except WingspanError as e:  # (a damaged checkpoint, data gone) before the recipe began:
+        if fabric.is_global_zero:  # `wingspan runs` says it failed, as _interruptible has it
+            from wingspan.run_table import DONE, run_row
+
+            if (run_row(run_dir) or {}).get("status") != DONE:  # (not "nothing to resume")
+                write_text(run_dir / ERROR_FILE, e.message + "\n")
+        raise
     finally:
         release_lock(run_dir)
 
