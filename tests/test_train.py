@@ -459,6 +459,33 @@ def test_a_damaged_last_checkpoint_says_how_to_go_on(uninterrupted, tmp_path):
     assert row["status"] == FAILED and row["detail"].startswith(f"The checkpoint {last} cannot")
 
 
+def test_a_resume_refuses_a_config_yaml_changed_since_the_checkpoint(uninterrupted, tmp_path):
+    """Edited to train longer, or cut short (its missing settings would take their
+    defaults): the rest of the run would follow other settings than its first part, and
+    the bundle record settings the model was not trained with."""
+    ref, _ = uninterrupted
+    run_dir = shutil.copytree(ref, tmp_path / "r")
+    (run_dir / "model" / "manifest.json").unlink()  # killed before the model was written
+    config = run_dir / "config.yaml"
+    original = config.read_text()
+    config.write_text(original.replace("epochs_finetune: 2", "epochs_finetune: 3"))
+    with pytest.raises(WingspanError, match=r"no longer holds the settings the run was "
+                                            r"trained with: epochs_finetune: 3 \(trained with 2\)"
+                       ) as e:
+        resume(run_dir, quiet=True)
+    assert f"--weights {run_dir}" in e.value.hint
+    config.write_text("".join(line for line in original.splitlines(True)
+                              if not line.startswith("batch_size:")))
+    with pytest.raises(WingspanError, match=r"batch_size: 32 \(trained with 8\)"):
+        resume(run_dir, quiet=True)
+    config.write_text(original[:original.index("epochs_head")] + "epochs_head: [3\n")
+    with pytest.raises(WingspanError, match=r"config.yaml is damaged: not valid YAML \(line"):
+        resume(run_dir, quiet=True)
+    config.write_text(original.replace("workers: 0", "workers: 1"))  # the machine's may change
+    resume(run_dir, quiet=True)
+    assert (run_dir / "model" / "manifest.json").is_file()
+
+
 def test_a_damaged_best_checkpoint_still_lets_the_run_finish(uninterrupted, tmp_path):
     """Killed before its model was written, with best.pt damaged since: the resumed run
     finishes with the last epoch's model and says so, rather than failing for good."""

@@ -23,6 +23,17 @@ from wingspan.parallel import gather_objects
 from wingspan.training.checkpoint import save_checkpoint
 from wingspan.training.data import LabelledImages
 
+# What a resume may change: where and how the run computes, not what it learns.
+MACHINE_SETTINGS = ("device", "devices", "nodes", "strategy", "workers", "compile")
+
+
+def learning_settings(config: TrainConfig) -> dict:
+    """The settings a resumed run must keep (as JSON gives them back): all but the machine's
+    and the engines, which the environment may set ($WINGSPAN_PRECISION)."""
+    skip = {*MACHINE_SETTINGS, "precision", "runtime"}
+    return json.loads(json.dumps({k: v for k, v in asdict(config).items() if k not in skip}))
+
+
 HISTORY_FIELDS = ["stage", "epoch", "train_loss", "train_acc", "train_macro_f1", "val_loss",
                   "val_acc", "val_macro_f1", "lr", "images_per_s", "seconds", "elapsed"]
 
@@ -197,6 +208,7 @@ class Run:
             "cuda_rng": (torch.cuda.get_rng_state(self.device) if self.device.type == "cuda"
                          else None),
             "precision": self.fabric.strategy.precision.state_dict(),  # fp16's loss scale
+            "settings": learning_settings(self.config),  # what config.yaml must still say
         })
 
     def restore_optimizer(self, optimizer) -> None:

@@ -45,7 +45,7 @@ from wingspan.models.unknown import UNKNOWN, UnknownDetector, new_known_rate
 from wingspan.parallel import Processes, rank_seed
 from wingspan.progress import Bar
 from wingspan.training.checkpoint import load_checkpoint
-from wingspan.training.context import Run, RunState
+from wingspan.training.context import MACHINE_SETTINGS, Run, RunState, learning_settings
 from wingspan.training.data import fixed_batches, make_loader, resolve_workers
 from wingspan.training.folder import (
     CONFIG_FILE,
@@ -216,7 +216,6 @@ def _score_held_out(run_dir: Path, run: Run) -> Path:
 
 
 # Settings a resumed run may change: where it runs, not what it learns.
-MACHINE_SETTINGS = ("device", "devices", "nodes", "strategy", "workers", "compile")
 
 
 def resume(run_dir: str | Path, quiet: bool = False, **machine) -> Path:
@@ -291,6 +290,7 @@ def _resume(run_dir: Path, config: TrainConfig, fabric, quiet: bool) -> Path:
     if finished and complete and scored:
         raise WingspanError(f"The run {run_dir} is finished; there is nothing to resume.",
                             hint=f"Its model is in {run_dir / 'model'}.")
+    _check_settings_kept(run_dir, config, checkpoint)
     if checkpoint is None and complete:
         # Starting again from nothing would overwrite the finished model.
         raise WingspanError(f"The run {run_dir} has a finished model and no checkpoint "
@@ -472,6 +472,25 @@ def _no_run_at(run_dir: Path) -> WingspanError:
               "Give the folder a `wingspan train` run wrote, e.g. runs/NAME."))
 
 
+def _check_settings_kept(run_dir: Path, config: TrainConfig, checkpoint: dict | None) -> None:
+    """config.yaml as the checkpoint was trained with (edited since, or cut short so that
+    settings fall back to their defaults, the rest of the run would follow other ones and
+    its model match neither). Checkpoints written before they kept their settings pass."""
+    trained = (checkpoint or {}).get("settings")
+    if not trained:
+        return
+    now = learning_settings(config)
+    changed = [f"{k}: {now.get(k)!r} (trained with {v!r})" for k, v in trained.items()
+               if now.get(k) != v]
+    if changed:
+        raise WingspanError(
+            f"{run_dir / CONFIG_FILE} no longer holds the settings the run was trained with: "
+            + "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6
+                                        else "") + ".",
+            hint="Put those values back to resume it. To train on with other settings, start "
+                 f"a new run from this one's backbone: wingspan train DATA --weights {run_dir}")
+
+
 def _run_config(run_dir: Path) -> TrainConfig:
     """The settings a run began with, from its config.yaml; a folder whose config.yaml is
     another program's (or whose splits.csv is gone) is not a run to resume."""
@@ -481,8 +500,15 @@ def _run_config(run_dir: Path) -> TrainConfig:
                                    "runs/NAME")
     try:
         settings = yaml.safe_load((run_dir / CONFIG_FILE).read_bytes())
-    except yaml.YAMLError as e:
-        raise not_a_run from e
+    except yaml.YAMLError as e:  # a run's, damaged (as `wingspan runs` says it)
+        if not (run_dir / "train.log").is_file():  # (another program's file)
+            raise not_a_run from e
+        where = getattr(e, "problem_mark", None)
+        raise WingspanError(
+            f"The run's {run_dir / CONFIG_FILE} is damaged: not valid YAML"
+            + (f" (line {where.line + 1}, column {where.column + 1})" if where else "") + ".",
+            hint="Mend it (it holds the settings `wingspan train` began the run with) or "
+                 "train a new run.") from e
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     if not isinstance(settings, dict) or not (run_dir / SPLITS_FILE).is_file():
         raise not_a_run
