@@ -461,8 +461,8 @@ def test_a_damaged_last_checkpoint_says_how_to_go_on(uninterrupted, tmp_path):
 
 def test_a_resume_refuses_a_config_yaml_changed_since_the_checkpoint(uninterrupted, tmp_path):
     """Edited to train longer, or cut short (its missing settings would take their
-    defaults): the rest of the run would follow other settings than its first part, and
-    the bundle record settings the model was not trained with."""
+    defaults), or its splits.csv changed: the rest of the run would follow other settings
+    than its first part, and the bundle record settings the model was not trained with."""
     ref, _ = uninterrupted
     run_dir = shutil.copytree(ref, tmp_path / "r")
     (run_dir / "model" / "manifest.json").unlink()  # killed before the model was written
@@ -482,6 +482,12 @@ def test_a_resume_refuses_a_config_yaml_changed_since_the_checkpoint(uninterrupt
     with pytest.raises(WingspanError, match=r"config.yaml is damaged: not valid YAML \(line"):
         resume(run_dir, quiet=True)
     config.write_text(original.replace("workers: 0", "workers: 1"))  # the machine's may change
+    splits = run_dir / "splits.csv"  # (rows lost: the checkpoint's batches point elsewhere)
+    rows = splits.read_text().splitlines(True)
+    splits.write_text("".join(rows[:len(rows) * 9 // 10]))
+    with pytest.raises(WingspanError, match="splits.csv has changed since the run began"):
+        resume(run_dir, quiet=True)
+    splits.write_text("".join(rows))
     resume(run_dir, quiet=True)
     assert (run_dir / "model" / "manifest.json").is_file()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import sys
 import time
@@ -22,6 +23,7 @@ from wingspan.models.policy import Policy
 from wingspan.parallel import gather_objects
 from wingspan.training.checkpoint import save_checkpoint
 from wingspan.training.data import LabelledImages
+from wingspan.training.folder import splits_digest
 
 # What a resume may change: where and how the run computes, not what it learns.
 MACHINE_SETTINGS = ("device", "devices", "nodes", "strategy", "workers", "compile")
@@ -130,6 +132,10 @@ class Run:
     def device(self) -> torch.device:
         return self.policy.device
 
+    @functools.cached_property
+    def splits_digest(self) -> str:
+        return splits_digest(self.dir)
+
     @property
     def checkpoints(self) -> Path:
         return self.dir / "checkpoints"
@@ -209,6 +215,7 @@ class Run:
                          else None),
             "precision": self.fabric.strategy.precision.state_dict(),  # fp16's loss scale
             "settings": learning_settings(self.config),  # what config.yaml must still say
+            "splits": self.splits_digest,  # and splits.csv
         })
 
     def restore_optimizer(self, optimizer) -> None:

@@ -5,10 +5,17 @@ that rank 0 holds while it trains, and the folder a run killed while set up leav
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 from pathlib import Path
 
 from wingspan.files import is_leftover
+
+
+def splits_digest(run_dir: Path) -> str:
+    """The run's splits.csv, written once as the run began, as a checkpoint records it: a
+    resume's batches are positions in its rows, so it must not have changed since."""
+    return hashlib.sha256((run_dir / SPLITS_FILE).read_bytes()).hexdigest()
 
 CONFIG_FILE, SPLITS_FILE = "config.yaml", "splits.csv"
 HOLDOUT_FILE = "holdout.csv"  # --holdout-classes: their images, scored as unknowns at the end

@@ -55,6 +55,7 @@ from wingspan.training.folder import (
     being_trained,
     hold_lock,
     release_lock,
+    splits_digest,
     stopped_by,
     stopped_while_set_up,
     trained_on,
@@ -291,6 +292,12 @@ def _resume(run_dir: Path, config: TrainConfig, fabric, quiet: bool) -> Path:
         raise WingspanError(f"The run {run_dir} is finished; there is nothing to resume.",
                             hint=f"Its model is in {run_dir / 'model'}.")
     _check_settings_kept(run_dir, config, checkpoint)
+    if checkpoint and checkpoint.get("splits") not in (None, splits_digest(run_dir)):
+        raise WingspanError(
+            f"{run_dir / SPLITS_FILE} has changed since the run began (edited, or damaged): "
+            "the checkpoint's batches are positions in its rows, and its classes the model's.",
+            hint="Put the run's own splits.csv back to resume it, or train a new run (`--weights "
+                 f"{run_dir}` starts it from this one's backbone).")
     if checkpoint is None and complete:
         # Starting again from nothing would overwrite the finished model.
         raise WingspanError(f"The run {run_dir} has a finished model and no checkpoint "
