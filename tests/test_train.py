@@ -492,6 +492,19 @@ def test_a_resume_refuses_a_config_yaml_changed_since_the_checkpoint(uninterrupt
     assert (run_dir / "model" / "manifest.json").is_file()
 
 
+def test_a_finished_run_with_a_damaged_metrics_json_resumes_to_write_it_again(
+        uninterrupted, tmp_path):
+    """metrics.json cut short (a full disk): the run is no longer finished, and its resume
+    writes the same figures again from the checkpoints, as it does a damaged bundle."""
+    ref, _ = uninterrupted
+    run_dir = shutil.copytree(ref, tmp_path / "r")
+    metrics = run_dir / "metrics.json"
+    metrics.write_text(metrics.read_text()[:100])
+    resume(run_dir, quiet=True)
+    got, want = (json.loads((r / "metrics.json").read_text()) for r in (run_dir, ref))
+    assert got["best"] == want["best"] and got["classes"] == want["classes"]
+
+
 def test_a_damaged_best_checkpoint_still_lets_the_run_finish(uninterrupted, tmp_path):
     """Killed before its model was written, with best.pt damaged since: the resumed run
     finishes with the last epoch's model and says so, rather than failing for good."""

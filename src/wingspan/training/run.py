@@ -216,9 +216,6 @@ def _score_held_out(run_dir: Path, run: Run) -> Path:
     return run_dir
 
 
-# Settings a resumed run may change: where it runs, not what it learns.
-
-
 def resume(run_dir: str | Path, quiet: bool = False, **machine) -> Path:
     """Continue a run that was stopped or killed, from its last checkpoint; `machine`
     changes MACHINE_SETTINGS, e.g. devices=1 for a run begun on 2 processes."""
@@ -287,7 +284,8 @@ def _resume(run_dir: Path, config: TrainConfig, fabric, quiet: bool) -> Path:
             f"It may be damaged. Delete it to train this run again from its start "
             f"(`wingspan train --resume {run_dir}`), or train a new run.")) from e
     finished = checkpoint and checkpoint["state"]["stage"] == "done"
-    scored = not config.holdout_classes or "unknown" in _read_json(run_dir / "metrics.json")
+    metrics = _read_json(run_dir / "metrics.json")  # ({} when gone or damaged: written again)
+    scored = bool(metrics) and (not config.holdout_classes or "unknown" in metrics)
     if finished and complete and scored:
         raise WingspanError(f"The run {run_dir} is finished; there is nothing to resume.",
                             hint=f"Its model is in {run_dir / 'model'}.")
@@ -309,7 +307,7 @@ def _resume(run_dir: Path, config: TrainConfig, fabric, quiet: bool) -> Path:
     dataset = read_dataset(run_dir / SPLITS_FILE, ReadConfig(check_files=False))
     gone = [p for p in dataset.table["path"] if not os.path.isfile(p)]
     _check_classes_remain(run_dir / SPLITS_FILE, dataset, gone, config.trained_levels)
-    scoring = finished and complete  # killed while scoring the held-out classes
+    scoring = finished and complete and bool(metrics)  # killed scoring the held-out classes
     run = _start(run_dir, config, dataset, quiet, checkpoint, fabric,
                  resuming=_resuming(run_dir, checkpoint, scoring))
     run.note_unreadable([(p, f"Cannot read image {p}: the file is gone since the run began")
