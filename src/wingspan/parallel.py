@@ -50,13 +50,13 @@ class Processes:
             if value is not None and value < 1:
                 raise WingspanError(f"--{name} {value}: must be at least 1.",
                                     hint=f"Leave --{name} out for one.")
+        if self.strategy not in STRATEGIES:  # (said at once, on one process too)
+            raise WingspanError(f"Unknown strategy '{self.strategy}'.",
+                                hint=f"Use one of: {', '.join(STRATEGIES)}.")
 
     def fabric(self, precision: str = "fp32") -> Fabric:
         """This process's Fabric. The first call starts the other processes of this machine
         (with `--devices N`); in those, and on later calls, nothing more is started."""
-        if self.strategy not in STRATEGIES:
-            raise WingspanError(f"Unknown strategy '{self.strategy}'.",
-                                hint=f"Use one of: {', '.join(STRATEGIES)}.")
         devices, nodes = self.world()
         accelerator, which = _accelerator(self.device)
         if which is not None:
