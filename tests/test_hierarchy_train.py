@@ -337,6 +337,22 @@ def test_hierarchical_family_accuracy_is_not_worse_than_family_only(demo_dir, tm
     assert family >= f["accuracy"] - 1 / f["images"]  # at most one val image worse
 
 
+def test_evaluating_data_whose_taxonomy_contradicts_itself_is_refused_as_training_is(
+        hierarchical_run, demo_dir, tmp_path):
+    """Its coarser levels are the truth of the per-level figures: one species under two
+    families would be scored against a truth that is no tree."""
+    import shutil
+
+    data = shutil.copytree(demo_dir, tmp_path / "data")
+    table = pd.read_csv(data / "taxonomy.csv", dtype=str)
+    other = table.loc[table["family"] != table.loc[0, "family"], "genus"].iloc[0]
+    table.loc[0, "genus"] = other  # that genus now under two families
+    table.to_csv(data / "taxonomy.csv", index=False)
+    with pytest.raises(WingspanError, match="data's taxonomy contradicts itself"):
+        evaluate(hierarchical_run, data, split="all", progress=False, workers=0, plots=False,
+                 out=tmp_path / "ev")
+
+
 def test_contradictory_taxonomy_stops_training(demo_dir, tmp_path):
     ds = read_dataset(demo_dir)
     ds.table.loc[ds.table.index[0], "family"] = "Wrongidae"

@@ -17,6 +17,7 @@ from wingspan.data.csvfiles import name_as_read
 from wingspan.data.plots import plot_class_balance
 from wingspan.data.preview import write_preview
 from wingspan.data.samples import GROUP, SOURCE, SPLIT, Dataset, folder_of, renamed
+from wingspan.data.taxonomy import conflict_rows
 from wingspan.errors import WingspanError, counted, none_read, some
 from wingspan.evaluate import plots as charts  # not `plots`: evaluate() has a plots= flag
 from wingspan.evaluate.calibration import (
@@ -83,6 +84,8 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     _check_split(dataset, split)
     class_map = _check_class_map(class_map or {}, predictor, dataset, level)
     rows, left_out = _known_rows(dataset, split, level, predictor, class_map)
+    if data is not None and predictor.taxonomy and not class_map:
+        _check_data_tree(rows, predictor.taxonomy.levels)
     unknown_paths = _unknown_paths(unknown) if unknown is not None else None  # before work
     if unknown_paths:
         _check_unseen(unknown_paths, rows["path"], predictor)
@@ -178,6 +181,20 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
         shutil.rmtree(out_dir, ignore_errors=True)
         raise
     return Evaluation(final, metrics, final / "report.html")
+
+
+def _check_data_tree(rows: pd.DataFrame, levels: list[str]) -> None:
+    """DATA's own coarser levels are the truth of the per-level figures: a taxonomy that
+    contradicts itself (a species under two families) is refused, as training refuses it,
+    rather than scored against a truth that is no tree."""
+    present = [lv for lv in levels if lv in rows]
+    labelled = rows[~(rows[present] == "").any(axis=1)]
+    conflicts = conflict_rows(labelled, present) if len(present) > 1 else []
+    if conflicts:
+        raise WingspanError(
+            "The data's taxonomy contradicts itself:\n  " + "\n  ".join(conflicts[:10]),
+            hint="Fix those rows (or taxonomy.csv) so that every class has one parent, as "
+                 "the model's tree has.")
 
 
 def _left_out(rows: pd.DataFrame, known: pd.Series, level: str) -> dict:
