@@ -106,9 +106,9 @@ def test_inspect_names_images_left_blank_at_a_level(demo_dir, tmp_path, capsys):
     ds = read_dataset(demo_dir)
     first, second = ds.table["path"].iloc[0], ds.table["path"].iloc[1]
     ds.table.loc[0, "genus"] = ""
-    ds.table.loc[1, "family"] = ""
+    ds.table.loc[1, ["family", "subfamily"]] = ""  # two levels, one image: counted once
     summary = inspect_dataset(ds, tmp_path, check_images=False, progress=False)
-    assert summary["blank_levels"] == [f"{second}: no family", f"{first}: no genus"]
+    assert summary["blank_levels"] == [f"{first}: no genus", f"{second}: no family, subfamily"]
     print_summary(summary)
     printed = capsys.readouterr().out
     assert "blank at a level (train --levels refuses them): 2" in printed

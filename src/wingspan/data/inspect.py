@@ -65,11 +65,15 @@ def inspect_dataset(
 
 
 def _blank_levels(table: pd.DataFrame, levels: list[str]) -> list[str]:
-    """"path: no genus" for each labelled image with a coarser level left blank, which
-    `train --levels` refuses (and a level's counts silently lack)."""
-    finest = table[levels[-1]] != ""
-    return [f"{path}: no {lv}" for lv in levels[:-1]
-            for path in table.loc[finest & (table[lv] == ""), PATH]]
+    """"path: no subfamily, genus" for each labelled image with a coarser level left blank
+    (one line an image, so that the count is of images), which `train --levels` refuses
+    (and a level's counts silently lack)."""
+    coarser = levels[:-1]
+    blank = table[coarser] == ""
+    rows = (table[levels[-1]] != "") & blank.any(axis=1)
+    return [f"{path}: no {', '.join(lv for lv in coarser if empty[lv])}"
+            for path, (_, empty) in zip(table.loc[rows, PATH], blank[rows].iterrows(),
+                                        strict=True)]
 
 
 def _level_summary(table: pd.DataFrame, level: str) -> dict:
