@@ -69,8 +69,9 @@ def split_dataset(dataset: Dataset, level: str | None = None,
         raise WingspanError(
             f"{counted(int((labels == '').sum()), 'sample has', 'samples have')} no '{level}' "
             "label" + (f": those of {some([repr(c) for c in finest], 3)}." if finest else "."),
-            hint="Give those classes their row in taxonomy.csv (or fill in the level), or "
-                 "split on a level every sample has.",
+            hint="Give those classes their row in taxonomy.csv (or fill in the level, or the "
+                 "columns it is made of, such as genus and specific_epithet for species), or "
+                 "choose a level every sample has (--level).",
         )
     groups = table[GROUP].to_numpy()
     wanted = [s for s, f in (("test", config.test_fraction), ("val", config.val_fraction)) if f]
