@@ -33,7 +33,8 @@ def learning_settings(config: TrainConfig) -> dict:
     """The settings a resumed run must keep (as JSON gives them back): all but the machine's
     and the engines, which the environment may set ($WINGSPAN_PRECISION)."""
     skip = {*MACHINE_SETTINGS, "precision", "runtime"}
-    return json.loads(json.dumps({k: v for k, v in asdict(config).items() if k not in skip}))
+    return json.loads(json.dumps({k: v for k, v in asdict(config).items() if k not in skip},
+                                 default=str))  # (a Path given in Python, say)
 
 
 HISTORY_FIELDS = ["stage", "epoch", "train_loss", "train_acc", "train_macro_f1", "val_loss",

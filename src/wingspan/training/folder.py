@@ -11,12 +11,6 @@ from pathlib import Path
 
 from wingspan.files import is_leftover
 
-
-def splits_digest(run_dir: Path) -> str:
-    """The run's splits.csv, written once as the run began, as a checkpoint records it: a
-    resume's batches are positions in its rows, so it must not have changed since."""
-    return hashlib.sha256((run_dir / SPLITS_FILE).read_bytes()).hexdigest()
-
 CONFIG_FILE, SPLITS_FILE = "config.yaml", "splits.csv"
 HOLDOUT_FILE = "holdout.csv"  # --holdout-classes: their images, scored as unknowns at the end
 # Why a run stopped at an error (bad data, say), for `wingspan runs` to show it as failed
@@ -25,6 +19,12 @@ ERROR_FILE = "error.txt"
 # `wingspan adapt`: the photos its head was refitted on (unlabelled), which an evaluation
 # of the adapted run must not call fair.
 ADAPT_PHOTOS_FILE = "adapt-photos.csv"
+
+
+def splits_digest(run_dir: Path) -> str:
+    """The run's splits.csv, written once as the run began, as a checkpoint records it: a
+    resume's batches are positions in its rows, so it must not have changed since."""
+    return hashlib.sha256((run_dir / SPLITS_FILE).read_bytes()).hexdigest()
 
 
 def stopped_by(run_dir: Path) -> str | None:
