@@ -628,7 +628,8 @@ class Run:
             except json.JSONDecodeError as e:
                 raise WingspanError(
                     f"{self.dir / 'metrics.json'} is damaged: not valid JSON ({e}).",
-                    hint="Delete it to see the copy in the model's manifest instead.") from e
+                    hint=f"`ws.resume({str(self.dir)!r})` writes it again from the run's "
+                         "checkpoints.") from e
         return self.manifest.get("metrics", {})
 
     @property

@@ -8,6 +8,7 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from rich.console import Console
 from rich.markup import escape
@@ -71,9 +72,9 @@ def _blank_levels(table: pd.DataFrame, levels: list[str]) -> list[str]:
     coarser = levels[:-1]
     blank = table[coarser] == ""
     rows = (table[levels[-1]] != "") & blank.any(axis=1)
-    return [f"{path}: no {', '.join(lv for lv in coarser if empty[lv])}"
-            for path, (_, empty) in zip(table.loc[rows, PATH], blank[rows].iterrows(),
-                                        strict=True)]
+    named = zip(*(np.where(blank.loc[rows, lv], lv, "") for lv in coarser), strict=True)
+    return [f"{path}: no {', '.join(filter(None, names))}"
+            for path, names in zip(table.loc[rows, PATH], named, strict=True)]
 
 
 def _level_summary(table: pd.DataFrame, level: str) -> dict:
