@@ -435,6 +435,10 @@ def test_a_run_killed_anywhere_resumes_to_the_same_model(demo_dir, uninterrupted
                    for lv, t in by.items()} for m in (got, want)]
     assert thresholds[0] == pytest.approx(thresholds[1], rel=1e-4)
     assert not [p for p in run_dir.rglob(".*") if ".tmp" in p.name]
+    if match == "last":  # (resumed inside fine-tuning: its time is not the stage's in all)
+        log = (run_dir / "train.log").read_text()
+        assert re.search(r"Stage 'finetune' took [\d.]+s since the resume; its epochs took "
+                         r"[\d.]+s in all, with those before it", log), log[-2000:]
 
 
 def test_a_damaged_last_checkpoint_says_how_to_go_on(uninterrupted, tmp_path):

@@ -438,9 +438,13 @@ def _recipe(run: Run) -> Path:
 
 
 def _timed(run: Run, stage: str, fn) -> None:
+    resumed = run.state.epoch > 0 or run.state.step > 0  # (a stage taken up where it stopped)
     start = time.perf_counter()
     fn(run)
-    run.log(f"Stage '{stage}' took {time.perf_counter() - start:.1f}s")
+    took = time.perf_counter() - start
+    run.log(f"Stage '{stage}' took {took:.1f}s" + (
+        f" since the resume; its epochs took {run.state.stage_seconds.get(stage, 0.0):.1f}s "
+        "in all, with those before it" if resumed else ""))
 
 
 def _next_stage(run: Run, stage: str) -> None:
