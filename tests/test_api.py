@@ -222,6 +222,9 @@ def test_an_evaluation_keeps_its_own_results_when_its_folder_is_written_again(
     with pytest.raises(WingspanError, match="now holds a later evaluation"):
         a.plot("confusion")
     assert PNG not in a._repr_html_() and b.plot("confusion").path.is_file()
+    shutil.rmtree(b.dir)
+    with pytest.raises(WingspanError, match="this evaluation's folder, is gone"):
+        b.report()
 
 
 def test_evaluate_warns_of_classes_it_left_out(run, demo_dir, tmp_path):

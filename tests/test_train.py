@@ -477,7 +477,9 @@ def test_a_resume_refuses_a_config_yaml_changed_since_the_checkpoint(uninterrupt
                                             r"trained with: epochs_finetune: 3 \(trained with 2\)"
                        ) as e:
         resume(run_dir, quiet=True)
-    assert f"--weights {run_dir}" in e.value.hint
+    # (its model is not written: the way on is its last checkpoint's backbone)
+    assert e.value.hint.endswith(f"--weights {run_dir / 'checkpoints' / 'last.pt'} "
+                                 "--backbone test_efficientnet")
     config.write_text("".join(line for line in original.splitlines(True)
                               if not line.startswith("batch_size:")))
     with pytest.raises(WingspanError, match=r"batch_size: 32 \(trained with 8\)"):
@@ -485,13 +487,18 @@ def test_a_resume_refuses_a_config_yaml_changed_since_the_checkpoint(uninterrupt
     config.write_text(original[:original.index("epochs_head")] + "epochs_head: [3\n")
     with pytest.raises(WingspanError, match=r"config.yaml is damaged: not valid YAML \(line"):
         resume(run_dir, quiet=True)
-    config.write_text(original.replace("workers: 0", "workers: 1"))  # the machine's may change
+    # The machine's settings may change, and those that change nothing learnt.
+    assert "checkpoint_minutes: 0.0" in original
+    config.write_text(original.replace("workers: 0", "workers: 1").replace(
+        "checkpoint_minutes: 0.0", "checkpoint_minutes: 5.0"))
     splits = run_dir / "splits.csv"  # (rows lost: the checkpoint's batches point elsewhere)
     rows = splits.read_text().splitlines(True)
     splits.write_text("".join(rows[:len(rows) * 9 // 10]))
     with pytest.raises(WingspanError, match="splits.csv has changed since the run began"):
         resume(run_dir, quiet=True)
-    splits.write_text("".join(rows))
+    # The same rows with their paths rewritten (the data moved, say) are the same split.
+    splits.write_text("".join(row.replace("/", "/./", 1) if i else row
+                              for i, row in enumerate(rows)))
     resume(run_dir, quiet=True)
     assert (run_dir / "model" / "manifest.json").is_file()
 
@@ -526,6 +533,25 @@ def test_a_damaged_best_checkpoint_still_lets_the_run_finish(uninterrupted, tmp_
     log = (run_dir / "train.log").read_text()
     assert f"{best} cannot be read" in log and "The model is the last epoch's (finetune " \
         f"epoch {last['epoch']})" in log
+
+
+def test_a_damaged_best_checkpoint_of_a_head_only_run_keeps_its_best_epoch(demo_dir, tmp_path):
+    """Without fine-tuning, the last checkpoint holds the best head (loaded as the head
+    stage ended), so the model and the figures stay the best epoch's, not the last's."""
+    config = tiny(tmp_path, epochs_head=6, epochs_finetune=0, lr=5e-2, precision="fp32",
+                  runtime="torch")
+    ref = train(read_dataset(demo_dir), config, tmp_path / "runs", "r", quiet=True)
+    want = json.loads((ref / "metrics.json").read_text())["best"]
+    run_dir = shutil.copytree(ref, tmp_path / "copy")
+    (run_dir / "model" / "manifest.json").unlink()
+    best = run_dir / "checkpoints" / "best.pt"
+    best.write_bytes(best.read_bytes()[:1000])
+    resume(run_dir, quiet=True)
+    assert json.loads((run_dir / "metrics.json").read_text())["best"] == want
+    a, b = (load_bundle(r / "model")[0].state_dict() for r in (ref, run_dir))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert f"The model is the best one's all the same (head epoch {want['epoch']}" in \
+        (run_dir / "train.log").read_text()
 
 
 def test_a_damaged_feature_cache_at_the_end_is_computed_again(demo_dir, tmp_path):
@@ -1194,6 +1220,14 @@ def test_a_vit_trains_at_another_size_and_its_bundle_rebuilds_at_it(demo_dir, tm
     (again / "metrics.json").unlink()
     resume(again, quiet=True)
     assert load_bundle(again / "model")[1]["preprocessing"]["input_size"] == 64
+    # Its checkpoint too, at its size, under --backbone auto.
+    from wingspan.models import create_classifier
+    from wingspan.models.factory import choose_backbone
+
+    best = run_dir / "checkpoints" / "best.pt"
+    assert choose_backbone("auto", best)[0] == "test_vit"
+    model, _ = create_classifier("test_vit", {"label": 2}, weights=best)
+    assert model.preprocessing.input_size == 64
     # data audit --weights RUN: the run's backbone, at its size.
     from wingspan.config import AuditConfig
     from wingspan.data.audit import image_features

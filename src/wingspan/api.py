@@ -966,6 +966,10 @@ class Evaluation:
 
     def _files(self) -> Path:
         """The folder, once checked to hold this evaluation's plots and report still."""
+        if not self.dir.is_dir():
+            raise WingspanError(f"{self.dir}, this evaluation's folder, is gone: its plots "
+                                "and report with it (its metrics and tables are kept in this "
+                                "object).", hint="Evaluate again for its plots.")
         if self._stamp() != self._written:
             raise WingspanError(
                 f"{self.dir} now holds a later evaluation; this one's plots and report were "

@@ -216,11 +216,13 @@ def _known_rows(dataset: Dataset, split: str, level: str, predictor: Predictor,
     rows = _rows(dataset, split, level, predictor, class_map)
     known = rows["_label"].isin(predictor.classes)
     if not known.any():
-        theirs = sorted(set(rows["_label"]))
+        theirs = sorted(set(rows["_label"]) - {""})  # (blank: no class at this level)
+        blank = int((rows["_label"] == "").sum())
         raise WingspanError(
             f"No images of the model's classes in the '{split}' split: the model knows "
             f"{some(predictor.classes)}; the data's '{level}' classes there are "
-            f"{some(theirs) or 'none'}.",
+            f"{some(theirs) or 'none'}"
+            + (f" ({counted(blank, 'image')} with no '{level}' at all)" if blank else "") + ".",
             hint="If they are the same classes under other names, map them with --map "
                  "MODEL_CLASS=DATA_CLASS (once per class; in Python class_map={model "
                  "class: data class}).")
@@ -654,7 +656,7 @@ def calibrate(model: str | Path, data: str | Path | None = None, split: str | No
     _check_split(dataset, split)
     class_map = _check_class_map(class_map or {}, predictor, dataset, level)
     rows = _rows(dataset, split, level, predictor, class_map)
-    theirs = sorted(set(rows["_label"]))
+    theirs = sorted(set(rows["_label"]) - {""})  # (blank: no class at this level)
     known = rows["_label"].isin(predictor.classes)
     left_out = _left_out(rows, known, level)  # said, as evaluate says them
     rows = rows[known]

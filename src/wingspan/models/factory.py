@@ -14,6 +14,7 @@ from wingspan.models.registry import get_spec
 from wingspan.models.weights import (
     LoadedWeights,
     can_resolve,
+    checkpoint_run_settings,
     find_offline,
     load_into,
     offline_reason,
@@ -32,6 +33,10 @@ def choose_backbone(backbone: str, weights: str | Path | None = "auto") -> tuple
         "auto", "none") else None
     if model is not None:
         return model[1]["model"]["backbone"], ""
+    run = checkpoint_run_settings(weights) if weights and str(weights).lower() not in (
+        "auto", "none") else None
+    if run and isinstance(run.get("backbone"), str):  # a run's checkpoints/best.pt: its own
+        return run["backbone"], ""
     default = get_spec(DEFAULT_BACKBONE)
     if str(weights).lower() != "auto" or find_offline(default):
         return DEFAULT_BACKBONE, ""

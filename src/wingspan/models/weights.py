@@ -23,6 +23,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import torch
+import yaml
 from safetensors.torch import load_file
 from torch import nn
 
@@ -142,10 +143,12 @@ def resolve_weights(spec: BackboneSpec, weights: str | Path | None = "auto"
         state = read_state_dict(path)
         if any(k.startswith(BACKBONE_PREFIX) for k in state):
             # A run's checkpoints/best.pt or last.pt: its backbone, as from the run's model
-            # (which also holds the head and does not fit a new one's classes).
+            # (which also holds the head and does not fit a new one's classes), at the size
+            # the run trained at (a ViT's position embeddings fit that one only).
+            size = (checkpoint_run_settings(path) or {}).get("image_size")
             return LoadedWeights({k.removeprefix(BACKBONE_PREFIX): v for k, v in state.items()
                                   if k.startswith(BACKBONE_PREFIX)}, "wingspan-checkpoint",
-                                 str(path))
+                                 str(path), input_size=size if isinstance(size, int) else None)
         return LoadedWeights(state, "file", str(path))
     tried: list[str] = []
     for step in (_from_caches, _from_package, _from_download):
@@ -191,6 +194,20 @@ def _not_weights(weights: str, path: Path) -> WingspanError:
 
 
 BACKBONE_PREFIX = "backbone.net."  # a bundle's backbone tensors (timm's keys after it)
+
+
+def checkpoint_run_settings(path: str | Path) -> dict | None:
+    """The config.yaml of the run whose checkpoints/ folder holds `path` (its backbone and
+    size), or None for any other file."""
+    path = Path(path).expanduser()
+    config = path.parent.parent / "config.yaml"
+    if path.parent.name != "checkpoints" or not config.is_file():
+        return None
+    try:
+        settings = yaml.safe_load(config.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return settings if isinstance(settings, dict) else None
 
 
 def wingspan_model(path: str | Path) -> tuple[Path, dict] | None:

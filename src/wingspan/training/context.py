@@ -30,9 +30,11 @@ MACHINE_SETTINGS = ("device", "devices", "nodes", "strategy", "workers", "compil
 
 
 def learning_settings(config: TrainConfig) -> dict:
-    """The settings a resumed run must keep (as JSON gives them back): all but the machine's
-    and the engines, which the environment may set ($WINGSPAN_PRECISION)."""
-    skip = {*MACHINE_SETTINGS, "precision", "runtime"}
+    """The settings a resumed run must keep (as JSON gives them back): all but the machine's,
+    the engines, which the environment may set ($WINGSPAN_PRECISION), and those that change
+    nothing learnt (where decodes are cached, how often to checkpoint, --profile)."""
+    skip = {*MACHINE_SETTINGS, "precision", "runtime", "cache_dir", "checkpoint_minutes",
+            "profile"}
     return json.loads(json.dumps({k: v for k, v in asdict(config).items() if k not in skip},
                                  default=str))  # (a Path given in Python, say)
 
@@ -134,7 +136,7 @@ class Run:
         return self.policy.device
 
     @functools.cached_property
-    def splits_digest(self) -> str:
+    def splits_digest(self) -> str | None:
         return splits_digest(self.dir)
 
     @property

@@ -21,10 +21,21 @@ ERROR_FILE = "error.txt"
 ADAPT_PHOTOS_FILE = "adapt-photos.csv"
 
 
-def splits_digest(run_dir: Path) -> str:
+def splits_digest(run_dir: Path) -> str | None:
     """The run's splits.csv, written once as the run began, as a checkpoint records it: a
-    resume's batches are positions in its rows, so it must not have changed since."""
-    return hashlib.sha256((run_dir / SPLITS_FILE).read_bytes()).hexdigest()
+    resume's batches are positions in its rows, so they must not have changed since. The
+    paths are left out: data moved, its paths rewritten, is the same rows. (None without
+    one: a Run made in Python around data of its own.)"""
+    if not (run_dir / SPLITS_FILE).is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(run_dir / SPLITS_FILE, newline="", encoding="utf-8", errors="replace") as f:
+        rows = csv.reader(f)
+        header = next(rows, [])
+        keep = [i for i, name in enumerate(header) if name != "path"]
+        for row in [header, *rows]:
+            digest.update(repr([row[i] if i < len(row) else None for i in keep]).encode())
+    return digest.hexdigest()
 
 
 def stopped_by(run_dir: Path) -> str | None:

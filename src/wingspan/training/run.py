@@ -295,7 +295,7 @@ def _resume(run_dir: Path, config: TrainConfig, fabric, quiet: bool) -> Path:
             f"{run_dir / SPLITS_FILE} has changed since the run began (edited, or damaged): "
             "the checkpoint's batches are positions in its rows, and its classes the model's.",
             hint="Put the run's own splits.csv back to resume it, or train a new run (`--weights "
-                 f"{run_dir}` starts it from this one's backbone).")
+                 f"{run_dir / 'checkpoints' / 'last.pt'}` starts it from this one's backbone).")
     if checkpoint is None and complete:
         # Starting again from nothing would overwrite the finished model.
         raise WingspanError(f"The run {run_dir} has a finished model and no checkpoint "
@@ -497,7 +497,8 @@ def _check_settings_kept(run_dir: Path, config: TrainConfig, checkpoint: dict | 
             + "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6
                                         else "") + ".",
             hint="Put those values back to resume it. To train on with other settings, start "
-                 f"a new run from this one's backbone: wingspan train DATA --weights {run_dir}")
+                 "a new run from this one's backbone: wingspan train DATA --weights "
+                 f"{run_dir / 'checkpoints' / 'last.pt'} --backbone {trained.get('backbone')}")
 
 
 def _run_config(run_dir: Path) -> TrainConfig:
@@ -719,16 +720,23 @@ def _write_results(run: Run) -> None:
 
 def _best_checkpoint(run: Run) -> dict:
     """best.pt; when it cannot be read (a damaged disk or copy), the model as it stands,
-    the last epoch's, said so: the run still finishes rather than stopping for good."""
+    said so: the run still finishes rather than stopping for good. That model is the best
+    head where the head stage is over and no fine-tuned epoch followed (_recipe loaded
+    it before the checkpoint it was resumed from), else the last epoch's."""
     try:
         return load_checkpoint(run.checkpoints / "best.pt")
     except WingspanError as e:
         state, last = run.state, run.state.history[-1]
-        run.log(f"{e.message} The model is the last epoch's ({last['stage']} epoch "
-                f"{last['epoch']}), not the best one's ({state.best_stage} epoch "
-                f"{state.best_epoch}).", caveat=True)
-        state.best_stage, state.best_epoch = last["stage"], last["epoch"]
-        return {"model": run.model.state_dict(), "stage": last["stage"], "epoch": last["epoch"]}
+        if state.stage != "head" and last["stage"] == "head" == state.best_stage:
+            run.log(f"{e.message} The model is the best one's all the same (head epoch "
+                    f"{state.best_epoch}, kept in the last checkpoint).", caveat=True)
+        else:
+            run.log(f"{e.message} The model is the last epoch's ({last['stage']} epoch "
+                    f"{last['epoch']}), not the best one's ({state.best_stage} epoch "
+                    f"{state.best_epoch}).", caveat=True)
+            state.best_stage, state.best_epoch = last["stage"], last["epoch"]
+        return {"model": run.model.state_dict(), "stage": state.best_stage,
+                "epoch": state.best_epoch}
 
 
 def _test_images_gone(run: Run) -> int:
