@@ -573,6 +573,31 @@ def test_a_damaged_feature_cache_at_the_end_is_computed_again(demo_dir, tmp_path
     assert f"The feature cache {cache} cannot be read" in (run_dir / "train.log").read_text()
 
 
+def test_best_pt_unreadable_as_the_head_stage_ends_is_written_again(demo_dir, tmp_path,
+                                                                   monkeypatch):
+    """The last head epoch replaces it (said once): the run's figures and best.pt then agree
+    with the model, and the end reads it back rather than saying the same again."""
+    import wingspan.training.run as run_module
+
+    real, failed = run_module.load_checkpoint, []
+
+    def load_once_damaged(path):
+        if path.name == "best.pt" and not failed:
+            failed.append(path)
+            raise WingspanError(f"The checkpoint {path} cannot be read: damaged.")
+        return real(path)
+
+    monkeypatch.setattr(run_module, "load_checkpoint", load_once_damaged)
+    run_dir = train(read_dataset(demo_dir), tiny(tmp_path, epochs_head=4, epochs_finetune=0),
+                    tmp_path / "runs", "r", quiet=True)
+    last = history(run_dir).iloc[-1]
+    best = json.loads((run_dir / "metrics.json").read_text())["best"]
+    assert (best["stage"], best["epoch"]) == ("head", last["epoch"])
+    assert real(run_dir / "checkpoints" / "best.pt")["epoch"] == last["epoch"]
+    log = (run_dir / "train.log").read_text()
+    assert log.count("cannot be read") == 1 and "best one's all the same" not in log
+
+
 def test_a_resumed_run_keeps_where_its_weights_came_from(demo_dir, tmp_path):
     """A resumed run loads no weights of its own (its checkpoint has them all): the model
     still says which file (or package, or download) the backbone started from."""
@@ -1227,6 +1252,10 @@ def test_a_vit_trains_at_another_size_and_its_bundle_rebuilds_at_it(demo_dir, tm
     best = run_dir / "checkpoints" / "best.pt"
     assert choose_backbone("auto", best)[0] == "test_vit"
     model, _ = create_classifier("test_vit", {"label": 2}, weights=best)
+    assert model.preprocessing.input_size == 64
+    # ... and out of its run (no config.yaml beside it): the checkpoint says its size.
+    shutil.copy(best, tmp_path / "best.pt")
+    model, _ = create_classifier("test_vit", {"label": 2}, weights=tmp_path / "best.pt")
     assert model.preprocessing.input_size == 64
     # data audit --weights RUN: the run's backbone, at its size.
     from wingspan.config import AuditConfig

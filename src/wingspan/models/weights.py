@@ -51,6 +51,11 @@ class LoadedWeights:
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors from a checkpoint file, without unpickling arbitrary objects."""
+    return read_checkpoint(path)[0]
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], object]:
+    """(the state dict, the whole file as loaded: a checkpoint's other entries)."""
     path = Path(path)
     if not path.is_file():
         raise WingspanError(f"Weights file not found: {path}",
@@ -66,13 +71,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             hint="Give a file of plain tensors: a state dict saved with torch.save, or "
             ".safetensors. Pickled model objects are refused for safety.",
         ) from e
+    whole = state
     for key in ("state_dict_ema", "state_dict", "model"):  # common checkpoint wrappers
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
                                               for v in state.values()):
         raise WingspanError(f"{path} does not hold a state dict of tensors.")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    return {k.removeprefix("module."): v for k, v in state.items()}, whole
 
 
 def to_timm_layout(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
@@ -140,12 +146,14 @@ def resolve_weights(spec: BackboneSpec, weights: str | Path | None = "auto"
             return _model_backbone(model, spec)
         if not path.is_file():
             raise _not_weights(str(weights), path)
-        state = read_state_dict(path)
+        state, whole = read_checkpoint(path)
         if any(k.startswith(BACKBONE_PREFIX) for k in state):
             # A run's checkpoints/best.pt or last.pt: its backbone, as from the run's model
             # (which also holds the head and does not fit a new one's classes), at the size
-            # the run trained at (a ViT's position embeddings fit that one only).
-            size = (checkpoint_run_settings(path) or {}).get("image_size")
+            # the run trained at (a ViT's position embeddings fit that one only): the
+            # checkpoint records it; one written before may have it in the run's config.yaml.
+            size = whole.get("input_size") or (checkpoint_run_settings(path) or {}).get(
+                "image_size")
             return LoadedWeights({k.removeprefix(BACKBONE_PREFIX): v for k, v in state.items()
                                   if k.startswith(BACKBONE_PREFIX)}, "wingspan-checkpoint",
                                  str(path), input_size=size if isinstance(size, int) else None)

@@ -219,6 +219,7 @@ class Run:
             "precision": self.fabric.strategy.precision.state_dict(),  # fp16's loss scale
             "settings": learning_settings(self.config),  # what config.yaml must still say
             "splits": self.splits_digest,  # and splits.csv
+            "input_size": self.model.backbone.input_size,  # (a ViT's weights fit it only)
         })
 
     def restore_optimizer(self, optimizer) -> None:
@@ -247,7 +248,7 @@ class Run:
         if self.is_main:
             save_checkpoint(self.checkpoints / "best.pt", {
                 "model": self.model.state_dict(), "stage": stage, "epoch": epoch,
-                "val_macro_f1": f1})
+                "val_macro_f1": f1, "input_size": self.model.backbone.input_size})
         return True
 
     def timing(self, stage: str, kind: str, seconds: float) -> None:
