@@ -460,6 +460,11 @@ def test_a_run_killed_while_scoring_its_held_out_classes_resumes_to_score_them(
     want = metrics.pop("unknown")
     (copy / "metrics.json").write_text(json.dumps(metrics))
     shutil.rmtree(copy / "evaluation-unknown")
+    from wingspan.run_table import STOPPED, run_row
+
+    row = run_row(copy)  # its model is there: not "stopped after finetune epoch N"
+    assert (row["status"], row["detail"]) == (
+        STOPPED, "model written; its held-out classes not scored yet")
     assert resume(copy, quiet=True) == copy
     got = json.loads((copy / "metrics.json").read_text())["unknown"]
     assert got["auroc"] == pytest.approx(want["auroc"], abs=1e-6)

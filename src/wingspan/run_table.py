@@ -163,13 +163,14 @@ def _read_run(run_dir: Path, row: dict) -> None:
     metrics = _read(run_dir, "metrics.json", missing={})
     # As `train --resume` tells a finished run: its bundle written to the end (the
     # manifest comes last) and, with --holdout-classes, those classes scored.
-    done = ("calibration" in manifest and (run_dir / "model" / "model.safetensors").is_file()
-            and bool(metrics)
-            and (not config.get("holdout_classes") or "unknown" in metrics))
+    trained = ("calibration" in manifest and (run_dir / "model" / "model.safetensors").is_file()
+               and bool(metrics))
+    done = trained and (not config.get("holdout_classes") or "unknown" in metrics)
     if not done:
         error = stopped_by(run_dir)
-        row.update(status=FAILED if error else STOPPED,
-                   detail=error or _stopped_after(run_dir))
+        row.update(status=FAILED if error else STOPPED, detail=error or (
+            "model written; its held-out classes not scored yet" if trained
+            else _stopped_after(run_dir)))
         return
     try:
         best, selection = metrics["best"], metrics.get("selection") or {}
