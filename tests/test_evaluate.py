@@ -1252,3 +1252,19 @@ def test_images_blank_at_the_level_are_said_as_such_not_as_a_nameless_class():
                          "folder that taxonomy.csv lacks, say) were left out")
     only_blank = _left_out(rows.iloc[:3], known.iloc[:3], "species")
     assert left_out_wording(only_blank, "", "--map").startswith("2 images with no 'species'")
+
+
+def test_evaluating_a_run_whose_splits_csv_changed_since_training_is_refused(trained,
+                                                                            tmp_path):
+    """Rows cut from its splits.csv: its test split is no longer the one the run kept
+    apart, so its figures would not be the run's. Paths rewritten (data moved) are fine."""
+    run = shutil.copytree(trained, tmp_path / "run",
+                          ignore=shutil.ignore_patterns("evaluation-*", "cache"))
+    splits = run / "splits.csv"
+    rows = splits.read_text().splitlines(True)
+    splits.write_text("".join(rows[:len(rows) * 3 // 4]))
+    with pytest.raises(WingspanError, match="splits.csv has changed since the run trained"):
+        evaluate(run, progress=False, workers=0, plots=False)
+    splits.write_text("".join(row.replace("/", "/./", 1) if i else row
+                              for i, row in enumerate(rows)))
+    assert evaluate(run, progress=False, workers=0, plots=False).metrics["images"] > 0

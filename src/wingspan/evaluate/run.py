@@ -43,7 +43,7 @@ from wingspan.files import atomic_path, real_paths, write_text
 from wingspan.inference import Predictor, output_home, run_dir_of, spelt_as_trained
 from wingspan.models.bundle import update_manifest
 from wingspan.predict import answer_at, deciding_score, expand_paths, taxonomy_path
-from wingspan.training.folder import adapted_photos, trained_on
+from wingspan.training.folder import adapted_photos, splits_digest, trained_on
 
 
 @dataclass
@@ -536,9 +536,26 @@ def _dataset(data, run_dir: Path | None, doing: str = "evaluate on") -> Dataset:
     if run_dir is None:
         raise WingspanError(f"Give DATA to {doing}: this bundle is not inside a run folder, "
                             "so it has no split of its own.")
+    _check_splits_unchanged(run_dir)
     # Every image the run split off, there or not: one deleted or moved since training is
     # then counted and named as unreadable, not dropped from the figures without a word.
     return read_dataset(run_dir / "splits.csv", ReadConfig(check_files=False))
+
+
+def _check_splits_unchanged(run_dir: Path) -> None:
+    """The run's splits.csv as it trained (metrics.json keeps its digest): edited or cut
+    short since, its test split is no longer the one kept apart, and its figures not the
+    run's. (Paths may be rewritten: the digest leaves them out.)"""
+    try:
+        kept = json.loads((run_dir / "metrics.json").read_text()).get("splits_digest")
+    except (OSError, ValueError, AttributeError):  # none (older runs, adapted copies)
+        return
+    if kept and kept != splits_digest(run_dir):
+        raise WingspanError(
+            f"{run_dir / 'splits.csv'} has changed since the run trained (edited, or "
+            "damaged): its splits are no longer the ones the run kept apart.",
+            hint="Put the run's own splits.csv back, or evaluate other data: "
+                 f"`wingspan evaluate {run_dir} DATA`.")
 
 
 def _default_split(dataset: Dataset) -> str:

@@ -685,6 +685,7 @@ def _write_results(run: Run) -> None:
         "selection": {"chosen_on": "val", "unbiased_split": "test" if run.data.test_images
                       else None},
         "unreadable": [{"path": p, "reason": why} for p, why in state.skipped.items()],
+        "splits_digest": run.splits_digest,  # evaluate checks its splits.csv against it
     }
     run.write_json("metrics.json", metrics)
     taxonomy = run.data.taxonomy.to_dict() if run.data.taxonomy else None
