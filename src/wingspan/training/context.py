@@ -242,14 +242,18 @@ class Run:
         if not better:
             self.state.bad_epochs += 1
             return False
+        self.state.bad_epochs = 0
+        self.keep_best(f1, stage, epoch, loss)
+        return True
+
+    def keep_best(self, f1: float, stage: str, epoch: int, loss: float) -> None:
+        """The model as it is now becomes the best one: in the state, and in best.pt."""
         self.state.best_f1, self.state.best_stage, self.state.best_epoch = f1, stage, epoch
         self.state.best_loss = loss
-        self.state.bad_epochs = 0
         if self.is_main:
             save_checkpoint(self.checkpoints / "best.pt", {
                 "model": self.model.state_dict(), "stage": stage, "epoch": epoch,
                 "val_macro_f1": f1, "input_size": self.model.backbone.input_size})
-        return True
 
     def timing(self, stage: str, kind: str, seconds: float) -> None:
         """Add to the time profile: data, forward, backward, eval, feature_cache, setup

@@ -44,7 +44,7 @@ from wingspan.models.runtime import forget_sessions
 from wingspan.models.unknown import UNKNOWN, UnknownDetector, new_known_rate
 from wingspan.parallel import Processes, rank_seed
 from wingspan.progress import Bar
-from wingspan.training.checkpoint import load_checkpoint, save_checkpoint
+from wingspan.training.checkpoint import load_checkpoint
 from wingspan.training.context import MACHINE_SETTINGS, Run, RunState, learning_settings
 from wingspan.training.data import fixed_batches, make_loader, resolve_workers
 from wingspan.training.folder import (
@@ -736,13 +736,7 @@ def _best_checkpoint(run: Run) -> dict:
                     f"{last['epoch']}), not the best one's ({state.best_stage} epoch "
                     f"{state.best_epoch}).", caveat=True)
             # That epoch is the best from here on, and best.pt is written again with it.
-            state.best_stage, state.best_epoch = last["stage"], last["epoch"]
-            state.best_f1, state.best_loss = last["val_macro_f1"], last["val_loss"]
-            if run.is_main:
-                save_checkpoint(run.checkpoints / "best.pt", {
-                    "model": run.model.state_dict(), "stage": last["stage"],
-                    "epoch": last["epoch"], "val_macro_f1": last["val_macro_f1"],
-                    "input_size": run.model.backbone.input_size})
+            run.keep_best(last["val_macro_f1"], last["stage"], last["epoch"], last["val_loss"])
         return {"model": run.model.state_dict(), "stage": state.best_stage,
                 "epoch": state.best_epoch}
 
