@@ -378,11 +378,12 @@ def test_a_killed_trainers_data_workers_do_not_keep_its_run_locked(tmp_path):
         from pathlib import Path
         from wingspan.training.folder import hold_lock
         assert hold_lock(Path({str(run)!r}))
-        child = os.fork()
-        if child == 0:  # a worker: lives on after the trainer
+        if os.fork() == 0:  # a worker: lives on after the trainer
+            # Said from the worker, once fork() has returned in it (its at-fork hooks have
+            # run): the trainer's word came before the worker had run at all on a busy CI.
+            print(os.getpid(), flush=True)
             time.sleep(30)
             os._exit(0)
-        print(child, flush=True)
         time.sleep(30)
         """)], stdout=subprocess.PIPE, text=True)
     worker = int(trainer.stdout.readline())
