@@ -60,6 +60,26 @@ def broken_images(folder: Path, n: int) -> list[Path]:
     return paths
 
 
+# `python -m wingspan.cli` that stops short, asleep, once `epochs` fine-tuning epochs are in
+# its history and it has written its next checkpoint after them (mid-epoch where one falls
+# due each step): a test's signal then lands with epochs still to go. Unpaused, a tiny run
+# finished its last 4 epochs between the test's poll and its signal on a loaded CI machine.
+PAUSED_CLI = """
+import sys, time
+from wingspan.training.context import Run
+epochs, save, saves = int(sys.argv.pop(1)), Run.save, []
+def paused(run, *args, **kwargs):
+    save(run, *args, **kwargs)
+    if sum(row["stage"] == "finetune" for row in run.state.history) >= epochs:
+        saves.append(1)
+        if len(saves) == 2:
+            time.sleep(300)  # the test's signal lands here
+Run.save = paused
+from wingspan.cli import main
+main()
+"""
+
+
 def wait_for_finetune_epochs(proc, run_dir: Path, epochs: int, timeout: float = 120) -> None:
     """Poll a training subprocess until its history.csv has `epochs` fine-tuning rows (it
     must still be running then, to be killed mid-run)."""

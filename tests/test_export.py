@@ -259,6 +259,45 @@ def test_a_bundle_away_from_its_run_is_checked_on_generated_pictures(run_dir, ru
     assert not (tmp_path / "x.onnx").exists()
 
 
+def test_no_temperature_changes_an_answer_of_predict_or_the_export(run_dir, run_cli,
+                                                                   demo_dir, tmp_path):
+    """A taxonomy's branch is chosen at temperature 1, by predict and by the README's steps
+    alike: a temperature far from the fitted one (0.02 here, against 0.25) changes the
+    probabilities shown, never the answers. (Whether the branch on the calibrated sums
+    would have moved depends on the tree; `test_no_temperature_changes_the_branch` makes
+    one where it does. Here the README's power of the temperature is checked against
+    predict's.)"""
+    import shutil
+
+    from wingspan.inference import Predictor
+    from wingspan.models.bundle import MANIFEST, update_manifest
+    from wingspan.predict import predict
+
+    images = [str(p) for p in sorted(demo_dir.rglob("*.jpg"))]
+    bundle = shutil.copytree(run_dir / "model", tmp_path / "model")
+    calibration = json.loads((bundle / MANIFEST).read_text())["calibration"]
+    update_manifest(bundle, calibration={**calibration, "temperature": 0.02})
+    rows = {}
+    for name, model in (("fitted", run_dir), ("sharp", bundle)):
+        rows[name] = predict(Predictor(model, workers=0, precision="fp32"), images,
+                             progress=False).rows
+    for fitted, sharp in zip(rows["fitted"], rows["sharp"], strict=True):
+        assert [c for _, c, _ in fitted["taxonomy"]] == [c for _, c, _ in sharp["taxonomy"]]
+        assert fitted["answer"] == sharp["answer"]  # (the unknown scores keep their own T)
+    assert max(abs(f["top"][0][1] - h["top"][0][1])
+               for f, h in zip(rows["fitted"], rows["sharp"], strict=True)) > 0.05
+    code, _, err = run_cli("export", bundle)
+    assert code == 0, err
+    model = bundle / "export" / "model.onnx"
+    theirs = run_readme_onnx_example(model, images)
+    meta = json.loads(metadata_path(model).read_text())
+    for ours, row in zip(rows["sharp"], theirs, strict=True):
+        assert [c for _, c, _ in ours["taxonomy"]] == [c for _, c, _ in row["branch"]]
+        near = [abs(row["out"][f"unknown.{lv}"] - threshold) < 1e-4  # (see above: rounding)
+                for lv, threshold in meta["unknown"]["thresholds"].items()]
+        assert ours["answer"] == row["answer"] or any(near)
+
+
 def test_the_int8_check_reads_labels_at_the_models_level(tmp_path):
     """A model whose finest level is not the data's `label` (--levels family,genus) is
     checked against genus labels, not the species in `label`."""

@@ -147,8 +147,9 @@ def test_evaluate_scores_the_branch_not_the_finest_heads_top_class(hierarchical_
 
     chosen = Taxonomy.predict
 
-    def least_likely_species(self, fine_probs):
-        return {**chosen(self, fine_probs), self.finest: fine_probs.argmin(1)}
+    def least_likely_species(self, fine_probs, *, temperature):
+        return {**chosen(self, fine_probs, temperature=temperature),
+                self.finest: fine_probs.argmin(1)}
 
     monkeypatch.setattr(Taxonomy, "predict", least_likely_species)
     result = evaluate(hierarchical_run, split="val", out=tmp_path / "ev", progress=False,

@@ -33,12 +33,38 @@ def test_marginalisation_sums_descendants(tax):
 def test_top_down_prediction_is_consistent_and_uses_the_marginals(tax):
     # The likeliest single species is Pieris rapae (0.4), but the family is Nymphalidae
     # (0.6) and within it genus Vanessa (0.5), then Vanessa atalanta.
-    pred = tax.predict(np.array([[0.1, 0.4, 0.3, 0.2]]))
+    pred = tax.predict(np.array([[0.1, 0.4, 0.3, 0.2]]), temperature=1.0)
     names = {lv: tax.classes[lv][pred[lv][0]] for lv in LEVELS}
     assert names == {"family": "Nymphalidae", "genus": "Vanessa", "species": "Vanessa atalanta"}
     rng = np.random.default_rng(0)
     many = rng.dirichlet(np.ones(4) * 0.3, size=500)
-    assert tax.consistent(tax.predict(many)).all()  # 100% by construction
+    assert tax.consistent(tax.predict(many, temperature=1.0)).all()  # 100% by construction
+
+
+def test_no_temperature_changes_the_branch():
+    """The branch is chosen on the probabilities at temperature 1, whatever temperature
+    they are given at: calibrating changes the probabilities shown, never the answer. On
+    sums of calibrated probabilities it moved (genus A's three species gain on b1 as T
+    rises), and a temperature fitted on shifted photos changed 13 of 23 answers."""
+    from wingspan.evaluate.calibration import softmax
+    from wingspan.predict import taxonomy_path
+
+    tree = Taxonomy(["genus", "species"], {"genus": ["A", "B"],
+                                           "species": ["a1", "a2", "a3", "b1"]},
+                    {"genus": [0, 0, 0, 1], "species": [0, 1, 2, 3]})
+    logits = np.random.default_rng(2).normal(0, 1, (400, 4)) + np.array([0, 0, 0, 1.2])
+    at_1 = tree.predict(softmax(logits), temperature=1.0)
+    moved = 0
+    for t in (0.25, 0.6, 1.7, 4.0, 10.0):
+        calibrated = softmax(logits, t).astype(np.float32)  # as predict holds them
+        for lv, chosen in tree.predict(calibrated, temperature=t).items():
+            np.testing.assert_array_equal(chosen, at_1[lv])
+        moved += (tree.predict(calibrated, temperature=1.0)["species"] != at_1["species"]).sum()
+        branch = taxonomy_path(tree, calibrated[7], t)  # its probabilities: the calibrated
+        assert [c for _, c, _ in branch] == [tree.classes[lv][at_1[lv][7]] for lv in tree.levels]
+        assert branch[0][2] == pytest.approx(calibrated[7][tree.parents["genus"] == at_1[
+            "genus"][7]].sum(), rel=1e-6)
+    assert moved > 20  # (what taking the branch on the calibrated sums would have changed)
 
 
 def test_consistency_of_independent_predictions(tax):
@@ -70,7 +96,8 @@ def test_round_trip(tax):
     again = Taxonomy.from_dict(tax.to_dict())
     probs = np.random.default_rng(1).dirichlet(np.ones(4), size=10)
     for lv in LEVELS:
-        np.testing.assert_array_equal(again.predict(probs)[lv], tax.predict(probs)[lv])
+        np.testing.assert_array_equal(again.predict(probs, temperature=1.0)[lv],
+                                      tax.predict(probs, temperature=1.0)[lv])
 
 
 def test_level_columns_are_ordered_coarse_to_fine():
@@ -98,11 +125,11 @@ def test_one_image_at_a_time_answers_as_a_batch_on_a_large_tree():
     tree = Taxonomy.from_dict(Taxonomy.from_table(table, ["family", "genus", "species"])
                               .to_dict())
     probs = rng.dirichlet(np.ones(300) * 0.1, 50)
-    marginals, chosen = tree.marginals(probs), tree.predict(probs)
+    marginals, chosen = tree.marginals(probs), tree.predict(probs, temperature=1.0)
     by_family = pd.DataFrame(probs.T).groupby(table["family"].to_numpy()).sum().T.to_numpy()
     np.testing.assert_allclose(marginals["family"], by_family)
     for i in range(len(probs)):
-        branch = taxonomy_path(tree, probs[i])
+        branch = taxonomy_path(tree, probs[i], 1.0)
         assert [(lv, c) for lv, c, _ in branch] == [
             (lv, tree.classes[lv][chosen[lv][i]]) for lv in tree.levels]
         assert [p for _, _, p in branch] == pytest.approx(

@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 from helpers import (
+    PAUSED_CLI,
     broken_images,
     cli_killed_at,
     folder_dataset,
@@ -342,7 +343,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(demo_dir, tmp_path, how):
 
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(vars(config)))
-    cmd = [sys.executable, "-m", "wingspan.cli", "train", str(demo_dir), "--config",
+    cmd = [sys.executable, "-c", PAUSED_CLI, "2", "train", str(demo_dir), "--config",
            str(config_file), "--runs-dir", str(tmp_path / "killed"), "--name", "r", "--quiet"]
     # Ctrl-C's default in the child: a suite started in the background (`pytest &`) passes
     # SIGINT down ignored, and Python then never turns it into KeyboardInterrupt.
@@ -354,6 +355,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(demo_dir, tmp_path, how):
     proc.wait()
     done = history(run_dir)
     assert len(done) < len(history(ref))  # it really was cut short
+    assert (done["stage"] == "finetune").sum() in (2, 3)  # where PAUSED_CLI stops it
     if how == signal.SIGINT:  # it says how to go on, in the log and (--quiet too) the terminal
         said = f"Interrupted. Continue from the last checkpoint with: wingspan train " \
             f"--resume {run_dir}"

@@ -291,9 +291,10 @@ def test_the_open_set_figures_name_the_class_predict_names():
                                                  "species": ["a", "b", "c"]}),
                                    ["family", "species"])
     preds = [SimpleNamespace(probs=np.array(p)) for p in ([0.4, 0.35, 0.25], [0.7, 0.2, 0.1])]
-    flat = SimpleNamespace(taxonomy=None)
+    flat = SimpleNamespace(taxonomy=None, temperature=1.0)
     assert _finest_answer(flat, preds).tolist() == [0, 0]
-    assert _finest_answer(SimpleNamespace(taxonomy=taxonomy), preds).tolist() == [1, 0]
+    assert _finest_answer(SimpleNamespace(taxonomy=taxonomy, temperature=1.0),
+                          preds).tolist() == [1, 0]
 
 
 def test_openset_metrics_count_a_turned_away_known_image_as_a_miss():

@@ -120,7 +120,8 @@ def _answer(predictor: Predictor, x: torch.Tensor) -> tuple[str, str]:
 
     outputs, scores = predictor.forward_with_scores(x[None])
     probs = torch.softmax(outputs[predictor.level][0] / predictor.temperature, 0).numpy()
-    branch = taxonomy_path(predictor.taxonomy, probs) if predictor.taxonomy else []
+    branch = (taxonomy_path(predictor.taxonomy, probs, predictor.temperature)
+              if predictor.taxonomy else [])
     top = branch[-1][1] if branch else predictor.classes[int(probs.argmax())]
     known = predictor.known_level({lv: float(s[0]) for lv, s in scores.items()}
                                   if scores else None)

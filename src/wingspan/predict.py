@@ -96,11 +96,12 @@ def expand_paths(inputs: list[str], places: list[int] | None = None
     return found, missing
 
 
-def taxonomy_path(taxonomy, fine_probs) -> list[tuple[str, str, float]]:
+def taxonomy_path(taxonomy, fine_probs, temperature: float) -> list[tuple[str, str, float]]:
     """(level, class, probability) from the top of the tree down: a consistent branch,
-    each class's probability the sum over its descendants."""
+    chosen as at temperature 1 (`Taxonomy.predict`), each class's probability the sum of
+    its descendants' `fine_probs` (at `temperature`, the calibrated ones)."""
     marginals = taxonomy.marginals(fine_probs[None])
-    chosen = taxonomy.predict(fine_probs[None])
+    chosen = taxonomy.predict(fine_probs[None], temperature=temperature)
     return [(lv, taxonomy.classes[lv][chosen[lv][0]], float(marginals[lv][0, chosen[lv][0]]))
             for lv in taxonomy.levels]
 
@@ -167,7 +168,7 @@ def predict(predictor: Predictor, inputs: list[str], top_k: int = 3, tta: bool =
         order = p.probs.argsort()[::-1][:k]
         row = {"path": p.path, "top": [(predictor.classes[c], float(p.probs[c])) for c in order]}
         if predictor.taxonomy:
-            row["taxonomy"] = taxonomy_path(predictor.taxonomy, p.probs)
+            row["taxonomy"] = taxonomy_path(predictor.taxonomy, p.probs, predictor.temperature)
         row.update(answer(predictor, p, row))
         result.rows.append(row)
     unmatched_before(float("inf"))

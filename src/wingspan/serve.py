@@ -423,7 +423,8 @@ def _answer(predictor: Predictor, name: str | None, outputs: dict[str, np.ndarra
     levels[predictor.level] = [{"class": predictor.classes[i], "probability": float(probs[i])}
                                for i in order]
     answer = {"file": name, "top": levels}
-    branch = taxonomy_path(predictor.taxonomy, probs) if predictor.taxonomy else []
+    branch = (taxonomy_path(predictor.taxonomy, probs, predictor.temperature)
+              if predictor.taxonomy else [])
     if branch:
         answer["branch"] = [{"level": lv, "class": c, "probability": p} for lv, c, p in branch]
     # The class at the finest level the image passes the unknown threshold at, else

@@ -93,26 +93,20 @@ def calibration_record(logits: np.ndarray, y_true: np.ndarray, fitted_on: str,
     """fit_temperature's T, and what a bundle's manifest keeps of it: on how many images and
     how it was set, whether it stopped at a bound of its search, and the ECE on them before
     any temperature and after this one. `answer`: the class answered for probabilities
-    (N, C), as evaluate scores it (a taxonomy's top-down branch); by default the top class.
+    (N, C) at temperature 1, as evaluate scores it (a taxonomy's top-down branch, chosen at
+    T 1 whatever the temperature: no temperature changes an answer); by default the top
+    class.
     `previous`: the temperature this one replaces (`wingspan calibrate`), whose ECE on the
     same images is recorded too: what the fit changed for the user."""
     logits, y_true = np.asarray(logits, dtype=np.float64), np.asarray(y_true)
     temperature = fit_temperature(logits, y_true)
 
-    def ece(t: float) -> float:  # binned as evaluate bins it, so the figures agree
-        probs = softmax(logits, t)
-        return expected_calibration_error(probs, y_true,
-                                          y_pred=None if answer is None else answer(probs))
+    y_pred = None if answer is None else answer(softmax(logits))
 
-    changed = {}
-    if answer is not None:  # a taxonomy's branch moves with T (sums of probabilities); say so
-        before = answer(softmax(logits, 1.0 if previous is None else previous))
-        after = answer(softmax(logits, temperature))
-        changed = {"answers_changed": int((before != after).sum()),
-                   "accuracy_before": float((before == y_true).mean()),
-                   "accuracy_after": float((after == y_true).mean())}
+    def ece(t: float) -> float:  # binned as evaluate bins it, so the figures agree
+        return expected_calibration_error(softmax(logits, t), y_true, y_pred=y_pred)
+
     return {"temperature": temperature, "fitted_on": fitted_on, "images": len(y_true),
-            **changed,
             "method": ("rule of succession (no mistake to fit on)"
                        if _all_right(logits, y_true) else "likelihood"),
             "at_bound": not MIN_T < temperature < MAX_T,
@@ -150,12 +144,6 @@ def calibrate_warnings(record: dict) -> list[str]:
                      "fitted on are the run's test images: their evaluation's calibration "
                      "figures (ECE, reliability) are now optimistic; its accuracy and F1 "
                      "are not.")
-    if record.get("answers_changed"):
-        n = record["answers_changed"]
-        notes.append(f"The new temperature changes the answer for {n} of the {record['images']} "
-                     "images (a taxonomy's branch is chosen on sums of probabilities, which "
-                     f"the temperature moves): accuracy {record['accuracy_before']:.4f} -> "
-                     f"{record['accuracy_after']:.4f} on them.")
     kept = record.get("unknown_temperature")
     if kept is not None and round(kept, 3) != round(record["temperature"], 3):
         notes.append(f"The unknown answer keeps the temperature its scores and thresholds were "

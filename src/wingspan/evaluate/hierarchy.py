@@ -42,10 +42,12 @@ def truth_indices(taxonomy: Taxonomy, rows: pd.DataFrame, rare: dict[str, str]
 
 def hierarchical_metrics(taxonomy: Taxonomy, truth: dict[str, np.ndarray],
                          fine_probs: np.ndarray, heads: dict[str, np.ndarray] | None,
-                         is_rare: np.ndarray, truth_only: bool = False) -> dict:
-    """`truth`: index per level; `heads`: each coarser level's own probabilities;
-    `truth_only`: macro averages over the classes the rows hold (see `_scores`)."""
-    marg = taxonomy.predict(fine_probs)
+                         is_rare: np.ndarray, truth_only: bool = False, *,
+                         temperature: float) -> dict:
+    """`truth`: index per level; `fine_probs` at `temperature` (the branch is chosen as at
+    1, `Taxonomy.predict`); `heads`: each coarser level's own probabilities; `truth_only`:
+    macro averages over the classes the rows hold (see `_scores`)."""
+    marg = taxonomy.predict(fine_probs, temperature=temperature)
     own = None
     if heads:
         own = {lv: heads[lv].argmax(1) for lv in taxonomy.levels if lv in heads}

@@ -117,13 +117,13 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
         truth_only = data is not None
         # What predict answers (with a taxonomy the top-down branch's class, which may differ
         # from the finest head's own top class) is what is scored.
-        y_pred = _predicted(predictor, probs)
+        y_pred = _predicted(predictor, probs, predictor.temperature)
         metrics = classification_metrics(y, probs, classes, truth_only=truth_only, y_pred=y_pred)
         metrics.update(level=level, split=split, unreadable=failed, **left_out,
                        images_per_second=round(speed, 1), engine=predictor.policy.describe(),
                        ece_uncalibrated=expected_calibration_error(
                            view_softmax(logits), y,
-                           y_pred=_predicted(predictor, view_softmax(logits))),
+                           y_pred=_predicted(predictor, view_softmax(logits), 1.0)),
                        temperature=predictor.temperature,
                        calibration=_calibration_used(predictor, split, data), tta=tta,
                        **({"tta_note": tta_note(predictor.unknown is not None)} if tta else {}),
@@ -334,7 +334,8 @@ def _answers(predictor: Predictor, preds: list, named: np.ndarray, y: np.ndarray
         return {"score": predictor.unknown_score, "rate": predictor.unknown.rate,
                 **_answer_figures(named, y == y_pred)}
     # Predict names the top-down branch's class, which may differ from the flat argmax.
-    branch = taxonomy.predict(np.stack([p.probs for p in preds]))
+    branch = taxonomy.predict(np.stack([p.probs for p in preds]),
+                              temperature=predictor.temperature)
     truth = {lv: taxonomy.parents[lv][y] for lv in taxonomy.levels}  # y: finest indices
     depth = {lv: i for i, lv in enumerate(taxonomy.levels)}
     reach = np.array([depth.get(p.known_level, -1) for p in preds])
@@ -448,7 +449,7 @@ UNSEEN_LISTED = 20  # the unseen images given a class that the report lists (all
 def _finest_answer(predictor: Predictor, preds: list) -> np.ndarray:
     """The class index predict names at the finest level, whether or not it is turned
     away: the flat argmax, or with a taxonomy the top-down branch's class."""
-    return _predicted(predictor, np.stack([p.probs for p in preds]))
+    return _predicted(predictor, np.stack([p.probs for p in preds]), predictor.temperature)
 
 
 def view_softmax(view_logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -458,16 +459,17 @@ def view_softmax(view_logits: np.ndarray, temperature: float = 1.0) -> np.ndarra
     return softmax(view_logits.reshape(n * k, c), temperature).reshape(n, k, c).mean(1)
 
 
-def _predicted(predictor: Predictor, probs: np.ndarray) -> np.ndarray:
-    """`_finest_answer` from the probabilities (N, classes)."""
+def _predicted(predictor: Predictor, probs: np.ndarray, temperature: float) -> np.ndarray:
+    """`_finest_answer` from the probabilities (N, classes) at `temperature`."""
     if predictor.taxonomy is None:
         return probs.argmax(1)
-    return predictor.taxonomy.answer(probs)
+    return predictor.taxonomy.answer(probs, temperature=temperature)
 
 
 def _named(predictor: Predictor, p) -> str:
     """What predict answers for `p`."""
-    branch = taxonomy_path(predictor.taxonomy, p.probs) if predictor.taxonomy else []
+    branch = (taxonomy_path(predictor.taxonomy, p.probs, predictor.temperature)
+              if predictor.taxonomy else [])
     return answer_at(p.known_level, branch, predictor.classes[int(p.probs.argmax())],
                      predictor.level)
 
@@ -510,7 +512,8 @@ def _per_level(predictor: Predictor, rows: pd.DataFrame, probs: np.ndarray, pred
     heads = ({lv: np.stack([p.heads[lv] for p in preds]) for lv in preds[0].heads}
              if preds[0].heads else None)
     is_rare = rows[taxonomy.finest].isin(list(predictor.rare)).to_numpy()
-    result = hierarchical_metrics(taxonomy, truth, probs, heads, is_rare, truth_only)
+    result = hierarchical_metrics(taxonomy, truth, probs, heads, is_rare, truth_only,
+                                  temperature=predictor.temperature)
     marg = result.pop("predictions")
     for lv in taxonomy.levels[:-1] if draw else []:
         known = truth[lv] >= 0
@@ -639,8 +642,8 @@ def _transfer(predictor: Predictor, run_dir: Path | None, class_map: dict[str, s
         for label, p in zip(rows["_label"], preds, strict=True):
             if not p.error:
                 hits = home.setdefault(label, [])
-                hits.append(predictor.classes[int(_predicted(predictor, p.probs[None])[0])]
-                            == label)
+                answered = _predicted(predictor, p.probs[None], predictor.temperature)[0]
+                hits.append(predictor.classes[int(answered)] == label)
     frame = pd.DataFrame([
         {"model class": ours, "data class": theirs,
          "recall on own data": float(np.mean(home[ours])) if home.get(ours) else np.nan,
@@ -697,7 +700,7 @@ def calibrate(model: str | Path, data: str | Path | None = None, split: str | No
     among = _run_images_among(rows["path"].iloc[ok].tolist(),
                               _own_splits(dataset, data, run_dir))
     calibration = {**calibration_record(logits, y, _calibration_data(split, data),
-                                        answer=lambda probs: _predicted(predictor, probs),
+                                        answer=lambda probs: _predicted(predictor, probs, 1.0),
                                         previous=predictor.temperature),
                    **({"class_map": class_map} if class_map else {}),
                    **({"run_images_among": among} if among else {}),
@@ -842,7 +845,7 @@ def _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, 
           **_grad_cam_view(predictor, paths[ok[i]], int(y_pred[i]))} for i in worst],
         out_dir / "mistakes.png")
     raw = view_softmax(logits)
-    raw_pred = _predicted(predictor, raw)  # (the temperature can move a taxonomy's branch)
+    raw_pred = _predicted(predictor, raw, 1.0)
     pngs["reliability"] = charts.plot_reliability(
         reliability(raw, y, y_pred=raw_pred), reliability(probs, y, y_pred=y_pred),
         (expected_calibration_error(raw, y, y_pred=raw_pred),

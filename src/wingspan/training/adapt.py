@@ -143,11 +143,12 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
     x_train, x_val = train.features.astype(np.float64), val.features.astype(np.float64)
 
     fine = levels[-1]
-    # The class answered is a taxonomy's top-down branch, as training and evaluate score it.
-    answer = predictor.taxonomy.answer if predictor.taxonomy else (lambda p: p.argmax(1))
+    # The class answered, for probabilities at T 1: a taxonomy's top-down branch (chosen at
+    # T 1 whatever the temperature), as training and evaluate score it.
+    answer = ((lambda p: predictor.taxonomy.answer(p, temperature=1.0)) if predictor.taxonomy
+              else (lambda p: p.argmax(1)))
     before, y_val = _logits(predictor, x_photos), val.labels[fine]
-    val_before = float(np.mean(answer(softmax(_logits(predictor, x_val)[fine],
-                                              predictor.temperature)) == y_val))
+    val_before = float(np.mean(answer(softmax(_logits(predictor, x_val)[fine])) == y_val))
     used, unfitted = _refit_heads(predictor, x_train, train.labels, x_photos, before, config)
     after = _logits(predictor, x_photos)
 
@@ -176,7 +177,7 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
         # ... and its test images: a test evaluation of the adapted run is then not fair.
         "test_images_among_photos": len(given.intersection(real_paths(_test_paths(run_dir)))),
         "val_accuracy_before": val_before,
-        "val_accuracy": float(np.mean(answer(softmax(val_logits[fine], temperature)) == y_val)),
+        "val_accuracy": float(np.mean(answer(softmax(val_logits[fine])) == y_val)),
         "temperature": temperature,
     }
     replaced = _write_run(out, run_dir, predictor, summary, calibration, unknown,

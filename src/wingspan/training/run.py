@@ -812,17 +812,11 @@ def _fit_calibration(run: Run, val: tuple) -> dict:
     `wingspan calibrate` fits it again on purpose). Rank 0 alone: no collectives."""
     _, logits, labels = val
     taxonomy = run.data.taxonomy  # the class answered is its top-down branch's, as evaluate's
-    answer = taxonomy.answer if taxonomy else None
+    answer = (lambda probs: taxonomy.answer(probs, temperature=1.0)) if taxonomy else None
     record = calibration_record(logits[run.data.level].numpy(), labels[:, -1].numpy(), "val",
                                 answer=answer)
     if bound_warning(record):
         run.log(f"Warning: {bound_warning(record)}", caveat=True)
-    if record.get("answers_changed"):  # the epoch was chosen on the branch at T 1
-        run.log(f"Warning: the temperature ({record['temperature']:.3f}) changes the answer "
-                f"for {record['answers_changed']} of the {record['images']} val images (the "
-                "taxonomy's branch is chosen on sums of probabilities, which it moves): val "
-                f"accuracy {record['accuracy_before']:.4f} -> {record['accuracy_after']:.4f}, "
-                "as predict answers.", caveat=True)
     if record["images"] < MIN_CALIBRATION_IMAGES:  # still fitted: the run must finish
         run.log(f"Warning: the temperature ({record['temperature']:.3f}) rests on "
                 f"{counted(record['images'], 'val image')}, too few to say much (`wingspan "

@@ -139,13 +139,14 @@ def _logits(run: Run, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
 def _answered(run: Run, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """The finest class predict would answer: the top class, or with a taxonomy the top-down
     branch's (Taxonomy.answer), so that the epoch kept is chosen on the figure reported.
-    The branch is taken at temperature 1: the temperature is fitted on the kept model.
+    The branch is taken at temperature 1, as predict takes it whatever the temperature.
     Training's own figures (train_acc, train_macro_f1) use it too, so that a taxonomy run's
     curves compare train and val on one answer."""
     logits = _logits(run, outputs).detach()
     if run.data.taxonomy is None:
         return logits.argmax(1)
-    return torch.from_numpy(run.data.taxonomy.answer(logits.softmax(1).cpu().numpy()))
+    return torch.from_numpy(run.data.taxonomy.answer(logits.softmax(1).cpu().numpy(),
+                                                     temperature=1.0))
 
 
 # --- evaluation -------------------------------------------------------------------------
