@@ -293,8 +293,8 @@ def test_no_temperature_changes_an_answer_of_predict_or_the_export(run_dir, run_
     meta = json.loads(metadata_path(model).read_text())
     for ours, row in zip(rows["sharp"], theirs, strict=True):
         assert [c for _, c, _ in ours["taxonomy"]] == [c for _, c, _ in row["branch"]]
-        near = [abs(row["out"][f"unknown.{lv}"] - threshold) < 1e-4  # (see above: rounding)
-                for lv, threshold in meta["unknown"]["thresholds"].items()]
+        near = [abs(row["out"][f"unknown.{lv}"] - threshold) < 1e-4  # (float rounding
+                for lv, threshold in meta["unknown"]["thresholds"].items()]  # of engines)
         assert ours["answer"] == row["answer"] or any(near)
 
 

@@ -594,14 +594,19 @@ def test_the_rate_is_the_share_not_named_down_to_the_finest_level():
         alone = level_thresholds({"species": few["species"]}, rate)["species"]
         assert (few["species"] > alone).sum() == most
     three = rng.random(3)
-    assert level_thresholds({"label": three}, 0.05) == {"label": three.max()}
+    assert level_thresholds({"label": three}, 0.05) == {"label": three.max() + 1e-6}
     # What train.log says to expect on new known images, from the same cut: 1 in 4 above
     # the highest of 3; on 400, the 381st of 400 sorted (19 val scores above it), 20 in 401.
     from wingspan.models.unknown import new_known_rate
 
     assert new_known_rate(3, 0.05) == 0.25 and new_known_rate(400, 0.05) == 20 / 401
     assert (same > level_thresholds({"label": same}, 0.05)["label"]).sum() == 19
-    # One level: the val score at its 95th percentile, at most 5% above it.
-    assert level_thresholds({"label": same}, 0.05) == {
-        "label": np.quantile(same, 0.95, method="higher")}
-    assert (same > level_thresholds({"label": same}, 0.05)["label"]).mean() <= 0.05
+    # One level: halfway from the val score at its 95th percentile to the next, at most 5%
+    # above it; the val images either side of it keep their verdict when float rounding
+    # (another engine, bf16) moves their scores by a millionth.
+    cut = np.quantile(same, 0.95, method="higher")
+    threshold = level_thresholds({"label": same}, 0.05)["label"]
+    assert threshold == pytest.approx((cut + same[same > cut].min()) / 2)
+    assert (same > threshold).mean() <= 0.05
+    for nudge in (1 - 1e-6, 1 + 1e-6):
+        assert ((same * nudge) > threshold).sum() == (same > threshold).sum()
