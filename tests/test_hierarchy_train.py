@@ -520,6 +520,21 @@ def test_adapt_refits_every_level_of_a_taxonomy_run(pretrained_hierarchical_run,
     assert result.metrics["accuracy"] == pytest.approx(done["val_accuracy"])
     assert result.metrics["ece"] == pytest.approx(manifest["calibration"]["val_ece_after"],
                                                   abs=1e-6)
+    # What it says changed is what predict answers, the branch's class (it counted the
+    # finest head's top class, which the branch matches on every photo here). Within a
+    # photo: the engines may differ on a near tie.
+    from collections import Counter
+
+    from wingspan.predict import predict
+
+    answered = {name: [row["taxonomy"][-1][1] for row in predict(
+        Predictor(model, workers=0), [str(p) for p in photos], progress=False).rows]
+        for name, model in (("before", run), ("after", tmp_path / "adapted"))}
+    changed = np.mean([a != b for a, b in zip(*answered.values(), strict=True)])
+    assert done["changed"] == pytest.approx(changed, abs=1.01 / len(photos))
+    for when in ("before", "after"):
+        counts = Counter(answered[when])
+        assert sum(abs(n - counts[c]) for c, n in done[f"classes_{when}"].items()) <= 2
 
 
 def test_refitting_refuses_a_splits_csv_whose_coarse_classes_the_model_does_not_know(

@@ -160,6 +160,8 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
                if predictor.unknown is not None else None)
 
     names = manifest["classes"][fine]
+    answered = {when: answer(softmax(logits[fine])) for when, logits in
+                (("before", before), ("after", after))}
     given = set(real_paths(paths))
     summary = {
         "adapted_from": str(run_dir), "photos": len(paths), "unreadable": len(paths) - len(ok),
@@ -168,9 +170,10 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
         "photos_used_per_round": used, "training_images": len(train.paths),
         "unreadable_training_images": train.unreadable,
         "classes_without_training_images": {lv: c for lv, c in unfitted.items() if c},
-        "changed": float(np.mean(before[fine].argmax(1) != after[fine].argmax(1))),
-        "classes_before": _counts(before[fine], names), "classes_after": _counts(after[fine],
-                                                                                 names),
+        # (predict's answers: a taxonomy's branch, not the finest head's top class)
+        "changed": float(np.mean(answered["before"] != answered["after"])),
+        "classes_before": _counts(answered["before"], names),
+        "classes_after": _counts(answered["after"], names),
         # The run's own val images among the photos: the temperature, the unknown thresholds
         # and the val accuracy are then fitted or scored on images the head trained on.
         "val_images_among_photos": len(given.intersection(real_paths(val.paths))),
@@ -298,6 +301,6 @@ def _logits(predictor: Predictor, x: np.ndarray) -> dict[str, np.ndarray]:
             for lv, v in predictor.heads(torch.as_tensor(x).float()).items()}
 
 
-def _counts(logits: np.ndarray, names: list[str]) -> dict[str, int]:
-    counts = np.bincount(logits.argmax(1), minlength=len(names))
+def _counts(answers: np.ndarray, names: list[str]) -> dict[str, int]:
+    counts = np.bincount(answers, minlength=len(names))
     return {name: int(n) for name, n in zip(names, counts, strict=True)}
