@@ -67,6 +67,39 @@ def test_no_temperature_changes_the_branch():
     assert moved > 20  # (what taking the branch on the calibrated sums would have changed)
 
 
+def test_no_temperature_changes_an_answer_under_tta_either():
+    """With --tta the views' probabilities at T 1 are averaged and the mean calibrated
+    (`view_probabilities`): the answer stays where T 1 puts it, flat and top-down alike.
+    Averaging calibrated views moved both (15 of 160 taxonomy answers at T 0.25)."""
+    import torch
+
+    from wingspan.evaluate.calibration import softmax
+    from wingspan.inference import view_probabilities
+
+    tree = Taxonomy(["genus", "species"], {"genus": ["A", "B"],
+                                           "species": ["a1", "a2", "a3", "b1"]},
+                    {"genus": [0, 0, 0, 1], "species": [0, 1, 2, 3]})
+    rng = np.random.default_rng(3)
+    views = torch.from_numpy(rng.normal(0, 2, (500, 4, 4)) + np.array([0, 0, 0, 1.2]))
+    one = views[:, :1]  # one view: softmax(z / T), as without TTA
+    np.testing.assert_allclose(view_probabilities(one, 2.5).numpy(),
+                               softmax(one[:, 0].numpy(), 2.5), rtol=1e-5, atol=1e-7)
+    at_1 = view_probabilities(views, 1.0).numpy()
+    np.testing.assert_allclose(at_1, softmax(views.numpy().reshape(-1, 4)).reshape(
+        500, 4, 4).mean(1), rtol=1e-5, atol=1e-7)  # the views' plain mean at T 1
+    moved = {"flat": 0, "branch": 0}
+    for t in (0.25, 0.6, 4.0, 10.0):
+        calibrated = view_probabilities(views, t).numpy()
+        np.testing.assert_array_equal(calibrated.argmax(1), at_1.argmax(1))
+        np.testing.assert_array_equal(tree.answer(calibrated, temperature=t),
+                                      tree.answer(at_1, temperature=1.0))
+        averaged = softmax(views.numpy().reshape(-1, 4), t).reshape(500, 4, 4).mean(1)
+        moved["flat"] += (averaged.argmax(1) != at_1.argmax(1)).sum()
+        moved["branch"] += (tree.answer(averaged, temperature=t)
+                            != tree.answer(at_1, temperature=1.0)).sum()
+    assert moved["flat"] > 0 and moved["branch"] > 0  # (what averaging calibrated views did)
+
+
 def test_consistency_of_independent_predictions(tax):
     preds = {"family": np.array([0, 0, 1]), "genus": np.array([2, 1, 1]),
              "species": np.array([2, 1, 1])}

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from wingspan.config import UNKNOWN_SCORES, AugmentConfig, ReadConfig, TrainConfig
 from wingspan.data import read_dataset
@@ -26,7 +27,6 @@ from wingspan.evaluate.calibration import (
     calibration_record,
     expected_calibration_error,
     reliability,
-    softmax,
 )
 from wingspan.evaluate.hierarchy import hierarchical_metrics, level_table, truth_indices
 from wingspan.evaluate.metrics import (
@@ -40,7 +40,13 @@ from wingspan.evaluate.metrics import (
 from wingspan.evaluate.openset import openset_metrics, separation
 from wingspan.evaluate.report import write_report
 from wingspan.files import atomic_path, real_paths, write_text
-from wingspan.inference import Predictor, output_home, run_dir_of, spelt_as_trained
+from wingspan.inference import (
+    Predictor,
+    output_home,
+    run_dir_of,
+    spelt_as_trained,
+    view_probabilities,
+)
 from wingspan.models.bundle import update_manifest
 from wingspan.predict import answer_at, deciding_score, expand_paths, taxonomy_path
 from wingspan.training.folder import adapted_photos, splits_digest, trained_on
@@ -454,9 +460,8 @@ def _finest_answer(predictor: Predictor, preds: list) -> np.ndarray:
 
 def view_softmax(view_logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """Probabilities (images, classes) from each view's logits (images, views, classes),
-    as predict gives them: each view's softmax, averaged over the views (one without TTA)."""
-    n, k, c = view_logits.shape
-    return softmax(view_logits.reshape(n * k, c), temperature).reshape(n, k, c).mean(1)
+    as predict gives them (`view_probabilities`; one view without TTA)."""
+    return view_probabilities(torch.from_numpy(np.asarray(view_logits)), temperature).numpy()
 
 
 def _predicted(predictor: Predictor, probs: np.ndarray, temperature: float) -> np.ndarray:
