@@ -228,10 +228,15 @@ def test_a_bundle_keeps_the_k_its_knn_threshold_was_set_for(monkeypatch):
     assert UnknownDetector.from_bundle(entry, tensors).fitted["knn"]["label"].k == 10
 
 
-@pytest.mark.parametrize("taxonomy", [True, False])  # False: bundles written before it
-def test_each_score_in_tensor_operations_matches_the_detector(taxonomy):
+# "branch": a taxonomy model's MSP scores the class predict names at each level; "shares"
+# (a bundle written before it): the likeliest class's share; "heads" (before that): each
+# level's own head at T 1.
+@pytest.mark.parametrize("msp", ["branch", "shares", "heads"])
+def test_each_score_in_tensor_operations_matches_the_detector(msp):
     """What `wingspan export` puts in the graph (no pytorch-ood, no scikit-learn index)
     gives the scores predict gives, for every score and two levels."""
+    from wingspan.data.taxonomy import Taxonomy
+
     torch.manual_seed(0)
     centres = 3 * torch.randn(4, 8)
     heads = {"family": torch.nn.Linear(8, 2), "label": torch.nn.Linear(8, 4)}
@@ -243,18 +248,34 @@ def test_each_score_in_tensor_operations_matches_the_detector(taxonomy):
         detector = UnknownDetector.fit(x, logits, {"family": y // 2, "label": y}, vx,
                                        {lv: h(vx) for lv, h in heads.items()}, "msp+knn",
                                        0.05, temperature=1.7,
-                                       members={"family": member} if taxonomy else None)
+                                       members=None if msp == "heads" else {"family": member})
         # As `wingspan export` has it: from a bundle (which keeps the kNN bank in fp16).
-        detector = UnknownDetector.from_bundle(json.loads(json.dumps(detector.manifest())),
-                                               detector.tensors())
+        entry = json.loads(json.dumps(detector.manifest()))
+        assert (entry.get("msp") == "branch") == (msp != "heads")
+        if msp == "shares":
+            del entry["msp"]
+        detector = UnknownDetector.from_bundle(entry, detector.tensors())
         probe = torch.cat([_clusters(10, centres, seed=3)[0], 4 * torch.randn(20, 8)])
         probe_logits = {lv: h(probe) for lv, h in heads.items()}
         want = detector.scores(probe, probe_logits, every=True)
-        # A family's MSP: 1 - its likeliest class's share of the calibrated species
-        # probabilities, as predict shows it; else (before) the family head's own at T 1.
-        shown = (torch.softmax(probe_logits["label"] / 1.7, -1).numpy() @ member
-                 if taxonomy else torch.softmax(probe_logits["family"], -1).numpy())
-        np.testing.assert_allclose(want["msp"]["family"], 1 - shown.max(1), atol=1e-5)
+        calibrated = torch.softmax(probe_logits["label"] / 1.7, -1).numpy()
+        if msp == "branch":  # 1 - the calibrated probability of the branch's class
+            tree = Taxonomy(["family", "label"], {"family": ["F0", "F1"],
+                                                  "label": ["a", "b", "c", "d"]},
+                            {"family": [0, 0, 1, 1], "label": [0, 1, 2, 3]})
+            chosen = tree.predict(calibrated, temperature=1.7)
+            shares = tree.marginals(calibrated)
+            likeliest = 0
+            for lv in ("family", "label"):
+                picked = shares[lv][np.arange(len(probe)), chosen[lv]]
+                np.testing.assert_allclose(want["msp"][lv], 1 - picked, atol=1e-5)
+                likeliest += (~np.isclose(picked, shares[lv].max(1))).sum()
+            assert likeliest > 0  # where the likeliest class's share would have vouched
+        else:  # a family's: its likeliest class's share of the calibrated species, or
+            # (before) the family head's own at T 1
+            shown = (calibrated @ member if msp == "shares"
+                     else torch.softmax(probe_logits["family"], -1).numpy())
+            np.testing.assert_allclose(want["msp"]["family"], 1 - shown.max(1), atol=1e-5)
         for name in UNKNOWN_SCORES:
             got = detector.graph(name)(probe, probe_logits)
             for lv in heads:

@@ -313,18 +313,53 @@ def _marginal_logits(logits: dict[str, torch.Tensor], finest: str,
             for lv, v in logits.items()}
 
 
+def branch_shares(fine_logits: torch.Tensor, levels: list[str],
+                  members: dict[str, torch.Tensor], temperature: float
+                  ) -> dict[str, torch.Tensor]:
+    """For each level (coarse to fine), the calibrated probability of the class that
+    predict names there: the top-down branch chosen on the probabilities at temperature
+    1, as `Taxonomy.predict` chooses it; each class's probability the sum of its finest
+    classes' at `temperature`. Tensor operations only: the exported graph computes the
+    same. `members`: each coarser level's finest x level 0/1 matrix."""
+    at_1 = torch.softmax(fine_logits.float(), -1)
+    shown = torch.softmax(fine_logits.float() / temperature, -1)
+    under = None  # (images, finest classes): 1 under the branch chosen so far
+    out = {}
+    for lv in levels:
+        member = members.get(lv)  # None at the finest level: its own classes
+        choose = at_1 @ member if member is not None else at_1
+        share = shown @ member if member is not None else shown
+        if under is not None:  # only the classes under the one chosen above
+            inside = (under @ member if member is not None else under) > 0
+            choose = torch.where(inside, choose, torch.full_like(choose, -1.0))
+        pick = choose.argmax(-1, keepdim=True)
+        out[lv] = share.gather(-1, pick)[:, 0]
+        picked = (torch.arange(choose.shape[-1], device=pick.device) == pick).float()
+        under = picked @ member.T if member is not None else picked
+    return out
+
+
+class _BranchMspGraph(nn.Module):
+    """MSP of a taxonomy model: 1 - the branch's class's share, which `_LevelsGraph`
+    passes in place of the level's logits."""
+
+    def forward(self, features, share):
+        return 1.0 - share[:, 0]
+
+
 class _LevelsGraph(nn.Module):
     """(features, {level: logits}) -> {level: score}."""
 
     def __init__(self, per_level: dict[str, nn.Module],
-                 members: dict[str, torch.Tensor] | None = None, temperature: float = 1.0):
+                 members: dict[str, torch.Tensor] | None = None, temperature: float = 1.0,
+                 branch: bool = False):
         super().__init__()
         self.levels = list(per_level)
         self.scores = nn.ModuleList(per_level.values())  # one module shared where fitted once
         # (for a score using MSP: a taxonomy's coarser levels scored on the finest's shares)
         self.members = nn.ParameterDict({lv: nn.Parameter(m, requires_grad=False)
                                          for lv, m in (members or {}).items()})
-        self.temperature = temperature
+        self.temperature, self.branch = temperature, branch
 
     @property
     def step(self) -> float:
@@ -337,7 +372,11 @@ class _LevelsGraph(nn.Module):
                 ) -> dict[str, torch.Tensor]:
         # A kNN score fitted once for every level is searched once per call (its module
         # keeps its result for these features until the call ends), also in a traced graph.
-        if len(self.members):
+        if self.branch:  # each level's branch share, for _BranchMspGraph
+            shares = branch_shares(logits[self.levels[-1]], self.levels,
+                                   dict(self.members.items()), self.temperature)
+            logits = {lv: share[:, None] for lv, share in shares.items()}
+        elif len(self.members):
             logits = _marginal_logits(logits, self.levels[-1], dict(self.members.items()),
                                       self.temperature)
         try:
@@ -410,12 +449,16 @@ class UnknownDetector:
     thresholds: dict[str, dict[str, float]] = field(default_factory=dict)  # score -> level
     fitted: dict[str, dict[str, Score]] = field(default_factory=dict)  # score -> level
     # A taxonomy's coarser levels: which finest classes each class holds (finest x level,
-    # 0/1). MSP there is 1 - the likeliest class's share of the calibrated finest
-    # probabilities, the probability predict shows for that level. (Bundles written before
-    # have none: MSP there is their own head's, at T 1, chosen by val loss on the very
+    # 0/1). MSP at every level is then 1 - the calibrated probability of the class predict
+    # names there, the top-down branch's (`branch`). (Bundles written before have none:
+    # MSP at a coarser level is their own head's, at T 1, chosen by val loss on the very
     # images its threshold is set on, which turned away 24% of a small demo run's test
     # images where 5% was asked.)
     members: dict[str, torch.Tensor] = field(default_factory=dict)
+    # False for bundles written before it: MSP at each level there is 1 - the likeliest
+    # class's share, which a weak model's branch need not name (17 of 23 test images of
+    # one run), so that MSP vouched for a class the answer did not give.
+    branch: bool = False
 
     @classmethod
     def fit(cls, features: torch.Tensor, logits: dict[str, torch.Tensor],
@@ -436,7 +479,8 @@ class UnknownDetector:
         levels = list(logits)
         detector = cls(score, rate, levels, temperature,
                        members={lv: torch.as_tensor(np.asarray(m), dtype=torch.float32)
-                                for lv, m in (members or {}).items() if lv != levels[-1]})
+                                for lv, m in (members or {}).items() if lv != levels[-1]},
+                       branch=bool(members) and len(levels) > 1)
         for name, make in SCORES.items():
             shared = None if make.uses_labels else make().fit(features, None, None, temperature)
             detector.fitted[name] = {
@@ -460,10 +504,13 @@ class UnknownDetector:
         names = list(self.fitted) if every else [self.check_score(score or self.score)]
         base = {n for n in names if n in SCORES}
         base |= {p for n in names if n in COMBINED for p in COMBINED[n]}
-        shares = self.msp_logits(logits) if "msp" in base else logits
+        shares = self.msp_logits(logits) if "msp" in base and not self.branch else logits
         raw = {n: {lv: self.fitted[n][lv](features, (shares if n == "msp" else logits)[lv])
                    for lv in self.levels}
-               for n in SCORES if n in base}
+               for n in SCORES if n in base and not (n == "msp" and self.branch)}
+        if "msp" in base and self.branch:
+            raw["msp"] = {lv: 1.0 - share for lv, share in branch_shares(
+                logits[self.levels[-1]], self.levels, self.members, self.temperature).items()}
         for n in names:
             if n in COMBINED:
                 raw[n] = {lv: self.fitted[n][lv].combine({p: raw[p][lv] for p in COMBINED[n]})
@@ -489,12 +536,15 @@ class UnknownDetector:
             scorer = self.fitted[n][lv]
             if id(scorer) not in made:
                 made[id(scorer)] = (scorer.graph({p: build(p, lv) for p in COMBINED[n]})
-                                    if n in COMBINED else scorer.graph())
+                                    if n in COMBINED else
+                                    _BranchMspGraph() if n == "msp" and self.branch else
+                                    scorer.graph())
             return made[id(scorer)]
 
         uses_msp = name == "msp" or "msp" in COMBINED.get(name, ())
         return _LevelsGraph({lv: build(name, lv) for lv in self.levels},
-                            self.members if uses_msp else {}, self.temperature)
+                            self.members if uses_msp else {}, self.temperature,
+                            branch=uses_msp and self.branch)
 
     def check_score(self, name: str) -> str:
         if name not in self.fitted:
@@ -507,7 +557,8 @@ class UnknownDetector:
         return {"score": self.score, "rate": self.rate, "levels": self.levels,
                 "temperature": self.temperature,
                 "thresholds": self.thresholds, "fitted_on": "train", "threshold_on": "val",
-                "higher_is_unknown": True, "combined_range": [0.0, 1.0]}
+                "higher_is_unknown": True, "combined_range": [0.0, 1.0],
+                **({"msp": "branch"} if self.branch else {})}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -533,7 +584,8 @@ class UnknownDetector:
         detector = cls(entry["score"], float(entry["rate"]), levels, temperature,
                        thresholds=thresholds,
                        members={lv: m.float() for lv, m in
-                                _under(tensors, f"{PREFIX}members.").items()})
+                                _under(tensors, f"{PREFIX}members.").items()},
+                       branch=entry.get("msp") == "branch")
         for name in entry["thresholds"]:
             if name in COMBINED:
                 detector.fitted[name] = {lv: Combined(COMBINED[name]).load(
