@@ -111,7 +111,6 @@ class Prediction:
     view_logits: np.ndarray | None = None  # (views, classes): each view's (one without TTA)
 
 
-
 def view_probabilities(view_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Calibrated probabilities (images, classes) from each view's logits (images, views,
     classes): the views' probabilities at T 1 averaged, then the mean calibrated, softmax(
