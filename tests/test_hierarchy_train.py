@@ -595,3 +595,22 @@ def test_training_figures_count_the_answer_as_val_does(demo_dir, tmp_path, monke
     assert set(h["stage"]) == {"head", "finetune"} and answered
     assert h["train_acc"].to_numpy() == pytest.approx(share["train"], abs=1e-4)
     assert h["val_acc"].to_numpy() == pytest.approx(share["val"], abs=1e-4)
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_msp_rates_the_class_the_answer_names_at_every_level(pretrained_hierarchical_run,
+                                                             demo_dir, tta):
+    """A taxonomy's MSP is 1 - the probability predict shows for the branch's class at each
+    level. With --tta too: scored on the views' mean logits, it rated another branch's
+    class than the answer's (2 of 80 images) and so changed where an answer stopped."""
+    from wingspan.config import IMAGE_EXTENSIONS
+    from wingspan.inference import Predictor
+    from wingspan.predict import taxonomy_path
+
+    predictor = Predictor(pretrained_hierarchical_run, workers=0, unknown_score="msp")
+    assert predictor.unknown.temperature == predictor.temperature  # (as training fits them)
+    photos = sorted(str(p) for p in demo_dir.rglob("*") if p.suffix in IMAGE_EXTENSIONS)
+    for p in predictor.run(photos, tta=tta, progress=False):
+        branch = taxonomy_path(predictor.taxonomy, p.probs, predictor.temperature)
+        assert [p.unknown[lv] for lv, _, _ in branch] == pytest.approx(
+            [1 - shown for _, _, shown in branch], abs=1e-4), p.path

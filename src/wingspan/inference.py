@@ -111,6 +111,13 @@ class Prediction:
     view_logits: np.ndarray | None = None  # (views, classes): each view's (one without TTA)
 
 
+def view_log_mean(view_logits: torch.Tensor) -> torch.Tensor:
+    """log of the views' mean probabilities at T 1 (images, classes), from each view's
+    logits (images, views, classes): for one view, its log-softmax."""
+    views = view_logits.shape[1]
+    return torch.logsumexp(torch.log_softmax(view_logits.float(), -1), 1) - np.log(views)
+
+
 def view_probabilities(view_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Calibrated probabilities (images, classes) from each view's logits (images, views,
     classes): the views' probabilities at T 1 averaged, then the mean calibrated, softmax(
@@ -118,9 +125,7 @@ def view_probabilities(view_logits: torch.Tensor, temperature: float) -> torch.T
     than averaging calibrated views, leaves the answer where T 1 puts it with --tta too
     (the top class, and a taxonomy's branch, `Taxonomy.predict`): averaged calibrated
     views moved 15 of 160 taxonomy answers at T 0.25, and flat ones too."""
-    views = view_logits.shape[1]
-    log_mean = torch.logsumexp(torch.log_softmax(view_logits.float(), -1), 1) - np.log(views)
-    return torch.softmax(log_mean / temperature, -1)
+    return torch.softmax(view_log_mean(view_logits) / temperature, -1)
 
 
 class Predictor:
@@ -194,12 +199,15 @@ class Predictor:
         """Each level's unknown threshold for the score in use."""
         return self.unknown.thresholds[self.unknown_score] if self.unknown else None
 
-    def unknown_scores(self, features: torch.Tensor, logits: dict[str, torch.Tensor]
+    def unknown_scores(self, features: torch.Tensor, logits: dict[str, torch.Tensor],
+                       branch_logits: torch.Tensor | None = None
                        ) -> dict[str, np.ndarray] | None:
-        """Per level, each image's unknown score (None for a bundle without scores)."""
+        """Per level, each image's unknown score (None for a bundle without scores);
+        `branch_logits`: see `UnknownDetector.scores`."""
         if self.unknown is None:
             return None
-        return self.unknown.scores(features, logits, self.unknown_score)
+        return self.unknown.scores(features, logits, self.unknown_score,
+                                   branch_logits=branch_logits)
 
     def known_level(self, scores: dict[str, float] | None) -> str | None:
         """The finest level an image's scores pass (all levels when there are none)."""
@@ -239,13 +247,18 @@ class Predictor:
             feats = self.extract(x.flatten(0, 1)).float()
             outputs = self.heads(feats)
             logits = outputs[self.level].view(n, k, -1)
-            # With TTA, the views' mean features and logits are scored.
+            # With TTA, the views' mean features and logits are scored; a taxonomy's MSP
+            # on the views' mean probabilities, as the answer's branch is chosen on them
+            # (on the mean logits it rated another branch's class for 2 of 80 images).
             mean_feats = feats.view(n, k, -1).mean(1)
             mean_outputs = {lv: o.view(n, k, -1).mean(1) for lv, o in outputs.items()}
-            unknown = self.unknown_scores(mean_feats, mean_outputs)
-            every = (self.unknown.scores(mean_feats, mean_outputs, every=True)
+            log_mean = view_log_mean(logits)
+            branch_logits = log_mean if k > 1 else None
+            unknown = self.unknown_scores(mean_feats, mean_outputs, branch_logits)
+            every = (self.unknown.scores(mean_feats, mean_outputs, every=True,
+                                         branch_logits=branch_logits)
                      if every_score and self.unknown else None)
-            probs = view_probabilities(logits, self.temperature).numpy()
+            probs = torch.softmax(log_mean / self.temperature, -1).numpy()
             mean_logits = logits.mean(1).numpy()
             heads = {lv: torch.softmax(o.float().cpu().view(n, k, -1), -1).mean(1).numpy()
                      for lv, o in outputs.items() if lv != self.level}

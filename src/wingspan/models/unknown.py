@@ -497,10 +497,13 @@ class UnknownDetector:
         return detector
 
     def scores(self, features: torch.Tensor, logits: dict[str, torch.Tensor],
-               score: str | None = None, every: bool = False
+               score: str | None = None, every: bool = False,
+               branch_logits: torch.Tensor | None = None
                ) -> dict[str, dict[str, np.ndarray]] | dict[str, np.ndarray]:
         """Per level, the score of each image (the default score, `score`, or with
-        `every` a dict of them all)."""
+        `every` a dict of them all). `branch_logits`: what a taxonomy's MSP takes in place
+        of the finest logits (with TTA the log of the views' mean probabilities, on which
+        the answer's branch is chosen); the other scores take `logits`."""
         names = list(self.fitted) if every else [self.check_score(score or self.score)]
         base = {n for n in names if n in SCORES}
         base |= {p for n in names if n in COMBINED for p in COMBINED[n]}
@@ -509,8 +512,9 @@ class UnknownDetector:
                    for lv in self.levels}
                for n in SCORES if n in base and not (n == "msp" and self.branch)}
         if "msp" in base and self.branch:
+            fine = logits[self.levels[-1]] if branch_logits is None else branch_logits
             raw["msp"] = {lv: 1.0 - share for lv, share in branch_shares(
-                logits[self.levels[-1]], self.levels, self.members, self.temperature).items()}
+                fine, self.levels, self.members, self.temperature).items()}
         for n in names:
             if n in COMBINED:
                 raw[n] = {lv: self.fitted[n][lv].combine({p: raw[p][lv] for p in COMBINED[n]})
