@@ -119,7 +119,8 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 
 class MaxSoftmax(Score):
     """1 - the calibrated top probability (Hendrycks & Gimpel 2017): free, and good at
-    telling confused knowns, weak on far-away images the network is sure about."""
+    telling confused knowns, weak on far-away images the network is sure about. (A
+    taxonomy model's, in bundles that say "msp": "branch", is `branch_shares`' instead.)"""
 
     def fit(self, features, logits, labels, temperature):
         self.t = temperature
