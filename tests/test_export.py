@@ -312,6 +312,52 @@ def test_the_int8_check_reads_labels_at_the_models_level(tmp_path):
     assert _split_images(bundle, "val", 10) == (["/a.jpg"], ["danaus_plexippus"])
 
 
+def test_the_int8_check_scores_the_class_predict_names(tmp_path, monkeypatch):
+    """A taxonomy model names its top-down branch's species, which need not be the finest
+    argmax: int8's val top-1 counts the classes predict names."""
+    from wingspan import export
+    from wingspan.config import DemoConfig
+    from wingspan.data.demo import generate_demo
+    from wingspan.export import _split_images
+    from wingspan.inference import Predictor
+    from wingspan.models import save_bundle
+    from wingspan.predict import predict
+
+    # 6 species: 3 of them Nymphalidae (the fixture's 4 have a family each).
+    data = generate_demo(tmp_path / "demo", DemoConfig(image_size=32,
+                                                       images_per_class=(16,) + (8,) * 5))
+    run = train(read_dataset(data), tiny(tmp_path, levels=["family", "label"], epochs_head=1,
+                                         epochs_finetune=0), tmp_path / "runs", "r",
+                quiet=True)
+    model, manifest = load_bundle(run / "model")
+    taxonomy = manifest["taxonomy"]
+    species, family = taxonomy["classes"]["label"], np.array(taxonomy["parents"]["family"])
+    big = next(f for f in sorted(set(family)) if (family == f).sum() >= 2)
+    kin, other = np.flatnonzero(family == big), np.flatnonzero(family != big)[0]
+    # For every image: `other` is the likeliest species (1.5 against 1.2 and 1s), the
+    # family of `kin` the likeliest family (at least 2.2 against 1.5), kin[0] its species.
+    head = model.head.outputs["label"]
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.fill_(-30.0)
+        head.bias[kin] = 20.0
+        head.bias[kin[0]] += np.log(1.2)
+        head.bias[other] = 20.0 + np.log(1.5)
+    save_bundle(model, run / "model", manifest["classes"], taxonomy=taxonomy,
+                training=manifest["training"], metrics=manifest["metrics"],
+                calibration=manifest.get("calibration"))
+    paths, labels = _split_images(run / "model", "val", 1000, level="label")
+    rows = predict(Predictor(run, workers=0, precision="fp32"), paths, progress=False).rows
+    named = [row["taxonomy"][-1][1] for row in rows]
+    assert set(named) == {species[kin[0]]}  # the branch's, not the argmax `other`
+    branch, argmax = (np.mean([t == species[i] for t in labels]) for i in (kin[0], other))
+    assert branch != argmax  # (else this test could not tell the two apart)
+    monkeypatch.setattr(export, "int8_allowed_drop", lambda n: 1.0)
+    path = export.export_model(run, run / "q" / "m.int8.onnx", quantize="int8")
+    assert json.loads(metadata_path(path).read_text())["int8"]["val_top1_fp32"] == \
+        pytest.approx(branch)
+
+
 def test_int8_is_written_only_within_a_point_of_fp32(run_dir, run_cli, monkeypatch, caplog):
     from wingspan import export
     from wingspan.errors import WingspanError

@@ -239,7 +239,7 @@ def _export_onnx(job: _Job) -> bytes:
                              job.deployable.unknown)
     if job.quantize:
         graph, meta["int8"], thresholds = _quantize(graph, job.bundle, job.spec, job.levels,
-                                                    meta.get("unknown"))
+                                                    _answers(meta), meta.get("unknown"))
         # int8 cannot agree with PyTorch to 1e-4: that check was the graph before it
         # (`int8` holds how the int8 one compares, on val top-1 and unknown shares).
         meta["checked"]["graph"] = "fp32, before quantizing"
@@ -300,13 +300,25 @@ def _write(out: Path, model: bytes, meta: dict) -> Path:
     return out
 
 
+def _answers(meta: dict) -> Callable[[np.ndarray], np.ndarray]:
+    """The finest class predict answers, from the graph's finest probabilities: the
+    top-down branch of a taxonomy (chosen at T 1, as the README's steps do), else the
+    argmax. Not the finest argmax for a taxonomy: that is a class predict need not name."""
+    if not meta.get("taxonomy"):
+        return lambda probs: probs.argmax(1)
+    taxonomy = Taxonomy.from_dict(meta["taxonomy"])
+    return lambda probs: taxonomy.answer(probs, temperature=meta["temperature"])
+
+
 def _quantize(graph: bytes, bundle: Path, spec: InputSpec, levels: list[str],
-              unknown: dict | None = None) -> tuple[bytes, dict, dict[str, float] | None]:
+              answers: Callable[[np.ndarray], np.ndarray], unknown: dict | None = None
+              ) -> tuple[bytes, dict, dict[str, float] | None]:
     """ONNX Runtime's static int8 (int8_graph), calibrated on up to 64 training images;
-    refused (nothing written) when val top-1 drops by more than
-    int8_allowed_drop. `unknown`: the metadata's unknown entry, when the graph has unknown
-    scores; the int8 model's own thresholds are returned, set on its val scores so that it
-    turns away the stated share of known images, as the fp32 model does."""
+    refused (nothing written) when val top-1 (of `answers`, the classes predict would
+    name) drops by more than int8_allowed_drop. `unknown`: the metadata's unknown entry,
+    when the graph has unknown scores; the int8 model's own thresholds are returned, set
+    on its val scores so that it turns away the stated share of known images, as the fp32
+    model does."""
     import onnx
 
     calibration = _pixels(_split_images(bundle, "train", 64)[0], spec)
@@ -338,7 +350,7 @@ def _quantize(graph: bytes, bundle: Path, spec: InputSpec, levels: list[str],
         out = [session.run(wanted, {"pixels": pixels[i:i + 32]})
                for i in range(0, len(pixels), 32)]
         seconds = time.perf_counter() - start
-        top1 = float((np.concatenate([o[0] for o in out]).argmax(1) == truth).mean())
+        top1 = float((answers(np.concatenate([o[0] for o in out])) == truth).mean())
         return top1, {lv: np.concatenate([o[1 + i] for o in out])
                       for i, lv in enumerate(levels) if unknown}, seconds
 
