@@ -155,6 +155,17 @@ def test_run_history_metrics_and_display(run):
     assert copy.metrics == copy.manifest["metrics"] and copy._repr_html_()
 
 
+def test_a_run_of_a_wrong_path_says_so(tmp_path):
+    """ws.Run checks nothing when made (training makes one per run); what is missing is
+    said when asked for, not as pandas' bare FileNotFoundError."""
+    with pytest.raises(WingspanError, match=r"No run folder at .*nowhere") as e:
+        _ = ws.Run(tmp_path / "nowhere").history
+    assert "ws.runs()" in e.value.hint
+    (tmp_path / "half").mkdir()
+    with pytest.raises(WingspanError, match="half has no history.csv: it is no run folder"):
+        _ = ws.Run(tmp_path / "half").history
+
+
 def test_train_takes_a_config_and_a_yaml_file(demo_dir, tmp_path):
     config = tiny(tmp_path, epochs_head=1, epochs_finetune=0)
     a = ws.train(demo_dir, config, runs_dir=tmp_path, quiet=True, seed=3)

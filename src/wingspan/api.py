@@ -636,7 +636,12 @@ class Run:
     def history(self) -> pd.DataFrame:
         """history.csv: per epoch, the stage, losses, accuracy, macro-F1, learning rate,
         images/s and seconds."""
-        return pd.read_csv(self._run_file("history.csv"))
+        path = self._run_file("history.csv")
+        if not path.is_file():
+            raise WingspanError(f"{self.dir} has no history.csv: it is no run folder, or its "
+                                "run stopped before its first epoch ended.",
+                                hint="`ws.runs()` lists the runs and where each stopped.")
+        return pd.read_csv(path)
 
     @property
     def classes(self) -> list[str]:
@@ -648,6 +653,9 @@ class Run:
         if self.dir is None:
             raise WingspanError(f"{self.bundle} is a model bundle without its run folder, so "
                                 f"it has no {name}.", hint="Load the run folder (runs/NAME).")
+        if not self.dir.is_dir():
+            raise WingspanError(f"No run folder at {self.dir}.",
+                                hint="Give a run folder (runs/NAME); `ws.runs()` lists them.")
         return self.dir / name
 
     def plot(self) -> Image:
