@@ -86,6 +86,9 @@ LEVERS = {
                              "(layer_decay; default 0.5)", {"layer_decay": 0.8}),
     "layer-decay-0.65": Lever("each earlier stage fine-tunes at 0.65x the next one's rate "
                               "(layer_decay; default 0.5)", {"layer_decay": 0.65}),
+    "finetune8-ld0.8": Lever("--epochs-finetune 8 with layer_decay 0.8: the two levers that "
+                             "gained most on iNat, together", {"epochs_finetune": 8,
+                                                               "layer_decay": 0.8}),
     "tta": Lever("evaluate --tta: mean of 4 views (centre crop, wider crop, their mirrors)",
                  mode="tta", cost="predict"),
     "res300": Lever("predict at 300 px (trained at 260)", mode="size300", cost="predict"),
