@@ -463,6 +463,11 @@ def test_a_damaged_last_checkpoint_says_how_to_go_on(uninterrupted, tmp_path):
     # `wingspan runs` says that the resume failed, and why, not "stopped (resumable)".
     row = run_row(run_dir)
     assert row["status"] == FAILED and row["detail"].startswith(f"The checkpoint {last} cannot")
+    last.unlink()  # as the hint says: the run is trained again, and train.log says why
+    resume(run_dir, quiet=True)
+    assert f"Resuming {run_dir} from the beginning: its checkpoint {last} is gone, so its " \
+           "epochs are trained again" in (run_dir / "train.log").read_text()
+    assert run_row(run_dir)["status"] == DONE
 
 
 def test_a_resume_refuses_a_config_yaml_changed_since_the_checkpoint(uninterrupted, tmp_path):

@@ -340,6 +340,10 @@ def _note_classes_added(run: Run, dataset: Dataset, config: TrainConfig) -> None
 def _resuming(run_dir: Path, checkpoint: dict | None, scoring: bool) -> str:
     """train.log's first line of a resumed run: where it takes up."""
     if checkpoint is None:
+        if (run_dir / "history.csv").is_file():  # epochs were saved: last.pt was deleted
+            return (f"Resuming {run_dir} from the beginning: its checkpoint "
+                    f"{run_dir / 'checkpoints' / 'last.pt'} is gone, so its epochs are "
+                    "trained again")
         return f"Resuming {run_dir} from the beginning: it stopped before its first checkpoint"
     state = checkpoint["state"]
     if scoring:
