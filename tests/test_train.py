@@ -470,6 +470,32 @@ def test_a_damaged_last_checkpoint_says_how_to_go_on(uninterrupted, tmp_path):
     assert run_row(run_dir)["status"] == DONE
 
 
+def test_ctrl_c_while_a_resume_starts_says_how_to_go_on(uninterrupted, tmp_path, monkeypatch,
+                                                       capsys):
+    """Interrupted before the recipe took up again (reading the checkpoint, checking the
+    data): said in train.log and on the terminal, the run left as it was, resumable."""
+    import wingspan.training.run as run_module
+
+    run_dir = shutil.copytree(uninterrupted[0], tmp_path / "r")
+    (run_dir / "model" / "manifest.json").unlink()  # killed before its model was written
+    (run_dir / "metrics.json").unlink()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "_start", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        resume(run_dir, quiet=True)
+    said = (f"Interrupted while resuming, before the run went on: {run_dir} is as it was. "
+            f"Continue from the last checkpoint with: wingspan train --resume {run_dir} (in "
+            f"Python: ws.resume({str(run_dir)!r}))")
+    assert said in capsys.readouterr().err and said in (run_dir / "train.log").read_text()
+    monkeypatch.undo()
+    resume(run_dir, quiet=True)  # the lock was let go
+    assert (run_dir / "model" / "manifest.json").is_file()
+    assert (run_dir / "train.log").read_text().count("Interrupted") == 1  # said once
+
+
 def test_a_resume_refuses_a_config_yaml_changed_since_the_checkpoint(uninterrupted, tmp_path):
     """Edited to train longer, or cut short (its missing settings would take their
     defaults), or its splits.csv changed: the rest of the run would follow other settings

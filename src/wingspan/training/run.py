@@ -15,6 +15,7 @@ import difflib
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -258,6 +259,16 @@ def resume(run_dir: str | Path, quiet: bool = False, **machine) -> Path:
                             every_rank=True)
     try:
         return _resume(run_dir, config, fabric, quiet)
+    except Interrupted:  # in the recipe: said there
+        raise
+    except KeyboardInterrupt:  # while it started up (the checkpoint read, the data checked)
+        if fabric.is_global_zero:
+            said = (f"Interrupted while resuming, before the run went on: {run_dir} is as "
+                    f"it was. {_go_on(run_dir)}")
+            with open(run_dir / "train.log", "a") as f:
+                f.write(f"{time.strftime('%H:%M:%S')} {said}\n")
+            print(said, file=sys.stderr)
+        raise
     except WingspanError as e:  # (a damaged checkpoint, data gone) before the recipe began:
         if fabric.is_global_zero:  # `wingspan runs` says it failed, as _interruptible has it
             from wingspan.run_table import DONE, run_row
@@ -401,17 +412,24 @@ def resolve_levels(dataset: Dataset, config: TrainConfig) -> TrainConfig:
     return dataclasses.replace(config, level=dataset.resolve_level(config.level))
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C in a run's recipe, once train.log and the terminal have said how to go on."""
+
+
+def _go_on(run_dir: Path) -> str:
+    return (f"Continue from the last checkpoint with: wingspan train --resume {run_dir} "
+            f"(in Python: ws.resume({str(run_dir)!r}))")
+
+
 def _interruptible(run: Run) -> Path:
     """The recipe; Ctrl-C leaves the run's last checkpoint, and says how to go on."""
     if run.is_main:
         (run.dir / ERROR_FILE).unlink(missing_ok=True)  # a resume goes at it again
     try:
         return _score_held_out(_recipe(run), run)
-    except KeyboardInterrupt:
-        said = f"Interrupted. Continue from the last checkpoint with: wingspan train " \
-               f"--resume {run.dir} (in Python: ws.resume({str(run.dir)!r}))"
-        run.log(said, caveat=True)
-        raise
+    except KeyboardInterrupt as e:
+        run.log(f"Interrupted. {_go_on(run.dir)}", caveat=True)
+        raise Interrupted from e
     except WingspanError as e:  # bad data, say: in train.log, and a failed run, not a paused one
         run.log(f"Stopped: {e.message}", shown=False)  # (the error itself is printed)
         if run.is_main:
