@@ -162,7 +162,8 @@ def test_a_run_of_a_wrong_path_says_so(tmp_path):
         _ = ws.Run(tmp_path / "nowhere").history
     assert "ws.runs()" in e.value.hint
     (tmp_path / "half").mkdir()
-    with pytest.raises(WingspanError, match="half has no history.csv: it is no run folder"):
+    with pytest.raises(WingspanError, match="half has no history.csv: it is no run folder, "
+                       "or its run has not finished an epoch"):
         _ = ws.Run(tmp_path / "half").history
 
 

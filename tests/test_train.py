@@ -465,8 +465,8 @@ def test_a_damaged_last_checkpoint_says_how_to_go_on(uninterrupted, tmp_path):
     assert row["status"] == FAILED and row["detail"].startswith(f"The checkpoint {last} cannot")
     last.unlink()  # as the hint says: the run is trained again, and train.log says why
     resume(run_dir, quiet=True)
-    assert f"Resuming {run_dir} from the beginning: its checkpoint {last} is gone, so its " \
-           "epochs are trained again" in (run_dir / "train.log").read_text()
+    assert f"Resuming {run_dir} from the beginning: it has no checkpoint ({last}) to go on " \
+           "from, so its epochs are trained again" in (run_dir / "train.log").read_text()
     assert run_row(run_dir)["status"] == DONE
 
 
@@ -475,6 +475,7 @@ def test_ctrl_c_while_a_resume_starts_says_how_to_go_on(uninterrupted, tmp_path,
     """Interrupted before the recipe took up again (reading the checkpoint, checking the
     data): said in train.log and on the terminal, the run left as it was, resumable."""
     import wingspan.training.run as run_module
+    from wingspan.training import folder
 
     run_dir = shutil.copytree(uninterrupted[0], tmp_path / "r")
     (run_dir / "model" / "manifest.json").unlink()  # killed before its model was written
@@ -486,14 +487,39 @@ def test_ctrl_c_while_a_resume_starts_says_how_to_go_on(uninterrupted, tmp_path,
     monkeypatch.setattr(run_module, "_start", interrupted)
     with pytest.raises(KeyboardInterrupt):
         resume(run_dir, quiet=True)
-    said = (f"Interrupted while resuming, before the run went on: {run_dir} is as it was. "
+    said = (f"Interrupted as the resume of {run_dir} started, before any further training. "
             f"Continue from the last checkpoint with: wingspan train --resume {run_dir} (in "
             f"Python: ws.resume({str(run_dir)!r}))")
     assert said in capsys.readouterr().err and said in (run_dir / "train.log").read_text()
+    assert str(run_dir.resolve()) not in folder._HELD  # the lock was let go
     monkeypatch.undo()
-    resume(run_dir, quiet=True)  # the lock was let go
+    resume(run_dir, quiet=True)
     assert (run_dir / "model" / "manifest.json").is_file()
     assert (run_dir / "train.log").read_text().count("Interrupted") == 1  # said once
+
+
+def test_ctrl_c_while_a_resume_scores_the_held_out_classes_says_how_to_go_on(
+        demo_dir, tmp_path, monkeypatch):
+    """Killed while scoring its held-out classes, a resumed run scores them again: a Ctrl-C
+    there is the recipe's (the run went on), not one of the resume's start-up."""
+    import wingspan.evaluate.run as evaluate_module
+
+    run_dir = train(read_dataset(demo_dir), tiny(tmp_path, epochs_head=1, epochs_finetune=0,
+                                                  holdout_classes=["white_darktip"]),
+                    tmp_path / "runs", "r", quiet=True)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    (run_dir / "metrics.json").write_text(json.dumps({k: v for k, v in metrics.items()
+                                                      if k != "unknown"}))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate_module, "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        resume(run_dir, quiet=True)
+    log = (run_dir / "train.log").read_text()
+    assert "scoring the held-out classes" in log and "Interrupted. Continue from" in log
+    assert "Interrupted as the resume" not in log
 
 
 def test_a_resume_refuses_a_config_yaml_changed_since_the_checkpoint(uninterrupted, tmp_path):

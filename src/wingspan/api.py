@@ -639,7 +639,7 @@ class Run:
         path = self._run_file("history.csv")
         if not path.is_file():
             raise WingspanError(f"{self.dir} has no history.csv: it is no run folder, or its "
-                                "run stopped before its first epoch ended.",
+                                "run has not finished an epoch.",
                                 hint="`ws.runs()` lists the runs and where each stopped.")
         return pd.read_csv(path)
 

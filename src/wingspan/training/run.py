@@ -10,6 +10,7 @@ which rank does what); `train` and `resume` start the other processes when asked
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -263,10 +264,10 @@ def resume(run_dir: str | Path, quiet: bool = False, **machine) -> Path:
         raise
     except KeyboardInterrupt:  # while it started up (the checkpoint read, the data checked)
         if fabric.is_global_zero:
-            said = (f"Interrupted while resuming, before the run went on: {run_dir} is as "
-                    f"it was. {_go_on(run_dir)}")
-            with open(run_dir / "train.log", "a") as f:
-                f.write(f"{time.strftime('%H:%M:%S')} {said}\n")
+            said = (f"Interrupted as the resume of {run_dir} started, before any further "
+                    f"training. {_go_on(run_dir)}")
+            with contextlib.suppress(OSError), open(run_dir / "train.log", "a") as f:
+                f.write(f"{time.strftime('%H:%M:%S')} {said}\n")  # (not to mask the Ctrl-C)
             print(said, file=sys.stderr)
         raise
     except WingspanError as e:  # (a damaged checkpoint, data gone) before the recipe began:
@@ -325,7 +326,7 @@ def _resume(run_dir: Path, config: TrainConfig, fabric, quiet: bool) -> Path:
                          for p in gone])
     if run.is_main:
         _note_classes_added(run, dataset, config)
-    return _score_held_out(run_dir, run) if scoring else _interruptible(run)
+    return _interruptible(run, scoring_only=scoring)
 
 
 def _note_classes_added(run: Run, dataset: Dataset, config: TrainConfig) -> None:
@@ -352,9 +353,9 @@ def _resuming(run_dir: Path, checkpoint: dict | None, scoring: bool) -> str:
     """train.log's first line of a resumed run: where it takes up."""
     if checkpoint is None:
         if (run_dir / "history.csv").is_file():  # epochs were saved: last.pt was deleted
-            return (f"Resuming {run_dir} from the beginning: its checkpoint "
-                    f"{run_dir / 'checkpoints' / 'last.pt'} is gone, so its epochs are "
-                    "trained again")
+            return (f"Resuming {run_dir} from the beginning: it has no checkpoint "
+                    f"({run_dir / 'checkpoints' / 'last.pt'}) to go on from, so its epochs "
+                    "are trained again")
         return f"Resuming {run_dir} from the beginning: it stopped before its first checkpoint"
     state = checkpoint["state"]
     if scoring:
@@ -421,12 +422,13 @@ def _go_on(run_dir: Path) -> str:
             f"(in Python: ws.resume({str(run_dir)!r}))")
 
 
-def _interruptible(run: Run) -> Path:
-    """The recipe; Ctrl-C leaves the run's last checkpoint, and says how to go on."""
+def _interruptible(run: Run, scoring_only: bool = False) -> Path:
+    """The recipe (or, `scoring_only`, the held-out classes' scoring of a run killed
+    there); Ctrl-C leaves the run's last checkpoint, and says how to go on."""
     if run.is_main:
         (run.dir / ERROR_FILE).unlink(missing_ok=True)  # a resume goes at it again
     try:
-        return _score_held_out(_recipe(run), run)
+        return _score_held_out(run.dir if scoring_only else _recipe(run), run)
     except KeyboardInterrupt as e:
         run.log(f"Interrupted. {_go_on(run.dir)}", caveat=True)
         raise Interrupted from e
