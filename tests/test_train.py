@@ -498,6 +498,29 @@ def test_ctrl_c_while_a_resume_starts_says_how_to_go_on(uninterrupted, tmp_path,
     assert (run_dir / "train.log").read_text().count("Interrupted") == 1  # said once
 
 
+def test_ctrl_c_of_a_run_without_a_checkpoint_says_it_starts_again(uninterrupted, tmp_path,
+                                                                  monkeypatch, capsys):
+    """With no last.pt (killed before its first one, or deleted as a damaged one's hint
+    says), a resume starts from the beginning: "continue from the last checkpoint" would
+    promise what it cannot do."""
+    import wingspan.training.run as run_module
+
+    run_dir = shutil.copytree(uninterrupted[0], tmp_path / "r")
+    (run_dir / "model" / "manifest.json").unlink()
+    (run_dir / "checkpoints" / "last.pt").unlink()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "_start", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        resume(run_dir, quiet=True)
+    said = (f"It has no checkpoint yet; start it again from the beginning with: wingspan "
+            f"train --resume {run_dir}")
+    assert said in capsys.readouterr().err and said in (run_dir / "train.log").read_text()
+    assert "Continue from the last checkpoint" not in (run_dir / "train.log").read_text()
+
+
 def test_ctrl_c_while_a_resume_scores_the_held_out_classes_says_how_to_go_on(
         demo_dir, tmp_path, monkeypatch):
     """Killed while scoring its held-out classes, a resumed run scores them again: a Ctrl-C

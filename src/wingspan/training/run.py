@@ -418,8 +418,10 @@ class Interrupted(KeyboardInterrupt):
 
 
 def _go_on(run_dir: Path) -> str:
-    return (f"Continue from the last checkpoint with: wingspan train --resume {run_dir} "
-            f"(in Python: ws.resume({str(run_dir)!r}))")
+    how = f"wingspan train --resume {run_dir} (in Python: ws.resume({str(run_dir)!r}))"
+    if (run_dir / "checkpoints" / "last.pt").is_file():
+        return f"Continue from the last checkpoint with: {how}"
+    return f"It has no checkpoint yet; start it again from the beginning with: {how}"
 
 
 def _interruptible(run: Run, scoring_only: bool = False) -> Path:
