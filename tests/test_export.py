@@ -419,6 +419,66 @@ def test_int8_is_written_only_within_a_point_of_fp32(run_dir, run_cli, monkeypat
         "QuantizeLinear", "DequantizeLinear"}
 
 
+def test_int8_falls_back_to_uint8_weights_when_7bit_costs_accuracy(run_dir, monkeypatch):
+    """The fast 7-bit weights are tried first; where they cost accuracy (AVX2 saturates
+    full int8 weights, and 7 bits lose precision) the exact uint8 weights are written.
+    Forced here: the sessions of the fp32 and uint8 graphs answer every val image right,
+    the 7-bit one wrong, whatever this CPU's integer kernels make of them."""
+    import onnx
+
+    from wingspan import export
+
+    bundle = run_dir / "model"
+    finest = "label"
+    classes = export._classes(bundle)[finest]
+    paths, labels = export._split_images(bundle, "val", 1000, level=finest)
+    truth = {}  # val pixels -> their class, as the check reads them
+    made = {}  # graph bytes -> the weights int8_graph made them with
+    real_int8_graph, real_session = export.int8_graph, export._ort_session
+    real_readable = export._readable_pixels
+
+    def readable_pixels(images, spec):
+        pixels, kept = real_readable(images, spec)
+        if list(images) == paths:
+            truth.update({pixels[i].tobytes(): classes.index(labels[k])
+                          for i, k in enumerate(kept)})
+        return pixels, kept
+
+    def int8_graph(graph, calibration, keep=(), weights="uint8"):
+        made[out := real_int8_graph(graph, calibration, keep, weights)] = weights
+        return out
+
+    def session(graph):
+        shift = 1 if made.get(graph) == "int8-7bit" else 0  # the next class: wrong
+        inner = real_session(graph)
+
+        class Answering:  # the finest probabilities one-hot on the truth (or beside it)
+            def run(self, names, feeds):
+                out = inner.run(names, feeds)
+                if names and names[0] == finest:
+                    out[0] = np.eye(len(classes), dtype=np.float32)[
+                        [(truth[row.tobytes()] + shift) % len(classes)
+                         for row in feeds["pixels"]]]
+                return out
+
+        return Answering()
+
+    monkeypatch.setattr(export, "_readable_pixels", readable_pixels)
+    monkeypatch.setattr(export, "int8_graph", int8_graph)
+    monkeypatch.setattr(export, "_ort_session", session)
+    monkeypatch.setattr(export, "int8_allowed_drop", lambda n: 0.0)
+    path = export.export_model(run_dir, run_dir / "fallback" / "m.int8.onnx", quantize="int8")
+    figures = json.loads(metadata_path(path).read_text())["int8"]
+    assert figures["val_top1_fp32"] == 1.0 and figures["val_top1_int8"] == 1.0
+    assert figures["weights"] == "uint8" and figures["refused"] == {"int8-7bit": 0.0}
+    assert truth and list(made.values()) == ["int8-7bit", "uint8"]  # 7-bit tried first
+    # The file written is the uint8 graph: its weights are unsigned.
+    weights = [t for t in onnx.load(str(path)).graph.initializer
+               if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+               and len(t.dims) == 4]
+    assert weights and all(t.data_type == onnx.TensorProto.UINT8 for t in weights)
+
+
 def test_int8_keeps_the_features_of_an_offline_lite_backbone(demo_dir):
     """tf_efficientnet_lite0 pads "same" by arithmetic on the input's shape: quantized
     with the network, every Pad padded wrongly and int8 features came out near zero (an
