@@ -653,6 +653,7 @@ def test_adapt_writes_a_new_run_and_leaves_the_run_as_it_was(trained, tmp_path, 
         shutil.copy(path, photos / f"{i}{Path(path).suffix}")
     n = len(shown)
     (photos / "broken.jpg").write_bytes(b"not a jpeg")
+    (photos / "phone.heic").write_bytes(b"\0\0\0\x18ftypheic")  # skipped, not fatal
     out = tmp_path / "adapted"
     (out / "model").mkdir(parents=True)  # an earlier adapted run is replaced
     (out / "model" / "manifest.json").write_text('{"training": {"adapted": {}}}')
@@ -660,12 +661,13 @@ def test_adapt_writes_a_new_run_and_leaves_the_run_as_it_was(trained, tmp_path, 
     code, stdout, err = run_cli("adapt", trained, photos, "--out", out, "--quiet")
     assert code == 0, err
     assert not list(tmp_path.glob(".*partial"))
-    assert f"{n + 1} photos (1 unreadable)" in stdout
+    assert f"{n + 2} photos (2 unreadable)" in stdout
     assert f"skipped {photos / 'broken.jpg'}: Cannot read image" in err  # which, and why
+    assert f"skipped {photos / 'phone.heic'}: a HEIC photo" in " ".join(err.split())
     assert "Replaced the earlier adapted run" in stdout
     assert fingerprint(trained) == before
     summary = json.loads((out / "adapt.json").read_text())
-    assert summary["photos"] == n + 1 and summary["unreadable"] == 1
+    assert summary["photos"] == n + 2 and summary["unreadable"] == 2
     assert summary["adapted_from"] == str(trained.resolve())
     assert summary["neighbours"] == 7 and summary["rounds"] == 1
     used = list(summary["photos_used_per_round"].values())[-1]
@@ -686,7 +688,7 @@ def test_adapt_writes_a_new_run_and_leaves_the_run_as_it_was(trained, tmp_path, 
             assert same, name
     manifest = read_manifest(out / "model")
     assert manifest["classes"] == read_manifest(trained / "model")["classes"]
-    assert manifest["training"]["adapted"]["photos"] == n + 1
+    assert manifest["training"]["adapted"]["photos"] == n + 2
     assert manifest["unknown"]["fitted_on"]
     assert (out / "splits.csv").read_bytes() == (trained / "splits.csv").read_bytes()
     assert not (out / "metrics.json").exists()  # the run's figures are not the adapted one's
@@ -695,7 +697,7 @@ def test_adapt_writes_a_new_run_and_leaves_the_run_as_it_was(trained, tmp_path, 
     assert result.metrics["accuracy"] == pytest.approx(summary["val_accuracy"])
     preds = list(Predictor(out, workers=0).run([str(p) for p in photos.iterdir()],
                                                progress=False))
-    assert sum(p.error != "" for p in preds) == 1
+    assert sum(p.error != "" for p in preds) == 2  # (the broken one and the HEIC)
     with pytest.raises(WingspanError, match="written by `wingspan adapt`"):
         resume(out)  # it has no training of its own (it would start one from nothing)
     # Adapted again on some photos: the first ones shaped it too (its head labelled these),

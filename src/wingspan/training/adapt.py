@@ -125,8 +125,10 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
                                  "linear head, the default) to adapt it.")
     out = _check_out(Path(out) if out else run_dir.with_name(run_dir.name + "-adapted"),
                      run_dir)
+    # A path that is no image (a HEIC from a phone, a typo) is skipped and named, as
+    # predict does; only when nothing is left is it an error.
     paths, missing = expand_paths([str(p) for p in photos])
-    if missing or not paths:
+    if not paths:
         raise WingspanError("Cannot read: " + "; ".join(f"{p} ({why})" for p, why in missing)
                             if missing else f"No image files among {', '.join(photos)}.",
                             hint="Give image files, folders of images or globs.")
@@ -164,8 +166,10 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
                 (("before", before), ("after", after))}
     given = set(real_paths(paths))
     summary = {
-        "adapted_from": str(run_dir), "photos": len(paths), "unreadable": len(paths) - len(ok),
-        "unreadable_photos": [[p.path, p.error] for p in preds if p.error],
+        "adapted_from": str(run_dir), "photos": len(paths) + len(missing),
+        "unreadable": len(paths) + len(missing) - len(ok),
+        "unreadable_photos": [[p, why] for p, why in missing]
+                             + [[p.path, p.error] for p in preds if p.error],
         **{k: getattr(config, k) for k in SETTINGS},
         "photos_used_per_round": used, "training_images": len(train.paths),
         "unreadable_training_images": train.unreadable,
