@@ -478,12 +478,36 @@ def test_a_killed_evaluation_leaves_the_previous_results_whole(trained, tmp_path
         with pytest.raises(type(stop)):
             evaluate(trained, split="val", out=out, progress=False, workers=0, plots=False)
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched
-        # The unfinished one is gone: on a full disk it held space the user needs.
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["ev"]
+        # The unfinished one is gone: on a full disk it held space the user needs. (The
+        # empty lock file stays, as a run's .lock does: deleting one races a waiting taker.)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".ev.lock", "ev"]
     monkeypatch.undo()
     result = evaluate(trained, split="val", out=out, progress=False, workers=0, plots=False)
     assert result.out_dir == out and result.report == out / "report.html"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ev"]  # no leftovers
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ev.lock", "ev"]  # no leftovers
+
+
+def test_a_second_evaluation_into_the_same_folder_at_once_is_refused(trained, tmp_path):
+    """Two at once wrote in one partial folder, each deleting the other's files: the
+    folder left lacked its marker, and every later evaluation there was refused."""
+    import fcntl
+
+    from wingspan.errors import WingspanError
+
+    out = tmp_path / "ev"
+    evaluate(trained, split="val", out=out, progress=False, workers=0, plots=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with open(tmp_path / ".ev.lock", "a") as held:  # as another evaluate holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(WingspanError, match=f"Another `wingspan evaluate` is writing {out} "
+                                                "now"):
+            evaluate(trained, split="val", out=out, progress=False, workers=0, plots=False)
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # left alone
+        # Another folder is not held up by it.
+        evaluate(trained, split="val", out=tmp_path / "other", progress=False, workers=0,
+                 plots=False)
+    result = evaluate(trained, split="val", out=out, progress=False, workers=0, plots=False)
+    assert (result.out_dir / ".wingspan-evaluation").is_file()
 
 
 def test_evaluate_never_replaces_a_folder_that_is_not_an_evaluation(trained, tmp_path):

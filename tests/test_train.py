@@ -491,7 +491,7 @@ def test_ctrl_c_while_a_resume_starts_says_how_to_go_on(uninterrupted, tmp_path,
             f"Continue from the last checkpoint with: wingspan train --resume {run_dir} (in "
             f"Python: ws.resume({str(run_dir)!r}))")
     assert said in capsys.readouterr().err and said in (run_dir / "train.log").read_text()
-    assert str(run_dir.resolve()) not in folder._HELD  # the lock was let go
+    assert str(run_dir.resolve() / ".lock") not in folder._HELD  # the lock was let go
     monkeypatch.undo()
     resume(run_dir, quiet=True)
     assert (run_dir / "model" / "manifest.json").is_file()

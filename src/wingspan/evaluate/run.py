@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -49,7 +50,13 @@ from wingspan.inference import (
 )
 from wingspan.models.bundle import update_manifest
 from wingspan.predict import answer_at, deciding_score, expand_paths, taxonomy_path
-from wingspan.training.folder import adapted_photos, splits_digest, trained_on
+from wingspan.training.folder import (
+    adapted_photos,
+    hold_lock,
+    release_lock,
+    splits_digest,
+    trained_on,
+)
 
 
 @dataclass
@@ -97,11 +104,9 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
         _check_unseen(unknown_paths, rows["path"], predictor)
     final = Path(out).resolve() if out else _default_out(predictor, dataset, split, data,
                                                          tta, unknown, unknown_score)
-    out_dir = _partial_folder(final)
-    if data is not None:  # whose folder it is (`folder_of`): another of the same name has its own
-        (out_dir / SOURCE).write_text(str(dataset.root.resolve()) + "\n")
-
-    try:  # a failed evaluation (a full disk, Ctrl-C) leaves no folder behind
+    with _writing(final) as out_dir:  # a failed one (a full disk, Ctrl-C) leaves no folder
+        if data is not None:  # whose folder (`folder_of`): another of the same name has its own
+            (out_dir / SOURCE).write_text(str(dataset.root.resolve()) + "\n")
         paths = rows["path"].tolist()
         preds = list(predictor.run(paths, tta=tta, progress=progress,
                                    every_score=unknown is not None))
@@ -182,10 +187,6 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
                               for lv in predictor.taxonomy.levels[:-1]}
         _report(out_dir, (run_dir or final).name, predictor, run_dir, dataset, level, split,
                 metrics, table, confused, pngs, levels_table, transfer, plots)
-        _put_in_place(out_dir, final)
-    except BaseException:
-        shutil.rmtree(out_dir, ignore_errors=True)
-        raise
     return Evaluation(final, metrics, final / "report.html")
 
 
@@ -246,16 +247,34 @@ def _default_out(predictor: Predictor, dataset: Dataset, split: str, data, tta: 
     return folder if data is None else folder_of(folder, dataset.root)
 
 
-def _partial_folder(final: Path) -> Path:
-    """Where the evaluation is written: a folder beside `final`, moved in place at the end
-    (`_put_in_place`). A failed evaluation removes it, and one killed outright (SIGKILL)
-    leaves it: the previous results stay whole, never half of both."""
+@contextlib.contextmanager
+def _writing(final: Path):
+    """The folder to write the evaluation in: one beside `final`, moved in place when the
+    block ends (`_put_in_place`). A failed evaluation removes it, and one killed outright
+    (SIGKILL) leaves it: the previous results stay whole, never half of both. A lock file
+    beside it keeps a second evaluation into `final` (the same command twice at once)
+    from writing in the same folder: it is refused while this one runs."""
     _check_out_dir(final)
-    out_dir = final.with_name(f".{final.name}.partial")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    out_dir.mkdir(parents=True)
-    (out_dir / MARKER).write_text("written by wingspan evaluate; replaced whole by the next\n")
-    return out_dir
+    final.parent.mkdir(parents=True, exist_ok=True)
+    lock = f".{final.name}.lock"
+    if not hold_lock(final.parent, lock):
+        raise WingspanError(f"Another `wingspan evaluate` is writing {final} now.",
+                            hint="Wait for it to finish, then evaluate again (or give "
+                                 "another --out).")
+    try:
+        out_dir = final.with_name(f".{final.name}.partial")
+        shutil.rmtree(out_dir, ignore_errors=True)
+        out_dir.mkdir()
+        (out_dir / MARKER).write_text("written by wingspan evaluate; replaced whole by the "
+                                      "next\n")
+        try:
+            yield out_dir
+        except BaseException:
+            shutil.rmtree(out_dir, ignore_errors=True)
+            raise
+        _put_in_place(out_dir, final)
+    finally:
+        release_lock(final.parent, lock)
 
 
 def _calibration_used(predictor: Predictor, split: str, data) -> dict:

@@ -59,7 +59,7 @@ def adapted_photos(run_dir: Path | None) -> list[str]:
         return []
 
 
-_HELD: dict[str, object] = {}  # run folder -> its open lock file, while this process trains
+_HELD: dict[str, object] = {}  # lock file -> it, open, while this process holds it
 
 
 def _let_go_in_child() -> None:
@@ -76,19 +76,24 @@ if hasattr(os, "register_at_fork"):  # (POSIX)
     os.register_at_fork(after_in_child=_let_go_in_child)
 
 
-def hold_lock(run_dir: Path) -> bool:
+def _key(folder: Path, lock: str) -> str:
+    return str(Path(folder).resolve() / lock)
+
+
+def hold_lock(run_dir: Path, lock: str = ".lock") -> bool:
     """Rank 0 holds the run's lock while it trains: a second process training the same
     folder (a --resume of a run still going) would write the same checkpoints and model.
+    (`lock`: another lock file in the folder, for another writer: an evaluation's.)
     The OS drops the lock when the process ends, however it ends. False: another holds
     it. (POSIX only; elsewhere nothing is locked.)"""
     try:
         import fcntl
     except ImportError:
         return True
-    key = str(run_dir.resolve())
+    key = _key(run_dir, lock)
     if key in _HELD:
         return True
-    handle = open(run_dir / ".lock", "w")  # noqa: SIM115 - held open for the whole run
+    handle = open(run_dir / lock, "w")  # noqa: SIM115 - held open for the whole run
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -115,7 +120,7 @@ def lock_state(run_dir: Path) -> str:
         import fcntl
     except ImportError:
         return FREE
-    if str(Path(run_dir).resolve()) in _HELD:
+    if _key(run_dir, ".lock") in _HELD:
         return FREE  # this process trains it
     lock = Path(run_dir) / ".lock"
     try:  # opened to read: a run folder without a lock is left so (`wingspan runs` lists
@@ -134,8 +139,8 @@ def lock_state(run_dir: Path) -> str:
     return FREE
 
 
-def release_lock(run_dir: Path) -> None:
-    handle = _HELD.pop(str(Path(run_dir).resolve()), None)
+def release_lock(run_dir: Path, lock: str = ".lock") -> None:
+    handle = _HELD.pop(_key(run_dir, lock), None)
     if handle is not None:
         handle.close()
 
