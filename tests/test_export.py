@@ -109,6 +109,11 @@ def test_export_runs_without_wingspan_and_matches_pytorch(run_dir, run_cli, demo
     images.append(str(run_dir / "scan16.png"))
     Image.fromarray(deep).save(images[-1])
     assert Image.open(images[-1]).mode.startswith("I")
+    # A float image with a NaN: stretched over its other values (one NaN made it black).
+    floats = np.asarray(Image.open(images[2]).convert("L"), dtype=np.float32) / 7
+    floats[0, 0] = np.nan
+    images.append(str(run_dir / "float.tif"))
+    Image.fromarray(floats).save(images[-1])
     rows = run_readme_onnx_example(model, images)
     for row in rows:
         p = np.array(row["out"]["label"])
@@ -398,13 +403,22 @@ def test_int8_is_written_only_within_a_point_of_fp32(run_dir, run_cli, monkeypat
                                               {"pixels": pixels}), strict=True))
     assert thresholds == pytest.approx(level_thresholds(scores, meta["unknown"]["rate"]),
                                        rel=1e-6)
+    # How far int8's probabilities are from fp32's, measured on those val images (the fp32
+    # graph's agreement with PyTorch says nothing of the int8 file).
+    fp32 = ort.InferenceSession(str(export.export_model(run_dir, run_dir / "q" / "m.onnx")),
+                                providers=["CPUExecutionProvider"])
+    apart = np.abs(session.run(["label"], {"pixels": pixels})[0]
+                   - fp32.run(["label"], {"pixels": pixels})[0]).max()
+    assert figures["max_abs_probability_difference_vs_fp32"] == pytest.approx(apart, abs=1e-6)
     # The CLI says so, without the quantizer's advice to pre-process in the way.
     code, out, err = run_cli("export", run_dir, "--quantize", "int8", "--out",
                              run_dir / "q" / "cli.int8.onnx")
     said = " ".join(out.split())
     assert code == 0 and "the int8 model's own, set again on its val scores" in said
-    assert re.search(r"int8 \(int8-7bit weights\) val top-1 [\d.]+ \(fp32 [\d.]+\), "
-                     r"[\d.]+x fp32's time here", said), said
+    assert re.search(r"the fp32 graph, before quantizing, agrees with PyTorch within "
+                     r"[\d.e-]+ on \d+ images\. int8 \(int8-7bit weights\) val top-1 [\d.]+ "
+                     r"\(fp32 [\d.]+\), probabilities within [\d.]+ of fp32's on \d+ val "
+                     r"images, [\d.]+x fp32's time here", said), said
     assert not [r for r in caplog.records if "pre-processing" in r.getMessage()]
     import onnx
 

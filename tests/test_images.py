@@ -40,6 +40,20 @@ def test_open_rgb_scales_16_bit(tmp_path):
     assert len(np.unique(pixels)) == 100 and (np.diff(pixels.ravel().astype(int)) > 0).all()
 
 
+def test_a_float_image_with_nan_or_inf_is_stretched_over_its_finite_values(tmp_path):
+    """One NaN made the stretch's range NaN, and the whole image black (one inf, too)."""
+    ramp = np.linspace(0, 1, 100, dtype=np.float32).reshape(10, 10)
+    for bad, shade in ((np.nan, 0), (np.inf, 255), (-np.inf, 0)):
+        values = ramp.copy()
+        values[5, 5] = bad
+        Image.fromarray(values).save(tmp_path / "f.tif")
+        pixels = np.asarray(open_rgb(tmp_path / "f.tif"))[..., 0]
+        assert pixels[5, 5] == shade
+        assert pixels[0, 1] == 3 and pixels[-1, -1] == 255  # the rest as without it
+    Image.fromarray(np.full((4, 4), np.nan, dtype=np.float32)).save(tmp_path / "f.tif")
+    assert (np.asarray(open_rgb(tmp_path / "f.tif")) == 0).all()
+
+
 def test_open_rgb_draft_decodes_large_jpeg_smaller(tmp_path):
     path = write_image(tmp_path / "big.jpg", size=(1600, 1200), seed=0)
     assert open_rgb(path, draft=300).size == (400, 300)

@@ -342,21 +342,23 @@ def _quantize(graph: bytes, bundle: Path, spec: InputSpec, levels: list[str],
                             hint="Export from the run folder, with its data where it was.")
     wanted = [finest] + ([UNKNOWN_OUTPUT.format(lv) for lv in levels] if unknown else [])
 
-    def run(model: bytes) -> tuple[float, dict[str, np.ndarray], float]:
-        """(val top-1, unknown scores per level, seconds) of a graph on the val images."""
+    def run(model: bytes) -> tuple[float, dict[str, np.ndarray], float, np.ndarray]:
+        """(val top-1, unknown scores per level, seconds, finest probabilities) of a graph
+        on the val images."""
         session = _ort_session(model)
         session.run(wanted, {"pixels": pixels[:1]})  # warmed up: the time is the pass's
         start = time.perf_counter()
         out = [session.run(wanted, {"pixels": pixels[i:i + 32]})
                for i in range(0, len(pixels), 32)]
         seconds = time.perf_counter() - start
-        top1 = float((answers(np.concatenate([o[0] for o in out])) == truth).mean())
-        return top1, {lv: np.concatenate([o[1 + i] for o in out])
-                      for i, lv in enumerate(levels) if unknown}, seconds
+        probs = np.concatenate([o[0] for o in out])
+        return float((answers(probs) == truth).mean()), {
+            lv: np.concatenate([o[1 + i] for o in out]) for i, lv in enumerate(levels)
+            if unknown}, seconds, probs
 
     figures = {"val_images": len(pixels), "calibration_images": len(calibration)}
     fp32_thresholds = unknown["thresholds"] if unknown else {}
-    figures["val_top1_fp32"], scores, fp32_seconds = run(graph)
+    figures["val_top1_fp32"], scores, fp32_seconds, fp32_probs = run(graph)
     if unknown:
         figures["val_unknown_share_fp32"] = float(
             (scores[finest] > fp32_thresholds[finest]).mean())
@@ -364,7 +366,7 @@ def _quantize(graph: bytes, bundle: Path, spec: InputSpec, levels: list[str],
     tried = {}
     for weights in INT8_WEIGHTS:  # the fast one first; the exact one if it costs accuracy
         quantized = int8_graph(graph, calibration, keep, weights)
-        tried[weights], scores, seconds = run(quantized)
+        tried[weights], scores, seconds, probs = run(quantized)
         if tried[weights] >= lowest:
             break
     else:
@@ -376,6 +378,9 @@ def _quantize(graph: bytes, bundle: Path, spec: InputSpec, levels: list[str],
             "written.", hint="Use the fp32 export (without --quantize).")
     figures.update(val_top1_int8=tried[weights], weights=weights,
                    refused={k: v for k, v in tried.items() if k != weights},
+                   # (the fp32 graph's agreement with PyTorch is `checked`'s, before it)
+                   max_abs_probability_difference_vs_fp32=float(
+                       np.abs(probs - fp32_probs).max()),
                    # on the exporting machine: another CPU may differ (VNNI, say)
                    seconds_int8_vs_fp32=round(seconds / fp32_seconds, 2))
     thresholds = None

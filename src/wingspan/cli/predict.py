@@ -214,17 +214,20 @@ def export_command(
     meta = json.loads(metadata_path(path).read_text())
     check = meta["checked"]
     unknown = meta.get("unknown")
+    int8 = meta.get("int8", {})
     out.print(f"Wrote {plain(path)} and {plain(metadata_path(path))}: input uint8 RGB "
-              f"(N, {meta['input']['size']}, {meta['input']['size']}, 3); agrees with PyTorch "
-              f"within {check['max_abs_probability_difference']:.1e} on {check['images']} "
+              f"(N, {meta['input']['size']}, {meta['input']['size']}, 3); "
+              + ("the fp32 graph, before quantizing, " if int8 else "")
+              + f"agrees with PyTorch within {check['max_abs_probability_difference']:.1e} on "
+              f"{check['images']} "
               + ("generated pictures (the run's val images were not found)."
                  if check.get("generated") else "images.")
-              + (f" int8 ({meta['int8']['weights']} weights) val top-1 "
-                 f"{meta['int8']['val_top1_int8']:.4f} (fp32 {meta['int8']['val_top1_fp32']:.4f}"
-                 f"), {meta['int8']['seconds_int8_vs_fp32']:.2f}x fp32's time here"
-                 + (" (7-bit weights cost accuracy: uint8 ones are exact, slower)"
-                    if meta['int8']['refused'] else "") if "int8" in meta else ""))
-    int8 = meta.get("int8", {})
+              + (f" int8 ({int8['weights']} weights) val top-1 {int8['val_top1_int8']:.4f} "
+                 f"(fp32 {int8['val_top1_fp32']:.4f}), probabilities within "
+                 f"{int8['max_abs_probability_difference_vs_fp32']:.2f} of fp32's on "
+                 f"{int8['val_images']} val images, {int8['seconds_int8_vs_fp32']:.2f}x fp32's "
+                 "time here" + (" (7-bit weights cost accuracy: uint8 ones are exact, slower)"
+                                if int8['refused'] else "") if int8 else ""))
     own = ("; the int8 model's own, set again on its val scores (fp32's would turn away "
            f"{int8['val_unknown_share_int8']:.1%} of known val images, not "
            f"{unknown['rate']:.0%})" if "unknown_thresholds_fp32" in int8 else "")
