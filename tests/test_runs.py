@@ -79,11 +79,20 @@ def test_the_held_out_figure_is_read_from_an_unknown_evaluation_too(finished, tm
     too; a `--tta` evaluation alone is another recipe's figure, not the run's."""
     runs = tmp_path / "runs"
     evaluation = json.loads((finished / "evaluation-test" / "metrics.json").read_text())
-    for name, folder in (("unknown", "evaluation-test-unknown"), ("tta", "evaluation-test-tta")):
+    for name, folder in (("unknown", "evaluation-test-unknown"), ("tta", "evaluation-test-tta"),
+                         ("holdout", "evaluation-unknown"), ("holdout-val", "evaluation-unknown")):
         (_copy(finished, runs / name) / "evaluation-test").rename(runs / name / folder)
+    # `train --holdout-classes` scores its own split in evaluation-unknown/: counted when it
+    # is the run's held-out split, not when it is another.
+    (runs / "holdout-val" / "evaluation-unknown" / "metrics.json").write_text(
+        json.dumps({**evaluation, "split": "val"}))
     rows = {r["name"]: r for r in _plain(ws.runs(runs))}
+    assert evaluation["split"] == "test" and rows["holdout"]["held_out_split"] == "test"
     assert rows["unknown"]["held_out_macro_f1"] == evaluation["macro"]["f1"]
+    assert rows["holdout"]["held_out_macro_f1"] == evaluation["macro"]["f1"]
     assert rows["tta"]["held_out_macro_f1"] is None
+    assert rows["holdout-val"]["held_out_macro_f1"] is None
+    assert not rows["holdout-val"]["held_out_evaluated"]
 
 
 def _plain(frame: pd.DataFrame) -> list[dict]:

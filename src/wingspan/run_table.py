@@ -212,13 +212,16 @@ def _held_out_figure(run_dir: Path, split: str) -> tuple[float | None, bool]:
     """The macro-F1 that `wingspan evaluate RUN` measured on the split nothing was chosen
     on, when it has been run and called its figure fair (None until then, or when it was
     not fair: an adapted run scored on photos it adapted on), and whether it has been run.
-    `--unknown`'s folder holds the same plain figures beside its own; `--tta`'s are another
-    recipe's."""
-    name = next((f"{folder}/metrics.json" for folder in (f"evaluation-{split}",
-                                                         f"evaluation-{split}-unknown")
+    `--unknown`'s folder holds the same plain figures beside its own, as does the one
+    `train --holdout-classes` writes (evaluation-unknown, of its own split); `--tta`'s are
+    another recipe's."""
+    name = next((f"{folder}/metrics.json" for folder in (
+        f"evaluation-{split}", f"evaluation-{split}-unknown", "evaluation-unknown")
                  if (run_dir / folder / "metrics.json").is_file()),
                 f"evaluation-{split}/metrics.json")
     evaluation = _read(run_dir, name, missing={})
+    if name.startswith("evaluation-unknown/") and evaluation.get("split") != split:
+        evaluation = {}  # (of another split: not the figure asked for)
     try:
         fair = str(evaluation.get("fair", "")).startswith("yes")
         return (float(evaluation["macro"]["f1"]) if evaluation and fair else None,
