@@ -52,6 +52,19 @@ def test_a_read_only_folder_is_a_message(tmp_path, monkeypatch, run_cli):
     assert code == 2 and "read-only file system" in err and "Traceback" not in err
 
 
+def test_a_folder_the_system_refuses_is_a_message(demo_dir, run_cli):
+    """mkdir under /proc fails with ENOENT, though the path's parent exists: it was a
+    traceback. (A read-only or full disk, or a permission, keeps its own advice, above.)"""
+    if not Path("/proc/self").is_dir():
+        pytest.skip("no /proc here")
+    for args in (("demo", "--out", "/proc/ws-test"),
+                 ("data", "inspect", demo_dir, "--out", "/proc/ws-test/inspect")):
+        code, _, err = run_cli(*args)
+        said = " ".join(err.split())
+        assert code == 2 and "Error: No such file or directory: /proc/ws-test." in said, said
+        assert "Hint: Check the path" in said and "Traceback" not in said
+
+
 def test_an_error_while_writing_removes_the_temporary_file(tmp_path):
     target = tmp_path / "features.safetensors"
     with pytest.raises(RuntimeError), atomic_path(target) as tmp:
