@@ -1289,8 +1289,13 @@ def test_evaluating_a_run_whose_splits_csv_changed_since_training_is_refused(tra
     splits = run / "splits.csv"
     rows = splits.read_text().splitlines(True)
     splits.write_text("".join(rows[:len(rows) * 3 // 4]))
-    with pytest.raises(WingspanError, match="splits.csv has changed since the run trained"):
+    with pytest.raises(WingspanError, match="splits.csv has changed since the run trained"
+                       ) as e:
         evaluate(run, progress=False, workers=0, plots=False)
+    assert e.value.hint.endswith(f"evaluate on other data: `wingspan evaluate {run} DATA`.")
+    with pytest.raises(WingspanError, match="splits.csv has changed since") as e:
+        calibrate(run, progress=False, workers=0)  # its hint names its own command
+    assert e.value.hint.endswith(f"calibrate on other data: `wingspan calibrate {run} DATA`.")
     splits.write_text("".join(row.replace("/", "/./", 1) if i else row
                               for i, row in enumerate(rows)))
     assert evaluate(run, progress=False, workers=0, plots=False).metrics["images"] > 0

@@ -555,7 +555,8 @@ def _per_level(predictor: Predictor, rows: pd.DataFrame, probs: np.ndarray, pred
     return table, columns
 
 
-def _dataset(data, run_dir: Path | None, doing: str = "evaluate on") -> Dataset:
+def _dataset(data, run_dir: Path | None, doing: str = "evaluate on",
+             command: str = "evaluate") -> Dataset:
     if isinstance(data, Dataset):  # read already (the API's ws.read)
         return data
     if data is not None:
@@ -563,13 +564,13 @@ def _dataset(data, run_dir: Path | None, doing: str = "evaluate on") -> Dataset:
     if run_dir is None:
         raise WingspanError(f"Give DATA to {doing}: this bundle is not inside a run folder, "
                             "so it has no split of its own.")
-    _check_splits_unchanged(run_dir)
+    _check_splits_unchanged(run_dir, command)
     # Every image the run split off, there or not: one deleted or moved since training is
     # then counted and named as unreadable, not dropped from the figures without a word.
     return read_dataset(run_dir / "splits.csv", ReadConfig(check_files=False))
 
 
-def _check_splits_unchanged(run_dir: Path) -> None:
+def _check_splits_unchanged(run_dir: Path, command: str) -> None:
     """The run's splits.csv as it trained (metrics.json keeps its digest): edited or cut
     short since, its test split is no longer the one kept apart, and its figures not the
     run's. (Paths may be rewritten: the digest leaves them out.)"""
@@ -581,8 +582,8 @@ def _check_splits_unchanged(run_dir: Path) -> None:
         raise WingspanError(
             f"{run_dir / 'splits.csv'} has changed since the run trained (edited, or "
             "damaged): its splits are no longer the ones the run kept apart.",
-            hint="Put the run's own splits.csv back, or evaluate other data: "
-                 f"`wingspan evaluate {run_dir} DATA`.")
+            hint=f"Put the run's own splits.csv back, or {command} on other data: "
+                 f"`wingspan {command} {run_dir} DATA`.")
 
 
 def _default_split(dataset: Dataset) -> str:
@@ -693,7 +694,7 @@ def calibrate(model: str | Path, data: str | Path | None = None, split: str | No
     predictor = Predictor(model, device=device, batch_size=batch_size, workers=workers,
                           progress=progress)
     run_dir = run_dir_of(predictor.bundle)
-    dataset = _dataset(data, run_dir, "fit the temperature on")
+    dataset = _dataset(data, run_dir, "fit the temperature on", command="calibrate")
     level = predictor.level if predictor.level in dataset.levels else dataset.default_level
     if split is None:  # labelled photos from elsewhere often come without a split
         split = "val" if data is None or "val" in set(dataset.table[SPLIT]) else "all"
