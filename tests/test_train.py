@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -1045,6 +1046,25 @@ def test_data_split_into_train_only_still_keeps_a_test_split(demo_dir, tmp_path)
     split = ensure_splits(data, "label", tiny(tmp_path, test_fraction=0.2), log=said.append)
     assert set(split.table["split"]) == {"train", "val", "test"}
     assert any("train only" in line for line in said)
+
+
+def test_images_the_data_gives_no_split_train_beside_its_marked_test_images(demo_dir,
+                                                                             tmp_path):
+    """A CSV that marks only its test images, the rest left blank: the blank ones train
+    (and val is carved from them). They were dropped, and with nothing left to train on,
+    the run stopped saying the classes had too few images."""
+    from wingspan.training.prepare import ensure_splits
+
+    data = read_dataset(demo_dir)
+    marked = np.arange(len(data.table)) % 4 == 0
+    data.table["split"] = np.where(marked, "test", "")
+    said = []
+    split = ensure_splits(data, "label", tiny(tmp_path), log=said.append)
+    table = split.table.set_index("path")["split"]
+    assert len(table) == len(data.table)  # none left out
+    assert (table[data.table["path"][marked]] == "test").all()  # as marked
+    assert set(table[data.table["path"][~marked]]) == {"train", "val"}
+    assert f"{(~marked).sum()} images have no split in the data: trained on" in " ".join(said)
 
 
 def test_a_diverging_run_stops_with_a_clear_error_and_writes_no_model(demo_dir, tmp_path):

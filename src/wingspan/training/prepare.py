@@ -47,12 +47,16 @@ def ensure_splits(dataset: Dataset, level: str, config: TrainConfig,
         if report.mixed_labels:
             log(report.mixed_labels_said(level))
         return split
-    dataset = _check_leaks(dataset, config, log)
-    table = dataset.table
+    # Images the data gives no split (a CSV that marks only its test images, say) are not
+    # set aside: they train (and val is carved from them as below, when the data has
+    # none). Before the leak check: they must share no group with val or test.
     unsplit = int((table[SPLIT] == "").sum())
     if unsplit:
-        log(f"{counted(unsplit, 'image has', 'images have')} no split and will not be used")
-        dataset = dataset.subset((table[SPLIT] != "").to_numpy())
+        log(f"{counted(unsplit, 'image has', 'images have')} no split in the data: trained "
+            "on, with its train images (its val and test images stay as they are marked)")
+        dataset = dataset.with_table(table.assign(**{SPLIT: renamed(table[SPLIT],
+                                                                    {"": "train"})}))
+    dataset = _check_leaks(dataset, config, log)
     splits = set(dataset.table[SPLIT])
     if "val" not in splits and "test" not in splits and config.test_fraction:
         log(f"The data's split has train only: taking {config.val_fraction:.0%} of it for val "
