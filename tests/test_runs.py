@@ -95,6 +95,23 @@ def test_the_held_out_figure_is_read_from_an_unknown_evaluation_too(finished, tm
     assert not rows["holdout-val"]["held_out_evaluated"]
 
 
+def test_a_run_whose_splits_csv_changed_is_listed_damaged(finished, tmp_path):
+    """evaluate and calibrate refuse a run whose splits.csv changed since it trained:
+    `runs` says so rather than "done". Its paths rewritten (data moved) are the same rows."""
+    runs = tmp_path / "runs"
+    edited, moved = _copy(finished, runs / "edited"), _copy(finished, runs / "moved")
+    splits = pd.read_csv(edited / "splits.csv", dtype=str, keep_default_na=False)
+    first_test = splits.index[splits["split"] == "test"][0]
+    splits.loc[first_test, "split"] = "train"  # a test image moved to train by hand
+    splits.to_csv(edited / "splits.csv", index=False)
+    text = (moved / "splits.csv").read_text()
+    (moved / "splits.csv").write_text(text.replace("/", "/./"))
+    assert _status(runs, "edited") == (
+        "damaged", "splits.csv has changed since the run trained (edited, or damaged): "
+                   "evaluate and calibrate refuse it until the run's own is put back")
+    assert _status(runs, "moved") == ("done", None)
+
+
 def _plain(frame: pd.DataFrame) -> list[dict]:
     """Records with every empty cell None (NaN, <NA>), to compare across formats."""
     return [{k: None if pd.isna(v) else v for k, v in row.items()}

@@ -25,6 +25,7 @@ from wingspan.training.folder import (
     SPLITS_FILE,
     UNREADABLE,
     lock_state,
+    splits_digest,
     stopped_by,
     stopped_while_set_up,
     trained_on,
@@ -180,6 +181,9 @@ def _read_run(run_dir: Path, row: dict) -> None:
                    held_out_split=selection.get("unbiased_split"))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise Damaged(f"metrics.json is not one wingspan wrote ({first_line(e)})") from e
+    if metrics.get("splits_digest") not in (None, splits_digest(run_dir)):  # as evaluate checks
+        raise Damaged(f"{SPLITS_FILE} has changed since the run trained (edited, or damaged): "
+                      "evaluate and calibrate refuse it until the run's own is put back")
     if row["held_out_split"]:
         row["held_out_macro_f1"], row["held_out_evaluated"] = _held_out_figure(
             run_dir, row["held_out_split"])
