@@ -873,17 +873,17 @@ def test_unreadable_unknown_images_are_said_beside_the_figures(trained, tmp_path
     for i in range(3):
         write_image(unseen / f"moth_{i}.jpg", size=(40, 40), seed=i)
     (unseen / "broken.jpg").write_bytes(b"not a jpeg")
+    (unseen / "phone.heic").write_bytes(b"\0\0\0\x18ftypheic")  # no image: counted too
     code, stdout, err = run_cli("evaluate", "--no-plots", trained, "--unknown", unseen, "--out",
                                 tmp_path / "ev", "--quiet")
     assert code == 0, err
     u = json.loads((tmp_path / "ev" / "metrics.json").read_text())["unknown"]
-    assert u["unseen_images"] == 3 and [p for p, _ in u["unreadable"]] == [
-        str(unseen / "broken.jpg")]
+    assert u["unseen_images"] == 3 and sorted(p for p, _ in u["unreadable"]) == [
+        str(unseen / "broken.jpg"), str(unseen / "phone.heic")]
     said = " ".join(stdout.split())
-    assert "1 of the --unknown images could not be read and were not scored" in said
-    assert "broken.jpg" in said
+    assert "2 of the --unknown images could not be read and were not scored" in said
     page = " ".join((tmp_path / "ev" / "report.html").read_text().split())
-    assert re.search(r"unreadable images of unseen classes \(not scored\)</t[dh]>\s*<td[^>]*>1<",
+    assert re.search(r"unreadable images of unseen classes \(not scored\)</t[dh]>\s*<td[^>]*>2<",
                      page), page[page.find("unseen classes"):][:300]
 
 

@@ -99,7 +99,8 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     rows, left_out = _known_rows(dataset, split, level, predictor, class_map)
     if data is not None and predictor.taxonomy and not class_map:
         _check_data_tree(rows, predictor.taxonomy.levels)
-    unknown_paths = _unknown_paths(unknown) if unknown is not None else None  # before work
+    unknown_paths, unknown_missing = _unknown_paths(unknown) if unknown is not None else (
+        None, [])  # before any work
     if unknown_paths:
         _check_unseen(unknown_paths, rows["path"], predictor)
     final = Path(out).resolve() if out else _default_out(predictor, dataset, split, data,
@@ -175,7 +176,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
         if unknown is not None:
             metrics["unknown"] = _openset(predictor, unknown, unknown_paths, read, y, y_pred,
                                           averaged_classes(y, y_pred, truth_only),
-                                          out_dir, progress, tta, plots)
+                                          out_dir, progress, tta, plots, unknown_missing)
         write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
 
         pngs = _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, y,
@@ -376,16 +377,16 @@ def _answer_figures(named: np.ndarray, right: np.ndarray) -> dict:
             "named_wrongly": float((named & ~right).mean())}
 
 
-def _unknown_paths(unknown) -> list[str]:
+def _unknown_paths(unknown) -> tuple[list[str], list[tuple[str, str]]]:
     """The images of `--unknown` (a folder, files or globs, or a list of them), checked
-    before anything is predicted."""
+    before anything is predicted, and those that are no image (a HEIC photo), with why."""
     inputs = [str(unknown)] if isinstance(unknown, str | Path) else [str(u) for u in unknown]
     paths, missing = expand_paths(inputs)
     if not paths:
         raise WingspanError(f"No images of unseen classes in {', '.join(inputs)}"
                             + (f": {missing[0][1]}" if missing else "."),
                             hint="Give a folder of images of classes the model never saw.")
-    return paths
+    return paths, missing
 
 
 def _check_unseen(unknown_paths: list[str], known_paths, predictor: Predictor) -> None:
@@ -420,10 +421,11 @@ def _check_split(dataset: Dataset, split: str) -> None:
 
 def _openset(predictor: Predictor, unknown, paths: list[str], known: list, y: np.ndarray,
              y_pred: np.ndarray, labels: np.ndarray, out_dir: Path, progress: bool,
-             tta: bool = False, draw: bool = True) -> dict:
+             tta: bool = False, draw: bool = True, missing: list = ()) -> dict:
     """The known images' unknown scores against those of images of unseen classes
-    (`paths`, from `unknown`); writes unknown.csv (each unseen image: score, answer,
-    closest class) and unknown.png."""
+    (`paths`, from `unknown`; `missing`: those of it that are no image, with why, counted
+    unreadable); writes unknown.csv (each unseen image: score, answer, closest class) and
+    unknown.png."""
     seen = list(predictor.run(paths, tta=tta, progress=progress, every_score=True))
     unseen = [p for p in seen if not p.error]
     if not unseen:
@@ -440,7 +442,8 @@ def _openset(predictor: Predictor, unknown, paths: list[str], known: list, y: np
                              known_away=np.array([p.known_level != level for p in known]),
                              unknown_away=np.array([p.known_level != level for p in unseen]))
     result.update(score=name, rate=predictor.unknown.rate, unseen_images=len(unseen),
-                  unreadable=[(p.path, p.error) for p in seen if p.error],
+                  unreadable=[*map(tuple, missing),
+                              *((p.path, p.error) for p in seen if p.error)],
                   scores={s: separation(np.array([p.every_score[s] for p in known]),
                                         np.array([p.every_score[s] for p in unseen]))
                           for s in known[0].every_score})
