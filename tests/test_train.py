@@ -172,6 +172,17 @@ def test_each_stage_changes_what_it_should_and_nothing_else(demo_dir, tmp_path):
     assert not any("running_" in k for k in changed)  # BatchNorm statistics stay put
 
 
+def test_fine_tuning_with_no_stage_unfrozen_trains_the_head_alone_and_says_so(demo_dir,
+                                                                              tmp_path):
+    run = _prepared_run(demo_dir, tmp_path, epochs_head=0, epochs_finetune=1, unfreeze=0)
+    start = {k: v.clone() for k, v in run.model.state_dict().items()}
+    finetune(run)
+    changed = _changed(start, run.model)
+    assert changed and changed <= {k for k in start if k.startswith("head.")}
+    log = (run.dir / "train.log").read_text()
+    assert "Fine-tuning the head alone (--unfreeze 0); top learning rate" in log, log
+
+
 @pytest.mark.policy
 def test_feature_cache_matches_running_the_frozen_backbone(demo_dir, tmp_path):
     results = []

@@ -482,7 +482,8 @@ def finetune(run: Run) -> None:
     run.restore_optimizer(optimizer)
     schedule.at(state.epoch, state.step, len(batches))  # (the resumed epoch's batches)
     if state.epoch == 0 and state.step == 0:
-        run.log(f"Fine-tuning {', '.join(stages)} and the head; top learning rate {top_lr:g}, "
+        run.log(f"Fine-tuning {', '.join(stages) + ' and ' if stages else ''}the head"
+                f"{'' if stages else ' alone (--unfreeze 0)'}; top learning rate {top_lr:g}, "
                 f"layer decay {config.layer_decay}")
     start = time.perf_counter()
     prefix, trained = finetune_parts(run.model, run.policy, run.image_size)
