@@ -1078,6 +1078,13 @@ def test_images_the_data_gives_no_split_train_beside_its_marked_test_images(demo
     assert f"{(~marked).sum()} images have no split in the data: trained on" in " ".join(said)
 
 
+def test_val_fraction_0_on_data_without_a_val_split_names_the_setting(demo_dir, tmp_path):
+    with pytest.raises(WingspanError, match="The validation split is empty") as e:
+        train(read_dataset(demo_dir), tiny(tmp_path, val_fraction=0.0), tmp_path / "runs", "r",
+              quiet=True)
+    assert e.value.hint.startswith("Give --val-fraction above 0")
+
+
 def test_a_diverging_run_stops_with_a_clear_error_and_writes_no_model(demo_dir, tmp_path):
     # Stage 2 at 1e8: the weights overflow within a few steps.
     config = tiny(tmp_path, lr=1.0, finetune_lr_scale=1e8)

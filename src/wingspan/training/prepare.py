@@ -195,7 +195,11 @@ def plan_labels(dataset: Dataset, levels: list[str], config: TrainConfig, log=pr
     table = table[~unknown]
     if not (table[SPLIT] == "val").any():
         raise WingspanError("The validation split is empty.",
-                            hint="Give data with a val split, or more images.")
+                            hint="Give --val-fraction above 0 (val is carved from train when "
+                                 "the data has none): the best epoch, the temperature and the "
+                                 "unknown thresholds are all chosen on it."
+                            if not config.val_fraction else
+                            "Give data with a val split, or more images.")
     _warn_of_classes_without_val(table, finest, classes[finest], log,
                                  coarser=levels[-2] if len(levels) > 1 and not rare else None)
     return LabelPlan(table, levels, classes, taxonomy, rare,
