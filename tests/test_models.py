@@ -252,8 +252,15 @@ def test_the_default_backbone_falls_back_when_its_host_refuses_the_file(isolated
 def test_pickled_objects_and_mismatched_weights_are_refused(isolated_caches, monkeypatch):
     evil = isolated_caches / "model.pth"
     torch.save(torchvision.models.resnet18(), evil)  # a whole pickled module, not tensors
-    with pytest.raises(WingspanError, match="Pickled model objects are refused"):
+    with pytest.raises(WingspanError, match="Pickled model objects are refused") as e:
         resolve_weights(get_spec("resnet18"), evil)
+    assert e.value.message.endswith("it holds pickled Python objects (a whole model, say), "
+                                    "not tensors alone.")  # not torch's advice to unpickle it
+    from helpers import write_image
+
+    photo = write_image(isolated_caches / "photo.jpg", size=(8, 8), seed=0)  # a wrong path
+    with pytest.raises(WingspanError, match="photo.jpg: it is no file torch.save wrote"):
+        resolve_weights(get_spec("resnet18"), photo)
     _torchvision_resnet18_file(isolated_caches / "r18.pth")
     with pytest.raises(WingspanError, match="do not fit this backbone"):
         create_classifier("resnet34", {"label": 2}, weights=isolated_caches / "r18.pth")
@@ -263,7 +270,8 @@ def test_pickled_objects_and_mismatched_weights_are_refused(isolated_caches, mon
     assert resolve_weights(get_spec("resnet18"), "~/r18.pth").location == str(
         isolated_caches / "r18.pth")
     (isolated_caches / "empty.pth").write_bytes(b"")  # an interrupted copy
-    with pytest.raises(WingspanError, match="Cannot load weights from .*empty.pth: EOFError"):
+    with pytest.raises(WingspanError, match="Cannot load weights from .*empty.pth: the file is "
+                                            "empty"):
         resolve_weights(get_spec("resnet18"), isolated_caches / "empty.pth")
 
 

@@ -17,6 +17,7 @@ import difflib
 import functools
 import importlib.util
 import os
+import pickle  # (its error type only: nothing is unpickled but tensors)
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,16 +61,26 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], object]:
     if not path.is_file():
         raise WingspanError(f"Weights file not found: {path}",
                             hint="Check the path given to --weights.")
+    hint = ("Give a file of plain tensors: a state dict saved with torch.save, or "
+            ".safetensors. Pickled model objects are refused for safety.")
+    head = b"" if path.suffix == ".safetensors" else _first_bytes(path, 2)
+    if path.suffix != ".safetensors" and head != b"PK" and head[:1] != b"\x80":
+        # torch.save writes a zip archive (a pickle, its protocol byte first, before torch
+        # 1.6). Anything else (an image, say) would get torch's advice on untrusted pickles.
+        raise WingspanError(f"Cannot load weights from {path}: " + (
+            "the file is empty (a copy cut short?)." if not head else
+            "it is no file torch.save wrote (nor a .safetensors one)."), hint=hint)
     try:
         if path.suffix == ".safetensors":
             state = load_file(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's words offer to load it unsafely
+        raise WingspanError(f"Cannot load weights from {path}: it holds pickled Python "
+                            "objects (a whole model, say), not tensors alone.", hint=hint) from e
     except Exception as e:  # torch and safetensors raise many types for a bad file
         raise WingspanError(
-            f"Cannot load weights from {path}: {type(e).__name__}: {first_line(e)}",
-            hint="Give a file of plain tensors: a state dict saved with torch.save, or "
-            ".safetensors. Pickled model objects are refused for safety.",
+            f"Cannot load weights from {path}: {type(e).__name__}: {first_line(e)}", hint=hint,
         ) from e
     whole = state
     for key in ("state_dict_ema", "state_dict", "model"):  # common checkpoint wrappers
@@ -79,6 +90,11 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], object]:
                                               for v in state.values()):
         raise WingspanError(f"{path} does not hold a state dict of tensors.")
     return {k.removeprefix("module."): v for k, v in state.items()}, whole
+
+
+def _first_bytes(path: Path, n: int) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(n)
 
 
 def to_timm_layout(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
