@@ -257,15 +257,17 @@ def test_csv_reader_relative_paths_levels_and_missing_files(tmp_path):
     csv.parent.mkdir()
     csv.write_text("path,label,split,group,family\n"
                    "../imgs/x/x_0.jpg,x,train,g1,F1\n../imgs/x/x_1.jpg,x,val,g1,F1\n"
-                   "../imgs/y/y_0.jpg,y,test,,F2\n../imgs/y/gone.jpg,y,train,,F2\n")
+                   "../imgs/y/y_0.jpg,y,test,,F2\n../imgs/y/gone.jpg,y,train,,F2\n"
+                   "../imgs/y,y,train,,F2\n")  # a folder: there, but no image file
     ds = read_dataset(csv)
     assert ds.format == "csv" and ds.levels == ["family", "label"]
     assert len(ds) == 3
     assert ds.table["group"].tolist()[:2] == ["g1", "g1"]
     assert ds.table["group"].iloc[2] == ds.table["path"].iloc[2]
-    missing = [p for p in ds.problems if p.kind == "missing_file"]
-    assert len(missing) == 1 and missing[0].path.endswith("gone.jpg")
-    with pytest.raises(WingspanError, match="1 image listed in labels.csv does not exist: .*gone"):
+    missing = {os.path.basename(p.path): p.message for p in ds.problems if p.kind == "missing_file"}
+    assert missing == {"gone.jpg": "listed in labels.csv, but not found",
+                       "y": "listed in labels.csv, but a folder, not an image file"}
+    with pytest.raises(WingspanError, match="2 images listed in labels.csv do not exist"):
         read_dataset(csv, ReadConfig(strict=True))
     # Level columns in any order are read coarse to fine (fewer classes: coarser).
     csv.write_text("path,label,genus,family\n../imgs/x/x_0.jpg,x,Gx,F1\n"

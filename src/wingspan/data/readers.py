@@ -160,7 +160,9 @@ def _keep_existing(
             + f" {missing[0]}",
             hint="Fix the paths, or drop --strict to skip and list them.",
         )
-    problems += [Problem("missing_file", f"listed in {where} but not found", p) for p in missing]
+    problems += [Problem("missing_file", f"listed in {where}, but " + (
+        "a folder, not an image file" if os.path.isdir(p) else "not found"), p)
+        for p in missing]
     return table[exists].reset_index(drop=True)
 
 
