@@ -521,6 +521,8 @@ def test_evaluate_never_replaces_a_folder_that_is_not_an_evaluation(trained, tmp
             evaluate(trained, split="val", out=out, progress=False, workers=0)
     assert (mine / "thesis.tex").read_text() == "years of work"
     assert (trained / "model" / "manifest.json").is_file()
+    with pytest.raises(WingspanError, match="is a file; the evaluation writes a folder"):
+        evaluate(trained, split="val", out=mine / "thesis.tex", progress=False, workers=0)
 
 
 def test_a_run_moved_elsewhere_still_evaluates(trained, tmp_path, run_cli):

@@ -511,8 +511,10 @@ def _check_out_dir(final: Path) -> None:
     if not name or name in (".", ".."):
         raise WingspanError(f"--out {final} cannot be an evaluation folder.",
                             hint="Give a new folder, e.g. --out evaluations/test")
-    if final.exists() and (not final.is_dir() or (any(final.iterdir())
-                                                  and not (final / MARKER).is_file())):
+    if final.exists() and not final.is_dir():
+        raise WingspanError(f"--out {final} is a file; the evaluation writes a folder.",
+                            hint="Give a new or empty folder, or an earlier evaluation's.")
+    if final.exists() and any(final.iterdir()) and not (final / MARKER).is_file():
         raise WingspanError(f"--out {final} already holds files that are not an evaluation's; "
                             "the evaluation replaces its folder whole.",
                             hint="Give a new or empty folder, or an earlier evaluation's.")
