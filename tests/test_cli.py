@@ -386,7 +386,8 @@ def test_train_ends_with_the_seconds_per_stage_and_the_engine_timing_in_them(tmp
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     print_run(tmp_path)
     out = " ".join(capsys.readouterr().out.split())
-    assert "seconds: head 37.4, finetune 62.8 (timing the engines included: 13.8)" in out, out
+    assert "seconds in epochs: head 37.4, finetune 62.8 (timing the engines included: 13.8)" \
+        in out, out
     assert "{" not in out
 
 

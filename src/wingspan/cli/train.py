@@ -207,11 +207,12 @@ def print_run(run_dir: Path) -> None:
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     best = metrics["best"]
-    # The stage lines of the log leave out the engine timing that the totals count in.
+    # The seconds of the epochs (the stage lines of the log are wall time, with checkpoints
+    # and set-up), with the engine timing that the stage lines leave out.
     timed = sum(c.get("seconds", 0) for c in (metrics.get("engines") or {}).values()
                 if c and c.get("how") == "measured")
     seconds = ", ".join(f"{stage} {s:.1f}" for stage, s in metrics["stage_seconds"].items())
     out.print(f"val macro-F1 {best['val_macro_f1']:.4f}, accuracy {best['val_acc']:.4f} "
-              f"({best['stage']} epoch {best['epoch']}); seconds: {seconds}"
+              f"({best['stage']} epoch {best['epoch']}); seconds in epochs: {seconds}"
               + (f" (timing the engines included: {timed:.1f})" if timed else ""))
     out.print(f"Run: {plain(run_dir)}   model: {plain(run_dir / 'model')}")
