@@ -231,6 +231,13 @@ def test_one_picture_in_two_class_folders_is_said_with_both_classes(demo_dir, tm
     said = report.mixed_labels_said("label")
     assert said.startswith("1 group holds images of different 'label' classes (e.g. ")
     assert "fix the labels" in said
+    # A group of many images (a --group-regex one): an image of each of two classes, and
+    # a count of the rest, not every path on one line.
+    third = folders[1] / "third.jpg"
+    shutil.copy(photo, third)
+    (mixed,) = split_dataset(read_dataset(data), "label", SplitConfig(seed=0))[1].mixed_labels
+    assert mixed.count(" = ") == 1 and mixed.endswith(" (and 1 more image in the group)")
+    third.unlink()
     # Copies with one class, the usual case, are not said.
     shutil.copy(photo, photo.with_name("again.jpg"))
     copy.unlink()

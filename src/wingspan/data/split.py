@@ -120,11 +120,19 @@ def split_dataset(dataset: Dataset, level: str | None = None,
 
 
 def _mixed_labels(table: pd.DataFrame, level: str) -> list[str]:
-    """Each group that holds more than one class, as its images with their classes."""
+    """Each group that holds more than one class, as an image of each of its first two
+    classes (a --group-regex group can hold dozens of images: all made one line of 6,000
+    characters) and a count of the rest."""
     classes = table.groupby(GROUP)[level].nunique()
     mixed = table[table[GROUP].isin(classes.index[classes > 1])]
-    return [" = ".join(f"{p} ({c})" for p, c in zip(part[PATH], part[level], strict=True))
-            for _, part in mixed.groupby(GROUP, sort=True)]
+    said = []
+    for _, part in mixed.groupby(GROUP, sort=True):
+        shown = part.drop_duplicates(level).head(2)
+        said.append(" = ".join(f"{p} ({c})" for p, c in zip(shown[PATH], shown[level],
+                                                             strict=True))
+                    + (f" (and {counted(len(part) - 2, 'more image')} in the group)"
+                       if len(part) > 2 else ""))
+    return said
 
 
 def _keep_one_in_train(split: np.ndarray, labels: np.ndarray, groups: np.ndarray,
