@@ -506,6 +506,15 @@ def test_a_second_evaluation_into_the_same_folder_at_once_is_refused(trained, tm
         # Another folder is not held up by it.
         evaluate(trained, split="val", out=tmp_path / "other", progress=False, workers=0,
                  plots=False)
+    # Nor by one of this process (a notebook's thread, say): it writes as the other would.
+    from wingspan.training.folder import hold_lock, release_lock
+
+    assert hold_lock(tmp_path, ".ev.lock", again=False)
+    try:
+        with pytest.raises(WingspanError, match="Another `wingspan evaluate` is writing"):
+            evaluate(trained, split="val", out=out, progress=False, workers=0, plots=False)
+    finally:
+        release_lock(tmp_path, ".ev.lock")
     result = evaluate(trained, split="val", out=out, progress=False, workers=0, plots=False)
     assert (result.out_dir / ".wingspan-evaluation").is_file()
 

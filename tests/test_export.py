@@ -417,7 +417,7 @@ def test_int8_is_written_only_within_a_point_of_fp32(run_dir, run_cli, monkeypat
     assert code == 0 and "the int8 model's own, set again on its val scores" in said
     assert re.search(r"the fp32 graph, before quantizing, agrees with PyTorch within "
                      r"[\d.e-]+ on \d+ images\. int8 \(int8-7bit weights\) val top-1 [\d.]+ "
-                     r"\(fp32 [\d.]+\), probabilities within [\d.]+ of fp32's on \d+ val "
+                     r"\(fp32 [\d.]+\), probabilities within [\d.e+-]+ of fp32's on \d+ val "
                      r"images, [\d.]+x fp32's time here", said), said
     assert not [r for r in caplog.records if "pre-processing" in r.getMessage()]
     import onnx

@@ -52,6 +52,10 @@ def test_a_float_image_with_nan_or_inf_is_stretched_over_its_finite_values(tmp_p
         assert pixels[0, 1] == 3 and pixels[-1, -1] == 255  # the rest as without it
     Image.fromarray(np.full((4, 4), np.nan, dtype=np.float32)).save(tmp_path / "f.tif")
     assert (np.asarray(open_rgb(tmp_path / "f.tif")) == 0).all()
+    flat = np.full((4, 4), 0.5, dtype=np.float32)  # one value, and an inf: all one grey
+    flat[0, 0] = np.inf
+    Image.fromarray(flat).save(tmp_path / "f.tif")
+    assert (np.asarray(open_rgb(tmp_path / "f.tif")) == 0).all()
 
 
 def test_open_rgb_draft_decodes_large_jpeg_smaller(tmp_path):

@@ -254,8 +254,9 @@ def test_pickled_objects_and_mismatched_weights_are_refused(isolated_caches, mon
     torch.save(torchvision.models.resnet18(), evil)  # a whole pickled module, not tensors
     with pytest.raises(WingspanError, match="Pickled model objects are refused") as e:
         resolve_weights(get_spec("resnet18"), evil)
-    assert e.value.message.endswith("it holds pickled Python objects (a whole model, say), "
-                                    "not tensors alone.")  # not torch's advice to unpickle it
+    assert e.value.message.endswith("it holds Python objects other than tensors and plain "
+                                    "values (a whole pickled model, say), which are not "
+                                    "loaded.")  # not torch's advice to unpickle it
     from helpers import write_image
 
     photo = write_image(isolated_caches / "photo.jpg", size=(8, 8), seed=0)  # a wrong path

@@ -110,6 +110,10 @@ def test_a_run_whose_splits_csv_changed_is_listed_damaged(finished, tmp_path):
         "damaged", "splits.csv has changed since the run trained (edited, or damaged): "
                    "evaluate and calibrate refuse it until the run's own is put back")
     assert _status(runs, "moved") == ("done", None)
+    # One it cannot read at all is damaged too, and the listing goes on.
+    (moved / "splits.csv").write_text('path,label,split\n"' + "x" * 200_000 + "\n")
+    status, detail = _status(runs, "moved")
+    assert status == "damaged" and detail.startswith("splits.csv cannot be read (")
 
 
 def _plain(frame: pd.DataFrame) -> list[dict]:

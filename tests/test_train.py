@@ -1075,7 +1075,23 @@ def test_images_the_data_gives_no_split_train_beside_its_marked_test_images(demo
     assert len(table) == len(data.table)  # none left out
     assert (table[data.table["path"][marked]] == "test").all()  # as marked
     assert set(table[data.table["path"][~marked]]) == {"train", "val"}
-    assert f"{(~marked).sum()} images have no split in the data: trained on" in " ".join(said)
+    assert f"{(~marked).sum()} images have a blank split in the data: trained on" in \
+        " ".join(said)
+    # A folder's splits.csv that does not list a photo (added since): the reader's finding,
+    # and the photo stays out, as before, rather than training (a copy of a test image
+    # would then be a leak, and refuse a run that used to go).
+    folder = Path(shutil.copytree(demo_dir, tmp_path / "data"))
+    photos = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.jpg"))
+    pd.DataFrame({"path": photos[1:], "split": ["test" if i % 4 == 0 else "train" for i in
+                                                range(len(photos) - 1)]}).to_csv(
+        folder / "splits.csv", index=False)
+    data = read_dataset(folder)
+    assert [p.kind for p in data.problems] == ["not_in_splits"]
+    said = []
+    split = ensure_splits(data, "label", tiny(tmp_path), log=said.append)
+    assert str(folder / photos[0]) not in set(split.table["path"])
+    assert len(split.table) == len(photos) - 1
+    assert "1 image has no split (see `wingspan data inspect`) and will not be used" in said
 
 
 def test_val_fraction_0_on_data_without_a_val_split_names_the_setting(demo_dir, tmp_path):

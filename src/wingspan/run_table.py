@@ -7,6 +7,7 @@ function once imported.)"""
 
 from __future__ import annotations
 
+import csv
 import difflib
 import json
 import time
@@ -181,7 +182,11 @@ def _read_run(run_dir: Path, row: dict) -> None:
                    held_out_split=selection.get("unbiased_split"))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise Damaged(f"metrics.json is not one wingspan wrote ({first_line(e)})") from e
-    if metrics.get("splits_digest") not in (None, splits_digest(run_dir)):  # as evaluate checks
+    try:
+        digest = splits_digest(run_dir) if metrics.get("splits_digest") else None
+    except (OSError, ValueError, csv.Error) as e:
+        raise Damaged(f"{SPLITS_FILE} cannot be read ({first_line(e)})") from e
+    if digest != metrics.get("splits_digest"):  # as evaluate checks it
         raise Damaged(f"{SPLITS_FILE} has changed since the run trained (edited, or damaged): "
                       "evaluate and calibrate refuse it until the run's own is put back")
     if row["held_out_split"]:

@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
                       "writable and resume the copy.", highlight=False)
             sys.exit(2)
         if e.errno != errno.ENOSPC:
-            if e.filename and e.strerror:  # a path the system refused (under /proc, say)
+            if e.filename and e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG,
+                                          errno.ELOOP):  # a path refused (under /proc, say)
                 err.print(f"[bold red]Error:[/] {plain(e.strerror)}: {plain(e.filename)}.",
                           highlight=False)
                 err.print("[cyan]Hint:[/] Check the path, or name another file or folder.",

@@ -224,7 +224,7 @@ def export_command(
                  if check.get("generated") else "images.")
               + (f" int8 ({int8['weights']} weights) val top-1 {int8['val_top1_int8']:.4f} "
                  f"(fp32 {int8['val_top1_fp32']:.4f}), probabilities within "
-                 f"{int8['max_abs_probability_difference_vs_fp32']:.2f} of fp32's on "
+                 f"{int8['max_abs_probability_difference_vs_fp32']:.1e} of fp32's on "
                  f"{int8['val_images']} val images, {int8['seconds_int8_vs_fp32']:.2f}x fp32's "
                  "time here" + (" (7-bit weights cost accuracy: uint8 ones are exact, slower)"
                                 if int8['refused'] else "") if int8 else ""))

@@ -216,12 +216,13 @@ def open_rgb(path: str | Path | BinaryIO, draft: int | None = None,
                 # Stretch 16/32-bit values over 0..255 (Pillow's own conversion to 8 bits
                 # clips everything above 255 to white).
                 # A float image's NaN or inf is left out of the stretch (one made the
-                # whole image black): NaN and -inf are black, inf white.
+                # whole image black): NaN and -inf count as its lowest value, inf as its
+                # highest.
                 values = np.asarray(im.convert("F"), dtype=np.float32)
                 finite = values[np.isfinite(values)]
-                low, span = (float(finite.min()), float(np.ptp(finite))) if finite.size else (0, 0)
-                grey = (values - low) * (255 / span) if span > 0 else values * 0
-                grey = np.nan_to_num(grey, nan=0, posinf=255, neginf=0).clip(0, 255)
+                low, high = (finite.min(), finite.max()) if finite.size else (0, 0)
+                values = np.nan_to_num(values, nan=low, posinf=high, neginf=low)
+                grey = (values - low) * (255 / (high - low)) if high > low else values * 0
                 return Image.fromarray(grey.round().astype(np.uint8), "L").convert("RGB")
             return im.convert("RGB")
     except FileNotFoundError as e:

@@ -258,7 +258,7 @@ def _writing(final: Path):
     _check_out_dir(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     lock = f".{final.name}.lock"
-    if not hold_lock(final.parent, lock):
+    if not hold_lock(final.parent, lock, again=False):
         raise WingspanError(f"Another `wingspan evaluate` is writing {final} now.",
                             hint="Wait for it to finish, then evaluate again (or give "
                                  "another --out).")
@@ -270,10 +270,10 @@ def _writing(final: Path):
                                       "next\n")
         try:
             yield out_dir
+            _put_in_place(out_dir, final)
         except BaseException:
             shutil.rmtree(out_dir, ignore_errors=True)
             raise
-        _put_in_place(out_dir, final)
     finally:
         release_lock(final.parent, lock)
 

@@ -76,8 +76,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], object]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # torch's words offer to load it unsafely
-        raise WingspanError(f"Cannot load weights from {path}: it holds pickled Python "
-                            "objects (a whole model, say), not tensors alone.", hint=hint) from e
+        raise WingspanError(f"Cannot load weights from {path}: it holds Python objects "
+                            "other than tensors and plain values (a whole pickled model, say), "
+                            "which are not loaded.", hint=hint) from e
     except Exception as e:  # torch and safetensors raise many types for a bad file
         raise WingspanError(
             f"Cannot load weights from {path}: {type(e).__name__}: {first_line(e)}", hint=hint,

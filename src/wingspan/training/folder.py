@@ -80,19 +80,20 @@ def _key(folder: Path, lock: str) -> str:
     return str(Path(folder).resolve() / lock)
 
 
-def hold_lock(run_dir: Path, lock: str = ".lock") -> bool:
+def hold_lock(run_dir: Path, lock: str = ".lock", again: bool = True) -> bool:
     """Rank 0 holds the run's lock while it trains: a second process training the same
     folder (a --resume of a run still going) would write the same checkpoints and model.
-    (`lock`: another lock file in the folder, for another writer: an evaluation's.)
     The OS drops the lock when the process ends, however it ends. False: another holds
-    it. (POSIX only; elsewhere nothing is locked.)"""
+    it. (POSIX only; elsewhere nothing is locked.) `lock`: another lock file in the
+    folder, for another writer (an evaluation's); `again`: whether this process may take
+    it again while it holds it (not a writer's: two threads would write as one)."""
     try:
         import fcntl
     except ImportError:
         return True
     key = _key(run_dir, lock)
     if key in _HELD:
-        return True
+        return again
     handle = open(run_dir / lock, "w")  # noqa: SIM115 - held open for the whole run
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

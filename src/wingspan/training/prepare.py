@@ -11,7 +11,7 @@ import torch
 
 from wingspan.config import AugmentConfig, SplitConfig, TrainConfig, default_cache_dir
 from wingspan.data.leaks import find_leaks, repair_leaks
-from wingspan.data.samples import SPLIT, Dataset, renamed
+from wingspan.data.samples import PATH, SPLIT, Dataset, renamed
 from wingspan.data.sampling import undersample
 from wingspan.data.split import split_dataset
 from wingspan.data.taxonomy import TAXONOMY_FILE, Taxonomy
@@ -47,15 +47,25 @@ def ensure_splits(dataset: Dataset, level: str, config: TrainConfig,
         if report.mixed_labels:
             log(report.mixed_labels_said(level))
         return split
-    # Images the data gives no split (a CSV that marks only its test images, say) are not
-    # set aside: they train (and val is carved from them as below, when the data has
-    # none). Before the leak check: they must share no group with val or test.
-    unsplit = int((table[SPLIT] == "").sum())
-    if unsplit:
-        log(f"{counted(unsplit, 'image has', 'images have')} no split in the data: trained "
-            "on, with its train images (its val and test images stay as they are marked)")
-        dataset = dataset.with_table(table.assign(**{SPLIT: renamed(table[SPLIT],
-                                                                    {"": "train"})}))
+    # Images whose split is left blank (a CSV that marks only its test images, say) are
+    # not set aside: they train (and val is carved from them as below, when the data has
+    # none). Before the leak check: they must share no group with val or test. Those a
+    # folder's splits.csv does not list (added since it was written) or lists on two
+    # sides are the reader's findings, and stay out.
+    findings = {p.path for p in dataset.problems
+                if p.kind in ("not_in_splits", "conflicting_splits")}
+    blank = table[SPLIT] == ""
+    unlisted = blank & table[PATH].isin(findings)
+    if unlisted.any():
+        log(f"{counted(int(unlisted.sum()), 'image has', 'images have')} no split (see "
+            "`wingspan data inspect`) and will not be used")
+        dataset, table, blank = (dataset.subset((~unlisted).to_numpy()),
+                                 table[~unlisted], blank[~unlisted])
+    if blank.any():
+        log(f"{counted(int(blank.sum()), 'image has', 'images have')} a blank split in the "
+            "data: trained on, with its train images (its val and test images stay apart)")
+        dataset = dataset.with_table(dataset.table.assign(
+            **{SPLIT: renamed(dataset.table[SPLIT], {"": "train"})}))
     dataset = _check_leaks(dataset, config, log)
     splits = set(dataset.table[SPLIT])
     if "val" not in splits and "test" not in splits and config.test_fraction:
