@@ -482,16 +482,10 @@ def test_a_damaged_last_checkpoint_says_how_to_go_on(uninterrupted, tmp_path):
     assert run_row(run_dir)["status"] == DONE
 
 
-def test_ctrl_c_while_a_resume_starts_says_how_to_go_on(uninterrupted, tmp_path, monkeypatch,
-                                                       capsys):
-    """Interrupted before the recipe took up again (reading the checkpoint, checking the
-    data): said in train.log and on the terminal, the run left as it was, resumable."""
+def _resume_interrupted_at_start(run_dir, monkeypatch) -> None:
+    """A resume of `run_dir` that Ctrl-C stops as it starts (reading the checkpoint,
+    checking the data)."""
     import wingspan.training.run as run_module
-    from wingspan.training import folder
-
-    run_dir = shutil.copytree(uninterrupted[0], tmp_path / "r")
-    (run_dir / "model" / "manifest.json").unlink()  # killed before its model was written
-    (run_dir / "metrics.json").unlink()
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -499,6 +493,18 @@ def test_ctrl_c_while_a_resume_starts_says_how_to_go_on(uninterrupted, tmp_path,
     monkeypatch.setattr(run_module, "_start", interrupted)
     with pytest.raises(KeyboardInterrupt):
         resume(run_dir, quiet=True)
+
+
+def test_ctrl_c_while_a_resume_starts_says_how_to_go_on(uninterrupted, tmp_path, monkeypatch,
+                                                       capsys):
+    """Interrupted before the recipe took up again (reading the checkpoint, checking the
+    data): said in train.log and on the terminal, the run left as it was, resumable."""
+    from wingspan.training import folder
+
+    run_dir = shutil.copytree(uninterrupted[0], tmp_path / "r")
+    (run_dir / "model" / "manifest.json").unlink()  # killed before its model was written
+    (run_dir / "metrics.json").unlink()
+    _resume_interrupted_at_start(run_dir, monkeypatch)
     said = (f"Interrupted as the resume of {run_dir} started, before any further training. "
             f"Continue from the last checkpoint with: wingspan train --resume {run_dir} (in "
             f"Python: ws.resume({str(run_dir)!r}))")
@@ -515,18 +521,10 @@ def test_ctrl_c_of_a_run_without_a_checkpoint_says_it_starts_again(uninterrupted
     """With no last.pt (killed before its first one, or deleted as a damaged one's hint
     says), a resume starts from the beginning: "continue from the last checkpoint" would
     promise what it cannot do."""
-    import wingspan.training.run as run_module
-
     run_dir = shutil.copytree(uninterrupted[0], tmp_path / "r")
     (run_dir / "model" / "manifest.json").unlink()
     (run_dir / "checkpoints" / "last.pt").unlink()
-
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(run_module, "_start", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        resume(run_dir, quiet=True)
+    _resume_interrupted_at_start(run_dir, monkeypatch)
     said = (f"It has no checkpoint yet; start it again from the beginning with: wingspan "
             f"train --resume {run_dir}")
     assert said in capsys.readouterr().err and said in (run_dir / "train.log").read_text()
