@@ -1080,9 +1080,10 @@ def test_images_the_data_gives_no_split_train_beside_its_marked_test_images(demo
     # would then be a leak, and refuse a run that used to go).
     folder = Path(shutil.copytree(demo_dir, tmp_path / "data"))
     photos = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.jpg"))
-    pd.DataFrame({"path": photos[1:], "split": ["test" if i % 4 == 0 else "train" for i in
-                                                range(len(photos) - 1)]}).to_csv(
-        folder / "splits.csv", index=False)
+    # A row listed with its split left blank is no finding, and trains, as in a CSV.
+    pd.DataFrame({"path": photos[1:], "split": ["test" if i % 4 == 0 else "train" if i % 4 == 1
+                                                else "" for i in range(len(photos) - 1)]}
+                 ).to_csv(folder / "splits.csv", index=False)
     data = read_dataset(folder)
     assert [p.kind for p in data.problems] == ["not_in_splits"]
     said = []
@@ -1090,6 +1091,7 @@ def test_images_the_data_gives_no_split_train_beside_its_marked_test_images(demo
     assert str(folder / photos[0]) not in set(split.table["path"])
     assert len(split.table) == len(photos) - 1
     assert "1 image has no split (see `wingspan data inspect`) and will not be used" in said
+    assert any("a blank split in the data: trained on" in line for line in said)
 
 
 def test_val_fraction_0_on_data_without_a_val_split_names_the_setting(demo_dir, tmp_path):

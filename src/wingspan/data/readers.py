@@ -478,8 +478,9 @@ def _fixed_splits(table: pd.DataFrame, splits_csv: Path, problems: list[Problem]
     column = {c: dict(zip(rows.index, rows[c], strict=True))  # (Series.get per row: slow)
               for c in (SPLIT, LABEL, GROUP) if c in rows.columns}
     table[SPLIT] = [("" if key in torn else column[SPLIT].get(key, "")) for key in keys]
-    unlisted = [p for p, side, key in zip(table[PATH], table[SPLIT], keys, strict=True)
-                if side == "" and key not in torn]
+    # (A row listed with its split left blank is no finding: train trains on it.)
+    unlisted = [p for p, key in zip(table[PATH], keys, strict=True)
+                if key not in column[SPLIT] and key not in torn]
     problems += [Problem("not_in_splits", f"not listed in {splits_csv.name}; has no split", p)
                  for p in unlisted]
     problems += [Problem("missing_file", f"listed in {splits_csv.name} but not found", key)
