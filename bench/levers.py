@@ -55,6 +55,7 @@ TRANSFER_MAP = {"001-danaus_plexippus": "monarch", "009-vanessa_atalanta": "admi
                 "010-vanessa_cardui": "painted_lady", "008-pieris_rapae": "cabbage_white"}
 EMA_DECAY = 0.98  # fine-tuning has ~120 steps on iNat, ~64 on Leeds
 MIXUP_ALPHA = 0.4
+DROP_PATH = 0.2  # timm's rate for EfficientNet-B0/Lite-sized models trained from scratch
 
 
 @dataclass
@@ -117,6 +118,9 @@ LEVERS = {
                      cost="predict"),
     "camzoom-crop": Lever("as camzoom, the crop's probabilities alone", mode="camzoom-crop",
                           targets=("transfer",), cost="predict"),
+    "drop-path": Lever(f"stochastic depth: timm's drop_path_rate {DROP_PATH} in the backbone's "
+                       "blocks, which acts in the fine-tuned stages (frozen ones run in eval "
+                       "mode)", patch="drop-path"),
     "adapt": Lever("wingspan adapt on the photos it then names (unlabelled: self-training of "
                    "the head, 3 rounds at p >= 0.7)", mode="adapt", targets=("transfer",),
                    cost="predict"),
@@ -373,7 +377,9 @@ def patched(patch: str) -> None:
     - nohue: the 'standard' policy's colour jitter without its hue shift;
     - last: every epoch counts as the best, so each stage ends with its last;
     - alltrain: as last, and the val split's images are added to train too (val stays, so
-      the loop runs as usual, but it chooses nothing)."""
+      the loop runs as usual, but it chooses nothing);
+    - drop-path: the backbone built with timm's stochastic depth (identity in eval mode, so
+      the frozen passes, the feature cache and the bundle are as usual)."""
     from wingspan.training import run as recipe
     from wingspan.training import stages
 
@@ -448,6 +454,15 @@ def patched(patch: str) -> None:
                 return dataset.with_table(pd.concat([table, val], ignore_index=True))
 
             recipe.ensure_splits = ensure_splits
+    elif patch == "drop-path":
+        from wingspan.models import backbone
+
+        create = backbone.timm.create_model
+
+        def with_drop_path(*args, **kwargs):
+            return create(*args, **{**kwargs, "drop_path_rate": DROP_PATH})
+
+        backbone.timm = type("timm", (), {"create_model": staticmethod(with_drop_path)})
     elif patch == "averages":
         from timm.utils import ModelEmaV3
 
