@@ -434,6 +434,7 @@ def test_the_page_in_a_real_browser(run_dir, demo_dir, tmp_path):
         page.goto(url)
         assert "wingspan" in page.title()
         page.wait_for_function("document.getElementById('model').textContent.includes('classes')")
+        assert not page.is_visible("#result")  # no empty answer, photo or map before a photo
 
         # The chooser is reached from the keyboard (Tab), and shows that it has the focus.
         page.keyboard.press("Tab")
@@ -535,6 +536,8 @@ def test_the_page_in_a_real_browser(run_dir, demo_dir, tmp_path):
         page.set_input_files("#file", str(notes))
         page.wait_for_selector("body[data-state=error]")
         assert "not a JPEG, PNG" in page.text_content("#error")
+        # The last photo's answer goes with it: not shown beside the refused file's name.
+        assert page.is_visible("#error") and not page.is_visible("#result")
         # The model's details failing to load says so, rather than "loading" for ever.
         page.route("**/model", lambda route: route.fulfill(status=503, body="{}"))
         page.reload()
