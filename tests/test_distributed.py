@@ -149,6 +149,24 @@ def test_the_apis_predict_takes_devices_as_the_cli_does(demo_dir, tmp_path, one_
     assert pd.read_json(tmp_path / "out.1.json").empty
 
 
+@pytest.mark.parametrize("how", ["-c", "stdin"])
+def test_more_processes_without_a_script_file_are_refused_not_killed(tmp_path, how):
+    """Fabric starts the others by running the program again: from `python -c` or standard
+    input it could not, and killed the process (exit 137) with nothing said. Now an error
+    says how to start them, and the program goes on to handle it."""
+    code = ("from wingspan.errors import WingspanError\n"
+            "from wingspan.parallel import Processes\n"
+            "try:\n    Processes(device='cpu', devices=2).fabric()\n"
+            "except WingspanError as e:\n    print('refused:', e.message, e.hint)\n")
+    args, stdin = ([sys.executable, "-c", code], None) if how == "-c" else \
+        ([sys.executable, "-"], code)
+    done = subprocess.run(args, input=stdin, capture_output=True, text=True, cwd=tmp_path,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "refused: 2 processes are started by running this program again" in done.stdout
+    assert "python my_script.py" in done.stdout
+
+
 @pytest.mark.parametrize("n, batch, world", [(10, 4, 2), (9, 4, 3), (5, 8, 2), (7, 3, 4)])
 def test_the_ranks_together_take_one_process_batches(n, batch, world):
     weights = torch.rand(n, generator=torch.Generator().manual_seed(1))

@@ -22,6 +22,7 @@ on any number of processes and a checkpoint resumes on another number.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,6 +71,7 @@ class Processes:
         except (ValueError, RuntimeError) as e:  # e.g. more devices than the machine has
             raise WingspanError(f"Cannot run on {self.describe()}: {e}",
                                 hint="Check --device, --devices and --nodes.") from e
+        _check_launchable(fabric)
         fabric.launch()
         return fabric
 
@@ -85,6 +87,30 @@ class Processes:
     def describe(self) -> str:
         devices, nodes = self.world()
         return f"{self.device} x {devices}" + (f" on {nodes} machines" if nodes > 1 else "")
+
+
+def _check_launchable(fabric: Fabric) -> None:
+    """Fabric starts a machine's other processes by running this program again: from a
+    script file that works; from `python -c`, standard input or a notebook it would kill
+    the process (or fail deep in Lightning), so that is said first."""
+    import __main__
+
+    launcher = fabric.strategy.launcher
+    if launcher is None or fabric.world_size == 1:
+        return
+    environment = getattr(launcher, "cluster_environment", None)
+    if environment is not None and environment.creates_processes_externally:
+        return  # torchrun, SLURM, or a process Fabric itself started
+    rerunnable = (getattr(__main__, "__spec__", None) is not None  # python -m module
+                  or os.path.isfile(sys.argv[0] if sys.argv else ""))
+    if rerunnable and type(launcher).__name__ == "_SubprocessScriptLauncher":
+        return
+    raise WingspanError(
+        f"{fabric.world_size} processes are started by running this program again, and it "
+        "is no script file (python -c, standard input or a notebook).",
+        hint="Put the code in a file and run it (python my_script.py), use the command "
+        "(wingspan ... --devices N), or start the processes with torchrun; in a notebook, "
+        "leave devices out.")
 
 
 def _accelerator(device: str) -> tuple[str, int | None]:
