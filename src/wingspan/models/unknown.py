@@ -310,8 +310,15 @@ def _marginal_logits(logits: dict[str, torch.Tensor], finest: str,
     """`logits` with each level in `members` replaced by the log of its classes' shares of
     the finest level's probabilities at `temperature`."""
     probs = torch.softmax(logits[finest].float() / temperature, -1)
-    return {lv: (probs @ members[lv]).clamp_min(1e-30).log() if lv in members else v
-            for lv, v in logits.items()}
+    return {lv: _one_class_exact(probs @ members[lv]).clamp_min(1e-30).log()
+            if lv in members else v for lv, v in logits.items()}
+
+
+def _one_class_exact(share: torch.Tensor) -> torch.Tensor:
+    """A level's class shares of the finest probabilities; at a level of one class (one
+    order) exactly 1: their sum is 1 only to rounding, which a score would then rank (and
+    the share of val scores it exceeds magnify), one engine's rounding apart from another's."""
+    return torch.ones_like(share) if share.shape[-1] == 1 else share
 
 
 def branch_shares(fine_logits: torch.Tensor, levels: list[str],
@@ -329,7 +336,7 @@ def branch_shares(fine_logits: torch.Tensor, levels: list[str],
     for lv in levels:
         member = members.get(lv)  # None at the finest level: its own classes
         choose = at_1 @ member if member is not None else at_1
-        share = shown @ member if member is not None else shown
+        share = _one_class_exact(shown @ member) if member is not None else shown
         if under is not None:  # only the classes under the one chosen above
             inside = (under @ member if member is not None else under) > 0
             choose = torch.where(inside, choose, torch.full_like(choose, -1.0))
