@@ -98,3 +98,21 @@ def test_the_linear_layer_gives_scikit_learns_probabilities_for_every_head_class
 def test_settings_are_checked(settings):
     with pytest.raises(WingspanError, match=next(iter(settings))):
         AdaptConfig(**settings)
+
+
+def test_adapting_again_without_out_keeps_the_earlier_adapted_run(tmp_path):
+    """`run.adapt("garden/")` then `run.adapt("park/")` wrote both to RUN-adapted: the
+    second replaced the first (and the first's Run object then predicted with it). Now the
+    default is the first free name, as train numbers a taken run name."""
+    from wingspan.training.adapt import default_out
+
+    run = tmp_path / "leeds"
+    run.mkdir()
+    assert default_out(run) == tmp_path / "leeds-adapted"
+    (tmp_path / "leeds-adapted" / "model").mkdir(parents=True)  # adapted to the garden
+    assert default_out(run) == tmp_path / "leeds-adapted-2"
+    (tmp_path / "leeds-adapted-2").mkdir()  # an empty folder (made by hand) is taken as is
+    assert default_out(run) == tmp_path / "leeds-adapted-2"
+    (tmp_path / "leeds-adapted-2" / "adapt.json").write_text("{}")
+    (tmp_path / "leeds-adapted-3").write_text("a file")
+    assert default_out(run) == tmp_path / "leeds-adapted-4"

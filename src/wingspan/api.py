@@ -853,10 +853,11 @@ class Run:
               workers: int | None = None, quiet: bool = False, max_pixels: int | None = None,
               **settings) -> Run:
         """Fit the model to unlabelled photos from where it will be used (self-training of
-        its head), as `wingspan adapt`; returns the adapted run (this one is unchanged).
-        `settings` are AdaptConfig's (neighbours, confidence, rounds, device, batch_size,
-        ...). `workers`: data workers (0: read the images in this process; None: sized to
-        the machine).
+        its head), as `wingspan adapt`; returns the adapted run (this one is unchanged), in
+        `out` or else RUN-adapted (RUN-adapted-2... when taken). `settings` are
+        AdaptConfig's (neighbours, confidence, rounds, device, batch_size, ...).
+        `workers`: data workers (0: read the images in this process; None: sized to the
+        machine).
 
         >>> garden = run.adapt("my_garden_photos/")
         """

@@ -248,7 +248,8 @@ def adapt_command(
         help="Unlabelled photos from where the model will be used: files, folders, globs.",
         show_default=False)],
     out_dir: Annotated[Path | None, typer.Option(
-        "--out", help="The adapted run's folder (default: RUN-adapted).",
+        "--out", help="The adapted run's folder (default: RUN-adapted, or RUN-adapted-2... "
+        "when taken). An earlier adapted run there is replaced.",
         show_default=False)] = None,
     neighbours: Annotated[int, typer.Option(
         help="Neighbours per image in the graph that label spreading passes classes over."

@@ -110,7 +110,7 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
           config: AdaptConfig | None = None, progress: bool = True,
           workers: int | None = None, seed: int = 0) -> dict:
     """Self-train the head of the run `model` on unlabelled `photos` (files, folders,
-    globs) and write the adapted run to `out` (default: the run's folder + "-adapted").
+    globs) and write the adapted run to `out` (default: `default_out`).
     Returns what it did (also in OUT/adapt.json)."""
     config = config or AdaptConfig()
     predictor = Predictor(model, device=config.device, batch_size=config.batch_size,
@@ -123,8 +123,7 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
                             "a linear head.",
                             hint="Train it again without `hidden` in its --config file (a "
                                  "linear head, the default) to adapt it.")
-    out = _check_out(Path(out) if out else run_dir.with_name(run_dir.name + "-adapted"),
-                     run_dir)
+    out = _check_out(Path(out) if out else default_out(run_dir), run_dir)
     # A path that is no image (a HEIC from a phone, a typo) is skipped and named, as
     # predict does; only when nothing is left is it an error.
     paths, missing = expand_paths([str(p) for p in photos])
@@ -270,6 +269,17 @@ def _test_paths(run_dir: Path) -> list[str]:
     """The run's test images (its splits.csv, read as own_images reads it), if any."""
     table = read_dataset(run_dir / "splits.csv").table
     return table.loc[table[SPLIT] == "test", PATH].tolist()
+
+
+def default_out(run_dir: Path) -> Path:
+    """RUN-adapted, or RUN-adapted-2, -3... when taken, as train numbers a taken run name:
+    adapting to a second place keeps the first adapted run (only an --out that names an
+    earlier adapted run replaces it)."""
+    base = run_dir.with_name(run_dir.name + "-adapted")
+    path, n = base, 2
+    while path.exists() and not (path.is_dir() and not any(path.iterdir())):
+        path, n = base.with_name(f"{base.name}-{n}"), n + 1
+    return path
 
 
 def _check_out(out: Path, run_dir: Path) -> Path:
