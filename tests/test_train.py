@@ -608,6 +608,30 @@ def test_a_finished_run_with_a_damaged_metrics_json_resumes_to_write_it_again(
     assert got["best"] == want["best"] and got["classes"] == want["classes"]
 
 
+def test_a_resume_reads_images_with_the_pixel_budget_the_run_began_with(
+        uninterrupted, tmp_path, monkeypatch):
+    """A run begun with max_pixels=1e8 (config.yaml's comment says so) and resumed without
+    it dropped its 64 MP image as over the default 50 MP, for the rest of the run. Now the
+    resume takes the run's budget; one given to the resume itself wins."""
+    import wingspan.training.run as recipe
+    from wingspan.data.images import call_budget, chosen_budget
+
+    ref, _ = uninterrupted
+    run_dir = shutil.copytree(ref, tmp_path / "r")
+    (run_dir / "metrics.json").unlink()  # a run to finish
+    config = run_dir / "config.yaml"
+    first, rest = config.read_text().split("\n", 1)
+    config.write_text(first.replace("--format folder", "--format folder --max-pixels "
+                                    "100000000") + "\n" + rest)
+    seen = []
+    monkeypatch.setattr(recipe, "_interruptible", lambda run, **_: seen.append(
+        chosen_budget()) or run.dir)
+    resume(run_dir, quiet=True)
+    with call_budget(7_000_000):
+        resume(run_dir, quiet=True)
+    assert seen == [100_000_000, 7_000_000]
+
+
 def test_a_damaged_best_checkpoint_still_lets_the_run_finish(uninterrupted, tmp_path):
     """Killed before its model was written, with best.pt damaged since: the resumed run
     finishes with the last epoch's model and says so, rather than failing for good."""

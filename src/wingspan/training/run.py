@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -27,7 +28,7 @@ from safetensors.torch import load_file
 
 from wingspan.config import RUNS_DIR, ReadConfig, TrainConfig
 from wingspan.data import read_dataset
-from wingspan.data.images import chosen_budget
+from wingspan.data.images import call_budget, chosen_budget
 from wingspan.data.samples import Dataset, report_reading
 from wingspan.data.split import write_splits
 from wingspan.errors import WingspanError, counted, some
@@ -157,6 +158,17 @@ def _write_run_files(run_dir: Path, dataset: Dataset, held_out: pd.DataFrame | N
                             encoding="utf-8")
 
 
+def _recorded_budget(run_dir: Path) -> int | None:
+    """The --max-pixels (or max_pixels=) the run began with, from config.yaml's comment."""
+    try:
+        with open(run_dir / CONFIG_FILE, encoding="utf-8") as f:
+            first = f.readline()
+    except OSError:
+        return None
+    found = re.search(r"read with .*--max-pixels (\d+)", first)
+    return int(found.group(1)) if found else None
+
+
 def _data_comment(dataset: Dataset, run_dir: Path, held_out: bool) -> str:
     """What config.yaml cannot hold, as a comment: the data and how it was read (a group
     regex moves images between sides), and how to train again on the same split."""
@@ -242,6 +254,10 @@ def resume(run_dir: str | Path, quiet: bool = False, **machine) -> Path:
         raise WingspanError(f"{run_dir} was written by `wingspan adapt`: there is no training "
                             "of its own to resume.",
                             hint="Resume the run it was adapted from, then adapt that again.")
+    budget = _recorded_budget(run_dir)
+    if budget and not chosen_budget():  # the pixel budget the run began with, unless this
+        with call_budget(budget):  # call gives one: the same images, as the run began
+            return resume(run_dir, quiet, **machine)
     unknown = sorted(set(machine) - set(MACHINE_SETTINGS))
     if unknown:
         raise WingspanError(f"A resumed run cannot change {', '.join(unknown)}.",
