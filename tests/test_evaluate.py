@@ -898,6 +898,27 @@ def test_unreadable_unknown_images_are_said_beside_the_figures(trained, tmp_path
                      page), page[page.find("unseen classes"):][:300]
 
 
+def test_a_misspelt_unknown_folder_among_others_is_refused_not_left_out(tmp_path):
+    """`run.evaluate(unknown=["moths/", "leafs/"])` with "leafs/" misspelt scored the moths
+    alone, and said so only in metrics.json. A path given that names nothing is refused; a
+    HEIC given by name is counted unreadable, as in a folder."""
+    from helpers import write_image
+
+    from wingspan.evaluate.run import _unknown_paths
+
+    moths = tmp_path / "moths"
+    write_image(moths / "moth.jpg", size=(40, 40), seed=0)
+    heic = tmp_path / "phone.heic"
+    heic.write_bytes(b"\0\0\0\x18ftypheic")
+    for typo in [tmp_path / "leafs", str(tmp_path / "leafs*.jpg")]:
+        with pytest.raises(WingspanError, match=f"{re.escape(str(typo))}: no such file or "
+                                                 "folder") as e:
+            _unknown_paths([moths, typo])
+        assert "fewer images than given" in e.value.hint
+    paths, missing = _unknown_paths([moths, heic])
+    assert paths == [str(moths / "moth.jpg")] and [p for p, _ in missing] == [str(heic)]
+
+
 def test_calibrate_refuses_a_handful_of_images_and_keeps_the_temperature(trained, tmp_path,
                                                                           run_cli):
     """A temperature fitted on 1 image (or 3) says little: refused with the minimum said,

@@ -386,6 +386,12 @@ def _unknown_paths(unknown) -> tuple[list[str], list[tuple[str, str]]]:
         raise WingspanError(f"No images of unseen classes in {', '.join(inputs)}"
                             + (f": {missing[0][1]}" if missing else "."),
                             hint="Give a folder of images of classes the model never saw.")
+    # A typo among several folders would otherwise only shrink the figures' image count.
+    named = [(p, why) for p, why in missing if p in inputs and not Path(p).is_file()]
+    if named:
+        raise WingspanError(f"Among the unseen classes' images given, {named[0][0]}: "
+                            f"{named[0][1]}.", hint="Check the path: the figures would be "
+                            "of fewer images than given. Give folders, files or globs.")
     return paths, missing
 
 
