@@ -155,6 +155,22 @@ def test_run_history_metrics_and_display(run):
     assert copy.metrics == copy.manifest["metrics"] and copy._repr_html_()
 
 
+def test_a_damaged_history_csv_loses_the_curves_not_the_run(run, tmp_path):
+    """history.csv cut to nothing (a full disk): `run.history` raised pandas' EmptyDataError,
+    and so did the run's display and `run.evaluate()`, after computing every figure."""
+    import shutil
+
+    copy = ws.load(shutil.copytree(run.dir, tmp_path / "cut"))
+    (copy.dir / "history.csv").write_bytes(b"")
+    with pytest.raises(WingspanError, match=r"history.csv is damaged .*the training curves "
+                       "are lost") as e:
+        _ = copy.history
+    assert "metrics.json" in e.value.hint
+    assert f"{run.metrics['best']['val_macro_f1']:.4f}" in copy._repr_html_()
+    ev = copy.evaluate(out=tmp_path / "ev", quiet=True)
+    assert ev.metrics["accuracy"] >= 0 and not (tmp_path / "ev" / "curves.png").exists()
+
+
 def test_a_run_of_a_wrong_path_says_so(tmp_path):
     """ws.Run checks nothing when made (training makes one per run); what is missing is
     said when asked for, not as pandas' bare FileNotFoundError."""

@@ -42,6 +42,7 @@ from wingspan.config import (
 )
 from wingspan.data.samples import SPLIT, Dataset
 from wingspan.errors import WingspanError, counted, some
+from wingspan.training.folder import read_history
 
 __all__ = ["Data", "Evaluation", "Image", "Inspection", "Run", "demo_data", "load", "read",
            "resume", "runs", "train"]
@@ -641,7 +642,7 @@ class Run:
             raise WingspanError(f"{self.dir} has no history.csv: it is no run folder, or its "
                                 "run has not finished an epoch.",
                                 hint="`ws.runs()` lists the runs and where each stopped.")
-        return pd.read_csv(path)
+        return read_history(self.dir)
 
     @property
     def classes(self) -> list[str]:
@@ -906,10 +907,9 @@ class Run:
                                                  in (m.get("stage_seconds") or {}).items())),
                  ("engine", m.get("engine"))]
         curves = ""
-        if self.dir and (self.dir / "history.csv").is_file():
+        if (history := self._drawable_history()) is not None:
             from wingspan.evaluate.plots import plot_curves
 
-            history = self.history
             curves = _img(_plotted(lambda p: plot_curves(history, p, best)), "training curves",
                           780)
         return f"<div>{_kv(f'Run {self.name}', pairs)}{curves}</div>"
@@ -941,9 +941,20 @@ class Run:
         if row["status"] == STOPPED:
             pairs.append(("continue it", f"ws.resume({str(self.dir)!r})"))
         curves = ""
-        if (self.dir / "history.csv").is_file() and len(history := self.history):
+        if (history := self._drawable_history()) is not None:
             curves = _img(_plotted(lambda p: plot_curves(history, p)), "training curves", 780)
         return f"<div>{_kv(f'Run {self.name}', pairs)}{curves}</div>"
+
+    def _drawable_history(self) -> pd.DataFrame | None:
+        """The history to draw in a display, if there is one with rows (a display shows
+        what it can: a damaged history.csv leaves the curves out, not the run)."""
+        if not (self.dir and (self.dir / "history.csv").is_file()):
+            return None
+        try:
+            history = read_history(self.dir)
+        except WingspanError:
+            return None
+        return history if len(history) else None
 
 
 # ---------------------------------------------------------------------------- evaluation

@@ -53,6 +53,7 @@ from wingspan.predict import answer_at, deciding_score, expand_paths, taxonomy_p
 from wingspan.training.folder import (
     adapted_photos,
     hold_lock,
+    read_history,
     release_lock,
     splits_digest,
     trained_on,
@@ -889,9 +890,9 @@ def _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, 
     counts = dataset.table[level].value_counts()
     pngs["balance"] = plot_class_balance(counts, level, out_dir / "balance.png")
     if run_dir and (run_dir / "history.csv").is_file():
-        pngs["curves"] = charts.plot_curves(pd.read_csv(run_dir / "history.csv"),
-                                            out_dir / "curves.png",
-                                            predictor.manifest.get("metrics", {}).get("best"))
+        with contextlib.suppress(WingspanError):  # damaged: the report goes without curves
+            pngs["curves"] = charts.plot_curves(read_history(run_dir), out_dir / "curves.png",
+                                                predictor.manifest.get("metrics", {}).get("best"))
     train = dataset.table[SPLIT] == "train"
     if train.any():
         policy = predictor.manifest.get("training", {}).get("augment", "standard")

@@ -9,9 +9,10 @@ import hashlib
 import os
 from pathlib import Path
 
+from wingspan.errors import WingspanError, first_line
 from wingspan.files import is_leftover
 
-CONFIG_FILE, SPLITS_FILE = "config.yaml", "splits.csv"
+CONFIG_FILE, SPLITS_FILE, HISTORY_FILE = "config.yaml", "splits.csv", "history.csv"
 HOLDOUT_FILE = "holdout.csv"  # --holdout-classes: their images, scored as unknowns at the end
 # Why a run stopped at an error (bad data, say), for `wingspan runs` to show it as failed
 # rather than resumable; a resume that gets going again removes it.
@@ -19,6 +20,20 @@ ERROR_FILE = "error.txt"
 # `wingspan adapt`: the photos its head was refitted on (unlabelled), which an evaluation
 # of the adapted run must not call fair.
 ADAPT_PHOTOS_FILE = "adapt-photos.csv"
+
+
+def read_history(run_dir: Path):
+    """history.csv as a DataFrame (a row per epoch); a file cut short or garbled (a full
+    disk, a copy interrupted) is a WingspanError, not pandas' own."""
+    import pandas as pd
+
+    path = run_dir / HISTORY_FILE
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise WingspanError(f"{path} is damaged ({first_line(str(e))}): the training curves "
+                            "are lost.", hint="The model and its figures (metrics.json) do "
+                            "not depend on it.") from e
 
 
 def splits_digest(run_dir: Path) -> str | None:
