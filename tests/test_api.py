@@ -78,6 +78,12 @@ def test_split_inspect_preview(demo_dir, tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match=r"has a split of its own \(train \d+, val \d+, test"):
         split.split(val=0.25, test=0.25, seed=2, out=tmp_path / "again")
     assert "train" in split._repr_html_() and split.split_report.sizes["train"] > 0
+    # Capped: the display says so beside the split's own sizes (it showed "splits: train
+    # 8" next to "train 32 (67%)" alone).
+    capped = data.split(val=0.25, test=0.25, seed=1, max_per_class=2, out=tmp_path / "cap")
+    trained_on = (capped.table["split"] == "train").sum()
+    assert trained_on < capped.split_report.sizes["train"]
+    assert f", {trained_on} after sampling" in capped._repr_html_()
 
     inspection = split.inspect(quiet=True)
     summary = json.loads((tmp_path / "runs/data" / data.name / "summary.json").read_text())
@@ -813,3 +819,11 @@ def test_a_path_in_the_home_folder_is_read_there(run, demo_dir, tmp_path, monkey
     code, out, err = run_cli("data", "split", str(demo_dir), "--out=~/split2")
     assert code == 0 and (tmp_path / "split2" / "splits.csv").is_file(), err
     assert not list((tmp_path / "here").iterdir())  # no "~" folder here
+
+
+def test_counts_in_messages_agree_with_their_nouns():
+    from wingspan.errors import counted
+
+    assert [counted(1, "class"), counted(2, "class"), counted(3, "image"),
+            counted(2, "group holds", "groups hold")] == [
+        "1 class", "2 classes", "3 images", "2 groups hold"]

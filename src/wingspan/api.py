@@ -289,7 +289,10 @@ class Data:
             ("problems while reading", len(self.dataset.problems))])]
         if self.split_report is not None:
             r = self.split_report
-            parts.append(_kv("Split", [(k, f"{v} ({r.fractions[k]:.0%})")
+            # The split's sizes, and where max_per_class or oversample_to changed them since.
+            now = self.table[SPLIT].value_counts()
+            parts.append(_kv("Split", [(k, f"{v} ({r.fractions[k]:.0%})" + (
+                f", {now.get(k, 0)} after sampling" if now.get(k, 0) != v else ""))
                                        for k, v in r.sizes.items()]
                              + [("classes in train only", len(r.train_only))]))
         parts.append(f"<b>Images per {self.dataset.default_level}</b>"

@@ -21,8 +21,9 @@ class WingspanError(Exception):
 
 
 def counted(n: int, noun: str, plural: str | None = None) -> str:
-    """'1 image', '2 images': a count in a message, its noun agreeing."""
-    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+    """'1 image', '2 images', '2 classes': a count in a message, its noun agreeing."""
+    regular = noun + ("es" if noun.endswith(("s", "x", "ch", "sh")) else "s")
+    return f"{n} {noun if n == 1 else plural or regular}"
 
 
 def none_read(n: int, noun: str, where: str = "", of: str = "the", example: str = "") -> str:
