@@ -278,6 +278,9 @@ def test_csv_reader_relative_paths_levels_and_missing_files(tmp_path):
 @pytest.mark.parametrize("content, message", [
     ("file,label\na.jpg,x\n", "no 'path' column"),
     ("path,label,split\na.jpg,x,training\n", "line 2: split 'training'"),
+    # pandas read the second as 'genus.1', a level of its own, without a word
+    ("path,label,family,genus,genus \na.jpg,x,F,G,H\n",
+     r"has 2 columns named 'genus' \(columns 4, 5\)"),
 ])
 def test_csv_reader_clear_errors(tmp_path, content, message):
     csv = tmp_path / "bad.csv"

@@ -25,9 +25,19 @@ def read_csv(path: Path, key: str | None = None) -> pd.DataFrame:
             warnings.simplefilter("ignore", pd.errors.ParserWarning)
             table = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False,
                                 index_col=False)
+            header = pd.read_csv(path, sep=sep, dtype=str, header=None, nrows=1,
+                                 keep_default_na=False, index_col=False).iloc[0].tolist()
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError,
             csv.Error) as e:
         raise WingspanError(f"Cannot read the CSV file {path}: {e}") from e
+    # pandas renames a second 'genus' to 'genus.1', which would be read as a level.
+    names = [nfc(str(c).strip()) for c in header]
+    twice = sorted({c for c in names if c and names.count(c) > 1})
+    if twice:
+        where = [i + 1 for i, c in enumerate(names) if c == twice[0]]
+        raise WingspanError(f"The CSV file {path} has {len(where)} columns named "
+                            f"'{twice[0]}' (columns {', '.join(map(str, where))}).",
+                            hint="Rename or delete all but one of them.")
     table.columns = [nfc(str(c).strip()) for c in table.columns]
     unnamed = [c for c in table.columns
                if c.startswith("Unnamed: ") and (table[c].str.strip() == "").all()]
