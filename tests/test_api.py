@@ -94,6 +94,12 @@ def test_split_inspect_preview(demo_dir, tmp_path, monkeypatch):
     assert "No problems found" in split.inspect(tiny_px=32, quiet=True).text
     with pytest.raises(WingspanError, match="No plot of a level 'Family'"):
         inspection.plot("Family")
+    # Its folder cleaned up since: the display goes on, and says which plot is gone.
+    moved = shutil.move(inspection.dir, tmp_path / "moved")
+    page = inspection._repr_html_()
+    assert "balance of label: " in page and "cannot be read" in page
+    assert inspection.plot()._repr_png_() is None  # Jupyter shows its repr (the path)
+    shutil.move(moved, inspection.dir)
 
     preview = data.preview(image_size=32, rows=2, views=2)
     assert preview.path.resolve() == tmp_path / "runs/data" / data.name / "preview.png"

@@ -78,8 +78,11 @@ class Image:
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
-    def _repr_png_(self) -> bytes:
-        return self.path.read_bytes()
+    def _repr_png_(self) -> bytes | None:
+        try:
+            return self.path.read_bytes()
+        except OSError:  # deleted since: Jupyter shows the repr (the path) instead
+            return None
 
     def __repr__(self) -> str:
         return f"Image({str(self.path)!r})"
@@ -92,7 +95,7 @@ class Images(list):
     def _repr_html_(self) -> str:
         return "".join(
             f'<figure style="display:inline-block;margin:4px">'
-            f'{_img(image.path.read_bytes(), image.path.name, 256)}'
+            f'{_img(image.path, image.path.name, 256)}'
             f'<figcaption>{html.escape(image.path.name)}</figcaption></figure>'
             for image in self)
 
@@ -111,7 +114,11 @@ class Html:
 
 
 def _img(png: str | Path | bytes, alt: str, width: int | None = None) -> str:
-    data = png if isinstance(png, bytes) else Path(png).read_bytes()
+    try:
+        data = png if isinstance(png, bytes) else Path(png).read_bytes()
+    except OSError as e:  # deleted or moved since it was written: the display goes on
+        return f"<p><em>{html.escape(alt)}: {html.escape(str(png))} cannot be read " \
+               f"({html.escape(e.strerror or str(e))}).</em></p>"
     size = f" width='{width}'" if width else ""
     return (f"<img alt='{html.escape(alt)}'{size} "
             f"src='data:image/png;base64,{base64.b64encode(data).decode()}'>")
