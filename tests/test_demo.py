@@ -61,6 +61,12 @@ def test_a_second_demo_in_the_same_folder_replaces_the_first(tmp_path):
     assert _digest(again) == _digest(generate_demo(
         tmp_path / "fresh", DemoConfig(image_size=24, images_per_class=(2, 1))))
     assert read_dataset(again).class_counts().tolist() == [2, 1]
+    # A file where the folder should be: said (FileExistsError before), and left.
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(WingspanError, match="notes.txt is a file; the demo's images go in a "
+                       "folder"):
+        generate_demo(tmp_path / "notes.txt", DemoConfig(image_size=24))
+    assert (tmp_path / "notes.txt").read_text() == "mine"
     # A Finder's .DS_Store (or Windows' Thumbs.db) is nobody's work: not refused.
     (tmp_path / "d" / ".DS_Store").write_bytes(b"\0")
     (tmp_path / "d" / SPECIES[0].folder / "Thumbs.db").write_bytes(b"\0")

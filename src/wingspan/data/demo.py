@@ -102,6 +102,9 @@ def _clear_previous(out_dir: Path) -> None:
     """Remove what an earlier demo wrote here, so that asking for fewer images or species
     does not leave the old ones to be read with the new; refuse a folder holding anything
     else, which is not ours to delete."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise WingspanError(f"{out_dir} is a file; the demo's images go in a folder.",
+                            hint="Give a new or empty folder for the demo data.")
     if not out_dir.is_dir():
         return
     ours = {sp.folder: sp for sp in SPECIES}

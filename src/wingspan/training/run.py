@@ -938,6 +938,13 @@ def _new_run_dir(runs: Path, name: str) -> Path:
         raise WingspanError(f"The run name '{name}' is a path; a run is named, and goes in "
                             f"--runs-dir ({runs}).", hint="Give a plain name, e.g. leeds-lite2, "
                             "and the folder with --runs-dir.")
+    # A blank name makes a folder no one can tell apart; 255 bytes is the longest a file
+    # system takes (leaving room for the "-2" of a taken name).
+    if not name.strip() or len(name.encode()) > 250:
+        raise WingspanError(f"The run name '{name[:60]}{'...' if len(name) > 60 else ''}' is "
+                            + ("blank." if not name.strip() else
+                               f"{len(name.encode())} bytes long; folders take at most 250."),
+                            hint="Give a short plain name, e.g. leeds-lite2.")
     path, n = make_folder(runs) / name, 2
     while path.exists():
         path, n = runs / f"{name}-{n}", n + 1
