@@ -614,3 +614,22 @@ def test_msp_rates_the_class_the_answer_names_at_every_level(pretrained_hierarch
         branch = taxonomy_path(predictor.taxonomy, p.probs, predictor.temperature)
         assert [p.unknown[lv] for lv, _, _ in branch] == pytest.approx(
             [1 - shown for _, _, shown in branch], abs=1e-4), p.path
+
+
+def test_a_rare_below_that_takes_every_class_says_so(demo_dir, tmp_path):
+    """--rare-below 100 on classes of 8-20 training images: every species trained as its
+    genus, with only the usual info line; now a warning says none is learnt as a species."""
+    from wingspan.training.prepare import ensure_splits, plan_labels
+
+    logs = []
+    config = tiny(tmp_path, levels=["family", "label"], rare_below=1000)
+    dataset = ensure_splits(read_dataset(demo_dir), "label", config, log=logs.append)
+    plan = plan_labels(dataset, ["family", "label"], config, log=logs.append)
+    assert all(c.endswith("(rare label)") for c in plan.classes["label"])
+    assert any(line.startswith("Warning: that is every 'label' class: none is learnt as such")
+               for line in logs), logs
+    logs.clear()
+    config = tiny(tmp_path, levels=["family", "label"], rare_below=3)
+    plan_labels(ensure_splits(read_dataset(demo_dir), "label", config, log=logs.append),
+                ["family", "label"], config, log=logs.append)
+    assert not any("every 'label' class" in line for line in logs)

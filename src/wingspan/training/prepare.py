@@ -186,6 +186,10 @@ def plan_labels(dataset: Dataset, levels: list[str], config: TrainConfig, log=pr
                 f"than {counted(config.rare_below, 'training image')}: "
                 + ("it trains as its" if len(rare) == 1 else "they train as their")
                 + f" {levels[-2]} only")
+        if len(rare) == len(counts):  # the run would learn no finest class at all
+            log(f"Warning: that is every '{finest}' class: none is learnt as such, and the "
+                f"finest answer is a {levels[-2]}. A lower --rare-below keeps the commoner "
+                f"ones (the commonest has {counts.max()} training images).")
     if len(levels) > 1:  # the test rows too: they would be scored against the tree
         labelled = dataset.table[dataset.table[SPLIT] != ""]
         Taxonomy.from_table(labelled[~(labelled[levels] == "").any(axis=1)], levels)
