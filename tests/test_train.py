@@ -1817,3 +1817,23 @@ def test_list_settings_take_the_commands_comma_separated_form():
     assert config.holdout_classes == ["monarch"]
     with pytest.raises(SettingError, match="'level_weights' = \\['1', 'x'\\]"):
         TrainConfig(levels="family,species", level_weights="1,x")
+
+
+def test_a_temperature_at_its_bound_is_not_said_to_reach_the_rule_of_successions_aim(
+        tmp_path):
+    """Every val image right, and sure enough that T stops at its lower bound: train.log
+    warned "still too unsure", then said the mean top probability was 101 / 102, which the
+    bound had kept it from reaching (0.9869 measured)."""
+    from types import SimpleNamespace
+
+    from wingspan.training.run import _fit_calibration
+
+    lines = []
+    logits = torch.zeros(100, 2)
+    logits[:, 0] = 1.0  # every image class 0, right, and unsure: T must fall below 0.25
+    run = SimpleNamespace(data=SimpleNamespace(taxonomy=None, level="label"),
+                          log=lambda message, **_: lines.append(message))
+    record = _fit_calibration(run, (None, {"label": logits}, torch.zeros(100, 1).long()))
+    assert record["at_bound"] and record["method"].startswith("rule of succession")
+    said = " ".join(lines)
+    assert "as near 101 / 102 as the bound lets it" in said and "is 101 / 102." not in said

@@ -229,8 +229,8 @@ def export_command(
                  "time here" + (" (7-bit weights cost accuracy: uint8 ones are exact, slower)"
                                 if int8['refused'] else "") if int8 else ""))
     own = ("; the int8 model's own, set again on its val scores (fp32's would turn away "
-           f"{int8['val_unknown_share_int8']:.1%} of known val images, not "
-           f"{unknown['rate']:.0%})" if "unknown_thresholds_fp32" in int8 else "")
+           f"{int8['val_unknown_share_int8']:.1%} of known val images, against the "
+           f"{unknown['rate']:.1%} asked)" if "unknown_thresholds_fp32" in int8 else "")
     out.print(f"Unknown score '{unknown['score']}' in the outputs "
               f"{', '.join(unknown['outputs'].values())}, thresholds in the metadata{own}."
               if unknown else "No unknown score (the model has none): it always names a class."

@@ -865,9 +865,11 @@ def _fit_calibration(run: Run, val: tuple) -> dict:
                 f"calibrate` asks for {MIN_CALIBRATION_IMAGES}). Fit it again on more labelled "
                 f"images of these classes: `wingspan calibrate {run.dir} DATA`.", caveat=True)
     if record["method"] != "likelihood":
+        aim = f"{record['images'] + 1} / {record['images'] + 2}"
         run.log(f"Every val image is right: the temperature ({record['temperature']:.3f}) is "
                 f"set by the {record['method']}, so that the mean top probability on val is "
-                f"{record['images'] + 1} / {record['images'] + 2}.")
+                + (f"{aim}." if not record["at_bound"] else
+                   f"as near {aim} as the bound lets it (see the warning above)."))
     return record
 
 
