@@ -138,7 +138,8 @@ def test_the_apis_predict_takes_devices_as_the_cli_does(demo_dir, tmp_path, one_
         "import os, sys\nimport wingspan as ws\n"
         f"preds = ws.load({str(one_process)!r}).predict({images!r}, devices=2, "
         "strategy='ddp', top_k=2, precision='fp32', quiet=True)\n"
-        "preds.to_json(f\"{sys.argv[1]}.{os.environ.get('LOCAL_RANK', '0')}.json\")\n")
+        "preds.to_json(f\"{sys.argv[1]}.{os.environ.get('LOCAL_RANK', '0')}.json\")\n"
+        "if ws.is_main_process():\n    open(f'{sys.argv[1]}.main', 'a').write('x')\n")
     _finish(subprocess.Popen([sys.executable, script, tmp_path / "out"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     two = pd.read_json(tmp_path / "out.0.json")
@@ -147,6 +148,7 @@ def test_the_apis_predict_takes_devices_as_the_cli_does(demo_dir, tmp_path, one_
     assert two["class"].tolist() == one["class"].tolist()
     assert two.probability.to_numpy() == pytest.approx(one.probability.to_numpy(), abs=1e-5)
     assert pd.read_json(tmp_path / "out.1.json").empty
+    assert (tmp_path / "out.main").read_text() == "x"  # one process of the two is the main
 
 
 @pytest.mark.parametrize("how", ["-c", "stdin"])

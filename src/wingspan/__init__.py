@@ -11,8 +11,8 @@ light (no torch until something needs it).
 
 __version__ = "0.1.0"
 
-_API = ("Data", "Evaluation", "Image", "Inspection", "Run", "demo_data", "load", "read",
-        "resume", "runs", "train")
+_API = ("Data", "Evaluation", "Image", "Inspection", "Run", "demo_data", "is_main_process",
+        "load", "read", "resume", "runs", "train")
 __all__ = [*_API, "TrainConfig", "WingspanError", "__version__"]
 
 

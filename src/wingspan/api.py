@@ -44,8 +44,8 @@ from wingspan.data.samples import SPLIT, Dataset
 from wingspan.errors import WingspanError, counted, some
 from wingspan.training.folder import read_history
 
-__all__ = ["Data", "Evaluation", "Image", "Inspection", "Run", "demo_data", "load", "read",
-           "resume", "runs", "train"]
+__all__ = ["Data", "Evaluation", "Image", "Inspection", "Run", "demo_data", "is_main_process",
+           "load", "read", "resume", "runs", "train"]
 
 
 # ---------------------------------------------------------------------------- keywords
@@ -395,6 +395,17 @@ def resume(run: Run | str | Path, quiet: bool = False, max_pixels: int | None = 
         run = run.dir
     with _max_pixels(max_pixels):
         return Run(resume_run(_path_arg("run", run), quiet=quiet, **machine))
+
+
+def is_main_process() -> bool:
+    """Whether this is the process that writes (global rank 0). `ws.train(...,
+    devices=N)` and `run.predict(..., devices=N)` start the other processes by running the
+    script again, so the code after them runs in every process: guard what should run
+    once (an evaluation, a plot, a print) with `if ws.is_main_process():`. True where one
+    process runs."""
+    from lightning_fabric.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
 
 
 @_keywords_checked
