@@ -1837,3 +1837,15 @@ def test_a_temperature_at_its_bound_is_not_said_to_reach_the_rule_of_successions
     assert record["at_bound"] and record["method"].startswith("rule of succession")
     said = " ".join(lines)
     assert "as near 101 / 102 as the bound lets it" in said and "is 101 / 102." not in said
+
+
+def test_data_without_training_images_says_where_they_are_and_what_to_give():
+    """ETHEC without its train.json (or a CSV marking val and test only) said "The
+    training split is empty." and no more."""
+    from wingspan.training.prepare import check_classes
+
+    table = pd.DataFrame({"path": ["a", "b", "c"], "label": ["x", "y", "x"],
+                          "split": ["val", "test", "test"]})
+    with pytest.raises(WingspanError, match=r"puts its images in test \(2\), val \(1\)") as e:
+        check_classes(table, "label")
+    assert "train.json" in e.value.hint

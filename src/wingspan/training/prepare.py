@@ -122,8 +122,14 @@ def check_classes(table: pd.DataFrame, level: str) -> list[str]:
     """The classes to learn: those with training images. A class seen only in val or test
     cannot be learned; refuse rather than report a meaningless score."""
     train = set(table.loc[table[SPLIT] == "train", level])
-    if not train:
-        raise WingspanError("The training split is empty.")
+    if not train:  # e.g. ETHEC without its train.json, or a CSV marking only val and test
+        sides = table[SPLIT].replace("", "none").value_counts()
+        raise WingspanError(
+            "The training split is empty: the data's own split puts its images in "
+            + ", ".join(f"{k} ({v})" for k, v in sides.items()) + ".",
+            hint="Give the data its training images (ETHEC: train.json beside val.json and "
+            "test.json), or mark some rows train, or leave the split column blank to have "
+            "one made.")
     absent = sorted(set(table[level]) - train)
     if absent:
         where = table[table[level].isin(absent)].groupby(level)[SPLIT].agg(
