@@ -111,7 +111,7 @@ def test_inspect_names_images_left_blank_at_a_level(demo_dir, tmp_path, capsys):
     assert summary["blank_levels"] == [f"{first}: no genus", f"{second}: no family, subfamily"]
     print_summary(summary)
     printed = capsys.readouterr().out
-    assert "blank at a level (train --levels refuses them): 2" in printed
+    assert "blank at a level (train --levels refuses them in train and val): 2" in printed
     assert "No problems found" not in printed
 
 

@@ -217,7 +217,7 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
                                          "coarser level: remove one that is not, e.g. notes)"
                                          if summary["dataset"]["format"] == "csv" else ""),
                   summary["taxonomy_conflicts"], None),
-                 ("blank at a level (train --levels refuses them)",
+                 ("blank at a level (train --levels refuses them in train and val)",
                   summary.get("blank_levels", []), None)]
     images = summary.get("images")
     if images:
