@@ -632,6 +632,17 @@ def test_a_resume_reads_images_with_the_pixel_budget_the_run_began_with(
     assert seen == [100_000_000, 7_000_000]
 
 
+def test_a_misspelt_machine_setting_of_a_resume_is_named_with_the_closest(uninterrupted):
+    """ws.resume(run, worker=0) said only that a resumed run cannot change 'worker'; a
+    setting it may not change (lr) is still refused as such."""
+    ref, _ = uninterrupted
+    with pytest.raises(WingspanError, match="Unknown setting 'worker'") as e:
+        resume(ref, worker=0)
+    assert "Did you mean 'workers'?" in e.value.hint
+    with pytest.raises(WingspanError, match="A resumed run cannot change lr"):
+        resume(ref, lr=0.1)
+
+
 def test_a_damaged_best_checkpoint_still_lets_the_run_finish(uninterrupted, tmp_path):
     """Killed before its model was written, with best.pt damaged since: the resumed run
     finishes with the last epoch's model and says so, rather than failing for good."""

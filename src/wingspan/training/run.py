@@ -26,7 +26,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from wingspan.config import RUNS_DIR, ReadConfig, TrainConfig
+from wingspan.config import RUNS_DIR, ReadConfig, TrainConfig, check_names
 from wingspan.data import read_dataset
 from wingspan.data.images import call_budget, chosen_budget
 from wingspan.data.samples import Dataset, report_reading
@@ -259,6 +259,9 @@ def resume(run_dir: str | Path, quiet: bool = False, **machine) -> Path:
         with call_budget(budget):  # call gives one: the same images, as the run began
             return resume(run_dir, quiet, **machine)
     unknown = sorted(set(machine) - set(MACHINE_SETTINGS))
+    # A name no setting has (worker=0) is a slip: named with the closest it may change.
+    check_names([k for k in unknown if k not in TrainConfig.__dataclass_fields__],
+                list(MACHINE_SETTINGS), listed="A resumed run may change")
     if unknown:
         raise WingspanError(f"A resumed run cannot change {', '.join(unknown)}.",
                             hint=f"It may change only {', '.join(MACHINE_SETTINGS)}.")
