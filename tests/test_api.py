@@ -173,11 +173,13 @@ def test_a_damaged_history_csv_loses_the_curves_not_the_run(run, tmp_path):
     import shutil
 
     copy = ws.load(shutil.copytree(run.dir, tmp_path / "cut"))
-    (copy.dir / "history.csv").write_bytes(b"")
-    with pytest.raises(WingspanError, match=r"history.csv is damaged .*the training curves "
-                       "are lost") as e:
-        _ = copy.history
-    assert "metrics.json" in e.value.hint
+    # Cut to nothing, zeros a crash left (read without an error), a header cut short.
+    for damage in [b"", b"\0" * 4096, b"stage,epoch,train_lo"]:
+        (copy.dir / "history.csv").write_bytes(damage)
+        with pytest.raises(WingspanError, match=r"history.csv is damaged .*the training "
+                           "curves are lost") as e:
+            _ = copy.history
+        assert "metrics.json" in e.value.hint
     assert f"{run.metrics['best']['val_macro_f1']:.4f}" in copy._repr_html_()
     ev = copy.evaluate(out=tmp_path / "ev", quiet=True)
     assert ev.metrics["accuracy"] >= 0 and not (tmp_path / "ev" / "curves.png").exists()

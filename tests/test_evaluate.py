@@ -917,6 +917,11 @@ def test_a_misspelt_unknown_folder_among_others_is_refused_not_left_out(tmp_path
         assert "fewer images than given" in e.value.hint
     paths, missing = _unknown_paths([moths, heic])
     assert paths == [str(moths / "moth.jpg")] and [p for p, _ in missing] == [str(heic)]
+    # An image file gone since it was listed (a --holdout-classes run's, on resume) is
+    # counted unreadable, as before: refusing it would fail the run's last step for good.
+    gone = str(tmp_path / "held" / "gone.jpg")
+    paths, missing = _unknown_paths([str(moths / "moth.jpg"), gone])
+    assert paths == [str(moths / "moth.jpg")] and [p for p, _ in missing] == [gone]
 
 
 def test_calibrate_refuses_a_handful_of_images_and_keeps_the_temperature(trained, tmp_path,

@@ -18,6 +18,7 @@ from wingspan.data import read_dataset
 from wingspan.data.csvfiles import name_as_read
 from wingspan.data.plots import plot_class_balance
 from wingspan.data.preview import write_preview
+from wingspan.data.readers import is_image_name
 from wingspan.data.samples import GROUP, SOURCE, SPLIT, Dataset, folder_of, renamed
 from wingspan.data.taxonomy import conflict_rows
 from wingspan.errors import WingspanError, counted, none_read, some
@@ -387,8 +388,11 @@ def _unknown_paths(unknown) -> tuple[list[str], list[tuple[str, str]]]:
         raise WingspanError(f"No images of unseen classes in {', '.join(inputs)}"
                             + (f": {missing[0][1]}" if missing else "."),
                             hint="Give a folder of images of classes the model never saw.")
-    # A typo among several folders would otherwise only shrink the figures' image count.
-    named = [(p, why) for p, why in missing if p in inputs and not Path(p).is_file()]
+    # A misspelt folder among several would otherwise only shrink the figures' image count.
+    # A missing image file (one of --holdout-classes' images, deleted since) is counted
+    # unreadable, as an unreadable one is.
+    named = [(p, why) for p, why in missing if p in inputs and why.startswith("no such file")
+             and (not is_image_name(Path(p).name) or any(c in p for c in "*?"))]
     if named:
         raise WingspanError(f"Among the unseen classes' images given, {named[0][0]}: "
                             f"{named[0][1]}.", hint="Check the path: the figures would be "

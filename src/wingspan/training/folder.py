@@ -13,6 +13,9 @@ from wingspan.errors import WingspanError, first_line
 from wingspan.files import is_leftover
 
 CONFIG_FILE, SPLITS_FILE, HISTORY_FILE = "config.yaml", "splits.csv", "history.csv"
+# What the curves draw of history.csv (it has more: accuracy, learning rate, speed).
+HISTORY_COLUMNS = ("stage", "epoch", *(f"{side}_{metric}" for side in ("train", "val")
+                                        for metric in ("loss", "acc", "macro_f1")))
 HOLDOUT_FILE = "holdout.csv"  # --holdout-classes: their images, scored as unknowns at the end
 # Why a run stopped at an error (bad data, say), for `wingspan runs` to show it as failed
 # rather than resumable; a resume that gets going again removes it.
@@ -29,11 +32,17 @@ def read_history(run_dir: Path):
 
     path = run_dir / HISTORY_FILE
     try:
-        return pd.read_csv(path)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        history = pd.read_csv(path)
+        # Zeros a crash left, or a header cut short, read without an error.
+        lacking = [c for c in HISTORY_COLUMNS if c not in history.columns]
+        if lacking:
+            raise ValueError(f"no {', '.join(lacking)} column")
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError,
+            ValueError) as e:
         raise WingspanError(f"{path} is damaged ({first_line(str(e))}): the training curves "
                             "are lost.", hint="The model and its figures (metrics.json) do "
                             "not depend on it.") from e
+    return history
 
 
 def splits_digest(run_dir: Path) -> str | None:
