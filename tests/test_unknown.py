@@ -652,3 +652,33 @@ def test_a_level_of_one_class_is_certain_exactly_so_no_rounding_decides():
         marginal = _marginal_logits({"order": None, "family": None, "species": logits},
                                     "species", members, temperature)
         assert torch.equal(marginal["order"], torch.zeros(500, 1))
+
+
+def test_a_part_whose_val_scores_are_all_equal_leaves_the_combination_to_the_others():
+    """MSP at a level of one class is exactly 0 for every image (see above). Counted as
+    exceeding every val image (share 1), it made msp+knn a constant there, and that level
+    turned away only images beyond every val image; it is now kNN's alone, in the bundle's
+    PyTorch scores and the exported graph alike."""
+    from torch import nn
+
+    from wingspan.models.unknown import Combined
+
+    g = torch.Generator().manual_seed(0)
+    val_knn, new_knn = torch.rand(60, generator=g), torch.rand(40, generator=g) * 1.2
+    both = Combined(("msp", "knn")).fit_val({"msp": np.zeros(60), "knn": val_knn.numpy()})
+    alone = Combined(("knn",)).fit_val({"knn": val_knn.numpy()})
+    scores = both.combine({"msp": torch.zeros(40), "knn": new_knn})
+    assert torch.allclose(scores, alone.combine({"knn": new_knn}), atol=0.003)
+    assert (scores > 0.95).float().mean() > 0.1  # the far ones stand out, as kNN's do
+
+    class Column(nn.Module):
+        def __init__(self, i):
+            super().__init__()
+            self.i = i
+
+        def forward(self, features, logits):
+            return features[:, self.i]
+
+    graph = both.graph({"msp": Column(0), "knn": Column(1)})
+    exported = graph(torch.stack([torch.zeros(40), new_knn], 1), None)
+    assert torch.allclose(exported, scores, atol=1e-5)

@@ -257,7 +257,7 @@ class Combined(Score):
         units = []
         for p in self.parts:
             val, x = self.val[p], part_scores[p].double()
-            share = torch.searchsorted(val, x, right=True) / len(val)
+            share = torch.searchsorted(val, x, right=not _constant(val)) / len(val)
             units.append(_in_unit(share, (x - val.mean()) / (_std(val) + 1e-12)))
         return torch.stack(units).max(0).values.float()
 
@@ -275,14 +275,24 @@ class _CombinedGraph(nn.Module):
         self.vals = nn.ParameterList([nn.Parameter(val[p].float(), requires_grad=False)
                                       for p in parts])
         self.stats = [(float(val[p].mean()), float(_std(val[p])) + 1e-12) for p in parts]
+        self.constant = [_constant(val[p]) for p in parts]
 
     def forward(self, features, logits):
         units = []
-        for part, val, (mean, std) in zip(self.parts, self.vals, self.stats, strict=True):
+        for part, val, (mean, std), constant in zip(self.parts, self.vals, self.stats,
+                                                     self.constant, strict=True):
             x = part(features, logits)
-            share = (val[None, :] <= x[:, None]).float().mean(-1)
+            share = ((val[None, :] < x[:, None]) if constant else
+                     (val[None, :] <= x[:, None])).float().mean(-1)
             units.append(_in_unit(share, (x - mean) / std))
         return torch.stack(units).max(0).values
+
+
+def _constant(val: torch.Tensor) -> bool:
+    """Every val score the same (MSP at a level of one class: 0): that score tells no
+    image from another, so an image equal to it exceeds no val image (share 0), rather
+    than all of them (share 1, which left the combined score nothing but its tie-break)."""
+    return bool(val.min() == val.max())
 
 
 def _std(val: torch.Tensor) -> torch.Tensor:
