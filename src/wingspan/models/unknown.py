@@ -315,30 +315,39 @@ def _legacy_threshold(threshold: float) -> float:
 
 
 def _marginal_logits(logits: dict[str, torch.Tensor], finest: str,
-                     members: dict[str, torch.Tensor], temperature: float
-                     ) -> dict[str, torch.Tensor]:
+                     members: dict[str, torch.Tensor], temperature: float,
+                     one_class: frozenset[str] | None = None) -> dict[str, torch.Tensor]:
     """`logits` with each level in `members` replaced by the log of its classes' shares of
-    the finest level's probabilities at `temperature`."""
+    the finest level's probabilities at `temperature` (`one_class`: see `branch_shares`)."""
+    one_class = _one_class_levels(members) if one_class is None else one_class
     probs = torch.softmax(logits[finest].float() / temperature, -1)
-    return {lv: _one_class_exact(probs @ members[lv]).clamp_min(1e-30).log()
+    return {lv: _exact(probs @ members[lv], lv in one_class).clamp_min(1e-30).log()
             if lv in members else v for lv, v in logits.items()}
 
 
-def _one_class_exact(share: torch.Tensor) -> torch.Tensor:
-    """A level's class shares of the finest probabilities; at a level of one class (one
-    order) exactly 1: their sum is 1 only to rounding, which a score would then rank (and
-    the share of val scores it exceeds magnify), one engine's rounding apart from another's."""
-    return torch.ones_like(share) if share.shape[-1] == 1 else share
+def _one_class_levels(members: dict[str, torch.Tensor]) -> frozenset[str]:
+    """The levels of one class (one order), from their member matrices' widths: outside a
+    traced forward, where a shape read would be frozen into the graph with a warning."""
+    return frozenset(lv for lv, m in members.items() if m.shape[-1] == 1)
+
+
+def _exact(share: torch.Tensor, one_class: bool) -> torch.Tensor:
+    """A level's class shares of the finest probabilities; at a level of one class exactly
+    1: their sum is 1 only to rounding, which a score would then rank (and the share of
+    val scores it exceeds magnify), one engine's rounding apart from another's."""
+    return torch.ones_like(share) if one_class else share
 
 
 def branch_shares(fine_logits: torch.Tensor, levels: list[str],
-                  members: dict[str, torch.Tensor], temperature: float
-                  ) -> dict[str, torch.Tensor]:
+                  members: dict[str, torch.Tensor], temperature: float,
+                  one_class: frozenset[str] | None = None) -> dict[str, torch.Tensor]:
     """For each level (coarse to fine), the calibrated probability of the class that
     predict names there: the top-down branch chosen on the probabilities at temperature
     1, as `Taxonomy.predict` chooses it; each class's probability the sum of its finest
     classes' at `temperature`. Tensor operations only: the exported graph computes the
-    same. `members`: each coarser level's finest x level 0/1 matrix."""
+    same. `members`: each coarser level's finest x level 0/1 matrix; `one_class`: the
+    levels of one class (`_one_class_levels`, given where a graph is traced)."""
+    one_class = _one_class_levels(members) if one_class is None else one_class
     at_1 = torch.softmax(fine_logits.float(), -1)
     shown = torch.softmax(fine_logits.float() / temperature, -1)
     under = None  # (images, finest classes): 1 under the branch chosen so far
@@ -346,7 +355,7 @@ def branch_shares(fine_logits: torch.Tensor, levels: list[str],
     for lv in levels:
         member = members.get(lv)  # None at the finest level: its own classes
         choose = at_1 @ member if member is not None else at_1
-        share = _one_class_exact(shown @ member) if member is not None else shown
+        share = _exact(shown @ member, lv in one_class) if member is not None else shown
         if under is not None:  # only the classes under the one chosen above
             inside = (under @ member if member is not None else under) > 0
             choose = torch.where(inside, choose, torch.full_like(choose, -1.0))
@@ -378,6 +387,7 @@ class _LevelsGraph(nn.Module):
         self.members = nn.ParameterDict({lv: nn.Parameter(m, requires_grad=False)
                                          for lv, m in (members or {}).items()})
         self.temperature, self.branch = temperature, branch
+        self.one_class = _one_class_levels(members or {})
 
     @property
     def step(self) -> float:
@@ -392,11 +402,12 @@ class _LevelsGraph(nn.Module):
         # keeps its result for these features until the call ends), also in a traced graph.
         if self.branch:  # each level's branch share, for _BranchMspGraph
             shares = branch_shares(logits[self.levels[-1]], self.levels,
-                                   dict(self.members.items()), self.temperature)
+                                   dict(self.members.items()), self.temperature,
+                                   self.one_class)
             logits = {lv: share[:, None] for lv, share in shares.items()}
         elif len(self.members):
             logits = _marginal_logits(logits, self.levels[-1], dict(self.members.items()),
-                                      self.temperature)
+                                      self.temperature, self.one_class)
         try:
             return {lv: score(features, logits[lv])
                     for lv, score in zip(self.levels, self.scores, strict=True)}
