@@ -157,7 +157,10 @@ def test_more_processes_without_a_script_file_are_refused_not_killed(tmp_path, h
     input it could not, and killed the process (exit 137) with nothing said. Now an error
     says how to start them, and the program goes on to handle it."""
     code = ("from wingspan.errors import WingspanError\n"
-            "from wingspan.parallel import Processes\n"
+            "from wingspan.parallel import Processes, _check_launchable\n"
+            "from lightning_fabric import Fabric\n"
+            # One process per machine on two: each machine starts its own, nothing again.
+            "_check_launchable(Fabric(accelerator='cpu', devices=1, num_nodes=2))\n"
             "try:\n    Processes(device='cpu', devices=2).fabric()\n"
             "except WingspanError as e:\n    print('refused:', e.message, e.hint)\n")
     args, stdin = ([sys.executable, "-c", code], None) if how == "-c" else \
@@ -165,7 +168,7 @@ def test_more_processes_without_a_script_file_are_refused_not_killed(tmp_path, h
     done = subprocess.run(args, input=stdin, capture_output=True, text=True, cwd=tmp_path,
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "refused: 2 processes are started by running this program again" in done.stdout
+    assert "refused: 2 processes are started here by running this program again" in done.stdout
     assert "python my_script.py" in done.stdout
 
 

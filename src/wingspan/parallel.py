@@ -96,18 +96,24 @@ def _check_launchable(fabric: Fabric) -> None:
     import __main__
 
     launcher = fabric.strategy.launcher
-    if launcher is None or fabric.world_size == 1:
+    here = getattr(launcher, "num_processes", 1)  # this machine's (each machine starts its own)
+    if launcher is None or here <= 1:
         return
     environment = getattr(launcher, "cluster_environment", None)
     if environment is not None and environment.creates_processes_externally:
         return  # torchrun, SLURM, or a process Fabric itself started
     rerunnable = (getattr(__main__, "__spec__", None) is not None  # python -m module
                   or os.path.isfile(sys.argv[0] if sys.argv else ""))
-    if rerunnable and type(launcher).__name__ == "_SubprocessScriptLauncher":
+    # Lightning's launchers by name (they are private): the script one runs the program
+    # again; the multiprocessing one (a notebook's) needs a function wingspan does not give.
+    # Any other is left to Fabric.
+    kind = type(launcher).__name__
+    if (kind == "_SubprocessScriptLauncher" and rerunnable) or kind not in (
+            "_SubprocessScriptLauncher", "_MultiProcessingLauncher"):
         return
     raise WingspanError(
-        f"{fabric.world_size} processes are started by running this program again, and it "
-        "is no script file (python -c, standard input or a notebook).",
+        f"{here} processes are started here by running this program again, and it is no "
+        "script file (python -c, standard input or a notebook).",
         hint="Put the code in a file and run it (python my_script.py), use the command "
         "(wingspan ... --devices N), or start the processes with torchrun; in a notebook, "
         "leave devices out.")

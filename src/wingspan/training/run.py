@@ -938,18 +938,23 @@ def _name_taken(run_dir: Path, name: str) -> str:
             "continues it instead (Ctrl-C this one).")
 
 
+MAX_NAME_BYTES = 200
+
+
 def _new_run_dir(runs: Path, name: str) -> Path:
     if name in ("", ".", "..") or "/" in name or os.sep in name:  # a name, not a path
         raise WingspanError(f"The run name '{name}' is a path; a run is named, and goes in "
                             f"--runs-dir ({runs}).", hint="Give a plain name, e.g. leeds-lite2, "
                             "and the folder with --runs-dir.")
     # A blank name makes a folder no one can tell apart; 255 bytes is the longest a file
-    # system takes (leaving room for the "-2" of a taken name).
-    if not name.strip() or len(name.encode()) > 250:
+    # system takes, with room for what is added to a run's name ("-2", "-adapted-2").
+    if not name.strip() or len(name.encode()) > MAX_NAME_BYTES:
         raise WingspanError(f"The run name '{name[:60]}{'...' if len(name) > 60 else ''}' is "
                             + ("blank." if not name.strip() else
-                               f"{len(name.encode())} bytes long; folders take at most 250."),
-                            hint="Give a short plain name, e.g. leeds-lite2.")
+                               f"{len(name.encode())} bytes long; a run's name takes at most "
+                               f"{MAX_NAME_BYTES}."),
+                            hint="Give a short plain name with --name (name= in Python), "
+                                 "e.g. leeds-lite2.")
     path, n = make_folder(runs) / name, 2
     while path.exists():
         path, n = runs / f"{name}-{n}", n + 1
