@@ -119,8 +119,9 @@ LEVERS = {
     "camzoom-crop": Lever("as camzoom, the crop's probabilities alone", mode="camzoom-crop",
                           targets=("transfer",), cost="predict"),
     "drop-path": Lever(f"stochastic depth: timm's drop_path_rate {DROP_PATH} in the backbone's "
-                       "blocks, which acts in the fine-tuned stages (frozen ones run in eval "
-                       "mode)", patch="drop-path"),
+                       "blocks (fine-tuning runs the frozen ones in training mode too, but for "
+                       "BatchNorm, so it acts there as well, and the frozen prefix shrinks)",
+                       patch="drop-path"),
     "adapt": Lever("wingspan adapt on the photos it then names (unlabelled: self-training of "
                    "the head, 3 rounds at p >= 0.7)", mode="adapt", targets=("transfer",),
                    cost="predict"),
@@ -379,7 +380,8 @@ def patched(patch: str) -> None:
     - alltrain: as last, and the val split's images are added to train too (val stays, so
       the loop runs as usual, but it chooses nothing);
     - drop-path: the backbone built with timm's stochastic depth (identity in eval mode, so
-      the frozen passes, the feature cache and the bundle are as usual)."""
+      the feature cache and the bundle are as usual; in fine-tuning, every block with it
+      runs in PyTorch, as `Backbone` keeps random modules out of the frozen prefix)."""
     from wingspan.training import run as recipe
     from wingspan.training import stages
 

@@ -352,6 +352,32 @@ def held_out_run(tmp_path_factory):
     return train(read_dataset(demo), config, root / "runs", "held", quiet=True), demo
 
 
+def test_the_bench_of_other_unknown_scores_scores_a_held_out_run(held_out_run, tmp_path):
+    """bench/unknown_scores.py (the README's GradNorm, norm and ODIN rows) on the demo's
+    held-out run: a row per score, the bundle's own msp+knn at the figure training gave."""
+    import subprocess
+    import sys
+
+    run_dir, demo = held_out_run
+    others = tmp_path / "others"
+    others.mkdir()
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (96, 96, 3), np.uint8)
+                        ).save(others / f"noise_{i}.jpg")
+    bench = Path(__file__).parents[1] / "bench" / "unknown_scores.py"
+    rows = {}
+    for mode in ([], ["--odin"]):
+        done = subprocess.run([sys.executable, bench, others, run_dir, *mode],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        for line in done.stdout.splitlines()[1:]:
+            name, rest = line.split("AUROC", 1)
+            rows[name.strip()] = float(rest.split()[0])
+    assert {"msp+knn", "gradnorm", "feature_l1", "odin T1 eps0.0005"} <= set(rows)
+    trained = json.loads((run_dir / "metrics.json").read_text())["unknown"]["auroc"]
+    assert rows["msp+knn"] == pytest.approx(trained, abs=0.02)  # torch fp32 against auto
+
+
 def test_a_held_out_species_comes_out_unknown(held_out_run):
     run_dir, demo = held_out_run
     metrics = json.loads((run_dir / "metrics.json").read_text())
