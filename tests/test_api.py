@@ -181,6 +181,10 @@ def test_a_damaged_history_csv_loses_the_curves_not_the_run(run, tmp_path):
             _ = copy.history
         assert "metrics.json" in e.value.hint
     assert f"{run.metrics['best']['val_macro_f1']:.4f}" in copy._repr_html_()
+    # A run moved away since it was loaded says so ("status: no model" before).
+    moved = ws.load(shutil.copytree(run.dir, tmp_path / "moved"))
+    shutil.move(moved.dir, tmp_path / "elsewhere")
+    assert "gone: the folder no longer exists" in html.unescape(moved._repr_html_())
     ev = copy.evaluate(out=tmp_path / "ev", quiet=True)
     assert ev.metrics["accuracy"] >= 0 and not (tmp_path / "ev" / "curves.png").exists()
 

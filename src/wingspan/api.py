@@ -958,7 +958,9 @@ class Run:
         from wingspan.run_table import STOPPED, run_row, status_text
 
         row = run_row(self.dir) or {"status": "no model", "detail": None}
-        pairs = [("folder", self.dir), ("status", status_text(row["status"], row["detail"]))]
+        status = status_text(row["status"], row["detail"]) if self.dir.is_dir() else \
+            "gone: the folder no longer exists (moved or deleted since it was loaded)"
+        pairs = [("folder", self.dir), ("status", status)]
         if row["status"] == STOPPED:
             pairs.append(("continue it", f"ws.resume({str(self.dir)!r})"))
         curves = ""
