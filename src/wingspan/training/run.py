@@ -159,7 +159,8 @@ def _write_run_files(run_dir: Path, dataset: Dataset, held_out: pd.DataFrame | N
 
 
 def _recorded_budget(run_dir: Path) -> int | None:
-    """The --max-pixels (or max_pixels=) the run began with, from config.yaml's comment."""
+    """The --max-pixels (or max_pixels=) the run began with, from config.yaml's comment
+    (as `_data_comment` writes it)."""
     try:
         with open(run_dir / CONFIG_FILE, encoding="utf-8") as f:
             first = f.readline()
