@@ -101,6 +101,8 @@ def test_split_inspect_preview(demo_dir, tmp_path, monkeypatch):
     assert inspection.plot()._repr_png_() is None  # Jupyter shows its repr (the path)
     shutil.move(moved, inspection.dir)
 
+    with pytest.raises(WingspanError, match="augment: expected one of light, standard, strong"):
+        data.preview(augment="heavy")  # named by its keyword, not AugmentConfig's field
     preview = data.preview(image_size=32, rows=2, views=2)
     assert preview.path.resolve() == tmp_path / "runs/data" / data.name / "preview.png"
     assert preview._repr_png_().startswith(b"\x89PNG")
@@ -688,6 +690,19 @@ def test_explain_adapt_evaluate_and_export_check_their_arguments(run, demo_dir, 
             (lambda: ws.demo_data(tmp_path / "d", backbone="resnet50"), "training setting")):
         with pytest.raises(WingspanError, match=message):
             call()
+    # A split or a backbone given by position, where a path comes: said so, with the keyword.
+    for call, message, meant in (
+            (lambda: run.evaluate("test", quiet=True), "data: 'test' is a split name",
+             "split='test'"),
+            (lambda: run.calibrate("val", quiet=True), "data: 'val' is a split name",
+             "split='val'"),
+            (lambda: ws.train(demo_dir, "efficientnet_lite0"),
+             "config: there is no file efficientnet_lite0", "backbone='efficientnet_lite0'"),
+            (lambda: ws.train(demo_dir, "nowhere.yaml"), "config: there is no file nowhere.yaml",
+             "backbone='efficientnet_lite2', epochs_finetune=4")):
+        with pytest.raises(WingspanError, match=message) as e:
+            call()
+        assert meant in e.value.hint, e.value.hint
     # (a dict of settings is taken as a TrainConfig is)
     with pytest.raises(WingspanError, match="'batch_size' setting must be at least 1"):
         ws.train(demo_dir, config={"batch_size": 0}, runs_dir=tmp_path / "never")

@@ -74,9 +74,9 @@ def test_preview_passes_over_unreadable_images(demo_dir, tmp_path):
             sizes.append(im.size)
     assert sizes[0] == sizes[1]  # the same number of rows: every class but the broken one
     assert said == [f"Not shown: {folders[0].name} (no image of the class could be read)."]
-    with pytest.raises(WingspanError, match="--rows must be from 1 to"):
+    with pytest.raises(WingspanError, match=r"rows \(--rows\) must be from 1 to"):
         write_preview(read_dataset(demo_dir), tmp_path / "none.png", rows=0)
-    with pytest.raises(WingspanError, match="--seed must be from 0 to"):
+    with pytest.raises(WingspanError, match=r"seed \(--seed\) must be from 0 to"):
         write_preview(read_dataset(demo_dir), tmp_path / "none.png", seed=-1)
 
 

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from wingspan.config import (
+    AUGMENT_POLICIES,
     RUNS_DIR,
     SPLITS,
     AugmentConfig,
@@ -277,6 +278,9 @@ class Data:
         """
         from wingspan.data.preview import write_preview
 
+        if augment not in AUGMENT_POLICIES:  # (AugmentConfig would name its field, policy)
+            raise WingspanError(f"augment: expected one of {', '.join(AUGMENT_POLICIES)}; got "
+                                f"{augment!r:.60}.")
         config = AugmentConfig(policy=augment, image_size=image_size)
         out_dir = _out_arg(out) or self.dataset.claim_out_dir()
         return Image(write_preview(self.dataset, out_dir / "preview.png", config, level,
@@ -368,6 +372,17 @@ def train(data: Data | Dataset | str | Path, config: TrainConfig | dict | str | 
     if "weights" in settings and settings["weights"] is None:  # Keras' meaning: random
         settings["weights"] = "none"  # (in Python only: a config file's blank is an error)
     # (an unknown keyword: the config classes name the closest setting themselves)
+    if isinstance(config, str) and not Path(config).expanduser().exists():
+        # ws.train(data, "efficientnet_lite0"): config comes second, so a setting given by
+        # position reads as a file name; said so here, not as "Cannot read the config file".
+        from wingspan.models.registry import BACKBONES
+
+        example = (f"backbone={config!r}" if config == "auto" or config in BACKBONES
+                   else "backbone='efficientnet_lite2', epochs_finetune=4")
+        raise WingspanError(f"config: there is no file {config}.",
+                            hint="The second argument is a YAML file, a TrainConfig or a dict "
+                                 f"of settings; a setting goes by keyword: ws.train(data, "
+                                 f"{example}).")
     settings = (TrainConfig.from_file(_path_arg("config", config), **settings)
                 if config is not None else TrainConfig(**settings))
     runs_dir = _path_arg("runs_dir", runs_dir)
@@ -529,6 +544,11 @@ def _data_arg(value) -> Dataset | Path | None:
     it), a Dataset, a path, or None (the run's own)."""
     if isinstance(value, Data):
         return value.dataset
+    if isinstance(value, str) and value in (*SPLITS, "all") and not Path(value).exists():
+        # run.evaluate("test"): data comes first, so a split given by position reads as a
+        # path; said so here, not as "No dataset at test".
+        raise WingspanError(f"data: {value!r} is a split name, and no such folder is here.",
+                            hint=f"To choose the run's own split, name it: split={value!r}.")
     return value if value is None or isinstance(value, Dataset) else _path_arg("data", value)
 
 

@@ -26,9 +26,8 @@ def write_preview(dataset: Dataset, out: Path, config: AugmentConfig | None = No
     level = dataset.resolve_level(level)
     for name, value, low in (("rows", rows, 1), ("views", augmented, 0), ("seed", seed, 0)):
         if not low <= value < 2**32:
-            raise WingspanError(f"A preview's --{name} must be from {low} to 2**32 - 1 (got "
-                                f"{value}).",
-                                hint=f"Use --{name} {max(low, 1)}, say.")
+            raise WingspanError(f"A preview's {name} (--{name}) must be from {low} to "
+                                f"2**32 - 1, got {value}.", hint=f"Use {max(low, 1)}, say.")
     rng = np.random.default_rng(seed)
     named = dataset.table[dataset.table[level] != ""]  # blank at the level: no class of it
     classes = list(named.groupby(level))
