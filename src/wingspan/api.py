@@ -43,7 +43,7 @@ from wingspan.config import (
 )
 from wingspan.data.samples import SPLIT, Dataset
 from wingspan.errors import WingspanError, counted, some
-from wingspan.training.folder import read_history
+from wingspan.training.folder import CONFIG_FILE, HISTORY_FILE, read_history
 
 __all__ = ["Data", "Evaluation", "Image", "Inspection", "Run", "demo_data", "is_main_process",
            "load", "read", "resume", "runs", "train"]
@@ -435,11 +435,11 @@ def load(path: str | Path) -> Run:
     from wingspan.models.bundle import read_manifest
 
     path = _path_arg("path", path)
-    if (path / "config.yaml").is_file() and (path / "history.csv").is_file():
+    if (path / CONFIG_FILE).is_file() and (path / HISTORY_FILE).is_file():
         return Run(path)
     bundle = find_bundle(path)
     read_manifest(bundle)  # a model at all (not a data folder, say): said now, not at first use
-    if (bundle.parent / "config.yaml").is_file() and (bundle.parent / "history.csv").is_file():
+    if (bundle.parent / CONFIG_FILE).is_file() and (bundle.parent / HISTORY_FILE).is_file():
         return Run(bundle.parent)  # a run's own model/ folder: the whole run
     return Run(None, bundle)
 
@@ -654,7 +654,7 @@ class Run:
     def config(self) -> TrainConfig:
         """The resolved settings the run trained with."""
         if self.dir:  # a damaged file said as such, not as a YAML parser's traceback
-            return TrainConfig.from_file(self.dir / "config.yaml")
+            return TrainConfig.from_file(self.dir / CONFIG_FILE)
         training = {k: v for k, v in self.manifest["training"].items()
                     if k in TrainConfig.__dataclass_fields__}
         return TrainConfig(**training)
@@ -678,7 +678,7 @@ class Run:
     def history(self) -> pd.DataFrame:
         """history.csv: per epoch, the stage, losses, accuracy, macro-F1, learning rate,
         images/s and seconds."""
-        path = self._run_file("history.csv")
+        path = self._run_file(HISTORY_FILE)
         if not path.is_file():
             raise WingspanError(f"{self.dir} has no history.csv: it is no run folder, or its "
                                 "run has not finished an epoch.",
@@ -991,7 +991,7 @@ class Run:
     def _drawable_history(self) -> pd.DataFrame | None:
         """The history to draw in a display, if there is one with rows (a display shows
         what it can: a damaged history.csv leaves the curves out, not the run)."""
-        if not (self.dir and (self.dir / "history.csv").is_file()):
+        if not (self.dir and (self.dir / HISTORY_FILE).is_file()):
             return None
         try:
             history = read_history(self.dir)

@@ -35,6 +35,7 @@ from wingspan.inference import find_bundle, output_home
 from wingspan.models import load_bundle
 from wingspan.models.runtime import export_onnx
 from wingspan.models.unknown import level_thresholds
+from wingspan.training.folder import SPLITS_FILE
 
 INT8_MAX_DROP = 0.01  # int8 is written only when its val top-1 is within 1 point of fp32's
 TOLERANCE = 1e-4  # largest |probability difference| the export may show against PyTorch
@@ -523,7 +524,7 @@ def _split_images(bundle: Path, split: str, n: int, level: str = "label"
                   ) -> tuple[list[str], list[str]]:
     """Up to n (paths, labels at `level`) of a split of the run that wrote `bundle`. Its
     splits.csv holds the data's finest level as `label` and every level under its name."""
-    splits = bundle.parent / "splits.csv"
+    splits = bundle.parent / SPLITS_FILE
     if not splits.is_file():
         return [], []
     import pandas as pd

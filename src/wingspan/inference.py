@@ -23,6 +23,7 @@ from wingspan.models import load_bundle, resolve_policy
 from wingspan.models.unknown import deepest_known
 from wingspan.progress import track
 from wingspan.training.data import resolve_workers
+from wingspan.training.folder import CONFIG_FILE, SPLITS_FILE
 
 
 def find_bundle(model: str | Path) -> Path:
@@ -32,7 +33,7 @@ def find_bundle(model: str | Path) -> Path:
         return path / "model"
     if path.name == "model.safetensors" and (path.parent / "manifest.json").is_file():
         return path.parent  # a bundle folder's tensors, as --weights takes them
-    if (path / "config.yaml").is_file() and (path / "splits.csv").is_file():
+    if (path / CONFIG_FILE).is_file() and (path / SPLITS_FILE).is_file():
         from wingspan.training.folder import being_trained
 
         if being_trained(path):  # resuming it now would be refused
@@ -57,7 +58,7 @@ def run_dir_of(bundle: Path) -> Path | None:
     """The run folder a bundle sits in (runs/NAME/model), or None for one that stands
     alone."""
     bundle = Path(bundle)
-    return bundle.parent if (bundle.parent / "config.yaml").is_file() else None
+    return bundle.parent if (bundle.parent / CONFIG_FILE).is_file() else None
 
 
 def output_home(bundle: Path) -> Path:

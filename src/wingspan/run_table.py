@@ -23,6 +23,7 @@ from wingspan.training.folder import (
     CONFIG_FILE,
     FREE,
     HELD,
+    HISTORY_FILE,
     SPLITS_FILE,
     UNREADABLE,
     lock_state,
@@ -208,7 +209,7 @@ def _stopped_after(run_dir: Path) -> str | None:
     tells (a row is written as each epoch ends). A history missing or damaged tells
     nothing: None, never a crash."""
     try:
-        last = pd.read_csv(run_dir / "history.csv", usecols=["stage", "epoch"]).iloc[-1]
+        last = pd.read_csv(run_dir / HISTORY_FILE, usecols=["stage", "epoch"]).iloc[-1]
         stage, epoch = str(last["stage"]), int(last["epoch"])
     except (OSError, ValueError, IndexError):  # pandas' parse errors are ValueErrors
         return None

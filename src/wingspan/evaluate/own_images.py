@@ -16,6 +16,7 @@ from wingspan.data.samples import SPLIT, renamed
 from wingspan.errors import WingspanError, none_read
 from wingspan.inference import Predictor, spelt_as_trained
 from wingspan.models.unknown import MAX_FIT_IMAGES
+from wingspan.training.folder import SPLITS_FILE
 
 
 @dataclass
@@ -30,7 +31,7 @@ def run_folder(predictor: Predictor, purpose: str) -> Path:
     """The run folder the predictor's bundle sits in (resolved); a clear error when the
     bundle stands alone, without the `splits.csv` that names the run's images."""
     run_dir = predictor.bundle.parent
-    if not (run_dir / "splits.csv").is_file():
+    if not (run_dir / SPLITS_FILE).is_file():
         raise WingspanError(f"The model {predictor.bundle} is not inside a run folder (no "
                             f"splits.csv beside it): {purpose} the run's own labelled images.",
                             hint="Give the folder `wingspan train` wrote (runs/NAME).")
@@ -45,7 +46,7 @@ def own_images(predictor: Predictor, purpose: str, per_class: bool = False, seed
     fit)."""
     run_dir = run_folder(predictor, purpose)
     levels, manifest = predictor.model.levels, predictor.manifest
-    table = read_dataset(run_dir / "splits.csv").table
+    table = read_dataset(run_dir / SPLITS_FILE).table
     spelt = spelt_as_trained(predictor)  # as training named them
     table = table.assign(**{lv: renamed(table[lv], spelt.get(lv, {})) for lv in levels})
     table[levels[-1]] = renamed(table[levels[-1]], predictor.rare)

@@ -52,6 +52,8 @@ from wingspan.inference import (
 from wingspan.models.bundle import update_manifest
 from wingspan.predict import answer_at, deciding_score, expand_paths, taxonomy_path
 from wingspan.training.folder import (
+    HISTORY_FILE,
+    SPLITS_FILE,
     adapted_photos,
     hold_lock,
     read_history,
@@ -583,7 +585,7 @@ def _dataset(data, run_dir: Path | None, doing: str = "evaluate on",
     _check_splits_unchanged(run_dir, command)
     # Every image the run split off, there or not: one deleted or moved since training is
     # then counted and named as unreadable, not dropped from the figures without a word.
-    return read_dataset(run_dir / "splits.csv", ReadConfig(check_files=False))
+    return read_dataset(run_dir / SPLITS_FILE, ReadConfig(check_files=False))
 
 
 def _check_splits_unchanged(run_dir: Path, command: str) -> None:
@@ -675,7 +677,7 @@ def _transfer(predictor: Predictor, run_dir: Path | None, class_map: dict[str, s
     support_here = dict(zip(here["class"], here["support"], strict=True))
     home = {}
     if run_dir is not None:
-        own = read_dataset(run_dir / "splits.csv")
+        own = read_dataset(run_dir / SPLITS_FILE)
         split = _default_split(own)
         rows = _rows(own, split, predictor.level, predictor)
         rows = rows[rows["_label"].isin(list(class_map))]
@@ -893,7 +895,7 @@ def _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, 
          expected_calibration_error(probs, y, y_pred=y_pred)), out_dir / "reliability.png")
     counts = dataset.table[level].value_counts()
     pngs["balance"] = plot_class_balance(counts, level, out_dir / "balance.png")
-    if run_dir and (run_dir / "history.csv").is_file():
+    if run_dir and (run_dir / HISTORY_FILE).is_file():
         with contextlib.suppress(WingspanError):  # damaged: the report goes without curves
             pngs["curves"] = charts.plot_curves(read_history(run_dir), out_dir / "curves.png",
                                                 predictor.manifest.get("metrics", {}).get("best"))
@@ -933,10 +935,10 @@ def _own_splits(dataset: Dataset, data, run_dir: Path | None) -> pd.DataFrame | 
     """The run's images and their splits (its splits.csv), None for a bundle on its own."""
     if data is None:
         return dataset.table
-    if run_dir is None or not (run_dir / "splits.csv").is_file():
+    if run_dir is None or not (run_dir / SPLITS_FILE).is_file():
         return None
     try:  # the paths are matched, not opened: the run's images may be gone since
-        return read_dataset(run_dir / "splits.csv", ReadConfig(check_files=False)).table
+        return read_dataset(run_dir / SPLITS_FILE, ReadConfig(check_files=False)).table
     except WingspanError:  # an unreadable splits.csv: not this evaluation's concern
         return None
 

@@ -45,12 +45,18 @@ from wingspan.inference import Predictor
 from wingspan.models import save_bundle
 from wingspan.models.unknown import UnknownDetector
 from wingspan.predict import expand_paths
-from wingspan.training.folder import ADAPT_PHOTOS_FILE, adapted_photos
+from wingspan.training.folder import (
+    ADAPT_PHOTOS_FILE,
+    CONFIG_FILE,
+    HISTORY_FILE,
+    SPLITS_FILE,
+    adapted_photos,
+)
 
 # Files of the run folder that hold for the adapted run too: the data, the settings and
 # the curves of the training that made its backbone (metrics.json and the evaluations
 # describe the model before adapting, so they stay behind).
-KEPT = ("config.yaml", "splits.csv", "history.csv")
+KEPT = (CONFIG_FILE, SPLITS_FILE, HISTORY_FILE)
 SETTINGS = ("neighbours", "spreading", "confidence", "rounds", "c")  # kept in adapt.json
 NEVER = -1e4  # the bias of a class the fit never saw: its logit never wins
 
@@ -267,7 +273,7 @@ def _write_run(out: Path, run_dir: Path, predictor: Predictor, summary: dict,
 
 def _test_paths(run_dir: Path) -> list[str]:
     """The run's test images (its splits.csv, read as own_images reads it), if any."""
-    table = read_dataset(run_dir / "splits.csv").table
+    table = read_dataset(run_dir / SPLITS_FILE).table
     return table.loc[table[SPLIT] == "test", PATH].tolist()
 
 

@@ -23,7 +23,7 @@ from wingspan.models.policy import Policy
 from wingspan.parallel import gather_objects
 from wingspan.training.checkpoint import save_checkpoint
 from wingspan.training.data import LabelledImages
-from wingspan.training.folder import splits_digest
+from wingspan.training.folder import HISTORY_FILE, splits_digest
 
 # What a resume may change: where and how the run computes, not what it learns.
 MACHINE_SETTINGS = ("device", "devices", "nodes", "strategy", "workers", "compile")
@@ -199,7 +199,7 @@ class Run:
         self.state.history.append(row)
         if not self.is_main:
             return
-        with atomic_path(self.dir / "history.csv") as tmp, open(tmp, "w", newline="") as f:
+        with atomic_path(self.dir / HISTORY_FILE) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, HISTORY_FIELDS)
             writer.writeheader()
             writer.writerows(self.state.history)

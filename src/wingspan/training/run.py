@@ -53,6 +53,7 @@ from wingspan.training.data import fixed_batches, make_loader, resolve_workers
 from wingspan.training.folder import (
     CONFIG_FILE,
     ERROR_FILE,
+    HISTORY_FILE,
     HOLDOUT_FILE,
     SPLITS_FILE,
     being_trained,
@@ -372,7 +373,7 @@ def _note_classes_added(run: Run, dataset: Dataset, config: TrainConfig) -> None
 def _resuming(run_dir: Path, checkpoint: dict | None, scoring: bool) -> str:
     """train.log's first line of a resumed run: where it takes up."""
     if checkpoint is None:
-        if (run_dir / "history.csv").is_file():  # epochs were saved: last.pt was deleted
+        if (run_dir / HISTORY_FILE).is_file():  # epochs were saved: last.pt was deleted
             return (f"Resuming {run_dir} from the beginning: it has no checkpoint "
                     f"({run_dir / 'checkpoints' / 'last.pt'}) to go on from, so its epochs "
                     "are trained again")
