@@ -94,6 +94,11 @@ def test_split_inspect_preview(demo_dir, tmp_path, monkeypatch):
     assert "No problems found" in split.inspect(tiny_px=32, quiet=True).text
     with pytest.raises(WingspanError, match="No plot of a level 'Family'"):
         inspection.plot("Family")
+    plotted = inspection.summary["plots"]
+    inspection.summary["plots"] = {}  # as for a level blank for every image
+    with pytest.raises(WingspanError, match=f"No plot of a level '{inspection.level}'"):
+        inspection.plot()
+    inspection.summary["plots"] = plotted
     # Its folder cleaned up since: the display goes on, and says which plot is gone.
     moved = shutil.move(inspection.dir, tmp_path / "moved")
     page = inspection._repr_html_()

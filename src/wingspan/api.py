@@ -333,11 +333,12 @@ class Inspection:
 
     def plot(self, level: str | None = None) -> Image:
         """The class-balance plot of a level (default: the one inspected)."""
-        plots = self.summary["plots"]
-        if (level or self.level) not in plots:
+        plots, level = self.summary["plots"], level or self.level
+        if level not in plots:
             raise WingspanError(f"No plot of a level '{level}'.",
-                                hint=f"The levels: {', '.join(plots)}.")
-        return Image(plots[level or self.level])
+                                hint=f"The levels plotted: {', '.join(plots) or 'none'} (a "
+                                     "level blank for every image has none).")
+        return Image(plots[level])
 
     def __repr__(self) -> str:
         return self.text
