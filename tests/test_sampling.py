@@ -69,3 +69,28 @@ def test_data_split_caps_the_weights_as_train_does(tmp_path):
     assert written["class_weight_cap"] == TrainConfig.max_class_weight == 10
     assert w["c"] == pytest.approx(10 * w["a"]) and raw["c"] > w["c"]
     assert result.capped == ["c"]
+
+
+
+def test_a_class_exactly_at_the_weight_cap_is_not_counted_capped(tmp_path):
+    """Trained on 30, 5, 3 and 2 images: the class of 3 is exactly at the 10x cap, its
+    weight lowered only by a float rounding step, and data split said '2 classes capped'.
+    Counted on whole counts, as train's log counts them, it is the one class of 2."""
+    import pandas as pd
+    from helpers import folder_dataset
+
+    from wingspan.config import SplitConfig
+    from wingspan.data import read_dataset
+    from wingspan.data.split import split_and_sample
+
+    trained = {"a": 30, "d": 5, "e": 3, "f": 2}
+    folder_dataset(tmp_path / "d", trained)
+    result = split_and_sample(read_dataset(tmp_path / "d"), tmp_path / "out",  # all trained on
+                              config=SplitConfig(val_fraction=0, test_fraction=0, seed=0))
+    assert (result.dataset.table["split"] == "train").sum() == 40
+    assert result.capped == ["f"]
+    from wingspan.data.sampling import capped_classes
+
+    labels = pd.Series([c for c, n in trained.items() for _ in range(n)])
+    assert capped_classes(labels, 10) == ["f"] and capped_classes(labels, 0) == []
+    assert capped_classes(pd.Series(["a"] * 60 + ["e"] * 5), 10) == ["e"]

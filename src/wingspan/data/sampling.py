@@ -61,3 +61,11 @@ def class_weights(labels: pd.Series | np.ndarray | list[str], cap: float = 0
     if cap and len(weights):
         weights = np.minimum(weights, cap * weights.min())
     return {str(c): float(w) for c, w in zip(classes, weights, strict=True)}
+
+
+def capped_classes(labels: pd.Series, cap: float) -> list[str]:
+    """The classes whose balanced weight `cap` holds down: rarer than the commonest by more
+    than cap times. Counted on whole counts, so a class exactly at the cap is not one (the
+    weights themselves differ there by a float rounding step)."""
+    counts = pd.Series(labels).value_counts()
+    return [str(c) for c, n in counts.items() if cap and counts.max() > cap * n]

@@ -349,7 +349,12 @@ def split_and_sample(dataset: Dataset, out_dir: Path, level: str | None = None,
     The CSV is the dataset to train on: images left out by the cap are not in it (they
     are listed in sampling.json) and oversampled images appear more than once.
     """
-    from wingspan.data.sampling import class_weights, oversample, undersample
+    from wingspan.data.sampling import (
+        capped_classes,
+        class_weights,
+        oversample,
+        undersample,
+    )
 
     config = config or SplitConfig()
     level = dataset.resolve_level(level)
@@ -379,4 +384,4 @@ def split_and_sample(dataset: Dataset, out_dir: Path, level: str | None = None,
         "left_out_by_cap": left_out, "oversampled": oversampled,
     }, indent=2))
     return SplitResult(level, result, report, undersampled, oversampled, weights, splits_csv,
-                       sampling_json, [c for c in weights if weights[c] < uncapped[c]])
+                       sampling_json, capped_classes(train_labels, cap))

@@ -12,7 +12,7 @@ import torch
 from wingspan.config import AugmentConfig, SplitConfig, TrainConfig, default_cache_dir
 from wingspan.data.leaks import find_leaks, repair_leaks
 from wingspan.data.samples import PATH, SPLIT, Dataset, renamed
-from wingspan.data.sampling import undersample
+from wingspan.data.sampling import capped_classes, undersample
 from wingspan.data.split import split_dataset
 from wingspan.data.taxonomy import TAXONOMY_FILE, Taxonomy
 from wingspan.data.transforms import eval_transform, train_transform
@@ -302,13 +302,13 @@ def build_train_data(plan: LabelPlan, config: TrainConfig, pre: Preprocessing,
                       plan.classes, config)
     ratio = train[finest].value_counts()
     # Every level's weights: a coarse level can be far more imbalanced than the finest.
-    def capped(w: torch.Tensor) -> str:  # the classes whose weight the cap held down
-        n = int((w >= w.min() * config.max_class_weight * (1 - 1e-6)).sum())
+    def capped(level: str) -> str:  # the classes whose weight the cap held down
+        n = len(capped_classes(train[level], config.max_class_weight))
         return (f" ({counted(n, 'class', 'classes')} capped at {config.max_class_weight:g}x "
-                "the commonest's: --max-class-weight)" if config.max_class_weight and n else "")
+                "the commonest's: --max-class-weight)" if n else "")
 
     weighted = [(f"{lv} " if len(levels) > 1 else "")
-                + f"on; weights {w.min():.2f}-{w.max():.2f}" + capped(w)
+                + f"on; weights {w.min():.2f}-{w.max():.2f}" + capped(lv)
                 for lv, w in weights.loss.items() if w is not None]
     log(f"{len(train)} training and {counted(len(val), 'validation image')}; "  # train has 2+
         + "; ".join(f"{lv}: {counted(len(plan.classes[lv]), 'class', 'classes')}"
