@@ -278,3 +278,18 @@ def test_a_notes_column_read_as_a_level_is_pointed_at(tmp_path):
     print_summary(summary, console)
     assert ("taxonomy conflict (every extra column of a CSV is read as a coarser level: "
             "remove one that is not, e.g. notes): 1") in console.export_text()
+
+
+def test_a_genus_under_two_families_is_a_conflict_even_with_fewer_genera(demo_dir, tmp_path):
+    """taxonomy.csv giving one genus two families, so that genus has fewer classes than
+    family: it was read as a tree with genus on top ('No problems found', and --levels
+    family,genus trained as genus,family). Ranks keep their order; the slip is named."""
+    data = shutil.copytree(demo_dir, tmp_path / "d")
+    tax = pd.read_csv(data / "taxonomy.csv", dtype=str, keep_default_na=False)
+    tax["genus"] = [tax["genus"].iloc[0]] * 2 + list(tax["genus"].iloc[2:])  # one genus, 2 families
+    assert tax["genus"].nunique() < tax["family"].nunique()
+    tax.to_csv(data / "taxonomy.csv", index=False)
+    ds = read_dataset(data)
+    assert ds.levels.index("family") < ds.levels.index("genus")
+    summary = inspect_dataset(ds, tmp_path / "out", check_images=False, progress=False)
+    assert any("under 2 family values" in c for c in summary["taxonomy_conflicts"])

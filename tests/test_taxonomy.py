@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from wingspan.data.taxonomy import Taxonomy
+from wingspan.data.taxonomy import Taxonomy, taxonomy_conflicts
 from wingspan.errors import WingspanError
 
 ROWS = [  # family, genus, species
@@ -144,6 +144,13 @@ def test_level_columns_are_ordered_coarse_to_fine():
     # yet it is the finer of the two where both are given.
     assert coarse_to_fine(table, ["genus", "family", "subfamily"]) == [
         "family", "subfamily", "genus"]
+    # A genus under two families (a slip) leaves genus fewer classes than family: ranks keep
+    # their order, so the conflict is found, rather than a tree read with genus on top.
+    slip = pd.DataFrame({"family": ["Lycaenidae", "Nymphalidae", "Papilionidae", "Pieridae"],
+                         "genus": ["Pixelia", "Pixelia", "Fictilia", "Chalkia"],
+                         "clade": ["x", "x", "y", "y"]})
+    assert coarse_to_fine(slip, ["genus", "family", "clade"]) == ["clade", "family", "genus"]
+    assert taxonomy_conflicts(slip.assign(label=list("abcd")), ["family", "genus", "label"])
 
 
 def test_one_image_at_a_time_answers_as_a_batch_on_a_large_tree():

@@ -64,7 +64,10 @@ def coarse_to_fine(table: pd.DataFrame, columns: list[str]) -> list[str]:
     level has fewer classes among the rows that give every level (a level filled in for
     one family only has few classes overall); then among all rows. A tie makes the same
     tree either way: levels named after ranks then go in rank order, others keep the
-    file's order."""
+    file's order. Levels named after ranks keep rank order among themselves whatever their
+    counts: a genus with fewer classes than family is a taxonomy that contradicts itself
+    (one genus under two families), which must be refused as such, not read as a tree with
+    genus above family."""
     full = table[(table[columns] != "").all(axis=1)]
     counts = {c: (full[c].nunique(), table.loc[table[c] != "", c].nunique()) for c in columns}
     ordered = sorted(columns, key=counts.__getitem__)
@@ -74,7 +77,9 @@ def coarse_to_fine(table: pd.DataFrame, columns: list[str]) -> list[str]:
         if all(c.lower() in RANKS for c in tied):
             tied.sort(key=lambda c: RANKS.index(c.lower()))
         out += tied
-    return out
+    ranked = iter(sorted((c for c in out if c.lower() in RANKS),
+                         key=lambda c: RANKS.index(c.lower())))
+    return [next(ranked) if c.lower() in RANKS else c for c in out]
 
 
 def apply_taxonomy(
