@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import difflib
 import json
+import math
 import os
 import re
 import shutil
@@ -889,11 +890,16 @@ def _fit_unknown(run: Run, val: tuple, temperature: float) -> UnknownDetector:
     expected = new_known_rate(n, rate)
     spread = 2 * (expected * (1 - expected) / max(n, 1)) ** 0.5
     few = spread > rate / 2 or expected > 1.5 * rate
-    run.log(f"Unknown answer ('{run.config.unknown_score}'): the threshold turns away at most "
-            f"{rate:.0%} of the {n} known val images"
-            + (f"; on new known images expect {max(expected - spread, 0):.0%}-"
-               f"{min(expected + spread, 1):.0%} with so few (more val images narrow it: "
-               "--val-fraction)" if few else ""), caveat=expected > 2 * rate)
+    # On 20 val images or fewer (at 5%) the threshold is above them all: none turned away.
+    above_all = n and math.ceil((1 - rate) * (n - 1)) == n - 1
+    run.log(f"Unknown answer ('{run.config.unknown_score}'): the threshold "
+            + (f"is just above all {n} known val images (too few to turn away {rate:.0%} of "
+               "them)" if above_all else
+               f"turns away at most {rate:.0%} of the {n} known val images")
+            + (f"; on new known images expect about {expected:.0%} (from "
+               f"{max(expected - spread, 0):.0%} to {min(expected + spread, 1):.0%}) with so "
+               "few (more val images narrow it: --val-fraction)" if few else ""),
+            caveat=expected > 2 * rate)
     return UnknownDetector.fit(
         feats, logits, {lv: labels[:, i] for i, lv in enumerate(levels)}, val[0], val[1],
         score=run.config.unknown_score, rate=rate, temperature=temperature,
