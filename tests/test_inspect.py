@@ -173,7 +173,12 @@ def test_a_class_of_unreadable_files_is_pointed_out(tmp_path):
 
     console = Console(record=True, width=200)
     print_summary(summary, console)
-    assert "classes with no readable image (training stops at them): 1" in console.export_text()
+    said = console.export_text()
+    assert "classes with no readable image (training stops at them): 1" in said
+    # What to fix first comes first: what stops training, then what is merely skipped.
+    order = ["Fix first: train refuses these", "classes with no readable image",
+             "Worth knowing: skipped or handled", "unreadable or truncated: 2"]
+    assert [said.index(part) for part in order] == sorted(said.index(part) for part in order)
 
 
 def test_inspect_names_the_groups_and_files_on_two_sides_that_train_refuses(tmp_path):

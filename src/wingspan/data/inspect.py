@@ -182,6 +182,11 @@ def _duplicates(table: pd.DataFrame, facts: list[ImageFacts], level: str) -> dic
     }
 
 
+RANK_HEADINGS = ("[bold red]Fix first: train refuses these[/]",
+                 "[bold yellow]Then: train goes on, but these bias its figures[/]",
+                 "[bold]Worth knowing: skipped or handled[/]")
+
+
 def print_summary(summary: dict, console: Console | None = None) -> None:
     """A readable digest of `summary.json` for the terminal."""
     console = console or Console()
@@ -201,48 +206,58 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
                        f"{lv['imbalance_ratio']}x")
     console.print(levels)
 
-    findings: list[tuple[str, list[str]]] = []
+    # (title, items, count shown, rank): what to fix first comes first. 0: train refuses
+    # the data or stops at it; 1: train goes on, but the figures it reports are biased;
+    # 2: skipped or handled, worth knowing.
+    findings: list[tuple[str, list[str], int | None, int]] = []
     for kind, items in summary["reader_problems"].items():
         general = [i["message"] for i in items if i["path"] is None]
         per_file = [f"{i['path']}: {i['message']}" for i in items if i["path"] is not None]
-        findings.append((kind.replace("_", " "), general + per_file, len(per_file) or None))
+        findings.append((kind.replace("_", " "), general + per_file, len(per_file) or None, 2))
     # ETHEC's are repaired by train (each kept on one side); any other data's refused.
-    fate = "train repairs them" if summary["dataset"]["format"] == "ethec" else "train refuses them"
-    findings += [(f"groups or files on two sides of the split ({fate})",
-                  summary.get("split_leaks", []), None),
+    ethec = summary["dataset"]["format"] == "ethec"
+    findings += [(f"groups or files on two sides of the split "
+                  f"({'train repairs them' if ethec else 'train refuses them'})",
+                  summary.get("split_leaks", []), None, 2 if ethec else 0),
                  ("classes with no training image (train refuses them)",
-                  summary.get("classes_without_training_images", []), None),
-                 ("one class only (train refuses it)", summary.get("one_class_only", []), None),
+                  summary.get("classes_without_training_images", []), None, 0),
+                 ("one class only (train refuses it)", summary.get("one_class_only", []), None,
+                  0),
                  ("taxonomy conflict" + (" (every extra column of a CSV is read as a "
                                          "coarser level: remove one that is not, e.g. notes)"
                                          if summary["dataset"]["format"] == "csv" else ""),
-                  summary["taxonomy_conflicts"], None),
+                  summary["taxonomy_conflicts"], None, 0),
                  ("blank at a level (train --levels refuses them in train and val)",
-                  summary.get("blank_levels", []), None)]
+                  summary.get("blank_levels", []), None, 2)]
     images = summary.get("images")
     if images:
         dups = images["duplicates"]
-        findings += [(*finding, None) for finding in [
+        findings += [(title, items, None, rank) for title, items, rank in [
             ("unreadable or truncated",
-             [f"{u['path']}: {u['error']}" for u in images["unreadable"]]),
+             [f"{u['path']}: {u['error']}" for u in images["unreadable"]], 2),
             ("classes with no readable image (training stops at them)",
-             images.get("classes_without_readable_images", [])),
-            ("duplicate images (same bytes)", [" = ".join(g["paths"]) for g in dups["groups"]]),
+             images.get("classes_without_readable_images", []), 0),
+            ("duplicate images (same bytes)", [" = ".join(g["paths"]) for g in dups["groups"]],
+             2),
             ("duplicates across splits",
              [f"{' = '.join(g['paths'])} ({'/'.join(g['splits'])})"
-              for g in dups["across_splits"]]),
+              for g in dups["across_splits"]], 1),
             ("duplicates with different labels",
              [f"{' = '.join(g['paths'])} ({'/'.join(g['labels'])})"
-              for g in dups["conflicting_labels"]]),
-            *[(f"mode: {m}", paths) for m, paths in images["unusual_modes"].items()],
-            ("EXIF rotation (will be applied)", images["exif_rotated"]),
+              for g in dups["conflicting_labels"]], 1),
+            *[(f"mode: {m}", paths, 2) for m, paths in images["unusual_modes"].items()],
+            ("EXIF rotation (will be applied)", images["exif_rotated"], 2),
             ("tiny images", [f"{t['path']} ({t['size'][0]}x{t['size'][1]})"
-                             for t in images["tiny"]]),
+                             for t in images["tiny"]], 2),
         ]]
-    flagged = [f for f in findings if f[1]]
+    flagged = sorted((f for f in findings if f[1]), key=lambda f: f[3])  # stable: in kind
     if not flagged:
         console.print("[green]No problems found.[/]")
-    for title, items, count in flagged:
+    heading = None
+    for title, items, count, rank in flagged:
+        if rank != heading:
+            heading = rank
+            console.print(RANK_HEADINGS[rank])
         console.print(f"[yellow]{title}[/]: {count or len(items)}")
         for item in items[:EXAMPLES]:
             console.print(f"  {escape(str(item))}", highlight=False)
