@@ -135,8 +135,8 @@ def test_export_runs_without_wingspan_and_matches_pytorch(run_dir, run_cli, demo
         assert [lv for lv, _, _ in theirs["branch"]] == meta["levels"]
         np.testing.assert_allclose([p for _, _, p in row["taxonomy"]],
                                    [p for _, _, p in theirs["branch"]], atol=0.02)
-    # The exported scores are the bundle's own detector's (pytorch-ood, scikit-learn's index)
-    # on the same pixels, so its thresholds hold for them.
+    # The exported scores are the bundle's own detector's, as predict computes them, on the
+    # same pixels, so its thresholds hold for them.
     net, manifest, detector = load_bundle(run_dir / "model", with_unknown=True)
     pre, size = manifest["preprocessing"], meta["input"]["size"]
     assert meta["input"]["interpolation"] == pre["interpolation"]  # training's resize

@@ -22,7 +22,7 @@ from wingspan.data.demo import generate_demo
 from wingspan.errors import WingspanError
 from wingspan.evaluate.openset import openset_metrics, separation
 from wingspan.inference import Predictor
-from wingspan.models.unknown import UnknownDetector, deepest_known
+from wingspan.models.unknown import KNN_K, UnknownDetector, deepest_known
 from wingspan.training.run import train
 
 HELD = "white_darktip"
@@ -234,7 +234,8 @@ def test_a_bundle_keeps_the_k_its_knn_threshold_was_set_for(monkeypatch):
 @pytest.mark.parametrize("msp", ["branch", "shares", "heads"])
 def test_each_score_in_tensor_operations_matches_the_detector(msp):
     """What `wingspan export` puts in the graph (no pytorch-ood, no scikit-learn index)
-    gives the scores predict gives, for every score and two levels."""
+    gives the scores predict gives, for every score and two levels; kNN is what
+    pytorch-ood's detector (scikit-learn's index) finds."""
     from wingspan.data.taxonomy import Taxonomy
 
     torch.manual_seed(0)
@@ -276,6 +277,15 @@ def test_each_score_in_tensor_operations_matches_the_detector(msp):
             shown = (calibrated @ member if msp == "shares"
                      else torch.softmax(probe_logits["family"], -1).numpy())
             np.testing.assert_allclose(want["msp"]["family"], 1 - shown.max(1), atol=1e-5)
+        # kNN as pytorch-ood's detector finds it, with scikit-learn's index on unit vectors
+        # (the bank as the bundle keeps it, in fp16): what the matrix product must give.
+        from sklearn.neighbors import NearestNeighbors
+
+        unit = torch.nn.functional.normalize
+        index = NearestNeighbors(n_neighbors=KNN_K).fit(unit(x.half().float()).numpy())
+        kth = index.kneighbors(unit(probe).numpy())[0][:, -1]
+        for lv in heads:
+            np.testing.assert_allclose(want["knn"][lv], kth, rtol=1e-4, atol=1e-4)
         for name in UNKNOWN_SCORES:
             got = detector.graph(name)(probe, probe_logits)
             for lv in heads:

@@ -89,8 +89,8 @@ class _Deployable(nn.Module):
 def _expected(deployable: _Deployable, detector, score: str | None, pixels: np.ndarray
               ) -> dict[str, torch.Tensor]:
     """What an export must give for `pixels`: PyTorch's probabilities, and the unknown
-    scores of the bundle's own detector (pytorch-ood, scikit-learn's index), not those of
-    the graph's copy of it."""
+    scores of the bundle's own detector as predict computes them (in double precision
+    where it does, e.g. Mahalanobis and the combined score), not the graph's."""
     with torch.inference_mode():
         features, logits = deployable.outputs(torch.from_numpy(pixels))
         out = deployable.probabilities(logits)

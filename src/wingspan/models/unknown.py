@@ -2,6 +2,10 @@
 and logits, fitted when a run finishes, and each level's threshold.
 
 A score is higher the less an image looks like the training data (pytorch-ood's sign).
+MSP, energy and kNN are scored by the same tensor operations in PyTorch and in an exported
+graph (the `_*Graph` modules): pytorch-ood's detectors, which they follow, find kNN with
+scikit-learn's index, which no graph can hold, and importing pytorch-ood took 1.5 s of
+every predict's start (scipy.stats, for a detector we do not use).
 The threshold is the score that `rate` of the known val images exceed, so about that
 share of known images is turned away: the rate is the price, stated up front. With
 several levels, an image is named at the finest only when it passes every level, so the
@@ -93,8 +97,8 @@ class _MahalanobisGraph(nn.Module):
 
 
 class _KnnGraph(nn.Module):
-    """pytorch-ood's kNN distance, which it finds with scikit-learn's index (no graph can
-    hold one), as a matrix product: |a - b|^2 = 2 - 2 a.b for unit vectors."""
+    """pytorch-ood's kNN distance (Euclidean, between unit vectors), which it finds with
+    scikit-learn's index, as a matrix product: |a - b|^2 = 2 - 2 a.b for unit vectors."""
 
     def __init__(self, bank: torch.Tensor, k: int):
         super().__init__()
@@ -131,8 +135,7 @@ class MaxSoftmax(Score):
         return self
 
     def __call__(self, features, logits):
-        from pytorch_ood.detector import MaxSoftmax as Msp
-        return 1.0 + Msp.score(logits.float(), self.t)  # pytorch-ood gives -max p
+        return _MspGraph(self.t)(features, logits)
 
     def graph(self):
         return _MspGraph(self.t)
@@ -143,8 +146,7 @@ class Energy(Score):
     them, so a confidently wrong image stands out less often."""
 
     def __call__(self, features, logits):
-        from pytorch_ood.detector import EnergyBased
-        return EnergyBased.score(logits.float())
+        return _EnergyGraph()(features, logits)
 
     def graph(self):
         return _EnergyGraph()
@@ -197,8 +199,8 @@ class Mahalanobis(Score):
 
 
 class NearestNeighbour(Score):
-    """Cosine distance to the k-th nearest training image (Sun et al. 2022), with
-    pytorch-ood's detector: no assumption on the classes' shape."""
+    """Distance to the k-th nearest training image, both normalised (Sun et al. 2022; as
+    pytorch-ood's KNN detector scores it): no assumption on the classes' shape."""
 
     uses_labels = False
 
@@ -219,14 +221,11 @@ class NearestNeighbour(Score):
         return self._index()
 
     def _index(self):
-        from pytorch_ood.detector import KNN
-        self.detector = KNN(None, k=self.k, normalize=True)
-        self.detector.knn.n_jobs = 1  # pytorch-ood asks for every core; a server has others
-        self.detector.fit_features(self.bank, torch.zeros(len(self.bank), dtype=torch.long))
+        self.index = _KnnGraph(self.bank, self.k)  # the bank normalised once
         return self
 
     def __call__(self, features, logits):
-        return self.detector.predict_features(features.float()).float()
+        return self.index(features, logits)
 
     def graph(self):
         return _KnnGraph(self.bank, self.k)
