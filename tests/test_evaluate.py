@@ -1128,6 +1128,38 @@ def test_images_the_run_trained_or_chose_on_give_figures_called_optimistic(train
     assert fair.startswith("yes: none of these files")
 
 
+def test_a_copy_or_a_move_of_the_runs_own_images_is_not_called_fair(tmp_path):
+    """The run's data copied to another folder (or moved there before splits.csv was
+    rewritten) was evaluated as 'yes: none of these files is one the run trained on' at
+    accuracy 0.997. The same class folder and file name, with the same bytes or the run's
+    own file gone, is its image; another photo of the same name is not."""
+    from helpers import write_image
+
+    from wingspan.evaluate.run import _fairness
+
+    for name, seed in (("t.jpg", 0), ("v.jpg", 1), ("test.jpg", 2)):
+        write_image(tmp_path / "data" / "a" / name, seed=seed)
+    own = pd.DataFrame({"path": [str(tmp_path / "data" / "a" / n)
+                                 for n in ("t.jpg", "v.jpg", "test.jpg")],
+                        "split": ["train", "val", "test"]})
+    shutil.copytree(tmp_path / "data", tmp_path / "copy")
+    copied = [str(tmp_path / "copy" / "a" / n) for n in ("t.jpg", "v.jpg", "test.jpg")]
+    fair = _fairness({}, "all", "copy", copied, own)
+    assert fair.startswith("no: the model was trained on 1 of these 3 images and chose its "
+                           "best epoch on 1 (2 copies of its files in another folder, or "
+                           "moved there), so these figures are optimistic"), fair
+    # Another photo under the run's names (a camera's IMG_0001.jpg): not its image.
+    for name, seed in (("t.jpg", 5), ("v.jpg", 6)):
+        write_image(tmp_path / "other" / "a" / name, seed=seed)
+    others = [str(tmp_path / "other" / "a" / n) for n in ("t.jpg", "v.jpg")]
+    assert _fairness({}, "all", "other", others, own).startswith("yes: none of these files")
+    # The data moved: the run's files are gone, the names are its images.
+    shutil.rmtree(tmp_path / "data")
+    assert _fairness({}, "all", "other", others, own).startswith(
+        "no: the model was trained on 1 of these 2 images and chose its best epoch on 1 (2 "
+        "copies")
+
+
 def test_the_fairness_check_matches_the_runs_images_through_a_link(tmp_path):
     """DATA read through a symlinked folder (or relative to here) names the run's images
     by other paths: they are still the images it trained or chose on."""

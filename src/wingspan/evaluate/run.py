@@ -954,6 +954,30 @@ def _comparable_groups(groups: pd.Series, dataset: Dataset, data, run_dir: Path 
     return groups.tolist()
 
 
+def _copies_of_own(evaluated: set[str], own: pd.DataFrame) -> dict[str, int]:
+    """How many of the `evaluated` files (real paths) that are not the run's own files are
+    its train or val images copied or moved elsewhere: the same class folder and file name
+    as one of them, whose file is gone since (the data moved) or holds the same bytes (a
+    copy). Another photo that happens to share a name (IMG_0001.jpg) is neither."""
+    from wingspan.data.leaks import content_hashes
+
+    found = {"train": 0, "val": 0}
+    seen = own[own[SPLIT].isin(["train", "val"])]
+    mine = dict(zip(real_paths(seen["path"]), seen[SPLIT], strict=True))
+    by_name = {Path(p).parts[-2:]: (p, side) for p, side in mine.items()}
+    pairs = [(e, *by_name[Path(e).parts[-2:]]) for e in sorted(evaluated - mine.keys())
+             if Path(e).parts[-2:] in by_name]
+    for path, original, side in pairs:
+        if not os.path.exists(original):
+            found[side] += 1
+            continue
+        with contextlib.suppress(OSError):  # (a file unreadable now is no copy)
+            if os.path.getsize(original) == os.path.getsize(path):  # only then read both
+                a, b = content_hashes([original, path])
+                found[side] += bool(a) and a == b
+    return found
+
+
 def _fairness(manifest: dict, split: str, data, paths: list[str],
               own: pd.DataFrame | None, adapted: list[str] = (),
               run_dir: Path | None = None, groups: list[str] | None = None) -> str:
@@ -976,6 +1000,10 @@ def _fairness(manifest: dict, split: str, data, paths: list[str],
         return "yes, unless this data holds images the model was trained or chosen on"
     trained, chosen = (len(evaluated.intersection(real_paths(own.loc[own[SPLIT] == s, "path"])))
                        for s in ("train", "val"))
+    copies = _copies_of_own(evaluated, own)
+    trained, chosen = trained + copies["train"], chosen + copies["val"]
+    copied = (f" ({counted(copies['train'] + copies['val'], 'copy', 'copies')} of its files "
+              "in another folder, or moved there)" if copies["train"] + copies["val"] else "")
     seen = set(own.loc[own[SPLIT].isin(["train", "val"]), GROUP]) if groups else set()
     if not trained and not chosen and (shared := sum(g in seen for g in groups or [])):
         return (f"no: {shared} of these {len(evaluated)} images show a specimen or "
@@ -984,20 +1012,20 @@ def _fairness(manifest: dict, split: str, data, paths: list[str],
                 f"split keeps groups apart (`wingspan evaluate {run_dir or 'RUN'}`)")
     if not trained and not chosen:
         return ("yes: the test split was never trained or chosen on" if data is None else
-                "yes: none of these files is one the run trained or chose its best epoch on "
-                "(copies of them under other names would not be seen)")
+                "yes: none of these files is one the run trained or chose its best epoch on, "
+                "nor a copy of one (copies under other file names would not be seen)")
     tests = int((own[SPLIT] == "test").sum())
     fair = (f"; for a fair figure evaluate the run's {counted(tests, 'test image')}, never "
             f"trained or chosen on (`wingspan evaluate {run_dir or 'RUN'} --split test`)"
             if tests else "")
     if not trained:
-        return (f"no: the best epoch was chosen on val ({chosen} of these images), so these "
-                "figures are optimistic" + fair)
+        return (f"no: the best epoch was chosen on val ({chosen} of these images{copied}), "
+                "so these figures are optimistic" + fair)
     n = len(evaluated)  # files: one named twice is one
     share = ("this image" if trained == n == 1 else f"all {trained} of these images"
              if trained == n else f"{trained} of these {n} images")
     return (f"no: the model was trained on {share}"
-            + (f" and chose its best epoch on {chosen}" if chosen else "")
+            + (f" and chose its best epoch on {chosen}" if chosen else "") + copied
             + ", so these figures are optimistic: they show how well it fits the images it "
             "learnt from, not how well it does on new ones" + fair)
 
