@@ -341,10 +341,11 @@ def test_early_stopping_stops(demo_dir, tmp_path, monkeypatch):
     assert len(history(tmp_path / "killed")) == 3
 
 
-# Killed, or Ctrl-C. The forced-engine reruns (`make test`) take the kill alone: which
-# engine ran changes what a checkpoint holds, not how the signal ends the process.
+# Killed, Ctrl-C, or SIGTERM (a scheduler's: it ended the run without a word). The
+# forced-engine reruns (`make test`) take the kill alone: which engine ran changes what a
+# checkpoint holds, not how the signal ends the process.
 @pytest.mark.parametrize("how", [pytest.param(signal.SIGKILL, marks=pytest.mark.policy),
-                                 signal.SIGINT])
+                                 signal.SIGINT, signal.SIGTERM])
 def test_kill_and_resume_matches_an_uninterrupted_run(demo_dir, tmp_path, how):
     # One engine for both: the killed run is a process of its own, which under auto may
     # time the engines again (another thread count, a cache entry lost) and pick another.
@@ -368,9 +369,9 @@ def test_kill_and_resume_matches_an_uninterrupted_run(demo_dir, tmp_path, how):
     done = history(run_dir)
     assert len(done) < len(history(ref))  # it really was cut short
     assert (done["stage"] == "finetune").sum() in (2, 3)  # where PAUSED_CLI stops it
-    if how == signal.SIGINT:  # it says how to go on, in the log and (--quiet too) the terminal
-        said = f"Interrupted. Continue from the last checkpoint with: wingspan train " \
-            f"--resume {run_dir}"
+    if how != signal.SIGKILL:  # it says how to go on, in the log and (--quiet too) the terminal
+        said = ("Interrupted." if how == signal.SIGINT else "Stopped by SIGTERM.") \
+            + f" Continue from the last checkpoint with: wingspan train --resume {run_dir}"
         assert said in (run_dir / "train.log").read_text()
         assert said in " ".join(proc.stderr.read().decode().split())
         assert f"(in Python: ws.resume({str(run_dir)!r}))" in (run_dir / "train.log").read_text()

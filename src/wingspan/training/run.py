@@ -18,7 +18,9 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -446,15 +448,42 @@ def _go_on(run_dir: Path) -> str:
     return f"It has no checkpoint yet; start it again from the beginning with: {how}"
 
 
+class _Terminated:
+    """SIGTERM (what SLURM, Kubernetes and `timeout` send) stops a run as Ctrl-C does, with
+    the line that says how to go on: by default it ended the process without a word. Its
+    data workers, sent it too, may die first, and the loader then raises a RuntimeError."""
+
+    def __init__(self):
+        self.received, self.previous = False, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # (only there in Python)
+            self.previous = signal.signal(signal.SIGTERM, self._stop)
+        return self
+
+    def _stop(self, signum, frame):
+        self.received = True
+        raise KeyboardInterrupt("SIGTERM")
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
 def _interruptible(run: Run, scoring_only: bool = False) -> Path:
     """The recipe (or, `scoring_only`, the held-out classes' scoring of a run killed
-    there); Ctrl-C leaves the run's last checkpoint, and says how to go on."""
+    there); Ctrl-C or SIGTERM leaves the run's last checkpoint, and says how to go on."""
     if run.is_main:
         (run.dir / ERROR_FILE).unlink(missing_ok=True)  # a resume goes at it again
+    terminated = _Terminated()
     try:
-        return _score_held_out(run.dir if scoring_only else _recipe(run), run)
-    except KeyboardInterrupt as e:
-        run.log(f"Interrupted. {_go_on(run.dir)}", caveat=True)
+        with terminated:
+            return _score_held_out(run.dir if scoring_only else _recipe(run), run)
+    except (KeyboardInterrupt, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not terminated.received:
+            raise
+        run.log(("Stopped by SIGTERM. " if terminated.received else "Interrupted. ")
+                + _go_on(run.dir), caveat=True)
         raise Interrupted from e
     except WingspanError as e:  # bad data, say: in train.log, and a failed run, not a paused one
         run.log(f"Stopped: {e.message}", shown=False)  # (the error itself is printed)
