@@ -846,8 +846,17 @@ def test_resuming_without_every_image_of_a_class_says_which(demo_dir, tmp_path, 
         holder.kill()
         holder.wait()
     (data / "azure_spotwing").rename(tmp_path / "moved")
-    with pytest.raises(WingspanError, match="Every training image of azure_spotwing is gone"):
+    with pytest.raises(WingspanError, match="Every training image of azure_spotwing is gone") \
+            as e:
         resume(tmp_path / "runs" / "r", quiet=True)
+    assert "if the data moved, write their new paths into" in e.value.hint  # as README says
+    # Its config.yaml deleted: said so, not "not a wingspan run".
+    config_file = tmp_path / "runs" / "r" / "config.yaml"
+    config_file.rename(tmp_path / "config.yaml")
+    with pytest.raises(WingspanError, match="has checkpoints but no config.yaml") as e:
+        resume(tmp_path / "runs" / "r", quiet=True)
+    assert "--weights" in e.value.hint
+    (tmp_path / "config.yaml").rename(config_file)
     # One image gone, not a class: the run resumes without it, and says so.
     (tmp_path / "moved").rename(data / "azure_spotwing")
     splits = pd.read_csv(tmp_path / "runs" / "r" / "splits.csv")
@@ -1862,3 +1871,27 @@ def test_data_without_training_images_says_where_they_are_and_what_to_give():
     with pytest.raises(WingspanError, match=r"puts its images in test \(2\), val \(1\)") as e:
         check_classes(table, "label")
     assert "train.json" in e.value.hint
+
+
+def test_a_full_disk_that_stops_a_run_is_the_error_said(demo_dir, tmp_path, monkeypatch):
+    """A checkpoint refused by a full disk stops the run; error.txt, which says why for
+    `wingspan runs`, is refused too, and that second error was the one shown ('error.txt was
+    not written'), naming a file the user never heard of."""
+    import wingspan.training.run as run_module
+
+    def full(run):
+        raise WingspanError("The disk holding checkpoints is full; last.pt was not written.")
+
+    written = run_module.write_text
+
+    def refuse_error_file(path, text):
+        if Path(path).name == "error.txt":
+            raise WingspanError("The disk is full; error.txt was not written.")
+        return written(path, text)
+
+    monkeypatch.setattr(run_module, "_recipe", full)
+    monkeypatch.setattr(run_module, "write_text", refuse_error_file)
+    with pytest.raises(WingspanError, match="last.pt was not written"):
+        train(read_dataset(demo_dir), tiny(tmp_path), tmp_path, "full", quiet=True)
+    assert "Stopped: The disk holding checkpoints is full" in (
+        tmp_path / "full" / "train.log").read_text()

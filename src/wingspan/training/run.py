@@ -252,6 +252,12 @@ def resume(run_dir: str | Path, quiet: bool = False, **machine) -> Path:
                             "Nothing was trained, so nothing is lost.",
                             hint="Delete the folder and start the run again with the same "
                                  "`wingspan train` command.")
+    if not (run_dir / CONFIG_FILE).is_file() and (run_dir / "checkpoints").is_dir():
+        raise WingspanError(f"{run_dir} has checkpoints but no {CONFIG_FILE}: a resume needs "
+                            "the settings the run began with.",
+                            hint=f"Put its {CONFIG_FILE} back (from a copy of the folder), or "
+                                 "go on from its weights in a new run: wingspan train DATA "
+                                 f"--weights {run_dir / 'checkpoints' / 'last.pt'}.")
     if not (run_dir / CONFIG_FILE).is_file():
         raise WingspanError(f"{run_dir} is not a wingspan run (no {CONFIG_FILE}).",
                             hint="Give the folder a `wingspan train` run wrote, e.g. runs/NAME")
@@ -487,8 +493,9 @@ def _interruptible(run: Run, scoring_only: bool = False) -> Path:
         raise Interrupted from e
     except WingspanError as e:  # bad data, say: in train.log, and a failed run, not a paused one
         run.log(f"Stopped: {e.message}", shown=False)  # (the error itself is printed)
-        if run.is_main:
-            write_text(run.dir / ERROR_FILE, e.message + "\n")
+        if run.is_main:  # (a full disk that stopped the run may refuse this too: its
+            with contextlib.suppress(WingspanError):  # error is the one to say, not this)
+                write_text(run.dir / ERROR_FILE, e.message + "\n")
         raise
     finally:
         release_lock(run.dir)
@@ -622,7 +629,9 @@ def _check_classes_remain(splits: Path, dataset: Dataset, gone: list[str],
             f"Every training image of {', '.join(lost)} is gone since the run began "
             f"({len(gone)} of the files {splits} lists cannot be found, e.g. {gone[0]}): the "
             "model cannot resume without them.",
-            hint=f"Put the images back where {splits.name} says, or start a new run.")
+            hint=f"Put the images back where {splits.name} says, or, if the data moved, "
+                 f"write their new paths into {splits} (its rows otherwise unchanged); or "
+                 "start a new run.")
 
 
 def _saved_workers(run_dir: Path) -> int | None:
