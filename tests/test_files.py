@@ -50,6 +50,13 @@ def test_a_read_only_folder_is_a_message(tmp_path, monkeypatch, run_cli):
     monkeypatch.setattr(Path, "mkdir", lambda self, *a, **k: read_only(self))
     code, _, err = run_cli("demo", "--out", tmp_path / "ro")
     assert code == 2 and "read-only file system" in err and "Traceback" not in err
+    # The library raises the same WingspanError, as the README promises (a read-only run
+    # folder gave run.evaluate() a bare OSError [Errno 30]).
+    import wingspan as ws
+
+    with pytest.raises(WingspanError, match="is on a read-only file system") as e:
+        ws.demo_data(tmp_path / "ro")
+    assert "out=" in e.value.hint and isinstance(e.value.__cause__, OSError)
 
 
 def test_a_folder_the_system_refuses_is_a_message(demo_dir, run_cli):

@@ -43,6 +43,7 @@ from wingspan.config import (
 )
 from wingspan.data.samples import SPLIT, Dataset
 from wingspan.errors import WingspanError, counted, some
+from wingspan.files import os_error_said
 from wingspan.training.folder import CONFIG_FILE, HISTORY_FILE, read_history
 
 __all__ = ["Data", "Evaluation", "Image", "Inspection", "Run", "demo_data", "is_main_process",
@@ -52,10 +53,25 @@ __all__ = ["Data", "Evaluation", "Image", "Inspection", "Run", "demo_data", "is_
 # ---------------------------------------------------------------------------- keywords
 
 
+@contextlib.contextmanager
+def _os_errors_said():
+    """An OSError the CLI puts in words (a read-only run folder, a full disk, a permission)
+    raised as that WingspanError, as the README promises: not a bare `OSError [Errno 30]`.
+    (A `with` block, not a wrapper: the warnings' stacklevel counts the frames.)"""
+    try:
+        yield
+    except OSError as e:
+        said = os_error_said(e)
+        if said is None:
+            raise
+        raise said from e
+
+
 def _keywords_checked(function):
     """An unknown keyword as a WingspanError naming the closest ones (`run.predict(p,
     topk=2)`: top_k), as the config classes answer (`ws.train(data, epoch_head=1)`), not
-    Python's bare TypeError. Functions taking **settings leave that to their config."""
+    Python's bare TypeError; and OSErrors said as the CLI says them. Functions taking
+    **settings leave the keywords to their config."""
     from wingspan.config import check_names
 
     names = [name for name, p in inspect.signature(function).parameters.items()
@@ -65,7 +81,8 @@ def _keywords_checked(function):
     @functools.wraps(function)
     def checked(*args, **kwargs):
         check_names(kwargs, names, f"{called}() takes no keyword '{{}}'.", "It takes")
-        return function(*args, **kwargs)
+        with _os_errors_said():
+            return function(*args, **kwargs)
 
     return checked
 
@@ -176,7 +193,8 @@ def demo_data(out: str | Path = "runs/demo/data", **settings) -> Data:
     if training:
         raise WingspanError(f"demo_data only draws the images; {training[0]!r} is a training "
                             "setting.", hint=f"Give it to ws.train(data, {training[0]}=...).")
-    return read(generate_demo(_path_arg("out", out), DemoConfig(**settings)))
+    with _os_errors_said():
+        return read(generate_demo(_path_arg("out", out), DemoConfig(**settings)))
 
 
 class Data:
@@ -390,7 +408,7 @@ def train(data: Data | Dataset | str | Path, config: TrainConfig | dict | str | 
     if name is not None and not isinstance(name, str):
         raise WingspanError(f"name: expected a run name (a string), got {name!r}.",
                             hint="The run is written to runs_dir/name.")
-    with _max_pixels(max_pixels):
+    with _max_pixels(max_pixels), _os_errors_said():
         return Run(train_run(_dataset(data), settings, runs_dir, name, quiet))
 
 
@@ -409,7 +427,7 @@ def resume(run: Run | str | Path, quiet: bool = False, max_pixels: int | None = 
             raise WingspanError(f"{run.name} is a model bundle without its run folder: "
                                 "there is no training to resume.")
         run = run.dir
-    with _max_pixels(max_pixels):
+    with _max_pixels(max_pixels), _os_errors_said():
         return Run(resume_run(_path_arg("run", run), quiet=quiet, **machine))
 
 
@@ -907,7 +925,7 @@ class Run:
         from wingspan.config import AdaptConfig
         from wingspan.training.adapt import adapt
 
-        with _max_pixels(max_pixels):
+        with _max_pixels(max_pixels), _os_errors_said():
             done = adapt(self._model, _paths_arg(photos, "photos"), _out_arg(out),
                          AdaptConfig(**settings), progress=not quiet,
                          workers=_workers_arg(workers))

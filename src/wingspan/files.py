@@ -257,3 +257,30 @@ def not_a_folder(path: str | Path) -> WingspanError:
     blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
     return WingspanError(f"{blocker} is a file, where a folder is needed ({path}).",
                          hint="Name another folder, or move the file.")
+
+
+def os_error_said(e: OSError) -> WingspanError | None:
+    """An OSError in words and with a hint, as the CLI prints it and the library raises it
+    (a folder that is a file, a permission, a read-only or full disk, a path refused); None
+    for another OSError, which stays as it is."""
+    if isinstance(e, FileExistsError | NotADirectoryError):  # a file named where a folder goes
+        return not_a_folder(e.filename or "?")
+    if isinstance(e, PermissionError):  # a folder or file this user may not read or write
+        return WingspanError(f"Permission denied: {e.filename or e}.",
+                             hint="Check its permissions (ls -l), or name a file or folder "
+                                  "you may use.")
+    if e.errno == errno.EROFS:
+        return WingspanError(f"{e.filename or e} is on a read-only file system.",
+                             hint="Write elsewhere (the command's --runs-dir or --out; out= in "
+                                  "Python), or mount it writable; to resume a run there, copy "
+                                  "its folder somewhere writable and resume the copy.")
+    if e.errno == errno.ENOSPC:
+        where = f" writing {e.filename}" if e.filename else ""
+        return WingspanError(f"The disk is full{where}.",
+                             hint="Free some space and run the command again (a training run "
+                                  "continues with --resume).")
+    if e.filename and e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG,
+                                  errno.ELOOP):  # a path refused (under /proc, say)
+        return WingspanError(f"{e.strerror}: {e.filename}.",
+                             hint="Check the path, or name another file or folder.")
+    return None

@@ -3,7 +3,6 @@ a user's error into a message and a hint (exit code 2) instead of a traceback.""
 
 from __future__ import annotations
 
-import errno
 import os
 import sys
 from typing import Annotated
@@ -14,6 +13,7 @@ from wingspan import __version__
 from wingspan.cli.common import err, out, pixel_budget, plain
 from wingspan.config import MAX_PIXELS_ENV
 from wingspan.errors import WingspanError
+from wingspan.files import os_error_said
 
 app = typer.Typer(
     help="Train, evaluate and explain butterfly image classifiers by transfer learning.",
@@ -79,45 +79,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=_home_expanded(sys.argv[1:] if argv is None else list(argv)),
             prog_name="wingspan")
-    except WingspanError as e:
-        if e.every_rank and _rank() != 0:  # rank 0 says it once for all
-            sys.exit(2)
-        err.print(f"[bold red]Error:[/] {plain(e.message)}", highlight=False)
-        if e.hint:
-            err.print(f"[cyan]Hint:[/] {plain(e.hint)}", highlight=False)
-        sys.exit(2)
-    except (FileExistsError, NotADirectoryError) as e:  # a file named where a folder goes
-        from wingspan.files import not_a_folder
-
-        err.print(f"[bold red]Error:[/] {plain(not_a_folder(e.filename or '?').message)}",
-                  highlight=False)
-        err.print("[cyan]Hint:[/] Name another folder, or move the file.", highlight=False)
-        sys.exit(2)
-    except PermissionError as e:  # a folder or file this user may not read or write
-        err.print(f"[bold red]Error:[/] Permission denied: {plain(e.filename or str(e))}.",
-                  highlight=False)
-        err.print("[cyan]Hint:[/] Check its permissions (ls -l), or name a file or folder "
-                  "you may use.", highlight=False)
-        sys.exit(2)
-    except OSError as e:
-        if e.errno == errno.EROFS:
-            err.print(f"[bold red]Error:[/] {plain(e.filename or str(e))} is on a read-only file "
-                      "system.", highlight=False)
-            err.print("[cyan]Hint:[/] Write elsewhere (the command's --runs-dir or --out), or "
-                      "mount it writable; to resume a run there, copy its folder somewhere "
-                      "writable and resume the copy.", highlight=False)
-            sys.exit(2)
-        if e.errno != errno.ENOSPC:
-            if e.filename and e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG,
-                                          errno.ELOOP):  # a path refused (under /proc, say)
-                err.print(f"[bold red]Error:[/] {plain(e.strerror)}: {plain(e.filename)}.",
-                          highlight=False)
-                err.print("[cyan]Hint:[/] Check the path, or name another file or folder.",
-                          highlight=False)
-                sys.exit(2)
+    except (WingspanError, OSError) as e:  # an OSError: a read-only or full disk, a permission
+        said = e if isinstance(e, WingspanError) else os_error_said(e)
+        if said is None:  # another OSError: a bug to report, with its traceback
             raise
-        where = f" writing {e.filename}" if e.filename else ""
-        err.print(f"[bold red]Error:[/] The disk is full{where}.", highlight=False)
-        err.print("[cyan]Hint:[/] Free some space and run the command again (a training run "
-                  "continues with --resume).", highlight=False)
+        if said.every_rank and _rank() != 0:  # rank 0 says it once for all
+            sys.exit(2)
+        err.print(f"[bold red]Error:[/] {plain(said.message)}", highlight=False)
+        if said.hint:
+            err.print(f"[cyan]Hint:[/] {plain(said.hint)}", highlight=False)
         sys.exit(2)
