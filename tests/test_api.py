@@ -862,3 +862,32 @@ def test_counts_in_messages_agree_with_their_nouns():
     assert [counted(1, "class"), counted(2, "class"), counted(3, "image"),
             counted(2, "group holds", "groups hold")] == [
         "1 class", "2 classes", "3 images", "2 groups hold"]
+
+
+def test_calibrating_a_read_only_run_is_refused_before_the_work(run, tmp_path, monkeypatch):
+    """A run folder on a read-only mount: calibrate fitted the whole temperature, then failed
+    naming a temporary file ('.manifest.9778.tmp.json'). Now it says so before it starts,
+    with and without unknown=True."""
+    import errno
+
+    from wingspan.inference import Predictor
+
+    copy = shutil.copytree(run.dir, tmp_path / "ro", ignore=shutil.ignore_patterns("evaluation-*"))
+    opened = Path.open
+
+    def read_only_model(path, *args, **kwargs):
+        if path.parent == copy / "model" and "w" in (args[0] if args else kwargs.get("mode", "")):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return opened(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", read_only_model)
+
+    def predicted(*args, **kwargs):
+        raise AssertionError("no image is to be predicted: the refusal comes first")
+
+    monkeypatch.setattr(Predictor, "run", predicted)
+    for unknown in (False, True):
+        with pytest.raises(WingspanError, match=r"ro/model cannot be written to \(Read-only "
+                                                r"file system\): calibrate") as e:
+            ws.load(copy).calibrate(unknown=unknown, workers=0, quiet=True)
+        assert "calibrate the copy" in e.value.hint

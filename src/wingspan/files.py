@@ -284,3 +284,16 @@ def os_error_said(e: OSError) -> WingspanError | None:
         return WingspanError(f"{e.strerror}: {e.filename}.",
                              hint="Check the path, or name another file or folder.")
     return None
+
+
+def check_writable(folder: str | Path, what: str, hint: str) -> None:
+    """Before work whose result goes into `folder` (which exists): a WingspanError now if
+    nothing can be written there, not after the work, naming a temporary file. A file is
+    made and removed: os.access says yes to root on a read-only mount or in /proc."""
+    probe = Path(folder) / f".wingspan.{os.getpid()}.probe"
+    try:
+        probe.open("w").close()
+        probe.unlink()
+    except OSError as e:
+        raise WingspanError(f"{folder} cannot be written to ({e.strerror or e}): {what}.",
+                            hint=hint) from e

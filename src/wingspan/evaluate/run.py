@@ -41,7 +41,7 @@ from wingspan.evaluate.metrics import (
 )
 from wingspan.evaluate.openset import openset_metrics, separation
 from wingspan.evaluate.report import write_report
-from wingspan.files import atomic_path, real_paths, write_text
+from wingspan.files import atomic_path, check_writable, real_paths, write_text
 from wingspan.inference import (
     Predictor,
     output_home,
@@ -711,6 +711,7 @@ def calibrate(model: str | Path, data: str | Path | None = None, split: str | No
     the images of classes the model does not know are left out."""
     predictor = Predictor(model, device=device, batch_size=batch_size, workers=workers,
                           progress=progress)
+    _check_bundle_writable(predictor.bundle, "calibrate stores the new temperature there")
     run_dir = run_dir_of(predictor.bundle)
     dataset = _dataset(data, run_dir, "fit the temperature on", command="calibrate")
     level = predictor.level if predictor.level in dataset.levels else dataset.default_level
@@ -788,6 +789,14 @@ def _check_enough_to_calibrate(readable: int, given: int, split: str, manifest: 
              "--split (all: every image of DATA).")
 
 
+def _check_bundle_writable(bundle: Path, what: str) -> None:
+    """Before a calibration's work: the bundle it rewrites can be (a read-only run folder
+    failed once the fit was done, naming a temporary file)."""
+    check_writable(bundle if bundle.is_dir() else bundle.parent, what,
+                   hint="Copy the run (or its model/ folder) somewhere writable and "
+                        "calibrate the copy.")
+
+
 def fit_unknown(model: str | Path, rate: float | None = None, score: str | None = None,
                 progress: bool = True, batch_size: int = 32, workers: int | None = None,
                 device: str = "auto", seed: int = 0) -> dict:
@@ -809,6 +818,7 @@ def fit_unknown(model: str | Path, rate: float | None = None, score: str | None 
                           progress=progress)
     purpose = "the unknown scores are fitted on"
     run_folder(predictor, purpose)  # before anything is computed
+    _check_bundle_writable(predictor.bundle, "calibrate --unknown stores the scores there")
     manifest = predictor.manifest
     previous = manifest.get("unknown") or {}
     training = manifest.get("training", {})
