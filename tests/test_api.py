@@ -891,3 +891,28 @@ def test_calibrating_a_read_only_run_is_refused_before_the_work(run, tmp_path, m
                                                 r"file system\): calibrate") as e:
             ws.load(copy).calibrate(unknown=unknown, workers=0, quiet=True)
         assert "calibrate the copy" in e.value.hint
+
+
+def test_a_model_written_again_by_resume_says_a_later_calibration_is_lost(run, tmp_path):
+    """A damaged model.safetensors: its error's hint says to resume, which writes the model
+    again from the checkpoint, as trained. The temperature and unknown answer that
+    `calibrate` fitted since went back to training's without a word."""
+    from wingspan.models.bundle import read_manifest
+
+    copy = shutil.copytree(run.dir, tmp_path / "r", ignore=shutil.ignore_patterns("evaluation-*"))
+    trained = read_manifest(copy / "model")["calibration"]["temperature"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (fitted on train: said optimistic)
+        ws.load(copy).calibrate(split="train", workers=0, quiet=True)
+    ws.load(copy).calibrate(unknown=True, unknown_rate=0.1, workers=0, quiet=True)
+    assert read_manifest(copy / "model")["unknown"]["fitted_by"] == "calibrate"
+    weights = copy / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    ws.resume(copy, quiet=True)
+    log = " ".join((copy / "train.log").read_text().split())
+    assert ("The model was written again from its checkpoint, as trained: the temperature "
+            in log and "(fitted on train) and the unknown answer's scores and thresholds, "
+            "which `wingspan calibrate` fitted since, are not kept" in log), log[-600:]
+    manifest = read_manifest(copy / "model")
+    assert manifest["calibration"]["temperature"] == pytest.approx(trained)
+    assert "fitted_by" not in manifest["unknown"]

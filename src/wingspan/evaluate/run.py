@@ -835,6 +835,7 @@ def fit_unknown(model: str | Path, rate: float | None = None, score: str | None 
                                    temperature=predictor.temperature, seed=seed,
                                    members=predictor.taxonomy.member
                                    if predictor.taxonomy else None)
+    detector.fitted_by = "calibrate"
     save_bundle(predictor.model.cpu(), predictor.bundle, manifest["classes"],
                 taxonomy=manifest.get("taxonomy"), training=training,
                 metrics=manifest.get("metrics"), weights_source=manifest.get("weights_source"),

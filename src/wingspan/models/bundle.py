@@ -173,7 +173,8 @@ def _check_temperature(value, section: str, path: Path) -> None:
 
 # (a run's bundle is written from its best checkpoint, which a resume reads again)
 DAMAGED_HINT = ("Use an intact copy of the bundle, or retrain; a run folder that still has "
-                "its checkpoints writes its model again with `wingspan train --resume RUN`.")
+                "its checkpoints writes its model again with `wingspan train --resume RUN` "
+                "(as trained: a `wingspan calibrate` since is to be run again).")
 
 
 def checked_weights(path: Path, manifest: dict) -> dict[str, torch.Tensor]:

@@ -487,6 +487,9 @@ class UnknownDetector:
     # class's share, which a weak model's branch need not name (17 of 23 test images of
     # one run), so that MSP vouched for a class the answer did not give.
     branch: bool = False
+    # "calibrate" once `wingspan calibrate --unknown` fitted them again: a resume that writes
+    # the model again from its checkpoint (its weights damaged) says that this is lost.
+    fitted_by: str = "train"
 
     @classmethod
     def fit(cls, features: torch.Tensor, logits: dict[str, torch.Tensor],
@@ -590,7 +593,8 @@ class UnknownDetector:
                 "temperature": self.temperature,
                 "thresholds": self.thresholds, "fitted_on": "train", "threshold_on": "val",
                 "higher_is_unknown": True, "combined_range": [0.0, 1.0],
-                **({"msp": "branch"} if self.branch else {})}
+                **({"msp": "branch"} if self.branch else {}),
+                **({"fitted_by": self.fitted_by} if self.fitted_by != "train" else {})}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -617,7 +621,8 @@ class UnknownDetector:
                        thresholds=thresholds,
                        members={lv: m.float() for lv, m in
                                 _under(tensors, f"{PREFIX}members.").items()},
-                       branch=entry.get("msp") == "branch")
+                       branch=entry.get("msp") == "branch",
+                       fitted_by=entry.get("fitted_by", "train"))
         for name in entry["thresholds"]:
             if name in COMBINED:
                 detector.fitted[name] = {lv: Combined(COMBINED[name]).load(

@@ -356,7 +356,32 @@ def _resume(run_dir: Path, config: TrainConfig, fabric, quiet: bool) -> Path:
                          for p in gone])
     if run.is_main:
         _note_classes_added(run, dataset, config)
-    return _interruptible(run, scoring_only=scoring)
+    before = _later_calibration(run_dir) if finished and not scoring else None
+    done = _interruptible(run, scoring_only=scoring)
+    if before and run.is_main:
+        run.log(f"The model was written again from its checkpoint, as trained: {before}, "
+                f"which `wingspan calibrate` fitted since, "
+                f"{'are' if ' and ' in before else 'is'} not kept. Run it again on the same "
+                f"images: wingspan calibrate {run_dir} ...", caveat=True)
+    return done
+
+
+def _later_calibration(run_dir: Path) -> str | None:
+    """What `wingspan calibrate` changed in a finished run's bundle since training (a
+    temperature fitted on other images, the unknown answer fitted again), as its manifest
+    still says when only the weights are damaged; None when nothing was, or it is gone."""
+    try:
+        manifest = read_manifest(run_dir / "model")
+    except WingspanError:
+        return None
+    calibration, unknown = manifest.get("calibration") or {}, manifest.get("unknown") or {}
+    said = []
+    if "previous_temperature" in calibration:  # (only calibrate writes it)
+        said.append(f"the temperature {calibration.get('temperature', 0):.3f} (fitted on "
+                    f"{calibration.get('fitted_on', '?')})")
+    if unknown.get("fitted_by") == "calibrate":
+        said.append("the unknown answer's scores and thresholds")
+    return " and ".join(said) or None
 
 
 def _note_classes_added(run: Run, dataset: Dataset, config: TrainConfig) -> None:
