@@ -247,16 +247,46 @@ def test_predict_and_evaluate_refuse_absurd_workers_as_train_does(monkeypatch, t
             call()
 
 
+def test_a_one_process_command_under_torchrun_is_refused_once(monkeypatch, run_cli, tmp_path):
+    """`torchrun --nproc-per-node 2 -m wingspan evaluate RUN`: both ranks evaluated and raced
+    for the folder ("Another `wingspan evaluate` is writing..."), and nothing was written."""
+    for k, v in {"TORCHELASTIC_RUN_ID": "x", "LOCAL_WORLD_SIZE": "2", "WORLD_SIZE": "2",
+                 "RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    code, _, err = run_cli("evaluate", tmp_path / "run")
+    assert code == 2 and "`wingspan evaluate` runs in one process, but torchrun started 2" in (
+        " ".join(err.split()))
+    monkeypatch.setenv("RANK", "1")
+    assert run_cli("export", tmp_path / "run") == (2, "", "")  # rank 0 says it for all
+    assert run_cli("--version")[0] == 0
+
+
 def test_processes_follow_torchrun_and_refuse_what_cannot_run(monkeypatch):
     from wingspan.errors import WingspanError
     from wingspan.parallel import Processes, interleave
 
     assert Processes().world() == (1, 1)
+    # Several machines with nothing to say where the others are: it waited forever.
+    with pytest.raises(WingspanError, match="--nodes 2, but nothing says where the other "
+                                            "machines are"):
+        Processes(devices=4, nodes=2).world()
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")  # run on each machine, with its NODE_RANK
     assert Processes(devices=4, nodes=2).world() == (4, 2)
+    monkeypatch.delenv("MASTER_ADDR")
     for k, v in {"TORCHELASTIC_RUN_ID": "x", "LOCAL_WORLD_SIZE": "8", "WORLD_SIZE": "16"}.items():
         monkeypatch.setenv(k, v)
     assert Processes().world() == (8, 2)  # as torchrun started them
-    assert Processes(devices=2).world() == (2, 1)  # given: Fabric checks it against torchrun
+    assert Processes(devices=8).world() == (8, 2)
+    # --devices 1 under torchrun's 8: each process trained a whole run of its own.
+    with pytest.raises(WingspanError, match="torchrun started 8 processes on this machine, "
+                                            "but --devices is 2"):
+        Processes(devices=2).world()
+    # A one-process command under torchrun: refused, not raced for its output folder.
+    from wingspan.parallel import check_one_process
+
+    with pytest.raises(WingspanError, match="`wingspan evaluate` runs in one process, but "
+                                            "torchrun started 16"):
+        check_one_process("evaluate")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(WingspanError, match="no CUDA GPU"):
         Processes(device="cuda").fabric()

@@ -78,15 +78,52 @@ class Processes:
     def world(self) -> tuple[int, int]:
         """(processes per machine, machines): as given, else as torchrun set them. Under
         SLURM give both (`--devices` = tasks per node); Fabric checks them against SLURM's."""
-        local = os.environ.get("LOCAL_WORLD_SIZE")  # torchrun
-        world = os.environ.get("WORLD_SIZE")
-        if self.devices is None and local and world and "TORCHELASTIC_RUN_ID" in os.environ:
-            return int(local), self.nodes or int(world) // int(local)
-        return self.devices or 1, self.nodes or 1
+        local, world = torchrun_processes()
+        if local and self.devices not in (None, local):  # each process would run it all
+            raise WingspanError(
+                f"torchrun started {local} processes on this machine, but --devices is "
+                f"{self.devices}: each would run the whole command on its own.",
+                hint="Leave --devices out under torchrun (it takes torchrun's), or make "
+                     "them agree.", every_rank=True)
+        if local:
+            return local, self.nodes or world // local
+        nodes = self.nodes or 1
+        if nodes > 1 and not any(v in os.environ for v in LAUNCHERS_ENV):
+            raise WingspanError(
+                f"--nodes {nodes}, but nothing says where the other machines are (no "
+                "MASTER_ADDR, torchrun or SLURM): this process would wait for them forever.",
+                hint="Start it with torchrun or srun (README: GPUs and clusters), or run the "
+                     "same command on each machine with MASTER_ADDR (the first machine's "
+                     "address), MASTER_PORT and NODE_RANK (0, 1, ...) set.")
+        return self.devices or 1, nodes
 
     def describe(self) -> str:
         devices, nodes = self.world()
         return f"{self.device} x {devices}" + (f" on {nodes} machines" if nodes > 1 else "")
+
+
+# Set where a launcher (or the user, for a machine of several) says how the processes meet.
+LAUNCHERS_ENV = ("MASTER_ADDR", "TORCHELASTIC_RUN_ID", "SLURM_PROCID")
+
+
+def torchrun_processes() -> tuple[int, int]:
+    """(this machine's processes, all of them) that torchrun started; (0, 0) without it."""
+    local, world = os.environ.get("LOCAL_WORLD_SIZE"), os.environ.get("WORLD_SIZE")
+    if local and world and "TORCHELASTIC_RUN_ID" in os.environ:
+        return int(local), int(world)
+    return 0, 0
+
+
+def check_one_process(command: str) -> None:
+    """A command that runs in one process (evaluate, export...) started by torchrun in
+    several: each would do all of it, racing for the same files. Refused on every rank."""
+    _, world = torchrun_processes()
+    if world > 1:
+        raise WingspanError(
+            f"`wingspan {command}` runs in one process, but torchrun started {world}: each "
+            "would do all of it, writing the same files at once.",
+            hint=f"Run it without torchrun (a plain `wingspan {command} ...`); only train, "
+                 "predict and data audit share their work across processes.", every_rank=True)
 
 
 def _check_launchable(fabric: Fabric) -> None:

@@ -25,11 +25,21 @@ models_app = typer.Typer(help="Backbones and their pretrained weights.", no_args
 app.add_typer(models_app, name="models")
 
 
+# The commands that share their work over the processes torchrun starts (--devices).
+MULTI_PROCESS = {"train", "predict", "data"}  # (data: audit; the rest of data is quick)
+
+
 @app.callback(invoke_without_command=True)
-def _root(version: Annotated[bool, typer.Option("--version", help="Show the version.")] = False):
+def _root(ctx: typer.Context,
+          version: Annotated[bool, typer.Option("--version", help="Show the version.")] = False):
     if version:
         out.print(f"wingspan {__version__}")
         raise typer.Exit()
+    if "TORCHELASTIC_RUN_ID" in os.environ and ctx.invoked_subcommand not in (
+            None, *MULTI_PROCESS):  # (torch is loaded only under torchrun)
+        from wingspan.parallel import check_one_process
+
+        check_one_process(ctx.invoked_subcommand)
     budget = os.environ.get(MAX_PIXELS_ENV)
     if budget is not None and pixel_budget(budget) is None:
         raise WingspanError(f"${MAX_PIXELS_ENV} is {budget!r}, not a number of pixels.",

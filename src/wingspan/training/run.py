@@ -485,11 +485,12 @@ class _Terminated:
     data workers, sent it too, may die first, and the loader then raises a RuntimeError."""
 
     def __init__(self):
-        self.received, self.previous = False, None
+        self.received, self.installed, self.previous = False, False, None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # (only there in Python)
             self.previous = signal.signal(signal.SIGTERM, self._stop)
+            self.installed = True
         return self
 
     def _stop(self, signum, frame):
@@ -497,8 +498,9 @@ class _Terminated:
         raise KeyboardInterrupt("SIGTERM")
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
+        if self.installed:  # (None: a handler set outside Python, which we cannot put back)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self.previous is None
+                          else self.previous)
 
 
 def _interruptible(run: Run, scoring_only: bool = False) -> Path:
