@@ -108,7 +108,7 @@ class EpochBatches(Sampler[list[Request]]):
                  weights: torch.Tensor | None = None, rank: int = 0, world: int = 1):
         self.n, self.batch_size, self.seed, self.view = n, batch_size, seed, view
         self.weights, self.rank, self.world = weights, rank, world
-        self.epoch, self.start = 0, 0
+        self.epoch, self.start, self.size = 0, 0, n
         self.skip: set[int] = set()  # items that could not be read: left out of the order
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -120,6 +120,7 @@ class EpochBatches(Sampler[list[Request]]):
 
     def __iter__(self) -> Iterator[list[Request]]:
         order = self._order()
+        self.size = len(order)  # this epoch's, for `real`
         for b in range(self.start * self.batch_size, len(order), self.batch_size):
             batch = order[b:b + self.batch_size]
             batch = (batch * self.world)[:max(len(batch), self.world)]
@@ -128,6 +129,13 @@ class EpochBatches(Sampler[list[Request]]):
 
     def __len__(self) -> int:  # (a weighted draw's length is its count of weighted images)
         return -(-len(self._order()) // self.batch_size) - self.start
+
+    def real(self, step: int) -> tuple[int, int]:
+        """(items in global batch `step` of this epoch, how many of this rank's slice are
+        not padding): an epoch's figures count each image once, as one process counts them
+        (a last batch of 1 on 2 ranks had its image counted twice)."""
+        items = min(self.batch_size, self.size - step * self.batch_size)
+        return items, items // self.world + (self.rank < items % self.world)
 
 
 def fixed_batches(indices: Sequence[int], batch_size: int, view: int = 0

@@ -521,7 +521,7 @@ def finetune(run: Run) -> None:
                 continue
             if prefix is not None:
                 x = prefix(x)
-            labels = y
+            labels, (items, mine) = y, batches.real(state.step)
             x, y = run.policy.prepare_batch(x), y.to(run.device, non_blocking=True)
             outputs = trained(x)
             loss = criterion(outputs, y)
@@ -535,9 +535,14 @@ def finetune(run: Run) -> None:
             _account(run, "finetune", t0, t1, t2, len(y) * fabric.world_size)
             if profiler:
                 profiler = profiler.step()
-            partial["loss_sum"] += loss.item() * len(y)  # the step's one wait for the device
-            partial["labels"] += labels[:, -1].tolist()
-            preds.append(_answered(run, outputs))  # (a taxonomy's branch: on the CPU)
+            # The epoch's figures as one process's: each rank's loss is its share of the
+            # global batch's mean (its slices may differ by one), and a padding copy of a
+            # last batch smaller than the ranks is left out. (A first epoch's unreadable
+            # images count in `items` on several ranks: its train loss is near, not exact.)
+            share = len(y) if fabric.world_size == 1 else items / fabric.world_size
+            partial["loss_sum"] += loss.item() * share  # the step's one wait for the device
+            partial["labels"] += labels[:mine, -1].tolist()
+            preds.append(_answered(run, outputs)[:mine])  # (a taxonomy's branch: on the CPU)
             if _checkpoint_due(run, last_save, state.step):
                 partial["preds"] += torch.cat(preds).tolist()
                 preds = []
