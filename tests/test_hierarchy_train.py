@@ -633,23 +633,3 @@ def test_a_rare_below_that_takes_every_class_says_so(demo_dir, tmp_path):
     plan_labels(ensure_splits(read_dataset(demo_dir), "label", config, log=logs.append),
                 ["family", "label"], config, log=logs.append)
     assert not any("every 'label' class" in line for line in logs)
-
-
-def test_a_rare_species_merged_into_its_genus_is_answered_at_the_genus(hierarchical_run,
-                                                                         demo_dir):
-    """--rare-below trains white_darktip as 'Chalkia (rare label)': predict answered that
-    pseudo-species with known_level 'label', a species it cannot name. It is the genus."""
-    predictor = Predictor(hierarchical_run, workers=0)
-    merged = read_manifest(hierarchical_run / "model")["training"]["rare_classes"][
-        "white_darktip"]
-    assert predictor.known_level(None, merged) == "genus"
-    species = next(c for c in predictor.classes if c != merged)
-    assert predictor.known_level(None, species) == "label"
-    result = predict(predictor, [str(p) for p in sorted(demo_dir.rglob("*.jpg"))],
-                     progress=False)
-    named = [(r, dict((lv, c) for lv, c, _ in r["taxonomy"])) for r in result.rows
-             if r.get("known_level")]
-    at_genus = [(r, branch) for r, branch in named if branch["label"] == merged]
-    assert at_genus, "no image answered with the merged class to check"
-    for row, branch in at_genus:
-        assert row["known_level"] == "genus" and row["answer"] == branch["genus"]

@@ -124,7 +124,7 @@ def _answer(predictor: Predictor, x: torch.Tensor) -> tuple[str, str]:
               if predictor.taxonomy else [])
     top = branch[-1][1] if branch else predictor.classes[int(probs.argmax())]
     known = predictor.known_level({lv: float(s[0]) for lv, s in scores.items()}
-                                  if scores else None, top)
+                                  if scores else None)
     return answer_at(known, branch, top, predictor.level), top
 
 

@@ -3,7 +3,6 @@ so both see every image exactly the same way."""
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -211,29 +210,11 @@ class Predictor:
         return self.unknown.scores(features, logits, self.unknown_score,
                                    branch_logits=branch_logits)
 
-    def known_level(self, scores: dict[str, float] | None, answer: str | None = None
-                    ) -> str | None:
-        """The finest level an image's scores pass (all levels when there are none). An
-        `answer` (the finest class named) that is rare species merged into their genus
-        (`--rare-below`) is known at the genus only: its species is not named."""
-        known = (self.level if scores is None
-                 else deepest_known(self.model.levels, scores, self.thresholds))
-        if known == self.level and answer is not None and answer in self.merged:
-            return self.model.levels[-2]
-        return known
-
-    @functools.cached_property
-    def merged(self) -> set[str]:
-        """The classes `--rare-below` made of rare species, each named after their genus."""
-        return set(self.rare.values())
-
-    def finest_answer(self, probs: np.ndarray) -> str:
-        """The finest class predict names for these calibrated probabilities: the top-down
-        branch's with a taxonomy (chosen as at T 1), else the top class."""
-        if self.taxonomy is None:
-            return self.classes[int(probs.argmax())]
-        chosen = self.taxonomy.answer(probs[None], temperature=self.temperature)
-        return self.classes[int(chosen[0])]
+    def known_level(self, scores: dict[str, float] | None) -> str | None:
+        """The finest level an image's scores pass (all levels when there are none)."""
+        if scores is None:
+            return self.level
+        return deepest_known(self.model.levels, scores, self.thresholds)
 
     @property
     def draft(self) -> int:
@@ -290,10 +271,7 @@ class Predictor:
                               if unknown else None)
                     yield Prediction(paths[i], probs[j], mean_logits[j],
                                      heads={lv: h[j] for lv, h in heads.items()} or None,
-                                     unknown=scores,
-                                     known_level=self.known_level(
-                                         scores, self.finest_answer(probs[j]) if self.rare
-                                         else None),
+                                     unknown=scores, known_level=self.known_level(scores),
                                      every_score={name: float(v[self.level][j])
                                                   for name, v in every.items()}
                                      if every else None,

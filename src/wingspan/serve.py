@@ -429,8 +429,7 @@ def _answer(predictor: Predictor, name: str | None, outputs: dict[str, np.ndarra
         answer["branch"] = [{"level": lv, "class": c, "probability": p} for lv, c, p in branch]
     # The class at the finest level the image passes the unknown threshold at, else
     # "unknown"; the closest class stays in `top`.
-    top = branch[-1][1] if branch else predictor.classes[order[0]]
-    known = predictor.known_level(scores, top)
+    known = predictor.known_level(scores)
     answer["answer"] = answer_at(known, branch, predictor.classes[order[0]], predictor.level)
     answer["known_level"] = known
     answer.update(deciding_score(predictor, scores))
