@@ -294,7 +294,7 @@ def test_evaluate_warns_of_classes_it_left_out(run, demo_dir, tmp_path):
         "3 images of 1 class the model does not know were left out: stranger (class_map="
         "{model class: data class} names one of the model's)."), said
     # (a copy of the run's own images, so its figures are called optimistic too)
-    assert said[:-1] == [m for m in said if m.startswith("These figures are not fair")]
+    assert said[:-1] and all(m.startswith("These figures are not fair") for m in said[:-1])
     assert all(w.filename == __file__ for w in caught)  # the user's line, not the library's
     assert ev.metrics["images"] == len(list(known.iterdir()))
 

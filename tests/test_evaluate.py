@@ -1131,33 +1131,44 @@ def test_images_the_run_trained_or_chose_on_give_figures_called_optimistic(train
 def test_a_copy_or_a_move_of_the_runs_own_images_is_not_called_fair(tmp_path):
     """The run's data copied to another folder (or moved there before splits.csv was
     rewritten) was evaluated as 'yes: none of these files is one the run trained on' at
-    accuracy 0.997. The same class folder and file name, with the same bytes or the run's
-    own file gone, is its image; another photo of the same name is not."""
+    accuracy 0.997. The same path below the data's root, with the same bytes (or the run's
+    files gone, most of them found so), is its image; another photo of a name is not."""
     from helpers import write_image
 
     from wingspan.evaluate.run import _fairness
 
-    for name, seed in (("t.jpg", 0), ("v.jpg", 1), ("test.jpg", 2)):
+    names = ("t1.jpg", "t2.jpg", "t3.jpg", "v.jpg", "test.jpg")
+    for seed, name in enumerate(names):
         write_image(tmp_path / "data" / "a" / name, seed=seed)
-    own = pd.DataFrame({"path": [str(tmp_path / "data" / "a" / n)
-                                 for n in ("t.jpg", "v.jpg", "test.jpg")],
-                        "split": ["train", "val", "test"]})
+    own = pd.DataFrame({"path": [str(tmp_path / "data" / "a" / n) for n in names],
+                        "split": ["train", "train", "train", "val", "test"]})
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(f"# Trained on {tmp_path / 'data'}, read with x\n")
+
+    def fair(root, files, data="other"):
+        return _fairness({}, "all", data, [str(root / "a" / n) for n in files], own, run_dir=run,
+                         data_root=root)
+
     shutil.copytree(tmp_path / "data", tmp_path / "copy")
-    copied = [str(tmp_path / "copy" / "a" / n) for n in ("t.jpg", "v.jpg", "test.jpg")]
-    fair = _fairness({}, "all", "copy", copied, own)
-    assert fair.startswith("no: the model was trained on 1 of these 3 images and chose its "
-                           "best epoch on 1 (2 copies of its files in another folder, or "
-                           "moved there), so these figures are optimistic"), fair
-    # Another photo under the run's names (a camera's IMG_0001.jpg): not its image.
-    for name, seed in (("t.jpg", 5), ("v.jpg", 6)):
-        write_image(tmp_path / "other" / "a" / name, seed=seed)
-    others = [str(tmp_path / "other" / "a" / n) for n in ("t.jpg", "v.jpg")]
-    assert _fairness({}, "all", "other", others, own).startswith("yes: none of these files")
-    # The data moved: the run's files are gone, the names are its images.
-    shutil.rmtree(tmp_path / "data")
-    assert _fairness({}, "all", "other", others, own).startswith(
-        "no: the model was trained on 1 of these 2 images and chose its best epoch on 1 (2 "
-        "copies")
+    said = fair(tmp_path / "copy", ("t1.jpg", "v.jpg", "test.jpg"))
+    assert said.startswith("no: the model was trained on 1 of these 3 images and chose its best "
+                           "epoch on 1 (2 copies of its files in another folder, or moved "
+                           "there), so these figures are optimistic"), said
+    # Another photo under one of the run's names (a camera's IMG_0001.jpg): not its image,
+    # whether the run's own file is there or gone (one name of four is no move).
+    write_image(tmp_path / "other" / "a" / "t1.jpg", seed=9)
+    assert fair(tmp_path / "other", ["t1.jpg"]).startswith("yes: none of these files")
+    (tmp_path / "data" / "a" / "t1.jpg").unlink()
+    assert fair(tmp_path / "other", ["t1.jpg"]).startswith("yes: none of these files")
+    # The run's own test split, a train file deleted since: its own files, fair.
+    assert _fairness({}, "test", None, [own["path"].iloc[-1]], own, run_dir=run,
+                     data_root=tmp_path / "data").startswith("yes: the test split")
+    # The data moved: the run's files are gone, and found at the same paths there.
+    shutil.move(tmp_path / "data", tmp_path / "moved")
+    said = fair(tmp_path / "moved", ("t2.jpg", "t3.jpg", "v.jpg"))
+    assert said.startswith("no: the model was trained on 2 of these 3 images and chose its "
+                           "best epoch on 1 (3 copies"), said
 
 
 def test_the_fairness_check_matches_the_runs_images_through_a_link(tmp_path):

@@ -147,7 +147,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
                            predictor.manifest, split, data, [paths[i] for i in ok],
                            _own_splits(dataset, data, run_dir), adapted_photos(run_dir),
                            run_dir, _comparable_groups(rows["group"].iloc[ok], dataset, data,
-                                                       run_dir)))
+                                                       run_dir), dataset.root))
         read = [preds[i] for i in ok]  # the readable images' predictions, in y's order
         named = None  # which images the answer gives a class (the rest: "unknown")
         if predictor.unknown is not None:
@@ -965,33 +965,49 @@ def _comparable_groups(groups: pd.Series, dataset: Dataset, data, run_dir: Path 
     return groups.tolist()
 
 
-def _copies_of_own(evaluated: set[str], own: pd.DataFrame) -> dict[str, int]:
-    """How many of the `evaluated` files (real paths) that are not the run's own files are
-    its train or val images copied or moved elsewhere: the same class folder and file name
-    as one of them, whose file is gone since (the data moved) or holds the same bytes (a
-    copy). Another photo that happens to share a name (IMG_0001.jpg) is neither."""
+def _copies_of_own(evaluated: set[str], seen: dict[str, str], own_root: str | None,
+                   data_root: Path | None) -> dict[str, int]:
+    """How many of the `evaluated` files (real paths) that are not the run's own are its
+    train or val images (`seen`: real path -> side) copied or moved: the same path below
+    the data's root as one of them below the run's data root, with the same bytes (a copy),
+    or with the run's file gone when at least half of its files are matched so (the data
+    moved, not a name or two reused: new photos may be IMG_0001.jpg too)."""
     from wingspan.data.leaks import content_hashes
 
     found = {"train": 0, "val": 0}
-    seen = own[own[SPLIT].isin(["train", "val"])]
-    mine = dict(zip(real_paths(seen["path"]), seen[SPLIT], strict=True))
-    by_name = {Path(p).parts[-2:]: (p, side) for p, side in mine.items()}
-    pairs = [(e, *by_name[Path(e).parts[-2:]]) for e in sorted(evaluated - mine.keys())
-             if Path(e).parts[-2:] in by_name]
+    if own_root is None or data_root is None:
+        return found
+    own_root, data_root = (os.path.realpath(_folder_of(r)) for r in (own_root, data_root))
+    mine = {os.path.relpath(p, own_root): (p, side) for p, side in seen.items()
+            if p.startswith(own_root + os.sep)}
+    pairs = [(e, *mine[key]) for e in sorted(evaluated - seen.keys())
+             if e.startswith(data_root + os.sep)
+             and (key := os.path.relpath(e, data_root)) in mine]
+    moved = {"train": 0, "val": 0}
     for path, original, side in pairs:
         if not os.path.exists(original):
-            found[side] += 1
+            moved[side] += 1
             continue
         with contextlib.suppress(OSError):  # (a file unreadable now is no copy)
             if os.path.getsize(original) == os.path.getsize(path):  # only then read both
                 a, b = content_hashes([original, path])
                 found[side] += bool(a) and a == b
+    if 2 * sum(moved.values()) >= len(mine):
+        found = {side: found[side] + moved[side] for side in found}
     return found
+
+
+def _folder_of(root: str | Path) -> Path:
+    """The folder a dataset's paths are below: a CSV's own folder (its paths are relative
+    to it), else the root itself."""
+    root = Path(root)
+    return root.parent if root.suffix.lower() in (".csv", ".tsv", ".txt") else root
 
 
 def _fairness(manifest: dict, split: str, data, paths: list[str],
               own: pd.DataFrame | None, adapted: list[str] = (),
-              run_dir: Path | None = None, groups: list[str] | None = None) -> str:
+              run_dir: Path | None = None, groups: list[str] | None = None,
+              data_root: Path | None = None) -> str:
     """Whether this evaluation's figures are unbiased: none of the images evaluated
     (`paths`) is one the run trained on (its train split) or chose its best epoch on (val),
     as its splits.csv (`own`, None without one) names them, whatever data or split they
@@ -1009,14 +1025,16 @@ def _fairness(manifest: dict, split: str, data, paths: list[str],
                 "to adapt")
     if own is None:
         return "yes, unless this data holds images the model was trained or chosen on"
-    trained, chosen = (len(evaluated.intersection(real_paths(own.loc[own[SPLIT] == s, "path"])))
-                       for s in ("train", "val"))
-    copies = _copies_of_own(evaluated, own)
+    seen = own[own[SPLIT].isin(["train", "val"])]
+    seen = dict(zip(real_paths(seen["path"]), seen[SPLIT], strict=True))
+    trained, chosen = (sum(seen.get(p) == side for p in evaluated) for side in ("train", "val"))
+    copies = (_copies_of_own(evaluated, seen, trained_on(run_dir) if run_dir else None,
+                             data_root) if data is not None else {"train": 0, "val": 0})
     trained, chosen = trained + copies["train"], chosen + copies["val"]
     copied = (f" ({counted(copies['train'] + copies['val'], 'copy', 'copies')} of its files "
               "in another folder, or moved there)" if copies["train"] + copies["val"] else "")
-    seen = set(own.loc[own[SPLIT].isin(["train", "val"]), GROUP]) if groups else set()
-    if not trained and not chosen and (shared := sum(g in seen for g in groups or [])):
+    groups_seen = set(own.loc[own[SPLIT].isin(["train", "val"]), GROUP]) if groups else set()
+    if not trained and not chosen and (shared := sum(g in groups_seen for g in groups or [])):
         return (f"no: {shared} of these {len(evaluated)} images show a specimen or "
                 "observation (the same group) that the run trained or chose its best epoch "
                 "on in another photo, so these figures are optimistic; the run's own test "
