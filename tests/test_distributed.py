@@ -269,6 +269,9 @@ def test_a_one_process_command_under_torchrun_is_refused_once(monkeypatch, run_c
         " ".join(err.split()))
     monkeypatch.setenv("RANK", "1")
     assert run_cli("export", tmp_path / "run") == (2, "", "")  # rank 0 says it for all
+    monkeypatch.setenv("RANK", "0")
+    code, _, err = run_cli("data", "audit", tmp_path / "data")  # (it has no --devices)
+    assert code == 2 and "`wingspan data audit` runs in one process" in " ".join(err.split())
     assert run_cli("--version")[0] == 0
 
 
@@ -288,7 +291,7 @@ def test_processes_follow_torchrun_and_refuse_what_cannot_run(monkeypatch):
         monkeypatch.setenv(k, v)
     assert Processes().world() == (8, 2)  # as torchrun started them
     assert Processes(devices=8).world() == (8, 2)
-    # --devices 1 under torchrun's 8: each process trained a whole run of its own.
+    # --devices 2 under torchrun's 8: each process trained a whole run of its own.
     with pytest.raises(WingspanError, match="torchrun started 8 processes on this machine, "
                                             "but --devices is 2"):
         Processes(devices=2).world()

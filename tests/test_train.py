@@ -370,7 +370,9 @@ def test_kill_and_resume_matches_an_uninterrupted_run(demo_dir, tmp_path, how):
     assert len(done) < len(history(ref))  # it really was cut short
     assert (done["stage"] == "finetune").sum() in (2, 3)  # where PAUSED_CLI stops it
     if how != signal.SIGKILL:  # it says how to go on, in the log and (--quiet too) the terminal
-        said = ("Interrupted." if how == signal.SIGINT else "Stopped by SIGTERM.") \
+        said = ("Interrupted." if how == signal.SIGINT else "Stopped by SIGTERM (a "
+                "scheduler's or `kill`'s, or torchrun's once another process failed: see its "
+                "output).") \
             + f" Continue from the last checkpoint with: wingspan train --resume {run_dir}"
         assert said in (run_dir / "train.log").read_text()
         assert said in " ".join(proc.stderr.read().decode().split())
@@ -1895,3 +1897,18 @@ def test_a_full_disk_that_stops_a_run_is_the_error_said(demo_dir, tmp_path, monk
         train(read_dataset(demo_dir), tiny(tmp_path), tmp_path, "full", quiet=True)
     assert "Stopped: The disk holding checkpoints is full" in (
         tmp_path / "full" / "train.log").read_text()
+    # The log line, written first, may be refused as well (a full disk refuses an append).
+    import errno
+
+    from wingspan.training.context import Run
+
+    logged = Run.log
+
+    def refuse_stop_line(self, text, *args, **kwargs):
+        if text.startswith("Stopped:"):
+            raise OSError(errno.ENOSPC, "No space left on device", "train.log")
+        return logged(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Run, "log", refuse_stop_line)
+    with pytest.raises(WingspanError, match="last.pt was not written"):
+        train(read_dataset(demo_dir), tiny(tmp_path), tmp_path, "full2", quiet=True)

@@ -45,7 +45,7 @@ class Processes:
     nodes: int | None = None
     strategy: str = "auto"
 
-    def __post_init__(self) -> None:  # predict's and audit's --devices, as train's
+    def __post_init__(self) -> None:  # predict's --devices, as train's
         for name in ("devices", "nodes"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -94,7 +94,8 @@ class Processes:
                 "MASTER_ADDR, torchrun or SLURM): this process would wait for them forever.",
                 hint="Start it with torchrun or srun (README: GPUs and clusters), or run the "
                      "same command on each machine with MASTER_ADDR (the first machine's "
-                     "address), MASTER_PORT and NODE_RANK (0, 1, ...) set.")
+                     "address), MASTER_PORT and NODE_RANK (0, 1, ...) set; to resume a run "
+                     "of several machines on this one alone, give --nodes 1.")
         return self.devices or 1, nodes
 
     def describe(self) -> str:
@@ -122,8 +123,8 @@ def check_one_process(command: str) -> None:
         raise WingspanError(
             f"`wingspan {command}` runs in one process, but torchrun started {world}: each "
             "would do all of it, writing the same files at once.",
-            hint=f"Run it without torchrun (a plain `wingspan {command} ...`); only train, "
-                 "predict and data audit share their work across processes.", every_rank=True)
+            hint=f"Run it without torchrun (a plain `wingspan {command} ...`); only train "
+                 "and predict share their work across processes.", every_rank=True)
 
 
 def _check_launchable(fabric: Fabric) -> None:

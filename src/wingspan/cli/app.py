@@ -26,7 +26,7 @@ app.add_typer(models_app, name="models")
 
 
 # The commands that share their work over the processes torchrun starts (--devices).
-MULTI_PROCESS = {"train", "predict", "data"}  # (data: audit; the rest of data is quick)
+MULTI_PROCESS = {"train", "predict"}
 
 
 @app.callback(invoke_without_command=True)
@@ -35,11 +35,21 @@ def _root(ctx: typer.Context,
     if version:
         out.print(f"wingspan {__version__}")
         raise typer.Exit()
-    if "TORCHELASTIC_RUN_ID" in os.environ and ctx.invoked_subcommand not in (
-            None, *MULTI_PROCESS):  # (torch is loaded only under torchrun)
+    if ctx.invoked_subcommand not in (None, "data", "models", *MULTI_PROCESS):
+        _one_process(ctx.invoked_subcommand)
+
+
+@data_app.callback()
+def _data(ctx: typer.Context):
+    _one_process(f"data {ctx.invoked_subcommand}")
+
+
+def _one_process(command: str) -> None:
+    """A command that runs in one process, refused where torchrun started several."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # (torch is loaded only under torchrun)
         from wingspan.parallel import check_one_process
 
-        check_one_process(ctx.invoked_subcommand)
+        check_one_process(command)
     budget = os.environ.get(MAX_PIXELS_ENV)
     if budget is not None and pixel_budget(budget) is None:
         raise WingspanError(f"${MAX_PIXELS_ENV} is {budget!r}, not a number of pixels.",

@@ -182,7 +182,7 @@ def _duplicates(table: pd.DataFrame, facts: list[ImageFacts], level: str) -> dic
     }
 
 
-RANK_HEADINGS = ("[bold red]Fix first: train refuses these[/]",
+RANK_HEADINGS = ("[bold red]Fix first: train refuses these (each says when)[/]",
                  "[bold yellow]Then: train goes on, but these bias its figures[/]",
                  "[bold]Worth knowing: skipped or handled[/]")
 
@@ -223,12 +223,12 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
                   summary.get("classes_without_training_images", []), None, 0),
                  ("one class only (train refuses it)", summary.get("one_class_only", []), None,
                   0),
-                 ("taxonomy conflict" + (" (every extra column of a CSV is read as a "
-                                         "coarser level: remove one that is not, e.g. notes)"
-                                         if summary["dataset"]["format"] == "csv" else ""),
-                  summary["taxonomy_conflicts"], None, 0),
+                 ("taxonomy conflict (train --levels refuses it" + (
+                     "; every extra column of a CSV is read as a coarser level: remove one "
+                     "that is not, e.g. notes" if summary["dataset"]["format"] == "csv"
+                     else "") + ")", summary["taxonomy_conflicts"], None, 0),
                  ("blank at a level (train --levels refuses them in train and val)",
-                  summary.get("blank_levels", []), None, 2)]
+                  summary.get("blank_levels", []), None, 0)]
     images = summary.get("images")
     if images:
         dups = images["duplicates"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 import numpy as np
@@ -53,8 +52,8 @@ def binomial(genus: pd.Series, epithet: pd.Series) -> pd.Series:
     return (genus + " " + epithet).where((genus != "") & (epithet != ""), "")
 
 
-# Ranks in their order, to break a tie in the class counts (one genus per family in
-# a small collection) that would otherwise put genus above family in every message.
+# Ranks in their order: levels named after them keep it, whatever their class counts (a
+# tie, one genus per family in a small collection, or a genus under two families).
 RANKS = ["kingdom", "phylum", "class", "order", "superfamily", "family", "subfamily",
          "tribe", "subtribe", "genus", "subgenus", "species", "subspecies"]
 
@@ -70,16 +69,10 @@ def coarse_to_fine(table: pd.DataFrame, columns: list[str]) -> list[str]:
     genus above family."""
     full = table[(table[columns] != "").all(axis=1)]
     counts = {c: (full[c].nunique(), table.loc[table[c] != "", c].nunique()) for c in columns}
-    ordered = sorted(columns, key=counts.__getitem__)
-    out: list[str] = []
-    for _, tied in itertools.groupby(ordered, key=counts.__getitem__):
-        tied = list(tied)
-        if all(c.lower() in RANKS for c in tied):
-            tied.sort(key=lambda c: RANKS.index(c.lower()))
-        out += tied
-    ranked = iter(sorted((c for c in out if c.lower() in RANKS),
+    ordered = sorted(columns, key=counts.__getitem__)  # (stable: a tie keeps the file's order)
+    ranked = iter(sorted((c for c in ordered if c.lower() in RANKS),
                          key=lambda c: RANKS.index(c.lower())))
-    return [next(ranked) if c.lower() in RANKS else c for c in out]
+    return [next(ranked) if c.lower() in RANKS else c for c in ordered]
 
 
 def apply_taxonomy(

@@ -515,13 +515,16 @@ def _interruptible(run: Run, scoring_only: bool = False) -> Path:
     except (KeyboardInterrupt, RuntimeError) as e:
         if isinstance(e, RuntimeError) and not terminated.received:
             raise
-        run.log(("Stopped by SIGTERM. " if terminated.received else "Interrupted. ")
-                + _go_on(run.dir), caveat=True)
+        run.log(("Stopped by SIGTERM (a scheduler's or `kill`'s, or torchrun's once another "
+                 "process failed: see its output). " if terminated.received else
+                 "Interrupted. ") + _go_on(run.dir), caveat=True)
         raise Interrupted from e
     except WingspanError as e:  # bad data, say: in train.log, and a failed run, not a paused one
-        run.log(f"Stopped: {e.message}", shown=False)  # (the error itself is printed)
-        if run.is_main:  # (a full disk that stopped the run may refuse this too: its
-            with contextlib.suppress(WingspanError):  # error is the one to say, not this)
+        # (a full disk that stopped the run may refuse these too: its error is the one to
+        # say, not theirs)
+        with contextlib.suppress(OSError, WingspanError):
+            run.log(f"Stopped: {e.message}", shown=False)  # (the error itself is printed)
+            if run.is_main:
                 write_text(run.dir / ERROR_FILE, e.message + "\n")
         raise
     finally:
@@ -958,8 +961,8 @@ def _fit_unknown(run: Run, val: tuple, temperature: float) -> UnknownDetector:
     # On 20 val images or fewer (at 5%) the threshold is above them all: none turned away.
     above_all = n and math.ceil((1 - rate) * (n - 1)) == n - 1
     run.log(f"Unknown answer ('{run.config.unknown_score}'): the threshold "
-            + (f"is just above all {n} known val images (too few to turn away {rate:.0%} of "
-               "them)" if above_all else
+            + (f"is just above all {n} known val images (on so few, the {rate:.0%} asked "
+               "turns none of them away)" if above_all else
                f"turns away at most {rate:.0%} of the {n} known val images")
             + (f"; on new known images expect about {expected:.0%} (from "
                f"{max(expected - spread, 0):.0%} to {min(expected + spread, 1):.0%}) with so "
