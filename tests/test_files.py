@@ -40,6 +40,26 @@ def test_a_full_disk_said_in_torch_or_safetensors_words_is_a_full_disk(tmp_path,
     assert os.listdir(target.parent) == []
 
 
+@pytest.mark.parametrize("error", [
+    OSError(errno.EDQUOT, "Disk quota exceeded"),
+    Exception('Error while serializing: IoError(Os { code: 122, kind: QuotaExceeded, message: '
+              '"Disk quota exceeded" })')])
+def test_a_disk_quota_used_up_is_said_as_such(tmp_path, error):
+    """A cluster's usual 'full disk' is the user's quota (EDQUOT), while the disk has room:
+    it ended in a traceback."""
+    from wingspan.files import os_error_said
+
+    target = tmp_path / "checkpoints" / "best.pt"
+    with pytest.raises(WingspanError, match=r"Your disk quota for .*checkpoints is used up; "
+                                            r"best.pt was not written"):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise error
+    assert os.listdir(target.parent) == []
+    said = os_error_said(OSError(errno.EDQUOT, "Disk quota exceeded", "runs/x/train.log"))
+    assert said.message == "Your disk quota is used up writing runs/x/train.log."
+
+
 def test_a_read_only_folder_is_a_message(tmp_path, monkeypatch, run_cli):
     from wingspan import files
 

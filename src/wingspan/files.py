@@ -74,11 +74,12 @@ def _temporary(path: Path) -> Iterator[Path]:
     except Exception as e:
         if _disk_full(e):
             free = shutil.disk_usage(path.parent).free
+            full = (f"Your disk quota for {path.parent} is used up" if _quota(e) else
+                    f"The disk holding {path.parent} is full ({free / 2**20:.0f} MiB free)")
             raise WingspanError(
-                f"The disk holding {path.parent} is full ({free / 2**20:.0f} MiB free); "
-                f"{path.name} was not written, and the previous version, if any, is intact.",
-                hint="Free some space or write elsewhere, then run the command again "
-                "(a training run continues with --resume).") from e
+                f"{full}; {path.name} was not written, and the previous version, if any, is "
+                "intact.", hint="Free some space or write elsewhere, then run the command "
+                "again (a training run continues with --resume).") from e
         raise
     finally:
         with contextlib.suppress(OSError):
@@ -90,10 +91,18 @@ def _disk_full(e: Exception) -> bool:
     and safetensors raise their own errors, torch's without naming the cause (a file
     position short of what it wrote)."""
     if isinstance(e, OSError):
-        return e.errno == errno.ENOSPC
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
     said = str(e)
-    return "No space left on device" in said or "os error 28" in said or (
+    return "No space left on device" in said or "os error 28" in said or _quota(e) or (
         isinstance(e, RuntimeError) and "unexpected pos" in said)
+
+
+def _quota(e: Exception) -> bool:
+    """Whether a write failed on a user's disk quota (a cluster's usual 'full disk'): the
+    disk itself may have room."""
+    if isinstance(e, OSError):
+        return e.errno == errno.EDQUOT
+    return "Disk quota exceeded" in str(e) or "os error 122" in str(e)
 
 
 def _replace_together(tmps: list[Path], paths: list[Path]) -> None:
@@ -274,9 +283,10 @@ def os_error_said(e: OSError) -> WingspanError | None:
                              hint="Write elsewhere (the command's --runs-dir or --out; out= in "
                                   "Python), or mount it writable; to resume a run there, copy "
                                   "its folder somewhere writable and resume the copy.")
-    if e.errno == errno.ENOSPC:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
         where = f" writing {e.filename}" if e.filename else ""
-        return WingspanError(f"The disk is full{where}.",
+        return WingspanError(("Your disk quota is used up" if e.errno == errno.EDQUOT else
+                              "The disk is full") + f"{where}.",
                              hint="Free some space and run the command again (a training run "
                                   "continues with --resume).")
     if e.filename and e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG,
