@@ -215,7 +215,8 @@ def data_audit(
 
 @data_app.command("download")
 def download_command(
-    name: Annotated[str, typer.Argument(help="The dataset: ethec.", show_default=False)],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The dataset: ethec.",
+                                        show_default=False)],
     to: Annotated[Path | None, typer.Option(
         help="Folder to keep it in (default: the cache folder's datasets/).")] = None,
     url: Annotated[str | None, typer.Option(help="A mirror of the published archive.")]

@@ -30,7 +30,7 @@ T = TrainConfig  # defaults shown in --help come from the one config
 @app.command("evaluate")
 def evaluate_command(
     model: Model,
-    data: Annotated[Path | None, typer.Argument(
+    data: Annotated[Path | None, typer.Argument(metavar="DATA",
         help="Data to evaluate on (default: the run's own split).", show_default=False)] = None,
     split: Annotated[str | None, typer.Option(
         help="train | val | test | all (default: test, else val).")] = None,
@@ -179,7 +179,7 @@ def print_evaluation(result) -> None:
 @app.command("calibrate")
 def calibrate_command(
     model: Model,
-    data: Annotated[Path | None, typer.Argument(
+    data: Annotated[Path | None, typer.Argument(metavar="DATA",
         help="Labelled data to fit on (default: the run's own).", show_default=False)] = None,
     split: Annotated[str | None, typer.Option(
         help="train | val | test | all (default: val; all of DATA when it has no split).",
@@ -244,7 +244,7 @@ A = AdaptConfig
 def adapt_command(
     ctx: typer.Context,
     model: Model,
-    photos: Annotated[list[str], typer.Argument(
+    photos: Annotated[list[str], typer.Argument(metavar="PHOTOS",
         help="Unlabelled photos from where the model will be used: files, folders, globs.",
         show_default=False)],
     out_dir: Annotated[Path | None, typer.Option(

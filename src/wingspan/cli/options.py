@@ -13,6 +13,7 @@ from wingspan.config import MAX_PIXELS, MAX_PIXELS_ENV
 
 # Options shared by every command that reads a dataset.
 Data = Annotated[Path, typer.Argument(
+    metavar="DATA",
     help="A folder of class folders, a CSV (path,label,...), or an ETHEC root.",
     show_default=False)]
 Format = Annotated[str | None, typer.Option(
@@ -77,5 +78,6 @@ Precision = Annotated[str, typer.Option(
 Workers = Annotated[int | None, typer.Option(
     help="Data workers (0: read the images in this process; default: per machine).",
     show_default=False)]
-Model = Annotated[Path, typer.Argument(help="A run folder (runs/NAME) or a model bundle.",
+Model = Annotated[Path, typer.Argument(metavar="RUN",
+                                        help="A run folder (runs/NAME) or a model bundle.",
                                         show_default=False)]

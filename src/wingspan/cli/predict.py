@@ -32,8 +32,9 @@ S = ServeLimits
 @app.command("predict")
 def predict_command(
     model: Model,
-    paths: Annotated[list[str], typer.Argument(help="Image files, folders (searched "
-                                               "recursively) or globs.", show_default=False)],
+    paths: Annotated[list[str], typer.Argument(
+        metavar="PATH", help="Image files, folders (searched recursively) or globs.",
+        show_default=False)],
     top_k: Annotated[int, typer.Option(min=1, help="Classes to show per image.")] = 3,
     output: Annotated[Path | None, typer.Option(
         help="Write all predictions to a .csv or .json file.")] = None,
@@ -130,7 +131,8 @@ def predict_command(
 @app.command("explain")
 def explain_command(
     model: Model,
-    images: Annotated[list[str], typer.Argument(help="Image files, folders or globs.",
+    images: Annotated[list[str], typer.Argument(metavar="IMAGE",
+                                                help="Image files, folders or globs.",
                                                 show_default=False)],
     out_dir: Annotated[Path | None, typer.Option(
         "--out", help="Folder for the overlays (default: RUN/explain).")] = None,

@@ -14,7 +14,7 @@ from wingspan.config import RUNS_DIR
 
 @app.command("runs")
 def runs_command(
-    runs_dir: Annotated[Path, typer.Argument(
+    runs_dir: Annotated[Path, typer.Argument(metavar="RUNS_DIR",
         help="The folder `wingspan train` wrote its runs into (its --runs-dir).")]
     = Path(RUNS_DIR),
     sort: Annotated[str | None, typer.Option(

@@ -41,7 +41,7 @@ T = TrainConfig  # defaults shown in --help come from the one config
 @app.command("train")
 def train_command(
     ctx: typer.Context,
-    data: Annotated[Path | None, typer.Argument(
+    data: Annotated[Path | None, typer.Argument(metavar="DATA",
         help="A folder of class folders, a CSV, or an ETHEC root (not needed with --resume).",
         show_default=False)] = None,
     level: Level = None,
