@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -633,3 +634,40 @@ def test_a_rare_below_that_takes_every_class_says_so(demo_dir, tmp_path):
     plan_labels(ensure_splits(read_dataset(demo_dir), "label", config, log=logs.append),
                 ["family", "label"], config, log=logs.append)
     assert not any("every 'label' class" in line for line in logs)
+
+
+def test_a_rare_species_merged_into_its_genus_is_answered_at_the_genus(hierarchical_run,
+                                                                         demo_dir, run_cli):
+    """--rare-below trains white_darktip as 'Chalkia (rare label)': predict answered that
+    pseudo-species with known_level 'label', a species it cannot name. It is answered at
+    the genus, whatever its unknown score, and said so without a false 'score > threshold'."""
+    from wingspan.predict import answered
+
+    predictor = Predictor(hierarchical_run, workers=0)
+    merged = read_manifest(hierarchical_run / "model")["training"]["rare_classes"][
+        "white_darktip"]
+    branch = [("family", "Pieridae", 0.9), ("genus", "Chalkia", 0.8), ("label", merged, 0.7)]
+    assert answered(predictor, "label", branch, merged) == ("genus", "Chalkia")
+    assert answered(predictor, "family", branch, merged) == ("family", "Pieridae")
+    other = [*branch[:2], ("label", "azure_spotwing", 0.7)]
+    assert answered(predictor, "label", other, "azure_spotwing") == ("label", "azure_spotwing")
+    # Every image, with the unknown threshold out of the way: those whose branch ends in
+    # the merged class are answered at the genus, any other at the species.
+    used = predictor.unknown.thresholds[predictor.unknown_score]
+    used.update(dict.fromkeys(used, float("inf")))
+    images = [str(p) for p in sorted(demo_dir.rglob("*.jpg"))]
+    rows = predict(predictor, images, progress=False).rows
+    ends = [dict((lv, c) for lv, c, _ in r["taxonomy"]) for r in rows]
+    assert any(e["label"] == merged for e in ends)  # (the tiny model's favourite, here)
+    for row, end in zip(rows, ends, strict=True):
+        level = "genus" if end["label"] == merged else "label"
+        assert (row["known_level"], row["answer"]) == (level, end[level])
+    # The command says the species are not learnt apart, not that a score was too high.
+    code, out, err = run_cli("predict", hierarchical_run,
+                             *[p for p, e in zip(images, ends, strict=True)
+                               if e["label"] == merged][:3])
+    said = " ".join(out.split())
+    assert code == 0, err
+    assert "Chalkia (genus)" in said and "species not learnt" in said, said
+    for score, limit in re.findall(r"unknown score ([\d.]+) > ([\d.]+)", said):
+        assert float(score) > float(limit), said  # said only where it is so

@@ -116,7 +116,7 @@ def _answer(predictor: Predictor, x: torch.Tensor) -> tuple[str, str]:
     """(what predict answers for this view, the finest class the map is drawn for): the
     top-down branch's class for a taxonomy model, and "unknown" or a coarser class where
     the unknown scores say so, as `wingspan predict` does."""
-    from wingspan.predict import answer_at, taxonomy_path
+    from wingspan.predict import answered, taxonomy_path
 
     outputs, scores = predictor.forward_with_scores(x[None])
     probs = torch.softmax(outputs[predictor.level][0] / predictor.temperature, 0).numpy()
@@ -125,7 +125,7 @@ def _answer(predictor: Predictor, x: torch.Tensor) -> tuple[str, str]:
     top = branch[-1][1] if branch else predictor.classes[int(probs.argmax())]
     known = predictor.known_level({lv: float(s[0]) for lv, s in scores.items()}
                                   if scores else None)
-    return answer_at(known, branch, top, predictor.level), top
+    return answered(predictor, known, branch, top)[1], top
 
 
 def _unique_name(path: Path, taken: set[str], shared: set[str] = frozenset()) -> str:

@@ -210,6 +210,11 @@ class Predictor:
         return self.unknown.scores(features, logits, self.unknown_score,
                                    branch_logits=branch_logits)
 
+    @property
+    def merged(self) -> set[str]:
+        """The classes `--rare-below` made of rare species, each named after their genus."""
+        return set(self.rare.values())
+
     def known_level(self, scores: dict[str, float] | None) -> str | None:
         """The finest level an image's scores pass (all levels when there are none)."""
         if scores is None:

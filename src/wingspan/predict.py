@@ -186,12 +186,21 @@ def answer_at(known_level: str | None, branch: list[tuple[str, str, float]],
         top_class if known_level == finest else UNKNOWN)
 
 
+def answered(predictor: Predictor, known_level: str | None,
+             branch: list[tuple[str, str, float]], top_class: str) -> tuple[str | None, str]:
+    """(the level the answer is given at, the answer): the level the unknown scores pass
+    (`known_level`), or the one above when the branch ends in rare species that
+    `--rare-below` merged into their genus, whose species the model cannot name."""
+    if known_level == predictor.level and len(branch) > 1 and branch[-1][1] in predictor.merged:
+        known_level = branch[-2][0]
+    return known_level, answer_at(known_level, branch, top_class, predictor.level)
+
+
 def answer(predictor: Predictor, p: Prediction, row: dict) -> dict:
     """What to tell the user: the class at the finest level the image is known at, else
     "unknown"; with the score and the threshold it met."""
-    return {"answer": answer_at(p.known_level, row.get("taxonomy", []), row["top"][0][0],
-                                predictor.level),
-            "known_level": p.known_level, **deciding_score(predictor, p.unknown)}
+    level, said = answered(predictor, p.known_level, row.get("taxonomy", []), row["top"][0][0])
+    return {"answer": said, "known_level": level, **deciding_score(predictor, p.unknown)}
 
 
 def deciding_score(predictor: Predictor, scores: dict[str, float] | None) -> dict:

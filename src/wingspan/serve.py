@@ -45,7 +45,7 @@ from wingspan.config import ServeLimits
 from wingspan.data.images import max_pixels
 from wingspan.errors import WingspanError, counted, first_line, some
 from wingspan.inference import Predictor
-from wingspan.predict import answer_at, deciding_score, taxonomy_path
+from wingspan.predict import answered, deciding_score, taxonomy_path
 
 
 class _Batcher:
@@ -429,9 +429,8 @@ def _answer(predictor: Predictor, name: str | None, outputs: dict[str, np.ndarra
         answer["branch"] = [{"level": lv, "class": c, "probability": p} for lv, c, p in branch]
     # The class at the finest level the image passes the unknown threshold at, else
     # "unknown"; the closest class stays in `top`.
-    known = predictor.known_level(scores)
-    answer["answer"] = answer_at(known, branch, predictor.classes[order[0]], predictor.level)
-    answer["known_level"] = known
+    answer["known_level"], answer["answer"] = answered(
+        predictor, predictor.known_level(scores), branch, predictor.classes[order[0]])
     answer.update(deciding_score(predictor, scores))
     return answer
 

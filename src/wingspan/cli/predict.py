@@ -95,8 +95,11 @@ def predict_command(
             at = f" at {row['score_level']}" if hierarchical else ""
             if row["known_level"]:  # the probability of the class answered, at its level
                 p = next(q for lv, _, q in row["taxonomy"] if lv == row["known_level"])
-            score, limit = apart(row["unknown_score"], row["threshold"])
-            detail = f"closest: {best}; unknown score {score} > {limit}{at}; " + detail
+            if _stopped(row):
+                score, limit = apart(row["unknown_score"], row["threshold"])
+                detail = f"closest: {best}; unknown score {score} > {limit}{at}; " + detail
+            else:  # a --rare-below class: rare species the model learnt as their genus
+                detail = f"closest: {best}, species not learnt apart; " + detail
             best = f"[yellow]{plain(row['answer'])}[/]{level}"
         else:
             best = plain(best)
@@ -117,7 +120,8 @@ def predict_command(
         out.print(f"Wrote {plain(output)}")
     # (by the level known, not the answer's text: a class may be named "unknown")
     unknown = sum(r["known_level"] is None for r in result.rows)
-    coarser = sum(r.get("known_level") not in (None, predictor.level) for r in result.rows)
+    coarser = sum(r.get("known_level") not in (None, predictor.level) and _stopped(r)
+                  for r in result.rows)
     if unknown or coarser:
         out.print(f"{counted(unknown, 'image is', 'images are')} unlike the classes the "
                   "model knows"
@@ -237,3 +241,9 @@ def export_command(
               f"{', '.join(unknown['outputs'].values())}, thresholds in the metadata{own}."
               if unknown else "No unknown score (the model has none): it always names a class."
               " `wingspan calibrate RUN --unknown` fits them.")
+
+
+def _stopped(row: dict) -> bool:
+    """Whether the unknown threshold stopped this answer above the finest level (not a
+    --rare-below class, which is answered at its genus whatever its score)."""
+    return row.get("unknown_score", 0.0) > row.get("threshold", float("inf"))

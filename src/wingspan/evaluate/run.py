@@ -50,7 +50,7 @@ from wingspan.inference import (
     view_probabilities,
 )
 from wingspan.models.bundle import update_manifest
-from wingspan.predict import answer_at, deciding_score, expand_paths, taxonomy_path
+from wingspan.predict import answered, deciding_score, expand_paths, taxonomy_path
 from wingspan.training.folder import (
     HISTORY_FILE,
     SPLITS_FILE,
@@ -151,7 +151,10 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
         read = [preds[i] for i in ok]  # the readable images' predictions, in y's order
         named = None  # which images the answer gives a class (the rest: "unknown")
         if predictor.unknown is not None:
-            named = np.array([p.known_level == predictor.level for p in read])
+            # (a --rare-below class, rare species merged into their genus, is named at
+            # the genus: its species is not)
+            merged = np.isin(y_pred, [i for i, c in enumerate(classes) if c in predictor.merged])
+            named = np.array([p.known_level == predictor.level for p in read]) & ~merged
             metrics["answers"] = _answers(predictor, read, named, y, y_pred)
         table = per_class_table(y, y_pred, classes, truth_only)
         _write_csv(table, out_dir / "per_class.csv", index=False)
@@ -369,6 +372,9 @@ def _answers(predictor: Predictor, preds: list, named: np.ndarray, y: np.ndarray
     truth = {lv: taxonomy.parents[lv][y] for lv in taxonomy.levels}  # y: finest indices
     depth = {lv: i for i, lv in enumerate(taxonomy.levels)}
     reach = np.array([depth.get(p.known_level, -1) for p in preds])
+    merged = np.isin(branch[taxonomy.finest], [i for i, c in enumerate(
+        taxonomy.classes[taxonomy.finest]) if c in predictor.merged])
+    reach[merged & (reach == depth[taxonomy.finest])] -= 1  # named at the genus (answered)
     by_level = {lv: _answer_figures(reach >= depth[lv], truth[lv] == branch[lv])
                 for lv in taxonomy.levels}
     return {"score": predictor.unknown_score, "rate": predictor.unknown.rate,
@@ -510,8 +516,8 @@ def _named(predictor: Predictor, p) -> str:
     """What predict answers for `p`."""
     branch = (taxonomy_path(predictor.taxonomy, p.probs, predictor.temperature)
               if predictor.taxonomy else [])
-    return answer_at(p.known_level, branch, predictor.classes[int(p.probs.argmax())],
-                     predictor.level)
+    return answered(predictor, p.known_level, branch,
+                    predictor.classes[int(p.probs.argmax())])[1]
 
 
 MARKER = ".wingspan-evaluation"  # in every evaluation folder: only such a folder is replaced
