@@ -916,3 +916,22 @@ def test_a_model_written_again_by_resume_says_a_later_calibration_is_lost(run, t
     manifest = read_manifest(copy / "model")
     assert manifest["calibration"]["temperature"] == pytest.approx(trained)
     assert "fitted_by" not in manifest["unknown"]
+
+
+def test_a_runs_files_it_may_not_read_are_said_as_the_cli_says_them(run, monkeypatch):
+    """run.metrics and run.history raised a bare PermissionError where the methods raise
+    the CLI's words."""
+    import errno
+
+    import pandas as pd
+
+    def refused(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", "metrics.json")
+
+    monkeypatch.setattr(Path, "read_text", refused)
+    with pytest.raises(WingspanError, match="Permission denied: metrics.json"):
+        _ = run.metrics
+    monkeypatch.undo()
+    monkeypatch.setattr(pd, "read_csv", refused)
+    with pytest.raises(WingspanError, match="Permission denied"):
+        _ = run.history

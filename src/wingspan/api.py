@@ -685,7 +685,8 @@ class Run:
         model before adapting: what adapting did is in its adapt.json."""
         if self.dir and (self.dir / "metrics.json").is_file():
             try:
-                return json.loads((self.dir / "metrics.json").read_text())
+                with _os_errors_said():  # (a permission: the CLI's words, as methods say it)
+                    return json.loads((self.dir / "metrics.json").read_text())
             except json.JSONDecodeError as e:
                 raise WingspanError(
                     f"{self.dir / 'metrics.json'} is damaged: not valid JSON ({e}).",
@@ -702,7 +703,8 @@ class Run:
             raise WingspanError(f"{self.dir} has no history.csv: it is no run folder, or its "
                                 "run has not finished an epoch.",
                                 hint="`ws.runs()` lists the runs and where each stopped.")
-        return read_history(self.dir)
+        with _os_errors_said():
+            return read_history(self.dir)
 
     @property
     def classes(self) -> list[str]:
@@ -728,7 +730,8 @@ class Run:
         from wingspan.evaluate.plots import plot_curves
 
         kept = self.metrics.get("best") if (self.bundle / "manifest.json").is_file() else None
-        return Image(plot_curves(self.history, self._run_file("curves.png"), kept))
+        with _os_errors_said():  # (a read-only run folder)
+            return Image(plot_curves(self.history, self._run_file("curves.png"), kept))
 
     @_keywords_checked
     def evaluate(self, data: str | Path | None = None, split: str | None = None,
