@@ -4,7 +4,6 @@ text, paths as shown, configs whose errors name the options typed, the data read
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 
 import typer
@@ -13,6 +12,7 @@ from rich.markup import escape
 
 from wingspan.config import ReadConfig, SettingError
 from wingspan.errors import WingspanError
+from wingspan.files import check_writable
 
 # Results on stdout; progress bars and errors on stderr. soft_wrap: a long line is left for
 # the terminal to wrap, so a path printed in it copies whole (rich would break it in two).
@@ -67,15 +67,8 @@ def check_output_file(path: Path, suffixes: tuple[str, ...]) -> None:
     existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
     if existing != path.absolute() and not existing.is_dir():
         raise WingspanError(f"--output {path}: {existing} is a file, not a folder.")
-    folder = existing if existing.is_dir() else existing.parent
-    try:  # a file made and removed: os.access says yes to root in /proc or a read-only mount
-        probe = folder / f".{path.name}.{os.getpid()}.probe"
-        probe.open("w").close()
-        probe.unlink()
-    except OSError as e:
-        raise WingspanError(f"--output {path}: {folder} cannot be written to "
-                            f"({e.strerror or e}).",
-                            hint="Write somewhere you have write access.") from e
+    check_writable(existing if existing.is_dir() else existing.parent,
+                   f"--output {path} goes there", hint="Write somewhere you have write access.")
 
 
 def read_data(data: Path, format: str | None, group_regex: str | None, strict: bool,
