@@ -55,6 +55,17 @@ def test_any_timm_name_passes_through_and_unknown_names_are_explained():
         get_spec("resnet18.a1_in1kk")
 
 
+@pytest.mark.parametrize("typed, meant", [("vit_tiny_patch16", "vit_tiny_patch16_224"),
+                                          ("efficientnet_lite", "efficientnet_lite0"),
+                                          ("resnt50", "resnet50"), ("ResNet50", "resnet50"),
+                                          ("convnext_atoo", "convnext_atto")])
+def test_a_mistyped_backbone_is_answered_with_the_name_meant(typed, meant):
+    with pytest.raises(WingspanError) as raised:
+        get_spec(typed)
+    similar = raised.value.hint.split("(similar: ")[1].rstrip(").").split(", ")
+    assert meant in similar[:3], similar
+
+
 @pytest.mark.parametrize("name", ["resnet18", "efficientnet_lite0"])
 def test_unfreezing_last_stages_changes_exactly_those_parameters(name):
     model, _ = create_classifier(name, {"label": 2}, weights="none")

@@ -7,6 +7,7 @@ checkpoint names, preprocessing that matches those weights, a default for fine-t
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 
 import timm
@@ -71,6 +72,16 @@ for _spec in [
     register_backbone(_spec)
 
 
+def similar_names(name: str, n: int = 6) -> list[str]:
+    """What a mistyped backbone most likely meant: names it begins (vit_tiny_patch16 ->
+    vit_tiny_patch16_224), then the closest spellings (resnt50, ResNet50 -> resnet50);
+    registered names first, as the ones with offline weights and tuned defaults."""
+    key = name.split(".")[0].lower()
+    names = list(BACKBONES) + [m for m in timm.list_models() if m not in BACKBONES]
+    begun = [m for m in names if m.startswith(key)]
+    return list(dict.fromkeys(begun[:n] + difflib.get_close_matches(key, names, n=n)))[:n]
+
+
 def get_spec(name: str) -> BackboneSpec:
     """The registered entry, or one made for any model timm knows."""
     if name in BACKBONES:
@@ -86,7 +97,7 @@ def get_spec(name: str) -> BackboneSpec:
                     hint=f"{arch}'s pretrained tags: "
                     + (", ".join(timm.list_pretrained(f"{arch}.*")) or "none") + ".") from e
         return BackboneSpec(name, name, description="timm model")
-    close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:8]
+    close = similar_names(name)
     raise WingspanError(
         f"Unknown backbone '{name}'.",
         hint=f"Registered: {', '.join(BACKBONES)}. Any timm model name works too"
