@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from helpers import chromium_path
@@ -16,6 +17,7 @@ from test_bad_input import _bomb
 from test_train import tiny
 
 from wingspan.data import read_dataset
+from wingspan.errors import WingspanError
 from wingspan.serve import ServeLimits, create_app, serving_in_background
 from wingspan.training import train
 
@@ -105,6 +107,31 @@ def test_bad_uploads_get_a_4xx_and_the_server_goes_on(client, tmp_path, name, da
     assert "<_io." not in r.json()["error"]  # named as uploaded, not as a Python object
     assert client.post("/predict", files=[("files", ("ok.jpg", _jpeg(), "image/jpeg"))]
                        ).status_code == 200
+
+
+@pytest.mark.parametrize("kind", ["JPEG", "PNG", "GIF", "WebP", "BMP"])
+def test_an_image_cut_within_its_header_is_cut_short_at_every_byte(kind):
+    """Pillow does not identify some cuts (a JPEG at a segment marker, a GIF in its
+    palette): each is still the image it began as, cut short (422), never 'not an image'
+    (415), and the library says the same."""
+    from fastapi import HTTPException
+
+    from wingspan.data.images import open_rgb
+    from wingspan.serve import _decode
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), np.uint8)).save(
+        buffer, kind)
+    whole = buffer.getvalue()
+    for n in range(5 if kind != "WebP" else 12, min(len(whole), 900)):
+        try:
+            _decode("cut", whole[:n])
+        except HTTPException as e:
+            assert e.status_code == 422 and ("cut short" in e.detail
+                                             or "truncated" in e.detail), (n, e.detail)
+        with pytest.raises(WingspanError) as said:
+            open_rgb(io.BytesIO(whole[:n]), name="cut")
+        assert "whatever its name says" not in said.value.message, (n, said.value.message)
 
 
 def test_a_jpeg_over_the_budget_even_reduced_is_413(client, monkeypatch):

@@ -378,6 +378,7 @@ def _quantize(graph: bytes, bundle: Path, spec: InputSpec, levels: list[str],
             "(lower by more than 1 point, or than 1 image on fewer than 100); nothing was "
             "written.", hint="Use the fp32 export (without --quantize).")
     figures.update(val_top1_int8=tried[weights], weights=weights,
+                   val_answers_changed=float((answers(probs) != answers(fp32_probs)).mean()),
                    refused={k: v for k, v in tried.items() if k != weights},
                    # (the fp32 graph's agreement with PyTorch is `checked`'s, before it)
                    max_abs_probability_difference_vs_fp32=float(

@@ -230,17 +230,22 @@ def open_rgb(path: str | Path | BinaryIO, draft: int | None = None,
     except UnidentifiedImageError as e:  # Pillow's words name the file again, and no format
         empty = isinstance(path, (str, Path)) and _empty(path)  # a download cut short
         kind = None if empty else _unread_kind(path)
+        cut = None if empty or kind else _cut_short(path)
         raise WingspanError(
             f"Cannot read image {name}: " + ("the file is empty (0 bytes)." if empty else
-            f"{kind}." if kind else
-            "it is not a JPEG, PNG, TIFF, WebP, GIF or BMP image, whatever its name says."),
+            f"{kind}." if kind else f"a {cut} cut short or damaged within its header." if cut
+            else "it is not a JPEG, PNG, TIFF, WebP, GIF or BMP image, whatever its name says."),
             hint="Convert it to JPEG or PNG." if kind else
             "Replace or delete the file; `wingspan data inspect` lists all such files.",
         ) from e
     except (OSError, SyntaxError, ValueError,
             Image.DecompressionBombError) as e:  # the last: Pillow's own limit, past the header
+        damaged = not isinstance(e, Image.DecompressionBombError) and getattr(
+            e, "errno", None) is None  # Pillow's words ("cannot load this image"), no system's
         raise WingspanError(
-            f"Cannot read image {name}: {e}",
+            f"Cannot read image {name}: {e}" + (
+                " (the file is cut short or damaged)" if damaged and "truncated" not in str(e)
+                else ""),
             hint="Replace or delete the file; `wingspan data inspect` lists all such files.",
         ) from e
 
@@ -265,17 +270,37 @@ _UNREAD_KINDS = ((b"II*\x00", 0, "a TIFF of a kind that cannot be read here (flo
                  (b"ftyphevc", 4, "a HEIC photo, which cannot be read here"))
 
 
-def _unread_kind(path: str | Path | BinaryIO) -> str | None:
+# The first bytes of the formats Pillow reads. Pillow does not identify one that stops
+# within its header at some bytes (a JPEG at a segment marker, a GIF within its palette):
+# such a file is said to be cut short, not "no image whatever its name says".
+_READ_SIGNATURES = ((b"\xff\xd8\xff", 0, "JPEG"), (b"\x89PNG", 0, "PNG"), (b"GIF8", 0, "GIF"),
+                    (b"WEBP", 8, "WebP"), (b"BM", 0, "BMP"))
+
+
+def _head(path: str | Path | BinaryIO) -> bytes:
     try:
         if isinstance(path, (str, Path)):
             with open(path, "rb") as f:
-                head = f.read(16)
-        else:
-            path.seek(0)
-            head = path.read(16)
+                return f.read(16)
+        path.seek(0)
+        return path.read(16)
     except OSError:
-        return None
+        return b""
+
+
+def _unread_kind(path: str | Path | BinaryIO) -> str | None:
+    head = _head(path)
     return next((kind for magic, at, kind in _UNREAD_KINDS
+                 if head[at:at + len(magic)] == magic), None)
+
+
+def _cut_short(path: str | Path | BinaryIO) -> str | None:
+    """The format of a file Pillow did not identify that begins as one it reads (a
+    download stopped within the header), else None."""
+    head = _head(path)
+    if head[8:12] == b"WEBP" and head[:4] != b"RIFF":
+        return None
+    return next((name for magic, at, name in _READ_SIGNATURES
                  if head[at:at + len(magic)] == magic), None)
 
 
@@ -322,7 +347,9 @@ def image_facts(path: str, budget: int | None = None) -> ImageFacts:
             im.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
             Image.DecompressionBombError) as e:
+        cut = isinstance(e, UnidentifiedImageError) and _cut_short(path)
         facts.error = str(e) if not isinstance(e, UnidentifiedImageError) else (
             "the file is empty (0 bytes)" if _empty(path)  # as decoding says it
+            else f"a {cut} cut short or damaged within its header" if cut
             else "not an image (unrecognised format)")
     return facts
