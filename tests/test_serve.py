@@ -67,6 +67,8 @@ def test_health_model_and_a_good_image(client, run_dir):
     assert (answer["unknown_score"] <= answer["threshold"]) == (answer["known_level"] == "label")
     assert r.json()["latency_ms"] > 0
     assert client.get("/docs").status_code == 200
+    # HEAD, as uptime monitors probe: answered as GET is, without the body
+    assert [client.head(u).status_code for u in ("/", "/health")] == [200, 200]
 
 
 @pytest.mark.parametrize("name, data, status, message", [
@@ -202,6 +204,8 @@ def test_every_error_is_json_with_an_error_key(run_dir, client):
     assert r.status_code == 415 and r.json()["error"].startswith(
         "None of the 2 files could be read: bad.jpg: ")
     assert "cut.jpg" in r.json()["error"] and client.get("/health").json()["in_flight"] == 0
+    assert ".;" not in r.json()["error"] and "says; Cannot read image cut.jpg" in r.json()[
+        "error"]
 
 
 def test_concurrent_requests_are_batched(run_dir):
@@ -272,6 +276,7 @@ def test_a_timed_out_explanation_keeps_its_place_until_its_thread_ends(run_dir, 
         for r in (client.post("/explain", files=photo),
                   client.post("/predict", files=[("files", ("a.jpg", _jpeg(), "image/jpeg"))])):
             assert r.status_code == 429 and "Too many requests" in r.json()["error"]
+            assert r.headers["retry-after"] == "1"  # what clients' retry logic waits for
         release.set()
         for _ in range(100):  # the thread ends, and its place is given back
             if client.get("/health").json()["in_flight"] == 0:

@@ -221,7 +221,8 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
             return JSONResponse({"error": f"{e.detail[:-1]} in its form parser; at most "
                                           f"{limits.max_files} files in one request."},
                                 status_code=413)
-        return JSONResponse({"error": e.detail}, status_code=e.status_code)
+        return JSONResponse({"error": e.detail}, status_code=e.status_code,
+                            headers=getattr(e, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_as_json(request: Request, e: RequestValidationError):
@@ -237,11 +238,13 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
 
     page = (Path(__file__).parent / "serve_page.html").read_text(encoding="utf-8")
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    # HEAD too: uptime monitors probe with it (a GET route alone answers HEAD with 405)
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse,
+                   include_in_schema=False)
     def index() -> str:
         return page
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     def health() -> dict:
         return {"status": "ok", "in_flight": in_flight["n"]}
 
@@ -265,7 +268,9 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
         """A request counted in flight (429 past the limit) and answered 504 past the
         time limit, whichever endpoint it is."""
         if in_flight["n"] >= limits.max_in_flight:
-            raise HTTPException(429, "Too many requests in flight; try again shortly.")
+            # Retry-After: what clients' retry logic (urllib3's Retry, say) waits for
+            raise HTTPException(429, "Too many requests in flight; try again shortly.",
+                                headers={"Retry-After": "1"})
         in_flight["n"] += 1
         try:
             yield
@@ -344,10 +349,10 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
             raise
         failed = [a for a in answers if "error" in a]
         if failed and len(failed) == len(answers):
-            what = "; ".join(a["error"] for a in failed[:3]) + ("; ..." if len(failed) > 3
-                                                               else "")
-            raise HTTPException(failed[0]["status"], what if len(failed) == 1 else
-                                f"None of the {len(failed)} files could be read: {what}")
+            what = "; ".join(a["error"].rstrip(".") for a in failed[:3]) + (
+                "; ..." if len(failed) > 3 else "")
+            raise HTTPException(failed[0]["status"], failed[0]["error"] if len(failed) == 1
+                                else f"None of the {len(failed)} files could be read: {what}.")
         return answers
 
     async def _one(upload: UploadFile) -> dict:
