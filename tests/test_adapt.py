@@ -116,3 +116,25 @@ def test_adapting_again_without_out_keeps_the_earlier_adapted_run(tmp_path):
     (tmp_path / "leeds-adapted-2" / "adapt.json").write_text("{}")
     (tmp_path / "leeds-adapted-3").write_text("a file")
     assert default_out(run) == tmp_path / "leeds-adapted-4"
+
+
+def test_two_adapts_at_once_each_keep_their_own_run(tmp_path):
+    """Two `wingspan adapt RUN ...` started together both chose RUN-adapted (the name is
+    taken only once written) and the later replaced the other. The folder is now held by
+    a lock beside it from the start: the second takes the next name, and an --out that
+    another adapt is writing is refused."""
+    from wingspan.training.adapt import _claim
+    from wingspan.training.folder import hold_lock, release_lock
+
+    run = tmp_path / "leeds"
+    run.mkdir()
+    assert hold_lock(tmp_path, ".leeds-adapted.lock", again=False)  # the first adapt
+    try:
+        assert _claim(None, run) == tmp_path / "leeds-adapted-2"
+        with pytest.raises(WingspanError, match="Another `wingspan adapt` is writing"):
+            _claim(tmp_path / "leeds-adapted", run)
+    finally:
+        release_lock(tmp_path, ".leeds-adapted.lock")
+        release_lock(tmp_path, ".leeds-adapted-2.lock")
+    assert _claim(None, run) == tmp_path / "leeds-adapted"  # free again once it ends
+    release_lock(tmp_path, ".leeds-adapted.lock")

@@ -250,6 +250,17 @@ def real_paths(paths) -> list[str]:
     return [unicodedata.normalize("NFC", p) for p in real]
 
 
+def replace_folder(partial: Path, final: Path) -> None:
+    """`partial`, written whole, takes the place of `final` (renames, not copies): at every
+    moment one of the two is at `final`, the earlier until the later is in place."""
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(partial, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def make_folder(path: str | Path) -> Path:
     """`mkdir -p`, or a WingspanError naming the file that stands where a folder must go
     (not a FileExistsError or NotADirectoryError from deep inside)."""

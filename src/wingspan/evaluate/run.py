@@ -41,7 +41,7 @@ from wingspan.evaluate.metrics import (
 )
 from wingspan.evaluate.openset import openset_metrics, separation
 from wingspan.evaluate.report import write_report
-from wingspan.files import atomic_path, check_writable, real_paths, write_text
+from wingspan.files import atomic_path, check_writable, real_paths, replace_folder, write_text
 from wingspan.inference import (
     Predictor,
     output_home,
@@ -258,7 +258,7 @@ def _default_out(predictor: Predictor, dataset: Dataset, split: str, data, tta: 
 @contextlib.contextmanager
 def _writing(final: Path):
     """The folder to write the evaluation in: one beside `final`, moved in place when the
-    block ends (`_put_in_place`). A failed evaluation removes it, and one killed outright
+    block ends (`replace_folder`). A failed evaluation removes it, and one killed outright
     (SIGKILL) leaves it: the previous results stay whole, never half of both. A lock file
     beside it keeps a second evaluation into `final` (the same command twice at once)
     from writing in the same folder: it is refused while this one runs."""
@@ -277,7 +277,7 @@ def _writing(final: Path):
                                       "next\n")
         try:
             yield out_dir
-            _put_in_place(out_dir, final)
+            replace_folder(out_dir, final)
         except BaseException:
             shutil.rmtree(out_dir, ignore_errors=True)
             raise
@@ -537,16 +537,6 @@ def _check_out_dir(final: Path) -> None:
         raise WingspanError(f"--out {final} already holds files that are not an evaluation's; "
                             "the evaluation replaces its folder whole.",
                             hint="Give a new or empty folder, or an earlier evaluation's.")
-
-
-def _put_in_place(partial: Path, final: Path) -> None:
-    """The finished folder replaces the previous results (renames, not copies)."""
-    old = final.with_name(f".{final.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(partial, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _per_level(predictor: Predictor, rows: pd.DataFrame, probs: np.ndarray, preds: list,

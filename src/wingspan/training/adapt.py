@@ -40,7 +40,7 @@ from wingspan.data.samples import PATH, SPLIT
 from wingspan.errors import WingspanError, none_read
 from wingspan.evaluate.calibration import calibration_record, softmax
 from wingspan.evaluate.own_images import own_images, run_folder
-from wingspan.files import real_paths, write_text
+from wingspan.files import real_paths, replace_folder, write_text
 from wingspan.inference import Predictor
 from wingspan.models import save_bundle
 from wingspan.models.unknown import UnknownDetector
@@ -51,6 +51,8 @@ from wingspan.training.folder import (
     HISTORY_FILE,
     SPLITS_FILE,
     adapted_photos,
+    hold_lock,
+    release_lock,
 )
 
 # Files of the run folder that hold for the adapted run too: the data, the settings and
@@ -129,7 +131,8 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
                             "a linear head.",
                             hint="Train it again without `hidden` in its --config file (a "
                                  "linear head, the default) to adapt it.")
-    out = _check_out(Path(out) if out else default_out(run_dir), run_dir)
+    if out:  # a wrong --out is said before the photos are looked for
+        _check_out(Path(out), run_dir)
     # A path that is no image (a HEIC from a phone, a typo) is skipped and named, as
     # predict does; only when nothing is left is it an error.
     paths, missing = expand_paths([str(p) for p in photos])
@@ -137,6 +140,17 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
         raise WingspanError("Cannot read: " + "; ".join(f"{p} ({why})" for p, why in missing)
                             if missing else f"No image files among {', '.join(photos)}.",
                             hint="Give image files, folders of images or globs.")
+    out = _claim(Path(out) if out else None, run_dir)
+    try:
+        return _adapt_into(out, predictor, run_dir, paths, missing, config, progress, seed)
+    finally:
+        release_lock(out.parent, f".{out.name}.lock")
+
+
+def _adapt_into(out: Path, predictor: Predictor, run_dir: Path, paths: list[str],
+                missing: list[tuple[str, str]], config: AdaptConfig, progress: bool,
+                seed: int) -> dict:
+    purpose = "adapting refits the head on"
 
     manifest, levels = predictor.manifest, predictor.model.levels
     preds = list(predictor.run(paths, progress=progress, with_features=True))
@@ -243,8 +257,8 @@ def _write_run(out: Path, run_dir: Path, predictor: Predictor, summary: dict,
                calibration: dict, unknown: UnknownDetector | None, photos: list[str]) -> bool:
     """The adapted run: the run's kept files, the new bundle, adapt.json and the photos it
     adapted on. Written beside `out` and renamed into place, so that a killed adapt leaves
-    no half a run; an earlier adapted run there is replaced whole (returns whether one
-    was)."""
+    no half a run; an earlier adapted run there is replaced whole, and stays until the
+    new one takes its place (returns whether one was)."""
     manifest = predictor.manifest
     partial = out.with_name(f".{out.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -265,9 +279,7 @@ def _write_run(out: Path, run_dir: Path, predictor: Predictor, summary: dict,
     every = dict.fromkeys([*adapted_photos(run_dir), *real_paths(photos)])
     pd.DataFrame({PATH: list(every)}).to_csv(partial / ADAPT_PHOTOS_FILE, index=False)
     replaced = out.exists()  # an earlier adapted run (see _check_out)
-    if replaced:
-        shutil.rmtree(out)
-    partial.rename(out)
+    replace_folder(partial, out)
     return replaced
 
 
@@ -277,15 +289,31 @@ def _test_paths(run_dir: Path) -> list[str]:
     return table.loc[table[SPLIT] == "test", PATH].tolist()
 
 
-def default_out(run_dir: Path) -> Path:
+def default_out(run_dir: Path, taken: tuple[Path, ...] = ()) -> Path:
     """RUN-adapted, or RUN-adapted-2, -3... when taken, as train numbers a taken run name:
     adapting to a second place keeps the first adapted run (only an --out that names an
-    earlier adapted run replaces it)."""
+    earlier adapted run replaces it). `taken`: names another adapt is writing now."""
     base = run_dir.with_name(run_dir.name + "-adapted")
     path, n = base, 2
-    while path.exists() and not (path.is_dir() and not any(path.iterdir())):
+    while path in taken or path.exists() and not (path.is_dir() and not any(path.iterdir())):
         path, n = base.with_name(f"{base.name}-{n}"), n + 1
     return path
+
+
+def _claim(out: Path | None, run_dir: Path) -> Path:
+    """The adapted run's folder (`_check_out`), held by a lock file beside it until adapt
+    ends: an adapt into a folder another one is writing is refused, and one into the
+    default folder takes the next name (two at once each keep their own run)."""
+    taken: tuple[Path, ...] = ()
+    while True:
+        path = _check_out(out or default_out(run_dir, taken), run_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if hold_lock(path.parent, f".{path.name}.lock", again=False):
+            return path
+        if out:
+            raise WingspanError(f"Another `wingspan adapt` is writing {path} now.",
+                                hint="Wait for it to finish, or give another --out.")
+        taken += (path,)
 
 
 def _check_out(out: Path, run_dir: Path) -> Path:
