@@ -849,9 +849,23 @@ def test_adapt_warns_when_the_photos_are_the_runs_own_val_images(trained, tmp_pa
     # (here the run's own data given as other data: its test split was "fair" before).
     assert pd.read_csv(tmp_path / "a" / "adapt-photos.csv")["path"].size == 8
     for data in (None, shared_data_or_demo[0]):
-        fair = evaluate(tmp_path / "a", data, split="test", progress=False, workers=0, plots=False,
-                        out=tmp_path / f"ev-{data is None}").metrics["fair"]
-        assert fair.startswith("no: `wingspan adapt` refitted this model on 3 of these "), fair
+        split = "test" if data is None or (data / "splits.csv").is_file() else "all"  # demo
+        fair = evaluate(tmp_path / "a", data, split=split, progress=False, workers=0,
+                        plots=False, out=tmp_path / f"ev-{data is None}").metrics["fair"]
+        among = 3 if split == "test" else 8  # (all of the demo's images: val's too)
+        assert fair.startswith(f"no: `wingspan adapt` refitted this model on {among} of these "
+                               ), fair
+    # Sorted into class folders by hand to label them (copies, under other names), beside
+    # a photo adapt never saw: still optimistic (they were called fair).
+    labelled = tmp_path / "labelled"
+    rows = splits[splits.path.isin(test + splits[splits.split == "train"].path.head(1).tolist())]
+    for i, (path, label) in enumerate(zip(rows.path, rows.label, strict=True)):
+        (labelled / label).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, labelled / label / f"sorted-{i}{Path(path).suffix}")
+    fair = evaluate(tmp_path / "a", labelled, split="all", progress=False, workers=0,
+                    plots=False, out=tmp_path / "ev-labelled").metrics["fair"]
+    assert fair.startswith("no: `wingspan adapt` refitted this model on 3 of these 4 images "
+                           "(as unlabelled photos; 3 of them as copies in another place)"), fair
 
 
 def test_unknown_images_may_sit_under_a_known_genus_but_not_a_known_species(tmp_path):

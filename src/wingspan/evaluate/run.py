@@ -55,6 +55,7 @@ from wingspan.training.folder import (
     HISTORY_FILE,
     SPLITS_FILE,
     adapted_photos,
+    adapted_sums,
     hold_lock,
     read_history,
     release_lock,
@@ -993,6 +994,20 @@ def _copies_of_own(evaluated: set[str], seen: dict[str, str], own_root: str | No
     return found
 
 
+def _copies_of_adapted(paths: set[str], sums: dict[int, set[str]]) -> int:
+    """How many of `paths` hold the same bytes as a photo `wingspan adapt` refitted on
+    (`sums`, adapted_sums'): sizes first, so only files of a photo's size are read."""
+    from wingspan.data.leaks import content_hashes
+
+    sizes = {}
+    for path in sorted(paths):
+        with contextlib.suppress(OSError):
+            if (size := os.path.getsize(path)) in sums:
+                sizes[path] = size
+    return sum(h in sums[size] for size, h in zip(sizes.values(), content_hashes(list(sizes)),
+                                                  strict=True))
+
+
 def _folder_of(root: str | Path) -> Path:
     """The folder a dataset's paths are below: a CSV's own folder (its paths are relative
     to it), else the root itself."""
@@ -1011,12 +1026,14 @@ def _fairness(manifest: dict, split: str, data, paths: list[str],
     nor (`groups`, on the run's own data) another photo of a specimen or observation it
     trained or chose on."""
     evaluated = set(real_paths(paths))
-    among = len(evaluated.intersection(adapted))
+    copies = _copies_of_adapted(evaluated.difference(adapted), adapted_sums(run_dir))
+    among = len(evaluated.intersection(adapted)) + copies
     adapted_on = among or (data is None and split == "test" and manifest.get(
         "training", {}).get("adapted", {}).get("test_images_among_photos"))
     if adapted_on:  # (before the list was kept, the count of the run's own test images)
         return (f"no: `wingspan adapt` refitted this model on {adapted_on} of these "
-                + (f"{len(evaluated)} " if among else "") + "images (as unlabelled photos), "
+                + (f"{len(evaluated)} " if among else "") + "images (as unlabelled photos"
+                + (f"; {copies} of them as copies in another place" if copies else "") + "), "
                 "so these figures are optimistic: evaluate it on photos that were not given "
                 "to adapt")
     if own is None:

@@ -24,7 +24,9 @@ One process does it all (like calibrate): it runs the backbone once per image.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -36,6 +38,7 @@ from sklearn.semi_supervised import LabelSpreading
 
 from wingspan.config import AdaptConfig
 from wingspan.data import read_dataset
+from wingspan.data.leaks import content_hashes
 from wingspan.data.samples import PATH, SPLIT
 from wingspan.errors import WingspanError, none_read
 from wingspan.evaluate.calibration import calibration_record, softmax
@@ -276,8 +279,18 @@ def _write_run(out: Path, run_dir: Path, predictor: Predictor, summary: dict,
     write_text(partial / "adapt.json", json.dumps(summary, indent=2))
     # An adapted run adapted again: the first photos shaped it too (the first refit head
     # picked the classes of these), so its evaluations must not call them fair either.
-    every = dict.fromkeys([*adapted_photos(run_dir), *real_paths(photos)])
-    pd.DataFrame({PATH: list(every)}).to_csv(partial / ADAPT_PHOTOS_FILE, index=False)
+    every = list(dict.fromkeys([*adapted_photos(run_dir), *real_paths(photos)]))
+    # With each photo's size and bytes' sha256: evaluate finds copies of them by these.
+    earlier = {}
+    if (run_dir / ADAPT_PHOTOS_FILE).is_file():  # the first photos', should they be gone
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            table = pd.read_csv(run_dir / ADAPT_PHOTOS_FILE, dtype=str).fillna("")
+            earlier = dict(zip(table[PATH], zip(table["bytes"], table["sha256"],
+                                                strict=True), strict=True))
+    sums = [(str(os.path.getsize(p)), h) if h else earlier.get(p, ("", ""))
+            for p, h in zip(every, content_hashes(every), strict=True)]
+    pd.DataFrame({PATH: every, "bytes": [b for b, _ in sums], "sha256": [h for _, h in sums]}
+                 ).to_csv(partial / ADAPT_PHOTOS_FILE, index=False)
     replaced = out.exists()  # an earlier adapted run (see _check_out)
     replace_folder(partial, out)
     return replaced
