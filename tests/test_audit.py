@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 
 import numpy as np
+import pandas as pd
+import torch
 from PIL import Image
 
 from wingspan.config import DemoConfig
@@ -315,3 +317,30 @@ def test_a_look_alike_class_lists_each_image_with_its_closest_not_every_pair():
     assert len(pair) == 1 and {pair["path_a"].iloc[0], pair["path_b"].iloc[0]} == {
         "/d/60.jpg", "/d/61.jpg"}
     assert len(found) == len(look) + 1
+
+
+def test_photos_of_one_observation_share_a_fold_so_a_wrong_label_of_all_is_found():
+    """--group-regex was read but the folds ignored it: a whole observation filed under the
+    wrong class (3 photos, near copies) had its other photos in the training folds, which
+    vouched for the wrong label. With the groups kept in one fold, the class the features
+    say is the one suspected."""
+    from wingspan.config import AuditConfig
+    from wingspan.data.audit import label_issues
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(2, 512)) * 0.25  # a few photos span the space (as 1280-d
+    # features of a small set): the head can learn a near copy's wrong label from the others
+    rows, feats = [], []
+    for obs in range(60):
+        cls = obs % 2
+        label = ["a", "b"][1 - cls] if obs in (0, 1) else ["a", "b"][cls]  # 2 filed wrongly
+        base = centres[cls] + rng.normal(size=512)
+        for k in range(3):
+            rows.append({"path": f"obs_{obs}_{k}.jpg", "group": f"obs_{obs}", "split": "",
+                         "label": label})
+            feats.append(base + 0.1 * rng.normal(size=512))
+    table = pd.DataFrame(rows)
+    ranked = label_issues(table, torch.tensor(np.array(feats), dtype=torch.float32), "label",
+                          AuditConfig())
+    wrong = ranked[ranked.path.str.match(r"obs_[01]_")]
+    assert (wrong["rank"] <= 6).all() and (wrong.suspected != wrong.label).all(), wrong

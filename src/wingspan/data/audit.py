@@ -29,7 +29,7 @@ import torch
 
 from wingspan.config import AuditConfig, default_cache_dir
 from wingspan.data.images import budget_key, max_pixels, open_rgb
-from wingspan.data.samples import PATH, SPLIT, Dataset
+from wingspan.data.samples import GROUP, PATH, SPLIT, Dataset
 from wingspan.errors import WingspanError, counted
 from wingspan.files import FileArrays, atomic_paths
 from wingspan.progress import status, track
@@ -259,7 +259,9 @@ def label_issues(table: pd.DataFrame, features: torch.Tensor, level: str,
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.model_selection import PredefinedSplit, StratifiedKFold, cross_val_predict
+
+    from wingspan.data.split import stratified_group_folds
 
     classes = sorted(table[level].unique())
     y = table[level].map({c: i for i, c in enumerate(classes)}).to_numpy()
@@ -271,8 +273,15 @@ def label_issues(table: pd.DataFrame, features: torch.Tensor, level: str,
     head = LogisticRegression(C=config.c, max_iter=2000)
     with warnings.catch_warnings():  # "least populated class has only 2 members": meant
         warnings.filterwarnings("ignore", message="The least populated class")
-        probs = cross_val_predict(head, x, y, method="predict_proba", cv=StratifiedKFold(
-            folds, shuffle=True, random_state=config.seed))
+        # Photos of one specimen or observation (--group-regex) stay in one fold: its
+        # other photos, in the training folds, would vouch for a wrong label of all.
+        # (StratifiedGroupKFold's folds, as `data split` computes them: faster)
+        groups = table[GROUP].astype(str).to_numpy()
+        cv = (PredefinedSplit(stratified_group_folds(y, groups, min(folds, len(set(groups))),
+                                                     config.seed))
+              if len(set(groups)) < len(groups) else
+              StratifiedKFold(folds, shuffle=True, random_state=config.seed))
+        probs = cross_val_predict(head, x, y, method="predict_proba", cv=cv)
     quality = get_label_quality_scores(y, probs)
     flagged = np.zeros(len(y), dtype=bool)
     flagged[find_label_issues(y, probs, return_indices_ranked_by="self_confidence")] = True
