@@ -730,6 +730,10 @@ def test_adapt_writes_a_new_run_and_leaves_the_run_as_it_was(trained, tmp_path, 
     # The adapted run is a run: it evaluates and predicts.
     result = evaluate(out, split="val", progress=False, workers=0, plots=False)
     assert result.metrics["accuracy"] == pytest.approx(summary["val_accuracy"])
+    # Its report says it was adapted, and whose curves and epochs it shows.
+    page = " ".join((result.out_dir / "report.html").read_text().split())
+    assert f"from {trained.resolve()} on {n + 2} unlabelled photos: its backbone, the " \
+           "training epochs and the training curves below are that run&#x27;s" in page, page
     preds = list(Predictor(out, workers=0).run([str(p) for p in photos.iterdir()],
                                                progress=False))
     assert sum(p.error != "" for p in preds) == 2  # (the broken one and the HEIC)

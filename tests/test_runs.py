@@ -61,7 +61,8 @@ def runs_dir(finished, tmp_path):
     adapted = _copy(finished, runs / "adapted")  # as `wingspan adapt` writes one: no
     (adapted / "metrics.json").unlink()  # metrics of its own, its adapt.json instead,
     shutil.rmtree(adapted / "evaluation-test")  # and no evaluation until it is evaluated
-    (adapted / "adapt.json").write_text(json.dumps({"photos": 3}))
+    (adapted / "adapt.json").write_text(json.dumps({"photos": 3, "adapted_from": str(
+        runs / "finished")}))
     (runs / "leftover").mkdir()
     shutil.copy(finished / "splits.csv", runs / "leftover" / "splits.csv")
     (runs / "leftover" / ".lock").touch()
@@ -141,7 +142,7 @@ def test_runs_frame_lists_each_run_with_values_from_its_files(runs_dir, finished
     assert set(rows) == {"seed0", "[red]seed1", "torn", "stopped", "adapted",
                          "leftover"}  # no others
     assert {n: (r["status"], r["detail"]) for n, r in rows.items()} == {
-        "adapted": ("done (adapted)", None), "seed0": ("done", None),
+        "adapted": ("done (adapted)", "from finished on 3 photos"), "seed0": ("done", None),
         "[red]seed1": ("done", None),
         "stopped": ("stopped (resumable)", _stopped_after(finished)),
         "torn": ("damaged", "metrics.json is not valid JSON (line 1, column 10)"),
@@ -337,7 +338,7 @@ def test_runs_command_table_and_outputs(run_cli, runs_dir, finished, tmp_path, m
     assert code == 0, err
     cells = _cells(out)
     assert [c[:2] for c in cells] == [
-        ["[red]seed1", "done"], ["adapted", "done (adapted)"],
+        ["[red]seed1", "done"], ["adapted", "done (adapted): from finished on 3 photos"],
         ["leftover", "left over: killed while set up"],
         ["seed0", "done"],
         ["stopped", f"stopped {_stopped_after(finished)} (resumable)"],

@@ -156,8 +156,11 @@ def _read_run(run_dir: Path, row: dict) -> None:
     if row["image_size"] is None and isinstance(preprocessing, dict):  # the backbone's own
         row["image_size"] = preprocessing.get("input_size")  # as the bundle records it
     if (run_dir / "adapt.json").is_file():  # a copy: created when adapted, not trained
-        _read(run_dir, "adapt.json")  # (metrics.json stays with the run it was made from:
-        row.update(status=ADAPTED, created=_stamp(run_dir / "adapt.json"),  # no val figure)
+        adapted = _read(run_dir, "adapt.json")  # (metrics.json stays with the run it was
+        # made from: no val figure)
+        row.update(status=ADAPTED, created=_stamp(run_dir / "adapt.json"),
+                   detail=f"from {Path(str(adapted.get('adapted_from', '?'))).name} on "
+                   f"{adapted.get('photos', '?')} photos",
                    held_out_split="test" if _has_test_split(run_dir) else None)
         if row["held_out_split"]:  # what `evaluate` of the adapted model found, if fair
             row["held_out_macro_f1"], row["held_out_evaluated"] = _held_out_figure(run_dir,

@@ -1121,6 +1121,11 @@ def _report(out_dir, name, predictor, run_dir, dataset, level, split, metrics, t
                 ("classes", len(predictor.classes)), ("evaluated split", split),
                 ("test-time augmentation", "on: each image's flips and crops averaged, as "
                  "predict --tta" if metrics.get("tta") else "off"),
+                *([("adapted", f"by `wingspan adapt` from {adapted['adapted_from']} on "
+                    f"{counted(adapted['photos'], 'unlabelled photo')}: its backbone, the "
+                    "training epochs and the training curves below are that run's, before "
+                    "adapting (adapt.json says what adapting did)")]
+                  if (adapted := training.get("adapted")) else []),
                 ("training epochs (head + fine-tune)", _epochs_run(training, train_metrics)),
                 *_kept_rows(train_metrics),
                 ("are these figures fair?", metrics["fair"])]
