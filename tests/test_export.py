@@ -410,6 +410,10 @@ def test_int8_is_written_only_within_a_point_of_fp32(run_dir, run_cli, monkeypat
     apart = np.abs(session.run(["label"], {"pixels": pixels})[0]
                    - fp32.run(["label"], {"pixels": pixels})[0]).max()
     assert figures["max_abs_probability_difference_vs_fp32"] == pytest.approx(apart, abs=1e-6)
+    # ... and on how many of them it answers another class (a better top-1 can hide many)
+    changed = (session.run(["label"], {"pixels": pixels})[0].argmax(1)
+               != fp32.run(["label"], {"pixels": pixels})[0].argmax(1)).mean()
+    assert figures["val_answers_changed"] == pytest.approx(changed)
     # The CLI says so, without the quantizer's advice to pre-process in the way.
     code, out, err = run_cli("export", run_dir, "--quantize", "int8", "--out",
                              run_dir / "q" / "cli.int8.onnx")
@@ -417,8 +421,9 @@ def test_int8_is_written_only_within_a_point_of_fp32(run_dir, run_cli, monkeypat
     assert code == 0 and "the int8 model's own, set again on its val scores" in said
     assert re.search(r"the fp32 graph, before quantizing, agrees with PyTorch within "
                      r"[\d.e-]+ on \d+ images\. int8 \(int8-7bit weights\) val top-1 [\d.]+ "
-                     r"\(fp32 [\d.]+\), probabilities within [\d.e+-]+ of fp32's on \d+ val "
-                     r"images, [\d.]+x fp32's time here", said), said
+                     r"\(fp32 [\d.]+\), another answer than fp32's on \d+ of \d+ val images, "
+                     r"probabilities within [\d.e+-]+ of fp32's, [\d.]+x fp32's time here",
+                     said), said
     assert not [r for r in caplog.records if "pre-processing" in r.getMessage()]
     import onnx
 

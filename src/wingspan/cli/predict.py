@@ -229,11 +229,15 @@ def export_command(
               + ("generated pictures (the run's val images were not found)."
                  if check.get("generated") else "images.")
               + (f" int8 ({int8['weights']} weights) val top-1 {int8['val_top1_int8']:.4f} "
-                 f"(fp32 {int8['val_top1_fp32']:.4f}), probabilities within "
-                 f"{int8['max_abs_probability_difference_vs_fp32']:.1e} of fp32's on "
-                 f"{int8['val_images']} val images, {int8['seconds_int8_vs_fp32']:.2f}x fp32's "
-                 "time here" + (" (7-bit weights cost accuracy: uint8 ones are exact, slower)"
-                                if int8['refused'] else "") if int8 else ""))
+                 f"(fp32 {int8['val_top1_fp32']:.4f}), another answer than fp32's on "
+                 f"{round(int8.get('val_answers_changed', 0) * int8['val_images'])} of "
+                 f"{int8['val_images']} val images, probabilities within "
+                 f"{int8['max_abs_probability_difference_vs_fp32']:.1e} of fp32's, "
+                 f"{int8['seconds_int8_vs_fp32']:.2f}x fp32's time here"
+                 + (" (slower: int8 pays on CPUs with VNNI or AMX)"
+                    if int8['seconds_int8_vs_fp32'] > 1 else "")
+                 + (" (7-bit weights cost accuracy: uint8 ones are exact, slower)"
+                    if int8['refused'] else "") if int8 else ""))
     own = ("; the int8 model's own, set again on its val scores (fp32's would turn away "
            f"{int8['val_unknown_share_int8']:.1%} of known val images, against the "
            f"{unknown['rate']:.1%} asked)" if "unknown_thresholds_fp32" in int8 else "")
