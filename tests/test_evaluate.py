@@ -870,6 +870,13 @@ def test_adapt_warns_when_the_photos_are_the_runs_own_val_images(trained, tmp_pa
                     plots=False, out=tmp_path / "ev-labelled").metrics["fair"]
     assert fair.startswith("no: `wingspan adapt` refitted this model on 3 of these 4 images "
                            "(as unlabelled photos; 3 of them as copies in another place)"), fair
+    # A temperature fitted on the adapted run's val split, 5 of whose images it adapted on:
+    # warned of, as one fitted on training images is.
+    code, said, err = run_cli("calibrate", tmp_path / "a", "--quiet")
+    assert code == 0, err
+    said = " ".join(said.split())
+    assert "Warning: 5 of the " in said and " images the temperature was fitted on are photos " \
+           "`wingspan adapt` refitted this model's head on" in said, said
 
 
 def test_unknown_images_may_sit_under_a_known_genus_but_not_a_known_species(tmp_path):

@@ -139,6 +139,11 @@ def calibrate_warnings(record: dict) -> list[str]:
                      "fitted on are ones the model was trained on: it is surer of those than "
                      "of new photos, so the probabilities come out too sure. Fit it on images "
                      "it never trained on (the run's val split: `wingspan calibrate RUN`).")
+    if among.get("adapted"):
+        notes.append(f"{among['adapted']} of the {record['images']} images the temperature was "
+                     "fitted on are photos `wingspan adapt` refitted this model's head on: it "
+                     "is surer of those than of new photos, so the probabilities come out too "
+                     "sure. Fit it on photos not given to adapt.")
     if among.get("test"):
         notes.append(f"{among['test']} of the {record['images']} images the temperature was "
                      "fitted on are the run's test images: their evaluation's calibration "

@@ -292,7 +292,8 @@ def _calibration_used(predictor: Predictor, split: str, data) -> dict:
     data; or other data that held some of the run's images of the split evaluated, as
     `calibrate` counted them): evaluating never changes the model."""
     fitted = predictor.manifest.get("calibration", {})
-    among = fitted.get("run_images_among") or {}
+    among = {s: n for s, n in (fitted.get("run_images_among") or {}).items()
+             if s != "adapted"}  # (the run's own splits)
     own_images = data is None and bool(among.get(split) or (split == "all" and among))
     return {"temperature": predictor.temperature, **(fitted or {"fitted_on": None}),
             "same_data_as_evaluation": own_images or _among_evaluated(
@@ -739,7 +740,7 @@ def calibrate(model: str | Path, data: str | Path | None = None, split: str | No
     y = rows["_label"].map(index).to_numpy()[ok]
     logits = np.stack([preds[i].logits for i in ok])
     among = _run_images_among(rows["path"].iloc[ok].tolist(),
-                              _own_splits(dataset, data, run_dir))
+                              _own_splits(dataset, data, run_dir), run_dir)
     calibration = {**calibration_record(logits, y, _calibration_data(split, data),
                                         answer=lambda probs: _predicted(predictor, probs, 1.0),
                                         previous=predictor.temperature),
@@ -754,15 +755,19 @@ def calibrate(model: str | Path, data: str | Path | None = None, split: str | No
     return calibration
 
 
-def _run_images_among(paths: list[str], own: pd.DataFrame | None) -> dict[str, int]:
+def _run_images_among(paths: list[str], own: pd.DataFrame | None,
+                      run_dir: Path | None = None) -> dict[str, int]:
     """How many of `paths` are the run's own images of each split (by real path, as
-    evaluate's fairness check matches them), where any are: calibrate warns of train and
-    test, and evaluate says when it scores the split a temperature was fitted on."""
-    if own is None:
-        return {}
+    evaluate's fairness check matches them), and photos `wingspan adapt` refitted it on
+    ("adapted", copies too), where any are: calibrate warns of train, test and adapted,
+    and evaluate says when it scores the split a temperature was fitted on."""
     fitted = set(real_paths(paths))
-    among = {s: len(fitted.intersection(real_paths(own.loc[own[SPLIT] == s, "path"])))
-             for s in ("train", "val", "test")}
+    photos = adapted_photos(run_dir)
+    among = {"adapted": len(fitted.intersection(photos)) + _copies_of_adapted(
+        fitted.difference(photos), adapted_sums(run_dir))}
+    if own is not None:
+        among.update({s: len(fitted.intersection(real_paths(own.loc[own[SPLIT] == s, "path"])))
+                      for s in ("train", "val", "test")})
     return {s: n for s, n in among.items() if n}
 
 
