@@ -11,6 +11,7 @@ from wingspan.cli.app import app, models_app
 from wingspan.cli.common import err, folding, out, plain
 from wingspan.cli.options import DeviceOpt, Precision, Runtime
 from wingspan.config import TrainConfig
+from wingspan.errors import counted
 
 T = TrainConfig  # defaults shown in --help come from the one config
 
@@ -71,8 +72,8 @@ def doctor_command(
         d = diagnose(backbone, image_size, batch_size, device, precision, runtime, train_step)
     m = d.machine
     table = Table(show_header=False, title="Machine", title_justify="left", box=None)
-    table.add_row("CPU", f"{m['cpu']}, {m['cores']} cores; torch uses {m['torch_threads']} "
-                  "threads")
+    table.add_row("CPU", f"{m['cpu']}, {m['cores']} cores; torch uses "
+                  f"{counted(m['torch_threads'], 'thread')}")
     table.add_row("ISA", f"{m['isa']} (torch kernels: {m['torch_isa']})")
     table.add_row("bf16 on the CPU", "native" if m["cpu_bf16"] else
                   "emulated (no AMX / AVX-512 bf16): not a candidate unless forced")
@@ -86,7 +87,7 @@ def doctor_command(
              policy.frozen_candidates, policy.left_out),
             ("Training step (fine-tuning the default stages)", policy.train,
              policy.train_candidates, policy.train_left_out)):
-        if choice is None:
+        if choice is None or (not train_step and choice is policy.train):  # not timed
             continue
         t = Table("engine", "images/s", "vs torch-fp32", "images changed", "",
                   title=f"{title}: {d.backbone} at {d.size} px, batch {d.batch_size}",
@@ -94,7 +95,8 @@ def doctor_command(
         fp32 = choice.images_per_s.get("torch-fp32")
         for e in engines:
             speed = choice.images_per_s.get(e.name)
-            status = ("[green]picked[/]" if e == choice.engine else
+            status = ("[green]picked[/]" if e == choice.engine and len(engines) > 1 else
+                      "[green]forced[/] (the only candidate)" if e == choice.engine else
                       f"[yellow]rejected: {choice.rejected[e.name]}[/]"
                       if e.name in choice.rejected else "")
             change = choice.changed.get(e.name)
@@ -105,8 +107,12 @@ def doctor_command(
             t.add_row(f"[dim]{name}[/]", "-", "-", "-", f"[dim]not a candidate: {why}[/]")
         out.print(t)
     out.print(f"Picked: {policy.describe()}")
+    forced = [f"--{k} {v}" for k, v in (("precision", precision), ("runtime", runtime))
+              if v != "auto"]
     out.print(f"Kept in {plain(d.cache)}: runs of {d.backbone} at {d.size} px, batch "
-              f"{d.batch_size} on this machine use it without timing again. Timed with weights: "
+              f"{d.batch_size}, with {counted(m['torch_threads'], 'thread')}"
+              + (f" and {' '.join(forced)}" if forced else "")
+              + f" on this machine use it without timing again. Timed with weights: "
               f"{d.weights}.")
     weights = Table("backbone", "ImageNet weights offline", title="Offline weights",
                     title_justify="left")
