@@ -149,11 +149,21 @@ def test_classes_of_a_single_image_are_left_out_of_the_label_audit_only(tmp_path
     assert "perceptual hashes within" in said
     audited = pd.read_csv(tmp_path / "out" / "audit.csv")
     assert set(audited["label"]) == {"monarch", "admiral"} and len(audited) == 7
+    # The page says so too (the console's line alone was lost with the terminal).
+    page = " ".join((tmp_path / "out" / "audit.html").read_text().split())
+    assert "Not checked: 1 class with a single image" in page and "lone" in page
     folder_dataset(tmp_path / "few", {"monarch": 4, "lone": 1})
     code, _, err = run_cli("data", "audit", tmp_path / "few", "--backbone",
                            "test_efficientnet", "--weights", "none", "--out",
-                           tmp_path / "out2", "--quiet")
+                           tmp_path / "out2", "--quiet", "--no-cache")
     assert code == 2 and "at least 2 classes with 2 images or more" in " ".join(err.split())
+    assert not (tmp_path / "out2").exists()  # refused before anything: no empty folder
+    # A wrong --device is refused whether or not the features are cached (it was not when
+    # they all were).
+    code, _, err = run_cli("data", "audit", tmp_path / "data", "--backbone",
+                           "test_efficientnet", "--weights", "none", "--out",
+                           tmp_path / "out3", "--quiet", "--device", "tpu")
+    assert code == 2 and "Unknown device 'tpu'" in err, err
 
 
 def test_an_audit_stopped_midway_leaves_the_previous_audit_whole(tmp_path, monkeypatch):

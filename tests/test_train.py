@@ -116,7 +116,7 @@ def test_a_wingspan_model_is_a_starting_point(demo_dir, tmp_path):
 
     create_classifier("test_efficientnet", {"label": 2},
                       weights=first / "model" / "model.safetensors")
-    with pytest.raises(WingspanError, match="(?s)has a test_efficientnet backbone, not "
+    with pytest.raises(WingspanError, match="(?s)has the backbone test_efficientnet, not "
                                             "test_resnet.*--backbone test_efficientnet"):
         create_classifier("test_resnet", {"label": 2}, weights=first)
     # So does a checkpoint of the run (best.pt, which the model was made from): its backbone,

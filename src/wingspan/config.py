@@ -276,8 +276,8 @@ class AuditConfig:
                self.duplicate_similarity)
         _check(self.duplicates_per_image >= 1, "duplicates_per_image", "at least 1",
                self.duplicates_per_image)
-        _check(self.batch_size >= 1 and self.gallery >= 0, "batch_size / gallery",
-               "positive", (self.batch_size, self.gallery))
+        _check(self.batch_size >= 1, "batch_size", "at least 1", self.batch_size)
+        _check(self.gallery >= 0, "gallery", "0 or more", self.gallery)
 
 
 @settings

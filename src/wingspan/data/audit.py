@@ -68,6 +68,7 @@ def audit_dataset(dataset: Dataset, out_dir: str | Path, level: str | None = Non
     if len(counts) < 2:
         raise WingspanError(f"An audit needs at least 2 classes at level '{level}'; "
                             f"found {len(counts)}.")
+    _check_enough_to_check(counts, level)  # before the features: said at once
     features, hashes, backbone, failed, what = image_features(table[PATH].tolist(), config,
                                                               progress)
     if strict and failed:
@@ -83,24 +84,19 @@ def audit_dataset(dataset: Dataset, out_dir: str | Path, level: str | None = Non
             f"{len(failed)} of {len(ok)} images could not be read (e.g. "
             f"{next(iter(failed), '-')}), which leaves {table[level].nunique()}.",
             hint="Fix or remove the unreadable images (`wingspan data inspect` lists them).")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     counts = table[level].value_counts()
+    _check_enough_to_check(counts, level)  # (again: unreadable images may leave fewer)
     alone = sorted(counts[counts < 2].index)
     checked = ~table[level].isin(alone).to_numpy()
-    if table.loc[checked, level].nunique() < 2:
-        raise WingspanError(
-            f"A label audit needs at least 2 classes with 2 images or more at level "
-            f"'{level}'; {len(alone)} of the {counted(len(counts), 'class', 'classes')} "
-            f"{'has' if len(alone) == 1 else 'have'} a single image.",
-            hint="Audit a coarser level (--level), or give those classes more images.")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)  # (only now: a refused audit leaves none)
     # (minutes on tens of thousands of images and hundreds of classes: said while it runs)
     with status(f"Scoring the labels of {counted(int(checked.sum()), 'image')} with "
                 f"{config.folds} heads out of fold, and looking for near-duplicates", progress):
         issues = label_issues(table[checked].reset_index(drop=True), features[checked], level,
                               config)
         duplicates = near_duplicates(table, features, hashes, level, config)
-    page = gallery(issues, duplicates, level, config, what, failed)  # the slow part
+    page = gallery(issues, duplicates, level, config, what, failed, alone)  # the slow part
     paths = out_dir / "audit.csv", out_dir / "duplicates.csv", out_dir / "audit.html"
     # Replaced together: a killed or failed audit leaves the previous audit's three files,
     # never new tables beside an old page (but for a kill between the renames: see
@@ -110,6 +106,18 @@ def audit_dataset(dataset: Dataset, out_dir: str | Path, level: str | None = Non
         duplicates.to_csv(dup_tmp, index=False)
         page_tmp.write_text(page, encoding="utf-8")
     return AuditResult(issues, duplicates, *paths, backbone, alone, failed)
+
+
+def _check_enough_to_check(counts: pd.Series, level: str) -> None:
+    """A label is checked by heads trained on its class's other images: at least 2 classes
+    must have 2 or more."""
+    alone = int((counts < 2).sum())
+    if (counts >= 2).sum() < 2:
+        raise WingspanError(
+            f"A label audit needs at least 2 classes with 2 images or more at level "
+            f"'{level}'; {alone} of the {counted(len(counts), 'class', 'classes')} "
+            f"{'has' if alone == 1 else 'have'} a single image.",
+            hint="Audit a coarser level (--level), or give those classes more images.")
 
 
 def fold_count(labels: pd.Series, config: AuditConfig) -> int:
@@ -173,8 +181,8 @@ def image_features(paths: list[str], config: AuditConfig, progress: bool
     kept = [_split(cache.get(e)) for e in entries]
     todo = [i for i, k in enumerate(kept) if k is None]
     failed: dict[str, str] = {}
+    policy = resolve_policy(config.device)  # a wrong --device is said, cached or not
     if todo:
-        policy = resolve_policy(config.device)
         policy.prepare_model(model)
         policy = policy.choose_frozen(model, pre.input_size, config.batch_size,
                                       progress=progress)
@@ -372,7 +380,7 @@ STYLE = """body{font:14px/1.4 system-ui,sans-serif;margin:2em auto;max-width:120
 
 
 def gallery(issues: pd.DataFrame, duplicates: pd.DataFrame, level: str, config: AuditConfig,
-            features: str, failed: dict[str, str]) -> str:
+            features: str, failed: dict[str, str], alone: list[str] = ()) -> str:
     """audit.html: a self-contained page (thumbnails embedded) of the most suspect labels,
     then the near-duplicate pairs."""
     e = html.escape
@@ -410,7 +418,10 @@ def gallery(issues: pd.DataFrame, duplicates: pd.DataFrame, level: str, config: 
         f"{flagged} images as likely mislabelled. Below, the "
         f"{min(config.gallery, len(issues))} lowest label qualities (the label's "
         "out-of-fold probability): check these first.</p>"
-        f"<div class='g'>{''.join(cards)}</div>"
+        + (f"<p class='s'>Not checked: {counted(len(alone), 'class', 'classes')} with a "
+           f"single image, which no head could learn from its other images (a misspelt "
+           f"class folder, say): {e(', '.join(alone))}.</p>" if alone else "")
+        + f"<div class='g'>{''.join(cards)}</div>"
         f"<h2>Near-duplicates (perceptual hashes at most {config.hash_distance} bits apart, "
         f"or feature cosine similarity at least {config.duplicate_similarity}): "
         f"{len(duplicates)} pairs in {duplicates['group'].nunique()} groups, "

@@ -269,8 +269,8 @@ def _model_backbone(model: tuple[Path, dict], spec: BackboneSpec) -> LoadedWeigh
     theirs = manifest["model"]["backbone"]
     if theirs != spec.name:
         raise WingspanError(
-            f"The model {path} has a {theirs} backbone, not {spec.name}.",
-            hint=f"Train with --backbone {theirs} to start from it.")
+            f"The model {path} has the backbone {theirs}, not {spec.name}.",
+            hint=f"Give --backbone {theirs} to start from it.")
     net, _ = load_bundle(path)
     state = {k.removeprefix(BACKBONE_PREFIX): v for k, v in net.state_dict().items()
              if k.startswith(BACKBONE_PREFIX)}
