@@ -421,3 +421,17 @@ def test_two_processes_train_with_frozen_passes_on_onnx_runtime(demo_dir, tmp_pa
     model, _ = load_bundle(run_dir / "model")
     out = model.eval()(torch.randn(2, 3, 32, 32))["label"]
     assert out.shape[0] == 2 and torch.isfinite(out).all()
+
+
+def test_lightnings_mixed_precision_line_is_not_printed(caplog):
+    """`train -q` printed Lightning's "Using bfloat16 Automatic Mixed Precision (AMP)": the
+    run's own engine line says the precision."""
+    import logging
+
+    from wingspan.parallel import Processes
+
+    with caplog.at_level(logging.INFO):
+        Processes(device="cpu").fabric("bf16")
+    assert not [r for r in caplog.records if "Mixed Precision" in r.getMessage()]
+    said = logging.getLogger("lightning_fabric.utilities.rank_zero")
+    assert not said.filters  # (taken away again)

@@ -21,6 +21,7 @@ on any number of processes and a checkpoint resumes on another number.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -34,6 +35,17 @@ from wingspan.errors import WingspanError
 # Our precision names -> Fabric's for the training step.
 FABRIC_PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
 STRATEGIES = ("auto", "ddp")
+
+
+class _Dropped(logging.Filter):
+    """Drops the log records that hold `words`."""
+
+    def __init__(self, words: str):
+        super().__init__()
+        self.words = words
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.words not in record.getMessage()
 
 
 @dataclass(frozen=True)
@@ -65,12 +77,17 @@ class Processes:
                 raise WingspanError(f"--device {self.device} names one GPU, but --devices is "
                                     f"{devices}.", hint="Use --device cuda with --devices N.")
             devices = [which]
+        said = logging.getLogger("lightning_fabric.utilities.rank_zero")
+        amp = _Dropped("Automatic Mixed Precision")  # the run's engine line says it, -q too
+        said.addFilter(amp)
         try:
             fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=nodes,
                             strategy=self.strategy, precision=FABRIC_PRECISION[precision])
         except (ValueError, RuntimeError) as e:  # e.g. more devices than the machine has
             raise WingspanError(f"Cannot run on {self.describe()}: {e}",
                                 hint="Check --device, --devices and --nodes.") from e
+        finally:
+            said.removeFilter(amp)
         _check_launchable(fabric)
         fabric.launch()
         return fabric

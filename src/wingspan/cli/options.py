@@ -40,8 +40,8 @@ def check_folder(value: Path | None) -> Path | None:
 OutDir = Annotated[Path | None, typer.Option(
     "--out", callback=check_folder, help="Output folder (default: runs/data/<dataset name>).")]
 Quiet = Annotated[bool, typer.Option(
-    "--quiet", "-q", help="No progress (bars, each epoch's line); what the figures lack is "
-    "still said.")]
+    "--quiet", "-q", help="No progress bars or step-by-step lines (train's line per epoch); "
+    "what the figures lack is still said.")]
 Runtime = Annotated[str, typer.Option(
     help="Engine for passes with frozen weights: auto (the fastest, measured once per model "
     "and machine; see `wingspan doctor`) | torch | onnx. $WINGSPAN_RUNTIME sets auto.")]
