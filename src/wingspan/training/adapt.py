@@ -24,7 +24,6 @@ One process does it all (like calibrate): it runs the backbone once per image.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -53,6 +52,7 @@ from wingspan.training.folder import (
     CONFIG_FILE,
     HISTORY_FILE,
     SPLITS_FILE,
+    adapt_photo_rows,
     adapted_photos,
     hold_lock,
     release_lock,
@@ -63,6 +63,7 @@ from wingspan.training.folder import (
 # describe the model before adapting, so they stay behind).
 KEPT = (CONFIG_FILE, SPLITS_FILE, HISTORY_FILE)
 SETTINGS = ("neighbours", "spreading", "confidence", "rounds", "c")  # kept in adapt.json
+PURPOSE = "adapting refits the head on"  # (said where the run's own images are missing)
 NEVER = -1e4  # the bias of a class the fit never saw: its logit never wins
 
 
@@ -126,8 +127,7 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
     config = config or AdaptConfig()
     predictor = Predictor(model, device=config.device, batch_size=config.batch_size,
                           workers=workers, progress=progress)
-    purpose = "adapting refits the head on"
-    run_dir = run_folder(predictor, purpose)  # before anything is computed
+    run_dir = run_folder(predictor, PURPOSE)  # before anything is computed
     head = predictor.model.head
     if head.config.hidden:
         raise WingspanError("This model's head has a hidden layer; `wingspan adapt` refits "
@@ -153,7 +153,6 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
 def _adapt_into(out: Path, predictor: Predictor, run_dir: Path, paths: list[str],
                 missing: list[tuple[str, str]], config: AdaptConfig, progress: bool,
                 seed: int) -> dict:
-    purpose = "adapting refits the head on"
 
     manifest, levels = predictor.manifest, predictor.model.levels
     preds = list(predictor.run(paths, progress=progress, with_features=True))
@@ -162,7 +161,7 @@ def _adapt_into(out: Path, predictor: Predictor, run_dir: Path, paths: list[str]
         raise WingspanError(none_read(len(paths), "photo",
                                       example=f"{preds[0].path}: {preds[0].error}"))
     x_photos = np.stack([preds[i].features for i in ok]).astype(np.float64)
-    features = own_images(predictor, purpose, per_class=True, seed=seed, progress=progress)
+    features = own_images(predictor, PURPOSE, per_class=True, seed=seed, progress=progress)
     train, val = features["train"], features["val"]
     x_train, x_val = train.features.astype(np.float64), val.features.astype(np.float64)
 
@@ -281,12 +280,8 @@ def _write_run(out: Path, run_dir: Path, predictor: Predictor, summary: dict,
     # picked the classes of these), so its evaluations must not call them fair either.
     every = list(dict.fromkeys([*adapted_photos(run_dir), *real_paths(photos)]))
     # With each photo's size and bytes' sha256: evaluate finds copies of them by these.
-    earlier = {}
-    if (run_dir / ADAPT_PHOTOS_FILE).is_file():  # the first photos', should they be gone
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            table = pd.read_csv(run_dir / ADAPT_PHOTOS_FILE, dtype=str).fillna("")
-            earlier = dict(zip(table[PATH], zip(table["bytes"], table["sha256"],
-                                                strict=True), strict=True))
+    earlier = {row["path"]: (row.get("bytes") or "", row.get("sha256") or "")  # the first
+               for row in adapt_photo_rows(run_dir)}  # photos', should they be gone now
     sums = [(str(os.path.getsize(p)), h) if h else earlier.get(p, ("", ""))
             for p, h in zip(every, content_hashes(every), strict=True)]
     pd.DataFrame({PATH: every, "bytes": [b for b, _ in sums], "sha256": [h for _, h in sums]}

@@ -73,7 +73,7 @@ def stopped_by(run_dir: Path) -> str | None:
 def adapted_photos(run_dir: Path | None) -> list[str]:
     """The photos `wingspan adapt` refitted this run's head on, as real paths (none for a
     run not adapted, or adapted before the list was kept)."""
-    return [row["path"] for row in _adapt_rows(run_dir)]
+    return [row["path"] for row in adapt_photo_rows(run_dir)]
 
 
 def adapted_sums(run_dir: Path | None) -> dict[int, set[str]]:
@@ -81,13 +81,14 @@ def adapted_sums(run_dir: Path | None) -> dict[int, set[str]]:
     of one (sorted into class folders to label them, say) is found by its bytes. None for
     photos listed before these were kept, or gone when adapt ran again."""
     sums: dict[int, set[str]] = {}
-    for row in _adapt_rows(run_dir):
+    for row in adapt_photo_rows(run_dir):
         if row.get("sha256") and (row.get("bytes") or "").isdigit():
             sums.setdefault(int(row["bytes"]), set()).add(row["sha256"])
     return sums
 
 
-def _adapt_rows(run_dir: Path | None) -> list[dict[str, str]]:
+def adapt_photo_rows(run_dir: Path | None) -> list[dict[str, str]]:
+    """adapt-photos.csv's rows (path, and bytes and sha256 where kept); none if unreadable."""
     photos = run_dir / ADAPT_PHOTOS_FILE if run_dir else None
     if not photos or not photos.is_file():
         return []
