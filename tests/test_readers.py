@@ -746,6 +746,19 @@ def test_phone_and_camera_photos_that_cannot_be_read_are_named_as_such(tmp_path)
            "them to JPEG)" in said["iphone"].message
 
 
+def test_predict_says_the_links_in_a_folder_it_does_not_follow(tmp_path):
+    """A link to nothing (a photo on a disk not mounted) and one up the tree in a folder
+    given to predict were dropped without a word."""
+    folder_dataset(tmp_path / "photos", {"monarch": 2})
+    (tmp_path / "photos" / "monarch" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (tmp_path / "photos" / "monarch" / "loop").symlink_to(tmp_path)  # above the folder
+    found, missing = expand_paths([str(tmp_path / "photos")])
+    assert len(found) == 2
+    said = {os.path.basename(p): why for p, why in missing}
+    assert said.keys() == {"gone.jpg", "loop"}
+    assert "a link to nothing" in said["gone.jpg"] and "a folder above it" in said["loop"]
+
+
 def test_class_folders_that_differ_only_in_case_are_pointed_out(tmp_path):
     folder_dataset(tmp_path, {"admiral": 2, "Admiral": 1, "monarch": 1})
     ds = read_dataset(tmp_path)

@@ -54,10 +54,11 @@ def expand_paths(inputs: list[str], places: list[int] | None = None
     def images_in(folder: str) -> list[str]:  # as training's reader finds them
         problems = []
         images = sorted(images_under(Path(folder), problems))
-        # (a phone's HEIC photos in the folder, or a subfolder it may not list: skipped
-        # with the reason, not in silence)
+        # (a phone's HEIC photos in the folder, a subfolder it may not list, a link to
+        # nothing or up the tree: skipped with the reason, not in silence)
         for p in problems:
-            if p.kind in ("unsupported_photo", "unreadable_folder"):
+            if p.kind in ("unsupported_photo", "unreadable_folder", "missing_file",
+                          "link_not_followed"):
                 skip((p.path, p.message), len(found) + bisect.bisect_left(images, p.path))
         return images
 
