@@ -157,6 +157,23 @@ def test_evaluate_never_changes_the_model_and_calibrate_does(trained, tmp_path, 
     update_manifest(trained / "model", calibration={**new, "temperature": old})
 
 
+def test_calibrate_unknown_records_the_temperature_it_fitted_at(trained, tmp_path, run_cli):
+    """After `calibrate` (a new temperature) then `calibrate --unknown` (the scores fitted
+    again at it), the bundle's calibration still named the old one as the unknown's."""
+    from wingspan.models.bundle import update_manifest
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    calibration = read_manifest(run / "model")["calibration"]
+    update_manifest(run / "model", calibration={**calibration, "temperature": 1.7,
+                                                "unknown_temperature": 0.3})
+    code, _, err = run_cli("calibrate", run, "--unknown", "--quiet")
+    assert code == 0, err
+    manifest = read_manifest(run / "model")
+    assert manifest["calibration"]["unknown_temperature"] == pytest.approx(1.7)
+    assert manifest["unknown"]["temperature"] == pytest.approx(1.7)
+
+
 def test_the_report_says_when_the_rule_of_succession_set_the_temperature(trained, tmp_path):
     from wingspan.evaluate.calibration import calibration_record
     from wingspan.models.bundle import update_manifest

@@ -838,10 +838,13 @@ def fit_unknown(model: str | Path, rate: float | None = None, score: str | None 
                                    members=predictor.taxonomy.member
                                    if predictor.taxonomy else None)
     detector.fitted_by = "calibrate"
+    calibration = manifest.get("calibration")
+    if calibration and "unknown_temperature" in calibration:  # now fitted at today's
+        calibration = {**calibration, "unknown_temperature": predictor.temperature}
     save_bundle(predictor.model.cpu(), predictor.bundle, manifest["classes"],
                 taxonomy=manifest.get("taxonomy"), training=training,
                 metrics=manifest.get("metrics"), weights_source=manifest.get("weights_source"),
-                calibration=manifest.get("calibration"), unknown=detector)
+                calibration=calibration, unknown=detector)
     return {"score": score, "rate": rate, "train_images": len(parts["train"][0]),
             "val_images": len(parts["val"][0]),
             "thresholds": detector.thresholds[score]}
