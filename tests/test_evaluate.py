@@ -174,6 +174,27 @@ def test_calibrate_unknown_records_the_temperature_it_fitted_at(trained, tmp_pat
     assert manifest["unknown"]["temperature"] == pytest.approx(1.7)
 
 
+def test_calibrate_says_the_images_it_could_not_read(trained, tmp_path, run_cli):
+    """A temperature fitted on the readable images of a folder said only 'fitted on 30
+    images': the broken ones were left out in silence (evaluate names them)."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    rows = pd.read_csv(run / "splits.csv")
+    photos = tmp_path / "photos"
+    for i, (path, label) in enumerate(rows[rows.split == "val"][["path", "label"]].head(12)
+                                      .itertuples(index=False)):
+        (photos / label).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, photos / label / f"{i}.jpg")
+    (photos / label / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut")
+    code, said, err = run_cli("calibrate", run, photos, "--quiet")
+    assert code == 0, err
+    said = " ".join(said.split())
+    assert "fitted on 12 images" in said and "1 image could not be read and was left out, " \
+           f"e.g. {photos / label / 'broken.jpg'}: Cannot read image" in said, said
+    unreadable = read_manifest(run / "model")["calibration"]["unreadable"]
+    assert [p for p, _ in unreadable] == [str(photos / label / "broken.jpg")]
+
+
 def test_the_report_says_when_the_rule_of_succession_set_the_temperature(trained, tmp_path):
     from wingspan.evaluate.calibration import calibration_record
     from wingspan.models.bundle import update_manifest

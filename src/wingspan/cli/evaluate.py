@@ -233,6 +233,11 @@ def calibrate_command(
     if said := left_out_wording(c, some(c.get("unknown_classes", [])),
                                 "--map MODEL_CLASS=DATA_CLASS"):
         out.print(f"[yellow]{plain(said)}[/]")
+    if unreadable := c.get("unreadable"):
+        path, why = unreadable[0]
+        out.print(f"[yellow]{counted(len(unreadable), 'image')} could not be read and "
+                  f"{'was' if len(unreadable) == 1 else 'were'} left out, e.g. {plain(path)}: "
+                  f"{plain(why)}[/]")
     for note in calibrate_warnings(c):
         out.print(f"[yellow]Warning:[/] {escape(note)}")
 

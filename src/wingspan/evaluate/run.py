@@ -746,6 +746,9 @@ def calibrate(model: str | Path, data: str | Path | None = None, split: str | No
                                         previous=predictor.temperature),
                    **({"class_map": class_map} if class_map else {}),
                    **({"run_images_among": among} if among else {}),
+                   # left out, as evaluate leaves them out (said beside the figures)
+                   **({"unreadable": [[p.path, p.error] for p in preds if p.error]}
+                      if len(ok) < len(preds) else {}),
                    **(left_out if left_out["unknown_classes"] or "unlabelled" in left_out
                       else {}),
                    # (kept: the unknown thresholds were set on scores at that temperature)
