@@ -237,6 +237,32 @@ def test_class_weights_change_the_loss_as_computed_by_hand(demo_dir, tmp_path):
     assert not torch.isclose(loss_fn(unweighted)({"label": logits}, table), by_hand)
 
 
+def test_class_weights_do_not_pull_a_smoothed_target_toward_the_rare_classes(demo_dir,
+                                                                              tmp_path):
+    """With label smoothing, torch's weight= weighed the smoothing's term for each other
+    class by that class's weight: a common class's image was best answered with the rare
+    classes (at 0.3 on imbalanced data training collapsed). Each image's whole smoothed
+    loss is now weighed by its own class's weight: its best answer is the smoothed target,
+    whatever the weights, and the loss is computed as by hand."""
+    run = _prepared_run(demo_dir, tmp_path, label_smoothing=0.3, class_weights="balanced")
+    table = run.data.train.labels
+    labels, w = table[:, 0], run.data.class_weights["label"]
+    k = len(w)
+    assert w.max() > 1.5 * w.min()  # (the demo's classes are imbalanced)
+    criterion = loss_fn(run)
+    common = int(torch.argmin(w))  # an image of the most common class (lowest weight)
+    target = torch.full((k,), 0.3 / k)
+    target[common] += 0.7
+    logits = target.log().clone().requires_grad_(True)
+    criterion({"label": logits[None]}, torch.tensor([[common]])).backward()
+    assert logits.grad.abs().max() < 1e-5, logits.grad  # the smoothed target is the optimum
+    many = torch.randn(len(labels), k)
+    smoothed = (1 - 0.3) * torch.nn.functional.one_hot(labels, k) + 0.3 / k
+    per_image = -(smoothed * many.log_softmax(1)).sum(1)
+    by_hand = (w[labels] * per_image).sum() / w[labels].sum()
+    torch.testing.assert_close(criterion({"label": many}, table), by_hand)
+
+
 def test_class_weights_count_only_the_images_that_can_be_read(demo_dir, tmp_path):
     run = _prepared_run(demo_dir, tmp_path, class_weights="balanced")
     labels = run.data.train.labels[:, 0]
