@@ -400,3 +400,28 @@ def test_a_class_of_few_groups_keeps_one_in_train_whatever_the_folds_take():
         assert "train" not in report.missing, (seed, report.missing)
         assert set(table["label"]) == set(table[table["split"] == "train"]["label"])
         assert leaked_groups(table) == []
+
+
+def test_fractions_the_datas_own_split_leaves_unused_are_said(tmp_path):
+    """--val-fraction 0.3 --test-fraction 0.3 on split folders trained on the folders'
+    split without a word (and config.yaml kept them as if used)."""
+    from helpers import folder_dataset
+
+    from wingspan.config import TrainConfig
+    from wingspan.data import read_dataset
+    from wingspan.training.prepare import ensure_splits
+
+    folder_dataset(tmp_path / "all", {"monarch": 12, "admiral": 12})  # distinct pictures
+    for i, path in enumerate(sorted((tmp_path / "all").rglob("*.jpg"))):
+        side = ("train", "val", "test")[i % 3]
+        (tmp_path / "sf" / side / path.parent.name).mkdir(parents=True, exist_ok=True)
+        path.rename(tmp_path / "sf" / side / path.parent.name / path.name)
+    logs = []
+    config = TrainConfig(val_fraction=0.3, test_fraction=0.3, selection="val")
+    ensure_splits(read_dataset(tmp_path / "sf"), "label", config, log=logs.append)
+    assert any("--val-fraction 0.3 and --test-fraction 0.3 left unused: the data has a split "
+               "of its own" in line for line in logs), logs
+    logs.clear()
+    ensure_splits(read_dataset(tmp_path / "sf"), "label", TrainConfig(selection="val"),
+                  log=logs.append)
+    assert not any("left unused" in line for line in logs)  # defaults: nothing to say

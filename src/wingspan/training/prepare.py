@@ -74,14 +74,27 @@ def ensure_splits(dataset: Dataset, level: str, config: TrainConfig,
         return _carve_val(dataset, level, config, test=True)
     if "val" not in splits:
         log(f"The data has no val split: taking {config.val_fraction:.0%} of train for it")
+        _unused(config, ["test_fraction"], log)
         return _carve_val(dataset, level, config)
     if "test" not in splits and config.selection == "holdout":
         log(f"The data's own val split is kept apart as the test split, for a score that no "
             f"choice was made on; epochs are chosen on {config.val_fraction:.0%} of train, "
             "carved out as val (--selection val chooses on the data's val instead)")
+        _unused(config, ["test_fraction"], log)
         table = dataset.table.assign(**{SPLIT: renamed(dataset.table[SPLIT], {"val": "test"})})
         return _carve_val(dataset.with_table(table), level, config)
+    _unused(config, ["val_fraction", "test_fraction"], log)
     return dataset
+
+
+def _unused(config: TrainConfig, names: list[str], log) -> None:
+    """Says the fractions set away from their defaults that the data's own split leaves
+    unused (the run's config.yaml keeps them as given)."""
+    given = [f"--{n.replace('_', '-')} {getattr(config, n):g}" for n in names
+             if getattr(config, n) != TrainConfig.__dataclass_fields__[n].default]
+    if given:
+        log(f"Warning: {' and '.join(given)} left unused: the data has a split of its own "
+            "(`wingspan data split DATA` makes a new one with them)")
 
 
 def _carve_val(dataset: Dataset, level: str, config: TrainConfig, test: bool = False
