@@ -1028,6 +1028,10 @@ def test_config_file_and_command_line(tmp_path, run_cli, demo_dir):
     with pytest.raises(WingspanError, match="(?s)unknown settings \\['epochs_heads'\\].*"
                                             "Did you mean 'epochs_heads' -> 'epochs_head'"):
         TrainConfig.from_file(path)
+    # A key given twice (a copied line edited in one place): refused, not the last kept.
+    path.write_text("epochs_head: 2\nlr: 0.01\nepochs_head: 3\n")
+    with pytest.raises(WingspanError, match="epochs_head given twice"):
+        TrainConfig.from_file(path)
     # Names other tools use, no spelling away from ours, still find ours.
     path.write_text("learning_rate: 0.01\nbs: 8\nmodel: resnet18\n")
     code, _, err = run_cli("train", demo_dir, "--config", path, "--quiet")

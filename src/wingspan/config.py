@@ -120,6 +120,22 @@ def settings(cls=None, **options):
     return wrap if cls is None else wrap(cls)
 
 
+def _strict_loader():
+    """YAML's safe loader, refusing a key given twice (PyYAML keeps the last in silence: a
+    copied line edited in one place and not the other)."""
+    import yaml
+
+    class Strict(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+            if twice := sorted({str(k) for k in keys if keys.count(k) > 1}):
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{', '.join(twice)} given twice", node.start_mark)
+            return super().construct_mapping(node, deep=deep)
+
+    return Strict
+
+
 def _check(ok: bool, name: str, expected: str, got: object) -> None:
     if not ok:
         raise SettingError([(name, f" must be {expected}. Got {got!r} instead.")],
@@ -605,7 +621,7 @@ class TrainConfig:
         import yaml
 
         try:
-            values = yaml.safe_load(Path(path).read_bytes()) or {}
+            values = yaml.load(Path(path).read_bytes(), Loader=_strict_loader()) or {}
         except (OSError, yaml.YAMLError) as e:
             raise WingspanError(f"Cannot read the config file {path}: {e}") from e
         if not isinstance(values, dict):
