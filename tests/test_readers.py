@@ -488,6 +488,11 @@ def test_a_group_regex_with_alternatives_takes_the_group_that_matched(tmp_path):
     with pytest.raises(WingspanError, match=r"--group-regex '\^obs\(\\d\+\)' matches none "
                        r"of the 5 file names \(e.g. IMG_7.jpg\): nothing would be grouped"):
         read_dataset(tmp_path, ReadConfig(group_regex=r"^obs(\d+)"))
+    # A regex without a group whose whole match is the same for every file: one group for
+    # all, said as such (the split said "fewer than 3 independent images").
+    with pytest.raises(WingspanError, match=r"gives all 5 files the one group '\.jpg': "
+                                            r"nothing could be split(?s:.*)in parentheses"):
+        read_dataset(tmp_path, ReadConfig(group_regex=r"\.jpg$"))
 
 
 def test_a_file_listed_twice_in_a_csv(tmp_path):

@@ -142,6 +142,14 @@ def _group_keys(paths: list[str], regex: str | None) -> tuple[list[str], list[Pr
             f"(e.g. {os.path.basename(paths[0])}): nothing would be grouped.",
             hint="It is searched in each file's name (not its folders); its first group "
                  r"is the key, e.g. '_(\d+)_\d+\.' for inat_123_1.jpg.")
+    keys = {g for g, p in zip(groups, paths, strict=True) if g is not p}
+    if not pattern.groups and len(paths) > 1 and len(keys) == 1 and not problems:
+        # a whole match the same for every file ('\.jpg$'), where a group was meant
+        raise WingspanError(
+            f"--group-regex '{regex}' gives all {counted(len(paths), 'file')} the one group "
+            f"'{keys.pop()}': nothing could be split.",
+            hint="Put the part that names a specimen or observation in parentheses: its "
+                 r"first group is the key, e.g. '_(\d+)_\d+\.' for inat_123_1.jpg.")
     return groups, problems
 
 
