@@ -183,6 +183,14 @@ def test_fine_tuning_with_no_stage_unfrozen_trains_the_head_alone_and_says_so(de
     assert "Fine-tuning the head alone (--unfreeze 0); top learning rate" in log, log
 
 
+def test_an_unfreeze_beyond_the_backbones_stages_says_all_are_fine_tuned(demo_dir, tmp_path):
+    run = _prepared_run(demo_dir, tmp_path, epochs_head=0, epochs_finetune=1, unfreeze=99)
+    finetune(run)
+    log = (run.dir / "train.log").read_text()
+    stages = len(run.model.backbone.stages)
+    assert f"(all {stages} stages: --unfreeze 99 asked for more)" in log, log
+
+
 @pytest.mark.policy
 def test_feature_cache_matches_running_the_frozen_backbone(demo_dir, tmp_path):
     results = []

@@ -488,8 +488,10 @@ def finetune(run: Run) -> None:
     schedule.at(state.epoch, state.step, len(batches))  # (the resumed epoch's batches)
     if state.epoch == 0 and state.step == 0:
         run.log(f"Fine-tuning {', '.join(stages) + ' and ' if stages else ''}the head"
-                f"{'' if stages else ' alone (--unfreeze 0)'}; top learning rate {top_lr:g}, "
-                f"layer decay {config.layer_decay}")
+                f"{'' if stages else ' alone (--unfreeze 0)'}"
+                + (f" (all {len(stages)} stages: --unfreeze {n_stages} asked for more)"
+                   if n_stages > len(stages) else "")
+                + f"; top learning rate {top_lr:g}, layer decay {config.layer_decay}")
     start = time.perf_counter()
     prefix, trained = finetune_parts(run.model, run.policy, run.image_size)
     # Validation reuses the prefix's runner (frozen weights: no export per epoch) and runs
