@@ -966,7 +966,8 @@ def _fit_unknown(run: Run, val: tuple, temperature: float) -> UnknownDetector:
                f"turns away at most {rate:.0%} of the {n} known val images")
             + (f"; on new known images expect about {expected:.0%} (from "
                f"{max(expected - spread, 0):.0%} to {min(expected + spread, 1):.0%}) with so "
-               "few (more val images narrow it: --val-fraction)" if few else ""),
+               "few (more val images narrow it: --val-fraction, or the data's own val "
+               "split, where it has one)" if few else ""),
             caveat=expected > 2 * rate)
     return UnknownDetector.fit(
         feats, logits, {lv: labels[:, i] for i, lv in enumerate(levels)}, val[0], val[1],
