@@ -48,6 +48,11 @@ def test_split_command(run_cli, demo_dir, tmp_path, monkeypatch):
     assert set(ds.table["split"]) == {"train", "val", "test"}
     sampling = json.loads((tmp_path / "sampling.json").read_text())
     assert set(sampling["class_weights"]) == set(ds.table["label"])
+    # Said when train's default would leave those weights off (5 a class: within 1.5x).
+    w = sampling["class_weights"].values()
+    assert max(w) <= 1.5 * min(w)
+    assert "train leaves them off by default, its classes being within 1.5x" in \
+        " ".join(out.split())
     written = ds.table["split"].value_counts()  # what the file holds, said as such
     assert (f"So splits.csv holds train {written['train']}, val {written['val']}, test "
             f"{written['test']} rows") in " ".join(out.split())

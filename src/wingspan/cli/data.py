@@ -138,7 +138,12 @@ def print_split(result) -> None:
     out.print(f"Balanced class weights (train): {min(w.values()):.3g} to {max(w.values()):.3g} "
               f"over {counted(len(w), 'class', 'classes')}" + (
                   f" ({counted(capped, 'class')} capped at {TrainConfig.max_class_weight:g}x "
-                  "the commonest's, as train does: --max-class-weight)" if capped else ""))
+                  "the commonest's, as train does: --max-class-weight)" if capped else "")
+              # (balanced weights are inversely as the counts: their ratio is the counts')
+              + (f"; train leaves them off by default, its classes being within "
+                 f"{TrainConfig.imbalance_threshold:g}x of each other (--class-weights "
+                 "balanced)" if max(w.values()) <= TrainConfig.imbalance_threshold
+                 * min(w.values()) else ""))
     out.print(f"Wrote {plain(result.splits_csv)} and {plain(result.sampling_json)}")
 
 
