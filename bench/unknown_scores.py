@@ -119,7 +119,8 @@ def shaping_scores(predictor: Predictor, paths: list[str], train: tuple
         kept = contribution >= np.percentile(contribution, p)
         out[f"dice p{p}"] = _energy(f @ (w * kept).T + b)
     answers = train[1].argmax(1)
-    patterns = np.stack([train[0][answers == c].mean(0) for c in range(len(b))])
+    patterns = np.stack([train[0][answers == c].mean(0) if (answers == c).any()
+                         else np.zeros(train[0].shape[1]) for c in range(len(b))])
     out["she"] = -(f * patterns[logits.argmax(1)]).sum(1)
     out["energy"] = _energy(logits)
     return out
@@ -168,9 +169,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("others", type=Path, help="bench/unknown.py's not-butterflies folder")
     parser.add_argument("runs", type=Path, nargs="+")
-    parser.add_argument("--odin", action="store_true", help="ODIN (a backward pass an image)")
-    parser.add_argument("--shaping", action="store_true", help="ASH-S, SCALE, DICE, SHE")
-    parser.add_argument("--outliers", help="a glob of folders of outlier images: OE, MixOE")
+    kind = parser.add_mutually_exclusive_group()
+    kind.add_argument("--odin", action="store_true", help="ODIN (a backward pass an image)")
+    kind.add_argument("--shaping", action="store_true", help="ASH-S, SCALE, DICE, SHE")
+    kind.add_argument("--outliers", help="a glob of folders of outlier images: OE, MixOE")
     args = parser.parse_args()
     for run in args.runs:
         predictor = Predictor(run / "model", runtime="torch", precision="fp32")

@@ -354,3 +354,29 @@ def test_photos_of_one_observation_share_a_fold_so_a_wrong_label_of_all_is_found
                           AuditConfig())
     wrong = ranked[ranked.path.str.match(r"obs_[01]_")]
     assert (wrong["rank"] <= 6).all() and (wrong.suspected != wrong.label).all(), wrong
+
+
+def test_a_class_of_one_group_is_not_checked_and_all_such_is_refused(tmp_path):
+    """With groups, a class whose photos are all one observation has none in the folds that
+    score it: its images came out top with probability 0 for their label (all classes so:
+    scikit-learn's traceback). It is now left unchecked, as a class of one image is."""
+    import pytest
+    from helpers import folder_dataset
+
+    from wingspan.config import AuditConfig, ReadConfig
+    from wingspan.data import audit, read_dataset
+    from wingspan.errors import WingspanError
+
+    folder_dataset(tmp_path / "data", {"monarch": 4, "admiral": 4, "peacock": 3})
+    config = AuditConfig(backbone="test_efficientnet", weights="none", folds=2, cache=False)
+    for path in (tmp_path / "data" / "peacock").iterdir():  # one observation, 3 photos
+        path.rename(path.with_name(f"obs_7_{path.name}"))
+    grouped = read_dataset(tmp_path / "data", ReadConfig(group_regex=r"^(obs_\d+)_"))
+    result = audit.audit_dataset(grouped, tmp_path / "out", config=config, progress=False)
+    assert result.single_image_classes == ["peacock"]
+    assert "peacock" not in set(result.issues["label"])
+    # Every class one group (a site per class, say): nothing can be checked.
+    by_class = read_dataset(tmp_path / "data", ReadConfig(group_regex=r"^([a-z]+|obs)_"))
+    with pytest.raises(WingspanError, match=r"at least 2 classes with 2 images or more \(2 "
+                                            r"groups, with --group-regex\)"):
+        audit.audit_dataset(by_class, tmp_path / "out2", config=config, progress=False)

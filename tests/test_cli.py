@@ -283,11 +283,10 @@ def test_doctor_times_every_candidate_and_keeps_the_choice(run_cli, monkeypatch,
     policy = resolve_policy()
     for engine in (*policy.frozen_candidates, *policy.train_candidates):
         assert f"│ {engine.name} " in out
-    # One engine for frozen passes, one for the step: "forced" where it was the only one
-    # (the step on a CPU without fast bf16), as nothing was chosen.
+    # One engine for frozen passes, one for the step: "only candidate" where nothing was
+    # chosen (the step on a CPU without fast bf16).
     chose = sum(len(c) > 1 for c in (policy.frozen_candidates, policy.train_candidates))
-    forced = text.count("forced") - text.count("unless forced")  # (the bf16 row's words)
-    assert (out.count("picked"), forced) == (chose, 2 - chose), out
+    assert (out.count("picked"), text.count("only candidate")) == (chose, 2 - chose), out
     for name in policy.left_out:
         assert f"│ {name} " in out
     assert "efficientnet_lite0" in out and "package" in out  # the offline weights

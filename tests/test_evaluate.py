@@ -191,8 +191,10 @@ def test_calibrate_says_the_images_it_could_not_read(trained, tmp_path, run_cli)
     said = " ".join(said.split())
     assert "fitted on 12 images" in said and "1 image could not be read and was left out, " \
            f"e.g. {photos / label / 'broken.jpg'}: Cannot read image" in said, said
-    unreadable = read_manifest(run / "model")["calibration"]["unreadable"]
-    assert [p for p, _ in unreadable] == [str(photos / label / "broken.jpg")]
+    calibration = read_manifest(run / "model")["calibration"]
+    assert calibration["unreadable"] == 1
+    assert [p for p, _ in calibration["unreadable_examples"]] == [
+        str(photos / label / "broken.jpg")]
 
 
 def test_the_report_says_when_the_rule_of_succession_set_the_temperature(trained, tmp_path):

@@ -341,3 +341,33 @@ def test_real_paths_resolve_as_path_resolve_does(tmp_path, monkeypatch):
     # One name in two spellings (macOS writes the decomposed one): one file for the checks.
     composed, decomposed = "a/\u00e9t\u00e9.jpg", "a/e\u0301te\u0301.jpg"
     assert real_paths([composed]) == real_paths([decomposed])
+
+
+def test_a_folder_replaced_when_killed_between_the_renames_is_put_back(tmp_path,
+                                                                        monkeypatch):
+    """Killed after the earlier folder was moved aside and before the new one was moved in,
+    nothing stood at the folder's place, and the next replace began by removing the earlier
+    one. It is now put back first: a next replace stopped at once leaves it in place."""
+    import shutil
+
+    import pytest
+
+    from wingspan.files import replace_folder
+
+    final, old = tmp_path / "ev", tmp_path / ".ev.old"
+    old.mkdir()  # where the kill left the earlier results
+    (old / "metrics.json").write_text("earlier")
+    partial = tmp_path / ".ev.partial"
+    partial.mkdir()
+    (partial / "metrics.json").write_text("later")
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(shutil, "rmtree", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            replace_folder(partial, final)
+    assert (final / "metrics.json").read_text() == "earlier"
+    replace_folder(partial, final)
+    assert (final / "metrics.json").read_text() == "later" and not old.exists()

@@ -425,3 +425,12 @@ def test_fractions_the_datas_own_split_leaves_unused_are_said(tmp_path):
     ensure_splits(read_dataset(tmp_path / "sf"), "label", TrainConfig(selection="val"),
                   log=logs.append)
     assert not any("left unused" in line for line in logs)  # defaults: nothing to say
+    # Train folders alone, --test-fraction 0: kept as asked (no test split), not "unused".
+    logs.clear()
+    import shutil
+
+    shutil.copytree(tmp_path / "sf" / "train", tmp_path / "tr" / "train")
+    ensure_splits(read_dataset(tmp_path / "tr"), "label", TrainConfig(test_fraction=0.0),
+                  log=logs.append)
+    assert any("The data has no val split" in line for line in logs), logs
+    assert not any("left unused" in line for line in logs), logs

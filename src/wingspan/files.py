@@ -251,9 +251,12 @@ def real_paths(paths) -> list[str]:
 
 
 def replace_folder(partial: Path, final: Path) -> None:
-    """`partial`, written whole, takes the place of `final` (renames, not copies): at every
-    moment one of the two is at `final`, the earlier until the later is in place."""
+    """`partial`, written whole, takes the place of `final` (renames, not copies): the
+    earlier is moved aside, the later in, and only then the earlier removed. Killed between
+    the two renames, the earlier is put back by the next call, before anything is removed."""
     old = final.with_name(f".{final.name}.old")
+    if old.exists() and not final.exists():  # a kill between the renames: put it back
+        os.replace(old, final)
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         os.replace(final, old)

@@ -350,7 +350,7 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
         failed = [a for a in answers if "error" in a]
         if failed and len(failed) == len(answers):
             what = "; ".join(a["error"].rstrip(".") for a in failed[:3]) + (
-                "; ..." if len(failed) > 3 else "")
+                f"; and {len(failed) - 3} more" if len(failed) > 3 else "")
             raise HTTPException(failed[0]["status"], failed[0]["error"] if len(failed) == 1
                                 else f"None of the {len(failed)} files could be read: {what}.")
         return answers

@@ -96,7 +96,7 @@ def doctor_command(
         for e in engines:
             speed = choice.images_per_s.get(e.name)
             status = ("[green]picked[/]" if e == choice.engine and len(engines) > 1 else
-                      "[green]forced[/] (the only candidate)" if e == choice.engine else
+                      "[green]only candidate[/]" if e == choice.engine else
                       f"[yellow]rejected: {choice.rejected[e.name]}[/]"
                       if e.name in choice.rejected else "")
             change = choice.changed.get(e.name)

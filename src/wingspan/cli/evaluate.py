@@ -234,9 +234,9 @@ def calibrate_command(
                                 "--map MODEL_CLASS=DATA_CLASS"):
         out.print(f"[yellow]{plain(said)}[/]")
     if unreadable := c.get("unreadable"):
-        path, why = unreadable[0]
-        out.print(f"[yellow]{counted(len(unreadable), 'image')} could not be read and "
-                  f"{'was' if len(unreadable) == 1 else 'were'} left out, e.g. {plain(path)}: "
+        path, why = c["unreadable_examples"][0]
+        out.print(f"[yellow]{counted(unreadable, 'image')} could not be read and "
+                  f"{'was' if unreadable == 1 else 'were'} left out, e.g. {plain(path)}: "
                   f"{plain(why)}[/]")
     for note in calibrate_warnings(c):
         out.print(f"[yellow]Warning:[/] {escape(note)}")

@@ -68,7 +68,7 @@ def audit_dataset(dataset: Dataset, out_dir: str | Path, level: str | None = Non
     if len(counts) < 2:
         raise WingspanError(f"An audit needs at least 2 classes at level '{level}'; "
                             f"found {len(counts)}.")
-    _check_enough_to_check(counts, level)  # before the features: said at once
+    _check_enough_to_check(_independent(table, level), level)  # before the features
     features, hashes, backbone, failed, what = image_features(table[PATH].tolist(), config,
                                                               progress)
     if strict and failed:
@@ -84,7 +84,7 @@ def audit_dataset(dataset: Dataset, out_dir: str | Path, level: str | None = Non
             f"{len(failed)} of {len(ok)} images could not be read (e.g. "
             f"{next(iter(failed), '-')}), which leaves {table[level].nunique()}.",
             hint="Fix or remove the unreadable images (`wingspan data inspect` lists them).")
-    counts = table[level].value_counts()
+    counts = _independent(table, level)
     _check_enough_to_check(counts, level)  # (again: unreadable images may leave fewer)
     alone = sorted(counts[counts < 2].index)
     checked = ~table[level].isin(alone).to_numpy()
@@ -108,15 +108,22 @@ def audit_dataset(dataset: Dataset, out_dir: str | Path, level: str | None = Non
     return AuditResult(issues, duplicates, *paths, backbone, alone, failed)
 
 
+def _independent(table: pd.DataFrame, level: str) -> pd.Series:
+    """Each class's independent images: its groups (one observation's photos share a fold,
+    so a class of one observation has none of its own in the folds that score it)."""
+    return table.groupby(level)[GROUP].nunique()
+
+
 def _check_enough_to_check(counts: pd.Series, level: str) -> None:
-    """A label is checked by heads trained on its class's other images: at least 2 classes
-    must have 2 or more."""
+    """A label is checked by heads trained on its class's other images (groups): at least
+    2 classes must have 2 or more."""
     alone = int((counts < 2).sum())
     if (counts >= 2).sum() < 2:
         raise WingspanError(
-            f"A label audit needs at least 2 classes with 2 images or more at level "
-            f"'{level}'; {alone} of the {counted(len(counts), 'class', 'classes')} "
-            f"{'has' if alone == 1 else 'have'} a single image.",
+            f"A label audit needs at least 2 classes with 2 images or more (2 groups, with "
+            f"--group-regex) at level '{level}'; {alone} of the "
+            f"{counted(len(counts), 'class', 'classes')} "
+            f"{'has' if alone == 1 else 'have'} a single image (or group).",
             hint="Audit a coarser level (--level), or give those classes more images.")
 
 
@@ -419,7 +426,7 @@ def gallery(issues: pd.DataFrame, duplicates: pd.DataFrame, level: str, config: 
         f"{min(config.gallery, len(issues))} lowest label qualities (the label's "
         "out-of-fold probability): check these first.</p>"
         + (f"<p class='s'>Not checked: {counted(len(alone), 'class', 'classes')} with a "
-           f"single image, which no head could learn from its other images (a misspelt "
+           f"single image (or group), which no head could learn from its other images (a misspelt "
            f"class folder, say): {e(', '.join(alone))}.</p>" if alone else "")
         + f"<div class='g'>{''.join(cards)}</div>"
         f"<h2>Near-duplicates (perceptual hashes at most {config.hash_distance} bits apart, "

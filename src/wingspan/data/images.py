@@ -240,8 +240,8 @@ def open_rgb(path: str | Path | BinaryIO, draft: int | None = None,
         ) from e
     except (OSError, SyntaxError, ValueError,
             Image.DecompressionBombError) as e:  # the last: Pillow's own limit, past the header
-        damaged = not isinstance(e, Image.DecompressionBombError) and getattr(
-            e, "errno", None) is None  # Pillow's words ("cannot load this image"), no system's
+        damaged = any(words in str(e).lower() for words in (  # Pillow's words for damage
+            "cannot load this image", "broken data stream", "unexpected end", "corrupt"))
         raise WingspanError(
             f"Cannot read image {name}: {e}" + (
                 " (the file is cut short or damaged)" if damaged and "truncated" not in str(e)
@@ -300,6 +300,8 @@ def _cut_short(path: str | Path | BinaryIO) -> str | None:
     head = _head(path)
     if head[8:12] == b"WEBP" and head[:4] != b"RIFF":
         return None
+    if head[:2] == b"BM" and head[6:10].strip(b"\0"):  # a BMP's reserved bytes are zeros:
+        return None  # a text that begins "BM" is no BMP
     return next((name for magic, at, name in _READ_SIGNATURES
                  if head[at:at + len(magic)] == magic), None)
 

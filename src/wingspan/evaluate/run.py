@@ -747,7 +747,8 @@ def calibrate(model: str | Path, data: str | Path | None = None, split: str | No
                    **({"class_map": class_map} if class_map else {}),
                    **({"run_images_among": among} if among else {}),
                    # left out, as evaluate leaves them out (said beside the figures)
-                   **({"unreadable": [[p.path, p.error] for p in preds if p.error]}
+                   **({"unreadable": len(preds) - len(ok), "unreadable_examples": [
+                       [p.path, p.error] for p in preds if p.error][:5]}
                       if len(ok) < len(preds) else {}),
                    **(left_out if left_out["unknown_classes"] or "unlabelled" in left_out
                       else {}),
@@ -1010,6 +1011,8 @@ def _copies_of_adapted(paths: set[str], sums: dict[int, set[str]]) -> int:
     (`sums`, adapted_sums'): sizes first, so only files of a photo's size are read."""
     from wingspan.data.leaks import content_hashes
 
+    if not sums:  # a run not adapted (or adapted before the sums were kept): nothing to read
+        return 0
     sizes = {}
     for path in sorted(paths):
         with contextlib.suppress(OSError):

@@ -314,14 +314,15 @@ def _claim(out: Path | None, run_dir: Path) -> Path:
     default folder takes the next name (two at once each keep their own run)."""
     taken: tuple[Path, ...] = ()
     while True:
-        path = _check_out(out or default_out(run_dir, taken), run_dir)
+        candidate = out or default_out(run_dir, taken)
+        path = _check_out(candidate, run_dir)  # (resolved: a link is where it leads)
         path.parent.mkdir(parents=True, exist_ok=True)
         if hold_lock(path.parent, f".{path.name}.lock", again=False):
             return path
         if out:
             raise WingspanError(f"Another `wingspan adapt` is writing {path} now.",
                                 hint="Wait for it to finish, or give another --out.")
-        taken += (path,)
+        taken += (candidate,)
 
 
 def _check_out(out: Path, run_dir: Path) -> Path:

@@ -74,7 +74,8 @@ def ensure_splits(dataset: Dataset, level: str, config: TrainConfig,
         return _carve_val(dataset, level, config, test=True)
     if "val" not in splits:
         log(f"The data has no val split: taking {config.val_fraction:.0%} of train for it")
-        _unused(config, ["test_fraction"], log)
+        # (with no test split either, test_fraction is 0 here: kept, as asked)
+        _unused(config, ["test_fraction"] if "test" in splits else [], log)
         return _carve_val(dataset, level, config)
     if "test" not in splits and config.selection == "holdout":
         log(f"The data's own val split is kept apart as the test split, for a score that no "
