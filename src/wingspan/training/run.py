@@ -87,7 +87,7 @@ def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = RUNS_DIR
     level = config.level
     fabric = _processes(config).fabric()
     made = None
-    name = name or f"{dataset.name}-{config.backbone}"
+    name = f"{dataset.name}-{config.backbone}" if name is None else name  # '' is refused
     if fabric.is_global_zero:  # rank 0 names the run; the others learn its folder, or that
         try:  # it could not make one (a bad name, a folder it may not write), and stop too
             made = _new_run_dir(Path(runs_dir), name)
@@ -1019,7 +1019,7 @@ MAX_NAME_BYTES = 200
 
 
 def _new_run_dir(runs: Path, name: str) -> Path:
-    if name in ("", ".", "..") or "/" in name or os.sep in name:  # a name, not a path
+    if name in (".", "..") or "/" in name or os.sep in name:  # a name, not a path
         raise WingspanError(f"The run name '{name}' is a path; a run is named, and goes in "
                             f"--runs-dir ({runs}).", hint="Give a plain name, e.g. leeds-lite2, "
                             "and the folder with --runs-dir.")
