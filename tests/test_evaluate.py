@@ -770,6 +770,14 @@ def test_adapt_writes_a_new_run_and_leaves_the_run_as_it_was(trained, tmp_path, 
     # The adapted run is a run: it evaluates and predicts.
     result = evaluate(out, split="val", progress=False, workers=0, plots=False)
     assert result.metrics["accuracy"] == pytest.approx(summary["val_accuracy"])
+    # The server says so too.
+    from fastapi.testclient import TestClient
+
+    from wingspan.serve import ServeLimits, create_app
+
+    with TestClient(create_app(out, ServeLimits(), device="cpu")) as client:
+        adapted = client.get("/model").json()["adapted"]
+    assert adapted["adapted_from"] == str(trained.resolve()) and adapted["photos"] == n + 2
     # Its report says it was adapted, and whose curves and epochs it shows.
     page = " ".join((result.out_dir / "report.html").read_text().split())
     assert f"from {trained.resolve()} on {n + 2} unlabelled photos: its backbone, the " \

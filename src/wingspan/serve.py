@@ -258,6 +258,9 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
                 "trained": manifest.get("training", {}).get("finished") or time.strftime(
                     "%Y-%m-%d %H:%M UTC", time.gmtime(Path(predictor.bundle).stat().st_mtime)),
                 "engine": predictor.policy.describe(),
+                # an adapted run: from which run, on how many photos (its "trained" and
+                # "metrics" are that run's)
+                "adapted": manifest.get("training", {}).get("adapted"),
                 # what "unknown" in an answer means: the score, and each level's threshold
                 "unknown": ({"score": predictor.unknown_score, "rate": predictor.unknown.rate,
                              "thresholds": predictor.thresholds}
