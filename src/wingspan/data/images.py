@@ -244,8 +244,7 @@ def open_rgb(path: str | Path | BinaryIO, draft: int | None = None,
             "cannot load this image", "broken data stream", "unexpected end", "corrupt"))
         raise WingspanError(
             f"Cannot read image {name}: {e}" + (
-                " (the file is cut short or damaged)" if damaged and "truncated" not in str(e)
-                else ""),
+                " (the file is cut short or damaged)" if damaged else ""),
             hint="Replace or delete the file; `wingspan data inspect` lists all such files.",
         ) from e
 
