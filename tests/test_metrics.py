@@ -23,6 +23,7 @@ from wingspan.evaluate.metrics import (
     macro_f1,
     most_confused,
     per_class_table,
+    stratified_resamples,
 )
 
 
@@ -121,6 +122,21 @@ def test_intervals_hold_the_figure_and_narrow_with_more_images():
     assert "no resample of the images moves it" in interval_text(all_right, "macro_f1")
     assert classification_metrics(y[:1], probs_for(p[:1], y[:1], 6), list("abcdef"))[
         "interval"] is None
+
+
+def test_macro_f1_interval_is_centred_on_a_long_tail():
+    """Classes of one image, each answered wrong, stay in every resample (images are drawn
+    within their class): a resample of all images at once missed a third of them, and the
+    figure sat at the bottom of its own interval (ETHEC's long tail)."""
+    rng = np.random.default_rng(0)
+    y = np.concatenate([np.repeat(np.arange(20), 30), np.arange(20, 40)])
+    p = np.where((y < 20) & (rng.random(len(y)) < 0.9), y, rng.integers(0, 20, len(y)))
+    p[y >= 20] = rng.integers(0, 20, 20)  # every rare image wrong
+    m = classification_metrics(y, probs_for(p, y, 40), [str(c) for c in range(40)])
+    low, high = m["interval"]["macro_f1"]
+    assert 0.3 < (m["macro"]["f1"] - low) / (high - low) < 0.7, (low, m["macro"]["f1"], high)
+    rows = stratified_resamples(y, 50, rng)
+    np.testing.assert_array_equal(np.sort(y[rows], axis=1), np.tile(np.sort(y), (50, 1)))
 
 
 def test_per_level_macro_on_other_data_averages_the_classes_it_holds():
