@@ -1913,6 +1913,21 @@ def test_data_without_training_images_says_where_they_are_and_what_to_give():
     assert "train.json" in e.value.hint
 
 
+def test_classes_without_training_images_are_all_counted():
+    """The refusal named the first 10 such classes and no total (17 on a fake ETHEC), so a
+    user who mended those 10 met it again."""
+    from wingspan.training.prepare import check_classes
+
+    names = [f"s{i:02d}" for i in range(12)]
+    table = pd.DataFrame({"path": [f"{n}.jpg" for n in names] + ["t.jpg"],
+                          "label": [*names, "kept"], "split": ["val"] * 12 + ["train"]})
+    with pytest.raises(WingspanError, match=r"^12 'label' classes have no training images: "
+                       r"s00 \(only in val\), .* and 2 more"):
+        check_classes(table, "label")
+    with pytest.raises(WingspanError, match=r"^1 'label' class has no training images: s00 "):
+        check_classes(table.iloc[[0, 12]], "label")
+
+
 def test_a_full_disk_that_stops_a_run_is_the_error_said(demo_dir, tmp_path, monkeypatch):
     """A checkpoint refused by a full disk stops the run; error.txt, which says why for
     `wingspan runs`, is refused too, and that second error was the one shown ('error.txt was

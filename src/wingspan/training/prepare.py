@@ -149,8 +149,9 @@ def check_classes(table: pd.DataFrame, level: str) -> list[str]:
         where = table[table[level].isin(absent)].groupby(level)[SPLIT].agg(
             lambda s: "/".join(sorted(set(s))))
         raise WingspanError(
-            f"These '{level}' classes have no training images: "
-            + ", ".join(f"'{c}' (only in {where[c]})" for c in absent[:10]),
+            f"{counted(len(absent), f'{level!r} class')} "
+            f"{'has' if len(absent) == 1 else 'have'} no training images: "
+            + some([f"{c} (only in {where[c]})" for c in absent]),
             hint="Re-split with `wingspan data split` (rare classes go to train), or remove "
             "them from the data.")
     return sorted(train)
