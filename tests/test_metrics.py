@@ -287,6 +287,27 @@ def test_confusion_plot_for_few_and_many_classes(tmp_path, n, monkeypatch):
     assert drawn[-1].axes[0].get_title() == "70 classes, in confusion.csv's order"
 
 
+def test_class_names_with_dollars_are_drawn_as_written(tmp_path, monkeypatch):
+    """matplotlib reads "$...$" as mathematics: a folder "$\\foo$" stopped `data inspect`
+    and `evaluate` with a parse error, and "price $5-$10" was drawn as "price 5 - 10". The
+    user's own figures keep mathematics."""
+    import matplotlib
+
+    from wingspan.data.plots import plot_class_balance
+    from wingspan.explain import save_overlay
+
+    names = ["$\\foo$", "price $5-$10", "plain"]
+    drawn = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or save(fig, path))
+    cm = confusion(np.arange(3).repeat(4), np.arange(3).repeat(4), 3)
+    plots.plot_confusion(cm, names, tmp_path / "cm.png")
+    assert [t.get_text() for t in drawn[0].axes[0].get_yticklabels()] == names
+    plot_class_balance(pd.Series([5, 4, 3], index=names), "label", tmp_path / "b.png")
+    assert save_overlay(np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8)), names[0], None)
+    assert matplotlib.rcParams["text.parse_math"]
+
+
 def test_long_class_names_leave_the_confusion_matrix_its_room(tmp_path, monkeypatch):
     """Full names of ~50 characters as tick labels left the matrix ~70 px wide: they are
     cut in the middle, as the mistakes' captions are, and the matrix keeps its size."""

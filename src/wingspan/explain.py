@@ -152,6 +152,14 @@ def model_view(x: torch.Tensor, predictor: Predictor) -> np.ndarray:
 def save_overlay(pixels: np.ndarray, heatmap: np.ndarray, title: str,
                  path: Path | None) -> bytes | None:
     """The overlay as a PNG at `path`, or its bytes when `path` is None."""
+    from wingspan.plotting import literal_text
+
+    with literal_text():
+        return _overlay(pixels, heatmap, title, path)
+
+
+def _overlay(pixels: np.ndarray, heatmap: np.ndarray, title: str, path: Path | None
+             ) -> bytes | None:
     from wingspan.plotting import plt
 
     fig, ax = plt.subplots(figsize=(4, 4.3), dpi=100)

@@ -11,7 +11,15 @@ if not os.environ.get("MPLBACKEND"):
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["plt", "short_name"]
+__all__ = ["literal_text", "plt", "short_name"]
+
+# Class names are the user's folder names, and matplotlib reads "$...$" in any text as
+# mathematics: "$\foo$" stopped `data inspect` and `evaluate` with a parse error, and "price
+# $5-$10" was drawn as "price 5 - 10" in italics. Every function that draws a figure (and
+# saves it: tick labels are made as it is drawn) runs under this (`@literal_text()`), which
+# leaves the user's own figures in a notebook as they are.
+def literal_text():
+    return matplotlib.rc_context({"text.parse_math": False})
 
 
 def short_name(name: str, most: int = 34) -> str:

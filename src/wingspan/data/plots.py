@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from wingspan.plotting import plt
+from wingspan.plotting import literal_text, plt
 
 
+@literal_text()
 def plot_class_balance(counts: pd.Series, level: str, path: Path, many: int = 40) -> Path:
     """Bar chart of images per class; a sorted log-scale rank plot for long tails.
 

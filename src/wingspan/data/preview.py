@@ -13,9 +13,10 @@ from wingspan.data.images import open_rgb
 from wingspan.data.samples import PATH, Dataset
 from wingspan.data.transforms import eval_transform, train_transform
 from wingspan.errors import WingspanError
-from wingspan.plotting import plt, short_name
+from wingspan.plotting import literal_text, plt, short_name
 
 
+@literal_text()
 def write_preview(dataset: Dataset, out: Path, config: AugmentConfig | None = None,
                   level: str | None = None, rows: int = 6, augmented: int = 5,
                   seed: int = 0, log=None) -> Path:

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from wingspan.data.images import open_rgb
-from wingspan.plotting import plt, short_name
+from wingspan.plotting import literal_text, plt, short_name
 
 ANNOTATED = 30  # up to this many classes the confusion matrix writes counts in its cells
 LABELLED = 60  # ... and names its classes; above it the matrix drops its labels
@@ -22,6 +22,7 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+@literal_text()
 def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> Path:
     """Rows normalised (recall per class) for colour, counts written in the cells.
 
@@ -65,6 +66,7 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> Path:
     return _save(fig, path)
 
 
+@literal_text()
 def plot_curves(history: pd.DataFrame, path: Path, kept: dict | None = None) -> Path:
     """Loss, accuracy and macro-F1 per epoch for train and val; the stage change marked, and
     the epoch the model was kept from (`kept`: metrics.json's best, its stage and epoch)."""
@@ -123,6 +125,7 @@ def _side_by_side(pixels: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) 
     return np.clip(both, 0.0, 1.0)  # (float rounding may pass 1: imshow would warn)
 
 
+@literal_text()
 def plot_mistakes(mistakes: list[dict], path: Path, columns: int = 4) -> Path:
     """The most confident wrong predictions: image, truth, prediction, probability (and the
     answer given, where it was not that class); where the model's view and its Grad-CAM
@@ -150,6 +153,7 @@ def plot_mistakes(mistakes: list[dict], path: Path, columns: int = 4) -> Path:
     return _save(fig, path)
 
 
+@literal_text()
 def plot_reliability(before: dict, after: dict, ece: tuple[float, float], path: Path) -> Path:
     """Accuracy against confidence per bin; a calibrated model follows the diagonal."""
     fig, axes = plt.subplots(1, 2, figsize=(9, 4), sharey=True)
@@ -172,6 +176,7 @@ def plot_reliability(before: dict, after: dict, ece: tuple[float, float], path: 
     return _save(fig, path)
 
 
+@literal_text()
 def plot_unknown_scores(known: np.ndarray, unknown: np.ndarray, threshold: float,
                         score: str, path: Path) -> Path:
     """The unknown score of known-class images against images of classes never seen, with
