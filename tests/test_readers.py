@@ -149,6 +149,20 @@ def test_a_splits_csv_written_on_windows_or_with_spaces_is_read_as_meant(tmp_pat
     assert [p.kind for p in ds.problems] == []
 
 
+def test_a_folder_named_with_a_backslash_reads_back_from_the_splits_csv_written(tmp_path):
+    """A class folder "back\\slash" is so written in the splits.csv `data split` writes; read
+    as "back/slash", every image of the class was missing, and the run scored its test
+    figures without the class ("2 of the 6 are gone since the run began")."""
+    import wingspan as ws
+
+    folder_dataset(tmp_path / "d", {"back\\slash": 3, "b": 3})
+    ws.read(tmp_path / "d").split(val=0.3, test=0.3, out=tmp_path / "s")
+    assert "back\\slash" in (tmp_path / "s" / "splits.csv").read_text()
+    for again in (read_dataset(tmp_path / "s" / "splits.csv"), read_dataset(tmp_path / "d")):
+        assert sorted(again.table["label"].unique()) == ["b", "back\\slash"]
+        assert len(again) == 6 and not [p for p in again.problems if p.kind == "missing_file"]
+
+
 def test_a_csv_with_spaces_after_its_commas_finds_its_files_sides_and_groups(tmp_path):
     folder_dataset(tmp_path, {"x": 3})
     (tmp_path / "labels.csv").write_text(

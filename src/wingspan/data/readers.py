@@ -474,7 +474,8 @@ def _fixed_splits(table: pd.DataFrame, splits_csv: Path, problems: list[Problem]
     fixed = _as_written(fixed, splits_csv.parent)
     _check_split_values(fixed, splits_csv)
     # Both sides resolved alike, so that a class folder reached through a symlink matches.
-    fixed = fixed.assign(_key=real_paths(splits_csv.parent / _native(p) for p in fixed[PATH]))
+    root = splits_csv.parent
+    fixed = fixed.assign(_key=real_paths(root / _native(p, root) for p in fixed[PATH]))
     keys = real_paths(table[PATH])  # in NFC, as the keys above
     read = set(keys)
     _check_splits_name_images(fixed, read, splits_csv)
@@ -517,13 +518,14 @@ def _check_splits_name_images(fixed: pd.DataFrame, images: set[str], splits_csv:
         return
     example = fixed[PATH].iloc[0]
     # The commonest slip: paths that start with the data folder's own name.
-    inner = Path(_native(example)).parts[1:]
+    written = _native(example, splits_csv.parent)
+    inner, read_as = Path(written).parts[1:], splits_csv.parent / written
     hint = (f"Write each path relative to {splits_csv.parent} (e.g. {Path(*inner).as_posix()})"
             if inner and (splits_csv.parent / Path(*inner)).is_file() else
             f"Write each path relative to {splits_csv.parent}, as `wingspan data split` does")
     raise WingspanError(
         f"None of the {counted(len(fixed), 'path')} in {splits_csv} is an image of its class "
-        f"folders (e.g. {example}, read as {splits_csv.parent / _native(example)}), so it would "
+        f"folders (e.g. {example}, read as {read_as}), so it would "
         "split nothing.", hint=hint + ", or remove the file to split at random.")
 
 
@@ -533,7 +535,7 @@ def _as_written(table: pd.DataFrame, root: Path) -> pd.DataFrame:
     spelling the split folders take ("Valid" is val). A path keeps its spaces where a file
     is so named (a class folder " monarch", relative to `root`)."""
     fields = {c: table[c].str.strip() for c in (SPLIT, GROUP) if c in table.columns}
-    fields[PATH] = [p if p == p.strip() or (root / _native(p)).exists() else p.strip()
+    fields[PATH] = [p if p == p.strip() or (root / _native(p, root)).exists() else p.strip()
                     for p in table[PATH]]
     if SPLIT in fields:
         fields[SPLIT] = fields[SPLIT].map(lambda s: SPLIT_FOLDERS.get(s.lower(), s))
@@ -594,7 +596,7 @@ def read_csv_table(csv_path: Path, config: ReadConfig) -> Dataset:
                          "kept as a class of that name", p)
                  for p, label in zip(raw.loc[blank_like, PATH], raw.loc[blank_like, LABEL],
                                      strict=True)]
-    written = list(map(_native, raw[PATH]))
+    written = [_native(p, csv_path.parent) for p in raw[PATH]]
     paths = [p if os.path.isabs(p) else os.path.normpath(csv_path.parent / p) for p in written]
     if config.check_files:
         _check_relative_to_csv(written, paths, csv_path)
@@ -676,7 +678,11 @@ def _repeated_paths(raw: pd.DataFrame, paths: list[str]) -> tuple[np.ndarray, li
     return keep, problems
 
 
-def _native(path: str) -> str:
+def _native(path: str, root: Path) -> str:
     """A relative path written on Windows (`images\\monarch\\1.jpg`) as this system
-    spells it: a backslash is a separator there, and in no file name anyone means here."""
-    return path.replace("\\", "/") if os.sep == "/" else path
+    spells it: a backslash is a separator there. Unless the file is so named here (relative
+    to `root`): a class folder "a\\b" is written so in the splits.csv wingspan writes, and
+    read as "a/b" every image of the class was missing."""
+    if os.sep != "/" or "\\" not in path or os.path.lexists(root / path):
+        return path
+    return path.replace("\\", "/")
