@@ -1452,3 +1452,16 @@ def test_evaluating_a_run_whose_splits_csv_changed_since_training_is_refused(tra
     splits.write_text("".join(row.replace("/", "/./", 1) if i else row
                               for i, row in enumerate(rows)))
     assert evaluate(run, progress=False, workers=0, plots=False).metrics["images"] > 0
+
+
+def test_a_map_names_classes_that_hold_commas():
+    """--map 'a=red,admiral' was split at the comma ("--map 'admiral': expected NAME=NAME"),
+    though a class folder may be so named; a text of pairs is still split at its commas."""
+    from wingspan.config import name_pairs
+
+    assert name_pairs(["009=red,admiral"], "--map") == {"009": "red,admiral"}
+    assert name_pairs(["a=b, c=d,", "e=monarch=big"], "--map") == {
+        "a": "b", "c": "d", "e": "monarch=big"}
+    with pytest.raises(WingspanError, match="'oops': expected NAME=NAME"):
+        name_pairs(["oops"], "--map")
+
