@@ -668,6 +668,9 @@ def test_evaluate_other_data_with_a_class_map_shows_the_drop_per_class(trained, 
     held = pd.read_csv(trained / "evaluation-other-all" / "per_class.csv")
     assert sorted(held["class"]) == classes[3:] and (held["support"] > 0).all()
     assert plain["absent_classes"] == sorted(set(model_classes) - set(classes[3:]))
+    # The images answered with those classes are counted: wrong, in no class's precision.
+    answered = pd.read_csv(trained / "evaluation-other-all" / "predictions.csv")["predicted"]
+    assert plain["answered_absent"] == int(answered.isin(plain["absent_classes"]).sum())
     assert plain["macro"]["f1"] == pytest.approx(held["f1"].mean())
     assert plain["unknown_class_images"] == int(test["label"].isin(classes[:3]).sum())
     assert f"{plain['unknown_class_images']} images of 3 classes: first_other" in (

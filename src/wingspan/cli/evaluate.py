@@ -132,7 +132,12 @@ def print_evaluation(result) -> None:
                   f"{'has' if absent == 1 else 'have'} no images here and "
                   f"{'is' if absent == 1 else 'are'} left out of "
                   "the per-class table and the macro averages: "
-                  f"{plain(some(m['absent_classes']))}")
+                  f"{plain(some(m['absent_classes']))}"
+                  + (f". {counted(m['answered_absent'], 'image')} here "
+                     f"({m['answered_absent'] / m['images']:.0%}) "
+                     f"{'was' if m['answered_absent'] == 1 else 'were'} answered with one of "
+                     "them: wrong, counted in recall, in no averaged class's precision"
+                     if m.get("answered_absent") else ""))
     if m.get("transfer"):
         named = "named here" in m["transfer"][0]
         transfer = Table("model class", "data class", "recall on own data", "recall here",
