@@ -672,6 +672,10 @@ def test_explain_adapt_evaluate_and_export_check_their_arguments(run, demo_dir, 
             (lambda: run.explain(5), "images: expected a file, folder or glob"),
             (lambda: run.explain(np.zeros((2, 3))), "images: each must be a path"),
             (lambda: run.explain([]), "images: got an empty list"),
+            # (iterated, a DataFrame gave its column names: "No image could be predicted
+            # (path: no such file or folder)")
+            (lambda: run.predict(pd.DataFrame({"path": [str(image)]})),
+             r"paths: got a DataFrame; give its column of paths, frame\['path'\]"),
             (lambda: run.explain(image, out=5), "out: expected a path"),
             (lambda: run.adapt(5), "photos: expected a file, folder or glob"),
             (lambda: run.adapt([image, 3]), "photos: each must be a path"),

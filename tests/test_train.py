@@ -1211,7 +1211,7 @@ def test_a_class_missing_from_train_is_refused(tmp_path, demo_dir, selection, si
     rows.loc[rows.index[::4], "split"] = "val"
     rows.loc[rows["label"] == "white_darktip", "split"] = "val"
     rows[["path", "label", "split"]].to_csv(tmp_path / "d.csv", index=False)
-    with pytest.raises(WingspanError, match=f"'white_darktip' \\(only in {side}\\)"):
+    with pytest.raises(WingspanError, match=f"white_darktip \\(only in {side}\\)"):
         train(read_dataset(tmp_path / "d.csv"), tiny(tmp_path, selection=selection),
               tmp_path / "runs", quiet=True)
     assert not any((tmp_path / "runs").iterdir())  # a failed start leaves no empty run
@@ -1926,6 +1926,43 @@ def test_classes_without_training_images_are_all_counted():
         check_classes(table, "label")
     with pytest.raises(WingspanError, match=r"^1 'label' class has no training images: s00 "):
         check_classes(table.iloc[[0, 12]], "label")
+
+
+def test_grad_mode_and_default_dtype_left_by_a_notebook(demo_dir, tmp_path):
+    """A notebook's torch.set_grad_enabled(False) stopped the head's first step with torch's
+    "does not require grad", after the features were cached, and the run was listed as
+    resumable, its error nowhere; torch.set_default_dtype(torch.float64) failed the same
+    way. Training turns grad on for itself; float64 is refused at once; any error that stops
+    a run makes it failed, with the error."""
+    import wingspan as ws
+    import wingspan.training.run as run_module
+
+    data = read_dataset(demo_dir)
+    with torch.no_grad():
+        run = train(data, tiny(tmp_path, epochs_head=1, epochs_finetune=1), tmp_path, "nograd",
+                    quiet=True)
+    assert (run / "model" / "manifest.json").is_file()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with pytest.raises(WingspanError, match="default dtype is torch.float64") as e:
+            train(data, tiny(tmp_path), tmp_path, "f64", quiet=True)
+        assert "set_default_dtype(torch.float32)" in e.value.hint
+        with pytest.raises(WingspanError, match="default dtype"):
+            ws.load(run).predict([str(data.table["path"].iloc[0])])
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert not (tmp_path / "f64").exists()
+
+    def fault(run):
+        raise ValueError("a fault of ours")
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(run_module, "_recipe", fault)
+        with pytest.raises(ValueError):
+            train(data, tiny(tmp_path), tmp_path, "fault", quiet=True)
+    listed = ws.runs(tmp_path).set_index("name")
+    assert listed.loc["fault", "status"] == "failed"
+    assert "ValueError: a fault of ours" in listed.loc["fault", "detail"]
 
 
 def test_a_full_disk_that_stops_a_run_is_the_error_said(demo_dir, tmp_path, monkeypatch):

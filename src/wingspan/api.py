@@ -512,6 +512,10 @@ def _paths_arg(value, name: str = "paths") -> list[str]:
     """Files, folders or globs: one, or a list (a tuple, a pandas column...) of them."""
     if isinstance(value, str | os.PathLike):
         return [os.path.expanduser(value)]
+    if isinstance(value, pd.DataFrame):  # (iterating one gives its column names)
+        column = "'path'" if "path" in value.columns else "NAME"
+        raise WingspanError(f"{name}: got a DataFrame; give its column of paths, "
+                            f"frame[{column}].")
     if isinstance(value, bytes | bytearray | dict) or not isinstance(value, Iterable):
         raise WingspanError(f"{name}: expected a file, folder or glob, or a list of them; got "
                             f"{type(value).__name__}.",

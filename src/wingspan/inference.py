@@ -21,6 +21,7 @@ from wingspan.data.transforms import eval_transform
 from wingspan.errors import WingspanError
 from wingspan.models import load_bundle, resolve_policy
 from wingspan.models.unknown import deepest_known
+from wingspan.parallel import check_default_dtype
 from wingspan.progress import track
 from wingspan.training.data import resolve_workers
 from wingspan.training.folder import CONFIG_FILE, SPLITS_FILE
@@ -137,6 +138,7 @@ class Predictor:
     def __init__(self, model: str | Path, device: str = "auto", precision: str = "auto",
                  batch_size: int = 32, workers: int | None = None, runtime: str = "auto",
                  progress: bool = False, fabric=None, unknown_score: str | None = None):
+        check_default_dtype()
         if batch_size < 1:
             raise WingspanError(f"batch_size must be at least 1, not {batch_size}.")
         # Before the model loads: -1, or 514 for 4, is refused as train's --workers is.

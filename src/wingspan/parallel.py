@@ -257,3 +257,14 @@ def interleave(parts: list[list]) -> list:
     """Undo `shard`: the per-rank lists of a strided split back in item order."""
     return [parts[i % len(parts)][i // len(parts)]
             for i in range(sum(len(p) for p in parts))]
+
+
+def check_default_dtype() -> None:
+    """Refuse at once where torch's default dtype is not float32 (a notebook's
+    `torch.set_default_dtype(torch.float64)`): models built so hold float64 weights, and
+    training or predicting failed after the slow part with "Input type (torch.FloatTensor)
+    and weight type (torch.DoubleTensor) should be the same"."""
+    if torch.get_default_dtype() != torch.float32:
+        raise WingspanError(f"torch's default dtype is {torch.get_default_dtype()}; wingspan "
+                            "builds its models in float32.",
+                            hint="Call torch.set_default_dtype(torch.float32) first.")

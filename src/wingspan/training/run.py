@@ -48,7 +48,7 @@ from wingspan.models.factory import choose_backbone
 from wingspan.models.policy import Policy, settings_with_environment
 from wingspan.models.runtime import forget_sessions
 from wingspan.models.unknown import UNKNOWN, UnknownDetector, new_known_rate
-from wingspan.parallel import Processes, rank_seed
+from wingspan.parallel import Processes, check_default_dtype, rank_seed
 from wingspan.progress import Bar
 from wingspan.training.checkpoint import load_checkpoint
 from wingspan.training.context import MACHINE_SETTINGS, Run, RunState, learning_settings
@@ -81,6 +81,7 @@ def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = RUNS_DIR
     """Train a new run; returns its folder (runs/<name>, numbered if the name is taken).
     With `config.devices` (or `nodes`) above 1, or under torchrun, this runs in every
     process of the run, and Fabric starts those of this machine."""
+    check_default_dtype()
     config = resolve_levels(dataset, config)
     backbone, why = choose_backbone(config.backbone, config.weights)
     config = dataclasses.replace(config, backbone=backbone)  # the run records the real one
@@ -238,6 +239,7 @@ def _score_held_out(run_dir: Path, run: Run) -> Path:
 def resume(run_dir: str | Path, quiet: bool = False, **machine) -> Path:
     """Continue a run that was stopped or killed, from its last checkpoint; `machine`
     changes MACHINE_SETTINGS, e.g. devices=1 for a run begun on 2 processes."""
+    check_default_dtype()
     run_dir = Path(run_dir)
     if not run_dir.exists():
         raise _no_run_at(run_dir)
@@ -510,26 +512,37 @@ def _interruptible(run: Run, scoring_only: bool = False) -> Path:
         (run.dir / ERROR_FILE).unlink(missing_ok=True)  # a resume goes at it again
     terminated = _Terminated()
     try:
-        with terminated:
+        # (grad on whatever the caller left: a notebook's torch.set_grad_enabled(False)
+        # stopped the head's first step, after its features were cached)
+        with terminated, torch.enable_grad():
             return _score_held_out(run.dir if scoring_only else _recipe(run), run)
     except (KeyboardInterrupt, RuntimeError) as e:
         if isinstance(e, RuntimeError) and not terminated.received:
+            _failed(run, f"{type(e).__name__}: {e}")
             raise
         run.log(("Stopped by SIGTERM (a scheduler's or `kill`'s, or torchrun's once another "
                  "process failed: see its output). " if terminated.received else
                  "Interrupted. ") + _go_on(run.dir), caveat=True)
         raise Interrupted from e
     except WingspanError as e:  # bad data, say: in train.log, and a failed run, not a paused one
-        # (a full disk that stopped the run may refuse these too: its error is the one to
-        # say, not theirs)
-        with contextlib.suppress(OSError, WingspanError):
-            run.log(f"Stopped: {e.message}", shown=False)  # (the error itself is printed)
-            if run.is_main:
-                write_text(run.dir / ERROR_FILE, e.message + "\n")
+        _failed(run, e.message)
+        raise
+    except Exception as e:  # a fault of ours or of a library: failed too, with what it said
+        _failed(run, f"{type(e).__name__}: {e}")
         raise
     finally:
         release_lock(run.dir)
         forget_sessions()  # the ONNX graphs of this run's weights (see models.runtime)
+
+
+def _failed(run: Run, message: str) -> None:
+    """In train.log and error.txt, the error that stopped the run: `wingspan runs` then
+    calls it failed and says why. (A full disk that stopped the run may refuse these too:
+    its error is the one to say, not theirs.)"""
+    with contextlib.suppress(OSError, WingspanError):
+        run.log(f"Stopped: {message}", shown=False)  # (the error itself is printed)
+        if run.is_main:
+            write_text(run.dir / ERROR_FILE, message + "\n")
 
 
 def _recipe(run: Run) -> Path:
