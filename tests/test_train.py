@@ -1775,13 +1775,36 @@ def test_a_folder_set_up_now_by_another_train_is_not_called_a_leftover(tmp_path)
     with open(runs / "r" / ".lock", "a") as held:  # as another train's hold_lock holds it
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         said = _name_taken(runs / "r-2", "r")
-    assert said == f"{runs / 'r'} is taken: this run is {runs / 'r-2'}"
+        # ... and once it has written its config.yaml, it is no stopped run to resume (the
+        # advice to `--resume` it was refused: "is being trained by another process").
+        (runs / "r" / "config.yaml").write_text("seed: 0\n")
+        training = _name_taken(runs / "r-2", "r")
+        (runs / "r" / "config.yaml").unlink()
+    assert said == training == f"{runs / 'r'} is being trained now: this run is {runs / 'r-2'}"
     assert _name_taken(runs / "r-2", "r").startswith(
         f"{runs / 'r'} is left from a run killed while it was being set up")
     (runs / "r" / ".lock").unlink()  # a folder the user made: not called a killed run's
     assert _name_taken(runs / "r-2", "r") == (
         f"{runs / 'r'} is an empty folder: this run is {runs / 'r-2'}. Delete {runs / 'r'} "
         "(there is nothing in it to resume) to give a run that name again.")
+
+
+def test_two_runs_that_take_one_name_at_once_are_numbered(tmp_path, monkeypatch):
+    """Another process made the folder between the look and the mkdir: the later one
+    stopped with "is a file, where a folder is needed" (6 of 30 tries, 4 at once)."""
+    from pathlib import Path
+
+    from wingspan.training.run import _new_run_dir
+
+    made = Path.mkdir
+
+    def raced(self, *args, **kwargs):
+        if self.name == "same" and not self.exists():
+            made(self)  # the other process's
+        return made(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", raced)
+    assert _new_run_dir(tmp_path, "same") == tmp_path / "same-2"
 
 
 def test_a_run_killed_once_set_up_resumes(demo_dir, tmp_path):

@@ -1011,7 +1011,8 @@ def _name_taken(run_dir: Path, name: str) -> str:
     n = int(run_dir.name.rpartition("-")[2])
     earlier = [run_dir.parent / name, *(run_dir.parent / f"{name}-{k}" for k in range(2, n))]
     stopped = [d for d in earlier if (d / CONFIG_FILE).is_file()
-               and not _complete_bundle(d / "model") and not stopped_by(d)]
+               and not _complete_bundle(d / "model") and not stopped_by(d)
+               and not ((d / ".lock").is_file() and being_trained(d))]  # (training now)
     # Killed before config.yaml (none of them is being set up now): nothing to resume.
     set_up = [d for d in earlier if stopped_while_set_up(d)
               and not ((d / ".lock").is_file() and being_trained(d))]
@@ -1022,7 +1023,9 @@ def _name_taken(run_dir: Path, name: str) -> str:
         return (f"{what}: this run is {run_dir}. Delete {set_up[-1]} (there is nothing in it "
                 "to resume) to give a run that name again.")
     if not stopped:
-        return f"{earlier[0]} is taken: this run is {run_dir}"
+        training = [d for d in earlier if (d / ".lock").is_file() and being_trained(d)]
+        return (f"{training[-1]} is being trained now" if training
+                else f"{earlier[0]} is taken") + f": this run is {run_dir}"
     return (f"{stopped[-1]} holds a run that did not finish; this one starts afresh in "
             f"{run_dir}. If that one was stopped, `wingspan train --resume {stopped[-1]}` "
             "continues it instead (Ctrl-C this one).")
@@ -1046,7 +1049,9 @@ def _new_run_dir(runs: Path, name: str) -> Path:
                             hint="Give a short plain name with --name (name= in Python), "
                                  "e.g. leeds-lite2.")
     path, n = make_folder(runs) / name, 2
-    while path.exists():
-        path, n = runs / f"{name}-{n}", n + 1
-    path.mkdir()
-    return path
+    while True:
+        try:  # (mkdir, not a look first: two runs started at once took one name, and the
+            path.mkdir()  # later stopped with "is a file, where a folder is needed")
+            return path
+        except FileExistsError:
+            path, n = runs / f"{name}-{n}", n + 1
