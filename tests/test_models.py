@@ -333,6 +333,33 @@ def test_a_network_that_is_not_a_chain_is_not_split():
     assert backbone.units() is None and backbone.split_frozen() is None
 
 
+@pytest.mark.parametrize("missing", [AttributeError, AssertionError])
+def test_a_network_timm_does_not_group_is_split_by_its_modules(missing, monkeypatch):
+    """PoolFormer and PiT have no group_matcher, RDNet's asserts "coarse grouping is not
+    implemented": building them stopped every command with a traceback. Their top-level
+    modules (each member of a Sequential) in order are the stages."""
+    import timm.models.efficientnet as effnet
+
+    from wingspan.models.backbone import Backbone
+    from wingspan.models.registry import get_spec
+
+    def refuse(self, coarse=False):
+        raise missing("coarse grouping is not implemented")
+
+    monkeypatch.setattr(effnet.EfficientNet, "group_matcher", refuse)
+    backbone = Backbone(get_spec("test_efficientnet"))
+    named = [n for names in backbone.stages.values() for n in names]
+    assert sorted(named) == sorted(n for n, _ in backbone.net.named_parameters())
+    assert list(backbone.stages)[:2] == ["stem", "stage1"] and len(backbone.stages) > 3
+    assert backbone.stages["stem"][0].startswith("conv_stem")
+    assert any(all(n.startswith("blocks.0.") for n in names)  # a Sequential's member
+               for names in backbone.stages.values())
+    chosen = backbone.unfreeze_last(2)
+    trained = {n for n, p in backbone.net.named_parameters() if p.requires_grad}
+    assert trained == {n for stage in chosen for n in backbone.stages[stage]} - \
+        backbone.unreached()
+
+
 @pytest.mark.parametrize("name", ["test_convnext", "test_vit_relpos", "test_resnet"])
 def test_every_unfrozen_parameter_gets_a_gradient(name):
     """timm groups parts of its head (ConvNeXt's head.norm) with the last stage: the

@@ -38,6 +38,29 @@ def native_size(net: nn.Module) -> int:
     return int(net.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
 
 
+def stage_groups(net: nn.Module) -> list[list[str]]:
+    """The network's parameter names by stage, from input to output: timm's coarse groups
+    (stem, then blocks). A network timm groups not (PoolFormer and PiT have no
+    group_matcher; RDNet's says "coarse grouping is not implemented") stopped every command
+    that builds it with a traceback: its top-level modules in order are its stages, the
+    parameters on the network itself (a class token, position embeddings) in the stem, and
+    a Sequential or ModuleList of them (`stages`, `blocks`) one stage per member."""
+    try:
+        return list(group_parameters(net, net.group_matcher(coarse=True)).values())
+    except (AttributeError, AssertionError, NotImplementedError):
+        own = [name for name, _ in net.named_parameters(recurse=False)]
+        parts = []
+        for child, module in net.named_children():
+            if isinstance(module, nn.Sequential | nn.ModuleList):
+                parts += [(f"{child}.{i}", member) for i, member in module.named_children()]
+            else:
+                parts.append((child, module))
+        groups = [[f"{prefix}.{name}" for name, _ in module.named_parameters()]
+                  for prefix, module in parts]
+        groups = [group for group in groups if group]
+        return [own + groups[0], *groups[1:]] if groups else [own]
+
+
 class Backbone(nn.Module):
     """A timm network without its classifier: image batch -> its features, as timm's
     `forward_features` gives them (a CNN's map (N, C, H, W), a ViT's tokens (N, L, C), a
@@ -55,10 +78,10 @@ class Backbone(nn.Module):
         self.num_features: int = getattr(self.net, "head_hidden_size", None) or \
             self.net.num_features
         self.built_size = self.input_size = native_size(self.net)
-        groups = group_parameters(self.net, self.net.group_matcher(coarse=True))
+        groups = stage_groups(self.net)
         names = ["stem"] + [f"stage{i}" for i in range(1, len(groups))]
         # stage name -> parameter names, in order from input to output
-        self.stages: dict[str, list[str]] = dict(zip(names, groups.values(), strict=True))
+        self.stages: dict[str, list[str]] = dict(zip(names, groups, strict=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.forward_features(x)
