@@ -8,6 +8,7 @@ from PIL import Image
 from test_train import tiny
 
 from wingspan.data import read_dataset
+from wingspan.errors import WingspanError
 from wingspan.training import train
 
 
@@ -92,6 +93,32 @@ def test_grad_cam_points_at_the_evidence():
     # No gradient is left on the weights (a server explains again and again).
     assert FakePredictor.model.backbone.weight.grad is None
     assert grad_cam(FakePredictor(), x, target=0).max() == 0  # nothing argues for class 0
+
+
+def test_grad_cam_of_a_vit_that_answers_from_its_class_token_is_drawn():
+    """A ViT pooled by its class token: the tokens out of its last block reach the answer
+    only through that token, so their gradient was 0 and every map blank. Those into the
+    last block are mapped; a network of several feature maps (CrossViT) is refused."""
+    import torch
+
+    from wingspan.explain import grad_cam
+    from wingspan.models import create_classifier
+
+    torch.manual_seed(0)
+    model, _ = create_classifier("test_vit", {"label": 3}, weights="none")
+    assert model.backbone.net.global_pool == "token"
+
+    class FakePredictor:
+        level = "label"
+
+    FakePredictor.model = model
+    size = model.backbone.input_size
+    cam = grad_cam(FakePredictor(), torch.randn(3, size, size), target=1)
+    assert cam.shape == (size, size) and cam.max() == 1.0 and (cam > 0).mean() > 0.05
+    assert not model.backbone.net.blocks[-1]._forward_pre_hooks  # (taken off again)
+    model.backbone.forward = lambda x: [x, x]
+    with pytest.raises(WingspanError, match="gives 2 feature maps, not one"):
+        grad_cam(FakePredictor(), torch.randn(3, size, size), target=1)
 
 
 def test_explain_decodes_a_large_jpeg_as_predict_does(run_dir, tmp_path, monkeypatch):

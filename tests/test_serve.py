@@ -429,6 +429,22 @@ def test_explain_returns_an_overlay_png(client):
     assert r.status_code == 422 and "one image at a time" in r.json()["error"]
 
 
+def test_explain_of_a_model_grad_cam_cannot_draw_is_501(run_dir, monkeypatch):
+    """CrossViT gives a feature map per branch: /explain answered 500 (a traceback in the
+    server's log); it is a model the server cannot explain, said so."""
+    import wingspan.explain as explain_module
+    from wingspan.errors import WingspanError
+
+    def refuse(*args, **kwargs):
+        raise WingspanError("crossvit_tiny_240 gives 2 feature maps, not one: Grad-CAM "
+                            "cannot draw it.")
+
+    monkeypatch.setattr(explain_module, "explain_view", refuse)
+    client = TestClient(create_app(run_dir, ServeLimits(), device="cpu"))
+    r = client.post("/explain", files={"file": ("a.jpg", _jpeg(), "image/jpeg")})
+    assert r.status_code == 501 and "Grad-CAM cannot draw it" in r.json()["error"]
+
+
 def test_an_unknown_target_of_a_model_with_many_classes_names_a_few(run_dir, monkeypatch):
     """A 500-class model's error names ten classes and how many more (GET /model has all),
     as other messages do, not a screenful."""

@@ -45,17 +45,34 @@ def grad_cam(predictor: Predictor, image: torch.Tensor, target: int) -> np.ndarr
     (`Backbone.spatial`: a ViT's patch tokens on their grid, a Swin's NHWC permuted)."""
     model = predictor.model.float().eval()
     backbone = model.backbone
-    with torch.enable_grad():
-        # A gradient to the input makes one reach the features, frozen weights or not.
-        x = image[None].to(next(model.parameters()).device).requires_grad_(True)
-        features = backbone(x)
-        score = model.head(backbone.pool(features))[predictor.level][0, target]
-        # The gradient to the features alone: .backward() would also fill (and, call after
-        # call, add up) a gradient for every weight, a second copy of the model kept in a
-        # server for nothing.
-        (grad,) = torch.autograd.grad(score, features)
-        maps = backbone.spatial(features.detach())
-        grads = backbone.spatial(grad)
+    # A ViT that answers from its class token alone: its last tokens out never reach the
+    # answer but through that token, so their gradient is 0 and every map was blank. The
+    # tokens into its last block are mapped instead (pytorch-grad-cam's recipe for ViTs).
+    net = getattr(backbone, "net", None)
+    last_block = (net.blocks[-1] if getattr(net, "global_pool", None) == "token"
+                  and isinstance(getattr(net, "blocks", None), torch.nn.Sequential) else None)
+    taken = []
+    hook = last_block.register_forward_pre_hook(
+        lambda _, args: taken.append(args[0])) if last_block is not None else None
+    try:
+        with torch.enable_grad():
+            # A gradient to the input makes one reach the features, frozen weights or not.
+            x = image[None].to(next(model.parameters()).device).requires_grad_(True)
+            features = backbone(x)
+            if not isinstance(features, torch.Tensor):  # (CrossViT: a map per branch)
+                raise WingspanError(f"{backbone.spec.name} gives {len(features)} feature maps, "
+                                    "not one: Grad-CAM cannot draw it.")
+            score = model.head(backbone.pool(features))[predictor.level][0, target]
+            mapped = taken[-1] if taken else features
+            # The gradient to the features alone: .backward() would also fill (and, call
+            # after call, add up) a gradient for every weight, a second copy of the model
+            # kept in a server for nothing.
+            (grad,) = torch.autograd.grad(score, mapped)
+            maps = backbone.spatial(mapped.detach())
+            grads = backbone.spatial(grad)
+    finally:
+        if hook is not None:
+            hook.remove()
     weights = grads.mean((2, 3), keepdim=True)  # each channel's importance for the class
     cam = torch.relu((weights * maps).sum(1, keepdim=True))
     cam = F.interpolate(cam, tuple(image.shape[-2:]), mode="bilinear", align_corners=False)

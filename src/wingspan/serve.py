@@ -297,7 +297,9 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
                                                                     - start), 1)}
 
     @app.post("/explain", response_class=Response,
-              responses={200: {"content": {"image/png": {}}}, **ERRORS})
+              responses={200: {"content": {"image/png": {}}}, **ERRORS,
+                         501: {"model": ApiError, "description": "a model Grad-CAM cannot "
+                               "draw (several feature maps)"}})
     async def explain_one(file: Annotated[list[UploadFile], File()],
                           target: str | None = None):
         if len(file) != 1:  # one overlay per request: the rest would be dropped unseen
@@ -328,6 +330,8 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
                 in_flight["n"] += 1
                 work.add_done_callback(lambda _: in_flight.update(n=in_flight["n"] - 1))
                 raise
+            except WingspanError as e:  # a model Grad-CAM cannot draw (CrossViT's two maps)
+                raise HTTPException(501, e.message) from e
         return Response(png, media_type="image/png")
 
     def _prepare(name: str | None, data: bytes) -> torch.Tensor:
