@@ -191,6 +191,25 @@ def test_an_unfreeze_beyond_the_backbones_stages_says_all_are_fine_tuned(demo_di
     assert f"(all {stages} stages: --unfreeze 99 asked for more)" in log, log
 
 
+def test_fine_tuning_says_what_its_stages_hold(demo_dir, tmp_path):
+    """A stage is a ViT's block, a ResNet's layer, a ConvNeXt's last only its final norm:
+    the log named stage numbers alone ("Fine-tuning stage5 and the head" for 640 weights
+    of a ConvNeXt's 3.37M). It says how many there are, the share of the backbone's
+    weights that trains and the modules, as timm names them."""
+    run = _prepared_run(demo_dir, tmp_path, epochs_head=0, epochs_finetune=1, unfreeze=1)
+    finetune(run)
+    backbone = run.model.backbone
+    (stage,) = backbone.unfreeze_last(1)
+    trained = sum(p.numel() for p in backbone.parameters() if p.requires_grad)
+    share = trained / sum(p.numel() for p in backbone.parameters())
+    line = next(x for x in (run.dir / "train.log").read_text().splitlines()
+                if "Fine-tuning stage" in x)
+    module = ".".join(backbone.stages[stage][0].split(".")[:-1][:2])
+    assert (f"Fine-tuning {stage} (of {len(backbone.stages)}: "
+            f"{'under 1%' if share < 0.01 else format(share, '.0%')} of the backbone's "
+            f"weights, {module}") in line, line
+
+
 @pytest.mark.policy
 def test_feature_cache_matches_running_the_frozen_backbone(demo_dir, tmp_path):
     results = []

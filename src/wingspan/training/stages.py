@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from sklearn.metrics import f1_score
 from torch import nn
 
-from wingspan.errors import WingspanError, counted
+from wingspan.errors import WingspanError, counted, some
 from wingspan.files import atomic_path, file_stamp
 from wingspan.models.engine import own_random_stream
 from wingspan.parallel import every_rank, gather_objects, gather_shards, shard
@@ -487,8 +487,15 @@ def finetune(run: Run) -> None:
     run.restore_optimizer(optimizer)
     schedule.at(state.epoch, state.step, len(batches))  # (the resumed epoch's batches)
     if state.epoch == 0 and state.step == 0:
-        run.log(f"Fine-tuning {', '.join(stages) + ' and ' if stages else ''}the head"
-                f"{'' if stages else ' alone (--unfreeze 0)'}"
+        # What a stage holds differs by family (a ViT's is one block, a ConvNeXt's last
+        # only its final norm): the share of the backbone's weights says what trains.
+        weights = [(p.numel(), p.requires_grad) for p in run.model.backbone.parameters()]
+        share = sum(n for n, trains in weights if trains) / max(1, sum(n for n, _ in weights))
+        run.log(f"Fine-tuning {', '.join(stages) if stages else ''}"
+                + (f" (of {len(run.model.backbone.stages)}: "
+                   f"{'under 1%' if share < 0.01 else format(share, '.0%')} of the backbone's "
+                   f"weights, {_modules(run.model.backbone, stages)}) and " if stages else "")
+                + f"the head{'' if stages else ' alone (--unfreeze 0)'}"
                 + (f" (all {len(stages)} stages: --unfreeze {n_stages} asked for more)"
                    if n_stages > len(stages) else "")
                 + f"; top learning rate {top_lr:g}, layer decay {config.layer_decay}")
@@ -597,6 +604,15 @@ def _stop_if_diverged(run: Run, stage: str, epoch: int, step: int) -> None:
         + (f"the last checkpoint, from before this, is {last}." if last.is_file()
            else "no checkpoint had been taken yet."),
         hint="Train again with a lower --lr (stage 2 runs at lr x finetune_lr_scale).")
+
+
+def _modules(backbone, stages: list[str], most: int = 4) -> str:
+    """The network's modules the stages train, as timm names them ('blocks.11, norm'): each
+    trained parameter's module, to two levels."""
+    unreached = backbone.unreached()
+    names = dict.fromkeys(".".join(n.split(".")[:-1][:2]) or n for stage in stages
+                          for n in backbone.stages[stage] if n not in unreached)
+    return some(list(names), most)
 
 
 def _leave_out_unreadable(run: Run, batches: EpochBatches) -> Weighting:
