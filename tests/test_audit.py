@@ -4,6 +4,7 @@ another split is found as a near-duplicate."""
 from __future__ import annotations
 
 import csv
+import re
 
 import numpy as np
 import pandas as pd
@@ -71,6 +72,10 @@ def test_audit_finds_flipped_labels_and_a_resized_copy(tmp_path, run_cli, monkey
                for d in dups), dups[:3]
     page = (tmp_path / "audit" / "audit.html").read_text()
     assert page.count("data:image/jpeg;base64,") >= 60 and "across splits" in page
+    assert page.startswith("<!doctype html><html lang='en'>")  # (read aloud in English)
+    pairs, groups = (int(n) for n in re.search(r"(\d+) pairs? in (\d+) groups?", page).groups())
+    assert f"{pairs} pair{'s' if pairs > 1 else ''} in {groups} group{'s' if groups > 1 else ''}" \
+        in page  # not "1 pairs in 1 groups"
     assert "Most suspect labels" in stdout
 
 

@@ -86,6 +86,7 @@ def test_no_plots_gives_the_same_figures_without_the_pngs(evaluation, trained, t
         assert (out / name).read_text() == (evaluation.out_dir / name).read_text(), name
     page = " ".join((out / "report.html").read_text().split())
     assert "<img" not in page and page.count("not drawn: evaluated with --no-plots") >= 5
+    assert page.startswith("<!doctype html><html lang='en'>")  # (read aloud in English)
     with pytest.raises(WingspanError, match="evaluated with plots=False"):
         ApiEvaluation(out, bare, out / "report.html").plot("confusion")
     assert "not drawn" not in evaluation.report.read_text()

@@ -120,8 +120,11 @@ def test_intervals_hold_the_figure_and_narrow_with_more_images():
     assert all_right["interval"]["macro_f1"] == [1.0, 1.0]
     assert "CI 0.894-1.000" in interval_text(all_right, "accuracy")
     assert "no resample of the images moves it" in interval_text(all_right, "macro_f1")
-    assert classification_metrics(y[:1], probs_for(p[:1], y[:1], 6), list("abcdef"))[
-        "interval"] is None
+    # One image has an accuracy interval still (the README promises one), no macro-F1's.
+    one = classification_metrics(y[:1], probs_for(y[:1], y[:1], 6), list("abcdef"))
+    assert one["interval"]["accuracy"] == [pytest.approx(0.025), 1.0]
+    assert "macro_f1" not in one["interval"] and interval_text(one, "macro_f1") == ""
+    assert "CI 0.025-1.000" in interval_text(one, "accuracy")
 
 
 def test_macro_f1_interval_is_centred_on_a_long_tail():

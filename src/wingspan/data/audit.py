@@ -431,13 +431,14 @@ def gallery(issues: pd.DataFrame, duplicates: pd.DataFrame, level: str, config: 
         + f"<div class='g'>{''.join(cards)}</div>"
         f"<h2>Near-duplicates (perceptual hashes at most {config.hash_distance} bits apart, "
         f"or feature cosine similarity at least {config.duplicate_similarity}): "
-        f"{len(duplicates)} pairs in {duplicates['group'].nunique()} groups, "
+        f"{counted(len(duplicates), 'pair')} in "
+        f"{counted(duplicates['group'].nunique(), 'group')}, "
         f"{int(duplicates['across_splits'].sum())} across splits, "
         f"{int(duplicates['labels_differ'].sum())} with two labels (one pair a group first)"
         f"</h2><div class='g'>{''.join(pairs) or '<p>none</p>'}</div>"
         + (f"<h2>Unreadable ({len(failed)})</h2><ul>"
            + "".join(f"<li>{e(p)}: {e(w)}</li>" for p, w in failed.items()) + "</ul>"
            if failed else ""))
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>wingspan audit"
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>wingspan audit"
             "</title><meta name='viewport' content='width=device-width, initial-scale=1'>"
             f"<style>{STYLE}</style></head><body>{body}</body></html>")  # (readable on a phone)

@@ -76,11 +76,14 @@ def confidence_intervals(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int,
       with their predictions within each class (`stratified_resamples`), the figure's
       classes averaged in every resample; [x, x] when no resample moves it
       (`interval_text` then says so).
-    None for fewer than two images."""
-    if len(y_true) < 2:
+    None for no image; accuracy's alone for one (0.000-0.975 for one right)."""
+    if len(y_true) < 1:
         return None
     right = int((np.asarray(y_true) == np.asarray(y_pred)).sum())
     accuracy = binomtest(right, len(y_true)).proportion_ci(confidence, method="exact")
+    if len(y_true) == 1:  # (a bootstrap of one image is that image)
+        return {"confidence": confidence, "accuracy": [float(accuracy.low),
+                                                       float(accuracy.high)]}
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     counted = np.zeros(n_classes, dtype=bool)  # the figure's classes, in every resample
     counted[averaged_classes(y_true, y_pred, truth_only)] = True

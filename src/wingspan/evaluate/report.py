@@ -117,7 +117,8 @@ def write_report(path: Path, title: str, sections: dict) -> Path:
     if files:
         parts.insert(2, "<p>Files: " + ", ".join(
             f"<a href='{quote(name)}'>{html.escape(name)}</a>" for name in files) + "</p>")
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+    page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>"
+            f"{html.escape(title)}"
             f"</title>{VIEWPORT}<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
     write_text(path, page)
     return path
