@@ -228,6 +228,9 @@ def test_demo_command_writes_everything(run_cli, tmp_path):
     # Paths are printed whole, never broken over lines, so they copy and paste.
     assert f"report         {tmp_path / 'train' / 'evaluation-test' / 'report.html'}\n" in out
     assert (tmp_path / "demo_config.json").is_file()  # marks the folder: it may run there again
+    # What to do next, as a new shell runs it (`make demo` runs .venv/bin/wingspan, which a
+    # new shell does not find): here in-process, so `wingspan`.
+    assert f"wingspan serve {tmp_path / 'train'}\n" in out and "wingspan train PHOTOS" in out
     # A folder of the user's is never written into: the demo would replace its train/.
     (tmp_path.parent / "mine" / "train" / "cats").mkdir(parents=True)
     (tmp_path.parent / "mine" / "train" / "cats" / "1.jpg").write_bytes(b"precious")
@@ -451,3 +454,23 @@ def test_an_exported_model_or_an_unwritable_output_is_refused_before_any_work(tm
     if os.path.isdir("/proc/self"):
         code, _, err = run_cli("predict", onnx, image, "--output", "/proc/preds.csv")
         assert code == 2 and "/proc cannot be written to" in err
+
+
+def test_the_demo_says_next_commands_as_a_new_shell_runs_them(tmp_path, monkeypatch):
+    """`make demo` runs .venv/bin/wingspan: the commands it suggests failed in a new shell
+    ("wingspan: command not found") until the venv was activated."""
+    from wingspan.cli.demo import _wingspan_command
+
+    script = tmp_path / ".venv" / "bin" / "wingspan"
+    script.parent.mkdir(parents=True)
+    script.write_text("#!/bin/sh\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.setattr("sys.argv", [".venv/bin/wingspan", "demo"])
+    assert _wingspan_command() == ".venv/bin/wingspan"
+    monkeypatch.setenv("PATH", str(script.parent))
+    script.chmod(0o755)
+    assert _wingspan_command() == "wingspan"  # (activated: found on the PATH)
+    monkeypatch.setattr("sys.argv", ["/usr/bin/pytest"])
+    assert _wingspan_command() == "wingspan"
+

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -92,3 +95,21 @@ def demo(
                        ("preview", preview), ("training run", run_dir),
                        ("model bundle", run_dir / "model"), ("report", evaluation.report)]:
         out.print(f"  {name:14s} {plain(path)}")
+    out.rule("next")
+    command, photo = _wingspan_command(), next(iter(sorted(data_dir.rglob("*.jpg"))), data_dir)
+    for line, what in ((f"predict {run_dir} {photo}", "a class and its probability per photo"),
+                       (f"serve {run_dir}", "a web page and an HTTP API at 127.0.0.1:8000"),
+                       ("train PHOTOS", "your own photos, a folder per class")):
+        out.print(f"  {plain(command)} {plain(line)}\n      ({what})")
+
+
+def _wingspan_command() -> str:
+    """How a new shell calls wingspan: `wingspan` where it is on the PATH, else the script
+    running now (`make demo` runs .venv/bin/wingspan, which a new shell does not find:
+    "wingspan: command not found")."""
+    running = Path(sys.argv[0])
+    found = shutil.which("wingspan")
+    if running.name != "wingspan" or (found and Path(found).resolve() == running.resolve()):
+        return "wingspan"
+    path = running.resolve()
+    return os.path.relpath(path) if path.is_relative_to(Path.cwd().resolve()) else str(path)
