@@ -1469,3 +1469,17 @@ def test_a_map_names_classes_that_hold_commas():
     with pytest.raises(WingspanError, match="'oops': expected NAME=NAME"):
         name_pairs(["oops"], "--map")
 
+
+def test_a_run_whose_data_moved_says_where_its_paths_are(trained, tmp_path):
+    """Every image of the run's split gone (the data moved): the hint named `data inspect`
+    and --split, which cannot help; the paths are in the run's splits.csv, to rewrite."""
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy, ignore=shutil.ignore_patterns("evaluation-*"))
+    splits = copy / "splits.csv"
+    table = pd.read_csv(splits)
+    table["path"] = "/nowhere/moved/" + table["path"].map(lambda p: Path(p).name)
+    table.to_csv(splits, index=False)
+    with pytest.raises(WingspanError, match="could be read") as e:
+        evaluate(copy, progress=False, workers=0, plots=False)
+    assert f"not where {splits} says" in e.value.hint and "sed 's|" in e.value.hint
+

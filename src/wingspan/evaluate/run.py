@@ -120,10 +120,15 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
         ok = [i for i, p in enumerate(preds) if not p.error]
         failed = [(p.path, p.error) for p in preds if p.error]
         if not ok:
+            moved = data is None and run_dir is not None and not any(
+                os.path.exists(p) for p in paths[:20])  # the data moved since the run
             raise WingspanError(
                 none_read(len(preds), "image", f" of the '{split}' split", example=failed[0][1]),
-                hint="Check the files (`wingspan data inspect DATA` lists "
-                "unreadable ones), or evaluate another split with --split.")
+                hint=(f"The run's images are not where {run_dir / SPLITS_FILE} says: if the "
+                      "data moved, write its new place into that file's paths (they are "
+                      "absolute; e.g. sed 's|/old/place|/new/place|'), and evaluate again."
+                      if moved else "Check the files (`wingspan data inspect DATA` lists "
+                      "unreadable ones), or evaluate another split with --split."))
         index = {c: i for i, c in enumerate(predictor.classes)}
         y = rows["_label"].map(index).to_numpy()[ok]
         logits = np.stack([preds[i].view_logits for i in ok])  # (images, views, classes)
