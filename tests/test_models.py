@@ -157,6 +157,12 @@ def test_a_size_a_fixed_size_backbone_cannot_take_is_refused_plainly():
         model, _ = create_classifier(name, {"label": 2}, weights="none")
         model.set_input_size(48, check=True)
         assert model.eval()(torch.zeros(1, 3, 48, 48))["label"].shape == (1, 2)
+    # A ViT at a size its patches do not divide ran, never seeing the pixels left over (at
+    # 70 px, the last 6 of each side: the answer did not change when they did).
+    with pytest.raises(WingspanError, match="16-pixel patches: at 70 px the last 6 px") as e:
+        model, _ = create_classifier("vit_tiny_patch16_224", {"label": 2}, weights="none")
+        model.set_input_size(70, check=True)
+    assert e.value.hint == "Give --image-size a multiple of 16: 64 or 80."
 
 
 def test_torch_hub_cache_then_hf_cache(isolated_caches):

@@ -118,6 +118,17 @@ class Backbone(nn.Module):
         """Refuse `size` for a network that takes its own size only (CaiT, LeViT; MaxViT
         at sizes its windows do not divide), said plainly instead of the layer's own
         assertion or shape error deep in the first pass: one pass over a blank image."""
+        # A ViT cuts the image into patches, and timm drops the pixels left over: at 70 px
+        # with 16 px patches, the bottom and right 6 px of every image were never seen.
+        patch = getattr(getattr(self.net, "patch_embed", None), "patch_size", None)
+        patch = max(patch) if isinstance(patch, tuple | list) else patch
+        if isinstance(patch, int) and patch > 1 and size % patch and not getattr(
+                self.net.patch_embed, "dynamic_img_pad", False):
+            below, above = size // patch * patch, (size // patch + 1) * patch
+            raise WingspanError(
+                f"{self.spec.name} cuts images into {patch}-pixel patches: at {size} px the "
+                f"last {size - below} px of each side would never be seen.",
+                hint=f"Give --image-size a multiple of {patch}: {below} or {above}.")
         was_training = self.training
         self.eval()
         try:
