@@ -1483,3 +1483,18 @@ def test_a_run_whose_data_moved_says_where_its_paths_are(trained, tmp_path):
         evaluate(copy, progress=False, workers=0, plots=False)
     assert f"not where {splits} says" in e.value.hint and "sed 's|" in e.value.hint
 
+
+def test_a_bundle_without_its_run_folder_is_not_called_fair(trained, tmp_path, run_cli):
+    """A model/ folder copied alone, evaluated on the data it trained on: "yes, unless this
+    data holds images the model was trained or chosen on", and the screen said nothing.
+    Which images those are is unknown without the run's splits.csv; said so."""
+    bundle = shutil.copytree(trained / "model", tmp_path / "bundle")
+    data = pd.read_csv(trained / "splits.csv")
+    data.to_csv(tmp_path / "same.csv", index=False)
+    code, out, err = run_cli("evaluate", bundle, tmp_path / "same.csv", "--split", "all",
+                             "--no-plots", "--out", tmp_path / "ev")
+    assert code == 0, err
+    fair = json.loads((tmp_path / "ev" / "metrics.json").read_text())["fair"]
+    assert fair.startswith("unknown: this model came without its run folder"), fair
+    assert "Are these figures fair? unknown" in " ".join(out.split())
+

@@ -618,6 +618,8 @@ def _evaluation_warnings(metrics: dict) -> list[str]:
     notes = []
     if metrics.get("fair", "").startswith("no"):
         notes.append(f"These figures are not fair: {metrics['fair'][4:]}.")
+    elif metrics.get("fair", "").startswith("unknown"):
+        notes.append(f"These figures may not be fair: {metrics['fair'][9:]}.")
     if said := unreadable_wording(metrics):
         notes.append(said + ".")
     if said := left_out_wording(metrics, some(metrics.get("unknown_classes", []), 8),

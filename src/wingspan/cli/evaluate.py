@@ -110,7 +110,7 @@ def print_evaluation(result) -> None:
     for label, value in answer_rows(m.get("answers")):
         table.add_row(label, value)
     out.print(table)
-    if m.get("fair", "").startswith("no"):  # evaluated on images trained or chosen on
+    if not m.get("fair", "yes").startswith("yes"):  # images trained or chosen on (or maybe)
         out.print(f"[yellow]Are these figures fair?[/] {escape(m['fair'])}.")
     if m.get("tta_note"):
         out.print(f"Test-time augmentation: {escape(m['tta_note'])}.")

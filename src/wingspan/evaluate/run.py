@@ -1059,8 +1059,10 @@ def _fairness(manifest: dict, split: str, data, paths: list[str],
                 + (f"; {copies} of them as copies in another place" if copies else "") + "), "
                 "so these figures are optimistic: evaluate it on photos that were not given "
                 "to adapt")
-    if own is None:
-        return "yes, unless this data holds images the model was trained or chosen on"
+    if own is None:  # (a model bundle copied without its run folder: no splits.csv)
+        return ("unknown: this model came without its run folder, whose splits.csv says "
+                "which images it was trained or chosen on; the figures are fair only if this "
+                "data holds none of them")
     seen = own[own[SPLIT].isin(["train", "val"])]
     seen = dict(zip(real_paths(seen["path"]), seen[SPLIT], strict=True))
     trained, chosen = (sum(seen.get(p) == side for p in evaluated) for side in ("train", "val"))
