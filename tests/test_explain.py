@@ -67,7 +67,7 @@ def test_grad_cam_points_at_the_evidence():
         def pool(self, fmap):
             return fmap[..., fmap.shape[-1] // 2:].mean((2, 3))
 
-        def spatial(self, fmap):
+        def spatial(self, fmap, prefix=None):
             return fmap
 
     class Half(nn.Module):
@@ -116,9 +116,30 @@ def test_grad_cam_of_a_vit_that_answers_from_its_class_token_is_drawn():
     cam = grad_cam(FakePredictor(), torch.randn(3, size, size), target=1)
     assert cam.shape == (size, size) and cam.max() == 1.0 and (cam > 0).mean() > 0.05
     assert not model.backbone.net.blocks[-1]._forward_pre_hooks  # (taken off again)
+    # A server explains in several threads with one model: another thread's forward while
+    # this one's map is drawn was taken for this one's ("appears to not have been used in
+    # the graph"). Here one runs within this one's forward, every time.
+    import threading
+
+    def predict_elsewhere():
+        with torch.inference_mode():
+            model(torch.randn(1, 3, size, size))
+
+    def other_thread_forward(module, args, output):
+        if threading.current_thread() is threading.main_thread():
+            other = threading.Thread(target=predict_elsewhere)
+            other.start()
+            other.join()
+
+    meddling = model.backbone.net.blocks[-1].register_forward_hook(other_thread_forward)
+    assert grad_cam(FakePredictor(), torch.randn(3, size, size), target=1).max() == 1.0
+    meddling.remove()
     model.backbone.forward = lambda x: [x, x]
     with pytest.raises(WingspanError, match="gives 2 feature maps, not one"):
         grad_cam(FakePredictor(), torch.randn(3, size, size), target=1)
+    # CaiT's class token joins after its blocks: the tokens into the last are patches alone.
+    FakePredictor.model, _ = create_classifier("cait_xxs24_224", {"label": 3}, weights="none")
+    assert grad_cam(FakePredictor(), torch.randn(3, 224, 224), target=1).max() == 1.0
 
 
 def test_explain_decodes_a_large_jpeg_as_predict_does(run_dir, tmp_path, monkeypatch):

@@ -11,7 +11,9 @@ predict answers otherwise ("unknown", or only a coarser class) the title says so
 from __future__ import annotations
 
 import io
+import threading
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,40 +47,56 @@ def grad_cam(predictor: Predictor, image: torch.Tensor, target: int) -> np.ndarr
     (`Backbone.spatial`: a ViT's patch tokens on their grid, a Swin's NHWC permuted)."""
     model = predictor.model.float().eval()
     backbone = model.backbone
-    # A ViT that answers from its class token alone: its last tokens out never reach the
-    # answer but through that token, so their gradient is 0 and every map was blank. The
-    # tokens into its last block are mapped instead (pytorch-grad-cam's recipe for ViTs).
-    net = getattr(backbone, "net", None)
-    last_block = (net.blocks[-1] if getattr(net, "global_pool", None) == "token"
-                  and isinstance(getattr(net, "blocks", None), torch.nn.Sequential) else None)
-    taken = []
-    hook = last_block.register_forward_pre_hook(
-        lambda _, args: taken.append(args[0])) if last_block is not None else None
-    try:
-        with torch.enable_grad():
-            # A gradient to the input makes one reach the features, frozen weights or not.
-            x = image[None].to(next(model.parameters()).device).requires_grad_(True)
-            features = backbone(x)
-            if not isinstance(features, torch.Tensor):  # (CrossViT: a map per branch)
-                raise WingspanError(f"{backbone.spec.name} gives {len(features)} feature maps, "
-                                    "not one: Grad-CAM cannot draw it.")
-            score = model.head(backbone.pool(features))[predictor.level][0, target]
-            mapped = taken[-1] if taken else features
-            # The gradient to the features alone: .backward() would also fill (and, call
-            # after call, add up) a gradient for every weight, a second copy of the model
-            # kept in a server for nothing.
-            (grad,) = torch.autograd.grad(score, mapped)
-            maps = backbone.spatial(mapped.detach())
-            grads = backbone.spatial(grad)
-    finally:
-        if hook is not None:
-            hook.remove()
+    with _tokens_into_last_block(backbone) as taken, torch.enable_grad():
+        # A gradient to the input makes one reach the features, frozen weights or not.
+        x = image[None].to(next(model.parameters()).device).requires_grad_(True)
+        features = backbone(x)
+        if not isinstance(features, torch.Tensor):  # (CrossViT: a map per branch)
+            raise WingspanError(f"{backbone.spec.name} gives {len(features)} feature maps, "
+                                "not one: Grad-CAM cannot draw it.")
+        score = model.head(backbone.pool(features))[predictor.level][0, target]
+        mapped, prefix = features, None
+        if taken:  # its class and register tokens before the patches, if any (CaiT: none)
+            prefix = taken[0].shape[1] - (features.shape[1] - backbone.net.num_prefix_tokens)
+            mapped, prefix = (taken[0], prefix) if prefix >= 0 else (features, None)
+        # The gradient to the features alone: .backward() would also fill (and, call after
+        # call, add up) a gradient for every weight, a second copy of the model kept in a
+        # server for nothing.
+        (grad,) = torch.autograd.grad(score, mapped)
+        maps = backbone.spatial(mapped.detach(), prefix)
+        grads = backbone.spatial(grad, prefix)
     weights = grads.mean((2, 3), keepdim=True)  # each channel's importance for the class
     cam = torch.relu((weights * maps).sum(1, keepdim=True))
     cam = F.interpolate(cam, tuple(image.shape[-2:]), mode="bilinear", align_corners=False)
     cam = cam[0, 0].float().cpu().numpy()
     top = cam.max()
     return cam / top if top > 0 else np.zeros_like(cam)
+
+
+@contextmanager
+def _tokens_into_last_block(backbone):
+    """The tokens into the last block of a ViT that answers from its class token alone (a
+    list, filled by the block's first forward in this thread): its tokens out reach the
+    answer only through that token, so their gradient is 0 and every map was blank
+    (pytorch-grad-cam's recipe for ViTs maps these instead). Empty for other networks.
+    This thread's own forward only: a server explains in several threads at once."""
+    net = getattr(backbone, "net", None)
+    blocks = getattr(net, "blocks", None)
+    if getattr(net, "global_pool", None) != "token" or not isinstance(
+            blocks, torch.nn.Sequential | torch.nn.ModuleList) or not len(blocks):
+        yield []
+        return
+    me, taken = threading.get_ident(), []
+
+    def keep(_, args):
+        if threading.get_ident() == me and not taken:
+            taken.append(args[0])
+
+    hook = blocks[-1].register_forward_pre_hook(keep)
+    try:
+        yield taken
+    finally:
+        hook.remove()
 
 
 def explain_image(predictor: Predictor, x: torch.Tensor, target: str | None = None

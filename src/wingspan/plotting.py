@@ -3,6 +3,8 @@ was chosen in MPLBACKEND. A Jupyter kernel sets its inline backend there, and sw
 it to Agg would stop the user's own figures from showing in the notebook."""
 
 import os
+import threading
+from contextlib import contextmanager
 
 import matplotlib
 
@@ -17,9 +19,16 @@ __all__ = ["literal_text", "plt", "short_name"]
 # mathematics: "$\foo$" stopped `data inspect` and `evaluate` with a parse error, and "price
 # $5-$10" was drawn as "price 5 - 10" in italics. Every function that draws a figure (and
 # saves it: tick labels are made as it is drawn) runs under this (`@literal_text()`), which
-# leaves the user's own figures in a notebook as they are.
+# leaves the user's own figures in a notebook as they are. One at a time: rc_context sets
+# and puts back the process's settings, and the server draws in several threads (pyplot's
+# figures are not for threads either).
+_DRAWING = threading.RLock()
+
+
+@contextmanager
 def literal_text():
-    return matplotlib.rc_context({"text.parse_math": False})
+    with _DRAWING, matplotlib.rc_context({"text.parse_math": False}):
+        yield
 
 
 def short_name(name: str, most: int = 34) -> str:

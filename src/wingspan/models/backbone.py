@@ -90,12 +90,14 @@ class Backbone(nn.Module):
         """`forward`'s output -> (N, num_features)."""
         return self.net.forward_head(features, pre_logits=True)
 
-    def spatial(self, features: torch.Tensor) -> torch.Tensor:
+    def spatial(self, features: torch.Tensor, prefix: int | None = None) -> torch.Tensor:
         """`forward`'s output as a map (N, C, H, W), for class activation maps: a ViT's
-        patch tokens (its class and register tokens dropped) laid out on their grid, a
-        Swin's NHWC map permuted."""
+        patch tokens (its class and register tokens dropped: `prefix` of them, else the
+        network's own count) laid out on their grid, a Swin's NHWC map permuted."""
         if features.dim() == 3:
-            tokens = features[:, getattr(self.net, "num_prefix_tokens", 0):]
+            if prefix is None:
+                prefix = getattr(self.net, "num_prefix_tokens", 0)
+            tokens = features[:, prefix:]
             side = math.isqrt(tokens.shape[1])
             if side * side != tokens.shape[1]:
                 raise WingspanError(f"{self.spec.name}'s {tokens.shape[1]} tokens do not lie "
