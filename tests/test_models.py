@@ -163,6 +163,9 @@ def test_a_size_a_fixed_size_backbone_cannot_take_is_refused_plainly():
         model, _ = create_classifier("vit_tiny_patch16_224", {"label": 2}, weights="none")
         model.set_input_size(70, check=True)
     assert e.value.hint == "Give --image-size a multiple of 16: 64 or 80."
+    # PVTv2's patch_size 7 is a padded stride-4 convolution that sees every pixel.
+    model, _ = create_classifier("pvt_v2_b0", {"label": 2}, weights="none")
+    model.set_input_size(72, check=True)
 
 
 def test_torch_hub_cache_then_hf_cache(isolated_caches):

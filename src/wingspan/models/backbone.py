@@ -38,6 +38,21 @@ def native_size(net: nn.Module) -> int:
     return int(net.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
 
 
+def _patch_size(net: nn.Module) -> int | None:
+    """The side of the patches a ViT-like network cuts the image into, where it drops the
+    pixels left over: a convolution whose kernel is its stride, unpadded, and no padding of
+    the image to fit (timm's dynamic_img_pad). None for other networks (PVTv2's patch_size
+    7 is a stride-4 padded convolution that sees every pixel)."""
+    embed = getattr(net, "patch_embed", None)
+    proj = getattr(embed, "proj", None)
+    if not isinstance(proj, nn.Conv2d) or getattr(embed, "dynamic_img_pad", False):
+        return None
+    side = proj.stride[0]
+    square = proj.kernel_size == proj.stride == (side, side)
+    unpadded = proj.padding in ((0, 0), "valid")
+    return side if square and unpadded and side > 1 else None
+
+
 def stage_groups(net: nn.Module) -> list[list[str]]:
     """The network's parameter names by stage, from input to output: timm's coarse groups
     (stem, then blocks). A network timm groups not (PoolFormer and PiT have no
@@ -122,10 +137,8 @@ class Backbone(nn.Module):
         assertion or shape error deep in the first pass: one pass over a blank image."""
         # A ViT cuts the image into patches, and timm drops the pixels left over: at 70 px
         # with 16 px patches, the bottom and right 6 px of every image were never seen.
-        patch = getattr(getattr(self.net, "patch_embed", None), "patch_size", None)
-        patch = max(patch) if isinstance(patch, tuple | list) else patch
-        if isinstance(patch, int) and patch > 1 and size % patch and not getattr(
-                self.net.patch_embed, "dynamic_img_pad", False):
+        patch = _patch_size(self.net)
+        if patch and size % patch and size > patch:
             below, above = size // patch * patch, (size // patch + 1) * patch
             raise WingspanError(
                 f"{self.spec.name} cuts images into {patch}-pixel patches: at {size} px the "
