@@ -363,6 +363,10 @@ def test_a_network_timm_does_not_group_is_split_by_its_modules(missing, monkeypa
     assert backbone.stages["stem"][0].startswith("conv_stem")
     assert any(all(n.startswith("blocks.0.") for n in names)  # a Sequential's member
                for names in backbone.stages.values())
+    # The modules after the blocks (the final conv and norm) join the last blocks: a stage
+    # of a norm alone would train nothing else.
+    last = list(backbone.stages.values())[-1]
+    assert last[0].startswith("blocks.") and "conv_head.weight" in last and "bn2.weight" in last
     chosen = backbone.unfreeze_last(2)
     trained = {n for n, p in backbone.net.named_parameters() if p.requires_grad}
     assert trained == {n for stage in chosen for n in backbone.stages[stage]} - \

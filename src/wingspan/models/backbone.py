@@ -18,6 +18,8 @@ from torch import nn
 from wingspan.errors import WingspanError, first_line
 from wingspan.models.registry import BackboneSpec
 
+# timm's containers of a network's blocks, in order: each block a unit or stage of its own.
+_BLOCKS = ("blocks", "stages", "dense_stages", "transformers", "layers")
 # timm modules after the feature map: never part of `units`.
 _HEAD_MODULES = {"global_pool", "fc", "classifier", "head", "head_drop", "fc_norm", "pre_logits"}
 
@@ -57,23 +59,27 @@ def stage_groups(net: nn.Module) -> list[list[str]]:
     """The network's parameter names by stage, from input to output: timm's coarse groups
     (stem, then blocks). A network timm groups not (PoolFormer and PiT have no
     group_matcher; RDNet's says "coarse grouping is not implemented") stopped every command
-    that builds it with a traceback: its top-level modules in order are its stages, the
-    parameters on the network itself (a class token, position embeddings) in the stem, and
-    a Sequential or ModuleList of them (`stages`, `blocks`) one stage per member."""
+    that builds it with a traceback: its top-level modules in order are its stages, each
+    member of a container of blocks (`_BLOCKS`) one, the parameters on the network itself
+    (a class token, position embeddings) in the first, and the modules after the blocks (a
+    final norm, the head's) in the last: a stage of a norm alone would train nothing else."""
     try:
         return list(group_parameters(net, net.group_matcher(coarse=True)).values())
     except (AttributeError, AssertionError, NotImplementedError):
-        own = [name for name, _ in net.named_parameters(recurse=False)]
-        parts = []
+        groups, blocks_seen = [], False
         for child, module in net.named_children():
-            if isinstance(module, nn.Sequential | nn.ModuleList):
-                parts += [(f"{child}.{i}", member) for i, member in module.named_children()]
+            names = [f"{child}.{name}" for name, _ in module.named_parameters()]
+            if child in _BLOCKS and isinstance(module, nn.Sequential | nn.ModuleList):
+                groups += [[f"{child}.{i}.{name}" for name, _ in block.named_parameters()]
+                           for i, block in module.named_children()]
+                blocks_seen = True
+            elif blocks_seen and groups:  # a final norm, the head: with the last blocks
+                groups[-1] += names
             else:
-                parts.append((child, module))
-        groups = [[f"{prefix}.{name}" for name, _ in module.named_parameters()]
-                  for prefix, module in parts]
-        groups = [group for group in groups if group]
-        return [own + groups[0], *groups[1:]] if groups else [own]
+                groups.append(names)
+        groups = [group for group in groups if group] or [[]]
+        groups[0][:0] = [name for name, _ in net.named_parameters(recurse=False)]
+        return groups
 
 
 class Backbone(nn.Module):
@@ -166,7 +172,7 @@ class Backbone(nn.Module):
             for name, child in self.net.named_children():
                 if name in _HEAD_MODULES:
                     continue
-                expand = name in ("blocks", "stages") and isinstance(child, nn.Sequential)
+                expand = name in _BLOCKS and isinstance(child, nn.Sequential)
                 chain.extend(child if expand else [child])
             self._units = chain if self._same_as_forward(chain) else None
         return self._units
