@@ -73,10 +73,12 @@ def confidence_intervals(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int,
       bootstrap says nothing when every image is right (every resample is all right too):
       33 of 33 gave "1.000-1.000", where the share right could well be 0.9;
     - macro-F1: the percentile bootstrap, as no formula gives its spread: images resampled
-      with their predictions within each class (`stratified_resamples`), the figure's
-      classes averaged in every resample; [x, x] when no resample moves it
-      (`interval_text` then says so).
-    None for no image; accuracy's alone for one (0.000-0.975 for one right)."""
+      with their predictions within each class (`stratified_resamples`: each class's count
+      held, so a class of one image adds no spread), the figure's classes averaged in every
+      resample; [x, x] when no resample moves it as every image is right (`interval_text`
+      then says so), none when no resample moves it as every class has one image.
+    None for no image; accuracy's alone for one (0.025-1.000 for one right, 0.000-0.975 for
+    one wrong)."""
     if len(y_true) < 1:
         return None
     right = int((np.asarray(y_true) == np.asarray(y_pred)).sum())
@@ -94,9 +96,12 @@ def confidence_intervals(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int,
         scores.append(macro_f1(y_true[rows], y_pred[rows], n_classes, counted=counted))
     tail = (1 - confidence) / 2
     low, high = np.quantile(np.concatenate(scores), [tail, 1 - tail])
-    return {"confidence": confidence, "resamples": resamples,
-            "accuracy": [float(accuracy.low), float(accuracy.high)],
-            "macro_f1": [float(low), float(high)]}
+    found = {"confidence": confidence, "resamples": resamples,
+             "accuracy": [float(accuracy.low), float(accuracy.high)],
+             "macro_f1": [float(low), float(high)]}
+    if low == high and right < len(y_true):  # each class one image: held, not known
+        del found["macro_f1"]
+    return found
 
 
 def stratified_resamples(y_true: np.ndarray, resamples: int, rng: np.random.Generator
