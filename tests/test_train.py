@@ -1984,6 +1984,10 @@ def test_grad_mode_and_default_dtype_left_by_a_notebook(demo_dir, tmp_path):
         run = train(data, tiny(tmp_path, epochs_head=1, epochs_finetune=1), tmp_path, "nograd",
                     quiet=True)
     assert (run / "model" / "manifest.json").is_file()
+    with torch.inference_mode():
+        run = train(data, tiny(tmp_path, epochs_head=1, epochs_finetune=1), tmp_path,
+                    "inference", quiet=True)
+    assert (run / "model" / "manifest.json").is_file()
     torch.set_default_dtype(torch.float64)
     try:
         with pytest.raises(WingspanError, match="default dtype is torch.float64") as e:

@@ -76,6 +76,11 @@ from wingspan.training.stages import finetune, say_what_is_read, train_head
 from wingspan.training.step import choose_train
 
 
+# Grad on whatever the caller left: a notebook's torch.set_grad_enabled(False) stopped the
+# head's first step after its features were cached, and a model built in inference_mode
+# cannot be trained at all.
+@torch.inference_mode(False)
+@torch.enable_grad()
 def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = RUNS_DIR,
           name: str | None = None, quiet: bool = False) -> Path:
     """Train a new run; returns its folder (runs/<name>, numbered if the name is taken).
@@ -236,6 +241,8 @@ def _score_held_out(run_dir: Path, run: Run) -> Path:
     return run_dir
 
 
+@torch.inference_mode(False)
+@torch.enable_grad()
 def resume(run_dir: str | Path, quiet: bool = False, **machine) -> Path:
     """Continue a run that was stopped or killed, from its last checkpoint; `machine`
     changes MACHINE_SETTINGS, e.g. devices=1 for a run begun on 2 processes."""
@@ -512,13 +519,15 @@ def _interruptible(run: Run, scoring_only: bool = False) -> Path:
         (run.dir / ERROR_FILE).unlink(missing_ok=True)  # a resume goes at it again
     terminated = _Terminated()
     try:
-        # (grad on whatever the caller left: a notebook's torch.set_grad_enabled(False)
-        # stopped the head's first step, after its features were cached)
-        with terminated, torch.enable_grad():
+        with terminated:
             return _score_held_out(run.dir if scoring_only else _recipe(run), run)
     except (KeyboardInterrupt, RuntimeError) as e:
         if isinstance(e, RuntimeError) and not terminated.received:
-            _failed(run, f"{type(e).__name__}: {e}")
+            # One process's own fault; not the others' view of a process that died (their
+            # collective fails first: it is that process's error that says why), nor a
+            # loader worker's death under Ctrl-C: those runs stay stopped, to resume.
+            if run.fabric.world_size == 1 and not str(e).startswith("DataLoader worker"):
+                _failed(run, f"{type(e).__name__}: {e}")
             raise
         run.log(("Stopped by SIGTERM (a scheduler's or `kill`'s, or torchrun's once another "
                  "process failed: see its output). " if terminated.received else
