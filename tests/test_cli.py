@@ -473,4 +473,10 @@ def test_the_demo_says_next_commands_as_a_new_shell_runs_them(tmp_path, monkeypa
     assert _wingspan_command() == "wingspan"  # (activated: found on the PATH)
     monkeypatch.setattr("sys.argv", ["/usr/bin/pytest"])
     assert _wingspan_command() == "wingspan"
+    from pathlib import Path
+
+    import wingspan
+
+    monkeypatch.setattr("sys.argv", [str(Path(wingspan.__file__).parent / "__main__.py")])
+    assert _wingspan_command().endswith(" -m wingspan")  # python -m wingspan demo
 

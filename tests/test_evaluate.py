@@ -1466,6 +1466,8 @@ def test_a_map_names_classes_that_hold_commas():
     assert name_pairs(["009=red,admiral"], "--map") == {"009": "red,admiral"}
     assert name_pairs(["a=b, c=d,", "e=monarch=big"], "--map") == {
         "a": "b", "c": "d", "e": "monarch=big"}
+    assert name_pairs(["a=b,c=red,admiral,d=e"], "--map") == {
+        "a": "b", "c": "red,admiral", "d": "e"}
     with pytest.raises(WingspanError, match="'oops': expected NAME=NAME"):
         name_pairs(["oops"], "--map")
 

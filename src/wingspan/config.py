@@ -670,12 +670,17 @@ COMMAND_OPTIONS = {"format": "--format", "group_regex": "--group-regex",
 def name_pairs(items: list[str], option: str) -> dict[str, str]:
     """["a=b", "c=d,e=f"] -> {"a": "b", "c": "d", "e": "f"}: a class map as the CLI's
     --map and the library's class_map give it (`option` names it in errors). A text is
-    split at its commas only where each part is a pair: "a=red,admiral" maps a to the
-    class "red,admiral" (a class folder may hold a comma); a name holding "=" is read up
-    to its first "=" on the left."""
+    split at its commas, and a part without "=" belongs to the pair before it:
+    "a=red,admiral,b=c" maps a to the class "red,admiral" (a class folder may hold a
+    comma); a name holding "=" is read up to its first "=" on the left."""
     def pairs_in(text: str) -> list[str]:
-        parts = [part.strip() for part in text.split(",") if part.strip()]
-        return parts if all("=" in part for part in parts) else [text.strip()]
+        pairs: list[str] = []
+        for part in (part for part in text.split(",") if part.strip()):
+            if "=" in part or not pairs:
+                pairs.append(part)
+            else:
+                pairs[-1] += "," + part
+        return [pair.strip() for pair in pairs if pair.strip()]
 
     pairs = {}
     for item in (item for text in items for item in pairs_in(text)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -97,8 +98,9 @@ def demo(
         out.print(f"  {name:14s} {plain(path)}")
     out.rule("next")
     command, photo = _wingspan_command(), next(iter(sorted(data_dir.rglob("*.jpg"))), data_dir)
-    for line, what in ((f"predict {run_dir} {photo}", "a class and its probability per photo"),
-                       (f"serve {run_dir}", "a web page and an HTTP API at 127.0.0.1:8000"),
+    run, photo = shlex.quote(str(run_dir)), shlex.quote(str(photo))  # (pasted into a shell)
+    for line, what in ((f"predict {run} {photo}", "a class and its probability per photo"),
+                       (f"serve {run}", "a web page and an HTTP API at 127.0.0.1:8000"),
                        ("train PHOTOS", "your own photos, a folder per class")):
         out.print(f"  {plain(command)} {plain(line)}\n      ({what})")
 
@@ -106,10 +108,13 @@ def demo(
 def _wingspan_command() -> str:
     """How a new shell calls wingspan: `wingspan` where it is on the PATH, else the script
     running now (`make demo` runs .venv/bin/wingspan, which a new shell does not find:
-    "wingspan: command not found")."""
+    "wingspan: command not found"), or this Python with -m (`python -m wingspan demo`)."""
     running = Path(sys.argv[0])
     found = shutil.which("wingspan")
+    if running.name == "__main__.py" and running.parent.name in ("wingspan", "cli"):
+        return f"{shlex.quote(sys.executable)} -m wingspan"
     if running.name != "wingspan" or (found and Path(found).resolve() == running.resolve()):
         return "wingspan"
     path = running.resolve()
-    return os.path.relpath(path) if path.is_relative_to(Path.cwd().resolve()) else str(path)
+    return shlex.quote(os.path.relpath(path) if path.is_relative_to(Path.cwd().resolve())
+                       else str(path))
