@@ -123,7 +123,8 @@ def test_ethec_reports_each_leak_once(tmp_path):
         write_image(root / IMAGE_DIR / "d" / f"{n}.jpg", seed=n, fmt="JPEG")
     dataset = read_dataset(root)
     said = {p.kind: p.message for p in dataset.problems if "two_splits" in p.kind}
-    assert said["barcode_in_two_splits"].startswith("1 barcode has images in more than one")
+    assert said["barcode_in_two_splits"].startswith(
+        "1 barcode has different images in more than one")
     assert said["image_in_two_splits"].startswith("1 image is in more than one split")
     leaks = find_leaks(dataset, by_content=False)  # what training counts, the same
     assert len(leaks.by_path) == 1 and list(leaks.by_group) == ["B1"]
