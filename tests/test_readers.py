@@ -906,3 +906,18 @@ def test_a_taxonomy_row_spelt_in_another_case_is_named(tmp_path):
     (missing,) = [p for p in read_dataset(tmp_path).problems if p.kind == "taxonomy_missing"]
     assert missing.message.endswith("Its row '008-Pieris_Rapae' differs only in case: write it "
                                     "as the folder is named.")
+
+
+def test_two_class_folders_given_one_species_are_said(tmp_path):
+    """A row copied and not edited: two folders became one species class, and nothing
+    said so (`data inspect`: "No problems found"; train: "species: 5 classes" of 6)."""
+    folder_dataset(tmp_path, {"eyed_scallop": 2, "red_banded": 2, "monarch": 2})
+    (tmp_path / "taxonomy.csv").write_text(
+        "folder,family,genus,specific_epithet\neyed_scallop,Nymphalidae,Synthia,rubrofasciata\n"
+        "red_banded,Nymphalidae,Synthia,rubrofasciata\nmonarch,Nymphalidae,Danaus,plexippus\n")
+    ds = read_dataset(tmp_path)
+    (merged,) = [p for p in ds.problems if p.kind == "taxonomy_merges"]
+    assert merged.message.startswith("The class folders eyed_scallop, red_banded are all "
+                                     "species 'Synthia rubrofasciata'")
+    assert ds.table["species"].nunique() == 2 and ds.table["label"].nunique() == 3
+

@@ -9,7 +9,7 @@ import pandas as pd
 
 from wingspan.data.csvfiles import name_as_read, read_csv
 from wingspan.data.samples import GROUP, PATH, SPLIT, Problem
-from wingspan.errors import WingspanError
+from wingspan.errors import WingspanError, some
 
 TAXONOMY_FILE = "taxonomy.csv"
 
@@ -94,6 +94,16 @@ def apply_taxonomy(
                             "it as the folder is named." if c.casefold() in unused else ""))
         for c in sorted(joined.loc[joined[levels[0]].isna(), key].unique())
     ]
+    # Two class folders given one species (a row copied and not edited) become one class
+    # at that level: said, as nothing else would show it ("species: 5 classes" of 6).
+    finest = tax.loc[tax.index.isin(used), levels[-1]].dropna()
+    finest = finest[(finest != "") & (levels[-1] in ("species", "subspecies"))]
+    for name, folders in finest.groupby(finest).groups.items():
+        if len(folders) > 1:
+            problems.append(Problem(
+                "taxonomy_merges", f"The class folders {some(sorted(folders))} are all "
+                f"{levels[-1]} '{name}' in {source}: at that level they are one class. "
+                "Correct their rows if they are different species.", str(source)))
     joined[levels] = joined[levels].fillna("")
     return joined, levels, problems
 
