@@ -53,6 +53,10 @@ def test_any_timm_name_passes_through_and_unknown_names_are_explained():
     assert get_spec("resnet18.a1_in1k").timm_name == "resnet18.a1_in1k"  # a pretrained tag
     with pytest.raises(WingspanError, match="(?s)Invalid pretrained tag.*resnet18.a1_in1k, "):
         get_spec("resnet18.a1_in1kk")
+    # A Hub name: "Unknown backbone ... Any timm model name works too" was no help.
+    with pytest.raises(WingspanError, match="names from the Hugging Face Hub") as e:
+        get_spec("hf-hub:timm/resnet18.a1_in1k")
+    assert e.value.hint.startswith("Give the timm name (resnet18.a1_in1k)")
 
 
 @pytest.mark.parametrize("typed, meant", [("vit_tiny_patch16", "vit_tiny_patch16_224"),

@@ -97,6 +97,12 @@ def get_spec(name: str) -> BackboneSpec:
                     hint=f"{arch}'s pretrained tags: "
                     + (", ".join(timm.list_pretrained(f"{arch}.*")) or "none") + ".") from e
         return BackboneSpec(name, name, description="timm model")
+    if name.startswith(("hf-hub:", "hf_hub:")):  # timm's Hub names: not taken here
+        tag = name.split(":", 1)[1].rpartition("/")[2]
+        raise WingspanError(
+            f"Backbone '{name}': names from the Hugging Face Hub are not taken.",
+            hint=f"Give the timm name ({tag}): its weights are found in the caches or "
+                 "downloaded as for any timm model, or give a file with --weights FILE.")
     close = similar_names(name)
     raise WingspanError(
         f"Unknown backbone '{name}'.",
