@@ -2011,6 +2011,19 @@ def test_grad_mode_and_default_dtype_left_by_a_notebook(demo_dir, tmp_path):
     assert "ValueError: a fault of ours" in listed.loc["fault", "detail"]
 
 
+def test_a_warning_before_training_is_said_with_quiet(demo_dir, tmp_path, capsys):
+    """--val-fraction on data with a split of its own is left unused: with quiet=True (a
+    notebook's ws.train) that was said in train.log alone, though config.yaml records it."""
+    import wingspan as ws
+
+    split = ws.read(demo_dir).split(val=0.2, test=0.2, out=tmp_path / "split")
+    capsys.readouterr()
+    train(read_dataset(tmp_path / "split" / "splits.csv"),
+          tiny(tmp_path, val_fraction=0.4, epochs_head=1, epochs_finetune=0), tmp_path, "r",
+          quiet=True)
+    assert split.split_report and "--val-fraction 0.4 and" in capsys.readouterr().err
+
+
 def test_a_full_disk_that_stops_a_run_is_the_error_said(demo_dir, tmp_path, monkeypatch):
     """A checkpoint refused by a full disk stops the run; error.txt, which says why for
     `wingspan runs`, is refused too, and that second error was the one shown ('error.txt was

@@ -129,8 +129,8 @@ def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = RUNS_DIR
         raise
     if taken:
         run.log(taken, caveat=True)
-    for line in filter(None, logs):
-        run.log(line)
+    for line in filter(None, logs):  # (a warning is said even with --quiet, as caveats are)
+        run.log(line, caveat=line.startswith("Warning:"))
     return _interruptible(run)
 
 
