@@ -1500,3 +1500,18 @@ def test_a_bundle_without_its_run_folder_is_not_called_fair(trained, tmp_path, r
     assert fair.startswith("unknown: this model came without its run folder"), fair
     assert "Are these figures fair? unknown" in " ".join(out.split())
 
+
+def test_a_file_put_in_an_evaluation_folder_is_not_deleted_by_the_next(trained, tmp_path):
+    """A second evaluation replaces the folder whole: notes the user put there since were
+    deleted without a word (an --out of other files was refused, the default one not)."""
+    out = tmp_path / "ev"
+    evaluate(trained, progress=False, workers=0, plots=False, out=out)
+    evaluate(trained, progress=False, workers=0, plots=False, out=out)  # its own files: fine
+    (out / "my_notes.txt").write_text("mine")
+    with pytest.raises(WingspanError, match="holds files the evaluation there did not write: "
+                       "my_notes.txt") as e:
+        evaluate(trained, progress=False, workers=0, plots=False, out=out)
+    assert (out / "my_notes.txt").read_text() == "mine" and "Move them out" in e.value.hint
+    (out / "my_notes.txt").unlink()
+    evaluate(trained, progress=False, workers=0, plots=False, out=out)
+

@@ -287,6 +287,12 @@ def _writing(final: Path):
                                       "next\n")
         try:
             yield out_dir
+            # What it wrote, so that the next one can tell a file the user put here since
+            # (notes beside the figures), which it would delete, and refuse instead.
+            written = sorted(str(f.relative_to(out_dir)) for f in out_dir.rglob("*")
+                             if f.is_file() and f.name != MARKER)
+            with open(out_dir / MARKER, "a") as f:
+                f.write("".join(f"{name}\n" for name in written))
             replace_folder(out_dir, final)
         except BaseException:
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -548,6 +554,14 @@ def _check_out_dir(final: Path) -> None:
         raise WingspanError(f"--out {final} already holds files that are not an evaluation's; "
                             "the evaluation replaces its folder whole.",
                             hint="Give a new or empty folder, or an earlier evaluation's.")
+    if (final / MARKER).is_file():  # an earlier evaluation's: the files it wrote, listed
+        listed = (final / MARKER).read_text().splitlines()[1:]
+        added = sorted(str(f.relative_to(final)) for f in final.rglob("*") if f.is_file()
+                       and f.name != MARKER and str(f.relative_to(final)) not in listed)
+        if listed and added:
+            raise WingspanError(f"{final} holds files the evaluation there did not write: "
+                                f"{some(added, 5)}; this one would replace the folder whole.",
+                                hint="Move them out first, or give this one another --out.")
 
 
 def _per_level(predictor: Predictor, rows: pd.DataFrame, probs: np.ndarray, preds: list,
