@@ -82,7 +82,7 @@ def plot_curves(history: pd.DataFrame, path: Path, kept: dict | None = None) -> 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, metric in zip(axes, ["loss", "acc", "macro_f1"], strict=True):
         ax.plot(x, h[f"train_{metric}"], "o-", ms=3, label="train")
-        ax.plot(x, h[f"val_{metric}"], "o-", ms=3, label="val")
+        ax.plot(x, h[f"val_{metric}"], "s--", ms=3, label="val")  # (not told by colour alone)
         ax.set_title({"loss": "loss", "acc": "accuracy", "macro_f1": "macro-F1"}[metric])
         ax.set_xlabel("epoch (all stages)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
