@@ -58,7 +58,8 @@ def write_report(path: Path, title: str, sections: dict) -> Path:
     parts += ["<h2>Augmentation</h2>",
               _img(s.get("preview_png"), "augmentation preview", missing)]
     parts += ["<h2>Training curves</h2>",
-              _img(s.get("curves_png"), "training curves", missing)]
+              _img(s.get("curves_png"), "training curves: loss, accuracy and macro-F1 per "
+                   "epoch, train solid and val dashed", missing)]
     parts += ["<h2>Metrics</h2>", _kv(s.get("summary", []))]
     if s.get("levels") is not None:
         h = s["hierarchy"]
@@ -85,7 +86,8 @@ def write_report(path: Path, title: str, sections: dict) -> Path:
                                            kind="stable")
         parts += ["<h3>Per class (lowest F1 first)</h3>", _table(worst)]
     parts += ["<h2>Confusion matrix</h2><div class='grid'>",
-              _img(s.get("confusion_png"), "confusion matrix", missing)]
+              _img(s.get("confusion_png"), "confusion matrix: rows the true class, columns "
+                   "the predicted one (the counts in confusion.csv)", missing)]
     if s.get("confused") is not None and len(s["confused"]):
         parts += ["<div><h3>Most confused</h3>", _table(s["confused"], "{:.2f}"), "</div>"]
     parts.append("</div>")
@@ -95,7 +97,8 @@ def write_report(path: Path, title: str, sections: dict) -> Path:
     parts += ["<h2>Most confident mistakes</h2><p>Each: the image as the model saw it, "
               "and beside it the same under the Grad-CAM of the wrong class it named (red: "
               "where it found the most evidence for that class).</p>",
-              _img(s.get("mistakes_png"), "mistakes", missing)]
+              _img(s.get("mistakes_png"), "the most confident mistakes, each image beside "
+                   "its Grad-CAM of the class named (every answer in predictions.csv)", missing)]
     if s.get("unknown"):
         parts += ["<h2>Unknown images</h2><p>Images of classes the model never saw, scored "
                   f"against {html.escape(s['unknown']['against'])}: right of the threshold, "
