@@ -1515,3 +1515,15 @@ def test_a_file_put_in_an_evaluation_folder_is_not_deleted_by_the_next(trained, 
     (out / "my_notes.txt").unlink()
     evaluate(trained, progress=False, workers=0, plots=False, out=out)
 
+
+def test_a_report_without_mistakes_says_so_in_words(tmp_path):
+    """Every image right (the demo's 33 of 33): the report showed the mistakes' heading,
+    how to read their Grad-CAMs, and an image saying "no mistakes"."""
+    from wingspan.evaluate.report import write_report
+
+    for all_right in (True, False):
+        page = write_report(tmp_path / f"{all_right}.html", "t",
+                            {"all_right": all_right}).read_text()
+        assert ("None: every image here was answered right." in page) == all_right
+        assert ("under the Grad-CAM of the wrong class" in page) != all_right
+

@@ -46,7 +46,7 @@ def write_report(path: Path, title: str, sections: dict) -> Path:
     """Sections (all optional): overview, data, balance_png, preview_png, curves_png,
     summary, transfer, per_class, confusion_png, confused, level_confusion_pngs ({level:
     png}), mistakes_png, calibration, reliability_png, profile; no_plots (the figures were
-    not asked for: each says so in its place)."""
+    not asked for: each says so in its place); all_right (no mistakes to show)."""
     s = sections
     missing = ("not drawn: evaluated with --no-plots (plots=False in Python)"
                if s.get("no_plots") else "not available")
@@ -94,11 +94,16 @@ def write_report(path: Path, title: str, sections: dict) -> Path:
     for level, png in (s.get("level_confusion_pngs") or {}).items():
         parts += [f"<h3>Confusion matrix: {html.escape(level)}</h3>",
                   _img(png, f"confusion matrix of {level}", missing)]
-    parts += ["<h2>Most confident mistakes</h2><p>Each: the image as the model saw it, "
-              "and beside it the same under the Grad-CAM of the wrong class it named (red: "
-              "where it found the most evidence for that class).</p>",
-              _img(s.get("mistakes_png"), "the most confident mistakes, each image beside "
-                   "its Grad-CAM of the class named (every answer in predictions.csv)", missing)]
+    if s.get("all_right"):  # (no gallery to explain, nor an image saying "no mistakes")
+        parts += ["<h2>Most confident mistakes</h2><p>None: every image here was answered "
+                  "right.</p>"]
+    else:
+        parts += ["<h2>Most confident mistakes</h2><p>Each: the image as the model saw it, "
+                  "and beside it the same under the Grad-CAM of the wrong class it named "
+                  "(red: where it found the most evidence for that class).</p>",
+                  _img(s.get("mistakes_png"), "the most confident mistakes, each image "
+                       "beside its Grad-CAM of the class named (every answer in "
+                       "predictions.csv)", missing)]
     if s.get("unknown"):
         parts += ["<h2>Unknown images</h2><p>Images of classes the model never saw, scored "
                   f"against {html.escape(s['unknown']['against'])}: right of the threshold, "

@@ -1186,7 +1186,8 @@ def _report(out_dir, name, predictor, run_dir, dataset, level, split, metrics, t
                          "hierarchy": metrics.get("hierarchy"),
                          "unknown": _unknown_section(metrics.get("unknown"),
                                                      metrics["split"], metrics["tta"]),
-                         "unknown_png": pngs.get("unknown"), "no_plots": not plots})
+                         "unknown_png": pngs.get("unknown"), "no_plots": not plots,
+                         "all_right": metrics["accuracy"] == 1.0})
 
 
 def _epochs_run(training: dict, train_metrics: dict) -> str:
