@@ -835,6 +835,13 @@ def test_a_wrong_map_hint_names_some_classes_and_counts_the_rest(tmp_path):
                             "{model class: data class}). The model knows: "
                             f"{', '.join(model.classes[:10])} and 30 more; the data has: "
                             f"{', '.join(names[:10])} and 30 more.")
+    # The likely slips: the sides swapped, a name in another case.
+    with pytest.raises(WingspanError, match="does not know") as e:
+        _check_class_map({"c03": "m07"}, model, dataset, "label")
+    assert e.value.hint.startswith("The sides look swapped: the model's class comes first.")
+    with pytest.raises(WingspanError, match="does not know") as e:
+        _check_class_map({"M07": "c03"}, model, dataset, "label")
+    assert e.value.hint.startswith("Did you mean 'm07' for 'M07' (names differ in case)?")
     # One data class given to two model classes: both named.
     with pytest.raises(WingspanError, match="--map gives the data class 'c05' to 2 of the "
                                             "model's classes \\(m01, m02\\)") as e:

@@ -652,18 +652,18 @@ def _check_class_map(class_map: dict[str, str], predictor: Predictor, dataset: D
     spelt = spelt_as_trained(predictor).get(predictor.level, {})
     class_map = {spelt.get(name_as_read(ours), ours) if ours not in predictor.classes
                  else ours: theirs for ours, theirs in class_map.items()}
+    held = set(dataset.table[level])
     ours = [c for c in class_map if c not in predictor.classes]
-    theirs = [c for c in class_map.values() if c not in set(dataset.table[level])]
+    theirs = [c for c in class_map.values() if c not in held]
     if ours or theirs:
         raise WingspanError(
             "--map names " + " and ".join(filter(None, [
                 f"classes the model does not know ({', '.join(ours)})" if ours else "",
                 f"classes the data does not have at level '{level}' ({', '.join(theirs)})"
                 if theirs else ""])) + ".",
-            hint=f"Write --map MODEL_CLASS=DATA_CLASS (in Python: class_map={{model "
-            f"class: data class}}). The model knows: "
-            f"{some(predictor.classes)}; the data has: "
-            f"{some(sorted(set(dataset.table[level])))}.")
+            hint=_map_slips(class_map, predictor.classes, held) + "Write --map "
+            "MODEL_CLASS=DATA_CLASS (in Python: class_map={model class: data class}). The "
+            f"model knows: {some(predictor.classes)}; the data has: {some(sorted(held))}.")
     if len(set(class_map.values())) < len(class_map):
         theirs = next(t for t in class_map.values() if list(class_map.values()).count(t) > 1)
         ours = [o for o, t in class_map.items() if t == theirs]
@@ -685,6 +685,18 @@ def _check_class_map(class_map: dict[str, str], predictor: Predictor, dataset: D
                             hint=f"Map the data's '{own}' too (to another of the model's "
                                  f"classes), or leave {own}={theirs} out.")
     return class_map
+
+
+def _map_slips(class_map: dict[str, str], model: list[str], data: set[str]) -> str:
+    """The likely slips of a --map that names unknown classes, for its hint: the sides
+    swapped ('monarch=001-danaus_plexippus'), or a name in another case."""
+    if all(ours in data and theirs in model for ours, theirs in class_map.items()):
+        return "The sides look swapped: the model's class comes first. "
+    folded = {name.casefold(): name for name in [*model, *data]}
+    meant = [f"'{name}' for '{given}'" for given in [*class_map, *class_map.values()]
+             if given not in model and given not in data
+             and (name := folded.get(given.casefold())) is not None]
+    return f"Did you mean {', '.join(meant)} (names differ in case)? " if meant else ""
 
 
 def _transfer(predictor: Predictor, run_dir: Path | None, class_map: dict[str, str],
