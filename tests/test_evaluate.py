@@ -1534,3 +1534,32 @@ def test_a_report_without_mistakes_says_so_in_words(tmp_path):
         assert ("None: every image here was answered right." in page) == all_right
         assert ("under the Grad-CAM of the wrong class" in page) != all_right
 
+
+def test_ece_on_copies_of_the_calibration_photos_is_said_optimistic(trained, tmp_path):
+    """calibrate on the run's test split, then evaluate copies of those photos sorted into
+    class folders (or a folder above them): the ECE after is optimistic, and was called
+    fair, as the check compared folder paths alone."""
+    run = shutil.copytree(trained, tmp_path / "run",
+                          ignore=shutil.ignore_patterns("evaluation-*"))
+    test = pd.read_csv(run / "splits.csv").query("split == 'test'")
+    for path, label in zip(test["path"], test["label"], strict=True):
+        (tmp_path / "copies" / label).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, tmp_path / "copies" / label / Path(path).name)
+
+    def same(out):
+        return evaluate(run, tmp_path / "copies", split="all", out=tmp_path / out,
+                        progress=False, workers=0, plots=False
+                        ).metrics["calibration"]["same_data_as_evaluation"]
+
+    from wingspan.models.bundle import update_manifest
+
+    fitted = read_manifest(run / "model")["calibration"]  # as training fitted it, on val
+    update_manifest(run / "model", calibration={
+        **{k: v for k, v in fitted.items() if k not in ("photo_sums", "run_images_among")},
+        "fitted_on": "val"})
+    assert not same("before")
+    calibrate(run, split="test", progress=False, workers=0)
+    assert same("after")
+    assert "photo_sums" not in evaluate(run, split="val", out=tmp_path / "val", progress=False,
+                                        workers=0, plots=False).metrics["calibration"]
+

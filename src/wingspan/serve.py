@@ -255,7 +255,8 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
     def model_info() -> dict:
         return {"classes": manifest["classes"], "backbone": manifest["model"]["backbone"],
                 "metrics": manifest.get("metrics", {}).get("best"),
-                "calibration": manifest.get("calibration"),
+                "calibration": {k: v for k, v in (manifest.get("calibration") or {}).items()
+                                if k != "photo_sums"} or None,  # (hashes: noise here)
                 # When training wrote it (calibrate rewrites the folder later); a bundle
                 # from before this was recorded: its folder's time.
                 "trained": manifest.get("training", {}).get("finished") or time.strftime(

@@ -147,7 +147,8 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
                            view_softmax(logits), y,
                            y_pred=_predicted(predictor, view_softmax(logits), 1.0)),
                        temperature=predictor.temperature,
-                       calibration=_calibration_used(predictor, split, data), tta=tta,
+                       calibration=_calibration_used(predictor, split, data,
+                                                     [paths[i] for i in ok]), tta=tta,
                        **({"tta_note": tta_note(predictor.unknown is not None)} if tta else {}),
                        fair=_fairness(
                            predictor.manifest, split, data, [paths[i] for i in ok],
@@ -301,18 +302,21 @@ def _writing(final: Path):
         release_lock(final.parent, lock)
 
 
-def _calibration_used(predictor: Predictor, split: str, data) -> dict:
+def _calibration_used(predictor: Predictor, split: str, data, paths: list[str]) -> dict:
     """The temperature fitted when the model was trained (or by `wingspan calibrate`),
     where it was fitted, and whether on the images evaluated (the same split of the same
     data; or other data that held some of the run's images of the split evaluated, as
-    `calibrate` counted them): evaluating never changes the model."""
-    fitted = predictor.manifest.get("calibration", {})
+    `calibrate` counted them; or any of `paths` with the bytes of a photo `calibrate`
+    fitted on, in a copy or a folder above): evaluating never changes the model."""
+    fitted = dict(predictor.manifest.get("calibration", {}))
     among = {s: n for s, n in (fitted.get("run_images_among") or {}).items()
              if s != "adapted"}  # (the run's own splits)
     own_images = data is None and bool(among.get(split) or (split == "all" and among))
+    sums = {int(size): set(hashes) for size, hashes in fitted.pop("photo_sums", {}).items()}
     return {"temperature": predictor.temperature, **(fitted or {"fitted_on": None}),
             "same_data_as_evaluation": own_images or _among_evaluated(
-                fitted.get("fitted_on", "val"), _calibration_data(split, data))}
+                fitted.get("fitted_on", "val"), _calibration_data(split, data))
+            or _copies_of_adapted(set(paths), sums, digits=PHOTO_SUM_DIGITS) > 0}
 
 
 def _level_rows(rows: pd.DataFrame, predictor: Predictor, level: str,
@@ -774,13 +778,14 @@ def calibrate(model: str | Path, data: str | Path | None = None, split: str | No
     index = {c: i for i, c in enumerate(predictor.classes)}
     y = rows["_label"].map(index).to_numpy()[ok]
     logits = np.stack([preds[i].logits for i in ok])
-    among = _run_images_among(rows["path"].iloc[ok].tolist(),
-                              _own_splits(dataset, data, run_dir), run_dir)
+    fitted = rows["path"].iloc[ok].tolist()
+    among = _run_images_among(fitted, _own_splits(dataset, data, run_dir), run_dir)
     calibration = {**calibration_record(logits, y, _calibration_data(split, data),
                                         answer=lambda probs: _predicted(predictor, probs, 1.0),
                                         previous=predictor.temperature),
                    **({"class_map": class_map} if class_map else {}),
                    **({"run_images_among": among} if among else {}),
+                   "photo_sums": _photo_sums(fitted),
                    # left out, as evaluate leaves them out (said beside the figures)
                    **({"unreadable": len(preds) - len(ok), "unreadable_examples": [
                        [p.path, p.error] for p in preds if p.error][:5]}
@@ -1041,9 +1046,10 @@ def _copies_of_own(evaluated: set[str], seen: dict[str, str], own_root: str | No
     return found
 
 
-def _copies_of_adapted(paths: set[str], sums: dict[int, set[str]]) -> int:
-    """How many of `paths` hold the same bytes as a photo `wingspan adapt` refitted on
-    (`sums`, adapted_sums'): sizes first, so only files of a photo's size are read."""
+def _copies_of_adapted(paths: set[str], sums: dict[int, set[str]], digits: int = 64) -> int:
+    """How many of `paths` hold the same bytes as a photo `wingspan adapt` refitted on, or
+    `calibrate` fitted on (`sums`: size -> the sha256 of the photos of that size, the first
+    `digits` of it): sizes first, so only files of a photo's size are read."""
     from wingspan.data.leaks import content_hashes
 
     if not sums:  # a run not adapted (or adapted before the sums were kept): nothing to read
@@ -1053,8 +1059,26 @@ def _copies_of_adapted(paths: set[str], sums: dict[int, set[str]]) -> int:
         with contextlib.suppress(OSError):
             if (size := os.path.getsize(path)) in sums:
                 sizes[path] = size
-    return sum(h in sums[size] for size, h in zip(sizes.values(), content_hashes(list(sizes)),
-                                                  strict=True))
+    return sum(h[:digits] in sums[size] for size, h in zip(
+        sizes.values(), content_hashes(list(sizes)), strict=True))
+
+
+# A calibration's photos, kept in the bundle by size and the start of their sha256 (16 hex
+# digits: 20 KB in manifest.json for 1,000 photos; a chance match is 1 in 2^64).
+PHOTO_SUM_DIGITS = 16
+
+
+def _photo_sums(paths: list[str]) -> dict[str, list[str]]:
+    """{size: [sha256 prefix, ...]} of the files (JSON keys are strings)."""
+    from wingspan.data.leaks import content_hashes
+
+    sums: dict[str, set[str]] = {}
+    for path, digest in zip(paths, content_hashes(paths), strict=True):
+        with contextlib.suppress(OSError):
+            if digest:
+                sums.setdefault(str(os.path.getsize(path)), set()).add(
+                    digest[:PHOTO_SUM_DIGITS])
+    return {size: sorted(hashes) for size, hashes in sorted(sums.items())}
 
 
 def _folder_of(root: str | Path) -> Path:
