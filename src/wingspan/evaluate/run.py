@@ -316,7 +316,7 @@ def _calibration_used(predictor: Predictor, split: str, data, paths: list[str]) 
     return {"temperature": predictor.temperature, **(fitted or {"fitted_on": None}),
             "same_data_as_evaluation": own_images or _among_evaluated(
                 fitted.get("fitted_on", "val"), _calibration_data(split, data))
-            or _copies_of_adapted(set(paths), sums, digits=PHOTO_SUM_DIGITS) > 0}
+            or _copies_among(set(paths), sums, digits=PHOTO_SUM_DIGITS) > 0}
 
 
 def _level_rows(rows: pd.DataFrame, predictor: Predictor, level: str,
@@ -807,7 +807,7 @@ def _run_images_among(paths: list[str], own: pd.DataFrame | None,
     and evaluate says when it scores the split a temperature was fitted on."""
     fitted = set(real_paths(paths))
     photos = adapted_photos(run_dir)
-    among = {"adapted": len(fitted.intersection(photos)) + _copies_of_adapted(
+    among = {"adapted": len(fitted.intersection(photos)) + _copies_among(
         fitted.difference(photos), adapted_sums(run_dir))}
     if own is not None:
         among.update({s: len(fitted.intersection(real_paths(own.loc[own[SPLIT] == s, "path"])))
@@ -1046,7 +1046,7 @@ def _copies_of_own(evaluated: set[str], seen: dict[str, str], own_root: str | No
     return found
 
 
-def _copies_of_adapted(paths: set[str], sums: dict[int, set[str]], digits: int = 64) -> int:
+def _copies_among(paths: set[str], sums: dict[int, set[str]], digits: int = 64) -> int:
     """How many of `paths` hold the same bytes as a photo `wingspan adapt` refitted on, or
     `calibrate` fitted on (`sums`: size -> the sha256 of the photos of that size, the first
     `digits` of it): sizes first, so only files of a photo's size are read."""
@@ -1099,7 +1099,7 @@ def _fairness(manifest: dict, split: str, data, paths: list[str],
     nor (`groups`, on the run's own data) another photo of a specimen or observation it
     trained or chose on."""
     evaluated = set(real_paths(paths))
-    copies = _copies_of_adapted(evaluated.difference(adapted), adapted_sums(run_dir))
+    copies = _copies_among(evaluated.difference(adapted), adapted_sums(run_dir))
     among = len(evaluated.intersection(adapted)) + copies
     adapted_on = among or (data is None and split == "test" and manifest.get(
         "training", {}).get("adapted", {}).get("test_images_among_photos"))
