@@ -556,3 +556,26 @@ def test_checking_an_export_prints_no_onnx_runtime_warnings(capfd):
     assert session.run(None, {"pixels": np.ones((1, 2), np.float32)})[0].tolist() == [[1, 1]]
     out, err = capfd.readouterr()
     assert "Removing initializer" not in out + err
+
+
+def test_an_unknown_score_alone_that_disagrees_says_what_else_it_may_be():
+    """A random-weight model (--weights none, the only way offline for most backbones) has
+    features alike for every image: its tied unknown scores moved past the tolerance, and
+    the refusal said only "an operator may export wrongly"."""
+    from types import SimpleNamespace
+
+    from wingspan.errors import WingspanError
+    from wingspan.export import _compare
+
+    probs = np.full((4, 3), 1 / 3, dtype=np.float32)
+    want = {"probs": torch.from_numpy(probs), "unknown.msp": torch.zeros(4)}
+    got = {"probs": probs, "unknown.msp": np.full(4, 0.5, dtype=np.float32)}
+    with pytest.raises(WingspanError, match="in unknown score on 4 images") as e:
+        _compare(got, want, ["probs", "unknown.msp"], SimpleNamespace(step=0.0), "export", 4)
+    assert e.value.hint.startswith("The probabilities agree (within 0):")
+    assert e.value.hint.endswith("Otherwise, report this with the backbone's name: an "
+                                 "operator may export wrongly.")
+    with pytest.raises(WingspanError, match="in probability") as e:
+        _compare({**got, "probs": probs + 0.1}, want, ["probs"], None, "export", 4)
+    assert e.value.hint.startswith("Report this with the backbone's name")
+

@@ -634,11 +634,19 @@ def _compare(got: dict, want: dict, outputs: list[str], unknown: nn.Module | Non
         worst[kind] = max(worst[kind], float(gap.max()))
     for kind, limit in (("probability", TOLERANCE), ("unknown", UNKNOWN_TOLERANCE)):
         if worst[kind] > limit:
+            # The unknown score alone: a model whose features are alike for every image (a
+            # random or collapsed one, --weights none) has tied scores that float noise
+            # reorders, which no operator is to blame for.
+            report = "report this with the backbone's name: an operator may export wrongly."
             raise WingspanError(
                 f"The {what} disagrees with PyTorch by {worst[kind]:.2g} in "
                 f"{'unknown score' if kind == 'unknown' else kind} on {images} images "
                 f"(tolerance {limit:g}); nothing was written.",
-                hint="Report this with the backbone's name: an operator may export wrongly.")
+                hint=(f"The probabilities agree (within {worst['probability']:.2g}): the "
+                      "unknown score alone differs where the model's features are nearly "
+                      "alike for every image (an untrained or collapsed model: see its val "
+                      f"macro-F1), which ties its scores. Otherwise, {report}"
+                      if kind == "unknown" else report[0].upper() + report[1:]))
     checked = {"images": images, "max_abs_probability_difference": worst["probability"],
                "tolerance": TOLERANCE}
     if unknown is not None:
