@@ -57,7 +57,8 @@ def grad_cam(predictor: Predictor, image: torch.Tensor, target: int) -> np.ndarr
         score = model.head(backbone.pool(features))[predictor.level][0, target]
         mapped, prefix = features, None
         if taken:  # its class and register tokens before the patches, if any (CaiT: none)
-            prefix = taken[0].shape[1] - (features.shape[1] - backbone.net.num_prefix_tokens)
+            prefix = taken[0].shape[1] - (features.shape[1]
+                                          - getattr(backbone.net, "num_prefix_tokens", 0))
             mapped, prefix = (taken[0], prefix) if prefix >= 0 else (features, None)
         # The gradient to the features alone: .backward() would also fill (and, call after
         # call, add up) a gradient for every weight, a second copy of the model kept in a

@@ -1019,12 +1019,11 @@ def _name_taken(run_dir: Path, name: str) -> str:
         return ""
     n = int(run_dir.name.rpartition("-")[2])
     earlier = [run_dir.parent / name, *(run_dir.parent / f"{name}-{k}" for k in range(2, n))]
-    stopped = [d for d in earlier if (d / CONFIG_FILE).is_file()
-               and not _complete_bundle(d / "model") and not stopped_by(d)
-               and not ((d / ".lock").is_file() and being_trained(d))]  # (training now)
+    training = [d for d in earlier if (d / ".lock").is_file() and being_trained(d)]  # now
+    stopped = [d for d in earlier if (d / CONFIG_FILE).is_file() and d not in training
+               and not _complete_bundle(d / "model") and not stopped_by(d)]
     # Killed before config.yaml (none of them is being set up now): nothing to resume.
-    set_up = [d for d in earlier if stopped_while_set_up(d)
-              and not ((d / ".lock").is_file() and being_trained(d))]
+    set_up = [d for d in earlier if stopped_while_set_up(d) and d not in training]
     if not stopped and set_up:
         what = (f"{set_up[-1]} is left from a run killed while it was being set up, before "
                 "it trained anything" if any(set_up[-1].iterdir())
@@ -1032,7 +1031,6 @@ def _name_taken(run_dir: Path, name: str) -> str:
         return (f"{what}: this run is {run_dir}. Delete {set_up[-1]} (there is nothing in it "
                 "to resume) to give a run that name again.")
     if not stopped:
-        training = [d for d in earlier if (d / ".lock").is_file() and being_trained(d)]
         return (f"{training[-1]} is being trained now" if training
                 else f"{earlier[0]} is taken") + f": this run is {run_dir}"
     return (f"{stopped[-1]} holds a run that did not finish; this one starts afresh in "
