@@ -516,7 +516,11 @@ def test_the_page_in_a_real_browser(run_dir, demo_dir, tmp_path):
         assert [p for _, p, _ in bars] == pytest.approx([t["probability"] for t in top])
         widths = [w for _, _, w in bars]
         assert widths == sorted(widths, reverse=True) and widths[0] > 0  # drawn to scale
-        assert page.text_content("#branch") == "".join(b["class"] for b in expected["branch"])
+        # Each level's class with its probability, readable without hovering.
+        assert page.text_content("#branch") == "".join(
+            f"{b['class']} {100 * b['probability']:.1f}%" for b in expected["branch"])
+        # Said to a screen reader too (the focus stays on the chooser).
+        assert page.text_content("#status").startswith(f"{photo.name}: ")
 
         page.wait_for_selector("body[data-state=explained]")
         assert page.eval_on_selector("#overlay", "img => img.naturalWidth") > 100
@@ -530,6 +534,33 @@ def test_the_page_in_a_real_browser(run_dir, demo_dir, tmp_path):
         page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
         page.wait_for_function(f"document.getElementById('photo-name').textContent == "
                                f"'{other.name}' && document.body.dataset.state == 'explained'")
+        # Three dropped at once: the first is answered, and the others are said to be left.
+        three = page.evaluate_handle("""async ([bytes]) => {
+            const dt = new DataTransfer();
+            for (const name of ["one.jpg", "two.jpg", "three.jpg"])
+                dt.items.add(new File([new Uint8Array(bytes)], name, {type: "image/jpeg"}));
+            return dt; }""", [list(other.read_bytes())])
+        page.dispatch_event("#drop", "drop", {"dataTransfer": three})
+        page.wait_for_function("document.getElementById('photo-name').textContent == "
+                               "'one.jpg' && document.body.dataset.state == 'explained'")
+        assert page.text_content("#status").startswith(
+            "3 files dropped: this page answers one at a time")
+        # While a slow answer is awaited, the new photo is not shown beside the last one's
+        # answer, bars or map.
+        held = []  # the request, held until the page has been read
+        page.route("**/predict", lambda route: held.append(route))
+        page.set_input_files("#file", str(photo))
+        page.wait_for_selector("body[data-state=working]")
+        page.wait_for_timeout(300)
+        assert len(held) == 1
+        assert page.text_content("#photo-name") == photo.name
+        assert page.text_content("#prediction") == "Identifying…"
+        assert page.eval_on_selector_all("#bars li", "els => els.length") == 0
+        assert not page.get_attribute("#overlay", "src")
+        assert page.text_content("#status") == f"Identifying {photo.name}…"
+        held[0].continue_()
+        page.wait_for_selector("body[data-state=explained]")
+        page.unroute("**/predict")
         # Dropped beside the zone (on the answer), it is taken too: the browser would
         # otherwise leave the page to show the photo.
         beside = page.evaluate_handle("""async ([name, bytes]) => {
@@ -553,6 +584,28 @@ def test_the_page_in_a_real_browser(run_dir, demo_dir, tmp_path):
         assert page.text_content("#confidence").startswith(
             "unlike the finest classes it knows (the likeliest branch ends in ")
         page.unroute("**/predict")
+
+        # The branch's class below a likelier bar (chosen family first): said, not left to
+        # look like a mistake.
+        last = expected["branch"][-1]
+        bars_ = [{"level": last["level"], "class": "likelier", "probability": 0.9}, *top]
+        chosen = {**expected, "answer": last["class"],
+                  "known_level": None, "top": {**expected["top"], "label": bars_}}
+        page.route("**/predict", lambda route: route.fulfill(
+            json={"predictions": [chosen], "latency_ms": 1.0}))
+        page.set_input_files("#file", str(photo))
+        page.wait_for_selector("#why:not([hidden])")
+        assert page.text_content("#why") == (
+            f"Chosen a level at a time, {first['level']} first ({first['class']}, "
+            f"{100 * first['probability']:.1f}%): the bars rank the finest classes alone.")
+        page.unroute("**/predict")
+        # A server restarted under the page with another model: the header follows it.
+        model = {**httpx.get(f"{url}/model").json(), "backbone": "another_net"}
+        page.route("**/model", lambda route: route.fulfill(json=model))
+        page.set_input_files("#file", str(photo))
+        page.wait_for_function("document.getElementById('model').textContent"
+                               ".startsWith('another_net')")
+        page.unroute("**/model")
 
         # On a phone, a class name without spaces wraps instead of widening the page, in
         # the bars too: names that share their start all read "Coenonympha_…" cut short.
