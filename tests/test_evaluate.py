@@ -2,6 +2,7 @@ import base64
 import json
 import re
 import shutil
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -721,7 +722,9 @@ def test_adapt_writes_a_new_run_and_leaves_the_run_as_it_was(trained, tmp_path, 
 
     before = fingerprint(trained)
     splits = pd.read_csv(trained / "splits.csv")
-    photos = tmp_path / "photos"  # unlabelled: copies of test images, and a broken file
+    # Unlabelled: copies of test images, and a broken file, in a folder named on macOS
+    # ('é' in two characters, NFD: the run's keys are in NFC).
+    photos = tmp_path / unicodedata.normalize("NFD", "photos_é")
     photos.mkdir()
     shown = splits[splits.split != "train"]  # every class in turn
     shown = shown.assign(turn=shown.groupby("label").cumcount()).sort_values(["turn", "label"])
@@ -798,6 +801,9 @@ def test_adapt_writes_a_new_run_and_leaves_the_run_as_it_was(trained, tmp_path, 
     assert code == 0, err
     listed = pd.read_csv(tmp_path / "again" / "adapt-photos.csv")["path"].tolist()
     assert sorted(listed) == sorted(pd.read_csv(out / "adapt-photos.csv")["path"])
+    # Each readable photo's size and sha256 are kept (evaluate finds its copies by them).
+    kept = pd.read_csv(out / "adapt-photos.csv", dtype=str).fillna("")
+    assert (kept["sha256"] != "").sum() == n and (kept["bytes"] != "").sum() == n
     # A probability no photo reaches: nothing to learn from, and the head stays as trained
     # (a head refitted on the run's own images alone would lose what training gave it).
     # Its folder is said as given, relative, and `[b]` is no Rich markup (bold).
@@ -1251,6 +1257,34 @@ def test_a_copy_or_a_move_of_the_runs_own_images_is_not_called_fair(tmp_path):
     # The data moved: the run's files are gone, and found at the same paths there.
     shutil.move(tmp_path / "data", tmp_path / "moved")
     said = fair(tmp_path / "moved", ("t2.jpg", "t3.jpg", "v.jpg"))
+    assert said.startswith("no: the model was trained on 2 of these 3 images and chose its "
+                           "best epoch on 1 (3 copies"), said
+
+
+def test_copies_of_the_runs_images_named_on_macos_are_found(tmp_path):
+    """A class folder copied from macOS spells 'é' in two characters (NFD), and the run's
+    keys are in NFC: its copies were not found (so not "moved" either), and evaluate called
+    the figures on them fair."""
+    from helpers import write_image
+
+    from wingspan.evaluate.run import _fairness
+
+    cls = unicodedata.normalize("NFD", "Vanessa_é")
+    names = ("t1.jpg", "t2.jpg", "v.jpg")
+    for seed, name in enumerate(names):
+        write_image(tmp_path / "data" / cls / name, seed=seed)
+    others = [tmp_path / "data" / "plain" / f"{i}.jpg" for i in range(4)]  # not copied
+    for i, path in enumerate(others):
+        write_image(path, seed=10 + i)
+    own = pd.DataFrame({"path": [str(tmp_path / "data" / cls / n) for n in names]
+                        + list(map(str, others)), "split": ["train", "train", "val"] + [
+                            "train"] * 4})
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(f"# Trained on {tmp_path / 'data'}, read with x\n")
+    shutil.copytree(tmp_path / "data" / cls, tmp_path / "copy" / cls)
+    said = _fairness({}, "all", "other", [str(tmp_path / "copy" / cls / n) for n in names],
+                     own, run_dir=run, data_root=tmp_path / "copy")
     assert said.startswith("no: the model was trained on 2 of these 3 images and chose its "
                            "best epoch on 1 (3 copies"), said
 

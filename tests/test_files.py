@@ -371,3 +371,21 @@ def test_a_folder_replaced_when_killed_between_the_renames_is_put_back(tmp_path,
     assert (final / "metrics.json").read_text() == "earlier"
     replace_folder(partial, final)
     assert (final / "metrics.json").read_text() == "later" and not old.exists()
+
+
+def test_disk_spelling_opens_an_nfc_key_of_a_name_written_on_macos(tmp_path):
+    """real_paths keys paths in NFC; a file whose folder and name the disk spells in NFD
+    (as macOS writes them) is found by its key, and a path in no spelling stays as given."""
+    import unicodedata
+
+    from wingspan.files import disk_spelling, real_paths
+
+    folder = tmp_path / unicodedata.normalize("NFD", "Épreuve")
+    folder.mkdir()
+    photo = folder / unicodedata.normalize("NFD", "café.jpg")
+    photo.write_bytes(b"x")
+    (tmp_path / "plain.jpg").write_bytes(b"y")
+    keys = real_paths([photo, tmp_path / "plain.jpg", tmp_path / "gone.jpg"])
+    assert not os.path.exists(keys[0])  # (Linux takes no other spelling of a name)
+    spelt = disk_spelling(keys)
+    assert spelt == [str(photo), keys[1], keys[2]]

@@ -250,6 +250,30 @@ def real_paths(paths) -> list[str]:
     return [unicodedata.normalize("NFC", p) for p in real]
 
 
+def disk_spelling(paths) -> list[str]:
+    """Each path (a key from real_paths, in NFC) as the disk spells it, to open the file:
+    a name copied from macOS keeps 'é' in two characters (NFD), which Linux does not take
+    for its one-character NFC spelling. A path found as it is stays so; only the others'
+    folders are listed (once each), and a path found in no spelling stays as given."""
+    listed: dict[str, dict[str, str]] = {}
+
+    def spelt(path: str) -> str:
+        if os.path.lexists(path):
+            return path
+        head, tail = os.path.split(path)
+        if not tail or head == path:
+            return path
+        head = spelt(head)
+        if head not in listed:
+            try:
+                listed[head] = {unicodedata.normalize("NFC", n): n for n in os.listdir(head)}
+            except OSError:
+                listed[head] = {}
+        return os.path.join(head, listed[head].get(unicodedata.normalize("NFC", tail), tail))
+
+    return [spelt(str(p)) for p in paths]
+
+
 def replace_folder(partial: Path, final: Path) -> None:
     """`partial`, written whole, takes the place of `final` (renames, not copies): the
     earlier is moved aside, the later in, and only then the earlier removed. Killed between

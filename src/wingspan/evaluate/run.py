@@ -41,7 +41,14 @@ from wingspan.evaluate.metrics import (
 )
 from wingspan.evaluate.openset import openset_metrics, separation
 from wingspan.evaluate.report import write_report
-from wingspan.files import atomic_path, check_writable, real_paths, replace_folder, write_text
+from wingspan.files import (
+    atomic_path,
+    check_writable,
+    disk_spelling,
+    real_paths,
+    replace_folder,
+    write_text,
+)
 from wingspan.inference import (
     Predictor,
     output_home,
@@ -1033,7 +1040,10 @@ def _copies_of_own(evaluated: set[str], seen: dict[str, str], own_root: str | No
              if e.startswith(data_root + os.sep)
              and (key := os.path.relpath(e, data_root)) in mine]
     moved = {"train": 0, "val": 0}
-    for path, original, side in pairs:
+    # (the keys are in NFC: a name copied from macOS is opened as the disk spells it)
+    disk = dict(zip(keys := [p for pair in pairs for p in pair[:2]], disk_spelling(keys),
+                    strict=True))
+    for path, original, side in ((disk[e], disk[o], side) for e, o, side in pairs):
         if not os.path.exists(original):
             moved[side] += 1
             continue
@@ -1055,7 +1065,7 @@ def _copies_among(paths: set[str], sums: dict[int, set[str]], digits: int = 64) 
     if not sums:  # a run not adapted (or adapted before the sums were kept): nothing to read
         return 0
     sizes = {}
-    for path in sorted(paths):
+    for path in disk_spelling(sorted(paths)):  # (real_paths' NFC keys, opened as spelt)
         with contextlib.suppress(OSError):
             if (size := os.path.getsize(path)) in sums:
                 sizes[path] = size

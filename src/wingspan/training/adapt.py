@@ -42,7 +42,7 @@ from wingspan.data.samples import PATH, SPLIT
 from wingspan.errors import WingspanError, none_read
 from wingspan.evaluate.calibration import calibration_record, softmax
 from wingspan.evaluate.own_images import own_images, run_folder
-from wingspan.files import real_paths, replace_folder, write_text
+from wingspan.files import disk_spelling, real_paths, replace_folder, write_text
 from wingspan.inference import Predictor
 from wingspan.models import save_bundle
 from wingspan.models.unknown import UnknownDetector
@@ -282,8 +282,9 @@ def _write_run(out: Path, run_dir: Path, predictor: Predictor, summary: dict,
     # With each photo's size and bytes' sha256: evaluate finds copies of them by these.
     earlier = {row["path"]: (row.get("bytes") or "", row.get("sha256") or "")  # the first
                for row in adapt_photo_rows(run_dir)}  # photos', should they be gone now
-    sums = [(str(os.path.getsize(p)), h) if h else earlier.get(p, ("", ""))
-            for p, h in zip(every, content_hashes(every), strict=True)]
+    spelt = disk_spelling(every)  # (NFC keys: a name from macOS is opened as the disk spells it)
+    sums = [(str(os.path.getsize(d)), h) if h else earlier.get(p, ("", ""))
+            for p, d, h in zip(every, spelt, content_hashes(spelt), strict=True)]
     pd.DataFrame({PATH: every, "bytes": [b for b, _ in sums], "sha256": [h for _, h in sums]}
                  ).to_csv(partial / ADAPT_PHOTOS_FILE, index=False)
     replaced = out.exists()  # an earlier adapted run (see _check_out)
