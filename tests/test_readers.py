@@ -289,6 +289,25 @@ def test_csv_reader_relative_paths_levels_and_missing_files(tmp_path):
     assert read_dataset(csv).levels == ["family", "genus", "label"]
 
 
+def test_a_csv_in_nfc_finds_files_that_macos_named_in_nfd(tmp_path):
+    """Photos copied from a Mac spell 'é' in two characters (NFD); a CSV typed or exported
+    elsewhere spells it in one (NFC): they were "not found", and lost to training."""
+    import unicodedata
+
+    nfd = unicodedata.normalize("NFD", "Vanessa_é")
+    for i in range(2):
+        write_image(tmp_path / nfd / unicodedata.normalize("NFD", f"café_{i}.jpg"))
+    write_image(tmp_path / "plain" / "p.jpg")
+    csv = tmp_path / "list.csv"
+    csv.write_text("path,label\n" + "".join(
+        f"{unicodedata.normalize('NFC', f'Vanessa_é/café_{i}.jpg')},v\n" for i in range(2))
+        + "plain/p.jpg,p\nplain/gone.jpg,p\n", encoding="utf-8")
+    ds = read_dataset(csv)
+    assert len(ds) == 3 and all(os.path.isfile(p) for p in ds.table["path"])
+    assert [os.path.basename(p.path) for p in ds.problems if p.kind == "missing_file"] == [
+        "gone.jpg"]
+
+
 @pytest.mark.parametrize("content, message", [
     ("file,label\na.jpg,x\n", "no 'path' column"),
     ("path,label,split\na.jpg,x,training\n", "line 2: split 'training'"),

@@ -30,7 +30,7 @@ from wingspan.data.taxonomy import (
     read_taxonomy,
 )
 from wingspan.errors import WingspanError, counted
-from wingspan.files import real_paths
+from wingspan.files import disk_spelling, real_paths
 
 Reader = Callable[[Path, ReadConfig], Dataset]
 READERS: dict[str, Reader] = {}
@@ -160,6 +160,12 @@ def _keep_existing(
     if not config.check_files:
         return table
     exists = table[PATH].map(os.path.isfile).astype(bool)  # (empty: object, read as columns)
+    if not exists.all():  # a list typed or exported elsewhere spells in one character (NFC)
+        table = table.copy()  # the 'é' that macOS wrote in two (NFD), or the other way
+        spelt = pd.Series(disk_spelling(table.loc[~exists, PATH]), index=exists.index[~exists])
+        found = spelt.map(os.path.isfile).astype(bool)
+        table.loc[found.index[found], PATH] = spelt[found]
+        exists[found.index[found]] = True
     missing = table.loc[~exists, PATH].tolist()
     if missing and config.strict:
         raise WingspanError(
