@@ -185,6 +185,9 @@ def export_model(run: str | Path, out: str | Path | None = None, fmt: str = "onn
         "taxonomy": {**taxonomy.to_dict(), "parent_index": _parent_index(taxonomy)}
         if taxonomy else None, "temperature": temperature,
         "backbone": manifest["model"]["backbone"],
+        # What timm builds: the Lite backbones are its tf_ variants ("same" padding), and
+        # its efficientnet_lite0 takes the same weights without a word, answering otherwise.
+        "timm_name": manifest.get("timm_name"),
         "metrics": manifest.get("metrics", {}).get("best"),
     }
     if unknown:
@@ -246,6 +249,11 @@ def _export_onnx(job: _Job) -> bytes:
         meta["checked"]["graph"] = "fp32, before quantizing"
         if thresholds:
             meta["unknown"]["thresholds"] = thresholds
+        # The graph's own copy leaves out the timing, which the JSON beside it keeps: a
+        # time measured under this machine's load made each export's bytes differ (a new
+        # model to a content hash, DVC or git-lfs).
+        return _with_metadata(graph, {**meta, "int8": {
+            k: v for k, v in meta["int8"].items() if k != "seconds_int8_vs_fp32"}})
     return _with_metadata(graph, meta)
 
 

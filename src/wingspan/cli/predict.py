@@ -238,6 +238,11 @@ def export_command(
                     if int8['seconds_int8_vs_fp32'] > 1 else "")
                  + (" (7-bit weights cost accuracy: uint8 ones are exact, slower)"
                     if int8['refused'] else "") if int8 else ""))
+    if int8 and int8["val_images"] < 100:  # one image is the allowance there (README)
+        n = int8["val_images"]
+        out.print(f"[yellow]Warning:[/] int8 was checked on {n} val images only, where one "
+                  f"answer is {1 / n:.1%}: a smaller drop goes unseen. Compare it with fp32 "
+                  "on photos of your own before relying on it.")
     own = ("; the int8 model's own, set again on its val scores (fp32's would turn away "
            f"{int8['val_unknown_share_int8']:.1%} of known val images, against the "
            f"{unknown['rate']:.1%} asked)" if "unknown_thresholds_fp32" in int8 else "")
