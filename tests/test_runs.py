@@ -81,7 +81,9 @@ def test_the_held_out_figure_is_read_from_an_unknown_evaluation_too(finished, tm
     runs = tmp_path / "runs"
     evaluation = json.loads((finished / "evaluation-test" / "metrics.json").read_text())
     for name, folder in (("unknown", "evaluation-test-unknown"), ("tta", "evaluation-test-tta"),
-                         ("holdout", "evaluation-unknown"), ("holdout-val", "evaluation-unknown")):
+                         ("holdout", "evaluation-unknown"), ("holdout-val", "evaluation-unknown"),
+                         ("knn", "evaluation-test-unknown-knn"),  # another --unknown-score
+                         ("knn-tta", "evaluation-test-unknown-knn-tta")):
         (_copy(finished, runs / name) / "evaluation-test").rename(runs / name / folder)
     # `train --holdout-classes` scores its own split in evaluation-unknown/: counted when it
     # is the run's held-out split, not when it is another.
@@ -91,7 +93,8 @@ def test_the_held_out_figure_is_read_from_an_unknown_evaluation_too(finished, tm
     assert evaluation["split"] == "test" and rows["holdout"]["held_out_split"] == "test"
     assert rows["unknown"]["held_out_macro_f1"] == evaluation["macro"]["f1"]
     assert rows["holdout"]["held_out_macro_f1"] == evaluation["macro"]["f1"]
-    assert rows["tta"]["held_out_macro_f1"] is None
+    assert rows["knn"]["held_out_macro_f1"] == evaluation["macro"]["f1"]
+    assert rows["tta"]["held_out_macro_f1"] is rows["knn-tta"]["held_out_macro_f1"] is None
     assert rows["holdout-val"]["held_out_macro_f1"] is None
     assert not rows["holdout-val"]["held_out_evaluated"]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from wingspan.config import RUNS_DIR
+from wingspan.config import RUNS_DIR, UNKNOWN_SCORES
 from wingspan.errors import WingspanError, first_line
 from wingspan.files import atomic_path, write_text
 from wingspan.training.folder import (
@@ -226,10 +226,12 @@ def _held_out_figure(run_dir: Path, split: str) -> tuple[float | None, bool]:
     on, when it has been run and called its figure fair (None until then, or when it was
     not fair: an adapted run scored on photos it adapted on), and whether it has been run.
     `--unknown`'s folder holds the same plain figures beside its own, as does the one
-    `train --holdout-classes` writes (evaluation-unknown, of its own split); `--tta`'s are
-    another recipe's."""
+    `train --holdout-classes` writes (evaluation-unknown, of its own split), and those of
+    another --unknown-score (evaluation-test-unknown-knn); `--tta`'s are another recipe's."""
+    scored = [f"evaluation-{split}-{unknown}{score}" for unknown in ("unknown-", "")
+              for score in UNKNOWN_SCORES]  # (evaluation_folder's names)
     name = next((f"{folder}/metrics.json" for folder in (
-        f"evaluation-{split}", f"evaluation-{split}-unknown", "evaluation-unknown")
+        f"evaluation-{split}", f"evaluation-{split}-unknown", *scored, "evaluation-unknown")
                  if (run_dir / folder / "metrics.json").is_file()),
                 f"evaluation-{split}/metrics.json")
     evaluation = _read(run_dir, name, missing={})
