@@ -328,6 +328,18 @@ def test_the_open_set_figures_name_the_class_predict_names():
                           preds).tolist() == [1, 0]
 
 
+@pytest.mark.parametrize("n", [10, 20, 27, 30, 195])
+def test_fpr95_is_read_where_at_least_95_percent_of_the_known_images_are_kept(n):
+    """As scikit-learn's ROC curve reads it at the first cut with TPR >= 0.95: the cut
+    fell between two known scores and kept 25 of 27, so the FPR95 read too low."""
+    from sklearn.metrics import roc_curve
+
+    rng = np.random.default_rng(n)
+    known, unseen = rng.normal(0, 1, n), rng.normal(1, 1, 40)
+    fpr, tpr, _ = roc_curve(np.r_[np.ones(n), np.zeros(40)], -np.r_[known, unseen])
+    assert separation(known, unseen)["fpr95"] == pytest.approx(fpr[np.argmax(tpr >= 0.95)])
+
+
 def test_openset_metrics_count_a_turned_away_known_image_as_a_miss():
     known = np.array([0.1, 0.2, 0.3, 2.0])  # the last known image is turned away
     unseen = np.array([3.0, 0.5])  # the second unseen image is taken for class 1
