@@ -949,6 +949,8 @@ def test_unknown_images_may_sit_under_a_known_genus_but_not_a_known_species(tmp_
     named after a species the model knows is refused."""
     from types import SimpleNamespace
 
+    from helpers import write_image
+
     from wingspan.evaluate.run import _check_unseen
 
     model = SimpleNamespace(classes=["monarch", "admiral"], manifest={"classes": {
@@ -959,6 +961,16 @@ def test_unknown_images_may_sit_under_a_known_genus_but_not_a_known_species(tmp_
     with pytest.raises(WingspanError, match="also among the images of known classes"):
         _check_unseen([str(tmp_path / "new" / "x.jpg")], [str(tmp_path / "new" / "x.jpg")],
                       model)
+    # ... in another case, or copied (the same bytes) under any name: refused too.
+    with pytest.raises(WingspanError, match="classes the model knows: monarch"):
+        _check_unseen([str(tmp_path / "Monarch" / "x.jpg")], [], model)
+    for name, seed in (("test.jpg", 0), ("copy.jpg", 0), ("other.jpg", 1)):
+        write_image(tmp_path / name, seed=seed)
+    _check_unseen([str(tmp_path / "other.jpg")], [str(tmp_path / "test.jpg")], model)
+    with pytest.raises(WingspanError, match=r"1 of the --unknown images is a copy \(the same "
+                       r"bytes\) of images of known classes evaluated"):
+        _check_unseen([str(tmp_path / "copy.jpg"), str(tmp_path / "other.jpg")],
+                      [str(tmp_path / "test.jpg")], model)
     # A folder named as the class reads (macOS's decomposed é, an end space) is that class.
     model.classes = ["Pieris napi (Linn\u00e9)"]
     with pytest.raises(WingspanError, match="classes the model knows: Pieris napi"):
