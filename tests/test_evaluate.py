@@ -154,6 +154,21 @@ def test_evaluate_never_changes_the_model_and_calibrate_does(trained, tmp_path, 
     among = read_manifest(trained / "model")["calibration"]["run_images_among"]
     assert among == {"train": 5, "val": 5, "test": 5}
     assert fitted_on_these("val", "ev7") and fitted_on_these("test", "ev8")
+    # ... copies of them too (the data copied elsewhere), as evaluate finds them: none was
+    # counted, and the temperature fitted on training images stored without a warning.
+    from wingspan.training.folder import trained_on
+
+    root = Path(trained_on(trained))
+    for path in rows.groupby("split").head(5)["path"]:
+        copy = tmp_path / "copy" / Path(path).relative_to(root)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, copy)
+    code, out, err = run_cli("calibrate", trained, tmp_path / "copy", "--split", "all",
+                             "--quiet")
+    assert code == 0, err
+    among = read_manifest(trained / "model")["calibration"]["run_images_among"]
+    assert among == {"train": 5, "val": 5, "test": 5}
+    assert "are ones the model was trained on" in " ".join(out.split())
     # Put it back for the other tests of this module.
 
     update_manifest(trained / "model", calibration={**new, "temperature": old})

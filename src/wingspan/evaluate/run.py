@@ -799,7 +799,8 @@ def calibrate(model: str | Path, data: str | Path | None = None, split: str | No
     y = rows["_label"].map(index).to_numpy()[ok]
     logits = np.stack([preds[i].logits for i in ok])
     fitted = rows["path"].iloc[ok].tolist()
-    among = _run_images_among(fitted, _own_splits(dataset, data, run_dir), run_dir)
+    among = _run_images_among(fitted, _own_splits(dataset, data, run_dir), run_dir,
+                              dataset.root if data is not None else None)
     calibration = {**calibration_record(logits, y, _calibration_data(split, data),
                                         answer=lambda probs: _predicted(predictor, probs, 1.0),
                                         previous=predictor.temperature),
@@ -820,17 +821,22 @@ def calibrate(model: str | Path, data: str | Path | None = None, split: str | No
 
 
 def _run_images_among(paths: list[str], own: pd.DataFrame | None,
-                      run_dir: Path | None = None) -> dict[str, int]:
+                      run_dir: Path | None = None, data_root: Path | None = None
+                      ) -> dict[str, int]:
     """How many of `paths` are the run's own images of each split (by real path, as
-    evaluate's fairness check matches them), and photos `wingspan adapt` refitted it on
-    ("adapted", copies too), where any are: calibrate warns of train, test and adapted,
-    and evaluate says when it scores the split a temperature was fitted on."""
+    evaluate's fairness check matches them, or copies of them below `data_root`, other
+    data's root, as it finds them), and photos `wingspan adapt` refitted it on ("adapted",
+    copies too), where any are: calibrate warns of train, test and adapted, and evaluate
+    says when it scores the split a temperature was fitted on."""
     fitted = set(real_paths(paths))
     photos = adapted_photos(run_dir)
     among = {"adapted": len(fitted.intersection(photos)) + _copies_among(
         fitted.difference(photos), adapted_sums(run_dir))}
     if own is not None:
-        among.update({s: len(fitted.intersection(real_paths(own.loc[own[SPLIT] == s, "path"])))
+        seen = dict(zip(real_paths(own["path"]), own[SPLIT], strict=True))
+        copies = _copies_of_own(fitted, seen, trained_on(run_dir) if run_dir else None,
+                                data_root)
+        among.update({s: sum(seen.get(p) == s for p in fitted) + copies.get(s, 0)
                       for s in ("train", "val", "test")})
     return {s: n for s, n in among.items() if n}
 
@@ -1043,7 +1049,7 @@ def _copies_of_own(evaluated: set[str], seen: dict[str, str], own_root: str | No
     moved, not a name or two reused: new photos may be IMG_0001.jpg too)."""
     from wingspan.data.leaks import content_hashes
 
-    found = {"train": 0, "val": 0}
+    found = dict.fromkeys(("train", "val", *seen.values()), 0)  # (calibrate asks of test)
     if own_root is None or data_root is None:
         return found
     own_root, data_root = (os.path.realpath(_folder_of(r)) for r in (own_root, data_root))
@@ -1052,7 +1058,7 @@ def _copies_of_own(evaluated: set[str], seen: dict[str, str], own_root: str | No
     pairs = [(e, *mine[key]) for e in sorted(evaluated - seen.keys())
              if e.startswith(data_root + os.sep)
              and (key := os.path.relpath(e, data_root)) in mine]
-    moved = {"train": 0, "val": 0}
+    moved = dict.fromkeys(found, 0)
     # (the keys are in NFC: a name copied from macOS is opened as the disk spells it)
     disk = dict(zip(keys := [p for pair in pairs for p in pair[:2]], disk_spelling(keys),
                     strict=True))
