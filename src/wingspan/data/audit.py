@@ -324,15 +324,12 @@ def near_duplicates(table: pd.DataFrame, features: torch.Tensor, hashes: torch.T
     say, would otherwise list n (n - 1) / 2 pairs (4,950 for a species of 100). Every
     pair carries its group, the images linked by any chain of close pairs (scipy's
     connected components over all of them, capped or not), and the group's size."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     x = torch.nn.functional.normalize(features.float(), dim=1)
     h = hashes.float()
     ones = h.sum(1)
     n, most = len(x), config.duplicates_per_image
     block = max(1, cells // max(n, 1))
-    links, kept = [], {}
+    links, pending, kept = [], 0, {}
     for start in range(0, n, block):
         sims = x[start:start + block] @ x.T
         part = h[start:start + block]
@@ -343,6 +340,9 @@ def near_duplicates(table: pd.DataFrame, features: torch.Tensor, hashes: torch.T
         close[own, own + start] = False  # not an image with itself
         rows, cols = torch.nonzero(close, as_tuple=True)
         links.append(np.stack([(rows + start).numpy(), cols.numpy()]))
+        pending += len(rows)
+        if pending > 2 * n:  # n alike images link n^2 pairs: kept as the groups they make
+            links, pending = [_forest(_groups(links, n))], n
         # Each row's closest partners: the most similar first, then the fewest bits apart.
         rank = sims.masked_fill(~close, -2.0) - bits * 1e-3
         top = rank.topk(min(most, n), dim=1)
@@ -351,9 +351,7 @@ def near_duplicates(table: pd.DataFrame, features: torch.Tensor, hashes: torch.T
         for a, b, sim, bit in zip((r + start).tolist(), c.tolist(), sims[r, c].tolist(),
                                   bits[r, c].tolist(), strict=True):
             kept[(min(a, b), max(a, b))] = (sim, int(bit))
-    edges = np.concatenate(links, axis=1) if links else np.zeros((2, 0), dtype=np.int64)
-    _, group = connected_components(coo_matrix(
-        (np.ones(edges.shape[1]), (edges[0], edges[1])), shape=(n, n)), directed=False)
+    group = _groups(links, n)
     sizes = np.bincount(group, minlength=n)
     splits, labels, paths = table[SPLIT].tolist(), table[level].tolist(), table[PATH].tolist()
     frame = pd.DataFrame([{
@@ -367,6 +365,25 @@ def near_duplicates(table: pd.DataFrame, features: torch.Tensor, hashes: torch.T
     # Leaks and contradictory labels first, then the closest.
     return frame.sort_values(["across_splits", "labels_differ", "similarity"],
                              ascending=False).reset_index(drop=True)
+
+
+def _groups(links: list[np.ndarray], n: int) -> np.ndarray:
+    """Each of the n images' group: scipy's connected components over the pairs."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    edges = np.concatenate(links, axis=1) if links else np.zeros((2, 0), dtype=np.int64)
+    return connected_components(coo_matrix((np.ones(edges.shape[1]), (edges[0], edges[1])),
+                                           shape=(n, n)), directed=False)[1]
+
+
+def _forest(group: np.ndarray) -> np.ndarray:
+    """Pairs that link the same groups as `group` says, at most one per image: each to its
+    group's first image (the pairs of 16k alike images would fill 23 GB; these, 256 KB)."""
+    _, first = np.unique(group, return_index=True)
+    to = first[group]
+    keep = to != np.arange(len(group))
+    return np.stack([np.flatnonzero(keep), to[keep]])
 
 
 def _thumbnail(path: str, size: int = 160) -> str:
