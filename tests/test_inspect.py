@@ -116,15 +116,29 @@ def test_inspect_names_images_left_blank_at_a_level(demo_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("n_classes", [10, 500])
-def test_balance_plot_is_readable_for_few_and_many_classes(tmp_path, n_classes):
+def test_balance_plot_is_readable_for_few_and_many_classes(tmp_path, n_classes, monkeypatch):
+    import matplotlib.figure
+
     rng = np.random.default_rng(0)
     counts = pd.Series(rng.zipf(1.5, n_classes).clip(1, 5000),
                        index=[f"species number {i}" for i in range(n_classes)])
+    ticks, save = [], matplotlib.figure.Figure.savefig
+
+    def saving(fig, *args, **kwargs):  # the tick labels as drawn
+        fig.canvas.draw()
+        ticks.extend(t.get_text() for ax in fig.axes for t in [
+            *ax.get_xticklabels(), *ax.get_yticklabels()] if t.get_text())
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", saving)
     path = plot_class_balance(counts, "species", tmp_path / "plot.png")
     with Image.open(path) as im:
         # Few classes: one labelled bar each, so the figure grows with them; many: fixed size.
         assert im.height < 1200
         assert im.width >= 800
+    # Plain numbers: the log axis's ticks are mathtext, which the plots draw as written (a
+    # class named "$5-$10" must read so), and read "$\mathdefault{10^{2}}$".
+    assert ticks and not [t for t in ticks if "$" in t], ticks
 
 
 def test_metadata_only_reads_labels_without_images(shared_data, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+from matplotlib import ticker
 
 from wingspan.plotting import literal_text, plt
 
@@ -34,6 +35,10 @@ def plot_class_balance(counts: pd.Series, level: str, path: Path, many: int = 40
         ax.fill_between(ranks, counts.to_numpy(), step="mid", alpha=0.35, color="#4c72b0")
         ax.step(ranks, counts.to_numpy(), where="mid", color="#4c72b0")
         ax.set_yscale("log")
+        # Plain numbers: the log axis writes its ticks in mathtext ("10^2"), and plots are
+        # drawn with math off (plotting.literal_text), which showed them as source.
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_xlim(1, n)
         ax.set_xlabel(f"class rank (1 = largest of {n})")
         ax.set_ylabel("images (log scale)")
