@@ -128,6 +128,10 @@ def test_bad_settings_raise_wingspan_errors_naming_them(demo_dir, tmp_path):
     with pytest.raises(WingspanError, match="'image_size' = 'big'") as e:
         ws.train(data, runs_dir=tmp_path, weights=None, image_size="big")
     assert "'weights'" not in str(e.value) and "the keywords in Python" in e.value.hint
+    # ... in the settings object too, as the README says of weights=None.
+    assert ws.TrainConfig(weights=None).weights == "none"
+    with pytest.raises(WingspanError, match="'image_size' = 'big'") as e:
+        ws.train(data, runs_dir=tmp_path, config=ws.TrainConfig(weights=None), image_size="big")
     with pytest.raises(WingspanError, match="Unknown setting 'colour'"):
         ws.demo_data(tmp_path / "demo", colour="red")
     assert not any(tmp_path.iterdir())  # nothing was started

@@ -388,8 +388,6 @@ def train(data: Data | Dataset | str | Path, config: TrainConfig | dict | str | 
         settings = {**(dataclasses.asdict(config) if isinstance(config, TrainConfig)
                        else config), **settings}
         config = None
-    if "weights" in settings and settings["weights"] is None:  # Keras' meaning: random
-        settings["weights"] = "none"  # (in Python only: a config file's blank is an error)
     # (an unknown keyword: the config classes name the closest setting themselves)
     if isinstance(config, str) and not Path(config).expanduser().exists():
         # ws.train(data, "efficientnet_lite0"): config comes second, so a setting given by

@@ -538,6 +538,8 @@ class TrainConfig:
     unknown_rate: float = 0.05
 
     def __post_init__(self) -> None:
+        if self.weights is None:  # Keras' meaning, in Python: random weights (a config
+            self.weights = "none"  # file's blank is refused before, as a slip)
         _check_types(self)
         for name in ("epochs_head", "epochs_finetune", "feature_views", "seed"):
             _check(getattr(self, name) >= 0, name, "0 or more", getattr(self, name))
