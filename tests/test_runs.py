@@ -197,9 +197,22 @@ def test_runs_frame_lists_each_run_with_values_from_its_files(runs_dir, finished
     assert ws.runs(runs_dir, sort="val_macro_f1")["name"].tolist()[:2] == ["[red]seed1",
                                                                           "seed0"]
     assert ws.runs(runs_dir, sort="seed")["seed"].tolist()[:5] == [0, 0, 0, 0, 1]
-    with pytest.raises(WingspanError, match="Cannot sort by 'val_f1'") as e:
-        ws.runs(runs_dir, sort="val_f1")
+    # The headers `wingspan runs` prints sort too ("Cannot sort by 'val F1'" before).
+    for header, column in (("val F1", "val_macro_f1"), ("run", "name"),
+                           ("held-out F1", "held_out_macro_f1"), ("Seconds", "train_seconds")):
+        assert ws.runs(runs_dir, sort=header)["name"].tolist() == ws.runs(
+            runs_dir, sort=column)["name"].tolist(), header
+    with pytest.raises(WingspanError, match="Cannot sort by 'val_f'") as e:
+        ws.runs(runs_dir, sort="val_f")
     assert "Did you mean 'val_macro_f1'?" in e.value.hint
+    # Scores read alike (1.0 read "1.0" beside "0.8070"); a long failure is cut in the
+    # table, not wrapped a word a line in a narrow terminal.
+    from wingspan.cli.runs import _RUN_COLUMNS, _status_cell
+
+    score = dict((h, cell) for h, cell, _ in _RUN_COLUMNS)["val F1"]
+    assert score({"val_macro_f1": 1.0}) == "1.0000"
+    cut = _status_cell({"status": "failed", "detail": "Every training image of " + "x, " * 80})
+    assert len(cut) < 80 and cut.endswith("…")
 
 
 def test_a_stopped_run_says_after_which_epoch_and_plainly_without_its_history(runs_dir):

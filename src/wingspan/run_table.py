@@ -85,9 +85,17 @@ def run_table(runs_dir: str | Path, sort: str | None = None) -> pd.DataFrame:
     return sort_runs(frame, sort or "created")
 
 
+# `wingspan runs`' headers, as --sort takes them too (in any case, "-" or " " for "_").
+HEADERS = {"run": "name", "val_f1": "val_macro_f1", "held_out_f1": "held_out_macro_f1",
+           "held_out": "held_out_macro_f1", "size": "image_size", "seconds": "train_seconds"}
+
+
 def sort_runs(frame: pd.DataFrame, column: str) -> pd.DataFrame:
+    said = column.strip().lower().replace("-", "_").replace(" ", "_")
+    column = HEADERS.get(said, said if said in frame.columns else column)
     if column not in frame.columns:
-        close = difflib.get_close_matches(column, list(frame.columns), n=1)
+        close = [HEADERS.get(c, c) for c in difflib.get_close_matches(
+            said, [*frame.columns, *HEADERS], n=1)]
         raise WingspanError(f"Cannot sort by '{column}': no such column.",
                             hint=(f"Did you mean '{close[0]}'? " if close else "")
                             + f"The columns: {', '.join(frame.columns)}.")

@@ -18,7 +18,7 @@ def runs_command(
         help="The folder `wingspan train` wrote its runs into (its --runs-dir).")]
     = Path(RUNS_DIR),
     sort: Annotated[str | None, typer.Option(
-        help="Order by this column (of the CSV: name, status, val_macro_f1, "
+        help="Order by this column (a header, or one of the CSV: name, status, val_macro_f1, "
         "held_out_macro_f1, train_seconds, seed...); scores best first, the rest ascending "
         "(default: created, oldest first).", show_default=False)] = None,
     output: Annotated[Path | None, typer.Option(
@@ -70,7 +70,8 @@ _RUN_COLUMNS = [
     ("size", lambda r: _cell(r["image_size"]), False),
     ("seed", lambda r: _cell(r["seed"]), True),
     ("selection", lambda r: _cell(r["selection"]), False),
-    ("val F1", lambda r: _cell(r["val_macro_f1"]), True),
+    ("val F1", lambda r: f"{r['val_macro_f1']:.4f}" if _given(r["val_macro_f1"]) else "",
+     True),
     ("held-out F1", lambda r: _held_out(r), True),
     ("best", lambda r: f"{r['best_stage']} {r['best_epoch']}" if _given(r["best_stage"])
      else "", True),
@@ -125,7 +126,15 @@ def _cell(value) -> str:
 def _status_cell(row: dict) -> str:
     from wingspan.run_table import status_text
 
-    return status_text(row["status"], row["detail"] if _given(row["detail"]) else None)
+    detail = row["detail"] if _given(row["detail"]) else None
+    # A failed run's whole error took 70 lines of a narrow terminal: its first words here
+    # (all of it in train.log and --output).
+    if isinstance(detail, str) and len(detail) > DETAIL_CHARS:
+        detail = detail[:DETAIL_CHARS - 1].rstrip() + "…"
+    return status_text(row["status"], detail)
+
+
+DETAIL_CHARS = 60
 
 
 def _held_out(row: dict) -> str:
