@@ -1,4 +1,4 @@
-"""`wingspan data preview`: a grid of originals beside augmented versions."""
+"""`wingspan data preview`: a grid of images as evaluated beside augmented versions."""
 
 from __future__ import annotations
 
@@ -65,7 +65,8 @@ def write_preview(dataset: Dataset, out: Path, config: AugmentConfig | None = No
             if c == 0:
                 ax.set_ylabel("\n".join(_name_lines(str(label))), fontsize=7)
             if r == 0:
-                ax.set_title("original" if c == 0 else f"augmented {c}", fontsize=8)
+                # (the first, resized and cropped as evaluation sees it: not the file itself)
+                ax.set_title("as evaluated" if c == 0 else f"augmented {c}", fontsize=8)
     fig.suptitle(f"augmentation '{config.policy}' at {config.image_size}px", fontsize=9)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
