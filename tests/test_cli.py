@@ -115,6 +115,9 @@ def test_user_errors_are_one_clear_message(run_cli, demo_dir, args, message, mon
     (["data", "inspect", "DEMO", "--tiny-px", "0"], "--tiny-px must be a positive", "tiny_px"),
     (["adapt", "DEMO", "DEMO", "--confidence", "1"], "--confidence must be from 0 to below 1",
      "'confidence'"),
+    # the other setting a problem names, as typed too
+    (["data", "split", "DEMO", "--max-per-class", "5", "--oversample-to", "10"],
+     "--oversample-to must be at most --max-per-class (5)", "max_per_class"),
 ])
 def test_a_bad_option_is_named_as_typed(run_cli, demo_dir, args, message, setting):
     """A value refused by the config names the option the user typed, not the setting

@@ -58,7 +58,11 @@ class SettingError(WingspanError):
                 return self.form.format(setting)
             return re.sub(r"\w+", lambda m: options.get(m[0], m[0]), setting)
 
-        return self.intro + " | ".join(name(setting) + text for setting, text in self.problems)
+        def mentioned(text: str) -> str:  # another setting a problem names, as {setting}
+            return re.sub(r"\{(\w+)\}", lambda m: options.get(m[1], m[1]), text)
+
+        return self.intro + " | ".join(name(setting) + mentioned(text)
+                                       for setting, text in self.problems)
 
     def __reduce__(self):  # pickled by worker processes: not as (message,); the state keeps
         # what was set after construction (every_rank)
@@ -359,7 +363,7 @@ class SplitConfig:
             _check(
                 self.oversample_to <= self.max_per_class,
                 "oversample_to",
-                f"at most max_per_class ({self.max_per_class})",
+                f"at most {{max_per_class}} ({self.max_per_class})",
                 self.oversample_to,
             )
 
