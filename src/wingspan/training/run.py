@@ -235,7 +235,11 @@ def _score_held_out(run_dir: Path, run: Run) -> Path:
             f"AUROC {u['auroc']:.3f}, FPR95 {u['fpr95']:.3f}; {u['unseen_flagged']:.1%} of them "
             f"{away}, the other {1 - u['unseen_flagged']:.1%} named as a known class; "
             f"{u['known_turned_away']:.1%} of the known {result.metrics['split']} images "
-            f"{away} too; report {result.report}"
+            f"{away} too"
+            # (without a test split, val: the images the threshold was set on, so the share
+            # is the rate asked, not a measure of it on new images)
+            + (" (as fitted: the threshold was set on them)"
+               if result.metrics["split"] == "val" else "") + f"; report {result.report}"
             + (f" ({len(u['unreadable'])} of their images could not be read and were not "
                "scored: listed in metrics.json)" if u.get("unreadable") else ""))
     return run_dir
