@@ -477,7 +477,7 @@ def test_calibrate_changes_the_bundle_as_the_command_does(run, run_cli, tmp_path
             ({"unknown": "moths/"}, "unknown: expected True or False, got str"),
             ({"unknown": True, "split": "val"}, "it takes no data, split or class_map"),
             ({"unknown_rate": 0.1}, "fits again only with unknown=True"),
-            ({"unknown": True, "unknown_rate": 1.5}, "unknown_rate: expected a share between"),
+            ({"unknown": True, "unknown_rate": 1.5}, "expected a share above 0 and below 1"),
             ({"split": "dev"}, "split: expected one of"),
             ({"batch_size": 0}, "batch_size: expected a whole number"),
             ({"max_pixels": 0}, "max_pixels: expected a whole number")]:

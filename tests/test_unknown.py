@@ -631,7 +631,7 @@ def test_calibrate_unknown_refits_the_threshold_and_keeps_the_model(held_out_run
     # A higher rate turns away more known images than the default 5%.
     assert sum(p.known_level is None for p in a) >= sum(p.known_level is None for p in b)
     # Settings that cannot apply are refused before any image is read.
-    for args, message in ((["--unknown", "--unknown-rate", "0"], "between 0 and 1"),
+    for args, message in ((["--unknown", "--unknown-rate", "0"], "above 0 and below 1"),
                           (["--unknown", "--unknown-score", "vibes"], "Unknown score 'vibes'"),
                           (["--unknown-rate", "0.3"], "only with --unknown"),
                           ([str(demo), "--unknown"], "it takes no DATA, --split or --map"),

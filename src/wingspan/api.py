@@ -586,7 +586,7 @@ def _rate_arg(value) -> float | None:
     """None (the model's own) or a share strictly between 0 and 1, as --unknown-rate."""
     if value is None or (isinstance(value, float | np.floating) and 0 < value < 1):
         return None if value is None else float(value)
-    raise WingspanError(f"unknown_rate: expected a share between 0 and 1, e.g. 0.05; got "
+    raise WingspanError(f"unknown_rate: expected a share above 0 and below 1, e.g. 0.05; got "
                         f"{type(value).__name__} {value!r:.60}.")
 
 

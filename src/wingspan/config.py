@@ -325,7 +325,7 @@ class AdaptConfig:
     def __post_init__(self) -> None:
         _check_types(self)
         _check(self.neighbours >= 1, "neighbours", "at least 1, e.g. 7", self.neighbours)
-        _check(0 < self.spreading < 1, "spreading", "between 0 and 1, e.g. 0.8",
+        _check(0 < self.spreading < 1, "spreading", "above 0 and below 1, e.g. 0.8",
                self.spreading)
         _check(0 <= self.confidence < 1, "confidence", "from 0 to below 1, e.g. 0.5",
                self.confidence)
@@ -613,7 +613,7 @@ class TrainConfig:
                "1 or more (a largest-to-smallest class ratio)", self.imbalance_threshold)
         _check(self.unknown_score in UNKNOWN_SCORES, "unknown_score",
                f"one of {list(UNKNOWN_SCORES)}", self.unknown_score)
-        _check(0 < self.unknown_rate < 1, "unknown_rate", "between 0 and 1, e.g. 0.05",
+        _check(0 < self.unknown_rate < 1, "unknown_rate", "above 0 and below 1, e.g. 0.05",
                self.unknown_rate)
 
     @property

@@ -645,7 +645,7 @@ def _under(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Ten
 
 def check_rate(rate: float) -> None:
     if not 0.0 < rate < 1.0:
-        raise WingspanError(f"--unknown-rate must be between 0 and 1 (got {rate}).",
+        raise WingspanError(f"--unknown-rate must be above 0 and below 1 (got {rate}).",
                             hint="It is the share of known images the model may call "
                                  "unknown, e.g. 0.05.")
 
