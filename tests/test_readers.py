@@ -631,6 +631,19 @@ def test_symlinked_folders_inside_a_class_are_followed_once(tmp_path):
     assert "a folder above it: not followed" in linked["Shortcut to Photos"]
     assert "another part of the data: not followed" in linked["admirals"]
     assert "not_image" not in {p.kind for p in ds.problems}
+    # A class folder that is a link to another (or to the data): not a class of its own,
+    # whose photos were "the same picture in two class folders", the link unnamed. A link
+    # to a folder elsewhere is a class like any.
+    (tmp_path / "data" / "monarch_link").symlink_to(tmp_path / "data" / "monarch")
+    (tmp_path / "data" / "all").symlink_to(tmp_path / "data")
+    (tmp_path / "data" / "y2023").symlink_to(tmp_path / "elsewhere" / "y2023")
+    ds = read_dataset(tmp_path / "data")
+    assert ds.class_counts().to_dict() == {"monarch": 3, "y2023": 2, "admiral": 2}
+    linked = {os.path.basename(p.path): p.message for p in ds.problems
+              if p.kind == "link_not_followed"}
+    assert {"monarch_link", "all"} <= set(linked) and "y2023" not in linked
+    assert linked["monarch_link"].endswith("not read as a folder of its own (its images "
+                                           "would take two labels); delete the link")
 
 
 def test_a_decomposed_folder_name_matches_its_composed_taxonomy_row(tmp_path):

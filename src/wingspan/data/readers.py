@@ -260,7 +260,28 @@ def _top_folders(root: Path, problems: list[Problem]) -> list[Path]:
                                     str(d)))
             continue
         folders.append(d)
-    return folders
+    return _without_links_to_others(root, folders, problems)
+
+
+def _without_links_to_others(root: Path, folders: list[Path], problems: list[Problem]
+                             ) -> list[Path]:
+    """`folders` less the links to another of them, or to one inside or above it: read as
+    a class of their own, their photos took two labels ("the same picture in two class
+    folders"), and the link was not named."""
+    real = {d: os.path.realpath(d) for d in folders}
+    plain = [real[d] for d in folders if not d.is_symlink()] + [os.path.realpath(root)]
+    kept = []
+    for d in folders:
+        target = real[d]
+        other = d.is_symlink() and next((p for p in plain if os.path.commonpath(
+            [target, p]) in (target, p)), None)
+        if other:
+            problems.append(Problem("link_not_followed", f"a link to {target}, within the "
+                                    "data or above it: not read as a folder of its own (its "
+                                    "images would take two labels); delete the link", str(d)))
+        else:
+            kept.append(d)
+    return kept
 
 
 def images_under(folder: Path, problems: list[Problem], within: Path | None = None
