@@ -289,6 +289,21 @@ def test_csv_reader_relative_paths_levels_and_missing_files(tmp_path):
     assert read_dataset(csv).levels == ["family", "genus", "label"]
 
 
+def test_a_csv_from_a_spreadsheet_is_read_or_said_how_to_save_it(tmp_path):
+    """Excel's habits: "Path;Label" headers (read in any case), and a Windows "CSV (Comma
+    delimited)" in cp1252 (refused with how to save it as UTF-8, not a codec's words)."""
+    write_image(tmp_path / "a" / "x.jpg")
+    write_image(tmp_path / "b" / "y.jpg")
+    csv = tmp_path / "list.csv"
+    csv.write_text("Path;Label;Split\na/x.jpg;a;Train\nb/y.jpg;b;train\n")
+    ds = read_dataset(csv)
+    assert ds.table["label"].tolist() == ["a", "b"] and set(ds.table["split"]) == {"train"}
+    csv.write_bytes("path,label\na/x.jpg,caf\xe9\nb/y.jpg,b\n".encode("cp1252"))
+    with pytest.raises(WingspanError, match="it is not UTF-8 text") as e:
+        read_dataset(csv)
+    assert "CSV UTF-8" in e.value.hint
+
+
 def test_a_csv_in_nfc_finds_files_that_macos_named_in_nfd(tmp_path):
     """Photos copied from a Mac spell 'é' in two characters (NFD); a CSV typed or exported
     elsewhere spells it in one (NFC): they were "not found", and lost to training."""

@@ -27,8 +27,11 @@ def read_csv(path: Path, key: str | None = None) -> pd.DataFrame:
                                 index_col=False)
             header = pd.read_csv(path, sep=sep, dtype=str, header=None, nrows=1,
                                  keep_default_na=False, index_col=False).iloc[0].tolist()
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError,
-            csv.Error) as e:
+    except UnicodeDecodeError as e:  # Excel's "CSV (Comma delimited)" on Windows: cp1252
+        raise WingspanError(f"Cannot read the CSV file {path}: it is not UTF-8 text ({e}).",
+                            hint="Save it as UTF-8: in Excel, 'CSV UTF-8 (Comma delimited)'; "
+                                 "or `iconv -f cp1252 -t utf-8 OLD.csv > NEW.csv`.") from e
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, csv.Error) as e:
         raise WingspanError(f"Cannot read the CSV file {path}: {e}") from e
     # pandas renames a second 'genus' to 'genus.1', which would be read as a level.
     names = [nfc(str(c).strip()) for c in header]
@@ -56,7 +59,9 @@ def separator(path: Path, key: str | None = None) -> str:
         header = next((line for line in f if line.strip()), "")
     columns = {sep: [nfc(c.strip()) for c in next(csv.reader([header], delimiter=sep), [])]
                for sep in SEPARATORS}
-    return max(SEPARATORS, key=lambda sep: (key in columns[sep], len(columns[sep])))
+    return max(SEPARATORS, key=lambda sep: (
+        key is not None and key.lower() in [c.lower() for c in columns[sep]],
+        len(columns[sep])))
 
 
 def check_field_counts(path: Path, sep: str = ",") -> None:

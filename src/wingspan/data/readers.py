@@ -585,6 +585,10 @@ def read_csv_table(csv_path: Path, config: ReadConfig) -> Dataset:
     if not csv_path.is_file():
         raise WingspanError(f"{csv_path} is not a CSV file.")
     raw = read_csv(csv_path, key=PATH)
+    # "Path", "Label" as typed in a spreadsheet: the columns wingspan reads, in any case
+    raw = raw.rename(columns={c: c.lower() for c in raw.columns
+                              if c.lower() in (PATH, LABEL, SPLIT, GROUP) and c != c.lower()
+                              and c.lower() not in raw.columns})
     missing = [c for c in (PATH, LABEL) if c not in raw.columns]
     if missing:
         raise WingspanError(
