@@ -298,6 +298,12 @@ def test_a_csv_from_a_spreadsheet_is_read_or_said_how_to_save_it(tmp_path):
     csv.write_text("Path;Label;Split\na/x.jpg;a;Train\nb/y.jpg;b;train\n")
     ds = read_dataset(csv)
     assert ds.table["label"].tolist() == ["a", "b"] and set(ds.table["split"]) == {"train"}
+    # Windows paths, which no other machine opens: said so (the hint named an "image root"
+    # that no option sets).
+    csv.write_text("path,label\nC:\\photos\\x.jpg,a\nC:\\photos\\y.jpg,b\n")
+    with pytest.raises(WingspanError) as e:
+        read_dataset(csv)
+    assert "a Windows path, which this machine cannot open" in e.value.hint
     csv.write_bytes("path,label\na/x.jpg,caf\xe9\nb/y.jpg,b\n".encode("cp1252"))
     with pytest.raises(WingspanError, match="it is not UTF-8 text") as e:
         read_dataset(csv)

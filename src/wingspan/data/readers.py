@@ -106,8 +106,15 @@ def _check_not_empty(dataset: Dataset, path: Path) -> None:
                     + (f" ({counted(conflicting, 'image')} listed with two labels left out)"
                        if conflicting else "") + ".")
         if missing:
-            hint = (f"All {missing} listed images are missing. Check the image root (`data "
-                    "inspect --metadata-only` reads the labels alone).")
+            first = next(p.path for p in dataset.problems if p.kind == "missing_file")
+            windows = re.search(r"(^|[\\/])[A-Za-z]:[\\/]", first)  # C:\photos, read here
+            hint = (f"All {missing} listed images are missing, e.g. {first}"
+                    + (": a Windows path, which this machine cannot open; write the paths "
+                       "relative to the CSV's folder" if windows else
+                       ": check where the paths point" + (" (a relative path is read from "
+                                                          "the CSV's folder)"
+                                                          if path.is_file() else ""))
+                    + ". `data inspect --metadata-only` reads the labels alone.")
         elif loose:  # a folder of photos, or one class's folder, given as DATA
             message = (f"{path} has no class folders: its {counted(loose, 'image')} lie in "
                        "it directly, and an image's class is the name of its folder.")
