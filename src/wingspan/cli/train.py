@@ -122,8 +122,8 @@ def train_command(
     nodes: Nodes = None,
     strategy: Strategy = T.strategy,
     compile: Annotated[bool, typer.Option(
-        "--compile", help="torch.compile the fine-tuned layers (slow to start; pays on long "
-        "runs on a GPU).")] = T.compile,
+        "--compile/--no-compile", help="torch.compile the fine-tuned layers (slow to start; "
+        "pays on long runs on a GPU).")] = T.compile,
     precision: Precision = T.precision,
     runtime: Runtime = T.runtime,
     workers: Workers = None,
