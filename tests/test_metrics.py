@@ -293,6 +293,12 @@ def test_confusion_plot_for_few_and_many_classes(tmp_path, n, monkeypatch):
     plots.plot_confusion(confusion(equal, equal, 70), [str(i) for i in range(70)],
                          tmp_path / "eq.png")
     assert drawn[-1].axes[0].get_title() == "70 classes, in confusion.csv's order"
+    # Classes neither in the data nor answered are no blank rows of the picture: said.
+    cm = confusion(equal, equal, 80)
+    plots.plot_confusion(cm, [str(i) for i in range(80)], tmp_path / "some.png")
+    assert drawn[-1].axes[0].get_title() == ("70 classes, in confusion.csv's order\n(10 more "
+                                             "with no images here and no answers left out)")
+    assert drawn[-1].axes[0].images[0].get_array().shape == (70, 70)
 
 
 def test_class_names_with_dollars_are_drawn_as_written(tmp_path, monkeypatch):

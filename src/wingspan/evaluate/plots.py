@@ -51,15 +51,22 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> Path:
         ax.set_yticks(range(n), names, fontsize=size)
     else:
         counts = cm.sum(1)
-        by_size = len(set(counts.tolist())) > 1
+        # Classes with no images here and no answers are blank rows and columns: on an
+        # ETHEC-like test split a fifth of the matrix. Left out, and said.
+        empty = (counts + cm.sum(0)) == 0
+        by_size = len(set(counts[~empty].tolist())) > 1
         order = np.argsort(-counts, kind="stable") if by_size else np.arange(n)
+        order = order[~empty[order]]
         fig, ax = plt.subplots(figsize=(9, 8))
         im = ax.imshow(norm[np.ix_(order, order)], cmap="Blues", vmin=0, vmax=1,
                        interpolation="nearest")
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_title(f"{n} classes, " + ("sorted by number of images (largest top-left)"
-                                         if by_size else "in confusion.csv's order"))
+        ax.set_title(f"{len(order)} classes, " + (
+            "sorted by number of images (largest top-left)" if by_size
+            else "in confusion.csv's order") + (
+            f"\n({empty.sum()} more with no images here and no answers left out)"
+            if empty.any() else ""), fontsize=10)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true class")
