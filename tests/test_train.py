@@ -587,6 +587,24 @@ def test_ctrl_c_of_a_run_without_a_checkpoint_says_it_starts_again(uninterrupted
     assert "Continue from the last checkpoint" not in (run_dir / "train.log").read_text()
 
 
+def test_held_out_classes_that_share_photos_with_known_ones_are_scored_not_refused(
+        demo_dir, tmp_path):
+    """The same photo saved in a held-out class and a known one (which the split warns
+    of), or a held-out 'Admiral' beside a known 'admiral': evaluate --unknown refuses such
+    folders, and a run holding them out trained to the end, then failed scoring them."""
+    data = shutil.copytree(demo_dir, tmp_path / "data")
+    known = sorted(p for p in (data / "azure_spotwing").iterdir())[:12]
+    for i, photo in enumerate(known):
+        shutil.copy(photo, data / "white_darktip" / f"dup_{i}.jpg")
+    shutil.copytree(data / "orange_veined", data / "Azure_Spotwing")  # a case twin
+    run_dir = train(read_dataset(data), tiny(tmp_path, epochs_head=1, epochs_finetune=0,
+                                             test_fraction=0.3, holdout_classes=[
+                                                 "white_darktip", "Azure_Spotwing"]),
+                    tmp_path / "runs", "r", quiet=True)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["unknown"]["unseen_images"] > 12 and not (run_dir / "error.txt").exists()
+
+
 def test_ctrl_c_while_a_resume_scores_the_held_out_classes_says_how_to_go_on(
         demo_dir, tmp_path, monkeypatch):
     """Killed while scoring its held-out classes, a resumed run scores them again: a Ctrl-C
@@ -638,6 +656,11 @@ def test_a_resume_refuses_a_config_yaml_changed_since_the_checkpoint(uninterrupt
         resume(run_dir, quiet=True)
     config.write_text(original[:original.index("epochs_head")] + "epochs_head: [3\n")
     with pytest.raises(WingspanError, match=r"config.yaml is damaged: not valid YAML \(line"):
+        resume(run_dir, quiet=True)
+    # A blank weights (YAML's null): refused, not read as Python's None (random weights).
+    assert "weights: none" in original
+    config.write_text(original.replace("weights: none", "weights:"))
+    with pytest.raises(WingspanError, match="config.yaml: 'weights' is empty"):
         resume(run_dir, quiet=True)
     # The machine's settings may change, and those that change nothing learnt.
     assert "checkpoint_minutes: 0.0" in original

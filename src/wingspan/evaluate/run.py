@@ -60,6 +60,7 @@ from wingspan.models.bundle import update_manifest
 from wingspan.predict import answered, deciding_score, expand_paths, taxonomy_path
 from wingspan.training.folder import (
     HISTORY_FILE,
+    HOLDOUT_FILE,
     SPLITS_FILE,
     adapted_photos,
     adapted_sums,
@@ -113,7 +114,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
         _check_data_tree(rows, predictor.taxonomy.levels)
     unknown_paths, unknown_missing = _unknown_paths(unknown) if unknown is not None else (
         None, [])  # before any work
-    if unknown_paths:
+    if unknown_paths and not set(unknown_paths) <= _held_out_by(run_dir):
         _check_unseen(unknown_paths, rows["path"], predictor)
     final = Path(out).resolve() if out else _default_out(predictor, dataset, split, data,
                                                          tta, unknown, unknown_score)
@@ -434,6 +435,16 @@ def _unknown_paths(unknown) -> tuple[list[str], list[tuple[str, str]]]:
                             f"{named[0][1]}.", hint="Check the path: the figures would be "
                             "of fewer images than given. Give folders, files or globs.")
     return paths, missing
+
+
+def _held_out_by(run_dir: Path | None) -> set[str]:
+    """The images of the classes `train --holdout-classes` left out of the run (its
+    holdout.csv), which it scores as unknowns itself: chosen from the data's classes by
+    name, so not checked as a folder given to --unknown is (a class 'Admiral' held out
+    beside 'admiral', a photo saved in a held-out class and a known one too, which the
+    split warned of, are the data's, not a slip; the run then failed at its very end)."""
+    held = run_dir / HOLDOUT_FILE if run_dir else None
+    return set(pd.read_csv(held)["path"]) if held and held.is_file() else set()
 
 
 def _check_unseen(unknown_paths: list[str], known_paths, predictor: Predictor) -> None:

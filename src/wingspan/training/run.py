@@ -669,6 +669,10 @@ def _run_config(run_dir: Path) -> TrainConfig:
                             hint="Resume it with that version, or train a new run.")
     if unknown:
         raise not_a_run
+    if "weights" in settings and settings["weights"] is None:  # (TrainConfig reads Python's
+        raise WingspanError(f"{run_dir / CONFIG_FILE}: 'weights' is empty.",  # None as random)
+                            hint="Write what the run began with: auto, none (random weights) "
+                                 "or the weights file.")
     return TrainConfig(**settings)
 
 
