@@ -658,13 +658,21 @@ def test_symlinked_folders_inside_a_class_are_followed_once(tmp_path):
     (tmp_path / "data" / "monarch_link").symlink_to(tmp_path / "data" / "monarch")
     (tmp_path / "data" / "all").symlink_to(tmp_path / "data")
     (tmp_path / "data" / "y2023").symlink_to(tmp_path / "elsewhere" / "y2023")
+    (tmp_path / "data" / "y2023_again").symlink_to(tmp_path / "elsewhere" / "y2023")
+    # (a class kept in a hidden folder of the data and linked: a class like any)
+    folder_dataset(tmp_path / "data" / ".pool", {"swallowtail": 2})
+    (tmp_path / "data" / "swallowtail").symlink_to(tmp_path / "data" / ".pool" / "swallowtail")
     ds = read_dataset(tmp_path / "data")
-    assert ds.class_counts().to_dict() == {"monarch": 3, "y2023": 2, "admiral": 2}
+    assert ds.class_counts().to_dict() == {"monarch": 3, "swallowtail": 2, "y2023": 2,
+                                           "admiral": 2}
     linked = {os.path.basename(p.path): p.message for p in ds.problems
               if p.kind == "link_not_followed"}
-    assert {"monarch_link", "all"} <= set(linked) and "y2023" not in linked
-    assert linked["monarch_link"].endswith("not read as a folder of its own (its images "
-                                           "would take two labels); delete the link")
+    assert {"monarch_link", "all", "y2023_again"} <= set(linked)
+    assert not {"y2023", "swallowtail"} & set(linked)
+    assert linked["monarch_link"].endswith("another class folder, or the data itself: not "
+                                           "read as a class of its own (its images would take "
+                                           "two labels); delete the link")
+    assert "which another link leads to" in linked["y2023_again"]
 
 
 def test_a_decomposed_folder_name_matches_its_composed_taxonomy_row(tmp_path):

@@ -272,22 +272,33 @@ def _top_folders(root: Path, problems: list[Problem]) -> list[Path]:
 
 def _without_links_to_others(root: Path, folders: list[Path], problems: list[Problem]
                              ) -> list[Path]:
-    """`folders` less the links to another of them, or to one inside or above it: read as
-    a class of their own, their photos took two labels ("the same picture in two class
-    folders"), and the link was not named."""
-    real = {d: os.path.realpath(d) for d in folders}
-    plain = [real[d] for d in folders if not d.is_symlink()] + [os.path.realpath(root)]
-    kept = []
+    """`folders` less the links into another of them, to the data itself or above it, or to
+    a folder an earlier link leads to: read as a class of their own, their photos took two
+    labels ("the same picture in two class folders"), and the link was not named. A link to
+    a folder elsewhere (or to a hidden one in the data, read as no class) is a class."""
+    def inside(path: str, folder: str) -> bool:
+        try:
+            return os.path.commonpath([path, folder]) == folder
+        except ValueError:  # (on Windows, another drive)
+            return False
+
+    if not any(d.is_symlink() for d in folders):  # (the usual case: nothing resolved)
+        return folders
+    classes = [os.path.realpath(d) for d in folders if not d.is_symlink()]
+    data = os.path.realpath(root)
+    kept, targets = [], []
     for d in folders:
-        target = real[d]
-        other = d.is_symlink() and next((p for p in plain if os.path.commonpath(
-            [target, p]) in (target, p)), None)
-        if other:
-            problems.append(Problem("link_not_followed", f"a link to {target}, within the "
-                                    "data or above it: not read as a folder of its own (its "
-                                    "images would take two labels); delete the link", str(d)))
-        else:
-            kept.append(d)
+        target = os.path.realpath(d)
+        if d.is_symlink() and (any(inside(target, c) for c in classes) or inside(data, target)
+                               or target in targets):
+            problems.append(Problem("link_not_followed", f"a link to {target}, "
+                                    + ("which another link leads to" if target in targets
+                                       else "another class folder, or the data itself")
+                                    + ": not read as a class of its own (its images would "
+                                    "take two labels); delete the link", str(d)))
+            continue
+        targets += [target] if d.is_symlink() else []
+        kept.append(d)
     return kept
 
 
