@@ -37,8 +37,11 @@ def plot_class_balance(counts: pd.Series, level: str, path: Path, many: int = 40
         ax.set_yscale("log")
         # Plain numbers: the log axis writes its ticks in mathtext ("10^2"), and plots are
         # drawn with math off (plotting.literal_text), which showed them as source.
+        # Minor ticks are labelled where a decade or so is in view (25-40 images a class
+        # showed no number at all); LogFormatter writes no mathtext.
         ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
-        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.yaxis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False,
+                                                         minor_thresholds=(2, 0.5)))
         ax.set_xlim(1, n)
         ax.set_xlabel(f"class rank (1 = largest of {n})")
         ax.set_ylabel("images (log scale)")
