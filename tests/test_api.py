@@ -122,6 +122,8 @@ def test_bad_settings_raise_wingspan_errors_naming_them(demo_dir, tmp_path):
     assert "'epochs_head'" in e.value.hint
     with pytest.raises(WingspanError, match="'image_size' = 'big'"):
         ws.train(data, runs_dir=tmp_path, image_size="big")
+    with pytest.raises(WingspanError, match="'image_size' = '{max_per_class}'"):  # as given
+        ws.train(data, runs_dir=tmp_path, image_size="{max_per_class}")
     # Keras' weights=None (random weights) is taken as "none": only the bad setting is named.
     with pytest.raises(WingspanError, match="'epochs_head' setting must be 0 or more"):
         ws.train(data, runs_dir=tmp_path, weights=None, epochs_head=-1)

@@ -373,7 +373,7 @@ def test_a_folder_replaced_when_killed_between_the_renames_is_put_back(tmp_path,
     assert (final / "metrics.json").read_text() == "later" and not old.exists()
 
 
-def test_disk_spelling_opens_an_nfc_key_of_a_name_written_on_macos(tmp_path):
+def test_disk_spelling_opens_an_nfc_key_of_a_name_written_on_macos(tmp_path, monkeypatch):
     """real_paths keys paths in NFC; a file whose folder and name the disk spells in NFD
     (as macOS writes them) is found by its key, and a path in no spelling stays as given."""
     import unicodedata
@@ -389,3 +389,7 @@ def test_disk_spelling_opens_an_nfc_key_of_a_name_written_on_macos(tmp_path):
     assert not os.path.exists(keys[0])  # (Linux takes no other spelling of a name)
     spelt = disk_spelling(keys)
     assert spelt == [str(photo), keys[1], keys[2]]
+    # A relative path, its first name respelt too (as the folder it is read from spells it)
+    monkeypatch.chdir(tmp_path)
+    assert disk_spelling([unicodedata.normalize("NFC", "Épreuve/café.jpg")]) == [
+        str(photo.relative_to(tmp_path))]

@@ -298,6 +298,9 @@ def test_a_csv_from_a_spreadsheet_is_read_or_said_how_to_save_it(tmp_path):
     csv.write_text("Path;Label;Split\na/x.jpg;a;Train\nb/y.jpg;b;train\n")
     ds = read_dataset(csv)
     assert ds.table["label"].tolist() == ["a", "b"] and set(ds.table["split"]) == {"train"}
+    csv.write_text("Path;path;Label\na/x.jpg;a/x.jpg;a\n")  # which one is meant?
+    with pytest.raises(WingspanError, match="has 2 'path' columns: 'Path', 'path'"):
+        read_dataset(csv)
     # Windows paths, which no other machine opens: said so (the hint named an "image root"
     # that no option sets).
     csv.write_text("path,label\nC:\\photos\\x.jpg,a\nC:\\photos\\y.jpg,b\n")
@@ -308,6 +311,10 @@ def test_a_csv_from_a_spreadsheet_is_read_or_said_how_to_save_it(tmp_path):
     with pytest.raises(WingspanError, match="it is not UTF-8 text") as e:
         read_dataset(csv)
     assert "CSV UTF-8" in e.value.hint
+    csv.write_bytes("path,label\na/x.jpg,a\n".encode("utf-16"))  # Excel's "Unicode Text"
+    with pytest.raises(WingspanError, match="it is UTF-16 text") as e:
+        read_dataset(csv)
+    assert "iconv -f utf-16" in e.value.hint
 
 
 def test_a_csv_in_nfc_finds_files_that_macos_named_in_nfd(tmp_path):

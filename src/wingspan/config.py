@@ -58,8 +58,8 @@ class SettingError(WingspanError):
                 return self.form.format(setting)
             return re.sub(r"\w+", lambda m: options.get(m[0], m[0]), setting)
 
-        def mentioned(text: str) -> str:  # another setting a problem names, as {setting}
-            return re.sub(r"\{(\w+)\}", lambda m: options.get(m[1], m[1]), text)
+        def mentioned(text: str) -> str:  # another setting a problem names (`another`)
+            return re.sub("\0(\\w+)\0", lambda m: options.get(m[1], m[1]), text)
 
         return self.intro + " | ".join(name(setting) + mentioned(text)
                                        for setting, text in self.problems)
@@ -138,6 +138,13 @@ def _strict_loader():
             return super().construct_mapping(node, deep=deep)
 
     return Strict
+
+
+def another(setting: str) -> str:
+    """Another setting named in a problem's words, which SettingError.worded names as the
+    user gave it (--max-per-class): marked by NULs, which no value's repr holds (a value
+    "{max_per_class}" is the user's own text)."""
+    return f"\0{setting}\0"
 
 
 def _check(ok: bool, name: str, expected: str, got: object) -> None:
@@ -363,7 +370,7 @@ class SplitConfig:
             _check(
                 self.oversample_to <= self.max_per_class,
                 "oversample_to",
-                f"at most {{max_per_class}} ({self.max_per_class})",
+                f"at most {another('max_per_class')} ({self.max_per_class})",
                 self.oversample_to,
             )
 

@@ -263,10 +263,11 @@ def disk_spelling(paths) -> list[str]:
         head, tail = os.path.split(path)
         if not tail or head == path:
             return path
-        head = spelt(head)
+        head = spelt(head) if head else head  # ("": a relative path's first name, here)
         if head not in listed:
             try:
-                listed[head] = {unicodedata.normalize("NFC", n): n for n in os.listdir(head)}
+                listed[head] = {unicodedata.normalize("NFC", n): n
+                                for n in os.listdir(head or os.curdir)}
             except OSError:
                 listed[head] = {}
         return os.path.join(head, listed[head].get(unicodedata.normalize("NFC", tail), tail))

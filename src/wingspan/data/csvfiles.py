@@ -27,10 +27,14 @@ def read_csv(path: Path, key: str | None = None) -> pd.DataFrame:
                                 index_col=False)
             header = pd.read_csv(path, sep=sep, dtype=str, header=None, nrows=1,
                                  keep_default_na=False, index_col=False).iloc[0].tolist()
-    except UnicodeDecodeError as e:  # Excel's "CSV (Comma delimited)" on Windows: cp1252
-        raise WingspanError(f"Cannot read the CSV file {path}: it is not UTF-8 text ({e}).",
+    except UnicodeDecodeError as e:  # Excel's "CSV (Comma delimited)" on Windows: cp1252;
+        with open(path, "rb") as f:  # its "Unicode Text": UTF-16, with a byte-order mark
+            utf16 = f.read(2) in (b"\xff\xfe", b"\xfe\xff")
+        raise WingspanError(f"Cannot read the CSV file {path}: it is "
+                            + ("UTF-16 text" if utf16 else "not UTF-8 text") + f" ({e}).",
                             hint="Save it as UTF-8: in Excel, 'CSV UTF-8 (Comma delimited)'; "
-                                 "or `iconv -f cp1252 -t utf-8 OLD.csv > NEW.csv`.") from e
+                                 f"or `iconv -f {'utf-16' if utf16 else 'cp1252'} -t utf-8 "
+                                 "OLD.csv > NEW.csv`.") from e
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, csv.Error) as e:
         raise WingspanError(f"Cannot read the CSV file {path}: {e}") from e
     # pandas renames a second 'genus' to 'genus.1', which would be read as a level.

@@ -604,9 +604,14 @@ def read_csv_table(csv_path: Path, config: ReadConfig) -> Dataset:
         raise WingspanError(f"{csv_path} is not a CSV file.")
     raw = read_csv(csv_path, key=PATH)
     # "Path", "Label" as typed in a spreadsheet: the columns wingspan reads, in any case
+    for name in (PATH, LABEL, SPLIT, GROUP):
+        spelt = [c for c in raw.columns if c.lower() == name]
+        if len(spelt) > 1:  # (else one would be read as a level, or two as the one)
+            raise WingspanError(f"{csv_path} has {len(spelt)} '{name}' columns: "
+                                f"{', '.join(map(repr, spelt))}.",
+                                hint="Rename or delete all but one of them.")
     raw = raw.rename(columns={c: c.lower() for c in raw.columns
-                              if c.lower() in (PATH, LABEL, SPLIT, GROUP) and c != c.lower()
-                              and c.lower() not in raw.columns})
+                              if c.lower() in (PATH, LABEL, SPLIT, GROUP)})
     missing = [c for c in (PATH, LABEL) if c not in raw.columns]
     if missing:
         raise WingspanError(
