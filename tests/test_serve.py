@@ -551,7 +551,10 @@ def test_the_page_in_a_real_browser(run_dir, demo_dir, tmp_path):
         page.route("**/predict", lambda route: held.append(route))
         page.set_input_files("#file", str(photo))
         page.wait_for_selector("body[data-state=working]")
-        page.wait_for_timeout(300)
+        for _ in range(200):  # (until the request reaches the route, on a slow machine too)
+            if held:
+                break
+            page.wait_for_timeout(50)
         assert len(held) == 1
         assert page.text_content("#photo-name") == photo.name
         assert page.text_content("#prediction") == "Identifying…"
@@ -605,6 +608,13 @@ def test_the_page_in_a_real_browser(run_dir, demo_dir, tmp_path):
         page.set_input_files("#file", str(photo))
         page.wait_for_function("document.getElementById('model').textContent"
                                ".startsWith('another_net')")
+        page.unroute("**/model")
+        # ... and a busy server's refusal of it later leaves the model described.
+        page.route("**/model", lambda route: route.fulfill(status=429, body="{}"))
+        with page.expect_response("**/model"):
+            page.set_input_files("#file", str(photo))
+        page.wait_for_selector("body[data-state=explained]")
+        assert page.text_content("#model").startswith("another_net")
         page.unroute("**/model")
 
         # On a phone, a class name without spaces wraps instead of widening the page, in
