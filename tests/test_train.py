@@ -245,6 +245,16 @@ def test_a_resumed_run_computes_the_features_of_an_edited_image_again(demo_dir, 
     assert not features[0].equal(train[0]) and features[1:].allclose(train[1:], atol=1e-5)
     assert "the feature cache again: 1 image changed since it was made" in (
         again.dir / "train.log").read_text()
+    # A resume in fine-tuning never reads the cache, but the final pass took the best head's
+    # features from it for the temperature and the unknown score: an image edited since
+    # kept its old ones there.
+    from wingspan.training.run import _cached
+
+    cache = again.dir / "cache" / "features.safetensors"
+    assert _cached(again, cache, "train", len(again.data.train)) is not None
+    write_image(Path(run.data.train.paths[1]), size=(64, 48), seed=8, fmt=fmt)
+    resumed = _prepared_run(data, tmp_path, feature_views=0)
+    assert _cached(resumed, cache, "train", len(resumed.data.train)) is None
 
 
 def test_class_weights_change_the_loss_as_computed_by_hand(demo_dir, tmp_path):

@@ -72,7 +72,13 @@ from wingspan.training.prepare import (
     ensure_splits,
     plan_labels,
 )
-from wingspan.training.stages import finetune, say_what_is_read, train_head
+from wingspan.training.stages import (
+    finetune,
+    image_stamps,
+    same_images,
+    say_what_is_read,
+    train_head,
+)
 from wingspan.training.step import choose_train
 
 
@@ -931,12 +937,17 @@ def _cached(run: Run, cache: Path, split: str, images: int) -> torch.Tensor | No
     """A split's features from the head stage's cache, or None (then computed again) where
     the file is damaged (as stage 1 takes it) or holds another number of images."""
     try:
-        feats = load_file(cache)[split]
+        saved = load_file(cache)
+        feats = saved[split]
     except Exception as e:  # noqa: BLE001 - safetensors raises many types for a bad file
         run.log(f"The feature cache {cache} cannot be read ({type(e).__name__}); computing "
                 f"the final {split} features again")
         return None
-    return feats if len(feats) == images else None
+    # An image edited while the run was stopped, resumed in fine-tuning (which never looks
+    # at the cache): its old features would fit the temperature and the unknown score.
+    now = image_stamps(run.data.train.paths + run.data.val.paths)
+    return (feats if len(feats) == images and same_images(run, saved.get("stamps"), now)
+            else None)
 
 
 def _final_pass(run: Run):

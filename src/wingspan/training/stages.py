@@ -224,13 +224,13 @@ def extract_features(run: Run, views: int) -> tuple[torch.Tensor, torch.Tensor]:
     them. Each rank computes every world_size-th image, and the shards are gathered."""
     path = run.dir / "cache" / "features.safetensors"
     n, m = len(run.data.train), len(run.data.val)
-    stamps = _stamps(run.data.train.paths + run.data.val.paths)  # before any is read
+    stamps = image_stamps(run.data.train.paths + run.data.val.paths)  # before any is read
     cached = None
     if path.is_file():
         try:
             saved = load_file(path)
             if (saved["train"].shape[:2] == (n, views + 1) and len(saved["val"]) == m
-                    and _same_images(run, saved.get("stamps"), stamps)):
+                    and same_images(run, saved.get("stamps"), stamps)):
                 with safe_open(path, "pt") as f:  # what could not be read, as it was cached
                     unreadable = json.loads((f.metadata() or {}).get("unreadable", "{}"))
                 cached = saved["train"], saved["val"]
@@ -281,7 +281,7 @@ def extract_features(run: Run, views: int) -> tuple[torch.Tensor, torch.Tensor]:
     return train, val
 
 
-def _stamps(paths: list[str]) -> torch.Tensor:
+def image_stamps(paths: list[str]) -> torch.Tensor:
     """Each file's files.file_stamp as it is now (-1s for a file that is gone)."""
     rows = []
     for p in paths:
@@ -292,7 +292,7 @@ def _stamps(paths: list[str]) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.int64).reshape(len(paths), 3)
 
 
-def _same_images(run: Run, saved: torch.Tensor | None, now: torch.Tensor) -> bool:
+def same_images(run: Run, saved: torch.Tensor | None, now: torch.Tensor) -> bool:
     """Are the cached features of the images as they are now? An image edited between a
     kill and the resume must not keep its old features; one gone since is left out as
     unreadable (its features are never used), so it does not count."""
