@@ -236,6 +236,27 @@ def test_an_image_rewritten_in_place_is_decoded_again(tmp_path):
     assert cache.load(str(image)).min() == 200
 
 
+def test_a_damaged_decoded_entry_that_still_loads_is_decoded_again(tmp_path):
+    """An entry written over (by hand, a bad block) that still loads as an array crashed
+    the loader (a vector) or trained on another picture (a crop): one of another shape is
+    a miss. A cache folder that cannot be made (read-only) keeps nothing, and the command
+    goes on."""
+    import numpy as np
+    from helpers import write_image
+
+    from wingspan.training.decode_cache import DecodeCache
+
+    image = str(write_image(tmp_path / "a.png", size=(40, 30), colour=(10, 10, 10)))
+    cache = DecodeCache(tmp_path / "cache", 30)
+    good = cache.load(image)
+    entry = cache.arrays.entry(image)
+    for damaged in (np.zeros(5), good[:10, :7], good.astype(np.float32)):
+        np.save(entry, damaged, allow_pickle=False)
+        assert np.array_equal(cache.load(image), good)
+    (tmp_path / "ro").write_text("a file where the cache's folder would go")
+    assert np.array_equal(DecodeCache(tmp_path / "ro" / "cache", 30).load(image), good)
+
+
 def test_the_decoded_image_cache_shrinks_with_the_models_filter(tmp_path):
     """Training's images are shrunk as predict's eval transform shrinks them (the same
     size: 400 x 300 to 42 x 32, the long side truncated; the same pixels), with the

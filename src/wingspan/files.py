@@ -204,7 +204,10 @@ class FileArrays:
         self.directory = Path(directory) if directory else None
         self.key = key
         if self.directory:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+            except OSError:  # read-only, say: the command goes on, keeping nothing
+                self.directory = None
 
     def entry(self, path: str) -> Path | None:
         """Where `path`'s array is kept, as the file is now (OSError if it is gone)."""

@@ -38,6 +38,12 @@ class DecodeCache:
         """The image as an (H, W, 3) uint8 array, its shorter side `short_side`."""
         entry = self.arrays.entry(path)
         array = self.arrays.get(entry)
+        # An entry damaged where it still loads (written over by hand, a disk's bad block)
+        # crashed the loader or trained on the wrong picture: one of another shape is a miss.
+        if array is not None and (array.dtype != np.uint8 or array.ndim != 3
+                                  or array.shape[2] != 3
+                                  or min(array.shape[:2]) != self.short_side):
+            array = None
         if array is None:
             # Decoded, a writable copy; a cache that cannot keep it costs a decode next
             # time, and the image itself was read (it must not count as unreadable).
