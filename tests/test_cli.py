@@ -483,3 +483,18 @@ def test_the_demo_says_next_commands_as_a_new_shell_runs_them(tmp_path, monkeypa
     monkeypatch.setattr("sys.argv", [str(Path(wingspan.__file__).parent / "__main__.py")])
     assert _wingspan_command().endswith(" -m wingspan")  # python -m wingspan demo
 
+
+
+def test_a_reader_that_closes_the_pipe_early_is_no_failure(tmp_path):
+    """`wingspan predict ... --output x.csv | head`: the reader gone, rich exited 1 as a
+    crash does (nothing said), though the files were written; a `set -o pipefail` script
+    stopped. The rest of the output goes nowhere, and the command ends as it would."""
+    import subprocess
+    import sys
+
+    (tmp_path / "runs").mkdir()
+    done = subprocess.Popen([sys.executable, "-m", "wingspan", "runs", "runs"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    done.stdout.close()  # gone before anything is printed
+    _, said = done.communicate(timeout=300)
+    assert done.returncode == 0 and not said, said.decode()

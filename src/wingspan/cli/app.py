@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from wingspan import __version__
-from wingspan.cli.common import err, out, pixel_budget, plain
+from wingspan.cli.common import err, out, pixel_budget, plain, stdout_gone
 from wingspan.config import MAX_PIXELS_ENV
 from wingspan.errors import WingspanError
 from wingspan.files import os_error_said
@@ -97,8 +97,14 @@ def _home_expanded(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app; user errors print as a message and a hint, exit code 2."""
     try:
-        app(args=_home_expanded(sys.argv[1:] if argv is None else list(argv)),
-            prog_name="wingspan")
+        try:
+            app(args=_home_expanded(sys.argv[1:] if argv is None else list(argv)),
+                prog_name="wingspan")
+        finally:
+            try:  # what is still buffered, while a pipe's reader may be gone (`| head`)
+                sys.stdout.flush()
+            except BrokenPipeError:
+                stdout_gone()
     except (WingspanError, OSError) as e:  # an OSError: a read-only or full disk, a permission
         said = e if isinstance(e, WingspanError) else os_error_said(e)
         if said is None:  # another OSError: a bug to report, with its traceback

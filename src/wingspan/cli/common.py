@@ -4,6 +4,8 @@ text, paths as shown, configs whose errors name the options typed, the data read
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from pathlib import Path
 
 import typer
@@ -14,9 +16,27 @@ from wingspan.config import ReadConfig, SettingError
 from wingspan.errors import WingspanError
 from wingspan.files import check_writable
 
+
+class _Results(Console):
+    """stdout's console. Its reader gone (`| head`), the rest is not printed and the
+    command goes on: rich's own way exited 1, as a crash does, though the files were
+    written, and a `set -o pipefail` script stopped; `head` closing early is no failure."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        stdout_gone()
+
+
+def stdout_gone() -> None:
+    """stdout to /dev/null: what is left to print (Python's own flush at exit too) goes
+    nowhere, instead of a BrokenPipeError."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 # Results on stdout; progress bars and errors on stderr. soft_wrap: a long line is left for
 # the terminal to wrap, so a path printed in it copies whole (rich would break it in two).
-out = Console(soft_wrap=True)
+out = _Results(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 
