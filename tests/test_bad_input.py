@@ -184,3 +184,25 @@ def test_a_message_names_some_and_counts_the_rest():
     assert some(["a", "b"]) == "a, b"
     assert some(list("abcdefg"), 5) == "a, b, c, d, e and 2 more"
     assert some([]) == ""
+
+
+def test_predict_writes_the_same_columns_whatever_could_be_read(run_dir, demo_dir, tmp_path):
+    """The columns follow the model and --top-k, not the rows read: a batch of broken files
+    had no level columns and one class column, and appended batches did not line up. Lines
+    end in "\\n" (a "\\r" was left on the error column for awk and cut)."""
+    from wingspan.cli import main
+
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    headers = []
+    for name, photo in (("good", next(demo_dir.rglob("*.jpg"))), ("bad", tmp_path / "broken.jpg")):
+        out = tmp_path / f"{name}.csv"
+        with pytest.raises(SystemExit):
+            main(["predict", str(run_dir), str(photo), "--output", str(out), "--quiet"])
+        raw = out.read_bytes()
+        assert b"\r" not in raw
+        headers.append(raw.split(b"\n")[0])
+    assert headers[0] == headers[1] and b"class_3" in headers[0], headers
+    # A score just over its threshold reads as over it (6 digits wrote both 0.9992).
+    from wingspan.predict import _cell
+
+    assert _cell(0.99920004) != _cell(0.99919957)

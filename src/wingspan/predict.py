@@ -115,6 +115,10 @@ class PredictResult:
     # ("row", i) and ("failed", j) in the order the inputs were given: the output file and
     # the library's table keep it.
     order: list[tuple[str, int]] = field(default_factory=list)
+    # The model's levels (with a taxonomy) and how many top classes each row has: the CSV's
+    # columns, whatever rows could be read (a batch of broken files had other columns).
+    levels: list[str] = field(default_factory=list)
+    top_k: int = 1
 
 
 def predict_fabric(device: str, devices: int | None, nodes: int | None, strategy: str,
@@ -141,8 +145,9 @@ def predict(predictor: Predictor, inputs: list[str], top_k: int = 3, tta: bool =
     places: list[int] = []  # (number of images before it, (input, reason))
     paths, missing = expand_paths(inputs, places)
     unmatched = sorted(zip(places, missing, strict=True), key=lambda u: u[0])
-    result = PredictResult()
     k = min(top_k, len(predictor.classes))
+    result = PredictResult(levels=list(predictor.taxonomy.levels) if predictor.taxonomy else [],
+                           top_k=k)
     if fabric is not None and fabric.world_size > 1:
         mine = [paths[i] for i in shard(len(paths), fabric)]
         ours = list(predictor.run(mine, tta=tta, progress=progress and fabric.is_global_zero))
@@ -231,13 +236,12 @@ def write_predictions(result: PredictResult, path: Path) -> None:
                             for r in result.rows],
             "failed": [{"path": f, "error": e} for f, e in result.failed]}, indent=2))
         return
-    k = max((len(r["top"]) for r in result.rows), default=1)
+    k, levels = result.top_k, result.levels
     # A taxonomy's branch (one class and its probability per level, coarse to fine) is its
-    # prediction: those columns come first, as the table shows them.
-    levels = [lv for lv, _, _ in result.rows[0]["taxonomy"]] \
-        if result.rows and "taxonomy" in result.rows[0] else []
+    # prediction: those columns come first, as the table shows them. Lines end in "\n", as
+    # evaluate's CSVs do (csv's "\r\n" left a "\r" on the error column for awk and cut).
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
+        writer = csv.writer(f, lineterminator="\n")
         header = ["path", *[x for lv in levels for x in (lv, f"{lv}_prob")],
                   *[x for i in range(1, k + 1) for x in (f"class_{i}", f"prob_{i}")],
                   *UNKNOWN_KEYS, "error"]
@@ -255,4 +259,5 @@ def write_predictions(result: PredictResult, path: Path) -> None:
 
 
 def _cell(value) -> str:
-    return "" if value is None else f"{value:.6g}" if isinstance(value, float) else str(value)
+    # (9 digits: a score just over its threshold must not read as equal to it)
+    return "" if value is None else f"{value:.9g}" if isinstance(value, float) else str(value)
