@@ -75,8 +75,9 @@ def confidence_intervals(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int,
     - macro-F1: the percentile bootstrap, as no formula gives its spread: images resampled
       with their predictions within each class (`stratified_resamples`: each class's count
       held, so a class of one image adds no spread), the figure's classes averaged in every
-      resample; [x, x] when no resample moves it as every image is right (`interval_text`
-      then says so), none when no resample moves it as every class has one image.
+      resample; null when no resample moves it as every image is right (`interval_text`
+      then says so: [1.0, 1.0] read as certainty to a reader of metrics.json), none when no
+      resample moves it as every class has one image.
     None for no image; accuracy's alone for one (0.025-1.000 for one right, 0.000-0.975 for
     one wrong)."""
     if len(y_true) < 1:
@@ -101,6 +102,8 @@ def confidence_intervals(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int,
              "macro_f1": [float(low), float(high)]}
     if low == high and right < len(y_true):  # each class one image: held, not known
         del found["macro_f1"]
+    elif low == high:  # every image right: said instead (README)
+        found["macro_f1"] = None
     return found
 
 
@@ -170,9 +173,9 @@ def interval_text(metrics: dict, name: str) -> str:
     interval = metrics.get("interval")
     if not interval or name not in interval:
         return ""
-    low, high = interval[name]
-    if low == high:  # a bootstrap no resample moves (every image right, say): no interval
+    if interval[name] is None:  # a bootstrap no resample moves (every image right)
         return " (no resample of the images moves it: see accuracy's interval)"
+    low, high = interval[name]
     return f" ({interval['confidence']:.0%} CI {low:.3f}-{high:.3f})"
 
 
