@@ -809,6 +809,12 @@ def test_hierarchical_levels(demo_dir, tmp_path):
     assert u["thresholds"]["label"] == u["threshold"]
     assert u["known_accuracy_with_unknown"] == pytest.approx(
         (got["answer"].to_numpy() == val["label"].to_numpy()).mean())
+    # unknown.csv says which level's score stopped each answer, against its own threshold
+    # (the levels' thresholds differ), and the finest one's, which AUROC ranks.
+    listed = pd.read_csv(tmp_path / "ev-u" / "unknown.csv")
+    over = listed["unknown_score"] > listed["threshold"]
+    assert (over == (listed["known_level"].fillna("") != "label")).all()
+    assert set(listed["score_level"]) <= {"family", "label"} and "label_score" in listed
 
 
 def test_a_stopped_run_shows_where_it_stopped_and_how_to_go_on(run, tmp_path):

@@ -424,6 +424,8 @@ def test_a_held_out_species_comes_out_unknown(held_out_run):
     threshold = manifest["unknown"]["thresholds"][manifest["unknown"]["score"]]["label"]
     for r in rows:
         assert (r["answer"] == "unknown") == (float(r["unknown_score"]) > threshold)
+        # ... with the threshold and level beside, as predict writes them
+        assert float(r["threshold"]) == pytest.approx(threshold) and r["score_level"] == "label"
     # The held-out images given a class are listed, surest (lowest score) first, in the
     # report too: what a user would have been told wrongly.
     given = sorted((r for r in rows if r["answer"] != "unknown"),

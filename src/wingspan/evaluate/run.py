@@ -530,8 +530,12 @@ def _openset(predictor: Predictor, unknown, paths: list[str], known: list, y: np
                    key=lambda i: u[i])
     result["unseen_named"] = [{"path": unseen[i].path, "answer": answers[i],
                                "unknown_score": float(u[i])} for i in named[:UNSEEN_LISTED]]
+    # The score that decided each answer, its threshold and level, as predict writes them
+    # (with levels, each has its own threshold); and the finest level's, which AUROC ranks.
+    deciding = pd.DataFrame([deciding_score(predictor, p.unknown) for p in unseen])
     _write_csv(pd.DataFrame({
-        "path": [p.path for p in unseen], "unknown_score": u,
+        "path": [p.path for p in unseen], **deciding.to_dict("list"),
+        **({f"{level}_score": u} if predictor.taxonomy else {}),
         "answer": answers,
         "known_level": [p.known_level or "" for p in unseen],
         "closest_class": [predictor.classes[c] for c in u_pred]}),
