@@ -21,6 +21,7 @@ def test_bench_smoke(tmp_path):
     results = json.loads(saved.read_text())
     assert results["machine"]["cores"] >= 1
     run = results["training"][0]
+    assert run["train_images"] == run["wingspan_train_images"]  # both recipes, one split
     assert set(run["baseline"]["stages"]) == set(run["wingspan"]["stages"]) == {"head",
                                                                                    "finetune"}
     # The plain recipe's way, then every candidate engine of this CPU, auto's pick marked.
