@@ -163,8 +163,11 @@ def main(argv=None) -> None:
     if args.run is None:
         parser.error("give a RUN (or --smoke)")
     photos_dir = args.photos or shared_data_dir() / "inat-butterflies"
-    paths, _ = expand_paths([str(photos_dir)])
+    paths, missing = expand_paths([str(photos_dir)])
     paths = paths[:200]
+    if not paths:  # (else a server started, then a division by zero)
+        parser.error(f"no photos at {photos_dir}"
+                     + (f": {missing[0][1]}" if missing else "") + "; give --photos DIR")
     photos = [(Path(p).name, Path(p).read_bytes()) for p in paths]
 
     predictor = Predictor(args.run)  # as `wingspan predict` makes it: its batch, its workers

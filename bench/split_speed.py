@@ -14,6 +14,7 @@ for sample, and prints both times and their ratio.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 import warnings
@@ -22,6 +23,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
 from wingspan.data.split import stratified_group_folds
+from wingspan.models.engine import cpu_name
 
 
 def dataset(rows: int, groups: int, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -60,7 +62,8 @@ def main() -> None:
     args = parser.parse_args()
     y, groups = dataset(args.rows, args.groups or args.rows, args.classes, args.seed)
     print(f"{args.rows} rows, {len(set(groups))} groups, {len(set(y))} classes, "
-          f"{args.folds} folds, on {platform.processor() or platform.machine()}")
+          f"{args.folds} folds, on {cpu_name()} ({platform.machine()}, "
+          f"{os.cpu_count()} cores)")
     ours, ours_s = timed(stratified_group_folds, y, groups, args.folds, args.seed)
     print(f"wingspan:     {ours_s:7.1f} s")
     if not args.skip_sklearn:

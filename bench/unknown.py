@@ -55,8 +55,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args, train_options = parser.parse_known_args()
     options = {}
-    for item in train_options:  # --epochs-finetune=2 style
-        key, _, value = item.lstrip("-").partition("=")
+    items = iter(train_options[1:] if train_options[:1] == ["--"] else train_options)
+    for item in items:  # --epochs-finetune=2 or --epochs-finetune 2, as the CLI takes them
+        if not item.startswith("--"):
+            parser.error(f"{item!r}: give training options as --NAME VALUE or --NAME=VALUE")
+        key, said, value = item[2:].partition("=")
+        value = value if said else next(items, None)
+        if value is None:
+            parser.error(f"{item}: no value given")
         options[key.replace("-", "_")] = yaml.safe_load(value)  # "0" -> 0, as the CLI types
     runs = Path(args.runs_dir or tempfile.mkdtemp())
     others = non_butterflies(runs / "not-butterflies")
