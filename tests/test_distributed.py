@@ -204,6 +204,23 @@ def test_the_ranks_together_take_one_process_batches(n, batch, world):
         assert list(later) == ranks[0][1:]
 
 
+def test_an_image_drawn_again_in_an_epoch_is_another_view_of_it():
+    """The weighted sampler draws a rare class's images several times an epoch: each draw
+    asked for the same (image, epoch, view), so the same augmented pixels (61 of 162
+    requests of a weighted demo epoch were copies). Without repeats nothing changes."""
+    weights = torch.ones(30)
+    weights[:3] = 20.0
+    for w, view in ((weights, 1), (None, 1), (weights, 0)):
+        requests = [r for batch in EpochBatches(30, 4, seed=3, view=view, weights=w)
+                    for r in batch]
+        assert len(set(requests)) == len(requests)
+        firsts = {}
+        for i, _, v in requests:
+            firsts.setdefault(i, v)
+        assert set(firsts.values()) == {view}  # an image's first draw: the plain view
+    assert w is not None and len(requests) > len({i for i, _, _ in requests})
+
+
 def test_batches_count_what_is_left_once_unreadable_items_are_left_out():
     """A weighted draw may hold an unreadable item many times: the length (the progress
     bar's and the learning-rate schedule's count of steps) counts the batches that are left."""

@@ -24,7 +24,8 @@ Request = tuple[int, int, int]
 
 
 # Stand-ins for an image index when seeding per-epoch draws rather than one image.
-ORDER, VIEW_CHOICE, HEAD_DROPOUT = 2**32 - 1, 2**32 - 2, 2**32 - 3
+ORDER, VIEW_CHOICE, HEAD_DROPOUT, REPEAT_VIEW_CHOICE = (2**32 - 1, 2**32 - 2, 2**32 - 3,
+                                                     2**32 - 4)
 
 
 def item_seed(seed: int, epoch: int, index: int, view: int = 0) -> int:
@@ -121,11 +122,17 @@ class EpochBatches(Sampler[list[Request]]):
     def __iter__(self) -> Iterator[list[Request]]:
         order = self._order()
         self.size = len(order)  # this epoch's, for `real`
+        # An image drawn again in the epoch (the weighted sampler's rare classes) is another
+        # view of it, augmented afresh: its same request gave it the same pixels each time
+        # (38% of a weighted demo epoch were copies). A first draw keeps the plain view.
+        views = [self.view + REPEAT_VIEWS * k for k in repeat_counts(order)]
         for b in range(self.start * self.batch_size, len(order), self.batch_size):
-            batch = order[b:b + self.batch_size]
+            batch = list(zip(order[b:b + self.batch_size], views[b:b + self.batch_size],
+                             strict=True))
             batch = (batch * self.world)[:max(len(batch), self.world)]
-            mine = np.array_split(np.array(batch), self.world)[self.rank]
-            yield [(int(i), self.epoch, self.view) for i in mine]
+            mine = [batch[j] for j in np.array_split(np.arange(len(batch)), self.world)[
+                self.rank]]
+            yield [(int(i), self.epoch, int(v)) for i, v in mine]
 
     def __len__(self) -> int:  # (a weighted draw's length is its count of weighted images)
         return -(-len(self._order()) // self.batch_size) - self.start
@@ -136,6 +143,21 @@ class EpochBatches(Sampler[list[Request]]):
         (a last batch of 1 on 2 ranks had its image counted twice)."""
         items = min(self.batch_size, self.size - step * self.batch_size)
         return items, items // self.world + (self.rank < items % self.world)
+
+
+# The view of an image's k-th repeat in an epoch is its view + k * REPEAT_VIEWS: apart
+# from every view the feature cache draws (1 to feature_views).
+REPEAT_VIEWS = 1 << 16
+
+
+def repeat_counts(order: Sequence[int]) -> list[int]:
+    """For each place in an epoch's order, how many times its image came before."""
+    seen: dict[int, int] = {}
+    counts = []
+    for i in order:
+        counts.append(seen.get(i, 0))
+        seen[i] = counts[-1] + 1
+    return counts
 
 
 def fixed_batches(indices: Sequence[int], batch_size: int, view: int = 0

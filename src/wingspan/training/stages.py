@@ -29,6 +29,7 @@ from wingspan.progress import Bar, track
 from wingspan.training.context import Run
 from wingspan.training.data import (
     HEAD_DROPOUT,
+    REPEAT_VIEW_CHOICE,
     VIEW_CHOICE,
     EpochBatches,
     LabelledImages,
@@ -36,6 +37,7 @@ from wingspan.training.data import (
     fixed_batches,
     item_seed,
     make_loader,
+    repeat_counts,
 )
 from wingspan.training.prepare import Weighting, balance
 from wingspan.training.schedule import StageSchedule, make_optimizer
@@ -379,6 +381,14 @@ def train_head(run: Run) -> None:
         order = [i for i in epoch_order(n, config.seed, epoch, balance.sample) if readable[i]]
         g = torch.Generator().manual_seed(item_seed(config.seed, epoch, VIEW_CHOICE))
         views = torch.randint(0, config.feature_views + 1, (n,), generator=g)
+        # Each place's view: its image's, and for an image drawn again in the epoch (the
+        # weighted sampler) a view drawn again, not the same cached one each time.
+        views = views[torch.tensor(order, dtype=torch.long)]
+        again = torch.tensor(repeat_counts(order), dtype=torch.long) > 0
+        if again.any():
+            g = torch.Generator().manual_seed(item_seed(config.seed, epoch, REPEAT_VIEW_CHOICE))
+            views = torch.where(again, torch.randint(0, config.feature_views + 1,
+                                                     (len(order),), generator=g), views)
         head.train()
         loss_sum, preds = 0.0, []
         seen, steps = [], -(-len(order) // config.batch_size)
@@ -390,10 +400,11 @@ def train_head(run: Run) -> None:
             for step, b in enumerate(range(0, len(order), config.batch_size)):
                 t0 = time.perf_counter()
                 idx = torch.tensor(order[b:b + config.batch_size], dtype=torch.long)
+                place = views[b:b + config.batch_size]
                 if cached:
-                    feats = train_feats[idx, views[idx]]
+                    feats = train_feats[idx, place]
                 else:
-                    feats, read = _frozen_features(run, frozen, idx, views[idx], epoch)
+                    feats, read = _frozen_features(run, frozen, idx, place, epoch)
                     feats, idx = feats[read], idx[read]
                     if not len(idx):
                         continue
