@@ -178,10 +178,16 @@ def graph_file(key: tuple) -> Path:
 
 
 def _stored_graph(path: Path) -> tuple[bytes, float] | None:
-    """The graph kept at `path` and the seconds its export took, or None."""
+    """The graph kept at `path` and the seconds its export took, or None: also where its
+    bytes are not those stored (a damaged file still loads, and trained every later run of
+    the backbone on wrong features), or its record is of another graph (a kill between
+    the two writes)."""
     try:
         graph = path.read_bytes()
-        seconds = float(json.loads(path.with_suffix(".json").read_text())["seconds"])
+        record = json.loads(path.with_suffix(".json").read_text())
+        seconds = float(record["seconds"])
+        if record["sha256"] != hashlib.sha256(graph).hexdigest():
+            return None
     except (OSError, ValueError, KeyError, TypeError):
         return None
     with contextlib.suppress(OSError):  # (another user's file in a shared cache)
@@ -201,7 +207,8 @@ def _store_graph(path: Path, graph: bytes, seconds: float) -> None:
             with atomic_path(path, durable=False) as tmp:
                 tmp.write_bytes(graph)
             with atomic_path(path.with_suffix(".json"), durable=False) as tmp:
-                tmp.write_text(json.dumps({"seconds": round(seconds, 3)}))
+                tmp.write_text(json.dumps({"seconds": round(seconds, 3),
+                                           "sha256": hashlib.sha256(graph).hexdigest()}))
         now = time.time()
         for left in path.parent.glob(".*.tmp.*"):  # .NAME.PID.tmp.onnx: being written...
             if now - left.stat().st_mtime > 600:  # ...or not, ten minutes on
