@@ -86,8 +86,10 @@ def _print_unknown(u: dict) -> None:
     out.print(table)
     out.print(at_threshold(u))
     if u.get("unreadable"):  # not scored: the figures above are of the rest
-        out.print(f"[yellow]{len(u['unreadable'])} of the --unknown images could not be read[/]"
-                  f" and were not scored, e.g. {plain(u['unreadable'][0][0])}: "
+        n = len(u["unreadable"])
+        out.print(f"[yellow]{n} of the --unknown images could not be read[/] and "
+                  + ("was" if n == 1 else "were") + f" not scored, e.g. "
+                  f"{plain(u['unreadable'][0][0])}: "
                   f"{escape(u['unreadable'][0][1])} (all in metrics.json)")
 
 

@@ -69,7 +69,7 @@ def hierarchical_metrics(taxonomy: Taxonomy, truth: dict[str, np.ndarray],
         "levels": levels,
         "consistency": {"marginalised": float(taxonomy.consistent(marg).mean()),
                         "heads": float(taxonomy.consistent(own).mean()) if own else None},
-        "mistake_depth": {int(d): int((depth == d).sum()) for d in np.unique(depth)},
+        "mistake_depth": {str(d): int((depth == d).sum()) for d in np.unique(depth)},  # (JSON keys)
         "mean_mistake_depth": float(depth.mean()),
     }
     if is_rare.any():

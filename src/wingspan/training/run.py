@@ -246,8 +246,9 @@ def _score_held_out(run_dir: Path, run: Run) -> Path:
             # is the rate asked, not a measure of it on new images)
             + (" (as fitted: the threshold was set on them)"
                if result.metrics["split"] == "val" else "") + f"; report {result.report}"
-            + (f" ({len(u['unreadable'])} of their images could not be read and were not "
-               "scored: listed in metrics.json)" if u.get("unreadable") else ""))
+            + (f" ({len(u['unreadable'])} of their images could not be read and "
+               + ("was" if len(u["unreadable"]) == 1 else "were")
+               + " not scored: listed in metrics.json)" if u.get("unreadable") else ""))
     return run_dir
 
 
