@@ -96,6 +96,7 @@ def _print_unknown(u: dict) -> None:
 def print_evaluation(result) -> None:
     from rich.table import Table
 
+    from wingspan.evaluate.hierarchy import level_table
     from wingspan.evaluate.metrics import summary_rows
     from wingspan.evaluate.run import answer_rows, left_out_wording, unreadable_wording
 
@@ -160,13 +161,8 @@ def print_evaluation(result) -> None:
     if m.get("hierarchy"):
         h = m["hierarchy"]
         levels = Table("method", *map(plain, h["levels"]), title="F1 per level")
-        levels.add_row("micro-F1, marginalisation (consistent)",
-                       *[f"{v['micro_f1']:.3f}" for v in h["levels"].values()])
-        levels.add_row("macro-F1, marginalisation",  # rare classes count as much as common
-                       *[f"{v['macro_f1']:.3f}" for v in h["levels"].values()])
-        if "heads" in next(iter(h["levels"].values())):
-            levels.add_row("micro-F1, per-level heads",
-                           *[f"{v['heads']['micro_f1']:.3f}" for v in h["levels"].values()])
+        for row in level_table(h, list(h["levels"])).itertuples(index=False):
+            levels.add_row(row[0], *[f"{v:.4f}" for v in row[1:]])  # (as the report)
         out.print(levels)
         for lv, v in h["levels"].items():
             if n := v.get("no_truth"):

@@ -68,7 +68,7 @@ def write_report(path: Path, title: str, sections: dict) -> Path:
                                    "macro-F1": m["macro_f1"], "micro-F1": m["micro_f1"]}
                                   for lv, m in h["levels"].items()])
         parts += ["<h3>Per taxonomic level (the predicted branch)</h3>", _table(per_level),
-                  "<h3>Per taxonomic level (micro-F1), as published for ETHEC</h3>",
+                  "<h3>F1 per taxonomic level (micro-F1 as published for ETHEC)</h3>",
                   _table(s["levels"]),
                   _kv([("consistent predictions (marginalised)",
                         f"{h['consistency']['marginalised']:.1%}"),
