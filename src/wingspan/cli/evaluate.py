@@ -173,10 +173,7 @@ def print_evaluation(result) -> None:
         out.print(f"Consistent predictions: {h['consistency']['marginalised']:.1%} marginalised"
                   + (f", {heads:.1%} from the per-level heads" if heads is not None else "")
                   + f"; mean mistake depth {h['mean_mistake_depth']:.2f}")
-    if m["unreadable"]:
-        out.print(f"[yellow]{counted(len(m['unreadable']), 'image')} could not be read[/] "
-                  "(in metrics.json)")
-    out.print(f"Report: {plain(result.report)}")
+    out.print(f"Report: {plain(result.report)}")  # (the unreadable images: said above)
 
 
 @app.command("calibrate")
