@@ -347,6 +347,7 @@ def test_a_score_just_over_its_threshold_reads_as_over_it():
 
     assert apart(1.00023, 1.0002) == ("1.00023", "1.0002")  # not "1 > 1"
     assert apart(0.8123, 0.25) == ("0.812", "0.25")
+    assert apart(0.999771, 0.9992) == ("0.9998", "0.9992")  # not "1", the highest score
 
 
 def test_the_command_list_reads_as_sentences():

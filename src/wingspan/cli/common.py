@@ -4,6 +4,7 @@ text, paths as shown, configs whose errors name the options typed, the data read
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 from pathlib import Path
@@ -71,8 +72,14 @@ def make_config(ctx: typer.Context, make, *args, **values):
 
 def apart(a: float, b: float) -> tuple[str, str]:
     """Two numbers with as many significant digits as it takes (3 to 8) for them to read
-    differently: a score just over its threshold must not print as "1 > 1"."""
-    digits = next((d for d in range(3, 9) if f"{a:.{d}g}" != f"{b:.{d}g}"), 8)
+    differently, neither rounded up to the next whole number: a score just over its
+    threshold must not print as "1 > 1", nor 0.99977 as "1" (the highest score)."""
+    def reads(d: int) -> bool:
+        said = f"{a:.{d}g}", f"{b:.{d}g}"
+        return said[0] != said[1] and all(math.floor(float(t)) == math.floor(v)
+                                          for t, v in zip(said, (a, b), strict=True))
+
+    digits = next((d for d in range(3, 9) if reads(d)), 8)
     return f"{a:.{digits}g}", f"{b:.{digits}g}"
 
 
