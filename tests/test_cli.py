@@ -499,3 +499,12 @@ def test_a_reader_that_closes_the_pipe_early_is_no_failure(tmp_path):
     done.stdout.close()  # gone before anything is printed
     _, said = done.communicate(timeout=300)
     assert done.returncode == 0 and not said, said.decode()
+
+
+def test_an_output_without_a_file_name_is_shown_one_that_works(run_cli, tmp_path):
+    """--output - (stdout, as other tools take it) and --output .csv were told
+    "e.g. --output -.csv" and ".csv.csv"."""
+    (tmp_path / "runs").mkdir()
+    for given in ("-", ".csv"):
+        code, _, err = run_cli("runs", tmp_path / "runs", "--output", given)
+        assert code == 2 and "e.g. --output out.csv" in " ".join(err.split()), err

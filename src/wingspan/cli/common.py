@@ -89,8 +89,12 @@ def check_output_file(path: Path, suffixes: tuple[str, ...]) -> None:
     if path.is_dir():
         raise WingspanError(f"--output {path} is a folder.", hint="Name a file in it.")
     if path.suffix.lower() not in suffixes:
+        stem = path.stem if path.stem not in ("-", "") and not path.name.startswith(".") \
+            else "out"  # ('-' is no stdout here; '.csv' alone names no file: e.g. out.csv)
         raise WingspanError(f"--output {path}: the file must end in {' or '.join(suffixes)}.",
-                            hint=f"e.g. --output {path.with_suffix(suffixes[0])}")
+                            hint=f"e.g. --output {path.with_name(stem + suffixes[0])}"
+                            + (" (the results are printed anyway; the file is for programs)"
+                               if str(path) == "-" else ""))
     existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
     if existing != path.absolute() and not existing.is_dir():
         raise WingspanError(f"--output {path}: {existing} is a file, not a folder.")
