@@ -574,6 +574,14 @@ def test_a_blank_level_cell_in_a_csv_names_the_level_and_what_other_rows_give(tm
     with pytest.raises(WingspanError, match=r"a_2\.jpg \(no genus; other rows of label "
                        r"'Pieris rapae' give 'Pieris'\)[\s\S]*level columns of specimens\.csv"):
         plan_labels(read_dataset(csv), LEVELS, tiny(tmp_path, levels=LEVELS), log=lambda _: None)
+    # A level named with a '.' (torch's module names refuse it): said, not a KeyError.
+    csv.write_text("path,label,sub.family,split\n" + "".join(
+        f"{c}/{c}_{i}.jpg,{c},F{c},{'val' if i == 3 else 'train'}\n" for c in "ab"
+        for i in range(4)))
+    with pytest.raises(WingspanError, match="The level 'sub.family' cannot be trained") as e:
+        plan_labels(read_dataset(csv), ["sub.family", "label"],
+                    tiny(tmp_path, levels=["sub.family", "label"]), log=lambda _: None)
+    assert "sub_family" in e.value.hint
 
 
 def test_training_figures_count_the_answer_as_val_does(demo_dir, tmp_path, monkeypatch):

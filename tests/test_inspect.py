@@ -316,3 +316,21 @@ def test_a_genus_under_two_families_is_a_conflict_even_with_fewer_genera(demo_di
     assert ds.levels.index("family") < ds.levels.index("genus")
     summary = inspect_dataset(ds, tmp_path / "out", check_images=False, progress=False)
     assert any("under 2 family values" in c for c in summary["taxonomy_conflicts"])
+
+
+def test_a_level_named_like_a_path_stays_in_the_output_folder(tmp_path):
+    """A level's name comes from a CSV's header or taxonomy.csv, a stranger's: one named
+    "x/../../../PWN" wrote its balance plot outside --out. File names take a safe form."""
+    from pathlib import Path
+
+    from helpers import folder_dataset
+
+    from wingspan.files import name_part
+
+    folder_dataset(tmp_path / "d", {"a": 2, "b": 2})
+    (tmp_path / "d" / "taxonomy.csv").write_text("folder,x/../../../PWN\na,F1\nb,F2\n")
+    ds = read_dataset(tmp_path / "d")
+    summary = inspect_dataset(ds, tmp_path / "out", check_images=False, progress=False)
+    assert {Path(p).parent for p in summary["plots"].values()} == {tmp_path / "out"}
+    assert not list(tmp_path.rglob("PWN*"))
+    assert name_part("family") == "family" and name_part("a/b") != name_part("a_b")

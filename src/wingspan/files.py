@@ -253,6 +253,15 @@ def real_paths(paths) -> list[str]:
     return [unicodedata.normalize("NFC", p) for p in real]
 
 
+def name_part(text: str) -> str:
+    """`text` (a level's name, from a CSV's header or taxonomy.csv) as part of a file
+    name: letters, digits, '_' and '-' as they are, any other run of characters '_', and
+    then 6 hex digits of its sha1, so that two names stay apart. A stranger's level
+    "x/../../../x" wrote its plot outside --out."""
+    safe = re.sub(r"[^\w-]+", "_", text).strip("_") or "level"
+    return safe if safe == text else f"{safe}-{hashlib.sha1(text.encode()).hexdigest()[:6]}"
+
+
 def disk_spelling(paths) -> list[str]:
     """Each path (a key from real_paths, in NFC) as the disk spells it, to open the file:
     a name copied from macOS keeps 'é' in two characters (NFD), which Linux does not take

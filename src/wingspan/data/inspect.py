@@ -21,7 +21,7 @@ from wingspan.data.plots import plot_class_balance
 from wingspan.data.samples import PATH, SPLIT, Dataset
 from wingspan.data.taxonomy import taxonomy_conflicts
 from wingspan.errors import counted
-from wingspan.files import write_text
+from wingspan.files import name_part, write_text
 from wingspan.progress import track
 
 EXAMPLES = 5  # how many paths the printed summary names per finding (the JSON has all)
@@ -57,7 +57,7 @@ def inspect_dataset(
     for level in dataset.levels:
         counts = table.loc[table[level] != "", level].value_counts()
         if len(counts):
-            plot = plot_class_balance(counts, level, out_dir / f"balance_{level}.png",
+            plot = plot_class_balance(counts, level, out_dir / f"balance_{name_part(level)}.png",
                                       config.many_classes)
             plots[level] = str(plot)
     summary["plots"] = plots

@@ -45,6 +45,7 @@ from wingspan.files import (
     atomic_path,
     check_writable,
     disk_spelling,
+    name_part,
     real_paths,
     replace_folder,
     write_text,
@@ -210,7 +211,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
         if unknown is not None and plots:  # _openset drew it
             pngs["unknown"] = out_dir / "unknown.png"
         if levels_table is not None:  # _per_level drew the coarser levels' matrices (if plots)
-            pngs["levels"] = {lv: out_dir / f"confusion_{lv}.png" if plots else None
+            pngs["levels"] = {lv: out_dir / f"confusion_{name_part(lv)}.png" if plots else None
                               for lv in predictor.taxonomy.levels[:-1]}
         _report(out_dir, (run_dir or final).name, predictor, run_dir, dataset, level, split,
                 metrics, table, confused, pngs, levels_table, transfer, plots)
@@ -621,7 +622,7 @@ def _per_level(predictor: Predictor, rows: pd.DataFrame, probs: np.ndarray, pred
         known = truth[lv] >= 0
         charts.plot_confusion(confusion(truth[lv][known], marg[lv][known],
                                         len(taxonomy.classes[lv])),
-                              taxonomy.classes[lv], out_dir / f"confusion_{lv}.png")
+                              taxonomy.classes[lv], out_dir / f"confusion_{name_part(lv)}.png")
     metrics["hierarchy"] = result
     table = level_table(result, taxonomy.levels)
     _write_csv(table, out_dir / "levels.csv", index=False)

@@ -172,6 +172,12 @@ class LabelPlan:
 def plan_labels(dataset: Dataset, levels: list[str], config: TrainConfig, log=print
                 ) -> LabelPlan:
     finest = levels[-1]
+    dotted = [lv for lv in levels if "." in lv or not lv]  # (torch's module names: a head
+    if dotted:                                              # per level, keyed by its name)
+        raise WingspanError(f"The level '{dotted[0]}' cannot be trained: a level's name may "
+                            "not hold a '.' (nor be empty).",
+                            hint="Rename that column (in the CSV or taxonomy.csv), e.g. "
+                                 f"{dotted[0].replace('.', '_') or 'level'}.")
     if config.max_per_class:
         dataset, dropped = undersample(dataset, finest, config.max_per_class, config.seed)
         if dropped:
