@@ -508,3 +508,20 @@ def test_an_output_without_a_file_name_is_shown_one_that_works(run_cli, tmp_path
     for given in ("-", ".csv"):
         code, _, err = run_cli("runs", tmp_path / "runs", "--output", given)
         assert code == 2 and "e.g. --output out.csv" in " ".join(err.split()), err
+
+
+def test_a_config_file_of_nested_aliases_is_refused_at_once(tmp_path):
+    """A YAML alias bomb (1 KB, a billion items) under a setting: safe_load builds it by
+    reference, but the refusal quoted its whole repr, and `train --config` hung."""
+    import subprocess
+    import sys
+
+    rows = ["lr:", "  - &l0 [x, x, x, x, x, x, x, x, x, x]"]
+    rows += [f"  - &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 9)]
+    (tmp_path / "bomb.yaml").write_text("\n".join(rows) + "\n")
+    (tmp_path / "data").mkdir()
+    done = subprocess.run([sys.executable, "-m", "wingspan", "train", "data", "--config",
+                           "bomb.yaml"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "'lr'" in done.stderr and len(done.stderr) < 5000, \
+        done.stderr[-2000:]

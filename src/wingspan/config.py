@@ -9,6 +9,7 @@ import difflib
 import functools
 import os
 import re
+import reprlib
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
@@ -140,6 +141,14 @@ def _strict_loader():
     return Strict
 
 
+def _shown(value) -> str:
+    """A value as a refusal quotes it: its repr, cut short where long or deep (a YAML
+    alias bomb of 1 KB, a billion items, hung `train --config` building its message)."""
+    said = reprlib.Repr()
+    said.maxlevel, said.maxlist, said.maxdict, said.maxstring, said.maxother = 3, 8, 8, 200, 200
+    return said.repr(value)
+
+
 def another(setting: str) -> str:
     """Another setting named in a problem's words, which SettingError.worded names as the
     user gave it (--max-per-class): marked by NULs, which no value's repr holds (a value
@@ -149,7 +158,7 @@ def another(setting: str) -> str:
 
 def _check(ok: bool, name: str, expected: str, got: object) -> None:
     if not ok:
-        raise SettingError([(name, f" must be {expected}. Got {got!r} instead.")],
+        raise SettingError([(name, f" must be {expected}. Got {_shown(got)} instead.")],
                            form="The '{}' setting")
 
 
@@ -200,14 +209,14 @@ def _check_types(config: object) -> None:
         if isinstance(value, str) and name in _list_fields(type(config)):
             value = _comma_list(value)
         if isinstance(value, bool) and name not in _yes_no_fields(type(config)):
-            problems.append((name, f" = {value!r}: true or false, where a number or a name "
+            problems.append((name, f" = {_shown(value)}: true or false, where a number or a name "
                                    "goes"))
             continue
         try:
             setattr(config, name, adapter.validate_python(value))
         except ValidationError as e:
             why = "; ".join(err["msg"] for err in e.errors())
-            problems.append((name, f" = {value!r}: {why}"))
+            problems.append((name, f" = {_shown(value)}: {why}"))
     seed = getattr(config, "seed", 0)
     if not problems and not 0 <= seed < 2**32:  # numpy's random generators take no other
         problems.append(("seed", f" = {seed!r}: must be between 0 and 2**32 - 1"))
