@@ -47,6 +47,34 @@ def test_tampered_weights_are_refused(model, tmp_path):
     assert e.value.hint == DAMAGED_HINT and "--resume" in e.value.hint
 
 
+def test_a_bundle_rewritten_and_stopped_between_its_two_files_keeps_both_old(
+        model, tmp_path, monkeypatch):
+    """calibrate --unknown rewrites the weights (the scores fitted again) and then the
+    manifest with their checksum: a Ctrl-C between the two left new weights beside the old
+    checksum, and nothing would load the bundle again. Both are put back now."""
+    import os
+
+    path = save_bundle(model, tmp_path / "b", CLASSES)
+    before = {name: (path / name).read_bytes() for name in (WEIGHTS, MANIFEST)}
+    with torch.no_grad():
+        model.head.outputs["label"].bias.add_(1.0)  # other weights, another checksum
+    replace, calls = os.replace, []
+
+    def interrupted(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_bundle(model, path, CLASSES)
+    monkeypatch.undo()
+    assert {name: (path / name).read_bytes() for name in (WEIGHTS, MANIFEST)} == before
+    load_bundle(path)  # (it loads: the old bundle whole)
+    assert sorted(p.name for p in path.iterdir()) == sorted([WEIGHTS, MANIFEST])
+
+
 def test_broken_bundles_give_clear_errors(model, tmp_path):
     path = save_bundle(model, tmp_path / "b", CLASSES)
     manifest = json.loads((path / MANIFEST).read_text())

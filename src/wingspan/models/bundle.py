@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from wingspan import __version__
 from wingspan.errors import WingspanError, first_line
-from wingspan.files import atomic_path
+from wingspan.files import atomic_path, atomic_paths
 from wingspan.models.classifier import Classifier, Preprocessing
 from wingspan.models.unknown import PREFIX as UNKNOWN_PREFIX
 from wingspan.models.unknown import UnknownDetector
@@ -93,9 +93,12 @@ def save_bundle(model: Classifier, path: str | Path, classes: dict[str, list[str
             METADATA_KEY: json.dumps(manifest)}))
     else:
         path.mkdir(exist_ok=True)
-        _atomic(path / WEIGHTS, lambda tmp: save_file(state, tmp))
-        _atomic(path / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest,
-                                                                             indent=2)))
+        # Both written before either is renamed, and put back together on an error or
+        # Ctrl-C: one then the other (20 ms apart) left `calibrate --unknown`'s new weights
+        # beside the old manifest's checksum when stopped, a bundle nothing would load.
+        with atomic_paths(path / WEIGHTS, path / MANIFEST) as (weights, described):
+            save_file(state, str(weights))
+            described.write_text(json.dumps(manifest, indent=2))
     return path
 
 
