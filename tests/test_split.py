@@ -434,3 +434,43 @@ def test_fractions_the_datas_own_split_leaves_unused_are_said(tmp_path):
                   log=logs.append)
     assert any("The data has no val split" in line for line in logs), logs
     assert not any("left unused" in line for line in logs), logs
+
+
+def test_a_split_stopped_as_it_is_written_keeps_the_previous_pair(demo_dir, tmp_path,
+                                                                  monkeypatch):
+    """splits.csv and sampling.json are replaced together: stopped between the two, a new
+    split stood beside the old class weights, without a word. A balance plot stopped as
+    it is drawn leaves the previous one, not an empty file."""
+    import os
+
+    import matplotlib.figure
+
+    from wingspan.data.plots import plot_class_balance
+
+    ds = read_dataset(demo_dir)
+    split_and_sample(ds, tmp_path, None, SplitConfig(seed=0))
+    before = {n: (tmp_path / n).read_bytes() for n in ("splits.csv", "sampling.json")}
+    replace, calls = os.replace, []
+
+    def interrupted(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        split_and_sample(ds, tmp_path, None, SplitConfig(seed=1, max_per_class=3))
+    monkeypatch.undo()
+    assert {n: (tmp_path / n).read_bytes() for n in before} == before
+    plot = plot_class_balance(pd.Series({"a": 3, "b": 2}), "label", tmp_path / "b.png")
+    drawn = plot.read_bytes()
+
+    def broken(fig, path, **kwargs):
+        Path(path).write_bytes(b"half a png")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", broken)
+    with pytest.raises(KeyboardInterrupt):
+        plot_class_balance(pd.Series({"a": 5, "b": 2}), "label", tmp_path / "b.png")
+    assert plot.read_bytes() == drawn

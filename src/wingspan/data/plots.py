@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 from matplotlib import ticker
 
+from wingspan.files import atomic_path
 from wingspan.plotting import literal_text, plt
 
 
@@ -55,7 +56,8 @@ def plot_class_balance(counts: pd.Series, level: str, path: Path, many: int = 40
     ratio = counts.iloc[0] / max(counts.iloc[-1], 1)
     ax.set_title(f"{level}: {n} classes, {counts.sum()} images, imbalance {ratio:.1f}x")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    # (renamed into place: a kill while drawing left an empty plot beside the old summary)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return path

@@ -15,7 +15,7 @@ from wingspan.config import SplitConfig, TrainConfig
 from wingspan.data.leaks import with_duplicates_grouped
 from wingspan.data.samples import GROUP, PATH, SPLIT, Dataset
 from wingspan.errors import WingspanError, counted, some
-from wingspan.files import atomic_path, write_text
+from wingspan.files import atomic_path, atomic_paths
 
 
 @dataclass
@@ -374,14 +374,16 @@ def split_and_sample(dataset: Dataset, out_dir: Path, level: str | None = None,
     weights, uncapped = class_weights(train_labels, cap), class_weights(train_labels)
     out_dir.mkdir(parents=True, exist_ok=True)
     splits_csv, sampling_json = out_dir / "splits.csv", out_dir / "sampling.json"
-    write_splits(result, splits_csv)
-    write_text(sampling_json, json.dumps({
-        "level": level, "config": asdict(config), "sizes": report.sizes,
-        "train_counts": train_labels.value_counts().to_dict(),
-        "class_weights": weights, "class_weight_cap": cap,
-        "class_weights_uncapped": uncapped, "train_only_classes": report.train_only,
-        "missing_classes": report.missing, "undersampled": undersampled,
-        "left_out_by_cap": left_out, "oversampled": oversampled,
-    }, indent=2))
+    # Replaced together: a kill between them left a new split beside the old class weights.
+    with atomic_paths(splits_csv, sampling_json) as (splits_tmp, sampling_tmp):
+        write_splits(result, splits_tmp)
+        sampling_tmp.write_text(json.dumps({
+            "level": level, "config": asdict(config), "sizes": report.sizes,
+            "train_counts": train_labels.value_counts().to_dict(),
+            "class_weights": weights, "class_weight_cap": cap,
+            "class_weights_uncapped": uncapped, "train_only_classes": report.train_only,
+            "missing_classes": report.missing, "undersampled": undersampled,
+            "left_out_by_cap": left_out, "oversampled": oversampled,
+        }, indent=2))
     return SplitResult(level, result, report, undersampled, oversampled, weights, splits_csv,
                        sampling_json, capped_classes(train_labels, cap))
