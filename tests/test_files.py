@@ -63,6 +63,10 @@ def test_a_disk_quota_used_up_is_said_as_such(tmp_path, error):
 def test_a_read_only_folder_is_a_message(tmp_path, monkeypatch, run_cli):
     from wingspan import files
 
+    # Imported before the patch: it binds make_folder by name, and imported under it kept
+    # the read-only one for every later test of the process.
+    from wingspan.training import run  # noqa: F401
+
     def read_only(path):
         raise OSError(errno.EROFS, "Read-only file system", str(path))
 
@@ -414,3 +418,26 @@ def test_disk_spelling_opens_an_nfc_key_of_a_name_written_on_macos(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     assert disk_spelling([unicodedata.normalize("NFC", "Épreuve/café.jpg")]) == [
         str(photo.relative_to(tmp_path))]
+
+
+def test_what_killed_writers_left_is_removed_once_their_process_is_gone(tmp_path):
+    """Each killed export left its graph (14 MB for a Lite0), each killed audit its kept
+    page, never removed. Gone now once the writer's process is gone and the file is quiet;
+    a live process's, a recent one and the user's own files stay."""
+    import subprocess
+    import time
+
+    from wingspan.files import remove_dead_leftovers
+
+    gone = subprocess.Popen(["true"])  # a process that has ended
+    gone.wait()
+    old = time.time() - 3600
+    names = {f".model.{gone.pid}.tmp.onnx": False, f".audit.{gone.pid}.old.html": False,
+             f".model.{os.getpid()}.tmp.onnx": True, "model.onnx": True, "notes.tmp.txt": True}
+    for name in names:
+        (tmp_path / name).write_text("x")
+        os.utime(tmp_path / name, (old, old))
+    (tmp_path / f".recent.{gone.pid}.tmp.csv").write_text("being written elsewhere?")
+    remove_dead_leftovers(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {
+        n for n, kept in names.items() if kept} | {f".recent.{gone.pid}.tmp.csv"}

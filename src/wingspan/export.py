@@ -30,7 +30,7 @@ from torch import nn
 
 from wingspan.data.taxonomy import Taxonomy
 from wingspan.errors import WingspanError
-from wingspan.files import atomic_path, write_text
+from wingspan.files import atomic_path, remove_dead_leftovers, write_text
 from wingspan.inference import find_bundle, output_home
 from wingspan.models import load_bundle
 from wingspan.models.runtime import export_onnx
@@ -302,6 +302,7 @@ def _write(out: Path, model: bytes, meta: dict) -> Path:
     """The model file, then its metadata beside it. The old metadata goes first: a kill
     between the two writes leaves the new model (its metadata inside) without a JSON, never
     beside the previous export's thresholds."""
+    remove_dead_leftovers(out.parent)  # (a killed export's graph: 14 MB for a Lite0)
     metadata_path(out).unlink(missing_ok=True)
     with atomic_path(out) as tmp:
         tmp.write_bytes(model)

@@ -10,6 +10,7 @@ import hashlib
 import os
 import re
 import shutil
+import time
 import unicodedata
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -172,6 +173,38 @@ def remove_leftovers(folder: str | Path) -> None:
         for path in folder.iterdir():
             if is_leftover(path.name) and path.is_file():
                 path.unlink(missing_ok=True)
+
+
+_OF_A_PROCESS = re.compile(r"\..+\.(\d+)\.(?:tmp|old)(?:\.[^.]+)?")
+
+
+def remove_dead_leftovers(folder: str | Path, quiet_seconds: float = 60.0) -> None:
+    """Remove what writers left in `folder` when they were killed (a temporary file, or a
+    previous version kept while files were replaced together: an export's 14 MB graph, an
+    audit's page, each kill another), in a folder other processes may be writing in too:
+    only files whose process is gone, untouched for `quiet_seconds` (on a folder shared
+    between machines, another's process is not seen here, but its write is recent)."""
+    folder = Path(folder)
+    now = time.time()
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            found = _OF_A_PROCESS.fullmatch(entry.name)
+            if not found or not entry.is_file(follow_symlinks=False):
+                continue
+            with contextlib.suppress(OSError):
+                if now - entry.stat().st_mtime > quiet_seconds and \
+                        not _alive(int(found[1])):
+                    os.unlink(entry.path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's (alive), or no pid at all
+        return True
+    return True
 
 
 def _flush(path: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from wingspan.data.readers import images_under, is_image_name, unsupported_photo
 from wingspan.errors import WingspanError
-from wingspan.files import atomic_path, write_text
+from wingspan.files import atomic_path, remove_dead_leftovers, write_text
 from wingspan.inference import Prediction, Predictor
 from wingspan.models.unknown import UNKNOWN
 from wingspan.parallel import Processes, gather_to_main, interleave, shard
@@ -225,6 +225,7 @@ def write_predictions(result: PredictResult, path: Path) -> None:
     """CSV (path, [<level>, <level>_prob, ...,] class_1, prob_1, ..., error) or JSON, by
     the file's suffix."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_leftovers(path.parent)  # (a half-written table a SIGTERM left)
     if path.suffix.lower() == ".json":
         write_text(path, json.dumps({
             "predictions": [{"path": r["path"], "top": [{"class": c, "probability": p}

@@ -31,7 +31,7 @@ from wingspan.config import AuditConfig, default_cache_dir
 from wingspan.data.images import budget_key, max_pixels, open_rgb
 from wingspan.data.samples import GROUP, PATH, SPLIT, Dataset
 from wingspan.errors import WingspanError, counted
-from wingspan.files import FileArrays, atomic_paths
+from wingspan.files import FileArrays, atomic_paths, remove_dead_leftovers
 from wingspan.progress import status, track
 
 if TYPE_CHECKING:
@@ -101,6 +101,7 @@ def audit_dataset(dataset: Dataset, out_dir: str | Path, level: str | None = Non
     # Replaced together: a killed or failed audit leaves the previous audit's three files,
     # never new tables beside an old page (but for a kill between the renames: see
     # atomic_paths). Not a whole new folder: it holds inspect's and split's outputs too.
+    remove_dead_leftovers(out_dir)  # (each killed audit's kept page and tables)
     with atomic_paths(*paths) as (csv_tmp, dup_tmp, page_tmp):
         issues.to_csv(csv_tmp, index=False)
         duplicates.to_csv(dup_tmp, index=False)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from wingspan import __version__
 from wingspan.errors import WingspanError, first_line
-from wingspan.files import atomic_path, atomic_paths
+from wingspan.files import atomic_path, atomic_paths, remove_dead_leftovers
 from wingspan.models.classifier import Classifier, Preprocessing
 from wingspan.models.unknown import PREFIX as UNKNOWN_PREFIX
 from wingspan.models.unknown import UnknownDetector
@@ -93,6 +93,7 @@ def save_bundle(model: Classifier, path: str | Path, classes: dict[str, list[str
             METADATA_KEY: json.dumps(manifest)}))
     else:
         path.mkdir(exist_ok=True)
+        remove_dead_leftovers(path)  # (what a killed calibrate left)
         # Both written before either is renamed, and put back together on an error or
         # Ctrl-C: one then the other (20 ms apart) left `calibrate --unknown`'s new weights
         # beside the old manifest's checksum when stopped, a bundle nothing would load.
@@ -256,6 +257,7 @@ def update_manifest(path: str | Path, **changes) -> dict:
     path = Path(path)
     manifest = {**read_manifest(path), **changes}
     if path.is_dir():
+        remove_dead_leftovers(path)
         _atomic(path / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest,
                                                                              indent=2)))
     else:
