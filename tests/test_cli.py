@@ -44,6 +44,9 @@ def test_split_command(run_cli, demo_dir, tmp_path, monkeypatch):
                              "--test", "0.2", "--max-per-class", "5", "--out", tmp_path)
     assert code == 0, err
     assert "Balanced class weights" in out and "--max-per-class left out" in out
+    # How to train on it: `train DATA` splits DATA afresh, and this split went unused.
+    assert f"Train on this split: `wingspan train {tmp_path / 'splits.csv'}`" in " ".join(
+        out.split())
     ds = read_dataset(tmp_path / "splits.csv")
     assert set(ds.table["split"]) == {"train", "val", "test"}
     sampling = json.loads((tmp_path / "sampling.json").read_text())

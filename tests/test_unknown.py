@@ -743,3 +743,16 @@ def test_a_part_whose_val_scores_are_all_equal_leaves_the_combination_to_the_oth
     graph = both.graph({"msp": Column(0), "knn": Column(1)})
     exported = graph(torch.stack([torch.zeros(40), new_knn], 1), None)
     assert torch.allclose(exported, scores, atol=1e-5)
+
+
+def test_an_unknown_answer_is_not_shown_beside_the_closest_class_probability(held_out_run,
+                                                                             run_cli):
+    """predict's table read "unknown 1.000": the closest class's probability beside the
+    answer unknown, as if surely unknown. It goes beside the closest class instead."""
+    run_dir, demo = held_out_run
+    code, out, err = run_cli("predict", run_dir, *sorted((demo / HELD).glob("*.jpg"))[:4])
+    assert code == 0, err
+    rows = [line.split("│") for line in out.splitlines() if "│ unknown " in line]
+    assert rows and all(r[3].strip() == "-" for r in rows), out
+    assert re.search(r"closest: \S+\s+[\d.]{5};", " ".join(out.split())) or \
+        "closest:" in out, out  # (a narrow table wraps the name and its probability apart)

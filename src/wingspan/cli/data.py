@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -102,6 +103,9 @@ def data_split(
                   "DATA` keeps using it; train on the splits.csv written here to use this one.")
     result = split_and_sample(dataset, out_dir or dataset.claim_out_dir(), level, config)
     print_split(result)
+    # (`train DATA` splits DATA afresh with its own settings: this split is trained on so)
+    out.print("Train on this split: `wingspan train "
+              f"{plain(shlex.quote(str(result.splits_csv)))}`")
 
 
 def print_split(result) -> None:

@@ -59,6 +59,7 @@ def predict_command(
     from rich.table import Table
 
     from wingspan.inference import Predictor
+    from wingspan.models.unknown import UNKNOWN
     from wingspan.predict import predict, predict_fabric, write_predictions
 
     if output:
@@ -97,13 +98,17 @@ def predict_command(
                 p = next(q for lv, _, q in row["taxonomy"] if lv == row["known_level"])
             if _stopped(row):
                 score, limit = apart(row["unknown_score"], row["threshold"])
-                detail = f"closest: {best}; unknown score {score} > {limit}{at}; " + detail
+                detail = (f"closest: {best} {p:.3f}; unknown score {score} > {limit}{at}; "
+                          + detail)
             else:  # a --rare-below class: rare species the model learnt as their genus
                 detail = f"closest: {best}, species not learnt apart; " + detail
             best = f"[yellow]{plain(row['answer'])}[/]{level}"
         else:
             best = plain(best)
-        table.add_row(plain(row["path"]), best, f"{p:.3f}", plain(detail))
+        # "unknown 1.000" read as sure it is unknown: the closest class's probability goes
+        # beside its name in the detail instead.
+        shown = "-" if row["answer"] == UNKNOWN else f"{p:.3f}"
+        table.add_row(plain(row["path"]), best, shown, plain(detail))
     if len(result.rows) > 50:
         table.caption = f"first 50 of {len(result.rows)}; " + (
             f"all in {plain(output)}" if output else "--output FILE writes all")
