@@ -243,6 +243,10 @@ def test_a_temperature_stopped_at_its_bound_is_said():
     assert "upper bound" in bound_warning(guessing) and "too sure" in bound_warning(guessing)
     timid = calibration_record(0.01 * (np.eye(5)[y] - 0.5), y, "val")  # right, barely sure
     assert timid["temperature"] == 0.25 and "lower bound" in bound_warning(timid)
+    # What to paste: other labelled photos (`calibrate RUN` alone refits on the same val,
+    # stops at the same bound, and said the same again).
+    assert "`wingspan calibrate RUN DATA` fits it again on other labelled photos" in \
+        bound_warning(timid)
 
 
 def test_the_calibration_record_bins_the_class_answered_as_evaluate_does():

@@ -125,7 +125,8 @@ def bound_warning(record: dict) -> str | None:
     return (f"the temperature stopped at the {side} bound of its search ({MIN_T:g}-{MAX_T:g}): "
             f"the best fit lies beyond it, so the probabilities are still {sure} (ECE "
             f"{record['val_ece_after']:.4f} on the {record['images']} images it was fitted "
-            "on); `wingspan calibrate` fits it again on other images.")
+            "on); `wingspan calibrate RUN DATA` fits it again on other labelled photos "
+            "(on the same images again it would stop there too).")
 
 
 def calibrate_warnings(record: dict) -> list[str]:

@@ -756,7 +756,7 @@ def _start(run_dir: Path, config: TrainConfig, dataset: Dataset, quiet: bool,
         run.log(f"{resuming}, on {policy.describe()}")
     else:
         run.log(f"Run {run_dir}: {config.backbone} ({run.weights_source}) on {policy.describe()}"
-                f", {workers} data workers{world}")
+                f", {counted(workers, 'data worker')}{world}")
     for kind, stage in (("frozen", "head"), ("train", "finetune")):
         choice = getattr(policy, kind)
         if choice and choice.how == "measured":  # the timing counts in the stage it serves
