@@ -483,6 +483,11 @@ def test_a_temperature_that_makes_calibration_worse_is_said(evaluation, capsys):
         print_evaluation(SimpleNamespace(metrics={**m, "ece": ece}, report=evaluation.report))
         out = capsys.readouterr().out
         assert ("less calibrated" in out and "wingspan calibrate RUN DATA" in out) == said
+    # After --map, the pairs to paste too (calibrate without them found no image to fit).
+    print_evaluation(SimpleNamespace(metrics={**m, "ece": m["ece_uncalibrated"] + 0.2,
+                                              "class_map": {"a b": "x"}},
+                                     report=evaluation.report))
+    assert "(with the same --map 'a b=x')" in " ".join(capsys.readouterr().out.split())
 
 
 def test_preview_image_in_report_comes_from_training_images(trained, evaluation, tmp_path,

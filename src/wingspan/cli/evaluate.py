@@ -3,6 +3,7 @@ unknown scores again, or fit its head to unlabelled photos."""
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -121,7 +122,9 @@ def print_evaluation(result) -> None:
         out.print("[yellow]The temperature makes these probabilities less calibrated (ECE "
                   f"{m['ece_uncalibrated']:.3f} -> {m['ece']:.3f}).[/] `wingspan calibrate RUN "
                   "DATA` fits one on labelled photos like these"
-                  + (", named as the model names its classes" if m.get("transfer") else "")
+                  + (" (with the same " + " ".join(
+                      f"--map {shlex.quote(f'{a}={b}')}" for a, b in m["class_map"].items())
+                     + ")" if m.get("class_map") else "")
                   + ("; it fits on single views, so compare without --tta."
                      if m.get("tta_note") else "."))
     if said := unreadable_wording(m):

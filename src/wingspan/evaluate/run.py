@@ -200,6 +200,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
             # No figure (a class without images here or at home) is null in JSON, not NaN.
             metrics["transfer"] = transfer.astype(object).where(transfer.notna(), None).to_dict(
                 "records")
+            metrics["class_map"] = class_map  # (what calibrate on these photos needs too)
         if unknown is not None:
             metrics["unknown"] = _openset(predictor, unknown, unknown_paths, read, y, y_pred,
                                           averaged_classes(y, y_pred, truth_only),
