@@ -438,6 +438,9 @@ def test_what_killed_writers_left_is_removed_once_their_process_is_gone(tmp_path
         (tmp_path / name).write_text("x")
         os.utime(tmp_path / name, (old, old))
     (tmp_path / f".recent.{gone.pid}.tmp.csv").write_text("being written elsewhere?")
-    remove_dead_leftovers(tmp_path)
+    mine = tmp_path / f".notes.{gone.pid}.old.html"  # a user's own file, named alike
+    mine.write_text("x")
+    os.utime(mine, (old, old))
+    remove_dead_leftovers(*(tmp_path / n for n in ("model.onnx", "audit.html", "recent.csv")))
     assert {p.name for p in tmp_path.iterdir()} == {
-        n for n, kept in names.items() if kept} | {f".recent.{gone.pid}.tmp.csv"}
+        n for n, kept in names.items() if kept} | {f".recent.{gone.pid}.tmp.csv", mine.name}

@@ -302,7 +302,7 @@ def _write(out: Path, model: bytes, meta: dict) -> Path:
     """The model file, then its metadata beside it. The old metadata goes first: a kill
     between the two writes leaves the new model (its metadata inside) without a JSON, never
     beside the previous export's thresholds."""
-    remove_dead_leftovers(out.parent)  # (a killed export's graph: 14 MB for a Lite0)
+    remove_dead_leftovers(out, metadata_path(out))  # (a killed export's: 14 MB for Lite0)
     metadata_path(out).unlink(missing_ok=True)
     with atomic_path(out) as tmp:
         tmp.write_bytes(model)

@@ -175,26 +175,26 @@ def remove_leftovers(folder: str | Path) -> None:
                 path.unlink(missing_ok=True)
 
 
-_OF_A_PROCESS = re.compile(r"\..+\.(\d+)\.(?:tmp|old)(?:\.[^.]+)?")
-
-
-def remove_dead_leftovers(folder: str | Path, quiet_seconds: float = 60.0) -> None:
-    """Remove what writers left in `folder` when they were killed (a temporary file, or a
-    previous version kept while files were replaced together: an export's 14 MB graph, an
-    audit's page, each kill another), in a folder other processes may be writing in too:
-    only files whose process is gone, untouched for `quiet_seconds` (on a folder shared
-    between machines, another's process is not seen here, but its write is recent)."""
-    folder = Path(folder)
+def remove_dead_leftovers(*paths: str | Path, quiet_seconds: float = 60.0) -> None:
+    """Remove what writers of `paths` left beside them when they were killed (a temporary
+    file, or a previous version kept while files were replaced together: an export's 14 MB
+    graph, an audit's page, each kill another), where other processes may be writing too:
+    only files named for one of `paths` (.NAME.PID.tmp.EXT, .NAME.PID.old.EXT: never a
+    user's own file) whose process is gone, untouched for `quiet_seconds` (on a folder
+    shared between machines, another's process is not seen here, but its write is recent)."""
     now = time.time()
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(folder):
-            found = _OF_A_PROCESS.fullmatch(entry.name)
-            if not found or not entry.is_file(follow_symlinks=False):
-                continue
-            with contextlib.suppress(OSError):
-                if now - entry.stat().st_mtime > quiet_seconds and \
-                        not _alive(int(found[1])):
-                    os.unlink(entry.path)
+    for path in map(Path, paths):
+        pattern = re.compile(re.escape(f".{path.stem}.") + r"(\d+)\.(?:tmp|old)"
+                             + re.escape(path.suffix))
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(path.parent):
+                found = pattern.fullmatch(entry.name)
+                if not found or not entry.is_file(follow_symlinks=False):
+                    continue
+                with contextlib.suppress(OSError):
+                    if now - entry.stat().st_mtime > quiet_seconds and \
+                            not _alive(int(found[1])):
+                        os.unlink(entry.path)
 
 
 def _alive(pid: int) -> bool:

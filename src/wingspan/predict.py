@@ -225,7 +225,7 @@ def write_predictions(result: PredictResult, path: Path) -> None:
     """CSV (path, [<level>, <level>_prob, ...,] class_1, prob_1, ..., error) or JSON, by
     the file's suffix."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_dead_leftovers(path.parent)  # (a half-written table a SIGTERM left)
+    remove_dead_leftovers(path)  # (a half-written table a SIGTERM left)
     if path.suffix.lower() == ".json":
         write_text(path, json.dumps({
             "predictions": [{"path": r["path"], "top": [{"class": c, "probability": p}

@@ -101,7 +101,7 @@ def audit_dataset(dataset: Dataset, out_dir: str | Path, level: str | None = Non
     # Replaced together: a killed or failed audit leaves the previous audit's three files,
     # never new tables beside an old page (but for a kill between the renames: see
     # atomic_paths). Not a whole new folder: it holds inspect's and split's outputs too.
-    remove_dead_leftovers(out_dir)  # (each killed audit's kept page and tables)
+    remove_dead_leftovers(*paths)  # (each killed audit's kept page and tables)
     with atomic_paths(*paths) as (csv_tmp, dup_tmp, page_tmp):
         issues.to_csv(csv_tmp, index=False)
         duplicates.to_csv(dup_tmp, index=False)

@@ -93,7 +93,7 @@ def save_bundle(model: Classifier, path: str | Path, classes: dict[str, list[str
             METADATA_KEY: json.dumps(manifest)}))
     else:
         path.mkdir(exist_ok=True)
-        remove_dead_leftovers(path)  # (what a killed calibrate left)
+        remove_dead_leftovers(path / WEIGHTS, path / MANIFEST)  # (a killed calibrate's)
         # Both written before either is renamed, and put back together on an error or
         # Ctrl-C: one then the other (20 ms apart) left `calibrate --unknown`'s new weights
         # beside the old manifest's checksum when stopped, a bundle nothing would load.
@@ -257,7 +257,7 @@ def update_manifest(path: str | Path, **changes) -> dict:
     path = Path(path)
     manifest = {**read_manifest(path), **changes}
     if path.is_dir():
-        remove_dead_leftovers(path)
+        remove_dead_leftovers(path / MANIFEST)
         _atomic(path / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest,
                                                                              indent=2)))
     else:
