@@ -40,6 +40,20 @@ def write_image(path: Path, size=(32, 32), colour=(200, 50, 50), mode="RGB", fmt
     return path
 
 
+def ctrl_c_at_rename(monkeypatch, nth: int) -> None:
+    """Ctrl-C as the nth os.replace of the code under test starts (files written to be
+    renamed together: stopped between them)."""
+    replace, calls = os.replace, []
+
+    def interrupted(src, dst):
+        calls.append(dst)
+        if len(calls) == nth:
+            raise KeyboardInterrupt
+        return replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+
+
 def folder_dataset(root: Path, counts: dict[str, int], size=(24, 24)) -> Path:
     """root/<class>/<i>.jpg with distinct random pixels in every file."""
     seed = 0

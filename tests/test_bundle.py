@@ -52,21 +52,13 @@ def test_a_bundle_rewritten_and_stopped_between_its_two_files_keeps_both_old(
     """calibrate --unknown rewrites the weights (the scores fitted again) and then the
     manifest with their checksum: a Ctrl-C between the two left new weights beside the old
     checksum, and nothing would load the bundle again. Both are put back now."""
-    import os
+    from helpers import ctrl_c_at_rename
 
     path = save_bundle(model, tmp_path / "b", CLASSES)
     before = {name: (path / name).read_bytes() for name in (WEIGHTS, MANIFEST)}
     with torch.no_grad():
         model.head.outputs["label"].bias.add_(1.0)  # other weights, another checksum
-    replace, calls = os.replace, []
-
-    def interrupted(src, dst):
-        calls.append(dst)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", interrupted)
+    ctrl_c_at_rename(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         save_bundle(model, path, CLASSES)
     monkeypatch.undo()

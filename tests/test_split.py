@@ -441,24 +441,15 @@ def test_a_split_stopped_as_it_is_written_keeps_the_previous_pair(demo_dir, tmp_
     """splits.csv and sampling.json are replaced together: stopped between the two, a new
     split stood beside the old class weights, without a word. A balance plot stopped as
     it is drawn leaves the previous one, not an empty file."""
-    import os
-
     import matplotlib.figure
+    from helpers import ctrl_c_at_rename
 
     from wingspan.data.plots import plot_class_balance
 
     ds = read_dataset(demo_dir)
     split_and_sample(ds, tmp_path, None, SplitConfig(seed=0))
     before = {n: (tmp_path / n).read_bytes() for n in ("splits.csv", "sampling.json")}
-    replace, calls = os.replace, []
-
-    def interrupted(src, dst):
-        calls.append(dst)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", interrupted)
+    ctrl_c_at_rename(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         split_and_sample(ds, tmp_path, None, SplitConfig(seed=1, max_per_class=3))
     monkeypatch.undo()
