@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import typer.main
+from helpers import ctrl_c_at_rename
 from PIL import Image
 from test_train import tiny
 
@@ -215,20 +216,22 @@ def test_torchscript_export_runs_with_torch_alone(run_dir, run_cli, demo_dir):
     assert json.loads(outputs) == ["family", "label", "unknown.family", "unknown.label"]
 
 
-def test_an_export_killed_between_its_two_files_leaves_no_stale_metadata(run_dir, tmp_path,
-                                                                         monkeypatch):
-    """The JSON beside a model must be that model's: killed after the new model file, an
-    export again leaves none rather than the previous export's thresholds."""
+@pytest.mark.parametrize("nth", [1, 2])
+def test_an_export_killed_between_its_two_files_keeps_the_previous_pair(run_dir, tmp_path,
+                                                                        monkeypatch, nth):
+    """The JSON beside a model must be that model's: stopped before or between the renames
+    of the new model and its JSON, an export leaves the previous pair whole (a model
+    without its JSON loses its thresholds; one beside the other's, wrong answers)."""
     from wingspan import export
 
     out = tmp_path / "model.pt"
     export.export_model(run_dir, out, fmt="torchscript")
-    assert metadata_path(out).is_file()
-    monkeypatch.setattr(export, "write_text", lambda *_: (_ for _ in ()).throw(
-        KeyboardInterrupt))
+    before = out.read_bytes(), metadata_path(out).read_text()
+    ctrl_c_at_rename(monkeypatch, nth)
     with pytest.raises(KeyboardInterrupt):
         export.export_model(run_dir, out, fmt="torchscript", unknown_score="msp")
-    assert out.is_file() and not metadata_path(out).exists()
+    assert (out.read_bytes(), metadata_path(out).read_text()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "model.pt.json"]
 
 
 def test_a_bundle_away_from_its_run_is_checked_on_generated_pictures(run_dir, run_cli,

@@ -30,7 +30,7 @@ from torch import nn
 
 from wingspan.data.taxonomy import Taxonomy
 from wingspan.errors import WingspanError
-from wingspan.files import atomic_path, remove_dead_leftovers, write_text
+from wingspan.files import atomic_paths, remove_dead_leftovers
 from wingspan.inference import find_bundle, output_home
 from wingspan.models import load_bundle
 from wingspan.models.runtime import export_onnx
@@ -299,14 +299,13 @@ def _torchscript():
 
 
 def _write(out: Path, model: bytes, meta: dict) -> Path:
-    """The model file, then its metadata beside it. The old metadata goes first: a kill
-    between the two writes leaves the new model (its metadata inside) without a JSON, never
-    beside the previous export's thresholds."""
+    """The model file and its metadata beside it, replaced together (atomic_paths): an
+    error or a kill while writing leaves the previous export's pair, never a model beside
+    another export's thresholds, nor a model without its JSON."""
     remove_dead_leftovers(out, metadata_path(out))  # (a killed export's: 14 MB for Lite0)
-    metadata_path(out).unlink(missing_ok=True)
-    with atomic_path(out) as tmp:
-        tmp.write_bytes(model)
-    write_text(metadata_path(out), json.dumps(meta, indent=2))
+    with atomic_paths(out, metadata_path(out)) as (model_tmp, meta_tmp):
+        model_tmp.write_bytes(model)
+        meta_tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return out
 
 
