@@ -116,6 +116,13 @@ def test_hierarchical_evaluation_and_prediction(hierarchical_run, demo_dir, tmp_
     for level in LEVELS[:-1]:
         right = (saved[f"true:{level}"] == saved[f"predicted:{level}"]).mean()
         assert right == pytest.approx(h["levels"][level]["accuracy"]), level
+    # Its answer and the level it is given at are predict's: a species merged by
+    # --rare-below is answered at the genus (the CSV said known_level 'label' for it).
+    rows = predict(Predictor(hierarchical_run, workers=0), saved["path"].tolist(),
+                   progress=False).rows
+    assert [(r["known_level"] or "", r["answer"]) for r in rows] == \
+        list(zip(saved["known_level"], saved["answer"], strict=True))
+    assert (saved["known_level"] == "genus").any()  # (the tiny model's favourite is merged)
     page = result.report.read_text()
     assert "Per taxonomic level" in page
     assert " &gt; ".join(LEVELS) in page  # the header names every level the run learnt

@@ -572,10 +572,15 @@ def _predicted(predictor: Predictor, probs: np.ndarray, temperature: float) -> n
 
 def _named(predictor: Predictor, p) -> str:
     """What predict answers for `p`."""
+    return _answered(predictor, p)[1]
+
+
+def _answered(predictor: Predictor, p) -> tuple[str | None, str]:
+    """(the level predict answers `p` at, its answer): a --rare-below species' answer is
+    its genus's, at that level."""
     branch = (taxonomy_path(predictor.taxonomy, p.probs, predictor.temperature)
               if predictor.taxonomy else [])
-    return answered(predictor, p.known_level, branch,
-                    predictor.classes[int(p.probs.argmax())])[1]
+    return answered(predictor, p.known_level, branch, predictor.classes[int(p.probs.argmax())])
 
 
 MARKER = ".wingspan-evaluation"  # in every evaluation folder: only such a folder is replaced
@@ -950,8 +955,8 @@ def _write_predictions(path: Path, paths: list[str], y: np.ndarray, y_pred: np.n
                           **(by_level or {})})
     if predictor.unknown is not None:
         decided = [deciding_score(predictor, p.unknown) for p in read]
-        frame = frame.assign(answer=[_named(predictor, p) for p in read],
-                             known_level=[p.known_level for p in read],
+        said = [_answered(predictor, p) for p in read]
+        frame = frame.assign(answer=[a for _, a in said], known_level=[lv for lv, _ in said],
                              unknown_score=[d.get("unknown_score") for d in decided],
                              threshold=[d.get("threshold") for d in decided],
                              score_level=[d.get("score_level") for d in decided])
