@@ -172,6 +172,22 @@ def test_each_stage_changes_what_it_should_and_nothing_else(demo_dir, tmp_path):
     assert not any("running_" in k for k in changed)  # BatchNorm statistics stay put
 
 
+def test_the_head_stage_without_the_cache_augments_each_repeated_draw_afresh(demo_dir,
+                                                                            tmp_path):
+    """Without the feature cache, an image the weighted sampler drew again in a head
+    epoch asked for the same (image, epoch, view), so it got the same augmented pixels
+    (40 of 170 requests of a weighted demo run)."""
+    run = _prepared_run(demo_dir, tmp_path, epochs_head=1, epochs_finetune=0,
+                        feature_cache=False, feature_views=1, sampler="weighted")
+    asked, get = [], type(run.data.train).__getitem__
+    run.data.train.__class__ = type("Recorded", (type(run.data.train),), {
+        "__getitem__": lambda self, request: asked.append(request) or get(self, request)})
+    train_head(run)
+    images = [i for i, _, _ in asked]
+    assert len(images) > len(set(images))  # the weighted draw did repeat augmented images
+    assert len(set(asked)) == len(asked)  # each repeat its own view
+
+
 def test_fine_tuning_with_no_stage_unfrozen_trains_the_head_alone_and_says_so(demo_dir,
                                                                               tmp_path):
     run = _prepared_run(demo_dir, tmp_path, epochs_head=0, epochs_finetune=1, unfreeze=0)

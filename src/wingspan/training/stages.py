@@ -30,6 +30,7 @@ from wingspan.training.context import Run
 from wingspan.training.data import (
     HEAD_DROPOUT,
     REPEAT_VIEW_CHOICE,
+    REPEAT_VIEWS,
     VIEW_CHOICE,
     EpochBatches,
     LabelledImages,
@@ -384,7 +385,8 @@ def train_head(run: Run) -> None:
         # Each place's view: its image's, and for an image drawn again in the epoch (the
         # weighted sampler) a view drawn again, not the same cached one each time.
         views = views[torch.tensor(order, dtype=torch.long)]
-        again = torch.tensor(repeat_counts(order), dtype=torch.long) > 0
+        repeats = torch.tensor(repeat_counts(order), dtype=torch.long)
+        again = repeats > 0
         if again.any():
             g = torch.Generator().manual_seed(item_seed(config.seed, epoch, REPEAT_VIEW_CHOICE))
             views = torch.where(again, torch.randint(0, config.feature_views + 1,
@@ -404,7 +406,8 @@ def train_head(run: Run) -> None:
                 if cached:
                     feats = train_feats[idx, place]
                 else:
-                    feats, read = _frozen_features(run, frozen, idx, place, epoch)
+                    feats, read = _frozen_features(run, frozen, idx, place, epoch,
+                                                   repeats[b:b + config.batch_size])
                     feats, idx = feats[read], idx[read]
                     if not len(idx):
                         continue
@@ -454,13 +457,16 @@ def _epochs_left(run: Run, epochs: int) -> range:
     return range(state.epoch, state.epoch if state.bad_epochs >= run.config.patience else epochs)
 
 
-def _frozen_features(run: Run, frozen, idx: torch.Tensor, views: torch.Tensor, epoch: int):
+def _frozen_features(run: Run, frozen, idx: torch.Tensor, views: torch.Tensor, epoch: int,
+                     repeats: torch.Tensor):
     """Without the cache: run the frozen backbone on this batch (clean or augmented), each
-    rank on its shard of it. Returns the features and which images could be read."""
+    rank on its shard of it; an image's k-th repeat in the epoch (`repeats`) augmented
+    afresh, as fine-tuning's are. Returns the features and which images could be read."""
     mine = shard(len(idx), run.fabric)
     with torch.inference_mode():
         items = [run.data.train_clean[(int(idx[j]), 0, 0)] if views[j] == 0
-                 else run.data.train[(int(idx[j]), epoch, 1)] for j in mine]
+                 else run.data.train[(int(idx[j]), epoch, 1 + REPEAT_VIEWS * int(repeats[j]))]
+                 for j in mine]
         run.note_unreadable([(run.data.train.paths[i], why) for x, _, i, why in items if why])
         read = torch.tensor([item[0] is not None for item in items], dtype=torch.uint8)
         part = torch.zeros(len(items), run.model.backbone.num_features)
