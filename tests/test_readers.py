@@ -205,6 +205,23 @@ def test_fixed_splits_follow_symlinks_and_refuse_a_file_on_two_sides(tmp_path):
 
 
 
+def test_a_split_files_repeated_rows_are_said_when_read_as_the_folders_split(tmp_path):
+    """`data split --oversample-to --out DATA` writes a rare class's images again into
+    DATA/splits.csv; `train DATA` read each once and trained without the repeats, silently
+    (the CSV itself, read as data, keeps them)."""
+    for name in ("a/a_0.jpg", "a/a_1.jpg", "b/b_0.jpg", "b/b_1.jpg"):
+        write_image(tmp_path / "data" / name)
+    (tmp_path / "data" / "splits.csv").write_text(
+        "path,label,split\na/a_0.jpg,a,train\na/a_0.jpg,a,train\na/a_0.jpg,a,train\n"
+        "a/a_1.jpg,a,val\nb/b_0.jpg,b,train\nb/b_1.jpg,b,val\n")
+    ds = read_dataset(tmp_path / "data")
+    assert len(ds.table) == 4
+    (said,) = ds.problems
+    assert said.kind == "repeated_rows" and "2 repeats" in said.message
+    assert str(tmp_path / "data" / "splits.csv") in said.message
+    assert len(read_dataset(tmp_path / "data" / "splits.csv").table) == 6
+
+
 def test_fixed_splits_resolve_each_folder_once(tmp_path, monkeypatch):
     """A splits.csv beside class folders is matched by resolved paths, each folder once
     (Path.resolve walked every part of every path three times per image: seconds at 48k)."""

@@ -528,6 +528,14 @@ def _fixed_splits(table: pd.DataFrame, splits_csv: Path, problems: list[Problem]
     torn = set(sides[sides > 1].index)  # listed twice, on two sides: neither is trusted
     problems += [Problem("conflicting_splits", f"listed in {splits_csv.name} on more than one "
                          "side; has no split", p) for p in sorted(torn)]
+    # `data split --oversample-to` lists a rare class's images again; read as the folder's
+    # split, each is one image (the CSV itself, read as data, trains on the repeats).
+    repeated = int((fixed.duplicated("_key") & ~fixed["_key"].isin(torn)).sum())
+    if repeated:
+        problems.append(Problem(
+            "repeated_rows", f"lists images more than once ({counted(repeated, 'repeat')}, "
+            "as data split --oversample-to writes them): the folder's split takes each once. "
+            f"To train on the repeats, train on {splits_csv} itself.", str(splits_csv)))
     rows = fixed.drop_duplicates("_key", keep="last").set_index("_key")
     column = {c: dict(zip(rows.index, rows[c], strict=True))  # (Series.get per row: slow)
               for c in (SPLIT, LABEL, GROUP) if c in rows.columns}
