@@ -188,6 +188,35 @@ def test_the_head_stage_without_the_cache_augments_each_repeated_draw_afresh(dem
     assert len(set(asked)) == len(asked)  # each repeat its own view
 
 
+def test_the_head_stage_checkpoints_when_due_and_keeps_the_same_best(demo_dir, tmp_path,
+                                                                      monkeypatch):
+    """Every head epoch wrote best.pt and last.pt, each the whole model: a ResNet-50's
+    94 MB twice per epoch of milliseconds, 80% of the stage. Now the head stage writes once
+    checkpoint_minutes have passed and at its end, and best.pt holds the same weights as
+    when each epoch wrote it."""
+    from wingspan.training import context
+
+    written = []
+    save = context.save_checkpoint
+    monkeypatch.setattr(context, "save_checkpoint",
+                        lambda path, payload: written.append(path.name) or save(path, payload))
+    best = {}
+    for minutes in (0, 5):
+        written.clear()
+        run = _prepared_run(demo_dir, tmp_path / str(minutes), epochs_head=6,
+                            epochs_finetune=0, checkpoint_minutes=minutes, patience=10)
+        train_head(run)
+        best[minutes] = load_checkpoint(run.checkpoints / "best.pt")
+        assert best[minutes]["epoch"] == run.state.best_epoch > 1
+        assert load_checkpoint(run.checkpoints / "last.pt")["state"]["epoch"] == 6
+        saves = written.count("last.pt")
+        assert saves == 6 if minutes == 0 else (saves, written.count("best.pt")) == (1, 1)
+    assert best[0]["epoch"] == best[5]["epoch"]
+    assert best[0]["model"].keys() == best[5]["model"].keys()
+    for k, v in best[0]["model"].items():
+        assert torch.equal(v, best[5]["model"][k]), k
+
+
 def test_fine_tuning_with_no_stage_unfrozen_trains_the_head_alone_and_says_so(demo_dir,
                                                                               tmp_path):
     run = _prepared_run(demo_dir, tmp_path, epochs_head=0, epochs_finetune=1, unfreeze=0)

@@ -374,6 +374,10 @@ def train_head(run: Run) -> None:
                          config.epochs_head, 0.0)
     run.restore_optimizer(optimizer)
     schedule.at(state.epoch, 0, 1)
+    # A checkpoint after an epoch once checkpoint_minutes have passed, and at the stage's
+    # end: on cached features an epoch may take milliseconds, the whole model's
+    # checkpoint a second (keep_best).
+    last_save, saved = time.perf_counter(), True
     for epoch in _epochs_left(run, config.epochs_head):
         start = time.perf_counter()
         readable = every_class_readable(run)
@@ -434,12 +438,17 @@ def train_head(run: Run) -> None:
         val = (evaluate_features(run, val_feats, run.data.val.labels) if cached
                else evaluate_images(run, run.data.val))
         run.timing("head", "eval", time.perf_counter() - t0)
+        saved = _checkpoint_due(run, last_save, 0)
         _end_epoch(run, "head", epoch, loss_sum / len(seen_idx), labels[seen_idx, -1],
-                   torch.cat(preds), val, optimizer, len(seen_idx), time.perf_counter() - start)
+                   torch.cat(preds), val, optimizer, len(seen_idx), time.perf_counter() - start,
+                   checkpoint=saved)
+        last_save = time.perf_counter() if saved else last_save
         if state.bad_epochs >= config.patience and epoch + 1 < config.epochs_head:
             run.log(f"Head stage stopped early: no better val macro-F1 (or val loss at an "
                     f"equal one) in {config.patience} epochs")
             break
+    if not saved:
+        run.save(optimizer)
 
 
 def _schedule(run: Run, optimizer, steps_per_epoch: int, epochs: int,
@@ -723,9 +732,9 @@ class _Profiler:
 
 def _end_epoch(run: Run, stage: str, epoch: int, train_loss: float, labels, preds, val: dict,
                optimizer, images: int, seconds: float,
-               seconds_train: float | None = None) -> None:
-    """Record the epoch, keep the best model, and checkpoint. Rank 0's scores decide, on
-    every rank, so that all stop (or not) together."""
+               seconds_train: float | None = None, checkpoint: bool = True) -> None:
+    """Record the epoch, keep the best model, and checkpoint (if `checkpoint`). Rank 0's
+    scores decide, on every rank, so that all stop (or not) together."""
     if run.fabric.world_size > 1:
         val = run.fabric.broadcast(val)
     row = {
@@ -745,7 +754,8 @@ def _end_epoch(run: Run, stage: str, epoch: int, train_loss: float, labels, pred
     row["elapsed"] = round(sum(run.state.stage_seconds.values()), 2)  # training time so far
     run.add_history(row)
     run.state.epoch = epoch + 1
-    run.save(optimizer)
+    if checkpoint:
+        run.save(optimizer)
     run.log(f"{stage} {epoch + 1:>3}: loss {row['train_loss']:.4f}  val loss "
             f"{row['val_loss']:.4f}  val acc {row['val_acc']:.3f}  val macro-F1 "
             f"{row['val_macro_f1']:.4f}{'  *' if improved else ''}  ({row['seconds']:.1f}s)")
