@@ -188,6 +188,23 @@ def test_the_head_stage_without_the_cache_augments_each_repeated_draw_afresh(dem
     assert len(set(asked)) == len(asked)  # each repeat its own view
 
 
+def test_fine_tunings_first_epoch_is_not_the_cached_views_pixels(demo_dir, tmp_path):
+    """The feature cache's augmented view 1 and fine-tuning's first epoch asked for the
+    same (image, epoch 0, view 1): the same crops, which the head had trained on in every
+    epoch, so that epoch brought no new view of any image."""
+    run = _prepared_run(demo_dir, tmp_path, epochs_head=1, epochs_finetune=1, unfreeze=1,
+                        feature_views=1)
+    asked, get = [], type(run.data.train).__getitem__
+    run.data.train.__class__ = type("Recorded", (type(run.data.train),), {
+        "__getitem__": lambda self, request: asked.append(request) or get(self, request)})
+    train_head(run)
+    cached = set(asked)
+    run.state.epoch = 0
+    asked.clear()
+    finetune(run)
+    assert cached and asked and not cached & set(asked)
+
+
 def test_the_head_stage_checkpoints_when_due_and_keeps_the_same_best(demo_dir, tmp_path,
                                                                       monkeypatch):
     """Every head epoch wrote best.pt and last.pt, each the whole model: a ResNet-50's

@@ -148,6 +148,10 @@ class EpochBatches(Sampler[list[Request]]):
 # The view of an image's k-th repeat in an epoch is its view + k * REPEAT_VIEWS: apart
 # from every view the feature cache draws (1 to feature_views).
 REPEAT_VIEWS = 1 << 16
+# Fine-tuning's views: apart from the head stage's (1 to feature_views, epoch 0), which
+# view 1 of fine-tuning's first epoch repeated pixel for pixel (the head had already
+# trained on each of those crops in every epoch).
+FINETUNE_VIEW = REPEAT_VIEWS - 1
 
 
 def repeat_counts(order: Sequence[int]) -> list[int]:

@@ -28,6 +28,7 @@ from wingspan.parallel import every_rank, gather_objects, gather_shards, shard
 from wingspan.progress import Bar, track
 from wingspan.training.context import Run
 from wingspan.training.data import (
+    FINETUNE_VIEW,
     HEAD_DROPOUT,
     REPEAT_VIEW_CHOICE,
     REPEAT_VIEWS,
@@ -505,7 +506,8 @@ def finetune(run: Run) -> None:
     stages = run.model.backbone.unfreeze_last(n_stages)
     top_lr = config.lr * config.finetune_lr_scale
     optimizer = make_optimizer(run.model, top_lr, config.weight_decay, config.layer_decay)
-    batches = EpochBatches(len(run.data.train), config.batch_size, config.seed, view=1,
+    batches = EpochBatches(len(run.data.train), config.batch_size, config.seed,
+                           view=FINETUNE_VIEW,
                            rank=fabric.global_rank, world=fabric.world_size)
     _leave_out_unreadable(run, batches)
     schedule = _schedule(run, optimizer, len(batches), config.epochs_finetune,
