@@ -35,6 +35,21 @@ def test_layer_decay_per_unfrozen_stage_and_warmup_then_cosine():
     assert top["lr"] == pytest.approx(0.0, abs=1e-9)
 
 
+@pytest.mark.parametrize("layer_decay", [None, 0.5])
+def test_the_networks_own_weight_decay_exemptions_hold(layer_decay):
+    """timm keeps a ViT's position embedding and class token out of weight decay (the
+    network's no_weight_decay()); the optimizer, given the classifier around it, decayed
+    them as any weight."""
+    model, _ = create_classifier("vit_tiny_patch16_224", {"label": 3}, "none")
+    model.backbone.unfreeze_last(99)
+    optimizer = make_optimizer(model, 1e-3, 0.01, layer_decay=layer_decay)
+    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    for name in ("backbone.net.pos_embed", "backbone.net.cls_token"):
+        assert named[name].ndim > 1 and decay[id(named[name])] == 0.0, name
+    assert decay[id(named["backbone.net.patch_embed.proj.weight"])] == 0.01
+
+
 def test_a_stage_of_one_step_trains_at_the_top_rate_without_timm_warning(caplog):
     """One step after warmup leaves nothing to anneal: the step runs at the top rate, and
     timm's warning about it (meaningless to a user) stays off the terminal."""

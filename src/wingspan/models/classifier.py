@@ -120,6 +120,14 @@ class Classifier(nn.Module):
         head = len(self.backbone.stages)
         return lambda name: stage_of.get(name, head)
 
+    def no_weight_decay(self) -> set[str]:
+        """timm's interface for the parameters kept out of weight decay: the network's own
+        (a ViT's position embedding and class token, a Swin's relative position tables),
+        under their names here. Besides these, timm's optimizer exempts biases and norms."""
+        net = self.backbone.net
+        own = net.no_weight_decay() if hasattr(net, "no_weight_decay") else ()
+        return {f"backbone.net.{name}" for name in own}
+
     @property
     def levels(self) -> list[str]:
         """Output names, coarse to fine."""
