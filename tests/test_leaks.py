@@ -98,6 +98,38 @@ def test_ethec_splits_that_list_an_image_twice_are_repaired_and_reported(tmp_pat
     assert rows["split"].tolist() == ["test"]  # kept on the test side only
 
 
+def test_an_ethec_image_listed_under_two_labels_keeps_neither(tmp_path):
+    """Two records of one image in a split, of two genera: the first was kept and the
+    other dropped as a mere repeat, so the image trained under a label no one could
+    vouch for. Both are left out and said, as the CSV reader does; a plain repeat still
+    keeps one."""
+    import json
+
+    from helpers import write_image
+
+    from wingspan.data.ethec import IMAGE_DIR
+
+    root = tmp_path / "ethec"
+    (root / "splits").mkdir(parents=True)
+    record = {"image_path": "d", "family": "Pieridae", "subfamily": "Pierinae",
+              "genus": "Pieris", "specific_epithet": "rapae", "barcode": ""}
+    records = {f"t{n}": {**record, "token": f"t{n}", "image_name": f"{n}.jpg"}
+               for n in range(4)}
+    records["again"] = {**records["t1"], "token": "again"}  # the same label: a repeat
+    records["other"] = {**records["t2"], "token": "other", "genus": "Aporia"}
+    for n in range(4):
+        write_image(root / IMAGE_DIR / "d" / f"{n}.jpg", seed=n, fmt="JPEG")
+    (root / "splits" / "val.json").write_text(json.dumps(records))
+    dataset = read_dataset(root)
+    names = sorted(p.rsplit("/", 1)[1] for p in dataset.table["path"])
+    assert names == ["0.jpg", "1.jpg", "3.jpg"]
+    said = [p.message for p in dataset.problems if p.kind == "conflicting_labels"]
+    assert said[0] == ("val: 1 image is listed under different labels (e.g. d/2.jpg: genus "
+                       "Pieris / Aporia); all 2 records left out")
+    assert sum(p.kind == "duplicate_record" and p.path is not None
+               for p in dataset.problems) == 1
+
+
 def test_ethec_reports_each_leak_once(tmp_path):
     """An image listed in val and test lists its barcode (the group) twice too: that is the
     image's leak, not also the barcode's. A barcode leaks through two of its images."""

@@ -111,13 +111,30 @@ def _drop_nameless(raw: pd.DataFrame, problems: list[Problem]) -> pd.DataFrame:
 
 
 def _drop_repeats(raw: pd.DataFrame, problems: list[Problem]) -> pd.DataFrame:
-    """Keep one record per image within each split, reporting every dropped copy."""
+    """Keep one record per image within each split, reporting every dropped copy; an
+    image whose records label it differently keeps none (which label is right cannot be
+    told: the CSV reader leaves such rows out alike)."""
+    taxa = ["family", "subfamily", "genus", "specific_epithet"]
+    labels = raw.groupby([SPLIT, "image"])[taxa].transform("nunique").gt(1).any(axis=1)
+    raw = _drop_records(
+        raw, labels, "conflicting_labels", "image",
+        lambda part: f"{counted(part['image'].nunique(), 'image is', 'images are')} listed "
+                     f"under different labels (e.g. {_told_apart(part, taxa)}); all "
+                     f"{counted(len(part), 'record')} left out",
+        "left out: its image is labelled otherwise by another record", problems)
     return _drop_records(
         raw, raw.duplicated(subset=[SPLIT, "image"], keep="first"), "duplicate_record",
         "image", lambda part: f"{counted(part['image'].nunique(), 'image is', 'images are')} "
                               "listed more than once under different tokens; "
                               f"{counted(len(part), 'extra record')} dropped",
         "dropped", problems)
+
+
+def _told_apart(part: pd.DataFrame, taxa: list[str]) -> str:
+    """How the records of the first image in `part` differ: 'image: genus Ga / Gb'."""
+    first = part[part["image"] == part["image"].iloc[0]]
+    level = next(t for t in taxa if first[t].nunique() > 1)
+    return f"{first['image'].iloc[0]}: {level} " + " / ".join(dict.fromkeys(first[level]))
 
 
 def _drop_records(raw: pd.DataFrame, dropped: pd.Series, kind: str, where: str, summary,
