@@ -48,11 +48,16 @@ def test_unknown_policy_is_refused():
 
 
 def test_preview_grid_file(demo_dir, tmp_path):
+    torch.manual_seed(123)
     path = write_preview(read_dataset(demo_dir), tmp_path / "preview.png",
                          AugmentConfig(image_size=48), rows=3, augmented=4)
     with Image.open(path) as im:
         # 3 rows of 5 panels: wider than tall, and big enough to see.
         assert im.width > im.height > 200
+    # The caller's random stream goes on as it was (ws.preview in a notebook reseeded it).
+    after = torch.rand(3)
+    torch.manual_seed(123)
+    assert torch.equal(after, torch.rand(3))
 
 
 def test_preview_passes_over_unreadable_images(demo_dir, tmp_path):

@@ -51,7 +51,12 @@ def write_preview(dataset: Dataset, out: Path, config: AugmentConfig | None = No
     picks = [(label, image) for _, label, image in sorted(picks, key=lambda p: p[0])]
     clean = eval_transform(config, normalize=False)
     augment = train_transform(config, normalize=False)
-    torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # (the caller's own stream left as it was)
+        torch.manual_seed(seed)
+        return _draw(picks, clean, augment, augmented, config, out)
+
+
+def _draw(picks, clean, augment, augmented: int, config: AugmentConfig, out: Path) -> Path:
     cols = augmented + 1
     fig, axes = plt.subplots(len(picks), cols, figsize=(1.6 * cols, 1.7 * len(picks)),
                              squeeze=False)
