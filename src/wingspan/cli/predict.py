@@ -206,7 +206,8 @@ def export_command(
     format: Annotated[str, typer.Option("--format", help="onnx | torchscript.")] = "onnx",
     quantize: Annotated[str | None, typer.Option(
         help="int8 (ONNX): static quantisation calibrated on training images, written only "
-        "when its val top-1 stays within 1 point of fp32's.")] = None,
+        "when its val top-1 stays within 1 point of fp32's (or 1 image, on fewer than 100 "
+        "val images: warned).")] = None,
     out_path: Annotated[Path | None, typer.Option(
         "--out", help="The model file (ending in .onnx, or .pt for TorchScript), or "
         "else a folder to write it in (default: RUN/export/model.onnx, model.int8.onnx with "
