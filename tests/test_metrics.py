@@ -386,8 +386,10 @@ def test_curves_mistakes_and_reliability_plots(tmp_path, demo_dir):
                         tmp_path / "pair.png")
     told = {"true": "a", "predicted": "b", "probability": 0.9}
     assert "answered" not in plots.mistake_title(told)
-    assert "answered" not in plots.mistake_title({**told, "answer": "b"})  # b was told
-    assert plots.mistake_title({**told, "answer": "unknown"}).endswith("answered unknown")
+    assert "answered" not in plots.mistake_title({**told, "answer": None})  # b was told
+    # (given only where predict answered otherwise: a class may be named "unknown")
+    assert plots.mistake_title({**told, "predicted": "unknown", "answer": "unknown"}
+                               ).endswith("answered unknown")
     # Long names that differ at their end stay told apart.
     long = {"true": "class_with_a_longish_name_00", "predicted": "class_with_a_very_long"
             "ish_name_that_goes_on_35", "probability": 0.9}

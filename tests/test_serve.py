@@ -588,6 +588,19 @@ def test_the_page_in_a_real_browser(run_dir, demo_dir, tmp_path):
             "unlike the finest classes it knows (the likeliest branch ends in ")
         page.unroute("**/predict")
 
+        # A photo turned away whose closest class is named "unknown" reads as turned away,
+        # not as a 100% answer of that class: told by the level known, not the text.
+        renamed = [{**b, "class": "unknown"} if b is expected["branch"][-1] else b
+                   for b in expected["branch"]]
+        away = {**expected, "answer": "unknown", "known_level": None, "branch": renamed,
+                "top": {**expected["top"], "label": [{**top[0], "class": "unknown"}, *top[1:]]}}
+        page.route("**/predict", lambda route: route.fulfill(
+            json={"predictions": [away], "latency_ms": 1.0}))
+        page.set_input_files("#file", str(photo))
+        page.wait_for_function("document.getElementById('prediction').textContent == 'Unknown'")
+        assert page.text_content("#confidence").startswith("unlike every class it knows")
+        page.unroute("**/predict")
+
         # The branch's class below a likelier bar (chosen family first): said, not left to
         # look like a mistake.
         last = expected["branch"][-1]

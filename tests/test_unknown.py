@@ -7,6 +7,7 @@ import csv
 import html
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from wingspan.data import read_dataset
 from wingspan.data.demo import generate_demo
 from wingspan.errors import WingspanError
 from wingspan.evaluate.openset import openset_metrics, separation
-from wingspan.inference import Predictor
+from wingspan.inference import Prediction, Predictor
 from wingspan.models.unknown import KNN_K, UnknownDetector, deepest_known
 from wingspan.training.run import train
 
@@ -580,20 +581,33 @@ def test_a_class_named_unknown_is_pointed_out(tmp_path):
     (root / "taxonomy.csv").unlink()
     _say_if_a_class_is_named_unknown(read_dataset(root), ["label"], said.append)
     assert len(said) == 1 and "'Unknown'" in said[0] and "known_level" in said[0]
+    (root / "Unknown").rename(root / "unknown_")  # (two folders differing by case alone)
+    (root / "unknown_").rename(root / "unknown")
+    shutil.copytree(root / "unknown", root / "UNKNOWN")
+    _say_if_a_class_is_named_unknown(read_dataset(root), ["label"], said.append)
+    assert "classes 'UNKNOWN' and 'unknown' have" in said[-1], said[-1]
 
 
-def test_predict_counts_the_turned_away_not_a_class_named_unknown(tmp_path, run_cli,
-                                                                 monkeypatch):
-    """predict's count of images "unlike the classes the model knows" is of those no level
-    passes (known_level empty), not of answers that read "unknown": a class may be named so."""
+@pytest.fixture(scope="module")
+def unknown_named_run(tmp_path_factory):
+    """A tiny run with a class named "unknown", and its data."""
     from test_train import tiny
 
-    monkeypatch.setenv("WINGSPAN_PRECISION", "fp32")  # the same tiny model on every CPU
-    root = generate_demo(tmp_path / "demo", DemoConfig(image_size=32,
-                                                       images_per_class=(12, 12, 12, 12)))
+    tmp = tmp_path_factory.mktemp("named")
+    root = generate_demo(tmp / "demo", DemoConfig(image_size=32,
+                                                  images_per_class=(12, 12, 12, 12)))
     (root / HELD).rename(root / "unknown")
     (root / "taxonomy.csv").unlink()
-    run_dir = train(read_dataset(root), tiny(tmp_path), tmp_path / "runs", quiet=True)
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("WINGSPAN_PRECISION", "fp32")  # the same tiny model on every CPU
+        return train(read_dataset(root), tiny(tmp), tmp / "runs", quiet=True), root
+
+
+def test_predict_counts_the_turned_away_not_a_class_named_unknown(unknown_named_run, tmp_path,
+                                                                 run_cli):
+    """predict's count of images "unlike the classes the model knows" is of those no level
+    passes (known_level empty), not of answers that read "unknown": a class may be named so."""
+    run_dir, root = unknown_named_run
     out = tmp_path / "p.csv"
     code, stdout, err = run_cli("predict", run_dir, root, "--output", out, "--quiet")
     assert code == 0, err
@@ -606,6 +620,43 @@ def test_predict_counts_the_turned_away_not_a_class_named_unknown(tmp_path, run_
         assert re.search(rf"(?<!\d){turned_away} images? (is|are) unlike the classes", said)
     else:
         assert "unlike the classes" not in said
+
+
+@pytest.mark.parametrize("turned_away", [True, False])
+def test_a_class_named_unknown_is_told_from_the_unknown_answer_where_people_read(
+        unknown_named_run, run_cli, monkeypatch, tmp_path, turned_away):
+    """predict's table, explain and evaluate's mistakes compared the answer's text with
+    the top class: a photo turned away whose closest class is named "unknown" read as a
+    plain answer (its score and closest class unsaid), and one known as that class showed
+    "-" for its probability. They go by the level known."""
+    from wingspan.evaluate.run import _said_otherwise
+    from wingspan.explain import explain
+    from wingspan.predict import predict
+
+    run_dir, root = unknown_named_run
+    photos = sorted(str(p) for p in (root / "unknown").glob("*.jpg"))
+    predictor = Predictor(run_dir, workers=0)
+    tops = {r["path"]: r["top"][0][0] for r in predict(predictor, photos, progress=False).rows}
+    photos = [p for p in photos if tops[p] == "unknown"][:3]
+    assert photos  # (the tiny model names its own class for some of them)
+    level = None if turned_away else "label"
+    monkeypatch.setattr(Predictor, "known_level", lambda self, scores: level)
+    code, out, err = run_cli("predict", run_dir, *photos, "--top-k", "2")
+    assert code == 0, err
+    rows = [line for line in out.splitlines()  # (a row's first line: its long path wraps)
+            if line.count("│") == 5 and line.split("│")[2].strip()]
+    assert len(rows) == len(photos), out
+    for line in rows:
+        probability = line.split("│")[3].strip()
+        assert (probability == "-") == turned_away, line
+        assert ("closest: unknown" in line) == turned_away, line
+    for e in explain(run_dir, photos[:1], tmp_path / "explain"):
+        assert (e.answer, e.otherwise) == ("unknown", turned_away)
+    # evaluate's mistakes gallery captions what predict answered only where it is not the
+    # class named.
+    probs = np.eye(len(predictor.classes))[predictor.classes.index("unknown")]
+    said = _said_otherwise(predictor, Prediction("x.jpg", probs, probs, known_level=level))
+    assert said == ("unknown" if turned_away else None)
 
 
 def test_calibrate_unknown_refits_the_threshold_and_keeps_the_model(held_out_run, run_cli,

@@ -37,6 +37,8 @@ class Explanation:
     png: Path | None = None
     error: str = ""
     answer: str = ""  # what `wingspan predict` answers: `label`, a coarser class or "unknown"
+    otherwise: bool = False  # that answer is not `label` (told by its level: a class may be
+    #                          named "unknown")
 
 
 def grad_cam(predictor: Predictor, image: torch.Tensor, target: int) -> np.ndarray:
@@ -131,26 +133,28 @@ def explain(model: str | Path, images: list[str], out: str | Path,
             results.append(Explanation(path, "", 0.0, np.zeros(0), error=e.message))
             continue
         x = view(picture)
-        label, probability, heatmap, said, title = explain_view(predictor, x)
-        png = out / f"{_unique_name(Path(path), taken, shared)}.gradcam.png"
-        save_overlay(model_view(x, predictor), heatmap, title, png)
-        results.append(Explanation(path, label, probability, heatmap, png, answer=said))
+        e, title = explain_view(predictor, x)
+        e.path, e.png = path, out / f"{_unique_name(Path(path), taken, shared)}.gradcam.png"
+        save_overlay(model_view(x, predictor), e.heatmap, title, e.png)
+        results.append(e)
     return results
 
 
 def explain_view(predictor: Predictor, x: torch.Tensor, target: str | None = None
-                 ) -> tuple[str, float, np.ndarray, str, str]:
-    """(class, probability, Grad-CAM map, predict's answer, title) for one preprocessed
-    image: the map of `target`, else of the class predict names; `wingspan explain` and the
-    server's /explain draw the same."""
-    said, top = _answer(predictor, x)
+                 ) -> tuple[Explanation, str]:
+    """The explanation (class, probability, Grad-CAM map, predict's answer) of one
+    preprocessed image, and its title: the map of `target`, else of the class predict
+    names; `wingspan explain` and the server's /explain draw the same."""
+    said, top, level = _answer(predictor, x)
     label, probability, heatmap = explain_image(predictor, x, target or top)
-    title = f"{label}  {probability:.2f}" + ("" if said == label else f"  (says: {said})")
-    return label, probability, heatmap, said, title
+    otherwise = not (said == label and level == predictor.level)  # (a class may be "unknown")
+    title = f"{label}  {probability:.2f}" + (f"  (says: {said})" if otherwise else "")
+    return Explanation("", label, probability, heatmap, answer=said, otherwise=otherwise), title
 
 
-def _answer(predictor: Predictor, x: torch.Tensor) -> tuple[str, str]:
-    """(what predict answers for this view, the finest class the map is drawn for): the
+def _answer(predictor: Predictor, x: torch.Tensor) -> tuple[str, str, str | None]:
+    """(what predict answers for this view, the finest class the map is drawn for, the
+    level the answer is given at, None for unknown): the
     top-down branch's class for a taxonomy model, and "unknown" or a coarser class where
     the unknown scores say so, as `wingspan predict` does."""
     from wingspan.predict import answered, taxonomy_path
@@ -162,7 +166,8 @@ def _answer(predictor: Predictor, x: torch.Tensor) -> tuple[str, str]:
     top = branch[-1][1] if branch else predictor.classes[int(probs.argmax())]
     known = predictor.known_level({lv: float(s[0]) for lv, s in scores.items()}
                                   if scores else None)
-    return answered(predictor, known, branch, top)[1], top
+    level, said = answered(predictor, known, branch, top)
+    return said, top, level
 
 
 def _unique_name(path: Path, taken: set[str], shared: set[str] = frozenset()) -> str:

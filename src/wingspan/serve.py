@@ -424,8 +424,8 @@ def _explain_png(predictor: Predictor, x: torch.Tensor, target: str | None) -> b
     """The overlay `wingspan explain` writes, as PNG bytes."""
     from wingspan.explain import explain_view, model_view, save_overlay
 
-    _, _, heatmap, _, title = explain_view(predictor, x, target)
-    return save_overlay(model_view(x, predictor), heatmap, title, None)
+    explained, title = explain_view(predictor, x, target)
+    return save_overlay(model_view(x, predictor), explained.heatmap, title, None)
 
 
 def _answer(predictor: Predictor, name: str | None, outputs: dict[str, np.ndarray],

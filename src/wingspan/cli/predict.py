@@ -59,7 +59,6 @@ def predict_command(
     from rich.table import Table
 
     from wingspan.inference import Predictor
-    from wingspan.models.unknown import UNKNOWN
     from wingspan.predict import predict, predict_fabric, write_predictions
 
     if output:
@@ -91,7 +90,9 @@ def predict_command(
             detail = " > ".join(f"{c} {q:.2f}" for _, c, q in row["taxonomy"])
         else:
             detail = ", ".join(f"{c} {q:.2f}" for c, q in rest)
-        if row["answer"] != best:  # unknown here, or known only at a coarser level
+        # Unknown here, or known only at a coarser level: told by the level, not by the
+        # answer's text (a class may be named "unknown").
+        if row["known_level"] != predictor.level:
             level = f" ({plain(row['known_level'])})" if row["known_level"] else ""
             at = f" at {row['score_level']}" if hierarchical else ""
             if row["known_level"]:  # the probability of the class answered, at its level
@@ -107,7 +108,7 @@ def predict_command(
             best = plain(best)
         # "unknown 1.000" read as sure it is unknown: the closest class's probability goes
         # beside its name in the detail instead.
-        shown = "-" if row["answer"] == UNKNOWN else f"{p:.3f}"
+        shown = "-" if row["known_level"] is None else f"{p:.3f}"
         table.add_row(plain(row["path"]), best, shown, plain(detail))
     if len(result.rows) > 50:
         table.caption = f"first 50 of {len(result.rows)}; " + (
@@ -165,7 +166,7 @@ def explain_command(
             err.print(f"[yellow]skipped[/] {plain(e.path)}: {plain(e.error)}", highlight=False)
         else:
             explained += 1
-            said = "" if e.answer == e.label else f" (answer: {e.answer})"
+            said = f" (answer: {e.answer})" if e.otherwise else ""
             out.print(f"{plain(e.path)}: {plain(e.label)} {e.probability:.3f}{plain(said)} -> "
                       f"{plain(e.png)}", highlight=False)
     if not explained:

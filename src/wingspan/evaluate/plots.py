@@ -110,11 +110,10 @@ def plot_curves(history: pd.DataFrame, path: Path, kept: dict | None = None) -> 
 
 def mistake_title(m: dict) -> str:
     """A mistake's caption; where the unknown answer (or a coarser level) replaced the
-    wrong class, what the user was told instead."""
+    wrong class (`answer`, given only then), what the user was told instead."""
     told = m.get("answer")
     return (f"true: {short_name(m['true'])}\npred: {short_name(m['predicted'])}\n"
-            f"p = {m['probability']:.2f}"
-            + (f", answered {short_name(told, 20)}" if told and told != m["predicted"] else ""))
+            f"p = {m['probability']:.2f}" + (f", answered {short_name(told, 20)}" if told else ""))
 
 
 def _side_by_side(pixels: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.ndarray:

@@ -575,6 +575,13 @@ def _named(predictor: Predictor, p) -> str:
     return _answered(predictor, p)[1]
 
 
+def _said_otherwise(predictor: Predictor, p) -> str | None:
+    """predict's answer for `p` where it is not the finest class ("unknown", a coarser
+    class), else None: told by the level, not the text (a class may be named "unknown")."""
+    level, said = _answered(predictor, p)
+    return None if level == predictor.level else said
+
+
 def _answered(predictor: Predictor, p) -> tuple[str | None, str]:
     """(the level predict answers `p` at, its answer): a --rare-below species' answer is
     its genus's, at that level."""
@@ -992,7 +999,7 @@ def _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, 
     pngs["mistakes"] = charts.plot_mistakes(
         [{"path": paths[ok[i]], "true": classes[y[i]], "predicted": classes[y_pred[i]],
           "probability": float(p_pred[i]),
-          "answer": _named(predictor, read[i]) if told else None,
+          "answer": _said_otherwise(predictor, read[i]) if told else None,
           **_grad_cam_view(predictor, paths[ok[i]], int(y_pred[i]))} for i in worst],
         out_dir / "mistakes.png")
     raw = view_softmax(logits)

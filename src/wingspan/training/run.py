@@ -146,9 +146,11 @@ def _say_if_a_class_is_named_unknown(dataset: Dataset, levels: list[str], log) -
     for lv in levels:
         named = sorted(c for c in dataset.table[lv].unique() if c.strip().lower() == UNKNOWN)
         if named:
-            log(f"The {lv} class '{named[0]}' has the name predict answers for a photo unlike "
-                f"every class. Tell them apart by `known_level` (empty when turned away), or "
-                f"rename the folder (e.g. 'unidentified').")
+            which = (f"class '{named[0]}' has" if len(named) == 1 else
+                     "classes " + " and ".join(f"'{c}'" for c in named) + " have")
+            log(f"The {lv} {which} the name predict answers for a photo unlike every class. "
+                "Tell them apart by `known_level` (empty when turned away), or rename the "
+                "class (e.g. 'unidentified').")
 
 
 def _write_run_files(run_dir: Path, dataset: Dataset, held_out: pd.DataFrame | None,
