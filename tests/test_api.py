@@ -12,6 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from test_train import tiny
@@ -955,3 +956,32 @@ def test_a_runs_files_it_may_not_read_are_said_as_the_cli_says_them(run, monkeyp
     monkeypatch.setattr(pd, "read_csv", refused)
     with pytest.raises(WingspanError, match="Permission denied"):
         _ = run.history
+
+
+def test_an_evaluations_tables_keep_class_names_as_written(tmp_path):
+    """ws's Evaluation read its CSVs with pandas' defaults: classes named "NA" or "None"
+    became missing, and "01", "1" and "1.0" the one number 1 (rows as floats beside
+    columns as text, so that confusion.loc[c, c] failed for every class)."""
+    from wingspan.api import Evaluation
+
+    classes = ["01", "1", "1.0", "NA", "None", "nan"]
+    n = len(classes)
+    pd.DataFrame({"class": classes, "precision": 0.5, "recall": 0.5, "f1": 0.5,
+                  "support": 2}).to_csv(tmp_path / "per_class.csv", index=False)
+    pd.DataFrame(np.eye(n, dtype=int), index=classes, columns=classes).to_csv(
+        tmp_path / "confusion.csv")
+    pd.DataFrame({"path": [f"{c}.jpg" for c in classes], "true": classes,
+                  "predicted": classes[::-1], "probability": 0.9, "answer": classes,
+                  "known_level": ["label"] * (n - 1) + [""], "unknown_score": 0.1,
+                  "threshold": 0.2, "score_level": "label",
+                  **{f"p:{c}": 1 / n for c in classes}}).to_csv(
+        tmp_path / "predictions.csv", index=False)
+    ev = Evaluation(tmp_path, {}, tmp_path / "report.html")
+    assert ev.per_class["class"].tolist() == classes
+    assert ev.confusion.index.tolist() == ev.confusion.columns.tolist() == classes
+    assert all(ev.confusion.loc[c, c] == 1 for c in classes)
+    assert ev.predictions["true"].tolist() == classes
+    assert ev.predictions["predicted"].tolist() == classes[::-1]
+    assert ev.predictions["known_level"].isna().tolist() == [False] * (n - 1) + [True]
+    assert ev.predictions["probability"].dtype == float
+    assert ev.predictions[f"p:{classes[0]}"].dtype == float

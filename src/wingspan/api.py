@@ -1029,6 +1029,27 @@ class Run:
 # ---------------------------------------------------------------------------- evaluation
 
 
+# predictions.csv's columns of numbers; the others (and p:CLASS's names) are text.
+NUMBER_COLUMNS = ("probability", "unknown_score", "threshold")
+
+
+def _table(path: Path, text: list[str] = (), numbers: tuple[str, ...] | None = None
+           ) -> pd.DataFrame:
+    """An evaluation's CSV with its class names as written: pandas' defaults read classes
+    named "NA", "None" or "nan" as missing and "01", "1" and "1.0" as the one number 1.
+    `text`: the columns of names; with `numbers`, every column but those and p:CLASS's."""
+    if numbers is not None:
+        header = pd.read_csv(path, nrows=0).columns
+        text = [c for c in header if c not in numbers and not c.startswith("p:")]
+    return pd.read_csv(path, dtype={c: str for c in text}, keep_default_na=False,
+                       na_values=[""])
+
+
+def _confusion(path: Path) -> pd.DataFrame:
+    """confusion.csv: counts, true classes (rows) by predicted ones, named as written."""
+    return pd.read_csv(path, dtype=str, keep_default_na=False, index_col=0).astype(int)
+
+
 class Evaluation:
     """What `Run.evaluate` measured: `metrics` (metrics.json), the tables and plots in
     `dir`, and `report_path` (report.html, one self-contained page).
@@ -1043,9 +1064,9 @@ class Evaluation:
         # The tables are read now: a later evaluation into the same folder (after
         # run.calibrate, say) replaces it whole, and this one must keep showing its own.
         self._written = self._stamp()
-        self.per_class = pd.read_csv(self.dir / "per_class.csv")
-        self.confusion = pd.read_csv(self.dir / "confusion.csv", index_col=0)  # rows: truth
-        self.predictions = pd.read_csv(self.dir / "predictions.csv")
+        self.per_class = _table(self.dir / "per_class.csv", ["class"])
+        self.confusion = _confusion(self.dir / "confusion.csv")  # rows: truth
+        self.predictions = _table(self.dir / "predictions.csv", numbers=NUMBER_COLUMNS)
 
     def _stamp(self) -> str | None:
         try:
