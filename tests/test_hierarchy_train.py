@@ -589,6 +589,16 @@ def test_a_blank_level_cell_in_a_csv_names_the_level_and_what_other_rows_give(tm
         plan_labels(read_dataset(csv), ["sub.family", "label"],
                     tiny(tmp_path, levels=["sub.family", "label"]), log=lambda _: None)
     assert "sub_family" in e.value.hint
+    # A level named as one of predict's CSV columns made two columns of that name.
+    for name in ("answer", "class_1", "label_prob"):
+        csv.write_text(f"path,label,{name},split\n" + "".join(
+            f"{c}/{c}_{i}.jpg,{c},F{c},{'val' if i == 3 else 'train'}\n" for c in "ab"
+            for i in range(4)))
+        with pytest.raises(WingspanError, match=f"The level '{name}' cannot be trained: its "
+                           "name is one of predict's own output columns") as e:
+            plan_labels(read_dataset(csv), [name, "label"], tiny(tmp_path, levels=[name, "label"]),
+                        log=lambda _: None)
+        assert f"{name}_level" in e.value.hint
 
 
 def test_training_figures_count_the_answer_as_val_does(demo_dir, tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -169,6 +170,22 @@ class LabelPlan:
     test_images: int = 0  # kept apart: never trained or chosen on
 
 
+def _check_level_names(levels: list[str]) -> None:
+    """A level's name heads predict's CSV columns (LEVEL, LEVEL_prob): one named as a
+    column of its own (a taxonomy column 'answer') made two columns of that name, and
+    pandas read the level's as the answer."""
+    from wingspan.predict import UNKNOWN_KEYS
+
+    taken = {"path", "error", *UNKNOWN_KEYS, *(f"{lv}_prob" for lv in levels)}
+    clash = next((lv for lv in levels if lv in taken or re.fullmatch(r"(class|prob)_\d+", lv)),
+                 None)
+    if clash:
+        raise WingspanError(f"The level '{clash}' cannot be trained: its name is one of "
+                            "predict's own output columns.",
+                            hint=f"Rename that column (in the CSV or taxonomy.csv), e.g. "
+                                 f"{clash}_level.")
+
+
 def plan_labels(dataset: Dataset, levels: list[str], config: TrainConfig, log=print
                 ) -> LabelPlan:
     finest = levels[-1]
@@ -178,6 +195,7 @@ def plan_labels(dataset: Dataset, levels: list[str], config: TrainConfig, log=pr
                             "not hold a '.' (nor be empty).",
                             hint="Rename that column (in the CSV or taxonomy.csv), e.g. "
                                  f"{dotted[0].replace('.', '_') or 'level'}.")
+    _check_level_names(levels)
     if config.max_per_class:
         dataset, dropped = undersample(dataset, finest, config.max_per_class, config.seed)
         if dropped:
