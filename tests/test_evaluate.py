@@ -191,6 +191,28 @@ def test_calibrate_unknown_records_the_temperature_it_fitted_at(trained, tmp_pat
     assert manifest["unknown"]["temperature"] == pytest.approx(1.7)
 
 
+def test_calibrate_says_what_keeps_the_old_calibration(trained, tmp_path, run_cli):
+    """An export carries the temperature and thresholds it was made with, a running server
+    those it loaded: calibrate changed the bundle alone, and nothing said the rest had not
+    followed (a deployed ONNX model answered otherwise than predict, silently)."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    code, out, err = run_cli("calibrate", run, "--unknown", "--quiet")
+    assert code == 0, err
+    said = " ".join(out.split())
+    assert ("Note: a `wingspan serve` already running keeps the old unknown scores and "
+            "thresholds: restart the server.") in said, said
+    (run / "export").mkdir()
+    for name in ("model.onnx", "model.onnx.json", "model.int8.onnx", "model.int8.onnx.json"):
+        (run / "export" / name).write_text("{}")
+    code, out, err = run_cli("calibrate", run, "--quiet")
+    assert code == 0, err
+    said = " ".join(out.split())
+    assert (f"Note: the exports in {run / 'export'} (model.int8.onnx, model.onnx) and a "
+            "`wingspan serve` already running keep the old temperature: export again, and "
+            "restart the server.") in said, said
+
+
 def test_calibrate_says_the_images_it_could_not_read(trained, tmp_path, run_cli):
     """A temperature fitted on the readable images of a folder said only 'fitted on 30
     images': the broken ones were left out in silence (evaluate names them)."""

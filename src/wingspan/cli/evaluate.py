@@ -221,6 +221,7 @@ def calibrate_command(
         out.print(f"Unknown scores fitted on {u['train_images']} training images; thresholds "
                   f"set on {u['val_images']} val images to turn away {u['rate']:.0%} of known "
                   f"ones; default score '{u['score']}'")
+        _say_what_keeps_the_old(model, "unknown scores and thresholds")
         return
     if unknown_rate is not None or unknown_score is not None:
         raise WingspanError("--unknown-rate and --unknown-score set the unknown answer, which "
@@ -243,6 +244,23 @@ def calibrate_command(
                   f"{plain(why)}[/]")
     for note in calibrate_warnings(c):
         out.print(f"[yellow]Warning:[/] {escape(note)}")
+    _say_what_keeps_the_old(model, "temperature")
+
+
+def _say_what_keeps_the_old(model: Path, what: str) -> None:
+    """An export holds the calibration it was made with, and a running server the one it
+    loaded: neither follows the bundle, and nothing else would tell the user."""
+    from wingspan.export import metadata_path
+    from wingspan.inference import find_bundle, output_home
+
+    folder = output_home(find_bundle(model)) / "export"
+    made = sorted(p for p in folder.glob("model*") if metadata_path(p).is_file()) \
+        if folder.is_dir() else []
+    exports = f"the exports in {plain(str(folder))} ({', '.join(p.name for p in made)}) and " \
+        if made else ""
+    out.print(f"Note: {exports}a `wingspan serve` already running "
+              f"{'keep' if made else 'keeps'} the old {what}: "
+              + ("export again, and " if made else "") + "restart the server.")
 
 
 A = AdaptConfig

@@ -68,7 +68,8 @@ MaxPixels = Annotated[int | None, typer.Option(
     "decoded reduced, other images refused.")]
 UnknownScoreOpt = Annotated[str | None, typer.Option(
     help="The unknown score to use, of those the model holds: msp | energy | mahalanobis | "
-    "knn | msp+knn (default: the one chosen at training).", show_default=False)]
+    "knn | msp+knn (default: the model's own, set by training or calibrate --unknown).",
+    show_default=False)]
 Precision = Annotated[str, typer.Option(
     help="auto (measured, like --runtime) | fp32 | bf16 | fp16. $WINGSPAN_PRECISION sets "
     "auto.")]
