@@ -1623,7 +1623,8 @@ def test_a_report_without_mistakes_says_so_in_words(tmp_path):
         assert ("under the Grad-CAM of the wrong class" in page) != all_right
 
 
-def test_ece_on_copies_of_the_calibration_photos_is_said_optimistic(trained, tmp_path):
+def test_ece_on_copies_of_the_calibration_photos_is_said_optimistic(trained, tmp_path,
+                                                                     run_cli):
     """calibrate on the run's test split, then evaluate copies of those photos sorted into
     class folders (or a folder above them): the ECE after is optimistic, and was called
     fair, as the check compared folder paths alone."""
@@ -1648,6 +1649,12 @@ def test_ece_on_copies_of_the_calibration_photos_is_said_optimistic(trained, tmp
     assert not same("before")
     calibrate(run, split="test", progress=False, workers=0)
     assert same("after")
+    # Said on screen too, where most read it (the report alone said it).
+    for split, fitted_here in (("test", True), ("val", False)):
+        code, out, err = run_cli("evaluate", run, "--split", split, "--no-plots", "--quiet",
+                                 "--out", tmp_path / f"cli-{split}")
+        assert code == 0, err
+        assert ("optimistic: fitted on these images" in " ".join(out.split())) == fitted_here
     assert "photo_sums" not in evaluate(run, split="val", out=tmp_path / "val", progress=False,
                                         workers=0, plots=False).metrics["calibration"]
 

@@ -107,8 +107,10 @@ def print_evaluation(result) -> None:
                   + (", test-time augmentation" if m.get("tta") else ""))
     for label, value in summary_rows(m):
         table.add_row(label, value)
+    fitted_here = m["calibration"].get("same_data_as_evaluation")  # as the report says it
     table.add_row("ECE (temperature)", f"{m['ece_uncalibrated']:.4f} -> {m['ece']:.4f} "
-                  f"(T = {m['temperature']:.2f})")
+                  f"(T = {m['temperature']:.2f}"
+                  + ("; optimistic: fitted on these images" if fitted_here else "") + ")")
     worse = m["ece"] > m["ece_uncalibrated"] + 0.01
     # The metrics above name a class for every image; the answer may not.
     for label, value in answer_rows(m.get("answers")):
