@@ -919,6 +919,17 @@ def test_a_folder_that_cannot_be_listed_is_said_not_skipped(tmp_path, monkeypatc
     assert code == 2 and "Permission denied" in err and "Traceback" not in err
 
 
+def test_an_empty_path_is_not_the_current_folder(tmp_path, monkeypatch):
+    """`wingspan predict RUN "$PHOTOS"` with the variable unset: '' was read as '.', and
+    every image below the current folder was predicted (a home folder, say)."""
+    write_image(tmp_path / "here.jpg")
+    monkeypatch.chdir(tmp_path)
+    for empty in ("", " "):
+        found, skipped = expand_paths([empty, "here.jpg"])
+        assert found == ["here.jpg"]
+        assert skipped[0][0] == empty and "an empty path" in skipped[0][1]
+
+
 def test_a_recursive_glob_gives_each_image_once_and_passes_over_what_a_folder_would(tmp_path):
     """`photos/**` matches the folders and the files in them: each image predicted once
     (twice or three times, it doubled a species' count in the CSV), and the files that a

@@ -63,7 +63,10 @@ def expand_paths(inputs: list[str], places: list[int] | None = None
         return images
 
     for item in inputs:
-        if any(c in item for c in "*?[") and not Path(item).exists():  # img[1].jpg is a file
+        if not item.strip():  # an unset variable ("$PHOTOS"): Path('') is '.', searched whole
+            skip((item, "an empty path (an unset shell variable?); give the folder as '.'"),
+                 len(found))
+        elif any(c in item for c in "*?[") and not Path(item).exists():  # img[1].jpg: a file
             matches = sorted(glob.glob(item, recursive=True))
             matched = 0  # images the pattern matches, found before or not
             # A matched folder counts as a folder given (photos/*); of the files matched,
