@@ -83,6 +83,14 @@ def test_preview_passes_over_unreadable_images(demo_dir, tmp_path):
         write_preview(read_dataset(demo_dir), tmp_path / "none.png", rows=0)
     with pytest.raises(WingspanError, match=r"seed \(--seed\) must be from 0 to"):
         write_preview(read_dataset(demo_dir), tmp_path / "none.png", seed=-1)
+    # No bound above ran out of memory (--image-size 10^9) or time (--views 10^5), refused
+    # now before any image is read.
+    for settings in ({"augmented": 100_000}, {"rows": 10_000},
+                     {"config": AugmentConfig(image_size=10**9)}):
+        with pytest.raises(WingspanError, match=r"must be from \d+ to \d+, got") as e:
+            write_preview(read_dataset(demo_dir), tmp_path / "none.png", **settings)
+        assert "Use " in e.value.hint
+    assert not (tmp_path / "none.png").exists()
 
 
 def test_the_preview_names_each_class_whole(demo_dir, tmp_path, monkeypatch):

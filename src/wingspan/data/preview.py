@@ -25,10 +25,16 @@ def write_preview(dataset: Dataset, out: Path, config: AugmentConfig | None = No
     is left out, and `log` (a function of a line) told which."""
     config = config or AugmentConfig()
     level = dataset.resolve_level(level)
-    for name, value, low in (("rows", rows, 1), ("views", augmented, 0), ("seed", seed, 0)):
-        if not low <= value < 2**32:
-            raise WingspanError(f"A preview's {name} (--{name}) must be from {low} to "
-                                f"2**32 - 1, got {value}.", hint=f"Use {max(low, 1)}, say.")
+    # Each panel is drawn 160 px wide, whatever its size: a grid beyond these bounds only
+    # runs out of memory (a 10^9 px resize) or time (10^5 views), drawing what none could see.
+    for name, value, low, high in (("rows", rows, 1, 100), ("views", augmented, 0, 20),
+                                   ("seed", seed, 0, 2**32 - 1),
+                                   ("image-size", config.image_size, 16, 1024)):
+        if not low <= value <= high:
+            top = "2**32 - 1" if name == "seed" else high
+            raise WingspanError(
+                f"A preview's {name} (--{name}) must be from {low} to {top}, got {value}.",
+                hint=f"Use {224 if name == 'image-size' else max(low, min(high, 6))}, say.")
     rng = np.random.default_rng(seed)
     named = dataset.table[dataset.table[level] != ""]  # blank at the level: no class of it
     classes = list(named.groupby(level))
