@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -175,6 +176,21 @@ def test_split_and_sample_writes_a_csv_that_reads_back(demo_dir, tmp_path):
     pd.testing.assert_series_equal(
         back.table.sort_values("path")["split"].reset_index(drop=True),
         result.dataset.table.sort_values("path")["split"].reset_index(drop=True))
+
+
+def test_oversampling_above_the_largest_class_is_refused(demo_dir, tmp_path):
+    """--oversample-to above the largest class repeats every class: a slip of a few zeros
+    (10^6) ran for minutes, its memory climbing, to write classes x N rows."""
+    ds = read_dataset(demo_dir)
+    with pytest.raises(WingspanError, match="--oversample-to 1000000 is above the largest "
+                       r"class's \d+ training images") as e:
+        split_and_sample(ds, tmp_path, "label", SplitConfig(oversample_to=10**6, seed=1))
+    largest = int(re.search(r"class's (\d+)", e.value.message).group(1))
+    assert f"Use at most {largest}" in e.value.hint
+    assert not (tmp_path / "splits.csv").exists()
+    split_and_sample(ds, tmp_path, "label", SplitConfig(oversample_to=largest, seed=1))
+    counts = read_dataset(tmp_path / "splits.csv").table.query("split == 'train'")["label"]
+    assert set(counts.value_counts()) == {largest}
 
 
 def test_identical_copies_stay_grouped_in_a_split_moved_with_its_data(demo_dir, tmp_path):

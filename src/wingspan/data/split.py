@@ -342,6 +342,19 @@ class SplitResult:
     capped: list[str] = field(default_factory=list)  # the classes whose weight was capped
 
 
+def _check_oversample_to(dataset: Dataset, level: str, target: int) -> None:
+    """Oversampling evens rare classes up to the common ones: above the largest class it
+    repeats every class, and a slip of a few zeros wrote (slowly) a splits.csv of
+    classes x N rows."""
+    largest = int(dataset.table.loc[dataset.table[SPLIT] == "train", level]
+                  .value_counts().max())
+    if target > largest:
+        raise WingspanError(f"--oversample-to {target} is above the largest class's "
+                            f"{largest} training images: every class would be repeated.",
+                            hint=f"Use at most {largest}: the classes below it are repeated "
+                                 "up to it.")
+
+
 def split_and_sample(dataset: Dataset, out_dir: Path, level: str | None = None,
                      config: SplitConfig | None = None) -> SplitResult:
     """Split, then cap / oversample the training classes; write splits.csv and sampling.json.
@@ -367,6 +380,7 @@ def split_and_sample(dataset: Dataset, out_dir: Path, level: str | None = None,
         result, undersampled = undersample(result, level, config.max_per_class, config.seed)
         left_out = sorted(before - set(result.table["path"]))
     if config.oversample_to:
+        _check_oversample_to(result, level, config.oversample_to)
         result, oversampled = oversample(result, level, config.oversample_to, config.seed)
     train_labels = result.table.loc[result.table[SPLIT] == "train", level]
     # As train weighs them by default (so the figures agree), and uncapped beside them.
