@@ -50,6 +50,14 @@ def test_split_command(run_cli, demo_dir, tmp_path, monkeypatch):
     ds = read_dataset(tmp_path / "splits.csv")
     assert set(ds.table["split"]) == {"train", "val", "test"}
     sampling = json.loads((tmp_path / "sampling.json").read_text())
+    # One class: train refuses it, so the split says so rather than how to train on it.
+    one = tmp_path / "one"
+    shutil.copytree(demo_dir / "azure_spotwing", one / "azure_spotwing")
+    code, said, err = run_cli("data", "split", one, "--out", tmp_path / "one-split")
+    said = " ".join(said.split())
+    assert code == 0, err
+    assert "trains one class only, which `wingspan train` refuses" in said
+    assert "Train on this split" not in said
     assert set(sampling["class_weights"]) == set(ds.table["label"])
     # Said when train's default would leave those weights off (5 a class: within 1.5x).
     w = sampling["class_weights"].values()

@@ -103,6 +103,11 @@ def data_split(
                   "DATA` keeps using it; train on the splits.csv written here to use this one.")
     result = split_and_sample(dataset, out_dir or dataset.claim_out_dir(), level, config)
     print_split(result)
+    table = result.dataset.table
+    if table.loc[table["split"] == "train", result.level].nunique() < 2:
+        out.print("[yellow]Warning:[/] the split trains one class only, which `wingspan "
+                  "train` refuses: give images of at least two classes.")
+        return
     # (`train DATA` splits DATA afresh with its own settings: this split is trained on so)
     out.print("Train on this split: `wingspan train "
               f"{plain(shlex.quote(str(result.splits_csv)))}`")
