@@ -166,6 +166,21 @@ def test_weights_that_are_no_keyword_and_no_file_say_what_weights_takes(
     code, _, err = run_cli("train", demo_dir, "--weights", "data", "--backbone",
                            "test_efficientnet", "--runs-dir", tmp_path / "runs", "--quiet")
     assert code == 2 and "--weights data is a folder but not a wingspan run or model" in err
+    # A run without its model yet (training, or stopped) is one: said so, with its last
+    # checkpoint, which --weights takes.
+    (tmp_path / "data" / "config.yaml").write_text("backbone: test_efficientnet\n")
+    (tmp_path / "data" / "splits.csv").write_text("path,label,split\n")
+    code, _, err = run_cli("train", demo_dir, "--weights", "data", "--backbone",
+                           "test_efficientnet", "--runs-dir", tmp_path / "runs", "--quiet")
+    said = " ".join(err.split())
+    assert code == 2 and "--weights data is a run without a model yet" in said, said
+    assert "it has no checkpoint yet" in said
+    (tmp_path / "data" / "checkpoints").mkdir()
+    (tmp_path / "data" / "checkpoints" / "last.pt").write_bytes(b"")
+    code, _, err = run_cli("train", demo_dir, "--weights", "data", "--backbone",
+                           "test_efficientnet", "--runs-dir", tmp_path / "runs", "--quiet")
+    assert "start from its last checkpoint: --weights data/checkpoints/last.pt" in " ".join(
+        err.replace("\n", "").split())
     code, _, err = run_cli("train", demo_dir, "--weights", "atuo", "--backbone",
                            "test_efficientnet", "--runs-dir", tmp_path / "runs", "--quiet")
     assert code == 2 and "Did you mean auto?" in err

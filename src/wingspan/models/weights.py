@@ -205,6 +205,14 @@ def _not_weights(weights: str, path: Path) -> WingspanError:
     data`: a typo, or a word taken for a keyword)."""
     from wingspan.models.bundle import MANIFEST
 
+    if path.is_dir() and (path / "config.yaml").is_file() and (path / "splits.csv").is_file():
+        # A run without its model yet: being trained, stopped, or failed.
+        last = path / "checkpoints" / "last.pt"
+        return WingspanError(
+            f"--weights {weights} is a run without a model yet (being trained, or stopped "
+            "before its end).",
+            hint=(f"Wait for it to finish, or start from its last checkpoint: --weights {last}"
+                  if last.is_file() else "Wait for it to finish (it has no checkpoint yet)."))
     if path.is_dir():
         what = f"is a folder but not a wingspan run or model (no {MANIFEST} in it)"
     else:
