@@ -943,6 +943,27 @@ def test_adapt_refuses_what_it_cannot_do(trained, tmp_path):
     assert not (tmp_path / "e").exists()
 
 
+def test_adapt_says_a_temperature_fitted_on_other_photos_is_not_carried_over(
+        trained, tmp_path, run_cli):
+    """A temperature calibrate fitted on the user's own photos was dropped by adapt for
+    one fitted on val without a word (its calibrated unknown setting was kept)."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run, ignore=shutil.ignore_patterns("evaluation-*"))
+    splits = pd.read_csv(run / "splits.csv")
+    code, _, err = run_cli("calibrate", run, "--split", "test", "--quiet")
+    assert code == 0, err
+    photos = splits[splits.split == "train"].path.head(6).tolist()
+    code, said, err = run_cli("adapt", run, *photos, "--out", tmp_path / "a", "--quiet")
+    assert code == 0, err
+    said = " ".join(said.split())
+    fitted = read_manifest(run / "model")["calibration"]
+    assert (f"The run's temperature {fitted['temperature']:.3f}, fitted on "
+            f"{fitted['fitted_on']}, is for its head as it was") in said, said
+    assert f"wingspan calibrate {tmp_path / 'a'} DATA" in said
+    code, said, err = run_cli("adapt", trained, *photos, "--out", tmp_path / "b", "--quiet")
+    assert code == 0 and "is for its head as it was" not in said  # fitted on val: nothing
+
+
 def test_adapt_warns_when_the_photos_are_the_runs_own_val_images(trained, tmp_path, run_cli,
                                                                  shared_data_or_demo):
     splits = pd.read_csv(trained / "splits.csv")

@@ -313,6 +313,11 @@ def adapt_command(
         f"{plain(c)} {n} -> {a['classes_after'][c]}" for c, n in a["classes_before"].items()))
     out.print(f"On the run's own val images: accuracy {a['val_accuracy_before']:.4f} -> "
               f"{a['val_accuracy']:.4f}, temperature {a['temperature']:.3f}")
+    if own := a["replaced_calibration"]:
+        out.print(f"[yellow]The run's temperature {own['temperature']:.3f}, fitted on "
+                  f"{plain(own['fitted_on'])}, is for its head as it was:[/] the adapted run's "
+                  "is fitted on val. Fit it again on those photos with `wingspan calibrate "
+                  f"{plain(a['out'])} DATA`.")
     if not any(used):
         bar = f" at p >= {confidence}" if confidence else ""
         out.print(f"[yellow]No photo's class was agreed on by the head and its neighbours"

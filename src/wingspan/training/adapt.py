@@ -207,10 +207,22 @@ def _adapt_into(out: Path, predictor: Predictor, run_dir: Path, paths: list[str]
         "val_accuracy_before": val_before,
         "val_accuracy": float(np.mean(answer(softmax(val_logits[fine])) == y_val)),
         "temperature": temperature,
+        # A temperature the user fitted on other photos (`calibrate RUN DATA`) is for the
+        # head as it was: refitted on val here, as training fits it, and said.
+        "replaced_calibration": _own_calibration(predictor.manifest),
     }
     replaced = _write_run(out, run_dir, predictor, summary, calibration, unknown,
                           [paths[i] for i in ok])
     return {**summary, "out": str(out), "replaced": replaced}
+
+
+def _own_calibration(manifest: dict) -> dict | None:
+    """The run's temperature and what it was fitted on, where `calibrate` fitted it on
+    other images than training's val split; else None."""
+    fitted = manifest.get("calibration", {})
+    if fitted.get("fitted_on", "val") == "val":
+        return None
+    return {"temperature": fitted["temperature"], "fitted_on": fitted["fitted_on"]}
 
 
 def _refit_heads(predictor: Predictor, x_train: np.ndarray, labels: dict[str, np.ndarray],
