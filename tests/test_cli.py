@@ -86,6 +86,10 @@ def test_split_command(run_cli, demo_dir, tmp_path, monkeypatch):
     assert code == 2 and "is a file; name a folder to write into" in err
     code, _, err = run_cli("train", demo_dir, "--runs-dir", tmp_path / "splits.csv")
     assert code == 2 and "is a file; name a folder to write into" in err
+    # '-' (standard output, for predict's --output) made a folder named '-'.
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli("data", "inspect", demo_dir, "--out", "-")
+    assert code == 2 and "'-' is no folder" in err and not (tmp_path / "-").exists()
 
 
 def test_preview_command(run_cli, demo_dir, tmp_path):

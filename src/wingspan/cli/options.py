@@ -32,6 +32,9 @@ Level = Annotated[str | None, typer.Option(
 
 
 def check_folder(value: Path | None) -> Path | None:
+    if value is not None and str(value) == "-":  # (standard output is no folder)
+        raise typer.BadParameter(f"'{value}' is no folder: these outputs are files (PNG, "
+                                 "CSV, JSON); name a folder to write them into.")
     if value is not None and value.exists() and not value.is_dir():
         raise typer.BadParameter(f"{value} is a file; name a folder to write into.")
     return value
