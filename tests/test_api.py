@@ -639,8 +639,9 @@ def test_load_a_run_and_a_bundle(run, demo_dir, tmp_path):
     copy = shutil.copytree(run.dir, tmp_path / "copy", ignore=shutil.ignore_patterns(
         "evaluation-*", "cache"))
     (copy / "metrics.json").write_text("{")
-    with pytest.raises(WingspanError, match="metrics.json is damaged: not valid JSON"):
+    with pytest.raises(WingspanError, match="metrics.json is damaged: not valid JSON") as e:
         _ = ws.load(copy).metrics
+    assert "fitted since is then lost" in e.value.hint  # (the resume writes the model too)
     assert len(run.predict((str(image), image), quiet=True)) == 2  # any list of paths
     from wingspan.api import _class_map_arg
 

@@ -695,7 +695,9 @@ class Run:
                 raise WingspanError(
                     f"{self.dir / 'metrics.json'} is damaged: not valid JSON ({e}).",
                     hint=f"`ws.resume({str(self.dir)!r})` writes it again from the run's "
-                         "checkpoints.") from e
+                         "checkpoints, and the model with it: a temperature or unknown "
+                         "answer `calibrate` fitted since is then lost (said, with the "
+                         "command that fits it again).") from e
         return self.manifest.get("metrics", {})
 
     @property
