@@ -123,6 +123,25 @@ def test_hierarchical_evaluation_and_prediction(hierarchical_run, demo_dir, tmp_
     assert [(r["known_level"] or "", r["answer"]) for r in rows] == \
         list(zip(saved["known_level"], saved["answer"], strict=True))
     assert (saved["known_level"] == "genus").any()  # (the tiny model's favourite is merged)
+    # unknown.csv's too, for the same pixels taken as unseen (saved again losslessly, in a
+    # folder of no class's name: copies of known images are refused as unseen).
+    from PIL import Image
+
+    pngs = []
+    for i, path in enumerate(saved["path"]):
+        with Image.open(path) as im:
+            png = tmp_path / "unseen" / f"{i:03d}.png"
+            png.parent.mkdir(exist_ok=True)
+            im.convert("RGB").save(png)
+        pngs.append(str(png))
+    unseen = evaluate(hierarchical_run, split="val", unknown=tmp_path / "unseen",
+                      progress=False, workers=0, plots=False, out=tmp_path / "scored")
+    table = pd.read_csv(unseen.out_dir / "unknown.csv", dtype=str, keep_default_na=False)
+    rows = {r["path"]: (r["known_level"] or "", r["answer"]) for r in predict(
+        Predictor(hierarchical_run, workers=0), pngs, progress=False).rows}
+    assert list(zip(table["known_level"], table["answer"], strict=True)) == \
+        [rows[p] for p in table["path"]]
+    assert (table["known_level"] == "genus").any()
     page = result.report.read_text()
     assert "Per taxonomic level" in page
     assert " &gt; ".join(LEVELS) in page  # the header names every level the run learnt

@@ -527,7 +527,8 @@ def _openset(predictor: Predictor, unknown, paths: list[str], known: list, y: np
             lv: sum(p.known_level == lv for p in unseen) for lv in predictor.model.levels}
     # The unseen images that got a class (at some level), surest first: what a user of the
     # model would have been told wrongly.
-    answers = [_named(predictor, p) for p in unseen]
+    said = [_answered(predictor, p) for p in unseen]  # (level, answer): predict's
+    answers = [answer for _, answer in said]
     named = sorted((i for i, p in enumerate(unseen) if p.known_level is not None),
                    key=lambda i: u[i])
     result["unseen_named"] = [{"path": unseen[i].path, "answer": answers[i],
@@ -539,7 +540,7 @@ def _openset(predictor: Predictor, unknown, paths: list[str], known: list, y: np
         "path": [p.path for p in unseen], **deciding.to_dict("list"),
         **({f"{level}_score": u} if predictor.taxonomy else {}),
         "answer": answers,
-        "known_level": [p.known_level or "" for p in unseen],
+        "known_level": [level or "" for level, _ in said],
         "closest_class": [predictor.classes[c] for c in u_pred]}),
         out_dir / "unknown.csv", index=False)
     if draw:
@@ -568,11 +569,6 @@ def _predicted(predictor: Predictor, probs: np.ndarray, temperature: float) -> n
     if predictor.taxonomy is None:
         return probs.argmax(1)
     return predictor.taxonomy.answer(probs, temperature=temperature)
-
-
-def _named(predictor: Predictor, p) -> str:
-    """What predict answers for `p`."""
-    return _answered(predictor, p)[1]
 
 
 def _said_otherwise(predictor: Predictor, p) -> str | None:
