@@ -222,8 +222,18 @@ def test_a_stopped_run_says_after_which_epoch_and_plainly_without_its_history(ru
     history = pd.read_csv(stopped / "history.csv")
     history.iloc[:2].to_csv(stopped / "history.csv", index=False)  # killed in head epoch 3
     first = history.iloc[1]
+    last = stopped / "checkpoints" / "last.pt"
+    os.utime(last)  # checkpointed after that epoch
     assert _status(runs_dir, "stopped") == (
         "stopped (resumable)", f"after {first['stage']} epoch {first['epoch']}")
+    # The head stage checkpoints every few minutes: history.csv may be ahead of last.pt.
+    os.utime(last, (1, 1))
+    assert _status(runs_dir, "stopped")[1].endswith("; resumes from an earlier checkpoint")
+    saved = last.read_bytes()
+    last.unlink()
+    assert _status(runs_dir, "stopped")[1].endswith("; no checkpoint yet: resumes from the "
+                                                    "start")
+    last.write_bytes(saved)
     for damage in (lambda p: p.unlink(), lambda p: p.write_text(""),
                    lambda p: p.write_text("stage,epoch\n"),  # before its first epoch
                    lambda p: p.write_bytes(b"\xff\xfe,\x00\n\"a"),

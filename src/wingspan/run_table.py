@@ -226,7 +226,15 @@ def _stopped_after(run_dir: Path) -> str | None:
         return None
     if stage not in ("head", "finetune") or epoch < 1:
         return None
-    return f"after {stage} epoch {epoch}"
+    # The head stage checkpoints every few minutes, not every epoch: a resume may take up
+    # from before the last epoch history.csv holds.
+    last = run_dir / "checkpoints" / "last.pt"
+    try:
+        behind = last.stat().st_mtime < (run_dir / HISTORY_FILE).stat().st_mtime
+    except OSError:
+        return f"after {stage} epoch {epoch}; no checkpoint yet: resumes from the start"
+    return f"after {stage} epoch {epoch}" + ("; resumes from an earlier checkpoint"
+                                             if behind else "")
 
 
 def _held_out_figure(run_dir: Path, split: str) -> tuple[float | None, bool]:
