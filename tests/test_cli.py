@@ -177,8 +177,8 @@ def test_weights_that_are_no_keyword_and_no_file_say_what_weights_takes(
     code, _, err = run_cli("train", demo_dir, "--weights", "data", "--backbone",
                            "test_efficientnet", "--runs-dir", tmp_path / "runs", "--quiet")
     said = " ".join(err.split())
-    assert code == 2 and "--weights data is a run without a model yet" in said, said
-    assert "it has no checkpoint yet" in said
+    assert code == 2 and "--weights data is a run without a model yet (stopped" in said, said
+    assert "Finish it with `wingspan train --resume data` (it has no checkpoint yet)" in said
     (tmp_path / "data" / "checkpoints").mkdir()
     (tmp_path / "data" / "checkpoints" / "last.pt").write_bytes(b"")
     code, _, err = run_cli("train", demo_dir, "--weights", "data", "--backbone",

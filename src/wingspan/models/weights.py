@@ -206,13 +206,18 @@ def _not_weights(weights: str, path: Path) -> WingspanError:
     from wingspan.models.bundle import MANIFEST
 
     if path.is_dir() and (path / "config.yaml").is_file() and (path / "splits.csv").is_file():
-        # A run without its model yet: being trained, stopped, or failed.
+        # A run without its model yet: being trained, or stopped (or failed) before its end.
+        from wingspan.training.folder import being_trained
+
         last = path / "checkpoints" / "last.pt"
+        training = being_trained(path)
+        finish = ("Wait for it to finish" if training else
+                  f"Finish it with `wingspan train --resume {weights}`")
         return WingspanError(
-            f"--weights {weights} is a run without a model yet (being trained, or stopped "
-            "before its end).",
-            hint=(f"Wait for it to finish, or start from its last checkpoint: --weights {last}"
-                  if last.is_file() else "Wait for it to finish (it has no checkpoint yet)."))
+            f"--weights {weights} is a run without a model yet "
+            + ("(being trained now)." if training else "(stopped before its end)."),
+            hint=f"{finish}, or start from its last checkpoint: --weights {last}"
+            if last.is_file() else f"{finish} (it has no checkpoint yet).")
     if path.is_dir():
         what = f"is a folder but not a wingspan run or model (no {MANIFEST} in it)"
     else:
