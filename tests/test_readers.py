@@ -927,7 +927,7 @@ def test_an_empty_path_is_not_the_current_folder(tmp_path, monkeypatch):
     for empty in ("", " "):
         found, skipped = expand_paths([empty, "here.jpg"])
         assert found == ["here.jpg"]
-        assert skipped[0][0] == empty and "an empty path" in skipped[0][1]
+        assert skipped[0][0] == repr(empty) and "an empty path" in skipped[0][1]
 
 
 def test_a_recursive_glob_gives_each_image_once_and_passes_over_what_a_folder_would(tmp_path):

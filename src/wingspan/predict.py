@@ -64,8 +64,8 @@ def expand_paths(inputs: list[str], places: list[int] | None = None
 
     for item in inputs:
         if not item.strip():  # an unset variable ("$PHOTOS"): Path('') is '.', searched whole
-            skip((item, "an empty path (an unset shell variable?); give the folder as '.'"),
-                 len(found))
+            skip((repr(item), "an empty path (an unset shell variable?); give the folder "
+                  "as '.'"), len(found))
         elif any(c in item for c in "*?[") and not Path(item).exists():  # img[1].jpg: a file
             matches = sorted(glob.glob(item, recursive=True))
             matched = 0  # images the pattern matches, found before or not
