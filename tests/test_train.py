@@ -218,20 +218,23 @@ def test_the_head_stage_checkpoints_when_due_and_keeps_the_same_best(demo_dir, t
     monkeypatch.setattr(context, "save_checkpoint",
                         lambda path, payload: written.append(path.name) or save(path, payload))
     best = {}
-    for minutes in (0, 5):
+    for minutes, cache in ((0, True), (5, True), (5, False)):
         written.clear()
-        run = _prepared_run(demo_dir, tmp_path / str(minutes), epochs_head=6,
-                            epochs_finetune=0, checkpoint_minutes=minutes, patience=10)
+        run = _prepared_run(demo_dir, tmp_path / f"{minutes}{cache}", epochs_head=6,
+                            epochs_finetune=0, checkpoint_minutes=minutes, patience=10,
+                            feature_cache=cache)
         train_head(run)
-        best[minutes] = load_checkpoint(run.checkpoints / "best.pt")
-        assert best[minutes]["epoch"] == run.state.best_epoch > 1
+        best[minutes, cache] = load_checkpoint(run.checkpoints / "best.pt")
+        assert best[minutes, cache]["epoch"] == run.state.best_epoch > 1
         assert load_checkpoint(run.checkpoints / "last.pt")["state"]["epoch"] == 6
         saves = written.count("last.pt")
-        assert saves == 6 if minutes == 0 else (saves, written.count("best.pt")) == (1, 1)
-    assert best[0]["epoch"] == best[5]["epoch"]
-    assert best[0]["model"].keys() == best[5]["model"].keys()
-    for k, v in best[0]["model"].items():
-        assert torch.equal(v, best[5]["model"][k]), k
+        # (without the cache an epoch runs the backbone on every image: each one saved)
+        assert saves == 6 if minutes == 0 or not cache else \
+            (saves, written.count("best.pt")) == (1, 1)
+    every, when_due = best[0, True], best[5, True]
+    assert every["epoch"] == when_due["epoch"] and every["model"].keys() == when_due["model"].keys()
+    for k, v in every["model"].items():
+        assert torch.equal(v, when_due["model"][k]), k
 
 
 def test_fine_tuning_with_no_stage_unfrozen_trains_the_head_alone_and_says_so(demo_dir,

@@ -439,7 +439,8 @@ def train_head(run: Run) -> None:
         val = (evaluate_features(run, val_feats, run.data.val.labels) if cached
                else evaluate_images(run, run.data.val))
         run.timing("head", "eval", time.perf_counter() - t0)
-        saved = _checkpoint_due(run, last_save, 0)
+        # (without the cache an epoch runs the backbone on every image: checkpointed each)
+        saved = not cached or _checkpoint_due(run, last_save, 0)
         _end_epoch(run, "head", epoch, loss_sum / len(seen_idx), labels[seen_idx, -1],
                    torch.cat(preds), val, optimizer, len(seen_idx), time.perf_counter() - start,
                    checkpoint=saved)
