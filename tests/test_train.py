@@ -237,6 +237,23 @@ def test_the_head_stage_checkpoints_when_due_and_keeps_the_same_best(demo_dir, t
         assert torch.equal(v, when_due["model"][k]), k
 
 
+def test_an_optimizer_state_of_other_parameter_groups_starts_afresh(demo_dir, tmp_path):
+    """A checkpoint from a version that grouped the parameters otherwise (a ViT's position
+    embedding now out of weight decay: one group more) stopped the resume at torch's
+    ValueError; the weights and schedule are what count, and the optimizer starts afresh."""
+    from wingspan.training.schedule import make_optimizer
+
+    run = _prepared_run(demo_dir, tmp_path, epochs_head=0, epochs_finetune=1, unfreeze=1)
+    other = torch.optim.AdamW(run.model.head.parameters())  # one group: make_optimizer's two
+    run.resume_from = {"optimizer": other.state_dict()}
+    optimizer = make_optimizer(run.model.head, 1e-3, 0.01)
+    before = optimizer.state_dict()["param_groups"]
+    run.restore_optimizer(optimizer)
+    assert optimizer.state_dict()["param_groups"] == before and run.resume_from is None
+    log = (run.dir / "train.log").read_text()
+    assert "does not fit this version's parameter groups" in log and "starts afresh" in log
+
+
 def test_fine_tuning_with_no_stage_unfrozen_trains_the_head_alone_and_says_so(demo_dir,
                                                                               tmp_path):
     run = _prepared_run(demo_dir, tmp_path, epochs_head=0, epochs_finetune=1, unfreeze=0)

@@ -16,7 +16,7 @@ from rich.console import Console
 
 from wingspan.config import TrainConfig
 from wingspan.data.taxonomy import Taxonomy
-from wingspan.errors import WingspanError
+from wingspan.errors import WingspanError, first_line
 from wingspan.files import atomic_path, write_text
 from wingspan.models.classifier import Classifier
 from wingspan.models.policy import Policy
@@ -230,7 +230,12 @@ class Run:
         """On resume, continue the optimizer where the checkpoint left it (the schedule
         follows from the epoch and step)."""
         if self.resume_from and self.resume_from.get("optimizer"):
-            optimizer.load_state_dict(self.resume_from["optimizer"])
+            try:
+                optimizer.load_state_dict(self.resume_from["optimizer"])
+            except ValueError as e:  # its parameter groups differ: another version's
+                self.log(f"The optimizer's state in the checkpoint does not fit this "
+                         f"version's parameter groups ({first_line(e)}): it starts afresh, "
+                         "the weights and schedule as saved.", caveat=True)
             if self.resume_from.get("precision"):
                 self.fabric.strategy.precision.load_state_dict(self.resume_from["precision"])
         self.resume_from = None
