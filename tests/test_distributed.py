@@ -237,6 +237,21 @@ def test_data_workers_share_the_cores_this_process_may_use(monkeypatch):
     cores = set(range(4))
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: cores, raising=False)
     assert default_workers() == 3 and default_workers(2) == 1 and default_workers(4) == 0
+    # Off the main thread (a web app's or a thread pool's predict), images are read in
+    # the calling process: a worker forked while another thread held torch's locks hung
+    # for good. So too in a daemonic process (a multiprocessing.Pool's), which may not
+    # start any.
+    import multiprocessing
+    import threading
+
+    from_thread = []
+    thread = threading.Thread(target=lambda: from_thread.append(default_workers()))
+    thread.start()
+    thread.join()
+    assert from_thread == [0] and default_workers() == 3
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(multiprocessing.current_process(), "daemon", True, raising=False)
+        assert default_workers() == 0
     cores = set(range(64))  # a big machine: capped
     assert default_workers() == MAX_WORKERS and default_workers(8) == 7
 

@@ -7,7 +7,9 @@ whether or not it was interrupted and resumed.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
@@ -219,7 +221,15 @@ def default_workers(processes: int = 1) -> int:
     may allow fewer than the machine has) shared by its `processes`, less one for the
     process itself, at most MAX_WORKERS. On 2 cores one worker keeps decoding off the main
     thread; a fast GPU needs all it can get (on a 16-core H200 machine, 8 workers left
-    Lite2's fine-tuning waiting for augmented images)."""
+    Lite2's fine-tuning waiting for augmented images).
+
+    0 (images read in this process) when called off the main thread or in a daemonic
+    process: a worker forked while another thread holds torch's locks hangs for good (a
+    FastAPI app's predict calls, a thread pool's), and a daemonic process (a
+    multiprocessing.Pool's) may not start any."""
+    if threading.current_thread() is not threading.main_thread() or \
+            multiprocessing.current_process().daemon:
+        return 0
     return max(0, min(MAX_WORKERS, _usable_cores() // processes - 1))
 
 
