@@ -330,13 +330,14 @@ def test_a_resumed_run_computes_the_features_of_an_edited_image_again(demo_dir, 
     # A resume in fine-tuning never reads the cache, but the final pass took the best head's
     # features from it for the temperature and the unknown score: an image edited since
     # kept its old ones there.
-    from wingspan.training.run import _cached
+    from wingspan.training.run import _cached_features
 
-    cache = again.dir / "cache" / "features.safetensors"
-    assert _cached(again, cache, "train", len(again.data.train)) is not None
+    again.state.best_stage = "head"  # (the best model a head on the frozen backbone)
+    assert _cached_features(again) is not None
     write_image(Path(run.data.train.paths[1]), size=(64, 48), seed=8, fmt=fmt)
     resumed = _prepared_run(data, tmp_path, feature_views=0)
-    assert _cached(resumed, cache, "train", len(resumed.data.train)) is None
+    resumed.state.best_stage = "head"
+    assert _cached_features(resumed) is None
 
 
 def test_class_weights_change_the_loss_as_computed_by_hand(demo_dir, tmp_path):

@@ -848,10 +848,11 @@ def _write_results(run: Run) -> None:
     training["rare_classes"] = run.data.rare
     training["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     run.model.eval()
-    val = _final_outputs(run, "val")
+    cached = _cached_features(run)  # (read and checked once, for both splits)
+    val = _final_outputs(run, "val", cached)
     calibration = _fit_calibration(run, val)
     metrics["calibration"] = calibration
-    unknown = _fit_unknown(run, val, calibration["temperature"])
+    unknown = _fit_unknown(run, val, calibration["temperature"], cached)
     save_bundle(run.model.cpu(), run.dir / "model", run.data.level_classes, taxonomy=taxonomy,
                 training=training, metrics=metrics, weights_source=run.weights_source,
                 calibration=calibration, unknown=unknown)
@@ -906,16 +907,14 @@ def _test_images_gone(run: Run) -> int:
 
 
 @torch.inference_mode()
-def _final_outputs(run: Run, split: str) -> tuple[torch.Tensor, dict[str, torch.Tensor],
-                                                  torch.Tensor]:
+def _final_outputs(run: Run, split: str, cached: dict[str, torch.Tensor] | None
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """The best model's pooled features, logits per level and labels (N, levels) of the
-    readable images of `train` (clean views) or `val`. From the feature cache when the
-    best model is a head on the frozen backbone; else one pass with the final weights."""
+    readable images of `train` (clean views) or `val`. From the feature cache (`cached`,
+    see _cached_features) where it holds them; else one pass with the final weights."""
     images = run.data.train_clean if split == "train" else run.data.val
-    cache = run.dir / "cache" / "features.safetensors"
     read = run.readable(images)
-    head_only = run.state.best_stage == "head" and cache.is_file()  # the backbone never moved
-    feats = _cached(run, cache, split, len(images)) if head_only else None
+    feats = cached[split] if cached is not None else None
     if feats is not None:
         feats = (feats[:, 0] if split == "train" else feats)[read]
         labels = images.labels[read]
@@ -936,21 +935,25 @@ def _final_outputs(run: Run, split: str) -> tuple[torch.Tensor, dict[str, torch.
     return feats.float(), logits, labels
 
 
-def _cached(run: Run, cache: Path, split: str, images: int) -> torch.Tensor | None:
-    """A split's features from the head stage's cache, or None (then computed again) where
-    the file is damaged (as stage 1 takes it) or holds another number of images."""
+def _cached_features(run: Run) -> dict[str, torch.Tensor] | None:
+    """The head stage's cached features of train and val, where the best model is a head
+    on the frozen backbone (which never moved) and the cache holds these very images;
+    else None (computed again): the file damaged (as stage 1 takes it), of other images,
+    or an image edited while the run was stopped and resumed in fine-tuning, which never
+    looks at the cache (its old features would fit the temperature and unknown score)."""
+    cache = run.dir / "cache" / "features.safetensors"
+    if run.state.best_stage != "head" or not cache.is_file():
+        return None
     try:
         saved = load_file(cache)
-        feats = saved[split]
+        sizes = len(saved["train"]), len(saved["val"])
     except Exception as e:  # noqa: BLE001 - safetensors raises many types for a bad file
         run.log(f"The feature cache {cache} cannot be read ({type(e).__name__}); computing "
-                f"the final {split} features again")
+                "the final features again")
         return None
-    # An image edited while the run was stopped, resumed in fine-tuning (which never looks
-    # at the cache): its old features would fit the temperature and the unknown score.
     now = image_stamps(run.data.train.paths + run.data.val.paths)
-    return (feats if len(feats) == images and same_images(run, saved.get("stamps"), now)
-            else None)
+    same = sizes == (len(run.data.train_clean), len(run.data.val))
+    return saved if same and same_images(run, saved.get("stamps"), now) else None
 
 
 def _final_pass(run: Run):
@@ -991,10 +994,11 @@ def _fit_calibration(run: Run, val: tuple) -> dict:
     return record
 
 
-def _fit_unknown(run: Run, val: tuple, temperature: float) -> UnknownDetector:
+def _fit_unknown(run: Run, val: tuple, temperature: float,
+                 cached: dict[str, torch.Tensor] | None) -> UnknownDetector:
     """Every unknown score, fitted on the training images' features with the best model,
     and thresholded on val (see wingspan.models.unknown)."""
-    feats, logits, labels = _final_outputs(run, "train")
+    feats, logits, labels = _final_outputs(run, "train", cached)
     levels = run.data.levels
     rate, n = run.config.unknown_rate, len(val[0])
     # On few val images the threshold's rate on new known images is well over `rate`,
