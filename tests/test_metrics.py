@@ -1,4 +1,5 @@
 import json
+import os
 import warnings
 
 import numpy as np
@@ -324,6 +325,34 @@ def test_class_names_with_dollars_are_drawn_as_written(tmp_path, monkeypatch):
     plot_class_balance(pd.Series([5, 4, 3], index=names), "label", tmp_path / "b.png")
     assert save_overlay(np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8)), names[0], None)
     assert matplotlib.rcParams["text.parse_math"]
+
+
+def test_drawing_leaves_the_users_backend_and_figures_alone(tmp_path):
+    """Importing wingspan chose the Agg backend for the whole process: a script's own
+    `plt.show()` windows stopped opening, and its plots went nowhere. Drawing now neither
+    changes the backend nor adds to, or closes, the user's pyplot figures."""
+    import subprocess
+    import sys
+
+    script = f"""
+import matplotlib
+matplotlib.use("svg")
+import matplotlib.pyplot as plt
+mine = plt.figure()
+from pathlib import Path
+import numpy as np, pandas as pd, wingspan, wingspan.explain
+from wingspan.data.plots import plot_class_balance
+from wingspan.evaluate import plots
+plots.plot_confusion(np.eye(3, dtype=int), list("abc"), Path(r"{tmp_path}") / "cm.png")
+plot_class_balance(pd.Series([3, 2], index=["a", "b"]), "label", Path(r"{tmp_path}") / "b.png")
+print(matplotlib.get_backend(), plt.get_fignums(), plt.fignum_exists(mine.number))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["svg", "[1]", "True"]
+    assert (tmp_path / "cm.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_long_class_names_leave_the_confusion_matrix_its_room(tmp_path, monkeypatch):

@@ -163,14 +163,14 @@ def test_preview_cuts_a_long_class_name_in_the_middle(demo_dir, tmp_path, monkey
     long = "Coenonympha gardetta darwiniana from the southern alps, series 17"
     shutil.copytree(next(p for p in demo_dir.iterdir() if p.is_dir()), tmp_path / "d" / long)
     labels = []
-    real = preview.plt.subplots
+    real = preview.subplots
 
     def spy(*args, **kwargs):
         fig, axes = real(*args, **kwargs)
         labels.append(axes)
         return fig, axes
 
-    monkeypatch.setattr(preview.plt, "subplots", spy)
+    monkeypatch.setattr(preview, "subplots", spy)
     write_preview(read_dataset(tmp_path / "d"), tmp_path / "p.png", AugmentConfig(image_size=32),
                   rows=1, augmented=1)
     shown = labels[0][0][0].get_ylabel()

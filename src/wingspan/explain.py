@@ -219,16 +219,15 @@ def save_overlay(pixels: np.ndarray, heatmap: np.ndarray, title: str,
 
 def _overlay(pixels: np.ndarray, heatmap: np.ndarray, title: str, path: Path | None
              ) -> bytes | None:
-    from wingspan.plotting import plt
+    from wingspan.plotting import subplots
 
-    fig, ax = plt.subplots(figsize=(4, 4.3), dpi=100)
+    fig, ax = subplots(figsize=(4, 4.3), dpi=100)
     ax.imshow(pixels)
     ax.imshow(heatmap, cmap="jet", alpha=0.45, vmin=0, vmax=1)
     ax.set_title(title, fontsize=11)
     ax.axis("off")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", bbox_inches="tight")
-    plt.close(fig)
     if path is None:
         return buffer.getvalue()
     with atomic_path(path) as tmp:

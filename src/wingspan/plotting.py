@@ -1,19 +1,15 @@
-"""pyplot for drawing into files: the Agg backend (no display needed), unless a backend
-was chosen in MPLBACKEND. A Jupyter kernel sets its inline backend there, and switching
-it to Agg would stop the user's own figures from showing in the notebook."""
+"""Figures drawn straight into files, with matplotlib's Figure rather than pyplot: pyplot
+needs a backend, and choosing one here (Agg) switched off a script's or notebook's own
+windows and inline figures as soon as wingspan was imported. A Figure made on its own has
+no backend and no place in pyplot's list of open figures, so nothing is left to close."""
 
-import os
 import threading
 from contextlib import contextmanager
 
 import matplotlib
+from matplotlib.figure import Figure
 
-if not os.environ.get("MPLBACKEND"):
-    matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-
-__all__ = ["literal_text", "plt", "short_name"]
+__all__ = ["colormap", "literal_text", "short_name", "subplots"]
 
 # Class names are the user's folder names, and matplotlib reads "$...$" in any text as
 # mathematics: "$\foo$" stopped `data inspect` and `evaluate` with a parse error, and "price
@@ -38,3 +34,14 @@ def short_name(name: str, most: int = 34) -> str:
         return name
     keep = most - 1
     return f"{name[:keep - keep // 2]}…{name[-(keep // 2):]}"
+
+
+def subplots(*grid, figsize: tuple[float, float] | None = None, dpi: float | None = None,
+             **options):
+    """(figure, axes) as `pyplot.subplots` gives them, without pyplot (see above)."""
+    fig = Figure(figsize=figsize, dpi=dpi)
+    return fig, fig.subplots(*grid, **options)
+
+
+def colormap(name: str):
+    return matplotlib.colormaps[name]

@@ -8,7 +8,7 @@ import pandas as pd
 from matplotlib import ticker
 
 from wingspan.files import atomic_path
-from wingspan.plotting import literal_text, plt
+from wingspan.plotting import literal_text, subplots
 
 
 @literal_text()
@@ -22,7 +22,7 @@ def plot_class_balance(counts: pd.Series, level: str, path: Path, many: int = 40
     counts = counts.sort_values(ascending=False)
     n = len(counts)
     if n <= many:
-        fig, ax = plt.subplots(figsize=(8, 1.2 + 0.32 * n))
+        fig, ax = subplots(figsize=(8, 1.2 + 0.32 * n))
         ax.barh(range(n), counts.to_numpy(), color="#4c72b0")
         ax.set_yticks(range(n), [str(c) for c in counts.index], fontsize=8)
         ax.invert_yaxis()
@@ -31,7 +31,7 @@ def plot_class_balance(counts: pd.Series, level: str, path: Path, many: int = 40
         ax.set_xlabel("images")
         ax.margins(x=0.12)
     else:
-        fig, ax = plt.subplots(figsize=(9, 5))
+        fig, ax = subplots(figsize=(9, 5))
         ranks = range(1, n + 1)
         ax.fill_between(ranks, counts.to_numpy(), step="mid", alpha=0.35, color="#4c72b0")
         ax.step(ranks, counts.to_numpy(), where="mid", color="#4c72b0")
@@ -59,5 +59,4 @@ def plot_class_balance(counts: pd.Series, level: str, path: Path, many: int = 40
     # (renamed into place: a kill while drawing left an empty plot beside the old summary)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110)
-    plt.close(fig)
     return path

@@ -13,7 +13,7 @@ from wingspan.data.images import open_rgb
 from wingspan.data.samples import PATH, Dataset
 from wingspan.data.transforms import eval_transform, train_transform
 from wingspan.errors import WingspanError
-from wingspan.plotting import literal_text, plt, short_name
+from wingspan.plotting import literal_text, short_name, subplots
 
 
 @literal_text()
@@ -64,8 +64,8 @@ def write_preview(dataset: Dataset, out: Path, config: AugmentConfig | None = No
 
 def _draw(picks, clean, augment, augmented: int, config: AugmentConfig, out: Path) -> Path:
     cols = augmented + 1
-    fig, axes = plt.subplots(len(picks), cols, figsize=(1.6 * cols, 1.7 * len(picks)),
-                             squeeze=False)
+    fig, axes = subplots(len(picks), cols, figsize=(1.6 * cols, 1.7 * len(picks)),
+                         squeeze=False)
     for r, (label, image) in enumerate(picks):
         views = [clean(image)] + [augment(image) for _ in range(augmented)]
         for c, view in enumerate(views):
@@ -82,7 +82,6 @@ def _draw(picks, clean, augment, augmented: int, config: AugmentConfig, out: Pat
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
-    plt.close(fig)
     return out
 
 

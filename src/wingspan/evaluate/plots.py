@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from wingspan.data.images import open_rgb
-from wingspan.plotting import literal_text, plt, short_name
+from wingspan.plotting import colormap, literal_text, short_name, subplots
 
 ANNOTATED = 30  # up to this many classes the confusion matrix writes counts in its cells
 LABELLED = 60  # ... and names its classes; above it the matrix drops its labels
@@ -18,7 +18,6 @@ def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -38,7 +37,7 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> Path:
         # Room for the names besides the cells: 2.5 in holds about 16 characters.
         room = max(0.0, 0.06 * (max(map(len, names), default=0) - 16))
         side = (2.5 + 0.45 * n if n <= ANNOTATED else 12) + room
-        fig, ax = plt.subplots(figsize=(side, side - 0.5))
+        fig, ax = subplots(figsize=(side, side - 0.5))
         im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
         for t in range(n if n <= ANNOTATED else 0):
             for p in range(n):
@@ -57,7 +56,7 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> Path:
         by_size = len(set(counts[~empty].tolist())) > 1
         order = np.argsort(-counts, kind="stable") if by_size else np.arange(n)
         order = order[~empty[order]]
-        fig, ax = plt.subplots(figsize=(9, 8))
+        fig, ax = subplots(figsize=(9, 8))
         im = ax.imshow(norm[np.ix_(order, order)], cmap="Blues", vmin=0, vmax=1,
                        interpolation="nearest")
         ax.set_xticks([])
@@ -86,7 +85,7 @@ def plot_curves(history: pd.DataFrame, path: Path, kept: dict | None = None) -> 
         rows = np.flatnonzero((h["stage"] == kept.get("stage")).to_numpy()
                               & (h["epoch"] == kept.get("epoch")).to_numpy())
         at = int(rows[0]) + 1 if len(rows) else None
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = subplots(1, 3, figsize=(13, 3.6))
     for ax, metric in zip(axes, ["loss", "acc", "macro_f1"], strict=True):
         ax.plot(x, h[f"train_{metric}"], "o-", ms=3, label="train")
         ax.plot(x, h[f"val_{metric}"], "s--", ms=3, label="val")  # (not told by colour alone)
@@ -125,7 +124,7 @@ def _side_by_side(pixels: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) 
         heatmap = np.asarray(PILImage.fromarray(heatmap.astype(np.float32)).resize(
             pixels.shape[1::-1], PILImage.BILINEAR))
     image = pixels.astype(np.float32) / (255.0 if pixels.dtype == np.uint8 else 1.0)
-    heat = plt.get_cmap("jet")(np.clip(heatmap, 0, 1))[..., :3]
+    heat = colormap("jet")(np.clip(heatmap, 0, 1))[..., :3]
     gap = np.ones((image.shape[0], max(2, image.shape[1] // 40), 3))
     both = np.concatenate([image, gap, (1 - alpha) * image + alpha * heat], axis=1)
     return np.clip(both, 0.0, 1.0)  # (float rounding may pass 1: imshow would warn)
@@ -140,7 +139,7 @@ def plot_mistakes(mistakes: list[dict], path: Path, columns: int = 4) -> Path:
     n = max(1, len(mistakes))
     columns = min(columns, n)
     rows = -(-n // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 2.4 * rows), squeeze=False)
+    fig, axes = subplots(rows, columns, figsize=(3.4 * columns, 2.4 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, m in zip(axes.flat, mistakes, strict=False):
@@ -162,7 +161,7 @@ def plot_mistakes(mistakes: list[dict], path: Path, columns: int = 4) -> Path:
 @literal_text()
 def plot_reliability(before: dict, after: dict, ece: tuple[float, float], path: Path) -> Path:
     """Accuracy against confidence per bin; a calibrated model follows the diagonal."""
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4), sharey=True)
+    fig, axes = subplots(1, 2, figsize=(9, 4), sharey=True)
     for ax, rel, title, e in zip(axes, (before, after), ("before", "after temperature scaling"),
                                  ece, strict=True):
         centers = (rel["edges"][:-1] + rel["edges"][1:]) / 2
@@ -187,7 +186,7 @@ def plot_unknown_scores(known: np.ndarray, unknown: np.ndarray, threshold: float
                         score: str, path: Path) -> Path:
     """The unknown score of known-class images against images of classes never seen, with
     the threshold: what lies right of it is answered "unknown"."""
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig, ax = subplots(figsize=(7, 3.6))
     both = np.concatenate([known, unknown])
     lo, hi = np.quantile(both, [0.0, 0.995])
     hi = hi if hi > lo else lo + 1
