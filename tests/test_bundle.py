@@ -34,6 +34,18 @@ def test_round_trip_gives_identical_outputs(model, tmp_path, name):
     assert not loaded.training
 
 
+def test_loading_a_bundle_leaves_the_callers_random_stream_alone(model, tmp_path):
+    """The model was built with random weights before the bundle's replaced them, which
+    drew from torch's global generator: a seeded script's numbers changed depending on
+    whether (and how often) it loaded a model."""
+    path = save_bundle(model, tmp_path / "b", CLASSES)
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    load_bundle(path)
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_tampered_weights_are_refused(model, tmp_path):
     path = save_bundle(model, tmp_path / "b", CLASSES)
     data = bytearray((path / WEIGHTS).read_bytes())

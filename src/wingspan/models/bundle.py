@@ -212,7 +212,10 @@ def load_bundle(path: str | Path, with_unknown: bool = False):
             "its predictions would be named or prepared wrongly.",
             hint=DAMAGED_HINT)
     try:
-        model = Classifier(**manifest["model"])
+        # (its random first weights are replaced below: drawn from a generator of their
+        # own, so that loading a model leaves a seeded caller's numbers as they were)
+        with torch.random.fork_rng(devices=[]):
+            model = Classifier(**manifest["model"])
     except WingspanError as e:
         raise WingspanError(f"The bundle's backbone cannot be built: {e.message}",
                             hint=e.hint) from e
