@@ -360,6 +360,70 @@ def test_large_images_take_turns_to_decode_and_a_small_one_passes_them(run_dir, 
         assert done["small"] < done["large"] - 0.5  # not queued behind the large ones
 
 
+def _concurrency_spy(monkeypatch, seconds: float) -> list[int]:
+    """serve's decoding made slow, counting how many run at once: [now, most]."""
+    import threading
+
+    import wingspan.serve
+
+    decode, lock, counts = wingspan.serve._decode, threading.Lock(), [0, 0]
+
+    def slow_decode(name, data, draft=None):
+        with lock:
+            counts[0] += 1
+            counts[1] = max(counts[1], counts[0])
+        time.sleep(seconds)
+        with lock:
+            counts[0] -= 1
+        return decode(name, data, draft)
+
+    monkeypatch.setattr(wingspan.serve, "_decode", slow_decode)
+    return counts
+
+
+def test_a_timed_out_prediction_keeps_its_place_and_pixels_until_its_decoding_ends(
+        run_dir, monkeypatch):
+    """A /predict answered 504 gave back its place in flight and its pixels while its
+    images were still decoding on their threads: /health said 0 in flight, and the next
+    requests' decodes piled up past the pool (6 of 49 MP at once in a pool of 2)."""
+    counts = _concurrency_spy(monkeypatch, 1.0)
+    photo = [("files", ("a.jpg", _jpeg(), "image/jpeg"))]  # 60 x 40: a pool of one
+    app = create_app(run_dir, ServeLimits(timeout_s=0.3, decode_pixels=60 * 40), device="cpu")
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t",
+                                     timeout=60) as c:
+            start = time.perf_counter()
+            first = await c.post("/predict", files=photo)
+            answered = time.perf_counter() - start
+            during = (await c.get("/health")).json()["in_flight"]
+            second = await c.post("/predict", files=photo)  # waits for the pixels: 504
+            await asyncio.sleep(2.0)
+            return first, answered, during, second, (await c.get("/health")).json()
+
+    first, answered, during, second, after = asyncio.run(go())
+    assert first.status_code == second.status_code == 504
+    assert answered < 0.9  # at its time limit, not when the decoding ends
+    assert during == 1 and after["in_flight"] == 0
+    assert counts[1] == 1  # the second never decoded beside the first
+
+
+def test_uploads_are_held_in_memory_a_few_at_a_time(run_dir, monkeypatch):
+    """Every file of a request was read into memory at once, whatever its pixels: a small
+    JPEG padded to 20 MB is a valid upload, and 4 requests of 32 held 1.8 GB. Uploads are
+    now read in turn within a budget of bytes (ServeLimits.read_files of the largest)."""
+    counts = _concurrency_spy(monkeypatch, 0.2)
+    padded = _jpeg() + bytes(50_000)  # (bytes after the image's end are ignored)
+    app = create_app(run_dir, ServeLimits(max_bytes=len(padded) + 10, read_files=1),
+                     device="cpu")
+    r = TestClient(app).post("/predict", files=[
+        ("files", (f"{i}.jpg", padded, "image/jpeg")) for i in range(3)])
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 3
+    assert all("answer" in p for p in r.json()["predictions"])
+    assert counts[1] == 1
+
+
 def test_an_image_over_the_budget_is_refused_without_waiting_for_the_whole_pool(
         run_dir, monkeypatch):
     """A 400 MP PNG claimed the whole pool (its header's pixels), so it waited until no

@@ -149,12 +149,14 @@ class _BodyLimit:
         await self.app(scope, counted, send)
 
 
-class _PixelPool:
-    """How many pixels the server decodes at once. A request of 32 flat 49 MP PNGs (5 MB:
-    inside every other limit) had six decoded together on the shared threads: 4.3 GB at
-    its peak, and a one-photo request sent after it waited 29 s behind its queue. Each
-    image now holds its header's pixels (up to the pool) while it is decoded, so large ones
-    take turns and a small one passes them by while there is room."""
+class _Budget:
+    """How much of something the server holds at once: pixels being decoded, bytes of
+    uploads read into memory. A request of 32 flat 49 MP PNGs (5 MB, inside every other
+    limit) had six decoded together on the shared threads: 4.3 GB at its peak, and a
+    one-photo request sent after it waited 29 s behind its queue. Each image now holds its
+    header's pixels (up to the pool) while it is decoded, so large ones take turns and a
+    small one passes them by while there is room; its bytes, likewise, from being read
+    until decoded."""
 
     def __init__(self, size: int):
         self.size = self.free = size
@@ -162,19 +164,19 @@ class _PixelPool:
         self.loop = None
 
     @asynccontextmanager
-    async def hold(self, pixels: int):
+    async def hold(self, amount: int):
         loop = asyncio.get_running_loop()
         if self.loop is not loop:  # made on the server's loop (a test client may make more)
             self.loop, self.changed = loop, asyncio.Condition()
-        pixels = min(pixels, self.size)
+        amount = min(amount, self.size)
         async with self.changed:
-            await self.changed.wait_for(lambda: self.free >= pixels)
-            self.free -= pixels
+            await self.changed.wait_for(lambda: self.free >= amount)
+            self.free -= amount
         try:
             yield
         finally:
             async with self.changed:
-                self.free += pixels
+                self.free += amount
                 self.changed.notify_all()
 
 
@@ -199,7 +201,10 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
     predictor.forward(torch.zeros(limits.batch_size, 3, predictor.size, predictor.size))
     batcher = _Batcher(predictor, limits)
     in_flight = {"n": 0}
-    decoding = _PixelPool(limits.decode_pixels)
+    decoding = _Budget(limits.decode_pixels)
+    # A request's 32 files were all read into memory at once, whatever their pixels: a
+    # small JPEG padded to 20 MB is a valid upload, and 4 such requests held 1.8 GB.
+    reading = _Budget(limits.read_files * limits.max_bytes)
     # Grad-CAM on threads of its own: one that outlives its 504 (a thread cannot be
     # stopped) then holds one of these, not one of the pool that decodes /predict's images.
     explainers = ThreadPoolExecutor(limits.explain_threads, thread_name_prefix="wingspan-explain")
@@ -318,18 +323,20 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
                                      f"{some(predictor.classes, 10)}{more}.")
         with admitted():
             start = time.perf_counter()  # one time limit for the decoding and the Grad-CAM
-            x = await asyncio.wait_for(_decoded(file.filename, data), limits.timeout_s)
+            decode = asyncio.ensure_future(_decoded(file.filename, data))
+            try:
+                x = await asyncio.wait_for(asyncio.shield(decode), limits.timeout_s)
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                decode.cancel()  # (its thread, once started, goes on: see _decoded)
+                _in_flight_until_done(decode)
+                raise
             work = asyncio.get_running_loop().run_in_executor(
                 explainers, _explain_png, predictor, x, target)
             left = max(0.0, limits.timeout_s - (time.perf_counter() - start))
             try:
                 png = await asyncio.wait_for(asyncio.shield(work), left)
             except (asyncio.TimeoutError, asyncio.CancelledError):
-                # A thread cannot be stopped: it keeps a place in flight until it ends, so
-                # that slow explanations answered 504 (or cancelled) cannot pile up past
-                # the limit.
-                in_flight["n"] += 1
-                work.add_done_callback(lambda _: in_flight.update(n=in_flight["n"] - 1))
+                _in_flight_until_done(work)
                 raise
             except WingspanError as e:  # a model Grad-CAM cannot draw (CrossViT's two maps)
                 raise HTTPException(501, e.message) from e
@@ -338,13 +345,27 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
     def _prepare(name: str | None, data: bytes) -> torch.Tensor:
         return view(_decode(name, data, predictor.draft))
 
+    def _in_flight_until_done(work: asyncio.Future) -> None:
+        """A thread cannot be stopped: work answered 504 (or cancelled) keeps a place in
+        flight until it ends, so that slow requests cannot pile up past the limit."""
+        in_flight["n"] += 1
+        work.add_done_callback(lambda _: in_flight.update(n=in_flight["n"] - 1))
+
     async def _decoded(name: str | None, data: bytes) -> torch.Tensor:
         # On worker threads, so that the event loop keeps accepting; in turn with the
         # other requests' images, by their pixels.
         # At most the pixel budget: over it, an image is refused from its header or (a
         # JPEG) decoded reduced to fit, so a 400 MP bomb need not wait for the whole pool.
         async with decoding.hold(min(_header_pixels(data), max_pixels())):
-            return await asyncio.to_thread(_prepare, name, data)
+            work = asyncio.ensure_future(asyncio.to_thread(_prepare, name, data))
+            try:
+                return await asyncio.shield(work)
+            except asyncio.CancelledError:
+                # Answered 504 or cancelled, the thread decodes on: its pixels stay held
+                # until it ends (given back at once, the next requests' decodes piled up
+                # past the pool: 6 of 49 MP at once in a pool of 2).
+                await asyncio.wait([work])
+                raise
 
     async def _each(files: list[UploadFile]) -> list[dict]:
         """Every file's answer, in order. A file that cannot be read gets its error in its
@@ -352,11 +373,19 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
         predict` goes on past a broken photo; only when no file can be read is the request
         itself refused, with the first file's status."""
         tasks = [asyncio.ensure_future(_one(f)) for f in files]
-        try:
-            answers = await asyncio.gather(*tasks)
+        try:  # (wait, not gather: a gather cancelled waits for its tasks, and a 504 for
+            # the decodes under way)
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in tasks:
+                if task.done() and task.exception():
+                    raise task.exception()
+            answers = [task.result() for task in tasks]
         except BaseException:  # a time limit or a fault of ours: the others are not
-            for task in tasks:  # computed for nothing (3.10 has no TaskGroup)
+            pending = [task for task in tasks if not task.done()]
+            for task in pending:  # computed for nothing (3.10 has no TaskGroup)
                 task.cancel()
+            if pending:  # (decodes under way end first)
+                _in_flight_until_done(asyncio.gather(*pending, return_exceptions=True))
             raise
         failed = [a for a in answers if "error" in a]
         if failed and len(failed) == len(answers):
@@ -367,13 +396,16 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
         return answers
 
     async def _one(upload: UploadFile) -> dict:
+        size = min(upload.size or limits.max_bytes, limits.max_bytes + 1)
         try:
-            data = await upload.read(limits.max_bytes + 1)
-            if len(data) > limits.max_bytes:
-                raise HTTPException(413, f"{upload.filename}: over {limits.max_bytes} bytes "
-                                f"({limits.max_bytes / 2**20:.3g} MB), the most this server takes "
-                                "(wingspan serve --max-upload-mb).")
-            x = await _decoded(upload.filename, data)
+            async with reading.hold(size):  # its bytes in memory, from read to decoded
+                data = await upload.read(limits.max_bytes + 1)
+                if len(data) > limits.max_bytes:
+                    raise HTTPException(413, f"{upload.filename}: over {limits.max_bytes} "
+                                        f"bytes ({limits.max_bytes / 2**20:.3g} MB), the most "
+                                        "this server takes (wingspan serve --max-upload-mb).")
+                x = await _decoded(upload.filename, data)
+                del data
         except HTTPException as e:  # this file's fault: the request's other files go on
             return {"file": upload.filename, "error": e.detail, "status": e.status_code}
         outputs, scores = await batcher.run(x)
