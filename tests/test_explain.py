@@ -174,3 +174,25 @@ def test_explain_decodes_a_large_jpeg_as_predict_does(run_dir, tmp_path, monkeyp
     assert drafts == [Predictor(run_dir, "cpu").draft]  # predict's reduced decoding
     assert shown.label == said["top"][0][0]
     assert shown.probability == pytest.approx(said["top"][0][1], abs=1e-4)
+
+
+def test_explain_gives_the_probability_of_predicts_pass_on_its_engine(run_dir, demo_dir):
+    """The overlay's probability came from a second pass in fp32 PyTorch, whatever the
+    engine predict (and the server) answer with: in bf16 its digits differed from the
+    answer's, and the pass cost time. The network now runs once for the answer (on the
+    engine) and once for the map (by its parts, with gradients)."""
+    import torch
+
+    from wingspan.data.images import open_rgb
+    from wingspan.explain import explain_view
+    from wingspan.inference import Predictor
+
+    predictor = Predictor(run_dir, "cpu", "bf16", runtime="torch", workers=0)
+    x = predictor.views(tta=False)[0](open_rgb(next(demo_dir.glob("*/*.jpg"))))
+    calls, forward = [], predictor.model.forward
+    predictor.model.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    explained, _ = explain_view(predictor, x)
+    outputs = predictor.forward(x[None])[predictor.level][0].float()
+    probs = torch.softmax(outputs / predictor.temperature, 0)
+    assert explained.probability == pytest.approx(float(probs.max()), abs=1e-6)
+    assert not calls  # no whole pass of the PyTorch model beside the engine's

@@ -106,12 +106,9 @@ def _tokens_into_last_block(backbone):
 def explain_image(predictor: Predictor, x: torch.Tensor, target: str | None = None
                   ) -> tuple[str, float, np.ndarray]:
     """(class, its calibrated probability, its Grad-CAM map) for one preprocessed image:
-    the predicted class, or `target`."""
-    with torch.inference_mode():
-        logits = predictor.model.float().eval()(x[None].to(predictor.policy.device))
-    probs = torch.softmax(logits[predictor.level][0].float().cpu() / predictor.temperature, 0)
-    index = predictor.classes.index(target) if target else int(probs.argmax())
-    return predictor.classes[index], float(probs[index]), grad_cam(predictor, x, index)
+    the class predict names, or `target`."""
+    e, _ = explain_view(predictor, x, target)
+    return e.label, e.probability, e.heatmap
 
 
 def explain(model: str | Path, images: list[str], out: str | Path,
@@ -145,16 +142,22 @@ def explain_view(predictor: Predictor, x: torch.Tensor, target: str | None = Non
     """The explanation (class, probability, Grad-CAM map, predict's answer) of one
     preprocessed image, and its title: the map of `target`, else of the class predict
     names; `wingspan explain` and the server's /explain draw the same."""
-    said, top, level = _answer(predictor, x)
-    label, probability, heatmap = explain_image(predictor, x, target or top)
+    said, top, level, probs = _answer(predictor, x)
+    # (the probability from the pass predict makes, on its engine: a second pass in fp32
+    # cost time, and in a server its last digits differed from /predict's)
+    index = predictor.classes.index(target or top)
+    label, probability = predictor.classes[index], float(probs[index])
+    heatmap = grad_cam(predictor, x, index)
     otherwise = not (said == label and level == predictor.level)  # (a class may be "unknown")
     title = f"{label}  {probability:.2f}" + (f"  (says: {said})" if otherwise else "")
     return Explanation("", label, probability, heatmap, answer=said, otherwise=otherwise), title
 
 
-def _answer(predictor: Predictor, x: torch.Tensor) -> tuple[str, str, str | None]:
+def _answer(predictor: Predictor, x: torch.Tensor
+            ) -> tuple[str, str, str | None, np.ndarray]:
     """(what predict answers for this view, the finest class the map is drawn for, the
-    level the answer is given at, None for unknown): the
+    level the answer is given at, None for unknown, the finest level's calibrated
+    probabilities): the
     top-down branch's class for a taxonomy model, and "unknown" or a coarser class where
     the unknown scores say so, as `wingspan predict` does."""
     from wingspan.predict import answered, taxonomy_path
@@ -167,7 +170,7 @@ def _answer(predictor: Predictor, x: torch.Tensor) -> tuple[str, str, str | None
     known = predictor.known_level({lv: float(s[0]) for lv, s in scores.items()}
                                   if scores else None)
     level, said = answered(predictor, known, branch, top)
-    return said, top, level
+    return said, top, level, probs
 
 
 def _unique_name(path: Path, taken: set[str], shared: set[str] = frozenset()) -> str:

@@ -115,8 +115,8 @@ class PredictResult:
     rows: list[dict] = field(default_factory=list)  # one per readable image
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     images_per_second: float = 0.0
-    # ("row", i) and ("failed", j) in the order the inputs were given: the output file and
-    # the library's table keep it.
+    # ("row", i) and ("failed", j) in the order the inputs were given: the CSV and the
+    # library's table keep it (the JSON lists the failed apart, each with its path).
     order: list[tuple[str, int]] = field(default_factory=list)
     # The model's levels (with a taxonomy) and how many top classes each row has: the CSV's
     # columns, whatever rows could be read (a batch of broken files had other columns).
