@@ -108,8 +108,9 @@ class _KnnGraph(nn.Module):
         self.last: tuple[torch.Tensor, torch.Tensor] | None = None  # see _LevelsGraph
 
     def forward(self, features, logits):
-        if self.last is not None and self.last[0] is features:  # shared by several levels
-            return self.last[1]
+        last = self.last  # (read once: a server's threads score through this module)
+        if last is not None and last[0] is features:  # shared by several levels
+            return last[1]
         similarity = _unit(features.float()) @ self.bank
         kth = similarity.topk(self.k, -1).values[..., -1]
         score = (2.0 - 2.0 * kth).clamp_min(0.0).sqrt()
