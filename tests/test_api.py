@@ -318,6 +318,9 @@ def test_predict_agrees_with_the_cli(run, run_cli, demo_dir, tmp_path):
     assert preds.path.tolist() == cli.path.tolist()
     assert preds.path.tolist()[-2:] == [str(tmp_path / "missing.jpg"), str(last)]
     assert preds.iloc[-2].error == cli.error.iloc[-2] == "no such file or folder"
+    # None where there is no text, as documented (pandas made it NaN once one input failed)
+    assert preds.iloc[-2][["answer", "class", "known_level"]].tolist() == [None] * 3
+    assert preds.error.tolist().count(None) == len(preds) - 1
     ok = preds[preds.error.isna()]  # None where the image was read: as pandas reads the
     assert pd.read_csv(tmp_path / "p.csv").error.isna().tolist() == \
         preds.error.isna().tolist()  # CLI's file, whose cell there is empty
@@ -694,6 +697,10 @@ def test_explain_adapt_evaluate_and_export_check_their_arguments(run, demo_dir, 
             (lambda: run.evaluate(unknown=b"moths", quiet=True), "unknown: .* got bytes"),
             (lambda: run.evaluate(unknown=[None], quiet=True), "unknown: each must be a path"),
             (lambda: run.evaluate(5, quiet=True), "data: expected a path"),
+            # (a string is true: "no" turned test-time augmentation on)
+            (lambda: run.predict(image, tta="no"), "tta: expected True or False, got str"),
+            (lambda: run.evaluate(tta="no", quiet=True), "tta: expected True or False"),
+            (lambda: run.evaluate(plots=1, quiet=True), "plots: expected True or False"),
             (lambda: run.calibrate(5, quiet=True), "data: expected a path"),
             (lambda: run.evaluate(out=5, quiet=True), "out: expected a path"),
             (lambda: run.evaluate(split=0, quiet=True), "split: expected one of train, val"),

@@ -537,6 +537,14 @@ def _count_arg(name: str, value, least: int = 1) -> int:
     return int(value)
 
 
+def _switch_arg(name: str, value) -> bool:
+    """True or False: "no" or "false" (a string, so true) turned a switch on."""
+    if not isinstance(value, bool | np.bool_):
+        raise WingspanError(f"{name}: expected True or False, got {type(value).__name__} "
+                            f"{value!r:.60}.")
+    return bool(value)
+
+
 def _optional_count(name: str, value) -> int | None:
     return None if value is None else _count_arg(name, value)
 
@@ -601,10 +609,15 @@ def _max_pixels(value) -> contextlib.AbstractContextManager:
 
 
 def _predictions(rows: list[dict]) -> pd.DataFrame:
-    """Run.predict's table (its columns even with no rows)."""
-    return pd.DataFrame(rows, columns=["path", "answer", "class", "probability", "branch",
-                                       "top", "known_level", "unknown_score", "threshold",
-                                       "score_level", "error"])
+    """Run.predict's table (its columns even with no rows). Its text columns hold None
+    where there is no text, as documented, whatever the rows: pandas made a column of
+    strings and None (error, once one input failed) strings and NaN."""
+    frame = pd.DataFrame(rows, columns=["path", "answer", "class", "probability", "branch",
+                                        "top", "known_level", "unknown_score", "threshold",
+                                        "score_level", "error"])
+    text = ["path", "answer", "class", "branch", "known_level", "score_level", "error"]
+    frame[text] = frame[text].astype(object).where(frame[text].notna(), None)
+    return frame
 
 
 def _evaluation_warnings(metrics: dict) -> list[str]:
@@ -777,7 +790,8 @@ class Run:
                 runtime=runtime, precision=precision, device=device,
                 class_map=_class_map_arg(class_map),
                 unknown=None if unknown is None else _paths_arg(unknown, "unknown"),
-                unknown_score=unknown_score, tta=tta, plots=plots)
+                unknown_score=unknown_score, tta=_switch_arg("tta", tta),
+                plots=_switch_arg("plots", plots))
         for note in _evaluation_warnings(result.metrics):  # what the command prints in yellow
             warnings.warn(note, stacklevel=3)
         return Evaluation(result.out_dir, result.metrics, result.report)
@@ -868,7 +882,7 @@ class Run:
         from wingspan.predict import predict, predict_fabric
 
         inputs = _paths_arg(paths)
-        top_k = _count_arg("top_k", top_k)
+        top_k, tta = _count_arg("top_k", top_k), _switch_arg("tta", tta)
         batch_size, workers = _count_arg("batch_size", batch_size), _workers_arg(workers)
         with _max_pixels(max_pixels):
             fabric = predict_fabric(device, _optional_count("devices", devices),
