@@ -672,6 +672,7 @@ class Run:
     def __init__(self, run_dir: str | Path | None, bundle: str | Path | None = None):
         self.dir = Path(run_dir) if run_dir is not None else None
         self.bundle = Path(bundle) if bundle is not None else self.dir / "model"
+        self._loaded: tuple[tuple, object] | None = None  # see _predictor
 
     @property
     def name(self) -> str:
@@ -853,6 +854,23 @@ class Run:
     def _model(self) -> Path:
         return self.dir if self.dir else self.bundle
 
+    def _predictor(self, progress: bool, **settings):
+        """predict's loaded model, kept for the next call with the same settings while
+        the bundle's files are unchanged: a loop predicting one photo at a time loaded the
+        model, and chose its engine, for each (0.1 s for a small CNN, seconds with engines
+        to time). A calibrate or a retrain rewrites the files, and the model is loaded
+        again."""
+        from wingspan.inference import Predictor, find_bundle
+
+        bundle = find_bundle(self._model)
+        files = sorted(bundle.iterdir()) if bundle.is_dir() else [bundle]
+        key = (str(bundle), [(f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files],
+               sorted(settings.items()))
+        if self._loaded is None or self._loaded[0] != key:
+            self._loaded = None  # (the old one freed before the new one loads)
+            self._loaded = key, Predictor(bundle, progress=progress, **settings)
+        return self._loaded[1]
+
     @_keywords_checked
     def predict(self, paths: str | Path | list[str | Path], top_k: int = 3, tta: bool = False,
                 batch_size: int = TrainConfig.batch_size, device: str = TrainConfig.device,
@@ -880,6 +898,7 @@ class Run:
         """
         from wingspan.inference import Predictor
         from wingspan.predict import predict, predict_fabric
+        from wingspan.training.data import resolve_workers
 
         inputs = _paths_arg(paths)
         top_k, tta = _count_arg("top_k", top_k), _switch_arg("tta", tta)
@@ -888,10 +907,14 @@ class Run:
             fabric = predict_fabric(device, _optional_count("devices", devices),
                                     _optional_count("nodes", nodes), strategy, workers)
             main = fabric is None or fabric.is_global_zero
-            predictor = Predictor(self._model, device=device, batch_size=batch_size,
-                                  workers=workers, runtime=runtime, precision=precision,
-                                  progress=main and not quiet, fabric=fabric,
-                                  unknown_score=unknown_score)
+            settings = dict(device=device, batch_size=batch_size, workers=workers,
+                            runtime=runtime, precision=precision, unknown_score=unknown_score)
+            if fabric:
+                predictor = Predictor(self._model, progress=main and not quiet,
+                                      fabric=fabric, **settings)
+            else:  # (workers sized for this call: none from a thread, say)
+                predictor = self._predictor(not quiet, **{
+                    **settings, "workers": resolve_workers(workers)})
             result = predict(predictor, inputs, top_k, tta, progress=main and not quiet,
                              fabric=fabric)
         if not main:  # its share is in the first process's rows
