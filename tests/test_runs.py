@@ -328,6 +328,16 @@ def test_runs_leaves_out_a_folder_it_may_not_enter(runs_dir, monkeypatch):
     assert "private" not in names and "seed0" in names
 
 
+def test_runs_leaves_out_the_hidden_folder_of_an_adapt_stopped_midway(runs_dir, finished):
+    """A killed `adapt` left runs/.NAME-adapted.partial, a copy of the run's files with no
+    model yet: listed as "stopped (resumable)", and `train --resume` on it retrained the
+    base run from its start, which the next adapt of that name then deleted unsaid."""
+    partial = _copy(finished, runs_dir / ".seed0-adapted.partial")
+    shutil.rmtree(partial / "model")
+    names = ws.runs(runs_dir)["name"].tolist()
+    assert "seed0" in names and not [n for n in names if n.startswith(".")]
+
+
 def test_runs_in_a_folder_it_may_not_read_is_a_clear_error(run_cli, runs_dir, monkeypatch):
     import errno
     import pathlib

@@ -67,11 +67,14 @@ class Damaged(Exception):
 
 def run_table(runs_dir: str | Path, sort: str | None = None) -> pd.DataFrame:
     """One row per run folder in `runs_dir` (COLUMNS), oldest first or by `sort`. Folders
-    that are not runs are left out."""
+    that are not runs are left out, and hidden ones: wingspan's own work in progress (a
+    stopped `adapt`'s .NAME.partial holds a run's files and no model, and would read as a
+    stopped run to resume)."""
     runs_dir = Path(runs_dir)
     try:
         _check_runs_dir(runs_dir)
-        folders = sorted(d for d in runs_dir.iterdir() if d.is_dir())
+        folders = sorted(d for d in runs_dir.iterdir()
+                         if d.is_dir() and not d.name.startswith("."))
     except PermissionError as e:
         raise WingspanError(f"Cannot list runs in {runs_dir}: {e.strerror or first_line(e)}.",
                             hint="Give a folder you may read, or ask its owner for "
