@@ -444,3 +444,22 @@ def test_what_killed_writers_left_is_removed_once_their_process_is_gone(tmp_path
     remove_dead_leftovers(*(tmp_path / n for n in ("model.onnx", "audit.html", "recent.csv")))
     assert {p.name for p in tmp_path.iterdir()} == {
         n for n, kept in names.items() if kept} | {f".recent.{gone.pid}.tmp.csv", mine.name}
+
+
+def test_what_safetensors_left_writing_through_its_own_temporary_file_is_removed(tmp_path):
+    """safetensors writes through a .tmpXXXXXX file of its own and renames it: a killed
+    calibrate left a whole model's worth in model/, a killed train its feature cache's,
+    which neither a resume nor the next save removed. A quiet one goes; a recent one (being
+    written) and other files stay."""
+    import time
+
+    from wingspan.files import is_leftover, remove_dead_leftovers
+
+    old = time.time() - 3600
+    for name in (".tmpAb3dE9", ".tmpRecent", "notes.tmp"):
+        (tmp_path / name).write_bytes(b"x" * 100)
+    for name in (".tmpAb3dE9", "notes.tmp"):
+        os.utime(tmp_path / name, (old, old))
+    remove_dead_leftovers(tmp_path / "model.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmpRecent", "notes.tmp"]
+    assert is_leftover(".tmpRecent") and not is_leftover("notes.tmp")  # (at a resume)

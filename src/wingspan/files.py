@@ -158,11 +158,14 @@ def _not_put_back(paths: list[Path], stranded: list[Path], kept: Callable[[Path]
 
 # The name atomic_path writes through, which a process killed mid-write leaves behind.
 _TEMPORARY = re.compile(r"\..+\.\d+\.tmp(\.[^.]+)?")
+# safetensors (0.8) writes a file through one of its own, beside it, and renames that
+# onto the name it is given: a kill left a whole model's or feature cache's worth there.
+_SAFETENSORS_TEMPORARY = re.compile(r"\.tmp[A-Za-z0-9]{6}")
 
 
 def is_leftover(name: str) -> bool:
     """Whether a file's name is that of a temporary file a killed write left behind."""
-    return bool(_TEMPORARY.fullmatch(name))
+    return bool(_TEMPORARY.fullmatch(name) or _SAFETENSORS_TEMPORARY.fullmatch(name))
 
 
 def remove_leftovers(folder: str | Path) -> None:
@@ -189,11 +192,14 @@ def remove_dead_leftovers(*paths: str | Path, quiet_seconds: float = 60.0) -> No
         with contextlib.suppress(OSError):
             for entry in os.scandir(path.parent):
                 found = pattern.fullmatch(entry.name)
-                if not found or not entry.is_file(follow_symlinks=False):
+                # safetensors' own (see above) names no process: its age alone tells
+                theirs = path.suffix == ".safetensors" and \
+                    _SAFETENSORS_TEMPORARY.fullmatch(entry.name)
+                if not (found or theirs) or not entry.is_file(follow_symlinks=False):
                     continue
                 with contextlib.suppress(OSError):
                     if now - entry.stat().st_mtime > quiet_seconds and \
-                            not _alive(int(found[1])):
+                            (theirs or not _alive(int(found[1]))):
                         os.unlink(entry.path)
 
 

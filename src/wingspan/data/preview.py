@@ -13,6 +13,7 @@ from wingspan.data.images import open_rgb
 from wingspan.data.samples import PATH, Dataset
 from wingspan.data.transforms import eval_transform, train_transform
 from wingspan.errors import WingspanError
+from wingspan.files import atomic_path, remove_dead_leftovers
 from wingspan.plotting import literal_text, short_name, subplots
 
 
@@ -81,7 +82,9 @@ def _draw(picks, clean, augment, augmented: int, config: AugmentConfig, out: Pat
     fig.suptitle(f"augmentation '{config.policy}' at {config.image_size}px", fontsize=9)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    remove_dead_leftovers(out)  # (a SIGTERM's, which no `finally` removes)
+    with atomic_path(out) as tmp:  # (a kill while saving left a torn PNG in place)
+        fig.savefig(tmp, dpi=100)
     return out
 
 

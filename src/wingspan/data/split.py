@@ -15,7 +15,7 @@ from wingspan.config import SplitConfig, TrainConfig
 from wingspan.data.leaks import with_duplicates_grouped
 from wingspan.data.samples import GROUP, PATH, SPLIT, Dataset
 from wingspan.errors import WingspanError, counted, some
-from wingspan.files import atomic_path, atomic_paths
+from wingspan.files import atomic_paths, remove_dead_leftovers
 
 
 @dataclass
@@ -301,7 +301,9 @@ def _fold_share(fraction: float, most: int) -> tuple[int, int]:
 def write_splits(dataset: Dataset, path: str | os.PathLike, relative: bool = True) -> None:
     """Write `splits.csv` (path,label,split,group,<levels>), paths relative to the file
     (a split kept beside its data moves with it) or absolute (a run's record of its data,
-    which keeps working wherever the run folder is moved)."""
+    which keeps working wherever the run folder is moved). To a temporary path of
+    atomic_paths, as both callers give (with one of its own too, a kill left its
+    "..splits.PID.tmp.PID.tmp.csv" that nothing removed)."""
     table = dataset.table.copy()
     base = os.path.dirname(os.path.abspath(path))
 
@@ -319,8 +321,7 @@ def write_splits(dataset: Dataset, path: str | os.PathLike, relative: bool = Tru
     finest = dataset.default_level
     table["label"] = table[finest]  # the CSV reader's finest level; other levels keep names
     coarser = [lv for lv in dataset.levels if lv != "label"]
-    with atomic_path(path) as tmp:
-        table[["path", "label", SPLIT, GROUP, *coarser]].to_csv(tmp, index=False)
+    table[["path", "label", SPLIT, GROUP, *coarser]].to_csv(path, index=False)
 
 
 def leaked_groups(table: pd.DataFrame) -> list[str]:
@@ -388,6 +389,7 @@ def split_and_sample(dataset: Dataset, out_dir: Path, level: str | None = None,
     weights, uncapped = class_weights(train_labels, cap), class_weights(train_labels)
     out_dir.mkdir(parents=True, exist_ok=True)
     splits_csv, sampling_json = out_dir / "splits.csv", out_dir / "sampling.json"
+    remove_dead_leftovers(splits_csv, sampling_json)  # (a SIGTERM's)
     # Replaced together: a kill between them left a new split beside the old class weights.
     with atomic_paths(splits_csv, sampling_json) as (splits_tmp, sampling_tmp):
         write_splits(result, splits_tmp)
