@@ -353,6 +353,37 @@ def test_predict_keeps_the_model_loaded_until_its_files_change(run, demo_dir, tm
     assert after.equals(ws.load(tmp_path / "copy").predict(image, quiet=True))
 
 
+PAUSED_WRITE = """
+import time, wingspan.files as files
+def paused(path):
+    print("writing", flush=True)
+    time.sleep(300)
+files._flush = paused
+from wingspan.cli import main
+main()
+"""
+
+
+def test_sigterm_stops_any_command_as_ctrl_c_does(run, demo_dir, tmp_path):
+    """SIGTERM (`kill`, `timeout`, a scheduler) ended predict, export, evaluate... on the
+    spot, no `finally` run: what they were writing was left (an export's 16 MB graph). It
+    stops them as Ctrl-C does now, and they exit 143, as a process SIGTERM ended does."""
+    import signal
+
+    out = tmp_path / "out" / "p.csv"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PAUSED_WRITE, "predict", str(run.dir),
+         str(next(demo_dir.rglob("*.jpg"))), "--output", str(out), "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # (its temporary file written, not yet renamed)
+        if line.strip() == "writing":
+            break
+    assert [p.name for p in out.parent.iterdir()] == [f".p.{proc.pid}.tmp.csv"]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 143, proc.stderr.read()
+    assert list(out.parent.iterdir()) == []
+
+
 def test_a_photo_skipped_inside_a_folder_keeps_its_place_among_the_folders_photos(
         run, demo_dir, tmp_path):
     """A phone's HEIC photo in a folder was listed at the folder's start."""

@@ -511,7 +511,9 @@ def test_kill_and_resume_matches_an_uninterrupted_run(demo_dir, tmp_path, how):
     run_dir = tmp_path / "killed" / "r"
     wait_for_finetune_epochs(proc, run_dir, 2)
     proc.send_signal(how)
-    proc.wait()
+    # as a shell reads them: Ctrl-C's 130, SIGTERM's 143
+    assert proc.wait() == {signal.SIGKILL: -signal.SIGKILL, signal.SIGINT: 130,
+                           signal.SIGTERM: 143}[how]
     done = history(run_dir)
     assert len(done) < len(history(ref))  # it really was cut short
     assert (done["stage"] == "finetune").sum() in (2, 3)  # where PAUSED_CLI stops it

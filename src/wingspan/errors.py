@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+
+# Set once a SIGTERM stops the command (as Ctrl-C does): it then exits 143, not 130.
+TERMINATED = threading.Event()
+
 
 class WingspanError(Exception):
     """A problem with the user's input or environment, with a hint on how to fix it.

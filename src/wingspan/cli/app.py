@@ -4,7 +4,9 @@ a user's error into a message and a hint (exit code 2) instead of a traceback.""
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from typing import Annotated
 
 import typer
@@ -12,7 +14,7 @@ import typer
 from wingspan import __version__
 from wingspan.cli.common import err, out, pixel_budget, plain, stdout_gone
 from wingspan.config import MAX_PIXELS_ENV
-from wingspan.errors import WingspanError
+from wingspan.errors import TERMINATED, WingspanError
 from wingspan.files import os_error_said
 
 app = typer.Typer(
@@ -94,12 +96,34 @@ def _home_expanded(argv: list[str]) -> list[str]:
     return expanded
 
 
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM (`kill`'s, `timeout`'s, a scheduler's) stops any command as Ctrl-C does,
+    so that what it was writing is removed by its `finally` blocks: by default the process
+    ended on the spot, and left an export's temporary graph (16 MB for a Lite0), the graph
+    cache's torn pieces, evaluate's half-written folder. `train` puts its own in place
+    while it runs (which says how to go on). Not where a handler was set already."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def stop(signum, frame):
+        TERMINATED.set()
+        raise KeyboardInterrupt("SIGTERM")
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app; user errors print as a message and a hint, exit code 2."""
+    _sigterm_as_interrupt()
     try:
         try:
             app(args=_home_expanded(sys.argv[1:] if argv is None else list(argv)),
                 prog_name="wingspan")
+        except SystemExit as e:  # (Ctrl-C's is 130; a SIGTERM'd process's, 143)
+            if e.code == 130 and TERMINATED.is_set():
+                raise SystemExit(143) from None
+            raise
         finally:
             try:  # what is still buffered, while a pipe's reader may be gone (`| head`)
                 sys.stdout.flush()

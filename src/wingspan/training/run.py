@@ -34,7 +34,7 @@ from wingspan.data import read_dataset
 from wingspan.data.images import call_budget, chosen_budget
 from wingspan.data.samples import Dataset, report_reading
 from wingspan.data.split import write_splits
-from wingspan.errors import WingspanError, counted, some
+from wingspan.errors import TERMINATED, WingspanError, counted, some
 from wingspan.evaluate.calibration import (
     MIN_CALIBRATION_IMAGES,
     bound_warning,
@@ -517,6 +517,7 @@ class _Terminated:
 
     def _stop(self, signum, frame):
         self.received = True
+        TERMINATED.set()
         raise KeyboardInterrupt("SIGTERM")
 
     def __exit__(self, *exc):
