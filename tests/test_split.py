@@ -52,10 +52,11 @@ def test_grouped_stratified_split_has_no_leak_and_every_class_everywhere():
 
 
 @pytest.mark.parametrize(("val", "test"), [(0.4, 0.0), (0.7, 0.0), (0.5, 0.3), (0.2, 0.4),
-                                          (0.15, 0.15)])
+                                          (0.15, 0.15), (0.95, 0.0), (0.0, 0.96)])
 def test_the_split_makes_the_fractions_asked_not_one_fold_of_round_1_over_them(val, test):
     """One fold of round(1 / fraction) made 0.5 of 0.4 and of 0.7, and 0.33 of a val of 0.5
-    after a test of 0.3 (train 0.33 in place of 0.2)."""
+    after a test of 0.3 (train 0.33 in place of 0.2). A share of 0.95 or more fell to the
+    fallback for small ones: 0.1, unsaid."""
     ds = synthetic({"a": 50, "b": 50, "c": 50}, per_group=1)
     result, report = split_dataset(ds, config=SplitConfig(val_fraction=val, test_fraction=test))
     assert leaked_groups(result.table) == []

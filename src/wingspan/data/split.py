@@ -285,15 +285,15 @@ def _first_best(scores: list[float], sizes: list[int]) -> int:
 
 def _fold_share(fraction: float, most: int) -> tuple[int, int]:
     """(folds, folds taken) whose share is nearest `fraction`, with at most `most` folds
-    (or 1 / fraction, for a small fraction). One fold of round(1 / fraction) gave 0.5 for
-    0.4 and for 0.7 (a val of 0.5 after a test of 0.3 took a third): several folds of a
-    few are taken where one is far off. The fewest folds win a tie, so the usual fractions
-    (0.15, 0.2, 0.25) are one fold, as before."""
-    limit = min(most, max(10, round(1 / fraction)))
+    (or 1 / fraction, for a small fraction; 1 / (1 - fraction) for a large one). One fold
+    of round(1 / fraction) gave 0.5 for 0.4 and for 0.7 (a val of 0.5 after a test of 0.3
+    took a third): several folds of a few are taken where one is far off. The fewest folds
+    win a tie, so the usual fractions (0.15, 0.2, 0.25) are one fold, as before."""
+    limit = min(most, max(10, round(1 / min(fraction, 1 - fraction))))
     options = [(abs(round(fraction * k) / k - fraction), k, round(fraction * k))
                for k in range(2, limit + 1) if 0 < round(fraction * k) < k]
-    if not options:  # a share under 1 / limit: the smallest fold there is
-        return limit, 1
+    if not options:  # a share under 1 / limit, or over 1 - 1 / limit: the nearest there is
+        return limit, 1 if fraction < 0.5 else limit - 1
     _, k, m = min(options)
     return k, m
 
