@@ -259,6 +259,12 @@ def test_one_picture_in_two_class_folders_is_said_with_both_classes(demo_dir, tm
     shutil.copy(photo, photo.with_name("again.jpg"))
     copy.unlink()
     assert split_dataset(read_dataset(data), "label", SplitConfig(seed=0))[1].mixed_labels == []
+    # Groups a --group-regex made: it may be the regex's doing, not the labels' (`_\d+`
+    # took the frame number every observation shares, and the labels were blamed).
+    report = split_dataset(read_dataset(data, ReadConfig(group_regex=r"_\d+")), "label",
+                           SplitConfig(seed=0))[1]
+    said = report.mixed_labels_said("label")
+    assert "--group-regex '_\\d+' may take a part of the file name" in said, said
 
 
 def test_real_inat_resplit_keeps_observations_together(shared_data, tmp_path):

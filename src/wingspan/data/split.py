@@ -31,16 +31,21 @@ class SplitReport:
     # Groups of images with different classes: the same picture saved in two class folders
     # (copies are one group), or one observation given two. "a.jpg (admiral) = b.jpg (monarch)"
     mixed_labels: list[str] = field(default_factory=list)
+    group_regex: str | None = None  # what made the groups, when a regex did
 
     def mixed_labels_said(self, level: str) -> str:
         """The warning for mixed_labels, or ""."""
         if not self.mixed_labels:
             return ""
-        return (f"{counted(len(self.mixed_labels), 'group holds', 'groups hold')} images of "
-                f"different '{level}' classes (e.g. {self.mixed_labels[0]}): the same picture "
-                "saved in two class folders, or one observation given two classes. One of them "
-                "is wrong in training and in every score: fix the labels (`wingspan data "
-                "inspect` lists identical copies).")
+        said = (f"{counted(len(self.mixed_labels), 'group holds', 'groups hold')} images of "
+                f"different '{level}' classes (e.g. {self.mixed_labels[0]}): ")
+        if self.group_regex:  # (`_\d+` took a frame number shared by every observation)
+            return said + (f"--group-regex '{self.group_regex}' may take a part of the file "
+                           "name that other observations share; else the same picture was "
+                           "saved in two class folders, or one observation given two classes.")
+        return said + ("the same picture saved in two class folders, or one observation given "
+                       "two classes. One of them is wrong in training and in every score: fix "
+                       "the labels (`wingspan data inspect` lists identical copies).")
 
 
 def split_dataset(dataset: Dataset, level: str | None = None,
@@ -113,7 +118,7 @@ def split_dataset(dataset: Dataset, level: str | None = None,
         train_only={k: int(v) for k, v in small.items()},
         missing=missing, duplicates_grouped=merged,
         repeats_dropped=int(source.loc[repeated, PATH].nunique()),  # images, not their rows
-        mixed_labels=_mixed_labels(table, level),
+        mixed_labels=_mixed_labels(table, level), group_regex=dataset.group_regex,
     )
     result = dataset.with_table(table)
     return result, report
