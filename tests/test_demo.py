@@ -49,10 +49,14 @@ def test_demo_config_is_validated():
     with pytest.raises(WingspanError, match="images_per_class"):
         DemoConfig(images_per_class=(1,) * (len(SPECIES) + 1))
     # A size of 0 or less is a setting's error, not Pillow's "cannot write empty image".
-    for size in (0, -5, 15):
-        with pytest.raises(WingspanError, match=r"'image_size' setting must be at least 16 "
+    for size in (0, -5, 15, 1025):  # (5000 px drew 7 images in 5 minutes)
+        with pytest.raises(WingspanError, match=r"'image_size' setting must be 16 to 1024 "
                            rf"pixels. Got {size} instead"):
             DemoConfig(image_size=size)
+    # Before the data is made: training refused them at the demo's fifth step.
+    for name, value in (("epochs_finetune", -1), ("epochs_head", -2), ("feature_views", 0)):
+        with pytest.raises(WingspanError, match=rf"'{name}' setting must be"):
+            DemoConfig(**{name: value})
 
 
 def test_a_second_demo_in_the_same_folder_replaces_the_first(tmp_path):

@@ -427,7 +427,13 @@ class DemoConfig:
         _check(min(self.images_per_class) >= 1, "images_per_class", "counts >= 1",
                self.images_per_class)
         # As small as training takes (TrainConfig's own floor): the demo trains on them.
-        _check(self.image_size >= 16, "image_size", "at least 16 pixels", self.image_size)
+        # At most data preview's cap: drawn one by one, 5000 px wrote 7 images in 5 min.
+        _check(16 <= self.image_size <= 1024, "image_size", "16 to 1024 pixels",
+               self.image_size)
+        # (before the data is made: training refused them only at the demo's 5th step)
+        for name in ("epochs_head", "epochs_finetune"):
+            _check(getattr(self, name) >= 0, name, "0 or more", getattr(self, name))
+        _check(self.feature_views >= 1, "feature_views", "at least 1", self.feature_views)
 
 
 @settings(frozen=True)
