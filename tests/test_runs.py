@@ -338,6 +338,23 @@ def test_runs_leaves_out_the_hidden_folder_of_an_adapt_stopped_midway(runs_dir, 
     assert "seed0" in names and not [n for n in names if n.startswith(".")]
 
 
+def test_a_bad_engine_setting_in_the_environment_leaves_a_stopped_run_stopped(
+        finished, tmp_path, monkeypatch):
+    """$WINGSPAN_PRECISION=bogus stopped `train --resume` in the run's set-up, which wrote
+    error.txt: `wingspan runs` then called the intact run failed."""
+    from wingspan.training import resume
+
+    stopped = _copy(finished, tmp_path / "runs" / "stopped")
+    (stopped / "model" / "manifest.json").unlink()
+    (stopped / "metrics.json").unlink()
+    before = ws.runs(tmp_path / "runs").loc[0, "status"]
+    monkeypatch.setenv("WINGSPAN_PRECISION", "bogus")
+    with pytest.raises(WingspanError, match=r"Unknown precision 'bogus' \(WINGSPAN_PRECISION"):
+        resume(stopped, quiet=True)
+    assert not (stopped / "error.txt").exists()
+    assert ws.runs(tmp_path / "runs").loc[0, "status"] == before
+
+
 def test_runs_in_a_folder_it_may_not_read_is_a_clear_error(run_cli, runs_dir, monkeypatch):
     import errno
     import pathlib

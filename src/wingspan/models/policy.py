@@ -207,10 +207,11 @@ class Policy:
         return policy
 
 
-def resolve_policy(device: str = "auto", precision: str = "auto",
-                   convolutional: bool = True, runtime: str = "auto") -> Policy:
-    """The device and the candidate engines. Where a setting leaves one candidate it is
-    chosen; otherwise `choose_frozen` (and `wingspan.training.step.choose_train`) measure."""
+def check_engine_settings(precision: str = "auto", runtime: str = "auto") -> tuple[
+        tuple[str, str], tuple[str, str]]:
+    """(precision, what set it) and (runtime, what set it), from the arguments or else
+    $WINGSPAN_PRECISION / $WINGSPAN_RUNTIME, refused when no engine has them. `train` checks
+    them before a run's set-up: a resume that found one there was recorded as failed."""
     precision, by_precision = _setting(precision, PRECISION_ENV, "precision")
     runtime, by_runtime = _setting(runtime, RUNTIME_ENV, "runtime")
     if precision != "auto" and precision not in PRECISIONS:
@@ -219,6 +220,15 @@ def resolve_policy(device: str = "auto", precision: str = "auto",
     if runtime != "auto" and runtime not in RUNTIMES:
         raise WingspanError(f"Unknown runtime '{runtime}' ({by_runtime}).",
                             hint=f"Use auto or one of: {', '.join(RUNTIMES)}.")
+    return (precision, by_precision), (runtime, by_runtime)
+
+
+def resolve_policy(device: str = "auto", precision: str = "auto",
+                   convolutional: bool = True, runtime: str = "auto") -> Policy:
+    """The device and the candidate engines. Where a setting leaves one candidate it is
+    chosen; otherwise `choose_frozen` (and `wingspan.training.step.choose_train`) measure."""
+    (precision, by_precision), (runtime, by_runtime) = check_engine_settings(precision,
+                                                                             runtime)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:

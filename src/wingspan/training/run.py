@@ -45,7 +45,7 @@ from wingspan.models import create_classifier, resolve_policy, save_bundle
 from wingspan.models.bundle import checked_weights, read_manifest
 from wingspan.models.classifier import Classifier
 from wingspan.models.factory import choose_backbone
-from wingspan.models.policy import Policy, settings_with_environment
+from wingspan.models.policy import Policy, check_engine_settings, settings_with_environment
 from wingspan.models.runtime import forget_sessions
 from wingspan.models.unknown import UNKNOWN, UnknownDetector, new_known_rate
 from wingspan.parallel import Processes, check_default_dtype, rank_seed
@@ -93,6 +93,7 @@ def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = RUNS_DIR
     With `config.devices` (or `nodes`) above 1, or under torchrun, this runs in every
     process of the run, and Fabric starts those of this machine."""
     check_default_dtype()
+    check_engine_settings(config.precision, config.runtime)  # (before a folder is made)
     config = resolve_levels(dataset, config)
     backbone, why = choose_backbone(config.backbone, config.weights)
     config = dataclasses.replace(config, backbone=backbone)  # the run records the real one
@@ -291,6 +292,8 @@ def resume(run_dir: str | Path, quiet: bool = False, **machine) -> Path:
     if budget and not chosen_budget():  # the pixel budget the run began with, unless this
         with call_budget(budget):  # call gives one: the same images, as the run began
             return resume(run_dir, quiet, **machine)
+    config = _run_config(run_dir)
+    check_engine_settings(config.precision, config.runtime)  # (the environment's, if auto)
     unknown = sorted(set(machine) - set(MACHINE_SETTINGS))
     # A name no setting has (worker=0) is a slip: named with the closest it may change.
     check_names([k for k in unknown if k not in TrainConfig.__dataclass_fields__],
@@ -298,7 +301,6 @@ def resume(run_dir: str | Path, quiet: bool = False, **machine) -> Path:
     if unknown:
         raise WingspanError(f"A resumed run cannot change {', '.join(unknown)}.",
                             hint=f"It may change only {', '.join(MACHINE_SETTINGS)}.")
-    config = _run_config(run_dir)
     # The processes: as given now, else as torchrun started them, else as the run began.
     if {"devices", "nodes"} & set(machine) or "TORCHELASTIC_RUN_ID" in os.environ:
         config = dataclasses.replace(config, devices=None, nodes=None)
