@@ -20,8 +20,8 @@ def _img(path: Path | None, alt: str, missing: str = "not available") -> str:
 
 
 def _table(frame: pd.DataFrame, floats: str = "{:.4f}") -> str:
-    return frame.to_html(index=False, border=0, classes="t", escape=True,
-                         float_format=lambda v: floats.format(v))
+    return frame.to_html(index=False, border=0, classes="t", escape=True, na_rep="-",
+                         float_format=lambda v: floats.format(v))  # ("-": as the terminal)
 
 
 def _kv(pairs: list[tuple[str, object]]) -> str:

@@ -194,7 +194,11 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
                            classes, predictor, read, by_level)
         transfer = None
         if class_map:
-            transfer = _transfer(predictor, run_dir, class_map, table, progress,
+            # Every class evaluated: those mapped, and those matched by their names (left
+            # out, a map of 2 classes showed the drop of 2 of the 3 evaluated).
+            alike = {c: c for c, n in zip(table["class"], table["support"], strict=True)
+                     if n and c not in class_map}
+            transfer = _transfer(predictor, run_dir, {**class_map, **alike}, table, progress,
                                  _named_share(named, y, classes), tta)
             _write_csv(transfer, out_dir / "transfer.csv", index=False)
             # No figure (a class without images here or at home) is null in JSON, not NaN.
@@ -751,10 +755,10 @@ def _map_slips(class_map: dict[str, str], model: list[str], data: set[str]) -> s
 def _transfer(predictor: Predictor, run_dir: Path | None, class_map: dict[str, str],
               here: pd.DataFrame, progress: bool, named: dict[str, float] | None = None,
               tta: bool = False) -> pd.DataFrame:
-    """Each mapped class's recall on the run's own data (its test split, else val) beside
-    its recall on the data evaluated (both with TTA or both without): the drop per class.
-    `named`: per class, the share of its images here that the unknown answer names a class
-    for."""
+    """Each class's recall (in `class_map`, {model class: data class}) on the run's own
+    data (its test split, else val) beside its recall on the data evaluated (both with
+    TTA or both without): the drop per class. `named`: per class, the share of its images
+    here that the unknown answer names a class for."""
     recall_here = dict(zip(here["class"], here["recall"], strict=True))
     support_here = dict(zip(here["class"], here["support"], strict=True))
     home = {}
