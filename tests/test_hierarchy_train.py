@@ -383,6 +383,40 @@ def test_evaluating_data_whose_taxonomy_contradicts_itself_is_refused_as_trainin
                  out=tmp_path / "ev")
 
 
+def test_data_whose_tree_places_a_class_otherwise_than_the_models_is_said(
+        hierarchical_run, demo_dir, tmp_path):
+    """A revised taxonomy (a genus moved to another family, common between sources) was
+    scored against without a word: the answers right at the species counted as wrong at
+    the family, 0.70 there beside 0.97 named right in the same report."""
+    import html
+    import shutil
+
+    import wingspan as ws
+    from wingspan.evaluate.run import tree_wording
+
+    data = shutil.copytree(demo_dir, tmp_path / "data")
+    table = pd.read_csv(data / "taxonomy.csv", dtype=str)
+    genus, family = table.loc[0, "genus"], table.loc[0, "family"]
+    elsewhere = table.loc[table["family"] != family, "family"].iloc[0]
+    table.loc[table["genus"] == genus, "family"] = elsewhere  # the whole genus: still a tree
+    table.to_csv(data / "taxonomy.csv", index=False)
+    metrics = evaluate(hierarchical_run, data, split="all", progress=False, workers=0,
+                       plots=False, out=tmp_path / "ev").metrics
+    moved = sorted(table.loc[table["genus"] == genus, "folder"])
+    assert metrics["tree_differs"] == [f"{c}: family {elsewhere} here, {family} in the model"
+                                       for c in moved]
+    said = tree_wording(metrics)
+    assert said.startswith(f"The data's taxonomy places {len(moved)} class")
+    assert html.escape(said) in (tmp_path / "ev" / "report.html").read_text()
+    with pytest.warns(UserWarning, match="The data's taxonomy places"):
+        ws.load(hierarchical_run).evaluate(data, split="all", quiet=True, plots=False,
+                                           out=tmp_path / "ev2")
+    # its own data: nothing said
+    assert "tree_differs" not in evaluate(hierarchical_run, demo_dir, split="all",
+                                          progress=False, workers=0, plots=False,
+                                          out=tmp_path / "ev3").metrics
+
+
 def test_contradictory_taxonomy_stops_training(demo_dir, tmp_path):
     ds = read_dataset(demo_dir)
     ds.table.loc[ds.table.index[0], "family"] = "Wrongidae"

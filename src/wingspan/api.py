@@ -624,7 +624,7 @@ def _evaluation_warnings(metrics: dict) -> list[str]:
     """What an evaluation's figures do not show: they are optimistic (images trained or
     chosen on), or images that could not be read, or of classes the model does not know,
     were left out of them."""
-    from wingspan.evaluate.run import left_out_wording, unreadable_wording
+    from wingspan.evaluate.run import left_out_wording, tree_wording, unreadable_wording
 
     notes = []
     if metrics.get("fair", "").startswith("no"):
@@ -632,6 +632,8 @@ def _evaluation_warnings(metrics: dict) -> list[str]:
     elif metrics.get("fair", "").startswith("unknown"):
         notes.append(f"These figures may not be fair: {metrics['fair'][9:]}.")
     if said := unreadable_wording(metrics):
+        notes.append(said + ".")
+    if said := tree_wording(metrics):
         notes.append(said + ".")
     if said := left_out_wording(metrics, some(metrics.get("unknown_classes", []), 8),
                                 "class_map={model class: data class}"):

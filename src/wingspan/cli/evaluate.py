@@ -99,7 +99,12 @@ def print_evaluation(result) -> None:
 
     from wingspan.evaluate.hierarchy import level_table
     from wingspan.evaluate.metrics import summary_rows
-    from wingspan.evaluate.run import answer_rows, left_out_wording, unreadable_wording
+    from wingspan.evaluate.run import (
+        answer_rows,
+        left_out_wording,
+        tree_wording,
+        unreadable_wording,
+    )
 
     m = result.metrics
     table = Table("metric", "value", title=f"{m['split']} split, level '{plain(m['level'])}': "
@@ -130,6 +135,8 @@ def print_evaluation(result) -> None:
                   + ("; it fits on single views, so compare without --tta."
                      if m.get("tta_note") else "."))
     if said := unreadable_wording(m):
+        out.print(f"[yellow]{plain(said)}.[/]")
+    if said := tree_wording(m):
         out.print(f"[yellow]{plain(said)}.[/]")
     if said := left_out_wording(m, some(m.get("unknown_classes", [])),
                                 "--map MODEL_CLASS=DATA_CLASS"):
