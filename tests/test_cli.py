@@ -108,6 +108,9 @@ def test_preview_command(run_cli, demo_dir, tmp_path):
     (["data", "preview", "DEMO", "--seed", "-1"], "seed (--seed) must be from 0 to 2**32 - 1"),
     (["MAX_PIXELS=10MP", "data", "inspect", "DEMO"], "is '10MP', not a number of pixels"),
     (["MAX_PIXELS=²", "data", "inspect", "DEMO"], "is '²', not a number of pixels"),
+    # (train and predict, which share work among processes, took the default unsaid)
+    (["MAX_PIXELS=200M", "train", "DEMO", "--epochs-head", "0"], "is '200M', not a number"),
+    (["MAX_PIXELS=abc", "predict", "DEMO", "DEMO"], "is 'abc', not a number of pixels"),
 ])
 def test_user_errors_are_one_clear_message(run_cli, demo_dir, args, message, monkeypatch):
     if args[0].startswith("MAX_PIXELS="):
@@ -555,3 +558,20 @@ def test_a_config_file_of_nested_aliases_is_refused_at_once(tmp_path):
                           timeout=120)
     assert done.returncode == 2 and "'lr'" in done.stderr and len(done.stderr) < 5000, \
         done.stderr[-2000:]
+
+
+def test_what_the_library_says_on_stderr_keeps_a_long_path_on_one_line(capsys):
+    """train's lines on stderr (a third of what it says, the resume command included) were
+    cut at 80 columns in a log file or CI, a path broken in two: as the CLI's own consoles,
+    the library's leave long lines whole."""
+    import dataclasses
+
+    from wingspan import progress
+    from wingspan.training.context import Run
+
+    path = "/data/" + "very_long_folder_name/" * 8 + "model.pth"
+    console = next(f for f in dataclasses.fields(Run) if f.name == "console").default_factory()
+    for each in (progress.console, console):
+        each.print(f"Run runs/x: efficientnet_lite0 ({path}) on cpu")
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"Run runs/x: efficientnet_lite0 ({path}) on cpu"]

@@ -20,7 +20,7 @@ from rich.progress import (
 )
 
 T = TypeVar("T")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # (paths whole in a log: see cli.common)
 
 
 def _shown(enabled: bool) -> bool:

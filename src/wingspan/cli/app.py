@@ -37,6 +37,8 @@ def _root(ctx: typer.Context,
     if version:
         out.print(f"wingspan {__version__}")
         raise typer.Exit()
+    if ctx.invoked_subcommand is not None:  # (every command: train and predict ignored it)
+        _check_pixel_budget()
     if ctx.invoked_subcommand not in (None, "data", "models", *MULTI_PROCESS):
         _one_process(ctx.invoked_subcommand)
 
@@ -52,11 +54,16 @@ def _one_process(command: str) -> None:
         from wingspan.parallel import check_one_process
 
         check_one_process(command)
+
+
+def _check_pixel_budget() -> None:
+    """$WINGSPAN_MAX_PIXELS refused when it is no number (the library takes the default
+    then, without a word: 200M in a job script trained at 50 MP)."""
     budget = os.environ.get(MAX_PIXELS_ENV)
     if budget is not None and pixel_budget(budget) is None:
         raise WingspanError(f"${MAX_PIXELS_ENV} is {budget!r}, not a number of pixels.",
                             hint=f"Set it to a whole number, e.g. {MAX_PIXELS_ENV}=100000000 "
-                                 "(100 MP), or unset it.")
+                                 "(100 MP), or unset it.", every_rank=True)
 
 
 def one_line_summaries(*apps: typer.Typer) -> None:

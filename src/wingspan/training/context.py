@@ -116,7 +116,8 @@ class Run:
     quiet: bool = False
     weights_source: str | None = None
     resume_from: dict | None = None  # the checkpoint being resumed, until its stage restores it
-    console: Console = field(default_factory=lambda: Console(stderr=True))
+    # soft_wrap: as the CLI's, a long line (a path) is left whole for the terminal
+    console: Console = field(default_factory=lambda: Console(stderr=True, soft_wrap=True))
     loaders: dict = field(default_factory=dict)  # kept between epochs (persistent workers)
     # Under DDP with --strict: the first unreadable image this rank met, raised by every
     # rank together at the next share_unreadable.
