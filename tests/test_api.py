@@ -2,6 +2,7 @@
 
 import dataclasses
 import html
+import io
 import json
 import os
 import pickle
@@ -328,6 +329,10 @@ def test_predict_agrees_with_the_cli(run, run_cli, demo_dir, tmp_path):
     assert ok.probability.to_numpy() == pytest.approx(
         cli.prob_1[cli.error == ""].astype(float).to_numpy(), abs=1e-6)
     assert ok.top.map(len).eq(3).all() and (ok.branch == "").all()  # one level: no branch
+    # --output -: the CSV alone on standard output, for a pipe; the rest on standard error
+    code, piped, said = run_cli("predict", run.dir, *inputs, "--output", "-")
+    assert code == 0 and "1 skipped" in said
+    pd.testing.assert_frame_equal(pd.read_csv(io.StringIO(piped), keep_default_na=False), cli)
     with pytest.raises(WingspanError, match="No image could be predicted"):
         run.predict(tmp_path / "missing.jpg", quiet=True)
 

@@ -2,6 +2,7 @@
 
 import contextlib
 import fcntl
+import io
 import json
 import os
 import re
@@ -412,6 +413,10 @@ def test_runs_command_table_and_outputs(run_cli, runs_dir, finished, tmp_path, m
     assert json.loads((tmp_path / "out" / "all.json").read_text())["runs"] == _plain(frame)
     code, _, err = run_cli("runs", "runs", "--output", "all.txt")
     assert code == 2 and "must end in .csv or .json" in err
+    # --output -: the CSV alone on standard output, for a pipe (the table cut names short)
+    code, out, err = run_cli("runs", "runs", "--sort", "name", "--output", "-")
+    assert code == 0, err
+    assert _plain(pd.read_csv(io.StringIO(out))) == _plain(frame)
     # A narrow terminal (or a pipe) gets the main columns, no cell cut short.
     monkeypatch.setattr(cli.out, "_width", 80)
     code, out, _ = run_cli("runs")

@@ -7,6 +7,7 @@ import csv
 import glob
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -226,7 +227,10 @@ def deciding_score(predictor: Predictor, scores: dict[str, float] | None) -> dic
 
 def write_predictions(result: PredictResult, path: Path) -> None:
     """CSV (path, [<level>, <level>_prob, ...,] class_1, prob_1, ..., error) or JSON, by
-    the file's suffix."""
+    the file's suffix; "-": the CSV on standard output."""
+    if str(path) == "-":
+        _write_csv(result, sys.stdout)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_leftovers(path)  # (a half-written table a SIGTERM left)
     if path.suffix.lower() == ".json":
@@ -240,26 +244,30 @@ def write_predictions(result: PredictResult, path: Path) -> None:
                             for r in result.rows],
             "failed": [{"path": f, "error": e} for f, e in result.failed]}, indent=2))
         return
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        _write_csv(result, f)
+
+
+def _write_csv(result: PredictResult, f) -> None:
     k, levels = result.top_k, result.levels
     # A taxonomy's branch (one class and its probability per level, coarse to fine) is its
     # prediction: those columns come first, as the table shows them. Lines end in "\n", as
     # evaluate's CSVs do (csv's "\r\n" left a "\r" on the error column for awk and cut).
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        header = ["path", *[x for lv in levels for x in (lv, f"{lv}_prob")],
-                  *[x for i in range(1, k + 1) for x in (f"class_{i}", f"prob_{i}")],
-                  *UNKNOWN_KEYS, "error"]
-        writer.writerow(header)
-        for kind, i in result.order:
-            if kind == "failed":
-                f_, e = result.failed[i]
-                writer.writerow([f_, *[""] * (len(header) - 2), e])
-                continue
-            r = result.rows[i]
-            writer.writerow([r["path"],
-                             *[x for _, c, p in r.get("taxonomy", []) for x in (c, f"{p:.6f}")],
-                             *[x for c, p in r["top"] for x in (c, f"{p:.6f}")],
-                             *[_cell(r.get(key)) for key in UNKNOWN_KEYS], ""])
+    writer = csv.writer(f, lineterminator="\n")
+    header = ["path", *[x for lv in levels for x in (lv, f"{lv}_prob")],
+              *[x for i in range(1, k + 1) for x in (f"class_{i}", f"prob_{i}")],
+              *UNKNOWN_KEYS, "error"]
+    writer.writerow(header)
+    for kind, i in result.order:
+        if kind == "failed":
+            f_, e = result.failed[i]
+            writer.writerow([f_, *[""] * (len(header) - 2), e])
+            continue
+        r = result.rows[i]
+        writer.writerow([r["path"],
+                         *[x for _, c, p in r.get("taxonomy", []) for x in (c, f"{p:.6f}")],
+                         *[x for c, p in r["top"] for x in (c, f"{p:.6f}")],
+                         *[_cell(r.get(key)) for key in UNKNOWN_KEYS], ""])
 
 
 def _cell(value) -> str:

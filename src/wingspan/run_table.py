@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import difflib
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -302,7 +303,10 @@ def _plain(value):
 
 def write_run_table(frame: pd.DataFrame, path: str | Path) -> None:
     """CSV (a header row, the columns above) or JSON ({"runs": [one object per run]},
-    empty cells as null), by the file's suffix."""
+    empty cells as null), by the file's suffix; "-": the CSV on standard output."""
+    if str(path) == "-":
+        frame.to_csv(sys.stdout, index=False)
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".json":

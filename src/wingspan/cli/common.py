@@ -92,9 +92,7 @@ def check_output_file(path: Path, suffixes: tuple[str, ...]) -> None:
         stem = path.stem if path.stem not in ("-", "") and not path.name.startswith(".") \
             else "out"  # ('-' is no stdout here; '.csv' alone names no file: e.g. out.csv)
         raise WingspanError(f"--output {path}: the file must end in {' or '.join(suffixes)}.",
-                            hint=f"e.g. --output {path.with_name(stem + suffixes[0])}"
-                            + (" (the results are printed anyway; the file is for programs)"
-                               if str(path) == "-" else ""))
+                            hint=f"e.g. --output {path.with_name(stem + suffixes[0])}")
     existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
     if existing != path.absolute() and not existing.is_dir():
         raise WingspanError(f"--output {path}: {existing} is a file, not a folder.")

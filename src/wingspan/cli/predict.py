@@ -37,7 +37,8 @@ def predict_command(
         show_default=False)],
     top_k: Annotated[int, typer.Option(min=1, help="Classes to show per image.")] = 3,
     output: Annotated[Path | None, typer.Option(
-        help="Write all predictions to a .csv or .json file.")] = None,
+        help="Write all predictions to a .csv or .json file; - writes the CSV to standard "
+             "output (for a pipe), the rest to standard error.")] = None,
     tta: Annotated[bool, typer.Option(help="Test-time augmentation: average flips and "
                                       "crops.")] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = T.batch_size,
@@ -61,7 +62,11 @@ def predict_command(
     from wingspan.inference import Predictor
     from wingspan.predict import predict, predict_fabric, write_predictions
 
-    if output:
+    # --output -: the CSV is all that standard output holds (a table's paths were cut,
+    # and its first 50 rows alone shown); what is said goes to standard error.
+    to_stdout = output is not None and str(output) == "-"
+    say = err if to_stdout else out
+    if output and not to_stdout:
         check_output_file(output, (".csv", ".json"))
     fabric = predict_fabric(device, devices, nodes, strategy, workers)
     main = fabric is None or fabric.is_global_zero
@@ -115,21 +120,21 @@ def predict_command(
             f"all in {plain(output)}" if output else "--output FILE writes all")
     if output:  # first: nothing printed after can lose it
         write_predictions(result, output)
-    if result.rows:  # not an empty table above the skipped files
+    if result.rows and not to_stdout:  # not an empty table above the skipped files
         out.print(table)
     for path, reason in result.failed:
         err.print(f"[yellow]skipped[/] {plain(path)}: {plain(reason)}", highlight=False)
-    out.print(f"{counted(len(result.rows), 'image')} predicted at "
+    say.print(f"{counted(len(result.rows), 'image')} predicted at "
               f"{result.images_per_second:.1f} images/s"
               + (f"; {len(result.failed)} skipped" if result.failed else ""))
-    if output:
+    if output and not to_stdout:
         out.print(f"Wrote {plain(output)}")
     # (by the level known, not the answer's text: a class may be named "unknown")
     unknown = sum(r["known_level"] is None for r in result.rows)
     coarser = sum(r.get("known_level") not in (None, predictor.level) and _stopped(r)
                   for r in result.rows)
     if unknown or coarser:
-        out.print(f"{counted(unknown, 'image is', 'images are')} unlike the classes the "
+        say.print(f"{counted(unknown, 'image is', 'images are')} unlike the classes the "
                   "model knows"
                   + (f", {coarser} known at a coarser level only" if coarser else "")
                   + f" (unknown score '{predictor.unknown_score}' above the threshold that "

@@ -22,7 +22,8 @@ def runs_command(
         "held_out_macro_f1, train_seconds, seed...); scores best first, the rest ascending "
         "(default: created, oldest first).", show_default=False)] = None,
     output: Annotated[Path | None, typer.Option(
-        help="Write every column to a .csv or .json file.")] = None,
+        help="Write every column to a .csv or .json file; - writes the CSV to standard "
+             "output (for a pipe).")] = None,
 ) -> None:
     """List the runs in RUNS_DIR side by side: status, data, backbone, seed, the val figure
     the best epoch was chosen on and the fair held-out one, training time."""
@@ -35,11 +36,13 @@ def runs_command(
         write_run_table,
     )
 
-    if output:
+    if output and str(output) != "-":
         check_output_file(output, (".csv", ".json"))
     frame = run_table(runs_dir, sort)
     if output:
         write_run_table(frame, output)
+    if str(output) == "-":  # the CSV alone on standard output, for a pipe
+        return
     if frame.empty:
         out.print(f"No runs in {plain(runs_dir)}.")
     else:
