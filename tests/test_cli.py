@@ -90,6 +90,11 @@ def test_split_command(run_cli, demo_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, _, err = run_cli("data", "inspect", demo_dir, "--out", "-")
     assert code == 2 and "'-' is no folder" in err and not (tmp_path / "-").exists()
+    # and in every command whose --out is a folder (or export's, a file or folder)
+    for args in (["evaluate", "RUN"], ["explain", "RUN", str(demo_dir)], ["export", "RUN"],
+                 ["adapt", "RUN", str(demo_dir)], ["demo"]):
+        code, _, err = run_cli(*args, "--out", "-")
+        assert code == 2 and "'-' is no folder" in err and not (tmp_path / "-").exists(), args
 
 
 def test_preview_command(run_cli, demo_dir, tmp_path):

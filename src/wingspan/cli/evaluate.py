@@ -21,6 +21,7 @@ from wingspan.cli.options import (
     Runtime,
     UnknownScoreOpt,
     Workers,
+    check_folder,
 )
 from wingspan.config import AdaptConfig, TrainConfig, name_pairs
 from wingspan.errors import WingspanError, counted, some
@@ -36,7 +37,8 @@ def evaluate_command(
     split: Annotated[str | None, typer.Option(
         help="train | val | test | all (default: test, else val).")] = None,
     out_dir: Annotated[Path | None, typer.Option(
-        "--out", help="Output folder (default: RUN/evaluation-SPLIT; other DATA: "
+        "--out", callback=check_folder,
+        help="Output folder (default: RUN/evaluation-SPLIT; other DATA: "
         "RUN/evaluation-NAME-SPLIT; then -unknown with --unknown, -SCORE with another "
         "--unknown-score than the model's, -tta with --tta).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = T.batch_size,
@@ -283,7 +285,8 @@ def adapt_command(
         help="Unlabelled photos from where the model will be used: files, folders, globs.",
         show_default=False)],
     out_dir: Annotated[Path | None, typer.Option(
-        "--out", help="The adapted run's folder (default: RUN-adapted, or RUN-adapted-2... "
+        "--out", callback=check_folder,
+        help="The adapted run's folder (default: RUN-adapted, or RUN-adapted-2... "
         "when taken). An earlier adapted run there is replaced.",
         show_default=False)] = None,
     neighbours: Annotated[int, typer.Option(

@@ -32,11 +32,17 @@ Level = Annotated[str | None, typer.Option(
 
 
 def check_folder(value: Path | None) -> Path | None:
-    if value is not None and str(value) == "-":  # (standard output is no folder)
-        raise typer.BadParameter(f"'{value}' is no folder: these outputs are files (PNG, "
-                                 "CSV, JSON); name a folder to write them into.")
+    check_not_stdout(value)
     if value is not None and value.exists() and not value.is_dir():
         raise typer.BadParameter(f"{value} is a file; name a folder to write into.")
+    return value
+
+
+def check_not_stdout(value: Path | None) -> Path | None:
+    """'-' (standard output, for predict's and runs' --output) made a folder named '-'."""
+    if value is not None and str(value) == "-":
+        raise typer.BadParameter(f"'{value}' is no folder: these outputs are files (PNG, "
+                                 "CSV, JSON, a model); name a folder to write them into.")
     return value
 
 

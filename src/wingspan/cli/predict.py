@@ -21,6 +21,8 @@ from wingspan.cli.options import (
     Strategy,
     UnknownScoreOpt,
     Workers,
+    check_folder,
+    check_not_stdout,
 )
 from wingspan.config import ServeLimits, TrainConfig
 from wingspan.errors import WingspanError, counted
@@ -150,7 +152,8 @@ def explain_command(
                                                 help="Image files, folders or globs.",
                                                 show_default=False)],
     out_dir: Annotated[Path | None, typer.Option(
-        "--out", help="Folder for the overlays (default: RUN/explain).")] = None,
+        "--out", callback=check_folder,
+        help="Folder for the overlays (default: RUN/explain).")] = None,
     device: DeviceOpt = T.device,
 ) -> None:
     """Grad-CAM overlays: where the model looked for the class it predicted, one PNG per
@@ -215,7 +218,8 @@ def export_command(
         "when its val top-1 stays within 1 point of fp32's (or 1 image, on fewer than 100 "
         "val images: warned).")] = None,
     out_path: Annotated[Path | None, typer.Option(
-        "--out", help="The model file (ending in .onnx, or .pt for TorchScript), or "
+        "--out", callback=check_not_stdout,
+        help="The model file (ending in .onnx, or .pt for TorchScript), or "
         "else a folder to write it in (default: RUN/export/model.onnx, model.int8.onnx with "
         "--quantize int8, model.pt for TorchScript); its metadata goes beside it as "
         "FILE.json.")] = None,
