@@ -808,6 +808,13 @@ def test_a_resume_reads_images_with_the_pixel_budget_the_run_began_with(
     with call_budget(7_000_000):
         resume(run_dir, quiet=True)
     assert seen == [100_000_000, 7_000_000]
+    # and `train --resume --max-pixels`, which was refused as a setting a resume keeps
+    from wingspan.cli import main
+
+    monkeypatch.setenv("WINGSPAN_MAX_PIXELS", "50000000")  # (put back after: the option
+    with pytest.raises(SystemExit):  # sets it) (exits: the stub run wrote no metrics to show)
+        main(["train", "--resume", str(run_dir), "--max-pixels", "9000000", "--quiet"])
+    assert seen[-1] == 9_000_000
 
 
 def test_a_misspelt_machine_setting_of_a_resume_is_named_with_the_closest(uninterrupted):

@@ -153,7 +153,10 @@ def train_command(
         with same_on_every_rank():
             given = {k: v for k, v in ctx.params.items()
                      if ctx.get_parameter_source(k).name == "COMMANDLINE"}
-            ignored = sorted(set(given) - {"resume", "quiet", *training.MACHINE_SETTINGS})
+            # (--max-pixels: set in the environment as it is parsed, which a resume reads,
+            # as ws.resume(max_pixels=) and $WINGSPAN_MAX_PIXELS change it)
+            ignored = sorted(set(given) - {"resume", "quiet", "max_pixels",
+                                           *training.MACHINE_SETTINGS})
             if ignored:  # refused, not dropped: the user would believe they took effect
                 names = ", ".join("DATA" if k == "data" else "--" + k.replace("_", "-")
                                   for k in ignored)
@@ -161,8 +164,8 @@ def train_command(
                     f"--resume continues {resume} with the settings it began with; {names} "
                     "cannot change them.",
                     hint="Leave them out; a resumed run may change only "
-                         f"{', '.join('--' + k for k in training.MACHINE_SETTINGS)}. To train "
-                         "with other settings, start a new run.")
+                         f"{', '.join('--' + k for k in training.MACHINE_SETTINGS)} and "
+                         "--max-pixels. To train with other settings, start a new run.")
         machine = {k: v for k, v in given.items() if k in training.MACHINE_SETTINGS}
         run_dir = training.resume(resume, quiet=quiet, **machine)
     else:
