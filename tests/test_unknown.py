@@ -407,6 +407,22 @@ def test_the_bench_of_other_unknown_scores_scores_a_held_out_run(held_out_run, t
     assert rows["msp+knn"] == pytest.approx(same.metrics["unknown"]["auroc"], abs=2e-3)
 
 
+def test_unknown_csv_names_the_images_wherever_it_is_read_from(held_out_run, tmp_path,
+                                                                monkeypatch):
+    """--unknown given relative to the current folder kept its paths so in unknown.csv,
+    which then named no file once read from elsewhere (predictions.csv's are absolute)."""
+    from wingspan.evaluate.run import evaluate
+
+    run_dir, demo = held_out_run
+    monkeypatch.chdir(demo)
+    metrics = evaluate(run_dir, out=tmp_path / "ev", progress=False, plots=False,
+                       unknown=HELD).metrics
+    rows = list(csv.DictReader(open(tmp_path / "ev" / "unknown.csv")))
+    assert len(rows) == len(list((demo / HELD).glob("*.jpg")))
+    assert all(Path(r["path"]).is_absolute() and Path(r["path"]).is_file() for r in rows)
+    assert all(Path(n["path"]).is_absolute() for n in metrics["unknown"]["unseen_named"])
+
+
 def test_a_held_out_species_comes_out_unknown(held_out_run):
     run_dir, demo = held_out_run
     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -567,13 +567,13 @@ def _openset(predictor: Predictor, unknown, paths: list[str], known: list, y: np
     answers = [answer for _, answer in said]
     named = sorted((i for i, p in enumerate(unseen) if p.known_level is not None),
                    key=lambda i: u[i])
-    result["unseen_named"] = [{"path": unseen[i].path, "answer": answers[i],
+    result["unseen_named"] = [{"path": os.path.abspath(unseen[i].path), "answer": answers[i],
                                "unknown_score": float(u[i])} for i in named[:UNSEEN_LISTED]]
     # The score that decided each answer, its threshold and level, as predict writes them
     # (with levels, each has its own threshold); and the finest level's, which AUROC ranks.
     deciding = pd.DataFrame([deciding_score(predictor, p.unknown) for p in unseen])
-    _write_csv(pd.DataFrame({
-        "path": [p.path for p in unseen], **deciding.to_dict("list"),
+    _write_csv(pd.DataFrame({  # (absolute, as predictions.csv: it is read from elsewhere)
+        "path": [os.path.abspath(p.path) for p in unseen], **deciding.to_dict("list"),
         **({f"{level}_score": u} if predictor.taxonomy else {}),
         "answer": answers,
         "known_level": [level or "" for level, _ in said],
