@@ -175,6 +175,13 @@ def test_top_k_and_confusion():
     m = classification_metrics(y, probs, list("abcd"))
     assert m["accuracy"] == 0.0
     assert m["top3_accuracy"] == pytest.approx(3 / 4)  # class 3 is last for the 4th image
+    # An answer that is not the top class (a taxonomy's branch) ranks first: top-3 ranked
+    # by the finest head alone came out below accuracy (1.0 against 0.0 here).
+    branch = np.array([0, 1, 2, 3])
+    m = classification_metrics(y, probs, list("abcd"), y_pred=branch)
+    assert m["accuracy"] == 1.0 and m["top3_accuracy"] == 1.0
+    m = classification_metrics(y, probs, list("abcd"), y_pred=np.array([3, 3, 3, 0]))
+    assert m["top3_accuracy"] == pytest.approx(2 / 4)  # the answer, then the two likeliest
     cm = confusion(y, probs.argmax(1), 4)
     assert cm.tolist() == [[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1], [1, 0, 0, 0]]
     with warnings.catch_warnings():  # a level of one class: its matrix, and no warning
