@@ -1,5 +1,5 @@
-"""Classification metrics from predictions: scikit-learn's, with scipy's intervals (an exact
-binomial one for accuracy, the bootstrap for macro-F1)."""
+"""Classification metrics from predictions: scikit-learn's, with intervals (scipy's exact
+binomial one for accuracy; a bootstrap of macro-F1 written here, see confidence_intervals)."""
 
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> Path:
     With many classes counts, then names, would be unreadable: above ANNOTATED the cells
     lose their counts, above LABELLED the axes lose their names, and the matrix is sorted
     by class frequency (where the classes differ in it; else it keeps confusion.csv's
-    order); the most confused pairs are listed beside it.
+    order). (The most confused pairs are the report's table, not drawn here.)
     """
     n = len(classes)
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)

@@ -45,8 +45,9 @@ display:block;max-width:100%;overflow-x:auto}
 def write_report(path: Path, title: str, sections: dict) -> Path:
     """Sections (all optional): overview, data, balance_png, preview_png, curves_png,
     summary, transfer, per_class, confusion_png, confused, level_confusion_pngs ({level:
-    png}), mistakes_png, calibration, reliability_png, profile; no_plots (the figures were
-    not asked for: each says so in its place); all_right (no mistakes to show)."""
+    png}), levels, hierarchy, mistakes_png, calibration, reliability_png, unknown,
+    unknown_png, profile; no_plots (the figures were not asked for: each says so in its
+    place); all_right (no mistakes to show)."""
     s = sections
     missing = ("not drawn: evaluated with --no-plots (plots=False in Python)"
                if s.get("no_plots") else "not available")
