@@ -356,6 +356,16 @@ def test_a_bad_engine_setting_in_the_environment_leaves_a_stopped_run_stopped(
     assert ws.runs(tmp_path / "runs").loc[0, "status"] == before
 
 
+def test_a_run_that_lost_its_config_is_listed_damaged(runs_dir, finished):
+    """A trained run whose config.yaml was deleted was left out unsaid, where `train
+    --resume` calls it damaged."""
+    lost = _copy(finished, runs_dir / "lost")
+    (lost / "config.yaml").unlink()
+    row = ws.runs(runs_dir).set_index("name").loc["lost"]
+    assert row["status"] == "damaged" and row["detail"] == "config.yaml is missing (a " \
+        "resume needs it)"
+
+
 def test_runs_in_a_folder_it_may_not_read_is_a_clear_error(run_cli, runs_dir, monkeypatch):
     import errno
     import pathlib

@@ -127,13 +127,21 @@ def run_row(run_dir: Path) -> dict | None:
     row.update(name=run_dir.name, path=str(run_dir))
     try:  # (Path.is_file raises PermissionError for a folder we may not enter)
         configured = (run_dir / CONFIG_FILE).is_file()
+        # A run that trained and has lost its config.yaml (which `train --resume` calls
+        # damaged): left out of the listing, unsaid.
+        lost = not configured and (run_dir / SPLITS_FILE).is_file() and (
+            (run_dir / "checkpoints").is_dir() or (run_dir / "history.csv").is_file())
         # What `train` writes before config.yaml, and nothing else: killed then, or being
         # set up now. (An empty folder may be anyone's: not listed.)
-        if not configured and (not any(run_dir.iterdir())
-                               or not stopped_while_set_up(run_dir)):
+        if not configured and not lost and (not any(run_dir.iterdir())
+                                            or not stopped_while_set_up(run_dir)):
             return None
     except OSError:  # a folder we may not read: no telling what it holds
         return None
+    if lost:
+        row.update(status=DAMAGED, detail=f"{CONFIG_FILE} is missing (a resume needs it)",
+                   created=_stamp(run_dir / SPLITS_FILE))
+        return row
     if not configured:
         row.update(status=_LOCKED.get(lock_state(run_dir), SET_UP), created=_stamp(run_dir))
         return row
