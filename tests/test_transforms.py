@@ -103,8 +103,9 @@ def test_preview_passes_over_unreadable_images(demo_dir, tmp_path):
     assert said == [f"Not shown: {folders[0].name} (no image of the class could be read)."]
     with pytest.raises(WingspanError, match=r"rows \(--rows\) must be from 1 to"):
         write_preview(read_dataset(demo_dir), tmp_path / "none.png", rows=0)
-    with pytest.raises(WingspanError, match=r"seed \(--seed\) must be from 0 to"):
+    with pytest.raises(WingspanError, match=r"seed \(--seed\) must be from 0 to") as e:
         write_preview(read_dataset(demo_dir), tmp_path / "none.png", seed=-1)
+    assert e.value.hint == "Use 0, say."  # (it said 6, as for --rows)
     # No bound above ran out of memory (--image-size 10^9) or time (--views 10^5), refused
     # now before any image is read.
     for settings in ({"augmented": 100_000}, {"rows": 10_000},
