@@ -356,6 +356,17 @@ def test_predict_keeps_the_model_loaded_until_its_files_change(run, demo_dir, tm
     after = copy.predict(image, quiet=True)
     assert after.threshold[0] < first.threshold[0]  # the new, lower one
     assert after.equals(ws.load(tmp_path / "copy").predict(image, quiet=True))
+    # One kept for the process, not one per Run (which kept every Run's model while it
+    # lived): another bundle's call frees it.
+    import gc
+    import weakref
+
+    import wingspan.api as api
+
+    kept = weakref.ref(api._LOADED[1])
+    ws.load(run.dir).predict(image, quiet=True)
+    gc.collect()
+    assert kept() is None and len(loads) == 4
 
 
 PAUSED_WRITE = """

@@ -409,21 +409,6 @@ def test_a_timed_out_prediction_keeps_its_place_and_pixels_until_its_decoding_en
     assert counts[1] == 1  # the second never decoded beside the first
 
 
-def test_uploads_are_held_in_memory_a_few_at_a_time(run_dir, monkeypatch):
-    """Every file of a request was read into memory at once, whatever its pixels: a small
-    JPEG padded to 20 MB is a valid upload, and 4 requests of 32 held 1.8 GB. Uploads are
-    now read in turn within a budget of bytes (ServeLimits.read_files of the largest)."""
-    counts = _concurrency_spy(monkeypatch, 0.2)
-    padded = _jpeg() + bytes(50_000)  # (bytes after the image's end are ignored)
-    app = create_app(run_dir, ServeLimits(max_bytes=len(padded) + 10, read_files=1),
-                     device="cpu")
-    r = TestClient(app).post("/predict", files=[
-        ("files", (f"{i}.jpg", padded, "image/jpeg")) for i in range(3)])
-    assert r.status_code == 200 and len(r.json()["predictions"]) == 3
-    assert all("answer" in p for p in r.json()["predictions"])
-    assert counts[1] == 1
-
-
 def test_an_image_over_the_budget_is_refused_without_waiting_for_the_whole_pool(
         run_dir, monkeypatch):
     """A 400 MP PNG claimed the whole pool (its header's pixels), so it waited until no

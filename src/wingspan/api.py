@@ -32,7 +32,9 @@ import pandas as pd
 
 from wingspan.config import (
     AUGMENT_POLICIES,
+    PRECISION_ENV,
     RUNS_DIR,
+    RUNTIME_ENV,
     SPLITS,
     AugmentConfig,
     DemoConfig,
@@ -661,6 +663,11 @@ def _prediction_row(result, kind: str, i: int) -> dict:
             "score_level": row.get("score_level"), "error": None}  # (isna(): read)
 
 
+# run.predict's loaded model and what it was loaded from (see Run._predictor): one for
+# the process, not one per Run, which kept every Run's model in memory while it lived.
+_LOADED: tuple[tuple, object] | None = None
+
+
 class Run:
     """A trained run (or a model bundle on its own): its history, metrics and model, and
     what to do with them.
@@ -674,7 +681,6 @@ class Run:
     def __init__(self, run_dir: str | Path | None, bundle: str | Path | None = None):
         self.dir = Path(run_dir) if run_dir is not None else None
         self.bundle = Path(bundle) if bundle is not None else self.dir / "model"
-        self._loaded: tuple[tuple, object] | None = None  # see _predictor
 
     @property
     def name(self) -> str:
@@ -857,21 +863,25 @@ class Run:
         return self.dir if self.dir else self.bundle
 
     def _predictor(self, progress: bool, **settings):
-        """predict's loaded model, kept for the next call with the same settings while
-        the bundle's files are unchanged: a loop predicting one photo at a time loaded the
-        model, and chose its engine, for each (0.1 s for a small CNN, seconds with engines
-        to time). A calibrate or a retrain rewrites the files, and the model is loaded
-        again."""
+        """predict's loaded model, kept (one, whichever Run loaded it last) for the next
+        call with the same settings while the bundle's files and the engine settings in
+        the environment are unchanged: a loop predicting one photo at a time loaded the
+        model, and chose its engine, for each (0.5 s a call for a tiny CNN). A calibrate
+        or a retrain rewrites the files, and the model is loaded again."""
         from wingspan.inference import Predictor, find_bundle
 
+        global _LOADED
         bundle = find_bundle(self._model)
         files = sorted(bundle.iterdir()) if bundle.is_dir() else [bundle]
-        key = (str(bundle), [(f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files],
-               sorted(settings.items()))
-        if self._loaded is None or self._loaded[0] != key:
-            self._loaded = None  # (the old one freed before the new one loads)
-            self._loaded = key, Predictor(bundle, progress=progress, **settings)
-        return self._loaded[1]
+        stats = [(f.name, (s := f.stat()).st_ino, s.st_mtime_ns, s.st_ctime_ns, s.st_size)
+                 for f in files]
+        key = (str(bundle.resolve()), stats, sorted(settings.items()),
+               [os.environ.get(name) for name in (PRECISION_ENV, RUNTIME_ENV)])
+        loaded = _LOADED
+        if loaded is None or loaded[0] != key:
+            _LOADED = None  # (the old one freed before the new one loads)
+            loaded = _LOADED = key, Predictor(bundle, progress=progress, **settings)
+        return loaded[1]
 
     @_keywords_checked
     def predict(self, paths: str | Path | list[str | Path], top_k: int = 3, tta: bool = False,

@@ -268,15 +268,12 @@ class ServeLimits:
     # Pixels decoded at once, counted from each image's header (two images at the default
     # budget, about 1.5 GB); more wait their turn, small ones passing large ones by.
     decode_pixels: int = 2 * MAX_PIXELS
-    # Uploads held in memory at once, from read until decoded, counted by their bytes:
-    # this many files of max_bytes (more smaller ones); more wait their turn.
-    read_files: int = 4
 
     def __post_init__(self) -> None:
         _check_types(self)
         # (0 in flight would refuse every request)
         for name in ("max_bytes", "max_in_flight", "max_files", "batch_size", "top_k",
-                     "explain_threads", "decode_pixels", "read_files"):
+                     "explain_threads", "decode_pixels"):
             _check(getattr(self, name) >= 1, name, "at least 1", getattr(self, name))
         _check(self.timeout_s > 0, "timeout_s", "a positive number of seconds", self.timeout_s)
         _check(self.batch_wait_ms >= 0, "batch_wait_ms", "0 or more", self.batch_wait_ms)

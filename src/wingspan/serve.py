@@ -149,14 +149,12 @@ class _BodyLimit:
         await self.app(scope, counted, send)
 
 
-class _Budget:
-    """How much of something the server holds at once: pixels being decoded, bytes of
-    uploads read into memory. A request of 32 flat 49 MP PNGs (5 MB, inside every other
-    limit) had six decoded together on the shared threads: 4.3 GB at its peak, and a
-    one-photo request sent after it waited 29 s behind its queue. Each image now holds its
-    header's pixels (up to the pool) while it is decoded, so large ones take turns and a
-    small one passes them by while there is room; its bytes, likewise, from being read
-    until decoded."""
+class _PixelPool:
+    """How many pixels the server decodes at once. A request of 32 flat 49 MP PNGs (5 MB:
+    inside every other limit) had six decoded together on the shared threads: 4.3 GB at
+    its peak, and a one-photo request sent after it waited 29 s behind its queue. Each
+    image now holds its header's pixels (up to the pool) while it is decoded, so large ones
+    take turns and a small one passes them by while there is room."""
 
     def __init__(self, size: int):
         self.size = self.free = size
@@ -164,19 +162,19 @@ class _Budget:
         self.loop = None
 
     @asynccontextmanager
-    async def hold(self, amount: int):
+    async def hold(self, pixels: int):
         loop = asyncio.get_running_loop()
         if self.loop is not loop:  # made on the server's loop (a test client may make more)
             self.loop, self.changed = loop, asyncio.Condition()
-        amount = min(amount, self.size)
+        pixels = min(pixels, self.size)
         async with self.changed:
-            await self.changed.wait_for(lambda: self.free >= amount)
-            self.free -= amount
+            await self.changed.wait_for(lambda: self.free >= pixels)
+            self.free -= pixels
         try:
             yield
         finally:
             async with self.changed:
-                self.free += amount
+                self.free += pixels
                 self.changed.notify_all()
 
 
@@ -201,10 +199,7 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
     predictor.forward(torch.zeros(limits.batch_size, 3, predictor.size, predictor.size))
     batcher = _Batcher(predictor, limits)
     in_flight = {"n": 0}
-    decoding = _Budget(limits.decode_pixels)
-    # A request's 32 files were all read into memory at once, whatever their pixels: a
-    # small JPEG padded to 20 MB is a valid upload, and 4 such requests held 1.8 GB.
-    reading = _Budget(limits.read_files * limits.max_bytes)
+    decoding = _PixelPool(limits.decode_pixels)
     # Grad-CAM on threads of its own: one that outlives its 504 (a thread cannot be
     # stopped) then holds one of these, not one of the pool that decodes /predict's images.
     explainers = ThreadPoolExecutor(limits.explain_threads, thread_name_prefix="wingspan-explain")
@@ -396,16 +391,13 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
         return answers
 
     async def _one(upload: UploadFile) -> dict:
-        size = min(upload.size or limits.max_bytes, limits.max_bytes + 1)
         try:
-            async with reading.hold(size):  # its bytes in memory, from read to decoded
-                data = await upload.read(limits.max_bytes + 1)
-                if len(data) > limits.max_bytes:
-                    raise HTTPException(413, f"{upload.filename}: over {limits.max_bytes} "
-                                        f"bytes ({limits.max_bytes / 2**20:.3g} MB), the most "
-                                        "this server takes (wingspan serve --max-upload-mb).")
-                x = await _decoded(upload.filename, data)
-                del data
+            data = await upload.read(limits.max_bytes + 1)
+            if len(data) > limits.max_bytes:
+                raise HTTPException(413, f"{upload.filename}: over {limits.max_bytes} bytes "
+                                f"({limits.max_bytes / 2**20:.3g} MB), the most this server takes "
+                                "(wingspan serve --max-upload-mb).")
+            x = await _decoded(upload.filename, data)
         except HTTPException as e:  # this file's fault: the request's other files go on
             return {"file": upload.filename, "error": e.detail, "status": e.status_code}
         outputs, scores = await batcher.run(x)

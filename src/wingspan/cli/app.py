@@ -127,8 +127,9 @@ def main(argv: list[str] | None = None) -> None:
         try:
             app(args=_home_expanded(sys.argv[1:] if argv is None else list(argv)),
                 prog_name="wingspan")
-        except SystemExit as e:  # (Ctrl-C's is 130; a SIGTERM'd process's, 143)
-            if e.code == 130 and TERMINATED.is_set():
+        except SystemExit as e:  # (Ctrl-C's is 130; a SIGTERM'd process's, 143: serve's
+            # too, which shuts down in order and ends as if done)
+            if e.code in (0, None, 130) and TERMINATED.is_set():
                 raise SystemExit(143) from None
             raise
         finally:
