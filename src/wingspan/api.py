@@ -177,8 +177,9 @@ def read(path: str | Path, format: str | None = None, group_regex: str | None = 
     """
     from wingspan.data import read_dataset
 
-    config = ReadConfig(format=format, group_regex=group_regex, strict=strict,
-                        check_files=check_files)
+    config = ReadConfig(format=format, group_regex=group_regex,
+                        strict=_switch_arg("strict", strict),
+                        check_files=_switch_arg("check_files", check_files))
     return Data(read_dataset(_path_arg("path", path), config))
 
 
@@ -254,6 +255,7 @@ class Data:
         """
         from wingspan.data.inspect import inspect_dataset
 
+        metadata_only = _switch_arg("metadata_only", metadata_only)  # ("no" was true)
         level = self.dataset.resolve_level(level)
         out_dir = _out_arg(out) or self.dataset.claim_out_dir()
         with _max_pixels(max_pixels):

@@ -193,6 +193,7 @@ def remove_dead_leftovers(*paths: str | Path, quiet_seconds: float = 60.0) -> No
             for entry in os.scandir(path.parent):
                 found = pattern.fullmatch(entry.name)
                 # safetensors' own (see above) names no process: its age alone tells
+                # (only where wingspan writes: a bundle's folder, a run's)
                 theirs = path.suffix == ".safetensors" and \
                     _SAFETENSORS_TEMPORARY.fullmatch(entry.name)
                 if not (found or theirs) or not entry.is_file(follow_symlinks=False):

@@ -89,7 +89,8 @@ def save_bundle(model: Classifier, path: str | Path, classes: dict[str, list[str
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".safetensors":
-        remove_dead_leftovers(path)  # (a killed calibrate's)
+        # (not its folder's .tmpXXXXXX files: a user's folder, where another program may
+        # write through such names too)
         _atomic(path, lambda tmp: save_file(state, tmp, metadata={
             METADATA_KEY: json.dumps(manifest)}))
     else:
