@@ -580,3 +580,34 @@ def test_what_the_library_says_on_stderr_keeps_a_long_path_on_one_line(capsys):
         each.print(f"Run runs/x: efficientnet_lite0 ({path}) on cpu")
         assert capsys.readouterr().err.strip().splitlines() == [
             f"Run runs/x: efficientnet_lite0 ({path}) on cpu"]
+
+
+def test_a_process_forked_by_a_command_still_dies_of_sigterm():
+    """SIGTERM stops a command as Ctrl-C does; a child forked from it (a multiprocessing
+    Pool's worker: cleanlab's in `data audit`) took that handler along, and raised
+    KeyboardInterrupt where Pool.terminate's SIGTERM met it: `data audit` hung for good
+    waiting for it. A forked child dies of SIGTERM, as by default."""
+    import subprocess
+    import sys
+
+    script = """
+import os, signal, sys, time
+from wingspan.cli.app import _sigterm_as_interrupt
+_sigterm_as_interrupt()
+child = os.fork()
+if child == 0:
+    time.sleep(60)
+    os._exit(0)
+time.sleep(0.5)
+os.kill(child, signal.SIGTERM)
+_, status = os.waitpid(child, 0)
+print(os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM)
+try:
+    os.kill(os.getpid(), signal.SIGTERM)  # the command itself: as Ctrl-C
+    time.sleep(5)
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.split() == ["True", "interrupted"], done.stderr[-2000:]

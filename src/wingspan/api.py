@@ -614,8 +614,8 @@ def _max_pixels(value) -> contextlib.AbstractContextManager:
 
 def _predictions(rows: list[dict]) -> pd.DataFrame:
     """Run.predict's table (its columns even with no rows). Its text columns hold None
-    where there is no text, as documented, whatever the rows: pandas made a column of
-    strings and None (error, once one input failed) strings and NaN."""
+    where there is no text, as documented, whatever the rows: pandas turned the None of a
+    column that also holds strings into NaN (`error`, once one input failed)."""
     frame = pd.DataFrame(rows, columns=["path", "answer", "class", "probability", "branch",
                                         "top", "known_level", "unknown_score", "threshold",
                                         "score_level", "error"])

@@ -112,8 +112,14 @@ def _sigterm_as_interrupt() -> None:
     if threading.current_thread() is not threading.main_thread() or \
             signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         return
+    me = os.getpid()
 
     def stop(signum, frame):
+        if os.getpid() != me:  # a forked child (a Pool's worker, which Pool.terminate
+            # ends so): dies as by default, or its pool waited for it for good
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         TERMINATED.set()
         raise KeyboardInterrupt("SIGTERM")
 
