@@ -43,7 +43,7 @@ def test_explain_writes_an_overlay_per_image_and_lists_bad_ones(run_dir, demo_di
     code, _, err = run_cli("explain", run_dir, tmp_path / "nothing*.jpg")
     assert code == 2 and "No image to explain" in err
     code, _, err = run_cli("explain", run_dir, images[0], "--out", tmp_path / "broken.jpg")
-    assert code == 2 and "is a file; name a folder to write into" in " ".join(err.split())
+    assert code == 2 and "name a folder to write into" in err  # (in typer's box)
     # Two folders' 0001.jpg: two overlays, neither written over the other.
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()
