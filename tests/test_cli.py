@@ -113,6 +113,7 @@ def test_preview_command(run_cli, demo_dir, tmp_path):
     (["data", "preview", "DEMO", "--seed", "-1"], "seed (--seed) must be from 0 to 2**32 - 1"),
     # (a split given where DATA goes: "No dataset at test")
     (["evaluate", "DEMO", "test"], "DATA 'test' is a split name, and no such folder is here"),
+    (["calibrate", "DEMO", "val"], "DATA 'val' is a split name, and no such folder is here"),
     (["MAX_PIXELS=10MP", "data", "inspect", "DEMO"], "is '10MP', not a number of pixels"),
     (["MAX_PIXELS=²", "data", "inspect", "DEMO"], "is '²', not a number of pixels"),
     # (train and predict, which share work among processes, took the default unsaid)

@@ -127,8 +127,8 @@ def run_row(run_dir: Path) -> dict | None:
     row.update(name=run_dir.name, path=str(run_dir))
     try:  # (Path.is_file raises PermissionError for a folder we may not enter)
         configured = (run_dir / CONFIG_FILE).is_file()
-        # A run that trained and has lost its config.yaml (which `train --resume` calls
-        # damaged): left out of the listing, unsaid.
+        # A run that trained and has lost its config.yaml: listed as damaged, as `train
+        # --resume` calls it (it was left out of the listing, unsaid).
         lost = not configured and (run_dir / SPLITS_FILE).is_file() and (
             (run_dir / "checkpoints").is_dir() or (run_dir / "history.csv").is_file())
         # What `train` writes before config.yaml, and nothing else: killed then, or being

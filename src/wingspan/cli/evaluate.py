@@ -23,7 +23,7 @@ from wingspan.cli.options import (
     Workers,
     check_folder,
 )
-from wingspan.config import SPLITS, AdaptConfig, TrainConfig, name_pairs
+from wingspan.config import AdaptConfig, TrainConfig, name_pairs
 from wingspan.errors import WingspanError, counted, some
 
 T = TrainConfig  # defaults shown in --help come from the one config
@@ -66,10 +66,6 @@ def evaluate_command(
     model is not changed (see `wingspan calibrate`)."""
     from wingspan.evaluate.run import evaluate
 
-    if data is not None and str(data) in (*SPLITS, "all") and not data.exists():
-        # (`evaluate RUN test`: said as the library says it, not "No dataset at test")
-        raise WingspanError(f"DATA '{data}' is a split name, and no such folder is here.",
-                            hint=f"To choose the run's own split, name it: --split {data}.")
     result = evaluate(model, data, split, out_dir, progress=not quiet,
                       batch_size=batch_size, workers=workers, runtime=runtime,
                       precision=precision, device=device,

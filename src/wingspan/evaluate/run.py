@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from wingspan.config import UNKNOWN_SCORES, AugmentConfig, ReadConfig, TrainConfig
+from wingspan.config import SPLITS, UNKNOWN_SCORES, AugmentConfig, ReadConfig, TrainConfig
 from wingspan.data import read_dataset
 from wingspan.data.csvfiles import name_as_read
 from wingspan.data.plots import plot_class_balance
@@ -97,6 +97,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     `predict --tta` answers (each image's views averaged), on every image read here.
     `plots=False`: the metrics and tables without the PNGs (2-5 s less on a 2-core CPU,
     most of a small evaluation's time; Ultralytics' `val(plots=False)`)."""
+    _check_no_split_name(data)
     predictor = Predictor(model, device=device, batch_size=batch_size, workers=workers,
                           runtime=runtime, precision=precision, progress=progress,
                           unknown_score=unknown_score)
@@ -679,6 +680,16 @@ def _per_level(predictor: Predictor, rows: pd.DataFrame, probs: np.ndarray, pred
     return table, columns
 
 
+def _check_no_split_name(data) -> None:
+    """`evaluate RUN test`, `calibrate RUN val`: a split given where DATA goes, said before
+    the model loads (not "No dataset at test", after it)."""
+    if isinstance(data, str | Path) and str(data) in (*SPLITS, "all") and \
+            not Path(data).exists():
+        raise WingspanError(f"DATA '{data}' is a split name, and no such folder is here.",
+                            hint=f"To choose the run's own split, name it: --split {data} "
+                                 f"(in Python: split={str(data)!r}).")
+
+
 def _dataset(data, run_dir: Path | None, doing: str = "evaluate on",
              command: str = "evaluate") -> Dataset:
     if isinstance(data, Dataset):  # read already (the API's ws.read)
@@ -827,6 +838,7 @@ def calibrate(model: str | Path, data: str | Path | None = None, split: str | No
     split; evaluate never does). `class_map` {model class: DATA's class}, as evaluate's:
     DATA's images of the model's classes under other names (the same names match anyway);
     the images of classes the model does not know are left out."""
+    _check_no_split_name(data)
     predictor = Predictor(model, device=device, batch_size=batch_size, workers=workers,
                           progress=progress)
     _check_bundle_writable(predictor.bundle, "calibrate stores the new temperature there")
