@@ -381,6 +381,37 @@ def _concurrency_spy(monkeypatch, seconds: float) -> list[int]:
     return counts
 
 
+def test_padded_uploads_are_read_in_turn_by_their_bytes(run_dir, monkeypatch):
+    """Files of few pixels padded to many bytes were all read at once, whatever the pool:
+    32 of 20 MB held 650 MB for one request. A file now holds the larger of its pixels
+    and its bytes while it is read and decoded."""
+    import threading
+
+    import wingspan.serve
+
+    decode, lock, held = wingspan.serve._decode, threading.Lock(), [0, 0]
+
+    def slow_decode(name, data, draft=None):
+        with lock:
+            held[0] += len(data)
+            held[1] = max(held[1], held[0])
+        time.sleep(0.2)
+        with lock:
+            held[0] -= len(data)
+        return decode(name, data, draft)
+
+    monkeypatch.setattr(wingspan.serve, "_decode", slow_decode)
+    padded = _jpeg() + bytes(1_000_000)  # 60 x 40 pixels in 1 MB (after the JPEG's end)
+    app = create_app(run_dir, ServeLimits(decode_pixels=2_500_000, max_bytes=2**21),
+                     device="cpu")
+    with TestClient(app) as c:
+        r = c.post("/predict", files=[("files", (f"p{i}.jpg", padded, "image/jpeg"))
+                                      for i in range(6)])
+    assert r.status_code == 200, r.text
+    assert [p.get("error") for p in r.json()["predictions"]] == [None] * 6
+    assert len(padded) < held[1] <= 2_500_000  # two at once, never the six
+
+
 def test_a_timed_out_prediction_keeps_its_place_and_pixels_until_its_decoding_ends(
         run_dir, monkeypatch):
     """A /predict answered 504 gave back its place in flight and its pixels while its

@@ -266,7 +266,8 @@ class ServeLimits:
     top_k: int = 5  # classes per level in an answer
     explain_threads: int = 2  # Grad-CAMs computed at once (each uses every core); more wait
     # Pixels decoded at once, counted from each image's header (two images at the default
-    # budget, about 1.5 GB); more wait their turn, small ones passing large ones by.
+    # budget, about 1.5 GB); more wait their turn, small ones passing large ones by. A file
+    # of more bytes than pixels (padded) holds its bytes: each is read in its turn.
     decode_pixels: int = 2 * MAX_PIXELS
 
     def __post_init__(self) -> None:
