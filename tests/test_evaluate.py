@@ -1,4 +1,5 @@
 import base64
+import hashlib
 import json
 import re
 import shutil
@@ -971,27 +972,53 @@ def test_adapt_says_a_temperature_fitted_on_other_photos_is_not_carried_over(
     assert code == 0 and "is for its head as it was" not in said, said
 
 
+def test_adapt_says_nothing_of_val_images_it_did_not_train_on(trained, tmp_path, run_cli):
+    """With no photo agreed on, the head stays as trained: it was said to have trained on
+    the run's own val images given as photos, and their figures to be unfair."""
+    splits = pd.read_csv(trained / "splits.csv")
+    val = splits[splits.split == "val"].path.head(5).tolist()
+    code, stdout, err = run_cli("adapt", trained, *val, "--out", tmp_path / "a",
+                                "--confidence", "0.9999", "--quiet")
+    assert code == 0, err
+    stdout = " ".join(stdout.split())
+    assert "No photo's class was agreed on" in stdout
+    assert "of the photos are the run's own val images" not in stdout
+    summary = json.loads((tmp_path / "a" / "adapt.json").read_text())
+    assert summary["val_images_among_photos"] == 5  # (the count stays in adapt.json)
+
+
 def test_adapt_warns_when_the_photos_are_the_runs_own_val_images(trained, tmp_path, run_cli,
                                                                  shared_data_or_demo):
     splits = pd.read_csv(trained / "splits.csv")
     val = splits[splits.split == "val"].path.head(5).tolist()
     test = splits[splits.split == "test"].path.head(3).tolist()
-    code, stdout, err = run_cli("adapt", trained, *val, *test, "--out", tmp_path / "a",
-                                "--quiet")
+    # ... among training images, so that the head finds photos to refit on (said only then);
+    # not copies of the run's or the data's own val or test images (Leeds has a few)
+    data = shared_data_or_demo[0]
+    own = pd.read_csv(data / "splits.csv") if (data / "splits.csv").is_file() else splits
+    held_out = {hashlib.sha256((data / p if not Path(p).is_absolute() else Path(p))
+                               .read_bytes()).digest()
+                for table in (splits, own) for p in table[table.split != "train"].path}
+    among_train = [p for p in splits[splits.split == "train"].path[1:]  # (the first: below)
+                   if hashlib.sha256(Path(p).read_bytes()).digest() not in held_out][:40]
+    code, stdout, err = run_cli("adapt", trained, *val, *test, *among_train, "--out",
+                                tmp_path / "a", "--quiet")
     assert code == 0, err
     stdout = " ".join(stdout.split())
+    assert "trained on 0 of them" not in stdout, stdout
     assert "5 of the photos are the run's own val images" in stdout
     assert "3 of the photos are the run's own test images" in stdout
     summary = json.loads((tmp_path / "a" / "adapt.json").read_text())
     assert (summary["val_images_among_photos"], summary["test_images_among_photos"]) == (5, 3)
     # Its test figures are then not called fair, nor those of any data holding the photos
     # (here the run's own data given as other data: its test split was "fair" before).
-    assert pd.read_csv(tmp_path / "a" / "adapt-photos.csv")["path"].size == 8
+    given = 8 + len(among_train)
+    assert pd.read_csv(tmp_path / "a" / "adapt-photos.csv")["path"].size == given
     for data in (None, shared_data_or_demo[0]):
         split = "test" if data is None or (data / "splits.csv").is_file() else "all"  # demo
         fair = evaluate(tmp_path / "a", data, split=split, progress=False, workers=0,
                         plots=False, out=tmp_path / f"ev-{data is None}").metrics["fair"]
-        among = 3 if split == "test" else 8  # (all of the demo's images: val's too)
+        among = 3 if split == "test" else given  # (all of the demo's images: val's too)
         assert fair.startswith(f"no: `wingspan adapt` refitted this model on {among} of these "
                                ), fair
     # Sorted into class folders by hand to label them (copies, under other names), beside

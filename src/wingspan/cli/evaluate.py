@@ -333,10 +333,12 @@ def adapt_command(
         out.print(f"[yellow]No photo's class was agreed on by the head and its neighbours"
                   f"{bar}:[/] the head stays as trained. Give photos of the species the "
                   "model knows" + (", or a lower --confidence." if confidence else "."))
-    if a["val_images_among_photos"]:
+    if a["val_images_among_photos"] and any(any(n) for n in a["photos_used_per_round"].values()):
+        # (a head refitted on no photo is the run's own: its val figures hold)
         out.print(f"[yellow]{a['val_images_among_photos']} of the photos are the run's own val "
-                  "images[/]: the val accuracy, temperature and unknown thresholds above are "
-                  "fitted or scored on images the head has now trained on.")
+                  "images[/]: the val accuracy, temperature and unknown thresholds above may be "
+                  "fitted or scored on images the head has now trained on (those whose class "
+                  "it and their neighbours agreed on).")
     if a["test_images_among_photos"]:
         out.print(f"[yellow]{a['test_images_among_photos']} of the photos are the run's own test "
                   "images[/]: its test figures are no longer fair (evaluate says so).")
