@@ -400,6 +400,36 @@ def test_sigterm_stops_any_command_as_ctrl_c_does(run, demo_dir, tmp_path):
     assert list(out.parent.iterdir()) == []
 
 
+POOLS = """
+import multiprocessing, signal, sys
+from wingspan.cli.app import _sigterm_as_interrupt
+
+def disposition(_):
+    blocked = signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    return signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and not blocked
+
+_sigterm_as_interrupt()  # as every command does: in place while a library forks its pools
+fork = multiprocessing.get_context("fork")
+with fork.Pool(2) as pool:  # (cleanlab's, in `data audit`)
+    print(all(pool.map(disposition, range(4))))
+for _ in range(int(sys.argv[1])):
+    with fork.Pool(2) as pool:
+        pool.map(abs, range(10))  # then Pool.terminate, which SIGTERMs its workers
+print("done")
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_pool_forked_under_the_sigterm_handler_is_ended_without_hanging():
+    """The handler passed a forked child's SIGTERM on to the default, but one that came
+    before the child's Python had reset its signals was lost: `Pool.terminate` then waited
+    for the worker for good (a `data audit` hung in cleanlab, 1 pool in a few hundred).
+    Its workers now start with SIGTERM's default, never caught: no window to lose it in."""
+    proc = subprocess.run([sys.executable, "-c", POOLS, "300"], capture_output=True,
+                          text=True, timeout=170)
+    assert proc.stdout.split() == ["True", "done"], proc.stderr[-2000:]
+
+
 def test_a_photo_skipped_inside_a_folder_keeps_its_place_among_the_folders_photos(
         run, demo_dir, tmp_path):
     """A phone's HEIC photo in a folder was listed at the folder's start."""

@@ -72,6 +72,11 @@ def test_audit_finds_flipped_labels_and_a_resized_copy(tmp_path, run_cli, monkey
                for d in dups), dups[:3]
     page = (tmp_path / "audit" / "audit.html").read_text()
     assert page.count("data:image/jpeg;base64,") >= 60 and "across splits" in page
+    # A card calls its label a mismatch only where another class is likelier
+    shown = ranked[:page.count("labelled <b>")]
+    assert page.count("looks like") == sum(r["suspected"] != r["label"] for r in shown) > 0
+    assert page.count("its label is the likeliest") == sum(r["suspected"] == r["label"]
+                                                           for r in shown) > 0
     assert page.startswith("<!doctype html><html lang='en'>")  # (read aloud in English)
     pairs, groups = (int(n) for n in re.search(r"(\d+) pairs? in (\d+) groups?", page).groups())
     assert f"{pairs} pair{'s' if pairs > 1 else ''} in {groups} group{'s' if groups > 1 else ''}" \

@@ -191,6 +191,9 @@ def test_a_drawer_scan_over_pillows_own_limit_is_read_reduced_not_called_a_bomb(
     from test_bad_input import _bomb
 
     _bomb(tmp_path / "bomb.png")
+    # Its size in plain figures, not "(1.6e+03 MP)"
+    with pytest.raises(WingspanError, match=r"40000 x 40000 pixels \(1,600 MP\) is over"):
+        open_rgb(tmp_path / "bomb.png")
     # `data inspect`'s reason names every way to raise the budget, as the loaders' hints do.
     assert image_facts(str(tmp_path / "bomb.png")).error.endswith(
         "over the pixel budget of 50 MP (raise it with --max-pixels, max_pixels= in Python, "

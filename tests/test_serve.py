@@ -625,6 +625,9 @@ def test_the_page_in_a_real_browser(run_dir, demo_dir, tmp_path):
                                "'one.jpg' && document.body.dataset.state == 'explained'")
         assert page.text_content("#status").startswith(
             "3 files dropped: this page answers one at a time")
+        # ... where it is seen too (#status, once answered, is for a screen reader alone)
+        assert page.is_visible("#note") and page.text_content("#note").startswith(
+            "3 files dropped: this page answers one at a time")
         # While a slow answer is awaited, the new photo is not shown beside the last one's
         # answer, bars or map.
         held = []  # the request, held until the page has been read
@@ -694,6 +697,21 @@ def test_the_page_in_a_real_browser(run_dir, demo_dir, tmp_path):
         assert page.text_content("#why") == (
             f"Chosen a level at a time, {first['level']} first ({first['class']}, "
             f"{100 * first['probability']:.1f}%): the bars rank the finest classes alone.")
+        assert not page.is_visible("#note")  # (one photo: nothing left undone)
+        # ... and where, calibrated, another class of that level shows more, why it is not
+        # chosen: the branch is chosen on the uncalibrated scores.
+        coarse = [{"level": first["level"], "class": "other", "probability": 0.9},
+                  {**first, "probability": 0.1}]
+        page.route("**/predict", lambda route: route.fulfill(json={"predictions": [
+            {**chosen, "top": {**chosen["top"], first["level"]: coarse}}], "latency_ms": 1.0}))
+        page.set_input_files("#file", str(photo))
+        page.wait_for_function("document.getElementById('why').textContent.includes("
+                               "'uncalibrated')")
+        assert page.text_content("#why") == (
+            f"Chosen a level at a time, {first['level']} first ({first['class']}, "
+            f"{100 * first['probability']:.1f}%: the likeliest {first['level']} on the "
+            "model's uncalibrated scores, which choose the branch): the bars rank the finest "
+            "classes alone.")
         page.unroute("**/predict")
         # A server restarted under the page with another model: the header follows it.
         model = {**httpx.get(f"{url}/model").json(), "backbone": "another_net"}

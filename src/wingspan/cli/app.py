@@ -14,7 +14,7 @@ import typer
 from wingspan import __version__
 from wingspan.cli.common import err, out, pixel_budget, plain, stdout_gone
 from wingspan.config import MAX_PIXELS_ENV
-from wingspan.errors import TERMINATED, WingspanError
+from wingspan.errors import TERMINATED, WingspanError, forks_die_of_sigterm
 from wingspan.files import os_error_said
 
 app = typer.Typer(
@@ -112,17 +112,12 @@ def _sigterm_as_interrupt() -> None:
     if threading.current_thread() is not threading.main_thread() or \
             signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         return
-    me = os.getpid()
 
     def stop(signum, frame):
-        if os.getpid() != me:  # a forked child (a Pool's worker, which Pool.terminate
-            # ends so): dies as by default, or its pool waited for it for good
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-            return
         TERMINATED.set()
         raise KeyboardInterrupt("SIGTERM")
 
+    forks_die_of_sigterm()  # (a Pool's worker, which Pool.terminate ends so)
     signal.signal(signal.SIGTERM, stop)
 
 

@@ -422,9 +422,11 @@ def gallery(issues: pd.DataFrame, duplicates: pd.DataFrame, level: str, config: 
         cards.append(
             f"<div class='c'><img alt='{e(r.path)}' src='{_thumbnail(r.path)}'>"
             f"<div>#{r.rank} labelled <b>{e(r.label)}</b></div>"
-            f"<div class='s'>looks like <b>{e(r.suspected)}</b> "
-            f"({r.suspected_probability:.2f})</div>"
-            f"<div class='m'>quality {r.label_quality:.3f} · {e(r.split)} · {e(r.path)}</div>"
+            + (f"<div class='s'>looks like <b>{e(r.suspected)}</b> "
+               f"({r.suspected_probability:.2f})</div>" if r.suspected != r.label else
+               # (a low quality alone, its label still the likeliest: not called a mismatch)
+               f"<div>its label is the likeliest ({r.suspected_probability:.2f})</div>")
+            + f"<div class='m'>quality {r.label_quality:.3f} · {e(r.split)} · {e(r.path)}</div>"
             "</div>")
     pairs = []
     # One pair a group first (its first in the table's order: leaks and two labels lead),

@@ -75,6 +75,12 @@ def open_image(path: str | Path | BinaryIO) -> Iterator[Image.Image]:
         yield im
 
 
+def megapixels(pixels: float) -> str:
+    """'0.64', '49', '10,000': megapixels in 3 figures, never '1e+04'."""
+    mp = pixels / 1e6
+    return f"{mp:.3g}" if mp < 1000 else f"{mp:,.0f}"
+
+
 class ImageTooLarge(WingspanError):
     """An image over the pixel budget (a server answers it 413, not 422)."""
 
@@ -177,15 +183,15 @@ def open_rgb(path: str | Path | BinaryIO, draft: int | None = None,
                 # budget is at fault (a square image is refused too).
                 raise ImageTooLarge(
                     f"Cannot read image {name}: resizing its {w} x {h} pixels for a model "
-                    f"(shorter side {side} px) makes {resized / 1e6:.3g} MP, over the pixel "
-                    f"budget of {budget / 1e6:.3g} MP.",
+                    f"(shorter side {side} px) makes {megapixels(resized)} MP, over the pixel "
+                    f"budget of {megapixels(budget)} MP.",
                     hint=f"Raise the budget to at least {math.ceil(resized)} (the default "
                     f"is {MAX_PIXELS}) with {RAISE_BUDGET}.")
             if resized > max(budget, w * h):  # a 1 x 40000 PNG of 100 bytes, upscaled
                 raise ImageTooLarge(
                     f"Cannot read image {name}: {w} x {h} pixels is too long and thin to resize "
-                    f"for a model (its shorter side at {side} px would make {resized / 1e6:.3g} "
-                    f"MP, over the budget of {budget / 1e6:.3g} MP).",
+                    f"for a model (its shorter side at {side} px would make {megapixels(resized)} "
+                    f"MP, over the budget of {megapixels(budget)} MP).",
                     hint="Crop the image to the part that shows the subject.")
             if im.format in REDUCIBLE and (draft or w * h > budget):
                 # libjpeg's scales: the least that fits the budget, and (for `draft`) the
@@ -199,8 +205,8 @@ def open_rgb(path: str | Path | BinaryIO, draft: int | None = None,
                 im.draft("RGB", (max(1, w // scale), max(1, h // scale)))
             if im.size[0] * im.size[1] > budget:
                 raise ImageTooLarge(
-                    f"Cannot read image {name}: {w} x {h} pixels ({w * h / 1e6:.3g} MP) is over "
-                    f"the budget of {budget / 1e6:.3g} MP" + (
+                    f"Cannot read image {name}: {w} x {h} pixels ({megapixels(w * h)} MP) is over "
+                    f"the budget of {megapixels(budget)} MP" + (
                         ", even decoded at 1/8 scale" if im.format in REDUCIBLE else "") + ".",
                     hint=f"Shrink the image, or raise the budget ({RAISE_BUDGET}); decoding "
                     "takes about 4 bytes a pixel, several times.")
@@ -338,7 +344,7 @@ def image_facts(path: str, budget: int | None = None) -> ImageFacts:
             # Checked before anything decodes (a PNG's EXIF is read by decoding it): no bomb.
             if im.size[0] * im.size[1] > budget:
                 facts.error = (f"{facts.width} x {facts.height} pixels is over the pixel "
-                               f"budget of {budget / 1e6:.3g} MP (raise it with "
+                               f"budget of {megapixels(budget)} MP (raise it with "
                                f"{RAISE_BUDGET})")
                 return facts
             orientation = im.getexif().get(EXIF_ORIENTATION, 1)

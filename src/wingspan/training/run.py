@@ -34,7 +34,7 @@ from wingspan.data import read_dataset
 from wingspan.data.images import call_budget, chosen_budget
 from wingspan.data.samples import Dataset, report_reading
 from wingspan.data.split import write_splits
-from wingspan.errors import TERMINATED, WingspanError, counted, some
+from wingspan.errors import TERMINATED, WingspanError, counted, forks_die_of_sigterm, some
 from wingspan.evaluate.calibration import (
     MIN_CALIBRATION_IMAGES,
     bound_warning,
@@ -513,6 +513,7 @@ class _Terminated:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # (only there in Python)
+            forks_die_of_sigterm()  # (its data workers and pools: not as the run does)
             self.previous = signal.signal(signal.SIGTERM, self._stop)
             self.installed = True
         return self
