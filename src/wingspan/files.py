@@ -398,3 +398,13 @@ def check_writable(folder: str | Path, what: str, hint: str) -> None:
     except OSError as e:
         raise WingspanError(f"{folder} cannot be written to ({e.strerror or e}): {what}.",
                             hint=hint) from e
+
+
+def check_folder_writable(folder: str | Path, what: str, hint: str) -> None:
+    """Before work whose results go into `folder` (made only then, with its parents): an
+    error now if a file stands in its way or its nearest existing folder cannot be written."""
+    folder = Path(folder).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise WingspanError(f"{existing} is a file, not a folder: {what}.", hint=hint)
+    check_writable(existing, what, hint)

@@ -197,8 +197,15 @@ def data_audit(
                          device=device, cache=cache)
     check_weights(config.weights)  # a typo: said now, not after reading the data
     dataset = read_data(data, format, group_regex, strict=strict, report=True)
-    result = audit_dataset(dataset, out_dir or dataset.claim_out_dir(), level, config,
-                           progress=not quiet, strict=strict)
+    try:
+        result = audit_dataset(dataset, out_dir or dataset.claim_out_dir(), level, config,
+                               progress=not quiet, strict=strict)
+    except KeyboardInterrupt:  # (Ctrl-C or SIGTERM: the earlier audit's files stay whole)
+        err.print("Stopped: this audit wrote nothing" + (
+            "; the features computed so far are cached, and the same command goes on from "
+            "them." if config.cache else " (--no-cache: the next starts afresh)."),
+            highlight=False)
+        raise
     issues, dups = result.issues, result.duplicates
     table = Table("rank", folding("image"), "label", "looks like", "label quality",
                   title=f"Most suspect labels ({int(issues['flagged'].sum())} of {len(issues)} "

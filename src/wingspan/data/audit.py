@@ -31,7 +31,7 @@ from wingspan.config import AuditConfig, default_cache_dir
 from wingspan.data.images import budget_key, max_pixels, open_rgb
 from wingspan.data.samples import GROUP, PATH, SPLIT, Dataset
 from wingspan.errors import WingspanError, counted
-from wingspan.files import FileArrays, atomic_paths, remove_dead_leftovers
+from wingspan.files import FileArrays, atomic_paths, check_folder_writable, remove_dead_leftovers
 from wingspan.progress import status, track
 
 if TYPE_CHECKING:
@@ -69,6 +69,8 @@ def audit_dataset(dataset: Dataset, out_dir: str | Path, level: str | None = Non
         raise WingspanError(f"An audit needs at least 2 classes at level '{level}'; "
                             f"found {len(counts)}.")
     _check_enough_to_check(_independent(table, level), level)  # before the features
+    check_folder_writable(out_dir, f"the audit's files go to {out_dir}",  # (not after them)
+                          hint="Give --out a folder you can write to.")
     features, hashes, backbone, failed, what = image_features(table[PATH].tolist(), config,
                                                               progress)
     if strict and failed:
