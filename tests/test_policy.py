@@ -104,6 +104,12 @@ def test_policy_errors(auto, monkeypatch):
     auto("avx2")
     with pytest.raises(WingspanError, match="fp16 is not supported on the CPU"):
         resolve_policy(precision="fp16")
+    # Where it came from, and advice that holds on this CPU (not bf16, emulated here)
+    monkeypatch.setenv("WINGSPAN_PRECISION", "fp16")
+    with pytest.raises(WingspanError, match=r"CPU \(WINGSPAN_PRECISION=fp16\)") as e:
+        resolve_policy()
+    assert e.value.hint.startswith("Use fp32, or auto")
+    monkeypatch.delenv("WINGSPAN_PRECISION")
     with pytest.raises(WingspanError, match="no CUDA GPU"):
         resolve_policy(device="cuda")
     with pytest.raises(WingspanError, match="Unknown precision 'fp8'"):
