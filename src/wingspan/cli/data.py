@@ -185,7 +185,8 @@ def data_audit(
     """Find likely label errors (confident learning on out-of-fold probabilities, with
     cleanlab) and near-duplicate images within and across splits.
 
-    Writes audit.csv (every image, most suspect first), duplicates.csv and audit.html.
+    Writes audit.csv (every readable image whose label could be checked, most suspect
+    first; a class of one image is named apart), duplicates.csv and audit.html.
     """
     from rich.table import Table
 
