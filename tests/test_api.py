@@ -478,13 +478,13 @@ def test_workers_reach_the_loader_and_change_no_answer(run, run_cli, demo_dir, t
     read without workers, which could only add their start.)"""
     import wingspan.inference as inference
 
-    used, loader = [], inference.DataLoader
+    used, loader = [], inference.Loader
 
     def spy(*args, **kwargs):
         used.append(kwargs["num_workers"])
         return loader(*args, **kwargs)
 
-    monkeypatch.setattr(inference, "DataLoader", spy)
+    monkeypatch.setattr(inference, "Loader", spy)
     folder = sorted(p for p in demo_dir.iterdir() if p.is_dir())[0]
     for n in ("0", "1"):
         code, _, err = run_cli("predict", run.dir, folder, "--workers", n, "--quiet",
@@ -614,14 +614,14 @@ def test_adapt_takes_the_keywords_evaluate_and_predict_take(run, demo_dir, tmp_p
         if method is ws.Run.adapt:
             takes |= {f.name for f in dataclasses.fields(AdaptConfig)}
         assert common <= takes, method.__name__
-    shown, workers, loader = [], [], inference.DataLoader
+    shown, workers, loader = [], [], inference.Loader
     monkeypatch.setattr(progress, "_shown", lambda enabled: shown.append(enabled) or enabled)
 
     def spy(*args, **kwargs):
         workers.append(kwargs["num_workers"])
         return loader(*args, **kwargs)
 
-    monkeypatch.setattr(inference, "DataLoader", spy)
+    monkeypatch.setattr(inference, "Loader", spy)
     folder = sorted(p for p in demo_dir.iterdir() if p.is_dir())[0]
     adapted = run.adapt(folder, out=tmp_path / "a", workers=0, quiet=True, batch_size=4)
     assert (adapted.dir / "adapt.json").is_file()

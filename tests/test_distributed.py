@@ -256,6 +256,23 @@ def test_data_workers_share_the_cores_this_process_may_use(monkeypatch):
     assert default_workers() == MAX_WORKERS and default_workers(8) == 7
 
 
+def test_workers_allowed_past_the_cores_draw_no_torch_advice(monkeypatch):
+    """wingspan allows WORKERS_PER_CORE a core; torch's DataLoader advised against more
+    than one a core each time a loader was made or iterated (6 times a train)."""
+    import warnings
+
+    from wingspan.training.data import WORKERS_PER_CORE, Loader
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        loader = Loader(list(range(4)), batch_size=2, num_workers=WORKERS_PER_CORE)
+        assert [batch.tolist() for batch in loader] == [[0, 1], [2, 3]]
+    with pytest.warns(UserWarning, match="worker processes in total"):  # (what torch says)
+        torch.utils.data.DataLoader(list(range(4)), num_workers=WORKERS_PER_CORE)
+
+
 def test_an_absurd_number_of_workers_is_refused_before_any_is_started(monkeypatch, run_cli,
                                                                        demo_dir, tmp_path):
     from wingspan.errors import WingspanError

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from wingspan.config import AugmentConfig
@@ -23,7 +23,7 @@ from wingspan.models import load_bundle, resolve_policy
 from wingspan.models.unknown import deepest_known
 from wingspan.parallel import check_default_dtype
 from wingspan.progress import track
-from wingspan.training.data import resolve_workers
+from wingspan.training.data import Loader, resolve_workers
 from wingspan.training.folder import CONFIG_FILE, SPLITS_FILE
 
 
@@ -248,7 +248,7 @@ class Predictor:
         # One batch: workers would only add their start (0.13 s: a loop predicting a photo
         # at a time paid it for each), with no next batch to read while this one runs.
         workers = self.workers if len(paths) > self.batch_size else 0
-        loader = DataLoader(_Images(paths, views, self.size, self.draft),
+        loader = Loader(_Images(paths, views, self.size, self.draft),
                             batch_size=self.batch_size, num_workers=workers,
                             generator=torch.Generator(),
                             pin_memory=self.policy.device.type == "cuda")

@@ -8,7 +8,8 @@ was resized or re-encoded, which the byte-level check of `wingspan.data.leaks` m
 and cosine similarity of the features for the same scene taken twice.
 
 Writes audit.csv (every readable image whose label could be checked: not a class of one
-image, most suspect first), duplicates.csv and audit.html (a gallery: the image, its label, the suspected label, the score).
+image, most suspect first), duplicates.csv and audit.html (a gallery: the image, its
+label, the suspected label, the score).
 """
 
 from __future__ import annotations

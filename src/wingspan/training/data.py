@@ -233,6 +233,15 @@ def default_workers(processes: int = 1) -> int:
     return max(0, min(MAX_WORKERS, _usable_cores() // processes - 1))
 
 
+class Loader(DataLoader):
+    """torch's DataLoader without its advice on the worker count, which resolve_workers has
+    checked against the cores already (torch gave it 6 times a train at --workers 3 on 2
+    cores, where wingspan allows 4 a core)."""
+
+    def check_worker_number_rationality(self) -> None:
+        pass
+
+
 def make_loader(dataset: LabelledImages, batches, workers: int, persistent: bool = False,
                 pin: bool = False) -> DataLoader:
     """A loader over `batches` (lists of requests, e.g. EpochBatches). `persistent` keeps
@@ -240,7 +249,7 @@ def make_loader(dataset: LabelledImages, batches, workers: int, persistent: bool
     (for a GPU) lets batches be copied to it without blocking."""
     # Its own generator: a loader must not draw from the global random stream, or dropout
     # masks would depend on how many loaders ran before (and a resumed run would differ).
-    return DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+    return Loader(dataset, batch_sampler=batches, num_workers=workers,
                       collate_fn=dataset.collate,
                       pin_memory=pin,
                       persistent_workers=persistent and workers > 0,
