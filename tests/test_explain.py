@@ -37,6 +37,10 @@ def test_explain_writes_an_overlay_per_image_and_lists_bad_ones(run_dir, demo_di
     code, out, err = run_cli("explain", run_dir, images[0], "--out", tmp_path / "cli")
     assert code == 0, err
     assert len(list((tmp_path / "cli").glob("*.gradcam.png"))) == 1
+    assert f"-> {tmp_path / 'cli'}" in " ".join(out.split())  # a line per image
+    # -q, as the other commands take it: no line per image, the count and the folder
+    code, out, err = run_cli("explain", run_dir, *images, "--out", tmp_path / "q", "-q")
+    assert code == 0 and " ".join(out.split()) == f"2 overlays in {tmp_path / 'q'}", (out, err)
     # Nothing explained is a failure; --out at a file is refused before any work.
     code, _, err = run_cli("explain", run_dir, tmp_path / "broken.jpg", "--out", tmp_path / "x")
     assert code == 2 and "No image could be explained" in err

@@ -941,7 +941,7 @@ class Run:
 
     @_keywords_checked
     def explain(self, images: str | Path | list[str | Path], out: str | Path | None = None,
-                device: str = TrainConfig.device) -> Images:
+                device: str = TrainConfig.device, quiet: bool = False) -> Images:
         """Grad-CAM overlays (where the model looked for the class it predicted), as
         `wingspan explain`; one PNG per image in `out` (default RUN/explain), returned as
         a list of Image that a notebook shows side by side. Inputs that cannot be read are
@@ -958,7 +958,8 @@ class Run:
             raise WingspanError(f"No image to explain: {missing[0][0]}: {missing[0][1]}."
                                 if missing else "No image to explain.")
         out = _out_arg(out) or output_home(self.bundle) / "explain"
-        explained = explain(self._model, paths, out, device=device)
+        explained = explain(self._model, paths, out, device=device,
+                            progress=not _switch_arg("quiet", quiet))
         failed = [f"{path}: {why}" for path, why in missing] + [
             f"{e.path}: {e.error}" for e in explained if e.error]
         if len(failed) == len(missing) + len(explained):  # as predict says it

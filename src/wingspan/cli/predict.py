@@ -8,7 +8,16 @@ from typing import Annotated
 import typer
 
 from wingspan.cli.app import app
-from wingspan.cli.common import apart, check_output_file, err, folding, make_config, out, plain
+from wingspan.cli.common import (
+    apart,
+    check_output_file,
+    err,
+    folding,
+    here,
+    make_config,
+    out,
+    plain,
+)
 from wingspan.cli.options import (
     DeviceOpt,
     Devices,
@@ -155,6 +164,7 @@ def explain_command(
         "--out", callback=check_folder,
         help="Folder for the overlays (default: RUN/explain).")] = None,
     device: DeviceOpt = T.device,
+    quiet: Quiet = False,
 ) -> None:
     """Grad-CAM overlays: where the model looked for the class it predicted, one PNG per
     image."""
@@ -169,16 +179,19 @@ def explain_command(
         raise WingspanError("No image to explain.", hint="Check the paths given.")
     out_dir = out_dir or output_home(find_bundle(model)) / "explain"
     explained = 0
-    for e in explain(model, paths, out_dir, device=device):
+    for e in explain(model, paths, out_dir, device=device, progress=not quiet):
         if e.error:
             err.print(f"[yellow]skipped[/] {plain(e.path)}: {plain(e.error)}", highlight=False)
         else:
             explained += 1
             said = f" (answer: {e.answer})" if e.otherwise else ""
-            out.print(f"{plain(e.path)}: {plain(e.label)} {e.probability:.3f}{plain(said)} -> "
-                      f"{plain(e.png)}", highlight=False)
+            if not quiet:  # (a line per image)
+                out.print(f"{plain(e.path)}: {plain(e.label)} {e.probability:.3f}{plain(said)} "
+                          f"-> {plain(e.png)}", highlight=False)
     if not explained:
         raise WingspanError("No image could be explained.", hint="Check the files given.")
+    if quiet:
+        out.print(f"{counted(explained, 'overlay')} in {plain(here(out_dir))}", highlight=False)
 
 
 @app.command("serve")
