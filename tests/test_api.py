@@ -400,6 +400,20 @@ def test_sigterm_stops_any_command_as_ctrl_c_does(run, demo_dir, tmp_path):
     assert list(out.parent.iterdir()) == []
 
 
+def test_a_narrow_terminal_folds_the_answer_rather_than_cutting_it(run, demo_dir, run_cli,
+                                                                   monkeypatch):
+    """At 40 columns the prediction read "azure_…": it folds onto more lines, as paths do."""
+    from wingspan.cli import common as cli
+
+    photo = str(sorted(demo_dir.rglob("*.jpg"))[0])
+    answer = run.predict(photo, quiet=True).answer[0]
+    monkeypatch.setattr(cli.out, "_width", 40)  # (rich read $COLUMNS when it was made)
+    code, out, err = run_cli("predict", run.dir, photo, "--quiet")
+    assert code == 0, err
+    rows = [line.split("│") for line in out.splitlines() if line.startswith("│")]
+    assert "".join(cells[2].strip() for cells in rows) == answer, out
+
+
 POOLS = """
 import multiprocessing, signal, sys
 from wingspan.cli.app import _sigterm_as_interrupt

@@ -96,7 +96,8 @@ def predict_command(
     # 3-class model the next 2 as well; the header says what is shown (with --top-k 1, an
     # unknown answer's closest class alone).
     k = min(top_k, len(predictor.classes))
-    table = Table(folding("image"), "prediction", "probability",
+    # (the answer folds too: at 40 columns it read "azure_…")
+    table = Table(folding("image"), folding("prediction"), "probability",
                   "taxonomy (probability per level)" if hierarchical else
                   f"next {k - 1}" if k > 1 else "")
     for row in result.rows[:50]:
