@@ -405,9 +405,11 @@ def test_a_narrow_terminal_folds_the_answer_rather_than_cutting_it(run, demo_dir
     """At 40 columns the prediction read "azure_…": it folds onto more lines, as paths do."""
     from wingspan.cli import common as cli
 
-    photo = str(sorted(demo_dir.rglob("*.jpg"))[0])
-    answer = run.predict(photo, quiet=True).answer[0]
-    monkeypatch.setattr(cli.out, "_width", 40)  # (rich read $COLUMNS when it was made)
+    photos = [str(p) for p in sorted(demo_dir.rglob("*.jpg"))[::7]]
+    answers = run.predict(photos, quiet=True).answer
+    photo, answer = max(zip(photos, answers, strict=True), key=lambda pair: len(pair[1]))
+    assert len(answer) >= 7  # (longer than a column here)
+    monkeypatch.setattr(cli.out, "_width", 30)  # (rich read $COLUMNS when it was made)
     code, out, err = run_cli("predict", run.dir, photo, "--quiet")
     assert code == 0, err
     rows = [line.split("│") for line in out.splitlines() if line.startswith("│")]
