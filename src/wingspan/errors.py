@@ -11,20 +11,29 @@ TERMINATED = threading.Event()
 _FORKS_DIE_OF_SIGTERM = []  # (register_at_fork's hooks cannot be removed: added once)
 
 
+def sigterm_handler(handler):
+    """Marks a SIGTERM handler as wingspan's (see forks_die_of_sigterm)."""
+    handler._wingspan_sigterm = True
+    return handler
+
+
 def forks_die_of_sigterm() -> None:
-    """Where wingspan puts a SIGTERM handler of its own: a child forked from then on (a
-    multiprocessing Pool's worker, cleanlab's say) dies of SIGTERM, as by default, and the
-    pool that ends it with one does not wait for it for good. A handler that did so itself
-    raced the fork: a SIGTERM in the child before Python reset its signal state was lost,
-    and `Pool.terminate` hung (1 pool in a few hundred). So SIGTERM is held back in the
-    forking thread, the child's is set to the default, and then it lands."""
+    """Where wingspan puts a SIGTERM handler of its own: a child forked while it is in
+    place (a multiprocessing Pool's worker, cleanlab's say) dies of SIGTERM, as by default,
+    and the pool that ends it with one does not wait for it for good. A handler that did so
+    itself raced the fork: a SIGTERM in the child before Python reset its signal state was
+    lost, and `Pool.terminate` hung (1 pool in a few hundred). So SIGTERM is held back in
+    the forking thread, the child's is set to the default, and then it lands. Another
+    handler (the embedding program's) is left to its children."""
     if _FORKS_DIE_OF_SIGTERM or not hasattr(os, "register_at_fork"):  # (Windows: no fork)
         return
     _FORKS_DIE_OF_SIGTERM.append(True)
     term = {signal.SIGTERM}
 
     def child() -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (the child's only thread: its main)
+        handler = signal.getsignal(signal.SIGTERM)
+        if getattr(getattr(handler, "__func__", handler), "_wingspan_sigterm", False):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (the child's one thread: main)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, term)
 
     os.register_at_fork(before=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, term),

@@ -14,7 +14,7 @@ import typer
 from wingspan import __version__
 from wingspan.cli.common import err, out, pixel_budget, plain, stdout_gone
 from wingspan.config import MAX_PIXELS_ENV
-from wingspan.errors import TERMINATED, WingspanError, forks_die_of_sigterm
+from wingspan.errors import TERMINATED, WingspanError, forks_die_of_sigterm, sigterm_handler
 from wingspan.files import os_error_said
 
 app = typer.Typer(
@@ -113,6 +113,7 @@ def _sigterm_as_interrupt() -> None:
             signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         return
 
+    @sigterm_handler
     def stop(signum, frame):
         TERMINATED.set()
         raise KeyboardInterrupt("SIGTERM")

@@ -34,7 +34,14 @@ from wingspan.data import read_dataset
 from wingspan.data.images import call_budget, chosen_budget
 from wingspan.data.samples import Dataset, report_reading
 from wingspan.data.split import write_splits
-from wingspan.errors import TERMINATED, WingspanError, counted, forks_die_of_sigterm, some
+from wingspan.errors import (
+    TERMINATED,
+    WingspanError,
+    counted,
+    forks_die_of_sigterm,
+    sigterm_handler,
+    some,
+)
 from wingspan.evaluate.calibration import (
     MIN_CALIBRATION_IMAGES,
     bound_warning,
@@ -518,6 +525,7 @@ class _Terminated:
             self.installed = True
         return self
 
+    @sigterm_handler
     def _stop(self, signum, frame):
         self.received = True
         TERMINATED.set()
