@@ -8,6 +8,7 @@ import os
 import pickle
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import warnings
@@ -447,6 +448,49 @@ def test_a_pool_forked_under_the_sigterm_handler_is_ended_without_hanging():
     proc = subprocess.run([sys.executable, "-c", POOLS, "300"], capture_output=True,
                           text=True, timeout=170)
     assert proc.stdout.split() == ["True", "done", "True"], proc.stderr[-2000:]
+
+
+SIGTERMS = """
+import os, signal, sys, time
+from wingspan.cli.app import _sigterm_as_interrupt
+from wingspan.errors import TERMINATED
+_sigterm_as_interrupt()
+
+
+class Loader:
+    def __init__(self, message):
+        self.message = message
+
+    def __del__(self):
+        raise RuntimeError(self.message)
+
+
+try:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)
+except KeyboardInterrupt:  # (dropped, as Python drops one raised in a __del__)
+    pass
+assert TERMINATED.is_set()
+Loader("DataLoader worker (pid 1) is killed by signal: Terminated. ")  # not shown
+Loader("another fault")  # shown
+print("second", flush=True)
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(5)
+print("still running")
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_a_second_sigterm_ends_the_command_and_a_killed_loader_is_not_a_traceback():
+    """A group's SIGTERM (`timeout`'s, SLURM's) ended the data workers too: the loader's
+    __del__ then printed their death as a traceback. And a SIGTERM raised where Python
+    drops the KeyboardInterrupt (an import's callback) was lost: a second one now ends the
+    command on the spot."""
+    proc = subprocess.run([sys.executable, "-c", SIGTERMS], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == -signal.SIGTERM, (proc.stdout, proc.stderr)
+    assert proc.stdout.split() == ["second"]
+    assert "another fault" in proc.stderr and "DataLoader worker" not in proc.stderr
 
 
 def test_a_photo_skipped_inside_a_folder_keeps_its_place_among_the_folders_photos(

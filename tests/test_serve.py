@@ -4,6 +4,7 @@ import asyncio
 import io
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -83,7 +84,7 @@ def test_health_model_and_a_good_image(client, run_dir):
      "over 200000 bytes (0.191 MB), the most this server takes (wingspan serve --max-upload-mb)"),
     ("huge.png", None, 413, "over the budget of 50 MP. Shrink it, or start the server with "
      "a larger wingspan serve --max-pixels"),
-    ("bomb.png", "bomb", 413, "40000 x 40000 pixels (1.6e+03 MP) is over the budget"),
+    ("bomb.png", "bomb", 413, "40000 x 40000 pixels (1,600 MP) is over the budget"),
     ("strip.png", "strip", 413, "too long and thin"),  # tiny file, gigabytes once resized
     ("cut.jpg", "cut", 422, "cut.jpg: image file is truncated"),
     ("head.jpg", "head", 422, "head.jpg: cannot be read (Truncated File Read): the file is "
@@ -379,6 +380,34 @@ def _concurrency_spy(monkeypatch, seconds: float) -> list[int]:
 
     monkeypatch.setattr(wingspan.serve, "_decode", slow_decode)
     return counts
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_serve_ends_130_on_ctrl_c_and_143_on_sigterm_as_every_command_does(run_dir):
+    """uvicorn.run swallowed the Ctrl-C it passed on once shut down: serve ended 0."""
+    import signal
+    import socket
+    import subprocess
+
+    for how, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.Popen([sys.executable, "-m", "wingspan", "serve", str(run_dir),
+                                 "--port", str(port), "--device", "cpu"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            for _ in range(600):  # (up to a minute on a loaded machine)
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).is_success:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.1)
+            proc.send_signal(how)
+            assert proc.wait(60) == code, proc.communicate()[1][-2000:]
+        finally:
+            proc.kill()
+            proc.communicate()
 
 
 def test_padded_uploads_are_read_in_turn_by_their_bytes(run_dir, monkeypatch):

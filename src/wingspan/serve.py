@@ -555,4 +555,10 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000,
 
     check_port(host, port)
     limit_malloc_arenas()
-    uvicorn.run(create_app(model, limits, device), host=host, port=port, log_level="info")
+    # uvicorn.Server, not uvicorn.run, which swallows the Ctrl-C it passes on once shut
+    # down: the command then ended 0, where every other one stopped so ends 130.
+    server = uvicorn.Server(uvicorn.Config(create_app(model, limits, device), host=host,
+                                           port=port, log_level="info"))
+    server.run()
+    if not server.started:  # (uvicorn has logged why)
+        raise WingspanError(f"The server could not start on {host}:{port}.")

@@ -115,9 +115,24 @@ def _sigterm_as_interrupt() -> None:
 
     @sigterm_handler
     def stop(signum, frame):
+        if TERMINATED.is_set():  # a second one: at once (the first may have been raised
+            # where Python drops it, in a __del__ or an import's callback: 1 in 100)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
         TERMINATED.set()
         raise KeyboardInterrupt("SIGTERM")
 
+    shown = sys.unraisablehook
+
+    def unraisable(what) -> None:
+        # A process group's SIGTERM (`timeout`'s, a scheduler's) ends the data workers
+        # too, before the loader that is being stopped shuts them down: its __del__ then
+        # says so in a traceback ("DataLoader worker ... killed by signal: Terminated").
+        if not (TERMINATED.is_set() and isinstance(what.exc_value, RuntimeError)
+                and str(what.exc_value).startswith("DataLoader worker")):
+            shown(what)
+
+    sys.unraisablehook = unraisable
     forks_die_of_sigterm()  # (a Pool's worker, which Pool.terminate ends so)
     signal.signal(signal.SIGTERM, stop)
 
