@@ -28,17 +28,22 @@ def forks_die_of_sigterm() -> None:
     if _FORKS_DIE_OF_SIGTERM or not hasattr(os, "register_at_fork"):  # (Windows: no fork)
         return
     _FORKS_DIE_OF_SIGTERM.append(True)
-    term = {signal.SIGTERM}
+    term, forking = {signal.SIGTERM}, threading.local()
+
+    def before() -> None:  # (what the forking thread blocked is put back after: a program
+        # that blocks SIGTERM itself, to sigwait for it, keeps it blocked)
+        forking.mask = signal.pthread_sigmask(signal.SIG_BLOCK, term)
+
+    def parent() -> None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, forking.mask)
 
     def child() -> None:
         handler = signal.getsignal(signal.SIGTERM)
         if getattr(getattr(handler, "__func__", handler), "_wingspan_sigterm", False):
             signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (the child's one thread: main)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, term)
+        signal.pthread_sigmask(signal.SIG_SETMASK, forking.mask)
 
-    os.register_at_fork(before=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, term),
-                        after_in_parent=lambda: signal.pthread_sigmask(signal.SIG_UNBLOCK, term),
-                        after_in_child=child)
+    os.register_at_fork(before=before, after_in_parent=parent, after_in_child=child)
 
 
 class WingspanError(Exception):
