@@ -441,6 +441,25 @@ def test_padded_uploads_are_read_in_turn_by_their_bytes(run_dir, monkeypatch):
     assert len(padded) < held[1] <= 2_500_000  # two at once, never the six
 
 
+def test_a_tiff_whose_size_comes_after_its_pixels_holds_its_pixels(run_dir, monkeypatch):
+    """A compressed TIFF keeps its size after its pixels: read from the first 1 MB alone,
+    a 9 MP one of 1.1 MB held 1.1 M of the pool, and six were decoded at once."""
+    counts = _concurrency_spy(monkeypatch, 0.3)
+    image = Image.new("RGB", (3000, 3000))  # 9 MP, the first 0.36 MP noise: 1.1 MB
+    noise = np.random.default_rng(0).integers(0, 256, (600, 600, 3), dtype=np.uint8)
+    image.paste(Image.fromarray(noise), (0, 0))
+    buffer = io.BytesIO()
+    image.save(buffer, "TIFF", compression="tiff_deflate")
+    tiff = buffer.getvalue()
+    assert int.from_bytes(tiff[4:8], "little") > 2**20  # (its header after the first 1 MB)
+    app = create_app(run_dir, ServeLimits(decode_pixels=18_000_000), device="cpu")
+    with TestClient(app) as c:
+        r = c.post("/predict", files=[("files", (f"t{i}.tif", tiff, "image/tiff"))
+                                      for i in range(6)])
+    assert r.status_code == 200, r.text
+    assert counts[1] == 2  # two of 9 MP in a pool of 18, not the six
+
+
 def test_a_timed_out_prediction_keeps_its_place_and_pixels_until_its_decoding_ends(
         run_dir, monkeypatch):
     """A /predict answered 504 gave back its place in flight and its pixels while its

@@ -30,7 +30,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, BinaryIO
 
 import numpy as np
 import torch
@@ -178,17 +178,13 @@ class _PixelPool:
                 self.changed.notify_all()
 
 
-# Enough of a file to read its size from: Starlette keeps an upload's first 1 MB in memory
-# anyway, and a JPEG's EXIF and ICC segments before its size rarely come to more.
-HEADER_BYTES = 2**20
-
-
-def _header_pixels(data: bytes) -> int:
-    """Width x height from the image's header (0 if it has none: decoding says why)."""
+def _header_pixels(data: bytes | BinaryIO) -> int:
+    """Width x height from the image's header (0 if it has none: decoding says why). From
+    a file, only what Pillow reads for it (a TIFF may keep its size at its end)."""
     from wingspan.data.images import open_image
 
     try:
-        with open_image(io.BytesIO(data)) as im:
+        with open_image(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
             return im.size[0] * im.size[1]
     except Exception:  # noqa: BLE001 - any unreadable file: _decode gives its 4xx
         return 0
@@ -357,10 +353,11 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
             raise HTTPException(413, f"{upload.filename}: over {limits.max_bytes} bytes "
                                 f"({limits.max_bytes / 2**20:.3g} MB), the most this server takes "
                                 "(wingspan serve --max-upload-mb).")
-        await upload.seek(0)
+        upload.file.seek(0)
         # Pixels at most the budget: over it, an image is refused from its header or (a
         # JPEG) decoded reduced to fit, so a 400 MP bomb need not wait for the whole pool.
-        pixels = min(_header_pixels(await upload.read(HEADER_BYTES)), max_pixels())
+        # (Read from the spooled file, on a thread: it may be on disk.)
+        pixels = min(await asyncio.to_thread(_header_pixels, upload.file), max_pixels())
         async with decoding.hold(max(pixels, size)):
             await upload.seek(0)
             data = await upload.read()
