@@ -159,7 +159,8 @@ def test_an_audit_refuses_an_out_it_cannot_write_before_the_work(tmp_path, run_c
 
     monkeypatch.setattr(audit, "image_features", never)
     (tmp_path / "file").write_text("x")
-    for out in ("/proc/wingspan-audit", tmp_path / "file" / "audit"):
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for out in ("/proc/wingspan-audit", tmp_path / "file" / "audit", tmp_path / "dangling"):
         code, _, err = run_cli("data", "audit", tmp_path / "data", "--backbone",
                                "test_efficientnet", "--weights", "none", "--out", out, "--quiet")
         said = " ".join(err.split())
@@ -172,6 +173,10 @@ def test_an_audit_refuses_an_out_it_cannot_write_before_the_work(tmp_path, run_c
     code, _, err = run_cli("data", "audit", tmp_path / "data", "--backbone",
                            "test_efficientnet", "--weights", "none", "--out", tmp_path / "o",
                            "--quiet")
+    assert code == 130 and "Stopped: this audit wrote nothing (with --no-cache or --weights " \
+        "none no features are kept" in " ".join(err.split()), err  # (random weights' features)
+    code, _, err = run_cli("data", "audit", tmp_path / "data", "--backbone",
+                           "efficientnet_lite0", "--out", tmp_path / "o", "--quiet")
     assert code == 130 and "Stopped: this audit wrote nothing; the features computed so far " \
         "are cached" in " ".join(err.split()), err
 

@@ -192,6 +192,10 @@ def test_a_drawer_scan_over_pillows_own_limit_is_read_reduced_not_called_a_bomb(
 
     _bomb(tmp_path / "bomb.png")
     # Its size in plain figures, not "(1.6e+03 MP)"
+    from wingspan.data.images import megapixels
+
+    assert [megapixels(n) for n in (640_000, 49e6, 999.7e6, 1.6e9, 50)] == [
+        "0.64", "49", "1,000", "1,600", "0.00005"]
     with pytest.raises(WingspanError, match=r"40000 x 40000 pixels \(1,600 MP\) is over"):
         open_rgb(tmp_path / "bomb.png")
     # `data inspect`'s reason names every way to raise the budget, as the loaders' hints do.

@@ -404,7 +404,11 @@ def check_folder_writable(folder: str | Path, what: str, hint: str) -> None:
     """Before work whose results go into `folder` (made only then, with its parents): an
     error now if a file stands in its way or its nearest existing folder cannot be written."""
     folder = Path(folder).absolute()
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    try:  # (a link to nothing is in the way too; 3.10 and 3.11 raise for an unreadable one)
+        existing = next(p for p in (folder, *folder.parents) if p.exists() or p.is_symlink())
+    except OSError as e:
+        raise WingspanError(f"{folder} cannot be looked at ({e.strerror or e}): {what}.",
+                            hint=hint) from e
     if not existing.is_dir():
-        raise WingspanError(f"{existing} is a file, not a folder: {what}.", hint=hint)
+        raise WingspanError(f"{existing} is not a folder: {what}.", hint=hint)
     check_writable(existing, what, hint)

@@ -202,10 +202,11 @@ def data_audit(
         result = audit_dataset(dataset, out_dir or dataset.claim_out_dir(), level, config,
                                progress=not quiet, strict=strict)
     except KeyboardInterrupt:  # (Ctrl-C or SIGTERM: the earlier audit's files stay whole)
+        kept = config.cache and config.weights != "none"  # (random weights: never kept)
         err.print("Stopped: this audit wrote nothing" + (
             "; the features computed so far are cached, and the same command goes on from "
-            "them." if config.cache else " (--no-cache: the next starts afresh)."),
-            highlight=False)
+            "them." if kept else " (with --no-cache or --weights none no features are kept: "
+            "the next starts afresh)."), highlight=False)
         raise
     issues, dups = result.issues, result.duplicates
     table = Table("rank", folding("image"), "label", "looks like", "label quality",

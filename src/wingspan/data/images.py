@@ -76,9 +76,11 @@ def open_image(path: str | Path | BinaryIO) -> Iterator[Image.Image]:
 
 
 def megapixels(pixels: float) -> str:
-    """'0.64', '49', '10,000': megapixels in 3 figures, never '1e+04'."""
+    """'0.64', '49', '1,600', '0.00005': megapixels in 3 figures, never '1.6e+03'."""
     mp = pixels / 1e6
-    return f"{mp:.3g}" if mp < 1000 else f"{mp:,.0f}"
+    if mp >= 99.95:  # (.3g would round 999.7 to '1e+03')
+        return f"{mp:,.0f}"
+    return f"{mp:.3g}" if mp >= 1e-4 else f"{mp:.10f}".rstrip("0")
 
 
 class ImageTooLarge(WingspanError):
