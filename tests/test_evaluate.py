@@ -974,17 +974,23 @@ def test_adapt_says_a_temperature_fitted_on_other_photos_is_not_carried_over(
 
 def test_adapt_says_nothing_of_val_images_it_did_not_train_on(trained, tmp_path, run_cli):
     """With no photo agreed on, the head stays as trained: it was said to have trained on
-    the run's own val images given as photos, and their figures to be unfair."""
+    the run's own val and test images given as photos, and their figures to be unfair."""
     splits = pd.read_csv(trained / "splits.csv")
     val = splits[splits.split == "val"].path.head(5).tolist()
-    code, stdout, err = run_cli("adapt", trained, *val, "--out", tmp_path / "a",
+    test = splits[splits.split == "test"].path.head(3).tolist()
+    code, stdout, err = run_cli("adapt", trained, *val, *test, "--out", tmp_path / "a",
                                 "--confidence", "0.9999", "--quiet")
     assert code == 0, err
     stdout = " ".join(stdout.split())
     assert "No photo's class was agreed on" in stdout
     assert "of the photos are the run's own val images" not in stdout
+    assert "of the photos are the run's own test images" not in stdout
     summary = json.loads((tmp_path / "a" / "adapt.json").read_text())
     assert summary["val_images_among_photos"] == 5  # (the count stays in adapt.json)
+    # ... nor does evaluate call its test figures unfair for photos it never refitted on
+    fair = evaluate(tmp_path / "a", split="test", progress=False, workers=0, plots=False,
+                    out=tmp_path / "ev").metrics["fair"]
+    assert fair.startswith("yes"), fair
 
 
 def test_adapt_warns_when_the_photos_are_the_runs_own_val_images(trained, tmp_path, run_cli,

@@ -333,13 +333,14 @@ def adapt_command(
         out.print(f"[yellow]No photo's class was agreed on by the head and its neighbours"
                   f"{bar}:[/] the head stays as trained. Give photos of the species the "
                   "model knows" + (", or a lower --confidence." if confidence else "."))
-    if a["val_images_among_photos"] and any(any(n) for n in a["photos_used_per_round"].values()):
-        # (a head refitted on no photo is the run's own: its val figures hold)
+    # (a head refitted on no photo is the run's own: its val and test figures hold)
+    refitted = any(any(n) for n in a["photos_used_per_round"].values())
+    if a["val_images_among_photos"] and refitted:
         out.print(f"[yellow]{a['val_images_among_photos']} of the photos are the run's own val "
                   "images[/]: the val accuracy, temperature and unknown thresholds above may be "
                   "fitted or scored on images the head has now trained on (those whose class "
                   "it and their neighbours agreed on).")
-    if a["test_images_among_photos"]:
+    if a["test_images_among_photos"] and refitted:
         out.print(f"[yellow]{a['test_images_among_photos']} of the photos are the run's own test "
                   "images[/]: its test figures are no longer fair (evaluate says so).")
     for level, missing in a["classes_without_training_images"].items():

@@ -211,8 +211,11 @@ def _adapt_into(out: Path, predictor: Predictor, run_dir: Path, paths: list[str]
         # head as it was: refitted on val here, as training fits it, and said.
         "replaced_calibration": _own_calibration(predictor.manifest),
     }
+    # Photos no refit took (none agreed on) left the head as trained: evaluations of the
+    # adapted run do not count them as seen (as they did, calling test figures unfair).
+    refitted = any(any(n) for n in used.values())
     replaced = _write_run(out, run_dir, predictor, summary, calibration, unknown,
-                          [paths[i] for i in ok])
+                          [paths[i] for i in ok] if refitted else [])
     return {**summary, "out": str(out), "replaced": replaced}
 
 
@@ -283,6 +286,8 @@ def _write_run(out: Path, run_dir: Path, predictor: Predictor, summary: dict,
     training = {**manifest.get("training", {}), "adapted": {
         k: summary[k] for k in ("adapted_from", "photos", "test_images_among_photos",
                                 *SETTINGS)}}
+    if not photos:  # (none refitted on: see _adapt_into)
+        training["adapted"]["test_images_among_photos"] = 0
     save_bundle(predictor.model.cpu(), partial / "model", manifest["classes"],
                 taxonomy=manifest.get("taxonomy"), training=training,
                 weights_source=manifest.get("weights_source"), calibration=calibration,
