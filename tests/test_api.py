@@ -721,7 +721,7 @@ def test_max_pixels_is_a_keyword_where_the_command_has_the_option(run, demo_dir,
         # added after `quiet`, so that a call passing quiet by position still means it
         assert names.index("max_pixels") > names.index("quiet"), function.__name__
     folder = sorted(p for p in demo_dir.iterdir() if p.is_dir())[0]
-    with pytest.raises(WingspanError, match="over the budget of 1e-05 MP"):  # 48 x 48 JPEGs:
+    with pytest.raises(WingspanError, match="over the budget of 0.00001 MP"):  # 48 x 48 JPEGs:
         run.predict(folder, max_pixels=10, quiet=True, workers=0)  # 6 x 6 at 1/8 is over
     assert MAX_PIXELS_ENV not in os.environ
     assert run.predict(folder, quiet=True, workers=0).error.isna().all()
