@@ -1023,8 +1023,9 @@ def test_export_and_resume_are_the_cli_functions(run, tmp_path):
     path = run.export(out=tmp_path / "model.onnx")
     meta = json.loads(metadata_path(path).read_text())
     assert path.is_file() and meta["classes"]["label"] == run.classes
-    with pytest.raises(WingspanError, match="is finished; there is nothing to resume"):
+    with pytest.raises(WingspanError, match="is finished; there is nothing to resume") as e:
         ws.resume(run.dir)
+    assert e.value.every_rank  # (said by rank 0 alone, not once a process: --devices 2)
     # Its model damaged (a disk error, a copy cut short): predict says a resume writes it
     # again from the checkpoint, and the resume does, the same weights.
     damaged = tmp_path / "damaged"

@@ -393,9 +393,11 @@ def test_serve_ends_130_on_ctrl_c_and_143_on_sigterm_as_every_command_does(run_d
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
+        # (SIGINT as in a terminal: a background job's, as CI's may be, starts ignored)
         proc = subprocess.Popen([sys.executable, "-m", "wingspan", "serve", str(run_dir),
                                  "--port", str(port), "--device", "cpu"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             for _ in range(600):  # (up to a minute on a loaded machine)
                 try:

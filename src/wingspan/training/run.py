@@ -361,7 +361,8 @@ def _resume(run_dir: Path, config: TrainConfig, fabric, quiet: bool) -> Path:
     scored = bool(metrics) and (not config.holdout_classes or "unknown" in metrics)
     if finished and complete and scored:
         raise WingspanError(f"The run {run_dir} is finished; there is nothing to resume.",
-                            hint=f"Its model is in {run_dir / 'model'}.")
+                            hint=f"Its model is in {run_dir / 'model'}.",
+                            every_rank=True)  # (said once, not once a process)
     _check_settings_kept(run_dir, config, checkpoint)
     if checkpoint and checkpoint.get("splits") not in (None, splits_digest(run_dir)):
         raise WingspanError(
