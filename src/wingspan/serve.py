@@ -153,8 +153,9 @@ class _PixelPool:
     """How many pixels the server decodes at once. A request of 32 flat 49 MP PNGs (5 MB:
     inside every other limit) had six decoded together on the shared threads: 4.3 GB at
     its peak, and a one-photo request sent after it waited 29 s behind its queue. Each
-    image now holds its header's pixels (up to the pool) while it is decoded, so large ones
-    take turns and a small one passes them by while there is room."""
+    image now holds its header's pixels (up to the pool) while it is read and decoded, so
+    large ones take turns and a small one passes them by while there is room; a file of
+    more bytes than pixels (padded) holds its bytes instead (see `_decoded`)."""
 
     def __init__(self, size: int):
         self.size = self.free = size
