@@ -249,9 +249,9 @@ class Predictor:
         # at a time paid it for each), with no next batch to read while this one runs.
         workers = self.workers if len(paths) > self.batch_size else 0
         loader = Loader(_Images(paths, views, self.size, self.draft),
-                            batch_size=self.batch_size, num_workers=workers,
-                            generator=torch.Generator(),
-                            pin_memory=self.policy.device.type == "cuda")
+                        batch_size=self.batch_size, num_workers=workers,
+                        generator=torch.Generator(),
+                        pin_memory=self.policy.device.type == "cuda")
         start, done, i = time.perf_counter(), 0, 0
         for x, errors in track(loader, "Predicting", total=len(loader), enabled=progress):
             n, k = x.shape[:2]

@@ -250,7 +250,6 @@ def make_loader(dataset: LabelledImages, batches, workers: int, persistent: bool
     # Its own generator: a loader must not draw from the global random stream, or dropout
     # masks would depend on how many loaders ran before (and a resumed run would differ).
     return Loader(dataset, batch_sampler=batches, num_workers=workers,
-                      collate_fn=dataset.collate,
-                      pin_memory=pin,
-                      persistent_workers=persistent and workers > 0,
-                      generator=torch.Generator().manual_seed(0))
+                  collate_fn=dataset.collate, pin_memory=pin,
+                  persistent_workers=persistent and workers > 0,
+                  generator=torch.Generator().manual_seed(0))
