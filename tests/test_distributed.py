@@ -102,6 +102,28 @@ def test_a_two_process_checkpoint_resumes_in_one_process(demo_dir, tmp_path, one
                                   atol=TOLERANCE, rtol=0)
 
 
+def test_a_killed_rank_leaves_the_others_a_message_and_the_run_to_resume(demo_dir, tmp_path):
+    """One rank killed (an out-of-memory kill, a node lost): the other said it in ~60 lines
+    of gloo traceback and train.log did not say that the run had stopped."""
+    config = _config(tmp_path, epochs_finetune=12)
+    proc = _train_cli(demo_dir, tmp_path, config, "one-killed", "--devices", "2")
+    run_dir = tmp_path / "one-killed" / "r"
+    wait_for_finetune_epochs(proc, run_dir, 1)
+    children = f"/proc/{proc.pid}/task/{proc.pid}/children"  # rank 1: the launcher's child
+    rank_1 = [int(pid) for pid in open(children).read().split()]
+    assert len(rank_1) == 1, rank_1
+    os.kill(rank_1[0], signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    err = err.decode()
+    assert proc.returncode == 2, err[-3000:]
+    assert "Traceback" not in err and "[rank0]" not in err, err[-3000:]
+    assert "Process 0 of 2 stopped: another process of the run ended" in err, err
+    assert f"wingspan train --resume {run_dir}" in err
+    log = (run_dir / "train.log").read_text().splitlines()
+    assert "another process of the run ended" in log[-1], log[-3:]
+    assert not (run_dir / "error.txt").exists()  # stopped, to resume: not failed
+
+
 def _rows(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))

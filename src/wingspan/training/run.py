@@ -38,6 +38,7 @@ from wingspan.errors import (
     TERMINATED,
     WingspanError,
     counted,
+    first_line,
     forks_die_of_sigterm,
     sigterm_handler,
     some,
@@ -549,15 +550,25 @@ def _interruptible(run: Run, scoring_only: bool = False) -> Path:
             return _score_held_out(run.dir if scoring_only else _recipe(run), run)
     except (KeyboardInterrupt, RuntimeError) as e:
         if isinstance(e, RuntimeError) and not terminated.received:
-            # One process's own fault; not the others' view of a process that died (their
-            # collective fails first: it is that process's error that says why), nor a
-            # loader worker's death under Ctrl-C: those runs stay stopped, to resume.
+            if run.fabric.world_size > 1 and _peer_lost(e):
+                # The others' view of a process that died or was killed: that process's
+                # own output says why. The run stays stopped, to resume, not failed.
+                said = (f"Process {run.fabric.global_rank} of {run.fabric.world_size} "
+                        "stopped: another process of the run ended, so this one could not "
+                        f"go on: {_said_by_peer(e)}. The other process's output says why.")
+                run.log(said, shown=False)
+                raise WingspanError(said, hint=_go_on(run.dir)) from e
+            # One process's own fault, or a loader worker's death under Ctrl-C (that run
+            # stays stopped, to resume).
             if run.fabric.world_size == 1 and not str(e).startswith("DataLoader worker"):
                 _failed(run, f"{type(e).__name__}: {e}")
             raise
-        run.log(("Stopped by SIGTERM (a scheduler's or `kill`'s, or torchrun's once another "
-                 "process failed: see its output). " if terminated.received else
-                 "Interrupted. ") + _go_on(run.dir), caveat=True)
+        stop = ("Stopped by SIGTERM (a scheduler's or `kill`'s, or torchrun's once another "
+                "process failed: see its output). " if terminated.received else "Interrupted. ")
+        if not run.is_main:  # (train.log and the terminal are rank 0's: say which one stopped)
+            print(f"Process {run.fabric.global_rank} of {run.fabric.world_size}: "
+                  f"{stop.strip()}", file=sys.stderr)
+        run.log(stop + _go_on(run.dir), caveat=True)
         raise Interrupted from e
     except WingspanError as e:  # bad data, say: in train.log, and a failed run, not a paused one
         _failed(run, e.message)
@@ -568,6 +579,21 @@ def _interruptible(run: Run, scoring_only: bool = False) -> Path:
     finally:
         release_lock(run.dir)
         forget_sessions()  # the ONNX graphs of this run's weights (see models.runtime)
+
+
+def _peer_lost(error: RuntimeError) -> bool:
+    """Whether a distributed run's error is a collective that failed because another process
+    ended (gloo: "Connection closed by peer"; NCCL: a DistBackendError), not this one's bug."""
+    said = str(error)
+    return isinstance(error, torch.distributed.DistError) or any(
+        word in said for word in ("gloo", "NCCL", "closed by peer", "reset by peer"))
+
+
+def _said_by_peer(error: RuntimeError) -> str:
+    """gloo's "[.../pair.cc:561] Connection closed by peer [127.0.0.1]:3973. This is
+    typically caused by..." as "Connection closed by peer [127.0.0.1]:3973"."""
+    said = re.sub(r"^\[[^\]]*\]\s*", "", first_line(error))
+    return said.split(". ")[0].rstrip(".")
 
 
 def _failed(run: Run, message: str) -> None:
