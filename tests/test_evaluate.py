@@ -1719,3 +1719,26 @@ def test_ece_on_copies_of_the_calibration_photos_is_said_optimistic(trained, tmp
     assert "photo_sums" not in evaluate(run, split="val", out=tmp_path / "val", progress=False,
                                         workers=0, plots=False).metrics["calibration"]
 
+
+
+def test_evaluate_says_which_files_of_other_data_it_did_not_read(trained, evaluation, tmp_path,
+                                                                 run_cli):
+    """A CSV row whose file is gone and a JPEG named .heic (read nowhere from a folder):
+    evaluate counted fewer images and said nothing, where train and audit name them."""
+    own = read_dataset(trained / "splits.csv").table
+    test = own[own["split"] == "test"].head(6)
+    rows = []
+    for i, (label, path) in enumerate(zip(test["label"], test["path"], strict=True)):
+        shutil.copy(path, tmp_path / f"{i}.jpg")
+        rows.append((f"{i}.jpg", label))
+    rows.append(("gone.jpg", test["label"].iloc[0]))
+    (tmp_path / "data.csv").write_text("path,label\n" + "".join(f"{p},{c}\n" for p, c in rows))
+    code, stdout, stderr = run_cli("evaluate", trained, tmp_path / "data.csv", "--split", "all",
+                                   "--out", tmp_path / "ev", "--no-plots", "--quiet")
+    assert code == 0, stderr
+    said = " ".join(stdout.split())
+    assert "While reading the data: 1 x missing file" in said and "gone.jpg" in said, said
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["images"] == 6 and len(metrics["reading"]) == 1
+    assert "gone.jpg" in metrics["reading"][0]
+    assert "reading" not in evaluation.metrics  # the run's own split: nothing read anew

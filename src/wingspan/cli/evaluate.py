@@ -136,6 +136,8 @@ def print_evaluation(result) -> None:
                      + ")" if m.get("class_map") else "")
                   + ("; it fits on single views, so compare without --tta."
                      if m.get("tta_note") else "."))
+    for line in m.get("reading", []):  # files DATA lists or holds that were not read
+        out.print(f"[yellow]{plain(line)}[/]")
     if said := unreadable_wording(m):
         out.print(f"[yellow]{plain(said)}.[/]")
     if said := tree_wording(m):

@@ -19,7 +19,7 @@ from wingspan.data.csvfiles import name_as_read
 from wingspan.data.plots import plot_class_balance
 from wingspan.data.preview import write_preview
 from wingspan.data.readers import is_image_name
-from wingspan.data.samples import GROUP, SOURCE, SPLIT, Dataset, folder_of, renamed
+from wingspan.data.samples import GROUP, SOURCE, SPLIT, Dataset, folder_of, renamed, report_reading
 from wingspan.data.taxonomy import conflict_rows
 from wingspan.errors import WingspanError, counted, none_read, some
 from wingspan.evaluate import plots as charts  # not `plots`: evaluate() has a plots= flag
@@ -107,6 +107,9 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
                                  "folder (training fits them since they exist).")
     run_dir = run_dir_of(predictor.bundle)
     dataset = _dataset(data, run_dir)
+    reading: list[str] = []  # what reading DATA left out (a missing file, a HEIC), as train
+    if data is not None and not isinstance(data, Dataset):  # says it: not dropped unsaid
+        report_reading(dataset, reading.append)
     level = predictor.level if predictor.level in dataset.levels else dataset.default_level
     split = split or _default_split(dataset)
     _check_split(dataset, split)
@@ -154,6 +157,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
         y_pred = _predicted(predictor, probs, predictor.temperature)
         metrics = classification_metrics(y, probs, classes, truth_only=truth_only, y_pred=y_pred)
         metrics.update(level=level, split=split, unreadable=failed, **left_out,
+                       **({"reading": reading} if reading else {}),
                        **({"tree_differs": moved} if moved else {}),
                        images_per_second=round(speed, 1), engine=predictor.policy.describe(),
                        ece_uncalibrated=expected_calibration_error(
