@@ -39,6 +39,8 @@ def messy(tmp_path):
     deep = np.linspace(0, 65535, 80 * 80).reshape(80, 80).astype(np.uint16)
     Image.fromarray(deep).save(d / "deep.png")
     rows.append(("imgs/deep.png", "b", "train"))
+    Image.new("RGB", (1, 40000)).save(d / "strip.png")  # refused by train and predict
+    rows.append(("imgs/strip.png", "a", "train"))  # (was called tiny, and passed --strict)
     (d / "not_an_image.jpg").write_text("this is a text file")
     rows.append(("imgs/not_an_image.jpg", "a", "train"))
     good = write_image(d / "full.jpg", size=(200, 200), seed=25)
@@ -61,7 +63,9 @@ def test_inspect_finds_every_seeded_problem(messy, tmp_path):
     images = summary["images"]
     names = lambda paths: {p.rsplit("/", 1)[-1] for p in paths}  # noqa: E731
     assert names(u["path"] for u in images["unreadable"]) == {"not_an_image.jpg",
-                                                              "truncated.jpg"}
+                                                              "truncated.jpg", "strip.png"}
+    assert "too long and thin" in next(u["error"] for u in images["unreadable"]
+                                       if u["path"].endswith("strip.png"))
     assert "truncated" in next(u["error"] for u in images["unreadable"]
                                if u["path"].endswith("truncated.jpg"))
     modes = {k.split(" (")[0]: names(v) for k, v in images["unusual_modes"].items()}
@@ -79,7 +83,7 @@ def test_inspect_finds_every_seeded_problem(messy, tmp_path):
         {"good_b0.jpg", "copy_other_label.jpg"}]
     assert dups["extra_copies"] == 2
     # What was printed is what was written.
-    assert json.loads((tmp_path / "out" / "summary.json").read_text())["images"]["checked"] == 21
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["images"]["checked"] == 22
 
 
 def test_inspect_counts_and_plots_per_level(demo_dir, tmp_path):

@@ -151,6 +151,24 @@ def _empty(path: str | Path) -> bool:
         return False
 
 
+def resize_refused(w: int, h: int, budget: int, side: int) -> tuple[str, str] | None:
+    """(why, hint) when resizing a w x h image to a shorter side of `side` px would outgrow
+    the pixel budget (a 1 x 40000 PNG of 100 bytes, upscaled), else None."""
+    resized = side * side * max(w, h) / max(min(w, h), 1)
+    if max(budget, w * h) < resized <= MAX_PIXELS:
+        # It would fit the default budget: not the image's shape but a lowered budget is
+        # at fault (a square image is refused too).
+        return (f"resizing its {w} x {h} pixels for a model (shorter side {side} px) makes "
+                f"{megapixels(resized)} MP, over the pixel budget of {megapixels(budget)} MP",
+                f"Raise the budget to at least {math.ceil(resized)} (the default is "
+                f"{MAX_PIXELS}) with {RAISE_BUDGET}.")
+    if resized > max(budget, w * h):
+        return (f"{w} x {h} pixels is too long and thin to resize for a model (its shorter "
+                f"side at {side} px would make {megapixels(resized)} MP, over the budget of "
+                f"{megapixels(budget)} MP)", "Crop the image to the part that shows the subject.")
+    return None
+
+
 def open_rgb(path: str | Path | BinaryIO, draft: int | None = None,
              name: str | None = None, budget: int | None = None) -> Image.Image:
     """Decode an image as upright 8-bit RGB, whatever its mode or EXIF orientation.
@@ -178,23 +196,9 @@ def open_rgb(path: str | Path | BinaryIO, draft: int | None = None,
                     hint="Save it again with interleaved (contiguous) colours, or as 8 bits "
                          "per colour.")
             budget, (w, h) = budget or max_pixels(), im.size
-            side = draft or VIEW_SIDE
-            resized = side * side * max(w, h) / max(min(w, h), 1)
-            if max(budget, w * h) < resized <= MAX_PIXELS:
-                # It would fit the default budget: not the image's shape but a lowered
-                # budget is at fault (a square image is refused too).
-                raise ImageTooLarge(
-                    f"Cannot read image {name}: resizing its {w} x {h} pixels for a model "
-                    f"(shorter side {side} px) makes {megapixels(resized)} MP, over the pixel "
-                    f"budget of {megapixels(budget)} MP.",
-                    hint=f"Raise the budget to at least {math.ceil(resized)} (the default "
-                    f"is {MAX_PIXELS}) with {RAISE_BUDGET}.")
-            if resized > max(budget, w * h):  # a 1 x 40000 PNG of 100 bytes, upscaled
-                raise ImageTooLarge(
-                    f"Cannot read image {name}: {w} x {h} pixels is too long and thin to resize "
-                    f"for a model (its shorter side at {side} px would make {megapixels(resized)} "
-                    f"MP, over the budget of {megapixels(budget)} MP).",
-                    hint="Crop the image to the part that shows the subject.")
+            if refused := resize_refused(w, h, budget, draft or VIEW_SIDE):
+                said, hint = refused
+                raise ImageTooLarge(f"Cannot read image {name}: {said}.", hint=hint)
             if im.format in REDUCIBLE and (draft or w * h > budget):
                 # libjpeg's scales: the least that fits the budget, and (for `draft`) the
                 # most that keeps the shorter side at least `draft`.
@@ -348,6 +352,10 @@ def image_facts(path: str, budget: int | None = None) -> ImageFacts:
                 facts.error = (f"{facts.width} x {facts.height} pixels is over the pixel "
                                f"budget of {megapixels(budget)} MP (raise it with "
                                f"{RAISE_BUDGET})")
+                return facts
+            # As a view of it (at most VIEW_SIDE) is refused: train, predict and serve.
+            if refused := resize_refused(facts.width, facts.height, budget, VIEW_SIDE):
+                facts.error = f"{refused[0]}: {refused[1][0].lower()}{refused[1][1:]}"
                 return facts
             orientation = im.getexif().get(EXIF_ORIENTATION, 1)
             # 2-8 turn or mirror the picture; other values (0, 9, 255 from some cameras)
