@@ -1017,3 +1017,36 @@ def test_two_class_folders_given_one_species_are_said(tmp_path):
                                      "species 'Synthia rubrofasciata'")
     assert ds.table["species"].nunique() == 2 and ds.table["label"].nunique() == 3
 
+
+
+def test_names_that_are_not_utf8_are_left_out_and_said(tmp_path):
+    """A file or class folder named in another encoding (b'caf\\xe9.jpg', from a zip made
+    on Windows): its lone surrogate crashed train's splits.csv, predict's CSV and the
+    plots, after the work; it is now left out and said, the rest read."""
+    from wingspan.data.split import write_splits
+
+    for i in range(3):
+        write_image(tmp_path / "a" / f"{i}.jpg", seed=i)
+        write_image(tmp_path / "b" / f"{i}.jpg", seed=10 + i)
+    odd_file = tmp_path / "a" / os.fsdecode(b"caf\xe9.jpg")
+    odd_class = tmp_path / os.fsdecode(b"\xe9t\xe9")
+    write_image(odd_file, seed=20)
+    write_image(odd_class / "0.jpg", seed=21)
+    ds = read_dataset(tmp_path)
+    assert len(ds) == 6 and sorted(ds.table["label"].unique()) == ["a", "b"]
+    said = [p for p in ds.problems if p.kind == "name_not_utf8"]
+    assert sorted(p.path.rsplit("/", 2)[-2] + "/" + p.path.rsplit("/", 1)[-1] for p in said) \
+        == ["\\udce9t\\udce9/0.jpg", "a/caf\\udce9.jpg"]
+    write_splits(ds, tmp_path / "splits.csv")  # crashed: surrogates not allowed
+    assert "caf" not in (tmp_path / "splits.csv").read_text(encoding="utf-8")
+    # predict skips such a file with the reason, whether named or found in a folder.
+    for given in ([str(odd_file)], [str(tmp_path / "a")]):
+        found, skipped = expand_paths(given)
+        assert all("caf" not in p for p in found)
+        assert [why for _, why in skipped] == [said[0].message], skipped
+        assert skipped[0][0].encode("utf-8")  # writable in predict's CSV and JSON
+    # A dataset of such names alone: the error says why.
+    only = tmp_path / "only"
+    write_image(only / os.fsdecode(b"\xe9") / "0.jpg", seed=22)
+    with pytest.raises(WingspanError, match="not UTF-8 text"):
+        read_dataset(only)

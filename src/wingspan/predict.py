@@ -11,7 +11,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wingspan.data.readers import images_under, is_image_name, unsupported_photo
+from wingspan.data.readers import (
+    NOT_UTF8,
+    images_under,
+    is_image_name,
+    is_utf8,
+    shown_utf8,
+    unsupported_photo,
+)
 from wingspan.errors import WingspanError
 from wingspan.files import atomic_path, remove_dead_leftovers, write_text
 from wingspan.inference import Prediction, Predictor
@@ -36,6 +43,9 @@ def expand_paths(inputs: list[str], places: list[int] | None = None
         files in it too, and zsh's unquoted photos/**/* names both); a file named as
         such, as often as it is named (a row for each input), unless a search found it."""
         for path in paths:
+            if not is_utf8(path):  # (its CSV row could not be written: the run was lost)
+                skip((shown_utf8(path), NOT_UTF8), len(found))
+                continue
             key = os.path.normpath(path)
             if key in (seen if search else searched):
                 continue

@@ -85,10 +85,44 @@ def read_dataset(path: str | Path, config: ReadConfig | None = None) -> Dataset:
         raise WingspanError(
             f"Unknown dataset format '{fmt}'.", hint=f"Choose one of: {', '.join(READERS)}."
         )
-    dataset = READERS[fmt](path.resolve(), config)
+    dataset = _without_names_not_utf8(READERS[fmt](path.resolve(), config))
     _check_not_empty(dataset, path)
     dataset.group_regex = config.group_regex
     return dataset
+
+
+NOT_UTF8 = ("its name, or a folder's above it, is not UTF-8 text (as a zip made on Windows or "
+            "an old network share writes accents), which no CSV, JSON or plot can hold; left "
+            "out: rename it, e.g. `convmv -f cp1252 -t utf-8 -r --notest FOLDER`")
+
+
+def shown_utf8(name: str) -> str:
+    """A name that is not UTF-8 text, with its odd bytes spelt out ('caf\\udce9.jpg'): what
+    a CSV or JSON of skipped files can hold."""
+    return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def is_utf8(text: str) -> bool:
+    """Whether a name can be written as UTF-8: a file name of other bytes (b'caf\\xe9.jpg')
+    comes to Python as a lone surrogate, which every UTF-8 writer refuses."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _without_names_not_utf8(dataset: Dataset) -> Dataset:
+    """The rows whose path, group and labels are UTF-8 text; the others listed as problems
+    (they crashed the run's splits.csv, predict's CSV and the plots, after the work)."""
+    table = dataset.table
+    names = [table[column].astype(str) for column in (PATH, GROUP, *dataset.levels)]
+    bad = ~np.logical_and.reduce([column.map(is_utf8).to_numpy() for column in names])
+    if not bad.any():
+        return dataset
+    dataset.problems += [Problem("name_not_utf8", NOT_UTF8, shown_utf8(path))
+                         for path in table.loc[bad, PATH]]
+    return dataset.subset(~bad)
 
 
 def _check_not_empty(dataset: Dataset, path: Path) -> None:
@@ -115,6 +149,8 @@ def _check_not_empty(dataset: Dataset, path: Path) -> None:
                                                           "the CSV's folder)"
                                                           if path.is_file() else ""))
                     + ". `data inspect --metadata-only` reads the labels alone.")
+        elif not_utf8 := sum(p.kind == "name_not_utf8" for p in dataset.problems):
+            hint = f"All {counted(not_utf8, 'image')} were left out: {NOT_UTF8}."
         elif loose:  # a folder of photos, or one class's folder, given as DATA
             message = (f"{path} has no class folders: its {counted(loose, 'image')} lie in "
                        "it directly, and an image's class is the name of its folder.")
