@@ -213,7 +213,7 @@ def test_runs_frame_lists_each_run_with_values_from_its_files(runs_dir, finished
     score = dict((h, cell) for h, cell, _ in _RUN_COLUMNS)["val F1"]
     assert score({"val_macro_f1": 1.0}) == "1.0000"
     cut = _status_cell({"status": "failed", "detail": "Every training image of " + "x, " * 80})
-    assert len(cut) < 80 and cut.endswith("…")
+    assert len(cut) < 80 and cut.endswith("...")  # ("…" crashed an ASCII terminal)
 
 
 def test_a_stopped_run_says_after_which_epoch_and_plainly_without_its_history(runs_dir):
@@ -495,3 +495,36 @@ def test_a_killed_trainers_data_workers_do_not_keep_its_run_locked(tmp_path):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(worker, signal.SIGKILL)
+
+
+def test_runs_on_a_terminal_or_pipe_of_another_encoding(finished, tmp_path):
+    """`--output -` wrote its CSV in the terminal's encoding (a Windows pipe's cp1252 cut a
+    CSV of CJK names short, exit 1), and closing the pipe early (`| head`) exited 1; an
+    ASCII terminal crashed on the table's "…" (a failed run's error cut short)."""
+    import subprocess
+    import sys
+
+    runs = tmp_path / "runs"
+    _copy(finished, runs / "蝴蝶 été")
+    failed = _copy(finished, runs / "failed")
+    (failed / "model" / "manifest.json").unlink()
+    (failed / "error.txt").write_text("RuntimeError: " + "a long error, " * 10 + "\n")
+
+    def wingspan(*args, encoding, close=False):
+        done = subprocess.Popen([sys.executable, "-m", "wingspan", *args], cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env={**os.environ, "PYTHONIOENCODING": encoding,
+                                     "COLUMNS": "80"})
+        if close:
+            done.stdout.close()
+        out, said = done.communicate(timeout=300)
+        assert done.returncode == 0, said.decode()[-2000:]
+        return out, said
+
+    out, _ = wingspan("runs", "runs", "--output", "-", encoding="cp1252")
+    rows = pd.read_csv(io.StringIO(out.decode("utf-8")))  # UTF-8, as the file would be
+    assert sorted(rows["name"]) == ["failed", "蝴蝶 été"]
+    _, said = wingspan("runs", "runs", "--output", "-", encoding="utf-8", close=True)
+    assert not said, said.decode()
+    out, _ = wingspan("runs", "runs", encoding="ascii")  # the table, its odd letters escaped
+    assert "failed:" in out.decode("ascii") and "\\u8774\\u8776" in out.decode("ascii")

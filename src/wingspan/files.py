@@ -7,9 +7,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import os
 import re
 import shutil
+import sys
 import time
 import unicodedata
 from collections.abc import Callable, Iterator
@@ -412,3 +414,30 @@ def check_folder_writable(folder: str | Path, what: str, hint: str) -> None:
     if not existing.is_dir():
         raise WingspanError(f"{existing} is not a folder: {what}.", hint=hint)
     check_writable(existing, what, hint)
+
+
+def stdout_gone() -> None:
+    """stdout to /dev/null: what is left to print (Python's own flush at exit too) goes
+    nowhere, instead of a BrokenPipeError."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+@contextlib.contextmanager
+def csv_on_stdout() -> Iterator:
+    """stdout for `--output -`'s CSV: UTF-8, as the file would be, whatever the terminal's
+    encoding (a Windows pipe's cp1252 cut a CSV of Greek or CJK names short, and wrote
+    accents in cp1252); and its reader gone (`| head`) is no failure: the rest goes
+    nowhere, as the tables' console does."""
+    sys.stdout.flush()
+    binary = getattr(sys.stdout, "buffer", None)
+    stream = io.TextIOWrapper(binary, encoding="utf-8", newline="") if binary else sys.stdout
+    try:
+        yield stream
+        stream.flush()
+    except BrokenPipeError:
+        stdout_gone()
+    finally:
+        if binary:
+            with contextlib.suppress(ValueError, OSError):
+                stream.detach()  # (sys.stdout keeps its buffer open)

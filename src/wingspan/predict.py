@@ -7,7 +7,6 @@ import csv
 import glob
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from wingspan.data.readers import (
     unsupported_photo,
 )
 from wingspan.errors import WingspanError
-from wingspan.files import atomic_path, remove_dead_leftovers, write_text
+from wingspan.files import atomic_path, csv_on_stdout, remove_dead_leftovers, write_text
 from wingspan.inference import Prediction, Predictor
 from wingspan.models.unknown import UNKNOWN
 from wingspan.parallel import Processes, gather_to_main, interleave, shard
@@ -239,7 +238,8 @@ def write_predictions(result: PredictResult, path: Path) -> None:
     """CSV (path, [<level>, <level>_prob, ...,] class_1, prob_1, ..., error) or JSON, by
     the file's suffix; "-": the CSV on standard output."""
     if str(path) == "-":
-        _write_csv(result, sys.stdout)
+        with csv_on_stdout() as f:
+            _write_csv(result, f)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_leftovers(path)  # (a half-written table a SIGTERM left)

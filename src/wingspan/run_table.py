@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import difflib
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import yaml
 
 from wingspan.config import RUNS_DIR, UNKNOWN_SCORES
 from wingspan.errors import WingspanError, first_line
-from wingspan.files import atomic_path, write_text
+from wingspan.files import atomic_path, csv_on_stdout, write_text
 from wingspan.training.folder import (
     CONFIG_FILE,
     FREE,
@@ -313,7 +312,8 @@ def write_run_table(frame: pd.DataFrame, path: str | Path) -> None:
     """CSV (a header row, the columns above) or JSON ({"runs": [one object per run]},
     empty cells as null), by the file's suffix; "-": the CSV on standard output."""
     if str(path) == "-":
-        frame.to_csv(sys.stdout, index=False)
+        with csv_on_stdout() as f:
+            frame.to_csv(f, index=False)
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@ a user's error into a message and a hint (exit code 2) instead of a traceback.""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -140,6 +141,11 @@ def _sigterm_as_interrupt() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app; user errors print as a message and a hint, exit code 2."""
     _sigterm_as_interrupt()
+    # A terminal or pipe in ASCII, Latin-1 or cp1252 cannot show every class name, nor the
+    # "…" rich cuts a cell with: escaped there (as stderr does), not a traceback once the
+    # work is done.
+    with contextlib.suppress(AttributeError, ValueError):
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         try:
             app(args=_home_expanded(sys.argv[1:] if argv is None else list(argv)),

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import sys
 from pathlib import Path
 
 import typer
@@ -15,7 +13,7 @@ from rich.markup import escape
 
 from wingspan.config import ReadConfig, SettingError
 from wingspan.errors import WingspanError
-from wingspan.files import check_writable
+from wingspan.files import check_writable, stdout_gone
 
 
 class _Results(Console):
@@ -26,13 +24,6 @@ class _Results(Console):
     def on_broken_pipe(self) -> None:
         self.quiet = True
         stdout_gone()
-
-
-def stdout_gone() -> None:
-    """stdout to /dev/null: what is left to print (Python's own flush at exit too) goes
-    nowhere, instead of a BrokenPipeError."""
-    with contextlib.suppress(OSError, ValueError):
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 # Results on stdout; progress bars and errors on stderr. soft_wrap: a long line is left for

@@ -133,7 +133,7 @@ def _status_cell(row: dict) -> str:
     # A failed run's whole error took 70 lines of a narrow terminal: its first words here
     # (all of it in train.log and --output).
     if isinstance(detail, str) and len(detail) > DETAIL_CHARS:
-        detail = detail[:DETAIL_CHARS - 1].rstrip() + "…"
+        detail = detail[:DETAIL_CHARS - 3].rstrip() + "..."
     return status_text(row["status"], detail)
 
 
