@@ -1050,3 +1050,23 @@ def test_names_that_are_not_utf8_are_left_out_and_said(tmp_path):
     write_image(only / os.fsdecode(b"\xe9") / "0.jpg", seed=22)
     with pytest.raises(WingspanError, match="not UTF-8 text"):
         read_dataset(only)
+
+
+def test_a_jpeg_under_a_phone_photos_name_is_read_by_its_bytes(tmp_path):
+    """x.heic holding a JPEG (some exports keep the name): a folder skipped it, predict
+    called it "a HEIC photo, which cannot be read here", while a CSV row and serve read it.
+    A real HEIC is still left out, with that reason."""
+    for i in range(2):
+        write_image(tmp_path / "a" / f"{i}.jpg", seed=i)
+        write_image(tmp_path / "b" / f"{i}.jpg", seed=10 + i)
+    disguised = write_image(tmp_path / "a" / "IMG_1.HEIC", seed=5, fmt="JPEG")
+    real = tmp_path / "b" / "IMG_2.heic"
+    real.write_bytes(b"\0\0\0\x18ftypheic" + bytes(64))
+    ds = read_dataset(tmp_path)
+    assert str(disguised) in set(ds.table["path"]) and str(real) not in set(ds.table["path"])
+    assert [p.path for p in ds.problems if p.kind == "unsupported_photo"] == [str(real)]
+    for given in ([str(disguised), str(real)], [str(tmp_path / "*" / "IMG_*")]):
+        found, skipped = expand_paths(given)
+        assert found == [str(disguised)], (given, found)
+        assert [(p, why.split(",")[0]) for p, why in skipped] == [
+            (str(real), "a HEIC photo")], skipped

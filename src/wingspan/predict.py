@@ -13,7 +13,7 @@ from pathlib import Path
 from wingspan.data.readers import (
     NOT_UTF8,
     images_under,
-    is_image_name,
+    is_image_file,
     is_utf8,
     shown_utf8,
     unsupported_photo,
@@ -84,7 +84,7 @@ def expand_paths(inputs: list[str], places: list[int] | None = None
             for match in matches:
                 folder = Path(match).is_dir()
                 images = (images_in(match) if folder else
-                          [match] if is_image_name(Path(match).name) else [])
+                          [match] if is_image_file(match) else [])
                 if not folder and (why := unsupported_photo(match)):
                     skip((match, why), len(found))
                 matched += len(images)

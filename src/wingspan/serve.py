@@ -417,14 +417,20 @@ def _decode(name: str | None, data: bytes, draft: int | None = None):
     does."""
     from PIL import UnidentifiedImageError
 
-    from wingspan.data.images import ImageTooLarge, _cut_short, _unread_kind, open_image, open_rgb
+    from wingspan.data.images import (
+        ImageTooLarge,
+        _unread_kind,
+        open_image,
+        open_rgb,
+        signature_format,
+    )
 
     try:  # the header only: a bomb is refused by the pixel budget below, before decoding
         with open_image(io.BytesIO(data)):
             pass
     except UnidentifiedImageError as e:
         kind = _unread_kind(io.BytesIO(data))  # an iPhone's HEIC, say: as predict says it
-        cut = None if kind or not data else _cut_short(io.BytesIO(data))
+        cut = None if kind or not data else signature_format(io.BytesIO(data))
         if cut:  # stopped within the header: what it is, and why it cannot be read
             raise HTTPException(422, f"{name}: a {cut} cut short or damaged within its "
                                 "header.") from e

@@ -242,7 +242,7 @@ def open_rgb(path: str | Path | BinaryIO, draft: int | None = None,
     except UnidentifiedImageError as e:  # Pillow's words name the file again, and no format
         empty = isinstance(path, (str, Path)) and _empty(path)  # a download cut short
         kind = None if empty else _unread_kind(path)
-        cut = None if empty or kind else _cut_short(path)
+        cut = None if empty or kind else signature_format(path)
         raise WingspanError(
             f"Cannot read image {name}: " + ("the file is empty (0 bytes)." if empty else
             f"{kind}." if kind else f"a {cut} cut short or damaged within its header." if cut
@@ -305,9 +305,10 @@ def _unread_kind(path: str | Path | BinaryIO) -> str | None:
                  if head[at:at + len(magic)] == magic), None)
 
 
-def _cut_short(path: str | Path | BinaryIO) -> str | None:
-    """The format of a file Pillow did not identify that begins as one it reads (a
-    download stopped within the header), else None."""
+def signature_format(path: str | Path | BinaryIO) -> str | None:
+    """The format, of those Pillow reads, that a file's first bytes say it is, else None:
+    for a file Pillow did not identify, one cut short (a download stopped within the
+    header); for a file named as a phone's photo (.heic), the JPEG it holds."""
     head = _head(path)
     if head[8:12] == b"WEBP" and head[:4] != b"RIFF":
         return None
@@ -364,7 +365,7 @@ def image_facts(path: str, budget: int | None = None) -> ImageFacts:
             im.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
             Image.DecompressionBombError) as e:
-        cut = isinstance(e, UnidentifiedImageError) and _cut_short(path)
+        cut = isinstance(e, UnidentifiedImageError) and signature_format(path)
         facts.error = str(e) if not isinstance(e, UnidentifiedImageError) else (
             "the file is empty (0 bytes)" if _empty(path)  # as decoding says it
             else f"a {cut} cut short or damaged within its header" if cut

@@ -265,15 +265,33 @@ def is_file_manager_file(path: Path) -> bool:
 
 def unsupported_photo(path: str) -> str | None:
     """Why a photo in a camera's or phone's own format is left out (by its extension), or
-    None for any other file."""
+    None for any other file, and for one whose bytes are an image read here."""
     kind = UNREADABLE_PHOTOS.get(os.path.splitext(path)[1].lower())
-    return kind and f"a {kind} photo, which cannot be read here; ignored (convert it to JPEG)"
+    if not kind or _photo_in_disguise(path):
+        return None
+    return f"a {kind} photo, which cannot be read here; ignored (convert it to JPEG)"
 
 
 def is_image_name(name: str) -> bool:
     """A file a folder's search takes: an image's extension, not hidden, not junk."""
     return (not _hidden(name) and name.lower() not in FILE_MANAGER_JUNK
             and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS)
+
+
+def is_image_file(path: str) -> bool:
+    """is_image_name, or a JPEG (PNG...) under a phone photo's name (x.heic), which some
+    exports and converters keep: read by its bytes, as a CSV's row and serve read it (a
+    folder skipped it, and predict called it a HEIC photo)."""
+    name = os.path.basename(path)
+    return is_image_name(name) or (
+        not _hidden(name) and os.path.splitext(name)[1].lower() in UNREADABLE_PHOTOS
+        and _photo_in_disguise(path))
+
+
+def _photo_in_disguise(path: str) -> bool:
+    from wingspan.data.images import signature_format  # (Pillow: not for every import)
+
+    return signature_format(path) is not None
 
 
 def _hidden(name: str) -> bool:
@@ -371,9 +389,9 @@ def images_under(folder: Path, problems: list[Problem], within: Path | None = No
                     Problem("missing_file", "a link to nothing; ignored", f) if os.path.islink(f)
                     else Problem("not_image", "not a regular file (a pipe, socket or device); "
                                  "ignored", f))
-            elif is_image_name(name):
+            elif is_image_file(f):
                 found.append(f)
-            elif why := unsupported_photo(name):
+            elif why := unsupported_photo(f):
                 problems.append(Problem("unsupported_photo", why, f))
             else:
                 problems.append(Problem("not_image", "not an image file extension; ignored", f))
