@@ -114,6 +114,11 @@ def test_export_runs_without_wingspan_and_matches_pytorch(run_dir, run_cli, demo
     images.append(str(run_dir / "scan16.png"))
     Image.fromarray(deep).save(images[-1])
     assert Image.open(images[-1]).mode.startswith("I")
+    # The same with a colour key (tRNS): stretched, as without one (the README's steps
+    # put it on white: 16-bit values clip to white on the way to RGBA).
+    images.append(str(run_dir / "scan16-keyed.png"))
+    Image.fromarray(deep).save(images[-1], transparency=int(deep[0, 0]))
+    assert "transparency" in Image.open(images[-1]).info
     # A float image with a NaN: stretched over its other values (one NaN made it black).
     floats = np.asarray(Image.open(images[2]).convert("L"), dtype=np.float32) / 7
     floats[0, 0] = np.nan
