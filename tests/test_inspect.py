@@ -338,3 +338,25 @@ def test_a_level_named_like_a_path_stays_in_the_output_folder(tmp_path):
     assert {Path(p).parent for p in summary["plots"].values()} == {tmp_path / "out"}
     assert not list(tmp_path.rglob("PWN*"))
     assert name_part("family") == "family" and name_part("a/b") != name_part("a_b")
+
+
+def test_letters_the_plot_font_lacks_are_said_once(tmp_path, monkeypatch):
+    """Class names in letters the font lacks drew a warning per letter and figure (66
+    lines of evaluate's output for CJK names): one line says it, and what to do; other
+    warnings pass as they were."""
+    import warnings
+
+    from wingspan import plotting
+
+    monkeypatch.setattr(plotting, "_FONT_SAID", [])
+    counts = pd.Series([5, 3], index=["\ue000\ue001 one", "\ue002 two"])  # (in no font)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plot_class_balance(counts, "label", tmp_path / "a.png")
+        plot_class_balance(counts, "label", tmp_path / "b.png")
+        with plotting.literal_text():
+            warnings.warn("something else", RuntimeWarning, stacklevel=1)
+    said = [str(w.message) for w in caught]
+    assert not [s for s in said if "Glyph" in s], said
+    assert sum("the plots' font lacks" in s for s in said) == 1, said
+    assert "something else" in said

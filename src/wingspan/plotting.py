@@ -3,7 +3,9 @@ needs a backend, and choosing one here (Agg) switched off a script's or notebook
 windows and inline figures as soon as wingspan was imported. A Figure made on its own has
 no backend and no place in pyplot's list of open figures, so nothing is left to close."""
 
+import re
 import threading
+import warnings
 from contextlib import contextmanager
 
 import matplotlib
@@ -21,10 +23,27 @@ __all__ = ["colormap", "literal_text", "short_name", "subplots"]
 _DRAWING = threading.RLock()
 
 
+# A class name in letters the font lacks (CJK, say, where no CJK font is installed) drew one
+# warning per letter and figure: 66 lines of evaluate's output. Said once, with what to do.
+_GLYPH_MISSING = re.compile(r"Glyph \d+ .*missing from (current )?font")
+_FONT_SAID = []
+
+
 @contextmanager
 def literal_text():
-    with _DRAWING, matplotlib.rc_context({"text.parse_math": False}):
+    with _DRAWING, matplotlib.rc_context({"text.parse_math": False}), \
+            warnings.catch_warnings(record=True) as caught:
         yield
+    missing = [w for w in caught if _GLYPH_MISSING.search(str(w.message))]
+    for w in caught:  # the others, as they would have been shown
+        if w not in missing:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if missing and not _FONT_SAID:
+        _FONT_SAID.append(True)
+        warnings.warn_explicit(  # (one line: no source line of ours under it)
+            "Some class names have letters that the plots' font lacks: the PNGs show them "
+            "as boxes. Install a font that has them (e.g. Debian's fonts-noto-cjk), then "
+            "delete matplotlib's font cache (~/.cache/matplotlib).", UserWarning, "wingspan", 0)
 
 
 def short_name(name: str, most: int = 34) -> str:
