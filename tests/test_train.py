@@ -2011,8 +2011,13 @@ def test_a_config_file_is_read_as_yaml_says_whatever_the_locale(tmp_path):
                           text=True)
     assert done.returncode == 0 and done.stdout.strip() == ascii("Linné"), done.stderr[-3000:]
     path.write_bytes("level: Linné\n".encode("latin-1"))
-    with pytest.raises(WingspanError, match="Cannot read the config file"):
+    with pytest.raises(WingspanError, match="Cannot read the config file") as e:
         TrainConfig.from_file(path)
+    assert "Save it as UTF-8" in e.value.hint  # (said only "unacceptable character #x00e9")
+    path.write_text("level: [Linné\n", encoding="utf-8")  # a YAML slip: no such hint
+    with pytest.raises(WingspanError, match="Cannot read the config file") as e:
+        TrainConfig.from_file(path)
+    assert e.value.hint is None
 
 
 def test_compile_fine_tunes_through_the_compiled_module_and_the_bundle_loads(demo_dir,

@@ -652,7 +652,10 @@ class TrainConfig:
         try:
             values = yaml.load(Path(path).read_bytes(), Loader=_strict_loader()) or {}
         except (OSError, yaml.YAMLError) as e:
-            raise WingspanError(f"Cannot read the config file {path}: {e}") from e
+            raise WingspanError(f"Cannot read the config file {path}: {e}", hint=(
+                f"Save it as UTF-8 text, e.g. `iconv -f cp1252 -t utf-8 {path} > NEW.yaml` "
+                "(a comment or value with an accent, saved in a Windows encoding)."
+                if isinstance(e, yaml.reader.ReaderError) else None)) from e
         if not isinstance(values, dict):
             raise WingspanError(f"{path} must hold a mapping of setting: value.")
         fields = list(cls.__dataclass_fields__)
