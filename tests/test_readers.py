@@ -1070,3 +1070,18 @@ def test_a_jpeg_under_a_phone_photos_name_is_read_by_its_bytes(tmp_path):
         assert found == [str(disguised)], (given, found)
         assert [(p, why.split(",")[0]) for p, why in skipped] == [
             (str(real), "a HEIC photo")], skipped
+
+
+def test_a_pattern_in_a_folder_named_with_brackets_says_how_to_match_it(tmp_path):
+    """"2024 [garden]/*.jpg" matched nothing (the brackets are a pattern), said as "no such
+    file or folder, nor any match": the reason now says how to write it."""
+    import glob
+
+    folder = tmp_path / "2024 [garden]"
+    write_image(folder / "a.jpg", seed=1)
+    found, skipped = expand_paths([str(folder / "*.jpg")])
+    assert found == [] and "'[' begins a pattern" in skipped[0][1], skipped
+    escaped = skipped[0][1].split("(")[-1].rstrip(")").replace("...", "*.jpg")
+    assert glob.glob(escaped) == [str(folder / "a.jpg")]  # the spelling it gives works
+    found, skipped = expand_paths([str(tmp_path / "nothing" / "*.jpg")])
+    assert skipped[0][1] == "no such file or folder, nor any match as a pattern"

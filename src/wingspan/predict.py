@@ -91,7 +91,13 @@ def expand_paths(inputs: list[str], places: list[int] | None = None
                 add(images)
             if not matched:
                 # Not there as named either: photos/a[b].jpg is most likely a file's name.
-                skip((item, "no such file or folder, nor any match as a pattern"
+                # A folder named with brackets ("2024 [garden]/*.jpg") matched nothing.
+                literal = next((str(p) for p in Path(item).parents
+                                if "[" in p.name and p.is_dir()), None)
+                skip((item, f"no match: '[' begins a pattern, so {literal} is not read as the "
+                      f"folder of that name; give the folder itself, or write [[] for each "
+                      f"'[' in it ({glob.escape(literal)}/...)" if literal and not matches else
+                      "no such file or folder, nor any match as a pattern"
                       if not matches else "the pattern matches only folders without images"
                       if all(Path(m).is_dir() for m in matches) else
                       "the pattern matches no image file"), len(found))
