@@ -1,4 +1,6 @@
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -38,3 +40,27 @@ def test_renamed_is_one_pass_keeps_missing_cells_and_leaves_its_input_alone(dtyp
     empty = pd.Series([], dtype=dtype)
     pd.testing.assert_series_equal(renamed(empty, {"a": "b"}), empty.replace({"a": "b"}))
 
+
+
+def test_a_data_folder_with_a_long_name_gets_output_folders_it_can_make(tmp_path,
+                                                                        monkeypatch):
+    """A data folder's name may use 250 bytes (80 CJK letters): its second output folder
+    of that name (NAME-HASH) and evaluate's evaluation-NAME-SPLIT went over a file name's
+    255 and failed, "File name too long"."""
+    from helpers import write_image
+
+    from wingspan.data import read_dataset
+    from wingspan.evaluate.run import evaluation_name
+
+    monkeypatch.chdir(tmp_path)
+    name = "蝴" * 83  # 249 bytes
+    roots = [tmp_path / "one" / name, tmp_path / "two" / name]
+    for root in roots:
+        for label in "ab":
+            write_image(root / label / "0.jpg", seed=ord(label))
+    outs = [read_dataset(root).claim_out_dir() for root in roots]  # the second: NAME-HASH
+    assert outs[0] != outs[1] and all(out.is_dir() for out in outs)
+    assert read_dataset(roots[1]).out_dir == outs[1]  # found again, as its own
+    folder = Path("run") / evaluation_name(name, "test", True, True, True, "energy")
+    folder.mkdir(parents=True)  # and its lock file beside it: both within 255 bytes
+    (folder.parent / f".{folder.name}.lock").touch()

@@ -10,7 +10,6 @@ predict answers otherwise ("unknown", or only a coarser class) the title says so
 
 from __future__ import annotations
 
-import hashlib
 import io
 import threading
 from collections import Counter
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 
 from wingspan.data.images import open_rgb
 from wingspan.errors import WingspanError
-from wingspan.files import atomic_path
+from wingspan.files import atomic_path, fitting_name
 from wingspan.inference import Predictor
 from wingspan.progress import track
 
@@ -182,28 +181,12 @@ def _unique_name(path: Path, taken: set[str], shared: set[str] = frozenset()) ->
     name = path.stem
     if name in shared or name in taken:
         name = f"{path.parent.name}-{path.stem}"
-    name = _fitting(name)
+    name = fitting_name(name)  # (with its temporary name: within a file name's 255 bytes)
     base, n = name, 2
     while name in taken:
         name, n = f"{base}-{n}", n + 1
     taken.add(name)
     return name
-
-
-# A name's bytes at most, so that the overlay's file name and its temporary one while it is
-# written (".NAME.gradcam.PID.tmp.png") stay within the 255 bytes of a file name.
-MAX_NAME_BYTES = 200
-
-
-def _fitting(name: str) -> str:
-    """`name`, or where its UTF-8 is too long for a file name (a photo's own name may use
-    up to 255 bytes), its start and 8 hex digits of its sha1, so two long names that share
-    the start stay apart."""
-    raw = name.encode()
-    if len(raw) <= MAX_NAME_BYTES:
-        return name
-    digest = hashlib.sha1(raw).hexdigest()[:8]
-    return raw[:MAX_NAME_BYTES - 9].decode(errors="ignore") + "-" + digest
 
 
 def model_view(x: torch.Tensor, predictor: Predictor) -> np.ndarray:

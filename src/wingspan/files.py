@@ -441,3 +441,14 @@ def csv_on_stdout() -> Iterator:
         if binary:
             with contextlib.suppress(ValueError, OSError):
                 stream.detach()  # (sys.stdout keeps its buffer open)
+
+
+def fitting_name(name: str, most: int = 200) -> str:
+    """`name`, or where its UTF-8 is over `most` bytes (a photo's or a folder's own name may
+    use up to 255, and what is made from it adds a suffix, a temporary name), its start and
+    8 hex digits of its sha1, so that two long names that share the start stay apart."""
+    raw = name.encode()
+    if len(raw) <= most:
+        return name
+    digest = hashlib.sha1(raw).hexdigest()[:8]
+    return raw[:most - 9].decode(errors="ignore") + "-" + digest

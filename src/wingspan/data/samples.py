@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from wingspan.errors import WingspanError
+from wingspan.files import fitting_name
 
 # Fixed columns of the table; every other column is a label level.
 PATH, GROUP, SPLIT = "path", "group", "split"
@@ -83,7 +84,7 @@ class Dataset:
         for this dataset unless told otherwise: runs/data/NAME, or NAME-HASH (8 hex digits
         of its path) where runs/data/NAME is another folder's of the same name (two
         "photos" folders, say), as its SOURCE file says."""
-        return folder_of(Path("runs") / "data" / self.name, self.root)
+        return folder_of(Path("runs") / "data" / fitting_name(self.name), self.root)
 
     def claim_out_dir(self) -> Path:
         """`out_dir`, made, and marked as this data's if no one's yet (by the command about

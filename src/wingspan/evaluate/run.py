@@ -45,6 +45,7 @@ from wingspan.files import (
     atomic_path,
     check_writable,
     disk_spelling,
+    fitting_name,
     name_part,
     real_paths,
     replace_folder,
@@ -403,7 +404,8 @@ def evaluation_name(data_name: str, split: str, other_data: bool, tta: bool,
     the model's own, and "-tta" with TTA, so that no variant writes over another (a user
     compares them side by side; a plain rerun keeps the unknown figures). Training's
     --holdout-classes writes evaluation-unknown, which none of these is."""
-    name = f"evaluation-{data_name}-{split}" if other_data else f"evaluation-{split}"
+    name = (f"evaluation-{fitting_name(data_name, 150)}-{split}" if other_data
+            else f"evaluation-{split}")  # (a folder's name may take 255 bytes itself)
     if unknown:
         name += "-unknown"
     if score:
