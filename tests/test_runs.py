@@ -206,6 +206,8 @@ def test_runs_frame_lists_each_run_with_values_from_its_files(runs_dir, finished
     with pytest.raises(WingspanError, match="Cannot sort by 'val_f'") as e:
         ws.runs(runs_dir, sort="val_f")
     assert "Did you mean 'val_macro_f1'?" in e.value.hint
+    with pytest.raises(WingspanError, match="best_stage and best_epoch"):  # (a header:
+        ws.runs(runs_dir, sort="best")  # it was told "no such column")
     # Scores read alike (1.0 read "1.0" beside "0.8070"); a long failure is cut in the
     # table, not wrapped a word a line in a narrow terminal.
     from wingspan.cli.runs import _RUN_COLUMNS, _status_cell

@@ -96,6 +96,9 @@ HEADERS = {"run": "name", "val_f1": "val_macro_f1", "held_out_f1": "held_out_mac
 def sort_runs(frame: pd.DataFrame, column: str) -> pd.DataFrame:
     said = column.strip().lower().replace("-", "_").replace(" ", "_")
     column = HEADERS.get(said, said if said in frame.columns else column)
+    if said == "best":  # the table's "best" (finetune 3) shows two columns
+        raise WingspanError("Cannot sort by 'best': it shows two columns, best_stage and "
+                            "best_epoch.", hint="Sort by one of them: --sort best_epoch.")
     if column not in frame.columns:
         close = [HEADERS.get(c, c) for c in difflib.get_close_matches(
             said, [*frame.columns, *HEADERS], n=1)]
