@@ -93,7 +93,8 @@ def read_dataset(path: str | Path, config: ReadConfig | None = None) -> Dataset:
 
 NOT_UTF8 = ("its name, or a folder's above it, is not UTF-8 text (as a zip made on Windows or "
             "an old network share writes accents), which no CSV, JSON or plot can hold; left "
-            "out: rename it, e.g. `convmv -f cp1252 -t utf-8 -r --notest FOLDER`")
+            "out: rename it (`convmv -f cp1252 -t utf-8 -r FOLDER` shows the UTF-8 names, "
+            "and renames the files once told to)")
 
 
 def shown_utf8(name: str) -> str:
