@@ -143,7 +143,7 @@ def test_a_forced_policy_times_nothing(machine, monkeypatch):
     _, calls, _ = machine
     policy = resolve_policy(precision="bf16").choose_frozen(model(), 32, batch_size=8)
     assert policy.frozen.how == "forced by precision bf16" and calls == []
-    monkeypatch.setenv("WINGSPAN_RUNTIME", "onnx")
+    monkeypatch.setenv("WINGSPAN_RUNTIME", "ONNX")  # (capitals were refused; spaces not)
     policy = resolve_policy().choose_frozen(model(), 32, batch_size=8)
     assert policy.frozen.engine.name == "onnx-fp32" and calls == []
 

@@ -287,7 +287,7 @@ def _setting(value: str, env: str, name: str) -> tuple[str, str]:
     """An argument, else the environment variable, else auto; and what forced it, if any."""
     if value != "auto":
         return value, f"{name} {value}"
-    from_env = os.environ.get(env, "").strip()
+    from_env = os.environ.get(env, "").strip().lower()  # (ONNX, as ' onnx ' was, taken)
     if from_env and from_env != "auto":
         return from_env, f"{env}={from_env}"
     return "auto", ""
