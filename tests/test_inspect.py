@@ -360,3 +360,17 @@ def test_letters_the_plot_font_lacks_are_said_once(tmp_path, monkeypatch):
     assert not [s for s in said if "Glyph" in s], said
     assert sum("the plots' font lacks" in s for s in said) == 1, said
     assert "something else" in said
+
+
+def test_inspect_checks_a_resize_as_a_model_at_224_px_would_make_it(tmp_path):
+    """Inspect knows no model: checked as at a 512 px view, every 96 x 96 photo was called
+    unreadable under --max-pixels 200000, which train reads whole; and a 20 x 8000 strip,
+    which a model at 224 px reads, too."""
+    from wingspan.data.images import image_facts
+
+    Image.new("RGB", (96, 96)).save(tmp_path / "small.png")
+    Image.new("RGB", (20, 8000)).save(tmp_path / "strip.png")
+    Image.new("RGB", (1, 40000)).save(tmp_path / "thread.png")
+    assert image_facts(str(tmp_path / "small.png"), budget=200_000).error is None
+    assert image_facts(str(tmp_path / "strip.png")).error is None
+    assert "too long and thin" in image_facts(str(tmp_path / "thread.png")).error

@@ -51,6 +51,7 @@ REDUCIBLE = ("JPEG", "MPO")  # decoded by libjpeg, which can scale while decodin
 # The shorter side a view resizes an image to, at most, when the caller gives no `draft`:
 # with it, a long thin image is refused before its resize would outgrow the pixel budget.
 VIEW_SIDE = 512
+INSPECT_SIDE = 256  # the shorter side `data inspect` checks a resize at (see image_facts)
 # Where a user raises the pixel budget, for hints: the CLI, the library, the environment.
 RAISE_BUDGET = f"--max-pixels, max_pixels= in Python, or ${MAX_PIXELS_ENV}"
 
@@ -354,8 +355,10 @@ def image_facts(path: str, budget: int | None = None) -> ImageFacts:
                                f"budget of {megapixels(budget)} MP (raise it with "
                                f"{RAISE_BUDGET})")
                 return facts
-            # As a view of it (at most VIEW_SIDE) is refused: train, predict and serve.
-            if refused := resize_refused(facts.width, facts.height, budget, VIEW_SIDE):
+            # As train, predict and serve refuse it for a model at the usual 224 px (resized
+            # to 256 first): inspect knows no model, and at VIEW_SIDE it called a 96 x 96
+            # photo unreadable under a budget that the model's own resize fits.
+            if refused := resize_refused(facts.width, facts.height, budget, INSPECT_SIDE):
                 facts.error = f"{refused[0]}: {refused[1][0].lower()}{refused[1][1:]}"
                 return facts
             orientation = im.getexif().get(EXIF_ORIENTATION, 1)
