@@ -3,8 +3,10 @@ predict, evaluate and serve; --holdout-classes and evaluate --unknown."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import html
+import io
 import json
 import re
 import shutil
@@ -372,7 +374,11 @@ def held_out_run(tmp_path_factory):
     demo = generate_demo(root / "demo", DemoConfig())
     config = TrainConfig(backbone="efficientnet_lite0", image_size=96, epochs_head=20,
                          epochs_finetune=2, workers=0, holdout_classes=[HELD])
-    return train(read_dataset(demo), config, root / "runs", "held", quiet=True), demo
+    said = io.StringIO()  # what --quiet leaves on stderr (see the test below)
+    with contextlib.redirect_stderr(said):
+        run_dir = train(read_dataset(demo), config, root / "runs", "held", quiet=True)
+    (root / "stderr.txt").write_text(said.getvalue())
+    return run_dir, demo
 
 
 def test_the_bench_of_other_unknown_scores_scores_a_held_out_run(held_out_run, tmp_path):
@@ -433,6 +439,9 @@ def test_a_held_out_species_comes_out_unknown(held_out_run):
     print(f"held-out {HELD}: AUROC {u['auroc']:.3f}, {u['unseen_flagged']:.0%} unknown")
     assert u["unseen_flagged"] > 0.5, u  # most of the held-out species is "unknown"
     assert u["auroc"] >= 0.85, u
+    # Said with --quiet too: the figures asked for (they were in train.log alone).
+    said = (run_dir.parents[1] / "stderr.txt").read_text()
+    assert f"AUROC {u['auroc']:.3f}" in said, said
     assert set(u["scores"]) == set(UNKNOWN_SCORES)
     report = (run_dir / "evaluation-unknown" / "report.html").read_text()
     assert "Unknown images" in report and "unknown score histogram" in report

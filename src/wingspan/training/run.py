@@ -259,7 +259,8 @@ def _score_held_out(run_dir: Path, run: Run) -> Path:
                if result.metrics["split"] == "val" else "") + f"; report {result.report}"
             + (f" ({len(u['unreadable'])} of their images could not be read and "
                + ("was" if len(u["unreadable"]) == 1 else "were")
-               + " not scored: listed in metrics.json)" if u.get("unreadable") else ""))
+               + " not scored: listed in metrics.json)" if u.get("unreadable") else ""),
+            caveat=True)  # (figures asked for: said with --quiet too)
     return run_dir
 
 
