@@ -612,3 +612,13 @@ except KeyboardInterrupt:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=120)
     assert done.stdout.split() == ["True", "interrupted"], done.stderr[-2000:]
+
+
+def test_data_split_takes_trains_names_for_the_fractions_too(run_cli, demo_dir, tmp_path):
+    """train's --val-fraction / --test-fraction typed to data split (its --val / --test)
+    were refused with no suggestion."""
+    code, out, err = run_cli("data", "split", demo_dir, "--val-fraction", "0.2",
+                             "--test-fraction", "0", "--out", tmp_path)
+    assert code == 0, err
+    splits = read_dataset(tmp_path / "splits.csv").table["split"].value_counts()
+    assert "test" not in splits and splits["val"] / splits.sum() == pytest.approx(0.2, abs=0.05)

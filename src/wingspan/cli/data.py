@@ -74,9 +74,11 @@ def data_split(
     ctx: typer.Context,
     data: Data, level: Level = None,
     val_fraction: Annotated[float, typer.Option(
-        "--val", help="Fraction of groups for validation.")] = SplitConfig.val_fraction,
+        "--val", "--val-fraction",  # (train's name for it)
+        help="Fraction of groups for validation.")] = SplitConfig.val_fraction,
     test_fraction: Annotated[float, typer.Option(
-        "--test", help="Fraction of groups for the test split.")] = SplitConfig.test_fraction,
+        "--test", "--test-fraction",
+        help="Fraction of groups for the test split.")] = SplitConfig.test_fraction,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same split).")]
     = SplitConfig.seed,
     max_per_class: Annotated[int | None, typer.Option(

@@ -73,7 +73,9 @@ def train_command(
     image_size: Annotated[int | None, typer.Option(
         help="Training resolution (default: the backbone's).")] = None,
     val_fraction: Annotated[float, typer.Option(
-        help="Share of the images for val, when the data has no split of its own.")]
+        help="Share of the images for val (the images epochs are chosen on) where the data "
+        "has none: no split of its own, a split without val, or (--selection holdout) "
+        "train and val without test, where it is taken from train.")]
     = T.val_fraction,
     test_fraction: Annotated[float, typer.Option(
         help="Share kept apart for test (nothing is chosen on it), when the data has no "
