@@ -896,8 +896,16 @@ def test_a_folder_that_cannot_be_listed_is_said_not_skipped(tmp_path, monkeypatc
             raise PermissionError(13, "Permission denied", os.fspath(path))
         return scandir(path)
 
+    stat = os.stat
+
+    def entered(path, *args, **kwargs):  # what is inside a folder we may not enter
+        if os.path.dirname(os.fspath(path)) in locked:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return stat(path, *args, **kwargs)
+
     monkeypatch.setattr(os, "scandir", guarded)
-    ds = read_dataset(tmp_path)
+    monkeypatch.setattr(os, "stat", entered)  # (Path.is_file raised it: train stopped on
+    ds = read_dataset(tmp_path)  # "Permission denied: admiral/manifest.json")
     assert ds.class_counts().to_dict() == {"monarch": 2}
     said = {(p.kind, p.path): p.message for p in ds.problems}
     assert "Permission denied" in said["unreadable_folder", str(tmp_path / "monarch" / "2023")]

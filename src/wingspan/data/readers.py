@@ -240,10 +240,14 @@ def _is_output(folder: Path) -> bool:
     """Whether `folder` is wingspan's own output: one it wrote into (--out), or `runs/` with
     `data/<name>/summary.json` or `<run>/manifest.json` inside, which a command run from
     inside DATA leaves there. (A few stats per class folder: no listing of its images.)"""
-    if any((folder / marker).is_file() for marker in OUTPUT_MARKERS):
-        return True
-    return folder.name == "runs" and any(next(folder.glob(f"{deep}{marker}"), None) is not None
-                                         for marker in OUTPUT_MARKERS for deep in ("*/", "*/*/"))
+    try:  # (a folder we may not enter: Python 3.11's is_file raises, not False)
+        if any((folder / marker).is_file() for marker in OUTPUT_MARKERS):
+            return True
+        return folder.name == "runs" and any(
+            next(folder.glob(f"{deep}{marker}"), None) is not None
+            for marker in OUTPUT_MARKERS for deep in ("*/", "*/*/"))
+    except OSError:  # a class folder then, whose images are listed as lost (images_under)
+        return False
 
 
 # Photos that cameras and phones write in formats Pillow does not read: said as such, not
