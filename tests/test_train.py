@@ -2195,3 +2195,27 @@ def test_a_full_disk_that_stops_a_run_is_the_error_said(demo_dir, tmp_path, monk
     monkeypatch.setattr(Run, "log", refuse_stop_line)
     with pytest.raises(WingspanError, match="last.pt was not written"):
         train(read_dataset(demo_dir), tiny(tmp_path), tmp_path, "full2", quiet=True)
+
+
+def test_a_data_worker_killed_for_memory_stops_the_run_to_resume_with_a_hint(demo_dir,
+                                                                             tmp_path,
+                                                                             monkeypatch):
+    """The kernel's out-of-memory killer ends a data worker with SIGKILL: a 55-line
+    traceback, and train.log never said the run had stopped. Now: a message with what to
+    change, the stop in train.log, and the run resumable (not failed)."""
+    from wingspan.training import run as runs
+
+    def killed(run):
+        raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. ")
+
+    monkeypatch.setattr(runs, "finetune", killed)
+    with pytest.raises(WingspanError, match="a data worker process was killed") as e:
+        train(read_dataset(demo_dir), tiny(tmp_path, epochs_head=1, epochs_finetune=1),
+              tmp_path / "runs", "r", quiet=True)
+    run_dir = tmp_path / "runs" / "r"
+    assert "--workers" in e.value.hint and f"--resume {run_dir}" in e.value.hint
+    assert "a data worker process was killed" in (run_dir / "train.log").read_text()
+    assert not (run_dir / "error.txt").exists()
+    monkeypatch.undo()
+    resume(run_dir, quiet=True)
+    assert (run_dir / "model" / "manifest.json").is_file()

@@ -559,6 +559,14 @@ def _interruptible(run: Run, scoring_only: bool = False) -> Path:
                         f"go on: {_said_by_peer(e)}. The other process's output says why.")
                 run.log(said, shown=False)
                 raise WingspanError(said, hint=_go_on(run.dir)) from e
+            if "DataLoader worker" in str(e) and "killed by signal: Killed" in str(e):
+                # SIGKILL, most often the kernel's out-of-memory killer: stopped, to resume
+                # (it was a 55-line traceback, and train.log did not say it had stopped).
+                said = (f"Stopped: a data worker process was killed ({first_line(e).strip()}): "
+                        "most often by the system, as memory ran out.")
+                run.log(said, shown=False)
+                raise WingspanError(said, hint="Fewer --workers or a smaller --batch-size "
+                                    f"need less memory. {_go_on(run.dir)}") from e
             # One process's own fault, or a loader worker's death under Ctrl-C (that run
             # stays stopped, to resume).
             if run.fabric.world_size == 1 and not str(e).startswith("DataLoader worker"):
