@@ -58,6 +58,9 @@ def test_a_disk_quota_used_up_is_said_as_such(tmp_path, error):
     assert os.listdir(target.parent) == []
     said = os_error_said(OSError(errno.EDQUOT, "Disk quota exceeded", "runs/x/train.log"))
     assert said.message == "Your disk quota is used up writing runs/x/train.log."
+    # A run of another user's (evaluate's lock file beside it): where else to write.
+    said = os_error_said(PermissionError(errno.EACCES, "Permission denied", "r/.ev.lock"))
+    assert said.message == "Permission denied: r/.ev.lock." and "--out" in said.hint
 
 
 def test_a_read_only_folder_is_a_message(tmp_path, monkeypatch, run_cli):

@@ -370,7 +370,8 @@ def os_error_said(e: OSError) -> WingspanError | None:
     if isinstance(e, PermissionError):  # a folder or file this user may not read or write
         return WingspanError(f"Permission denied: {e.filename or e}.",
                              hint="Check its permissions (ls -l), or name a file or folder "
-                                  "you may use.")
+                                  "you may use: to write elsewhere, the command's --out or "
+                                  "--runs-dir (out= in Python).")
     if e.errno == errno.EROFS:
         return WingspanError(f"{e.filename or e} is on a read-only file system.",
                              hint="Write elsewhere (the command's --runs-dir or --out; out= in "
