@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from wingspan.models import create_classifier, resolve_policy
+from wingspan.models import create_classifier, engine, resolve_policy
 from wingspan.models import policy as policy_module
 from wingspan.models.engine import time_calls
 from wingspan.models.runtime import make_runner
@@ -264,7 +264,8 @@ def test_a_run_uses_and_reports_the_engines_it_chose(demo_dir, tmp_path, monkeyp
     assert set(used) == {frozen["engine"]}
 
 
-def test_a_damaged_or_read_only_engine_cache_costs_a_measurement_not_a_run(tmp_path):
+def test_a_damaged_or_read_only_engine_cache_costs_a_measurement_not_a_run(tmp_path,
+                                                                            monkeypatch):
     """The cache is a convenience: a file that is not JSON (a write cut short on another
     machine's old version, an edit) reads as empty and is written afresh; a folder that
     cannot be written keeps nothing and raises nothing."""
@@ -288,8 +289,11 @@ def test_a_damaged_or_read_only_engine_cache_costs_a_measurement_not_a_run(tmp_p
             locked.rmdir()
             locked.write_text("a file, not a folder")
         read_only = EngineCache(locked / "engines.json")
-        read_only.put({"kind": "frozen"}, {"engine": "torch-fp32"})  # no exception
+        monkeypatch.setattr(engine, "NOT_KEPT", [])
+        with pytest.warns(UserWarning, match="Could not keep the engines' timings"):
+            assert read_only.put({"kind": "frozen"}, {"engine": "torch-fp32"}) is False
         assert read_only.get({"kind": "frozen"}) is None
+        assert engine.NOT_KEPT  # (doctor said "Kept in" it)
     finally:
         if locked.is_dir():
             locked.chmod(0o700)

@@ -109,11 +109,15 @@ def doctor_command(
     out.print(f"Picked: {policy.describe()}")
     forced = [f"--{k} {v}" for k, v in (("precision", precision), ("runtime", runtime))
               if v != "auto"]
-    out.print(f"Kept in {plain(d.cache)}: runs of {d.backbone} at {d.size} px, batch "
-              f"{d.batch_size}, with {counted(m['torch_threads'], 'thread')}"
-              + (f" and {' '.join(forced)}" if forced else "")
-              + f" on this machine use it without timing again. Timed with weights: "
-              f"{d.weights}.")
+    from wingspan.models.engine import NOT_KEPT
+
+    runs = (f"runs of {d.backbone} at {d.size} px, batch {d.batch_size}, with "
+            f"{counted(m['torch_threads'], 'thread')}"
+            + (f" and {' '.join(forced)}" if forced else "") + " on this machine")
+    out.print((f"Not kept (the cache cannot be written, see above): {runs} time the engines "
+               "again." if NOT_KEPT else
+               f"Kept in {plain(d.cache)}: {runs} use it without timing again.")
+              + f" Timed with weights: {d.weights}.")
     weights = Table("backbone", "ImageNet weights offline", title="Offline weights",
                     title_justify="left")
     for name, source in d.offline_weights.items():

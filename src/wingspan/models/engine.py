@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -231,7 +232,7 @@ class EngineCache:
     def get(self, key: dict) -> dict | None:
         return self._read().get(json.dumps(key, sort_keys=True))
 
-    def put(self, key: dict, record: dict) -> None:
+    def put(self, key: dict, record: dict) -> bool:
         """Read, add, write to a temporary file and rename: a reader never sees half a
         file. Two processes writing at once may lose one entry, which is measured again."""
         data = self._read()
@@ -239,8 +240,18 @@ class EngineCache:
         try:
             with atomic_path(self.path, durable=False) as tmp:
                 tmp.write_text(json.dumps(data, indent=1))
-        except (OSError, WingspanError):  # a read-only or full cache only costs a
-            pass  # measurement next time
+        except (OSError, WingspanError) as e:  # a read-only or full cache only costs a
+            # measurement next time: said once (doctor said "Kept in" it regardless)
+            if not NOT_KEPT:
+                NOT_KEPT.append(self.path)
+                warnings.warn(f"Could not keep the engines' timings in {self.path} ({e}): "
+                              "each run times them again. Set $WINGSPAN_CACHE to a folder "
+                              "you may write.", stacklevel=2)
+            return False
+        return True
+
+
+NOT_KEPT: list[Path] = []  # the cache put could not write, once said
 
 
 # --- measuring ----------------------------------------------------------------------------
