@@ -37,7 +37,28 @@ def test_a_full_disk_said_in_torch_or_safetensors_words_is_a_full_disk(tmp_path,
         with atomic_path(target) as tmp:
             tmp.write_bytes(b"half")
             raise error
-    assert os.listdir(target.parent) == []
+    assert not target.parent.exists()  # made for it, and left empty: removed
+
+
+def test_a_full_disk_while_writing_files_together_names_them_all_and_leaves_no_folder(
+        tmp_path):
+    """export's model.onnx (14 MB) did not fit: the error named model.onnx.json, the last
+    of the two, said "0 MiB free" counted with the half-written file still there, and left
+    the empty export folder."""
+    from wingspan.files import atomic_paths
+
+    out = tmp_path / "export"
+    with pytest.raises(WingspanError, match=r"export is full \(\d+ MiB free\); model.onnx "
+                                            r"and model.onnx.json were not written"):
+        with atomic_paths(out / "model.onnx", out / "model.onnx.json") as (graph, _):
+            graph.write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert not out.exists()
+    (out / "kept").mkdir(parents=True)  # a folder that was there stays, with what it holds
+    with pytest.raises(WingspanError, match="were not written"):
+        with atomic_paths(out / "a", out / "b"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert os.listdir(out) == ["kept"]
 
 
 @pytest.mark.parametrize("error", [
@@ -55,7 +76,7 @@ def test_a_disk_quota_used_up_is_said_as_such(tmp_path, error):
         with atomic_path(target) as tmp:
             tmp.write_bytes(b"half")
             raise error
-    assert os.listdir(target.parent) == []
+    assert not target.parent.exists()  # made for it, and left empty: removed
     said = os_error_said(OSError(errno.EDQUOT, "Disk quota exceeded", "runs/x/train.log"))
     assert said.message == "Your disk quota is used up writing runs/x/train.log."
     # A run of another user's (evaluate's lock file beside it): where else to write.

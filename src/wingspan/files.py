@@ -56,37 +56,57 @@ def atomic_paths(*paths: str | Path) -> Iterator[list[Path]]:
     folder with other outputs (so no new folder can replace the old one whole), and are
     read by people (so no marker written last is checked by a reader)."""
     paths = [Path(p) for p in paths]
-    with contextlib.ExitStack() as stack:
-        tmps = [stack.enter_context(_temporary(p)) for p in paths]
-        yield tmps
-        for tmp in tmps:
-            _flush(tmp)
-            os.chmod(tmp, _MODE)
-        _replace_together(tmps, paths)
+    try:
+        with contextlib.ExitStack() as stack:
+            tmps = [stack.enter_context(_temporary(p, said_full=False)) for p in paths]
+            yield tmps
+            for tmp in tmps:
+                _flush(tmp)
+                os.chmod(tmp, _MODE)
+            _replace_together(tmps, paths)
+    except Exception as e:  # (any of them: the last one named itself, whichever it was)
+        if _disk_full(e):
+            raise _full(e, paths[0].parent, " and ".join(p.name for p in paths)) from e
+        raise
 
 
 @contextlib.contextmanager
-def _temporary(path: Path) -> Iterator[Path]:
-    """A temporary name beside `path`, removed when the block ends unless renamed."""
+def _temporary(path: Path, said_full: bool = True) -> Iterator[Path]:
+    """A temporary name beside `path`, removed when the block ends unless renamed (and the
+    folder made for it, left empty by a failure)."""
+    made = not path.parent.is_dir()
     path.parent.mkdir(parents=True, exist_ok=True)
     # Same folder (rename is atomic only within a file system), same suffix (np.save and
     # safetensors look at it), a leading dot and the pid (two processes never collide).
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # _TEMPORARY matches it
     try:
         yield tmp
-    except Exception as e:
-        if _disk_full(e):
-            free = shutil.disk_usage(path.parent).free
-            full = (f"Your disk quota for {path.parent} is used up" if _quota(e) else
-                    f"The disk holding {path.parent} is full ({free / 2**20:.0f} MiB free)")
-            raise WingspanError(
-                f"{full}; {path.name} was not written, and the previous version, if any, is "
-                "intact.", hint="Free some space or write elsewhere, then run the command "
-                "again (a training run continues with --resume).") from e
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()  # first: the free space said below is what is left without it
+            if made:
+                path.parent.rmdir()  # (only if empty: another writer's files stay)
+        if said_full and isinstance(e, Exception) and _disk_full(e):
+            raise _full(e, path.parent, path.name) from e
         raise
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+def _full(e: Exception, folder: Path, names: str) -> WingspanError:
+    """A full disk (or quota) that stopped `names` being written into `folder`."""
+    try:
+        left = shutil.disk_usage(folder if folder.is_dir() else folder.parent).free
+        free = f" ({left / 2**20:.0f} MiB free)"
+    except OSError:
+        free = ""
+    full = (f"Your disk quota for {folder} is used up" if _quota(e) else
+            f"The disk holding {folder} is full{free}")
+    return WingspanError(f"{full}; {names} {'was' if ' and ' not in names else 'were'} not "
+                         "written, and the previous version, if any, is intact.",
+                         hint="Free some space or write elsewhere, then run the command again "
+                              "(a training run continues with --resume).")
 
 
 def _disk_full(e: Exception) -> bool:
