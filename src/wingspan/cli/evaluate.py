@@ -35,7 +35,8 @@ def evaluate_command(
     data: Annotated[Path | None, typer.Argument(metavar="DATA",
         help="Data to evaluate on (default: the run's own split).", show_default=False)] = None,
     split: Annotated[str | None, typer.Option(
-        help="train | val | test | all (default: test, else val).")] = None,
+        help="train | val | test | all (default: test, else val; all of DATA when it has "
+        "no split).")] = None,
     out_dir: Annotated[Path | None, typer.Option(
         "--out", callback=check_folder,
         help="Output folder (default: RUN/evaluation-SPLIT; other DATA: "

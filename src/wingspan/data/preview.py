@@ -81,7 +81,9 @@ def _draw(picks, clean, augment, augmented: int, config: AugmentConfig, out: Pat
                 ax.set_title("as evaluated" if c == 0 else f"augmented {c}", fontsize=8)
     fig.suptitle(f"augmentation '{config.policy}' at {config.image_size}px", fontsize=9)
     fig.tight_layout()
-    remove_dead_leftovers(out)  # (atomic_path makes the folder, and removes it on failure)  # (a SIGTERM's, which no `finally` removes)
+    # (a SIGTERM's, which no `finally` removes; atomic_path makes the folder, and removes
+    # it, empty, when the write fails)
+    remove_dead_leftovers(out)
     with atomic_path(out) as tmp:  # (a kill while saving left a torn PNG in place)
         fig.savefig(tmp, dpi=100)
     return out
