@@ -622,3 +622,25 @@ def test_data_split_takes_trains_names_for_the_fractions_too(run_cli, demo_dir, 
     assert code == 0, err
     splits = read_dataset(tmp_path / "splits.csv").table["split"].value_counts()
     assert "test" not in splits and splits["val"] / splits.sum() == pytest.approx(0.2, abs=0.05)
+
+
+def test_no_strict_on_the_command_line_undoes_a_config_files_strict(run_cli, demo_dir,
+                                                                     tmp_path):
+    """A config file's `strict: true` could not be turned off for one run: command-line
+    options win over the file, but --strict had no --no-strict."""
+    import yaml
+    from test_train import tiny
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_dir, data)
+    (next(p for p in sorted(data.iterdir()) if p.is_dir()) / "broken.jpg").write_bytes(b"no")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({**vars(tiny(tmp_path, epochs_head=1, epochs_finetune=0)),
+                                      "strict": True}))
+    base = ["train", data, "--config", config, "--runs-dir", tmp_path / "runs", "--quiet"]
+    code, _, err = run_cli(*base, "--name", "strict")
+    assert code == 2 and "broken.jpg" in err, err
+    code, _, err = run_cli(*base, "--name", "lenient", "--no-strict")
+    assert code == 0, err
+    assert yaml.safe_load((tmp_path / "runs" / "lenient" / "config.yaml").read_text())[
+        "strict"] is False

@@ -22,7 +22,8 @@ GroupRegex = Annotated[str | None, typer.Option(
     "--group-regex", help="Regex on the file name whose first group keeps images together in "
     r"splits, e.g. '_(\d+)_\d+\.jpg$' for iNaturalist observation ids.")]
 Strict = Annotated[bool, typer.Option(
-    "--strict", help="Stop at a missing or unreadable file instead of skipping and listing it.")]
+    "--strict/--no-strict",
+    help="Stop at a missing or unreadable file instead of skipping and listing it.")]
 SplitStrict = Annotated[bool, typer.Option(
     "--strict", help="Stop at a listed file that is missing instead of skipping and listing it "
     "(split opens no image: `data inspect` finds the unreadable ones).")]
