@@ -1030,7 +1030,7 @@ def test_two_class_folders_given_one_species_are_said(tmp_path):
 def test_names_that_are_not_utf8_are_left_out_and_said(tmp_path):
     """A file or class folder named in another encoding (b'caf\\xe9.jpg', from a zip made
     on Windows): its lone surrogate crashed train's splits.csv, predict's CSV and the
-    plots, after the work; it is now left out and said, the rest read."""
+    plots, after the work; the readers now leave it out and say so, the rest read."""
     from wingspan.data.split import write_splits
 
     for i in range(3):
@@ -1047,17 +1047,28 @@ def test_names_that_are_not_utf8_are_left_out_and_said(tmp_path):
         == ["\\udce9t\\udce9/0.jpg", "a/caf\\udce9.jpg"]
     write_splits(ds, tmp_path / "splits.csv")  # crashed: surrogates not allowed
     assert "caf" not in (tmp_path / "splits.csv").read_text(encoding="utf-8")
-    # predict skips such a file with the reason, whether named or found in a folder.
-    for given in ([str(odd_file)], [str(tmp_path / "a")]):
-        found, skipped = expand_paths(given)
-        assert all("caf" not in p for p in found)
-        assert [why for _, why in skipped] == [said[0].message], skipped
-        assert skipped[0][0].encode("utf-8")  # writable in predict's CSV and JSON
+    # predict reads such a file; its CSV (which that name stopped) spells it out.
+    from wingspan.predict import PredictResult, write_predictions
+
+    found, skipped = expand_paths([str(tmp_path / "a")])
+    assert str(odd_file) in found and not skipped
+    write_predictions(PredictResult(failed=[(str(odd_file), "broken")], order=[("failed", 0)]),
+                      tmp_path / "p.csv")
+    assert "caf\\udce9.jpg" in (tmp_path / "p.csv").read_text(encoding="utf-8")
     # A dataset of such names alone: the error says why.
     only = tmp_path / "only"
     write_image(only / os.fsdecode(b"\xe9") / "0.jpg", seed=22)
     with pytest.raises(WingspanError, match="not UTF-8 text"):
         read_dataset(only)
+    # The data's own place so named: read (inspect and predict read it before), and said
+    # where splits.csv cannot name it (a traceback).
+    place = tmp_path / os.fsdecode(b"d\xe9j\xe0")
+    for label in "ab":
+        write_image(place / label / "0.jpg", seed=ord(label))
+    ds = read_dataset(place)
+    assert len(ds) == 2 and not ds.problems
+    with pytest.raises(WingspanError, match="splits.csv cannot hold"):
+        write_splits(ds, tmp_path / "splits2.csv", relative=False)
 
 
 def test_a_jpeg_under_a_phone_photos_name_is_read_by_its_bytes(tmp_path):

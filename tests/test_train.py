@@ -2219,3 +2219,15 @@ def test_a_data_worker_killed_for_memory_stops_the_run_to_resume_with_a_hint(dem
     monkeypatch.undo()
     resume(run_dir, quiet=True)
     assert (run_dir / "model" / "manifest.json").is_file()
+
+
+def test_a_stray_file_named_in_other_bytes_is_logged_not_a_traceback(demo_dir, tmp_path):
+    """notes\\xe9.txt in a class folder: its "not an image" line stopped train.log's write
+    with a UnicodeEncodeError; it is logged with its odd byte spelt out."""
+    data = tmp_path / "data"
+    shutil.copytree(demo_dir, data)
+    folder = next(p for p in sorted(data.iterdir()) if p.is_dir())
+    (folder / os.fsdecode(b"notes\xe9.txt")).write_text("field notes")
+    run_dir = train(read_dataset(data), tiny(tmp_path, epochs_head=1, epochs_finetune=0),
+                    tmp_path / "runs", "r", quiet=True)
+    assert "notes\\udce9.txt" in (run_dir / "train.log").read_text(encoding="utf-8")

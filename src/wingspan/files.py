@@ -452,7 +452,8 @@ def csv_on_stdout() -> Iterator:
     nowhere, as the tables' console does."""
     sys.stdout.flush()
     binary = getattr(sys.stdout, "buffer", None)
-    stream = io.TextIOWrapper(binary, encoding="utf-8", newline="") if binary else sys.stdout
+    stream = io.TextIOWrapper(binary, encoding="utf-8", newline="",  # (a name of other
+                              errors="backslashreplace") if binary else sys.stdout  # bytes)
     try:
         yield stream
         stream.flush()

@@ -11,11 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from wingspan.data.readers import (
-    NOT_UTF8,
     images_under,
     is_image_file,
-    is_utf8,
-    shown_utf8,
     unsupported_photo,
 )
 from wingspan.errors import WingspanError
@@ -42,9 +39,6 @@ def expand_paths(inputs: list[str], places: list[int] | None = None
         files in it too, and zsh's unquoted photos/**/* names both); a file named as
         such, as often as it is named (a row for each input), unless a search found it."""
         for path in paths:
-            if not is_utf8(path):  # (its CSV row could not be written: the run was lost)
-                skip((shown_utf8(path), NOT_UTF8), len(found))
-                continue
             key = os.path.normpath(path)
             if key in (seen if search else searched):
                 continue
@@ -260,7 +254,10 @@ def write_predictions(result: PredictResult, path: Path) -> None:
                             for r in result.rows],
             "failed": [{"path": f, "error": e} for f, e in result.failed]}, indent=2))
         return
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+    # (a file name that is not UTF-8, b'caf\xe9.jpg', is written 'caf\udce9.jpg': it
+    # stopped the CSV, and every prediction was lost)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8",
+                                        errors="backslashreplace") as f:
         _write_csv(result, f)
 
 

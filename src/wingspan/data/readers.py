@@ -92,9 +92,9 @@ def read_dataset(path: str | Path, config: ReadConfig | None = None) -> Dataset:
 
 
 NOT_UTF8 = ("its name, or a folder's above it, is not UTF-8 text (as a zip made on Windows or "
-            "an old network share writes accents), which no CSV, JSON or plot can hold; left "
-            "out: rename it (`convmv -f cp1252 -t utf-8 -r FOLDER` shows the UTF-8 names, "
-            "and renames the files once told to)")
+            "an old network share writes accents), which a run's splits.csv and plots cannot "
+            "hold; left out: rename it (`convmv -f cp1252 -t utf-8 -r FOLDER` shows the "
+            "UTF-8 names, and renames the files once told to)")
 
 
 def shown_utf8(name: str) -> str:
@@ -117,7 +117,14 @@ def _without_names_not_utf8(dataset: Dataset) -> Dataset:
     """The rows whose path, group and labels are UTF-8 text; the others listed as problems
     (they crashed the run's splits.csv, predict's CSV and the plots, after the work)."""
     table = dataset.table
-    names = [table[column].astype(str) for column in (PATH, GROUP, *dataset.levels)]
+    # The names within the data (DATA's own place is the user's to name: a run's files
+    # can still hold it, and inspect and predict read such a place as before).
+    root = str(dataset.root if dataset.root.is_dir() else dataset.root.parent) + os.sep
+    def own(path: str) -> str:
+        return path[len(root):] if path.startswith(root) else path
+
+    names = [table[column].astype(str).map(own) for column in (PATH, GROUP)]
+    names += [table[level].astype(str) for level in dataset.levels]
     bad = ~np.logical_and.reduce([column.map(is_utf8).to_numpy() for column in names])
     if not bad.any():
         return dataset

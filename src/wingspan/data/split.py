@@ -13,6 +13,7 @@ from sklearn.utils import check_random_state
 
 from wingspan.config import SplitConfig, TrainConfig
 from wingspan.data.leaks import with_duplicates_grouped
+from wingspan.data.readers import is_utf8, shown_utf8
 from wingspan.data.samples import GROUP, PATH, SPLIT, Dataset
 from wingspan.errors import WingspanError, counted, some
 from wingspan.files import atomic_paths, remove_dead_leftovers
@@ -323,6 +324,14 @@ def write_splits(dataset: Dataset, path: str | os.PathLike, relative: bool = Tru
     table[GROUP] = [("" if alone else f"same-file:{where(g)}" if copies else g)
                     for g, alone, copies in zip(table[GROUP], own, shared_file, strict=True)]
     table["path"] = [where(p) for p in table["path"]]
+    if odd := next((p for p in table["path"] if not is_utf8(p)), None):
+        # (the readers leave out such names within the data; this is the data's own place,
+        # which splits.csv, UTF-8 text, cannot name: a traceback once the split was made)
+        raise WingspanError(f"The data's folder is named in bytes that are not UTF-8 text "
+                            f"({shown_utf8(odd)}), which splits.csv cannot hold.",
+                            hint="Rename that folder (`convmv -f cp1252 -t utf-8 -r FOLDER` "
+                                 "shows the UTF-8 name), or move the data to a folder with "
+                                 "a UTF-8 name.")
     finest = dataset.default_level
     table["label"] = table[finest]  # the CSV reader's finest level; other levels keep names
     coarser = [lv for lv in dataset.levels if lv != "label"]

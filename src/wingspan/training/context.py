@@ -159,7 +159,8 @@ class Run:
         if not self.is_main:
             return
         stamp = time.strftime("%H:%M:%S")
-        with open(self.dir / "train.log", "a") as f:
+        # (UTF-8 as every file of the run; a name of other bytes escaped, not a traceback)
+        with open(self.dir / "train.log", "a", encoding="utf-8", errors="backslashreplace") as f:
             f.write(f"{stamp} {message}\n")
         if not shown:
             return

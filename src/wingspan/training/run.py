@@ -329,7 +329,8 @@ def resume(run_dir: str | Path, quiet: bool = False, **machine) -> Path:
         if fabric.is_global_zero:
             said = (f"Interrupted as the resume of {run_dir} started, before any further "
                     f"training. {_go_on(run_dir)}")
-            with contextlib.suppress(OSError), open(run_dir / "train.log", "a") as f:
+            with contextlib.suppress(OSError), open(run_dir / "train.log", "a", encoding="utf-8",
+                                                       errors="backslashreplace") as f:
                 f.write(f"{time.strftime('%H:%M:%S')} {said}\n")  # (not to mask the Ctrl-C)
             print(said, file=sys.stderr)
         raise
