@@ -2014,10 +2014,11 @@ def test_a_config_file_is_read_as_yaml_says_whatever_the_locale(tmp_path):
     with pytest.raises(WingspanError, match="Cannot read the config file") as e:
         TrainConfig.from_file(path)
     assert "Save it as UTF-8" in e.value.hint  # (said only "unacceptable character #x00e9")
-    path.write_text("level: [Linné\n", encoding="utf-8")  # a YAML slip: no such hint
-    with pytest.raises(WingspanError, match="Cannot read the config file") as e:
-        TrainConfig.from_file(path)
-    assert e.value.hint is None
+    for slip in ("level: [Linné\n", "level: Linné\x07\n"):  # a YAML slip, a control
+        path.write_text(slip, encoding="utf-8")  # character: UTF-8 already, no such hint
+        with pytest.raises(WingspanError, match="Cannot read the config file") as e:
+            TrainConfig.from_file(path)
+        assert e.value.hint is None, slip
 
 
 def test_compile_fine_tunes_through_the_compiled_module_and_the_bundle_loads(demo_dir,
@@ -2197,16 +2198,20 @@ def test_a_full_disk_that_stops_a_run_is_the_error_said(demo_dir, tmp_path, monk
         train(read_dataset(demo_dir), tiny(tmp_path), tmp_path, "full2", quiet=True)
 
 
+@pytest.mark.parametrize("said", [  # (torch words a worker's SIGKILL either way)
+    "DataLoader worker (pid 4242) is killed by signal: Killed. ",
+    "DataLoader worker (pid(s) 4242) exited unexpectedly"])
 def test_a_data_worker_killed_for_memory_stops_the_run_to_resume_with_a_hint(demo_dir,
                                                                              tmp_path,
-                                                                             monkeypatch):
+                                                                             monkeypatch,
+                                                                             said):
     """The kernel's out-of-memory killer ends a data worker with SIGKILL: a 55-line
     traceback, and train.log never said the run had stopped. Now: a message with what to
     change, the stop in train.log, and the run resumable (not failed)."""
     from wingspan.training import run as runs
 
     def killed(run):
-        raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. ")
+        raise RuntimeError(said)
 
     monkeypatch.setattr(runs, "finetune", killed)
     with pytest.raises(WingspanError, match="a data worker process was killed") as e:

@@ -655,7 +655,8 @@ class TrainConfig:
             raise WingspanError(f"Cannot read the config file {path}: {e}", hint=(
                 f"Save it as UTF-8 text, e.g. `iconv -f cp1252 -t utf-8 {path} > NEW.yaml` "
                 "(a comment or value with an accent, saved in a Windows encoding)."
-                if isinstance(e, yaml.reader.ReaderError) else None)) from e
+                if isinstance(e, yaml.reader.ReaderError) and e.encoding != "unicode"
+                else None)) from e  # (not a control character in a UTF-8 file)
         if not isinstance(values, dict):
             raise WingspanError(f"{path} must hold a mapping of setting: value.")
         fields = list(cls.__dataclass_fields__)

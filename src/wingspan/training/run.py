@@ -560,9 +560,11 @@ def _interruptible(run: Run, scoring_only: bool = False) -> Path:
                         f"go on: {_said_by_peer(e)}. The other process's output says why.")
                 run.log(said, shown=False)
                 raise WingspanError(said, hint=_go_on(run.dir)) from e
-            if "DataLoader worker" in str(e) and "killed by signal: Killed" in str(e):
-                # SIGKILL, most often the kernel's out-of-memory killer: stopped, to resume
-                # (it was a 55-line traceback, and train.log did not say it had stopped).
+            if "DataLoader worker" in str(e) and ("killed by signal: Killed" in str(e)
+                                                  or "exited unexpectedly" in str(e)):
+                # SIGKILL (torch says it either way), most often the kernel's out-of-memory
+                # killer: stopped, to resume (it was a 55-line traceback, and train.log did
+                # not say the run had stopped).
                 said = (f"Stopped: a data worker process was killed ({first_line(e).strip()}): "
                         "most often by the system, as memory ran out.")
                 run.log(said, shown=False)
@@ -593,10 +595,11 @@ def _interruptible(run: Run, scoring_only: bool = False) -> Path:
 
 def _peer_lost(error: RuntimeError) -> bool:
     """Whether a distributed run's error is a collective that failed because another process
-    ended (gloo: "Connection closed by peer"; NCCL: a DistBackendError), not this one's bug."""
+    ended (gloo: "Connection closed by peer"; NCCL: "remote process exited"), not this one's
+    own fault (an out-of-memory inside NCCL, a watchdog's timeout: their words stay)."""
     said = str(error)
-    return isinstance(error, torch.distributed.DistError) or any(
-        word in said for word in ("gloo", "NCCL", "closed by peer", "reset by peer"))
+    return any(word in said for word in ("closed by peer", "reset by peer",
+                                         "remote process exited", "Broken pipe"))
 
 
 def _said_by_peer(error: RuntimeError) -> str:
