@@ -621,7 +621,7 @@ def test_data_split_takes_trains_names_for_the_fractions_too(run_cli, demo_dir, 
                              "--test-fraction", "0", "--out", tmp_path)
     assert code == 0, err
     splits = read_dataset(tmp_path / "splits.csv").table["split"].value_counts()
-    assert "test" not in splits and splits["val"] / splits.sum() == pytest.approx(0.2, abs=0.05)
+    assert "test" not in splits and splits["val"] / splits.sum() == pytest.approx(0.2, abs=0.02)
 
 
 def test_no_strict_on_the_command_line_undoes_a_config_files_strict(run_cli, demo_dir,

@@ -1104,3 +1104,5 @@ def test_a_pattern_in_a_folder_named_with_brackets_says_how_to_match_it(tmp_path
     assert glob.glob(escaped) == [str(folder / "a.jpg")]  # the spelling it gives works
     found, skipped = expand_paths([str(tmp_path / "nothing" / "*.jpg")])
     assert skipped[0][1] == "no such file or folder, nor any match as a pattern"
+    found, skipped = expand_paths([str(folder / "b.jpg")])  # a slip in the file's name
+    assert skipped[0][1] == "no such file or folder, nor any match as a pattern"

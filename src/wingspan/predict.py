@@ -88,6 +88,8 @@ def expand_paths(inputs: list[str], places: list[int] | None = None
                 # A folder named with brackets ("2024 [garden]/*.jpg") matched nothing.
                 literal = next((str(p) for p in Path(item).parents
                                 if "[" in p.name and p.is_dir()), None)
+                if literal and not glob.glob(glob.escape(literal) + item[len(literal):]):
+                    literal = None  # escaped, it matches nothing either: a slip elsewhere
                 skip((item, f"no match: '[' begins a pattern, so {literal} is not read as the "
                       f"folder of that name; give the folder itself, or write [[] for each "
                       f"'[' in it ({glob.escape(literal)}/...)" if literal and not matches else
