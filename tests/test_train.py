@@ -2221,6 +2221,9 @@ def test_a_data_worker_killed_for_memory_stops_the_run_to_resume_with_a_hint(dem
     assert "--workers" in e.value.hint and f"--resume {run_dir}" in e.value.hint
     assert "a data worker process was killed" in (run_dir / "train.log").read_text()
     assert not (run_dir / "error.txt").exists()
+    with pytest.raises(WingspanError, match="a data worker process was killed"):
+        resume(run_dir, quiet=True)  # the same again while resumed: still not failed (the
+    assert not (run_dir / "error.txt").exists()  # resume's catch-all wrote error.txt)
     monkeypatch.undo()
     resume(run_dir, quiet=True)
     assert (run_dir / "model" / "manifest.json").is_file()

@@ -323,7 +323,7 @@ def resume(run_dir: str | Path, quiet: bool = False, **machine) -> Path:
                             every_rank=True)
     try:
         return _resume(run_dir, config, fabric, quiet)
-    except Interrupted:  # in the recipe: said there
+    except (Interrupted, Stopped):  # in the recipe: said there (and not failed)
         raise
     except KeyboardInterrupt:  # while it started up (the checkpoint read, the data checked)
         if fabric.is_global_zero:
@@ -507,6 +507,11 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C in a run's recipe, once train.log and the terminal have said how to go on."""
 
 
+class Stopped(WingspanError):
+    """A run stopped by what befell it (another process lost, a data worker killed), to
+    resume: said, and left paused, not failed."""
+
+
 def _go_on(run_dir: Path) -> str:
     how = f"wingspan train --resume {run_dir} (in Python: ws.resume({str(run_dir)!r}))"
     if (run_dir / "checkpoints" / "last.pt").is_file():
@@ -559,7 +564,7 @@ def _interruptible(run: Run, scoring_only: bool = False) -> Path:
                         "stopped: another process of the run ended, so this one could not "
                         f"go on: {_said_by_peer(e)}. The other process's output says why.")
                 run.log(said, shown=False)
-                raise WingspanError(said, hint=_go_on(run.dir)) from e
+                raise Stopped(said, hint=_go_on(run.dir)) from e
             if "DataLoader worker" in str(e) and ("killed by signal: Killed" in str(e)
                                                   or "exited unexpectedly" in str(e)):
                 # SIGKILL (torch says it either way), most often the kernel's out-of-memory
@@ -568,8 +573,8 @@ def _interruptible(run: Run, scoring_only: bool = False) -> Path:
                 said = (f"Stopped: a data worker process was killed ({first_line(e).strip()}): "
                         "most often by the system, as memory ran out.")
                 run.log(said, shown=False)
-                raise WingspanError(said, hint="Fewer --workers or a smaller --batch-size "
-                                    f"need less memory. {_go_on(run.dir)}") from e
+                raise Stopped(said, hint="Fewer --workers or a smaller --batch-size need "
+                              f"less memory. {_go_on(run.dir)}") from e
             # One process's own fault, or a loader worker's death under Ctrl-C (that run
             # stays stopped, to resume).
             if run.fabric.world_size == 1 and not str(e).startswith("DataLoader worker"):
