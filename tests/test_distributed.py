@@ -17,6 +17,7 @@ from helpers import wait_for_finetune_epochs
 from test_train import NUMBERS, history, tiny
 
 from wingspan.data import read_dataset
+from wingspan.errors import WingspanError
 from wingspan.models import load_bundle
 from wingspan.training import resume, train
 from wingspan.training.data import MAX_WORKERS, EpochBatches, default_workers, resolve_workers
@@ -122,6 +123,29 @@ def test_a_killed_rank_leaves_the_others_a_message_and_the_run_to_resume(demo_di
     log = (run_dir / "train.log").read_text().splitlines()
     assert "another process of the run ended" in log[-1], log[-3:]
     assert not (run_dir / "error.txt").exists()  # stopped, to resume: not failed
+
+
+def test_predict_that_loses_a_process_says_so_in_a_line(demo_dir, one_process, monkeypatch):
+    """predict --devices 2 whose other process died: ~50 lines of gloo's traceback from
+    the gather, where train says it in one line."""
+    from types import SimpleNamespace
+
+    from wingspan import predict as predict_module
+    from wingspan.inference import Predictor
+    from wingspan.predict import predict
+
+    def lost(*_):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection "
+                           "closed by peer [127.0.0.1]:3973. This is typically caused by a "
+                           "remote worker crashing.")
+
+    monkeypatch.setattr(predict_module, "gather_to_main", lost)
+    fabric = SimpleNamespace(world_size=2, global_rank=0, is_global_zero=True)
+    images = sorted(str(p) for p in demo_dir.rglob("*.jpg"))[:4]
+    with pytest.raises(WingspanError, match=r"Process 0 of 2 stopped: another process of the "
+                                            r"run ended.*Connection closed by peer "
+                                            r"\[127.0.0.1\]:3973\. "):
+        predict(Predictor(one_process, workers=0), images, progress=False, fabric=fabric)
 
 
 def _rows(path):

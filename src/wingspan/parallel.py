@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 from lightning_fabric import Fabric
 
-from wingspan.errors import WingspanError
+from wingspan.errors import WingspanError, first_line
 
 # Our precision names -> Fabric's for the training step.
 FABRIC_PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
@@ -268,3 +269,24 @@ def check_default_dtype() -> None:
         raise WingspanError(f"torch's default dtype is {torch.get_default_dtype()}; wingspan "
                             "builds its models in float32.",
                             hint="Call torch.set_default_dtype(torch.float32) first.")
+
+
+def peer_lost(error: BaseException) -> bool:
+    """Whether a distributed run's error is a collective that failed because another process
+    ended (gloo: "Connection closed by peer"; NCCL: "remote process exited"), not this one's
+    own fault (an out-of-memory inside NCCL, a watchdog's timeout: their words stay)."""
+    said = str(error)
+    return isinstance(error, RuntimeError) and any(
+        word in said for word in ("closed by peer", "reset by peer", "remote process exited",
+                                  "Broken pipe"))
+
+
+def lost_peer_said(fabric: Fabric, error: BaseException) -> str:
+    """What a process says when another of its run ended (see `peer_lost`): gloo's "[.../
+    pair.cc:561] Connection closed by peer [127.0.0.1]:3973. This is typically caused
+    by..." shortened to "Connection closed by peer [127.0.0.1]:3973"."""
+    cause = re.sub(r"^\[[^\]]*\]\s*", "", first_line(error)).split(". ")[0].rstrip(".")
+    return (f"Process {fabric.global_rank} of {fabric.world_size} stopped: another process "
+            f"of the run ended, so this one could not go on: {cause}. The other process's "
+            "output says why, unless it was killed outright (as the out-of-memory killer "
+            "does).")

@@ -19,7 +19,14 @@ from wingspan.errors import WingspanError
 from wingspan.files import atomic_path, csv_on_stdout, remove_dead_leftovers, write_text
 from wingspan.inference import Prediction, Predictor
 from wingspan.models.unknown import UNKNOWN
-from wingspan.parallel import Processes, gather_to_main, interleave, shard
+from wingspan.parallel import (
+    Processes,
+    gather_to_main,
+    interleave,
+    lost_peer_said,
+    peer_lost,
+    shard,
+)
 
 # What the unknown scores add to each prediction (see `answer`).
 UNKNOWN_KEYS = ("answer", "known_level", "unknown_score", "threshold", "score_level")
@@ -166,7 +173,13 @@ def predict(predictor: Predictor, inputs: list[str], top_k: int = 3, tta: bool =
     if fabric is not None and fabric.world_size > 1:
         mine = [paths[i] for i in shard(len(paths), fabric)]
         ours = list(predictor.run(mine, tta=tta, progress=progress and fabric.is_global_zero))
-        gathered = gather_to_main(fabric, [(ours, predictor.images_per_second)])
+        try:
+            gathered = gather_to_main(fabric, [(ours, predictor.images_per_second)])
+        except RuntimeError as e:  # (~50 lines of gloo's traceback from each process)
+            if not peer_lost(e):
+                raise
+            raise WingspanError(lost_peer_said(fabric, e),
+                                hint="Predict again (the outputs were not written).") from e
         if gathered is None:  # not rank 0: it has done its share
             return result
         predictions: list[Prediction] = interleave([g[0][0] for g in gathered])

@@ -56,7 +56,13 @@ from wingspan.models.factory import choose_backbone
 from wingspan.models.policy import Policy, check_engine_settings, settings_with_environment
 from wingspan.models.runtime import forget_sessions
 from wingspan.models.unknown import UNKNOWN, UnknownDetector, new_known_rate
-from wingspan.parallel import Processes, check_default_dtype, rank_seed
+from wingspan.parallel import (
+    Processes,
+    check_default_dtype,
+    lost_peer_said,
+    peer_lost,
+    rank_seed,
+)
 from wingspan.progress import Bar
 from wingspan.training.checkpoint import load_checkpoint
 from wingspan.training.context import MACHINE_SETTINGS, Run, RunState, learning_settings
@@ -557,12 +563,10 @@ def _interruptible(run: Run, scoring_only: bool = False) -> Path:
             return _score_held_out(run.dir if scoring_only else _recipe(run), run)
     except (KeyboardInterrupt, RuntimeError) as e:
         if isinstance(e, RuntimeError) and not terminated.received:
-            if run.fabric.world_size > 1 and _peer_lost(e):
+            if run.fabric.world_size > 1 and peer_lost(e):
                 # The others' view of a process that died or was killed: that process's
                 # own output says why. The run stays stopped, to resume, not failed.
-                said = (f"Process {run.fabric.global_rank} of {run.fabric.world_size} "
-                        "stopped: another process of the run ended, so this one could not "
-                        f"go on: {_said_by_peer(e)}. The other process's output says why.")
+                said = lost_peer_said(run.fabric, e)
                 run.log(said, shown=False)
                 raise Stopped(said, hint=_go_on(run.dir)) from e
             if "DataLoader worker" in str(e) and ("killed by signal: Killed" in str(e)
@@ -596,22 +600,6 @@ def _interruptible(run: Run, scoring_only: bool = False) -> Path:
     finally:
         release_lock(run.dir)
         forget_sessions()  # the ONNX graphs of this run's weights (see models.runtime)
-
-
-def _peer_lost(error: RuntimeError) -> bool:
-    """Whether a distributed run's error is a collective that failed because another process
-    ended (gloo: "Connection closed by peer"; NCCL: "remote process exited"), not this one's
-    own fault (an out-of-memory inside NCCL, a watchdog's timeout: their words stay)."""
-    said = str(error)
-    return any(word in said for word in ("closed by peer", "reset by peer",
-                                         "remote process exited", "Broken pipe"))
-
-
-def _said_by_peer(error: RuntimeError) -> str:
-    """gloo's "[.../pair.cc:561] Connection closed by peer [127.0.0.1]:3973. This is
-    typically caused by..." as "Connection closed by peer [127.0.0.1]:3973"."""
-    said = re.sub(r"^\[[^\]]*\]\s*", "", first_line(error))
-    return said.split(". ")[0].rstrip(".")
 
 
 def _failed(run: Run, message: str) -> None:
