@@ -55,7 +55,8 @@ def make_config(ctx: typer.Context, make, *args, **values):
     try:
         return make(*args, **values)
     except SettingError as e:
-        typed = {p.name: max(p.opts, key=len) for p in ctx.command.params
+        typed = {p.name: next((o for o in p.opts if o.startswith("--")), p.opts[0])
+                 for p in ctx.command.params  # (the first long name: --val, not its alias)
                  if p.param_type_name == "option"
                  and ctx.get_parameter_source(p.name).name == "COMMANDLINE"}
         raise WingspanError(e.worded(typed), hint=e.hint) from None
