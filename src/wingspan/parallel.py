@@ -182,7 +182,8 @@ def _accelerator(device: str) -> tuple[str, int | None]:
     try:
         dev = torch.device(device)
     except RuntimeError as e:
-        raise WingspanError(f"Unknown device '{device}'.", hint="Use auto, cpu or cuda.") from e
+        raise WingspanError(f"Unknown device '{device}'.",
+                            hint="Use auto, cpu, cuda or cuda:N (the Nth GPU).") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise WingspanError(f"--device {device} was asked for, but no CUDA GPU is available.",
                             hint="Use --device cpu (or auto; device=\"cpu\" in Python).")

@@ -234,7 +234,8 @@ def resolve_policy(device: str = "auto", precision: str = "auto",
     try:
         dev = torch.device(device)
     except RuntimeError as e:
-        raise WingspanError(f"Unknown device '{device}'.", hint="Use auto, cpu or cuda.") from e
+        raise WingspanError(f"Unknown device '{device}'.",
+                            hint="Use auto, cpu, cuda or cuda:N (the Nth GPU).") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise WingspanError("--device cuda was asked for, but no CUDA GPU is available.",
                             hint="Use --device cpu (or auto; device=\"cpu\" in Python).")
