@@ -1742,3 +1742,15 @@ def test_evaluate_says_which_files_of_other_data_it_did_not_read(trained, evalua
     assert metrics["images"] == 6 and len(metrics["reading"]) == 1
     assert "gone.jpg" in metrics["reading"][0]
     assert "reading" not in evaluation.metrics  # the run's own split: nothing read anew
+
+
+def test_evaluations_csvs_spell_out_a_path_in_other_bytes(tmp_path):
+    """A data folder named in bytes that are not UTF-8 is read (its name is the user's):
+    predictions.csv then stopped the evaluation, once every image was predicted."""
+    import os
+
+    from wingspan.evaluate.run import _write_csv
+
+    _write_csv(pd.DataFrame({"path": [os.fsdecode(b"/d\xe9j\xe0/a.jpg")]}), tmp_path / "p.csv",
+               index=False)
+    assert (tmp_path / "p.csv").read_text(encoding="utf-8") == "path\n/d\\udce9j\\udce0/a.jpg\n"

@@ -1035,8 +1035,8 @@ def _grad_cam_view(predictor: Predictor, path: str, target: int) -> dict:
 
 
 def _write_csv(frame: pd.DataFrame, path: Path, **options) -> None:
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, **options)
+    with atomic_path(path) as tmp:  # (a data folder named in other bytes than UTF-8: its
+        frame.to_csv(tmp, errors="backslashreplace", **options)  # paths spelt out)
 
 
 def _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, y, y_pred,
