@@ -117,14 +117,18 @@ def _without_names_not_utf8(dataset: Dataset) -> Dataset:
     """The rows whose path, group and labels are UTF-8 text; the others listed as problems
     (they crashed the run's splits.csv, predict's CSV and the plots, after the work)."""
     table = dataset.table
+    names = (PATH, GROUP, *dataset.levels)
+    # As a rule all are: one encode a column says so (8 ms at 48k rows, not 150 row by row).
+    if all(is_utf8("\n".join(table[column].astype(str).tolist())) for column in names):
+        return dataset
+    columns = [table[column].astype(str) for column in names]
     # The names within the data (DATA's own place is the user's to name: a run's files
     # can still hold it, and inspect and predict read such a place as before).
     root = str(dataset.root if dataset.root.is_dir() else dataset.root.parent) + os.sep
     def own(path: str) -> str:
         return path[len(root):] if path.startswith(root) else path
 
-    names = [table[column].astype(str).map(own) for column in (PATH, GROUP)]
-    names += [table[level].astype(str) for level in dataset.levels]
+    names = [column.map(own) for column in columns[:2]] + columns[2:]
     bad = ~np.logical_and.reduce([column.map(is_utf8).to_numpy() for column in names])
     if not bad.any():
         return dataset
