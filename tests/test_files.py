@@ -59,6 +59,10 @@ def test_a_full_disk_while_writing_files_together_names_them_all_and_leaves_no_f
         with atomic_paths(out / "a", out / "b"):
             raise OSError(errno.ENOSPC, "No space left on device")
     assert os.listdir(out) == ["kept"]
+    fresh = tmp_path / "fresh"  # a failure before the first byte leaves no folder either
+    with pytest.raises(ValueError), atomic_paths(fresh / "a"):
+        raise ValueError("no file written")
+    assert not fresh.exists()
 
 
 @pytest.mark.parametrize("error", [

@@ -83,8 +83,9 @@ def _temporary(path: Path, said_full: bool = True) -> Iterator[Path]:
         yield tmp
     except BaseException as e:
         with contextlib.suppress(OSError):
-            tmp.unlink()  # first: the free space said below is what is left without it
-            if made:
+            tmp.unlink(missing_ok=True)  # first: the free space said is what is left then
+        if made:
+            with contextlib.suppress(OSError):
                 path.parent.rmdir()  # (only if empty: another writer's files stay)
         if said_full and isinstance(e, Exception) and _disk_full(e):
             raise _full(e, path.parent, path.name) from e
