@@ -356,7 +356,11 @@ def test_letters_the_plot_font_lacks_are_said_once(tmp_path, monkeypatch):
         plot_class_balance(counts, "label", tmp_path / "b.png")
         with plotting.literal_text():
             warnings.warn("something else", RuntimeWarning, stacklevel=1)
+        with pytest.raises(ValueError), plotting.literal_text():  # a drawing that fails
+            warnings.warn("before the fault", RuntimeWarning, stacklevel=1)
+            raise ValueError("no figure")
     said = [str(w.message) for w in caught]
+    assert "before the fault" in said
     assert not [s for s in said if "Glyph" in s], said
     assert sum("the plots' font lacks" in s for s in said) == 1, said
     assert "something else" in said

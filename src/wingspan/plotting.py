@@ -31,9 +31,17 @@ _FONT_SAID = []
 
 @contextmanager
 def literal_text():
-    with _DRAWING, matplotlib.rc_context({"text.parse_math": False}), \
-            warnings.catch_warnings(record=True) as caught:
-        yield
+    caught: list = []
+    try:
+        with _DRAWING, matplotlib.rc_context({"text.parse_math": False}), \
+                warnings.catch_warnings(record=True) as recorded:
+            caught = recorded
+            yield
+    finally:  # (a drawing that failed still shows what was warned of before)
+        _show(caught)
+
+
+def _show(caught: list) -> None:
     missing = [w for w in caught if _GLYPH_MISSING.search(str(w.message))]
     for w in caught:  # the others, as they would have been shown
         if w not in missing:

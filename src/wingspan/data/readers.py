@@ -121,15 +121,16 @@ def _without_names_not_utf8(dataset: Dataset) -> Dataset:
     # As a rule all are: one encode a column says so (8 ms at 48k rows, not 150 row by row).
     if all(is_utf8("\n".join(table[column].astype(str).tolist())) for column in names):
         return dataset
-    columns = [table[column].astype(str) for column in names]
     # The names within the data (DATA's own place is the user's to name: a run's files
     # can still hold it, and inspect and predict read such a place as before).
     root = str(dataset.root if dataset.root.is_dir() else dataset.root.parent) + os.sep
-    def own(path: str) -> str:
+
+    def within(path: str) -> str:
         return path[len(root):] if path.startswith(root) else path
 
-    names = [column.map(own) for column in columns[:2]] + columns[2:]
-    bad = ~np.logical_and.reduce([column.map(is_utf8).to_numpy() for column in names])
+    columns = [table[column].astype(str) for column in names]
+    columns[:2] = [column.map(within) for column in columns[:2]]  # (the path and group)
+    bad = ~np.logical_and.reduce([column.map(is_utf8).to_numpy() for column in columns])
     if not bad.any():
         return dataset
     dataset.problems += [Problem("name_not_utf8", NOT_UTF8, shown_utf8(path))
