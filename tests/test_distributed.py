@@ -148,6 +148,80 @@ def test_predict_that_loses_a_process_says_so_in_a_line(demo_dir, one_process, m
         predict(Predictor(one_process, workers=0), images, progress=False, fabric=fabric)
 
 
+def _started_by(proc: subprocess.Popen, timeout: float = 300) -> int:
+    """The pid of the process that `proc` started (rank 1 of `--devices 2`), once it is."""
+    import time
+
+    deadline, pid = time.time() + timeout, proc.pid
+    while time.time() < deadline and proc.poll() is None:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+        if children:
+            return children[0]
+        time.sleep(0.05)
+    raise AssertionError(f"no second process: {proc.poll()}")
+
+
+def _gone(pid: int, timeout: float) -> bool:
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(") ")[1].startswith("Z"):  # ended, not yet reaped
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc, and prctl")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_the_processes_predict_started_end_with_it(demo_dir, tmp_path, one_process, sig):
+    """`--devices 2`'s first process killed (the out-of-memory killer) or sent SIGTERM alone
+    (`docker stop`, Kubernetes): the second went on for 10-20 s, then printed a gloo
+    traceback, after the shell's prompt where the first was killed."""
+    images = sorted(str(p) for p in demo_dir.rglob("*.jpg"))[:8]
+    proc = _cli("predict", one_process, *images, "--devices", 2, "--output",
+                tmp_path / "p.csv")
+    rank_1 = _started_by(proc)
+    os.kill(proc.pid, sig)  # (while the two meet: the second is still starting up)
+    _, err = proc.communicate(timeout=120)
+    err = err.decode()
+    assert proc.returncode == (-9 if sig == signal.SIGKILL else 143), err[-3000:]
+    assert _gone(rank_1, timeout=10)
+    assert "Traceback" not in err and "Process 1 of 2" not in err, err[-3000:]
+
+
+def test_a_started_process_that_fails_stops_this_one_gently(monkeypatch):
+    """Lightning's watcher killed the first process with SIGKILL within 5 s of a started
+    one's failure: exit 137, and train.log without the stop line or how to resume."""
+    import time
+    from types import SimpleNamespace
+
+    from wingspan import parallel
+
+    sent = []
+    monkeypatch.setattr(parallel, "STARTED_FAILED_GRACE_S", 0.01)
+    monkeypatch.setattr(parallel.os, "kill", lambda pid, sig: sent.append((pid, sig)))
+
+    def watched(*codes):
+        sent.clear()
+        started = [SimpleNamespace(poll=lambda c=c: c) for c in codes]
+        parallel._watch_started(started)
+        time.sleep(1.5)
+        return sent, started
+
+    assert watched(0, 0)[0] == []  # done: nothing to do
+    assert watched(None, 2)[0] == [(os.getpid(), signal.SIGTERM), (os.getpid(), signal.SIGKILL)]
+    sent_now, started = watched(None, None)
+    started.clear()  # this process stops (end_started): nothing more
+    time.sleep(1.5)
+    assert sent_now == []
+
+
 def _rows(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -206,10 +280,10 @@ def test_more_processes_without_a_script_file_are_refused_not_killed(tmp_path, h
     input it could not, and killed the process (exit 137) with nothing said. Now an error
     says how to start them, and the program goes on to handle it."""
     code = ("from wingspan.errors import WingspanError\n"
-            "from wingspan.parallel import Processes, _check_launchable\n"
+            "from wingspan.parallel import Processes, _starts_processes\n"
             "from lightning_fabric import Fabric\n"
             # One process per machine on two: each machine starts its own, nothing again.
-            "_check_launchable(Fabric(accelerator='cpu', devices=1, num_nodes=2))\n"
+            "assert not _starts_processes(Fabric(accelerator='cpu', devices=1, num_nodes=2))\n"
             "try:\n    Processes(device='cpu', devices=2).fabric()\n"
             "except WingspanError as e:\n    print('refused:', e.message, e.hint)\n")
     args, stdin = ([sys.executable, "-c", code], None) if how == "-c" else \

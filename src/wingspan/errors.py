@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sys
 import threading
 
 # Set once a SIGTERM stops the command (as Ctrl-C does): it then exits 143, not 130.
@@ -44,6 +46,46 @@ def forks_die_of_sigterm() -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, forking.mask)
 
     os.register_at_fork(before=before, after_in_parent=parent, after_in_child=child)
+
+
+# The pid of the process whose Fabric launcher starts this machine's other processes
+# (`--devices N`): set in its environment only while it starts them.
+LAUNCHER_PID_ENV = "WINGSPAN_LAUNCHER_PID"
+
+
+def die_with_launcher() -> None:
+    """A process that `--devices N`'s launcher started ends the moment the launcher does
+    (Linux). The launcher is rank 0, the only one that writes; the others have nothing to
+    keep. Left alone they went on (a SIGKILL, the out-of-memory killer's, or a SIGTERM sent
+    to the launcher alone, as `docker stop` and Kubernetes send it) until a collective
+    failed, 10-20 s later, and printed a gloo traceback after the shell's prompt."""
+    launcher = os.environ.pop(LAUNCHER_PID_ENV, None)  # (not for this process's own children)
+    if launcher is None or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL))
+    except (OSError, AttributeError):
+        return
+    if str(os.getppid()) != launcher:  # it ended before the line above
+        os._exit(1)
+
+
+# The processes this one started for `--devices N` (rank 0's), while they run.
+STARTED: list = []
+
+
+def end_started() -> None:
+    """Ends the processes this one started, where a SIGTERM stops it (sent to it alone, as
+    `docker stop` and Kubernetes send it). They write nothing (rank 0 writes everything),
+    and left to themselves printed a traceback as this one's stop closed the connections."""
+    started = list(STARTED)
+    STARTED.clear()  # (first: their ends are then no failure to react to; see parallel)
+    for process in started:
+        with contextlib.suppress(OSError):
+            process.kill()
 
 
 class WingspanError(Exception):

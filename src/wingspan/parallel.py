@@ -24,14 +24,18 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import sys
+import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from lightning_fabric import Fabric
+from lightning_fabric.strategies.launchers import subprocess_script
 
-from wingspan.errors import WingspanError, first_line
+from wingspan.errors import LAUNCHER_PID_ENV, STARTED, WingspanError, die_with_launcher, first_line
 
 # Our precision names -> Fabric's for the training step.
 FABRIC_PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
@@ -89,8 +93,23 @@ class Processes:
                                 hint="Check --device, --devices and --nodes.") from e
         finally:
             said.removeFilter(amp)
+        die_with_launcher()  # (a library call's processes: the command's did at its start)
+        if not _starts_processes(fabric):
+            fabric.launch()
+            return fabric
         _check_launchable(fabric)
-        fabric.launch()
+        # The processes it starts go in STARTED (a SIGTERM ends them even while they start)
+        # and are watched by `_watch_started`, not by Lightning's watcher.
+        launcher, lightnings = fabric.strategy.launcher, subprocess_script._launch_process_observer
+        STARTED.clear()  # (an earlier call's, ended)
+        launcher.procs = STARTED
+        os.environ[LAUNCHER_PID_ENV] = str(os.getpid())  # (what they inherit)
+        subprocess_script._launch_process_observer = _watch_started
+        try:
+            fabric.launch()
+        finally:
+            subprocess_script._launch_process_observer = lightnings
+            os.environ.pop(LAUNCHER_PID_ENV, None)
         return fabric
 
     def world(self) -> tuple[int, int]:
@@ -145,6 +164,46 @@ def check_one_process(command: str) -> None:
                  "and predict share their work across processes.", every_rank=True)
 
 
+# How long this process has to see, in a collective, that a process it started failed
+# (it then says so in a line), before a SIGTERM stops it; as long again before a SIGKILL.
+STARTED_FAILED_GRACE_S = 10.0
+
+
+def _watch_started(started: list) -> None:
+    """Watches the processes this one started (`STARTED`), in place of Lightning's launcher:
+    once one failed, that watcher killed this one with SIGKILL within 5 s (exit 137, train.log not
+    saying that the run had stopped, nor how to go on). The one that failed has said why;
+    this one is given `STARTED_FAILED_GRACE_S` to see the loss itself, then a SIGTERM stops
+    it as `kill` does (the stop line, how to resume), then a SIGKILL, should it not land (a
+    collective stuck in NCCL, where Python's handler never runs)."""
+
+    def watch() -> None:
+        while started:  # (end_started empties it: this process is stopping already)
+            codes = [p.poll() for p in list(started)]
+            if any(code not in (None, 0) for code in codes):
+                break
+            if all(code == 0 for code in codes):
+                return
+            time.sleep(1)
+        else:
+            return
+        for ending in (signal.SIGTERM, signal.SIGKILL):
+            time.sleep(STARTED_FAILED_GRACE_S)
+            os.kill(os.getpid(), ending)
+
+    threading.Thread(target=watch, name="wingspan-started", daemon=True).start()
+
+
+def _starts_processes(fabric: Fabric) -> bool:
+    """Whether this process's Fabric starts the machine's other processes when launched (not
+    torchrun, SLURM, or a process Fabric itself started)."""
+    launcher = fabric.strategy.launcher
+    here = getattr(launcher, "num_processes", 1)  # this machine's (each machine starts its own)
+    environment = getattr(launcher, "cluster_environment", None)
+    return launcher is not None and here > 1 and not (
+        environment is not None and environment.creates_processes_externally)
+
+
 def _check_launchable(fabric: Fabric) -> None:
     """Fabric starts a machine's other processes by running this program again: from a
     script file that works; from `python -c`, standard input or a notebook it would kill
@@ -152,12 +211,7 @@ def _check_launchable(fabric: Fabric) -> None:
     import __main__
 
     launcher = fabric.strategy.launcher
-    here = getattr(launcher, "num_processes", 1)  # this machine's (each machine starts its own)
-    if launcher is None or here <= 1:
-        return
-    environment = getattr(launcher, "cluster_environment", None)
-    if environment is not None and environment.creates_processes_externally:
-        return  # torchrun, SLURM, or a process Fabric itself started
+    here = launcher.num_processes
     rerunnable = (getattr(__main__, "__spec__", None) is not None  # python -m module
                   or os.path.isfile(sys.argv[0] if sys.argv else ""))
     # Lightning's launchers by name (they are private): the script one runs the program

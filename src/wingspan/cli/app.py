@@ -15,7 +15,14 @@ import typer
 from wingspan import __version__
 from wingspan.cli.common import err, out, pixel_budget, plain, stdout_gone
 from wingspan.config import MAX_PIXELS_ENV
-from wingspan.errors import TERMINATED, WingspanError, forks_die_of_sigterm, sigterm_handler
+from wingspan.errors import (
+    TERMINATED,
+    WingspanError,
+    die_with_launcher,
+    end_started,
+    forks_die_of_sigterm,
+    sigterm_handler,
+)
 from wingspan.files import os_error_said
 
 app = typer.Typer(
@@ -121,6 +128,7 @@ def _sigterm_as_interrupt() -> None:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
         TERMINATED.set()
+        end_started()
         raise KeyboardInterrupt("SIGTERM")
 
     shown = sys.unraisablehook
@@ -140,6 +148,7 @@ def _sigterm_as_interrupt() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app; user errors print as a message and a hint, exit code 2."""
+    die_with_launcher()  # (first: a rank that outlives the launcher in its start-up lingers)
     _sigterm_as_interrupt()
     # A terminal or pipe in ASCII, Latin-1 or cp1252 cannot show every class name, nor the
     # "…" rich cuts a cell with: escaped there (as stderr does), not a traceback once the

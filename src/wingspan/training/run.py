@@ -38,6 +38,7 @@ from wingspan.errors import (
     TERMINATED,
     WingspanError,
     counted,
+    end_started,
     first_line,
     forks_die_of_sigterm,
     sigterm_handler,
@@ -544,6 +545,7 @@ class _Terminated:
     def _stop(self, signum, frame):
         self.received = True
         TERMINATED.set()
+        end_started()  # (the run's other processes, where this one started them)
         raise KeyboardInterrupt("SIGTERM")
 
     def __exit__(self, *exc):
