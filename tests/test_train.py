@@ -1486,6 +1486,23 @@ def test_unreadable_images_are_skipped_listed_and_training_goes_on(demo_dir, tmp
 
 
 @pytest.mark.parametrize("feature_cache", [True, False])
+def test_a_val_split_of_unreadable_images_is_said_not_a_traceback(tmp_path, feature_cache):
+    """Every val image broken (a few bad files, and the split put them all in val): an
+    IndexError from the head stage's first scoring, once the features were computed."""
+    data = folder_dataset(tmp_path / "data", {"a": 6, "b": 6})
+    rows = [(str(p), p.parent.name, "train") for p in sorted(data.rglob("*.jpg"))]
+    rows += [(str(p), c, "val") for c in "ab" for p in broken_images(data / c, 2)]
+    pd.DataFrame(rows, columns=["path", "label", "split"]).to_csv(tmp_path / "d.csv",
+                                                                  index=False)
+    with pytest.raises(WingspanError, match="No validation image could be read") as e:
+        train(read_dataset(tmp_path / "d.csv"),
+              tiny(tmp_path, feature_cache=feature_cache, epochs_head=1, epochs_finetune=1,
+                   selection="val"),
+              tmp_path / "runs", "r", quiet=True)
+    assert "train.log" in e.value.hint
+
+
+@pytest.mark.parametrize("feature_cache", [True, False])
 def test_the_training_image_count_is_said_of_the_images_that_can_be_read(tmp_path,
                                                                          feature_cache):
     data = folder_dataset(tmp_path / "data", {"a": 12, "b": 12})

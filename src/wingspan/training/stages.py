@@ -165,6 +165,8 @@ def evaluate_features(run: Run, features: torch.Tensor, labels: torch.Tensor) ->
     """Scores of the head on cached features (every rank holds all of them), leaving out
     the images that could not be read."""
     read = run.readable(run.data.val)
+    if not read.any():
+        raise _no_val_read(run)
     features, labels = features[read], labels[read]
     run.model.head.eval()
     outputs = [run.model.head(features[i:i + 1024].to(run.device))
@@ -209,10 +211,16 @@ def _concat(outputs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {lv: torch.cat([o[lv] for o in outputs]) for lv in outputs[0]}
 
 
+def _no_val_read(run: Run) -> WingspanError:
+    return WingspanError("No validation image could be read: no epoch could be scored or "
+                         "chosen.",
+                         hint=f"Mend or remove the unreadable files listed in "
+                              f"{run.dir / 'train.log'}, then train again.", every_rank=True)
+
+
 def _scores(run: Run, outputs: dict[str, torch.Tensor], labels: torch.Tensor) -> dict:
     if not len(labels):
-        raise WingspanError("No validation image could be read; the run cannot be scored.",
-                            hint=f"See the unreadable files listed in {run.dir / 'train.log'}.")
+        raise _no_val_read(run)
     preds, truth = _answered(run, outputs), labels[:, -1]
     return {"loss": float(loss_fn(run, torch.device("cpu"))(outputs, labels)),
             "acc": float((preds == truth).float().mean()),
