@@ -468,6 +468,19 @@ def test_class_weights_default_on_only_for_imbalanced_data(demo_dir, tmp_path):
     assert "corrects the imbalance twice" in (both.dir / "train.log").read_text()
 
 
+def test_the_runs_splits_list_only_the_images_max_per_class_kept(demo_dir, tmp_path):
+    """splits.csv listed the images undersampling left out as train: evaluate then called
+    them trained on, and adapt refitted the head on all of them, past the cap."""
+    run_dir = train(read_dataset(demo_dir), tiny(tmp_path, max_per_class=5, epochs_head=1,
+                                                   epochs_finetune=0), tmp_path, quiet=True)
+    splits = pd.read_csv(run_dir / "splits.csv")
+    train_rows = splits[splits["split"] == "train"]
+    assert train_rows["label"].value_counts().max() == 5
+    assert len(train_rows) == json.loads((run_dir / "metrics.json").read_text())["train_images"]
+    assert (splits["split"] == "val").sum() > 5  # val and test are not capped
+    assert "Undersampled train to 5 per class: left out" in (run_dir / "train.log").read_text()
+
+
 def test_early_stopping_stops(demo_dir, tmp_path, monkeypatch):
     config = tiny(tmp_path, lr=1e-12, epochs_head=20, patience=2, epochs_finetune=0)
     run_dir = train(read_dataset(demo_dir), config, tmp_path, quiet=True)

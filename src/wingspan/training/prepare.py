@@ -186,6 +186,21 @@ def _check_level_names(levels: list[str]) -> None:
                                  f"{clash}_level.")
 
 
+def capped(dataset: Dataset, finest: str, config: TrainConfig, log=print) -> Dataset:
+    """The training split with at most `--max-per-class` images of each class, at random:
+    done before the run's splits.csv is written, so that it lists only the images trained
+    on (as `data split`'s does), and evaluate, adapt and calibrate do not take those left
+    out for trained on."""
+    if not config.max_per_class:
+        return dataset
+    dataset, dropped = undersample(dataset, finest, config.max_per_class, config.seed)
+    if dropped:
+        log(f"Undersampled train to {config.max_per_class} per class: left out "
+            f"{counted(sum(dropped.values()), 'image')} of "
+            f"{counted(len(dropped), 'class', 'classes')}")
+    return dataset
+
+
 def plan_labels(dataset: Dataset, levels: list[str], config: TrainConfig, log=print
                 ) -> LabelPlan:
     finest = levels[-1]
@@ -196,12 +211,7 @@ def plan_labels(dataset: Dataset, levels: list[str], config: TrainConfig, log=pr
                             hint="Rename that column (in the CSV or taxonomy.csv), e.g. "
                                  f"{dotted[0].replace('.', '_') or 'level'}.")
     _check_level_names(levels)
-    if config.max_per_class:
-        dataset, dropped = undersample(dataset, finest, config.max_per_class, config.seed)
-        if dropped:
-            log(f"Undersampled train to {config.max_per_class} per class: left out "
-                f"{counted(sum(dropped.values()), 'image')} of "
-                f"{counted(len(dropped), 'class', 'classes')}")
+    dataset = capped(dataset, finest, config, log)  # (done already, but in older runs)
     check_classes(dataset.table[dataset.table[SPLIT] != ""], finest)  # none only in val/test
     table = dataset.table[dataset.table[SPLIT].isin(["train", "val"])].copy()
     empty = (table[levels] == "").any(axis=1)

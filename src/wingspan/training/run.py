@@ -84,6 +84,7 @@ from wingspan.training.folder import (
 )
 from wingspan.training.prepare import (
     build_train_data,
+    capped,
     ensure_splits,
     plan_labels,
 )
@@ -138,6 +139,7 @@ def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = RUNS_DIR
             logs.append(f"Holding out {', '.join(config.holdout_classes)} ({len(held_out)} "
                         "images): not trained on, scored as unknowns at the end")
         dataset = ensure_splits(dataset, level, config, log=logs.append)
+        dataset = capped(dataset, config.trained_levels[-1], config, log=logs.append)
         _say_if_a_class_is_named_unknown(dataset, config.trained_levels, logs.append)
         if fabric.is_global_zero:
             _write_run_files(run_dir, dataset, held_out, config)
