@@ -338,6 +338,22 @@ def test_an_answer_stopped_at_a_coarse_level_gives_that_levels_score(
     assert "0 images are unlike the classes the model knows, 1 known at a coarser" in out
 
 
+def test_predicts_table_shows_the_top_k_of_a_run_with_levels(hierarchical_run, demo_dir,
+                                                             run_cli):
+    """--top-k 1, 3 and 10 printed the same table for a run with --levels: the branch alone,
+    where the CSV lists the finest level's top k."""
+    image = sorted(demo_dir.rglob("*.jpg"))[0]
+    shown = {}
+    for k in (1, 3):
+        code, out, err = run_cli("predict", hierarchical_run, image, "--device", "cpu",
+                                 "--top-k", k, "--quiet")
+        assert code == 0, err
+        shown[k] = out
+    assert "next" not in shown[1] and "next 2" in shown[3]
+    probabilities = {k: len(re.findall(r"\b\d\.\d\d\b", out)) for k, out in shown.items()}
+    assert probabilities[3] == probabilities[1] + 2, shown
+
+
 def test_explain_draws_the_branch_that_predict_answers(hierarchical_run, demo_dir, tmp_path):
     from wingspan.explain import explain
 

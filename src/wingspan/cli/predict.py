@@ -97,14 +97,19 @@ def predict_command(
     # unknown answer's closest class alone).
     k = min(top_k, len(predictor.classes))
     # (the answer folds too: at 40 columns it read "azure_…")
+    # (with --levels, after the branch: the finest level's next classes, as in the CSV)
+    nexts = f"next {k - 1}" if k > 1 else ""
     table = Table(folding("image"), folding("prediction"), "probability",
-                  "taxonomy (probability per level)" if hierarchical else
-                  f"next {k - 1}" if k > 1 else "")
+                  "taxonomy (probability per level)" + (f"; {nexts}" if nexts else "")
+                  if hierarchical else nexts)
     for row in result.rows[:50]:
         (best, p), rest = row["top"][0], row["top"][1:]
         if hierarchical:  # the consistent branch is the prediction
             _, best, p = row["taxonomy"][-1]
             detail = " > ".join(f"{c} {q:.2f}" for _, c, q in row["taxonomy"])
+            rest = [(c, q) for c, q in row["top"] if c != best][:k - 1]
+            if rest:
+                detail += f"; {nexts}: " + ", ".join(f"{c} {q:.2f}" for c, q in rest)
         else:
             detail = ", ".join(f"{c} {q:.2f}" for c, q in rest)
         # Unknown here, or known only at a coarser level: told by the level, not by the
