@@ -524,6 +524,13 @@ def test_preview_image_in_report_comes_from_training_images(trained, evaluation,
                         lambda data, *a, **k: drawn.append(data) or real(data, *a, **k))
     evaluate(trained, progress=False, workers=0, out=tmp_path / "e")
     assert len(drawn) == 1 and set(drawn[0].table["split"]) == {"train"}
+    # Other data's training split: images the model never saw, shown as its augmentation.
+    other = pd.read_csv(trained / "splits.csv").groupby("label").head(4)
+    other["split"] = ["train", "test"] * (len(other) // 2) + ["test"] * (len(other) % 2)
+    other.to_csv(tmp_path / "other.csv", index=False)
+    shown = evaluate(trained, tmp_path / "other.csv", split="test", progress=False, workers=0,
+                     out=tmp_path / "o")
+    assert len(drawn) == 1 and not (shown.out_dir / "preview.png").exists()
 
 
 def test_evaluate_on_images_none_of_which_can_be_read(trained, tmp_path):

@@ -221,7 +221,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
         write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
 
         pngs = _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, y,
-                      y_pred, probs, logits, read) if plots else {}
+                      y_pred, probs, logits, read, own=data is None) if plots else {}
         if unknown is not None and plots:  # _openset drew it
             pngs["unknown"] = out_dir / "unknown.png"
         if levels_table is not None:  # _per_level drew the coarser levels' matrices (if plots)
@@ -1040,7 +1040,7 @@ def _write_csv(frame: pd.DataFrame, path: Path, **options) -> None:
 
 
 def _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, y, y_pred,
-           probs, logits, read: list) -> dict:
+           probs, logits, read: list, own: bool) -> dict:
     pngs = {"confusion": charts.plot_confusion(cm, classes, out_dir / "confusion.png")}
     wrong = np.flatnonzero(y_pred != y)
     p_pred = probs[np.arange(len(y_pred)), y_pred]
@@ -1064,7 +1064,9 @@ def _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, 
         with contextlib.suppress(WingspanError):  # damaged: the report goes without curves
             pngs["curves"] = charts.plot_curves(read_history(run_dir), out_dir / "curves.png",
                                                 predictor.manifest.get("metrics", {}).get("best"))
-    train = dataset.table[SPLIT] == "train"
+    # The run's own training images, augmented as it trained: not other data's, which the
+    # report would show as if the model had been trained on them.
+    train = (dataset.table[SPLIT] == "train") & own
     if train.any():
         policy = predictor.manifest.get("training", {}).get("augment", "standard")
         try:
