@@ -644,3 +644,21 @@ def test_no_strict_on_the_command_line_undoes_a_config_files_strict(run_cli, dem
     assert code == 0, err
     assert yaml.safe_load((tmp_path / "runs" / "lenient" / "config.yaml").read_text())[
         "strict"] is False
+
+
+@pytest.mark.parametrize("setting", [["--lr", "-1"], ["--epochs-head", "-3"],
+                                     ["--val-fraction", "1.5"], ["--image-size", "5"]])
+def test_a_wrong_training_setting_is_said_before_torch_is_imported(tmp_path, setting):
+    """Said after 8-13 s (torch and timm imported first, and the error path's own import of
+    torch.distributed), where a typer-checked option is said in under a second."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom wingspan.cli.app import main\n"
+            f"try:\n    main(['train', {str(tmp_path)!r}, *{setting!r}])\n"
+            "except SystemExit as e:\n    print('exit', e.code)\n"
+            "print('imported:', sorted(m for m in ('torch', 'timm') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert "exit 2" in done.stdout and setting[0] in done.stderr, done.stderr
+    assert "imported: []" in done.stdout, done.stdout

@@ -148,10 +148,11 @@ def train_command(
     Writes runs/NAME with config.yaml, history.csv, metrics.json, checkpoints and the
     model bundle (runs/NAME/model).
     """
-    from wingspan.models.weights import check_weights
-    from wingspan.training import run as training
-
+    # (torch and timm, 5-10 s to import: after the settings are checked, so that a wrong
+    # one is said at once)
     if resume:  # only where it runs may change
+        from wingspan.training import run as training
+
         with same_on_every_rank():
             given = {k: v for k, v in ctx.params.items()
                      if ctx.get_parameter_source(k).name == "COMMANDLINE"}
@@ -198,10 +199,14 @@ def train_command(
             settings = (make_config(ctx, TrainConfig.from_file, config, **given) if config else
                         make_config(ctx, TrainConfig, **{k: v for k, v in params.items()
                                                 if k in TrainConfig.__dataclass_fields__}))
+            from wingspan.models.weights import check_weights
+
             check_weights(settings.weights)  # a typo: said now, not after reading the data
         # strict: set here or in the config file (where it also stops training at a
         # broken image), it stops the reading at a missing or unreadable file too.
         dataset = read_data(data, format, group_regex, settings.strict)
+        from wingspan.training import run as training
+
         run_dir = training.train(dataset, settings, runs_dir, name, quiet)
     if is_main_process():
         print_run(run_dir)
