@@ -662,3 +662,16 @@ def test_a_wrong_training_setting_is_said_before_torch_is_imported(tmp_path, set
                           timeout=120)
     assert "exit 2" in done.stdout and setting[0] in done.stderr, done.stderr
     assert "imported: []" in done.stdout, done.stdout
+
+
+def test_progress_bars_leave_nothing_in_a_log_file(capsys):
+    """A bar on stderr that is no terminal (a log, CI, `2> file`) was not drawn but left a
+    blank line each time: between train's epochs, and before an error's message."""
+    from wingspan import progress
+
+    assert list(progress.track(range(3), "counting")) == [0, 1, 2]
+    with progress.status("waiting"):
+        pass
+    with progress.Bar(2, "stepping") as bar:
+        bar.advance(2)
+    assert capsys.readouterr().err == ""

@@ -24,11 +24,14 @@ console = Console(stderr=True, soft_wrap=True)  # (paths whole in a log: see cli
 
 
 def _shown(enabled: bool) -> bool:
-    """Whether to draw: in Jupyter rich draws live bars in an ipywidgets widget (one that
-    updates in place); without ipywidgets it would only warn, so nothing is drawn."""
-    if not enabled or not console.is_jupyter:
-        return enabled
-    return importlib.util.find_spec("ipywidgets") is not None
+    """Whether to draw: in a terminal; in Jupyter, where rich draws live bars in an
+    ipywidgets widget (one that updates in place; without ipywidgets it would only warn).
+    Elsewhere (a log file, a pipe) a bar is not drawn, but left a blank line each."""
+    if not enabled:
+        return False
+    if console.is_jupyter:
+        return importlib.util.find_spec("ipywidgets") is not None
+    return console.is_terminal
 
 
 def track(items: Iterable[T], description: str, total: int | None = None,
