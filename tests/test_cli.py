@@ -675,3 +675,20 @@ def test_progress_bars_leave_nothing_in_a_log_file(capsys):
     with progress.Bar(2, "stepping") as bar:
         bar.advance(2)
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"]])
+def test_help_whose_reader_went_is_no_failure(tmp_path, args):
+    """`wingspan --help | head -1` under `set -o pipefail` failed (exit 1, nothing said),
+    where a command's own output to a reader gone exits 0."""
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # (gone before anything is written)
+    try:
+        done = subprocess.run([sys.executable, "-m", "wingspan", *args], stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr

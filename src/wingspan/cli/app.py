@@ -145,6 +145,12 @@ def _sigterm_as_interrupt() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
+def _stdout_is_devnull() -> bool:
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # (no file: captured)
+        return os.path.samestat(os.fstat(sys.stdout.fileno()), os.stat(os.devnull))
+    return False
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app; user errors print as a message and a hint, exit code 2."""
     die_with_launcher()  # (first: a rank that outlives the launcher in its start-up lingers)
@@ -154,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     # work is done.
     with contextlib.suppress(AttributeError, ValueError):
         sys.stdout.reconfigure(errors="backslashreplace")
+    quiet_before = _stdout_is_devnull()
     try:
         try:
             app(args=_home_expanded(sys.argv[1:] if argv is None else list(argv)),
@@ -162,6 +169,11 @@ def main(argv: list[str] | None = None) -> None:
             # too, which shuts down in order and ends as if done)
             if e.code in (0, None, 130) and TERMINATED.is_set():
                 raise SystemExit(143) from None
+            if e.code == 1 and not quiet_before and _stdout_is_devnull():
+                # rich's exit where the reader of typer's help went (`wingspan --help |
+                # head`; it points stdout at /dev/null first): no failure, as where the
+                # reader of a command's own output goes
+                raise SystemExit(0) from None
             raise
         finally:
             try:  # what is still buffered, while a pipe's reader may be gone (`| head`)
