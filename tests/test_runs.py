@@ -530,3 +530,14 @@ def test_runs_on_a_terminal_or_pipe_of_another_encoding(finished, tmp_path):
     assert not said, said.decode()
     out, _ = wingspan("runs", "runs", encoding="ascii")  # the table, its odd letters escaped
     assert "failed:" in out.decode("ascii") and "\\u8774\\u8776" in out.decode("ascii")
+
+
+def test_a_run_reached_by_a_link_too_is_listed_once(finished, tmp_path):
+    """A link beside a run (`ln -s r latest`) listed it twice; a run linked in from
+    elsewhere is listed, once however many links lead to it."""
+    runs = tmp_path / "runs"
+    _copy(finished, runs / "r")
+    (runs / "latest").symlink_to(runs / "r")
+    (runs / "linked").symlink_to(finished)
+    (runs / "linked-again").symlink_to(finished)
+    assert sorted(ws.runs(runs)["name"]) == ["linked", "r"]

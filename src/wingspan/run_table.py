@@ -75,6 +75,7 @@ def run_table(runs_dir: str | Path, sort: str | None = None) -> pd.DataFrame:
         _check_runs_dir(runs_dir)
         folders = sorted(d for d in runs_dir.iterdir()
                          if d.is_dir() and not d.name.startswith("."))
+        folders = _once_each(folders)
     except PermissionError as e:
         raise WingspanError(f"Cannot list runs in {runs_dir}: {e.strerror or first_line(e)}.",
                             hint="Give a folder you may read, or ask its owner for "
@@ -86,6 +87,18 @@ def run_table(runs_dir: str | Path, sort: str | None = None) -> pd.DataFrame:
         if column in INTEGERS:
             frame[column] = frame[column].astype("Int64")
     return sort_runs(frame, sort or "created")
+
+
+def _once_each(folders: list[Path]) -> list[Path]:
+    """Each run once, where a link beside it (or a second link) leads to it too: the run's
+    own folder before a link to it (a run linked in from elsewhere stays)."""
+    seen: set[Path] = set()
+    kept = []
+    for folder in sorted(folders, key=Path.is_symlink):  # (stable: in name order)
+        if (target := folder.resolve()) not in seen:
+            seen.add(target)
+            kept.append(folder)
+    return sorted(kept)
 
 
 # `wingspan runs`' headers, as --sort takes them too (in any case, "-" or " " for "_").
