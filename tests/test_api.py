@@ -1174,3 +1174,10 @@ def test_an_evaluations_tables_keep_class_names_as_written(tmp_path):
     assert ev.predictions["known_level"].isna().tolist() == [False] * (n - 1) + [True]
     assert ev.predictions["probability"].dtype == float
     assert ev.predictions[f"p:{classes[0]}"].dtype == float
+
+
+def test_a_run_of_nothing_is_refused_with_a_message():
+    """Run(None), as its signature allows: a TypeError ("unsupported operand type(s) for /:
+    'NoneType' and 'str'")."""
+    with pytest.raises(WingspanError, match="needs a run folder or a model bundle"):
+        ws.Run(None)

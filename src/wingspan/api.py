@@ -681,6 +681,9 @@ class Run:
     """
 
     def __init__(self, run_dir: str | Path | None, bundle: str | Path | None = None):
+        if run_dir is None and bundle is None:
+            raise WingspanError("Run() needs a run folder or a model bundle.",
+                                hint="ws.load(PATH) takes either.")
         self.dir = Path(run_dir) if run_dir is not None else None
         self.bundle = Path(bundle) if bundle is not None else self.dir / "model"
 

@@ -27,7 +27,8 @@ def demo(
     out_dir: Annotated[Path, typer.Option("--out", callback=check_folder,
                                           help="Where the demo writes everything.")]
     = Path("runs/demo"),
-    seed: Annotated[int, typer.Option(help="Random seed of the generated data.")]
+    seed: Annotated[int, typer.Option(help="Random seed of the generated data, its split, "
+                                      "the preview and training.")]
     = DemoConfig.seed,
     image_size: Annotated[int, typer.Option(
         help="Pixels of the generated images and of training: 64 takes about half the "
