@@ -378,3 +378,20 @@ def test_inspect_checks_a_resize_as_a_model_at_224_px_would_make_it(tmp_path):
     assert image_facts(str(tmp_path / "small.png"), budget=200_000).error is None
     assert image_facts(str(tmp_path / "strip.png")).error is None
     assert "too long and thin" in image_facts(str(tmp_path / "thread.png")).error
+
+
+def test_a_class_too_small_to_split_is_said_before_train_keeps_it_apart(tmp_path):
+    """A class of 1 or 2 photos: train and data split keep it in train only, never
+    evaluated, and say so; inspect, the command run first to find such things, did not."""
+    from helpers import folder_dataset
+    from rich.console import Console
+
+    folder_dataset(tmp_path / "d", {"monarch": 6, "lonely": 1, "pair": 2})
+    summary = inspect_dataset(read_dataset(tmp_path / "d"), tmp_path / "out",
+                              check_images=False, progress=False)
+    assert summary["too_few_to_split"] == ["lonely (1 independent image)",
+                                           "pair (2 independent images)"]
+    console = Console(width=200, record=True)
+    print_summary(summary, console)
+    said = console.export_text()
+    assert "classes too small to split: train keeps them in train only" in said, said

@@ -14,11 +14,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from wingspan.config import InspectConfig
+from wingspan.config import InspectConfig, SplitConfig
 from wingspan.data.images import UNUSUAL_MODES, ImageFacts, image_facts, max_pixels
 from wingspan.data.leaks import find_leaks
 from wingspan.data.plots import plot_class_balance
-from wingspan.data.samples import PATH, SPLIT, Dataset
+from wingspan.data.samples import GROUP, PATH, SPLIT, Dataset
 from wingspan.data.taxonomy import taxonomy_conflicts
 from wingspan.errors import counted
 from wingspan.files import name_part, write_text
@@ -46,6 +46,7 @@ def inspect_dataset(
         "split_leaks": _split_leaks(dataset),
         "classes_without_training_images": _untrained_classes(table, dataset.default_level),
     }
+    summary["too_few_to_split"] = _too_few_to_split(table, dataset.default_level)
     named = summary["levels"][dataset.default_level]
     if named["classes"] == 1:  # a classifier tells classes apart: train refuses one alone
         summary["one_class_only"] = [f"every image is '{named['largest'][0]}': add a folder "
@@ -93,6 +94,20 @@ def _level_summary(table: pd.DataFrame, level: str) -> dict:
         "counts": {k: int(v) for k, v in counts.items()},
         "counts_per_split": per_split,
     }
+
+
+def _too_few_to_split(table: pd.DataFrame, level: str) -> list[str]:
+    """Classes of data without a split that have too few independent images (groups) for
+    train's default split to put one in each of train, val and test: it keeps them in train
+    only, never evaluated (as `data split` and train say, once it is too late to add)."""
+    if (table[SPLIT] != "").any():
+        return []
+    defaults = SplitConfig()
+    sides = 1 + (defaults.val_fraction > 0) + (defaults.test_fraction > 0)
+    labelled = table[table[level] != ""]
+    groups = labelled.groupby(level)[GROUP].nunique()
+    return [f"{name} ({counted(int(n), 'independent image')})"
+            for name, n in groups[groups < sides].sort_values().items()]
 
 
 def _split_leaks(dataset: Dataset) -> list[str]:
@@ -223,6 +238,9 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
                   summary.get("classes_without_training_images", []), None, 0),
                  ("one class only (train refuses it)", summary.get("one_class_only", []), None,
                   0),
+                 ("classes too small to split: train keeps them in train only, never "
+                  "evaluated (add images, or give a split)",
+                  summary.get("too_few_to_split", []), None, 1),
                  ("taxonomy conflict (train --levels refuses it" + (
                      "; every extra column of a CSV is read as a coarser level: remove one "
                      "that is not, e.g. notes" if summary["dataset"]["format"] == "csv"
