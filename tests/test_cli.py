@@ -692,3 +692,28 @@ def test_help_whose_reader_went_is_no_failure(tmp_path, args):
     finally:
         os.close(write)
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("args, said", [
+    (["data", "split", "DEMO", "--out", ""], "after --out"),
+    (["data", "split", "DEMO", "--out="], "to --out"),
+    (["predict", "DEMO", ""], "as argument 3"),
+    (["evaluate", "DEMO", "--unknown-score", ""], "after --unknown-score"),
+    (["train", ""], "as argument 2")])
+def test_an_empty_value_is_refused_not_taken_for_here(run_cli, demo_dir, tmp_path,
+                                                     monkeypatch, args, said):
+    """`--out "$OUT"` with OUT unset: "" was the current folder (data split replaced the
+    splits.csv there, export wrote its graph there), and "" took some options' defaults."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "splits.csv").write_text("mine\n")
+    code, out, err = run_cli(*[str(demo_dir) if a == "DEMO" else a for a in args])
+    assert code == 2 and f"An empty value was given {said}" in err, err
+    assert (tmp_path / "splits.csv").read_text() == "mine\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["splits.csv"]
+
+
+def test_an_empty_holdout_list_still_holds_none_out():
+    from wingspan.cli.app import _refuse_empty
+
+    _refuse_empty(["train", "DATA", "--holdout-classes", ""])
+    _refuse_empty(["train", "DATA", "--holdout-classes="])

@@ -110,6 +110,28 @@ def _home_expanded(argv: list[str]) -> list[str]:
     return expanded
 
 
+# Options whose empty value means something ("" holds no class out, over a config file's).
+EMPTY_ALLOWED = ("--holdout-classes",)
+
+
+def _refuse_empty(argv: list[str]) -> None:
+    """An empty argument, most often an unset shell variable (`--out "$OUT"`), is refused:
+    a path of "" is the current folder, where `data split` replaced a splits.csv and export
+    wrote its graph, and `train ""` read every image below it; other options took "" as
+    their default, or said "Unknown precision ''"."""
+    for i, arg in enumerate(argv):
+        option, eq, value = arg.partition("=")
+        before = argv[i - 1] if i else ""
+        if arg == "" and before not in EMPTY_ALLOWED:
+            where = f"after {before}" if before.startswith("-") else f"as argument {i + 1}"
+        elif arg.startswith("--") and eq and not value and option not in EMPTY_ALLOWED:
+            where = f"to {option}"
+        else:
+            continue
+        raise WingspanError(f"An empty value was given {where} (an unset shell variable?).",
+                            hint="Give a value, or leave the option out for its default.")
+
+
 def _sigterm_as_interrupt() -> None:
     """SIGTERM (`kill`'s, `timeout`'s, a scheduler's) stops any command as Ctrl-C does,
     so that what it was writing is removed by its `finally` blocks: by default the process
@@ -163,8 +185,9 @@ def main(argv: list[str] | None = None) -> None:
     quiet_before = _stdout_is_devnull()
     try:
         try:
-            app(args=_home_expanded(sys.argv[1:] if argv is None else list(argv)),
-                prog_name="wingspan")
+            args = _home_expanded(sys.argv[1:] if argv is None else list(argv))
+            _refuse_empty(args)
+            app(args=args, prog_name="wingspan")
         except SystemExit as e:  # (Ctrl-C's is 130; a SIGTERM'd process's, 143: serve's
             # too, which shuts down in order and ends as if done)
             if e.code in (0, None, 130) and TERMINATED.is_set():
