@@ -395,3 +395,20 @@ def test_a_class_too_small_to_split_is_said_before_train_keeps_it_apart(tmp_path
     print_summary(summary, console)
     said = console.export_text()
     assert "classes too small to split: train keeps them in train only" in said, said
+
+
+def test_classes_are_counted_of_the_images_that_can_be_read(tmp_path):
+    """3 of a class's 9 files broken: inspect counted 9, and its imbalance 9:3 where train
+    learns from 6:3."""
+    from helpers import broken_images, folder_dataset
+    from rich.console import Console
+
+    folder_dataset(tmp_path / "d", {"a": 6, "b": 3})
+    broken_images(tmp_path / "d" / "a", 3)
+    summary = inspect_dataset(read_dataset(tmp_path / "d"), tmp_path / "out", progress=False)
+    assert summary["dataset"]["images"] == 12  # as listed
+    assert summary["levels"]["label"]["counts"] == {"a": 6, "b": 3}
+    assert summary["levels"]["label"]["imbalance_ratio"] == 2.0
+    console = Console(width=200, record=True)
+    print_summary(summary, console)
+    assert "Classes per level (readable images)" in console.export_text()

@@ -54,6 +54,11 @@ def inspect_dataset(
     if check_images:
         facts = _all_facts(table[PATH].tolist(), config.workers, progress)
         summary["images"] = _image_findings(table, facts, dataset.default_level, config)
+        unreadable = {u["path"] for u in summary["images"]["unreadable"]}
+        if unreadable:  # the classes as train counts them: of the images it can read
+            table = table[~table[PATH].isin(unreadable)]
+            summary["levels"] = {level: _level_summary(table, level) for level in dataset.levels}
+            summary["levels_of"] = "readable images"
     plots = {}
     for level in dataset.levels:
         counts = table.loc[table[level] != "", level].value_counts()
@@ -211,7 +216,8 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
                   f"{counted(d['images'], 'image')}; "
                   f"splits: {splits}")
     levels = Table("level", "classes", "largest", "smallest", "imbalance",
-                   title="Classes per level")
+                   title="Classes per level" + (f" ({summary['levels_of']})"
+                                                if summary.get("levels_of") else ""))
     for name, lv in summary["levels"].items():
         if not lv["classes"]:
             continue
