@@ -1761,3 +1761,28 @@ def test_evaluations_csvs_spell_out_a_path_in_other_bytes(tmp_path):
     _write_csv(pd.DataFrame({"path": [os.fsdecode(b"/d\xe9j\xe0/a.jpg")]}), tmp_path / "p.csv",
                index=False)
     assert (tmp_path / "p.csv").read_text(encoding="utf-8") == "path\n/d\\udce9j\\udce0/a.jpg\n"
+
+
+def test_calibrate_adapt_and_serve_take_precision_and_runtime(trained, tmp_path, run_cli,
+                                                            monkeypatch, demo_dir):
+    """As predict and evaluate do: they always ran `auto`, and only the environment could
+    change that (for a machine whose measured engine answers wrongly, or an exact run)."""
+    from wingspan.serve import create_app
+
+    copy = shutil.copytree(trained, tmp_path / "run", ignore=shutil.ignore_patterns("cache"))
+    given, real = [], Predictor.__init__
+
+    def spy(self, *args, **kwargs):
+        given.append((kwargs.get("precision"), kwargs.get("runtime")))
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Predictor, "__init__", spy)
+    engine = ["--precision", "fp32", "--runtime", "torch", "--workers", "0", "--quiet"]
+    photos = sorted(demo_dir.rglob("*.jpg"))[:12]
+    for args in (["calibrate", copy], ["calibrate", copy, "--unknown"],
+                 ["adapt", copy, *photos, "--out", tmp_path / "adapted"]):
+        code, _, err = run_cli(*args, *engine)
+        assert code == 0, err
+        assert given[-1] == ("fp32", "torch"), args
+    create_app(copy, precision="fp32", runtime="torch")
+    assert given[-1] == ("fp32", "torch")

@@ -816,7 +816,8 @@ class Run:
                   workers: int | None = None, class_map: dict[str, str] | None = None,
                   unknown: bool = False, unknown_rate: float | None = None,
                   unknown_score: str | None = None, quiet: bool = False,
-                  max_pixels: int | None = None) -> dict:
+                  max_pixels: int | None = None, precision: str = TrainConfig.precision,
+                  runtime: str = TrainConfig.runtime) -> dict:
         """Fit the temperature again and store it in the bundle, as `wingspan calibrate`:
         on `split` of `data` (default: the run's own val split; `data`'s val split, or all
         of it when it has none), 10 labelled images at least; `class_map` as evaluate's.
@@ -840,7 +841,8 @@ class Run:
                                 hint="To measure the unknown answer on images of classes the "
                                      "model never saw, use run.evaluate(unknown=folder).")
         options = dict(progress=not quiet, batch_size=_count_arg("batch_size", batch_size),
-                       workers=_workers_arg(workers), device=device)
+                       workers=_workers_arg(workers), device=device, precision=precision,
+                       runtime=runtime)
         if unknown:
             if data is not None or split is not None or class_map:
                 raise WingspanError("calibrate(unknown=True) fits the unknown scores on the "

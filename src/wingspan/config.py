@@ -337,6 +337,8 @@ class AdaptConfig:
     rounds: int = 1  # refits, the head's class taken afresh from each (2-3: not kept, README)
     c: float = 1.0  # the logistic head's inverse regularisation (scikit-learn's C)
     device: str = "auto"
+    precision: str = "auto"  # of the passes that compute the photos' features, as predict's
+    runtime: str = "auto"
     batch_size: int = 32
 
     def __post_init__(self) -> None:

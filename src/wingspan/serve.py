@@ -191,10 +191,12 @@ def _header_pixels(data: bytes | BinaryIO) -> int:
         return 0
 
 
-def create_app(model: str | Path, limits: ServeLimits | None = None, device: str = "auto"):
+def create_app(model: str | Path, limits: ServeLimits | None = None, device: str = "auto",
+               precision: str = "auto", runtime: str = "auto"):
     """The FastAPI application serving `model` (a run folder or a bundle)."""
     limits = limits or ServeLimits()
-    predictor = Predictor(model, device=device, batch_size=limits.batch_size, workers=0)
+    predictor = Predictor(model, device=device, batch_size=limits.batch_size, workers=0,
+                          precision=precision, runtime=runtime)
     view = predictor.views(tta=False)[0]
     # One pass at the largest batch before serving: the engine's buffers grow to it now,
     # not under the first burst of requests (memory then stays flat while serving).
@@ -554,15 +556,16 @@ def check_port(host: str, port: int) -> None:
 
 
 def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000,
-          limits: ServeLimits | None = None, device: str = "auto") -> None:
+          limits: ServeLimits | None = None, device: str = "auto", precision: str = "auto",
+          runtime: str = "auto") -> None:
     import uvicorn
 
     check_port(host, port)
     limit_malloc_arenas()
     # uvicorn.Server, not uvicorn.run, which swallows the Ctrl-C it passes on once shut
     # down: the command then ended 0, where every other one stopped so ends 130.
-    server = uvicorn.Server(uvicorn.Config(create_app(model, limits, device), host=host,
-                                           port=port, log_level="info"))
+    app = create_app(model, limits, device, precision, runtime)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
     server.run()
     if not server.started:  # (uvicorn has logged why)
         raise WingspanError(f"The server could not start on {host}:{port}.")

@@ -216,6 +216,8 @@ def calibrate_command(
         "the model's own).",
         show_default=False)] = None,
     unknown_score: UnknownScoreOpt = None,
+    precision: Precision = T.precision,
+    runtime: Runtime = T.runtime,
     quiet: Quiet = False,
 ) -> None:
     """Fit the model's temperature again (training fits it on its val split) and store it
@@ -231,7 +233,8 @@ def calibrate_command(
                                 hint="Leave DATA, --split and --map out (without --unknown "
                                      "they choose what the temperature is fitted on).")
         u = fit_unknown(model, unknown_rate, unknown_score, progress=not quiet,
-                        batch_size=batch_size, workers=workers, device=device)
+                        batch_size=batch_size, workers=workers, device=device,
+                        precision=precision, runtime=runtime)
         out.print(f"Unknown scores fitted on {u['train_images']} training images; thresholds "
                   f"set on {u['val_images']} val images to turn away {u['rate']:.0%} of known "
                   f"ones; default score '{u['score']}'")
@@ -242,7 +245,8 @@ def calibrate_command(
                             "`calibrate` fits again only with --unknown.",
                             hint="Add --unknown (the temperature is then left as it is).")
     c = calibrate(model, data, split, progress=not quiet, batch_size=batch_size,
-                  workers=workers, device=device, class_map=name_pairs(class_map or [], "--map"))
+                  workers=workers, device=device, class_map=name_pairs(class_map or [], "--map"),
+                  precision=precision, runtime=runtime)
     out.print(f"Temperature {c['previous_temperature']:.3f} -> {c['temperature']:.3f}, fitted "
               f"on {counted(c['images'], 'image')} ({plain(c['fitted_on'])}); ECE "
               f"{c['val_ece_previous']:.4f} -> {c['val_ece_after']:.4f} "
@@ -302,6 +306,8 @@ def adapt_command(
         help="Refits, the head's class taken afresh from each.")] = A.rounds,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = A.batch_size,
     device: DeviceOpt = A.device,
+    precision: Precision = A.precision,
+    runtime: Runtime = A.runtime,
     workers: Workers = None,
     max_pixels: MaxPixels = None,
     quiet: Quiet = False,
@@ -313,7 +319,8 @@ def adapt_command(
     from wingspan.training.adapt import adapt
 
     config = make_config(ctx, AdaptConfig, neighbours=neighbours, confidence=confidence,
-                         rounds=rounds, batch_size=batch_size, device=device)
+                         rounds=rounds, batch_size=batch_size, device=device,
+                         precision=precision, runtime=runtime)
     a = adapt(model, photos, out_dir, config, progress=not quiet, workers=workers)
     for path, why in a["unreadable_photos"]:  # as predict says them
         err.print(f"[yellow]skipped[/] {plain(path)}: {plain(why)}", highlight=False)

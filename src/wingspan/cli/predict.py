@@ -208,6 +208,8 @@ def serve_command(
                                       "only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port.")] = 8000,
     device: DeviceOpt = T.device,
+    precision: Precision = T.precision,
+    runtime: Runtime = T.runtime,
     top_k: Annotated[int, typer.Option(help="Classes per level in an answer.")] = S.top_k,
     max_upload_mb: Annotated[float, typer.Option(
         min=0.001, max=1e6, help="Largest file taken (413 above).")] = S.max_bytes / 2**20,
@@ -225,7 +227,8 @@ def serve_command(
 
     limits = make_config(ctx, ServeLimits, top_k=top_k, max_bytes=round(max_upload_mb * 2**20),
                          max_files=max_files, max_in_flight=max_in_flight, timeout_s=timeout)
-    serve(model, host=host, port=port, device=device, limits=limits)
+    serve(model, host=host, port=port, device=device, limits=limits, precision=precision,
+          runtime=runtime)
 
 
 @app.command("export")

@@ -837,7 +837,8 @@ def _transfer(predictor: Predictor, run_dir: Path | None, class_map: dict[str, s
 
 def calibrate(model: str | Path, data: str | Path | None = None, split: str | None = None,
               progress: bool = True, batch_size: int = 32, workers: int | None = None,
-              device: str = "auto", class_map: dict[str, str] | None = None) -> dict:
+              device: str = "auto", class_map: dict[str, str] | None = None,
+              precision: str = "auto", runtime: str = "auto") -> dict:
     """Fit the temperature again, on `split` of DATA (default: the run's own val split;
     DATA's val split, or all of it when it has none), and store it in the bundle: the one
     command that changes a trained model's probabilities (training fits it on its val
@@ -846,7 +847,7 @@ def calibrate(model: str | Path, data: str | Path | None = None, split: str | No
     the images of classes the model does not know are left out."""
     _check_no_split_name(data)
     predictor = Predictor(model, device=device, batch_size=batch_size, workers=workers,
-                          progress=progress)
+                          progress=progress, precision=precision, runtime=runtime)
     _check_bundle_writable(predictor.bundle, "calibrate stores the new temperature there")
     run_dir = run_dir_of(predictor.bundle)
     dataset = _dataset(data, run_dir, "fit the temperature on", command="calibrate")
@@ -950,7 +951,8 @@ def _check_bundle_writable(bundle: Path, what: str) -> None:
 
 def fit_unknown(model: str | Path, rate: float | None = None, score: str | None = None,
                 progress: bool = True, batch_size: int = 32, workers: int | None = None,
-                device: str = "auto", seed: int = 0) -> dict:
+                device: str = "auto", seed: int = 0, precision: str = "auto",
+                runtime: str = "auto") -> dict:
     """Fit the unknown scores again on a run's own training images and set their
     thresholds on its val split (training does this once): for another `rate` or default
     `score`, or for a model trained before wingspan had them. Rewrites the bundle."""
@@ -966,7 +968,7 @@ def fit_unknown(model: str | Path, rate: float | None = None, score: str | None 
         raise WingspanError(f"Unknown score '{score}'.",
                             hint=f"Use one of: {', '.join(UNKNOWN_SCORES)}.")
     predictor = Predictor(model, device=device, batch_size=batch_size, workers=workers,
-                          progress=progress)
+                          progress=progress, precision=precision, runtime=runtime)
     purpose = "the unknown scores are fitted on"
     run_folder(predictor, purpose)  # before anything is computed
     _check_bundle_writable(predictor.bundle, "calibrate --unknown stores the scores there")

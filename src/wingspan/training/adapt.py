@@ -126,7 +126,8 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
     Returns what it did (also in OUT/adapt.json)."""
     config = config or AdaptConfig()
     predictor = Predictor(model, device=config.device, batch_size=config.batch_size,
-                          workers=workers, progress=progress)
+                          workers=workers, progress=progress, precision=config.precision,
+                          runtime=config.runtime)
     run_dir = run_folder(predictor, PURPOSE)  # before anything is computed
     head = predictor.model.head
     if head.config.hidden:
