@@ -1222,7 +1222,8 @@ def test_config_file_and_command_line(tmp_path, run_cli, demo_dir):
         assert code == 2 and "is a path" in err
     assert not (tmp_path / "elsewhere").exists()
     # A blank name, and one longer than a folder may be (an OSError before).
-    for name, said in [(" ", "is blank"), ("", "is blank"),  # (the default was taken for "")
+    for name, said in [(" ", "is blank"),  # ("" took the default; now refused as any "")
+                       ("", "An empty value was given after --name"),
                        ("x" * 300, "300 bytes long; a run's name takes at most 200")]:
         code, _, err = run_cli("train", demo_dir, "--name", name, "--runs-dir",
                                tmp_path / "named", "--quiet")
