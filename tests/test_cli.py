@@ -717,3 +717,22 @@ def test_an_empty_holdout_list_still_holds_none_out():
 
     _refuse_empty(["train", "DATA", "--holdout-classes", ""])
     _refuse_empty(["train", "DATA", "--holdout-classes="])
+
+
+@pytest.mark.parametrize("args, code", [(["--help"], 0), (["train", "DATA"], 1)])
+def test_a_command_cut_short_by_its_readers_going_stays_a_failure(args, code):
+    """Rich points stdout at /dev/null and exits 1 where a reader went: help so cut is no
+    failure; a command so cut mid-run (`train ... 2>&1 | head -1`) did not do its work."""
+    import subprocess
+    import sys
+
+    script = ("import importlib, os, sys\ncli = importlib.import_module('wingspan.cli.app')\n"
+              "def cut_short(args, prog_name):\n"
+              "    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())\n"
+              "    raise SystemExit(1)\n"
+              "cli.app = cut_short\n"
+              f"try:\n    cli.main({args!r})\n"
+              "except SystemExit as e:\n    sys.stderr.write(f'exit {e.code}')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert done.stderr.strip().endswith(f"exit {code}"), done.stderr

@@ -183,19 +183,20 @@ def main(argv: list[str] | None = None) -> None:
     with contextlib.suppress(AttributeError, ValueError):
         sys.stdout.reconfigure(errors="backslashreplace")
     quiet_before = _stdout_is_devnull()
+    args = _home_expanded(sys.argv[1:] if argv is None else list(argv))
     try:
         try:
-            args = _home_expanded(sys.argv[1:] if argv is None else list(argv))
             _refuse_empty(args)
             app(args=args, prog_name="wingspan")
         except SystemExit as e:  # (Ctrl-C's is 130; a SIGTERM'd process's, 143: serve's
             # too, which shuts down in order and ends as if done)
             if e.code in (0, None, 130) and TERMINATED.is_set():
                 raise SystemExit(143) from None
-            if e.code == 1 and not quiet_before and _stdout_is_devnull():
+            if e.code == 1 and "--help" in args and not quiet_before and _stdout_is_devnull():
                 # rich's exit where the reader of typer's help went (`wingspan --help |
                 # head`; it points stdout at /dev/null first): no failure, as where the
-                # reader of a command's own output goes
+                # reader of a command's results goes. (A command cut short so, its stderr's
+                # reader gone mid-run, stays a failure: its work was not done.)
                 raise SystemExit(0) from None
             raise
         finally:
