@@ -195,7 +195,33 @@ def test_the_processes_predict_started_end_with_it(demo_dir, tmp_path, one_proce
     assert "Traceback" not in err and "Process 1 of 2" not in err, err[-3000:]
 
 
-def test_a_started_process_that_fails_stops_this_one_gently(monkeypatch):
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl")
+def test_a_process_a_rank_starts_is_not_taken_for_a_rank(tmp_path):
+    """The launcher's pid, inherited by a `wingspan` that a rank of a script ran before its
+    own first fabric(): that process exited 1 without a word, its parent not the launcher.
+    Where the launcher has ended, a process it started ends too."""
+    from wingspan.errors import LAUNCHER_PID_ENV
+
+    code = "from wingspan.errors import die_with_launcher\ndie_with_launcher()\nprint('on')"
+    import time
+
+    other = subprocess.Popen(["sleep", "60"])
+    ended, killed = subprocess.Popen(["true"]), subprocess.Popen(["true"])
+    ended.wait()
+    time.sleep(0.5)  # `killed` has ended, not yet reaped: as a launcher SIGKILLed just now
+    try:
+        for launcher, goes_on in ((other.pid, True), (ended.pid, False), (killed.pid, False)):
+            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                  env={**os.environ, LAUNCHER_PID_ENV: str(launcher)},
+                                  timeout=60)
+            assert (done.stdout.strip() == "on") == goes_on, (launcher, done)
+    finally:
+        other.kill()
+        other.wait()
+        killed.wait()
+
+
+def test_a_started_process_that_fails_stops_this_one_gently(monkeypatch, capsys):
     """Lightning's watcher killed the first process with SIGKILL within 5 s of a started
     one's failure: exit 137, and train.log without the stop line or how to resume."""
     import time
@@ -209,13 +235,17 @@ def test_a_started_process_that_fails_stops_this_one_gently(monkeypatch):
 
     def watched(*codes):
         sent.clear()
-        started = [SimpleNamespace(poll=lambda c=c: c) for c in codes]
+        started = [SimpleNamespace(poll=lambda c=c: c, pid=100 + i) for i, c in enumerate(codes)]
         parallel._watch_started(started)
         time.sleep(1.5)
         return sent, started
 
     assert watched(0, 0)[0] == []  # done: nothing to do
     assert watched(None, 2)[0] == [(os.getpid(), signal.SIGTERM), (os.getpid(), signal.SIGKILL)]
+    assert "Another process of this run (pid 101) ended (exit code 2): stopping this one" \
+        in capsys.readouterr().err
+    watched(-9)
+    assert "(pid 100) ended (killed by SIGKILL)" in capsys.readouterr().err
     sent_now, started = watched(None, None)
     started.clear()  # this process stops (end_started): nothing more
     time.sleep(1.5)

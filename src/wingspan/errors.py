@@ -62,6 +62,10 @@ def die_with_launcher() -> None:
     launcher = os.environ.pop(LAUNCHER_PID_ENV, None)  # (not for this process's own children)
     if launcher is None or not sys.platform.startswith("linux"):
         return
+    if str(os.getppid()) != launcher:  # a process one of the run's processes started
+        if not _alive(int(launcher)):  # (or the launcher ended before this line)
+            os._exit(1)
+        return
     try:
         import ctypes
 
@@ -71,6 +75,15 @@ def die_with_launcher() -> None:
         return
     if str(os.getppid()) != launcher:  # it ended before the line above
         os._exit(1)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (Linux): not gone, nor ended and not yet reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
 
 
 # The processes this one started for `--devices N` (rank 0's), while they run.

@@ -35,7 +35,14 @@ import torch
 from lightning_fabric import Fabric
 from lightning_fabric.strategies.launchers import subprocess_script
 
-from wingspan.errors import LAUNCHER_PID_ENV, STARTED, WingspanError, die_with_launcher, first_line
+from wingspan.errors import (
+    LAUNCHER_PID_ENV,
+    STARTED,
+    WingspanError,
+    die_with_launcher,
+    end_started,
+    first_line,
+)
 
 # Our precision names -> Fabric's for the training step.
 FABRIC_PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
@@ -166,16 +173,17 @@ def check_one_process(command: str) -> None:
 
 # How long this process has to see, in a collective, that a process it started failed
 # (it then says so in a line), before a SIGTERM stops it; as long again before a SIGKILL.
-STARTED_FAILED_GRACE_S = 10.0
+STARTED_FAILED_GRACE_S = 5.0
 
 
 def _watch_started(started: list) -> None:
     """Watches the processes this one started (`STARTED`), in place of Lightning's launcher:
-    once one failed, that watcher killed this one with SIGKILL within 5 s (exit 137, train.log not
-    saying that the run had stopped, nor how to go on). The one that failed has said why;
-    this one is given `STARTED_FAILED_GRACE_S` to see the loss itself, then a SIGTERM stops
-    it as `kill` does (the stop line, how to resume), then a SIGKILL, should it not land (a
-    collective stuck in NCCL, where Python's handler never runs)."""
+    once one failed, that watcher killed this one with SIGKILL within 5 s (exit 137, train.log
+    not saying that the run had stopped, nor how to go on). This one is given
+    `STARTED_FAILED_GRACE_S` to see the loss in a collective (it then says so itself); else
+    a line names the process that ended and how, and a SIGTERM stops this one as `kill`
+    does (train's stop line, how to resume), then a SIGKILL, should that not land (this one
+    held in C++: a collective stuck in NCCL, or waiting for that process to join)."""
 
     def watch() -> None:
         while started:  # (end_started empties it: this process is stopping already)
@@ -187,9 +195,18 @@ def _watch_started(started: list) -> None:
             time.sleep(1)
         else:
             return
-        for ending in (signal.SIGTERM, signal.SIGKILL):
-            time.sleep(STARTED_FAILED_GRACE_S)
-            os.kill(os.getpid(), ending)
+        time.sleep(STARTED_FAILED_GRACE_S)
+        ended = next((p for p in list(started) if p.poll() not in (None, 0)), None)
+        if ended is None:  # (end_started took them: this process is stopping already)
+            return
+        code = ended.poll()
+        how = (f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}")
+        print(f"Another process of this run (pid {ended.pid}) ended ({how}): stopping this "
+              "one.", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)  # (its handler ends the others too)
+        time.sleep(STARTED_FAILED_GRACE_S)
+        end_started()  # (Linux ends them with this one anyway: die_with_launcher)
+        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))  # (Windows: none)
 
     threading.Thread(target=watch, name="wingspan-started", daemon=True).start()
 
