@@ -58,7 +58,9 @@ def die_with_launcher() -> None:
     (Linux). The launcher is rank 0, the only one that writes; the others have nothing to
     keep. Left alone they went on (a SIGKILL, the out-of-memory killer's, or a SIGTERM sent
     to the launcher alone, as `docker stop` and Kubernetes send it) until a collective
-    failed, 10-20 s later, and printed a gloo traceback after the shell's prompt."""
+    failed, 10-20 s later, and printed a gloo traceback after the shell's prompt. (The
+    kernel ties this to the launcher's thread that started them: the main one for the CLI;
+    a library call from another thread has them end when that thread does.)"""
     launcher = os.environ.pop(LAUNCHER_PID_ENV, None)  # (not for this process's own children)
     if launcher is None or not sys.platform.startswith("linux"):
         return
