@@ -21,6 +21,7 @@ on any number of processes and a checkpoint resumes on another number.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -107,15 +108,19 @@ class Processes:
         _check_launchable(fabric)
         # The processes it starts go in STARTED (a SIGTERM ends them even while they start)
         # and are watched by `_watch_started`, not by Lightning's watcher.
-        launcher, lightnings = fabric.strategy.launcher, subprocess_script._launch_process_observer
+        # (Lightning's names are private: where they change, its own watcher stays.)
+        launcher = fabric.strategy.launcher
+        lightnings = getattr(subprocess_script, "_launch_process_observer", None)
         STARTED.clear()  # (an earlier call's, ended)
         launcher.procs = STARTED
         os.environ[LAUNCHER_PID_ENV] = str(os.getpid())  # (what they inherit)
-        subprocess_script._launch_process_observer = _watch_started
+        if lightnings is not None:
+            subprocess_script._launch_process_observer = _watch_started
         try:
             fabric.launch()
         finally:
-            subprocess_script._launch_process_observer = lightnings
+            if lightnings is not None:
+                subprocess_script._launch_process_observer = lightnings
             os.environ.pop(LAUNCHER_PID_ENV, None)
         return fabric
 
@@ -200,7 +205,10 @@ def _watch_started(started: list) -> None:
         if ended is None:  # (end_started took them: this process is stopping already)
             return
         code = ended.poll()
-        how = (f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}")
+        how = f"exit code {code}"
+        if code < 0:
+            with contextlib.suppress(ValueError):
+                how = f"killed by {signal.Signals(-code).name}"
         print(f"Another process of this run (pid {ended.pid}) ended ({how}): stopping this "
               "one.", file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGTERM)  # (its handler ends the others too)
