@@ -206,3 +206,21 @@ def test_predict_writes_the_same_columns_whatever_could_be_read(run_dir, demo_di
     from wingspan.predict import _cell
 
     assert _cell(0.99920004) != _cell(0.99919957)
+
+
+def test_predict_strict_exits_2_for_a_skipped_image_after_writing_the_rest(run_dir, demo_dir,
+                                                                           tmp_path, run_cli):
+    """A script had no way to fail on a mistyped or broken path: predict listed and skipped
+    it and exited 0, as it still does without --strict."""
+    import pandas as pd
+
+    good = next(demo_dir.rglob("*.jpg"))
+    paths = [good, tmp_path / "mistyped.jpg"]
+    code, _, err = run_cli("predict", run_dir, *paths, "--output", tmp_path / "p.csv", "-q")
+    assert code == 0, err
+    code, _, err = run_cli("predict", run_dir, *paths, "--output", tmp_path / "s.csv", "-q",
+                           "--strict")
+    assert code == 2 and "--strict: 1 image was missing or unreadable" in err, err
+    rows = pd.read_csv(tmp_path / "s.csv")  # written first: nothing lost
+    assert rows["path"].tolist() == [str(good), str(tmp_path / "mistyped.jpg")]
+    assert rows["error"].isna().tolist() == [True, False]

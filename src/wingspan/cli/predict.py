@@ -62,6 +62,10 @@ def predict_command(
     workers: Workers = None,
     max_pixels: MaxPixels = None,
     unknown_score: UnknownScoreOpt = None,
+    strict: Annotated[bool, typer.Option(
+        "--strict", help="Exit 2 where an image was missing or unreadable (after writing "
+        "the others' predictions); by default it is listed and skipped, and predict exits 0.")
+    ] = False,
     quiet: Quiet = False,
 ) -> None:
     """Predict the classes of images, with calibrated probabilities; an image unlike
@@ -158,6 +162,10 @@ def predict_command(
                   f"turns away {predictor.unknown.rate:.0%} of known val images)")
     if not result.rows:
         raise WingspanError("No image could be predicted.", hint="Check the paths given.")
+    if strict and result.failed:  # (the others' predictions are written and shown above)
+        raise WingspanError(f"--strict: {counted(len(result.failed), 'image was', 'images were')}"
+                            " missing or unreadable (listed above).",
+                            hint="Mend or remove them, or leave --strict out to skip them.")
 
 
 @app.command("explain")
