@@ -855,3 +855,34 @@ def test_a_request_without_the_file_field_names_the_field_to_send(client, path, 
         f"http://testserver{path}" in r.json()["error"]
     assert client.post("/predict", files=[("files", ("ok.jpg", _jpeg(), "image/jpeg"))]
                        ).status_code == 200
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_serve_quiet_keeps_no_line_per_request(run_dir):
+    """serve had no -q: every request printed a line, with no way to quiet it."""
+    import signal
+    import socket
+    import subprocess
+
+    said = {}
+    for quiet in ([], ["-q"]):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.Popen([sys.executable, "-m", "wingspan", "serve", str(run_dir),
+                                 "--port", str(port), "--device", "cpu", *quiet],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            for _ in range(600):
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).is_success:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.1)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+        finally:
+            proc.kill()
+            said[bool(quiet)] = "".join(proc.communicate())  # (uvicorn's access log: stdout)
+    assert "GET /health" in said[False] and "GET /health" not in said[True], said
+    assert f"127.0.0.1:{port}" in said[True]  # where it listens, still said

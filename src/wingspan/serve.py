@@ -56,7 +56,9 @@ class _Batcher:
         self.queue: asyncio.Queue | None = None
         self.loop = None
 
-    async def run(self, image: torch.Tensor) -> dict[str, np.ndarray]:
+    async def run(self, image: torch.Tensor
+                  ) -> tuple[dict[str, np.ndarray], dict[str, float] | None]:
+        """The image's outputs per level, and its unknown scores (None without them)."""
         loop = asyncio.get_running_loop()
         if self.loop is not loop:  # started on the server's loop (a test client may make more)
             self.loop, self.queue = loop, asyncio.Queue()
@@ -557,7 +559,7 @@ def check_port(host: str, port: int) -> None:
 
 def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000,
           limits: ServeLimits | None = None, device: str = "auto", precision: str = "auto",
-          runtime: str = "auto") -> None:
+          runtime: str = "auto", access_log: bool = True) -> None:
     import uvicorn
 
     check_port(host, port)
@@ -565,7 +567,8 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000,
     # uvicorn.Server, not uvicorn.run, which swallows the Ctrl-C it passes on once shut
     # down: the command then ended 0, where every other one stopped so ends 130.
     app = create_app(model, limits, device, precision, runtime)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info",
+                                           access_log=access_log))
     server.run()
     if not server.started:  # (uvicorn has logged why)
         raise WingspanError(f"The server could not start on {host}:{port}.")

@@ -228,6 +228,9 @@ def serve_command(
     timeout: Annotated[float, typer.Option(
         min=0.001, help="Seconds a request may take (504 after).")] = S.timeout_s,
     max_pixels: MaxPixels = None,
+    quiet: Annotated[bool, typer.Option(
+        "--quiet", "-q", help="No line per request (uvicorn's access log); the start and "
+        "errors are still said.")] = False,
 ) -> None:
     """A web page (drop a photo: its classes and where the model looked) and an HTTP API:
     POST /predict with image files, POST /explain with one; /health, /model, /docs."""
@@ -236,7 +239,7 @@ def serve_command(
     limits = make_config(ctx, ServeLimits, top_k=top_k, max_bytes=round(max_upload_mb * 2**20),
                          max_files=max_files, max_in_flight=max_in_flight, timeout_s=timeout)
     serve(model, host=host, port=port, device=device, limits=limits, precision=precision,
-          runtime=runtime)
+          runtime=runtime, access_log=not quiet)
 
 
 @app.command("export")
