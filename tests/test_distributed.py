@@ -36,7 +36,7 @@ def _config(tmp_path, **changes):
     # (1 image) is padded with a copy of itself. The train figures counted the copy and
     # weighed the ranks' losses by their slices, off by a point from one process's.
     settings = dict(dropout=0.0, epochs_head=3, epochs_finetune=3, lr=3e-2, precision="fp32",
-                    runtime="torch", batch_size=31)
+                    runtime="torch", batch_size=31, device="cpu")  # (2 processes on a 1-GPU box)
     return tiny(tmp_path, **{**settings, **changes})
 
 
@@ -184,8 +184,8 @@ def test_the_processes_predict_started_end_with_it(demo_dir, tmp_path, one_proce
     (`docker stop`, Kubernetes): the second went on for 10-20 s, then printed a gloo
     traceback, after the shell's prompt where the first was killed."""
     images = sorted(str(p) for p in demo_dir.rglob("*.jpg"))[:8]
-    proc = _cli("predict", one_process, *images, "--devices", 2, "--output",
-                tmp_path / "p.csv")
+    proc = _cli("predict", one_process, *images, "--devices", 2, "--device", "cpu",
+                "--output", tmp_path / "p.csv")
     rank_1 = _started_by(proc)
     os.kill(proc.pid, sig)  # (while the two meet: the second is still starting up)
     _, err = proc.communicate(timeout=120)
@@ -263,7 +263,8 @@ def test_predict_shared_over_two_processes_gives_the_same_rows(demo_dir, tmp_pat
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
     def args(n: int) -> list:
         return ["predict", one_process, *images, "--output", tmp_path / f"{n}.csv",
-                "--devices", n, "--top-k", 2, "--precision", "fp32", "--quiet"]
+                "--devices", n, "--device", "cpu", "--top-k", 2, "--precision", "fp32",
+                "--quiet"]
 
     # One process: the CLI in this one (a new python would only import torch again).
     code, _, err = run_cli(*args(1))
@@ -290,7 +291,7 @@ def test_the_apis_predict_takes_devices_as_the_cli_does(demo_dir, tmp_path, one_
     script.write_text(
         "import os, sys\nimport wingspan as ws\n"
         f"preds = ws.load({str(one_process)!r}).predict({images!r}, devices=2, "
-        "strategy='ddp', top_k=2, precision='fp32', quiet=True)\n"
+        "strategy='ddp', device='cpu', top_k=2, precision='fp32', quiet=True)\n"
         "preds.to_json(f\"{sys.argv[1]}.{os.environ.get('LOCAL_RANK', '0')}.json\")\n"
         "if ws.is_main_process():\n    open(f'{sys.argv[1]}.main', 'a').write('x')\n")
     _finish(subprocess.Popen([sys.executable, script, tmp_path / "out"],
@@ -540,7 +541,7 @@ def test_strict_stops_every_process_with_the_error(demo_dir, tmp_path):
 def test_a_data_error_on_two_processes_is_said_once(demo_dir, tmp_path):
     """Every process reads the same data and meets the same error: rank 0 says it."""
     proc = _cli("train", demo_dir, "--holdout-classes", "nosuch", "--devices", 2,
-                "--runs-dir", tmp_path / "runs", "--quiet", "--weights", "none",
+                "--device", "cpu", "--runs-dir", tmp_path / "runs", "--quiet", "--weights", "none",
                 "--backbone", "test_efficientnet")
     _, err = proc.communicate(timeout=300)
     assert proc.returncode != 0

@@ -73,9 +73,8 @@ def run_table(runs_dir: str | Path, sort: str | None = None) -> pd.DataFrame:
     runs_dir = Path(runs_dir)
     try:
         _check_runs_dir(runs_dir)
-        folders = sorted(d for d in runs_dir.iterdir()
-                         if d.is_dir() and not d.name.startswith("."))
-        folders = _once_each(folders)
+        folders = _once_each([d for d in runs_dir.iterdir()
+                              if d.is_dir() and not d.name.startswith(".")])
     except PermissionError as e:
         raise WingspanError(f"Cannot list runs in {runs_dir}: {e.strerror or first_line(e)}.",
                             hint="Give a folder you may read, or ask its owner for "
@@ -94,7 +93,7 @@ def _once_each(folders: list[Path]) -> list[Path]:
     own folder before a link to it (a run linked in from elsewhere stays)."""
     seen: set[Path] = set()
     kept = []
-    for folder in sorted(folders, key=Path.is_symlink):  # (stable: in name order)
+    for folder in sorted(sorted(folders), key=Path.is_symlink):  # (in name order within)
         if (target := folder.resolve()) not in seen:
             seen.add(target)
             kept.append(folder)

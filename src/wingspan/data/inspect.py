@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from wingspan.config import InspectConfig, SplitConfig
+from wingspan.config import InspectConfig, TrainConfig
 from wingspan.data.images import UNUSUAL_MODES, ImageFacts, image_facts, max_pixels
 from wingspan.data.leaks import find_leaks
 from wingspan.data.plots import plot_class_balance
@@ -107,7 +107,7 @@ def _too_few_to_split(table: pd.DataFrame, level: str) -> list[str]:
     only, never evaluated (as `data split` and train say, once it is too late to add)."""
     if (table[SPLIT] != "").any():
         return []
-    defaults = SplitConfig()
+    defaults = TrainConfig()
     sides = 1 + (defaults.val_fraction > 0) + (defaults.test_fraction > 0)
     labelled = table[table[level] != ""]
     groups = labelled.groupby(level)[GROUP].nunique()
