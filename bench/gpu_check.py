@@ -177,7 +177,8 @@ def main() -> None:
     if gpus > 1:
         for launcher, extra, how in (
                 (None, ["--devices", str(gpus)], "Fabric"),
-                ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(gpus)],
+                ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                  "--nproc-per-node", str(gpus)],  # (--standalone: a free port, not 29500)
                  [], "torchrun")):
             run = train(data, work / "runs", f"ddp-{how}", settings, "--precision", best,
                         *extra, launcher=launcher)

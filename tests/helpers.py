@@ -94,9 +94,10 @@ main()
 """
 
 
-def wait_for_finetune_epochs(proc, run_dir: Path, epochs: int, timeout: float = 120) -> None:
+def wait_for_finetune_epochs(proc, run_dir: Path, epochs: int, timeout: float = 300) -> None:
     """Poll a training subprocess until its history.csv has `epochs` fine-tuning rows (it
-    must still be running then, to be killed mid-run)."""
+    must still be running then, to be killed mid-run). Past `timeout` (a loaded 2-core CI
+    machine takes a minute) the test fails here, saying so, not later at a puzzling line."""
     import time
 
     import pandas as pd
@@ -108,6 +109,28 @@ def wait_for_finetune_epochs(proc, run_dir: Path, epochs: int, timeout: float = 
             return
         time.sleep(0.02)
     assert proc.poll() is None, proc.communicate()[1].decode()[-3000:]
+    proc.kill()
+    pytest.fail(f"no {epochs} fine-tuning epochs in {run_dir / 'history.csv'} after {timeout} s")
+
+
+def wait_until_serving(proc, port: int, timeout: float = 180) -> None:
+    """Poll a `wingspan serve` subprocess until /health answers; fail, with its stderr, if
+    it ends or `timeout` passes first (start-up takes seconds, a minute on a loaded box)."""
+    import time
+
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).is_success:
+                return
+        except httpx.TransportError:
+            time.sleep(0.1)
+    if proc.poll() is None:
+        proc.kill()
+    pytest.fail(f"the server did not answer /health within {timeout} s: "
+                + proc.communicate()[1][-3000:])
 
 
 def kill_at_first_finetune_row(monkeypatch) -> None:

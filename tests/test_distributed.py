@@ -203,12 +203,12 @@ def test_a_process_a_rank_starts_is_not_taken_for_a_rank(tmp_path):
     from wingspan.errors import LAUNCHER_PID_ENV
 
     code = "from wingspan.errors import die_with_launcher\ndie_with_launcher()\nprint('on')"
-    import time
-
     other = subprocess.Popen(["sleep", "60"])
     ended, killed = subprocess.Popen(["true"]), subprocess.Popen(["true"])
     ended.wait()
-    time.sleep(0.5)  # `killed` has ended, not yet reaped: as a launcher SIGKILLed just now
+    # `killed` has ended, not yet reaped: as a launcher SIGKILLed just now (waited for
+    # without reaping it; a sleep was a guess that a loaded machine could beat)
+    os.waitid(os.P_PID, killed.pid, os.WEXITED | os.WNOWAIT)
     try:
         for launcher, goes_on in ((other.pid, True), (ended.pid, False), (killed.pid, False)):
             done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -51,7 +51,10 @@ def test_tutorial_runs(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
     src = str(Path(__file__).parents[1] / "src")
     env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
-    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+    # (iopub_timeout: a cell's last output may come seconds after its reply on a loaded
+    # machine; past nbclient's default 4 s it is left out of the executed notebook)
+    client = nbclient.NotebookClient(nb, timeout=300, iopub_timeout=60, startup_timeout=300,
+                                     kernel_name="python3",
                                      resources={"metadata": {"path": str(tmp_path)}})
     client.execute(env=env)  # raises CellExecutionError, with the cell, on any error
 
