@@ -736,3 +736,31 @@ def test_a_command_cut_short_by_its_readers_going_stays_a_failure(args, code):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=60)
     assert done.stderr.strip().endswith(f"exit {code}"), done.stderr
+
+
+INTERRUPTED_AT = """
+import builtins, runpy, sys
+real, at = builtins.__import__, sys.argv[1]
+
+def interrupted(name, *args, **kwargs):  # a Ctrl-C while `at` is being imported
+    if name == at:
+        raise KeyboardInterrupt
+    return real(name, *args, **kwargs)
+
+builtins.__import__ = interrupted
+sys.argv = ["wingspan", "--help"]
+runpy.run_module("wingspan", run_name="__main__")  # as `python -m wingspan` and the script
+"""
+
+
+@pytest.mark.parametrize("module", ["typer", "wingspan.cli.train"])
+def test_a_ctrl_c_while_the_commands_are_imported_stops_quietly(module):
+    """A Ctrl-C in the first 0.2-0.5 s (a command typed wrong, stopped at once) came while
+    the commands were imported, and printed a 20-line KeyboardInterrupt traceback; after,
+    a command stops quietly with 130. Now the same from the first line of wingspan's."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", INTERRUPTED_AT, module], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 130 and done.stderr == "", done.stderr[-2000:]

@@ -1,5 +1,5 @@
 """`python -m wingspan ...`, as torchrun and Fabric's launcher start each process."""
 
-from wingspan.cli import main
+from wingspan.console import main
 
 main()

@@ -1,3 +1,5 @@
-from wingspan.cli import main
+"""`python -m wingspan.cli ...`: as `wingspan ...`."""
+
+from wingspan.console import main
 
 main()
