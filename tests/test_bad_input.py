@@ -224,3 +224,20 @@ def test_predict_strict_exits_2_for_a_skipped_image_after_writing_the_rest(run_d
     rows = pd.read_csv(tmp_path / "s.csv")  # written first: nothing lost
     assert rows["path"].tolist() == [str(good), str(tmp_path / "mistyped.jpg")]
     assert rows["error"].isna().tolist() == [True, False]
+
+
+def test_explain_strict_exits_2_for_a_skipped_image_after_the_overlays(run_dir, demo_dir,
+                                                                       tmp_path, run_cli):
+    """As predict --strict: explain listed and skipped a missing or broken image and
+    exited 0, with no option to fail on it; now --strict exits 2, the others' overlays
+    written first."""
+    good = next(demo_dir.rglob("*.jpg"))
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    for given in ([tmp_path / "mistyped.jpg"], [broken]):
+        code, _, err = run_cli("explain", run_dir, good, *given, "--out", tmp_path / "a", "-q")
+        assert code == 0, err
+        out = tmp_path / f"s-{given[0].stem}"
+        code, _, err = run_cli("explain", run_dir, good, *given, "--out", out, "-q", "--strict")
+        assert code == 2 and "--strict: 1 image was missing or unreadable" in err, err
+        assert len(list(out.glob("*.png"))) == 1  # the good one's overlay: nothing lost

@@ -28,6 +28,7 @@ from wingspan.cli.options import (
     Quiet,
     Runtime,
     Strategy,
+    StrictAfter,
     UnknownScoreOpt,
     Workers,
     check_folder,
@@ -62,10 +63,7 @@ def predict_command(
     workers: Workers = None,
     max_pixels: MaxPixels = None,
     unknown_score: UnknownScoreOpt = None,
-    strict: Annotated[bool, typer.Option(
-        "--strict", help="Exit 2 where an image was missing or unreadable (after writing "
-        "the others' predictions); by default it is listed and skipped, and predict exits 0.")
-    ] = False,
+    strict: StrictAfter = False,
     quiet: Quiet = False,
 ) -> None:
     """Predict the classes of images, with calibrated probabilities; an image unlike
@@ -162,9 +160,14 @@ def predict_command(
                   f"turns away {predictor.unknown.rate:.0%} of known val images)")
     if not result.rows:
         raise WingspanError("No image could be predicted.", hint="Check the paths given.")
-    if strict and result.failed:  # (the others' predictions are written and shown above)
-        raise WingspanError(f"--strict: {counted(len(result.failed), 'image was', 'images were')}"
-                            " missing or unreadable (listed above).",
+    if strict:  # (the others' predictions are written and shown above)
+        _strict_exit(len(result.failed))
+
+
+def _strict_exit(failed: int) -> None:
+    if failed:
+        raise WingspanError(f"--strict: {counted(failed, 'image was', 'images were')} missing "
+                            "or unreadable (listed above).",
                             hint="Mend or remove them, or leave --strict out to skip them.")
 
 
@@ -178,6 +181,7 @@ def explain_command(
         "--out", callback=check_folder,
         help="Folder for the overlays (default: RUN/explain).")] = None,
     device: DeviceOpt = T.device,
+    strict: StrictAfter = False,
     quiet: Quiet = False,
 ) -> None:
     """Grad-CAM overlays: where the model looked for the class it predicted, one PNG per
@@ -192,9 +196,10 @@ def explain_command(
     if not paths:
         raise WingspanError("No image to explain.", hint="Check the paths given.")
     out_dir = out_dir or output_home(find_bundle(model)) / "explain"
-    explained = 0
+    explained, failed = 0, len(missing)
     for e in explain(model, paths, out_dir, device=device, progress=not quiet):
         if e.error:
+            failed += 1
             err.print(f"[yellow]skipped[/] {plain(e.path)}: {plain(e.error)}", highlight=False)
         else:
             explained += 1
@@ -206,6 +211,8 @@ def explain_command(
         raise WingspanError("No image could be explained.", hint="Check the files given.")
     if quiet:
         out.print(f"{counted(explained, 'overlay')} in {plain(here(out_dir))}", highlight=False)
+    if strict:
+        _strict_exit(failed)
 
 
 @app.command("serve")
