@@ -96,7 +96,7 @@ class Image:
     """A PNG that wingspan wrote; Jupyter shows it, `path` says where it is."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        self.path = Path(path).absolute()  # (a notebook's later %cd must not lose it)
 
     def _repr_png_(self) -> bytes | None:
         try:
@@ -684,8 +684,10 @@ class Run:
         if run_dir is None and bundle is None:
             raise WingspanError("Run() needs a run folder or a model bundle.",
                                 hint="ws.load(PATH) takes either.")
-        self.dir = Path(run_dir) if run_dir is not None else None
-        self.bundle = Path(bundle) if bundle is not None else self.dir / "model"
+        # Absolute: a notebook's %cd or a script's os.chdir after this must not lose the
+        # run ("No model at runs/r1"), nor its evaluations and images (below).
+        self.dir = Path(run_dir).absolute() if run_dir is not None else None
+        self.bundle = Path(bundle).absolute() if bundle is not None else self.dir / "model"
 
     @property
     def name(self) -> str:
@@ -1119,7 +1121,8 @@ class Evaluation:
     """
 
     def __init__(self, out_dir: Path, metrics: dict, report: Path):
-        self.dir, self.metrics, self.report_path = Path(out_dir), metrics, Path(report)
+        self.dir, self.metrics = Path(out_dir).absolute(), metrics
+        self.report_path = Path(report).absolute()
         # The tables are read now: a later evaluation into the same folder (after
         # run.calibrate, say) replaces it whole, and this one must keep showing its own.
         self._written = self._stamp()
