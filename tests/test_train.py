@@ -493,10 +493,13 @@ def test_early_stopping_stops(demo_dir, tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(run_module, "_next_stage", killed)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as caught:
         train(read_dataset(demo_dir), config, tmp_path, "killed", quiet=True)
     monkeypatch.undo()
-    resume(tmp_path / "killed", quiet=True)
+    # The run's folder comes with the interrupt: a notebook's only handle on a run stopped
+    # there, ws.train having returned nothing (it had none: the name chosen was unknown).
+    assert caught.value.run_dir == (tmp_path / "killed").absolute()
+    resume(caught.value.run_dir, quiet=True)
     assert len(history(tmp_path / "killed")) == 3
 
 

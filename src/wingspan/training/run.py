@@ -513,7 +513,13 @@ def resolve_levels(dataset: Dataset, config: TrainConfig) -> TrainConfig:
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C in a run's recipe, once train.log and the terminal have said how to go on."""
+    """Ctrl-C in a run's recipe, once train.log and the terminal have said how to go on.
+    `run_dir` is the run's folder (absolute), the handle a notebook user has left:
+    `ws.resume(e.run_dir)` goes on."""
+
+    def __init__(self, run_dir: Path | None = None):
+        super().__init__()  # (no message: a KeyboardInterrupt shows none)
+        self.run_dir = None if run_dir is None else Path(run_dir).absolute()
 
 
 class Stopped(WingspanError):
@@ -594,7 +600,7 @@ def _interruptible(run: Run, scoring_only: bool = False) -> Path:
             print(f"Process {run.fabric.global_rank} of {run.fabric.world_size}: "
                   f"{stop.strip()}", file=sys.stderr)
         run.log(stop + _go_on(run.dir), caveat=True)
-        raise Interrupted from e
+        raise Interrupted(run.dir) from e
     except WingspanError as e:  # bad data, say: in train.log, and a failed run, not a paused one
         _failed(run, e.message)
         raise
