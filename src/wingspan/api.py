@@ -260,7 +260,8 @@ class Data:
         out_dir = _out_arg(out) or self.dataset.claim_out_dir()
         with _max_pixels(max_pixels):
             summary = inspect_dataset(self.dataset, out_dir, InspectConfig(tiny_px=tiny_px),
-                                      check_images=not metadata_only, progress=not quiet)
+                                      check_images=not metadata_only,
+                                      progress=not _switch_arg("quiet", quiet))
         return Inspection(summary, out_dir, self.counts(level), level)
 
     @_keywords_checked
@@ -411,7 +412,8 @@ def train(data: Data | Dataset | str | Path, config: TrainConfig | dict | str | 
         raise WingspanError(f"name: expected a run name (a string), got {name!r}.",
                             hint="The run is written to runs_dir/name.")
     with _max_pixels(max_pixels), _os_errors_said():
-        return Run(train_run(_dataset(data), settings, runs_dir, name, quiet))
+        return Run(train_run(_dataset(data), settings, runs_dir, name,
+                             _switch_arg("quiet", quiet)))
 
 
 def resume(run: Run | str | Path, quiet: bool = False, max_pixels: int | None = None,
@@ -430,7 +432,8 @@ def resume(run: Run | str | Path, quiet: bool = False, max_pixels: int | None = 
                                 "there is no training to resume.")
         run = run.dir
     with _max_pixels(max_pixels), _os_errors_said():
-        return Run(resume_run(_path_arg("run", run), quiet=quiet, **machine))
+        return Run(resume_run(_path_arg("run", run), quiet=_switch_arg("quiet", quiet),
+                              **machine))
 
 
 def is_main_process() -> bool:
@@ -801,7 +804,8 @@ class Run:
                                      "use run.calibrate(unknown=True).")
         with _max_pixels(max_pixels):
             result = evaluate(
-                self._model, _data_arg(data), _split_arg(split), _out_arg(out), progress=not quiet,
+                self._model, _data_arg(data), _split_arg(split), _out_arg(out),
+                progress=not _switch_arg("quiet", quiet),
                 batch_size=_count_arg("batch_size", batch_size), workers=_workers_arg(workers),
                 runtime=runtime, precision=precision, device=device,
                 class_map=_class_map_arg(class_map),
@@ -842,7 +846,8 @@ class Run:
                                 f"{unknown!r:.60}.",
                                 hint="To measure the unknown answer on images of classes the "
                                      "model never saw, use run.evaluate(unknown=folder).")
-        options = dict(progress=not quiet, batch_size=_count_arg("batch_size", batch_size),
+        options = dict(progress=not _switch_arg("quiet", quiet),
+                       batch_size=_count_arg("batch_size", batch_size),
                        workers=_workers_arg(workers), device=device, precision=precision,
                        runtime=runtime)
         if unknown:
@@ -925,6 +930,7 @@ class Run:
 
         inputs = _paths_arg(paths)
         top_k, tta = _count_arg("top_k", top_k), _switch_arg("tta", tta)
+        quiet = _switch_arg("quiet", quiet)
         batch_size, workers = _count_arg("batch_size", batch_size), _workers_arg(workers)
         with _max_pixels(max_pixels):
             fabric = predict_fabric(device, _optional_count("devices", devices),
@@ -997,7 +1003,7 @@ class Run:
 
         with _max_pixels(max_pixels), _os_errors_said():
             done = adapt(self._model, _paths_arg(photos, "photos"), _out_arg(out),
-                         AdaptConfig(**settings), progress=not quiet,
+                         AdaptConfig(**settings), progress=not _switch_arg("quiet", quiet),
                          workers=_workers_arg(workers))
         return Run(done["out"])
 
