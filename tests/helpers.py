@@ -126,7 +126,8 @@ def wait_until_serving(proc, port: int, timeout: float = 180) -> None:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).is_success:
                 return
         except httpx.TransportError:
-            time.sleep(0.1)
+            pass
+        time.sleep(0.1)
     if proc.poll() is None:
         proc.kill()
     pytest.fail(f"the server did not answer /health within {timeout} s: "

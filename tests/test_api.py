@@ -1203,16 +1203,20 @@ def test_a_run_of_nothing_is_refused_with_a_message():
 
 def test_a_run_its_evaluation_and_images_outlive_a_change_of_folder(run, tmp_path,
                                                                     monkeypatch, demo_dir):
-    """Run, Evaluation and Image kept the paths as given: after a notebook's %cd (or a
+    """Run, Evaluation, Image and Inspection kept the paths as given: after a notebook's %cd (or a
     script's os.chdir) a run loaded as "runs/r" said "No model at runs/r", and an
     evaluation that its folder was gone, though nothing had moved."""
-    monkeypatch.chdir(run.dir.parent)
-    loaded = ws.load(run.dir.name)
+    monkeypatch.chdir(tmp_path)
+    loaded = ws.load(os.path.relpath(run.dir))
     ev = loaded.evaluate(split="val", out="ev-here", quiet=True, plots=False)
     curves = loaded.plot()
-    monkeypatch.chdir(tmp_path)
+    inspection = ws.read(os.path.relpath(demo_dir)).inspect(out="insp", quiet=True)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
     photo = next(demo_dir.rglob("*.jpg"))
     assert len(loaded.predict([photo])) == 1 and loaded.history is not None
-    assert ev.dir == run.dir.parent / "ev-here" and "<iframe" in ev.report()._repr_html_()
-    assert ev.per_class is not None and str(run.dir.parent) in repr(ev)
+    assert ev.dir == tmp_path / "ev-here" and "<iframe" in ev.report()._repr_html_()
+    assert ev.per_class is not None and str(tmp_path) in repr(ev)
     assert curves._repr_png_()  # (None: the PNG not found, Jupyter shows the path instead)
+    assert inspection.plot()._repr_png_() and "cannot be read" not in \
+        inspection._repr_html_()

@@ -257,7 +257,8 @@ class Data:
 
         metadata_only = _switch_arg("metadata_only", metadata_only)  # ("no" was true)
         level = self.dataset.resolve_level(level)
-        out_dir = _out_arg(out) or self.dataset.claim_out_dir()
+        # (absolute, as a Run's: its plots are found after a later %cd)
+        out_dir = (_out_arg(out) or self.dataset.claim_out_dir()).absolute()
         with _max_pixels(max_pixels):
             summary = inspect_dataset(self.dataset, out_dir, InspectConfig(tiny_px=tiny_px),
                                       check_images=not metadata_only,
@@ -827,7 +828,8 @@ class Run:
         """Fit the temperature again and store it in the bundle, as `wingspan calibrate`:
         on `split` of `data` (default: the run's own val split; `data`'s val split, or all
         of it when it has none), 10 labelled images at least; `class_map` as evaluate's.
-        Returns what the bundle now keeps: temperature and previous_temperature, fitted_on,
+        Returns what the bundle now keeps (but photo_sums, a hash per photo fitted on, for
+        evaluate's leak check): temperature and previous_temperature, fitted_on,
         images, method, the ECE at the previous temperature, without one and at the new one
         (val_ece_previous, val_ece_before, val_ece_after), and at_bound (the search stopped
         at a bound; a warning says so). With `unknown=True`, instead: the unknown scores
