@@ -412,3 +412,20 @@ def test_classes_are_counted_of_the_images_that_can_be_read(tmp_path):
     console = Console(width=200, record=True)
     print_summary(summary, console)
     assert "Classes per level (readable images)" in console.export_text()
+
+
+def test_inspect_reads_with_as_many_threads_as_the_cores_this_process_may_use(monkeypatch):
+    """A container, SLURM or `taskset` may allow 2 cores of a 64-core machine: 8 decoding
+    threads (one per core of the machine, at most 8) crowded the 2."""
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3, 7}, raising=False)
+    assert InspectConfig().workers == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert InspectConfig().workers == 8
+    # doctor says the same: the cores this process may use, and the machine's beside them.
+    from wingspan.doctor import machine
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3, 7}, raising=False)
+    assert (machine()["cores"], machine()["machine_cores"]) == (2, 64)

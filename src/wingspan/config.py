@@ -10,7 +10,7 @@ import functools
 import os
 import re
 import reprlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import get_args, get_origin, get_type_hints
@@ -105,6 +105,14 @@ def check_names(given, valid: list[str], unknown: str = "Unknown setting '{}'.",
                 unknown.format(key),
                 hint=(f"Did you mean {' or '.join(repr(c) for c in close)}? " if close else "")
                 + f"{listed}: {', '.join(valid)}.")
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may use: a container, SLURM or `taskset` may allow fewer
+    than the machine has, and a thread or worker per core of the machine then crowds them."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def settings(cls=None, **options):
@@ -244,7 +252,7 @@ class InspectConfig:
     """What `data inspect` flags."""
 
     tiny_px: int = 64  # images whose shorter side is below this are "tiny"
-    workers: int = min(8, os.cpu_count() or 1)
+    workers: int = field(default_factory=lambda: min(8, usable_cores()))  # decoding threads
     many_classes: int = 40  # above this many classes the balance plot becomes a sorted log plot
 
     def __post_init__(self) -> None:

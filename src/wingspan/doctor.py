@@ -11,6 +11,7 @@ from importlib import metadata
 
 import torch
 
+from wingspan.config import usable_cores
 from wingspan.models import create_classifier, resolve_policy
 from wingspan.models.engine import EngineCache, cpu_flags, cpu_name, native_bf16
 from wingspan.models.factory import choose_backbone
@@ -49,7 +50,8 @@ def machine() -> dict:
             for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     flags = cpu_flags()
     return {
-        "cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_name(), "cores": usable_cores(), "machine_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "isa": " ".join(f for f in ISA if f in flags) or platform.machine(),
         "torch_isa": torch.backends.cpu.get_cpu_capability(),
         "cpu_bf16": native_bf16(torch.device("cpu")), "cuda": gpus,

@@ -72,7 +72,8 @@ def doctor_command(
         d = diagnose(backbone, image_size, batch_size, device, precision, runtime, train_step)
     m = d.machine
     table = Table(show_header=False, title="Machine", title_justify="left", box=None)
-    table.add_row("CPU", f"{m['cpu']}, {m['cores']} cores; torch uses "
+    of = f" of the machine's {m['machine_cores']}" if m["machine_cores"] != m["cores"] else ""
+    table.add_row("CPU", f"{m['cpu']}, {m['cores']} cores{of}; torch uses "
                   f"{counted(m['torch_threads'], 'thread')}")
     table.add_row("ISA", f"{m['isa']} (torch kernels: {m['torch_isa']})")
     table.add_row("bf16 on the CPU", "native" if m["cpu_bf16"] else

@@ -14,7 +14,6 @@ kernels, not engines.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import time
 import warnings
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wingspan.config import EngineConfig, default_cache_dir
+from wingspan.config import EngineConfig, default_cache_dir, usable_cores
 from wingspan.errors import WingspanError
 from wingspan.files import atomic_path
 
@@ -208,7 +207,7 @@ def engine_key(kind: str, model: str, size: int, batch_size: int, device: torch.
     fast = sorted({"avx2", "avx512f", "avx512_bf16", "amx_bf16"} & cpu_flags())
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"{cpu_name()} ({' '.join(fast)}; torch "
-             f"{torch.backends.cpu.get_cpu_capability()}) x{os.cpu_count()}, "
+             f"{torch.backends.cpu.get_cpu_capability()}) x{usable_cores()}, "
              f"{torch.get_num_threads()} threads")
     return {"kind": kind, "model": model, "size": size, "batch_size": batch_size,
             "device": f"{device.type}: {where}", "torch": torch.__version__,

@@ -8,7 +8,6 @@ whether or not it was interrupted and resumed.
 from __future__ import annotations
 
 import multiprocessing
-import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
@@ -18,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import tv_tensors
 
+from wingspan.config import usable_cores
 from wingspan.errors import WingspanError
 from wingspan.training.decode_cache import DecodeCache
 
@@ -191,7 +191,7 @@ def resolve_workers(workers: int | None, processes: int = 1, log=None) -> int:
         raise WingspanError(f"--workers must be 0 or more. Got {workers} instead.",
                             hint=f"0 reads the images in this process; leave it out for "
                                  f"{default_workers(processes)} (sized to this machine).")
-    cores = _usable_cores()
+    cores = usable_cores()
     most = max(1, WORKERS_PER_CORE * cores // processes)
     if workers > most:
         per = f" in each of {processes} processes" if processes > 1 else ""
@@ -208,14 +208,6 @@ def resolve_workers(workers: int | None, processes: int = 1, log=None) -> int:
     return workers
 
 
-def _usable_cores() -> int:
-    """The cores this process may use (a container or `taskset` may allow fewer than the
-    machine has)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 def default_workers(processes: int = 1) -> int:
     """Data workers per process: the cores this process may use (a container or `taskset`
     may allow fewer than the machine has) shared by its `processes`, less one for the
@@ -230,7 +222,7 @@ def default_workers(processes: int = 1) -> int:
     if threading.current_thread() is not threading.main_thread() or \
             multiprocessing.current_process().daemon:
         return 0
-    return max(0, min(MAX_WORKERS, _usable_cores() // processes - 1))
+    return max(0, min(MAX_WORKERS, usable_cores() // processes - 1))
 
 
 class Loader(DataLoader):
