@@ -1220,3 +1220,21 @@ def test_a_run_its_evaluation_and_images_outlive_a_change_of_folder(run, tmp_pat
     assert curves._repr_png_()  # (None: the PNG not found, Jupyter shows the path instead)
     assert inspection.plot()._repr_png_() and "cannot be read" not in \
         inspection._repr_html_()
+
+
+def test_messages_a_library_call_meets_name_its_keywords_too(tmp_path, demo_dir):
+    """Errors met in Python named only the command line's options and commands (--format,
+    `wingspan runs DIR`): each says its keyword or call beside them."""
+    (tmp_path / "x.py").write_text("")
+    with pytest.raises(ws.WingspanError) as e:
+        ws.read(tmp_path / "x.py")
+    assert "--format (format= in Python)" in e.value.hint
+    with pytest.raises(ws.WingspanError) as e:
+        ws.runs(tmp_path / "nope")
+    assert 'ws.runs("experiments/runs") in Python' in e.value.hint
+    with pytest.raises(ws.WingspanError) as e:
+        ws.read(demo_dir).preview(rows=0, out=tmp_path / "p")
+    assert "(--rows, rows= in Python)" in str(e.value)
+    with pytest.raises(ws.WingspanError) as e:
+        ws.train(demo_dir, weights="nosuch", quiet=True, runs_dir=tmp_path / "runs")
+    assert "--weights (weights= in Python) takes auto" in e.value.hint

@@ -110,7 +110,8 @@ def test_preview_command(run_cli, demo_dir, tmp_path):
     (["data", "split", "DEMO", "--level", "tribe"], "no label level 'tribe'"),
     (["data", "preview", "DEMO", "--augment", "wild"], "--augment must be one of"),
     (["data", "split", "DEMO", "--seed", "-1"], "--seed = -1: must be between 0 and 2**32"),
-    (["data", "preview", "DEMO", "--seed", "-1"], "seed (--seed) must be from 0 to 2**32 - 1"),
+    (["data", "preview", "DEMO", "--seed", "-1"],
+     "seed (--seed, seed= in Python) must be from 0 to 2**32 - 1"),
     # (a split given where DATA goes: "No dataset at test")
     (["evaluate", "DEMO", "test"], "DATA 'test' is a split name, and no such folder is here"),
     (["calibrate", "DEMO", "val"], "DATA 'val' is a split name, and no such folder is here"),
@@ -173,7 +174,7 @@ def test_weights_that_are_no_keyword_and_no_file_say_what_weights_takes(
                            "test_efficientnet", "--runs-dir", tmp_path / "runs", "--quiet")
     assert code == 2 and "--weights data is neither a keyword (auto, none) nor an existing " \
         f"file or folder ({tmp_path / 'data'} is not found)" in err, err
-    assert "--weights takes auto" in err and ".safetensors" in err
+    assert "--weights (weights= in Python) takes auto" in err and ".safetensors" in err
     assert not read and not (tmp_path / "runs").exists()
     code, _, err = run_cli("data", "audit", demo_dir, "--weights", "data", "--quiet")
     assert code == 2 and "--weights data is neither a keyword" in err and not read

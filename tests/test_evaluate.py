@@ -1210,7 +1210,8 @@ def test_calibrate_with_a_map_fits_on_the_mapped_images_as_if_renamed(trained, t
         code, _, err = run_cli("calibrate", trained, tmp_path / "mapped[b]", "--quiet",
                                "--map", "nosuch=other-0")
         said = " ".join(err.split())
-        assert code == 2 and "--map names classes the model does not know (nosuch)" in said
+        assert code == 2 and "--map (class_map= in Python) names classes the model does not " \
+            "know (nosuch)" in said
         code, _, err = run_cli("calibrate", trained, "--unknown", "--quiet",
                                "--map", maps[0])
         assert code == 2 and "it takes no DATA, --split or --map" in " ".join(err.split())

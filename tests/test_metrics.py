@@ -253,8 +253,9 @@ def test_a_temperature_stopped_at_its_bound_is_said():
     assert timid["temperature"] == 0.25 and "lower bound" in bound_warning(timid)
     # What to paste: other labelled photos (`calibrate RUN` alone refits on the same val,
     # stops at the same bound, and said the same again).
-    assert "`wingspan calibrate RUN DATA` fits it again on other labelled photos" in \
-        bound_warning(timid)
+    said = " ".join(bound_warning(timid).split())
+    assert "`wingspan calibrate RUN DATA` (run.calibrate(data) in Python) fits it again on " \
+        "other labelled photos" in said
 
 
 def test_the_calibration_record_bins_the_class_answered_as_evaluate_does():

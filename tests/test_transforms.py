@@ -101,9 +101,10 @@ def test_preview_passes_over_unreadable_images(demo_dir, tmp_path):
             sizes.append(im.size)
     assert sizes[0] == sizes[1]  # the same number of rows: every class but the broken one
     assert said == [f"Not shown: {folders[0].name} (no image of the class could be read)."]
-    with pytest.raises(WingspanError, match=r"rows \(--rows\) must be from 1 to"):
+    with pytest.raises(WingspanError, match=r"rows \(--rows, rows= in Python\) must be from 1 to"):
         write_preview(read_dataset(demo_dir), tmp_path / "none.png", rows=0)
-    with pytest.raises(WingspanError, match=r"seed \(--seed\) must be from 0 to") as e:
+    with pytest.raises(WingspanError,
+                       match=r"seed \(--seed, seed= in Python\) must be from 0 to") as e:
         write_preview(read_dataset(demo_dir), tmp_path / "none.png", seed=-1)
     assert e.value.hint == "Use 0, say."  # (it said 6, as for --rows)
     # No bound above ran out of memory (--image-size 10^9) or time (--views 10^5), refused

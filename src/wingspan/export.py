@@ -158,7 +158,8 @@ def export_model(run: str | Path, out: str | Path | None = None, fmt: str = "onn
                             hint=f"Available: {', '.join(FORMATS)}.")
     if quantize not in (None, "int8") or (quantize and fmt != "onnx"):
         raise WingspanError(f"--quantize {quantize} with --format {fmt} is not available.",
-                            hint="Use --format onnx --quantize int8.")
+                            hint="Use --format onnx --quantize int8 (in Python: "
+                                 "format=\"onnx\", quantize=\"int8\").")
     bundle = find_bundle(run)
     model, manifest, detector = load_bundle(bundle, with_unknown=True)
     pre = manifest["preprocessing"]

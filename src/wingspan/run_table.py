@@ -124,7 +124,8 @@ def sort_runs(frame: pd.DataFrame, column: str) -> pd.DataFrame:
 
 def _check_runs_dir(path: Path) -> None:
     hint = ("Give the folder `wingspan train` wrote its runs into: its --runs-dir "
-            f"({RUNS_DIR} by default), e.g. `wingspan runs experiments/runs`.")
+            f"({RUNS_DIR} by default), e.g. `wingspan runs experiments/runs` "
+            "(ws.runs(\"experiments/runs\") in Python).")
     if not path.exists():
         raise WingspanError(f"There is no folder {path} to list runs from.", hint=hint)
     if not path.is_dir():

@@ -34,7 +34,8 @@ def write_preview(dataset: Dataset, out: Path, config: AugmentConfig | None = No
         if not low <= value <= high:
             top = "2**32 - 1" if name == "seed" else high
             raise WingspanError(
-                f"A preview's {name} (--{name}) must be from {low} to {top}, got {value}.",
+                f"A preview's {name} (--{name}, {name.replace('-', '_')}= in Python) must be "
+                f"from {low} to {top}, got {value}.",
                 hint=f"Use {dict(rows=6, views=6, seed=0).get(name, 224)}, say.")
     rng = np.random.default_rng(seed)
     named = dataset.table[dataset.table[level] != ""]  # blank at the level: no class of it

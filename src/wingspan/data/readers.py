@@ -66,7 +66,7 @@ def detect_format(path: Path) -> str:
         raise WingspanError(
             f"Cannot tell the dataset format of the file {path}.",
             hint="Give a folder of class folders, a .csv file, or an ETHEC root, "
-            "or name the format with --format.",
+            "or name the format with --format (format= in Python).",
         )
     return next((name for name, detect in DETECTORS.items() if detect(path)), "folder")
 

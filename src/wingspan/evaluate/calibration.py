@@ -125,8 +125,8 @@ def bound_warning(record: dict) -> str | None:
     return (f"the temperature stopped at the {side} bound of its search ({MIN_T:g}-{MAX_T:g}): "
             f"the best fit lies beyond it, so the probabilities are still {sure} (ECE "
             f"{record['val_ece_after']:.4f} on the {record['images']} images it was fitted "
-            "on); `wingspan calibrate RUN DATA` fits it again on other labelled photos "
-            "(on the same images again it would stop there too).")
+            "on); `wingspan calibrate RUN DATA` (run.calibrate(data) in Python) fits it again on "
+            "other labelled photos (on the same images again it would stop there too).")
 
 
 def calibrate_warnings(record: dict) -> list[str]:
@@ -139,12 +139,13 @@ def calibrate_warnings(record: dict) -> list[str]:
         notes.append(f"{among['train']} of the {record['images']} images the temperature was "
                      "fitted on are ones the model was trained on: it is surer of those than "
                      "of new photos, so the probabilities come out too sure. Fit it on images "
-                     "it never trained on (the run's val split: `wingspan calibrate RUN`).")
+                     "it never trained on (the run's val split: `wingspan calibrate RUN`, or "
+                     "run.calibrate() in Python).")
     if among.get("adapted"):
         notes.append(f"{among['adapted']} of the {record['images']} images the temperature was "
-                     "fitted on are photos `wingspan adapt` refitted this model's head on: it "
-                     "is surer of those than of new photos, so the probabilities come out too "
-                     "sure. Fit it on photos not given to adapt.")
+                     "fitted on are photos `wingspan adapt` (run.adapt in Python) refitted "
+                     "this model's head on: it is surer of those than of new photos, so the "
+                     "probabilities come out too sure. Fit it on photos not given to adapt.")
     if among.get("test"):
         notes.append(f"{among['test']} of the {record['images']} images the temperature was "
                      "fitted on are the run's test images: their evaluation's calibration "

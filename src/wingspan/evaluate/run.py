@@ -503,7 +503,8 @@ def _check_unseen(unknown_paths: list[str], known_paths, predictor: Predictor) -
     named = sorted({known[folder] for p in unknown_paths
                     if (folder := name_as_read(Path(p).parent.name).casefold()) in known})
     if named:
-        raise WingspanError(f"The --unknown images include folders named after classes the "
+        raise WingspanError(f"The --unknown images (unknown= in Python) include folders "
+                            f"named after classes the "
                             f"model knows: {some(named, 5)}.",
                             hint="Give a folder of images of classes the model never saw "
                                  "(rename a folder that only shares a name).")
@@ -759,7 +760,7 @@ def _check_class_map(class_map: dict[str, str], predictor: Predictor, dataset: D
     theirs = [c for c in class_map.values() if c not in held]
     if ours or theirs:
         raise WingspanError(
-            "--map names " + " and ".join(filter(None, [
+            "--map (class_map= in Python) names " + " and ".join(filter(None, [
                 f"classes the model does not know ({', '.join(ours)})" if ours else "",
                 f"classes the data does not have at level '{level}' ({', '.join(theirs)})"
                 if theirs else ""])) + ".",
@@ -1255,14 +1256,16 @@ def _fairness(manifest: dict, split: str, data, paths: list[str],
         return (f"no: {shared} of these {len(evaluated)} images show a specimen or "
                 "observation (the same group) that the run trained or chose its best epoch "
                 "on in another photo, so these figures are optimistic; the run's own test "
-                f"split keeps groups apart (`wingspan evaluate {run_dir or 'RUN'}`)")
+                f"split keeps groups apart (`wingspan evaluate {run_dir or 'RUN'}`, or "
+                "run.evaluate() in Python)")
     if not trained and not chosen:
         return ("yes: the test split was never trained or chosen on" if data is None else
                 "yes: none of these files is one the run trained or chose its best epoch on, "
                 "nor a copy of one (copies under other file names would not be seen)")
     tests = int((own[SPLIT] == "test").sum())
     fair = (f"; for a fair figure evaluate the run's {counted(tests, 'test image')}, never "
-            f"trained or chosen on (`wingspan evaluate {run_dir or 'RUN'} --split test`)"
+            f"trained or chosen on (`wingspan evaluate {run_dir or 'RUN'} --split test`, or "
+            "run.evaluate(split=\"test\") in Python)"
             if tests else "")
     if not trained:
         return (f"no: the best epoch was chosen on val ({chosen} of these images{copied}), "

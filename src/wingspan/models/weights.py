@@ -226,7 +226,8 @@ def _not_weights(weights: str, path: Path) -> WingspanError:
     close = difflib.get_close_matches(weights.lower(), ["auto", "none"], n=1)
     return WingspanError(
         f"--weights {weights} {what}.",
-        hint=(f"Did you mean {close[0]}? " if close else "") + "--weights takes auto "
+        hint=(f"Did you mean {close[0]}? " if close else "") + "--weights (weights= in "
+        "Python) takes auto "
         "(ImageNet weights, offline first), none (no pretrained weights), a weights file ("
         + ", ".join(WEIGHT_SUFFIXES) + ") or a wingspan run or model (its fine-tuned backbone).")
 

@@ -92,11 +92,14 @@ def ensure_splits(dataset: Dataset, level: str, config: TrainConfig,
 def _unused(config: TrainConfig, names: list[str], log) -> None:
     """Says the fractions set away from their defaults that the data's own split leaves
     unused (the run's config.yaml keeps them as given)."""
-    given = [f"--{n.replace('_', '-')} {getattr(config, n):g}" for n in names
+    given = [n for n in names
              if getattr(config, n) != TrainConfig.__dataclass_fields__[n].default]
     if given:
-        log(f"Warning: {' and '.join(given)} left unused: the data has a split of its own "
-            "(`wingspan data split DATA` makes a new one with them)")
+        typed = " and ".join(f"--{n.replace('_', '-')} {getattr(config, n):g}" for n in given)
+        keywords = ", ".join(f"{n.split('_')[0]}={getattr(config, n):g}" for n in given)
+        log(f"Warning: {typed} left unused: the data has a split of its own "
+            f"(`wingspan data split DATA` makes a new one with them; in Python "
+            f"data.split({keywords}))")
 
 
 def _carve_val(dataset: Dataset, level: str, config: TrainConfig, test: bool = False
