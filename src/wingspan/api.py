@@ -36,6 +36,7 @@ from wingspan.config import (
     RUNS_DIR,
     RUNTIME_ENV,
     SPLITS,
+    TOP_K,
     AugmentConfig,
     DemoConfig,
     InspectConfig,
@@ -902,7 +903,7 @@ class Run:
         return loaded[1]
 
     @_keywords_checked
-    def predict(self, paths: str | Path | list[str | Path], top_k: int = 3, tta: bool = False,
+    def predict(self, paths: str | Path | list[str | Path], top_k: int = TOP_K, tta: bool = False,
                 batch_size: int = TrainConfig.batch_size, device: str = TrainConfig.device,
                 precision: str = TrainConfig.precision, runtime: str = TrainConfig.runtime,
                 workers: int | None = None, unknown_score: str | None = None,

@@ -38,6 +38,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".
 SPLITS = ("train", "val", "test")
 # Where `wingspan train` writes its runs (--runs-dir) and `wingspan runs` lists them.
 RUNS_DIR = "runs"
+TOP_K = 3  # classes a prediction lists (a server's answer: ServeLimits.top_k)
 
 
 class SettingError(WingspanError):

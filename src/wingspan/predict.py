@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from wingspan.config import TOP_K
 from wingspan.data.readers import (
     images_under,
     is_image_file,
@@ -156,7 +157,7 @@ def predict_fabric(device: str, devices: int | None, nodes: int | None, strategy
     return processes.fabric() if per_machine * machines > 1 else None
 
 
-def predict(predictor: Predictor, inputs: list[str], top_k: int = 3, tta: bool = False,
+def predict(predictor: Predictor, inputs: list[str], top_k: int = TOP_K, tta: bool = False,
             progress: bool = True, fabric=None) -> PredictResult:
     """Predictions for every image the inputs name, in order. With a `fabric` of several
     processes each rank predicts every world_size-th image and every rank returns all the

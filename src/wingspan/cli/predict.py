@@ -34,7 +34,7 @@ from wingspan.cli.options import (
     check_folder,
     check_not_stdout,
 )
-from wingspan.config import ServeLimits, TrainConfig
+from wingspan.config import TOP_K, ServeLimits, TrainConfig
 from wingspan.errors import WingspanError, counted
 
 T = TrainConfig  # defaults shown in --help come from the one config
@@ -47,7 +47,7 @@ def predict_command(
     paths: Annotated[list[str], typer.Argument(
         metavar="PATH", help="Image files, folders (searched recursively) or globs.",
         show_default=False)],
-    top_k: Annotated[int, typer.Option(min=1, help="Classes to show per image.")] = 3,
+    top_k: Annotated[int, typer.Option(min=1, help="Classes to show per image.")] = TOP_K,
     output: Annotated[Path | None, typer.Option(
         help="Write all predictions to a .csv or .json file; - writes the CSV to standard "
              "output (for a pipe), the rest to standard error.")] = None,
