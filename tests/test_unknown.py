@@ -832,3 +832,36 @@ def test_an_unknown_answer_is_not_shown_beside_the_closest_class_probability(hel
     assert rows and all(r[3].strip() == "-" for r in rows), out
     assert re.search(r"closest: \S+\s+[\d.]{5};", " ".join(out.split())) or \
         "closest:" in out, out  # (a narrow table wraps the name and its probability apart)
+
+
+def test_a_val_image_scored_a_few_rounding_units_off_keeps_its_combined_score():
+    """An image scored on a val score itself (a val image, scored again) counted that val
+    image as exceeded; ONNX Runtime, whose softmax comes out a few rounding units lower,
+    did not: its share fell by one val image, and a val image near the top went from
+    "unknown" to a class. The share now steps halfway between val scores, in PyTorch and
+    in the exported graph alike, so rounding either way leaves it where it was."""
+    from torch import nn
+
+    from wingspan.models.unknown import Combined
+
+    g = torch.Generator().manual_seed(0)
+    val = torch.rand(33, generator=g).float()
+    val[5] = val[6]  # ties too (a saturated MSP)
+    val[[0, 1]] = 0.0
+    combined = Combined(("msp",)).fit_val({"msp": val.numpy()})
+    exact = combined.combine({"msp": val})
+    for off in (torch.nextafter(val, torch.full_like(val, -1.0)),
+                torch.nextafter(val, torch.full_like(val, 2.0)), val * (1 - 3e-7)):
+        assert torch.equal(combined.combine({"msp": off}), exact)
+
+    class Column(nn.Module):
+        def forward(self, features, logits):
+            return features[:, 0]
+
+    graph = combined.graph({"msp": Column()})
+    for x in (val, torch.nextafter(val, torch.full_like(val, -1.0))):
+        assert torch.allclose(graph(x[:, None], None), exact, atol=1e-6)
+    # Scores away from the val ones keep their order, and the extremes their share.
+    probe = torch.linspace(-0.5, 1.5, 200)
+    scores = combined.combine({"msp": probe})
+    assert (scores.diff() >= 0).all() and scores[0] < 0.01 and scores[-1] > 0.99

@@ -257,7 +257,7 @@ class Combined(Score):
         units = []
         for p in self.parts:
             val, x = self.val[p], part_scores[p].double()
-            share = torch.searchsorted(val, x, right=not _constant(val)) / len(val)
+            share = torch.searchsorted(_steps(val), x, right=not _constant(val)) / len(val)
             units.append(_in_unit(share, (x - val.mean()) / (_std(val) + 1e-12)))
         return torch.stack(units).max(0).values.float()
 
@@ -272,7 +272,7 @@ class _CombinedGraph(nn.Module):
     def __init__(self, parts: dict[str, nn.Module], val: dict[str, torch.Tensor]):
         super().__init__()
         self.parts = nn.ModuleList(parts.values())
-        self.vals = nn.ParameterList([nn.Parameter(val[p].float(), requires_grad=False)
+        self.vals = nn.ParameterList([nn.Parameter(_steps(val[p]).float(), requires_grad=False)
                                       for p in parts])
         self.stats = [(float(val[p].mean()), float(_std(val[p])) + 1e-12) for p in parts]
         self.constant = [_constant(val[p]) for p in parts]
@@ -286,6 +286,20 @@ class _CombinedGraph(nn.Module):
                      (val[None, :] <= x[:, None])).float().mean(-1)
             units.append(_in_unit(share, (x - mean) / std))
         return torch.stack(units).max(0).values
+
+
+def _steps(val: torch.Tensor) -> torch.Tensor:
+    """Where the share of (sorted) val scores an image exceeds steps up: halfway between
+    each val score and the next lower one (mirrored below the lowest), not at the score
+    itself. A val image scored again lands on its own val score, which another engine
+    computes a few rounding units lower (ONNX Runtime's softmax) or higher: at the score
+    itself that moved its share, and with it its answer, by one val image; halfway, it
+    keeps the share its threshold was set with. Constant scores keep theirs (`_constant`)."""
+    distinct = torch.unique(val)  # (sorted)
+    if len(distinct) < 2:
+        return val
+    lower = torch.cat([2 * distinct[:1] - distinct[1:2], distinct[:-1]])
+    return (val + lower[torch.searchsorted(distinct, val)]) / 2
 
 
 def _constant(val: torch.Tensor) -> bool:
