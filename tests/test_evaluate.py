@@ -1108,6 +1108,22 @@ def test_unreadable_unknown_images_are_said_beside_the_figures(trained, tmp_path
     page = " ".join((tmp_path / "ev" / "report.html").read_text().split())
     assert re.search(r"unreadable images of unseen classes \(not scored\)</t[dh]>\s*<td[^>]*>2<",
                      page), page[page.find("unseen classes"):][:300]
+    # --strict (a script's or CI job's gate, as predict's): the report is written all the
+    # same, and the exit says that images were left out; none left out, it exits 0.
+    code, stdout, err = run_cli("evaluate", "--no-plots", trained, "--unknown", unseen, "--out",
+                                tmp_path / "strict", "--quiet", "--strict")
+    assert code == 2 and "--strict: 2 images were missing or unreadable" in err, err
+    assert (tmp_path / "strict" / "report.html").is_file() and "Report:" in stdout
+    code, _, err = run_cli("evaluate", "--no-plots", trained, "--out", tmp_path / "clean",
+                           "--quiet", "--strict")
+    assert code == 0, err
+    # A file DATA lists that is gone counts too.
+    listed = pd.read_csv(trained / "splits.csv")
+    gone = listed[listed["split"] == "test"].iloc[:1].assign(path=str(tmp_path / "gone.jpg"))
+    pd.concat([listed, gone]).to_csv(tmp_path / "listed.csv", index=False)
+    code, _, err = run_cli("evaluate", "--no-plots", trained, tmp_path / "listed.csv",
+                           "--split", "test", "--out", tmp_path / "gone", "--quiet", "--strict")
+    assert code == 2 and "--strict: 1 image was missing or unreadable" in err, err
 
 
 def test_a_misspelt_unknown_folder_among_others_is_refused_not_left_out(tmp_path):

@@ -732,6 +732,28 @@ def test_a_rare_below_that_takes_every_class_says_so(demo_dir, tmp_path):
     assert not any("every 'label' class" in line for line in logs)
 
 
+def test_an_export_answers_a_merged_rare_species_at_its_genus_as_predict_does(
+        hierarchical_run, demo_dir, tmp_path):
+    """The export's metadata did not say which classes --rare-below merged: a program
+    following the README's steps answered 'Chalkia (rare label)' as a species, where
+    predict answers the genus, for every image of it."""
+    from test_export import run_readme_onnx_example
+
+    from wingspan.export import export_model, metadata_path
+
+    model = export_model(hierarchical_run, out=tmp_path / "model.onnx")
+    merged = read_manifest(hierarchical_run / "model")["training"]["rare_classes"][
+        "white_darktip"]
+    assert json.loads(metadata_path(model).read_text())["merged_classes"] == [merged]
+    images = [str(p) for p in sorted(demo_dir.rglob("*.jpg"))[::3]]
+    said = predict(Predictor(hierarchical_run, workers=0, precision="fp32"), images,
+                   progress=False).rows
+    theirs = run_readme_onnx_example(model, images)
+    assert any(r["taxonomy"][-1][1] == merged for r in said)  # (the tiny model's favourite)
+    assert [r["answer"] for r in said] == [r["answer"] for r in theirs]
+    assert merged not in {r["answer"] for r in theirs}
+
+
 def test_a_rare_species_merged_into_its_genus_is_answered_at_the_genus(hierarchical_run,
                                                                          demo_dir, run_cli):
     """--rare-below trains white_darktip as 'Chalkia (rare label)': predict answered that

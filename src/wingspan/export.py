@@ -183,6 +183,10 @@ def export_model(run: str | Path, out: str | Path | None = None, fmt: str = "onn
             "then": f"centre crop {size}x{size}",
             "channels": "RGB"},
         "outputs": outputs, "levels": levels, "classes": manifest["classes"],
+        # Finest classes that are a genus's rare species merged (`--rare-below`): no species
+        # to name, so predict gives the answer at the level above.
+        "merged_classes": sorted(set(
+            (manifest.get("training", {}).get("rare_classes") or {}).values())),
         "taxonomy": {**taxonomy.to_dict(), "parent_index": _parent_index(taxonomy)}
         if taxonomy else None, "temperature": temperature,
         "backbone": manifest["model"]["backbone"],

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from wingspan.config import ReadConfig, SettingError
-from wingspan.errors import WingspanError
+from wingspan.errors import WingspanError, counted
 from wingspan.files import check_writable, stdout_gone
 
 
@@ -60,6 +60,15 @@ def make_config(ctx: typer.Context, make, *args, **values):
                  if p.param_type_name == "option"
                  and ctx.get_parameter_source(p.name).name == "COMMANDLINE"}
         raise WingspanError(e.worded(typed), hint=e.hint) from None
+
+
+def strict_exit(failed: int) -> None:
+    """--strict of predict, explain and evaluate: the work done for the rest, exit 2 where
+    an image was missing or unreadable (a script or CI job then fails on it)."""
+    if failed:
+        raise WingspanError(f"--strict: {counted(failed, 'image was', 'images were')} missing "
+                            "or unreadable (listed above).",
+                            hint="Mend or remove them, or leave --strict out to skip them.")
 
 
 def apart(a: float, b: float) -> tuple[str, str]:

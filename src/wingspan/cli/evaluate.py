@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 
 from wingspan.cli.app import app
-from wingspan.cli.common import err, here, make_config, out, plain
+from wingspan.cli.common import err, here, make_config, out, plain, strict_exit
 from wingspan.cli.options import (
     DeviceOpt,
     MaxPixels,
@@ -19,6 +19,7 @@ from wingspan.cli.options import (
     Precision,
     Quiet,
     Runtime,
+    StrictAfter,
     UnknownScoreOpt,
     Workers,
     check_folder,
@@ -61,6 +62,7 @@ def evaluate_command(
     plots: Annotated[bool, typer.Option(help="Draw the plots (PNGs, and in the report). "
                                         "--no-plots: the metrics and tables alone, seconds "
                                         "sooner for a small evaluation.")] = True,
+    strict: StrictAfter = False,
     quiet: Quiet = False,
 ) -> None:
     """Metrics, confusion matrix, curves, mistakes, calibration and an HTML report. The
@@ -75,6 +77,10 @@ def evaluate_command(
     if not quiet:  # as predict says it: whether --precision and --runtime took effect
         err.print(f"Engine: {result.metrics['engine']}", highlight=False)
     print_evaluation(result)
+    if strict:
+        m = result.metrics
+        strict_exit(len(m.get("unreadable") or []) + m.get("missing_files", 0)
+                    + len((m.get("unknown") or {}).get("unreadable") or []))
 
 
 def _print_unknown(u: dict) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated
 
@@ -17,6 +18,7 @@ from wingspan.cli.common import (
     make_config,
     out,
     plain,
+    strict_exit,
 )
 from wingspan.cli.options import (
     DeviceOpt,
@@ -161,14 +163,7 @@ def predict_command(
     if not result.rows:
         raise WingspanError("No image could be predicted.", hint="Check the paths given.")
     if strict:  # (the others' predictions are written and shown above)
-        _strict_exit(len(result.failed))
-
-
-def _strict_exit(failed: int) -> None:
-    if failed:
-        raise WingspanError(f"--strict: {counted(failed, 'image was', 'images were')} missing "
-                            "or unreadable (listed above).",
-                            hint="Mend or remove them, or leave --strict out to skip them.")
+        strict_exit(len(result.failed))
 
 
 @app.command("explain")
@@ -212,7 +207,7 @@ def explain_command(
     if quiet:
         out.print(f"{counted(explained, 'overlay')} in {plain(here(out_dir))}", highlight=False)
     if strict:
-        _strict_exit(failed)
+        strict_exit(failed)
 
 
 @app.command("serve")
@@ -264,6 +259,7 @@ def export_command(
         "--quantize int8, model.pt for TorchScript); its metadata goes beside it as "
         "FILE.json.")] = None,
     unknown_score: UnknownScoreOpt = None,
+    quiet: Quiet = False,
 ) -> None:
     """A model that runs without wingspan (ONNX Runtime alone): RGB pixels in, calibrated
     probabilities per level out, and each level's unknown score with its threshold in the
@@ -272,7 +268,13 @@ def export_command(
 
     from wingspan.export import export_model, metadata_path
 
-    path = export_model(model, out_path, format, quantize=quantize, unknown_score=unknown_score)
+    # (tracing, checking and, for int8, calibrating take a while: say what is going on)
+    doing = (f"Exporting {plain(here(model))} ({format}"
+             + (f", {quantize}: calibrating and checking on its images" if quantize else "")
+             + ")...")
+    with contextlib.nullcontext() if quiet else err.status(doing):
+        path = export_model(model, out_path, format, quantize=quantize,
+                            unknown_score=unknown_score)
     meta = json.loads(metadata_path(path).read_text())
     check = meta["checked"]
     unknown = meta.get("unknown")

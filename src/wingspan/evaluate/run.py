@@ -109,8 +109,9 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     run_dir = run_dir_of(predictor.bundle)
     dataset = _dataset(data, run_dir)
     reading: list[str] = []  # what reading DATA left out (a missing file, a HEIC), as train
+    missing_files = 0  # (--strict counts them with the unreadable)
     if data is not None and not isinstance(data, Dataset):  # says it: not dropped unsaid
-        report_reading(dataset, reading.append)
+        missing_files = report_reading(dataset, reading.append).get("missing_file", 0)
     level = predictor.level if predictor.level in dataset.levels else dataset.default_level
     split = split or _default_split(dataset)
     _check_split(dataset, split)
@@ -159,6 +160,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
         metrics = classification_metrics(y, probs, classes, truth_only=truth_only, y_pred=y_pred)
         metrics.update(level=level, split=split, unreadable=failed, **left_out,
                        **({"reading": reading} if reading else {}),
+                       **({"missing_files": missing_files} if missing_files else {}),
                        **({"tree_differs": moved} if moved else {}),
                        images_per_second=round(speed, 1), engine=predictor.policy.describe(),
                        ece_uncalibrated=expected_calibration_error(
