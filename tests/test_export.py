@@ -94,6 +94,10 @@ def test_export_runs_without_wingspan_and_matches_pytorch(run_dir, run_cli, demo
     from wingspan.models.bundle import read_manifest
 
     assert meta["timm_name"] == read_manifest(run_dir / "model")["timm_name"]
+    # How to decode, for a port beyond Pillow (a browser, a phone): each step it skips
+    # answers otherwise.
+    assert list(meta["input"]["decode"]) == ["jpeg", "orientation", "transparency",
+                                             "high_bit_depth", "resize", "crop"]
     assert meta["unknown"]["score"] == "msp+knn" and check["max_unknown_score_difference"] < 1e-3
     import onnx
 
@@ -221,6 +225,19 @@ def test_torchscript_export_runs_with_torch_alone(run_dir, run_cli, demo_dir):
         assert sums[level] == pytest.approx([1.0, 1.0], abs=1e-5)
         assert sums[f"unknown.{level}"] == 2  # a score per image
     assert json.loads(outputs) == ["family", "label", "unknown.family", "unknown.label"]
+    # Pixels it was not made for are refused, as ONNX Runtime refuses them (a trace alone
+    # answered floats in 0-1, an image resized but not cropped, and NCHW).
+    script = ("import sys, torch; m = torch.jit.load(sys.argv[1]); "
+              "bad = [torch.zeros(1, 32, 32, 3), torch.zeros(1, 37, 37, 3, dtype=torch.uint8), "
+              "torch.zeros(1, 3, 32, 32, dtype=torch.uint8)]\n"
+              "for x in bad:\n"
+              "    try:\n        m(x)\n        print('answered')\n"
+              "    except Exception as e:\n        print(str(e).strip().splitlines()[-1])")
+    said = subprocess.run([sys.executable, "-c", script, str(model)], capture_output=True,
+                          text=True, check=True).stdout.splitlines()
+    assert len(said) == 3 and "expected uint8 values 0-255" in said[0], said
+    assert all("expected uint8 RGB (N, 32, 32, 3)" in line for line in said[1:]), said
+    assert "got [1, 37, 37, 3]" in said[1] and "got [1, 3, 32, 32]" in said[2]
 
 
 @pytest.mark.parametrize("nth", [1, 2])

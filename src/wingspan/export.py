@@ -110,6 +110,22 @@ class InputSpec:
     interpolation: str = "bicubic"
 
 
+# How an image becomes the pixels above, as training and predict decode it (the README's
+# steps in Pillow): in the metadata for a port to another decoder, where each step it
+# skips moves answers (on a small Lite0 run, 5-30% of top-1s for the resizes alone).
+DECODE_RULES = {
+    "jpeg": "decoded reduced (libjpeg's 1/2, 1/4 or 1/8 scale, Pillow's draft) to the "
+            "smallest size whose shorter side is still at least resize_shorter_side_to",
+    "orientation": "EXIF orientation applied (upright as the camera held it)",
+    "transparency": "composited on white",
+    "high_bit_depth": "16- or 32-bit greyscale stretched from its min..max to 0..255",
+    "resize": "Pillow's resize with the interpolation named (antialiased: a shrink filters "
+              "over the whole footprint; a canvas, OpenCV or GPU bilinear does not, and "
+              "answers otherwise); the longer side truncated to an integer",
+    "crop": "centre crop, its offsets (side - size) / 2 rounded half to even",
+}
+
+
 def prepare_pixels(image, size: int, resize: int, interpolation: str = "bicubic"
                    ) -> np.ndarray:
     """A PIL image as the exported model wants it: RGB, shorter side resized to `resize`
@@ -181,7 +197,7 @@ def export_model(run: str | Path, out: str | Path | None = None, fmt: str = "onn
             "name": "pixels", "layout": "NHWC", "dtype": "uint8", "size": size,
             "resize_shorter_side_to": resize, "interpolation": spec.interpolation,
             "then": f"centre crop {size}x{size}",
-            "channels": "RGB"},
+            "channels": "RGB", "decode": DECODE_RULES},
         "outputs": outputs, "levels": levels, "classes": manifest["classes"],
         # Finest classes that are a genus's rare species merged (`--rare-below`): no species
         # to name, so predict gives the answer at the level above.
@@ -262,12 +278,34 @@ def _export_onnx(job: _Job) -> bytes:
     return _with_metadata(graph, meta)
 
 
+class _CheckedInput(nn.Module):
+    """The traced model behind a check of its input, which ONNX Runtime makes from the
+    graph's declared input and a trace does not keep: float pixels (0-1, a torch habit), an
+    image resized but not cropped, or NCHW were answered without a word."""
+
+    def __init__(self, model: nn.Module, size: int):
+        super().__init__()
+        self.model, self.size = model, size
+
+    def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        if pixels.dtype != torch.uint8:
+            raise ValueError("pixels: expected uint8 values 0-255 (the decoded image, not "
+                             "normalised: the model normalises); got another dtype")
+        if pixels.dim() != 4 or pixels.shape[1] != self.size or pixels.shape[2] != self.size \
+                or pixels.shape[3] != 3:
+            raise ValueError("pixels: expected uint8 RGB (N, " + str(self.size) + ", "
+                             + str(self.size) + ", 3), resized and centre-cropped as the "
+                             "metadata's input says; got " + str(list(pixels.shape)))
+        return self.model(pixels)
+
+
 def _export_torchscript(job: _Job) -> bytes:
     """A traced TorchScript module (torch alone runs it), metadata in its extra files."""
     size = job.spec.size
     example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
     with torch.no_grad(), _torchscript():
-        traced = torch.jit.trace(job.deployable, example, strict=False)
+        traced = torch.jit.script(_CheckedInput(
+            torch.jit.trace(job.deployable, example, strict=False), size))
     pixels, generated = _check_pixels(job.images, job.spec)
     with torch.no_grad():
         got = {k: v.numpy() for k, v in traced(torch.from_numpy(pixels)).items()}
