@@ -865,3 +865,35 @@ def test_a_val_image_scored_a_few_rounding_units_off_keeps_its_combined_score():
     probe = torch.linspace(-0.5, 1.5, 200)
     scores = combined.combine({"msp": probe})
     assert (scores.diff() >= 0).all() and scores[0] < 0.01 and scores[-1] > 0.99
+
+
+def test_the_final_pass_for_the_unknown_scores_stops_at_the_images_they_are_fitted_on(
+        demo_dir, tmp_path, monkeypatch):
+    """The scores are fitted on MAX_FIT_IMAGES training images at most, drawn at random;
+    training computed the features of every training image first, then kept that many (on
+    ETHEC's 33k training images, a pass of which 85% was thrown away). The same images
+    are drawn before the pass now, and only theirs computed."""
+    import pandas as pd
+    from test_train import tiny
+
+    import wingspan.models.unknown as unknown
+    import wingspan.training.run as run_module
+    from wingspan.data import read_dataset
+    from wingspan.models import load_bundle
+    from wingspan.training import train
+
+    monkeypatch.setattr(unknown, "MAX_FIT_IMAGES", 20)
+    passes, real = [], run_module.fixed_batches
+    monkeypatch.setattr(run_module, "fixed_batches",
+                        lambda rows, *a, **k: passes.append(list(rows)) or real(rows, *a, **k))
+    # (no head stage: the best model is fine-tuned, and the cached features cannot serve)
+    run_dir = train(read_dataset(demo_dir), tiny(tmp_path, epochs_head=0, epochs_finetune=1),
+                    tmp_path / "runs", "r", quiet=True)
+    _, _, detector = load_bundle(run_dir / "model", with_unknown=True)
+    train_rows = [rows for rows in passes if len(rows) == 20]
+    assert len(passes) == 2 and len(train_rows) == 1, [len(r) for r in passes]  # val, train
+    split = pd.read_csv(run_dir / "splits.csv")
+    assert (split["split"] == "train").sum() > 20
+    # The 20 are the detector's own draw over the training images, and its bank theirs.
+    assert train_rows[0] == unknown.fit_subset((split["split"] == "train").sum(), 0).tolist()
+    assert len(detector.fitted["knn"]["label"].bank) == 20

@@ -480,6 +480,16 @@ def level_thresholds(val: dict[str, np.ndarray], rate: float) -> dict[str, float
     return cut(low)
 
 
+def fit_subset(n: int, seed: int) -> torch.Tensor | None:
+    """Which of `n` training images the scores are fitted on past MAX_FIT_IMAGES (sorted
+    indices, drawn with `seed`), else None: all. Training draws them before it computes
+    their features, so that its final pass over a large set stops at MAX_FIT_IMAGES."""
+    if n <= MAX_FIT_IMAGES:
+        return None
+    keep = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return keep[:MAX_FIT_IMAGES].sort().values
+
+
 @dataclass
 class UnknownDetector:
     """Each score fitted for each level, each with its threshold; `score` is the one used
@@ -516,9 +526,7 @@ class UnknownDetector:
         labels per level, and set each threshold on the known val images. `members`: a
         taxonomy's membership matrices (`Taxonomy.member`), for MSP at coarser levels."""
         check_rate(rate)
-        if len(features) > MAX_FIT_IMAGES:
-            keep = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed))
-            keep = keep[:MAX_FIT_IMAGES].sort().values
+        if (keep := fit_subset(len(features), seed)) is not None:
             features = features[keep]
             logits = {lv: v[keep] for lv, v in logits.items()}
             labels = {lv: v[keep] for lv, v in labels.items()}
