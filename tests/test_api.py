@@ -1238,3 +1238,10 @@ def test_messages_a_library_call_meets_name_its_keywords_too(tmp_path, demo_dir)
     with pytest.raises(ws.WingspanError) as e:
         ws.train(demo_dir, weights="nosuch", quiet=True, runs_dir=tmp_path / "runs")
     assert "--weights (weights= in Python) takes auto" in e.value.hint
+    # A table of paths and labels (fastai's from_df habit): how to give it, on one line.
+    table = pd.DataFrame({"path": ["a.jpg", "b.jpg"], "label": ["x", "y"]})
+    for call in (ws.read, ws.train):
+        with pytest.raises(ws.WingspanError) as e:
+            call(table)
+        assert "got DataFrame path label 0 a.jpg" in str(e.value)
+        assert 'df.to_csv("photos.csv", index=False)' in e.value.hint

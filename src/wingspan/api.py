@@ -496,8 +496,23 @@ def _dataset(data: Data | Dataset | str | Path) -> Dataset:
         return data
     if not isinstance(data, str | os.PathLike):
         raise WingspanError(f"data: expected a dataset (ws.read's) or a path to one, got "
-                            f"{type(data).__name__} {data!r:.60}.")
+                            f"{_shown(data)}.", hint=_table_hint(data))
     return read(data).dataset
+
+
+def _shown(value) -> str:
+    """A wrong argument as a message shows it: its type, and its start on one line."""
+    return f"{type(value).__name__} {' '.join(repr(value).split())!s:.60}"
+
+
+def _table_hint(value) -> str | None:
+    """What to do with a table of paths and labels (fastai's from_df habit), which
+    wingspan reads from a CSV: its paths are then kept relative to it, with the runs."""
+    if not isinstance(value, pd.DataFrame):
+        return None
+    return ("Save the table as a CSV and give its path: df.to_csv(\"photos.csv\", "
+            "index=False), with the columns path,label[,split][,group][,<level>...] "
+            "(paths absolute, or relative to the CSV).")
 
 
 def _path_arg(name: str, value) -> Path:
@@ -505,8 +520,8 @@ def _path_arg(name: str, value) -> Path:
     "~" is the user's home, as a shell would read it (a folder named "~" made in the
     current one instead is one a user may later clean up with `rm -rf ~`)."""
     if not isinstance(value, str | os.PathLike):
-        raise WingspanError(f"{name}: expected a path (str or Path), got "
-                            f"{type(value).__name__} {value!r:.60}.")
+        raise WingspanError(f"{name}: expected a path (str or Path), got {_shown(value)}.",
+                            hint=_table_hint(value))
     return Path(value).expanduser()
 
 
