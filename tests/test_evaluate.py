@@ -1051,7 +1051,7 @@ def test_adapt_warns_when_the_photos_are_the_runs_own_val_images(trained, tmp_pa
     assert code == 0, err
     said = " ".join(said.split())
     assert "Warning: 5 of the " in said and " images the temperature was fitted on are photos " \
-           "`wingspan adapt` refitted this model's head on" in said, said
+           "`wingspan adapt` (run.adapt in Python) refitted this model's head on" in said, said
 
 
 def test_unknown_images_may_sit_under_a_known_genus_but_not_a_known_species(tmp_path):
