@@ -1117,13 +1117,20 @@ def test_unreadable_unknown_images_are_said_beside_the_figures(trained, tmp_path
     code, _, err = run_cli("evaluate", "--no-plots", trained, "--out", tmp_path / "clean",
                            "--quiet", "--strict")
     assert code == 0, err
-    # A file DATA lists that is gone counts too.
+    # A file DATA lists that is gone stops it as DATA is read, as train's --strict does
+    # (in any split: the data is not what it says), before any work; without --strict it
+    # is said and left out.
     listed = pd.read_csv(trained / "splits.csv")
-    gone = listed[listed["split"] == "test"].iloc[:1].assign(path=str(tmp_path / "gone.jpg"))
+    gone = listed[listed["split"] == "train"].iloc[:1].assign(path=str(tmp_path / "gone.jpg"))
     pd.concat([listed, gone]).to_csv(tmp_path / "listed.csv", index=False)
     code, _, err = run_cli("evaluate", "--no-plots", trained, tmp_path / "listed.csv",
                            "--split", "test", "--out", tmp_path / "gone", "--quiet", "--strict")
-    assert code == 2 and "--strict: 1 image was missing or unreadable" in err, err
+    said = " ".join(err.split())
+    assert code == 2 and "1 image listed in listed.csv does not exist" in said, err
+    assert not (tmp_path / "gone").exists()
+    code, _, err = run_cli("evaluate", "--no-plots", trained, tmp_path / "listed.csv",
+                           "--split", "test", "--out", tmp_path / "gone", "--quiet")
+    assert code == 0, err
 
 
 def test_a_misspelt_unknown_folder_among_others_is_refused_not_left_out(tmp_path):

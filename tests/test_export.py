@@ -97,7 +97,7 @@ def test_export_runs_without_wingspan_and_matches_pytorch(run_dir, run_cli, demo
     # How to decode, for a port beyond Pillow (a browser, a phone): each step it skips
     # answers otherwise.
     assert list(meta["input"]["decode"]) == ["jpeg", "orientation", "transparency",
-                                             "high_bit_depth", "resize", "crop"]
+                                             "high_bit_depth", "colour", "resize", "crop"]
     assert meta["unknown"]["score"] == "msp+knn" and check["max_unknown_score_difference"] < 1e-3
     import onnx
 

@@ -861,6 +861,18 @@ def test_a_val_image_scored_a_few_rounding_units_off_keeps_its_combined_score():
     graph = combined.graph({"msp": Column()})
     for x in (val, torch.nextafter(val, torch.full_like(val, -1.0))):
         assert torch.allclose(graph(x[:, None], None), exact, atol=1e-6)
+    # Crowded val scores, some a float32 step apart: each val image's share the same in
+    # PyTorch (float64) and in the graph (float32), and as it was set.
+    from wingspan.models.unknown import _steps
+
+    for _ in range(20):
+        crowded = (0.6 + 0.4 * torch.rand(5000, generator=g, dtype=torch.float64)).float()
+        crowded = crowded.sort().values.double()
+        steps = _steps(crowded)
+        ours = torch.searchsorted(steps, crowded, right=True)
+        assert torch.equal(ours, torch.searchsorted(crowded, crowded, right=True))
+        graphs = (steps.float()[None, :] <= crowded.float()[:, None]).sum(-1)
+        assert torch.equal(ours, graphs) and (steps.diff() >= 0).all()
     # Scores away from the val ones keep their order, and the extremes their share.
     probe = torch.linspace(-0.5, 1.5, 200)
     scores = combined.combine({"msp": probe})

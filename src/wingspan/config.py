@@ -109,8 +109,10 @@ def check_names(given, valid: list[str], unknown: str = "Unknown setting '{}'.",
 
 
 def usable_cores() -> int:
-    """The CPU cores this process may use: a container, SLURM or `taskset` may allow fewer
-    than the machine has, and a thread or worker per core of the machine then crowds them."""
+    """The CPU cores this process may use: a container's cpuset, SLURM or `taskset` may
+    allow fewer than the machine has, and a thread or worker per core of the machine then
+    crowds them. (A CPU quota, as Docker sets for its cpus option, is not seen: it
+    allows time, not cores.)"""
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1

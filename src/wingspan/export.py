@@ -114,11 +114,15 @@ class InputSpec:
 # steps in Pillow): in the metadata for a port to another decoder, where each step it
 # skips moves answers (on a small Lite0 run, 5-30% of top-1s for the resizes alone).
 DECODE_RULES = {
-    "jpeg": "decoded reduced (libjpeg's 1/2, 1/4 or 1/8 scale, Pillow's draft) to the "
-            "smallest size whose shorter side is still at least resize_shorter_side_to",
+    "jpeg": "decoded reduced (Pillow's draft: libjpeg's 1/2, 1/4 or 1/8 scale), by the "
+            "largest of these whose shorter side, divided and rounded down, is still at "
+            "least resize_shorter_side_to (511 px for 256: not reduced)",
     "orientation": "EXIF orientation applied (upright as the camera held it)",
     "transparency": "composited on white",
     "high_bit_depth": "16- or 32-bit greyscale stretched from its min..max to 0..255",
+    "colour": "Pillow's convert('RGB'): an embedded ICC profile is not applied, and CMYK "
+              "is converted by Pillow's plain formula (a browser's decoder does both "
+              "otherwise)",
     "resize": "Pillow's resize with the interpolation named (antialiased: a shrink filters "
               "over the whole footprint; a canvas, OpenCV or GPU bilinear does not, and "
               "answers otherwise); the longer side truncated to an integer",
@@ -300,7 +304,8 @@ class _CheckedInput(nn.Module):
 
 
 def _export_torchscript(job: _Job) -> bytes:
-    """A traced TorchScript module (torch alone runs it), metadata in its extra files."""
+    """A traced TorchScript model behind a scripted check of its input (torch alone runs
+    it), metadata in its extra files."""
     size = job.spec.size
     example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
     with torch.no_grad(), _torchscript():

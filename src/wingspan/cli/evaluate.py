@@ -19,7 +19,6 @@ from wingspan.cli.options import (
     Precision,
     Quiet,
     Runtime,
-    StrictAfter,
     UnknownScoreOpt,
     Workers,
     check_folder,
@@ -62,7 +61,10 @@ def evaluate_command(
     plots: Annotated[bool, typer.Option(help="Draw the plots (PNGs, and in the report). "
                                         "--no-plots: the metrics and tables alone, seconds "
                                         "sooner for a small evaluation.")] = True,
-    strict: StrictAfter = False,
+    strict: Annotated[bool, typer.Option(
+        "--strict", help="A file DATA lists that is missing stops it as DATA is read (as "
+        "train's --strict); images that cannot be decoded (here or among --unknown's) are "
+        "left out, the evaluation written, then exit 2.")] = False,
     quiet: Quiet = False,
 ) -> None:
     """Metrics, confusion matrix, curves, mistakes, calibration and an HTML report. The
@@ -73,13 +75,13 @@ def evaluate_command(
                       batch_size=batch_size, workers=workers, runtime=runtime,
                       precision=precision, device=device,
                       class_map=name_pairs(class_map or [], "--map"), unknown=unknown,
-                      unknown_score=unknown_score, tta=tta, plots=plots)
+                      unknown_score=unknown_score, tta=tta, plots=plots, strict=strict)
     if not quiet:  # as predict says it: whether --precision and --runtime took effect
         err.print(f"Engine: {result.metrics['engine']}", highlight=False)
     print_evaluation(result)
-    if strict:
+    if strict:  # (a file DATA lists that is gone: refused as DATA was read)
         m = result.metrics
-        strict_exit(len(m.get("unreadable") or []) + m.get("missing_files", 0)
+        strict_exit(len(m.get("unreadable") or [])
                     + len((m.get("unknown") or {}).get("unreadable") or []))
 
 

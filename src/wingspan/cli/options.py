@@ -27,8 +27,7 @@ Strict = Annotated[bool, typer.Option(
 SplitStrict = Annotated[bool, typer.Option(
     "--strict", help="Stop at a listed file that is missing instead of skipping and listing it "
     "(split opens no image: `data inspect` finds the unreadable ones).")]
-# predict's, explain's and evaluate's: the work is done for the rest first, then the exit
-# says so.
+# predict's and explain's: the work is done for the rest first, then the exit says so.
 StrictAfter = Annotated[bool, typer.Option(
     "--strict", help="Exit 2 where an image was missing or unreadable (after doing the "
     "others); by default it is listed and skipped, and the exit is 0.")]

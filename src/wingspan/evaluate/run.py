@@ -88,7 +88,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
              class_map: dict[str, str] | None = None,
              unknown: str | Path | list[str] | None = None,
              unknown_score: str | None = None, tta: bool = False,
-             plots: bool = True) -> Evaluation:
+             plots: bool = True, strict: bool = False) -> Evaluation:
     """Evaluate a model on a split of its own data or of DATA. `class_map` {model class:
     DATA's class} evaluates on another dataset whose names differ (the same names match
     anyway); the report then sets each class's recall there beside its recall on the
@@ -97,7 +97,9 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     FPR95, what the threshold costs; every score side by side). `tta`: score what
     `predict --tta` answers (each image's views averaged), on every image read here.
     `plots=False`: the metrics and tables without the PNGs (2-5 s less on a 2-core CPU,
-    most of a small evaluation's time; Ultralytics' `val(plots=False)`)."""
+    most of a small evaluation's time; Ultralytics' `val(plots=False)`). `strict`: a file
+    DATA lists that is missing is an error before any work, as train's --strict (images
+    that cannot be decoded are left out and listed all the same)."""
     _check_no_split_name(data)
     predictor = Predictor(model, device=device, batch_size=batch_size, workers=workers,
                           runtime=runtime, precision=precision, progress=progress,
@@ -107,11 +109,10 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
                             hint="Fit them with `wingspan calibrate RUN --unknown` on its run "
                                  "folder (training fits them since they exist).")
     run_dir = run_dir_of(predictor.bundle)
-    dataset = _dataset(data, run_dir)
+    dataset = _dataset(data, run_dir, strict=strict)
     reading: list[str] = []  # what reading DATA left out (a missing file, a HEIC), as train
-    missing_files = 0  # (--strict counts them with the unreadable)
     if data is not None and not isinstance(data, Dataset):  # says it: not dropped unsaid
-        missing_files = report_reading(dataset, reading.append).get("missing_file", 0)
+        report_reading(dataset, reading.append)
     level = predictor.level if predictor.level in dataset.levels else dataset.default_level
     split = split or _default_split(dataset)
     _check_split(dataset, split)
@@ -160,7 +161,6 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
         metrics = classification_metrics(y, probs, classes, truth_only=truth_only, y_pred=y_pred)
         metrics.update(level=level, split=split, unreadable=failed, **left_out,
                        **({"reading": reading} if reading else {}),
-                       **({"missing_files": missing_files} if missing_files else {}),
                        **({"tree_differs": moved} if moved else {}),
                        images_per_second=round(speed, 1), engine=predictor.policy.describe(),
                        ece_uncalibrated=expected_calibration_error(
@@ -700,11 +700,11 @@ def _check_no_split_name(data) -> None:
 
 
 def _dataset(data, run_dir: Path | None, doing: str = "evaluate on",
-             command: str = "evaluate") -> Dataset:
+             command: str = "evaluate", strict: bool = False) -> Dataset:
     if isinstance(data, Dataset):  # read already (the API's ws.read)
         return data
     if data is not None:
-        return read_dataset(data)
+        return read_dataset(data, ReadConfig(strict=strict))
     if run_dir is None:
         raise WingspanError(f"Give DATA to {doing}: this bundle is not inside a run folder, "
                             "so it has no split of its own.")

@@ -266,8 +266,8 @@ class Combined(Score):
 
 
 class _CombinedGraph(nn.Module):
-    """Combined.combine in tensor operations: the share of val scores at or below the
-    image's is searchsorted(right=True) / n."""
+    """Combined.combine in tensor operations: the share of val scores an image's exceeds
+    is the count of their steps (`_steps`) at or below it, / n."""
 
     def __init__(self, parts: dict[str, nn.Module], val: dict[str, torch.Tensor]):
         super().__init__()
@@ -294,12 +294,17 @@ def _steps(val: torch.Tensor) -> torch.Tensor:
     itself. A val image scored again lands on its own val score, which another engine
     computes a few rounding units lower (ONNX Runtime's softmax) or higher: at the score
     itself that moved its share, and with it its answer, by one val image; halfway, it
-    keeps the share its threshold was set with. Constant scores keep theirs (`_constant`)."""
+    keeps the share its threshold was set with. Constant scores keep theirs (`_constant`).
+    Each step is a float32 value, as the exported graph holds it, rounded up: rounded to
+    the nearest, one between two scores a float32 step apart fell on the lower score."""
     distinct = torch.unique(val)  # (sorted)
     if len(distinct) < 2:
         return val
     lower = torch.cat([2 * distinct[:1] - distinct[1:2], distinct[:-1]])
-    return (val + lower[torch.searchsorted(distinct, val)]) / 2
+    halfway = (val + lower[torch.searchsorted(distinct, val)]) / 2
+    steps = halfway.float()
+    return torch.where(steps.double() < halfway,
+                       torch.nextafter(steps, torch.full_like(steps, math.inf)), steps).double()
 
 
 def _constant(val: torch.Tensor) -> bool:
