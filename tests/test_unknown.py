@@ -8,6 +8,7 @@ import csv
 import html
 import io
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -909,3 +910,10 @@ def test_the_final_pass_for_the_unknown_scores_stops_at_the_images_they_are_fitt
     # The 20 are the detector's own draw over the training images, and its bank theirs.
     assert train_rows[0] == unknown.fit_subset((split["split"] == "train").sum(), 0).tolist()
     assert len(detector.fitted["knn"]["label"].bank) == 20
+    # `calibrate --unknown` fits again on the same images (it drew its own with pandas).
+    from wingspan.evaluate.own_images import own_images
+    from wingspan.inference import Predictor
+
+    again = own_images(Predictor(run_dir, workers=0), "fit", progress=False)["train"]
+    trained = split.loc[split["split"] == "train", "path"].to_numpy()[train_rows[0]]
+    assert [os.path.basename(p) for p in again.paths] == [os.path.basename(p) for p in trained]

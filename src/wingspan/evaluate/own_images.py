@@ -15,7 +15,7 @@ from wingspan.data import read_dataset
 from wingspan.data.samples import SPLIT, renamed
 from wingspan.errors import WingspanError, none_read
 from wingspan.inference import Predictor, spelt_as_trained
-from wingspan.models.unknown import MAX_FIT_IMAGES
+from wingspan.models.unknown import MAX_FIT_IMAGES, fit_subset
 from wingspan.training.folder import SPLITS_FILE
 
 
@@ -58,8 +58,8 @@ def own_images(predictor: Predictor, purpose: str, per_class: bool = False, seed
         if per_class:
             share = max(1, MAX_FIT_IMAGES // train[levels[-1]].nunique())
             train = train.sample(frac=1.0, random_state=seed).groupby(levels[-1]).head(share)
-        else:
-            train = train.sample(MAX_FIT_IMAGES, random_state=seed)
+        else:  # training's own draw (`fit_subset`): the same images, where all are read
+            train = train.iloc[fit_subset(len(train), seed).numpy()]
     index = {lv: {c: i for i, c in enumerate(manifest["classes"][lv])} for lv in levels}
     for lv in levels[:-1]:  # the finest level was filtered above; a coarser one may not map
         stray = sorted(set(pd.concat([train, val])[lv].astype(str)) - set(index[lv]))
