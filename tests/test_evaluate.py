@@ -903,8 +903,8 @@ def test_a_wrong_map_hint_names_some_classes_and_counts_the_rest(tmp_path):
         _check_class_map({"M07": "c03"}, model, dataset, "label")
     assert e.value.hint.startswith("Did you mean 'm07' for 'M07' (names differ in case)?")
     # One data class given to two model classes: both named.
-    with pytest.raises(WingspanError, match="--map gives the data class 'c05' to 2 of the "
-                                            "model's classes \\(m01, m02\\)") as e:
+    with pytest.raises(WingspanError, match="--map \\(class_map= in Python\\) gives the data "
+                       "class 'c05' to 2 of the model's classes \\(m01, m02\\)") as e:
         _check_class_map({"m01": "c05", "m02": "c05"}, model, dataset, "label")
     assert e.value.hint == "Map each data class to one model class."
 
@@ -1077,8 +1077,8 @@ def test_unknown_images_may_sit_under_a_known_genus_but_not_a_known_species(tmp_
     for name, seed in (("test.jpg", 0), ("copy.jpg", 0), ("other.jpg", 1)):
         write_image(tmp_path / name, seed=seed)
     _check_unseen([str(tmp_path / "other.jpg")], [str(tmp_path / "test.jpg")], model)
-    with pytest.raises(WingspanError, match=r"1 of the --unknown images is a copy \(the same "
-                       r"bytes\) of images of known classes evaluated"):
+    with pytest.raises(WingspanError, match=r"1 of the --unknown images \(unknown= in Python\) "
+                       r"is a copy \(the same bytes\) of images of known classes evaluated"):
         _check_unseen([str(tmp_path / "copy.jpg"), str(tmp_path / "other.jpg")],
                       [str(tmp_path / "test.jpg")], model)
     # A folder named as the class reads (macOS's decomposed é, an end space) is that class.

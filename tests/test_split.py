@@ -442,8 +442,9 @@ def test_fractions_the_datas_own_split_leaves_unused_are_said(tmp_path):
     logs = []
     config = TrainConfig(val_fraction=0.3, test_fraction=0.3, selection="val")
     ensure_splits(read_dataset(tmp_path / "sf"), "label", config, log=logs.append)
-    assert any("--val-fraction 0.3 and --test-fraction 0.3 left unused: the data has a split "
-               "of its own" in line for line in logs), logs
+    assert any("--val-fraction 0.3 and --test-fraction 0.3 (val_fraction, test_fraction in "
+               "Python) left unused: the data has a split of its own" in line
+               for line in logs), logs
     assert any("in Python data.split(val=0.3, test=0.3)" in line for line in logs), logs
     logs.clear()
     ensure_splits(read_dataset(tmp_path / "sf"), "label", TrainConfig(selection="val"),

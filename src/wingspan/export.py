@@ -189,7 +189,8 @@ def export_model(run: str | Path, out: str | Path | None = None, fmt: str = "onn
     levels = list(manifest["classes"])
     if unknown_score and detector is None:
         raise WingspanError(f"The model {bundle} has no unknown scores to export.",
-                            hint="Fit them first: `wingspan calibrate RUN --unknown`.")
+                            hint="Fit them first: `wingspan calibrate RUN --unknown` "
+                                 "(run.calibrate(unknown=True) in Python).")
     unknown = detector.graph(unknown_score) if detector else None
     taxonomy = Taxonomy.from_dict(manifest["taxonomy"]) if manifest.get("taxonomy") else None
     deployable = _Deployable(model.float().eval(), pre["mean"], pre["std"], temperature,
@@ -230,11 +231,13 @@ def export_model(run: str | Path, out: str | Path | None = None, fmt: str = "onn
     # it in (`--out exports/v1.2` is a folder, not a file called "v1.2"). A file named for
     # the other format is a slip, refused.
     if any(out.suffix.lower() in f.suffixes for name, f in FORMATS.items() if name != fmt):
-        raise WingspanError(f"--out {out}: a {out.suffix} file for a {fmt} export.",
+        raise WingspanError(f"--out {out} (out= in Python): a {out.suffix} file for a {fmt} "
+                            "export.",
                             hint=f"End it in {form.suffixes[0]}, or give a folder.")
     if out.is_dir() or out.suffix.lower() not in form.suffixes:
         if out.exists() and not out.is_dir():
-            raise WingspanError(f"--out {out} is a file, not a {form.suffixes[0]} model.",
+            raise WingspanError(f"--out {out} (out= in Python) is a file, not a "
+                                f"{form.suffixes[0]} model.",
                                 hint=f"Give a folder, or a name ending in {form.suffixes[0]}.")
         out = out / ("model.int8.onnx" if quantize else form.file)
     job = _Job(deployable, spec, outputs, check_images or _val_images(bundle, 16), meta,

@@ -107,7 +107,8 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     if unknown is not None and predictor.unknown is None:
         raise WingspanError(f"The model {predictor.bundle} has no unknown scores to evaluate.",
                             hint="Fit them with `wingspan calibrate RUN --unknown` on its run "
-                                 "folder (training fits them since they exist).")
+                                 "folder (run.calibrate(unknown=True) in Python; training "
+                                 "fits them since they exist).")
     run_dir = run_dir_of(predictor.bundle)
     dataset = _dataset(data, run_dir, strict=strict)
     reading: list[str] = []  # what reading DATA left out (a missing file, a HEIC), as train
@@ -514,8 +515,9 @@ def _check_unseen(unknown_paths: list[str], known_paths, predictor: Predictor) -
     both = [p for p, real in zip(unknown_paths, real_paths(unknown_paths), strict=True)
             if real in resolved]
     if both:
-        raise WingspanError(f"{len(both)} of the --unknown images are also among the images "
-                            f"of known classes evaluated, e.g. {both[0]}.",
+        raise WingspanError(f"{len(both)} of the --unknown images (unknown= in Python) are "
+                            f"also among the images of known classes evaluated, e.g. "
+                            f"{both[0]}.",
                             hint="Give a folder of images of classes the model never saw.")
     # Copies of them (the same bytes) score as they do: AUROC 0.54 on 8 copied test images.
     sizes = set()
@@ -524,7 +526,7 @@ def _check_unseen(unknown_paths: list[str], known_paths, predictor: Predictor) -
             sizes.add(os.path.getsize(path))
     copies = _copies_among(set(unknown_paths), _sums_by_size(known_paths, sizes))
     if copies:
-        raise WingspanError(f"{copies} of the --unknown images "
+        raise WingspanError(f"{copies} of the --unknown images (unknown= in Python) "
                             + ("is a copy" if copies == 1 else "are copies")
                             + " (the same bytes) of images of known classes evaluated.",
                             hint="Give a folder of images of classes the model never saw.")
@@ -773,7 +775,8 @@ def _check_class_map(class_map: dict[str, str], predictor: Predictor, dataset: D
         theirs = next(t for t in class_map.values() if list(class_map.values()).count(t) > 1)
         ours = [o for o, t in class_map.items() if t == theirs]
         raise WingspanError(
-            f"--map gives the data class '{theirs}' to {len(ours)} of the model's classes "
+            f"--map (class_map= in Python) gives the data class '{theirs}' to {len(ours)} of "
+            "the model's classes "
             f"({some(ours)}): each of its images would be right for one and wrong for the "
             "other.", hint="Map each data class to one model class.")
     # The data's classes named as the model's match without a map: one of those mapped
@@ -785,8 +788,9 @@ def _check_class_map(class_map: dict[str, str], predictor: Predictor, dataset: D
     if joined:
         ours, theirs = joined[0]
         own = alike[ours]
-        raise WingspanError(f"--map {own}={theirs} would score the data's '{theirs}' and its "
-                            f"own '{own}' both as the model's '{ours}'.",
+        raise WingspanError(f"--map {own}={theirs} (class_map= in Python) would score the "
+                            f"data's '{theirs}' and its own '{own}' both as the model's "
+                            f"'{ours}'.",
                             hint=f"Map the data's '{own}' too (to another of the model's "
                                  f"classes), or leave {own}={theirs} out.")
     return class_map

@@ -95,7 +95,8 @@ def _unused(config: TrainConfig, names: list[str], log) -> None:
     given = [n for n in names
              if getattr(config, n) != TrainConfig.__dataclass_fields__[n].default]
     if given:
-        typed = " and ".join(f"--{n.replace('_', '-')} {getattr(config, n):g}" for n in given)
+        typed = (" and ".join(f"--{n.replace('_', '-')} {getattr(config, n):g}" for n in given)
+                 + f" ({', '.join(given)} in Python)")
         keywords = ", ".join(f"{n.split('_')[0]}={getattr(config, n):g}" for n in given)
         log(f"Warning: {typed} left unused: the data has a split of its own "
             f"(`wingspan data split DATA` makes a new one with them; in Python "
