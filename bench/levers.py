@@ -58,6 +58,8 @@ MIXUP_ALPHA = 0.4
 DROP_PATH = 0.2  # timm's rate for EfficientNet-B0/Lite-sized models trained from scratch
 
 
+WISE = {"wise": 0.5, "wise75": 0.75}  # mode: the fine-tuned weights' share
+
 @dataclass
 class Lever:
     about: str
@@ -122,6 +124,12 @@ LEVERS = {
                        "blocks (fine-tuning runs the frozen ones in training mode too, but for "
                        "BatchNorm, so it acts there as well, and the frozen prefix shrinks)",
                        patch="drop-path"),
+    "wise": Lever("WiSE-FT (Wortsman et al. 2022): the mean of the fine-tuned weights and "
+                  "those the fine-tuning began from (the best head on the frozen backbone), "
+                  "said to keep the fine-tuned accuracy and gain under a shift of data; same "
+                  "run as wise75", mode="wise", patch="wise"),
+    "wise75": Lever("as wise, 0.75 of the fine-tuned weights and 0.25 of the head stage's; "
+                    "same run as wise", mode="wise75", patch="wise"),
     "adapt": Lever("wingspan adapt on the photos it then names (unlabelled: self-training of "
                    "the head, 3 rounds at p >= 0.7)", mode="adapt", targets=("transfer",),
                    cost="predict"),
@@ -270,7 +278,7 @@ def probabilities(run: Path, mode: str, paths: list[str]) -> tuple[np.ndarray, l
     cam = mode.startswith("camzoom")  # Grad-CAM needs gradients: torch, fp32
     # Another input size needs torch: an ONNX Runtime graph is exported at the trained one.
     torch_only = cam or mode.startswith("size")
-    bundle = run / f"model-{mode}" if mode in ("swa", "ema") else run
+    bundle = run / f"model-{mode}" if mode in ("swa", "ema", *WISE) else run
     adapting = 0.0
     if mode == "adapt":  # its cost: adapting (its features of every photo) and predicting
         start = time.perf_counter()
@@ -331,13 +339,14 @@ def measure(name: str, target: str, seed: int, runs: Path, data_dir: Path) -> di
     lever = LEVERS[name]
     out = outputs(name, target, seed, runs, data_dir)
     run, truth, classes = out["run"], out["truth"], out["classes"]
-    if lever.patch == "averages":
+    checked = lever.patch in ("averages", "wise")  # a model written beside the run's own
+    if checked:
         live, _, _ = probabilities(run, "plain", out["paths"])  # the run's own model, a check
         result_live = figure(target, live, classes, truth)
     return {"figure": figure(target, out["probs"], classes, truth),
             "train_seconds": out["train"], "predict_seconds": out["seconds"],
             "images": len(out["paths"]), "run": run.name,
-            **({"live_model": result_live} if lever.patch == "averages" else {})}
+            **({"live_model": result_live} if checked else {})}
 
 
 def against_baseline(lever: dict, base: dict, target: str) -> tuple[float, float, float]:
@@ -465,6 +474,16 @@ def patched(patch: str) -> None:
             return create(*args, **{**kwargs, "drop_path_rate": DROP_PATH})
 
         backbone.timm = type("timm", (), {"create_model": staticmethod(with_drop_path)})
+    elif patch == "wise":
+        original_finetune = recipe.finetune
+
+        def finetune(run) -> None:
+            start = {k: v.detach().float().cpu().clone()
+                     for k, v in run.model.state_dict().items()}
+            original_finetune(run)
+            torch.save(start, run.dir / "head-stage.pt")
+
+        recipe.finetune = finetune
     elif patch == "averages":
         from timm.utils import ModelEmaV3
 
@@ -515,6 +534,17 @@ def train_patched(patch: str, argv: list[str]) -> None:
         if e.code:
             raise
     run = Path(argv[argv.index("--runs-dir") + 1]) / argv[argv.index("--name") + 1]
+    if patch == "wise":
+        start = torch.load(run / "head-stage.pt", weights_only=True)
+        for mode, share in WISE.items():
+            model, manifest = load_bundle(run / "model")
+            model.load_state_dict({
+                k: (share * v.float() + (1 - share) * start[k]).to(v.dtype)
+                if v.is_floating_point() else v for k, v in model.state_dict().items()})
+            save_bundle(model, run / f"model-{mode}", manifest["classes"],
+                        manifest.get("taxonomy"), manifest.get("training"),
+                        manifest.get("metrics"), manifest.get("weights_source"),
+                        manifest.get("calibration"))
     if patch == "averages":
         averages = torch.load(run / "averages.pt", weights_only=True)
         for kind in ("ema", "swa"):
