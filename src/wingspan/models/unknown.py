@@ -244,6 +244,7 @@ class Combined(Score):
 
     def fit_val(self, val: dict[str, np.ndarray]) -> Combined:
         self.val = {p: torch.as_tensor(np.sort(val[p])).double() for p in self.parts}
+        self.steps = {p: _steps(v) for p, v in self.val.items()}  # (once, not per batch)
         return self
 
     def tensors(self):
@@ -251,13 +252,14 @@ class Combined(Score):
 
     def load(self, tensors, temperature):
         self.val = {p: tensors[f"val_{p}"].double() for p in self.parts}
+        self.steps = {p: _steps(v) for p, v in self.val.items()}
         return self
 
     def combine(self, part_scores: dict[str, torch.Tensor]) -> torch.Tensor:
         units = []
         for p in self.parts:
             val, x = self.val[p], part_scores[p].double()
-            share = torch.searchsorted(_steps(val), x, right=not _constant(val)) / len(val)
+            share = torch.searchsorted(self.steps[p], x, right=not _constant(val)) / len(val)
             units.append(_in_unit(share, (x - val.mean()) / (_std(val) + 1e-12)))
         return torch.stack(units).max(0).values.float()
 
