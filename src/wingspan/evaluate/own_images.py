@@ -54,12 +54,11 @@ def own_images(predictor: Predictor, purpose: str, per_class: bool = False, seed
     train, val = table[table[SPLIT] == "train"], table[table[SPLIT] == "val"]
     if train.empty or val.empty:
         raise WingspanError(f"{run_dir} has no training or no val images in splits.csv.")
-    if len(train) > MAX_FIT_IMAGES:
-        if per_class:
-            share = max(1, MAX_FIT_IMAGES // train[levels[-1]].nunique())
-            train = train.sample(frac=1.0, random_state=seed).groupby(levels[-1]).head(share)
-        else:  # training's own draw (`fit_subset`): the same images, where all are read
-            train = train.iloc[fit_subset(len(train), seed).numpy()]
+    if per_class and len(train) > MAX_FIT_IMAGES:
+        share = max(1, MAX_FIT_IMAGES // train[levels[-1]].nunique())
+        train = train.sample(frac=1.0, random_state=seed).groupby(levels[-1]).head(share)
+    elif not per_class and (keep := fit_subset(len(train), seed)) is not None:
+        train = train.iloc[keep.numpy()]  # training's own draw: the same images, all read
     index = {lv: {c: i for i, c in enumerate(manifest["classes"][lv])} for lv in levels}
     for lv in levels[:-1]:  # the finest level was filtered above; a coarser one may not map
         stray = sorted(set(pd.concat([train, val])[lv].astype(str)) - set(index[lv]))
