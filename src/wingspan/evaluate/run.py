@@ -506,9 +506,8 @@ def _check_unseen(unknown_paths: list[str], known_paths, predictor: Predictor) -
     named = sorted({known[folder] for p in unknown_paths
                     if (folder := name_as_read(Path(p).parent.name).casefold()) in known})
     if named:
-        raise WingspanError(f"The --unknown images (unknown= in Python) include folders "
-                            f"named after classes the "
-                            f"model knows: {some(named, 5)}.",
+        raise WingspanError("The --unknown images (unknown= in Python) include folders named "
+                            f"after classes the model knows: {some(named, 5)}.",
                             hint="Give a folder of images of classes the model never saw "
                                  "(rename a folder that only shares a name).")
     resolved = set(real_paths(known_paths))
