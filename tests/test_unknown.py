@@ -874,6 +874,16 @@ def test_a_val_image_scored_a_few_rounding_units_off_keeps_its_combined_score():
         assert torch.equal(ours, torch.searchsorted(crowded, crowded, right=True))
         graphs = (steps.float()[None, :] <= crowded.float()[:, None]).sum(-1)
         assert torch.equal(ours, graphs) and (steps.diff() >= 0).all()
+    # A new image's share is as before, the val images at or below it, unless it lies
+    # within STEP_SLACK of a val score (halfway throughout raised new images' shares by
+    # half a val image on average, and the known images turned away with them).
+    from wingspan.models.unknown import STEP_SLACK
+
+    new = torch.rand(2000, generator=g, dtype=torch.float64)
+    near = (new[:, None] - val.double()[None, :]).abs().min(1).values < 3 * STEP_SLACK
+    steps = _steps(val.double().sort().values)
+    assert torch.equal(torch.searchsorted(steps, new, right=True)[~near],
+                       torch.searchsorted(val.double().sort().values, new, right=True)[~near])
     # Scores away from the val ones keep their order, and the extremes their share.
     probe = torch.linspace(-0.5, 1.5, 200)
     scores = combined.combine({"msp": probe})

@@ -34,6 +34,9 @@ PREFIX = "unknown."  # bundle tensors of the fitted scores: unknown.<score>.<lev
 # Fitting and the kNN bank use at most this many training images (a fixed random subset):
 # enough for a covariance of a 2048-wide feature, and a bank that keeps bundles small.
 MAX_FIT_IMAGES = 5000
+# How far below a val score the combined score's share steps up (`_steps`): well over the
+# float32 rounding by which engines differ (1e-7), well under the gaps between val scores.
+STEP_SLACK = 1e-5
 # The k-th nearest training image's distance. pytorch-ood's default of 50 needs more images
 # per class than most users have; with held-out iNat species, AUROC rose as k fell (10 -> 3:
 # +0.004 to +0.019 on all six runs, README), but at k 1 a non-butterfly slipped through.
@@ -291,19 +294,22 @@ class _CombinedGraph(nn.Module):
 
 
 def _steps(val: torch.Tensor) -> torch.Tensor:
-    """Where the share of (sorted) val scores an image exceeds steps up: halfway between
-    each val score and the next lower one (mirrored below the lowest), not at the score
-    itself. A val image scored again lands on its own val score, which another engine
-    computes a few rounding units lower (ONNX Runtime's softmax) or higher: at the score
-    itself that moved its share, and with it its answer, by one val image; halfway, it
-    keeps the share its threshold was set with. Constant scores keep theirs (`_constant`).
-    Each step is a float32 value, as the exported graph holds it, rounded up: rounded to
-    the nearest, one between two scores a float32 step apart fell on the lower score."""
+    """Where the share of (sorted) val scores an image exceeds steps up: just below each
+    val score (STEP_SLACK), or halfway to the next lower one where that is nearer. A val
+    image scored again lands on its own val score, which another engine computes a few
+    rounding units lower (ONNX Runtime's softmax) or higher: at the score itself that
+    moved its share, and with it its answer, by one val image; just below, it keeps the
+    share its threshold was set with. (Halfway everywhere gave new images half a val
+    image's share more on average, and turned away 0.5-1.1 points more known test images
+    than the rate asked: README.) Constant scores keep theirs (`_constant`). Each step is
+    a float32 value, as the exported graph holds it, rounded up: rounded to the nearest,
+    one between two scores a float32 step apart fell on the lower score."""
     distinct = torch.unique(val)  # (sorted)
     if len(distinct) < 2:
         return val
     lower = torch.cat([2 * distinct[:1] - distinct[1:2], distinct[:-1]])
     halfway = (val + lower[torch.searchsorted(distinct, val)]) / 2
+    halfway = torch.maximum(halfway, val - STEP_SLACK * (1 + val.abs()))
     steps = halfway.float()
     return torch.where(steps.double() < halfway,
                        torch.nextafter(steps, torch.full_like(steps, math.inf)), steps).double()
