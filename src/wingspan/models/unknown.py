@@ -309,9 +309,9 @@ def _steps(val: torch.Tensor) -> torch.Tensor:
         return val
     lower = torch.cat([2 * distinct[:1] - distinct[1:2], distinct[:-1]])
     halfway = (val + lower[torch.searchsorted(distinct, val)]) / 2
-    halfway = torch.maximum(halfway, val - STEP_SLACK * (1 + val.abs()))
-    steps = halfway.float()
-    return torch.where(steps.double() < halfway,
+    wanted = torch.maximum(halfway, val - STEP_SLACK * (1 + val.abs()))
+    steps = wanted.float()
+    return torch.where(steps.double() < wanted,
                        torch.nextafter(steps, torch.full_like(steps, math.inf)), steps).double()
 
 
