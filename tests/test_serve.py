@@ -409,6 +409,51 @@ def test_serve_ends_130_on_ctrl_c_and_143_on_sigterm_as_every_command_does(run_d
             proc.communicate()
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_a_refused_upload_is_cut_off_and_a_stalled_one_does_not_hold_sigterm(run_dir):
+    """After the 413 of a too-large Content-Length uvicorn kept the connection and read the
+    body to its end (1.9 GB of a 2 GB upload); and on SIGTERM the server waited for ever
+    on a client stalled mid-upload. Now the 413 closes the connection, and SIGTERM ends the
+    server once requests have had their time limit (--timeout 1, + 5 s)."""
+    import signal
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "wingspan", "serve", str(run_dir),
+                             "--port", str(port), "--device", "cpu", "--timeout", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def upload(length: int, sent: bytes = b"") -> socket.socket:
+        conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+        conn.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/"
+                     b"form-data; boundary=b\r\nContent-Length: %d\r\n\r\n" % length + sent)
+        return conn
+
+    try:
+        wait_until_serving(proc, port)
+        with upload(2_000_000_000) as big:
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += big.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 413") and b"connection: close" in answer.lower()
+            big.settimeout(10)
+            while chunk := big.recv(4096):  # the rest of the answer, then the server's close
+                answer += chunk  # (before: no close; it waited to read the 2 GB first)
+        stalled = upload(1000, b"--b\r\n")  # then nothing more
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        assert proc.wait(60) == 143, proc.communicate()[1][-2000:]
+        assert time.monotonic() - start < 30
+        stalled.close()
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
 def test_padded_uploads_are_read_in_turn_by_their_bytes(run_dir, monkeypatch):
     """Files of few pixels padded to many bytes were all read at once, whatever the pool:
     32 of 20 MB held 650 MB for one request. A file now holds the larger of its pixels
