@@ -25,10 +25,15 @@ DEMO_SPECIES = 8
 # `--backbone auto`: the classic choice when its weights resolve, else the best of those
 # that install offline (pip packages), best first.
 DEFAULT_BACKBONE = "resnet50"
+OFFLINE_BACKBONES = ("efficientnet_lite2", "efficientnet_lite0")
+# `data audit --backbone auto`: both offline backbones' features side by side (installed
+# with wingspan, so the same on every machine). Together their head found more deliberate
+# label flips than either alone, at every share flipped (README); the first one's features
+# find the near-duplicates, whose similarity was measured on it.
+AUDIT_BACKBONES = OFFLINE_BACKBONES
 # Out-of-distribution scores a bundle carries (wingspan.models.unknown); the default is
 # TrainConfig.unknown_score.
 UNKNOWN_SCORES = ("msp", "energy", "mahalanobis", "knn", "msp+knn")
-OFFLINE_BACKBONES = ("efficientnet_lite2", "efficientnet_lite0")
 # The pixel budget of one image (about 50 MP; a decoded pixel takes 3-4 bytes, several
 # times over while converting). $WINGSPAN_MAX_PIXELS (or --max-pixels) changes it.
 MAX_PIXELS, MAX_PIXELS_ENV = 50_000_000, "WINGSPAN_MAX_PIXELS"
@@ -295,7 +300,9 @@ class ServeLimits:
 class AuditConfig:
     """What `data audit` looks for: likely label errors and near-duplicates."""
 
-    backbone: str = "auto"  # frozen ImageNet features (auto: as TrainConfig.backbone)
+    # Frozen features: one backbone or several, comma-separated, side by side. auto:
+    # AUDIT_BACKBONES, or with a run or model as the weights its own backbone.
+    backbone: str = "auto"
     weights: str = "auto"
     device: str = "auto"
     batch_size: int = 32
@@ -326,6 +333,12 @@ class AuditConfig:
                self.duplicates_per_image)
         _check(self.batch_size >= 1, "batch_size", "at least 1", self.batch_size)
         _check(self.gallery >= 0, "gallery", "0 or more", self.gallery)
+        names = self.backbone.split(",")
+        _check(all(n.strip() for n in names), "backbone", "one name or several, comma-"
+               "separated", self.backbone)
+        _check(len(names) == 1 or self.weights.lower() in ("auto", "none"), "backbone",
+               f"one name with weights {self.weights!r} (they are one backbone's)",
+               self.backbone)
 
 
 @settings

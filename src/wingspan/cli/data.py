@@ -163,7 +163,9 @@ def data_audit(
     ctx: typer.Context,
     data: Data, level: Level = None,
     backbone: Annotated[str, typer.Option(
-        help="Frozen ImageNet features from this backbone (auto: as train).")]
+        help="Frozen ImageNet features of this backbone, or of several side by side "
+        "(comma-separated; auto: efficientnet_lite2,efficientnet_lite0, installed with "
+        "wingspan, or a run's own with --weights RUN).")]
     = AuditConfig.backbone,
     weights: Annotated[str, typer.Option(
         help="auto (offline first) | none | a weights file | a wingspan run or model (its "

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from wingspan.config import AuditConfig, default_cache_dir
+from wingspan.config import AUDIT_BACKBONES, AuditConfig, default_cache_dir
 from wingspan.data.images import budget_key, max_pixels, open_rgb
 from wingspan.data.samples import GROUP, PATH, SPLIT, Dataset
 from wingspan.errors import WingspanError, counted
@@ -80,7 +80,10 @@ def audit_dataset(dataset: Dataset, out_dir: str | Path, level: str | None = Non
                             f"e.g. {path}: {why}", hint="Fix or remove them, or leave --strict "
                             "out to audit the rest (the unreadable ones are listed).")
     ok = np.array([p not in failed for p in table[PATH]])
-    table, features, hashes = table[ok].reset_index(drop=True), features[ok], hashes[ok]
+    table, hashes = table[ok].reset_index(drop=True), hashes[ok]
+    # Each backbone's features at unit length, side by side: each weighs alike in the head.
+    first = features[0][ok]
+    features = torch.cat([torch.nn.functional.normalize(f[ok], dim=1) for f in features], 1)
     if table[level].nunique() < 2:
         raise WingspanError(
             f"An audit needs at least 2 classes at level '{level}' with readable images; "
@@ -98,7 +101,7 @@ def audit_dataset(dataset: Dataset, out_dir: str | Path, level: str | None = Non
     issues = label_issues(table[checked].reset_index(drop=True), features[checked], level,
                           config, progress)
     with status("Looking for near-duplicates", progress):
-        duplicates = near_duplicates(table, features, hashes, level, config)
+        duplicates = near_duplicates(table, first, hashes, level, config)
     page = gallery(issues, duplicates, level, config, what, failed, alone)  # the slow part
     paths = out_dir / "audit.csv", out_dir / "duplicates.csv", out_dir / "audit.html"
     # Replaced together: a killed or failed audit leaves the previous audit's three files,
@@ -161,19 +164,49 @@ class _Decoded(torch.utils.data.Dataset):
         return self.view(image), bits, ""
 
 
-@torch.inference_mode()
+def audit_backbones(config: AuditConfig) -> list[str]:
+    """The backbones whose features the audit puts side by side: --backbone's names, or for
+    auto AUDIT_BACKBONES (with a run or model as the weights: its own backbone)."""
+    from wingspan.models.factory import choose_backbone
+
+    if config.backbone != "auto":
+        return [n.strip() for n in config.backbone.split(",")]
+    if config.weights.lower() == "auto":
+        return list(AUDIT_BACKBONES)
+    return [choose_backbone("auto", config.weights)[0]]
+
+
 def image_features(paths: list[str], config: AuditConfig, progress: bool
-                   ) -> tuple[torch.Tensor, torch.Tensor, str, dict[str, str], str]:
-    """Pooled features of a frozen backbone and perceptual hashes (N, 64 bits) of every
-    path (zeros for a file that cannot be read, listed with why); the backbone's name, and
-    what its features are (`features_source`)."""
+                   ) -> tuple[list[torch.Tensor], torch.Tensor, str, dict[str, str], str]:
+    """Each backbone's pooled features of every path (`audit_backbones`; zeros for a file
+    that cannot be read, listed with why), and perceptual hashes (N, 64 bits); the
+    backbones' names, and what their features are (`features_source`)."""
+    from wingspan.models.runtime import forget_sessions
+
+    names = audit_backbones(config)
+    features, failed, what = [], {}, []
+    for name in names:  # (each decodes at its own size, so that its cached features are
+        # the same as an audit with it alone)
+        try:
+            x, hashes, why, source = _features(paths, name, config, progress)
+        finally:  # its ONNX Runtime session held 1 GB (Lite2, batch 32) beside the next's
+            forget_sessions()
+        features.append(x)
+        failed.update(why)
+        what.append(source)
+    return features, hashes, " + ".join(names), failed, "; ".join(what)
+
+
+@torch.inference_mode()
+def _features(paths: list[str], name: str, config: AuditConfig, progress: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, dict[str, str], str]:
+    """One frozen backbone's pooled features and the hashes of every path, the files that
+    could not be read, and what the features are."""
     from wingspan.config import AugmentConfig
     from wingspan.data.transforms import eval_transform
     from wingspan.models import create_classifier, resolve_policy
-    from wingspan.models.factory import choose_backbone
     from wingspan.training.data import default_workers
 
-    name, _ = choose_backbone(config.backbone, config.weights)
     model, loaded = create_classifier(name, {"label": 2}, config.weights)
     pre = model.preprocessing = _preprocessing(model, loaded)
     # Random weights (--weights none) differ on every call: nothing to keep. (The engine's
@@ -215,8 +248,8 @@ def image_features(paths: list[str], config: AuditConfig, progress: bool
                 else:
                     kept[i] = (feature, bit)
                     cache.put(entries[i], torch.cat([feature.cpu(), bit.float()]).numpy())
-    return (torch.stack([k[0] for k in kept]), torch.stack([k[1] for k in kept]), name,
-            failed, features_source(name, loaded))
+    return (torch.stack([k[0] for k in kept]), torch.stack([k[1] for k in kept]), failed,
+            features_source(name, loaded))
 
 
 def features_source(name: str, loaded: LoadedWeights | None) -> str:
