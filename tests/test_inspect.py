@@ -230,7 +230,7 @@ def test_inspect_names_the_groups_and_files_on_two_sides_that_train_refuses(tmp_
     assert "No problems found" not in said
     with pytest.raises(WingspanError, match=r"1 group on two sides \(1 in train\+val\), "
                        r"e\.g\. group 'obs7'"):
-        _check_leaks(ds, TrainConfig(), print)
+        _check_leaks(ds, "label", TrainConfig(), print)
 
 
 def test_a_class_misspelt_in_valid_is_said_before_train_refuses_it(tmp_path):

@@ -87,12 +87,24 @@ def test_ethec_splits_that_list_an_image_twice_are_repaired_and_reported(tmp_pat
                 write_image(root / IMAGE_DIR / "d" / f"{n}.jpg", seed=n, fmt="JPEG")
     leaked = next(iter(records["val"].values()))  # as in the published splits: val and test
     records["test"]["again"] = {**leaked, "token": "again"}
+    # A rare species whose one specimen is in val and test both (two photos, one barcode):
+    # the repair keeps it on test, and says that the species has no val image left.
+    for split, count in (("train", 4), ("val", 1), ("test", 1)):
+        for _ in range(count):
+            n += 1
+            records[split][f"t{n}"] = {
+                "token": f"t{n}", "image_path": "d", "image_name": f"{n}.jpg",
+                "family": "Hesperiidae", "subfamily": "Hesperiinae", "genus": "Ochlodes",
+                "specific_epithet": "sylvanus", "barcode": "ONE" if split != "train" else f"B{n}"}
+            write_image(root / IMAGE_DIR / "d" / f"{n}.jpg", seed=n, fmt="JPEG")
     for split, recs in records.items():
         (root / "splits" / f"{split}.json").write_text(json.dumps(recs))
     logs = []
     dataset = ensure_splits(read_dataset(root), "species", tiny(tmp_path), log=logs.append)
-    assert any("The ETHEC splits leak" in line and "Repaired: 1 record dropped" in line
+    assert any("The ETHEC splits leak" in line and "Repaired: 2 records dropped" in line
                for line in logs)
+    assert ("1 species class lost every val image to the repair (each class's specimens were "
+            "in val and test both, and are kept on test): Ochlodes sylvanus") in logs
     assert not find_leaks(dataset)
     rows = dataset.table[dataset.table["path"].str.endswith(f"/{leaked['image_name']}")]
     assert rows["split"].tolist() == ["test"]  # kept on the test side only

@@ -1106,3 +1106,77 @@ def test_a_pattern_in_a_folder_named_with_brackets_says_how_to_match_it(tmp_path
     assert skipped[0][1] == "no such file or folder, nor any match as a pattern"
     found, skipped = expand_paths([str(folder / "b.jpg")])  # a slip in the file's name
     assert skipped[0][1] == "no such file or folder, nor any match as a pattern"
+
+
+def _small_ethec(root, records=None):
+    """An ETHEC root of 2 species, 4 train, 2 val and 2 test images each; `records` (token:
+    record) are added to train.json, the file of their image written where one is named."""
+    (root / "splits").mkdir(parents=True)
+    n = 0
+    for split, count in (("train", 4), ("val", 2), ("test", 2)):
+        recs = {}
+        for genus, epithet in (("Pieris", "rapae"), ("Erebia", "aethiops")):
+            for _ in range(count):
+                n += 1
+                recs[f"t{n}"] = {"token": f"t{n}", "image_path": "d", "image_name": f"{n}.jpg",
+                                 "family": "Pieridae", "subfamily": "Pierinae", "genus": genus,
+                                 "specific_epithet": epithet, "barcode": f"B{n}"}
+                write_image(root / IMAGE_DIR / "d" / f"{n}.jpg", seed=n, fmt="JPEG")
+        if split == "train":
+            recs.update(records or {})
+            for r in (records or {}).values():
+                if isinstance(r, dict) and r.get("image_name"):
+                    write_image(root / IMAGE_DIR / "d" / r["image_name"], seed=7, fmt="JPEG")
+        (root / "splits" / f"{split}.json").write_text(json.dumps(recs))
+    return root
+
+
+def test_a_part_of_an_ethec_dataset_given_for_it_names_the_root(tmp_path):
+    """The image folder read as 95 classes named after scan dates; the folder around the
+    root as one class; the splits folder as 19,771 missing images; a split file as no
+    format at all. Each now names the root to give."""
+    root = _small_ethec(tmp_path / "download" / "ETHEC_dataset")
+    (tmp_path / "download" / "ETHEC_dataset.zip").write_bytes(b"PK")
+    for given, what in ((root / "splits" / "train.json", "is a split file of"),
+                        (root / "splits", "is the folder of the split files of"),
+                        (root / IMAGE_DIR, "is the image folder of"),
+                        (tmp_path / "download", "is the folder that holds")):
+        with pytest.raises(WingspanError, match=f"{what} the ETHEC dataset at") as e:
+            read_dataset(given)
+        assert e.value.hint.startswith(f"Give {root} as DATA")
+    assert read_dataset(root).format == "ethec"
+    # Asked for as a folder of classes, it is one (whatever it is).
+    assert read_dataset(root / IMAGE_DIR, ReadConfig(format="folder")).format == "folder"
+
+
+def test_an_ethec_record_without_a_genus_is_left_out_by_token_and_names_are_stripped(tmp_path):
+    """A null or blank rank made a blank label that `train --levels` refused with a hint
+    about taxonomy.csv (ETHEC has none), and `inspect` said nothing; a genus with a space
+    after it was a second genus."""
+    base = {"image_path": "d", "family": "Pieridae", "subfamily": "Pierinae",
+            "specific_epithet": "rapae", "barcode": "X"}
+    root = _small_ethec(tmp_path / "e", {
+        "nogenus": {**base, "token": "nogenus", "image_name": "x1.jpg", "genus": None},
+        "spaced": {**base, "token": "spaced", "image_name": "x2.jpg", "genus": "Pieris ",
+                   "barcode": "Y"}})
+    ds = read_dataset(root)
+    assert ds.table["genus"].value_counts().to_dict() == {"Pieris": 9, "Erebia": 8}
+    assert not ds.table["path"].str.endswith("x1.jpg").any()
+    said = [p.message for p in ds.problems if p.kind == "unnamed_taxon"]
+    assert said == ["train: 1 record lacks a family, subfamily, genus or specific epithet (e.g. "
+                    "record nogenus: no genus): left out",
+                    "train: record nogenus left out: it lacks a family, subfamily, genus or "
+                    "specific epithet"]
+
+
+def test_a_damaged_ethec_file_names_its_record_and_says_to_download_again(tmp_path):
+    root = _small_ethec(tmp_path / "e", {"bad": "Pieris rapae"})
+    with pytest.raises(WingspanError, match="record bad is not an ETHEC record") as e:
+        read_dataset(root)
+    assert "download the dataset again" in e.value.hint
+    root = _small_ethec(tmp_path / "f")
+    text = (root / "splits" / "val.json").read_text()
+    (root / "splits" / "val.json").write_text(text[: len(text) // 2])  # cut short
+    with pytest.raises(WingspanError, match="val.json is damaged") as e:
+        read_dataset(root)
+    assert "download the dataset again" in e.value.hint

@@ -13,6 +13,7 @@ in two splits (a leak: re-split with `wingspan data split` to remove it).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -26,13 +27,17 @@ from wingspan.errors import WingspanError, counted
 
 IMAGE_DIR = "IMAGO_build_test_resized"
 LEVELS = ["family", "subfamily", "genus", "species"]
-FIELDS = ["token", "image_path", "image_name", "family", "subfamily", "genus",
-          "specific_epithet", "barcode"]
+TAXA = ["family", "subfamily", "genus", "specific_epithet"]
+FIELDS = ["token", "image_path", "image_name", *TAXA, "barcode"]
 
 
 # A train.json or val.json at the top of DATA is what marks an ETHEC root.
 NOT_ETHEC = ("DATA was read as ETHEC because it holds train.json, val.json or test.json; if it "
              "is a folder of class folders, pass --format folder.")
+
+
+DAMAGED = ("The file looks damaged: download the dataset again (`wingspan data download "
+           "ethec`), or mend the record.")
 
 
 def _split_files(root: Path) -> dict[str, Path]:
@@ -47,26 +52,62 @@ def is_ethec_root(path: Path) -> bool:
     return path.is_dir() and bool(_split_files(path))
 
 
+def root_near(path: Path) -> tuple[Path, str] | None:
+    """The ETHEC root that `path` is part of, or holds, when `path` is not it: what a user
+    gives by mistake (a split file, the splits or image folder, or the folder the dataset
+    was unpacked in), which read otherwise as 95 classes named after scan dates, as one
+    class, or as 19,771 missing images. Then (the root, what `path` is)."""
+    if path.is_file():
+        root = path.parent.parent if path.parent.name == "splits" else path.parent
+        if path.suffix.lower() == ".json" and path.stem in SPLITS and is_ethec_root(root):
+            return root, "a split file"
+        return None
+    if path.name == "splits" and is_ethec_root(path.parent):
+        return path.parent, "the folder of the split files"
+    if path.name == IMAGE_DIR and is_ethec_root(path.parent):
+        return path.parent, "the image folder"
+    try:
+        if path.is_dir() and not is_ethec_root(path):
+            with os.scandir(path) as entries:
+                inside = next((Path(e.path) for e in entries if e.is_dir() and
+                               is_ethec_root(Path(e.path))), None)
+            if inside is not None:
+                return inside, "the folder that holds"
+    except OSError:  # (a folder it may not list: the reader says so)
+        pass
+    return None
+
+
 def _load_split(path: Path, split: str) -> pd.DataFrame:
     try:
         with open(path, encoding="utf-8") as f:
             records = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except OSError as e:
         raise WingspanError(f"Cannot read the ETHEC split file {path}: {e}",
                             hint=NOT_ETHEC) from e
+    except json.JSONDecodeError as e:  # (a download cut short, say)
+        raise WingspanError(f"The ETHEC split file {path} is damaged: {e}", hint=DAMAGED) from e
     if not isinstance(records, dict) or not records:
         raise WingspanError(f"{path} is not an ETHEC split file (a dict of records by token).",
                             hint=NOT_ETHEC)
-    if not all(isinstance(r, dict) for r in records.values()):
-        raise WingspanError(f"{path}: its records are not ETHEC's (field: value) records.",
-                            hint=NOT_ETHEC)
+    odd = next((t for t, r in records.items() if not isinstance(r, dict)), None)
+    if odd is not None:  # (none a record: another tool's train.json beside class folders)
+        raise WingspanError(f"{path}: record {odd} is not an ETHEC record (field: value), "
+                            f"but {_shown(records[odd])}.", hint=DAMAGED if any(
+                                isinstance(r, dict) for r in records.values()) else NOT_ETHEC)
     table = pd.DataFrame.from_dict(records, orient="index")
     missing = [f for f in FIELDS if f not in table.columns]
     if missing:
         raise WingspanError(f"{path}: records lack the fields {missing}.", hint=NOT_ETHEC)
     table = table[FIELDS].fillna("").astype(str)
+    table[TAXA] = table[TAXA].apply(lambda names: names.str.strip())  # (as species names are)
     table[SPLIT] = split
     return table
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @register_reader("ethec", detect=is_ethec_root)
@@ -81,6 +122,7 @@ def read_ethec(root: Path, config: ReadConfig) -> Dataset:
     problems: list[Problem] = []
     raw = _drop_nameless(raw, problems)
     raw["image"] = raw["image_path"] + "/" + raw["image_name"]
+    raw = _drop_unnamed_taxa(raw, problems)
     raw = _drop_repeats(raw, problems)
 
     image_root = root / IMAGE_DIR
@@ -110,11 +152,28 @@ def _drop_nameless(raw: pd.DataFrame, problems: list[Problem]) -> pd.DataFrame:
         "names no file", problems)
 
 
+def _drop_unnamed_taxa(raw: pd.DataFrame, problems: list[Problem]) -> pd.DataFrame:
+    """Records lacking a family, subfamily, genus or epithet (null or blank: a damaged
+    record; the release has none) cannot be placed in the tree that `--levels` trains on:
+    left out and said so, by token, not trained on as a blank label."""
+    blank = raw[TAXA].eq("")
+    return _drop_records(
+        raw, blank.any(axis=1), "unnamed_taxon", "image",
+        lambda part: f"{counted(len(part), 'record lacks', 'records lack')} a family, "
+                     "subfamily, genus or specific epithet (e.g. record "
+                     f"{part['token'].iloc[0]}: no {_first_blank(part)}): left out",
+        "left out: it lacks a family, subfamily, genus or specific epithet", problems)
+
+
+def _first_blank(part: pd.DataFrame) -> str:
+    return next(t for t in TAXA if part[t].iloc[0] == "").replace("_", " ")
+
+
 def _drop_repeats(raw: pd.DataFrame, problems: list[Problem]) -> pd.DataFrame:
     """Keep one record per image within each split, reporting every dropped copy; an
     image whose records label it differently keeps none (which label is right cannot be
     told: the CSV reader leaves such rows out alike)."""
-    taxa = ["family", "subfamily", "genus", "specific_epithet"]
+    taxa = TAXA
     labels = raw.groupby([SPLIT, "image"])[taxa].transform("nunique").gt(1).any(axis=1)
     raw = _drop_records(
         raw, labels, "conflicting_labels", "image",

@@ -80,6 +80,8 @@ def read_dataset(path: str | Path, config: ReadConfig | None = None) -> Dataset:
             f"No dataset at {path}: the path does not exist.",
             hint="Check the spelling, or give the folder that holds one folder per class.",
         )
+    if config.format in (None, "ethec"):
+        _check_not_in_ethec(path)
     fmt = config.format or detect_format(path)
     if fmt not in READERS:
         raise WingspanError(
@@ -89,6 +91,19 @@ def read_dataset(path: str | Path, config: ReadConfig | None = None) -> Dataset:
     _check_not_empty(dataset, path)
     dataset.group_regex = config.group_regex
     return dataset
+
+
+def _check_not_in_ethec(path: Path) -> None:
+    """A part of an ETHEC dataset, or the folder around one, given for the dataset."""
+    from wingspan.data.ethec import IMAGE_DIR, root_near
+
+    near = root_near(path)
+    if near is not None:
+        root, what = near
+        raise WingspanError(
+            f"{path} is {what} the ETHEC dataset at {root}." if what.endswith("holds") else
+            f"{path} is {what} of the ETHEC dataset at {root}, not the dataset itself.",
+            hint=f"Give {root} as DATA: it holds the split files and {IMAGE_DIR}.")
 
 
 NOT_UTF8 = ("its name, or a folder's above it, is not UTF-8 text (as a zip made on Windows or "
