@@ -170,6 +170,14 @@ def test_ethec_reports_each_leak_once(tmp_path):
     assert said["barcode_in_two_splits"].startswith(
         "1 barcode has different images in more than one")
     assert said["image_in_two_splits"].startswith("1 image is in more than one split")
+    # Said as it is where training reads the data, not "1 x image in two splits, e.g. 1
+    # image is in more than one split".
+    from wingspan.data.samples import report_reading
+
+    logged: list[str] = []
+    report_reading(dataset, logged.append)
+    assert f"While reading the data: {said['image_in_two_splits']}" in logged
+    assert not any(" x " in line for line in logged), logged
     leaks = find_leaks(dataset, by_content=False)  # what training counts, the same
     assert len(leaks.by_path) == 1 and list(leaks.by_group) == ["B1"]
 
