@@ -454,6 +454,39 @@ def test_a_refused_upload_is_cut_off_and_a_stalled_one_does_not_hold_sigterm(run
         proc.communicate()
 
 
+def test_a_request_whose_client_hangs_up_stops_decoding(run_dir, monkeypatch):
+    """A request of 16 large photos dropped after 1 s went on decoding for 12 s, slowing
+    every other request. Now the rest of its files are let go as the client leaves."""
+    import socket
+
+    import httpx
+
+    import wingspan.serve
+
+    decode, started = wingspan.serve._decode, []
+
+    def slow_decode(name, data, draft=None):
+        started.append(name)
+        time.sleep(0.5)
+        return decode(name, data, draft)
+
+    monkeypatch.setattr(wingspan.serve, "_decode", slow_decode)
+    app = create_app(run_dir, ServeLimits(), device="cpu")
+    with serving_in_background(app) as url:
+        request = httpx.Request("POST", f"{url}/predict", files=[
+            ("files", (f"{i}.jpg", _jpeg(), "image/jpeg")) for i in range(32)])
+        body = request.read()
+        head = "".join(f"{k}: {v}\r\n" for k, v in request.headers.items())
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as conn:
+            conn.sendall(f"POST /predict HTTP/1.1\r\n{head}\r\n".encode() + body)
+            while not started:
+                time.sleep(0.01)
+        time.sleep(4)  # (32 decodes of 0.5 s on a few threads: all begun by now, before)
+        assert 1 <= len(started) <= 16, len(started)
+        assert httpx.get(f"{url}/health").json()["in_flight"] == 0
+
+
 def test_padded_uploads_are_read_in_turn_by_their_bytes(run_dir, monkeypatch):
     """Files of few pixels padded to many bytes were all read at once, whatever the pool:
     32 of 20 MB held 650 MB for one request. A file now holds the larger of its pixels
