@@ -470,6 +470,7 @@ def test_the_default_audit_puts_both_installed_backbones_side_by_side(tmp_path, 
 
     from wingspan.config import AuditConfig, SettingError
     from wingspan.data import audit, read_dataset
+    from wingspan.errors import WingspanError
     from wingspan.models import runtime
 
     forget = runtime.forget_sessions
@@ -499,6 +500,13 @@ def test_the_default_audit_puts_both_installed_backbones_side_by_side(tmp_path, 
                         or len(self.paths))
     audit.audit_dataset(data, tmp_path / "lite0", progress=False,
                         config=AuditConfig("efficientnet_lite0", folds=2))
+    assert decoded == []
+    # A misspelt second name is said before the first's pass, not after it.
+    fresh = tmp_path / "fresh.jpg"
+    Image.new("RGB", (40, 40), (9, 99, 199)).save(fresh)
+    with pytest.raises(WingspanError, match="Unknown backbone 'efficientnet_lit0'"):
+        audit.image_features([str(fresh)], AuditConfig("efficientnet_lite0,efficientnet_lit0"),
+                             progress=False)
     assert decoded == []
     with pytest.raises(SettingError, match="one name with weights"):
         AuditConfig("efficientnet_lite0,efficientnet_lite2", weights="runs/x")

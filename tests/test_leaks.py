@@ -103,8 +103,8 @@ def test_ethec_splits_that_list_an_image_twice_are_repaired_and_reported(tmp_pat
     dataset = ensure_splits(read_dataset(root), "species", tiny(tmp_path), log=logs.append)
     assert any("The ETHEC splits leak" in line and "Repaired: 2 records dropped" in line
                for line in logs)
-    assert ("1 species class lost every val image to the repair (each class's specimens were "
-            "in val and test both, and are kept on test): Ochlodes sylvanus") in logs
+    assert ("1 species class lost every val image to the repair (each class's val specimens "
+            "were on another side too, and are kept there): Ochlodes sylvanus") in logs
     assert not find_leaks(dataset)
     rows = dataset.table[dataset.table["path"].str.endswith(f"/{leaked['image_name']}")]
     assert rows["split"].tolist() == ["test"]  # kept on the test side only

@@ -1131,7 +1131,7 @@ def _small_ethec(root, records=None):
     return root
 
 
-def test_a_part_of_an_ethec_dataset_given_for_it_names_the_root(tmp_path):
+def test_a_part_of_an_ethec_dataset_given_for_it_names_the_root(tmp_path, monkeypatch):
     """The image folder read as 95 classes named after scan dates; the folder around the
     root as one class; the splits folder as 19,771 missing images; a split file as no
     format at all. Each now names the root to give."""
@@ -1144,6 +1144,9 @@ def test_a_part_of_an_ethec_dataset_given_for_it_names_the_root(tmp_path):
         with pytest.raises(WingspanError, match=f"{what} the ETHEC dataset at") as e:
             read_dataset(given)
         assert e.value.hint.startswith(f"Give {root} as DATA")
+    monkeypatch.chdir(root / IMAGE_DIR)  # `wingspan data inspect .` from inside it
+    with pytest.raises(WingspanError, match="is the image folder of the ETHEC dataset at"):
+        read_dataset(".")
     assert read_dataset(root).format == "ethec"
     # Asked for as a folder of classes, it is one (whatever it is).
     assert read_dataset(root / IMAGE_DIR, ReadConfig(format="folder")).format == "folder"
@@ -1180,3 +1183,25 @@ def test_a_damaged_ethec_file_names_its_record_and_says_to_download_again(tmp_pa
     with pytest.raises(WingspanError, match="val.json is damaged") as e:
         read_dataset(root)
     assert "download the dataset again" in e.value.hint
+    # Another tool's train.json beside class folders (UTF-16 text, say) is no damaged ETHEC.
+    folder_dataset(tmp_path / "g", {"monarch": 1})
+    (tmp_path / "g" / "train.json").write_text('{"a": 1}', encoding="utf-16")
+    with pytest.raises(WingspanError, match="Cannot read .* as an ETHEC split file") as e:
+        read_dataset(tmp_path / "g")
+    assert "--format folder" in e.value.hint
+
+
+def test_reading_says_a_lone_sum_as_it_is_and_counts_many_of_a_kind(tmp_path):
+    """ETHEC's '49 images are in more than one split' read '1 x image in two splits, e.g.
+    49 images ...'; a kind of many cases without a path (a class each) stays counted."""
+    from wingspan.data.samples import Problem, report_reading
+
+    folder_dataset(tmp_path, {"monarch": 2, "admiral": 2})
+    ds = read_dataset(tmp_path)
+    ds.problems = [Problem("taxonomy_missing", "class a has no row"),
+                   Problem("taxonomy_missing", "class b has no row"),
+                   Problem("image_in_two_splits", "49 images are in more than one split")]
+    logged: list[str] = []
+    report_reading(ds, logged.append)
+    assert logged == ["While reading the data: 2 x taxonomy missing, e.g. class a has no row",
+                      "While reading the data: 49 images are in more than one split"]

@@ -357,6 +357,9 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
         gone = asyncio.ensure_future(_hung_up(request))
         try:
             await asyncio.wait([work, gone], return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # (this request itself cancelled: shutting down)
+            work.cancel()
+            raise
         finally:
             gone.cancel()
         if not work.done():

@@ -181,20 +181,25 @@ def image_features(paths: list[str], config: AuditConfig, progress: bool
     """Each backbone's pooled features of every path (`audit_backbones`; zeros for a file
     that cannot be read, listed with why), and perceptual hashes (N, 64 bits); the
     backbones' names, and what their features are (`features_source`)."""
+    from wingspan.models.registry import get_spec
     from wingspan.models.runtime import forget_sessions
 
     names = audit_backbones(config)
-    features, failed, what = [], {}, []
+    for name in names:  # a misspelt second name: said now, not after the first's pass
+        get_spec(name)
+    features, hashes, failed, what = [], [], {}, []
     for name in names:  # (each decodes at its own size, so that its cached features are
         # the same as an audit with it alone)
         try:
-            x, hashes, why, source = _features(paths, name, config, progress)
+            x, bits, why, source = _features(paths, name, config, progress)
         finally:  # its ONNX Runtime session held 1 GB (Lite2, batch 32) beside the next's
             forget_sessions()
         features.append(x)
+        hashes.append(bits)
         failed.update(why)
         what.append(source)
-    return features, hashes, " + ".join(names), failed, "; ".join(what)
+    # (the first's hashes, as its features: decoded at its size, as an audit with it alone)
+    return features, hashes[0], " + ".join(names), failed, "; ".join(what)
 
 
 @torch.inference_mode()

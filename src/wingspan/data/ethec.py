@@ -85,7 +85,10 @@ def _load_split(path: Path, split: str) -> pd.DataFrame:
     except OSError as e:
         raise WingspanError(f"Cannot read the ETHEC split file {path}: {e}",
                             hint=NOT_ETHEC) from e
-    except json.JSONDecodeError as e:  # (a download cut short, say)
+    except ValueError as e:  # (JSON cut short, or not UTF-8 text)
+        if not any((folder / IMAGE_DIR).is_dir() for folder in path.parents[:2]):
+            raise WingspanError(f"Cannot read {path} as an ETHEC split file: {e}",
+                                hint=NOT_ETHEC) from e  # (another tool's file, say)
         raise WingspanError(f"The ETHEC split file {path} is damaged: {e}", hint=DAMAGED) from e
     if not isinstance(records, dict) or not records:
         raise WingspanError(f"{path} is not an ETHEC split file (a dict of records by token).",

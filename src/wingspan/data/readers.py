@@ -81,7 +81,7 @@ def read_dataset(path: str | Path, config: ReadConfig | None = None) -> Dataset:
             hint="Check the spelling, or give the folder that holds one folder per class.",
         )
     if config.format in (None, "ethec"):
-        _check_not_in_ethec(path)
+        _check_not_in_ethec(path.resolve())  # (`.` inside the image folder, a link to it)
     fmt = config.format or detect_format(path)
     if fmt not in READERS:
         raise WingspanError(

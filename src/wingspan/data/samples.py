@@ -164,12 +164,12 @@ def report_reading(dataset: Dataset, log) -> dict[str, int]:
     for kind, problems in kinds.items():
         # A reader may sum a kind up (per split, say) besides listing each case: the sums
         # say it best, and the count is of the cases, not of cases and sums together.
-        # A kind of sums alone (ETHEC's leaks: "49 images are in more than one split") is
-        # said as it is, not as "1 x image in two splits, e.g. 49 images ...".
+        # A kind that is one sum alone (ETHEC's leaks: "49 images are in more than one
+        # split") is said as it is, not as "1 x image in two splits, e.g. 49 images ...".
         cases = [p for p in problems if p.path] or problems
         sums = [p for p in problems if not p.path]
         counts[kind] = len(cases)
-        if sums and (len(cases) < len(problems) or len(sums) == len(problems)):
+        if sums and (len(cases) < len(problems) or len(problems) == 1):
             for each in sums:
                 log(f"While reading the data: {each.message}")
             continue

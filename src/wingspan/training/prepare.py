@@ -134,8 +134,8 @@ def _check_leaks(dataset: Dataset, level: str, config: TrainConfig, log) -> Data
         emptied = sorted(in_val(dataset) - in_val(repaired))
         if emptied:
             log(f"{counted(len(emptied), f'{level} class', f'{level} classes')} lost every val "
-                "image to the repair (each class's specimens were in val and test both, and "
-                f"are kept on test): {some(emptied)}")
+                "image to the repair (each class's val specimens were on another side too, "
+                f"and are kept there): {some(emptied)}")
         return repaired
     if config.allow_leaky_splits:
         log(f"WARNING: the given splits leak ({leaks.describe()}); training on them anyway "
