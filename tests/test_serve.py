@@ -491,6 +491,46 @@ def test_a_request_whose_client_hangs_up_stops_decoding(run_dir, monkeypatch):
         assert httpx.get(f"{url}/health").json()["in_flight"] == 0
 
 
+def test_a_request_past_the_limit_is_refused_before_its_upload(run_dir, monkeypatch):
+    """The 429 came once the whole body was in (627 MB spooled for 33 files of 19 MB), and
+    uploads under way were not counted in flight. Now a request counts from its first byte,
+    and one past the limit is refused before its body is read."""
+    import socket
+    import threading
+
+    import httpx
+
+    import wingspan.serve
+
+    decode, began = wingspan.serve._decode, threading.Event()
+
+    def slow_decode(name, data, draft=None):
+        began.set()
+        time.sleep(3)
+        return decode(name, data, draft)
+
+    monkeypatch.setattr(wingspan.serve, "_decode", slow_decode)
+    app = create_app(run_dir, ServeLimits(max_in_flight=1), device="cpu")
+    with serving_in_background(app) as url:
+        busy = threading.Thread(target=httpx.post, args=(f"{url}/predict",), kwargs={
+            "files": [("files", ("a.jpg", _jpeg(), "image/jpeg"))], "timeout": 30})
+        busy.start()
+        assert began.wait(30)
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as conn:
+            conn.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/"
+                         b"form-data; boundary=b\r\nContent-Length: 600000000\r\n\r\n")
+            answer = conn.recv(4096)  # (before: no answer until 600 MB had come)
+        assert answer.startswith(b"HTTP/1.1 429") and b"retry-after: 1" in answer.lower()
+        busy.join(30)
+        # An upload under way counts in flight, as /health says.
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as conn:
+            conn.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/"
+                         b"form-data; boundary=b\r\nContent-Length: 1000\r\n\r\n--b")
+            time.sleep(0.5)
+            assert httpx.get(f"{url}/health").json()["in_flight"] == 1
+
+
 def test_padded_uploads_are_read_in_turn_by_their_bytes(run_dir, monkeypatch):
     """Files of few pixels padded to many bytes were all read at once, whatever the pool:
     32 of 20 MB held 650 MB for one request. A file now holds the larger of its pixels

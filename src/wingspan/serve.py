@@ -160,6 +160,31 @@ class _BodyLimit:
         await self.app(scope, counted, send)
 
 
+class _Admission:
+    """POST requests counted in flight from their first byte, and refused (429) past the
+    limit before their body is read. Counted in the endpoint, once the form was in, every
+    refused request had been uploaded and spooled first (627 MB for 33 files of 19 MB), and
+    uploads under way counted for nothing: their number had no bound."""
+
+    def __init__(self, app, in_flight: dict, most: int):
+        self.app, self.in_flight, self.most = app, in_flight, most
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        if self.in_flight["n"] >= self.most:
+            # Retry-After: what clients' retry logic (urllib3's Retry, say) waits for
+            refused = JSONResponse({"error": "Too many requests in flight; try again "
+                                             "shortly."}, status_code=429,
+                                   headers={"Retry-After": "1", **CLOSE})
+            return await refused(scope, receive, send)
+        self.in_flight["n"] += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight["n"] -= 1
+
+
 class _PixelPool:
     """How many pixels the server decodes at once. A request of 32 flat 49 MP PNGs (5 MB:
     inside every other limit) had six decoded together on the shared threads: 4.3 GB at
@@ -225,6 +250,7 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
                        allowed=f"at most {most} ({counted(limits.max_files, 'file')} of "
                                f"{limits.max_bytes} bytes, each with 4096 bytes of form "
                                "headers).")
+    app.add_middleware(_Admission, in_flight=in_flight, most=limits.max_in_flight)
     app.state.predictor = predictor
 
     # Every error as {"error": ...}, not {"detail": ...}: ours, Starlette's own (404, too
@@ -287,19 +313,12 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
 
     @contextmanager
     def admitted():
-        """A request counted in flight (429 past the limit) and answered 504 past the
-        time limit, whichever endpoint it is."""
-        if in_flight["n"] >= limits.max_in_flight:
-            # Retry-After: what clients' retry logic (urllib3's Retry, say) waits for
-            raise HTTPException(429, "Too many requests in flight; try again shortly.",
-                                headers={"Retry-After": "1"})
-        in_flight["n"] += 1
+        """A request answered 504 past the time limit, whichever endpoint it is. (It was
+        counted in flight, or refused, as it arrived: `_Admission`.)"""
         try:
             yield
         except asyncio.TimeoutError as e:
             raise HTTPException(504, f"No answer within {limits.timeout_s:g} s.") from e
-        finally:
-            in_flight["n"] -= 1
 
     @app.post("/predict", responses={200: {"description": PREDICT_ANSWER}, **ERRORS})
     async def predict(request: Request, files: Annotated[list[UploadFile], File()]) -> dict:
