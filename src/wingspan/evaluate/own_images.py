@@ -16,7 +16,7 @@ from wingspan.data.samples import SPLIT, renamed
 from wingspan.errors import WingspanError, none_read
 from wingspan.inference import Predictor, spelt_as_trained
 from wingspan.models.unknown import MAX_FIT_IMAGES, fit_subset
-from wingspan.training.folder import SPLITS_FILE
+from wingspan.training.folder import CONFIG_FILE, SPLITS_FILE
 
 
 @dataclass
@@ -38,13 +38,26 @@ def run_folder(predictor: Predictor, purpose: str) -> Path:
     return run_dir.resolve()
 
 
-def own_images(predictor: Predictor, purpose: str, per_class: bool = False, seed: int = 0,
-               progress: bool = True) -> dict[str, Labelled]:
+def run_seed(run_dir: Path) -> int:
+    """The seed the run was trained with (its config.yaml's; 0 where it cannot be read)."""
+    import yaml
+
+    try:
+        settings = yaml.safe_load((run_dir / CONFIG_FILE).read_bytes())
+        return int(settings.get("seed", 0)) if isinstance(settings, dict) else 0
+    except (OSError, yaml.YAMLError, TypeError, ValueError):
+        return 0
+
+
+def own_images(predictor: Predictor, purpose: str, per_class: bool = False,
+               seed: int | None = None, progress: bool = True) -> dict[str, Labelled]:
     """The run's "train" and "val" images with their features. Past MAX_FIT_IMAGES training
-    images a fixed random sample is taken, of equal shares per class when `per_class` (a
-    rare class keeps its images: a refitted head could never name a class missing from its
-    fit)."""
+    images a fixed random sample is taken (with `seed`, by default the run's own: then the
+    very images training fitted the unknown scores on), of equal shares per class when
+    `per_class` (a rare class keeps its images: a refitted head could never name a class
+    missing from its fit)."""
     run_dir = run_folder(predictor, purpose)
+    seed = run_seed(run_dir) if seed is None else seed
     levels, manifest = predictor.model.levels, predictor.manifest
     table = read_dataset(run_dir / SPLITS_FILE).table
     spelt = spelt_as_trained(predictor)  # as training named them

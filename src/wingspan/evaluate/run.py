@@ -957,14 +957,16 @@ def _check_bundle_writable(bundle: Path, what: str) -> None:
 
 def fit_unknown(model: str | Path, rate: float | None = None, score: str | None = None,
                 progress: bool = True, batch_size: int = 32, workers: int | None = None,
-                device: str = "auto", seed: int = 0, precision: str = "auto",
+                device: str = "auto", seed: int | None = None, precision: str = "auto",
                 runtime: str = "auto") -> dict:
     """Fit the unknown scores again on a run's own training images and set their
     thresholds on its val split (training does this once): for another `rate` or default
-    `score`, or for a model trained before wingspan had them. Rewrites the bundle."""
+    `score`, or for a model trained before wingspan had them. Rewrites the bundle. `seed`:
+    by default the run's own, so that a run with more than MAX_FIT_IMAGES training images
+    refits on the very ones training drew (with seed 0, only seed-0 runs did)."""
     import torch
 
-    from wingspan.evaluate.own_images import own_images, run_folder
+    from wingspan.evaluate.own_images import own_images, run_folder, run_seed
     from wingspan.models import save_bundle
     from wingspan.models.unknown import UnknownDetector, check_rate
 
@@ -976,7 +978,8 @@ def fit_unknown(model: str | Path, rate: float | None = None, score: str | None 
     predictor = Predictor(model, device=device, batch_size=batch_size, workers=workers,
                           progress=progress, precision=precision, runtime=runtime)
     purpose = "the unknown scores are fitted on"
-    run_folder(predictor, purpose)  # before anything is computed
+    run_dir = run_folder(predictor, purpose)  # before anything is computed
+    seed = run_seed(run_dir) if seed is None else seed
     _check_bundle_writable(predictor.bundle, "calibrate --unknown stores the scores there")
     manifest = predictor.manifest
     previous = manifest.get("unknown") or {}
