@@ -384,7 +384,53 @@ def test_batches_count_what_is_left_once_unreadable_items_are_left_out():
         assert w is None or len(batches) < 9
 
 
+def _no_quota(monkeypatch) -> None:
+    """No cgroup CPU quota, whatever the machine's (a CI container may have one)."""
+    import wingspan.config
+
+    monkeypatch.setattr(wingspan.config, "CGROUP_CPU_MAX", "/nonexistent/cpu.max")
+    monkeypatch.setattr(wingspan.config, "CGROUP_V1_QUOTA", ("/nonexistent/q", "/nonexistent/p"))
+
+
+def test_a_containers_cpu_quota_bounds_the_cores_and_torchs_threads(monkeypatch, tmp_path):
+    """`docker run --cpus 2` (a Kubernetes limit) on a 64-core host: affinity says 64, and
+    a worker and a torch thread per core then shared 2 cores' time."""
+    import torch
+
+    import wingspan.config
+    from wingspan.config import usable_cores
+    from wingspan.models import resolve_policy
+
+    _no_quota(monkeypatch)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert usable_cores() == 64
+    limit = tmp_path / "cpu.max"
+    monkeypatch.setattr(wingspan.config, "CGROUP_CPU_MAX", str(limit))
+    for text, cores in (("150000 100000", 2), ("50000 100000", 1), ("max 100000", 64)):
+        limit.write_text(text + "\n")
+        assert usable_cores() == cores, text
+    # cgroup v1: a quota of -1 is none
+    v1 = tmp_path / "quota", tmp_path / "period"
+    monkeypatch.setattr(wingspan.config, "CGROUP_CPU_MAX", "/nonexistent/cpu.max")
+    monkeypatch.setattr(wingspan.config, "CGROUP_V1_QUOTA", tuple(map(str, v1)))
+    v1[1].write_text("100000\n")
+    for quota, cores in (("300000", 3), ("-1", 64)):
+        v1[0].write_text(quota + "\n")
+        assert usable_cores() == cores, quota
+    assert default_workers() == MAX_WORKERS  # (16) of 64 cores, with no quota
+    v1[0].write_text("200000\n")
+    assert default_workers() == 1
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        resolve_policy("cpu")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_data_workers_share_the_cores_this_process_may_use(monkeypatch):
+    _no_quota(monkeypatch)
     cores = set(range(4))
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: cores, raising=False)
     assert default_workers() == 3 and default_workers(2) == 1 and default_workers(4) == 0

@@ -419,6 +419,10 @@ def test_inspect_reads_with_as_many_threads_as_the_cores_this_process_may_use(mo
     threads (one per core of the machine, at most 8) crowded the 2."""
     import os
 
+    import wingspan.config
+
+    monkeypatch.setattr(wingspan.config, "CGROUP_CPU_MAX", "/nonexistent/cpu.max")  # no quota
+    monkeypatch.setattr(wingspan.config, "CGROUP_V1_QUOTA", ("/nonexistent/q", "/nonexistent/p"))
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3, 7}, raising=False)
     assert InspectConfig().workers == 2

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import math
 import os
 import re
 import reprlib
@@ -116,11 +117,32 @@ def check_names(given, valid: list[str], unknown: str = "Unknown setting '{}'.",
 def usable_cores() -> int:
     """The CPU cores this process may use: a container's cpuset, SLURM or `taskset` may
     allow fewer than the machine has, and a thread or worker per core of the machine then
-    crowds them. (A CPU quota, as Docker sets for its cpus option, is not seen: it
-    allows time, not cores.)"""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    crowds them; so may a CPU quota (`docker run --cpus 2`, a Kubernetes limit), which
+    allows that many cores' time, rounded up."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+    quota = cpu_quota()
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+# Where a container sees its own CPU quota: cgroup v2's "QUOTA PERIOD" (or "max PERIOD"),
+# else cgroup v1's two files (a quota of -1: none).
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
+CGROUP_V1_QUOTA = ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")
+
+
+def cpu_quota() -> float | None:
+    """The cores' worth of CPU time a cgroup quota allows this container, or None."""
+    try:
+        quota, period = Path(CGROUP_CPU_MAX).read_text().split()[:2]
+        return int(quota) / int(period) if quota != "max" else None
+    except (OSError, ValueError):
+        pass
+    try:
+        quota, period = (int(Path(f).read_text()) for f in CGROUP_V1_QUOTA)
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
 
 
 def settings(cls=None, **options):
