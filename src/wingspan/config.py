@@ -117,7 +117,7 @@ def check_names(given, valid: list[str], unknown: str = "Unknown setting '{}'.",
 def usable_cores() -> int:
     """The CPU cores this process may use: a container's cpuset, SLURM or `taskset` may
     allow fewer than the machine has, and a thread or worker per core of the machine then
-    crowds them; so may a CPU quota (`docker run --cpus 2`, a Kubernetes limit), which
+    crowds them; so may a CPU quota (Docker's cpus option, a Kubernetes limit), which
     allows that many cores' time, rounded up."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
         os.cpu_count() or 1)
