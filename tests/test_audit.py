@@ -482,13 +482,14 @@ def test_the_default_audit_puts_both_installed_backbones_side_by_side(tmp_path, 
     sessions = []
     monkeypatch.setattr(runtime, "forget_sessions", lambda: sessions.append(
         len(runtime._SESSIONS)) or forget())
-    both = audit.audit_dataset(data, tmp_path / "both", config=AuditConfig(folds=2),
-                               progress=False)
+    # (on the CPU, where ONNX Runtime runs, whatever the machine: a GPU box's would not)
+    both = audit.audit_dataset(data, tmp_path / "both", progress=False,
+                               config=AuditConfig(folds=2, device="cpu"))
     # Each backbone's ONNX Runtime session (1 GB for Lite2 at batch 32) is let go before
     # the next is made: the audit's peak memory is one backbone's.
     assert sessions[0] >= 1 and len(sessions) == 2 and not runtime._SESSIONS
     alone = audit.audit_dataset(data, tmp_path / "alone", progress=False,
-                                config=AuditConfig("efficientnet_lite2", folds=2))
+                                config=AuditConfig("efficientnet_lite2", folds=2, device="cpu"))
     assert both.backbone == "efficientnet_lite2 + efficientnet_lite0"
     assert "efficientnet_lite0 (ImageNet, frozen)" in both.html.read_text()
     assert both.duplicates.equals(alone.duplicates)

@@ -312,7 +312,7 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
                             if predictor.unknown else None)}
 
     @contextmanager
-    def admitted():
+    def time_limited():
         """A request answered 504 past the time limit, whichever endpoint it is. (It was
         counted in flight, or refused, as it arrived: `_Admission`.)"""
         try:
@@ -326,7 +326,7 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
         if len(files) > limits.max_files:
             raise HTTPException(413, f"{len(files)} files in one request; at most "
                                      f"{limits.max_files}.")
-        with admitted():
+        with time_limited():
             results = await _unless_gone(request, asyncio.wait_for(_each(files),
                                                                    limits.timeout_s))
         return {"predictions": results, "latency_ms": round(1000 * (time.perf_counter()
@@ -346,7 +346,7 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
             raise HTTPException(422, f"Unknown class '{target}': target names one of the "
                                      f"model's {predictor.level} classes: "
                                      f"{some(predictor.classes, 10)}{more}.")
-        with admitted():
+        with time_limited():
             start = time.perf_counter()  # one time limit for the decoding and the Grad-CAM
             decode = asyncio.ensure_future(_decoded(file))
             try:

@@ -16,7 +16,7 @@ from wingspan.data.samples import SPLIT, renamed
 from wingspan.errors import WingspanError, none_read
 from wingspan.inference import Predictor, spelt_as_trained
 from wingspan.models.unknown import MAX_FIT_IMAGES, fit_subset
-from wingspan.training.folder import CONFIG_FILE, SPLITS_FILE
+from wingspan.training.folder import SPLITS_FILE
 
 
 @dataclass
@@ -38,15 +38,9 @@ def run_folder(predictor: Predictor, purpose: str) -> Path:
     return run_dir.resolve()
 
 
-def run_seed(run_dir: Path) -> int:
-    """The seed the run was trained with (its config.yaml's; 0 where it cannot be read)."""
-    import yaml
-
-    try:
-        settings = yaml.safe_load((run_dir / CONFIG_FILE).read_bytes())
-        return int(settings.get("seed", 0)) if isinstance(settings, dict) else 0
-    except (OSError, yaml.YAMLError, TypeError, ValueError):
-        return 0
+def trained_seed(predictor: Predictor) -> int:
+    """The seed the model was trained with, as its bundle records it."""
+    return int((predictor.manifest.get("training") or {}).get("seed") or 0)
 
 
 def own_images(predictor: Predictor, purpose: str, per_class: bool = False,
@@ -57,7 +51,7 @@ def own_images(predictor: Predictor, purpose: str, per_class: bool = False,
     `per_class` (a rare class keeps its images: a refitted head could never name a class
     missing from its fit)."""
     run_dir = run_folder(predictor, purpose)
-    seed = run_seed(run_dir) if seed is None else seed
+    seed = trained_seed(predictor) if seed is None else seed
     levels, manifest = predictor.model.levels, predictor.manifest
     table = read_dataset(run_dir / SPLITS_FILE).table
     spelt = spelt_as_trained(predictor)  # as training named them

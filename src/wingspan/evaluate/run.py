@@ -966,7 +966,7 @@ def fit_unknown(model: str | Path, rate: float | None = None, score: str | None 
     refits on the very ones training drew (with seed 0, only seed-0 runs did)."""
     import torch
 
-    from wingspan.evaluate.own_images import own_images, run_folder, run_seed
+    from wingspan.evaluate.own_images import own_images, run_folder, trained_seed
     from wingspan.models import save_bundle
     from wingspan.models.unknown import UnknownDetector, check_rate
 
@@ -978,8 +978,8 @@ def fit_unknown(model: str | Path, rate: float | None = None, score: str | None 
     predictor = Predictor(model, device=device, batch_size=batch_size, workers=workers,
                           progress=progress, precision=precision, runtime=runtime)
     purpose = "the unknown scores are fitted on"
-    run_dir = run_folder(predictor, purpose)  # before anything is computed
-    seed = run_seed(run_dir) if seed is None else seed
+    run_folder(predictor, purpose)  # before anything is computed
+    seed = trained_seed(predictor) if seed is None else seed
     _check_bundle_writable(predictor.bundle, "calibrate --unknown stores the scores there")
     manifest = predictor.manifest
     previous = manifest.get("unknown") or {}

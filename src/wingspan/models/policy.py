@@ -22,7 +22,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from wingspan.config import PRECISION_ENV, RUNTIME_ENV, EngineConfig, usable_cores
+from wingspan.config import (
+    PRECISION_ENV,
+    RUNTIME_ENV,
+    EngineConfig,
+    cpu_quota,
+    usable_cores,
+)
 from wingspan.errors import WingspanError
 from wingspan.models import engine
 from wingspan.models.engine import (
@@ -236,10 +242,11 @@ def resolve_policy(device: str = "auto", precision: str = "auto",
     except RuntimeError as e:
         raise WingspanError(f"Unknown device '{device}'.",
                             hint="Use auto, cpu, cuda or cuda:N (the Nth GPU).") from e
-    if dev.type == "cpu" and torch.get_num_threads() > usable_cores():
+    if dev.type == "cpu" and cpu_quota() and torch.get_num_threads() > (cores := usable_cores()):
         # torch takes a thread per core it may run on, blind to a container's CPU quota
         # (`docker run --cpus 2` on a 64-core host: 64 threads sharing 2 cores' time).
-        torch.set_num_threads(usable_cores())
+        # (Only under a quota: more threads than cores otherwise is the user's own choice.)
+        torch.set_num_threads(cores)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise WingspanError("--device cuda was asked for, but no CUDA GPU is available.",
                             hint="Use --device cpu (or auto; device=\"cpu\" in Python).")
