@@ -116,6 +116,14 @@ def test_hierarchical_evaluation_and_prediction(hierarchical_run, demo_dir, tmp_
     for level in LEVELS[:-1]:
         right = (saved[f"true:{level}"] == saved[f"predicted:{level}"]).mean()
         assert right == pytest.approx(h["levels"][level]["accuracy"]), level
+        # and each coarser level's classes have a table of their own, per_class.csv's
+        # columns, whose recalls are the level's accuracy again
+        per_class = pd.read_csv(result.out_dir / f"per_class_{level}.csv")
+        assert list(per_class.columns) == ["class", "precision", "recall", "f1", "support"]
+        assert per_class["support"].sum() == (saved[f"true:{level}"] != "").sum()
+        assert (per_class["recall"] * per_class["support"]).sum() / per_class[
+            "support"].sum() == pytest.approx(right)
+        assert per_class["f1"].mean() == pytest.approx(h["levels"][level]["macro_f1"])
     # Its answer and the level it is given at are predict's: a species merged by
     # --rare-below is answered at the genus (the CSV said known_level 'label' for it).
     rows = predict(Predictor(hierarchical_run, workers=0), saved["path"].tolist(),
@@ -349,7 +357,8 @@ def test_predicts_table_shows_the_top_k_of_a_run_with_levels(hierarchical_run, d
                                  "--top-k", k, "--quiet")
         assert code == 0, err
         shown[k] = out
-    assert "next" not in shown[1] and "next 2" in shown[3]
+    # "other", not "next": the branch is chosen top-down, one of them can be likelier
+    assert "other" not in shown[1] and "other 2 label" in shown[3] and "next" not in shown[3]
     probabilities = {k: len(re.findall(r"\b\d\.\d\d\b", out)) for k, out in shown.items()}
     assert probabilities[3] == probabilities[1] + 2, shown
 

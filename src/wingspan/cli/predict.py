@@ -101,8 +101,11 @@ def predict_command(
     # unknown answer's closest class alone).
     k = min(top_k, len(predictor.classes))
     # (the answer folds too: at 40 columns it read "azure_…")
-    # (with --levels, after the branch: the finest level's next classes, as in the CSV)
-    nexts = f"next {k - 1}" if k > 1 else ""
+    # (with --levels, after the branch: the finest level's other likeliest classes, as in
+    # the CSV; "other", not "next": the branch is chosen top-down, so one of them can be
+    # likelier alone than the branch's own)
+    nexts = "" if k < 2 else f"other {k - 1} {plain(predictor.level)}" if hierarchical \
+        else f"next {k - 1}"
     table = Table(folding("image"), folding("prediction"), "probability",
                   "taxonomy (probability per level)" + (f"; {nexts}" if nexts else "")
                   if hierarchical else nexts)

@@ -682,6 +682,11 @@ def _per_level(predictor: Predictor, rows: pd.DataFrame, probs: np.ndarray, pred
     metrics["hierarchy"] = result
     table = level_table(result, taxonomy.levels)
     _write_csv(table, out_dir / "levels.csv", index=False)
+    for lv in taxonomy.levels[:-1]:  # (the finest level's is per_class.csv)
+        known = truth[lv] >= 0  # (images whose data does not say this level: not scored)
+        _write_csv(per_class_table(truth[lv][known], marg[lv][known], taxonomy.classes[lv],
+                                   truth_only), out_dir / f"per_class_{name_part(lv)}.csv",
+                   index=False)
     columns = {}
     for lv in taxonomy.levels[:-1]:
         names = taxonomy.classes[lv]
