@@ -152,12 +152,13 @@ SCAN_NAME = re.compile(r"ETHZ_ENT01_(\d{4}_\d\d_\d\d)_\d+\.jpe?g", re.IGNORECASE
 
 def _recover_nameless(raw: pd.DataFrame, root: Path, check_files: bool,
                       problems: list[Problem]) -> pd.DataFrame:
-    """Records with an empty image_name and the file's name in image_path instead (16 in the
-    release, their other fields shifted too, but not the taxa or the barcode; the only
-    images of Euphydryas sibirica among them): read from the folder of the scan date the
-    name holds, where the file is there (or files are not checked). Dropped, the species
-    left the data unsaid; where the file is not there, they still are, as before, rather
-    than each said missing (an error under --strict) on a guess of where it lies."""
+    """Records with an empty image_name and the file's name in image_path instead (8 in the
+    val and test files, their other fields shifted too, but not the taxa or the barcode;
+    the only images of Euphydryas sibirica there among them): read from the folder of the
+    scan date the name holds, where the file is there (or files are not checked). Dropped,
+    the species left the data unsaid; where the file is not there, they still are, as
+    before, rather than each said missing (an error under --strict) on a guess of where it
+    lies."""
     raw = raw.copy()
     found = pd.Series(False, index=raw.index)
     blank = raw["image_name"].str.strip() == ""
