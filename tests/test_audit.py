@@ -82,6 +82,9 @@ def test_audit_finds_flipped_labels_and_a_resized_copy(tmp_path, run_cli, monkey
     assert f"{pairs} pair{'s' if pairs > 1 else ''} in {groups} group{'s' if groups > 1 else ''}" \
         in page  # not "1 pairs in 1 groups"
     assert "Most suspect labels" in stdout
+    # Its images under the data's folder (the CSV's), named below it: absolute, they
+    # wrapped over 7 lines at ETHEC's depth
+    assert "images in" in stdout and str(images[0].parent) not in stdout
 
 
 def test_a_second_audit_decodes_only_what_changed(tmp_path, monkeypatch):

@@ -47,6 +47,15 @@ def here(path) -> Path:
         return path
 
 
+def under(path, root: Path) -> str:
+    """`path` relative to `root` when it lies inside it (a table's image column, with the
+    folder in its header), else as it is."""
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return str(path)
+
+
 def make_config(ctx: typer.Context, make, *args, **values):
     """`make(*args, **values)`: a config, whose errors name the options typed on the command
     line (--val-fraction) rather than the settings they set (val_fraction); a setting from

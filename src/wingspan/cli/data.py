@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from wingspan.cli.app import data_app
-from wingspan.cli.common import err, folding, make_config, out, plain, read_data
+from wingspan.cli.common import err, folding, here, make_config, out, plain, read_data, under
 from wingspan.cli.options import (
     Data,
     DeviceOpt,
@@ -213,11 +213,14 @@ def data_audit(
             "the next starts afresh)."), highlight=False)
         raise
     issues, dups = result.issues, result.duplicates
+    # Paths under the data's folder, as the user gave it (absolute ones wrapped over 7 lines
+    # of the table at ETHEC's depth); audit.csv keeps them whole.
+    root = dataset.root if dataset.root.is_dir() else dataset.root.parent
     table = Table("rank", folding("image"), "label", "looks like", "label quality",
                   title=f"Most suspect labels ({int(issues['flagged'].sum())} of {len(issues)} "
-                  "flagged by cleanlab)")
+                  "flagged by cleanlab)", caption=f"images in {plain(here(root))}")
     for r in issues.head(15).itertuples():
-        table.add_row(str(r.rank), plain(r.path), plain(r.label),
+        table.add_row(str(r.rank), plain(under(r.path, root)), plain(r.label),
                       f"{plain(r.suspected)} ({r.suspected_probability:.2f})",
                       f"{r.label_quality:.3f}")
     out.print(table)
