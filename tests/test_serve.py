@@ -69,7 +69,7 @@ def test_health_model_and_a_good_image(client, run_dir):
     assert r.json()["latency_ms"] > 0
     assert client.get("/docs").status_code == 200
     # HEAD, as uptime monitors probe: answered as GET is, without the body
-    assert [client.head(u).status_code for u in ("/", "/health")] == [200, 200]
+    assert [client.head(u).status_code for u in ("/", "/health", "/model")] == [200] * 3
     ids = [op["operationId"] for path in client.get("/openapi.json").json()["paths"].values()
            for op in path.values()]
     assert len(ids) == len(set(ids)), ids  # (client generators need them unique)

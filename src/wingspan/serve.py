@@ -311,6 +311,9 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
                              "thresholds": predictor.thresholds}
                             if predictor.unknown else None)}
 
+    # (HEAD as for /health: a monitor that checks the model is loaded got 405)
+    app.add_api_route("/model", model_info, methods=["HEAD"], include_in_schema=False)
+
     @contextmanager
     def time_limited():
         """A request answered 504 past the time limit, whichever endpoint it is. (It was
