@@ -475,7 +475,9 @@ def test_class_names_and_paths_are_printed_as_they_are_not_as_rich_markup(run_cl
     said = " ".join(out.split())
     assert "so its label was not checked (no other image of the class to learn from out of " \
            "fold): [i]one" in said, said
-    assert f"{data / '[red]x'}" in said and "│ [red]x " in said, said  # path and label
+    # (the image under the data's folder, which the caption names; and the label)
+    assert f"images in {data}" in said and "│ [red]x/[red]x_" in said and "│ [red]x " in said, \
+        said
     code, _, err = run_cli("explain", tmp_path, tmp_path / "no[b].jpg")
     assert code == 2 and f"skipped {tmp_path / 'no[b].jpg'}" in err, err
 

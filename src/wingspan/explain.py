@@ -161,16 +161,14 @@ def _answer(predictor: Predictor, x: torch.Tensor
     probabilities): the
     top-down branch's class for a taxonomy model, and "unknown" or a coarser class where
     the unknown scores say so, as `wingspan predict` does."""
-    from wingspan.predict import answered, taxonomy_path
+    from wingspan.predict import answer_for
 
     outputs, scores = predictor.forward_with_scores(x[None])
     probs = torch.softmax(outputs[predictor.level][0] / predictor.temperature, 0).numpy()
-    branch = (taxonomy_path(predictor.taxonomy, probs, predictor.temperature)
-              if predictor.taxonomy else [])
-    top = branch[-1][1] if branch else predictor.classes[int(probs.argmax())]
     known = predictor.known_level({lv: float(s[0]) for lv, s in scores.items()}
                                   if scores else None)
-    level, said = answered(predictor, known, branch, top)
+    branch, level, said = answer_for(predictor, probs, known)
+    top = branch[-1][1] if branch else predictor.classes[int(probs.argmax())]
     return said, top, level, probs
 
 

@@ -9,6 +9,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from wingspan.config import TOP_K
 from wingspan.data.readers import (
@@ -29,7 +30,10 @@ from wingspan.parallel import (
     shard,
 )
 
-# What the unknown scores add to each prediction (see `answer`).
+if TYPE_CHECKING:
+    import numpy as np
+
+# What the unknown scores add to each prediction (see `answer_for`, `deciding_score`).
 UNKNOWN_KEYS = ("answer", "known_level", "unknown_score", "threshold", "score_level")
 
 
@@ -202,9 +206,12 @@ def predict(predictor: Predictor, inputs: list[str], top_k: int = TOP_K, tta: bo
         result.order.append(("row", len(result.rows)))
         order = p.probs.argsort()[::-1][:k]
         row = {"path": p.path, "top": [(predictor.classes[c], float(p.probs[c])) for c in order]}
-        if predictor.taxonomy:
-            row["taxonomy"] = taxonomy_path(predictor.taxonomy, p.probs, predictor.temperature)
-        row.update(answer(predictor, p, row))
+        branch, level, said = answer_for(predictor, p.probs, p.known_level)
+        if branch:
+            row["taxonomy"] = branch
+        # (the class at the finest level the image is known at, else "unknown"; with the
+        # score and the threshold it met)
+        row.update(answer=said, known_level=level, **deciding_score(predictor, p.unknown))
         result.rows.append(row)
     unmatched_before(float("inf"))
     result.images_per_second = predictor.images_per_second
@@ -231,11 +238,15 @@ def answered(predictor: Predictor, known_level: str | None,
     return known_level, answer_at(known_level, branch, top_class, predictor.level)
 
 
-def answer(predictor: Predictor, p: Prediction, row: dict) -> dict:
-    """What to tell the user: the class at the finest level the image is known at, else
-    "unknown"; with the score and the threshold it met."""
-    level, said = answered(predictor, p.known_level, row.get("taxonomy", []), row["top"][0][0])
-    return {"answer": said, "known_level": level, **deciding_score(predictor, p.unknown)}
+def answer_for(predictor: Predictor, probs: np.ndarray, known_level: str | None
+               ) -> tuple[list[tuple[str, str, float]], str | None, str]:
+    """(the taxonomy's branch, [] without one; the level the answer is given at; the answer)
+    for an image's finest-level probabilities and the level its unknown scores pass: what
+    predict, evaluate, explain and the server all answer."""
+    branch = (taxonomy_path(predictor.taxonomy, probs, predictor.temperature)
+              if predictor.taxonomy else [])
+    return (branch, *answered(predictor, known_level, branch,
+                              predictor.classes[int(probs.argmax())]))
 
 
 def deciding_score(predictor: Predictor, scores: dict[str, float] | None) -> dict:

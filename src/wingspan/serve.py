@@ -46,7 +46,7 @@ from wingspan.config import ServeLimits
 from wingspan.data.images import max_pixels
 from wingspan.errors import WingspanError, counted, first_line, some
 from wingspan.inference import Predictor
-from wingspan.predict import answered, deciding_score, taxonomy_path
+from wingspan.predict import answer_for, deciding_score
 
 
 class _Batcher:
@@ -546,14 +546,12 @@ def _answer(predictor: Predictor, name: str | None, outputs: dict[str, np.ndarra
     levels[predictor.level] = [{"class": predictor.classes[i], "probability": float(probs[i])}
                                for i in order]
     answer = {"file": name, "top": levels}
-    branch = (taxonomy_path(predictor.taxonomy, probs, predictor.temperature)
-              if predictor.taxonomy else [])
-    if branch:
-        answer["branch"] = [{"level": lv, "class": c, "probability": p} for lv, c, p in branch]
     # The class at the finest level the image passes the unknown threshold at, else
     # "unknown"; the closest class stays in `top`.
-    answer["known_level"], answer["answer"] = answered(
-        predictor, predictor.known_level(scores), branch, predictor.classes[order[0]])
+    branch, level, said = answer_for(predictor, probs, predictor.known_level(scores))
+    if branch:
+        answer["branch"] = [{"level": lv, "class": c, "probability": p} for lv, c, p in branch]
+    answer["known_level"], answer["answer"] = level, said
     answer.update(deciding_score(predictor, scores))
     return answer
 

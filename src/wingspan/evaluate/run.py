@@ -59,7 +59,7 @@ from wingspan.inference import (
     view_probabilities,
 )
 from wingspan.models.bundle import update_manifest
-from wingspan.predict import answered, deciding_score, expand_paths, taxonomy_path
+from wingspan.predict import answer_for, deciding_score, expand_paths
 from wingspan.training.folder import (
     HISTORY_FILE,
     HOLDOUT_FILE,
@@ -628,9 +628,7 @@ def _said_otherwise(predictor: Predictor, p) -> str | None:
 def _answered(predictor: Predictor, p) -> tuple[str | None, str]:
     """(the level predict answers `p` at, its answer): a --rare-below species' answer is
     its genus's, at that level."""
-    branch = (taxonomy_path(predictor.taxonomy, p.probs, predictor.temperature)
-              if predictor.taxonomy else [])
-    return answered(predictor, p.known_level, branch, predictor.classes[int(p.probs.argmax())])
+    return answer_for(predictor, p.probs, p.known_level)[1:]
 
 
 MARKER = ".wingspan-evaluation"  # in every evaluation folder: only such a folder is replaced
