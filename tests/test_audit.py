@@ -264,6 +264,13 @@ def test_audit_reads_images_by_trains_rules_strict_and_max_pixels(tmp_path, run_
     code, stdout, err = run_cli(*args)
     assert code == 0, err
     assert "Could not read 1 image, left out of the audit" in " ".join(stdout.split())
+    # audit.html lists it, its path once and breakable (it made a phone's page scroll
+    # sideways), and data without splits shows none on its cards (a bare "-" read as a bullet)
+    page = (tmp_path / "out" / "audit.html").read_text()
+    unreadable = page.split("<h2>Unreadable (1)</h2>")[1].split("</ul>")[0]
+    broken = str(tmp_path / "data" / "admiral" / "broken.jpg")
+    assert unreadable.startswith("<ul class='m'>") and unreadable.count(broken) == 1, unreadable
+    assert " · - · " not in page and "quality " in page
     code, _, err = run_cli(*args, "--strict")
     assert code == 2 and "1 image cannot be read (--strict)" in err and "broken.jpg" in err
     # A PNG over the pixel budget is refused, as train refuses it. (The option sets

@@ -395,6 +395,21 @@ def test_the_unknown_histogram_splits_its_bars_at_the_threshold(tmp_path, monkey
         if bar.get_height() > 0:
             left, right = bar.get_x(), bar.get_x() + bar.get_width()
             assert right <= threshold + 1e-12 or left >= threshold - 1e-12, (left, right)
+    # and what lies right of it is seen: a bar of an ordinary bin's width at least (the 10
+    # images there drew a bar 0.0001 wide, under the line), the counts in the legend
+    ax = drawn[0].axes[0]
+    right = [b for b in ax.patches if b.get_height() > 0 and b.get_x() >= threshold - 1e-12]
+    span = ax.get_xlim()[1] - ax.get_xlim()[0]
+    assert right and max(b.get_width() for b in right) > span / 60
+    assert sum(b.get_height() for b in right) == 10
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend[:2] == ["known classes (62; 2 right of the line)",
+                          "unseen classes (8; 8 right of the line)"], legend
+    # a threshold above the top quantile kept them left of it, clipped there
+    drawn.clear()
+    plots.plot_unknown_scores(known, np.full(3, 0.99999), 0.99998, "msp+knn", tmp_path / "v.png")
+    bars = [b for b in drawn[0].axes[0].patches if b.get_height() > 0]
+    assert sum(b.get_height() for b in bars if b.get_x() >= 0.99998 - 1e-12) == 3
 
 
 def test_curves_mistakes_and_reliability_plots(tmp_path, demo_dir):

@@ -453,6 +453,12 @@ STYLE = """body{font:14px/1.4 system-ui,sans-serif;margin:2em auto;max-width:120
 .m{color:#666;font-size:12px;word-break:break-all}"""
 
 
+def _split_shown(split: str, after: str = " · ") -> str:
+    """A card's split and what follows it; nothing for data without splits, whose "-" read
+    as a bullet."""
+    return "" if split in ("", "-") else html.escape(split) + (after or " ")
+
+
 def gallery(issues: pd.DataFrame, duplicates: pd.DataFrame, level: str, config: AuditConfig,
             features: str, failed: dict[str, str], alone: list[str] = ()) -> str:
     """audit.html: a self-contained page (thumbnails embedded) of the most suspect labels,
@@ -467,7 +473,8 @@ def gallery(issues: pd.DataFrame, duplicates: pd.DataFrame, level: str, config: 
                f"({r.suspected_probability:.2f})</div>" if r.suspected != r.label else
                # (a low quality alone, its label still the likeliest: not called a mismatch)
                f"<div>its label is the likeliest ({r.suspected_probability:.2f})</div>")
-            + f"<div class='m'>quality {r.label_quality:.3f} · {e(r.split)} · {e(r.path)}</div>"
+            + f"<div class='m'>quality {r.label_quality:.3f} · {_split_shown(r.split)}"
+            f"{e(r.path)}</div>"
             "</div>")
     pairs = []
     # One pair a group first (its first in the table's order: leaks and two labels lead),
@@ -484,8 +491,9 @@ def gallery(issues: pd.DataFrame, duplicates: pd.DataFrame, level: str, config: 
             f"<div>similarity {r.similarity:.3f}, hash distance {r.hash_distance}"
             + (" · <b class='s'>across splits</b>" if r.across_splits else "")
             + (" · <b class='s'>labels differ</b>" if r.labels_differ else "")
-            + f"</div><div class='m'>{e(r.split_a)} {e(r.label_a)}: {e(r.path_a)}<br>"
-            f"{e(r.split_b)} {e(r.label_b)}: {e(r.path_b)}</div></div>")
+            + f"</div><div class='m'>{_split_shown(r.split_a, '')}{e(r.label_a)}: "
+            f"{e(r.path_a)}<br>{_split_shown(r.split_b, '')}{e(r.label_b)}: {e(r.path_b)}"
+            "</div></div>")
     flagged = int(issues["flagged"].sum())
     body = (
         f"<h1>Label audit: {len(issues)} images, level '{e(level)}'</h1>"
@@ -505,8 +513,11 @@ def gallery(issues: pd.DataFrame, duplicates: pd.DataFrame, level: str, config: 
         f"{int(duplicates['across_splits'].sum())} across splits, "
         f"{int(duplicates['labels_differ'].sum())} with two labels (one pair a group first)"
         f"</h2><div class='g'>{''.join(pairs) or '<p>none</p>'}</div>"
-        + (f"<h2>Unreadable ({len(failed)})</h2><ul>"
-           + "".join(f"<li>{e(p)}: {e(w)}</li>" for p, w in failed.items()) + "</ul>"
+        # (class m breaks a long path: on a phone one made the page scroll sideways; the
+        # reader's message names the file already, mostly)
+        + (f"<h2>Unreadable ({len(failed)})</h2><ul class='m'>"
+           + "".join(f"<li>{e(w if p in w else f'{p}: {w}')}</li>" for p, w in failed.items())
+           + "</ul>"
            if failed else ""))
     return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>wingspan audit"
             "</title><meta name='viewport' content='width=device-width, initial-scale=1'>"

@@ -29,6 +29,7 @@ def plot_class_balance(counts: pd.Series, level: str, path: Path, many: int = 40
         for i, v in enumerate(counts.to_numpy()):
             ax.text(v, i, f" {v}", va="center", fontsize=8)
         ax.set_xlabel("images")
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))  # (not "2.5 images")
         ax.margins(x=0.12)
     else:
         fig, ax = subplots(figsize=(9, 5))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import html
+import os
+from functools import partial
 from pathlib import Path
 from urllib.parse import quote
 
@@ -12,11 +14,18 @@ import pandas as pd
 from wingspan.files import write_text
 
 
-def _img(path: Path | None, alt: str, missing: str = "not available") -> str:
+def _figure(path: Path | None, alt: str, missing: str = "not available",
+         beside: Path | None = None) -> str:
+    """The PNG embedded; with `beside` (the report's folder), a link to its file too: on a
+    phone a figure 1,500 px wide shows at a quarter of its size, its text 2-4 px high."""
     if not path or not Path(path).is_file():
         return f"<p class='missing'>({html.escape(alt)}: {html.escape(missing)})</p>"
     data = base64.b64encode(Path(path).read_bytes()).decode()
-    return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{data}'>"
+    img = f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{data}'>"
+    if beside is None:
+        return img
+    href = quote(os.path.relpath(Path(path).resolve(), Path(beside).resolve()))
+    return f"<a href='{href}' title='the figure at full size'>{img}</a>"
 
 
 def _table(frame: pd.DataFrame, floats: str = "{:.4f}") -> str:
@@ -37,9 +46,13 @@ body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:
 h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
 img{max-width:100%;border:1px solid #eee}table.t{border-collapse:collapse;margin:.5em 0;
 display:block;max-width:100%;overflow-x:auto}
-.t td,.t th{padding:.2em .7em;border-bottom:1px solid #eee;text-align:left;overflow-wrap:anywhere}
+.t td,.t th{padding:.2em .7em;border-bottom:1px solid #eee;text-align:left;
+overflow-wrap:break-word}
 .kv th{color:#555;font-weight:500}.missing{color:#999}.grid{display:flex;gap:2em;flex-wrap:wrap}
+.grid>*{min-width:0;max-width:100%}
 """
+# (overflow-wrap: break-word, not anywhere: anywhere let each cell shrink to one character,
+# so a table never outgrew a phone's screen to scroll, and 0.0000 read "0.00" over "00")
 
 
 def write_report(path: Path, title: str, sections: dict) -> Path:
@@ -49,6 +62,7 @@ def write_report(path: Path, title: str, sections: dict) -> Path:
     unknown_png, profile; no_plots (the figures were not asked for: each says so in its
     place); all_right (no mistakes to show)."""
     s = sections
+    _img = partial(_figure, beside=Path(path).parent)  # (each figure links to its file)
     missing = ("not drawn: evaluated with --no-plots (plots=False in Python)"
                if s.get("no_plots") else "not available")
     parts = [f"<h1>{html.escape(title)}</h1>", _kv(s.get("overview", []))]
@@ -113,7 +127,7 @@ def write_report(path: Path, title: str, sections: dict) -> Path:
         named = s["unknown"].get("named")
         if named is not None and len(named):
             parts += ["<h3>Unseen images given a class (the surest first; every image in "
-                      "unknown.csv)</h3>", _table(named)]
+                      "unknown.csv)</h3>", _table(named, "{:.6f}")]  # (the threshold's digits)
         parts += ["<h3>Every score the model holds</h3>", _table(s["unknown"]["scores"])]
     parts += ["<h2>Calibration</h2>", _kv(s.get("calibration", [])),
               _img(s.get("reliability_png"), "reliability diagram", missing)]

@@ -221,6 +221,8 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
             metrics["unknown"] = _openset(predictor, unknown, unknown_paths, read, y, y_pred,
                                           averaged_classes(y, y_pred, truth_only),
                                           out_dir, progress, tta, plots, unknown_missing)
+            if held := _held_out_classes(run_dir, unknown_paths):  # (the report names them)
+                metrics["unknown"]["held_out_classes"] = held
         write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
 
         pngs = _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, y,
@@ -230,8 +232,10 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
         if levels_table is not None:  # _per_level drew the coarser levels' matrices (if plots)
             pngs["levels"] = {lv: out_dir / f"confusion_{name_part(lv)}.png" if plots else None
                               for lv in predictor.taxonomy.levels[:-1]}
-        _report(out_dir, (run_dir or final).name, predictor, run_dir, dataset, level, split,
-                metrics, table, confused, pngs, levels_table, transfer, plots)
+        # (the run and the folder: a run's test and --unknown reports were alike in the tabs)
+        _report(out_dir, f"{run_dir.name}, {final.name}" if run_dir else final.name,
+                predictor, run_dir, dataset, level, split, metrics, table, confused, pngs,
+                levels_table, transfer, plots)
     return Evaluation(final, metrics, final / "report.html")
 
 
@@ -493,6 +497,19 @@ def _held_out_by(run_dir: Path | None) -> set[str]:
     split warned of, are the data's, not a slip; the run then failed at its very end)."""
     held = run_dir / HOLDOUT_FILE if run_dir else None
     return set(pd.read_csv(held)["path"]) if held and held.is_file() else set()
+
+
+def _held_out_classes(run_dir: Path | None, unknown_paths: list[str]) -> dict[str, int]:
+    """{class: images} of the classes `train --holdout-classes` left out, where those are
+    the unseen images scored (else {}): the report named them nowhere but in paths."""
+    held = run_dir / HOLDOUT_FILE if run_dir else None
+    if not held or not held.is_file():
+        return {}
+    table = pd.read_csv(held, dtype=str, keep_default_na=False)
+    if len(table.columns) < 2 or not set(unknown_paths) <= set(table["path"]):
+        return {}
+    counts = table[table["path"].isin(unknown_paths)][table.columns[1]].value_counts()
+    return {str(c): int(n) for c, n in sorted(counts.items())}
 
 
 def _check_unseen(unknown_paths: list[str], known_paths, predictor: Predictor) -> None:
@@ -1471,7 +1488,7 @@ def at_threshold(u: dict) -> str:
     a notebook say it alike)."""
     away, branch = away_wording(u)
     where = ("At the thresholds of every level" if branch else
-             f"At the threshold ({u['score']} > {u['threshold']:.4g})")
+             f"At the threshold ({u['score']} > {u['threshold']:.6g})")
     return (f"{where}: {u['unseen_flagged']:.1%} of unseen images {away}, "
             f"{u['known_turned_away']:.1%} of known ones; known macro-F1{branch} "
             f"{u['known_macro_f1']:.4f} -> {u['known_macro_f1_with_unknown']:.4f}, open-set "
@@ -1482,13 +1499,16 @@ def _unknown_section(u: dict | None, split: str, tta: bool = False) -> dict | No
     if not u:
         return None
     away, branch = away_wording(u)
-    limits = (", ".join(f"{lv} {t:.4g}" for lv, t in u["thresholds"].items()) + ": each"
-              if u.get("thresholds") else f"{u['threshold']:.4g}:")
+    limits = (", ".join(f"{lv} {t:.6g}" for lv, t in u["thresholds"].items()) + ": each"
+              if u.get("thresholds") else f"{u['threshold']:.6g}:")
     summary = [
         ("score (threshold)", f"{u['score']} ({limits} turns away {u['rate']:.0%} of known "
                               "val images" + (", each a single view, without TTA" if tta
                                               else "") + ")"),
         ("images of unseen classes", u["unseen_images"]),
+        *([("classes held out of training (images)", ", ".join(
+            f"{c} ({n})" for c, n in u["held_out_classes"].items()))]
+          if u.get("held_out_classes") else []),
         ("unreadable images of unseen classes (not scored)", len(u.get("unreadable", []))),
         ("AUROC / FPR at 95% TPR", f"{u['auroc']:.4f} / {u['fpr95']:.4f}"),
         (f"unseen images {away}", f"{u['unseen_flagged']:.1%}"),
