@@ -616,6 +616,11 @@ def test_a_run_killed_anywhere_resumes_to_the_same_model(demo_dir, uninterrupted
                    for lv, t in by.items()} for m in (got, want)]
     assert thresholds[0] == pytest.approx(thresholds[1], rel=1e-4)
     assert not [p for p in run_dir.rglob(".*") if ".tmp" in p.name]
+    if target.endswith("_next_stage"):  # killed past the head's last epoch: not "at head
+        # epoch 4" of 3, nor "Stage 'head' took 0.0s since the resume"
+        resumed = (run_dir / "train.log").read_text().split("Resuming")[-1]
+        assert resumed.startswith(f" {run_dir}: its head stage's {config.epochs_head} epochs "
+                                  "are done") and "Stage 'head' took" not in resumed, resumed
     if match == "last":  # (resumed inside fine-tuning: its time is not the stage's in all)
         log = (run_dir / "train.log").read_text()
         assert re.search(r"Stage 'finetune' took [\d.]+s since the resume; its epochs took "
@@ -714,6 +719,40 @@ def test_held_out_classes_that_share_photos_with_known_ones_are_scored_not_refus
                     tmp_path / "runs", "r", quiet=True)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["unknown"]["unseen_images"] > 12 and not (run_dir / "error.txt").exists()
+    # The report names the classes held out (it did nowhere but in paths), and its title
+    # the folder (a run's test report and this one were alike in the browser's tabs)
+    held = {c: len(list((data / c).iterdir())) for c in ("Azure_Spotwing", "white_darktip")}
+    assert metrics["unknown"]["held_out_classes"] == held
+    page = (run_dir / "evaluation-unknown" / "report.html").read_text()
+    assert "classes held out of training (images)" in page
+    assert f"Azure_Spotwing ({held['Azure_Spotwing']}), white_darktip (" in page
+    assert "<title>wingspan report: r, evaluation-unknown</title>" in page
+
+
+def test_last_pt_holds_the_best_weights_before_the_bundle_is_written(demo_dir, tmp_path,
+                                                                    monkeypatch):
+    """Killed between the bundle and the last checkpoint, a run read as finished (nothing
+    to resume) with the last epoch's weights in last.pt, not the best's as the README says."""
+    import torch
+
+    import wingspan.training.run as run_module
+    from wingspan.training.checkpoint import load_checkpoint
+
+    save, held = run_module.save_bundle, []
+
+    def checked(model, folder, *args, **kwargs):
+        last = load_checkpoint(folder.parent / "checkpoints" / "last.pt")["model"]
+        held.append(all(torch.equal(last[k].cpu(), v.cpu())
+                        for k, v in model.state_dict().items()))
+        return save(model, folder, *args, **kwargs)
+
+    monkeypatch.setattr(run_module, "save_bundle", checked)
+    # (fine-tuning at 50x the head's rate spoils the model: the best epoch is not the last)
+    run_dir = train(read_dataset(demo_dir), tiny(tmp_path, epochs_head=2, epochs_finetune=1,
+                                                  finetune_lr_scale=50),
+                    tmp_path / "runs", "r", quiet=True)
+    best = json.loads((run_dir / "metrics.json").read_text())["best"]
+    assert held == [True] and best["stage"] == "head", best
 
 
 def test_ctrl_c_while_a_resume_scores_the_held_out_classes_says_how_to_go_on(

@@ -461,6 +461,11 @@ def _resuming(run_dir: Path, checkpoint: dict | None, scoring: bool) -> str:
         return f"Resuming {run_dir}: its model is written, scoring the held-out classes"
     if state["stage"] == "done":
         return f"Resuming {run_dir}: training was done, writing its model"
+    planned = (checkpoint.get("settings") or {}).get(f"epochs_{state['stage']}")
+    if planned is not None and state["epoch"] >= planned and not state["step"]:
+        # (killed after the stage's last epoch, before the next stage's checkpoint: "at
+        # head epoch 4" of 3)
+        return f"Resuming {run_dir}: its {state['stage']} stage's {planned} epochs are done"
     return (f"Resuming {run_dir} at {state['stage']} epoch {state['epoch'] + 1}"
             + (f", batch {state['step'] + 1}" if state["step"] else ""))
 
@@ -643,9 +648,11 @@ def _recipe(run: Run) -> Path:
 
 def _timed(run: Run, stage: str, fn) -> None:
     resumed = run.state.epoch > 0 or run.state.step > 0  # (a stage taken up where it stopped)
-    start = time.perf_counter()
+    at, start = (run.state.epoch, run.state.step), time.perf_counter()
     fn(run)
     took = time.perf_counter() - start
+    if resumed and (run.state.epoch, run.state.step) == at:
+        return  # (resumed after its last epoch: not "took 0.0s since the resume")
     run.log(f"Stage '{stage}' took {took:.1f}s" + (
         f" since the resume; its epochs took {run.state.stage_seconds.get(stage, 0.0):.1f}s "
         "in all, with those before it" if resumed else ""))
@@ -874,6 +881,10 @@ def _write_results(run: Run) -> None:
     say_what_is_read(run)  # what the last epoch found too
     best = _best_checkpoint(run)
     run.model.load_state_dict(best["model"])
+    # last.pt holds the best weights before the bundle is written (README: both checkpoints
+    # hold them once the run is done): killed between the two, the run read as finished
+    # with the last epoch's weights in last.pt, which `--weights RUN/.../last.pt` trains on.
+    run.save()
     best_row = next(r for r in state.history
                     if r["stage"] == best["stage"] and r["epoch"] == best["epoch"])
     test_gone = _test_images_gone(run)
@@ -911,7 +922,6 @@ def _write_results(run: Run) -> None:
     save_bundle(run.model.cpu(), run.dir / "model", run.data.level_classes, taxonomy=taxonomy,
                 training=training, metrics=metrics, weights_source=run.weights_source,
                 calibration=calibration, unknown=unknown)
-    run.save()
     run.log(f"Best val macro-F1 {best_row['val_macro_f1']:.4f} (acc {best_row['val_acc']:.4f}) "
             f"at {best['stage']} epoch {best['epoch']}; model in {run.dir / 'model'}")
     if run.data.test_images:
