@@ -1454,6 +1454,12 @@ def test_cli_train_and_resume_of_a_finished_run(run_cli, demo_dir, tmp_path):
                            "--epochs-finetune", "6", "--workers", "0")
     err = " ".join(err.split())
     assert code == 2 and "DATA, --epochs-finetune, --lr cannot change them" in err, err
+    # `--resume NAME --runs-dir DIR`, a natural guess, is told the path to give (it was
+    # refused as if --runs-dir were a setting)
+    code, _, err = run_cli("train", "--resume", "cli", "--runs-dir", tmp_path)
+    err = " ".join(err.split())
+    assert code == 2 and "--resume takes the run's folder itself" in err, err
+    assert f"`wingspan train --resume {tmp_path / 'cli'}`" in err, err
     # Without its checkpoints (deleted to save space) the run would start again from
     # nothing and overwrite its model: refused.
     model = (tmp_path / "cli" / "model" / "model.safetensors").read_bytes()

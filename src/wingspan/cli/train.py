@@ -160,6 +160,12 @@ def train_command(
             # as ws.resume(max_pixels=) and $WINGSPAN_MAX_PIXELS change it)
             ignored = sorted(set(given) - {"resume", "quiet", "max_pixels",
                                            *training.MACHINE_SETTINGS})
+            if set(ignored) & {"runs_dir", "name"} and not Path(resume).is_dir():
+                # (`--resume NAME --runs-dir runs`: a place, not a setting)
+                where = Path(given.get("runs_dir") or "runs") / str(given.get("name") or resume)
+                raise WingspanError(
+                    "--resume takes the run's folder itself; --runs-dir and --name do not "
+                    "say where it is.", hint=f"Give its path: `wingspan train --resume {where}`.")
             if ignored:  # refused, not dropped: the user would believe they took effect
                 names = ", ".join("DATA" if k == "data" else "--" + k.replace("_", "-")
                                   for k in ignored)
