@@ -320,6 +320,8 @@ def test_report_is_self_contained(evaluation):
     header = re.search(r"<thead>\s*<tr[^>]*>(.*?)</tr>", page, re.S).group(1)
     assert re.findall(r"<th>(.*?)</th>", header)[0] == "class"
     assert "<th>split</th>" not in page and "<th></th>" not in page
+    # headers in words, not identifiers (the CSVs keep those)
+    assert "<th>share of true</th>" in page and "_images_per_s" not in page
     assert "95% CI" in page  # how far accuracy and macro-F1 could move on other images
     for heading in ["Data", "Augmentation", "Training curves", "Metrics", "Per class",
                     "Confusion matrix", "Most confident mistakes", "Calibration",

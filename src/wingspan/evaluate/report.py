@@ -29,6 +29,8 @@ def _figure(path: Path | None, alt: str, missing: str = "not available",
 
 
 def _table(frame: pd.DataFrame, floats: str = "{:.4f}") -> str:
+    # Headers in words: share_of_true, train_images_per_s read as code (the CSVs keep them)
+    frame = frame.rename(columns=lambda c: c.replace("_", " ") if isinstance(c, str) else c)
     return frame.to_html(index=False, border=0, classes="t", escape=True, na_rep="-",
                          float_format=lambda v: floats.format(v))  # ("-": as the terminal)
 
