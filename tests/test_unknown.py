@@ -309,6 +309,12 @@ def test_deepest_known_level_stops_at_the_first_level_that_fails():
     assert deepest_known(levels, {"family": 0.5, "genus": 1.9, "species": 0.2}, limits) \
         == "family"
     assert deepest_known(levels, {"family": 2.0, "genus": 0.1, "species": 0.1}, limits) is None
+    # A NaN score (NaN logits: a broken forward pass) passes no threshold: it passed every
+    # one, naming the first class of each level as known
+    nan = float("nan")
+    assert deepest_known(levels, {"family": 0.5, "genus": nan, "species": 0.1}, limits) \
+        == "family"
+    assert deepest_known(levels, dict.fromkeys(levels, nan), limits) is None
 
 
 def test_the_open_set_figures_name_the_class_predict_names():

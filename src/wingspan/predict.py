@@ -255,8 +255,8 @@ def deciding_score(predictor: Predictor, scores: dict[str, float] | None) -> dic
     else the finest."""
     if not scores:
         return {}
-    level = next((lv for lv in predictor.model.levels
-                  if scores[lv] > predictor.thresholds[lv]), predictor.level)
+    level = next((lv for lv in predictor.model.levels  # (NaN: over, as deepest_known has it)
+                  if not scores[lv] <= predictor.thresholds[lv]), predictor.level)
     return {"unknown_score": scores[level], "threshold": predictor.thresholds[level],
             "score_level": level}
 

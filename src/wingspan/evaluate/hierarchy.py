@@ -64,7 +64,13 @@ def hierarchical_metrics(taxonomy: Taxonomy, truth: dict[str, np.ndarray],
         if not known.all():
             entry["no_truth"] = int((~known).sum())
         levels[lv] = entry
-    depth = taxonomy.mistake_depth(marg, truth)
+    # Where the data leaves a coarser level blank, the model's tree says it from the finest
+    # truth: skipped, a wrong genus left blank counted as "right genus, wrong species"
+    fine = truth[taxonomy.finest]
+    tree_truth = {lv: np.where((t < 0) & (fine >= 0),
+                               taxonomy.parents[lv][np.maximum(fine, 0)], t)
+                  for lv, t in truth.items()}
+    depth = taxonomy.mistake_depth(marg, tree_truth)
     result = {
         "levels": levels,
         "consistency": {"marginalised": float(taxonomy.consistent(marg).mean()),
@@ -72,10 +78,11 @@ def hierarchical_metrics(taxonomy: Taxonomy, truth: dict[str, np.ndarray],
         "mistake_depth": {str(d): int((depth == d).sum()) for d in np.unique(depth)},  # (JSON keys)
         "mean_mistake_depth": float(depth.mean()),
     }
-    if is_rare.any():
+    if is_rare.any():  # (over the images with a truth at the level, as the levels' own)
+        scored = {lv: is_rare & (truth[lv] >= 0) for lv in taxonomy.levels}
         result["rare"] = {"images": int(is_rare.sum()), "accuracy": {
-            lv: float((marg[lv][is_rare] == truth[lv][is_rare]).mean())
-            for lv in taxonomy.levels}}
+            lv: float((marg[lv][scored[lv]] == truth[lv][scored[lv]]).mean())
+            if scored[lv].any() else None for lv in taxonomy.levels}}
     result["predictions"] = marg
     return result
 

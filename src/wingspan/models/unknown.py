@@ -692,7 +692,7 @@ def deepest_known(levels: list[str], scores: dict[str, float],
     not even the coarsest): an unknown species can still be a confident family."""
     known = None
     for lv in levels:  # coarse to fine
-        if scores[lv] > thresholds[lv]:
+        if not scores[lv] <= thresholds[lv]:  # (a NaN score, of NaN logits, is no pass)
             break
         known = lv
     return known
