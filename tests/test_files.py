@@ -491,3 +491,30 @@ def test_what_safetensors_left_writing_through_its_own_temporary_file_is_removed
     remove_dead_leftovers(tmp_path / "model.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".tmpRecent", "notes.tmp"]
     assert is_leftover(".tmpRecent") and not is_leftover("notes.tmp")  # (at a resume)
+
+
+def test_a_cache_drops_what_its_killed_writers_left(tmp_path):
+    """A data worker killed writing a decoded image left .<sha1>.<pid>.tmp.npy in the
+    cache shared by every run, which nothing read or removed. Gone once its process is and
+    the file is quiet; a live writer's, a recent one and the entries stay."""
+    import hashlib
+    import subprocess
+    import time
+
+    import numpy as np
+
+    from wingspan.files import FileArrays
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    sha = hashlib.sha1(b"x").hexdigest()
+    old = time.time() - 3600
+    names = {f".{sha}.{gone.pid}.tmp.npy": False, f".{sha}.{os.getpid()}.tmp.npy": True,
+             f"{sha}.npy": True}
+    for name in names:
+        np.save(tmp_path / name, np.zeros(3))
+        os.utime(tmp_path / name, (old, old))
+    np.save(tmp_path / f".{'0' * 40}.{gone.pid}.tmp.npy", np.zeros(3))  # recent
+    FileArrays(tmp_path, "key")
+    assert {p.name for p in tmp_path.iterdir()} == {
+        n for n, kept in names.items() if kept} | {f".{'0' * 40}.{gone.pid}.tmp.npy"}

@@ -221,10 +221,19 @@ def remove_dead_leftovers(*paths: str | Path, quiet_seconds: float = 60.0) -> No
                     _SAFETENSORS_TEMPORARY.fullmatch(entry.name)
                 if not (found or theirs) or not entry.is_file(follow_symlinks=False):
                     continue
-                with contextlib.suppress(OSError):
-                    if now - entry.stat().st_mtime > quiet_seconds and \
-                            (theirs or not _alive(int(found[1]))):
+                if _dead(entry, None if theirs else int(found[1]), now, quiet_seconds):
+                    with contextlib.suppress(OSError):
                         os.unlink(entry.path)
+
+
+def _dead(entry: os.DirEntry, pid: int | None, now: float, quiet_seconds: float) -> bool:
+    """A temporary file whose writer is gone: its process (`pid`, where its name has one),
+    and no write for a while (on a folder shared between machines, another's process is
+    not seen here, but its write is recent)."""
+    try:
+        return now - entry.stat().st_mtime > quiet_seconds and (pid is None or not _alive(pid))
+    except OSError:
+        return False
 
 
 def _alive(pid: int) -> bool:
@@ -271,6 +280,22 @@ class FileArrays:
                 self.directory.mkdir(parents=True, exist_ok=True)
             except OSError:  # read-only, say: the command goes on, keeping nothing
                 self.directory = None
+        self._remove_dead_writes()
+
+    def _remove_dead_writes(self, quiet_seconds: float = 60.0) -> None:
+        """The temporary files of writers killed mid-write (a data worker SIGKILLed left
+        .<sha1>.<pid>.tmp.npy), which nothing would read or remove: the cache is shared by
+        every run, so only those whose process is gone (one scan, 30 ms at 48k entries)."""
+        if self.directory is None:
+            return
+        written = re.compile(r"\.[0-9a-f]{40}\.(\d+)\.tmp\.npy")
+        now = time.time()
+        with contextlib.suppress(OSError), os.scandir(self.directory) as entries:
+            for entry in entries:
+                if (found := written.fullmatch(entry.name)) and \
+                        _dead(entry, int(found[1]), now, quiet_seconds):
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
 
     def entry(self, path: str) -> Path | None:
         """Where `path`'s array is kept, as the file is now (OSError if it is gone)."""
