@@ -145,6 +145,15 @@ def test_user_errors_are_one_clear_message(run_cli, demo_dir, args, message, mon
     # the other setting a problem names, as typed too
     (["data", "split", "DEMO", "--max-per-class", "5", "--oversample-to", "10"],
      "--oversample-to must be at most --max-per-class (5)", "max_per_class"),
+    # a number too large to mean anything overflowed torch, islice or a C int (tracebacks)
+    (["train", "DEMO", "--feature-views", "99999999999999999999"], "--feature-views = "
+     "99999999999999999999: too large to mean anything here", "feature_views"),
+    (["train", "DEMO", "--devices", "99999999999999999999"], "--devices = "
+     "99999999999999999999: too large", "'devices'"),
+    (["train", "DEMO", "--feature-views", "65"], "--feature-views must be at most 64",
+     "feature_views"),
+    (["predict", "DEMO", "DEMO", "--devices", "99999999999999999999"],
+     "--devices 99999999999999999999: must be 1 to 1024", "'devices'"),
 ])
 def test_a_bad_option_is_named_as_typed(run_cli, demo_dir, args, message, setting):
     """A value refused by the config names the option the user typed, not the setting
@@ -767,3 +776,16 @@ def test_a_ctrl_c_while_the_commands_are_imported_stops_quietly(module):
     done = subprocess.run([sys.executable, "-c", INTERRUPTED_AT, module], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 130 and done.stderr == "", done.stderr[-2000:]
+
+
+def test_large_numbers_that_mean_something_are_kept():
+    """The bound on numbers too large to mean anything spares a 4 GB upload limit and a
+    seed up to 2**32 - 1 (numpy's own bound); predict's batch has a bound of its own."""
+    from wingspan.config import ServeLimits, TrainConfig
+    from wingspan.errors import WingspanError
+    from wingspan.inference import Predictor
+
+    assert ServeLimits(max_bytes=2**32).max_bytes == 2**32
+    assert TrainConfig(seed=2**32 - 1).seed == 2**32 - 1
+    with pytest.raises(WingspanError, match="batch_size must be 1 to 65,536"):
+        Predictor("no-such-model", batch_size=10**20)  # (said before the model is sought)

@@ -38,6 +38,9 @@ UNKNOWN_SCORES = ("msp", "energy", "mahalanobis", "knn", "msp+knn")
 # The pixel budget of one image (about 50 MP; a decoded pixel takes 3-4 bytes, several
 # times over while converting). $WINGSPAN_MAX_PIXELS (or --max-pixels) changes it.
 MAX_PIXELS, MAX_PIXELS_ENV = 50_000_000, "WINGSPAN_MAX_PIXELS"
+MAX_FEATURE_VIEWS = 64  # augmented views cached per training image for the head stage
+MAX_PROCESSES = 1024  # --devices per machine and --nodes: more is a slip (and overflowed)
+MAX_BATCH = 2**16  # images per predict or evaluate batch: more is a slip (and overflowed)
 # .jfif and .jpe: JPEGs as Windows browsers save them.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff",
                     ".webp")
@@ -232,6 +235,10 @@ def _list_fields(cls: type) -> frozenset[str]:
                      if name in cls.__dataclass_fields__ and is_list(kind))
 
 
+# Settings counted in bytes or pixels, which may pass 2**31 (a 4 GB upload limit)
+BYTE_SIZED = frozenset({"max_bytes", "decode_pixels"})
+
+
 def _check_types(config: object) -> None:
     """Every field against its declared type, before any range check: 'two' for an int,
     1.5 epochs, inf or NaN, a number for a name. Values of the right kind in another form
@@ -255,6 +262,12 @@ def _check_types(config: object) -> None:
         except ValidationError as e:
             why = "; ".join(err["msg"] for err in e.errors())
             problems.append((name, f" = {_shown(value)}: {why}"))
+        else:  # (99999999999999999999 overflowed torch, islice or a C int: a traceback)
+            value = getattr(config, name)
+            most = 2**53 if name in BYTE_SIZED else 2**31 - 1
+            if name != "seed" and type(value) is int and abs(value) > most:  # (seed: below)
+                problems.append((name, f" = {_shown(value)}: too large to mean anything here "
+                                       f"(at most {most:,})"))
     seed = getattr(config, "seed", 0)
     if not problems and not 0 <= seed < 2**32:  # numpy's random generators take no other
         problems.append(("seed", f" = {seed!r}: must be between 0 and 2**32 - 1"))
@@ -618,6 +631,9 @@ class TrainConfig:
         _check_types(self)
         for name in ("epochs_head", "epochs_finetune", "feature_views", "seed"):
             _check(getattr(self, name) >= 0, name, "0 or more", getattr(self, name))
+        # (each view of every training image is cached: 64 is 64x the cache already)
+        _check(self.feature_views <= MAX_FEATURE_VIEWS, "feature_views",
+               f"at most {MAX_FEATURE_VIEWS}", self.feature_views)
         # 1 stops a stage at its first epoch without a better score (Keras's patience 0)
         _check(self.patience >= 1, "patience", "at least 1", self.patience)
         _check(self.epochs_head + self.epochs_finetune > 0, "epochs_head + epochs_finetune",
@@ -652,7 +668,8 @@ class TrainConfig:
             _check(self.workers >= 0, "workers", "0 or more", self.workers)
         for name in ("devices", "nodes"):
             if getattr(self, name) is not None:
-                _check(getattr(self, name) >= 1, name, "at least 1", getattr(self, name))
+                _check(1 <= getattr(self, name) <= MAX_PROCESSES, name,
+                       f"1 to {MAX_PROCESSES}", getattr(self, name))
         SplitConfig(val_fraction=self.val_fraction, test_fraction=self.test_fraction)
         if self.levels is not None:
             _check(len(self.levels) >= 1 and len(set(self.levels)) == len(self.levels),

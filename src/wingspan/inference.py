@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from wingspan.config import AugmentConfig
+from wingspan.config import MAX_BATCH, AugmentConfig
 from wingspan.data.csvfiles import name_as_read
 from wingspan.data.images import max_pixels, open_rgb
 from wingspan.data.taxonomy import Taxonomy
@@ -139,8 +139,9 @@ class Predictor:
                  batch_size: int = 32, workers: int | None = None, runtime: str = "auto",
                  progress: bool = False, fabric=None, unknown_score: str | None = None):
         check_default_dtype()
-        if batch_size < 1:
-            raise WingspanError(f"batch_size must be at least 1, not {batch_size}.")
+        if not 1 <= batch_size <= MAX_BATCH:  # (99999999999999999999 overflowed islice)
+            raise WingspanError(f"batch_size must be 1 to {MAX_BATCH:,}, not {batch_size}.",
+                                hint="32 to 256 suits most machines.")
         # Before the model loads: -1, or 514 for 4, is refused as train's --workers is.
         per_machine = getattr(fabric.strategy, "num_processes", 1) if fabric else 1
         self.workers = resolve_workers(workers, per_machine)

@@ -36,6 +36,7 @@ import torch
 from lightning_fabric import Fabric
 from lightning_fabric.strategies.launchers import subprocess_script
 
+from wingspan.config import MAX_PROCESSES
 from wingspan.errors import (
     LAUNCHER_PID_ENV,
     STARTED,
@@ -73,8 +74,8 @@ class Processes:
     def __post_init__(self) -> None:  # predict's --devices, as train's
         for name in ("devices", "nodes"):
             value = getattr(self, name)
-            if value is not None and value < 1:
-                raise WingspanError(f"--{name} {value}: must be at least 1.",
+            if value is not None and not 1 <= value <= MAX_PROCESSES:
+                raise WingspanError(f"--{name} {value}: must be 1 to {MAX_PROCESSES}.",
                                     hint=f"Leave --{name} out for one.")
         if self.strategy not in STRATEGIES:  # (said at once, on one process too)
             raise WingspanError(f"Unknown strategy '{self.strategy}'.",
