@@ -41,6 +41,11 @@ MAX_PIXELS, MAX_PIXELS_ENV = 50_000_000, "WINGSPAN_MAX_PIXELS"
 MAX_FEATURE_VIEWS = 64  # augmented views cached per training image for the head stage
 MAX_PROCESSES = 1024  # --devices per machine and --nodes: more is a slip (and overflowed)
 MAX_BATCH = 2**16  # images per predict or evaluate batch: more is a slip (and overflowed)
+# The engines' names, checked with the other settings (a typo was said only once the data
+# was read and torch imported: 9 s on iNat); models/engine.py and parallel.py take them.
+PRECISION_NAMES = ("fp32", "bf16", "fp16")
+RUNTIMES = ("torch", "onnx")
+STRATEGIES = ("auto", "ddp")
 # .jfif and .jpe: JPEGs as Windows browsers save them.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff",
                     ".webp")
@@ -195,6 +200,15 @@ def another(setting: str) -> str:
     user gave it (--max-per-class): marked by NULs, which no value's repr holds (a value
     "{max_per_class}" is the user's own text)."""
     return f"\0{setting}\0"
+
+
+def _check_engines(config) -> None:
+    """`precision` and `runtime`: auto or one the engines know ($WINGSPAN_PRECISION and
+    $WINGSPAN_RUNTIME are read, and checked, where auto is resolved)."""
+    _check(config.precision in ("auto", *PRECISION_NAMES), "precision",
+           f"one of {['auto', *PRECISION_NAMES]}", config.precision)
+    _check(config.runtime in ("auto", *RUNTIMES), "runtime", f"one of {['auto', *RUNTIMES]}",
+           config.runtime)
 
 
 def _check(ok: bool, name: str, expected: str, got: object) -> None:
@@ -409,6 +423,7 @@ class AdaptConfig:
                self.confidence)
         _check(self.rounds >= 1, "rounds", "at least 1", self.rounds)
         _check(self.c > 0, "c", "a positive number", self.c)
+        _check_engines(self)
         _check(self.batch_size >= 1, "batch_size", "at least 1", self.batch_size)
 
 
@@ -658,6 +673,9 @@ class TrainConfig:
                self.sampler)
         _check(self.selection in ("holdout", "val"), "selection", "holdout or val",
                self.selection)
+        _check_engines(self)
+        _check(self.strategy in STRATEGIES, "strategy", f"one of {list(STRATEGIES)}",
+               self.strategy)
         if self.unfreeze is not None:
             _check(self.unfreeze >= 0, "unfreeze", "0 or more stages", self.unfreeze)
         if self.max_per_class is not None:

@@ -36,7 +36,7 @@ import torch
 from lightning_fabric import Fabric
 from lightning_fabric.strategies.launchers import subprocess_script
 
-from wingspan.config import MAX_PROCESSES
+from wingspan.config import MAX_PROCESSES, STRATEGIES
 from wingspan.errors import (
     LAUNCHER_PID_ENV,
     STARTED,
@@ -48,7 +48,6 @@ from wingspan.errors import (
 
 # Our precision names -> Fabric's for the training step.
 FABRIC_PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
-STRATEGIES = ("auto", "ddp")
 
 
 class _Dropped(logging.Filter):

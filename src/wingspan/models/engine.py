@@ -25,12 +25,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wingspan.config import EngineConfig, default_cache_dir, usable_cores
+from wingspan.config import (
+    PRECISION_NAMES,
+    EngineConfig,
+    default_cache_dir,
+    usable_cores,
+)
 from wingspan.errors import WingspanError
 from wingspan.files import atomic_path
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-RUNTIMES = ("torch", "onnx")
+PRECISIONS = dict(zip(PRECISION_NAMES, (None, torch.bfloat16, torch.float16), strict=True))
 
 
 @dataclass(frozen=True)

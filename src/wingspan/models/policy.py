@@ -25,6 +25,7 @@ from torch import nn
 from wingspan.config import (
     PRECISION_ENV,
     RUNTIME_ENV,
+    RUNTIMES,
     EngineConfig,
     cpu_quota,
     usable_cores,
@@ -34,7 +35,6 @@ from wingspan.models import engine
 from wingspan.models.engine import (
     ENGINES,
     PRECISIONS,
-    RUNTIMES,
     Choice,
     Engine,
     EngineCache,
