@@ -314,3 +314,21 @@ def test_tiffs_pillow_cannot_read_right_are_refused_as_what_they_are(tmp_path):
         open_rgb(heic)
     with pytest.raises(WingspanError, match="not a JPEG, PNG, TIFF"):
         open_rgb(io.BytesIO(b"just text, no picture"), name="notes.jpg")
+
+
+def test_a_budget_in_the_environment_that_is_no_number_is_said_in_the_library(monkeypatch):
+    """The CLI refuses $WINGSPAN_MAX_PIXELS=200M; the library took the default without a
+    word, so a notebook trained at 50 MP where it meant 200."""
+    import warnings
+
+    from wingspan.config import MAX_PIXELS
+    from wingspan.data.images import max_pixels
+
+    monkeypatch.setenv("WINGSPAN_MAX_PIXELS", "200M")
+    with pytest.warns(UserWarning, match=r"\$WINGSPAN_MAX_PIXELS is '200M', not a number"):
+        assert max_pixels() == MAX_PIXELS
+    with warnings.catch_warnings():  # once, not at every image
+        warnings.simplefilter("error")
+        assert max_pixels() == MAX_PIXELS
+        monkeypatch.setenv("WINGSPAN_MAX_PIXELS", "  ")  # blank: unset, as before
+        assert max_pixels() == MAX_PIXELS

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import BinaryIO
 
@@ -103,7 +104,22 @@ def max_pixels() -> int:
 
 def chosen_budget() -> int | None:
     """The budget a user chose (max_pixels= or --max-pixels), None for the default."""
-    return _CALL_BUDGET.get() or pixel_budget(os.environ.get(MAX_PIXELS_ENV, ""))
+    if called := _CALL_BUDGET.get():
+        return called
+    text = os.environ.get(MAX_PIXELS_ENV, "")
+    budget = pixel_budget(text)
+    if budget is None and text.strip():
+        _unread_budget(text)
+    return budget
+
+
+@cache
+def _unread_budget(text: str) -> None:
+    """Said once: the library takes the default for a $WINGSPAN_MAX_PIXELS that is no
+    number (the CLI refuses it), where "200M" in a notebook trained at 50 MP unsaid."""
+    warnings.warn(f"${MAX_PIXELS_ENV} is {text!r}, not a number of pixels: the default "
+                  f"{MAX_PIXELS:,} is used. Set it to a whole number, e.g. 100000000, or "
+                  "unset it.", UserWarning, stacklevel=3)
 
 
 def budget_key(budget: int) -> str:
