@@ -52,6 +52,24 @@ def history(run_dir):
     return pd.read_csv(run_dir / "history.csv")
 
 
+def test_config_yamls_line_to_train_again_pastes_into_a_shell_and_keeps_the_budget(
+        demo_dir, tmp_path):
+    """A run named "ho run" gave an unquoted path, --holdout-classes a comment a shell
+    could not read, and a run with --max-pixels was trained again at 50 MP."""
+    import shlex
+
+    from wingspan.data.images import call_budget
+    from wingspan.training.run import _data_comment
+
+    with call_budget(4000):
+        said = _data_comment(read_dataset(demo_dir), tmp_path / "ho run", held_out=True)
+    line = said.splitlines()[1].split("Again on the same split: ", 1)[1]
+    assert shlex.split(line, comments=True) == [
+        "wingspan", "train", str(tmp_path / "ho run" / "splits.csv"), "--config",
+        str(tmp_path / "ho run" / "config.yaml"), "--max-pixels", "4000",
+        "--holdout-classes", ""]
+
+
 @pytest.mark.policy
 def test_train_writes_a_complete_run(demo_dir, tmp_path):
     run_dir = train(read_dataset(demo_dir), tiny(tmp_path), tmp_path / "runs", "demo", quiet=True)

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -212,13 +213,17 @@ def _data_comment(dataset: Dataset, run_dir: Path, held_out: bool) -> str:
     how = [f"--format {dataset.format}"]
     if dataset.group_regex:
         how.append(f"--group-regex '{dataset.group_regex}'")
-    if chosen_budget():  # --max-pixels, or the library's max_pixels=
-        how.append(f"--max-pixels {chosen_budget()}")
-    again = f"wingspan train {run_dir / SPLITS_FILE} --config {run_dir / CONFIG_FILE}"
+    budget = f"--max-pixels {chosen_budget()}" if chosen_budget() else ""  # (or max_pixels=)
+    if budget:
+        how.append(budget)
+    # A line to paste into a shell: paths quoted (a run named "ho run"), the budget kept
+    # (without it the images were decoded at 50 MP, and the run was not the same)
+    again = (f"wingspan train {shlex.quote(str(run_dir / SPLITS_FILE))} --config "
+             f"{shlex.quote(str(run_dir / CONFIG_FILE))}" + (f" {budget}" if budget else ""))
     if held_out:  # splits.csv has none of their images
-        again += (" --holdout-classes ''   (the held-out classes' images are in "
-                  f"{HOLDOUT_FILE}; to score them as unknowns again, train on the data "
-                  "above with this config)")
+        again += (" --holdout-classes ''   # the held-out classes' images are in "
+                  f"{HOLDOUT_FILE}: to score them as unknowns again, train on the data "
+                  "above with this config")
     return (f"# Trained on {dataset.root}, read with {' '.join(how)}.\n"
             f"# Again on the same split: {again}\n")
 
