@@ -1245,3 +1245,15 @@ def test_messages_a_library_call_meets_name_its_keywords_too(tmp_path, demo_dir)
             call(table)
         assert "got DataFrame path label 0 a.jpg" in str(e.value)
         assert 'df.to_csv("photos.csv", index=False)' in e.value.hint
+
+
+def test_an_empty_path_is_refused_as_the_command_line_refuses_it(demo_dir, tmp_path,
+                                                                 monkeypatch):
+    """ws.train(..., runs_dir="") wrote the run into the current folder, which the
+    command line refuses ("" is an unset variable's value more often than not)."""
+    monkeypatch.chdir(tmp_path)
+    for call in (lambda: ws.train(demo_dir, runs_dir="", name="r", quiet=True),
+                 lambda: ws.read(" "), lambda: ws.runs("")):
+        with pytest.raises(WingspanError, match=r"is empty: give a path \(\"\.\" for the "):
+            call()
+    assert not list(tmp_path.iterdir())

@@ -163,6 +163,9 @@ def test_user_errors_are_one_clear_message(run_cli, demo_dir, args, message, mon
      "'strategy'"),
     (["adapt", "DEMO", "DEMO", "--precision", "fp64"], "--precision must be one of",
      "'precision'"),
+    # an option whose setting has another name (serve's --timeout sets timeout_s)
+    (["serve", "DEMO", "--timeout", "inf"], "--timeout = inf: Input should be a finite",
+     "timeout_s"),
 ])
 def test_a_bad_option_is_named_as_typed(run_cli, demo_dir, args, message, setting):
     """A value refused by the config names the option the user typed, not the setting

@@ -522,6 +522,9 @@ def _path_arg(name: str, value) -> Path:
     if not isinstance(value, str | os.PathLike):
         raise WingspanError(f"{name}: expected a path (str or Path), got {_shown(value)}.",
                             hint=_table_hint(value))
+    if not str(value).strip():  # ("" is the current folder: a run's files landed in it, as
+        # an unset variable's would; the command line refuses it alike)
+        raise WingspanError(f"{name} is empty: give a path (\".\" for the current folder).")
     return Path(value).expanduser()
 
 

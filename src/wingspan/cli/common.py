@@ -56,11 +56,13 @@ def under(path, root: Path) -> str:
         return str(path)
 
 
-def make_config(ctx: typer.Context, make, *args, **values):
+def make_config(ctx: typer.Context, make, *args, renamed: dict[str, str] | None = None,
+                **values):
     """`make(*args, **values)`: a config, whose errors name the options typed on the command
     line (--val-fraction) rather than the settings they set (val_fraction); a setting from
     a config file keeps its name. An option is found by its parameter's name, which is the
-    setting's."""
+    setting's, or as `renamed` gives it ({setting: parameter}: serve's --timeout sets
+    timeout_s, which its error named)."""
     try:
         return make(*args, **values)
     except SettingError as e:
@@ -68,6 +70,8 @@ def make_config(ctx: typer.Context, make, *args, **values):
                  for p in ctx.command.params  # (the first long name: --val, not its alias)
                  if p.param_type_name == "option"
                  and ctx.get_parameter_source(p.name).name == "COMMANDLINE"}
+        typed |= {setting: typed[name] for setting, name in (renamed or {}).items()
+                  if name in typed}
         raise WingspanError(e.worded(typed), hint=e.hint) from None
 
 

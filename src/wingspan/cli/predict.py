@@ -242,7 +242,8 @@ def serve_command(
     from wingspan.serve import serve
 
     limits = make_config(ctx, ServeLimits, top_k=top_k, max_bytes=round(max_upload_mb * 2**20),
-                         max_files=max_files, max_in_flight=max_in_flight, timeout_s=timeout)
+                         max_files=max_files, max_in_flight=max_in_flight, timeout_s=timeout,
+                         renamed={"timeout_s": "timeout", "max_bytes": "max_upload_mb"})
     serve(model, host=host, port=port, device=device, limits=limits, precision=precision,
           runtime=runtime, access_log=not quiet)
 
