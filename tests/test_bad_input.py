@@ -119,7 +119,7 @@ AT_LEAST_1 = r"(greater than or equal to 1|x>=1)"
     (["--max-pixels", "0"], AT_LEAST_1),
     (["--device", "tpu"], "Unknown device 'tpu'"),
     (["--device", "cuda:7", "--devices", "2"], "names one GPU"),
-    (["--devices", "0"], "--devices 0: must be at least 1"),
+    (["--devices", "0"], "--devices 0: must be 1 to 1024"),
 ])
 def test_predict_settings_that_are_refused(run_dir, run_cli, tmp_path, monkeypatch, args,
                                            message):

@@ -556,8 +556,8 @@ def test_evaluate_unknown_folder_of_non_butterflies(held_out_run, run_cli, tmp_p
 
 def test_a_held_out_run_says_how_to_train_again_on_its_split(held_out_run):
     said = (held_out_run[0] / "config.yaml").read_text().splitlines()[1]
-    assert said.endswith("holdout.csv; to score them as unknowns again, train on the data "
-                         "above with this config)")
+    assert said.endswith("holdout.csv: to score them as unknowns again, train on the data "
+                         "above with this config")
     assert "--config" in said and "--holdout-classes ''" in said
 
 

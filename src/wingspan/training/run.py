@@ -466,11 +466,15 @@ def _resuming(run_dir: Path, checkpoint: dict | None, scoring: bool) -> str:
         return f"Resuming {run_dir}: its model is written, scoring the held-out classes"
     if state["stage"] == "done":
         return f"Resuming {run_dir}: training was done, writing its model"
-    planned = (checkpoint.get("settings") or {}).get(f"epochs_{state['stage']}")
+    settings = checkpoint.get("settings") or {}
+    planned = settings.get(f"epochs_{state['stage']}")
     if planned is not None and state["epoch"] >= planned and not state["step"]:
         # (killed after the stage's last epoch, before the next stage's checkpoint: "at
         # head epoch 4" of 3)
         return f"Resuming {run_dir}: its {state['stage']} stage's {planned} epochs are done"
+    if state.get("bad_epochs", 0) >= settings.get("patience", math.inf) and not state["step"]:
+        return (f"Resuming {run_dir}: its {state['stage']} stage stopped early, after "
+                f"{state['epoch']} epochs")
     return (f"Resuming {run_dir} at {state['stage']} epoch {state['epoch'] + 1}"
             + (f", batch {state['step'] + 1}" if state["step"] else ""))
 
