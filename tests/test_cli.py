@@ -799,5 +799,6 @@ def test_large_numbers_that_mean_something_are_kept():
 
     assert ServeLimits(max_bytes=2**32).max_bytes == 2**32
     assert TrainConfig(seed=2**32 - 1).seed == 2**32 - 1
-    with pytest.raises(WingspanError, match="batch_size must be 1 to 65,536"):
+    with pytest.raises(WingspanError, match=r"--batch-size 10+ \(batch_size= in Python\): "
+                                            "must be 1 to 65,536"):
         Predictor("no-such-model", batch_size=10**20)  # (said before the model is sought)

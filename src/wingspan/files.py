@@ -285,7 +285,8 @@ class FileArrays:
     def _remove_dead_writes(self, quiet_seconds: float = 60.0) -> None:
         """The temporary files of writers killed mid-write (a data worker SIGKILLed left
         .<sha1>.<pid>.tmp.npy), which nothing would read or remove: the cache is shared by
-        every run, so only those whose process is gone (one scan, 30 ms at 48k entries)."""
+        every run, so only those whose process is gone (one scan: 40 ms at 48k entries on a
+        2-core EPYC)."""
         if self.directory is None:
             return
         written = re.compile(r"\.[0-9a-f]{40}\.(\d+)\.tmp\.npy")

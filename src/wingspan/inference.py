@@ -140,8 +140,8 @@ class Predictor:
                  progress: bool = False, fabric=None, unknown_score: str | None = None):
         check_default_dtype()
         if not 1 <= batch_size <= MAX_BATCH:  # (99999999999999999999 overflowed islice)
-            raise WingspanError(f"batch_size must be 1 to {MAX_BATCH:,}, not {batch_size}.",
-                                hint="32 to 256 suits most machines.")
+            raise WingspanError(f"--batch-size {batch_size} (batch_size= in Python): must be "
+                                f"1 to {MAX_BATCH:,}.", hint="32 to 256 suits most machines.")
         # Before the model loads: -1, or 514 for 4, is refused as train's --workers is.
         per_machine = getattr(fabric.strategy, "num_processes", 1) if fabric else 1
         self.workers = resolve_workers(workers, per_machine)
