@@ -37,23 +37,15 @@ def plain(text) -> str:
     return escape(str(text))
 
 
-def here(path) -> Path:
+def here(path, root: Path | None = None) -> Path:
     """A resolved path shown as other commands show theirs: relative to the working folder
-    when it lies inside it (runs/NAME), else as it is."""
+    (or `root`: a table's images under the data's folder, named in its caption) when it
+    lies inside it (runs/NAME), else as it is."""
     path = Path(path)
     try:
-        return path.relative_to(Path.cwd())
+        return path.relative_to(root or Path.cwd())
     except ValueError:
         return path
-
-
-def under(path, root: Path) -> str:
-    """`path` relative to `root` when it lies inside it (a table's image column, with the
-    folder in its header), else as it is."""
-    try:
-        return str(Path(path).relative_to(root))
-    except ValueError:
-        return str(path)
 
 
 def make_config(ctx: typer.Context, make, *args, renamed: dict[str, str] | None = None,

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from wingspan.cli.app import data_app
-from wingspan.cli.common import err, folding, here, make_config, out, plain, read_data, under
+from wingspan.cli.common import err, folding, here, make_config, out, plain, read_data
 from wingspan.cli.options import (
     Data,
     DeviceOpt,
@@ -220,7 +220,7 @@ def data_audit(
                   title=f"Most suspect labels ({int(issues['flagged'].sum())} of {len(issues)} "
                   "flagged by cleanlab)", caption=f"images in {plain(here(root))}")
     for r in issues.head(15).itertuples():
-        table.add_row(str(r.rank), plain(under(r.path, root)), plain(r.label),
+        table.add_row(str(r.rank), plain(here(r.path, root)), plain(r.label),
                       f"{plain(r.suspected)} ({r.suspected_probability:.2f})",
                       f"{r.label_quality:.3f}")
     out.print(table)
