@@ -932,6 +932,8 @@ def test_the_page_in_a_real_browser(run_dir, demo_dir, tmp_path):
         assert "not a JPEG, PNG" in page.text_content("#error")
         # The last photo's answer goes with it: not shown beside the refused file's name.
         assert page.is_visible("#error") and not page.is_visible("#result")
+        # ... and from the page's data too, where a script reads the answer.
+        assert page.eval_on_selector("body", "b => b.dataset.answer") is None
         # The model's details failing to load says so, rather than "loading" for ever.
         page.route("**/model", lambda route: route.fulfill(status=503, body="{}"))
         page.reload()

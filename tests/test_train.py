@@ -1310,6 +1310,17 @@ def test_config_file_and_command_line(tmp_path, run_cli, demo_dir):
     path.write_text("epochs_head: 1.5\nlr: fast\n")
     code, _, err = run_cli("train", demo_dir, "--config", path, "--runs-dir", tmp_path / "r")
     assert code == 2 and "'epochs_head' = 1.5" in err and "'lr' = 'fast'" in err
+    # A value out of range in the file names the file, as an unknown key does; one typed
+    # on the command line names its option alone.
+    path.write_text("lr: -1\n")
+    code, _, err = run_cli("train", demo_dir, "--config", path, "--runs-dir", tmp_path / "r")
+    assert code == 2 and f"{path}: The 'lr' setting must be a positive" in " ".join(
+        err.split()), err
+    code, _, err = run_cli("train", demo_dir, "--config", path, "--lr", "0.01",
+                           "--epochs-head", "-1", "--runs-dir", tmp_path / "r")
+    assert code == 2 and "--epochs-head must be 0 or more" in err and str(path) not in err
+    with pytest.raises(SettingError, match="c.yaml: The 'lr' setting"):
+        TrainConfig.from_file(path)
     assert not (tmp_path / "r").exists()
 
 

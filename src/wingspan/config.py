@@ -772,7 +772,16 @@ class TrainConfig:
                 values.pop("level", None)
             if "level_weights" not in overrides and values.get("levels") != levels:
                 values.pop("level_weights", None)
-        return cls(**{**values, **overrides})
+        try:
+            return cls(**{**values, **overrides})
+        except SettingError as e:  # a value the file gave: the file is named, as for a key
+            from_file = set(values) - set(overrides)
+            if any(part in from_file for setting, _ in e.problems
+                   for part in re.findall(r"\w+", setting)):
+                e.intro = f"{path}: {e.intro}"
+                e.message = e.worded({})
+                e.args = (e.message,)
+            raise
 
 
 # Options of `wingspan train` that are not settings (what it reads and where it writes):
