@@ -1273,6 +1273,10 @@ def test_config_file_and_command_line(tmp_path, run_cli, demo_dir):
     assert code == 2 and "'format', 'max_pixels' are options of the command, not a setting " \
         "a config file holds" in said and "Give --format, --max-pixels on the command line" \
         in said and "max_per_class" not in said, said
+    # A device misspelt is refused with the other settings, before torch is imported.
+    code, _, err = run_cli("train", demo_dir, "--device", "gpu", "--quiet")
+    assert code == 2 and "--device must be auto, cpu, cuda or cuda:N" in err, err
+    assert TrainConfig(device="cuda:1").device == "cuda:1"
     code, _, err = run_cli("train", demo_dir, "--sampler", "random", "--quiet")
     assert code == 2 and "--sampler must be shuffle or weighted" in err
     for path_like in ("../elsewhere", "a/b"):  # a name, not a path out of --runs-dir

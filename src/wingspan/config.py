@@ -211,6 +211,13 @@ def _check_engines(config) -> None:
            config.runtime)
 
 
+def _check_device(config) -> None:
+    """The device's spelling, before torch is imported (seconds, before 'gpu' was refused);
+    whether that GPU is there is asked of torch where the device is opened."""
+    _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", config.device) is not None, "device",
+           "auto, cpu, cuda or cuda:N (the Nth GPU)", config.device)
+
+
 def _check(ok: bool, name: str, expected: str, got: object) -> None:
     if not ok:
         raise SettingError([(name, f" must be {expected}. Got {_shown(got)} instead.")],
@@ -382,6 +389,7 @@ class AuditConfig:
                self.duplicates_per_image)
         _check(self.batch_size >= 1, "batch_size", "at least 1", self.batch_size)
         _check(self.gallery >= 0, "gallery", "0 or more", self.gallery)
+        _check_device(self)
         names = self.backbone.split(",")
         _check(all(n.strip() for n in names), "backbone", "one name or several, comma-"
                "separated", self.backbone)
@@ -424,6 +432,7 @@ class AdaptConfig:
         _check(self.rounds >= 1, "rounds", "at least 1", self.rounds)
         _check(self.c > 0, "c", "a positive number", self.c)
         _check_engines(self)
+        _check_device(self)
         _check(self.batch_size >= 1, "batch_size", "at least 1", self.batch_size)
 
 
@@ -674,6 +683,7 @@ class TrainConfig:
         _check(self.selection in ("holdout", "val"), "selection", "holdout or val",
                self.selection)
         _check_engines(self)
+        _check_device(self)
         _check(self.strategy in STRATEGIES, "strategy", f"one of {list(STRATEGIES)}",
                self.strategy)
         if self.unfreeze is not None:
