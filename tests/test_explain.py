@@ -1,5 +1,6 @@
 """`wingspan explain`: Grad-CAM overlays that follow what the model looks at."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,13 @@ def test_explain_writes_an_overlay_per_image_and_lists_bad_ones(run_dir, demo_di
     pngs = [r.png for r in explain(run_dir, list(map(str, long)), tmp_path / "long-out")]
     assert all(p.is_file() and len(p.name.encode()) <= 255 for p in pngs)
     assert len(set(pngs)) == 2
+    # A name that is not UTF-8 (a Latin-1 disk): its overlay is written as the others are,
+    # not a traceback that left the images after it unexplained.
+    latin = Path(os.fsdecode(bytes(tmp_path / "latin") + b"/caf\xe9.jpg"))
+    latin.parent.mkdir()
+    latin.write_bytes(Path(images[0]).read_bytes())
+    done = explain(run_dir, [str(latin), images[1]], tmp_path / "latin-out")
+    assert not any(r.error for r in done) and all(r.png.is_file() for r in done)
 
 
 def test_grad_cam_points_at_the_evidence():

@@ -496,7 +496,7 @@ def fitting_name(name: str, most: int = 200) -> str:
     """`name`, or where its UTF-8 is over `most` bytes (a photo's or a folder's own name may
     use up to 255, and what is made from it adds a suffix, a temporary name), its start and
     8 hex digits of its sha1, so that two long names that share the start stay apart."""
-    raw = name.encode()
+    raw = name.encode(errors="surrogateescape")  # a name not UTF-8 on disk, as Python holds it
     if len(raw) <= most:
         return name
     digest = hashlib.sha1(raw).hexdigest()[:8]
