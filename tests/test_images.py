@@ -314,6 +314,21 @@ def test_tiffs_pillow_cannot_read_right_are_refused_as_what_they_are(tmp_path):
         open_rgb(heic)
     with pytest.raises(WingspanError, match="not a JPEG, PNG, TIFF"):
         open_rgb(io.BytesIO(b"just text, no picture"), name="notes.jpg")
+    # A TIFF whose download stopped within its header is a damaged file, not one to
+    # convert: its first directory lies past the end.
+    whole = _tiff(tmp_path / "whole.tif", pixels, planar=False).read_bytes()
+    for cut in (tmp_path / "cut.tif", io.BytesIO(whole[:40])):
+        if not isinstance(cut, io.BytesIO):
+            cut.write_bytes(whole[:40])
+        with pytest.raises(WingspanError, match="a TIFF cut short or damaged within its "
+                                                "header") as e:
+            open_rgb(cut, name="cut.tif")
+        assert "Replace or delete the file" in e.value.hint
+    # A WebP cut short: said damaged, not in Pillow's words alone.
+    webp = io.BytesIO()
+    Image.fromarray((pixels // 256).astype(np.uint8)).save(webp, "WEBP")
+    with pytest.raises(WingspanError, match="the file is cut short or damaged"):
+        open_rgb(io.BytesIO(webp.getvalue()[:len(webp.getvalue()) // 2]), name="half.webp")
 
 
 def test_a_budget_in_the_environment_that_is_no_number_is_said_in_the_library(monkeypatch):

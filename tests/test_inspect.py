@@ -184,12 +184,15 @@ def test_a_class_of_unreadable_files_is_pointed_out(tmp_path):
     (tmp_path / "d" / "broken").mkdir()
     (tmp_path / "d" / "broken" / "empty.jpg").write_bytes(b"")
     (tmp_path / "d" / "broken" / "text.jpg").write_text("not a picture")
+    # An iPhone photo renamed .jpg: a HEIC, as training and predict say it.
+    (tmp_path / "d" / "broken" / "phone.jpg").write_bytes(b"\0\0\0\x18ftypheic" + bytes(200))
     summary = inspect_dataset(read_dataset(tmp_path / "d"), tmp_path / "out", progress=False)
     assert summary["images"]["classes_without_readable_images"] == ["broken"]
     # Each file's reason as training and predict would give it: a cut-off copy is empty.
     errors = {u["path"].rsplit("/", 1)[-1]: u["error"] for u in summary["images"]["unreadable"]}
     assert errors == {"empty.jpg": "the file is empty (0 bytes)",
-                      "text.jpg": "not an image (unrecognised format)"}
+                      "text.jpg": "not an image (unrecognised format)",
+                      "phone.jpg": "a HEIC photo, which cannot be read here"}
     from rich.console import Console
 
     from wingspan.data.inspect import print_summary
@@ -200,7 +203,7 @@ def test_a_class_of_unreadable_files_is_pointed_out(tmp_path):
     assert "classes with no readable image (training stops at them): 1" in said
     # What to fix first comes first: what stops training, then what is merely skipped.
     order = ["Fix first: train refuses these", "classes with no readable image",
-             "Worth knowing: skipped or handled", "unreadable or truncated: 2"]
+             "Worth knowing: skipped or handled", "unreadable or truncated: 3"]
     assert [said.index(part) for part in order] == sorted(said.index(part) for part in order)
 
 

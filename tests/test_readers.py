@@ -885,6 +885,21 @@ def test_predict_says_the_links_in_a_folder_it_does_not_follow(tmp_path):
     assert "a link to nothing" in said["gone.jpg"] and "a folder above it" in said["loop"]
 
 
+def test_a_dead_link_in_a_class_folder_is_said_and_stops_strict(tmp_path):
+    """--strict stops at a missing file in a class folder as in a CSV (it went on); a loop
+    of links is said as one, not as a link to a missing file."""
+    folder_dataset(tmp_path, {"monarch": 2, "admiral": 2})
+    (tmp_path / "monarch" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (tmp_path / "admiral" / "a.jpg").symlink_to(tmp_path / "admiral" / "b.jpg")
+    (tmp_path / "admiral" / "b.jpg").symlink_to(tmp_path / "admiral" / "a.jpg")
+    said = {os.path.basename(p.path): p.message for p in read_dataset(tmp_path).problems}
+    assert said["gone.jpg"].startswith("a link to nothing")
+    assert said["a.jpg"].startswith("a loop of links")
+    with pytest.raises(WingspanError, match="3 links in the class folders of .* lead to no "
+                                            "image, e.g. .*"):
+        read_dataset(tmp_path, ReadConfig(strict=True))
+
+
 def test_class_folders_that_differ_only_in_case_are_pointed_out(tmp_path):
     folder_dataset(tmp_path, {"admiral": 2, "Admiral": 1, "monarch": 1})
     ds = read_dataset(tmp_path)

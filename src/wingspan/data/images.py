@@ -270,7 +270,8 @@ def open_rgb(path: str | Path | BinaryIO, draft: int | None = None,
     except (OSError, SyntaxError, ValueError,
             Image.DecompressionBombError) as e:  # the last: Pillow's own limit, past the header
         damaged = any(words in str(e).lower() for words in (  # Pillow's words for damage
-            "cannot load this image", "broken data stream", "unexpected end", "corrupt"))
+            "cannot load this image", "broken data stream", "unexpected end", "corrupt",
+            "truncated", "could not create decoder object"))  # (the last: WebP's)
         raise WingspanError(
             f"Cannot read image {name}: {e}" + (
                 " (the file is cut short or damaged)" if damaged else ""),
@@ -302,7 +303,8 @@ _UNREAD_KINDS = ((b"II*\x00", 0, "a TIFF of a kind that cannot be read here (flo
 # within its header at some bytes (a JPEG at a segment marker, a GIF within its palette):
 # such a file is said to be cut short, not "no image whatever its name says".
 _READ_SIGNATURES = ((b"\xff\xd8\xff", 0, "JPEG"), (b"\x89PNG", 0, "PNG"), (b"GIF8", 0, "GIF"),
-                    (b"WEBP", 8, "WebP"), (b"BM", 0, "BMP"))
+                    (b"WEBP", 8, "WebP"), (b"BM", 0, "BMP"), (b"II*\x00", 0, "TIFF"),
+                    (b"MM\x00*", 0, "TIFF"))
 
 
 def _head(path: str | Path | BinaryIO) -> bytes:
@@ -318,8 +320,20 @@ def _head(path: str | Path | BinaryIO) -> bytes:
 
 def _unread_kind(path: str | Path | BinaryIO) -> str | None:
     head = _head(path)
+    if head[:2] in (b"II", b"MM") and _tiff_cut(path, head):
+        return None  # a download stopped within the header: no TIFF a converter could read
     return next((kind for magic, at, kind in _UNREAD_KINDS
                  if head[at:at + len(magic)] == magic), None)
+
+
+def _tiff_cut(path: str | Path | BinaryIO, head: bytes) -> bool:
+    """Whether a TIFF's first directory (its offset in bytes 4-8) lies past the file's end."""
+    try:
+        size = os.path.getsize(path) if isinstance(path, (str, Path)) else path.seek(0, 2)
+    except OSError:
+        return False
+    offset = int.from_bytes(head[4:8], "little" if head[:2] == b"II" else "big")
+    return len(head) < 8 or offset + 2 > size
 
 
 def signature_format(path: str | Path | BinaryIO) -> str | None:
@@ -384,9 +398,12 @@ def image_facts(path: str, budget: int | None = None) -> ImageFacts:
             im.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
             Image.DecompressionBombError) as e:
-        cut = isinstance(e, UnidentifiedImageError) and signature_format(path)
-        facts.error = str(e) if not isinstance(e, UnidentifiedImageError) else (
-            "the file is empty (0 bytes)" if _empty(path)  # as decoding says it
+        unknown = isinstance(e, UnidentifiedImageError)  # said as decoding says it:
+        kind = unknown and not _empty(path) and _unread_kind(path)  # (a HEIC by its bytes)
+        cut = unknown and not kind and signature_format(path)
+        facts.error = str(e) if not unknown else (
+            "the file is empty (0 bytes)" if _empty(path)
+            else kind if kind
             else f"a {cut} cut short or damaged within its header" if cut
             else "not an image (unrecognised format)")
     return facts

@@ -11,6 +11,7 @@ Formats:
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import re
@@ -418,7 +419,7 @@ def images_under(folder: Path, problems: list[Problem], within: Path | None = No
             f = os.path.join(top, name)
             if not os.path.isfile(f):
                 problems.append(
-                    Problem("missing_file", "a link to nothing; ignored", f) if os.path.islink(f)
+                    Problem("missing_file", f"{_dead_link(f)}; ignored", f) if os.path.islink(f)
                     else Problem("not_image", "not a regular file (a pipe, socket or device); "
                                  "ignored", f))
             elif is_image_name(name):
@@ -430,6 +431,17 @@ def images_under(folder: Path, problems: list[Problem], within: Path | None = No
             else:
                 problems.append(Problem("not_image", "not an image file extension; ignored", f))
     return [str(p) for p in sorted(map(Path, found))]
+
+
+def _dead_link(path: str) -> str:
+    """What a link that leads to no file leads to: nothing, or itself (a loop of links, to
+    mend by pointing one of them at a file, not by finding a missing one)."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a loop of links"
+    return "a link to nothing"
 
 
 def _link_elsewhere(path: str, folder: str, root: str | None,
@@ -489,6 +501,13 @@ def _class_folders(root: Path, config: ReadConfig, problems: list[Problem]
                 raise WingspanError(f"Class folder {class_dir} has no images (--strict).",
                                     hint="Add images or remove the folder; without --strict "
                                     "the class is left out and listed.")
+    gone = [p.path for p in problems if p.kind == "missing_file"]
+    if gone and config.strict:  # as a CSV's missing rows: the README's promise of --strict
+        raise WingspanError(f"{counted(len(gone), 'link')} in the class folders of {root} "
+                            f"{'leads' if len(gone) == 1 else 'lead'} to no image, e.g. "
+                            f"{gone[0]} (--strict).",
+                            hint="Mend or remove the links; without --strict they are "
+                                 "skipped and listed.")
     # 'admiral' and 'Admiral' cannot sit side by side on macOS or Windows: two folders
     # merged from elsewhere, most likely one species.
     problems += [Problem("classes_differ_in_case", "the classes " + " and ".join(
