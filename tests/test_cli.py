@@ -416,12 +416,61 @@ def test_a_score_just_over_its_threshold_reads_as_over_it():
 def test_the_command_list_reads_as_sentences():
     """`wingspan --help` lists each command by its docstring's first paragraph, joined
     (rich mode kept its source line breaks mid-sentence)."""
+    import inspect
+
     from wingspan.cli import app, data_app
 
     for info in [*app.registered_commands, *data_app.registered_commands]:
         assert info.short_help and "\n" not in info.short_help, info.name
     evaluate = next(i for i in app.registered_commands if i.name == "evaluate")
     assert "HTML report. The model is not changed" in evaluate.short_help
+    # and its help, each paragraph on one line (rich kept the docstring's line breaks: at
+    # 80 columns train's read "checkpoints and the" then "model bundle" on a line alone).
+    for info in [*app.registered_commands, *data_app.registered_commands]:
+        shown = info.help or inspect.getdoc(info.callback)  # (typer's choice, in that order)
+        assert all("\n" not in p for p in shown.split("\n\n")), info.name
+
+
+def _help_pages(command=None, path=()):
+    """Every help page: the app's, each group's and each command's (`data split`...)."""
+    import typer.main
+
+    from wingspan.cli import app
+
+    command = command or typer.main.get_command(app)
+    yield path
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _help_pages(sub, (*path, name))
+
+
+@pytest.mark.parametrize("path", list(_help_pages()), ids=lambda p: " ".join(p) or "wingspan")
+def test_help_reads_at_80_columns(run_cli, monkeypatch, path):
+    """At 80 columns train's help ran down a column of 17 characters: typer gave --train-bn
+    and --no-train-bn a column each, and rich shrank every column alike. Now every page's help text
+    has 40 characters at least, no option's name is cut ("--allow-leaky-sp…"), and a flag
+    shows no `<bool>` type."""
+    monkeypatch.setenv("COLUMNS", "80")  # (typer makes a console for each page)
+    code, out, _ = run_cli(*path, "--help")
+    assert code == 0
+    rows = [line[1:-1] for line in out.splitlines() if line[:1] == line[-1:] == "│"]
+    indents = [(row, len(row) - len(row.lstrip())) for row in rows if row.strip()]
+    # A row's further lines start where its help does (its first, at the option's name).
+    widths = [len(row) - indent for row, indent in indents if indent > 4]
+    assert min(widths, default=78) >= 40, out
+    assert "…" not in out and "<bool>" not in out, out
+
+
+def test_train_help_groups_its_options(run_cli, monkeypatch):
+    """train's 40 options in one panel: now in panels, in the same order in every command."""
+    monkeypatch.setenv("COLUMNS", "120")
+    code, out, _ = run_cli("train", "--help")
+    assert code == 0
+    assert re.findall(r"╭─ (.+?) ─", out) == [
+        "Arguments", "Options", "Data", "Model", "Training", "Unknown answer",
+        "Engines & devices", "Output"]
+    code, out, _ = run_cli("predict", "--help")
+    assert re.findall(r"╭─ (.+?) ─", out) == [
+        "Arguments", "Options", "Data", "Unknown answer", "Engines & devices", "Output"]
 
 
 def test_a_file_where_a_folder_goes_is_one_clear_message(run_cli, demo_dir, tmp_path):

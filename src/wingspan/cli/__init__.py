@@ -7,8 +7,8 @@ share is in `common` (consoles, helpers) and `options` (the options several comm
 
 # Imported to register their commands, in the order `wingspan --help` lists them.
 from wingspan.cli import data, train, runs, evaluate, predict, backbones, demo  # noqa: F401, I001
-from wingspan.cli.app import app, data_app, main, models_app, one_line_summaries
+from wingspan.cli.app import app, data_app, main, models_app, readable_help
 
-one_line_summaries(app, data_app, models_app)  # once every command is registered
+readable_help(app, data_app, models_app)  # once every command is registered
 
 __all__ = ["app", "data_app", "main", "models_app"]

@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from wingspan import __version__
+from wingspan.cli import helppage
 from wingspan.cli.common import err, out, pixel_budget, plain, stdout_gone
 from wingspan.config import MAX_PIXELS_ENV
 from wingspan.errors import (
@@ -28,10 +29,13 @@ from wingspan.files import os_error_said
 app = typer.Typer(
     help="Train, evaluate and explain butterfly image classifiers by transfer learning.",
     no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+    cls=helppage.Group,
 )
-data_app = typer.Typer(help="Read, check, split and preview datasets.", no_args_is_help=True)
+data_app = typer.Typer(help="Read, check, split and preview datasets.", no_args_is_help=True,
+                       cls=helppage.Group)
 app.add_typer(data_app, name="data")
-models_app = typer.Typer(help="Backbones and their pretrained weights.", no_args_is_help=True)
+models_app = typer.Typer(help="Backbones and their pretrained weights.", no_args_is_help=True,
+                         cls=helppage.Group)
 app.add_typer(models_app, name="models")
 
 
@@ -74,16 +78,20 @@ def _check_pixel_budget() -> None:
                                  "(100 MP), or unset it.", every_rank=True)
 
 
-def one_line_summaries(*apps: typer.Typer) -> None:
-    """`wingspan --help` lists each command by its docstring's first paragraph, which in
-    rich mode would keep the source's line breaks mid-sentence: join them."""
+def readable_help(*apps: typer.Typer) -> None:
+    """Each command's help as written paragraphs: its docstring's line breaks, which rich
+    mode keeps (a line of "the" in an 80-column terminal), joined within each paragraph;
+    `wingspan --help` lists it by the first paragraph. Its options laid out by helppage."""
     import inspect
 
     for each in apps:
         for info in each.registered_commands:
-            if info.short_help is None and info.callback is not None:
-                first = (inspect.getdoc(info.callback) or "").split("\n\n")[0]
-                info.short_help = " ".join(first.split())
+            if info.callback is not None:
+                paragraphs = [" ".join(p.split()) for p in
+                              (inspect.getdoc(info.callback) or "").split("\n\n")]
+                info.help = info.help or "\n\n".join(paragraphs)
+                info.short_help = info.short_help or paragraphs[0]
+            info.cls = helppage.Command
 
 
 def _rank() -> int:

@@ -9,7 +9,7 @@ import typer
 
 from wingspan.cli.app import app, models_app
 from wingspan.cli.common import err, folding, out, plain
-from wingspan.cli.options import DeviceOpt, Precision, Runtime
+from wingspan.cli.options import DeviceOpt, Panel, Precision, Runtime
 from wingspan.config import TrainConfig
 from wingspan.errors import counted
 
@@ -47,17 +47,20 @@ def _input_size(timm_name: str) -> int:
 
 @app.command("doctor")
 def doctor_command(
-    backbone: Annotated[str, typer.Option(help="The backbone to time the engines on.")]
+    backbone: Annotated[str, typer.Option(help="The backbone to time the engines on.",
+                                          rich_help_panel=Panel.MODEL)]
     = T.backbone,
     image_size: Annotated[int | None, typer.Option(
-        min=16, help="Input size (default: the backbone's).")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Batch size the runs will use.")]
+        min=16, help="Input size (default: the backbone's).", rich_help_panel=Panel.MODEL)] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Batch size the runs will use.",
+                                            rich_help_panel=Panel.ENGINES)]
     = T.batch_size,
     device: DeviceOpt = T.device,
     precision: Precision = T.precision,
     runtime: Runtime = T.runtime,
     train_step: Annotated[bool, typer.Option(
-        "--train-step/--no-train-step", help="Also time the fine-tuning step.")] = True,
+        "--train-step/--no-train-step", help="Also time the fine-tuning step.",
+        rich_help_panel=Panel.ENGINES)] = True,
 ) -> None:
     """Show this machine, what every engine measures on it for a backbone, what `auto`
     picks (and stores for later runs), and which ImageNet weights are here offline.

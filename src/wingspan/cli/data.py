@@ -19,6 +19,7 @@ from wingspan.cli.options import (
     Level,
     MaxPixels,
     OutDir,
+    Panel,
     Quiet,
     SplitStrict,
     Strict,
@@ -41,7 +42,7 @@ def data_inspect(
     strict: Strict = False, out_dir: OutDir = None,
     metadata_only: Annotated[bool, typer.Option(
         "--metadata-only", help="Read labels only; do not open images (e.g. ETHEC split files "
-        "without the images).")] = False,
+        "without the images).", rich_help_panel=Panel.DATA)] = False,
     tiny_px: Annotated[int, typer.Option(help="Flag images whose shorter side is smaller.")]
     = InspectConfig.tiny_px,
     max_pixels: MaxPixels = None,
@@ -75,16 +76,20 @@ def data_split(
     data: Data, level: Level = None,
     val_fraction: Annotated[float, typer.Option(
         "--val", "--val-fraction",  # (train's name for it)
-        help="Fraction of groups for validation.")] = SplitConfig.val_fraction,
+        help="Fraction of groups for validation.",
+        rich_help_panel=Panel.DATA)] = SplitConfig.val_fraction,
     test_fraction: Annotated[float, typer.Option(
         "--test", "--test-fraction",
-        help="Fraction of groups for the test split.")] = SplitConfig.test_fraction,
+        help="Fraction of groups for the test split.",
+        rich_help_panel=Panel.DATA)] = SplitConfig.test_fraction,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same split).")]
     = SplitConfig.seed,
     max_per_class: Annotated[int | None, typer.Option(
-        help="Undersample: keep at most N training images per class.")] = None,
+        help="Undersample: keep at most N training images per class.",
+        rich_help_panel=Panel.DATA)] = None,
     oversample_to: Annotated[int | None, typer.Option(
-        help="Oversample: repeat rare training classes up to N images.")] = None,
+        help="Oversample: repeat rare training classes up to N images.",
+        rich_help_panel=Panel.DATA)] = None,
     format: Format = None, group_regex: GroupRegex = None, strict: SplitStrict = False,
     out_dir: OutDir = None,
 ) -> None:
@@ -165,11 +170,12 @@ def data_audit(
     backbone: Annotated[str, typer.Option(
         help="Frozen ImageNet features of this backbone, or of several side by side "
         "(comma-separated; auto: efficientnet_lite2,efficientnet_lite0, installed with "
-        "wingspan, or a run's own with --weights RUN).")]
+        "wingspan, or a run's own with --weights RUN).", rich_help_panel=Panel.MODEL)]
     = AuditConfig.backbone,
     weights: Annotated[str, typer.Option(
         help="auto (offline first) | none | a weights file | a wingspan run or model (its "
-        "fine-tuned backbone; --backbone auto takes its architecture).")]
+        "fine-tuned backbone; --backbone auto takes its architecture).",
+        rich_help_panel=Panel.MODEL)]
     = AuditConfig.weights,
     folds: Annotated[int, typer.Option(help="Folds of the out-of-fold probabilities.")]
     = AuditConfig.folds,
@@ -248,7 +254,8 @@ def download_command(
     name: Annotated[str, typer.Argument(metavar="NAME", help="The dataset: ethec.",
                                         show_default=False)],
     to: Annotated[Path | None, typer.Option(
-        help="Folder to keep it in (default: the cache folder's datasets/).")] = None,
+        help="Folder to keep it in (default: the cache folder's datasets/).",
+        rich_help_panel=Panel.OUTPUT)] = None,
     url: Annotated[str | None, typer.Option(help="A mirror of the published archive.")]
     = None,
     quiet: Quiet = False,

@@ -15,7 +15,7 @@ from wingspan.cli.app import app
 from wingspan.cli.common import make_config, out, plain
 from wingspan.cli.data import print_split
 from wingspan.cli.evaluate import print_evaluation
-from wingspan.cli.options import Quiet, check_folder
+from wingspan.cli.options import Panel, Quiet, check_folder
 from wingspan.cli.train import print_run
 from wingspan.config import DemoConfig, SplitConfig, TrainConfig, to_dict
 from wingspan.errors import WingspanError, counted
@@ -25,7 +25,8 @@ from wingspan.errors import WingspanError, counted
 def demo(
     ctx: typer.Context,
     out_dir: Annotated[Path, typer.Option("--out", callback=check_folder,
-                                          help="Where the demo writes everything.")]
+                                          help="Where the demo writes everything.",
+                                          rich_help_panel=Panel.OUTPUT)]
     = Path("runs/demo"),
     seed: Annotated[int, typer.Option(help="Random seed of the generated data, its split, "
                                       "the preview and training.")]

@@ -16,6 +16,7 @@ from wingspan.cli.options import (
     DeviceOpt,
     MaxPixels,
     Model,
+    Panel,
     Precision,
     Quiet,
     Runtime,
@@ -36,13 +37,15 @@ def evaluate_command(
         help="Data to evaluate on (default: the run's own split).", show_default=False)] = None,
     split: Annotated[str | None, typer.Option(
         help="train | val | test | all (default: test, else val; all of DATA when it has "
-        "no split).")] = None,
+        "no split).", rich_help_panel=Panel.DATA)] = None,
     out_dir: Annotated[Path | None, typer.Option(
         "--out", callback=check_folder,
         help="Output folder (default: RUN/evaluation-SPLIT; other DATA: "
         "RUN/evaluation-NAME-SPLIT; then -unknown with --unknown, -SCORE with another "
-        "--unknown-score than the model's, -tta with --tta).")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = T.batch_size,
+        "--unknown-score than the model's, -tta with --tta).",
+        rich_help_panel=Panel.OUTPUT)] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.",
+                                            rich_help_panel=Panel.ENGINES)] = T.batch_size,
     device: DeviceOpt = T.device,
     precision: Precision = T.precision,
     runtime: Runtime = T.runtime,
@@ -50,11 +53,12 @@ def evaluate_command(
     max_pixels: MaxPixels = None,
     class_map: Annotated[list[str] | None, typer.Option(
         "--map", help="MODEL_CLASS=DATA_CLASS (repeat, or separate with commas): evaluate on "
-        "data that names classes differently; the report shows each class's drop.")] = None,
+        "data that names classes differently; the report shows each class's drop.",
+        rich_help_panel=Panel.DATA)] = None,
     unknown: Annotated[Path | None, typer.Option(
         help="A folder of images of classes the model never saw: how well it answers "
         "\"unknown\" (AUROC, FPR at 95% TPR, the cost to known classes).",
-        show_default=False)] = None,
+        show_default=False, rich_help_panel=Panel.UNKNOWN)] = None,
     unknown_score: UnknownScoreOpt = None,
     tta: Annotated[bool, typer.Option(help="Test-time augmentation: average flips and crops, "
                                       "as predict --tta.")] = False,
@@ -64,7 +68,7 @@ def evaluate_command(
     strict: Annotated[bool, typer.Option(
         "--strict", help="A file DATA lists that is missing stops it as DATA is read (as "
         "train's --strict); images that cannot be decoded (here or among --unknown's) are "
-        "left out, the evaluation written, then exit 2.")] = False,
+        "left out, the evaluation written, then exit 2.", rich_help_panel=Panel.DATA)] = False,
     quiet: Quiet = False,
 ) -> None:
     """Metrics, confusion matrix, curves, mistakes, calibration and an HTML report. The
@@ -208,21 +212,23 @@ def calibrate_command(
         help="Labelled data to fit on (default: the run's own).", show_default=False)] = None,
     split: Annotated[str | None, typer.Option(
         help="train | val | test | all (default: val; all of DATA when it has no split).",
-        show_default=False)] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = T.batch_size,
+        show_default=False, rich_help_panel=Panel.DATA)] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.",
+                                            rich_help_panel=Panel.ENGINES)] = T.batch_size,
     device: DeviceOpt = T.device,
     workers: Workers = None,
     max_pixels: MaxPixels = None,
     class_map: Annotated[list[str] | None, typer.Option(
         "--map", help="MODEL_CLASS=DATA_CLASS (repeat, or separate with commas): fit on data "
-        "that names classes differently, as evaluate's --map.")] = None,
+        "that names classes differently, as evaluate's --map.", rich_help_panel=Panel.DATA)] = None,
     unknown: Annotated[bool, typer.Option(
         "--unknown", help="Instead: fit the unknown scores again on the run's own train and "
-        "val images (e.g. with another --unknown-rate or --unknown-score).")] = False,
+        "val images (e.g. with another --unknown-rate or --unknown-score).",
+        rich_help_panel=Panel.UNKNOWN)] = False,
     unknown_rate: Annotated[float | None, typer.Option(
         help="With --unknown: the share of known val images it may turn away (default: "
         "the model's own).",
-        show_default=False)] = None,
+        show_default=False, rich_help_panel=Panel.UNKNOWN)] = None,
     unknown_score: UnknownScoreOpt = None,
     precision: Precision = T.precision,
     runtime: Runtime = T.runtime,
@@ -303,16 +309,20 @@ def adapt_command(
         "--out", callback=check_folder,
         help="The adapted run's folder (default: RUN-adapted, or RUN-adapted-2... "
         "when taken). An earlier adapted run there is replaced.",
-        show_default=False)] = None,
+        show_default=False, rich_help_panel=Panel.OUTPUT)] = None,
     neighbours: Annotated[int, typer.Option(
-        help="Neighbours per image in the graph that label spreading passes classes over."
+        help="Neighbours per image in the graph that label spreading passes classes over.",
+        rich_help_panel=Panel.TRAINING
     )] = A.neighbours,
     confidence: Annotated[float, typer.Option(
         help="The head's calibrated probability (as predict shows it) a photo also needs "
-        "to be trained on (0: the head and its neighbours agreeing is enough).")] = A.confidence,
+        "to be trained on (0: the head and its neighbours agreeing is enough).",
+        rich_help_panel=Panel.TRAINING)] = A.confidence,
     rounds: Annotated[int, typer.Option(
-        help="Refits, the head's class taken afresh from each.")] = A.rounds,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = A.batch_size,
+        help="Refits, the head's class taken afresh from each.",
+        rich_help_panel=Panel.TRAINING)] = A.rounds,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.",
+                                            rich_help_panel=Panel.ENGINES)] = A.batch_size,
     device: DeviceOpt = A.device,
     precision: Precision = A.precision,
     runtime: Runtime = A.runtime,

@@ -26,6 +26,7 @@ from wingspan.cli.options import (
     MaxPixels,
     Model,
     Nodes,
+    Panel,
     Precision,
     Quiet,
     Runtime,
@@ -52,10 +53,12 @@ def predict_command(
     top_k: Annotated[int, typer.Option(min=1, help="Classes to show per image.")] = TOP_K,
     output: Annotated[Path | None, typer.Option(
         help="Write all predictions to a .csv or .json file; - writes the CSV to standard "
-             "output (for a pipe), the rest to standard error.")] = None,
+             "output (for a pipe), the rest to standard error.",
+             rich_help_panel=Panel.OUTPUT)] = None,
     tta: Annotated[bool, typer.Option(help="Test-time augmentation: average flips and "
                                       "crops.")] = False,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = T.batch_size,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.",
+                                            rich_help_panel=Panel.ENGINES)] = T.batch_size,
     device: DeviceOpt = T.device,
     devices: Devices = None,
     nodes: Nodes = None,
@@ -177,7 +180,8 @@ def explain_command(
                                                 show_default=False)],
     out_dir: Annotated[Path | None, typer.Option(
         "--out", callback=check_folder,
-        help="Folder for the overlays (default: RUN/explain).")] = None,
+        help="Folder for the overlays (default: RUN/explain).",
+        rich_help_panel=Panel.OUTPUT)] = None,
     device: DeviceOpt = T.device,
     strict: StrictAfter = False,
     quiet: Quiet = False,
@@ -218,20 +222,26 @@ def serve_command(
     ctx: typer.Context,
     model: Model,
     host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine "
-                                      "only).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=1, max=65535, help="Port.")] = 8000,
+                                      "only).", rich_help_panel=Panel.SERVER)] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port.",
+                                      rich_help_panel=Panel.SERVER)] = 8000,
     device: DeviceOpt = T.device,
     precision: Precision = T.precision,
     runtime: Runtime = T.runtime,
-    top_k: Annotated[int, typer.Option(help="Classes per level in an answer.")] = S.top_k,
+    top_k: Annotated[int, typer.Option(help="Classes per level in an answer.",
+                                       rich_help_panel=Panel.SERVER)] = S.top_k,
     max_upload_mb: Annotated[float, typer.Option(
-        min=0.001, max=1e6, help="Largest file taken (413 above).")] = S.max_bytes / 2**20,
+        min=0.001, max=1e6, help="Largest file taken (413 above).",
+        rich_help_panel=Panel.SERVER)] = S.max_bytes / 2**20,
     max_files: Annotated[int, typer.Option(
-        help="Most images in one request (413 above).")] = S.max_files,
+        help="Most images in one request (413 above).",
+        rich_help_panel=Panel.SERVER)] = S.max_files,
     max_in_flight: Annotated[int, typer.Option(
-        min=1, help="Most requests served at once (429 above).")] = S.max_in_flight,
+        min=1, help="Most requests served at once (429 above).",
+        rich_help_panel=Panel.SERVER)] = S.max_in_flight,
     timeout: Annotated[float, typer.Option(
-        min=0.001, help="Seconds a request may take (504 after).")] = S.timeout_s,
+        min=0.001, help="Seconds a request may take (504 after).",
+        rich_help_panel=Panel.SERVER)] = S.timeout_s,
     max_pixels: MaxPixels = None,
     quiet: Annotated[bool, typer.Option(
         "--quiet", "-q", help="No line per request (uvicorn's access log); the start and "
@@ -261,7 +271,7 @@ def export_command(
         help="The model file (ending in .onnx, or .pt for TorchScript), or "
         "else a folder to write it in (default: RUN/export/model.onnx, model.int8.onnx with "
         "--quantize int8, model.pt for TorchScript); its metadata goes beside it as "
-        "FILE.json.")] = None,
+        "FILE.json.", rich_help_panel=Panel.OUTPUT)] = None,
     unknown_score: UnknownScoreOpt = None,
     quiet: Quiet = False,
 ) -> None:

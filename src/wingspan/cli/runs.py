@@ -9,6 +9,7 @@ import typer
 
 from wingspan.cli.app import app
 from wingspan.cli.common import check_output_file, folding, here, out, plain
+from wingspan.cli.options import Panel
 from wingspan.config import RUNS_DIR
 
 
@@ -23,7 +24,7 @@ def runs_command(
         "(default: created, oldest first).", show_default=False)] = None,
     output: Annotated[Path | None, typer.Option(
         help="Write every column to a .csv or .json file; - writes the CSV to standard "
-             "output (for a pipe).")] = None,
+             "output (for a pipe).", rich_help_panel=Panel.OUTPUT)] = None,
 ) -> None:
     """List the runs in RUNS_DIR side by side: status, data, backbone, seed, the val figure
     the best epoch was chosen on and the fair held-out one, training time."""

@@ -24,6 +24,7 @@ from wingspan.cli.options import (
     Level,
     MaxPixels,
     Nodes,
+    Panel,
     Precision,
     Quiet,
     Runtime,
@@ -47,93 +48,116 @@ def train_command(
     level: Level = None,
     levels: Annotated[str | None, typer.Option(
         help="Train several taxonomic levels at once, e.g. family,subfamily,genus,species "
-        "(one head each; predictions are made consistent).")] = None,
+        "(one head each; predictions are made consistent).", rich_help_panel=Panel.MODEL)] = None,
     level_weights: Annotated[str | None, typer.Option(
-        help="Loss weight per level in --levels, e.g. 1,1,1,2.")] = None,
+        help="Loss weight per level in --levels, e.g. 1,1,1,2.",
+        rich_help_panel=Panel.MODEL)] = None,
     rare_below: Annotated[int, typer.Option(
         help="With --levels: finest classes with fewer training images learn their parent "
-        "level only.")] = T.rare_below,
+        "level only.", rich_help_panel=Panel.MODEL)] = T.rare_below,
     backbone: Annotated[str, typer.Option(
         help="auto (resnet50 when its weights resolve, else the best one installed offline), "
-        "a name from `wingspan models list`, or any timm model.")] = T.backbone,
+        "a name from `wingspan models list`, or any timm model.",
+        rich_help_panel=Panel.MODEL)] = T.backbone,
     weights: Annotated[str, typer.Option(
         help="auto (offline first) | none | a weights file | a wingspan run or model (its "
-        "fine-tuned backbone; --backbone auto takes its architecture).")]
+        "fine-tuned backbone; --backbone auto takes its architecture).",
+        rich_help_panel=Panel.MODEL)]
     = T.weights,
-    epochs_head: Annotated[int, typer.Option(help="Stage 1 epochs (frozen backbone).")]
+    epochs_head: Annotated[int, typer.Option(help="Stage 1 epochs (frozen backbone).",
+                                             rich_help_panel=Panel.TRAINING)]
     = T.epochs_head,
-    epochs_finetune: Annotated[int, typer.Option(help="Stage 2 epochs (fine-tuning).")]
+    epochs_finetune: Annotated[int, typer.Option(help="Stage 2 epochs (fine-tuning).",
+                                                 rich_help_panel=Panel.TRAINING)]
     = T.epochs_finetune,
     unfreeze: Annotated[int | None, typer.Option(
-        help="Stages to fine-tune in stage 2 (default: per backbone).")] = None,
+        help="Stages to fine-tune in stage 2 (default: per backbone).",
+        rich_help_panel=Panel.TRAINING)] = None,
     lr: Annotated[float, typer.Option(
         help="Head learning rate; stage 2 uses lr x finetune_lr_scale (a config-file "
-        "setting) with layer-wise decay.")] = T.lr,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = T.batch_size,
+        "setting) with layer-wise decay.", rich_help_panel=Panel.TRAINING)] = T.lr,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.",
+                                            rich_help_panel=Panel.TRAINING)] = T.batch_size,
     image_size: Annotated[int | None, typer.Option(
-        help="Training resolution (default: the backbone's).")] = None,
+        help="Training resolution (default: the backbone's).", rich_help_panel=Panel.MODEL)] = None,
     val_fraction: Annotated[float, typer.Option(
         help="Share of the images for val (the images epochs are chosen on) where the data "
         "has none: no split of its own, a split without val, or (--selection holdout) "
-        "train and val without test, where it is taken from train.")]
+        "train and val without test, where it is taken from train.", rich_help_panel=Panel.DATA)]
     = T.val_fraction,
     test_fraction: Annotated[float, typer.Option(
         help="Share kept apart for test (nothing is chosen on it), when the data has no "
-        "split of its own; 0 keeps none.")] = T.test_fraction,
+        "split of its own; 0 keeps none.", rich_help_panel=Panel.DATA)] = T.test_fraction,
     max_per_class: Annotated[int | None, typer.Option(
-        help="Undersample: at most N training images per class.")] = None,
+        help="Undersample: at most N training images per class.",
+        rich_help_panel=Panel.DATA)] = None,
     allow_leaky_splits: Annotated[bool, typer.Option(
         help="Train on given splits even where one group, file or identical copy is on two sides "
-        "(refused by default; ETHEC's published splits are repaired).")]
+        "(refused by default; ETHEC's published splits are repaired).", rich_help_panel=Panel.DATA)]
     = T.allow_leaky_splits,
     selection: Annotated[str, typer.Option(
         help="holdout (data with its own val but no test: that val becomes the test split, "
         "scored fairly, and epochs are chosen on a part of train) | val (choose on the "
-        "data's val; its score is then optimistic).")] = T.selection,
+        "data's val; its score is then optimistic).", rich_help_panel=Panel.DATA)] = T.selection,
     holdout_classes: Annotated[str | None, typer.Option(
         help="Leave these classes out of training (comma-separated) and score their images "
-        "as unknowns at the end: the open-set check without a second dataset.")] = None,
+        "as unknowns at the end: the open-set check without a second dataset.",
+        rich_help_panel=Panel.UNKNOWN)] = None,
     unknown_score: Annotated[str, typer.Option(
         help="The default score for \"unknown\": msp | energy | mahalanobis | knn | msp+knn "
-        "(all are fitted; predict --unknown-score picks another).")] = T.unknown_score,
+        "(all are fitted; predict --unknown-score picks another).",
+        rich_help_panel=Panel.UNKNOWN)] = T.unknown_score,
     unknown_rate: Annotated[float, typer.Option(
-        help="Share of known images the unknown threshold may turn away (set on val).")]
+        help="Share of known images the unknown threshold may turn away (set on val).",
+        rich_help_panel=Panel.UNKNOWN)]
     = T.unknown_rate,
     class_weights: Annotated[str, typer.Option(
-        help="auto (balanced when imbalanced) | balanced | none.")] = T.class_weights,
+        help="auto (balanced when imbalanced) | balanced | none.",
+        rich_help_panel=Panel.TRAINING)] = T.class_weights,
     max_class_weight: Annotated[float, typer.Option(
-        help="Cap on a class's weight, as a multiple of the commonest class's (0: none).")]
+        help="Cap on a class's weight, as a multiple of the commonest class's (0: none).",
+        rich_help_panel=Panel.TRAINING)]
     = T.max_class_weight,
-    sampler: Annotated[str, typer.Option(help="shuffle | weighted.")] = T.sampler,
-    label_smoothing: Annotated[float, typer.Option(help="Label smoothing.")]
+    sampler: Annotated[str, typer.Option(help="shuffle | weighted.",
+                                         rich_help_panel=Panel.TRAINING)] = T.sampler,
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing.",
+                                                   rich_help_panel=Panel.TRAINING)]
     = T.label_smoothing,
     augment: Annotated[str, typer.Option(
         help="light | standard | strong | field (standard, plus the photo small and off-centre "
-        "on a blurred copy of itself half the time: for close crops meeting field photos)."
+        "on a blurred copy of itself half the time: for close crops meeting field photos).",
+        rich_help_panel=Panel.TRAINING
     )] = T.augment,
     train_bn: Annotated[bool, typer.Option(
         help="Let unfrozen BatchNorm layers use batch statistics while fine-tuning (off: "
-        "they keep ImageNet's, which did better on small batches).")] = T.train_bn,
+        "they keep ImageNet's, which did better on small batches).",
+        rich_help_panel=Panel.TRAINING)] = T.train_bn,
     feature_views: Annotated[int, typer.Option(
-        help="Augmented views per image in stage 1's feature cache.")] = T.feature_views,
-    patience: Annotated[int, typer.Option(help="Early stopping patience (epochs).")]
+        help="Augmented views per image in stage 1's feature cache.",
+        rich_help_panel=Panel.TRAINING)] = T.feature_views,
+    patience: Annotated[int, typer.Option(help="Early stopping patience (epochs).",
+                                          rich_help_panel=Panel.TRAINING)]
     = T.patience,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = T.seed,
+    seed: Annotated[int, typer.Option(help="Random seed.",
+                                      rich_help_panel=Panel.TRAINING)] = T.seed,
     device: DeviceOpt = T.device,
     devices: Devices = None,
     nodes: Nodes = None,
     strategy: Strategy = T.strategy,
     compile: Annotated[bool, typer.Option(
         "--compile/--no-compile", help="torch.compile the fine-tuned layers (slow to start; "
-        "pays on long runs on a GPU).")] = T.compile,
+        "pays on long runs on a GPU).", rich_help_panel=Panel.ENGINES)] = T.compile,
     precision: Precision = T.precision,
     runtime: Runtime = T.runtime,
     workers: Workers = None,
     profile: Annotated[bool, typer.Option(
-        help="Write a torch.profiler trace of a few fine-tuning steps (runs/NAME/profile).")]
+        help="Write a torch.profiler trace of a few fine-tuning steps (runs/NAME/profile).",
+        rich_help_panel=Panel.ENGINES)]
     = False,
-    name: Annotated[str | None, typer.Option(help="Run name (runs/NAME).")] = None,
-    runs_dir: Annotated[Path, typer.Option(callback=check_folder, help="Where runs are written.")]
+    name: Annotated[str | None, typer.Option(help="Run name (runs/NAME).",
+                                             rich_help_panel=Panel.OUTPUT)] = None,
+    runs_dir: Annotated[Path, typer.Option(callback=check_folder, help="Where runs are written.",
+                                           rich_help_panel=Panel.OUTPUT)]
     = Path(RUNS_DIR),
     config: Annotated[Path | None, typer.Option(
         help="YAML file of settings; options given on the command line win.")] = None,
