@@ -15,8 +15,15 @@ def install() -> None:
     """In typer's place, where typer has what it takes (0.2x; an older one lays out its own)."""
     from typer import rich_utils
 
+    # typer's private names this layout uses: another typer that lacks one keeps its own.
     if all(hasattr(typer.core.TyperArgument, name) for name in
-           ("display_name_raw", "display_type_rich", "_get_number_range_help_str")):
+           ("display_name_raw", "display_type_rich", "_get_number_range_help_str")) and all(
+            hasattr(rich_utils, name) for name in (
+                "_print_options_panel", "_get_parameter_help", "highlighter",
+                "negative_highlighter", "types_highlighter", "STYLE_OPTIONS_TABLE_PADDING",
+                "STYLE_TYPES", "STYLE_OPTION_DEFAULT", "REQUIRED_SHORT_STRING",
+                "STYLE_REQUIRED_SHORT", "STYLE_OPTIONS_PANEL_BORDER",
+                "ALIGN_OPTIONS_PANEL")):
         rich_utils._print_options_panel = _options_panel
 
 

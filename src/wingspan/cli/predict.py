@@ -308,13 +308,20 @@ def export_command(
                  f"{int8['seconds_int8_vs_fp32']:.2f}x fp32's time here"
                  + (" (slower: int8 pays on CPUs with VNNI or AMX)"
                     if int8['seconds_int8_vs_fp32'] > 1 else "")
-                 + (" (7-bit weights cost accuracy: uint8 ones are exact, slower)"
-                    if int8['refused'] else "") if int8 else ""))
+                 + (" (7-bit weights cost accuracy: uint8 ones, stored whole, keep more "
+                    "of it, slower)" if int8['refused'] else "") if int8 else ""))
     if int8 and int8["val_images"] < 100:  # one image is the allowance there (README)
         n = int8["val_images"]
         out.print(f"[yellow]Warning:[/] int8 was checked on {n} val images only, where one "
                   f"answer is {1 / n:.1%}: a smaller drop goes unseen. Compare it with fp32 "
                   "on photos of your own before relying on it.")
+    if int8 and int8.get("val_answers_changed", 0) > INT8_CHANGED_WARNING:
+        # Top-1 held on the whole, but this many answers moved each way: a weak or
+        # many-class model's near ties (a 300-class one: 59 of 299).
+        out.print(f"[yellow]Warning:[/] int8 answers otherwise than fp32 on "
+                  f"{int8['val_answers_changed']:.0%} of the val images, though its top-1 "
+                  "held: the same photo may get another class from each. Keep the fp32 "
+                  "export where answers must match predict's.")
     own = ("; the int8 model's own, set again on its val scores (fp32's would turn away "
            f"{int8['val_unknown_share_int8']:.1%} of known val images, against the "
            f"{unknown['rate']:.1%} asked)" if "unknown_thresholds_fp32" in int8 else "")
@@ -322,6 +329,11 @@ def export_command(
               f"{', '.join(unknown['outputs'].values())}, thresholds in the metadata{own}."
               if unknown else "No unknown score (the model has none): it always names a class."
               " `wingspan calibrate RUN --unknown` fits them.")
+
+
+# int8 that names another class than fp32 for more val images than this is said (the
+# README's iNat Lite2 run: 2 of 106).
+INT8_CHANGED_WARNING = 0.05
 
 
 def _stopped(row: dict) -> bool:
