@@ -54,7 +54,8 @@ FILES = {
     "text.jpg": (lambda p: p.write_text("hello, I am not a picture\n"),
                  "is not a JPEG, PNG, TIFF, WebP, GIF or BMP image, whatever its name says"),
     "truncated.jpg": (_truncated, "Cannot read image"),
-    "huge.png": (lambda p: Image.new("L", (9000, 6000)).save(p), "over the budget of 50 MP"),
+    "huge.png": (lambda p: Image.new("L", (9000, 6000)).save(p),  # and how to raise it
+                 "over the budget of 50 MP. Shrink the image, or raise the budget (--max-pixels"),
     "bomb-40000x40000.png": (_bomb, "Cannot read image"),
     "huge.jpg": (lambda p: Image.new("RGB", (9000, 6000), GOOD).save(p), "predicted"),
     "tiny-3x3.png": (lambda p: _rgb((3, 3)).save(p), "predicted"),

@@ -118,7 +118,7 @@ def test_a_calls_budget_goes_along_with_what_reads_images_elsewhere(tmp_path, mo
         made = (_Images([path], [v2.PILToTensor()], 100, 100), DecodeCache(None, 100))
     assert max_pixels() == 50_000_000
     images, cache = pickle.loads(pickle.dumps(made))  # as a worker process receives them
-    assert "over the budget of 0.005 MP" in images[0][1]
+    assert "over the budget of 0.005 MP" in images[0][1] and "--max-pixels" in images[0][1]
     with pytest.raises(WingspanError, match="over the budget of 0.005 MP"):
         cache.decode(path)
     assert not _Images([path], [v2.PILToTensor()], 100, 100)[0][1]  # made outside: read

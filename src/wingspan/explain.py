@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wingspan.data.images import open_rgb
+from wingspan.data.images import open_rgb, skip_reason
 from wingspan.errors import WingspanError
 from wingspan.files import atomic_path, fitting_name
 from wingspan.inference import Predictor
@@ -128,7 +128,7 @@ def explain(model: str | Path, images: list[str], out: str | Path,
         try:
             picture = open_rgb(path, draft=predictor.draft)  # decoded as predict decodes it
         except WingspanError as e:
-            results.append(Explanation(path, "", 0.0, np.zeros(0), error=e.message))
+            results.append(Explanation(path, "", 0.0, np.zeros(0), error=skip_reason(e)))
             continue
         x = view(picture)
         e, title = explain_view(predictor, x)

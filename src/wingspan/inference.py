@@ -15,7 +15,7 @@ from torchvision.transforms import v2
 
 from wingspan.config import MAX_BATCH, AugmentConfig
 from wingspan.data.csvfiles import name_as_read
-from wingspan.data.images import max_pixels, open_rgb
+from wingspan.data.images import max_pixels, open_rgb, skip_reason
 from wingspan.data.taxonomy import Taxonomy
 from wingspan.data.transforms import eval_transform
 from wingspan.errors import WingspanError
@@ -96,7 +96,7 @@ class _Images(Dataset):
             image = open_rgb(self.paths[i], draft=self.draft, budget=self.budget)
             return torch.stack([view(image) for view in self.views]), ""
         except WingspanError as e:
-            return torch.zeros(len(self.views), 3, self.size, self.size), e.message
+            return torch.zeros(len(self.views), 3, self.size, self.size), skip_reason(e)
 
 
 @dataclass

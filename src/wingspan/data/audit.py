@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 from wingspan.config import AUDIT_BACKBONES, AuditConfig, default_cache_dir
-from wingspan.data.images import budget_key, max_pixels, open_rgb
+from wingspan.data.images import budget_key, max_pixels, open_rgb, skip_reason
 from wingspan.data.samples import GROUP, PATH, SPLIT, Dataset
 from wingspan.errors import WingspanError, counted
 from wingspan.files import FileArrays, atomic_paths, check_folder_writable, remove_dead_leftovers
@@ -159,7 +159,7 @@ class _Decoded(torch.utils.data.Dataset):
             image = open_rgb(self.paths[i], draft=self.draft, budget=self.budget)
         except WingspanError as e:
             return (torch.zeros(3, self.size, self.size), torch.zeros(64, dtype=torch.bool),
-                    e.message)
+                    skip_reason(e))
         bits = torch.from_numpy(imagehash.phash(image).hash.reshape(-1).copy())
         return self.view(image), bits, ""
 

@@ -89,6 +89,12 @@ class ImageTooLarge(WingspanError):
     """An image over the pixel budget (a server answers it 413, not 422)."""
 
 
+def skip_reason(e: WingspanError) -> str:
+    """Why an image is skipped, as listed beside it: over the pixel budget, with how to raise
+    it (not obvious, unlike what to do with a broken file); otherwise the message."""
+    return f"{e.message} {e.hint}" if isinstance(e, ImageTooLarge) and e.hint else e.message
+
+
 # The library's max_pixels= for one call: a context variable, so that calls in two threads
 # each keep their own (the environment is the whole process's). A data loader's worker
 # processes and a pool's threads do not see the call's context: the datasets and pools

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import tv_tensors
 
 from wingspan.config import usable_cores
+from wingspan.data.images import skip_reason
 from wingspan.errors import WingspanError
 from wingspan.training.decode_cache import DecodeCache
 
@@ -55,7 +56,7 @@ class LabelledImages(Dataset):
         try:
             array = self.cache.load(self.paths[index])
         except WingspanError as e:
-            return None, self.labels[index], index, e.message
+            return None, self.labels[index], index, skip_reason(e)
         except OSError as e:  # e.g. deleted or moved since the data was read
             return None, self.labels[index], index, f"Cannot read image {self.paths[index]}: {e}"
         image = tv_tensors.Image(torch.from_numpy(array).permute(2, 0, 1))
