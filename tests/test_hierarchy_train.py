@@ -222,6 +222,27 @@ def test_photos_without_the_coarser_levels_are_scored_at_them_from_the_models_tr
                 f"{level}: not drawn") in page, level
 
 
+def test_a_level_the_data_leaves_blank_is_left_out_of_the_answers_there_too(
+        hierarchical_run, demo_dir, tmp_path):
+    """Images whose genus the data leaves blank are out of the genus figures; the answers'
+    "named at genus or finer" counted them, against the genus the model's tree gives."""
+    table = read_dataset(demo_dir).table
+    blank = table.index[::9]
+    table.loc[blank, "genus"] = ""
+    table[["path", "family", "genus", "label"]].to_csv(tmp_path / "blank.csv", index=False)
+    metrics = evaluate(hierarchical_run, tmp_path / "blank.csv", split="all", progress=False,
+                       workers=0, plots=False, out=tmp_path / "ev").metrics
+    assert metrics["hierarchy"]["levels"]["genus"]["no_truth"] == len(blank)
+    got = pd.read_csv(tmp_path / "ev" / "predictions.csv", keep_default_na=False)
+    has = got["true:genus"] != ""
+    assert (~has).sum() == len(blank)
+    genus = metrics["answers"]["by_level"]["genus"]
+    answered = got["known_level"].isin(["genus", "label"])  # at the genus or finer
+    assert genus["named"] == pytest.approx(answered[has].mean())
+    right = got["true:genus"] == got["predicted:genus"]
+    assert genus["named_wrongly"] == pytest.approx((answered & ~right)[has].mean())
+
+
 def test_data_that_names_the_finest_level_otherwise_is_scored_at_every_level(
         demo_dir, tmp_path, capsys, monkeypatch):
     """A model whose finest level is 'species' (a taxonomy.csv's), evaluated on a CSV of

@@ -177,13 +177,17 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
                            run_dir, _comparable_groups(rows["group"].iloc[ok], dataset, data,
                                                        run_dir), dataset.root))
         read = [preds[i] for i in ok]  # the readable images' predictions, in y's order
+        # Each image's class at every taxonomic level as the data gives it (-1 where blank)
+        truth = truth_indices(predictor.taxonomy, _level_rows(
+            rows.iloc[ok], predictor, level, class_map), predictor.rare) \
+            if predictor.taxonomy else None
         named = None  # which images the answer gives a class (the rest: "unknown")
         if predictor.unknown is not None:
             # (a --rare-below class, rare species merged into their genus, is named at
             # the genus: its species is not)
             merged = np.isin(y_pred, [i for i, c in enumerate(classes) if c in predictor.merged])
             named = np.array([p.known_level == predictor.level for p in read]) & ~merged
-            metrics["answers"] = _answers(predictor, read, named, y, y_pred)
+            metrics["answers"] = _answers(predictor, read, named, y, y_pred, truth)
         table = per_class_table(y, y_pred, classes, truth_only)
         _write_csv(table, out_dir / "per_class.csv", index=False)
         # The model's classes the macro averages and that table leave out: no image of them
@@ -201,7 +205,8 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
         if predictor.taxonomy:
             levels_table, by_level = _per_level(predictor, _level_rows(rows.iloc[ok], predictor,
                                                                        level, class_map),
-                                                probs, read, metrics, out_dir, truth_only, plots)
+                                                truth, probs, read, metrics, out_dir, truth_only,
+                                                plots)
         _write_predictions(out_dir / "predictions.csv", [paths[i] for i in ok], y, y_pred, probs,
                            classes, predictor, read, by_level)
         transfer = None
@@ -434,7 +439,7 @@ def tta_note(has_thresholds: bool) -> str:
 
 
 def _answers(predictor: Predictor, preds: list, named: np.ndarray, y: np.ndarray,
-             y_pred: np.ndarray) -> dict:
+             y_pred: np.ndarray, truth: dict[str, np.ndarray] | None) -> dict:
     """What the unknown answer does on these images: the share `named` a class at the
     model's level (the rest are answered "unknown", or with a taxonomy a coarser level) and
     how often that class is right. On data unlike the training data (--map) this is the
@@ -442,7 +447,8 @@ def _answers(predictor: Predictor, preds: list, named: np.ndarray, y: np.ndarray
     taxonomy the answer is a branch cut at the deepest level that passes its threshold
     together with every coarser one, so `by_level` gives the same figures at every level:
     the share answered at least that deep, and how often the branch's class there is
-    right."""
+    right. An image the data leaves blank at a level (`truth` -1) is left out of that
+    level's figures, as out of the levels' own."""
     taxonomy = predictor.taxonomy
     if taxonomy is None:
         return {"score": predictor.unknown_score, "rate": predictor.unknown.rate,
@@ -450,19 +456,23 @@ def _answers(predictor: Predictor, preds: list, named: np.ndarray, y: np.ndarray
     # Predict names the top-down branch's class, which may differ from the flat argmax.
     branch = taxonomy.predict(np.stack([p.probs for p in preds]),
                               temperature=predictor.temperature)
-    truth = {lv: taxonomy.parents[lv][y] for lv in taxonomy.levels}  # y: finest indices
+    truth = {**truth, taxonomy.finest: y}  # (y: the finest level's, as the flat figures')
     depth = {lv: i for i, lv in enumerate(taxonomy.levels)}
     reach = np.array([depth.get(p.known_level, -1) for p in preds])
     merged = np.isin(branch[taxonomy.finest], [i for i, c in enumerate(
         taxonomy.classes[taxonomy.finest]) if c in predictor.merged])
     reach[merged & (reach == depth[taxonomy.finest])] -= 1  # named at the genus (answered)
-    by_level = {lv: _answer_figures(reach >= depth[lv], truth[lv] == branch[lv])
+    known = {lv: truth[lv] >= 0 for lv in taxonomy.levels}
+    by_level = {lv: _answer_figures((reach >= depth[lv])[known[lv]],
+                                    (truth[lv] == branch[lv])[known[lv]])
                 for lv in taxonomy.levels}
     return {"score": predictor.unknown_score, "rate": predictor.unknown.rate,
             **by_level[taxonomy.finest], "by_level": by_level}
 
 
 def _answer_figures(named: np.ndarray, right: np.ndarray) -> dict:
+    if not len(named):  # (no image with a truth at this level)
+        return {"named": None, "accuracy_when_named": None, "named_wrongly": None}
     return {"named": float(named.mean()),
             "accuracy_when_named": float(right[named].mean()) if named.any() else None,
             "named_wrongly": float((named & ~right).mean())}
@@ -675,14 +685,14 @@ def _check_out_dir(final: Path) -> None:
                                 hint="Move them out first, or give this one another --out.")
 
 
-def _per_level(predictor: Predictor, rows: pd.DataFrame, probs: np.ndarray, preds: list,
-               metrics: dict, out_dir: Path, truth_only: bool = False, draw: bool = True
+def _per_level(predictor: Predictor, rows: pd.DataFrame, truth: dict[str, np.ndarray],
+               probs: np.ndarray, preds: list, metrics: dict, out_dir: Path,
+               truth_only: bool = False, draw: bool = True
                ) -> tuple[pd.DataFrame, dict[str, list[str]]]:
     """Metrics at every taxonomic level; confusion matrices for the coarser ones. Returns
     the levels' table, and each image's true and predicted class at each coarser level
     (columns for predictions.csv; "" where the data does not say the truth)."""
     taxonomy = predictor.taxonomy
-    truth = truth_indices(taxonomy, rows, predictor.rare)
     heads = ({lv: np.stack([p.heads[lv] for p in preds]) for lv in preds[0].heads}
              if preds[0].heads else None)
     is_rare = rows[taxonomy.finest].isin(list(predictor.rare)).to_numpy()
@@ -1439,7 +1449,8 @@ def answer_rows(a: dict | None) -> list[tuple[str, str]]:
             ("accuracy when a class is named", accuracy(a)),
             ("named a wrong class", f"{a['named_wrongly']:.1%}"),
             *((f"named at {lv} or finer (accuracy there)", f"{f['named']:.1%} ({accuracy(f)})")
-              for lv, f in list(a.get("by_level", {}).items())[:-1])]  # the finest is above
+              for lv, f in list(a.get("by_level", {}).items())[:-1]  # the finest is above
+              if f["named"] is not None)]  # (no image the data gives a class at lv)
 
 
 def left_out_wording(metrics: dict, names: str, how_to_map: str) -> str | None:
