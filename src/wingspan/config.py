@@ -538,6 +538,12 @@ class EngineConfig:
     max_changed: float = 0.1
     min_feature_cosine: float = 0.99
     top1_margin: float = 0.02
+    # A trained model's predictions leave out a lossy engine (bf16, fp16) that, at the end
+    # of training, answered otherwise than fp32 on more than this share of up to
+    # `answer_check_images` val images (training.lossy_check): the timing's guard above
+    # sees synthetic images and, at a run's start, an untrained head.
+    max_answers_changed: float = 0.01
+    answer_check_images: int = 256
     cache_file: str = "engines.json"  # under default_cache_dir()
 
 

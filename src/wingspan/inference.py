@@ -25,6 +25,7 @@ from wingspan.parallel import check_default_dtype
 from wingspan.progress import track
 from wingspan.training.data import Loader, resolve_workers
 from wingspan.training.folder import CONFIG_FILE, SPLITS_FILE
+from wingspan.training.lossy_check import avoided_engines
 
 
 def find_bundle(model: str | Path) -> Path:
@@ -163,8 +164,10 @@ class Predictor:
         pre = self.manifest["preprocessing"]
         self.size = int(pre["input_size"])
         main = fabric is None or fabric.is_global_zero
+        # (a lossy engine that moved this model's answers at the end of its training is
+        # left out: its predictions then match the fp32 export's)
         policy = resolve_policy(str(fabric.device) if fabric else device, precision,
-                                runtime=runtime)
+                                runtime=runtime, avoid=avoided_engines(self.manifest))
         policy.prepare_model(self.model)
         chosen = (policy.choose_frozen(self.model, self.size, batch_size, progress=progress)
                   if main else None)

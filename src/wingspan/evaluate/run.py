@@ -1034,7 +1034,8 @@ def fit_unknown(model: str | Path, rate: float | None = None, score: str | None 
     save_bundle(predictor.model.cpu(), predictor.bundle, manifest["classes"],
                 taxonomy=manifest.get("taxonomy"), training=training,
                 metrics=manifest.get("metrics"), weights_source=manifest.get("weights_source"),
-                calibration=calibration, unknown=detector)
+                calibration=calibration, unknown=detector,
+                inference=manifest.get("inference"))  # (the same weights: still true)
     return {"score": score, "rate": rate, "train_images": len(parts["train"][0]),
             "val_images": len(parts["val"][0]),
             "thresholds": detector.thresholds[score]}

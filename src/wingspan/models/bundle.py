@@ -56,8 +56,8 @@ def meaning_digest(manifest: dict) -> str:
 def save_bundle(model: Classifier, path: str | Path, classes: dict[str, list[str]],
                 taxonomy: dict | None = None, training: dict | None = None,
                 metrics: dict | None = None, weights_source: str | None = None,
-                calibration: dict | None = None, unknown: UnknownDetector | None = None
-                ) -> Path:
+                calibration: dict | None = None, unknown: UnknownDetector | None = None,
+                inference: dict | None = None) -> Path:
     """Write a bundle: a directory, or a single file when `path` ends in .safetensors. In a
     directory the manifest is written last, so a bundle with a manifest is complete."""
     for level, n in model.head.config.outputs.items():
@@ -83,6 +83,7 @@ def save_bundle(model: Classifier, path: str | Path, classes: dict[str, list[str
         "training": training or {}, "metrics": metrics or {},
         **({"calibration": calibration} if calibration else {}),
         **({"unknown": unknown.manifest()} if unknown else {}),
+        **({"inference": inference} if inference else {}),  # (training.lossy_check)
         "weights_sha256": weights_digest(state),
     }
     manifest["meaning_sha256"] = meaning_digest(manifest)

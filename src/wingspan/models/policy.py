@@ -230,9 +230,12 @@ def check_engine_settings(precision: str = "auto", runtime: str = "auto") -> tup
 
 
 def resolve_policy(device: str = "auto", precision: str = "auto",
-                   convolutional: bool = True, runtime: str = "auto") -> Policy:
+                   convolutional: bool = True, runtime: str = "auto",
+                   avoid: dict[str, str] | None = None) -> Policy:
     """The device and the candidate engines. Where a setting leaves one candidate it is
-    chosen; otherwise `choose_frozen` (and `wingspan.training.step.choose_train`) measure."""
+    chosen; otherwise `choose_frozen` (and `wingspan.training.step.choose_train`) measure.
+    `avoid`: {engine: why} left out of the frozen passes' candidates where precision is
+    auto (a bundle's lossy engines that moved its answers, training.lossy_check)."""
     (precision, by_precision), (runtime, by_runtime) = check_engine_settings(precision,
                                                                              runtime)
     if device == "auto":
@@ -261,6 +264,10 @@ def resolve_policy(device: str = "auto", precision: str = "auto",
     try:
         frozen, left_out = candidates(dev, precision, runtime, train=False)
         train, train_left_out = candidates(dev, precision, runtime, train=True)
+        avoid = {e.name: avoid[e.name] for e in frozen if e.name in (avoid or {})}
+        if precision == "auto" and avoid and len(avoid) < len(frozen):  # (fp32 stays)
+            frozen = [e for e in frozen if e.name not in avoid]
+            left_out = {**left_out, **avoid}
     except WingspanError as e:  # say where a setting the user did not type came from
         given = [f for f in (by_precision, by_runtime) if f]
         raise WingspanError(f"{e.message} (set by {' and '.join(given)})", hint=e.hint

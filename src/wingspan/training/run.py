@@ -83,6 +83,7 @@ from wingspan.training.folder import (
     stopped_while_set_up,
     trained_on,
 )
+from wingspan.training.lossy_check import avoided_engines, check_lossy_engines
 from wingspan.training.prepare import (
     build_train_data,
     capped,
@@ -928,9 +929,10 @@ def _write_results(run: Run) -> None:
     calibration = _fit_calibration(run, val)
     metrics["calibration"] = calibration
     unknown = _fit_unknown(run, val, calibration["temperature"], cached)
+    inference = _check_lossy(run)
     save_bundle(run.model.cpu(), run.dir / "model", run.data.level_classes, taxonomy=taxonomy,
                 training=training, metrics=metrics, weights_source=run.weights_source,
-                calibration=calibration, unknown=unknown)
+                calibration=calibration, unknown=unknown, inference=inference)
     run.log(f"Best val macro-F1 {best_row['val_macro_f1']:.4f} (acc {best_row['val_acc']:.4f}) "
             f"at {best['stage']} epoch {best['epoch']}; model in {run.dir / 'model'}")
     if run.data.test_images:
@@ -947,6 +949,22 @@ def _write_results(run: Run) -> None:
                else "the data's own split has no test images that could be read")
         run.log(f"No test split was kept apart ({why}): the val figure is the only one, and "
                 "optimistic (the epoch was chosen on it).", caveat=True)
+
+
+def _check_lossy(run: Run) -> dict | None:
+    """The lossy engines' answers on val against fp32's (training.lossy_check), said in
+    train.log, for the bundle."""
+    checked = check_lossy_engines(run)
+    if not checked:
+        return None
+    avoided = avoided_engines({"inference": {"lossy_engines": checked}})
+    for name, got in checked.items():
+        run.log(f"{name} answered otherwise than fp32 on {got['answers_changed']} of "
+                f"{got['images']} val images: " + (
+                    "left out of this model's predictions (predict, evaluate and serve run "
+                    "fp32, as the export does)" if name in avoided else
+                    "kept among the engines its predictions may run"))
+    return {"lossy_engines": checked}
 
 
 def _best_checkpoint(run: Run) -> dict:
