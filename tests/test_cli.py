@@ -851,3 +851,20 @@ def test_large_numbers_that_mean_something_are_kept():
     with pytest.raises(WingspanError, match=r"--batch-size 10+ \(batch_size= in Python\): "
                                             "must be 1 to 65,536"):
         Predictor("no-such-model", batch_size=10**20)  # (said before the model is sought)
+
+
+def test_wingspans_own_warnings_read_as_the_commands_other_lines(run_cli, demo_dir, tmp_path,
+                                                                 monkeypatch):
+    """A cache folder that cannot be written: "Warning: ...", not Python's file:line and
+    source line (policy.py:171: UserWarning, then `cache.put(...)`)."""
+    import warnings
+
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("WINGSPAN_CACHE", str(tmp_path / "file"))
+    before = warnings.showwarning
+    code, _, err = run_cli("data", "audit", demo_dir, "--backbone", "test_efficientnet",
+                           "--weights", "none", "--out", tmp_path / "audit", "--quiet")
+    said = " ".join(err.split())
+    assert code == 0 and "Warning: Could not keep the engines' timings" in said, err
+    assert "UserWarning" not in err and "cache.put" not in err
+    assert warnings.showwarning is before  # in-process, the hook is left as it was

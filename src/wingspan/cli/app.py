@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from typing import Annotated
 
 import typer
@@ -181,6 +182,29 @@ def _stdout_is_devnull() -> bool:
     return False
 
 
+@contextlib.contextmanager
+def _plain_warnings():
+    """wingspan's own warnings as the command's other lines ("Warning: ..."), not Python's
+    "policy.py:171: UserWarning: ..." and the source line below it (a cache that cannot be
+    written). Other packages' keep Python's form, which says where to report them. For the
+    command's time: main() called in-process (tests, a script) leaves the hook as it was."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UserWarning) and os.path.abspath(filename).startswith(
+                package + os.sep):
+            err.print(f"[yellow]Warning:[/] {plain(str(message))}", highlight=False)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app; user errors print as a message and a hint, exit code 2."""
     die_with_launcher()  # (first: a rank that outlives the launcher in its start-up lingers)
@@ -195,7 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         try:
             _refuse_empty(args)
-            app(args=args, prog_name="wingspan")
+            with _plain_warnings():
+                app(args=args, prog_name="wingspan")
         except SystemExit as e:  # (Ctrl-C's is 130; a SIGTERM'd process's, 143: serve's
             # too, which shuts down in order and ends as if done)
             if e.code in (0, None, 130) and TERMINATED.is_set():
