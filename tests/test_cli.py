@@ -390,8 +390,9 @@ def test_predict_refuses_counts_below_one(run_cli, tmp_path, option):
                                      ["calibrate", "MODEL"], ["calibrate", "MODEL", "--unknown"],
                                      ["adapt", "MODEL", "x.jpg"]])
 @pytest.mark.parametrize("workers, message", [
-    ("-1", "--workers must be 0 or more. Got -1 instead."),
-    ("514", "--workers 514 would start 514 data-loading processes on 2 CPU cores; at most 8"),
+    ("-1", "--workers (workers= in Python) must be 0 or more. Got -1 instead."),
+    ("514", "--workers 514 (workers= in Python) would start 514 data-loading processes on 2 "
+            "CPU cores; at most 8"),
 ])
 def test_commands_that_read_images_refuse_a_bad_workers_as_train_does(
         run_cli, tmp_path, monkeypatch, command, workers, message):

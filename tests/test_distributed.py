@@ -478,7 +478,8 @@ def test_an_absurd_number_of_workers_is_refused_before_any_is_started(monkeypatc
     assert resolve_workers(None) == default_workers() and resolve_workers(8) == 8
     assert resolve_workers(0) == 0 and resolve_workers(4, processes=2) == 4
     for workers, processes in ((9, 1), (5, 2), (514, 1)):
-        with pytest.raises(WingspanError, match=f"--workers {workers} would start"):
+        with pytest.raises(WingspanError,
+                           match=rf"--workers {workers} \(workers= in Python\) would start"):
             resolve_workers(workers, processes)
     # A resumed run's saved setting (from a larger machine, say) is lowered, and said.
     said = []
@@ -500,7 +501,8 @@ def test_predict_and_evaluate_refuse_absurd_workers_as_train_does(monkeypatch, t
     nowhere = tmp_path / "no-run"  # never reached
     for call in (lambda: Predictor(nowhere, workers=514),
                  lambda: evaluate(nowhere, workers=514, progress=False)):
-        with pytest.raises(WingspanError, match="--workers 514 would start .* at most 8"):
+        with pytest.raises(WingspanError, match=r"--workers 514 \(workers= in Python\) would "
+                                                r"start .* at most 8"):
             call()
 
 

@@ -459,14 +459,15 @@ def test_int8_is_written_only_within_a_point_of_fp32(run_dir, run_cli, monkeypat
     # On so few val images, one answer is the allowance: said, with what to do.
     assert (f"int8 was checked on {figures['val_images']} val images only, where one answer "
             f"is {1 / figures['val_images']:.1%}: a smaller drop goes unseen") in said
-    # Many answers moved though top-1 held (a weak many-class model): said too.
-    assert "answers otherwise than fp32" not in said or figures["val_answers_changed"] > 0.05
-    monkeypatch.setattr("wingspan.cli.predict.INT8_CHANGED_WARNING", -1.0)
-    code, out, _ = run_cli("export", run_dir, "--quantize", "int8", "--out",
-                           run_dir / "q" / "cli2.int8.onnx")
-    assert code == 0 and (f"int8 answers otherwise than fp32 on "
-                          f"{figures['val_answers_changed']:.0%} of the val images, though "
-                          "its top-1 held") in " ".join(out.split()), out
+    # Many answers moved though top-1 held (a weak many-class model): said too, from 2
+    # images and past 5% (one near tie may flip either way).
+    from wingspan.cli.predict import int8_moved
+
+    assert int8_moved({"val_answers_changed": 59 / 299, "val_images": 299}).startswith(
+        "int8 answers otherwise than fp32 on 20% of the val images, though its top-1 held")
+    assert int8_moved({"val_answers_changed": 1 / 11, "val_images": 11}) is None
+    assert int8_moved({"val_answers_changed": 2 / 106, "val_images": 106}) is None
+    assert (int8_moved(figures) is None) == (" though its top-1 held" not in said)
     # The same export twice is the same file: the machine's timing is in the JSON beside
     # it, not inside (a content hash took each export for a new model).
     again = export.export_model(run_dir, run_dir / "q" / "again.int8.onnx", quantize="int8")

@@ -2,14 +2,18 @@
 predictions: measured on its val images at the end of training, kept in the bundle."""
 
 import json
+import re
 
+import torch
 from test_train import tiny
 
 from wingspan.data import read_dataset
 from wingspan.inference import Predictor
-from wingspan.models import resolve_policy
-from wingspan.models.engine import engine_named
+from wingspan.models import engine, resolve_policy
+from wingspan.models.engine import Choice, engine_named
+from wingspan.models.policy import Policy
 from wingspan.training import lossy_check, train
+from wingspan.training import run as run_module
 from wingspan.training.lossy_check import avoided_engines
 
 
@@ -28,14 +32,25 @@ def test_an_engine_is_avoided_past_the_share_and_one_near_tie():
                                                  "fp32 on 3 of this model's 256 val images"}
 
 
-def test_the_policy_leaves_out_an_avoided_engine_unless_precision_is_forced():
+def test_the_images_checked_are_spread_over_a_split_listed_class_by_class():
+    rows = torch.arange(5000)  # 50 classes of 100 images, one after another
+    picked = lossy_check.spread(rows, 256)
+    assert len(picked) == 256 and len(set(picked.tolist())) == 256
+    assert len(set((picked // 100).tolist())) == 50
+    assert lossy_check.spread(rows[:30], 256).tolist() == list(range(30))
+
+
+def test_the_policy_leaves_out_an_avoided_engine_unless_precision_is_forced(monkeypatch):
     """Machine-independent: torch-fp32 and onnx-fp32 are candidates on every CPU (onnx
     standing in for a lossy engine here)."""
+    for name in ("WINGSPAN_PRECISION", "WINGSPAN_RUNTIME"):
+        monkeypatch.delenv(name, raising=False)
     why = "it answered otherwise than fp32 on 9 of this model's 40 val images"
     policy = resolve_policy("cpu", avoid={"onnx-fp32": why, "not-an-engine-here": "x"})
     names = [e.name for e in policy.frozen_candidates]
     assert "onnx-fp32" not in names and "torch-fp32" in names
     assert policy.left_out["onnx-fp32"] == why
+    assert f"not onnx-fp32 for this model: {why}" in policy.describe()  # said where it shows
     forced = resolve_policy("cpu", precision="fp32", avoid={"onnx-fp32": why})
     assert "onnx-fp32" in [e.name for e in forced.frozen_candidates]
     # Never every candidate: the last one stays (a runtime forced to what was avoided).
@@ -43,11 +58,19 @@ def test_the_policy_leaves_out_an_avoided_engine_unless_precision_is_forced():
     assert [e.name for e in alone.frozen_candidates] == ["onnx-fp32"]
 
 
-def test_training_checks_the_lossy_engines_on_val_and_predict_follows(demo_dir, tmp_path,
-                                                                      monkeypatch):
-    # bf16 made a candidate on any CPU (emulated where the CPU lacks it: slow, but right)
+def _bf16_everywhere(monkeypatch):
+    """bf16 a candidate on any CPU (emulated where the CPU lacks it: slow, but right), and
+    no engine forced from the environment (the suite's own reruns force them)."""
+    for name in ("WINGSPAN_PRECISION", "WINGSPAN_RUNTIME"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(lossy_check, "lossy_candidates",
                         lambda device: [engine_named("torch-bf16")])
+    monkeypatch.setattr(engine, "auto_leaves_out", lambda *args: "")
+
+
+def test_training_checks_the_lossy_engines_on_val_and_predict_follows(demo_dir, tmp_path,
+                                                                      monkeypatch):
+    _bf16_everywhere(monkeypatch)
     run = train(read_dataset(demo_dir), tiny(tmp_path, epochs_finetune=0), tmp_path / "runs",
                 "r", quiet=True)
     manifest = json.loads((run / "model" / "manifest.json").read_text())
@@ -65,8 +88,38 @@ def test_training_checks_the_lossy_engines_on_val_and_predict_follows(demo_dir, 
     assert f"5 of this model's {val} val images" in predictor.policy.left_out["torch-bf16"]
 
 
+def test_a_run_whose_frozen_engine_is_left_out_ends_in_fp32(demo_dir, tmp_path, monkeypatch):
+    """Its temperature and unknown thresholds are set on what its predictions will run."""
+    _bf16_everywhere(monkeypatch)
+    monkeypatch.setattr(run_module, "check_lossy_engines", lambda run: {
+        "torch-bf16": {"images": 10, "answers_changed": 5}})
+    timed = Policy.choose_frozen  # the frozen passes measured fastest in bf16
+
+    def bf16_won(policy, *args, **kwargs):
+        if "torch-bf16" not in [e.name for e in policy.frozen_candidates]:
+            return timed(policy, *args, **kwargs)  # (the Predictor's, below)
+        return policy.with_choice("frozen", Choice(engine_named("torch-bf16"), "measured"))
+
+    monkeypatch.setattr(Policy, "choose_frozen", bf16_won)
+    run = train(read_dataset(demo_dir), tiny(tmp_path, epochs_head=2, epochs_finetune=0),
+                tmp_path / "runs", "r", quiet=True)
+    log = (run / "train.log").read_text()
+    assert "frozen passes torch-bf16" in log.splitlines()[0]
+    assert "torch-bf16 answered otherwise than fp32 on 5 of 10 val images: left out" in log
+    assert re.search(r"The final passes run (onnx|torch)-fp32, as this model's predictions "
+                     r"will \(torch-bf16 left out\)", log), log
+    policy = Predictor(run, device="cpu", workers=0).policy
+    assert policy.frozen.engine.precision == "fp32" and "torch-bf16" in policy.avoided
+    # bf16 forced for the run: its final passes stay as asked.
+    monkeypatch.setenv("WINGSPAN_PRECISION", "bf16")
+    run = train(read_dataset(demo_dir), tiny(tmp_path, epochs_head=1, epochs_finetune=0),
+                tmp_path / "runs", "forced", quiet=True)
+    assert "The final passes run" not in (run / "train.log").read_text()
+
+
 def test_no_lossy_candidate_no_check(demo_dir, tmp_path, monkeypatch):
     """Where auto would never pick a lossy engine (an AVX2 CPU), nothing is measured."""
+    monkeypatch.delenv("WINGSPAN_PRECISION", raising=False)
     monkeypatch.setattr(lossy_check, "lossy_candidates", lambda device: [])
     run = train(read_dataset(demo_dir), tiny(tmp_path, epochs_head=1, epochs_finetune=0),
                 tmp_path / "runs", "r", quiet=True)

@@ -1001,7 +1001,7 @@ def test_a_resumed_run_keeps_where_its_weights_came_from(demo_dir, tmp_path):
     (run_dir / "metrics.json").unlink()
     # --workers typed for the resume is checked as train's; the run's saved one (from a
     # larger machine, say) is lowered to what this machine takes, and said.
-    with pytest.raises(WingspanError, match="--workers 514 would start"):
+    with pytest.raises(WingspanError, match=r"--workers 514 \(workers= in Python\) would start"):
         resume(run_dir, quiet=True, workers=514)
     settings = yaml.safe_load((run_dir / "config.yaml").read_text())
     (run_dir / "config.yaml").write_text(yaml.safe_dump({**settings, "workers": 514}))

@@ -315,13 +315,8 @@ def export_command(
         out.print(f"[yellow]Warning:[/] int8 was checked on {n} val images only, where one "
                   f"answer is {1 / n:.1%}: a smaller drop goes unseen. Compare it with fp32 "
                   "on photos of your own before relying on it.")
-    if int8 and int8.get("val_answers_changed", 0) > INT8_CHANGED_WARNING:
-        # Top-1 held on the whole, but this many answers moved each way: a weak or
-        # many-class model's near ties (a 300-class one: 59 of 299).
-        out.print(f"[yellow]Warning:[/] int8 answers otherwise than fp32 on "
-                  f"{int8['val_answers_changed']:.0%} of the val images, though its top-1 "
-                  "held: the same photo may get another class from each. Keep the fp32 "
-                  "export where answers must match predict's.")
+    if int8 and (moved := int8_moved(int8)):
+        out.print(f"[yellow]Warning:[/] {moved}")
     own = ("; the int8 model's own, set again on its val scores (fp32's would turn away "
            f"{int8['val_unknown_share_int8']:.1%} of known val images, against the "
            f"{unknown['rate']:.1%} asked)" if "unknown_thresholds_fp32" in int8 else "")
@@ -331,9 +326,21 @@ def export_command(
               " `wingspan calibrate RUN --unknown` fits them.")
 
 
-# int8 that names another class than fp32 for more val images than this is said (the
-# README's iNat Lite2 run: 2 of 106).
+# int8 that names another class than fp32 for more val images than this (and 2 or more:
+# one near tie may flip) is said (the README's iNat Lite2 run: 2 of 106).
 INT8_CHANGED_WARNING = 0.05
+
+
+def int8_moved(int8: dict) -> str | None:
+    """What to say where the int8 file answers otherwise than fp32 on many val images
+    though its top-1 held: a weak or many-class model's near ties (a 300-class one: 59 of
+    299), each moved either way."""
+    share = int8.get("val_answers_changed", 0)
+    if round(share * int8.get("val_images", 0)) < 2 or share <= INT8_CHANGED_WARNING:
+        return None
+    return (f"int8 answers otherwise than fp32 on {share:.0%} of the val images, though its "
+            "top-1 held: the same photo may get another class from each. Keep the fp32 "
+            "export where answers must match predict's.")
 
 
 def _stopped(row: dict) -> bool:

@@ -64,6 +64,8 @@ class Policy:
     train_left_out: dict[str, str] = field(default_factory=dict)
     frozen: Choice | None = None  # None until measured (or read from the cache)
     train: Choice | None = None
+    # Lossy engines left out of this model's frozen passes (training.lossy_check): why
+    avoided: dict[str, str] = field(default_factory=dict)
 
     # -- running -------------------------------------------------------------------------
 
@@ -138,7 +140,8 @@ class Policy:
                 "(to measure: " + ", ".join(e.name for e in engines) + ")")
 
         layout = ", channels_last" if self.channels_last else ""
-        frozen = one(self.frozen, self.frozen_candidates)
+        frozen = one(self.frozen, self.frozen_candidates) + "".join(
+            f"; not {name} for this model: {why}" for name, why in self.avoided.items())
         text = f"{self.device.type}{layout}; frozen passes {frozen}"
         return text + (f"; training step {self.train.describe()}" if self.train else "")
 
@@ -265,14 +268,15 @@ def resolve_policy(device: str = "auto", precision: str = "auto",
         frozen, left_out = candidates(dev, precision, runtime, train=False)
         train, train_left_out = candidates(dev, precision, runtime, train=True)
         avoid = {e.name: avoid[e.name] for e in frozen if e.name in (avoid or {})}
-        if precision == "auto" and avoid and len(avoid) < len(frozen):  # (fp32 stays)
-            frozen = [e for e in frozen if e.name not in avoid]
-            left_out = {**left_out, **avoid}
+        if precision != "auto" or len(avoid) == len(frozen):  # (forced; or the last one)
+            avoid = {}
+        frozen = [e for e in frozen if e.name not in avoid]
     except WingspanError as e:  # say where a setting the user did not type came from
         given = [f for f in (by_precision, by_runtime) if f]
         raise WingspanError(f"{e.message} (set by {' and '.join(given)})", hint=e.hint
                             ) from e
-    policy = Policy(dev, convolutional, tuple(frozen), tuple(train), left_out, train_left_out)
+    policy = Policy(dev, convolutional, tuple(frozen), tuple(train), {**left_out, **avoid},
+                    train_left_out, avoided=avoid)
     # What narrowed each kind to one: a training step runs in PyTorch whatever the runtime.
     for kind, engines, others, forced in (
             ("frozen", frozen, left_out, [f for f in (by_precision, by_runtime) if f]),
@@ -283,7 +287,8 @@ def resolve_policy(device: str = "auto", precision: str = "auto",
                        if e.name in others and not cannot_run(e, dev, kind == "train")
                        and auto_leaves_out(e, dev, kind == "train")]
             why = (f"forced by {', '.join(forced)}" + _slow_note(engines[0], dev, kind)
-                   if forced else "; ".join(["the only candidate", *skipped]))
+                   if forced and not (kind == "frozen" and avoid)  # (said as avoided)
+                   else "; ".join(["the only candidate", *skipped]))
             policy = policy.with_choice(kind, Choice(engines[0], why))
     return policy
 

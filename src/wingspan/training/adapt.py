@@ -292,7 +292,7 @@ def _write_run(out: Path, run_dir: Path, predictor: Predictor, summary: dict,
     save_bundle(predictor.model.cpu(), partial / "model", manifest["classes"],
                 taxonomy=manifest.get("taxonomy"), training=training,
                 weights_source=manifest.get("weights_source"), calibration=calibration,
-                unknown=unknown)
+                unknown=unknown, inference=manifest.get("inference"))  # (the same backbone)
     write_text(partial / "adapt.json", json.dumps(summary, indent=2))
     # An adapted run adapted again: the first photos shaped it too (the first refit head
     # picked the classes of these), so its evaluations must not call them fair either.

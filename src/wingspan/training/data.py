@@ -189,7 +189,8 @@ def resolve_workers(workers: int | None, processes: int = 1, log=None) -> int:
     if workers is None:
         return default_workers(processes)
     if workers < 0:  # train's config refuses it first; predict, evaluate... come here
-        raise WingspanError(f"--workers must be 0 or more. Got {workers} instead.",
+        raise WingspanError(f"--workers (workers= in Python) must be 0 or more. Got "
+                            f"{workers} instead.",
                             hint=f"0 reads the images in this process; leave it out for "
                                  f"{default_workers(processes)} (sized to this machine).")
     cores = usable_cores()
@@ -201,7 +202,8 @@ def resolve_workers(workers: int | None, processes: int = 1, log=None) -> int:
                 f"take ({most}{per}, {WORKERS_PER_CORE} per core): resuming with {most}.")
             return most
         raise WingspanError(
-            f"--workers {workers} would start {workers * processes} data-loading processes "
+            f"--workers {workers} (workers= in Python) would start {workers * processes} "
+            "data-loading processes "
             f"on {cores} CPU cores; at most {most}{per} ({WORKERS_PER_CORE} per core) are "
             "allowed.",
             hint=f"Give a smaller --workers, or leave it out for {default_workers(processes)} "

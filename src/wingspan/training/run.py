@@ -54,6 +54,7 @@ from wingspan.files import atomic_paths, make_folder, remove_leftovers, write_te
 from wingspan.models import create_classifier, resolve_policy, save_bundle
 from wingspan.models.bundle import checked_weights, read_manifest
 from wingspan.models.classifier import Classifier
+from wingspan.models.engine import Choice
 from wingspan.models.factory import choose_backbone
 from wingspan.models.policy import Policy, check_engine_settings, settings_with_environment
 from wingspan.models.runtime import forget_sessions
@@ -83,7 +84,7 @@ from wingspan.training.folder import (
     stopped_while_set_up,
     trained_on,
 )
-from wingspan.training.lossy_check import avoided_engines, check_lossy_engines
+from wingspan.training.lossy_check import avoided_engines, check_lossy_engines, fp32_engine
 from wingspan.training.prepare import (
     build_train_data,
     capped,
@@ -924,12 +925,13 @@ def _write_results(run: Run) -> None:
     training["rare_classes"] = run.data.rare
     training["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     run.model.eval()
-    cached = _cached_features(run)  # (read and checked once, for both splits)
+    inference = _check_lossy(run)
+    # (read and checked once, for both splits)
+    cached = None if _in_fp32_from_here(run, inference) else _cached_features(run)
     val = _final_outputs(run, "val", cached)
     calibration = _fit_calibration(run, val)
     metrics["calibration"] = calibration
     unknown = _fit_unknown(run, val, calibration["temperature"], cached)
-    inference = _check_lossy(run)
     save_bundle(run.model.cpu(), run.dir / "model", run.data.level_classes, taxonomy=taxonomy,
                 training=training, metrics=metrics, weights_source=run.weights_source,
                 calibration=calibration, unknown=unknown, inference=inference)
@@ -953,18 +955,39 @@ def _write_results(run: Run) -> None:
 
 def _check_lossy(run: Run) -> dict | None:
     """The lossy engines' answers on val against fp32's (training.lossy_check), said in
-    train.log, for the bundle."""
-    checked = check_lossy_engines(run)
+    train.log, for the bundle. A check that fails is said and skipped: it only advises,
+    and the run is done."""
+    try:
+        checked = check_lossy_engines(run)
+    except Exception as e:  # noqa: BLE001 - whatever it is (out of memory), the run stands
+        run.log(f"The lossy engines' answers could not be checked ({first_line(e)}): this "
+                "model's predictions may run them.", caveat=True)
+        return None
     if not checked:
         return None
     avoided = avoided_engines({"inference": {"lossy_engines": checked}})
     for name, got in checked.items():
         run.log(f"{name} answered otherwise than fp32 on {got['answers_changed']} of "
                 f"{got['images']} val images: " + (
-                    "left out of this model's predictions (predict, evaluate and serve run "
-                    "fp32, as the export does)" if name in avoided else
+                    "left out of this model's predictions" if name in avoided else
                     "kept among the engines its predictions may run"))
     return {"lossy_engines": checked}
+
+
+def _in_fp32_from_here(run: Run, inference: dict | None) -> bool:
+    """Where the frozen passes' engine is one the check left out of the model's
+    predictions, the final passes (the temperature, the unknown scores and their
+    thresholds) run fp32 too, as its predictions will, not on the head stage's cache."""
+    engine = run.policy.frozen.engine if run.policy.frozen else None
+    precision, runtime = settings_with_environment(run.config.precision, run.config.runtime)
+    if engine is None or precision != "auto" or (  # (bf16 forced: as asked)
+            engine.name not in avoided_engines({"inference": inference or {}})):
+        return False
+    fp32 = fp32_engine(run.policy.device, runtime)
+    run.policy = run.policy.with_choice("frozen", Choice(fp32, "fp32 for this model"))
+    run.log(f"The final passes run {fp32.name}, as this model's predictions will "
+            f"({engine.name} left out)")
+    return True
 
 
 def _best_checkpoint(run: Run) -> dict:
