@@ -4,6 +4,7 @@ import asyncio
 import io
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -403,7 +404,10 @@ def test_serve_ends_130_on_ctrl_c_and_143_on_sigterm_as_every_command_does(run_d
         try:
             wait_until_serving(proc, port)
             proc.send_signal(how)
-            assert proc.wait(60) == code, proc.communicate()[1][-2000:]
+            said = proc.communicate(timeout=60)[1]
+            assert proc.returncode == code, said[-2000:]
+            # What answers is said at the start, as predict's engine line.
+            assert re.search(r"Serving .*model \(\d+ classes\); cpu.*frozen passes", said), said
         finally:
             proc.kill()
             proc.communicate()

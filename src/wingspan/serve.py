@@ -629,6 +629,11 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000,
     # uvicorn.Server, not uvicorn.run, which swallows the Ctrl-C it passes on once shut
     # down: the command then ended 0, where every other one stopped so ends 130.
     app = create_app(model, limits, device, precision, runtime)
+    # What answers, said as predict's and evaluate's engine line says it (a lossy engine
+    # left out for this model among it), before uvicorn's own lines.
+    predictor = app.state.predictor
+    print(f"Serving {predictor.bundle} ({len(predictor.classes)} classes); "
+          f"{predictor.policy.describe()}", file=sys.stderr, flush=True)
     # On SIGTERM, requests in flight get their time limit to finish, then the server ends:
     # without a bound, one client stalled mid-upload kept it waiting for ever (docker stop,
     # systemd and Kubernetes then kill it, and every request in flight with it).
