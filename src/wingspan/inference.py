@@ -3,6 +3,7 @@ so both see every image exactly the same way."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -166,8 +167,9 @@ class Predictor:
         main = fabric is None or fabric.is_global_zero
         # (a lossy engine that moved this model's answers at the end of its training is
         # left out: its predictions then match the fp32 export's)
-        policy = resolve_policy(str(fabric.device) if fabric else device, precision,
-                                runtime=runtime, avoid=avoided_engines(self.manifest))
+        policy = dataclasses.replace(resolve_policy(  # (no training step: not described)
+            str(fabric.device) if fabric else device, precision, runtime=runtime,
+            avoid=avoided_engines(self.manifest)), train=None)
         policy.prepare_model(self.model)
         chosen = (policy.choose_frozen(self.model, self.size, batch_size, progress=progress)
                   if main else None)
