@@ -83,8 +83,12 @@ LEVERS = {
     "unfreeze5": Lever("--unfreeze 5: fine-tune 5 of the backbone's stages (Lite2's default 3)",
                        {"unfreeze": 5}),
     "ls0": Lever("--label-smoothing 0 (default 0.1)", {"label_smoothing": 0.0}),
-    "ft-lr-0.3": Lever("fine-tuning's top rate 0.3x the head's (finetune_lr_scale; default 0.1)",
-                       {"finetune_lr_scale": 0.3}),
+    "ft-lr-0.1": Lever("fine-tuning's top rate 0.1x the head's (finetune_lr_scale; the "
+                       "default until 2026-12-06, now 0.3)", {"finetune_lr_scale": 0.1}),
+    "ft-lr-0.3": Lever("fine-tuning's top rate 0.3x the head's (finetune_lr_scale; the default "
+                       "since 2026-12-06)", {"finetune_lr_scale": 0.3}),
+    "ft-lr-0.6": Lever("fine-tuning's top rate 0.6x the head's (finetune_lr_scale)",
+                       {"finetune_lr_scale": 0.6}),
     "layer-decay-0.8": Lever("each earlier stage fine-tunes at 0.8x the next one's rate "
                              "(layer_decay; default 0.5)", {"layer_decay": 0.8}),
     "layer-decay-0.65": Lever("each earlier stage fine-tunes at 0.65x the next one's rate "
