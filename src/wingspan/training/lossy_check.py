@@ -12,6 +12,8 @@ model trained on a CPU without bf16 carries no figure, and runs bf16 unchecked e
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
@@ -61,7 +63,7 @@ def check_lossy_engines(run) -> dict | None:
     runners = {e.name: make_runner(extractor, run.image_size, e, device,
                                    run.policy.channels_last)
                for e in (reference, *lossy)}
-    head = model.head.float().cpu()
+    head = copy.deepcopy(model.head).float().cpu()  # (the model's own stays on its device)
     taxonomy = run.data.taxonomy
     answers: dict[str, list[np.ndarray]] = {name: [] for name in runners}
     loader = make_loader(images, fixed_batches(rows.tolist(), run.config.batch_size),
