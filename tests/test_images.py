@@ -296,6 +296,9 @@ def _tiff(path, pixels: np.ndarray, planar: bool, sample_format: int = 1):
     return path
 
 
+# (Pillow's words on the TIFF cut short, which wingspan's import filters out; pytest
+# resets the filters for each test)
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
 def test_tiffs_pillow_cannot_read_right_are_refused_as_what_they_are(tmp_path):
     """A 16-bit TIFF in separate colour planes decodes striped and shifted (Pillow 13), and
     a floating-point one not at all: each refused, and named a TIFF (not 'no image')."""
