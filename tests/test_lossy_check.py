@@ -17,13 +17,19 @@ from wingspan.training import run as run_module
 from wingspan.training.lossy_check import avoided_engines
 
 
+def _cpu(tmp_path, **changes):
+    """The tiny recipe on the CPU: bf16, made a candidate below, runs on any CPU, where a
+    GPU without bf16 would refuse it."""
+    return tiny(tmp_path, device="cpu", **changes)
+
+
 def _checked(changed: int, images: int) -> dict:
-    return {"inference": {"lossy_engines": {"torch-bf16": {"images": images,
-                                                           "answers_changed": changed}}}}
+    """A manifest's "inference" record."""
+    return {"lossy_engines": {"torch-bf16": {"images": images, "answers_changed": changed}}}
 
 
 def test_an_engine_is_avoided_past_the_share_and_one_near_tie():
-    assert avoided_engines({}) == {}  # a bundle from before the check: nothing avoided
+    assert avoided_engines(None) == {}  # a bundle from before the check: nothing avoided
     assert avoided_engines(_checked(0, 33)) == {}
     assert avoided_engines(_checked(1, 33)) == {}  # one near tie may flip either way
     assert "2 of this model's 33 val images" in avoided_engines(_checked(2, 33))["torch-bf16"]
@@ -71,7 +77,7 @@ def _bf16_everywhere(monkeypatch):
 def test_training_checks_the_lossy_engines_on_val_and_predict_follows(demo_dir, tmp_path,
                                                                       monkeypatch):
     _bf16_everywhere(monkeypatch)
-    run = train(read_dataset(demo_dir), tiny(tmp_path, epochs_finetune=0), tmp_path / "runs",
+    run = train(read_dataset(demo_dir), _cpu(tmp_path, epochs_finetune=0), tmp_path / "runs",
                 "r", quiet=True)
     manifest = json.loads((run / "model" / "manifest.json").read_text())
     checked = manifest["inference"]["lossy_engines"]["torch-bf16"]
@@ -81,7 +87,7 @@ def test_training_checks_the_lossy_engines_on_val_and_predict_follows(demo_dir, 
     assert (f"torch-bf16 answered otherwise than fp32 on {checked['answers_changed']} of "
             f"{val} val images") in log
     # A model whose check found bf16 moving its answers is predicted without it.
-    manifest["inference"] = _checked(5, val)["inference"]
+    manifest["inference"] = _checked(5, val)
     (run / "model" / "manifest.json").write_text(json.dumps(manifest))
     predictor = Predictor(run, device="cpu", workers=0)
     assert "torch-bf16" not in [e.name for e in predictor.policy.frozen_candidates]
@@ -101,7 +107,7 @@ def test_a_run_whose_frozen_engine_is_left_out_ends_in_fp32(demo_dir, tmp_path, 
         return policy.with_choice("frozen", Choice(engine_named("torch-bf16"), "measured"))
 
     monkeypatch.setattr(Policy, "choose_frozen", bf16_won)
-    run = train(read_dataset(demo_dir), tiny(tmp_path, epochs_head=2, epochs_finetune=0),
+    run = train(read_dataset(demo_dir), _cpu(tmp_path, epochs_head=2, epochs_finetune=0),
                 tmp_path / "runs", "r", quiet=True)
     log = (run / "train.log").read_text()
     assert "frozen passes torch-bf16" in log.splitlines()[0]
@@ -112,7 +118,7 @@ def test_a_run_whose_frozen_engine_is_left_out_ends_in_fp32(demo_dir, tmp_path, 
     assert policy.frozen.engine.precision == "fp32" and "torch-bf16" in policy.avoided
     # bf16 forced for the run: its final passes stay as asked.
     monkeypatch.setenv("WINGSPAN_PRECISION", "bf16")
-    run = train(read_dataset(demo_dir), tiny(tmp_path, epochs_head=1, epochs_finetune=0),
+    run = train(read_dataset(demo_dir), _cpu(tmp_path, epochs_head=1, epochs_finetune=0),
                 tmp_path / "runs", "forced", quiet=True)
     assert "The final passes run" not in (run / "train.log").read_text()
 
@@ -121,7 +127,7 @@ def test_no_lossy_candidate_no_check(demo_dir, tmp_path, monkeypatch):
     """Where auto would never pick a lossy engine (an AVX2 CPU), nothing is measured."""
     monkeypatch.delenv("WINGSPAN_PRECISION", raising=False)
     monkeypatch.setattr(lossy_check, "lossy_candidates", lambda device: [])
-    run = train(read_dataset(demo_dir), tiny(tmp_path, epochs_head=1, epochs_finetune=0),
+    run = train(read_dataset(demo_dir), _cpu(tmp_path, epochs_head=1, epochs_finetune=0),
                 tmp_path / "runs", "r", quiet=True)
     manifest = json.loads((run / "model" / "manifest.json").read_text())
     assert "inference" not in manifest and "answered otherwise" not in (

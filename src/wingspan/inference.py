@@ -169,7 +169,7 @@ class Predictor:
         # left out: its predictions then match the fp32 export's)
         policy = dataclasses.replace(resolve_policy(  # (no training step: not described)
             str(fabric.device) if fabric else device, precision, runtime=runtime,
-            avoid=avoided_engines(self.manifest)), train=None)
+            avoid=avoided_engines(self.manifest.get("inference"))), train=None)
         policy.prepare_model(self.model)
         chosen = (policy.choose_frozen(self.model, self.size, batch_size, progress=progress)
                   if main else None)

@@ -84,12 +84,13 @@ def check_lossy_engines(run) -> dict | None:
             for name, a in answers.items()}
 
 
-def avoided_engines(manifest: dict) -> dict[str, str]:
-    """{engine: why} for the lossy engines a bundle's check found to move more of its val
-    answers than EngineConfig allows (at least 2 images, so that one near tie does not)."""
+def avoided_engines(inference: dict | None) -> dict[str, str]:
+    """{engine: why} for the lossy engines a bundle's check (its manifest's "inference",
+    None before the check) found to move more of its val answers than EngineConfig allows
+    (at least 2 images, so that one near tie does not)."""
     config = EngineConfig()
     avoided = {}
-    for name, got in (manifest.get("inference", {}).get("lossy_engines") or {}).items():
+    for name, got in ((inference or {}).get("lossy_engines") or {}).items():
         changed, n = got.get("answers_changed", 0), got.get("images", 0)  # (a hand edit)
         if changed >= 2 and changed > config.max_answers_changed * n:
             avoided[name] = (f"it answered otherwise than fp32 on {changed} of this model's "

@@ -927,7 +927,8 @@ def _write_results(run: Run) -> None:
     run.model.eval()
     inference = _check_lossy(run)
     # (read and checked once, for both splits)
-    cached = None if _in_fp32_from_here(run, inference) else _cached_features(run)
+    cached = None if _in_fp32_from_here(run, avoided_engines(inference)) else \
+        _cached_features(run)
     val = _final_outputs(run, "val", cached)
     calibration = _fit_calibration(run, val)
     metrics["calibration"] = calibration
@@ -965,23 +966,24 @@ def _check_lossy(run: Run) -> dict | None:
         return None
     if not checked:
         return None
-    avoided = avoided_engines({"inference": {"lossy_engines": checked}})
+    inference = {"lossy_engines": checked}
+    avoided = avoided_engines(inference)
     for name, got in checked.items():
         run.log(f"{name} answered otherwise than fp32 on {got['answers_changed']} of "
                 f"{got['images']} val images: " + (
                     "left out of this model's predictions" if name in avoided else
                     "kept among the engines its predictions may run"))
-    return {"lossy_engines": checked}
+    return inference
 
 
-def _in_fp32_from_here(run: Run, inference: dict | None) -> bool:
+def _in_fp32_from_here(run: Run, avoided: dict[str, str]) -> bool:
     """Where the frozen passes' engine is one the check left out of the model's
     predictions, the final passes (the temperature, the unknown scores and their
     thresholds) run fp32 too, as its predictions will, not on the head stage's cache."""
     engine = run.policy.frozen.engine if run.policy.frozen else None
     precision, runtime = settings_with_environment(run.config.precision, run.config.runtime)
     if engine is None or precision != "auto" or (  # (bf16 forced: as asked)
-            engine.name not in avoided_engines({"inference": inference or {}})):
+            engine.name not in avoided):
         return False
     fp32 = fp32_engine(run.policy.device, runtime)
     run.policy = run.policy.with_choice("frozen", Choice(fp32, "fp32 for this model"))
