@@ -93,6 +93,11 @@ LEVERS = {
                              "(layer_decay; default 0.5)", {"layer_decay": 0.8}),
     "layer-decay-0.65": Lever("each earlier stage fine-tunes at 0.65x the next one's rate "
                               "(layer_decay; default 0.5)", {"layer_decay": 0.65}),
+    "field": Lever("--augment field: half the time the photo small and off-centre on a "
+                   "blurred mirror copy of itself, then the standard augmentation",
+                   {"augment": "field"}),
+    "wd-0.05": Lever("AdamW's weight decay 0.05 in both stages (weight_decay; default 0.01)",
+                     {"weight_decay": 0.05}),
     "finetune8-ld0.8": Lever("--epochs-finetune 8 with layer_decay 0.8: the two levers that "
                              "gained most on iNat, together", {"epochs_finetune": 8,
                                                                "layer_decay": 0.8}),

@@ -683,3 +683,28 @@ def test_lightnings_mixed_precision_line_is_not_printed(caplog):
     assert not [r for r in caplog.records if "Mixed Precision" in r.getMessage()]
     said = logging.getLogger("lightning_fabric.utilities.rank_zero")
     assert not said.filters  # (taken away again)
+
+
+def test_ranks_wait_for_rank_0s_long_end_of_a_run_past_torchs_30_minutes(monkeypatch):
+    """Rank 0 alone ends a run (the lossy check, the final passes, the bundle) while the
+    others wait at a barrier under the process group's timeout: torch's 30 minutes, which
+    ETHEC's final passes on a CPU can pass; the waiting ranks then failed, and a resume on
+    as many processes failed again. Several processes get RANK_WAIT_HOURS; one, as given."""
+    from datetime import timedelta
+
+    from lightning_fabric import Fabric
+    from lightning_fabric.strategies import DDPStrategy
+
+    from wingspan.config import RANK_WAIT_HOURS
+    from wingspan.parallel import Processes
+
+    assert RANK_WAIT_HOURS >= 4
+    for devices, nodes in ((2, 1), (1, 2)):
+        strategy = Processes(device="cpu", devices=devices)._strategy(devices, nodes)
+        assert isinstance(strategy, DDPStrategy)
+        if nodes == 1:  # what Fabric, and so torch.distributed, is then given
+            fabric = Fabric(accelerator="cpu", devices=devices, strategy=strategy)
+            assert fabric.strategy is strategy
+        assert strategy._timeout == timedelta(hours=RANK_WAIT_HOURS)
+    assert Processes(device="cpu")._strategy(1, 1) == "auto"
+    assert Processes(device="cuda:1")._strategy([1], 1) == "auto"  # one GPU, named

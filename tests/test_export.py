@@ -409,8 +409,10 @@ def test_int8_is_written_only_within_a_point_of_fp32(run_dir, run_cli, monkeypat
         export.export_model(run_dir, run_dir / "q" / "m.int8.onnx", quantize="int8")
     assert not (run_dir / "q" / "m.int8.onnx").exists()
     monkeypatch.setattr(export, "int8_allowed_drop", lambda n: 1.0)  # written, with figures
-    path = export.export_model(run_dir, run_dir / "q" / "m.int8.onnx", quantize="int8")
+    with pytest.warns(UserWarning, match="int8 was checked on") as caveats:  # (Python too)
+        path = export.export_model(run_dir, run_dir / "q" / "m.int8.onnx", quantize="int8")
     figures = json.loads(metadata_path(path).read_text())["int8"]
+    assert [str(w.message) for w in caveats] == export.int8_caveats(figures)
     assert figures["val_images"] > 0 and figures["calibration_images"] > 0
     assert 0 <= figures["val_top1_int8"] <= 1 and 0 <= figures["val_top1_fp32"] <= 1
     assert 0 <= figures["val_unknown_share_int8"] <= 1  # the unknown score, measured again
@@ -456,21 +458,26 @@ def test_int8_is_written_only_within_a_point_of_fp32(run_dir, run_cli, monkeypat
                      r"probabilities within [\d.e+-]+ of fp32's, [\d.]+x fp32's time here",
                      said), said
     assert not [r for r in caplog.records if "pre-processing" in r.getMessage()]
-    # On so few val images, one answer is the allowance: said, with what to do.
-    assert (f"int8 was checked on {figures['val_images']} val images only, where one answer "
-            f"is {1 / figures['val_images']:.1%}: a smaller drop goes unseen") in said
+    # On so few val images, one answer is the allowance: said, with what to do, as a
+    # warning (stderr), as Python callers get it.
+    warned = " ".join(err.split())
+    assert (f"Warning: int8 was checked on {figures['val_images']} val images only, where one "
+            f"answer is {1 / figures['val_images']:.1%}: a smaller drop goes unseen") in warned
     # Many answers moved though top-1 held (a weak many-class model): said too, from 2
     # images and past 5% (one near tie may flip either way).
-    from wingspan.cli.predict import int8_moved
-
-    assert int8_moved({"val_answers_changed": 59 / 299, "val_images": 299}).startswith(
+    moved = export.int8_caveats({"val_answers_changed": 59 / 299, "val_images": 299})
+    assert len(moved) == 1 and moved[0].startswith(
         "int8 answers otherwise than fp32 on 20% of the val images, though its top-1 held")
-    assert int8_moved({"val_answers_changed": 1 / 11, "val_images": 11}) is None
-    assert int8_moved({"val_answers_changed": 2 / 106, "val_images": 106}) is None
-    assert (int8_moved(figures) is None) == (" though its top-1 held" not in said)
+    assert export.int8_caveats({"val_answers_changed": 1 / 110, "val_images": 110}) == []
+    few = export.int8_caveats({"val_answers_changed": 1 / 11, "val_images": 11})  # 1 image
+    assert len(few) == 1 and few[0].startswith("int8 was checked on 11 val images only")
+    assert export.int8_caveats({"val_answers_changed": 2 / 106, "val_images": 106}) == []
+    assert (len(export.int8_caveats(figures)) == 1) == (" though its top-1 held" not in warned)
     # The same export twice is the same file: the machine's timing is in the JSON beside
     # it, not inside (a content hash took each export for a new model).
-    again = export.export_model(run_dir, run_dir / "q" / "again.int8.onnx", quantize="int8")
+    with pytest.warns(UserWarning, match="int8 was checked on"):
+        again = export.export_model(run_dir, run_dir / "q" / "again.int8.onnx",
+                                    quantize="int8")
     assert again.read_bytes() == path.read_bytes()
     import onnx
 

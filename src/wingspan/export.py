@@ -275,6 +275,8 @@ def _export_onnx(job: _Job) -> bytes:
         # int8 cannot agree with PyTorch to 1e-4: that check was the graph before it
         # (`int8` holds how the int8 one compares, on val top-1 and unknown shares).
         meta["checked"]["graph"] = "fp32, before quantizing"
+        for caveat in int8_caveats(meta["int8"]):  # (the CLI shows them as "Warning: ...")
+            warnings.warn(caveat, stacklevel=2)
         if thresholds:
             meta["unknown"]["thresholds"] = thresholds
         # The graph's own copy leaves out the timing, which the JSON beside it keeps: a
@@ -454,6 +456,28 @@ def _quantize(graph: bytes, bundle: Path, spec: InputSpec, levels: list[str],
         thresholds = level_thresholds(scores, unknown["rate"])
         figures["unknown_thresholds_fp32"] = fp32_thresholds
     return quantized, figures, thresholds
+
+
+# int8 that names another class than fp32 for more val images than this (and 2 or more:
+# one near tie may flip) is said (the README's iNat Lite2 run: 2 of 106).
+INT8_CHANGED_WARNING = 0.05
+
+
+def int8_caveats(int8: dict) -> list[str]:
+    """What to say of an int8 export's check: too few val images to see a small drop; many
+    answers moved though top-1 held (a weak or many-class model's near ties, each moved
+    either way: a 300-class one, 59 of 299)."""
+    caveats, n = [], int8.get("val_images", 0)
+    if n < 100:  # one image is the allowance there (README)
+        caveats.append(f"int8 was checked on {n} val images only, where one answer is "
+                       f"{1 / max(n, 1):.1%}: a smaller drop goes unseen. Compare it with "
+                       "fp32 on photos of your own before relying on it.")
+    share = int8.get("val_answers_changed", 0)
+    if round(share * n) >= 2 and share > INT8_CHANGED_WARNING:
+        caveats.append(f"int8 answers otherwise than fp32 on {share:.0%} of the val images, "
+                       "though its top-1 held: the same photo may get another class from "
+                       "each. Keep the fp32 export where answers must match predict's.")
+    return caveats
 
 
 # The weights int8 tries, in turn. "int8-7bit": int8 weights in 7 bits, which ONNX Runtime

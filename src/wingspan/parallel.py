@@ -30,13 +30,15 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
 from lightning_fabric import Fabric
+from lightning_fabric.strategies import DDPStrategy
 from lightning_fabric.strategies.launchers import subprocess_script
 
-from wingspan.config import MAX_PROCESSES, STRATEGIES
+from wingspan.config import MAX_PROCESSES, RANK_WAIT_HOURS, STRATEGIES
 from wingspan.errors import (
     LAUNCHER_PID_ENV,
     STARTED,
@@ -95,7 +97,8 @@ class Processes:
         said.addFilter(amp)
         try:
             fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=nodes,
-                            strategy=self.strategy, precision=FABRIC_PRECISION[precision])
+                            strategy=self._strategy(devices, nodes),
+                            precision=FABRIC_PRECISION[precision])
         except (ValueError, RuntimeError) as e:  # e.g. more devices than the machine has
             raise WingspanError(f"Cannot run on {self.describe()}: {e}",
                                 hint="Check --device, --devices and --nodes.") from e
@@ -123,6 +126,14 @@ class Processes:
                 subprocess_script._launch_process_observer = lightnings
             os.environ.pop(LAUNCHER_PID_ENV, None)
         return fabric
+
+    def _strategy(self, devices: int | list[int], nodes: int) -> str | DDPStrategy:
+        """DDP, with RANK_WAIT_HOURS as its collectives' timeout, where several processes
+        run ("auto" picks DDP for them, with torch's 30 minutes); else as given."""
+        if isinstance(devices, int) and devices * nodes > 1 and self.strategy in ("auto",
+                                                                                 "ddp"):
+            return DDPStrategy(timeout=timedelta(hours=RANK_WAIT_HOURS))
+        return self.strategy
 
     def world(self) -> tuple[int, int]:
         """(processes per machine, machines): as given, else as torchrun set them. Under

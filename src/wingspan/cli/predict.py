@@ -310,13 +310,6 @@ def export_command(
                     if int8['seconds_int8_vs_fp32'] > 1 else "")
                  + (" (7-bit weights cost accuracy: uint8 ones, stored whole, keep more "
                     "of it, slower)" if int8['refused'] else "") if int8 else ""))
-    if int8 and int8["val_images"] < 100:  # one image is the allowance there (README)
-        n = int8["val_images"]
-        out.print(f"[yellow]Warning:[/] int8 was checked on {n} val images only, where one "
-                  f"answer is {1 / n:.1%}: a smaller drop goes unseen. Compare it with fp32 "
-                  "on photos of your own before relying on it.")
-    if int8 and (moved := int8_moved(int8)):
-        out.print(f"[yellow]Warning:[/] {moved}")
     own = ("; the int8 model's own, set again on its val scores (fp32's would turn away "
            f"{int8['val_unknown_share_int8']:.1%} of known val images, against the "
            f"{unknown['rate']:.1%} asked)" if "unknown_thresholds_fp32" in int8 else "")
@@ -324,23 +317,6 @@ def export_command(
               f"{', '.join(unknown['outputs'].values())}, thresholds in the metadata{own}."
               if unknown else "No unknown score (the model has none): it always names a class."
               " `wingspan calibrate RUN --unknown` fits them.")
-
-
-# int8 that names another class than fp32 for more val images than this (and 2 or more:
-# one near tie may flip) is said (the README's iNat Lite2 run: 2 of 106).
-INT8_CHANGED_WARNING = 0.05
-
-
-def int8_moved(int8: dict) -> str | None:
-    """What to say where the int8 file answers otherwise than fp32 on many val images
-    though its top-1 held: a weak or many-class model's near ties (a 300-class one: 59 of
-    299), each moved either way."""
-    share = int8.get("val_answers_changed", 0)
-    if round(share * int8.get("val_images", 0)) < 2 or share <= INT8_CHANGED_WARNING:
-        return None
-    return (f"int8 answers otherwise than fp32 on {share:.0%} of the val images, though its "
-            "top-1 held: the same photo may get another class from each. Keep the fp32 "
-            "export where answers must match predict's.")
 
 
 def _stopped(row: dict) -> bool:
