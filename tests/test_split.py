@@ -490,3 +490,34 @@ def test_a_split_stopped_as_it_is_written_keeps_the_previous_pair(demo_dir, tmp_
     with pytest.raises(KeyboardInterrupt):
         plot_class_balance(pd.Series({"a": 5, "b": 2}), "label", tmp_path / "b.png")
     assert plot.read_bytes() == drawn
+
+
+def test_a_split_made_without_groups_says_photos_of_one_specimen_may_land_on_two_sides(
+        tmp_path):
+    """Two views of each specimen, no --group-regex: train said "splitting it by group"
+    and put half the specimens on both sides; now it says that no groups were given and
+    how to give them, and with --group-regex the views stay on one side."""
+    from helpers import write_image
+
+    from wingspan.config import TrainConfig
+    from wingspan.training.prepare import ensure_splits
+
+    for seed, (cls, i, view) in enumerate((c, i, v) for c in ("monarch", "admiral")
+                                          for i in range(12) for v in ("up", "under")):
+        write_image(tmp_path / "d" / cls / f"{cls}_{i:02d}_{view}.jpg", seed=seed)
+    config = TrainConfig(selection="val")
+    logs = []
+    split = ensure_splits(read_dataset(tmp_path / "d"), "label", config, log=logs.append)
+    said = next(line for line in logs if line.startswith("The data has no split"))
+    assert said.startswith("The data has no split: splitting it photo by photo (no groups "
+                           "given: photos of one specimen or observation may land on two "
+                           "sides; --group-regex or a CSV's group column keeps them together)")
+    specimen = split.table.path.str.replace(r"_(up|under)\.jpg$", "", regex=True)
+    assert (split.table.groupby(specimen).split.nunique() > 1).any()  # what it warns of
+    logs.clear()
+    split = ensure_splits(read_dataset(tmp_path / "d", ReadConfig(group_regex=r"^([a-z]+_\d+)_")),
+                          "label", config, log=logs.append)
+    assert any(line.startswith("The data has no split: splitting it by group,")
+               for line in logs), logs
+    specimen = split.table.path.str.replace(r"_(up|under)\.jpg$", "", regex=True)
+    assert (split.table.groupby(specimen).split.nunique() == 1).all()

@@ -177,3 +177,10 @@ def report_reading(dataset: Dataset, log) -> dict[str, int]:
         log(f"While reading the data: {len(cases)} x {kind.replace('_', ' ')}, e.g. "
             f"{example.message}" + (f" ({example.path})" if example.path else ""))
     return counts
+
+
+def groups_given(table: pd.DataFrame) -> bool:
+    """Whether groups were given (--group-regex, a CSV's group column): else each photo is
+    its own group (identical files apart), and photos of one specimen or observation may
+    sit on two sides of a split."""
+    return GROUP in table and not table[GROUP].isin(set(table[PATH])).all()

@@ -19,7 +19,16 @@ from wingspan.data.csvfiles import name_as_read
 from wingspan.data.plots import plot_class_balance
 from wingspan.data.preview import write_preview
 from wingspan.data.readers import is_image_name
-from wingspan.data.samples import GROUP, SOURCE, SPLIT, Dataset, folder_of, renamed, report_reading
+from wingspan.data.samples import (
+    GROUP,
+    SOURCE,
+    SPLIT,
+    Dataset,
+    folder_of,
+    groups_given,
+    renamed,
+    report_reading,
+)
 from wingspan.data.taxonomy import conflict_rows
 from wingspan.errors import WingspanError, counted, none_read, some
 from wingspan.evaluate import plots as charts  # not `plots`: evaluate() has a plots= flag
@@ -1298,7 +1307,12 @@ def _fairness(manifest: dict, split: str, data, paths: list[str],
                 f"split keeps groups apart (`wingspan evaluate {run_dir or 'RUN'}`, or "
                 "run.evaluate() in Python)")
     if not trained and not chosen:
-        return ("yes: the test split was never trained or chosen on" if data is None else
+        return ("yes: the test split was never trained or chosen on" + (
+                "" if own.empty or groups_given(own) else
+                " (each photo its own group: none were given, so if several photos show one "
+                "specimen or observation, some may sit on both sides; `wingspan data audit "
+                f"{run_dir or 'RUN'}/splits.csv` lists near-duplicates across them)")
+                if data is None else
                 "yes: none of these files is one the run trained or chose its best epoch on, "
                 "nor a copy of one (copies under other file names would not be seen)")
     tests = int((own[SPLIT] == "test").sum())

@@ -12,7 +12,7 @@ import torch
 
 from wingspan.config import AugmentConfig, SplitConfig, TrainConfig, default_cache_dir
 from wingspan.data.leaks import find_leaks, repair_leaks
-from wingspan.data.samples import PATH, SPLIT, Dataset, renamed
+from wingspan.data.samples import PATH, SPLIT, Dataset, groups_given, renamed
 from wingspan.data.sampling import capped_classes, undersample
 from wingspan.data.split import split_dataset
 from wingspan.data.taxonomy import TAXONOMY_FILE, Taxonomy
@@ -30,8 +30,11 @@ def ensure_splits(dataset: Dataset, level: str, config: TrainConfig,
     none, or carve val out of train when only val is missing."""
     table = dataset.table
     if not dataset.has_splits:
-        log("The data has no split: splitting it by group, stratified by "
-            f"'{level}' (val {config.val_fraction}, test {config.test_fraction})")
+        log("The data has no split: splitting it " + (
+            "by group" if groups_given(table) else "photo by photo (no groups given: photos of "
+            "one specimen or observation may land on two sides; --group-regex or a CSV's "
+            "group column keeps them together)") + f", stratified by '{level}' (val "
+            f"{config.val_fraction}, test {config.test_fraction})")
         split, report = split_dataset(dataset, level, SplitConfig(
             config.val_fraction, config.test_fraction, config.seed))
         if report.train_only:
