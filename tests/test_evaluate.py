@@ -15,8 +15,10 @@ from test_train import tiny
 
 from wingspan.data import read_dataset
 from wingspan.errors import WingspanError
-from wingspan.evaluate.calibration import calibrate_warnings
-from wingspan.evaluate.run import MIN_CALIBRATION_IMAGES, calibrate, evaluate, unreadable_wording
+from wingspan.evaluate.calibrate import calibrate
+from wingspan.evaluate.calibration import MIN_CALIBRATION_IMAGES, calibrate_warnings
+from wingspan.evaluate.run import evaluate
+from wingspan.evaluate.wording import unreadable_wording
 from wingspan.inference import Predictor
 from wingspan.models.bundle import read_manifest
 from wingspan.predict import predict, write_predictions
@@ -901,29 +903,29 @@ def test_a_wrong_map_hint_names_some_classes_and_counts_the_rest(tmp_path):
 
     from helpers import folder_dataset
 
-    from wingspan.evaluate.run import _check_class_map
+    from wingspan.evaluate.run import check_class_map
 
     names = [f"c{i:02d}" for i in range(40)]
     dataset = read_dataset(folder_dataset(tmp_path / "d", dict.fromkeys(names, 1), (8, 8)))
     model = SimpleNamespace(classes=[f"m{i:02d}" for i in range(40)], rare=[], level="label",
                             taxonomy=None)
     with pytest.raises(WingspanError, match="does not know") as e:
-        _check_class_map({"unicorn": "c00"}, model, dataset, "label")
+        check_class_map({"unicorn": "c00"}, model, dataset, "label")
     assert e.value.hint == ("Write --map MODEL_CLASS=DATA_CLASS (in Python: class_map="
                             "{model class: data class}). The model knows: "
                             f"{', '.join(model.classes[:10])} and 30 more; the data has: "
                             f"{', '.join(names[:10])} and 30 more.")
     # The likely slips: the sides swapped, a name in another case.
     with pytest.raises(WingspanError, match="does not know") as e:
-        _check_class_map({"c03": "m07"}, model, dataset, "label")
+        check_class_map({"c03": "m07"}, model, dataset, "label")
     assert e.value.hint.startswith("The sides look swapped: the model's class comes first.")
     with pytest.raises(WingspanError, match="does not know") as e:
-        _check_class_map({"M07": "c03"}, model, dataset, "label")
+        check_class_map({"M07": "c03"}, model, dataset, "label")
     assert e.value.hint.startswith("Did you mean 'm07' for 'M07' (names differ in case)?")
     # One data class given to two model classes: both named.
     with pytest.raises(WingspanError, match="--map \\(class_map= in Python\\) gives the data "
                        "class 'c05' to 2 of the model's classes \\(m01, m02\\)") as e:
-        _check_class_map({"m01": "c05", "m02": "c05"}, model, dataset, "label")
+        check_class_map({"m01": "c05", "m02": "c05"}, model, dataset, "label")
     assert e.value.hint == "Map each data class to one model class."
 
 
@@ -1079,30 +1081,30 @@ def test_unknown_images_may_sit_under_a_known_genus_but_not_a_known_species(tmp_
 
     from helpers import write_image
 
-    from wingspan.evaluate.run import _check_unseen
+    from wingspan.evaluate.unseen import check_unseen
 
     model = SimpleNamespace(classes=["monarch", "admiral"], manifest={"classes": {
         "family": ["Nymphalidae"], "label": ["monarch", "admiral"]}})
-    _check_unseen([str(tmp_path / "Nymphalidae" / "x.jpg")], [], model)
+    check_unseen([str(tmp_path / "Nymphalidae" / "x.jpg")], [], model)
     with pytest.raises(WingspanError, match="classes the model knows: monarch"):
-        _check_unseen([str(tmp_path / "monarch" / "x.jpg")], [], model)
+        check_unseen([str(tmp_path / "monarch" / "x.jpg")], [], model)
     with pytest.raises(WingspanError, match="also among the images of known classes"):
-        _check_unseen([str(tmp_path / "new" / "x.jpg")], [str(tmp_path / "new" / "x.jpg")],
+        check_unseen([str(tmp_path / "new" / "x.jpg")], [str(tmp_path / "new" / "x.jpg")],
                       model)
     # ... in another case, or copied (the same bytes) under any name: refused too.
     with pytest.raises(WingspanError, match="classes the model knows: monarch"):
-        _check_unseen([str(tmp_path / "Monarch" / "x.jpg")], [], model)
+        check_unseen([str(tmp_path / "Monarch" / "x.jpg")], [], model)
     for name, seed in (("test.jpg", 0), ("copy.jpg", 0), ("other.jpg", 1)):
         write_image(tmp_path / name, seed=seed)
-    _check_unseen([str(tmp_path / "other.jpg")], [str(tmp_path / "test.jpg")], model)
+    check_unseen([str(tmp_path / "other.jpg")], [str(tmp_path / "test.jpg")], model)
     with pytest.raises(WingspanError, match=r"1 of the --unknown images \(unknown= in Python\) "
                        r"is a copy \(the same bytes\) of images of known classes evaluated"):
-        _check_unseen([str(tmp_path / "copy.jpg"), str(tmp_path / "other.jpg")],
+        check_unseen([str(tmp_path / "copy.jpg"), str(tmp_path / "other.jpg")],
                       [str(tmp_path / "test.jpg")], model)
     # A folder named as the class reads (macOS's decomposed é, an end space) is that class.
     model.classes = ["Pieris napi (Linn\u00e9)"]
     with pytest.raises(WingspanError, match="classes the model knows: Pieris napi"):
-        _check_unseen([str(tmp_path / "Pieris napi (Linne\u0301) " / "x.jpg")], [], model)
+        check_unseen([str(tmp_path / "Pieris napi (Linne\u0301) " / "x.jpg")], [], model)
 
 
 def test_unreadable_unknown_images_are_said_beside_the_figures(trained, tmp_path, run_cli):
@@ -1157,7 +1159,7 @@ def test_a_misspelt_unknown_folder_among_others_is_refused_not_left_out(tmp_path
     HEIC given by name is counted unreadable, as in a folder."""
     from helpers import write_image
 
-    from wingspan.evaluate.run import _unknown_paths
+    from wingspan.evaluate.unseen import unseen_paths
 
     moths = tmp_path / "moths"
     write_image(moths / "moth.jpg", size=(40, 40), seed=0)
@@ -1166,14 +1168,14 @@ def test_a_misspelt_unknown_folder_among_others_is_refused_not_left_out(tmp_path
     for typo in [tmp_path / "leafs", str(tmp_path / "leafs*.jpg")]:
         with pytest.raises(WingspanError, match=f"{re.escape(str(typo))}: no such file or "
                                                  "folder") as e:
-            _unknown_paths([moths, typo])
+            unseen_paths([moths, typo])
         assert "fewer images than given" in e.value.hint
-    paths, missing = _unknown_paths([moths, heic])
+    paths, missing = unseen_paths([moths, heic])
     assert paths == [str(moths / "moth.jpg")] and [p for p, _ in missing] == [str(heic)]
     # An image file gone since it was listed (a --holdout-classes run's, on resume) is
     # counted unreadable, as before: refusing it would fail the run's last step for good.
     gone = str(tmp_path / "held" / "gone.jpg")
-    paths, missing = _unknown_paths([str(moths / "moth.jpg"), gone])
+    paths, missing = unseen_paths([str(moths / "moth.jpg"), gone])
     assert paths == [str(moths / "moth.jpg")] and [p for p, _ in missing] == [gone]
 
 
@@ -1263,14 +1265,14 @@ def test_calibrate_with_a_map_fits_on_the_mapped_images_as_if_renamed(trained, t
 def test_the_note_on_a_temperature_fitted_on_the_evaluated_images_covers_all_of_them():
     """Fitted on all of DATA, evaluated on its test split (or the other way round): the
     temperature saw the images evaluated, and the report's note says so."""
-    from wingspan.evaluate.run import _among_evaluated
+    from wingspan.evaluate.fairness import among_evaluated
 
-    assert _among_evaluated("val", "val") and _among_evaluated("all", "test")
-    assert _among_evaluated("val", "all") and not _among_evaluated("val", "test")
-    assert _among_evaluated("all of /d", "test of /d") and _among_evaluated("test of /d",
+    assert among_evaluated("val", "val") and among_evaluated("all", "test")
+    assert among_evaluated("val", "all") and not among_evaluated("val", "test")
+    assert among_evaluated("all of /d", "test of /d") and among_evaluated("test of /d",
                                                                             "all of /d")
-    assert not _among_evaluated("all of /d", "test of /e")
-    assert not _among_evaluated("all of /d", "test") and not _among_evaluated(None, "val")
+    assert not among_evaluated("all of /d", "test of /e")
+    assert not among_evaluated("all of /d", "test") and not among_evaluated(None, "val")
 
 
 def _with_an_end_space(trained, tmp_path) -> tuple[Path, list[str]]:
@@ -1302,13 +1304,13 @@ def test_a_model_whose_class_names_end_in_a_space_evaluates_on_the_names_read_no
     # A model that knows both names keeps each to its own.
     from types import SimpleNamespace
 
-    from wingspan.evaluate.run import _rows
+    from wingspan.evaluate.run import split_rows
 
     both = SimpleNamespace(classes=["monarch", "monarch "], rare={}, level="label",
                            taxonomy=None)
     table = pd.DataFrame({"path": ["a.jpg", "b.jpg"], "label": ["monarch", "monarch "],
                           "split": ["val", "val"]})
-    rows = _rows(SimpleNamespace(table=table), "val", "label", both)
+    rows = split_rows(SimpleNamespace(table=table), "val", "label", both)
     assert rows["_label"].tolist() == ["monarch", "monarch "]
 
 
@@ -1394,7 +1396,7 @@ def test_a_copy_or_a_move_of_the_runs_own_images_is_not_called_fair(tmp_path):
     files gone, most of them found so), is its image; another photo of a name is not."""
     from helpers import write_image
 
-    from wingspan.evaluate.run import _fairness
+    from wingspan.evaluate.fairness import fairness_verdict
 
     names = ("t1.jpg", "t2.jpg", "t3.jpg", "v.jpg", "test.jpg")
     for seed, name in enumerate(names):
@@ -1406,8 +1408,8 @@ def test_a_copy_or_a_move_of_the_runs_own_images_is_not_called_fair(tmp_path):
     (run / "config.yaml").write_text(f"# Trained on {tmp_path / 'data'}, read with x\n")
 
     def fair(root, files, data="other"):
-        return _fairness({}, "all", data, [str(root / "a" / n) for n in files], own, run_dir=run,
-                         data_root=root)
+        return fairness_verdict({}, "all", data, [str(root / "a" / n) for n in files], own,
+                                run_dir=run, data_root=root)
 
     shutil.copytree(tmp_path / "data", tmp_path / "copy")
     said = fair(tmp_path / "copy", ("t1.jpg", "v.jpg", "test.jpg"))
@@ -1421,11 +1423,11 @@ def test_a_copy_or_a_move_of_the_runs_own_images_is_not_called_fair(tmp_path):
     (tmp_path / "data" / "a" / "t1.jpg").unlink()
     assert fair(tmp_path / "other", ["t1.jpg"]).startswith("yes: none of these files")
     # The run's own test split, a train file deleted since: its own files, fair.
-    assert _fairness({}, "test", None, [own["path"].iloc[-1]], own, run_dir=run,
+    assert fairness_verdict({}, "test", None, [own["path"].iloc[-1]], own, run_dir=run,
                      data_root=tmp_path / "data").startswith("yes: the test split")
     # ... said without a caveat where groups were given (two photos of specimen s1 here)
     grouped = own.assign(group=["s1", "s1", "s2", "s3", "s4"])
-    assert _fairness({}, "test", None, [own["path"].iloc[-1]], grouped, run_dir=run,
+    assert fairness_verdict({}, "test", None, [own["path"].iloc[-1]], grouped, run_dir=run,
                      data_root=tmp_path / "data") == (
         "yes: the test split was never trained or chosen on")
     # The data moved: the run's files are gone, and found at the same paths there.
@@ -1441,7 +1443,7 @@ def test_copies_of_the_runs_images_named_on_macos_are_found(tmp_path):
     the figures on them fair."""
     from helpers import write_image
 
-    from wingspan.evaluate.run import _fairness
+    from wingspan.evaluate.fairness import fairness_verdict
 
     cls = unicodedata.normalize("NFD", "Vanessa_é")
     names = ("t1.jpg", "t2.jpg", "v.jpg")
@@ -1457,7 +1459,7 @@ def test_copies_of_the_runs_images_named_on_macos_are_found(tmp_path):
     run.mkdir()
     (run / "config.yaml").write_text(f"# Trained on {tmp_path / 'data'}, read with x\n")
     shutil.copytree(tmp_path / "data" / cls, tmp_path / "copy" / cls)
-    said = _fairness({}, "all", "other", [str(tmp_path / "copy" / cls / n) for n in names],
+    said = fairness_verdict({}, "all", "other", [str(tmp_path / "copy" / cls / n) for n in names],
                      own, run_dir=run, data_root=tmp_path / "copy")
     assert said.startswith("no: the model was trained on 2 of these 3 images and chose its "
                            "best epoch on 1 (3 copies"), said
@@ -1468,7 +1470,7 @@ def test_the_fairness_check_matches_the_runs_images_through_a_link(tmp_path):
     by other paths: they are still the images it trained or chose on."""
     from helpers import write_image
 
-    from wingspan.evaluate.run import _fairness
+    from wingspan.evaluate.fairness import fairness_verdict
 
     for name in ("t.jpg", "v.jpg", "new.jpg"):
         write_image(tmp_path / "data" / "a" / name, seed=0)
@@ -1476,11 +1478,12 @@ def test_the_fairness_check_matches_the_runs_images_through_a_link(tmp_path):
     own = pd.DataFrame({"path": [str(tmp_path / "data" / "a" / n) for n in ("t.jpg", "v.jpg")],
                         "split": ["train", "val"]})
     seen = [str(tmp_path / "link" / "a" / n) for n in ("t.jpg", "v.jpg", "new.jpg")]
-    assert _fairness({}, "all", "other", seen, own).startswith(
+    assert fairness_verdict({}, "all", "other", seen, own).startswith(
         "no: the model was trained on 1 of these 3 images and chose its best epoch on 1")
-    assert _fairness({}, "all", "other", seen[2:], own).startswith("yes: none of these files")
+    assert fairness_verdict({}, "all", "other", seen[2:], own).startswith(
+        "yes: none of these files")
     twice = [seen[0], str(tmp_path / "data" / "a" / "t.jpg")]  # one file by two paths
-    assert _fairness({}, "all", "other", twice, own).startswith(
+    assert fairness_verdict({}, "all", "other", twice, own).startswith(
         "no: the model was trained on this image")
 
 
@@ -1491,7 +1494,7 @@ def test_evaluate_rows_rename_by_spelling_then_map_then_rare_each_in_one_pass(dt
     merges); other names, and missing cells, stay as they are, in the table's own dtype."""
     from types import SimpleNamespace
 
-    from wingspan.evaluate.run import _rows
+    from wingspan.evaluate.run import split_rows
 
     rare = {"white": "Pieris (rare species)", "cabbage ": "Pieris (rare species)"}
     model = SimpleNamespace(classes=["monarch", "admiral", "Pieris (rare species)"],
@@ -1501,7 +1504,7 @@ def test_evaluate_rows_rename_by_spelling_then_map_then_rare_each_in_one_pass(dt
     table = pd.DataFrame({"path": [f"{i}.jpg" for i in range(len(names) + 1)],
                           "species": pd.Series([*names, "monarch"], dtype=dtype),
                           "split": ["val"] * len(names) + ["train"]})
-    rows = _rows(SimpleNamespace(table=table), "val", "species", model, class_map)
+    rows = split_rows(SimpleNamespace(table=table), "val", "species", model, class_map)
     assert rows["species"].tolist()[:6] == ["admiral", "monarch", "Weiss", "cabbage ", "white",
                                             "painted lady"]
     assert rows["_label"].tolist()[:6] == ["monarch", "admiral", *["Pieris (rare species)"] * 3,
@@ -1637,18 +1640,19 @@ def test_another_photo_of_a_specimen_trained_on_is_not_called_fair(demo_dir, tmp
 def test_images_blank_at_the_level_are_said_as_such_not_as_a_nameless_class():
     """A class folder that taxonomy.csv lacks reads with no species: evaluate leaves those
     images out saying why, rather than as 'a class the model does not know' named ''."""
-    from wingspan.evaluate.run import _left_out, left_out_wording
+    from wingspan.evaluate.run import left_out_figures
+    from wingspan.evaluate.wording import left_out_wording
 
     rows = pd.DataFrame({"_label": ["Danaus plexippus", "", "", "Pieris rapae", "moth"]})
     known = rows["_label"].isin(["Danaus plexippus", "Pieris rapae"])
-    left = _left_out(rows, known, "species")
+    left = left_out_figures(rows, known, "species")
     assert left == {"unknown_classes": ["moth"], "unknown_class_images": 1,
                     "unlabelled": {"level": "species", "images": 2}}
     said = left_out_wording(left, "moth", "--map MODEL_CLASS=DATA_CLASS")
     assert said.startswith("1 image of 1 class the model does not know was left out: moth (")
     assert said.endswith("; 2 images with no 'species' in the data (blank there: a class "
                          "folder that taxonomy.csv lacks, say) were left out")
-    only_blank = _left_out(rows.iloc[:3], known.iloc[:3], "species")
+    only_blank = left_out_figures(rows.iloc[:3], known.iloc[:3], "species")
     assert left_out_wording(only_blank, "", "--map").startswith("2 images with no 'species'")
 
 

@@ -438,7 +438,7 @@ def test_data_whose_tree_places_a_class_otherwise_than_the_models_is_said(
     import shutil
 
     import wingspan as ws
-    from wingspan.evaluate.run import tree_wording
+    from wingspan.evaluate.wording import tree_wording
 
     data = shutil.copytree(demo_dir, tmp_path / "data")
     table = pd.read_csv(data / "taxonomy.csv", dtype=str)

@@ -651,7 +651,7 @@ def _evaluation_warnings(metrics: dict) -> list[str]:
     """What an evaluation's figures do not show: they are optimistic (images trained or
     chosen on), or images that could not be read, or of classes the model does not know,
     were left out of them."""
-    from wingspan.evaluate.run import left_out_wording, tree_wording, unreadable_wording
+    from wingspan.evaluate.wording import left_out_wording, tree_wording, unreadable_wording
 
     notes = []
     if metrics.get("fair", "").startswith("no"):
@@ -859,8 +859,8 @@ class Run:
         >>> run.calibrate("garden/")["temperature"]
         >>> run.calibrate(unknown=True, unknown_rate=0.1)
         """
+        from wingspan.evaluate.calibrate import calibrate, fit_unknown
         from wingspan.evaluate.calibration import calibrate_warnings
-        from wingspan.evaluate.run import calibrate, fit_unknown
 
         if not isinstance(unknown, bool):
             raise WingspanError(f"unknown: expected True or False, got {type(unknown).__name__} "
@@ -1216,7 +1216,7 @@ class Evaluation:
 
     def _repr_html_(self) -> str:
         from wingspan.evaluate.metrics import summary_rows
-        from wingspan.evaluate.run import answer_rows, at_threshold
+        from wingspan.evaluate.wording import answer_rows, at_threshold
 
         m = self.metrics
         pairs = [("images", m["images"]), *summary_rows(m),

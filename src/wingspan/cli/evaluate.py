@@ -92,7 +92,7 @@ def evaluate_command(
 def _print_unknown(u: dict) -> None:
     from rich.table import Table
 
-    from wingspan.evaluate.run import at_threshold
+    from wingspan.evaluate.wording import at_threshold
 
     table = Table("score", "AUROC", "FPR at 95% TPR", title=f"Unknown images: "
                   f"{u['unseen_images']} of unseen classes against the known ones")
@@ -114,7 +114,7 @@ def print_evaluation(result) -> None:
 
     from wingspan.evaluate.hierarchy import level_table
     from wingspan.evaluate.metrics import summary_rows
-    from wingspan.evaluate.run import (
+    from wingspan.evaluate.wording import (
         answer_rows,
         left_out_wording,
         tree_wording,
@@ -237,8 +237,9 @@ def calibrate_command(
     """Fit the model's temperature again (training fits it on its val split) and store it
     in the bundle, e.g. on labelled photos from where the model will be used; or, with
     --unknown, its unknown scores and thresholds."""
+    from wingspan.evaluate.calibrate import calibrate, fit_unknown
     from wingspan.evaluate.calibration import calibrate_warnings
-    from wingspan.evaluate.run import calibrate, fit_unknown, left_out_wording
+    from wingspan.evaluate.wording import left_out_wording
 
     if unknown:
         if data is not None or split is not None or class_map:

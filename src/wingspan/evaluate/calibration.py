@@ -83,7 +83,7 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
 
 
 # Fewer val images say little about a temperature: `calibrate` refuses them, training
-# (which must finish) fits on them and says so (see evaluate.run._check_enough_to_calibrate).
+# (which must finish) fits on them and says so (see evaluate.calibrate.check_enough_to_calibrate).
 MIN_CALIBRATION_IMAGES = 10
 
 

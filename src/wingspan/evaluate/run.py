@@ -13,31 +13,24 @@ import numpy as np
 import pandas as pd
 import torch
 
-from wingspan.config import SPLITS, UNKNOWN_SCORES, AugmentConfig, ReadConfig, TrainConfig
+from wingspan.config import SPLITS, AugmentConfig, ReadConfig
 from wingspan.data import read_dataset
 from wingspan.data.csvfiles import name_as_read
 from wingspan.data.plots import plot_class_balance
 from wingspan.data.preview import write_preview
-from wingspan.data.readers import is_image_name
-from wingspan.data.samples import (
-    GROUP,
-    SOURCE,
-    SPLIT,
-    Dataset,
-    folder_of,
-    groups_given,
-    renamed,
-    report_reading,
-)
+from wingspan.data.samples import SOURCE, SPLIT, Dataset, folder_of, renamed, report_reading
 from wingspan.data.taxonomy import conflict_rows
 from wingspan.errors import WingspanError, counted, none_read, some
 from wingspan.evaluate import plots as charts  # not `plots`: evaluate() has a plots= flag
-from wingspan.evaluate.calibration import (
-    MIN_CALIBRATION_IMAGES,
-    bound_warning,
-    calibration_record,
-    expected_calibration_error,
-    reliability,
+from wingspan.evaluate.calibration import bound_warning, expected_calibration_error, reliability
+from wingspan.evaluate.fairness import (
+    PHOTO_SUM_DIGITS,
+    among_evaluated,
+    calibration_data,
+    comparable_groups,
+    copies_among,
+    fairness_verdict,
+    own_splits,
 )
 from wingspan.evaluate.hierarchy import hierarchical_metrics, level_table, truth_indices
 from wingspan.evaluate.metrics import (
@@ -50,16 +43,22 @@ from wingspan.evaluate.metrics import (
 )
 from wingspan.evaluate.openset import openset_metrics, separation
 from wingspan.evaluate.report import write_report
-from wingspan.files import (
-    atomic_path,
-    check_writable,
-    disk_spelling,
-    fitting_name,
-    name_part,
-    real_paths,
-    replace_folder,
-    write_text,
+from wingspan.evaluate.unseen import (
+    check_unseen,
+    held_out_among,
+    held_out_by,
+    unseen_paths,
 )
+from wingspan.evaluate.wording import (
+    absent_rows,
+    answer_rows,
+    epochs_run,
+    kept_rows,
+    tree_wording,
+    tta_note,
+    unknown_section,
+)
+from wingspan.files import atomic_path, fitting_name, name_part, replace_folder, write_text
 from wingspan.inference import (
     Predictor,
     output_home,
@@ -67,19 +66,15 @@ from wingspan.inference import (
     spelt_as_trained,
     view_probabilities,
 )
-from wingspan.models.bundle import update_manifest
-from wingspan.predict import answer_for, deciding_score, expand_paths
+from wingspan.predict import answer_for, deciding_score
 from wingspan.training.folder import (
     HISTORY_FILE,
-    HOLDOUT_FILE,
     SPLITS_FILE,
     adapted_photos,
-    adapted_sums,
     hold_lock,
     read_history,
     release_lock,
     splits_digest,
-    trained_on,
 )
 
 
@@ -109,7 +104,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     most of a small evaluation's time; Ultralytics' `val(plots=False)`). `strict`: a file
     DATA lists that is missing is an error before any work, as train's --strict (images
     that cannot be decoded are left out and listed all the same)."""
-    _check_no_split_name(data)
+    check_no_split_name(data)
     predictor = Predictor(model, device=device, batch_size=batch_size, workers=workers,
                           runtime=runtime, precision=precision, progress=progress,
                           unknown_score=unknown_score)
@@ -119,23 +114,23 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
                                  "folder (run.calibrate(unknown=True) in Python; training "
                                  "fits them since they exist).")
     run_dir = run_dir_of(predictor.bundle)
-    dataset = _dataset(data, run_dir, strict=strict)
+    dataset = evaluation_dataset(data, run_dir, strict=strict)
     reading: list[str] = []  # what reading DATA left out (a missing file, a HEIC), as train
     if data is not None and not isinstance(data, Dataset):  # says it: not dropped unsaid
         report_reading(dataset, reading.append)
     level = predictor.level if predictor.level in dataset.levels else dataset.default_level
     split = split or _default_split(dataset)
-    _check_split(dataset, split)
-    class_map = _check_class_map(class_map or {}, predictor, dataset, level)
+    check_split(dataset, split)
+    class_map = check_class_map(class_map or {}, predictor, dataset, level)
     rows, left_out = _known_rows(dataset, split, level, predictor, class_map)
     moved = []
     if data is not None and predictor.taxonomy and not class_map:
         _check_data_tree(rows, predictor.taxonomy.levels)
         moved = _moved_classes(rows, predictor.taxonomy)
-    unknown_paths, unknown_missing = _unknown_paths(unknown) if unknown is not None else (
+    unknown_paths, unknown_missing = unseen_paths(unknown) if unknown is not None else (
         None, [])  # before any work
-    if unknown_paths and not set(unknown_paths) <= _held_out_by(run_dir):
-        _check_unseen(unknown_paths, rows["path"], predictor)
+    if unknown_paths and not set(unknown_paths) <= held_out_by(run_dir):
+        check_unseen(unknown_paths, rows["path"], predictor)
     final = Path(out).resolve() if out else _default_out(predictor, dataset, split, data,
                                                          tta, unknown, unknown_score)
     with _writing(final) as out_dir:  # a failed one (a full disk, Ctrl-C) leaves no folder
@@ -167,7 +162,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
         truth_only = data is not None
         # What predict answers (with a taxonomy the top-down branch's class, which may differ
         # from the finest head's own top class) is what is scored.
-        y_pred = _predicted(predictor, probs, predictor.temperature)
+        y_pred = predicted_classes(predictor, probs, predictor.temperature)
         metrics = classification_metrics(y, probs, classes, truth_only=truth_only, y_pred=y_pred)
         metrics.update(level=level, split=split, unreadable=failed, **left_out,
                        **({"reading": reading} if reading else {}),
@@ -175,15 +170,15 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
                        images_per_second=round(speed, 1), engine=predictor.policy.describe(),
                        ece_uncalibrated=expected_calibration_error(
                            view_softmax(logits), y,
-                           y_pred=_predicted(predictor, view_softmax(logits), 1.0)),
+                           y_pred=predicted_classes(predictor, view_softmax(logits), 1.0)),
                        temperature=predictor.temperature,
                        calibration=_calibration_used(predictor, split, data,
                                                      [paths[i] for i in ok]), tta=tta,
                        **({"tta_note": tta_note(predictor.unknown is not None)} if tta else {}),
-                       fair=_fairness(
+                       fair=fairness_verdict(
                            predictor.manifest, split, data, [paths[i] for i in ok],
-                           _own_splits(dataset, data, run_dir), adapted_photos(run_dir),
-                           run_dir, _comparable_groups(rows["group"].iloc[ok], dataset, data,
+                           own_splits(dataset, data, run_dir), adapted_photos(run_dir),
+                           run_dir, comparable_groups(rows["group"].iloc[ok], dataset, data,
                                                        run_dir), dataset.root))
         read = [preds[i] for i in ok]  # the readable images' predictions, in y's order
         # Each image's class at every taxonomic level as the data gives it (-1 where blank)
@@ -235,7 +230,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
             metrics["unknown"] = _openset(predictor, unknown, unknown_paths, read, y, y_pred,
                                           averaged_classes(y, y_pred, truth_only),
                                           out_dir, progress, tta, plots, unknown_missing)
-            if held := _held_out_classes(run_dir, unknown_paths):  # (the report names them)
+            if held := held_out_among(run_dir, unknown_paths):  # (the report names them)
                 metrics["unknown"]["held_out_classes"] = held
         write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
 
@@ -285,18 +280,7 @@ def _moved_classes(rows: pd.DataFrame, taxonomy) -> list[str]:
     return moved
 
 
-def tree_wording(metrics: dict) -> str | None:
-    """What evaluate says when DATA's taxonomy places classes otherwise than the model's
-    tree (see `_moved_classes`), or None."""
-    moved = metrics.get("tree_differs") or []
-    if not moved:
-        return None
-    return (f"The data's taxonomy places {counted(len(moved), 'class', 'classes')} otherwise "
-            f"than the model's tree (e.g. {moved[0]}): the coarser levels are scored against "
-            "the data's, where an answer right at the finest level can count as wrong")
-
-
-def _left_out(rows: pd.DataFrame, known: pd.Series, level: str) -> dict:
+def left_out_figures(rows: pd.DataFrame, known: pd.Series, level: str) -> dict:
     """What is left out of the figures, for metrics.json and `left_out_wording`: the data's
     classes the model does not know and their images, and the images blank at the level
     (a class folder that taxonomy.csv lacks, say), which are no class at all."""
@@ -310,9 +294,9 @@ def _left_out(rows: pd.DataFrame, known: pd.Series, level: str) -> dict:
 
 def _known_rows(dataset: Dataset, split: str, level: str, predictor: Predictor,
                 class_map: dict[str, str]) -> tuple[pd.DataFrame, dict]:
-    """The split's images of the model's classes (see `_rows`), and what is left out (said
-    so: `_left_out`)."""
-    rows = _rows(dataset, split, level, predictor, class_map)
+    """The split's images of the model's classes (see `split_rows`), and what is left out (said
+    so: `left_out_figures`)."""
+    rows = split_rows(dataset, split, level, predictor, class_map)
     known = rows["_label"].isin(predictor.classes)
     if not known.any():
         theirs = sorted(set(rows["_label"]) - {""})  # (blank: no class at this level)
@@ -325,7 +309,7 @@ def _known_rows(dataset: Dataset, split: str, level: str, predictor: Predictor,
             hint="If they are the same classes under other names, map them with --map "
                  "MODEL_CLASS=DATA_CLASS (once per class; in Python class_map={model "
                  "class: data class}).")
-    return rows[known], _left_out(rows, known, level)
+    return rows[known], left_out_figures(rows, known, level)
 
 
 def _default_out(predictor: Predictor, dataset: Dataset, split: str, data, tta: bool,
@@ -387,9 +371,9 @@ def _calibration_used(predictor: Predictor, split: str, data, paths: list[str]) 
     own_images = data is None and bool(among.get(split) or (split == "all" and among))
     sums = {int(size): set(hashes) for size, hashes in fitted.pop("photo_sums", {}).items()}
     return {"temperature": predictor.temperature, **(fitted or {"fitted_on": None}),
-            "same_data_as_evaluation": own_images or _among_evaluated(
-                fitted.get("fitted_on", "val"), _calibration_data(split, data))
-            or _copies_among(set(paths), sums, digits=PHOTO_SUM_DIGITS) > 0}
+            "same_data_as_evaluation": own_images or among_evaluated(
+                fitted.get("fitted_on", "val"), calibration_data(split, data))
+            or copies_among(set(paths), sums, digits=PHOTO_SUM_DIGITS) > 0}
 
 
 def _level_rows(rows: pd.DataFrame, predictor: Predictor, level: str,
@@ -434,19 +418,6 @@ def evaluation_name(data_name: str, split: str, other_data: bool, tta: bool,
     return f"{name}-tta" if tta else name
 
 
-def tta_note(has_thresholds: bool) -> str:
-    """What TTA does to the fitted figures: the temperature (and the unknown thresholds)
-    are fitted on one view of each image (training, `wingspan calibrate`), while TTA
-    scores the mean of the views, which is softer; refitting them on TTA would need
-    TTA-specific values in the bundle, so the evaluation measures and says it instead."""
-    fitted = "the temperature and the unknown thresholds were" if has_thresholds else \
-        "the temperature was"
-    return (f"{fitted} fitted on single views of the images, not on the mean of the views "
-            "that TTA scores: the ECE after the temperature"
-            + (" and the share of images turned away are" if has_thresholds else " is")
-            + " as measured here, not as fitted")
-
-
 def _answers(predictor: Predictor, preds: list, named: np.ndarray, y: np.ndarray,
              y_pred: np.ndarray, truth: dict[str, np.ndarray] | None) -> dict:
     """What the unknown answer does on these images: the share `named` a class at the
@@ -487,87 +458,7 @@ def _answer_figures(named: np.ndarray, right: np.ndarray) -> dict:
             "named_wrongly": float((named & ~right).mean())}
 
 
-def _unknown_paths(unknown) -> tuple[list[str], list[tuple[str, str]]]:
-    """The images of `--unknown` (a folder, files or globs, or a list of them), checked
-    before anything is predicted, and those that are no image (a HEIC photo), with why."""
-    inputs = [str(unknown)] if isinstance(unknown, str | Path) else [str(u) for u in unknown]
-    paths, missing = expand_paths(inputs)
-    if not paths:
-        raise WingspanError(f"No images of unseen classes in {', '.join(inputs)}"
-                            + (f": {missing[0][1]}" if missing else "."),
-                            hint="Give a folder of images of classes the model never saw.")
-    # A misspelt folder among several would otherwise only shrink the figures' image count.
-    # A missing image file (one of --holdout-classes' images, deleted since) is counted
-    # unreadable, as an unreadable one is.
-    named = [(p, why) for p, why in missing if p in inputs and why.startswith("no such file")
-             and (not is_image_name(Path(p).name) or any(c in p for c in "*?"))]
-    if named:
-        raise WingspanError(f"Among the unseen classes' images given, {named[0][0]}: "
-                            f"{named[0][1]}.", hint="Check the path: the figures would be "
-                            "of fewer images than given. Give folders, files or globs.")
-    return paths, missing
-
-
-def _held_out_by(run_dir: Path | None) -> set[str]:
-    """The images of the classes `train --holdout-classes` left out of the run (its
-    holdout.csv), which it scores as unknowns itself: chosen from the data's classes by
-    name, so not checked as a folder given to --unknown is (a class 'Admiral' held out
-    beside 'admiral', a photo saved in a held-out class and a known one too, which the
-    split warned of, are the data's, not a slip; the run then failed at its very end)."""
-    held = run_dir / HOLDOUT_FILE if run_dir else None
-    return set(pd.read_csv(held)["path"]) if held and held.is_file() else set()
-
-
-def _held_out_classes(run_dir: Path | None, unknown_paths: list[str]) -> dict[str, int]:
-    """{class: images} of the classes `train --holdout-classes` left out, where those are
-    the unseen images scored (else {}): the report named them nowhere but in paths."""
-    held = run_dir / HOLDOUT_FILE if run_dir else None
-    if not held or not held.is_file():
-        return {}
-    table = pd.read_csv(held, dtype=str, keep_default_na=False)
-    if len(table.columns) < 2 or not set(unknown_paths) <= set(table["path"]):
-        return {}
-    counts = table[table["path"].isin(unknown_paths)][table.columns[1]].value_counts()
-    return {str(c): int(n) for c, n in sorted(counts.items())}
-
-
-def _check_unseen(unknown_paths: list[str], known_paths, predictor: Predictor) -> None:
-    """Images of `--unknown` that are in the evaluated split, or sit in a folder named
-    after one of the model's classes (DATA given as --unknown, say), would count a right
-    answer against the unknown answer's figures."""
-    # The finest level only: an unseen species is rightly filed under a known genus. Names
-    # as folders read now: a model's 'monarch ' (see `spelt_as_trained`) is 'monarch'.
-    # (in any case: 'Azure_Spotwing' holds azure_spotwing's photos as surely)
-    known = {name_as_read(c).casefold(): c for c in predictor.classes}
-    named = sorted({known[folder] for p in unknown_paths
-                    if (folder := name_as_read(Path(p).parent.name).casefold()) in known})
-    if named:
-        raise WingspanError("The --unknown images (unknown= in Python) include folders named "
-                            f"after classes the model knows: {some(named, 5)}.",
-                            hint="Give a folder of images of classes the model never saw "
-                                 "(rename a folder that only shares a name).")
-    resolved = set(real_paths(known_paths))
-    both = [p for p, real in zip(unknown_paths, real_paths(unknown_paths), strict=True)
-            if real in resolved]
-    if both:
-        raise WingspanError(f"{len(both)} of the --unknown images (unknown= in Python) are "
-                            f"also among the images of known classes evaluated, e.g. "
-                            f"{both[0]}.",
-                            hint="Give a folder of images of classes the model never saw.")
-    # Copies of them (the same bytes) score as they do: AUROC 0.54 on 8 copied test images.
-    sizes = set()
-    for path in disk_spelling(unknown_paths):
-        with contextlib.suppress(OSError):
-            sizes.add(os.path.getsize(path))
-    copies = _copies_among(set(unknown_paths), _sums_by_size(known_paths, sizes))
-    if copies:
-        raise WingspanError(f"{copies} of the --unknown images (unknown= in Python) "
-                            + ("is a copy" if copies == 1 else "are copies")
-                            + " (the same bytes) of images of known classes evaluated.",
-                            hint="Give a folder of images of classes the model never saw.")
-
-
-def _check_split(dataset: Dataset, split: str) -> None:
+def check_split(dataset: Dataset, split: str) -> None:
     """A split the data has ("all": every image)."""
     have = sorted(set(dataset.table[SPLIT]) - {""})
     if split != "all" and split not in have:
@@ -638,7 +529,7 @@ UNSEEN_LISTED = 20  # the unseen images given a class that the report lists (all
 def _finest_answer(predictor: Predictor, preds: list) -> np.ndarray:
     """The class index predict names at the finest level, whether or not it is turned
     away: the flat argmax, or with a taxonomy the top-down branch's class."""
-    return _predicted(predictor, np.stack([p.probs for p in preds]), predictor.temperature)
+    return predicted_classes(predictor, np.stack([p.probs for p in preds]), predictor.temperature)
 
 
 def view_softmax(view_logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -647,7 +538,7 @@ def view_softmax(view_logits: np.ndarray, temperature: float = 1.0) -> np.ndarra
     return view_probabilities(torch.from_numpy(np.asarray(view_logits)), temperature).numpy()
 
 
-def _predicted(predictor: Predictor, probs: np.ndarray, temperature: float) -> np.ndarray:
+def predicted_classes(predictor: Predictor, probs: np.ndarray, temperature: float) -> np.ndarray:
     """`_finest_answer` from the probabilities (N, classes) at `temperature`."""
     if predictor.taxonomy is None:
         return probs.argmax(1)
@@ -729,7 +620,7 @@ def _per_level(predictor: Predictor, rows: pd.DataFrame, truth: dict[str, np.nda
     return table, columns
 
 
-def _check_no_split_name(data) -> None:
+def check_no_split_name(data) -> None:
     """`evaluate RUN test`, `calibrate RUN val`: a split given where DATA goes, said before
     the model loads (not "No dataset at test", after it)."""
     if isinstance(data, str | Path) and str(data) in (*SPLITS, "all") and \
@@ -739,7 +630,7 @@ def _check_no_split_name(data) -> None:
                                  f"(in Python: split={str(data)!r}).")
 
 
-def _dataset(data, run_dir: Path | None, doing: str = "evaluate on",
+def evaluation_dataset(data, run_dir: Path | None, doing: str = "evaluate on",
              command: str = "evaluate", strict: bool = False) -> Dataset:
     if isinstance(data, Dataset):  # read already (the API's ws.read)
         return data
@@ -775,7 +666,7 @@ def _default_split(dataset: Dataset) -> str:
     return "test" if "test" in splits else "val" if "val" in splits else "all"
 
 
-def _rows(dataset: Dataset, split: str, level: str, predictor: Predictor,
+def split_rows(dataset: Dataset, split: str, level: str, predictor: Predictor,
           class_map: dict[str, str] | None = None) -> pd.DataFrame:
     """The rows of a split, with `_label`: the class each trained as (rare ones merged;
     DATA's names turned into the model's by `class_map`). The level columns name classes
@@ -790,7 +681,7 @@ def _rows(dataset: Dataset, split: str, level: str, predictor: Predictor,
     return rows.assign(_label=renamed(renamed(rows[level], theirs_to_ours), predictor.rare))
 
 
-def _check_class_map(class_map: dict[str, str], predictor: Predictor, dataset: Dataset,
+def check_class_map(class_map: dict[str, str], predictor: Predictor, dataset: Dataset,
                      level: str) -> dict[str, str]:
     """`class_map` with the model's classes as it spells them: 'monarch' names a model's
     'monarch ' (see `spelt_as_trained`), as the data's own 'monarch' matches it."""
@@ -859,13 +750,13 @@ def _transfer(predictor: Predictor, run_dir: Path | None, class_map: dict[str, s
     if run_dir is not None:
         own = read_dataset(run_dir / SPLITS_FILE)
         split = _default_split(own)
-        rows = _rows(own, split, predictor.level, predictor)
+        rows = split_rows(own, split, predictor.level, predictor)
         rows = rows[rows["_label"].isin(list(class_map))]
         preds = list(predictor.run(rows["path"].tolist(), tta=tta, progress=progress))
         for label, p in zip(rows["_label"], preds, strict=True):
             if not p.error:
                 hits = home.setdefault(label, [])
-                answered = _predicted(predictor, p.probs[None], predictor.temperature)[0]
+                answered = predicted_classes(predictor, p.probs[None], predictor.temperature)[0]
                 hits.append(predictor.classes[int(answered)] == label)
     frame = pd.DataFrame([
         {"model class": ours, "data class": theirs,
@@ -878,176 +769,6 @@ def _transfer(predictor: Predictor, run_dir: Path | None, class_map: dict[str, s
     if named is not None:
         frame["named here"] = [named.get(ours, np.nan) for ours in class_map]
     return frame
-
-
-def calibrate(model: str | Path, data: str | Path | None = None, split: str | None = None,
-              progress: bool = True, batch_size: int = 32, workers: int | None = None,
-              device: str = "auto", class_map: dict[str, str] | None = None,
-              precision: str = "auto", runtime: str = "auto") -> dict:
-    """Fit the temperature again, on `split` of DATA (default: the run's own val split;
-    DATA's val split, or all of it when it has none), and store it in the bundle: the one
-    command that changes a trained model's probabilities (training fits it on its val
-    split; evaluate never does). `class_map` {model class: DATA's class}, as evaluate's:
-    DATA's images of the model's classes under other names (the same names match anyway);
-    the images of classes the model does not know are left out."""
-    _check_no_split_name(data)
-    predictor = Predictor(model, device=device, batch_size=batch_size, workers=workers,
-                          progress=progress, precision=precision, runtime=runtime)
-    _check_bundle_writable(predictor.bundle, "calibrate stores the new temperature there")
-    run_dir = run_dir_of(predictor.bundle)
-    dataset = _dataset(data, run_dir, "fit the temperature on", command="calibrate")
-    level = predictor.level if predictor.level in dataset.levels else dataset.default_level
-    if split is None:  # labelled photos from elsewhere often come without a split
-        split = "val" if data is None or "val" in set(dataset.table[SPLIT]) else "all"
-    _check_split(dataset, split)
-    class_map = _check_class_map(class_map or {}, predictor, dataset, level)
-    rows = _rows(dataset, split, level, predictor, class_map)
-    theirs = sorted(set(rows["_label"]) - {""})  # (blank: no class at this level)
-    known = rows["_label"].isin(predictor.classes)
-    left_out = _left_out(rows, known, level)  # said, as evaluate says them
-    rows = rows[known]
-    if rows.empty:  # as evaluate says it
-        raise WingspanError(
-            f"No images of the model's classes in the '{split}' split to calibrate on: the "
-            f"model knows {some(predictor.classes)}; the data's '{level}' classes there are "
-            f"{some(theirs) or 'none'}.",
-            hint="If they are the same classes under other names, map them with --map "
-                 "MODEL_CLASS=DATA_CLASS (once per class; in Python class_map={model "
-                 "class: data class})" + (
-                     "; or give another --split." if data is not None else "."))
-    preds = list(predictor.run(rows["path"].tolist(), progress=progress))
-    ok = [i for i, p in enumerate(preds) if not p.error]
-    if not ok:
-        raise WingspanError(none_read(len(preds), "image", f" of the '{split}' split") + ".")
-    _check_enough_to_calibrate(len(ok), len(preds), split, predictor.manifest)
-    index = {c: i for i, c in enumerate(predictor.classes)}
-    y = rows["_label"].map(index).to_numpy()[ok]
-    logits = np.stack([preds[i].logits for i in ok])
-    fitted = rows["path"].iloc[ok].tolist()
-    among = _run_images_among(fitted, _own_splits(dataset, data, run_dir), run_dir,
-                              dataset.root if data is not None else None)
-    calibration = {**calibration_record(logits, y, _calibration_data(split, data),
-                                        answer=lambda probs: _predicted(predictor, probs, 1.0),
-                                        previous=predictor.temperature),
-                   **({"class_map": class_map} if class_map else {}),
-                   **({"run_images_among": among} if among else {}),
-                   "photo_sums": _photo_sums(fitted),
-                   # left out, as evaluate leaves them out (said beside the figures)
-                   **({"unreadable": len(preds) - len(ok), "unreadable_examples": [
-                       [p.path, p.error] for p in preds if p.error][:5]}
-                      if len(ok) < len(preds) else {}),
-                   **(left_out if left_out["unknown_classes"] or "unlabelled" in left_out
-                      else {}),
-                   # (kept: the unknown thresholds were set on scores at that temperature)
-                   **({"unknown_temperature": predictor.unknown.temperature}
-                      if predictor.unknown is not None else {})}
-    update_manifest(predictor.bundle, calibration=calibration)
-    return calibration
-
-
-def _run_images_among(paths: list[str], own: pd.DataFrame | None,
-                      run_dir: Path | None = None, data_root: Path | None = None
-                      ) -> dict[str, int]:
-    """How many of `paths` are the run's own images of each split (by real path, as
-    evaluate's fairness check matches them, or copies of them below `data_root`, other
-    data's root, as it finds them), and photos `wingspan adapt` refitted it on ("adapted",
-    copies too), where any are: calibrate warns of train, test and adapted, and evaluate
-    says when it scores the split a temperature was fitted on."""
-    fitted = set(real_paths(paths))
-    photos = adapted_photos(run_dir)
-    among = {"adapted": len(fitted.intersection(photos)) + _copies_among(
-        fitted.difference(photos), adapted_sums(run_dir))}
-    if own is not None:
-        seen = dict(zip(real_paths(own["path"]), own[SPLIT], strict=True))
-        copies = _copies_of_own(fitted, seen, trained_on(run_dir) if run_dir else None,
-                                data_root)
-        among.update({s: sum(seen.get(p) == s for p in fitted) + copies.get(s, 0)
-                      for s in ("train", "val", "test")})
-    return {s: n for s, n in among.items() if n}
-
-
-def _check_enough_to_calibrate(readable: int, given: int, split: str, manifest: dict) -> None:
-    """A temperature fitted on a handful of images says little (drawn 60 times from a model
-    calibrated at T = 1, 5 images gave T 0.55-1.9 and 10 gave 0.63-1.6, 10th to 90th
-    percentile; 1 image 0.8 to the bound, 10), and `calibrate` would put it in place of
-    the one the bundle has: refused, with the minimum said."""
-    if readable >= MIN_CALIBRATION_IMAGES:
-        return
-    kept = manifest.get("calibration", {})
-    unread = f" ({given - readable} could not be read)" if given > readable else ""
-    raise WingspanError(
-        f"Only {counted(readable, 'image')} of the model's classes in the "
-        f"'{split}' split to fit the temperature on{unread}: a temperature fitted on fewer "
-        f"than {MIN_CALIBRATION_IMAGES} says little about other images. The model keeps its "
-        f"temperature ({kept.get('temperature', 1.0):.3f}"
-        + (f", fitted on {kept['images']} images of {kept.get('fitted_on')}"
-           if kept.get("images") else "") + ").",
-        hint="Give DATA with more labelled images of the model's classes, or another "
-             "--split (all: every image of DATA).")
-
-
-def _check_bundle_writable(bundle: Path, what: str) -> None:
-    """Before a calibration's work: the bundle it rewrites can be (a read-only run folder
-    failed once the fit was done, naming a temporary file)."""
-    check_writable(bundle if bundle.is_dir() else bundle.parent, what,
-                   hint="Copy the run (or its model/ folder) somewhere writable and "
-                        "calibrate the copy.")
-
-
-def fit_unknown(model: str | Path, rate: float | None = None, score: str | None = None,
-                progress: bool = True, batch_size: int = 32, workers: int | None = None,
-                device: str = "auto", seed: int | None = None, precision: str = "auto",
-                runtime: str = "auto") -> dict:
-    """Fit the unknown scores again on a run's own training images and set their
-    thresholds on its val split (training does this once): for another `rate` or default
-    `score`, or for a model trained before wingspan had them. Rewrites the bundle. `seed`:
-    by default the run's own, so that a run with more than MAX_FIT_IMAGES training images
-    refits on the very ones training drew (with seed 0, only seed-0 runs did)."""
-    import torch
-
-    from wingspan.evaluate.own_images import own_images, run_folder, trained_seed
-    from wingspan.models import save_bundle
-    from wingspan.models.unknown import UnknownDetector, check_rate
-
-    if rate is not None:
-        check_rate(rate)  # before any image is read
-    if score is not None and score not in UNKNOWN_SCORES:
-        raise WingspanError(f"Unknown score '{score}'.",
-                            hint=f"Use one of: {', '.join(UNKNOWN_SCORES)}.")
-    predictor = Predictor(model, device=device, batch_size=batch_size, workers=workers,
-                          progress=progress, precision=precision, runtime=runtime)
-    purpose = "the unknown scores are fitted on"
-    run_folder(predictor, purpose)  # before anything is computed
-    seed = trained_seed(predictor) if seed is None else seed
-    _check_bundle_writable(predictor.bundle, "calibrate --unknown stores the scores there")
-    manifest = predictor.manifest
-    previous = manifest.get("unknown") or {}
-    training = manifest.get("training", {})
-    rate = rate if rate is not None else previous.get("rate") or TrainConfig.unknown_rate
-    score = score or previous.get("score") or TrainConfig.unknown_score
-    parts = {}
-    # A uniform sample past MAX_FIT_IMAGES, as training's detector takes.
-    for name, part in own_images(predictor, purpose, seed=seed, progress=progress).items():
-        x = torch.as_tensor(part.features)
-        parts[name] = (x, predictor.heads(x),
-                       {lv: torch.as_tensor(y) for lv, y in part.labels.items()})
-    detector = UnknownDetector.fit(parts["train"][0], parts["train"][1], parts["train"][2],
-                                   parts["val"][0], parts["val"][1], score=score, rate=rate,
-                                   temperature=predictor.temperature, seed=seed,
-                                   members=predictor.taxonomy.member
-                                   if predictor.taxonomy else None)
-    detector.fitted_by = "calibrate"
-    calibration = manifest.get("calibration")
-    if calibration and "unknown_temperature" in calibration:  # now fitted at today's
-        calibration = {**calibration, "unknown_temperature": predictor.temperature}
-    save_bundle(predictor.model.cpu(), predictor.bundle, manifest["classes"],
-                taxonomy=manifest.get("taxonomy"), training=training,
-                metrics=manifest.get("metrics"), weights_source=manifest.get("weights_source"),
-                calibration=calibration, unknown=detector,
-                inference=manifest.get("inference"))  # (the same weights: still true)
-    return {"score": score, "rate": rate, "train_images": len(parts["train"][0]),
-            "val_images": len(parts["val"][0]),
-            "thresholds": detector.thresholds[score]}
 
 
 def _write_predictions(path: Path, paths: list[str], y: np.ndarray, y_pred: np.ndarray,
@@ -1104,7 +825,7 @@ def _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, 
           **_grad_cam_view(predictor, paths[ok[i]], int(y_pred[i]))} for i in worst],
         out_dir / "mistakes.png")
     raw = view_softmax(logits)
-    raw_pred = _predicted(predictor, raw, 1.0)
+    raw_pred = predicted_classes(predictor, raw, 1.0)
     pngs["reliability"] = charts.plot_reliability(
         reliability(raw, y, y_pred=raw_pred), reliability(probs, y, y_pred=y_pred),
         (expected_calibration_error(raw, y, y_pred=raw_pred),
@@ -1128,208 +849,6 @@ def _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, 
         except WingspanError:  # no training image reads: the report goes without a preview
             pass
     return pngs
-
-
-def _calibration_data(split: str, data) -> str:
-    """What a temperature was fitted on, as the bundle records it: "val" (training's), or
-    the split of the data `wingspan calibrate` was given."""
-    if isinstance(data, Dataset):
-        data = data.root
-    return f"{split} of {Path(data).resolve()}" if data is not None else split
-
-
-def _among_evaluated(fitted_on: str | None, evaluated: str) -> bool:
-    """Whether the images a temperature was fitted on are among those evaluated (both as
-    `_calibration_data` writes them): the same split of the same data, or all of it on
-    either side (fitted on all of DATA and evaluated on its test split, say)."""
-    if not fitted_on:
-        return False
-    fitted_split, _, fitted_data = fitted_on.partition(" of ")
-    split, _, data = evaluated.partition(" of ")
-    return fitted_data == data and (fitted_split == split or "all" in (fitted_split, split))
-
-
-def _own_splits(dataset: Dataset, data, run_dir: Path | None) -> pd.DataFrame | None:
-    """The run's images and their splits (its splits.csv), None for a bundle on its own."""
-    if data is None:
-        return dataset.table
-    if run_dir is None or not (run_dir / SPLITS_FILE).is_file():
-        return None
-    try:  # the paths are matched, not opened: the run's images may be gone since
-        return read_dataset(run_dir / SPLITS_FILE, ReadConfig(check_files=False)).table
-    except WingspanError:  # an unreadable splits.csv: not this evaluation's concern
-        return None
-
-
-def _comparable_groups(groups: pd.Series, dataset: Dataset, data, run_dir: Path | None
-                       ) -> list[str] | None:
-    """The evaluated images' groups (an ETHEC specimen's barcode, an observation) where they
-    mean what the run's splits.csv means by them: DATA is the data the run was trained on
-    (a group key of other data, a number a regex found, may name something else)."""
-    source = trained_on(run_dir) if run_dir is not None and data is not None else None
-    if source is None or Path(source).resolve() != Path(dataset.root).resolve():
-        return None
-    return groups.tolist()
-
-
-def _copies_of_own(evaluated: set[str], seen: dict[str, str], own_root: str | None,
-                   data_root: Path | None) -> dict[str, int]:
-    """How many of the `evaluated` files (real paths) that are not the run's own are its
-    train or val images (`seen`: real path -> side) copied or moved: the same path below
-    the data's root as one of them below the run's data root, with the same bytes (a copy),
-    or with the run's file gone when at least half of its files are matched so (the data
-    moved, not a name or two reused: new photos may be IMG_0001.jpg too)."""
-    from wingspan.data.leaks import content_hashes
-
-    found = dict.fromkeys(("train", "val", *seen.values()), 0)  # (calibrate asks of test)
-    if own_root is None or data_root is None:
-        return found
-    own_root, data_root = (os.path.realpath(_folder_of(r)) for r in (own_root, data_root))
-    mine = {os.path.relpath(p, own_root): (p, side) for p, side in seen.items()
-            if p.startswith(own_root + os.sep)}
-    pairs = [(e, *mine[key]) for e in sorted(evaluated - seen.keys())
-             if e.startswith(data_root + os.sep)
-             and (key := os.path.relpath(e, data_root)) in mine]
-    moved = dict.fromkeys(found, 0)
-    # (the keys are in NFC: a name copied from macOS is opened as the disk spells it)
-    disk = dict(zip(keys := [p for pair in pairs for p in pair[:2]], disk_spelling(keys),
-                    strict=True))
-    for path, original, side in ((disk[e], disk[o], side) for e, o, side in pairs):
-        if not os.path.exists(original):
-            moved[side] += 1
-            continue
-        with contextlib.suppress(OSError):  # (a file unreadable now is no copy)
-            if os.path.getsize(original) == os.path.getsize(path):  # only then read both
-                a, b = content_hashes([original, path])
-                found[side] += bool(a) and a == b
-    if 2 * sum(moved.values()) >= len(mine):
-        found = {side: found[side] + moved[side] for side in found}
-    return found
-
-
-def _copies_among(paths: set[str], sums: dict[int, set[str]], digits: int = 64) -> int:
-    """How many of `paths` hold the same bytes as a photo `wingspan adapt` refitted on, or
-    `calibrate` fitted on (`sums`: size -> the sha256 of the photos of that size, the first
-    `digits` of it): sizes first, so only files of a photo's size are read."""
-    from wingspan.data.leaks import content_hashes
-
-    if not sums:  # a run not adapted (or adapted before the sums were kept): nothing to read
-        return 0
-    sizes = {}
-    for path in disk_spelling(sorted(paths)):  # (real_paths' NFC keys, opened as spelt)
-        with contextlib.suppress(OSError):
-            if (size := os.path.getsize(path)) in sums:
-                sizes[path] = size
-    return sum(h[:digits] in sums[size] for size, h in zip(
-        sizes.values(), content_hashes(list(sizes)), strict=True))
-
-
-def _sums_by_size(paths, sizes: set[int]) -> dict[int, set[str]]:
-    """{size: the sha256 of those of `paths` of that size}, reading only the files whose
-    size is among `sizes` (those of the files they are compared with)."""
-    from wingspan.data.leaks import content_hashes
-
-    wanted = {}
-    for path in disk_spelling(sorted(set(map(str, paths)))):
-        with contextlib.suppress(OSError):
-            if (size := os.path.getsize(path)) in sizes:
-                wanted[path] = size
-    sums: dict[int, set[str]] = {}
-    for size, digest in zip(wanted.values(), content_hashes(list(wanted)), strict=True):
-        if digest:
-            sums.setdefault(size, set()).add(digest)
-    return sums
-
-
-# A calibration's photos, kept in the bundle by size and the start of their sha256 (16 hex
-# digits: 20 KB in manifest.json for 1,000 photos; a chance match is 1 in 2^64).
-PHOTO_SUM_DIGITS = 16
-
-
-def _photo_sums(paths: list[str]) -> dict[str, list[str]]:
-    """{size: [sha256 prefix, ...]} of the files (JSON keys are strings)."""
-    from wingspan.data.leaks import content_hashes
-
-    sums: dict[str, set[str]] = {}
-    for path, digest in zip(paths, content_hashes(paths), strict=True):
-        with contextlib.suppress(OSError):
-            if digest:
-                sums.setdefault(str(os.path.getsize(path)), set()).add(
-                    digest[:PHOTO_SUM_DIGITS])
-    return {size: sorted(hashes) for size, hashes in sorted(sums.items())}
-
-
-def _folder_of(root: str | Path) -> Path:
-    """The folder a dataset's paths are below: a CSV's own folder (its paths are relative
-    to it), else the root itself."""
-    root = Path(root)
-    return root.parent if root.suffix.lower() in (".csv", ".tsv", ".txt") else root
-
-
-def _fairness(manifest: dict, split: str, data, paths: list[str],
-              own: pd.DataFrame | None, adapted: list[str] = (),
-              run_dir: Path | None = None, groups: list[str] | None = None,
-              data_root: Path | None = None) -> str:
-    """Whether this evaluation's figures are unbiased: none of the images evaluated
-    (`paths`) is one the run trained on (its train split) or chose its best epoch on (val),
-    as its splits.csv (`own`, None without one) names them, whatever data or split they
-    came from, nor one that `wingspan adapt` refitted its head on (`adapted`, real paths),
-    nor (`groups`, on the run's own data) another photo of a specimen or observation it
-    trained or chose on."""
-    evaluated = set(real_paths(paths))
-    copies = _copies_among(evaluated.difference(adapted), adapted_sums(run_dir))
-    among = len(evaluated.intersection(adapted)) + copies
-    adapted_on = among or (data is None and split == "test" and manifest.get(
-        "training", {}).get("adapted", {}).get("test_images_among_photos"))
-    if adapted_on:  # (before the list was kept, the count of the run's own test images)
-        return (f"no: `wingspan adapt` refitted this model on {adapted_on} of these "
-                + (f"{len(evaluated)} " if among else "") + "images (as unlabelled photos"
-                + (f"; {copies} of them as copies in another place" if copies else "") + "), "
-                "so these figures are optimistic: evaluate it on photos that were not given "
-                "to adapt")
-    if own is None:  # (a model bundle copied without its run folder: no splits.csv)
-        return ("unknown: this model came without its run folder, whose splits.csv says "
-                "which images it was trained or chosen on; the figures are fair only if this "
-                "data holds none of them")
-    seen = own[own[SPLIT].isin(["train", "val"])]
-    seen = dict(zip(real_paths(seen["path"]), seen[SPLIT], strict=True))
-    trained, chosen = (sum(seen.get(p) == side for p in evaluated) for side in ("train", "val"))
-    copies = (_copies_of_own(evaluated, seen, trained_on(run_dir) if run_dir else None,
-                             data_root) if data is not None else {"train": 0, "val": 0})
-    trained, chosen = trained + copies["train"], chosen + copies["val"]
-    copied = (f" ({counted(copies['train'] + copies['val'], 'copy', 'copies')} of its files "
-              "in another folder, or moved there)" if copies["train"] + copies["val"] else "")
-    groups_seen = set(own.loc[own[SPLIT].isin(["train", "val"]), GROUP]) if groups else set()
-    if not trained and not chosen and (shared := sum(g in groups_seen for g in groups or [])):
-        return (f"no: {shared} of these {len(evaluated)} images show a specimen or "
-                "observation (the same group) that the run trained or chose its best epoch "
-                "on in another photo, so these figures are optimistic; the run's own test "
-                f"split keeps groups apart (`wingspan evaluate {run_dir or 'RUN'}`, or "
-                "run.evaluate() in Python)")
-    if not trained and not chosen:
-        return ("yes: the test split was never trained or chosen on" + (
-                "" if own.empty or groups_given(own) else
-                " (each photo its own group: none were given, so if several photos show one "
-                "specimen or observation, some may sit on both sides; `wingspan data audit "
-                f"{run_dir or 'RUN'}/splits.csv` lists near-duplicates across them)")
-                if data is None else
-                "yes: none of these files is one the run trained or chose its best epoch on, "
-                "nor a copy of one (copies under other file names would not be seen)")
-    tests = int((own[SPLIT] == "test").sum())
-    fair = (f"; for a fair figure evaluate the run's {counted(tests, 'test image')}, never "
-            f"trained or chosen on (`wingspan evaluate {run_dir or 'RUN'} --split test`, or "
-            "run.evaluate(split=\"test\") in Python)"
-            if tests else "")
-    if not trained:
-        return (f"no: the best epoch was chosen on val ({chosen} of these images{copied}), "
-                "so these figures are optimistic" + fair)
-    n = len(evaluated)  # files: one named twice is one
-    share = ("this image" if trained == n == 1 else f"all {trained} of these images"
-             if trained == n else f"{trained} of these {n} images")
-    return (f"no: the model was trained on {share}"
-            + (f" and chose its best epoch on {chosen}" if chosen else "") + copied
-            + ", so these figures are optimistic: they show how well it fits the images it "
-            "learnt from, not how well it does on new ones" + fair)
 
 
 def _report(out_dir, name, predictor, run_dir, dataset, level, split, metrics, table, confused,
@@ -1387,8 +906,8 @@ def _report(out_dir, name, predictor, run_dir, dataset, level, split, metrics, t
                     "training epochs and the training curves below are that run's, before "
                     "adapting (adapt.json says what adapting did)")]
                   if (adapted := training.get("adapted")) else []),
-                ("training epochs (head + fine-tune)", _epochs_run(training, train_metrics)),
-                *_kept_rows(train_metrics),
+                ("training epochs (head + fine-tune)", epochs_run(training, train_metrics)),
+                *kept_rows(train_metrics),
                 ("are these figures fair?", metrics["fair"]),
                 *([("taxonomy", said)] if (said := tree_wording(metrics)) else [])]
     profile = None
@@ -1406,153 +925,9 @@ def _report(out_dir, name, predictor, run_dir, dataset, level, split, metrics, t
                          "calibration": calibration, "reliability_png": pngs.get("reliability"),
                          "profile": profile, "levels": levels_table, "transfer": transfer,
                          "hierarchy": metrics.get("hierarchy"),
-                         "unknown": _unknown_section(metrics.get("unknown"),
+                         "unknown": unknown_section(metrics.get("unknown"),
                                                      metrics["split"], metrics["tta"]),
                          "unknown_png": pngs.get("unknown"), "no_plots": not plots,
                          "all_right": metrics["accuracy"] == 1.0})
 
 
-def _epochs_run(training: dict, train_metrics: dict) -> str:
-    """The epochs each stage ran, and where that is not what was asked (stopped early)."""
-    ran = train_metrics.get("epochs", {})
-    parts = []
-    for stage, asked in (("head", training.get("epochs_head")),
-                         ("finetune", training.get("epochs_finetune"))):
-        done = ran.get(stage, asked)
-        parts.append(f"{done}" + (f" (of {asked}: stopped early)" if asked is not None
-                                  and done is not None and done < asked else ""))
-    return " + ".join(parts)
-
-
-def _kept_rows(train_metrics: dict) -> list[tuple[str, str]]:
-    """Which epoch the model is, and its val figure, which is optimistic (chosen on)."""
-    best = train_metrics.get("best") or {}
-    if not best:
-        return []
-    stage = {"head": "head", "finetune": "fine-tuning"}.get(best.get("stage"), best.get("stage"))
-    f1 = best.get("val_macro_f1")
-    return [("model kept", f"{stage} epoch {best.get('epoch')}, the best on val"),
-            ("its val macro-F1 (optimistic: the epoch was chosen on it)",
-             "-" if f1 is None else f"{f1:.4f}")]
-
-
-def absent_rows(absent: list[str] | None, answered: int = 0, images: int = 0
-                ) -> list[tuple[str, str]]:
-    """The model's classes left out of the per-class table and the macro averages, and
-    the images answered with them, as (label, value) rows for the report (none when every
-    class is there)."""
-    if not absent:
-        return []
-    return [("the model's classes without images here (left out of the per-class table "
-             "and the macro averages)", f"{len(absent)}: {some(absent, 8)}"),
-            *([("images answered with one of them (wrong: counted in recall, in no "
-                "averaged class's precision)", f"{answered} ({answered / images:.1%})")]
-              if answered and images else [])]
-
-
-def answer_rows(a: dict | None) -> list[tuple[str, str]]:
-    """The `answers` figures as (label, value) rows, for the report and the CLI."""
-    if not a:
-        return []
-
-    def accuracy(f: dict) -> str:
-        return "-" if f["accuracy_when_named"] is None else f"{f['accuracy_when_named']:.4f}"
-
-    rest = "a coarser level or unknown" if a.get("by_level") else "unknown"
-    return [(f"named a class (the rest answered {rest}; '{a['score']}' at "
-             f"{a['rate']:.0%})", f"{a['named']:.1%}"),
-            ("accuracy when a class is named", accuracy(a)),
-            ("named a wrong class", f"{a['named_wrongly']:.1%}"),
-            *((f"named at {lv} or finer (accuracy there)", f"{f['named']:.1%} ({accuracy(f)})")
-              for lv, f in list(a.get("by_level", {}).items())[:-1]  # the finest is above
-              if f["named"] is not None)]  # (no image the data gives a class at lv)
-
-
-def left_out_wording(metrics: dict, names: str, how_to_map: str) -> str | None:
-    """What evaluate says of the images of classes the model does not know (left out of
-    every figure), or None; `names` lists them, `how_to_map` is the CLI's --map or the
-    library's class_map."""
-    said = []
-    if metrics.get("unknown_classes"):
-        left = metrics.get("unknown_class_images", 0)
-        classes = counted(len(metrics["unknown_classes"]), "class", "classes")
-        said.append(f"{counted(left, 'image')} of {classes} the model does not know "
-                    f"{'was' if left == 1 else 'were'} left out: {names} ({how_to_map} names "
-                    "one of the model's)")
-    if blank := metrics.get("unlabelled"):
-        n = blank["images"]
-        said.append(f"{counted(n, 'image')} with no '{blank['level']}' in the data (blank "
-                    f"there: a class folder that taxonomy.csv lacks, say) "
-                    f"{'was' if n == 1 else 'were'} left out")
-    return "; ".join(said) or None
-
-
-def unreadable_wording(metrics: dict) -> str | None:
-    """What evaluate says of the images it could not read (gone since training, broken),
-    left out of every figure; None when it read them all."""
-    failed = metrics.get("unreadable") or []
-    if not failed:
-        return None
-    path, why = failed[0]
-    return (f"{counted(len(failed), 'image')} of the {len(failed) + metrics['images']} "
-            f"could not be read and {'was' if len(failed) == 1 else 'were'} left out of "
-            f"these figures, e.g. {path}: {why} (all in metrics.json's unreadable)")
-
-
-def away_wording(u: dict) -> tuple[str, str]:
-    """How to say what the open-set figures count: (what a turned-away image is answered,
-    a note on which class is named). A model with a taxonomy names its finest level only
-    when every level passes its threshold, and then the top-down branch's class."""
-    if u.get("named_by") == "branch":
-        return ("not named at the finest level (answered a coarser level or unknown)",
-                " (the top-down branch's class, as predict names it)")
-    return "answered unknown", ""
-
-
-def at_threshold(u: dict) -> str:
-    """What the threshold does to unseen and known images, in a sentence (the terminal and
-    a notebook say it alike)."""
-    away, branch = away_wording(u)
-    where = ("At the thresholds of every level" if branch else
-             f"At the threshold ({u['score']} > {u['threshold']:.6g})")
-    return (f"{where}: {u['unseen_flagged']:.1%} of unseen images {away}, "
-            f"{u['known_turned_away']:.1%} of known ones; known macro-F1{branch} "
-            f"{u['known_macro_f1']:.4f} -> {u['known_macro_f1_with_unknown']:.4f}, open-set "
-            f"macro-F1 {u['open_macro_f1_without_unknown']:.4f} -> {u['open_macro_f1']:.4f}")
-
-
-def _unknown_section(u: dict | None, split: str, tta: bool = False) -> dict | None:
-    if not u:
-        return None
-    away, branch = away_wording(u)
-    limits = (", ".join(f"{lv} {t:.6g}" for lv, t in u["thresholds"].items()) + ": each"
-              if u.get("thresholds") else f"{u['threshold']:.6g}:")
-    summary = [
-        ("score (threshold)", f"{u['score']} ({limits} turns away {u['rate']:.0%} of known "
-                              "val images" + (", each a single view, without TTA" if tta
-                                              else "") + ")"),
-        ("images of unseen classes", u["unseen_images"]),
-        *([("classes held out of training (images)", ", ".join(
-            f"{c} ({n})" for c, n in u["held_out_classes"].items()))]
-          if u.get("held_out_classes") else []),
-        ("unreadable images of unseen classes (not scored)", len(u.get("unreadable", []))),
-        ("AUROC / FPR at 95% TPR", f"{u['auroc']:.4f} / {u['fpr95']:.4f}"),
-        (f"unseen images {away}", f"{u['unseen_flagged']:.1%}"),
-        (f"known images {away}", f"{u['known_turned_away']:.1%}"),
-        (f"known accuracy without / with the unknown answer{branch}",
-         f"{u['known_accuracy']:.4f} / {u['known_accuracy_with_unknown']:.4f}"),
-        ("known-class macro-F1 without / with", f"{u['known_macro_f1']:.4f} / "
-                                               f"{u['known_macro_f1_with_unknown']:.4f}"),
-        ("open-set macro-F1 (known + unseen images) without / with",
-         f"{u['open_macro_f1_without_unknown']:.4f} / {u['open_macro_f1']:.4f}")]
-    if u.get("unseen_known_at"):
-        known_at = u["unseen_known_at"]
-        summary.append(("unseen images known down to (level: images)", ", ".join(
-            f"{lv}: {n}" for lv, n in known_at.items())
-            + f"; unknown: {u['unseen_images'] - sum(known_at.values())}"))
-    scores = pd.DataFrame([{"score": s + (" (in use)" if s == u["score"] else ""), **v}
-                           for s, v in u["scores"].items()])
-    named = pd.DataFrame(u.get("unseen_named") or [], columns=["path", "answer",
-                                                               "unknown_score"])
-    return {"summary": summary, "scores": scores, "named": named,
-            "against": f"the known images of the '{split}' split"}

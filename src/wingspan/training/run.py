@@ -255,7 +255,8 @@ def _score_held_out(run_dir: Path, run: Run) -> Path:
     held = run_dir / HOLDOUT_FILE
     if not (run.config.holdout_classes and run.is_main and held.is_file()):
         return run_dir
-    from wingspan.evaluate.run import away_wording, evaluate
+    from wingspan.evaluate.run import evaluate
+    from wingspan.evaluate.wording import away_wording
 
     result = evaluate(run_dir, out=run_dir / "evaluation-unknown",
                       progress=run.show_progress, workers=run.workers,

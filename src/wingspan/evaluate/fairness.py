@@ -1,0 +1,206 @@
+"""Are an evaluation's figures fair? Whether its images (or copies of them) are ones the
+run trained or chose on, `wingspan adapt` refitted on, or a temperature was fitted on."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from wingspan.config import ReadConfig
+from wingspan.data import read_dataset
+from wingspan.data.samples import GROUP, SPLIT, Dataset, groups_given
+from wingspan.errors import WingspanError, counted
+from wingspan.files import disk_spelling, real_paths
+from wingspan.training.folder import SPLITS_FILE, adapted_sums, trained_on
+
+
+def calibration_data(split: str, data) -> str:
+    """What a temperature was fitted on, as the bundle records it: "val" (training's), or
+    the split of the data `wingspan calibrate` was given."""
+    if isinstance(data, Dataset):
+        data = data.root
+    return f"{split} of {Path(data).resolve()}" if data is not None else split
+
+
+def among_evaluated(fitted_on: str | None, evaluated: str) -> bool:
+    """Whether the images a temperature was fitted on are among those evaluated (both as
+    `calibration_data` writes them): the same split of the same data, or all of it on
+    either side (fitted on all of DATA and evaluated on its test split, say)."""
+    if not fitted_on:
+        return False
+    fitted_split, _, fitted_data = fitted_on.partition(" of ")
+    split, _, data = evaluated.partition(" of ")
+    return fitted_data == data and (fitted_split == split or "all" in (fitted_split, split))
+
+
+def own_splits(dataset: Dataset, data, run_dir: Path | None) -> pd.DataFrame | None:
+    """The run's images and their splits (its splits.csv), None for a bundle on its own."""
+    if data is None:
+        return dataset.table
+    if run_dir is None or not (run_dir / SPLITS_FILE).is_file():
+        return None
+    try:  # the paths are matched, not opened: the run's images may be gone since
+        return read_dataset(run_dir / SPLITS_FILE, ReadConfig(check_files=False)).table
+    except WingspanError:  # an unreadable splits.csv: not this evaluation's concern
+        return None
+
+
+def comparable_groups(groups: pd.Series, dataset: Dataset, data, run_dir: Path | None
+                       ) -> list[str] | None:
+    """The evaluated images' groups (an ETHEC specimen's barcode, an observation) where they
+    mean what the run's splits.csv means by them: DATA is the data the run was trained on
+    (a group key of other data, a number a regex found, may name something else)."""
+    source = trained_on(run_dir) if run_dir is not None and data is not None else None
+    if source is None or Path(source).resolve() != Path(dataset.root).resolve():
+        return None
+    return groups.tolist()
+
+
+def copies_of_own(evaluated: set[str], seen: dict[str, str], own_root: str | None,
+                   data_root: Path | None) -> dict[str, int]:
+    """How many of the `evaluated` files (real paths) that are not the run's own are its
+    train or val images (`seen`: real path -> side) copied or moved: the same path below
+    the data's root as one of them below the run's data root, with the same bytes (a copy),
+    or with the run's file gone when at least half of its files are matched so (the data
+    moved, not a name or two reused: new photos may be IMG_0001.jpg too)."""
+    from wingspan.data.leaks import content_hashes
+
+    found = dict.fromkeys(("train", "val", *seen.values()), 0)  # (calibrate asks of test)
+    if own_root is None or data_root is None:
+        return found
+    own_root, data_root = (os.path.realpath(_folder_of(r)) for r in (own_root, data_root))
+    mine = {os.path.relpath(p, own_root): (p, side) for p, side in seen.items()
+            if p.startswith(own_root + os.sep)}
+    pairs = [(e, *mine[key]) for e in sorted(evaluated - seen.keys())
+             if e.startswith(data_root + os.sep)
+             and (key := os.path.relpath(e, data_root)) in mine]
+    moved = dict.fromkeys(found, 0)
+    # (the keys are in NFC: a name copied from macOS is opened as the disk spells it)
+    disk = dict(zip(keys := [p for pair in pairs for p in pair[:2]], disk_spelling(keys),
+                    strict=True))
+    for path, original, side in ((disk[e], disk[o], side) for e, o, side in pairs):
+        if not os.path.exists(original):
+            moved[side] += 1
+            continue
+        with contextlib.suppress(OSError):  # (a file unreadable now is no copy)
+            if os.path.getsize(original) == os.path.getsize(path):  # only then read both
+                a, b = content_hashes([original, path])
+                found[side] += bool(a) and a == b
+    if 2 * sum(moved.values()) >= len(mine):
+        found = {side: found[side] + moved[side] for side in found}
+    return found
+
+
+def copies_among(paths: set[str], sums: dict[int, set[str]], digits: int = 64) -> int:
+    """How many of `paths` hold the same bytes as a photo `wingspan adapt` refitted on, or
+    `calibrate` fitted on (`sums`: size -> the sha256 of the photos of that size, the first
+    `digits` of it): sizes first, so only files of a photo's size are read."""
+    from wingspan.data.leaks import content_hashes
+
+    if not sums:  # a run not adapted (or adapted before the sums were kept): nothing to read
+        return 0
+    sizes = {}
+    for path in disk_spelling(sorted(paths)):  # (real_paths' NFC keys, opened as spelt)
+        with contextlib.suppress(OSError):
+            if (size := os.path.getsize(path)) in sums:
+                sizes[path] = size
+    return sum(h[:digits] in sums[size] for size, h in zip(
+        sizes.values(), content_hashes(list(sizes)), strict=True))
+
+
+def sums_by_size(paths, sizes: set[int]) -> dict[int, set[str]]:
+    """{size: the sha256 of those of `paths` of that size}, reading only the files whose
+    size is among `sizes` (those of the files they are compared with)."""
+    from wingspan.data.leaks import content_hashes
+
+    wanted = {}
+    for path in disk_spelling(sorted(set(map(str, paths)))):
+        with contextlib.suppress(OSError):
+            if (size := os.path.getsize(path)) in sizes:
+                wanted[path] = size
+    sums: dict[int, set[str]] = {}
+    for size, digest in zip(wanted.values(), content_hashes(list(wanted)), strict=True):
+        if digest:
+            sums.setdefault(size, set()).add(digest)
+    return sums
+
+
+# A calibration's photos, kept in the bundle by size and the start of their sha256 (16 hex
+# digits: 20 KB in manifest.json for 1,000 photos; a chance match is 1 in 2^64).
+PHOTO_SUM_DIGITS = 16
+
+
+def _folder_of(root: str | Path) -> Path:
+    """The folder a dataset's paths are below: a CSV's own folder (its paths are relative
+    to it), else the root itself."""
+    root = Path(root)
+    return root.parent if root.suffix.lower() in (".csv", ".tsv", ".txt") else root
+
+
+def fairness_verdict(manifest: dict, split: str, data, paths: list[str],
+              own: pd.DataFrame | None, adapted: list[str] = (),
+              run_dir: Path | None = None, groups: list[str] | None = None,
+              data_root: Path | None = None) -> str:
+    """Whether this evaluation's figures are unbiased: none of the images evaluated
+    (`paths`) is one the run trained on (its train split) or chose its best epoch on (val),
+    as its splits.csv (`own`, None without one) names them, whatever data or split they
+    came from, nor one that `wingspan adapt` refitted its head on (`adapted`, real paths),
+    nor (`groups`, on the run's own data) another photo of a specimen or observation it
+    trained or chose on."""
+    evaluated = set(real_paths(paths))
+    copies = copies_among(evaluated.difference(adapted), adapted_sums(run_dir))
+    among = len(evaluated.intersection(adapted)) + copies
+    adapted_on = among or (data is None and split == "test" and manifest.get(
+        "training", {}).get("adapted", {}).get("test_images_among_photos"))
+    if adapted_on:  # (before the list was kept, the count of the run's own test images)
+        return (f"no: `wingspan adapt` refitted this model on {adapted_on} of these "
+                + (f"{len(evaluated)} " if among else "") + "images (as unlabelled photos"
+                + (f"; {copies} of them as copies in another place" if copies else "") + "), "
+                "so these figures are optimistic: evaluate it on photos that were not given "
+                "to adapt")
+    if own is None:  # (a model bundle copied without its run folder: no splits.csv)
+        return ("unknown: this model came without its run folder, whose splits.csv says "
+                "which images it was trained or chosen on; the figures are fair only if this "
+                "data holds none of them")
+    seen = own[own[SPLIT].isin(["train", "val"])]
+    seen = dict(zip(real_paths(seen["path"]), seen[SPLIT], strict=True))
+    trained, chosen = (sum(seen.get(p) == side for p in evaluated) for side in ("train", "val"))
+    copies = (copies_of_own(evaluated, seen, trained_on(run_dir) if run_dir else None,
+                             data_root) if data is not None else {"train": 0, "val": 0})
+    trained, chosen = trained + copies["train"], chosen + copies["val"]
+    copied = (f" ({counted(copies['train'] + copies['val'], 'copy', 'copies')} of its files "
+              "in another folder, or moved there)" if copies["train"] + copies["val"] else "")
+    groups_seen = set(own.loc[own[SPLIT].isin(["train", "val"]), GROUP]) if groups else set()
+    if not trained and not chosen and (shared := sum(g in groups_seen for g in groups or [])):
+        return (f"no: {shared} of these {len(evaluated)} images show a specimen or "
+                "observation (the same group) that the run trained or chose its best epoch "
+                "on in another photo, so these figures are optimistic; the run's own test "
+                f"split keeps groups apart (`wingspan evaluate {run_dir or 'RUN'}`, or "
+                "run.evaluate() in Python)")
+    if not trained and not chosen:
+        return ("yes: the test split was never trained or chosen on" + (
+                "" if own.empty or groups_given(own) else
+                " (each photo its own group: none were given, so if several photos show one "
+                "specimen or observation, some may sit on both sides; `wingspan data audit "
+                f"{run_dir or 'RUN'}/splits.csv` lists near-duplicates across them)")
+                if data is None else
+                "yes: none of these files is one the run trained or chose its best epoch on, "
+                "nor a copy of one (copies under other file names would not be seen)")
+    tests = int((own[SPLIT] == "test").sum())
+    fair = (f"; for a fair figure evaluate the run's {counted(tests, 'test image')}, never "
+            f"trained or chosen on (`wingspan evaluate {run_dir or 'RUN'} --split test`, or "
+            "run.evaluate(split=\"test\") in Python)"
+            if tests else "")
+    if not trained:
+        return (f"no: the best epoch was chosen on val ({chosen} of these images{copied}), "
+                "so these figures are optimistic" + fair)
+    n = len(evaluated)  # files: one named twice is one
+    share = ("this image" if trained == n == 1 else f"all {trained} of these images"
+             if trained == n else f"{trained} of these {n} images")
+    return (f"no: the model was trained on {share}"
+            + (f" and chose its best epoch on {chosen}" if chosen else "") + copied
+            + ", so these figures are optimistic: they show how well it fits the images it "
+            "learnt from, not how well it does on new ones" + fair)
