@@ -77,6 +77,9 @@ def test_audit_finds_flipped_labels_and_a_resized_copy(tmp_path, run_cli, monkey
     assert page.count("looks like") == sum(r["suspected"] != r["label"] for r in shown) > 0
     assert page.count("its label is the likeliest") == sum(r["suspected"] == r["label"]
                                                            for r in shown) > 0
+    # ... and so does the terminal's table (its 15 first), not "looks like: admiral" for
+    # an admiral
+    assert stdout.count("its own") == sum(r["suspected"] == r["label"] for r in ranked[:15])
     assert page.startswith("<!doctype html><html lang='en'>")  # (read aloud in English)
     pairs, groups = (int(n) for n in re.search(r"(\d+) pairs? in (\d+) groups?", page).groups())
     assert f"{pairs} pair{'s' if pairs > 1 else ''} in {groups} group{'s' if groups > 1 else ''}" \

@@ -88,6 +88,8 @@ def test_no_plots_gives_the_same_figures_without_the_pngs(evaluation, trained, t
         {k: v for k, v in plain.items() if k not in varies}
     for name in ("per_class.csv", "confusion.csv", "predictions.csv"):
         assert (out / name).read_text() == (evaluation.out_dir / name).read_text(), name
+    # confusion.csv's corner says which way it reads (it was blank)
+    assert (out / "confusion.csv").read_text().startswith("true \\ predicted,")
     page = " ".join((out / "report.html").read_text().split())
     assert "<img" not in page and page.count("not drawn: evaluated with --no-plots") >= 5
     assert page.startswith("<!doctype html><html lang='en'>")  # (read aloud in English)
@@ -345,6 +347,14 @@ def test_report_is_self_contained(evaluation):
     assert f"head epoch {best['epoch']}, the best on val" in page or \
         f"fine-tuning epoch {best['epoch']}, the best on val" in page
     assert "optimistic: the epoch was chosen on it" in page
+    # The overview leads with this split's figures and their fairness, above the val one
+    overview = page.split("</table>")[0]
+    m = evaluation.metrics
+    assert (overview.index(f"<th>accuracy</th><td>{m['accuracy']:.4f}")
+            < overview.index(f"<th>macro precision / recall / F1</th><td>"
+                             f"{m['macro']['precision']:.4f}")
+            < overview.index("<th>are these figures fair?</th>")
+            < overview.index("optimistic: the epoch was chosen on it")), overview
 
 
 @pytest.mark.policy

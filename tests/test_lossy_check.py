@@ -59,6 +59,10 @@ def test_the_policy_leaves_out_an_avoided_engine_unless_precision_is_forced(monk
     assert f"not onnx-fp32 for this model: {why}" in policy.describe()  # said where it shows
     forced = resolve_policy("cpu", precision="fp32", avoid={"onnx-fp32": why})
     assert "onnx-fp32" in [e.name for e in forced.frozen_candidates]
+    # Forced to the one engine the check left out: used as asked, with what it found.
+    one = resolve_policy("cpu", precision="fp32", runtime="onnx", avoid={"onnx-fp32": why})
+    assert [e.name for e in one.frozen_candidates] == ["onnx-fp32"]
+    assert f"forced by precision fp32, runtime onnx; though {why}" in one.describe()
     # Never every candidate: the last one stays (a runtime forced to what was avoided).
     alone = resolve_policy("cpu", runtime="onnx", avoid={"onnx-fp32": why})
     assert [e.name for e in alone.frozen_candidates] == ["onnx-fp32"]
@@ -116,6 +120,10 @@ def test_a_run_whose_frozen_engine_is_left_out_ends_in_fp32(demo_dir, tmp_path, 
                      r"will \(torch-bf16 left out\)", log), log
     policy = Predictor(run, device="cpu", workers=0).policy
     assert policy.frozen.engine.precision == "fp32" and "torch-bf16" in policy.avoided
+    # metrics.json, as train.log, says what the final passes ran (it said bf16's alone)
+    engine = json.loads((run / "metrics.json").read_text())["engine"]
+    assert re.search(r"; final passes (onnx|torch)-fp32, as this model's predictions$",
+                     engine), engine
     # bf16 forced for the run: its final passes stay as asked.
     monkeypatch.setenv("WINGSPAN_PRECISION", "bf16")
     run = train(read_dataset(demo_dir), _cpu(tmp_path, epochs_head=1, epochs_finetune=0),

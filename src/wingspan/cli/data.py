@@ -227,7 +227,10 @@ def data_audit(
                   "flagged by cleanlab)", caption=f"images in {plain(here(root))}")
     for r in issues.head(15).itertuples():
         table.add_row(str(r.rank), plain(here(r.path, root)), plain(r.label),
-                      f"{plain(r.suspected)} ({r.suspected_probability:.2f})",
+                      # (a low quality alone, its label still the likeliest: as the gallery)
+                      f"{plain(r.suspected)} ({r.suspected_probability:.2f})"
+                      if r.suspected != r.label else
+                      f"its own label ({r.suspected_probability:.2f})",
                       f"{r.label_quality:.3f}")
     out.print(table)
     if result.single_image_classes:

@@ -164,8 +164,9 @@ def predict_command(
         say.print(f"{counted(unknown, 'image is', 'images are')} unlike the classes the "
                   "model knows"
                   + (f", {coarser} known at a coarser level only" if coarser else "")
-                  + f" (unknown score '{predictor.unknown_score}' above the threshold that "
-                  f"turns away {predictor.unknown.rate:.0%} of known val images)")
+                  # ("at most": on 20 val images or fewer, at 5%, it turns none away)
+                  + f" (unknown score '{predictor.unknown_score}' above its threshold, set to "
+                  f"turn away at most {predictor.unknown.rate:.0%} of the known val images)")
     if not result.rows:
         raise WingspanError("No image could be predicted.", hint="Check the paths given.")
     if strict:  # (the others' predictions are written and shown above)

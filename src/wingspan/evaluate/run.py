@@ -202,7 +202,9 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
         metrics["answered_absent"] = int(np.isin(
             y_pred, [classes.index(c) for c in metrics["absent_classes"]]).sum())
         cm = confusion(y, y_pred, len(classes))
-        _write_csv(pd.DataFrame(cm, index=classes, columns=classes), out_dir / "confusion.csv")
+        # (the corner says which way it reads, in a spreadsheet too)
+        _write_csv(pd.DataFrame(cm, index=pd.Index(classes, name="true \\ predicted"),
+                                columns=classes), out_dir / "confusion.csv")
         confused = most_confused(cm, classes)
         metrics["most_confused"] = confused
         levels_table, by_level = None, {}
@@ -899,6 +901,11 @@ def _report(out_dir, name, predictor, run_dir, dataset, level, split, metrics, t
                 ("levels (coarse to fine), scored at each" if predictor.taxonomy else "level",
                  " > ".join(predictor.taxonomy.levels) if predictor.taxonomy else level),
                 ("classes", len(predictor.classes)), ("evaluated split", split),
+                # The figures first, with whether they are fair: the val figure below is
+                # the optimistic one, which a reader skimming the top took for the score.
+                *[row for row in summary_rows(metrics)
+                  if row[0] in ("accuracy", "macro precision / recall / F1")],
+                ("are these figures fair?", metrics["fair"]),
                 ("test-time augmentation", "on: each image's flips and crops averaged, as "
                  "predict --tta" if metrics.get("tta") else "off"),
                 *([("adapted", f"by `wingspan adapt` from {adapted['adapted_from']} on "
@@ -908,7 +915,6 @@ def _report(out_dir, name, predictor, run_dir, dataset, level, split, metrics, t
                   if (adapted := training.get("adapted")) else []),
                 ("training epochs (head + fine-tune)", epochs_run(training, train_metrics)),
                 *kept_rows(train_metrics),
-                ("are these figures fair?", metrics["fair"]),
                 *([("taxonomy", said)] if (said := tree_wording(metrics)) else [])]
     profile = None
     if train_metrics.get("profile"):

@@ -268,6 +268,8 @@ def resolve_policy(device: str = "auto", precision: str = "auto",
         frozen, left_out = candidates(dev, precision, runtime, train=False)
         train, train_left_out = candidates(dev, precision, runtime, train=True)
         avoid = {e.name: avoid[e.name] for e in frozen if e.name in (avoid or {})}
+        # A precision forced is used, but what the model's check found of it is said.
+        risks = avoid if precision != "auto" else {}
         if precision != "auto" or len(avoid) == len(frozen):  # (forced; or the last one)
             avoid = {}
         frozen = [e for e in frozen if e.name not in avoid]
@@ -287,6 +289,8 @@ def resolve_policy(device: str = "auto", precision: str = "auto",
                        if e.name in others and not cannot_run(e, dev, kind == "train")
                        and auto_leaves_out(e, dev, kind == "train")]
             why = (f"forced by {', '.join(forced)}" + _slow_note(engines[0], dev, kind)
+                   + (f"; though {risks[engines[0].name]}" if kind == "frozen"
+                      and engines[0].name in risks else "")
                    if forced and not (kind == "frozen" and avoid)  # (said as avoided)
                    else "; ".join(["the only candidate", *skipped]))
             policy = policy.with_choice(kind, Choice(engines[0], why))

@@ -928,8 +928,12 @@ def _write_results(run: Run) -> None:
     run.model.eval()
     inference = _check_lossy(run)
     # (read and checked once, for both splits)
-    cached = None if _in_fp32_from_here(run, avoided_engines(inference)) else \
-        _cached_features(run)
+    switched = _in_fp32_from_here(run, avoided_engines(inference))
+    if switched:  # (metrics.json's engine line is the epochs'; the last passes' is added)
+        metrics["engine"] += (f"; final passes {run.policy.frozen.engine.name}, as this "
+                              "model's predictions")
+        run.write_json("metrics.json", metrics)
+    cached = None if switched else _cached_features(run)
     val = _final_outputs(run, "val", cached)
     calibration = _fit_calibration(run, val)
     metrics["calibration"] = calibration
