@@ -869,3 +869,25 @@ def test_wingspans_own_warnings_read_as_the_commands_other_lines(run_cli, demo_d
     assert code == 0 and "Warning: Could not keep the engines' timings" in said, err
     assert "UserWarning" not in err and "cache.put" not in err
     assert warnings.showwarning is before  # in-process, the hook is left as it was
+
+
+def test_train_whose_messages_reader_went_says_so_in_its_log(demo_dir, tmp_path):
+    """`wingspan train DATA 2>&1 | head -3`, or a pager quit: the run stops (exit 1, its
+    messages have nowhere to go), and train.log ended mid-run without a word, where Ctrl-C
+    leaves a line that says how to go on."""
+    import shlex
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "wingspan", "train", str(demo_dir), "--backbone",
+           "test_efficientnet", "--weights", "none", "--image-size", "32", "--epochs-head",
+           "3", "--epochs-finetune", "2", "--workers", "0", "--runs-dir",
+           str(tmp_path / "runs"), "--name", "piped", "--device", "cpu"]
+    done = subprocess.run(["bash", "-c", shlex.join(cmd) + " 2>&1 | head -2; exit "
+                           "${PIPESTATUS[0]}"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "WINGSPAN_CACHE": str(tmp_path / "cache")})
+    log = (tmp_path / "runs" / "piped" / "train.log").read_text().splitlines()
+    assert done.returncode == 1, (done.returncode, log[-3:])
+    assert log[-1].split(" ", 1)[1].startswith(
+        "Stopped: the reader of its messages went away (`| head`, a pager quit). "), log[-3:]
+    assert "wingspan train --resume " in log[-1]

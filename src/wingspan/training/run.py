@@ -154,10 +154,14 @@ def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = RUNS_DIR
         if isinstance(e, WingspanError):  # every process read the same data: rank 0 says it
             e.every_rank = True
         raise
-    if taken:
-        run.log(taken, caveat=True)
-    for line in filter(None, logs):  # (a warning is said even with --quiet, as caveats are)
-        run.log(line, caveat=line.startswith("Warning:"))
+    try:
+        if taken:
+            run.log(taken, caveat=True)
+        for line in filter(None, logs):  # (a warning is said even with --quiet, as caveats are)
+            run.log(line, caveat=line.startswith("Warning:"))
+    except SystemExit:
+        _reader_gone(run)
+        raise
     return _interruptible(run)
 
 
@@ -621,12 +625,23 @@ def _interruptible(run: Run, scoring_only: bool = False) -> Path:
     except WingspanError as e:  # bad data, say: in train.log, and a failed run, not a paused one
         _failed(run, e.message)
         raise
+    except SystemExit:
+        _reader_gone(run)
+        raise
     except Exception as e:  # a fault of ours or of a library: failed too, with what it said
         _failed(run, f"{type(e).__name__}: {e}")
         raise
     finally:
         release_lock(run.dir)
         forget_sessions()  # the ONNX graphs of this run's weights (see models.runtime)
+
+
+def _reader_gone(run: Run) -> None:
+    """rich's SystemExit where stderr's reader went (`2>&1 | head`, a pager quit): the run
+    stops (its messages would go nowhere), and train.log says so, as for Ctrl-C."""
+    with contextlib.suppress(OSError, WingspanError):
+        run.log("Stopped: the reader of its messages went away (`| head`, a pager quit). "
+                + _go_on(run.dir), shown=False)
 
 
 def _failed(run: Run, message: str) -> None:
