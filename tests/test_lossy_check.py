@@ -140,3 +140,15 @@ def test_no_lossy_candidate_no_check(demo_dir, tmp_path, monkeypatch):
     manifest = json.loads((run / "model" / "manifest.json").read_text())
     assert "inference" not in manifest and "answered otherwise" not in (
         run / "train.log").read_text()
+    # Predicting where bf16 is measured fastest, the engine line says it was never checked
+    # for this model (and what gives the export's answers); fp32 chosen, nothing to say.
+    monkeypatch.setattr(engine, "auto_leaves_out", lambda *args: "")
+    timed = Policy.choose_frozen
+    for name in ("torch-bf16", "torch-fp32"):
+        monkeypatch.setattr(Policy, "choose_frozen", lambda policy, *a, name=name, **k:
+                            policy.with_choice("frozen", Choice(engine_named(name),
+                                                                "measured")))
+        said = Predictor(run, device="cpu", workers=0).policy.describe()
+        assert ("torch-bf16 never checked against fp32 on this model's val images" in said
+                ) == (name == "torch-bf16"), said
+    monkeypatch.setattr(Policy, "choose_frozen", timed)

@@ -176,7 +176,10 @@ class Predictor:
         if fabric is not None and fabric.world_size > 1:
             records = fabric.broadcast(chosen.records() if chosen else None)
             chosen = chosen or policy.adopt(records, "as rank 0 chose")
-        self.policy = chosen
+        checked = (self.manifest.get("inference") or {}).get("lossy_engines") or {}
+        self.policy = dataclasses.replace(chosen, unchecked=(
+            chosen.frozen.engine.precision != "fp32" and chosen.frozen.engine.name not in checked
+            and "forced" not in chosen.frozen.how))
         self.batch_size = batch_size
         self.config = AugmentConfig(image_size=self.size, eval_crop=float(pre["crop_pct"]))
         self.norm = {"mean": tuple(pre["mean"]), "std": tuple(pre["std"]),

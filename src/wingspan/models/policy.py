@@ -66,6 +66,9 @@ class Policy:
     train: Choice | None = None
     # Lossy engines left out of this model's frozen passes (training.lossy_check): why
     avoided: dict[str, str] = field(default_factory=dict)
+    # A lossy frozen engine that this model's check never measured (a Predictor's: trained
+    # where it was no candidate, or before the check), said with the choice
+    unchecked: bool = False
 
     # -- running -------------------------------------------------------------------------
 
@@ -142,6 +145,10 @@ class Policy:
         layout = ", channels_last" if self.channels_last else ""
         frozen = one(self.frozen, self.frozen_candidates) + "".join(
             f"; not {name} for this model: {why}" for name, why in self.avoided.items())
+        if self.unchecked and self.frozen:
+            frozen += (f"; {self.frozen.engine.name} never checked against fp32 on this "
+                       "model's val images (trained where it was no candidate, or before "
+                       "the check): --precision fp32 answers as the export does")
         text = f"{self.device.type}{layout}; frozen passes {frozen}"
         return text + (f"; training step {self.train.describe()}" if self.train else "")
 
