@@ -40,11 +40,9 @@ UNKNOWN_SCORES = ("msp", "energy", "mahalanobis", "knn", "msp+knn")
 MAX_PIXELS, MAX_PIXELS_ENV = 50_000_000, "WINGSPAN_MAX_PIXELS"
 MAX_FEATURE_VIEWS = 64  # augmented views cached per training image for the head stage
 MAX_PROCESSES = 1024  # --devices per machine and --nodes: more is a slip (and overflowed)
-# How long a rank waits in a collective (a barrier) for the others: rank 0 alone ends a run
-# (the lossy check, the final passes over up to 5,000 train images and all of val, the
-# bundle), which at ETHEC's size on a CPU can pass torch's 30 minutes, after which the
-# waiting ranks failed and the run could not finish on several processes. A rank that dies
-# is seen at once by the launcher's watch, not by this timeout.
+# How long the other ranks wait for rank 0 to end a run alone (the lossy check, the final
+# passes over up to 5,000 train images and all of val, the bundle), which at ETHEC's size
+# on a CPU can pass torch's 30 minutes (parallel.long_wait).
 RANK_WAIT_HOURS = 6
 MAX_BATCH = 2**16  # images per predict or evaluate batch: more is a slip (and overflowed)
 # The engines' names, checked with the other settings (a typo was said only once the data

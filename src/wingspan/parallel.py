@@ -29,13 +29,14 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from lightning_fabric import Fabric
-from lightning_fabric.strategies import DDPStrategy
 from lightning_fabric.strategies.launchers import subprocess_script
 
 from wingspan.config import MAX_PROCESSES, RANK_WAIT_HOURS, STRATEGIES
@@ -97,7 +98,7 @@ class Processes:
         said.addFilter(amp)
         try:
             fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=nodes,
-                            strategy=self._strategy(devices, nodes),
+                            strategy=self.strategy,
                             precision=FABRIC_PRECISION[precision])
         except (ValueError, RuntimeError) as e:  # e.g. more devices than the machine has
             raise WingspanError(f"Cannot run on {self.describe()}: {e}",
@@ -126,14 +127,6 @@ class Processes:
                 subprocess_script._launch_process_observer = lightnings
             os.environ.pop(LAUNCHER_PID_ENV, None)
         return fabric
-
-    def _strategy(self, devices: int | list[int], nodes: int) -> str | DDPStrategy:
-        """DDP, with RANK_WAIT_HOURS as its collectives' timeout, where several processes
-        run ("auto" picks DDP for them, with torch's 30 minutes); else as given."""
-        if isinstance(devices, int) and devices * nodes > 1 and self.strategy in ("auto",
-                                                                                 "ddp"):
-            return DDPStrategy(timeout=timedelta(hours=RANK_WAIT_HOURS))
-        return self.strategy
 
     def world(self) -> tuple[int, int]:
         """(processes per machine, machines): as given, else as torchrun set them. Under
@@ -280,6 +273,20 @@ def _accelerator(device: str) -> tuple[str, int | None]:
     if dev.type not in ("cpu", "cuda"):
         raise WingspanError(f"Device '{device}' is not supported.", hint="Use cpu or cuda.")
     return dev.type, dev.index
+
+
+def long_wait(fabric: Fabric) -> Callable[[], None]:
+    """A barrier for the ranks that wait while rank 0 alone ends a run (the lossy check,
+    the final passes, the bundle), with RANK_WAIT_HOURS as its timeout, not the process
+    group's (torch's 30 minutes, which ETHEC's final passes on a CPU can pass: the waiting
+    ranks then failed, and so did each resume on as many processes). The other collectives
+    keep the group's, so that a rank hung elsewhere is not waited for for hours. Every
+    rank calls this first (it makes a process group: gloo, which waits on the CPU), then
+    the returned barrier once its part is done."""
+    if fabric.world_size == 1 or not dist.is_initialized():
+        return lambda: None
+    group = dist.new_group(backend="gloo", timeout=timedelta(hours=RANK_WAIT_HOURS))
+    return lambda: dist.barrier(group=group)
 
 
 def local_fabric(device: str = "auto") -> Fabric:

@@ -62,6 +62,7 @@ from wingspan.models.unknown import UNKNOWN, UnknownDetector, fit_subset, new_kn
 from wingspan.parallel import (
     Processes,
     check_default_dtype,
+    long_wait,
     lost_peer_said,
     peer_lost,
     rank_seed,
@@ -897,9 +898,10 @@ def _choose_here(policy: Policy, model: Classifier, config: TrainConfig,
 def _finish(run: Run) -> Path:
     """Load the best model, write metrics.json and the bundle (rank 0; the others wait, so
     that the bundle exists wherever `train` returns)."""
+    wait = long_wait(run.fabric)
     if run.is_main:
         _write_results(run)
-    run.fabric.barrier()
+    wait()
     return run.dir
 
 
