@@ -1437,6 +1437,11 @@ def test_a_copy_or_a_move_of_the_runs_own_images_is_not_called_fair(tmp_path):
                      data_root=tmp_path / "data").startswith("yes: the test split")
     # ... said without a caveat where groups were given (two photos of specimen s1 here)
     grouped = own.assign(group=["s1", "s1", "s2", "s3", "s4"])
+    # (identical files, which a split keeps together, are no groups given: the caveat stays)
+    copies = own.assign(group=["same-file:a/t1.jpg", "same-file:a/t1.jpg", *own["path"][2:]])
+    assert "(each photo its own group: none were given" in fairness_verdict(
+        {}, "test", None, [own["path"].iloc[-1]], copies, run_dir=run,
+        data_root=tmp_path / "data")
     assert fairness_verdict({}, "test", None, [own["path"].iloc[-1]], grouped, run_dir=run,
                      data_root=tmp_path / "data") == (
         "yes: the test split was never trained or chosen on")

@@ -521,3 +521,10 @@ def test_a_split_made_without_groups_says_photos_of_one_specimen_may_land_on_two
                for line in logs), logs
     specimen = split.table.path.str.replace(r"_(up|under)\.jpg$", "", regex=True)
     assert (split.table.groupby(specimen).split.nunique() == 1).all()
+    # Train folders alone, val and test carved from them: said the same way.
+    for seed, path in enumerate(sorted((tmp_path / "d").rglob("*.jpg"))):
+        write_image(tmp_path / "t" / "train" / path.parent.name / path.name, seed=seed)
+    logs.clear()
+    ensure_splits(read_dataset(tmp_path / "t"), "label", config, log=logs.append)
+    assert any("for test, photo by photo (no groups given: --group-regex" in line
+               for line in logs), logs

@@ -179,8 +179,16 @@ def report_reading(dataset: Dataset, log) -> dict[str, int]:
     return counts
 
 
+# A splits.csv's group for identical files, which a split keeps together (data.split)
+SAME_FILE = "same-file:"
+
+
 def groups_given(table: pd.DataFrame) -> bool:
     """Whether groups were given (--group-regex, a CSV's group column): else each photo is
-    its own group (identical files apart), and photos of one specimen or observation may
-    sit on two sides of a split."""
-    return GROUP in table and not table[GROUP].isin(set(table[PATH])).all()
+    its own group (identical files apart: grouped by their path, or SAME_FILE read back
+    from a run's splits.csv), and photos of one specimen or observation may sit on two
+    sides of a split."""
+    if GROUP not in table:
+        return False
+    keys = table[GROUP].astype(str)
+    return not (keys.isin(set(table[PATH])) | keys.str.startswith(SAME_FILE)).all()

@@ -14,7 +14,7 @@ from sklearn.utils import check_random_state
 from wingspan.config import SplitConfig, TrainConfig
 from wingspan.data.leaks import with_duplicates_grouped
 from wingspan.data.readers import is_utf8, shown_utf8
-from wingspan.data.samples import GROUP, PATH, SPLIT, Dataset
+from wingspan.data.samples import GROUP, PATH, SAME_FILE, SPLIT, Dataset
 from wingspan.errors import WingspanError, counted, some
 from wingspan.files import atomic_paths, remove_dead_leftovers
 
@@ -321,7 +321,7 @@ def write_splits(dataset: Dataset, path: str | os.PathLike, relative: bool = Tru
     # key spelled like the paths (relative: it moves with the data), shared by them all.
     own = (table[GROUP] == table["path"]) & ~table[GROUP].duplicated(keep=False)
     shared_file = table[GROUP].isin(set(table["path"])) & ~own
-    table[GROUP] = [("" if alone else f"same-file:{where(g)}" if copies else g)
+    table[GROUP] = [("" if alone else f"{SAME_FILE}{where(g)}" if copies else g)
                     for g, alone, copies in zip(table[GROUP], own, shared_file, strict=True)]
     table["path"] = [where(p) for p in table["path"]]
     if odd := next((p for p in table["path"] if not is_utf8(p)), None):

@@ -147,8 +147,9 @@ class Policy:
             f"; not {name} for this model: {why}" for name, why in self.avoided.items())
         if self.unchecked and self.frozen:
             frozen += (f"; {self.frozen.engine.name} never checked against fp32 on this "
-                       "model's val images (trained where it was no candidate, or before "
-                       "the check): --precision fp32 answers as the export does")
+                       "model's val images (trained where it was no candidate, before the "
+                       "check, or where the check failed): --precision fp32 (precision="
+                       "\"fp32\" in Python) answers as the export does")
         text = f"{self.device.type}{layout}; frozen passes {frozen}"
         return text + (f"; training step {self.train.describe()}" if self.train else "")
 

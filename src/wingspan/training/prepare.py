@@ -74,7 +74,10 @@ def ensure_splits(dataset: Dataset, level: str, config: TrainConfig,
     splits = set(dataset.table[SPLIT])
     if "val" not in splits and "test" not in splits and config.test_fraction:
         log(f"The data's split has train only: taking {config.val_fraction:.0%} of it for val "
-            f"and {config.test_fraction:.0%} for test, by group and stratified")
+            f"and {config.test_fraction:.0%} for test, "
+            + ("by group" if groups_given(dataset.table) else "photo by photo (no groups "
+               "given: --group-regex or a CSV's group column keeps a specimen's photos "
+               "together)") + " and stratified")
         return _carve_val(dataset, level, config, test=True)
     if "val" not in splits:
         log(f"The data has no val split: taking {config.val_fraction:.0%} of train for it")
