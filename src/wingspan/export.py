@@ -242,7 +242,10 @@ def export_model(run: str | Path, out: str | Path | None = None, fmt: str = "onn
         out = out / ("model.int8.onnx" if quantize else form.file)
     job = _Job(deployable, spec, outputs, check_images or _val_images(bundle, 16), meta,
                reference, bundle, levels, quantize)
-    return _write(out, form.export(job), meta)
+    written = _write(out, form.export(job), meta)
+    for caveat in int8_caveats(meta.get("int8") or {}) if quantize else []:
+        warnings.warn(caveat, stacklevel=2)  # (the CLI shows it as "Warning: ...")
+    return written
 
 
 @dataclass
@@ -275,8 +278,6 @@ def _export_onnx(job: _Job) -> bytes:
         # int8 cannot agree with PyTorch to 1e-4: that check was the graph before it
         # (`int8` holds how the int8 one compares, on val top-1 and unknown shares).
         meta["checked"]["graph"] = "fp32, before quantizing"
-        for caveat in int8_caveats(meta["int8"]):  # (the CLI shows them as "Warning: ...")
-            warnings.warn(caveat, stacklevel=2)
         if thresholds:
             meta["unknown"]["thresholds"] = thresholds
         # The graph's own copy leaves out the timing, which the JSON beside it keeps: a
