@@ -98,8 +98,7 @@ class Processes:
         said.addFilter(amp)
         try:
             fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=nodes,
-                            strategy=self.strategy,
-                            precision=FABRIC_PRECISION[precision])
+                            strategy=self.strategy, precision=FABRIC_PRECISION[precision])
         except (ValueError, RuntimeError) as e:  # e.g. more devices than the machine has
             raise WingspanError(f"Cannot run on {self.describe()}: {e}",
                                 hint="Check --device, --devices and --nodes.") from e
