@@ -526,5 +526,5 @@ def test_a_split_made_without_groups_says_photos_of_one_specimen_may_land_on_two
         write_image(tmp_path / "t" / "train" / path.parent.name / path.name, seed=seed)
     logs.clear()
     ensure_splits(read_dataset(tmp_path / "t"), "label", config, log=logs.append)
-    assert any("for test, photo by photo (no groups given: --group-regex" in line
+    assert any("for test, photo by photo (no groups given: photos of one specimen" in line
                for line in logs), logs

@@ -243,7 +243,7 @@ def export_model(run: str | Path, out: str | Path | None = None, fmt: str = "onn
     job = _Job(deployable, spec, outputs, check_images or _val_images(bundle, 16), meta,
                reference, bundle, levels, quantize)
     written = _write(out, form.export(job), meta)
-    for caveat in int8_caveats(meta.get("int8") or {}) if quantize else []:
+    for caveat in int8_caveats(meta["int8"]) if quantize else []:
         warnings.warn(caveat, stacklevel=2)  # (the CLI shows it as "Warning: ...")
     return written
 

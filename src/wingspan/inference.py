@@ -167,16 +167,17 @@ class Predictor:
         main = fabric is None or fabric.is_global_zero
         # (a lossy engine that moved this model's answers at the end of its training is
         # left out: its predictions then match the fp32 export's)
+        inference = self.manifest.get("inference")
         policy = dataclasses.replace(resolve_policy(  # (no training step: not described)
             str(fabric.device) if fabric else device, precision, runtime=runtime,
-            avoid=avoided_engines(self.manifest.get("inference"))), train=None)
+            avoid=avoided_engines(inference)), train=None)
         policy.prepare_model(self.model)
         chosen = (policy.choose_frozen(self.model, self.size, batch_size, progress=progress)
                   if main else None)
         if fabric is not None and fabric.world_size > 1:
             records = fabric.broadcast(chosen.records() if chosen else None)
             chosen = chosen or policy.adopt(records, "as rank 0 chose")
-        checked = (self.manifest.get("inference") or {}).get("lossy_engines") or {}
+        checked = (inference or {}).get("lossy_engines") or {}
         self.policy = dataclasses.replace(chosen, unchecked=(
             chosen.frozen.engine.precision != "fp32" and chosen.frozen.engine.name not in checked
             and "forced" not in chosen.frozen.how))

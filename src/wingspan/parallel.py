@@ -283,7 +283,7 @@ def long_wait(fabric: Fabric) -> Callable[[], None]:
     rank calls this first (it makes a process group: gloo, which waits on the CPU), then
     the returned barrier once its part is done."""
     if fabric.world_size == 1 or not dist.is_initialized():
-        return lambda: None
+        return fabric.barrier  # (one process: nothing to wait for)
     group = dist.new_group(backend="gloo", timeout=timedelta(hours=RANK_WAIT_HOURS))
     return lambda: dist.barrier(group=group)
 

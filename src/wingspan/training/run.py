@@ -937,7 +937,6 @@ def _write_results(run: Run) -> None:
         "unreadable": [{"path": p, "reason": why} for p, why in state.skipped.items()],
         "splits_digest": run.splits_digest,  # evaluate checks its splits.csv against it
     }
-    run.write_json("metrics.json", metrics)
     taxonomy = run.data.taxonomy.to_dict() if run.data.taxonomy else None
     training = json.loads(json.dumps(dataclasses.asdict(run.config)))
     training["rare_classes"] = run.data.rare
@@ -946,10 +945,10 @@ def _write_results(run: Run) -> None:
     inference = _check_lossy(run)
     # (read and checked once, for both splits)
     switched = _in_fp32_from_here(run, avoided_engines(inference))
-    if switched:  # (metrics.json's engine line is the epochs'; the last passes' is added)
+    if switched:  # (the engine line is the epochs'; the last passes' is added)
         metrics["engine"] += (f"; final passes {run.policy.frozen.engine.name}, as this "
                               "model's predictions")
-        run.write_json("metrics.json", metrics)
+    run.write_json("metrics.json", metrics)
     cached = None if switched else _cached_features(run)
     val = _final_outputs(run, "val", cached)
     calibration = _fit_calibration(run, val)
