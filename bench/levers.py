@@ -56,6 +56,7 @@ TRANSFER_MAP = {"001-danaus_plexippus": "monarch", "009-vanessa_atalanta": "admi
 EMA_DECAY = 0.98  # fine-tuning has ~120 steps on iNat, ~64 on Leeds
 MIXUP_ALPHA = 0.4
 DROP_PATH = 0.2  # timm's rate for EfficientNet-B0/Lite-sized models trained from scratch
+SAM_RHO = 0.05  # Foret et al. 2021's radius for fine-tuning and for most of their runs
 
 
 WISE = {"wise": 0.5, "wise75": 0.75}  # mode: the fine-tuned weights' share
@@ -139,6 +140,9 @@ LEVERS = {
                   "run as wise75", mode="wise", patch="wise"),
     "wise75": Lever("as wise, 0.75 of the fine-tuned weights and 0.25 of the head stage's; "
                     "same run as wise", mode="wise75", patch="wise"),
+    "sam": Lever(f"SAM (Foret et al. 2021) in fine-tuning: each step's gradient taken where "
+                 f"the loss rises most within radius {SAM_RHO} of the weights (2 passes a "
+                 f"step), said to help transfer and shifts of data", patch="sam"),
     "adapt": Lever("wingspan adapt on the photos it then names (unlabelled: self-training of "
                    "the head, 3 rounds at p >= 0.7)", mode="adapt", targets=("transfer",),
                    cost="predict"),
@@ -399,7 +403,11 @@ def patched(patch: str) -> None:
       the loop runs as usual, but it chooses nothing);
     - drop-path: the backbone built with timm's stochastic depth (identity in eval mode, so
       the feature cache and the bundle are as usual; in fine-tuning, every block with it
-      runs in PyTorch, as `Backbone` keeps random modules out of the frozen prefix)."""
+      runs in PyTorch, as `Backbone` keeps random modules out of the frozen prefix);
+    - sam: fine-tuning's backward pass taken twice: once where the weights are, then
+      again at the weights moved by SAM_RHO along that gradient (the same batch, after
+      the frozen prefix), whose gradient the optimizer then steps with from the weights
+      as they were. The head stage is as usual."""
     from wingspan.training import run as recipe
     from wingspan.training import stages
 
@@ -491,6 +499,50 @@ def patched(patch: str) -> None:
                      for k, v in run.model.state_dict().items()}
             original_finetune(run)
             torch.save(start, run.dir / "head-stage.pt")
+
+        recipe.finetune = finetune
+    elif patch == "sam":
+        original_finetune, original_loss = recipe.finetune, stages.loss_fn
+
+        def finetune(run) -> None:
+            fabric, last = run.fabric, {}
+            setup, backward = fabric.setup, fabric.backward
+
+            def remember_setup(module, *optimizers, **kwargs):
+                module.register_forward_pre_hook(lambda _, args: last.update(x=args[0]))
+                wrapped = setup(module, *optimizers, **kwargs)
+                last["module"] = wrapped[0]
+                return wrapped
+
+            def loss_fn(*args, **kwargs):
+                criterion = original_loss(*args, **kwargs)
+
+                def remembered(outputs, labels):
+                    last.update(criterion=criterion, labels=labels)
+                    return criterion(outputs, labels)
+                return remembered
+
+            def sam_backward(loss, *args, **kwargs):
+                backward(loss, *args, **kwargs)
+                params = [p for p in last["module"].parameters() if p.grad is not None]
+                norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+                with torch.no_grad():
+                    moves = [p.grad * (SAM_RHO / (norm + 1e-12)) for p in params]
+                    for p, move in zip(params, moves, strict=True):
+                        p.add_(move)
+                        p.grad = None
+                sharp = last["criterion"](last["module"](last["x"]), last["labels"])
+                backward(sharp, *args, **kwargs)
+                with torch.no_grad():
+                    for p, move in zip(params, moves, strict=True):
+                        p.sub_(move)
+
+            fabric.setup, fabric.backward, stages.loss_fn = (remember_setup, sam_backward,
+                                                             loss_fn)
+            try:
+                original_finetune(run)
+            finally:
+                fabric.setup, fabric.backward, stages.loss_fn = setup, backward, original_loss
 
         recipe.finetune = finetune
     elif patch == "averages":

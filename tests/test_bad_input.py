@@ -163,6 +163,34 @@ def test_predict_on_one_photo_and_on_none(run_dir, run_cli, tmp_path):
     assert code == 2 and "prediction" not in out and "no such file" in err
 
 
+def test_predict_counts_the_files_of_a_folder_that_are_not_images(run_dir, run_cli, tmp_path):
+    """A folder's notes and a raw photo's sidecar are left out, as training's reader leaves
+    them, but said: "2 images predicted" of a folder of 5 files read as 3 lost. The JSON
+    lists them; a pattern (photos/*) that matches them says the same."""
+    import json
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        _rgb().save(folder / name)
+    (folder / "notes.txt").write_text("garden, June")
+    (folder / "a.xmp").write_text("<x:xmpmeta/>")
+    (folder / "Thumbs.db").write_bytes(b"junk")  # a file manager's: not said
+    for given in (folder, f"{folder}/*"):
+        code, out, err = run_cli("predict", run_dir, given, "--output", tmp_path / "p.json",
+                                 "--quiet")
+        said = " ".join((out + err).split())
+        assert code == 0 and "2 images predicted" in said, said
+        assert "Left out 2 files that are not images (by their names' endings): a.xmp, " \
+               "notes.txt" in said and "Thumbs" not in said, said
+        written = json.loads((tmp_path / "p.json").read_text())
+        assert [p.rsplit("/", 1)[-1] for p in written["not_images"]] == ["a.xmp", "notes.txt"]
+        assert len(written["predictions"]) == 2 and not written["failed"]
+    # One image named: nothing else said.
+    code, out, err = run_cli("predict", run_dir, folder / "a.jpg", "--quiet")
+    assert code == 0 and "Left out" not in out + err
+
+
 def test_evaluate_on_photos_whose_classes_the_model_does_not_know(run_dir, run_cli, tmp_path,
                                                                   demo_dir):
     """A folder whose class names are not the model's: both sets named, and --map."""

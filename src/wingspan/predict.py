@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from wingspan.config import TOP_K
 from wingspan.data.readers import (
+    FILE_MANAGER_JUNK,
     images_under,
     is_image_file,
     unsupported_photo,
@@ -37,13 +38,16 @@ if TYPE_CHECKING:
 UNKNOWN_KEYS = ("answer", "known_level", "unknown_score", "threshold", "score_level")
 
 
-def expand_paths(inputs: list[str], places: list[int] | None = None
+def expand_paths(inputs: list[str], places: list[int] | None = None,
+                 not_images: list[str] | None = None
                  ) -> tuple[list[str], list[tuple[str, str]]]:
     """Files as given, folders searched recursively for images, globs expanded.
     Returns the image paths and (input, reason) for inputs that match nothing. `places`
     gets where each of those belongs among the images (the number before it): an input
     that matches nothing keeps its place among the others, and a file skipped inside a
-    folder (a HEIC photo) its place among the folder's sorted images."""
+    folder (a HEIC photo) its place among the folder's sorted images. `not_images` gets
+    the files a folder or a pattern holds that are not images (notes.txt, a raw photo's
+    .xmp): left out, as training's reader leaves them, but counted."""
     found, missing, seen, searched = [], [], set(), set()
 
     def add(paths: list[str], search: bool = True) -> None:
@@ -76,6 +80,8 @@ def expand_paths(inputs: list[str], places: list[int] | None = None
             if p.kind in ("unsupported_photo", "unreadable_folder", "missing_file",
                           "link_not_followed"):
                 skip((p.path, p.message), len(found) + bisect.bisect_left(images, p.path))
+        if not_images is not None:  # (in os.walk's order, which differs by file system)
+            not_images.extend(sorted(p.path for p in problems if p.kind == "not_image"))
         return images
 
     for item in inputs:
@@ -93,6 +99,9 @@ def expand_paths(inputs: list[str], places: list[int] | None = None
                           [match] if is_image_file(match) else [])
                 if not folder and (why := unsupported_photo(match)):
                     skip((match, why), len(found))
+                elif (not folder and not images and not_images is not None
+                      and Path(match).name.lower() not in FILE_MANAGER_JUNK):
+                    not_images.append(match)
                 matched += len(images)
                 add(images)
             if not matched:
@@ -146,6 +155,8 @@ class PredictResult:
     # columns, whatever rows could be read (a batch of broken files had other columns).
     levels: list[str] = field(default_factory=list)
     top_k: int = 1
+    # Files the folders and patterns given hold that are not images: left out, not failed.
+    not_images: list[str] = field(default_factory=list)
 
 
 def predict_fabric(device: str, devices: int | None, nodes: int | None, strategy: str,
@@ -170,11 +181,12 @@ def predict(predictor: Predictor, inputs: list[str], top_k: int = TOP_K, tta: bo
         raise WingspanError(f"top_k must be at least 1, not {top_k}.",
                             hint="Ask for the top 1 (the answer alone) or more classes.")
     places: list[int] = []  # (number of images before it, (input, reason))
-    paths, missing = expand_paths(inputs, places)
+    not_images: list[str] = []
+    paths, missing = expand_paths(inputs, places, not_images)
     unmatched = sorted(zip(places, missing, strict=True), key=lambda u: u[0])
     k = min(top_k, len(predictor.classes))
     result = PredictResult(levels=list(predictor.taxonomy.levels) if predictor.taxonomy else [],
-                           top_k=k)
+                           top_k=k, not_images=not_images)
     if fabric is not None and fabric.world_size > 1:
         mine = [paths[i] for i in shard(len(paths), fabric)]
         ours = list(predictor.run(mine, tta=tta, progress=progress and fabric.is_global_zero))
@@ -279,7 +291,8 @@ def write_predictions(result: PredictResult, path: Path) -> None:
                                 if "taxonomy" in r else {}),
                              **{key: r[key] for key in UNKNOWN_KEYS if key in r}}
                             for r in result.rows],
-            "failed": [{"path": f, "error": e} for f, e in result.failed]}, indent=2))
+            "failed": [{"path": f, "error": e} for f, e in result.failed],
+            "not_images": result.not_images}, indent=2))
         return
     # (a file name that is not UTF-8, b'caf\xe9.jpg', is written 'caf\udce9.jpg': it
     # stopped the CSV, and every prediction was lost)

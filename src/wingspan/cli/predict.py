@@ -154,6 +154,11 @@ def predict_command(
     say.print(f"{counted(len(result.rows), 'image')} predicted at "
               f"{result.images_per_second:.1f} images/s"
               + (f"; {len(result.failed)} skipped" if result.failed else ""))
+    if result.not_images:  # (named, or a folder of raw photos' sidecars reads as lost)
+        n, names = len(result.not_images), [Path(p).name for p in result.not_images]
+        say.print(f"Left out {counted(n, 'file that is not an image', 'files that are not images')}"
+                  f" (by their names' endings): {plain(', '.join(names[:3]))}"
+                  + (f" and {n - 3} more" if n > 3 else ""), highlight=False)
     if output and not to_stdout:
         out.print(f"Wrote {plain(output)}")
     # (by the level known, not the answer's text: a class may be named "unknown")
