@@ -125,6 +125,13 @@ def test_bad_settings_raise_wingspan_errors_naming_them(demo_dir, tmp_path):
     assert "'epochs_head'" in e.value.hint
     with pytest.raises(WingspanError, match="'image_size' = 'big'"):
         ws.train(data, runs_dir=tmp_path, image_size="big")
+    # ws.train's own argument in a dict of settings: where it goes, not "did you mean
+    # 'max_per_class'", which sounds alike and is not it.
+    with pytest.raises(WingspanError, match="'max_pixels' is an option of the command, not a "
+                                            "setting a TrainConfig holds") as e:
+        ws.train(data, runs_dir=tmp_path, config={"max_pixels": 10_000_000, "epochs_head": 1})
+    assert "ws.train(..., name=..., runs_dir=..., max_pixels=...)" in e.value.hint
+    assert "max_per_class" not in str(e.value) + e.value.hint
     with pytest.raises(WingspanError, match="'image_size' = '{max_per_class}'"):  # as given
         ws.train(data, runs_dir=tmp_path, image_size="{max_per_class}")
     # Keras' weights=None (random weights) is taken as "none": only the bad setting is named.
@@ -1257,3 +1264,44 @@ def test_an_empty_path_is_refused_as_the_command_line_refuses_it(demo_dir, tmp_p
         with pytest.raises(WingspanError, match=r"is empty: give a path \(\"\.\" for the "):
             call()
     assert not list(tmp_path.iterdir())
+
+
+
+SCRIPT = """\
+import multiprocessing
+import wingspan as ws
+from wingspan.training import data
+
+multiprocessing.set_start_method("spawn", force=True)  # as on macOS and Windows
+data.usable_cores = lambda: 4  # workers whatever this machine's cores
+{body}
+"""
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_a_script_without_the_main_guard_trains_where_workers_start_by_spawn(
+        demo_dir, tmp_path, guarded):
+    """macOS and Windows start worker processes by spawn: each imports the main script
+    again. A script that called ws.train at its top level (as the quick start shows it)
+    had each data worker train again: it failed, after making a second run folder, and
+    the run stopped blaming memory. Now such a script reads the images in its own process
+    and says why; under the guard, workers are used as before."""
+    call = (f"ws.train({str(demo_dir)!r}, backbone='test_efficientnet', weights='none', "
+            f"image_size=32, epochs_head=1, epochs_finetune=0, runs_dir={str(tmp_path)!r}, "
+            "quiet=True)")
+    script = tmp_path / "mine.py"
+    script.write_text(SCRIPT.format(body=f"if __name__ == '__main__':\n    {call}" if guarded
+                                    else call))
+    env = {**os.environ, "WINGSPAN_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env=env, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = [p for p in tmp_path.iterdir() if (p / "config.yaml").is_file()]
+    assert len(runs) == 1, runs  # not a second run folder made by a worker
+    said = " ".join(done.stderr.split())
+    if guarded:
+        assert "Reading the images in this process" not in said, said
+    else:
+        assert "Reading the images in this process, not in 3 worker processes" in said \
+            and "line 7" in said \
+            and 'Put the script\'s calls under `if __name__ == "__main__":`' in said, said

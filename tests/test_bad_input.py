@@ -119,6 +119,9 @@ AT_LEAST_1 = r"(greater than or equal to 1|x>=1)"
     (["--output", "p.txt"], "must end in .csv or .json"),
     (["--max-pixels", "0"], AT_LEAST_1),
     (["--device", "tpu"], "Unknown device 'tpu'"),
+    # (train refused it; predict and evaluate passed it on to torch: a traceback)
+    (["--device", "mps"], "--device mps: wingspan runs on the CPU or a CUDA GPU; mps devices "
+                          r"\(an Apple GPU's mps, say\) are not supported yet"),
     (["--device", "cuda:7", "--devices", "2"], "names one GPU"),
     (["--devices", "0"], "--devices 0: must be 1 to 1024"),
 ])

@@ -258,6 +258,30 @@ def test_an_export_killed_between_its_two_files_keeps_the_previous_pair(run_dir,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "model.pt.json"]
 
 
+def test_a_reexport_beside_an_older_exports_metadata_says_it_is_out_of_date(run_dir,
+                                                                           tmp_path):
+    """Exports before 2026-12-01 wrote model.json beside model.onnx; today's write
+    model.onnx.json. A re-export after `calibrate` left the old file, with the old
+    temperature, for a deployment script to go on reading, without a word."""
+    import warnings
+
+    from wingspan import export
+
+    out = tmp_path / "model.pt"
+    (tmp_path / "model.json").write_text(json.dumps({"format": "wingspan-torchscript",
+                                                     "temperature": 9.0}))
+    (tmp_path / "notes.json").write_text("{}")
+    with pytest.warns(UserWarning, match="model.json beside it is an earlier wingspan's "
+                                         "metadata for this file") as said:
+        export.export_model(run_dir, out, fmt="torchscript")
+    assert "model.pt.json is this export's" in str(said[0].message)
+    assert json.loads((tmp_path / "model.json").read_text())["temperature"] == 9.0  # kept
+    (tmp_path / "model.json").write_text('{"my": "own"}')  # not an export's: nothing said
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        export.export_model(run_dir, out, fmt="torchscript")
+
+
 def test_a_bundle_away_from_its_run_is_checked_on_generated_pictures(run_dir, run_cli,
                                                                       tmp_path):
     import shutil

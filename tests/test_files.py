@@ -474,6 +474,33 @@ def test_what_killed_writers_left_is_removed_once_their_process_is_gone(tmp_path
         n for n, kept in names.items() if kept} | {f".recent.{gone.pid}.tmp.csv", mine.name}
 
 
+def test_whether_a_writer_lives_is_asked_without_a_signal_on_windows(monkeypatch):
+    """os.kill(pid, 0) probes a process on Linux and macOS; on Windows signal 0 is
+    CTRL_C_EVENT, a Ctrl-C to the console: a train that met a killed writer's leftover in
+    the cache exited 130 without a word, every time. There psutil is asked instead."""
+    import subprocess
+
+    from wingspan import files
+
+    psutil = pytest.importorskip("psutil")  # (installed with wingspan on Windows alone)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    asked = []
+
+    def no_signals(pid, sig):
+        raise AssertionError(f"os.kill({pid}, {sig}) on Windows")
+
+    def pid_exists(pid):  # (psutil's own probe on Windows is OpenProcess, not a signal)
+        asked.append(pid)
+        return pid == os.getpid()
+
+    monkeypatch.setattr(files, "WINDOWS", True)
+    monkeypatch.setattr(os, "kill", no_signals)
+    monkeypatch.setattr(psutil, "pid_exists", pid_exists)
+    assert files._alive(os.getpid()) and not files._alive(gone.pid)
+    assert asked == [os.getpid(), gone.pid]
+
+
 def test_what_safetensors_left_writing_through_its_own_temporary_file_is_removed(tmp_path):
     """safetensors writes through a .tmpXXXXXX file of its own and renames it: a killed
     calibrate left a whole model's worth in model/, a killed train its feature cache's,
@@ -518,3 +545,40 @@ def test_a_cache_drops_what_its_killed_writers_left(tmp_path):
     FileArrays(tmp_path, "key")
     assert {p.name for p in tmp_path.iterdir()} == {
         n for n, kept in names.items() if kept} | {f".{'0' * 40}.{gone.pid}.tmp.npy"}
+
+
+def test_an_output_open_in_another_program_on_windows_is_named(tmp_path, monkeypatch):
+    """Windows refuses to replace a file that another program holds open (a predictions
+    CSV in Excel), or to move a folder holding one (an evaluation's): the error said
+    "Permission denied" on a temporary file that no longer existed, and hinted at `ls -l`.
+    Now it names the file and says to close it; the file is as it was."""
+    from wingspan import files
+
+    target = tmp_path / "preds.csv"
+    target.write_text("the user's open copy")
+    real = os.replace
+
+    def excel(source, dest):
+        if Path(dest) == target or Path(source) == tmp_path / "evaluation-test":
+            raise PermissionError(13, "The process cannot access the file because it is "
+                                      "being used by another process", str(source))
+        real(source, dest)
+
+    monkeypatch.setattr(files, "WINDOWS", True)
+    monkeypatch.setattr(os, "replace", excel)
+    with pytest.raises(WingspanError, match="Cannot replace .*preds.csv: another program has "
+                                            "it open") as e, atomic_path(target) as tmp:
+        tmp.write_text("new")
+    assert "Close it there" in e.value.hint and target.read_text() == "the user's open copy"
+    assert [p.name for p in tmp_path.iterdir()] == ["preds.csv"]  # (no temporary left)
+    folder = tmp_path / "evaluation-test"
+    folder.mkdir()
+    (folder / "predictions.csv").write_text("open")
+    (tmp_path / ".partial").mkdir()
+    with pytest.raises(WingspanError, match="another program has a file in the folder open"):
+        files.replace_folder(tmp_path / ".partial", folder)
+    assert (folder / "predictions.csv").read_text() == "open"
+    # Elsewhere a PermissionError stays one (a folder this user may not write, say).
+    monkeypatch.setattr(files, "WINDOWS", False)
+    with pytest.raises(PermissionError), atomic_path(target) as tmp:
+        tmp.write_text("new")

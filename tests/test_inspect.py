@@ -437,3 +437,53 @@ def test_inspect_reads_with_as_many_threads_as_the_cores_this_process_may_use(mo
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3, 7}, raising=False)
     assert (machine()["cores"], machine()["machine_cores"]) == (2, 64)
+
+
+@pytest.fixture
+def windows_text(monkeypatch):
+    """Text files opened without an encoding use cp1252, as on a Western Windows machine
+    (Python there reads and writes the ANSI code page unless told otherwise)."""
+    import builtins
+    import io
+
+    def text_encoding(encoding, stacklevel=2):
+        return "cp1252" if encoding in (None, "locale") else encoding
+
+    plain_open = builtins.open
+
+    def cp1252_open(file, mode="r", buffering=-1, encoding=None, *args, **kwargs):
+        if "b" not in mode and encoding in (None, "locale"):
+            encoding = "cp1252"
+        return plain_open(file, mode, buffering, encoding, *args, **kwargs)
+
+    monkeypatch.setattr(io, "text_encoding", text_encoding)
+    monkeypatch.setattr(builtins, "open", cp1252_open)
+
+
+def test_data_whose_path_windows_cannot_spell_in_its_code_page(tmp_path, windows_text,
+                                                               run_cli, monkeypatch):
+    """A photo folder named "Fotos_Árvíztűrő" (ű and ő are not in cp1252): `data inspect`
+    stopped with a UnicodeEncodeError traceback on Windows, writing the file that says
+    whose outputs a folder holds; it is UTF-8 now, and read back as such (a second
+    inspect finds the folder its own)."""
+    for label in ("monarch", "admiral"):
+        for i in range(3):
+            write_image(tmp_path / "Fotos_Árvíztűrő" / label / f"{i}.jpg")
+    monkeypatch.chdir(tmp_path)  # (outputs in runs/data/NAME here)
+    for _ in range(2):
+        code, out, err = run_cli("data", "inspect", tmp_path / "Fotos_Árvíztűrő", "--quiet")
+        assert code == 0 and "Traceback" not in err, err
+    outputs = [p.parent for p in (tmp_path / "runs").rglob(".source")]
+    assert len(outputs) == 1, outputs  # the second found the first's folder its own
+    assert (outputs[0] / ".source").read_bytes().decode("utf-8").strip() == \
+        str((tmp_path / "Fotos_Árvíztűrő").resolve())
+    # A run trained on it: its config.yaml (UTF-8) names the folder in its first line, and
+    # --weights RUN/checkpoints/best.pt reads it back (UnicodeDecodeError on cp1252's
+    # undefined bytes, as Ő's 0x90 is).
+    from wingspan.models.weights import checkpoint_run_settings
+
+    run = tmp_path / "runs" / "r"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(f"# Trained on {tmp_path / 'Fotos_ŐŰ'}\nbackbone: x\n",
+                                     encoding="utf-8")
+    assert checkpoint_run_settings(run / "checkpoints" / "best.pt") == {"backbone": "x"}

@@ -214,6 +214,59 @@ def test_an_old_bundles_combined_scores_keep_their_distance_from_the_threshold(m
     assert after == pytest.approx(before / 1.002, abs=1e-6)
 
 
+def test_a_bundle_from_before_the_stepped_shares_answers_as_it_did():
+    """Combined shares step up just below each val score since 2026-12-06. A bundle
+    written before keeps its thresholds, set under the rule of its day (the step at each
+    val score); today's code read it with the new rule, and a score a few millionths
+    below a val score gained that image's share: an image of an older holdout demo run
+    went from its class to "unknown", silently, and away from the run's own export. Read
+    without the mark, a bundle keeps its rule, in the graph too, and written again keeps
+    it."""
+    from torch import nn
+
+    from wingspan.models.unknown import STEPPED
+
+    torch.manual_seed(0)
+    centres = 3 * torch.randn(3, 8)
+    head = torch.nn.Linear(8, 3)
+    x, y = _clusters(20, centres, seed=1)
+    vx, vy = _clusters(10, centres, seed=2)
+    with torch.no_grad():
+        new = UnknownDetector.fit(x, {"label": head(x)}, {"label": y}, vx,
+                                  {"label": head(vx)}, "msp+knn", 0.05)
+    entry = json.loads(json.dumps(new.manifest()))
+    assert all(entry[k] == v for k, v in STEPPED.items())
+    for k in STEPPED:
+        del entry[k]  # as written before
+    old = UnknownDetector.from_bundle(entry, new.tensors())
+    assert not old.stepped and not any(k in old.manifest() for k in STEPPED)
+    fresh = UnknownDetector.from_bundle(json.loads(json.dumps(new.manifest())), new.tensors())
+    # Scores just below each val MSP (the kNN part far below every val score)
+    val = fresh.fitted["msp+knn"]["label"].val["msp"]
+    parts = {"msp": val[1:] - 1e-7, "knn": torch.full((len(val) - 1,), -1e3).double()}
+    n = len(val)
+    shares = {}
+    for name, detector in (("old", old), ("new", fresh)):
+        combined = detector.fitted["msp+knn"]["label"]
+        shares[name] = combined.combine(parts).double().numpy()
+
+        class Part(nn.Module):
+            def __init__(self, i):
+                super().__init__()
+                self.i = i
+
+            def forward(self, features, logits):
+                return features[:, self.i]
+
+        graph = combined.graph({"msp": Part(0), "knn": Part(1)})
+        with torch.no_grad():
+            got = graph(torch.stack([parts["msp"], parts["knn"]], 1).float(), None)
+        np.testing.assert_allclose(got.numpy(), shares[name], atol=2e-6)
+    # One val image's share apart (scaled into [0, 1] as every combined score is)
+    gap = shares["new"] - shares["old"]
+    assert gap.min() > 0.5 / n and gap.max() < 1.5 / n, (gap, n)
+
+
 def test_a_bundle_keeps_the_k_its_knn_threshold_was_set_for(monkeypatch):
     import wingspan.models.unknown as unknown
 

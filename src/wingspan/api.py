@@ -43,6 +43,7 @@ from wingspan.config import (
     ReadConfig,
     SplitConfig,
     TrainConfig,
+    check_not_options,
 )
 from wingspan.data.samples import SPLIT, Dataset
 from wingspan.errors import WingspanError, counted, some
@@ -391,6 +392,8 @@ def train(data: Data | Dataset | str | Path, config: TrainConfig | dict | str | 
     """
     from wingspan.training import train as train_run
 
+    if isinstance(config, dict):  # (ws.train(data, config={"max_pixels": ...}))
+        check_not_options(config, "config: ", "a TrainConfig")
     if isinstance(config, TrainConfig | dict):
         settings = {**(dataclasses.asdict(config) if isinstance(config, TrainConfig)
                        else config), **settings}

@@ -767,16 +767,7 @@ class TrainConfig:
             raise WingspanError(f"{path} must hold a mapping of setting: value.")
         fields = list(cls.__dataclass_fields__)
         unknown = sorted(set(values) - set(fields), key=str)
-        if options := [k for k in unknown if k in COMMAND_OPTIONS]:
-            # Said as such, not "did you mean" a setting that sounds alike (max_pixels is
-            # not max_per_class).
-            raise WingspanError(
-                f"{path}: {', '.join(map(repr, options))} "
-                + ("is an option" if len(options) == 1 else "are options")
-                + " of the command, not a setting a config file holds.",
-                hint=f"Give {', '.join(COMMAND_OPTIONS[k] for k in options)} on the command "
-                     "line (in Python: ws.read(DATA, format=..., group_regex=...), "
-                     "ws.train(..., name=..., runs_dir=..., max_pixels=...)).")
+        check_not_options(unknown, f"{path}: ", "a config file")
         if unknown:
             close = {k: closest_settings(k, fields) for k in unknown}
             meant = [f"'{k}' -> '{c[0]}'" for k, c in close.items() if c]
@@ -813,6 +804,23 @@ COMMAND_OPTIONS = {"format": "--format", "group_regex": "--group-regex",
                    "max_pixels": "--max-pixels", "name": "--name", "runs_dir": "--runs-dir",
                    "resume": "--resume", "config": "--config", "quiet": "--quiet",
                    "data": "DATA"}
+
+
+def check_not_options(keys, where: str, holder: str) -> None:
+    """A WingspanError for `keys` that are options of `wingspan train` (COMMAND_OPTIONS), not
+    settings: said as such, not "did you mean" a setting that sounds alike (max_pixels is
+    not max_per_class). `holder` "a config file" or "a TrainConfig" (Python's)."""
+    if options := [k for k in keys if k in COMMAND_OPTIONS]:
+        python = ("ws.read(DATA, format=..., group_regex=...), "
+                  "ws.train(..., name=..., runs_dir=..., max_pixels=...)")
+        raise WingspanError(
+            f"{where}{', '.join(map(repr, options))} "
+            + ("is an option" if len(options) == 1 else "are options")
+            + f" of the command, not a setting {holder} holds.",
+            hint=f"Give {', '.join(COMMAND_OPTIONS[k] for k in options)} on the command "
+                 f"line (in Python: {python})." if holder == "a config file" else
+                 f"Give {'it' if len(options) == 1 else 'them'} as their own arguments: "
+                 f"{python}.")
 
 
 def name_pairs(items: list[str], option: str) -> dict[str, str]:

@@ -21,6 +21,8 @@ import numpy as np
 
 from wingspan.errors import WingspanError, first_line
 
+WINDOWS = sys.platform == "win32"
+
 # The mode a plain open() gives a new file here (0666 less the umask, read once while the
 # process is still one thread). safetensors creates its files 0600, and a model one user
 # trained is served or evaluated by others (a lab's shared machine): every file we write
@@ -41,7 +43,7 @@ def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
         if durable:
             _flush(tmp)
         os.chmod(tmp, _MODE)
-        os.replace(tmp, path)
+        replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -146,7 +148,7 @@ def _replace_together(tmps: list[Path], paths: list[Path]) -> None:
                     os.link(path, kept(path))
                 except OSError:  # a file system without hard links
                     shutil.copy2(path, kept(path))
-            os.replace(tmp, path)
+            replace(tmp, path)
             done[path] = had
     except BaseException as error:
         for path, had in done.items():
@@ -237,6 +239,10 @@ def _dead(entry: os.DirEntry, pid: int | None, now: float, quiet_seconds: float)
 
 
 def _alive(pid: int) -> bool:
+    if WINDOWS:  # signal 0 is CTRL_C_EVENT there: os.kill would interrupt the console
+        import psutil  # (a dependency on Windows alone)
+
+        return psutil.pid_exists(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -249,6 +255,11 @@ def _alive(pid: int) -> bool:
 def _flush(path: Path) -> None:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
+
+
+# Files of paths that wingspan writes and reads back: UTF-8 whatever the locale (Windows'
+# cp1252 cannot write "Árvíztűrő"), a name that is not UTF-8 kept as its bytes.
+PATH_TEXT = {"encoding": "utf-8", "errors": "surrogateescape"}
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -385,9 +396,25 @@ def replace_folder(partial: Path, final: Path) -> None:
         os.replace(old, final)
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
-        os.replace(final, old)
+        replace(final, old, final)
     os.replace(partial, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def replace(source: Path, target: Path, held: Path | None = None) -> None:
+    """os.replace, where Windows refuses to replace a file (or move a folder holding one)
+    that another program has open (a CSV in Excel): said as such, naming it, not as
+    "Permission denied" on the temporary file (`held`: what is open, default `target`)."""
+    try:
+        os.replace(source, target)
+    except PermissionError as e:
+        held = held or target
+        if WINDOWS and held.exists():
+            what = "a file in the folder" if held.is_dir() else "it"
+            raise WingspanError(f"Cannot replace {held}: another program has {what} open.",
+                                hint="Close it there (a spreadsheet or a viewer, say), then run "
+                                     "the command again.") from e
+        raise
 
 
 def make_folder(path: str | Path) -> Path:

@@ -259,18 +259,11 @@ def _check_launchable(fabric: Fabric) -> None:
 
 def _accelerator(device: str) -> tuple[str, int | None]:
     """Fabric's accelerator for our --device, and the GPU index if one is named."""
+    from wingspan.models.policy import torch_device
+
     if device == "auto":
         return ("cuda" if torch.cuda.is_available() else "cpu"), None
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise WingspanError(f"Unknown device '{device}'.",
-                            hint="Use auto, cpu, cuda or cuda:N (the Nth GPU).") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise WingspanError(f"--device {device} was asked for, but no CUDA GPU is available.",
-                            hint="Use --device cpu (or auto; device=\"cpu\" in Python).")
-    if dev.type not in ("cpu", "cuda"):
-        raise WingspanError(f"Device '{device}' is not supported.", hint="Use cpu or cuda.")
+    dev = torch_device(device)
     return dev.type, dev.index
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from wingspan.errors import WingspanError
-from wingspan.files import fitting_name
+from wingspan.files import PATH_TEXT, fitting_name
 
 # Fixed columns of the table; every other column is a label level.
 PATH, GROUP, SPLIT = "path", "group", "split"
@@ -24,7 +24,7 @@ def folder_of(base: Path, source: Path) -> Path:
     outputs of another folder or file of the same name, as its SOURCE file says: two
     "photos" folders each get their own."""
     try:
-        owner = (base / SOURCE).read_text().strip()
+        owner = (base / SOURCE).read_text(**PATH_TEXT).strip()
     except OSError:  # no one's yet
         return base
     mine = str(source.resolve())
@@ -92,7 +92,7 @@ class Dataset:
         out = self.out_dir
         out.mkdir(parents=True, exist_ok=True)
         if not (out / SOURCE).is_file():
-            (out / SOURCE).write_text(str(self.root.resolve()) + "\n")
+            (out / SOURCE).write_text(str(self.root.resolve()) + "\n", **PATH_TEXT)
         return out
 
     @property

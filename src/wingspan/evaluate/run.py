@@ -58,7 +58,14 @@ from wingspan.evaluate.wording import (
     tta_note,
     unknown_section,
 )
-from wingspan.files import atomic_path, fitting_name, name_part, replace_folder, write_text
+from wingspan.files import (
+    PATH_TEXT,
+    atomic_path,
+    fitting_name,
+    name_part,
+    replace_folder,
+    write_text,
+)
 from wingspan.inference import (
     Predictor,
     output_home,
@@ -135,7 +142,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
                                                          tta, unknown, unknown_score)
     with _writing(final) as out_dir:  # a failed one (a full disk, Ctrl-C) leaves no folder
         if data is not None:  # whose folder (`folder_of`): another of the same name has its own
-            (out_dir / SOURCE).write_text(str(dataset.root.resolve()) + "\n")
+            (out_dir / SOURCE).write_text(str(dataset.root.resolve()) + "\n", **PATH_TEXT)
         paths = rows["path"].tolist()
         preds = list(predictor.run(paths, tta=tta, progress=progress,
                                    every_score=unknown is not None))
@@ -344,14 +351,14 @@ def _writing(final: Path):
         shutil.rmtree(out_dir, ignore_errors=True)
         out_dir.mkdir()
         (out_dir / MARKER).write_text("written by wingspan evaluate; replaced whole by the "
-                                      "next\n")
+                                      "next\n", **PATH_TEXT)
         try:
             yield out_dir
             # What it wrote, so that the next one can tell a file the user put here since
             # (notes beside the figures), which it would delete, and refuse instead.
             written = sorted(str(f.relative_to(out_dir)) for f in out_dir.rglob("*")
                              if f.is_file() and f.name != MARKER)
-            with open(out_dir / MARKER, "a") as f:
+            with open(out_dir / MARKER, "a", **PATH_TEXT) as f:
                 f.write("".join(f"{name}\n" for name in written))
             replace_folder(out_dir, final)
         except BaseException:
@@ -578,7 +585,7 @@ def _check_out_dir(final: Path) -> None:
                             "the evaluation replaces its folder whole.",
                             hint="Give a new or empty folder, or an earlier evaluation's.")
     if (final / MARKER).is_file():  # an earlier evaluation's: the files it wrote, listed
-        listed = (final / MARKER).read_text().splitlines()[1:]
+        listed = (final / MARKER).read_text(**PATH_TEXT).splitlines()[1:]
         added = sorted(str(f.relative_to(final)) for f in final.rglob("*") if f.is_file()
                        and f.name != MARKER and str(f.relative_to(final)) not in listed)
         if listed and added:

@@ -240,6 +240,28 @@ def check_engine_settings(precision: str = "auto", runtime: str = "auto") -> tup
     return (precision, by_precision), (runtime, by_runtime)
 
 
+def torch_device(device: str) -> torch.device:
+    """--device (auto, cpu, cuda, cuda:N) as torch's device, refused with a clear error where
+    it is not there or not one wingspan runs on (an Apple GPU's mps passed predict's and
+    evaluate's settings, then failed in torch with a traceback)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise WingspanError(f"Unknown device '{device}'.",
+                            hint="Use auto, cpu, cuda or cuda:N (the Nth GPU).") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise WingspanError(f"--device {device}: wingspan runs on the CPU or a CUDA GPU; "
+                            f"{dev.type} devices (an Apple GPU's mps, say) are not supported "
+                            "yet.", hint="Use --device cpu, or auto (device=\"cpu\" in "
+                                         "Python).")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise WingspanError(f"--device {device} was asked for, but no CUDA GPU is available.",
+                            hint="Use --device cpu (or auto; device=\"cpu\" in Python).")
+    return dev
+
+
 def resolve_policy(device: str = "auto", precision: str = "auto",
                    convolutional: bool = True, runtime: str = "auto",
                    avoid: dict[str, str] | None = None) -> Policy:
@@ -249,21 +271,12 @@ def resolve_policy(device: str = "auto", precision: str = "auto",
     auto (a bundle's lossy engines that moved its answers, training.lossy_check)."""
     (precision, by_precision), (runtime, by_runtime) = check_engine_settings(precision,
                                                                              runtime)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise WingspanError(f"Unknown device '{device}'.",
-                            hint="Use auto, cpu, cuda or cuda:N (the Nth GPU).") from e
+    dev = torch_device(device)
     if dev.type == "cpu" and cpu_quota() and torch.get_num_threads() > (cores := usable_cores()):
         # torch takes a thread per core it may run on, blind to a container's CPU quota
         # (`docker run --cpus 2` on a 64-core host: 64 threads sharing 2 cores' time).
         # (Only under a quota: more threads than cores otherwise is the user's own choice.)
         torch.set_num_threads(cores)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise WingspanError("--device cuda was asked for, but no CUDA GPU is available.",
-                            hint="Use --device cpu (or auto; device=\"cpu\" in Python).")
     if precision == "fp16" and dev.type == "cpu":
         # (not bf16 alone: emulated, on a CPU without it, it runs several times slower)
         raise WingspanError(f"fp16 is not supported on the CPU ({by_precision}).",

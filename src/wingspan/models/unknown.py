@@ -37,6 +37,9 @@ MAX_FIT_IMAGES = 5000
 # How far below a val score the combined score's share steps up (`_steps`): well over the
 # float32 rounding by which engines differ (1e-7), well under the gaps between val scores.
 STEP_SLACK = 1e-5
+# The manifest's mark of a bundle whose combined shares step just below val scores (since
+# 2026-12-06); one without it keeps the rule its thresholds were set with.
+STEPPED = {"shares_step": "below_val"}
 # The k-th nearest training image's distance. pytorch-ood's default of 50 needs more images
 # per class than most users have; with held-out iNat species, AUROC rose as k fell (10 -> 3:
 # +0.004 to +0.019 on all six runs, README), but at k 1 a non-butterfly slipped through.
@@ -242,20 +245,26 @@ class Combined(Score):
     each misses what the other sees. (A small z-score term keeps images beyond every val
     image in order; the sum is scaled back into [0, 1].)"""
 
-    def __init__(self, parts: tuple[str, ...]):
-        self.parts = parts
+    def __init__(self, parts: tuple[str, ...], stepped: bool = True):
+        # `stepped`: shares step up just below each val score (`_steps`); a bundle written
+        # before that (no STEPPED mark) keeps the rule its thresholds were set with, at
+        # each val score, so that it answers as it did and as its exports do.
+        self.parts, self.stepped = parts, stepped
 
     def fit_val(self, val: dict[str, np.ndarray]) -> Combined:
         self.val = {p: torch.as_tensor(np.sort(val[p])).double() for p in self.parts}
-        self.steps = {p: _steps(v) for p, v in self.val.items()}  # (once, not per batch)
-        return self
+        return self._step()
 
     def tensors(self):
         return {f"val_{p}": v.float() for p, v in self.val.items()}
 
     def load(self, tensors, temperature):
         self.val = {p: tensors[f"val_{p}"].double() for p in self.parts}
-        self.steps = {p: _steps(v) for p, v in self.val.items()}
+        return self._step()
+
+    def _step(self) -> Combined:
+        self.steps = {p: _steps(v) if self.stepped else v  # (once, not per batch)
+                      for p, v in self.val.items()}
         return self
 
     def combine(self, part_scores: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -267,17 +276,18 @@ class Combined(Score):
         return torch.stack(units).max(0).values.float()
 
     def graph(self, parts: dict[str, nn.Module]) -> nn.Module:
-        return _CombinedGraph(parts, self.val)
+        return _CombinedGraph(parts, self.val, self.steps)
 
 
 class _CombinedGraph(nn.Module):
     """Combined.combine in tensor operations: the share of val scores an image's exceeds
     is the count of their steps (`_steps`) at or below it, / n."""
 
-    def __init__(self, parts: dict[str, nn.Module], val: dict[str, torch.Tensor]):
+    def __init__(self, parts: dict[str, nn.Module], val: dict[str, torch.Tensor],
+                 steps: dict[str, torch.Tensor]):
         super().__init__()
         self.parts = nn.ModuleList(parts.values())
-        self.vals = nn.ParameterList([nn.Parameter(_steps(val[p]).float(), requires_grad=False)
+        self.vals = nn.ParameterList([nn.Parameter(steps[p].float(), requires_grad=False)
                                       for p in parts])
         self.stats = [(float(val[p].mean()), float(_std(val[p])) + 1e-12) for p in parts]
         self.constant = [_constant(val[p]) for p in parts]
@@ -528,6 +538,9 @@ class UnknownDetector:
     # "calibrate" once `wingspan calibrate --unknown` fitted them again: a resume that writes
     # the model again from its checkpoint (its weights damaged) says that this is lost.
     fitted_by: str = "train"
+    # False for bundles written before combined shares stepped just below val scores
+    # (STEPPED): they keep the rule their thresholds were set with, written again too.
+    stepped: bool = True
 
     @classmethod
     def fit(cls, features: torch.Tensor, logits: dict[str, torch.Tensor],
@@ -629,6 +642,7 @@ class UnknownDetector:
                 "temperature": self.temperature,
                 "thresholds": self.thresholds, "fitted_on": "train", "threshold_on": "val",
                 "higher_is_unknown": True, "combined_range": [0.0, 1.0],
+                **(STEPPED if self.stepped else {}),
                 **({"msp": "branch"} if self.branch else {}),
                 **({"fitted_by": self.fitted_by} if self.fitted_by != "train" else {})}
 
@@ -658,10 +672,11 @@ class UnknownDetector:
                        members={lv: m.float() for lv, m in
                                 _under(tensors, f"{PREFIX}members.").items()},
                        branch=entry.get("msp") == "branch",
-                       fitted_by=entry.get("fitted_by", "train"))
+                       fitted_by=entry.get("fitted_by", "train"),
+                       stepped=all(entry.get(k) == v for k, v in STEPPED.items()))
         for name in entry["thresholds"]:
             if name in COMBINED:
-                detector.fitted[name] = {lv: Combined(COMBINED[name]).load(
+                detector.fitted[name] = {lv: Combined(COMBINED[name], detector.stepped).load(
                     _under(tensors, f"{PREFIX}{name}.{lv}."), temperature) for lv in levels}
                 continue
             make = SCORES[name]

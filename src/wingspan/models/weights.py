@@ -243,7 +243,7 @@ def checkpoint_run_settings(path: str | Path) -> dict | None:
     if path.parent.name != "checkpoints" or not config.is_file():
         return None
     try:
-        settings = yaml.safe_load(config.read_text())
+        settings = yaml.safe_load(config.read_bytes())  # (UTF-8, as written)
     except (OSError, yaml.YAMLError):
         return None
     return settings if isinstance(settings, dict) else None

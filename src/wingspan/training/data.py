@@ -7,9 +7,14 @@ whether or not it was interrupted and resumed.
 
 from __future__ import annotations
 
+import ast
 import multiprocessing
+import sys
 import threading
+import tokenize
+import warnings
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -193,6 +198,11 @@ def resolve_workers(workers: int | None, processes: int = 1, log=None) -> int:
                             f"{workers} instead.",
                             hint=f"0 reads the images in this process; leave it out for "
                                  f"{default_workers(processes)} (sized to this machine).")
+    if workers and (line := unguarded_script_line()):
+        raise WingspanError(
+            f"workers={workers}: each worker process would run this script again from the "
+            f"top (Python starts them by '{_start_method()}' here), and with it line "
+            f"{line}, whose call started them.", hint=GUARD_HINT)
     cores = usable_cores()
     most = max(1, WORKERS_PER_CORE * cores // processes)
     if workers > most:
@@ -225,7 +235,63 @@ def default_workers(processes: int = 1) -> int:
     if threading.current_thread() is not threading.main_thread() or \
             multiprocessing.current_process().daemon:
         return 0
-    return max(0, min(MAX_WORKERS, usable_cores() // processes - 1))
+    workers = max(0, min(MAX_WORKERS, usable_cores() // processes - 1))
+    if workers and (line := unguarded_script_line()):
+        warnings.warn(f"Reading the images in this process, not in {workers} worker "
+                      f"processes: each would run this script again from the top (Python "
+                      f"starts them by '{_start_method()}' here), and with it line {line}, "
+                      f"whose call started them. {GUARD_HINT}", stacklevel=2)
+        return 0
+    return workers
+
+
+GUARD_HINT = ('Put the script\'s calls under `if __name__ == "__main__":`, as Python asks of '
+              "scripts that start processes (on macOS and Windows, say).")
+
+
+def _start_method() -> str:
+    """How Python starts processes here, read without fixing it (the first of the list is
+    the default: spawn on macOS and Windows, fork on Linux before Python 3.14)."""
+    return (multiprocessing.get_start_method(allow_none=True)
+            or multiprocessing.get_all_start_methods()[0])
+
+
+def unguarded_script_line() -> int | None:
+    """The line of the main script, run as `python script.py`, whose call is running now,
+    where that line is not under `if __name__ == "__main__":` and processes start by spawn
+    or forkserver: each worker process imports the script as multiprocessing does, runs
+    that call again and fails (a train made a second run folder first). None where workers
+    are safe: fork, no such script (a notebook, `python -c`, `python -m pkg` whose
+    __main__ multiprocessing leaves alone), or a script that cannot be read."""
+    if _start_method() == "fork":
+        return None
+    main = sys.modules.get("__main__")
+    name = getattr(getattr(main, "__spec__", None), "name", None)
+    path = getattr(main, "__file__", None)
+    if main is None or not path or (name and (name == "__main__" or name.endswith(".__main__"))
+                                    or Path(path).stem == "ipython"):
+        return None  # (as multiprocessing.spawn's _fixup_main_from_* skip them)
+    # Hand-written: no library says which line of a script is guarded. The script's own
+    # frame at its top level holds the line (a call inside its functions comes from it).
+    frame = sys._getframe()
+    while frame is not None and not (frame.f_globals is vars(main)
+                                     and frame.f_code.co_name == "<module>"):
+        frame = frame.f_back
+    if frame is None:
+        return None
+    line = frame.f_lineno
+    try:
+        with tokenize.open(path) as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError, ValueError):
+        return None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and node.lineno <= line <= (node.end_lineno or 0):
+            names = {n.id for n in ast.walk(node.test) if isinstance(n, ast.Name)}
+            texts = {n.value for n in ast.walk(node.test) if isinstance(n, ast.Constant)}
+            if "__name__" in names and "__main__" in texts:
+                return None
+    return line
 
 
 class Loader(DataLoader):
