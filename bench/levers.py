@@ -526,6 +526,8 @@ def patched(patch: str) -> None:
                 backward(loss, *args, **kwargs)
                 params = [p for p in last["module"].parameters() if p.grad is not None]
                 norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+                if not torch.isfinite(norm):  # (fp16's scaler skips this step: no move)
+                    return
                 with torch.no_grad():
                     moves = [p.grad * (SAM_RHO / (norm + 1e-12)) for p in params]
                     for p, move in zip(params, moves, strict=True):

@@ -132,6 +132,9 @@ def test_bad_settings_raise_wingspan_errors_naming_them(demo_dir, tmp_path):
         ws.train(data, runs_dir=tmp_path, config={"max_pixels": 10_000_000, "epochs_head": 1})
     assert "ws.train(..., name=..., runs_dir=..., max_pixels=...)" in e.value.hint
     assert "max_per_class" not in str(e.value) + e.value.hint
+    with pytest.raises(WingspanError, match="'resume' is an option of the command") as e:
+        ws.train(data, runs_dir=tmp_path, resume=True)  # (it said: did you mean 'runtime'?)
+    assert "ws.resume(RUN)" in e.value.hint and "runtime" not in e.value.hint
     with pytest.raises(WingspanError, match="'image_size' = '{max_per_class}'"):  # as given
         ws.train(data, runs_dir=tmp_path, image_size="{max_per_class}")
     # Keras' weights=None (random weights) is taken as "none": only the bad setting is named.
@@ -1305,3 +1308,22 @@ def test_a_script_without_the_main_guard_trains_where_workers_start_by_spawn(
         assert "Reading the images in this process, not in 3 worker processes" in said \
             and "line 7" in said \
             and 'Put the script\'s calls under `if __name__ == "__main__":`' in said, said
+
+
+def test_a_resumed_runs_workers_from_an_unguarded_script_are_dropped_not_refused(monkeypatch):
+    """A run started with workers=4 and resumed from a script without the main guard, where
+    workers start by spawn: the saved setting is the run's, not given now, so it is said and
+    the images read in this process; given now, it is refused with the reason."""
+    from wingspan.training import data
+
+    monkeypatch.setattr(data, "unguarded_script_line", lambda: 7)
+    monkeypatch.setattr(data, "usable_cores", lambda: 4)
+    said: list[str] = []
+    assert data.resolve_workers(4, log=said.append) == 0
+    assert "The run's --workers 4: each worker process would run this script again" in said[0]
+    assert "line 7" in said[0] and "if __name__" in said[0]
+    with pytest.raises(WingspanError, match="workers=4: each worker process would run this "
+                                            "script again") as e:
+        data.resolve_workers(4)
+    assert "if __name__ == \"__main__\":" in e.value.hint
+    assert data.resolve_workers(0) == 0  # (none asked for: nothing to say)

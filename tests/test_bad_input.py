@@ -189,6 +189,15 @@ def test_predict_counts_the_files_of_a_folder_that_are_not_images(run_dir, run_c
         written = json.loads((tmp_path / "p.json").read_text())
         assert [p.rsplit("/", 1)[-1] for p in written["not_images"]] == ["a.xmp", "notes.txt"]
         assert len(written["predictions"]) == 2 and not written["failed"]
+    # The folder and a pattern over it in one call: each file counted once.
+    code, out, err = run_cli("predict", run_dir, folder, f"{folder}/*", f"{folder}/**",
+                             "--quiet")
+    assert code == 0 and "Left out 2 files that are not images" in " ".join((out + err).split())
+    # The library says it as a warning.
+    import wingspan as ws
+
+    with pytest.warns(UserWarning, match="Left out 2 files that are not images"):
+        assert len(ws.load(run_dir).predict(folder, quiet=True)) == 2
     # One image named: nothing else said.
     code, out, err = run_cli("predict", run_dir, folder / "a.jpg", "--quiet")
     assert code == 0 and "Left out" not in out + err

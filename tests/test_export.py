@@ -276,10 +276,12 @@ def test_a_reexport_beside_an_older_exports_metadata_says_it_is_out_of_date(run_
         export.export_model(run_dir, out, fmt="torchscript")
     assert "model.pt.json is this export's" in str(said[0].message)
     assert json.loads((tmp_path / "model.json").read_text())["temperature"] == 9.0  # kept
-    (tmp_path / "model.json").write_text('{"my": "own"}')  # not an export's: nothing said
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        export.export_model(run_dir, out, fmt="torchscript")
+    # Not an export's, or another format's (model.onnx's old metadata): nothing said.
+    for other in ('{"my": "own"}', '{"format": "wingspan-onnx"}'):
+        (tmp_path / "model.json").write_text(other)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            export.export_model(run_dir, out, fmt="torchscript")
 
 
 def test_a_bundle_away_from_its_run_is_checked_on_generated_pictures(run_dir, run_cli,

@@ -566,8 +566,8 @@ def test_an_output_open_in_another_program_on_windows_is_named(tmp_path, monkeyp
 
     monkeypatch.setattr(files, "WINDOWS", True)
     monkeypatch.setattr(os, "replace", excel)
-    with pytest.raises(WingspanError, match="Cannot replace .*preds.csv: another program has "
-                                            "it open") as e, atomic_path(target) as tmp:
+    with pytest.raises(WingspanError, match="Cannot replace .*preds.csv: another program may "
+                                            "have it open") as e, atomic_path(str(target)) as tmp:
         tmp.write_text("new")
     assert "Close it there" in e.value.hint and target.read_text() == "the user's open copy"
     assert [p.name for p in tmp_path.iterdir()] == ["preds.csv"]  # (no temporary left)
@@ -575,7 +575,7 @@ def test_an_output_open_in_another_program_on_windows_is_named(tmp_path, monkeyp
     folder.mkdir()
     (folder / "predictions.csv").write_text("open")
     (tmp_path / ".partial").mkdir()
-    with pytest.raises(WingspanError, match="another program has a file in the folder open"):
+    with pytest.raises(WingspanError, match="another program may have a file in the folder open"):
         files.replace_folder(tmp_path / ".partial", folder)
     assert (folder / "predictions.csv").read_text() == "open"
     # Elsewhere a PermissionError stays one (a folder this user may not write, say).

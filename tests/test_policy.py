@@ -149,3 +149,20 @@ def test_bf16_agrees_with_fp32_within_tolerance():
     confident = ref.softmax(1).max(1).values >= 0.5
     assert confident.any()
     assert torch.equal(ref.argmax(1)[confident], low.argmax(1)[confident])
+
+
+def test_a_gpu_the_machine_lacks_is_named_with_those_it_has(monkeypatch):
+    """--device cuda:3 on a one-GPU machine passed, then failed in torch ("invalid device
+    ordinal"); an Apple GPU is refused as such, and other device types by their name."""
+    from wingspan.models.policy import torch_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(WingspanError, match=r"--device cuda:3: this machine has 2 GPUs "
+                                            r"\(cuda:0 to cuda:1\)"):
+        torch_device("cuda:3")
+    assert torch_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(WingspanError, match="an Apple GPU \\(mps\\) is not supported yet"):
+        torch_device("mps")
+    with pytest.raises(WingspanError, match="xpu devices are not supported yet"):
+        torch_device("xpu")

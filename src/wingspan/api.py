@@ -392,8 +392,9 @@ def train(data: Data | Dataset | str | Path, config: TrainConfig | dict | str | 
     """
     from wingspan.training import train as train_run
 
-    if isinstance(config, dict):  # (ws.train(data, config={"max_pixels": ...}))
-        check_not_options(config, "config: ", "a TrainConfig")
+    # (ws.train(data, config={"max_pixels": ...}), ws.train(data, group_regex=...))
+    check_not_options(config if isinstance(config, dict) else {}, "config: ", "a TrainConfig")
+    check_not_options(settings, "", "a TrainConfig")
     if isinstance(config, TrainConfig | dict):
         settings = {**(dataclasses.asdict(config) if isinstance(config, TrainConfig)
                        else config), **settings}
@@ -949,7 +950,7 @@ class Run:
         >>> preds[preds.probability < 0.5]
         """
         from wingspan.inference import Predictor
-        from wingspan.predict import predict, predict_fabric
+        from wingspan.predict import not_images_said, predict, predict_fabric
         from wingspan.training.data import resolve_workers
 
         inputs = _paths_arg(paths)
@@ -972,6 +973,8 @@ class Run:
                              fabric=fabric)
         if not main:  # its share is in the first process's rows
             return _predictions([])
+        if result.not_images:  # (as the command says it)
+            warnings.warn(not_images_said(result.not_images), stacklevel=2)
         if not result.rows:
             why = "; ".join(f"{path}: {reason}" for path, reason in result.failed[:3])
             raise WingspanError("No image could be predicted" + (f" ({why})" if why else "")

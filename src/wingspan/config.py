@@ -819,8 +819,9 @@ def check_not_options(keys, where: str, holder: str) -> None:
             + f" of the command, not a setting {holder} holds.",
             hint=f"Give {', '.join(COMMAND_OPTIONS[k] for k in options)} on the command "
                  f"line (in Python: {python})." if holder == "a config file" else
-                 f"Give {'it' if len(options) == 1 else 'them'} as their own arguments: "
-                 f"{python}.")
+                 f"In Python {'it is an argument' if len(options) == 1 else 'they are arguments'}"
+                 f" of its own: {python}" + (", ws.resume(RUN)" if "resume" in options else "")
+                 + ".")
 
 
 def name_pairs(items: list[str], option: str) -> dict[str, str]:

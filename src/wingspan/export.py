@@ -245,7 +245,7 @@ def export_model(run: str | Path, out: str | Path | None = None, fmt: str = "onn
     written = _write(out, form.export(job), meta)
     for caveat in int8_caveats(meta["int8"]) if quantize else []:
         warnings.warn(caveat, stacklevel=2)  # (the CLI shows it as "Warning: ...")
-    if stale := _older_metadata(out):
+    if stale := _older_metadata(out, meta["format"]):
         warnings.warn(f"{stale} beside it is an earlier wingspan's metadata for this file "
                       f"(named so before 2026-12-01), now out of date: "
                       f"{metadata_path(out).name} is this export's. Delete {stale.name}, or "
@@ -253,14 +253,14 @@ def export_model(run: str | Path, out: str | Path | None = None, fmt: str = "onn
     return written
 
 
-def _older_metadata(out: Path) -> Path | None:
-    """model.json beside model.onnx: what exports wrote before `metadata_path` named the
-    metadata after the whole file; a re-export left it, unchanged, for a deployment to
-    read the old temperature and thresholds from."""
+def _older_metadata(out: Path, form: str) -> Path | None:
+    """model.json beside model.onnx, of the same format (`form`): what exports wrote before
+    `metadata_path` named the metadata after the whole file; a re-export left it,
+    unchanged, for a deployment to read the old temperature and thresholds from. (One of
+    model.pt's, beside a new model.onnx, belongs to that file.)"""
     old = out.with_suffix(".json")
     try:
-        return old if json.loads(old.read_bytes()).get("format", "").startswith("wingspan-") \
-            else None
+        return old if json.loads(old.read_bytes()).get("format") == form else None
     except (OSError, ValueError, AttributeError):
         return None
 

@@ -11,6 +11,7 @@ import io
 import os
 import re
 import shutil
+import stat
 import sys
 import time
 import unicodedata
@@ -240,8 +241,10 @@ def _dead(entry: os.DirEntry, pid: int | None, now: float, quiet_seconds: float)
 
 def _alive(pid: int) -> bool:
     if WINDOWS:  # signal 0 is CTRL_C_EVENT there: os.kill would interrupt the console
-        import psutil  # (a dependency on Windows alone)
-
+        try:
+            import psutil  # (a dependency on Windows alone)
+        except ImportError:  # (installed without it): kept, the safe side
+            return True
         return psutil.pid_exists(pid)
     try:
         os.kill(pid, 0)
@@ -408,13 +411,18 @@ def replace(source: Path, target: Path, held: Path | None = None) -> None:
     try:
         os.replace(source, target)
     except PermissionError as e:
-        held = held or target
-        if WINDOWS and held.exists():
-            what = "a file in the folder" if held.is_dir() else "it"
-            raise WingspanError(f"Cannot replace {held}: another program has {what} open.",
-                                hint="Close it there (a spreadsheet or a viewer, say), then run "
-                                     "the command again.") from e
-        raise
+        held = Path(held or target)
+        if not (WINDOWS and held.exists()):
+            raise
+        if getattr(held.stat(), "st_file_attributes", 0) & stat.FILE_ATTRIBUTE_READONLY:
+            raise WingspanError(f"Cannot replace {held}: it is read-only.",
+                                hint="Clear its read-only box (Properties), or write "
+                                     "elsewhere (--out, or out= in Python).") from e
+        what = "a file in the folder" if held.is_dir() else "it"
+        raise WingspanError(f"Cannot replace {held}: another program may have {what} open.",
+                            hint="Close it there (a spreadsheet, a viewer, a window on the "
+                                 "folder, say), or wait for a virus scan to let go, then run "
+                                 "the command again.") from e
 
 
 def make_folder(path: str | Path) -> Path:

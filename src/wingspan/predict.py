@@ -18,7 +18,7 @@ from wingspan.data.readers import (
     is_image_file,
     unsupported_photo,
 )
-from wingspan.errors import WingspanError
+from wingspan.errors import WingspanError, counted
 from wingspan.files import atomic_path, csv_on_stdout, remove_dead_leftovers, write_text
 from wingspan.inference import Prediction, Predictor
 from wingspan.models.unknown import UNKNOWN
@@ -63,6 +63,11 @@ def expand_paths(inputs: list[str], places: list[int] | None = None,
                 searched.add(key)
             found.append(path)
 
+    def not_image(path: str) -> None:  # said once, however many inputs hold it
+        if not_images is not None and (key := ("other", os.path.normpath(path))) not in seen:
+            seen.add(key)
+            not_images.append(path)
+
     def skip(entry: tuple[str, str], at: int) -> None:
         if (key := ("skipped", os.path.normpath(entry[0]))) in seen:  # said once
             return
@@ -80,8 +85,8 @@ def expand_paths(inputs: list[str], places: list[int] | None = None,
             if p.kind in ("unsupported_photo", "unreadable_folder", "missing_file",
                           "link_not_followed"):
                 skip((p.path, p.message), len(found) + bisect.bisect_left(images, p.path))
-        if not_images is not None:  # (in os.walk's order, which differs by file system)
-            not_images.extend(sorted(p.path for p in problems if p.kind == "not_image"))
+        for path in sorted(p.path for p in problems if p.kind == "not_image"):
+            not_image(path)  # (sorted: os.walk's order differs by file system)
         return images
 
     for item in inputs:
@@ -99,9 +104,9 @@ def expand_paths(inputs: list[str], places: list[int] | None = None,
                           [match] if is_image_file(match) else [])
                 if not folder and (why := unsupported_photo(match)):
                     skip((match, why), len(found))
-                elif (not folder and not images and not_images is not None
-                      and Path(match).name.lower() not in FILE_MANAGER_JUNK):
-                    not_images.append(match)
+                elif not folder and not images and \
+                        Path(match).name.lower() not in FILE_MANAGER_JUNK:
+                    not_image(match)
                 matched += len(images)
                 add(images)
             if not matched:
@@ -131,6 +136,15 @@ def expand_paths(inputs: list[str], places: list[int] | None = None,
         else:
             skip((item, "no such file or folder"), len(found))
     return found, missing
+
+
+def not_images_said(paths: list[str]) -> str:
+    """'Left out 2 files that are not images (by their names' endings): a, b': predict's
+    line for PredictResult.not_images, in the CLI and as the library's warning."""
+    n, names = len(paths), [Path(p).name for p in paths]
+    return (f"Left out {counted(n, 'file that is not an image', 'files that are not images')}"
+            f" (by their names' endings): {', '.join(names[:3])}"
+            + (f" and {n - 3} more" if n > 3 else ""))
 
 
 def taxonomy_path(taxonomy, fine_probs, temperature: float) -> list[tuple[str, str, float]]:

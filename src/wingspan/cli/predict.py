@@ -78,7 +78,7 @@ def predict_command(
     from rich.table import Table
 
     from wingspan.inference import Predictor
-    from wingspan.predict import predict, predict_fabric, write_predictions
+    from wingspan.predict import not_images_said, predict, predict_fabric, write_predictions
 
     # --output -: the CSV is all that standard output holds (a table's paths were cut,
     # and its first 50 rows alone shown); what is said goes to standard error.
@@ -155,10 +155,7 @@ def predict_command(
               f"{result.images_per_second:.1f} images/s"
               + (f"; {len(result.failed)} skipped" if result.failed else ""))
     if result.not_images:  # (named, or a folder of raw photos' sidecars reads as lost)
-        n, names = len(result.not_images), [Path(p).name for p in result.not_images]
-        say.print(f"Left out {counted(n, 'file that is not an image', 'files that are not images')}"
-                  f" (by their names' endings): {plain(', '.join(names[:3]))}"
-                  + (f" and {n - 3} more" if n > 3 else ""), highlight=False)
+        say.print(plain(not_images_said(result.not_images)), highlight=False)
     if output and not to_stdout:
         out.print(f"Wrote {plain(output)}")
     # (by the level known, not the answer's text: a class may be named "unknown")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ def folder_of(base: Path, source: Path) -> Path:
     mine = str(source.resolve())
     if owner == mine:
         return base
-    return base.with_name(f"{base.name}-{hashlib.sha256(mine.encode()).hexdigest()[:8]}")
+    return base.with_name(f"{base.name}-{hashlib.sha256(os.fsencode(mine)).hexdigest()[:8]}")
 
 
 @dataclass

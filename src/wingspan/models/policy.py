@@ -30,7 +30,7 @@ from wingspan.config import (
     cpu_quota,
     usable_cores,
 )
-from wingspan.errors import WingspanError
+from wingspan.errors import WingspanError, counted
 from wingspan.models import engine
 from wingspan.models.engine import (
     ENGINES,
@@ -253,12 +253,18 @@ def torch_device(device: str) -> torch.device:
                             hint="Use auto, cpu, cuda or cuda:N (the Nth GPU).") from e
     if dev.type not in ("cpu", "cuda"):
         raise WingspanError(f"--device {device}: wingspan runs on the CPU or a CUDA GPU; "
-                            f"{dev.type} devices (an Apple GPU's mps, say) are not supported "
-                            "yet.", hint="Use --device cpu, or auto (device=\"cpu\" in "
-                                         "Python).")
+                            + ("an Apple GPU (mps) is" if dev.type == "mps" else
+                               f"{dev.type} devices are") + " not supported yet.",
+                            hint="Use --device cpu, or auto (device=\"cpu\" in Python).")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise WingspanError(f"--device {device} was asked for, but no CUDA GPU is available.",
                             hint="Use --device cpu (or auto; device=\"cpu\" in Python).")
+    if dev.type == "cuda" and dev.index is not None and \
+            dev.index >= (count := torch.cuda.device_count()):
+        raise WingspanError(f"--device {device}: this machine has {counted(count, 'GPU')} "
+                            f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''}).",
+                            hint="Name one of them, or cuda (the first); nvidia-smi lists "
+                                 "them.")
     return dev
 
 

@@ -199,10 +199,14 @@ def resolve_workers(workers: int | None, processes: int = 1, log=None) -> int:
                             hint=f"0 reads the images in this process; leave it out for "
                                  f"{default_workers(processes)} (sized to this machine).")
     if workers and (line := unguarded_script_line()):
-        raise WingspanError(
-            f"workers={workers}: each worker process would run this script again from the "
-            f"top (Python starts them by '{_start_method()}' here), and with it line "
-            f"{line}, whose call started them.", hint=GUARD_HINT)
+        why = (f"each worker process would run this script again from the top (Python "
+               f"starts them by '{_start_method()}' here), and with it line {line}, whose "
+               "call started them")
+        if log is not None:  # (a resumed run's saved setting, not given now)
+            log(f"The run's --workers {workers}: {why}. Reading the images in this process "
+                f"instead. {GUARD_HINT}")
+            return 0
+        raise WingspanError(f"workers={workers}: {why}.", hint=GUARD_HINT)
     cores = usable_cores()
     most = max(1, WORKERS_PER_CORE * cores // processes)
     if workers > most:
@@ -283,15 +287,29 @@ def unguarded_script_line() -> int | None:
     try:
         with tokenize.open(path) as f:
             tree = ast.parse(f.read())
+        if compile(tree, path, "exec", dont_inherit=True).co_code != frame.f_code.co_code:
+            return None  # edited since it started: its lines are not the ones running
     except (OSError, SyntaxError, ValueError):
         return None
     for node in ast.walk(tree):
-        if isinstance(node, ast.If) and node.lineno <= line <= (node.end_lineno or 0):
-            names = {n.id for n in ast.walk(node.test) if isinstance(n, ast.Name)}
-            texts = {n.value for n in ast.walk(node.test) if isinstance(n, ast.Constant)}
-            if "__name__" in names and "__main__" in texts:
-                return None
+        if isinstance(node, ast.If) and node.lineno <= line <= (node.end_lineno or 0) \
+                and line not in _lines(node.orelse) and _is_main_test(node.test):
+            return None
     return line
+
+
+def _is_main_test(test: ast.expr) -> bool:
+    """`__name__ == "__main__"`, either way round."""
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1
+            and isinstance(test.ops[0], ast.Eq)):
+        return False
+    sides = {ast.dump(test.left), ast.dump(test.comparators[0])}
+    return sides == {ast.dump(ast.Name("__name__", ast.Load())),
+                     ast.dump(ast.Constant("__main__"))}
+
+
+def _lines(statements: list[ast.stmt]) -> set[int]:
+    return {n for s in statements for n in range(s.lineno, (s.end_lineno or s.lineno) + 1)}
 
 
 class Loader(DataLoader):
