@@ -522,6 +522,23 @@ def test_predict_prints_names_as_they_are_and_checks_output_first(run_cli, train
                             (tmp_path / "a-file" / "p.csv", "is a file, not a folder")):
         code, _, err = run_cli("predict", trained, image, "--output", output)
         assert code == 2 and message in err, err
+    # On Windows, an earlier output open in Excel, which refuses to let it be replaced:
+    # found before the predicting, not after it (all of it lost then).
+    import builtins
+
+    from wingspan import files
+
+    plain_open = builtins.open
+
+    def excel(file, mode="r", *args, **kwargs):
+        if str(file) == str(tmp_path / "p.csv") and mode != "rb":
+            raise PermissionError(13, "being used by another process", str(file))
+        return plain_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(files, "WINDOWS", True)
+    monkeypatch.setattr(builtins, "open", excel)
+    code, _, err = run_cli("predict", trained, image, "--output", tmp_path / "p.csv")
+    assert code == 2 and "another program may have it open" in " ".join(err.split()), err
 
 
 def test_a_temperature_that_makes_calibration_worse_is_said(evaluation, capsys):

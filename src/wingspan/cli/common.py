@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from wingspan import files
 from wingspan.config import ReadConfig, SettingError
 from wingspan.errors import WingspanError, counted
 from wingspan.files import check_writable, stdout_gone
@@ -104,6 +105,14 @@ def check_output_file(path: Path, suffixes: tuple[str, ...]) -> None:
         raise WingspanError(f"--output {path}: {existing} is a file, not a folder.")
     check_writable(existing if existing.is_dir() else existing.parent,
                    f"--output {path} goes there", hint="Write somewhere you have write access.")
+    if files.WINDOWS and path.is_file():  # (Excel holds a CSV it shows: found at the end)
+        try:
+            open(path, "r+b").close()  # noqa: SIM115 - opened to be refused, if at all
+        except PermissionError as e:
+            raise WingspanError(f"--output {path}: another program may have it open, or it "
+                                "is read-only.",
+                                hint="Close it there (a spreadsheet, say), or name another "
+                                     "file.") from e
 
 
 def read_data(data: Path, format: str | None, group_regex: str | None, strict: bool,
