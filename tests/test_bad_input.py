@@ -120,8 +120,8 @@ AT_LEAST_1 = r"(greater than or equal to 1|x>=1)"
     (["--max-pixels", "0"], AT_LEAST_1),
     (["--device", "tpu"], "Unknown device 'tpu'"),
     # (train refused it; predict and evaluate passed it on to torch: a traceback)
-    (["--device", "mps"], "--device mps: wingspan runs on the CPU or a CUDA GPU; mps devices "
-                          r"\(an Apple GPU's mps, say\) are not supported yet"),
+    (["--device", "mps"], "--device mps: wingspan runs on the CPU or a CUDA GPU; an Apple "
+                          r"GPU \(mps\) is not supported yet"),
     (["--device", "cuda:7", "--devices", "2"], "names one GPU"),
     (["--devices", "0"], "--devices 0: must be 1 to 1024"),
 ])
@@ -130,6 +130,7 @@ def test_predict_settings_that_are_refused(run_dir, run_cli, tmp_path, monkeypat
     image = tmp_path / "a.jpg"
     _rgb().save(image)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # past "no GPU here"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)  # (cuda:7 is there)
     code, _, err = run_cli("predict", run_dir, image, *args)
     assert code == 2 and re.search(message, " ".join(err.split())) and "Traceback" not in err
 
