@@ -1,6 +1,7 @@
 """`wingspan serve`: the API with FastAPI's test client, on a small run."""
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -90,6 +91,8 @@ def test_health_model_and_a_good_image(client, run_dir):
     ("cut.jpg", "cut", 422, "cut.jpg: image file is truncated"),
     ("head.jpg", "head", 422, "head.jpg: cannot be read (Truncated File Read): the file is "
      "cut short"),  # cut within its header: an image still, not "not an image"
+    # 2 kB whose text chunk inflates to 2 MB, past Pillow's limit: a 500 for the request
+    ("text.png", "text", 422, "text.png: cannot be read (Decompressed data too large"),
 ])
 def test_bad_uploads_get_a_4xx_and_the_server_goes_on(client, tmp_path, name, data, status,
                                                       message):
@@ -109,6 +112,13 @@ def test_bad_uploads_get_a_4xx_and_the_server_goes_on(client, tmp_path, name, da
         data = data[:len(data) // 2]
     elif data == "head":
         data = _jpeg(size=(400, 300))[:300]
+    elif data == "text":
+        from PIL import PngImagePlugin
+
+        info, buffer = PngImagePlugin.PngInfo(), io.BytesIO()
+        info.add_text("comment", "a" * 2_000_000, zip=True)
+        Image.new("RGB", (8, 8)).save(buffer, "PNG", pnginfo=info)
+        data = buffer.getvalue()
     r = client.post("/predict", files=[("files", (name, data, "image/jpeg"))])
     assert r.status_code == status and message in r.json()["error"], r.json()
     assert "<_io." not in r.json()["error"]  # named as uploaded, not as a Python object
@@ -533,6 +543,50 @@ def test_a_request_past_the_limit_is_refused_before_its_upload(run_dir, monkeypa
                          b"form-data; boundary=b\r\nContent-Length: 1000\r\n\r\n--b")
             time.sleep(0.5)
             assert httpx.get(f"{url}/health").json()["in_flight"] == 1
+
+
+def test_a_stalled_or_trickling_upload_is_cut_off_and_frees_its_place(run_dir):
+    """The time limit counts from the end of the upload: a client that sent its headers,
+    then a byte now and then, held its place in flight for good, and a few of them made
+    the server answer 429 to everyone else (a helper's security review). Now one that
+    sends nothing for upload_idle_s, or comes slower than min_upload_rate, gets a 408 and
+    its place back; a request that takes its time after its upload is not cut off."""
+    import socket
+
+    import httpx
+
+    limits = ServeLimits(max_in_flight=1, upload_idle_s=1.0, min_upload_rate=1000)
+    app = create_app(run_dir, limits, device="cpu")
+    head = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
+            b"boundary=b\r\nContent-Length: 100000\r\n\r\n")
+    with serving_in_background(app) as url:
+        port = int(url.rsplit(":", 1)[1])
+        for trickle in (False, True):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                conn.sendall(head + b"--b\r\n")
+                start, answer = time.monotonic(), b""
+                while b"\r\n\r\n" not in answer and time.monotonic() - start < 8:
+                    if trickle:  # a byte each 0.3 s: never idle for 1 s, 3 bytes a second
+                        time.sleep(0.3)
+                        with contextlib.suppress(OSError):  # (cut off: the pipe is broken)
+                            conn.sendall(b"x")
+                        conn.settimeout(0.05)
+                    with contextlib.suppress(TimeoutError):
+                        answer += conn.recv(4096)
+                conn.settimeout(5)
+                with contextlib.suppress(OSError):  # the rest of the answer, then the close
+                    while chunk := conn.recv(4096):
+                        answer += chunk
+                assert answer.startswith(b"HTTP/1.1 408"), answer
+                assert time.monotonic() - start < 8
+            body = answer.split(b"\r\n\r\n", 1)[1]
+            said = ("under 1000" if trickle else "sent nothing for 1 s").encode()
+            assert said in body, body
+            # Its place is free again: a plain request is answered.
+            reply = httpx.post(f"{url}/predict", timeout=30,
+                               files=[("files", ("a.jpg", _jpeg(), "image/jpeg"))])
+            assert reply.status_code == 200, reply.text
+        assert "408" in httpx.get(f"{url}/openapi.json").text
 
 
 def test_padded_uploads_are_read_in_turn_by_their_bytes(run_dir, monkeypatch):

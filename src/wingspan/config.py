@@ -337,6 +337,11 @@ class ServeLimits:
     max_in_flight: int = 64  # requests being served at once; more get 429
     max_files: int = 32  # images in one request; more get 413 (each is read whole)
     timeout_s: float = 30.0  # per request; slower gets 504
+    # An upload that sends nothing for this long, or (after this long) comes slower than
+    # min_upload_rate bytes a second on average, gets 408: a stalled client held its place
+    # in flight for good. (A full 20 MB file at that rate takes 17 min.)
+    upload_idle_s: float = 30.0
+    min_upload_rate: float = 20 * 2**10
     batch_size: int = 16  # images per forward pass
     batch_wait_ms: float = 5.0  # how long a request waits for others to batch with
     top_k: int = 5  # classes per level in an answer
@@ -353,6 +358,10 @@ class ServeLimits:
                      "explain_threads", "decode_pixels"):
             _check(getattr(self, name) >= 1, name, "at least 1", getattr(self, name))
         _check(self.timeout_s > 0, "timeout_s", "a positive number of seconds", self.timeout_s)
+        _check(self.upload_idle_s > 0, "upload_idle_s", "a positive number of seconds",
+               self.upload_idle_s)
+        _check(self.min_upload_rate >= 0, "min_upload_rate", "0 or more bytes a second",
+               self.min_upload_rate)
         _check(self.batch_wait_ms >= 0, "batch_wait_ms", "0 or more", self.batch_wait_ms)
 
 

@@ -117,6 +117,7 @@ ERRORS = {code: {"model": ApiError, "description": what} for code, what in (
     (415, "bytes that are not a picture of a known format (the only file, or every one)"),
     (422, "a malformed request (no files, an unknown target class), or an image cut short "
           "(the only file, or every one)"),
+    (408, "an upload that stalled, or came slower than the server's least rate"),
     (429, "too many requests in flight; try again shortly"),
     (504, "no answer within the time limit"))}
 
@@ -133,10 +134,16 @@ class _BodyLimit:
     """A body larger than every allowed file together is refused: from its Content-Length
     header, unread, and one without (chunked) as soon as it passes the limit. Starlette
     would otherwise spool all of it (gigabytes, say) to disk first. Raised from inside
-    the form parsing, the 413 reaches the app's handler and is answered as JSON."""
+    the form parsing, the 413 reaches the app's handler and is answered as JSON.
 
-    def __init__(self, app, most: int, allowed: str):
+    An upload that stalls (nothing for `idle` seconds) or trickles (under `rate` bytes a
+    second on average, once `idle` seconds have passed) is cut off with a 408: the time
+    limit counts from the end of the upload, so a byte every few seconds on a few
+    connections held every place in flight for good, and 429 answered everyone else."""
+
+    def __init__(self, app, most: int, allowed: str, idle: float, rate: float):
         self.app, self.most, self.allowed = app, most, allowed
+        self.idle, self.rate = idle, rate
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -146,15 +153,27 @@ class _BodyLimit:
             refused = JSONResponse({"error": f"A request of {int(size)} bytes; {self.allowed}"},
                                    status_code=413, headers=CLOSE)
             return await refused(scope, receive, send)
-        seen = 0
+        seen, start, done = 0, time.monotonic(), False
 
         async def counted():
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, done
+            if done:  # (then only a hang-up comes: the request may take its time)
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.idle)
+            except asyncio.TimeoutError:
+                raise StarletteHTTPException(408, f"The upload sent nothing for {self.idle:g} "
+                                                  "s.", headers=CLOSE) from None
             seen += len(message.get("body", b""))
             if seen > self.most:
                 raise StarletteHTTPException(413, f"A request of over {self.most} bytes; "
                                                   + self.allowed, headers=CLOSE)
+            done = not message.get("more_body", False)
+            took = time.monotonic() - start
+            if not done and took > self.idle and seen / took < self.rate:
+                raise StarletteHTTPException(408, f"The upload came at {seen / took:.0f} "
+                                                  f"bytes a second, under {self.rate:g}.",
+                                             headers=CLOSE)
             return message
 
         await self.app(scope, counted, send)
@@ -249,7 +268,8 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
     app.add_middleware(_BodyLimit, most=most,
                        allowed=f"at most {most} ({counted(limits.max_files, 'file')} of "
                                f"{limits.max_bytes} bytes, each with 4096 bytes of form "
-                               "headers).")
+                               "headers).", idle=limits.upload_idle_s,
+                       rate=limits.min_upload_rate)
     app.add_middleware(_Admission, in_flight=in_flight, most=limits.max_in_flight)
     app.state.predictor = predictor
 
@@ -509,6 +529,9 @@ def _decode(name: str | None, data: bytes, draft: int | None = None):
     except OSError as e:  # an image, cut off within its header ("Truncated File Read")
         raise HTTPException(422, f"{name}: cannot be read ({e}): the file is cut short or "
                             "damaged.") from e
+    except (SyntaxError, ValueError) as e:  # (a PNG's text chunk that inflates past Pillow's
+        # limit: "Decompressed Data Too Large"; it was a 500 for the whole request)
+        raise HTTPException(422, f"{name}: cannot be read ({e}).") from e
     # open_rgb holds to the pixel budget (from the header, before decoding), and refuses a
     # strip whose resize to `draft` would outgrow it (a 1 x 40000 PNG of a few hundred bytes)
     try:
