@@ -402,13 +402,14 @@ def test_serve_ends_130_on_ctrl_c_and_143_on_sigterm_as_every_command_does(run_d
     import socket
     import subprocess
 
-    for how, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+    # (the second on every interface: a server anyone on the network may use is said so)
+    for how, code, host in ((signal.SIGINT, 130, "127.0.0.1"), (signal.SIGTERM, 143, "0.0.0.0")):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         # (SIGINT as in a terminal: a background job's, as CI's may be, starts ignored)
         proc = subprocess.Popen([sys.executable, "-m", "wingspan", "serve", str(run_dir),
-                                 "--port", str(port), "--device", "cpu"],
+                                 "--port", str(port), "--device", "cpu", "--host", host],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
@@ -418,6 +419,8 @@ def test_serve_ends_130_on_ctrl_c_and_143_on_sigterm_as_every_command_does(run_d
             assert proc.returncode == code, said[-2000:]
             # What answers is said at the start, as predict's engine line.
             assert re.search(r"Serving .*model \(\d+ classes\); cpu.*frozen passes", said), said
+            warned = "--host 0.0.0.0 lets other machines reach the server, and it asks no one"
+            assert (warned in " ".join(said.split())) == (host == "0.0.0.0"), said
         finally:
             proc.kill()
             proc.communicate()

@@ -642,6 +642,16 @@ def check_port(host: str, port: int) -> None:
                             "(below 1024 needs root).") from e
 
 
+def _this_machine_only(host: str) -> bool:
+    """A loopback address or name: nothing but this machine can connect."""
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000,
           limits: ServeLimits | None = None, device: str = "auto", precision: str = "auto",
           runtime: str = "auto", access_log: bool = True) -> None:
@@ -657,6 +667,11 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000,
     predictor = app.state.predictor
     print(f"Serving {predictor.bundle} ({len(predictor.classes)} classes); "
           f"{predictor.policy.describe()}", file=sys.stderr, flush=True)
+    if not _this_machine_only(host):
+        print(f"Warning: --host {host} lets other machines reach the server, and it asks no "
+              "one who they are: anyone who can reach the port can use the model. Put it "
+              "behind a proxy that does (nginx, Caddy), or on a network you trust.",
+              file=sys.stderr, flush=True)
     # On SIGTERM, requests in flight get their time limit to finish, then the server ends:
     # without a bound, one client stalled mid-upload kept it waiting for ever (docker stop,
     # systemd and Kubernetes then kill it, and every request in flight with it).
