@@ -39,6 +39,31 @@ def _clusters(n_per_class: int, centres: torch.Tensor, seed: int, spread: float 
     return features, labels
 
 
+class _Column(torch.nn.Module):
+    """A part score that is a column of the features given: a combined score's graph fed
+    chosen part scores."""
+
+    def __init__(self, i):
+        super().__init__()
+        self.i = i
+
+    def forward(self, features, logits):
+        return features[:, self.i]
+
+
+def _msp_knn() -> tuple[UnknownDetector, torch.nn.Linear, torch.Tensor]:
+    """(the default score fitted on three clusters of 8-d features, the head, the training
+    features), seeded."""
+    torch.manual_seed(0)
+    centres = 3 * torch.randn(3, 8)
+    head = torch.nn.Linear(8, 3)
+    x, y = _clusters(20, centres, seed=1)
+    vx, vy = _clusters(10, centres, seed=2)
+    with torch.no_grad():
+        return (UnknownDetector.fit(x, {"label": head(x)}, {"label": y}, vx,
+                                    {"label": head(vx)}, "msp+knn", 0.05), head, x)
+
+
 def _fit(features, labels, val_features, val_labels, head: torch.nn.Linear, rate=0.05):
     with torch.no_grad():
         return UnknownDetector.fit(features, {"label": head(features)}, {"label": labels},
@@ -138,14 +163,8 @@ def test_damaged_unknown_scores_in_a_manifest_are_refused(tmp_path, damage):
 def test_a_combined_score_stays_a_share_in_0_1_and_old_thresholds_keep_their_answers():
     """msp+knn is the share of known val images a score exceeds: images beyond every val
     image (far away, or closer than any) stay within [0, 1], in the graph too."""
-    torch.manual_seed(0)
-    centres = 3 * torch.randn(3, 8)
-    head = torch.nn.Linear(8, 3)
-    x, y = _clusters(20, centres, seed=1)
-    vx, vy = _clusters(10, centres, seed=2)
+    detector, head, x = _msp_knn()
     with torch.no_grad():
-        detector = UnknownDetector.fit(x, {"label": head(x)}, {"label": y}, vx,
-                                       {"label": head(vx)}, "msp+knn", 0.05)
         probe = torch.cat([x[:10], 20 * torch.randn(20, 8)])  # training images, far ones
         scores = detector.scores(probe, {"label": head(probe)})["label"]
         graph = detector.graph()(probe, {"label": head(probe)})["label"].numpy()
@@ -222,18 +241,9 @@ def test_a_bundle_from_before_the_stepped_shares_answers_as_it_did():
     went from its class to "unknown", silently, and away from the run's own export. Read
     without the mark, a bundle keeps its rule, in the graph too, and written again keeps
     it."""
-    from torch import nn
-
     from wingspan.models.unknown import STEPPED
 
-    torch.manual_seed(0)
-    centres = 3 * torch.randn(3, 8)
-    head = torch.nn.Linear(8, 3)
-    x, y = _clusters(20, centres, seed=1)
-    vx, vy = _clusters(10, centres, seed=2)
-    with torch.no_grad():
-        new = UnknownDetector.fit(x, {"label": head(x)}, {"label": y}, vx,
-                                  {"label": head(vx)}, "msp+knn", 0.05)
+    new = _msp_knn()[0]
     entry = json.loads(json.dumps(new.manifest()))
     assert all(entry[k] == v for k, v in STEPPED.items())
     for k in STEPPED:
@@ -249,16 +259,7 @@ def test_a_bundle_from_before_the_stepped_shares_answers_as_it_did():
     for name, detector in (("old", old), ("new", fresh)):
         combined = detector.fitted["msp+knn"]["label"]
         shares[name] = combined.combine(parts).double().numpy()
-
-        class Part(nn.Module):
-            def __init__(self, i):
-                super().__init__()
-                self.i = i
-
-            def forward(self, features, logits):
-                return features[:, self.i]
-
-        graph = combined.graph({"msp": Part(0), "knn": Part(1)})
+        graph = combined.graph({"msp": _Column(0), "knn": _Column(1)})
         with torch.no_grad():
             got = graph(torch.stack([parts["msp"], parts["knn"]], 1).float(), None)
         np.testing.assert_allclose(got.numpy(), shares[name], atol=2e-6)
@@ -859,7 +860,6 @@ def test_a_part_whose_val_scores_are_all_equal_leaves_the_combination_to_the_oth
     exceeding every val image (share 1), it made msp+knn a constant there, and that level
     turned away only images beyond every val image; it is now kNN's alone, in the bundle's
     PyTorch scores and the exported graph alike."""
-    from torch import nn
 
     from wingspan.models.unknown import Combined
 
@@ -870,16 +870,7 @@ def test_a_part_whose_val_scores_are_all_equal_leaves_the_combination_to_the_oth
     scores = both.combine({"msp": torch.zeros(40), "knn": new_knn})
     assert torch.allclose(scores, alone.combine({"knn": new_knn}), atol=0.003)
     assert (scores > 0.95).float().mean() > 0.1  # the far ones stand out, as kNN's do
-
-    class Column(nn.Module):
-        def __init__(self, i):
-            super().__init__()
-            self.i = i
-
-        def forward(self, features, logits):
-            return features[:, self.i]
-
-    graph = both.graph({"msp": Column(0), "knn": Column(1)})
+    graph = both.graph({"msp": _Column(0), "knn": _Column(1)})
     exported = graph(torch.stack([torch.zeros(40), new_knn], 1), None)
     assert torch.allclose(exported, scores, atol=1e-5)
 
