@@ -72,9 +72,13 @@ def test_health_model_and_a_good_image(client, run_dir):
     assert client.get("/docs").status_code == 200
     # HEAD, as uptime monitors probe: answered as GET is, without the body
     assert [client.head(u).status_code for u in ("/", "/health", "/model")] == [200] * 3
-    ids = [op["operationId"] for path in client.get("/openapi.json").json()["paths"].values()
-           for op in path.values()]
+    schema = client.get("/openapi.json").json()
+    ids = [op["operationId"] for path in schema["paths"].values() for op in path.values()]
     assert len(ids) == len(set(ids)), ids  # (client generators need them unique)
+    # The run by its name: the schema is for anyone who reaches the server, and its path
+    # told them this machine's folders.
+    assert schema["info"]["description"] == f"Predictions of the model '{run_dir.name}'"
+    assert str(run_dir.parent) not in json.dumps(schema)
 
 
 @pytest.mark.parametrize("name, data, status, message", [

@@ -45,7 +45,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from wingspan.config import ServeLimits
 from wingspan.data.images import max_pixels
 from wingspan.errors import WingspanError, counted, first_line, some
-from wingspan.inference import Predictor
+from wingspan.inference import Predictor, run_dir_of
 from wingspan.predict import answer_for, deciding_score
 
 
@@ -263,7 +263,9 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
     # stopped) then holds one of these, not one of the pool that decodes /predict's images.
     explainers = ThreadPoolExecutor(limits.explain_threads, thread_name_prefix="wingspan-explain")
     manifest = predictor.manifest
-    app = FastAPI(title="wingspan", description=f"Predictions of {predictor.bundle}")
+    # The run's name, not its path: the schema is for anyone who reaches the server.
+    named = run_dir_of(Path(predictor.bundle)) or Path(predictor.bundle)
+    app = FastAPI(title="wingspan", description=f"Predictions of the model '{named.name}'")
     most = limits.max_files * (limits.max_bytes + 4096)  # every file, with its part headers
     app.add_middleware(_BodyLimit, most=most,
                        allowed=f"at most {most} ({counted(limits.max_files, 'file')} of "
