@@ -84,6 +84,7 @@ LEVERS = {
     "unfreeze5": Lever("--unfreeze 5: fine-tune 5 of the backbone's stages (Lite2's default 3)",
                        {"unfreeze": 5}),
     "ls0": Lever("--label-smoothing 0 (default 0.1)", {"label_smoothing": 0.0}),
+    "ls0.2": Lever("--label-smoothing 0.2 (default 0.1)", {"label_smoothing": 0.2}),
     "ft-lr-0.1": Lever("fine-tuning's top rate 0.1x the head's (finetune_lr_scale; the "
                        "default until 2026-12-06, now 0.3)", {"finetune_lr_scale": 0.1}),
     "ft-lr-0.3": Lever("fine-tuning's top rate 0.3x the head's (finetune_lr_scale; the default "
