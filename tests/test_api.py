@@ -254,7 +254,10 @@ def test_evaluate_is_the_cli_evaluation(run, run_cli, tmp_path, demo_dir):
     assert page.count(PNG) == 3  # confusion, reliability, curves
     assert ev.confusion.to_numpy().sum() == ev.metrics["images"]
     assert set(ev.per_class.columns) >= {"precision", "recall", "f1"}
-    assert ev.report()._repr_html_().startswith("<iframe srcdoc=")
+    # sandboxed: the report has no script, so none may run in the notebook's page
+    shown = ev.report()._repr_html_()
+    assert shown.startswith("<iframe sandbox srcdoc=") and "allow-scripts" not in shown
+    assert "&lt;script" not in shown.split("srcdoc=", 1)[1]  # (and the report holds none)
     with pytest.raises(WingspanError, match="Available: .*reliability"):
         ev.plot("roc")
     # With TTA, beside the plain evaluation (RUN/evaluation-val-tta), which stays.

@@ -1212,8 +1212,10 @@ class Evaluation:
 
             webbrowser.open(self.report_path.resolve().as_uri())
         page = html.escape(self.report_path.read_text(encoding="utf-8"), quote=True)
-        return Html(f"<iframe srcdoc=\"{page}\" style='width:100%;height:720px;border:1px "
-                    "solid #ddd'></iframe>", self.report_path)
+        # sandbox: the page runs no script of its own, so none runs at all, in case a label
+        # (a class name from someone else's data) ever slipped past the report's escaping.
+        return Html(f"<iframe sandbox srcdoc=\"{page}\" style='width:100%;height:720px;"
+                    "border:1px solid #ddd'></iframe>", self.report_path)
 
     def __repr__(self) -> str:
         m = self.metrics
