@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 from wingspan.config import TOP_K
 from wingspan.data.readers import (
-    FILE_MANAGER_JUNK,
     images_under,
+    is_file_manager_file,
     is_image_file,
     unsupported_photo,
 )
@@ -104,8 +104,7 @@ def expand_paths(inputs: list[str], places: list[int] | None = None,
                           [match] if is_image_file(match) else [])
                 if not folder and (why := unsupported_photo(match)):
                     skip((match, why), len(found))
-                elif not folder and not images and \
-                        Path(match).name.lower() not in FILE_MANAGER_JUNK:
+                elif not folder and not images and not is_file_manager_file(Path(match)):
                     not_image(match)
                 matched += len(images)
                 add(images)
