@@ -699,9 +699,9 @@ def short(self, *args, **kwargs):  # the process group's timeout: 4 s, not 30 mi
 
 
 ddp.DDPStrategy.__init__ = short
-import wingspan.training.run as run
+import wingspan.training.finish as finish
 
-check = run.check_lossy_engines
+check = finish.check_lossy_engines
 
 
 def slow(r):  # rank 0's end of the run, longer than that
@@ -709,7 +709,7 @@ def slow(r):  # rank 0's end of the run, longer than that
     return check(r)
 
 
-run.check_lossy_engines = slow
+finish.check_lossy_engines = slow
 from wingspan.cli.app import main
 
 main(sys.argv[1:])

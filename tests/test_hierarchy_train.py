@@ -494,13 +494,13 @@ def test_the_epoch_is_scored_on_the_branch_not_the_finest_heads_top_class(demo_d
     """Hand-made logits where the top class (yellow_tailwing) is alone in its family and the
     other family's three species together are likelier: the score counts the branch."""
     from wingspan.training.prepare import ensure_splits
-    from wingspan.training.run import _start
+    from wingspan.training.run import start_run
     from wingspan.training.stages import _scores
 
     config = tiny(tmp_path, levels=["family", "label"])
     dataset = ensure_splits(_one_big_family(demo_dir), "label", config, log=lambda _: None)
     (tmp_path / "run").mkdir()
-    run = _start(tmp_path / "run", config, dataset, quiet=True, checkpoint=None,
+    run = start_run(tmp_path / "run", config, dataset, quiet=True, checkpoint=None,
                  fabric=local_fabric("cpu"))
     classes, families = run.data.classes, run.data.level_classes["family"]
     assert families == ["Nymphalidae", "Papilionidae"]

@@ -12,8 +12,8 @@ from wingspan.inference import Predictor
 from wingspan.models import engine, resolve_policy
 from wingspan.models.engine import Choice, engine_named
 from wingspan.models.policy import Policy
+from wingspan.training import finish as finish_module
 from wingspan.training import lossy_check, train
-from wingspan.training import run as run_module
 from wingspan.training.lossy_check import avoided_engines
 
 
@@ -101,7 +101,7 @@ def test_training_checks_the_lossy_engines_on_val_and_predict_follows(demo_dir, 
 def test_a_run_whose_frozen_engine_is_left_out_ends_in_fp32(demo_dir, tmp_path, monkeypatch):
     """Its temperature and unknown thresholds are set on what its predictions will run."""
     _bf16_everywhere(monkeypatch)
-    monkeypatch.setattr(run_module, "check_lossy_engines", lambda run: {
+    monkeypatch.setattr(finish_module, "check_lossy_engines", lambda run: {
         "torch-bf16": {"images": 10, "answers_changed": 5}})
     timed = Policy.choose_frozen  # the frozen passes measured fastest in bf16
 

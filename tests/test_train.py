@@ -33,7 +33,7 @@ from wingspan.models.registry import BACKBONES, BackboneSpec
 from wingspan.parallel import local_fabric
 from wingspan.training import resume, train
 from wingspan.training.checkpoint import load_checkpoint
-from wingspan.training.run import _start
+from wingspan.training.run import start_run
 from wingspan.training.stages import finetune, loss_fn, train_head
 
 NUMBERS = ["train_loss", "train_acc", "train_macro_f1", "val_loss", "val_acc", "val_macro_f1"]
@@ -164,7 +164,7 @@ def _prepared_run(demo_dir, tmp_path, **changes):
     dataset = ensure_splits(read_dataset(demo_dir), "label", config, log=lambda _: None)
     run_dir = tmp_path / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
-    return _start(run_dir, config, dataset, quiet=True, checkpoint=None,
+    return start_run(run_dir, config, dataset, quiet=True, checkpoint=None,
                   fabric=local_fabric("cpu"))
 
 
@@ -348,7 +348,7 @@ def test_a_resumed_run_computes_the_features_of_an_edited_image_again(demo_dir, 
     # A resume in fine-tuning never reads the cache, but the final pass took the best head's
     # features from it for the temperature and the unknown score: an image edited since
     # kept its old ones there.
-    from wingspan.training.run import _cached_features
+    from wingspan.training.finish import _cached_features
 
     again.state.best_stage = "head"  # (the best model a head on the frozen backbone)
     assert _cached_features(again) is not None
@@ -604,7 +604,7 @@ def test_cli_killed_at_runs_in_the_callers_environment_and_folder(tmp_path, monk
     ("wingspan.files:_flush", 1, "features"),  # writing the head stage's feature cache
     ("wingspan.training.run:_next_stage", 1, ""),  # between the stages
     ("wingspan.files:_flush", 5, "last"),  # writing a checkpoint mid fine-tuning epoch
-    ("wingspan.training.run:_fit_unknown", 1, ""),  # fitting the unknown scores at the end
+    ("wingspan.training.finish:_fit_unknown", 1, ""),  # fitting the unknown scores at the end
     ("wingspan.files:_flush", 1, "manifest"),  # writing the bundle, its weights written
 ])
 def test_a_run_killed_anywhere_resumes_to_the_same_model(demo_dir, uninterrupted, tmp_path,
@@ -675,12 +675,12 @@ def test_a_damaged_last_checkpoint_says_how_to_go_on(uninterrupted, tmp_path):
 def _resume_interrupted_at_start(run_dir, monkeypatch) -> None:
     """A resume of `run_dir` that Ctrl-C stops as it starts (reading the checkpoint,
     checking the data)."""
-    import wingspan.training.run as run_module
+    import wingspan.training.resuming as resume_module
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(run_module, "_start", interrupted)
+    monkeypatch.setattr(resume_module, "start_run", interrupted)
     with pytest.raises(KeyboardInterrupt):
         resume(run_dir, quiet=True)
 
@@ -753,10 +753,10 @@ def test_last_pt_holds_the_best_weights_before_the_bundle_is_written(demo_dir, t
     to resume) with the last epoch's weights in last.pt, not the best's as the README says."""
     import torch
 
-    import wingspan.training.run as run_module
+    import wingspan.training.finish as finish_module
     from wingspan.training.checkpoint import load_checkpoint
 
-    save, held = run_module.save_bundle, []
+    save, held = finish_module.save_bundle, []
 
     def checked(model, folder, *args, **kwargs):
         last = load_checkpoint(folder.parent / "checkpoints" / "last.pt")["model"]
@@ -764,7 +764,7 @@ def test_last_pt_holds_the_best_weights_before_the_bundle_is_written(demo_dir, t
                         for k, v in model.state_dict().items()))
         return save(model, folder, *args, **kwargs)
 
-    monkeypatch.setattr(run_module, "save_bundle", checked)
+    monkeypatch.setattr(finish_module, "save_bundle", checked)
     # (fine-tuning at 50x the head's rate spoils the model, so that the best epoch is
     # mostly not the last, where the old order showed: on the AVX2 EPYC it was head 1)
     train(read_dataset(demo_dir), tiny(tmp_path, epochs_head=2, epochs_finetune=1,
@@ -863,7 +863,7 @@ def test_a_resume_reads_images_with_the_pixel_budget_the_run_began_with(
     """A run begun with max_pixels=1e8 (config.yaml's comment says so) and resumed without
     it dropped its 64 MP image as over the default 50 MP, for the rest of the run. Now the
     resume takes the run's budget; one given to the resume itself wins."""
-    import wingspan.training.run as recipe
+    import wingspan.training.resuming as resume_module
     from wingspan.data.images import call_budget, chosen_budget
 
     ref, _ = uninterrupted
@@ -874,7 +874,7 @@ def test_a_resume_reads_images_with_the_pixel_budget_the_run_began_with(
     config.write_text(first.replace("--format folder", "--format folder --max-pixels "
                                     "100000000") + "\n" + rest)
     seen = []
-    monkeypatch.setattr(recipe, "_interruptible", lambda run, **_: seen.append(
+    monkeypatch.setattr(resume_module, "interruptible", lambda run, **_: seen.append(
         chosen_budget()) or run.dir)
     resume(run_dir, quiet=True)
     with call_budget(7_000_000):
@@ -961,9 +961,9 @@ def test_best_pt_unreadable_as_the_head_stage_ends_is_written_again(demo_dir, tm
                                                                    monkeypatch):
     """The last head epoch replaces it (said once): the run's figures and best.pt then agree
     with the model, and the end reads it back rather than saying the same again."""
-    import wingspan.training.run as run_module
+    import wingspan.training.finish as finish_module
 
-    real, failed = run_module.load_checkpoint, []
+    real, failed = finish_module.load_checkpoint, []
 
     def load_once_damaged(path):
         if path.name == "best.pt" and not failed:
@@ -971,7 +971,7 @@ def test_best_pt_unreadable_as_the_head_stage_ends_is_written_again(demo_dir, tm
             raise WingspanError(f"The checkpoint {path} cannot be read: damaged.")
         return real(path)
 
-    monkeypatch.setattr(run_module, "load_checkpoint", load_once_damaged)
+    monkeypatch.setattr(finish_module, "load_checkpoint", load_once_damaged)
     run_dir = train(read_dataset(demo_dir), tiny(tmp_path, epochs_head=4, epochs_finetune=0),
                     tmp_path / "runs", "r", quiet=True)
     last = history(run_dir).iloc[-1]
@@ -1817,7 +1817,7 @@ def test_a_temperature_fitted_on_few_val_images_is_fitted_and_said_to_be_shaky(t
     from types import SimpleNamespace
 
     from wingspan.evaluate.calibration import MIN_CALIBRATION_IMAGES
-    from wingspan.training.run import _fit_calibration
+    from wingspan.training.finish import _fit_calibration
 
     said, caveats = [], []
 
@@ -2075,7 +2075,7 @@ def test_a_run_killed_once_set_up_resumes(demo_dir, tmp_path):
                                                     epochs_finetune=0))))
     killed = cli_killed_at(["train", demo_dir, "--config", config_file, "--runs-dir",
                             run_dir.parent, "--name", "r", "--quiet"],
-                           "wingspan.training.run:_start")
+                           "wingspan.training.run:start_run")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     resume(run_dir, quiet=True)
     assert (run_dir / "model" / "manifest.json").is_file()
@@ -2177,7 +2177,7 @@ def test_a_temperature_at_its_bound_is_not_said_to_reach_the_rule_of_successions
     bound had kept it from reaching (0.9869 measured)."""
     from types import SimpleNamespace
 
-    from wingspan.training.run import _fit_calibration
+    from wingspan.training.finish import _fit_calibration
 
     lines = []
     logits = torch.zeros(100, 2)
@@ -2356,7 +2356,7 @@ def test_a_stray_file_named_in_other_bytes_is_logged_not_a_traceback(demo_dir, t
 def test_the_resume_line_of_a_stage_that_had_ended():
     """Killed after a stage's end, before the next stage's checkpoint: not "at head epoch 4"
     of 3 (nor of a stage that early stopping ended)."""
-    from wingspan.training.run import _resuming
+    from wingspan.training.resuming import _resuming
 
     def line(epoch, bad_epochs=0, step=0):
         state = {"stage": "head", "epoch": epoch, "step": step, "bad_epochs": bad_epochs}

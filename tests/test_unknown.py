@@ -953,14 +953,14 @@ def test_the_final_pass_for_the_unknown_scores_stops_at_the_images_they_are_fitt
     from test_train import tiny
 
     import wingspan.models.unknown as unknown
-    import wingspan.training.run as run_module
+    import wingspan.training.finish as finish_module
     from wingspan.data import read_dataset
     from wingspan.models import load_bundle
     from wingspan.training import train
 
     monkeypatch.setattr(unknown, "MAX_FIT_IMAGES", 20)
-    passes, real = [], run_module.fixed_batches
-    monkeypatch.setattr(run_module, "fixed_batches",
+    passes, real = [], finish_module.fixed_batches
+    monkeypatch.setattr(finish_module, "fixed_batches",
                         lambda rows, *a, **k: passes.append(list(rows)) or real(rows, *a, **k))
     # (no head stage: the best model is fine-tuned, and the cached features cannot serve)
     run_dir = train(read_dataset(demo_dir), tiny(tmp_path, epochs_head=0, epochs_finetune=1,

@@ -49,7 +49,7 @@ def find_bundle(model: str | Path) -> Path:
                                  f"Python: ws.resume({str(path)!r})).")
     if path.exists():
         return path
-    from wingspan.training.run import close_runs
+    from wingspan.training.folder import close_runs
 
     meant = close_runs(path)
     raise WingspanError(f"No model at {path}: the path does not exist.",

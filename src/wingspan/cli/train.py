@@ -175,7 +175,7 @@ def train_command(
     # (torch and timm, 5-10 s to import: after the settings are checked, so that a wrong
     # one is said at once)
     if resume:  # only where it runs may change
-        from wingspan.training import run as training
+        from wingspan import training
 
         with same_on_every_rank():
             given = {k: v for k, v in ctx.params.items()

@@ -271,3 +271,15 @@ def update_manifest(path: str | Path, **changes) -> dict:
         _atomic(path, lambda tmp: save_file(state, tmp, metadata={
             METADATA_KEY: json.dumps(manifest)}))
     return manifest
+
+
+def is_complete(path: Path, intact: bool = False) -> bool:
+    """Whether training wrote its bundle to the end (the manifest comes last), and with
+    `intact` whether its weights match their checksum (a resume writes a damaged one again
+    from the checkpoint; reading them costs a second or two for a ResNet-50)."""
+    try:
+        manifest = read_manifest(path)
+        return "calibration" in manifest and (not intact or bool(checked_weights(path,
+                                                                                manifest)))
+    except WingspanError:
+        return False

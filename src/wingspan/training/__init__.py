@@ -1,15 +1,28 @@
 """Training: the two-stage recipe, the feature and decode caches, checkpoints and resume.
 
-`train`, `resume` and `MACHINE_SETTINGS` load `wingspan.training.run` when first used, so
-that predict, evaluate and serve, which need only this package's data helpers, start
-without the training stack (scikit-learn's model selection, the schedulers)."""
+`train`, `resume` and `MACHINE_SETTINGS` load what they need when first used, so that
+predict, evaluate and serve, which need only this package's data helpers, start without
+the training stack (scikit-learn's model selection, the schedulers).
+
+    run.py      train: a new run's folder, then the two stages (stages.py), interruptible
+    finish.py   the end of a run: the best model's results, calibration, unknown answer
+    resuming.py resume: a stopped or killed run, checked, then taken up where it stopped
+"""
 
 __all__ = ["MACHINE_SETTINGS", "resume", "train"]
 
 
 def __getattr__(name: str):
-    if name in __all__:
-        from wingspan.training import run
+    if name == "train":
+        from wingspan.training.run import train
 
-        return getattr(run, name)
+        return train
+    if name == "MACHINE_SETTINGS":  # (with torch and Fabric)
+        from wingspan.training.context import MACHINE_SETTINGS
+
+        return MACHINE_SETTINGS
+    if name == "resume":
+        from wingspan.training.resuming import resume
+
+        return resume
     raise AttributeError(f"module 'wingspan.training' has no attribute '{name}'")

@@ -5,6 +5,7 @@ that rank 0 holds while it trains, and the folder a run killed while set up leav
 from __future__ import annotations
 
 import csv
+import difflib
 import hashlib
 import os
 from pathlib import Path
@@ -206,3 +207,16 @@ def trained_on(run_dir: Path) -> str | None:
     if first.startswith("# Trained on ") and ", read with " in first:
         return first[len("# Trained on "):].rpartition(", read with ")[0]
     return None
+
+
+def close_runs(path: Path) -> list[str]:
+    """The runs beside a path that is no run (a typo, or a run's name without its runs
+    folder), or in the runs folder there, whose names are closest to its name."""
+    runs = []
+    for folder in dict.fromkeys([path.parent, path.parent / "runs"]):
+        try:
+            runs += [d for d in sorted(folder.iterdir()) if (d / CONFIG_FILE).is_file()]
+        except OSError:  # no such folder, or one we may not read: nothing to suggest
+            pass
+    close = difflib.get_close_matches(path.name, [d.name for d in runs], n=3)
+    return [str(d) for name in close for d in runs if d.name == name]
