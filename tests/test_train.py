@@ -499,6 +499,24 @@ def test_the_runs_splits_list_only_the_images_max_per_class_kept(demo_dir, tmp_p
     assert "Undersampled train to 5 per class: left out" in (run_dir / "train.log").read_text()
 
 
+def test_train_and_resume_leave_the_callers_random_stream_as_it_was(demo_dir, tmp_path):
+    """A notebook that seeds torch, trains, then draws: the draw is the one it would have
+    had without the run in between (ws.train(seed=7) left torch seeded at 7)."""
+    import torch
+
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    run_dir = train(read_dataset(demo_dir), tiny(tmp_path, epochs_head=1, epochs_finetune=1,
+                                                 seed=7), tmp_path, "r", quiet=True)
+    assert torch.equal(torch.rand(4), expected)
+    assert torch.initial_seed() == 123
+    (run_dir / "metrics.json").unlink()  # a run left to finish
+    torch.manual_seed(123)
+    resume(run_dir, quiet=True)
+    assert torch.equal(torch.rand(4), expected)
+
+
 def test_early_stopping_stops(demo_dir, tmp_path, monkeypatch):
     config = tiny(tmp_path, lr=1e-12, epochs_head=20, patience=2, epochs_finetune=0)
     run_dir = train(read_dataset(demo_dir), config, tmp_path, quiet=True)

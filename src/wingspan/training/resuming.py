@@ -39,7 +39,15 @@ from wingspan.training.folder import (
     stopped_while_set_up,
     trained_on,
 )
-from wingspan.training.run import Interrupted, Stopped, go_on, interruptible, processes, start_run
+from wingspan.training.run import (
+    Interrupted,
+    Stopped,
+    callers_random_stream_kept,
+    go_on,
+    interruptible,
+    processes,
+    start_run,
+)
 
 
 def _recorded_budget(run_dir: Path) -> int | None:
@@ -54,6 +62,7 @@ def _recorded_budget(run_dir: Path) -> int | None:
     return int(found.group(1)) if found else None
 
 
+@callers_random_stream_kept
 @torch.inference_mode(False)
 @torch.enable_grad()
 def resume(run_dir: str | Path, quiet: bool = False, **machine) -> Path:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import functools
 import os
 import shlex
 import shutil
@@ -69,9 +70,23 @@ from wingspan.training.stages import finetune, train_head
 from wingspan.training.step import choose_train
 
 
+def callers_random_stream_kept(fn):
+    """`fn` seeds torch's random stream for the run (start_run) and gives the caller's back
+    at the end: a notebook's torch.manual_seed(123), then ws.train(seed=7), had left torch
+    seeded at 7 for the rest of the notebook. (CUDA's streams too, where the caller had
+    started CUDA: forking them would start it otherwise.)"""
+    @functools.wraps(fn)
+    def kept(*args, **kwargs):
+        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=cuda):
+            return fn(*args, **kwargs)
+    return kept
+
+
 # Grad on whatever the caller left: a notebook's torch.set_grad_enabled(False) stopped the
 # head's first step after its features were cached, and a model built in inference_mode
 # cannot be trained at all.
+@callers_random_stream_kept
 @torch.inference_mode(False)
 @torch.enable_grad()
 def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = RUNS_DIR,
