@@ -543,6 +543,11 @@ class EngineConfig:
     timing_images: int = 64
     rounds: int = 2  # timed calls per candidate, after a warm-up; the candidates take turns
     near_tie: float = 1.25  # after round 1, only candidates this close to the best go on
+    # A lossy candidate (bf16, fp16) is kept only when this much faster than the fastest
+    # fp32 one: bf16 moves a probability by up to 0.04, and a near tie (1578 against 1561
+    # images/s) went one way or the other from one timing to the next, and a same-seed
+    # rerun's model with it.
+    lossy_gain: float = 1.05
     # Accuracy guard: a candidate may not be chosen when, on more than `max_changed` of the
     # timing images, its features point elsewhere than fp32's (cosine below
     # `min_feature_cosine`; bf16 gave >= 0.997) or its top-1 class differs from fp32's where

@@ -196,6 +196,11 @@ class Choice:
         return cls(**{**values, "engine": engine_named(record["engine"]), "how": how})
 
 
+# How measured_choice picks, in the cache's key: choices made by an older rule (the
+# fastest, lossy or not, before lossy_gain) are measured again.
+CHOICE_RULE = 2
+
+
 def engine_key(kind: str, model: str, size: int, batch_size: int, device: torch.device,
                engines: list[Engine], **extra) -> dict:
     """Everything a measurement depends on. A change in any of it measures again."""
@@ -214,6 +219,7 @@ def engine_key(kind: str, model: str, size: int, batch_size: int, device: torch.
              f"{torch.backends.cpu.get_cpu_capability()}) x{usable_cores()}, "
              f"{torch.get_num_threads()} threads")
     return {"kind": kind, "model": model, "size": size, "batch_size": batch_size,
+            "rule": CHOICE_RULE,
             "device": f"{device.type}: {where}", "torch": torch.__version__,
             "onnxruntime": ort, "timm": timm.__version__,
             "candidates": [e.name for e in engines], **extra}
@@ -362,10 +368,17 @@ def timing_batch(size: int, n: int, mean, std) -> torch.Tensor:
 
 def measured_choice(seconds: dict[str, float], n: int, rejected: dict[str, str],
                     changes: dict[str, float], cost: float) -> Choice:
-    """The fastest eligible candidate, with every figure (`n` images per timed call). If
-    every one is rejected, the model itself is broken: take the fastest, the run shows it."""
+    """The fastest eligible candidate, with every figure (`n` images per timed call); a
+    lossy one (bf16, fp16) only where it is EngineConfig.lossy_gain times as fast as the
+    fastest fp32 one. If every one is rejected, the model itself is broken: take the
+    fastest, the run shows it."""
     eligible = {k: v for k, v in seconds.items() if k not in rejected} or seconds
     name = min(eligible, key=eligible.get)
+    exact = [k for k in eligible if engine_named(k).precision == "fp32"]
+    if engine_named(name).precision != "fp32" and exact:
+        best_exact = min(exact, key=eligible.get)
+        if eligible[best_exact] < eligible[name] * EngineConfig().lossy_gain:
+            name = best_exact
     return Choice(engine_named(name), "measured",
                   images_per_s={k: round(n / v, 1) for k, v in seconds.items()},
                   rejected=rejected, changed={k: round(v, 3) for k, v in changes.items()},
