@@ -517,6 +517,24 @@ def test_train_and_resume_leave_the_callers_random_stream_as_it_was(demo_dir, tm
     assert torch.equal(torch.rand(4), expected)
 
 
+def test_a_gpu_machines_cuda_stream_gets_the_callers_seed_again(demo_dir, tmp_path,
+                                                              monkeypatch):
+    """Where CUDA has not started, torch seeds it lazily, with the last seed asked for: the
+    run's took the place of the caller's torch.manual_seed(123) (seen here as the seeds
+    torch.cuda.manual_seed_all is given, on a machine that says it has a GPU)."""
+    import torch
+
+    import wingspan.training.run as run_module
+
+    seeds = []
+    monkeypatch.setattr(run_module, "_gpus", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", seeds.append)
+    torch.manual_seed(123)
+    train(read_dataset(demo_dir), tiny(tmp_path, epochs_head=1, epochs_finetune=0, seed=7,
+                                       device="cpu"), tmp_path, "r", quiet=True)
+    assert 7 in seeds and seeds[-1] == 123
+
+
 def test_early_stopping_stops(demo_dir, tmp_path, monkeypatch):
     config = tiny(tmp_path, lr=1e-12, epochs_head=20, patience=2, epochs_finetune=0)
     run_dir = train(read_dataset(demo_dir), config, tmp_path, quiet=True)

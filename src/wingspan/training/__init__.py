@@ -7,6 +7,8 @@ the training stack (scikit-learn's model selection, the schedulers).
     run.py      train: a new run's folder, then the two stages (stages.py), interruptible
     finish.py   the end of a run: the best model's results, calibration, unknown answer
     resuming.py resume: a stopped or killed run, checked, then taken up where it stopped
+                (not resume.py: importing it would put the module in place of the function
+                as this package's `resume`)
 """
 
 __all__ = ["MACHINE_SETTINGS", "resume", "train"]

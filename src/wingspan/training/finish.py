@@ -186,7 +186,7 @@ def _in_fp32_from_here(run: Run, avoided: dict[str, str]) -> bool:
 def best_checkpoint(run: Run) -> dict:
     """best.pt; when it cannot be read (a damaged disk or copy), the model as it stands,
     said so: the run still finishes rather than stopping for good. That model is the best
-    head where the head stage is over and no fine-tuned epoch followed (_recipe loaded
+    head where the head stage is over and no fine-tuned epoch followed (run._recipe loaded
     it before the checkpoint it was resumed from), else the last epoch's."""
     try:
         return load_checkpoint(run.checkpoints / "best.pt")

@@ -52,7 +52,7 @@ from wingspan.training.run import (
 
 def _recorded_budget(run_dir: Path) -> int | None:
     """The --max-pixels (or max_pixels=) the run began with, from config.yaml's comment
-    (as `_data_comment` writes it)."""
+    (as run._data_comment writes it)."""
     try:
         with open(run_dir / CONFIG_FILE, encoding="utf-8") as f:
             first = f.readline()

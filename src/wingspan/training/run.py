@@ -73,14 +73,25 @@ from wingspan.training.step import choose_train
 def callers_random_stream_kept(fn):
     """`fn` seeds torch's random stream for the run (start_run) and gives the caller's back
     at the end: a notebook's torch.manual_seed(123), then ws.train(seed=7), had left torch
-    seeded at 7 for the rest of the notebook. (CUDA's streams too, where the caller had
-    started CUDA: forking them would start it otherwise.)"""
+    seeded at 7 for the rest of the notebook. CUDA's streams are given back where the
+    caller had started CUDA (forking them would start it); where it had not, torch seeds
+    CUDA lazily, and the run's seed took the caller's place: it is seeded again with the
+    caller's seed, as the caller's torch.manual_seed had left it."""
     @functools.wraps(fn)
     def kept(*args, **kwargs):
-        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        started = torch.cuda.is_initialized()
+        cuda, seed = list(range(_gpus())) if started else [], torch.initial_seed()
         with torch.random.fork_rng(devices=cuda):
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if not started and _gpus():
+                    torch.cuda.manual_seed_all(seed)
     return kept
+
+
+def _gpus() -> int:
+    return torch.cuda.device_count()
 
 
 # Grad on whatever the caller left: a notebook's torch.set_grad_enabled(False) stopped the
@@ -268,6 +279,7 @@ class Stopped(WingspanError):
 
 
 def go_on(run_dir: Path) -> str:
+    """The line that says how to continue a stopped run (from its checkpoint, if any)."""
     how = f"wingspan train --resume {run_dir} (in Python: ws.resume({str(run_dir)!r}))"
     if (run_dir / "checkpoints" / "last.pt").is_file():
         return f"Continue from the last checkpoint with: {how}"
@@ -303,8 +315,9 @@ class _Terminated:
 
 
 def interruptible(run: Run, scoring_only: bool = False) -> Path:
-    """The recipe (or, `scoring_only`, the held-out classes' scoring of a run killed
-    there); Ctrl-C or SIGTERM leaves the run's last checkpoint, and says how to go on."""
+    """Run the recipe (or, `scoring_only`, the held-out classes' scoring of a run killed
+    there) so that Ctrl-C or SIGTERM stops it at its last checkpoint, saying how to go
+    on, and any other error marks the run failed (error.txt), with what it said."""
     if run.is_main:
         (run.dir / ERROR_FILE).unlink(missing_ok=True)  # a resume goes at it again
     terminated = _Terminated()
