@@ -40,11 +40,12 @@ import torch.nn.functional as F
 import yaml
 from scipy.stats import bootstrap
 from sklearn.metrics import f1_score
+from torchvision.transforms import v2
 
 from wingspan.config import AugmentConfig, shared_data_dir
 from wingspan.data import read_dataset
 from wingspan.data.images import open_rgb
-from wingspan.data.transforms import eval_transform
+from wingspan.data.transforms import eval_transform, interpolation_mode
 from wingspan.evaluate.metrics import macro_f1
 from wingspan.inference import Predictor
 from wingspan.training.adapt import adapt
@@ -107,6 +108,13 @@ LEVERS = {
                  mode="tta", cost="predict"),
     "res300": Lever("predict at 300 px (trained at 260)", mode="size300", cost="predict"),
     "res340": Lever("predict at 340 px (trained at 260)", mode="size340", cost="predict"),
+    "wide": Lever("predict on the whole shorter side's square (no centre crop within it; "
+                  "Lite2's own crop keeps 0.89 of it)", mode="wide", cost="predict"),
+    "squash": Lever("predict on the whole photo, squeezed to a square (a 4:3 photo's centre "
+                    "crop shows 59% of it)", mode="squash", cost="predict"),
+    "squash-train": Lever("as squash, and training's clean view too (the cached features "
+                          "of the head stage, val, the bundle's scores)", mode="squash",
+                          patch="squash"),
     "ensemble": Lever("mean probabilities of the baseline and an efficientnet_lite0 run "
                       "(same data and seed)", partner={"backbone": "efficientnet_lite0"}),
     "swa": Lever("SWA: the mean of the weights at the end of each fine-tuning epoch (frozen "
@@ -216,6 +224,26 @@ def resized(predictor: Predictor, size: int) -> Predictor:
     return predictor
 
 
+def squash_view(size: int, mean, std, interpolation: str = "bilinear",
+                normalize: bool = True) -> v2.Compose:
+    """All of the photo resized to a `size` square (its aspect not kept)."""
+    steps = [v2.Resize((size, size), interpolation=interpolation_mode(interpolation),
+                       antialias=True), v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+    return v2.Compose(steps + ([v2.Normalize(mean, std)] if normalize else []))
+
+
+def whole_photo(predictor: Predictor, how: str) -> Predictor:
+    """The same predictor on more of each photo: `wide`, the centre square of the shorter
+    side uncropped; `squash`, all of the photo resized to a square."""
+    if how == "wide":
+        predictor.config = AugmentConfig(image_size=predictor.size, eval_crop=1.0)
+        return predictor
+    view = squash_view(predictor.size, **predictor.norm)
+    predictor.views = lambda tta: [view]
+    predictor.config = AugmentConfig(image_size=predictor.size, eval_crop=1.0)  # JPEG draft
+    return predictor
+
+
 def batched_cam(predictor: Predictor, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """wingspan.explain.grad_cam for a batch (eval mode: images do not interact): maps
     upsampled to the input, each scaled to peak 1 (all zeros when nothing argues)."""
@@ -311,6 +339,8 @@ def probabilities(run: Path, mode: str, paths: list[str]) -> tuple[np.ndarray, l
         return probabilities(run, mode, paths)
     if mode.startswith("size"):
         resized(predictor, int(mode[4:]))
+    if mode in ("wide", "squash"):
+        whole_photo(predictor, mode)
     probs = np.stack([p.probs for p in predictor.run(paths, tta=mode == "tta", progress=False)])
     seconds = time.perf_counter() - start + adapting
     np.savez(keep, probs=probs, classes=np.array(predictor.classes), seconds=seconds)
@@ -449,6 +479,14 @@ def patched(patch: str) -> None:
                 stages.loss_fn = original_loss
 
         recipe.train_head = train_head
+    elif patch == "squash":
+        from wingspan.training import prepare
+
+        def squashed(config=None, mean=None, std=None, normalize=True,
+                     interpolation="bilinear"):
+            return squash_view(config.image_size, mean, std, interpolation, normalize)
+
+        prepare.eval_transform = squashed
     elif patch == "nohue":
         from torchvision.transforms import v2
 
