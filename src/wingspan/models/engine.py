@@ -14,6 +14,7 @@ kernels, not engines.
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
 import warnings
@@ -180,7 +181,15 @@ class Choice:
     measured_on: str = ""  # date of the measurement
 
     def describe(self) -> str:
-        figures = ", ".join(f"{n} {v:.1f}" + (" (rejected)" if n in self.rejected else "")
+        chosen = self.images_per_s.get(self.engine.name, math.inf)
+
+        def why_not(name: str, speed: float) -> str:
+            if name in self.rejected:
+                return " (rejected)"
+            # (a lossy engine a little faster, not taken: see measured_choice)
+            return f" (lossy, not {EngineConfig().lossy_gain:g}x as fast)" if speed > chosen else ""
+
+        figures = ", ".join(f"{n} {v:.1f}" + why_not(n, v)
                             for n, v in sorted(self.images_per_s.items(), key=lambda kv: -kv[1]))
         how = self.how + (f" {self.seconds:.1f}s" if self.how == "measured" else "")
         return f"{self.engine.name} ({how}" + (f"; images/s {figures}" if figures else "") + ")"
