@@ -1367,6 +1367,26 @@ def test_map_and_unknown_match_a_class_name_that_ends_in_a_space_as_read_now(tra
         evaluate(old, split="val", progress=False, workers=0, plots=False, unknown=unseen.parent)
 
 
+def test_a_map_in_decomposed_letters_matches_the_names_as_read(trained, tmp_path):
+    """macOS gives folder names decomposed (NFD) where they are copied: the data's
+    'Pieris napí' folder reads in NFC, and --map with the pasted spelling was refused,
+    naming two classes that looked the same."""
+    import unicodedata
+
+    classes = json.loads((trained / "model" / "manifest.json").read_text())["classes"]
+    first = classes[next(iter(classes))][0]
+    accented = "Pieris napí"
+    val = read_dataset(trained / "splits.csv").table.query("split == 'val'")
+    for label, path in zip(val["label"], val["path"], strict=True):
+        folder = tmp_path / "other" / (accented if label == first else label)
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, folder)
+    metrics = evaluate(trained, tmp_path / "other", split="all", progress=False, workers=0,
+                       plots=False, out=tmp_path / "ev",
+                       class_map={first: unicodedata.normalize("NFD", accented)}).metrics
+    assert metrics["images"] == len(val) and not metrics["unknown_classes"]
+
+
 def test_images_the_run_trained_or_chose_on_give_figures_called_optimistic(trained, evaluation,
                                                                            tmp_path, run_cli):
     """Evaluating the run's train split (to check the fit) or its val (the best epoch was

@@ -370,6 +370,39 @@ def test_letters_the_plot_font_lacks_are_said_once(tmp_path, monkeypatch):
     assert "something else" in said
 
 
+def test_an_installed_font_with_the_letters_draws_them(tmp_path, monkeypatch):
+    """matplotlib falls back only to families named in font.family, so a CJK font
+    installed as the warning advised still left boxes: wingspan names the installed ones
+    it knows after the user's own. (Here DejaVu Serif stands in, as it has letters that
+    DejaVu Sans lacks; no CJK font installs on this machine.)"""
+    import warnings
+
+    from wingspan import plotting
+
+    monkeypatch.setattr(plotting, "_FONT_SAID", [])
+    monkeypatch.setattr(plotting, "FALLBACK_FONTS", ("No Such Font", "DejaVu Serif"))
+    plotting.fallback_families.cache_clear()
+    counts = pd.Series([5, 3], index=["\u1d15\u02ef one", "two"])  # not in DejaVu Sans
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plot_class_balance(counts, "label", tmp_path / "a.png")
+    plotting.fallback_families.cache_clear()
+    assert not [w for w in caught if "font lacks" in str(w.message) or "Glyph" in
+                str(w.message)], [str(w.message) for w in caught]
+
+
+def test_a_long_class_name_is_shortened_in_the_balance_plot(tmp_path):
+    """A 125-character name ran off the figure, with matplotlib's "Tight layout not
+    applied" printed under every command that draws it; the other plots shorten names."""
+    import warnings
+
+    counts = pd.Series([5, 3], index=["Papilio machaon gorganus " * 5, "two"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plot_class_balance(counts, "label", tmp_path / "a.png")
+    assert not [str(w.message) for w in caught], [str(w.message) for w in caught]
+
+
 def test_inspect_checks_a_resize_as_a_model_at_224_px_would_make_it(tmp_path):
     """Inspect knows no model: checked as at a 512 px view, every 96 x 96 photo was called
     unreadable under --max-pixels 200000, which train reads whole; and a 20 x 8000 strip,

@@ -332,6 +332,12 @@ def test_a_csv_from_a_spreadsheet_is_read_or_said_how_to_save_it(tmp_path):
     with pytest.raises(WingspanError, match="it is UTF-16 text") as e:
         read_dataset(csv)
     assert "iconv -f utf-16" in e.value.hint
+    # A Greek or Japanese Excel saves in its own code page: iconv -f cp1252, the one hint
+    # given, turned Πεταλούδα into Ðåôáëïýäá without a word.
+    csv.write_bytes("path,label\na/x.jpg,Πεταλούδα\n".encode("cp1253"))
+    with pytest.raises(WingspanError, match="it is not UTF-8 text") as e:
+        read_dataset(csv)
+    assert "cp1253 Greek" in e.value.hint and "cp932 Japanese" in e.value.hint
 
 
 def test_a_csv_in_nfc_finds_files_that_macos_named_in_nfd(tmp_path):

@@ -658,6 +658,30 @@ def test_holdout_classes_must_exist(tmp_path):
     assert HELD not in set(rest.table.label) and set(held.label) == {HELD}
 
 
+def test_holdout_classes_read_as_folder_names_are_read(tmp_path):
+    """A name pasted from macOS (decomposed, NFD) was refused with "no class 'Pieris
+    napí' (did you mean 'Pieris napí'?)", and one with a comma of its own ("Vanessa
+    atalanta (Linnaeus, 1758)") could not be given on the command line, which splits at
+    commas."""
+    import unicodedata
+
+    from wingspan.training.run import hold_out
+
+    root = generate_demo(tmp_path, DemoConfig(image_size=32, images_per_class=(4, 4, 4, 4)))
+    names = sorted(p.name for p in root.iterdir() if p.is_dir())
+    accented, cited = "Pieris napí", "Vanessa atalanta (Linnaeus, 1758)"
+    (root / names[0]).rename(root / accented)
+    (root / names[1]).rename(root / cited)
+    demo = read_dataset(root)
+    decomposed = unicodedata.normalize("NFD", accented)
+    assert decomposed != accented
+    rest, held = hold_out(demo, "label", [decomposed])
+    assert set(held.label) == {accented} and accented not in set(rest.table.label)
+    as_split = [c.strip() for c in f"{cited},{names[2]}".split(",")]  # as the CLI splits
+    rest, held = hold_out(demo, "label", as_split)
+    assert set(held.label) == {cited, names[2]}
+
+
 def test_a_class_named_unknown_is_pointed_out(tmp_path):
     """Training says when a class has the name predict answers for unseen photos."""
     from wingspan.training.run import _say_if_a_class_is_named_unknown

@@ -7,6 +7,7 @@ import re
 import threading
 import warnings
 from contextlib import contextmanager
+from functools import lru_cache
 
 import matplotlib
 from matplotlib.figure import Figure
@@ -29,11 +30,36 @@ _GLYPH_MISSING = re.compile(r"Glyph \d+ .*missing from (current )?font")
 _FONT_SAID = []
 
 
+# Fonts with the letters that DejaVu Sans lacks (CJK, Hebrew, Arabic, Indic, Thai), as
+# Linux, macOS and Windows name them. matplotlib draws a letter from a later family in
+# font.family only when that family is named there, never from any other installed font:
+# after the user's own families, those of these that are installed are named.
+FALLBACK_FONTS = (
+    "Noto Sans CJK JP", "Noto Sans CJK SC", "Noto Sans CJK TC", "Noto Sans CJK KR",
+    "Source Han Sans", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei", "IPAexGothic",
+    "IPAGothic", "TakaoGothic", "Hiragino Sans", "Hiragino Sans GB", "PingFang SC",
+    "Apple SD Gothic Neo", "Microsoft YaHei", "Yu Gothic", "Meiryo", "Malgun Gothic",
+    "SimHei", "Noto Sans Hebrew", "Noto Sans Arabic", "Noto Sans Devanagari",
+    "Noto Sans Thai", "Arial Unicode MS")
+
+
+@lru_cache(maxsize=1)
+def fallback_families() -> tuple[str, ...]:
+    """The FALLBACK_FONTS that matplotlib finds installed."""
+    from matplotlib import font_manager
+
+    installed = {font.name for font in font_manager.fontManager.ttflist}
+    return tuple(name for name in FALLBACK_FONTS if name in installed)
+
+
 @contextmanager
 def literal_text():
     caught: list = []
+    families = list(matplotlib.rcParams["font.family"])
+    families += [f for f in fallback_families() if f not in families]
     try:
-        with _DRAWING, matplotlib.rc_context({"text.parse_math": False}), \
+        with _DRAWING, matplotlib.rc_context({"text.parse_math": False,
+                                              "font.family": families}), \
                 warnings.catch_warnings(record=True) as recorded:
             caught = recorded
             yield
@@ -51,7 +77,9 @@ def _show(caught: list) -> None:
         warnings.warn_explicit(  # (one line: no source line of ours under it)
             "Some class names have letters that the plots' font lacks: the PNGs show them "
             "as boxes. Install a font that has them (e.g. Debian's fonts-noto-cjk), then "
-            "delete matplotlib's font cache (~/.cache/matplotlib).", UserWarning, "wingspan", 0)
+            "delete matplotlib's font cache (~/.cache/matplotlib); a font wingspan does not "
+            "know of, name in matplotlibrc's font.family after your first.", UserWarning,
+            "wingspan", 0)
 
 
 def short_name(name: str, most: int = 34) -> str:

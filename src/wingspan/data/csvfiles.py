@@ -33,8 +33,10 @@ def read_csv(path: Path, key: str | None = None) -> pd.DataFrame:
         raise WingspanError(f"Cannot read the CSV file {path}: it is "
                             + ("UTF-16 text" if utf16 else "not UTF-8 text") + f" ({e}).",
                             hint="Save it as UTF-8: in Excel, 'CSV UTF-8 (Comma delimited)'; "
-                                 f"or `iconv -f {'utf-16' if utf16 else 'cp1252'} -t utf-8 "
-                                 "OLD.csv > NEW.csv`.") from e
+                                 "or `iconv -f " + ("utf-16 -t utf-8 OLD.csv > NEW.csv`."
+                                                    if utf16 else
+                                                    f"CODE_PAGE -t utf-8 OLD.csv > NEW.csv`, "
+                                                    f"{CODE_PAGES}.")) from e
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, csv.Error) as e:
         raise WingspanError(f"Cannot read the CSV file {path}: {e}") from e
     # pandas renames a second 'genus' to 'genus.1', which would be read as a level.
@@ -86,6 +88,13 @@ def nfc(text: str) -> str:
     """One spelling for one name: macOS writes folder names decomposed (e + combining
     accent), a CSV typed elsewhere has them composed; compared as text they differ."""
     return unicodedata.normalize("NFC", text)
+
+
+# What Excel's plain "CSV" is saved in, by the language Windows runs in (for iconv).
+CODE_PAGES = ("with the code page it was saved in: cp1252 Western European, cp1250 Central "
+              "European, cp1251 Cyrillic, cp1253 Greek, cp1254 Turkish, cp1255 Hebrew, "
+              "cp1256 Arabic, cp932 Japanese, gbk Chinese (simplified), big5 Chinese "
+              "(traditional), cp949 Korean")
 
 
 def name_as_read(text: str) -> str:

@@ -8,7 +8,7 @@ import pandas as pd
 from matplotlib import ticker
 
 from wingspan.files import atomic_path
-from wingspan.plotting import literal_text, subplots
+from wingspan.plotting import literal_text, short_name, subplots
 
 
 @literal_text()
@@ -24,7 +24,7 @@ def plot_class_balance(counts: pd.Series, level: str, path: Path, many: int = 40
     if n <= many:
         fig, ax = subplots(figsize=(8, 1.2 + 0.32 * n))
         ax.barh(range(n), counts.to_numpy(), color="#4c72b0")
-        ax.set_yticks(range(n), [str(c) for c in counts.index], fontsize=8)
+        ax.set_yticks(range(n), [short_name(str(c)) for c in counts.index], fontsize=8)
         ax.invert_yaxis()
         for i, v in enumerate(counts.to_numpy()):
             ax.text(v, i, f" {v}", va="center", fontsize=8)
@@ -52,7 +52,7 @@ def plot_class_balance(counts: pd.Series, level: str, path: Path, many: int = 40
         ax.legend(loc="upper right")
         for rank, (name, v) in [(1, (counts.index[0], counts.iloc[0])),
                                 (n, (counts.index[-1], counts.iloc[-1]))]:
-            ax.annotate(f"{name} ({v})", (rank, v), fontsize=8,
+            ax.annotate(f"{short_name(str(name))} ({v})", (rank, v), fontsize=8,
                         ha="left" if rank == 1 else "right", va="bottom")
     ratio = counts.iloc[0] / max(counts.iloc[-1], 1)
     ax.set_title(f"{level}: {n} classes, {counts.sum()} images, imbalance {ratio:.1f}x")

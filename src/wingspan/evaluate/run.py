@@ -695,8 +695,9 @@ def check_class_map(class_map: dict[str, str], predictor: Predictor, dataset: Da
     """`class_map` with the model's classes as it spells them: 'monarch' names a model's
     'monarch ' (see `spelt_as_trained`), as the data's own 'monarch' matches it."""
     spelt = spelt_as_trained(predictor).get(predictor.level, {})
-    class_map = {spelt.get(name_as_read(ours), ours) if ours not in predictor.classes
-                 else ours: theirs for ours, theirs in class_map.items()}
+    class_map = {spelt.get(name_as_read(ours), name_as_read(ours))
+                 if ours not in predictor.classes else ours: name_as_read(theirs)
+                 for ours, theirs in class_map.items()}
     held = set(dataset.table[level])
     ours = [c for c in class_map if c not in predictor.classes]
     theirs = [c for c in class_map.values() if c not in held]

@@ -18,6 +18,7 @@ import yaml
 
 from wingspan.config import ReadConfig, TrainConfig, check_names
 from wingspan.data import read_dataset
+from wingspan.data.csvfiles import name_as_read
 from wingspan.data.images import call_budget, chosen_budget
 from wingspan.data.samples import Dataset
 from wingspan.errors import WingspanError, counted, some
@@ -230,7 +231,7 @@ def _note_classes_added(run: Run, dataset: Dataset, config: TrainConfig) -> None
     except WingspanError:  # the data moved or changed its shape: the split carries on
         return
     added = sorted(set(labels) - set(dataset.table[config.level])
-                   - set(config.holdout_classes or []))
+                   - {name_as_read(c) for c in config.holdout_classes or []})
     if added:
         run.log(f"{root} now holds {counted(len(added), 'class', 'classes')} this run does "
                 f"not train on ({some(added)}: {counted(int(labels.isin(added).sum()), 'image')}"

@@ -30,6 +30,7 @@ import torch
 import yaml
 
 from wingspan.config import RUNS_DIR, TrainConfig
+from wingspan.data.csvfiles import name_as_read
 from wingspan.data.images import chosen_budget
 from wingspan.data.samples import Dataset, report_reading
 from wingspan.data.split import write_splits
@@ -216,11 +217,24 @@ def _data_comment(dataset: Dataset, run_dir: Path, held_out: bool) -> str:
             f"# Again on the same split: {again}\n")
 
 
+def _comma_names_joined(names: list[str], present: set[str]) -> list[str]:
+    """`names` as the command line split them at commas, with each class whose own name
+    holds commas ("Vanessa atalanta (Linnaeus, 1758)") put back together from its parts."""
+    for whole in (c for c in present if "," in c and c not in names):
+        parts = [part.strip() for part in whole.split(",")]
+        for i in range(len(names) - len(parts) + 1):
+            if names[i:i + len(parts)] == parts:
+                names = names[:i] + [whole] + names[i + len(parts):]
+                break
+    return names
+
+
 def hold_out(dataset: Dataset, level: str, classes: list[str] | None):
     """The dataset without `classes` (at `level`), and their rows (None if none asked)."""
     if not classes:
         return dataset, None
     present = set(dataset.table[level])
+    classes = _comma_names_joined([name_as_read(c) for c in classes], present)
     missing = [c for c in classes if c not in present]
     if missing:
         close = {c: difflib.get_close_matches(c, sorted(present), n=1) for c in missing}
