@@ -82,6 +82,8 @@ LEVERS = {
     "strong": Lever("--augment strong", {"augment": "strong"}),
     "size320": Lever("--image-size 320: train and predict at 320 px (Lite2's own 260)",
                      {"image_size": 320}),
+    "unfreeze4": Lever("--unfreeze 4: fine-tune 4 of the backbone's stages (Lite2's default 3)",
+                       {"unfreeze": 4}),
     "unfreeze5": Lever("--unfreeze 5: fine-tune 5 of the backbone's stages (Lite2's default 3)",
                        {"unfreeze": 5}),
     "ls0": Lever("--label-smoothing 0 (default 0.1)", {"label_smoothing": 0.0}),
