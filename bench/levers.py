@@ -110,6 +110,8 @@ LEVERS = {
                  mode="tta", cost="predict"),
     "res300": Lever("predict at 300 px (trained at 260)", mode="size300", cost="predict"),
     "res340": Lever("predict at 340 px (trained at 260)", mode="size340", cost="predict"),
+    "flip": Lever("predict as the mean of the evaluation view and its mirror image (--tta "
+                  "without its wider crops)", mode="flip", cost="predict"),
     "wide": Lever("predict on the whole shorter side's square (no centre crop within it; "
                   "Lite2's own crop keeps 0.89 of it)", mode="wide", cost="predict"),
     "squash": Lever("predict on the whole photo, squeezed to a square (a 4:3 photo's centre "
@@ -343,7 +345,11 @@ def probabilities(run: Path, mode: str, paths: list[str]) -> tuple[np.ndarray, l
         resized(predictor, int(mode[4:]))
     if mode in ("wide", "squash"):
         whole_photo(predictor, mode)
-    probs = np.stack([p.probs for p in predictor.run(paths, tta=mode == "tta", progress=False)])
+    if mode == "flip":  # --tta's first two views
+        views = predictor.views(True)[:2]
+        predictor.views = lambda tta: views
+    probs = np.stack([p.probs for p in predictor.run(paths, tta=mode in ("tta", "flip"),
+                                                     progress=False)])
     seconds = time.perf_counter() - start + adapting
     np.savez(keep, probs=probs, classes=np.array(predictor.classes), seconds=seconds)
     return probs, predictor.classes, seconds
