@@ -925,6 +925,18 @@ def test_class_folders_that_differ_only_in_case_are_pointed_out(tmp_path):
                     "as 2 classes; write them alike to make them one"]
 
 
+def test_class_folders_that_look_alike_are_pointed_out(tmp_path):
+    """A Hebrew name copied with an invisible right-to-left mark, and a Japanese one typed
+    in half-width katakana, were two classes beside their twins, with no word said."""
+    folder_dataset(tmp_path, {"\u05e4\u05e8\u05e4\u05e8": 2, "\u05e4\u05e8\u05e4\u05e8\u200f": 1,
+                              "\u30a2\u30b2\u30cf": 2, "\uff71\uff79\uff9e\uff8a": 1, "monarch": 1})
+    said = sorted(p.message for p in read_dataset(tmp_path).problems
+                  if p.kind == "classes_differ_in_case")
+    assert len(said) == 2, said
+    assert all("differ only in case, width or invisible marks, and are read as 2 classes"
+               in s for s in said), said
+
+
 def test_a_folder_that_cannot_be_listed_is_said_not_skipped(tmp_path, monkeypatch, run_cli):
     """os.walk passes over a folder it may not list without a word: its photos would be
     lost silently. (Simulated: CI runs as root, for whom chmod 000 changes nothing.)"""

@@ -15,6 +15,7 @@ import errno
 import itertools
 import os
 import re
+import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 
@@ -511,18 +512,34 @@ def _class_folders(root: Path, config: ReadConfig, problems: list[Problem]
     # 'admiral' and 'Admiral' cannot sit side by side on macOS or Windows: two folders
     # merged from elsewhere, most likely one species.
     problems += [Problem("classes_differ_in_case", "the classes " + " and ".join(
-        f"'{n}'" for n in names) + " differ only in case, and are read as "
+        f"'{n}'" for n in names) + f" differ only in {_differ(names)}, and are read as "
         f"{len(names)} classes; rename the folders alike to make them one", str(root))
         for names in _case_twins(labels)]
     return paths, labels
 
 
 def _case_twins(names) -> list[list[str]]:
-    """The names that differ only in case ('admiral', 'Admiral'), in sets of two or more."""
+    """The names that differ only in case ('admiral', 'Admiral') or in what hardly shows:
+    the width of CJK letters ('ｱｹﾞﾊ', 'アゲハ') or an invisible mark (the right-to-left mark
+    a copy of Hebrew text may bring), in sets of two or more."""
     by_case: dict[str, set[str]] = {}
     for name in set(names):
-        by_case.setdefault(name.casefold(), set()).add(name)
+        by_case.setdefault(_look(name), set()).add(name)
     return sorted(sorted(n) for n in by_case.values() if len(n) > 1)
+
+
+def _look(name: str) -> str:
+    """A name as it reads: compatibility forms folded (NFKC), format characters (Unicode
+    category Cf: direction marks, zero-width joiners) dropped, and case folded."""
+    shown = "".join(c for c in unicodedata.normalize("NFKC", name)
+                    if unicodedata.category(c) != "Cf")
+    return shown.casefold()
+
+
+def _differ(names: list[str]) -> str:
+    """How twins from _case_twins differ, for the message."""
+    return ("case" if len({n.casefold() for n in names}) == 1
+            else "case, width or invisible marks")
 
 
 def _note_nested_classes(class_dir: Path, label: str, found: list[str],
@@ -603,7 +620,7 @@ def read_split_folders(root: Path, config: ReadConfig) -> Dataset:
     # valid/Monarch) they would be two classes, one with no training image.
     problems += [Problem("classes_differ_in_case", "the classes " + " and ".join(
         f"'{n}' (in {', '.join(sorted(classes[n]))})" for n in names) + " differ only in "
-        f"case, and are read as {len(names)} classes; rename the folders alike to make "
+        f"{_differ(names)}, and are read as {len(names)} classes; rename the folders alike to make "
         "them one", str(root)) for names in _case_twins(classes)
         if not any(classes[a] & classes[b] for a, b in itertools.combinations(names, 2))]
     groups, group_problems = _group_keys(paths, config.group_regex)
@@ -751,8 +768,8 @@ def read_csv_table(csv_path: Path, config: ReadConfig) -> Dataset:
     raw = stripped
     # One species typed 'pieris napi' on one row, 'Pieris napi' on another: two classes.
     problems += [Problem("classes_differ_in_case", f"the {c} values " + " and ".join(
-        f"'{n}'" for n in twins) + f" differ only in case, and are read as {len(twins)} "
-        "classes; write them alike to make them one", str(csv_path))
+        f"'{n}'" for n in twins) + f" differ only in {_differ(twins)}, and are read as "
+        f"{len(twins)} classes; write them alike to make them one", str(csv_path))
         for c in names for twins in _case_twins(v for v in raw[c] if v)]
     unlabelled = raw[LABEL] == ""
     problems += [Problem("no_label", "row has an empty label; skipped", p)
