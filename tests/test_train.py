@@ -2162,6 +2162,7 @@ def test_a_config_file_is_read_as_yaml_says_whatever_the_locale(tmp_path):
     with pytest.raises(WingspanError, match="Cannot read the config file") as e:
         TrainConfig.from_file(path)
     assert "Save it as UTF-8" in e.value.hint  # (said only "unacceptable character #x00e9")
+    assert "cp1253 Greek" in e.value.hint  # (not cp1252 alone: a Greek file became mojibake)
     for slip in ("level: [Linné\n", "level: Linné\x07\n"):  # a YAML slip, a control
         path.write_text(slip, encoding="utf-8")  # character: UTF-8 already, no such hint
         with pytest.raises(WingspanError, match="Cannot read the config file") as e:

@@ -16,7 +16,7 @@ from functools import cache
 from pathlib import Path
 from typing import get_args, get_origin, get_type_hints
 
-from wingspan.errors import WingspanError
+from wingspan.errors import CODE_PAGES, WingspanError
 
 # The augmentation policies (wingspan.data.transforms registers one for each name) and how
 # many species the demo can draw (wingspan.data.demo): here, so that the config depends on
@@ -773,8 +773,9 @@ class TrainConfig:
             values = yaml.load(Path(path).read_bytes(), Loader=_strict_loader()) or {}
         except (OSError, yaml.YAMLError) as e:
             raise WingspanError(f"Cannot read the config file {path}: {e}", hint=(
-                f"Save it as UTF-8 text, e.g. `iconv -f cp1252 -t utf-8 {path} > NEW.yaml` "
-                "(a comment or value with an accent, saved in a Windows encoding)."
+                f"Save it as UTF-8 text, e.g. `iconv -f CODE_PAGE -t utf-8 {path} > NEW.yaml`, "
+                f"{CODE_PAGES} (a comment or value with an accent, saved in a Windows "
+                "encoding)."
                 if isinstance(e, yaml.reader.ReaderError) and e.encoding != "unicode"
                 else None)) from e  # (not a control character in a UTF-8 file)
         if not isinstance(values, dict):

@@ -120,6 +120,14 @@ class WingspanError(Exception):
         return self.message if not self.hint else f"{self.message}\n  Hint: {self.hint}"
 
 
+# What a Windows program (Excel's plain "CSV", Notepad's "ANSI") saves text in, by the
+# language Windows runs in: for the iconv line of a hint on a file that is not UTF-8.
+CODE_PAGES = ("with the code page it was saved in: cp1252 Western European, cp1250 Central "
+              "European, cp1251 Cyrillic, cp1253 Greek, cp1254 Turkish, cp1255 Hebrew, "
+              "cp1256 Arabic, cp932 Japanese, gbk Chinese (simplified), big5 Chinese "
+              "(traditional), cp949 Korean")
+
+
 def counted(n: int, noun: str, plural: str | None = None) -> str:
     """'1 image', '2 images', '2 classes': a count in a message, its noun agreeing."""
     regular = noun + ("es" if noun.endswith(("s", "x", "ch", "sh")) else "s")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from wingspan.errors import WingspanError
+from wingspan.errors import CODE_PAGES, WingspanError
 
 
 def read_csv(path: Path, key: str | None = None) -> pd.DataFrame:
@@ -88,13 +88,6 @@ def nfc(text: str) -> str:
     """One spelling for one name: macOS writes folder names decomposed (e + combining
     accent), a CSV typed elsewhere has them composed; compared as text they differ."""
     return unicodedata.normalize("NFC", text)
-
-
-# What Excel's plain "CSV" is saved in, by the language Windows runs in (for iconv).
-CODE_PAGES = ("with the code page it was saved in: cp1252 Western European, cp1250 Central "
-              "European, cp1251 Cyrillic, cp1253 Greek, cp1254 Turkish, cp1255 Hebrew, "
-              "cp1256 Arabic, cp932 Japanese, gbk Chinese (simplified), big5 Chinese "
-              "(traditional), cp949 Korean")
 
 
 def name_as_read(text: str) -> str:
