@@ -682,6 +682,27 @@ def test_holdout_classes_read_as_folder_names_are_read(tmp_path):
     assert set(held.label) == {cited, names[2]}
 
 
+def test_a_held_out_class_with_commas_is_recorded_whole(tmp_path):
+    """The command line splits --holdout-classes at commas; the run records the class as
+    named, so that a resume does not take it for a class added to the data since."""
+    from test_train import tiny
+
+    from wingspan.training import resume
+
+    root = generate_demo(tmp_path, DemoConfig(image_size=32, images_per_class=(8, 8, 8, 8)))
+    first = sorted(p for p in root.iterdir() if p.is_dir())[0]
+    cited = "Vanessa atalanta (Linnaeus, 1758)"
+    first.rename(root / cited)
+    as_split = [c.strip() for c in cited.split(",")]  # as the CLI gives it
+    run_dir = train(read_dataset(root), tiny(tmp_path, epochs_head=1, epochs_finetune=0,
+                                             holdout_classes=as_split),
+                    tmp_path / "runs", "r", quiet=True)
+    assert TrainConfig.from_file(run_dir / "config.yaml").holdout_classes == [cited]
+    (run_dir / "metrics.json").unlink()  # a run left to finish
+    resume(run_dir, quiet=True)
+    assert "does not train on" not in (run_dir / "train.log").read_text()
+
+
 def test_a_class_named_unknown_is_pointed_out(tmp_path):
     """Training says when a class has the name predict answers for unseen photos."""
     from wingspan.training.run import _say_if_a_class_is_named_unknown

@@ -133,7 +133,8 @@ def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = RUNS_DIR
     report_reading(dataset, logs.append)
     try:
         dataset, held_out = hold_out(dataset, level, config.holdout_classes)
-        if held_out is not None:
+        if held_out is not None:  # recorded as the data names them (hold_out's reading)
+            config = dataclasses.replace(config, holdout_classes=sorted(set(held_out[level])))
             logs.append(f"Holding out {', '.join(config.holdout_classes)} ({len(held_out)} "
                         "images): not trained on, scored as unknowns at the end")
         dataset = ensure_splits(dataset, level, config, log=logs.append)
