@@ -552,6 +552,50 @@ def test_a_request_past_the_limit_is_refused_before_its_upload(run_dir, monkeypa
             assert httpx.get(f"{url}/health").json()["in_flight"] == 1
 
 
+def test_a_refused_request_reaches_a_client_that_sends_all_of_its_body_first(run_dir,
+                                                                          monkeypatch):
+    """urllib and requests send all of a body before they read the answer: a 413 from the
+    Content-Length, or a 429, answered before the body was read closed the connection under
+    them, and they saw ConnectionResetError (for an 8 MB photo), not the status and why.
+    Now the body is read and dropped first (up to drain_bytes)."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    import wingspan.serve
+
+    decode, began = wingspan.serve._decode, threading.Event()
+
+    def slow_decode(name, data, draft=None):
+        began.set()
+        time.sleep(3)
+        return decode(name, data, draft)
+
+    monkeypatch.setattr(wingspan.serve, "_decode", slow_decode)
+    limits = ServeLimits(max_in_flight=1, max_files=1, max_bytes=1_000_000)
+    body = (b'--b\r\nContent-Disposition: form-data; name="files"; filename="a.jpg"\r\n\r\n'
+            + bytes(8_000_000) + b"\r\n--b--\r\n")
+
+    def refused(url: str) -> tuple[int, str, str | None]:
+        request = urllib.request.Request(f"{url}/predict", data=body, headers={
+            "Content-Type": "multipart/form-data; boundary=b"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(request, timeout=30)
+        return e.value.code, json.loads(e.value.read())["error"], e.value.headers["Retry-After"]
+
+    with serving_in_background(create_app(run_dir, limits, device="cpu")) as url:
+        code, error, _ = refused(url)
+        assert code == 413 and "at most 1004096" in error, error
+        busy = threading.Thread(target=httpx.post, args=(f"{url}/predict",), kwargs={
+            "files": [("files", ("a.jpg", _jpeg(), "image/jpeg"))], "timeout": 30})
+        busy.start()
+        assert began.wait(30)
+        code, error, retry = refused(url)
+        assert code == 429 and "Too many requests" in error and retry == "1"
+        busy.join(30)
+        assert httpx.get(f"{url}/health").json()["in_flight"] == 0
+
+
 def test_a_stalled_or_trickling_upload_is_cut_off_and_frees_its_place(run_dir):
     """The time limit counts from the end of the upload: a client that sent its headers,
     then a byte now and then, held its place in flight for good, and a few of them made

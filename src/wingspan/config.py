@@ -342,6 +342,12 @@ class ServeLimits:
     # in flight for good. (A full 20 MB file at that rate takes 17 min.)
     upload_idle_s: float = 30.0
     min_upload_rate: float = 20 * 2**10
+    # A request refused before its body is read (429, or 413 from its Content-Length) has
+    # up to this much of its body read and dropped, for up to drain_s seconds, before the
+    # answer: clients that send all of a body before they read (Python's urllib and
+    # requests) otherwise had the connection reset and never saw the status or its reason.
+    drain_bytes: int = 32 * 2**20
+    drain_s: float = 5.0
     batch_size: int = 16  # images per forward pass
     batch_wait_ms: float = 5.0  # how long a request waits for others to batch with
     top_k: int = 5  # classes per level in an answer
@@ -360,6 +366,8 @@ class ServeLimits:
         _check(self.timeout_s > 0, "timeout_s", "a positive number of seconds", self.timeout_s)
         _check(self.upload_idle_s > 0, "upload_idle_s", "a positive number of seconds",
                self.upload_idle_s)
+        _check(self.drain_bytes >= 0, "drain_bytes", "0 or more bytes", self.drain_bytes)
+        _check(self.drain_s >= 0, "drain_s", "0 or more seconds", self.drain_s)
         _check(self.min_upload_rate >= 0, "min_upload_rate", "0 or more bytes a second",
                self.min_upload_rate)
         _check(self.batch_wait_ms >= 0, "batch_wait_ms", "0 or more", self.batch_wait_ms)

@@ -130,6 +130,25 @@ HANG_UP_POLL_S = 0.1
 CLOSE = {"Connection": "close"}
 
 
+async def _drain(receive, size: str, most: int, seconds: float) -> None:
+    """Reads and drops the body of a request refused before it was read, so that the
+    answer reaches a client that sends all of its body before it reads anything (urllib,
+    requests): closing on an unread body reset the connection under it (a 5 MB photo got
+    ConnectionResetError, not the 429 and its Retry-After). A body declared larger than
+    `most`, or one that takes longer than `seconds`, is not waited for."""
+    if size.isdigit() and int(size) > most:
+        return
+    seen, deadline = 0, time.monotonic() + seconds
+    while seen <= most and (left := deadline - time.monotonic()) > 0:
+        try:
+            message = await asyncio.wait_for(receive(), left)
+        except asyncio.TimeoutError:
+            return
+        seen += len(message.get("body", b""))
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+
+
 class _BodyLimit:
     """A body larger than every allowed file together is refused: from its Content-Length
     header, unread, and one without (chunked) as soon as it passes the limit. Starlette
@@ -141,15 +160,17 @@ class _BodyLimit:
     limit counts from the end of the upload, so a byte every few seconds on a few
     connections held every place in flight for good, and 429 answered everyone else."""
 
-    def __init__(self, app, most: int, allowed: str, idle: float, rate: float):
+    def __init__(self, app, most: int, allowed: str, idle: float, rate: float,
+                 drain: tuple[int, float]):
         self.app, self.most, self.allowed = app, most, allowed
-        self.idle, self.rate = idle, rate
+        self.idle, self.rate, self.drain = idle, rate, drain
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         size = Headers(scope=scope).get("content-length", "")
         if size.isdigit() and int(size) > self.most:
+            await _drain(receive, size, *self.drain)
             refused = JSONResponse({"error": f"A request of {int(size)} bytes; {self.allowed}"},
                                    status_code=413, headers=CLOSE)
             return await refused(scope, receive, send)
@@ -185,13 +206,14 @@ class _Admission:
     refused request had been uploaded and spooled first (627 MB for 33 files of 19 MB), and
     uploads under way counted for nothing: their number had no bound."""
 
-    def __init__(self, app, in_flight: dict, most: int):
-        self.app, self.in_flight, self.most = app, in_flight, most
+    def __init__(self, app, in_flight: dict, most: int, drain: tuple[int, float]):
+        self.app, self.in_flight, self.most, self.drain = app, in_flight, most, drain
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         if self.in_flight["n"] >= self.most:
+            await _drain(receive, Headers(scope=scope).get("content-length", ""), *self.drain)
             # Retry-After: what clients' retry logic (urllib3's Retry, say) waits for
             refused = JSONResponse({"error": "Too many requests in flight; try again "
                                              "shortly."}, status_code=429,
@@ -267,12 +289,14 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
     named = run_dir_of(Path(predictor.bundle)) or Path(predictor.bundle)
     app = FastAPI(title="wingspan", description=f"Predictions of the model '{named.name}'")
     most = limits.max_files * (limits.max_bytes + 4096)  # every file, with its part headers
+    drain = (limits.drain_bytes, limits.drain_s)
     app.add_middleware(_BodyLimit, most=most,
                        allowed=f"at most {most} ({counted(limits.max_files, 'file')} of "
                                f"{limits.max_bytes} bytes, each with 4096 bytes of form "
                                "headers).", idle=limits.upload_idle_s,
-                       rate=limits.min_upload_rate)
-    app.add_middleware(_Admission, in_flight=in_flight, most=limits.max_in_flight)
+                       rate=limits.min_upload_rate, drain=drain)
+    app.add_middleware(_Admission, in_flight=in_flight, most=limits.max_in_flight,
+                       drain=drain)
     app.state.predictor = predictor
 
     # Every error as {"error": ...}, not {"detail": ...}: ours, Starlette's own (404, too
