@@ -238,7 +238,7 @@ def _adapters(cls: type) -> dict:
             for name, kind in get_type_hints(cls).items() if name in cls.__dataclass_fields__}
 
 
-def _comma_list(text: str) -> list[str]:
+def comma_list(text: str) -> list[str]:
     """"family, genus" as the command takes a list: ["family", "genus"]."""
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -277,7 +277,7 @@ def _check_types(config: object) -> None:
         if isinstance(value, os.PathLike):  # a Path for a file or folder setting
             value = os.fspath(value)
         if isinstance(value, str) and name in _list_fields(type(config)):
-            value = _comma_list(value)
+            value = comma_list(value)
         if isinstance(value, bool) and name not in _yes_no_fields(type(config)):
             problems.append((name, f" = {_shown(value)}: true or false, where a number or a name "
                                    "goes"))
@@ -804,7 +804,7 @@ class TrainConfig:
                                      "auto` for ImageNet's, or a weights file.")
         levels = overrides.get("levels")
         if levels:  # given: the file's level and level weights were for its own levels
-            levels = _comma_list(levels) if isinstance(levels, str) else list(levels)
+            levels = comma_list(levels) if isinstance(levels, str) else list(levels)
             if "level" not in overrides and values.get("level") not in levels:
                 values.pop("level", None)
             if "level_weights" not in overrides and values.get("levels") != levels:

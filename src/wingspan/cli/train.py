@@ -33,7 +33,7 @@ from wingspan.cli.options import (
     Workers,
     check_folder,
 )
-from wingspan.config import RUNS_DIR, TrainConfig
+from wingspan.config import RUNS_DIR, TrainConfig, comma_list
 from wingspan.errors import WingspanError
 
 T = TrainConfig  # defaults shown in --help come from the one config
@@ -206,20 +206,12 @@ def train_command(
             if data is None:
                 raise WingspanError("Give DATA to train on (or --resume RUN).")
             # Only options set on the command line override the config file.
+            # (Comma lists, --levels a,b, are the config's to read, as from a file; "" for
+            # --holdout-classes holds none out, over a config file's.)
             params = dict(ctx.params)
-            if levels:
-                params["levels"] = [lv.strip() for lv in levels.split(",") if lv.strip()]
-            if holdout_classes is not None:  # "" holds none out (over a config file's)
-                params["holdout_classes"] = [c.strip() for c in holdout_classes.split(",")
-                                             if c.strip()]
-            if level_weights:
-                try:
-                    params["level_weights"] = [float(w) for w in level_weights.split(",")]
-                except ValueError as e:
-                    raise WingspanError(f"--level-weights must be numbers: {level_weights}") from e
             given = {k: v for k, v in params.items() if k in TrainConfig.__dataclass_fields__
                      and ctx.get_parameter_source(k).name == "COMMANDLINE"}
-            if "level" in given and "levels" in given and given["level"] not in given["levels"]:
+            if "level" in given and "levels" in given and level not in comma_list(levels):
                 raise WingspanError(
                     f"--level {level} is not one of --levels {levels}.",
                     hint="--levels trains every level named and predicts the finest; --level "
