@@ -655,13 +655,19 @@ def _evaluation_warnings(metrics: dict) -> list[str]:
     """What an evaluation's figures do not show: they are optimistic (images trained or
     chosen on), or images that could not be read, or of classes the model does not know,
     were left out of them."""
-    from wingspan.evaluate.wording import left_out_wording, tree_wording, unreadable_wording
+    from wingspan.evaluate.wording import (
+        fairness,
+        left_out_wording,
+        tree_wording,
+        unreadable_wording,
+    )
 
     notes = []
-    if metrics.get("fair", "").startswith("no"):
-        notes.append(f"These figures are not fair: {metrics['fair'][4:]}.")
-    elif metrics.get("fair", "").startswith("unknown"):
-        notes.append(f"These figures may not be fair: {metrics['fair'][9:]}.")
+    verdict, why = fairness(metrics.get("fair", ""))
+    if verdict == "no":
+        notes.append(f"These figures are not fair: {why}.")
+    elif verdict == "unknown":
+        notes.append(f"These figures may not be fair: {why}.")
     if said := unreadable_wording(metrics):
         notes.append(said + ".")
     if said := tree_wording(metrics):

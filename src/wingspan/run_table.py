@@ -18,6 +18,7 @@ import yaml
 
 from wingspan.config import RUNS_DIR, UNKNOWN_SCORES
 from wingspan.errors import WingspanError, first_line
+from wingspan.evaluate.wording import fairness
 from wingspan.files import atomic_path, csv_on_stdout, write_text
 from wingspan.training.folder import (
     CONFIG_FILE,
@@ -281,7 +282,7 @@ def _held_out_figure(run_dir: Path, split: str) -> tuple[float | None, bool]:
     if name.startswith("evaluation-unknown/") and evaluation.get("split") != split:
         evaluation = {}  # (of another split: not the figure asked for)
     try:
-        fair = str(evaluation.get("fair", "")).startswith("yes")
+        fair = fairness(evaluation.get("fair", ""))[0] == "yes"
         return (float(evaluation["macro"]["f1"]) if evaluation and fair else None,
                 bool(evaluation))
     except (KeyError, TypeError, ValueError) as e:

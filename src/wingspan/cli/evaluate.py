@@ -116,6 +116,7 @@ def print_evaluation(result) -> None:
     from wingspan.evaluate.metrics import summary_rows
     from wingspan.evaluate.wording import (
         answer_rows,
+        fairness,
         left_out_wording,
         tree_wording,
         unreadable_wording,
@@ -136,7 +137,7 @@ def print_evaluation(result) -> None:
     for label, value in answer_rows(m.get("answers")):
         table.add_row(label, value)
     out.print(table)
-    if not m.get("fair", "yes").startswith("yes"):  # images trained or chosen on (or maybe)
+    if fairness(m.get("fair", "yes"))[0] != "yes":  # images trained or chosen on (or maybe)
         out.print(f"[yellow]Are these figures fair?[/] {escape(m['fair'])}.")
     if m.get("tta_note"):
         out.print(f"Test-time augmentation: {escape(m['tta_note'])}.")

@@ -8,6 +8,14 @@ import pandas as pd
 from wingspan.errors import counted, some
 
 
+def fairness(fair: str) -> tuple[str, str]:
+    """("yes" | "no" | "unknown", why) of an evaluation's `fair` sentence, as
+    `fairness_verdict` words it ("no: these images..."). Read here alone, so that the
+    verdict's words can change without its readers."""
+    verdict, _, why = str(fair).partition(": ")
+    return verdict, why
+
+
 def tree_wording(metrics: dict) -> str | None:
     """What evaluate says when DATA's taxonomy places classes otherwise than the model's
     tree (see `_moved_classes`), or None."""
