@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wingspan.config import DemoConfig
+from wingspan.config import DEMO_SPECIES, DemoConfig
 from wingspan.data import read_dataset
 from wingspan.data.demo import SPECIES, generate_demo
 from wingspan.data.taxonomy import taxonomy_conflicts
@@ -43,6 +43,11 @@ def test_every_demo_species_is_distinct_and_the_taxonomy_is_a_tree(tmp_path):
     # Images of one species vary (pose, background): no two files are the same.
     pixels = [np.asarray(Image.open(p)) for p in ds.table["path"]]
     assert len({p.tobytes() for p in pixels}) == len(pixels)
+
+
+def test_the_demo_species_are_as_many_as_the_config_allows():
+    # (the config's limit, which cannot import the table, and the table, kept in step)
+    assert len(SPECIES) == DEMO_SPECIES
 
 
 def test_demo_config_is_validated():

@@ -71,6 +71,13 @@ def _fit(features, labels, val_features, val_labels, head: torch.nn.Linear, rate
                                    rate)
 
 
+def test_every_score_the_config_names_is_one_the_detector_has():
+    # (the config keeps the names without importing the detectors: kept in step here)
+    from wingspan.models.unknown import COMBINED, SCORES
+
+    assert set(SCORES) | set(COMBINED) == set(UNKNOWN_SCORES)
+
+
 def test_every_score_separates_far_images_and_the_threshold_keeps_its_rate():
     torch.manual_seed(0)
     centres = 3 * torch.randn(4, 16)

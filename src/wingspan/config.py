@@ -44,6 +44,7 @@ MAX_PROCESSES = 1024  # --devices per machine and --nodes: more is a slip (and o
 # passes over up to 5,000 train images and all of val, the bundle), which at ETHEC's size
 # on a CPU can pass torch's 30 minutes (parallel.long_wait).
 RANK_WAIT_HOURS = 6
+BATCH_SIZE = 32  # images per batch: training's, and predict's, evaluate's and calibrate's
 MAX_BATCH = 2**16  # images per predict or evaluate batch: more is a slip (and overflowed)
 # The engines' names, checked with the other settings (a typo was said only once the data
 # was read and torch imported: 9 s on iNat); models/engine.py and parallel.py take them.
@@ -650,7 +651,7 @@ class TrainConfig:
     warmup_fraction: float = 0.1  # of stage 2 steps
     weight_decay: float = 0.01
     # both stages
-    batch_size: int = 32
+    batch_size: int = BATCH_SIZE
     augment: str = "standard"  # light | standard | strong | field
     class_weights: str = "auto"  # auto (balanced when imbalanced) | balanced | none
     imbalance_threshold: float = 1.5  # auto turns class weights on above this max/min ratio

@@ -11,7 +11,7 @@ from importlib import metadata
 
 import torch
 
-from wingspan.config import usable_cores
+from wingspan.config import BATCH_SIZE, usable_cores
 from wingspan.models import create_classifier, resolve_policy
 from wingspan.models.engine import EngineCache, cpu_flags, cpu_name, native_bf16
 from wingspan.models.factory import choose_backbone
@@ -59,7 +59,7 @@ def machine() -> dict:
     }
 
 
-def diagnose(backbone: str = "auto", image_size: int | None = None, batch_size: int = 32,
+def diagnose(backbone: str = "auto", image_size: int | None = None, batch_size: int = BATCH_SIZE,
              device: str = "auto", precision: str = "auto", runtime: str = "auto",
              train: bool = True) -> Diagnosis:
     """Time every candidate engine for `backbone` (ImageNet weights where they are here

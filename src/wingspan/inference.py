@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from wingspan.config import MAX_BATCH, AugmentConfig
+from wingspan.config import BATCH_SIZE, MAX_BATCH, AugmentConfig
 from wingspan.data.csvfiles import name_as_read
 from wingspan.data.images import max_pixels, open_rgb, skip_reason
 from wingspan.data.taxonomy import Taxonomy
@@ -138,7 +138,7 @@ class Predictor:
     the engine for all."""
 
     def __init__(self, model: str | Path, device: str = "auto", precision: str = "auto",
-                 batch_size: int = 32, workers: int | None = None, runtime: str = "auto",
+                 batch_size: int = BATCH_SIZE, workers: int | None = None, runtime: str = "auto",
                  progress: bool = False, fabric=None, unknown_score: str | None = None):
         check_default_dtype()
         if not 1 <= batch_size <= MAX_BATCH:  # (99999999999999999999 overflowed islice)

@@ -13,6 +13,7 @@ from rich.markup import escape
 from wingspan.cli.app import app
 from wingspan.cli.common import err, here, make_config, out, plain, strict_exit
 from wingspan.cli.options import (
+    BatchSize,
     DeviceOpt,
     MaxPixels,
     Model,
@@ -44,8 +45,7 @@ def evaluate_command(
         "RUN/evaluation-NAME-SPLIT; then -unknown with --unknown, -SCORE with another "
         "--unknown-score than the model's, -tta with --tta).",
         rich_help_panel=Panel.OUTPUT)] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.",
-                                            rich_help_panel=Panel.ENGINES)] = T.batch_size,
+    batch_size: BatchSize = T.batch_size,
     device: DeviceOpt = T.device,
     precision: Precision = T.precision,
     runtime: Runtime = T.runtime,
@@ -214,8 +214,7 @@ def calibrate_command(
     split: Annotated[str | None, typer.Option(
         help="train | val | test | all (default: val; all of DATA when it has no split).",
         show_default=False, rich_help_panel=Panel.DATA)] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.",
-                                            rich_help_panel=Panel.ENGINES)] = T.batch_size,
+    batch_size: BatchSize = T.batch_size,
     device: DeviceOpt = T.device,
     workers: Workers = None,
     max_pixels: MaxPixels = None,
@@ -323,8 +322,7 @@ def adapt_command(
     rounds: Annotated[int, typer.Option(
         help="Refits, the head's class taken afresh from each.",
         rich_help_panel=Panel.TRAINING)] = A.rounds,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.",
-                                            rich_help_panel=Panel.ENGINES)] = A.batch_size,
+    batch_size: BatchSize = A.batch_size,
     device: DeviceOpt = A.device,
     precision: Precision = A.precision,
     runtime: Runtime = A.runtime,

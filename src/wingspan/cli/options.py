@@ -112,6 +112,8 @@ Precision = Annotated[str, typer.Option(
 
 
 # Every command that reads images through a data loader; checked by resolve_workers.
+BatchSize = Annotated[int, typer.Option(min=1, help="Images per batch.",
+                                        rich_help_panel=Panel.ENGINES)]
 Workers = Annotated[int | None, typer.Option(
     help="Data workers (0: read the images in this process; default: per machine).",
     show_default=False, rich_help_panel=Panel.ENGINES)]

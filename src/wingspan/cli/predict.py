@@ -21,6 +21,7 @@ from wingspan.cli.common import (
     strict_exit,
 )
 from wingspan.cli.options import (
+    BatchSize,
     DeviceOpt,
     Devices,
     MaxPixels,
@@ -57,8 +58,7 @@ def predict_command(
              rich_help_panel=Panel.OUTPUT)] = None,
     tta: Annotated[bool, typer.Option(help="Test-time augmentation: average flips and "
                                       "crops.")] = False,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.",
-                                            rich_help_panel=Panel.ENGINES)] = T.batch_size,
+    batch_size: BatchSize = T.batch_size,
     device: DeviceOpt = T.device,
     devices: Devices = None,
     nodes: Nodes = None,

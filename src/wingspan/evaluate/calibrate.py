@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from wingspan.config import UNKNOWN_SCORES, TrainConfig
+from wingspan.config import BATCH_SIZE, UNKNOWN_SCORES, TrainConfig
 from wingspan.data.samples import SPLIT
 from wingspan.errors import WingspanError, counted, none_read, some
 from wingspan.evaluate.calibration import MIN_CALIBRATION_IMAGES, calibration_record
@@ -36,7 +36,7 @@ from wingspan.training.folder import adapted_photos, adapted_sums, trained_on
 
 
 def calibrate(model: str | Path, data: str | Path | None = None, split: str | None = None,
-              progress: bool = True, batch_size: int = 32, workers: int | None = None,
+              progress: bool = True, batch_size: int = BATCH_SIZE, workers: int | None = None,
               device: str = "auto", class_map: dict[str, str] | None = None,
               precision: str = "auto", runtime: str = "auto") -> dict:
     """Fit the temperature again, on `split` of DATA (default: the run's own val split;
@@ -151,7 +151,7 @@ def check_bundle_writable(bundle: Path, what: str) -> None:
 
 
 def fit_unknown(model: str | Path, rate: float | None = None, score: str | None = None,
-                progress: bool = True, batch_size: int = 32, workers: int | None = None,
+                progress: bool = True, batch_size: int = BATCH_SIZE, workers: int | None = None,
                 device: str = "auto", seed: int | None = None, precision: str = "auto",
                 runtime: str = "auto") -> dict:
     """Fit the unknown scores again on a run's own training images and set their

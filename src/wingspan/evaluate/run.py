@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from wingspan.config import SPLITS, AugmentConfig, ReadConfig
+from wingspan.config import BATCH_SIZE, SPLITS, AugmentConfig, ReadConfig
 from wingspan.data import read_dataset
 from wingspan.data.csvfiles import name_as_read
 from wingspan.data.plots import plot_class_balance
@@ -94,7 +94,7 @@ class Evaluation:
 
 def evaluate(model: str | Path, data: str | Path | None = None, split: str | None = None,
              out: str | Path | None = None, progress: bool = True,
-             batch_size: int = 32, workers: int | None = None, runtime: str = "auto",
+             batch_size: int = BATCH_SIZE, workers: int | None = None, runtime: str = "auto",
              precision: str = "auto", device: str = "auto",
              class_map: dict[str, str] | None = None,
              unknown: str | Path | list[str] | None = None,

@@ -207,10 +207,6 @@ class Backbone(nn.Module):
             return None
         return nn.Sequential(*units[:first]), nn.Sequential(*units[first:])
 
-    def stage_parameters(self, stage: str) -> list[nn.Parameter]:
-        params = dict(self.net.named_parameters())
-        return [params[n] for n in self.stages[stage]]
-
     def freeze(self) -> None:
         """No gradients anywhere; BatchNorm statistics frozen too (see `train`)."""
         for p in self.net.parameters():
