@@ -130,10 +130,10 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     check_split(dataset, split)
     class_map = check_class_map(class_map or {}, predictor, dataset, level)
     rows, left_out = _known_rows(dataset, split, level, predictor, class_map)
-    moved = []
+    tree_moved = []  # classes DATA's taxonomy places otherwise than the model's
     if data is not None and predictor.taxonomy and not class_map:
         _check_data_tree(rows, predictor.taxonomy.levels)
-        moved = _moved_classes(rows, predictor.taxonomy)
+        tree_moved = _moved_classes(rows, predictor.taxonomy)
     unknown_paths, unknown_missing = unseen_paths(unknown) if unknown is not None else (
         None, [])  # before any work
     if unknown_paths and not set(unknown_paths) <= held_out_by(run_dir):
@@ -150,14 +150,14 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
         ok = [i for i, p in enumerate(preds) if not p.error]
         failed = [(p.path, p.error) for p in preds if p.error]
         if not ok:
-            moved = data is None and run_dir is not None and not any(
-                os.path.exists(p) for p in paths[:20])  # the data moved since the run
+            data_moved = data is None and run_dir is not None and not any(
+                os.path.exists(p) for p in paths[:20])  # since the run
             raise WingspanError(
                 none_read(len(preds), "image", f" of the '{split}' split", example=failed[0][1]),
                 hint=(f"The run's images are not where {run_dir / SPLITS_FILE} says: if the "
                       "data moved, write its new place into that file's paths (they are "
                       "absolute; e.g. sed 's|/old/place|/new/place|'), and evaluate again."
-                      if moved else "Check the files (`wingspan data inspect DATA` lists "
+                      if data_moved else "Check the files (`wingspan data inspect DATA` lists "
                       "unreadable ones), or evaluate another split with --split."))
         index = {c: i for i, c in enumerate(predictor.classes)}
         y = rows["_label"].map(index).to_numpy()[ok]
@@ -173,7 +173,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
         metrics = classification_metrics(y, probs, classes, truth_only=truth_only, y_pred=y_pred)
         metrics.update(level=level, split=split, unreadable=failed, **left_out,
                        **({"reading": reading} if reading else {}),
-                       **({"tree_differs": moved} if moved else {}),
+                       **({"tree_differs": tree_moved} if tree_moved else {}),
                        images_per_second=round(speed, 1), engine=predictor.policy.describe(),
                        ece_uncalibrated=expected_calibration_error(
                            view_softmax(logits), y,
