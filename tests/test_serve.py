@@ -552,6 +552,18 @@ def test_a_request_past_the_limit_is_refused_before_its_upload(run_dir, monkeypa
             assert httpx.get(f"{url}/health").json()["in_flight"] == 1
 
 
+def test_an_adapted_models_info_names_its_run_not_where_it_lies(run_dir, demo_dir, tmp_path):
+    """/model of an adapted run gave `adapted_from` as the first run's absolute path, to
+    anyone who reaches the server, where the schema's title already named the run alone."""
+    from wingspan.training.adapt import adapt
+
+    photos = sorted(str(p) for p in Path(demo_dir).rglob("*.jpg"))[:12]
+    adapt(run_dir, photos, out=tmp_path / "adapted", progress=False)
+    info = TestClient(create_app(tmp_path / "adapted", device="cpu")).get("/model")
+    assert info.json()["adapted"]["adapted_from"] == run_dir.name
+    assert str(run_dir.parent) not in info.text and str(tmp_path) not in info.text
+
+
 def test_a_refused_request_reaches_a_client_that_sends_all_of_its_body_first(run_dir,
                                                                           monkeypatch):
     """urllib and requests send all of a body before they read the answer: a 413 from the

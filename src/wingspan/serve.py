@@ -338,6 +338,8 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
     # (HEAD apart, out of the schema: one route of both gives OpenAPI one operation id twice)
     app.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False)
 
+    adapted = manifest.get("training", {}).get("adapted")
+
     @app.get("/model")
     def model_info() -> dict:
         return {"classes": manifest["classes"], "backbone": manifest["model"]["backbone"],
@@ -349,9 +351,10 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
                 "trained": manifest.get("training", {}).get("finished") or time.strftime(
                     "%Y-%m-%d %H:%M UTC", time.gmtime(Path(predictor.bundle).stat().st_mtime)),
                 "engine": predictor.policy.describe(),
-                # an adapted run: from which run, on how many photos (its "trained" and
-                # "metrics" are that run's)
-                "adapted": manifest.get("training", {}).get("adapted"),
+                # an adapted run: from which run (its name, as the title: not where it
+                # lies), on how many photos (its "trained" and "metrics" are that run's)
+                "adapted": adapted and {**adapted, "adapted_from": Path(
+                    str(adapted.get("adapted_from", ""))).name},
                 # what "unknown" in an answer means: the score, and each level's threshold
                 "unknown": ({"score": predictor.unknown_score, "rate": predictor.unknown.rate,
                              "thresholds": predictor.thresholds}
