@@ -885,7 +885,8 @@ def test_adapt_writes_a_new_run_and_leaves_the_run_as_it_was(trained, tmp_path, 
 
     with TestClient(create_app(out, ServeLimits(), device="cpu")) as client:
         adapted = client.get("/model").json()["adapted"]
-    assert adapted["adapted_from"] == str(trained.resolve()) and adapted["photos"] == n + 2
+    # (the run it came from by name, as the server's title names it: not where it lies)
+    assert adapted["adapted_from"] == trained.name and adapted["photos"] == n + 2
     # Its report says it was adapted, and whose curves and epochs it shows.
     page = " ".join((result.out_dir / "report.html").read_text().split())
     assert f"from {trained.resolve()} on {n + 2} unlabelled photos: its backbone, the " \
@@ -1234,6 +1235,40 @@ def test_calibrate_refuses_a_handful_of_images_and_keeps_the_temperature(trained
     assert label in said.split("the model knows ")[1].split(";")[0], said
     assert "classes there are other-name" in said and "--map MODEL_CLASS=DATA_CLASS" in said, said
     assert read_manifest(trained / "model")["calibration"] == before
+
+
+def test_data_classes_named_in_another_case_are_paired_in_the_hint(trained, tmp_path, run_cli):
+    """Photos of the model's classes in folders named in another case ('Monarch' for
+    'monarch') were left out as classes the model does not know, with no word of which
+    they look like; and with every folder so, the error named both sides without pairing
+    them. Names alone still never pair them (two classes may differ only in case): the
+    hint gives the --map that does."""
+    from wingspan.evaluate.wording import left_out_wording
+
+    own = read_dataset(trained / "splits.csv").table
+    test = own[own["split"] == "test"]
+    classes = sorted(test["label"].unique())
+    for label, path in zip(test["label"], test["path"], strict=True):
+        folder = tmp_path / "other" / (label.upper() if label == classes[0] else label)
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, folder / f"{len(list(folder.iterdir()))}{Path(path).suffix}")
+    code, stdout, stderr = run_cli("evaluate", "--no-plots", trained, tmp_path / "other",
+                                   "--split", "all", "--out", tmp_path / "ev", "--quiet")
+    assert code == 0, stderr
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["look_alike"] == {classes[0].upper(): classes[0]}
+    said = " ".join((stdout + stderr).split())
+    assert (f"differs from the model's {classes[0]} only in case; if it is the same, pair "
+            f"them: --map {classes[0]}={classes[0].upper()}") in said, said
+    assert f"class_map={{'{classes[0]}': '{classes[0].upper()}'}}" in left_out_wording(
+        metrics, classes[0].upper(), "class_map", python=True)
+    # Only that class, in another case: nothing the model knows, and the pairing in the hint
+    shutil.copytree(tmp_path / "other" / classes[0].upper(), tmp_path / "one" / classes[0].title())
+    code, _, stderr = run_cli("evaluate", "--no-plots", trained, tmp_path / "one", "--split",
+                              "all", "--quiet")
+    said = " ".join(stderr.split())
+    assert code == 2 and "No images of the model's classes" in said, said
+    assert f"pair them: --map {classes[0]}={classes[0].title()}" in said, said
 
 
 def test_calibrate_with_a_map_fits_on_the_mapped_images_as_if_renamed(trained, tmp_path,
@@ -1697,14 +1732,14 @@ def test_images_blank_at_the_level_are_said_as_such_not_as_a_nameless_class():
 
     rows = pd.DataFrame({"_label": ["Danaus plexippus", "", "", "Pieris rapae", "moth"]})
     known = rows["_label"].isin(["Danaus plexippus", "Pieris rapae"])
-    left = left_out_figures(rows, known, "species")
+    left = left_out_figures(rows, known, "species", ["Danaus plexippus", "Pieris rapae"])
     assert left == {"unknown_classes": ["moth"], "unknown_class_images": 1,
                     "unlabelled": {"level": "species", "images": 2}}
     said = left_out_wording(left, "moth", "--map MODEL_CLASS=DATA_CLASS")
     assert said.startswith("1 image of 1 class the model does not know was left out: moth (")
     assert said.endswith("; 2 images with no 'species' in the data (blank there: a class "
                          "folder that taxonomy.csv lacks, say) were left out")
-    only_blank = left_out_figures(rows.iloc[:3], known.iloc[:3], "species")
+    only_blank = left_out_figures(rows.iloc[:3], known.iloc[:3], "species", [])
     assert left_out_wording(only_blank, "", "--map").startswith("2 images with no 'species'")
 
 

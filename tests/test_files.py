@@ -28,6 +28,8 @@ def test_a_full_disk_keeps_the_old_file_and_says_where(tmp_path, monkeypatch):
     # torch.save's, as a full disk raised it while writing a checkpoint (it names no cause)
     RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2942976 vs "
                  "2942872"),
+    # torch.save's when the disk filled in its last flush (a traceback before)
+    RuntimeError("basic_ios::clear: iostream error"),
     # safetensors', writing a bundle
     Exception('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
               '"No space left on device" })')])
@@ -84,6 +86,11 @@ def test_a_disk_quota_used_up_is_said_as_such(tmp_path, error):
     said = os_error_said(OSError(errno.EDQUOT, "Disk quota exceeded", "runs/x/train.log"))
     assert said.message == "Your disk quota is used up writing runs/x/train.log."
     # A run of another user's (evaluate's lock file beside it): where else to write.
+    # A copy's error names its source first: the file written is the second (adapt named
+    # the run it copied from as the one the full disk stopped).
+    said = os_error_said(OSError(errno.ENOSPC, "No space left on device", "run/config.yaml",
+                                 None, "run-adapted/config.yaml"))
+    assert "writing run-adapted/config.yaml" in str(said), said
     said = os_error_said(PermissionError(errno.EACCES, "Permission denied", "r/.ev.lock"))
     assert said.message == "Permission denied: r/.ev.lock." and "--out" in said.hint
 

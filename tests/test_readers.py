@@ -641,6 +641,26 @@ def test_a_macs_zip_folder_is_not_a_class_or_a_split(tmp_path):
     assert not ds.problems
 
 
+def test_a_nas_thumbnail_folder_is_not_read_as_more_photos(tmp_path):
+    """A Synology NAS writes CLASS/@eaDir/PHOTO.jpg/SYNOPHOTO_THUMB_M.jpg beside every photo:
+    read as photos in a subfolder of the class, they tripled the data and put each test
+    photo's thumbnails in train. Neither training's reader nor predict reads them now, nor
+    a recycle bin's."""
+    from wingspan.predict import expand_paths
+
+    folder_dataset(tmp_path / "photos", {"monarch": 2, "admiral": 2})
+    for photo in (tmp_path / "photos").glob("*/*.jpg"):
+        for size in ("S", "M"):
+            write_image(photo.parent / "@eaDir" / photo.name / f"SYNOPHOTO_THUMB_{size}.jpg")
+    write_image(tmp_path / "photos" / "monarch" / "#recycle" / "old.jpg")
+    write_image(tmp_path / "photos" / "$RECYCLE.BIN" / "S-1-5" / "x.jpg")
+    ds = read_dataset(tmp_path / "photos")
+    assert len(ds.table) == 4 and set(ds.table["label"]) == {"monarch", "admiral"}
+    assert not [p for p in ds.problems if p.kind != "few_images"], ds.problems
+    found, missing = expand_paths([str(tmp_path / "photos")])
+    assert not missing and sorted(found) == sorted(ds.table["path"])
+
+
 def test_predict_finds_the_images_training_reads(tmp_path):
     """Symlinked folders followed, hidden files (a Mac's ._ copies) skipped: the same
     images as the reader finds under a class folder."""

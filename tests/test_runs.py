@@ -541,3 +541,27 @@ def test_a_run_reached_by_a_link_too_is_listed_once(finished, tmp_path):
     (runs / "linked").symlink_to(finished)
     (runs / "linked-again").symlink_to(finished)
     assert sorted(ws.runs(runs)["name"]) == ["linked", "r"]
+
+
+def test_how_to_go_on_is_quoted_for_the_shell(tmp_path):
+    """The resume command a stopped run prints was pasted into a shell as it was: a run
+    folder with a space in its path became two arguments."""
+    from wingspan.training.run import go_on
+
+    run_dir = tmp_path / "my runs" / "first run"
+    said = go_on(run_dir)
+    assert f"wingspan train --resume '{run_dir}' (in Python: ws.resume({str(run_dir)!r}))" \
+        in said
+
+
+def test_a_deleted_working_folder_shows_paths_as_they_are(tmp_path, monkeypatch):
+    """`wingspan runs` from a folder deleted under the shell (rm -rf runs; mkdir runs, from
+    another terminal) ended in a FileNotFoundError traceback: paths are shown relative to
+    the working folder, which was not there to ask."""
+    from wingspan.cli.common import here
+
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    assert here(tmp_path / "runs" / "a") == tmp_path / "runs" / "a"

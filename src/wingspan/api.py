@@ -673,7 +673,7 @@ def _evaluation_warnings(metrics: dict) -> list[str]:
     if said := tree_wording(metrics):
         notes.append(said + ".")
     if said := left_out_wording(metrics, some(metrics.get("unknown_classes", []), 8),
-                                "class_map={model class: data class}"):
+                                "class_map={model class: data class}", python=True):
         notes.append(said + ".")
     return notes
 

@@ -120,8 +120,11 @@ def _disk_full(e: Exception) -> bool:
     if isinstance(e, OSError):
         return e.errno in (errno.ENOSPC, errno.EDQUOT)
     said = str(e)
+    # (torch's words depend on where the write stopped: its last flush says "iostream
+    # error", a file of the archive "file write failed")
     return "No space left on device" in said or "os error 28" in said or _quota(e) or (
-        isinstance(e, RuntimeError) and "unexpected pos" in said)
+        isinstance(e, RuntimeError) and any(words in said for words in (
+            "unexpected pos", "iostream error", "file write failed")))
 
 
 def _quota(e: Exception) -> bool:
@@ -460,7 +463,8 @@ def os_error_said(e: OSError) -> WingspanError | None:
                                   "Python), or mount it writable; to resume a run there, copy "
                                   "its folder somewhere writable and resume the copy.")
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        where = f" writing {e.filename}" if e.filename else ""
+        # (a copy's error names its source first: the file written is the second)
+        where = f" writing {e.filename2 or e.filename}" if e.filename else ""
         return WingspanError(("Your disk quota is used up" if e.errno == errno.EDQUOT else
                               "The disk is full") + f"{where}.",
                              hint="Free some space and run the command again (a training run "

@@ -45,7 +45,7 @@ def here(path, root: Path | None = None) -> Path:
     path = Path(path)
     try:
         return path.relative_to(root or Path.cwd())
-    except ValueError:
+    except (ValueError, FileNotFoundError):  # (the latter: the working folder was deleted)
         return path
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -50,7 +51,7 @@ def runs_command(
         out.print(_runs_table(frame))
         if (frame["status"] == STOPPED).any():
             out.print(f"A stopped run continues with `wingspan train --resume "
-                      f"{plain(runs_dir)}/NAME`.")
+                      f"{plain(shlex.quote(str(runs_dir)))}/NAME`.")
         if (frame["status"] == SET_UP).any():
             out.print("A run killed while set up trained nothing: delete its folder.")
         if (frame["status"] == FAILED).any():

@@ -328,10 +328,19 @@ def _photo_in_disguise(path: str) -> bool:
     return signature_format(path) is not None
 
 
+# Folders that systems, not users, put among photos: a Mac zip's copies, a Synology NAS's
+# thumbnails of every photo (CLASS/@eaDir/IMG.jpg/SYNOPHOTO_THUMB_M.jpg: read, they tripled
+# the demo and put each test photo's thumbnails in train), NAS and Windows recycle bins and
+# snapshots. (Lower case: Windows and macOS names are case-blind.)
+SYSTEM_FOLDERS = frozenset({"__macosx", "@eadir", "#recycle", "#snapshot", "@recycle",
+                            "@recently-snapshot", "$recycle.bin", "system volume information",
+                            "lost+found"})
+
+
 def _hidden(name: str) -> bool:
     """Not the user's pictures: hidden files and folders (.DS_Store, ._IMG.jpg,
-    .ipynb_checkpoints) and the __MACOSX folder a zip made on a Mac unpacks to."""
-    return name.startswith(".") or name == "__MACOSX"
+    .ipynb_checkpoints) and the folders of SYSTEM_FOLDERS."""
+    return name.startswith(".") or name.lower() in SYSTEM_FOLDERS
 
 
 def _top_folders(root: Path, problems: list[Problem]) -> list[Path]:
@@ -512,7 +521,7 @@ def _class_folders(root: Path, config: ReadConfig, problems: list[Problem]
     # 'admiral' and 'Admiral' cannot sit side by side on macOS or Windows: two folders
     # merged from elsewhere, most likely one species.
     problems += [Problem("classes_differ_in_case", "the classes " + " and ".join(
-        f"'{n}'" for n in names) + f" differ only in {_differ(names)}, and are read as "
+        f"'{n}'" for n in names) + f" differ only in {how_names_differ(names)}, and are read as "
         f"{len(names)} classes; rename the folders alike to make them one", str(root))
         for names in _case_twins(labels)]
     return paths, labels
@@ -524,11 +533,11 @@ def _case_twins(names) -> list[list[str]]:
     a copy of Hebrew text may bring), in sets of two or more."""
     by_case: dict[str, set[str]] = {}
     for name in set(names):
-        by_case.setdefault(_look(name), set()).add(name)
+        by_case.setdefault(name_look(name), set()).add(name)
     return sorted(sorted(n) for n in by_case.values() if len(n) > 1)
 
 
-def _look(name: str) -> str:
+def name_look(name: str) -> str:
     """A name as it reads: compatibility forms folded (NFKC), format characters (Unicode
     category Cf: direction marks, zero-width joiners) dropped, and case folded."""
     shown = "".join(c for c in unicodedata.normalize("NFKC", name)
@@ -536,7 +545,7 @@ def _look(name: str) -> str:
     return shown.casefold()
 
 
-def _differ(names: list[str]) -> str:
+def how_names_differ(names: list[str]) -> str:
     """How twins from _case_twins differ, for the message."""
     return ("case" if len({n.casefold() for n in names}) == 1
             else "case, width or invisible marks")
@@ -620,8 +629,8 @@ def read_split_folders(root: Path, config: ReadConfig) -> Dataset:
     # valid/Monarch) they would be two classes, one with no training image.
     problems += [Problem("classes_differ_in_case", "the classes " + " and ".join(
         f"'{n}' (in {', '.join(sorted(classes[n]))})" for n in names) + " differ only in "
-        f"{_differ(names)}, and are read as {len(names)} classes; rename the folders alike to make "
-        "them one", str(root)) for names in _case_twins(classes)
+        f"{how_names_differ(names)}, and are read as {len(names)} classes; rename the folders "
+        "alike to make them one", str(root)) for names in _case_twins(classes)
         if not any(classes[a] & classes[b] for a, b in itertools.combinations(names, 2))]
     groups, group_problems = _group_keys(paths, config.group_regex)
     problems += group_problems
@@ -768,7 +777,7 @@ def read_csv_table(csv_path: Path, config: ReadConfig) -> Dataset:
     raw = stripped
     # One species typed 'pieris napi' on one row, 'Pieris napi' on another: two classes.
     problems += [Problem("classes_differ_in_case", f"the {c} values " + " and ".join(
-        f"'{n}'" for n in twins) + f" differ only in {_differ(twins)}, and are read as "
+        f"'{n}'" for n in twins) + f" differ only in {how_names_differ(twins)}, and are read as "
         f"{len(twins)} classes; write them alike to make them one", str(csv_path))
         for c in names for twins in _case_twins(v for v in raw[c] if v)]
     unlabelled = raw[LABEL] == ""

@@ -59,7 +59,8 @@ def calibrate(model: str | Path, data: str | Path | None = None, split: str | No
     rows = split_rows(dataset, split, level, predictor, class_map)
     theirs = sorted(set(rows["_label"]) - {""})  # (blank: no class at this level)
     known = rows["_label"].isin(predictor.classes)
-    left_out = left_out_figures(rows, known, level)  # said, as evaluate says them
+    left_out = left_out_figures(rows, known, level,  # said, as evaluate says them
+                                predictor.classes)
     rows = rows[known]
     if rows.empty:  # as evaluate says it
         raise WingspanError(

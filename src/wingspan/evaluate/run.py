@@ -18,6 +18,7 @@ from wingspan.data import read_dataset
 from wingspan.data.csvfiles import name_as_read
 from wingspan.data.plots import plot_class_balance
 from wingspan.data.preview import write_preview
+from wingspan.data.readers import name_look
 from wingspan.data.samples import SOURCE, SPLIT, Dataset, folder_of, renamed, report_reading
 from wingspan.data.taxonomy import conflict_rows
 from wingspan.errors import WingspanError, counted, none_read, some
@@ -54,6 +55,7 @@ from wingspan.evaluate.wording import (
     answer_rows,
     epochs_run,
     kept_rows,
+    look_alike_hint,
     tree_wording,
     tta_note,
     unknown_section,
@@ -289,16 +291,28 @@ def _moved_classes(rows: pd.DataFrame, taxonomy) -> list[str]:
     return moved
 
 
-def left_out_figures(rows: pd.DataFrame, known: pd.Series, level: str) -> dict:
+def left_out_figures(rows: pd.DataFrame, known: pd.Series, level: str,
+                     model_classes: list[str]) -> dict:
     """What is left out of the figures, for metrics.json and `left_out_wording`: the data's
-    classes the model does not know and their images, and the images blank at the level
-    (a class folder that taxonomy.csv lacks, say), which are no class at all."""
+    classes the model does not know and their images, those of them that only look like
+    one of the model's that the data lacks (`look_alike`), and the images blank at the
+    level (a class folder that taxonomy.csv lacks, say), which are no class at all."""
     blank = rows["_label"] == ""
     other = ~known & ~blank
-    return {"unknown_classes": sorted(set(rows.loc[other, "_label"])),
-            "unknown_class_images": int(other.sum()),
+    unknown = sorted(set(rows.loc[other, "_label"]))
+    return {"unknown_classes": unknown, "unknown_class_images": int(other.sum()),
+            **({"look_alike": alike} if (alike := look_alikes(
+                unknown, set(model_classes) - set(rows["_label"]))) else {}),
             **({"unlabelled": {"level": level, "images": int(blank.sum())}}
                if blank.any() else {})}
+
+
+def look_alikes(theirs: list[str], ours: set[str]) -> dict[str, str]:
+    """{data class: model class} for names that differ only in case, width or invisible
+    marks ('Monarch' for 'monarch'): what --map should pair, which names alone never do
+    (two classes may differ only so)."""
+    ours_by_look = {name_look(c): c for c in sorted(ours)}
+    return {c: ours_by_look[name_look(c)] for c in theirs if name_look(c) in ours_by_look}
 
 
 def _known_rows(dataset: Dataset, split: str, level: str, predictor: Predictor,
@@ -315,10 +329,11 @@ def _known_rows(dataset: Dataset, split: str, level: str, predictor: Predictor,
             f"{some(predictor.classes)}; the data's '{level}' classes there are "
             f"{some(theirs) or 'none'}"
             + (f" ({counted(blank, 'image')} with no '{level}' at all)" if blank else "") + ".",
-            hint="If they are the same classes under other names, map them with --map "
-                 "MODEL_CLASS=DATA_CLASS (once per class; in Python class_map={model "
-                 "class: data class}).")
-    return rows[known], left_out_figures(rows, known, level)
+            hint=look_alike_hint(look_alikes(theirs, set(predictor.classes)))
+            or "If they are the same classes under other names, map them with --map "
+               "MODEL_CLASS=DATA_CLASS (once per class; in Python class_map={model "
+               "class: data class}).")
+    return rows[known], left_out_figures(rows, known, level, predictor.classes)
 
 
 def _default_out(predictor: Predictor, dataset: Dataset, split: str, data, tta: bool,

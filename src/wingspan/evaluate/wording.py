@@ -3,6 +3,8 @@ terminal and the library print alike."""
 
 from __future__ import annotations
 
+import shlex
+
 import pandas as pd
 
 from wingspan.errors import counted, some
@@ -96,10 +98,28 @@ def answer_rows(a: dict | None) -> list[tuple[str, str]]:
               if f["named"] is not None)]  # (no image the data gives a class at lv)
 
 
-def left_out_wording(metrics: dict, names: str, how_to_map: str) -> str | None:
+def look_alike_hint(alike: dict[str, str], python: bool = False) -> str:
+    """How to pair data classes with the model's that differ from them only in case, width
+    or invisible marks ({data class: model class}), or "" for none."""
+    if not alike:
+        return ""
+    differ = ("case" if all(a.casefold() == b.casefold() for a, b in alike.items())
+              else "case, width or invisible marks")
+    pairs = list(alike.items())[:3]
+    how = ("class_map={" + ", ".join(f"{ours!r}: {theirs!r}" for theirs, ours in pairs) + "}"
+           if python else " ".join(f"--map {shlex.quote(f'{ours}={theirs}')}"
+                                   for theirs, ours in pairs))
+    return (f"{some(alike, 3)} differ{'s' if len(alike) == 1 else ''} from "
+            f"the model's {some(alike.values(), 3)} only in {differ}; "
+            f"if {'it is' if len(alike) == 1 else 'they are'} the same, pair them: {how}"
+            + (" and the rest" if len(alike) > 3 else ""))
+
+
+def left_out_wording(metrics: dict, names: str, how_to_map: str,
+                     python: bool = False) -> str | None:
     """What evaluate says of the images of classes the model does not know (left out of
     every figure), or None; `names` lists them, `how_to_map` is the CLI's --map or the
-    library's class_map."""
+    library's class_map (`python`)."""
     said = []
     if metrics.get("unknown_classes"):
         left = metrics.get("unknown_class_images", 0)
@@ -107,6 +127,8 @@ def left_out_wording(metrics: dict, names: str, how_to_map: str) -> str | None:
         said.append(f"{counted(left, 'image')} of {classes} the model does not know "
                     f"{'was' if left == 1 else 'were'} left out: {names} ({how_to_map} names "
                     "one of the model's)")
+        if alike := look_alike_hint(metrics.get("look_alike") or {}, python):
+            said.append(alike)
     if blank := metrics.get("unlabelled"):
         n = blank["images"]
         said.append(f"{counted(n, 'image')} with no '{blank['level']}' in the data (blank "

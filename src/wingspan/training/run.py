@@ -295,7 +295,9 @@ class Stopped(WingspanError):
 
 def go_on(run_dir: Path) -> str:
     """The line that says how to continue a stopped run (from its checkpoint, if any)."""
-    how = f"wingspan train --resume {run_dir} (in Python: ws.resume({str(run_dir)!r}))"
+    # (quoted for the shell: a path with spaces, pasted, was two arguments)
+    how = (f"wingspan train --resume {shlex.quote(str(run_dir))} (in Python: "
+           f"ws.resume({str(run_dir)!r}))")
     if (run_dir / "checkpoints" / "last.pt").is_file():
         return f"Continue from the last checkpoint with: {how}"
     return f"It has no checkpoint yet; start it again from the beginning with: {how}"
@@ -569,8 +571,8 @@ def _name_taken(run_dir: Path, name: str) -> str:
         return (f"{training[-1]} is being trained now" if training
                 else f"{earlier[0]} is taken") + f": this run is {run_dir}"
     return (f"{stopped[-1]} holds a run that did not finish; this one starts afresh in "
-            f"{run_dir}. If that one was stopped, `wingspan train --resume {stopped[-1]}` "
-            "continues it instead (Ctrl-C this one).")
+            f"{run_dir}. If that one was stopped, `wingspan train --resume "
+            f"{shlex.quote(str(stopped[-1]))}` continues it instead (Ctrl-C this one).")
 
 
 MAX_NAME_BYTES = 200
