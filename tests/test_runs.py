@@ -565,3 +565,22 @@ def test_a_deleted_working_folder_shows_paths_as_they_are(tmp_path, monkeypatch)
     monkeypatch.chdir(gone)
     gone.rmdir()
     assert here(tmp_path / "runs" / "a") == tmp_path / "runs" / "a"
+
+
+def test_a_stopped_run_whose_checkpoint_is_cut_short_is_listed_damaged(finished, tmp_path):
+    """A last.pt cut short (a copy of the folder that stopped midway) was listed "stopped
+    (resumable)", and the resume it promised then refused it."""
+    import torch
+
+    runs = tmp_path / "runs"
+    stopped = _copy(finished, runs / "stopped")
+    (stopped / "model" / "manifest.json").unlink()
+    (stopped / "metrics.json").unlink()
+    last = stopped / "checkpoints" / "last.pt"
+    last.parent.mkdir(exist_ok=True)
+    torch.save({"step": torch.zeros(10_000)}, last)
+    assert _status(runs, "stopped")[0] == "stopped (resumable)"
+    whole = last.read_bytes()
+    last.write_bytes(whole[: len(whole) // 2])
+    status, detail = _status(runs, "stopped")
+    assert status == "damaged" and detail.startswith("checkpoints/last.pt is cut short"), detail

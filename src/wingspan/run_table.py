@@ -11,6 +11,7 @@ import csv
 import difflib
 import json
 import time
+import zipfile
 from pathlib import Path
 
 import pandas as pd
@@ -210,6 +211,13 @@ def _read_run(run_dir: Path, row: dict) -> None:
     done = trained and (not config.get("holdout_classes") or "unknown" in metrics)
     if not done:
         error = stopped_by(run_dir)
+        last = run_dir / "checkpoints" / "last.pt"
+        # (torch.save writes a zip: one cut short, by a copy say, lacks the zip's end record;
+        # saves here are atomic, so only something else leaves one so)
+        if not error and last.is_file() and not zipfile.is_zipfile(last):
+            raise Damaged("checkpoints/last.pt is cut short or damaged, and the run cannot "
+                          "resume from it: put back a whole copy, or delete it to train "
+                          "again from the start with `wingspan train --resume`")
         row.update(status=FAILED if error else STOPPED, detail=error or (
             "model written; its held-out classes not scored yet" if trained
             else _stopped_after(run_dir)))
