@@ -4,6 +4,7 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -659,3 +660,31 @@ def test_an_unknown_score_alone_that_disagrees_says_what_else_it_may_be():
         _compare({**got, "probs": probs + 0.1}, want, ["probs"], None, "export", 4)
     assert e.value.hint.startswith("Report this with the backbone's name")
 
+
+def test_a_full_temporary_folder_in_int8_export_is_named(tmp_path, monkeypatch):
+    """int8 quantizing writes through the temporary folder: when its disk was full the
+    error said only "The disk is full.", and the output's disk, which users then checked,
+    had room."""
+    import errno
+    import io
+
+    import onnxruntime.quantization
+
+    from wingspan.export import int8_graph
+    from wingspan.files import os_error_said
+
+    graph = io.BytesIO()
+    torch.onnx.export(torch.nn.Conv2d(3, 4, 3), torch.zeros(1, 3, 8, 8), graph,
+                      input_names=["pixels"], dynamo=False)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(onnxruntime.quantization, "quantize_static", full)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # (read from $TMPDIR again)
+    with pytest.raises(OSError) as e:
+        int8_graph(graph.getvalue(), np.zeros((8, 3, 8, 8), np.float32))
+    said = str(os_error_said(e.value))
+    assert f"The disk is full writing {tmp_path} (the temporary folder; $TMPDIR moves it)" \
+        in said, said

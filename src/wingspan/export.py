@@ -534,14 +534,21 @@ def int8_graph(graph: bytes, calibration: np.ndarray, keep: list[str] = (),
     exclude = [*keep, *_size_arithmetic(onnx.load_from_string(graph).graph)]
     # The quantizer's advice ("consider pre-processing", via the root logger) and ONNX
     # Runtime's notes on each unused initializer would bury the result: errors only.
-    with tempfile.TemporaryDirectory() as tmp, _quiet_logs():
-        source, target = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
-        source.write_bytes(graph)
-        quantize_static(str(source), str(target), Batches(), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QUInt8 if weights == "uint8" else QuantType.QInt8,
-                        reduce_range=weights == "int8-7bit", nodes_to_exclude=exclude)
-        return target.read_bytes()
+    try:
+        with tempfile.TemporaryDirectory() as tmp, _quiet_logs():
+            source, target = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+            source.write_bytes(graph)
+            quantize_static(str(source), str(target), Batches(), quant_format=QuantFormat.QDQ,
+                            per_channel=True, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QUInt8 if weights == "uint8"
+                            else QuantType.QInt8,
+                            reduce_range=weights == "int8-7bit", nodes_to_exclude=exclude)
+            return target.read_bytes()
+    except OSError as e:
+        if e.filename is None:  # a write's error names no file: "The disk is full." sent users
+            # to check the output's disk, which had room
+            e.filename = f"{tempfile.gettempdir()} (the temporary folder; $TMPDIR moves it)"
+        raise
 
 
 @contextlib.contextmanager
