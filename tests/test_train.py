@@ -53,7 +53,7 @@ def history(run_dir):
 
 
 def test_config_yamls_line_to_train_again_pastes_into_a_shell_and_keeps_the_budget(
-        demo_dir, tmp_path):
+        demo_dir, tmp_path, monkeypatch):
     """A run named "ho run" gave an unquoted path, --holdout-classes a comment a shell
     could not read, and a run with --max-pixels was trained again at 50 MP."""
     import shlex
@@ -68,6 +68,11 @@ def test_config_yamls_line_to_train_again_pastes_into_a_shell_and_keeps_the_budg
         "wingspan", "train", str(tmp_path / "ho run" / "splits.csv"), "--config",
         str(tmp_path / "ho run" / "config.yaml"), "--max-pixels", "4000",
         "--holdout-classes", ""]
+    # A run folder given relative (--runs-dir runs) is named whole: the line holds from
+    # any folder, not only the one trained in.
+    monkeypatch.chdir(tmp_path)
+    said = _data_comment(read_dataset(demo_dir), Path("runs") / "r", held_out=False)
+    assert f"wingspan train {tmp_path / 'runs' / 'r' / 'splits.csv'} --config" in said, said
 
 
 @pytest.mark.policy

@@ -206,8 +206,10 @@ def _data_comment(dataset: Dataset, run_dir: Path, held_out: bool) -> str:
     budget = f"--max-pixels {chosen_budget()}" if chosen_budget() else ""  # (or max_pixels=)
     if budget:
         how.append(budget)
-    # A line to paste into a shell: paths quoted (a run named "ho run"), the budget kept
-    # (without it the images were decoded at 50 MP, and the run was not the same)
+    # A line to paste into a shell: paths quoted (a run named "ho run") and whole (relative,
+    # they held only from the folder trained in), the budget kept (without it the images
+    # were decoded at 50 MP, and the run was not the same)
+    run_dir = Path(os.path.abspath(run_dir))
     again = (f"wingspan train {shlex.quote(str(run_dir / SPLITS_FILE))} --config "
              f"{shlex.quote(str(run_dir / CONFIG_FILE))}" + (f" {budget}" if budget else ""))
     if held_out:  # splits.csv has none of their images
