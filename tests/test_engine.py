@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from wingspan.errors import WingspanError
 from wingspan.models import create_classifier, engine, resolve_policy
 from wingspan.models import policy as policy_module
 from wingspan.models.engine import time_calls
@@ -314,6 +315,18 @@ def test_a_damaged_or_read_only_engine_cache_costs_a_measurement_not_a_run(tmp_p
             assert read_only.put({"kind": "frozen"}, {"engine": "torch-fp32"}) is False
         assert read_only.get({"kind": "frozen"}) is None
         assert engine.NOT_KEPT  # (doctor said "Kept in" it)
+        # A cache on a full disk: the disk's error in a line, not its own hint (to resume
+        # a training run) nested in the warning
+        full = EngineCache(tmp_path / "full" / "engines.json")
+        monkeypatch.setattr(engine, "NOT_KEPT", [])
+
+        def no_room(*args, **kwargs):
+            raise WingspanError("The disk holding x is full (0 MiB free)", hint="... --resume")
+
+        monkeypatch.setattr(engine, "atomic_path", no_room)
+        with pytest.warns(UserWarning, match=r"\(The disk holding x is full \(0 MiB free\)\): "
+                                             r"each run .* on a disk with room\.$"):
+            assert full.put({"kind": "frozen"}, {"engine": "torch-fp32"}) is False
     finally:
         if locked.is_dir():
             locked.chmod(0o700)

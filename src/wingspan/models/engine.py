@@ -32,7 +32,7 @@ from wingspan.config import (
     default_cache_dir,
     usable_cores,
 )
-from wingspan.errors import WingspanError
+from wingspan.errors import WingspanError, first_line
 from wingspan.files import atomic_path
 
 PRECISIONS = dict(zip(PRECISION_NAMES, (None, torch.bfloat16, torch.float16), strict=True))
@@ -262,9 +262,12 @@ class EngineCache:
             # measurement next time: said once (doctor said "Kept in" it regardless)
             if not NOT_KEPT:
                 NOT_KEPT.append(self.path)
-                warnings.warn(f"Could not keep the engines' timings in {self.path} ({e}): "
+                # (the error's first line: a full disk's hint is to resume a training run)
+                file = next((p for p in self.path.parents if p.is_file()), None)
+                why = f"{file} is a file, not a folder" if file else first_line(e)
+                warnings.warn(f"Could not keep the engines' timings in {self.path} ({why}): "
                               "each run times them again. Set $WINGSPAN_CACHE to a folder "
-                              "you may write.", stacklevel=2)
+                              "you may write, on a disk with room.", stacklevel=2)
             return False
         return True
 
