@@ -512,14 +512,10 @@ def test_a_request_whose_client_hangs_up_stops_decoding(run_dir, monkeypatch):
         assert httpx.get(f"{url}/health").json()["in_flight"] == 0
 
 
-def test_a_request_past_the_limit_is_refused_before_its_upload(run_dir, monkeypatch):
-    """The 429 came once the whole body was in (627 MB spooled for 33 files of 19 MB), and
-    uploads under way were not counted in flight. Now a request counts from its first byte,
-    and one past the limit is refused before its body is read."""
-    import socket
+def _decoding_slowly(monkeypatch):
+    """Each image decodes 3 s later than it would: a request holds its place in flight
+    that long. Returns the event set as the first decode begins."""
     import threading
-
-    import httpx
 
     import wingspan.serve
 
@@ -531,6 +527,19 @@ def test_a_request_past_the_limit_is_refused_before_its_upload(run_dir, monkeypa
         return decode(name, data, draft)
 
     monkeypatch.setattr(wingspan.serve, "_decode", slow_decode)
+    return began
+
+
+def test_a_request_past_the_limit_is_refused_before_its_upload(run_dir, monkeypatch):
+    """The 429 came once the whole body was in (627 MB spooled for 33 files of 19 MB), and
+    uploads under way were not counted in flight. Now a request counts from its first byte,
+    and one past the limit is refused before its body is read."""
+    import socket
+    import threading
+
+    import httpx
+
+    began = _decoding_slowly(monkeypatch)
     app = create_app(run_dir, ServeLimits(max_in_flight=1), device="cpu")
     with serving_in_background(app) as url:
         busy = threading.Thread(target=httpx.post, args=(f"{url}/predict",), kwargs={
@@ -574,16 +583,7 @@ def test_a_refused_request_reaches_a_client_that_sends_all_of_its_body_first(run
     import urllib.error
     import urllib.request
 
-    import wingspan.serve
-
-    decode, began = wingspan.serve._decode, threading.Event()
-
-    def slow_decode(name, data, draft=None):
-        began.set()
-        time.sleep(3)
-        return decode(name, data, draft)
-
-    monkeypatch.setattr(wingspan.serve, "_decode", slow_decode)
+    began = _decoding_slowly(monkeypatch)
     limits = ServeLimits(max_in_flight=1, max_files=1, max_bytes=1_000_000)
     body = (b'--b\r\nContent-Disposition: form-data; name="files"; filename="a.jpg"\r\n\r\n'
             + bytes(8_000_000) + b"\r\n--b--\r\n")
