@@ -377,6 +377,35 @@ def test_a_network_timm_does_not_group_is_split_by_its_modules(missing, monkeypa
         backbone.unreached()
 
 
+def test_unreached_parameters_are_found_on_the_networks_own_device():
+    """The probe ran a CPU input: on a GPU model it failed, which read as "nothing
+    unreached", so a GPU run trained parameters a CPU run kept frozen (and DDP would wait
+    for their gradients). The meta device stands in for a GPU here."""
+    from wingspan.models.backbone import Backbone
+    from wingspan.models.registry import get_spec
+
+    found = []
+    for device in ("cpu", "meta"):
+        backbone = Backbone(get_spec("test_efficientnet"))
+        backbone.net.unused = torch.nn.Linear(2, 2)  # a module the network never calls
+        found.append(backbone.to(device).unreached())
+    assert found[0] == found[1] == {"unused.weight", "unused.bias"}
+    # A weight used directly, not through its module's call (BEiT's qkv.weight, taken by
+    # F.linear), is reached: it trains (a module's call was the test, which missed it).
+    class Direct(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return torch.nn.functional.conv2d(x, self.inner.weight, None, self.inner.stride,
+                                              self.inner.padding)
+
+    backbone = Backbone(get_spec("test_efficientnet"))
+    backbone.net.conv_stem = Direct(backbone.net.conv_stem)
+    assert not backbone.unreached()
+
+
 @pytest.mark.parametrize("name", ["test_convnext", "test_vit_relpos", "test_resnet"])
 def test_every_unfrozen_parameter_gets_a_gradient(name):
     """timm groups parts of its head (ConvNeXt's head.norm) with the last stage: the

@@ -995,6 +995,30 @@ def test_a_val_image_scored_a_few_rounding_units_off_keeps_its_combined_score():
     assert (scores.diff() >= 0).all() and scores[0] < 0.01 and scores[-1] > 0.99
 
 
+def test_the_end_of_a_run_never_moves_the_live_models_head(demo_dir, tmp_path, monkeypatch):
+    """The end of a run moved the model's own head to the CPU (.float().cpu() move a
+    module in place) between the val and train passes with the final weights: on a GPU
+    the train pass then met a head on the CPU and a backbone on the GPU, and every run
+    whose best epoch was fine-tuned failed at its end (a resume too). Checked here through
+    the modules .cpu() is called on, as this machine has one device."""
+    from test_train import tiny
+
+    import wingspan.training.finish as finish_module
+    from wingspan.data import read_dataset
+    from wingspan.training import train
+
+    heads, moved, real_pass, real_cpu = [], [], finish_module._final_pass, torch.nn.Module.cpu
+    monkeypatch.setattr(finish_module, "_final_pass",
+                        lambda run: heads.append(run.model.head) or real_pass(run))
+    monkeypatch.setattr(torch.nn.Module, "cpu",
+                        lambda module, *a, **k: moved.append(module) or real_cpu(module, *a, **k))
+    # (no head stage: the best model is fine-tuned, and the final passes run it afresh)
+    train(read_dataset(demo_dir), tiny(tmp_path, epochs_head=0, epochs_finetune=1), tmp_path
+          / "runs", "r", quiet=True)
+    assert len(heads) == 2  # val's pass and train's
+    assert not any(m is heads[0] for m in moved)
+
+
 def test_the_final_pass_for_the_unknown_scores_stops_at_the_images_they_are_fitted_on(
         demo_dir, tmp_path, monkeypatch):
     """The scores are fitted on MAX_FIT_IMAGES training images at most, drawn at random;

@@ -234,35 +234,44 @@ class Backbone(nn.Module):
         of its head with the last stage, and a classifier-less network may skip some
         (a ViT's unused norm). Trained, they would get no gradient, and DDP would wait for
         one forever.
-        Found once, as the parameters of modules that a forward pass on a small input
-        does not call (parameters of the network itself count as used)."""
+        Found once, as the parameters that get no gradient from a pass on a small input,
+        on the network's own device: a module's calls would miss weights used directly
+        (BEiT's and EVA-02's attention takes its qkv Linear's weight: kept frozen), and a
+        CPU input on a GPU model failed, which read as "none unreached" there alone."""
         if not hasattr(self, "_unreached"):
             self._unreached = self._find_unreached()
         return self._unreached
 
-    @torch.no_grad()
     def _find_unreached(self) -> set[str]:
-        called: set[str] = set()
-        hooks = [module.register_forward_hook(lambda *_, name=name: called.add(name))
-                 for name, module in self.net.named_modules() if name]
+        params = dict(self.net.named_parameters())
+        if not params:
+            return set()
+        kept = {name: (p.requires_grad, p.grad) for name, p in params.items()}
+        device = next(iter(params.values())).device
         was_training = self.training
         self.eval()
         size = (self.input_size, self.input_size)
         try:
+            for p in params.values():
+                p.requires_grad_(True)
             for shape in ((64, 64), size):  # small first; some networks fix the size
+                for p in params.values():
+                    p.grad = None
                 try:
-                    self.pool(self.net.forward_features(torch.zeros(1, 3, *shape)))
+                    with torch.enable_grad():
+                        x = torch.zeros(1, 3, *shape, device=device)
+                        self.pool(self.net.forward_features(x)).float().sum().backward()
                     break
                 except Exception:  # noqa: BLE001 - a size this network refuses
-                    called.clear()
+                    continue
             else:
                 return set()
+            return {name for name, p in params.items() if p.grad is None}
         finally:
-            for hook in hooks:
-                hook.remove()
+            for name, p in params.items():
+                p.requires_grad_(kept[name][0])
+                p.grad = kept[name][1]
             self.train(was_training)
-        return {name for name, _ in self.net.named_parameters()
-                if "." in name and name.rsplit(".", 1)[0] not in called}
 
     def train(self, mode: bool = True) -> Backbone:
         """BatchNorm layers stay in eval mode unless `train_bn` is set and they are trainable.

@@ -4,6 +4,7 @@ scored as unknowns."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -243,7 +244,9 @@ def _final_outputs(run: Run, split: str, cached: dict[str, torch.Tensor] | None
                     index.append(idx)
                 bar.advance(len(idx) + len(failed))
         feats, labels = torch.cat(parts), images.labels[torch.cat(index)]
-    head = run.model.head.float().cpu()
+    # A copy: .float() and .cpu() move a module in place, and the live head, moved to the
+    # CPU while the backbone stayed on the GPU, broke the next pass (train's, after val's)
+    head = copy.deepcopy(run.model.head).float().cpu()
     logits = {lv: v.float() for lv, v in head(feats.float()).items()}
     return feats.float(), logits, labels
 
