@@ -813,6 +813,24 @@ def test_last_pt_holds_the_best_weights_before_the_bundle_is_written(demo_dir, t
     assert held == [True]
 
 
+def test_the_held_out_classes_are_scored_on_the_runs_own_device_and_engines(
+        demo_dir, tmp_path, monkeypatch):
+    """The held-out classes were scored with every choice left to `auto`: a run trained
+    with --device cpu (its GPU busy) or cuda:1 scored them on cuda:0."""
+    import wingspan.evaluate.run as evaluate_module
+
+    calls, real = [], evaluate_module.evaluate
+    monkeypatch.setattr(evaluate_module, "evaluate",
+                        lambda *a, **k: calls.append(k) or real(*a, **k))
+    train(read_dataset(demo_dir), tiny(tmp_path, epochs_head=1, epochs_finetune=0,
+                                       holdout_classes=["white_darktip"], device="cpu",
+                                       precision="fp32", runtime="torch", batch_size=8),
+          tmp_path / "runs", "r", quiet=True)
+    (called,) = calls
+    assert (called["device"], called["precision"], called["runtime"],
+            called["batch_size"]) == ("cpu", "fp32", "torch", 8)
+
+
 def test_ctrl_c_while_a_resume_scores_the_held_out_classes_says_how_to_go_on(
         demo_dir, tmp_path, monkeypatch):
     """Killed while scoring its held-out classes, a resumed run scores them again: a Ctrl-C

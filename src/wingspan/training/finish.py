@@ -43,9 +43,13 @@ def score_held_out(run_dir: Path, run: Run) -> Path:
     from wingspan.evaluate.run import evaluate
     from wingspan.evaluate.wording import away_wording
 
+    # On the run's own device and engines (left to choose, they took cuda:0 for a run
+    # trained with --device cpu or cuda:1)
     result = evaluate(run_dir, out=run_dir / "evaluation-unknown",
                       progress=run.show_progress, workers=run.workers,
-                      unknown=pd.read_csv(held)["path"].tolist())
+                      unknown=pd.read_csv(held)["path"].tolist(), device=str(run.device),
+                      precision=run.config.precision, runtime=run.config.runtime,
+                      batch_size=run.config.batch_size)
     u = result.metrics["unknown"]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     run.write_json("metrics.json", {**metrics, "unknown": u})
