@@ -330,3 +330,20 @@ def test_a_damaged_or_read_only_engine_cache_costs_a_measurement_not_a_run(tmp_p
     finally:
         if locked.is_dir():
             locked.chmod(0o700)
+
+
+def test_bf16_on_a_gpu_is_asked_of_the_gpu_chosen(monkeypatch):
+    """bf16 was asked of the current GPU (torch.cuda.is_bf16_supported), not of --device's:
+    on a machine of an A100 (cuda:0) and a T4 (cuda:1), --device cuda:1 timed bf16 on the
+    T4, which emulates it. No GPU here: torch's answers for the two are stood in."""
+    from wingspan.models.engine import cannot_run, engine_named, native_bf16
+
+    capability = {0: (8, 0), 1: (7, 5)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability",
+                        lambda device=None: capability[torch.device(device).index or 0])
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # cuda:0's
+    t4, a100 = torch.device("cuda", 1), torch.device("cuda", 0)
+    assert not native_bf16(t4) and native_bf16(a100)
+    bf16 = engine_named("torch-bf16")
+    assert cannot_run(bf16, t4, train=True) == "this GPU has no bf16"
+    assert cannot_run(bf16, a100, train=True) == ""

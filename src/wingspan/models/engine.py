@@ -108,8 +108,15 @@ def native_bf16(device: torch.device) -> bool:
     """bf16 in hardware: AMX or AVX-512 bf16 on a CPU, Ampere or newer on a GPU. Elsewhere
     bf16 is emulated and several times slower than fp32, so not worth timing."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
+        return _gpu_has_bf16(device)
     return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
+
+
+def _gpu_has_bf16(device: torch.device) -> bool:
+    """bf16 on this GPU (compute capability 8.0, Ampere, or later): asked of `device`, as
+    torch.cuda.is_bf16_supported asks of the current GPU (cuda:0 for --device cuda:1 on
+    a machine of an A100 and a T4)."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def cannot_run(engine: Engine, device: torch.device, train: bool) -> str:
@@ -123,7 +130,7 @@ def cannot_run(engine: Engine, device: torch.device, train: bool) -> str:
             return "onnxruntime is not installed"
     if engine.precision == "fp16" and device.type == "cpu":
         return "fp16 is not supported on the CPU"
-    if engine.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if engine.precision == "bf16" and device.type == "cuda" and not _gpu_has_bf16(device):
         return "this GPU has no bf16"
     return ""
 
