@@ -375,7 +375,7 @@ def test_predict_keeps_the_model_loaded_until_its_files_change(run, demo_dir, tm
     import gc
     import weakref
 
-    import wingspan.api as api
+    import wingspan.api.training as api
 
     kept = weakref.ref(api._LOADED[1])
     ws.load(run.dir).predict(image, quiet=True)
@@ -767,7 +767,7 @@ def test_max_pixels_in_two_threads_each_keep_their_own(monkeypatch):
     other's)."""
     import threading
 
-    from wingspan.api import _max_pixels
+    from wingspan.api.arguments import _max_pixels
     from wingspan.config import MAX_PIXELS_ENV
     from wingspan.data.images import max_pixels
 
@@ -844,7 +844,7 @@ def test_load_a_run_and_a_bundle(run, demo_dir, tmp_path):
         _ = ws.load(copy).metrics
     assert "fitted since is then lost" in e.value.hint  # (the resume writes the model too)
     assert len(run.predict((str(image), image), quiet=True)) == 2  # any list of paths
-    from wingspan.api import _class_map_arg
+    from wingspan.api.arguments import _class_map_arg
 
     assert _class_map_arg(t for t in ["a=b", "c=d"]) == {"a": "b", "c": "d"}  # a generator
 
