@@ -1268,7 +1268,30 @@ def test_data_classes_named_in_another_case_are_paired_in_the_hint(trained, tmp_
                               "all", "--quiet")
     said = " ".join(stderr.split())
     assert code == 2 and "No images of the model's classes" in said, said
-    assert f"pair them: --map {classes[0]}={classes[0].title()}" in said, said
+    assert f"pair them: --map {classes[0]}={classes[0].title()} (in Python: class_map={{" \
+           f"'{classes[0]}': '{classes[0].title()}'}})" in said, said
+    # calibrate's own "no images" says it too (it gave the plain hint)
+    code, _, stderr = run_cli("calibrate", trained, tmp_path / "one", "--split", "all",
+                              "--quiet")
+    said = " ".join(stderr.split())
+    assert code == 2 and f"pair them: --map {classes[0]}={classes[0].title()}" in said, said
+
+
+def test_the_look_alike_hint_pairs_every_class_in_one_map_that_the_command_line_takes():
+    """Three pairs and "and the rest" left a user whose every folder was capitalised to type
+    the others; a class holding a comma got a --map that --map refuses (it splits there)."""
+    from wingspan.evaluate.wording import look_alike_hint
+
+    alike = {c.title(): c for c in ("monarch", "red admiral", "painted_lady", "small white")}
+    said = look_alike_hint(alike)
+    assert said.endswith("pair them: --map 'monarch=Monarch,red admiral=Red Admiral,"
+                         "painted_lady=Painted_Lady,small white=Small White'"), said
+    said = look_alike_hint({"Danaus plexippus, Monarch": "danaus plexippus, monarch"})
+    assert said.endswith("pair them: class_map={'danaus plexippus, monarch': 'Danaus "
+                         "plexippus, Monarch'} in Python (--map cannot name a class that holds "
+                         "a comma or '=')"), said
+    many = look_alike_hint({f"C{i:02}": f"c{i:02}" for i in range(25)}, python=True)
+    assert "'c19': 'C19'}" in many and many.endswith(" (and 5 more alike)"), many
 
 
 def test_calibrate_with_a_map_fits_on_the_mapped_images_as_if_renamed(trained, tmp_path,

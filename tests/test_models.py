@@ -390,6 +390,10 @@ def test_unreached_parameters_are_found_on_the_networks_own_device():
         backbone.net.unused = torch.nn.Linear(2, 2)  # a module the network never calls
         found.append(backbone.to(device).unreached())
     assert found[0] == found[1] == {"unused.weight", "unused.bias"}
+    backbone = Backbone(get_spec("test_efficientnet"))
+    backbone.net.unused = torch.nn.Linear(2, 2)
+    with torch.inference_mode():  # (backward failed there, read as "none unreached")
+        assert backbone.unreached() == {"unused.weight", "unused.bias"}
     # A weight used directly, not through its module's call (BEiT's qkv.weight, taken by
     # F.linear), is reached: it trains (a module's call was the test, which missed it).
     class Direct(torch.nn.Module):

@@ -604,6 +604,16 @@ def test_a_refused_request_reaches_a_client_that_sends_all_of_its_body_first(run
         assert began.wait(30)
         code, error, retry = refused(url)
         assert code == 429 and "Too many requests" in error and retry == "1"
+        # A client that waits to be asked for its body (curl's Expect: 100-continue, for any
+        # upload over 1 MB) is refused at once, not asked for the photo first.
+        import socket
+
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])),
+                                      timeout=2) as conn:
+            conn.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/"
+                         b"form-data; boundary=b\r\nExpect: 100-continue\r\n"
+                         b"Content-Length: 5000000\r\n\r\n")
+            assert conn.recv(4096).startswith(b"HTTP/1.1 429")
         busy.join(30)
         assert httpx.get(f"{url}/health").json()["in_flight"] == 0
 

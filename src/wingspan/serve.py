@@ -130,13 +130,18 @@ HANG_UP_POLL_S = 0.1
 CLOSE = {"Connection": "close"}
 
 
-async def _drain(receive, size: str, most: int, seconds: float) -> None:
+async def _drain(scope, receive, most: int, seconds: float) -> None:
     """Reads and drops the body of a request refused before it was read, so that the
     answer reaches a client that sends all of its body before it reads anything (urllib,
     requests): closing on an unread body reset the connection under it (a 5 MB photo got
     ConnectionResetError, not the 429 and its Retry-After). A body declared larger than
-    `most`, or one that takes longer than `seconds`, is not waited for."""
-    if size.isdigit() and int(size) > most:
+    `most`, or one that takes longer than `seconds`, is not waited for; nor one whose
+    client waits to be asked for it (`Expect: 100-continue`, curl's for uploads over 1 MB):
+    reading would ask, and it would upload the photo only to be refused."""
+    headers = Headers(scope=scope)
+    size = headers.get("content-length", "")
+    if (size.isdigit() and int(size) > most) or headers.get("expect", "").lower() == \
+            "100-continue":
         return
     seen, deadline = 0, time.monotonic() + seconds
     while seen <= most and (left := deadline - time.monotonic()) > 0:
@@ -170,7 +175,7 @@ class _BodyLimit:
             return await self.app(scope, receive, send)
         size = Headers(scope=scope).get("content-length", "")
         if size.isdigit() and int(size) > self.most:
-            await _drain(receive, size, *self.drain)
+            await _drain(scope, receive, *self.drain)
             refused = JSONResponse({"error": f"A request of {int(size)} bytes; {self.allowed}"},
                                    status_code=413, headers=CLOSE)
             return await refused(scope, receive, send)
@@ -213,7 +218,7 @@ class _Admission:
         if scope["type"] != "http" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         if self.in_flight["n"] >= self.most:
-            await _drain(receive, Headers(scope=scope).get("content-length", ""), *self.drain)
+            await _drain(scope, receive, *self.drain)
             # Retry-After: what clients' retry logic (urllib3's Retry, say) waits for
             refused = JSONResponse({"error": "Too many requests in flight; try again "
                                              "shortly."}, status_code=429,

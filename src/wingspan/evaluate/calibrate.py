@@ -26,9 +26,11 @@ from wingspan.evaluate.run import (
     check_split,
     evaluation_dataset,
     left_out_figures,
+    look_alikes,
     predicted_classes,
     split_rows,
 )
+from wingspan.evaluate.wording import look_alike_hint
 from wingspan.files import check_writable, real_paths
 from wingspan.inference import Predictor, run_dir_of
 from wingspan.models.bundle import update_manifest
@@ -67,10 +69,11 @@ def calibrate(model: str | Path, data: str | Path | None = None, split: str | No
             f"No images of the model's classes in the '{split}' split to calibrate on: the "
             f"model knows {some(predictor.classes)}; the data's '{level}' classes there are "
             f"{some(theirs) or 'none'}.",
-            hint="If they are the same classes under other names, map them with --map "
-                 "MODEL_CLASS=DATA_CLASS (once per class; in Python class_map={model "
-                 "class: data class})" + (
-                     "; or give another --split." if data is not None else "."))
+            hint=look_alike_hint(look_alikes(theirs, set(predictor.classes)), python=None)
+            or "If they are the same classes under other names, map them with --map "
+               "MODEL_CLASS=DATA_CLASS (once per class; in Python class_map={model "
+               "class: data class})" + (
+                   "; or give another --split." if data is not None else "."))
     preds = list(predictor.run(rows["path"].tolist(), progress=progress))
     ok = [i for i, p in enumerate(preds) if not p.error]
     if not ok:

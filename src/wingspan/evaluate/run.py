@@ -329,7 +329,7 @@ def _known_rows(dataset: Dataset, split: str, level: str, predictor: Predictor,
             f"{some(predictor.classes)}; the data's '{level}' classes there are "
             f"{some(theirs) or 'none'}"
             + (f" ({counted(blank, 'image')} with no '{level}' at all)" if blank else "") + ".",
-            hint=look_alike_hint(look_alikes(theirs, set(predictor.classes)))
+            hint=look_alike_hint(look_alikes(theirs, set(predictor.classes)), python=None)
             or "If they are the same classes under other names, map them with --map "
                "MODEL_CLASS=DATA_CLASS (once per class; in Python class_map={model "
                "class: data class}).")

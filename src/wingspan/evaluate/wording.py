@@ -98,21 +98,30 @@ def answer_rows(a: dict | None) -> list[tuple[str, str]]:
               if f["named"] is not None)]  # (no image the data gives a class at lv)
 
 
-def look_alike_hint(alike: dict[str, str], python: bool = False) -> str:
+LOOK_ALIKES_SHOWN = 20  # pairs a hint spells out (every folder capitalised: all of them)
+
+
+def look_alike_hint(alike: dict[str, str], python: bool | None = False) -> str:
     """How to pair data classes with the model's that differ from them only in case, width
-    or invisible marks ({data class: model class}), or "" for none."""
+    or invisible marks ({data class: model class}), or "" for none: as --map (`python`
+    False), as class_map= (True) or both (None, for an error either may meet)."""
     if not alike:
         return ""
     differ = ("case" if all(a.casefold() == b.casefold() for a, b in alike.items())
               else "case, width or invisible marks")
-    pairs = list(alike.items())[:3]
-    how = ("class_map={" + ", ".join(f"{ours!r}: {theirs!r}" for theirs, ours in pairs) + "}"
-           if python else " ".join(f"--map {shlex.quote(f'{ours}={theirs}')}"
-                                   for theirs, ours in pairs))
+    pairs = list(alike.items())[:LOOK_ALIKES_SHOWN]
+    more = (f" (and {len(alike) - len(pairs)} more alike)" if len(alike) > len(pairs) else "")
+    in_python = "class_map={" + ", ".join(f"{ours!r}: {theirs!r}" for theirs, ours in pairs) + "}"
+    # --map splits its value at commas and equals signs: a name holding one cannot be given
+    typable = not any(c in name for pair in pairs for name in pair for c in ",=")
+    on_the_line = f"--map {shlex.quote(','.join(f'{ours}={theirs}' for theirs, ours in pairs))}"
+    how = (in_python if python or not typable else
+           on_the_line if python is False else f"{on_the_line} (in Python: {in_python})")
+    if not typable and not python:
+        how += " in Python (--map cannot name a class that holds a comma or '=')"
     return (f"{some(alike, 3)} differ{'s' if len(alike) == 1 else ''} from "
             f"the model's {some(alike.values(), 3)} only in {differ}; "
-            f"if {'it is' if len(alike) == 1 else 'they are'} the same, pair them: {how}"
-            + (" and the rest" if len(alike) > 3 else ""))
+            f"if {'it is' if len(alike) == 1 else 'they are'} the same, pair them: {how}{more}")
 
 
 def left_out_wording(metrics: dict, names: str, how_to_map: str,

@@ -257,8 +257,9 @@ class Backbone(nn.Module):
             for shape in ((64, 64), size):  # small first; some networks fix the size
                 for p in params.values():
                     p.grad = None
-                try:
-                    with torch.enable_grad():
+                try:  # (inference mode too is lifted: under it, backward failed, and
+                    # a failure reads as "none unreached", which hangs DDP)
+                    with torch.inference_mode(False), torch.enable_grad():
                         x = torch.zeros(1, 3, *shape, device=device)
                         self.pool(self.net.forward_features(x)).float().sum().backward()
                     break
