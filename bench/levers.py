@@ -58,6 +58,7 @@ EMA_DECAY = 0.98  # fine-tuning has ~120 steps on iNat, ~64 on Leeds
 MIXUP_ALPHA = 0.4
 DROP_PATH = 0.2  # timm's rate for EfficientNet-B0/Lite-sized models trained from scratch
 SAM_RHO = 0.05  # Foret et al. 2021's radius for fine-tuning and for most of their runs
+CUTMIX_ALPHA, CUTMIX_PROB = 1.0, 0.5  # timm's usual alpha; half the steps, as fine-tuning is short
 
 
 WISE = {"wise": 0.5, "wise75": 0.75}  # mode: the fine-tuned weights' share
@@ -156,6 +157,10 @@ LEVERS = {
     "sam": Lever(f"SAM (Foret et al. 2021) in fine-tuning: each step's gradient taken where "
                  f"the loss rises most within radius {SAM_RHO} of the weights (2 passes a "
                  f"step), said to help transfer and shifts of data", patch="sam"),
+    "cutmix": Lever(f"CutMix (Yun et al. 2019) in fine-tuning: on {CUTMIX_PROB:.0%} of the steps "
+                    f"a box of each image (area ~ Beta({CUTMIX_ALPHA}, {CUTMIX_ALPHA})) is "
+                    "taken from another image of the batch, and the loss weighs both labels "
+                    "by area", patch="cutmix"),
     "adapt": Lever("wingspan adapt on the photos it then names (unlabelled: self-training of "
                    "the head, 3 rounds at p >= 0.7)", mode="adapt", targets=("transfer",),
                    cost="predict"),
@@ -428,6 +433,21 @@ def against_baseline(lever: dict, base: dict, target: str) -> tuple[float, float
 
 # --- recipe changes tried here, on wingspan's own training loop -------------------------
 
+def two_label_loss(original_loss, mixed: dict):
+    """`stages.loss_fn` whose loss, after a batch was mixed (`mixed` then holds its share
+    lam and the permutation it was mixed with), is both labels' weighed by their shares."""
+    def loss_fn(*args, **kwargs):
+        criterion = original_loss(*args, **kwargs)
+
+        def mixed_loss(outputs, labels):
+            if not mixed:
+                return criterion(outputs, labels)
+            lam, perm = mixed.pop("lam"), mixed.pop("perm")
+            return lam * criterion(outputs, labels) + (1 - lam) * criterion(outputs, labels[perm])
+        return mixed_loss
+    return loss_fn
+
+
 def patched(patch: str) -> None:
     """Change `wingspan train`'s recipe in this process (the names the loop looks up at
     call time), for a lever that has no option of its own:
@@ -446,7 +466,11 @@ def patched(patch: str) -> None:
     - sam: fine-tuning's backward pass taken twice: once where the weights are, then
       again at the weights moved by SAM_RHO along that gradient (the same batch, after
       the frozen prefix), whose gradient the optimizer then steps with from the weights
-      as they were. The head stage is as usual."""
+      as they were. The head stage is as usual;
+    - cutmix: in fine-tuning, a box of each batch's input to the trained part (the frozen
+      prefix's feature map where a prefix runs on another engine, else the images) is
+      replaced by the same box of a shuffled copy of the batch, on CUTMIX_PROB of the steps,
+      and the loss is both labels' weighed by the box's area (timm's `rand_bbox`)."""
     from wingspan.training import run as recipe
     from wingspan.training import stages
 
@@ -467,19 +491,8 @@ def patched(patch: str) -> None:
                     return (lam * feats + (1 - lam) * feats[perm],)
                 return None
 
-            def loss_fn(*args, **kwargs):
-                criterion = original_loss(*args, **kwargs)
-
-                def mixed_loss(outputs, labels):
-                    if not mixed:
-                        return criterion(outputs, labels)
-                    lam, perm = mixed.pop("lam"), mixed.pop("perm")
-                    return (lam * criterion(outputs, labels)
-                            + (1 - lam) * criterion(outputs, labels[perm]))
-                return mixed_loss
-
             handle = run.model.head.register_forward_pre_hook(mix)
-            stages.loss_fn = loss_fn
+            stages.loss_fn = two_label_loss(original_loss, mixed)
             try:
                 original_head(run)
             finally:
@@ -592,6 +605,41 @@ def patched(patch: str) -> None:
                 original_finetune(run)
             finally:
                 fabric.setup, fabric.backward, stages.loss_fn = setup, backward, original_loss
+
+        recipe.finetune = finetune
+    elif patch == "cutmix":
+        from timm.data.mixup import rand_bbox
+
+        original_finetune, original_loss = recipe.finetune, stages.loss_fn
+
+        def finetune(run) -> None:
+            fabric, mixed = run.fabric, {}
+            setup = fabric.setup
+            g = torch.Generator().manual_seed(run.config.seed)
+            rng = np.random.default_rng(run.config.seed)
+
+            def cut(module, args):
+                (x,) = args
+                if not module.training or len(x) < 2 or rng.random() >= CUTMIX_PROB:
+                    return None
+                lam = rng.beta(CUTMIX_ALPHA, CUTMIX_ALPHA)
+                top, bottom, left, right = rand_bbox(x.shape, lam)
+                perm = torch.randperm(len(x), generator=g).to(x.device)
+                x = x.clone()
+                x[..., top:bottom, left:right] = x[perm][..., top:bottom, left:right]
+                area = (bottom - top) * (right - left) / (x.shape[-2] * x.shape[-1])
+                mixed.update(lam=1 - area, perm=perm)
+                return (x,)
+
+            def with_cut(module, *optimizers, **kwargs):
+                module.register_forward_pre_hook(cut)
+                return setup(module, *optimizers, **kwargs)
+
+            fabric.setup, stages.loss_fn = with_cut, two_label_loss(original_loss, mixed)
+            try:
+                original_finetune(run)
+            finally:
+                fabric.setup, stages.loss_fn = setup, original_loss
 
         recipe.finetune = finetune
     elif patch == "averages":
