@@ -552,6 +552,16 @@ def test_how_to_go_on_is_quoted_for_the_shell(tmp_path):
     said = go_on(run_dir)
     assert f"wingspan train --resume '{run_dir}' (in Python: ws.resume({str(run_dir)!r}))" \
         in said
+    # and where predict, evaluate or export meet the stopped run
+    from wingspan.errors import WingspanError
+    from wingspan.inference import find_bundle
+
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("seed: 0\n")
+    (run_dir / "splits.csv").write_text("path,label,split\n")
+    with pytest.raises(WingspanError) as e:
+        find_bundle(run_dir)
+    assert f"`wingspan train --resume '{run_dir}'`" in e.value.hint, e.value.hint
 
 
 def test_a_deleted_working_folder_shows_paths_as_they_are(tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ so both see every image exactly the same way."""
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -45,8 +46,9 @@ def find_bundle(model: str | Path) -> Path:
                                      "how far it is.")
         raise WingspanError(f"The run {path} has no model yet: its training stopped before "
                             "it finished.",
-                            hint=f"Continue it with `wingspan train --resume {path}` (in "
-                                 f"Python: ws.resume({str(path)!r})).")
+                            hint=f"Continue it with `wingspan train --resume "
+                                 f"{shlex.quote(str(path))}` (in Python: "
+                                 f"ws.resume({str(path)!r})).")
     if path.exists():
         return path
     from wingspan.training.folder import close_runs

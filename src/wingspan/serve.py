@@ -25,6 +25,7 @@ import errno
 import io
 import math
 import os
+import re
 import sys
 import threading
 import time
@@ -358,8 +359,8 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
                 "engine": predictor.policy.describe(),
                 # an adapted run: from which run (its name, as the title: not where it
                 # lies), on how many photos (its "trained" and "metrics" are that run's)
-                "adapted": adapted and {**adapted, "adapted_from": Path(
-                    str(adapted.get("adapted_from", ""))).name},
+                "adapted": adapted and {**adapted, "adapted_from": re.split(
+                    r"[\\/]", str(adapted.get("adapted_from", "")))[-1]},  # (a Windows one too)
                 # what "unknown" in an answer means: the score, and each level's threshold
                 "unknown": ({"score": predictor.unknown_score, "rate": predictor.unknown.rate,
                              "thresholds": predictor.thresholds}

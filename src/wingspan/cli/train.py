@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -189,7 +190,8 @@ def train_command(
                 where = Path(given.get("runs_dir") or "runs") / str(given.get("name") or resume)
                 raise WingspanError(
                     "--resume takes the run's folder itself; --runs-dir and --name do not "
-                    "say where it is.", hint=f"Give its path: `wingspan train --resume {where}`.")
+                    "say where it is.",
+                    hint=f"Give its path: `wingspan train --resume {shlex.quote(str(where))}`.")
             if ignored:  # refused, not dropped: the user would believe they took effect
                 names = ", ".join("DATA" if k == "data" else "--" + k.replace("_", "-")
                                   for k in ignored)

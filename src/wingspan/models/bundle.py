@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shlex
 from pathlib import Path
 
 import torch
@@ -140,8 +141,8 @@ def read_manifest(path: str | Path) -> dict:
             run = path.parent.parent
             if path.parent.name == "checkpoints" and (run / "train.log").is_file():
                 hint = (f"It is a training checkpoint of the run {run}: give the run folder, "
-                        f"or continue the run with `wingspan train --resume {run}` "
-                        "(ws.resume) if it did not finish.")
+                        "or continue the run with `wingspan train --resume "
+                        f"{shlex.quote(str(run))}` (ws.resume) if it did not finish.")
             elif exported:
                 hint = (f"It is an exported model, for {exported} (the README's export "
                         "section); wingspan's commands take its run folder (runs/NAME) or "

@@ -18,6 +18,7 @@ import functools
 import importlib.util
 import os
 import pickle  # (its error type only: nothing is unpickled but tensors)
+import shlex
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,7 +213,7 @@ def _not_weights(weights: str, path: Path) -> WingspanError:
         last = path / "checkpoints" / "last.pt"
         training = being_trained(path)
         finish = ("Wait for it to finish" if training else
-                  f"Finish it with `wingspan train --resume {weights}`")
+                  f"Finish it with `wingspan train --resume {shlex.quote(str(weights))}`")
         return WingspanError(
             f"--weights {weights} is a run without a model yet "
             + ("(being trained now)." if training else "(stopped before its end)."),

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -158,7 +159,7 @@ def _resume(run_dir: Path, config: TrainConfig, fabric, quiet: bool) -> Path:
             f"It may be damaged; the run's finished model is in {run_dir / 'model'}."
             if complete else
             f"It may be damaged. Delete it to train this run again from its start "
-            f"(`wingspan train --resume {run_dir}`), or train a new run.")) from e
+            f"(`wingspan train --resume {shlex.quote(str(run_dir))}`), or train a new run.")) from e
     finished = checkpoint and checkpoint["state"]["stage"] == "done"
     metrics = _read_json(run_dir / "metrics.json")  # ({} when gone or damaged: written again)
     scored = bool(metrics) and (not config.holdout_classes or "unknown" in metrics)
