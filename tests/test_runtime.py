@@ -460,6 +460,43 @@ def test_fine_tuning_validates_in_the_training_steps_precision(demo_dir, tmp_pat
     assert exported == ["PooledFeatures", "Sequential", "WithFeatures"]
 
 
+def test_fine_tunings_epochs_are_scored_on_the_heads_fp32_logits(demo_dir, tmp_path,
+                                                                 monkeypatch):
+    """A validation pass ran the head in its own precision (the training step's bf16 on
+    a CPU with bf16, a GPU's frozen engine): fine-tuning's epochs were chosen on other
+    logits than the head stage's (fp32) and than those the model then answers with. The
+    pass's logits are replaced here by uniform ones: scored from its features, the epochs'
+    val loss is the trained head's, not the uniform answer's ln K."""
+    import math
+
+    import pandas as pd
+    from test_train import tiny
+
+    from wingspan.data import read_dataset
+    from wingspan.training import stages as stages_module
+    from wingspan.training import train
+
+    real = stages_module.prefixed_pass
+
+    def uniform_logits(*args):
+        forward = real(*args)
+
+        def run(images):
+            out = forward(images)
+            return {k: v if k == "features" else torch.zeros_like(v) for k, v in out.items()}
+        return run
+
+    monkeypatch.setattr(stages_module, "prefixed_pass", uniform_logits)
+    config = tiny(tmp_path, epochs_head=2, epochs_finetune=2, runtime="onnx", precision="fp32")
+    run = train(read_dataset(demo_dir), config, tmp_path, "r", quiet=True)
+    history = pd.read_csv(run / "history.csv")
+    classes = read_dataset(demo_dir).table["label"].nunique()
+    tuned = history[history["stage"] == "finetune"]
+    assert len(tuned) == 2
+    assert not any(math.isclose(loss, math.log(classes), rel_tol=1e-4)
+                   for loss in tuned["val_loss"]), tuned["val_loss"].tolist()
+
+
 def test_the_graph_of_weights_that_stay_is_kept_on_disk_for_the_next_process(
         monkeypatch, tmp_path):
     """A predictor's graph is read back from the cache folder in a new process (here: the
