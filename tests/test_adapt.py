@@ -138,3 +138,29 @@ def test_two_adapts_at_once_each_keep_their_own_run(tmp_path):
         release_lock(tmp_path, ".leeds-adapted-2.lock")
     assert _claim(None, run) == tmp_path / "leeds-adapted"  # free again once it ends
     release_lock(tmp_path, ".leeds-adapted.lock")
+
+
+def test_a_failed_adapt_leaves_nothing_half_written_beside_the_run(demo_dir, tmp_path,
+                                                                   monkeypatch):
+    """A full disk while the adapted run was written left its hidden .NAME.partial folder
+    (36 KB and more) until the next adapt."""
+    import errno
+
+    from test_train import tiny
+
+    import wingspan.training.adapt as adapt_module
+    from wingspan.data import read_dataset
+    from wingspan.training import train
+
+    run_dir = train(read_dataset(demo_dir), tiny(tmp_path, epochs_finetune=0), tmp_path
+                    / "runs", "r", quiet=True)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(adapt_module, "save_bundle", full)
+    photos = sorted(str(p) for p in demo_dir.rglob("*.jpg"))[:12]
+    with pytest.raises(OSError):
+        adapt_module.adapt(run_dir, photos, out=tmp_path / "runs" / "a", progress=False)
+    # (its lock file stays, as every lock file does: removing one races another holder)
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [".a.lock", "r"]

@@ -281,32 +281,37 @@ def _write_run(out: Path, run_dir: Path, predictor: Predictor, summary: dict,
     partial = out.with_name(f".{out.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    for name in KEPT:
-        if (run_dir / name).is_file():
-            shutil.copy2(run_dir / name, partial / name)
-    training = {**manifest.get("training", {}), "adapted": {
-        k: summary[k] for k in ("adapted_from", "photos", "test_images_among_photos",
-                                *SETTINGS)}}
-    if not photos:  # (none refitted on: see _adapt_into)
-        training["adapted"]["test_images_among_photos"] = 0
-    save_bundle(predictor.model.cpu(), partial / "model", manifest["classes"],
-                taxonomy=manifest.get("taxonomy"), training=training,
-                weights_source=manifest.get("weights_source"), calibration=calibration,
-                unknown=unknown, inference=manifest.get("inference"))  # (the same backbone)
-    write_text(partial / "adapt.json", json.dumps(summary, indent=2))
-    # An adapted run adapted again: the first photos shaped it too (the first refit head
-    # picked the classes of these), so its evaluations must not call them fair either.
-    every = list(dict.fromkeys([*adapted_photos(run_dir), *real_paths(photos)]))
-    # With each photo's size and bytes' sha256: evaluate finds copies of them by these.
-    earlier = {row["path"]: (row.get("bytes") or "", row.get("sha256") or "")  # the first
-               for row in adapt_photo_rows(run_dir)}  # photos', should they be gone now
-    spelt = disk_spelling(every)  # (NFC keys: a name from macOS is opened as the disk spells it)
-    sums = [(str(os.path.getsize(d)), h) if h else earlier.get(p, ("", ""))
-            for p, d, h in zip(every, spelt, content_hashes(spelt), strict=True)]
-    pd.DataFrame({PATH: every, "bytes": [b for b, _ in sums], "sha256": [h for _, h in sums]}
-                 ).to_csv(partial / ADAPT_PHOTOS_FILE, index=False)
-    replaced = out.exists()  # an earlier adapted run (see _check_out)
-    replace_folder(partial, out)
+    try:
+        for name in KEPT:
+            if (run_dir / name).is_file():
+                shutil.copy2(run_dir / name, partial / name)
+        training = {**manifest.get("training", {}), "adapted": {
+            k: summary[k] for k in ("adapted_from", "photos", "test_images_among_photos",
+                                    *SETTINGS)}}
+        if not photos:  # (none refitted on: see _adapt_into)
+            training["adapted"]["test_images_among_photos"] = 0
+        save_bundle(predictor.model.cpu(), partial / "model", manifest["classes"],
+                    taxonomy=manifest.get("taxonomy"), training=training,
+                    weights_source=manifest.get("weights_source"), calibration=calibration,
+                    unknown=unknown, inference=manifest.get("inference"))  # (the same backbone)
+        write_text(partial / "adapt.json", json.dumps(summary, indent=2))
+        # An adapted run adapted again: the first photos shaped it too (the first refit head
+        # picked the classes of these), so its evaluations must not call them fair either.
+        every = list(dict.fromkeys([*adapted_photos(run_dir), *real_paths(photos)]))
+        # With each photo's size and bytes' sha256: evaluate finds copies of them by these.
+        earlier = {row["path"]: (row.get("bytes") or "", row.get("sha256") or "")  # the first
+                   for row in adapt_photo_rows(run_dir)}  # photos', should they be gone now
+        # (NFC keys: a name from macOS is opened as the disk spells it)
+        spelt = disk_spelling(every)
+        sums = [(str(os.path.getsize(d)), h) if h else earlier.get(p, ("", ""))
+                for p, d, h in zip(every, spelt, content_hashes(spelt), strict=True)]
+        pd.DataFrame({PATH: every, "bytes": [b for b, _ in sums], "sha256": [h for _, h in sums]}
+                     ).to_csv(partial / ADAPT_PHOTOS_FILE, index=False)
+        replaced = out.exists()  # an earlier adapted run (see _check_out)
+        replace_folder(partial, out)
+    except BaseException:  # a full disk, Ctrl-C: no half a run left beside the run
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     return replaced
 
 
