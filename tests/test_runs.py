@@ -575,6 +575,9 @@ def test_a_deleted_working_folder_shows_paths_as_they_are(tmp_path, monkeypatch)
     monkeypatch.chdir(gone)
     gone.rmdir()
     assert here(tmp_path / "runs" / "a") == tmp_path / "runs" / "a"
+    # From /, a path is shown whole: made relative to /, it lost its leading slash
+    monkeypatch.chdir("/")
+    assert here(tmp_path / "runs" / "a") == tmp_path / "runs" / "a"
 
 
 def test_a_stopped_run_whose_checkpoint_is_cut_short_is_listed_damaged(finished, tmp_path):

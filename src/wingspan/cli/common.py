@@ -44,8 +44,14 @@ def here(path, root: Path | None = None) -> Path:
     lies inside it (runs/NAME), else as it is."""
     path = Path(path)
     try:
-        return path.relative_to(root or Path.cwd())
-    except (ValueError, FileNotFoundError):  # (the latter: the working folder was deleted)
+        base = root or Path.cwd()
+    except FileNotFoundError:  # the working folder was deleted
+        return path
+    if base == Path(base.anchor):  # from /, tmp/runs/x read as relative to a folder
+        return path
+    try:
+        return path.relative_to(base)
+    except ValueError:
         return path
 
 
