@@ -388,7 +388,11 @@ class Run:
         >>> run.calibrate("garden/")["temperature"]
         >>> run.calibrate(unknown=True, unknown_rate=0.1)
         """
-        from wingspan.evaluate.calibrate import calibrate, fit_unknown
+        from wingspan.evaluate.calibrate import (
+            calibrate,
+            check_calibrate_settings,
+            fit_unknown,
+        )
         from wingspan.evaluate.calibration import calibrate_warnings
 
         if not isinstance(unknown, bool):
@@ -400,20 +404,12 @@ class Run:
                        batch_size=_count_arg("batch_size", batch_size),
                        workers=_workers_arg(workers), device=device, precision=precision,
                        runtime=runtime)
+        check_calibrate_settings(unknown, data, split, class_map, unknown_rate, unknown_score,
+                                 python=True)
         if unknown:
-            if data is not None or split is not None or class_map:
-                raise WingspanError("calibrate(unknown=True) fits the unknown scores on the "
-                                    "run's own train and val images: it takes no data, split "
-                                    "or class_map.",
-                                    hint="Leave them out (without unknown=True they choose "
-                                         "what the temperature is fitted on).")
             with _max_pixels(max_pixels):
                 return fit_unknown(self._model, _rate_arg(unknown_rate), unknown_score,
                                    **options)
-        if unknown_rate is not None or unknown_score is not None:
-            raise WingspanError("unknown_rate and unknown_score set the unknown answer, which "
-                                "calibrate fits again only with unknown=True.",
-                                hint="Add unknown=True (the temperature is then left as it is).")
         with _max_pixels(max_pixels):
             record = calibrate(self._model, _data_arg(data),
                                _split_arg(split, "the val split (else all of data)"),

@@ -26,7 +26,7 @@ from wingspan.cli.options import (
     check_folder,
 )
 from wingspan.config import AdaptConfig, TrainConfig, name_pairs
-from wingspan.errors import WingspanError, counted, some
+from wingspan.errors import counted, some
 
 T = TrainConfig  # defaults shown in --help come from the one config
 
@@ -237,16 +237,12 @@ def calibrate_command(
     """Fit the model's temperature again (training fits it on its val split) and store it
     in the bundle, e.g. on labelled photos from where the model will be used; or, with
     --unknown, its unknown scores and thresholds."""
-    from wingspan.evaluate.calibrate import calibrate, fit_unknown
+    from wingspan.evaluate.calibrate import calibrate, check_calibrate_settings, fit_unknown
     from wingspan.evaluate.calibration import calibrate_warnings
     from wingspan.evaluate.wording import left_out_wording
 
+    check_calibrate_settings(unknown, data, split, class_map, unknown_rate, unknown_score)
     if unknown:
-        if data is not None or split is not None or class_map:
-            raise WingspanError("calibrate --unknown fits the unknown scores on the run's own "
-                                "train and val images: it takes no DATA, --split or --map.",
-                                hint="Leave DATA, --split and --map out (without --unknown "
-                                     "they choose what the temperature is fitted on).")
         u = fit_unknown(model, unknown_rate, unknown_score, progress=not quiet,
                         batch_size=batch_size, workers=workers, device=device,
                         precision=precision, runtime=runtime)
@@ -255,10 +251,6 @@ def calibrate_command(
                   f"ones; default score '{u['score']}'")
         _say_what_keeps_the_old(model, "unknown scores and thresholds")
         return
-    if unknown_rate is not None or unknown_score is not None:
-        raise WingspanError("--unknown-rate and --unknown-score set the unknown answer, which "
-                            "`calibrate` fits again only with --unknown.",
-                            hint="Add --unknown (the temperature is then left as it is).")
     c = calibrate(model, data, split, progress=not quiet, batch_size=batch_size,
                   workers=workers, device=device, class_map=name_pairs(class_map or [], "--map"),
                   precision=precision, runtime=runtime)

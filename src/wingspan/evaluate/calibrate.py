@@ -37,6 +37,31 @@ from wingspan.models.bundle import update_manifest
 from wingspan.training.folder import adapted_photos, adapted_sums, trained_on
 
 
+def check_calibrate_settings(unknown: bool, data, split, class_map, unknown_rate,
+                             unknown_score, python: bool = False) -> None:
+    """What calibrate takes together, for the CLI and the library alike (`python`: named
+    as keywords): with --unknown it fits the unknown scores on the run's own images, so it
+    takes no DATA, --split or --map; --unknown-rate and --unknown-score set only those
+    scores, so they need --unknown."""
+    if python:
+        data_, split_, map_, unknown_ = "data", "split", "class_map", "unknown=True"
+        rate_, score_, command, leave = "unknown_rate", "unknown_score", "calibrate", "them"
+    else:
+        data_, split_, map_, unknown_ = "DATA", "--split", "--map", "--unknown"
+        rate_, score_, command = "--unknown-rate", "--unknown-score", "`calibrate`"
+        leave = "DATA, --split and --map"
+    if unknown and (data is not None or split is not None or class_map):
+        with_unknown = "calibrate(unknown=True)" if python else "calibrate --unknown"
+        raise WingspanError(f"{with_unknown} fits the unknown scores on the run's own train "
+                            f"and val images: it takes no {data_}, {split_} or {map_}.",
+                            hint=f"Leave {leave} out (without {unknown_} they choose what the "
+                                 "temperature is fitted on).")
+    if not unknown and (unknown_rate is not None or unknown_score is not None):
+        raise WingspanError(f"{rate_} and {score_} set the unknown answer, which {command} "
+                            f"fits again only with {unknown_}.",
+                            hint=f"Add {unknown_} (the temperature is then left as it is).")
+
+
 def calibrate(model: str | Path, data: str | Path | None = None, split: str | None = None,
               progress: bool = True, batch_size: int = BATCH_SIZE, workers: int | None = None,
               device: str = "auto", class_map: dict[str, str] | None = None,
