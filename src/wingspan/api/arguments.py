@@ -14,9 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from wingspan.config import (
-    SPLITS,
-)
+from wingspan.config import SPLITS
 from wingspan.errors import WingspanError
 from wingspan.files import os_error_said
 
@@ -53,6 +51,7 @@ def _keywords_checked(function):
             return function(*args, **kwargs)
 
     return checked
+
 
 def _shown(value) -> str:
     """A wrong argument as a message shows it: its type, and its start on one line."""

@@ -243,6 +243,7 @@ class Inspection:
         return (f"<pre>{html.escape(self.text)}</pre><b>Images per {self.level}</b>"
                 f"{_frame(self.counts.head(30))}<div>{plots}</div>")
 
+
 def _dataset(data: Data | Dataset | str | Path) -> Dataset:
     if isinstance(data, Data):
         return data.dataset
