@@ -169,9 +169,8 @@ def evaluate_features(run: Run, features: torch.Tensor, labels: torch.Tensor) ->
         raise _no_val_read(run)
     features, labels = features[read], labels[read]
     run.model.head.eval()
-    outputs = [run.model.head(features[i:i + 1024].to(run.device))
-               for i in range(0, len(features), 1024)]
-    return _scores(run, {lv: o.float().cpu() for lv, o in _concat(outputs).items()}, labels)
+    outputs = [_head_in_fp32(run, features[i:i + 1024]) for i in range(0, len(features), 1024)]
+    return _scores(run, _concat(outputs), labels)
 
 
 @torch.inference_mode()
