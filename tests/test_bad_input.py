@@ -150,6 +150,34 @@ def test_a_missing_path_and_a_missing_model(run_dir, run_cli, tmp_path, monkeypa
     assert f"Did you mean {run_dir.parent.name}/{run_dir.name}?" in err, err
 
 
+@pytest.mark.parametrize("args, batch", [((), 32), (("--batch-size", "64"), 64),
+                                         (("--batch-size=6",), 6)])
+def test_out_of_memory_says_which_batch_size_to_try(run_dir, run_cli, tmp_path, monkeypatch,
+                                                    args, batch):
+    """torch's allocator error (a real one, asked for 40 TB) is a message and a hint, exit
+    2, not a traceback; any other RuntimeError stays a traceback (a bug to report)."""
+    from wingspan.inference import Predictor
+
+    def too_much(self, *a, **k):
+        torch.empty(10**13)
+
+    image = tmp_path / "a.jpg"
+    _rgb().save(image)
+    monkeypatch.setattr(Predictor, "run", too_much)
+    code, _, err = run_cli("predict", run_dir, image, *args)
+    err = " ".join(err.split())
+    assert code == 2 and f"Out of CPU memory at --batch-size {batch}: DefaultCPUAllocator" in err
+    assert f"A smaller --batch-size (e.g. {batch // 2}) needs less memory" in err
+    assert "enforce fail" not in err and "Traceback" not in err
+
+    def bug(self, *a, **k):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(Predictor, "run", bug)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        run_cli("predict", run_dir, image)
+
+
 def test_predict_on_one_photo_and_on_none(run_dir, run_cli, tmp_path):
     image = tmp_path / "a.jpg"
     _rgb().save(image)

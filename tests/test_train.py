@@ -2370,6 +2370,30 @@ def test_a_full_disk_that_stops_a_run_is_the_error_said(demo_dir, tmp_path, monk
         train(read_dataset(demo_dir), tiny(tmp_path), tmp_path, "full2", quiet=True)
 
 
+def test_out_of_memory_fails_the_run_with_the_batch_size_to_try(demo_dir, tmp_path,
+                                                                monkeypatch):
+    """A GPU out of memory was a traceback ending in torch's allocator statistics; now it is
+    a message with the batch size to try, and error.txt says the same for `wingspan runs`."""
+    import wingspan.training.run as run_module
+
+    def out_of_memory(run):
+        raise torch.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 98.00 MiB. GPU 0 has a total capacity of "
+            "3.81 GiB of which 12.06 MiB is free. Including non-PyTorch memory, this process "
+            "has 3.79 GiB memory in use. Of the allocated memory 3.52 GiB is allocated by "
+            "PyTorch, and 150.12 MiB is reserved by PyTorch but unallocated.")
+
+    monkeypatch.setattr(run_module, "_recipe", out_of_memory)
+    with pytest.raises(WingspanError) as e:
+        train(read_dataset(demo_dir), tiny(tmp_path, batch_size=8), tmp_path, "oom", quiet=True)
+    assert e.value.message == ("Out of GPU memory at --batch-size 8: CUDA out of memory. Tried "
+                               "to allocate 98.00 MiB. GPU 0 has a total capacity of 3.81 GiB "
+                               "of which 12.06 MiB is free.")
+    assert "--batch-size (e.g. 4)" in e.value.hint and "nvidia-smi" in e.value.hint
+    assert isinstance(e.value.__cause__, torch.OutOfMemoryError)
+    assert (tmp_path / "oom" / "error.txt").read_text() == e.value.message + "\n"
+
+
 @pytest.mark.parametrize("said", [  # (torch words a worker's SIGKILL either way)
     "DataLoader worker (pid 4242) is killed by signal: Killed. ",
     "DataLoader worker (pid(s) 4242) exited unexpectedly"])

@@ -383,7 +383,7 @@ class AuditConfig:
     backbone: str = "auto"
     weights: str = "auto"
     device: str = "auto"
-    batch_size: int = 32
+    batch_size: int = BATCH_SIZE
     folds: int = 5  # out-of-fold probabilities: each image scored by a head that never saw it
     # The logistic head's inverse regularisation (scikit-learn's C), on unit-length
     # features (each dimension ~0.03): of 1, 10, 30 and 100, 10 found most deliberate
@@ -442,7 +442,7 @@ class AdaptConfig:
     device: str = "auto"
     precision: str = "auto"  # of the passes that compute the photos' features, as predict's
     runtime: str = "auto"
-    batch_size: int = 32
+    batch_size: int = BATCH_SIZE
 
     def __post_init__(self) -> None:
         _check_types(self)

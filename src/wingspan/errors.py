@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import sys
 import threading
@@ -157,3 +158,29 @@ def first_line(error: BaseException) -> str:
     """An exception's first line for a message, its type's name when it says nothing (an
     empty file's EOFError)."""
     return next(iter(str(error).splitlines()), "") or type(error).__name__
+
+
+def out_of_memory_said(error: BaseException, batch_size: int | None = None,
+                       training: bool = False) -> WingspanError | None:
+    """torch's out-of-memory errors (a GPU's, the CPU allocator's) in words, with what to
+    change; None for any other error. (They were a traceback ending in torch's allocator
+    statistics, and said nothing of --batch-size.)"""
+    said = str(error)
+    if type(error).__name__ == "OutOfMemoryError" or "out of memory" in said[:200]:
+        where = "GPU"  # (torch.OutOfMemoryError: CUDA's, or "MPS backend out of memory")
+    elif "DefaultCPUAllocator" in said or isinstance(error, MemoryError):
+        where = "CPU"
+    else:
+        return None
+    # torch's first sentence says how much was asked and what the GPU had free; the rest is
+    # its allocator's statistics.
+    detail = re.sub(r"^(\[enforce fail[^\]]*\][^.]*\.\s*)", "", first_line(error)).strip()
+    detail = re.split(r"(?<=free)\.|(?<=bytes)\.", detail)[0].strip().rstrip(".")
+    batch = f" at --batch-size {batch_size}" if batch_size else ""
+    smaller = f"a smaller --batch-size (e.g. {max(1, batch_size // 2)})" if batch_size else ""
+    hint = (f"Train again (a resumed run keeps its batch size) with {smaller} or --image-size. "
+            if training and smaller else f"{smaller[0].upper()}{smaller[1:]} needs less memory. "
+            if smaller else "")
+    hint += ("Other programs may hold the GPU's memory too: nvidia-smi lists them."
+             if where == "GPU" else "Other programs may hold the memory too.")
+    return WingspanError(f"Out of {where} memory{batch}: {detail}.", hint=hint)

@@ -16,13 +16,14 @@ import typer
 from wingspan import __version__
 from wingspan.cli import helppage
 from wingspan.cli.common import err, out, pixel_budget, plain, stdout_gone
-from wingspan.config import MAX_PIXELS_ENV
+from wingspan.config import BATCH_SIZE, MAX_PIXELS_ENV
 from wingspan.errors import (
     TERMINATED,
     WingspanError,
     die_with_launcher,
     end_started,
     forks_die_of_sigterm,
+    out_of_memory_said,
     sigterm_handler,
 )
 from wingspan.files import os_error_said
@@ -205,6 +206,19 @@ def _plain_warnings():
         warnings.showwarning = shown
 
 
+def _batch_size(args: list[str]) -> int | None:
+    """The batch size of a command that has --batch-size (its value, else the default), for
+    an out-of-memory message; None for a command without it."""
+    if not args or args[0] not in ("train", "predict", "evaluate", "calibrate", "adapt"):
+        return None
+    for i, arg in enumerate(args):
+        value = (args[i + 1] if arg == "--batch-size" and i + 1 < len(args)
+                 else arg.partition("=")[2] if arg.startswith("--batch-size=") else None)
+        if value is not None and value.isdigit():
+            return int(value)
+    return BATCH_SIZE
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app; user errors print as a message and a hint, exit code 2."""
     die_with_launcher()  # (first: a rank that outlives the launcher in its start-up lingers)
@@ -237,8 +251,10 @@ def main(argv: list[str] | None = None) -> None:
                 sys.stdout.flush()
             except BrokenPipeError:
                 stdout_gone()
-    except (WingspanError, OSError) as e:  # an OSError: a read-only or full disk, a permission
-        said = e if isinstance(e, WingspanError) else os_error_said(e)
+    except (WingspanError, OSError, RuntimeError, MemoryError) as e:  # an OSError: a read-only
+        # or full disk, a permission; a RuntimeError: torch's out of memory
+        said = (e if isinstance(e, WingspanError) else os_error_said(e)
+                if isinstance(e, OSError) else out_of_memory_said(e, _batch_size(args)))
         if said is None:  # another OSError: a bug to report, with its traceback
             raise
         if said.every_rank and _rank() != 0:  # rank 0 says it once for all

@@ -41,6 +41,7 @@ from wingspan.errors import (
     end_started,
     first_line,
     forks_die_of_sigterm,
+    out_of_memory_said,
     sigterm_handler,
 )
 from wingspan.files import atomic_paths, make_folder, write_text
@@ -361,6 +362,11 @@ def interruptible(run: Run, scoring_only: bool = False) -> Path:
                 run.log(said, shown=False)
                 raise Stopped(said, hint="Fewer --workers or a smaller --batch-size need "
                               f"less memory. {go_on(run.dir)}") from e
+            oom = out_of_memory_said(e, run.config.batch_size, training=True)
+            if oom is not None:  # failed, not stopped: a resume keeps the batch size
+                if run.fabric.world_size == 1:
+                    _failed(run, oom.message)
+                raise oom from e
             # One process's own fault, or a loader worker's death under Ctrl-C (that run
             # stays stopped, to resume).
             if run.fabric.world_size == 1 and not str(e).startswith("DataLoader worker"):
