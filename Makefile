@@ -18,6 +18,15 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(PIP) -e '.[test]'
 	@touch $@ $(VENV)/.installed
 
+# axe-core, the accessibility checker the page tests run in Chromium (from npm; without npm
+# they skip, but not in CI, whose .ci/run sets WINGSPAN_REQUIRE_AXE where npm is).
+AXE := $(VENV)/axe/node_modules/axe-core/axe.min.js
+$(AXE): | $(BIN)/python
+	@if command -v npm >/dev/null; then \
+		npm install --prefix $(VENV)/axe --no-audit --no-fund --no-save --loglevel error \
+			axe-core@4.14.1 >/dev/null; \
+	else echo "npm is missing, so the pages' accessibility checks skip (apt-get install -y npm)"; fi
+
 demo: $(VENV)/.installed
 	$(BIN)/wingspan demo --out runs/demo
 
@@ -34,7 +43,7 @@ XDIST := -n $(TEST_WORKERS) --dist loadscope
 # compileall: bytecode for our own sources (pip compiled the dependencies'). Where
 # PYTHONDONTWRITEBYTECODE is set, each of the suite's many processes would otherwise
 # compile wingspan again, about 0.7 s of CPU each on a 2-core EPYC.
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test $(AXE)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m compileall -q src tests
 	$(BIN)/python -m pytest $(XDIST)
@@ -61,4 +70,4 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff check --fix src tests bench
 
 clean:
-	rm -rf runs .pytest_cache .ruff_cache
+	rm -rf runs .pytest_cache .ruff_cache build dist

@@ -236,3 +236,29 @@ def chromium_path() -> str:
             pytest.fail(message)
         pytest.skip(message)
     return found
+
+
+def axe_script() -> str:
+    """axe-core's script, which `make test` installs with npm into .venv/axe. Missing, the
+    accessibility checks skip on a developer's machine, and fail where
+    WINGSPAN_REQUIRE_AXE is set (CI, wherever npm is)."""
+    found = Path(os.environ.get("WINGSPAN_AXE") or Path(__file__).parents[1] / ".venv" / "axe"
+                 / "node_modules" / "axe-core" / "axe.min.js")
+    if not found.is_file():
+        message = f"no axe-core at {found}: make test installs it (npm install axe-core)"
+        if os.environ.get("WINGSPAN_REQUIRE_AXE"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return found.read_text(encoding="utf-8")
+
+
+def accessibility_problems(page) -> list[str]:
+    """What axe-core finds against WCAG 2.1 A and AA and its best practices on the page as
+    it is now in Playwright's `page`: one line a rule, with its first offending element."""
+    page.add_script_tag(content=axe_script())
+    return page.evaluate("""async () => {
+        const tags = ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa', 'best-practice'];
+        const found = await axe.run(document, {runOnly: {type: 'tag', values: tags}});
+        return found.violations.map(v => `${v.impact} ${v.id} (${v.nodes.length}): ` +
+            `${v.help}: ${v.nodes[0].target.join(' ')}`);
+    }""")

@@ -526,3 +526,35 @@ def test_the_default_audit_puts_both_installed_backbones_side_by_side(tmp_path, 
         AuditConfig("efficientnet_lite0,efficientnet_lite2", weights="runs/x")
     with pytest.raises(SettingError, match="comma-separated"):
         AuditConfig("efficientnet_lite0,")
+
+
+def test_the_audit_page_passes_an_accessibility_check(tmp_path, run_cli):
+    """axe-core against WCAG 2.1 AA in Chromium, and two cards a row on a phone: the cards
+    were 6 px too wide for two (one column, half the screen blank), each image's alt text
+    was its path (read out twice, with the caption), and there was no <main>."""
+    from helpers import accessibility_problems, chromium_path, folder_dataset
+    from playwright.sync_api import sync_playwright
+
+    folder_dataset(tmp_path / "data", {"monarch": 6, "admiral": 6})
+    copy = tmp_path / "data" / "admiral" / "copy.jpg"  # a near-duplicate pair, two labels
+    copy.write_bytes((tmp_path / "data" / "monarch" / "monarch_0.jpg").read_bytes() + b"\0")
+    code, _, err = run_cli("data", "audit", tmp_path / "data", "--backbone",
+                           "test_efficientnet", "--weights", "none", "--folds", "2", "--out",
+                           tmp_path / "out", "--quiet")
+    assert code == 0, err
+    page_file = tmp_path / "out" / "audit.html"
+    assert "labels differ" in page_file.read_text()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path())
+        for width in (1280, 375):
+            page = browser.new_page(viewport={"width": width, "height": 800})
+            page.goto(page_file.resolve().as_uri())
+            assert accessibility_problems(page) == [], width
+            tops = page.eval_on_selector_all(  # (the first two cards of the suspects)
+                ".g .c", "cs => cs.slice(0, 2).map(c => c.getBoundingClientRect().top)")
+            alts = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.alt)")
+            page.close()
+            assert tops[0] == tops[1], (width, tops)  # two cards side by side
+        browser.close()
+    assert alts and not any("/" in alt for alt in alts), alts[:3]
+    assert any(alt.startswith("#1, labelled ") for alt in alts), alts[:3]

@@ -205,11 +205,14 @@ def save_overlay(pixels: np.ndarray, heatmap: np.ndarray, title: str,
 
 def _overlay(pixels: np.ndarray, heatmap: np.ndarray, title: str, path: Path | None
              ) -> bytes | None:
-    from wingspan.plotting import subplots
+    from wingspan.plotting import GRADCAM_COLORS, subplots
 
     fig, ax = subplots(figsize=(4, 4.3), dpi=100)
     ax.imshow(pixels)
-    ax.imshow(heatmap, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+    shown = ax.imshow(heatmap, cmap=GRADCAM_COLORS, alpha=0.45, vmin=0, vmax=1)
+    key = fig.colorbar(shown, ax=ax, orientation="horizontal", fraction=0.04, pad=0.02,
+                       ticks=[0, 1])  # (what the colours mean, said on the image itself)
+    key.ax.set_xticklabels(["least evidence", "most"], fontsize=9)
     ax.set_title(title, fontsize=11)
     ax.axis("off")
     buffer = io.BytesIO()

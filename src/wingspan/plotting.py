@@ -12,7 +12,11 @@ from functools import lru_cache
 import matplotlib
 from matplotlib.figure import Figure
 
-__all__ = ["colormap", "literal_text", "short_name", "subplots"]
+__all__ = ["GRADCAM_COLORS", "colormap", "literal_text", "short_name", "subplots"]
+
+# Grad-CAM's colours: lightness rises with the evidence, so a colour-blind reader (and a
+# grey print) reads them in order; jet's red top end is a dark olive to a deuteranope.
+GRADCAM_COLORS = "inferno"
 
 # Class names are the user's folder names, and matplotlib reads "$...$" in any text as
 # mathematics: "$\foo$" stopped `data inspect` and `evaluate` with a parse error, and "price

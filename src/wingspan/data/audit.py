@@ -448,8 +448,10 @@ def _thumbnail(path: str, size: int = 160) -> str:
 
 
 STYLE = """body{font:14px/1.4 system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em}
-.g{display:flex;flex-wrap:wrap;gap:12px}.c{width:170px;border:1px solid #ddd;padding:5px}
-.c img{width:160px;height:160px;object-fit:contain;background:#f4f4f4}.s{color:#b00}
+.g{display:grid;grid-template-columns:repeat(auto-fill,minmax(150px,1fr));gap:12px}
+.c{border:1px solid #ddd;padding:5px;min-width:0}.pair{grid-column:span 2}
+.c img{width:100%;height:auto;aspect-ratio:1;object-fit:contain;background:#f4f4f4}
+.pair img{width:calc(50% - 3px)}.s{color:#b00}
 .m{color:#666;font-size:12px;word-break:break-all}"""
 
 
@@ -467,7 +469,9 @@ def gallery(issues: pd.DataFrame, duplicates: pd.DataFrame, level: str, config: 
     cards = []
     for r in issues.head(config.gallery).itertuples():
         cards.append(
-            f"<div class='c'><img alt='{e(r.path)}' src='{_thumbnail(r.path)}'>"
+            # (alt: what the card is, not its path, which the caption gives)
+            f"<div class='c'><img alt='#{r.rank}, labelled {e(r.label)}' "
+            f"src='{_thumbnail(r.path)}'>"
             f"<div>#{r.rank} labelled <b>{e(r.label)}</b></div>"
             + (f"<div class='s'>looks like <b>{e(r.suspected)}</b> "
                f"({r.suspected_probability:.2f})</div>" if r.suspected != r.label else
@@ -483,11 +487,13 @@ def gallery(issues: pd.DataFrame, duplicates: pd.DataFrame, level: str, config: 
     shown = pd.concat([duplicates[first], duplicates[~first]]).head(config.gallery // 2)
     for r in shown.itertuples():
         pairs.append(
-            "<div class='c' style='width:350px'>"
+            "<div class='c pair'>"
             + (f"<div>group of {r.group_size} images</div>" if r.group_size > 2 else "")
             +
-            f"<img alt='{e(r.path_a)}' src='{_thumbnail(r.path_a)}'>"
-            f"<img alt='{e(r.path_b)}' src='{_thumbnail(r.path_b)}'>"
+            f"<img alt='first of the pair, labelled {e(r.label_a)}' "
+            f"src='{_thumbnail(r.path_a)}'>"
+            f"<img alt='second of the pair, labelled {e(r.label_b)}' "
+            f"src='{_thumbnail(r.path_b)}'>"
             f"<div>similarity {r.similarity:.3f}, hash distance {r.hash_distance}"
             + (" · <b class='s'>across splits</b>" if r.across_splits else "")
             + (" · <b class='s'>labels differ</b>" if r.labels_differ else "")
@@ -521,4 +527,4 @@ def gallery(issues: pd.DataFrame, duplicates: pd.DataFrame, level: str, config: 
            if failed else ""))
     return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>wingspan audit"
             "</title><meta name='viewport' content='width=device-width, initial-scale=1'>"
-            f"<style>{STYLE}</style></head><body>{body}</body></html>")  # (readable on a phone)
+            f"<style>{STYLE}</style></head><body><main>{body}</main></body></html>")

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from wingspan.data.images import open_rgb
-from wingspan.plotting import colormap, literal_text, short_name, subplots
+from wingspan.plotting import GRADCAM_COLORS, colormap, literal_text, short_name, subplots
 
 ANNOTATED = 30  # up to this many classes the confusion matrix writes counts in its cells
 LABELLED = 60  # ... and names its classes; above it the matrix drops its labels
@@ -116,15 +116,16 @@ def mistake_title(m: dict) -> str:
 
 
 def _side_by_side(pixels: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """The image, and beside it the image under its Grad-CAM (jet): the overlay alone hides
-    the colours, which are often what two species differ by."""
+    """The image, and beside it the image under its Grad-CAM: the overlay alone hides the
+    colours, which are often what two species differ by. (GRADCAM_COLORS, not jet, whose red
+    top end a red-green colour-blind reader sees as a dark olive, darker than its middle.)"""
     from PIL import Image as PILImage
 
     if heatmap.shape != pixels.shape[:2]:
         heatmap = np.asarray(PILImage.fromarray(heatmap.astype(np.float32)).resize(
             pixels.shape[1::-1], PILImage.BILINEAR))
     image = pixels.astype(np.float32) / (255.0 if pixels.dtype == np.uint8 else 1.0)
-    heat = colormap("jet")(np.clip(heatmap, 0, 1))[..., :3]
+    heat = colormap(GRADCAM_COLORS)(np.clip(heatmap, 0, 1))[..., :3]
     gap = np.ones((image.shape[0], max(2, image.shape[1] // 40), 3))
     both = np.concatenate([image, gap, (1 - alpha) * image + alpha * heat], axis=1)
     return np.clip(both, 0.0, 1.0)  # (float rounding may pass 1: imshow would warn)
@@ -200,9 +201,14 @@ def plot_unknown_scores(known: np.ndarray, unknown: np.ndarray, threshold: float
     if lo < threshold < hi:  # an edge: no bar straddles the line, which sides the answers
         bins = np.union1d(bins, [threshold])
     # Counts, not densities: a bar of 40 "density" over a narrow bin reads as 40 images.
-    for scores, kind, color in ((known, "known classes", "C0"), (unknown, "unseen classes", "C3")):
+    # Told apart by more than colour: the unseen bars hatched and outlined (where the two
+    # overlap, their mixed colour matched neither key).
+    for scores, kind, style in ((known, "known classes", dict(color="C0", alpha=0.6)),
+                                (unknown, "unseen classes", dict(
+                                    facecolor=(0.84, 0.15, 0.16, 0.35), edgecolor="C3",
+                                    hatch="///", linewidth=1.2))):
         past = int((scores > threshold).sum())
-        ax.hist(np.clip(scores, lo, hi), bins=bins, alpha=0.6, color=color,
+        ax.hist(np.clip(scores, lo, hi), bins=bins, **style,
                 label=f"{kind} ({len(scores)}; {past} right of the line)")
     ax.axvline(threshold, color="k", ls="--", lw=1, label="threshold")
     ax.set_xlabel(f"unknown score ({score}; higher = less like the training images)")

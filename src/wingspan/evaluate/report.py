@@ -31,8 +31,10 @@ def _figure(path: Path | None, alt: str, missing: str = "not available",
 def _table(frame: pd.DataFrame, floats: str = "{:.4f}") -> str:
     # Headers in words: share_of_true, train_images_per_s read as code (the CSVs keep them)
     frame = frame.rename(columns=lambda c: c.replace("_", " ") if isinstance(c, str) else c)
-    return frame.to_html(index=False, border=0, classes="t", escape=True, na_rep="-",
-                         float_format=lambda v: floats.format(v))  # ("-": as the terminal)
+    table = frame.to_html(index=False, border=0, classes="t", escape=True, na_rep="-",
+                          float_format=lambda v: floats.format(v))  # ("-": as the terminal)
+    named = html.escape("table of " + ", ".join(map(str, frame.columns[:4])), quote=True)
+    return f"<div class='scroll' role='region' tabindex='0' aria-label='{named}'>{table}</div>"
 
 
 def _kv(pairs: list[tuple[str, object]]) -> str:
@@ -46,13 +48,21 @@ VIEWPORT = "<meta name='viewport' content='width=device-width, initial-scale=1'>
 STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
-img{max-width:100%;border:1px solid #eee}table.t{border-collapse:collapse;margin:.5em 0;
-display:block;max-width:100%;overflow-x:auto}
+img{max-width:100%;border:1px solid #eee}table.t{border-collapse:collapse;margin:.5em 0}
+.kv{display:block;max-width:100%;overflow-x:auto}
+.scroll{max-width:100%;overflow-x:auto;background:
+linear-gradient(to right,#fff 30%,#fff0) left/40px 100% no-repeat local,
+linear-gradient(to left,#fff 30%,#fff0) right/40px 100% no-repeat local,
+radial-gradient(farthest-side at 0 50%,#0003,#0000) left/14px 100% no-repeat scroll,
+radial-gradient(farthest-side at 100% 50%,#0003,#0000) right/14px 100% no-repeat scroll}
 .t td,.t th{padding:.2em .7em;border-bottom:1px solid #eee;text-align:left;
 overflow-wrap:break-word}
-.kv th{color:#555;font-weight:500}.missing{color:#999}.grid{display:flex;gap:2em;flex-wrap:wrap}
+.kv th{color:#555;font-weight:500}.missing{color:#666;font-style:italic}
+.grid{display:flex;gap:2em;flex-wrap:wrap}
 .grid>*{min-width:0;max-width:100%}
 """
+# (.scroll: a table wider than a phone scrolls in its own box, a shadow at the edge that
+# hides columns, reachable by keyboard (tabindex) and named for a screen reader.)
 # (overflow-wrap: break-word, not anywhere: anywhere let each cell shrink to one character,
 # so a table never outgrew a phone's screen to scroll, and 0.0000 read "0.00" over "00")
 
@@ -60,9 +70,9 @@ overflow-wrap:break-word}
 def write_report(path: Path, title: str, sections: dict) -> Path:
     """Sections (all optional): overview, data, balance_png, preview_png, curves_png,
     summary, transfer, per_class, confusion_png, confused, level_confusion_pngs ({level:
-    png}), levels, hierarchy, mistakes_png, calibration, reliability_png, unknown,
-    unknown_png, profile; no_plots (the figures were not asked for: each says so in its
-    place); all_right (no mistakes to show)."""
+    png}), levels, hierarchy, mistakes_png, mistakes_shown (its captions as a table),
+    calibration, reliability_png, unknown, unknown_png, profile; no_plots (the figures were
+    not asked for: each says so in its place); all_right (no mistakes to show)."""
     s = sections
     _img = partial(_figure, beside=Path(path).parent)  # (each figure links to its file)
     missing = ("not drawn: evaluated with --no-plots (plots=False in Python)"
@@ -117,10 +127,14 @@ def write_report(path: Path, title: str, sections: dict) -> Path:
     else:
         parts += ["<h2>Most confident mistakes</h2><p>Each: the image as the model saw it, "
                   "and beside it the same under the Grad-CAM of the wrong class it named "
-                  "(red: where it found the most evidence for that class).</p>",
+                  "(the brightest yellow: where it found the most evidence for that class; "
+                  "dark purple: the least).</p>",
                   _img(s.get("mistakes_png"), "the most confident mistakes, each image "
                        "beside its Grad-CAM of the class named (every answer in "
                        "predictions.csv)", missing)]
+        if s.get("mistakes_shown") is not None and len(s["mistakes_shown"]):
+            parts += ["<details><summary>The same mistakes as a table</summary>",
+                      _table(s["mistakes_shown"], "{:.2f}"), "</details>"]
     if s.get("unknown"):
         parts += ["<h2>Unknown images</h2><p>Images of classes the model never saw, scored "
                   f"against {html.escape(s['unknown']['against'])}: right of the threshold, "
@@ -144,6 +158,7 @@ def write_report(path: Path, title: str, sections: dict) -> Path:
             f"<a href='{quote(name)}'>{html.escape(name)}</a>" for name in files) + "</p>")
     page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>"
             f"{html.escape(title)}"
-            f"</title>{VIEWPORT}<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
+            f"</title>{VIEWPORT}<style>{STYLE}</style></head><body><main>{''.join(parts)}</main>"
+            "</body></html>")
     write_text(path, page)
     return path

@@ -843,12 +843,18 @@ def _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, 
     p_pred = probs[np.arange(len(y_pred)), y_pred]
     worst = wrong[np.argsort(-p_pred[wrong])][:18]
     told = predictor.unknown is not None  # else the answer is always the top class
+    shown = [{"path": paths[ok[i]], "true": classes[y[i]], "predicted": classes[y_pred[i]],
+              "probability": float(p_pred[i]),
+              "answer": _said_otherwise(predictor, read[i]) if told else None} for i in worst]
     pngs["mistakes"] = charts.plot_mistakes(
-        [{"path": paths[ok[i]], "true": classes[y[i]], "predicted": classes[y_pred[i]],
-          "probability": float(p_pred[i]),
-          "answer": _said_otherwise(predictor, read[i]) if told else None,
-          **_grad_cam_view(predictor, paths[ok[i]], int(y_pred[i]))} for i in worst],
-        out_dir / "mistakes.png")
+        [{**m, **_grad_cam_view(predictor, paths[ok[i]], int(y_pred[i]))}
+         for m, i in zip(shown, worst, strict=True)], out_dir / "mistakes.png")
+    # The figure's captions as text too: 9 px high in the report, 3 px on a phone, and
+    # nothing to a screen reader.
+    pngs["mistakes_shown"] = pd.DataFrame(
+        [{"image": Path(m["path"]).name, "true class": m["true"], "named": m["predicted"],
+          "probability": m["probability"], **({"answered": m["answer"] or m["predicted"]}
+                                              if told else {})} for m in shown])
     raw = view_softmax(logits)
     raw_pred = predicted_classes(predictor, raw, 1.0)
     pngs["reliability"] = charts.plot_reliability(
@@ -951,6 +957,7 @@ def _report(out_dir, name, predictor, run_dir, dataset, level, split, metrics, t
                          "confusion_png": pngs.get("confusion"),
                          "level_confusion_pngs": pngs.get("levels"),
                          "confused": pd.DataFrame(confused), "mistakes_png": pngs.get("mistakes"),
+                         "mistakes_shown": pngs.get("mistakes_shown"),
                          "calibration": calibration, "reliability_png": pngs.get("reliability"),
                          "profile": profile, "levels": levels_table, "transfer": transfer,
                          "hierarchy": metrics.get("hierarchy"),
