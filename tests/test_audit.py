@@ -558,3 +558,11 @@ def test_the_audit_page_passes_an_accessibility_check(tmp_path, run_cli):
         browser.close()
     assert alts and not any("/" in alt for alt in alts), alts[:3]
     assert any(alt.startswith("#1, labelled ") for alt in alts), alts[:3]
+
+
+def test_audit_folds_follow_the_largest_class_not_the_smallest():
+    from wingspan.config import AuditConfig
+    from wingspan.data.audit import fold_count
+
+    labels = pd.Series(["a"] * 20 + ["b"] * 2)
+    assert fold_count(labels, AuditConfig(folds=5)) == 5

@@ -478,3 +478,56 @@ def test_rows_without_a_truth_at_a_level_are_left_out_of_its_figures_only():
     assert result["mistake_depth"] == {"0": 4}  # as metrics.json has it
     # Marginals stay probabilities however float sums round.
     assert taxonomy.marginals(np.array([[0.5, 0.5 + 1e-9, 0.0]]))["genus"].max() == 1.0
+
+
+def test_ece_counts_images_answered_with_probability_exactly_1():
+    """float32 softmax of a confident model is 1.0 exactly: such an image, wrong, is the
+    worst miscalibration there is, not one left out of every bin."""
+    from wingspan.evaluate.calibration import expected_calibration_error
+
+    probs = np.array([[1.0, 0.0], [1.0, 0.0]])
+    assert expected_calibration_error(probs, np.array([1, 0])) == pytest.approx(0.5)
+
+
+def test_reliability_bins_an_edge_as_the_ece_does():
+    """(lo, hi] bins in both: the diagram and the ECE beside it count the same images."""
+    from wingspan.evaluate.calibration import reliability
+
+    counts = reliability(np.array([[0.5, 0.5]]), np.array([0]), bins=10)["counts"]
+    assert counts[4] == 1  # (0.4, 0.5]
+
+
+def test_stratified_resamples_can_draw_every_image_of_a_class():
+    from wingspan.evaluate.metrics import stratified_resamples
+
+    y = np.array([0, 0, 0, 1, 1])
+    rows = stratified_resamples(y, 200, np.random.default_rng(0))
+    assert set(rows.ravel().tolist()) == {0, 1, 2, 3, 4}
+    assert (y[rows] == y).all()  # each slot stays in its class
+
+
+def test_the_macro_f1_interval_is_the_central_95_percent_of_its_bootstrap():
+    from wingspan.evaluate.metrics import confidence_intervals, macro_f1, stratified_resamples
+
+    y = np.repeat([0, 1, 2], 10)
+    p = y.copy()
+    p[[0, 1, 12, 25]] = [1, 2, 0, 1]
+    ci = confidence_intervals(y, p, 3, seed=0)
+    rows = stratified_resamples(y, 1000, np.random.default_rng(0))
+    f1 = macro_f1(y[rows], p[rows], 3, counted=np.ones(3, bool))
+    assert ci["macro_f1"] == pytest.approx(list(np.quantile(f1, [0.025, 0.975])))
+
+
+def test_most_confused_share_is_of_the_true_class():
+    from wingspan.evaluate.metrics import most_confused
+
+    pairs = most_confused(np.array([[8, 2], [0, 5]]), ["a", "b"])
+    assert pairs == [{"true": "a", "predicted": "b", "count": 2, "share_of_true": 0.2}]
+
+
+def test_top_k_is_not_reported_where_k_covers_every_class():
+    from wingspan.evaluate.metrics import classification_metrics
+
+    probs = np.array([[0.6, 0.3, 0.1], [0.1, 0.3, 0.6], [0.2, 0.5, 0.3]])
+    m = classification_metrics(np.array([0, 1, 2]), probs, ["a", "b", "c"])
+    assert "top3_accuracy" not in m and "top5_accuracy" not in m

@@ -94,3 +94,12 @@ def test_a_class_exactly_at_the_weight_cap_is_not_counted_capped(tmp_path):
     labels = pd.Series([c for c, n in trained.items() for _ in range(n)])
     assert capped_classes(labels, 10) == ["f"] and capped_classes(labels, 0) == []
     assert capped_classes(pd.Series(["a"] * 60 + ["e"] * 5), 10) == ["e"]
+
+
+def test_undersample_caps_a_class_one_image_over_the_cap():
+    from wingspan.data.sampling import undersample
+
+    capped, dropped = undersample(synthetic({"a": 4, "b": 2}, per_group=1), "label", 3,
+                                  split=None)
+    assert capped.table["label"].value_counts().to_dict() == {"a": 3, "b": 2}
+    assert dropped == {"a": 1}

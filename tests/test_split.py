@@ -528,3 +528,20 @@ def test_a_split_made_without_groups_says_photos_of_one_specimen_may_land_on_two
     ensure_splits(read_dataset(tmp_path / "t"), "label", config, log=logs.append)
     assert any("for test, photo by photo (no groups given: photos of one specimen" in line
                for line in logs), logs
+
+
+def test_a_class_that_lost_every_group_takes_one_back_from_the_side_holding_most():
+    """3 groups at --val 0.3 --test 0.3: two to test, one to val. Train takes one of test's,
+    so the class is still on all three sides."""
+    from wingspan.data.split import _keep_one_in_train
+
+    split = np.array(["test", "test", "val"], dtype=object)
+    labels, groups = np.array(["a", "a", "a"]), np.array(["g1", "g2", "g3"])
+    _keep_one_in_train(split, labels, groups, np.ones(3, bool))
+    assert sorted(split) == ["test", "train", "val"]
+
+
+def test_a_large_share_of_few_folds_takes_the_nearest_count():
+    from wingspan.data.split import _fold_share
+
+    assert _fold_share(0.9, 3) == (3, 2)  # 2/3, not 1/3

@@ -225,3 +225,23 @@ def test_a_level_left_blank_in_the_data_is_read_from_the_tree_for_the_mistake_de
     assert result["mistake_depth"] == {"2": 3}
     assert result["levels"]["genus"]["no_truth"] == 1  # (the level's own figures: left out)
     assert result["rare"]["accuracy"] == {"family": 1.0, "genus": 0.0, "species": 0.0}
+
+
+def test_mistake_depth_ignores_a_level_with_no_truth():
+    from wingspan.data.taxonomy import Taxonomy
+
+    tax = Taxonomy(["family", "label"], {"family": ["F"], "label": ["a", "b"]},
+                   {"family": [0, 0], "label": [0, 1]})
+    preds = {"family": np.array([0, 0]), "label": np.array([0, 1])}
+    truth = {"family": np.array([-1, -1]), "label": np.array([0, 0])}
+    assert tax.mistake_depth(preds, truth).tolist() == [0, 1]
+
+
+def test_a_level_filled_in_for_few_rows_is_still_ordered_by_the_full_rows():
+    """'clade' has 3 classes overall, 'lineage' 2 (given for two rows only): among the rows
+    that give both, lineage splits what clade holds together, so it is the finer."""
+    from wingspan.data.taxonomy import coarse_to_fine
+
+    table = pd.DataFrame({"lineage": ["x", "y", "", "", "", ""],
+                          "clade": ["A", "A", "B", "B", "C", "C"]})
+    assert coarse_to_fine(table, ["lineage", "clade"]) == ["clade", "lineage"]

@@ -1057,3 +1057,35 @@ def test_the_final_pass_for_the_unknown_scores_stops_at_the_images_they_are_fitt
     again = own_images(Predictor(run_dir, workers=0), "fit", progress=False)["train"]
     trained = split.loc[split["split"] == "train", "path"].to_numpy()[train_rows[0]]
     assert [os.path.basename(p) for p in again.paths] == [os.path.basename(p) for p in trained]
+
+
+def test_fpr95_counts_an_unseen_image_tied_with_the_cut_as_taken_for_known():
+    """MSP saturates: float32 softmax gives exactly 0.0 to many confident images, known and
+    unseen alike. The ROC curve keeps the unseen ones tied with the cut as known."""
+    from sklearn.metrics import roc_curve
+
+    from wingspan.evaluate.openset import separation
+
+    known, unseen = np.r_[np.zeros(19), 1.0], np.array([0.0, 0.0, 1.0, 1.0])
+    fpr, tpr, _ = roc_curve(np.r_[np.ones(20), np.zeros(4)], -np.r_[known, unseen])
+    assert separation(known, unseen)["fpr95"] == pytest.approx(fpr[np.argmax(tpr >= 0.95)])
+    assert separation(known, unseen)["fpr95"] == 0.5
+
+
+def test_levels_set_together_turn_away_as_many_as_the_rate_allows():
+    """The search takes the largest share whose images stay within the target: not one
+    that turns away fewer known images than some other share allowed."""
+    from wingspan.models.unknown import level_thresholds
+
+    rng = np.random.default_rng(1)
+    val, rate = {"genus": rng.random(40), "species": rng.random(40)}, 0.1
+
+    def away(t):
+        return int(np.any([s > t[lv] for lv, s in val.items()], axis=0).sum())
+
+    def alone(share):
+        return {lv: level_thresholds({lv: s}, share)[lv] for lv, s in val.items()}
+
+    target = max(int((s > alone(rate)[lv]).sum()) for lv, s in val.items())
+    best = max(a for share in np.linspace(0, rate, 401) if (a := away(alone(share))) <= target)
+    assert away(level_thresholds(val, rate)) == best
