@@ -37,7 +37,7 @@ def test_the_sdist_and_the_wheel_carry_what_they_need(tmp_path):
     with zipfile.ZipFile(out / f"wingspan-{version}-py3-none-any.whl") as wheel:
         files = set(wheel.namelist())
         metadata = wheel.read(f"wingspan-{version}.dist-info/METADATA").decode()
-    assert {"wingspan/serve_page.html", "wingspan/py.typed",
+    assert {"wingspan/serve/page.html", "wingspan/py.typed",
             f"wingspan-{version}.dist-info/licenses/LICENSE"} <= files
     assert not any(f.startswith(("tests/", "bench/")) for f in files)
     # The version the package says is the one it is installed as (one number, not two)

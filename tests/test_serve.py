@@ -138,7 +138,7 @@ def test_an_image_cut_within_its_header_is_cut_short_at_every_byte(kind):
     from fastapi import HTTPException
 
     from wingspan.data.images import open_rgb
-    from wingspan.serve import _decode
+    from wingspan.serve.app import _decode
 
     buffer = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), np.uint8)).save(
@@ -274,7 +274,7 @@ def test_a_timed_out_explanation_keeps_its_place_until_its_thread_ends(run_dir, 
     so that explanations answered 504 cannot pile up threads past max_in_flight."""
     import threading
 
-    import wingspan.serve
+    import wingspan.serve.app
 
     release, started, names = threading.Event(), threading.Event(), []
 
@@ -284,7 +284,7 @@ def test_a_timed_out_explanation_keeps_its_place_until_its_thread_ends(run_dir, 
         release.wait(30)
         return b""
 
-    monkeypatch.setattr(wingspan.serve, "_explain_png", stuck)
+    monkeypatch.setattr(wingspan.serve.app, "_explain_png", stuck)
     # (2 s: the final /predict decodes and runs within it on a loaded CI box; 0.2 s failed
     # 2 runs in 15 under load, while the explainer, blocked until released, cannot end)
     app = create_app(run_dir, ServeLimits(timeout_s=2, max_in_flight=1), device="cpu")
@@ -309,9 +309,9 @@ def test_a_timed_out_explanation_keeps_its_place_until_its_thread_ends(run_dir, 
 
 
 def test_explains_time_limit_counts_the_decoding_too(run_dir, monkeypatch):
-    import wingspan.serve
+    import wingspan.serve.app
 
-    decode = wingspan.serve._decode
+    decode = wingspan.serve.app._decode
 
     def slow_decode(*args):
         time.sleep(0.3)
@@ -321,8 +321,8 @@ def test_explains_time_limit_counts_the_decoding_too(run_dir, monkeypatch):
         time.sleep(0.3)
         return b""
 
-    monkeypatch.setattr(wingspan.serve, "_decode", slow_decode)
-    monkeypatch.setattr(wingspan.serve, "_explain_png", slow_explain)
+    monkeypatch.setattr(wingspan.serve.app, "_decode", slow_decode)
+    monkeypatch.setattr(wingspan.serve.app, "_explain_png", slow_explain)
     # Each part alone keeps to 0.5 s, both together do not.
     client = TestClient(create_app(run_dir, ServeLimits(timeout_s=0.5), device="cpu"))
     r = client.post("/explain", files={"file": ("a.jpg", _jpeg(), "image/jpeg")})
@@ -335,9 +335,9 @@ def test_large_images_take_turns_to_decode_and_a_small_one_passes_them(run_dir, 
     counted from the headers: the large take turns, a small one goes by."""
     import threading
 
-    import wingspan.serve
+    import wingspan.serve.app
 
-    decode, lock, now, most, done = wingspan.serve._decode, threading.Lock(), [0], [0], {}
+    decode, lock, now, most, done = wingspan.serve.app._decode, threading.Lock(), [0], [0], {}
 
     def slow_decode(name, data, draft=None):
         if name.startswith("big"):
@@ -349,7 +349,7 @@ def test_large_images_take_turns_to_decode_and_a_small_one_passes_them(run_dir, 
                 now[0] -= 1
         return decode(name, data, draft)
 
-    monkeypatch.setattr(wingspan.serve, "_decode", slow_decode)
+    monkeypatch.setattr(wingspan.serve.app, "_decode", slow_decode)
     buffer = io.BytesIO()
     Image.new("L", (800, 800)).save(buffer, "PNG")  # 0.64 MP: one at a time in 1 MP
     big = buffer.getvalue()
@@ -382,9 +382,9 @@ def _concurrency_spy(monkeypatch, seconds: float) -> list[int]:
     """serve's decoding made slow, counting how many run at once: [now, most]."""
     import threading
 
-    import wingspan.serve
+    import wingspan.serve.app
 
-    decode, lock, counts = wingspan.serve._decode, threading.Lock(), [0, 0]
+    decode, lock, counts = wingspan.serve.app._decode, threading.Lock(), [0, 0]
 
     def slow_decode(name, data, draft=None):
         with lock:
@@ -395,7 +395,7 @@ def _concurrency_spy(monkeypatch, seconds: float) -> list[int]:
             counts[0] -= 1
         return decode(name, data, draft)
 
-    monkeypatch.setattr(wingspan.serve, "_decode", slow_decode)
+    monkeypatch.setattr(wingspan.serve.app, "_decode", slow_decode)
     return counts
 
 
@@ -482,16 +482,16 @@ def test_a_request_whose_client_hangs_up_stops_decoding(run_dir, monkeypatch):
 
     import httpx
 
-    import wingspan.serve
+    import wingspan.serve.app
 
-    decode, started = wingspan.serve._decode, []
+    decode, started = wingspan.serve.app._decode, []
 
     def slow_decode(name, data, draft=None):
         started.append(time.monotonic())
         time.sleep(1)
         return decode(name, data, draft)
 
-    monkeypatch.setattr(wingspan.serve, "_decode", slow_decode)
+    monkeypatch.setattr(wingspan.serve.app, "_decode", slow_decode)
     app = create_app(run_dir, ServeLimits(), device="cpu")
     with serving_in_background(app) as url:
         request = httpx.Request("POST", f"{url}/predict", files=[
@@ -517,16 +517,16 @@ def _decoding_slowly(monkeypatch):
     that long. Returns the event set as the first decode begins."""
     import threading
 
-    import wingspan.serve
+    import wingspan.serve.app
 
-    decode, began = wingspan.serve._decode, threading.Event()
+    decode, began = wingspan.serve.app._decode, threading.Event()
 
     def slow_decode(name, data, draft=None):
         began.set()
         time.sleep(3)
         return decode(name, data, draft)
 
-    monkeypatch.setattr(wingspan.serve, "_decode", slow_decode)
+    monkeypatch.setattr(wingspan.serve.app, "_decode", slow_decode)
     return began
 
 
@@ -675,9 +675,9 @@ def test_padded_uploads_are_read_in_turn_by_their_bytes(run_dir, monkeypatch):
     and its bytes while it is read and decoded."""
     import threading
 
-    import wingspan.serve
+    import wingspan.serve.app
 
-    decode, lock, held = wingspan.serve._decode, threading.Lock(), [0, 0]
+    decode, lock, held = wingspan.serve.app._decode, threading.Lock(), [0, 0]
 
     def slow_decode(name, data, draft=None):
         with lock:
@@ -688,7 +688,7 @@ def test_padded_uploads_are_read_in_turn_by_their_bytes(run_dir, monkeypatch):
             held[0] -= len(data)
         return decode(name, data, draft)
 
-    monkeypatch.setattr(wingspan.serve, "_decode", slow_decode)
+    monkeypatch.setattr(wingspan.serve.app, "_decode", slow_decode)
     padded = _jpeg() + bytes(1_000_000)  # 60 x 40 pixels in 1 MB (after the JPEG's end)
     app = create_app(run_dir, ServeLimits(decode_pixels=2_500_000, max_bytes=2**21),
                      device="cpu")
@@ -752,16 +752,16 @@ def test_an_image_over_the_budget_is_refused_without_waiting_for_the_whole_pool(
     """A 400 MP PNG claimed the whole pool (its header's pixels), so it waited until no
     image at all was decoding, only to be refused from its header: it holds at most the
     budget (50 MP), as no image decodes to more, and passes a 49 MP one being decoded."""
-    import wingspan.serve
+    import wingspan.serve.app
 
-    decode, done = wingspan.serve._decode, {}
+    decode, done = wingspan.serve.app._decode, {}
 
     def slow_decode(name, data, draft=None):
         if name == "big.png":
             time.sleep(1.5)
         return decode(name, data, draft)
 
-    monkeypatch.setattr(wingspan.serve, "_decode", slow_decode)
+    monkeypatch.setattr(wingspan.serve.app, "_decode", slow_decode)
     monkeypatch.delenv("WINGSPAN_MAX_PIXELS", raising=False)
     images = {}
     for name, side in (("big.png", 7000), ("bomb.png", 20_000)):
@@ -835,7 +835,7 @@ def test_explain_of_a_model_grad_cam_cannot_draw_is_501(run_dir, monkeypatch):
 def test_an_unknown_target_of_a_model_with_many_classes_names_a_few(run_dir, monkeypatch):
     """A 500-class model's error names ten classes and how many more (GET /model has all),
     as other messages do, not a screenful."""
-    import wingspan.serve as serve
+    import wingspan.serve.app as serve
 
     class ManyClasses(serve.Predictor):
         def __init__(self, *args, **kwargs):

@@ -1,38 +1,18 @@
-"""`wingspan serve RUN`: the model behind an HTTP API (FastAPI on uvicorn).
-
-    POST /predict   multipart image file(s) -> top-k per level, calibrated probabilities,
-                    the consistent taxonomic branch, latency
-    POST /explain   one image file -> PNG: the model's view with its Grad-CAM for the
-                    predicted class (or ?target=CLASS)
-    GET  /          a page: drop a photo, see the top 5, the branch and the Grad-CAM
-    GET  /health    liveness
-    GET  /model     classes, backbone, metrics, training date
-    GET  /docs      OpenAPI
-
-Requests that arrive together are batched: each waits up to `batch_wait_ms` for others,
-and one forward pass on the engine the policy chose serves them all. Limits, each a 4xx
-with a JSON error while the server keeps serving: upload size (413), what the bytes are
-(sniffed by Pillow, not the extension: 415), the pixel budget (413), requests in flight
-(429) and a time limit (504). In a request of several files, one that fails gets its
-error in its place in the answer and the others are answered.
-"""
+"""The FastAPI application: its endpoints (/, /health, /model, /predict, /explain), its
+errors as JSON, and what an answer holds."""
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import errno
 import io
-import math
 import os
 import re
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager, contextmanager, suppress
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Annotated, BinaryIO
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -40,63 +20,15 @@ from fastapi import FastAPI, File, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from wingspan.config import ServeLimits
 from wingspan.data.images import max_pixels
-from wingspan.errors import WingspanError, counted, first_line, some
+from wingspan.errors import WingspanError, counted, some
 from wingspan.inference import Predictor, run_dir_of
 from wingspan.predict import answer_for, deciding_score
-
-
-class _Batcher:
-    """Collects preprocessed images from concurrent requests into one forward pass."""
-
-    def __init__(self, predictor: Predictor, limits: ServeLimits):
-        self.predictor, self.limits = predictor, limits
-        self.queue: asyncio.Queue | None = None
-        self.loop = None
-
-    async def run(self, image: torch.Tensor
-                  ) -> tuple[dict[str, np.ndarray], dict[str, float] | None]:
-        """The image's outputs per level, and its unknown scores (None without them)."""
-        loop = asyncio.get_running_loop()
-        if self.loop is not loop:  # started on the server's loop (a test client may make more)
-            self.loop, self.queue = loop, asyncio.Queue()
-            loop.create_task(self._serve(self.queue))
-        done = asyncio.get_running_loop().create_future()
-        await self.queue.put((image, done))
-        return await done
-
-    async def _serve(self, queue: asyncio.Queue) -> None:
-        while True:
-            batch = [await queue.get()]
-            deadline = time.perf_counter() + self.limits.batch_wait_ms / 1000
-            while len(batch) < self.limits.batch_size:
-                left = deadline - time.perf_counter()
-                if left <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(queue.get(), left))
-                except asyncio.TimeoutError:
-                    break
-            batch = [item for item in batch if not item[1].done()]  # drop cancelled requests
-            if not batch:
-                continue
-            x = torch.stack([image for image, _ in batch])
-            try:
-                outputs, scores = await asyncio.to_thread(self.predictor.forward_with_scores, x)
-            except Exception as e:  # noqa: BLE001 - every waiting request hears of it
-                for _, done in batch:
-                    if not done.done():
-                        done.set_exception(e)
-                continue
-            for i, (_, done) in enumerate(batch):
-                if not done.done():
-                    done.set_result(({lv: o[i].float().numpy() for lv, o in outputs.items()},
-                                     {lv: float(v[i]) for lv, v in scores.items()}
-                                     if scores else None))
+from wingspan.serve.batching import Batcher
+from wingspan.serve.limits import Admission, BodyLimit, PixelPool, header_pixels
 
 
 class ApiError(BaseModel):
@@ -125,153 +57,6 @@ ERRORS = {code: {"model": ApiError, "description": what} for code, what in (
 
 # How often a request being answered checks that its client is still there.
 HANG_UP_POLL_S = 0.1
-# On a refused body: uvicorn otherwise keeps the connection for the next request and reads
-# the rest of this one first, discarding it (1.9 GB after the 413 of a 2 GB upload, and a
-# chunked one without end); with it, it stops reading.
-CLOSE = {"Connection": "close"}
-
-
-async def _drain(scope, receive, most: int, seconds: float) -> None:
-    """Reads and drops the body of a request refused before it was read, so that the
-    answer reaches a client that sends all of its body before it reads anything (urllib,
-    requests): closing on an unread body reset the connection under it (a 5 MB photo got
-    ConnectionResetError, not the 429 and its Retry-After). A body declared larger than
-    `most`, or one that takes longer than `seconds`, is not waited for; nor one whose
-    client waits to be asked for it (`Expect: 100-continue`, curl's for uploads over 1 MB):
-    reading would ask, and it would upload the photo only to be refused."""
-    headers = Headers(scope=scope)
-    size = headers.get("content-length", "")
-    if (size.isdigit() and int(size) > most) or headers.get("expect", "").lower() == \
-            "100-continue":
-        return
-    seen, deadline = 0, time.monotonic() + seconds
-    while seen <= most and (left := deadline - time.monotonic()) > 0:
-        try:
-            message = await asyncio.wait_for(receive(), left)
-        except asyncio.TimeoutError:
-            return
-        seen += len(message.get("body", b""))
-        if message["type"] != "http.request" or not message.get("more_body", False):
-            return
-
-
-class _BodyLimit:
-    """A body larger than every allowed file together is refused: from its Content-Length
-    header, unread, and one without (chunked) as soon as it passes the limit. Starlette
-    would otherwise spool all of it (gigabytes, say) to disk first. Raised from inside
-    the form parsing, the 413 reaches the app's handler and is answered as JSON.
-
-    An upload that stalls (nothing for `idle` seconds) or trickles (under `rate` bytes a
-    second on average, once `idle` seconds have passed) is cut off with a 408: the time
-    limit counts from the end of the upload, so a byte every few seconds on a few
-    connections held every place in flight for good, and 429 answered everyone else."""
-
-    def __init__(self, app, most: int, allowed: str, idle: float, rate: float,
-                 drain: tuple[int, float]):
-        self.app, self.most, self.allowed = app, most, allowed
-        self.idle, self.rate, self.drain = idle, rate, drain
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        size = Headers(scope=scope).get("content-length", "")
-        if size.isdigit() and int(size) > self.most:
-            await _drain(scope, receive, *self.drain)
-            refused = JSONResponse({"error": f"A request of {int(size)} bytes; {self.allowed}"},
-                                   status_code=413, headers=CLOSE)
-            return await refused(scope, receive, send)
-        seen, start, done = 0, time.monotonic(), False
-
-        async def counted():
-            nonlocal seen, done
-            if done:  # (then only a hang-up comes: the request may take its time)
-                return await receive()
-            try:
-                message = await asyncio.wait_for(receive(), self.idle)
-            except asyncio.TimeoutError:
-                raise StarletteHTTPException(408, f"The upload sent nothing for {self.idle:g} "
-                                                  "s.", headers=CLOSE) from None
-            seen += len(message.get("body", b""))
-            if seen > self.most:
-                raise StarletteHTTPException(413, f"A request of over {self.most} bytes; "
-                                                  + self.allowed, headers=CLOSE)
-            done = not message.get("more_body", False)
-            took = time.monotonic() - start
-            if not done and took > self.idle and seen / took < self.rate:
-                raise StarletteHTTPException(408, f"The upload came at {seen / took:.0f} "
-                                                  f"bytes a second, under {self.rate:g}.",
-                                             headers=CLOSE)
-            return message
-
-        await self.app(scope, counted, send)
-
-
-class _Admission:
-    """POST requests counted in flight from their first byte, and refused (429) past the
-    limit before their body is read. Counted in the endpoint, once the form was in, every
-    refused request had been uploaded and spooled first (627 MB for 33 files of 19 MB), and
-    uploads under way counted for nothing: their number had no bound."""
-
-    def __init__(self, app, in_flight: dict, most: int, drain: tuple[int, float]):
-        self.app, self.in_flight, self.most, self.drain = app, in_flight, most, drain
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] != "POST":
-            return await self.app(scope, receive, send)
-        if self.in_flight["n"] >= self.most:
-            await _drain(scope, receive, *self.drain)
-            # Retry-After: what clients' retry logic (urllib3's Retry, say) waits for
-            refused = JSONResponse({"error": "Too many requests in flight; try again "
-                                             "shortly."}, status_code=429,
-                                   headers={"Retry-After": "1", **CLOSE})
-            return await refused(scope, receive, send)
-        self.in_flight["n"] += 1
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.in_flight["n"] -= 1
-
-
-class _PixelPool:
-    """How many pixels the server decodes at once. A request of 32 flat 49 MP PNGs (5 MB:
-    inside every other limit) had six decoded together on the shared threads: 4.3 GB at
-    its peak, and a one-photo request sent after it waited 29 s behind its queue. Each
-    image now holds its header's pixels (up to the pool) while it is read and decoded, so
-    large ones take turns and a small one passes them by while there is room; a file of
-    more bytes than pixels (padded) holds its bytes instead (see `_decoded`)."""
-
-    def __init__(self, size: int):
-        self.size = self.free = size
-        self.changed: asyncio.Condition | None = None
-        self.loop = None
-
-    @asynccontextmanager
-    async def hold(self, pixels: int):
-        loop = asyncio.get_running_loop()
-        if self.loop is not loop:  # made on the server's loop (a test client may make more)
-            self.loop, self.changed = loop, asyncio.Condition()
-        pixels = min(pixels, self.size)
-        async with self.changed:
-            await self.changed.wait_for(lambda: self.free >= pixels)
-            self.free -= pixels
-        try:
-            yield
-        finally:
-            async with self.changed:
-                self.free += pixels
-                self.changed.notify_all()
-
-
-def _header_pixels(data: bytes | BinaryIO) -> int:
-    """Width x height from the image's header (0 if it has none: decoding says why). From
-    a file, only what Pillow reads for it (a TIFF may keep its size at its end)."""
-    from wingspan.data.images import open_image
-
-    try:
-        with open_image(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
-            return im.size[0] * im.size[1]
-    except Exception:  # noqa: BLE001 - any unreadable file: _decode gives its 4xx
-        return 0
 
 
 def create_app(model: str | Path, limits: ServeLimits | None = None, device: str = "auto",
@@ -284,9 +69,9 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
     # One pass at the largest batch before serving: the engine's buffers grow to it now,
     # not under the first burst of requests (memory then stays flat while serving).
     predictor.forward(torch.zeros(limits.batch_size, 3, predictor.size, predictor.size))
-    batcher = _Batcher(predictor, limits)
+    batcher = Batcher(predictor, limits)
     in_flight = {"n": 0}
-    decoding = _PixelPool(limits.decode_pixels)
+    decoding = PixelPool(limits.decode_pixels)
     # Grad-CAM on threads of its own: one that outlives its 504 (a thread cannot be
     # stopped) then holds one of these, not one of the pool that decodes /predict's images.
     explainers = ThreadPoolExecutor(limits.explain_threads, thread_name_prefix="wingspan-explain")
@@ -296,12 +81,12 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
     app = FastAPI(title="wingspan", description=f"Predictions of the model '{named.name}'")
     most = limits.max_files * (limits.max_bytes + 4096)  # every file, with its part headers
     drain = (limits.drain_bytes, limits.drain_s)
-    app.add_middleware(_BodyLimit, most=most,
+    app.add_middleware(BodyLimit, most=most,
                        allowed=f"at most {most} ({counted(limits.max_files, 'file')} of "
                                f"{limits.max_bytes} bytes, each with 4096 bytes of form "
                                "headers).", idle=limits.upload_idle_s,
                        rate=limits.min_upload_rate, drain=drain)
-    app.add_middleware(_Admission, in_flight=in_flight, most=limits.max_in_flight,
+    app.add_middleware(Admission, in_flight=in_flight, most=limits.max_in_flight,
                        drain=drain)
     app.state.predictor = predictor
 
@@ -329,7 +114,7 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
                       f"e.g. curl -F {f}=@photo.jpg {url}" for f in sorted(fields))
         return JSONResponse({"error": f"Malformed request ({where}).{how}"}, status_code=422)
 
-    page = (Path(__file__).parent / "serve_page.html").read_text(encoding="utf-8")
+    page = (Path(__file__).parent / "page.html").read_text(encoding="utf-8")
 
     # HEAD too: uptime monitors probe with it (a GET route alone answers HEAD with 405)
     @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse,
@@ -372,7 +157,7 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
     @contextmanager
     def time_limited():
         """A request answered 504 past the time limit, whichever endpoint it is. (It was
-        counted in flight, or refused, as it arrived: `_Admission`.)"""
+        counted in flight, or refused, as it arrived: `Admission`.)"""
         try:
             yield
         except asyncio.TimeoutError as e:
@@ -475,7 +260,7 @@ def create_app(model: str | Path, limits: ServeLimits | None = None, device: str
         # Pixels at most the budget: over it, an image is refused from its header or (a
         # JPEG) decoded reduced to fit, so a 400 MP bomb need not wait for the whole pool.
         # (Read from the spooled file, on a thread: it may be on disk.)
-        pixels = min(await asyncio.to_thread(_header_pixels, upload.file), max_pixels())
+        pixels = min(await asyncio.to_thread(header_pixels, upload.file), max_pixels())
         async with decoding.hold(max(pixels, size)):
             await upload.seek(0)
             data = await upload.read()
@@ -612,107 +397,3 @@ def _answer(predictor: Predictor, name: str | None, outputs: dict[str, np.ndarra
     answer["known_level"], answer["answer"] = level, said
     answer.update(deciding_score(predictor, scores))
     return answer
-
-
-@contextmanager
-def serving_in_background(app, host: str = "127.0.0.1", port: int = 0):
-    """Serve `app` from a thread of this process while the block runs; yields its base URL.
-    Port 0 takes a free one. For tests, benchmarks and notebooks."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="wingspan-serve", daemon=True)
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            raise WingspanError(f"The server could not start on {host}:{port}.")
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-
-# glibc gives threads that allocate at once arenas of their own (up to 8 per core), and
-# photos of every size decoded on the request threads leave them fragmented: over 5
-# minutes of load the server's RSS went 1230 -> 1474 MB without levelling off; with 2
-# arenas, 1120 -> 1223 MB, flat from the third minute, at the same throughput
-# (bench/serve_load.py --clients 8 8 8 8 8, 2-core EPYC).
-MALLOC_ARENAS = 2
-_M_ARENA_MAX = -8  # mallopt's parameter number, from glibc's malloc.h
-
-
-def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
-    """Cap glibc's malloc arenas for this process (not where MALLOC_ARENA_MAX is set, or
-    without glibc); True if capped. Arenas made before the call stay."""
-    if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_ARENA_MAX, arenas))
-    except (OSError, AttributeError):  # musl and other C libraries: leave it be
-        return False
-
-
-def check_port(host: str, port: int) -> None:
-    """A WingspanError, in one line, where the server could not listen (uvicorn would log
-    the error and exit with status 3): bound as uvicorn binds (asyncio's create_server),
-    then let go. Before the model loads, so that a taken port is said at once."""
-
-    async def bind() -> None:
-        server = await asyncio.get_running_loop().create_server(asyncio.Protocol, host, port)
-        server.close()
-        await server.wait_closed()
-
-    try:
-        asyncio.run(bind())
-    except OSError as e:
-        if e.errno == errno.EADDRINUSE:
-            raise WingspanError(f"Port {port} is in use on {host} (another server listens "
-                                "there): pick another with --port.") from e
-        raise WingspanError(f"Cannot listen on {host}:{port}: {first_line(e)}",
-                            hint="Check --host (an address of this machine) and --port "
-                            "(below 1024 needs root).") from e
-
-
-def _this_machine_only(host: str) -> bool:
-    """A loopback address or name: nothing but this machine can connect."""
-    import ipaddress
-
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
-def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000,
-          limits: ServeLimits | None = None, device: str = "auto", precision: str = "auto",
-          runtime: str = "auto", access_log: bool = True) -> None:
-    import uvicorn
-
-    check_port(host, port)
-    limit_malloc_arenas()
-    # uvicorn.Server, not uvicorn.run, which swallows the Ctrl-C it passes on once shut
-    # down: the command then ended 0, where every other one stopped so ends 130.
-    app = create_app(model, limits, device, precision, runtime)
-    # What answers, said as predict's and evaluate's engine line says it (a lossy engine
-    # left out for this model among it), before uvicorn's own lines.
-    predictor = app.state.predictor
-    print(f"Serving {predictor.bundle} ({len(predictor.classes)} classes); "
-          f"{predictor.policy.describe()}", file=sys.stderr, flush=True)
-    if not _this_machine_only(host):
-        print(f"Warning: --host {host} lets other machines reach the server, and it asks no "
-              "one who they are: anyone who can reach the port can use the model. Put it "
-              "behind a proxy that does (nginx, Caddy), or on a network you trust.",
-              file=sys.stderr, flush=True)
-    # On SIGTERM, requests in flight get their time limit to finish, then the server ends:
-    # without a bound, one client stalled mid-upload kept it waiting for ever (docker stop,
-    # systemd and Kubernetes then kill it, and every request in flight with it).
-    server = uvicorn.Server(uvicorn.Config(
-        app, host=host, port=port, log_level="info", access_log=access_log,
-        timeout_graceful_shutdown=math.ceil((limits or ServeLimits()).timeout_s) + 5))
-    server.run()
-    if not server.started:  # (uvicorn has logged why)
-        raise WingspanError(f"The server could not start on {host}:{port}.")
