@@ -164,3 +164,31 @@ def test_a_failed_adapt_leaves_nothing_half_written_beside_the_run(demo_dir, tmp
         adapt_module.adapt(run_dir, photos, out=tmp_path / "runs" / "a", progress=False)
     # (its lock file stays, as every lock file does: removing one races another holder)
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [".a.lock", "r"]
+
+
+def test_adapt_writes_a_photo_named_in_other_bytes(demo_dir, tmp_path):
+    """A photo named in bytes that are not UTF-8 (b'caf\\xe9.jpg', from a zip made on
+    Windows) is read and adapted on; writing its name in adapt_photos.csv was a
+    UnicodeEncodeError once all the work was done, and no adapted run was written."""
+    import os
+    import shutil
+
+    from test_train import tiny
+
+    from wingspan.data import read_dataset
+    from wingspan.training import train
+    from wingspan.training.adapt import adapt
+    from wingspan.training.folder import ADAPT_PHOTOS_FILE
+
+    run_dir = train(read_dataset(demo_dir), tiny(tmp_path, epochs_head=20, epochs_finetune=0),
+                    tmp_path / "runs", "r", quiet=True)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, path in enumerate(sorted(demo_dir.rglob("*.jpg"))[::2]):
+        shutil.copy(path, photos / f"{i}.jpg")
+    shutil.copy(next(demo_dir.rglob("*.jpg")), photos / os.fsdecode(b"caf\xe9.jpg"))
+    out = tmp_path / "runs" / "adapted"
+    done = adapt(run_dir, [str(photos)], out=out, progress=False)
+    assert any(any(n) for n in done["photos_used_per_round"].values())  # a head refitted
+    written = (out / ADAPT_PHOTOS_FILE).read_text(encoding="utf-8")
+    assert "caf\\udce9.jpg" in written and written.count("\n") == 1 + len(list(photos.iterdir()))

@@ -1954,10 +1954,9 @@ def test_evaluations_csvs_spell_out_a_path_in_other_bytes(tmp_path):
     predictions.csv then stopped the evaluation, once every image was predicted."""
     import os
 
-    from wingspan.evaluate.run import _write_csv
+    from wingspan.files import write_csv
 
-    _write_csv(pd.DataFrame({"path": [os.fsdecode(b"/d\xe9j\xe0/a.jpg")]}), tmp_path / "p.csv",
-               index=False)
+    write_csv(pd.DataFrame({"path": [os.fsdecode(b"/d\xe9j\xe0/a.jpg")]}), tmp_path / "p.csv")
     assert (tmp_path / "p.csv").read_text(encoding="utf-8") == "path\n/d\\udce9j\\udce0/a.jpg\n"
 
 

@@ -2451,3 +2451,19 @@ def test_the_resume_line_of_a_stage_that_had_ended():
     assert line(12, bad_epochs=8) == "Resuming r: its head stage stopped early, after 12 epochs"
     assert line(12, bad_epochs=3) == "Resuming r at head epoch 13"
     assert line(12, bad_epochs=8, step=5) == "Resuming r at head epoch 13, batch 6"
+
+
+def test_commands_in_messages_are_quoted_for_the_shell(demo_dir, tmp_path):
+    """Every `wingspan ...` line a message gives is pasted into a shell as it is: a run
+    folder with a space in its name was two arguments in train's "For a fair one:
+    `wingspan evaluate RUN`" (and calibrate's, adapt's and evaluate's own lines)."""
+    from wingspan.errors import command
+
+    runs = tmp_path / "my runs"
+    run_dir = train(read_dataset(demo_dir), tiny(tmp_path, test_fraction=0.2), runs, "r",
+                    quiet=True)
+    log = (run_dir / "train.log").read_text()
+    assert f"For a fair one: `wingspan evaluate '{run_dir}'`" in log, log
+    assert command("evaluate", run_dir, "--split", "test") == \
+        f"wingspan evaluate '{run_dir}' --split test"
+    assert command("calibrate", "RUN", "DATA") == "wingspan calibrate RUN DATA"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
 import signal
 import sys
 import threading
@@ -152,6 +153,13 @@ def some(names, n: int = 10) -> str:
     names = list(names)
     shown = [f"'{name}'" if "," in str(name) else str(name) for name in names[:n]]
     return ", ".join(shown) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def command(*words) -> str:
+    """A wingspan command line for a message, to paste into a shell: each word quoted where
+    it needs it (a run folder with a space in its name was two arguments); a placeholder
+    (RUN, DATA) stays as it is."""
+    return "wingspan " + " ".join(shlex.quote(str(word)) for word in words)
 
 
 def first_line(error: BaseException) -> str:

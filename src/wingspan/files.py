@@ -273,6 +273,21 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def frame_to_csv(frame, path: str | Path, **options) -> None:
+    """A pandas table as CSV (no index unless asked): UTF-8 whatever the locale, and a
+    name in bytes that are not UTF-8 (b'caf\\xe9.jpg', from a zip made on Windows) spelt
+    out ('caf\\udce9.jpg'), where it was a UnicodeEncodeError once the work was done.
+    To a temporary path of atomic_paths; write_csv for a file on its own."""
+    frame.to_csv(path, **{"index": False, **options}, encoding="utf-8",
+                 errors="backslashreplace", lineterminator="\n")  # ("\r\n" on Windows)
+
+
+def write_csv(frame, path: str | Path, **options) -> None:
+    """frame_to_csv through atomic_path: a kill or a full disk leaves the previous file."""
+    with atomic_path(path) as tmp:
+        frame_to_csv(frame, tmp, **options)
+
+
 def file_stamp(path: str) -> tuple[int, int, int]:
     """What changes when a file's content does, at the cost of one stat: its size,
     modification time and change time (a copy that keeps the old modification time, as

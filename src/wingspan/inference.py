@@ -4,7 +4,6 @@ so both see every image exactly the same way."""
 from __future__ import annotations
 
 import dataclasses
-import shlex
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from wingspan.data.csvfiles import name_as_read
 from wingspan.data.images import max_pixels, open_rgb, skip_reason
 from wingspan.data.taxonomy import Taxonomy
 from wingspan.data.transforms import eval_transform
-from wingspan.errors import WingspanError
+from wingspan.errors import WingspanError, command
 from wingspan.models import load_bundle, resolve_policy
 from wingspan.models.unknown import deepest_known
 from wingspan.parallel import check_default_dtype
@@ -46,8 +45,8 @@ def find_bundle(model: str | Path) -> Path:
                                      "how far it is.")
         raise WingspanError(f"The run {path} has no model yet: its training stopped before "
                             "it finished.",
-                            hint=f"Continue it with `wingspan train --resume "
-                                 f"{shlex.quote(str(path))}` (in Python: "
+                            hint=f"Continue it with `{command('train', '--resume', path)}` "
+                                 "(in Python: "
                                  f"ws.resume({str(path)!r})).")
     if path.exists():
         return path

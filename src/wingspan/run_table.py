@@ -20,7 +20,7 @@ import yaml
 from wingspan.config import RUNS_DIR, UNKNOWN_SCORES
 from wingspan.errors import WingspanError, first_line
 from wingspan.evaluate.wording import fairness
-from wingspan.files import atomic_path, csv_on_stdout, write_text
+from wingspan.files import csv_on_stdout, write_csv, write_text
 from wingspan.training.folder import (
     CONFIG_FILE,
     FREE,
@@ -346,5 +346,4 @@ def write_run_table(frame: pd.DataFrame, path: str | Path) -> None:
         records = frame.astype(object).where(frame.notna(), None).to_dict("records")
         write_text(path, json.dumps({"runs": records}, indent=2, default=_plain))
         return
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False, encoding="utf-8")
+    write_csv(frame, path)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -32,7 +31,7 @@ from wingspan.config import (
     SplitConfig,
     TrainConfig,
 )
-from wingspan.errors import WingspanError, counted, some
+from wingspan.errors import WingspanError, command, counted, some
 
 
 @data_app.command("inspect")
@@ -116,8 +115,7 @@ def data_split(
                   "train` refuses: give images of at least two classes.")
         return
     # (`train DATA` splits DATA afresh with its own settings: this split is trained on so)
-    out.print("Train on this split: `wingspan train "
-              f"{plain(shlex.quote(str(result.splits_csv)))}`")
+    out.print(f"Train on this split: `{plain(command('train', result.splits_csv))}`")
 
 
 def print_split(result) -> None:

@@ -26,7 +26,7 @@ from wingspan.cli.options import (
     check_folder,
 )
 from wingspan.config import AdaptConfig, TrainConfig, name_pairs
-from wingspan.errors import counted, some
+from wingspan.errors import command, counted, some
 
 T = TrainConfig  # defaults shown in --help come from the one config
 
@@ -346,8 +346,8 @@ def adapt_command(
     if own := a["replaced_calibration"]:
         out.print(f"[yellow]The run's temperature {own['temperature']:.3f}, fitted on "
                   f"{plain(own['fitted_on'])}, is for its head as it was:[/] the adapted run's "
-                  "is fitted on val. Fit it again on those photos with `wingspan calibrate "
-                  f"{plain(a['out'])} DATA`.")
+                  "is fitted on val. Fit it again on those photos with "
+                  f"`{plain(command('calibrate', a['out'], 'DATA'))}`.")
     if not any(used):
         bar = f" at p >= {confidence}" if confidence else ""
         out.print(f"[yellow]No photo's class was agreed on by the head and its neighbours"

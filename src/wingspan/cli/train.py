@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -35,7 +34,7 @@ from wingspan.cli.options import (
     check_folder,
 )
 from wingspan.config import RUNS_DIR, TrainConfig, comma_list
-from wingspan.errors import WingspanError
+from wingspan.errors import WingspanError, command
 
 T = TrainConfig  # defaults shown in --help come from the one config
 
@@ -191,7 +190,7 @@ def train_command(
                 raise WingspanError(
                     "--resume takes the run's folder itself; --runs-dir and --name do not "
                     "say where it is.",
-                    hint=f"Give its path: `wingspan train --resume {shlex.quote(str(where))}`.")
+                    hint=f"Give its path: `{command('train', '--resume', where)}`.")
             if ignored:  # refused, not dropped: the user would believe they took effect
                 names = ", ".join("DATA" if k == "data" else "--" + k.replace("_", "-")
                                   for k in ignored)

@@ -32,7 +32,13 @@ from wingspan.config import AUDIT_BACKBONES, AuditConfig, default_cache_dir
 from wingspan.data.images import budget_key, max_pixels, open_rgb, skip_reason
 from wingspan.data.samples import GROUP, PATH, SPLIT, Dataset
 from wingspan.errors import WingspanError, counted
-from wingspan.files import FileArrays, atomic_paths, check_folder_writable, remove_dead_leftovers
+from wingspan.files import (
+    FileArrays,
+    atomic_paths,
+    check_folder_writable,
+    frame_to_csv,
+    remove_dead_leftovers,
+)
 from wingspan.progress import status, track
 
 if TYPE_CHECKING:
@@ -109,8 +115,8 @@ def audit_dataset(dataset: Dataset, out_dir: str | Path, level: str | None = Non
     # atomic_paths). Not a whole new folder: it holds inspect's and split's outputs too.
     remove_dead_leftovers(*paths)  # (each killed audit's kept page and tables)
     with atomic_paths(*paths) as (csv_tmp, dup_tmp, page_tmp):
-        issues.to_csv(csv_tmp, index=False)
-        duplicates.to_csv(dup_tmp, index=False)
+        frame_to_csv(issues, csv_tmp)
+        frame_to_csv(duplicates, dup_tmp)
         page_tmp.write_text(page, encoding="utf-8")
     return AuditResult(issues, duplicates, *paths, backbone, alone, failed)
 

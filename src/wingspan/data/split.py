@@ -16,7 +16,7 @@ from wingspan.data.leaks import with_duplicates_grouped
 from wingspan.data.readers import is_utf8, shown_utf8
 from wingspan.data.samples import GROUP, PATH, SAME_FILE, SPLIT, Dataset
 from wingspan.errors import WingspanError, counted, some
-from wingspan.files import atomic_paths, remove_dead_leftovers
+from wingspan.files import atomic_paths, frame_to_csv, remove_dead_leftovers
 
 
 @dataclass
@@ -335,7 +335,7 @@ def write_splits(dataset: Dataset, path: str | os.PathLike, relative: bool = Tru
     finest = dataset.default_level
     table["label"] = table[finest]  # the CSV reader's finest level; other levels keep names
     coarser = [lv for lv in dataset.levels if lv != "label"]
-    table[["path", "label", SPLIT, GROUP, *coarser]].to_csv(path, index=False)
+    frame_to_csv(table[["path", "label", SPLIT, GROUP, *coarser]], path)
 
 
 def leaked_groups(table: pd.DataFrame) -> list[str]:

@@ -12,7 +12,7 @@ import pandas as pd
 from wingspan.config import ReadConfig
 from wingspan.data import read_dataset
 from wingspan.data.samples import GROUP, SPLIT, Dataset, groups_given
-from wingspan.errors import WingspanError, counted
+from wingspan.errors import WingspanError, command, counted
 from wingspan.files import disk_spelling, real_paths
 from wingspan.training.folder import SPLITS_FILE, adapted_sums, trained_on
 
@@ -178,21 +178,22 @@ def fairness_verdict(manifest: dict, split: str, data, paths: list[str],
         return (f"no: {shared} of these {len(evaluated)} images show a specimen or "
                 "observation (the same group) that the run trained or chose its best epoch "
                 "on in another photo, so these figures are optimistic; the run's own test "
-                f"split keeps groups apart (`wingspan evaluate {run_dir or 'RUN'}`, or "
+                f"split keeps groups apart (`{command('evaluate', run_dir or 'RUN')}`, or "
                 "run.evaluate() in Python)")
     if not trained and not chosen:
         return ("yes: the test split was never trained or chosen on" + (
                 "" if own.empty or groups_given(own) else
                 " (each photo its own group: none were given, so if several photos show one "
-                "specimen or observation, some may sit on both sides; `wingspan data audit "
-                f"{run_dir or 'RUN'}/splits.csv` lists near-duplicates across them)")
+                "specimen or observation, some may sit on both sides; `"
+                + command("data", "audit", f"{run_dir or 'RUN'}/splits.csv")
+                + "` lists near-duplicates across them)")
                 if data is None else
                 "yes: none of these files is one the run trained or chose its best epoch on, "
                 "nor a copy of one (copies under other file names would not be seen)")
     tests = int((own[SPLIT] == "test").sum())
     fair = (f"; for a fair figure evaluate the run's {counted(tests, 'test image')}, never "
-            f"trained or chosen on (`wingspan evaluate {run_dir or 'RUN'} --split test`, or "
-            "run.evaluate(split=\"test\") in Python)"
+            "trained or chosen on (`" + command("evaluate", run_dir or "RUN", "--split", "test")
+            + "`, or run.evaluate(split=\"test\") in Python)"
             if tests else "")
     if not trained:
         return (f"no: the best epoch was chosen on val ({chosen} of these images{copied}), "

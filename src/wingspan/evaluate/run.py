@@ -62,10 +62,10 @@ from wingspan.evaluate.wording import (
 )
 from wingspan.files import (
     PATH_TEXT,
-    atomic_path,
     fitting_name,
     name_part,
     replace_folder,
+    write_csv,
     write_text,
 )
 from wingspan.inference import (
@@ -202,7 +202,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
             named = np.array([p.known_level == predictor.level for p in read]) & ~merged
             metrics["answers"] = _answers(predictor, read, named, y, y_pred, truth)
         table = per_class_table(y, y_pred, classes, truth_only)
-        _write_csv(table, out_dir / "per_class.csv", index=False)
+        write_csv(table, out_dir / "per_class.csv")
         # The model's classes the macro averages and that table leave out: no image of them
         # here (and on the run's own data, none predicted either).
         metrics["absent_classes"] = [c for c in classes if c not in set(table["class"])]
@@ -212,8 +212,8 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
             y_pred, [classes.index(c) for c in metrics["absent_classes"]]).sum())
         cm = confusion(y, y_pred, len(classes))
         # (the corner says which way it reads, in a spreadsheet too)
-        _write_csv(pd.DataFrame(cm, index=pd.Index(classes, name="true \\ predicted"),
-                                columns=classes), out_dir / "confusion.csv")
+        write_csv(pd.DataFrame(cm, index=pd.Index(classes, name="true \\ predicted"),
+                               columns=classes), out_dir / "confusion.csv", index=True)
         confused = most_confused(cm, classes)
         metrics["most_confused"] = confused
         levels_table, by_level = None, {}
@@ -232,7 +232,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
                      if n and c not in class_map}
             transfer = _transfer(predictor, run_dir, {**class_map, **alike}, table, progress,
                                  _named_share(named, y, classes), tta)
-            _write_csv(transfer, out_dir / "transfer.csv", index=False)
+            write_csv(transfer, out_dir / "transfer.csv")
             # No figure (a class without images here or at home) is null in JSON, not NaN.
             metrics["transfer"] = transfer.astype(object).where(transfer.notna(), None).to_dict(
                 "records")
@@ -534,7 +534,7 @@ def _openset(predictor: Predictor, unknown, paths: list[str], known: list, y: np
     # The score that decided each answer, its threshold and level, as predict writes them
     # (with levels, each has its own threshold); and the finest level's, which AUROC ranks.
     deciding = pd.DataFrame([deciding_score(predictor, p.unknown) for p in unseen])
-    _write_csv(pd.DataFrame({  # (absolute, as predictions.csv: it is read from elsewhere)
+    write_csv(pd.DataFrame({  # (absolute, as predictions.csv: it is read from elsewhere)
         "path": [os.path.abspath(p.path) for p in unseen], **deciding.to_dict("list"),
         **({f"{level}_score": u} if predictor.taxonomy else {}),
         "answer": answers,
@@ -630,12 +630,11 @@ def _per_level(predictor: Predictor, rows: pd.DataFrame, truth: dict[str, np.nda
                               taxonomy.classes[lv], out_dir / f"confusion_{name_part(lv)}.png")
     metrics["hierarchy"] = result
     table = level_table(result, taxonomy.levels)
-    _write_csv(table, out_dir / "levels.csv", index=False)
+    write_csv(table, out_dir / "levels.csv")
     for lv in taxonomy.levels[:-1]:  # (the finest level's is per_class.csv)
         known = truth[lv] >= 0  # (images whose data does not say this level: not scored)
-        _write_csv(per_class_table(truth[lv][known], marg[lv][known], taxonomy.classes[lv],
-                                   truth_only), out_dir / f"per_class_{name_part(lv)}.csv",
-                   index=False)
+        write_csv(per_class_table(truth[lv][known], marg[lv][known], taxonomy.classes[lv],
+                                  truth_only), out_dir / f"per_class_{name_part(lv)}.csv")
     columns = {}
     for lv in taxonomy.levels[:-1]:
         names = taxonomy.classes[lv]
@@ -815,7 +814,7 @@ def _write_predictions(path: Path, paths: list[str], y: np.ndarray, y_pred: np.n
                              threshold=[d.get("threshold") for d in decided],
                              score_level=[d.get("score_level") for d in decided])
     frame = pd.concat([frame, pd.DataFrame(probs, columns=[f"p:{c}" for c in classes])], axis=1)
-    _write_csv(frame, path, index=False)
+    write_csv(frame, path)
 
 
 def _grad_cam_view(predictor: Predictor, path: str, target: int) -> dict:
@@ -829,11 +828,6 @@ def _grad_cam_view(predictor: Predictor, path: str, target: int) -> dict:
         return {"pixels": model_view(x, predictor), "heatmap": grad_cam(predictor, x, target)}
     except Exception:  # noqa: BLE001 - the gallery shows the plain image instead
         return {}
-
-
-def _write_csv(frame: pd.DataFrame, path: Path, **options) -> None:
-    with atomic_path(path) as tmp:  # (a data folder named in other bytes than UTF-8: its
-        frame.to_csv(tmp, errors="backslashreplace", **options)  # paths spelt out)
 
 
 def _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, y, y_pred,

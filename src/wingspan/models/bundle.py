@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shlex
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from wingspan import __version__
-from wingspan.errors import WingspanError, first_line
+from wingspan.errors import WingspanError, command, first_line
 from wingspan.files import atomic_path, atomic_paths, remove_dead_leftovers
 from wingspan.models.classifier import Classifier, Preprocessing
 from wingspan.models.unknown import PREFIX as UNKNOWN_PREFIX
@@ -141,8 +140,8 @@ def read_manifest(path: str | Path) -> dict:
             run = path.parent.parent
             if path.parent.name == "checkpoints" and (run / "train.log").is_file():
                 hint = (f"It is a training checkpoint of the run {run}: give the run folder, "
-                        "or continue the run with `wingspan train --resume "
-                        f"{shlex.quote(str(run))}` (ws.resume) if it did not finish.")
+                        f"or continue the run with `{command('train', '--resume', run)}` "
+                        "(ws.resume) if it did not finish.")
             elif exported:
                 hint = (f"It is an exported model, for {exported} (the README's export "
                         "section); wingspan's commands take its run folder (runs/NAME) or "

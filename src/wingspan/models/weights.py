@@ -18,7 +18,6 @@ import functools
 import importlib.util
 import os
 import pickle  # (its error type only: nothing is unpickled but tensors)
-import shlex
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ import yaml
 from safetensors.torch import load_file
 from torch import nn
 
-from wingspan.errors import WingspanError, first_line
+from wingspan.errors import WingspanError, command, first_line
 from wingspan.models.registry import BACKBONES, BackboneSpec
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
@@ -213,7 +212,7 @@ def _not_weights(weights: str, path: Path) -> WingspanError:
         last = path / "checkpoints" / "last.pt"
         training = being_trained(path)
         finish = ("Wait for it to finish" if training else
-                  f"Finish it with `wingspan train --resume {shlex.quote(str(weights))}`")
+                  f"Finish it with `{command('train', '--resume', weights)}`")
         return WingspanError(
             f"--weights {weights} is a run without a model yet "
             + ("(being trained now)." if training else "(stopped before its end)."),

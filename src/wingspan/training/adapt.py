@@ -42,7 +42,7 @@ from wingspan.data.samples import PATH, SPLIT
 from wingspan.errors import WingspanError, none_read
 from wingspan.evaluate.calibration import calibration_record, softmax
 from wingspan.evaluate.own_images import own_images, run_folder
-from wingspan.files import disk_spelling, real_paths, replace_folder, write_text
+from wingspan.files import disk_spelling, real_paths, replace_folder, write_csv, write_text
 from wingspan.inference import Predictor
 from wingspan.models import save_bundle
 from wingspan.models.unknown import UnknownDetector
@@ -305,8 +305,8 @@ def _write_run(out: Path, run_dir: Path, predictor: Predictor, summary: dict,
         spelt = disk_spelling(every)
         sums = [(str(os.path.getsize(d)), h) if h else earlier.get(p, ("", ""))
                 for p, d, h in zip(every, spelt, content_hashes(spelt), strict=True)]
-        pd.DataFrame({PATH: every, "bytes": [b for b, _ in sums], "sha256": [h for _, h in sums]}
-                     ).to_csv(partial / ADAPT_PHOTOS_FILE, index=False)
+        write_csv(pd.DataFrame({PATH: every, "bytes": [b for b, _ in sums],
+                                "sha256": [h for _, h in sums]}), partial / ADAPT_PHOTOS_FILE)
         replaced = out.exists()  # an earlier adapted run (see _check_out)
         replace_folder(partial, out)
     except BaseException:  # a full disk, Ctrl-C: no half a run left beside the run

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from wingspan.config import ReadConfig
 from wingspan.data import read_dataset
-from wingspan.errors import WingspanError, counted, first_line
+from wingspan.errors import WingspanError, command, counted, first_line
 from wingspan.evaluate.calibration import MIN_CALIBRATION_IMAGES, bound_warning, calibration_record
 from wingspan.models import save_bundle
 from wingspan.models.engine import Choice
@@ -137,7 +137,7 @@ def _write_results(run: Run) -> None:
     if run.data.test_images:
         left = run.data.test_images - test_gone
         run.log(f"That val figure is optimistic (the epoch was chosen on it). For a fair one: "
-                f"`wingspan evaluate {run.dir}` (run.evaluate() in Python) scores the "
+                f"`{command('evaluate', run.dir)}` (run.evaluate() in Python) scores the "
                 f"{left} test images"
                 + (f" left ({test_gone} of the {run.data.test_images} are gone since the run "
                    "began)" if test_gone else "") + ", never trained or chosen on.",
@@ -304,7 +304,8 @@ def _fit_calibration(run: Run, val: tuple) -> dict:
         run.log(f"Warning: the temperature ({record['temperature']:.3f}) rests on "
                 f"{counted(record['images'], 'val image')}, too few to say much (`wingspan "
                 f"calibrate` asks for {MIN_CALIBRATION_IMAGES}). Fit it again on more labelled "
-                f"images of these classes: `wingspan calibrate {run.dir} DATA`.", caveat=True)
+                f"images of these classes: `{command('calibrate', run.dir, 'DATA')}`.",
+                caveat=True)
     if record["method"] != "likelihood":
         aim = f"{record['images'] + 1} / {record['images'] + 2}"
         run.log(f"Every val image is right: the temperature ({record['temperature']:.3f}) is "

@@ -9,7 +9,6 @@ import json
 import math
 import os
 import re
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from wingspan.data import read_dataset
 from wingspan.data.csvfiles import name_as_read
 from wingspan.data.images import call_budget, chosen_budget
 from wingspan.data.samples import Dataset
-from wingspan.errors import WingspanError, counted, some
+from wingspan.errors import WingspanError, command, counted, some
 from wingspan.files import remove_leftovers, write_text
 from wingspan.models.bundle import is_complete, read_manifest
 from wingspan.models.policy import check_engine_settings
@@ -159,7 +158,7 @@ def _resume(run_dir: Path, config: TrainConfig, fabric, quiet: bool) -> Path:
             f"It may be damaged; the run's finished model is in {run_dir / 'model'}."
             if complete else
             f"It may be damaged. Delete it to train this run again from its start "
-            f"(`wingspan train --resume {shlex.quote(str(run_dir))}`), or train a new run.")) from e
+            f"(`{command('train', '--resume', run_dir)}`), or train a new run.")) from e
     finished = checkpoint and checkpoint["state"]["stage"] == "done"
     metrics = _read_json(run_dir / "metrics.json")  # ({} when gone or damaged: written again)
     scored = bool(metrics) and (not config.holdout_classes or "unknown" in metrics)
@@ -198,7 +197,7 @@ def _resume(run_dir: Path, config: TrainConfig, fabric, quiet: bool) -> Path:
         run.log(f"The model was written again from its checkpoint, as trained: {before}, "
                 f"which `wingspan calibrate` fitted since, "
                 f"{'are' if ' and ' in before else 'is'} not kept. Run it again on the same "
-                f"images: wingspan calibrate {run_dir} ...", caveat=True)
+                f"images: {command('calibrate', run_dir)} ...", caveat=True)
     return done
 
 

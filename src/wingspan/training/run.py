@@ -17,7 +17,6 @@ import dataclasses
 import difflib
 import functools
 import os
-import shlex
 import shutil
 import signal
 import sys
@@ -37,6 +36,7 @@ from wingspan.data.split import write_splits
 from wingspan.errors import (
     TERMINATED,
     WingspanError,
+    command,
     counted,
     end_started,
     first_line,
@@ -44,7 +44,7 @@ from wingspan.errors import (
     out_of_memory_said,
     sigterm_handler,
 )
-from wingspan.files import atomic_paths, make_folder, write_text
+from wingspan.files import atomic_paths, frame_to_csv, make_folder, write_text
 from wingspan.models import create_classifier, resolve_policy
 from wingspan.models.bundle import is_complete
 from wingspan.models.classifier import Classifier
@@ -191,8 +191,7 @@ def _write_run_files(run_dir: Path, dataset: Dataset, held_out: pd.DataFrame | N
         # The run rebuilds its data from this; absolute paths survive moving the run.
         write_splits(dataset, tmps[0], relative=False)
         if held_out is not None:
-            tmps[1].write_text(held_out[["path", config.level]].to_csv(index=False),
-                               encoding="utf-8")  # as read_csv reads it, whatever the locale
+            frame_to_csv(held_out[["path", config.level]], tmps[1])
         tmps[-1].write_text(_data_comment(dataset, run_dir, held_out is not None)
                             + yaml.safe_dump(dataclasses.asdict(recorded), sort_keys=False),
                             encoding="utf-8")
@@ -211,8 +210,8 @@ def _data_comment(dataset: Dataset, run_dir: Path, held_out: bool) -> str:
     # they held only from the folder trained in), the budget kept (without it the images
     # were decoded at 50 MP, and the run was not the same)
     run_dir = Path(os.path.abspath(run_dir))
-    again = (f"wingspan train {shlex.quote(str(run_dir / SPLITS_FILE))} --config "
-             f"{shlex.quote(str(run_dir / CONFIG_FILE))}" + (f" {budget}" if budget else ""))
+    again = (command("train", run_dir / SPLITS_FILE, "--config", run_dir / CONFIG_FILE)
+             + (f" {budget}" if budget else ""))
     if held_out:  # splits.csv has none of their images
         again += (" --holdout-classes ''   # the held-out classes' images are in "
                   f"{HOLDOUT_FILE}: to score them as unknowns again, train on the data "
@@ -299,7 +298,7 @@ class Stopped(WingspanError):
 def go_on(run_dir: Path) -> str:
     """The line that says how to continue a stopped run (from its checkpoint, if any)."""
     # (quoted for the shell: a path with spaces, pasted, was two arguments)
-    how = (f"wingspan train --resume {shlex.quote(str(run_dir))} (in Python: "
+    how = (f"{command('train', '--resume', run_dir)} (in Python: "
            f"ws.resume({str(run_dir)!r}))")
     if (run_dir / "checkpoints" / "last.pt").is_file():
         return f"Continue from the last checkpoint with: {how}"
@@ -579,8 +578,8 @@ def _name_taken(run_dir: Path, name: str) -> str:
         return (f"{training[-1]} is being trained now" if training
                 else f"{earlier[0]} is taken") + f": this run is {run_dir}"
     return (f"{stopped[-1]} holds a run that did not finish; this one starts afresh in "
-            f"{run_dir}. If that one was stopped, `wingspan train --resume "
-            f"{shlex.quote(str(stopped[-1]))}` continues it instead (Ctrl-C this one).")
+            f"{run_dir}. If that one was stopped, `{command('train', '--resume', stopped[-1])}` "
+            "continues it instead (Ctrl-C this one).")
 
 
 MAX_NAME_BYTES = 200
