@@ -46,7 +46,7 @@ from wingspan.config import AugmentConfig, shared_data_dir
 from wingspan.data import read_dataset
 from wingspan.data.images import open_rgb
 from wingspan.data.transforms import eval_transform, interpolation_mode
-from wingspan.evaluate.metrics import macro_f1
+from wingspan.evaluate.metrics import resampled_macro_f1
 from wingspan.inference import Predictor
 from wingspan.training.adapt import adapt
 
@@ -420,7 +420,7 @@ def against_baseline(lever: dict, base: dict, target: str) -> tuple[float, float
     n = len(lever["classes"])
 
     def score(t, p, axis):
-        return macro_f1(t, p, n, axis=axis) if target == "inat" else (t == p).mean(axis)
+        return resampled_macro_f1(t, p, n, axis=axis) if target == "inat" else (t == p).mean(axis)
 
     def gain(t, a, b, axis=-1):
         return score(t, a, axis) - score(t, b, axis)

@@ -1983,3 +1983,28 @@ def test_calibrate_adapt_and_serve_take_precision_and_runtime(trained, tmp_path,
         assert given[-1] == ("fp32", "torch"), args
     create_app(copy, precision="fp32", runtime="torch")
     assert given[-1] == ("fp32", "torch")
+
+
+def test_no_known_images_in_a_split_names_the_splits_that_have_some(trained, tmp_path,
+                                                                     run_cli):
+    """Evaluate and calibrate say it alike (calibrate kept a drifted copy of evaluate's
+    check): the other splits to try where the data has them (calibrate said "give another
+    --split" of data with none; evaluate never did)."""
+    own = read_dataset(trained / "splits.csv").table
+    rows = own[own["split"] == "train"].head(6)[["path", "label"]].assign(split="train")
+    other = own[own["split"] == "train"].tail(4)[["path"]].assign(label="nobody", split="test")
+    table = tmp_path / "data.csv"
+    pd.concat([rows, other]).to_csv(table, index=False)
+    for command, doing in (("evaluate", ""), ("calibrate", " to calibrate on")):
+        code, _, err = run_cli(command, trained, table, "--split", "test", "--quiet")
+        said = " ".join(err.split())
+        assert code == 2 and f"No images of the model's classes in the 'test' split{doing}:" \
+            in said, said
+        assert "; or give another --split (train)." in said, said
+    # Data without splits ('all'): no other split to give
+    (tmp_path / "flat" / "nobody").mkdir(parents=True)
+    shutil.copy(own["path"].iloc[0], tmp_path / "flat" / "nobody" / "a.jpg")
+    code, _, err = run_cli("calibrate", trained, tmp_path / "flat", "--quiet")
+    said = " ".join(err.split())
+    assert code == 2 and "No images of the model's classes in the 'all' split" in said, said
+    assert "--split" not in said, said

@@ -21,9 +21,9 @@ from wingspan.evaluate.metrics import (
     confidence_intervals,
     confusion,
     interval_text,
-    macro_f1,
     most_confused,
     per_class_table,
+    resampled_macro_f1,
     stratified_resamples,
 )
 
@@ -95,9 +95,10 @@ def test_batched_macro_f1_is_scikit_learns(truth_only):
     rows = np.random.default_rng(1).integers(0, 60, (20, 60))
     expected = [f1_score(y[r], p[r], average="macro", zero_division=0,
                          labels=np.unique(y[r]) if truth_only else None) for r in rows]
-    np.testing.assert_allclose(macro_f1(y[rows], p[rows], 9, truth_only), expected)
-    np.testing.assert_allclose(macro_f1(y[rows].T, p[rows].T, 9, truth_only, axis=0), expected)
-    assert np.isnan(macro_f1(np.zeros((3, 0), int), np.zeros((3, 0), int), 9)).all()
+    np.testing.assert_allclose(resampled_macro_f1(y[rows], p[rows], 9, truth_only), expected)
+    np.testing.assert_allclose(resampled_macro_f1(y[rows].T, p[rows].T, 9, truth_only, axis=0),
+                               expected)
+    assert np.isnan(resampled_macro_f1(np.zeros((3, 0), int), np.zeros((3, 0), int), 9)).all()
 
 
 def test_intervals_hold_the_figure_and_narrow_with_more_images():
@@ -507,14 +508,18 @@ def test_stratified_resamples_can_draw_every_image_of_a_class():
 
 
 def test_the_macro_f1_interval_is_the_central_95_percent_of_its_bootstrap():
-    from wingspan.evaluate.metrics import confidence_intervals, macro_f1, stratified_resamples
+    from wingspan.evaluate.metrics import (
+        confidence_intervals,
+        resampled_macro_f1,
+        stratified_resamples,
+    )
 
     y = np.repeat([0, 1, 2], 10)
     p = y.copy()
     p[[0, 1, 12, 25]] = [1, 2, 0, 1]
     ci = confidence_intervals(y, p, 3, seed=0)
     rows = stratified_resamples(y, 1000, np.random.default_rng(0))
-    f1 = macro_f1(y[rows], p[rows], 3, counted=np.ones(3, bool))
+    f1 = resampled_macro_f1(y[rows], p[rows], 3, counted=np.ones(3, bool))
     assert ci["macro_f1"] == pytest.approx(list(np.quantile(f1, [0.025, 0.975])))
 
 

@@ -26,7 +26,7 @@ from wingspan.config import PRECISION_ENV, RUNTIME_ENV, SettingError, TrainConfi
 from wingspan.data import read_dataset
 from wingspan.data.images import open_rgb
 from wingspan.errors import WingspanError
-from wingspan.explain import explain_image
+from wingspan.explain import explain_view
 from wingspan.inference import Predictor
 from wingspan.models import load_bundle
 from wingspan.models.registry import BACKBONES, BackboneSpec
@@ -1760,8 +1760,9 @@ def test_non_cnn_timm_backbones_train_predict_and_explain(backbone, demo_dir, tm
     (p,) = list(predictor.run([photo], progress=False))
     assert p.probs.shape == (4,) and abs(p.probs.sum() - 1) < 1e-5
     x = predictor.views(tta=False)[0](open_rgb(photo))
-    label, _, heatmap = explain_image(predictor, x)
-    assert label in predictor.classes and heatmap.shape == x.shape[-2:]
+    explained, _ = explain_view(predictor, x)
+    heatmap = explained.heatmap
+    assert explained.label in predictor.classes and heatmap.shape == x.shape[-2:]
     assert 0 <= heatmap.min() and heatmap.max() <= 1
 
 

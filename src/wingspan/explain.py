@@ -103,14 +103,6 @@ def _tokens_into_last_block(backbone):
         hook.remove()
 
 
-def explain_image(predictor: Predictor, x: torch.Tensor, target: str | None = None
-                  ) -> tuple[str, float, np.ndarray]:
-    """(class, its calibrated probability, its Grad-CAM map) for one preprocessed image:
-    the class predict names, or `target`."""
-    e, _ = explain_view(predictor, x, target)
-    return e.label, e.probability, e.heatmap
-
-
 def explain(model: str | Path, images: list[str], out: str | Path,
             device: str = "auto", progress: bool = True) -> list[Explanation]:
     """An overlay PNG per image in `out`; unreadable images are reported, not fatal.

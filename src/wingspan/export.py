@@ -286,7 +286,7 @@ def _export_onnx(job: _Job) -> bytes:
     --quantize int8 quantized then, if it keeps val top-1 within INT8_MAX_DROP. The
     metadata goes in the graph too."""
     meta = job.meta
-    graph = _onnx_graph(job.deployable, job.spec.size, job.outputs, meta)
+    graph = _onnx_graph(job.deployable, job.spec.size, job.outputs)
     meta["checked"] = _check(graph, job.spec, job.outputs, job.images, job.reference,
                              job.deployable.unknown)
     if job.quantize:
@@ -609,7 +609,7 @@ _SIZES = {"Pad": (1, 3), "Reshape": (1,), "Slice": (1, 2, 3, 4), "Expand": (1,),
           "Resize": (1, 2, 3), "Tile": (1,)}
 
 
-def _onnx_graph(deployable: nn.Module, size: int, levels: list[str], meta: dict) -> bytes:
+def _onnx_graph(deployable: nn.Module, size: int, levels: list[str]) -> bytes:
     """The ONNX graph, by the same exporter the engines use, fed uint8 NHWC pixels."""
     example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
     return export_onnx(deployable, size, levels, example=example, input_name="pixels")

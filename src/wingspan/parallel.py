@@ -282,7 +282,8 @@ def long_wait(fabric: Fabric) -> Callable[[], None]:
 
 
 def local_fabric(device: str = "auto") -> Fabric:
-    """One process on one device: what a library call gets when it is not given a Fabric."""
+    """One process on one device, for a caller that has no run to take its processes from
+    (tests, a notebook that calls a stage directly)."""
     return Processes(device=device, devices=1, nodes=1).fabric()
 
 

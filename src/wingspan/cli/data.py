@@ -22,6 +22,7 @@ from wingspan.cli.options import (
     Quiet,
     SplitStrict,
     Strict,
+    Weights,
 )
 from wingspan.config import (
     AUGMENT_POLICIES,
@@ -170,11 +171,7 @@ def data_audit(
         "(comma-separated; auto: efficientnet_lite2,efficientnet_lite0, installed with "
         "wingspan, or a run's own with --weights RUN).", rich_help_panel=Panel.MODEL)]
     = AuditConfig.backbone,
-    weights: Annotated[str, typer.Option(
-        help="auto (offline first) | none | a weights file | a wingspan run or model (its "
-        "fine-tuned backbone; --backbone auto takes its architecture).",
-        rich_help_panel=Panel.MODEL)]
-    = AuditConfig.weights,
+    weights: Weights = AuditConfig.weights,
     folds: Annotated[int, typer.Option(help="Folds of the out-of-fold probabilities.")]
     = AuditConfig.folds,
     duplicate_similarity: Annotated[float, typer.Option(

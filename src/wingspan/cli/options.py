@@ -114,6 +114,11 @@ Precision = Annotated[str, typer.Option(
 # Every command that reads images through a data loader; checked by resolve_workers.
 BatchSize = Annotated[int, typer.Option(min=1, help="Images per batch.",
                                         rich_help_panel=Panel.ENGINES)]
+# train's and data audit's backbone weights
+Weights = Annotated[str, typer.Option(
+    help="auto (offline first) | none | a weights file | a wingspan run or model (its "
+    "fine-tuned backbone; --backbone auto takes its architecture).",
+    rich_help_panel=Panel.MODEL)]
 Workers = Annotated[int | None, typer.Option(
     help="Data workers (0: read the images in this process; default: per machine).",
     show_default=False, rich_help_panel=Panel.ENGINES)]

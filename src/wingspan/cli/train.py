@@ -30,6 +30,7 @@ from wingspan.cli.options import (
     Runtime,
     Strategy,
     Strict,
+    Weights,
     Workers,
     check_folder,
 )
@@ -59,11 +60,7 @@ def train_command(
         help="auto (resnet50 when its weights resolve, else the best one installed offline), "
         "a name from `wingspan models list`, or any timm model.",
         rich_help_panel=Panel.MODEL)] = T.backbone,
-    weights: Annotated[str, typer.Option(
-        help="auto (offline first) | none | a weights file | a wingspan run or model (its "
-        "fine-tuned backbone; --backbone auto takes its architecture).",
-        rich_help_panel=Panel.MODEL)]
-    = T.weights,
+    weights: Weights = T.weights,
     epochs_head: Annotated[int, typer.Option(help="Stage 1 epochs (frozen backbone).",
                                              rich_help_panel=Panel.TRAINING)]
     = T.epochs_head,

@@ -11,7 +11,7 @@ import pandas as pd
 
 from wingspan.config import BATCH_SIZE, UNKNOWN_SCORES, TrainConfig
 from wingspan.data.samples import SPLIT
-from wingspan.errors import WingspanError, counted, none_read, some
+from wingspan.errors import WingspanError, counted, none_read
 from wingspan.evaluate.calibration import MIN_CALIBRATION_IMAGES, calibration_record
 from wingspan.evaluate.fairness import (
     PHOTO_SUM_DIGITS,
@@ -25,12 +25,9 @@ from wingspan.evaluate.run import (
     check_no_split_name,
     check_split,
     evaluation_dataset,
-    left_out_figures,
-    look_alikes,
+    known_rows,
     predicted_classes,
-    split_rows,
 )
-from wingspan.evaluate.wording import look_alike_hint
 from wingspan.files import check_writable, real_paths
 from wingspan.inference import Predictor, run_dir_of
 from wingspan.models.bundle import update_manifest
@@ -83,22 +80,8 @@ def calibrate(model: str | Path, data: str | Path | None = None, split: str | No
         split = "val" if data is None or "val" in set(dataset.table[SPLIT]) else "all"
     check_split(dataset, split)
     class_map = check_class_map(class_map or {}, predictor, dataset, level)
-    rows = split_rows(dataset, split, level, predictor, class_map)
-    theirs = sorted(set(rows["_label"]) - {""})  # (blank: no class at this level)
-    known = rows["_label"].isin(predictor.classes)
-    left_out = left_out_figures(rows, known, level,  # said, as evaluate says them
-                                predictor.classes)
-    rows = rows[known]
-    if rows.empty:  # as evaluate says it
-        raise WingspanError(
-            f"No images of the model's classes in the '{split}' split to calibrate on: the "
-            f"model knows {some(predictor.classes)}; the data's '{level}' classes there are "
-            f"{some(theirs) or 'none'}.",
-            hint=look_alike_hint(look_alikes(theirs, set(predictor.classes)), python=None)
-            or "If they are the same classes under other names, map them with --map "
-               "MODEL_CLASS=DATA_CLASS (once per class; in Python class_map={model "
-               "class: data class})" + (
-                   "; or give another --split." if data is not None else "."))
+    rows, left_out = known_rows(dataset, split, level, predictor, class_map,
+                                " to calibrate on")
     preds = list(predictor.run(rows["path"].tolist(), progress=progress))
     ok = [i for i, p in enumerate(preds) if not p.error]
     if not ok:

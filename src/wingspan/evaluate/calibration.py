@@ -20,21 +20,16 @@ def _answered(probs: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray | None
 def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, bins: int = 15,
                                y_pred: np.ndarray | None = None) -> float:
     """Mean |accuracy - confidence| over equal-width confidence bins, weighted by bin size,
-    of the class answered (`_answered`)."""
-    confidence, correct = _answered(probs, y_true, y_pred)
-    edges = np.linspace(0, 1, bins + 1)
-    ece = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
-        in_bin = (confidence > lo) & (confidence <= hi)
-        if in_bin.any():
-            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
-    return float(ece)
+    of the class answered (`_answered`): the bins of the reliability diagram beside it."""
+    r = reliability(probs, y_true, bins, y_pred)
+    n = r["counts"].sum()
+    return float((r["counts"] * np.abs(r["accuracy"] - r["confidence"])).sum() / n) if n else 0.0
 
 
 def reliability(probs: np.ndarray, y_true: np.ndarray, bins: int = 15,
                 y_pred: np.ndarray | None = None) -> dict:
     """Per-bin confidence, accuracy and count of the class answered, for the reliability
-    diagram."""
+    diagram; bins are (lo, hi], the first [0, hi]."""
     confidence, correct = _answered(probs, y_true, y_pred)
     edges = np.linspace(0, 1, bins + 1)
     index = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)

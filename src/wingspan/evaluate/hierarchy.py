@@ -9,6 +9,7 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from wingspan.data.samples import renamed
 from wingspan.data.taxonomy import Taxonomy
+from wingspan.evaluate.metrics import macro_f1
 
 
 def _scores(y: np.ndarray, pred: np.ndarray, truth_only: bool = False) -> dict:
@@ -16,11 +17,9 @@ def _scores(y: np.ndarray, pred: np.ndarray, truth_only: bool = False) -> dict:
     model's classes), as `classification_metrics` averages it."""
     if not len(y):  # no row has a truth at this level
         return {"accuracy": float("nan"), "micro_f1": float("nan"), "macro_f1": float("nan")}
-    labels = np.unique(y) if truth_only else None
     return {"accuracy": float(accuracy_score(y, pred)),
             "micro_f1": float(f1_score(y, pred, average="micro", zero_division=0)),
-            "macro_f1": float(f1_score(y, pred, average="macro", labels=labels,
-                                       zero_division=0))}
+            "macro_f1": macro_f1(y, pred, truth_only=truth_only)}
 
 
 def truth_indices(taxonomy: Taxonomy, rows: pd.DataFrame, rare: dict[str, str]

@@ -13,6 +13,7 @@ from sklearn.metrics import (
     accuracy_score,
     cohen_kappa_score,
     confusion_matrix,
+    f1_score,
     precision_recall_fscore_support,
     top_k_accuracy_score,
 )
@@ -99,7 +100,8 @@ def confidence_intervals(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int,
     batch = max(1, 2_000_000 // (len(y_true) + n_classes))  # bounded memory
     for start in range(0, resamples, batch):
         rows = stratified_resamples(y_true, min(batch, resamples - start), rng)
-        scores.append(macro_f1(y_true[rows], y_pred[rows], n_classes, counted=counted))
+        scores.append(resampled_macro_f1(y_true[rows], y_pred[rows], n_classes,
+                                         counted=counted))
     tail = (1 - confidence) / 2
     low, high = np.quantile(np.concatenate(scores), [tail, 1 - tail])
     found = {"confidence": confidence, "resamples": resamples,
@@ -128,8 +130,19 @@ def stratified_resamples(y_true: np.ndarray, resamples: int, rng: np.random.Gene
     return order[first + draws]
 
 
-def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, truth_only: bool = False,
-             axis: int = -1, counted: np.ndarray | None = None) -> np.ndarray:
+def macro_f1(y_true, y_pred, labels=None, truth_only: bool = False) -> float:
+    """The macro-F1 of one set of answers, as every figure of wingspan averages it (each
+    training epoch's, evaluate's, each taxonomic level's, the open set's): over `labels`,
+    else the classes in the truth or the answers, or with `truth_only` the truth's alone
+    (`averaged_classes`)."""
+    if labels is None:
+        labels = averaged_classes(np.asarray(y_true), np.asarray(y_pred), truth_only)
+    return float(f1_score(y_true, y_pred, average="macro", labels=labels, zero_division=0))
+
+
+def resampled_macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int,
+                       truth_only: bool = False, axis: int = -1,
+                       counted: np.ndarray | None = None) -> np.ndarray:
     """Macro-F1 as `classification_metrics` averages it, for a batch of resamples at once
     (the last axis holds the images): scikit-learn's f1_score takes one sample per call,
     which is 1000 calls per interval. Each class present (in the truth or the predictions,

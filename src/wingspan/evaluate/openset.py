@@ -4,7 +4,9 @@ from images of classes it never saw, and what its threshold costs the known ones
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import f1_score, roc_auc_score
+from sklearn.metrics import roc_auc_score
+
+from wingspan.evaluate.metrics import macro_f1
 
 TPR = 0.95  # FPR is reported where this share of known images is kept
 
@@ -39,8 +41,8 @@ def openset_metrics(known: np.ndarray, unknown: np.ndarray, threshold: float,
     answered = np.where(known_away, -1, y_pred)
     unseen_answered = np.where(unknown_away, -1, unknown_pred)
 
-    def macro(truth, pred):
-        return float(f1_score(truth, pred, labels=labels, average="macro", zero_division=0))
+    def macro(truth, pred):  # (the unknown answer, -1, is in no class's average)
+        return macro_f1(truth, pred, labels=labels)
 
     return {
         **separation(known, unknown), "threshold": float(threshold),

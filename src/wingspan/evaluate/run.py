@@ -131,7 +131,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     split = split or _default_split(dataset)
     check_split(dataset, split)
     class_map = check_class_map(class_map or {}, predictor, dataset, level)
-    rows, left_out = _known_rows(dataset, split, level, predictor, class_map)
+    rows, left_out = known_rows(dataset, split, level, predictor, class_map)
     tree_moved = []  # classes DATA's taxonomy places otherwise than the model's
     if data is not None and predictor.taxonomy and not class_map:
         _check_data_tree(rows, predictor.taxonomy.levels)
@@ -165,6 +165,8 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
         y = rows["_label"].map(index).to_numpy()[ok]
         logits = np.stack([preds[i].view_logits for i in ok])  # (images, views, classes)
         probs = view_softmax(logits, predictor.temperature)
+        raw = view_softmax(logits)  # (at T 1: what the temperature changed)
+        raw_pred = predicted_classes(predictor, raw, 1.0)
         classes = predictor.classes
         # On other data (holding some of the model's classes, with --map or by name), the
         # macro averages cover the classes it holds; on the run's own, every class seen.
@@ -177,9 +179,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
                        **({"reading": reading} if reading else {}),
                        **({"tree_differs": tree_moved} if tree_moved else {}),
                        images_per_second=round(speed, 1), engine=predictor.policy.describe(),
-                       ece_uncalibrated=expected_calibration_error(
-                           view_softmax(logits), y,
-                           y_pred=predicted_classes(predictor, view_softmax(logits), 1.0)),
+                       ece_uncalibrated=expected_calibration_error(raw, y, y_pred=raw_pred),
                        temperature=predictor.temperature,
                        calibration=_calibration_used(predictor, split, data,
                                                      [paths[i] for i in ok]), tta=tta,
@@ -246,7 +246,8 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
         write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
 
         pngs = _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, y,
-                      y_pred, probs, logits, read, own=data is None) if plots else {}
+                      y_pred, probs, (raw, raw_pred), metrics, read,
+                      own=data is None) if plots else {}
         if unknown is not None and plots:  # _openset drew it
             pngs["unknown"] = out_dir / "unknown.png"
         if levels_table is not None:  # _per_level drew the coarser levels' matrices (if plots)
@@ -254,7 +255,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
                               for lv in predictor.taxonomy.levels[:-1]}
         # (the run and the folder: a run's test and --unknown reports were alike in the tabs)
         _report(out_dir, f"{run_dir.name}, {final.name}" if run_dir else final.name,
-                predictor, run_dir, dataset, level, split, metrics, table, confused, pngs,
+                predictor, dataset, level, split, metrics, table, confused, pngs,
                 levels_table, transfer, plots)
     return Evaluation(final, metrics, final / "report.html")
 
@@ -315,24 +316,26 @@ def look_alikes(theirs: list[str], ours: set[str]) -> dict[str, str]:
     return {c: ours_by_look[name_look(c)] for c in theirs if name_look(c) in ours_by_look}
 
 
-def _known_rows(dataset: Dataset, split: str, level: str, predictor: Predictor,
-                class_map: dict[str, str]) -> tuple[pd.DataFrame, dict]:
+def known_rows(dataset: Dataset, split: str, level: str, predictor: Predictor,
+               class_map: dict[str, str], doing: str = "") -> tuple[pd.DataFrame, dict]:
     """The split's images of the model's classes (see `split_rows`), and what is left out (said
-    so: `left_out_figures`)."""
+    so: `left_out_figures`); evaluate's and calibrate's (`doing`: " to calibrate on")."""
     rows = split_rows(dataset, split, level, predictor, class_map)
     known = rows["_label"].isin(predictor.classes)
     if not known.any():
         theirs = sorted(set(rows["_label"]) - {""})  # (blank: no class at this level)
         blank = int((rows["_label"] == "").sum())
+        others = sorted(set(dataset.table[SPLIT]) - {split, ""}) if split != "all" else []
         raise WingspanError(
-            f"No images of the model's classes in the '{split}' split: the model knows "
+            f"No images of the model's classes in the '{split}' split{doing}: the model knows "
             f"{some(predictor.classes)}; the data's '{level}' classes there are "
             f"{some(theirs) or 'none'}"
             + (f" ({counted(blank, 'image')} with no '{level}' at all)" if blank else "") + ".",
             hint=look_alike_hint(look_alikes(theirs, set(predictor.classes)), python=None)
             or "If they are the same classes under other names, map them with --map "
                "MODEL_CLASS=DATA_CLASS (once per class; in Python class_map={model "
-               "class: data class}).")
+               "class: data class})" + (f"; or give another --split ({', '.join(others)})."
+                                        if others else "."))
     return rows[known], left_out_figures(rows, known, level, predictor.classes)
 
 
@@ -831,7 +834,10 @@ def _grad_cam_view(predictor: Predictor, path: str, target: int) -> dict:
 
 
 def _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, y, y_pred,
-           probs, logits, read: list, own: bool) -> dict:
+           probs, raw: tuple[np.ndarray, np.ndarray], metrics: dict, read: list, own: bool
+           ) -> dict:
+    """The report's figures; `raw`: the probabilities at T 1 and the classes answered at it
+    (the reliability diagram sets them beside the calibrated ones, with both ECEs)."""
     pngs = {"confusion": charts.plot_confusion(cm, classes, out_dir / "confusion.png")}
     wrong = np.flatnonzero(y_pred != y)
     p_pred = probs[np.arange(len(y_pred)), y_pred]
@@ -849,12 +855,9 @@ def _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, 
         [{"image": Path(m["path"]).name, "true class": m["true"], "named": m["predicted"],
           "probability": m["probability"], **({"answered": m["answer"] or m["predicted"]}
                                               if told else {})} for m in shown])
-    raw = view_softmax(logits)
-    raw_pred = predicted_classes(predictor, raw, 1.0)
     pngs["reliability"] = charts.plot_reliability(
-        reliability(raw, y, y_pred=raw_pred), reliability(probs, y, y_pred=y_pred),
-        (expected_calibration_error(raw, y, y_pred=raw_pred),
-         expected_calibration_error(probs, y, y_pred=y_pred)), out_dir / "reliability.png")
+        reliability(raw[0], y, y_pred=raw[1]), reliability(probs, y, y_pred=y_pred),
+        (metrics["ece_uncalibrated"], metrics["ece"]), out_dir / "reliability.png")
     counts = dataset.table[level].value_counts()
     pngs["balance"] = plot_class_balance(counts, level, out_dir / "balance.png")
     if run_dir and (run_dir / HISTORY_FILE).is_file():
@@ -876,8 +879,8 @@ def _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, 
     return pngs
 
 
-def _report(out_dir, name, predictor, run_dir, dataset, level, split, metrics, table, confused,
-            pngs, levels_table=None, transfer=None, plots: bool = True) -> Path:
+def _report(out_dir, name, predictor, dataset, level, split, metrics, table, confused, pngs,
+            levels_table=None, transfer=None, plots: bool = True) -> Path:
     manifest = predictor.manifest
     data_table = pd.crosstab(dataset.table[level], dataset.table[SPLIT].replace("", "all"))
     data_table.columns.name = None  # else an empty column headed "split"

@@ -135,7 +135,7 @@ def cannot_run(engine: Engine, device: torch.device, train: bool) -> str:
     return ""
 
 
-def auto_leaves_out(engine: Engine, device: torch.device, train: bool) -> str:
+def auto_leaves_out(engine: Engine, device: torch.device) -> str:
     """Why `auto` leaves out an engine that could run, or ''."""
     if engine.precision == "bf16" and not native_bf16(device):
         return "bf16 is emulated here (no AMX / AVX-512 bf16), several times slower"
@@ -156,7 +156,7 @@ def candidates(device: torch.device, precision: str, runtime: str, train: bool
         if not why and not train and runtime != "auto" and engine.runtime != runtime:
             why = f"runtime {runtime} was asked for"
         if not why and precision == "auto":
-            why = auto_leaves_out(engine, device, train)
+            why = auto_leaves_out(engine, device)
         if why:
             left_out[engine.name] = why
         else:

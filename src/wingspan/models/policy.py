@@ -314,7 +314,7 @@ def resolve_policy(device: str = "auto", precision: str = "auto",
             # Name what auto left out (emulated bf16), not what cannot run here at all.
             skipped = [f"not {e.name}: {others[e.name]}" for e in ENGINES
                        if e.name in others and not cannot_run(e, dev, kind == "train")
-                       and auto_leaves_out(e, dev, kind == "train")]
+                       and auto_leaves_out(e, dev)]
             why = (f"forced by {', '.join(forced)}" + _slow_note(engines[0], dev, kind)
                    + (f"; though {risks[engines[0].name]}" if kind == "frozen"
                       and engines[0].name in risks else "")
@@ -327,7 +327,7 @@ def resolve_policy(device: str = "auto", precision: str = "auto",
 def _slow_note(forced: Engine, device: torch.device, kind: str) -> str:
     """A forced engine is used as asked, but where auto would leave it out as slow here
     (emulated bf16; never timed, so the flags are all there is to go by) say so."""
-    why = auto_leaves_out(forced, device, kind == "train")
+    why = auto_leaves_out(forced, device)
     return f"; likely slower than fp32: {why}" if why else ""
 
 

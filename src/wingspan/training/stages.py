@@ -18,10 +18,10 @@ import time
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from sklearn.metrics import f1_score
 from torch import nn
 
 from wingspan.errors import WingspanError, counted, some
+from wingspan.evaluate.metrics import macro_f1
 from wingspan.files import atomic_path, file_stamp
 from wingspan.models.engine import own_random_stream
 from wingspan.parallel import every_rank, gather_objects, gather_shards, shard
@@ -47,10 +47,6 @@ from wingspan.training.step import finetune_parts, prefixed_pass
 
 # In a distributed run, how often (in steps) rank 0 is asked whether a checkpoint is due.
 CHECKPOINT_POLL_STEPS = 20
-
-
-def macro_f1(labels, preds) -> float:
-    return float(f1_score(labels, preds, average="macro", zero_division=0))
 
 
 class Criterion:
