@@ -1921,6 +1921,13 @@ def test_ece_on_copies_of_the_calibration_photos_is_said_optimistic(trained, tmp
                                  "--out", tmp_path / f"cli-{split}")
         assert code == 0, err
         assert ("optimistic: fitted on these images" in " ".join(out.split())) == fitted_here
+        # ... and in a notebook, which said "ECE before / after" without it
+        from wingspan.api.evaluation import Evaluation
+
+        done = evaluate(run, split=split, out=tmp_path / f"nb-{split}", progress=False,
+                        workers=0, plots=False)
+        shown = Evaluation(done.out_dir, done.metrics, done.report)._repr_html_()
+        assert ("optimistic: fitted on these images" in shown) == fitted_here
     assert "photo_sums" not in evaluate(run, split="val", out=tmp_path / "val", progress=False,
                                         workers=0, plots=False).metrics["calibration"]
 

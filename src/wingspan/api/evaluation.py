@@ -109,14 +109,12 @@ class Evaluation:
                 f"{m['accuracy']:.4f}, macro-F1 {m['macro']['f1']:.4f}; {self.report_path})")
 
     def _repr_html_(self) -> str:
-        from wingspan.evaluate.metrics import summary_rows
+        from wingspan.evaluate.metrics import ece_row, summary_rows
         from wingspan.evaluate.wording import answer_rows, at_threshold
 
         m = self.metrics
-        pairs = [("images", m["images"]), *summary_rows(m),
-                 ("ECE before / after the temperature",
-                   f"{m['ece_uncalibrated']:.4f} / {m['ece']:.4f} "
-                   f"(T = {m['temperature']:.2f})"), *answer_rows(m.get("answers")),
+        pairs = [("images", m["images"]), *summary_rows(m), ece_row(m),
+                 *answer_rows(m.get("answers")),
                   ("are these figures fair?", m["fair"]), ("report", self.report_path)]
         parts = [_kv(f"Evaluation: {m['split']} split, level '{m['level']}'", pairs)]
         if u := m.get("unknown"):  # evaluated with unknown=: the unseen images' figures

@@ -113,7 +113,7 @@ def print_evaluation(result) -> None:
     from rich.table import Table
 
     from wingspan.evaluate.hierarchy import level_table
-    from wingspan.evaluate.metrics import summary_rows
+    from wingspan.evaluate.metrics import ece_row, summary_rows
     from wingspan.evaluate.wording import (
         answer_rows,
         fairness,
@@ -128,10 +128,7 @@ def print_evaluation(result) -> None:
                   + (", test-time augmentation" if m.get("tta") else ""))
     for label, value in summary_rows(m):
         table.add_row(label, value)
-    fitted_here = m["calibration"].get("same_data_as_evaluation")  # as the report says it
-    table.add_row("ECE (temperature)", f"{m['ece_uncalibrated']:.4f} -> {m['ece']:.4f} "
-                  f"(T = {m['temperature']:.2f}"
-                  + ("; optimistic: fitted on these images" if fitted_here else "") + ")")
+    table.add_row(*ece_row(m))
     worse = m["ece"] > m["ece_uncalibrated"] + 0.01
     # The metrics above name a class for every image; the answer may not.
     for label, value in answer_rows(m.get("answers")):

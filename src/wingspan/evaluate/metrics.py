@@ -186,6 +186,16 @@ def summary_rows(m: dict) -> list[tuple[str, str]]:
     return [*rows, ("Cohen's kappa", "-" if kappa is None else f"{kappa:.4f}")]
 
 
+def ece_row(m: dict) -> tuple[str, str]:
+    """The calibration error before and after the temperature, as the terminal and a
+    notebook show it (the report gives it a section): optimistic where the temperature
+    was fitted on the images evaluated."""
+    fitted_here = m["calibration"].get("same_data_as_evaluation")
+    return ("ECE (temperature)", f"{m['ece_uncalibrated']:.4f} -> {m['ece']:.4f} "
+            f"(T = {m['temperature']:.2f}"
+            + ("; optimistic: fitted on these images" if fitted_here else "") + ")")
+
+
 def interval_text(metrics: dict, name: str) -> str:
     """' (95% CI low-high)' for a figure with an interval, else ''."""
     interval = metrics.get("interval")
