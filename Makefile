@@ -22,10 +22,13 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 # they skip, but not in CI, whose .ci/run sets WINGSPAN_REQUIRE_AXE where npm is).
 AXE := $(VENV)/axe/node_modules/axe-core/axe.min.js
 $(AXE): | $(BIN)/python
-	@if command -v npm >/dev/null; then \
+	@if [ -e $(VENV)/axe/.failed ]; then \
+		echo "axe-core could not be installed before: the pages' accessibility checks skip (rm $(VENV)/axe/.failed to try again)"; \
+	elif command -v npm >/dev/null; then \
 		npm install --prefix $(VENV)/axe --no-audit --no-fund --no-save --loglevel error \
-			axe-core@4.14.1 >/dev/null \
-		|| echo "axe-core could not be installed (no registry?): the pages' accessibility checks skip"; \
+			--fetch-retries 1 --fetch-timeout 20000 axe-core@4.14.1 >/dev/null \
+		|| { mkdir -p $(VENV)/axe && touch $(VENV)/axe/.failed; \
+		     echo "axe-core could not be installed (no registry?): the pages' accessibility checks skip"; }; \
 	else echo "npm is missing, so the pages' accessibility checks skip (apt-get install -y npm)"; fi
 
 demo: $(VENV)/.installed

@@ -178,6 +178,46 @@ def test_out_of_memory_says_which_batch_size_to_try(run_dir, run_cli, tmp_path, 
         run_cli("predict", run_dir, image)
 
 
+@pytest.mark.parametrize("said, detail, gpu_hint", [
+    # torch before 2.4 (the statistics in brackets, then advice)
+    ("CUDA out of memory. Tried to allocate 20.00 MiB (GPU 0; 15.78 GiB total capacity; "
+     "14.21 GiB already allocated; 4.75 MiB free; 14.50 GiB reserved in total by PyTorch) If "
+     "reserved memory is >> allocated memory try setting max_split_size_mb",
+     "CUDA out of memory. Tried to allocate 20.00 MiB (GPU 0; 15.78 GiB total capacity; "
+     "14.21 GiB already allocated; 4.75 MiB free; 14.50 GiB reserved in total by PyTorch)",
+     True),
+    # a Mac's: no nvidia-smi, and none of torch's advice to lift its limit
+    ("MPS backend out of memory (MPS allocated: 17.00 GB, other allocations: 1.20 GB, max "
+     "allowed: 18.13 GB). Tried to allocate 256.00 MB on private pool. Use "
+     "PYTORCH_MPS_HIGH_WATERMARK_RATIO=0.0 to disable upper limit for memory allocations "
+     "(may cause system failure).",
+     "MPS backend out of memory (MPS allocated: 17.00 GB, other allocations: 1.20 GB, max "
+     "allowed: 18.13 GB). Tried to allocate 256.00 MB on private pool", False)])
+def test_out_of_memory_messages_of_other_devices_and_versions(said, detail, gpu_hint):
+    from wingspan.errors import out_of_memory_said
+
+    e = out_of_memory_said(torch.OutOfMemoryError(said), 32)
+    assert e.message == f"Out of GPU memory at --batch-size 32: {detail}."
+    assert ("nvidia-smi" in e.hint) == gpu_hint
+    # At batch 1 there is no smaller batch to try; where a file set it, no number is given
+    assert "--batch-size" not in out_of_memory_said(torch.OutOfMemoryError(said), 1,
+                                                    training=True).hint
+    assert "a smaller --batch-size or --image-size" in out_of_memory_said(
+        torch.OutOfMemoryError(said), None, training=True).hint
+
+
+def test_the_batch_size_an_out_of_memory_message_names():
+    """The one given, the default, or none where a config file or the run sets it (it
+    said 32 of a run whose --config set 64)."""
+    from wingspan.cli.app import _batch_size
+
+    assert _batch_size(["predict", "RUN", "x.jpg"]) == 32
+    assert _batch_size(["train", "data", "--batch-size", "12"]) == 12
+    assert _batch_size(["train", "data", "--config", "c.yaml"]) is None
+    assert _batch_size(["train", "--resume", "runs/r"]) is None
+    assert _batch_size(["explain", "RUN", "x.jpg"]) is None  # (no --batch-size there)
+
+
 def test_predict_on_one_photo_and_on_none(run_dir, run_cli, tmp_path):
     image = tmp_path / "a.jpg"
     _rgb().save(image)

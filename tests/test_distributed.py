@@ -690,15 +690,19 @@ import sys, time
 from datetime import timedelta
 
 import lightning_fabric.strategies.ddp as ddp
+import torch.distributed as dist
 
-init = ddp.DDPStrategy.__init__
-
-
-def short(self, *args, **kwargs):  # the process group's timeout: 4 s, not 30 minutes
-    init(self, *args, **{**kwargs, "timeout": timedelta(seconds=4)})
+setup = ddp.DDPStrategy.setup_environment
 
 
-ddp.DDPStrategy.__init__ = short
+def short(self):  # the process group's timeout: 4 s, not 30 minutes; set once both
+    # processes have joined (given to the strategy, it bounded their rendezvous too, and a
+    # rank 1 slow to start on a loaded machine failed it: "1/2 clients joined")
+    setup(self)
+    dist.set_timeout(timedelta(seconds=4))
+
+
+ddp.DDPStrategy.setup_environment = short
 import wingspan.training.finish as finish
 
 check = finish.check_lossy_engines

@@ -2454,7 +2454,7 @@ def test_the_resume_line_of_a_stage_that_had_ended():
     assert line(12, bad_epochs=8, step=5) == "Resuming r at head epoch 13, batch 6"
 
 
-def test_commands_in_messages_are_quoted_for_the_shell(demo_dir, tmp_path):
+def test_commands_in_messages_are_quoted_for_the_shell(demo_dir, tmp_path, monkeypatch):
     """Every `wingspan ...` line a message gives is pasted into a shell as it is: a run
     folder with a space in its name was two arguments in train's "For a fair one:
     `wingspan evaluate RUN`" (and calibrate's, adapt's and evaluate's own lines)."""
@@ -2468,3 +2468,11 @@ def test_commands_in_messages_are_quoted_for_the_shell(demo_dir, tmp_path):
     assert command("evaluate", run_dir, "--split", "test") == \
         f"wingspan evaluate '{run_dir}' --split test"
     assert command("calibrate", "RUN", "DATA") == "wingspan calibrate RUN DATA"
+    # As cmd.exe and PowerShell read it: double quotes, and only around a word with a space
+    # (cmd.exe keeps single quotes; shlex quoted every path with a backslash)
+    import sys
+
+    monkeypatch.setattr(sys, "platform", "win32")
+    assert command("evaluate", r"C:\Users\me\my runs\r", "--split", "test") == \
+        r'wingspan evaluate "C:\Users\me\my runs\r" --split test'
+    assert command("evaluate", r"C:\runs\r") == r"wingspan evaluate C:\runs\r"

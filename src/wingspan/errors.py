@@ -7,6 +7,7 @@ import os
 import re
 import shlex
 import signal
+import subprocess
 import sys
 import threading
 
@@ -157,9 +158,14 @@ def some(names, n: int = 10) -> str:
 
 def command(*words) -> str:
     """A wingspan command line for a message, to paste into a shell: each word quoted where
-    it needs it (a run folder with a space in its name was two arguments); a placeholder
-    (RUN, DATA) stays as it is."""
-    return "wingspan " + " ".join(shlex.quote(str(word)) for word in words)
+    it needs it (a run folder with a space in its name was two arguments), as the shell
+    reads it: POSIX single quotes, or on Windows double quotes, and only around a word with
+    a space (cmd.exe keeps single quotes, and shlex quotes every path with a backslash); a
+    placeholder (RUN, DATA) stays as it is."""
+    words = [str(word) for word in words]
+    if sys.platform == "win32":
+        return "wingspan " + subprocess.list2cmdline(words)
+    return "wingspan " + " ".join(map(shlex.quote, words))
 
 
 def first_line(error: BaseException) -> str:
@@ -172,7 +178,7 @@ def out_of_memory_said(error: BaseException, batch_size: int | None = None,
                        training: bool = False) -> WingspanError | None:
     """torch's out-of-memory errors (a GPU's, the CPU allocator's) in words, with what to
     change; None for any other error. (They were a traceback ending in torch's allocator
-    statistics, and said nothing of --batch-size.)"""
+    statistics, and said nothing of --batch-size.) `batch_size`: the one in use, if known."""
     said = str(error)
     if type(error).__name__ == "OutOfMemoryError" or "out of memory" in said[:200]:
         where = "GPU"  # (torch.OutOfMemoryError: CUDA's, or "MPS backend out of memory")
@@ -180,15 +186,22 @@ def out_of_memory_said(error: BaseException, batch_size: int | None = None,
         where = "CPU"
     else:
         return None
-    # torch's first sentence says how much was asked and what the GPU had free; the rest is
-    # its allocator's statistics.
+    # torch's first sentence or two say how much was asked and what the device had free;
+    # then come its allocator's statistics and advice on its own settings.
     detail = re.sub(r"^(\[enforce fail[^\]]*\][^.]*\.\s*)", "", first_line(error)).strip()
-    detail = re.split(r"(?<=free)\.|(?<=bytes)\.", detail)[0].strip().rstrip(".")
+    detail = re.split(r"(?<=free)\.|(?<=bytes)\.(?=\s*Error code)"
+                      r"|[.)]\s+(?=Use |If |Including |Process |See |Please )",
+                      detail)[0].strip().rstrip(".")
+    detail += ")" if detail.count("(") > detail.count(")") else ""  # (cut after its ")")
+    detail = detail if detail and detail != type(error).__name__ else "no memory left"
     batch = f" at --batch-size {batch_size}" if batch_size else ""
-    smaller = f"a smaller --batch-size (e.g. {max(1, batch_size // 2)})" if batch_size else ""
-    hint = (f"Train again (a resumed run keeps its batch size) with {smaller} or --image-size. "
+    smaller = (f"a smaller --batch-size (e.g. {batch_size // 2})" if batch_size and batch_size > 1
+               else "a smaller --image-size" if training and batch_size else
+               "a smaller --batch-size" if training else "")
+    hint = ("Train again (a resumed run keeps its batch size) with "
+            + (f"{smaller} or --image-size. " if "batch" in smaller else f"{smaller}. ")
             if training and smaller else f"{smaller[0].upper()}{smaller[1:]} needs less memory. "
             if smaller else "")
     hint += ("Other programs may hold the GPU's memory too: nvidia-smi lists them."
-             if where == "GPU" else "Other programs may hold the memory too.")
+             if "CUDA" in said[:200] else "Other programs may hold the memory too.")
     return WingspanError(f"Out of {where} memory{batch}: {detail}.", hint=hint)

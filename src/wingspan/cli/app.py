@@ -208,7 +208,7 @@ def _plain_warnings():
 
 def _batch_size(args: list[str]) -> int | None:
     """The batch size of a command that has --batch-size (its value, else the default), for
-    an out-of-memory message; None for a command without it."""
+    an out-of-memory message; None for a command without it, or where a file sets it."""
     if not args or args[0] not in ("train", "predict", "evaluate", "calibrate", "adapt"):
         return None
     for i, arg in enumerate(args):
@@ -216,6 +216,9 @@ def _batch_size(args: list[str]) -> int | None:
                  else arg.partition("=")[2] if arg.startswith("--batch-size=") else None)
         if value is not None and value.isdigit():
             return int(value)
+    if args[0] == "train" and any(a in ("--config", "--resume") or a.startswith("--config=")
+                                  for a in args):
+        return None  # (the file's or the run's own: not read here)
     return BATCH_SIZE
 
 
@@ -254,7 +257,8 @@ def main(argv: list[str] | None = None) -> None:
     except (WingspanError, OSError, RuntimeError, MemoryError) as e:  # an OSError: a read-only
         # or full disk, a permission; a RuntimeError: torch's out of memory
         said = (e if isinstance(e, WingspanError) else os_error_said(e)
-                if isinstance(e, OSError) else out_of_memory_said(e, _batch_size(args)))
+                if isinstance(e, OSError) else out_of_memory_said(e, _batch_size(args),
+                                                           training=args[:1] == ["train"]))
         if said is None:  # another OSError: a bug to report, with its traceback
             raise
         if said.every_rank and _rank() != 0:  # rank 0 says it once for all

@@ -385,7 +385,10 @@ def interruptible(run: Run, scoring_only: bool = False) -> Path:
         _reader_gone(run)
         raise
     except Exception as e:  # a fault of ours or of a library: failed too, with what it said
-        _failed(run, f"{type(e).__name__}: {e}")
+        oom = out_of_memory_said(e, run.config.batch_size, training=True)  # (a MemoryError)
+        _failed(run, oom.message if oom else f"{type(e).__name__}: {e}")
+        if oom:
+            raise oom from e
         raise
     finally:
         release_lock(run.dir)
