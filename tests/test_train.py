@@ -2476,3 +2476,7 @@ def test_commands_in_messages_are_quoted_for_the_shell(demo_dir, tmp_path, monke
     assert command("evaluate", r"C:\Users\me\my runs\r", "--split", "test") == \
         r'wingspan evaluate "C:\Users\me\my runs\r" --split test'
     assert command("evaluate", r"C:\runs\r") == r"wingspan evaluate C:\runs\r"
+    from wingspan.errors import quoted  # (demo's "next" lines: `python.exe -m wingspan`)
+
+    assert quoted(r"C:\Program Files\Python\python.exe") == \
+        r'"C:\Program Files\Python\python.exe"'

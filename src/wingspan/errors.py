@@ -156,16 +156,18 @@ def some(names, n: int = 10) -> str:
     return ", ".join(shown) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
+def quoted(word) -> str:
+    """One word of a command line in a message, quoted where it needs it (a run folder with
+    a space in its name was two arguments), as the shell reads it: POSIX single quotes, or
+    on Windows double quotes, and only around a word with a space (cmd.exe keeps single
+    quotes, and shlex quotes every path with a backslash); a placeholder (RUN) stays."""
+    return (subprocess.list2cmdline([str(word)]) if sys.platform == "win32"
+            else shlex.quote(str(word)))
+
+
 def command(*words) -> str:
-    """A wingspan command line for a message, to paste into a shell: each word quoted where
-    it needs it (a run folder with a space in its name was two arguments), as the shell
-    reads it: POSIX single quotes, or on Windows double quotes, and only around a word with
-    a space (cmd.exe keeps single quotes, and shlex quotes every path with a backslash); a
-    placeholder (RUN, DATA) stays as it is."""
-    words = [str(word) for word in words]
-    if sys.platform == "win32":
-        return "wingspan " + subprocess.list2cmdline(words)
-    return "wingspan " + " ".join(map(shlex.quote, words))
+    """A wingspan command line for a message, to paste into a shell (see `quoted`)."""
+    return "wingspan " + " ".join(map(quoted, words))
 
 
 def first_line(error: BaseException) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from wingspan.cli.evaluate import print_evaluation
 from wingspan.cli.options import Panel, Quiet, check_folder
 from wingspan.cli.train import print_run
 from wingspan.config import DemoConfig, SplitConfig, TrainConfig, to_dict
-from wingspan.errors import WingspanError, counted
+from wingspan.errors import WingspanError, counted, quoted
 
 
 @app.command("demo")
@@ -101,7 +100,7 @@ def demo(
         out.print(f"  {name:14s} {plain(path)}")
     out.rule("next")
     command, photo = _wingspan_command(), next(iter(sorted(data_dir.rglob("*.jpg"))), data_dir)
-    run, photo = shlex.quote(str(run_dir)), shlex.quote(str(photo))  # (pasted into a shell)
+    run, photo = quoted(run_dir), quoted(photo)  # (pasted into a shell)
     for line, what in ((f"predict {run} {photo}", "a class and its probability per photo"),
                        (f"serve {run}", "a web page and an HTTP API at 127.0.0.1:8000"),
                        ("train PHOTOS", "your own photos, a folder per class")):
@@ -115,9 +114,9 @@ def _wingspan_command() -> str:
     running = Path(sys.argv[0])
     found = shutil.which("wingspan")
     if running.name == "__main__.py" and running.parent.name in ("wingspan", "cli"):
-        return f"{shlex.quote(sys.executable)} -m wingspan"
+        return f"{quoted(sys.executable)} -m wingspan"
     if running.name != "wingspan" or (found and Path(found).resolve() == running.resolve()):
         return "wingspan"
     path = running.resolve()
-    return shlex.quote(os.path.relpath(path) if path.is_relative_to(Path.cwd().resolve())
-                       else str(path))
+    return quoted(os.path.relpath(path) if path.is_relative_to(Path.cwd().resolve())
+                  else str(path))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -12,6 +11,7 @@ from wingspan.cli.app import app
 from wingspan.cli.common import check_output_file, folding, here, out, plain
 from wingspan.cli.options import Panel
 from wingspan.config import RUNS_DIR
+from wingspan.errors import command
 
 
 @app.command("runs")
@@ -50,8 +50,8 @@ def runs_command(
     else:
         out.print(_runs_table(frame))
         if (frame["status"] == STOPPED).any():
-            out.print(f"A stopped run continues with `wingspan train --resume "
-                      f"{plain(shlex.quote(str(runs_dir)))}/NAME`.")
+            out.print("A stopped run continues with "
+                      f"`{plain(command('train', '--resume', Path(runs_dir) / 'NAME'))}`.")
         if (frame["status"] == SET_UP).any():
             out.print("A run killed while set up trained nothing: delete its folder.")
         if (frame["status"] == FAILED).any():
