@@ -203,8 +203,10 @@ def test_explain_gives_the_probability_of_predicts_pass_on_its_engine(run_dir, d
     x = predictor.views(tta=False)[0](open_rgb(next(demo_dir.glob("*/*.jpg"))))
     calls, forward = [], predictor.model.forward
     predictor.model.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
-    explained, _ = explain_view(predictor, x)
+    explained, title = explain_view(predictor, x)
     outputs = predictor.forward(x[None])[predictor.level][0].float()
     probs = torch.softmax(outputs / predictor.temperature, 0)
     assert explained.probability == pytest.approx(float(probs.max()), abs=1e-6)
+    # titled as predict and the served page say it (it said 1.00 beside the page's 99.8%)
+    assert title.startswith(f"{explained.label}  {explained.probability:.1%}")
     assert not calls  # no whole pass of the PyTorch model beside the engine's

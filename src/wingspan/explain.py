@@ -142,7 +142,9 @@ def explain_view(predictor: Predictor, x: torch.Tensor, target: str | None = Non
     label, probability = predictor.classes[index], float(probs[index])
     heatmap = grad_cam(predictor, x, index)
     otherwise = not (said == label and level == predictor.level)  # (a class may be "unknown")
-    title = f"{label}  {probability:.2f}" + (f"  (says: {said})" if otherwise else "")
+    # (a percentage with a decimal, as predict and the served page show it: "1.00" beside
+    # the page's 99.8% read as certainty)
+    title = f"{label}  {probability:.1%}" + (f"  (says: {said})" if otherwise else "")
     return Explanation("", label, probability, heatmap, answer=said, otherwise=otherwise), title
 
 
