@@ -546,10 +546,12 @@ def test_the_audit_page_passes_an_accessibility_check(tmp_path, run_cli):
     assert "labels differ" in page_file.read_text()
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium_path())
-        for width in (1280, 375):
+        for width in (1280, 375, 320):
             page = browser.new_page(viewport={"width": width, "height": 800})
             page.goto(page_file.resolve().as_uri())
             assert accessibility_problems(page) == [], width
+            # (a pair, two columns wide, must not widen a one-column page)
+            assert page.evaluate("document.documentElement.scrollWidth") <= width
             tops = page.eval_on_selector_all(  # (the first two cards of the suspects)
                 ".g .c", "cs => cs.slice(0, 2).map(c => c.getBoundingClientRect().top)")
             alts = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.alt)")

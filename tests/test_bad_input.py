@@ -154,12 +154,12 @@ def test_a_missing_path_and_a_missing_model(run_dir, run_cli, tmp_path, monkeypa
                                          (("--batch-size=6",), 6)])
 def test_out_of_memory_says_which_batch_size_to_try(run_dir, run_cli, tmp_path, monkeypatch,
                                                     args, batch):
-    """torch's allocator error (a real one, asked for 40 TB) is a message and a hint, exit
+    """torch's allocator error (a real one, asked for 400 PB) is a message and a hint, exit
     2, not a traceback; any other RuntimeError stays a traceback (a bug to report)."""
     from wingspan.inference import Predictor
 
     def too_much(self, *a, **k):
-        torch.empty(10**13)
+        torch.empty(10**17)  # (400 PB: past any address space, overcommitted or not)
 
     image = tmp_path / "a.jpg"
     _rgb().save(image)

@@ -453,8 +453,10 @@ def _thumbnail(path: str, size: int = 160) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+# (cards at least 130 px: two a row down to a 320 px phone, where a pair, two columns
+# wide, would otherwise widen the page)
 STYLE = """body{font:14px/1.4 system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em}
-.g{display:grid;grid-template-columns:repeat(auto-fill,minmax(150px,1fr));gap:12px}
+.g{display:grid;grid-template-columns:repeat(auto-fill,minmax(130px,1fr));gap:12px}
 .c{border:1px solid #ddd;padding:5px;min-width:0}.pair{grid-column:span 2}
 .c img{width:100%;height:auto;aspect-ratio:1;object-fit:contain;background:#f4f4f4}
 .pair img{width:calc(50% - 3px)}.s{color:#b00}

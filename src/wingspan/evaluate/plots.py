@@ -187,6 +187,8 @@ def plot_unknown_scores(known: np.ndarray, unknown: np.ndarray, threshold: float
                         score: str, path: Path) -> Path:
     """The unknown score of known-class images against images of classes never seen, with
     the threshold: what lies right of it is answered "unknown"."""
+    from matplotlib.colors import to_rgba
+
     fig, ax = subplots(figsize=(7, 3.6))
     both = np.concatenate([known, unknown])
     lo, hi = np.quantile(both, [0.0, 0.995])
@@ -205,7 +207,7 @@ def plot_unknown_scores(known: np.ndarray, unknown: np.ndarray, threshold: float
     # overlap, their mixed colour matched neither key).
     for scores, kind, style in ((known, "known classes", dict(color="C0", alpha=0.6)),
                                 (unknown, "unseen classes", dict(
-                                    facecolor=(0.84, 0.15, 0.16, 0.35), edgecolor="C3",
+                                    facecolor=to_rgba("C3", 0.35), edgecolor="C3",
                                     hatch="///", linewidth=1.2))):
         past = int((scores > threshold).sum())
         ax.hist(np.clip(scores, lo, hi), bins=bins, **style,

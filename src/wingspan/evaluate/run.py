@@ -543,7 +543,7 @@ def _openset(predictor: Predictor, unknown, paths: list[str], known: list, y: np
         "answer": answers,
         "known_level": [level or "" for level, _ in said],
         "closest_class": [predictor.classes[c] for c in u_pred]}),
-        out_dir / "unknown.csv", index=False)
+        out_dir / "unknown.csv")
     if draw:
         charts.plot_unknown_scores(k, u, predictor.thresholds[level], name,
                                    out_dir / "unknown.png")
