@@ -178,3 +178,30 @@ def test_oneoff_pass_weighs_each_engine_against_the_export(monkeypatch, capsys):
     assert rows["onnx-whole"][1:] == ["1.00", "1.00"]  # itself, at each count
     # The export weighs most on the fewest images: PyTorch's share grows with the count.
     assert float(rows["torch-fp32"][1]) < float(rows["torch-fp32"][2])
+
+
+def test_unknown_bench_exposes_fine_tuning_to_outliers(tmp_path):
+    """bench/unknown.py --outliers (the README's row of outlier exposure while
+    fine-tuning) on the demo's tiny network: every fine-tuning step passes outliers, and a
+    row per held-out pair comes out."""
+    import wingspan as ws
+
+    demo = tmp_path / "demo"
+    ws.demo_data(demo)
+    others = tmp_path / "others"
+    (demo / "white_darktip").rename(others)
+    script = Path(__file__).parents[1] / "bench" / "unknown.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(demo), "--pairs", "red_banded,orange_veined",
+         "--runs-dir", str(tmp_path / "runs"), "--outliers", str(others), "--",
+         "--backbone", "test_efficientnet", "--weights", "none", "--image-size", "32",
+         "--epochs-head", "1", "--epochs-finetune", "2", "--workers", "0"],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "WINGSPAN_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    images = len(list(others.glob("*.jpg")))
+    assert f"outlier exposure: {images} images, weight 0.5" in proc.stdout
+    exposed = int(proc.stdout.split("outlier exposure: ")[2].split()[0])
+    assert exposed >= 2  # at least a step in each of the 2 epochs
+    (row,) = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert row["held_out"] == ["red_banded", "orange_veined"] and 0 <= row["auroc"] <= 1
