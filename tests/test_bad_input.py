@@ -216,6 +216,12 @@ def test_the_batch_size_an_out_of_memory_message_names():
     assert _batch_size(["train", "data", "--config", "c.yaml"]) is None
     assert _batch_size(["train", "--resume", "runs/r"]) is None
     assert _batch_size(["explain", "RUN", "x.jpg"]) is None  # (no --batch-size there)
+    # `doctor` times the training step at its --batch-size, which can run out of memory on
+    # a GPU: it was left out of a list of commands kept by hand.
+    assert _batch_size(["doctor", "--batch-size", "256"]) == 256
+    assert _batch_size(["doctor"]) == 32
+    assert _batch_size(["data", "audit", "DATA"]) is None  # (a group's command: none there)
+    assert _batch_size(["nosuchcommand"]) is None
 
 
 def test_predict_on_one_photo_and_on_none(run_dir, run_cli, tmp_path):

@@ -16,7 +16,7 @@ import typer
 from wingspan import __version__
 from wingspan.cli import helppage
 from wingspan.cli.common import err, out, pixel_budget, plain, stdout_gone
-from wingspan.config import BATCH_SIZE, MAX_PIXELS_ENV
+from wingspan.config import MAX_PIXELS_ENV
 from wingspan.errors import (
     TERMINATED,
     WingspanError,
@@ -207,9 +207,14 @@ def _plain_warnings():
 
 
 def _batch_size(args: list[str]) -> int | None:
-    """The batch size of a command that has --batch-size (its value, else the default), for
-    an out-of-memory message; None for a command without it, or where a file sets it."""
-    if not args or args[0] not in ("train", "predict", "evaluate", "calibrate", "adapt"):
+    """The batch size of a command that has --batch-size (its value, else its default), for
+    an out-of-memory message; None for a command without it, or where a file sets it. The
+    command's own options say whether it has one, so that no command is left out."""
+    command, words = typer.main.get_command(app), list(args)
+    while hasattr(command, "commands") and words:  # a group: `data audit`, `models list`
+        command = command.commands.get(words.pop(0))
+    option = next((p for p in getattr(command, "params", ()) if p.name == "batch_size"), None)
+    if option is None:
         return None
     for i, arg in enumerate(args):
         value = (args[i + 1] if arg == "--batch-size" and i + 1 < len(args)
@@ -219,7 +224,7 @@ def _batch_size(args: list[str]) -> int | None:
     if args[0] == "train" and any(a in ("--config", "--resume") or a.startswith("--config=")
                                   for a in args):
         return None  # (the file's or the run's own: not read here)
-    return BATCH_SIZE
+    return option.default
 
 
 def main(argv: list[str] | None = None) -> None:
