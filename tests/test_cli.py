@@ -47,8 +47,13 @@ def test_split_command(run_cli, demo_dir, tmp_path, monkeypatch):
     # How to train on it: `train DATA` splits DATA afresh, and this split went unused.
     assert f"Train on this split: `wingspan train {tmp_path / 'splits.csv'}`" in " ".join(
         out.split())
+    # The demo gives no groups: said as train says it (data split was silent of it).
+    assert "Split photo by photo (no groups given" in " ".join(out.split())
     ds = read_dataset(tmp_path / "splits.csv")
     assert set(ds.table["split"]) == {"train", "val", "test"}
+    code, grouped, _ = run_cli("data", "split", demo_dir, "--group-regex", r"(.*_\d{4})",
+                               "--out", tmp_path / "grouped")
+    assert code == 0 and "photo by photo" not in grouped
     sampling = json.loads((tmp_path / "sampling.json").read_text())
     # One class: train refuses it, so the split says so rather than how to train on it.
     one = tmp_path / "one"

@@ -405,8 +405,18 @@ def test_bad_paths_and_empty_datasets(tmp_path):
                        r"lie in it directly.*Sort them into one folder per class"):
         read_dataset(tmp_path / "photos")
     (tmp_path / "weights.bin").write_bytes(b"\0")
-    with pytest.raises(WingspanError, match="Cannot tell the dataset format"):
+    with pytest.raises(WingspanError, match="Cannot tell the dataset format") as said:
         read_dataset(tmp_path / "weights.bin")
+    assert "--format" in said.value.hint
+    # A spreadsheet as itself, or as Excel's tab-separated text: said what to do with each.
+    (tmp_path / "specimens.xlsx").write_bytes(b"PK\3\4")
+    with pytest.raises(WingspanError, match="Cannot tell the dataset format") as said:
+        read_dataset(tmp_path / "specimens.xlsx")
+    assert said.value.hint.startswith("Save the sheet as CSV (in Excel: File > Save As > CSV")
+    (tmp_path / "specimens.txt").write_text("path\tlabel\n")
+    with pytest.raises(WingspanError, match="Cannot tell the dataset format") as said:
+        read_dataset(tmp_path / "specimens.txt")
+    assert "read it as one with --format csv" in said.value.hint
     with pytest.raises(WingspanError,
                        match="(?s)Unknown dataset format 'parquet'.*folder, split-folders, csv"):
         read_dataset(tmp_path, ReadConfig(format="parquet"))
@@ -953,8 +963,26 @@ def test_class_folders_that_look_alike_are_pointed_out(tmp_path):
     said = sorted(p.message for p in read_dataset(tmp_path).problems
                   if p.kind == "classes_differ_in_case")
     assert len(said) == 2, said
-    assert all("differ only in case, width or invisible marks, and are read as 2 classes"
-               in s for s in said), said
+    assert all("differ only in case, spacing, width or invisible marks, and are read as 2 "
+               "classes" in s for s in said), said
+    assert any("'\u05e4\u05e8\u05e4\u05e8\\u200f'" in s for s in said), said  # the mark shown
+
+
+def test_labels_that_differ_in_spacing_are_pointed_out(tmp_path):
+    """A spreadsheet's 'Vanessa  cardui' (two spaces) beside 'Vanessa cardui' was a class
+    of its own with "No problems found"; a zero-width space, the same; and twins with a
+    no-break space were named in words that read alike."""
+    folder_dataset(tmp_path, {"a": 4})
+    rows = ["Vanessa cardui", "Vanessa  cardui", "Vanessa\u200bcardui", "Vanessa\u00a0cardui"]
+    (tmp_path / "labels.csv").write_text("path,label\n" + "".join(
+        f"a/a_{i}.jpg,{label}\n" for i, label in enumerate(rows)), encoding="utf-8")
+    ds = read_dataset(tmp_path / "labels.csv")
+    assert len(ds.class_counts()) == 4  # (read as written: the message says how to mend it)
+    [said] = [p.message for p in ds.problems if p.kind == "classes_differ_in_case"]
+    assert said == ("the label values 'Vanessa  cardui' and 'Vanessa cardui' and "
+                    "'Vanessa\\u00a0cardui' and 'Vanessa\\u200bcardui' differ only in case, "
+                    "spacing, width or invisible marks, and are read as 4 classes; write them "
+                    "alike to make them one")
 
 
 def test_a_folder_that_cannot_be_listed_is_said_not_skipped(tmp_path, monkeypatch, run_cli):
@@ -1279,3 +1307,40 @@ def test_reading_says_a_lone_sum_as_it_is_and_counts_many_of_a_kind(tmp_path):
     report_reading(ds, logged.append)
     assert logged == ["While reading the data: 2 x taxonomy missing, e.g. class a has no row",
                       "While reading the data: 49 images are in more than one split"]
+
+
+def test_a_column_of_specimen_ids_not_named_group_is_pointed_out(tmp_path):
+    """A curator's `specimen` column was read as a coarser level, with no word said: the
+    split then put one specimen's photos on two sides. A real coarser level is not such."""
+    folder_dataset(tmp_path, {"monarch": 4, "admiral": 4})
+    rows = [(f"{c}/{c}_{i}.jpg", c, f"{c[0]}{i // 2}", "Danaus" if c == "monarch" else "Vanessa")
+            for c in ("monarch", "admiral") for i in range(4)]
+    for column, values in (("Specimen ID", 2), ("genus", 3)):
+        (tmp_path / "s.csv").write_text(f"path,label,{column}\n" + "".join(
+            f"{r[0]},{r[1]},{r[values]}\n" for r in rows))
+        said = [p.message for p in read_dataset(tmp_path / "s.csv").problems
+                if p.kind == "ids_read_as_a_level"]
+        assert said == ([] if column == "genus" else [
+            "the column 'Specimen ID' reads like specimen or observation ids (4 values, each "
+            "of one class, up to 2 rows each), yet is read as a coarser level, as every extra "
+            "column is; name it 'group' to keep each one's photos on one side of a split"])
+    # Named 'group', it groups: nothing to say.
+    (tmp_path / "s.csv").write_text("path,label,group\n" + "".join(
+        f"{r[0]},{r[1]},{r[2]}\n" for r in rows))
+    ds = read_dataset(tmp_path / "s.csv")
+    assert not [p for p in ds.problems if p.kind == "ids_read_as_a_level"]
+    assert ds.table["group"].nunique() == 4
+
+
+def test_a_spreadsheets_empty_rows_are_no_records(tmp_path):
+    """Excel writes ",,,," for the empty rows under a table: each was said as "a row with an
+    empty label; skipped" of no file. A row with a path and no label still is."""
+    folder_dataset(tmp_path, {"monarch": 2, "admiral": 2})
+    (tmp_path / "s.csv").write_text(
+        "path,label,split,\r\nmonarch/monarch_0.jpg,monarch,train,\r\n"
+        "admiral/admiral_0.jpg,admiral,train,\r\nmonarch/monarch_1.jpg,,train,\r\n"
+        ",,,\r\n , ,,\r\n", encoding="utf-8-sig")
+    ds = read_dataset(tmp_path / "s.csv")
+    assert len(ds.table) == 2
+    said = [(p.kind, os.path.basename(p.path)) for p in ds.problems]
+    assert said == [("no_label", "monarch_1.jpg")]

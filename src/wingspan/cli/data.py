@@ -98,6 +98,7 @@ def data_split(
     Writes splits.csv, which `wingspan` reads back as a dataset, and sampling.json with the
     class weights of the training split.
     """
+    from wingspan.data.samples import groups_given, split_by
     from wingspan.data.split import split_and_sample
 
     config = make_config(ctx, SplitConfig, val_fraction=val_fraction, test_fraction=test_fraction,
@@ -110,6 +111,8 @@ def data_split(
                   "DATA` keeps using it; train on the splits.csv written here to use this one.")
     result = split_and_sample(dataset, out_dir or dataset.claim_out_dir(), level, config)
     print_split(result)
+    if not groups_given(dataset.table):  # (as train says it when it splits)
+        out.print(f"[yellow]Split {plain(split_by(dataset.table))}[/]")
     table = result.dataset.table
     if table.loc[table["split"] == "train", result.level].nunique() < 2:
         out.print("[yellow]Warning:[/] the split trains one class only, which `wingspan "

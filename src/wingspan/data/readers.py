@@ -63,12 +63,20 @@ def register_reader(name: str, detect: Callable[[Path], bool] | None = None
 def detect_format(path: Path) -> str:
     """Which reader fits DATA, judged from what it is."""
     if path.is_file():
-        if path.suffix.lower() == ".csv":
+        suffix = path.suffix.lower()
+        if suffix == ".csv":
             return "csv"
+        # A spreadsheet saved as itself, or as Excel's "Text (Tab delimited)"
+        sheet = suffix in (".xlsx", ".xlsm", ".xls", ".ods", ".numbers")
         raise WingspanError(
             f"Cannot tell the dataset format of the file {path}.",
-            hint="Give a folder of class folders, a .csv file, or an ETHEC root, "
-            "or name the format with --format (format= in Python).",
+            hint=("Save the sheet as CSV (in Excel: File > Save As > CSV UTF-8) and give "
+                  "that file." if sheet else
+                  "If it is a table of path and label (tabs or semicolons are fine), read "
+                  "it as one with --format csv (format='csv' in Python)."
+                  if suffix in (".tsv", ".txt", ".tab") else
+                  "Give a folder of class folders, a .csv file, or an ETHEC root, "
+                  "or name the format with --format (format= in Python)."),
         )
     return next((name for name, detect in DETECTORS.items() if detect(path)), "folder")
 
@@ -521,7 +529,7 @@ def _class_folders(root: Path, config: ReadConfig, problems: list[Problem]
     # 'admiral' and 'Admiral' cannot sit side by side on macOS or Windows: two folders
     # merged from elsewhere, most likely one species.
     problems += [Problem("classes_differ_in_case", "the classes " + " and ".join(
-        f"'{n}'" for n in names) + f" differ only in {how_names_differ(names)}, and are read as "
+        visible(n) for n in names) + f" differ only in {how_names_differ(names)}, and are read as "
         f"{len(names)} classes; rename the folders alike to make them one", str(root))
         for names in _case_twins(labels)]
     return paths, labels
@@ -529,8 +537,9 @@ def _class_folders(root: Path, config: ReadConfig, problems: list[Problem]
 
 def _case_twins(names) -> list[list[str]]:
     """The names that differ only in case ('admiral', 'Admiral') or in what hardly shows:
-    the width of CJK letters ('ｱｹﾞﾊ', 'アゲハ') or an invisible mark (the right-to-left mark
-    a copy of Hebrew text may bring), in sets of two or more."""
+    spacing ('red  admiral', a copied web page's no-break or zero-width space), the width
+    of CJK letters ('ｱｹﾞﾊ', 'アゲハ') or an invisible mark (the right-to-left mark a copy of
+    Hebrew text may bring), in sets of two or more."""
     by_case: dict[str, set[str]] = {}
     for name in set(names):
         by_case.setdefault(name_look(name), set()).add(name)
@@ -539,16 +548,25 @@ def _case_twins(names) -> list[list[str]]:
 
 def name_look(name: str) -> str:
     """A name as it reads: compatibility forms folded (NFKC), format characters (Unicode
-    category Cf: direction marks, zero-width joiners) dropped, and case folded."""
+    category Cf: direction marks, zero-width spaces and joiners) and spacing dropped, and
+    case folded. (Without spaces: two names one space apart are one species mistyped.)"""
     shown = "".join(c for c in unicodedata.normalize("NFKC", name)
-                    if unicodedata.category(c) != "Cf")
+                    if unicodedata.category(c) != "Cf" and not c.isspace())
     return shown.casefold()
 
 
 def how_names_differ(names: list[str]) -> str:
     """How twins from _case_twins differ, for the message."""
     return ("case" if len({n.casefold() for n in names}) == 1
-            else "case, width or invisible marks")
+            else "case, spacing, width or invisible marks")
+
+
+def visible(name: str) -> str:
+    """A name quoted so that what does not show does: 'red\\u00a0admiral' for a no-break
+    space, each invisible mark as its code point (two twins would otherwise read alike)."""
+    return "'" + "".join(
+        f"\\u{ord(c):04x}" if unicodedata.category(c) == "Cf" or (c.isspace() and c != " ")
+        else c for c in name) + "'"
 
 
 def _note_nested_classes(class_dir: Path, label: str, found: list[str],
@@ -628,7 +646,7 @@ def read_split_folders(root: Path, config: ReadConfig) -> Dataset:
     # Twins within one split folder are said by _class_folders; across two (train/monarch,
     # valid/Monarch) they would be two classes, one with no training image.
     problems += [Problem("classes_differ_in_case", "the classes " + " and ".join(
-        f"'{n}' (in {', '.join(sorted(classes[n]))})" for n in names) + " differ only in "
+        f"{visible(n)} (in {', '.join(sorted(classes[n]))})" for n in names) + " differ only in "
         f"{how_names_differ(names)}, and are read as {len(names)} classes; rename the folders "
         "alike to make them one", str(root)) for names in _case_twins(classes)
         if not any(classes[a] & classes[b] for a, b in itertools.combinations(names, 2))]
@@ -760,6 +778,10 @@ def read_csv_table(csv_path: Path, config: ReadConfig) -> Dataset:
             f"(its columns: {list(raw.columns)}).",
             hint="The first line must name the columns: path,label[,split][,group][,<level>...]",
         )
+    # A spreadsheet's empty rows (",,,," under its table) hold no record, as a blank line
+    # does not: not "a row with an empty label" of no file.
+    raw = raw[(raw.astype(str).apply(lambda cells: cells.str.strip()) != "").any(axis=1)
+              ].reset_index(drop=True)
     raw = _as_written(raw, csv_path.parent)
     if SPLIT in raw.columns:
         _check_split_values(raw, csv_path)
@@ -777,7 +799,7 @@ def read_csv_table(csv_path: Path, config: ReadConfig) -> Dataset:
     raw = stripped
     # One species typed 'pieris napi' on one row, 'Pieris napi' on another: two classes.
     problems += [Problem("classes_differ_in_case", f"the {c} values " + " and ".join(
-        f"'{n}'" for n in twins) + f" differ only in {how_names_differ(twins)}, and are read as "
+        visible(n) for n in twins) + f" differ only in {how_names_differ(twins)}, and are read as "
         f"{len(twins)} classes; write them alike to make them one", str(csv_path))
         for c in names for twins in _case_twins(v for v in raw[c] if v)]
     unlabelled = raw[LABEL] == ""
@@ -799,6 +821,8 @@ def read_csv_table(csv_path: Path, config: ReadConfig) -> Dataset:
     problems += repeats
     raw, paths = raw[keep], [p for p, k in zip(paths, keep, strict=True) if k]
     coarser = coarse_to_fine(raw, [c for c in raw.columns if c not in (PATH, LABEL, SPLIT, GROUP)])
+    if GROUP not in raw.columns and not config.group_regex:
+        problems += _ids_read_as_levels(raw, coarser, csv_path)
     if GROUP in raw.columns and not config.group_regex:
         groups = [g or p for g, p in zip(raw[GROUP], paths, strict=True)]
     else:  # a regex given now wins over the column (a splits.csv written without one)
@@ -820,6 +844,26 @@ def read_csv_table(csv_path: Path, config: ReadConfig) -> Dataset:
             str(csv_path.parent / TAXONOMY_FILE)))
     table = _keep_existing(table, config, problems, csv_path.name)
     return Dataset(table, levels, csv_path, "csv", problems)
+
+
+def _ids_read_as_levels(raw: pd.DataFrame, columns: list[str], csv_path: Path
+                        ) -> list[Problem]:
+    """The extra columns finer than the label (each value of one class, several to a class,
+    some on two rows or more): no coarser level, but most likely specimen or observation ids
+    under another name than 'group' (`specimen`, `Specimen ID`), which would let one
+    specimen's photos sit on two sides of a split with no word said."""
+    found = []
+    for c in columns:
+        rows = raw.loc[raw[c] != "", [c, LABEL]]
+        if (len(rows) and rows.groupby(c)[LABEL].nunique().max() == 1
+                and rows.groupby(LABEL)[c].nunique().max() > 1
+                and (shared := int(rows[c].value_counts().max())) > 1):
+            found.append(Problem("ids_read_as_a_level", (
+                f"the column '{c}' reads like specimen or observation ids "
+                f"({rows[c].nunique()} values, each of one class, up to {shared} rows each), "
+                "yet is read as a coarser level, as every extra column is; name it 'group' to "
+                "keep each one's photos on one side of a split"), str(csv_path)))
+    return found
 
 
 def _check_relative_to_csv(written: list[str], paths: list[str], csv_path: Path) -> None:

@@ -184,6 +184,13 @@ def report_reading(dataset: Dataset, log) -> dict[str, int]:
 SAME_FILE = "same-file:"
 
 
+def split_by(table: pd.DataFrame) -> str:
+    """How a split is made: by the groups given, else photo by photo, said with its risk."""
+    return "by group" if groups_given(table) else (
+        "photo by photo (no groups given: photos of one specimen or observation may land on "
+        "two sides; --group-regex or a CSV's group column keeps them together)")
+
+
 def groups_given(table: pd.DataFrame) -> bool:
     """Whether groups were given (--group-regex, a CSV's group column): else each photo is
     its own group (identical files apart: grouped by their path, or SAME_FILE read back

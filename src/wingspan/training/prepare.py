@@ -12,7 +12,7 @@ import torch
 
 from wingspan.config import AugmentConfig, SplitConfig, TrainConfig, default_cache_dir
 from wingspan.data.leaks import find_leaks, repair_leaks
-from wingspan.data.samples import PATH, SPLIT, Dataset, groups_given, renamed
+from wingspan.data.samples import PATH, SPLIT, Dataset, renamed, split_by
 from wingspan.data.sampling import capped_classes, undersample
 from wingspan.data.split import split_dataset
 from wingspan.data.taxonomy import TAXONOMY_FILE, Taxonomy
@@ -24,20 +24,13 @@ from wingspan.training.data import LabelledImages
 from wingspan.training.decode_cache import DecodeCache
 
 
-def _split_by(table) -> str:
-    """How a split is made: by the groups given, else photo by photo, said with its risk."""
-    return "by group" if groups_given(table) else (
-        "photo by photo (no groups given: photos of one specimen or observation may land on "
-        "two sides; --group-regex or a CSV's group column keeps them together)")
-
-
 def ensure_splits(dataset: Dataset, level: str, config: TrainConfig,
                   log=print) -> Dataset:
     """Use the dataset's own train/val split; make one (grouped, stratified) when it has
     none, or carve val out of train when only val is missing."""
     table = dataset.table
     if not dataset.has_splits:
-        log(f"The data has no split: splitting it {_split_by(table)}, stratified by "
+        log(f"The data has no split: splitting it {split_by(table)}, stratified by "
             f"'{level}' (val {config.val_fraction}, test {config.test_fraction})")
         split, report = split_dataset(dataset, level, SplitConfig(
             config.val_fraction, config.test_fraction, config.seed))
@@ -78,7 +71,7 @@ def ensure_splits(dataset: Dataset, level: str, config: TrainConfig,
     splits = set(dataset.table[SPLIT])
     if "val" not in splits and "test" not in splits and config.test_fraction:
         log(f"The data's split has train only: taking {config.val_fraction:.0%} of it for val "
-            f"and {config.test_fraction:.0%} for test, {_split_by(dataset.table)}, and "
+            f"and {config.test_fraction:.0%} for test, {split_by(dataset.table)}, and "
             "stratified")
         return _carve_val(dataset, level, config, test=True)
     if "val" not in splits:
