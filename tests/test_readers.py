@@ -357,6 +357,33 @@ def test_a_csv_in_nfc_finds_files_that_macos_named_in_nfd(tmp_path):
     assert len(ds) == 3 and all(os.path.isfile(p) for p in ds.table["path"])
     assert [os.path.basename(p.path) for p in ds.problems if p.kind == "missing_file"] == [
         "gone.jpg"]
+    # Each photo its own group, as for any other: train said it split "by group" (each
+    # one's group was its path as written, the path as found on disk).
+    from wingspan.data.samples import groups_given
+
+    assert not groups_given(ds.table)
+
+
+def test_a_csv_made_on_windows_finds_files_named_in_another_case(tmp_path):
+    """'IMG_1.JPG' in a list made on Windows or macOS, 'IMG_1.jpg' on disk: they read it as
+    one file, Linux found none ("missing file"), and the photo was lost to training. Read as
+    they read it, and said; two files that differ only in case are neither."""
+    for name in ("a/IMG_1.jpg", "a/IMG_2.jpg", "b/x.jpg", "b/X.jpg", "b/y.jpg"):
+        write_image(tmp_path / "Photos" / name)
+    csv = tmp_path / "list.csv"
+    csv.write_text("path,label\nphotos/a/IMG_1.JPG,a\nPhotos/a/IMG_2.jpg,a\n"
+                   "Photos/b/x.JPG,b\nPhotos/b/y.jpg,b\n", encoding="utf-8")
+    ds = read_dataset(csv)
+    assert sorted(os.path.relpath(p, tmp_path) for p in ds.table["path"]) == [
+        "Photos/a/IMG_1.jpg", "Photos/a/IMG_2.jpg", "Photos/b/y.jpg"]
+    said = {p.kind: p for p in ds.problems}
+    assert said["name_case_differs"].message == (
+        "listed in list.csv as 'IMG_1.JPG': read as 'IMG_1.jpg', which differs in case only "
+        "(as Windows and macOS read it)")
+    assert os.path.basename(said["missing_file"].path) == "x.JPG"  # (x.jpg or X.jpg?)
+    from wingspan.data.samples import groups_given
+
+    assert not groups_given(ds.table)
 
 
 @pytest.mark.parametrize("content, message", [

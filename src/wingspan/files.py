@@ -383,12 +383,18 @@ def name_part(text: str) -> str:
     return safe if safe == text else f"{safe}-{hashlib.sha1(text.encode()).hexdigest()[:6]}"
 
 
-def disk_spelling(paths) -> list[str]:
+def disk_spelling(paths, any_case: bool = False) -> list[str]:
     """Each path (a key from real_paths, in NFC) as the disk spells it, to open the file:
     a name copied from macOS keeps 'é' in two characters (NFD), which Linux does not take
-    for its one-character NFC spelling. A path found as it is stays so; only the others'
-    folders are listed (once each), and a path found in no spelling stays as given."""
-    listed: dict[str, dict[str, str]] = {}
+    for its one-character NFC spelling. `any_case`: a name in another case too ('IMG_1.JPG'
+    for 'img_1.jpg', as Windows and macOS read it), where the folder holds only one such.
+    A path found as it is stays so; only the others' folders are listed (once each), and a
+    path found in no spelling stays as given."""
+    listed: dict[str, dict[str, str | None]] = {}
+
+    def key(name: str) -> str:
+        name = unicodedata.normalize("NFC", name)
+        return name.casefold() if any_case else name
 
     def spelt(path: str) -> str:
         if os.path.lexists(path):
@@ -398,12 +404,14 @@ def disk_spelling(paths) -> list[str]:
             return path
         head = spelt(head) if head else head  # ("": a relative path's first name, here)
         if head not in listed:
+            names: dict[str, str | None] = {}
             try:
-                listed[head] = {unicodedata.normalize("NFC", n): n
-                                for n in os.listdir(head or os.curdir)}
+                for n in os.listdir(head or os.curdir):  # (two of one key: neither)
+                    names[key(n)] = n if key(n) not in names else None
             except OSError:
-                listed[head] = {}
-        return os.path.join(head, listed[head].get(unicodedata.normalize("NFC", tail), tail))
+                pass
+            listed[head] = names
+        return os.path.join(head, listed[head].get(key(tail)) or tail)
 
     return [spelt(str(p)) for p in paths]
 

@@ -241,12 +241,26 @@ def _keep_existing(
     if not config.check_files:
         return table
     exists = table[PATH].map(os.path.isfile).astype(bool)  # (empty: object, read as columns)
-    if not exists.all():  # a list typed or exported elsewhere spells in one character (NFC)
-        table = table.copy()  # the 'é' that macOS wrote in two (NFD), or the other way
-        spelt = pd.Series(disk_spelling(table.loc[~exists, PATH]), index=exists.index[~exists])
-        found = spelt.map(os.path.isfile).astype(bool)
-        table.loc[found.index[found], PATH] = spelt[found]
-        exists[found.index[found]] = True
+    # A list typed or exported elsewhere spells in one character (NFC) the 'é' that macOS
+    # wrote in two (NFD), or the other way; one made on Windows or macOS may write a name in
+    # another case ('.JPG' for '.jpg'), which they read as one: so is it here, and said.
+    for any_case in (False, True):
+        if exists.all():
+            break
+        table = table.copy()
+        rows = exists.index[~exists]
+        spelt = pd.Series(disk_spelling(table.loc[rows, PATH], any_case), index=rows)
+        rows = rows[spelt.map(os.path.isfile).astype(bool).to_numpy()]
+        if GROUP in table:  # a photo's own group is its path: the same file's, spelt so
+            own = rows[(table.loc[rows, GROUP] == table.loc[rows, PATH]).to_numpy()]
+            table.loc[own, GROUP] = spelt[own]
+        problems += [Problem("name_case_differs", f"listed in {where} as "
+                             f"'{os.path.basename(table.at[i, PATH])}': read as "
+                             f"'{os.path.basename(spelt[i])}', which differs in case only "
+                             "(as Windows and macOS read it)", spelt[i])
+                     for i in rows if any_case]
+        table.loc[rows, PATH] = spelt[rows]
+        exists[rows] = True
     missing = table.loc[~exists, PATH].tolist()
     if missing and config.strict:
         raise WingspanError(
