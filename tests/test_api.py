@@ -1330,3 +1330,59 @@ def test_a_resumed_runs_workers_from_an_unguarded_script_are_dropped_not_refused
         data.resolve_workers(4)
     assert "if __name__ == \"__main__\":" in e.value.hint
     assert data.resolve_workers(0) == 0  # (none asked for: nothing to say)
+
+
+DROPPED_IN_DEL = """
+import os, signal, time
+{install}
+
+class Finaliser:
+    def __del__(self):  # (a DataLoader's, joining its workers, as a stage ends)
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):  # the handler runs here, where Python drops what it raises
+            pass
+
+try:
+    with {context}:
+        Finaliser()
+        print("went on", flush=True)
+        time.sleep(20)
+        print("still running", flush=True)
+except KeyboardInterrupt as e:
+    print("stopped by", e, flush=True)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("install, context", [
+    ("from wingspan.cli.app import _sigterm_as_interrupt\n_sigterm_as_interrupt()",
+     "open(os.devnull)"),
+    ("from wingspan.training.run import _Terminated", "_Terminated()")])
+def test_a_sigterm_that_lands_in_a_finaliser_still_stops_the_command(install, context):
+    """A SIGTERM handler's KeyboardInterrupt raised in a __del__ (a loader's), a weakref
+    callback (every import's) or an at-fork hook is dropped by Python, "Exception ignored":
+    a run went on to its end, into a scheduler's SIGKILL (3 of 117 signals). It is sent
+    again, and stops the command as a first SIGTERM does (not as a second, at once)."""
+    proc = subprocess.run([sys.executable, "-c", DROPPED_IN_DEL.format(
+        install=install, context=context)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    assert proc.stdout.split("\n")[-2] == "stopped by SIGTERM", (proc.stdout, proc.stderr)
+    assert "still running" not in proc.stdout and "Exception ignored" not in proc.stderr
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_python_m_wingspan_exits_143_when_a_sigterm_stops_code_run_by_exec(tmp_path):
+    """A SIGTERM while torch's imports build a namedtuple (exec() of a string) set CPython's
+    "unhandled KeyboardInterrupt" flag: under `python -m` (torchrun's and Fabric's way to
+    start a process) it then died by SIGINT, 130, for the 143 that says SIGTERM."""
+    (tmp_path / "stopped_in_exec.py").write_text(
+        "import wingspan.cli, wingspan.console\n"
+        "from wingspan.errors import TERMINATED\n\n"
+        "def cli():\n"
+        "    TERMINATED.set()\n"
+        "    exec(\"raise KeyboardInterrupt('SIGTERM')\")\n\n"
+        "wingspan.cli.main = cli\n"
+        "wingspan.console.main()\n")
+    proc = subprocess.run([sys.executable, "-m", "stopped_in_exec"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 143, (proc.returncode, proc.stderr[-2000:])

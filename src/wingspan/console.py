@@ -20,3 +20,10 @@ def main() -> None:
     except KeyboardInterrupt:
         errors = sys.modules.get("wingspan.errors")
         raise SystemExit(143 if errors and errors.TERMINATED.is_set() else 130) from None
+    finally:
+        # A KeyboardInterrupt that left code run by exec() of a string (namedtuple,
+        # dataclasses and typing build classes so, all through torch's imports) sets
+        # CPython's "unhandled KeyboardInterrupt" flag, caught or not: under `python -m`
+        # (how torchrun and Fabric's launcher start each process) the process then killed
+        # itself with SIGINT, 130 for SIGTERM's 143. The next exec() of a string clears it.
+        exec("")

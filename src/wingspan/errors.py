@@ -10,16 +10,54 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 # Set once a SIGTERM stops the command (as Ctrl-C does): it then exits 143, not 130.
 TERMINATED = threading.Event()
+# Set while a SIGTERM whose stop was dropped is sent again (redeliver_dropped_sigterm)
+DROPPED = threading.Event()
 _FORKS_DIE_OF_SIGTERM = []  # (register_at_fork's hooks cannot be removed: added once)
+_REDELIVERS = []  # (the unraisable hook: chained once)
 
 
 def sigterm_handler(handler):
     """Marks a SIGTERM handler as wingspan's (see forks_die_of_sigterm)."""
     handler._wingspan_sigterm = True
     return handler
+
+
+def redeliver_dropped_sigterm() -> None:
+    """A SIGTERM handler's KeyboardInterrupt is raised in whatever Python code runs when the
+    signal comes: in a __del__ (a DataLoader's, joining its workers), a weakref callback
+    (the one every import runs) or an at-fork hook, Python prints "Exception ignored" and
+    drops it, and the run went on to its end, into a scheduler's SIGKILL (3 in 117 signals
+    at --workers 1). Python hands such an exception to sys.unraisablehook: there the signal
+    is sent again, from another thread, so that it lands in ordinary code (and is sent
+    again if it is dropped again). Installed once, before the handlers."""
+    if _REDELIVERS:
+        return
+    _REDELIVERS.append(True)
+    shown, in_hook = sys.unraisablehook, threading.Event()
+
+    def send_again() -> None:
+        # Once the hook has returned: a signal handled inside it would be dropped for good
+        # ("Exception ignored in sys.unraisablehook"), and not handed to it again.
+        while in_hook.is_set():
+            time.sleep(0.005)
+        time.sleep(0.005)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def unraisable(what) -> None:
+        if not (isinstance(what.exc_value, KeyboardInterrupt)
+                and what.exc_value.args == ("SIGTERM",)):
+            shown(what)
+            return
+        in_hook.set()
+        DROPPED.set()  # (not a second SIGTERM, which stops a command at once)
+        threading.Thread(target=send_again, name="wingspan-sigterm-again", daemon=True).start()
+        in_hook.clear()
+
+    sys.unraisablehook = unraisable
 
 
 def forks_die_of_sigterm() -> None:

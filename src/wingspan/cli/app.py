@@ -18,12 +18,14 @@ from wingspan.cli import helppage
 from wingspan.cli.common import err, out, pixel_budget, plain, stdout_gone
 from wingspan.config import MAX_PIXELS_ENV
 from wingspan.errors import (
+    DROPPED,
     TERMINATED,
     WingspanError,
     die_with_launcher,
     end_started,
     forks_die_of_sigterm,
     out_of_memory_said,
+    redeliver_dropped_sigterm,
     sigterm_handler,
 )
 from wingspan.files import os_error_said
@@ -154,10 +156,10 @@ def _sigterm_as_interrupt() -> None:
 
     @sigterm_handler
     def stop(signum, frame):
-        if TERMINATED.is_set():  # a second one: at once (the first may have been raised
-            # where Python drops it, in a __del__ or an import's callback: 1 in 100)
+        if TERMINATED.is_set() and not DROPPED.is_set():  # a second one: at once
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
+        DROPPED.clear()  # (the first, sent again where Python had dropped it: as the first)
         TERMINATED.set()
         end_started()
         raise KeyboardInterrupt("SIGTERM")
@@ -173,6 +175,7 @@ def _sigterm_as_interrupt() -> None:
             shown(what)
 
     sys.unraisablehook = unraisable
+    redeliver_dropped_sigterm()
     forks_die_of_sigterm()  # (a Pool's worker, which Pool.terminate ends so)
     signal.signal(signal.SIGTERM, stop)
 

@@ -34,6 +34,7 @@ from wingspan.data.images import chosen_budget
 from wingspan.data.samples import Dataset, report_reading
 from wingspan.data.split import write_splits
 from wingspan.errors import (
+    DROPPED,
     TERMINATED,
     WingspanError,
     command,
@@ -42,6 +43,7 @@ from wingspan.errors import (
     first_line,
     forks_die_of_sigterm,
     out_of_memory_said,
+    redeliver_dropped_sigterm,
     sigterm_handler,
 )
 from wingspan.files import atomic_paths, frame_to_csv, make_folder, write_text
@@ -315,6 +317,7 @@ class _Terminated:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # (only there in Python)
+            redeliver_dropped_sigterm()  # (a SIGTERM that lands in a __del__: sent again)
             forks_die_of_sigterm()  # (its data workers and pools: not as the run does)
             self.previous = signal.signal(signal.SIGTERM, self._stop)
             self.installed = True
@@ -323,6 +326,7 @@ class _Terminated:
     @sigterm_handler
     def _stop(self, signum, frame):
         self.received = True
+        DROPPED.clear()
         TERMINATED.set()
         end_started()  # (the run's other processes, where this one started them)
         raise KeyboardInterrupt("SIGTERM")
