@@ -2251,6 +2251,30 @@ def test_a_temperature_at_its_bound_is_not_said_to_reach_the_rule_of_successions
     assert "as near 101 / 102 as the bound lets it" in said and "is 101 / 102." not in said
 
 
+def test_with_a_taxonomy_every_val_image_right_says_of_which_answer():
+    """train.log said "Every val image is right" beside a val accuracy of 0.9697: the fit
+    looks at the finest head's own top class, and a taxonomy answers with the top-down
+    branch's, which missed one image. It says which it means."""
+    from types import SimpleNamespace
+
+    from wingspan.data.taxonomy import Taxonomy
+    from wingspan.training.finish import _fit_calibration
+
+    tree = Taxonomy(["genus", "species"], {"genus": ["A", "B"],
+                                           "species": ["a1", "a2", "a3", "b1"]},
+                    {"genus": [0, 0, 0, 1], "species": [0, 1, 2, 3]})
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.5]] * 10 + [[3.0, 0.0, 0.0, 0.0]] * 10)
+    labels = torch.tensor([3] * 10 + [0] * 10).unsqueeze(1)  # each top species right
+    assert (tree.answer(torch.softmax(logits, 1).numpy(), temperature=1.0)[:10] != 3).all()
+    for taxonomy, said in ((None, "Every val image is right: "), (tree, (
+            "Every val image's top species class of its own head is right: "))):
+        lines: list[str] = []
+        run = SimpleNamespace(data=SimpleNamespace(taxonomy=taxonomy, level="species"),
+                              log=lambda message, lines=lines, **_: lines.append(message))
+        _fit_calibration(run, (None, {"species": logits}, labels))
+        assert [line for line in lines if line.startswith(said)], lines
+
+
 def test_data_without_training_images_says_where_they_are_and_what_to_give():
     """ETHEC without its train.json (or a CSV marking val and test only) said "The
     training split is empty." and no more."""

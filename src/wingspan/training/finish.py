@@ -308,7 +308,11 @@ def _fit_calibration(run: Run, val: tuple) -> dict:
                 caveat=True)
     if record["method"] != "likelihood":
         aim = f"{record['images'] + 1} / {record['images'] + 2}"
-        run.log(f"Every val image is right: the temperature ({record['temperature']:.3f}) is "
+        # (the finest head's top class, on which T is fitted: with a taxonomy the answer is
+        # the top-down branch's, which can miss where that class is right)
+        right = ("Every val image is right" if not taxonomy else
+                 f"Every val image's top {run.data.level} class of its own head is right")
+        run.log(f"{right}: the temperature ({record['temperature']:.3f}) is "
                 f"set by the {record['method']}, so that the mean top probability on val is "
                 + (f"{aim}." if not record["at_bound"] else
                    f"as near {aim} as the bound lets it (see the warning above)."))
