@@ -971,6 +971,18 @@ def test_explain_writes_overlays(run, demo_dir, tmp_path):
         run.explain(tmp_path / "notes.jpg", out=tmp_path / "none")
 
 
+def test_predict_warns_of_files_that_are_not_images_at_the_users_line(run, demo_dir,
+                                                                     tmp_path):
+    """The warning pointed at wingspan's own argument checker, not at the user's call."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(sorted(demo_dir.rglob("*.jpg"))[0], folder / "a.jpg")
+    (folder / "notes.txt").write_text("field notes")
+    with pytest.warns(UserWarning, match="Left out 1 file that is not an image") as caught:
+        preds = run.predict(folder, quiet=True)
+    assert len(preds) == 1 and all(w.filename == __file__ for w in caught)
+
+
 def test_hierarchical_levels(demo_dir, tmp_path):
     data = ws.read(demo_dir)
     run = ws.train(data, runs_dir=tmp_path, quiet=True,

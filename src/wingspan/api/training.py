@@ -495,7 +495,7 @@ class Run:
         if not main:  # its share is in the first process's rows
             return _predictions([])
         if result.not_images:  # (as the command says it)
-            warnings.warn(not_images_said(result.not_images), stacklevel=2)
+            warnings.warn(not_images_said(result.not_images), stacklevel=3)
         if not result.rows:
             why = "; ".join(f"{path}: {reason}" for path, reason in result.failed[:3])
             raise WingspanError("No image could be predicted" + (f" ({why})" if why else "")
