@@ -108,6 +108,11 @@ def split_dataset(dataset: Dataset, level: str | None = None,
     split = table[SPLIT].to_numpy()
     _keep_one_in_train(split, labels, groups, pooled)
     table[SPLIT] = split
+    # Repeats of one path (oversampled training rows, rows pasted twice) stay in train; in
+    # val or test a row is an image scored, which would count twice in the figures (and
+    # train, reading the file back, counts it once: its sizes were not the ones said here).
+    table = table[~(table[PATH].duplicated() & (table[SPLIT] != "train")).to_numpy()
+                  ].reset_index(drop=True)
 
     sizes = table[SPLIT].value_counts().reindex(["train", "val", "test"], fill_value=0)
     present = table.groupby(SPLIT)[level].apply(set)
