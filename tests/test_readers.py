@@ -1371,3 +1371,17 @@ def test_a_spreadsheets_empty_rows_are_no_records(tmp_path):
     assert len(ds.table) == 2
     said = [(p.kind, os.path.basename(p.path)) for p in ds.problems]
     assert said == [("no_label", "monarch_1.jpg")]
+    # A label with no path was "a folder, not an image file" (the CSV's own folder), and
+    # two such "listed 2 times, with the labels ...": said by its line. Lines stay the
+    # file's after empty rows (a wrong split value's too).
+    (tmp_path / "s.csv").write_text(
+        "path,label,split\n,,\nmonarch/monarch_0.jpg,monarch,train\n,admiral,train\n"
+        ", monarch ,val\nadmiral/admiral_0.jpg,admiral,train\n")
+    ds = read_dataset(tmp_path / "s.csv")
+    assert len(ds.table) == 2
+    assert [(p.kind, p.message, p.path) for p in ds.problems] == [
+        ("no_path", f"line {n} has no path (label '{label}'); skipped", str(tmp_path / "s.csv"))
+        for n, label in ((4, "admiral"), (5, " monarch "))]
+    (tmp_path / "s.csv").write_text("path,label,split\n,,\nmonarch/monarch_0.jpg,monarch,x\n")
+    with pytest.raises(WingspanError, match="s.csv, line 3: split 'x'"):
+        read_dataset(tmp_path / "s.csv")

@@ -794,12 +794,17 @@ def read_csv_table(csv_path: Path, config: ReadConfig) -> Dataset:
         )
     # A spreadsheet's empty rows (",,,," under its table) hold no record, as a blank line
     # does not: not "a row with an empty label" of no file.
-    raw = raw[(raw.astype(str).apply(lambda cells: cells.str.strip()) != "").any(axis=1)
-              ].reset_index(drop=True)
+    # (The index stays the file's row: line index + 2 in what is said.)
+    raw = raw[(raw.astype(str).apply(lambda cells: cells.str.strip()) != "").any(axis=1)]
     raw = _as_written(raw, csv_path.parent)
+    # A row with no path was read as the CSV's own folder ("a folder, not an image file")
+    nameless = (raw[PATH].astype(str).str.strip() == "").to_numpy()
+    problems: list[Problem] = [
+        Problem("no_path", f"line {i + 2} has no path (label '{label}'); skipped", str(csv_path))
+        for i, label in zip(raw.index[nameless], raw.loc[nameless, LABEL], strict=True)]
+    raw = raw[~nameless]
     if SPLIT in raw.columns:
         _check_split_values(raw, csv_path)
-    problems: list[Problem] = []
     # " monarch" and "monarch " are the class "monarch", not two more; one Unicode spelling.
     names = [c for c in raw.columns if c not in (PATH, SPLIT, GROUP)]
     stripped = raw.assign(**{c: raw[c].map(name_as_read) for c in names})
