@@ -45,7 +45,7 @@ def redeliver_dropped_sigterm() -> None:
         while in_hook.is_set():
             time.sleep(0.005)
         time.sleep(0.005)
-        os.kill(os.getpid(), signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)  # (os.kill would end a Windows process)
 
     def unraisable(what) -> None:
         if not (isinstance(what.exc_value, KeyboardInterrupt)
