@@ -1398,3 +1398,51 @@ def test_python_m_wingspan_exits_143_when_a_sigterm_stops_code_run_by_exec(tmp_p
     proc = subprocess.run([sys.executable, "-m", "stopped_in_exec"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 143, (proc.returncode, proc.stderr[-2000:])
+
+
+STOPPED_ANOTHER_WAY = """
+import os, signal, time, types
+from pathlib import Path
+import wingspan.training.run as R
+{install}
+
+class Finaliser:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):  # the handler runs here, where Python drops what it raises
+            pass
+
+def recipe(run):  # the signal dropped, and its data workers dead of it: the run stops so
+    Finaliser()
+    raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Terminated. ")
+
+logged = []
+def log(message, **_):
+    time.sleep(0.05)  # (train.log on a slow disk)
+    logged.append(message)
+
+run = types.SimpleNamespace(is_main=True, dir=Path("."), log=log, config=None,
+                            fabric=types.SimpleNamespace(world_size=1, global_rank=0))
+R._recipe = recipe
+try:
+    R.interruptible(run)
+except BaseException as e:
+    print("raised", type(e).__name__)
+time.sleep(0.2)
+print(*(line.split(" (")[0] for line in logged), sep="\\n")
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("install", [
+    "", "from wingspan.cli.app import _sigterm_as_interrupt\n_sigterm_as_interrupt()"])
+def test_a_dropped_sigterm_is_not_sent_again_into_a_stop_under_way(install, tmp_path):
+    """A dropped SIGTERM whose run stopped another way at once (its data workers or a peer
+    killed by the same signal) was sent again into the stop's handling: train.log lost the
+    line that says how to go on, and from Python the default handler, back in place by
+    then, killed the process on the spot."""
+    proc = subprocess.run([sys.executable, "-c", STOPPED_ANOTHER_WAY.format(install=install)],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.stdout.split("\n")[:2] == ["raised Interrupted", "Stopped by SIGTERM"], (
+        proc.stdout, proc.stderr)

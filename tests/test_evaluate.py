@@ -2015,3 +2015,17 @@ def test_no_known_images_in_a_split_names_the_splits_that_have_some(trained, tmp
     said = " ".join(err.split())
     assert code == 2 and "No images of the model's classes in the 'all' split" in said, said
     assert "--split" not in said, said
+
+
+def test_the_look_alike_hint_says_spacing_and_shows_what_does_not_show():
+    """Names one space or a no-break space apart pair as look-alikes; the hint said "only in
+    case, width or invisible marks" and printed the no-break twin as the same name."""
+    from wingspan.evaluate.run import look_alikes
+    from wingspan.evaluate.wording import look_alike_hint
+
+    alike = look_alikes(["red  admiral", "small\u00a0white", "monarch"],
+                        {"red admiral", "small white", "peacock"})
+    assert alike == {"red  admiral": "red admiral", "small\u00a0white": "small white"}
+    said = look_alike_hint(alike)
+    assert ("red  admiral, small\\u00a0white differ from the model's red admiral, small "
+            "white only in case, spacing, width or invisible marks;") in said, said

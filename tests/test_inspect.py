@@ -308,8 +308,8 @@ def test_a_notes_column_read_as_a_level_is_pointed_at(tmp_path):
     console = Console(width=300, record=True)
     print_summary(summary, console)
     assert ("taxonomy conflict (train --levels refuses it; every extra column of a CSV is read "
-            "as a coarser level: remove one that is not, e.g. notes, and name one of specimen "
-            "ids 'group'): 1") in console.export_text()
+            "as a coarser level: remove one that is not (notes, a finer rank), and name one of "
+            "specimen ids 'group'): 1") in console.export_text()
 
 
 def test_a_genus_under_two_families_is_a_conflict_even_with_fewer_genera(demo_dir, tmp_path):

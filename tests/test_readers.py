@@ -384,6 +384,19 @@ def test_a_csv_made_on_windows_finds_files_named_in_another_case(tmp_path):
     from wingspan.data.samples import groups_given
 
     assert not groups_given(ds.table)
+    # A folder in another case: the message quotes from there (it read "'IMG_1.jpg': read
+    # as 'IMG_1.jpg'"). One file in two spellings with two labels: left out, as one file
+    # listed twice so is (it was trained on under both).
+    csv.write_text("path,label\nphotos/a/IMG_1.jpg,a\nPhotos/a/img_2.jpg,b\n"
+                   "Photos/a/IMG_2.jpg,a\nPhotos/b/y.jpg,b\n", encoding="utf-8")
+    ds = read_dataset(csv)
+    assert sorted(os.path.relpath(p, tmp_path) for p in ds.table["path"]) == [
+        "Photos/a/IMG_1.jpg", "Photos/b/y.jpg"]
+    said = {(p.kind, p.message) for p in ds.problems}
+    assert ("name_case_differs", "listed in list.csv as 'photos/a/IMG_1.jpg': read as "
+            "'Photos/a/IMG_1.jpg', which differs in case only (as Windows and macOS read it)"
+            ) in said, said
+    assert ("conflicting_labels", "listed 2 times, with the labels b and a: left out") in said
 
 
 @pytest.mark.parametrize("content, message", [
@@ -1346,16 +1359,18 @@ def test_a_column_of_specimen_ids_not_named_group_is_pointed_out(tmp_path):
         (tmp_path / "s.csv").write_text(f"path,label,{column}\n" + "".join(
             f"{r[0]},{r[1]},{r[values]}\n" for r in rows))
         said = [p.message for p in read_dataset(tmp_path / "s.csv").problems
-                if p.kind == "ids_read_as_a_level"]
+                if p.kind == "column_finer_than_label"]
         assert said == ([] if column == "genus" else [
-            "the column 'Specimen ID' reads like specimen or observation ids (4 values, each "
-            "of one class, up to 2 rows each), yet is read as a coarser level, as every extra "
-            "column is; name it 'group' to keep each one's photos on one side of a split"])
+            "the column 'Specimen ID' is finer than the label (4 values, each of one class, "
+            "up to 2 rows each), yet is read as a coarser level, as every extra column is: if "
+            "it names specimens or observations, name it 'group' to keep each one's photos on "
+            "one side of a split; if it is a finer rank (subspecies), make it the label or "
+            "leave it out"])
     # Named 'group', it groups: nothing to say.
     (tmp_path / "s.csv").write_text("path,label,group\n" + "".join(
         f"{r[0]},{r[1]},{r[2]}\n" for r in rows))
     ds = read_dataset(tmp_path / "s.csv")
-    assert not [p for p in ds.problems if p.kind == "ids_read_as_a_level"]
+    assert not [p for p in ds.problems if p.kind == "column_finer_than_label"]
     assert ds.table["group"].nunique() == 4
 
 
@@ -1375,13 +1390,14 @@ def test_a_spreadsheets_empty_rows_are_no_records(tmp_path):
     # two such "listed 2 times, with the labels ...": said by its line. Lines stay the
     # file's after empty rows (a wrong split value's too).
     (tmp_path / "s.csv").write_text(
-        "path,label,split\n,,\nmonarch/monarch_0.jpg,monarch,train\n,admiral,train\n"
-        ", monarch ,val\nadmiral/admiral_0.jpg,admiral,train\n")
+        "path,label,split\n,,\n\nmonarch/monarch_0.jpg,monarch,train\n,admiral,train\n"
+        ", monarch ,val\n\nadmiral/admiral_0.jpg,admiral,train\n")
     ds = read_dataset(tmp_path / "s.csv")
     assert len(ds.table) == 2
     assert [(p.kind, p.message, p.path) for p in ds.problems] == [
         ("no_path", f"line {n} has no path (label '{label}'); skipped", str(tmp_path / "s.csv"))
-        for n, label in ((4, "admiral"), (5, " monarch "))]
-    (tmp_path / "s.csv").write_text("path,label,split\n,,\nmonarch/monarch_0.jpg,monarch,x\n")
-    with pytest.raises(WingspanError, match="s.csv, line 3: split 'x'"):
+        for n, label in ((5, "admiral"), (6, " monarch "))]
+    (tmp_path / "s.csv").write_text(
+        "path,label,split\n,,\n\nmonarch/monarch_0.jpg,monarch,x\n")
+    with pytest.raises(WingspanError, match="s.csv, line 4: split 'x'"):
         read_dataset(tmp_path / "s.csv")

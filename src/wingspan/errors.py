@@ -26,6 +26,11 @@ def sigterm_handler(handler):
     return handler
 
 
+def is_ours(handler) -> bool:
+    """Whether a SIGTERM handler (a function, or a bound method) is one of wingspan's."""
+    return getattr(getattr(handler, "__func__", handler), "_wingspan_sigterm", False)
+
+
 def redeliver_dropped_sigterm() -> None:
     """A SIGTERM handler's KeyboardInterrupt is raised in whatever Python code runs when the
     signal comes: in a __del__ (a DataLoader's, joining its workers), a weakref callback
@@ -41,11 +46,15 @@ def redeliver_dropped_sigterm() -> None:
 
     def send_again() -> None:
         # Once the hook has returned: a signal handled inside it would be dropped for good
-        # ("Exception ignored in sys.unraisablehook"), and not handed to it again.
+        # ("Exception ignored in sys.unraisablehook"), and not handed to it again. Not once
+        # a stop is under way (the signal killed a data worker or a peer, and the run
+        # stopped at that: DROPPED is cleared), nor into another handler than ours (the
+        # default's, put back as a run ends, would kill the process on the spot).
         while in_hook.is_set():
             time.sleep(0.005)
         time.sleep(0.005)
-        signal.raise_signal(signal.SIGTERM)  # (os.kill would end a Windows process)
+        if DROPPED.is_set() and is_ours(signal.getsignal(signal.SIGTERM)):
+            signal.raise_signal(signal.SIGTERM)  # (os.kill would end a Windows process)
 
     def unraisable(what) -> None:
         if not (isinstance(what.exc_value, KeyboardInterrupt)
@@ -81,8 +90,7 @@ def forks_die_of_sigterm() -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, forking.mask)
 
     def child() -> None:
-        handler = signal.getsignal(signal.SIGTERM)
-        if getattr(getattr(handler, "__func__", handler), "_wingspan_sigterm", False):
+        if is_ours(signal.getsignal(signal.SIGTERM)):
             signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (the child's one thread: main)
         signal.pthread_sigmask(signal.SIG_SETMASK, forking.mask)
 

@@ -12,19 +12,20 @@ import pandas as pd
 from wingspan.errors import CODE_PAGES, WingspanError
 
 
-def read_csv(path: Path, key: str | None = None) -> pd.DataFrame:
+def read_csv(path: Path, key: str | None = None, blank_lines: bool = False) -> pd.DataFrame:
     """Every field a string; column names stripped and in NFC, columns with no name and no
     value (the trailing commas a spreadsheet saves) dropped; a row wider than the header is
     an error rather than pandas' silent shift. Separated by commas, or by the semicolons
     (or tabs) a spreadsheet saves where the comma is the decimal point: see `separator`
-    (`key`: the column the file must have)."""
+    (`key`: the column the file must have). `blank_lines`: blank lines kept, as rows of
+    empty fields, so that row i is line i + 2 (a record that spans lines apart)."""
     try:
         sep = separator(path, key)
         check_field_counts(path, sep)
         with warnings.catch_warnings():  # the extra fields left out are empty (checked above)
             warnings.simplefilter("ignore", pd.errors.ParserWarning)
             table = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False,
-                                index_col=False)
+                                index_col=False, skip_blank_lines=not blank_lines)
             header = pd.read_csv(path, sep=sep, dtype=str, header=None, nrows=1,
                                  keep_default_na=False, index_col=False).iloc[0].tolist()
     except UnicodeDecodeError as e:  # Excel's "CSV (Comma delimited)" on Windows: cp1252;

@@ -234,9 +234,9 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
     for kind, items in summary["reader_problems"].items():
         general = [i["message"] for i in items if i["path"] is None]
         per_file = [f"{i['path']}: {i['message']}" for i in items if i["path"] is not None]
-        # Ids read as a level leave one specimen's photos free to sit on two sides.
+        # A column of ids read as a level leaves one specimen's photos free to sit on two sides.
         findings.append((kind.replace("_", " "), general + per_file, len(per_file) or None,
-                         1 if kind == "ids_read_as_a_level" else 2))
+                         1 if kind == "column_finer_than_label" else 2))
     # ETHEC's are repaired by train (each kept on one side); any other data's refused.
     ethec = summary["dataset"]["format"] == "ethec"
     findings += [(f"groups or files on two sides of the split "
@@ -251,7 +251,7 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
                   summary.get("too_few_to_split", []), None, 1),
                  ("taxonomy conflict (train --levels refuses it" + (
                      "; every extra column of a CSV is read as a coarser level: remove one "
-                     "that is not, e.g. notes, and name one of specimen ids 'group'"
+                     "that is not (notes, a finer rank), and name one of specimen ids 'group'"
                      if summary["dataset"]["format"] == "csv"
                      else "") + ")", summary["taxonomy_conflicts"], None, 0),
                  ("blank at a level (train --levels refuses them in train and val)",

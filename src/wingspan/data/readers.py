@@ -255,12 +255,18 @@ def _keep_existing(
             own = rows[(table.loc[rows, GROUP] == table.loc[rows, PATH]).to_numpy()]
             table.loc[own, GROUP] = spelt[own]
         problems += [Problem("name_case_differs", f"listed in {where} as "
-                             f"'{os.path.basename(table.at[i, PATH])}': read as "
-                             f"'{os.path.basename(spelt[i])}', which differs in case only "
-                             "(as Windows and macOS read it)", spelt[i])
+                             f"'{_differing_end(table.at[i, PATH], spelt[i])}': read as "
+                             f"'{_differing_end(spelt[i], table.at[i, PATH])}', which differs "
+                             "in case only (as Windows and macOS read it)", spelt[i])
                      for i in rows if any_case]
         table.loc[rows, PATH] = spelt[rows]
         exists[rows] = True
+        # Two rows of one file in two spellings: a repeat as any other (one label to it)
+        if len(rows) and table.loc[exists, PATH].duplicated().any():
+            keep, repeats = _repeated_paths(table, table[PATH].tolist())
+            problems += repeats
+            table, exists = (table[keep].reset_index(drop=True),
+                             exists[keep].reset_index(drop=True))
     missing = table.loc[~exists, PATH].tolist()
     if missing and config.strict:
         raise WingspanError(
@@ -273,6 +279,16 @@ def _keep_existing(
         "a folder, not an image file" if os.path.isdir(p) else "not found"), p)
         for p in missing]
     return table[exists].reset_index(drop=True)
+
+
+def _differing_end(path: str, other: str) -> str:
+    """The end of `path` from the first of its last names that differs from `other`'s
+    (`MONARCH/m0.jpg` for a folder spelt otherwise, not 'm0.jpg' against 'm0.jpg')."""
+    mine, theirs = Path(path).parts, Path(other).parts
+    same = 0
+    while same < min(len(mine), len(theirs)) and mine[-1 - same] == theirs[-1 - same]:
+        same += 1
+    return str(Path(*mine[max(0, len(mine) - same - 1):]))
 
 
 def _with_taxonomy(
@@ -579,7 +595,8 @@ def visible(name: str) -> str:
     """A name quoted so that what does not show does: 'red\\u00a0admiral' for a no-break
     space, each invisible mark as its code point (two twins would otherwise read alike)."""
     return "'" + "".join(
-        f"\\u{ord(c):04x}" if unicodedata.category(c) == "Cf" or (c.isspace() and c != " ")
+        (f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}")
+        if unicodedata.category(c) == "Cf" or (c.isspace() and c != " ")
         else c for c in name) + "'"
 
 
@@ -775,7 +792,7 @@ def read_csv_table(csv_path: Path, config: ReadConfig) -> Dataset:
     """`path,label[,split][,group][,<level>...]`; extra columns are coarser label levels."""
     if not csv_path.is_file():
         raise WingspanError(f"{csv_path} is not a CSV file.")
-    raw = read_csv(csv_path, key=PATH)
+    raw = read_csv(csv_path, key=PATH, blank_lines=True)  # (row i: line i + 2, as said)
     # "Path", "Label" as typed in a spreadsheet: the columns wingspan reads, in any case
     for name in (PATH, LABEL, SPLIT, GROUP):
         spelt = [c for c in raw.columns if c.lower() == name]
@@ -792,9 +809,8 @@ def read_csv_table(csv_path: Path, config: ReadConfig) -> Dataset:
             f"(its columns: {list(raw.columns)}).",
             hint="The first line must name the columns: path,label[,split][,group][,<level>...]",
         )
-    # A spreadsheet's empty rows (",,,," under its table) hold no record, as a blank line
-    # does not: not "a row with an empty label" of no file.
-    # (The index stays the file's row: line index + 2 in what is said.)
+    # A spreadsheet's empty rows (",,,," under its table) and blank lines hold no record:
+    # not "a row with an empty label" of no file. (The index stays the file's row.)
     raw = raw[(raw.astype(str).apply(lambda cells: cells.str.strip()) != "").any(axis=1)]
     raw = _as_written(raw, csv_path.parent)
     # A row with no path was read as the CSV's own folder ("a folder, not an image file")
@@ -868,20 +884,22 @@ def read_csv_table(csv_path: Path, config: ReadConfig) -> Dataset:
 def _ids_read_as_levels(raw: pd.DataFrame, columns: list[str], csv_path: Path
                         ) -> list[Problem]:
     """The extra columns finer than the label (each value of one class, several to a class,
-    some on two rows or more): no coarser level, but most likely specimen or observation ids
-    under another name than 'group' (`specimen`, `Specimen ID`), which would let one
-    specimen's photos sit on two sides of a split with no word said."""
+    some on two rows or more): no coarser level, as such a column is read. Most likely
+    specimen or observation ids under another name than 'group' (`specimen`, `Specimen
+    ID`), which would let one specimen's photos sit on two sides of a split with no word
+    said; or a finer rank (subspecies), which is no level either."""
     found = []
     for c in columns:
         rows = raw.loc[raw[c] != "", [c, LABEL]]
         if (len(rows) and rows.groupby(c)[LABEL].nunique().max() == 1
                 and rows.groupby(LABEL)[c].nunique().max() > 1
                 and (shared := int(rows[c].value_counts().max())) > 1):
-            found.append(Problem("ids_read_as_a_level", (
-                f"the column '{c}' reads like specimen or observation ids "
-                f"({rows[c].nunique()} values, each of one class, up to {shared} rows each), "
-                "yet is read as a coarser level, as every extra column is; name it 'group' to "
-                "keep each one's photos on one side of a split"), str(csv_path)))
+            found.append(Problem("column_finer_than_label", (
+                f"the column '{c}' is finer than the label ({rows[c].nunique()} values, each "
+                f"of one class, up to {shared} rows each), yet is read as a coarser level, as "
+                "every extra column is: if it names specimens or observations, name it "
+                "'group' to keep each one's photos on one side of a split; if it is a finer "
+                "rank (subspecies), make it the label or leave it out"), str(csv_path)))
     return found
 
 

@@ -309,8 +309,8 @@ def left_out_figures(rows: pd.DataFrame, known: pd.Series, level: str,
 
 
 def look_alikes(theirs: list[str], ours: set[str]) -> dict[str, str]:
-    """{data class: model class} for names that differ only in case, width or invisible
-    marks ('Monarch' for 'monarch'): what --map should pair, which names alone never do
+    """{data class: model class} for names that differ only in case, spacing, width or
+    invisible marks ('Monarch' for 'monarch'): what --map should pair, which names alone never do
     (two classes may differ only so)."""
     ours_by_look = {name_look(c): c for c in sorted(ours)}
     return {c: ours_by_look[name_look(c)] for c in theirs if name_look(c) in ours_by_look}

@@ -102,13 +102,15 @@ LOOK_ALIKES_SHOWN = 20  # pairs a hint spells out (every folder capitalised: all
 
 
 def look_alike_hint(alike: dict[str, str], python: bool | None = False) -> str:
-    """How to pair data classes with the model's that differ from them only in case, width
-    or invisible marks ({data class: model class}), or "" for none: as --map (`python`
-    False), as class_map= (True) or both (None, for an error either may meet)."""
+    """How to pair data classes with the model's that differ from them only in case,
+    spacing, width or invisible marks ({data class: model class}), or "" for none: as --map
+    (`python` False), as class_map= (True) or both (None, for an error either may meet)."""
+    from wingspan.data.readers import how_names_differ, visible
+
     if not alike:
         return ""
-    differ = ("case" if all(a.casefold() == b.casefold() for a, b in alike.items())
-              else "case, width or invisible marks")
+    differ = ("case" if all(how_names_differ([a, b]) == "case" for a, b in alike.items())
+              else how_names_differ(["", " "]))
     pairs = list(alike.items())[:LOOK_ALIKES_SHOWN]
     more = (f" (and {len(alike) - len(pairs)} more alike)" if len(alike) > len(pairs) else "")
     in_python = "class_map={" + ", ".join(f"{ours!r}: {theirs!r}" for theirs, ours in pairs) + "}"
@@ -119,8 +121,11 @@ def look_alike_hint(alike: dict[str, str], python: bool | None = False) -> str:
            on_the_line if python is False else f"{on_the_line} (in Python: {in_python})")
     if not typable and not python:
         how += " in Python (--map cannot name a class that holds a comma or '=')"
-    return (f"{some(alike, 3)} differ{'s' if len(alike) == 1 else ''} from "
-            f"the model's {some(alike.values(), 3)} only in {differ}; "
+    def shown(names) -> list[str]:  # (an invisible mark as its code point, unquoted)
+        return [visible(n)[1:-1] for n in names]
+
+    return (f"{some(shown(alike), 3)} differ{'s' if len(alike) == 1 else ''} from the "
+            f"model's {some(shown(alike.values()), 3)} only in {differ}; "
             f"if {'it is' if len(alike) == 1 else 'they are'} the same, pair them: {how}{more}")
 
 

@@ -332,6 +332,8 @@ class _Terminated:
         raise KeyboardInterrupt("SIGTERM")
 
     def __exit__(self, *exc):
+        if exc[0] is not None:  # a stop under way: a dropped SIGTERM is not sent into it
+            DROPPED.clear()
         if self.installed:  # (None: a handler set outside Python, which we cannot put back)
             signal.signal(signal.SIGTERM, signal.SIG_DFL if self.previous is None
                           else self.previous)
