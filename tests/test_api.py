@@ -1446,3 +1446,45 @@ def test_a_dropped_sigterm_is_not_sent_again_into_a_stop_under_way(install, tmp_
     assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr)
     assert proc.stdout.split("\n")[:2] == ["raised Interrupted", "Stopped by SIGTERM"], (
         proc.stdout, proc.stderr)
+
+
+SWALLOWED = """
+import os, signal, sys
+import wingspan.training.run as R
+
+original = R.train_head
+
+def train_head(run):  # the handler runs, and what it raised is swallowed without a trace
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):
+            pass
+    except KeyboardInterrupt:  # (a library's try around an import, say)
+        pass
+    return original(run)
+
+R.train_head = train_head
+sys.argv = ["wingspan", "train", {data!r}, "--backbone", "test_efficientnet", "--weights",
+            "none", "--image-size", "32", "--epochs-head", "3", "--epochs-finetune", "1",
+            "--workers", "0", "--runs-dir", {runs!r}, "--name", "r"]
+from wingspan.console import main
+main()
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_a_sigterm_swallowed_without_a_trace_stops_the_run_at_its_next_epoch(demo_dir,
+                                                                             tmp_path):
+    """A SIGTERM whose handler ran but whose KeyboardInterrupt something swallowed (once in
+    144 signals of a stress test, in start-up imports; not a drop Python reports) let the
+    run train to its end. It stops at the next checkpointed epoch's or stage's end (the
+    head stage's, on cached features), resumable."""
+    proc = subprocess.run([sys.executable, "-c", SWALLOWED.format(
+        data=str(demo_dir), runs=str(tmp_path))], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "WINGSPAN_CACHE": str(tmp_path / "cache")})
+    said = " ".join((proc.stdout + proc.stderr).split())
+    assert proc.returncode == 143, said[-3000:]
+    assert "Stopped by SIGTERM" in said and "wingspan train --resume" in said, said[-3000:]
+    history = pd.read_csv(tmp_path / "r" / "history.csv")
+    assert set(history["stage"]) == {"head"}, history  # (no fine-tuning epoch)
+    assert (tmp_path / "r" / "checkpoints" / "last.pt").is_file()

@@ -35,6 +35,7 @@ from wingspan.data.samples import Dataset, report_reading
 from wingspan.data.split import write_splits
 from wingspan.errors import (
     DROPPED,
+    RUN_SIGNALLED,
     TERMINATED,
     WingspanError,
     command,
@@ -45,6 +46,7 @@ from wingspan.errors import (
     out_of_memory_said,
     redeliver_dropped_sigterm,
     sigterm_handler,
+    stop_if_signalled,
 )
 from wingspan.files import atomic_paths, frame_to_csv, make_folder, write_text
 from wingspan.models import create_classifier, resolve_policy
@@ -316,6 +318,7 @@ class _Terminated:
         self.received, self.installed, self.previous = False, False, None
 
     def __enter__(self):
+        RUN_SIGNALLED.clear()  # (a run before it in this process may have been stopped so)
         if threading.current_thread() is threading.main_thread():  # (only there in Python)
             redeliver_dropped_sigterm()  # (a SIGTERM that lands in a __del__: sent again)
             forks_die_of_sigterm()  # (its data workers and pools: not as the run does)
@@ -328,10 +331,12 @@ class _Terminated:
         self.received = True
         DROPPED.clear()
         TERMINATED.set()
+        RUN_SIGNALLED.set()
         end_started()  # (the run's other processes, where this one started them)
         raise KeyboardInterrupt("SIGTERM")
 
     def __exit__(self, *exc):
+        RUN_SIGNALLED.clear()
         if exc[0] is not None:  # a stop under way: a dropped SIGTERM is not sent into it
             DROPPED.clear()
         if self.installed:  # (None: a handler set outside Python, which we cannot put back)
@@ -456,6 +461,7 @@ def _next_stage(run: Run, stage: str) -> None:
     run.state.bad_epochs, run.state.partial = 0, {}
     run.save()
     run.fabric.barrier()  # rank 0's checkpoints are on disk before any rank reads them
+    stop_if_signalled()  # (a SIGTERM lost where it came: the run stops here, resumable)
 
 
 def processes(config: TrainConfig) -> Processes:

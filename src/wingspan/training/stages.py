@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from wingspan.errors import WingspanError, counted, some
+from wingspan.errors import WingspanError, counted, some, stop_if_signalled
 from wingspan.evaluate.metrics import macro_f1
 from wingspan.files import atomic_path, file_stamp
 from wingspan.models.engine import own_random_stream
@@ -775,4 +775,6 @@ def _end_epoch(run: Run, stage: str, epoch: int, train_loss: float, labels, pred
     run.log(f"{stage} {epoch + 1:>3}: loss {row['train_loss']:.4f}  val loss "
             f"{row['val_loss']:.4f}  val acc {row['val_acc']:.3f}  val macro-F1 "
             f"{row['val_macro_f1']:.4f}{'  *' if improved else ''}  ({row['seconds']:.1f}s)")
+    if checkpoint:  # (the epoch kept: a SIGTERM lost where it came stops the run here)
+        stop_if_signalled()
 
