@@ -328,6 +328,13 @@ def test_a_csv_from_a_spreadsheet_is_read_or_said_how_to_save_it(tmp_path):
     with pytest.raises(WingspanError, match="it is not UTF-8 text") as e:
         read_dataset(csv)
     assert "CSV UTF-8" in e.value.hint
+    # Said by its line: pandas gave a byte's position in the chunk it decoded ("position
+    # 2325" of a row on line 15,001)
+    csv.write_bytes(b"path,label\n" + b"".join(b"a/%05d.jpg,a\n" % i for i in range(20000))
+                    .replace(b"a/15000.jpg,a", b"a/15000.jpg,caf\xe9"))
+    with pytest.raises(WingspanError, match=r"it is not UTF-8 text \(byte 0xe9 on line "
+                                            r"15002: a/15000.jpg,caf\\xe9\)"):
+        read_dataset(csv)
     csv.write_bytes("path,label\na/x.jpg,a\n".encode("utf-16"))  # Excel's "Unicode Text"
     with pytest.raises(WingspanError, match="it is UTF-16 text") as e:
         read_dataset(csv)
@@ -1401,3 +1408,16 @@ def test_a_spreadsheets_empty_rows_are_no_records(tmp_path):
         "path,label,split\n,,\n\nmonarch/monarch_0.jpg,monarch,x\n")
     with pytest.raises(WingspanError, match="s.csv, line 4: split 'x'"):
         read_dataset(tmp_path / "s.csv")
+
+
+def test_a_column_with_values_and_no_name_is_said_not_read_as_a_level(tmp_path):
+    """A note typed beside the table, under no header, was read as a level named pandas'
+    'Unnamed: 2', blank on every other row (114 'blank at a level' lines in inspect)."""
+    folder_dataset(tmp_path, {"a": 2, "b": 2})
+    (tmp_path / "s.csv").write_text("path,label,\na/a_0.jpg,a,check this one\na/a_1.jpg,a,\n"
+                                    "b/b_0.jpg,b,\nb/b_1.jpg,b,\n")
+    ds = read_dataset(tmp_path / "s.csv")
+    assert ds.levels == ["label"] and len(ds.table) == 4
+    assert [(p.kind, p.message) for p in ds.problems] == [(
+        "unnamed_column", "column 3 has values but no name in the header; not read (name it "
+        "to read it as a coarser level)")]

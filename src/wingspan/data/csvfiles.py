@@ -29,10 +29,11 @@ def read_csv(path: Path, key: str | None = None, blank_lines: bool = False) -> p
             header = pd.read_csv(path, sep=sep, dtype=str, header=None, nrows=1,
                                  keep_default_na=False, index_col=False).iloc[0].tolist()
     except UnicodeDecodeError as e:  # Excel's "CSV (Comma delimited)" on Windows: cp1252;
-        with open(path, "rb") as f:  # its "Unicode Text": UTF-16, with a byte-order mark
-            utf16 = f.read(2) in (b"\xff\xfe", b"\xfe\xff")
+        data = path.read_bytes()  # its "Unicode Text": UTF-16, with a byte-order mark
+        utf16 = data[:2] in (b"\xff\xfe", b"\xfe\xff")
         raise WingspanError(f"Cannot read the CSV file {path}: it is "
-                            + ("UTF-16 text" if utf16 else "not UTF-8 text") + f" ({e}).",
+                            + ("UTF-16 text" if utf16 else "not UTF-8 text")
+                            + f" ({e if utf16 else first_not_utf8(data)}).",
                             hint="Save it as UTF-8: in Excel, 'CSV UTF-8 (Comma delimited)'; "
                                  "or `iconv -f " + ("utf-16 -t utf-8 OLD.csv > NEW.csv`."
                                                     if utf16 else
@@ -69,6 +70,20 @@ def separator(path: Path, key: str | None = None) -> str:
     return max(SEPARATORS, key=lambda sep: (
         key is not None and key.lower() in [c.lower() for c in columns[sep]],
         len(columns[sep])))
+
+
+def first_not_utf8(data: bytes) -> str:
+    """Where a file stops being UTF-8, by line: pandas' error gives a byte's position in
+    the chunk it was decoding ("position 2325" of a row on line 15,002), no help to find it."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        start, end = data.rfind(b"\n", 0, e.start) + 1, data.find(b"\n", e.start)
+        line = data[start:end if end >= 0 else len(data)].strip()
+        number = data.count(b"\n", 0, e.start) + 1
+        return (f"byte 0x{data[e.start]:02x} on line {number}: "
+                + line.decode("utf-8", "backslashreplace")[:120])
+    return "a byte that is not UTF-8"
 
 
 def check_field_counts(path: Path, sep: str = ",") -> None:

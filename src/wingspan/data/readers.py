@@ -819,6 +819,13 @@ def read_csv_table(csv_path: Path, config: ReadConfig) -> Dataset:
         Problem("no_path", f"line {i + 2} has no path (label '{label}'); skipped", str(csv_path))
         for i, label in zip(raw.index[nameless], raw.loc[nameless, LABEL], strict=True)]
     raw = raw[~nameless]
+    # A column with values under an empty header (a note typed beside the table) was read
+    # as a level named pandas' "Unnamed: 2", blank on every other row
+    unnamed = [c for c in raw.columns if re.fullmatch(r"Unnamed: \d+", c)]
+    problems += [Problem("unnamed_column", f"column {int(c.split()[-1]) + 1} has values but no "
+                         "name in the header; not read (name it to read it as a coarser "
+                         "level)", str(csv_path)) for c in unnamed]
+    raw = raw.drop(columns=unnamed)
     if SPLIT in raw.columns:
         _check_split_values(raw, csv_path)
     # " monarch" and "monarch " are the class "monarch", not two more; one Unicode spelling.
