@@ -1388,7 +1388,7 @@ def test_a_spreadsheets_empty_rows_are_no_records(tmp_path):
     (tmp_path / "s.csv").write_text(
         "path,label,split,\r\nmonarch/monarch_0.jpg,monarch,train,\r\n"
         "admiral/admiral_0.jpg,admiral,train,\r\nmonarch/monarch_1.jpg,,train,\r\n"
-        ",,,\r\n , ,,\r\n", encoding="utf-8-sig")
+        ",,,\r\n , ,,\r\n,,train,\r\n,,train,\r\n", encoding="utf-8-sig")  # (filled down)
     ds = read_dataset(tmp_path / "s.csv")
     assert len(ds.table) == 2
     said = [(p.kind, os.path.basename(p.path)) for p in ds.problems]

@@ -809,9 +809,11 @@ def read_csv_table(csv_path: Path, config: ReadConfig) -> Dataset:
             f"(its columns: {list(raw.columns)}).",
             hint="The first line must name the columns: path,label[,split][,group][,<level>...]",
         )
-    # A spreadsheet's empty rows (",,,," under its table) and blank lines hold no record:
-    # not "a row with an empty label" of no file. (The index stays the file's row.)
-    raw = raw[(raw.astype(str).apply(lambda cells: cells.str.strip()) != "").any(axis=1)]
+    # A spreadsheet's empty rows (",,,," under its table, or ",,train" where a split column
+    # was filled down past it) and blank lines hold no record: no path, no label, nothing
+    # to read, not "a row with an empty label" of no file. (The index stays the file's row.)
+    raw = raw[(raw[[PATH, LABEL]].astype(str).apply(lambda cells: cells.str.strip()) != ""
+               ).any(axis=1)]
     raw = _as_written(raw, csv_path.parent)
     # A row with no path was read as the CSV's own folder ("a folder, not an image file")
     nameless = (raw[PATH].astype(str).str.strip() == "").to_numpy()
