@@ -261,8 +261,10 @@ def _keep_existing(
                      for i in rows if any_case]
         table.loc[rows, PATH] = spelt[rows]
         exists[rows] = True
-        # Two rows of one file in two spellings: a repeat as any other (one label to it)
-        if len(rows) and table.loc[exists, PATH].duplicated().any():
+        # Two rows of one file in two spellings: a repeat as any other (one label to it).
+        # (Rows repeated as written were dealt with already, and are again alike.)
+        if (table.loc[exists, PATH].duplicated(keep=False)
+                & table.loc[exists, PATH].isin(set(spelt[rows]))).any():
             keep, repeats = _repeated_paths(table, table[PATH].tolist())
             problems += repeats
             table, exists = (table[keep].reset_index(drop=True),
@@ -866,7 +868,7 @@ def read_csv_table(csv_path: Path, config: ReadConfig) -> Dataset:
     raw, paths = raw[keep], [p for p, k in zip(paths, keep, strict=True) if k]
     coarser = coarse_to_fine(raw, [c for c in raw.columns if c not in (PATH, LABEL, SPLIT, GROUP)])
     if GROUP not in raw.columns and not config.group_regex:
-        problems += _ids_read_as_levels(raw, coarser, csv_path)
+        problems += _finer_than_label(raw, coarser, csv_path)
     if GROUP in raw.columns and not config.group_regex:
         groups = [g or p for g, p in zip(raw[GROUP], paths, strict=True)]
     else:  # a regex given now wins over the column (a splits.csv written without one)
@@ -890,7 +892,7 @@ def read_csv_table(csv_path: Path, config: ReadConfig) -> Dataset:
     return Dataset(table, levels, csv_path, "csv", problems)
 
 
-def _ids_read_as_levels(raw: pd.DataFrame, columns: list[str], csv_path: Path
+def _finer_than_label(raw: pd.DataFrame, columns: list[str], csv_path: Path
                         ) -> list[Problem]:
     """The extra columns finer than the label (each value of one class, several to a class,
     some on two rows or more): no coarser level, as such a column is read. Most likely

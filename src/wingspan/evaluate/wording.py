@@ -109,8 +109,7 @@ def look_alike_hint(alike: dict[str, str], python: bool | None = False) -> str:
 
     if not alike:
         return ""
-    differ = ("case" if all(how_names_differ([a, b]) == "case" for a, b in alike.items())
-              else how_names_differ(["", " "]))
+    differ = max((how_names_differ([a, b]) for a, b in alike.items()), key=len)  # the widest
     pairs = list(alike.items())[:LOOK_ALIKES_SHOWN]
     more = (f" (and {len(alike) - len(pairs)} more alike)" if len(alike) > len(pairs) else "")
     in_python = "class_map={" + ", ".join(f"{ours!r}: {theirs!r}" for theirs, ours in pairs) + "}"
