@@ -76,7 +76,7 @@ def outlier_exposure(pattern: str, weight: float) -> None:
         outliers = LabelledImages(paths, torch.zeros(len(paths), train.labels.shape[1]),
                                   train.transform, train.cache, train.seed + 1, train.size)
         g = torch.Generator().manual_seed(run.config.seed)
-        drawn = {"epoch": 0}
+        steps = {"done": 0}  # (each step's draw seeded by its number)
 
         def finetune_parts(*args, **kwargs):
             parts["prefix"], trained = original_parts(*args, **kwargs)
@@ -86,9 +86,9 @@ def outlier_exposure(pattern: str, weight: float) -> None:
             (x,) = args
             if not module.training or not len(x):
                 return None
-            drawn["epoch"] += 1
+            steps["done"] += 1
             idx = torch.randint(len(outliers), (len(x),), generator=g).tolist()
-            items = [outliers[(i, drawn["epoch"], 0)] for i in idx]
+            items = [outliers[(i, steps["done"], 0)] for i in idx]
             o = torch.stack([item[0] for item in items if item[0] is not None])
             if parts.get("prefix") is not None:
                 o = parts["prefix"](o)
@@ -120,7 +120,7 @@ def outlier_exposure(pattern: str, weight: float) -> None:
         finally:
             fabric.setup, stages.finetune_parts, stages.loss_fn = (setup, original_parts,
                                                                    original_loss)
-        print(f"outlier exposure: {drawn['epoch']} fine-tuning steps exposed", flush=True)
+        print(f"outlier exposure: {steps['done']} fine-tuning steps exposed", flush=True)
 
     recipe.finetune = finetune
 
