@@ -2017,6 +2017,22 @@ def test_a_resumed_run_says_so_and_does_not_repeat_what_it_said_once(tmp_path, m
     assert f"Resuming {run_dir} at finetune epoch 1, on " in lines[resumed]
 
 
+def test_train_log_says_the_set_up_in_the_order_it_happened(tmp_path):
+    """The split made of data without one was logged after the image counts it gave (the
+    set-up's lines were held until the run began): the run's line, then the name taken,
+    the split, and the counts."""
+    data = folder_dataset(tmp_path / "data", {"a": 12, "b": 12})
+    config = tiny(tmp_path, epochs_head=1, epochs_finetune=0)
+    (tmp_path / "runs" / "r").mkdir(parents=True)  # taken: this run is r-2
+    run_dir = train(read_dataset(data), config, tmp_path / "runs", "r", quiet=True)
+    lines = [line.partition(" ")[2] for line in (run_dir / "train.log").read_text()
+             .splitlines()]
+    at = {what: next(i for i, line in enumerate(lines) if line.startswith(what))
+          for what in ("Run ", f"{tmp_path / 'runs' / 'r'} is an empty folder",
+                       "The data has no split", "18 training and")}
+    assert list(at.values()) == sorted(at.values()) and at["Run "] == 0, lines
+
+
 def test_a_test_photo_deleted_while_a_run_was_stopped_is_counted_out(tmp_path, monkeypatch):
     """train.log's last line and metrics.json count the test images evaluate can score."""
     data = folder_dataset(tmp_path / "data", {"a": 15, "b": 15})

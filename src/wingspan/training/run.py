@@ -147,21 +147,17 @@ def train(dataset: Dataset, config: TrainConfig, runs_dir: str | Path = RUNS_DIR
         _say_if_a_class_is_named_unknown(dataset, config.trained_levels, logs.append)
         if fabric.is_global_zero:
             _write_run_files(run_dir, dataset, held_out, config)
-        run = start_run(run_dir, config, dataset, quiet, None, fabric, before=(why,) if why else ())
+        # (said after the run's first line, before the counts start_run's reading gives)
+        told = [(taken, True)] if taken else []
+        told += [(line, line.startswith("Warning:")) for line in filter(None, logs)]
+        run = start_run(run_dir, config, dataset, quiet, None, fabric,
+                        before=(why,) if why else (), told=tuple(told))
     except BaseException as e:  # nothing trained yet (bad data, no weights): no empty run
         if fabric.is_global_zero:
             release_lock(run_dir)
             shutil.rmtree(run_dir, ignore_errors=True)
         if isinstance(e, WingspanError):  # every process read the same data: rank 0 says it
             e.every_rank = True
-        raise
-    try:
-        if taken:
-            run.log(taken, caveat=True)
-        for line in filter(None, logs):  # (a warning is said even with --quiet, as caveats are)
-            run.log(line, caveat=line.startswith("Warning:"))
-    except SystemExit:
-        _reader_gone(run)
         raise
     return interruptible(run)
 
@@ -478,11 +474,13 @@ def _saved_workers(run_dir: Path) -> int | None:
 
 def start_run(run_dir: Path, config: TrainConfig, dataset: Dataset, quiet: bool,
            checkpoint: dict | None, fabric, before: tuple[str, ...] = (),
-           resuming: str = "") -> Run:
+           told: tuple[tuple[str, bool], ...] = (), resuming: str = "") -> Run:
     """The run's model, engines, data and state, from scratch or from `checkpoint`;
-    `before`: lines to log ahead of the "Run" line (why this backbone, say); `resuming`:
-    a resumed run's first line, in its place. A run resumed from a checkpoint does not say
-    again what its train.log says above (the data's counts and warnings)."""
+    `before`: lines to log ahead of the "Run" line (why this backbone, say); `told`: what
+    reading the data said before the run began, (line, caveat) pairs logged after that
+    line and before what this reading says; `resuming`: a resumed run's first line, in its
+    place. A run resumed from a checkpoint does not say again what its train.log says above
+    (the data's counts and warnings)."""
     torch.manual_seed(config.seed)
     logs: list[str] = []
     said_before = checkpoint is not None
@@ -529,6 +527,8 @@ def start_run(run_dir: Path, config: TrainConfig, dataset: Dataset, quiet: bool,
         if choice and choice.how == "measured":  # the timing counts in the stage it serves
             state.stage_seconds[stage] = state.stage_seconds.get(stage, 0.0) + choice.seconds
             run.timing(stage, "engine_choice", choice.seconds)
+    for line, caveat in told:  # (a warning is said even with --quiet, as caveats are)
+        run.log(line, caveat=caveat)
     for line in logs:
         run.log(line)
     run.data = build_train_data(plan, config, model.preprocessing,
