@@ -321,6 +321,27 @@ def test_evaluate_warns_of_classes_it_left_out(run, demo_dir, tmp_path):
     assert ev.metrics["images"] == len(list(known.iterdir()))
 
 
+def test_predictions_name_each_image_by_its_absolute_path(run, run_cli, demo_dir,
+                                                        tmp_path, monkeypatch):
+    """A path as typed (`predict runs/r photos/`) joined none of evaluate's rows, which are
+    absolute, and lost its folder after a `%cd`: the CSV, the JSON and the library's table
+    name each image absolutely, as evaluate and audit do."""
+    image = sorted(next(p for p in demo_dir.iterdir() if p.is_dir()).iterdir())[0]
+    monkeypatch.chdir(image.parent.parent)
+    typed = os.path.join(image.parent.name, image.name)
+    for out in ("p.csv", "p.json"):
+        code, _, err = run_cli("predict", run.dir, typed, "missing.jpg", "--output",
+                               tmp_path / out, "--quiet")
+        assert code == 0, err
+    rows = pd.read_csv(tmp_path / "p.csv")
+    said = json.loads((tmp_path / "p.json").read_text())
+    preds = run.predict([typed, "missing.jpg"], quiet=True)
+    for paths in (rows.path.tolist(), preds.path.tolist(),
+                  [said["predictions"][0]["path"], said["failed"][0]["path"]]):
+        assert paths == [str(image), str(image.parent.parent / "missing.jpg")]
+    assert said["predictions"][0]["predicted"] == rows.predicted[0] == preds.predicted[0]
+
+
 def test_predict_agrees_with_the_cli(run, run_cli, demo_dir, tmp_path):
     folder, other = sorted(p for p in demo_dir.iterdir() if p.is_dir())[:2]
     last = sorted(other.iterdir())[0]
@@ -334,15 +355,18 @@ def test_predict_agrees_with_the_cli(run, run_cli, demo_dir, tmp_path):
     assert preds.path.tolist()[-2:] == [str(tmp_path / "missing.jpg"), str(last)]
     assert preds.iloc[-2].error == cli.error.iloc[-2] == "no such file or folder"
     # None where there is no text, as documented (pandas made it NaN once one input failed)
-    assert preds.iloc[-2][["answer", "class", "known_level"]].tolist() == [None] * 3
+    assert preds.iloc[-2][["answer", "predicted", "known_level"]].tolist() == [None] * 3
     assert preds.error.tolist().count(None) == len(preds) - 1
     ok = preds[preds.error.isna()]  # None where the image was read: as pandas reads the
     assert pd.read_csv(tmp_path / "p.csv").error.isna().tolist() == \
         preds.error.isna().tolist()  # CLI's file, whose cell there is empty
-    assert ok["class"].tolist() == cli.class_1[cli.error == ""].tolist()
+    # The prediction under one name in both, and one level's is its top class
+    assert ok.predicted.tolist() == cli.predicted[cli.error == ""].tolist() == \
+        cli.class_1[cli.error == ""].tolist()
     assert ok.probability.to_numpy() == pytest.approx(
-        cli.prob_1[cli.error == ""].astype(float).to_numpy(), abs=1e-6)
-    assert ok.top.map(len).eq(3).all() and (ok.branch == "").all()  # one level: no branch
+        cli.probability[cli.error == ""].astype(float).to_numpy(), abs=1e-6)
+    assert ok.answer.tolist() == cli.answer[cli.error == ""].tolist()
+    assert ok.top.map(len).eq(3).all() and (ok.branch.map(len) == 0).all()  # one level
     # --output -: the CSV alone on standard output, for a pipe; the rest on standard error
     code, piped, said = run_cli("predict", run.dir, *inputs, "--output", "-")
     assert code == 0 and "1 skipped" in said
@@ -990,8 +1014,9 @@ def test_hierarchical_levels(demo_dir, tmp_path):
     preds = run.predict(demo_dir, quiet=True)
     families = dict(zip(data.table["label"], data.table["family"], strict=False))
     for _, row in preds.iterrows():  # the consistent branch: the class under its family
-        family, label = (part.rsplit(" ", 1)[0] for part in row.branch.split(" > "))
-        assert label == row["class"] and families[label] == family
+        (lv1, family, p1), (lv2, label, p2) = row.branch
+        assert (lv1, lv2) == ("family", "label") and 0 < p2 <= p1 <= 1
+        assert label == row.predicted and p2 == row.probability and families[label] == family
     ev = run.evaluate(split="val", quiet=True, plots=False)
     assert set(ev.metrics["hierarchy"]["levels"]) == {"family", "label"}
     assert "Per level" in ev._repr_html_()
@@ -1008,7 +1033,7 @@ def test_hierarchical_levels(demo_dir, tmp_path):
     assert (over == (got["known_level"] != "label")).all()
     assert (got.loc[~over, "score_level"] == "label").all()
     for i, level in enumerate(["family", "label"]):
-        branch = got["branch"].str.split(" > ").str[i].str.rsplit(" ", n=1).str[0]
+        branch = got["branch"].map(lambda b, i=i: b[i][1])
         right = (branch == val[level].to_numpy()).to_numpy()
         named = reach >= i
         figures = answers["by_level"][level]

@@ -299,7 +299,7 @@ def test_the_apis_predict_takes_devices_as_the_cli_does(demo_dir, tmp_path, one_
     two = pd.read_json(tmp_path / "out.0.json")
     one = ws.load(one_process).predict(images, top_k=2, precision="fp32", quiet=True)
     assert two.path.tolist() == one.path.tolist() == images
-    assert two["class"].tolist() == one["class"].tolist()
+    assert two.predicted.tolist() == one.predicted.tolist()
     assert two.probability.to_numpy() == pytest.approx(one.probability.to_numpy(), abs=1e-5)
     assert pd.read_json(tmp_path / "out.1.json").empty
     assert (tmp_path / "out.main").read_text() == "x"  # one process of the two is the main

@@ -145,10 +145,13 @@ def test_hierarchical_evaluation_and_prediction(hierarchical_run, demo_dir, tmp_
     unseen = evaluate(hierarchical_run, split="val", unknown=tmp_path / "unseen",
                       progress=False, workers=0, plots=False, out=tmp_path / "scored")
     table = pd.read_csv(unseen.out_dir / "unknown.csv", dtype=str, keep_default_na=False)
-    rows = {r["path"]: (r["known_level"] or "", r["answer"]) for r in predict(
+    rows = {r["path"]: (r["known_level"] or "", r["answer"], r["predicted"]) for r in predict(
         Predictor(hierarchical_run, workers=0), pngs, progress=False).rows}
-    assert list(zip(table["known_level"], table["answer"], strict=True)) == \
-        [rows[p] for p in table["path"]]
+    assert list(zip(table["known_level"], table["answer"], table["predicted"],
+                    strict=True)) == [rows[p] for p in table["path"]]
+    # the answer's columns named and ordered as predictions.csv's, for a script reading both
+    assert list(table.columns[:3]) == ["path", "answer", "known_level"]
+    assert list(table.columns[-2:]) == ["predicted", "probability"]
     assert (table["known_level"] == "genus").any()
     page = result.report.read_text()
     assert "Per taxonomic level" in page
@@ -359,8 +362,10 @@ def test_an_answer_stopped_at_a_coarse_level_gives_that_levels_score(
                              "--output", tmp_path / "p.csv", "--quiet")
     assert code == 0, err
     row = pd.read_csv(tmp_path / "p.csv").iloc[0]
-    assert list(row.index[:7]) == ["path", "family", "family_prob", "genus", "genus_prob",
-                                   "label", "label_prob"]
+    assert list(row.index[:10]) == ["path", "answer", "predicted", "probability", "family",
+                                    "family_prob", "genus", "genus_prob", "label", "label_prob"]
+    # The prediction is the branch's species, not the top class by its own probability
+    assert (row["predicted"], row["probability"]) == (row["label"], row["label_prob"])
     assert (row["known_level"], row["score_level"]) == ("family", "genus")
     assert row["answer"] == row["family"] and row["unknown_score"] > row["threshold"]
     assert f"{row['family_prob']:.3f}" in out and "at genus" in out
@@ -689,7 +694,7 @@ def test_a_blank_level_cell_in_a_csv_names_the_level_and_what_other_rows_give(tm
                     tiny(tmp_path, levels=["sub.family", "label"]), log=lambda _: None)
     assert "sub_family" in e.value.hint
     # A level named as one of predict's CSV columns made two columns of that name.
-    for name in ("answer", "class_1", "label_prob"):
+    for name in ("answer", "class_1", "label_prob", "predicted"):
         csv.write_text(f"path,label,{name},split\n" + "".join(
             f"{c}/{c}_{i}.jpg,{c},F{c},{'val' if i == 3 else 'train'}\n" for c in "ab"
             for i in range(4)))

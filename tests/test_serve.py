@@ -63,6 +63,10 @@ def test_health_model_and_a_good_image(client, run_dir):
     assert list(answer["top"]) == ["family", "label"]
     assert answer["top"]["family"][0]["probability"] >= top[0]["probability"]
     assert [b["level"] for b in answer["branch"]] == ["family", "label"]
+    # The class named, under predict's names: the branch's species, whatever the answer
+    assert list(answer)[:4] == ["file", "answer", "predicted", "probability"]
+    assert (answer["predicted"], answer["probability"]) == (
+        answer["branch"][-1]["class"], answer["branch"][-1]["probability"])
     # The unknown answer: known down to a level of the branch, or "unknown"; and the score
     # decides the finest level.
     named = {b["level"]: b["class"] for b in answer["branch"]}

@@ -234,6 +234,9 @@ def predict(predictor: Predictor, inputs: list[str], top_k: int = TOP_K, tta: bo
         branch, level, said = answer_for(predictor, p.probs, p.known_level)
         if branch:
             row["taxonomy"] = branch
+        # The model's prediction: a taxonomy's branch ends in it (chosen top-down, it may
+        # be other than the top class by its own probability), else the top class.
+        row["predicted"], row["probability"] = branch[-1][1:] if branch else row["top"][0]
         # (the class at the finest level the image is known at, else "unknown"; with the
         # score and the threshold it met)
         row.update(answer=said, known_level=level, **deciding_score(predictor, p.unknown))
@@ -287,8 +290,10 @@ def deciding_score(predictor: Predictor, scores: dict[str, float] | None) -> dic
 
 
 def write_predictions(result: PredictResult, path: Path) -> None:
-    """CSV (path, [<level>, <level>_prob, ...,] class_1, prob_1, ..., error) or JSON, by
-    the file's suffix; "-": the CSV on standard output."""
+    """CSV (path, answer, predicted, probability, [<level>, <level>_prob, ...,] class_1,
+    prob_1, ..., the unknown score's fields, error) or JSON, by the file's suffix; "-":
+    the CSV on standard output. Paths are absolute, as evaluate's and audit's, so that the
+    tables join whatever folder each command ran in."""
     if str(path) == "-":
         with csv_on_stdout() as f:
             _write_csv(result, f)
@@ -297,14 +302,15 @@ def write_predictions(result: PredictResult, path: Path) -> None:
     remove_dead_leftovers(path)  # (a half-written table a SIGTERM left)
     if path.suffix.lower() == ".json":
         write_text(path, json.dumps({
-            "predictions": [{"path": r["path"], "top": [{"class": c, "probability": p}
-                                                         for c, p in r["top"]],
+            "predictions": [{"path": os.path.abspath(r["path"]), "answer": r["answer"],
+                             "predicted": r["predicted"], "probability": r["probability"],
+                             "top": [{"class": c, "probability": p} for c, p in r["top"]],
                              **({"branch": [{"level": lv, "class": c, "probability": p}
                                             for lv, c, p in r["taxonomy"]]}
                                 if "taxonomy" in r else {}),
                              **{key: r[key] for key in UNKNOWN_KEYS if key in r}}
                             for r in result.rows],
-            "failed": [{"path": f, "error": e} for f, e in result.failed],
+            "failed": [{"path": os.path.abspath(f), "error": e} for f, e in result.failed],
             "not_images": result.not_images}, indent=2))
         return
     # (a file name that is not UTF-8, b'caf\xe9.jpg', is written 'caf\udce9.jpg': it
@@ -316,24 +322,28 @@ def write_predictions(result: PredictResult, path: Path) -> None:
 
 def _write_csv(result: PredictResult, f) -> None:
     k, levels = result.top_k, result.levels
-    # A taxonomy's branch (one class and its probability per level, coarse to fine) is its
-    # prediction: those columns come first, as the table shows them. Lines end in "\n", as
-    # evaluate's CSVs do (csv's "\r\n" left a "\r" on the error column for awk and cut).
+    # The answer and the prediction first (with a taxonomy, its branch: one class and its
+    # probability per level, coarse to fine, as the table shows them), then the top
+    # classes. Lines end in "\n", as evaluate's CSVs do (csv's "\r\n" left a "\r" on the
+    # error column for awk and cut).
     writer = csv.writer(f, lineterminator="\n")
-    header = ["path", *[x for lv in levels for x in (lv, f"{lv}_prob")],
+    details = [key for key in UNKNOWN_KEYS if key != "answer"]
+    header = ["path", "answer", "predicted", "probability",
+              *[x for lv in levels for x in (lv, f"{lv}_prob")],
               *[x for i in range(1, k + 1) for x in (f"class_{i}", f"prob_{i}")],
-              *UNKNOWN_KEYS, "error"]
+              *details, "error"]
     writer.writerow(header)
     for kind, i in result.order:
         if kind == "failed":
             f_, e = result.failed[i]
-            writer.writerow([f_, *[""] * (len(header) - 2), e])
+            writer.writerow([os.path.abspath(f_), *[""] * (len(header) - 2), e])
             continue
         r = result.rows[i]
-        writer.writerow([r["path"],
+        writer.writerow([os.path.abspath(r["path"]), r["answer"], r["predicted"],
+                         f"{r['probability']:.6f}",
                          *[x for _, c, p in r.get("taxonomy", []) for x in (c, f"{p:.6f}")],
                          *[x for c, p in r["top"] for x in (c, f"{p:.6f}")],
-                         *[_cell(r.get(key)) for key in UNKNOWN_KEYS], ""])
+                         *[_cell(r.get(key)) for key in details], ""])
 
 
 def _cell(value) -> str:

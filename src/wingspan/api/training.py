@@ -162,10 +162,10 @@ def _predictions(rows: list[dict]) -> pd.DataFrame:
     """Run.predict's table (its columns even with no rows). Its text columns hold None
     where there is no text, as documented, whatever the rows: pandas turned the None of a
     column that also holds strings into NaN (`error`, once one input failed)."""
-    frame = pd.DataFrame(rows, columns=["path", "answer", "class", "probability", "branch",
+    frame = pd.DataFrame(rows, columns=["path", "answer", "predicted", "probability", "branch",
                                         "top", "known_level", "unknown_score", "threshold",
                                         "score_level", "error"])
-    text = ["path", "answer", "class", "branch", "known_level", "score_level", "error"]
+    text = ["path", "answer", "predicted", "known_level", "score_level", "error"]
     frame[text] = frame[text].astype(object).where(frame[text].notna(), None)
     return frame
 
@@ -200,18 +200,18 @@ def _evaluation_warnings(metrics: dict) -> list[str]:
 def _prediction_row(result, kind: str, i: int) -> dict:
     """One row of `Run.predict`'s table: a prediction, or an input that could not be read
     (kept at its place among the inputs, as the CLI's output file keeps it)."""
+    # (paths absolute, as the library keeps them and the CLI's files write them)
     if kind == "failed":
         path, why = result.failed[i]
-        return {"path": path, "answer": None, "class": None, "probability": float("nan"),
-                "branch": "", "top": [], "known_level": None, "unknown_score": float("nan"),
-                "threshold": float("nan"), "score_level": None, "error": why}
+        return {"path": os.path.abspath(path), "answer": None, "predicted": None,
+                "probability": float("nan"), "branch": [], "top": [], "known_level": None,
+                "unknown_score": float("nan"), "threshold": float("nan"),
+                "score_level": None, "error": why}
     row = result.rows[i]
-    (best, p), branch = row["top"][0], ""
-    if "taxonomy" in row:  # the consistent branch is the prediction
-        _, best, p = row["taxonomy"][-1]
-        branch = " > ".join(f"{c} {q:.2f}" for _, c, q in row["taxonomy"])
-    return {"path": row["path"], "answer": row["answer"], "class": best, "probability": p,
-            "branch": branch, "top": row["top"], "known_level": row.get("known_level"),
+    return {"path": os.path.abspath(row["path"]), "answer": row["answer"],
+            "predicted": row["predicted"], "probability": row["probability"],
+            "branch": row.get("taxonomy", []), "top": row["top"],
+            "known_level": row.get("known_level"),
             "unknown_score": row.get("unknown_score", float("nan")),
             "threshold": row.get("threshold", float("nan")),
             "score_level": row.get("score_level"), "error": None}  # (isna(): read)
@@ -454,11 +454,14 @@ class Run:
                 devices: int | None = None, nodes: int | None = None,
                 strategy: str = TrainConfig.strategy) -> pd.DataFrame:
         """Classes of image files, folders (searched recursively) and globs, as `wingspan
-        predict`. One row per image: path, answer (the class, or "unknown" for an image
-        unlike every class the model knows; with levels, the class at the finest level
-        it is known at), class and probability (calibrated: the closest class, whatever
-        the answer), branch (the consistent taxonomic branch of a model with levels, e.g.
-        "nymphalidae 0.98 > monarch 0.95"), top (the top_k (class, probability) pairs),
+        predict`. One row per image: path (absolute), answer (the class, or "unknown"
+        for an image unlike every class the model knows; with levels, the class at the
+        finest level it is known at), predicted and probability (the class the model
+        names, whatever the answer, and its calibrated probability: with levels, the
+        branch's finest class), branch (the consistent taxonomic branch of a model
+        with levels, a (level, class, probability) triple per level, coarse to fine, e.g.
+        [("family", "Nymphalidae", 0.98), ("species", "monarch", 0.95)]; [] for one
+        level), top (the top_k (class, probability) pairs),
         known_level (the level the answer is at; None for "unknown"), unknown_score,
         threshold and score_level (the score that decided, at the level it decided) and
         error (why an input was skipped; None where it was read). `workers`: data

@@ -498,7 +498,7 @@ def _openset(predictor: Predictor, unknown, paths: list[str], known: list, y: np
              tta: bool = False, draw: bool = True, missing: list = ()) -> dict:
     """The known images' unknown scores against those of images of unseen classes
     (`paths`, from `unknown`; `missing`: those of it that are no image, with why, counted
-    unreadable); writes unknown.csv (each unseen image: score, answer, closest class) and
+    unreadable); writes unknown.csv (each unseen image: answer, score, the class named) and
     unknown.png."""
     seen = list(predictor.run(paths, tta=tta, progress=progress, every_score=True))
     unseen = [p for p in seen if not p.error]
@@ -537,12 +537,14 @@ def _openset(predictor: Predictor, unknown, paths: list[str], known: list, y: np
     # The score that decided each answer, its threshold and level, as predict writes them
     # (with levels, each has its own threshold); and the finest level's, which AUROC ranks.
     deciding = pd.DataFrame([deciding_score(predictor, p.unknown) for p in unseen])
-    write_csv(pd.DataFrame({  # (absolute, as predictions.csv: it is read from elsewhere)
-        "path": [os.path.abspath(p.path) for p in unseen], **deciding.to_dict("list"),
+    # The answer's columns named and ordered as predictions.csv's (paths absolute: it is
+    # read from elsewhere), then the class named and its probability under its names too.
+    write_csv(pd.DataFrame({
+        "path": [os.path.abspath(p.path) for p in unseen], "answer": answers,
+        "known_level": [level or "" for level, _ in said], **deciding.to_dict("list"),
         **({f"{level}_score": u} if predictor.taxonomy else {}),
-        "answer": answers,
-        "known_level": [level or "" for level, _ in said],
-        "closest_class": [predictor.classes[c] for c in u_pred]}),
+        "predicted": [predictor.classes[c] for c in u_pred],
+        "probability": [float(p.probs[c]) for p, c in zip(unseen, u_pred, strict=True)]}),
         out_dir / "unknown.csv")
     if draw:
         charts.plot_unknown_scores(k, u, predictor.thresholds[level], name,

@@ -40,8 +40,9 @@ class ApiError(BaseModel):
 # What each endpoint can answer, for the OpenAPI schema (/openapi.json). A request of
 # several files is refused for a file only when none of them can be read.
 PREDICT_ANSWER = ('{"predictions": [one per file, in order], "latency_ms"}. Each prediction '
-                  'is {"file", "top": {level: [{"class", "probability"}]}, "branch", "answer", '
-                  '"known_level", "unknown_score", "threshold", "score_level"}; a file that '
+                  'is {"file", "answer", "predicted", "probability", "top": {level: '
+                  '[{"class", "probability"}]}, "branch", "known_level", "unknown_score", '
+                  '"threshold", "score_level"}; a file that '
                   'cannot be read is {"file", "error", "status"} in its place (its 4xx below), '
                   "and the others are answered.")
 ERRORS = {code: {"model": ApiError, "description": what} for code, what in (
@@ -388,12 +389,16 @@ def _answer(predictor: Predictor, name: str | None, outputs: dict[str, np.ndarra
                            "probability": float(p[i])} for i in p.argsort()[::-1][:top_k]]
     levels[predictor.level] = [{"class": predictor.classes[i], "probability": float(probs[i])}
                                for i in order]
-    answer = {"file": name, "top": levels}
     # The class at the finest level the image passes the unknown threshold at, else
-    # "unknown"; the closest class stays in `top`.
+    # "unknown"; the class the model names (a taxonomy's branch ends in it) whatever the
+    # answer: predict's names, in predict's order.
     branch, level, said = answer_for(predictor, probs, predictor.known_level(scores))
+    predicted, probability = (branch[-1][1:] if branch
+                              else (predictor.classes[order[0]], float(probs[order[0]])))
+    answer = {"file": name, "answer": said, "predicted": predicted,
+              "probability": probability, "top": levels}
     if branch:
         answer["branch"] = [{"level": lv, "class": c, "probability": p} for lv, c, p in branch]
-    answer["known_level"], answer["answer"] = level, said
+    answer["known_level"] = level
     answer.update(deciding_score(predictor, scores))
     return answer

@@ -191,7 +191,8 @@ def _check_level_names(levels: list[str]) -> None:
     pandas read the level's as the answer."""
     from wingspan.predict import UNKNOWN_KEYS
 
-    taken = {"path", "error", *UNKNOWN_KEYS, *(f"{lv}_prob" for lv in levels)}
+    taken = {"path", "error", "predicted", "probability", *UNKNOWN_KEYS,
+             *(f"{lv}_prob" for lv in levels)}
     clash = next((lv for lv in levels if lv in taken or re.fullmatch(r"(class|prob)_\d+", lv)),
                  None)
     if clash:
