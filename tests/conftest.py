@@ -42,6 +42,16 @@ def _no_onnx_session_kept():
     forget_sessions()
 
 
+@pytest.fixture(autouse=True)
+def _cores_not_watched(monkeypatch):
+    """The suite's engine timings share the cores with its other workers: a choice timed
+    so is not kept (EngineConfig.max_core_wait), and what a test finds in the engine cache
+    would hang on the load of the moment. The tests of that rule put it back."""
+    from wingspan.models import engine
+
+    monkeypatch.setattr(engine, "waiting_seconds", lambda: None)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     path = shared_data_dir()

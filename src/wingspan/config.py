@@ -557,6 +557,12 @@ class EngineConfig:
     # images/s) went one way or the other from one timing to the next, and a same-seed
     # rerun's model with it.
     lossy_gain: float = 1.05
+    # A timing during which this process's threads waited for a core (other work held it)
+    # more than this share of the time is used for the run at hand but not kept: beside
+    # other jobs on a 2-core AMX Xeon, ResNet-50 ran 6x slower in bf16 but 2x in ONNX
+    # Runtime, and the pick flipped, so such figures say more of the load than of the
+    # engines (an idle machine waited 0%; two busy processes beside it, 49%).
+    max_core_wait: float = 0.2
     # Accuracy guard: a candidate may not be chosen when, on more than `max_changed` of the
     # timing images, its features point elsewhere than fp32's (cosine below
     # `min_feature_cosine`; bf16 gave >= 0.997) or its top-1 class differs from fp32's where

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import time
 import warnings
@@ -186,6 +187,13 @@ class Choice:
     changed: dict[str, float] = field(default_factory=dict)  # share against PyTorch fp32
     seconds: float = 0.0  # what measuring cost (0 when cached or forced)
     measured_on: str = ""  # date of the measurement
+    # The share of the timing its threads spent waiting for a core that other work held
+    # (None where the system does not say): over EngineConfig.max_core_wait, not kept.
+    core_wait: float | None = None
+
+    @property
+    def cores_shared(self) -> bool:
+        return self.how == "measured" and (self.core_wait or 0.0) > EngineConfig().max_core_wait
 
     def describe(self) -> str:
         chosen = self.images_per_s.get(self.engine.name, math.inf)
@@ -199,6 +207,9 @@ class Choice:
         figures = ", ".join(f"{n} {v:.1f}" + why_not(n, v)
                             for n, v in sorted(self.images_per_s.items(), key=lambda kv: -kv[1]))
         how = self.how + (f" {self.seconds:.1f}s" if self.how == "measured" else "")
+        if self.cores_shared:
+            how += (f" while other work held the cores, its threads waiting "
+                    f"{self.core_wait:.0%} of the time: not kept, timed again next time")
         return f"{self.engine.name} ({how}" + (f"; images/s {figures}" if figures else "") + ")"
 
     def to_record(self) -> dict:
@@ -283,6 +294,49 @@ NOT_KEPT: list[Path] = []  # the cache put could not write, once said
 
 
 # --- measuring ----------------------------------------------------------------------------
+
+class CoreWait:
+    """Over a `with` block, the share of its wall time this process's threads spent ready
+    to run but waiting for a core that other work held (`share`; None where the system
+    does not say). Hand-written: Linux's per-thread schedstat says it exactly, where the
+    CPU time a process got mixes the load in with its own idle threads (ONNX Runtime's
+    pool sleeps between calls)."""
+
+    def __enter__(self) -> CoreWait:
+        self.share: float | None = None
+        self._start = time.perf_counter(), waiting_seconds()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall, waited = time.perf_counter() - self._start[0], waiting_seconds()
+        if waited is not None and self._start[1] is not None and wall > 0:
+            self.share = round(max(waited - self._start[1], 0.0)
+                               / (wall * max(torch.get_num_threads(), 1)), 3)
+
+
+def cpu_wait(wait: CoreWait, device: torch.device) -> float | None:
+    """A timing's core wait where it times the CPU (a GPU's timing waits on the GPU)."""
+    return wait.share if device.type == "cpu" else None
+
+
+def waiting_seconds() -> float | None:
+    """Seconds this process's threads have waited for a core, runnable but not running
+    (the second field of /proc/self/task/*/schedstat; a thread that has ended takes its
+    own with it), or None off Linux."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    total, read = 0, False
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/schedstat", "rb") as f:
+                total += int(f.read().split()[1])
+            read = True
+        except (OSError, ValueError, IndexError):  # (a thread that ended meanwhile)
+            continue
+    return total / 1e9 if read else None
+
 
 def time_calls(calls: dict[str, Callable[[torch.Tensor], object]], x: torch.Tensor,
                rounds: int, near_tie: float | None) -> tuple[dict[str, float], dict]:
@@ -386,11 +440,12 @@ def timing_batch(size: int, n: int, mean, std) -> torch.Tensor:
 
 
 def measured_choice(seconds: dict[str, float], n: int, rejected: dict[str, str],
-                    changes: dict[str, float], cost: float) -> Choice:
+                    changes: dict[str, float], cost: float,
+                    core_wait: float | None = None) -> Choice:
     """The fastest eligible candidate, with every figure (`n` images per timed call); a
     lossy one (bf16, fp16) only where it is EngineConfig.lossy_gain times as fast as the
     fastest fp32 one. If every one is rejected, the model itself is broken: take the
-    fastest, the run shows it."""
+    fastest, the run shows it. `core_wait`: see CoreWait."""
     eligible = {k: v for k, v in seconds.items() if k not in rejected} or seconds
     name = min(eligible, key=eligible.get)
     exact = [k for k in eligible if engine_named(k).precision == "fp32"]
@@ -401,4 +456,5 @@ def measured_choice(seconds: dict[str, float], n: int, rejected: dict[str, str],
     return Choice(engine_named(name), "measured",
                   images_per_s={k: round(n / v, 1) for k, v in seconds.items()},
                   rejected=rejected, changed={k: round(v, 3) for k, v in changes.items()},
-                  seconds=round(cost, 2), measured_on=time.strftime("%Y-%m-%d %H:%M"))
+                  seconds=round(cost, 2), measured_on=time.strftime("%Y-%m-%d %H:%M"),
+                  core_wait=core_wait)

@@ -36,11 +36,13 @@ from wingspan.models.engine import (
     ENGINES,
     PRECISIONS,
     Choice,
+    CoreWait,
     Engine,
     EngineCache,
     auto_leaves_out,
     candidates,
     cannot_run,
+    cpu_wait,
     engine_key,
     engine_named,
     guard,
@@ -179,7 +181,8 @@ class Policy:
         with status(f"Timing {', '.join(e.name for e in engines)} for {model.spec.name} "
                     "(once per model and machine)", progress):
             choice = self._measure_frozen(model, size, n, engines, thorough)
-        cache.put(key, choice.to_record())
+        if not choice.cores_shared:  # (one timed beside other work: this run's alone)
+            cache.put(key, choice.to_record())
         return self.with_choice("frozen", choice)
 
     def _measure_frozen(self, model: nn.Module, size: int, n: int, engines: list[Engine],
@@ -201,12 +204,13 @@ class Policy:
                                                        keep=True)
                 except Exception as e:  # noqa: BLE001 - e.g. a layer ONNX cannot export
                     failed[engine.name] = f"cannot run this model: {str(e)[:120]}"
-            seconds, outputs = time_calls(runners, x, config.rounds + thorough,
-                                          None if thorough else config.near_tie)
+            with CoreWait() as wait:
+                seconds, outputs = time_calls(runners, x, config.rounds + thorough,
+                                              None if thorough else config.near_tie)
             changed, rejected = guard(model, outputs, self.device)
         model.train(was_training)
         return measured_choice(seconds, n, {**failed, **rejected}, changed,
-                               time.perf_counter() - start)
+                               time.perf_counter() - start, cpu_wait(wait, self.device))
 
     def with_choice(self, kind: str, choice: Choice) -> Policy:
         return dataclasses.replace(self, **{kind: choice})

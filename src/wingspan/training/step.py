@@ -22,7 +22,9 @@ from wingspan.models.backbone import Backbone
 from wingspan.models.classifier import Classifier
 from wingspan.models.engine import (
     Choice,
+    CoreWait,
     EngineCache,
+    cpu_wait,
     engine_key,
     engine_named,
     guard,
@@ -142,7 +144,8 @@ def choose_train(policy: Policy, model: Classifier, stages: int, size: int, batc
     with status(f"Timing the training step in {', '.join(e.name for e in engines)} "
                 "(once per model and machine)", progress):
         choice = _measure(policy, model, stages, size, n, engines, thorough)
-    cache.put(key, choice.to_record())
+    if not choice.cores_shared:  # (one timed beside other work: this run's alone)
+        cache.put(key, choice.to_record())
     return policy.with_choice("train", choice)
 
 
@@ -151,7 +154,8 @@ def _measure(policy: Policy, model: Classifier, stages: int, size: int, n: int,
     """Time the step in each precision; guard each precision as frozen passes are guarded
     (features against fp32's), unless the frozen-pass measurement already did."""
     start = time.perf_counter()
-    seconds = time_steps(policy, model, stages, size, engines, n, thorough)
+    with CoreWait() as wait:
+        seconds = time_steps(policy, model, stages, size, engines, n, thorough)
     changed = {k: v for k, v in policy.frozen.changed.items()
                if k in {e.name for e in engines}}
     rejected = {k: v for k, v in policy.frozen.rejected.items() if k in changed}
@@ -160,7 +164,8 @@ def _measure(policy: Policy, model: Classifier, stages: int, size: int, n: int,
         more_changed, more_rejected = _guard_precisions(policy, model, size, n, engines)
         changed.update(more_changed)
         rejected.update({k: v for k, v in more_rejected.items() if k not in rejected})
-    return measured_choice(seconds, n, rejected, changed, time.perf_counter() - start)
+    return measured_choice(seconds, n, rejected, changed, time.perf_counter() - start,
+                           cpu_wait(wait, policy.device))
 
 
 def _guard_precisions(policy: Policy, model: Classifier, size: int, n: int, engines):
