@@ -1492,6 +1492,8 @@ def test_a_diverging_run_stops_with_a_clear_error_and_writes_no_model(demo_dir, 
     config = tiny(tmp_path, lr=1.0, finetune_lr_scale=1e8)
     with pytest.raises(WingspanError, match="Training diverged.*finetune epoch 1") as e:
         train(read_dataset(demo_dir), config, tmp_path / "runs", "nan", quiet=True)
+    # the rate that diverged, not the head's
+    assert "(top learning rate 1e+08: --lr 1 x finetune_lr_scale 1e+08)" in e.value.message
     assert "lower --lr" in e.value.hint
     run_dir = tmp_path / "runs" / "nan"
     assert "from before this" in e.value.message  # the head stage's checkpoint is kept
@@ -1570,6 +1572,12 @@ def test_profile_writes_a_torch_profiler_trace_and_the_time_profile(demo_dir, tm
     trace = json.loads((run_dir / "profile" / "trace.json").read_text())
     assert trace["traceEvents"]  # chrome://tracing / Perfetto format
     assert "aten::" in (run_dir / "profile" / "operators.txt").read_text()
+    # On a GPU the trace records its kernels too, not the launches alone
+    from torch.profiler import ProfilerActivity
+
+    from wingspan.training.stages import _Profiler
+    assert ProfilerActivity.CUDA in _Profiler.activities(torch.device("cuda", 0))
+    assert _Profiler.activities(torch.device("cpu")) == [ProfilerActivity.CPU]
     profile = json.loads((run_dir / "metrics.json").read_text())["profile"]
     assert {"feature_cache", "data", "forward", "backward", "eval"} <= set(profile["head"])
     assert {"data", "forward", "backward", "eval"} <= set(profile["finetune"])

@@ -619,8 +619,9 @@ class TrainConfig:
     # Given splits that put one group, file or picture on two sides are refused (ETHEC's
     # published ones are repaired); True trains on them anyway, with a warning.
     allow_leaky_splits: bool = False
-    val_fraction: float = 0.15  # used only when the data has no split of its own
-    test_fraction: float = 0.15
+    # used only when the data has no split of its own, as `data split` makes one
+    val_fraction: float = SplitConfig.val_fraction
+    test_fraction: float = SplitConfig.test_fraction
     # Honest scores. The best epoch is chosen on val, so val's score is optimistic; only a
     # split never used to choose scores the model fairly. holdout: data with its own val
     # but no test keeps that val as the test split and chooses on val_fraction of train

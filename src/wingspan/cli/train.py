@@ -150,7 +150,7 @@ def train_command(
     profile: Annotated[bool, typer.Option(
         help="Write a torch.profiler trace of a few fine-tuning steps (runs/NAME/profile).",
         rich_help_panel=Panel.ENGINES)]
-    = False,
+    = T.profile,
     name: Annotated[str | None, typer.Option(help="Run name (runs/NAME).",
                                              rich_help_panel=Panel.OUTPUT)] = None,
     runs_dir: Annotated[Path, typer.Option(callback=check_folder, help="Where runs are written.",
@@ -160,7 +160,7 @@ def train_command(
         help="YAML file of settings; options given on the command line win.")] = None,
     resume: Annotated[Path | None, typer.Option(
         help="Continue the run in this folder from its last checkpoint.")] = None,
-    format: Format = None, group_regex: GroupRegex = None, strict: Strict = False,
+    format: Format = None, group_regex: GroupRegex = None, strict: Strict = T.strict,
     max_pixels: MaxPixels = None,
     quiet: Quiet = False,
 ) -> None:

@@ -596,7 +596,7 @@ def finetune(run: Run) -> None:
             # last batch smaller than the ranks is left out. (A first epoch's unreadable
             # images count in `items` on several ranks: its train loss is near, not exact.)
             share = len(y) if fabric.world_size == 1 else items / fabric.world_size
-            partial["loss_sum"] += loss.item() * share  # the step's one wait for the device
+            partial["loss_sum"] += loss.item() * share  # (the device was waited for above)
             partial["labels"] += labels[:mine, -1].tolist()
             preds.append(_answered(run, outputs)[:mine])  # (a taxonomy's branch: on the CPU)
             if _checkpoint_due(run, last_save, state.step):
@@ -640,9 +640,13 @@ def _stop_if_diverged(run: Run, stage: str, epoch: int, step: int) -> None:
     if bool(weight.detach().sum().isfinite()):
         return
     last = run.checkpoints / "last.pt"
+    config = run.config  # (the stage's own top rate: stage 2's is --lr x finetune_lr_scale)
+    rate = (f"top learning rate {config.lr * config.finetune_lr_scale:g}: --lr {config.lr:g}"
+            f" x finetune_lr_scale {config.finetune_lr_scale:g}" if stage == "finetune"
+            else f"learning rate {config.lr:g}")
     raise WingspanError(
         f"Training diverged: the weights became NaN or infinite at {stage} epoch {epoch + 1}, "
-        f"batch {step + 1} (learning rate {run.config.lr:g}). No model was written; "
+        f"batch {step + 1} ({rate}). No model was written; "
         + (f"the last checkpoint, from before this, is {last}." if last.is_file()
            else "no checkpoint had been taken yet."),
         hint="Train again with a lower --lr (stage 2 runs at lr x finetune_lr_scale).")
@@ -722,9 +726,16 @@ class _Profiler:
 
     def __init__(self, run: Run):
         self.run, self.done = run, 0
-        self.profiler = torch.profiler.profile(
-            activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True)
+        self.profiler = torch.profiler.profile(activities=self.activities(run.device),
+                                               record_shapes=True)
         self.profiler.__enter__()
+
+    @staticmethod
+    def activities(device: torch.device) -> list:
+        """The CPU's, and a GPU's kernels where the step runs there: without them a GPU's
+        trace showed the launches alone, not where the time goes."""
+        cpu, cuda = torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA
+        return [cpu, cuda] if device.type == "cuda" else [cpu]
 
     def step(self) -> _Profiler | None:
         self.done += 1
@@ -741,7 +752,8 @@ class _Profiler:
         out.mkdir(exist_ok=True)
         self.profiler.export_chrome_trace(str(out / "trace.json"))
         (out / "operators.txt").write_text(self.profiler.key_averages().table(
-            sort_by="self_cpu_time_total", row_limit=30))
+            sort_by="self_device_time_total" if self.run.device.type == "cuda"
+            else "self_cpu_time_total", row_limit=30))
         self.run.log(f"Profiled {counted(self.done, 'fine-tuning step')}: {out / 'trace.json'}")
         return None
 
