@@ -775,6 +775,11 @@ class TrainConfig:
         _check(0 < self.unknown_rate < 1, "unknown_rate", "above 0 and below 1, e.g. 0.05",
                self.unknown_rate)
 
+    def stages_to_unfreeze(self, backbone_default: int) -> int:
+        """How many of the backbone's last stages fine-tuning trains: `unfreeze`, else the
+        backbone's own default (its spec's: 3 of EfficientNet's, say)."""
+        return backbone_default if self.unfreeze is None else self.unfreeze
+
     @property
     def trained_levels(self) -> list[str]:
         """The levels with a head: `levels`, else the single `level`."""

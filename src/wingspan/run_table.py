@@ -22,12 +22,14 @@ from wingspan.errors import WingspanError, first_line
 from wingspan.evaluate.wording import fairness
 from wingspan.files import csv_on_stdout, write_csv, write_text
 from wingspan.training.folder import (
+    CHECKPOINTS_DIR,
     CONFIG_FILE,
     FREE,
     HELD,
     HISTORY_FILE,
     SPLITS_FILE,
     UNREADABLE,
+    last_checkpoint,
     lock_state,
     splits_digest,
     stopped_by,
@@ -147,7 +149,7 @@ def run_row(run_dir: Path) -> dict | None:
         # A run that trained and has lost its config.yaml: listed as damaged, as `train
         # --resume` calls it (it was left out of the listing, unsaid).
         lost = not configured and (run_dir / SPLITS_FILE).is_file() and (
-            (run_dir / "checkpoints").is_dir() or (run_dir / "history.csv").is_file())
+            (run_dir / CHECKPOINTS_DIR).is_dir() or (run_dir / HISTORY_FILE).is_file())
         # What `train` writes before config.yaml, and nothing else: killed then, or being
         # set up now. (An empty folder may be anyone's: not listed.)
         if not configured and not lost and (not any(run_dir.iterdir())
@@ -211,7 +213,7 @@ def _read_run(run_dir: Path, row: dict) -> None:
     done = trained and (not config.get("holdout_classes") or "unknown" in metrics)
     if not done:
         error = stopped_by(run_dir)
-        last = run_dir / "checkpoints" / "last.pt"
+        last = last_checkpoint(run_dir)
         # (torch.save writes a zip: one cut short, by a copy say, lacks the zip's end record;
         # saves here are atomic, so only something else leaves one so)
         if not error and last.is_file() and not zipfile.is_zipfile(last):
@@ -264,7 +266,7 @@ def _stopped_after(run_dir: Path) -> str | None:
         return None
     # The head stage checkpoints every few minutes, not every epoch: a resume may take up
     # from before the last epoch history.csv holds.
-    last = run_dir / "checkpoints" / "last.pt"
+    last = last_checkpoint(run_dir)
     try:
         behind = last.stat().st_mtime < (run_dir / HISTORY_FILE).stat().st_mtime
     except OSError:

@@ -137,8 +137,10 @@ def read_manifest(path: str | Path) -> dict:
                 path.suffix.lower())
             why = ("no wingspan manifest in its metadata" if isinstance(e, KeyError) else
                    "not a safetensors file" if isinstance(e, SafetensorError) else first_line(e))
+            from wingspan.training.folder import CHECKPOINTS_DIR
+
             run = path.parent.parent
-            if path.parent.name == "checkpoints" and (run / "train.log").is_file():
+            if path.parent.name == CHECKPOINTS_DIR and (run / "train.log").is_file():
                 hint = (f"It is a training checkpoint of the run {run}: give the run folder, "
                         f"or continue the run with `{command('train', '--resume', run)}` "
                         "(ws.resume) if it did not finish.")

@@ -207,9 +207,9 @@ def _not_weights(weights: str, path: Path) -> WingspanError:
 
     if path.is_dir() and (path / "config.yaml").is_file() and (path / "splits.csv").is_file():
         # A run without its model yet: being trained, or stopped (or failed) before its end.
-        from wingspan.training.folder import being_trained
+        from wingspan.training.folder import being_trained, last_checkpoint
 
-        last = path / "checkpoints" / "last.pt"
+        last = last_checkpoint(path)
         training = being_trained(path)
         finish = ("Wait for it to finish" if training else
                   f"Finish it with `{command('train', '--resume', weights)}`")
@@ -238,9 +238,11 @@ BACKBONE_PREFIX = "backbone.net."  # a bundle's backbone tensors (timm's keys af
 def checkpoint_run_settings(path: str | Path) -> dict | None:
     """The config.yaml of the run whose checkpoints/ folder holds `path` (its backbone and
     size), or None for any other file."""
+    from wingspan.training.folder import CHECKPOINTS_DIR
+
     path = Path(path).expanduser()
     config = path.parent.parent / "config.yaml"
-    if path.parent.name != "checkpoints" or not config.is_file():
+    if path.parent.name != CHECKPOINTS_DIR or not config.is_file():
         return None
     try:
         settings = yaml.safe_load(config.read_bytes())  # (UTF-8, as written)

@@ -23,7 +23,13 @@ from wingspan.models.policy import Policy
 from wingspan.parallel import gather_objects
 from wingspan.training.checkpoint import save_checkpoint
 from wingspan.training.data import LabelledImages
-from wingspan.training.folder import HISTORY_FILE, splits_digest
+from wingspan.training.folder import (
+    CHECKPOINTS_DIR,
+    HISTORY_FILE,
+    best_checkpoint_file,
+    last_checkpoint,
+    splits_digest,
+)
 
 # What a resume may change: where and how the run computes, not what it learns.
 MACHINE_SETTINGS = ("device", "devices", "nodes", "strategy", "workers", "compile")
@@ -145,7 +151,7 @@ class Run:
 
     @property
     def checkpoints(self) -> Path:
-        return self.dir / "checkpoints"
+        return self.dir / CHECKPOINTS_DIR
 
     @property
     def image_size(self) -> int:
@@ -215,7 +221,7 @@ class Run:
         if not self.is_main:
             return
         self.write_best()  # (before last.pt, whose state names that best epoch)
-        save_checkpoint(self.checkpoints / "last.pt", {
+        save_checkpoint(last_checkpoint(self.dir), {
             "model": self.model.state_dict(),
             "optimizer": optimizer.state_dict() if optimizer else None,
             "state": self.state.to_dict(),
@@ -275,7 +281,7 @@ class Run:
             self.best_head = ({k: v.detach().clone()
                                for k, v in self.model.head.state_dict().items()}, said)
         else:
-            save_checkpoint(self.checkpoints / "best.pt",
+            save_checkpoint(best_checkpoint_file(self.dir),
                             {"model": self.model.state_dict(), **said})
 
     def write_best(self) -> None:
@@ -286,7 +292,7 @@ class Run:
         head, said = self.best_head
         model = self.model.state_dict()
         model.update({f"head.{k}": v for k, v in head.items()})
-        save_checkpoint(self.checkpoints / "best.pt", {"model": model, **said})
+        save_checkpoint(best_checkpoint_file(self.dir), {"model": model, **said})
         self.best_head = None
 
     def timing(self, stage: str, kind: str, seconds: float) -> None:

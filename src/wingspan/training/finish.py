@@ -29,7 +29,12 @@ from wingspan.progress import Bar
 from wingspan.training.checkpoint import load_checkpoint
 from wingspan.training.context import Run
 from wingspan.training.data import fixed_batches, make_loader
-from wingspan.training.folder import HOLDOUT_FILE, SPLITS_FILE
+from wingspan.training.folder import (
+    HOLDOUT_FILE,
+    SPLITS_FILE,
+    best_checkpoint_file,
+    feature_cache_file,
+)
 from wingspan.training.lossy_check import avoided_engines, check_lossy_engines, fp32_engine
 from wingspan.training.stages import image_stamps, same_images, say_what_is_read
 
@@ -194,7 +199,7 @@ def best_checkpoint(run: Run) -> dict:
     head where the head stage is over and no fine-tuned epoch followed (run._recipe loaded
     it before the checkpoint it was resumed from), else the last epoch's."""
     try:
-        return load_checkpoint(run.checkpoints / "best.pt")
+        return load_checkpoint(best_checkpoint_file(run.dir))
     except WingspanError as e:
         state, last = run.state, run.state.history[-1]
         if state.stage != "head" and last["stage"] == "head" == state.best_stage:
@@ -261,7 +266,7 @@ def _cached_features(run: Run) -> dict[str, torch.Tensor] | None:
     else None (computed again): the file damaged (as stage 1 takes it), of other images,
     or an image edited while the run was stopped and resumed in fine-tuning, which never
     looks at the cache (its old features would fit the temperature and unknown score)."""
-    cache = run.dir / "cache" / "features.safetensors"
+    cache = feature_cache_file(run.dir)
     if run.state.best_stage != "head" or not cache.is_file():
         return None
     try:

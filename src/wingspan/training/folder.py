@@ -24,6 +24,21 @@ ERROR_FILE = "error.txt"
 # `wingspan adapt`: the photos its head was refitted on (unlabelled), which an evaluation
 # of the adapted run must not call fair.
 ADAPT_PHOTOS_FILE = "adapt-photos.csv"
+# The checkpoints: last.pt, which a run resumes from, and best.pt, its best model so far.
+CHECKPOINTS_DIR = "checkpoints"
+
+
+def last_checkpoint(run_dir: Path) -> Path:
+    return run_dir / CHECKPOINTS_DIR / "last.pt"
+
+
+def best_checkpoint_file(run_dir: Path) -> Path:
+    return run_dir / CHECKPOINTS_DIR / "best.pt"
+
+
+def feature_cache_file(run_dir: Path) -> Path:
+    """Stage 1's cached features of the frozen backbone (see training.stages)."""
+    return run_dir / "cache" / "features.safetensors"
 
 
 def read_history(run_dir: Path):

@@ -29,12 +29,14 @@ from wingspan.parallel import check_default_dtype
 from wingspan.training.checkpoint import load_checkpoint
 from wingspan.training.context import MACHINE_SETTINGS, Run, learning_settings
 from wingspan.training.folder import (
+    CHECKPOINTS_DIR,
     CONFIG_FILE,
     ERROR_FILE,
     HISTORY_FILE,
     SPLITS_FILE,
     close_runs,
     hold_lock,
+    last_checkpoint,
     release_lock,
     splits_digest,
     stopped_while_set_up,
@@ -84,12 +86,12 @@ def resume(run_dir: str | Path, quiet: bool = False, **machine) -> Path:
                             "Nothing was trained, so nothing is lost.",
                             hint="Delete the folder and start the run again with the same "
                                  "`wingspan train` command.")
-    if not (run_dir / CONFIG_FILE).is_file() and (run_dir / "checkpoints").is_dir():
+    if not (run_dir / CONFIG_FILE).is_file() and (run_dir / CHECKPOINTS_DIR).is_dir():
         raise WingspanError(f"{run_dir} has checkpoints but no {CONFIG_FILE}: a resume needs "
                             "the settings the run began with.",
                             hint=f"Put its {CONFIG_FILE} back (from a copy of the folder), or "
                                  "go on from its weights in a new run: wingspan train DATA "
-                                 f"--weights {run_dir / 'checkpoints' / 'last.pt'}.")
+                                 f"--weights {last_checkpoint(run_dir)}.")
     if not (run_dir / CONFIG_FILE).is_file():
         raise WingspanError(f"{run_dir} is not a wingspan run (no {CONFIG_FILE}).",
                             hint="Give the folder a `wingspan train` run wrote, e.g. runs/NAME")
@@ -147,9 +149,9 @@ def resume(run_dir: str | Path, quiet: bool = False, **machine) -> Path:
 
 def _resume(run_dir: Path, config: TrainConfig, fabric, quiet: bool) -> Path:
     if fabric.is_global_zero:  # it holds the run's lock: nothing else writes there now
-        for folder in (run_dir, run_dir / "checkpoints", run_dir / "cache", run_dir / "model"):
+        for folder in (run_dir, run_dir / CHECKPOINTS_DIR, run_dir / "cache", run_dir / "model"):
             remove_leftovers(folder)  # of the writes a kill cut short
-    last = run_dir / "checkpoints" / "last.pt"
+    last = last_checkpoint(run_dir)
     complete = is_complete(run_dir / "model", intact=True)
     try:
         checkpoint = load_checkpoint(last) if last.is_file() else None
@@ -172,7 +174,7 @@ def _resume(run_dir: Path, config: TrainConfig, fabric, quiet: bool) -> Path:
             f"{run_dir / SPLITS_FILE} has changed since the run began (edited, or damaged): "
             "the checkpoint's batches are positions in its rows, and its classes the model's.",
             hint="Put the run's own splits.csv back to resume it, or train a new run (`--weights "
-                 f"{run_dir / 'checkpoints' / 'last.pt'}` starts it from this one's backbone).")
+                 f"{last_checkpoint(run_dir)}` starts it from this one's backbone).")
     if checkpoint is None and complete:
         # Starting again from nothing would overwrite the finished model.
         raise WingspanError(f"The run {run_dir} has a finished model and no checkpoint "
@@ -244,7 +246,7 @@ def _resuming(run_dir: Path, checkpoint: dict | None, scoring: bool) -> str:
     if checkpoint is None:
         if (run_dir / HISTORY_FILE).is_file():  # epochs were saved: last.pt was deleted
             return (f"Resuming {run_dir} from the beginning: it has no checkpoint "
-                    f"({run_dir / 'checkpoints' / 'last.pt'}) to go on from, so its epochs "
+                    f"({last_checkpoint(run_dir)}) to go on from, so its epochs "
                     "are trained again")
         return f"Resuming {run_dir} from the beginning: it stopped before its first checkpoint"
     state = checkpoint["state"]
@@ -298,7 +300,7 @@ def _check_settings_kept(run_dir: Path, config: TrainConfig, checkpoint: dict | 
                                         else "") + ".",
             hint="Put those values back to resume it. To train on with other settings, start "
                  "a new run from this one's backbone: wingspan train DATA --weights "
-                 f"{run_dir / 'checkpoints' / 'last.pt'} --backbone {trained.get('backbone')}")
+                 f"{last_checkpoint(run_dir)} --backbone {trained.get('backbone')}")
 
 
 def _run_config(run_dir: Path) -> TrainConfig:

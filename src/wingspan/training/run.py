@@ -67,6 +67,7 @@ from wingspan.training.folder import (
     SPLITS_FILE,
     being_trained,
     hold_lock,
+    last_checkpoint,
     release_lock,
     stopped_by,
     stopped_while_set_up,
@@ -300,7 +301,7 @@ def go_on(run_dir: Path) -> str:
     # (quoted for the shell: a path with spaces, pasted, was two arguments)
     how = (f"{command('train', '--resume', run_dir)} (in Python: "
            f"ws.resume({str(run_dir)!r}))")
-    if (run_dir / "checkpoints" / "last.pt").is_file():
+    if last_checkpoint(run_dir).is_file():
         return f"Continue from the last checkpoint with: {how}"
     return f"It has no checkpoint yet; start it again from the beginning with: {how}"
 
@@ -564,7 +565,7 @@ def _choose_here(policy: Policy, model: Classifier, config: TrainConfig,
     size = model.preprocessing.input_size
     policy = policy.choose_frozen(model, size, config.batch_size, progress=progress)
     if config.epochs_finetune:
-        stages = model.spec.unfreeze if config.unfreeze is None else config.unfreeze
+        stages = config.stages_to_unfreeze(model.spec.unfreeze)  # (as finetune does)
         policy = choose_train(policy, model, stages, size, config.batch_size,
                               progress=progress)
     return policy

@@ -41,6 +41,7 @@ from wingspan.training.data import (
     make_loader,
     repeat_counts,
 )
+from wingspan.training.folder import feature_cache_file, last_checkpoint
 from wingspan.training.prepare import Weighting, balance
 from wingspan.training.schedule import StageSchedule, make_optimizer
 from wingspan.training.step import finetune_parts, prefixed_pass
@@ -239,7 +240,7 @@ def extract_features(run: Run, views: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Backbone features of every training image (clean view + `views` augmented ones) and
     of every validation image, on the CPU; kept in the run so a resumed run does not redo
     them. Each rank computes every world_size-th image, and the shards are gathered."""
-    path = run.dir / "cache" / "features.safetensors"
+    path = feature_cache_file(run.dir)
     n, m = len(run.data.train), len(run.data.val)
     stamps = image_stamps(run.data.train.paths + run.data.val.paths)  # before any is read
     cached = None
@@ -516,7 +517,7 @@ def finetune(run: Run) -> None:
     """Stage 2, under Lightning Fabric: the training step's precision (autocast, and a grad
     scaler for fp16) and, in a distributed run, DDP over each rank's slice of the batch."""
     config, state, fabric = run.config, run.state, run.fabric
-    n_stages = run.model.spec.unfreeze if config.unfreeze is None else config.unfreeze
+    n_stages = config.stages_to_unfreeze(run.model.spec.unfreeze)
     stages = run.model.backbone.unfreeze_last(n_stages)
     top_lr = config.lr * config.finetune_lr_scale
     optimizer = make_optimizer(run.model, top_lr, config.weight_decay, config.layer_decay)
@@ -639,7 +640,7 @@ def _stop_if_diverged(run: Run, stage: str, epoch: int, step: int) -> None:
     # (a NaN or an infinity makes the sum one too: 0.07 ms where isfinite().all() took 2)
     if bool(weight.detach().sum().isfinite()):
         return
-    last = run.checkpoints / "last.pt"
+    last = last_checkpoint(run.dir)
     config = run.config  # (the stage's own top rate: stage 2's is --lr x finetune_lr_scale)
     rate = (f"top learning rate {config.lr * config.finetune_lr_scale:g}: --lr {config.lr:g}"
             f" x finetune_lr_scale {config.finetune_lr_scale:g}" if stage == "finetune"
