@@ -92,12 +92,19 @@ def test_the_held_out_figure_is_read_from_an_unknown_evaluation_too(finished, tm
         json.dumps({**evaluation, "split": "val"}))
     rows = {r["name"]: r for r in _plain(ws.runs(runs))}
     assert evaluation["split"] == "test" and rows["holdout"]["held_out_split"] == "test"
-    assert rows["unknown"]["held_out_macro_f1"] == evaluation["macro"]["f1"]
-    assert rows["holdout"]["held_out_macro_f1"] == evaluation["macro"]["f1"]
-    assert rows["knn"]["held_out_macro_f1"] == evaluation["macro"]["f1"]
+    held_out = round(evaluation["macro"]["f1"], 5)  # (to val's places: see below)
+    assert rows["unknown"]["held_out_macro_f1"] == held_out
+    assert rows["holdout"]["held_out_macro_f1"] == held_out
+    assert rows["knn"]["held_out_macro_f1"] == held_out
     assert rows["tta"]["held_out_macro_f1"] is rows["knn-tta"]["held_out_macro_f1"] is None
     assert rows["holdout-val"]["held_out_macro_f1"] is None
     assert not rows["holdout-val"]["held_out_evaluated"]
+    # To the places of the val figure beside it (history.csv's 5): the same 1/14 read as
+    # 0.07143 against 0.0714286, a val figure above the held-out one
+    (runs / "unknown" / "evaluation-test-unknown" / "metrics.json").write_text(
+        json.dumps({**evaluation, "macro": {**evaluation["macro"], "f1": 1 / 14}}))
+    [row] = _plain(ws.runs(runs).set_index("name").loc[["unknown"]])
+    assert row["held_out_macro_f1"] == 0.07143
 
 
 def test_a_run_whose_splits_csv_changed_is_listed_damaged(finished, tmp_path):
@@ -162,7 +169,7 @@ def test_runs_frame_lists_each_run_with_values_from_its_files(runs_dir, finished
                      "best_stage": metrics["best"]["stage"],
                      "best_epoch": metrics["best"]["epoch"],
                      "held_out_split": "test",
-                     "held_out_macro_f1": evaluation["macro"]["f1"],
+                     "held_out_macro_f1": round(evaluation["macro"]["f1"], 5),
                      "train_seconds": round(sum(metrics["stage_seconds"].values()), 1),
                      "path": str(runs_dir / "seed0")}
     seed1 = rows["[red]seed1"]
@@ -181,7 +188,7 @@ def test_runs_frame_lists_each_run_with_values_from_its_files(runs_dir, finished
         "label", 32, "test", None, None)
     shutil.copytree(finished / "evaluation-test", runs_dir / "adapted" / "evaluation-test")
     assert _plain(ws.runs(runs_dir).set_index("name").loc[["adapted"]])[0][
-        "held_out_macro_f1"] == evaluation["macro"]["f1"]
+        "held_out_macro_f1"] == round(evaluation["macro"]["f1"], 5)
     # Scored on photos it adapted on, the figure is not fair: said so, not "not evaluated"
     # (evaluating again would say the same).
     from wingspan.cli.runs import _held_out
