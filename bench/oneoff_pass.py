@@ -12,8 +12,8 @@ each keeps its fastest batch), what that pass can cost:
 - torch-fp32 / torch-bf16: the live model in PyTorch, eval mode, inference mode;
 - prefix+torch-fp32 / -bf16: the fine-tuning prefix's ONNX session (already made for the
   training steps, so no export) and the unfrozen rest in PyTorch, as a fine-tuning
-  validation pass now runs (`wingspan.training.step.prefixed_pass`, in the training step's
-  precision).
+  validation pass now runs (`wingspan.training.finetune_engine.prefixed_pass`, in the
+  training step's precision).
 
 and prints each one's seconds for a pass over N images against onnx-whole's. Random
 weights (timing does not depend on them); no data loading (the same for each).
@@ -30,7 +30,7 @@ import torch
 from wingspan.models import create_classifier, resolve_policy
 from wingspan.models.engine import cpu_name, native_bf16
 from wingspan.models.runtime import OnnxRunner, TorchRunner, forget_sessions
-from wingspan.training.step import _Trained, prefixed_pass
+from wingspan.training.finetune_engine import _Trained, prefixed_pass
 
 
 def parts(name: str):

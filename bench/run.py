@@ -34,8 +34,8 @@ from wingspan.models import create_classifier, resolve_policy  # noqa: E402
 from wingspan.models.engine import Engine, cpu_flags, cpu_name  # noqa: E402
 from wingspan.models.runtime import make_runner  # noqa: E402
 from wingspan.training import train  # noqa: E402
+from wingspan.training.finetune_engine import choose_train, time_steps  # noqa: E402
 from wingspan.training.prepare import ensure_splits  # noqa: E402
-from wingspan.training.step import choose_train, time_steps  # noqa: E402
 
 console = Console()
 

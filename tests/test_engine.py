@@ -12,8 +12,8 @@ from wingspan.models import create_classifier, engine, resolve_policy
 from wingspan.models import policy as policy_module
 from wingspan.models.engine import time_calls
 from wingspan.models.runtime import make_runner
-from wingspan.training import step as step_module
-from wingspan.training.step import choose_train
+from wingspan.training import finetune_engine as step_module
+from wingspan.training.finetune_engine import choose_train
 
 SLOW = {"torch-fp32": 0.02, "torch-bf16": 0.04, "onnx-fp32": 0.0}  # seconds added per call
 
@@ -261,7 +261,7 @@ def test_the_step_precision_is_guarded_when_frozen_passes_were_forced(machine, m
     """With --runtime onnx nothing timed bf16 for frozen passes; the step's choice must
     still check bf16's features against fp32's before it may train in it."""
     from wingspan.models.runtime import TorchRunner
-    from wingspan.training import step as step_module
+    from wingspan.training import finetune_engine as step_module
 
     class Coarse(TorchRunner):  # a bf16 whose features come out wrong
         def __call__(self, x):

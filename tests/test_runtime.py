@@ -383,7 +383,7 @@ def test_a_prefixed_pass_runs_the_model_as_it_is_now(monkeypatch):
     features and logits, for the rest's weights of the moment (new ones each epoch, or the
     best epoch's reloaded), without another export."""
     from wingspan.models.runtime import TorchRunner
-    from wingspan.training.step import finetune_parts, prefixed_pass
+    from wingspan.training.finetune_engine import finetune_parts, prefixed_pass
 
     exported = _counting_exports(monkeypatch)
     model, _ = create_classifier("test_efficientnet", {"family": 2, "species": 3}, "none")

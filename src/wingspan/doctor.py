@@ -18,7 +18,7 @@ from wingspan.models.factory import choose_backbone
 from wingspan.models.policy import Policy
 from wingspan.models.registry import BACKBONES, get_spec
 from wingspan.models.weights import find_offline
-from wingspan.training.step import choose_train
+from wingspan.training.finetune_engine import choose_train
 
 VERSIONS = ("wingspan", "torch", "torchvision", "onnxruntime", "timm", "numpy")
 ISA = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",

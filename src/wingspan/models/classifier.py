@@ -57,7 +57,7 @@ class PooledFeatures(nn.Module):
 class WithFeatures(nn.Module):
     """images -> {"features": pooled features, level: logits}: one graph for a validation
     pass (which reads the logits) and the final pass over the best model (which needs the
-    features), so that, where no frozen prefix runs apart (`training.step.prefixed_pass`)
+    features), so that, where no frozen prefix runs apart (`training.finetune_engine.prefixed_pass`)
     and the best model is the last one validated, the ONNX export made for its validation
     serves the final pass too."""
 

@@ -7,7 +7,7 @@
   fp32, PyTorch bf16 (where the hardware has bf16) and ONNX Runtime fp32, timed on this
   machine the first time a model is used (`wingspan.models.engine`);
 - for the training step: PyTorch fp32, bf16 or (on GPUs) fp16 mixed precision, timed the
-  same way (`wingspan.training.step`) and run by Lightning Fabric (`wingspan.parallel`).
+  same way (`wingspan.training.finetune_engine`) and run by Lightning Fabric (`wingspan.parallel`).
 `--precision` and `--runtime`, else $WINGSPAN_PRECISION and $WINGSPAN_RUNTIME, narrow the
 candidates; where one is left it is used without timing ("forced").
 """
@@ -276,7 +276,8 @@ def resolve_policy(device: str = "auto", precision: str = "auto",
                    convolutional: bool = True, runtime: str = "auto",
                    avoid: dict[str, str] | None = None) -> Policy:
     """The device and the candidate engines. Where a setting leaves one candidate it is
-    chosen; otherwise `choose_frozen` (and `wingspan.training.step.choose_train`) measure.
+    chosen; otherwise `choose_frozen` (and `wingspan.training.finetune_engine.choose_train`)
+    measure.
     `avoid`: {engine: why} left out of the frozen passes' candidates where precision is
     auto (a bundle's lossy engines that moved its answers, training.lossy_check)."""
     (precision, by_precision), (runtime, by_runtime) = check_engine_settings(precision,

@@ -59,6 +59,7 @@ from wingspan.models.unknown import UNKNOWN
 from wingspan.parallel import Processes, check_default_dtype, lost_peer_said, peer_lost, rank_seed
 from wingspan.training.context import Run, RunState
 from wingspan.training.data import resolve_workers
+from wingspan.training.finetune_engine import choose_train
 from wingspan.training.finish import best_checkpoint, finish, score_held_out
 from wingspan.training.folder import (
     CONFIG_FILE,
@@ -74,7 +75,6 @@ from wingspan.training.folder import (
 )
 from wingspan.training.prepare import build_train_data, capped, ensure_splits, plan_labels
 from wingspan.training.stages import finetune, train_head
-from wingspan.training.step import choose_train
 
 
 def callers_random_stream_kept(fn):

@@ -41,10 +41,10 @@ from wingspan.training.data import (
     make_loader,
     repeat_counts,
 )
+from wingspan.training.finetune_engine import finetune_parts, prefixed_pass
 from wingspan.training.folder import feature_cache_file, last_checkpoint
 from wingspan.training.prepare import Weighting, balance
 from wingspan.training.schedule import StageSchedule, make_optimizer
-from wingspan.training.step import finetune_parts, prefixed_pass
 
 # In a distributed run, how often (in steps) rank 0 is asked whether a checkpoint is due.
 CHECKPOINT_POLL_STEPS = 20

@@ -1,4 +1,5 @@
-"""The fine-tuning step's forward pass, and the precision it runs in (measured).
+"""The engine of the fine-tuning step: its forward pass in two parts (the frozen prefix on
+the engine for frozen weights, the trained rest in PyTorch), and its precision, measured.
 
 While fine-tuning, the stages in front of the unfrozen ones cannot change, so they run
 on the policy's engine for frozen weights (ONNX Runtime, say), exported once; the rest
