@@ -1572,6 +1572,17 @@ def test_a_copy_or_a_move_of_the_runs_own_images_is_not_called_fair(tmp_path):
     assert fairness_verdict({}, "test", None, [own["path"].iloc[-1]], grouped, run_dir=run,
                      data_root=tmp_path / "data") == (
         "yes: the test split was never trained or chosen on")
+    # Copies under other names and class folders, as data for `--map` holds them: their
+    # bytes say what they are (a re-saved copy would not: the wording says so)
+    (tmp_path / "renamed" / "monarch").mkdir(parents=True)
+    for own_name, new in (("t2.jpg", "IMG_1.jpg"), ("v.jpg", "IMG_2.jpg")):
+        shutil.copy(tmp_path / "data" / "a" / own_name, tmp_path / "renamed" / "monarch" / new)
+    said = fairness_verdict({}, "all", "renamed", [str(tmp_path / "renamed" / "monarch" / n)
+                                                   for n in ("IMG_1.jpg", "IMG_2.jpg")],
+                            own, run_dir=run, data_root=tmp_path / "renamed")
+    assert said.startswith("no: the model was trained on 1 of these 2 images and chose its "
+                           "best epoch on 1 (2 copies"), said
+    assert "re-saved, resized or edited would not be seen" in fair(tmp_path / "other", ["t1.jpg"])
     # The data moved: the run's files are gone, and found at the same paths there.
     shutil.move(tmp_path / "data", tmp_path / "moved")
     said = fair(tmp_path / "moved", ("t2.jpg", "t3.jpg", "v.jpg"))
@@ -1614,8 +1625,8 @@ def test_the_fairness_check_matches_the_runs_images_through_a_link(tmp_path):
 
     from wingspan.evaluate.fairness import fairness_verdict
 
-    for name in ("t.jpg", "v.jpg", "new.jpg"):
-        write_image(tmp_path / "data" / "a" / name, seed=0)
+    for seed, name in enumerate(("t.jpg", "v.jpg", "new.jpg")):  # (other bytes each: a
+        write_image(tmp_path / "data" / "a" / name, seed=seed)  # byte copy is a copy)
     (tmp_path / "link").symlink_to(tmp_path / "data")
     own = pd.DataFrame({"path": [str(tmp_path / "data" / "a" / n) for n in ("t.jpg", "v.jpg")],
                         "split": ["train", "val"]})
@@ -1770,7 +1781,9 @@ def test_another_photo_of_a_specimen_trained_on_is_not_called_fair(demo_dir, tmp
     assert fair.startswith("yes"), fair
     # A second photo of a trained-on specimen, put in test afterwards (a repaired leak).
     trained_on_row = table[table.split == "train"].iloc[0]
-    second = Path(shutil.copy(trained_on_row.path, tmp_path / "second-photo.jpg"))
+    second = tmp_path / "second-photo.jpg"  # (not the same bytes: a byte copy is a copy)
+    with Image.open(trained_on_row.path) as im:
+        im.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(second)
     table = pd.concat([table, pd.DataFrame([{**trained_on_row, "path": str(second),
                                              "split": "test"}])])
     table[["path", "label", "split", "group"]].to_csv(tmp_path / "photos.csv", index=False)
@@ -2029,3 +2042,36 @@ def test_the_look_alike_hint_says_spacing_and_shows_what_does_not_show():
     said = look_alike_hint(alike)
     assert ("red  admiral, small\\u00a0white differ from the model's red admiral, small "
             "white only in case, spacing, width or invisible marks;") in said, said
+
+
+def test_classes_without_images_here_but_answered_are_said_apart(tmp_path, run_cli,
+                                                                  monkeypatch):
+    """On the run's own split the macro averages cover every class seen, answers too: a
+    class with no test image that was answered is in them with F1 0, while the message
+    said the classes without images were "left out" of them."""
+    from helpers import folder_dataset
+
+    from wingspan.evaluate import run as run_module
+
+    root = folder_dataset(tmp_path / "photos", {"a": 8, "b": 8, "c": 8})
+    rows = [(f"{c}/{c}_{i}.jpg", c, "train" if c == "c" or i < 4 else
+             ("val" if i < 6 else "test")) for c in "abc" for i in range(8)]
+    pd.DataFrame(rows, columns=["path", "label", "split"]).to_csv(root / "data.csv",
+                                                                   index=False)
+    run_dir = train(read_dataset(root / "data.csv"), tiny(tmp_path, epochs_finetune=0),
+                    tmp_path / "runs", "r", quiet=True)
+    c = read_manifest(run_dir / "model")["classes"]["label"].index("c")
+    monkeypatch.setattr(run_module, "predicted_classes",  # a model that answers c to all
+                        lambda predictor, probs, t: np.full(len(probs), c))
+    code, out, err = run_cli("evaluate", run_dir, "--no-plots", "--workers", "0")
+    assert code == 0, err
+    metrics = json.loads((run_dir / "evaluation-test" / "metrics.json").read_text())
+    per_class = pd.read_csv(run_dir / "evaluation-test" / "per_class.csv")
+    assert metrics["answered_only_classes"] == ["c"] == \
+        per_class.loc[per_class.support == 0, "class"].tolist()
+    assert metrics["macro"]["f1"] == pytest.approx(per_class.f1.mean())  # c's 0 in it
+    said = " ".join(out.split())
+    assert ("1 class of the model's has no images here but was answered: in the per-class "
+            "table and the macro averages, each with F1 0: c") in said
+    assert "but answered (in the per-class table and the macro averages, each with F1 " \
+           "0)</th><td>1: c</td>" in (run_dir / "evaluation-test" / "report.html").read_text()

@@ -381,6 +381,48 @@ def test_long_class_names_leave_the_confusion_matrix_its_room(tmp_path, monkeypa
     assert long_box > 0.6 * short_box
 
 
+def test_names_alike_but_for_their_middle_stay_apart_in_every_figure(tmp_path, monkeypatch):
+    """Three subspecies of one genus and subgenus, cut in the middle, all read 'Polyommatus
+    (Lysa… ssp. punctifera': one label for three rows of the matrix, for three captions
+    of the gallery, and for three bars of the balance chart."""
+    from wingspan.data.plots import plot_class_balance
+
+    drawn = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or save(fig, path))
+    names = [f"Polyommatus (Lysandra) {s} ssp. punctifera" for s in
+             ("bellargus", "icarus", "dorylas")] + ["Vanessa cardui"]
+    cm = confusion(np.arange(4).repeat(3), np.roll(np.arange(4).repeat(3), 1), 4)
+    plots.plot_confusion(cm, names, tmp_path / "cm.png")
+    ticks = [t.get_text() for t in drawn[0].axes[0].get_yticklabels()]
+    assert len(set(ticks)) == 4 and ticks[3] == "Vanessa cardui", ticks
+    for name, tick in zip(names, ticks, strict=True):  # each its own name, cut
+        start, _, end = tick.partition("…")
+        assert name.startswith(start) and name.endswith(end) and len(tick) < len(name) + 1
+    mistakes = [{"path": str(tmp_path / "gone.jpg"), "true": t, "predicted": p,
+                 "probability": 0.9} for t, p in zip(names, names[1:] + names[:1], strict=True)]
+    plots.plot_mistakes(mistakes, tmp_path / "m.png")
+    titles = [ax.get_title() for ax in drawn[1].axes if ax.get_title()]
+    assert len({t.split("\n")[0] for t in titles}) == 4, titles
+    balance = plot_class_balance(pd.Series([5, 4, 3, 2], index=names), "label",
+                                 tmp_path / "b.png")
+    assert balance.is_file()
+
+
+def test_a_matrix_of_classes_left_out_below_the_name_limit_is_named(tmp_path, monkeypatch):
+    """62 classes, 7 of them with no images and no answers: the 55 drawn were unnamed, the
+    choice made on the 62 before the empty ones were dropped."""
+    drawn = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or save(fig, path))
+    seen = np.arange(55).repeat(2)
+    names = [f"species {i}" for i in range(62)]
+    plots.plot_confusion(confusion(seen, seen, 62), names, tmp_path / "cm.png")
+    ax = drawn[0].axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == names[:55]
+    assert ax.get_title() == "(7 more with no images here and no answers left out)"
+
+
 def test_the_unknown_histogram_splits_its_bars_at_the_threshold(tmp_path, monkeypatch):
     """Scores right of the threshold drew in a bar that lay mostly left of the line: the
     threshold is a bin edge now, so every bar is on the side its images' answer is."""
@@ -528,6 +570,24 @@ def test_most_confused_share_is_of_the_true_class():
 
     pairs = most_confused(np.array([[8, 2], [0, 5]]), ["a", "b"])
     assert pairs == [{"true": "a", "predicted": "b", "count": 2, "share_of_true": 0.2}]
+
+
+def test_most_confused_orders_its_ties_and_the_report_says_how_many_it_shows(tmp_path):
+    """47 pairs of one image each: 15 listed in no order, as if the most confused, and
+    a 0.40 share before a 0.50 one."""
+    from wingspan.evaluate.metrics import confused_pairs, most_confused
+    from wingspan.evaluate.report import write_report
+
+    # a: 5 images, 2 taken for b; b: 4, 2 taken for c; c: 2, 1 for a and 1 for b
+    cm = np.array([[3, 2, 0], [0, 2, 2], [1, 1, 0]])
+    pairs = most_confused(cm, list("abc"))
+    assert [(p["true"], p["predicted"], p["count"]) for p in pairs] == [
+        ("b", "c", 2), ("a", "b", 2), ("c", "a", 1), ("c", "b", 1)]  # (0.5 before 0.4)
+    assert [p["true"] for p in most_confused(cm, list("abc"), n=2)] == ["b", "a"]
+    assert confused_pairs(cm) == 4
+    page = write_report(tmp_path / "r.html", "t", {
+        "confused": pd.DataFrame(most_confused(cm, list("abc"), n=2)), "confused_pairs": 4})
+    assert "<h3>Most confused (2 of 4 pairs; all in confusion.csv)</h3>" in page.read_text()
 
 
 def test_top_k_is_not_reported_where_k_covers_every_class():

@@ -12,7 +12,8 @@ from functools import lru_cache
 import matplotlib
 from matplotlib.figure import Figure
 
-__all__ = ["GRADCAM_COLORS", "colormap", "literal_text", "short_name", "subplots"]
+__all__ = ["GRADCAM_COLORS", "colormap", "literal_text", "short_name", "short_names",
+           "subplots"]
 
 # Grad-CAM's colours: lightness rises with the evidence, so a colour-blind reader (and a
 # grey print) reads them in order; jet's red top end is a dark olive to a deuteranope.
@@ -93,6 +94,23 @@ def short_name(name: str, most: int = 34) -> str:
         return name
     keep = most - 1
     return f"{name[:keep - keep // 2]}…{name[-(keep // 2):]}"
+
+
+def short_names(names: list[str], most: int = 34) -> dict[str, str]:
+    """Each name's short_name, made distinct among `names`, which one figure shows: three
+    subspecies 'Polyommatus (Lysandra) bellargus / icarus / dorylas ssp. punctifera' all
+    read 'Polyommatus (Lysa… ssp. punctifera'. Those that would read alike are cut wider,
+    as far as their full names."""
+    names = list(dict.fromkeys(names))
+    short = {n: short_name(n, most) for n in names}
+    longest = max(map(len, names), default=0)
+    while most < longest and len(set(short.values())) < len(short):
+        most += 6
+        seen: dict[str, int] = {}
+        for s in short.values():
+            seen[s] = seen.get(s, 0) + 1
+        short = {n: short_name(n, most) if seen[s] > 1 else s for n, s in short.items()}
+    return short
 
 
 def subplots(*grid, figsize: tuple[float, float] | None = None, dpi: float | None = None,

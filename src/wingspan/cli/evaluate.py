@@ -168,6 +168,12 @@ def print_evaluation(result) -> None:
                      f"{'was' if m['answered_absent'] == 1 else 'were'} answered with one of "
                      "them: wrong, counted in recall, in no averaged class's precision"
                      if m.get("answered_absent") else ""))
+    if m.get("answered_only_classes"):
+        only = m["answered_only_classes"]
+        out.print(f"{counted(len(only), 'class', 'classes')} of the model's "
+                  f"{'has' if len(only) == 1 else 'have'} no images here but "
+                  f"{'was' if len(only) == 1 else 'were'} answered: in the per-class table "
+                  f"and the macro averages, each with F1 0: {plain(some(only))}")
     if m.get("transfer"):
         named = "named here" in m["transfer"][0]
         transfer = Table("model class", "data class", "recall on own data", "recall here",

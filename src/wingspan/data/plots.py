@@ -8,7 +8,7 @@ import pandas as pd
 from matplotlib import ticker
 
 from wingspan.files import atomic_path
-from wingspan.plotting import literal_text, short_name, subplots
+from wingspan.plotting import literal_text, short_name, short_names, subplots
 
 
 @literal_text()
@@ -24,7 +24,8 @@ def plot_class_balance(counts: pd.Series, level: str, path: Path, many: int = 40
     if n <= many:
         fig, ax = subplots(figsize=(8, 1.2 + 0.32 * n))
         ax.barh(range(n), counts.to_numpy(), color="#4c72b0")
-        ax.set_yticks(range(n), [short_name(str(c)) for c in counts.index], fontsize=8)
+        short = short_names([str(c) for c in counts.index])
+        ax.set_yticks(range(n), [short[str(c)] for c in counts.index], fontsize=8)
         ax.invert_yaxis()
         for i, v in enumerate(counts.to_numpy()):
             ax.text(v, i, f" {v}", va="center", fontsize=8)

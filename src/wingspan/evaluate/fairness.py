@@ -65,12 +65,15 @@ def copies_of_own(evaluated: set[str], seen: dict[str, str], own_root: str | Non
     train or val images (`seen`: real path -> side) copied or moved: the same path below
     the data's root as one of them below the run's data root, with the same bytes (a copy),
     or with the run's file gone when at least half of its files are matched so (the data
-    moved, not a name or two reused: new photos may be IMG_0001.jpg too)."""
+    moved, not a name or two reused: new photos may be IMG_0001.jpg too); and, under any
+    other name or class folder (`--map`'s data renames them), the same bytes as one."""
     from wingspan.data.leaks import content_hashes
 
     found = dict.fromkeys(("train", "val", *seen.values()), 0)  # (calibrate asks of test)
+    others = sorted(evaluated - seen.keys())
+    renamed = _same_bytes(others, seen)
     if own_root is None or data_root is None:
-        return found
+        return {side: found[side] + renamed.get(side, 0) for side in found}
     own_root, data_root = (os.path.realpath(_folder_of(r)) for r in (own_root, data_root))
     mine = {os.path.relpath(p, own_root): (p, side) for p, side in seen.items()
             if p.startswith(own_root + os.sep)}
@@ -91,6 +94,42 @@ def copies_of_own(evaluated: set[str], seen: dict[str, str], own_root: str | Non
                 found[side] += bool(a) and a == b
     if 2 * sum(moved.values()) >= len(mine):
         found = {side: found[side] + moved[side] for side in found}
+    # (a copy matched by its path above is not counted again by its bytes)
+    by_path = {e for e, *_ in pairs}
+    renamed = _same_bytes([e for e in others if e not in by_path], seen)
+    return {side: found[side] + renamed.get(side, 0) for side in found}
+
+
+def _same_bytes(evaluated: list[str], seen: dict[str, str]) -> dict[str, int]:
+    """How many of `evaluated` (real paths) hold the same bytes as a file of `seen` (real
+    path -> side), by side: sizes first, so only files of an evaluated file's size are
+    read. Hand-written, as nothing else matches a copy whatever its name (the audit's
+    perceptual hash finds re-saved ones too, at a pass of the backbone)."""
+    from wingspan.data.leaks import content_hashes
+
+    def sizes(paths: list[str]) -> dict[str, tuple[str, int]]:  # key -> (as spelt, size)
+        out = {}
+        for key, path in zip(paths, disk_spelling(paths), strict=True):
+            with contextlib.suppress(OSError):
+                out[key] = (path, os.path.getsize(path))
+        return out
+
+    mine = sizes(evaluated)
+    wanted = {size for _, size in mine.values()}
+    theirs = {k: v for k, v in sizes(sorted(seen)).items() if v[1] in wanted} if wanted else {}
+    if not theirs:
+        return {}
+    kept = {size for _, size in theirs.values()}
+    mine = {k: v for k, v in mine.items() if v[1] in kept}
+    side_of = {}
+    for key, digest in zip(theirs, content_hashes([p for p, _ in theirs.values()]),
+                           strict=True):
+        if digest:
+            side_of.setdefault(digest, seen[key])
+    found: dict[str, int] = {}
+    for digest in content_hashes([p for p, _ in mine.values()]):
+        if digest in side_of:
+            found[side_of[digest]] = found.get(side_of[digest], 0) + 1
     return found
 
 
@@ -189,7 +228,9 @@ def fairness_verdict(manifest: dict, split: str, data, paths: list[str],
                 + "` lists near-duplicates across them)")
                 if data is None else
                 "yes: none of these files is one the run trained or chose its best epoch on, "
-                "nor a copy of one (copies under other file names would not be seen)")
+                "nor a byte-for-byte copy of one, whatever its name (a copy re-saved, resized "
+                "or edited would not be seen: `" + command("data", "audit", "DATA") + "` lists "
+                "near-duplicates)")
     tests = int((own[SPLIT] == "test").sum())
     fair = (f"; for a fair figure evaluate the run's {counted(tests, 'test image')}, never "
             "trained or chosen on (`" + command("evaluate", run_dir or "RUN", "--split", "test")

@@ -8,7 +8,14 @@ import numpy as np
 import pandas as pd
 
 from wingspan.data.images import open_rgb
-from wingspan.plotting import GRADCAM_COLORS, colormap, literal_text, short_name, subplots
+from wingspan.plotting import (
+    GRADCAM_COLORS,
+    colormap,
+    literal_text,
+    short_name,
+    short_names,
+    subplots,
+)
 
 ANNOTATED = 30  # up to this many classes the confusion matrix writes counts in its cells
 LABELLED = 60  # ... and names its classes; above it the matrix drops its labels
@@ -25,15 +32,27 @@ def _save(fig, path: Path) -> Path:
 def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> Path:
     """Rows normalised (recall per class) for colour, counts written in the cells.
 
-    With many classes counts, then names, would be unreadable: above ANNOTATED the cells
-    lose their counts, above LABELLED the axes lose their names, and the matrix is sorted
-    by class frequency (where the classes differ in it; else it keeps confusion.csv's
-    order). (The most confused pairs are the report's table, not drawn here.)
+    Classes with no images here and no answers are blank rows and columns (on an
+    ETHEC-like test split a fifth of the matrix): left out, and said. With many classes
+    counts, then names, would be unreadable: above ANNOTATED classes shown the cells lose
+    their counts, above LABELLED the axes lose their names, and the matrix is sorted by
+    class frequency (where the classes differ in it; else it keeps confusion.csv's order).
+    (The most confused pairs are the report's table, not drawn here.)
     """
-    n = len(classes)
+    counts = cm.sum(1)
+    empty = (counts + cm.sum(0)) == 0
+    if empty.all():  # (nothing to show but the classes)
+        empty[:] = False
+    kept = np.flatnonzero(~empty)
+    left_out = (f"({empty.sum()} more with no images here and no answers left out)"
+                if empty.any() else "")
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    n = len(kept)
     if n <= LABELLED:
-        names = [short_name(c) for c in classes]  # (full names left the matrix a sliver)
+        cm, norm = cm[np.ix_(kept, kept)], norm[np.ix_(kept, kept)]
+        classes = [classes[i] for i in kept]
+        short = short_names(classes)  # (full names left the matrix a sliver)
+        names = [short[c] for c in classes]
         # Room for the names besides the cells: 2.5 in holds about 16 characters.
         room = max(0.0, 0.06 * (max(map(len, names), default=0) - 16))
         side = (2.5 + 0.45 * n if n <= ANNOTATED else 12) + room
@@ -48,14 +67,11 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> Path:
         ax.set_xticks(range(n), names, rotation=60 if n <= ANNOTATED else 90,
                       ha="right" if n <= ANNOTATED else "center", fontsize=size)
         ax.set_yticks(range(n), names, fontsize=size)
+        if left_out:
+            ax.set_title(left_out, fontsize=9)
     else:
-        counts = cm.sum(1)
-        # Classes with no images here and no answers are blank rows and columns: on an
-        # ETHEC-like test split a fifth of the matrix. Left out, and said.
-        empty = (counts + cm.sum(0)) == 0
-        by_size = len(set(counts[~empty].tolist())) > 1
-        order = np.argsort(-counts, kind="stable") if by_size else np.arange(n)
-        order = order[~empty[order]]
+        by_size = len(set(counts[kept].tolist())) > 1
+        order = kept[np.argsort(-counts[kept], kind="stable")] if by_size else kept
         fig, ax = subplots(figsize=(9, 8))
         im = ax.imshow(norm[np.ix_(order, order)], cmap="Blues", vmin=0, vmax=1,
                        interpolation="nearest")
@@ -63,9 +79,8 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> Path:
         ax.set_yticks([])
         ax.set_title(f"{len(order)} classes, " + (
             "sorted by number of images (largest top-left)" if by_size
-            else "in confusion.csv's order") + (
-            f"\n({empty.sum()} more with no images here and no answers left out)"
-            if empty.any() else ""), fontsize=10)
+            else "in confusion.csv's order") + (f"\n{left_out}" if left_out else ""),
+            fontsize=10)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true class")
@@ -107,11 +122,13 @@ def plot_curves(history: pd.DataFrame, path: Path, kept: dict | None = None) -> 
     return _save(fig, path)
 
 
-def mistake_title(m: dict) -> str:
+def mistake_title(m: dict, short: dict[str, str] | None = None) -> str:
     """A mistake's caption; where the unknown answer (or a coarser level) replaced the
-    wrong class (`answer`, given only then), what the user was told instead."""
-    told = m.get("answer")
-    return (f"true: {short_name(m['true'])}\npred: {short_name(m['predicted'])}\n"
+    wrong class (`answer`, given only then), what the user was told instead. `short`: the
+    names as the gallery shortens them (short_names), else each cut alone."""
+    told, short = m.get("answer"), short or {}
+    true, predicted = (short.get(m[k]) or short_name(m[k]) for k in ("true", "predicted"))
+    return (f"true: {true}\npred: {predicted}\n"
             f"p = {m['probability']:.2f}" + (f", answered {short_name(told, 20)}" if told else ""))
 
 
@@ -138,6 +155,7 @@ def plot_mistakes(mistakes: list[dict], path: Path, columns: int = 4) -> Path:
     for the wrong class are given ("pixels", "heatmap"), that view beside the same under
     its Grad-CAM: what the model took for evidence."""
     n = max(1, len(mistakes))
+    short = short_names([m[k] for m in mistakes for k in ("true", "predicted")])
     columns = min(columns, n)
     rows = -(-n // columns)
     fig, axes = subplots(rows, columns, figsize=(3.4 * columns, 2.4 * rows), squeeze=False)
@@ -153,7 +171,7 @@ def plot_mistakes(mistakes: list[dict], path: Path, columns: int = 4) -> Path:
                 ax.imshow(image)
         except Exception:  # a file gone since prediction: show the text alone
             pass
-        ax.set_title(mistake_title(m), fontsize=8)
+        ax.set_title(mistake_title(m, short), fontsize=8)
     if not mistakes:
         axes.flat[0].text(0.5, 0.5, "no mistakes", ha="center", va="center")
     return _save(fig, path)

@@ -116,7 +116,10 @@ def write_report(path: Path, title: str, sections: dict) -> Path:
               _img(s.get("confusion_png"), "confusion matrix: rows the true class, columns "
                    "the predicted one (the counts in confusion.csv)", missing)]
     if s.get("confused") is not None and len(s["confused"]):
-        parts += ["<div><h3>Most confused</h3>", _table(s["confused"], "{:.2f}"), "</div>"]
+        shown, pairs = len(s["confused"]), s.get("confused_pairs") or 0
+        of = f" ({shown} of {pairs} pairs; all in confusion.csv)" if pairs > shown else ""
+        parts += [f"<div><h3>Most confused{of}</h3>", _table(s["confused"], "{:.2f}"),
+                  "</div>"]
     parts.append("</div>")
     for level, png in (s.get("level_confusion_pngs") or {}).items():
         parts += [f"<h3>Confusion matrix: {html.escape(level)}</h3>",

@@ -37,6 +37,7 @@ from wingspan.evaluate.hierarchy import hierarchical_metrics, level_table, truth
 from wingspan.evaluate.metrics import (
     averaged_classes,
     classification_metrics,
+    confused_pairs,
     confusion,
     most_confused,
     per_class_table,
@@ -210,12 +211,16 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
         # averaged class's precision (41% of iNat's photos, for a Leeds run with --map).
         metrics["answered_absent"] = int(np.isin(
             y_pred, [classes.index(c) for c in metrics["absent_classes"]]).sum())
+        # On the run's own data, classes with no images here that were answered are in the
+        # table and the averages (scikit-learn's convention), each with F1 0: said apart,
+        # as "left out" read as if every class without images were.
+        metrics["answered_only_classes"] = table.loc[table["support"] == 0, "class"].tolist()
         cm = confusion(y, y_pred, len(classes))
         # (the corner says which way it reads, in a spreadsheet too)
         write_csv(pd.DataFrame(cm, index=pd.Index(classes, name="true \\ predicted"),
                                columns=classes), out_dir / "confusion.csv", index=True)
         confused = most_confused(cm, classes)
-        metrics["most_confused"] = confused
+        metrics["most_confused"], metrics["confused_pairs"] = confused, confused_pairs(cm)
         levels_table, by_level = None, {}
         if predictor.taxonomy:
             levels_table, by_level = _per_level(predictor, _level_rows(rows.iloc[ok], predictor,
@@ -901,7 +906,7 @@ def _report(out_dir, name, predictor, dataset, level, split, metrics, table, con
                *([(f"images with no '{metrics['unlabelled']['level']}' in the data (left out)",
                    metrics["unlabelled"]["images"])] if metrics.get("unlabelled") else []),
                *absent_rows(metrics.get("absent_classes"), metrics.get("answered_absent", 0),
-                            metrics["images"]),
+                            metrics["images"], metrics.get("answered_only_classes")),
                *answer_rows(metrics.get("answers")),
                ("inference speed", f"{metrics['images_per_second']} images/s on "
                 f"{metrics['engine']}")]
@@ -955,7 +960,9 @@ def _report(out_dir, name, predictor, dataset, level, split, metrics, table, con
                          "summary": summary, "per_class": table,
                          "confusion_png": pngs.get("confusion"),
                          "level_confusion_pngs": pngs.get("levels"),
-                         "confused": pd.DataFrame(confused), "mistakes_png": pngs.get("mistakes"),
+                         "confused": pd.DataFrame(confused),
+                         "confused_pairs": metrics.get("confused_pairs"),
+                         "mistakes_png": pngs.get("mistakes"),
                          "mistakes_shown": pngs.get("mistakes_shown"),
                          "calibration": calibration, "reliability_png": pngs.get("reliability"),
                          "profile": profile, "levels": levels_table, "transfer": transfer,

@@ -66,18 +66,24 @@ def kept_rows(train_metrics: dict) -> list[tuple[str, str]]:
              "-" if f1 is None else f"{f1:.4f}")]
 
 
-def absent_rows(absent: list[str] | None, answered: int = 0, images: int = 0
-                ) -> list[tuple[str, str]]:
+def absent_rows(absent: list[str] | None, answered: int = 0, images: int = 0,
+                answered_only: list[str] | None = None) -> list[tuple[str, str]]:
     """The model's classes left out of the per-class table and the macro averages, and
-    the images answered with them, as (label, value) rows for the report (none when every
-    class is there)."""
-    if not absent:
-        return []
-    return [("the model's classes without images here (left out of the per-class table "
+    the images answered with them; and those without images here that are in them, having
+    been answered (`answered_only`); as (label, value) rows for the report (none when
+    every class has images)."""
+    rows = [("the model's classes without images here (left out of the per-class table "
              "and the macro averages)", f"{len(absent)}: {some(absent, 8)}"),
             *([("images answered with one of them (wrong: counted in recall, in no "
                 "averaged class's precision)", f"{answered} ({answered / images:.1%})")]
-              if answered and images else [])]
+              if answered and images else [])] if absent else []
+    if answered_only:
+        rows.append((ANSWERED_ONLY, f"{len(answered_only)}: {some(answered_only, 8)}"))
+    return rows
+
+
+ANSWERED_ONLY = ("the model's classes without images here but answered (in the per-class "
+                 "table and the macro averages, each with F1 0)")
 
 
 def answer_rows(a: dict | None) -> list[tuple[str, str]]:
