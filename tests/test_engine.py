@@ -216,6 +216,19 @@ def test_a_choice_timed_while_other_work_held_the_cores_is_not_kept(machine, mon
             said = policy.describe()
             assert ("not kept, timed again next time" in said) == busy, said
             assert bool(calls) == timed
+    # Timed again beside other work (doctor): the choice stored before stays, and is said
+    waited["per_read"] = 1.0
+    stored = resolve_policy().choose_frozen(net, 32, batch_size=8).frozen
+    again = resolve_policy().choose_frozen(net, 32, batch_size=8, remeasure=True).frozen
+    assert again.cores_shared and again.stays == f"{stored.engine.name}, timed " \
+        f"{stored.measured_on}"
+    assert f"not kept, runs keep the choice stored before ({again.stays})" in again.describe()
+    assert resolve_policy().choose_frozen(net, 32, batch_size=8).frozen.how == "cached"
+    # Under a CPU quota the threads wait for it, whatever else runs: no figure there
+    monkeypatch.setattr(engine, "cpu_quota", lambda: 1.5)
+    with engine.CoreWait() as wait:
+        pass
+    assert wait.share is None
 
 
 def test_the_core_wait_is_read_from_the_system(tmp_path):

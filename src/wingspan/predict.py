@@ -289,6 +289,14 @@ def deciding_score(predictor: Predictor, scores: dict[str, float] | None) -> dic
             "score_level": level}
 
 
+def table_path(path: str) -> str:
+    """An image's path as evaluate's and audit's tables write it, so that the tables join:
+    absolute, its folder resolved as the data reader resolves a dataset's (a symlinked
+    folder, macOS's /tmp in /private), its own name kept."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(os.path.realpath(folder), name)
+
+
 def write_predictions(result: PredictResult, path: Path) -> None:
     """CSV (path, answer, predicted, probability, [<level>, <level>_prob, ...,] class_1,
     prob_1, ..., the unknown score's fields, error) or JSON, by the file's suffix; "-":
@@ -302,7 +310,7 @@ def write_predictions(result: PredictResult, path: Path) -> None:
     remove_dead_leftovers(path)  # (a half-written table a SIGTERM left)
     if path.suffix.lower() == ".json":
         write_text(path, json.dumps({
-            "predictions": [{"path": os.path.abspath(r["path"]), "answer": r["answer"],
+            "predictions": [{"path": table_path(r["path"]), "answer": r["answer"],
                              "predicted": r["predicted"], "probability": r["probability"],
                              "top": [{"class": c, "probability": p} for c, p in r["top"]],
                              **({"branch": [{"level": lv, "class": c, "probability": p}
@@ -310,8 +318,8 @@ def write_predictions(result: PredictResult, path: Path) -> None:
                                 if "taxonomy" in r else {}),
                              **{key: r[key] for key in UNKNOWN_KEYS if key in r}}
                             for r in result.rows],
-            "failed": [{"path": os.path.abspath(f), "error": e} for f, e in result.failed],
-            "not_images": result.not_images}, indent=2))
+            "failed": [{"path": table_path(f), "error": e} for f, e in result.failed],
+            "not_images": [table_path(p) for p in result.not_images]}, indent=2))
         return
     # (a file name that is not UTF-8, b'caf\xe9.jpg', is written 'caf\udce9.jpg': it
     # stopped the CSV, and every prediction was lost)
@@ -336,10 +344,10 @@ def _write_csv(result: PredictResult, f) -> None:
     for kind, i in result.order:
         if kind == "failed":
             f_, e = result.failed[i]
-            writer.writerow([os.path.abspath(f_), *[""] * (len(header) - 2), e])
+            writer.writerow([table_path(f_), *[""] * (len(header) - 2), e])
             continue
         r = result.rows[i]
-        writer.writerow([os.path.abspath(r["path"]), r["answer"], r["predicted"],
+        writer.writerow([table_path(r["path"]), r["answer"], r["predicted"],
                          f"{r['probability']:.6f}",
                          *[x for _, c, p in r.get("taxonomy", []) for x in (c, f"{p:.6f}")],
                          *[x for c, p in r["top"] for x in (c, f"{p:.6f}")],

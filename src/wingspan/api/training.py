@@ -200,15 +200,16 @@ def _evaluation_warnings(metrics: dict) -> list[str]:
 def _prediction_row(result, kind: str, i: int) -> dict:
     """One row of `Run.predict`'s table: a prediction, or an input that could not be read
     (kept at its place among the inputs, as the CLI's output file keeps it)."""
-    # (paths absolute, as the library keeps them and the CLI's files write them)
+    from wingspan.predict import table_path  # (absolute: as the CLI's files write them)
+
     if kind == "failed":
         path, why = result.failed[i]
-        return {"path": os.path.abspath(path), "answer": None, "predicted": None,
+        return {"path": table_path(path), "answer": None, "predicted": None,
                 "probability": float("nan"), "branch": [], "top": [], "known_level": None,
                 "unknown_score": float("nan"), "threshold": float("nan"),
                 "score_level": None, "error": why}
     row = result.rows[i]
-    return {"path": os.path.abspath(row["path"]), "answer": row["answer"],
+    return {"path": table_path(row["path"]), "answer": row["answer"],
             "predicted": row["predicted"], "probability": row["probability"],
             "branch": row.get("taxonomy", []), "top": row["top"],
             "known_level": row.get("known_level"),

@@ -13,6 +13,7 @@ kernels, not engines.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -30,6 +31,7 @@ import torch
 from wingspan.config import (
     PRECISION_NAMES,
     EngineConfig,
+    cpu_quota,
     default_cache_dir,
     usable_cores,
 )
@@ -188,8 +190,10 @@ class Choice:
     seconds: float = 0.0  # what measuring cost (0 when cached or forced)
     measured_on: str = ""  # date of the measurement
     # The share of the timing its threads spent waiting for a core that other work held
-    # (None where the system does not say): over EngineConfig.max_core_wait, not kept.
+    # (None where the system does not say): over EngineConfig.max_core_wait, not kept;
+    # `stays`: then the choice stored before, which later runs keep ("" where none was).
     core_wait: float | None = None
+    stays: str = ""
 
     @property
     def cores_shared(self) -> bool:
@@ -209,7 +213,9 @@ class Choice:
         how = self.how + (f" {self.seconds:.1f}s" if self.how == "measured" else "")
         if self.cores_shared:
             how += (f" while other work held the cores, its threads waiting "
-                    f"{self.core_wait:.0%} of the time: not kept, timed again next time")
+                    f"{self.core_wait:.0%} of the time: not kept, "
+                    + (f"runs keep the choice stored before ({self.stays})" if self.stays
+                       else "timed again next time"))
         return f"{self.engine.name} ({how}" + (f"; images/s {figures}" if figures else "") + ")"
 
     def to_record(self) -> dict:
@@ -300,11 +306,13 @@ class CoreWait:
     to run but waiting for a core that other work held (`share`; None where the system
     does not say). Hand-written: Linux's per-thread schedstat says it exactly, where the
     CPU time a process got mixes the load in with its own idle threads (ONNX Runtime's
-    pool sleeps between calls)."""
+    pool sleeps between calls). Under a CPU quota (Docker's --cpus 1.5, a Kubernetes
+    limit) the time the quota holds the threads back counts as waiting too, whatever else
+    runs (25-60% measured), so there it says nothing."""
 
     def __enter__(self) -> CoreWait:
         self.share: float | None = None
-        self._start = time.perf_counter(), waiting_seconds()
+        self._start = time.perf_counter(), None if cpu_quota() else waiting_seconds()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -312,6 +320,18 @@ class CoreWait:
         if waited is not None and self._start[1] is not None and wall > 0:
             self.share = round(max(waited - self._start[1], 0.0)
                                / (wall * max(torch.get_num_threads(), 1)), 3)
+
+
+def unless_shared(choice: Choice, cache: EngineCache, key: dict) -> Choice:
+    """Store `choice` under `key`, unless it was timed while other work held the cores:
+    then the one stored before (if any) stays, and `choice` says which."""
+    if not choice.cores_shared:
+        cache.put(key, choice.to_record())
+        return choice
+    before = cache.get(key)
+    return dataclasses.replace(choice, stays=(
+        f"{before['engine']}, timed {before.get('measured_on') or 'earlier'}" if before
+        and before.get("engine") else ""))
 
 
 def cpu_wait(wait: CoreWait, device: torch.device) -> float | None:

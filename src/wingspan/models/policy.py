@@ -51,6 +51,7 @@ from wingspan.models.engine import (
     time_calls,
     timing_batch,
     timing_images,
+    unless_shared,
 )
 from wingspan.models.runtime import autocast, export_seconds, make_runner
 from wingspan.progress import status
@@ -181,9 +182,7 @@ class Policy:
         with status(f"Timing {', '.join(e.name for e in engines)} for {model.spec.name} "
                     "(once per model and machine)", progress):
             choice = self._measure_frozen(model, size, n, engines, thorough)
-        if not choice.cores_shared:  # (one timed beside other work: this run's alone)
-            cache.put(key, choice.to_record())
-        return self.with_choice("frozen", choice)
+        return self.with_choice("frozen", unless_shared(choice, cache, key))
 
     def _measure_frozen(self, model: nn.Module, size: int, n: int, engines: list[Engine],
                         thorough: bool) -> Choice:

@@ -33,6 +33,7 @@ from wingspan.models.engine import (
     own_random_stream,
     time_calls,
     timing_images,
+    unless_shared,
 )
 from wingspan.models.engine import timing_batch as make_timing_batch
 from wingspan.models.policy import Policy
@@ -145,9 +146,7 @@ def choose_train(policy: Policy, model: Classifier, stages: int, size: int, batc
     with status(f"Timing the training step in {', '.join(e.name for e in engines)} "
                 "(once per model and machine)", progress):
         choice = _measure(policy, model, stages, size, n, engines, thorough)
-    if not choice.cores_shared:  # (one timed beside other work: this run's alone)
-        cache.put(key, choice.to_record())
-    return policy.with_choice("train", choice)
+    return policy.with_choice("train", unless_shared(choice, cache, key))
 
 
 def _measure(policy: Policy, model: Classifier, stages: int, size: int, n: int,
