@@ -2075,3 +2075,47 @@ def test_classes_without_images_here_but_answered_are_said_apart(tmp_path, run_c
             "table and the macro averages, each with F1 0: c") in said
     assert "but answered (in the per-class table and the macro averages, each with F1 " \
            "0)</th><td>1: c</td>" in (run_dir / "evaluation-test" / "report.html").read_text()
+
+
+def test_an_unknown_folder_named_after_a_mapped_data_class_is_refused(trained, tmp_path):
+    """With --map, a folder of --unknown named after a data class mapped to one of the
+    model's (its photos, say: a monarch folder for the model's Danaus plexippus) was
+    scored as unseen (AUROC 0.61)."""
+    from helpers import write_image
+
+    ours = read_manifest(trained / "model")["classes"]["label"][0]
+    own = pd.read_csv(trained / "splits.csv")
+    (tmp_path / "other" / "monarch").mkdir(parents=True)
+    for i, path in enumerate(own.loc[own.label == ours, "path"][:2]):
+        shutil.copy(path, tmp_path / "other" / "monarch" / f"{i}.jpg")
+    write_image(tmp_path / "unk" / "Monarch" / "a.jpg", seed=3)
+    with pytest.raises(WingspanError, match=r"include folders named after classes the model "
+                       rf"knows: monarch \(--map: {re.escape(ours)}\)"):
+        evaluate(trained, tmp_path / "other", split="all", class_map={ours: "monarch"},
+                 unknown=tmp_path / "unk", progress=False, workers=0, plots=False,
+                 out=tmp_path / "ev")
+
+
+def test_the_transfer_table_goes_on_when_the_runs_own_images_are_gone(tmp_path, run_cli):
+    """A run folder copied to another machine: `evaluate RUN OTHER --map` predicted every
+    image, then stopped at the run's own splits.csv ("no usable images"), where without
+    --map it worked. Its recall on own data is none now, said with why and of which split."""
+    from helpers import folder_dataset
+
+    data = folder_dataset(tmp_path / "data", {"a": 8, "b": 8})
+    run_dir = train(read_dataset(data), tiny(tmp_path, epochs_finetune=0, test_fraction=0.25),
+                    tmp_path / "runs", "r", quiet=True)
+    other = tmp_path / "other"
+    for theirs, ours in (("renamed_a", "a"), ("b", "b")):
+        shutil.copytree(data / ours, other / theirs)
+    shutil.move(data, tmp_path / "elsewhere")
+    code, out, err = run_cli("evaluate", run_dir, other, "--split", "all", "--map",
+                             "a=renamed_a", "--no-plots", "--workers", "0", "--out",
+                             tmp_path / "ev")
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    own = metrics["transfer_own"]
+    assert own["split"] == "test" and own["images"] == own["unreadable"] > 0
+    assert all(r["recall on own data"] is None for r in metrics["transfer"])
+    assert (f"own data: its test split; {own['unreadable']} of its {own['images']} images "
+            "could not be read, gone since") in " ".join(out.split())

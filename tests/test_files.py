@@ -433,6 +433,41 @@ def test_a_folder_replaced_when_killed_between_the_renames_is_put_back(tmp_path,
     assert (final / "metrics.json").read_text() == "later" and not old.exists()
 
 
+def test_a_ctrl_c_between_replace_folders_renames_puts_the_earlier_back(tmp_path,
+                                                                         monkeypatch):
+    """`adapt --out EARLIER` stopped between moving the earlier run aside and moving the new
+    one in left it hidden as .NAME.old; the next adapt took the free name and deleted it."""
+    import os
+
+    import pytest
+
+    from wingspan import files
+    from wingspan.training.adapt import default_out
+
+    run = tmp_path / "r"
+    final = tmp_path / "r-adapted"
+    final.mkdir()
+    (final / "adapt.json").write_text("earlier")
+    partial = tmp_path / ".r-adapted.partial"
+    partial.mkdir()
+    real = os.replace
+
+    def stopped_after_the_first(source, target):
+        if Path(source) == partial:
+            raise KeyboardInterrupt
+        real(source, target)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", stopped_after_the_first)
+        with pytest.raises(KeyboardInterrupt):
+            files.replace_folder(partial, final)
+    assert (final / "adapt.json").read_text() == "earlier"
+    # Killed there (nothing put back): the next adapt's default name sees it, put back
+    os.replace(final, tmp_path / ".r-adapted.old")
+    assert default_out(run) == tmp_path / "r-adapted-2"
+    assert (final / "adapt.json").read_text() == "earlier"
+
+
 def test_disk_spelling_opens_an_nfc_key_of_a_name_written_on_macos(tmp_path, monkeypatch):
     """real_paths keys paths in NFC; a file whose folder and name the disk spells in NFD
     (as macOS writes them) is found by its key, and a path in no spelling stays as given."""

@@ -418,16 +418,28 @@ def disk_spelling(paths, any_case: bool = False) -> list[str]:
 
 def replace_folder(partial: Path, final: Path) -> None:
     """`partial`, written whole, takes the place of `final` (renames, not copies): the
-    earlier is moved aside, the later in, and only then the earlier removed. Killed between
-    the two renames, the earlier is put back by the next call, before anything is removed."""
+    earlier is moved aside, the later in, and only then the earlier removed. Stopped
+    between the two renames (Ctrl-C), the earlier is put back at once; killed there, by
+    the next call (or `put_back`), before anything is removed."""
+    old = put_back(final)
+    shutil.rmtree(old, ignore_errors=True)
+    try:
+        if final.exists():
+            replace(final, old, final)
+        os.replace(partial, final)
+    except BaseException:
+        put_back(final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def put_back(final: Path) -> Path:
+    """The folder that replace_folder moved aside from `final` (`.NAME.old`), put back
+    where a kill between its renames left `final` missing; returns that aside name."""
     old = final.with_name(f".{final.name}.old")
-    if old.exists() and not final.exists():  # a kill between the renames: put it back
+    if old.exists() and not final.exists():
         os.replace(old, final)
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        replace(final, old, final)
-    os.replace(partial, final)
-    shutil.rmtree(old, ignore_errors=True)
+    return old
 
 
 def replace(source: Path, target: Path, held: Path | None = None) -> None:

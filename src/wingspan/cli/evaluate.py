@@ -176,9 +176,13 @@ def print_evaluation(result) -> None:
                   f"and the macro averages, each with F1 0: {plain(some(only))}")
     if m.get("transfer"):
         named = "named here" in m["transfer"][0]
+        own = m.get("transfer_own")
         transfer = Table("model class", "data class", "recall on own data", "recall here",
                          "drop", "images here", *(["named here"] if named else []),
-                         title="Transfer per class")
+                         title="Transfer per class" + (f" (own data: its {own['split']} split"
+                               + (f"; {own['unreadable']} of its {own['images']} images could "
+                                  "not be read, gone since" if own["unreadable"] else "")
+                               + ")" if own else ""))
         def figure(value, spec: str) -> str:  # none: no images to measure it on
             return "-" if value is None or value != value else format(value, spec)
 

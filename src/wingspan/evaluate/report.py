@@ -106,8 +106,12 @@ def write_report(path: Path, title: str, sections: dict) -> Path:
                        ("rare classes (trained at the parent level)",
                         h.get("rare", {}).get("images", 0))])]
     if s.get("transfer") is not None:
+        own = s.get("transfer_own")
+        of = (f" (own data: its {html.escape(own['split'])} split"
+              + (f"; {own['unreadable']} of its {own['images']} images could not be read, "
+                 "gone since" if own["unreadable"] else "") + ")") if own else ""
         parts += ["<h3>Transfer: recall per class on the model's own data and on this data"
-                  "</h3>", _table(s["transfer"])]
+                  f"{of}</h3>", _table(s["transfer"])]
     if s.get("per_class") is not None:  # the classes to look at first, first
         worst = s["per_class"].sort_values(["f1", "support"], ascending=[True, False],
                                            kind="stable")

@@ -140,7 +140,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
     unknown_paths, unknown_missing = unseen_paths(unknown) if unknown is not None else (
         None, [])  # before any work
     if unknown_paths and not set(unknown_paths) <= held_out_by(run_dir):
-        check_unseen(unknown_paths, rows["path"], predictor)
+        check_unseen(unknown_paths, rows["path"], predictor, class_map)
     final = Path(out).resolve() if out else _default_out(predictor, dataset, split, data,
                                                          tta, unknown, unknown_score)
     with _writing(final) as out_dir:  # a failed one (a full disk, Ctrl-C) leaves no folder
@@ -235,8 +235,9 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
             # out, a map of 2 classes showed the drop of 2 of the 3 evaluated).
             alike = {c: c for c, n in zip(table["class"], table["support"], strict=True)
                      if n and c not in class_map}
-            transfer = _transfer(predictor, run_dir, {**class_map, **alike}, table, progress,
-                                 _named_share(named, y, classes), tta)
+            transfer, metrics["transfer_own"] = _transfer(
+                predictor, run_dir, {**class_map, **alike}, table, progress,
+                _named_share(named, y, classes), tta)
             write_csv(transfer, out_dir / "transfer.csv")
             # No figure (a class without images here or at home) is null in JSON, not NaN.
             metrics["transfer"] = transfer.astype(object).where(transfer.notna(), None).to_dict(
@@ -773,20 +774,25 @@ def _map_slips(class_map: dict[str, str], model: list[str], data: set[str]) -> s
 
 def _transfer(predictor: Predictor, run_dir: Path | None, class_map: dict[str, str],
               here: pd.DataFrame, progress: bool, named: dict[str, float] | None = None,
-              tta: bool = False) -> pd.DataFrame:
+              tta: bool = False) -> tuple[pd.DataFrame, dict | None]:
     """Each class's recall (in `class_map`, {model class: data class}) on the run's own
     data (its test split, else val) beside its recall on the data evaluated (both with
-    TTA or both without): the drop per class. `named`: per class, the share of its images
-    here that the unknown answer names a class for."""
+    TTA or both without): the drop per class; and which of the run's splits that was, of
+    how many images, how many of them could not be read (gone since: the run folder copied
+    to another machine, say), or None without the run's folder. `named`: per class, the
+    share of its images here that the unknown answer names a class for."""
     recall_here = dict(zip(here["class"], here["recall"], strict=True))
     support_here = dict(zip(here["class"], here["support"], strict=True))
-    home = {}
+    home, said = {}, None
     if run_dir is not None:
-        own = read_dataset(run_dir / SPLITS_FILE)
+        # (its files are predicted, not checked first: gone ones are counted, not fatal)
+        own = read_dataset(run_dir / SPLITS_FILE, ReadConfig(check_files=False))
         split = _default_split(own)
         rows = split_rows(own, split, predictor.level, predictor)
         rows = rows[rows["_label"].isin(list(class_map))]
         preds = list(predictor.run(rows["path"].tolist(), tta=tta, progress=progress))
+        said = {"split": split, "images": len(preds),
+                "unreadable": sum(bool(p.error) for p in preds)}
         for label, p in zip(rows["_label"], preds, strict=True):
             if not p.error:
                 hits = home.setdefault(label, [])
@@ -802,7 +808,7 @@ def _transfer(predictor: Predictor, run_dir: Path | None, class_map: dict[str, s
     frame["drop"] = frame["recall on own data"] - frame["recall here"]
     if named is not None:
         frame["named here"] = [named.get(ours, np.nan) for ours in class_map]
-    return frame
+    return frame, said
 
 
 def _write_predictions(path: Path, paths: list[str], y: np.ndarray, y_pred: np.ndarray,
@@ -966,6 +972,7 @@ def _report(out_dir, name, predictor, dataset, level, split, metrics, table, con
                          "mistakes_shown": pngs.get("mistakes_shown"),
                          "calibration": calibration, "reliability_png": pngs.get("reliability"),
                          "profile": profile, "levels": levels_table, "transfer": transfer,
+                         "transfer_own": metrics.get("transfer_own"),
                          "hierarchy": metrics.get("hierarchy"),
                          "unknown": unknown_section(metrics.get("unknown"),
                                                      metrics["split"], metrics["tta"]),

@@ -63,14 +63,19 @@ def held_out_among(run_dir: Path | None, unknown_paths: list[str]) -> dict[str, 
     return {str(c): int(n) for c, n in sorted(counts.items())}
 
 
-def check_unseen(unknown_paths: list[str], known_paths, predictor: Predictor) -> None:
+def check_unseen(unknown_paths: list[str], known_paths, predictor: Predictor,
+                 class_map: dict[str, str] | None = None) -> None:
     """Images of `--unknown` that are in the evaluated split, or sit in a folder named
-    after one of the model's classes (DATA given as --unknown, say), would count a right
+    after one of the model's classes (DATA given as --unknown, say) or, with `class_map`
+    ({model class: data class}), after a data class mapped to one, would count a right
     answer against the unknown answer's figures."""
     # The finest level only: an unseen species is rightly filed under a known genus. Names
     # as folders read now: a model's 'monarch ' (see `spelt_as_trained`) is 'monarch'.
     # (in any case: 'Azure_Spotwing' holds azure_spotwing's photos as surely)
     known = {name_as_read(c).casefold(): c for c in predictor.classes}
+    known.update({name_as_read(theirs).casefold(): f"{theirs} (--map: {ours})"
+                  for ours, theirs in (class_map or {}).items()
+                  if name_as_read(theirs).casefold() not in known})
     named = sorted({known[folder] for p in unknown_paths
                     if (folder := name_as_read(Path(p).parent.name).casefold()) in known})
     if named:

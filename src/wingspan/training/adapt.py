@@ -42,7 +42,14 @@ from wingspan.data.samples import PATH, SPLIT
 from wingspan.errors import WingspanError, none_read
 from wingspan.evaluate.calibration import calibration_record, softmax
 from wingspan.evaluate.own_images import own_images, run_folder
-from wingspan.files import disk_spelling, real_paths, replace_folder, write_csv, write_text
+from wingspan.files import (
+    disk_spelling,
+    put_back,
+    real_paths,
+    replace_folder,
+    write_csv,
+    write_text,
+)
 from wingspan.inference import Predictor
 from wingspan.models import save_bundle
 from wingspan.models.unknown import UnknownDetector
@@ -327,9 +334,12 @@ def default_out(run_dir: Path, taken: tuple[Path, ...] = ()) -> Path:
     earlier adapted run replaces it). `taken`: names another adapt is writing now."""
     base = run_dir.with_name(run_dir.name + "-adapted")
     path, n = base, 2
-    while path in taken or path.exists() and not (path.is_dir() and not any(path.iterdir())):
+    while True:
+        put_back(path)  # (an earlier adapted run a kill left moved aside: its name is taken)
+        if path not in taken and (not path.exists()
+                                  or path.is_dir() and not any(path.iterdir())):
+            return path
         path, n = base.with_name(f"{base.name}-{n}"), n + 1
-    return path
 
 
 def _claim(out: Path | None, run_dir: Path) -> Path:
