@@ -1094,13 +1094,15 @@ def test_adapt_warns_when_the_photos_are_the_runs_own_val_images(trained, tmp_pa
                 for table in (splits, own) for p in table[table.split != "train"].path}
     among_train = [p for p in splits[splits.split == "train"].path[1:]  # (the first: below)
                    if hashlib.sha256(Path(p).read_bytes()).digest() not in held_out][:40]
-    code, stdout, err = run_cli("adapt", trained, *val, *test, *among_train, "--out",
-                                tmp_path / "a", "--quiet")
+    # one test image as a copy under another name: counted too (evaluate finds it so)
+    copied = Path(shutil.copy(test[2], tmp_path / f"IMG_0001{Path(test[2]).suffix}"))
+    code, stdout, err = run_cli("adapt", trained, *val, *test[:2], copied, *among_train,
+                                "--out", tmp_path / "a", "--quiet")
     assert code == 0, err
     stdout = " ".join(stdout.split())
     assert "trained on 0 of them" not in stdout, stdout
-    assert "5 of the photos are the run's own val images" in stdout
-    assert "3 of the photos are the run's own test images" in stdout
+    assert "5 of the photos are the run's own val images (or copies of them)" in stdout
+    assert "3 of the photos are the run's own test images (or copies of them)" in stdout
     summary = json.loads((tmp_path / "a" / "adapt.json").read_text())
     assert (summary["val_images_among_photos"], summary["test_images_among_photos"]) == (5, 3)
     # Its test figures are then not called fair, nor those of any data holding the photos

@@ -364,12 +364,14 @@ def adapt_command(
     refitted = any(any(n) for n in a["photos_used_per_round"].values())
     if a["val_images_among_photos"] and refitted:
         out.print(f"[yellow]{a['val_images_among_photos']} of the photos are the run's own val "
-                  "images[/]: the val accuracy, temperature and unknown thresholds above may be "
+                  "images (or copies of them)[/]: the val accuracy, temperature and unknown "
+                  "thresholds above may be "
                   "fitted or scored on images the head has now trained on (those whose class "
                   "it and their neighbours agreed on).")
     if a["test_images_among_photos"] and refitted:
         out.print(f"[yellow]{a['test_images_among_photos']} of the photos are the run's own test "
-                  "images[/]: its test figures are no longer fair (evaluate says so).")
+                  "images (or copies of them)[/]: its test figures are no longer fair (evaluate "
+                  "says so).")
     for level, missing in a["classes_without_training_images"].items():
         out.print(f"[yellow]{len(missing)} '{plain(level)}' classes had no readable training "
                   f"image[/] and keep the run's own weights: {plain(', '.join(missing[:5]))}")

@@ -71,7 +71,7 @@ def copies_of_own(evaluated: set[str], seen: dict[str, str], own_root: str | Non
 
     found = dict.fromkeys(("train", "val", *seen.values()), 0)  # (calibrate asks of test)
     others = sorted(evaluated - seen.keys())
-    renamed = _same_bytes(others, seen)
+    renamed = same_bytes(others, seen)
     if own_root is None or data_root is None:
         return {side: found[side] + renamed.get(side, 0) for side in found}
     own_root, data_root = (os.path.realpath(_folder_of(r)) for r in (own_root, data_root))
@@ -96,11 +96,11 @@ def copies_of_own(evaluated: set[str], seen: dict[str, str], own_root: str | Non
         found = {side: found[side] + moved[side] for side in found}
     # (a copy matched by its path above is not counted again by its bytes)
     by_path = {e for e, *_ in pairs}
-    renamed = _same_bytes([e for e in others if e not in by_path], seen)
+    renamed = same_bytes([e for e in others if e not in by_path], seen)
     return {side: found[side] + renamed.get(side, 0) for side in found}
 
 
-def _same_bytes(evaluated: list[str], seen: dict[str, str]) -> dict[str, int]:
+def same_bytes(evaluated: list[str], seen: dict[str, str]) -> dict[str, int]:
     """How many of `evaluated` (real paths) hold the same bytes as a file of `seen` (real
     path -> side), by side: sizes first, so only files of an evaluated file's size are
     read. Hand-written, as nothing else matches a copy whatever its name (the audit's

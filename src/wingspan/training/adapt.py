@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,7 @@ from wingspan.data.leaks import content_hashes
 from wingspan.data.samples import PATH, SPLIT
 from wingspan.errors import WingspanError, none_read
 from wingspan.evaluate.calibration import calibration_record, softmax
+from wingspan.evaluate.fairness import same_bytes
 from wingspan.evaluate.own_images import own_images, run_folder
 from wingspan.files import (
     disk_spelling,
@@ -194,6 +196,13 @@ def _adapt_into(out: Path, predictor: Predictor, run_dir: Path, paths: list[str]
     answered = {when: answer(softmax(logits[fine])) for when, logits in
                 (("before", before), ("after", after))}
     given = set(real_paths(paths))
+    # The run's own val and test images among the photos, as themselves or as copies of
+    # their bytes under other names (evaluate finds those too, and called its figures
+    # unfair where adapt had said nothing)
+    own = {**dict.fromkeys(real_paths(val.paths), "val"),
+           **dict.fromkeys(real_paths(_test_paths(run_dir)), "test")}
+    among = Counter(own[p] for p in given if p in own)
+    among.update(same_bytes(sorted(given - own.keys()), own))
     summary = {
         "adapted_from": str(run_dir), "photos": len(paths) + len(missing),
         "unreadable": len(paths) + len(missing) - len(ok),
@@ -209,9 +218,9 @@ def _adapt_into(out: Path, predictor: Predictor, run_dir: Path, paths: list[str]
         "classes_after": _counts(answered["after"], names),
         # The run's own val images among the photos: the temperature, the unknown thresholds
         # and the val accuracy are then fitted or scored on images the head trained on.
-        "val_images_among_photos": len(given.intersection(real_paths(val.paths))),
+        "val_images_among_photos": among["val"],
         # ... and its test images: a test evaluation of the adapted run is then not fair.
-        "test_images_among_photos": len(given.intersection(real_paths(_test_paths(run_dir)))),
+        "test_images_among_photos": among["test"],
         "val_accuracy_before": val_before,
         "val_accuracy": float(np.mean(answer(softmax(val_logits[fine])) == y_val)),
         "temperature": temperature,
