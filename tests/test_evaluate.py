@@ -767,6 +767,8 @@ def test_evaluate_other_data_with_a_class_map_shows_the_drop_per_class(trained, 
     assert (transfer["model class"][2:] == transfer["data class"][2:]).all()
     assert np.allclose(transfer["recall here"], transfer["recall on own data"])
     assert np.allclose(transfer["drop"], 0)
+    assert list(transfer.columns) == ["model class", "data class", "recall on own data",
+                                      "recall here", "drop", "images here", "named here"]
     # The model has unknown scores: per class, the share of its images the answer names.
     predictor = Predictor(trained, workers=0)
     for theirs, share in zip(transfer["data class"], transfer["named here"], strict=True):

@@ -511,6 +511,14 @@ def test_a_held_out_species_comes_out_unknown(held_out_run):
     said = (run_dir.parents[1] / "stderr.txt").read_text()
     assert f"AUROC {u['auroc']:.3f}" in said, said
     assert set(u["scores"]) == set(UNKNOWN_SCORES)
+    # A score below 0.5 ranks these unseen images as the more known: said, not left to be
+    # read as a weak one (energy on noise)
+    from wingspan.evaluate.wording import unknown_section
+
+    inverted = {**u, "scores": {**u["scores"], "energy": {"auroc": 0.09, "fpr95": 1.0}}}
+    table = unknown_section(inverted, "test")["scores"].set_index("auroc")["score"]
+    assert table[0.09] == "energy (inverted: ranks these unseen images as the more known)"
+    assert not any("inverted" in s for a, s in table.items() if a >= 0.5)
     report = (run_dir / "evaluation-unknown" / "report.html").read_text()
     assert "Unknown images" in report and "unknown score histogram" in report
     # The images called unknown are the ones whose score is above the bundle's threshold.

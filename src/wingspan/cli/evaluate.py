@@ -92,12 +92,12 @@ def evaluate_command(
 def _print_unknown(u: dict) -> None:
     from rich.table import Table
 
-    from wingspan.evaluate.wording import at_threshold
+    from wingspan.evaluate.wording import INVERTED, at_threshold
 
     table = Table("score", "AUROC", "FPR at 95% TPR", title=f"Unknown images: "
                   f"{u['unseen_images']} of unseen classes against the known ones")
     for name, v in u["scores"].items():
-        mark = " (in use)" if name == u["score"] else ""
+        mark = (" (in use)" if name == u["score"] else "") + INVERTED * (v["auroc"] < 0.5)
         table.add_row(name + mark, f"{v['auroc']:.4f}", f"{v['fpr95']:.4f}")
     out.print(table)
     out.print(at_threshold(u))

@@ -805,7 +805,8 @@ def _transfer(predictor: Predictor, run_dir: Path | None, class_map: dict[str, s
          "recall here": recall_here[ours] if support_here.get(ours) else np.nan,
          "images here": int(support_here.get(ours, 0))}
         for ours, theirs in class_map.items()])
-    frame["drop"] = frame["recall on own data"] - frame["recall here"]
+    # (in the order the terminal and the report show them)
+    frame.insert(4, "drop", frame["recall on own data"] - frame["recall here"])
     if named is not None:
         frame["named here"] = [named.get(ours, np.nan) for ours in class_map]
     return frame, said

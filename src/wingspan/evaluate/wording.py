@@ -66,6 +66,11 @@ def kept_rows(train_metrics: dict) -> list[tuple[str, str]]:
              "-" if f1 is None else f"{f1:.4f}")]
 
 
+# An AUROC below 0.5 is no weak score but one that ranks these unseen images as the more
+# known (energy on noise does: its logits are large), read as "weak" where unmarked.
+INVERTED = " (inverted: ranks these unseen images as the more known)"
+
+
 def absent_rows(absent: list[str] | None, answered: int = 0, images: int = 0,
                 answered_only: list[str] | None = None) -> list[tuple[str, str]]:
     """The model's classes left out of the per-class table and the macro averages, and
@@ -219,7 +224,8 @@ def unknown_section(u: dict | None, split: str, tta: bool = False) -> dict | Non
         summary.append(("unseen images known down to (level: images)", ", ".join(
             f"{lv}: {n}" for lv, n in known_at.items())
             + f"; unknown: {u['unseen_images'] - sum(known_at.values())}"))
-    scores = pd.DataFrame([{"score": s + (" (in use)" if s == u["score"] else ""), **v}
+    scores = pd.DataFrame([{"score": s + (" (in use)" if s == u["score"] else "")
+                            + INVERTED * (v["auroc"] < 0.5), **v}
                            for s, v in u["scores"].items()])
     named = pd.DataFrame(u.get("unseen_named") or [], columns=["path", "answer",
                                                                "unknown_score"])
