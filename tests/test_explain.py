@@ -210,3 +210,21 @@ def test_explain_gives_the_probability_of_predicts_pass_on_its_engine(run_dir, d
     # titled as predict and the served page say it (it said 1.00 beside the page's 99.8%)
     assert title.startswith(f"{explained.label}  {explained.probability:.1%}")
     assert not calls  # no whole pass of the PyTorch model beside the engine's
+
+
+def test_a_flat_grad_cam_says_what_it_is(tmp_path):
+    """At 32 px an EfficientNet's map is one cell, drawn as one colour over the whole image
+    (read as evidence everywhere), and a map of zeros as none anywhere: each says so."""
+    import numpy as np
+
+    from wingspan.explain import save_overlay
+    from wingspan.plotting import flat_note
+
+    assert flat_note(np.ones((32, 32))) == "Grad-CAM: one cell at this image size, no region"
+    assert flat_note(np.zeros((32, 32))) == "Grad-CAM: nothing argued for it"
+    varied = np.zeros((32, 32))
+    varied[4:8, 4:8] = 1
+    assert flat_note(varied) == ""
+    png = save_overlay(np.zeros((32, 32, 3), np.uint8), np.ones((32, 32)), "monarch 90.0%",
+                       None)
+    assert png[:4] == b"\x89PNG"

@@ -199,8 +199,10 @@ def save_overlay(pixels: np.ndarray, heatmap: np.ndarray, title: str,
 
 def _overlay(pixels: np.ndarray, heatmap: np.ndarray, title: str, path: Path | None
              ) -> bytes | None:
-    from wingspan.plotting import GRADCAM_COLORS, subplots
+    from wingspan.plotting import GRADCAM_COLORS, flat_note, subplots
 
+    if note := flat_note(heatmap):
+        title += f"\n({note})"
     fig, ax = subplots(figsize=(4, 4.3), dpi=100)
     ax.imshow(pixels)
     shown = ax.imshow(heatmap, cmap=GRADCAM_COLORS, alpha=0.45, vmin=0, vmax=1)

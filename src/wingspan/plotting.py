@@ -10,10 +10,11 @@ from contextlib import contextmanager
 from functools import lru_cache
 
 import matplotlib
+import numpy as np
 from matplotlib.figure import Figure
 
-__all__ = ["GRADCAM_COLORS", "colormap", "literal_text", "short_name", "short_names",
-           "subplots"]
+__all__ = ["GRADCAM_COLORS", "colormap", "flat_note", "literal_text", "short_name",
+           "short_names", "subplots"]
 
 # Grad-CAM's colours: lightness rises with the evidence, so a colour-blind reader (and a
 # grey print) reads them in order; jet's red top end is a dark olive to a deuteranope.
@@ -85,6 +86,16 @@ def _show(caught: list) -> None:
             "delete matplotlib's font cache (~/.cache/matplotlib); a font wingspan does not "
             "know of, name in matplotlibrc's font.family after your first.", UserWarning,
             "wingspan", 0)
+
+
+def flat_note(heatmap: np.ndarray) -> str:
+    """What a map with no region in it means ("" where it has one): all zeros, nothing in
+    the image argued for the class; one value, a feature map of one cell (a 32-px image
+    on an EfficientNet), which gives no place. Drawn flat, either read as a finding."""
+    if heatmap.size and np.ptp(heatmap) > 1e-6:
+        return ""
+    return ("Grad-CAM: nothing argued for it" if not heatmap.any()
+            else "Grad-CAM: one cell at this image size, no region")
 
 
 def short_name(name: str, most: int = 34) -> str:

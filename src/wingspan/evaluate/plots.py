@@ -11,6 +11,7 @@ from wingspan.data.images import open_rgb
 from wingspan.plotting import (
     GRADCAM_COLORS,
     colormap,
+    flat_note,
     literal_text,
     short_name,
     short_names,
@@ -162,16 +163,18 @@ def plot_mistakes(mistakes: list[dict], path: Path, columns: int = 4) -> Path:
     for ax in axes.flat:
         ax.axis("off")
     for ax, m in zip(axes.flat, mistakes, strict=False):
+        note = ""
         try:
             if m.get("pixels") is not None:
                 ax.imshow(_side_by_side(m["pixels"], m["heatmap"]))
+                note = flat_note(m["heatmap"])
             else:
                 image = open_rgb(m["path"], draft=256)
                 image.thumbnail((256, 256))
                 ax.imshow(image)
         except Exception:  # a file gone since prediction: show the text alone
             pass
-        ax.set_title(mistake_title(m, short), fontsize=8)
+        ax.set_title(mistake_title(m, short) + (f"\n({note})" if note else ""), fontsize=8)
     if not mistakes:
         axes.flat[0].text(0.5, 0.5, "no mistakes", ha="center", va="center")
     return _save(fig, path)
