@@ -340,10 +340,10 @@ def test_predictions_name_each_image_by_its_absolute_path(run, run_cli, demo_dir
                   [said["predictions"][0]["path"], said["failed"][0]["path"]]):
         assert paths == [str(image), str(image.parent.parent / "missing.jpg")]
     assert said["predictions"][0]["predicted"] == rows.predicted[0] == preds.predicted[0]
-    # Through a linked folder, as the data reader (evaluate's, audit's) resolves it
+    # A linked folder keeps its name, as the data reader keeps a linked class folder's
     (tmp_path / "link").symlink_to(image.parent)
     linked = run.predict(tmp_path / "link" / image.name, quiet=True)
-    assert linked.path.tolist() == [str(image)]
+    assert linked.path.tolist() == [str(tmp_path / "link" / image.name)]
 
 
 def test_predict_agrees_with_the_cli(run, run_cli, demo_dir, tmp_path):

@@ -891,8 +891,11 @@ def test_adapt_writes_a_new_run_and_leaves_the_run_as_it_was(trained, tmp_path, 
     assert len(used) == 1 and 0 < used[0] <= n  # those the head and neighbours agree on
     assert f"trained on {used[0]} of them;" in stdout
     assert summary["training_images"] > 0 and not summary["classes_without_training_images"]
-    # The copies are of val and test images, at other paths: not the val images themselves.
-    assert summary["val_images_among_photos"] == summary["test_images_among_photos"] == 0
+    # The copies are of val and test images, at other paths: counted as theirs (by their
+    # bytes), as evaluate counts them after
+    counts = splits[splits.path.isin(shown)].split.value_counts()
+    assert (summary["val_images_among_photos"], summary["test_images_among_photos"]) == (
+        counts.get("val", 0), counts.get("test", 0))
     assert sum(summary["classes_after"].values()) == n
     # The head changed (and the unknown scores, fitted again); the backbone did not.
     old, new = (load_file(r / "model" / "model.safetensors") for r in (trained, out))
@@ -1589,6 +1592,10 @@ def test_a_copy_or_a_move_of_the_runs_own_images_is_not_called_fair(tmp_path):
     assert "re-saved, resized or edited would not be seen" in fair(tmp_path / "other", ["t1.jpg"])
     # The data moved: the run's files are gone, and found at the same paths there.
     shutil.move(tmp_path / "data", tmp_path / "moved")
+    # ... other files then cannot be compared with the run's bytes: said, not a plain yes
+    assert fair(tmp_path / "other", ["t1.jpg"]).startswith(
+        "yes, as far as can be told: none of these files is one the run trained or chose its "
+        "best epoch on; its own images are not where its splits.csv says")
     said = fair(tmp_path / "moved", ("t2.jpg", "t3.jpg", "v.jpg"))
     assert said.startswith("no: the model was trained on 2 of these 3 images and chose its "
                            "best epoch on 1 (3 copies"), said

@@ -290,11 +290,10 @@ def deciding_score(predictor: Predictor, scores: dict[str, float] | None) -> dic
 
 
 def table_path(path: str) -> str:
-    """An image's path as evaluate's and audit's tables write it, so that the tables join:
-    absolute, its folder resolved as the data reader resolves a dataset's (a symlinked
-    folder, macOS's /tmp in /private), its own name kept."""
-    folder, name = os.path.split(os.path.abspath(path))
-    return os.path.join(os.path.realpath(folder), name)
+    """An image's path as the output tables write it: absolute, so that they join evaluate's
+    and audit's. Not resolved: the data reader resolves a dataset's root alone, and keeps a
+    linked class folder's name below it, as this keeps every name given."""
+    return os.path.abspath(path)
 
 
 def write_predictions(result: PredictResult, path: Path) -> None:

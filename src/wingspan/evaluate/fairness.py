@@ -71,8 +71,8 @@ def copies_of_own(evaluated: set[str], seen: dict[str, str], own_root: str | Non
 
     found = dict.fromkeys(("train", "val", *seen.values()), 0)  # (calibrate asks of test)
     others = sorted(evaluated - seen.keys())
-    renamed = same_bytes(others, seen)
     if own_root is None or data_root is None:
+        renamed = same_bytes(others, seen)
         return {side: found[side] + renamed.get(side, 0) for side in found}
     own_root, data_root = (os.path.realpath(_folder_of(r)) for r in (own_root, data_root))
     mine = {os.path.relpath(p, own_root): (p, side) for p, side in seen.items()
@@ -98,6 +98,13 @@ def copies_of_own(evaluated: set[str], seen: dict[str, str], own_root: str | Non
     by_path = {e for e, *_ in pairs}
     renamed = same_bytes([e for e in others if e not in by_path], seen)
     return {side: found[side] + renamed.get(side, 0) for side in found}
+
+
+def _gone(seen: dict[str, str], sample: int = 50) -> bool:
+    """Whether the run's train and val images are not where its splits.csv says (the run
+    folder copied to another machine): none of the first `sample` of them is there."""
+    paths = list(seen)[:sample]
+    return bool(paths) and not any(os.path.exists(p) for p in disk_spelling(paths))
 
 
 def same_bytes(evaluated: list[str], seen: dict[str, str]) -> dict[str, int]:
@@ -227,6 +234,10 @@ def fairness_verdict(manifest: dict, split: str, data, paths: list[str],
                 + command("data", "audit", f"{run_dir or 'RUN'}/splits.csv")
                 + "` lists near-duplicates across them)")
                 if data is None else
+                "yes, as far as can be told: none of these files is one the run trained or "
+                "chose its best epoch on; its own images are not where its splits.csv says, "
+                "so copies of them under other names could not be looked for"
+                if _gone(seen) else
                 "yes: none of these files is one the run trained or chose its best epoch on, "
                 "nor a byte-for-byte copy of one, whatever its name (a copy re-saved, resized "
                 "or edited would not be seen: `" + command("data", "audit", "DATA") + "` lists "

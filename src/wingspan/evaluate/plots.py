@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -68,8 +69,8 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> Path:
         ax.set_xticks(range(n), names, rotation=60 if n <= ANNOTATED else 90,
                       ha="right" if n <= ANNOTATED else "center", fontsize=size)
         ax.set_yticks(range(n), names, fontsize=size)
-        if left_out:
-            ax.set_title(left_out, fontsize=9)
+        if left_out:  # (wrapped: over a matrix of 2 classes it ran past the figure)
+            ax.set_title(textwrap.fill(left_out, 28 + 4 * n), fontsize=8)
     else:
         by_size = len(set(counts[kept].tolist())) > 1
         order = kept[np.argsort(-counts[kept], kind="stable")] if by_size else kept

@@ -306,13 +306,15 @@ class CoreWait:
     to run but waiting for a core that other work held (`share`; None where the system
     does not say). Hand-written: Linux's per-thread schedstat says it exactly, where the
     CPU time a process got mixes the load in with its own idle threads (ONNX Runtime's
-    pool sleeps between calls). Under a CPU quota (Docker's --cpus 1.5, a Kubernetes
-    limit) the time the quota holds the threads back counts as waiting too, whatever else
-    runs (25-60% measured), so there it says nothing."""
+    pool sleeps between calls). Under a CPU quota of fewer cores than threads (Docker's
+    cpus option, a Kubernetes limit) the time the quota holds the threads back counts as
+    waiting too, whatever else runs (25-60% measured), so there it says nothing."""
 
     def __enter__(self) -> CoreWait:
         self.share: float | None = None
-        self._start = time.perf_counter(), None if cpu_quota() else waiting_seconds()
+        quota = cpu_quota()  # (one of as many cores as threads, or more, holds none back)
+        held = quota is not None and quota < torch.get_num_threads()
+        self._start = time.perf_counter(), None if held else waiting_seconds()
         return self
 
     def __exit__(self, *exc) -> None:
