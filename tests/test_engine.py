@@ -225,10 +225,15 @@ def test_a_choice_timed_while_other_work_held_the_cores_is_not_kept(machine, mon
     assert f"not kept, runs keep the choice stored before ({again.stays})" in again.describe()
     assert resolve_policy().choose_frozen(net, 32, batch_size=8).frozen.how == "cached"
     # Under a CPU quota the threads wait for it, whatever else runs: no figure there
-    monkeypatch.setattr(engine, "cpu_quota", lambda: 1.5)
+    monkeypatch.setattr(engine, "cpu_quota", lambda: 0.5)  # (below any thread count)
     with engine.CoreWait() as wait:
         pass
     assert wait.share is None
+    # ... but one of as many cores as threads, or more, holds none back: watched
+    monkeypatch.setattr(engine, "cpu_quota", lambda: float(torch.get_num_threads()))
+    with engine.CoreWait() as wait:
+        pass
+    assert wait.share is not None
 
 
 def test_the_core_wait_is_read_from_the_system(tmp_path):
