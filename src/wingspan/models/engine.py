@@ -318,8 +318,10 @@ class CoreWait:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._start[1] is None:  # (nothing said at the start: nothing to compare)
+            return
         wall, waited = time.perf_counter() - self._start[0], waiting_seconds()
-        if waited is not None and self._start[1] is not None and wall > 0:
+        if waited is not None and wall > 0:
             self.share = round(max(waited - self._start[1], 0.0)
                                / (wall * max(torch.get_num_threads(), 1)), 3)
 
