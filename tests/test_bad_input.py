@@ -206,6 +206,23 @@ def test_out_of_memory_messages_of_other_devices_and_versions(said, detail, gpu_
         torch.OutOfMemoryError(said), None, training=True).hint
 
 
+def test_a_data_workers_full_shared_memory_is_said_with_what_to_change():
+    """predict under Docker's 64 MB /dev/shm: a 60-line traceback ending in a worker's
+    "unable to allocate shared memory(shm) for file </torch_1_2>: No space left on device
+    (28)", with no word of --workers or the container's shm size."""
+    from wingspan.errors import out_of_memory_said
+
+    error = RuntimeError("Caught RuntimeError in DataLoader worker process 0.\nOriginal "
+                         "Traceback (most recent call last):\n  ...\nRuntimeError: unable "
+                         "to allocate shared memory(shm) for file </torch_61_2_0>: No space "
+                         "left on device (28)\n")
+    e = out_of_memory_said(error, 32)
+    assert e.message.startswith("Out of shared memory: a data worker could not hand its "
+                                "batch over through /dev/shm (unable to allocate shared "
+                                "memory(shm) for file </torch_61_2_0>: No space left"), e.message
+    assert "--workers" in e.hint and "docker run --shm-size 1g" in e.hint
+
+
 def test_the_batch_size_an_out_of_memory_message_names():
     """The one given, the default, or none where a config file or the run sets it (it
     said 32 of a run whose --config set 64)."""

@@ -2528,3 +2528,32 @@ def test_commands_in_messages_are_quoted_for_the_shell(demo_dir, tmp_path, monke
 
     assert quoted(r"C:\Program Files\Python\python.exe") == \
         r'"C:\Program Files\Python\python.exe"'
+
+
+def test_data_workers_fit_the_shared_memory_they_hand_batches_over_in(tmp_path, demo_dir,
+                                                                      monkeypatch):
+    """Docker's 64 MB /dev/shm, at 224 px and 4 workers of 32 images: each worker's batch
+    failed to fit, the worker lived on, and training waited for it without end. As many
+    workers as fit, said once, down to none."""
+    from types import SimpleNamespace
+
+    from wingspan.training import data as data_module
+
+    def free(mb):
+        return lambda path: SimpleNamespace(f_bavail=mb * 2**20 // 4096, f_frsize=4096)
+
+    monkeypatch.setattr(data_module, "SHM_SAID", [])
+    monkeypatch.setattr(data_module.os, "statvfs", free(64))
+    with pytest.warns(UserWarning, match=r"/dev/shm has 64 MB free, and each data worker "
+                      r"keeps about 55 MB of batches there: 1 worker instead of 4") as said:
+        assert data_module.room_for_workers(4, 32, 224) == 1
+    assert "docker run --shm-size 1g" in str(said[0].message)
+    assert data_module.room_for_workers(4, 32, 64) == 4  # (small images fit)
+    assert data_module.room_for_workers(0, 32, 224) == 0
+    # A run whose workers do not fit trains in the process itself, and ends
+    monkeypatch.setattr(data_module.os, "statvfs", free(0))
+    with pytest.warns(UserWarning, match="0 workers instead of 2"):
+        run_dir = train(read_dataset(demo_dir), tiny(tmp_path, workers=2, epochs_head=1,
+                                                     epochs_finetune=1),
+                        tmp_path / "runs", "r", quiet=True)
+    assert (run_dir / "model" / "manifest.json").is_file()

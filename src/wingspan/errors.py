@@ -240,6 +240,13 @@ def out_of_memory_said(error: BaseException, batch_size: int | None = None,
     change; None for any other error. (They were a traceback ending in torch's allocator
     statistics, and said nothing of --batch-size.) `batch_size`: the one in use, if known."""
     said = str(error)
+    if "unable to allocate shared memory" in said:  # (a data worker's, through /dev/shm)
+        return WingspanError(
+            "Out of shared memory: a data worker could not hand its batch over through "
+            "/dev/shm (" + re.sub(r"\s+", " ", said[said.index("unable"):])[:160].strip() + ").",
+            hint="Use fewer --workers (0 reads in the process itself), or give /dev/shm room: "
+                 "a container's is 64 MB unless given more (`docker run --shm-size 1g`, or in "
+                 "Kubernetes an emptyDir of medium Memory at /dev/shm).")
     if type(error).__name__ == "OutOfMemoryError" or "out of memory" in said[:200]:
         where = "GPU"  # (torch.OutOfMemoryError: CUDA's, or "MPS backend out of memory")
     elif "DefaultCPUAllocator" in said or isinstance(error, MemoryError):

@@ -24,7 +24,7 @@ from wingspan.models import load_bundle, resolve_policy
 from wingspan.models.unknown import deepest_known
 from wingspan.parallel import check_default_dtype
 from wingspan.progress import track
-from wingspan.training.data import Loader, resolve_workers
+from wingspan.training.data import Loader, resolve_workers, room_for_workers
 from wingspan.training.folder import CONFIG_FILE, SPLITS_FILE
 from wingspan.training.lossy_check import avoided_engines
 
@@ -259,6 +259,7 @@ class Predictor:
         # One batch: workers would only add their start (0.13 s: a loop predicting a photo
         # at a time paid it for each), with no next batch to read while this one runs.
         workers = self.workers if len(paths) > self.batch_size else 0
+        workers = room_for_workers(workers, self.batch_size, self.size, len(views))
         loader = Loader(_Images(paths, views, self.size, self.draft),
                         batch_size=self.batch_size, num_workers=workers,
                         generator=torch.Generator(),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import multiprocessing
+import os
 import sys
 import threading
 import tokenize
@@ -321,11 +322,44 @@ class Loader(DataLoader):
         pass
 
 
+SHARED_MEMORY = "/dev/shm"
+SHM_SAID: list[int] = []  # the worker counts a small /dev/shm cut, each said once
+
+
+def room_for_workers(workers: int, batch_images: int, size: int, views: int = 1) -> int:
+    """The data workers whose batches fit in /dev/shm, where each hands its batches over:
+    up to 2 in flight (DataLoader's prefetch), of float32 pixels, with half again to spare.
+    Docker gives a container 64 MB there: at 224 px, 4 workers of 32-image batches filled
+    it, and each worker then hung (its queue's feeder thread failed, the worker lived on,
+    and training waited for it without end). Fewer workers, and said; `workers` where the
+    system has no /dev/shm to measure."""
+    if workers == 0:
+        return 0
+    try:
+        st = os.statvfs(SHARED_MEMORY)
+    except OSError:
+        return workers
+    free = st.f_bavail * st.f_frsize
+    each = 1.5 * 2 * batch_images * views * 3 * size * size * 4
+    fits = min(workers, int(free // each))
+    if fits < workers and fits not in SHM_SAID:
+        SHM_SAID.append(fits)
+        warnings.warn(
+            f"{SHARED_MEMORY} has {free / 2**20:.0f} MB free, and each data worker keeps "
+            f"about {each / 2**20:.0f} MB of batches there: {fits} worker"
+            f"{'' if fits == 1 else 's'} instead of {workers} (in the process itself at 0: "
+            "slower). A container's is 64 MB unless given more: `docker run --shm-size 1g`, "
+            "or in Kubernetes an emptyDir of medium Memory at /dev/shm.", stacklevel=2)
+    return fits
+
+
 def make_loader(dataset: LabelledImages, batches, workers: int, persistent: bool = False,
                 pin: bool = False) -> DataLoader:
     """A loader over `batches` (lists of requests, e.g. EpochBatches). `persistent` keeps
     its workers alive between passes, for a loader that is used once per epoch; `pin`
     (for a GPU) lets batches be copied to it without blocking."""
+    images = getattr(batches, "batch_size", None) or max(map(len, batches), default=1)
+    workers = room_for_workers(workers, images, dataset.size)
     # Its own generator: a loader must not draw from the global random stream, or dropout
     # masks would depend on how many loaders ran before (and a resumed run would differ).
     return Loader(dataset, batch_sampler=batches, num_workers=workers,
