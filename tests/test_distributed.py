@@ -409,6 +409,19 @@ def test_a_containers_cpu_quota_bounds_the_cores_and_torchs_threads(monkeypatch,
     for text, cores in (("150000 100000", 2), ("50000 100000", 1), ("max 100000", 64)):
         limit.write_text(text + "\n")
         assert usable_cores() == cores, text
+    # A quota on the process's own cgroup below the root (systemd's CPUQuota=, a batch
+    # system's) was missed: the smallest on the way up holds
+    limit.write_text("max 100000\n")
+    (tmp_path / "user.slice" / "job").mkdir(parents=True)
+    (tmp_path / "user.slice" / "cpu.max").write_text("300000 100000\n")
+    (tmp_path / "user.slice" / "job" / "cpu.max").write_text("50000 100000\n")
+    own = tmp_path / "self-cgroup"
+    own.write_text("1:cpu:/\n0::/user.slice/job\n")
+    monkeypatch.setattr(wingspan.config, "CGROUP_SELF", str(own))
+    assert wingspan.config.cpu_quota() == 0.5 and usable_cores() == 1
+    own.write_text("0::/user.slice\n")
+    assert usable_cores() == 3
+    own.write_text("0::/\n")
     # cgroup v1: a quota of -1 is none
     v1 = tmp_path / "quota", tmp_path / "period"
     monkeypatch.setattr(wingspan.config, "CGROUP_CPU_MAX", "/nonexistent/cpu.max")

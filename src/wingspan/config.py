@@ -144,15 +144,38 @@ CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
 CGROUP_V1_QUOTA = ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")
 
 
+CGROUP_SELF = "/proc/self/cgroup"  # this process's cgroups, below those roots
+
+
 def cpu_quota() -> float | None:
-    """The cores' worth of CPU time a cgroup quota allows this container, or None."""
-    try:
-        quota, period = Path(CGROUP_CPU_MAX).read_text().split()[:2]
-        return int(quota) / int(period) if quota != "max" else None
+    """The cores' worth of CPU time a cgroup quota allows this process, or None: the
+    smallest from its own cgroup up to the root (a parent's holds too). A container sees
+    its own at the root; a quota set by systemd (CPUQuota=) or a batch system on a cgroup
+    below it was missed, and its threads then waited on it as if on other work."""
+    v2, v1 = Path(CGROUP_CPU_MAX).parent, Path(CGROUP_V1_QUOTA[0]).parent
+    folders = [(v2, "v2"), (v1, "v1")]
+    try:  # lines "0::/a/b" (v2), "4:cpu,cpuacct:/a/b" (v1)
+        for line in Path(CGROUP_SELF).read_text().splitlines():
+            number, controllers, path = line.split(":", 2)
+            base, kind = ((v2, "v2") if number == "0" else (v1, "v1")
+                          if "cpu" in controllers.split(",") else (None, ""))
+            if base is not None:
+                parts = Path(path.lstrip("/")).parts
+                folders += [(base.joinpath(*parts[:i]), kind) for i in range(1, len(parts) + 1)]
     except (OSError, ValueError):
         pass
+    quotas = [q for folder, kind in folders if (q := _quota_in(folder, kind)) is not None]
+    return min(quotas) if quotas else None
+
+
+def _quota_in(folder: Path, kind: str) -> float | None:
+    """A cgroup folder's quota, in cores: v2's "QUOTA PERIOD" (or "max PERIOD"), v1's two
+    files (a quota of -1: none)."""
     try:
-        quota, period = (int(Path(f).read_text()) for f in CGROUP_V1_QUOTA)
+        if kind == "v2":
+            quota, period = (folder / Path(CGROUP_CPU_MAX).name).read_text().split()[:2]
+            return int(quota) / int(period) if quota != "max" else None
+        quota, period = (int((folder / Path(f).name).read_text()) for f in CGROUP_V1_QUOTA)
         return quota / period if quota > 0 and period > 0 else None
     except (OSError, ValueError):
         return None
