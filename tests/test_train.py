@@ -612,6 +612,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(demo_dir, tmp_path, how):
     (run_dir / "metrics.json").unlink()
     resume(run_dir, quiet=True)
     assert (run_dir / "model" / "manifest.json").is_file()
+    assert "0 data workers" in (run_dir / "train.log").read_text().splitlines()[0]
     assert json.loads((run_dir / "metrics.json").read_text())["best"] == json.loads(
         (ref / "metrics.json").read_text())["best"]
 

@@ -58,7 +58,7 @@ from wingspan.models.runtime import forget_sessions
 from wingspan.models.unknown import UNKNOWN
 from wingspan.parallel import Processes, check_default_dtype, lost_peer_said, peer_lost, rank_seed
 from wingspan.training.context import Run, RunState
-from wingspan.training.data import resolve_workers
+from wingspan.training.data import resolve_workers, room_for_workers
 from wingspan.training.finetune_engine import choose_train
 from wingspan.training.finish import best_checkpoint, finish, score_held_out
 from wingspan.training.folder import (
@@ -511,6 +511,8 @@ def start_run(run_dir: Path, config: TrainConfig, dataset: Dataset, quiet: bool,
     state.engines = policy.records()
     if policy.train_precision != "fp32":  # the same processes, with the step's precision
         fabric = processes(config).fabric(policy.train_precision)
+    # (as many as /dev/shm holds batches of, said here and in the run's line)
+    workers = room_for_workers(workers, config.batch_size, model.preprocessing.input_size)
     run = Run(run_dir, config, model, policy, None, state, workers, fabric, quiet,
               weights_source=state.weights_source or config.weights,
               resume_from=checkpoint)
