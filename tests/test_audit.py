@@ -568,3 +568,27 @@ def test_audit_folds_follow_the_largest_class_not_the_smallest():
 
     labels = pd.Series(["a"] * 20 + ["b"] * 2)
     assert fold_count(labels, AuditConfig(folds=5)) == 5
+
+
+def test_an_audit_reads_its_images_with_the_workers_shared_memory_holds(tmp_path, run_cli,
+                                                                         monkeypatch):
+    """Its loader took a worker per core whatever /dev/shm held (Docker's 64 MB): as the
+    training's and predict's do now, as many as fit, said, down to none."""
+    from types import SimpleNamespace
+
+    from helpers import folder_dataset
+
+    from wingspan.training import data as data_module
+
+    folder_dataset(tmp_path / "data", {"monarch": 6, "admiral": 6})
+    monkeypatch.setattr(data_module, "SHM_SAID", [])
+    monkeypatch.setattr(data_module, "default_workers", lambda: 2)
+    monkeypatch.setattr(data_module.os, "statvfs",
+                        lambda path: SimpleNamespace(f_bavail=0, f_frsize=4096))
+    code, _, err = run_cli("data", "audit", tmp_path / "data", "--backbone", "test_efficientnet",
+                           "--weights", "none", "--folds", "2", "--out", tmp_path / "out",
+                           "--quiet")
+    assert code == 0, err
+    assert "/dev/shm has 0 MB free" in " ".join(err.split()) and "0 workers instead of 2" in \
+        " ".join(err.split())
+    assert (tmp_path / "out" / "audit.csv").is_file()

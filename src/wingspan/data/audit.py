@@ -216,7 +216,7 @@ def _features(paths: list[str], name: str, config: AuditConfig, progress: bool
     from wingspan.config import AugmentConfig
     from wingspan.data.transforms import eval_transform
     from wingspan.models import create_classifier, resolve_policy
-    from wingspan.training.data import default_workers
+    from wingspan.training.data import default_workers, room_for_workers
 
     model, loaded = create_classifier(name, {"label": 2}, config.weights)
     pre = model.preprocessing = _preprocessing(model, loaded)
@@ -246,8 +246,9 @@ def _features(paths: list[str], name: str, config: AuditConfig, progress: bool
                               mean=pre.mean, std=pre.std, interpolation=pre.interpolation)
         images = _Decoded([paths[i] for i in todo], view, pre.input_size,
                           round(pre.input_size / pre.crop_pct))
+        workers = room_for_workers(default_workers(), config.batch_size, pre.input_size)
         loader = torch.utils.data.DataLoader(images, batch_size=config.batch_size,
-                                             num_workers=default_workers())
+                                             num_workers=workers)
         done = iter(todo)
         title = f"Features ({name}; {len(paths) - len(todo)} kept from an earlier audit)"
         for x, bits, errors in track(loader, title, total=len(loader), enabled=progress):
