@@ -108,6 +108,7 @@ def test_every_option_a_message_or_help_names_exists():
     (of some command: "predict --unknown-score" is named in train's help)."""
     real = {"--help"} | {o for c in COMMANDS.values() for o in _options(c)}
     real |= {o for p in typer.main.get_command(app).params for o in p.opts}  # --version
+    real |= {"--shm-size"}  # (another program's, named with it: `docker run --shm-size 1g`)
     named = []
     for file in sorted((ROOT / "src" / "wingspan").rglob("*.py")):
         for node in ast.walk(ast.parse(file.read_text())):
