@@ -306,6 +306,8 @@ def _write_run(out: Path, run_dir: Path, predictor: Predictor, summary: dict,
                                     *SETTINGS)}}
         if not photos:  # (none refitted on: see _adapt_into)
             training["adapted"]["test_images_among_photos"] = 0
+        # An adapted run adapted again: the photos that shaped the head it started from
+        training["adapted"]["earlier_photos"] = len(adapted_photos(run_dir))
         save_bundle(predictor.model.cpu(), partial / "model", manifest["classes"],
                     taxonomy=manifest.get("taxonomy"), training=training,
                     weights_source=manifest.get("weights_source"), calibration=calibration,
