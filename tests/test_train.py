@@ -612,7 +612,6 @@ def test_kill_and_resume_matches_an_uninterrupted_run(demo_dir, tmp_path, how):
     (run_dir / "metrics.json").unlink()
     resume(run_dir, quiet=True)
     assert (run_dir / "model" / "manifest.json").is_file()
-    assert "0 data workers" in (run_dir / "train.log").read_text().splitlines()[0]
     assert json.loads((run_dir / "metrics.json").read_text())["best"] == json.loads(
         (ref / "metrics.json").read_text())["best"]
 
@@ -2551,6 +2550,12 @@ def test_data_workers_fit_the_shared_memory_they_hand_batches_over_in(tmp_path, 
     assert "docker run --shm-size 1g" in str(said[0].message)
     assert data_module.room_for_workers(4, 32, 64) == 4  # (small images fit)
     assert data_module.room_for_workers(0, 32, 224) == 0
+    # Each of a machine's processes (--devices 2) has its share: each sized to the whole
+    # still hung the run
+    monkeypatch.setattr(data_module.os, "statvfs", free(240))
+    assert data_module.room_for_workers(4, 32, 224) == 4
+    with pytest.warns(UserWarning, match="120 MB free for each of 2 processes"):
+        assert data_module.room_for_workers(4, 32, 224, processes=2) == 2
     # A run whose workers do not fit trains in the process itself, and ends
     monkeypatch.setattr(data_module.os, "statvfs", free(0))
     with pytest.warns(UserWarning, match="0 workers instead of 2"):
@@ -2558,3 +2563,7 @@ def test_data_workers_fit_the_shared_memory_they_hand_batches_over_in(tmp_path, 
                                                      epochs_finetune=1),
                         tmp_path / "runs", "r", quiet=True)
     assert (run_dir / "model" / "manifest.json").is_file()
+    assert "0 data workers" in (run_dir / "train.log").read_text().splitlines()[0]
+    # Windows has no statvfs: its workers as asked, not an AttributeError
+    monkeypatch.delattr(data_module.os, "statvfs")
+    assert data_module.room_for_workers(4, 32, 224) == 4

@@ -326,26 +326,31 @@ SHARED_MEMORY = "/dev/shm"
 SHM_SAID: list[int] = []  # the worker counts a small /dev/shm cut, each said once
 
 
-def room_for_workers(workers: int, batch_images: int, size: int, views: int = 1) -> int:
-    """The data workers whose batches fit in /dev/shm, where each hands its batches over:
-    up to 2 in flight (DataLoader's prefetch), of float32 pixels, with half again to spare.
-    Docker gives a container 64 MB there: at 224 px, 4 workers of 32-image batches filled
-    it, and each worker then hung (its queue's feeder thread failed, the worker lived on,
-    and training waited for it without end). Fewer workers, and said; `workers` where the
-    system has no /dev/shm to measure."""
-    if workers == 0:
-        return 0
+def room_for_workers(workers: int, batch_images: int, size: int, views: int = 1,
+                     processes: int = 1) -> int:
+    """The data workers (of each of this machine's `processes`) whose batches fit in
+    /dev/shm, where each hands its batches over: up to 2 in flight (DataLoader's
+    prefetch), of float32 pixels, with half again to spare. Docker gives a container 64 MB
+    there: at 224 px, 4 workers of 32-image batches filled it, and each worker then hung
+    (its queue's feeder thread failed, the worker lived on, and training waited for it
+    without end). Fewer workers, and said; `workers` where the system has no /dev/shm to
+    measure (Windows has no statvfs; macOS no /dev/shm)."""
+    statvfs = getattr(os, "statvfs", None)
+    if workers == 0 or statvfs is None:
+        return workers
     try:
-        st = os.statvfs(SHARED_MEMORY)
+        st = statvfs(SHARED_MEMORY)
     except OSError:
         return workers
-    free = st.f_bavail * st.f_frsize
+    free = st.f_bavail * st.f_frsize // max(processes, 1)  # (each process's share)
     each = 1.5 * 2 * batch_images * views * 3 * size * size * 4
     fits = min(workers, int(free // each))
     if fits < workers and fits not in SHM_SAID:
         SHM_SAID.append(fits)
         warnings.warn(
-            f"{SHARED_MEMORY} has {free / 2**20:.0f} MB free, and each data worker keeps "
+            f"{SHARED_MEMORY} has {free / 2**20:.0f} MB free"
+            + (f" for each of {processes} processes" if processes > 1 else "")
+            + ", and each data worker keeps "
             f"about {each / 2**20:.0f} MB of batches there: {fits} worker"
             f"{'' if fits == 1 else 's'} instead of {workers} (in the process itself at 0: "
             "slower). A container's is 64 MB unless given more: `docker run --shm-size 1g`, "

@@ -512,7 +512,8 @@ def start_run(run_dir: Path, config: TrainConfig, dataset: Dataset, quiet: bool,
     if policy.train_precision != "fp32":  # the same processes, with the step's precision
         fabric = processes(config).fabric(policy.train_precision)
     # (as many as /dev/shm holds batches of, said here and in the run's line)
-    workers = room_for_workers(workers, config.batch_size, model.preprocessing.input_size)
+    workers = room_for_workers(workers, config.batch_size, model.preprocessing.input_size,
+                               processes=processes(config).world()[0])
     run = Run(run_dir, config, model, policy, None, state, workers, fabric, quiet,
               weights_source=state.weights_source or config.weights,
               resume_from=checkpoint)
