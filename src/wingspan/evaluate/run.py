@@ -950,7 +950,7 @@ def _report(out_dir, name, predictor, dataset, level, split, metrics, table, con
                  "predict --tta" if metrics.get("tta") else "off"),
                 *([("adapted", f"by `wingspan adapt` from {adapted['adapted_from']} on "
                     f"{counted(adapted['photos'], 'unlabelled photo')}"
-                    + (f" (and the {adapted['earlier_photos']} that one was adapted on)"
+                    + (f" (and {adapted['earlier_photos']} more that one was adapted on)"
                        if adapted.get("earlier_photos") else "") + ": its backbone, the "
                     "training epochs and the training curves below are that run's, before "
                     "adapting (adapt.json says what adapting did)")]

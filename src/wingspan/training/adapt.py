@@ -205,6 +205,8 @@ def _adapt_into(out: Path, predictor: Predictor, run_dir: Path, paths: list[str]
     among.update(same_bytes(sorted(given - own.keys()), own))
     summary = {
         "adapted_from": str(run_dir), "photos": len(paths) + len(missing),
+        # an adapted run adapted again: the other photos that shaped the head it began with
+        "earlier_photos": len(set(adapted_photos(run_dir)) - given),
         "unreadable": len(paths) + len(missing) - len(ok),
         "unreadable_photos": [[p, why] for p, why in missing]
                              + [[p.path, p.error] for p in preds if p.error],
@@ -302,12 +304,10 @@ def _write_run(out: Path, run_dir: Path, predictor: Predictor, summary: dict,
             if (run_dir / name).is_file():
                 shutil.copy2(run_dir / name, partial / name)
         training = {**manifest.get("training", {}), "adapted": {
-            k: summary[k] for k in ("adapted_from", "photos", "test_images_among_photos",
-                                    *SETTINGS)}}
+            k: summary[k] for k in ("adapted_from", "photos", "earlier_photos",
+                                    "test_images_among_photos", *SETTINGS)}}
         if not photos:  # (none refitted on: see _adapt_into)
             training["adapted"]["test_images_among_photos"] = 0
-        # An adapted run adapted again: the photos that shaped the head it started from
-        training["adapted"]["earlier_photos"] = len(adapted_photos(run_dir))
         save_bundle(predictor.model.cpu(), partial / "model", manifest["classes"],
                     taxonomy=manifest.get("taxonomy"), training=training,
                     weights_source=manifest.get("weights_source"), calibration=calibration,
