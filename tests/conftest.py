@@ -20,6 +20,12 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 # A cache of their own (decoded images, measured engines), shared by the whole session and
 # the processes it starts: never the user's ~/.cache, and one engine choice per model.
 os.environ["WINGSPAN_CACHE"] = tempfile.mkdtemp(prefix="wingspan-test-cache-")
+# The suite's engine timings share the cores with its other workers: a choice so timed is
+# not kept (EngineConfig.max_core_wait), and what a test finds in the engine cache would
+# hang on the load of the moment (a module's run timed one engine, a test's predict then
+# another, and their figures differed in the last digits). Every choice is kept here, in
+# subprocesses too; the tests of that rule unset it.
+os.environ["WINGSPAN_MAX_CORE_WAIT"] = "1"
 atexit.register(shutil.rmtree, os.environ["WINGSPAN_CACHE"], ignore_errors=True)
 # make test runs the suite in pytest-xdist workers, one per core: each takes its share of the
 # cores, so that two workers do not both spin two threads on two cores. The processes a test
@@ -40,16 +46,6 @@ def _no_onnx_session_kept():
     """Each test exports its own ONNX graphs: one kept from an earlier test would hide an
     export that a test counts or breaks on purpose."""
     forget_sessions()
-
-
-@pytest.fixture(autouse=True)
-def _cores_not_watched(monkeypatch):
-    """The suite's engine timings share the cores with its other workers: a choice timed
-    so is not kept (EngineConfig.max_core_wait), and what a test finds in the engine cache
-    would hang on the load of the moment. The tests of that rule put it back."""
-    from wingspan.models import engine
-
-    monkeypatch.setattr(engine, "waiting_seconds", lambda: None)
 
 
 @pytest.fixture(scope="session")

@@ -193,6 +193,7 @@ def test_a_choice_timed_while_other_work_held_the_cores_is_not_kept(machine, mon
     from wingspan.config import EngineConfig
 
     _, calls, _ = machine
+    monkeypatch.delenv("WINGSPAN_MAX_CORE_WAIT")  # (the suite's, which keeps every choice)
     waited = {"seconds": 0.0, "per_read": 0.0}
 
     def waiting_seconds():  # each read finds this much more waiting than the one before
@@ -224,6 +225,13 @@ def test_a_choice_timed_while_other_work_held_the_cores_is_not_kept(machine, mon
         f"{stored.measured_on}"
     assert f"not kept, runs keep the choice stored before ({again.stays})" in again.describe()
     assert resolve_policy().choose_frozen(net, 32, batch_size=8).frozen.how == "cached"
+    # $WINGSPAN_MAX_CORE_WAIT sets the share (1: keep every choice, a machine always shared)
+    monkeypatch.setenv("WINGSPAN_MAX_CORE_WAIT", "1")
+    kept = resolve_policy().choose_frozen(net, 32, batch_size=8, remeasure=True).frozen
+    assert kept.core_wait > EngineConfig().max_core_wait and not kept.cores_shared
+    monkeypatch.setenv("WINGSPAN_MAX_CORE_WAIT", "lots")
+    with pytest.raises(WingspanError, match=r"\$WINGSPAN_MAX_CORE_WAIT is 'lots': a share"):
+        engine.max_core_wait()
     # Under a CPU quota the threads wait for it, whatever else runs: not read there; but
     # one of as many cores as threads, or more, holds none back: read
     for quota, read in ((0.5, False), (float(torch.get_num_threads()), True)):

@@ -130,6 +130,12 @@ def test_hierarchical_evaluation_and_prediction(hierarchical_run, demo_dir, tmp_
                    progress=False).rows
     assert [(r["known_level"] or "", r["answer"]) for r in rows] == \
         list(zip(saved["known_level"], saved["answer"], strict=True))
+    # ... and each coarser level's class and probability are predict's branch, as its
+    # CSV gives them (evaluate gave the class alone)
+    for r, (_, row) in zip(rows, saved.iterrows(), strict=True):
+        for lv, c, p in r["taxonomy"][:-1]:
+            assert row[f"predicted:{lv}"] == c
+            assert float(row[f"probability:{lv}"]) == pytest.approx(p, abs=1e-6)
     assert (saved["known_level"] == "genus").any()  # (the tiny model's favourite is merged)
     # unknown.csv's too, for the same pixels taken as unseen (saved again losslessly, in a
     # folder of no class's name: copies of known images are refused as unseen).

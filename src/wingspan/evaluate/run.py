@@ -623,10 +623,11 @@ def _check_out_dir(final: Path) -> None:
 def _per_level(predictor: Predictor, rows: pd.DataFrame, truth: dict[str, np.ndarray],
                probs: np.ndarray, preds: list, metrics: dict, out_dir: Path,
                truth_only: bool = False, draw: bool = True
-               ) -> tuple[pd.DataFrame, dict[str, list[str]]]:
+               ) -> tuple[pd.DataFrame, dict[str, list]]:
     """Metrics at every taxonomic level; confusion matrices for the coarser ones. Returns
-    the levels' table, and each image's true and predicted class at each coarser level
-    (columns for predictions.csv; "" where the data does not say the truth)."""
+    the levels' table, and each image's true and predicted class at each coarser level and
+    the branch's probability there (columns for predictions.csv; "" where the data does
+    not say the truth)."""
     taxonomy = predictor.taxonomy
     heads = ({lv: np.stack([p.heads[lv] for p in preds]) for lv in preds[0].heads}
              if preds[0].heads else None)
@@ -647,10 +648,12 @@ def _per_level(predictor: Predictor, rows: pd.DataFrame, truth: dict[str, np.nda
         write_csv(per_class_table(truth[lv][known], marg[lv][known], taxonomy.classes[lv],
                                   truth_only), out_dir / f"per_class_{name_part(lv)}.csv")
     columns = {}
+    shares = taxonomy.marginals(probs)  # (the branch's probabilities, as predict gives them)
     for lv in taxonomy.levels[:-1]:
         names = taxonomy.classes[lv]
         columns[f"true:{lv}"] = [names[i] if i >= 0 else "" for i in truth[lv]]
         columns[f"predicted:{lv}"] = [names[i] for i in marg[lv]]
+        columns[f"probability:{lv}"] = shares[lv][np.arange(len(marg[lv])), marg[lv]]
     return table, columns
 
 
@@ -814,9 +817,9 @@ def _transfer(predictor: Predictor, run_dir: Path | None, class_map: dict[str, s
 
 def _write_predictions(path: Path, paths: list[str], y: np.ndarray, y_pred: np.ndarray,
                        probs: np.ndarray, classes: list[str], predictor: Predictor,
-                       read: list, by_level: dict[str, list[str]] | None = None) -> None:
+                       read: list, by_level: dict[str, list] | None = None) -> None:
     """One row per image: its true class, the class predicted and its probability (and
-    with a taxonomy both at each coarser level, `by_level`), and with unknown scores what
+    with a taxonomy all three at each coarser level, `by_level`), and with unknown scores what
     predict would answer (a class, or "unknown") and the score that decided it; then every
     class's probability."""
     frame = pd.DataFrame({"path": paths, "true": [classes[i] for i in y],

@@ -197,7 +197,8 @@ class Choice:
 
     @property
     def cores_shared(self) -> bool:
-        return self.how == "measured" and (self.core_wait or 0.0) > EngineConfig().max_core_wait
+        limit = max_core_wait()  # (1 keeps every choice)
+        return self.how == "measured" and limit < 1 and (self.core_wait or 0.0) > limit
 
     def describe(self) -> str:
         chosen = self.images_per_s.get(self.engine.name, math.inf)
@@ -324,6 +325,26 @@ class CoreWait:
         if waited is not None and wall > 0:
             self.share = round(max(waited - self._start[1], 0.0)
                                / (wall * max(torch.get_num_threads(), 1)), 3)
+
+
+CORE_WAIT_ENV = "WINGSPAN_MAX_CORE_WAIT"
+
+
+def max_core_wait() -> float:
+    """EngineConfig.max_core_wait, or $WINGSPAN_MAX_CORE_WAIT (a share from 0 to 1; 1 keeps
+    every choice: a machine always shared, or a test suite whose workers share it)."""
+    given = os.environ.get(CORE_WAIT_ENV, "").strip()
+    if not given:
+        return EngineConfig().max_core_wait
+    try:
+        share = float(given)
+    except ValueError:
+        share = -1.0
+    if not 0 <= share <= 1:
+        raise WingspanError(f"${CORE_WAIT_ENV} is {given!r}: a share of the timing from 0 to "
+                            "1 is wanted.", hint=f"Unset it (default "
+                            f"{EngineConfig().max_core_wait:g}), or 1 to keep every choice.")
+    return share
 
 
 def unless_shared(choice: Choice, cache: EngineCache, key: dict) -> Choice:
