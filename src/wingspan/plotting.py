@@ -6,6 +6,7 @@ no backend and no place in pyplot's list of open figures, so nothing is left to 
 import re
 import threading
 import warnings
+from collections import Counter
 from contextlib import contextmanager
 from functools import lru_cache
 
@@ -117,9 +118,7 @@ def short_names(names: list[str], most: int = 34) -> dict[str, str]:
     longest = max(map(len, names), default=0)
     while most < longest and len(set(short.values())) < len(short):
         most += 6
-        seen: dict[str, int] = {}
-        for s in short.values():
-            seen[s] = seen.get(s, 0) + 1
+        seen = Counter(short.values())
         short = {n: short_name(n, most) if seen[s] > 1 else s for n, s in short.items()}
     return short
 

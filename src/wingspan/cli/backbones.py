@@ -121,16 +121,17 @@ def doctor_command(
     shared = [c for c in (policy.frozen, policy.train if train_step else None)
               if c and c.cores_shared]
     stays = [c.stays for c in shared if c.stays]
-    out.print((f"Not kept (the cache cannot be written, see above): {runs} time the engines "
-               "again." if NOT_KEPT else
-               f"Not kept: other work held the cores while it timed (its threads waited "
-               f"{max(c.core_wait for c in shared):.0%} of the time), so the figures say more "
-               "of that load than of the engines; "
-               + (f"{runs} keep the choice stored before ({'; '.join(stays)})" if stays
-                  else f"{runs} time them again")
-               + ". Run doctor when the machine is quieter." if shared else
-               f"Kept in {plain(d.cache)}: {runs} use it without timing again.")
-              + f" Timed with weights: {d.weights}.")
+    if NOT_KEPT:
+        kept = f"Not kept (the cache cannot be written, see above): {runs} time the engines again."
+    elif shared:
+        kept = (f"Not kept: other work held the cores while it timed (its threads waited "
+                f"{max(c.core_wait for c in shared):.0%} of the time), so the figures say more "
+                "of that load than of the engines; "
+                + (f"{runs} keep the choice stored before ({'; '.join(stays)})" if stays
+                   else f"{runs} time them again") + ". Run doctor when the machine is quieter.")
+    else:
+        kept = f"Kept in {plain(d.cache)}: {runs} use it without timing again."
+    out.print(f"{kept} Timed with weights: {d.weights}.")
     weights = Table("backbone", "ImageNet weights offline", title="Offline weights",
                     title_justify="left")
     for name, source in d.offline_weights.items():

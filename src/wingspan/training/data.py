@@ -362,9 +362,8 @@ def make_loader(dataset: LabelledImages, batches, workers: int, persistent: bool
                 pin: bool = False) -> DataLoader:
     """A loader over `batches` (lists of requests, e.g. EpochBatches). `persistent` keeps
     its workers alive between passes, for a loader that is used once per epoch; `pin`
-    (for a GPU) lets batches be copied to it without blocking."""
-    images = getattr(batches, "batch_size", None) or max(map(len, batches), default=1)
-    workers = room_for_workers(workers, images, dataset.size)
+    (for a GPU) lets batches be copied to it without blocking. (`workers`: a run's, which
+    start_run fitted to /dev/shm.)"""
     # Its own generator: a loader must not draw from the global random stream, or dropout
     # masks would depend on how many loaders ran before (and a resumed run would differ).
     return Loader(dataset, batch_sampler=batches, num_workers=workers,

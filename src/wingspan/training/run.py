@@ -511,7 +511,8 @@ def start_run(run_dir: Path, config: TrainConfig, dataset: Dataset, quiet: bool,
     state.engines = policy.records()
     if policy.train_precision != "fp32":  # the same processes, with the step's precision
         fabric = processes(config).fabric(policy.train_precision)
-    # (as many as /dev/shm holds batches of, said here and in the run's line)
+    # (as many as /dev/shm holds batches of, said here and in the run's line: every loader
+    # of the run takes this number)
     workers = room_for_workers(workers, config.batch_size, model.preprocessing.input_size,
                                processes=processes(config).world()[0])
     run = Run(run_dir, config, model, policy, None, state, workers, fabric, quiet,
