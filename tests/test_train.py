@@ -2530,6 +2530,52 @@ def test_commands_in_messages_are_quoted_for_the_shell(demo_dir, tmp_path, monke
         r'"C:\Program Files\Python\python.exe"'
 
 
+def test_a_data_workers_batch_is_stacked_in_shared_memory(tmp_path, monkeypatch):
+    """A training worker's batch, stacked in its own memory, was copied into /dev/shm by its
+    queue's thread: where that copy failed (/dev/shm full), the worker lived on and training
+    waited for the batch without end. Stacked in shared memory, the worker itself raises."""
+    from wingspan.training.data import LabelledImages
+    from wingspan.training.decode_cache import DecodeCache
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    images = LabelledImages([str(tmp_path / "a.png")] * 2, [[0], [0]],
+                            lambda image: image.float(), DecodeCache(None, 8), 0, 8)
+    items = [images[(i, 0, 0)] for i in range(2)]
+    assert not images.collate(items).images.is_shared()  # (in the process itself)
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())  # (a worker)
+    batch = images.collate(items)
+    assert batch.images.is_shared() and batch.images.shape == (2, 3, 8, 8)
+    assert batch.labels.tolist() == [[0], [0]] and batch.index.tolist() == [0, 1]
+
+
+@pytest.mark.skipif(sys.platform != "linux" or shutil.which("unshare") is None
+                    or subprocess.run(["unshare", "-m", "true"], capture_output=True
+                                      ).returncode != 0,
+                    reason="needs a mount namespace of its own (Linux, as root)")
+def test_a_full_shared_memory_stops_the_loader_instead_of_hanging_it(tmp_path):
+    """/dev/shm filled after the workers were counted (by another process): the loader
+    raises what the worker met, which the CLI says with what to change."""
+    script = tmp_path / "load.py"
+    script.write_text(f"""
+import torch
+from PIL import Image
+from wingspan.training.data import LabelledImages, make_loader
+from wingspan.training.decode_cache import DecodeCache
+Image.new("RGB", (8, 8)).save({str(tmp_path / "a.png")!r})
+images = LabelledImages([{str(tmp_path / "a.png")!r}] * 8, [[0]] * 8,
+                        lambda image: torch.zeros(3, 256, 256), DecodeCache(None, 8), 0, 256)
+try:
+    next(iter(make_loader(images, [[(i, 0, 0) for i in range(8)]], workers=1)))
+except RuntimeError as e:
+    print("raised:", "unable to allocate shared memory" in str(e))
+""")
+    # 8 images of 256 px are 6 MB, in a /dev/shm of 2 MB
+    shell = f"mount -t tmpfs -o size=2m tmpfs /dev/shm && {sys.executable} {script}"
+    done = subprocess.run(["unshare", "-m", "sh", "-c", shell], capture_output=True,
+                          text=True, timeout=60)
+    assert done.stdout.strip() == "raised: True", done.stdout + done.stderr[-2000:]
+
+
 def test_data_workers_fit_the_shared_memory_they_hand_batches_over_in(tmp_path, demo_dir,
                                                                       monkeypatch):
     """Docker's 64 MB /dev/shm, at 224 px and 4 workers of 32 images: each worker's batch

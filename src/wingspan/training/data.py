@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision import tv_tensors
 
 from wingspan.config import usable_cores
@@ -80,7 +80,12 @@ class LabelledImages(Dataset):
             return Batch(torch.empty(0, 3, self.size, self.size),
                          torch.empty(0, self.labels.shape[1], dtype=torch.long),
                          torch.empty(0, dtype=torch.long), failed)
-        return Batch(torch.stack([item[0] for item in ok]), torch.stack([item[1] for item in ok]),
+        # default_collate stacks a worker's images straight into shared memory, so a full
+        # /dev/shm raises here, in the worker, and the loader passes the error on; stacked
+        # in private memory, the copy into /dev/shm failed in the worker's queue thread and
+        # training waited for that batch without end.
+        return Batch(default_collate([item[0] for item in ok]),
+                     default_collate([item[1] for item in ok]),
                      torch.tensor([item[2] for item in ok]), failed)
 
 
