@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from sklearn.linear_model import LogisticRegression
 
 from wingspan.config import AdaptConfig
@@ -192,3 +193,32 @@ def test_adapt_writes_a_photo_named_in_other_bytes(demo_dir, tmp_path):
     assert any(any(n) for n in done["photos_used_per_round"].values())  # a head refitted
     written = (out / ADAPT_PHOTOS_FILE).read_text(encoding="utf-8")
     assert "caf\\udce9.jpg" in written and written.count("\n") == 1 + len(list(photos.iterdir()))
+
+
+def test_adapt_draws_a_large_runs_own_images_with_the_runs_seed(demo_dir, tmp_path,
+                                                                monkeypatch):
+    """Past MAX_FIT_IMAGES training images adapt refits on a sample of them: drawn with
+    seed 0 whatever the run's seed (calibrate and training draw with the run's)."""
+    from safetensors.torch import load_file
+    from test_train import tiny
+
+    import wingspan.evaluate.own_images as own_module
+    from wingspan.data import read_dataset
+    from wingspan.training import train
+    from wingspan.training.adapt import adapt
+
+    run_dir = train(read_dataset(demo_dir), tiny(tmp_path, epochs_head=20, epochs_finetune=0,
+                                                 seed=3), tmp_path / "runs", "r", quiet=True)
+    monkeypatch.setattr(own_module, "MAX_FIT_IMAGES", 8)  # (the demo's run has 30 or so)
+    photos = sorted(str(p) for p in demo_dir.rglob("*.jpg"))[::2]
+
+    def head(seed, name):
+        adapt(run_dir, photos, out=tmp_path / "runs" / name, progress=False, workers=0,
+              **({} if seed is None else {"seed": seed}))
+        weights = load_file(tmp_path / "runs" / name / "model" / "model.safetensors")
+        return {k: v for k, v in weights.items() if k.startswith("head.")}
+
+    default, own, zero = head(None, "default"), head(3, "own"), head(0, "zero")
+    assert default.keys() == own.keys() and default
+    assert all(torch.equal(default[k], own[k]) for k in default)
+    assert not all(torch.equal(default[k], zero[k]) for k in default)

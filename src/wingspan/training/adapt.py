@@ -43,7 +43,7 @@ from wingspan.data.samples import PATH, SPLIT
 from wingspan.errors import WingspanError, none_read
 from wingspan.evaluate.calibration import calibration_record, softmax
 from wingspan.evaluate.fairness import same_bytes
-from wingspan.evaluate.own_images import own_images, run_folder
+from wingspan.evaluate.own_images import own_images, run_folder, trained_seed
 from wingspan.files import (
     disk_spelling,
     put_back,
@@ -129,14 +129,16 @@ def _linear(fit: LogisticRegression, classes: int, width: int) -> tuple[np.ndarr
 
 def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
           config: AdaptConfig | None = None, progress: bool = True,
-          workers: int | None = None, seed: int = 0) -> dict:
+          workers: int | None = None, seed: int | None = None) -> dict:
     """Self-train the head of the run `model` on unlabelled `photos` (files, folders,
-    globs) and write the adapted run to `out` (default: `default_out`).
-    Returns what it did (also in OUT/adapt.json)."""
+    globs) and write the adapted run to `out` (default: `default_out`). `seed` draws the
+    sample of a run's own images past MAX_FIT_IMAGES: by default the run's, as training and
+    calibrate draw it. Returns what it did (also in OUT/adapt.json)."""
     config = config or AdaptConfig()
     predictor = Predictor(model, device=config.device, batch_size=config.batch_size,
                           workers=workers, progress=progress, precision=config.precision,
                           runtime=config.runtime)
+    seed = trained_seed(predictor) if seed is None else seed
     run_dir = run_folder(predictor, PURPOSE)  # before anything is computed
     head = predictor.model.head
     if head.config.hidden:
