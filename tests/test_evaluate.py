@@ -615,6 +615,23 @@ def test_preview_image_in_report_comes_from_training_images(trained, evaluation,
     assert len(drawn) == 1 and not (shown.out_dir / "preview.png").exists()
 
 
+def test_the_reports_preview_shows_the_models_own_evaluation_view(trained, tmp_path,
+                                                                   monkeypatch):
+    """The report's "as evaluated" column resized at AugmentConfig's crop 0.875 with a
+    bilinear filter, not at the model's crop (timm's crop_pct) with its bicubic one."""
+    import wingspan.data.preview as preview_module
+    from wingspan.inference import Predictor
+
+    drawn = []
+    monkeypatch.setattr(preview_module, "_draw", lambda picks, clean, augment, *a: drawn.append(
+        (clean, augment)) or tmp_path / "nothing.png")
+    evaluate(trained, progress=False, workers=0, out=tmp_path / "e", plots=True)
+    (clean, augment), = drawn
+    own = Predictor(trained, progress=False).views(False)[0]
+    assert [repr(t) for t in clean.transforms[:2]] == [repr(t) for t in own.transforms[:2]]
+    assert "BICUBIC" in repr(own.transforms[0]) and "BICUBIC" in repr(augment.transforms[0])
+
+
 def test_evaluate_on_images_none_of_which_can_be_read(trained, tmp_path):
 
     classes = read_manifest(trained / "model")["classes"]

@@ -109,11 +109,13 @@ def test_preview_passes_over_unreadable_images(demo_dir, tmp_path):
     assert e.value.hint == "Use 0, say."  # (it said 6, as for --rows)
     # No bound above ran out of memory (--image-size 10^9) or time (--views 10^5), refused
     # now before any image is read.
-    for settings in ({"augmented": 100_000}, {"rows": 10_000},
-                     {"config": AugmentConfig(image_size=10**9)}):
+    # Each hint gives the option's default (--views' said 6, where --views is 5 unless given)
+    for settings, hint in (({"augmented": 100_000}, "Use 5, say."),
+                           ({"rows": 10_000}, "Use 6, say."),
+                           ({"config": AugmentConfig(image_size=10**9)}, "Use 224, say.")):
         with pytest.raises(WingspanError, match=r"must be from \d+ to \d+, got") as e:
             write_preview(read_dataset(demo_dir), tmp_path / "none.png", **settings)
-        assert "Use " in e.value.hint
+        assert e.value.hint == hint
     assert not (tmp_path / "none.png").exists()
 
 

@@ -58,6 +58,8 @@ SPLITS = ("train", "val", "test")
 # Where `wingspan train` writes its runs (--runs-dir) and `wingspan runs` lists them.
 RUNS_DIR = "runs"
 TOP_K = 3  # classes a prediction lists (a server's answer: ServeLimits.top_k)
+# `wingspan data preview`'s grid: classes shown (one image each), augmented views of each
+PREVIEW_ROWS, PREVIEW_VIEWS = 6, 5
 
 
 class SettingError(WingspanError):

@@ -22,6 +22,8 @@ from wingspan.api.arguments import (
 from wingspan.api.display import Image, _frame, _img, _kv
 from wingspan.config import (
     AUGMENT_POLICIES,
+    PREVIEW_ROWS,
+    PREVIEW_VIEWS,
     SPLITS,
     AugmentConfig,
     DemoConfig,
@@ -163,7 +165,7 @@ class Data:
     @_keywords_checked
     def preview(self, augment: str = AugmentConfig.policy,
                 image_size: int = AugmentConfig.image_size, level: str | None = None,
-                rows: int = 6, views: int = 5, seed: int = 0,
+                rows: int = PREVIEW_ROWS, views: int = PREVIEW_VIEWS, seed: int = 0,
                 out: str | Path | None = None) -> Image:
         """Originals beside augmented versions, as `wingspan data preview`; writes
         preview.png to `out` (default runs/data/<name>).

@@ -26,6 +26,8 @@ from wingspan.cli.options import (
 )
 from wingspan.config import (
     AUGMENT_POLICIES,
+    PREVIEW_ROWS,
+    PREVIEW_VIEWS,
     AuditConfig,
     AugmentConfig,
     InspectConfig,
@@ -280,10 +282,12 @@ def data_preview(
     data: Data, level: Level = None,
     policy: Annotated[str, typer.Option(
         "--augment", help=f"Policy: {' | '.join(AUGMENT_POLICIES)}.")] = AugmentConfig.policy,
-    image_size: Annotated[int, typer.Option(help="Training resolution in pixels.")]
+    image_size: Annotated[int, typer.Option(
+        help="Resolution in pixels; training takes its backbone's own (`wingspan models "
+             "list`: 224 for ResNet-50, 260 for EfficientNet-Lite2) unless given.")]
     = AugmentConfig.image_size,
-    rows: Annotated[int, typer.Option(help="Classes shown (one image each).")] = 6,
-    views: Annotated[int, typer.Option(help="Augmented versions per image.")] = 5,
+    rows: Annotated[int, typer.Option(help="Classes shown (one image each).")] = PREVIEW_ROWS,
+    views: Annotated[int, typer.Option(help="Augmented versions per image.")] = PREVIEW_VIEWS,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     format: Format = None, group_regex: GroupRegex = None, out_dir: OutDir = None,
 ) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wingspan.config import AugmentConfig
+from wingspan.config import PREVIEW_ROWS, PREVIEW_VIEWS, AugmentConfig
 from wingspan.data.images import open_rgb
 from wingspan.data.samples import PATH, Dataset
 from wingspan.data.transforms import eval_transform, train_transform
@@ -19,24 +19,26 @@ from wingspan.plotting import literal_text, short_name, subplots
 
 @literal_text()
 def write_preview(dataset: Dataset, out: Path, config: AugmentConfig | None = None,
-                  level: str | None = None, rows: int = 6, augmented: int = 5,
-                  seed: int = 0, log=None) -> Path:
+                  level: str | None = None, rows: int = PREVIEW_ROWS,
+                  augmented: int = PREVIEW_VIEWS, seed: int = 0, log=None,
+                  interpolation: str = "bicubic") -> Path:
     """One row per class (up to `rows`): the evaluation view, then augmented views. An
     unreadable image is passed over for another of its class; a class with none readable
-    is left out, and `log` (a function of a line) told which."""
+    is left out, and `log` (a function of a line) told which. `config` and `interpolation`:
+    a model's size, crop and resize filter, for its views as trained and evaluated."""
     config = config or AugmentConfig()
     level = dataset.resolve_level(level)
     # Each panel is drawn 160 px wide, whatever its size: a grid beyond these bounds only
     # runs out of memory (a 10^9 px resize) or time (10^5 views), drawing what none could see.
-    for name, value, low, high in (("rows", rows, 1, 100), ("views", augmented, 0, 20),
-                                   ("seed", seed, 0, 2**32 - 1),
-                                   ("image-size", config.image_size, 16, 1024)):
+    for name, value, low, high, usual in (
+            ("rows", rows, 1, 100, PREVIEW_ROWS), ("views", augmented, 0, 20, PREVIEW_VIEWS),
+            ("seed", seed, 0, 2**32 - 1, 0),
+            ("image-size", config.image_size, 16, 1024, AugmentConfig.image_size)):
         if not low <= value <= high:
             top = "2**32 - 1" if name == "seed" else high
             raise WingspanError(
                 f"A preview's {name} (--{name}, {name.replace('-', '_')}= in Python) must be "
-                f"from {low} to {top}, got {value}.",
-                hint=f"Use {dict(rows=6, views=6, seed=0).get(name, 224)}, say.")
+                f"from {low} to {top}, got {value}.", hint=f"Use {usual}, say.")
     rng = np.random.default_rng(seed)
     named = dataset.table[dataset.table[level] != ""]  # blank at the level: no class of it
     classes = list(named.groupby(level))
@@ -57,8 +59,8 @@ def write_preview(dataset: Dataset, out: Path, config: AugmentConfig | None = No
         raise WingspanError("No image of the data could be read for the preview.",
                             hint="Run `wingspan data inspect DATA` to list the broken files.")
     picks = [(label, image) for _, label, image in sorted(picks, key=lambda p: p[0])]
-    clean = eval_transform(config, normalize=False)
-    augment = train_transform(config, normalize=False)
+    clean = eval_transform(config, normalize=False, interpolation=interpolation)
+    augment = train_transform(config, normalize=False, interpolation=interpolation)
     with torch.random.fork_rng(devices=[]):  # (the caller's own stream left as it was)
         torch.manual_seed(seed)
         return _draw(picks, clean, augment, augmented, config, out)

@@ -98,7 +98,7 @@ def _to_tensor(mean, std, normalize: bool) -> list:
 
 
 def train_transform(config: AugmentConfig | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                    normalize: bool = True, interpolation: str = "bilinear") -> v2.Compose:
+                    normalize: bool = True, interpolation: str = "bicubic") -> v2.Compose:
     """PIL RGB image -> augmented float tensor (C, size, size)."""
     config = config or AugmentConfig()
     steps = (POLICIES[config.policy](config.image_size, interpolation_mode(interpolation))
@@ -109,7 +109,7 @@ def train_transform(config: AugmentConfig | None = None, mean=IMAGENET_MEAN, std
 
 
 def eval_transform(config: AugmentConfig | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                   normalize: bool = True, interpolation: str = "bilinear") -> v2.Compose:
+                   normalize: bool = True, interpolation: str = "bicubic") -> v2.Compose:
     """Resize the shorter side to size / eval_crop, then take the centre `size` square."""
     config = config or AugmentConfig()
     resize = round(config.image_size / config.eval_crop)

@@ -889,8 +889,9 @@ def _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, 
         try:
             pngs["preview"] = write_preview(
                 dataset.subset(train.to_numpy()), out_dir / "preview.png",
-                AugmentConfig(policy=policy, image_size=predictor.size), level, rows=4,
-                augmented=4)
+                AugmentConfig(policy=policy, image_size=predictor.size,
+                              eval_crop=predictor.config.eval_crop), level, rows=4,
+                augmented=4, interpolation=predictor.norm["interpolation"])
         except WingspanError:  # no training image reads: the report goes without a preview
             pass
     return pngs
