@@ -106,6 +106,30 @@ def test_training_warns_of_the_classes_with_no_val_image():
     assert not any("no val image" in line for line in logs)
 
 
+def test_training_says_the_shares_its_split_made_where_they_differ_from_those_asked():
+    """30 classes of 4 photos: train split off 50% (one photo of each class on each side)
+    and logged "val 0.15, test 0.15"; classes left with no test image went unsaid."""
+    from wingspan.config import TrainConfig
+    from wingspan.training.prepare import ensure_splits
+
+    logs: list[str] = []
+    ensure_splits(synthetic({f"c{i}": 4 for i in range(30)}, per_group=1), "label",
+                  TrainConfig(), log=logs.append)
+    warned = [line for line in logs if line.startswith("Warning:")]
+    assert len(warned) == 1 and "holds out 50% of the images, not the 30% asked (train 60 " \
+        "(50%), val 30 (25%), test 30 (25%))" in warned[0] and "--test-fraction 0" in warned[0]
+    logs.clear()
+    ensure_splits(synthetic({f"c{i}": 4 for i in range(30)}), "label", TrainConfig(),
+                  log=logs.append)
+    warned = [line for line in logs if line.startswith("Warning:")]
+    assert len(warned) == 1 and "12 classes have no test image" in warned[0]
+    logs.clear()  # (a class kept in train only is said as such, not again here)
+    ensure_splits(synthetic({"a": 30, "b": 20, "rare": 1}), "label", TrainConfig(),
+                  log=logs.append)
+    assert not [line for line in logs if line.startswith("Warning:")], logs
+    assert any("kept in train only" in line for line in logs)
+
+
 def test_a_picture_in_a_train_only_class_and_a_common_one_stays_in_train():
     """One picture saved in two class folders (one group), one of them a class with that
     picture alone: whichever side the common class's fold would take it to, it trains."""

@@ -14,7 +14,7 @@ from wingspan.config import AugmentConfig, SplitConfig, TrainConfig, default_cac
 from wingspan.data.leaks import find_leaks, repair_leaks
 from wingspan.data.samples import PATH, SPLIT, Dataset, renamed, split_by
 from wingspan.data.sampling import capped_classes, undersample
-from wingspan.data.split import split_dataset
+from wingspan.data.split import SplitReport, split_dataset
 from wingspan.data.taxonomy import TAXONOMY_FILE, Taxonomy
 from wingspan.data.transforms import eval_transform, train_transform
 from wingspan.errors import WingspanError, counted, some
@@ -34,6 +34,7 @@ def ensure_splits(dataset: Dataset, level: str, config: TrainConfig,
             f"'{level}' (val {config.val_fraction}, test {config.test_fraction})")
         split, report = split_dataset(dataset, level, SplitConfig(
             config.val_fraction, config.test_fraction, config.seed))
+        _say_split_made(report, config, log)
         if report.train_only:
             log(f"{counted(len(report.train_only), 'class has', 'classes have')} too few "
                 "groups to appear on every side; kept in train only (not evaluated): "
@@ -291,11 +292,32 @@ def plan_labels(dataset: Dataset, levels: list[str], config: TrainConfig, log=pr
                      int((dataset.table[SPLIT] == "test").sum()))
 
 
+def _say_split_made(report: SplitReport, config: TrainConfig, log) -> None:
+    """The shares the split made, where they differ from those asked: a class of a few
+    images gives each held-out split one image (group), so 4 images a class held out 50%
+    where 30% was asked, without a word; and the classes left without a test image (those
+    without a val image are said with the labels' plan)."""
+    asked = config.val_fraction + config.test_fraction
+    held = report.fractions.get("val", 0.0) + report.fractions.get("test", 0.0)
+    if asked and held > 1.5 * asked:
+        log(f"Warning: the split holds out {held:.0%} of the images, not the {asked:.0%} "
+            "asked (" + ", ".join(f"{k} {n} ({report.fractions[k]:.0%})"
+                                  for k, n in report.sizes.items())
+            + "): classes this small give each held-out split an image of their own. "
+            "--test-fraction 0 trains on more of them (val is then the only figure, and "
+            "optimistic).")
+    names = [c for c in report.missing.get("test", []) if c not in report.train_only]
+    if names:  # (the train-only ones are said as such)
+        log(f"Warning: {counted(len(names), 'class has', 'classes have')} no test image, so "
+            f"no held-out figure says how they do: {some(names)}.")
+
+
 def _warn_of_classes_without_val(table: pd.DataFrame, level: str, classes: list[str],
                                  log, coarser: str | None = None) -> None:
-    """A class with no val image has no val figure (and no say in choosing the epoch):
-    the per-class val figures would leave it out without a word. With a `coarser` level
-    (and no --rare-below yet), the rare classes can be learnt there instead."""
+    """A class with no val image has no val figure (the epoch is chosen on the classes val
+    holds: `stages.epoch_f1`): the per-class val figures would leave it out without a word.
+    With a `coarser` level (and no --rare-below yet), the rare classes can be learnt there
+    instead."""
     seen = set(table.loc[table[SPLIT] == "val", level])
     absent = [c for c in classes if c not in seen]
     if absent:
