@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import warnings
 
 import numpy as np
@@ -147,6 +148,30 @@ def test_macro_f1_interval_is_centred_on_a_long_tail():
     assert "macro_f1" not in few["interval"] and few["interval"]["accuracy"][1] < 0.9
     rows = stratified_resamples(y, 50, rng)
     np.testing.assert_array_equal(np.sort(y[rows], axis=1), np.tile(np.sort(y), (50, 1)))
+
+
+def test_a_macro_f1_with_no_interval_or_a_narrow_one_says_why():
+    """A model that answers one class for every image, and 30 classes of one test image
+    each: the macro-F1 came with no interval and no word; 5 of 8 classes of one image each
+    gave "0.096-0.330", too narrow, unsaid."""
+    y = np.repeat(np.arange(4), 10)
+    one_answer = classification_metrics(y, probs_for(np.zeros(40, int), y, 4), list("abcd"))
+    said = interval_text(one_answer, "macro_f1")
+    assert "no resample of the images moves it: the model gave every image of a class the " \
+        "same answer" in said and "1-2 images" not in said
+    singles = classification_metrics(np.arange(30), probs_for(np.r_[np.arange(10), [0] * 20],
+                                                              np.arange(30), 30),
+                                     [str(c) for c in range(30)])
+    assert "no resample" in interval_text(singles, "macro_f1")
+    assert "30 of its 30 classes have 1-2 images here" in interval_text(singles, "macro_f1")
+    rng = np.random.default_rng(0)
+    y = np.r_[np.repeat(np.arange(3), 20), np.arange(3, 8)]
+    p = np.where(rng.random(len(y)) < 0.7, y, rng.integers(0, 8, len(y)))
+    mixed = classification_metrics(y, probs_for(p, y, 8), list("abcdefgh"))
+    assert re.search(r"\(95% CI [\d.]+-[\d.]+; 5 of its \d classes have 1-2 images here, "
+                     r"whose chance it leaves out: too few to judge them\)$",
+                     interval_text(mixed, "macro_f1"))
+    assert "1-2 images" not in interval_text(mixed, "accuracy")
 
 
 def test_per_level_macro_on_other_data_averages_the_classes_it_holds():

@@ -104,9 +104,12 @@ def confidence_intervals(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int,
                                          counted=counted))
     tail = (1 - confidence) / 2
     low, high = np.quantile(np.concatenate(scores), [tail, 1 - tail])
+    sizes = np.bincount(y_true, minlength=n_classes)[counted]
     found = {"confidence": confidence, "resamples": resamples,
              "accuracy": [float(accuracy.low), float(accuracy.high)],
-             "macro_f1": [float(low), float(high)]}
+             "macro_f1": [float(low), float(high)],
+             # a class of 1-2 images adds (next to) no spread: the interval is too narrow
+             "classes_of_few_images": int((sizes <= 2).sum()), "classes": int(len(sizes))}
     if low == high and right < len(y_true):  # each class one image: held, not known
         del found["macro_f1"]
     elif low == high:  # every image right: said instead (README)
@@ -199,12 +202,19 @@ def ece_row(m: dict) -> tuple[str, str]:
 def interval_text(metrics: dict, name: str) -> str:
     """' (95% CI low-high)' for a figure with an interval, else ''."""
     interval = metrics.get("interval")
-    if not interval or name not in interval:
+    if not interval:
         return ""
-    if interval[name] is None:  # a bootstrap no resample moves (every image right)
-        return " (no resample of the images moves it: see accuracy's interval)"
+    few = (f"; {interval['classes_of_few_images']} of its {interval['classes']} classes have "
+           "1-2 images here, whose chance it leaves out: too few to judge them"
+           if name == "macro_f1" and interval.get("classes_of_few_images") else "")
+    if name == "macro_f1" and name not in interval and metrics.get("images", 0) > 1 or \
+            interval.get(name, 0) is None:  # (no resample moves it: a wrong answer too)
+        return (" (no resample of the images moves it: the model gave every image of a class "
+                f"the same answer; see accuracy's interval{few})")
+    if name not in interval:
+        return ""
     low, high = interval[name]
-    return f" ({interval['confidence']:.0%} CI {low:.3f}-{high:.3f})"
+    return f" ({interval['confidence']:.0%} CI {low:.3f}-{high:.3f}{few})"
 
 
 def per_class_table(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str],
