@@ -266,3 +266,24 @@ def test_leaks_are_found_and_repaired_by_whole_columns_on_many_rows():
     assert dropped == 4
     assert not find_leaks(repaired, by_content=False)
     assert len(repaired) == len(dataset) - 4
+
+
+def test_data_of_one_picture_saved_in_every_file_is_said_so(tmp_path):
+    """One photo copied into 6 files of each of 2 classes: the split said "fewer than 3
+    independent images" and to make no test split, which said the same again."""
+    root = folder_dataset(tmp_path / "data", {"monarch": 1, "admiral": 1})
+    one = root / "monarch" / "monarch_0.jpg"
+    for label in ("monarch", "admiral"):
+        for i in range(6):
+            shutil.copy(one, root / label / f"copy_{i}.jpg")
+    (root / "admiral" / "admiral_0.jpg").unlink()
+    with pytest.raises(WingspanError, match=r"nothing to split off \(12 images are copies of "
+                       r"another under another name, counted as one with it") as e:
+        split_dataset(read_dataset(root), "label")
+    assert "data inspect" in e.value.message and "--test-fraction" not in e.value.hint
+    # Two pictures a class: no test split would do, and is said
+    for label in ("monarch", "admiral"):
+        write_image(root / label / "other.jpg", seed=len(label))
+    with pytest.raises(WingspanError, match="nothing to split off") as e:
+        split_dataset(read_dataset(root), "label")
+    assert "--test-fraction 0" in e.value.hint

@@ -86,12 +86,19 @@ def split_dataset(dataset: Dataset, level: str | None = None,
     split = np.full(len(table), "train", dtype=object)
     pool = ~np.isin(labels, small.index)  # samples still to be divided
     if wanted and not pool.any():
+        # Make no test split only where that leaves a class enough groups for train and val
+        # (one picture copied into every file: the same error again, and the same hint).
+        fewer = len(wanted) == 2 and groups_per_class.max() >= 2
         raise WingspanError(
             f"Every '{level}' class has fewer than {len(wanted) + 1} independent images "
             f"(groups), one for train and one for each of {' and '.join(wanted)}: there is "
-            "nothing to split off.",
-            hint="Add images, split on a coarser --level, or make no test split (--test 0 "
-            "for data split, --test-fraction 0 for train).")
+            "nothing to split off"
+            + (f" ({counted(merged, 'image is a copy', 'images are copies')} of another "
+               "under another name, counted as one with it: `wingspan data inspect` lists "
+               "them)." if merged else "."),
+            hint="Add images, split on a coarser --level"
+                 + (", or make no test split (--test 0 for data split, --test-fraction 0 for "
+                    "train)." if fewer else "."))
     pooled = pool.copy()
     remaining = 1.0
     for name in wanted:
