@@ -268,6 +268,30 @@ def test_one_class_is_said_before_train_refuses_it(tmp_path):
     assert "No problems found" not in said
 
 
+def test_one_class_read_as_two_by_its_case_is_a_finding_that_biases_the_figures(tmp_path):
+    """'Monarch' and 'monarch' read as two classes (every confusion between them counted as
+    a mistake) was listed under "Worth knowing: skipped or handled", and train's log said it
+    as a plain line."""
+    from helpers import folder_dataset
+    from rich.console import Console
+
+    from wingspan.data.samples import report_reading
+
+    folder_dataset(tmp_path / "d", {"monarch": 3, "Monarch": 3, "admiral": 3})
+    ds = read_dataset(tmp_path / "d")
+    console = Console(width=200, record=True)
+    print_summary(inspect_dataset(ds, tmp_path / "out", check_images=False, progress=False),
+                  console)
+    said = console.export_text()
+    biased, handled = said.find("these bias its figures"), said.find("Worth knowing")
+    twins = said.find("differ only in case")
+    assert 0 <= biased < twins and (handled < 0 or twins < handled), said
+    logged: list[str] = []
+    report_reading(ds, logged.append)
+    assert [line for line in logged if "differ only in case" in line][0].startswith(
+        "Warning: while reading the data: ")
+
+
 def test_the_class_table_calls_images_of_no_split_none(tmp_path):
     """Its column of unsplit images was headed "all", which the summary line calls "none";
     with no split at all it repeated the total."""

@@ -18,7 +18,7 @@ from wingspan.config import InspectConfig, TrainConfig
 from wingspan.data.images import UNUSUAL_MODES, ImageFacts, image_facts, max_pixels
 from wingspan.data.leaks import find_leaks
 from wingspan.data.plots import plot_class_balance
-from wingspan.data.samples import GROUP, PATH, SPLIT, Dataset
+from wingspan.data.samples import BIASING_PROBLEMS, GROUP, PATH, SPLIT, Dataset
 from wingspan.data.taxonomy import taxonomy_conflicts
 from wingspan.errors import counted
 from wingspan.files import name_part, write_text
@@ -234,9 +234,8 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
     for kind, items in summary["reader_problems"].items():
         general = [i["message"] for i in items if i["path"] is None]
         per_file = [f"{i['path']}: {i['message']}" for i in items if i["path"] is not None]
-        # A column of ids read as a level leaves one specimen's photos free to sit on two sides.
         findings.append((kind.replace("_", " "), general + per_file, len(per_file) or None,
-                         1 if kind == "column_finer_than_label" else 2))
+                         1 if kind in BIASING_PROBLEMS else 2))
     # ETHEC's are repaired by train (each kept on one side); any other data's refused.
     ethec = summary["dataset"]["format"] == "ethec"
     findings += [(f"groups or files on two sides of the split "
