@@ -170,6 +170,7 @@ def test_runs_frame_lists_each_run_with_values_from_its_files(runs_dir, finished
                      "best_epoch": metrics["best"]["epoch"],
                      "held_out_split": "test",
                      "held_out_macro_f1": round(evaluation["macro"]["f1"], 5),
+                     "held_out_images": evaluation["images"],
                      "train_seconds": round(sum(metrics["stage_seconds"].values()), 1),
                      "path": str(runs_dir / "seed0")}
     seed1 = rows["[red]seed1"]
@@ -207,7 +208,8 @@ def test_runs_frame_lists_each_run_with_values_from_its_files(runs_dir, finished
     assert ws.runs(runs_dir, sort="seed")["seed"].tolist()[:5] == [0, 0, 0, 0, 1]
     # The headers `wingspan runs` prints sort too ("Cannot sort by 'val F1'" before).
     for header, column in (("val F1", "val_macro_f1"), ("run", "name"),
-                           ("held-out F1", "held_out_macro_f1"), ("Seconds", "train_seconds")):
+                           ("held-out F1", "held_out_macro_f1"), ("Seconds", "train_seconds"),
+                           ("held-out F1 (images)", "held_out_macro_f1")):
         assert ws.runs(runs_dir, sort=header)["name"].tolist() == ws.runs(
             runs_dir, sort=column)["name"].tolist(), header
     with pytest.raises(WingspanError, match="Cannot sort by 'val_f'") as e:
@@ -422,8 +424,9 @@ def test_runs_command_table_and_outputs(run_cli, runs_dir, finished, tmp_path, m
                            "finetune 2", "107.2"]
     assert cells[1][4:10] == ["label", "32", "0", "holdout", "", "not evaluated"]
     seed0 = frame.iloc[3]
+    # (with the images the held-out figure was measured on: 1.0 on 2 topped the table)
     assert cells[3][8:10] == [f"{seed0['val_macro_f1']:.4f}",
-                             f"{seed0['held_out_macro_f1']:.4f}"]
+                             f"{seed0['held_out_macro_f1']:.4f} ({seed0['held_out_images']})"]
     assert "`wingspan train --resume runs/NAME`" in out and "Wrote all.csv" in out
     # What was written is the frame, cell for cell, in either format.
     assert _plain(pd.read_csv(tmp_path / "all.csv")) == _plain(frame)

@@ -39,10 +39,12 @@ from wingspan.training.folder import (
 
 COLUMNS = ["name", "status", "detail", "data", "backbone", "levels", "image_size", "seed",
            "selection", "val_macro_f1", "held_out_split", "held_out_macro_f1",
-           "held_out_evaluated", "best_stage", "best_epoch", "train_seconds", "created", "path"]
+           "held_out_images", "held_out_evaluated", "best_stage", "best_epoch", "train_seconds",
+           "created", "path"]
 # Sorted best first; every other column in ascending order (names, dates, seeds...).
 BEST_FIRST = ("val_macro_f1", "held_out_macro_f1")
-INTEGERS, FIGURES = ("image_size", "seed", "best_epoch"), BEST_FIRST + ("train_seconds",)
+INTEGERS = ("image_size", "seed", "best_epoch", "held_out_images")
+FIGURES = BEST_FIRST + ("train_seconds",)
 DONE, TRAINING, STOPPED, SET_UP = "done", "training now", "stopped (resumable)", \
     "left over: killed while set up"
 ADAPTED = "done (adapted)"
@@ -106,7 +108,8 @@ def _once_each(folders: list[Path]) -> list[Path]:
 
 # `wingspan runs`' headers, as --sort takes them too (in any case, "-" or " " for "_").
 HEADERS = {"run": "name", "val_f1": "val_macro_f1", "held_out_f1": "held_out_macro_f1",
-           "held_out": "held_out_macro_f1", "size": "image_size", "seconds": "train_seconds"}
+           "held_out_f1_(images)": "held_out_macro_f1", "held_out": "held_out_macro_f1",
+           "size": "image_size", "seconds": "train_seconds"}
 
 
 def sort_runs(frame: pd.DataFrame, column: str) -> pd.DataFrame:
@@ -202,8 +205,7 @@ def _read_run(run_dir: Path, row: dict) -> None:
                    f"{adapted.get('photos', '?')} photos",
                    held_out_split="test" if _has_test_split(run_dir) else None)
         if row["held_out_split"]:  # what `evaluate` of the adapted model found, if fair
-            row["held_out_macro_f1"], row["held_out_evaluated"] = _held_out_figure(run_dir,
-                                                                                   "test")
+            row.update(_held_out_figure(run_dir, "test"))
         return
     metrics = _read(run_dir, "metrics.json", missing={})
     # As `train --resume` tells a finished run: its bundle written to the end (the
@@ -240,8 +242,7 @@ def _read_run(run_dir: Path, row: dict) -> None:
         raise Damaged(f"{SPLITS_FILE} has changed since the run trained (edited, or damaged): "
                       "evaluate and calibrate refuse it until the run's own is put back")
     if row["held_out_split"]:
-        row["held_out_macro_f1"], row["held_out_evaluated"] = _held_out_figure(
-            run_dir, row["held_out_split"])
+        row.update(_held_out_figure(run_dir, row["held_out_split"]))
 
 
 def _has_test_split(run_dir: Path) -> bool:
@@ -275,10 +276,11 @@ def _stopped_after(run_dir: Path) -> str | None:
                                              if behind else "")
 
 
-def _held_out_figure(run_dir: Path, split: str) -> tuple[float | None, bool]:
+def _held_out_figure(run_dir: Path, split: str) -> dict:
     """The macro-F1 that `wingspan evaluate RUN` measured on the split nothing was chosen
-    on, when it has been run and called its figure fair (None until then, or when it was
-    not fair: an adapted run scored on photos it adapted on), and whether it has been run.
+    on and its count of images, when it has been run and called its figure fair (None until
+    then, or when it was not fair: an adapted run scored on photos it adapted on), and
+    whether it has been run. (The count: 1.0 on 2 images topped the table, unsaid.)
     `--unknown`'s folder holds the same plain figures beside its own, as does the one
     `train --holdout-classes` writes (evaluation-unknown, of its own split), and those of
     another --unknown-score (evaluation-test-unknown-knn); `--tta`'s are another recipe's."""
@@ -295,8 +297,10 @@ def _held_out_figure(run_dir: Path, split: str) -> tuple[float | None, bool]:
         fair = fairness(evaluation.get("fair", ""))[0] == "yes"
         # (to the 5 places of history.csv's val figure beside it: unrounded, the same 1/14
         # read as a val figure above the held-out one)
-        return (round(float(evaluation["macro"]["f1"]), 5) if evaluation and fair else None,
-                bool(evaluation))
+        kept = bool(evaluation) and fair
+        return {"held_out_macro_f1": round(float(evaluation["macro"]["f1"]), 5) if kept
+                else None, "held_out_images": int(evaluation["images"]) if kept else None,
+                "held_out_evaluated": bool(evaluation)}
     except (KeyError, TypeError, ValueError) as e:
         raise Damaged(f"{name} is not one wingspan wrote ({first_line(e)})") from e
 

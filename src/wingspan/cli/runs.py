@@ -77,7 +77,7 @@ _RUN_COLUMNS = [
     ("selection", lambda r: _cell(r["selection"]), False),
     ("val F1", lambda r: f"{r['val_macro_f1']:.4f}" if _given(r["val_macro_f1"]) else "",
      True),
-    ("held-out F1", lambda r: _held_out(r), True),
+    ("held-out F1 (images)", lambda r: _held_out(r), True),
     ("best", lambda r: f"{r['best_stage']} {r['best_epoch']}" if _given(r["best_stage"])
      else "", True),
     ("seconds", lambda r: f"{r['train_seconds']:.1f}" if _given(r["train_seconds"]) else "",
@@ -146,7 +146,8 @@ def _held_out(row: dict) -> str:
     from wingspan.run_table import ADAPTED, DONE
 
     if _given(row["held_out_macro_f1"]):
-        return f"{row['held_out_macro_f1']:.4f}"
+        return f"{row['held_out_macro_f1']:.4f}" + (
+            f" ({row['held_out_images']:.0f})" if _given(row.get("held_out_images")) else "")
     if row["status"] not in (DONE, ADAPTED):
         return ""
     if not _given(row["held_out_split"]):
