@@ -200,6 +200,33 @@ def test_calibrate_unknown_records_the_temperature_it_fitted_at(trained, tmp_pat
     assert manifest["unknown"]["temperature"] == pytest.approx(1.7)
 
 
+def test_two_calibrates_of_one_model_at_once_are_refused(trained, tmp_path, run_cli):
+    """A `calibrate --unknown` that ended after a `calibrate` begun later wrote back the
+    temperature it had read at its start: the new one was lost, both said they were done."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    before = read_manifest(run / "model")["calibration"]["temperature"]
+    holding = subprocess.Popen(  # (another calibrate, holding the lock as one does)
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'w'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+         str(run / "model" / ".model.calibrate.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holding.stdout.readline().strip() == "held"
+        for unknown in ((), ("--unknown",)):
+            code, _, err = run_cli("calibrate", run, *unknown, "--quiet")
+            assert code == 2 and "Another `wingspan calibrate` is changing" in err, err
+        assert read_manifest(run / "model")["calibration"]["temperature"] == before
+    finally:
+        holding.kill()
+        holding.wait()
+    for unknown in ((), ("--unknown",)):  # (the lock is let go when each is done)
+        code, _, err = run_cli("calibrate", run, *unknown, "--quiet")
+        assert code == 0, err
+
+
 def test_calibrate_says_what_keeps_the_old_calibration(trained, tmp_path, run_cli):
     """An export carries the temperature and thresholds it was made with, a running server
     those it loaded: calibrate changed the bundle alone, and nothing said the rest had not

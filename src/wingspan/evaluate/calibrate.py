@@ -29,9 +29,15 @@ from wingspan.evaluate.run import (
     predicted_classes,
 )
 from wingspan.files import check_writable, real_paths
-from wingspan.inference import Predictor, run_dir_of
+from wingspan.inference import Predictor, find_bundle, run_dir_of
 from wingspan.models.bundle import update_manifest
-from wingspan.training.folder import adapted_photos, adapted_sums, trained_on
+from wingspan.training.folder import (
+    adapted_photos,
+    adapted_sums,
+    hold_lock,
+    release_lock,
+    trained_on,
+)
 
 
 def check_calibrate_settings(unknown: bool, data, split, class_map, unknown_rate,
@@ -70,47 +76,47 @@ def calibrate(model: str | Path, data: str | Path | None = None, split: str | No
     DATA's images of the model's classes under other names (the same names match anyway);
     the images of classes the model does not know are left out."""
     check_no_split_name(data)
-    predictor = Predictor(model, device=device, batch_size=batch_size, workers=workers,
-                          progress=progress, precision=precision, runtime=runtime)
-    check_bundle_writable(predictor.bundle, "calibrate stores the new temperature there")
-    run_dir = run_dir_of(predictor.bundle)
-    dataset = evaluation_dataset(data, run_dir, "fit the temperature on", command="calibrate")
-    level = predictor.level if predictor.level in dataset.levels else dataset.default_level
-    if split is None:  # labelled photos from elsewhere often come without a split
-        split = "val" if data is None or "val" in set(dataset.table[SPLIT]) else "all"
-    check_split(dataset, split)
-    class_map = check_class_map(class_map or {}, predictor, dataset, level)
-    rows, left_out = known_rows(dataset, split, level, predictor, class_map,
-                                " to calibrate on")
-    preds = list(predictor.run(rows["path"].tolist(), progress=progress))
-    ok = [i for i, p in enumerate(preds) if not p.error]
-    if not ok:
-        raise WingspanError(none_read(len(preds), "image", f" of the '{split}' split") + ".")
-    check_enough_to_calibrate(len(ok), len(preds), split, predictor.manifest)
-    index = {c: i for i, c in enumerate(predictor.classes)}
-    y = rows["_label"].map(index).to_numpy()[ok]
-    logits = np.stack([preds[i].logits for i in ok])
-    fitted = rows["path"].iloc[ok].tolist()
-    among = _run_images_among(fitted, own_splits(dataset, data, run_dir), run_dir,
-                              dataset.root if data is not None else None)
-    calibration = {**calibration_record(logits, y, calibration_data(split, data),
-                                        answer=lambda probs: predicted_classes(predictor,
-                                                                               probs, 1.0),
-                                        previous=predictor.temperature),
-                   **({"class_map": class_map} if class_map else {}),
-                   **({"run_images_among": among} if among else {}),
-                   "photo_sums": _photo_sums(fitted),
-                   # left out, as evaluate leaves them out (said beside the figures)
-                   **({"unreadable": len(preds) - len(ok), "unreadable_examples": [
-                       [p.path, p.error] for p in preds if p.error][:5]}
-                      if len(ok) < len(preds) else {}),
-                   **(left_out if left_out["unknown_classes"] or "unlabelled" in left_out
-                      else {}),
-                   # (kept: the unknown thresholds were set on scores at that temperature)
-                   **({"unknown_temperature": predictor.unknown.temperature}
-                      if predictor.unknown is not None else {})}
-    update_manifest(predictor.bundle, calibration=calibration)
-    return calibration
+    with _one_at_a_time(model):
+        predictor = Predictor(model, device=device, batch_size=batch_size, workers=workers,
+                              progress=progress, precision=precision, runtime=runtime)
+        run_dir = run_dir_of(predictor.bundle)
+        dataset = evaluation_dataset(data, run_dir, "fit the temperature on", command="calibrate")
+        level = predictor.level if predictor.level in dataset.levels else dataset.default_level
+        if split is None:  # labelled photos from elsewhere often come without a split
+            split = "val" if data is None or "val" in set(dataset.table[SPLIT]) else "all"
+        check_split(dataset, split)
+        class_map = check_class_map(class_map or {}, predictor, dataset, level)
+        rows, left_out = known_rows(dataset, split, level, predictor, class_map,
+                                    " to calibrate on")
+        preds = list(predictor.run(rows["path"].tolist(), progress=progress))
+        ok = [i for i, p in enumerate(preds) if not p.error]
+        if not ok:
+            raise WingspanError(none_read(len(preds), "image", f" of the '{split}' split") + ".")
+        check_enough_to_calibrate(len(ok), len(preds), split, predictor.manifest)
+        index = {c: i for i, c in enumerate(predictor.classes)}
+        y = rows["_label"].map(index).to_numpy()[ok]
+        logits = np.stack([preds[i].logits for i in ok])
+        fitted = rows["path"].iloc[ok].tolist()
+        among = _run_images_among(fitted, own_splits(dataset, data, run_dir), run_dir,
+                                  dataset.root if data is not None else None)
+        calibration = {**calibration_record(logits, y, calibration_data(split, data),
+                                            answer=lambda probs: predicted_classes(predictor,
+                                                                                   probs, 1.0),
+                                            previous=predictor.temperature),
+                       **({"class_map": class_map} if class_map else {}),
+                       **({"run_images_among": among} if among else {}),
+                       "photo_sums": _photo_sums(fitted),
+                       # left out, as evaluate leaves them out (said beside the figures)
+                       **({"unreadable": len(preds) - len(ok), "unreadable_examples": [
+                           [p.path, p.error] for p in preds if p.error][:5]}
+                          if len(ok) < len(preds) else {}),
+                       **(left_out if left_out["unknown_classes"] or "unlabelled" in left_out
+                          else {}),
+                       # (kept: the unknown thresholds were set on scores at that temperature)
+                       **({"unknown_temperature": predictor.unknown.temperature}
+                          if predictor.unknown is not None else {})}
+        update_manifest(predictor.bundle, calibration=calibration)
+        return calibration
 
 
 def _run_images_among(paths: list[str], own: pd.DataFrame | None,
@@ -154,6 +160,25 @@ def check_enough_to_calibrate(readable: int, given: int, split: str, manifest: d
              "--split (all: every image of DATA).")
 
 
+@contextlib.contextmanager
+def _one_at_a_time(model: str | Path):
+    """Hold the model's calibrate lock while a calibration reads the bundle and stores
+    what it fitted: a `calibrate --unknown` that ended after a `calibrate` begun later
+    wrote back the temperature it had read, and the new one was lost without a word (each
+    fits at what the other stores). Checks first that the bundle can be written."""
+    bundle = find_bundle(model)
+    folder = bundle if bundle.is_dir() else bundle.parent
+    check_bundle_writable(bundle, "calibrate stores what it fits there")
+    lock = f".{bundle.name}.calibrate.lock"
+    if not hold_lock(folder, lock, again=False):
+        raise WingspanError(f"Another `wingspan calibrate` is changing {bundle} now.",
+                            hint="Wait for it to finish, then calibrate again.")
+    try:
+        yield
+    finally:
+        release_lock(folder, lock)
+
+
 def check_bundle_writable(bundle: Path, what: str) -> None:
     """Before a calibration's work: the bundle it rewrites can be (a read-only run folder
     failed once the fit was done, naming a temporary file)."""
@@ -182,40 +207,40 @@ def fit_unknown(model: str | Path, rate: float | None = None, score: str | None 
     if score is not None and score not in UNKNOWN_SCORES:
         raise WingspanError(f"Unknown score '{score}'.",
                             hint=f"Use one of: {', '.join(UNKNOWN_SCORES)}.")
-    predictor = Predictor(model, device=device, batch_size=batch_size, workers=workers,
-                          progress=progress, precision=precision, runtime=runtime)
-    purpose = "the unknown scores are fitted on"
-    run_folder(predictor, purpose)  # before anything is computed
-    seed = trained_seed(predictor) if seed is None else seed
-    check_bundle_writable(predictor.bundle, "calibrate --unknown stores the scores there")
-    manifest = predictor.manifest
-    previous = manifest.get("unknown") or {}
-    training = manifest.get("training", {})
-    rate = rate if rate is not None else previous.get("rate") or TrainConfig.unknown_rate
-    score = score or previous.get("score") or TrainConfig.unknown_score
-    parts = {}
-    # A uniform sample past MAX_FIT_IMAGES, as training's detector takes.
-    for name, part in own_images(predictor, purpose, seed=seed, progress=progress).items():
-        x = torch.as_tensor(part.features)
-        parts[name] = (x, predictor.heads(x),
-                       {lv: torch.as_tensor(y) for lv, y in part.labels.items()})
-    detector = UnknownDetector.fit(parts["train"][0], parts["train"][1], parts["train"][2],
-                                   parts["val"][0], parts["val"][1], score=score, rate=rate,
-                                   temperature=predictor.temperature, seed=seed,
-                                   members=predictor.taxonomy.member
-                                   if predictor.taxonomy else None)
-    detector.fitted_by = "calibrate"
-    calibration = manifest.get("calibration")
-    if calibration and "unknown_temperature" in calibration:  # now fitted at today's
-        calibration = {**calibration, "unknown_temperature": predictor.temperature}
-    save_bundle(predictor.model.cpu(), predictor.bundle, manifest["classes"],
-                taxonomy=manifest.get("taxonomy"), training=training,
-                metrics=manifest.get("metrics"), weights_source=manifest.get("weights_source"),
-                calibration=calibration, unknown=detector,
-                inference=manifest.get("inference"))  # (the same weights: still true)
-    return {"score": score, "rate": rate, "train_images": len(parts["train"][0]),
-            "val_images": len(parts["val"][0]),
-            "thresholds": detector.thresholds[score]}
+    with _one_at_a_time(model):
+        predictor = Predictor(model, device=device, batch_size=batch_size, workers=workers,
+                              progress=progress, precision=precision, runtime=runtime)
+        purpose = "the unknown scores are fitted on"
+        run_folder(predictor, purpose)  # before anything is computed
+        seed = trained_seed(predictor) if seed is None else seed
+        manifest = predictor.manifest
+        previous = manifest.get("unknown") or {}
+        training = manifest.get("training", {})
+        rate = rate if rate is not None else previous.get("rate") or TrainConfig.unknown_rate
+        score = score or previous.get("score") or TrainConfig.unknown_score
+        parts = {}
+        # A uniform sample past MAX_FIT_IMAGES, as training's detector takes.
+        for name, part in own_images(predictor, purpose, seed=seed, progress=progress).items():
+            x = torch.as_tensor(part.features)
+            parts[name] = (x, predictor.heads(x),
+                           {lv: torch.as_tensor(y) for lv, y in part.labels.items()})
+        detector = UnknownDetector.fit(parts["train"][0], parts["train"][1], parts["train"][2],
+                                       parts["val"][0], parts["val"][1], score=score, rate=rate,
+                                       temperature=predictor.temperature, seed=seed,
+                                       members=predictor.taxonomy.member
+                                       if predictor.taxonomy else None)
+        detector.fitted_by = "calibrate"
+        calibration = manifest.get("calibration")
+        if calibration and "unknown_temperature" in calibration:  # now fitted at today's
+            calibration = {**calibration, "unknown_temperature": predictor.temperature}
+        save_bundle(predictor.model.cpu(), predictor.bundle, manifest["classes"],
+                    taxonomy=manifest.get("taxonomy"), training=training,
+                    metrics=manifest.get("metrics"), weights_source=manifest.get("weights_source"),
+                    calibration=calibration, unknown=detector,
+                    inference=manifest.get("inference"))  # (the same weights: still true)
+        return {"score": score, "rate": rate, "train_images": len(parts["train"][0]),
+                "val_images": len(parts["val"][0]),
+                "thresholds": detector.thresholds[score]}
 
 
 def _photo_sums(paths: list[str]) -> dict[str, list[str]]:
