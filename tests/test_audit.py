@@ -185,6 +185,20 @@ def test_an_audit_refuses_an_out_it_cannot_write_before_the_work(tmp_path, run_c
                            "efficientnet_lite0", "--out", tmp_path / "o", "--quiet")
     assert code == 130 and "Stopped: this audit wrote nothing; the features computed so far " \
         "are cached" in " ".join(err.split()), err
+    # A stop once its files were in place said "wrote nothing" too
+    monkeypatch.undo()
+    real = audit.audit_dataset
+
+    def written_then_stopped(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(audit, "audit_dataset", written_then_stopped)
+    code, _, err = run_cli("data", "audit", tmp_path / "data", "--backbone",
+                           "test_efficientnet", "--weights", "none", "--out", tmp_path / "w",
+                           "--quiet")
+    assert code == 130 and "Stopped once this audit was written to" in err, err
+    assert "wrote nothing" not in err and (tmp_path / "w" / "audit.csv").is_file()
 
 
 def test_classes_of_a_single_image_are_left_out_of_the_label_audit_only(tmp_path, run_cli):

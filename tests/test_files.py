@@ -2,6 +2,7 @@
 
 import errno
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -186,6 +187,36 @@ def test_files_written_together_are_replaced_together(tmp_path):
             tmp.write_text("new")
     assert [p.read_text() for p in paths] == ["new"] * 3
     assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in paths)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a signal sent to itself: POSIX")
+@pytest.mark.parametrize("at", [1, 3])
+def test_a_ctrl_c_among_the_renames_lands_once_they_are_all_done(tmp_path, monkeypatch, at):
+    """A Ctrl-C right after the last rename (while the previous versions were let go) left
+    their copies beside the new files, and `data audit` said it had written nothing; one
+    between two renames left some old, some new. It is held back until all are in place."""
+    import signal
+
+    import wingspan.files
+
+    paths = [tmp_path / name for name in ("audit.csv", "duplicates.csv", "audit.html")]
+    for path in paths:
+        path.write_text("old")
+    replace, renamed = os.replace, []
+
+    def ctrl_c_after(src, dst):
+        replace(src, dst)
+        if ".tmp" in Path(src).name:
+            renamed.append(dst)
+            if len(renamed) == at:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(wingspan.files.os, "replace", ctrl_c_after)
+    with pytest.raises(KeyboardInterrupt), atomic_paths(*paths) as tmps:
+        for tmp in tmps:
+            tmp.write_text("new")
+    assert len(renamed) == 3 and [p.read_text() for p in paths] == ["new"] * 3
+    assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in paths)  # no copies left
 
 
 def test_a_rename_that_fails_puts_back_the_files_renamed_before_it(tmp_path, monkeypatch):

@@ -11,8 +11,10 @@ import io
 import os
 import re
 import shutil
+import signal
 import stat
 import sys
+import threading
 import time
 import unicodedata
 from collections.abc import Callable, Iterator
@@ -135,10 +137,39 @@ def _quota(e: Exception) -> bool:
     return "Disk quota exceeded" in str(e) or "os error 122" in str(e)
 
 
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM held back while the block runs, then delivered as they came: for
+    renames that belong together. One landing after the last rename (while the previous
+    versions were let go) left their copies beside them, and the command said it had
+    written nothing. Python's own handlers only (those it can put back), in the main
+    thread (the only one that may set them)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    held = {s: h for s in (signal.SIGINT, signal.SIGTERM)
+            if (h := signal.getsignal(s)) is not None}
+    for s in held:
+        signal.signal(s, lambda signum, frame: came.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in held.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(came):
+            signal.raise_signal(s)
+
+
 def _replace_together(tmps: list[Path], paths: list[Path]) -> None:
-    """Each temporary file renamed onto its path; if one fails (or Ctrl-C comes), those
+    """Each temporary file renamed onto its path, Ctrl-C held back; if one fails, those
     renamed before it get their previous version back, kept until the end as a hard link
     (or a copy)."""
+    with interrupts_held():
+        _renamed_together(tmps, paths)
+
+
+def _renamed_together(tmps: list[Path], paths: list[Path]) -> None:
     def kept(path: Path) -> Path:
         return path.with_name(f".{path.stem}.{os.getpid()}.old{path.suffix}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -208,10 +209,17 @@ def data_audit(
                          device=device, cache=cache)
     check_weights(config.weights)  # a typo: said now, not after reading the data
     dataset = read_data(data, format, group_regex, strict=strict, report=True)
+    target, started = out_dir or dataset.claim_out_dir(), time.time()
     try:
-        result = audit_dataset(dataset, out_dir or dataset.claim_out_dir(), level, config,
-                               progress=not quiet, strict=strict)
-    except KeyboardInterrupt:  # (Ctrl-C or SIGTERM: the earlier audit's files stay whole)
+        result = audit_dataset(dataset, target, level, config, progress=not quiet,
+                               strict=strict)
+    except KeyboardInterrupt:  # (Ctrl-C or SIGTERM: the earlier audit's files stay whole,
+        # or this one's are all written: renamed in place together, Ctrl-C held back)
+        if (target / "audit.csv").is_file() and \
+                (target / "audit.csv").stat().st_mtime >= started:
+            err.print(f"Stopped once this audit was written to {plain(target)}.",
+                      highlight=False)
+            raise
         kept = config.cache and config.weights != "none"  # (random weights: never kept)
         err.print("Stopped: this audit wrote nothing" + (
             "; the features computed so far are cached, and the same command goes on from "
