@@ -2530,6 +2530,24 @@ def test_commands_in_messages_are_quoted_for_the_shell(demo_dir, tmp_path, monke
         r'"C:\Program Files\Python\python.exe"'
 
 
+def test_any_of_timms_optimizers_trains_both_stages_and_is_kept_with_the_run(tmp_path,
+                                                                           demo_dir,
+                                                                           monkeypatch):
+    """AdamW was written into the code, and no run's config.yaml said what trained it."""
+    import wingspan.training.stages as stages
+
+    made, real = [], stages.make_optimizer
+    monkeypatch.setattr(stages, "make_optimizer",
+                        lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    run_dir = train(read_dataset(demo_dir), tiny(tmp_path, optimizer="sgd", epochs_head=2,
+                                                 epochs_finetune=1), tmp_path / "runs", "r",
+                    quiet=True)
+    assert [type(o).__name__ for o in made] == ["SGD", "SGD"]  # (the head's, fine-tuning's)
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["optimizer"] == "sgd"
+    with pytest.raises(SettingError, match="'optimizer' .*one of timm's optimizers"):
+        TrainConfig(optimizer="adamw2")
+
+
 def test_the_epoch_is_chosen_on_the_classes_val_holds():
     """A class with no val image (a rare one) named once on val added an F1 of 0 to the
     val macro-F1: an epoch right on 5 of 6 scored 0.600, below one right on 4 (0.625), and

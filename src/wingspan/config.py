@@ -683,6 +683,9 @@ class TrainConfig:
     warmup_fraction: float = 0.1  # of stage 2 steps
     weight_decay: float = 0.01
     # both stages
+    # timm's optimizer (`timm.optim.list_optimizers()`: adamw, sgd, lamb, ...); whichever,
+    # biases and norm layers get no weight decay
+    optimizer: str = "adamw"
     batch_size: int = BATCH_SIZE
     augment: str = "standard"  # light | standard | strong | field
     class_weights: str = "auto"  # auto (balanced when imbalanced) | balanced | none
@@ -741,6 +744,12 @@ class TrainConfig:
         _check(0 <= self.warmup_fraction < 1, "warmup_fraction", "in [0, 1)",
                self.warmup_fraction)
         _check(self.weight_decay >= 0, "weight_decay", "0 or more", self.weight_decay)
+        if self.optimizer != TrainConfig.optimizer:  # (timm imported only to check another)
+            from timm.optim import list_optimizers
+
+            _check(self.optimizer in list_optimizers(), "optimizer",
+                   "one of timm's optimizers (adamw, sgd, lamb, ...: "
+                   "timm.optim.list_optimizers())", self.optimizer)
         _check(self.min_delta >= 0, "min_delta", "0 or more", self.min_delta)
         _check(self.augment in AUGMENT_POLICIES, "augment", f"one of {list(AUGMENT_POLICIES)}",
                self.augment)

@@ -1,6 +1,7 @@
 """Optimizers and learning-rate schedules of both stages: timm's, configured for the recipe.
 
-- AdamW, no weight decay on biases and norm layers (timm's `filter_bias_and_bn`);
+- AdamW (or another of timm's: TrainConfig.optimizer), no weight decay on biases and
+  norm layers (timm's `filter_bias_and_bn`);
 - stage 2's layer-wise decay: timm's `param_groups_layer_decay`, over the stages the
   Classifier exposes (`Classifier.group_matcher`): the head at the top rate, each unfrozen
   stage below it `layer_decay` times the one above (early features are general and
@@ -21,17 +22,20 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 FUSED_DEVICES = ("cpu", "cuda")  # where torch's fused AdamW kernel runs
+FUSED_OPTIMIZERS = ("adamw", "adam")  # (timm's names of torch's own, which have it)
 
 
 def make_optimizer(module: nn.Module, lr: float, weight_decay: float,
-                   layer_decay: float | None = None) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters of `module`: torch's fused kernel where the
-    parameters are (one pass over them for the whole update). On a CPU the default
-    for-loop update of a 1280 x 711 head took 10 ms a step, the fused one 1.2 ms: the
-    update, not the head's forward and backward, was most of a cached-feature head step."""
+                   layer_decay: float | None = None, name: str = "adamw"
+                   ) -> torch.optim.Optimizer:
+    """timm's optimizer `name` over the trainable parameters of `module`; torch's fused
+    AdamW kernel where the parameters are (one pass over them for the whole update). On a
+    CPU the default for-loop update of a 1280 x 711 head took 10 ms a step, the fused one
+    1.2 ms: the update, not the head's forward and backward, was most of a cached-feature
+    head step."""
     devices = {p.device.type for p in module.parameters() if p.requires_grad}
-    fused = bool(devices) and devices <= set(FUSED_DEVICES)
-    return create_optimizer_v2(module, "adamw", lr=lr, weight_decay=weight_decay,
+    fused = name in FUSED_OPTIMIZERS and bool(devices) and devices <= set(FUSED_DEVICES)
+    return create_optimizer_v2(module, name, lr=lr, weight_decay=weight_decay,
                                layer_decay=layer_decay, **({"fused": True} if fused else {}))
 
 

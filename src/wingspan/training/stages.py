@@ -391,7 +391,7 @@ def train_head(run: Run) -> None:
         start = time.perf_counter()
         frozen = run.policy.runner(run.model.feature_extractor(), run.image_size)
         _add_seconds(run, "head", time.perf_counter() - start)
-    optimizer = make_optimizer(head, config.lr, config.weight_decay)
+    optimizer = make_optimizer(head, config.lr, config.weight_decay, name=config.optimizer)
     # An epoch's order holds the readable images (a weighted draw, as many)
     readable = int(run.readable(run.data.train).sum())
     schedule = _schedule(run, optimizer, -(-readable // config.batch_size),
@@ -536,7 +536,8 @@ def finetune(run: Run) -> None:
     n_stages = config.stages_to_unfreeze(run.model.spec.unfreeze)
     stages = run.model.backbone.unfreeze_last(n_stages)
     top_lr = config.lr * config.finetune_lr_scale
-    optimizer = make_optimizer(run.model, top_lr, config.weight_decay, config.layer_decay)
+    optimizer = make_optimizer(run.model, top_lr, config.weight_decay, config.layer_decay,
+                               config.optimizer)
     batches = EpochBatches(len(run.data.train), config.batch_size, config.seed,
                            view=FINETUNE_VIEW,
                            rank=fabric.global_rank, world=fabric.world_size)
