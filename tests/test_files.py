@@ -212,9 +212,14 @@ def test_a_ctrl_c_among_the_renames_lands_once_they_are_all_done(tmp_path, monke
                 os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(wingspan.files.os, "replace", ctrl_c_after)
-    with pytest.raises(KeyboardInterrupt), atomic_paths(*paths) as tmps:
-        for tmp in tmps:
-            tmp.write_text("new")
+    # (Ctrl-C as a terminal's raises KeyboardInterrupt: a test worker may ignore SIGINT)
+    worker_s = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), atomic_paths(*paths) as tmps:
+            for tmp in tmps:
+                tmp.write_text("new")
+    finally:
+        signal.signal(signal.SIGINT, worker_s)
     assert len(renamed) == 3 and [p.read_text() for p in paths] == ["new"] * 3
     assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in paths)  # no copies left
 

@@ -29,6 +29,15 @@ from wingspan.training.folder import CONFIG_FILE, SPLITS_FILE
 from wingspan.training.lossy_check import avoided_engines
 
 
+def check_reading(batch_size: int, workers: int | None, per_machine: int = 1) -> int:
+    """The batch size and data workers to read images with, checked before a model is
+    looked for (-1 workers, or 514 for 4 cores, refused as train's are); the workers."""
+    if not 1 <= batch_size <= MAX_BATCH:  # (99999999999999999999 overflowed islice)
+        raise WingspanError(f"--batch-size {batch_size} (batch_size= in Python): must be "
+                            f"1 to {MAX_BATCH:,}.", hint="32 to 256 suits most machines.")
+    return resolve_workers(workers, per_machine)
+
+
 def find_bundle(model: str | Path) -> Path:
     """A bundle directory or file, or a run directory holding one in `model/`."""
     path = Path(model)
@@ -142,12 +151,8 @@ class Predictor:
                  batch_size: int = BATCH_SIZE, workers: int | None = None, runtime: str = "auto",
                  progress: bool = False, fabric=None, unknown_score: str | None = None):
         check_default_dtype()
-        if not 1 <= batch_size <= MAX_BATCH:  # (99999999999999999999 overflowed islice)
-            raise WingspanError(f"--batch-size {batch_size} (batch_size= in Python): must be "
-                                f"1 to {MAX_BATCH:,}.", hint="32 to 256 suits most machines.")
-        # Before the model loads: -1, or 514 for 4, is refused as train's --workers is.
         per_machine = getattr(fabric.strategy, "num_processes", 1) if fabric else 1
-        self.workers = resolve_workers(workers, per_machine)
+        self.workers = check_reading(batch_size, workers, per_machine)
         self.bundle = find_bundle(model)
         self.model, self.manifest, self.unknown = load_bundle(self.bundle, with_unknown=True)
         if unknown_score and self.unknown is None:

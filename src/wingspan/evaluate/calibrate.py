@@ -29,7 +29,7 @@ from wingspan.evaluate.run import (
     predicted_classes,
 )
 from wingspan.files import check_writable, real_paths
-from wingspan.inference import Predictor, find_bundle, run_dir_of
+from wingspan.inference import Predictor, check_reading, find_bundle, run_dir_of
 from wingspan.models.bundle import update_manifest
 from wingspan.training.folder import (
     adapted_photos,
@@ -76,7 +76,7 @@ def calibrate(model: str | Path, data: str | Path | None = None, split: str | No
     DATA's images of the model's classes under other names (the same names match anyway);
     the images of classes the model does not know are left out."""
     check_no_split_name(data)
-    with _one_at_a_time(model):
+    with _one_at_a_time(model, batch_size, workers):
         predictor = Predictor(model, device=device, batch_size=batch_size, workers=workers,
                               progress=progress, precision=precision, runtime=runtime)
         run_dir = run_dir_of(predictor.bundle)
@@ -161,11 +161,13 @@ def check_enough_to_calibrate(readable: int, given: int, split: str, manifest: d
 
 
 @contextlib.contextmanager
-def _one_at_a_time(model: str | Path):
+def _one_at_a_time(model: str | Path, batch_size: int, workers: int | None):
     """Hold the model's calibrate lock while a calibration reads the bundle and stores
     what it fitted: a `calibrate --unknown` that ended after a `calibrate` begun later
     wrote back the temperature it had read, and the new one was lost without a word (each
-    fits at what the other stores). Checks first that the bundle can be written."""
+    fits at what the other stores). Checks first the settings and that the bundle can be
+    written."""
+    check_reading(batch_size, workers)
     bundle = find_bundle(model)
     folder = bundle if bundle.is_dir() else bundle.parent
     check_bundle_writable(bundle, "calibrate stores what it fits there")
@@ -207,7 +209,7 @@ def fit_unknown(model: str | Path, rate: float | None = None, score: str | None 
     if score is not None and score not in UNKNOWN_SCORES:
         raise WingspanError(f"Unknown score '{score}'.",
                             hint=f"Use one of: {', '.join(UNKNOWN_SCORES)}.")
-    with _one_at_a_time(model):
+    with _one_at_a_time(model, batch_size, workers):
         predictor = Predictor(model, device=device, batch_size=batch_size, workers=workers,
                               progress=progress, precision=precision, runtime=runtime)
         purpose = "the unknown scores are fitted on"
