@@ -58,6 +58,8 @@ SPLITS = ("train", "val", "test")
 # Where `wingspan train` writes its runs (--runs-dir) and `wingspan runs` lists them.
 RUNS_DIR = "runs"
 TOP_K = 3  # classes a prediction lists (a server's answer: ServeLimits.top_k)
+# Where `wingspan serve` listens unless told (this machine only)
+SERVE_HOST, SERVE_PORT = "127.0.0.1", 8000
 # `wingspan data preview`'s grid: classes shown (one image each), augmented views of each
 PREVIEW_ROWS, PREVIEW_VIEWS = 6, 5
 

@@ -16,7 +16,7 @@ from wingspan.cli.data import print_split
 from wingspan.cli.evaluate import print_evaluation
 from wingspan.cli.options import Panel, Quiet, check_folder
 from wingspan.cli.train import print_run
-from wingspan.config import DemoConfig, SplitConfig, TrainConfig, to_dict
+from wingspan.config import SERVE_HOST, SERVE_PORT, DemoConfig, SplitConfig, TrainConfig, to_dict
 from wingspan.errors import WingspanError, counted, quoted
 
 
@@ -102,7 +102,7 @@ def demo(
     command, photo = _wingspan_command(), next(iter(sorted(data_dir.rglob("*.jpg"))), data_dir)
     run, photo = quoted(run_dir), quoted(photo)  # (pasted into a shell)
     for line, what in ((f"predict {run} {photo}", "a class and its probability per photo"),
-                       (f"serve {run}", "a web page and an HTTP API at 127.0.0.1:8000"),
+                       (f"serve {run}", f"a web page and an HTTP API at {SERVE_HOST}:{SERVE_PORT}"),
                        ("train PHOTOS", "your own photos, a folder per class")):
         out.print(f"  {plain(command)} {plain(line)}\n      ({what})")
 

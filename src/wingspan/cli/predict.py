@@ -38,7 +38,7 @@ from wingspan.cli.options import (
     check_folder,
     check_not_stdout,
 )
-from wingspan.config import TOP_K, ServeLimits, TrainConfig
+from wingspan.config import SERVE_HOST, SERVE_PORT, TOP_K, ServeLimits, TrainConfig
 from wingspan.errors import WingspanError, counted
 
 T = TrainConfig  # defaults shown in --help come from the one config
@@ -225,9 +225,9 @@ def serve_command(
     ctx: typer.Context,
     model: Model,
     host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine "
-                                      "only).", rich_help_panel=Panel.SERVER)] = "127.0.0.1",
+                                      "only).", rich_help_panel=Panel.SERVER)] = SERVE_HOST,
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port.",
-                                      rich_help_panel=Panel.SERVER)] = 8000,
+                                      rich_help_panel=Panel.SERVER)] = SERVE_PORT,
     device: DeviceOpt = T.device,
     precision: Precision = T.precision,
     runtime: Runtime = T.runtime,

@@ -9,6 +9,7 @@ import torch
 from timm.data import resolve_model_data_config
 from torch import nn
 
+from wingspan.config import TrainConfig
 from wingspan.models.backbone import Backbone
 from wingspan.models.heads import ClassifierHead, HeadConfig
 from wingspan.models.registry import BackboneSpec, get_spec
@@ -75,7 +76,7 @@ class Classifier(nn.Module):
     frozen backbone's output can be computed once and cached."""
 
     def __init__(self, backbone: str, outputs: dict[str, int], hidden: int | None = None,
-                 dropout: float = 0.2, input_size: int | None = None):
+                 dropout: float = TrainConfig.dropout, input_size: int | None = None):
         super().__init__()
         self.spec = get_spec(backbone)
         self.backbone = Backbone(self.spec)

@@ -7,7 +7,7 @@ from pathlib import Path
 import timm
 from torch import nn
 
-from wingspan.config import DEFAULT_BACKBONE, OFFLINE_BACKBONES
+from wingspan.config import DEFAULT_BACKBONE, OFFLINE_BACKBONES, TrainConfig
 from wingspan.errors import WingspanError
 from wingspan.models.classifier import Classifier
 from wingspan.models.registry import get_spec
@@ -58,7 +58,7 @@ def choose_backbone(backbone: str, weights: str | Path | None = "auto") -> tuple
 
 
 def create_classifier(backbone: str, outputs: dict[str, int], weights: str | Path | None = "auto",
-                      hidden: int | None = None, dropout: float = 0.2
+                      hidden: int | None = None, dropout: float = TrainConfig.dropout
                       ) -> tuple[Classifier, LoadedWeights | None]:
     """A new classifier head on a pretrained backbone; returns the model and the weights'
     source (None for random initialisation). A wingspan model's resized backbone (a ViT

@@ -7,13 +7,15 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from wingspan.config import TrainConfig
+
 
 @dataclass
 class HeadConfig:
     in_features: int
     outputs: dict[str, int]  # level -> number of classes (one level now; more for taxonomy)
     hidden: int | None = None  # an optional hidden layer before the outputs
-    dropout: float = 0.2
+    dropout: float = TrainConfig.dropout
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -14,7 +14,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from wingspan.config import ServeLimits
+from wingspan.config import SERVE_HOST, SERVE_PORT, ServeLimits
 from wingspan.errors import WingspanError, first_line
 from wingspan.serve.app import create_app
 
@@ -92,7 +92,7 @@ def _this_machine_only(host: str) -> bool:
         return host == "localhost"
 
 
-def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000,
+def serve(model: str | Path, host: str = SERVE_HOST, port: int = SERVE_PORT,
           limits: ServeLimits | None = None, device: str = "auto", precision: str = "auto",
           runtime: str = "auto", access_log: bool = True) -> None:
     import uvicorn
