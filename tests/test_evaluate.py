@@ -227,6 +227,43 @@ def test_two_calibrates_of_one_model_at_once_are_refused(trained, tmp_path, run_
         assert code == 0, err
 
 
+def test_a_run_started_from_another_runs_weights_is_not_fair_on_that_runs_images(demo_dir,
+                                                                                tmp_path):
+    """A run started from another's checkpoint (--weights, as resume's hint says to do when
+    the data changed) splits the data afresh: its test split held images the first run
+    trained on, and evaluate called it "never trained or chosen on"."""
+    split = {"val_fraction": 0.2, "test_fraction": 0.2, "epochs_finetune": 0}
+    first = train(read_dataset(demo_dir), tiny(tmp_path, **split), tmp_path / "runs", "first",
+                  quiet=True)
+    weights = str(first / "checkpoints" / "last.pt")
+    theirs = pd.read_csv(first / "splits.csv")
+    seen = set(theirs.loc[theirs["split"] != "test", "path"])
+    # Split afresh (another seed, other sides): the first run's images stay out of test
+    second = train(read_dataset(demo_dir), tiny(tmp_path, seed=1, weights=weights, **split),
+                   tmp_path / "runs", "second", quiet=True)
+    assert read_manifest(second / "model")["training"]["started_from"] == str(first.resolve())
+    mine = pd.read_csv(second / "splits.csv")
+    assert (mine["split"] == "test").sum() and \
+        not mine.loc[mine["split"] == "test", "path"].isin(seen).any()
+    assert re.search(r"\d+ images that .*first \(whose weights this run starts from\) "
+                     r"trained or chose on went to train, not test",
+                     (second / "train.log").read_text())
+    assert evaluate(second, progress=False, workers=0, plots=False).metrics["fair"].startswith(
+        "yes: the test split was never trained or chosen on")
+    # Data whose own split puts them in test: not fair, and said why
+    given = theirs.assign(split=np.where(theirs["split"] == "train", "test", "train"))
+    given.loc[theirs["split"] == "val", "split"] = "val"
+    given.to_csv(tmp_path / "given.csv", index=False)
+    third = train(read_dataset(tmp_path / "given.csv"), tiny(tmp_path, weights=weights,
+                                                             **split),
+                  tmp_path / "runs", "third", quiet=True)
+    tested = int((given["split"] == "test").sum())
+    fair = evaluate(third, progress=False, workers=0, plots=False).metrics["fair"]
+    assert fair.startswith(f"no: this run started from the weights of {first.resolve()} "
+                           f"(--weights), which was trained or chose its best epoch on "
+                           f"{tested} of these {tested} images"), fair
+
+
 def test_calibrate_says_what_keeps_the_old_calibration(trained, tmp_path, run_cli):
     """An export carries the temperature and thresholds it was made with, a running server
     those it loaded: calibrate changed the bundle alone, and nothing said the rest had not

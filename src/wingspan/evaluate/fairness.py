@@ -48,6 +48,34 @@ def own_splits(dataset: Dataset, data, run_dir: Path | None) -> pd.DataFrame | N
         return None
 
 
+def _seen_by_source_run(manifest: dict, evaluated: set[str]) -> int:
+    """How many of the `evaluated` (real paths) the run whose weights this one started from
+    (`--weights RUN`, and the run it started from, and so on) trained or chose on: a new
+    run split its data afresh and put 17 of the first run's training images in its test
+    split, which evaluate called never seen."""
+    seen: set[str] = set()
+    source, runs = (manifest.get("training") or {}).get("started_from"), set()
+    while source and source not in runs and (Path(source) / SPLITS_FILE).is_file():
+        runs.add(source)
+        try:
+            table = read_dataset(Path(source) / SPLITS_FILE, ReadConfig(check_files=False)).table
+        except WingspanError:  # (not this evaluation's concern: as own_splits)
+            break
+        seen.update(real_paths(table.loc[table[SPLIT].isin(["train", "val"]), "path"]))
+        source = _started_from(Path(source))
+    return len(evaluated & seen)
+
+
+def _started_from(run_dir: Path) -> str | None:
+    """The run a run's weights came from, as its bundle records it."""
+    from wingspan.models.bundle import read_manifest
+
+    try:
+        return (read_manifest(run_dir / "model").get("training") or {}).get("started_from")
+    except (WingspanError, OSError):
+        return None
+
+
 def comparable_groups(groups: pd.Series, dataset: Dataset, data, run_dir: Path | None
                        ) -> list[str] | None:
     """The evaluated images' groups (an ETHEC specimen's barcode, an observation) where they
@@ -207,6 +235,12 @@ def fairness_verdict(manifest: dict, split: str, data, paths: list[str],
                 + (f"; {copies} of them as copies in another place" if copies else "") + "), "
                 "so these figures are optimistic: evaluate it on photos that were not given "
                 "to adapt")
+    if inherited := _seen_by_source_run(manifest, evaluated):
+        source = manifest["training"]["started_from"]
+        return (f"no: this run started from the weights of {source} (--weights), which was "
+                f"trained or chose its best epoch on {inherited} of these "
+                f"{len(evaluated)} images, so these figures are optimistic: evaluate it on "
+                "images neither run saw")
     if own is None:  # (a model bundle copied without its run folder: no splits.csv)
         return ("unknown: this model came without its run folder, whose splits.csv says "
                 "which images it was trained or chosen on; the figures are fair only if this "

@@ -235,6 +235,25 @@ def _not_weights(weights: str, path: Path) -> WingspanError:
 BACKBONE_PREFIX = "backbone.net."  # a bundle's backbone tensors (timm's keys after it)
 
 
+def source_run(loaded: LoadedWeights | None) -> str:
+    """The run folder (absolute) whose checkpoint or model `loaded` came from, where it
+    keeps its splits.csv; "" for weights from anywhere else."""
+    if loaded is None or loaded.source not in ("wingspan-checkpoint", "wingspan-model"):
+        return ""
+    return run_of_weights(loaded.location)
+
+
+def run_of_weights(weights: str) -> str:
+    """The run folder (absolute) that holds `weights` (--weights: a run, its bundle, a
+    checkpoint), where it keeps its splits.csv; "" for anything else."""
+    if weights in ("auto", "none") or not weights:
+        return ""
+    path = Path(weights).expanduser().resolve()
+    # (checkpoints/last.pt, model/model.safetensors: two up; model/: one; the run itself)
+    return next((str(folder) for folder in (path.parent.parent, path.parent, path)
+                 if (folder / "splits.csv").is_file()), "")
+
+
 def checkpoint_run_settings(path: str | Path) -> dict | None:
     """The config.yaml of the run whose checkpoints/ folder holds `path` (its backbone and
     size), or None for any other file."""

@@ -75,6 +75,9 @@ class RunState:
     epoch_skipped: int | None = None
     # Where the backbone's first weights came from: a resumed run loads none of its own.
     weights_source: str = ""
+    # The run folder (absolute) whose checkpoint or model they were, where it keeps its
+    # splits.csv: its train and val images are no fair test of this run either.
+    started_from: str = ""
     # The size the model was built at when not --image-size's: a resized ViT's whose weights
     # it started from (--weights RUN), which a resume, loading no weights, must build again.
     input_size: int | None = None

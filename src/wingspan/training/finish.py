@@ -120,6 +120,8 @@ def _write_results(run: Run) -> None:
     taxonomy = run.data.taxonomy.to_dict() if run.data.taxonomy else None
     training = json.loads(json.dumps(dataclasses.asdict(run.config)))
     training["rare_classes"] = run.data.rare
+    if run.state.started_from:  # (--weights RUN: its images are no fair test of this one)
+        training["started_from"] = run.state.started_from
     training["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     run.model.eval()
     inference = _check_lossy(run)

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 import torch
 
-from wingspan.config import AugmentConfig, SplitConfig, TrainConfig, default_cache_dir
+from wingspan.config import (
+    AugmentConfig,
+    ReadConfig,
+    SplitConfig,
+    TrainConfig,
+    default_cache_dir,
+)
+from wingspan.data import read_dataset
 from wingspan.data.leaks import find_leaks, repair_leaks
 from wingspan.data.samples import PATH, SPLIT, Dataset, renamed, split_by
 from wingspan.data.sampling import capped_classes, undersample
@@ -18,10 +26,13 @@ from wingspan.data.split import SplitReport, split_dataset
 from wingspan.data.taxonomy import TAXONOMY_FILE, Taxonomy
 from wingspan.data.transforms import eval_transform, train_transform
 from wingspan.errors import WingspanError, counted, some
+from wingspan.files import real_paths
 from wingspan.models.classifier import Preprocessing
+from wingspan.models.weights import run_of_weights
 from wingspan.training.context import TrainData
 from wingspan.training.data import LabelledImages
 from wingspan.training.decode_cache import DecodeCache
+from wingspan.training.folder import SPLITS_FILE
 
 
 def ensure_splits(dataset: Dataset, level: str, config: TrainConfig,
@@ -34,6 +45,7 @@ def ensure_splits(dataset: Dataset, level: str, config: TrainConfig,
             f"'{level}' (val {config.val_fraction}, test {config.test_fraction})")
         split, report = split_dataset(dataset, level, SplitConfig(
             config.val_fraction, config.test_fraction, config.seed))
+        _keep_source_runs_images_out_of_test(split, config, log)
         _say_split_made(report, config, log)
         if report.train_only:
             log(f"{counted(len(report.train_only), 'class has', 'classes have')} too few "
@@ -290,6 +302,28 @@ def plan_labels(dataset: Dataset, levels: list[str], config: TrainConfig, log=pr
                                  coarser=levels[-2] if len(levels) > 1 and not rare else None)
     return LabelPlan(table, levels, classes, taxonomy, rare,
                      int((dataset.table[SPLIT] == "test").sum()))
+
+
+def _keep_source_runs_images_out_of_test(split: Dataset, config: TrainConfig, log) -> None:
+    """A run started from another run's weights (--weights RUN, as resume's hint says to do
+    when the data changed) splits the data afresh: the images that run trained or chose on
+    and this split put in test go to train, or the test split would not be unseen."""
+    source = run_of_weights(config.weights)
+    if not source:
+        return
+    try:
+        theirs = read_dataset(Path(source) / SPLITS_FILE, ReadConfig(check_files=False)).table
+    except WingspanError:
+        return
+    seen = set(real_paths(theirs.loc[theirs[SPLIT].isin(["train", "val"]), PATH]))
+    table = split.table
+    moved = ((table[SPLIT] == "test")
+             & pd.Series(real_paths(table[PATH]), index=table.index).isin(seen))
+    if moved.any():
+        table.loc[moved, SPLIT] = "train"
+        log(f"{counted(int(moved.sum()), 'image')} that {source} (whose weights this run "
+            "starts from) trained or chose on went to train, not test: the test split holds "
+            "none of them")
 
 
 def _say_split_made(report: SplitReport, config: TrainConfig, log) -> None:

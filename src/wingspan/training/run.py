@@ -56,6 +56,7 @@ from wingspan.models.factory import choose_backbone
 from wingspan.models.policy import Policy, check_engine_settings, settings_with_environment
 from wingspan.models.runtime import forget_sessions
 from wingspan.models.unknown import UNKNOWN
+from wingspan.models.weights import source_run
 from wingspan.parallel import Processes, check_default_dtype, lost_peer_said, peer_lost, rank_seed
 from wingspan.training.context import Run, RunState
 from wingspan.training.data import resolve_workers, room_for_workers
@@ -500,7 +501,7 @@ def start_run(run_dir: Path, config: TrainConfig, dataset: Dataset, quiet: bool,
     model.backbone.train_bn = config.train_bn
     state = RunState(**checkpoint["state"]) if checkpoint else RunState(
         weights_source=loaded.describe() if loaded else config.weights,
-        input_size=loaded.input_size if loaded else None)
+        started_from=source_run(loaded), input_size=loaded.input_size if loaded else None)
     if config.image_size or state.input_size:  # (a size asked for is tried first)
         model.set_input_size(config.image_size or state.input_size,
                              check=bool(config.image_size) and not checkpoint)
