@@ -264,6 +264,28 @@ def test_a_run_started_from_another_runs_weights_is_not_fair_on_that_runs_images
                            f"{tested} of these {tested} images"), fair
 
 
+def test_a_class_folder_renamed_since_training_is_no_proof_of_fair_figures(demo_dir,
+                                                                           tmp_path):
+    """After a class folder was renamed, its images evaluated with --map (34 of 40 the run
+    had trained or chosen on) were called "nor a byte-for-byte copy of one, whatever its
+    name": the run's own files were gone, so no copy could be looked for, and only the
+    first 50 of them were checked for that."""
+    data = shutil.copytree(demo_dir, tmp_path / "data")
+    run = train(read_dataset(data), tiny(tmp_path, epochs_finetune=0), tmp_path / "runs", "r",
+                quiet=True)
+    folder = sorted(p for p in data.iterdir() if p.is_dir())[-1]  # (past the first 50 paths)
+    folder.rename(data / "renamed")
+    (tmp_path / "only").mkdir()
+    shutil.copytree(data / "renamed", tmp_path / "only" / "renamed")
+    fair = evaluate(run, tmp_path / "only", class_map={folder.name: "renamed"}, progress=False,
+                    workers=0, plots=False).metrics["fair"]
+    splits = pd.read_csv(run / "splits.csv")
+    gone = int((splits["path"].str.contains(f"/{folder.name}/")
+                & (splits["split"] != "test")).sum())
+    assert fair.startswith("yes, as far as can be told") and \
+        f"{gone} of them are not where its splits.csv says" in fair, fair
+
+
 def test_calibrate_says_what_keeps_the_old_calibration(trained, tmp_path, run_cli):
     """An export carries the temperature and thresholds it was made with, a running server
     those it loaded: calibrate changed the bundle alone, and nothing said the rest had not
@@ -1654,8 +1676,10 @@ def test_a_copy_or_a_move_of_the_runs_own_images_is_not_called_fair(tmp_path):
     # whether the run's own file is there or gone (one name of four is no move).
     write_image(tmp_path / "other" / "a" / "t1.jpg", seed=9)
     assert fair(tmp_path / "other", ["t1.jpg"]).startswith("yes: none of these files")
-    (tmp_path / "data" / "a" / "t1.jpg").unlink()
-    assert fair(tmp_path / "other", ["t1.jpg"]).startswith("yes: none of these files")
+    (tmp_path / "data" / "a" / "t1.jpg").unlink()  # (a copy of it can no more be looked for)
+    assert fair(tmp_path / "other", ["t1.jpg"]).startswith(
+        "yes, as far as can be told: none of these files")
+    assert "1 of them is not where its splits.csv says" in fair(tmp_path / "other", ["t1.jpg"])
     # The run's own test split, a train file deleted since: its own files, fair.
     assert fairness_verdict({}, "test", None, [own["path"].iloc[-1]], own, run_dir=run,
                      data_root=tmp_path / "data").startswith("yes: the test split")
