@@ -170,7 +170,7 @@ def test_runs_frame_lists_each_run_with_values_from_its_files(runs_dir, finished
                      "best_epoch": metrics["best"]["epoch"],
                      "held_out_split": "test",
                      "held_out_macro_f1": round(evaluation["macro"]["f1"], 5),
-                     "held_out_images": evaluation["images"],
+                     "held_out_images": evaluation["images"], "held_out_unreadable": 0,
                      "train_seconds": round(sum(metrics["stage_seconds"].values()), 1),
                      "path": str(runs_dir / "seed0")}
     seed1 = rows["[red]seed1"]
@@ -193,6 +193,13 @@ def test_runs_frame_lists_each_run_with_values_from_its_files(runs_dir, finished
     # Scored on photos it adapted on, the figure is not fair: said so, not "not evaluated"
     # (evaluating again would say the same).
     from wingspan.cli.runs import _held_out
+
+    # A figure of part of the split (4 of its images gone since) says of how many
+    part = {**evaluation, "unreadable": [["gone.jpg", "No such file"]] * 4}
+    (runs_dir / "adapted" / "evaluation-test" / "metrics.json").write_text(json.dumps(part))
+    row = ws.runs(runs_dir).set_index("name").loc["adapted"]
+    assert _held_out(row) == (f"{round(evaluation['macro']['f1'], 5):.4f} "
+                              f"({evaluation['images']} of {evaluation['images'] + 4})")
 
     unfair = {**evaluation, "fair": "no: `wingspan adapt` refitted this model on 3 of these"}
     (runs_dir / "adapted" / "evaluation-test" / "metrics.json").write_text(json.dumps(unfair))

@@ -39,11 +39,11 @@ from wingspan.training.folder import (
 
 COLUMNS = ["name", "status", "detail", "data", "backbone", "levels", "image_size", "seed",
            "selection", "val_macro_f1", "held_out_split", "held_out_macro_f1",
-           "held_out_images", "held_out_evaluated", "best_stage", "best_epoch", "train_seconds",
-           "created", "path"]
+           "held_out_images", "held_out_unreadable", "held_out_evaluated", "best_stage",
+           "best_epoch", "train_seconds", "created", "path"]
 # Sorted best first; every other column in ascending order (names, dates, seeds...).
 BEST_FIRST = ("val_macro_f1", "held_out_macro_f1")
-INTEGERS = ("image_size", "seed", "best_epoch", "held_out_images")
+INTEGERS = ("image_size", "seed", "best_epoch", "held_out_images", "held_out_unreadable")
 FIGURES = BEST_FIRST + ("train_seconds",)
 DONE, TRAINING, STOPPED, SET_UP = "done", "training now", "stopped (resumable)", \
     "left over: killed while set up"
@@ -298,9 +298,11 @@ def _held_out_figure(run_dir: Path, split: str) -> dict:
         # (to the 5 places of history.csv's val figure beside it: unrounded, the same 1/14
         # read as a val figure above the held-out one)
         kept = bool(evaluation) and fair
+        # (and those of the split it could not read: gone since, a class folder renamed)
         return {"held_out_macro_f1": round(float(evaluation["macro"]["f1"]), 5) if kept
                 else None, "held_out_images": int(evaluation["images"]) if kept else None,
-                "held_out_evaluated": bool(evaluation)}
+                "held_out_unreadable": len(evaluation.get("unreadable") or ()) if kept
+                else None, "held_out_evaluated": bool(evaluation)}
     except (KeyError, TypeError, ValueError) as e:
         raise Damaged(f"{name} is not one wingspan wrote ({first_line(e)})") from e
 

@@ -146,8 +146,10 @@ def _held_out(row: dict) -> str:
     from wingspan.run_table import ADAPTED, DONE
 
     if _given(row["held_out_macro_f1"]):
+        images, unread = row.get("held_out_images"), row.get("held_out_unreadable")
         return f"{row['held_out_macro_f1']:.4f}" + (
-            f" ({row['held_out_images']:.0f})" if _given(row.get("held_out_images")) else "")
+            "" if not _given(images) else f" ({images:.0f} of {images + unread:.0f})"
+            if _given(unread) and unread else f" ({images:.0f})")
     if row["status"] not in (DONE, ADAPTED):
         return ""
     if not _given(row["held_out_split"]):
