@@ -17,6 +17,7 @@ from test_train import tiny
 from wingspan.data import read_dataset
 from wingspan.errors import WingspanError
 from wingspan.evaluate.calibrate import calibrate
+from wingspan.evaluate.calibrate import fit_unknown as calibrate_unknown
 from wingspan.evaluate.calibration import MIN_CALIBRATION_IMAGES, calibrate_warnings
 from wingspan.evaluate.run import evaluate
 from wingspan.evaluate.wording import unreadable_wording
@@ -1983,6 +1984,21 @@ def test_a_run_whose_data_moved_says_where_its_paths_are(trained, tmp_path):
     with pytest.raises(WingspanError, match="could be read") as e:
         evaluate(copy, progress=False, workers=0, plots=False)
     assert f"not where {splits} says" in e.value.hint and "sed 's|" in e.value.hint
+    # calibrate said "None of the 29 images of the 'val' split could be read." alone
+    with pytest.raises(WingspanError, match="could be read") as e:
+        calibrate(copy, progress=False, workers=0)
+    assert e.value.hint.endswith("and calibrate again.") and f"not where {splits} says" in \
+        e.value.hint
+    # adapt and calibrate --unknown blamed splits.csv ("has no usable images")
+    from wingspan.training.adapt import adapt
+
+    photo = pd.read_csv(trained / "splits.csv")["path"].iloc[0]
+    for refit in (lambda: adapt(copy, [photo], out=tmp_path / "a", progress=False, workers=0),
+                  lambda: calibrate_unknown(copy, progress=False, workers=0)):
+        with pytest.raises(WingspanError, match=f"The run's own images, which .* are not "
+                           f"where {re.escape(str(splits))} says") as e:
+            refit()
+        assert "sed 's|" in e.value.hint
 
 
 def test_a_bundle_without_its_run_folder_is_not_called_fair(trained, tmp_path, run_cli):

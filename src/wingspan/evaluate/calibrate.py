@@ -11,7 +11,7 @@ import pandas as pd
 
 from wingspan.config import BATCH_SIZE, UNKNOWN_SCORES, TrainConfig
 from wingspan.data.samples import SPLIT
-from wingspan.errors import WingspanError, counted, none_read
+from wingspan.errors import WingspanError, counted
 from wingspan.evaluate.calibration import MIN_CALIBRATION_IMAGES, calibration_record
 from wingspan.evaluate.fairness import (
     PHOTO_SUM_DIGITS,
@@ -26,6 +26,7 @@ from wingspan.evaluate.run import (
     check_split,
     evaluation_dataset,
     known_rows,
+    nothing_read,
     predicted_classes,
 )
 from wingspan.files import check_writable, real_paths
@@ -91,7 +92,8 @@ def calibrate(model: str | Path, data: str | Path | None = None, split: str | No
         preds = list(predictor.run(rows["path"].tolist(), progress=progress))
         ok = [i for i, p in enumerate(preds) if not p.error]
         if not ok:
-            raise WingspanError(none_read(len(preds), "image", f" of the '{split}' split") + ".")
+            raise nothing_read([(p.path, p.error) for p in preds], split, data, run_dir,
+                               "calibrate")
         check_enough_to_calibrate(len(ok), len(preds), split, predictor.manifest)
         index = {c: i for i, c in enumerate(predictor.classes)}
         y = rows["_label"].map(index).to_numpy()[ok]

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from wingspan.config import ReadConfig
 from wingspan.data import read_dataset
 from wingspan.data.samples import SPLIT, renamed
 from wingspan.errors import WingspanError, none_read
@@ -43,6 +44,24 @@ def trained_seed(predictor: Predictor) -> int:
     return int((predictor.manifest.get("training") or {}).get("seed") or 0)
 
 
+def _own_table(run_dir: Path, purpose: str) -> pd.DataFrame:
+    """The run's splits.csv, its images read; where none is where it says (the data moved
+    since the run trained), said so with what to do: the CSV reader's "no usable images"
+    blamed splits.csv and said nothing of the move."""
+    try:
+        return read_dataset(run_dir / SPLITS_FILE).table
+    except WingspanError as e:
+        listed = read_dataset(run_dir / SPLITS_FILE, ReadConfig(check_files=False)).table
+        if len(listed) and not any(Path(p).exists() for p in listed["path"][:20]):
+            raise WingspanError(
+                f"The run's own images, which {purpose}, are not where "
+                f"{run_dir / SPLITS_FILE} says (e.g. {listed['path'].iloc[0]}).",
+                hint="If the data moved, write its new place into that file's paths (they "
+                     "are absolute; e.g. sed 's|/old/place|/new/place|'), and run the "
+                     "command again.") from e
+        raise
+
+
 def own_images(predictor: Predictor, purpose: str, per_class: bool = False,
                seed: int | None = None, progress: bool = True) -> dict[str, Labelled]:
     """The run's "train" and "val" images with their features. Past MAX_FIT_IMAGES training
@@ -53,7 +72,7 @@ def own_images(predictor: Predictor, purpose: str, per_class: bool = False,
     run_dir = run_folder(predictor, purpose)
     seed = trained_seed(predictor) if seed is None else seed
     levels, manifest = predictor.model.levels, predictor.manifest
-    table = read_dataset(run_dir / SPLITS_FILE).table
+    table = _own_table(run_dir, purpose)
     spelt = spelt_as_trained(predictor)  # as training named them
     table = table.assign(**{lv: renamed(table[lv], spelt.get(lv, {})) for lv in levels})
     table[levels[-1]] = renamed(table[levels[-1]], predictor.rare)

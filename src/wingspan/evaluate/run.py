@@ -153,15 +153,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
         ok = [i for i, p in enumerate(preds) if not p.error]
         failed = [(p.path, p.error) for p in preds if p.error]
         if not ok:
-            data_moved = data is None and run_dir is not None and not any(
-                os.path.exists(p) for p in paths[:20])  # since the run
-            raise WingspanError(
-                none_read(len(preds), "image", f" of the '{split}' split", example=failed[0][1]),
-                hint=(f"The run's images are not where {run_dir / SPLITS_FILE} says: if the "
-                      "data moved, write its new place into that file's paths (they are "
-                      "absolute; e.g. sed 's|/old/place|/new/place|'), and evaluate again."
-                      if data_moved else "Check the files (`wingspan data inspect DATA` lists "
-                      "unreadable ones), or evaluate another split with --split."))
+            raise nothing_read(failed, split, data, run_dir, "evaluate")
         index = {c: i for i, c in enumerate(predictor.classes)}
         y = rows["_label"].map(index).to_numpy()[ok]
         logits = np.stack([preds[i].view_logits for i in ok])  # (images, views, classes)
@@ -489,6 +481,22 @@ def _answer_figures(named: np.ndarray, right: np.ndarray) -> dict:
     return {"named": float(named.mean()),
             "accuracy_when_named": float(right[named].mean()) if named.any() else None,
             "named_wrongly": float((named & ~right).mean())}
+
+
+def nothing_read(failed: list[tuple[str, str]], split: str, data, run_dir: Path | None,
+                 verb: str) -> WingspanError:
+    """The error for a split of which no image could be read (`failed`: (path, why) of
+    each), which says where the run's own images went when they are not where its
+    splits.csv says (the data moved since the run trained)."""
+    moved = data is None and run_dir is not None and not any(
+        os.path.exists(path) for path, _ in failed[:20])
+    return WingspanError(
+        none_read(len(failed), "image", f" of the '{split}' split", example=failed[0][1]),
+        hint=(f"The run's images are not where {run_dir / SPLITS_FILE} says: if the data "
+              "moved, write its new place into that file's paths (they are absolute; e.g. "
+              f"sed 's|/old/place|/new/place|'), and {verb} again." if moved else
+              "Check the files (`wingspan data inspect DATA` lists unreadable ones), or "
+              f"{verb} on another split with --split."))
 
 
 def check_split(dataset: Dataset, split: str) -> None:
