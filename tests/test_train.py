@@ -19,6 +19,7 @@ from helpers import (
     folder_dataset,
     kill_at_first_finetune_row,
     wait_for_finetune_epochs,
+    write_image,
 )
 from PIL import Image
 
@@ -1999,6 +2000,29 @@ def test_a_run_resumed_after_images_broke_mid_fine_tuning_ends_alike(demo_dir, t
     pd.testing.assert_frame_equal(got[NUMBERS], ref[NUMBERS], atol=1e-4, rtol=0)
 
 
+def test_a_resumed_run_says_a_label_fixed_in_its_csv_since_is_not_taken(tmp_path,
+                                                                         monkeypatch):
+    """A label mended in the labels CSV between a kill and the resume: the resumed run
+    trained on the old one without a word."""
+    data = folder_dataset(tmp_path / "data", {"a": 8, "b": 8})
+    table = pd.DataFrame({"path": sorted(str(p) for p in data.rglob("*.jpg"))})
+    table["label"] = table["path"].map(lambda p: Path(p).parent.name)
+    table.to_csv(tmp_path / "labels.csv", index=False)
+    kill_at_first_finetune_row(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        train(read_dataset(tmp_path / "labels.csv"), tiny(tmp_path, epochs_head=1,
+                                                          epochs_finetune=1),
+              tmp_path / "runs", "r", quiet=True)
+    monkeypatch.undo()
+    table.loc[0, "label"] = "b"  # (an a, fixed)
+    table.to_csv(tmp_path / "labels.csv", index=False)
+    resume(tmp_path / "runs" / "r", quiet=True)
+    log = (tmp_path / "runs" / "r" / "train.log").read_text()
+    assert f"has changed since this run began: 1 image has another label (e.g. " \
+           f"{table['path'][0]}: a -> b): a resumed run keeps the labels and split it began " \
+           "with. Train a new run to use them." in log, log
+
+
 def test_a_resumed_run_says_so_and_does_not_repeat_what_it_said_once(tmp_path, monkeypatch):
     """train.log reads top to bottom: after "Resuming ...", the lines said once at the
     start (the image counts, the class weighting) are not said again as if new."""
@@ -2011,11 +2035,15 @@ def test_a_resumed_run_says_so_and_does_not_repeat_what_it_said_once(tmp_path, m
     monkeypatch.undo()
     run_dir = tmp_path / "runs" / "r"
     folder_dataset(data / "c_added", {"": 5})  # a species added to the data since
+    for i in range(2):  # and photos of a class it trains on (said neither, once)
+        write_image(data / "b" / f"new_{i}.jpg", seed=40 + i)
     resume(run_dir, quiet=True)
     lines = [line.partition(" ")[2] for line in (run_dir / "train.log").read_text()
              .splitlines()]
     assert f"{data} now holds 1 class this run does not train on (c_added: 5 images): a " \
            "resumed run keeps the classes and split it began with." in "\n".join(lines)
+    assert f"{data} has changed since this run began: 2 new images of its classes: a " \
+           "resumed run keeps the labels and split it began with." in "\n".join(lines)
     for once in ("training and", "Training on", "Class-weighted loss now off",
                  "Resuming"):
         assert sum(line.startswith(once) or f" {once} " in f" {line}" for line in lines) == 1, (

@@ -222,8 +222,10 @@ def _later_calibration(run_dir: Path) -> str | None:
 
 
 def _note_classes_added(run: Run, dataset: Dataset, config: TrainConfig) -> None:
-    """A resumed run keeps the split and the classes it began with: a class folder added
-    to its data since is not trained on. Said, rather than left out without a word."""
+    """A resumed run keeps the split, the classes and the labels it began with: a class
+    folder added to its data since is not trained on, nor a new image of its classes, and
+    an image relabelled since (a label fixed in the CSV) keeps its old label. Said, rather
+    than left as it was without a word."""
     root = trained_on(run.dir)
     if not root or not os.path.exists(root):
         return
@@ -239,6 +241,20 @@ def _note_classes_added(run: Run, dataset: Dataset, config: TrainConfig) -> None
                 f"not train on ({some(added)}: {counted(int(labels.isin(added).sum()), 'image')}"
                 "): a resumed run keeps the classes and split it began with. Train a new run "
                 "to learn them.", caveat=True)
+    before = dict(zip(dataset.table["path"], dataset.table[config.level], strict=True))
+    after = dict(zip(now.table["path"], labels, strict=True))
+    relabelled = [p for p, label in after.items() if p in before and before[p] != label]
+    new = sum(p not in before and label in set(before.values()) for p, label in after.items())
+    if relabelled or new:
+        example = relabelled[0] if relabelled else None
+        run.log(f"{root} has changed since this run began: "
+                + " and ".join(part for part in (
+                    f"{counted(len(relabelled), 'image has', 'images have')} another label "
+                    f"(e.g. {example}: {before[example]} -> {after[example]})"
+                    if relabelled else "",
+                    f"{counted(new, 'new image')} of its classes" if new else "") if part)
+                + ": a resumed run keeps the labels and split it began with. Train a new run "
+                "to use them.", caveat=True)
 
 
 def _resuming(run_dir: Path, checkpoint: dict | None, scoring: bool) -> str:
