@@ -535,6 +535,13 @@ def test_evaluate_says_how_often_the_answer_names_a_class(evaluation, trained):
     if named.any():
         assert answers["accuracy_when_named"] == pytest.approx(right[named].mean())
     assert "accuracy when a class is named" in evaluation.report.read_text()
+    # ... with the counts it is of (1.0000 on one image named read as a fact)
+    assert (answers["images_named"], answers["right_when_named"]) == (
+        int(named.sum()), int(right[named].sum()))
+    from wingspan.evaluate.wording import answer_rows
+
+    assert dict(answer_rows(answers))["accuracy when a class is named"].endswith(
+        f" ({int(right[named].sum())} of {int(named.sum())})") or not named.any()
 
 
 def test_predict_on_mixed_good_and_broken_files(trained, tmp_path, demo_dir):

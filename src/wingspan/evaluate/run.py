@@ -480,7 +480,9 @@ def _answer_figures(named: np.ndarray, right: np.ndarray) -> dict:
         return {"named": None, "accuracy_when_named": None, "named_wrongly": None}
     return {"named": float(named.mean()),
             "accuracy_when_named": float(right[named].mean()) if named.any() else None,
-            "named_wrongly": float((named & ~right).mean())}
+            "named_wrongly": float((named & ~right).mean()),
+            # (1.0000 on the one image named read as a fact)
+            "images_named": int(named.sum()), "right_when_named": int(right[named].sum())}
 
 
 def nothing_read(failed: list[tuple[str, str]], split: str, data, run_dir: Path | None,

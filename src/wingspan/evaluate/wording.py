@@ -97,7 +97,10 @@ def answer_rows(a: dict | None) -> list[tuple[str, str]]:
         return []
 
     def accuracy(f: dict) -> str:
-        return "-" if f["accuracy_when_named"] is None else f"{f['accuracy_when_named']:.4f}"
+        if f["accuracy_when_named"] is None:
+            return "-"
+        return f"{f['accuracy_when_named']:.4f}" + (
+            f" ({f['right_when_named']} of {f['images_named']})" if "images_named" in f else "")
 
     rest = "a coarser level or unknown" if a.get("by_level") else "unknown"
     return [(f"named a class (the rest answered {rest}; '{a['score']}' at "
