@@ -142,6 +142,28 @@ def test_the_fitted_scores_survive_the_bundle_round_trip():
             after["mahalanobis"]["label"], rtol=1e-5)
 
 
+def test_predict_says_a_threshold_set_on_few_val_images_turns_away_more():
+    """On 2 val images predict said the threshold turns away "at most 5% of the known val
+    images" where training had said to expect about 33% of new known images."""
+    from wingspan.cli.predict import _few_val_images
+
+    torch.manual_seed(0)
+    centres = 3 * torch.randn(3, 8)
+    head = torch.nn.Linear(8, 3)
+    x, y = _clusters(20, centres, seed=1)
+    for per_class, said in ((1, "; set on only 3 known val images, it turns away about 25% "
+                                "of new known ones"), (30, "")):
+        vx, vy = _clusters(per_class, centres, seed=2)
+        detector = _fit(x, y, vx, vy, head)
+        again = UnknownDetector.from_bundle(json.loads(json.dumps(detector.manifest())),
+                                            detector.tensors())
+        assert again.val_images == detector.val_images == len(vx)
+        assert _few_val_images(again) == said
+    entry = detector.manifest()
+    del entry["val_images"]  # (a bundle written before it was kept: nothing said)
+    assert _few_val_images(UnknownDetector.from_bundle(entry, detector.tensors())) == ""
+
+
 @pytest.mark.parametrize("damage", [
     lambda e: e.update(temperature=0),  # every MSP score NaN
     lambda e: e.update(temperature="warm"),

@@ -168,11 +168,22 @@ def predict_command(
                   + (f", {coarser} known at a coarser level only" if coarser else "")
                   # ("at most": on 20 val images or fewer, at 5%, it turns none away)
                   + f" (unknown score '{predictor.unknown_score}' above its threshold, set to "
-                  f"turn away at most {predictor.unknown.rate:.0%} of the known val images)")
+                  f"turn away at most {predictor.unknown.rate:.0%} of the known val images"
+                  + _few_val_images(predictor.unknown) + ")")
     if not result.rows:
         raise WingspanError("No image could be predicted.", hint="Check the paths given.")
     if strict:  # (the others' predictions are written and shown above)
         strict_exit(len(result.failed))
+
+
+def _few_val_images(unknown) -> str:
+    """Where the threshold was set on so few val images that new known images are turned
+    away well over its rate: how many (training's log says it; predict said the rate)."""
+    expected = unknown.expected
+    if expected is None or expected <= 1.5 * unknown.rate:
+        return ""
+    return (f"; set on only {counted(unknown.val_images, 'known val image')}, it turns away "
+            f"about {expected:.0%} of new known ones")
 
 
 @app.command("explain")

@@ -539,6 +539,14 @@ class UnknownDetector:
     # False for bundles written before combined shares stepped just below val scores
     # (STEPPED): they keep the rule their thresholds were set with, written again too.
     stepped: bool = True
+    # The known val images the thresholds were set on (None: a bundle written before it
+    # was kept): on a few, new known images are turned away well over `rate` (`expected`).
+    val_images: int | None = None
+
+    @property
+    def expected(self) -> float | None:
+        """The share of new known images the thresholds turn away, in expectation."""
+        return None if self.val_images is None else new_known_rate(self.val_images, self.rate)
 
     @classmethod
     def fit(cls, features: torch.Tensor, logits: dict[str, torch.Tensor],
@@ -572,6 +580,7 @@ class UnknownDetector:
         val = detector.scores(val_features, val_logits, every=True)
         detector.thresholds = {name: level_thresholds(per_level, rate)
                                for name, per_level in val.items()}
+        detector.val_images = len(val_features)
         return detector
 
     def scores(self, features: torch.Tensor, logits: dict[str, torch.Tensor],
@@ -642,7 +651,8 @@ class UnknownDetector:
                 "higher_is_unknown": True, "combined_range": [0.0, 1.0],
                 **(STEPPED if self.stepped else {}),
                 **({"msp": "branch"} if self.branch else {}),
-                **({"fitted_by": self.fitted_by} if self.fitted_by != "train" else {})}
+                **({"fitted_by": self.fitted_by} if self.fitted_by != "train" else {}),
+                **({"val_images": self.val_images} if self.val_images is not None else {})}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -671,7 +681,8 @@ class UnknownDetector:
                                 _under(tensors, f"{PREFIX}members.").items()},
                        branch=entry.get("msp") == "branch",
                        fitted_by=entry.get("fitted_by", "train"),
-                       stepped=all(entry.get(k) == v for k, v in STEPPED.items()))
+                       stepped=all(entry.get(k) == v for k, v in STEPPED.items()),
+                       val_images=entry.get("val_images"))
         for name in entry["thresholds"]:
             if name in COMBINED:
                 detector.fitted[name] = {lv: Combined(COMBINED[name], detector.stepped).load(
