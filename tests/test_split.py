@@ -130,6 +130,31 @@ def test_training_says_the_shares_its_split_made_where_they_differ_from_those_as
     assert any("kept in train only" in line for line in logs)
 
 
+def test_a_run_from_another_runs_weights_keeps_that_runs_groups_out_of_test(tmp_path):
+    """--weights RUN: the images that run trained on went from test to train one by one,
+    leaving a photo of the same observation in test (and the split's report told of the
+    split before the move)."""
+    from wingspan.config import TrainConfig
+    from wingspan.training.prepare import ensure_splits
+
+    data = synthetic({"a": 10, "b": 10}, per_group=2)
+    source = tmp_path / "runs" / "first"
+    source.mkdir(parents=True)
+    (source / "config.yaml").write_text("backbone: x\n")
+    first = data.table.assign(split="train")
+    first = first[first["path"].str.endswith("_0.jpg")]  # one photo of each observation
+    first.to_csv(source / "splits.csv", index=False)
+    logs: list[str] = []
+    split = ensure_splits(data, "label", TrainConfig(weights=str(source), test_fraction=0.3,
+                                                     val_fraction=0.2), log=logs.append)
+    table = split.table
+    assert (table["split"] != "test").all()  # (every group had a photo the run saw)
+    assert any("no test image is left, every one was seen by that run" in line
+               for line in logs), logs
+    # ... and what is said of the split is of the split after the move
+    assert any(line.startswith("Warning: 2 classes have no test image") for line in logs), logs
+
+
 def test_a_picture_in_a_train_only_class_and_a_common_one_stays_in_train():
     """One picture saved in two class folders (one group), one of them a class with that
     picture alone: whichever side the common class's fold would take it to, it trains."""

@@ -34,6 +34,17 @@ class SplitReport:
     mixed_labels: list[str] = field(default_factory=list)
     group_regex: str | None = None  # what made the groups, when a regex did
 
+    def recount(self, table: pd.DataFrame, level: str, wanted: list[str]) -> None:
+        """The sizes, shares and classes missing from each side of `table`'s split (again,
+        once images were moved after it: `training.prepare`'s --weights RUN repair)."""
+        sizes = table[SPLIT].value_counts().reindex(["train", "val", "test"], fill_value=0)
+        present = table.groupby(SPLIT)[level].apply(set)
+        labels = set(table[level])
+        self.sizes = {k: int(v) for k, v in sizes.items()}
+        self.fractions = {k: round(v / len(table), 3) for k, v in sizes.items()}
+        self.missing = {s: sorted(labels - present.get(s, set()))
+                        for s in ["train", *wanted] if labels - present.get(s, set())}
+
     def mixed_labels_said(self, level: str) -> str:
         """The warning for mixed_labels, or ""."""
         if not self.mixed_labels:
@@ -121,18 +132,12 @@ def split_dataset(dataset: Dataset, level: str | None = None,
     table = table[~(table[PATH].duplicated() & (table[SPLIT] != "train")).to_numpy()
                   ].reset_index(drop=True)
 
-    sizes = table[SPLIT].value_counts().reindex(["train", "val", "test"], fill_value=0)
-    present = table.groupby(SPLIT)[level].apply(set)
-    missing = {s: sorted(set(labels) - present.get(s, set()))
-               for s in ["train", *wanted] if set(labels) - present.get(s, set())}
     report = SplitReport(
-        sizes={k: int(v) for k, v in sizes.items()},
-        fractions={k: round(v / len(table), 3) for k, v in sizes.items()},
-        train_only={k: int(v) for k, v in small.items()},
-        missing=missing, duplicates_grouped=merged,
+        {}, {}, train_only={k: int(v) for k, v in small.items()}, duplicates_grouped=merged,
         repeats_dropped=int(source.loc[repeated, PATH].nunique()),  # images, not their rows
         mixed_labels=_mixed_labels(table, level), group_regex=dataset.group_regex,
     )
+    report.recount(table, level, wanted)
     result = dataset.with_table(table)
     return result, report
 

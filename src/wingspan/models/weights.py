@@ -249,9 +249,11 @@ def run_of_weights(weights: str) -> str:
     if weights in ("auto", "none") or not weights:
         return ""
     path = Path(weights).expanduser().resolve()
-    # (checkpoints/last.pt, model/model.safetensors: two up; model/: one; the run itself)
-    return next((str(folder) for folder in (path.parent.parent, path.parent, path)
-                 if (folder / "splits.csv").is_file()), "")
+    # (the run itself; model/: one up; checkpoints/last.pt, model/model.safetensors: two
+    # up), nearest first: a splits.csv above the runs folder is no run's
+    return next((str(folder) for folder in (path, path.parent, path.parent.parent)
+                 if (folder / "splits.csv").is_file()
+                 and (folder / "config.yaml").is_file()), "")
 
 
 def checkpoint_run_settings(path: str | Path) -> dict | None:

@@ -152,7 +152,7 @@ def _write_results(run: Run) -> None:
     else:
         why = ("--test-fraction 0" if not run.config.test_fraction else
                "--selection val on data with its own val" if run.config.selection == "val"
-               else "the data's own split has no test images that could be read")
+               else "the split kept no test image that could be read")
         run.log(f"No test split was kept apart ({why}): the val figure is the only one, and "
                 "optimistic (the epoch was chosen on it).", caveat=True)
 

@@ -20,7 +20,7 @@ from wingspan.config import (
 )
 from wingspan.data import read_dataset
 from wingspan.data.leaks import find_leaks, repair_leaks
-from wingspan.data.samples import PATH, SPLIT, Dataset, renamed, split_by
+from wingspan.data.samples import GROUP, PATH, SPLIT, Dataset, renamed, split_by
 from wingspan.data.sampling import capped_classes, undersample
 from wingspan.data.split import SplitReport, split_dataset
 from wingspan.data.taxonomy import TAXONOMY_FILE, Taxonomy
@@ -45,7 +45,9 @@ def ensure_splits(dataset: Dataset, level: str, config: TrainConfig,
             f"'{level}' (val {config.val_fraction}, test {config.test_fraction})")
         split, report = split_dataset(dataset, level, SplitConfig(
             config.val_fraction, config.test_fraction, config.seed))
-        _keep_source_runs_images_out_of_test(split, config, log)
+        if _keep_source_runs_images_out_of_test(split, config, log):
+            report.recount(split.table, level,
+                           [s for s in ("test", "val") if getattr(config, f"{s}_fraction")])
         _say_split_made(report, config, log)
         if report.train_only:
             log(f"{counted(len(report.train_only), 'class has', 'classes have')} too few "
@@ -304,26 +306,32 @@ def plan_labels(dataset: Dataset, levels: list[str], config: TrainConfig, log=pr
                      int((dataset.table[SPLIT] == "test").sum()))
 
 
-def _keep_source_runs_images_out_of_test(split: Dataset, config: TrainConfig, log) -> None:
+def _keep_source_runs_images_out_of_test(split: Dataset, config: TrainConfig, log) -> bool:
     """A run started from another run's weights (--weights RUN, as resume's hint says to do
-    when the data changed) splits the data afresh: the images that run trained or chose on
-    and this split put in test go to train, or the test split would not be unseen."""
+    when the data changed) splits the data afresh: the groups of the images that run
+    trained or chose on (a photo of the same observation too) that this split put in test
+    go to train, or the test split would not be unseen. Whether any moved."""
     source = run_of_weights(config.weights)
     if not source:
-        return
+        return False
     try:
         theirs = read_dataset(Path(source) / SPLITS_FILE, ReadConfig(check_files=False)).table
     except WingspanError:
-        return
+        return False
     seen = set(real_paths(theirs.loc[theirs[SPLIT].isin(["train", "val"]), PATH]))
     table = split.table
-    moved = ((table[SPLIT] == "test")
-             & pd.Series(real_paths(table[PATH]), index=table.index).isin(seen))
-    if moved.any():
-        table.loc[moved, SPLIT] = "train"
-        log(f"{counted(int(moved.sum()), 'image')} that {source} (whose weights this run "
-            "starts from) trained or chose on went to train, not test: the test split holds "
-            "none of them")
+    test = table[SPLIT] == "test"
+    known = test & pd.Series(real_paths(table[PATH]), index=table.index).isin(seen)
+    moved = test & table[GROUP].isin(table.loc[known, GROUP])
+    if not moved.any():
+        return False
+    table.loc[moved, SPLIT] = "train"
+    left = int((table[SPLIT] == "test").sum())
+    log(f"{counted(int(moved.sum()), 'image')} that {source} (whose weights this run starts "
+        "from) trained or chose on, or of their groups, went to train, not test: "
+        + (f"the test split keeps {left} of the {int(test.sum())} it was given"
+           if left else "no test image is left, every one was seen by that run"))
+    return True
 
 
 def _say_split_made(report: SplitReport, config: TrainConfig, log) -> None:
