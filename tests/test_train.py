@@ -2023,6 +2023,20 @@ def test_a_resumed_run_says_a_label_fixed_in_its_csv_since_is_not_taken(tmp_path
            "with. Train a new run to use them." in log, log
 
 
+def test_a_resume_says_no_change_of_images_its_split_left_out(tmp_path, monkeypatch):
+    """A --max-per-class run resumed on its untouched data said "50 new images of its
+    classes": those --max-per-class left out of its splits.csv."""
+    data = folder_dataset(tmp_path / "data", {"a": 14, "b": 8})
+    kill_at_first_finetune_row(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        train(read_dataset(data), tiny(tmp_path, epochs_head=1, epochs_finetune=1,
+                                       max_per_class=6), tmp_path / "runs", "r", quiet=True)
+    monkeypatch.undo()
+    resume(tmp_path / "runs" / "r", quiet=True)
+    log = (tmp_path / "runs" / "r" / "train.log").read_text()
+    assert "Resuming" in log and "has changed since this run began" not in log, log
+
+
 def test_a_resumed_run_says_so_and_does_not_repeat_what_it_said_once(tmp_path, monkeypatch):
     """train.log reads top to bottom: after "Resuming ...", the lines said once at the
     start (the image counts, the class weighting) are not said again as if new."""

@@ -244,7 +244,11 @@ def _note_classes_added(run: Run, dataset: Dataset, config: TrainConfig) -> None
     before = dict(zip(dataset.table["path"], dataset.table[config.level], strict=True))
     after = dict(zip(now.table["path"], labels, strict=True))
     relabelled = [p for p, label in after.items() if p in before and before[p] != label]
-    new = sum(p not in before and label in set(before.values()) for p, label in after.items())
+    # New: put there since the run began (splits.csv leaves out the images --max-per-class
+    # drops, and a CSV's rows of files that are not there: those are no news)
+    began, known = (run.dir / CONFIG_FILE).stat().st_mtime, set(before.values())
+    new = sum(p not in before and label in known and _changed_after(p, began)
+              for p, label in after.items())
     if relabelled or new:
         example = relabelled[0] if relabelled else None
         run.log(f"{root} has changed since this run began: "
@@ -255,6 +259,14 @@ def _note_classes_added(run: Run, dataset: Dataset, config: TrainConfig) -> None
                     f"{counted(new, 'new image')} of its classes" if new else "") if part)
                 + ": a resumed run keeps the labels and split it began with. Train a new run "
                 "to use them.", caveat=True)
+
+
+def _changed_after(path: str, when: float) -> bool:
+    """Whether the file was put where it is after `when` (its ctime: a copy, a move)."""
+    try:
+        return os.stat(path).st_ctime > when
+    except OSError:
+        return False
 
 
 def _resuming(run_dir: Path, checkpoint: dict | None, scoring: bool) -> str:
