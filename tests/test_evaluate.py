@@ -285,7 +285,8 @@ def test_a_class_folder_renamed_since_training_is_no_proof_of_fair_figures(demo_
     gone = int((splits["path"].str.contains(f"/{folder.name}/")
                 & (splits["split"] != "test")).sum())
     assert fair.startswith("yes, as far as can be told") and \
-        f"{gone} of them are not where its splits.csv says" in fair, fair
+        f"{gone} of the run's own train and val images are not where its splits.csv says" \
+        in fair, fair
 
 
 def test_calibrate_says_what_keeps_the_old_calibration(trained, tmp_path, run_cli):
@@ -1688,7 +1689,8 @@ def test_a_copy_or_a_move_of_the_runs_own_images_is_not_called_fair(tmp_path):
     (tmp_path / "data" / "a" / "t1.jpg").unlink()  # (a copy of it can no more be looked for)
     assert fair(tmp_path / "other", ["t1.jpg"]).startswith(
         "yes, as far as can be told: none of these files")
-    assert "1 of them is not where its splits.csv says" in fair(tmp_path / "other", ["t1.jpg"])
+    assert "1 of the run's own train and val images is not where its splits.csv says" in \
+        fair(tmp_path / "other", ["t1.jpg"])
     # The run's own test split, a train file deleted since: its own files, fair.
     assert fairness_verdict({}, "test", None, [own["path"].iloc[-1]], own, run_dir=run,
                      data_root=tmp_path / "data").startswith("yes: the test split")

@@ -222,6 +222,16 @@ def test_a_ctrl_c_among_the_renames_lands_once_they_are_all_done(tmp_path, monke
         signal.signal(signal.SIGINT, worker_s)
     assert len(renamed) == 3 and [p.read_text() for p in paths] == ["new"] * 3
     assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in paths)  # no copies left
+    # An error in the held block is said, not turned into the held Ctrl-C's stop
+    from wingspan.files import interrupts_held
+
+    worker_s = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(OSError, match="rename failed"), interrupts_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            raise OSError("rename failed")
+    finally:
+        signal.signal(signal.SIGINT, worker_s)
 
 
 def test_a_rename_that_fails_puts_back_the_files_renamed_before_it(tmp_path, monkeypatch):

@@ -172,6 +172,11 @@ def test_a_macro_f1_with_no_interval_or_a_narrow_one_says_why():
                      r"whose chance it leaves out: too few to judge them\)$",
                      interval_text(mixed, "macro_f1"))
     assert "1-2 images" not in interval_text(mixed, "accuracy")
+    # A class only answered (no image here) is no class of 1-2 images
+    y = np.repeat([0, 1, 2], 30)
+    p = np.where(np.random.default_rng(0).random(90) < 0.25, 3, y)
+    answered = classification_metrics(y, probs_for(p, y, 4), list("abcd"))
+    assert "1-2 images" not in interval_text(answered, "macro_f1")
 
 
 def test_per_level_macro_on_other_data_averages_the_classes_it_holds():

@@ -64,6 +64,23 @@ SERVE_HOST, SERVE_PORT = "127.0.0.1", 8000
 PREVIEW_ROWS, PREVIEW_VIEWS = 6, 5
 
 
+def _optimizer_runs(name: str) -> bool:
+    """Whether timm makes the optimizer `name` here: built once on a parameter, so that one
+    whose package is missing (apex, bitsandbytes) is refused before the data is read, not
+    after the feature cache (a traceback)."""
+    import torch
+    from timm.optim import create_optimizer_v2, list_optimizers
+
+    if name not in list_optimizers() or name.startswith(("fused", "bnb")) or \
+            name == "adahessian":
+        return False
+    try:
+        create_optimizer_v2(torch.nn.Linear(1, 1), name, lr=1e-3)
+    except Exception:  # noqa: BLE001 - whatever stops it is a refusal, said as one
+        return False
+    return True
+
+
 class SettingError(WingspanError):
     """Settings that a config refuses, each named at the start of its problem, so that the
     CLI can name the option the user typed in its place (`worded`)."""
@@ -726,6 +743,7 @@ class TrainConfig:
         if self.weights is None:  # Keras' meaning, in Python: random weights (a config
             self.weights = "none"  # file's blank is refused before, as a slip)
         _check_types(self)
+        self.optimizer = self.optimizer.lower()  # (timm's names: "AdamW" is adamw)
         for name in ("epochs_head", "epochs_finetune", "feature_views", "seed"):
             _check(getattr(self, name) >= 0, name, "0 or more", getattr(self, name))
         # (each view of every training image is cached: 64 is 64x the cache already)
@@ -747,11 +765,10 @@ class TrainConfig:
                self.warmup_fraction)
         _check(self.weight_decay >= 0, "weight_decay", "0 or more", self.weight_decay)
         if self.optimizer != TrainConfig.optimizer:  # (timm imported only to check another)
-            from timm.optim import list_optimizers
-
-            _check(self.optimizer in list_optimizers(), "optimizer",
-                   "one of timm's optimizers (adamw, sgd, lamb, ...: "
-                   "timm.optim.list_optimizers())", self.optimizer)
+            _check(_optimizer_runs(self.optimizer), "optimizer",
+                   "one of timm's optimizers that runs here (adamw, sgd, lamb, ...: "
+                   "timm.optim.list_optimizers(); not apex's fused*, bitsandbytes' bnb* or "
+                   "adahessian, which needs a second-order backward)", self.optimizer)
         _check(self.min_delta >= 0, "min_delta", "0 or more", self.min_delta)
         _check(self.augment in AUGMENT_POLICIES, "augment", f"one of {list(AUGMENT_POLICIES)}",
                self.augment)

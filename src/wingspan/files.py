@@ -157,8 +157,9 @@ def interrupts_held() -> Iterator[None]:
     finally:
         for s, handler in held.items():
             signal.signal(s, handler)
-        for s in dict.fromkeys(came):
-            signal.raise_signal(s)
+        if sys.exc_info()[0] is None:  # (an error in the block is said, not a Ctrl-C's stop)
+            for s in dict.fromkeys(came):
+                signal.raise_signal(s)
 
 
 def _replace_together(tmps: list[Path], paths: list[Path]) -> None:

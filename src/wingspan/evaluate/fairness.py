@@ -237,12 +237,6 @@ def fairness_verdict(manifest: dict, split: str, data, paths: list[str],
                 + (f"; {copies} of them as copies in another place" if copies else "") + "), "
                 "so these figures are optimistic: evaluate it on photos that were not given "
                 "to adapt")
-    if inherited := _seen_by_source_run(manifest, evaluated):
-        source = manifest["training"]["started_from"]
-        return (f"no: this run started from the weights of {source} (--weights), which was "
-                f"trained or chose its best epoch on {inherited} of these "
-                f"{len(evaluated)} images, so these figures are optimistic: evaluate it on "
-                "images neither run saw")
     if own is None:  # (a model bundle copied without its run folder: no splits.csv)
         return ("unknown: this model came without its run folder, whose splits.csv says "
                 "which images it was trained or chosen on; the figures are fair only if this "
@@ -262,6 +256,14 @@ def fairness_verdict(manifest: dict, split: str, data, paths: list[str],
                 "on in another photo, so these figures are optimistic; the run's own test "
                 f"split keeps groups apart (`{command('evaluate', run_dir or 'RUN')}`, or "
                 "run.evaluate() in Python)")
+    if not trained and not chosen and (
+            inherited := _seen_by_source_run(manifest, evaluated)):  # (after its own: the
+        # run's own verdict, and its hint, come first)
+        source = manifest["training"]["started_from"]
+        return (f"no: this run started from the weights of {source} (--weights), which was "
+                f"trained or chose its best epoch on {inherited} of these "
+                f"{len(evaluated)} images, so these figures are optimistic: evaluate it on "
+                "images neither run saw")
     if not trained and not chosen:
         return ("yes: the test split was never trained or chosen on" + (
                 "" if own.empty or groups_given(own) else
@@ -276,8 +278,9 @@ def fairness_verdict(manifest: dict, split: str, data, paths: list[str],
                 if (gone := _gone(seen)) and gone == len(seen) else
                 "yes, as far as can be told: none of these files is one the run trained or "
                 "chose its best epoch on, nor a byte-for-byte copy of one still in place; "
-                f"{counted(gone, 'of them is', 'of them are')} not where its splits.csv says "
-                "(moved or renamed since it trained), so copies of those could not be looked "
+                f"{counted(gone, 'of the run', 'of the run')}'s own train and val images "
+                f"{'is' if gone == 1 else 'are'} not where its splits.csv says (moved or "
+                "renamed since it trained), so copies of those could not be looked "
                 "for (and a copy re-saved, resized or edited would not be seen: `"
                 + command("data", "audit", "DATA") + "` lists near-duplicates)" if gone else
                 "yes: none of these files is one the run trained or chose its best epoch on, "

@@ -109,7 +109,8 @@ def confidence_intervals(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int,
              "accuracy": [float(accuracy.low), float(accuracy.high)],
              "macro_f1": [float(low), float(high)],
              # a class of 1-2 images adds (next to) no spread: the interval is too narrow
-             "classes_of_few_images": int((sizes <= 2).sum()), "classes": int(len(sizes))}
+             "classes_of_few_images": int(((sizes >= 1) & (sizes <= 2)).sum()),
+             "classes": int(len(sizes))}
     if low == high and right < len(y_true):  # each class one image: held, not known
         del found["macro_f1"]
     elif low == high:  # every image right: said instead (README)
@@ -204,8 +205,9 @@ def interval_text(metrics: dict, name: str) -> str:
     interval = metrics.get("interval")
     if not interval:
         return ""
-    few = (f"; {interval['classes_of_few_images']} of its {interval['classes']} classes have "
-           "1-2 images here, whose chance it leaves out: too few to judge them"
+    few = (f"; {interval['classes_of_few_images']} of its {interval['classes']} classes "
+           f"{'has' if interval['classes_of_few_images'] == 1 else 'have'} 1-2 images here, "
+           "whose chance it leaves out: too few to judge them"
            if name == "macro_f1" and interval.get("classes_of_few_images") else "")
     if name == "macro_f1" and name not in interval and metrics.get("images", 0) > 1 or \
             interval.get(name, 0) is None:  # (no resample moves it: a wrong answer too)

@@ -62,7 +62,8 @@ def kept_rows(train_metrics: dict) -> list[tuple[str, str]]:
     stage = {"head": "head", "finetune": "fine-tuning"}.get(best.get("stage"), best.get("stage"))
     f1 = best.get("val_macro_f1")
     return [("model kept", f"{stage} epoch {best.get('epoch')}, the best on val"),
-            ("its val macro-F1 (optimistic: the epoch was chosen on it)",
+            ("its val macro-F1 (optimistic: the epoch was chosen on it; over the classes "
+             "val holds)",
              "-" if f1 is None else f"{f1:.4f}")]
 
 
