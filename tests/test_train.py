@@ -2000,6 +2000,17 @@ def test_a_run_resumed_after_images_broke_mid_fine_tuning_ends_alike(demo_dir, t
     pd.testing.assert_frame_equal(got[NUMBERS], ref[NUMBERS], atol=1e-4, rtol=0)
 
 
+def _stopped_in_finetune(tmp_path, monkeypatch, data, **changes) -> Path:
+    """A tiny run of `data` (1 head epoch, 1 fine-tuning one) stopped by a Ctrl-C as its
+    fine-tuning epoch ends: runs/r, to resume."""
+    kill_at_first_finetune_row(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        train(read_dataset(data), tiny(tmp_path, epochs_head=1, epochs_finetune=1, **changes),
+              tmp_path / "runs", "r", quiet=True)
+    monkeypatch.undo()
+    return tmp_path / "runs" / "r"
+
+
 def test_a_resumed_run_says_a_label_fixed_in_its_csv_since_is_not_taken(tmp_path,
                                                                          monkeypatch):
     """A label mended in the labels CSV between a kill and the resume: the resumed run
@@ -2008,12 +2019,7 @@ def test_a_resumed_run_says_a_label_fixed_in_its_csv_since_is_not_taken(tmp_path
     table = pd.DataFrame({"path": sorted(str(p) for p in data.rglob("*.jpg"))})
     table["label"] = table["path"].map(lambda p: Path(p).parent.name)
     table.to_csv(tmp_path / "labels.csv", index=False)
-    kill_at_first_finetune_row(monkeypatch)
-    with pytest.raises(KeyboardInterrupt):
-        train(read_dataset(tmp_path / "labels.csv"), tiny(tmp_path, epochs_head=1,
-                                                          epochs_finetune=1),
-              tmp_path / "runs", "r", quiet=True)
-    monkeypatch.undo()
+    _stopped_in_finetune(tmp_path, monkeypatch, tmp_path / "labels.csv")
     table.loc[0, "label"] = "b"  # (an a, fixed)
     table.to_csv(tmp_path / "labels.csv", index=False)
     resume(tmp_path / "runs" / "r", quiet=True)
@@ -2027,11 +2033,7 @@ def test_a_resume_says_no_change_of_images_its_split_left_out(tmp_path, monkeypa
     """A --max-per-class run resumed on its untouched data said "50 new images of its
     classes": those --max-per-class left out of its splits.csv."""
     data = folder_dataset(tmp_path / "data", {"a": 14, "b": 8})
-    kill_at_first_finetune_row(monkeypatch)
-    with pytest.raises(KeyboardInterrupt):
-        train(read_dataset(data), tiny(tmp_path, epochs_head=1, epochs_finetune=1,
-                                       max_per_class=6), tmp_path / "runs", "r", quiet=True)
-    monkeypatch.undo()
+    _stopped_in_finetune(tmp_path, monkeypatch, data, max_per_class=6)
     resume(tmp_path / "runs" / "r", quiet=True)
     log = (tmp_path / "runs" / "r" / "train.log").read_text()
     assert "Resuming" in log and "has changed since this run began" not in log, log
@@ -2042,12 +2044,7 @@ def test_a_resumed_run_says_so_and_does_not_repeat_what_it_said_once(tmp_path, m
     start (the image counts, the class weighting) are not said again as if new."""
     data = folder_dataset(tmp_path / "data", {"a": 12, "b": 12})
     broken_images(data / "a", 9)  # 21:12 listed turns auto's class weights on; 12:12 off
-    kill_at_first_finetune_row(monkeypatch)
-    with pytest.raises(KeyboardInterrupt):
-        train(read_dataset(data), tiny(tmp_path, epochs_head=1, epochs_finetune=1),
-              tmp_path / "runs", "r", quiet=True)
-    monkeypatch.undo()
-    run_dir = tmp_path / "runs" / "r"
+    run_dir = _stopped_in_finetune(tmp_path, monkeypatch, data)
     folder_dataset(data / "c_added", {"": 5})  # a species added to the data since
     for i in range(2):  # and photos of a class it trains on (said neither, once)
         write_image(data / "b" / f"new_{i}.jpg", seed=40 + i)
@@ -2086,12 +2083,7 @@ def test_train_log_says_the_set_up_in_the_order_it_happened(tmp_path):
 def test_a_test_photo_deleted_while_a_run_was_stopped_is_counted_out(tmp_path, monkeypatch):
     """train.log's last line and metrics.json count the test images evaluate can score."""
     data = folder_dataset(tmp_path / "data", {"a": 15, "b": 15})
-    kill_at_first_finetune_row(monkeypatch)
-    with pytest.raises(KeyboardInterrupt):
-        train(read_dataset(data), tiny(tmp_path, epochs_head=1, epochs_finetune=1,
-                                       test_fraction=0.2), tmp_path / "runs", "r", quiet=True)
-    monkeypatch.undo()
-    run_dir = tmp_path / "runs" / "r"
+    run_dir = _stopped_in_finetune(tmp_path, monkeypatch, data, test_fraction=0.2)
     splits = pd.read_csv(run_dir / "splits.csv")
     tests = splits.loc[splits["split"] == "test", "path"].tolist()
     os.remove(tests[0])
