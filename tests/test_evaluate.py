@@ -1655,6 +1655,23 @@ def test_images_the_run_trained_or_chose_on_give_figures_called_optimistic(train
     assert fair.startswith("yes: none of these files")
 
 
+def test_the_fair_hint_counts_the_test_images_still_there(tmp_path):
+    """After 4 of 29 test photos were deleted, evaluate --split all said "evaluate the
+    run's 29 test images"."""
+    from helpers import write_image
+
+    from wingspan.evaluate.fairness import fairness_verdict
+
+    names = ("t.jpg", "v.jpg", "x1.jpg", "x2.jpg", "x3.jpg")
+    for seed, name in enumerate(names):
+        write_image(tmp_path / "a" / name, seed=seed)
+    own = pd.DataFrame({"path": [str(tmp_path / "a" / n) for n in names],
+                        "split": ["train", "val", "test", "test", "test"]})
+    (tmp_path / "a" / "x3.jpg").unlink()
+    said = fairness_verdict({}, "all", None, own["path"].tolist()[:4], own, run_dir=tmp_path)
+    assert "for a fair figure evaluate the run's 2 test images" in said, said
+
+
 def test_a_copy_or_a_move_of_the_runs_own_images_is_not_called_fair(tmp_path):
     """The run's data copied to another folder (or moved there before splits.csv was
     rewritten) was evaluated as 'yes: none of these files is one the run trained on' at

@@ -287,7 +287,9 @@ def fairness_verdict(manifest: dict, split: str, data, paths: list[str],
                 "nor a byte-for-byte copy of one, whatever its name (a copy re-saved, resized "
                 "or edited would not be seen: `" + command("data", "audit", "DATA") + "` lists "
                 "near-duplicates)")
-    tests = int((own[SPLIT] == "test").sum())
+    # (those still there: "the run's 29 test images" where 4 were deleted since)
+    tests = sum(map(os.path.exists, disk_spelling(own.loc[own[SPLIT] == "test", "path"]
+                                                   .tolist())))
     fair = (f"; for a fair figure evaluate the run's {counted(tests, 'test image')}, never "
             "trained or chosen on (`" + command("evaluate", run_dir or "RUN", "--split", "test")
             + "`, or run.evaluate(split=\"test\") in Python)"
