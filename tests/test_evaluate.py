@@ -279,14 +279,44 @@ def test_a_class_folder_renamed_since_training_is_no_proof_of_fair_figures(demo_
     folder.rename(data / "renamed")
     (tmp_path / "only").mkdir()
     shutil.copytree(data / "renamed", tmp_path / "only" / "renamed")
+    splits = pd.read_csv(run / "splits.csv")
+    gone = splits["path"].str.contains(f"/{folder.name}/")
+    trained, chosen = ((gone & (splits["split"] == side)).sum() for side in ("train", "val"))
+    # The run kept its images' bytes: they are known under their new name
     fair = evaluate(run, tmp_path / "only", class_map={folder.name: "renamed"}, progress=False,
                     workers=0, plots=False).metrics["fair"]
-    splits = pd.read_csv(run / "splits.csv")
-    gone = int((splits["path"].str.contains(f"/{folder.name}/")
-                & (splits["split"] != "test")).sum())
+    assert fair.startswith(f"no: the model was trained on {trained} of these {gone.sum()} "
+                           f"images and chose its best epoch on {chosen} ({trained + chosen} "
+                           "copies of its files in another folder, or moved there)"), fair
+    # A run that did not keep them (trained before it did) says what it cannot tell
+    (run / "seen-sums.json").unlink()
+    fair = evaluate(run, tmp_path / "only", class_map={folder.name: "renamed"}, progress=False,
+                    workers=0, plots=False).metrics["fair"]
     assert fair.startswith("yes, as far as can be told") and \
-        f"{gone} of the run's own train and val images are not where its splits.csv says" \
-        in fair, fair
+        f"{trained + chosen} of the run's own train and val images are not where its " \
+        "splits.csv says" in fair, fair
+
+
+def test_a_file_of_the_test_split_holding_a_training_images_bytes_is_not_fair(demo_dir,
+                                                                             tmp_path):
+    """A training photo and a test photo swapped under their names (a re-export that
+    renumbered files): evaluate on the run's own test split said "yes: never trained or
+    chosen on", of a photo the model had trained on."""
+    data = shutil.copytree(demo_dir, tmp_path / "data")
+    run = train(read_dataset(data), tiny(tmp_path, epochs_finetune=0, test_fraction=0.2,
+                                         val_fraction=0.2), tmp_path / "runs", "r", quiet=True)
+    splits = pd.read_csv(run / "splits.csv")
+    a = splits.loc[splits["split"] == "train", "path"].iloc[0]
+    b = splits.loc[splits["split"] == "test", "path"].iloc[0]
+    first, second = Path(a).read_bytes(), Path(b).read_bytes()
+    Path(a).write_bytes(second)
+    Path(b).write_bytes(first)
+    fair = evaluate(run, progress=False, workers=0, plots=False).metrics["fair"]
+    tests = int((splits["split"] == "test").sum())
+    assert fair.startswith(f"no: the model was trained on 1 of these {tests} images (1 file "
+                           "of this split with the bytes of one it trained or chose on: "
+                           "changed since)"), fair
+    assert "for a fair figure evaluate the run's" not in fair  # (it is the test split)
 
 
 def test_calibrate_says_what_keeps_the_old_calibration(trained, tmp_path, run_cli):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +13,11 @@ from wingspan.data.samples import SPLIT
 from wingspan.errors import WingspanError, counted
 from wingspan.evaluate.calibration import MIN_CALIBRATION_IMAGES, calibration_record
 from wingspan.evaluate.fairness import (
-    PHOTO_SUM_DIGITS,
     calibration_data,
     copies_among,
     copies_of_own,
     own_splits,
+    photo_sums,
 )
 from wingspan.evaluate.run import (
     check_class_map,
@@ -107,7 +106,7 @@ def calibrate(model: str | Path, data: str | Path | None = None, split: str | No
                                             previous=predictor.temperature),
                        **({"class_map": class_map} if class_map else {}),
                        **({"run_images_among": among} if among else {}),
-                       "photo_sums": _photo_sums(fitted),
+                       "photo_sums": photo_sums(fitted),
                        # left out, as evaluate leaves them out (said beside the figures)
                        **({"unreadable": len(preds) - len(ok), "unreadable_examples": [
                            [p.path, p.error] for p in preds if p.error][:5]}
@@ -247,14 +246,3 @@ def fit_unknown(model: str | Path, rate: float | None = None, score: str | None 
                 "thresholds": detector.thresholds[score]}
 
 
-def _photo_sums(paths: list[str]) -> dict[str, list[str]]:
-    """{size: [sha256 prefix, ...]} of the files (JSON keys are strings)."""
-    from wingspan.data.leaks import content_hashes
-
-    sums: dict[str, set[str]] = {}
-    for path, digest in zip(paths, content_hashes(paths), strict=True):
-        with contextlib.suppress(OSError):
-            if digest:
-                sums.setdefault(str(os.path.getsize(path)), set()).add(
-                    digest[:PHOTO_SUM_DIGITS])
-    return {size: sorted(hashes) for size, hashes in sorted(sums.items())}

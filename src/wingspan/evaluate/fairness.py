@@ -4,6 +4,7 @@ run trained or chose on, `wingspan adapt` refitted on, or a temperature was fitt
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from wingspan.data import read_dataset
 from wingspan.data.samples import GROUP, SPLIT, Dataset, groups_given
 from wingspan.errors import WingspanError, command, counted
 from wingspan.files import disk_spelling, real_paths
-from wingspan.training.folder import SPLITS_FILE, adapted_sums, trained_on
+from wingspan.training.folder import SEEN_SUMS_FILE, SPLITS_FILE, adapted_sums, trained_on
 
 
 def calibration_data(split: str, data) -> str:
@@ -88,19 +89,25 @@ def comparable_groups(groups: pd.Series, dataset: Dataset, data, run_dir: Path |
 
 
 def copies_of_own(evaluated: set[str], seen: dict[str, str], own_root: str | None,
-                   data_root: Path | None) -> dict[str, int]:
+                   data_root: Path | None,
+                   recorded: dict[str, dict[int, set[str]]] | None = None) -> dict[str, int]:
     """How many of the `evaluated` files (real paths) that are not the run's own are its
     train or val images (`seen`: real path -> side) copied or moved: the same path below
     the data's root as one of them below the run's data root, with the same bytes (a copy),
     or with the run's file gone when at least half of its files are matched so (the data
     moved, not a name or two reused: new photos may be IMG_0001.jpg too); and, under any
-    other name or class folder (`--map`'s data renames them), the same bytes as one."""
+    other name or class folder (`--map`'s data renames them), the same bytes as one: as
+    the run recorded them (`recorded`, seen_sums) where it did, else as its files are now."""
     from wingspan.data.leaks import content_hashes
 
     found = dict.fromkeys(("train", "val", *seen.values()), 0)  # (calibrate asks of test)
     others = sorted(evaluated - seen.keys())
+
+    def by_bytes(paths: list[str]) -> dict[str, int]:
+        return copies_by_bytes(set(paths), recorded) if recorded else same_bytes(paths, seen)
+
     if own_root is None or data_root is None:
-        renamed = same_bytes(others, seen)
+        renamed = by_bytes(others)
         return {side: found[side] + renamed.get(side, 0) for side in found}
     own_root, data_root = (os.path.realpath(_folder_of(r)) for r in (own_root, data_root))
     mine = {os.path.relpath(p, own_root): (p, side) for p, side in seen.items()
@@ -124,7 +131,7 @@ def copies_of_own(evaluated: set[str], seen: dict[str, str], own_root: str | Non
         found = {side: found[side] + moved[side] for side in found}
     # (a copy matched by its path above is not counted again by its bytes)
     by_path = {e for e, *_ in pairs}
-    renamed = same_bytes([e for e in others if e not in by_path], seen)
+    renamed = by_bytes([e for e in others if e not in by_path])
     return {side: found[side] + renamed.get(side, 0) for side in found}
 
 
@@ -209,6 +216,37 @@ def sums_by_size(paths, sizes: set[int]) -> dict[int, set[str]]:
 PHOTO_SUM_DIGITS = 16
 
 
+def photo_sums(paths: list[str]) -> dict[str, list[str]]:
+    """{size: [sha256 prefix, ...]} of the files (JSON keys are strings)."""
+    from wingspan.data.leaks import content_hashes
+
+    sums: dict[str, set[str]] = {}
+    for path, digest in zip(paths, content_hashes(paths), strict=True):
+        with contextlib.suppress(OSError):
+            if digest:
+                sums.setdefault(str(os.path.getsize(path)), set()).add(
+                    digest[:PHOTO_SUM_DIGITS])
+    return {size: sorted(hashes) for size, hashes in sorted(sums.items())}
+
+
+def seen_sums(run_dir: Path | None) -> dict[str, dict[int, set[str]]] | None:
+    """{side: {size: sha256 prefixes}} of the run's train and val images as it trained on
+    them (SEEN_SUMS_FILE); None for a run trained before they were kept, or unreadable."""
+    try:
+        kept = json.loads((run_dir / SEEN_SUMS_FILE).read_text(encoding="utf-8"))
+        return {side: {int(size): set(hashes) for size, hashes in kept[side].items()}
+                for side in ("train", "val")}
+    except (OSError, TypeError, ValueError, KeyError, AttributeError):
+        return None
+
+
+def copies_by_bytes(paths: set[str], recorded: dict[str, dict[int, set[str]]]
+                    ) -> dict[str, int]:
+    """How many of `paths` hold the bytes of a train or val image of the run, by side."""
+    return {side: copies_among(paths, sums, digits=PHOTO_SUM_DIGITS)
+            for side, sums in recorded.items()}
+
+
 def _folder_of(root: str | Path) -> Path:
     """The folder a dataset's paths are below: a CSV's own folder (its paths are relative
     to it), else the root itself."""
@@ -244,11 +282,19 @@ def fairness_verdict(manifest: dict, split: str, data, paths: list[str],
     seen = own[own[SPLIT].isin(["train", "val"])]
     seen = dict(zip(real_paths(seen["path"]), seen[SPLIT], strict=True))
     trained, chosen = (sum(seen.get(p) == side for p in evaluated) for side in ("train", "val"))
+    recorded = seen_sums(run_dir) if run_dir is not None else None
+    # On the run's own data, a file of its split holding the bytes of an image it trained
+    # on (two files swapped by a re-export) counts too, where the bytes were recorded
     copies = (copies_of_own(evaluated, seen, trained_on(run_dir) if run_dir else None,
-                             data_root) if data is not None else {"train": 0, "val": 0})
+                            data_root, recorded) if data is not None else
+              copies_by_bytes(evaluated - seen.keys(), recorded) if recorded else
+              {"train": 0, "val": 0})
     trained, chosen = trained + copies["train"], chosen + copies["val"]
-    copied = (f" ({counted(copies['train'] + copies['val'], 'copy', 'copies')} of its files "
-              "in another folder, or moved there)" if copies["train"] + copies["val"] else "")
+    copied = ("" if not copies["train"] + copies["val"] else
+              f" ({counted(copies['train'] + copies['val'], 'copy', 'copies')} of its files "
+              "in another folder, or moved there)" if data is not None else
+              f" ({counted(copies['train'] + copies['val'], 'file')} of this split with the "
+              "bytes of one it trained or chose on: changed since)")
     groups_seen = set(own.loc[own[SPLIT].isin(["train", "val"]), GROUP]) if groups else set()
     if not trained and not chosen and (shared := sum(g in groups_seen for g in groups or [])):
         return (f"no: {shared} of these {len(evaluated)} images show a specimen or "
@@ -275,14 +321,15 @@ def fairness_verdict(manifest: dict, split: str, data, paths: list[str],
                 "yes, as far as can be told: none of these files is one the run trained or "
                 "chose its best epoch on; its own images are not where its splits.csv says, "
                 "so copies of them under other names could not be looked for"
-                if (gone := _gone(seen)) and gone == len(seen) else
+                if not recorded and (gone := _gone(seen)) and gone == len(seen) else
                 "yes, as far as can be told: none of these files is one the run trained or "
                 "chose its best epoch on, nor a byte-for-byte copy of one still in place; "
                 f"{counted(gone, 'of the run', 'of the run')}'s own train and val images "
                 f"{'is' if gone == 1 else 'are'} not where its splits.csv says (moved or "
                 "renamed since it trained), so copies of those could not be looked "
                 "for (and a copy re-saved, resized or edited would not be seen: `"
-                + command("data", "audit", "DATA") + "` lists near-duplicates)" if gone else
+                + command("data", "audit", "DATA") + "` lists near-duplicates)"
+                if not recorded and gone else
                 "yes: none of these files is one the run trained or chose its best epoch on, "
                 "nor a byte-for-byte copy of one, whatever its name (a copy re-saved, resized "
                 "or edited would not be seen: `" + command("data", "audit", "DATA") + "` lists "
@@ -293,7 +340,7 @@ def fairness_verdict(manifest: dict, split: str, data, paths: list[str],
     fair = (f"; for a fair figure evaluate the run's {counted(tests, 'test image')}, never "
             "trained or chosen on (`" + command("evaluate", run_dir or "RUN", "--split", "test")
             + "`, or run.evaluate(split=\"test\") in Python)"
-            if tests else "")
+            if tests and not (data is None and split == "test") else "")  # (not itself)
     if not trained:
         return (f"no: the best epoch was chosen on val ({chosen} of these images{copied}), "
                 "so these figures are optimistic" + fair)

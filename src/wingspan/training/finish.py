@@ -20,6 +20,7 @@ from wingspan.config import ReadConfig
 from wingspan.data import read_dataset
 from wingspan.errors import WingspanError, command, counted, first_line
 from wingspan.evaluate.calibration import MIN_CALIBRATION_IMAGES, bound_warning, calibration_record
+from wingspan.evaluate.fairness import photo_sums
 from wingspan.models import save_bundle
 from wingspan.models.engine import Choice
 from wingspan.models.policy import settings_with_environment
@@ -31,6 +32,7 @@ from wingspan.training.context import Run
 from wingspan.training.data import fixed_batches, make_loader
 from wingspan.training.folder import (
     HOLDOUT_FILE,
+    SEEN_SUMS_FILE,
     SPLITS_FILE,
     best_checkpoint_file,
     feature_cache_file,
@@ -131,6 +133,9 @@ def _write_results(run: Run) -> None:
         metrics["engine"] += (f"; final passes {run.policy.frozen.engine.name}, as this "
                               "model's predictions")
     run.write_json("metrics.json", metrics)
+    if run.is_main:  # (an evaluated file with these bytes is one it saw, under any name)
+        run.write_json(SEEN_SUMS_FILE, {"train": photo_sums(run.data.train.paths),
+                                        "val": photo_sums(run.data.val.paths)})
     cached = None if switched else _cached_features(run)
     val = _final_outputs(run, "val", cached)
     calibration = _fit_calibration(run, val)

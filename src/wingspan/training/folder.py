@@ -24,6 +24,9 @@ ERROR_FILE = "error.txt"
 # `wingspan adapt`: the photos its head was refitted on (unlabelled), which an evaluation
 # of the adapted run must not call fair.
 ADAPT_PHOTOS_FILE = "adapt-photos.csv"
+# The sizes and sha256 prefixes of the train and val images as the run trained on them: an
+# evaluated file with those bytes is one it saw, under any name (renamed, moved, swapped).
+SEEN_SUMS_FILE = "seen-sums.json"
 # The checkpoints: last.pt, which a run resumes from, and best.pt, its best model so far.
 CHECKPOINTS_DIR = "checkpoints"
 
