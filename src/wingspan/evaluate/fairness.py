@@ -324,7 +324,7 @@ def fairness_verdict(manifest: dict, split: str, data, paths: list[str],
                 if not recorded and (gone := _gone(seen)) and gone == len(seen) else
                 "yes, as far as can be told: none of these files is one the run trained or "
                 "chose its best epoch on, nor a byte-for-byte copy of one still in place; "
-                f"{counted(gone, 'of the run', 'of the run')}'s own train and val images "
+                f"{gone} of the run's own train and val images "
                 f"{'is' if gone == 1 else 'are'} not where its splits.csv says (moved or "
                 "renamed since it trained), so copies of those could not be looked "
                 "for (and a copy re-saved, resized or edited would not be seen: `"

@@ -209,7 +209,7 @@ def interval_text(metrics: dict, name: str) -> str:
            f"{'has' if interval['classes_of_few_images'] == 1 else 'have'} 1-2 images here, "
            "whose chance it leaves out: too few to judge them"
            if name == "macro_f1" and interval.get("classes_of_few_images") else "")
-    if name == "macro_f1" and name not in interval and metrics.get("images", 0) > 1 or \
+    if (name == "macro_f1" and name not in interval and metrics.get("images", 0) > 1) or \
             interval.get(name, 0) is None:  # (no resample moves it: a wrong answer too)
         return (" (no resample of the images moves it: the model gave every image of a class "
                 f"the same answer; see accuracy's interval{few})")

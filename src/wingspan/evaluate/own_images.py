@@ -17,7 +17,7 @@ from wingspan.data.samples import SPLIT, renamed
 from wingspan.errors import WingspanError, none_read
 from wingspan.inference import Predictor, spelt_as_trained
 from wingspan.models.unknown import MAX_FIT_IMAGES, fit_subset
-from wingspan.training.folder import SPLITS_FILE
+from wingspan.training.folder import SPLITS_FILE, data_moved_hint
 
 
 @dataclass
@@ -56,9 +56,7 @@ def _own_table(run_dir: Path, purpose: str) -> pd.DataFrame:
             raise WingspanError(
                 f"The run's own images, which {purpose}, are not where "
                 f"{run_dir / SPLITS_FILE} says (e.g. {listed['path'].iloc[0]}).",
-                hint="If the data moved, write its new place into that file's paths (they "
-                     "are absolute; e.g. sed 's|/old/place|/new/place|'), and run the "
-                     "command again.") from e
+                hint=data_moved_hint(run_dir)) from e
         raise
 
 

@@ -81,6 +81,7 @@ from wingspan.training.folder import (
     HISTORY_FILE,
     SPLITS_FILE,
     adapted_photos,
+    data_moved_hint,
     hold_lock,
     read_history,
     release_lock,
@@ -494,9 +495,7 @@ def nothing_read(failed: list[tuple[str, str]], split: str, data, run_dir: Path 
         os.path.exists(path) for path, _ in failed[:20])
     return WingspanError(
         none_read(len(failed), "image", f" of the '{split}' split", example=failed[0][1]),
-        hint=(f"The run's images are not where {run_dir / SPLITS_FILE} says: if the data "
-              "moved, write its new place into that file's paths (they are absolute; e.g. "
-              f"sed 's|/old/place|/new/place|'), and {verb} again." if moved else
+        hint=(data_moved_hint(run_dir, verb) if moved else
               "Check the files (`wingspan data inspect DATA` lists unreadable ones), or "
               f"{verb} on another split with --split."))
 

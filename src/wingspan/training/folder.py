@@ -95,6 +95,14 @@ def adapted_photos(run_dir: Path | None) -> list[str]:
     return [row["path"] for row in adapt_photo_rows(run_dir)]
 
 
+def data_moved_hint(run_dir: Path, verb: str = "run the command") -> str:
+    """What to do when a run's images are not where its splits.csv says (the data moved
+    since it trained): evaluate's, calibrate's and adapt's hint alike."""
+    return (f"The run's images are not where {run_dir / SPLITS_FILE} says: if the data "
+            "moved, write its new place into that file's paths (they are absolute; e.g. "
+            f"sed 's|/old/place|/new/place|'), and {verb} again.")
+
+
 def adapted_sums(run_dir: Path | None) -> dict[int, set[str]]:
     """The sizes of those photos, each with the sha256 of the photos of that size: a copy
     of one (sorted into class folders to label them, say) is found by its bytes. None for

@@ -192,7 +192,7 @@ def _resume(run_dir: Path, config: TrainConfig, fabric, quiet: bool) -> Path:
     run.note_unreadable([(p, f"Cannot read image {p}: the file is gone since the run began")
                          for p in gone])
     if run.is_main:
-        _note_classes_added(run, dataset, config)
+        _note_data_changed(run, dataset, config)
     before = _later_calibration(run_dir) if finished and not scoring else None
     done = interruptible(run, scoring_only=scoring)
     if before and run.is_main:
@@ -221,7 +221,7 @@ def _later_calibration(run_dir: Path) -> str | None:
     return " and ".join(said) or None
 
 
-def _note_classes_added(run: Run, dataset: Dataset, config: TrainConfig) -> None:
+def _note_data_changed(run: Run, dataset: Dataset, config: TrainConfig) -> None:
     """A resumed run keeps the split, the classes and the labels it began with: a class
     folder added to its data since is not trained on, nor a new image of its classes, and
     an image relabelled since (a label fixed in the CSV) keeps its old label. Said, rather
