@@ -2029,6 +2029,25 @@ def test_a_resumed_run_says_a_label_fixed_in_its_csv_since_is_not_taken(tmp_path
            "with. Train a new run to use them." in log, log
 
 
+def test_a_resumed_run_says_an_image_written_again_since_it_began(tmp_path, monkeypatch):
+    """A training photo edited (or exported again) under its name between a kill and the
+    resume: the resumed run trained on its new bytes after the old without a word."""
+    data = folder_dataset(tmp_path / "data", {"a": 8, "b": 8})
+    run_dir = _stopped_in_finetune(tmp_path, monkeypatch, data)
+    splits = pd.read_csv(run_dir / "splits.csv")
+    edited = splits.loc[splits["split"] == "train", "path"].iloc[0]
+    moved = splits.loc[splits["split"] == "val", "path"].iloc[0]
+    write_image(Path(edited), seed=99)
+    os.rename(moved, f"{moved}.tmp")  # (moved away and back: the same bytes, no news)
+    os.rename(f"{moved}.tmp", moved)
+    resume(run_dir, quiet=True)
+    log = (run_dir / "train.log").read_text()
+    assert f"1 image this run trains or chooses on was written again since it began (e.g. " \
+           f"{edited}): its epochs before this trained on the old bytes, those after train " \
+           "on the new." in log, log
+    assert "has changed since this run began" not in log, log
+
+
 def test_a_resume_says_no_change_of_images_its_split_left_out(tmp_path, monkeypatch):
     """A --max-per-class run resumed on its untouched data said "50 new images of its
     classes": those --max-per-class left out of its splits.csv."""

@@ -259,14 +259,27 @@ def _note_data_changed(run: Run, dataset: Dataset, config: TrainConfig) -> None:
                     f"{counted(new, 'new image')} of its classes" if new else "") if part)
                 + ": a resumed run keeps the labels and split it began with. Train a new run "
                 "to use them.", caveat=True)
+    # Written again under the same name (an edited or re-exported photo): said too, as the
+    # epochs before the kill trained or chose on the old bytes and those after on the new
+    rewritten = [p for p, split in zip(dataset.table["path"], dataset.table["split"],
+                                       strict=True)
+                 if split in ("train", "val") and _changed_after(p, began, written=True)]
+    if rewritten:
+        run.log(f"{counted(len(rewritten), 'image')} this run trains or chooses on "
+                f"{'was' if len(rewritten) == 1 else 'were'} written again since it began "
+                f"(e.g. {rewritten[0]}): its epochs before this trained on the old bytes, "
+                "those after train on the new. Train a new run for a model of the new ones "
+                "alone.", caveat=True)
 
 
-def _changed_after(path: str, when: float) -> bool:
-    """Whether the file was put where it is after `when` (its ctime: a copy, a move)."""
+def _changed_after(path: str, when: float, written: bool = False) -> bool:
+    """Whether the file was put where it is after `when` (its ctime: a copy, a move), or,
+    `written`, its bytes written since (its mtime: a move keeps it)."""
     try:
-        return os.stat(path).st_ctime > when
+        stat = os.stat(path)
     except OSError:
         return False
+    return (stat.st_mtime if written else stat.st_ctime) > when
 
 
 def _resuming(run_dir: Path, checkpoint: dict | None, scoring: bool) -> str:
