@@ -576,6 +576,41 @@ def test_the_audit_page_passes_an_accessibility_check(tmp_path, run_cli):
     assert any(alt.startswith("#1, labelled ") for alt in alts), alts[:3]
 
 
+def test_long_class_names_stay_in_their_audit_cards(tmp_path):
+    """ETHEC's species folders (Genus_epithet, up to 27 letters, no space to wrap at) ran
+    over the next card in the gallery and widened the page at 1280 px."""
+    from helpers import chromium_path
+    from playwright.sync_api import sync_playwright
+
+    from wingspan.config import AuditConfig
+    from wingspan.data.audit import gallery
+
+    image = tmp_path / "a.jpg"
+    Image.new("RGB", (32, 32), (90, 120, 200)).save(image)
+    names = ["Pseudochazara_telephassa", "Kuekenthaliella_eugenia", "Lasiommata_paramegaera"]
+    issues = pd.DataFrame({"rank": [1, 2, 3], "path": [str(image)] * 3, "split": "-",
+                           "label": names, "suspected": names[::-1], "label_quality": 0.001,
+                           "suspected_probability": 0.03, "flagged": True})
+    duplicates = pd.DataFrame(columns=["path_a", "path_b", "label_a", "label_b", "split_a",
+                                       "split_b", "similarity", "hash_distance",
+                                       "across_splits", "labels_differ", "group",
+                                       "group_size"])
+    page_file = tmp_path / "audit.html"
+    page_file.write_text(gallery(issues, duplicates, "label", AuditConfig(), "x", {}))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path())
+        for width in (1280, 375):
+            page = browser.new_page(viewport={"width": width, "height": 800})
+            page.goto(page_file.resolve().as_uri())
+            over = page.eval_on_selector_all(".g .c", """cs => cs.filter(c =>
+                [...c.querySelectorAll('*')].some(e => e.getBoundingClientRect().right
+                > c.getBoundingClientRect().right + 1)).length""")
+            assert over == 0, width
+            assert page.evaluate("document.documentElement.scrollWidth") <= width
+            page.close()
+        browser.close()
+
+
 def test_audit_folds_follow_the_largest_class_not_the_smallest():
     from wingspan.config import AuditConfig
     from wingspan.data.audit import fold_count

@@ -345,6 +345,40 @@ def test_confusion_plot_for_few_and_many_classes(tmp_path, n, monkeypatch):
     assert drawn[-1].axes[0].images[0].get_array().shape == (70, 70)
 
 
+def test_a_taxonomys_confusion_plot_keeps_each_family_together(tmp_path, monkeypatch):
+    """300 species of 6 families: sorted by frequency, a genus's species lay scattered over
+    the matrix and a family's confusions made no block; down the tree, each family is one
+    run of rows, named at its middle, lines between."""
+    from wingspan.data.taxonomy import Taxonomy
+    from wingspan.evaluate.run import _tree
+
+    rng = np.random.default_rng(0)
+    n = 300
+    species = [f"G{i % 50} s{i}" for i in range(n)]  # (a genus's species far apart by name)
+    table = pd.DataFrame({"path": species, "family": [f"F{i % 50 % 6}" for i in range(n)],
+                          "genus": [f"G{i % 50}" for i in range(n)], "species": species})
+    taxonomy = Taxonomy.from_table(table, ["family", "genus", "species"])
+    y = rng.integers(0, n, 3000) ** 2 // n  # (sizes differ: the frequency order applied)
+    drawn = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or save(fig, path))
+    cm = confusion(y, y, n)
+    plots.plot_confusion(cm, taxonomy.classes["species"], tmp_path / "cm.png",
+                         tree=_tree(taxonomy, "species"))
+    ax = drawn[-1].axes[0]
+    assert "grouped by family" in ax.get_title()
+    assert [t.get_text() for t in ax.get_yticklabels()] == taxonomy.classes["family"]
+    # The same order both ways (the diagonal is the diagonal), each family one run of
+    # rows: the lines lie where the families' sizes add up.
+    kept = np.flatnonzero(cm.sum(1))
+    assert np.allclose(np.asarray(ax.images[0].get_array()), np.eye(len(kept)))
+    sizes = np.bincount(taxonomy.parents["family"][kept], minlength=6)
+    edges = sorted({line.get_ydata()[0] for line in ax.lines if line.get_ydata()[0]
+                    == line.get_ydata()[1]})
+    assert edges == list(np.cumsum(sizes)[:-1] - 0.5) and len(ax.lines) == 2 * 5
+    assert _tree(taxonomy, "family") is None
+
+
 def test_class_names_with_dollars_are_drawn_as_written(tmp_path, monkeypatch):
     """matplotlib reads "$...$" as mathematics: a folder "$\\foo$" stopped `data inspect`
     and `evaluate` with a parse error, and "price $5-$10" was drawn as "price 5 - 10". The
@@ -618,6 +652,31 @@ def test_most_confused_orders_its_ties_and_the_report_says_how_many_it_shows(tmp
     page = write_report(tmp_path / "r.html", "t", {
         "confused": pd.DataFrame(most_confused(cm, list("abc"), n=2)), "confused_pairs": 4})
     assert "<h3>Most confused (2 of 4 pairs; all in confusion.csv)</h3>" in page.read_text()
+
+
+def test_a_report_of_many_classes_folds_its_per_class_tables(tmp_path):
+    """300 classes (ETHEC has 561): the data table and the per-class table were 300 rows
+    each, 8,000 px apiece, the metrics 10,600 px down the page. The data table folds whole,
+    the per-class one after its 20 lowest F1; every class stays in the page. 8 classes:
+    both whole, as before."""
+    from wingspan.evaluate.report import write_report
+
+    for n in (8, 300):
+        names = [f"Genus{i // 3} species{i}" for i in range(n)]
+        data = pd.DataFrame({"class": names, "train": 6, "val": 2, "test": 2})
+        per_class = pd.DataFrame({"class": names, "precision": 0.5, "recall": 0.5,
+                                  "f1": np.linspace(0, 1, n), "support": 2})
+        page = write_report(tmp_path / f"{n}.html", "t", {
+            "data": data, "per_class": per_class, "summary": [("accuracy", 0.5)]}).read_text()
+        data_part = page.split("<h2>Data</h2>")[1].split("<h2>")[0]
+        worst = page.split(">Per class (lowest F1 first)<")[1]
+        first = worst.split("</table>")[0]
+        assert ("<details>" in data_part) == (n > 30)
+        assert len(re.findall(r"<tr>\s*<td>", first)) == min(n, 20)
+        assert f"<td>{names[0]}</td>" in first  # (the lowest F1 first)
+        assert all(f"<td>{c}</td>" in worst for c in names), n
+        if n > 30:
+            assert "The other 280 classes (all in per_class.csv)" in worst
 
 
 def test_top_k_is_not_reported_where_k_covers_every_class():

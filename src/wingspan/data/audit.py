@@ -456,9 +456,12 @@ def _thumbnail(path: str, size: int = 160) -> str:
 
 # (cards at least 130 px: two a row down to a 320 px phone, where a pair, two columns
 # wide, would otherwise widen the page)
+# (overflow-wrap on .c: a species name has no space to wrap at, and one of 24 letters,
+# "Pseudochazara_telephassa", ran over the next card's at 1280 px)
 STYLE = """body{font:14px/1.4 system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em}
 .g{display:grid;grid-template-columns:repeat(auto-fill,minmax(130px,1fr));gap:12px}
-.c{border:1px solid #ddd;padding:5px;min-width:0}.pair{grid-column:span 2}
+.c{border:1px solid #ddd;padding:5px;min-width:0;overflow-wrap:anywhere}
+.pair{grid-column:span 2}
 .c img{width:100%;height:auto;aspect-ratio:1;object-fit:contain;background:#f4f4f4}
 .pair img{width:calc(50% - 3px)}.s{color:#b00}
 .m{color:#666;font-size:12px;word-break:break-all}"""

@@ -31,7 +31,8 @@ def _save(fig, path: Path) -> Path:
 
 
 @literal_text()
-def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> Path:
+def plot_confusion(cm: np.ndarray, classes: list[str], path: Path,
+                   tree: tuple[np.ndarray, list[str], str] | None = None) -> Path:
     """Rows normalised (recall per class) for colour, counts written in the cells.
 
     Classes with no images here and no answers are blank rows and columns (on an
@@ -40,6 +41,12 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> Path:
     their counts, above LABELLED the axes lose their names, and the matrix is sorted by
     class frequency (where the classes differ in it; else it keeps confusion.csv's order).
     (The most confused pairs are the report's table, not drawn here.)
+
+    `tree` (a taxonomy's level below its coarsest: each class's ancestors' indices, coarse
+    to fine, as an array of one row a class; the coarsest level's names; its name): above
+    LABELLED the classes are sorted down the tree instead, lines between the coarsest
+    groups, named. By frequency, a genus's species lay scattered over 300 rows, so that
+    the confusions within a genus, a model's likeliest, showed no pattern.
     """
     counts = cm.sum(1)
     empty = (counts + cm.sum(0)) == 0
@@ -71,6 +78,27 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> Path:
         ax.set_yticks(range(n), names, fontsize=size)
         if left_out:  # (wrapped: over a matrix of 2 classes it ran past the figure)
             ax.set_title(textwrap.fill(left_out, 28 + 4 * n), fontsize=8)
+    elif tree is not None:
+        ancestors, group_names, group_level = tree
+        ancestors = np.asarray(ancestors).reshape(len(classes), -1)
+        # (lexsort: its last key first; the class's own index breaks ties, as confusion.csv)
+        order = kept[np.lexsort([kept, *ancestors[kept].T[::-1]])]
+        top = ancestors[order, 0]
+        fig, ax = subplots(figsize=(9, 8))
+        im = ax.imshow(norm[np.ix_(order, order)], cmap="Blues", vmin=0, vmax=1,
+                       interpolation="nearest")
+        edges = np.flatnonzero(np.diff(top)) + 0.5
+        for e in edges:
+            ax.axhline(e, color="0.55", lw=0.5)
+            ax.axvline(e, color="0.55", lw=0.5)
+        starts = np.concatenate([[-0.5], edges, [len(order) - 0.5]])
+        centres = (starts[:-1] + starts[1:]) / 2
+        names = [short_name(group_names[g]) for g in top[np.r_[0, np.ceil(edges).astype(int)]]]
+        size = 7 if len(names) <= 30 else 5
+        ax.set_xticks(centres, names, rotation=90, fontsize=size)
+        ax.set_yticks(centres, names, fontsize=size)
+        ax.set_title(f"{len(order)} classes, grouped by {group_level} (lines between), "
+                     "then down the tree" + (f"\n{left_out}" if left_out else ""), fontsize=10)
     else:
         by_size = len(set(counts[kept].tolist())) > 1
         order = kept[np.argsort(-counts[kept], kind="stable")] if by_size else kept

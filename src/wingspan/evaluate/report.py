@@ -37,6 +37,23 @@ def _table(frame: pd.DataFrame, floats: str = "{:.4f}") -> str:
     return f"<div class='scroll' role='region' tabindex='0' aria-label='{named}'>{table}</div>"
 
 
+# A table of more rows than this (one a class: ETHEC has 561) shows its first SHOWN_ROWS and
+# folds the rest under a <details>: 300 classes in full were 8,000 px each, the metrics
+# 10,600 px down the page. (Folded rows stay in the page: find in page opens them.)
+LONG_TABLE = 30
+SHOWN_ROWS = 20
+
+
+def _long_table(frame: pd.DataFrame, floats: str, rest: str) -> str:
+    """The first SHOWN_ROWS rows, then the others under a closed <details> whose summary
+    is `rest` ({n}: how many); a short table whole."""
+    if len(frame) <= LONG_TABLE:
+        return _table(frame, floats)
+    summary = html.escape(rest.format(n=len(frame) - SHOWN_ROWS))
+    return (_table(frame.iloc[:SHOWN_ROWS], floats) + f"<details><summary>{summary}</summary>"
+            + _table(frame.iloc[SHOWN_ROWS:], floats) + "</details>")
+
+
 def _kv(pairs: list[tuple[str, object]]) -> str:
     rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
                    for k, v in pairs)
@@ -79,7 +96,11 @@ def write_report(path: Path, title: str, sections: dict) -> Path:
                if s.get("no_plots") else "not available")
     parts = [f"<h1>{html.escape(title)}</h1>", _kv(s.get("overview", []))]
     parts += ["<h2>Data</h2>"]
-    if s.get("data") is not None:
+    if s.get("data") is not None and len(s["data"]) > LONG_TABLE:  # (alphabetical: the
+        # first rows say nothing more than the others; the balance plot says the spread)
+        parts += [f"<details><summary>Images per class and split: {len(s['data'])} classes"
+                  "</summary>", _table(s["data"], "{:.0f}"), "</details>"]
+    elif s.get("data") is not None:
         parts.append(_table(s["data"], "{:.0f}"))
     parts.append(_img(s.get("balance_png"), "class balance", missing))
     parts += ["<h2>Augmentation</h2>",
@@ -111,11 +132,12 @@ def write_report(path: Path, title: str, sections: dict) -> Path:
               + (f"; {own['unreadable']} of its {own['images']} images could not be read, "
                  "gone since" if own["unreadable"] else "") + ")") if own else ""
         parts += ["<h3>Transfer: recall per class on the model's own data and on this data"
-                  f"{of}</h3>", _table(s["transfer"])]
+                  f"{of}</h3>", _long_table(s["transfer"], "{:.4f}", "The other {n} classes")]
     if s.get("per_class") is not None:  # the classes to look at first, first
         worst = s["per_class"].sort_values(["f1", "support"], ascending=[True, False],
                                            kind="stable")
-        parts += ["<h3>Per class (lowest F1 first)</h3>", _table(worst)]
+        parts += ["<h3>Per class (lowest F1 first)</h3>",
+                  _long_table(worst, "{:.4f}", "The other {n} classes (all in per_class.csv)")]
     parts += ["<h2>Confusion matrix</h2><div class='grid'>",
               _img(s.get("confusion_png"), "confusion matrix: rows the true class, columns "
                    "the predicted one (the counts in confusion.csv)", missing)]

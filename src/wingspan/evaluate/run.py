@@ -648,7 +648,8 @@ def _per_level(predictor: Predictor, rows: pd.DataFrame, truth: dict[str, np.nda
         known = truth[lv] >= 0
         charts.plot_confusion(confusion(truth[lv][known], marg[lv][known],
                                         len(taxonomy.classes[lv])),
-                              taxonomy.classes[lv], out_dir / f"confusion_{name_part(lv)}.png")
+                              taxonomy.classes[lv], out_dir / f"confusion_{name_part(lv)}.png",
+                              tree=_tree(taxonomy, lv))
     metrics["hierarchy"] = result
     table = level_table(result, taxonomy.levels)
     write_csv(table, out_dir / "levels.csv")
@@ -859,12 +860,26 @@ def _grad_cam_view(predictor: Predictor, path: str, target: int) -> dict:
         return {}
 
 
+def _tree(taxonomy, level: str) -> tuple[np.ndarray, list[str], str] | None:
+    """A level's classes' ancestors (coarse to fine, a row a class), the coarsest level's
+    names and its name: plot_confusion's order down the tree. None at the coarsest."""
+    coarser = taxonomy.levels[:taxonomy.levels.index(level)]
+    if not coarser:
+        return None
+    ancestors = np.stack([taxonomy.parent_of(level, c) for c in coarser], axis=1)
+    return ancestors, list(taxonomy.classes[coarser[0]]), coarser[0]
+
+
 def _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, y, y_pred,
            probs, raw: tuple[np.ndarray, np.ndarray], metrics: dict, read: list, own: bool
            ) -> dict:
     """The report's figures; `raw`: the probabilities at T 1 and the classes answered at it
     (the reliability diagram sets them beside the calibrated ones, with both ECEs)."""
-    pngs = {"confusion": charts.plot_confusion(cm, classes, out_dir / "confusion.png")}
+    taxonomy = predictor.taxonomy
+    tree = (_tree(taxonomy, taxonomy.finest) if taxonomy is not None
+            and list(classes) == list(taxonomy.classes[taxonomy.finest]) else None)
+    pngs = {"confusion": charts.plot_confusion(cm, classes, out_dir / "confusion.png",
+                                               tree=tree)}
     wrong = np.flatnonzero(y_pred != y)
     p_pred = probs[np.arange(len(y_pred)), y_pred]
     worst = wrong[np.argsort(-p_pred[wrong])][:18]
