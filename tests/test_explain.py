@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from test_train import tiny
 
@@ -90,6 +91,9 @@ def test_grad_cam_points_at_the_evidence():
 
         def spatial(self, fmap, prefix=None):
             return fmap
+
+        def units(self):  # (not a chain: its map drawn as it is)
+            return None
 
     class Half(nn.Module):
         def __init__(self):
@@ -228,3 +232,37 @@ def test_a_flat_grad_cam_says_what_it_is(tmp_path):
     png = save_overlay(np.zeros((32, 32, 3), np.uint8), np.ones((32, 32)), "monarch 90.0%",
                        None)
     assert png[:4] == b"\x89PNG"
+
+
+def test_explain_gives_each_overlay_as_it_is_written(run_dir, demo_dir, tmp_path):
+    """The command's line per image comes as each is drawn: a run over many photos (or one
+    piped to a log, with no bar) said nothing until the last was done."""
+    from wingspan.explain import explain_each
+
+    images = [str(p) for p in sorted(demo_dir.rglob("*.jpg"))[:3]]
+    each = explain_each(run_dir, images, tmp_path / "out", progress=False)
+    first = next(each)
+    assert first.path == images[0] and first.png.is_file()
+    assert [p.name for p in (tmp_path / "out").glob("*.png")] == [first.png.name]
+    assert len([first, *each]) == 3
+
+
+@pytest.mark.parametrize("size, last, drawn", [(96, 3, 6), (192, 6, 6)])
+def test_a_coarse_last_map_is_drawn_from_the_map_a_stride_finer(run_dir, size, last, drawn):
+    """A CNN's last map at the demo's 96 px is 3 x 3: its peak fell in a demo butterfly's
+    box no more often than chance (20% for a box of 19%), the 6 x 6 map a stride before
+    it 70%. Below MIN_MAP_SIDE cells that finer map is drawn; at 6 and above, the last."""
+    from wingspan.explain import grad_cam
+    from wingspan.inference import Predictor
+
+    predictor = Predictor(run_dir, "cpu", "fp32", runtime="torch", workers=0)
+    backbone = predictor.model.backbone
+    seen, spatial = [], backbone.spatial
+    backbone.spatial = lambda maps, prefix=None: seen.append(maps.shape[-2:]) or spatial(
+        maps, prefix)
+    features = backbone(torch.zeros(1, 3, size, size))
+    assert tuple(features.shape[-2:]) == (last, last)
+    heatmap = grad_cam(predictor, torch.randn(3, size, size,
+                                              generator=torch.Generator().manual_seed(0)), 0)
+    assert heatmap.shape == (size, size)
+    assert [tuple(s) for s in seen] == [(drawn, drawn)] * 2  # (the map and its gradient)

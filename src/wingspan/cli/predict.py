@@ -202,7 +202,7 @@ def explain_command(
 ) -> None:
     """Grad-CAM overlays: where the model looked for the class it predicted, one PNG per
     image."""
-    from wingspan.explain import explain
+    from wingspan.explain import explain_each
     from wingspan.inference import find_bundle, output_home
     from wingspan.predict import expand_paths
 
@@ -213,7 +213,7 @@ def explain_command(
         raise WingspanError("No image to explain.", hint="Check the paths given.")
     out_dir = out_dir or output_home(find_bundle(model)) / "explain"
     explained, failed = 0, len(missing)
-    for e in explain(model, paths, out_dir, device=device, progress=not quiet):
+    for e in explain_each(model, paths, out_dir, device=device, progress=not quiet):
         if e.error:
             failed += 1
             err.print(f"[yellow]skipped[/] {plain(e.path)}: {plain(e.error)}", highlight=False)
