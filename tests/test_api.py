@@ -1517,3 +1517,24 @@ def test_a_sigterm_swallowed_without_a_trace_stops_the_run_at_its_next_epoch(dem
     history = pd.read_csv(tmp_path / "r" / "history.csv")
     assert set(history["stage"]) == {"head"}, history  # (no fine-tuning epoch)
     assert (tmp_path / "r" / "checkpoints" / "last.pt").is_file()
+
+
+def test_a_predict_of_a_few_photos_times_no_engine(run, demo_dir, run_cli, monkeypatch,
+                                                   tmp_path):
+    """With no engine choice stored (a new machine, or a busy one, where no timing is
+    kept), a predict of one photo timed every candidate on 64-image batches before its one
+    pass (18-32 s for a Lite0 at 224 px on a 2-core Xeon): fewer images than one round of
+    the timing run in PyTorch fp32 untimed; more are timed, and the choice kept."""
+    monkeypatch.setenv("WINGSPAN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("WINGSPAN_PRECISION", raising=False)
+    monkeypatch.delenv("WINGSPAN_RUNTIME", raising=False)
+    photos = sorted(str(p) for p in demo_dir.rglob("*.jpg"))
+    code, _, err = run_cli("predict", run.dir, photos[0], "--batch-size", "2", "--workers", "0")
+    assert code == 0, err
+    assert "frozen passes torch-fp32 (untimed: 1 image, fewer than timing the" in err, err
+    assert not (tmp_path / "cache" / "engines.json").exists()
+    code, _, err = run_cli("predict", run.dir, demo_dir, "--batch-size", "2", "--workers", "0")
+    assert code == 0 and "untimed" not in err and "(measured" in err, err
+    assert (tmp_path / "cache" / "engines.json").is_file()
+    code, _, err = run_cli("predict", run.dir, photos[0], "--batch-size", "2", "--workers", "0")
+    assert code == 0 and "(cached" in err, err  # (what a timing kept, even for one photo)

@@ -149,7 +149,10 @@ class Predictor:
 
     def __init__(self, model: str | Path, device: str = "auto", precision: str = "auto",
                  batch_size: int = BATCH_SIZE, workers: int | None = None, runtime: str = "auto",
-                 progress: bool = False, fabric=None, unknown_score: str | None = None):
+                 progress: bool = False, fabric=None, unknown_score: str | None = None,
+                 images: int | None = None):
+        """`images`: how many images this predictor is for, where known (a few are run in
+        PyTorch fp32 rather than after timing the engines: `Policy.choose_frozen`)."""
         check_default_dtype()
         per_machine = getattr(fabric.strategy, "num_processes", 1) if fabric else 1
         self.workers = check_reading(batch_size, workers, per_machine)
@@ -178,8 +181,8 @@ class Predictor:
             str(fabric.device) if fabric else device, precision, runtime=runtime,
             avoid=avoided_engines(inference)), train=None)
         policy.prepare_model(self.model)
-        chosen = (policy.choose_frozen(self.model, self.size, batch_size, progress=progress)
-                  if main else None)
+        chosen = (policy.choose_frozen(self.model, self.size, batch_size, progress=progress,
+                                       job_images=images) if main else None)
         if fabric is not None and fabric.world_size > 1:
             records = fabric.broadcast(chosen.records() if chosen else None)
             chosen = chosen or policy.adopt(records, "as rank 0 chose")

@@ -78,7 +78,13 @@ def predict_command(
     from rich.table import Table
 
     from wingspan.inference import Predictor
-    from wingspan.predict import not_images_said, predict, predict_fabric, write_predictions
+    from wingspan.predict import (
+        expand_paths,
+        not_images_said,
+        predict,
+        predict_fabric,
+        write_predictions,
+    )
 
     # --output -: the CSV is all that standard output holds (a table's paths were cut,
     # and its first 50 rows alone shown); what is said goes to standard error.
@@ -91,7 +97,8 @@ def predict_command(
     quiet = quiet or not main
     predictor = Predictor(model, device=device, batch_size=batch_size, workers=workers,
                           runtime=runtime, precision=precision, progress=not quiet,
-                          fabric=fabric, unknown_score=unknown_score)
+                          fabric=fabric, unknown_score=unknown_score,
+                          images=len(expand_paths(paths)[0]))  # (a few: no engine timing)
     if not quiet:
         err.print(f"Engine: {predictor.policy.describe()}"
                   + (f"; {fabric.world_size} processes" if fabric else ""), highlight=False)

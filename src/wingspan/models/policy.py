@@ -164,11 +164,12 @@ class Policy:
 
     def choose_frozen(self, model: nn.Module, size: int, batch_size: int,
                       remeasure: bool = False, thorough: bool = False,
-                      progress: bool = False) -> Policy:
+                      progress: bool = False, job_images: int | None = None) -> Policy:
         """This policy with the engine for frozen passes of `model` (a Classifier) chosen:
         forced, cached, or measured now and cached. `remeasure` ignores the cache;
         `thorough` times every candidate fully (no early drop, one more round); `progress`
-        shows a message while timing."""
+        shows a message while timing. `job_images`: the images the passes are for, where
+        known; fewer than one round of the timing passes run in PyTorch fp32 untimed."""
         if self.frozen and not remeasure:
             return self
         engines = list(self.frozen_candidates)
@@ -179,6 +180,16 @@ class Policy:
         record = None if remeasure else cache.get(key)
         if record and record.get("engine") in {e.name for e in engines}:
             return self.with_choice("frozen", Choice.from_record(record, "cached"))
+        # A few photos to predict: the timing (a warm-up, rounds and a check of n images on
+        # each candidate) would cost many times the job. A timing beside other work is not
+        # kept, so on a busy machine a predict of one photo timed every call (18-32 s for a
+        # Lite0 at 224 px on a 2-core Xeon) before its 0.1 s pass.
+        reference = engine_named("torch-fp32")
+        if job_images is not None and job_images < n * len(engines) and reference in engines \
+                and not remeasure:
+            return self.with_choice("frozen", Choice(reference, (
+                f"untimed: {counted(job_images, 'image')}, fewer than timing the "
+                f"{len(engines)} candidates takes; a larger job times them once")))
         with status(f"Timing {', '.join(e.name for e in engines)} for {model.spec.name} "
                     "(once per model and machine)", progress):
             choice = self._measure_frozen(model, size, n, engines, thorough)
