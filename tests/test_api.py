@@ -54,6 +54,23 @@ def test_import_is_light_and_train_is_the_function():
     assert out.split() == ["False", "False"]
 
 
+def test_one_process_predict_imports_no_training_stack(run, demo_dir):
+    """`wingspan predict` on one process starts without what it never uses: Lightning
+    (Fabric shares the work among processes, --devices N; 0.07-0.1 s to import after
+    torch), scikit-learn and matplotlib. What is imported, not how long: robust on a loaded
+    machine."""
+    image = next(demo_dir.rglob("*.jpg"))
+    code = ("import sys\nfrom wingspan.cli.app import main\n"
+            f"try:\n    main(['predict', {str(run.dir)!r}, {str(image)!r}, '-q'])\n"
+            "except SystemExit as e:\n    print('exit', e.code)\n"
+            "print('imported:', sorted(m for m in ('lightning_fabric', 'lightning', 'sklearn', "
+            "'matplotlib') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert "exit 0" in done.stdout and "imported: []" in done.stdout, (
+        done.stdout + done.stderr)
+
+
 def test_read_counts_and_display(demo_dir):
     data = ws.read(demo_dir)
     assert len(data) == len(read_dataset(demo_dir)) == 16 + 12 + 9 + 6

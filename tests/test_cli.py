@@ -743,6 +743,26 @@ def test_a_wrong_training_setting_is_said_before_torch_is_imported(tmp_path, set
     assert "imported: []" in done.stdout, done.stdout
 
 
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["predict", "--help"],
+                                  ["data", "inspect", "--help"], ["--version"]])
+def test_help_imports_no_numpy(args):
+    """Every command's parse (its --help, a mistyped option) imports the CLI's modules:
+    numpy, imported by wingspan.files at the top, was 0.15-0.25 s of `wingspan --help`'s
+    0.55 s. (What is imported, not how long it takes: a test a loaded machine cannot fail.)"""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom wingspan.cli.app import main\n"
+            f"try:\n    main({args!r})\n"
+            "except SystemExit as e:\n    print('exit', e.code)\n"
+            "print('imported:', sorted(m for m in ('numpy', 'pandas', 'torch') "
+            "if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert "exit 0" in done.stdout, done.stdout + done.stderr
+    assert "imported: []" in done.stdout, done.stdout
+
+
 def test_progress_bars_leave_nothing_in_a_log_file(capsys):
     """A bar on stderr that is no terminal (a log, CI, `2> file`) was not drawn but left a
     blank line each time: between train's epochs, and before an error's message."""

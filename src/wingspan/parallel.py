@@ -32,12 +32,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from lightning_fabric import Fabric
-from lightning_fabric.strategies.launchers import subprocess_script
 
 from wingspan.config import MAX_PROCESSES, RANK_WAIT_HOURS, STRATEGIES
 from wingspan.errors import (
@@ -48,6 +47,10 @@ from wingspan.errors import (
     end_started,
     first_line,
 )
+
+if TYPE_CHECKING:  # (Lightning is imported where a Fabric is made, `Processes.fabric`: one
+    # process's predict and evaluate, which import this module, never make one)
+    from lightning_fabric import Fabric
 
 # Our precision names -> Fabric's for the training step.
 FABRIC_PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
@@ -86,6 +89,9 @@ class Processes:
     def fabric(self, precision: str = "fp32") -> Fabric:
         """This process's Fabric. The first call starts the other processes of this machine
         (with `--devices N`); in those, and on later calls, nothing more is started."""
+        from lightning_fabric import Fabric
+        from lightning_fabric.strategies.launchers import subprocess_script
+
         devices, nodes = self.world()
         accelerator, which = _accelerator(self.device)
         if which is not None:
