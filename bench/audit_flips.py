@@ -61,12 +61,15 @@ def main() -> None:
                "cleanlab_flagged": len(flagged),
                "cleanlab_recall": len(flagged & flips) / len(flips),
                "cleanlab_precision": len(flagged & flips) / max(len(flagged), 1),
+               # (of the labels as given, flips included: what an audit can know)
+               "oof_accuracy": result.checker["accuracy"],
+               "oof_balanced_accuracy": result.checker["balanced_accuracy"],
                "seconds": round(seconds, 1), "backbone": result.backbone}
         results.append(row)
         print(json.dumps(row))
     mean = {k: float(np.mean([r[k] for r in results])) for k in
             ("recall_at_top_share", "precision_at_top_share", "cleanlab_recall",
-             "cleanlab_precision")}
+             "cleanlab_precision", "oof_accuracy")}
     print("mean over seeds:", json.dumps({k: round(v, 3) for k, v in mean.items()}))
     if args.out:
         with open(args.out, "w") as f:

@@ -85,6 +85,10 @@ def test_audit_finds_flipped_labels_and_a_resized_copy(tmp_path, run_cli, monkey
     assert f"{pairs} pair{'s' if pairs > 1 else ''} in {groups} group{'s' if groups > 1 else ''}" \
         in page  # not "1 pairs in 1 groups"
     assert "Most suspect labels" in stdout
+    # The head that checks is named with its out-of-fold accuracy, and is strong enough here
+    said = " ".join(stdout.split())
+    accuracy = float(re.search(r"out-of-fold accuracy ([\d.]+)", said).group(1))
+    assert accuracy >= 0.8 and "Warning" not in said and "Too weak" not in page
     # Its images under the data's folder (the CSV's), named below it: absolute, they
     # wrapped over 7 lines at ETHEC's depth
     assert "images in" in stdout and str(images[0].parent) not in stdout
@@ -609,6 +613,41 @@ def test_long_class_names_stay_in_their_audit_cards(tmp_path):
             assert page.evaluate("document.documentElement.scrollWidth") <= width
             page.close()
         browser.close()
+
+
+def test_the_audit_scores_its_checker_beside_chance():
+    from wingspan.config import AuditConfig
+    from wingspan.data.audit import checker_scores
+
+    issues = pd.DataFrame({"label": list("aaaabb"), "suspected": list("aabbba")})
+    scores = checker_scores(issues, AuditConfig().weak_checker)
+    assert scores["accuracy"] == 3 / 6 and scores["balanced_accuracy"] == (2 / 4 + 1 / 2) / 2
+    assert scores["commonest_share"] == 4 / 6 and scores["classes"] == 2
+    assert scores["weak"] and 0.5 < AuditConfig().weak_checker < 0.85  # (iNat's head: 0.85)
+    assert not checker_scores(issues, 0.5)["weak"]
+
+
+def test_an_audit_whose_checker_is_too_weak_says_its_flags_do_not_mean_wrong_labels(
+        tmp_path, run_cli):
+    """300 classes of ~9 images: cleanlab flagged 64% of them while the out-of-fold head
+    named 24% right, and neither the terminal nor the page said that the flags then mean
+    "the features do not tell these classes apart". Here random pixels and weights: the
+    head is near chance."""
+    from helpers import folder_dataset
+
+    folder_dataset(tmp_path / "data", {f"species_{i:02}": 3 for i in range(20)})
+    code, out, err = run_cli("data", "audit", tmp_path / "data", "--backbone",
+                             "test_efficientnet", "--weights", "none", "--out",
+                             tmp_path / "out", "--quiet")
+    assert code == 0, err
+    said = " ".join(out.split())
+    accuracy = float(re.search(r"out-of-fold accuracy ([\d.]+)", said).group(1))
+    assert accuracy < 0.3 and "(chance 0.05, the commonest class's share)" in said, said
+    assert "Warning: the out-of-fold head names only" in said
+    assert "--weights RUN" in said and "coarser --level" in said
+    page = " ".join((tmp_path / "out" / "audit.html").read_text().split())
+    assert "out-of-fold accuracy" in page and "Too weak a check:" in page
+    assert "--weights RUN" in page
 
 
 def test_audit_folds_follow_the_largest_class_not_the_smallest():

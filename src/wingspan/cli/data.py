@@ -201,7 +201,7 @@ def data_audit(
     """
     from rich.table import Table
 
-    from wingspan.data.audit import audit_dataset
+    from wingspan.data.audit import audit_dataset, checker_said, weak_checker_said
     from wingspan.models.weights import check_weights
 
     config = make_config(ctx, AuditConfig, backbone=backbone, weights=weights, folds=folds,
@@ -241,6 +241,10 @@ def data_audit(
                       f"its own label ({r.suspected_probability:.2f})",
                       f"{r.label_quality:.3f}")
     out.print(table)
+    out.print(f"The head that checks the labels: {checker_said(result.checker)}")
+    if result.checker["weak"]:
+        said = weak_checker_said(result.checker, dataset.resolve_level(level))
+        out.print(f"[yellow]Warning:[/] {plain(said)}")
     if result.single_image_classes:
         alone = result.single_image_classes
         out.print(f"{len(alone)} " + ("classes have a single image, so their labels were"

@@ -58,6 +58,7 @@ class AuditResult:
     # labels are not checked (their images are in the duplicate search all the same).
     single_image_classes: list[str] = dataclasses.field(default_factory=list)
     unreadable: dict[str, str] = dataclasses.field(default_factory=dict)  # path: why
+    checker: dict = dataclasses.field(default_factory=dict)  # checker_scores(issues)
 
 
 def audit_dataset(dataset: Dataset, out_dir: str | Path, level: str | None = None,
@@ -118,7 +119,8 @@ def audit_dataset(dataset: Dataset, out_dir: str | Path, level: str | None = Non
         frame_to_csv(issues, csv_tmp)
         frame_to_csv(duplicates, dup_tmp)
         page_tmp.write_text(page, encoding="utf-8")
-    return AuditResult(issues, duplicates, *paths, backbone, alone, failed)
+    return AuditResult(issues, duplicates, *paths, backbone, alone, failed,
+                       checker_scores(issues, config.weak_checker))
 
 
 def _independent(table: pd.DataFrame, level: str) -> pd.Series:
@@ -368,6 +370,36 @@ def label_issues(table: pd.DataFrame, features: torch.Tensor, level: str,
     return frame
 
 
+def checker_scores(issues: pd.DataFrame, weak_below: float) -> dict:
+    """How often the out-of-fold head names an image's given label (its accuracy), the
+    mean of that over classes (balanced accuracy), and what guessing gives: the commonest
+    class's share, and 1 / classes. `weak`: too low for the flags to mean wrong labels."""
+    right = issues["suspected"] == issues["label"]
+    shares = issues["label"].value_counts(normalize=True)
+    accuracy = float(right.mean()) if len(right) else 0.0
+    return {"accuracy": accuracy,
+            "balanced_accuracy": float(right.groupby(issues["label"]).mean().mean()),
+            "commonest_share": float(shares.max()), "classes": len(shares),
+            "weak": accuracy < weak_below}
+
+
+def checker_said(scores: dict) -> str:
+    """The head's out-of-fold accuracy beside chance, in a line."""
+    return (f"out-of-fold accuracy {scores['accuracy']:.2f} (chance "
+            f"{scores['commonest_share']:.2g}, the commonest class's share), balanced "
+            f"accuracy {scores['balanced_accuracy']:.2f} (chance {1 / scores['classes']:.2g}: "
+            f"1 of {scores['classes']} classes)")
+
+
+def weak_checker_said(scores: dict, level: str) -> str:
+    """What a weak checker's flags mean, and what to do (the terminal's and the page's)."""
+    return (f"the out-of-fold head names only {scores['accuracy']:.0%} of the labels at "
+            f"level '{level}' right, too few for its flags to single out wrong labels: most "
+            "flags say that the features do not tell these classes apart. Give the classes "
+            "more images, audit with the features of a model trained on this data "
+            "(--weights RUN), or audit a coarser --level.")
+
+
 def near_duplicates(table: pd.DataFrame, features: torch.Tensor, hashes: torch.Tensor,
                     level: str, config: AuditConfig, cells: int = 1 << 24) -> pd.DataFrame:
     """Pairs of images whose perceptual hashes differ in at most `hash_distance` bits
@@ -513,6 +545,7 @@ def gallery(issues: pd.DataFrame, duplicates: pd.DataFrame, level: str, config: 
             f"{e(r.path_a)}<br>{_split_shown(r.split_b, '')}{e(r.label_b)}: {e(r.path_b)}"
             "</div></div>")
     flagged = int(issues["flagged"].sum())
+    scores = checker_scores(issues, config.weak_checker)
     body = (
         f"<h1>Label audit: {len(issues)} images, level '{e(level)}'</h1>"
         f"<p>Features: {e(features)}. Out-of-fold probabilities from a "
@@ -520,6 +553,9 @@ def gallery(issues: pd.DataFrame, duplicates: pd.DataFrame, level: str, config: 
         f"{flagged} images as likely mislabelled. Below, the "
         f"{min(config.gallery, len(issues))} lowest label qualities (the label's "
         "out-of-fold probability): check these first.</p>"
+        f"<p>How well the head checks: {e(checker_said(scores))}.</p>"
+        + (f"<p class='s'><b>Too weak a check:</b> {e(weak_checker_said(scores, level))}</p>"
+           if scores["weak"] else "")
         + (f"<p class='s'>Not checked: {counted(len(alone), 'class', 'classes')} with a "
            f"single image (or group), which no head could learn from its other images (a misspelt "
            f"class folder, say): {e(', '.join(alone))}.</p>" if alone else "")
