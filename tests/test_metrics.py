@@ -685,3 +685,25 @@ def test_top_k_is_not_reported_where_k_covers_every_class():
     probs = np.array([[0.6, 0.3, 0.1], [0.1, 0.3, 0.6], [0.2, 0.5, 0.3]])
     m = classification_metrics(np.array([0, 1, 2]), probs, ["a", "b", "c"])
     assert "top3_accuracy" not in m and "top5_accuracy" not in m
+
+
+def test_a_report_whose_overview_scrolls_on_a_phone_can_be_reached_by_keyboard(tmp_path):
+    """The overview and metrics tables (name: value) scroll sideways on a phone where a
+    value is long (an ETHEC run's path, a class name of 27 letters): axe found the
+    scrolling box out of the keyboard's reach (scrollable-region-focusable), as the other
+    tables were before they scrolled in a focusable region."""
+    from helpers import accessibility_problems, chromium_path
+    from playwright.sync_api import sync_playwright
+
+    from wingspan.evaluate.report import write_report
+
+    long = "/data/" + "Pseudochazara_telephassa_" * 6 + "/model"
+    page_file = write_report(tmp_path / "r.html", "t", {
+        "overview": [("model", long), ("images", 12)], "summary": [("accuracy", 0.5)]})
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path())
+        page = browser.new_page(viewport={"width": 375, "height": 800})
+        page.goto(page_file.resolve().as_uri())
+        assert page.evaluate("document.documentElement.scrollWidth") <= 375
+        assert accessibility_problems(page) == []
+        browser.close()

@@ -57,7 +57,11 @@ def _long_table(frame: pd.DataFrame, floats: str, rest: str) -> str:
 def _kv(pairs: list[tuple[str, object]]) -> str:
     rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
                    for k, v in pairs)
-    return f"<table class='t kv'>{rows}</table>"
+    # (in a focusable region as _table's: a long value, an ETHEC run's path, scrolls it on
+    # a phone, and a scrolling box must be reachable by keyboard)
+    named = html.escape("table of " + ", ".join(str(k) for k, _ in pairs[:3]), quote=True)
+    return (f"<div class='scroll' role='region' tabindex='0' aria-label='{named}'>"
+            f"<table class='t kv'>{rows}</table></div>")
 
 
 # A phone lays a page without it out 980 px wide, its text a third of its size.
@@ -66,7 +70,6 @@ STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
 img{max-width:100%;border:1px solid #eee}table.t{border-collapse:collapse;margin:.5em 0}
-.kv{display:block;max-width:100%;overflow-x:auto}
 .scroll{max-width:100%;overflow-x:auto;background:
 linear-gradient(to right,#fff 30%,#fff0) left/40px 100% no-repeat local,
 linear-gradient(to left,#fff 30%,#fff0) right/40px 100% no-repeat local,
