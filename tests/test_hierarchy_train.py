@@ -184,6 +184,49 @@ def test_hierarchical_evaluation_and_prediction(hierarchical_run, demo_dir, tmp_
         [(lv, c) for lv, c, _ in row["taxonomy"]]
 
 
+def test_each_coarser_level_has_its_most_confused_pairs(hierarchical_run, tmp_path):
+    """Above 60 classes a level's matrix names none of them (ETHEC's 135 genera): its most
+    confused pairs, as the finest level's, were in neither metrics.json nor the page."""
+    result = evaluate(hierarchical_run, split="val", progress=False, workers=0, plots=False,
+                      out=tmp_path / "ev")
+    saved = pd.read_csv(result.out_dir / "predictions.csv", dtype=str, keep_default_na=False)
+    page = result.report.read_text()
+    for level in LEVELS[:-1]:
+        m = result.metrics["hierarchy"]["levels"][level]
+        wrong = saved[saved[f"true:{level}"] != saved[f"predicted:{level}"]]
+        counts = wrong.groupby([f"true:{level}", f"predicted:{level}"]).size()
+        assert m["confused_pairs"] == len(counts) > 0, level
+        assert len(m["most_confused"]) == min(15, len(counts))
+        assert all(counts[p["true"], p["predicted"]] == p["count"] for p in m["most_confused"])
+        cm = pd.read_csv(result.out_dir / f"confusion_{level}.csv", index_col=0)
+        assert cm.to_numpy().sum() == (saved[f"true:{level}"] != "").sum()
+        # beside the level's matrix, as the finest level's table is beside its own
+        part = page.split(f"<h3>Confusion matrix: {level}</h3>")[1].split("<h3>Confusion")[0]
+        assert f"<h3>Most confused: {level}" in part
+        assert f"<td>{m['most_confused'][0]['true']}</td>" in part
+        assert f"<th>predicted {level}</th>" in part
+    # (each table a region a screen reader lists by its name: no two of one name)
+    regions = re.findall(r"role='region'[^>]*aria-label='([^']*)'", page)
+    assert len(regions) == len(set(regions)) > len(LEVELS)
+    # Each pair, the finest level's and a coarser one's, names the deepest level its two
+    # classes share in the model's tree ("none": apart at the top); the coarsest, none.
+    from wingspan.data.taxonomy import Taxonomy
+
+    tree = Taxonomy.from_dict(read_manifest(hierarchical_run / "model")["taxonomy"])
+    for lv, pairs in [("genus", result.metrics["hierarchy"]["levels"]["genus"]["most_confused"]),
+                      ("label", result.metrics["most_confused"])]:
+        index = {c: i for i, c in enumerate(tree.classes[lv])}
+        up = {u: tree.parent_of(lv, u) for u in LEVELS[:LEVELS.index(lv)]}
+        assert pairs, lv
+        for p in pairs:
+            t, q = index[p["true"]], index[p["predicted"]]
+            same = [u for u, a in up.items() if a[t] == a[q]]
+            assert p["shared_level"] == (same[-1] if same else "none"), (lv, p)
+    assert "shared_level" not in result.metrics["hierarchy"]["levels"]["family"][
+        "most_confused"][0]
+    assert "<th>shared level</th>" in page.split("<h2>Confusion matrix</h2>")[1]
+
+
 def test_evaluate_scores_the_branch_not_the_finest_heads_top_class(hierarchical_run,
                                                                    monkeypatch, tmp_path):
     """The branch can differ from the finest head's own top class (a likelier family whose
@@ -227,8 +270,8 @@ def test_photos_without_the_coarser_levels_are_scored_at_them_from_the_models_tr
     # (evaluated without plots: each coarser level's matrix says so in its place)
     page = " ".join((tmp_path / "ev-plain" / "report.html").read_text().split())
     for level in list(without["levels"])[:-1]:  # the model's coarser levels
-        assert (f"Confusion matrix: {level}</h3><p class='missing'>(confusion matrix of "
-                f"{level}: not drawn") in page, level
+        assert (f"Confusion matrix: {level}</h3><div class='grid'><p class='missing'>"
+                f"(confusion matrix of {level}: not drawn") in page, level
 
 
 def test_a_level_the_data_leaves_blank_is_left_out_of_the_answers_there_too(
@@ -338,6 +381,11 @@ def test_a_taxonomy_model_whose_names_end_in_a_space_is_scored_at_every_level(
     assert before["hierarchy"]["rare"]["images"] > 0
     assert after["images"] == before["images"] and not after["unknown_class_images"]
     assert after["accuracy"] == pytest.approx(before["accuracy"])
+    # (the most confused pairs name the classes as each model knows them, end spaces too)
+    for h in (before["hierarchy"], after["hierarchy"]):
+        for m in h["levels"].values():
+            for p in m.get("most_confused", []):
+                p["true"], p["predicted"] = p["true"].strip(), p["predicted"].strip()
     assert after["hierarchy"] == before["hierarchy"]
     levels = [pd.read_csv(tmp_path / f"ev-{run.name}" / "levels.csv")
               for run in (hierarchical_run, copy)]

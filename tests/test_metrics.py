@@ -654,6 +654,24 @@ def test_most_confused_orders_its_ties_and_the_report_says_how_many_it_shows(tmp
     assert "<h3>Most confused (2 of 4 pairs; all in confusion.csv)</h3>" in page.read_text()
 
 
+def test_most_confused_names_the_deepest_level_each_pair_shares(tmp_path):
+    """With a taxonomy a pair of one genus (a near miss) and one across families read
+    alike: which it is, a taxonomist's first question, was nowhere in the table."""
+    from wingspan.evaluate.metrics import most_confused
+    from wingspan.evaluate.report import write_report
+
+    classes = ["A a1", "A a2", "B b1", "C c1"]  # A and B in one family, C in another
+    ancestors = np.array([[0, 0], [0, 0], [0, 1], [1, 2]])  # (family, genus) of each
+    cm = np.array([[1, 3, 2, 0], [0, 2, 0, 0], [0, 0, 1, 1], [0, 0, 0, 2]])
+    pairs = most_confused(cm, classes, tree=(ancestors, ["family", "genus"]))
+    assert [(p["true"], p["predicted"], p["shared_level"]) for p in pairs] == [
+        ("A a1", "A a2", "genus"), ("A a1", "B b1", "family"), ("B b1", "C c1", "none")]
+    assert "shared_level" not in most_confused(cm, classes)[0]  # (no taxonomy: no column)
+    page = write_report(tmp_path / "r.html", "t", {"confused": pd.DataFrame(pairs)})
+    assert "<th>shared level</th>" in page.read_text()
+    assert "<td>genus</td>" in page.read_text()
+
+
 def test_a_report_of_many_classes_folds_its_per_class_tables(tmp_path):
     """300 classes (ETHEC has 561): the data table and the per-class table were 300 rows
     each, 8,000 px apiece, the metrics 10,600 px down the page. The data table folds whole,

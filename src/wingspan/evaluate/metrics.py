@@ -238,17 +238,27 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndar
         return confusion_matrix(y_true, y_pred, labels=np.arange(n_classes))
 
 
-def most_confused(cm: np.ndarray, classes: list[str], n: int = 15) -> list[dict]:
+def most_confused(cm: np.ndarray, classes: list[str], n: int = 15,
+                  tree: tuple[np.ndarray, list[str]] | None = None) -> list[dict]:
     """The largest off-diagonal cells: which true class is taken for which, how often;
     ties by the larger share of the true class, then in the matrix's order (an unstable
-    sort listed 15 of 47 pairs of one image each in no order at all)."""
+    sort listed 15 of 47 pairs of one image each in no order at all). `tree`: each class's
+    ancestors (a row a class, coarse to fine) and their levels; each pair then names the
+    deepest level its two classes share, "none" where they part at the top (a near miss
+    in one genus, or a mistake across families)."""
     off = cm.copy()
     np.fill_diagonal(off, 0)
     share = off / np.maximum(cm.sum(1, keepdims=True), 1)
     t, p = np.nonzero(off)
     order = np.lexsort((p, t, -share[t, p], -off[t, p]))[:n]  # (the last key sorts first)
-    return [{"true": classes[t[i]], "predicted": classes[p[i]], "count": int(off[t[i], p[i]]),
-             "share_of_true": float(share[t[i], p[i]])} for i in order]
+    pairs = [{"true": classes[t[i]], "predicted": classes[p[i]], "count": int(off[t[i], p[i]]),
+              "share_of_true": float(share[t[i], p[i]])} for i in order]
+    if tree is not None:
+        ancestors, levels = tree
+        for pair, i in zip(pairs, order, strict=True):  # (a tree: shared from the top down)
+            shared = int((ancestors[t[i]] == ancestors[p[i]]).sum())
+            pair["shared_level"] = levels[shared - 1] if shared else "none"
+    return pairs
 
 
 def confused_pairs(cm: np.ndarray) -> int:

@@ -11,7 +11,7 @@ from urllib.parse import quote
 
 import pandas as pd
 
-from wingspan.files import write_text
+from wingspan.files import name_part, write_text
 
 
 def _figure(path: Path | None, alt: str, missing: str = "not available",
@@ -54,6 +54,23 @@ def _long_table(frame: pd.DataFrame, floats: str, rest: str) -> str:
             + _table(frame.iloc[SHOWN_ROWS:], floats) + "</details>")
 
 
+def _confused(pairs: pd.DataFrame | None, total: int | None, level: str | None = None
+              ) -> list[str]:
+    """The most confused pairs' table, headed with how many of all it shows; a coarser
+    `level`'s names it (its matrix is confusion_<level>.csv), in its heading and columns
+    (tables alike in their first columns were landmarks of one name to a screen reader)."""
+    if pairs is None or not len(pairs):
+        return []
+    of, csv = "", "confusion.csv"
+    if level:
+        of, csv = f": {level}", f"confusion_{name_part(level)}.csv"
+        pairs = pairs.rename(columns={"true": f"true {level}",
+                                      "predicted": f"predicted {level}"})
+    if (total or 0) > len(pairs):
+        of += f" ({len(pairs)} of {total} pairs; all in {csv})"
+    return [f"<div><h3>Most confused{html.escape(of)}</h3>", _table(pairs, "{:.2f}"), "</div>"]
+
+
 def _kv(pairs: list[tuple[str, object]]) -> str:
     rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
                    for k, v in pairs)
@@ -90,9 +107,10 @@ overflow-wrap:break-word}
 def write_report(path: Path, title: str, sections: dict) -> Path:
     """Sections (all optional): overview, data, balance_png, preview_png, curves_png,
     summary, transfer, per_class, confusion_png, confused, level_confusion_pngs ({level:
-    png}), levels, hierarchy, mistakes_png, mistakes_shown (its captions as a table),
-    calibration, reliability_png, unknown, unknown_png, profile; no_plots (the figures were
-    not asked for: each says so in its place); all_right (no mistakes to show)."""
+    png}, each beside hierarchy's most confused pairs there), levels, hierarchy,
+    mistakes_png, mistakes_shown (its captions as a table), calibration, reliability_png,
+    unknown, unknown_png, profile; no_plots (the figures were not asked for: each says so
+    in its place); all_right (no mistakes to show)."""
     s = sections
     _img = partial(_figure, beside=Path(path).parent)  # (each figure links to its file)
     missing = ("not drawn: evaluated with --no-plots (plots=False in Python)"
@@ -144,15 +162,13 @@ def write_report(path: Path, title: str, sections: dict) -> Path:
     parts += ["<h2>Confusion matrix</h2><div class='grid'>",
               _img(s.get("confusion_png"), "confusion matrix: rows the true class, columns "
                    "the predicted one (the counts in confusion.csv)", missing)]
-    if s.get("confused") is not None and len(s["confused"]):
-        shown, pairs = len(s["confused"]), s.get("confused_pairs") or 0
-        of = f" ({shown} of {pairs} pairs; all in confusion.csv)" if pairs > shown else ""
-        parts += [f"<div><h3>Most confused{of}</h3>", _table(s["confused"], "{:.2f}"),
-                  "</div>"]
-    parts.append("</div>")
+    parts += [*_confused(s.get("confused"), s.get("confused_pairs")), "</div>"]
     for level, png in (s.get("level_confusion_pngs") or {}).items():
-        parts += [f"<h3>Confusion matrix: {html.escape(level)}</h3>",
-                  _img(png, f"confusion matrix of {level}", missing)]
+        m = s["hierarchy"]["levels"][level]
+        parts += [f"<h3>Confusion matrix: {html.escape(level)}</h3><div class='grid'>",
+                  _img(png, f"confusion matrix of {level}", missing),
+                  *_confused(pd.DataFrame(m.get("most_confused", [])),
+                             m.get("confused_pairs"), level), "</div>"]
     if s.get("all_right"):  # (no gallery to explain, nor an image saying "no mistakes")
         parts += ["<h2>Most confident mistakes</h2><p>None: every image here was answered "
                   "right.</p>"]

@@ -209,10 +209,9 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
         # as "left out" read as if every class without images were.
         metrics["answered_only_classes"] = table.loc[table["support"] == 0, "class"].tolist()
         cm = confusion(y, y_pred, len(classes))
-        # (the corner says which way it reads, in a spreadsheet too)
-        write_csv(pd.DataFrame(cm, index=pd.Index(classes, name="true \\ predicted"),
-                               columns=classes), out_dir / "confusion.csv", index=True)
-        confused = most_confused(cm, classes)
+        _write_confusion(cm, classes, out_dir / "confusion.csv")
+        confused = most_confused(cm, classes, tree=_ancestors(predictor.taxonomy,
+                                                              predictor.level))
         metrics["most_confused"], metrics["confused_pairs"] = confused, confused_pairs(cm)
         levels_table, by_level = None, {}
         if predictor.taxonomy:
@@ -633,10 +632,10 @@ def _per_level(predictor: Predictor, rows: pd.DataFrame, truth: dict[str, np.nda
                probs: np.ndarray, preds: list, metrics: dict, out_dir: Path,
                truth_only: bool = False, draw: bool = True
                ) -> tuple[pd.DataFrame, dict[str, list]]:
-    """Metrics at every taxonomic level; confusion matrices for the coarser ones. Returns
-    the levels' table, and each image's true and predicted class at each coarser level and
-    the branch's probability there (columns for predictions.csv; "" where the data does
-    not say the truth)."""
+    """Metrics at every taxonomic level; confusion matrices and their most confused pairs
+    for the coarser ones. Returns the levels' table, and each image's true and predicted
+    class at each coarser level and the branch's probability there (columns for
+    predictions.csv; "" where the data does not say the truth)."""
     taxonomy = predictor.taxonomy
     heads = ({lv: np.stack([p.heads[lv] for p in preds]) for lv in preds[0].heads}
              if preds[0].heads else None)
@@ -644,12 +643,17 @@ def _per_level(predictor: Predictor, rows: pd.DataFrame, truth: dict[str, np.nda
     result = hierarchical_metrics(taxonomy, truth, probs, heads, is_rare, truth_only,
                                   temperature=predictor.temperature)
     marg = result.pop("predictions")
-    for lv in taxonomy.levels[:-1] if draw else []:
-        known = truth[lv] >= 0
-        charts.plot_confusion(confusion(truth[lv][known], marg[lv][known],
-                                        len(taxonomy.classes[lv])),
-                              taxonomy.classes[lv], out_dir / f"confusion_{name_part(lv)}.png",
-                              tree=_tree(taxonomy, lv))
+    for lv in taxonomy.levels[:-1]:
+        known, names = truth[lv] >= 0, taxonomy.classes[lv]
+        cm = confusion(truth[lv][known], marg[lv][known], len(names))
+        _write_confusion(cm, names, out_dir / f"confusion_{name_part(lv)}.csv")
+        # (above 60 classes its matrix names none: these pairs are what a reader can use)
+        result["levels"][lv].update(most_confused=most_confused(cm, names,
+                                                                tree=_ancestors(taxonomy, lv)),
+                                    confused_pairs=confused_pairs(cm))
+        if draw:
+            charts.plot_confusion(cm, names, out_dir / f"confusion_{name_part(lv)}.png",
+                                  tree=_tree(taxonomy, lv))
     metrics["hierarchy"] = result
     table = level_table(result, taxonomy.levels)
     write_csv(table, out_dir / "levels.csv")
@@ -665,6 +669,12 @@ def _per_level(predictor: Predictor, rows: pd.DataFrame, truth: dict[str, np.nda
         columns[f"predicted:{lv}"] = [names[i] for i in marg[lv]]
         columns[f"probability:{lv}"] = shares[lv][np.arange(len(marg[lv])), marg[lv]]
     return table, columns
+
+
+def _write_confusion(cm: np.ndarray, classes: list[str], path: Path) -> None:
+    # (the corner says which way it reads, in a spreadsheet too)
+    write_csv(pd.DataFrame(cm, index=pd.Index(classes, name="true \\ predicted"),
+                           columns=classes), path, index=True)
 
 
 def check_no_split_name(data) -> None:
@@ -860,13 +870,21 @@ def _grad_cam_view(predictor: Predictor, path: str, target: int) -> dict:
         return {}
 
 
-def _tree(taxonomy, level: str) -> tuple[np.ndarray, list[str], str] | None:
-    """A level's classes' ancestors (coarse to fine, a row a class), the coarsest level's
-    names and its name: plot_confusion's order down the tree. None at the coarsest."""
-    coarser = taxonomy.levels[:taxonomy.levels.index(level)]
+def _ancestors(taxonomy, level: str) -> tuple[np.ndarray, list[str]] | None:
+    """A level's classes' ancestors (coarse to fine, a row a class) and those levels'
+    names. None at the coarsest level, or without a taxonomy."""
+    coarser = taxonomy.levels[:taxonomy.levels.index(level)] if taxonomy else []
     if not coarser:
         return None
-    ancestors = np.stack([taxonomy.parent_of(level, c) for c in coarser], axis=1)
+    return np.stack([taxonomy.parent_of(level, c) for c in coarser], axis=1), coarser
+
+
+def _tree(taxonomy, level: str) -> tuple[np.ndarray, list[str], str] | None:
+    """A level's classes' ancestors, the coarsest level's names and its name:
+    plot_confusion's order down the tree. None at the coarsest."""
+    if (ancestry := _ancestors(taxonomy, level)) is None:
+        return None
+    ancestors, coarser = ancestry
     return ancestors, list(taxonomy.classes[coarser[0]]), coarser[0]
 
 
