@@ -331,6 +331,23 @@ def test_tables_fold_long_names_in_80_columns(run_cli, monkeypatch):
     assert "tf_efficientnet_lite0" in timm_names and "tf_efficientnet_lite2" in timm_names
 
 
+@pytest.mark.parametrize("width", [60, 40])
+def test_no_table_cuts_a_name_in_a_narrow_terminal(run_cli, demo_dir, tmp_path, monkeypatch,
+                                                   width):
+    """At 60 columns `models list` read "efficient…" for both Lite0 and Lite2, and `data
+    inspect` "Polyomma…" for a class: every table folds a value onto more lines instead."""
+    from wingspan.cli import common as cli
+
+    monkeypatch.setattr(cli.out, "_width", width)  # rich's own field: restored to None after
+    code, out, _ = run_cli("models", "list")
+    assert code == 0 and "…" not in out, out
+    backbones = "".join(line.split("│")[1].strip() for line in out.splitlines()
+                        if line.startswith("│ "))
+    assert "efficientnet_lite0" in backbones and "efficientnet_lite2" in backbones, out
+    code, out, err = run_cli("data", "inspect", demo_dir, "--out", tmp_path, "--quiet")
+    assert code == 0 and "…" not in out, err + out
+
+
 def test_models_list_says_nothing_of_missing_weights_when_none_miss(run_cli, monkeypatch):
     from wingspan.models import weights
 
@@ -660,6 +677,37 @@ def test_what_the_library_says_on_stderr_keeps_a_long_path_on_one_line(capsys):
         each.print(f"Run runs/x: efficientnet_lite0 ({path}) on cpu")
         assert capsys.readouterr().err.strip().splitlines() == [
             f"Run runs/x: efficientnet_lite0 ({path}) on cpu"]
+
+
+def test_progress_is_drawn_in_a_terminal_not_into_a_ci_log(capsys, monkeypatch):
+    """FORCE_COLOR=1, which CI jobs set for colour in their logs, made rich take the log for
+    a terminal: every frame of every bar went into it, \r and cursor codes and all. And
+    TERM=dumb (Emacs' shell), which cannot redraw a line, got a blank line per bar."""
+    from wingspan import progress
+
+    def drawn() -> str:
+        list(progress.track(range(3), "Predicting"))
+        with progress.Bar(3, "Caching") as bar:
+            bar.advance(3)
+        with progress.status("Timing"):
+            pass
+        return capsys.readouterr().err
+
+    for name in ("TTY_INTERACTIVE", "TTY_COMPATIBLE", "FORCE_COLOR", "NO_COLOR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    assert drawn() == ""  # (stderr captured: no tty)
+    monkeypatch.delenv("FORCE_COLOR")
+    # A tty (rich's own field, and ours: what a terminal answers)
+    monkeypatch.setattr(progress.console, "_force_terminal", True)
+    monkeypatch.setattr(progress, "_isatty", lambda: True, raising=False)
+    monkeypatch.setenv("TERM", "xterm-256color")
+    assert "\x1b[?25l" in drawn()  # (drawn there, as before: the cursor hidden for it)
+    monkeypatch.setenv("TERM", "dumb")
+    assert drawn() == ""
+    monkeypatch.setenv("TTY_INTERACTIVE", "0")  # rich's switch, for a CI that fakes a tty
+    monkeypatch.setenv("TERM", "xterm-256color")
+    assert drawn() == ""
 
 
 def test_a_process_forked_by_a_command_still_dies_of_sigterm():

@@ -1139,6 +1139,18 @@ def test_a_wrong_map_hint_names_some_classes_and_counts_the_rest(tmp_path):
     with pytest.raises(WingspanError, match="does not know") as e:
         check_class_map({"M07": "c03"}, model, dataset, "label")
     assert e.value.hint.startswith("Did you mean 'm07' for 'M07' (names differ in case)?")
+    # A typo in a name (a letter left out): the nearest name of its side, as a mistyped
+    # run folder is told (the hint listed every class, to be searched by eye).
+    species = ["azure_spotwing", "eyed_scallop", "red_banded"]
+    data = read_dataset(folder_dataset(tmp_path / "b", dict.fromkeys(species, 1), (8, 8)))
+    three = SimpleNamespace(classes=species, rare=[], level="label", taxonomy=None)
+    with pytest.raises(WingspanError, match="does not know") as e:
+        check_class_map({"azure_spotwng": "azure_spotwing"}, three, data, "label")
+    assert e.value.hint.startswith("Did you mean 'azure_spotwing' for 'azure_spotwng'?"), \
+        e.value.hint
+    with pytest.raises(WingspanError, match="does not have") as e:
+        check_class_map({"red_banded": "red_bandd"}, three, data, "label")
+    assert e.value.hint.startswith("Did you mean 'red_banded' for 'red_bandd'?"), e.value.hint
     # One data class given to two model classes: both named.
     with pytest.raises(WingspanError, match="--map \\(class_map= in Python\\) gives the data "
                        "class 'c05' to 2 of the model's classes \\(m01, m02\\)") as e:

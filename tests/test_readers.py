@@ -1,5 +1,6 @@
 import json
 import os
+import sys
 import time
 
 import pandas as pd
@@ -635,6 +636,23 @@ def test_a_kaggle_test_folder_of_unlabelled_images_leaves_the_layout_a_split(tmp
     assert ds.table.groupby("split").size().to_dict() == {"train": 6, "val": 6}
     said = [p for p in ds.problems if p.kind == "unlabelled_split"]
     assert len(said) == 1 and said[0].path.endswith("test") and "4 images" in said[0].message
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX quoting")
+def test_the_command_for_a_kaggle_test_folder_pastes_as_one_path(tmp_path):
+    """`wingspan predict RUN /data/my photos/test` named the folder as two arguments: the
+    path in the command said is quoted, as the shell reads it."""
+    import shlex
+
+    root = tmp_path / "my photos"
+    for side in ("train", "valid"):
+        folder_dataset(root / side, {"monarch": 3, "admiral": 3})
+    folder_dataset(root / "loose", {"x": 2})
+    (root / "loose" / "x").rename(root / "test")
+    (root / "loose").rmdir()
+    said = next(p for p in read_dataset(root).problems if p.kind == "unlabelled_split").message
+    pasted = said.split("`")[1]
+    assert shlex.split(pasted) == ["wingspan", "predict", "RUN", str(root / "test")], said
 
 
 def test_a_group_regex_with_alternatives_takes_the_group_that_matched(tmp_path):

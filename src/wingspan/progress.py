@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
@@ -26,12 +27,27 @@ console = Console(stderr=True, soft_wrap=True)  # (paths whole in a log: see cli
 def _shown(enabled: bool) -> bool:
     """Whether to draw: in a terminal; in Jupyter, where rich draws live bars in an
     ipywidgets widget (one that updates in place; without ipywidgets it would only warn).
-    Elsewhere (a log file, a pipe) a bar is not drawn, but left a blank line each."""
+    Elsewhere (a log file, a pipe) a bar is not drawn, but left a blank line each.
+
+    A terminal redraws a line: a tty, not TERM=dumb (Emacs' shell: a blank line per bar);
+    $FORCE_COLOR, which CI jobs set for colour in their logs, makes no terminal of a log
+    (rich then wrote every frame of a bar, \r and cursor codes and all, into it). Where
+    $TTY_INTERACTIVE is set (rich's own switch), 1 draws and 0 does not."""
     if not enabled:
         return False
     if console.is_jupyter:
         return importlib.util.find_spec("ipywidgets") is not None
-    return console.is_terminal
+    interactive = os.environ.get("TTY_INTERACTIVE")  # (read here: rich reads it once)
+    if interactive in ("0", "1"):
+        return interactive == "1"
+    return _isatty() and console.is_terminal and not console.is_dumb_terminal
+
+
+def _isatty() -> bool:
+    try:
+        return console.file.isatty()
+    except (AttributeError, ValueError):  # (no isatty; a file closed at exit)
+        return False
 
 
 def track(items: Iterable[T], description: str, total: int | None = None,

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from wingspan.cli.app import app, models_app
-from wingspan.cli.common import err, folding, out, plain
+from wingspan.cli.common import folded_table, out, plain
 from wingspan.cli.options import DeviceOpt, Panel, Precision, Runtime
 from wingspan.config import TrainConfig
 from wingspan.errors import counted
@@ -22,13 +22,11 @@ def models_list() -> None:
 
     Any other timm model name can be passed to --backbone too.
     """
-    from rich.table import Table
-
     from wingspan.models import BACKBONES
     from wingspan.models.weights import find_offline
 
-    table = Table("backbone", folding("timm model"), "input", "unfreeze", "offline weights",
-                  title="Backbones")
+    table = folded_table("backbone", "timm model", "input", "unfreeze", "offline weights",
+                         title="Backbones")
     for name, spec in BACKBONES.items():
         source = find_offline(spec)
         table.add_row(name, spec.timm_name, str(_input_size(spec.timm_name)), str(spec.unfreeze),
@@ -67,14 +65,13 @@ def doctor_command(
 
     Run it first when something is slow. It measures afresh and updates the cached choice.
     """
-    from rich.table import Table
-
     from wingspan.doctor import diagnose
+    from wingspan.progress import status
 
-    with err.status(f"Timing every engine on {backbone}..."):
+    with status(f"Timing every engine on {backbone}..."):  # (drawn where a bar would be)
         d = diagnose(backbone, image_size, batch_size, device, precision, runtime, train_step)
     m = d.machine
-    table = Table(show_header=False, title="Machine", title_justify="left", box=None)
+    table = folded_table(show_header=False, title="Machine", title_justify="left", box=None)
     of = f" of the machine's {m['machine_cores']}" if m["machine_cores"] != m["cores"] else ""
     table.add_row("CPU", f"{m['cpu']}, {m['cores']} cores{of}; torch uses "
                   f"{counted(m['torch_threads'], 'thread')}")
@@ -93,9 +90,9 @@ def doctor_command(
              policy.train_candidates, policy.train_left_out)):
         if choice is None or (not train_step and choice is policy.train):  # not timed
             continue
-        t = Table("engine", "images/s", "vs torch-fp32", "images changed", "",
-                  title=f"{title}: {d.backbone} at {d.size} px, batch {d.batch_size}",
-                  title_justify="left")
+        t = folded_table("engine", "images/s", "vs torch-fp32", "images changed", "",
+                         title=f"{title}: {d.backbone} at {d.size} px, batch {d.batch_size}",
+                         title_justify="left")
         fp32 = choice.images_per_s.get("torch-fp32")
         for e in engines:
             speed = choice.images_per_s.get(e.name)
@@ -132,8 +129,8 @@ def doctor_command(
     else:
         kept = f"Kept in {plain(d.cache)}: {runs} use it without timing again."
     out.print(f"{kept} Timed with weights: {d.weights}.")
-    weights = Table("backbone", "ImageNet weights offline", title="Offline weights",
-                    title_justify="left")
+    weights = folded_table("backbone", "ImageNet weights offline", title="Offline weights",
+                           title_justify="left")
     for name, source in d.offline_weights.items():
         weights.add_row(name, f"[green]{source}[/]" if source else "[yellow]no[/] (--weights "
                         "PATH, or one run with a network)")

@@ -142,12 +142,22 @@ def pixel_budget(text: str) -> int | None:
     return pixel_budget(text)
 
 
-def folding(header: str):
-    """A column whose long values (a path, a timm name) fold onto more lines in a narrow
-    terminal or a pipe (80 columns), instead of losing their ends to an ellipsis."""
-    from rich.table import Column
+def folded_table(*headers, **options):
+    """A rich Table whose every column, those add_row makes too, folds a long value (a
+    path, a class or timm name, a number) onto more lines in a narrow terminal or a pipe
+    (80 columns), never cutting it with "…": at 60 columns `doctor` read "torch-fp…" for
+    both torch-fp32 and torch-fp16 (the one picked among them), `models list` "efficient…"
+    for Lite0 and Lite2, `data audit` "azure_spo…" for a label; and "…" is no character of
+    an ASCII terminal."""
+    from rich.table import Table
 
-    return Column(header, overflow="fold")
+    class Folding(Table):
+        def __rich_console__(self, console, options):
+            for column in self.columns:
+                column.overflow = "fold"
+            return super().__rich_console__(console, options)
+
+    return Folding(*headers, **options)
 
 
 def is_main_process() -> bool:

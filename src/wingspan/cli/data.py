@@ -10,7 +10,15 @@ import typer
 from rich.markup import escape
 
 from wingspan.cli.app import data_app
-from wingspan.cli.common import err, folding, here, make_config, out, plain, read_data
+from wingspan.cli.common import (
+    err,
+    folded_table,
+    here,
+    make_config,
+    out,
+    plain,
+    read_data,
+)
 from wingspan.cli.options import (
     Data,
     DeviceOpt,
@@ -199,8 +207,6 @@ def data_audit(
     Writes audit.csv (every readable image whose label could be checked, most suspect
     first; a class of one image is named apart), duplicates.csv and audit.html.
     """
-    from rich.table import Table
-
     from wingspan.data.audit import audit_dataset, checker_said, weak_checker_said
     from wingspan.models.weights import check_weights
 
@@ -230,9 +236,10 @@ def data_audit(
     # Paths under the data's folder, as the user gave it (absolute ones wrapped over 7 lines
     # of the table at ETHEC's depth); audit.csv keeps them whole.
     root = dataset.root if dataset.root.is_dir() else dataset.root.parent
-    table = Table("rank", folding("image"), "label", "looks like", "label quality",
-                  title=f"Most suspect labels ({int(issues['flagged'].sum())} of {len(issues)} "
-                  "flagged by cleanlab)", caption=f"images in {plain(here(root))}")
+    table = folded_table("rank", "image", "label", "looks like", "label quality",
+                         title=f"Most suspect labels ({int(issues['flagged'].sum())} of "
+                         f"{len(issues)} flagged by cleanlab)",
+                         caption=f"images in {plain(here(root))}")
     for r in issues.head(15).itertuples():
         table.add_row(str(r.rank), plain(here(r.path, root)), plain(r.label),
                       # (a low quality alone, its label still the likeliest: as the gallery)
@@ -284,8 +291,8 @@ def download_command(
         err.print(f"{SOURCES[name].description}", highlight=False)
     root = download_dataset(name, to or default_cache_dir() / "datasets", url=url,
                             progress=not quiet)
-    out.print(f"Dataset ready: {plain(root)}\nTrain on it with: wingspan train {plain(root)} "
-              "--levels family,subfamily,genus,species")
+    out.print(f"Dataset ready: {plain(root)}\nTrain on it with: "
+              f"{plain(command('train', root, '--levels', 'family,subfamily,genus,species'))}")
 
 
 @data_app.command("preview")

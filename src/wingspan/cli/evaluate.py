@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 
 from wingspan.cli.app import app
-from wingspan.cli.common import err, here, make_config, out, plain, strict_exit
+from wingspan.cli.common import err, folded_table, here, make_config, out, plain, strict_exit
 from wingspan.cli.options import (
     BatchSize,
     DeviceOpt,
@@ -90,12 +90,10 @@ def evaluate_command(
 
 
 def _print_unknown(u: dict) -> None:
-    from rich.table import Table
-
     from wingspan.evaluate.wording import INVERTED, at_threshold
 
-    table = Table("score", "AUROC", "FPR at 95% TPR", title=f"Unknown images: "
-                  f"{u['unseen_images']} of unseen classes against the known ones")
+    table = folded_table("score", "AUROC", "FPR at 95% TPR", title=f"Unknown images: "
+                         f"{u['unseen_images']} of unseen classes against the known ones")
     for name, v in u["scores"].items():
         mark = (" (in use)" if name == u["score"] else "") + INVERTED * (v["auroc"] < 0.5)
         table.add_row(name + mark, f"{v['auroc']:.4f}", f"{v['fpr95']:.4f}")
@@ -110,8 +108,6 @@ def _print_unknown(u: dict) -> None:
 
 
 def print_evaluation(result) -> None:
-    from rich.table import Table
-
     from wingspan.evaluate.hierarchy import level_table
     from wingspan.evaluate.metrics import ece_row, summary_rows
     from wingspan.evaluate.wording import (
@@ -123,9 +119,10 @@ def print_evaluation(result) -> None:
     )
 
     m = result.metrics
-    table = Table("metric", "value", title=f"{m['split']} split, level '{plain(m['level'])}': "
-                  + counted(m["images"], "image")
-                  + (", test-time augmentation" if m.get("tta") else ""))
+    table = folded_table("metric", "value",
+                         title=f"{m['split']} split, level '{plain(m['level'])}': "
+                         + counted(m["images"], "image")
+                         + (", test-time augmentation" if m.get("tta") else ""))
     for label, value in summary_rows(m):
         table.add_row(label, value)
     table.add_row(*ece_row(m))
@@ -177,12 +174,13 @@ def print_evaluation(result) -> None:
     if m.get("transfer"):
         named = "named here" in m["transfer"][0]
         own = m.get("transfer_own")
-        transfer = Table("model class", "data class", "recall on own data", "recall here",
-                         "drop", "images here", *(["named here"] if named else []),
-                         title="Transfer per class" + (f" (own data: its {own['split']} split"
-                               + (f"; {own['unreadable']} of its {own['images']} images could "
-                                  "not be read, gone since" if own["unreadable"] else "")
-                               + ")" if own else ""))
+        title = "Transfer per class" + (
+            f" (own data: its {own['split']} split"
+            + (f"; {own['unreadable']} of its {own['images']} images could not be read, gone "
+               "since" if own["unreadable"] else "") + ")" if own else "")
+        transfer = folded_table("model class", "data class", "recall on own data", "recall here",
+                                "drop", "images here", *(["named here"] if named else []),
+                                title=title)
         def figure(value, spec: str) -> str:  # none: no images to measure it on
             return "-" if value is None or value != value else format(value, spec)
 
@@ -197,7 +195,7 @@ def print_evaluation(result) -> None:
         _print_unknown(m["unknown"])
     if m.get("hierarchy"):
         h = m["hierarchy"]
-        levels = Table("method", *map(plain, h["levels"]), title="F1 per level")
+        levels = folded_table("method", *map(plain, h["levels"]), title="F1 per level")
         for row in level_table(h, list(h["levels"])).itertuples(index=False):
             levels.add_row(row[0], *[f"{v:.4f}" for v in row[1:]])  # (as the report)
         out.print(levels)

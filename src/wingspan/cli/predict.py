@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Annotated
 
@@ -13,7 +12,7 @@ from wingspan.cli.common import (
     apart,
     check_output_file,
     err,
-    folding,
+    folded_table,
     here,
     make_config,
     out,
@@ -75,8 +74,6 @@ def predict_command(
     every class the model knows is answered "unknown" (its closest class stays in the
     output). With --devices N (or under torchrun) the images are shared among the
     processes; one merged, ordered output."""
-    from rich.table import Table
-
     from wingspan.inference import Predictor
     from wingspan.predict import (
         expand_paths,
@@ -116,9 +113,9 @@ def predict_command(
     # likelier alone than the branch's own)
     nexts = "" if k < 2 else f"other {k - 1} {plain(predictor.level)}" if hierarchical \
         else f"next {k - 1}"
-    table = Table(folding("image"), folding("prediction"), "probability",
-                  "taxonomy (probability per level)" + (f"; {nexts}" if nexts else "")
-                  if hierarchical else nexts)
+    table = folded_table("image", "prediction", "probability",
+                         "taxonomy (probability per level)" + (f"; {nexts}" if nexts else "")
+                         if hierarchical else nexts)
     for row in result.rows[:50]:
         (best, p), rest = row["top"][0], row["top"][1:]
         if hierarchical:  # the consistent branch is the prediction
@@ -302,12 +299,13 @@ def export_command(
     import json
 
     from wingspan.export import export_model, metadata_path
+    from wingspan.progress import status
 
     # (tracing, checking and, for int8, calibrating take a while: say what is going on)
     doing = (f"Exporting {plain(here(model))} ({format}"
              + (f", {quantize}: calibrating and checking on its images" if quantize else "")
              + ")...")
-    with contextlib.nullcontext() if quiet else err.status(doing):
+    with status(doing, enabled=not quiet):  # (drawn where a bar would be)
         path = export_model(model, out_path, format, quantize=quantize,
                             unknown_score=unknown_score)
     meta = json.loads(metadata_path(path).read_text())

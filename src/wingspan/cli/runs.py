@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from wingspan.cli.app import app
-from wingspan.cli.common import check_output_file, folding, here, out, plain
+from wingspan.cli.common import check_output_file, folded_table, here, out, plain
 from wingspan.cli.options import Panel
 from wingspan.config import RUNS_DIR
 from wingspan.errors import command
@@ -88,7 +88,6 @@ _RUN_COLUMNS = [
 
 def _runs_table(frame):
     from rich import box
-    from rich.table import Table
 
     from wingspan.run_table import (
         ADAPTED,
@@ -101,7 +100,7 @@ def _runs_table(frame):
 
     wide = out.width >= 150
     shown = [c for c in _RUN_COLUMNS if wide or c[2]]
-    table = Table(*(folding(header) for header, _, _ in shown), box=box.SIMPLE_HEAD)
+    table = folded_table(*(header for header, _, _ in shown), box=box.SIMPLE_HEAD)
     colours = {DONE: "green", ADAPTED: "green", TRAINING: "cyan", STOPPED: "yellow",
                SET_UP: "yellow", LOCK_UNREADABLE: "yellow"}  # and red: damaged
     for r in frame.to_dict("records"):

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
+from rich.table import Column, Table
 
 from wingspan.config import InspectConfig, TrainConfig
 from wingspan.data.images import UNUSUAL_MODES, ImageFacts, image_facts, max_pixels
@@ -207,6 +207,13 @@ RANK_HEADINGS = ("[bold red]Fix first: train refuses these (each says when)[/]",
                  "[bold]Worth knowing: skipped or handled[/]")
 
 
+def _folding(*headers: str) -> list[Column]:
+    """Columns that fold a long class name onto more lines, never cut it with "…": at 60
+    columns the largest and smallest classes read "Nymphali…", "Polyomma…" (as the
+    CLI's tables do: see cli.common.folded_table)."""
+    return [Column(header, overflow="fold") for header in headers]
+
+
 def print_summary(summary: dict, console: Console | None = None) -> None:
     """A readable digest of `summary.json` for the terminal."""
     console = console or Console()
@@ -215,7 +222,7 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
     console.print(f"[bold]{escape(d['name'])}[/] ({d['format']}): "
                   f"{counted(d['images'], 'image')}; "
                   f"splits: {splits}")
-    levels = Table("level", "classes", "largest", "smallest", "imbalance",
+    levels = Table(*_folding("level", "classes", "largest", "smallest", "imbalance"),
                    title="Classes per level" + (f" ({summary['levels_of']})"
                                                 if summary.get("levels_of") else ""))
     for name, lv in summary["levels"].items():
@@ -314,7 +321,7 @@ def print_class_table(dataset: Dataset, level: str, console: Console, limit: int
     shown = counts if len(counts) <= limit else pd.concat([counts.head(limit // 2),
                                                            counts.tail(limit // 2)])
     classes = counted(len(counts), "class", "classes")
-    view = Table(escape(level), *cols, title=f"Images per {escape(level)} ({classes}"
+    view = Table(*_folding(escape(level), *cols), title=f"Images per {escape(level)} ({classes}"
                  + (f", largest and smallest {limit // 2} shown)" if len(counts) > limit else ")"))
     for i, (name, row) in enumerate(shown.iterrows()):
         if len(counts) > limit and i == limit // 2:

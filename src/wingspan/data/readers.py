@@ -31,7 +31,7 @@ from wingspan.data.taxonomy import (
     coarse_to_fine,
     read_taxonomy,
 )
-from wingspan.errors import WingspanError, counted
+from wingspan.errors import WingspanError, command, counted
 from wingspan.files import disk_spelling, real_paths
 
 Reader = Callable[[Path, ReadConfig], Dataset]
@@ -667,7 +667,7 @@ def read_split_folders(root: Path, config: ReadConfig) -> Dataset:
             if loose:  # Kaggle's test/: images to name, not to train or test on
                 problems.append(Problem(
                     "unlabelled_split", f"{counted(len(loose), 'image')} with no class "
-                    f"folder: unlabelled, so not read (`wingspan predict RUN {split_dir}` "
+                    f"folder: unlabelled, so not read (`{command('predict', 'RUN', split_dir)}` "
                     "names them)", str(split_dir)))
             continue
         found, found_labels = _class_folders(split_dir, config, problems)

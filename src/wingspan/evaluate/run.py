@@ -785,14 +785,23 @@ def check_class_map(class_map: dict[str, str], predictor: Predictor, dataset: Da
 
 def _map_slips(class_map: dict[str, str], model: list[str], data: set[str]) -> str:
     """The likely slips of a --map that names unknown classes, for its hint: the sides
-    swapped ('monarch=001-danaus_plexippus'), or a name in another case."""
+    swapped ('monarch=001-danaus_plexippus'), a name in another case, or a typo
+    ('azure_spotwng': the nearest name of its side, as a mistyped run folder is told)."""
+    import difflib
+
     if all(ours in data and theirs in model for ours, theirs in class_map.items()):
         return "The sides look swapped: the model's class comes first. "
     folded = {name.casefold(): name for name in [*model, *data]}
-    meant = [f"'{name}' for '{given}'" for given in [*class_map, *class_map.values()]
-             if given not in model and given not in data
-             and (name := folded.get(given.casefold())) is not None]
-    return f"Did you mean {', '.join(meant)} (names differ in case)? " if meant else ""
+    unknown = [(given, side) for names, side in ((class_map, model),
+                                                 (class_map.values(), sorted(data)))
+               for given in names if given not in model and given not in data]
+    meant = [f"'{name}' for '{given}'" for given, _ in unknown
+             if (name := folded.get(given.casefold())) is not None]
+    typos = [f"'{near[0]}' for '{given}'" for given, side in unknown
+             if given.casefold() not in folded
+             and (near := difflib.get_close_matches(given, side, n=1, cutoff=0.8))]
+    return ((f"Did you mean {', '.join(meant)} (names differ in case)? " if meant else "")
+            + (f"Did you mean {', '.join(typos)}? " if typos else ""))
 
 
 def _transfer(predictor: Predictor, run_dir: Path | None, class_map: dict[str, str],
