@@ -710,6 +710,33 @@ def test_progress_is_drawn_in_a_terminal_not_into_a_ci_log(capsys, monkeypatch):
     assert drawn() == ""
 
 
+def test_long_work_says_how_far_it_has_got_in_a_log(capsys, monkeypatch):
+    """With no terminal to draw a bar on (CI, `| tee log`), an epoch, a predict over a folder
+    or an audit printed nothing for as long as it took (a CI that stops a job silent for
+    10 minutes stopped it): a plain line at most every LOG_EVERY_S seconds; none for quick
+    work, none when progress is off."""
+    from wingspan import progress
+
+    for name in ("TTY_INTERACTIVE", "FORCE_COLOR"):
+        monkeypatch.delenv(name, raising=False)
+    list(progress.track(range(3), "Fine-tune epoch 1/4"))
+    assert capsys.readouterr().err == ""  # (quick: said by the epoch's own line)
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    list(progress.track(range(4), "Fine-tune epoch 1/4"))
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "Fine-tune epoch 1/4: 1 of 4 (25%), 0:00", lines
+    assert lines[-1].startswith("Fine-tune epoch 1/4: 4 of 4 (100%)") and len(lines) == 4
+    with progress.Bar(3 * 2**20, "Downloading ethec.zip", units="bytes") as bar:
+        bar.advance(2**20)
+    assert capsys.readouterr().err == "Downloading ethec.zip: 1.0 of 3.0 MB (33%), 0:00\n"
+    list(progress.track(iter(range(2)), "Checking images"))  # (no length: a count alone)
+    assert capsys.readouterr().err.splitlines()[-1] == "Checking images: 2, 0:00"
+    list(progress.track(range(4), "Predicting", enabled=False))
+    with progress.Bar(3, "Caching", enabled=False) as bar:
+        bar.advance(3)
+    assert capsys.readouterr().err == ""
+
+
 def test_a_process_forked_by_a_command_still_dies_of_sigterm():
     """SIGTERM stops a command as Ctrl-C does; a child forked from it (a multiprocessing
     Pool's worker: cleanlab's in `data audit`) took that handler along, and raised

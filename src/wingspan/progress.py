@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
@@ -50,11 +51,49 @@ def _isatty() -> bool:
         return False
 
 
+# Where no bar is drawn (a log, a CI job, `| tee`), long work says how far it has got in a
+# plain line at most this often: an epoch, a predict over a folder or an audit said nothing
+# for as long as it took, and CircleCI stops a job silent for 10 minutes by default.
+LOG_EVERY_S = 60.0
+
+
+class _Lines:
+    """A bar's plain stand-in for a log: "Fine-tune epoch 2/5: 120 of 357 (34%), 1:00"."""
+
+    def __init__(self, description: str, total: int | None, units: str = "items"):
+        self.description, self.total, self.units = description, total, units
+        self.done, self.start = 0, time.monotonic()
+        self.said = self.start
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.said < LOG_EVERY_S:
+            return
+        self.said = now
+        count = (f"{self.done / 2**20:.1f} of {self.total / 2**20:.1f} MB"
+                 if self.units == "bytes" and self.total else
+                 f"{self.done} of {self.total}" if self.total else str(self.done))
+        if self.total:
+            count += f" ({self.done / self.total:.0%})"
+        minutes, seconds = divmod(int(now - self.start), 60)
+        console.print(f"{self.description}: {count}, {minutes}:{seconds:02d}",
+                      markup=False, highlight=False)
+
+
 def track(items: Iterable[T], description: str, total: int | None = None,
           enabled: bool = True) -> Iterator[T]:
-    """Iterate with a progress bar on stderr (nothing shown when disabled or not a tty)."""
+    """Iterate with a progress bar on stderr; where none is drawn (not a terminal), a
+    plain line at most every LOG_EVERY_S seconds; nothing when disabled."""
     if not _shown(enabled):
-        yield from items
+        if not enabled:
+            yield from items
+            return
+        lines = _Lines(description, total if total is not None else (
+            len(items) if hasattr(items, "__len__") else None))
+        for item in items:
+            yield item
+            lines.advance()
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
@@ -78,6 +117,9 @@ class Bar:
     def __init__(self, total: int, description: str, enabled: bool = True,
                  units: str = "items"):
         """`units`: "items", or "bytes" (sizes and a transfer speed)."""
+        # (where no bar is drawn, plain lines for a log: see LOG_EVERY_S)
+        self.lines = _Lines(description, total, units) if enabled and not _shown(
+            enabled) else None
         self.enabled = enabled = _shown(enabled)
         if enabled:
             counts = ((DownloadColumn(), TransferSpeedColumn()) if units == "bytes"
@@ -95,6 +137,8 @@ class Bar:
     def advance(self, n: int = 1) -> None:
         if self.enabled:
             self.progress.advance(self.task, n)
+        elif self.lines:
+            self.lines.advance(n)
 
     def __exit__(self, *exc) -> None:
         if self.enabled:
