@@ -1555,3 +1555,16 @@ def test_a_predict_of_a_few_photos_times_no_engine(run, demo_dir, run_cli, monke
     assert (tmp_path / "cache" / "engines.json").is_file()
     code, _, err = run_cli("predict", run.dir, photos[0], "--batch-size", "2", "--workers", "0")
     assert code == 0 and "(cached" in err, err  # (what a timing kept, even for one photo)
+
+
+def test_predict_names_a_skipped_photo_once(run, demo_dir, run_cli, tmp_path):
+    """"skipped a.jpg: Cannot read image a.jpg: ..." said the path twice, the second time
+    inside the reader's message: once now, then why."""
+    broken = tmp_path / "my photos" / "broken one.jpg"
+    broken.parent.mkdir()
+    broken.write_bytes(b"not a jpeg")
+    code, _, err = run_cli("predict", run.dir, next(demo_dir.rglob("*.jpg")), broken,
+                           "--workers", "0")
+    assert code == 0, err
+    line = next(x for x in err.splitlines() if x.startswith("skipped"))
+    assert line.startswith(f"skipped {broken}: ") and line.count(str(broken)) == 1, line

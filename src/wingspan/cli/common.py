@@ -38,6 +38,13 @@ def plain(text) -> str:
     return escape(str(text))
 
 
+def skipped(path, reason: str) -> str:
+    """An image left out, and why, as a line: the reader's message names the path again
+    ("skipped a.jpg: Cannot read image a.jpg: ..."), said once here."""
+    why = str(reason).removeprefix(f"Cannot read image {path}: ")
+    return f"[yellow]skipped[/] {plain(path)}: {plain(why)}"
+
+
 def here(path, root: Path | None = None) -> Path:
     """A resolved path shown as other commands show theirs: relative to the working folder
     (or `root`: a table's images under the data's folder, named in its caption) when it

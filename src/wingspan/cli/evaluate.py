@@ -11,7 +11,16 @@ import typer
 from rich.markup import escape
 
 from wingspan.cli.app import app
-from wingspan.cli.common import err, folded_table, here, make_config, out, plain, strict_exit
+from wingspan.cli.common import (
+    err,
+    folded_table,
+    here,
+    make_config,
+    out,
+    plain,
+    skipped,
+    strict_exit,
+)
 from wingspan.cli.options import (
     BatchSize,
     DeviceOpt,
@@ -338,7 +347,7 @@ def adapt_command(
                          precision=precision, runtime=runtime)
     a = adapt(model, photos, out_dir, config, progress=not quiet, workers=workers)
     for path, why in a["unreadable_photos"]:  # as predict says them
-        err.print(f"[yellow]skipped[/] {plain(path)}: {plain(why)}", highlight=False)
+        err.print(skipped(path, why), highlight=False)
     used = list(a["photos_used_per_round"].values())[-1]  # the finest level's
     fits = f" in {len(used)} refits" if len(used) > 1 else ""
     out.print(f"{counted(a['photos'], 'photo')} ({a['unreadable']} unreadable); trained on "

@@ -17,6 +17,7 @@ from wingspan.cli.common import (
     make_config,
     out,
     plain,
+    skipped,
     strict_exit,
 )
 from wingspan.cli.options import (
@@ -154,7 +155,7 @@ def predict_command(
     if result.rows and not to_stdout:  # not an empty table above the skipped files
         out.print(table)
     for path, reason in result.failed:
-        err.print(f"[yellow]skipped[/] {plain(path)}: {plain(reason)}", highlight=False)
+        err.print(skipped(path, reason), highlight=False)
     say.print(f"{counted(len(result.rows), 'image')} predicted at "
               f"{result.images_per_second:.1f} images/s"
               + (f"; {len(result.failed)} skipped" if result.failed else ""))
@@ -212,7 +213,7 @@ def explain_command(
 
     paths, missing = expand_paths(images)
     for item, why in missing:
-        err.print(f"[yellow]skipped[/] {plain(item)}: {plain(why)}", highlight=False)
+        err.print(skipped(item, why), highlight=False)
     if not paths:
         raise WingspanError("No image to explain.", hint="Check the paths given.")
     out_dir = out_dir or output_home(find_bundle(model)) / "explain"
@@ -220,7 +221,7 @@ def explain_command(
     for e in explain_each(model, paths, out_dir, device=device, progress=not quiet):
         if e.error:
             failed += 1
-            err.print(f"[yellow]skipped[/] {plain(e.path)}: {plain(e.error)}", highlight=False)
+            err.print(skipped(e.path, e.error), highlight=False)
         else:
             explained += 1
             said = f" (answer: {e.answer})" if e.otherwise else ""
