@@ -443,6 +443,25 @@ def test_predicts_table_shows_the_top_k_of_a_run_with_levels(hierarchical_run, d
     assert probabilities[3] == probabilities[1] + 2, shown
 
 
+def test_predicts_table_of_a_run_with_levels_shows_fewer_rows(hierarchical_run, demo_dir,
+                                                              run_cli):
+    """A taxonomy's branch takes 7-9 lines an image at 80 columns: its first 50 images were
+    466 lines of a 4-level model's table. 15 are shown (a flat model's 50), the caption
+    says how many, and --output writes all."""
+    from wingspan.config import PREDICT_ROWS_TAXONOMY
+
+    photos = sorted(demo_dir.rglob("*.jpg"))
+    assert len(photos) > PREDICT_ROWS_TAXONOMY
+    code, out, err = run_cli("predict", hierarchical_run, demo_dir, "--device", "cpu",
+                             "--quiet")
+    assert code == 0, err
+    said = " ".join(out.split())
+    assert f"first {PREDICT_ROWS_TAXONOMY} of {len(photos)}; --output FILE writes all" in said
+    # (a row's first line starts its path; the path folds onto the lines below it)
+    starts = [line for line in out.splitlines() if line.startswith(f"│ {str(demo_dir)[:8]}")]
+    assert len(starts) == PREDICT_ROWS_TAXONOMY, out
+
+
 def test_explain_draws_the_branch_that_predict_answers(hierarchical_run, demo_dir, tmp_path):
     from wingspan.explain import explain
 

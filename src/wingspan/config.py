@@ -58,6 +58,10 @@ SPLITS = ("train", "val", "test")
 # Where `wingspan train` writes its runs (--runs-dir) and `wingspan runs` lists them.
 RUNS_DIR = "runs"
 TOP_K = 3  # classes a prediction lists (a server's answer: ServeLimits.top_k)
+# The images predict's terminal table shows (all: --output): a taxonomy's branch takes 7-9
+# lines an image at 80 columns (466 lines for 50 images of a 4-level model), one level's
+# answer one or two
+PREDICT_ROWS, PREDICT_ROWS_TAXONOMY = 50, 15
 # Where `wingspan serve` listens unless told (this machine only)
 SERVE_HOST, SERVE_PORT = "127.0.0.1", 8000
 # `wingspan data preview`'s grid: classes shown (one image each), augmented views of each

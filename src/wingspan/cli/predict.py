@@ -38,7 +38,15 @@ from wingspan.cli.options import (
     check_folder,
     check_not_stdout,
 )
-from wingspan.config import SERVE_HOST, SERVE_PORT, TOP_K, ServeLimits, TrainConfig
+from wingspan.config import (
+    PREDICT_ROWS,
+    PREDICT_ROWS_TAXONOMY,
+    SERVE_HOST,
+    SERVE_PORT,
+    TOP_K,
+    ServeLimits,
+    TrainConfig,
+)
 from wingspan.errors import WingspanError, counted
 
 T = TrainConfig  # defaults shown in --help come from the one config
@@ -117,7 +125,8 @@ def predict_command(
     table = folded_table("image", "prediction", "probability",
                          "taxonomy (probability per level)" + (f"; {nexts}" if nexts else "")
                          if hierarchical else nexts)
-    for row in result.rows[:50]:
+    rows = PREDICT_ROWS_TAXONOMY if hierarchical else PREDICT_ROWS
+    for row in result.rows[:rows]:
         (best, p), rest = row["top"][0], row["top"][1:]
         if hierarchical:  # the consistent branch is the prediction
             _, best, p = row["taxonomy"][-1]
@@ -147,8 +156,8 @@ def predict_command(
         # beside its name in the detail instead.
         shown = "-" if row["known_level"] is None else f"{p:.3f}"
         table.add_row(plain(row["path"]), best, shown, plain(detail))
-    if len(result.rows) > 50:
-        table.caption = f"first 50 of {len(result.rows)}; " + (
+    if len(result.rows) > rows:
+        table.caption = f"first {rows} of {len(result.rows)}; " + (
             f"all in {plain(output)}" if output else "--output FILE writes all")
     if output:  # first: nothing printed after can lose it
         write_predictions(result, output)
