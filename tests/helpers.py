@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -262,3 +264,16 @@ def accessibility_problems(page) -> list[str]:
         return found.violations.map(v => `${v.impact} ${v.id} (${v.nodes.length}): ` +
             `${v.help}: ${v.nodes[0].target.join(' ')}`);
     }""")
+
+
+def cli_in_new_process(args: list, modules: tuple[str, ...], timeout: int = 120
+                       ) -> subprocess.CompletedProcess:
+    """`wingspan ARGS` in a fresh interpreter, whose stdout then says "exit CODE" and
+    "imported: [...]", which of `modules` the command imported: what a command's path
+    imports, not how long it takes (a test a loaded machine cannot fail)."""
+    code = ("import sys\nfrom wingspan.cli.app import main\n"
+            f"try:\n    main({[str(a) for a in args]!r})\n"
+            "except SystemExit as e:\n    print('exit', e.code)\n"
+            f"print('imported:', sorted(m for m in {modules!r} if m in sys.modules))\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=timeout)

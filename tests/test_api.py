@@ -59,14 +59,11 @@ def test_one_process_predict_imports_no_training_stack(run, demo_dir):
     (Fabric shares the work among processes, --devices N; 0.07-0.1 s to import after
     torch), scikit-learn and matplotlib. What is imported, not how long: robust on a loaded
     machine."""
+    from helpers import cli_in_new_process
+
     image = next(demo_dir.rglob("*.jpg"))
-    code = ("import sys\nfrom wingspan.cli.app import main\n"
-            f"try:\n    main(['predict', {str(run.dir)!r}, {str(image)!r}, '-q'])\n"
-            "except SystemExit as e:\n    print('exit', e.code)\n"
-            "print('imported:', sorted(m for m in ('lightning_fabric', 'lightning', 'sklearn', "
-            "'matplotlib') if m in sys.modules))\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300)
+    done = cli_in_new_process(["predict", run.dir, image, "-q"], (
+        "lightning_fabric", "lightning", "sklearn", "matplotlib"), timeout=300)
     assert "exit 0" in done.stdout and "imported: []" in done.stdout, (
         done.stdout + done.stderr)
 

@@ -805,15 +805,9 @@ def test_no_strict_on_the_command_line_undoes_a_config_files_strict(run_cli, dem
 def test_a_wrong_training_setting_is_said_before_torch_is_imported(tmp_path, setting):
     """Said after 8-13 s (torch and timm imported first, and the error path's own import of
     torch.distributed), where a typer-checked option is said in under a second."""
-    import subprocess
-    import sys
+    from helpers import cli_in_new_process
 
-    code = ("import sys\nfrom wingspan.cli.app import main\n"
-            f"try:\n    main(['train', {str(tmp_path)!r}, *{setting!r}])\n"
-            "except SystemExit as e:\n    print('exit', e.code)\n"
-            "print('imported:', sorted(m for m in ('torch', 'timm') if m in sys.modules))\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
+    done = cli_in_new_process(["train", tmp_path, *setting], ("torch", "timm"))
     assert "exit 2" in done.stdout and setting[0] in done.stderr, done.stderr
     assert "imported: []" in done.stdout, done.stdout
 
@@ -824,16 +818,9 @@ def test_help_imports_no_numpy(args):
     """Every command's parse (its --help, a mistyped option) imports the CLI's modules:
     numpy, imported by wingspan.files at the top, was 0.15-0.25 s of `wingspan --help`'s
     0.55 s. (What is imported, not how long it takes: a test a loaded machine cannot fail.)"""
-    import subprocess
-    import sys
+    from helpers import cli_in_new_process
 
-    code = ("import sys\nfrom wingspan.cli.app import main\n"
-            f"try:\n    main({args!r})\n"
-            "except SystemExit as e:\n    print('exit', e.code)\n"
-            "print('imported:', sorted(m for m in ('numpy', 'pandas', 'torch') "
-            "if m in sys.modules))\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
+    done = cli_in_new_process(args, ("numpy", "pandas", "torch"))
     assert "exit 0" in done.stdout, done.stdout + done.stderr
     assert "imported: []" in done.stdout, done.stdout
 

@@ -266,3 +266,49 @@ def test_a_coarse_last_map_is_drawn_from_the_map_a_stride_finer(run_dir, size, l
                                               generator=torch.Generator().manual_seed(0)), 0)
     assert heatmap.shape == (size, size)
     assert [tuple(s) for s in seen] == [(drawn, drawn)] * 2  # (the map and its gradient)
+
+
+def test_a_coarse_maps_evidence_is_placed_by_the_map_a_stride_finer():
+    """A chain whose last unit halves a 6 x 6 map to 3 x 3, shown evidence in one cell of
+    the 6 x 6 grid (the image's top-left sixth): drawn from the 3 x 3 map, the heat spread
+    over the whole top-left third of the image (half of it away from the evidence); from
+    the 6 x 6 map, it stays on the evidence."""
+    from torch import nn
+
+    from wingspan.explain import grad_cam
+
+    class Chain(nn.Module):  # 12 x 12 image -> 6 x 6 -> 3 x 3 map, pooled as its mean
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv2d(3, 1, 1, bias=False), nn.AvgPool2d(2),
+                                     nn.AvgPool2d(2))
+            nn.init.constant_(self.net[0].weight, 1.0)
+
+        def forward(self, x):
+            return self.net(x)
+
+        def units(self):
+            return list(self.net)
+
+        def pool(self, fmap):
+            return fmap.mean((2, 3))
+
+        def spatial(self, fmap, prefix=None):
+            return fmap
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = Chain()
+
+        def head(self, pooled):
+            return {"y": torch.cat([-pooled, pooled], 1)}
+
+    class FakePredictor:
+        model, level = Model(), "y"
+
+    x = torch.zeros(3, 12, 12)
+    x[:, :2, :2] = 1.0  # (the top-left cell of the 6 x 6 grid)
+    cam = grad_cam(FakePredictor(), x, target=1)
+    assert cam[0, 0] > 0.9
+    assert cam[3, 3] < 0.2 and cam[2:4, 2:4].mean() < 0.2  # (the 3 x 3 map's cell, outside)

@@ -1,12 +1,12 @@
 """`wingspan explain RUN IMAGE...`: where the model looked, as Grad-CAM overlays.
 
-Grad-CAM weights the backbone's last feature map (a finer one where it is a few cells
-a side: MIN_MAP_SIDE) by the gradient of the predicted class's score and keeps the
-positive part: the regions that argued for that class. One PNG per image: the model's
-own view of it (resized and centre-cropped as the bundle says) with the map over it,
-titled with the class and its calibrated probability. The class is predict's (a taxonomy
-model's top-down branch), and where predict answers otherwise ("unknown", or only a
-coarser class) the title says so.
+Grad-CAM weights the backbone's last feature map (for a CNN that runs as a chain of
+units, a finer one where it is a few cells a side: MIN_MAP_SIDE) by the gradient of the
+predicted class's score and keeps the positive part: the regions that argued for that
+class. One PNG per image: the model's own view of it (resized and centre-cropped as the
+bundle says) with the map over it, titled with the class and its calibrated probability.
+The class is predict's (a taxonomy model's top-down branch), and where predict answers
+otherwise ("unknown", or only a coarser class) the title says so.
 """
 
 from __future__ import annotations
@@ -80,17 +80,20 @@ def grad_cam(predictor: Predictor, image: torch.Tensor, target: int) -> np.ndarr
 
 
 # A CNN's last map coarser than this many cells a side (3 x 3 at the demo's 96 px) is
-# drawn from the map one stride before it instead. Measured on a Lite0 at 96 px, right on
-# 64 of 64 demo butterflies placed anywhere in the frame: the last map's peak fell in the
-# butterfly's box on 20% of them (chance: the box is 19% of the image; a centre blob, 59%),
-# the 6 x 6 map's on 70%, as covering patches of the image (what the model uses) on 67%.
+# drawn from the map one stride before it instead, where the network runs as a chain
+# of units (Backbone.units: most CNNs; not GhostNetV2, MobileNetV4 or StarNet).
+# Measured on a Lite0 at 96 px, right on 64 of 64 demo butterflies placed anywhere in
+# the frame: the last map's peak fell in the butterfly's box on 20% of them (chance:
+# the box is 19% of the image; a centre blob, 59%), the 6 x 6 map's on 70%, as
+# covering patches of the image (what the model uses) on 67%.
 MIN_MAP_SIDE = 6
 
 
 def _features_and_map(backbone, x: torch.Tensor):
     """(the backbone's features, the map Grad-CAM draws): the features themselves, or for a
-    CNN whose last map is coarser than MIN_MAP_SIDE, the deepest map of the grid one stride
-    finer (the network run as its chain of units, keeping each output). At 224-260 px the
+    CNN that is a chain of units and whose last map is coarser than MIN_MAP_SIDE, the
+    deepest map of the grid one stride finer (the chain run unit by unit, keeping each
+    output). At 224-260 px the
     default backbones' last maps are 7 x 7 to 9 x 9: drawn as they are."""
     units = backbone.units()
     if units is None:

@@ -89,8 +89,12 @@ def track(items: Iterable[T], description: str, total: int | None = None,
         if not enabled:
             yield from items
             return
-        lines = _Lines(description, total if total is not None else (
-            len(items) if hasattr(items, "__len__") else None))
+        if total is None:
+            try:  # (a loader over an iterable dataset has __len__, and raises in it)
+                total = len(items)
+            except TypeError:
+                pass
+        lines = _Lines(description, total)
         for item in items:
             yield item
             lines.advance()

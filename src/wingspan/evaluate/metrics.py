@@ -256,7 +256,9 @@ def most_confused(cm: np.ndarray, classes: list[str], n: int = 15,
     if tree is not None:
         ancestors, levels = tree
         for pair, i in zip(pairs, order, strict=True):  # (a tree: shared from the top down)
-            shared = int((ancestors[t[i]] == ancestors[p[i]]).sum())
+            # (the levels alike from the top down: in a tree, the first that differs
+            # parts them below it too)
+            shared = int(np.cumprod(ancestors[t[i]] == ancestors[p[i]]).sum())
             pair["shared_level"] = levels[shared - 1] if shared else "none"
     return pairs
 
