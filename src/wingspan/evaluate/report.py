@@ -94,7 +94,8 @@ radial-gradient(farthest-side at 0 50%,#0003,#0000) left/14px 100% no-repeat scr
 radial-gradient(farthest-side at 100% 50%,#0003,#0000) right/14px 100% no-repeat scroll}
 .t td,.t th{padding:.2em .7em;border-bottom:1px solid #eee;text-align:left;
 overflow-wrap:break-word}
-.kv th{color:#555;font-weight:500}.missing{color:#666;font-style:italic}
+.kv th{color:#555;font-weight:500}.kv td{overflow-wrap:anywhere}
+.missing{color:#666;font-style:italic}
 .grid{display:flex;gap:2em;flex-wrap:wrap}
 .grid>*{min-width:0;max-width:100%}
 """
