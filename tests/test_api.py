@@ -1565,3 +1565,16 @@ def test_predict_names_a_skipped_photo_once(run, demo_dir, run_cli, tmp_path):
     assert code == 0, err
     line = next(x for x in err.splitlines() if x.startswith("skipped"))
     assert line.startswith(f"skipped {broken}: ") and line.count(str(broken)) == 1, line
+
+
+def test_predicts_lines_in_a_log_say_they_count_batches(run, demo_dir, run_cli,
+                                                        monkeypatch):
+    """A log's plain progress line read "Predicting: 1 of 2 (50%)" for 3 photos: it
+    counts batches, and says so."""
+    from wingspan import progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    photos = sorted(demo_dir.rglob("*.jpg"))[:3]
+    code, _, err = run_cli("predict", run.dir, *photos, "--batch-size", "2", "--workers", "0")
+    assert code == 0, err
+    assert "Predicting 3 images, batches of 2: 1 of 2 (50%), 0:00" in err, err

@@ -19,7 +19,7 @@ from wingspan.data.csvfiles import name_as_read
 from wingspan.data.images import max_pixels, open_rgb, skip_reason
 from wingspan.data.taxonomy import Taxonomy
 from wingspan.data.transforms import eval_transform
-from wingspan.errors import WingspanError, command
+from wingspan.errors import WingspanError, command, counted
 from wingspan.models import load_bundle, resolve_policy
 from wingspan.models.unknown import deepest_known
 from wingspan.parallel import check_default_dtype
@@ -273,7 +273,9 @@ class Predictor:
                         generator=torch.Generator(),
                         pin_memory=self.policy.device.type == "cuda")
         start, done, i = time.perf_counter(), 0, 0
-        for x, errors in track(loader, "Predicting", total=len(loader), enabled=progress):
+        # (counted in batches: said so, for the plain lines a log gets)
+        for x, errors in track(loader, f"Predicting {counted(len(paths), 'image')}, batches of "
+                               f"{self.batch_size}", total=len(loader), enabled=progress):
             n, k = x.shape[:2]
             feats = self.extract(x.flatten(0, 1)).float()
             outputs = self.heads(feats)
