@@ -680,3 +680,55 @@ def test_an_audit_reads_its_images_with_the_workers_shared_memory_holds(tmp_path
     assert "/dev/shm has 0 MB free" in " ".join(err.split()) and "0 workers instead of 2" in \
         " ".join(err.split())
     assert (tmp_path / "out" / "audit.csv").is_file()
+
+
+def test_long_class_names_and_paths_break_at_their_parts_in_audit_cards(tmp_path):
+    """A species folder has no space: overflow-wrap cut it a letter or two before the card's
+    edge at 1280 px ("Heteropterus_m" over "orpheus", "Hesperia_comm" over "a"); it should
+    break after its _ (and a path after a /)."""
+    from helpers import chromium_path
+    from playwright.sync_api import sync_playwright
+
+    from wingspan.config import AuditConfig
+    from wingspan.data.audit import gallery
+
+    folder = tmp_path / "Heteropterus_morpheus"
+    folder.mkdir()
+    image = folder / "a.jpg"
+    Image.new("RGB", (32, 32), (90, 120, 200)).save(image)
+    names = ["Heteropterus_morpheus", "Hesperia_comma", "Melitaea_athalia"]
+    issues = pd.DataFrame({"rank": [1, 2, 3], "path": [str(image)] * 3, "split": "-",
+                           "label": names, "suspected": names[::-1], "label_quality": 0.001,
+                           "suspected_probability": 0.03, "flagged": True})
+    duplicates = pd.DataFrame(columns=["path_a", "path_b", "label_a", "label_b", "split_a",
+                                       "split_b", "similarity", "hash_distance",
+                                       "across_splits", "labels_differ", "group",
+                                       "group_size"])
+    page_file = tmp_path / "audit.html"
+    page_file.write_text(gallery(issues, duplicates, "label", AuditConfig(), "x", {}))
+    lines_of = """e => {  // the text of each line the element's text is laid out in
+        const lines = [], range = document.createRange();
+        const walk = document.createTreeWalker(e, NodeFilter.SHOW_TEXT);
+        for (let t = walk.nextNode(); t; t = walk.nextNode())
+            for (let i = 0; i < t.length; i++) {
+                range.setStart(t, i); range.setEnd(t, i + 1);
+                const top = Math.round(range.getBoundingClientRect().top);
+                if (!lines.length || lines[lines.length - 1].top !== top)
+                    lines.push({top, text: ''});
+                lines[lines.length - 1].text += t.data[i];
+            }
+        return lines.map(l => l.text);
+    }"""
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path())
+        for width in (1280, 375):
+            page = browser.new_page(viewport={"width": width, "height": 800})
+            page.goto(page_file.resolve().as_uri())
+            for element in page.query_selector_all(".g .c b"):
+                lines = element.evaluate(lines_of)
+                assert all(line.endswith("_") for line in lines[:-1]), (width, lines)
+            path_lines = page.query_selector(".g .c .m").evaluate(lines_of)
+            assert all(line.endswith(("/", "_", "-", " ")) for line in path_lines[:-1]), (
+                width, path_lines)
+            page.close()
+        browser.close()

@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import html
 import io
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -496,7 +497,15 @@ STYLE = """body{font:14px/1.4 system-ui,sans-serif;margin:2em auto;max-width:120
 .pair{grid-column:span 2}
 .c img{width:100%;height:auto;aspect-ratio:1;object-fit:contain;background:#f4f4f4}
 .pair img{width:calc(50% - 3px)}.s{color:#b00}
-.m{color:#666;font-size:12px;word-break:break-all}"""
+.m{color:#666;font-size:12px}"""
+
+
+def _breakable(text) -> str:
+    """`text` escaped for HTML, with a place to break after each _ / \\ and -: a species
+    folder (Heteropterus_morpheus) or a path has no space, and overflow-wrap cut it a letter
+    before the card's edge ("Heteropterus_m" over "orpheus"); a part wider than the card is
+    still cut (overflow-wrap on .c)."""
+    return re.sub(r"([_/\\-])", r"\1<wbr>", html.escape(str(text)))
 
 
 def _split_shown(split: str, after: str = " · ") -> str:
@@ -516,13 +525,13 @@ def gallery(issues: pd.DataFrame, duplicates: pd.DataFrame, level: str, config: 
             # (alt: what the card is, not its path, which the caption gives)
             f"<div class='c'><img alt='#{r.rank}, labelled {e(r.label)}' "
             f"src='{_thumbnail(r.path)}'>"
-            f"<div>#{r.rank} labelled <b>{e(r.label)}</b></div>"
-            + (f"<div class='s'>looks like <b>{e(r.suspected)}</b> "
+            f"<div>#{r.rank} labelled <b>{_breakable(r.label)}</b></div>"
+            + (f"<div class='s'>looks like <b>{_breakable(r.suspected)}</b> "
                f"({r.suspected_probability:.2f})</div>" if r.suspected != r.label else
                # (a low quality alone, its label still the likeliest: not called a mismatch)
                f"<div>its label is the likeliest ({r.suspected_probability:.2f})</div>")
             + f"<div class='m'>quality {r.label_quality:.3f} · {_split_shown(r.split)}"
-            f"{e(r.path)}</div>"
+            f"{_breakable(r.path)}</div>"
             "</div>")
     pairs = []
     # One pair a group first (its first in the table's order: leaks and two labels lead),
@@ -541,8 +550,9 @@ def gallery(issues: pd.DataFrame, duplicates: pd.DataFrame, level: str, config: 
             f"<div>similarity {r.similarity:.3f}, hash distance {r.hash_distance}"
             + (" · <b class='s'>across splits</b>" if r.across_splits else "")
             + (" · <b class='s'>labels differ</b>" if r.labels_differ else "")
-            + f"</div><div class='m'>{_split_shown(r.split_a, '')}{e(r.label_a)}: "
-            f"{e(r.path_a)}<br>{_split_shown(r.split_b, '')}{e(r.label_b)}: {e(r.path_b)}"
+            + f"</div><div class='m'>{_split_shown(r.split_a, '')}{_breakable(r.label_a)}: "
+            f"{_breakable(r.path_a)}<br>{_split_shown(r.split_b, '')}{_breakable(r.label_b)}: "
+            f"{_breakable(r.path_b)}"
             "</div></div>")
     flagged = int(issues["flagged"].sum())
     scores = checker_scores(issues, config.weak_checker)
