@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -580,18 +581,14 @@ def test_the_audit_page_passes_an_accessibility_check(tmp_path, run_cli):
     assert any(alt.startswith("#1, labelled ") for alt in alts), alts[:3]
 
 
-def test_long_class_names_stay_in_their_audit_cards(tmp_path):
-    """ETHEC's species folders (Genus_epithet, up to 27 letters, no space to wrap at) ran
-    over the next card in the gallery and widened the page at 1280 px."""
-    from helpers import chromium_path
-    from playwright.sync_api import sync_playwright
-
+def _gallery_of(names: list[str], image: Path) -> Path:
+    """audit.html beside `image` (a plain 32-px image, made) of three suspect cards, each
+    image labelled one of `names` and taken for another, and no duplicates."""
     from wingspan.config import AuditConfig
     from wingspan.data.audit import gallery
 
-    image = tmp_path / "a.jpg"
+    image.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (32, 32), (90, 120, 200)).save(image)
-    names = ["Pseudochazara_telephassa", "Kuekenthaliella_eugenia", "Lasiommata_paramegaera"]
     issues = pd.DataFrame({"rank": [1, 2, 3], "path": [str(image)] * 3, "split": "-",
                            "label": names, "suspected": names[::-1], "label_quality": 0.001,
                            "suspected_probability": 0.03, "flagged": True})
@@ -599,8 +596,19 @@ def test_long_class_names_stay_in_their_audit_cards(tmp_path):
                                        "split_b", "similarity", "hash_distance",
                                        "across_splits", "labels_differ", "group",
                                        "group_size"])
-    page_file = tmp_path / "audit.html"
+    page_file = image.parent / "audit.html"
     page_file.write_text(gallery(issues, duplicates, "label", AuditConfig(), "x", {}))
+    return page_file
+
+
+def test_long_class_names_stay_in_their_audit_cards(tmp_path):
+    """ETHEC's species folders (Genus_epithet, up to 27 letters, no space to wrap at) ran
+    over the next card in the gallery and widened the page at 1280 px."""
+    from helpers import chromium_path
+    from playwright.sync_api import sync_playwright
+
+    page_file = _gallery_of(["Pseudochazara_telephassa", "Kuekenthaliella_eugenia",
+                             "Lasiommata_paramegaera"], tmp_path / "a.jpg")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium_path())
         for width in (1280, 375):
@@ -689,23 +697,8 @@ def test_long_class_names_and_paths_break_at_their_parts_in_audit_cards(tmp_path
     from helpers import chromium_path
     from playwright.sync_api import sync_playwright
 
-    from wingspan.config import AuditConfig
-    from wingspan.data.audit import gallery
-
-    folder = tmp_path / "Heteropterus_morpheus"
-    folder.mkdir()
-    image = folder / "a.jpg"
-    Image.new("RGB", (32, 32), (90, 120, 200)).save(image)
-    names = ["Heteropterus_morpheus", "Hesperia_comma", "Melitaea_athalia"]
-    issues = pd.DataFrame({"rank": [1, 2, 3], "path": [str(image)] * 3, "split": "-",
-                           "label": names, "suspected": names[::-1], "label_quality": 0.001,
-                           "suspected_probability": 0.03, "flagged": True})
-    duplicates = pd.DataFrame(columns=["path_a", "path_b", "label_a", "label_b", "split_a",
-                                       "split_b", "similarity", "hash_distance",
-                                       "across_splits", "labels_differ", "group",
-                                       "group_size"])
-    page_file = tmp_path / "audit.html"
-    page_file.write_text(gallery(issues, duplicates, "label", AuditConfig(), "x", {}))
+    page_file = _gallery_of(["Heteropterus_morpheus", "Hesperia_comma", "Melitaea_athalia"],
+                            tmp_path / "Heteropterus_morpheus" / "a.jpg")
     lines_of = """e => {  // the text of each line the element's text is laid out in
         const lines = [], range = document.createRange();
         const walk = document.createTreeWalker(e, NodeFilter.SHOW_TEXT);
