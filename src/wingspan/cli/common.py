@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 
 from wingspan import files
 from wingspan.config import ReadConfig, SettingError
@@ -149,22 +150,22 @@ def pixel_budget(text: str) -> int | None:
     return pixel_budget(text)
 
 
-def folded_table(*headers, **options):
-    """A rich Table whose every column, those add_row makes too, folds a long value (a
-    path, a class or timm name, a number) onto more lines in a narrow terminal or a pipe
-    (80 columns), never cutting it with "…": at 60 columns `doctor` read "torch-fp…" for
-    both torch-fp32 and torch-fp16 (the one picked among them), `models list` "efficient…"
-    for Lite0 and Lite2, `data audit` "azure_spo…" for a label; and "…" is no character of
-    an ASCII terminal."""
-    from rich.table import Table
+class _FoldedTable(Table):
+    """A Table whose every column, those add_row makes too, folds (see folded_table)."""
 
-    class Folding(Table):
-        def __rich_console__(self, console, options):
-            for column in self.columns:
-                column.overflow = "fold"
-            return super().__rich_console__(console, options)
+    def __rich_console__(self, console, options):
+        for column in self.columns:
+            column.overflow = "fold"
+        return super().__rich_console__(console, options)
 
-    return Folding(*headers, **options)
+
+def folded_table(*headers, **options) -> Table:
+    """A rich Table whose every column folds a long value (a path, a class or timm name, a
+    number) onto more lines in a narrow terminal or a pipe (80 columns), never cutting it
+    with "…": at 60 columns `doctor` read "torch-fp…" for both torch-fp32 and torch-fp16
+    (the one picked among them), `models list` "efficient…" for Lite0 and Lite2, `data
+    audit` "azure_spo…" for a label; and "…" is no character of an ASCII terminal."""
+    return _FoldedTable(*headers, **options)
 
 
 def is_main_process() -> bool:

@@ -183,7 +183,7 @@ class Policy:
         # A few photos to predict: the timing (a warm-up, rounds and a check of n images on
         # each candidate) would cost many times the job. A timing beside other work is not
         # kept, so on a busy machine a predict of one photo timed every call (18-32 s for a
-        # Lite0 at 224 px on a 2-core Xeon) before its 0.1 s pass.
+        # Lite0 at 224 px on a busy 2-core Xeon) before a pass of tens of milliseconds.
         reference = engine_named("torch-fp32")
         if job_images is not None and job_images < n * len(engines) and reference in engines \
                 and not remeasure:
