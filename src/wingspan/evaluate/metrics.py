@@ -255,7 +255,7 @@ def most_confused(cm: np.ndarray, classes: list[str], n: int = 15,
               "share_of_true": float(share[t[i], p[i]])} for i in order]
     if tree is not None:
         ancestors, levels = tree
-        for pair, i in zip(pairs, order, strict=True):  # (a tree: shared from the top down)
+        for pair, i in zip(pairs, order, strict=True):
             # (the levels alike from the top down: in a tree, the first that differs
             # parts them below it too)
             shared = int(np.cumprod(ancestors[t[i]] == ancestors[p[i]]).sum())

@@ -890,7 +890,7 @@ def _ancestors(taxonomy, level: str) -> tuple[np.ndarray, list[str]] | None:
 
 def _tree(taxonomy, level: str) -> tuple[np.ndarray, list[str], str] | None:
     """A level's classes' ancestors, the coarsest level's names and its name:
-    plot_confusion's order down the tree. None at the coarsest."""
+    plot_confusion's order down the tree. None at the coarsest, or without a taxonomy."""
     if (ancestry := _ancestors(taxonomy, level)) is None:
         return None
     ancestors, coarser = ancestry
@@ -902,11 +902,9 @@ def _plots(out_dir, predictor, dataset, level, run_dir, cm, classes, paths, ok, 
            ) -> dict:
     """The report's figures; `raw`: the probabilities at T 1 and the classes answered at it
     (the reliability diagram sets them beside the calibrated ones, with both ECEs)."""
-    taxonomy = predictor.taxonomy
-    tree = (_tree(taxonomy, taxonomy.finest) if taxonomy is not None
-            and list(classes) == list(taxonomy.classes[taxonomy.finest]) else None)
     pngs = {"confusion": charts.plot_confusion(cm, classes, out_dir / "confusion.png",
-                                               tree=tree)}
+                                               tree=_tree(predictor.taxonomy,
+                                                          predictor.level))}
     wrong = np.flatnonzero(y_pred != y)
     p_pred = probs[np.arange(len(y_pred)), y_pred]
     worst = wrong[np.argsort(-p_pred[wrong])][:18]

@@ -246,23 +246,25 @@ def source_run(loaded: LoadedWeights | None) -> str:
 def run_of_weights(weights: str) -> str:
     """The run folder (absolute) that holds `weights` (--weights: a run, its bundle, a
     checkpoint), where it keeps its splits.csv; "" for anything else."""
+    from wingspan.training.folder import CONFIG_FILE, SPLITS_FILE
+
     if weights in ("auto", "none") or not weights:
         return ""
     path = Path(weights).expanduser().resolve()
     # (the run itself; model/: one up; checkpoints/last.pt, model/model.safetensors: two
     # up), nearest first: a splits.csv above the runs folder is no run's
     return next((str(folder) for folder in (path, path.parent, path.parent.parent)
-                 if (folder / "splits.csv").is_file()
-                 and (folder / "config.yaml").is_file()), "")
+                 if (folder / SPLITS_FILE).is_file()
+                 and (folder / CONFIG_FILE).is_file()), "")
 
 
 def checkpoint_run_settings(path: str | Path) -> dict | None:
     """The config.yaml of the run whose checkpoints/ folder holds `path` (its backbone and
     size), or None for any other file."""
-    from wingspan.training.folder import CHECKPOINTS_DIR
+    from wingspan.training.folder import CHECKPOINTS_DIR, CONFIG_FILE
 
     path = Path(path).expanduser()
-    config = path.parent.parent / "config.yaml"
+    config = path.parent.parent / CONFIG_FILE
     if path.parent.name != CHECKPOINTS_DIR or not config.is_file():
         return None
     try:
