@@ -14,6 +14,8 @@ from wingspan.cli import app
 
 ROOT = Path(__file__).parents[1]
 README = (ROOT / "README.md").read_text()
+# The README and the pages it links to (docs/performance.md: the measurements' commands).
+PAGES = [README] + [page.read_text() for page in sorted((ROOT / "docs").glob("*.md"))]
 OPTION = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*)")
 # `--opt a|b|c`: the values an option takes, as the README lists them
 CHOICES = re.compile(r"(--[a-z][a-z0-9-]*) ([a-z0-9+-]+(?:\|[a-z0-9+-]+)+)(?=[\]\s`]|$)")
@@ -37,13 +39,14 @@ def _options(command) -> dict[str, object]:
 
 
 def _command_lines() -> list[str]:
-    """The README's `wingspan ...` commands: inline code and shell lines (continuations
-    joined), wherever they are (Usage, GPUs, Performance)."""
-    blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", README, flags=re.S)
-    lines = [line for b in blocks for line in b.replace("\\\n", " ").splitlines()]
-    inline = re.findall(r"`([^`]+)`", re.sub(r"```.*?```", "", README, flags=re.S))
-    return [" ".join(s.split()) for s in lines + inline
-            if re.search(r"(^|\s)wingspan [a-z]", s)]
+    """The `wingspan ...` commands of the README and docs/: inline code and shell lines
+    (continuations joined), wherever they are (Usage, GPUs, Performance)."""
+    found = []
+    for page in PAGES:
+        blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", page, flags=re.S)
+        found += [line for b in blocks for line in b.replace("\\\n", " ").splitlines()]
+        found += re.findall(r"`([^`]+)`", re.sub(r"```.*?```", "", page, flags=re.S))
+    return [" ".join(s.split()) for s in found if re.search(r"(^|\s)wingspan [a-z]", s)]
 
 
 def _resolve(line: str):
@@ -85,7 +88,8 @@ def test_the_readme_lists_each_options_choices_as_its_help_does():
     option takes; elsewhere the README may name a few (`--precision fp32|bf16|fp16`), but
     only real ones."""
     wrong = []
-    for line in _command_lines() + re.findall(r"`(--[a-z-]+ [a-z0-9+|-]+)`", README):
+    for line in _command_lines() + [o for page in PAGES
+                                    for o in re.findall(r"`(--[a-z-]+ [a-z0-9+|-]+)`", page)]:
         path, rest = _resolve(line) if "wingspan " in line else (None, line.split())
         synopsis = f"### `{line}`" in README
         for option, listed in CHOICES.findall(" ".join(rest)):
@@ -123,3 +127,15 @@ def test_every_option_a_message_or_help_names_exists():
 def test_every_device_option_says_it_takes_a_gpus_number(path):
     # They all resolve the device alike (cuda:1 picks the second GPU), so all say so.
     assert "cuda:N" in _options(COMMANDS[path])["--device"].help
+
+
+def test_the_readmes_links_to_files_of_the_repository_lead_to_them():
+    """A link or image of the README and of docs/ (`[the record](docs/performance.md)`)
+    names a file that is there: a page moved or renamed shows here, not as a dead link."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    links = [(page, target) for page in pages
+             for target in re.findall(r"\]\(([^)#\s]+)[^)]*\)", page.read_text())
+             if "://" not in target]
+    assert len(links) >= 4  # the scan sees the README's links and images
+    assert [f"{page.name}: {target}" for page, target in links
+            if not (page.parent / target).exists()] == []

@@ -435,7 +435,7 @@ class AuditConfig:
     folds: int = 5  # out-of-fold probabilities: each image scored by a head that never saw it
     # The logistic head's inverse regularisation (scikit-learn's C), on unit-length
     # features (each dimension ~0.03): of 1, 10, 30 and 100, 10 found most deliberate
-    # label flips on Leeds and iNat (README).
+    # label flips on Leeds and iNat (docs/performance.md).
     c: float = 10.0
     seed: int = 0
     # Near-duplicates: perceptual hashes at most this many bits apart of 64 (a resized or
@@ -480,7 +480,7 @@ class AuditConfig:
 @settings
 class AdaptConfig:
     """`wingspan adapt`: self-training the head on unlabelled photos from where the model
-    will be used. Measured on Leeds -> iNat field photos (README, Performance); the
+    will be used. Measured on Leeds -> iNat field photos (docs/performance.md); the
     settings were chosen on one run's figure and hold on the seven others."""
 
     # Label spreading over the k-nearest-neighbour graph of the run's training images and
@@ -708,7 +708,7 @@ class TrainConfig:
     unfreeze: int | None = None  # None: the backbone's default
     # Stage 2's top rate = lr * this. 0.3 gained on every split seed against 0.1 (iNat
     # test macro-F1 +0.011 to +0.029 over seeds 0-3, Leeds -> iNat +0.017 and +0.006;
-    # bench/levers.py, README), for the same training time.
+    # bench/levers.py, docs/performance.md), for the same training time.
     finetune_lr_scale: float = 0.3
     train_bn: bool = False  # unfrozen BatchNorm layers use batch statistics (see Backbone)
     layer_decay: float = 0.5  # each earlier stage's rate is this times the next one's

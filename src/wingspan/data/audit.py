@@ -336,7 +336,8 @@ def label_issues(table: pd.DataFrame, features: torch.Tensor, level: str,
     folds = fold_count(table[level], config)
     # On the unit-length features as they are: standardised per dimension (on the few
     # dozen images of a small set's fold) the head grew sure of everything, and a clean
-    # image next to a few odd ones (CMYK, 16-bit noise) came out top, at p 1.0 (README).
+    # image next to a few odd ones (CMYK, 16-bit noise) came out top, at p 1.0
+    # (docs/performance.md).
     x = torch.nn.functional.normalize(features, dim=1).numpy()
     head = LogisticRegression(C=config.c, max_iter=2000)
     with warnings.catch_warnings():  # "least populated class has only 2 members": meant

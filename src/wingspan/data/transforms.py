@@ -62,7 +62,7 @@ class SmallOnClutter:
     """Half the time, the photo shrunk to 15-60% of its area and put at a random place on
     a blurred mirror image of itself: a butterfly small and off-centre on a busy
     background, as in field photos, for models trained on close crops (Leeds -> iNat:
-    see README, Performance). Hand-written: torchvision's RandomZoomOut pastes onto a flat
+    see docs/performance.md). Hand-written: torchvision's RandomZoomOut pastes onto a flat
     colour, which teaches a border, not a background. Uses torch's generator, which
     wingspan seeds per image."""
 

@@ -74,7 +74,7 @@ def confidence_intervals(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int,
                          resamples: int = 1000, seed: int = 0) -> dict | None:
     """Intervals of accuracy and macro-F1 over the evaluated images: how far the figures
     could move on another sample of as many images. On a test split of a few hundred photos
-    that is several points, more than most recipe changes (README, Performance).
+    that is several points, more than most recipe changes (docs/performance.md).
     - accuracy: the exact binomial (Clopper-Pearson) interval of the share right. A
       bootstrap says nothing when every image is right (every resample is all right too):
       33 of 33 gave "1.000-1.000", where the share right could well be 0.9;

@@ -41,7 +41,8 @@ STEP_SLACK = 1e-5
 STEPPED = {"shares_step": "below_val"}
 # The k-th nearest training image's distance. pytorch-ood's default of 50 needs more images
 # per class than most users have; with held-out iNat species, AUROC rose as k fell (10 -> 3:
-# +0.004 to +0.019 on all six runs, README), but at k 1 a non-butterfly slipped through.
+# +0.004 to +0.019 on all six runs, docs/performance.md), but at k 1 a non-butterfly
+# slipped through.
 KNN_K = 3
 KNN_K_UNSTORED = 10  # what a bundle that does not store its k was fitted with
 # A combined score's tie-break: a z-score term between 0 and twice this keeps images beyond
@@ -310,9 +311,9 @@ def _steps(val: torch.Tensor) -> torch.Tensor:
     moved its share, and with it its answer, by one val image; just below, it keeps the
     share its threshold was set with. (Halfway everywhere gave new images half a val
     image's share more on average, and turned away 0.5-1.1 points more known test images
-    than the rate asked: README.) Constant scores keep theirs (`_constant`). Each step is
-    a float32 value, as the exported graph holds it, rounded up: rounded to the nearest,
-    one between two scores a float32 step apart fell on the lower score."""
+    than the rate asked: docs/performance.md.) Constant scores keep theirs (`_constant`).
+    Each step is a float32 value, as the exported graph holds it, rounded up: rounded to
+    the nearest, one between two scores a float32 step apart fell on the lower score."""
     distinct = torch.unique(val)  # (sorted)
     if len(distinct) < 2:
         return val

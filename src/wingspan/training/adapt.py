@@ -12,7 +12,7 @@ photos). The photos on which both agree join the training images, and the head (
 layer per level) is fitted again on both, as a logistic regression.
 
 Why two views: each alone lets through mistakes the other would catch. On Leeds -> iNat
-(eight figures, README, Performance), the head's own confident photos in rounds scored
+(eight figures, docs/performance.md), the head's own confident photos in rounds scored
 0.792 in the mean, label spreading's classes alone 0.800, the photos both agree on 0.814;
 scikit-learn's SelfTrainingClassifier, which starts from a fit on the labelled images
 alone rather than the run's head, scored 3 points less than the agreement.
