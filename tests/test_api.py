@@ -866,7 +866,8 @@ def test_load_a_run_and_a_bundle(run, demo_dir, tmp_path):
 
     for call, message in ((lambda: ws.load(5), "path: expected a path"),
                           (lambda: run.predict(np.zeros((2, 4, 3)), quiet=True),
-                           "paths: each must be a path"),
+                           "paths: expected a file, folder or glob, or a list of them; got "
+                           "ndarray"),
                           (lambda: run.predict(b"a.jpg", quiet=True), "got bytes"),
                           (lambda: run.predict(image, top_k="2", quiet=True), "top_k: expected"),
                           (lambda: run.evaluate(class_map=3, quiet=True), "class_map: expected")):
@@ -921,7 +922,7 @@ def test_explain_adapt_evaluate_and_export_check_their_arguments(run, demo_dir, 
     image = next(demo_dir.rglob("*.jpg"))
     for call, message in (
             (lambda: run.explain(5), "images: expected a file, folder or glob"),
-            (lambda: run.explain(np.zeros((2, 3))), "images: each must be a path"),
+            (lambda: run.explain(np.zeros((2, 3))), "images: expected a file, folder or glob"),
             (lambda: run.explain([]), "images: got an empty list"),
             # (iterated, a DataFrame gave its column names: "No image could be predicted
             # (path: no such file or folder)")
@@ -1578,3 +1579,19 @@ def test_predicts_lines_in_a_log_say_they_count_batches(run, demo_dir, run_cli,
     code, _, err = run_cli("predict", run.dir, *photos, "--batch-size", "2", "--workers", "0")
     assert code == 0, err
     assert "Predicting 3 images, batches of 2: 1 of 2 (50%), 0:00" in err, err
+
+
+def test_an_image_in_memory_is_answered_with_what_to_pass():
+    """fastai's learn.predict(img) habit: an image's array was iterated as a list of paths
+    ("each must be a path; got ndarray array([[0, 0, 0],"), with no word of what to do."""
+    import numpy as np
+    from PIL import Image
+
+    from wingspan.api.arguments import _paths_arg
+
+    for value in (np.zeros((32, 32, 3), np.uint8), [np.zeros((32, 32, 3), np.uint8)],
+                  [Image.new("RGB", (8, 8))], Image.new("RGB", (8, 8))):
+        with pytest.raises(WingspanError, match="paths: ") as e:
+            _paths_arg(value)
+        assert "save an in-memory image to a file first" in (e.value.hint or ""), value
+        assert "\n" not in e.value.message

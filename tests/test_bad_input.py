@@ -374,3 +374,16 @@ def test_explain_strict_exits_2_for_a_skipped_image_after_the_overlays(run_dir, 
         code, _, err = run_cli("explain", run_dir, good, *given, "--out", out, "-q", "--strict")
         assert code == 2 and "--strict: 1 image was missing or unreadable" in err, err
         assert len(list(out.glob("*.png"))) == 1  # the good one's overlay: nothing lost
+
+
+@pytest.mark.parametrize("backbone", ["runs/butterflies", "../model.pth"])
+def test_a_path_given_as_the_backbone_is_said_so_before_the_run_is_named(demo_dir, run_cli,
+                                                                         tmp_path, backbone):
+    # A run's default name is DATA-BACKBONE: "--backbone runs/x" was refused as "The run
+    # name 'demo-runs/x' is a path", of a name the user never gave; no folder is made.
+    code, _, err = run_cli("train", demo_dir, "--backbone", backbone, "--runs-dir",
+                           tmp_path / "runs")
+    err = " ".join(err.split())
+    assert code == 2 and "is a path, not an architecture" in err, err
+    assert "run name" not in err and f"--weights {backbone}" in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

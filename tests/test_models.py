@@ -59,6 +59,16 @@ def test_any_timm_name_passes_through_and_unknown_names_are_explained():
     assert e.value.hint.startswith("Give the timm name (resnet18.a1_in1k)")
 
 
+@pytest.mark.parametrize("name", ["runs/butterflies", "../m.pth", "model.safetensors",
+                                  "C:\\runs\\x"])
+def test_a_path_given_as_the_backbone_points_to_weights(name):
+    # `--backbone runs/x` said "Unknown backbone", and for "../m.pth" offered six
+    # unrelated names as "similar" (every name begins with its empty stem).
+    with pytest.raises(WingspanError, match="is a path, not an architecture") as raised:
+        get_spec(name)
+    assert f"--weights {name}" in raised.value.hint
+
+
 @pytest.mark.parametrize("typed, meant", [("vit_tiny_patch16", "vit_tiny_patch16_224"),
                                           ("efficientnet_lite", "efficientnet_lite0"),
                                           ("resnt50", "resnet50"), ("ResNet50", "resnet50"),

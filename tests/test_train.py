@@ -1354,6 +1354,12 @@ def test_config_file_and_command_line(tmp_path, run_cli, demo_dir):
     code, _, err = run_cli("train", demo_dir, "--rare-below", "3", "--quiet")
     assert code == 2 and "--rare-below must be 0 unless 'levels' names" in err
     assert TrainConfig(rare_below=3, levels=["family", "label"]).rare_below == 3
+    # Level weights without levels: said so ("one weight per entry of 'levels'" named no
+    # missing --levels), and a count that differs names the levels to weigh.
+    code, _, err = run_cli("train", demo_dir, "--level-weights", "1,2", "--quiet")
+    assert code == 2 and "--level-weights must be given with 'levels'" in err, err
+    with pytest.raises(SettingError, match=r"one weight per entry of 'levels' \(2: "):
+        TrainConfig(levels=["family", "label"], level_weights=[1.0])
     # The library as the CLI: a level the levels lack, or a coarser one, is not dropped in
     # silence (the run would have predicted the finest).
     with pytest.raises(SettingError, match="must be one of levels"):

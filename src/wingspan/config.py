@@ -816,9 +816,13 @@ class TrainConfig:
             _check(self.level is None or self.level in self.levels, "level",
                    f"one of levels {self.levels} (the finest is predicted), or left out",
                    self.level)
-        if self.level_weights is not None:
-            _check(self.levels is not None and len(self.level_weights) == len(self.levels),
-                   "level_weights", "one weight per entry of 'levels'", self.level_weights)
+        if self.level_weights is not None:  # (without levels: said so, not "one per entry")
+            _check(self.levels is not None, "level_weights", "given with 'levels', one weight "
+                   "per level (e.g. --levels genus,species --level-weights 1,2)",
+                   self.level_weights)
+            _check(len(self.level_weights) == len(self.levels), "level_weights",
+                   f"one weight per entry of 'levels' ({len(self.levels)}: {self.levels})",
+                   self.level_weights)
             _check(all(w >= 0 for w in self.level_weights) and sum(self.level_weights) > 0,
                    "level_weights", "non-negative with a positive sum", self.level_weights)
         _check(self.rare_below >= 0, "rare_below", "0 or more", self.rare_below)

@@ -86,6 +86,10 @@ def _out_arg(value) -> Path | None:
     return None if value is None else _path_arg("out", value)
 
 
+_IN_MEMORY = ("Pass image files as paths; save an in-memory image to a file first (or post "
+              "it to `wingspan serve`).")
+
+
 def _paths_arg(value, name: str = "paths") -> list[str]:
     """Files, folders or globs: one, or a list (a tuple, a pandas column...) of them."""
     if isinstance(value, str | os.PathLike):
@@ -94,16 +98,17 @@ def _paths_arg(value, name: str = "paths") -> list[str]:
         column = "'path'" if "path" in value.columns else "NAME"
         raise WingspanError(f"{name}: got a DataFrame; give its column of paths, "
                             f"frame[{column}].")
-    if isinstance(value, bytes | bytearray | dict) or not isinstance(value, Iterable):
+    # (an image's array, fastai's and Keras's habit, is iterable: it was taken for a list
+    # of paths, and said "each must be a path; got ndarray array([[0, 0, 0]," with no hint)
+    if isinstance(value, bytes | bytearray | dict | np.ndarray) or not isinstance(value,
+                                                                                 Iterable):
         raise WingspanError(f"{name}: expected a file, folder or glob, or a list of them; got "
-                            f"{type(value).__name__}.",
-                            hint="Pass image files as paths; save an in-memory image to a "
-                                 "file first (or post it to `wingspan serve`).")
+                            f"{type(value).__name__}.", hint=_IN_MEMORY)
     items = list(value)
     odd = [p for p in items if not isinstance(p, str | os.PathLike)]  # None among them too
     if odd:
         raise WingspanError(f"{name}: each must be a path (str or Path); got "
-                            f"{type(odd[0]).__name__} {odd[0]!r:.60}.")
+                            f"{_shown(odd[0])}.", hint=None if odd[0] is None else _IN_MEMORY)
     if not items:
         raise WingspanError(f"{name}: got an empty list; give at least one file, folder or "
                             "glob.")

@@ -27,7 +27,8 @@ def choose_backbone(backbone: str, weights: str | Path | None = "auto") -> tuple
     """(the backbone to build, a line saying why) for `--backbone auto`: DEFAULT_BACKBONE
     when its ImageNet weights resolve, else the best one whose weights are installed. Any
     other name is taken as given; with a wingspan model as the weights, its backbone."""
-    if backbone != "auto":
+    if backbone != "auto":  # checked now: a run's folder is named after it ("--backbone
+        get_spec(backbone)  # runs/x" was refused as "the run name 'demo-runs/x' is a path")
         return backbone, ""
     model = wingspan_model(weights) if weights and str(weights).lower() not in (
         "auto", "none") else None

@@ -72,6 +72,9 @@ for _spec in [
     register_backbone(_spec)
 
 
+WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".h5", ".onnx")
+
+
 def similar_names(name: str, n: int = 6) -> list[str]:
     """What a mistyped backbone most likely meant: names it begins (vit_tiny_patch16 ->
     vit_tiny_patch16_224), then the closest spellings (resnt50, ResNet50 -> resnet50);
@@ -103,6 +106,15 @@ def get_spec(name: str) -> BackboneSpec:
             f"Backbone '{name}': names from the Hugging Face Hub are not taken.",
             hint=f"Give the timm name ({tag}): its weights are found in the caches or "
                  "downloaded as for any timm model, or give a file with --weights FILE.")
+    if "/" in name or "\\" in name or name.lower().endswith(WEIGHT_SUFFIXES):
+        # A run, model or weights file given as the architecture (`--backbone runs/x`):
+        # "Unknown backbone" and timm names that share its empty stem ("../m.pth") were
+        # no help.
+        raise WingspanError(
+            f"Backbone '{name}' is a path, not an architecture's name.",
+            hint=f"Give it with --weights {name} (weights= in Python): a wingspan run or "
+                 "model brings its own architecture with --backbone auto; for a weights "
+                 "file, --backbone names the architecture it fits (e.g. resnet50).")
     close = similar_names(name)
     raise WingspanError(
         f"Unknown backbone '{name}'.",
