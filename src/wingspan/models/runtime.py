@@ -117,6 +117,18 @@ def forget_sessions() -> None:
         _EXPORTED.clear()
 
 
+def keep_only_session(runner: object) -> None:
+    """Drop every kept session but `runner`'s (an OnnxRunner; anything else: drop them
+    all), keeping what the exports took. A session holds its arena of activations, about
+    850 MB for EfficientNet-Lite0 at 224 px and batch 32: stage 1's session of the whole
+    backbone, of weights that fine-tuning changes, kept through fine-tuning took a train's
+    peak from 2.7 to 3.8 GB."""
+    session = getattr(runner, "session", None)
+    with _LOCK:
+        for key in [k for k, s in _SESSIONS.items() if s is not session]:
+            del _SESSIONS[key]
+
+
 def _shape(module: nn.Module, size: int, names: list[str] | None) -> tuple:
     """What an export depends on but the weights."""
     return repr(module), size, tuple(names or ())

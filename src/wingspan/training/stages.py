@@ -25,6 +25,7 @@ from wingspan.errors import WingspanError, counted, some, stop_if_signalled
 from wingspan.evaluate.metrics import macro_f1
 from wingspan.files import atomic_path, file_stamp
 from wingspan.models.engine import own_random_stream
+from wingspan.models.runtime import keep_only_session
 from wingspan.parallel import every_rank, gather_objects, gather_shards, shard
 from wingspan.progress import Bar, track
 from wingspan.training.context import Run
@@ -550,6 +551,9 @@ def finetune(run: Run) -> None:
         _say_what_finetunes(run, stages, n_stages, top_lr)
     start = time.perf_counter()
     prefix, trained = finetune_parts(run.model, run.policy, run.image_size)
+    # Stage 1's session (the whole backbone, whose weights change from here on) is never
+    # run again; its activations' memory would stay through fine-tuning (+1 GB at 224 px).
+    keep_only_session(prefix)
     # Validation reuses the prefix's runner (frozen weights: no export per epoch) and runs
     # the rest in the training step's precision.
     validate = (prefixed_pass(prefix, trained, run.policy, run.policy.train_dtype)
