@@ -300,8 +300,33 @@ def test_a_full_cache_disk_does_not_make_images_unreadable(tmp_path, monkeypatch
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(decode_cache.np, "save", full)
-    array = decode_cache.DecodeCache(tmp_path / "cache", 32).load(str(image))
+    array = decode_cache.DecodeCache(tmp_path / "cache", 32, min_bytes=0).load(str(image))
     assert array.shape == (32, 42, 3)  # decoded (to the working size) all the same
+
+
+def test_small_image_files_are_decoded_each_time_not_kept(tmp_path):
+    """The decoded cache held 190-330 KB for each image of a few hundred pixels (a 66 KB
+    448-px JPEG of ETHEC's: 10-13 GiB per image size for its 48k), to save a 2-3 ms decode.
+    A file under DECODE_CACHE_MIN_BYTES is decoded each time; a larger one is kept; the
+    pixels are the same either way."""
+    import numpy as np
+    from helpers import write_image
+
+    from wingspan.config import DECODE_CACHE_MIN_BYTES
+    from wingspan.training.decode_cache import DecodeCache
+
+    small = str(write_image(tmp_path / "small.jpg", size=(448, 448), seed=1))
+    large = str(write_image(tmp_path / "large.png", size=(300, 200), seed=2))
+    assert os.path.getsize(small) < DECODE_CACHE_MIN_BYTES
+    cache = DecodeCache(tmp_path / "cache", 64)
+    assert np.array_equal(cache.load(small), np.array(cache.decode(small)))
+    assert not any((tmp_path / "cache" / "decoded-64").iterdir())  # nothing kept
+    bar = os.path.getsize(large) - 1  # (the same rule, with a bar this file is over)
+    kept = DecodeCache(tmp_path / "cache", 64, min_bytes=bar)
+    assert np.array_equal(kept.load(large), np.array(kept.decode(large)))
+    assert [p.name for p in (tmp_path / "cache" / "decoded-64").iterdir()] == [
+        kept.arrays.entry(large).name]
+    assert np.array_equal(kept.load(large), np.array(kept.decode(large)))  # read back
 
 
 def test_an_image_rewritten_in_place_is_decoded_again(tmp_path):
@@ -312,7 +337,7 @@ def test_an_image_rewritten_in_place_is_decoded_again(tmp_path):
     from wingspan.training.decode_cache import DecodeCache
 
     image = write_image(tmp_path / "a.bmp", size=(40, 30), colour=(10, 10, 10))
-    cache = DecodeCache(tmp_path / "cache", 30)
+    cache = DecodeCache(tmp_path / "cache", 30, min_bytes=0)
     assert cache.load(str(image)).max() == 10
     before = os.stat(image)
     write_image(image, size=(40, 30), colour=(200, 200, 200))
@@ -332,14 +357,15 @@ def test_a_damaged_decoded_entry_that_still_loads_is_decoded_again(tmp_path):
     from wingspan.training.decode_cache import DecodeCache
 
     image = str(write_image(tmp_path / "a.png", size=(40, 30), colour=(10, 10, 10)))
-    cache = DecodeCache(tmp_path / "cache", 30)
+    cache = DecodeCache(tmp_path / "cache", 30, min_bytes=0)
     good = cache.load(image)
     entry = cache.arrays.entry(image)
     for damaged in (np.zeros(5), good[:10, :7], good.astype(np.float32)):
         np.save(entry, damaged, allow_pickle=False)
         assert np.array_equal(cache.load(image), good)
     (tmp_path / "ro").write_text("a file where the cache's folder would go")
-    assert np.array_equal(DecodeCache(tmp_path / "ro" / "cache", 30).load(image), good)
+    assert np.array_equal(DecodeCache(tmp_path / "ro" / "cache", 30, min_bytes=0).load(image),
+                          good)
 
 
 def test_the_decoded_image_cache_shrinks_with_the_models_filter(tmp_path):
@@ -364,7 +390,7 @@ def test_the_decoded_image_cache_shrinks_with_the_models_filter(tmp_path):
     assert not np.array_equal(want["BILINEAR"], want["BICUBIC"])
     want = {f: (w.permute(1, 2, 0) * 255).round().byte().numpy() for f, w in want.items()}
     for name in ("bilinear", "bicubic"):
-        got = DecodeCache(tmp_path / "cache", 32, name).load(str(image))
+        got = DecodeCache(tmp_path / "cache", 32, name, min_bytes=0).load(str(image))
         assert got.shape == (32, 42, 3)
         np.testing.assert_array_equal(got[:, 5:37], want[name.upper()])
         # and the exported model's resize (the README's, in Pillow alone)
@@ -380,7 +406,7 @@ def test_the_decoded_image_cache_shrinks_with_the_models_filter(tmp_path):
             rgb = im.convert("RGB")
         want = eval_transform(config, normalize=False, interpolation="bicubic")(rgb)
         want = (want.permute(1, 2, 0) * 255).round().byte().numpy()
-        cached = DecodeCache(tmp_path / "cache", 37, "bicubic").load(str(image))
+        cached = DecodeCache(tmp_path / "cache", 37, "bicubic", min_bytes=0).load(str(image))
         got = eval_transform(config, normalize=False, interpolation="bicubic")(
             torch.from_numpy(cached).permute(2, 0, 1))  # as training's val pass takes it
         np.testing.assert_array_equal((got.permute(1, 2, 0) * 255).round().byte().numpy(), want)
@@ -400,13 +426,13 @@ def test_the_decoded_image_cache_keeps_each_pixel_budgets_decodes_apart(tmp_path
     png = str(write_image(tmp_path / "b.png", size=(2000, 1500), seed=2))
     full = np.array(DecodeCache(None, 300).decode(jpeg))  # libjpeg at 1/4, then resized
     with call_budget(100_000):  # 1/8 fits it: 250 x 188, enlarged (another picture)
-        reduced = DecodeCache(tmp_path / "cache", 300).load(jpeg)
+        reduced = DecodeCache(tmp_path / "cache", 300, min_bytes=0).load(jpeg)
     assert full.shape == (300, 400, 3) and reduced.shape == (300, 398, 3)
-    cache = DecodeCache(tmp_path / "cache", 300)
+    cache = DecodeCache(tmp_path / "cache", 300, min_bytes=0)
     np.testing.assert_array_equal(cache.load(jpeg), full)  # decoded again, not reused
     cache.load(png)
     with call_budget(100_000):  # as it was: reused, and the PNG refused, as uncached
-        low = DecodeCache(tmp_path / "cache", 300)
+        low = DecodeCache(tmp_path / "cache", 300, min_bytes=0)
         np.testing.assert_array_equal(low.load(jpeg), reduced)
         with pytest.raises(ImageTooLarge, match="over the budget of 0.1 MP"):
             low.load(png)

@@ -1,20 +1,23 @@
-"""Decode each image once, at the working resolution, and keep it on disk.
+"""Decode each large image once, at the working resolution, and keep it on disk.
 
 A 4000-pixel JPEG takes ~100 ms to decode; the same picture stored as a 300-pixel
-uint8 array loads in well under a millisecond. Entries are keyed by the file's path,
-size, modification and change times, the working size and the pixel budget, so an edited
-photo is decoded again (files.FileArrays).
+uint8 array loads in well under a millisecond. A small file (a few hundred pixels a
+side) decodes in 2-3 ms and is not kept: its entry would take several times its size.
+Entries are keyed by the file's path, size, modification and change times, the working
+size and the pixel budget, so an edited photo is decoded again (files.FileArrays).
 JPEGs are decoded in draft mode (libjpeg scales while decoding) when they are large.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from torchvision.transforms.v2.functional import resize
 
+from wingspan.config import DECODE_CACHE_MIN_BYTES
 from wingspan.data.images import budget_key, max_pixels, open_rgb
 from wingspan.data.transforms import interpolation_mode
 from wingspan.files import FileArrays
@@ -22,8 +25,9 @@ from wingspan.files import FileArrays
 
 class DecodeCache:
     def __init__(self, directory: str | Path | None, short_side: int,
-                 interpolation: str = "bicubic"):
-        """`interpolation`: the model's resize filter (timm's name), as predict resizes."""
+                 interpolation: str = "bicubic", min_bytes: int = DECODE_CACHE_MIN_BYTES):
+        """`interpolation`: the model's resize filter (timm's name), as predict resizes.
+        `min_bytes`: smaller files are decoded each time, not kept."""
         key = f"{short_side}" + ("" if interpolation == "bicubic" else f"-{interpolation}")
         folder = Path(directory).expanduser() / f"decoded-{key}" if directory else None  # ~/x
         self.budget = max_pixels()  # the call's, taken along to the worker processes
@@ -31,11 +35,15 @@ class DecodeCache:
         # resized by torchvision (entries from before, shrunk by Pillow with the long side
         # rounded, miss).
         self.arrays = FileArrays(folder, f"{key}|tv{budget_key(self.budget)}")
-        self.short_side = short_side
+        self.short_side, self.min_bytes = short_side, min_bytes
         self.interpolation = interpolation_mode(interpolation)
 
     def load(self, path: str) -> np.ndarray:
-        """The image as an (H, W, 3) uint8 array, its shorter side `short_side`."""
+        """The image as an (H, W, 3) uint8 array, its shorter side `short_side`. A file
+        under `min_bytes` is decoded each time: keeping it costs more disk than the decode
+        costs time (config.DECODE_CACHE_MIN_BYTES)."""
+        if self.arrays.directory is None or os.stat(path).st_size < self.min_bytes:
+            return np.array(self.decode(path))
         entry = self.arrays.entry(path)
         array = self.arrays.get(entry)
         # An entry damaged where it still loads (written over by hand, a disk's bad block)
