@@ -725,10 +725,10 @@ def test_preview_image_in_report_comes_from_training_images(trained, evaluation,
                                                            monkeypatch):
     with Image.open(evaluation.out_dir / "preview.png") as im:
         assert im.width > 300
-    import wingspan.evaluate.run as evaluate_module
+    import wingspan.evaluate.figures as figures_module
 
-    drawn, real = [], evaluate_module.write_preview
-    monkeypatch.setattr(evaluate_module, "write_preview",
+    drawn, real = [], figures_module.write_preview
+    monkeypatch.setattr(figures_module, "write_preview",
                         lambda data, *a, **k: drawn.append(data) or real(data, *a, **k))
     evaluate(trained, progress=False, workers=0, out=tmp_path / "e")
     assert len(drawn) == 1 and set(drawn[0].table["split"]) == {"train"}
@@ -791,7 +791,7 @@ def test_a_killed_evaluation_leaves_the_previous_results_whole(trained, tmp_path
         def stopped(*args, stop=stop, **kwargs):
             raise stop  # as if stopped while writing the report, the last step
 
-        monkeypatch.setattr(run_module, "_report", stopped)
+        monkeypatch.setattr(run_module, "write_evaluation_report", stopped)
         with pytest.raises(type(stop)):
             evaluate(trained, split="val", out=out, progress=False, workers=0, plots=False)
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched
@@ -870,7 +870,7 @@ def test_a_run_moved_elsewhere_still_evaluates(trained, tmp_path, run_cli):
 
 
 def test_the_mistakes_gallery_shows_where_the_model_looked(trained, demo_dir):
-    from wingspan.evaluate.run import _grad_cam_view
+    from wingspan.evaluate.figures import _grad_cam_view
 
     predictor = Predictor(trained, workers=0)
     image = str(next(demo_dir.rglob("*.jpg")))
@@ -1121,7 +1121,7 @@ def test_a_wrong_map_hint_names_some_classes_and_counts_the_rest(tmp_path):
 
     from helpers import folder_dataset
 
-    from wingspan.evaluate.run import check_class_map
+    from wingspan.evaluate.transfer import check_class_map
 
     names = [f"c{i:02d}" for i in range(40)]
     dataset = read_dataset(folder_dataset(tmp_path / "d", dict.fromkeys(names, 1), (8, 8)))
@@ -1593,7 +1593,7 @@ def test_a_model_whose_class_names_end_in_a_space_evaluates_on_the_names_read_no
     # A model that knows both names keeps each to its own.
     from types import SimpleNamespace
 
-    from wingspan.evaluate.run import split_rows
+    from wingspan.evaluate.rows import split_rows
 
     both = SimpleNamespace(classes=["monarch", "monarch "], rare={}, level="label",
                            taxonomy=None)
@@ -1843,7 +1843,7 @@ def test_evaluate_rows_rename_by_spelling_then_map_then_rare_each_in_one_pass(dt
     merges); other names, and missing cells, stay as they are, in the table's own dtype."""
     from types import SimpleNamespace
 
-    from wingspan.evaluate.run import split_rows
+    from wingspan.evaluate.rows import split_rows
 
     rare = {"white": "Pieris (rare species)", "cabbage ": "Pieris (rare species)"}
     model = SimpleNamespace(classes=["monarch", "admiral", "Pieris (rare species)"],
@@ -1991,7 +1991,7 @@ def test_another_photo_of_a_specimen_trained_on_is_not_called_fair(demo_dir, tmp
 def test_images_blank_at_the_level_are_said_as_such_not_as_a_nameless_class():
     """A class folder that taxonomy.csv lacks reads with no species: evaluate leaves those
     images out saying why, rather than as 'a class the model does not know' named ''."""
-    from wingspan.evaluate.run import left_out_figures
+    from wingspan.evaluate.rows import left_out_figures
     from wingspan.evaluate.wording import left_out_wording
 
     rows = pd.DataFrame({"_label": ["Danaus plexippus", "", "", "Pieris rapae", "moth"]})
@@ -2244,7 +2244,7 @@ def test_no_known_images_in_a_split_names_the_splits_that_have_some(trained, tmp
 def test_the_look_alike_hint_says_spacing_and_shows_what_does_not_show():
     """Names one space or a no-break space apart pair as look-alikes; the hint said "only in
     case, width or invisible marks" and printed the no-break twin as the same name."""
-    from wingspan.evaluate.run import look_alikes
+    from wingspan.evaluate.rows import look_alikes
     from wingspan.evaluate.wording import look_alike_hint
 
     alike = look_alikes(["red  admiral", "small\u00a0white", "monarch"],

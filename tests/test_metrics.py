@@ -350,7 +350,7 @@ def test_a_taxonomys_confusion_plot_keeps_each_family_together(tmp_path, monkeyp
     the matrix and a family's confusions made no block; down the tree, each family is one
     run of rows, named at its middle, lines between."""
     from wingspan.data.taxonomy import Taxonomy
-    from wingspan.evaluate.run import _tree
+    from wingspan.evaluate.hierarchy import confusion_tree
 
     rng = np.random.default_rng(0)
     n = 300
@@ -364,7 +364,7 @@ def test_a_taxonomys_confusion_plot_keeps_each_family_together(tmp_path, monkeyp
     monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or save(fig, path))
     cm = confusion(y, y, n)
     plots.plot_confusion(cm, taxonomy.classes["species"], tmp_path / "cm.png",
-                         tree=_tree(taxonomy, "species"))
+                         tree=confusion_tree(taxonomy, "species"))
     ax = drawn[-1].axes[0]
     assert "grouped by family" in ax.get_title()
     assert [t.get_text() for t in ax.get_yticklabels()] == taxonomy.classes["family"]
@@ -376,7 +376,7 @@ def test_a_taxonomys_confusion_plot_keeps_each_family_together(tmp_path, monkeyp
     edges = sorted({line.get_ydata()[0] for line in ax.lines if line.get_ydata()[0]
                     == line.get_ydata()[1]})
     assert edges == list(np.cumsum(sizes)[:-1] - 0.5) and len(ax.lines) == 2 * 5
-    assert _tree(taxonomy, "family") is None
+    assert confusion_tree(taxonomy, "family") is None
 
 
 def test_class_names_with_dollars_are_drawn_as_written(tmp_path, monkeypatch):

@@ -50,7 +50,7 @@ def test_a_data_folder_with_a_long_name_gets_output_folders_it_can_make(tmp_path
     from helpers import write_image
 
     from wingspan.data import read_dataset
-    from wingspan.evaluate.run import evaluation_name
+    from wingspan.evaluate.folder import evaluation_name
 
     monkeypatch.chdir(tmp_path)
     name = "蝴" * 83  # 249 bytes

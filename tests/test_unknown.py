@@ -408,7 +408,7 @@ def test_the_open_set_figures_name_the_class_predict_names():
     import pandas as pd
 
     from wingspan.data.taxonomy import Taxonomy
-    from wingspan.evaluate.run import _finest_answer
+    from wingspan.evaluate.answers import _finest_answer
 
     taxonomy = Taxonomy.from_table(pd.DataFrame({"path": ["1", "2", "3"],
                                                  "family": ["F1", "F2", "F2"],
@@ -801,7 +801,7 @@ def test_a_class_named_unknown_is_told_from_the_unknown_answer_where_people_read
     the top class: a photo turned away whose closest class is named "unknown" read as a
     plain answer (its score and closest class unsaid), and one known as that class showed
     "-" for its probability. They go by the level known."""
-    from wingspan.evaluate.run import _said_otherwise
+    from wingspan.evaluate.answers import said_otherwise
     from wingspan.explain import explain
     from wingspan.predict import predict
 
@@ -827,7 +827,7 @@ def test_a_class_named_unknown_is_told_from_the_unknown_answer_where_people_read
     # evaluate's mistakes gallery captions what predict answered only where it is not the
     # class named.
     probs = np.eye(len(predictor.classes))[predictor.classes.index("unknown")]
-    said = _said_otherwise(predictor, Prediction("x.jpg", probs, probs, known_level=level))
+    said = said_otherwise(predictor, Prediction("x.jpg", probs, probs, known_level=level))
     assert said == ("unknown" if turned_away else None)
 
 

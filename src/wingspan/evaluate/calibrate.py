@@ -11,6 +11,7 @@ import pandas as pd
 from wingspan.config import BATCH_SIZE, UNKNOWN_SCORES, TrainConfig
 from wingspan.data.samples import SPLIT
 from wingspan.errors import WingspanError, counted
+from wingspan.evaluate.answers import predicted_classes
 from wingspan.evaluate.calibration import MIN_CALIBRATION_IMAGES, calibration_record
 from wingspan.evaluate.fairness import (
     calibration_data,
@@ -19,15 +20,14 @@ from wingspan.evaluate.fairness import (
     own_splits,
     photo_sums,
 )
-from wingspan.evaluate.run import (
-    check_class_map,
+from wingspan.evaluate.rows import (
     check_no_split_name,
     check_split,
     evaluation_dataset,
     known_rows,
     nothing_read,
-    predicted_classes,
 )
+from wingspan.evaluate.transfer import check_class_map
 from wingspan.files import check_writable, real_paths
 from wingspan.inference import Predictor, check_reading, find_bundle, run_dir_of
 from wingspan.models.bundle import update_manifest

@@ -98,3 +98,21 @@ def level_table(metrics: dict, levels: list[str]) -> pd.DataFrame:
         rows.append({"method": "micro-F1, per-level heads",
                      **{lv: metrics["levels"][lv]["heads"]["micro_f1"] for lv in levels}})
     return pd.DataFrame(rows)
+
+
+def class_ancestors(taxonomy, level: str) -> tuple[np.ndarray, list[str]] | None:
+    """A level's classes' ancestors (coarse to fine, a row a class) and those levels'
+    names. None at the coarsest level, or without a taxonomy."""
+    coarser = taxonomy.levels[:taxonomy.levels.index(level)] if taxonomy else []
+    if not coarser:
+        return None
+    return np.stack([taxonomy.parent_of(level, c) for c in coarser], axis=1), coarser
+
+
+def confusion_tree(taxonomy, level: str) -> tuple[np.ndarray, list[str], str] | None:
+    """A level's classes' ancestors, the coarsest level's names and its name:
+    plot_confusion's order down the tree. None at the coarsest, or without a taxonomy."""
+    if (ancestry := class_ancestors(taxonomy, level)) is None:
+        return None
+    ancestors, coarser = ancestry
+    return ancestors, list(taxonomy.classes[coarser[0]]), coarser[0]

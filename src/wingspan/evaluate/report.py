@@ -1,4 +1,5 @@
-"""`report.html`: one self-contained page for a run; every plot is embedded."""
+"""`report.html`: one self-contained page for a run; every plot is embedded. An evaluation's
+sections for it: `write_evaluation_report`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,18 @@ from urllib.parse import quote
 
 import pandas as pd
 
+from wingspan.data.samples import SPLIT
+from wingspan.errors import counted
+from wingspan.evaluate.calibration import bound_warning
+from wingspan.evaluate.metrics import summary_rows
+from wingspan.evaluate.wording import (
+    absent_rows,
+    answer_rows,
+    epochs_run,
+    kept_rows,
+    tree_wording,
+    unknown_section,
+)
 from wingspan.files import name_part, write_text
 
 
@@ -211,3 +224,94 @@ def write_report(path: Path, title: str, sections: dict) -> Path:
             "</body></html>")
     write_text(path, page)
     return path
+
+
+def write_evaluation_report(out_dir, name, predictor, dataset, level, split, metrics, table,
+                            confused, pngs, levels_table=None, transfer=None,
+                            plots: bool = True) -> Path:
+    manifest = predictor.manifest
+    data_table = pd.crosstab(dataset.table[level], dataset.table[SPLIT].replace("", "all"))
+    data_table.columns.name = None  # else an empty column headed "split"
+    order = ["train", "val", "test", "all"]  # the recipe's order, not the alphabet's
+    data_table = data_table[sorted(data_table.columns, key=lambda c: (
+        order.index(c) if c in order else len(order), str(c)))]
+    data_table.insert(0, "class", data_table.index)
+    summary = [("images evaluated", metrics["images"]), *summary_rows(metrics),
+               ("unreadable images", len(metrics["unreadable"])),
+               ("images of classes the model does not know (left out)",
+                f"{counted(metrics.get('unknown_class_images', 0), 'image')} of "
+                + counted(len(metrics["unknown_classes"]), "class", "classes")
+                + (f": {', '.join(metrics['unknown_classes'][:8])}"
+                   if metrics["unknown_classes"] else "")
+                if metrics["unknown_classes"] else "none"),
+               *([(f"images with no '{metrics['unlabelled']['level']}' in the data (left out)",
+                   metrics["unlabelled"]["images"])] if metrics.get("unlabelled") else []),
+               *absent_rows(metrics.get("absent_classes"), metrics.get("answered_absent", 0),
+                            metrics["images"], metrics.get("answered_only_classes")),
+               *answer_rows(metrics.get("answers")),
+               ("inference speed", f"{metrics['images_per_second']} images/s on "
+                f"{metrics['engine']}")]
+    cal = metrics["calibration"]
+    calibration = [("temperature", f"{metrics['temperature']:.3f}"),
+                   ("ECE before / after", f"{metrics['ece_uncalibrated']:.4f} / "
+                    f"{metrics['ece']:.4f}")]
+    if cal.get("same_data_as_evaluation"):
+        calibration.append(("note", "the temperature was fitted on the images being "
+                            "evaluated (or some of them): the ECE after is optimistic"))
+    if metrics.get("tta_note"):
+        calibration.append(("test-time augmentation", metrics["tta_note"]))
+    if bound_warning(cal):
+        calibration.append(("warning", bound_warning(cal)))
+    if cal.get("method", "likelihood") != "likelihood":
+        calibration.append(("set by", f"the {cal['method']}: every one of the "
+                            f"{cal.get('images')} images it was fitted on was right"))
+    elif cal.get("images"):
+        calibration.append(("set by", f"the likelihood of {cal['images']} images "
+                            f"({cal.get('fitted_on', 'val')})"))
+    training = manifest.get("training", {})
+    train_metrics = manifest.get("metrics", {})
+    overview = [("model", predictor.bundle), ("backbone", manifest["model"]["backbone"]),
+                ("weights", manifest.get("weights_source")),
+                ("levels (coarse to fine), scored at each" if predictor.taxonomy else "level",
+                 " > ".join(predictor.taxonomy.levels) if predictor.taxonomy else level),
+                ("classes", len(predictor.classes)), ("evaluated split", split),
+                # The figures first, with whether they are fair: the val figure below is
+                # the optimistic one, which a reader skimming the top took for the score.
+                *[row for row in summary_rows(metrics)
+                  if row[0] in ("accuracy", "macro precision / recall / F1")],
+                ("are these figures fair?", metrics["fair"]),
+                ("test-time augmentation", "on: each image's flips and crops averaged, as "
+                 "predict --tta" if metrics.get("tta") else "off"),
+                *([("adapted", f"by `wingspan adapt` from {adapted['adapted_from']} on "
+                    f"{counted(adapted['photos'], 'unlabelled photo')}"
+                    + (f" (and {adapted['earlier_photos']} more that one was adapted on)"
+                       if adapted.get("earlier_photos") else "") + ": its backbone, the "
+                    "training epochs and the training curves below are that run's, before "
+                    "adapting (adapt.json says what adapting did)")]
+                  if (adapted := training.get("adapted")) else []),
+                ("training epochs (head + fine-tune)", epochs_run(training, train_metrics)),
+                *kept_rows(train_metrics),
+                *([("taxonomy", said)] if (said := tree_wording(metrics)) else [])]
+    profile = None
+    if train_metrics.get("profile"):
+        profile = pd.DataFrame([{"stage": s, **v} for s, v in train_metrics["profile"].items()])
+    title = f"wingspan report: {name}" + (" (test-time augmentation)" if metrics["tta"] else "")
+    return write_report(out_dir / "report.html", title,
+                        {"overview": overview, "data": data_table,
+                         "balance_png": pngs.get("balance"),
+                         "preview_png": pngs.get("preview"), "curves_png": pngs.get("curves"),
+                         "summary": summary, "per_class": table,
+                         "confusion_png": pngs.get("confusion"),
+                         "level_confusion_pngs": pngs.get("levels"),
+                         "confused": pd.DataFrame(confused),
+                         "confused_pairs": metrics.get("confused_pairs"),
+                         "mistakes_png": pngs.get("mistakes"),
+                         "mistakes_shown": pngs.get("mistakes_shown"),
+                         "calibration": calibration, "reliability_png": pngs.get("reliability"),
+                         "profile": profile, "levels": levels_table, "transfer": transfer,
+                         "transfer_own": metrics.get("transfer_own"),
+                         "hierarchy": metrics.get("hierarchy"),
+                         "unknown": unknown_section(metrics.get("unknown"),
+                                                     metrics["split"], metrics["tta"]),
+                         "unknown_png": pngs.get("unknown"), "no_plots": not plots,
+                         "all_right": metrics["accuracy"] == 1.0})
