@@ -382,6 +382,8 @@ def test_doctor_times_every_candidate_and_keeps_the_choice(run_cli, monkeypatch,
         assert f"│ {name} " in out
     assert "efficientnet_lite0" in out and "package" in out  # the offline weights
     saved = json.loads((tmp_path / "engines.json").read_text())
+    # ... and what the cache folder holds, which only grows (no other command says).
+    assert f"Cache: {tmp_path}" in text and "engines.json" in out and "safe to delete" in text
     kinds = sorted(json.loads(k)["kind"] for k in saved)
     assert kinds == ["frozen", "train"]
     assert all(r["how"] == "measured" and r["images_per_s"] for r in saved.values())
@@ -398,6 +400,22 @@ def test_doctor_times_every_candidate_and_keeps_the_choice(run_cli, monkeypatch,
     assert code == 0 and "Frozen passes" in out and "Training step" not in out, err
     saved = json.loads((tmp_path / "frozen-only" / "engines.json").read_text())
     assert [json.loads(k)["kind"] for k in saved] == ["frozen"]
+
+
+def test_the_cache_use_is_counted_by_folder_largest_first(tmp_path):
+    from wingspan.doctor import cache_use, human_bytes
+
+    (tmp_path / "decoded-256" / "x").mkdir(parents=True)
+    for i, size in enumerate((3000, 2000)):
+        (tmp_path / "decoded-256" / "x" / f"{i}.npy").write_bytes(b"0" * size)
+    (tmp_path / "graphs").mkdir()
+    (tmp_path / "graphs" / "a.onnx").write_bytes(b"0" * 1500)
+    (tmp_path / "engines.json").write_text("{}")
+    assert cache_use(tmp_path) == [("decoded-256", 5000, 2), ("graphs", 1500, 1),
+                                   ("engines.json", 2, 1)]
+    assert cache_use(tmp_path / "none") == []  # (no cache yet)
+    assert [human_bytes(n) for n in (12, 5000, 2_345_678, 10**10)] == [
+        "12 bytes", "5.0 KB", "2.3 MB", "10.0 GB"]
 
 
 @pytest.mark.parametrize("option", [("--top-k", "0"), ("--top-k", "-2"), ("--batch-size", "0")])

@@ -4,14 +4,16 @@ thing to run when something is slow."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 
 import torch
 
-from wingspan.config import BATCH_SIZE, usable_cores
+from wingspan.config import BATCH_SIZE, default_cache_dir, usable_cores
 from wingspan.models import create_classifier, resolve_policy
 from wingspan.models.engine import EngineCache, cpu_flags, cpu_name, native_bf16
 from wingspan.models.factory import choose_backbone
@@ -35,6 +37,41 @@ class Diagnosis:
     policy: Policy  # every candidate measured, the choices made
     cache: str
     offline_weights: dict[str, str | None]  # registered backbone -> where, or None
+    cache_use: list[tuple[str, int, int]]  # (folder or file, bytes, files) in the cache
+
+
+# What each folder of the cache holds (cache_use), as doctor names it.
+CACHE_PARTS = {"decoded": "images decoded at a working size",
+               "graphs": "ONNX graphs of backbones' ImageNet weights",
+               "audit-features": "`data audit`'s features and hashes",
+               "datasets": "downloaded datasets (`data download`)"}
+
+
+def human_bytes(n: float) -> str:
+    """1234567 -> '1.2 MB' (decimal units, as `du --si` and file managers give them)."""
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def cache_use(root: Path) -> list[tuple[str, int, int]]:
+    """(name, bytes, files) of each file and folder at the top of the cache, largest first:
+    it only grows (a decoded image or feature stays after its photo is edited), and no other
+    command says how much it holds. One walk: a second or so at ETHEC's 48k decodes."""
+    found = []
+    with contextlib.suppress(OSError), os.scandir(root) as top:
+        for entry in top:
+            size = files = 0
+            for folder, _, names in (os.walk(entry.path) if entry.is_dir() else
+                                     [(root, [], [entry.name])]):
+                for name in names:
+                    with contextlib.suppress(OSError):
+                        size += os.stat(os.path.join(folder, name)).st_size
+                        files += 1
+            found.append((entry.name, size, files))
+    return sorted(found, key=lambda f: -f[1])
 
 
 def machine() -> dict:
@@ -80,4 +117,5 @@ def diagnose(backbone: str = "auto", image_size: int | None = None, batch_size: 
                               thorough=True)
     return Diagnosis(machine(), spec.name, source or "random (none offline)", size, batch_size,
                      policy, str(EngineCache().path),
-                     {name: find_offline(s) for name, s in BACKBONES.items()})
+                     {name: find_offline(s) for name, s in BACKBONES.items()},
+                     cache_use(default_cache_dir()))

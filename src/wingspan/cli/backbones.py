@@ -135,3 +135,17 @@ def doctor_command(
         weights.add_row(name, f"[green]{source}[/]" if source else "[yellow]no[/] (--weights "
                         "PATH, or one run with a network)")
     out.print(weights)
+    from wingspan.config import default_cache_dir
+    from wingspan.doctor import CACHE_PARTS, human_bytes
+
+    use = folded_table("in the cache", "size", "files", "what", title=(
+        f"Cache: {plain(str(default_cache_dir()))}, "
+        f"{human_bytes(sum(size for _, size, _ in d.cache_use))}"), title_justify="left")
+    for name, size, files in d.cache_use:
+        use.add_row(name, human_bytes(size), str(files), next(
+            (what for part, what in CACHE_PARTS.items() if name.startswith(part)),
+            "the engines measured" if name.endswith(".json") else ""))
+    out.print(use)
+    out.print("All of it but datasets/ (downloads) is safe to delete at any time: runs then "
+              "decode the images, export the graphs and time the engines again. "
+              "$WINGSPAN_CACHE puts it elsewhere.")
