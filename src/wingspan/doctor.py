@@ -48,7 +48,7 @@ CACHE_PARTS = {"decoded": "images decoded at a working size",
 
 
 def human_bytes(n: float) -> str:
-    """1234567 -> '1.2 MB' (decimal units, as `du --si` and file managers give them)."""
+    """1234567 -> "1.2 MB" (decimal units, as file managers give them)."""
     for unit in ("bytes", "KB", "MB", "GB"):
         if n < 1000:
             return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
