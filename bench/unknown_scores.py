@@ -1,6 +1,6 @@
 """Unknown scores that wingspan does not ship, on bench/unknown.py's held-out runs, beside
 the bundle's own: GradNorm, the features' norms, ODIN, activation shaping, outlier exposure
-(the README's table of other scores).
+(docs/performance.md's table of other scores).
 
     python bench/unknown.py DATA --pairs a,b c,d --runs-dir RUNS      # trains the runs
     python bench/unknown_scores.py RUNS/not-butterflies RUNS/held-*   # GradNorm, norms

@@ -1595,3 +1595,16 @@ def test_an_image_in_memory_is_answered_with_what_to_pass():
             _paths_arg(value)
         assert "save an in-memory image to a file first" in (e.value.hint or ""), value
         assert "\n" not in e.value.message
+
+
+def test_an_array_of_paths_is_taken_as_a_list_of_them(tmp_path):
+    """`frame["path"].to_numpy()` (strings, or objects in pandas 2) names files: only an
+    array of pixels is refused as an image in memory."""
+    import numpy as np
+
+    from wingspan.api.arguments import _paths_arg
+
+    for value in (np.array(["a.jpg", "b.jpg"]), np.array(["a.jpg", "b.jpg"], dtype=object)):
+        assert [str(p) for p in _paths_arg(value)] == ["a.jpg", "b.jpg"]
+    with pytest.raises(WingspanError, match="got ndarray"):
+        _paths_arg(np.zeros((4, 4, 3), np.uint8))

@@ -311,6 +311,7 @@ def test_small_image_files_are_decoded_each_time_not_kept(tmp_path):
     pixels are the same either way."""
     import numpy as np
     from helpers import write_image
+    from PIL import Image
 
     from wingspan.config import DECODE_CACHE_MIN_BYTES
     from wingspan.training.decode_cache import DecodeCache
@@ -327,6 +328,14 @@ def test_small_image_files_are_decoded_each_time_not_kept(tmp_path):
     assert [p.name for p in (tmp_path / "cache" / "decoded-64").iterdir()] == [
         kept.arrays.entry(large).name]
     assert np.array_equal(kept.load(large), np.array(kept.decode(large)))  # read back
+    # A small file of many pixels (one colour compresses to nothing) is kept: its decode
+    # is slow whatever its size on disk.
+    flat = tmp_path / "flat.png"
+    Image.new("RGB", (2000, 1000), (90, 120, 30)).save(flat)
+    assert os.path.getsize(flat) < DECODE_CACHE_MIN_BYTES
+    cache.load(str(flat))
+    assert [p.name for p in (tmp_path / "cache" / "decoded-64").iterdir()
+            if p.name != kept.arrays.entry(large).name] == [cache.arrays.entry(str(flat)).name]
 
 
 def test_an_image_rewritten_in_place_is_decoded_again(tmp_path):

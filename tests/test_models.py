@@ -69,6 +69,14 @@ def test_a_path_given_as_the_backbone_points_to_weights(name):
     assert f"--weights {name}" in raised.value.hint
 
 
+def test_a_hub_repositorys_id_is_not_taken_for_a_path():
+    # "timm/resnet50.a1_in1k", as its Hub page names it, was said to be a path, with a hint
+    # to give it as --weights (no such file).
+    with pytest.raises(WingspanError, match="names from the Hugging Face Hub") as raised:
+        get_spec("timm/resnet50.a1_in1k")
+    assert raised.value.hint.startswith("Give the timm name (resnet50.a1_in1k)")
+
+
 @pytest.mark.parametrize("typed, meant", [("vit_tiny_patch16", "vit_tiny_patch16_224"),
                                           ("efficientnet_lite", "efficientnet_lite0"),
                                           ("resnt50", "resnet50"), ("ResNet50", "resnet50"),

@@ -43,8 +43,10 @@ MAX_FEATURE_VIEWS = 64  # augmented views cached per training image for the head
 # the cache: on a 2-core Xeon a 448-px JPEG (66 KB, ETHEC's) decodes and resizes in 2.9 ms,
 # an 800 x 600 one (159 KB) in 3.1 ms, against 0.05 ms to load its entry, which takes
 # 190-330 KB of disk (10-13 GiB per image size for ETHEC's 48k); a 1600 x 1200 JPEG
-# (634 KB) takes 7 ms and a 12 MP photo 33 ms: those are kept.
-DECODE_CACHE_MIN_BYTES = 256 * 1024
+# (634 KB) takes 7 ms and a 12 MP photo 33 ms: those are kept. So is a small file of many
+# pixels (a 12 MP PNG of one colour is 41 KB, and took 478 ms a load), by its header
+# (0.02 ms to read).
+DECODE_CACHE_MIN_BYTES, DECODE_CACHE_MIN_PIXELS = 256 * 1024, 2_000_000
 MAX_PROCESSES = 1024  # --devices per machine and --nodes: more is a slip (and overflowed)
 # How long the other ranks wait for rank 0 to end a run alone (the lossy check, the final
 # passes over up to 5,000 train images and all of val, the bundle), which at ETHEC's size
@@ -500,7 +502,7 @@ class AdaptConfig:
     # own after. 0: agreeing is enough (0.5 and 0.7, measured on the head's softmax before
     # the temperature, kept fewer right photos and lost 1 and 4 points).
     confidence: float = 0.0
-    rounds: int = 1  # refits, the head's class taken afresh from each (2-3: not kept, README)
+    rounds: int = 1  # refits, the head's class taken afresh each time (2-3: not kept, docs/)
     c: float = 1.0  # the logistic head's inverse regularisation (scikit-learn's C)
     device: str = "auto"
     precision: str = "auto"  # of the passes that compute the photos' features, as predict's

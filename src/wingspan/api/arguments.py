@@ -99,9 +99,11 @@ def _paths_arg(value, name: str = "paths") -> list[str]:
         raise WingspanError(f"{name}: got a DataFrame; give its column of paths, "
                             f"frame[{column}].")
     # (an image's array, fastai's and Keras's habit, is iterable: it was taken for a list
-    # of paths, and said "each must be a path; got ndarray array([[0, 0, 0]," with no hint)
-    if isinstance(value, bytes | bytearray | dict | np.ndarray) or not isinstance(value,
-                                                                                 Iterable):
+    # of paths, and said "each must be a path; got ndarray array([[0, 0, 0]," with no hint;
+    # an array of strings or objects, `frame["path"].to_numpy()`, is a list of paths)
+    pixels = isinstance(value, np.ndarray) and value.dtype.kind not in "UO"
+    if pixels or isinstance(value, bytes | bytearray | dict) or not isinstance(value,
+                                                                                Iterable):
         raise WingspanError(f"{name}: expected a file, folder or glob, or a list of them; got "
                             f"{type(value).__name__}.", hint=_IN_MEMORY)
     items = list(value)

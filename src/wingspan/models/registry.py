@@ -8,6 +8,7 @@ checkpoint names, preprocessing that matches those weights, a default for fine-t
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass, field
 
 import timm
@@ -100,8 +101,12 @@ def get_spec(name: str) -> BackboneSpec:
                     hint=f"{arch}'s pretrained tags: "
                     + (", ".join(timm.list_pretrained(f"{arch}.*")) or "none") + ".") from e
         return BackboneSpec(name, name, description="timm model")
-    if name.startswith(("hf-hub:", "hf_hub:")):  # timm's Hub names: not taken here
-        tag = name.split(":", 1)[1].rpartition("/")[2]
+    # timm's Hub names, and a Hub repository's id as its page shows it ("timm/resnet50.a1_in1k",
+    # said to be a path): not taken here
+    hub_id = name.count("/") == 1 and timm.is_model(name.rpartition("/")[2]) and \
+        not os.path.exists(name)  # (not a run folder named after its backbone)
+    if name.startswith(("hf-hub:", "hf_hub:")) or hub_id:
+        tag = name.split(":", 1)[-1].rpartition("/")[2]
         raise WingspanError(
             f"Backbone '{name}': names from the Hugging Face Hub are not taken.",
             hint=f"Give the timm name ({tag}): its weights are found in the caches or "
@@ -112,9 +117,10 @@ def get_spec(name: str) -> BackboneSpec:
         # no help.
         raise WingspanError(
             f"Backbone '{name}' is a path, not an architecture's name.",
-            hint=f"Give it with --weights {name} (weights= in Python): a wingspan run or "
-                 "model brings its own architecture with --backbone auto; for a weights "
-                 "file, --backbone names the architecture it fits (e.g. resnet50).")
+            hint=f"A run, model or weights file goes in --weights {name} (train's and data "
+                 "audit's; weights= in Python): a wingspan run or model brings its own "
+                 "architecture with --backbone auto; for a weights file, --backbone names "
+                 "the architecture it fits (e.g. resnet50).")
     close = similar_names(name)
     raise WingspanError(
         f"Unknown backbone '{name}'.",

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 from torchvision.transforms.v2.functional import resize
 
-from wingspan.config import DECODE_CACHE_MIN_BYTES
+from wingspan.config import DECODE_CACHE_MIN_BYTES, DECODE_CACHE_MIN_PIXELS
 from wingspan.data.images import budget_key, max_pixels, open_rgb
 from wingspan.data.transforms import interpolation_mode
 from wingspan.files import FileArrays
@@ -27,7 +27,7 @@ class DecodeCache:
     def __init__(self, directory: str | Path | None, short_side: int,
                  interpolation: str = "bicubic", min_bytes: int = DECODE_CACHE_MIN_BYTES):
         """`interpolation`: the model's resize filter (timm's name), as predict resizes.
-        `min_bytes`: smaller files are decoded each time, not kept."""
+        `min_bytes`: smaller files (of few pixels) are decoded each time, not kept."""
         key = f"{short_side}" + ("" if interpolation == "bicubic" else f"-{interpolation}")
         folder = Path(directory).expanduser() / f"decoded-{key}" if directory else None  # ~/x
         self.budget = max_pixels()  # the call's, taken along to the worker processes
@@ -40,9 +40,9 @@ class DecodeCache:
 
     def load(self, path: str) -> np.ndarray:
         """The image as an (H, W, 3) uint8 array, its shorter side `short_side`. A file
-        under `min_bytes` is decoded each time: keeping it costs more disk than the decode
-        costs time (config.DECODE_CACHE_MIN_BYTES)."""
-        if self.arrays.directory is None or os.stat(path).st_size < self.min_bytes:
+        under `min_bytes` of fewer than DECODE_CACHE_MIN_PIXELS is decoded each time:
+        keeping it costs more disk than the decode costs time (config)."""
+        if self.arrays.directory is None or not self._worth_keeping(path):
             return np.array(self.decode(path))
         entry = self.arrays.entry(path)
         array = self.arrays.get(entry)
@@ -58,6 +58,16 @@ class DecodeCache:
             array = np.array(self.decode(path))
             self.arrays.put(entry, array)
         return array
+
+    def _worth_keeping(self, path: str) -> bool:
+        """A file of `min_bytes` or more, or of DECODE_CACHE_MIN_PIXELS by its header."""
+        if os.stat(path).st_size >= self.min_bytes:
+            return True
+        try:
+            with Image.open(path) as im:
+                return im.size[0] * im.size[1] >= DECODE_CACHE_MIN_PIXELS
+        except Exception:  # noqa: BLE001 - the decode says what is wrong with the file
+            return False
 
     def decode(self, path: str) -> Image.Image:
         image = open_rgb(path, draft=self.short_side, budget=self.budget)
