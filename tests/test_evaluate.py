@@ -2330,3 +2330,25 @@ def test_the_transfer_table_goes_on_when_the_runs_own_images_are_gone(tmp_path, 
     assert all(r["recall on own data"] is None for r in metrics["transfer"])
     assert (f"own data: its test split; {own['unreadable']} of its {own['images']} images "
             "could not be read, gone since") in " ".join(out.split())
+
+
+def test_a_map_hint_matches_each_name_against_its_own_side(tmp_path):
+    """A model class of --map that is the data's class in another case is no slip of the
+    model's class: a genus model given --map azure_spotwing=AZURE_SPOTWING was told "Did
+    you mean 'AZURE_SPOTWING' for 'azure_spotwing'", which the model does not know either."""
+    from types import SimpleNamespace
+
+    from helpers import folder_dataset
+
+    from wingspan.evaluate.transfer import check_class_map
+
+    data = read_dataset(folder_dataset(tmp_path / "d", {"AZURE_SPOTWING": 1, "RED": 1}, (8, 8)))
+    genus = SimpleNamespace(classes=["Pixelia", "Synthia"], rare=[], level="label",
+                            taxonomy=None)
+    with pytest.raises(WingspanError, match="does not know") as e:
+        check_class_map({"azure_spotwing": "AZURE_SPOTWING"}, genus, data, "label")
+    assert "Did you mean" not in e.value.hint
+    # A data class in another case is still told, on its own side.
+    with pytest.raises(WingspanError, match="does not have") as e:
+        check_class_map({"Pixelia": "azure_spotwing"}, genus, data, "label")
+    assert e.value.hint.startswith("Did you mean 'AZURE_SPOTWING' for 'azure_spotwing'")

@@ -688,3 +688,33 @@ def test_a_full_temporary_folder_in_int8_export_is_named(tmp_path, monkeypatch):
     said = str(os_error_said(e.value))
     assert f"The disk is full writing {tmp_path} (the temporary folder; $TMPDIR moves it)" \
         in said, said
+
+
+def test_the_int8_check_scores_rare_species_as_their_merged_class(tmp_path, monkeypatch):
+    """--rare-below trains a rare species as "GENUS (rare label)"; splits.csv still names it
+    as itself. The int8 check scores its val images against the merged class the model
+    answers: read as the species, none counted right, and with every species merged the
+    export was refused as if the data were gone ("cannot be checked")."""
+    from wingspan import export
+    from wingspan.config import DemoConfig
+    from wingspan.data.demo import generate_demo
+    from wingspan.export import _split_images
+    from wingspan.inference import Predictor
+    from wingspan.models.bundle import MANIFEST
+    from wingspan.predict import predict
+
+    data = generate_demo(tmp_path / "demo", DemoConfig(image_size=32,
+                                                       images_per_class=(8,) * 4))
+    run = train(read_dataset(data), tiny(tmp_path, levels=["family", "label"], epochs_head=1,
+                                         epochs_finetune=0, rare_below=1000),
+                tmp_path / "runs", "r", quiet=True)
+    rare = json.loads((run / "model" / MANIFEST).read_text())["training"]["rare_classes"]
+    paths, labels = _split_images(run / "model", "val", 1000, level="label")
+    assert all(label in rare for label in labels)  # every species merged
+    rows = predict(Predictor(run, workers=0, precision="fp32"), paths, progress=False).rows
+    right = np.mean([row["taxonomy"][-1][1] == rare[label]
+                     for row, label in zip(rows, labels, strict=True)])
+    monkeypatch.setattr(export, "int8_allowed_drop", lambda n: 1.0)
+    path = export.export_model(run, run / "q" / "m.int8.onnx", quantize="int8")
+    assert json.loads(metadata_path(path).read_text())["int8"]["val_top1_fp32"] == \
+        pytest.approx(right)

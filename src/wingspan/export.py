@@ -414,6 +414,12 @@ def _quantize(graph: bytes, bundle: Path, spec: InputSpec, levels: list[str],
                            levels)
     finest = levels[-1]
     classes = json.loads(json.dumps(_classes(bundle)))[finest]
+    # splits.csv names a species that `--rare-below` merged under its genus as itself: the
+    # model's class for it is the merged one (else no answer counted right on it, and with
+    # every species merged the check found no class the model knows).
+    from wingspan.models.bundle import read_manifest
+    rare = read_manifest(bundle).get("training", {}).get("rare_classes") or {}
+    val_labels = [rare.get(c, c) for c in val_labels]
     pixels, kept = _readable_pixels(val_paths, spec)
     truth = np.array([classes.index(c) if c in classes else -1 for c in val_labels])[kept]
     if not len(truth) or (truth < 0).all():  # else both top-1s are 0 and any int8 passes

@@ -72,14 +72,15 @@ def _map_slips(class_map: dict[str, str], model: list[str], data: set[str]) -> s
 
     if all(ours in data and theirs in model for ours, theirs in class_map.items()):
         return "The sides look swapped: the model's class comes first. "
-    folded = {name.casefold(): name for name in [*model, *data]}
+    # Each name against its own side's: a model class is no data class (a genus model's
+    # --map azure_spotwing=AZURE_SPOTWING offered the data's name as the model's).
     unknown = [(given, side) for names, side in ((class_map, model),
                                                  (class_map.values(), sorted(data)))
-               for given in names if given not in model and given not in data]
-    meant = [f"'{name}' for '{given}'" for given, _ in unknown
-             if (name := folded.get(given.casefold())) is not None]
+               for given in names if given not in side]
+    meant = [f"'{name}' for '{given}'" for given, side in unknown
+             if (name := {n.casefold(): n for n in side}.get(given.casefold())) is not None]
     typos = [f"'{near[0]}' for '{given}'" for given, side in unknown
-             if given.casefold() not in folded
+             if given.casefold() not in {n.casefold() for n in side}
              and (near := difflib.get_close_matches(given, side, n=1, cutoff=0.8))]
     return ((f"Did you mean {', '.join(meant)} (names differ in case)? " if meant else "")
             + (f"Did you mean {', '.join(typos)}? " if typos else ""))
