@@ -215,7 +215,7 @@ def test_a_training_run_exports_each_graph_once(demo_dir, tmp_path, monkeypatch)
         # fp32: on a bf16 CPU each run would time the training step's precisions afresh
         # (this fresh cache) and might fine-tune the two in different ones.
         config = tiny(tmp_path / str(reuse), epochs_head=2, epochs_finetune=2,
-                      precision="fp32")
+                      precision="fp32", keep_feature_cache=True)  # (compared below)
         runs[reuse] = train(read_dataset(demo_dir), config, tmp_path / str(reuse), "r",
                             quiet=True)
         counts[reuse], exported[:] = list(exported), []

@@ -711,6 +711,9 @@ class TrainConfig:
     # val macro-F1, after fine-tuning 0.911 against 0.909).
     feature_views: int = 1
     feature_cache: bool = True  # False runs the frozen backbone on every batch
+    # RUN/cache (the features of every training and val image) once the run is done: only
+    # a resume reads it, and it took about 380 MB a run for Lite0 at ETHEC's size.
+    keep_feature_cache: bool = False
     # stage 2: fine-tune the last stages
     epochs_finetune: int = 4
     unfreeze: int | None = None  # None: the backbone's default

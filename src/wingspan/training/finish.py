@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -144,6 +145,7 @@ def _write_results(run: Run) -> None:
     save_bundle(run.model.cpu(), run.dir / "model", run.data.level_classes, taxonomy=taxonomy,
                 training=training, metrics=metrics, weights_source=run.weights_source,
                 calibration=calibration, unknown=unknown, inference=inference)
+    _drop_feature_cache(run)
     run.log(f"Best val macro-F1 {best_row['val_macro_f1']:.4f} (acc {best_row['val_acc']:.4f}) "
             f"at {best['stage']} epoch {best['epoch']}; model in {run.dir / 'model'}")
     if run.data.test_images:
@@ -160,6 +162,18 @@ def _write_results(run: Run) -> None:
                else "the split kept no test image that could be read")
         run.log(f"No test split was kept apart ({why}): the val figure is the only one, and "
                 "optimistic (the epoch was chosen on it).", caveat=True)
+
+
+def _drop_feature_cache(run: Run) -> None:
+    """RUN/cache once the model is written (last: a kill before it resumes from the cache),
+    unless `keep_feature_cache`: a done run is not resumed, and nothing else reads it."""
+    folder = feature_cache_file(run.dir).parent
+    if run.config.keep_feature_cache or not folder.is_dir():
+        return
+    size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+    shutil.rmtree(folder, ignore_errors=True)
+    run.log(f"Removed the run's feature cache, {size / 1e6:.1f} MB: the model is written "
+            "(keep_feature_cache: true in a --config file keeps it)", shown=False)
 
 
 def _check_lossy(run: Run) -> dict | None:
