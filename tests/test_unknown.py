@@ -694,6 +694,13 @@ def test_holdout_classes_must_exist(tmp_path):
         hold_out(demo, "label", sorted(set(demo.table.label))[1:])
     rest, held = hold_out(demo, "label", [HELD])
     assert HELD not in set(rest.table.label) and set(held.label) == {HELD}
+    # A family named (a plausible hold-out with --levels): what holding it out takes.
+    family = demo.table.loc[demo.table.label == HELD, "family"].iloc[0]
+    species = sorted(set(demo.table.loc[demo.table.family == family, "label"]))
+    with pytest.raises(WingspanError) as e:
+        hold_out(demo, "label", [family])
+    assert e.value.hint.startswith(f"{family!r} is a family: hold out its label classes, "
+                                   f"--holdout-classes {','.join(species)}."), e.value.hint
 
 
 def test_holdout_classes_read_as_folder_names_are_read(tmp_path):

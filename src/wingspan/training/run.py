@@ -243,10 +243,20 @@ def hold_out(dataset: Dataset, level: str, classes: list[str] | None):
     missing = [c for c in classes if c not in present]
     if missing:
         close = {c: difflib.get_close_matches(c, sorted(present), n=1) for c in missing}
+        # A coarser level's class (a family, with --levels): its classes at `level` are what
+        # holding it out means (said: the hint listed the species alone).
+        coarser = {c: (lv, sorted(set(dataset.table.loc[dataset.table[lv] == c, level])))
+                   for c in missing for lv in dataset.levels
+                   if lv != level and c in set(dataset.table[lv])}
         raise WingspanError(
             f"--holdout-classes: no class {', '.join(map(repr, missing))} at level '{level}'"
-            + "".join(f" (did you mean {m[0]!r}?)" for m in close.values() if m) + ".",
-            hint=f"The classes: {', '.join(sorted(present)[:20])}")
+            + "".join(f" (did you mean {m[0]!r}?)" for c, m in close.items()
+                      if m and c not in coarser) + ".",
+            hint="".join(f"{c!r} is a {lv}: hold out its {level} classes, --holdout-classes "
+                         f"{','.join(under)}. " if len(under) <= 20 else
+                         f"{c!r} is a {lv}: hold out its {len(under)} {level} classes "
+                         f"({', '.join(under[:5])}...). " for c, (lv, under) in coarser.items())
+            + f"The classes: {', '.join(sorted(present)[:20])}")
     held = dataset.table[level].isin(classes)
     if len(present - set(classes)) < 2:
         raise WingspanError("--holdout-classes would leave fewer than 2 classes to train.",
