@@ -90,7 +90,7 @@ def doctor_command(
              policy.train_candidates, policy.train_left_out)):
         if choice is None or (not train_step and choice is policy.train):  # not timed
             continue
-        t = folded_table("engine", "images/s", "vs torch-fp32", "images changed", "",
+        t = folded_table("engine", "images/s", "vs torch-fp32", "images changed", "choice",
                          title=f"{title}: {d.backbone} at {d.size} px, batch {d.batch_size}",
                          title_justify="left")
         fp32 = choice.images_per_s.get("torch-fp32")
