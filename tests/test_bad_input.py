@@ -387,3 +387,20 @@ def test_a_path_given_as_the_backbone_is_said_so_before_the_run_is_named(demo_di
     assert code == 2 and "is a path, not an architecture" in err, err
     assert "run name" not in err and f"--weights {backbone}" in err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_the_run_and_the_images_swapped_are_said_to_be(run_dir, demo_dir, run_cli):
+    """`wingspan predict photos/ runs/x` said only that photos/ is no model: the run is
+    named as coming first, with the command in order (predict, explain, evaluate)."""
+    folder = next(p for p in demo_dir.iterdir() if p.is_dir())
+    image = next(folder.glob("*.jpg"))
+    for words, first in ((("predict", folder, run_dir), folder),
+                         (("explain", image, run_dir), image),
+                         (("evaluate", demo_dir, run_dir), demo_dir)):
+        code, _, err = run_cli(*words)
+        err = " ".join(err.split())
+        assert code == 2 and f"{first} is not a model, and {run_dir} is one" in err, err
+        assert f"The run comes first: `wingspan {words[0]} {run_dir} {first}`" in err, err
+    # Neither a model: the error as it was, with its own hint.
+    code, _, err = run_cli("predict", folder, image)
+    assert code == 2 and "The run comes first" not in err and "Give a run folder" in err, err

@@ -63,6 +63,38 @@ def here(path, root: Path | None = None) -> Path:
         return path
 
 
+@contextlib.contextmanager
+def run_first(name: str, model, others):
+    """Around the work of `name` (predict, explain, evaluate), whose first argument is RUN:
+    an error it raises while RUN is no model but an argument after it is one says that the
+    two were swapped, with the command in order (the error alone named a photo folder as no
+    model, or found no image in the run's folder). Checked on failure alone, so that other
+    errors keep their order."""
+    try:
+        yield
+    except WingspanError:
+        from wingspan.errors import command
+        from wingspan.inference import find_bundle
+        from wingspan.models.bundle import read_manifest
+
+        def is_model(path) -> bool:
+            try:
+                read_manifest(find_bundle(path))
+            except (WingspanError, OSError):
+                return False
+            return True
+
+        others = list(others or [])
+        other = next((o for o in others[:20] if is_model(o)), None)  # (a glob: thousands)
+        if other is None or is_model(model):
+            raise
+        rest = [o for o in others if o is not other]
+        rest = rest[:3] + (["..."] if len(rest) > 3 else [])
+        raise WingspanError(f"{model} is not a model, and {other} is one: the two look "
+                            "swapped.", hint="The run comes first: `"
+                            + command(name, other, model, *rest) + "`.") from None
+
+
 def make_config(ctx: typer.Context, make, *args, renamed: dict[str, str] | None = None,
                 **values):
     """`make(*args, **values)`: a config, whose errors name the options typed on the command

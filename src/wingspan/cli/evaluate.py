@@ -18,6 +18,7 @@ from wingspan.cli.common import (
     make_config,
     out,
     plain,
+    run_first,
     skipped,
     strict_exit,
 )
@@ -84,11 +85,12 @@ def evaluate_command(
     model is not changed (see `wingspan calibrate`)."""
     from wingspan.evaluate.run import evaluate
 
-    result = evaluate(model, data, split, out_dir, progress=not quiet,
-                      batch_size=batch_size, workers=workers, runtime=runtime,
-                      precision=precision, device=device,
-                      class_map=name_pairs(class_map or [], "--map"), unknown=unknown,
-                      unknown_score=unknown_score, tta=tta, plots=plots, strict=strict)
+    with run_first("evaluate", model, [data] if data else []):
+        result = evaluate(model, data, split, out_dir, progress=not quiet,
+                          batch_size=batch_size, workers=workers, runtime=runtime,
+                          precision=precision, device=device,
+                          class_map=name_pairs(class_map or [], "--map"), unknown=unknown,
+                          unknown_score=unknown_score, tta=tta, plots=plots, strict=strict)
     if not quiet:  # as predict says it: whether --precision and --runtime took effect
         err.print(f"Engine: {result.metrics['engine']}", highlight=False)
     print_evaluation(result)

@@ -17,6 +17,7 @@ from wingspan.cli.common import (
     make_config,
     out,
     plain,
+    run_first,
     skipped,
     strict_exit,
 )
@@ -101,10 +102,11 @@ def predict_command(
     fabric = predict_fabric(device, devices, nodes, strategy, workers)
     main = fabric is None or fabric.is_global_zero
     quiet = quiet or not main
-    predictor = Predictor(model, device=device, batch_size=batch_size, workers=workers,
-                          runtime=runtime, precision=precision, progress=not quiet,
-                          fabric=fabric, unknown_score=unknown_score,
-                          images=len(expand_paths(paths)[0]))  # (a few: no engine timing)
+    with run_first("predict", model, paths):
+        predictor = Predictor(model, device=device, batch_size=batch_size, workers=workers,
+                              runtime=runtime, precision=precision, progress=not quiet,
+                              fabric=fabric, unknown_score=unknown_score,
+                              images=len(expand_paths(paths)[0]))  # (a few: no timing)
     if not quiet:
         err.print(f"Engine: {predictor.policy.describe()}"
                   + (f"; {fabric.world_size} processes" if fabric else ""), highlight=False)
@@ -220,12 +222,13 @@ def explain_command(
     from wingspan.inference import find_bundle, output_home
     from wingspan.predict import expand_paths
 
-    paths, missing = expand_paths(images)
-    for item, why in missing:
-        err.print(skipped(item, why), highlight=False)
-    if not paths:
-        raise WingspanError("No image to explain.", hint="Check the paths given.")
-    out_dir = out_dir or output_home(find_bundle(model)) / "explain"
+    with run_first("explain", model, images):
+        paths, missing = expand_paths(images)
+        for item, why in missing:
+            err.print(skipped(item, why), highlight=False)
+        if not paths:
+            raise WingspanError("No image to explain.", hint="Check the paths given.")
+        out_dir = out_dir or output_home(find_bundle(model)) / "explain"
     explained, failed = 0, len(missing)
     for e in explain_each(model, paths, out_dir, device=device, progress=not quiet):
         if e.error:
