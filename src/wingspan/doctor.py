@@ -44,7 +44,8 @@ class Diagnosis:
 CACHE_PARTS = {"decoded": "images decoded at a working size",
                "graphs": "ONNX graphs of backbones' ImageNet weights",
                "audit-features": "`data audit`'s features and hashes",
-               "datasets": "downloaded datasets (`data download`)"}
+               "datasets": "downloaded datasets (`data download`)",
+               "engines.json": "the engines measured"}
 
 
 def human_bytes(n: float) -> str:

@@ -33,6 +33,7 @@ from wingspan.errors import WingspanError
 from wingspan.files import atomic_paths, remove_dead_leftovers
 from wingspan.inference import find_bundle, output_home
 from wingspan.models import load_bundle
+from wingspan.models.bundle import read_manifest
 from wingspan.models.runtime import export_onnx
 from wingspan.models.unknown import level_thresholds
 from wingspan.training.folder import SPLITS_FILE
@@ -413,12 +414,12 @@ def _quantize(graph: bytes, bundle: Path, spec: InputSpec, levels: list[str],
                            [UNKNOWN_OUTPUT.format(lv) for lv in levels] if unknown else [],
                            levels)
     finest = levels[-1]
-    classes = json.loads(json.dumps(_classes(bundle)))[finest]
+    manifest = read_manifest(bundle)
+    classes = list(manifest["classes"][finest])
     # splits.csv names a species that `--rare-below` merged under its genus as itself: the
     # model's class for it is the merged one (else no answer counted right on it, and with
     # every species merged the check found no class the model knows).
-    from wingspan.models.bundle import read_manifest
-    rare = read_manifest(bundle).get("training", {}).get("rare_classes") or {}
+    rare = manifest.get("training", {}).get("rare_classes") or {}
     val_labels = [rare.get(c, c) for c in val_labels]
     pixels, kept = _readable_pixels(val_paths, spec)
     truth = np.array([classes.index(c) if c in classes else -1 for c in val_labels])[kept]
@@ -652,8 +653,6 @@ def _split_images(bundle: Path, split: str, n: int, level: str = "label"
 
 
 def _classes(bundle: Path) -> dict:
-    from wingspan.models.bundle import read_manifest
-
     return read_manifest(bundle)["classes"]
 
 

@@ -143,8 +143,7 @@ def doctor_command(
         f"{human_bytes(sum(size for _, size, _ in d.cache_use))}"), title_justify="left")
     for name, size, files in d.cache_use:
         use.add_row(name, human_bytes(size), str(files), next(
-            (what for part, what in CACHE_PARTS.items() if name.startswith(part)),
-            "the engines measured" if name.endswith(".json") else ""))
+            (what for part, what in CACHE_PARTS.items() if name.startswith(part)), ""))
     out.print(use)
     out.print("All of it but datasets/ (downloads) is safe to delete at any time: runs then "
               "decode the images, export the graphs and time the engines again. "
