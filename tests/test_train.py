@@ -2736,7 +2736,7 @@ def test_fine_tuning_keeps_no_onnx_session_of_stage_1s_backbone(demo_dir, tmp_pa
 
     track = stages.track
     monkeypatch.setattr(stages, "track", counting)
-    train(read_dataset(demo_dir), tiny(tmp_path, runtime="onnx", precision="fp32",
+    train(read_dataset(demo_dir), tiny(tmp_path, runtime="onnx", precision="fp32", device="cpu",
                                        epochs_head=1, epochs_finetune=1),
           tmp_path / "runs", "sessions", quiet=True)
     assert kept == [1]
