@@ -384,6 +384,23 @@ def test_a_run_that_lost_its_config_is_listed_damaged(runs_dir, finished):
         "resume needs it)"
 
 
+def test_a_run_that_lost_its_splits_is_listed_damaged(runs_dir, finished):
+    """A trained run whose splits.csv was deleted was left out of the listing unsaid (as
+    another program's config.yaml), and evaluate called the missing file changed."""
+    lost = _copy(finished, runs_dir / "lost-splits")
+    (lost / "splits.csv").unlink()
+    row = ws.runs(runs_dir).set_index("name").loc["lost-splits"]
+    assert row["status"] == "damaged" and row["detail"] == "splits.csv is missing " \
+        "(evaluate and a resume need it)"
+    with pytest.raises(WingspanError, match="splits.csv is missing") as e:
+        evaluate(lost, progress=False, workers=0, plots=False)
+    assert "Put the run's own splits.csv back" in e.value.hint
+    # Another program's config.yaml alone is still no run.
+    (runs_dir / "other").mkdir()
+    (runs_dir / "other" / "config.yaml").write_text("lr: 1\n")
+    assert "other" not in ws.runs(runs_dir)["name"].tolist()
+
+
 def test_runs_in_a_folder_it_may_not_read_is_a_clear_error(run_cli, runs_dir, monkeypatch):
     import errno
     import pathlib
@@ -614,3 +631,46 @@ def test_a_stopped_run_whose_checkpoint_is_cut_short_is_listed_damaged(finished,
     last.write_bytes(whole[: len(whole) // 2])
     status, detail = _status(runs, "stopped")
     assert status == "damaged" and detail.startswith("checkpoints/last.pt is cut short"), detail
+
+
+def test_runs_say_which_settings_and_splits_tell_the_runs_apart(run_cli, finished, tmp_path,
+                                                                monkeypatch):
+    """Runs of one command but --lr or --label-smoothing read alike in `wingspan runs`, row
+    for row; and a run of another --seed was scored on another split (other images), unsaid."""
+    from wingspan.cli import common as cli
+    from wingspan.training.folder import splits_digest
+
+    runs = tmp_path / "runs"
+    _copy(finished, runs / "a")
+    for name, change in (("lr", {"lr": 0.01}), ("smooth", {"label_smoothing": 0.0})):
+        run = _copy(finished, runs / name)
+        config = yaml.safe_load((run / "config.yaml").read_bytes())
+        (run / "config.yaml").write_text(yaml.safe_dump({**config, **change}))
+    other = _copy(finished, runs / "other-split")  # as --seed 1 splits the data
+    splits = pd.read_csv(other / "splits.csv", dtype=str, keep_default_na=False)
+    first_test = splits.index[splits["split"] == "test"][0]
+    splits.loc[first_test, "split"] = "train"
+    splits.to_csv(other / "splits.csv", index=False)
+    _edit_json(other / "metrics.json", lambda m: {**m, "splits_digest": splits_digest(other)})
+    (runs / "torn").mkdir()  # a run whose config cannot be read tells nothing either way
+    (runs / "torn" / "config.yaml").write_text("lr: [\n")
+    shutil.copy(finished / "splits.csv", runs / "torn" / "splits.csv")
+    lr, smoothing = yaml.safe_load((finished / "config.yaml").read_bytes())["lr"], \
+        yaml.safe_load((finished / "config.yaml").read_bytes())["label_smoothing"]
+    ours, theirs = splits_digest(finished)[:8], splits_digest(other)[:8]
+    changes = {r["name"]: r["changes"] for r in _plain(ws.runs(runs))}
+    assert changes == {
+        "a": f"lr={lr} label_smoothing={smoothing} split={ours}",
+        "lr": f"lr=0.01 label_smoothing={smoothing} split={ours}",
+        "smooth": f"lr={lr} label_smoothing=0.0 split={ours}",
+        "other-split": f"lr={lr} label_smoothing={smoothing} split={theirs}",
+        "torn": None}
+    monkeypatch.setattr(cli.out, "_width", 80)  # beneath the table, a run a line
+    code, out, err = run_cli("runs", runs)
+    assert code == 0, err
+    assert f"  lr: lr=0.01 label_smoothing={smoothing} split={ours}" in out.splitlines()
+    # Runs alike in all but their names: no changes to show.
+    shutil.rmtree(runs / "lr"), shutil.rmtree(runs / "smooth"), shutil.rmtree(other)
+    assert ws.runs(runs)["changes"].isna().all()
+    code, out, _ = run_cli("runs", runs)
+    assert code == 0 and "What differs" not in out

@@ -671,6 +671,15 @@ def default_cache_dir() -> Path:
     return Path(base) / "wingspan"
 
 
+# What a resume may change: where and how the run computes, not what it learns.
+MACHINE_SETTINGS = ("device", "devices", "nodes", "strategy", "workers", "compile")
+# All the TrainConfig settings that change where or how fast a run computes, or what it
+# keeps on disk, not what it learns: a resumed run's may differ (the engines' by
+# $WINGSPAN_PRECISION, say), and `wingspan runs` does not tell runs apart by them.
+NOT_LEARNT = (*MACHINE_SETTINGS, "precision", "runtime", "cache_dir", "checkpoint_minutes",
+              "profile", "keep_feature_cache", "reuse_features")
+
+
 @settings
 class TrainConfig:
     """The two-stage transfer-learning recipe. Saved, resolved, in every run."""
@@ -714,6 +723,11 @@ class TrainConfig:
     # RUN/cache (the features of every training and val image) once the run is done: only
     # a resume reads it, and it took about 380 MB a run for Lite0 at ETHEC's size.
     keep_feature_cache: bool = False
+    # Each image's stage-1 features also under the cache folder's features/, where a later
+    # run on the same images with the same backbone, engine and augmentation finds them
+    # (training.shared_features): only the head and fine-tuning settings changed, its
+    # feature cache is read, not computed.
+    reuse_features: bool = True
     # stage 2: fine-tune the last stages
     epochs_finetune: int = 4
     unfreeze: int | None = None  # None: the backbone's default

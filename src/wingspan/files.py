@@ -365,12 +365,14 @@ class FileArrays:
                     with contextlib.suppress(OSError):
                         os.unlink(entry.path)
 
-    def entry(self, path: str) -> Path | None:
-        """Where `path`'s array is kept, as the file is now (OSError if it is gone)."""
+    def entry(self, path: str, made: str = "") -> Path | None:
+        """Where `path`'s array is kept, as the file is now (OSError if it is gone).
+        `made`: how this array was made, where it differs from file to file."""
         if self.directory is None:
             return None
         size, mtime, ctime = file_stamp(path)
-        key = f"{os.path.abspath(path)}|{size}|{mtime}|{ctime}|{self.key}"
+        key = f"{os.path.abspath(path)}|{size}|{mtime}|{ctime}|{self.key}" + \
+            (f"|{made}" if made else "")
         return self.directory / f"{hashlib.sha1(key.encode()).hexdigest()}.npy"
 
     @staticmethod

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from wingspan.config import RUNS_DIR, UNKNOWN_SCORES
+from wingspan.config import NOT_LEARNT, RUNS_DIR, UNKNOWN_SCORES
 from wingspan.errors import WingspanError, first_line
 from wingspan.evaluate.wording import fairness
 from wingspan.files import csv_on_stdout, write_csv, write_text
@@ -40,7 +40,7 @@ from wingspan.training.folder import (
 COLUMNS = ["name", "status", "detail", "data", "backbone", "levels", "image_size", "seed",
            "selection", "val_macro_f1", "held_out_split", "held_out_macro_f1",
            "held_out_images", "held_out_unreadable", "held_out_evaluated", "best_stage",
-           "best_epoch", "train_seconds", "created", "path"]
+           "best_epoch", "train_seconds", "created", "changes", "path"]
 # Sorted best first; every other column in ascending order (names, dates, seeds...).
 BEST_FIRST = ("val_macro_f1", "held_out_macro_f1")
 INTEGERS = ("image_size", "seed", "best_epoch", "held_out_images", "held_out_unreadable")
@@ -52,6 +52,10 @@ ADAPTED = "done (adapted)"
 LOCK_UNREADABLE = "unknown: cannot read .lock"
 DAMAGED = "damaged"  # `detail` says which file and what is wrong
 FAILED = "failed"  # stopped at an error (bad data, say): `detail` says which
+# Settings that say nothing of the recipe (where and how fast it ran), or that have a column
+# of their own, are left out of `changes`.
+NOT_RECIPE = {*NOT_LEARNT, "backbone", "image_size", "seed", "selection", "level", "levels",
+              "strict"}
 # `status` is one of the constants above, to filter on; `detail` says more where there is
 # more to say: where a stopped run stopped, the error a failed one stopped at, what is
 # wrong with a damaged one.
@@ -86,12 +90,26 @@ def run_table(runs_dir: str | Path, sort: str | None = None) -> pd.DataFrame:
                             hint="Give a folder you may read, or ask its owner for "
                                  "access.") from e
     rows = [row for d in folders if (row := run_row(d)) is not None]
+    _changes(rows)
     frame = pd.DataFrame(rows, columns=COLUMNS)
     for column in (*INTEGERS, *FIGURES):  # whole numbers empty where a run has none (not
         frame[column] = pd.to_numeric(frame[column], errors="coerce")  # 32.0 beside a NaN)
         if column in INTEGERS:
             frame[column] = frame[column].astype("Int64")
     return sort_runs(frame, sort or "created")
+
+
+def _changes(rows: list[dict]) -> None:
+    """Each row's `changes`: its values of the settings that differ among the runs listed
+    ("lr=0.01 label_smoothing=0.0"), and "split=" where their splits differ (held-out
+    figures of two splits are of other images). Three runs of one command but --lr or
+    --label-smoothing read alike, row for row. Drops the rows' private settings."""
+    settings = [row.pop("_settings", None) or {} for row in rows]
+    keys = list(dict.fromkeys(k for s in settings for k in s))
+    # (a setting a run lacks, a stopped run's split say, tells nothing either way)
+    varying = [k for k in keys if len({repr(s[k]) for s in settings if k in s}) > 1]
+    for row, own in zip(rows, settings, strict=True):
+        row["changes"] = " ".join(f"{k}={own[k]}" for k in varying if k in own) or None
 
 
 def _once_each(folders: list[Path]) -> list[Path]:
@@ -167,8 +185,12 @@ def run_row(run_dir: Path) -> dict | None:
     if not configured:
         row.update(status=_LOCKED.get(lock_state(run_dir), SET_UP), created=_stamp(run_dir))
         return row
-    if not (run_dir / SPLITS_FILE).is_file():
-        return None  # another program's config.yaml: train writes both together
+    if not (run_dir / SPLITS_FILE).is_file():  # train writes both together: another
+        if not any((run_dir / f).exists() for f in OWN_FILES):  # program's config.yaml,
+            return None  # or a run that lost its splits.csv (it was left out, unsaid)
+        row.update(status=DAMAGED, detail=f"{SPLITS_FILE} is missing (evaluate and a "
+                   "resume need it)", created=_stamp(run_dir / CONFIG_FILE))
+        return row
     try:
         _read_run(run_dir, row)
     except Damaged as e:
@@ -179,6 +201,8 @@ def run_row(run_dir: Path) -> dict | None:
     return row
 
 
+# What only a wingspan run holds beside its config.yaml.
+OWN_FILES = ("metrics.json", HISTORY_FILE, CHECKPOINTS_DIR, "model/manifest.json")
 _LOCKED = {HELD: TRAINING, UNREADABLE: LOCK_UNREADABLE}  # the status a lock state tells
 
 
@@ -187,6 +211,7 @@ def _read_run(run_dir: Path, row: dict) -> None:
     row["data"] = trained_on(run_dir)
     config = _read(run_dir, CONFIG_FILE)
     row.update({k: config.get(k) for k in ("backbone", "image_size", "seed", "selection")})
+    row["_settings"] = {k: v for k, v in config.items() if k not in NOT_RECIPE}
     manifest = _read(run_dir, "model/manifest.json", missing={})
     classes = manifest.get("classes")
     # The levels learnt, coarse to fine as the bundle orders them (config.yaml keeps them
@@ -238,6 +263,8 @@ def _read_run(run_dir: Path, row: dict) -> None:
         digest = splits_digest(run_dir) if metrics.get("splits_digest") else None
     except (OSError, ValueError, csv.Error) as e:
         raise Damaged(f"{SPLITS_FILE} cannot be read ({first_line(e)})") from e
+    if digest:  # (--seed draws another split too, where the data has none of its own)
+        row["_settings"]["split"] = digest[:8]
     if digest != metrics.get("splits_digest"):  # as evaluate checks it
         raise Damaged(f"{SPLITS_FILE} has changed since the run trained (edited, or damaged): "
                       "evaluate and calibrate refuse it until the run's own is put back")

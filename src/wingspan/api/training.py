@@ -148,7 +148,8 @@ def runs(runs_dir: str | Path = RUNS_DIR, sort: str | None = None) -> pd.DataFra
     data, backbone, image_size, seed, selection, val_macro_f1 (the figure the best epoch
     was chosen on), held_out_macro_f1 (`evaluate`'s on the split nothing was chosen on,
     once run and fair), held_out_evaluated (whether it has been run), best_stage,
-    best_epoch, train_seconds, created, path), oldest first or by the column `sort`
+    best_epoch, train_seconds, created, changes: the settings that differ among the runs
+    and the split where theirs differ, path), oldest first or by the column `sort`
     (scores best first). Folders that are no run are left out.
 
     >>> ws.runs().groupby("backbone")["held_out_macro_f1"].describe()

@@ -49,6 +49,12 @@ def runs_command(
         out.print(f"No runs in {plain(runs_dir)}.")
     else:
         out.print(_runs_table(frame))
+        if not _wide() and frame["changes"].notna().any():  # (a column folded a word a line)
+            out.print("What differs among them (split: a held-out figure of another split "
+                      "is of other images):")
+            for name, changes in frame[["name", "changes"]].itertuples(index=False):
+                if _given(changes):
+                    out.print(f"  {plain(name)}: {plain(changes)}")
         if (frame["status"] == STOPPED).any():
             out.print("A stopped run continues with "
                       f"`{plain(command('train', '--resume', Path(runs_dir) / 'NAME'))}`.")
@@ -83,6 +89,8 @@ _RUN_COLUMNS = [
     ("seconds", lambda r: f"{r['train_seconds']:.1f}" if _given(r["train_seconds"]) else "",
      False),
     ("created", lambda r: str(r["created"])[:16], False),
+    # What tells runs of one command apart: the settings that differ among them
+    ("changes", lambda r: _cell(r["changes"]), False),
 ]
 
 
@@ -98,7 +106,7 @@ def _runs_table(frame):
         TRAINING,
     )
 
-    wide = out.width >= 150
+    wide = _wide()
     shown = [c for c in _RUN_COLUMNS if wide or c[2]]
     table = folded_table(*(header for header, _, _ in shown), box=box.SIMPLE_HEAD)
     colours = {DONE: "green", ADAPTED: "green", TRAINING: "cyan", STOPPED: "yellow",
@@ -110,9 +118,16 @@ def _runs_table(frame):
     table.caption = ("val F1: the macro-F1 the best epoch was chosen on (optimistic); "
                      "held-out F1: on the split nothing was chosen on, once `wingspan "
                      "evaluate RUN` has scored it"
+                     + ("; changes: the settings that differ among the runs (split: a "
+                        "held-out figure of another split is of other images)" if wide else "")
                      + ("" if wide else "; data, size, selection, seconds and created in a "
                         "wider terminal or with --output"))
     return table
+
+
+def _wide() -> bool:
+    """Room for every column; else the main ones (and `changes` beneath the table)."""
+    return out.width >= 150
 
 
 def _given(value) -> bool:

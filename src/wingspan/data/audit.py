@@ -219,6 +219,7 @@ def _features(paths: list[str], name: str, config: AuditConfig, progress: bool
     from wingspan.config import AugmentConfig
     from wingspan.data.transforms import eval_transform
     from wingspan.models import create_classifier, resolve_policy
+    from wingspan.models.weights import weights_digest
     from wingspan.training.data import default_workers, room_for_workers
 
     model, loaded = create_classifier(name, {"label": 2}, config.weights)
@@ -229,7 +230,7 @@ def _features(paths: list[str], name: str, config: AuditConfig, progress: bool
     # on an AMX Xeon, 9 in fp32.) The preprocessing is: a run trained
     # at 96 px and ImageNet's 224 px see other features in the same weights.
     # A pixel budget decodes large images otherwise: its features are its own.
-    made = (f"{name}|{_fingerprint(loaded.state_dict)}|{pre.input_size}|{pre.crop_pct}|"
+    made = (f"{name}|{weights_digest(loaded.state_dict)}|{pre.input_size}|{pre.crop_pct}|"
             f"{pre.interpolation}|{pre.mean}|{pre.std}{budget_key(max_pixels())}"
             if config.cache and loaded else "")
     # Each image's features, then its 64 hash bits, in one array.
@@ -306,17 +307,6 @@ def _entry(cache: FileArrays, path: str) -> Path | None:
         return cache.entry(path)
     except OSError:  # gone: reading it says so
         return None
-
-
-def _fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
-    """The weights' content (not where they came from: a file replaced in place, or the
-    same weights found first by download and then in the hub cache)."""
-    digest = hashlib.sha1()
-    for key in sorted(state_dict):
-        digest.update(key.encode())
-        tensor = state_dict[key].detach().cpu().contiguous().reshape(-1)
-        digest.update(tensor.view(torch.uint8).numpy())
-    return digest.hexdigest()
 
 
 def label_issues(table: pd.DataFrame, features: torch.Tensor, level: str,

@@ -69,6 +69,9 @@ class SmallOnClutter:
     def __init__(self, p: float = 0.5, area: tuple[float, float] = (0.15, 0.6)):
         self.p, self.area = p, area
 
+    def __repr__(self) -> str:  # (as torchvision's: the features kept across runs key on it)
+        return f"{type(self).__name__}(p={self.p}, area={self.area})"
+
     def __call__(self, image):
         from PIL import Image, ImageFilter, ImageOps
 

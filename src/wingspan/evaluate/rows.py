@@ -52,6 +52,11 @@ def _check_splits_unchanged(run_dir: Path, command: str) -> None:
         kept = json.loads((run_dir / "metrics.json").read_text()).get("splits_digest")
     except (OSError, ValueError, AttributeError):  # none (older runs, adapted copies)
         return
+    if kept and not (run_dir / SPLITS_FILE).is_file():  # (it read "has changed")
+        raise WingspanError(f"{run_dir / SPLITS_FILE} is missing: the run's splits, its "
+                            "test split among them, are gone.",
+                            hint=f"Put the run's own splits.csv back, or {command} on other "
+                                 f"data: `wingspan {command} {run_dir} DATA`.")
     if kept and kept != splits_digest(run_dir):
         raise WingspanError(
             f"{run_dir / 'splits.csv'} has changed since the run trained (edited, or "

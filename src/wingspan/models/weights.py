@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import hashlib
 import importlib.util
 import os
 import pickle  # (its error type only: nothing is unpickled but tensors)
@@ -436,3 +437,15 @@ def find_offline(spec: BackboneSpec) -> str | None:
         if path.is_file():
             return source
     return "package" if _package_file(spec) else None
+
+
+def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """The weights' content (not where they came from: a file replaced in place, or the
+    same weights found first by download and then in the hub cache): the key of caches of
+    what they compute (data audit's features, a run's shared_features)."""
+    digest = hashlib.sha1()
+    for key in sorted(state_dict):
+        digest.update(key.encode())
+        tensor = state_dict[key].detach().cpu().contiguous().reshape(-1)
+        digest.update(tensor.view(torch.uint8).numpy())
+    return digest.hexdigest()

@@ -1,6 +1,6 @@
 """Training: the two-stage recipe, the feature and decode caches, checkpoints and resume.
 
-`train`, `resume` and `MACHINE_SETTINGS` load what they need when first used, so that
+`train` and `resume` load what they need when first used, so that
 predict, evaluate and serve, which need only this package's data helpers, start without
 the training stack (scikit-learn's model selection, the schedulers).
 
@@ -19,8 +19,8 @@ def __getattr__(name: str):
         from wingspan.training.run import train
 
         return train
-    if name == "MACHINE_SETTINGS":  # (with torch and Fabric)
-        from wingspan.training.context import MACHINE_SETTINGS
+    if name == "MACHINE_SETTINGS":
+        from wingspan.config import MACHINE_SETTINGS
 
         return MACHINE_SETTINGS
     if name == "resume":

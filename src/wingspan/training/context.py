@@ -14,7 +14,7 @@ import torch
 from lightning_fabric import Fabric
 from rich.console import Console
 
-from wingspan.config import TrainConfig
+from wingspan.config import NOT_LEARNT, TrainConfig
 from wingspan.data.taxonomy import Taxonomy
 from wingspan.errors import WingspanError, first_line
 from wingspan.files import atomic_path, write_text
@@ -31,17 +31,11 @@ from wingspan.training.folder import (
     splits_digest,
 )
 
-# What a resume may change: where and how the run computes, not what it learns.
-MACHINE_SETTINGS = ("device", "devices", "nodes", "strategy", "workers", "compile")
-
 
 def learning_settings(config: TrainConfig) -> dict:
-    """The settings a resumed run must keep (as JSON gives them back): all but the machine's,
-    the engines, which the environment may set ($WINGSPAN_PRECISION), and those that change
-    nothing learnt (where decodes are cached, how often to checkpoint, --profile)."""
-    skip = {*MACHINE_SETTINGS, "precision", "runtime", "cache_dir", "checkpoint_minutes",
-            "profile"}
-    return json.loads(json.dumps({k: v for k, v in asdict(config).items() if k not in skip},
+    """The settings a resumed run must keep (as JSON gives them back): all but NOT_LEARNT."""
+    return json.loads(json.dumps({k: v for k, v in asdict(config).items()
+                                  if k not in NOT_LEARNT},
                                  default=str))  # (a Path given in Python, say)
 
 

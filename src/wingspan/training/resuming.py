@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from wingspan.config import ReadConfig, TrainConfig, check_names
+from wingspan.config import MACHINE_SETTINGS, ReadConfig, TrainConfig, check_names
 from wingspan.data import read_dataset
 from wingspan.data.csvfiles import name_as_read
 from wingspan.data.images import call_budget, chosen_budget
@@ -27,7 +27,7 @@ from wingspan.models.bundle import is_complete, read_manifest
 from wingspan.models.policy import check_engine_settings
 from wingspan.parallel import check_default_dtype
 from wingspan.training.checkpoint import load_checkpoint
-from wingspan.training.context import MACHINE_SETTINGS, Run, learning_settings
+from wingspan.training.context import Run, learning_settings
 from wingspan.training.folder import (
     CHECKPOINTS_DIR,
     CONFIG_FILE,

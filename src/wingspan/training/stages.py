@@ -47,6 +47,7 @@ from wingspan.training.finetune_engine import finetune_parts, prefixed_pass
 from wingspan.training.folder import feature_cache_file, last_checkpoint
 from wingspan.training.prepare import Weighting, balance
 from wingspan.training.schedule import StageSchedule, make_optimizer
+from wingspan.training.shared_features import SharedFeatures
 
 # In a distributed run, how often (in steps) rank 0 is asked whether a checkpoint is due.
 CHECKPOINT_POLL_STEPS = 20
@@ -280,27 +281,47 @@ def extract_features(run: Run, views: int) -> tuple[torch.Tensor, torch.Tensor]:
     jobs = [(run.data.train_clean, 0, train[:, 0])]
     jobs += [(run.data.train, v, train[:, v]) for v in range(1, views + 1)]
     jobs += [(run.data.val, 0, val)]
+    store, reused = SharedFeatures.for_run(run), 0  # what earlier runs computed
     with Bar(n * (views + 1) + m, "Caching backbone features", run.show_progress) as bar:
         for images, view, out in jobs:
             mine = shard(len(images), run.fabric)
             part = torch.empty(len(mine), width)
-            loader = make_loader(images, fixed_batches(mine, run.config.batch_size, view),
-                                 run.workers, pin=run.device.type == "cuda")
+            todo, entries = list(mine), {}
+            if store:
+                entries = {i: store.entry(images, i, view) for i in mine}
+                kept = {i: f for i in mine if (f := store.get(entries[i])) is not None}
+                for i, f in kept.items():
+                    part[(i - run.fabric.global_rank) // world] = f
+                todo = [i for i in mine if i not in kept]
+                reused += len(kept)
+                bar.advance(len(kept) * world)
+            loader = make_loader(images, fixed_batches(todo, run.config.batch_size, view),
+                                 run.workers if todo else 0, pin=run.device.type == "cuda")
             for x, _, idx, failed in loader:
                 run.note_unreadable(failed)
                 if len(idx):
-                    part[(idx - run.fabric.global_rank) // world] = features(x)
+                    computed = features(x)
+                    part[(idx - run.fabric.global_rank) // world] = computed
+                    for i, f in zip(idx.tolist(), computed, strict=True) if store else ():
+                        store.put(entries[i], f)
                 bar.advance((len(idx) + len(failed)) * world)
             out.copy_(gather_shards(run.fabric, part, len(images)))
     run.share_unreadable()
+    reused = sum(r for counts in gather_objects(run.fabric, [reused]) for r in counts)
     seconds = time.perf_counter() - start
     run.state.stage_seconds["head"] = run.state.stage_seconds.get("head", 0.0) + seconds
     run.timing("head", "feature_cache", seconds)
     # Of the images read: unreadable ones have no features (and are listed above).
     n, m = int(run.readable(run.data.train).sum()), int(run.readable(run.data.val).sum())
+    computed = n * (views + 1) + m - reused
+    rate = f"{computed / seconds:.1f} images/s" + (f" over {world} processes" if world > 1
+                                                   else "")
+    if reused:
+        rate = (f"{reused} of them computed by an earlier run and read from "
+                f"{store.arrays.directory}" + (f"; {rate} for the other {computed}"
+                                               if computed else ""))
     run.log(f"Cached features of {n} training images x {views + 1} views and {m} validation "
-            f"images in {seconds:.1f}s ({(n * (views + 1) + m) / seconds:.1f} images/s"
-            + (f" over {world} processes)" if world > 1 else ")"))
+            f"images in {seconds:.1f}s ({rate})")
     if run.is_main:  # a kill leaves no half-written cache
         with atomic_path(path) as tmp:
             save_file({"train": train.contiguous(), "val": val.contiguous(),

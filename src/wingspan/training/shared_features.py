@@ -1,0 +1,94 @@
+"""Stage 1's backbone features of each image, kept under the cache folder for later runs.
+
+A user iterating on a recipe trains on the same images again and again, changing the head
+stage's learning rate, its epochs, the label smoothing or the fine-tuning: the frozen
+backbone's features of those images are the same each time, and computing them was a
+sixth of a Leeds run (11 s of 65 s for Lite0, on a 2-core Xeon) and most of an hour at
+ETHEC's size on a CPU. The run's own cache (RUN/cache) serves only its resume, and goes
+when it is done. Hand-written over files.FileArrays (an array per image, keyed by the
+file's path and state): no library keys a feature cache by how the features were made.
+
+An image's entry is keyed by everything its features depend on: the backbone's weights
+(their content), how the image is decoded and transformed, the engine that ran the
+backbone (bf16 features are not fp32's), the source of the code on that path, and for an
+augmented view the seed its crop was drawn with (so the same split, seed and augmentation
+find it, and any other does not). Random weights (`--weights none`) are not kept: nobody
+repeats such a run for its features, and the test suite's tiny runs keep their own work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+import torch
+
+from wingspan.config import default_cache_dir
+from wingspan.data.images import budget_key
+from wingspan.files import FileArrays
+from wingspan.models.weights import weights_digest
+from wingspan.training.data import LabelledImages, item_seed
+
+FOLDER = "features"  # under the cache folder (doctor lists it)
+# The modules whose code turns a file into its features: an edit to any of them (a new
+# augmentation, another pooling) must not be handed the features of the old one.
+CODE = ("wingspan.data.images", "wingspan.data.transforms", "wingspan.training.decode_cache",
+        "wingspan.training.data", "wingspan.models.backbone", "wingspan.models.classifier",
+        "wingspan.models.engine", "wingspan.models.runtime")
+
+
+def code_digest(modules: tuple[str, ...] = CODE) -> str:
+    digest = hashlib.sha1()
+    for name in modules:
+        digest.update(Path(sys.modules[name].__file__).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+class SharedFeatures:
+    """Each image's features under `directory`, for a model made as `how` says."""
+
+    def __init__(self, directory: Path | None, how: str, width: int):
+        self.arrays, self.width = FileArrays(directory, how), width
+
+    @classmethod
+    def for_run(cls, run) -> SharedFeatures | None:
+        """The store a run's feature cache reads and adds to; None where it keeps nothing:
+        random weights, `reuse_features: false`, or no engine chosen yet."""
+        config, choice = run.config, run.policy.frozen
+        if config.weights == "none" or not config.reuse_features or choice is None:
+            return None
+        import torchvision
+
+        model = run.model
+        how = (f"{config.backbone}|{weights_digest(model.backbone.state_dict())}"
+               f"|{choice.engine.name}|{run.device.type}|cl{int(run.policy.channels_last)}"
+               f"|torch {torch.__version__}|tv {torchvision.__version__}|{code_digest()}")
+        if choice.engine.runtime == "onnx":
+            import onnxruntime
+
+            how += f"|ort {onnxruntime.__version__}"
+        root = Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir()
+        return cls(root / FOLDER, how, model.backbone.num_features)
+
+    def entry(self, images: LabelledImages, index: int, view: int) -> Path | None:
+        """Where image `index` of `images` seen in `view` (0: clean, as `images`'s own
+        transform makes it) is kept; None for a file gone (reading it says so)."""
+        made = (f"{images.transform!r}|{images.size}|{images.cache.short_side}|"
+                f"{images.cache.interpolation}{budget_key(images.cache.budget)}")
+        if view:  # an augmented crop: the one this seed draws
+            made += f"|seed {item_seed(images.seed, 0, index, view)}"
+        try:
+            return self.arrays.entry(images.paths[index], made)
+        except OSError:
+            return None
+
+    def get(self, entry: Path | None) -> torch.Tensor | None:
+        array = self.arrays.get(entry)
+        # (an entry written over, or of a backbone of another width: a miss)
+        if array is None or array.shape != (self.width,) or array.dtype.name != "float32":
+            return None
+        return torch.from_numpy(array)
+
+    def put(self, entry: Path | None, features: torch.Tensor) -> None:
+        self.arrays.put(entry, features.float().numpy())
