@@ -6,6 +6,7 @@ import re
 import shutil
 
 import pandas as pd
+import pytest
 from PIL import Image
 from safetensors.torch import load_file
 from test_train import tiny
@@ -56,6 +57,8 @@ def test_a_second_run_reads_the_features_the_first_computed(demo_dir, tmp_path):
     # Random weights keep nothing, and `reuse_features: false` reads nothing.
     none = run(data, tmp_path / "none", "none")
     assert cached(none)[2] == 0 and not (tmp_path / "none" / "cache" / "features").exists()
+    none = run(data, tmp_path / "None", "None", weights="None")  # (random weights too)
+    assert cached(none)[2] == 0 and not (tmp_path / "None" / "cache" / "features").exists()
     off = run(data, tmp_path, "off", weights=weights, reuse_features=False)
     assert cached(off) == (n, m, 0)
 
@@ -75,3 +78,21 @@ def test_another_seed_or_an_edited_photo_is_computed_again(demo_dir, tmp_path):
     Image.open(photo).rotate(90).save(photo)
     again = run(read_dataset(tmp_path / "data"), tmp_path, "again", weights=weights)
     assert cached(again) == (n, m, 2 * n + m - 1)
+
+
+@pytest.mark.parametrize("changed", ["timm", "machine"])
+def test_another_timm_or_machine_computes_again(demo_dir, tmp_path, monkeypatch, changed):
+    """timm builds and runs the backbone: a new release computes otherwise from the same
+    weights (as the engines' cache knows), and so do another machine's kernels (TF32 on an
+    A100, AMX's bf16), where a cache folder in a shared home serves several. Each read the
+    first run's features."""
+    import timm
+    import torch
+
+    data, weights = read_dataset(demo_dir), weights_file(tmp_path)
+    n, m, _ = cached(run(data, tmp_path, "first", weights=weights))
+    if changed == "timm":
+        monkeypatch.setattr(timm, "__version__", timm.__version__ + ".post1")
+    else:
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "ANOTHER")
+    assert cached(run(data, tmp_path, "second", weights=weights)) == (n, m, 0)

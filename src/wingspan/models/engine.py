@@ -90,6 +90,18 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def processor(device: torch.device) -> str:
+    """What runs the kernels on `device`: the GPU's name, or the CPU's with the instruction
+    sets that pick its kernels. The CPU's name alone is not enough: VMs here report "AMD
+    EPYC" for an AVX2-only part and for one with AVX-512 bf16, where the fastest engines
+    differ (and bf16 computes otherwise)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    fast = sorted({"avx2", "avx512f", "avx512_bf16", "amx_bf16"} & cpu_flags())
+    return (f"{cpu_name()} ({' '.join(fast)}; torch "
+            f"{torch.backends.cpu.get_cpu_capability()})")
+
+
 def own_random_stream(device: torch.device):
     """A context in which random draws (dropout while timing) leave the run's streams as
     they were: the CPU's and, on a GPU, that GPU's."""
@@ -245,13 +257,8 @@ def engine_key(kind: str, model: str, size: int, batch_size: int, device: torch.
         import onnxruntime
 
         ort = onnxruntime.__version__
-    # The CPU's name alone is not enough: VMs here report "AMD EPYC" for an AVX2-only part
-    # and for one with AVX-512 bf16, where the fastest engines differ.
-    fast = sorted({"avx2", "avx512f", "avx512_bf16", "amx_bf16"} & cpu_flags())
-    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
-             else f"{cpu_name()} ({' '.join(fast)}; torch "
-             f"{torch.backends.cpu.get_cpu_capability()}) x{usable_cores()}, "
-             f"{torch.get_num_threads()} threads")
+    where = processor(device) + ("" if device.type == "cuda" else
+                                 f" x{usable_cores()}, {torch.get_num_threads()} threads")
     return {"kind": kind, "model": model, "size": size, "batch_size": batch_size,
             "rule": CHOICE_RULE,
             "device": f"{device.type}: {where}", "torch": torch.__version__,

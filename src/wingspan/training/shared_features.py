@@ -27,6 +27,7 @@ import torch
 from wingspan.config import default_cache_dir
 from wingspan.data.images import budget_key
 from wingspan.files import FileArrays
+from wingspan.models.engine import processor
 from wingspan.models.weights import weights_digest
 from wingspan.training.data import LabelledImages, item_seed
 
@@ -35,7 +36,9 @@ FOLDER = "features"  # under the cache folder (doctor lists it)
 # augmentation, another pooling) must not be handed the features of the old one.
 CODE = ("wingspan.data.images", "wingspan.data.transforms", "wingspan.training.decode_cache",
         "wingspan.training.data", "wingspan.models.backbone", "wingspan.models.classifier",
-        "wingspan.models.engine", "wingspan.models.runtime")
+        "wingspan.models.engine", "wingspan.models.runtime",
+        # (a name's timm architecture and its arguments: the same weights, other features)
+        "wingspan.models.registry")
 
 
 def code_digest(modules: tuple[str, ...] = CODE) -> str:
@@ -56,14 +59,24 @@ class SharedFeatures:
         """The store a run's feature cache reads and adds to; None where it keeps nothing:
         random weights, `reuse_features: false`, or no engine chosen yet."""
         config, choice = run.config, run.policy.frozen
-        if config.weights == "none" or not config.reuse_features or choice is None:
+        # (any case: resolve_weights takes "None", a YAML file's or Python's spelling)
+        if str(config.weights).lower() == "none" or not config.reuse_features or \
+                choice is None:
             return None
+        import PIL
+        import timm
         import torchvision
 
         model = run.model
+        # timm builds and runs the backbone, Pillow decodes (a release of either computes
+        # otherwise from the same weights and files), and the kernels are the machine's: an
+        # A100 convolves "fp32" in TF32 where a V100 does not, AMX's bf16 is not AVX-512's.
+        # A cache folder in a cluster's shared home is read by all of them.
         how = (f"{config.backbone}|{weights_digest(model.backbone.state_dict())}"
-               f"|{choice.engine.name}|{run.device.type}|cl{int(run.policy.channels_last)}"
-               f"|torch {torch.__version__}|tv {torchvision.__version__}|{code_digest()}")
+               f"|{choice.engine.name}|{run.device.type}: {processor(run.device)}"
+               f"|cl{int(run.policy.channels_last)}|torch {torch.__version__}"
+               f"|tv {torchvision.__version__}|timm {timm.__version__}|pil {PIL.__version__}"
+               f"|{code_digest()}")
         if choice.engine.runtime == "onnx":
             import onnxruntime
 

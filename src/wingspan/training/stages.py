@@ -287,14 +287,16 @@ def extract_features(run: Run, views: int) -> tuple[torch.Tensor, torch.Tensor]:
             mine = shard(len(images), run.fabric)
             part = torch.empty(len(mine), width)
             todo, entries = list(mine), {}
-            if store:
-                entries = {i: store.entry(images, i, view) for i in mine}
-                kept = {i: f for i in mine if (f := store.get(entries[i])) is not None}
-                for i, f in kept.items():
-                    part[(i - run.fabric.global_rank) // world] = f
-                todo = [i for i in mine if i not in kept]
-                reused += len(kept)
-                bar.advance(len(kept) * world)
+            if store:  # (about 0.2 ms an image: 16 s at ETHEC's size, so on the bar)
+                todo = []
+                for i in mine:
+                    entries[i] = store.entry(images, i, view)
+                    if (kept := store.get(entries[i])) is None:
+                        todo.append(i)
+                    else:
+                        part[(i - run.fabric.global_rank) // world] = kept
+                        bar.advance(world)
+                reused += len(mine) - len(todo)
             loader = make_loader(images, fixed_batches(todo, run.config.batch_size, view),
                                  run.workers if todo else 0, pin=run.device.type == "cuda")
             for x, _, idx, failed in loader:
