@@ -725,3 +725,28 @@ def test_long_class_names_and_paths_break_at_their_parts_in_audit_cards(tmp_path
                 width, path_lines)
             page.close()
         browser.close()
+
+
+def test_audit_cards_say_which_images_cleanlab_flagged(tmp_path):
+    """The lowest label qualities are not all flagged (on the demo data 6 of the 10 first
+    were): a card says in words whether it is, which no card said."""
+    import re
+
+    from wingspan.config import AuditConfig
+    from wingspan.data.audit import gallery
+
+    image = tmp_path / "a.jpg"
+    Image.new("RGB", (32, 32), (90, 120, 200)).save(image)
+    issues = pd.DataFrame({"rank": [1, 2, 3], "path": [str(image)] * 3, "split": "-",
+                           "label": ["monarch", "admiral", "white"],
+                           "suspected": ["admiral", "monarch", "monarch"],
+                           "label_quality": [0.01, 0.02, 0.03],
+                           "suspected_probability": 0.6, "flagged": [True, False, True]})
+    duplicates = pd.DataFrame(columns=["path_a", "path_b", "label_a", "label_b", "split_a",
+                                       "split_b", "similarity", "hash_distance",
+                                       "across_splits", "labels_differ", "group",
+                                       "group_size"])
+    page = gallery(issues, duplicates, "label", AuditConfig(), "x", {})
+    cards = page.split("<div class='c'>")[1:]
+    said = [bool(re.search(r">flagged</b> by cleanlab", c)) for c in cards]
+    assert said == [True, False, True], cards

@@ -998,3 +998,13 @@ def test_train_whose_messages_reader_went_says_so_in_its_log(demo_dir, tmp_path)
     assert log[-1].split(" ", 1)[1].startswith(
         "Stopped: the reader of its messages went away (`| head`, a pager quit). "), log[-3:]
     assert "wingspan train --resume " in log[-1]
+
+
+@pytest.mark.parametrize("typed", ["--epoch", "--epochs", "--epoch-head"])
+def test_a_misspelt_option_suggests_every_option_it_begins(run_cli, demo_dir, typed):
+    """`--epoch 3` suggested --epochs-head alone: --epochs-finetune, as near a meaning, was
+    past difflib's cut-off."""
+    code, _, err = run_cli("train", demo_dir, typed, "3")
+    said = " ".join(err.replace("│", " ").split())
+    assert code == 2 and f"No such option: {typed}" in said, err
+    assert "--epochs-head" in said and "--epochs-finetune" in said, err

@@ -312,3 +312,55 @@ def test_a_coarse_maps_evidence_is_placed_by_the_map_a_stride_finer():
     cam = grad_cam(FakePredictor(), x, target=1)
     assert cam[0, 0] > 0.9
     assert cam[3, 3] < 0.2 and cam[2:4, 2:4].mean() < 0.2  # (the 3 x 3 map's cell, outside)
+
+
+def test_explain_says_how_many_earlier_overlays_it_replaced(run_dir, demo_dir, tmp_path,
+                                                           run_cli):
+    """Its folder (RUN/explain by default) keeps every call's overlays, and a photo named as
+    one explained before took that overlay's place without a word."""
+    images = [str(p) for p in sorted(demo_dir.rglob("*.jpg"))[:2]]
+    code, out, err = run_cli("explain", run_dir, images[0], "--out", tmp_path / "x", "-q")
+    assert code == 0 and "replaced" not in out, (out, err)
+    code, out, err = run_cli("explain", run_dir, *images, "--out", tmp_path / "x", "-q")
+    assert code == 0 and " ".join(out.split()) == (
+        f"2 overlays in {tmp_path / 'x'} (1 overlay replaced an earlier one of the same "
+        "name)"), (out, err)
+    code, out, err = run_cli("explain", run_dir, *images, "--out", tmp_path / "x")
+    assert code == 0 and "2 overlays replaced earlier ones of the same name in " \
+        f"{tmp_path / 'x'}" in " ".join(out.split()), (out, err)
+
+
+def test_predict_explain_and_evaluate_say_what_a_ctrl_c_left(run_dir, demo_dir, tmp_path,
+                                                             run_cli, monkeypatch):
+    """Stopped by Ctrl-C (or SIGTERM) they ended 130 without a word, as train and `data
+    audit` do not: one line says what was kept."""
+    import wingspan.evaluate.run
+    import wingspan.explain
+    import wingspan.predict
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    images = [str(p) for p in sorted(demo_dir.rglob("*.jpg"))[:2]]
+    (tmp_path / "old.csv").write_text("path\n")
+    monkeypatch.setattr(wingspan.predict, "predict", interrupted)
+    code, out, err = run_cli("predict", run_dir, *images, "--output", tmp_path / "old.csv")
+    said = " ".join(err.split())
+    assert code == 130 and "Stopped: no prediction was shown or written; " \
+        f"{tmp_path / 'old.csv'} is as it was" in said, err
+    assert (tmp_path / "old.csv").read_text() == "path\n"
+    real = wingspan.explain.explain_each
+
+    def one_then_interrupted(*args, **kwargs):
+        yield next(real(*args, **kwargs))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(wingspan.explain, "explain_each", one_then_interrupted)
+    code, out, err = run_cli("explain", run_dir, *images, "--out", tmp_path / "x", "-q")
+    said = " ".join(err.split())
+    assert code == 130 and f"Stopped: 1 overlay of 2 written, kept in {tmp_path / 'x'}" \
+        in said, err
+    assert len(list((tmp_path / "x").glob("*.png"))) == 1
+    monkeypatch.setattr(wingspan.evaluate.run, "evaluate", interrupted)
+    code, out, err = run_cli("evaluate", run_dir)
+    assert code == 130 and "Stopped: this evaluation wrote nothing" in err, err

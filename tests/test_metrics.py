@@ -727,3 +727,30 @@ def test_a_reports_overview_with_a_long_path_fits_a_phone_and_the_keyboard(tmp_p
             box => box.scrollWidth <= box.clientWidth)""")  # (nothing hidden to scroll to)
         assert accessibility_problems(page) == []
         browser.close()
+
+
+def test_figures_too_small_to_show_are_not_shown_as_zero(tmp_path):
+    """A weak 500-class model's most confident mistake at p 0.003 was captioned "p = 0.00",
+    an audit's label quality of 2e-5 "quality 0.000": as if none at all. The files keep the
+    numbers; only what a reader sees says "< 0.01"."""
+    from wingspan.config import AuditConfig
+    from wingspan.data.audit import gallery
+    from wingspan.errors import rounded
+
+    assert rounded(0.003, 2) == "< 0.01" and rounded(0.006, 2) == "0.01"
+    assert rounded(0.0, 2) == "0.00" and rounded(0.35, 2) == "0.35"
+    assert rounded(2e-5, 3) == "< 0.001" and rounded(0.0006, 3) == "0.001"
+    told = {"true": "a", "predicted": "b", "probability": 0.003}
+    assert plots.mistake_title(told).endswith("p < 0.01")
+    assert plots.mistake_title({**told, "probability": 0.35}).endswith("p = 0.35")
+    image = tmp_path / "a.jpg"
+    Image.new("RGB", (32, 32), (90, 120, 200)).save(image)
+    issues = pd.DataFrame({"rank": [1], "path": [str(image)], "split": "-", "label": ["a"],
+                           "suspected": ["b"], "label_quality": [2e-5],
+                           "suspected_probability": [0.9], "flagged": [True]})
+    duplicates = pd.DataFrame(columns=["path_a", "path_b", "label_a", "label_b", "split_a",
+                                       "split_b", "similarity", "hash_distance",
+                                       "across_splits", "labels_differ", "group",
+                                       "group_size"])
+    page = gallery(issues, duplicates, "label", AuditConfig(), "x", {})
+    assert "quality &lt; 0.001" in page and "quality 0.000" not in page

@@ -195,6 +195,14 @@ def counted(n: int, noun: str, plural: str | None = None) -> str:
     return f"{n} {noun if n == 1 else plural or regular}"
 
 
+def rounded(value: float, digits: int) -> str:
+    """A share or probability as shown to a reader, to `digits` decimals; one too small
+    for them is "< 0.01", not "0.00", which read as none at all (a weak model's mistake
+    at 0.003, an audit's label quality of 2e-5). The CSVs and JSON keep the numbers."""
+    least = 10.0 ** -digits
+    return f"< {least:.{digits}f}" if 0 < value < least / 2 else f"{value:.{digits}f}"
+
+
 def none_read(n: int, noun: str, where: str = "", of: str = "the", example: str = "") -> str:
     """'None of the 3 images in X could be read, e.g. WHY', 'The only image in X could not
     be read: WHY': that none of n things could be read, said naturally for one."""

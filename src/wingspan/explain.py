@@ -41,6 +41,7 @@ class Explanation:
     answer: str = ""  # what `wingspan predict` answers: `label`, a coarser class or "unknown"
     otherwise: bool = False  # that answer is not `label` (told by its level: a class may be
     #                          named "unknown")
+    replaced: bool = False  # `png` was there before, an earlier call's (of the same name)
 
 
 def grad_cam(predictor: Predictor, image: torch.Tensor, target: int) -> np.ndarray:
@@ -166,6 +167,7 @@ def explain_each(model: str | Path, images: list[str], out: str | Path,
         x = view(picture)
         e, title = explain_view(predictor, x)
         e.path, e.png = path, out / f"{_unique_name(Path(path), taken, shared)}.gradcam.png"
+        e.replaced = e.png.exists()
         save_overlay(model_view(x, predictor), e.heatmap, title, e.png)
         yield e
 

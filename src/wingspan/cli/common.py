@@ -95,6 +95,18 @@ def run_first(name: str, model, others):
                             + command(name, other, model, *rest) + "`.") from None
 
 
+@contextlib.contextmanager
+def stopped_said(kept):
+    """Around a command's work: a Ctrl-C (or SIGTERM) says in a line what is left, `kept()`,
+    as train and `data audit` say theirs (typer ended the others with 130 and not a word:
+    was the output half written, or the earlier one lost?)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        err.print(f"Stopped: {kept()}", highlight=False)
+        raise
+
+
 def make_config(ctx: typer.Context, make, *args, renamed: dict[str, str] | None = None,
                 **values):
     """`make(*args, **values)`: a config, whose errors name the options typed on the command

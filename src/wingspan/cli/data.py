@@ -43,7 +43,7 @@ from wingspan.config import (
     SplitConfig,
     TrainConfig,
 )
-from wingspan.errors import WingspanError, command, counted, some
+from wingspan.errors import WingspanError, command, counted, rounded, some
 
 
 @data_app.command("inspect")
@@ -246,7 +246,7 @@ def data_audit(
                       f"{plain(r.suspected)} ({r.suspected_probability:.2f})"
                       if r.suspected != r.label else
                       f"its own label ({r.suspected_probability:.2f})",
-                      f"{r.label_quality:.3f}")
+                      rounded(r.label_quality, 3))
     out.print(table)
     out.print(f"The head that checks the labels: {checker_said(result.checker)}")
     if result.checker["weak"]:

@@ -20,6 +20,7 @@ from wingspan.cli.common import (
     plain,
     run_first,
     skipped,
+    stopped_said,
     strict_exit,
 )
 from wingspan.cli.options import (
@@ -85,7 +86,9 @@ def evaluate_command(
     model is not changed (see `wingspan calibrate`)."""
     from wingspan.evaluate.run import evaluate
 
-    with run_first("evaluate", model, [data] if data else []):
+    # (its folder is written aside and moved in place at the end: see evaluate.folder)
+    with stopped_said(lambda: "this evaluation wrote nothing; any earlier one in its folder "
+                      "is as it was"), run_first("evaluate", model, [data] if data else []):
         result = evaluate(model, data, split, out_dir, progress=not quiet,
                           batch_size=batch_size, workers=workers, runtime=runtime,
                           precision=precision, device=device,

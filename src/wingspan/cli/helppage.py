@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import typer.core
 
+try:  # (typer 0.2x parses with its own copy of click)
+    from typer._click.exceptions import NoSuchOption
+except ImportError:
+    from click.exceptions import NoSuchOption
+
 
 def install() -> None:
     """In typer's place, where typer has what it takes (0.2x; an older one lays out its own)."""
@@ -28,6 +33,13 @@ def install() -> None:
 
 
 class Command(typer.core.TyperCommand):
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except NoSuchOption as e:
+            e.possibilities = near_options(e.option_name, e.possibilities, self.params)
+            raise
+
     def format_help(self, ctx, formatter) -> None:
         install()
         params = self.params  # the panels in one order in every command (typer: as met)
@@ -42,6 +54,17 @@ class Group(typer.core.TyperGroup):
     def format_help(self, ctx, formatter) -> None:
         install()
         super().format_help(ctx, formatter)
+
+
+def near_options(typed: str, close, params) -> list[str]:
+    """The options to suggest for a misspelt one: click's close matches, and every option
+    that begins with what was typed (a typed `epoch` option suggested --epochs-head alone, its
+    --epochs-finetune too far by difflib's measure to be named)."""
+    close = list(close or [])
+    if typed.startswith("--") and len(typed) >= 5:  # (not "--e": most of train's options)
+        close += [o for p in params for o in (*p.opts, *p.secondary_opts)
+                  if o.startswith(typed) and o not in close]
+    return close
 
 
 def _panel_rank(param) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated
 
@@ -19,6 +20,7 @@ from wingspan.cli.common import (
     plain,
     run_first,
     skipped,
+    stopped_said,
     strict_exit,
 )
 from wingspan.cli.options import (
@@ -48,7 +50,7 @@ from wingspan.config import (
     ServeLimits,
     TrainConfig,
 )
-from wingspan.errors import WingspanError, counted
+from wingspan.errors import WingspanError, counted, rounded
 
 T = TrainConfig  # defaults shown in --help come from the one config
 S = ServeLimits
@@ -102,15 +104,22 @@ def predict_command(
     fabric = predict_fabric(device, devices, nodes, strategy, workers)
     main = fabric is None or fabric.is_global_zero
     quiet = quiet or not main
-    with run_first("predict", model, paths):
-        predictor = Predictor(model, device=device, batch_size=batch_size, workers=workers,
-                              runtime=runtime, precision=precision, progress=not quiet,
-                              fabric=fabric, unknown_score=unknown_score,
-                              images=len(expand_paths(paths)[0]))  # (a few: no timing)
-    if not quiet:
-        err.print(f"Engine: {predictor.policy.describe()}"
-                  + (f"; {fabric.world_size} processes" if fabric else ""), highlight=False)
-    result = predict(predictor, paths, top_k, tta, progress=not quiet, fabric=fabric)
+    # (the table and --output come once every image is predicted: a stop before, nothing)
+    kept = "no prediction was shown or written" + (
+        f"; {plain(output)} is as it was" if output and not to_stdout and output.is_file()
+        else "")
+    with stopped_said(lambda: kept) if main else contextlib.nullcontext():
+        with run_first("predict", model, paths):
+            predictor = Predictor(model, device=device, batch_size=batch_size,
+                                  workers=workers, runtime=runtime, precision=precision,
+                                  progress=not quiet, fabric=fabric,
+                                  unknown_score=unknown_score,
+                                  images=len(expand_paths(paths)[0]))  # (a few: no timing)
+        if not quiet:
+            err.print(f"Engine: {predictor.policy.describe()}"
+                      + (f"; {fabric.world_size} processes" if fabric else ""),
+                      highlight=False)
+        result = predict(predictor, paths, top_k, tta, progress=not quiet, fabric=fabric)
     if not main:
         return
     hierarchical = predictor.taxonomy is not None
@@ -132,12 +141,12 @@ def predict_command(
         (best, p), rest = row["top"][0], row["top"][1:]
         if hierarchical:  # the consistent branch is the prediction
             _, best, p = row["taxonomy"][-1]
-            detail = " > ".join(f"{c} {q:.2f}" for _, c, q in row["taxonomy"])
+            detail = " > ".join(f"{c} {rounded(q, 2)}" for _, c, q in row["taxonomy"])
             rest = [(c, q) for c, q in row["top"] if c != best][:k - 1]
             if rest:
-                detail += f"; {nexts}: " + ", ".join(f"{c} {q:.2f}" for c, q in rest)
+                detail += f"; {nexts}: " + ", ".join(f"{c} {rounded(q, 2)}" for c, q in rest)
         else:
-            detail = ", ".join(f"{c} {q:.2f}" for c, q in rest)
+            detail = ", ".join(f"{c} {rounded(q, 2)}" for c, q in rest)
         # Unknown here, or known only at a coarser level: told by the level, not by the
         # answer's text (a class may be named "unknown").
         if row["known_level"] != predictor.level:
@@ -229,21 +238,31 @@ def explain_command(
         if not paths:
             raise WingspanError("No image to explain.", hint="Check the paths given.")
         out_dir = out_dir or output_home(find_bundle(model)) / "explain"
-    explained, failed = 0, len(missing)
-    for e in explain_each(model, paths, out_dir, device=device, progress=not quiet):
-        if e.error:
-            failed += 1
-            err.print(skipped(e.path, e.error), highlight=False)
-        else:
-            explained += 1
-            said = f" (answer: {e.answer})" if e.otherwise else ""
-            if not quiet:  # (a line per image)
-                out.print(f"{plain(e.path)}: {plain(e.label)} {e.probability:.3f}{plain(said)} "
-                          f"-> {plain(e.png)}", highlight=False)
+    explained, failed, replaced = 0, len(missing), 0
+    with stopped_said(lambda: f"{counted(explained, 'overlay')} of {len(paths)} written, kept "
+                      f"in {plain(here(out_dir))}"):
+        for e in explain_each(model, paths, out_dir, device=device, progress=not quiet):
+            if e.error:
+                failed += 1
+                err.print(skipped(e.path, e.error), highlight=False)
+            else:
+                explained += 1
+                replaced += e.replaced
+                said = f" (answer: {e.answer})" if e.otherwise else ""
+                if not quiet:  # (a line per image)
+                    out.print(f"{plain(e.path)}: {plain(e.label)} {e.probability:.3f}"
+                              f"{plain(said)} -> {plain(e.png)}", highlight=False)
     if not explained:
         raise WingspanError("No image could be explained.", hint="Check the files given.")
+    # The folder (RUN/explain by default) gathers every call's overlays: a photo named as
+    # one explained before (IMG_0001.jpg of another trip) took its overlay's place unsaid.
+    over = (counted(replaced, "overlay replaced an earlier one", "overlays replaced earlier "
+                    "ones") + " of the same name" if replaced else "")
     if quiet:
-        out.print(f"{counted(explained, 'overlay')} in {plain(here(out_dir))}", highlight=False)
+        out.print(f"{counted(explained, 'overlay')} in {plain(here(out_dir))}"
+                  + (f" ({over})" if over else ""), highlight=False)
+    elif over:
+        out.print(f"{over} in {plain(here(out_dir))}", highlight=False)
     if strict:
         strict_exit(failed)
 

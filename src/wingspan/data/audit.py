@@ -32,7 +32,7 @@ import torch
 from wingspan.config import AUDIT_BACKBONES, AuditConfig, default_cache_dir
 from wingspan.data.images import budget_key, max_pixels, open_rgb, skip_reason
 from wingspan.data.samples import GROUP, PATH, SPLIT, Dataset
-from wingspan.errors import WingspanError, counted
+from wingspan.errors import WingspanError, counted, rounded
 from wingspan.files import (
     FileArrays,
     atomic_paths,
@@ -517,11 +517,14 @@ def gallery(issues: pd.DataFrame, duplicates: pd.DataFrame, level: str, config: 
             f"<div class='c'><img alt='#{r.rank}, labelled {e(r.label)}' "
             f"src='{_thumbnail(r.path)}'>"
             f"<div>#{r.rank} labelled <b>{_breakable(r.label)}</b></div>"
+            # (which cards cleanlab flagged, in words, not by colour alone: the flags are
+            # not the lowest qualities, and a card did not say whether it was one of them)
+            + ("<div><b class='s'>flagged</b> by cleanlab</div>" if r.flagged else "")
             + (f"<div class='s'>looks like <b>{_breakable(r.suspected)}</b> "
                f"({r.suspected_probability:.2f})</div>" if r.suspected != r.label else
                # (a low quality alone, its label still the likeliest: not called a mismatch)
                f"<div>its label is the likeliest ({r.suspected_probability:.2f})</div>")
-            + f"<div class='m'>quality {r.label_quality:.3f} · {_split_shown(r.split)}"
+            + f"<div class='m'>quality {e(rounded(r.label_quality, 3))} · {_split_shown(r.split)}"
             f"{_breakable(r.path)}</div>"
             "</div>")
     pairs = []
@@ -551,7 +554,8 @@ def gallery(issues: pd.DataFrame, duplicates: pd.DataFrame, level: str, config: 
         f"<h1>Label audit: {len(issues)} images, level '{e(level)}'</h1>"
         f"<p>Features: {e(features)}. Out-of-fold probabilities from a "
         f"{fold_count(issues['label'], config)}-fold logistic head; cleanlab flags "
-        f"{flagged} images as likely mislabelled. Below, the "
+        f"{flagged} images as likely mislabelled (those among the cards below say "
+        "'flagged'). Below, the "
         f"{min(config.gallery, len(issues))} lowest label qualities (the label's "
         "out-of-fold probability): check these first.</p>"
         f"<p>How well the head checks: {e(checker_said(scores))}.</p>"

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from wingspan.data.images import open_rgb
+from wingspan.errors import rounded
 from wingspan.plotting import (
     GRADCAM_COLORS,
     colormap,
@@ -158,8 +159,10 @@ def mistake_title(m: dict, short: dict[str, str] | None = None) -> str:
     names as the gallery shortens them (short_names), else each cut alone."""
     told, short = m.get("answer"), short or {}
     true, predicted = (short.get(m[k]) or short_name(m[k]) for k in ("true", "predicted"))
+    p = rounded(m["probability"], 2)
     return (f"true: {true}\npred: {predicted}\n"
-            f"p = {m['probability']:.2f}" + (f", answered {short_name(told, 20)}" if told else ""))
+            + (f"p {p}" if p.startswith("<") else f"p = {p}")
+            + (f", answered {short_name(told, 20)}" if told else ""))
 
 
 def _side_by_side(pixels: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.ndarray:

@@ -13,7 +13,7 @@ from urllib.parse import quote
 import pandas as pd
 
 from wingspan.data.samples import SPLIT
-from wingspan.errors import counted
+from wingspan.errors import counted, rounded
 from wingspan.evaluate.calibration import bound_warning
 from wingspan.evaluate.metrics import summary_rows
 from wingspan.evaluate.wording import (
@@ -196,7 +196,9 @@ def write_report(path: Path, title: str, sections: dict) -> Path:
                        "predictions.csv)", missing)]
         if s.get("mistakes_shown") is not None and len(s["mistakes_shown"]):
             parts += ["<details><summary>The same mistakes as a table</summary>",
-                      _table(s["mistakes_shown"], "{:.2f}"), "</details>"]
+                      _table(s["mistakes_shown"].assign(probability=lambda f: f[
+                          "probability"].map(lambda p: rounded(p, 2))), "{:.2f}"),
+                      "</details>"]
     if s.get("unknown"):
         parts += ["<h2>Unknown images</h2><p>Images of classes the model never saw, scored "
                   f"against {html.escape(s['unknown']['against'])}: right of the threshold, "
