@@ -674,3 +674,23 @@ def test_runs_say_which_settings_and_splits_tell_the_runs_apart(run_cli, finishe
     assert ws.runs(runs)["changes"].isna().all()
     code, out, _ = run_cli("runs", runs)
     assert code == 0 and "What differs" not in out
+
+
+def test_sorting_runs_by_their_held_out_figure_says_the_choice_spends_it(run_cli, finished,
+                                                                        tmp_path):
+    """`--sort held-out` invites choosing on the test split, and the chosen run's figure
+    was still called fair: a line says that a choice among runs spends it, as the epoch's
+    choice spends val."""
+    runs = tmp_path / "runs"
+    _copy(finished, runs / "a")
+    code, out, err = run_cli("runs", runs, "--sort", "held-out F1")
+    assert code == 0 and "optimistic too" not in out, (out, err)  # one run: no choice
+    _copy(finished, runs / "b")
+    for sort in ("held-out F1", "held_out_macro_f1"):
+        code, out, err = run_cli("runs", runs, "--sort", sort)
+        said = " ".join(out.split())
+        assert code == 0 and "Choosing a run by its held-out F1 makes that figure optimistic " \
+            "too: choose by val F1, or score the chosen one on data no choice has seen " \
+            "(`wingspan evaluate RUN OTHER_DATA`)." in said, (out, err)
+    code, out, err = run_cli("runs", runs, "--sort", "val F1")
+    assert code == 0 and "optimistic too" not in out, (out, err)

@@ -132,7 +132,7 @@ HEADERS = {"run": "name", "val_f1": "val_macro_f1", "held_out_f1": "held_out_mac
 
 def sort_runs(frame: pd.DataFrame, column: str) -> pd.DataFrame:
     said = column.strip().lower().replace("-", "_").replace(" ", "_")
-    column = HEADERS.get(said, said if said in frame.columns else column)
+    column = sort_column(frame, column)
     if said == "best":  # the table's "best" (finetune 3) shows two columns
         raise WingspanError("Cannot sort by 'best': it shows two columns, best_stage and "
                             "best_epoch.", hint="Sort by one of them: --sort best_epoch.")
@@ -145,6 +145,12 @@ def sort_runs(frame: pd.DataFrame, column: str) -> pd.DataFrame:
     # Ties (and empty cells, put last) keep the names' order.
     return frame.sort_values(column, ascending=column not in BEST_FIRST, kind="stable",
                              na_position="last").reset_index(drop=True)
+
+
+def sort_column(frame: pd.DataFrame, column: str) -> str:
+    """The column `--sort` names: a header as shown ("held-out F1") or a column's name."""
+    said = column.strip().lower().replace("-", "_").replace(" ", "_")
+    return HEADERS.get(said, said if said in frame.columns else column)
 
 
 def _check_runs_dir(path: Path) -> None:

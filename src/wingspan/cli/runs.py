@@ -35,6 +35,7 @@ def runs_command(
         SET_UP,
         STOPPED,
         run_table,
+        sort_column,
         write_run_table,
     )
 
@@ -55,6 +56,13 @@ def runs_command(
             for name, changes in frame[["name", "changes"]].itertuples(index=False):
                 if _given(changes):
                     out.print(f"  {plain(name)}: {plain(changes)}")
+        if sort and sort_column(frame, sort) == "held_out_macro_f1" and \
+                frame["held_out_macro_f1"].notna().sum() > 1:
+            # (the test split is fair to one run; a choice among several spends it, as the
+            # epoch's choice spends val)
+            out.print("Choosing a run by its held-out F1 makes that figure optimistic too: "
+                      "choose by val F1, or score the chosen one on data no choice has seen "
+                      f"(`{plain(command('evaluate', 'RUN', 'OTHER_DATA'))}`).")
         if (frame["status"] == STOPPED).any():
             out.print("A stopped run continues with "
                       f"`{plain(command('train', '--resume', Path(runs_dir) / 'NAME'))}`.")

@@ -135,7 +135,9 @@ def train_command(
     patience: Annotated[int, typer.Option(help="Early stopping patience (epochs).",
                                           rich_help_panel=Panel.TRAINING)]
     = T.patience,
-    seed: Annotated[int, typer.Option(help="Random seed.",
+    seed: Annotated[int, typer.Option(help="Random seed: of the head's start, the crops and "
+                                      "the order, and of the split where the data has none "
+                                      "of its own (train on RUN/splits.csv to keep a run's).",
                                       rich_help_panel=Panel.TRAINING)] = T.seed,
     device: DeviceOpt = T.device,
     devices: Devices = None,
