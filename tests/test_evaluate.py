@@ -3,9 +3,11 @@ import hashlib
 import html
 import json
 import re
+import shlex
 import shutil
 import unicodedata
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 import pandas as pd
@@ -2084,6 +2086,50 @@ def test_a_bundle_without_its_run_folder_is_not_called_fair(trained, tmp_path, r
     fair = json.loads((tmp_path / "ev" / "metrics.json").read_text())["fair"]
     assert fair.startswith("unknown: this model came without its run folder"), fair
     assert "Are these figures fair? unknown" in " ".join(out.split())
+
+
+def test_the_report_says_how_the_run_was_trained_and_links_its_files(demo_dir, tmp_path):
+    """Two reports of runs that differed in --lr alone looked alike but for their figures,
+    with no word of the recipe nor a link to the run's config.yaml, train.log, history.csv.
+    The overview names the settings that are not the defaults and the line to train it
+    again; a model folder copied alone still names them (its manifest keeps them)."""
+    run_dir = train(read_dataset(demo_dir), tiny(tmp_path, lr=0.01, label_smoothing=0.0,
+                                                 epochs_head=1, epochs_finetune=1),
+                    tmp_path / "runs", "lr & 'x'", quiet=True)  # (said escaped)
+
+    def overview(ev):
+        page = ev.report.read_text()
+        rows = {k: html.unescape(v) for k, v in re.findall(
+            r"<tr><th>([^<]*)</th><td>([^<]*)</td>", page.split("</table>")[0])}
+        links = re.findall(r"<a href='([^']*)'>(config.yaml|train.log|history.csv)</a>", page)
+        return rows, links
+
+    ev = evaluate(run_dir, plots=False, progress=False, workers=0)
+    rows, links = overview(ev)
+    said = rows["how it was trained (settings not the defaults)"]
+    assert "lr 0.01" in said and "label_smoothing 0.0" in said, said
+    assert "workers" not in said and "cache_dir" not in said  # (where it ran: no recipe)
+    again = shlex.split(rows["to train it again"])
+    assert again[:2] == ["wingspan", "train"], again
+    assert again[again.index("--config") + 1] == str(run_dir / "config.yaml")
+    assert sorted(name for _, name in links) == ["config.yaml", "history.csv", "train.log"]
+    assert all((ev.out_dir / unquote(href)).resolve() == (run_dir / name).resolve()
+               for href, name in links)
+    # Elsewhere (--out), which may be moved alone: the same rows, no links out of it.
+    rows_out, links = overview(evaluate(run_dir, plots=False, progress=False, workers=0,
+                                        out=tmp_path / "elsewhere"))
+    assert rows_out["to train it again"] == rows["to train it again"] and links == []
+    # The model folder copied alone: its settings still, no run to train again or link.
+    alone = shutil.copytree(run_dir / "model", tmp_path / "alone")
+    rows_alone, links = overview(evaluate(alone, run_dir / "splits.csv", split="val",
+                                          plots=False, progress=False, workers=0))
+    assert rows_alone[next(k for k in rows if k.startswith("how it was"))] == said
+    assert "to train it again" not in rows_alone and links == []
+    # A damaged config.yaml: the report is written all the same, with no line to paste.
+    (run_dir / "config.yaml").write_text("lr: [0.01\n", encoding="utf-8")
+    rows, _ = overview(evaluate(run_dir, plots=False, progress=False, workers=0))
+    assert "lr 0.01" in rows["how it was trained (settings not the defaults)"]
+    assert "to train it again" not in rows
 
 
 def test_a_file_put_in_an_evaluation_folder_is_not_deleted_by_the_next(trained, tmp_path):

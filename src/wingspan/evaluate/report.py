@@ -21,10 +21,12 @@ from wingspan.evaluate.wording import (
     answer_rows,
     epochs_run,
     kept_rows,
+    recipe_wording,
     tree_wording,
     unknown_section,
 )
 from wingspan.files import name_part, write_text
+from wingspan.training.folder import CONFIG_FILE, HISTORY_FILE, train_again
 
 
 def _figure(path: Path | None, alt: str, missing: str = "not available",
@@ -123,8 +125,9 @@ def write_report(path: Path, title: str, sections: dict) -> Path:
     summary, transfer, per_class, confusion_png, confused, level_confusion_pngs ({level:
     png}, each beside hierarchy's most confused pairs there), levels, hierarchy,
     mistakes_png, mistakes_shown (its captions as a table), calibration, reliability_png,
-    unknown, unknown_png, profile; no_plots (the figures were not asked for: each says so
-    in its place); all_right (no mistakes to show)."""
+    unknown, unknown_png, profile; run_files (the run's, linked beside the report's own);
+    no_plots (the figures were not asked for: each says so in its place); all_right (no
+    mistakes to show)."""
     s = sections
     _img = partial(_figure, beside=Path(path).parent)  # (each figure links to its file)
     missing = ("not drawn: evaluated with --no-plots (plots=False in Python)"
@@ -217,9 +220,12 @@ def write_report(path: Path, title: str, sections: dict) -> Path:
     # The figures' files beside the report, linked (relative: the folder moves as one).
     files = sorted(p.name for p in Path(path).parent.glob("*")
                    if p.suffix in (".csv", ".json") and p.is_file())
-    if files:
-        parts.insert(2, "<p>Files: " + ", ".join(
-            f"<a href='{quote(name)}'>{html.escape(name)}</a>" for name in files) + "</p>")
+    run = [f"<a href='{quote(_relative(f, Path(path).parent))}'>{html.escape(f.name)}</a>"
+           for f in s.get("run_files") or []]
+    links = [", ".join(f"<a href='{quote(name)}'>{html.escape(name)}</a>" for name in files),
+             "the run's: " + ", ".join(run) if run else ""]
+    if files or run:
+        parts.insert(2, "<p>Files: " + "; ".join(filter(None, links)) + "</p>")
     page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>"
             f"{html.escape(title)}"
             f"</title>{VIEWPORT}<style>{STYLE}</style></head><body><main>{''.join(parts)}</main>"
@@ -228,9 +234,35 @@ def write_report(path: Path, title: str, sections: dict) -> Path:
     return path
 
 
+def _relative(file: Path, folder: Path) -> str:
+    return Path(os.path.relpath(Path(file).resolve(), Path(folder).resolve())).as_posix()
+
+
+# The run's files a report links: its settings (and the line to train it again), its log
+# and its curves' figures; an adapted run's adapt.json (it has no train.log of its own).
+RUN_FILES = (CONFIG_FILE, "train.log", HISTORY_FILE, "adapt.json")
+
+
+def _recipe(training: dict, run_dir: Path | None, out_dir: Path
+            ) -> tuple[list[tuple[str, str]], list[Path]]:
+    """The overview's rows of how the model was trained (the settings not the defaults,
+    and config.yaml's line to train it again), and the run's files to link: only from a
+    report inside the run folder, which moves as one (one written elsewhere with --out may
+    be moved alone, its links then broken unsaid)."""
+    rows = [("how it was trained (settings not the defaults)",
+             recipe_wording(training))] if training else []
+    again = train_again(run_dir) if run_dir else None
+    if again:  # (an adapted run's config.yaml is that of the run it was adapted from)
+        rows.append(("to train it again" + (", then adapt it" if training.get("adapted")
+                                            else ""), again))
+    inside = run_dir is not None and Path(out_dir).resolve().is_relative_to(
+        Path(run_dir).resolve())
+    return rows, [run_dir / n for n in RUN_FILES if inside and (run_dir / n).is_file()]
+
+
 def write_evaluation_report(out_dir, name, predictor, dataset, level, split, metrics, table,
                             confused, pngs, levels_table=None, transfer=None,
-                            plots: bool = True) -> Path:
+                            plots: bool = True, run_dir: Path | None = None) -> Path:
     manifest = predictor.manifest
     data_table = pd.crosstab(dataset.table[level], dataset.table[SPLIT].replace("", "all"))
     data_table.columns.name = None  # else an empty column headed "split"
@@ -272,6 +304,7 @@ def write_evaluation_report(out_dir, name, predictor, dataset, level, split, met
                             f"({cal.get('fitted_on', 'val')})"))
     training = manifest.get("training", {})
     train_metrics = manifest.get("metrics", {})
+    recipe, run_files = _recipe(training, run_dir, out_dir)
     overview = [("model", predictor.bundle), ("backbone", manifest["model"]["backbone"]),
                 ("weights", manifest.get("weights_source")),
                 ("levels (coarse to fine), scored at each" if predictor.taxonomy else "level",
@@ -292,7 +325,7 @@ def write_evaluation_report(out_dir, name, predictor, dataset, level, split, met
                     "adapting (adapt.json says what adapting did)")]
                   if (adapted := training.get("adapted")) else []),
                 ("training epochs (head + fine-tune)", epochs_run(training, train_metrics)),
-                *kept_rows(train_metrics),
+                *kept_rows(train_metrics), *recipe,
                 *([("taxonomy", said)] if (said := tree_wording(metrics)) else [])]
     profile = None
     if train_metrics.get("profile"):
@@ -316,4 +349,5 @@ def write_evaluation_report(out_dir, name, predictor, dataset, level, split, met
                          "unknown": unknown_section(metrics.get("unknown"),
                                                      metrics["split"], metrics["tta"]),
                          "unknown_png": pngs.get("unknown"), "no_plots": not plots,
+                         "run_files": run_files,
                          "all_right": metrics["accuracy"] == 1.0})

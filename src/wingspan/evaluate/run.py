@@ -243,7 +243,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
         write_evaluation_report(out_dir,
                                 f"{run_dir.name}, {final.name}" if run_dir else final.name,
                                 predictor, dataset, level, split, metrics, table, confused, pngs,
-                                levels_table, transfer, plots)
+                                levels_table, transfer, plots, run_dir)
     return Evaluation(final, metrics, final / "report.html")
 
 

@@ -235,6 +235,25 @@ def trained_on(run_dir: Path) -> str | None:
     return None
 
 
+TRAIN_AGAIN = "# Again on the same split: "  # config.yaml's second line, then the command
+
+
+def train_again(run_dir: Path) -> str | None:
+    """The command that trains the run again on the same split, from the comment its
+    config.yaml opens with ("# Again on the same split: ..."); None without it, or where
+    config.yaml is damaged (no mapping of settings: the command would be refused)."""
+    import yaml
+
+    try:
+        text = (run_dir / CONFIG_FILE).read_text(encoding="utf-8")
+        settings = yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    lines = [line for line in text.splitlines()[:3] if line.startswith(TRAIN_AGAIN)]
+    return lines[0][len(TRAIN_AGAIN):].strip() if lines and isinstance(settings, dict) \
+        else None
+
+
 def close_runs(path: Path) -> list[str]:
     """The runs beside a path that is no run (a typo, or a run's name without its runs
     folder), or in the runs folder there, whose names are closest to its name."""

@@ -67,6 +67,7 @@ from wingspan.training.folder import (
     ERROR_FILE,
     HOLDOUT_FILE,
     SPLITS_FILE,
+    TRAIN_AGAIN,
     being_trained,
     hold_lock,
     last_checkpoint,
@@ -219,7 +220,7 @@ def _data_comment(dataset: Dataset, run_dir: Path, held_out: bool) -> str:
                   f"{HOLDOUT_FILE}: to score them as unknowns again, train on the data "
                   "above with this config")
     return (f"# Trained on {dataset.root}, read with {' '.join(how)}.\n"
-            f"# Again on the same split: {again}\n")
+            f"{TRAIN_AGAIN}{again}\n")
 
 
 def _comma_names_joined(names: list[str], present: set[str]) -> list[str]:
