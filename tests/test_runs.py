@@ -382,6 +382,16 @@ def test_a_run_that_lost_its_config_is_listed_damaged(runs_dir, finished):
     row = ws.runs(runs_dir).set_index("name").loc["lost"]
     assert row["status"] == "damaged" and row["detail"] == "config.yaml is missing (a " \
         "resume needs it)"
+    # evaluate and calibrate said "this bundle is not inside a run folder"
+    from wingspan.evaluate.calibrate import calibrate
+
+    for command in (evaluate, calibrate):
+        with pytest.raises(WingspanError, match=f"{lost / 'config.yaml'} is missing: {lost} "
+                           "has a run's splits.csv") as e:
+            command(lost, progress=False, workers=0)
+        assert e.value.hint == (f"Put the run's config.yaml back to {command.__name__} on its "
+                                f"own splits, or give DATA: `wingspan {command.__name__} "
+                                f"{lost / 'model'} DATA`.")
 
 
 def test_a_run_that_lost_its_splits_is_listed_damaged(runs_dir, finished):

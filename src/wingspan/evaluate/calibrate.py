@@ -80,7 +80,8 @@ def calibrate(model: str | Path, data: str | Path | None = None, split: str | No
         predictor = Predictor(model, device=device, batch_size=batch_size, workers=workers,
                               progress=progress, precision=precision, runtime=runtime)
         run_dir = run_dir_of(predictor.bundle)
-        dataset = evaluation_dataset(data, run_dir, "fit the temperature on", command="calibrate")
+        dataset = evaluation_dataset(data, run_dir, "fit the temperature on", command="calibrate",
+                                     bundle=predictor.bundle)
         level = predictor.level if predictor.level in dataset.levels else dataset.default_level
         if split is None:  # labelled photos from elsewhere often come without a split
             split = "val" if data is None or "val" in set(dataset.table[SPLIT]) else "all"

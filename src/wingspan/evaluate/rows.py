@@ -16,7 +16,7 @@ from wingspan.data.samples import SPLIT, Dataset, renamed
 from wingspan.errors import WingspanError, counted, none_read, some
 from wingspan.evaluate.wording import look_alike_hint
 from wingspan.inference import Predictor, spelt_as_trained
-from wingspan.training.folder import SPLITS_FILE, data_moved_hint, splits_digest
+from wingspan.training.folder import CONFIG_FILE, SPLITS_FILE, data_moved_hint, splits_digest
 
 
 def check_no_split_name(data) -> None:
@@ -30,11 +30,20 @@ def check_no_split_name(data) -> None:
 
 
 def evaluation_dataset(data, run_dir: Path | None, doing: str = "evaluate on",
-             command: str = "evaluate", strict: bool = False) -> Dataset:
+             command: str = "evaluate", strict: bool = False,
+             bundle: Path | None = None) -> Dataset:
     if isinstance(data, Dataset):  # read already (the API's ws.read)
         return data
     if data is not None:
         return read_dataset(data, ReadConfig(strict=strict))
+    folder = Path(bundle).parent if bundle else None
+    if run_dir is None and folder and (folder / SPLITS_FILE).is_file():
+        # (a run whose config.yaml was deleted was told its bundle is in no run folder)
+        raise WingspanError(f"{folder / CONFIG_FILE} is missing: {folder} has a run's "
+                            f"{SPLITS_FILE} but is no longer taken as a run without it.",
+                            hint=f"Put the run's {CONFIG_FILE} back to {command} on its own "
+                                 f"splits, or give DATA: `wingspan {command} "
+                                 f"{bundle} DATA`.")
     if run_dir is None:
         raise WingspanError(f"Give DATA to {doing}: this bundle is not inside a run folder, "
                             "so it has no split of its own.")

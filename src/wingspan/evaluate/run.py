@@ -113,7 +113,7 @@ def evaluate(model: str | Path, data: str | Path | None = None, split: str | Non
                                  "folder (run.calibrate(unknown=True) in Python; training "
                                  "fits them since they exist).")
     run_dir = run_dir_of(predictor.bundle)
-    dataset = evaluation_dataset(data, run_dir, strict=strict)
+    dataset = evaluation_dataset(data, run_dir, strict=strict, bundle=predictor.bundle)
     reading: list[str] = []  # what reading DATA left out (a missing file, a HEIC), as train
     if data is not None and not isinstance(data, Dataset):  # says it: not dropped unsaid
         report_reading(dataset, reading.append)
