@@ -5,6 +5,7 @@ import json
 import re
 import shlex
 import shutil
+import sys
 import unicodedata
 from pathlib import Path
 from urllib.parse import unquote
@@ -836,6 +837,37 @@ def test_a_second_evaluation_into_the_same_folder_at_once_is_refused(trained, tm
         release_lock(tmp_path, ".ev.lock")
     result = evaluate(trained, split="val", out=out, progress=False, workers=0, plots=False)
     assert (result.out_dir / ".wingspan-evaluation").is_file()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock")
+def test_an_evaluation_lock_another_user_left_is_taken_not_refused(tmp_path, monkeypatch):
+    """A group's run (umask 002) that another member evaluated keeps their
+    .evaluation-test.lock (0644): its owner's every `evaluate` stopped with "Permission
+    denied" on it. Taken read-only, it still keeps two evaluations apart; a lock that is
+    not there in a folder we may not write is still refused. (Simulated: CI runs as root,
+    for whom chmod changes nothing.)"""
+    import builtins
+    import fcntl
+
+    from wingspan.training import folder
+    from wingspan.training.folder import hold_lock, release_lock
+
+    theirs = tmp_path / ".evaluation-test.lock"
+    theirs.touch()
+
+    def not_ours(path, mode="r", *args, **kwargs):
+        if "w" in mode and Path(path).parent == tmp_path:
+            raise PermissionError(13, "Permission denied", str(path))
+        return builtins.open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(folder, "open", not_ours, raising=False)
+    assert hold_lock(tmp_path, theirs.name, again=False)
+    release_lock(tmp_path, theirs.name)
+    with open(theirs) as held:  # another evaluation holds it: refused as before
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert not hold_lock(tmp_path, theirs.name, again=False)
+    with pytest.raises(PermissionError):
+        hold_lock(tmp_path, ".evaluation-val.lock", again=False)
 
 
 def test_evaluate_never_replaces_a_folder_that_is_not_an_evaluation(trained, tmp_path):

@@ -670,6 +670,35 @@ def test_a_cache_drops_what_its_killed_writers_left(tmp_path):
         n for n, kept in names.items() if kept} | {f".{'0' * 40}.{gone.pid}.tmp.npy"}
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX modes")
+def test_a_cache_shared_by_a_group_stays_writable_by_the_group(tmp_path):
+    """A lab's cache ($WINGSPAN_CACHE at a setgid folder of its group): the first user's
+    decoded-*, features and graphs were made 0755 (umask 022), so every other user's
+    entries were not kept, unsaid. Folders made there take its group's access; a private
+    cache's stay as the umask makes them."""
+    import stat
+
+    from wingspan.files import FileArrays
+    from wingspan.models.runtime import _store_graph
+
+    shared, private = tmp_path / "shared", tmp_path / "private"
+    shared.mkdir(mode=0o775)
+    shared.chmod(0o2775)
+    private.mkdir()
+    private.chmod(0o755)
+    umask = os.umask(0o022)
+    try:
+        FileArrays(shared / "audit-features" / "abc", "key")
+        _store_graph(shared / "graphs" / "g.onnx", b"graph", 1.0)
+        FileArrays(private / "decoded-256", "key")
+    finally:
+        os.umask(umask)
+    for folder in ("audit-features", "audit-features/abc", "graphs"):
+        assert stat.S_IMODE((shared / folder).stat().st_mode) == 0o2775, folder
+    assert (shared / "graphs" / "g.onnx").read_bytes() == b"graph"
+    assert stat.S_IMODE((private / "decoded-256").stat().st_mode) == 0o755
+
+
 def test_an_output_open_in_another_program_on_windows_is_named(tmp_path, monkeypatch):
     """Windows refuses to replace a file that another program holds open (a predictions
     CSV in Excel), or to move a folder holding one (an evaluation's): the error said

@@ -2196,6 +2196,30 @@ def test_a_folder_set_up_now_by_another_train_is_not_called_a_leftover(tmp_path)
         "(there is nothing in it to resume) to give a run that name again.")
 
 
+def test_a_name_taken_by_a_run_we_may_not_read_is_only_taken(tmp_path, monkeypatch):
+    """Another user's run (umask 077) in a shared runs folder: every `train` of the others
+    with that name (the default one, on the same data) stopped with "Permission denied:
+    runs/r/.lock", and left an empty r-2. (Simulated: CI runs as root, for whom chmod 000
+    changes nothing.)"""
+    import errno
+    import os
+
+    from wingspan.training.run import _name_taken
+
+    runs = tmp_path / "runs"
+    (runs / "r").mkdir(parents=True)
+    (runs / "r" / "config.yaml").write_text("seed: 0\n")
+    stat = os.stat
+
+    def entered(path, *args, **kwargs):  # what is inside a folder we may not enter
+        if os.path.dirname(os.fspath(path)) == str(runs / "r"):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", entered)
+    assert _name_taken(runs / "r-2", "r") == f"{runs / 'r'} is taken: this run is {runs / 'r-2'}"
+
+
 def test_two_runs_that_take_one_name_at_once_are_numbered(tmp_path, monkeypatch):
     """Another process made the folder between the look and the mkdir: the later one
     stopped with "is a file, where a folder is needed" (6 of 30 tries, 4 at once)."""

@@ -344,7 +344,7 @@ class FileArrays:
         self.key = key
         if self.directory:
             try:
-                self.directory.mkdir(parents=True, exist_ok=True)
+                shared_folder(self.directory)
             except OSError:  # read-only, say: the command goes on, keeping nothing
                 self.directory = None
         self._remove_dead_writes()
@@ -512,6 +512,26 @@ def make_folder(path: str | Path) -> Path:
         path.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError) as e:
         raise not_a_folder(path) from e
+    return path
+
+
+def shared_folder(path: str | Path) -> Path:
+    """`mkdir -p` for the cache, whose folders are made by whichever user comes first: each
+    folder made in a group-writable one takes its group's access (and setgid). A lab's
+    cache ($WINGSPAN_CACHE at a folder of its group) got decoded-*, features and graphs
+    made 0755 by the first user (umask 022), or 0700 (umask 077), and every other user's
+    entries were not kept there, unsaid."""
+    path = Path(path)
+    missing, above = [], path
+    while not os.path.isdir(above) and above.parent != above:
+        missing.append(above)
+        above = above.parent
+    path.mkdir(parents=True, exist_ok=True)
+    for folder in reversed(missing):  # (the top first: each takes what the one above has)
+        with contextlib.suppress(OSError):  # (made by another process at once: its own)
+            group = os.stat(folder.parent).st_mode & (stat.S_IRWXG | stat.S_ISGID)
+            if group & stat.S_IWGRP:
+                os.chmod(folder, stat.S_IMODE(os.stat(folder).st_mode) | group)
     return path
 
 

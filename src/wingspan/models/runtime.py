@@ -212,10 +212,11 @@ def _store_graph(path: Path, graph: bytes, seconds: float) -> None:
     and what killed writers left. A read-only or full cache only costs an export next
     time."""
     from wingspan.errors import WingspanError
-    from wingspan.files import atomic_path
+    from wingspan.files import atomic_path, shared_folder
 
     try:
         with _STORING:
+            shared_folder(path.parent)  # (a lab's shared cache: the others' graphs too)
             with atomic_path(path, durable=False) as tmp:
                 tmp.write_bytes(graph)
             with atomic_path(path.with_suffix(".json"), durable=False) as tmp:

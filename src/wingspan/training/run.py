@@ -595,11 +595,18 @@ def _name_taken(run_dir: Path, name: str) -> str:
         return ""
     n = int(run_dir.name.rpartition("-")[2])
     earlier = [run_dir.parent / name, *(run_dir.parent / f"{name}-{k}" for k in range(2, n))]
-    training = [d for d in earlier if (d / ".lock").is_file() and being_trained(d)]  # now
-    stopped = [d for d in earlier if (d / CONFIG_FILE).is_file() and d not in training
-               and not is_complete(d / "model") and not stopped_by(d)]
-    # Killed before config.yaml (none of them is being set up now): nothing to resume.
-    set_up = [d for d in earlier if stopped_while_set_up(d) and d not in training]
+    training, stopped, set_up = [], [], []
+    for d in earlier:
+        try:  # (Path.is_file raises PermissionError in a folder we may not enter)
+            if (d / ".lock").is_file() and being_trained(d):  # now
+                training.append(d)
+            elif (d / CONFIG_FILE).is_file():
+                if not is_complete(d / "model") and not stopped_by(d):
+                    stopped.append(d)
+            elif stopped_while_set_up(d):  # killed before config.yaml: nothing to resume
+                set_up.append(d)
+        except OSError:  # another user's run in a shared runs folder (umask 077): taken,
+            pass  # no telling more (every default-named train of the others stopped here)
     if not stopped and set_up:
         what = (f"{set_up[-1]} is left from a run killed while it was being set up, before "
                 "it trained anything" if any(set_up[-1].iterdir())
