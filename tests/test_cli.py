@@ -400,6 +400,14 @@ def test_doctor_times_every_candidate_and_keeps_the_choice(run_cli, monkeypatch,
     assert code == 0 and "Frozen passes" in out and "Training step" not in out, err
     saved = json.loads((tmp_path / "frozen-only" / "engines.json").read_text())
     assert [json.loads(k)["kind"] for k in saved] == ["frozen"]
+    assert "cannot be written" not in out
+    # A cache that cannot be written (a read-only HOME) kept nothing, said by nothing.
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("WINGSPAN_CACHE", str(tmp_path / "file" / "cache"))
+    code, out, err = run_cli("doctor", "--backbone", "test_efficientnet", "--image-size", "32",
+                             "--batch-size", "4", "--no-train-step")
+    assert code == 0 and "The cache folder cannot be written: nothing is kept" in " ".join(
+        out.split()), (out, err)
 
 
 def test_the_cache_use_is_counted_by_folder_largest_first(tmp_path):
@@ -414,6 +422,11 @@ def test_the_cache_use_is_counted_by_folder_largest_first(tmp_path):
     assert cache_use(tmp_path) == [("decoded-256", 5000, 2), ("graphs", 1500, 1),
                                    ("engines.json", 2, 1)]
     assert cache_use(tmp_path / "none") == []  # (no cache yet)
+    from wingspan.doctor import cache_writable
+
+    assert cache_writable(tmp_path) and cache_writable(tmp_path / "new" / "cache")
+    (tmp_path / "file").write_text("")  # (root writes anywhere: a path under a file cannot be)
+    assert not cache_writable(tmp_path / "file" / "cache")
     assert [human_bytes(n) for n in (12, 5000, 2_345_678, 10**10)] == [
         "12 bytes", "5.0 KB", "2.3 MB", "10.0 GB"]
 

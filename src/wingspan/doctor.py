@@ -38,6 +38,7 @@ class Diagnosis:
     cache: str
     offline_weights: dict[str, str | None]  # registered backbone -> where, or None
     cache_use: list[tuple[str, int, int]]  # (folder or file, bytes, files) in the cache
+    cache_writable: bool = True
 
 
 # What each folder of the cache holds (cache_use), as doctor names it.
@@ -56,6 +57,20 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"
+
+
+def cache_writable(root: Path) -> bool:
+    """Can this user keep anything in the cache folder? A read-only or unset HOME (a
+    container's, a service account's) kept nothing, said by nothing but the engines' line:
+    every run decoded, exported and timed again."""
+    import tempfile
+
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            return True
+    except OSError:
+        return False
 
 
 def cache_use(root: Path) -> list[tuple[str, int, int]]:
@@ -120,4 +135,4 @@ def diagnose(backbone: str = "auto", image_size: int | None = None, batch_size: 
     return Diagnosis(machine(), spec.name, source or "random (none offline)", size, batch_size,
                      policy, str(EngineCache().path),
                      {name: find_offline(s) for name, s in BACKBONES.items()},
-                     cache_use(default_cache_dir()))
+                     cache_use(default_cache_dir()), cache_writable(default_cache_dir()))

@@ -145,6 +145,10 @@ def doctor_command(
         use.add_row(name, human_bytes(size), str(files), next(
             (what for part, what in CACHE_PARTS.items() if name.startswith(part)), ""))
     out.print(use)
+    if not d.cache_writable:
+        out.print("[yellow]The cache folder cannot be written[/]: nothing is kept, and every "
+                  "run decodes the images, exports the graphs, computes the features and "
+                  "times the engines again. Set $WINGSPAN_CACHE to a folder you may write.")
     out.print("All of it but datasets/ (downloads) is safe to delete at any time: runs then "
               "decode the images, export the graphs and time the engines again. "
               "$WINGSPAN_CACHE puts it elsewhere.")
