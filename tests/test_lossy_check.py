@@ -4,6 +4,7 @@ predictions: measured on its val images at the end of training, kept in the bund
 import json
 import re
 
+import pytest
 import torch
 from test_train import tiny
 
@@ -101,7 +102,7 @@ def test_training_checks_the_lossy_engines_on_val_and_predict_follows(demo_dir, 
 def test_a_run_whose_frozen_engine_is_left_out_ends_in_fp32(demo_dir, tmp_path, monkeypatch):
     """Its temperature and unknown thresholds are set on what its predictions will run."""
     _bf16_everywhere(monkeypatch)
-    monkeypatch.setattr(finish_module, "check_lossy_engines", lambda run: {
+    monkeypatch.setattr(finish_module, "check_lossy_engines", lambda run, passes: {
         "torch-bf16": {"images": 10, "answers_changed": 5}})
     timed = Policy.choose_frozen  # the frozen passes measured fastest in bf16
 
@@ -152,3 +153,39 @@ def test_no_lossy_candidate_no_check(demo_dir, tmp_path, monkeypatch):
         assert ("torch-bf16 never checked against fp32 on this model's val images" in said
                 ) == (name == "torch-bf16"), said
     monkeypatch.setattr(Policy, "choose_frozen", timed)
+
+
+@pytest.mark.parametrize("frozen", ["torch-bf16", "torch-fp32"])
+def test_the_final_val_pass_reuses_the_checks_own_on_its_engine(demo_dir, tmp_path,
+                                                                 monkeypatch, frozen):
+    """The check ran the frozen passes' engine (a lossy one, or its torch-fp32 reference)
+    on every val image: the final val pass is not run again, and its features are those a
+    pass would give (on Leeds, 2.4 s of a run's end)."""
+    _bf16_everywhere(monkeypatch)
+    monkeypatch.setattr(Policy, "choose_frozen", lambda policy, *a, **k: policy.with_choice(
+        "frozen", Choice(engine_named(frozen), "measured")))
+    passes, outputs = [], finish_module._final_outputs
+
+    def counted(run):
+        passes.append(run.policy.frozen.engine.name)
+        return final_pass(run)
+
+    def compared(run, split, cached, *args):
+        got = outputs(run, split, cached, *args)
+        if split == "val":  # (a pass of its own, uncounted, to compare with)
+            monkeypatch.setattr(finish_module, "_final_pass", final_pass)
+            again = outputs(run, split, cached)
+            monkeypatch.setattr(finish_module, "_final_pass", counted)
+            assert torch.equal(got[0], again[0]) and torch.equal(got[2], again[2])
+        return got
+
+    final_pass = finish_module._final_pass
+    monkeypatch.setattr(finish_module, "_final_pass", counted)
+    monkeypatch.setattr(finish_module, "_final_outputs", compared)
+    # (no head epoch: the best model is fine-tuned, so no feature cache serves val)
+    run = train(read_dataset(demo_dir), _cpu(tmp_path, epochs_head=0, epochs_finetune=1),
+                tmp_path / "runs", "r", quiet=True)
+    manifest = json.loads((run / "model" / "manifest.json").read_text())
+    assert manifest["inference"]["lossy_engines"]["torch-bf16"]["images"] == json.loads(
+        (run / "metrics.json").read_text())["val_images"]
+    assert passes == [frozen]  # train's alone

@@ -127,7 +127,8 @@ def _write_results(run: Run) -> None:
         training["started_from"] = run.state.started_from
     training["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     run.model.eval()
-    inference = _check_lossy(run)
+    checked: dict = {}  # the check's features of val, per engine (_final_outputs)
+    inference = _check_lossy(run, checked)
     # (read and checked once, for both splits)
     switched = _in_fp32_from_here(run, avoided_engines(inference))
     if switched:  # (the engine line is the epochs'; the last passes' is added)
@@ -138,7 +139,7 @@ def _write_results(run: Run) -> None:
         run.write_json(SEEN_SUMS_FILE, {"train": photo_sums(run.data.train.paths),
                                         "val": photo_sums(run.data.val.paths)})
     cached = None if switched else _cached_features(run)
-    val = _final_outputs(run, "val", cached)
+    val = _final_outputs(run, "val", cached, checked)
     calibration = _fit_calibration(run, val)
     metrics["calibration"] = calibration
     unknown = _fit_unknown(run, val, calibration["temperature"], cached)
@@ -176,12 +177,12 @@ def _drop_feature_cache(run: Run) -> None:
             "(keep_feature_cache: true in a --config file keeps it)", shown=False)
 
 
-def _check_lossy(run: Run) -> dict | None:
+def _check_lossy(run: Run, passes: dict) -> dict | None:
     """The lossy engines' answers on val against fp32's (training.lossy_check), said in
     train.log, for the bundle. A check that fails is said and skipped: it only advises,
     and the run is done."""
     try:
-        checked = check_lossy_engines(run)
+        checked = check_lossy_engines(run, passes)
     except Exception as e:  # noqa: BLE001 - whatever it is (out of memory), the run stands
         run.log(f"The lossy engines' answers could not be checked ({first_line(e)}): this "
                 "model's predictions may run them.", caveat=True)
@@ -246,12 +247,15 @@ def _test_images_gone(run: Run) -> int:
 
 
 @torch.inference_mode()
-def _final_outputs(run: Run, split: str, cached: dict[str, torch.Tensor] | None
+def _final_outputs(run: Run, split: str, cached: dict[str, torch.Tensor] | None,
+                   checked: dict | None = None
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """The best model's pooled features, logits per level and labels (N, levels) of the
     readable images of `train` (clean views; at most MAX_FIT_IMAGES, those the unknown
     scores are fitted on) or `val`. From the feature cache (`cached`, see
-    _cached_features) where it holds them; else one pass with the final weights."""
+    _cached_features) where it holds them, or from the lossy check's pass on the final
+    passes' engine (`checked`, see check_lossy_engines) where it ran on these very rows;
+    else one pass with the final weights."""
     images = run.data.train_clean if split == "train" else run.data.val
     rows = torch.arange(len(images))[run.readable(images)]
     # Of the training images, those the unknown scores are fitted on, drawn first: past
@@ -259,9 +263,16 @@ def _final_outputs(run: Run, split: str, cached: dict[str, torch.Tensor] | None
     if split == "train" and (keep := fit_subset(len(rows), run.config.seed)) is not None:
         rows = rows[keep]
     feats = cached[split] if cached is not None else None
+    # The check ran the same weights on the same batches of these images: in PyTorch, on
+    # the engine the final pass would run (bf16 where it won the frozen passes; torch-fp32,
+    # its reference, where that did), the same features (an ONNX one exports its own graph)
+    engine = run.policy.frozen.engine
+    again = (checked or {}).get(engine.name) if engine.runtime == "torch" else None
     if feats is not None:
         feats = (feats[:, 0] if split == "train" else feats)[rows]
         labels = images.labels[rows]
+    elif split == "val" and again is not None and torch.equal(checked["rows"], rows):
+        feats, labels = again, images.labels[rows]
     else:
         run_model = _final_pass(run)
         parts, index = [], []

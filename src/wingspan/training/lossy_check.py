@@ -43,11 +43,13 @@ def fp32_engine(device: torch.device, runtime: str = "auto"):
 
 
 @torch.inference_mode()
-def check_lossy_engines(run) -> dict | None:
+def check_lossy_engines(run, passes: dict | None = None) -> dict | None:
     """{engine: {"images", "answers_changed"}} for each lossy candidate, on up to
     `EngineConfig.answer_check_images` readable val images spread over the split (which
     lists its classes one after another), the class predict answers (the top-down branch's
-    with a taxonomy) compared; None where there is nothing to check."""
+    with a taxonomy) compared; None where there is nothing to check. `passes` (a dict) is
+    filled with each engine's pooled features and the val rows they are of ("rows"): the
+    final val pass on one of these engines need not run again (finish._final_outputs)."""
     device = run.policy.device
     lossy = lossy_candidates(device)
     images = run.data.val
@@ -66,18 +68,25 @@ def check_lossy_engines(run) -> dict | None:
     head = copy.deepcopy(model.head).float().cpu()  # (the model's own stays on its device)
     taxonomy = run.data.taxonomy
     answers: dict[str, list[np.ndarray]] = {name: [] for name in runners}
+    features: dict[str, list[torch.Tensor]] = {name: [] for name in runners}
+    index = []
     loader = make_loader(images, fixed_batches(rows.tolist(), run.config.batch_size),
                          run.workers)
     for x, _, idx, _ in loader:
         if not len(idx):
             continue
+        index.append(idx)
         for name, runner in runners.items():
-            logits = head(runner(x).float())[run.data.level]
+            features[name].append(runner(x).float())
+            logits = head(features[name][-1])[run.data.level]
             probs = logits.softmax(1).numpy()
             answers[name].append(taxonomy.answer(probs, temperature=1.0) if taxonomy
                                  else probs.argmax(1))
     if not answers[reference.name]:  # (every image unreadable by now: a disk gone)
         return None
+    if passes is not None:
+        passes.update({name: torch.cat(f) for name, f in features.items()},
+                      rows=torch.cat(index))
     truth = np.concatenate(answers.pop(reference.name))
     return {name: {"images": len(truth),
                    "answers_changed": int((np.concatenate(a) != truth).sum())}
