@@ -704,3 +704,78 @@ def test_sorting_runs_by_their_held_out_figure_says_the_choice_spends_it(run_cli
             "(`wingspan evaluate RUN OTHER_DATA`)." in said, (out, err)
     code, out, err = run_cli("runs", runs, "--sort", "val F1")
     assert code == 0 and "optimistic too" not in out, (out, err)
+
+
+def test_runs_page_lists_links_and_draws_the_runs(run_cli, runs_dir, finished, tmp_path,
+                                                  monkeypatch):
+    """`--output runs.html`: the runs side by side on one self-contained page, as a W&B or
+    MLflow user compares experiments: every run a row (a damaged one with what is wrong),
+    its name a link to its report (else its config.yaml), the finished runs' val F1 per
+    epoch in one embedded figure; names that are HTML or markup shown as they are."""
+    import base64
+    import html
+    from urllib.parse import unquote
+
+    from helpers import accessibility_problems, chromium_path, cli_in_new_process
+    from playwright.sync_api import sync_playwright
+
+    from wingspan.evaluate import plots
+
+    _copy(finished, runs_dir / "<i>it's & co")  # evaluated too: two held-out figures
+    drawn = []
+    real = plots.plot_runs_f1
+    monkeypatch.setattr(plots, "plot_runs_f1", lambda h, p: drawn.append(list(h)) or real(h, p))
+    page_path = tmp_path / "page" / "runs.html"
+    code, out, err = run_cli("runs", runs_dir, "--sort", "held-out F1", "--output", page_path)
+    assert code == 0 and "Wrote" in out, err
+    page = page_path.read_text()
+    frame = ws.runs(runs_dir)
+    assert all(f">{html.escape(name)}<" in page for name in frame["name"])
+    assert "<i>it" not in page and "damaged: metrics.json is not valid JSON" in page
+    assert "val F1: the macro-F1 the best epoch was chosen on (optimistic)" in page
+    assert "makes that figure optimistic too" in page  # (chosen by held-out F1, of two)
+    # Links relative to the page, each to a file there: a report, else the settings.
+    links = dict(re.findall(r"<a href='([^']*)'>([^<]*)</a>", page))
+    assert all((page_path.parent / unquote(href)).is_file() for href in links)
+    to = {html.unescape(name): unquote(href) for href, name in links.items()}
+    assert to["seed0"] == "../runs/seed0/evaluation-test/report.html"
+    assert to["[red]seed1"].endswith("seed1/config.yaml") and "leftover" not in to
+    # The figure: embedded, named for a screen reader, a line per finished run.
+    [(alt, data)] = re.findall(r"<img alt='([^']+)' src='data:image/png;base64,([^']+)'>",
+                               page)
+    assert "val macro-F1 per epoch" in alt
+    assert base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(drawn[0]) == sorted(frame.loc[frame["status"] == "done", "name"])
+    # No runs: a page that says so; and the page, as the listing, needs no torch.
+    (tmp_path / "none").mkdir()
+    done = cli_in_new_process(["runs", tmp_path / "none", "--output", tmp_path / "none.html"],
+                              ("torch",))
+    assert "exit 0" in done.stdout and "imported: []" in done.stdout, done
+    assert "No runs here" in (tmp_path / "none.html").read_text()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path())
+        for path, width in ((page_path, 1280), (page_path, 375), (tmp_path / "none.html", 375)):
+            tab = browser.new_page(viewport={"width": width, "height": 800})
+            tab.goto(path.resolve().as_uri())
+            assert accessibility_problems(tab) == [], (path, width)
+            tab.close()
+        browser.close()
+
+
+def test_runs_figure_keeps_many_runs_legend_outside_its_lines(tmp_path):
+    """Thirty runs' names laid over the lines hid them: the legend goes beside the axes."""
+    from wingspan.evaluate import plots
+
+    history = pd.DataFrame({"stage": ["head"] * 2 + ["finetune"] * 3,
+                            "epoch": [1, 2, 1, 2, 3], "val_macro_f1": [.2, .4, .5, .6, .65]})
+    figures = []
+    real = plots._save
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(plots, "_save", lambda fig, path: figures.append(fig) or real(fig, path))
+        plots.plot_runs_f1({f"run-{i}": history for i in range(30)}, tmp_path / "f1.png")
+    ax = figures[0].axes[0]
+    legend = ax.get_legend()
+    assert len(legend.get_texts()) == 31  # and "fine-tuning begins"
+    assert legend.get_window_extent().x0 > ax.get_window_extent().x1
+    assert legend.get_window_extent().x1 <= figures[0].bbox.x1 + 1  # not cut off
+    assert (tmp_path / "f1.png").is_file()

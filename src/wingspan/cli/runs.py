@@ -24,8 +24,9 @@ def runs_command(
         "held_out_macro_f1, train_seconds, seed...); scores best first, the rest ascending "
         "(default: created, oldest first).", show_default=False)] = None,
     output: Annotated[Path | None, typer.Option(
-        help="Write every column to a .csv or .json file; - writes the CSV to standard "
-             "output (for a pipe).", rich_help_panel=Panel.OUTPUT)] = None,
+        help="Write every column to a .csv or .json file, or the table and a figure of "
+             "the runs' val F1 per epoch to a self-contained .html page; - writes the CSV "
+             "to standard output (for a pipe).", rich_help_panel=Panel.OUTPUT)] = None,
 ) -> None:
     """List the runs in RUNS_DIR side by side: status, data, backbone, seed, the val figure
     the best epoch was chosen on and the fair held-out one, training time."""
@@ -40,9 +41,13 @@ def runs_command(
     )
 
     if output and str(output) != "-":
-        check_output_file(output, (".csv", ".json"))
+        check_output_file(output, (".csv", ".json", ".html"))
     frame = run_table(runs_dir, sort)
-    if output:
+    chosen = bool(sort) and sort_column(frame, sort) == "held_out_macro_f1" and \
+        frame["held_out_macro_f1"].notna().sum() > 1
+    if output and output.suffix.lower() == ".html":
+        _write_page(frame, output, runs_dir, chosen)
+    elif output:
         write_run_table(frame, output)
     if str(output) == "-":  # the CSV alone on standard output, for a pipe
         return
@@ -56,13 +61,8 @@ def runs_command(
             for name, changes in frame[["name", "changes"]].itertuples(index=False):
                 if _given(changes):
                     out.print(f"  {plain(name)}: {plain(changes)}")
-        if sort and sort_column(frame, sort) == "held_out_macro_f1" and \
-                frame["held_out_macro_f1"].notna().sum() > 1:
-            # (the test split is fair to one run; a choice among several spends it, as the
-            # epoch's choice spends val)
-            out.print("Choosing a run by its held-out F1 makes that figure optimistic too: "
-                      "choose by val F1, or score the chosen one on data no choice has seen "
-                      f"(`{plain(command('evaluate', 'RUN', 'OTHER_DATA'))}`).")
+        if chosen:
+            out.print(plain(_CHOICE_SPENT))
         if (frame["status"] == STOPPED).any():
             out.print("A stopped run continues with "
                       f"`{plain(command('train', '--resume', Path(runs_dir) / 'NAME'))}`.")
@@ -76,6 +76,30 @@ def runs_command(
                       "ask its owner (or for read access to its .lock).")
     if output:
         out.print(f"Wrote {plain(output)}")
+
+
+# (the test split is fair to one run; a choice among several spends it, as the epoch's
+# choice spends val)
+_CHOICE_SPENT = ("Choosing a run by its held-out F1 makes that figure optimistic too: choose "
+                 "by val F1, or score the chosen one on data no choice has seen "
+                 f"(`{command('evaluate', 'RUN', 'OTHER_DATA')}`).")
+
+
+def _write_page(frame, path: Path, runs_dir: Path, chosen: bool) -> None:
+    """runs.html: the wide table's columns, their caption, and the runs' curves."""
+    import pandas as pd
+
+    from wingspan.evaluate.report import write_runs_page
+    from wingspan.run_table import status_text
+
+    columns = [(header, cell) for header, cell, _ in _RUN_COLUMNS]
+    cells = pd.DataFrame([[cell(r) for _, cell in columns] for r in frame.to_dict("records")],
+                         columns=[header for header, _ in columns], dtype=object)
+    # A page has room for a failed run's whole error (the terminal's first words)
+    cells["status"] = [status_text(s, d if _given(d) else None)
+                       for s, d in zip(frame["status"], frame["detail"], strict=True)]
+    write_runs_page(path, f"wingspan runs: {runs_dir}", frame, cells,
+                    [_caption(True), *([_CHOICE_SPENT] if chosen else [])])
 
 
 # `wingspan runs`' columns: header, the cell of a row, and whether it is shown in a narrow
@@ -123,14 +147,17 @@ def _runs_table(frame):
         cells = [plain(cell(r)) for _, cell, _ in shown]
         cells[1] = f"[{colours.get(r['status'], 'red')}]{cells[1]}[/]"
         table.add_row(*cells)
-    table.caption = ("val F1: the macro-F1 the best epoch was chosen on (optimistic); "
-                     "held-out F1: on the split nothing was chosen on, once `wingspan "
-                     "evaluate RUN` has scored it"
-                     + ("; changes: the settings that differ among the runs (split: a "
-                        "held-out figure of another split is of other images)" if wide else "")
-                     + ("" if wide else "; data, size, selection, seconds and created in a "
-                        "wider terminal or with --output"))
+    table.caption = _caption(wide)
     return table
+
+
+def _caption(wide: bool) -> str:
+    return ("val F1: the macro-F1 the best epoch was chosen on (optimistic); held-out F1: on "
+            "the split nothing was chosen on, once `wingspan evaluate RUN` has scored it"
+            + ("; changes: the settings that differ among the runs (split: a held-out "
+               "figure of another split is of other images)" if wide else "")
+            + ("" if wide else "; data, size, selection, seconds and created in a wider "
+               "terminal or with --output"))
 
 
 def _wide() -> bool:

@@ -273,3 +273,35 @@ def plot_unknown_scores(known: np.ndarray, unknown: np.ndarray, threshold: float
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # (not "0.5 images")
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+@literal_text()
+def plot_runs_f1(histories: dict[str, pd.DataFrame], path: Path) -> Path:
+    """Each run's val macro-F1 per epoch, head then fine-tune epochs in sequence, one line a
+    run, told apart by marker and dash as well as colour (the ten colours repeat); dotted,
+    where fine-tuning began. The legend outside the axes: over them, many runs' names hid
+    the lines."""
+    from matplotlib.ticker import MaxNLocator
+
+    short = short_names(list(histories))
+    columns = 1 + (len(histories) - 1) // 25  # (a legend column 25 names high)
+    fig, ax = subplots(figsize=(7 + 2.4 * columns,
+                                max(3.6, 0.18 * -(-len(histories) // columns) + 0.8)))
+    starts = set()
+    for i, (name, history) in enumerate(histories.items()):
+        h = history.reset_index(drop=True)
+        ax.plot(np.arange(1, len(h) + 1), h["val_macro_f1"], color=f"C{i % 10}", ms=4,
+                marker="osD^v<>"[i % 7], ls=("-", "--", ":", "-.")[i // 10 % 4],
+                label=short[name])
+        stage = h["stage"].to_numpy()
+        starts.update((np.flatnonzero(stage[1:] != stage[:-1]) + 1.5).tolist())
+    for i, start in enumerate(sorted(starts)):
+        ax.axvline(start, color="grey", ls=":", lw=1,
+                   label="fine-tuning begins" if i == 0 else None)
+    ax.set_xlabel("epoch (head, then fine-tune)")
+    ax.set_ylabel("val macro-F1")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8, ncols=columns,
+              frameon=False)
+    return _save(fig, path)

@@ -1,5 +1,5 @@
 """`report.html`: one self-contained page for a run; every plot is embedded. An evaluation's
-sections for it: `write_evaluation_report`."""
+sections for it: `write_evaluation_report`. `runs.html`, a runs folder's: `write_runs_page`."""
 
 from __future__ import annotations
 
@@ -14,8 +14,6 @@ import pandas as pd
 
 from wingspan.data.samples import SPLIT
 from wingspan.errors import counted, rounded
-from wingspan.evaluate.calibration import bound_warning
-from wingspan.evaluate.metrics import summary_rows
 from wingspan.evaluate.wording import (
     absent_rows,
     answer_rows,
@@ -43,10 +41,11 @@ def _figure(path: Path | None, alt: str, missing: str = "not available",
     return f"<a href='{href}' title='the figure at full size'>{img}</a>"
 
 
-def _table(frame: pd.DataFrame, floats: str = "{:.4f}") -> str:
+def _table(frame: pd.DataFrame, floats: str = "{:.4f}", escape: bool = True) -> str:
+    """(escape=False: cells already HTML, escaped by the caller, links in them)"""
     # Headers in words: share_of_true, train_images_per_s read as code (the CSVs keep them)
     frame = frame.rename(columns=lambda c: c.replace("_", " ") if isinstance(c, str) else c)
-    table = frame.to_html(index=False, border=0, classes="t", escape=True, na_rep="-",
+    table = frame.to_html(index=False, border=0, classes="t", escape=escape, na_rep="-",
                           float_format=lambda v: floats.format(v))  # ("-": as the terminal)
     named = html.escape("table of " + ", ".join(map(str, frame.columns[:4])), quote=True)
     return f"<div class='scroll' role='region' tabindex='0' aria-label='{named}'>{table}</div>"
@@ -238,6 +237,69 @@ def _relative(file: Path, folder: Path) -> str:
     return Path(os.path.relpath(Path(file).resolve(), Path(folder).resolve())).as_posix()
 
 
+def write_runs_page(path: Path, title: str, frame: pd.DataFrame, cells: pd.DataFrame,
+                    notes: list[str]) -> Path:
+    """`wingspan runs --output runs.html`: the table (`cells`, the terminal's text of each
+    run of `frame`, its name first), each name linked to the run's report, else its
+    config.yaml; the finished runs' val macro-F1 per epoch in one figure; and `notes`, the
+    table's caption. Self-contained as report.html (the figure embedded)."""
+    import tempfile
+
+    from wingspan.errors import WingspanError
+    from wingspan.evaluate.plots import plot_runs_f1
+    from wingspan.run_table import DONE
+    from wingspan.training.folder import read_history
+
+    parts = [f"<h1>{html.escape(title)}</h1>"]
+    if frame.empty:
+        parts.append("<p>No runs here.</p>")
+    else:
+        cells = cells.map(lambda c: html.escape(str(c)))
+        targets = [_run_link(Path(run)) for run in frame["path"]]
+        cells.iloc[:, 0] = [f"<a href='{_href(t, Path(path).parent)}'>{c}</a>" if t else c
+                            for c, t in zip(cells.iloc[:, 0], targets, strict=True)]
+        parts += [_table(cells, escape=False),
+                  *(f"<p>{html.escape(note)}</p>" for note in notes)]
+        histories = {}
+        for run in frame[frame["status"] == DONE].itertuples():  # (a stopped run's curve
+            try:  # ends mid-way, read as the end of a finished one's)
+                histories[run.name] = read_history(Path(run.path))
+            except (WingspanError, OSError):  # a history lost or garbled: the row stays
+                pass
+        with tempfile.TemporaryDirectory() as tmp:  # (drawn to embed, then gone)
+            png = plot_runs_f1(histories, Path(tmp) / "f1.png") if histories else None
+            parts += ["<h2>Val macro-F1 per epoch</h2>",
+                      _figure(png, "val macro-F1 per epoch of each finished run, one line a "
+                              "run named in the legend, head then fine-tune epochs in "
+                              "sequence (each run's best in the table's val F1)",
+                              "no finished run with a history.csv")]
+    page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>"
+            f"{html.escape(title)}</title>{VIEWPORT}<style>{STYLE}</style></head><body><main>"
+            f"{''.join(parts)}</main></body></html>")
+    write_text(path, page)
+    return path
+
+
+def _run_link(run_dir: Path) -> Path | None:
+    """What a run's name on the runs page opens: its report on the held-out split, else its
+    latest report, else its config.yaml (None without one: a run killed while set up)."""
+    reports = sorted(run_dir.glob("evaluation-*/report.html"), key=lambda p: (
+        p.parent.name != "evaluation-test", -p.stat().st_mtime))
+    return reports[0] if reports else (run_dir / CONFIG_FILE
+                                       if (run_dir / CONFIG_FILE).is_file() else None)
+
+
+def _href(file: Path, folder: Path) -> str:
+    """A link from a page in `folder`: relative where the two share a folder (they move
+    together), else the file's own URI (another drive, or ../../../ up to / and down)."""
+    file, folder = Path(file).resolve(), Path(folder).resolve()
+    try:
+        shared = os.path.commonpath([file, folder]) != file.anchor
+    except ValueError:  # (another drive, on Windows)
+        shared = False
+    return quote(_relative(file, folder)) if shared else file.as_uri()
+
+
 # The run's files a report links: its settings (and the line to train it again), its log
 # and its curves' figures; an adapted run's adapt.json (it has no train.log of its own).
 RUN_FILES = (CONFIG_FILE, "train.log", HISTORY_FILE, "adapt.json")
@@ -263,6 +325,10 @@ def _recipe(training: dict, run_dir: Path | None, out_dir: Path
 def write_evaluation_report(out_dir, name, predictor, dataset, level, split, metrics, table,
                             confused, pngs, levels_table=None, transfer=None,
                             plots: bool = True, run_dir: Path | None = None) -> Path:
+    # (here, not above: they import torch, which `wingspan runs`' page has no need of)
+    from wingspan.evaluate.calibration import bound_warning
+    from wingspan.evaluate.metrics import summary_rows
+
     manifest = predictor.manifest
     data_table = pd.crosstab(dataset.table[level], dataset.table[SPLIT].replace("", "all"))
     data_table.columns.name = None  # else an empty column headed "split"
