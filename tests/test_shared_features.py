@@ -72,6 +72,10 @@ def test_another_seed_or_an_edited_photo_is_computed_again(demo_dir, tmp_path):
     # or val's) is the same and read, every augmented one is computed.
     other = run(data, tmp_path, "other", weights=weights, seed=1)
     assert cached(other) == (n, m, n + m)
+    # Another augmentation draws other crops of the same seed; another size, other pixels.
+    light = run(data, tmp_path, "light", weights=weights, augment="light")
+    assert cached(light) == (n, m, n + m)
+    assert cached(run(data, tmp_path, "bigger", weights=weights, image_size=40)) == (n, m, 0)
     # A photo edited since: its features are computed again, the others' read.
     splits = pd.read_csv(first / "splits.csv")
     photo = tmp_path / "data" / splits.loc[splits["split"] == "val", "path"].iloc[0]
