@@ -361,6 +361,12 @@ def test_predict_explain_and_evaluate_say_what_a_ctrl_c_left(run_dir, demo_dir, 
     assert code == 130 and f"Stopped: 1 overlay of 2 written, kept in {tmp_path / 'x'}" \
         in said, err
     assert len(list((tmp_path / "x").glob("*.png"))) == 1
+    # Stopped before the first overlay (the model loading): no folder said to keep them
+    monkeypatch.setattr(wingspan.explain, "explain_each", interrupted)
+    code, out, err = run_cli("explain", run_dir, *images, "--out", tmp_path / "y", "-q")
+    said = " ".join(err.split())
+    assert code == 130 and "Stopped: 0 overlays of 2 written" in said and "kept" not in said, err
+    assert not (tmp_path / "y").exists()
     monkeypatch.setattr(wingspan.evaluate.run, "evaluate", interrupted)
     code, out, err = run_cli("evaluate", run_dir)
     assert code == 130 and "Stopped: this evaluation wrote nothing" in err, err

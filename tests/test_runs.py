@@ -779,3 +779,22 @@ def test_runs_figure_keeps_many_runs_legend_outside_its_lines(tmp_path):
     assert legend.get_window_extent().x0 > ax.get_window_extent().x1
     assert legend.get_window_extent().x1 <= figures[0].bbox.x1 + 1  # not cut off
     assert (tmp_path / "f1.png").is_file()
+
+
+def test_a_narrow_listing_says_which_runs_differ_in_image_size(run_cli, finished, tmp_path,
+                                                                monkeypatch):
+    """At 80 columns the size column is left out, and `changes` leaves image_size to that
+    column: runs of one command but --image-size read alike, row for row."""
+    from wingspan.cli import common as cli
+
+    runs = tmp_path / "runs"
+    _copy(finished, runs / "a")
+    big = _copy(finished, runs / "big")
+    config = yaml.safe_load((big / "config.yaml").read_bytes())
+    size = config["image_size"]
+    (big / "config.yaml").write_text(yaml.safe_dump({**config, "image_size": size * 2}))
+    monkeypatch.setattr(cli.out, "_width", 80)
+    code, out, err = run_cli("runs", runs)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert f"  a: image_size={size}" in lines and f"  big: image_size={size * 2}" in lines, out

@@ -34,7 +34,7 @@ def cached(run_dir) -> tuple[int, int, int]:
                 if "Cached features of" in x)
     n, m = map(int, re.search(r"of (\d+) training images x 2 views and (\d+) valid", line)
                .groups())
-    found = re.search(r"\((\d+) of them computed by an earlier run", line)
+    found = re.search(r"\((\d+) of them computed before and read from", line)
     return n, m, int(found[1]) if found else 0
 
 
@@ -49,6 +49,8 @@ def test_a_second_run_reads_the_features_the_first_computed(demo_dir, tmp_path):
     first = run(data, tmp_path, "first", weights=weights)
     n, m, reused = cached(first)
     assert reused == 0 and n and m
+    assert "for later runs with the same weights, engine (torch-fp32) and augmentation" in \
+        (first / "train.log").read_text()
     # Only the head's settings changed: every feature is read, none computed.
     second = run(data, tmp_path, "second", weights=weights, lr=1e-3, label_smoothing=0.0)
     assert cached(second) == (n, m, 2 * n + m)

@@ -76,6 +76,31 @@ def test_config_yamls_line_to_train_again_pastes_into_a_shell_and_keeps_the_budg
     assert f"wingspan train {tmp_path / 'runs' / 'r' / 'splits.csv'} --config" in said, said
 
 
+def test_the_line_to_train_again_names_a_moved_runs_own_files(demo_dir, tmp_path):
+    """A run copied or moved since it trained (an archive, another machine): its report's
+    "to train it again" named the old folder's splits.csv and config.yaml, gone there or
+    another run's by now."""
+    import shlex
+
+    from wingspan.data.images import call_budget
+    from wingspan.training.folder import train_again
+    from wingspan.training.run import _data_comment
+
+    old, new = tmp_path / "ho run", tmp_path / "archive" / "ho run 2"
+    new.mkdir(parents=True)
+    with call_budget(4000):
+        said = _data_comment(read_dataset(demo_dir), old, held_out=True)
+    (new / "config.yaml").write_text(said + "lr: 0.01\n", encoding="utf-8")
+    again = train_again(new)
+    assert shlex.split(again, comments=True) == [
+        "wingspan", "train", str(new / "splits.csv"), "--config", str(new / "config.yaml"),
+        "--max-pixels", "4000", "--holdout-classes", ""], again
+    assert again.endswith(said.splitlines()[1].split("   #", 1)[1])  # (its comment kept)
+    old.mkdir()  # where it trained: the line as it was
+    (old / "config.yaml").write_text(said + "lr: 0.01\n", encoding="utf-8")
+    assert train_again(old) == said.splitlines()[1].split("Again on the same split: ", 1)[1]
+
+
 @pytest.mark.policy
 def test_train_writes_a_complete_run(demo_dir, tmp_path):
     run_dir = train(read_dataset(demo_dir), tiny(tmp_path), tmp_path / "runs", "demo", quiet=True)

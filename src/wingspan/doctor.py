@@ -45,7 +45,7 @@ class Diagnosis:
 CACHE_PARTS = {"decoded": "images decoded at a working size",
                "graphs": "ONNX graphs of backbones' ImageNet weights",
                "audit-features": "`data audit`'s features and hashes",
-               "features": "training images' backbone features, for later runs on them",
+               "features": "training and val images' backbone features, for later runs",
                "datasets": "downloaded datasets (`data download`)",
                "engines.json": "the engines measured"}
 

@@ -150,5 +150,6 @@ def doctor_command(
                   "run decodes the images, exports the graphs, computes the features and "
                   "times the engines again. Set $WINGSPAN_CACHE to a folder you may write.")
     out.print("All of it but datasets/ (downloads) is safe to delete at any time: runs then "
-              "decode the images, export the graphs and time the engines again. "
+              "decode the images, export the graphs, compute the features and time the "
+              "engines again. "
               "$WINGSPAN_CACHE puts it elsewhere.")

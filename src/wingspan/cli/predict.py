@@ -239,8 +239,10 @@ def explain_command(
             raise WingspanError("No image to explain.", hint="Check the paths given.")
         out_dir = out_dir or output_home(find_bundle(model)) / "explain"
     explained, failed, replaced = 0, len(missing), 0
-    with stopped_said(lambda: f"{counted(explained, 'overlay')} of {len(paths)} written, kept "
-                      f"in {plain(here(out_dir))}"):
+    # (stopped before the first overlay, OUT_DIR may not have been made: "kept in" it read
+    # as if it held them)
+    with stopped_said(lambda: f"{counted(explained, 'overlay')} of {len(paths)} written"
+                      + (f", kept in {plain(here(out_dir))}" if explained else "")):
         for e in explain_each(model, paths, out_dir, device=device, progress=not quiet):
             if e.error:
                 failed += 1

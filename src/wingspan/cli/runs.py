@@ -55,12 +55,12 @@ def runs_command(
         out.print(f"No runs in {plain(runs_dir)}.")
     else:
         out.print(_runs_table(frame))
-        if not _wide() and frame["changes"].notna().any():  # (a column folded a word a line)
+        beneath = [] if _wide() else _beneath(frame)
+        if beneath:  # (a column folded a word a line)
             out.print("What differs among them (split: a held-out figure of another split "
                       "is of other images):")
-            for name, changes in frame[["name", "changes"]].itertuples(index=False):
-                if _given(changes):
-                    out.print(f"  {plain(name)}: {plain(changes)}")
+            for name, changes in beneath:
+                out.print(f"  {plain(name)}: {plain(changes)}")
         if chosen:
             out.print(plain(_CHOICE_SPENT))
         if (frame["status"] == STOPPED).any():
@@ -158,6 +158,24 @@ def _caption(wide: bool) -> str:
                "figure of another split is of other images)" if wide else "")
             + ("" if wide else "; data, size, selection, seconds and created in a wider "
                "terminal or with --output"))
+
+
+# Settings with a column of their own, left out of `changes`, that a narrow terminal does
+# not show: said beneath where they differ (runs at 64 and 96 px read alike there).
+_HIDDEN_SETTINGS = ("image_size", "selection")
+
+
+def _beneath(frame) -> list[tuple[str, str]]:
+    """Each run's differences as listed beneath a narrow table: `changes`, after the
+    hidden columns' settings where they differ among the runs."""
+    varying = [c for c in _HIDDEN_SETTINGS if frame[c].dropna().nunique() > 1]
+    rows = []
+    for r in frame.to_dict("records"):
+        said = [f"{c}={_cell(r[c])}" for c in varying if _given(r[c])]
+        said += [r["changes"]] if _given(r["changes"]) else []
+        if said:
+            rows.append((r["name"], " ".join(said)))
+    return rows
 
 
 def _wide() -> bool:

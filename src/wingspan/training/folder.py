@@ -8,9 +8,11 @@ import csv
 import difflib
 import hashlib
 import os
+import shlex
+import sys
 from pathlib import Path
 
-from wingspan.errors import WingspanError, first_line
+from wingspan.errors import WingspanError, first_line, quoted
 from wingspan.files import is_leftover
 
 CONFIG_FILE, SPLITS_FILE, HISTORY_FILE = "config.yaml", "splits.csv", "history.csv"
@@ -258,8 +260,20 @@ def train_again(run_dir: Path) -> str | None:
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
     lines = [line for line in text.splitlines()[:3] if line.startswith(TRAIN_AGAIN)]
-    return lines[0][len(TRAIN_AGAIN):].strip() if lines and isinstance(settings, dict) \
-        else None
+    if not lines or not isinstance(settings, dict):
+        return None
+    again = lines[0][len(TRAIN_AGAIN):].strip()
+    # A run moved or copied since (to an archive, another machine) named the folder it was
+    # trained in, gone or another run's by now: its own files instead.
+    try:
+        words = shlex.split(again, comments=True) if sys.platform != "win32" else []
+    except ValueError:
+        words = []
+    if len(words) >= 5 and words[:2] == ["wingspan", "train"] and words[3] == "--config":
+        here = Path(os.path.abspath(run_dir))
+        for old, new in ((words[2], here / SPLITS_FILE), (words[4], here / CONFIG_FILE)):
+            again = again.replace(quoted(old), quoted(new), 1)
+    return again
 
 
 def close_runs(path: Path) -> list[str]:

@@ -318,10 +318,13 @@ def extract_features(run: Run, views: int) -> tuple[torch.Tensor, torch.Tensor]:
     computed = n * (views + 1) + m - reused
     rate = f"{computed / seconds:.1f} images/s" + (f" over {world} processes" if world > 1
                                                    else "")
-    if reused:
-        rate = (f"{reused} of them computed by an earlier run and read from "
-                f"{store.arrays.directory}" + (f"; {rate} for the other {computed}"
-                                               if computed else ""))
+    if reused:  # (by an earlier run, or by this one before it was stopped)
+        rate = (f"{reused} of them computed before and read from {store.arrays.directory}"
+                + (f"; {rate} for the other {computed}" if computed else ""))
+    elif store:  # (a rerun that reads none says why: the engine is timed again on a busy
+        # machine, and another engine's features are other features)
+        rate += (f"; kept in {store.arrays.directory} for later runs with the same weights, "
+                 f"engine ({run.policy.frozen.engine.name}) and augmentation")
     run.log(f"Cached features of {n} training images x {views + 1} views and {m} validation "
             f"images in {seconds:.1f}s ({rate})")
     if run.is_main:  # a kill leaves no half-written cache
