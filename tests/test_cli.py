@@ -980,6 +980,10 @@ def test_wingspans_own_warnings_read_as_the_commands_other_lines(run_cli, demo_d
 
     (tmp_path / "file").write_text("not a folder")
     monkeypatch.setenv("WINGSPAN_CACHE", str(tmp_path / "file"))
+    import wingspan.models.engine as engine
+
+    # (said once a process: doctor's test on an unwritable cache may have said it here)
+    monkeypatch.setattr(engine, "NOT_KEPT", [])
     before = warnings.showwarning
     code, _, err = run_cli("data", "audit", demo_dir, "--backbone", "test_efficientnet",
                            "--weights", "none", "--out", tmp_path / "audit", "--quiet")
