@@ -847,6 +847,7 @@ def test_an_evaluation_lock_another_user_left_is_taken_not_refused(tmp_path, mon
     not there in a folder we may not write is still refused. (Simulated: CI runs as root,
     for whom chmod changes nothing.)"""
     import builtins
+    import errno
     import fcntl
 
     from wingspan.training import folder
@@ -868,6 +869,14 @@ def test_an_evaluation_lock_another_user_left_is_taken_not_refused(tmp_path, mon
         assert not hold_lock(tmp_path, theirs.name, again=False)
     with pytest.raises(PermissionError):
         hold_lock(tmp_path, ".evaluation-val.lock", again=False)
+    # NFS locks only a file open to write (EBADF): the permission is the error, not
+    # "another evaluation holds it", which would never clear.
+    def nfs(handle, how):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(fcntl, "flock", nfs)
+    with pytest.raises(PermissionError):
+        hold_lock(tmp_path, theirs.name, again=False)
 
 
 def test_evaluate_never_replaces_a_folder_that_is_not_an_evaluation(trained, tmp_path):

@@ -699,6 +699,27 @@ def test_a_cache_shared_by_a_group_stays_writable_by_the_group(tmp_path):
     assert stat.S_IMODE((private / "decoded-256").stat().st_mode) == 0o755
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX modes")
+def test_a_cache_made_under_a_folder_open_to_all_stays_private(tmp_path):
+    """A cache made under /tmp (1777: group-writable too) took its group bits: the user's
+    own cache went writable by their group (often every user's), for anyone to replace
+    its features, decodes and graphs."""
+    import stat
+
+    from wingspan.files import FileArrays
+
+    public = tmp_path / "tmp"
+    public.mkdir()
+    public.chmod(0o1777)
+    umask = os.umask(0o022)
+    try:
+        FileArrays(public / "me" / "wingspan" / "features", "key")
+    finally:
+        os.umask(umask)
+    for folder in ("me", "me/wingspan", "me/wingspan/features"):
+        assert stat.S_IMODE((public / folder).stat().st_mode) == 0o755, folder
+
+
 def test_an_output_open_in_another_program_on_windows_is_named(tmp_path, monkeypatch):
     """Windows refuses to replace a file that another program holds open (a predictions
     CSV in Excel), or to move a folder holding one (an evaluation's): the error said

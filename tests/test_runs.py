@@ -798,3 +798,22 @@ def test_a_narrow_listing_says_which_runs_differ_in_image_size(run_cli, finished
     assert code == 0, err
     lines = out.splitlines()
     assert f"  a: image_size={size}" in lines and f"  big: image_size={size * 2}" in lines, out
+
+
+def test_a_narrow_listing_says_which_runs_differ_in_their_levels(run_cli, finished, tmp_path,
+                                                                  monkeypatch):
+    """`changes` leaves level and levels to the levels column, which 80 columns leave out:
+    a run of --levels family,species and one of species alone read alike, row for row."""
+    from wingspan.cli import common as cli
+
+    runs = tmp_path / "runs"
+    _copy(finished, runs / "a")
+    both = _copy(finished, runs / "both")
+    _edit_json(both / "model" / "manifest.json",
+               lambda m: {**m, "classes": {"family": ["x", "y"], **m["classes"]}})
+    level = ws.runs(runs).set_index("name").loc["a", "levels"]
+    monkeypatch.setattr(cli.out, "_width", 80)
+    code, out, err = run_cli("runs", runs)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert f"  a: levels={level}" in lines and f"  both: levels=family,{level}" in lines, out

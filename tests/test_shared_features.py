@@ -102,3 +102,15 @@ def test_another_timm_or_machine_computes_again(demo_dir, tmp_path, monkeypatch,
     else:
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "ANOTHER")
     assert cached(run(data, tmp_path, "second", weights=weights)) == (n, m, 0)
+
+
+def test_a_cache_folder_that_cannot_be_made_keeps_nothing_and_says_no_folder(demo_dir,
+                                                                             tmp_path):
+    """The log said "kept in None for later runs" where the cache folder could not be made
+    (read-only, or under a file)."""
+    (tmp_path / "file").write_text("")
+    blocked = run(read_dataset(demo_dir), tmp_path, "blocked", weights=weights_file(tmp_path),
+                  cache_dir=str(tmp_path / "file" / "cache"))
+    line = next(x for x in (blocked / "train.log").read_text().splitlines()
+                if "Cached features of" in x)
+    assert "None" not in line and "kept in" not in line, line

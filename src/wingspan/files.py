@@ -529,8 +529,11 @@ def shared_folder(path: str | Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     for folder in reversed(missing):  # (the top first: each takes what the one above has)
         with contextlib.suppress(OSError):  # (made by another process at once: its own)
-            group = os.stat(folder.parent).st_mode & (stat.S_IRWXG | stat.S_ISGID)
-            if group & stat.S_IWGRP:
+            mode = os.stat(folder.parent).st_mode
+            group = mode & (stat.S_IRWXG | stat.S_ISGID)
+            # (not below a folder open to all, /tmp: a private cache made there, say
+            # $XDG_CACHE_HOME=/tmp/me, went writable by the user's group, often everyone's)
+            if group & stat.S_IWGRP and not mode & (stat.S_IWOTH | stat.S_ISVTX):
                 os.chmod(folder, stat.S_IMODE(os.stat(folder).st_mode) | group)
     return path
 

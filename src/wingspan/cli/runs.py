@@ -161,8 +161,9 @@ def _caption(wide: bool) -> str:
 
 
 # Settings with a column of their own, left out of `changes`, that a narrow terminal does
-# not show: said beneath where they differ (runs at 64 and 96 px read alike there).
-_HIDDEN_SETTINGS = ("image_size", "selection")
+# not show: said beneath where they differ (runs at 64 and 96 px, or of --levels
+# family,species and of species alone, read alike there).
+_HIDDEN_SETTINGS = ("levels", "image_size", "selection")
 
 
 def _beneath(frame) -> list[tuple[str, str]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import errno
 import hashlib
 import os
 import shlex
@@ -164,19 +165,22 @@ def hold_lock(run_dir: Path, lock: str = ".lock", again: bool = True) -> bool:
     key = _key(run_dir, lock)
     if key in _HELD:
         return again
+    denied = None
     try:
         handle = open(run_dir / lock, "w")  # noqa: SIM115 - held open for the whole run
-    except PermissionError:  # another user's lock in a folder we share (a group's run,
-        # umask 002, that they evaluated): the run's owner could never evaluate it again.
-        # flock(2) takes a lock on a file opened to read. (None there: a folder we may
-        # not write, which the error says.)
+    except PermissionError as e:  # another user's lock in a folder we share (a group's
+        # run, umask 002, that they evaluated): the run's owner could never evaluate it
+        # again. flock(2) takes a lock on a file opened to read. (None there: a folder we
+        # may not write, which the error says.)
         if not (run_dir / lock).is_file():
             raise
-        handle = open(run_dir / lock)  # noqa: SIM115 - as above
+        denied, handle = e, open(run_dir / lock)  # noqa: SIM115 - as above
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
         handle.close()
+        if denied and e.errno == errno.EBADF:  # (NFS locks only a file open to write: not
+            raise denied from None  # "another one holds it", which would never clear)
         return False
     _HELD[key] = handle
     return True

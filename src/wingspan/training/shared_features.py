@@ -84,7 +84,10 @@ class SharedFeatures:
 
             how += f"|ort {onnxruntime.__version__}"
         root = Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir()
-        return cls(root / FOLDER, how, model.backbone.num_features)
+        store = cls(root / FOLDER, how, model.backbone.num_features)
+        # (a cache folder that cannot be made, read-only or under a file: nothing is kept,
+        # and the log said "kept in None")
+        return store if store.arrays.directory is not None else None
 
     def entry(self, images: LabelledImages, index: int, view: int) -> Path | None:
         """Where image `index` of `images` seen in `view` (0: clean, as `images`'s own
