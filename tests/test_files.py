@@ -679,6 +679,7 @@ def test_a_cache_shared_by_a_group_stays_writable_by_the_group(tmp_path):
     import stat
 
     from wingspan.files import FileArrays
+    from wingspan.models.engine import EngineCache
     from wingspan.models.runtime import _store_graph
 
     shared, private = tmp_path / "shared", tmp_path / "private"
@@ -690,10 +691,12 @@ def test_a_cache_shared_by_a_group_stays_writable_by_the_group(tmp_path):
     try:
         FileArrays(shared / "audit-features" / "abc", "key")
         _store_graph(shared / "graphs" / "g.onnx", b"graph", 1.0)
+        # (a cache folder not made yet, its first file the engines' timings)
+        EngineCache(shared / "new-cache" / "engines.json").put({"k": 1}, {"r": 2})
         FileArrays(private / "decoded-256", "key")
     finally:
         os.umask(umask)
-    for folder in ("audit-features", "audit-features/abc", "graphs"):
+    for folder in ("audit-features", "audit-features/abc", "graphs", "new-cache"):
         assert stat.S_IMODE((shared / folder).stat().st_mode) == 0o2775, folder
     assert (shared / "graphs" / "g.onnx").read_bytes() == b"graph"
     assert stat.S_IMODE((private / "decoded-256").stat().st_mode) == 0o755

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from wingspan.config import BATCH_SIZE, default_cache_dir, usable_cores
+from wingspan.files import shared_folder
 from wingspan.models import create_classifier, resolve_policy
 from wingspan.models.engine import EngineCache, cpu_flags, cpu_name, native_bf16
 from wingspan.models.factory import choose_backbone
@@ -66,7 +67,7 @@ def cache_writable(root: Path) -> bool:
     import tempfile
 
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        shared_folder(root)
         with tempfile.TemporaryFile(dir=root):
             return True
     except OSError:

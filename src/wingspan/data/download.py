@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wingspan.errors import WingspanError
+from wingspan.files import shared_folder
 from wingspan.progress import Bar
 
 CHUNK = 1 << 20
@@ -60,7 +61,7 @@ def download_dataset(name: str, to: str | Path, url: str | None = None,
                                 "goes.", hint="Remove it and run the command again, or "
                                               "give another --to.")
         return _dataset_root(root)
-    to.mkdir(parents=True, exist_ok=True)
+    shared_folder(to)  # (in a lab's shared cache: the group's, as the cache's other folders)
     archive = to / source.name
     if not archive.is_file():
         _fetch(url or source.url, archive, progress)

@@ -36,7 +36,7 @@ from wingspan.config import (
     usable_cores,
 )
 from wingspan.errors import WingspanError, first_line
-from wingspan.files import atomic_path
+from wingspan.files import atomic_path, shared_folder
 
 PRECISIONS = dict(zip(PRECISION_NAMES, (None, torch.bfloat16, torch.float16), strict=True))
 
@@ -288,6 +288,7 @@ class EngineCache:
         data = self._read()
         data[json.dumps(key, sort_keys=True)] = record
         try:
+            shared_folder(self.path.parent)  # (often the first thing a new cache holds)
             with atomic_path(self.path, durable=False) as tmp:
                 tmp.write_text(json.dumps(data, indent=1))
         except (OSError, WingspanError) as e:  # a read-only or full cache only costs a
