@@ -817,3 +817,21 @@ def test_a_narrow_listing_says_which_runs_differ_in_their_levels(run_cli, finish
     assert code == 0, err
     lines = out.splitlines()
     assert f"  a: levels={level}" in lines and f"  both: levels=family,{level}" in lines, out
+
+
+def test_changes_spell_settings_as_config_yaml_does(finished, tmp_path):
+    """`changes` gave Python's spelling of a setting, max_per_class=None and
+    holdout_classes=['a', 'b'], where config.yaml and the options say null and a,b."""
+    runs = tmp_path / "runs"
+    _copy(finished, runs / "a")
+    capped = _copy(finished, runs / "capped")
+    config = yaml.safe_load((capped / "config.yaml").read_bytes())
+    assert config["max_per_class"] is None and config["allow_leaky_splits"] is False
+    (capped / "config.yaml").write_text(yaml.safe_dump(
+        {**config, "max_per_class": 5, "allow_leaky_splits": True,
+         "level_weights": [1.0, 2.0]}))
+    changes = dict(ws.runs(runs)[["name", "changes"]].itertuples(index=False))
+    assert set(changes["a"].split()) == {"max_per_class=null", "allow_leaky_splits=false",
+                                         "level_weights=null"}, changes
+    assert set(changes["capped"].split()) == {"max_per_class=5", "allow_leaky_splits=true",
+                                              "level_weights=1.0,2.0"}, changes

@@ -649,6 +649,16 @@ class EngineConfig:
 PRECISION_ENV, RUNTIME_ENV = "WINGSPAN_PRECISION", "WINGSPAN_RUNTIME"
 
 
+def setting_text(value) -> str:
+    """A setting's value as config.yaml spells it, for a reader: true, null, a list
+    comma-separated as its option takes it (not Python's None or ['a', 'b'])."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return str(value)
+
+
 def to_dict(config: object) -> dict:
     """A config as plain JSON-ready values."""
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from wingspan.config import NOT_LEARNT, RUNS_DIR, UNKNOWN_SCORES
+from wingspan.config import NOT_LEARNT, RUNS_DIR, UNKNOWN_SCORES, setting_text
 from wingspan.errors import WingspanError, first_line
 from wingspan.evaluate.wording import fairness
 from wingspan.files import csv_on_stdout, write_csv, write_text
@@ -109,7 +109,8 @@ def _changes(rows: list[dict]) -> None:
     # (a setting a run lacks, a stopped run's split say, tells nothing either way)
     varying = [k for k in keys if len({repr(s[k]) for s in settings if k in s}) > 1]
     for row, own in zip(rows, settings, strict=True):
-        row["changes"] = " ".join(f"{k}={own[k]}" for k in varying if k in own) or None
+        row["changes"] = " ".join(f"{k}={setting_text(own[k])}" for k in varying
+                                  if k in own) or None
 
 
 def _once_each(folders: list[Path]) -> list[Path]:

@@ -4,12 +4,11 @@ terminal and the library print alike."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import shlex
 
 import pandas as pd
 
-from wingspan.config import NOT_LEARNT, TrainConfig
+from wingspan.config import NOT_LEARNT, TrainConfig, setting_text
 from wingspan.errors import counted, some
 
 
@@ -66,17 +65,10 @@ def recipe_wording(training: dict) -> str:
     """The settings a run was trained with that are not TrainConfig's defaults, in its
     order ("lr 0.01, label_smoothing 0.0"), or "the defaults": what tells two runs' reports
     apart. From the bundle's manifest, which a model folder copied alone keeps too."""
-    changed = [f"{f.name} {_setting(training[f.name])}" for f in dataclasses.fields(TrainConfig)
+    changed = [f"{f.name} {setting_text(training[f.name])}" for f in dataclasses.fields(TrainConfig)
                if f.name in training and f.name not in (*NOT_LEARNT, *IN_OVERVIEW)
                and training[f.name] != f.default]
     return ", ".join(changed) or "the defaults"
-
-
-def _setting(value) -> str:
-    """A setting as config.yaml spells it: true, a list comma-separated."""
-    if isinstance(value, list):
-        return ",".join(map(str, value))
-    return json.dumps(value) if value is None or isinstance(value, bool) else str(value)
 
 
 def kept_rows(train_metrics: dict) -> list[tuple[str, str]]:
