@@ -835,3 +835,24 @@ def test_changes_spell_settings_as_config_yaml_does(finished, tmp_path):
                                          "level_weights=null"}, changes
     assert set(changes["capped"].split()) == {"max_per_class=5", "allow_leaky_splits=true",
                                               "level_weights=1.0,2.0"}, changes
+
+
+def test_a_narrow_listing_says_which_runs_were_trained_on_other_data(run_cli, finished,
+                                                                     tmp_path, monkeypatch):
+    """At 80 columns the data column is left out: runs on two datasets read alike, and a
+    held-out sort ranked them together."""
+    from wingspan.cli import common as cli
+
+    runs = tmp_path / "runs"
+    _copy(finished, runs / "a")
+    other = _copy(finished, runs / "other")
+    text = (other / "config.yaml").read_text(encoding="utf-8")
+    first, rest = text.split("\n", 1)
+    ours = first.removeprefix("# Trained on ").split(", read with")[0]
+    (other / "config.yaml").write_text(
+        first.replace(ours, str(tmp_path / "leeds")) + "\n" + rest, encoding="utf-8")
+    monkeypatch.setattr(cli.out, "_width", 80)
+    code, out, err = run_cli("runs", runs)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert f"  a: data={ours}" in lines and f"  other: data={tmp_path / 'leeds'}" in lines, out

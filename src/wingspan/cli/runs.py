@@ -160,10 +160,10 @@ def _caption(wide: bool) -> str:
                "terminal or with --output"))
 
 
-# Settings with a column of their own, left out of `changes`, that a narrow terminal does
-# not show: said beneath where they differ (runs at 64 and 96 px, or of --levels
-# family,species and of species alone, read alike there).
-_HIDDEN_SETTINGS = ("levels", "image_size", "selection")
+# Columns left out of `changes` that a narrow terminal does not show: said beneath where
+# they differ (runs on two datasets, at 64 and 96 px, or of --levels family,species and of
+# species alone read alike there, and a held-out sort ranked them together).
+_HIDDEN_SETTINGS = ("data", "levels", "image_size", "selection")
 
 
 def _beneath(frame) -> list[tuple[str, str]]:
@@ -172,7 +172,8 @@ def _beneath(frame) -> list[tuple[str, str]]:
     varying = [c for c in _HIDDEN_SETTINGS if frame[c].dropna().nunique() > 1]
     rows = []
     for r in frame.to_dict("records"):
-        said = [f"{c}={_cell(r[c])}" for c in varying if _given(r[c])]
+        said = [f"{c}={here(r[c]) if c == 'data' else _cell(r[c])}" for c in varying
+                if _given(r[c])]
         said += [r["changes"]] if _given(r["changes"]) else []
         if said:
             rows.append((r["name"], " ".join(said)))
