@@ -93,14 +93,16 @@ def test_another_timm_or_machine_computes_again(demo_dir, tmp_path, monkeypatch,
     A100, AMX's bf16), where a cache folder in a shared home serves several. Each read the
     first run's features."""
     import timm
-    import torch
 
     data, weights = read_dataset(demo_dir), weights_file(tmp_path)
     n, m, _ = cached(run(data, tmp_path, "first", weights=weights))
     if changed == "timm":
         monkeypatch.setattr(timm, "__version__", timm.__version__ + ".post1")
     else:
-        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "ANOTHER")
+        # (the processor as the key names it, a GPU's or a CPU's: the same on any machine)
+        import wingspan.training.shared_features as shared
+
+        monkeypatch.setattr(shared, "processor", lambda device: "ANOTHER")
     assert cached(run(data, tmp_path, "second", weights=weights)) == (n, m, 0)
 
 

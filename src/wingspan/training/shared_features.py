@@ -89,17 +89,20 @@ class SharedFeatures:
         # and the log said "kept in None")
         return store if store.arrays.directory is not None else None
 
-    def entry(self, images: LabelledImages, index: int, view: int) -> Path | None:
-        """Where image `index` of `images` seen in `view` (0: clean, as `images`'s own
-        transform makes it) is kept; None for a file gone (reading it says so)."""
+    def entries(self, images: LabelledImages, indices: list[int], view: int
+                ) -> dict[int, Path | None]:
+        """Where each image `indices` of `images` seen in `view` (0: clean, as `images`'s
+        own transform makes it) is kept; None for a file gone (reading it says so)."""
         made = (f"{images.transform!r}|{images.size}|{images.cache.short_side}|"
                 f"{images.cache.interpolation}{budget_key(images.cache.budget)}")
-        if view:  # an augmented crop: the one this seed draws
-            made += f"|seed {item_seed(images.seed, 0, index, view)}"
-        try:
-            return self.arrays.entry(images.paths[index], made)
-        except OSError:
-            return None
+        found = {}
+        for i in indices:  # (an augmented crop: the one its seed draws)
+            seed = f"|seed {item_seed(images.seed, 0, i, view)}" if view else ""
+            try:
+                found[i] = self.arrays.entry(images.paths[i], made + seed)
+            except OSError:
+                found[i] = None
+        return found
 
     def get(self, entry: Path | None) -> torch.Tensor | None:
         array = self.arrays.get(entry)
