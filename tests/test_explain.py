@@ -370,3 +370,35 @@ def test_predict_explain_and_evaluate_say_what_a_ctrl_c_left(run_dir, demo_dir, 
     monkeypatch.setattr(wingspan.evaluate.run, "evaluate", interrupted)
     code, out, err = run_cli("evaluate", run_dir)
     assert code == 130 and "Stopped: this evaluation wrote nothing" in err, err
+
+
+def test_calibrate_adapt_export_and_split_say_what_a_ctrl_c_left(run_dir, demo_dir, tmp_path,
+                                                                 run_cli, monkeypatch):
+    """They too ended 130 without a word; each writes its files at the end in one go, so
+    a Ctrl-C before leaves the earlier ones as they were, which the line says."""
+    import wingspan.data.split
+    import wingspan.evaluate.calibrate
+    import wingspan.export
+    import wingspan.training.adapt
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    manifest = (run_dir / "model" / "manifest.json").read_bytes()
+    for module, name, args, said in [
+            (wingspan.evaluate.calibrate, "calibrate", [],
+             "the model's temperature is as it was"),
+            (wingspan.evaluate.calibrate, "fit_unknown", ["--unknown"],
+             "the model's unknown scores and thresholds are as they were"),
+            (wingspan.training.adapt, "adapt", [str(demo_dir)],
+             "no adapted run was written"),
+            (wingspan.export, "export_model", [], "nothing was exported")]:
+        monkeypatch.setattr(module, name, interrupted)
+        command = "export" if name == "export_model" else name.replace("fit_unknown",
+                                                                       "calibrate")
+        code, out, err = run_cli(command, run_dir, *args)
+        assert code == 130 and f"Stopped: {said}" in " ".join(err.split()), (name, err)
+    assert (run_dir / "model" / "manifest.json").read_bytes() == manifest
+    monkeypatch.setattr(wingspan.data.split, "split_and_sample", interrupted)
+    code, out, err = run_cli("data", "split", demo_dir, "--out", tmp_path / "s")
+    assert code == 130 and "Stopped: no split was written" in err, err

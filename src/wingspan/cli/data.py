@@ -18,6 +18,7 @@ from wingspan.cli.common import (
     out,
     plain,
     read_data,
+    stopped_said,
 )
 from wingspan.cli.options import (
     Data,
@@ -120,7 +121,10 @@ def data_split(
         out.print("[yellow]DATA has a split of its own[/] ("
                   + ", ".join(f"{k} {v}" for k, v in sides.items() if k) + "): `wingspan train "
                   "DATA` keeps using it; train on the splits.csv written here to use this one.")
-    result = split_and_sample(dataset, out_dir or dataset.claim_out_dir(), level, config)
+    # (splits.csv and sampling.json are replaced together: see split_and_sample)
+    with stopped_said(lambda: "no split was written; an earlier splits.csv and "
+                      "sampling.json there are as they were"):
+        result = split_and_sample(dataset, out_dir or dataset.claim_out_dir(), level, config)
     print_split(result)
     if not groups_given(dataset.table):  # (as train says it when it splits)
         out.print(f"[yellow]Split {plain(split_by(dataset.table))}[/]")

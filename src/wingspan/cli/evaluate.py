@@ -261,18 +261,22 @@ def calibrate_command(
     from wingspan.evaluate.wording import left_out_wording
 
     check_calibrate_settings(unknown, data, split, class_map, unknown_rate, unknown_score)
+    # (the bundle is rewritten at the end, its manifest last: a Ctrl-C before leaves it whole)
     if unknown:
-        u = fit_unknown(model, unknown_rate, unknown_score, progress=not quiet,
-                        batch_size=batch_size, workers=workers, device=device,
-                        precision=precision, runtime=runtime)
+        with stopped_said(lambda: "the model's unknown scores and thresholds are as they were"):
+            u = fit_unknown(model, unknown_rate, unknown_score, progress=not quiet,
+                            batch_size=batch_size, workers=workers, device=device,
+                            precision=precision, runtime=runtime)
         out.print(f"Unknown scores fitted on {u['train_images']} training images; thresholds "
                   f"set on {u['val_images']} val images to turn away {u['rate']:.0%} of known "
                   f"ones; default score '{u['score']}'")
         _say_what_keeps_the_old(model, "unknown scores and thresholds")
         return
-    c = calibrate(model, data, split, progress=not quiet, batch_size=batch_size,
-                  workers=workers, device=device, class_map=name_pairs(class_map or [], "--map"),
-                  precision=precision, runtime=runtime)
+    with stopped_said(lambda: "the model's temperature is as it was"):
+        c = calibrate(model, data, split, progress=not quiet, batch_size=batch_size,
+                      workers=workers, device=device,
+                      class_map=name_pairs(class_map or [], "--map"),
+                      precision=precision, runtime=runtime)
     out.print(f"Temperature {c['previous_temperature']:.3f} -> {c['temperature']:.3f}, fitted "
               f"on {counted(c['images'], 'image')} ({plain(c['fitted_on'])}); ECE "
               f"{c['val_ece_previous']:.4f} -> {c['val_ece_after']:.4f} "
@@ -350,7 +354,10 @@ def adapt_command(
     config = make_config(ctx, AdaptConfig, neighbours=neighbours, confidence=confidence,
                          rounds=rounds, batch_size=batch_size, device=device,
                          precision=precision, runtime=runtime)
-    a = adapt(model, photos, out_dir, config, progress=not quiet, workers=workers)
+    # (written beside its folder and moved in at the end: see adapt._write_run)
+    with stopped_said(lambda: "no adapted run was written; an earlier one in its folder is "
+                      "as it was"):
+        a = adapt(model, photos, out_dir, config, progress=not quiet, workers=workers)
     for path, why in a["unreadable_photos"]:  # as predict says them
         err.print(skipped(path, why), highlight=False)
     used = list(a["photos_used_per_round"].values())[-1]  # the finest level's

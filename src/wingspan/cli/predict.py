@@ -339,7 +339,9 @@ def export_command(
     doing = (f"Exporting {plain(here(model))} ({format}"
              + (f", {quantize}: calibrating and checking on its images" if quantize else "")
              + ")...")
-    with status(doing, enabled=not quiet):  # (drawn where a bar would be)
+    # (the model file and its metadata are replaced together at the end: atomic_paths)
+    with stopped_said(lambda: "nothing was exported; an earlier export there is as it was"), \
+            status(doing, enabled=not quiet):  # (drawn where a bar would be)
         path = export_model(model, out_path, format, quantize=quantize,
                             unknown_score=unknown_score)
     meta = json.loads(metadata_path(path).read_text())
