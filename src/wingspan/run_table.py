@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import difflib
 import json
+import os
 import time
 import zipfile
 from pathlib import Path
@@ -79,7 +80,8 @@ def run_table(runs_dir: str | Path, sort: str | None = None) -> pd.DataFrame:
     """One row per run folder in `runs_dir` (COLUMNS), oldest first or by `sort`. Folders
     that are not runs are left out, and hidden ones: wingspan's own work in progress (a
     stopped `adapt`'s .NAME.partial holds a run's files and no model, and would read as a
-    stopped run to resume)."""
+    stopped run to resume). Folders this user may not read are left out too, their names
+    in the frame's `attrs["unreadable"]`."""
     runs_dir = Path(runs_dir)
     try:
         _check_runs_dir(runs_dir)
@@ -90,13 +92,20 @@ def run_table(runs_dir: str | Path, sort: str | None = None) -> pd.DataFrame:
                             hint="Give a folder you may read, or ask its owner for "
                                  "access.") from e
     rows = [row for d in folders if (row := run_row(d)) is not None]
+    # Another user's private folders (umask 077): left out, and said (they were unsaid).
+    # (read to list its files, entered to read them; the file system's own is no run)
+    unreadable = [d.name for d in folders if not os.access(d, os.R_OK | os.X_OK)
+                  and d.name != "lost+found"]
     _changes(rows)
     frame = pd.DataFrame(rows, columns=COLUMNS)
     for column in (*INTEGERS, *FIGURES):  # whole numbers empty where a run has none (not
         frame[column] = pd.to_numeric(frame[column], errors="coerce")  # 32.0 beside a NaN)
         if column in INTEGERS:
             frame[column] = frame[column].astype("Int64")
-    return sort_runs(frame, sort or "created")
+    frame = sort_runs(frame, sort or "created")
+    # The folders this user may not read: left out, and said (they were left out unsaid).
+    frame.attrs["unreadable"] = unreadable
+    return frame
 
 
 def _changes(rows: list[dict]) -> None:

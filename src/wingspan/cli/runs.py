@@ -11,7 +11,7 @@ from wingspan.cli.app import app
 from wingspan.cli.common import check_output_file, folded_table, here, out, plain
 from wingspan.cli.options import Panel
 from wingspan.config import RUNS_DIR
-from wingspan.errors import command
+from wingspan.errors import command, counted
 
 
 @app.command("runs")
@@ -74,6 +74,9 @@ def runs_command(
         if (frame["status"] == LOCK_UNREADABLE).any():
             out.print("A run whose .lock cannot be read may or may not be training now: "
                       "ask its owner (or for read access to its .lock).")
+    if unreadable := frame.attrs.get("unreadable"):
+        out.print(f"Not listed: {counted(len(unreadable), 'folder')} this user may not read "
+                  f"({plain(', '.join(unreadable))}); ask the owner for read access.")
     if output:
         out.print(f"Wrote {plain(output)}")
 
