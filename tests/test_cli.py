@@ -460,7 +460,7 @@ def test_commands_that_read_images_refuse_a_bad_workers_as_train_does(
 
 
 def test_a_score_just_over_its_threshold_reads_as_over_it():
-    from wingspan.cli.common import apart
+    from wingspan.errors import apart
 
     assert apart(1.00023, 1.0002) == ("1.00023", "1.0002")  # not "1 > 1"
     assert apart(0.8123, 0.25) == ("0.812", "0.25")

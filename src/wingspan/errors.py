@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import shlex
@@ -193,6 +194,19 @@ def counted(n: int, noun: str, plural: str | None = None) -> str:
     """'1 image', '2 images', '2 classes': a count in a message, its noun agreeing."""
     regular = noun + ("es" if noun.endswith(("s", "x", "ch", "sh")) else "s")
     return f"{n} {noun if n == 1 else plural or regular}"
+
+
+def apart(a: float, b: float) -> tuple[str, str]:
+    """Two numbers with as many significant digits as it takes (3 to 8) for them to read
+    differently, neither rounded up to the next whole number: a score just over its
+    threshold must not print as "1 > 1", nor 0.99977 as "1" (the highest score)."""
+    def reads(d: int) -> bool:
+        said = f"{a:.{d}g}", f"{b:.{d}g}"
+        return said[0] != said[1] and all(math.floor(float(t)) == math.floor(v)
+                                          for t, v in zip(said, (a, b), strict=True))
+
+    digits = next((d for d in range(3, 9) if reads(d)), 8)
+    return f"{a:.{digits}g}", f"{b:.{digits}g}"
 
 
 def rounded(value: float, digits: int) -> str:

@@ -170,6 +170,7 @@ class PredictResult:
     top_k: int = 1
     # Files the folders and patterns given hold that are not images: left out, not failed.
     not_images: list[str] = field(default_factory=list)
+    level: str = ""  # the finest level's name (the model's one level, without a taxonomy)
 
 
 def predict_fabric(device: str, devices: int | None, nodes: int | None, strategy: str,
@@ -199,7 +200,7 @@ def predict(predictor: Predictor, inputs: list[str], top_k: int = TOP_K, tta: bo
     unmatched = sorted(zip(places, missing, strict=True), key=lambda u: u[0])
     k = min(top_k, len(predictor.classes))
     result = PredictResult(levels=list(predictor.taxonomy.levels) if predictor.taxonomy else [],
-                           top_k=k, not_images=not_images)
+                           top_k=k, not_images=not_images, level=predictor.level)
     if fabric is not None and fabric.world_size > 1:
         mine = [paths[i] for i in shard(len(paths), fabric)]
         ours = list(predictor.run(mine, tta=tta, progress=progress and fabric.is_global_zero))
@@ -244,6 +245,62 @@ def predict(predictor: Predictor, inputs: list[str], top_k: int = TOP_K, tta: bo
     unmatched_before(float("inf"))
     result.images_per_second = predictor.images_per_second
     return result
+
+
+def others_header(result: PredictResult) -> str:
+    """What a row's other classes are called: "next 2", or with a taxonomy "other 2
+    species" ("other", not "next": the branch is chosen top-down, so one of them can be
+    likelier alone than the branch's own class); "" with --top-k 1."""
+    k = result.top_k
+    return "" if k < 2 else f"other {k - 1} {result.level}" if result.levels else f"next {k - 1}"
+
+
+def stopped_by_score(row: dict) -> bool:
+    """Whether the unknown threshold stopped this answer above the finest level (not a
+    --rare-below class, which is answered at its genus whatever its score)."""
+    return row.get("unknown_score", 0.0) > row.get("threshold", float("inf"))
+
+
+@dataclass
+class RowWords:
+    """A prediction in words, as the terminal's table and predictions.html show it."""
+    answer: str  # the class answered, or "unknown"
+    at_level: str  # " (genus)" where it is known at a coarser level only, else ""
+    probability: str  # of the class answered, at its level; "-" for unknown
+    detail: str  # the closest class and the score that stopped it; the branch; the others
+    flagged: bool  # unknown, or known at a coarser level only
+
+
+def row_words(row: dict, result: PredictResult) -> RowWords:
+    """One row of `predict`'s result in words."""
+    from wingspan.errors import apart, rounded
+
+    level, others = result.level, others_header(result)
+    (best, p), rest = row["top"][0], row["top"][1:]
+    if result.levels:  # the consistent branch is the prediction
+        _, best, p = row["taxonomy"][-1]
+        detail = " > ".join(f"{c} {rounded(q, 2)}" for _, c, q in row["taxonomy"])
+        rest = [(c, q) for c, q in row["top"] if c != best][:result.top_k - 1]
+        if rest:
+            detail += f"; {others}: " + ", ".join(f"{c} {rounded(q, 2)}" for c, q in rest)
+    else:
+        detail = ", ".join(f"{c} {rounded(q, 2)}" for c, q in rest)
+    # Unknown here, or known only at a coarser level: told by the level, not by the
+    # answer's text (a class may be named "unknown").
+    if row["known_level"] == level:
+        return RowWords(best, "", f"{p:.3f}", detail, False)
+    at = f" at {row['score_level']}" if result.levels else ""
+    if row["known_level"]:  # the probability of the class answered, at its level
+        p = next(q for lv, _, q in row["taxonomy"] if lv == row["known_level"])
+    if stopped_by_score(row):
+        score, limit = apart(row["unknown_score"], row["threshold"])
+        detail = f"closest: {best} {p:.3f}; unknown score {score} > {limit}{at}; " + detail
+    else:  # a --rare-below class: rare species the model learnt as their genus
+        detail = f"closest: {best}, species not learnt apart; " + detail
+    # "unknown 1.000" read as sure it is unknown: the closest class's probability goes
+    # beside its name in the detail instead.
+    return RowWords(row["answer"], f" ({row['known_level']})" if row["known_level"] else "",
+                    "-" if row["known_level"] is None else f"{p:.3f}", detail, True)
 
 
 def answer_at(known_level: str | None, branch: list[tuple[str, str, float]],

@@ -4,7 +4,6 @@ text, paths as shown, configs whose errors name the options typed, the data read
 from __future__ import annotations
 
 import contextlib
-import math
 from pathlib import Path
 
 import typer
@@ -133,19 +132,6 @@ def strict_exit(failed: int) -> None:
         raise WingspanError(f"--strict: {counted(failed, 'image was', 'images were')} missing "
                             "or unreadable (listed above).",
                             hint="Mend or remove them, or leave --strict out to skip them.")
-
-
-def apart(a: float, b: float) -> tuple[str, str]:
-    """Two numbers with as many significant digits as it takes (3 to 8) for them to read
-    differently, neither rounded up to the next whole number: a score just over its
-    threshold must not print as "1 > 1", nor 0.99977 as "1" (the highest score)."""
-    def reads(d: int) -> bool:
-        said = f"{a:.{d}g}", f"{b:.{d}g}"
-        return said[0] != said[1] and all(math.floor(float(t)) == math.floor(v)
-                                          for t, v in zip(said, (a, b), strict=True))
-
-    digits = next((d for d in range(3, 9) if reads(d)), 8)
-    return f"{a:.{digits}g}", f"{b:.{digits}g}"
 
 
 def check_output_file(path: Path, suffixes: tuple[str, ...]) -> None:

@@ -10,7 +10,6 @@ import typer
 
 from wingspan.cli.app import app
 from wingspan.cli.common import (
-    apart,
     check_output_file,
     err,
     folded_table,
@@ -50,7 +49,7 @@ from wingspan.config import (
     ServeLimits,
     TrainConfig,
 )
-from wingspan.errors import WingspanError, counted, rounded
+from wingspan.errors import WingspanError, counted
 
 T = TrainConfig  # defaults shown in --help come from the one config
 S = ServeLimits
@@ -90,8 +89,11 @@ def predict_command(
     from wingspan.predict import (
         expand_paths,
         not_images_said,
+        others_header,
         predict,
         predict_fabric,
+        row_words,
+        stopped_by_score,
         write_predictions,
     )
 
@@ -126,47 +128,17 @@ def predict_command(
     # The classes after the prediction: --top-k 3 shows the next 2, and --top-k 10 of a
     # 3-class model the next 2 as well; the header says what is shown (with --top-k 1, an
     # unknown answer's closest class alone).
-    k = min(top_k, len(predictor.classes))
     # (the answer folds too: at 40 columns it read "azure_…")
-    # (with --levels, after the branch: the finest level's other likeliest classes, as in
-    # the CSV; "other", not "next": the branch is chosen top-down, so one of them can be
-    # likelier alone than the branch's own)
-    nexts = "" if k < 2 else f"other {k - 1} {plain(predictor.level)}" if hierarchical \
-        else f"next {k - 1}"
+    nexts = others_header(result)
     table = folded_table("image", "prediction", "probability",
-                         "taxonomy (probability per level)" + (f"; {nexts}" if nexts else "")
-                         if hierarchical else nexts)
+                         "taxonomy (probability per level)"
+                         + (f"; {plain(nexts)}" if nexts else "") if hierarchical else nexts)
     rows = PREDICT_ROWS_TAXONOMY if hierarchical else PREDICT_ROWS
     for row in result.rows[:rows]:
-        (best, p), rest = row["top"][0], row["top"][1:]
-        if hierarchical:  # the consistent branch is the prediction
-            _, best, p = row["taxonomy"][-1]
-            detail = " > ".join(f"{c} {rounded(q, 2)}" for _, c, q in row["taxonomy"])
-            rest = [(c, q) for c, q in row["top"] if c != best][:k - 1]
-            if rest:
-                detail += f"; {nexts}: " + ", ".join(f"{c} {rounded(q, 2)}" for c, q in rest)
-        else:
-            detail = ", ".join(f"{c} {rounded(q, 2)}" for c, q in rest)
-        # Unknown here, or known only at a coarser level: told by the level, not by the
-        # answer's text (a class may be named "unknown").
-        if row["known_level"] != predictor.level:
-            level = f" ({plain(row['known_level'])})" if row["known_level"] else ""
-            at = f" at {row['score_level']}" if hierarchical else ""
-            if row["known_level"]:  # the probability of the class answered, at its level
-                p = next(q for lv, _, q in row["taxonomy"] if lv == row["known_level"])
-            if _stopped(row):
-                score, limit = apart(row["unknown_score"], row["threshold"])
-                detail = (f"closest: {best} {p:.3f}; unknown score {score} > {limit}{at}; "
-                          + detail)
-            else:  # a --rare-below class: rare species the model learnt as their genus
-                detail = f"closest: {best}, species not learnt apart; " + detail
-            best = f"[yellow]{plain(row['answer'])}[/]{level}"
-        else:
-            best = plain(best)
-        # "unknown 1.000" read as sure it is unknown: the closest class's probability goes
-        # beside its name in the detail instead.
-        shown = "-" if row["known_level"] is None else f"{p:.3f}"
-        table.add_row(plain(row["path"]), best, shown, plain(detail))
+        said = row_words(row, result)
+        best = (f"[yellow]{plain(said.answer)}[/]{plain(said.at_level)}" if said.flagged
+                else plain(said.answer))
+        table.add_row(plain(row["path"]), best, said.probability, plain(said.detail))
     if len(result.rows) > rows:
         table.caption = f"first {rows} of {len(result.rows)}; " + (
             f"all in {plain(output)}" if output else "--output FILE writes all")
@@ -185,7 +157,7 @@ def predict_command(
         out.print(f"Wrote {plain(output)}")
     # (by the level known, not the answer's text: a class may be named "unknown")
     unknown = sum(r["known_level"] is None for r in result.rows)
-    coarser = sum(r.get("known_level") not in (None, predictor.level) and _stopped(r)
+    coarser = sum(r.get("known_level") not in (None, predictor.level) and stopped_by_score(r)
                   for r in result.rows)
     if unknown or coarser:
         say.print(f"{counted(unknown, 'image is', 'images are')} unlike the classes the "
@@ -372,9 +344,3 @@ def export_command(
               f"{', '.join(unknown['outputs'].values())}, thresholds in the metadata{own}."
               if unknown else "No unknown score (the model has none): it always names a class."
               " `wingspan calibrate RUN --unknown` fits them.")
-
-
-def _stopped(row: dict) -> bool:
-    """Whether the unknown threshold stopped this answer above the finest level (not a
-    --rare-below class, which is answered at its genus whatever its score)."""
-    return row.get("unknown_score", 0.0) > row.get("threshold", float("inf"))
