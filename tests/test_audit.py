@@ -261,7 +261,7 @@ def test_an_audit_stopped_midway_leaves_the_previous_audit_whole(tmp_path, monke
     def killed(path, size=160):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(audit, "_thumbnail", killed)
+    monkeypatch.setattr(audit, "thumbnail_uri", killed)
     with pytest.raises(KeyboardInterrupt):
         audit.audit_dataset(read_dataset(tmp_path / "data"), out, config=config,
                             progress=False)

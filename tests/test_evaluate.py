@@ -1,6 +1,7 @@
 import base64
 import hashlib
 import html
+import io
 import json
 import re
 import shlex
@@ -2439,3 +2440,62 @@ def test_a_map_hint_matches_each_name_against_its_own_side(tmp_path):
     with pytest.raises(WingspanError, match="does not have") as e:
         check_class_map({"Pixelia": "azure_spotwing"}, genus, data, "label")
     assert e.value.hint.startswith("Did you mean 'AZURE_SPOTWING' for 'azure_spotwing'")
+
+
+def test_predict_writes_a_page_to_look_through_the_least_sure_first(run_cli, trained, demo_dir,
+                                                                     tmp_path, monkeypatch):
+    """`--output preds.html`: a card per image (its thumbnail, linked to the photo, the
+    answer and the rest of the row as the terminal says it), the least sure first, the
+    answers counted above, the skipped below; at most PREDICT_PAGE_IMAGES cards."""
+    from helpers import accessibility_problems, chromium_path
+    from playwright.sync_api import sync_playwright
+
+    import wingspan.predict
+
+    images = sorted(demo_dir.rglob("*.jpg"))[:12]
+    (tmp_path / "broken.jpg").write_bytes(b"not a photo")
+    page_path = tmp_path / "out" / "preds.html"
+    code, out, err = run_cli("predict", trained, *images, tmp_path / "broken.jpg",
+                             "--output", page_path, "-q")
+    assert code == 0 and page_path.is_file(), err
+    code, _, err = run_cli("predict", trained, *images, "--output", tmp_path / "p.csv", "-q")
+    table = pd.read_csv(tmp_path / "p.csv")
+    page = page_path.read_text()
+    cards = re.findall(r"<div class='c'><a href='([^']+)'><img alt='([^']+)' "
+                       r"src='data:image/jpeg;base64,([^']+)'></a><div>(.*?)</div>", page)
+    assert len(cards) == len(images) == len(table)
+    # Each card links to its photo (relative to the page) and shows it, named for a reader.
+    assert sorted((page_path.parent / unquote(link)).resolve() for link, *_ in cards) == \
+        sorted(p.resolve() for p in images)
+    assert all(Image.open(io.BytesIO(base64.b64decode(data))).format == "JPEG"
+               for *_, data, _ in cards)
+    assert all(html.unescape(alt).startswith(f"{unquote(link).rsplit('/', 1)[-1]}, answered ")
+               for link, alt, *_ in cards)
+    # The least sure first: unknown answers, then by the probability of the class answered.
+    by_path = table.set_index(table["path"].map(lambda p: Path(p).resolve()))
+    rows = [by_path.loc[(page_path.parent / unquote(link)).resolve()] for link, *_ in cards]
+    known = [r["probability"] for r in rows if r["answer"] != "unknown"]
+    assert [r["answer"] == "unknown" for r in rows] == sorted(r["answer"] == "unknown"
+                                                               for r in rows)[::-1]
+    assert known == sorted(known)
+    assert all(re.sub("<[^>]+>", "", said).startswith(r["answer"])
+               for (*_, said), r in zip(cards, rows, strict=True))
+    # The answers counted, and the file that could not be read named with its reason.
+    counts = dict(re.findall(r"<tr><td>([^<]+)</td><td>(\d+)</td></tr>", page))
+    assert {a: int(n) for a, n in counts.items()} == table["answer"].value_counts().to_dict()
+    assert "<h2>Skipped (1)</h2>" in page and "broken.jpg" in page
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path())
+        for width in (1280, 375):
+            tab = browser.new_page(viewport={"width": width, "height": 800})
+            tab.goto(page_path.resolve().as_uri())
+            assert accessibility_problems(tab) == [], width
+            assert tab.evaluate("document.documentElement.scrollWidth") <= width
+            tab.close()
+        browser.close()
+    # Thousands of photos: the least sure alone, said (the CSV keeps them all).
+    monkeypatch.setattr(wingspan.predict, "PREDICT_PAGE_IMAGES", 5)
+    code, _, err = run_cli("predict", trained, *images, "--output", page_path, "-q")
+    page = page_path.read_text()
+    assert code == 0 and page.count("<div class='c'>") == 5, err
+    assert f"The 5 least sure of the {len(images)} images" in page

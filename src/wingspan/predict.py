@@ -5,13 +5,15 @@ from __future__ import annotations
 import bisect
 import csv
 import glob
+import html
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from wingspan.config import TOP_K
+from wingspan.config import PREDICT_PAGE_IMAGES, TOP_K
 from wingspan.data.readers import (
     images_under,
     is_file_manager_file,
@@ -364,6 +366,9 @@ def write_predictions(result: PredictResult, path: Path) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_leftovers(path)  # (a half-written table a SIGTERM left)
+    if path.suffix.lower() == ".html":
+        write_text(path, predictions_page(result, path))
+        return
     if path.suffix.lower() == ".json":
         write_text(path, json.dumps({
             "predictions": [{"path": table_path(r["path"]), "answer": r["answer"],
@@ -382,6 +387,50 @@ def write_predictions(result: PredictResult, path: Path) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8",
                                         errors="backslashreplace") as f:
         _write_csv(result, f)
+
+
+def predictions_page(result: PredictResult, path: Path) -> str:
+    """predictions.html: a card per image (its thumbnail, the answer, the closest class and
+    the others), the least sure first, where a person looking through them begins; above
+    them, how many images each answer got. The first PREDICT_PAGE_IMAGES images alone, so
+    that a page of thousands still opens (the CSV or JSON keeps them all, in order)."""
+    from wingspan.pages import breakable, cards_page, href, thumbnail_uri
+
+    e = html.escape
+    words = [(row, row_words(row, result)) for row in result.rows]
+    # Unknown first, then known at a coarser level only, then by the probability answered.
+    words.sort(key=lambda rw: (rw[0]["known_level"] is not None, not rw[1].flagged,
+                               rw[0]["probability"]))
+    cards = []
+    for row, said in words[:PREDICT_PAGE_IMAGES]:
+        answer = f"{said.answer}{said.at_level}"
+        probability = "" if said.probability == "-" else f" {e(said.probability)}"
+        bold = "<b class='s'>" if said.flagged else "<b>"  # (and said in words)
+        # (the thumbnail opens the photo itself; the path as it was given)
+        cards.append(
+            f"<div class='c'><a href='{href(Path(row['path']), path.parent)}'><img "
+            f"alt='{e(Path(row['path']).name)}, answered {e(answer)}' "
+            f"src='{thumbnail_uri(row['path'])}'></a>"
+            f"<div>{bold}{breakable(said.answer)}</b>{e(said.at_level)}{probability}</div>"
+            + (f"<div class='m'>{breakable(said.detail)}</div>" if said.detail else "")
+            + f"<div class='m'>{breakable(row['path'])}</div></div>")
+    answers = Counter(f"{w.answer}{w.at_level}" for _, w in words)
+    counts = "".join(f"<tr><td>{e(a)}</td><td>{n}</td></tr>" for a, n in answers.most_common())
+    shown = (f"The {PREDICT_PAGE_IMAGES} least sure of the {len(words)} images, the least "
+             "sure first" if len(words) > PREDICT_PAGE_IMAGES else "The least sure first")
+    body = (
+        f"<h1>Predictions: {counted(len(words), 'image')}</h1>"
+        f"<p>{shown}: the images answered unknown (unlike every class the model knows), then "
+        "those known at a coarser level only, then by the probability of the class "
+        "answered. A CSV or JSON (<code>--output preds.csv</code>) keeps every image in the "
+        "order given.</p>"
+        + (f"<h2>Answers</h2><table><tr><th scope='col'>answer</th><th scope='col'>images"
+           f"</th></tr>{counts}</table>" if words else "")
+        + f"<h2>Images</h2><div class='g'>{''.join(cards) or '<p>none</p>'}</div>"
+        + (f"<h2>Skipped ({len(result.failed)})</h2><ul class='m'>"
+           + "".join(f"<li>{breakable(p)}: {e(why)}</li>"
+                     for p, why in result.failed) + "</ul>" if result.failed else ""))
+    return cards_page(f"wingspan predictions: {path.stem}", body)
 
 
 def _write_csv(result: PredictResult, f) -> None:

@@ -63,8 +63,9 @@ def predict_command(
         show_default=False)],
     top_k: Annotated[int, typer.Option(min=1, help="Classes to show per image.")] = TOP_K,
     output: Annotated[Path | None, typer.Option(
-        help="Write all predictions to a .csv or .json file; - writes the CSV to standard "
-             "output (for a pipe), the rest to standard error.",
+        help="Write all predictions to a .csv or .json file, or a page of them to look "
+             "through, .html (each image's thumbnail and answer, the least sure first); - "
+             "writes the CSV to standard output (for a pipe), the rest to standard error.",
              rich_help_panel=Panel.OUTPUT)] = None,
     tta: Annotated[bool, typer.Option(help="Test-time augmentation: average flips and "
                                       "crops.")] = False,
@@ -102,7 +103,7 @@ def predict_command(
     to_stdout = output is not None and str(output) == "-"
     say = err if to_stdout else out
     if output and not to_stdout:
-        check_output_file(output, (".csv", ".json"))
+        check_output_file(output, (".csv", ".json", ".html"))
     fabric = predict_fabric(device, devices, nodes, strategy, workers)
     main = fabric is None or fabric.is_global_zero
     quiet = quiet or not main

@@ -14,12 +14,9 @@ label, the suspected label, the score).
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import hashlib
 import html
-import io
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +37,7 @@ from wingspan.files import (
     frame_to_csv,
     remove_dead_leftovers,
 )
+from wingspan.pages import breakable, cards_page, thumbnail_uri
 from wingspan.progress import status, track
 
 if TYPE_CHECKING:
@@ -467,38 +465,6 @@ def _forest(group: np.ndarray) -> np.ndarray:
     return np.stack([np.flatnonzero(keep), to[keep]])
 
 
-def _thumbnail(path: str, size: int = 160) -> str:
-    try:
-        image = open_rgb(path, draft=size)
-    except WingspanError:
-        return ""
-    image.thumbnail((size, size))
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=80)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-# (cards at least 130 px: two a row down to a 320 px phone, where a pair, two columns
-# wide, would otherwise widen the page)
-# (overflow-wrap on .c: a species name has no space to wrap at, and one of 24 letters,
-# "Pseudochazara_telephassa", ran over the next card's at 1280 px)
-STYLE = """body{font:14px/1.4 system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em}
-.g{display:grid;grid-template-columns:repeat(auto-fill,minmax(130px,1fr));gap:12px}
-.c{border:1px solid #ddd;padding:5px;min-width:0;overflow-wrap:anywhere}
-.pair{grid-column:span 2}
-.c img{width:100%;height:auto;aspect-ratio:1;object-fit:contain;background:#f4f4f4}
-.pair img{width:calc(50% - 3px)}.s{color:#b00}
-.m{color:#666;font-size:12px}"""
-
-
-def _breakable(text) -> str:
-    """`text` escaped for HTML, with a place to break after each _ / \\ and -: a species
-    folder (Heteropterus_morpheus) or a path has no space, and overflow-wrap cut it a letter
-    before the card's edge ("Heteropterus_m" over "orpheus"); a part wider than the card is
-    still cut (overflow-wrap on .c)."""
-    return re.sub(r"([_/\\-])", r"\1<wbr>", html.escape(str(text)))
-
-
 def _split_shown(split: str, after: str = " · ") -> str:
     """A card's split and what follows it; nothing for data without splits, whose "-" read
     as a bullet."""
@@ -515,17 +481,17 @@ def gallery(issues: pd.DataFrame, duplicates: pd.DataFrame, level: str, config: 
         cards.append(
             # (alt: what the card is, not its path, which the caption gives)
             f"<div class='c'><img alt='#{r.rank}, labelled {e(r.label)}' "
-            f"src='{_thumbnail(r.path)}'>"
-            f"<div>#{r.rank} labelled <b>{_breakable(r.label)}</b></div>"
+            f"src='{thumbnail_uri(r.path)}'>"
+            f"<div>#{r.rank} labelled <b>{breakable(r.label)}</b></div>"
             # (which cards cleanlab flagged, in words, not by colour alone: the flags are
             # not the lowest qualities, and a card did not say whether it was one of them)
             + ("<div><b class='s'>flagged</b> by cleanlab</div>" if r.flagged else "")
-            + (f"<div class='s'>looks like <b>{_breakable(r.suspected)}</b> "
+            + (f"<div class='s'>looks like <b>{breakable(r.suspected)}</b> "
                f"({r.suspected_probability:.2f})</div>" if r.suspected != r.label else
                # (a low quality alone, its label still the likeliest: not called a mismatch)
                f"<div>its label is the likeliest ({r.suspected_probability:.2f})</div>")
             + f"<div class='m'>quality {e(rounded(r.label_quality, 3))} · {_split_shown(r.split)}"
-            f"{_breakable(r.path)}</div>"
+            f"{breakable(r.path)}</div>"
             "</div>")
     pairs = []
     # One pair a group first (its first in the table's order: leaks and two labels lead),
@@ -538,15 +504,15 @@ def gallery(issues: pd.DataFrame, duplicates: pd.DataFrame, level: str, config: 
             + (f"<div>group of {r.group_size} images</div>" if r.group_size > 2 else "")
             +
             f"<img alt='first of the pair, labelled {e(r.label_a)}' "
-            f"src='{_thumbnail(r.path_a)}'>"
+            f"src='{thumbnail_uri(r.path_a)}'>"
             f"<img alt='second of the pair, labelled {e(r.label_b)}' "
-            f"src='{_thumbnail(r.path_b)}'>"
+            f"src='{thumbnail_uri(r.path_b)}'>"
             f"<div>similarity {r.similarity:.3f}, hash distance {r.hash_distance}"
             + (" · <b class='s'>across splits</b>" if r.across_splits else "")
             + (" · <b class='s'>labels differ</b>" if r.labels_differ else "")
-            + f"</div><div class='m'>{_split_shown(r.split_a, '')}{_breakable(r.label_a)}: "
-            f"{_breakable(r.path_a)}<br>{_split_shown(r.split_b, '')}{_breakable(r.label_b)}: "
-            f"{_breakable(r.path_b)}"
+            + f"</div><div class='m'>{_split_shown(r.split_a, '')}{breakable(r.label_a)}: "
+            f"{breakable(r.path_a)}<br>{_split_shown(r.split_b, '')}{breakable(r.label_b)}: "
+            f"{breakable(r.path_b)}"
             "</div></div>")
     flagged = int(issues["flagged"].sum())
     scores = checker_scores(issues, config.weak_checker)
@@ -578,6 +544,4 @@ def gallery(issues: pd.DataFrame, duplicates: pd.DataFrame, level: str, config: 
            + "".join(f"<li>{e(w if p in w else f'{p}: {w}')}</li>" for p, w in failed.items())
            + "</ul>"
            if failed else ""))
-    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>wingspan audit"
-            "</title><meta name='viewport' content='width=device-width, initial-scale=1'>"
-            f"<style>{STYLE}</style></head><body><main>{body}</main></body></html>")
+    return cards_page("wingspan audit", body)

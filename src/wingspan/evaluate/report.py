@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import html
-import os
 from functools import partial
 from pathlib import Path
 from urllib.parse import quote
@@ -24,6 +23,7 @@ from wingspan.evaluate.wording import (
     unknown_section,
 )
 from wingspan.files import name_part, write_text
+from wingspan.pages import href, relative_link
 from wingspan.training.folder import CONFIG_FILE, HISTORY_FILE, train_again
 
 
@@ -37,8 +37,8 @@ def _figure(path: Path | None, alt: str, missing: str = "not available",
     img = f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{data}'>"
     if beside is None:
         return img
-    href = quote(os.path.relpath(Path(path).resolve(), Path(beside).resolve()))
-    return f"<a href='{href}' title='the figure at full size'>{img}</a>"
+    return (f"<a href='{quote(relative_link(path, beside))}' title='the figure at full size'>"
+            f"{img}</a>")
 
 
 def _table(frame: pd.DataFrame, floats: str = "{:.4f}", escape: bool = True) -> str:
@@ -219,7 +219,7 @@ def write_report(path: Path, title: str, sections: dict) -> Path:
     # The figures' files beside the report, linked (relative: the folder moves as one).
     files = sorted(p.name for p in Path(path).parent.glob("*")
                    if p.suffix in (".csv", ".json") and p.is_file())
-    run = [f"<a href='{quote(_relative(f, Path(path).parent))}'>{html.escape(f.name)}</a>"
+    run = [f"<a href='{quote(relative_link(f, Path(path).parent))}'>{html.escape(f.name)}</a>"
            for f in s.get("run_files") or []]
     links = [", ".join(f"<a href='{quote(name)}'>{html.escape(name)}</a>" for name in files),
              "the run's: " + ", ".join(run) if run else ""]
@@ -231,10 +231,6 @@ def write_report(path: Path, title: str, sections: dict) -> Path:
             "</body></html>")
     write_text(path, page)
     return path
-
-
-def _relative(file: Path, folder: Path) -> str:
-    return Path(os.path.relpath(Path(file).resolve(), Path(folder).resolve())).as_posix()
 
 
 def write_runs_page(path: Path, title: str, frame: pd.DataFrame, cells: pd.DataFrame,
@@ -256,7 +252,7 @@ def write_runs_page(path: Path, title: str, frame: pd.DataFrame, cells: pd.DataF
     else:
         cells = cells.map(lambda c: html.escape(str(c)))
         targets = [_run_link(Path(run)) for run in frame["path"]]
-        cells.iloc[:, 0] = [f"<a href='{_href(t, Path(path).parent)}'>{c}</a>" if t else c
+        cells.iloc[:, 0] = [f"<a href='{href(t, Path(path).parent)}'>{c}</a>" if t else c
                             for c, t in zip(cells.iloc[:, 0], targets, strict=True)]
         parts += [_table(cells, escape=False),
                   *(f"<p>{html.escape(note)}</p>" for note in notes)]
@@ -287,17 +283,6 @@ def _run_link(run_dir: Path) -> Path | None:
         p.parent.name != "evaluation-test", -p.stat().st_mtime))
     return reports[0] if reports else (run_dir / CONFIG_FILE
                                        if (run_dir / CONFIG_FILE).is_file() else None)
-
-
-def _href(file: Path, folder: Path) -> str:
-    """A link from a page in `folder`: relative where the two share a folder (they move
-    together), else the file's own URI (another drive, or ../../../ up to / and down)."""
-    file, folder = Path(file).resolve(), Path(folder).resolve()
-    try:
-        shared = os.path.commonpath([file, folder]) != file.anchor
-    except ValueError:  # (another drive, on Windows)
-        shared = False
-    return quote(_relative(file, folder)) if shared else file.as_uri()
 
 
 # The run's files a report links: its settings (and the line to train it again), its log
