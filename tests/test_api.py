@@ -1608,3 +1608,14 @@ def test_an_array_of_paths_is_taken_as_a_list_of_them(tmp_path):
         assert [str(p) for p in _paths_arg(value)] == ["a.jpg", "b.jpg"]
     with pytest.raises(WingspanError, match="got ndarray"):
         _paths_arg(np.zeros((4, 4, 3), np.uint8))
+
+
+def test_the_interrupt_a_stopped_run_raises_is_a_name_of_the_library():
+    """The README: a run stopped by Ctrl-C raises Interrupted, whose e.run_dir goes to
+    ws.resume; a notebook catches it as `except ws.Interrupted as e`, not from the module
+    that defines it."""
+    import wingspan as ws
+    from wingspan.training.run import Interrupted
+
+    assert ws.Interrupted is Interrupted and issubclass(ws.Interrupted, KeyboardInterrupt)
+    assert "Interrupted" in dir(ws)

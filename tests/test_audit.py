@@ -750,3 +750,23 @@ def test_audit_cards_say_which_images_cleanlab_flagged(tmp_path):
     cards = page.split("<div class='c'>")[1:]
     said = [bool(re.search(r">flagged</b> by cleanlab", c)) for c in cards]
     assert said == [True, False, True], cards
+
+
+def test_an_audit_of_a_runs_splits_csv_names_its_images_folder_not_the_runs(tmp_path,
+                                                                             run_cli):
+    """The README's `wingspan data audit runs/mine/splits.csv`: the CSV lists its photos by
+    absolute paths elsewhere, and the table's caption said "images in runs/mine"."""
+    from helpers import folder_dataset
+
+    folder_dataset(tmp_path / "photos", {"monarch": 4, "admiral": 4})
+    (tmp_path / "runs" / "mine").mkdir(parents=True)
+    table = tmp_path / "runs" / "mine" / "splits.csv"
+    table.write_text("path,label,split\n" + "".join(
+        f"{p},{p.parent.name},train\n" for p in sorted((tmp_path / "photos").rglob("*.*"))))
+    code, out, err = run_cli("data", "audit", table, "--backbone", "test_efficientnet",
+                             "--weights", "none", "--folds", "2", "--out", tmp_path / "out",
+                             "--quiet", "--no-cache")
+    assert code == 0, err
+    said = " ".join(out.split())
+    assert f"images in {tmp_path / 'runs' / 'mine'}" not in said, said
+    assert f"images in {tmp_path / 'photos'}" in said and "monarch/" in said

@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 _API = ("Data", "Evaluation", "Image", "Inspection", "Run", "demo_data", "is_main_process",
         "load", "read", "resume", "runs", "train")
-__all__ = [*_API, "TrainConfig", "WingspanError", "__version__"]
+__all__ = [*_API, "Interrupted", "TrainConfig", "WingspanError", "__version__"]
 
 
 def __getattr__(name: str):
@@ -25,6 +25,10 @@ def __getattr__(name: str):
         from wingspan.config import TrainConfig
 
         return TrainConfig
+    if name == "Interrupted":  # what a run stopped by Ctrl-C raises: `except ws.Interrupted`
+        from wingspan.training.run import Interrupted
+
+        return Interrupted
     if name == "WingspanError":
         from wingspan.errors import WingspanError
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Annotated
@@ -240,10 +241,15 @@ def data_audit(
     # Paths under the data's folder, as the user gave it (absolute ones wrapped over 7 lines
     # of the table at ETHEC's depth); audit.csv keeps them whole.
     root = dataset.root if dataset.root.is_dir() else dataset.root.parent
+    shown = [Path(p) for p in issues.head(15)["path"]]
+    if shown and not any(p.is_relative_to(root) for p in shown):
+        # a CSV that lists images elsewhere (a run's splits.csv: its photos' folder)
+        root = Path(os.path.commonpath([p.parent for p in shown]))
+    inside = root != Path(root.anchor) and any(p.is_relative_to(root) for p in shown)
     table = folded_table("rank", "image", "label", "looks like", "label quality",
                          title=f"Most suspect labels ({int(issues['flagged'].sum())} of "
                          f"{len(issues)} flagged by cleanlab)",
-                         caption=f"images in {plain(here(root))}")
+                         caption=f"images in {plain(here(root))}" if inside else None)
     for r in issues.head(15).itertuples():
         table.add_row(str(r.rank), plain(here(r.path, root)), plain(r.label),
                       # (a low quality alone, its label still the likeliest: as the gallery)
