@@ -139,3 +139,22 @@ def test_the_readmes_links_to_files_of_the_repository_lead_to_them():
     assert len(links) >= 4  # the scan sees the README's links and images
     assert [f"{page.name}: {target}" for page, target in links
             if not (page.parent / target).exists()] == []
+
+
+def _slug(heading: str) -> str:
+    """A heading's anchor as GitHub makes it: lower case, punctuation but - and _ dropped,
+    each space a -."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_the_readmes_contents_lead_to_its_sections():
+    """The contents at the top link each section by its anchor, which a heading's new
+    option or wording changes: a link left pointing at nothing shows here."""
+    headings, fenced = set(), False
+    for line in README.splitlines():
+        fenced ^= line.startswith("```")  # (a shell comment in a code block is no heading)
+        if not fenced and (found := re.match(r"#{1,4} (.+)", line)):
+            headings.add(_slug(found[1]))
+    anchors = re.findall(r"\]\(#([^)]+)\)", README)
+    assert len(anchors) >= 20  # the contents, found
+    assert [a for a in anchors if a not in headings] == []
