@@ -293,6 +293,11 @@ def test_predict_counts_the_files_of_a_folder_that_are_not_images(run_dir, run_c
     # One image named: nothing else said.
     code, out, err = run_cli("predict", run_dir, folder / "a.jpg", "--quiet")
     assert code == 0 and "Left out" not in out + err
+    # One such file: said in the singular ("by their names' endings" of one file).
+    (folder / "notes.txt").unlink()
+    code, out, err = run_cli("predict", run_dir, folder, "--quiet")
+    assert "Left out 1 file that is not an image (by its name's ending): a.xmp" in \
+        " ".join((out + err).split()), (out, err)
 
 
 def test_evaluate_on_photos_whose_classes_the_model_does_not_know(run_dir, run_cli, tmp_path,

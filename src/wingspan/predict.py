@@ -143,8 +143,9 @@ def not_images_said(paths: list[str]) -> str:
     """'Left out 2 files that are not images (by their names' endings): a, b': predict's
     line for PredictResult.not_images, in the CLI and as the library's warning."""
     n, names = len(paths), [Path(p).name for p in paths]
+    endings = "its name's ending" if n == 1 else "their names' endings"
     return (f"Left out {counted(n, 'file that is not an image', 'files that are not images')}"
-            f" (by their names' endings): {', '.join(names[:3])}"
+            f" (by {endings}): {', '.join(names[:3])}"
             + (f" and {n - 3} more" if n > 3 else ""))
 
 

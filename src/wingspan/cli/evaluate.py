@@ -382,13 +382,15 @@ def adapt_command(
     # (a head refitted on no photo is the run's own: its val and test figures hold)
     refitted = any(any(n) for n in a["photos_used_per_round"].values())
     if a["val_images_among_photos"] and refitted:
-        out.print(f"[yellow]{a['val_images_among_photos']} of the photos are the run's own val "
+        among = counted(a["val_images_among_photos"], "of the photos is", "of the photos are")
+        out.print(f"[yellow]{among} the run's own val "
                   "images (or copies of them)[/]: the val accuracy, temperature and unknown "
                   "thresholds above may be "
                   "fitted or scored on images the head has now trained on (those whose class "
                   "it and their neighbours agreed on).")
     if a["test_images_among_photos"] and refitted:
-        out.print(f"[yellow]{a['test_images_among_photos']} of the photos are the run's own test "
+        among = counted(a["test_images_among_photos"], "of the photos is", "of the photos are")
+        out.print(f"[yellow]{among} the run's own test "
                   "images (or copies of them)[/]: its test figures are no longer fair (evaluate "
                   "says so).")
     for level, missing in a["classes_without_training_images"].items():
