@@ -295,6 +295,13 @@ def calibrate_command(
     _say_what_keeps_the_old(model, "temperature")
 
 
+def _among(n: int, split: str) -> str:
+    """"2 of the photos are the run's own val images (or copies of them)", or of one."""
+    return (f"1 of the photos is one of the run's own {split} images (or a copy of one)"
+            if n == 1 else f"{n} of the photos are the run's own {split} images (or copies "
+            "of them)")
+
+
 def _say_what_keeps_the_old(model: Path, what: str) -> None:
     """An export holds the calibration it was made with, and a running server the one it
     loaded: neither follows the bundle, and nothing else would tell the user."""
@@ -382,17 +389,13 @@ def adapt_command(
     # (a head refitted on no photo is the run's own: its val and test figures hold)
     refitted = any(any(n) for n in a["photos_used_per_round"].values())
     if a["val_images_among_photos"] and refitted:
-        among = counted(a["val_images_among_photos"], "of the photos is", "of the photos are")
-        out.print(f"[yellow]{among} the run's own val "
-                  "images (or copies of them)[/]: the val accuracy, temperature and unknown "
-                  "thresholds above may be "
-                  "fitted or scored on images the head has now trained on (those whose class "
-                  "it and their neighbours agreed on).")
+        out.print(f"[yellow]{_among(a['val_images_among_photos'], 'val')}[/]: the val "
+                  "accuracy, temperature and unknown thresholds above may be fitted or scored "
+                  "on images the head has now trained on (those whose class it and their "
+                  "neighbours agreed on).")
     if a["test_images_among_photos"] and refitted:
-        among = counted(a["test_images_among_photos"], "of the photos is", "of the photos are")
-        out.print(f"[yellow]{among} the run's own test "
-                  "images (or copies of them)[/]: its test figures are no longer fair (evaluate "
-                  "says so).")
+        out.print(f"[yellow]{_among(a['test_images_among_photos'], 'test')}[/]: its test "
+                  "figures are no longer fair (evaluate says so).")
     for level, missing in a["classes_without_training_images"].items():
         out.print(f"[yellow]{len(missing)} '{plain(level)}' classes had no readable training "
                   f"image[/] and keep the run's own weights: {plain(', '.join(missing[:5]))}")
