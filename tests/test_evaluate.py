@@ -1284,8 +1284,8 @@ def test_adapt_says_nothing_of_val_images_it_did_not_train_on(trained, tmp_path,
     assert code == 0, err
     stdout = " ".join(stdout.split())
     assert "No photo's class was agreed on" in stdout
-    assert "the run's own val images" not in stdout
-    assert "the run's own test images" not in stdout
+    assert "own val images (or " not in stdout  # (the warning, of one photo or more)
+    assert "own test images (or " not in stdout
     summary = json.loads((tmp_path / "a" / "adapt.json").read_text())
     assert summary["val_images_among_photos"] == 5  # (the count stays in adapt.json)
     # ... nor does evaluate call its test figures unfair for photos it never refitted on
