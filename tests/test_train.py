@@ -2789,3 +2789,18 @@ def test_fine_tuning_keeps_no_onnx_session_of_stage_1s_backbone(demo_dir, tmp_pa
                                        epochs_head=1, epochs_finetune=1),
           tmp_path / "runs", "sessions", quiet=True)
     assert kept == [1]
+
+
+def test_a_resume_of_a_run_killed_after_its_model_removes_its_feature_cache(demo_dir, tmp_path):
+    """Killed between the bundle and the feature cache's removal: the resume says the run is
+    finished, and removes the cache that nothing else would (a kill at model/manifest.json)."""
+    from wingspan.training.folder import feature_cache_file
+
+    run_dir = train(read_dataset(demo_dir), tiny(tmp_path, epochs_head=1, epochs_finetune=0),
+                    tmp_path / "runs", "r", quiet=True)
+    left = feature_cache_file(run_dir)
+    left.parent.mkdir()
+    left.write_bytes(b"features")
+    with pytest.raises(WingspanError, match="is finished; there is nothing to resume"):
+        resume(run_dir, quiet=True)
+    assert not left.parent.exists()

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ from wingspan.training.folder import (
     HISTORY_FILE,
     SPLITS_FILE,
     close_runs,
+    feature_cache_file,
     hold_lock,
     last_checkpoint,
     release_lock,
@@ -165,6 +167,10 @@ def _resume(run_dir: Path, config: TrainConfig, fabric, quiet: bool) -> Path:
     metrics = _read_json(run_dir / "metrics.json")  # ({} when gone or damaged: written again)
     scored = bool(metrics) and (not config.holdout_classes or "unknown" in metrics)
     if finished and complete and scored:
+        # Killed after the bundle but before finish._drop_feature_cache: a finished run is
+        # never resumed, so nothing else would remove its features (GBs on a large set).
+        if not config.keep_feature_cache:
+            shutil.rmtree(feature_cache_file(run_dir).parent, ignore_errors=True)
         raise WingspanError(f"The run {run_dir} is finished; there is nothing to resume.",
                             hint=f"Its model is in {run_dir / 'model'}.",
                             every_rank=True)  # (said once, not once a process)
