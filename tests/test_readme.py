@@ -158,3 +158,12 @@ def test_the_readmes_contents_lead_to_its_sections():
     anchors = re.findall(r"\]\(#([^)]+)\)", README)
     assert len(anchors) >= 20  # the contents, found
     assert [a for a in anchors if a not in headings] == []
+
+
+def test_every_environment_variable_wingspan_reads_is_in_the_readmes_table():
+    """They were said in ten places and listed in none: a new one shows here."""
+    source = "\n".join(p.read_text() for p in (ROOT / "src" / "wingspan").rglob("*.py"))
+    names = set(re.findall(r"\bWINGSPAN_[A-Z_]+\b", source)) - {"WINGSPAN_LAUNCHER_PID"}
+    table = README.split("## Environment variables", 1)[1].split("\n## ", 1)[0]
+    assert len(names) >= 7  # the scan sees them
+    assert sorted(n for n in names if f"`{n}`" not in table) == []
