@@ -843,6 +843,26 @@ def test_a_wrong_training_setting_is_said_before_torch_is_imported(tmp_path, set
     assert "imported: []" in done.stdout, done.stdout
 
 
+@pytest.mark.parametrize("command", ["predict", "explain", "evaluate", "calibrate", "adapt",
+                                     "export", "serve"])
+def test_a_mistyped_run_is_said_before_torch_is_imported(tmp_path, command):
+    """`wingspan predict runs/typo photo.jpg` said "No model at runs/typo" after the 3-4 s
+    of torch, torchvision and timm (the run was looked for in the model's loading, and
+    photo.jpg read as a bundle to see whether the two were swapped), needing none."""
+    from helpers import cli_in_new_process, write_image
+
+    run = tmp_path / "runs" / "lite"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("{}\n")
+    image = write_image(tmp_path / "photo.jpg")
+    given = [image] if command in ("predict", "explain", "adapt") else []
+    done = cli_in_new_process([command, tmp_path / "runs" / "lit", *given], ("torch",))
+    err = " ".join(done.stderr.split())
+    assert "exit 2" in done.stdout and "No model at" in err and f"Did you mean {run}" in err, (
+        done.stdout + err)
+    assert "imported: []" in done.stdout, done.stdout
+
+
 @pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["predict", "--help"],
                                   ["data", "inspect", "--help"], ["--version"]])
 def test_help_imports_no_numpy(args):

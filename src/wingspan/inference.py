@@ -19,13 +19,13 @@ from wingspan.data.csvfiles import name_as_read
 from wingspan.data.images import max_pixels, open_rgb, skip_reason
 from wingspan.data.taxonomy import Taxonomy
 from wingspan.data.transforms import eval_transform
-from wingspan.errors import WingspanError, command, counted
+from wingspan.errors import WingspanError, counted
 from wingspan.models import load_bundle, resolve_policy
 from wingspan.models.unknown import deepest_known
 from wingspan.parallel import check_default_dtype
 from wingspan.progress import track
 from wingspan.training.data import Loader, resolve_workers, room_for_workers
-from wingspan.training.folder import CONFIG_FILE, SPLITS_FILE
+from wingspan.training.folder import CONFIG_FILE, find_bundle
 from wingspan.training.lossy_check import avoided_engines
 
 
@@ -36,35 +36,6 @@ def check_reading(batch_size: int, workers: int | None, per_machine: int = 1) ->
         raise WingspanError(f"--batch-size {batch_size} (batch_size= in Python): must be "
                             f"1 to {MAX_BATCH:,}.", hint="32 to 256 suits most machines.")
     return resolve_workers(workers, per_machine)
-
-
-def find_bundle(model: str | Path) -> Path:
-    """A bundle directory or file, or a run directory holding one in `model/`."""
-    path = Path(model)
-    if (path / "model" / "manifest.json").is_file():
-        return path / "model"
-    if path.name == "model.safetensors" and (path.parent / "manifest.json").is_file():
-        return path.parent  # a bundle folder's tensors, as --weights takes them
-    if (path / CONFIG_FILE).is_file() and (path / SPLITS_FILE).is_file():
-        from wingspan.training.folder import being_trained
-
-        if being_trained(path):  # resuming it now would be refused
-            raise WingspanError(f"The run {path} has no model yet: it is being trained now.",
-                                hint=f"Wait for it to finish; {path / 'train.log'} shows "
-                                     "how far it is.")
-        raise WingspanError(f"The run {path} has no model yet: its training stopped before "
-                            "it finished.",
-                            hint=f"Continue it with `{command('train', '--resume', path)}` "
-                                 "(in Python: "
-                                 f"ws.resume({str(path)!r})).")
-    if path.exists():
-        return path
-    from wingspan.training.folder import close_runs
-
-    meant = close_runs(path)
-    raise WingspanError(f"No model at {path}: the path does not exist.",
-                        hint=f"Did you mean {' or '.join(meant)}?" if meant else
-                        "Give a run folder (runs/NAME) or a model bundle.")
 
 
 def run_dir_of(bundle: Path) -> Path | None:

@@ -73,12 +73,23 @@ def run_first(name: str, model, others):
         yield
     except WingspanError:
         from wingspan.errors import command
-        from wingspan.inference import find_bundle
-        from wingspan.models.bundle import read_manifest
+        from wingspan.training.folder import find_bundle
 
         def is_model(path) -> bool:
             try:
-                read_manifest(find_bundle(path))
+                bundle = find_bundle(path)
+                # Only what could be one is read (its reader loads torch, 3-4 s: a typo in
+                # `wingspan predict runs/typo photo.jpg` waited for it): a folder with a
+                # manifest, or a safetensors file (a header length, then its JSON's "{").
+                if bundle.is_dir() and not (bundle / "manifest.json").is_file():
+                    return False
+                if bundle.is_file():
+                    with bundle.open("rb") as f:
+                        if f.read(9)[8:] != b"{":
+                            return False
+                from wingspan.models.bundle import read_manifest
+
+                read_manifest(bundle)
             except (WingspanError, OSError):
                 return False
             return True
@@ -104,6 +115,15 @@ def stopped_said(kept):
     except KeyboardInterrupt:
         err.print(f"Stopped: {kept()}", highlight=False)
         raise
+
+
+def find_model(name: str, model, others=()) -> None:
+    """RUN of `name` looked for before torch, torchvision and timm load (3-4 s): a mistyped
+    run (`wingspan predict runs/typo photo.jpg`) is said at once, as are swapped arguments."""
+    from wingspan.training.folder import find_bundle
+
+    with run_first(name, model, others):
+        find_bundle(model)
 
 
 def make_config(ctx: typer.Context, make, *args, renamed: dict[str, str] | None = None,

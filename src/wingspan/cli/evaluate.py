@@ -13,6 +13,7 @@ from rich.markup import escape
 from wingspan.cli.app import app
 from wingspan.cli.common import (
     err,
+    find_model,
     folded_table,
     here,
     make_config,
@@ -84,6 +85,7 @@ def evaluate_command(
 ) -> None:
     """Metrics, confusion matrix, curves, mistakes, calibration and an HTML report. The
     model is not changed (see `wingspan calibrate`)."""
+    find_model("evaluate", model, [data] if data else [])
     from wingspan.evaluate.run import evaluate
 
     # (its folder is written aside and moved in place at the end: see evaluate.folder)
@@ -256,6 +258,7 @@ def calibrate_command(
     """Fit the model's temperature again (training fits it on its val split) and store it
     in the bundle, e.g. on labelled photos from where the model will be used; or, with
     --unknown, its unknown scores and thresholds."""
+    find_model("calibrate", model, [data] if data else [])
     from wingspan.evaluate.calibrate import calibrate, check_calibrate_settings, fit_unknown
     from wingspan.evaluate.calibration import calibrate_warnings
     from wingspan.evaluate.wording import left_out_wording
@@ -356,6 +359,7 @@ def adapt_command(
     trained on web or museum images, for garden photos): its head learns from the photos
     whose class it and their nearest neighbours agree on (self-training). Writes a new run;
     the run itself stays as it is."""
+    find_model("adapt", model, photos)
     from wingspan.training.adapt import adapt
 
     config = make_config(ctx, AdaptConfig, neighbours=neighbours, confidence=confidence,

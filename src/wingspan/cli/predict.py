@@ -12,6 +12,7 @@ from wingspan.cli.app import app
 from wingspan.cli.common import (
     check_output_file,
     err,
+    find_model,
     folded_table,
     here,
     make_config,
@@ -86,6 +87,13 @@ def predict_command(
     every class the model knows is answered "unknown" (its closest class stays in the
     output). With --devices N (or under torchrun) the images are shared among the
     processes; one merged, ordered output."""
+    find_model("predict", model, paths)
+    # --output -: the CSV is all that standard output holds (a table's paths were cut,
+    # and its first 50 rows alone shown); what is said goes to standard error.
+    to_stdout = output is not None and str(output) == "-"
+    say = err if to_stdout else out
+    if output and not to_stdout:
+        check_output_file(output, (".csv", ".json", ".html"))
     from wingspan.inference import Predictor
     from wingspan.predict import (
         expand_paths,
@@ -98,12 +106,6 @@ def predict_command(
         write_predictions,
     )
 
-    # --output -: the CSV is all that standard output holds (a table's paths were cut,
-    # and its first 50 rows alone shown); what is said goes to standard error.
-    to_stdout = output is not None and str(output) == "-"
-    say = err if to_stdout else out
-    if output and not to_stdout:
-        check_output_file(output, (".csv", ".json", ".html"))
     fabric = predict_fabric(device, devices, nodes, strategy, workers)
     main = fabric is None or fabric.is_global_zero
     quiet = quiet or not main
@@ -200,6 +202,7 @@ def explain_command(
 ) -> None:
     """Grad-CAM overlays: where the model looked for the class it predicted, one PNG per
     image."""
+    find_model("explain", model, images)
     from wingspan.explain import explain_each
     from wingspan.inference import find_bundle, output_home
     from wingspan.predict import expand_paths
@@ -274,6 +277,7 @@ def serve_command(
 ) -> None:
     """A web page (drop a photo: its classes and where the model looked) and an HTTP API:
     POST /predict with image files, POST /explain with one; /health, /model, /docs."""
+    find_model("serve", model)
     from wingspan.serve import serve
 
     limits = make_config(ctx, ServeLimits, top_k=top_k, max_bytes=round(max_upload_mb * 2**20),
@@ -303,6 +307,7 @@ def export_command(
     """A model that runs without wingspan (ONNX Runtime alone): RGB pixels in, calibrated
     probabilities per level out, and each level's unknown score with its threshold in the
     metadata; checked against PyTorch before it is written."""
+    find_model("export", model)
     import json
 
     from wingspan.export import export_model, metadata_path

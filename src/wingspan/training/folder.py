@@ -13,7 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from wingspan.errors import WingspanError, first_line, quoted
+from wingspan.errors import WingspanError, command, first_line, quoted
 from wingspan.files import is_leftover
 
 CONFIG_FILE, SPLITS_FILE, HISTORY_FILE = "config.yaml", "splits.csv", "history.csv"
@@ -291,3 +291,30 @@ def close_runs(path: Path) -> list[str]:
             pass
     close = difflib.get_close_matches(path.name, [d.name for d in runs], n=3)
     return [str(d) for name in close for d in runs if d.name == name]
+
+
+def find_bundle(model: str | Path) -> Path:
+    """A bundle directory or file, or a run directory holding one in `model/`. (Here, not
+    in wingspan.inference, which loads torch: `wingspan predict runs/typo` says so in a
+    tenth of a second, not after the 3-4 s of torch, torchvision and timm.)"""
+    path = Path(model)
+    if (path / "model" / "manifest.json").is_file():
+        return path / "model"
+    if path.name == "model.safetensors" and (path.parent / "manifest.json").is_file():
+        return path.parent  # a bundle folder's tensors, as --weights takes them
+    if (path / CONFIG_FILE).is_file() and (path / SPLITS_FILE).is_file():
+        if being_trained(path):  # resuming it now would be refused
+            raise WingspanError(f"The run {path} has no model yet: it is being trained now.",
+                                hint=f"Wait for it to finish; {path / 'train.log'} shows "
+                                     "how far it is.")
+        raise WingspanError(f"The run {path} has no model yet: its training stopped before "
+                            "it finished.",
+                            hint=f"Continue it with `{command('train', '--resume', path)}` "
+                                 "(in Python: "
+                                 f"ws.resume({str(path)!r})).")
+    if path.exists():
+        return path
+    meant = close_runs(path)
+    raise WingspanError(f"No model at {path}: the path does not exist.",
+                        hint=f"Did you mean {' or '.join(meant)}?" if meant else
+                        "Give a run folder (runs/NAME) or a model bundle.")
