@@ -2791,6 +2791,30 @@ def test_fine_tuning_keeps_no_onnx_session_of_stage_1s_backbone(demo_dir, tmp_pa
     assert kept == [1]
 
 
+def test_a_run_stopped_after_its_model_is_written_says_it_finished(demo_dir, tmp_path,
+                                                                    monkeypatch):
+    """Ctrl-C or SIGTERM in the run's last lines (its feature cache's removal) said to
+    resume it, and that resume said there was nothing to resume: it says the run finished,
+    and removes the cache that the stop left."""
+    import wingspan.training.finish
+    from wingspan.training.folder import feature_cache_file
+    from wingspan.training.run import Interrupted
+
+    def stopped(run):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(wingspan.training.finish, "drop_feature_cache", stopped)
+    with pytest.raises(Interrupted) as e:
+        train(read_dataset(demo_dir), tiny(tmp_path, epochs_head=1, epochs_finetune=0),
+              tmp_path / "runs", "r", quiet=True)
+    run_dir = e.value.run_dir
+    log = (run_dir / "train.log").read_text()
+    assert f"Interrupted. The run had finished: its model is in {run_dir / 'model'}." in log
+    assert "Continue" not in log and not feature_cache_file(run_dir).parent.exists()
+    with pytest.raises(WingspanError, match="is finished; there is nothing to resume"):
+        resume(run_dir, quiet=True)
+
+
 def test_a_resume_of_a_run_killed_after_its_model_removes_its_feature_cache(demo_dir, tmp_path):
     """Killed between the bundle and the feature cache's removal: the resume says the run is
     finished, and removes the cache that nothing else would (a kill at model/manifest.json)."""

@@ -146,7 +146,7 @@ def _write_results(run: Run) -> None:
     save_bundle(run.model.cpu(), run.dir / "model", run.data.level_classes, taxonomy=taxonomy,
                 training=training, metrics=metrics, weights_source=run.weights_source,
                 calibration=calibration, unknown=unknown, inference=inference)
-    _drop_feature_cache(run)
+    drop_feature_cache(run)
     run.log(f"Best val macro-F1 {best_row['val_macro_f1']:.4f} (acc {best_row['val_acc']:.4f}) "
             f"at {best['stage']} epoch {best['epoch']}; model in {run.dir / 'model'}")
     if run.data.test_images:
@@ -165,7 +165,7 @@ def _write_results(run: Run) -> None:
                 "optimistic (the epoch was chosen on it).", caveat=True)
 
 
-def _drop_feature_cache(run: Run) -> None:
+def drop_feature_cache(run: Run) -> None:
     """RUN/cache once the model is written (last: a kill before it resumes from the cache),
     unless `keep_feature_cache`: a done run is not resumed, and nothing else reads it."""
     folder = feature_cache_file(run.dir).parent

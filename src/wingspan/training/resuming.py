@@ -167,7 +167,7 @@ def _resume(run_dir: Path, config: TrainConfig, fabric, quiet: bool) -> Path:
     metrics = _read_json(run_dir / "metrics.json")  # ({} when gone or damaged: written again)
     scored = bool(metrics) and (not config.holdout_classes or "unknown" in metrics)
     if finished and complete and scored:
-        # Killed after the bundle but before finish._drop_feature_cache: a finished run is
+        # Killed after the bundle but before finish.drop_feature_cache: a finished run is
         # never resumed, so nothing else would remove its features (GBs on a large set).
         if not config.keep_feature_cache:
             shutil.rmtree(feature_cache_file(run_dir).parent, ignore_errors=True)

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import difflib
 import functools
+import json
 import os
 import shutil
 import signal
@@ -61,7 +62,12 @@ from wingspan.parallel import Processes, check_default_dtype, lost_peer_said, pe
 from wingspan.training.context import Run, RunState
 from wingspan.training.data import resolve_workers, room_for_workers
 from wingspan.training.finetune_engine import choose_train
-from wingspan.training.finish import best_checkpoint, finish, score_held_out
+from wingspan.training.finish import (
+    best_checkpoint,
+    drop_feature_cache,
+    finish,
+    score_held_out,
+)
 from wingspan.training.folder import (
     CONFIG_FILE,
     ERROR_FILE,
@@ -396,7 +402,12 @@ def interruptible(run: Run, scoring_only: bool = False) -> Path:
         if not run.is_main:  # (train.log and the terminal are rank 0's: say which one stopped)
             print(f"Process {run.fabric.global_rank} of {run.fabric.world_size}: "
                   f"{stop.strip()}", file=sys.stderr)
-        run.log(stop + go_on(run.dir), caveat=True)
+        if run.is_main and _done(run):  # (stopped in the last lines: nothing to resume)
+            drop_feature_cache(run)  # the step it cut short
+            run.log(stop + f"The run had finished: its model is in {run.dir / 'model'}.",
+                    caveat=True)
+        else:
+            run.log(stop + go_on(run.dir), caveat=True)
         raise Interrupted(run.dir) from e
     except WingspanError as e:  # bad data, say: in train.log, and a failed run, not a paused one
         _failed(run, e.message)
@@ -431,6 +442,18 @@ def _failed(run: Run, message: str) -> None:
         run.log(f"Stopped: {message}", shown=False)  # (the error itself is printed)
         if run.is_main:
             write_text(run.dir / ERROR_FILE, message + "\n")
+
+
+def _done(run: Run) -> bool:
+    """Its model written and, with --holdout-classes, those classes scored: what `train
+    --resume` calls finished (a stop in the run's last lines said to resume it, which
+    then said there was nothing to resume)."""
+    try:
+        metrics = json.loads((run.dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return run.state.stage == "done" and is_complete(run.dir / "model") and (
+        not run.config.holdout_classes or "unknown" in metrics)
 
 
 def _recipe(run: Run) -> Path:
