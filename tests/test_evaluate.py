@@ -2484,6 +2484,9 @@ def test_predict_writes_a_page_to_look_through_the_least_sure_first(run_cli, tra
     counts = dict(re.findall(r"<tr><td>([^<]+)</td><td>(\d+)</td></tr>", page))
     assert {a: int(n) for a, n in counts.items()} == table["answer"].value_counts().to_dict()
     assert "<h2>Skipped (1)</h2>" in page and "broken.jpg" in page
+    # Which model made it (the page may be sent on, or opened days later).
+    assert re.search(r"<p>By the model (.*?), \d{4}-\d\d-\d\d \d\d:\d\d UTC\.</p>", page)[1] \
+        .replace("<wbr>", "") == html.escape(str(trained / "model"))
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium_path())
         for width in (1280, 375):
@@ -2499,3 +2502,78 @@ def test_predict_writes_a_page_to_look_through_the_least_sure_first(run_cli, tra
     page = page_path.read_text()
     assert code == 0 and page.count("<div class='c'>") == 5, err
     assert f"The 5 least sure of the {len(images)} images" in page
+
+
+def _hierarchical_rows() -> list[dict]:
+    """predict's rows of a 4-level model: a family known only, a subfamily known only (each
+    stopped by its unknown score), a species, and an unknown answer."""
+    levels = ["family", "subfamily", "genus", "species"]
+
+    def row(name, known, branch, top, score=0.5):
+        return {"path": f"/photos/{name}.jpg", "top": top, "known_level": known,
+                "taxonomy": [(lv, c, p) for lv, (c, p) in zip(levels, branch, strict=True)],
+                "predicted": branch[-1][0], "probability": branch[-1][1],
+                "answer": next((c for lv, (c, _) in zip(levels, branch, strict=True)
+                                if lv == known), "unknown"),
+                "unknown_score": score, "threshold": 0.9, "score_level": "genus"}
+
+    branch = [("Nymphalidae", 0.54), ("Nymphalinae", 0.42), ("Aglais", 0.16),
+              ("Aglais io", 0.16)]
+    top = [("Polyommatus icarus", 0.31), ("Aglais io", 0.16), ("Vanessa atalanta", 0.15)]
+    return [row("sure", "species", [("Nymphalidae", 0.9), ("Nymphalinae", 0.9),
+                                    ("Aglais", 0.9), ("Aglais io", 0.9)], top),
+            row("subfamily", "subfamily", branch, top, score=0.99),
+            row("family", "family", [("Nymphalidae", 0.46), ("Danainae", 0.18),
+                                     ("Danaus", 0.18), ("Danaus plexippus", 0.18)],
+                [("Pieris rapae", 0.26), ("Danaus plexippus", 0.18)], score=0.99),
+            row("unlike", None, branch, top, score=0.999)]
+
+
+def test_a_coarser_answer_names_its_closest_species_with_the_species_probability():
+    """An answer stopped at its subfamily read "closest: Aglais io 0.418", the subfamily's
+    probability, beside a branch that says "Aglais io 0.16" (the terminal's and the page's
+    words alike)."""
+    from wingspan.predict import PredictResult, row_words
+
+    result = PredictResult(rows=_hierarchical_rows(), top_k=3, level="species",
+                           levels=["family", "subfamily", "genus", "species"])
+    said = row_words(result.rows[1], result)
+    assert (said.answer, said.at_level, said.probability) == \
+        ("Nymphalinae", " (subfamily)", "0.420")
+    assert said.detail.startswith("closest: Aglais io 0.160; unknown score"), said.detail
+
+
+def test_the_page_shows_the_coarsest_answers_first_each_by_the_probability_it_shows(tmp_path):
+    """The least sure first: a family known only before a subfamily known only (it came
+    after, sorted by its species' probability, which its card does not show)."""
+    from wingspan.predict import PredictResult, predictions_page
+
+    result = PredictResult(rows=_hierarchical_rows(), top_k=3, level="species",
+                           levels=["family", "subfamily", "genus", "species"])
+    page = predictions_page(result, tmp_path / "preds.html")
+    said = [html.unescape(re.sub("<[^>]+>", "", s))
+            for s in re.findall(r"</a><div>(.*?)</div>", page)]
+    assert said == ["unknown", "Nymphalidae (family) 0.460", "Nymphalinae (subfamily) 0.420",
+                    "Aglais io 0.900"], said
+
+
+def test_the_page_links_a_name_in_other_bytes_and_says_each_skipped_file_once(tmp_path):
+    """A photo named in bytes that are not UTF-8 (b'caf\\xe9.jpg') stopped the page's write
+    once every image was predicted (the CSV and JSON spell it out); a skipped file's
+    reason named its path twice ("a.jpg: Cannot read image a.jpg: ...")."""
+    import os
+
+    from wingspan.predict import PredictResult, predictions_page
+
+    photo = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9.jpg"))
+    Image.new("RGB", (40, 30), "red").save(photo, "JPEG")
+    row = {"path": str(photo), "top": [("a", 0.9), ("b", 0.1)], "known_level": "label",
+           "predicted": "a", "probability": 0.9, "answer": "a"}
+    broken = str(tmp_path / "broken.jpg")
+    result = PredictResult(rows=[row], top_k=2, level="label",
+                           failed=[(broken, f"Cannot read image {broken}: the file is empty "
+                                            "(0 bytes).")])
+    page = predictions_page(result, tmp_path / "preds.html")
+    page.encode("utf-8")  # (written as UTF-8)
+    assert "href='caf%E9.jpg'" in page and "alt='caf\\udce9.jpg, answered a'" in page
+    assert "broken.jpg: the file is empty (0 bytes).</li>" in page

@@ -50,11 +50,14 @@ def breakable(text) -> str:
 
 
 def cards_page(title: str, body: str) -> str:
-    """The whole page: `body` (HTML) under the cards' style."""
+    """The whole page: `body` (HTML) under the cards' style. A name in bytes that are not
+    UTF-8 (b'caf\\xe9.jpg', from a zip made on Windows) is spelt out ('caf\\udce9.jpg'), as
+    the CSVs spell it: it stopped the page's write once every image was predicted."""
     return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>"
             f"{html.escape(title)}</title>"
             "<meta name='viewport' content='width=device-width, initial-scale=1'>"
-            f"<style>{CARDS_STYLE}</style></head><body><main>{body}</main></body></html>")
+            f"<style>{CARDS_STYLE}</style></head><body><main>{body}</main></body></html>"
+            ).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def relative_link(file: Path, folder: Path) -> str:
@@ -69,4 +72,5 @@ def href(file: Path, folder: Path) -> str:
         shared = os.path.commonpath([file, folder]) != file.anchor
     except ValueError:  # (another drive, on Windows)
         shared = False
-    return quote(relative_link(file, folder)) if shared else file.as_uri()
+    # (the name's own bytes: one that is not UTF-8, b'caf\xe9.jpg', stopped quote())
+    return quote(os.fsencode(relative_link(file, folder))) if shared else file.as_uri()

@@ -8,6 +8,7 @@ import glob
 import html
 import json
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,6 +175,7 @@ class PredictResult:
     # Files the folders and patterns given hold that are not images: left out, not failed.
     not_images: list[str] = field(default_factory=list)
     level: str = ""  # the finest level's name (the model's one level, without a taxonomy)
+    model: str = ""  # the bundle that predicted (the page says which)
 
 
 def predict_fabric(device: str, devices: int | None, nodes: int | None, strategy: str,
@@ -203,7 +205,8 @@ def predict(predictor: Predictor, inputs: list[str], top_k: int = TOP_K, tta: bo
     unmatched = sorted(zip(places, missing, strict=True), key=lambda u: u[0])
     k = min(top_k, len(predictor.classes))
     result = PredictResult(levels=list(predictor.taxonomy.levels) if predictor.taxonomy else [],
-                           top_k=k, not_images=not_images, level=predictor.level)
+                           top_k=k, not_images=not_images, level=predictor.level,
+                           model=str(predictor.bundle))
     if fabric is not None and fabric.world_size > 1:
         mine = [paths[i] for i in shard(len(paths), fabric)]
         ours = list(predictor.run(mine, tta=tta, progress=progress and fabric.is_global_zero))
@@ -293,11 +296,14 @@ def row_words(row: dict, result: PredictResult) -> RowWords:
     if row["known_level"] == level:
         return RowWords(best, "", f"{p:.3f}", detail, False)
     at = f" at {row['score_level']}" if result.levels else ""
+    # (the closest class's own probability: it read "closest: Aglais io 0.418", its
+    # subfamily's, where the branch beside it says "Aglais io 0.16")
+    closest = f"closest: {best} {p:.3f}"
     if row["known_level"]:  # the probability of the class answered, at its level
         p = next(q for lv, _, q in row["taxonomy"] if lv == row["known_level"])
     if stopped_by_score(row):
         score, limit = apart(row["unknown_score"], row["threshold"])
-        detail = f"closest: {best} {p:.3f}; unknown score {score} > {limit}{at}; " + detail
+        detail = f"{closest}; unknown score {score} > {limit}{at}; " + detail
     else:  # a --rare-below class: rare species the model learnt as their genus
         detail = f"closest: {best}, species not learnt apart; " + detail
     # "unknown 1.000" read as sure it is unknown: the closest class's probability goes
@@ -399,9 +405,19 @@ def predictions_page(result: PredictResult, path: Path) -> str:
 
     e = html.escape
     words = [(row, row_words(row, result)) for row in result.rows]
-    # Unknown first, then known at a coarser level only, then by the probability answered.
-    words.sort(key=lambda rw: (rw[0]["known_level"] is not None, not rw[1].flagged,
-                               rw[0]["probability"]))
+    levels = result.levels or [result.level]
+
+    def least_sure_first(rw: tuple[dict, RowWords]) -> tuple[int, float]:
+        # Unknown first, then the coarsest answers (a family before a genus), each by the
+        # probability its card shows: a coarser answer's at its level (by its species',
+        # which the card does not show, a family at 0.46 came after a subfamily at 0.42).
+        row, level = rw[0], rw[0]["known_level"]
+        if level is None:
+            return -1, row["probability"]
+        at_level = {lv: q for lv, _, q in row.get("taxonomy", [])}
+        return levels.index(level), at_level.get(level, row["probability"])
+
+    words.sort(key=least_sure_first)
     cards = []
     for row, said in words[:PREDICT_PAGE_IMAGES]:
         answer = f"{said.answer}{said.at_level}"
@@ -421,15 +437,19 @@ def predictions_page(result: PredictResult, path: Path) -> str:
              "sure first" if len(words) > PREDICT_PAGE_IMAGES else "The least sure first")
     body = (
         f"<h1>Predictions: {counted(len(words), 'image')}</h1>"
+        f"<p>By the model {breakable(result.model)}, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.</p>"
         f"<p>{shown}: the images answered unknown (unlike every class the model knows), then "
-        "those known at a coarser level only, then by the probability of the class "
-        "answered. A CSV or JSON (<code>--output preds.csv</code>) keeps every image in the "
-        "order given.</p>"
+        "those known at a coarser level only (the coarsest first), each by the probability "
+        "of the class answered. A CSV or JSON (<code>--output preds.csv</code>) keeps every "
+        "image in the order given.</p>"
         + (f"<h2>Answers</h2><table><tr><th scope='col'>answer</th><th scope='col'>images"
            f"</th></tr>{counts}</table>" if words else "")
         + f"<h2>Images</h2><div class='g'>{''.join(cards) or '<p>none</p>'}</div>"
         + (f"<h2>Skipped ({len(result.failed)})</h2><ul class='m'>"
-           + "".join(f"<li>{breakable(p)}: {e(why)}</li>"
+           # (the reason without its path again, as the terminal's "skipped" line has it)
+           + "".join(f"<li>{breakable(p)}: "
+                     f"{e(why.removeprefix(f'Cannot read image {p}: '))}</li>"
                      for p, why in result.failed) + "</ul>" if result.failed else ""))
     return cards_page(f"wingspan predictions: {path.stem}", body)
 
