@@ -2455,11 +2455,14 @@ def test_predict_writes_a_page_to_look_through_the_least_sure_first(run_cli, tra
     images = sorted(demo_dir.rglob("*.jpg"))[:12]
     (tmp_path / "broken.jpg").write_bytes(b"not a photo")
     page_path = tmp_path / "out" / "preds.html"
+    # (the page and a CSV of every image from one predict: --output repeated)
     code, out, err = run_cli("predict", trained, *images, tmp_path / "broken.jpg",
-                             "--output", page_path, "-q")
+                             "--output", page_path, "--output", tmp_path / "p.csv", "-q")
     assert code == 0 and page_path.is_file(), err
-    code, _, err = run_cli("predict", trained, *images, "--output", tmp_path / "p.csv", "-q")
+    assert f"Wrote {page_path}" in " ".join(out.split()), out
     table = pd.read_csv(tmp_path / "p.csv")
+    assert table["error"].notna().sum() == 1  # (broken.jpg's row)
+    table = table[table["error"].isna()]
     page = page_path.read_text()
     cards = re.findall(r"<div class='c'><a href='([^']+)'><img alt='([^']+)' "
                        r"src='data:image/jpeg;base64,([^']+)'></a><div>(.*?)</div>", page)

@@ -63,10 +63,11 @@ def predict_command(
         metavar="PATH", help="Image files, folders (searched recursively) or globs.",
         show_default=False)],
     top_k: Annotated[int, typer.Option(min=1, help="Classes to show per image.")] = TOP_K,
-    output: Annotated[Path | None, typer.Option(
+    output: Annotated[list[Path] | None, typer.Option(
         help="Write all predictions to a .csv or .json file, or a page of them to look "
              "through, .html (each image's thumbnail and answer, the least sure first); - "
-             "writes the CSV to standard output (for a pipe), the rest to standard error.",
+             "writes the CSV to standard output (for a pipe), the rest to standard error. "
+             "Repeat it for several (--output preds.csv --output preds.html).",
              rich_help_panel=Panel.OUTPUT)] = None,
     tta: Annotated[bool, typer.Option(help="Test-time augmentation: average flips and "
                                       "crops.")] = False,
@@ -90,10 +91,11 @@ def predict_command(
     find_model("predict", model, paths)
     # --output -: the CSV is all that standard output holds (a table's paths were cut,
     # and its first 50 rows alone shown); what is said goes to standard error.
-    to_stdout = output is not None and str(output) == "-"
+    to_stdout = any(str(o) == "-" for o in output or [])
+    files = [o for o in output or [] if str(o) != "-"]
     say = err if to_stdout else out
-    if output and not to_stdout:
-        check_output_file(output, (".csv", ".json", ".html"))
+    for file in files:
+        check_output_file(file, (".csv", ".json", ".html"))
     from wingspan.inference import Predictor
     from wingspan.predict import (
         expand_paths,
@@ -110,9 +112,10 @@ def predict_command(
     main = fabric is None or fabric.is_global_zero
     quiet = quiet or not main
     # (the table and --output come once every image is predicted: a stop before, nothing)
+    there = [plain(f) for f in files if f.is_file()]
     kept = "no prediction was shown or written" + (
-        f"; {plain(output)} is as it was" if output and not to_stdout and output.is_file()
-        else "")
+        f"; {', '.join(there)} " + ("is as it was" if len(there) == 1 else "are as they were")
+        if there else "")
     with stopped_said(lambda: kept) if main else contextlib.nullcontext():
         with run_first("predict", model, paths):
             predictor = Predictor(model, device=device, batch_size=batch_size,
@@ -144,9 +147,10 @@ def predict_command(
         table.add_row(plain(row["path"]), best, said.probability, plain(said.detail))
     if len(result.rows) > rows:
         table.caption = f"first {rows} of {len(result.rows)}; " + (
-            f"all in {plain(output)}" if output else "--output FILE writes all")
-    if output:  # first: nothing printed after can lose it
-        write_predictions(result, output)
+            f"all in {plain(', '.join(map(str, files)))}" if files
+            else "--output FILE writes all")
+    for file in output or []:  # first: nothing printed after can lose it
+        write_predictions(result, file)
     if result.rows and not to_stdout:  # not an empty table above the skipped files
         out.print(table)
     for path, reason in result.failed:
@@ -156,8 +160,8 @@ def predict_command(
               + (f"; {len(result.failed)} skipped" if result.failed else ""))
     if result.not_images:  # (named, or a folder of raw photos' sidecars reads as lost)
         say.print(plain(not_images_said(result.not_images)), highlight=False)
-    if output and not to_stdout:
-        out.print(f"Wrote {plain(output)}")
+    for file in files:
+        out.print(f"Wrote {plain(file)}")
     # (by the level known, not the answer's text: a class may be named "unknown")
     unknown = sum(r["known_level"] is None for r in result.rows)
     coarser = sum(r.get("known_level") not in (None, predictor.level) and stopped_by_score(r)
