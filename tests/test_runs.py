@@ -351,9 +351,11 @@ def test_runs_leaves_out_a_folder_it_may_not_enter_and_says_so(runs_dir, run_cli
     frame = ws.runs(runs_dir)
     assert "private" not in frame["name"].tolist() and "seed0" in frame["name"].tolist()
     assert frame.attrs["unreadable"] == ["private"]
-    code, out, err = run_cli("runs", runs_dir)
-    assert code == 0 and "Not listed: 1 folder this user may not read (private); ask the " \
-        "owner for read access." in " ".join(out.split()), (out, err)
+    code, out, err = run_cli("runs", runs_dir, "--output", runs_dir.parent / "runs.html")
+    said = "Not listed: 1 folder this user may not read (private); ask the owner for read " \
+        "access."
+    assert code == 0 and said in " ".join(out.split()), (out, err)
+    assert said in (runs_dir.parent / "runs.html").read_text()  # (the page says it too)
 
 
 def test_runs_leaves_out_the_hidden_folder_of_an_adapt_stopped_midway(runs_dir, finished):

@@ -74,9 +74,8 @@ def runs_command(
         if (frame["status"] == LOCK_UNREADABLE).any():
             out.print("A run whose .lock cannot be read may or may not be training now: "
                       "ask its owner (or for read access to its .lock).")
-    if unreadable := frame.attrs.get("unreadable"):
-        out.print(f"Not listed: {counted(len(unreadable), 'folder')} this user may not read "
-                  f"({plain(', '.join(unreadable))}); ask the owner for read access.")
+    if said := _unreadable_said(frame):
+        out.print(plain(said))
     if output:
         out.print(f"Wrote {plain(output)}")
 
@@ -101,8 +100,16 @@ def _write_page(frame, path: Path, runs_dir: Path, chosen: bool) -> None:
     # A page has room for a failed run's whole error (the terminal's first words)
     cells["status"] = [status_text(s, d if _given(d) else None)
                        for s, d in zip(frame["status"], frame["detail"], strict=True)]
-    write_runs_page(path, f"wingspan runs: {runs_dir}", frame, cells,
-                    [_caption(True), *([_CHOICE_SPENT] if chosen else [])])
+    notes = [_caption(True), *([_CHOICE_SPENT] if chosen else []), _unreadable_said(frame)]
+    write_runs_page(path, f"wingspan runs: {runs_dir}", frame, cells, [n for n in notes if n])
+
+
+def _unreadable_said(frame) -> str | None:
+    """Which folders this user may not read: left out of the table (run_table)."""
+    if unreadable := frame.attrs.get("unreadable"):
+        return (f"Not listed: {counted(len(unreadable), 'folder')} this user may not read "
+                f"({', '.join(unreadable)}); ask the owner for read access.")
+    return None
 
 
 # `wingspan runs`' columns: header, the cell of a row, and whether it is shown in a narrow
