@@ -222,3 +222,25 @@ def test_adapt_draws_a_large_runs_own_images_with_the_runs_seed(demo_dir, tmp_pa
     assert default.keys() == own.keys() and default
     assert all(torch.equal(default[k], own[k]) for k in default)
     assert not all(torch.equal(default[k], zero[k]) for k in default)
+
+
+def test_photos_that_hold_no_image_are_said_as_such_not_as_unreadable(demo_dir, tmp_path):
+    """An empty folder of photos was "Cannot read: photos (the folder holds no images)";
+    evaluate --unknown's alike ended without its full stop."""
+    from test_train import tiny
+
+    from wingspan.data import read_dataset
+    from wingspan.evaluate.unseen import unseen_paths
+    from wingspan.training import train
+    from wingspan.training.adapt import adapt
+
+    (tmp_path / "photos").mkdir()
+    with pytest.raises(WingspanError) as e:
+        unseen_paths(tmp_path / "photos")
+    assert e.value.message.endswith(": the folder holds no images."), e.value.message
+    run_dir = train(read_dataset(demo_dir), tiny(tmp_path, epochs_finetune=0), tmp_path
+                    / "runs", "r", quiet=True)
+    with pytest.raises(WingspanError) as e:
+        adapt(run_dir, [str(tmp_path / "photos")], progress=False)
+    assert e.value.message == (f"No photos to adapt to: {tmp_path / 'photos'} (the folder "
+                               "holds no images)."), e.value.message

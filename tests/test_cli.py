@@ -161,10 +161,11 @@ def test_user_errors_are_one_clear_message(run_cli, demo_dir, args, message, mon
      "--devices 99999999999999999999: must be 1 to 1024", "'devices'"),
     # the engines' names with the other settings: said once the data was read and torch
     # imported (9 s on iNat), naming neither the option nor the file
-    (["train", "DEMO", "--precision", "fp64"], "--precision must be one of ['auto', 'fp32'",
+    (["train", "DEMO", "--precision", "fp64"], "--precision must be one of auto, fp32, bf16, "
+     "fp16. Got 'fp64' instead.",
      "'precision'"),
     (["train", "DEMO", "--runtime", "tensorrt"], "--runtime must be one of", "'runtime'"),
-    (["train", "DEMO", "--strategy", "fsdp"], "--strategy must be one of ['auto', 'ddp']",
+    (["train", "DEMO", "--strategy", "fsdp"], "--strategy must be one of auto, ddp.",
      "'strategy'"),
     (["adapt", "DEMO", "DEMO", "--precision", "fp64"], "--precision must be one of",
      "'precision'"),

@@ -408,8 +408,10 @@ def test_a_csv_made_on_windows_finds_files_named_in_another_case(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    ("file,label\na.jpg,x\n", "no 'path' column"),
-    ("path,label,split\na.jpg,x,training\n", "line 2: split 'training'"),
+    # (the columns and sides in words, not Python's ['file', 'label'])
+    ("file,label\na.jpg,x\n", r"no 'path' column \(its columns: file, label\)\."),
+    ("path,label,split\na.jpg,x,training\n",
+     "line 2: split 'training' is not one of train, val, test."),
     # pandas read the second as 'genus.1', a level of its own, without a word
     ("path,label,family,genus,genus \na.jpg,x,F,G,H\n",
      r"has 2 columns named 'genus' \(columns 4, 5\)"),
@@ -419,6 +421,25 @@ def test_csv_reader_clear_errors(tmp_path, content, message):
     csv.write_text(content)
     with pytest.raises(WingspanError, match=message):
         read_dataset(csv)
+
+
+def test_an_empty_csv_is_said_so_with_what_its_first_line_holds(tmp_path):
+    csv = tmp_path / "labels.csv"
+    csv.write_text("")  # (pandas said "No columns to parse from file", with no hint)
+    with pytest.raises(WingspanError, match="labels.csv: it is empty") as e:
+        read_dataset(csv)
+    assert "'path' among them" in e.value.hint
+
+
+def test_a_taxonomy_with_wrong_or_repeated_rows_says_which_in_words(tmp_path):
+    folder_dataset(tmp_path, {"a": 2, "b": 2})
+    (tmp_path / "taxonomy.csv").write_text("dir,family\na,F\n")
+    with pytest.raises(WingspanError, match=r"\(its columns: dir, family\)\."):
+        read_dataset(tmp_path)
+    (tmp_path / "taxonomy.csv").write_text("folder,family\na,F\na,G\nb,F\n")
+    with pytest.raises(WingspanError, match="lists these folders more than once") as e:
+        read_dataset(tmp_path)
+    assert e.value.message.endswith("more than once: a.") and e.value.hint  # (none before)
 
 
 @pytest.mark.parametrize("rows, left_out", [

@@ -1342,7 +1342,7 @@ def test_config_file_and_command_line(tmp_path, run_cli, demo_dir):
     config = TrainConfig.from_file(path, lr=0.5)
     assert (config.epochs_head, config.lr) == (7, 0.5)
     path.write_text("epochs_heads: 7\n")
-    with pytest.raises(WingspanError, match="(?s)unknown settings \\['epochs_heads'\\].*"
+    with pytest.raises(WingspanError, match="(?s)unknown setting 'epochs_heads'\\..*"
                                             "Did you mean 'epochs_heads' -> 'epochs_head'"):
         TrainConfig.from_file(path)
     # A key given twice (a copied line edited in one place): refused, not the last kept.
@@ -1387,11 +1387,13 @@ def test_config_file_and_command_line(tmp_path, run_cli, demo_dir):
     # missing --levels), and a count that differs names the levels to weigh.
     code, _, err = run_cli("train", demo_dir, "--level-weights", "1,2", "--quiet")
     assert code == 2 and "--level-weights must be given with 'levels'" in err, err
-    with pytest.raises(SettingError, match=r"one weight per entry of 'levels' \(2: "):
+    assert "Got 1,2 instead" in err, err  # as typed, not Python's [1.0, 2.0]
+    with pytest.raises(SettingError, match=r"one weight per entry of 'levels' \(2: family, "
+                                           r"label\). Got 1 instead"):
         TrainConfig(levels=["family", "label"], level_weights=[1.0])
     # The library as the CLI: a level the levels lack, or a coarser one, is not dropped in
     # silence (the run would have predicted the finest).
-    with pytest.raises(SettingError, match="must be one of levels"):
+    with pytest.raises(SettingError, match="must be one of levels family, label "):
         TrainConfig(level="genus", levels=["family", "label"])
     with pytest.raises(WingspanError, match="'family' is not the finest of levels"):
         train(read_dataset(demo_dir), tiny(tmp_path, level="family", levels=["label", "family"]),
@@ -2327,7 +2329,14 @@ def test_a_config_file_is_read_as_yaml_says_whatever_the_locale(tmp_path):
         path.write_text(slip, encoding="utf-8")  # character: UTF-8 already, no such hint
         with pytest.raises(WingspanError, match="Cannot read the config file") as e:
             TrainConfig.from_file(path)
-        assert e.value.hint is None, slip
+        assert "UTF-8" not in e.value.hint and "Mend it" in e.value.hint, slip
+        # the file named where YAML says where, not "<byte string>"
+        assert f'in "{path}"' in e.value.message, e.value.message
+    # A missing file: its reason in words, not "[Errno 2] No such file or directory: '...'"
+    with pytest.raises(WingspanError,
+                       match="config file .*typo.yaml: No such file or directory\\.") as e:
+        TrainConfig.from_file(tmp_path / "typo.yaml")
+    assert "Errno" not in str(e.value) and "--config" in e.value.hint
 
 
 def test_compile_fine_tunes_through_the_compiled_module_and_the_bundle_loads(demo_dir,

@@ -703,6 +703,20 @@ def test_holdout_classes_must_exist(tmp_path):
                                    f"--holdout-classes {','.join(species)}."), e.value.hint
 
 
+def test_a_missing_holdout_class_lists_the_classes_and_says_how_many_more(tmp_path):
+    """Of 25 classes the hint showed 20 as if they were all (the one meant may be past
+    them)."""
+    from helpers import folder_dataset
+
+    from wingspan.training.run import hold_out
+
+    names = [f"class_{i:02}" for i in range(25)]
+    data = read_dataset(folder_dataset(tmp_path, dict.fromkeys(names, 1), size=(8, 8)))
+    with pytest.raises(WingspanError) as e:
+        hold_out(data, "label", ["nothing_alike"])
+    assert e.value.hint == f"The classes: {', '.join(names[:20])} and 5 more.", e.value.hint
+
+
 def test_holdout_classes_read_as_folder_names_are_read(tmp_path):
     """A name pasted from macOS (decomposed, NFD) was refused with "no class 'Pieris
     napí' (did you mean 'Pieris napí'?)", and one with a comma of its own ("Vanessa

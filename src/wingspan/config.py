@@ -256,6 +256,12 @@ def _shown(value) -> str:
     alias bomb of 1 KB, a billion items, hung `train --config` building its message)."""
     said = reprlib.Repr()
     said.maxlevel, said.maxlist, said.maxdict, said.maxstring, said.maxother = 3, 8, 8, 200, 200
+    if isinstance(value, list | tuple) and value and all(
+            isinstance(v, str | int | float) and not isinstance(v, bool) for v in value[:9]):
+        # a list of names or numbers as its option takes it (--levels family,genus), not
+        # Python's ['family', 'genus'] ([1.0, 2.0] for --level-weights 1,2)
+        text = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value[:8])
+        return text[:200] + (",..." if len(value) > 8 or len(text) > 200 else "")
     return said.repr(value)
 
 
@@ -270,9 +276,9 @@ def _check_engines(config) -> None:
     """`precision` and `runtime`: auto or one the engines know ($WINGSPAN_PRECISION and
     $WINGSPAN_RUNTIME are read, and checked, where auto is resolved)."""
     _check(config.precision in ("auto", *PRECISION_NAMES), "precision",
-           f"one of {['auto', *PRECISION_NAMES]}", config.precision)
-    _check(config.runtime in ("auto", *RUNTIMES), "runtime", f"one of {['auto', *RUNTIMES]}",
-           config.runtime)
+           f"one of {', '.join(('auto', *PRECISION_NAMES))}", config.precision)
+    _check(config.runtime in ("auto", *RUNTIMES), "runtime",
+           f"one of {', '.join(('auto', *RUNTIMES))}", config.runtime)
 
 
 def _check_device(config) -> None:
@@ -570,8 +576,8 @@ class AugmentConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
-        _check(self.policy in AUGMENT_POLICIES, "policy", f"one of {list(AUGMENT_POLICIES)}",
-               self.policy)
+        _check(self.policy in AUGMENT_POLICIES, "policy",
+               f"one of {', '.join(AUGMENT_POLICIES)}", self.policy)
         _check(self.image_size >= 16, "image_size", "at least 16 pixels", self.image_size)
         _check(0 < self.eval_crop <= 1, "eval_crop", "a fraction in (0, 1]", self.eval_crop)
 
@@ -821,8 +827,8 @@ class TrainConfig:
                    "timm.optim.list_optimizers(); not apex's fused*, bitsandbytes' bnb* or "
                    "adahessian, which needs a second-order backward)", self.optimizer)
         _check(self.min_delta >= 0, "min_delta", "0 or more", self.min_delta)
-        _check(self.augment in AUGMENT_POLICIES, "augment", f"one of {list(AUGMENT_POLICIES)}",
-               self.augment)
+        _check(self.augment in AUGMENT_POLICIES, "augment",
+               f"one of {', '.join(AUGMENT_POLICIES)}", self.augment)
         _check(self.class_weights in ("auto", "balanced", "none"), "class_weights",
                "one of auto, balanced, none", self.class_weights)
         _check(self.sampler in ("shuffle", "weighted"), "sampler", "shuffle or weighted",
@@ -831,7 +837,7 @@ class TrainConfig:
                self.selection)
         _check_engines(self)
         _check_device(self)
-        _check(self.strategy in STRATEGIES, "strategy", f"one of {list(STRATEGIES)}",
+        _check(self.strategy in STRATEGIES, "strategy", f"one of {', '.join(STRATEGIES)}",
                self.strategy)
         if self.unfreeze is not None:
             _check(self.unfreeze >= 0, "unfreeze", "0 or more stages", self.unfreeze)
@@ -852,14 +858,16 @@ class TrainConfig:
             # A run with several levels predicts the finest: a level outside them would be
             # dropped without a word.
             _check(self.level is None or self.level in self.levels, "level",
-                   f"one of levels {self.levels} (the finest is predicted), or left out",
+                   f"one of levels {', '.join(self.levels)} (the finest is predicted), or "
+                   "left out",
                    self.level)
         if self.level_weights is not None:  # (without levels: said so, not "one per entry")
             _check(self.levels is not None, "level_weights", "given with 'levels', one weight "
                    "per level (e.g. --levels genus,species --level-weights 1,2)",
                    self.level_weights)
             _check(len(self.level_weights) == len(self.levels), "level_weights",
-                   f"one weight per entry of 'levels' ({len(self.levels)}: {self.levels})",
+                   f"one weight per entry of 'levels' ({len(self.levels)}: "
+                   f"{', '.join(self.levels)})",
                    self.level_weights)
             _check(all(w >= 0 for w in self.level_weights) and sum(self.level_weights) > 0,
                    "level_weights", "non-negative with a positive sum", self.level_weights)
@@ -879,7 +887,7 @@ class TrainConfig:
         _check(self.imbalance_threshold >= 1, "imbalance_threshold",
                "1 or more (a largest-to-smallest class ratio)", self.imbalance_threshold)
         _check(self.unknown_score in UNKNOWN_SCORES, "unknown_score",
-               f"one of {list(UNKNOWN_SCORES)}", self.unknown_score)
+               f"one of {', '.join(UNKNOWN_SCORES)}", self.unknown_score)
         _check(0 < self.unknown_rate < 1, "unknown_rate", "above 0 and below 1, e.g. 0.05",
                self.unknown_rate)
 
@@ -898,15 +906,21 @@ class TrainConfig:
         """Settings from a YAML file, then `overrides` (command-line values win)."""
         import yaml
 
-        try:
-            values = yaml.load(Path(path).read_bytes(), Loader=_strict_loader()) or {}
-        except (OSError, yaml.YAMLError) as e:
+        try:  # (read from the open file: YAML's messages name it, not "<byte string>")
+            with open(path, "rb") as f:
+                values = yaml.load(f, Loader=_strict_loader()) or {}
+        except OSError as e:  # (not "[Errno 2] No such file or directory: 'c.yaml'")
+            raise WingspanError(f"Cannot read the config file {path}: {e.strerror or e}.",
+                                hint="Check the path given to --config (config= in "
+                                     "Python).") from e
+        except yaml.YAMLError as e:
             raise WingspanError(f"Cannot read the config file {path}: {e}", hint=(
                 f"Save it as UTF-8 text, e.g. `iconv -f CODE_PAGE -t utf-8 {path} > NEW.yaml`, "
                 f"{CODE_PAGES} (a comment or value with an accent, saved in a Windows "
                 "encoding)."
                 if isinstance(e, yaml.reader.ReaderError) and e.encoding != "unicode"
-                else None)) from e  # (not a control character in a UTF-8 file)
+                else "Mend it at the line above: one `setting: value` a line, each setting "
+                     "once, e.g. `epochs_head: 10`.")) from e  # (not a control character)
         if not isinstance(values, dict):
             raise WingspanError(f"{path} must hold a mapping of setting: value.")
         fields = list(cls.__dataclass_fields__)
@@ -915,7 +929,8 @@ class TrainConfig:
         if unknown:
             close = {k: closest_settings(k, fields) for k in unknown}
             meant = [f"'{k}' -> '{c[0]}'" for k, c in close.items() if c]
-            raise WingspanError(f"{path}: unknown settings {unknown}.",
+            said = ", ".join(f"'{k}'" for k in unknown)  # (not Python's ['a', 'b'])
+            raise WingspanError(f"{path}: unknown setting{'s' * (len(unknown) > 1)} {said}.",
                                 hint=(f"Did you mean {', '.join(meant)}? " if meant else "")
                                 + f"Valid: {', '.join(fields)}.")
         if "weights" in values and values["weights"] is None and "weights" not in overrides:

@@ -39,8 +39,15 @@ def read_csv(path: Path, key: str | None = None, blank_lines: bool = False) -> p
                                                     if utf16 else
                                                     f"CODE_PAGE -t utf-8 OLD.csv > NEW.csv`, "
                                                     f"{CODE_PAGES}.")) from e
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, csv.Error) as e:
-        raise WingspanError(f"Cannot read the CSV file {path}: {e}") from e
+    except pd.errors.EmptyDataError as e:  # (pandas: "No columns to parse from file")
+        raise WingspanError(f"Cannot read the CSV file {path}: it is empty (no line of column "
+                            "names).", hint="The first line must name the columns"
+                            + (f" ('{key}' among them)" if key else "") + ", and each line "
+                            "below it hold one row.") from e
+    except (OSError, pd.errors.ParserError, csv.Error) as e:  # (an OSError's reason alone,
+        # not "[Errno 13] Permission denied: 'x.csv'")
+        raise WingspanError(f"Cannot read the CSV file {path}: "
+                            f"{getattr(e, 'strerror', None) or e}") from e
     # pandas renames a second 'genus' to 'genus.1', which would be read as a level.
     names = [nfc(str(c).strip()) for c in header]
     twice = sorted({c for c in names if c and names.count(c) > 1})

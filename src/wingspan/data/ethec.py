@@ -102,7 +102,8 @@ def _load_split(path: Path, split: str) -> pd.DataFrame:
     table = pd.DataFrame.from_dict(records, orient="index")
     missing = [f for f in FIELDS if f not in table.columns]
     if missing:
-        raise WingspanError(f"{path}: records lack the fields {missing}.", hint=NOT_ETHEC)
+        raise WingspanError(f"{path}: records lack the fields {', '.join(missing)}.",
+                            hint=NOT_ETHEC)
     table = table[FIELDS].fillna("").astype(str)
     table[TAXA] = table[TAXA].apply(lambda names: names.str.strip())  # (as species names are)
     table[SPLIT] = split

@@ -31,7 +31,7 @@ from wingspan.data.taxonomy import (
     coarse_to_fine,
     read_taxonomy,
 )
-from wingspan.errors import WingspanError, command, counted
+from wingspan.errors import WingspanError, command, counted, some
 from wingspan.files import disk_spelling, real_paths
 
 Reader = Callable[[Path, ReadConfig], Dataset]
@@ -660,7 +660,7 @@ def read_split_folders(root: Path, config: ReadConfig) -> Dataset:
         if side is None:
             raise WingspanError(
                 f"{split_dir} is not a split folder: in this layout every top folder is one "
-                f"of {sorted(SPLIT_FOLDERS)}.",
+                f"of {', '.join(SPLIT_FOLDERS)}.",
                 hint="Move it, or read DATA as class folders with --format folder.")
         if side != "train" and not _has_subfolders(split_dir):
             loose = images_under(split_dir, [])
@@ -784,7 +784,8 @@ def _check_split_values(table: pd.DataFrame, where: Path) -> None:
     if len(bad):
         row = bad.index[0] + 2  # header is line 1
         raise WingspanError(
-            f"{where}, line {row}: split '{bad[SPLIT].iloc[0]}' is not one of {list(SPLITS)}.",
+            f"{where}, line {row}: split '{bad[SPLIT].iloc[0]}' is not one of "
+            f"{', '.join(SPLITS)}.",
             hint="Use train, val or test (or leave it empty).",
         )
 
@@ -808,7 +809,7 @@ def read_csv_table(csv_path: Path, config: ReadConfig) -> Dataset:
     if missing:
         raise WingspanError(
             f"{csv_path} has no {' or '.join(repr(c) for c in missing)} column "
-            f"(its columns: {list(raw.columns)}).",
+            f"(its columns: {some(raw.columns)}).",
             hint="The first line must name the columns: path,label[,split][,group][,<level>...]",
         )
     # A spreadsheet's empty rows (",,,," under its table, or ",,train" where a split column

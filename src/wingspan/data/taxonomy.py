@@ -26,7 +26,7 @@ def read_taxonomy(path: Path) -> pd.DataFrame:
     if "folder" not in tax.columns or len(tax.columns) < 2:
         raise WingspanError(
             f"{path} must have a 'folder' column and at least one level column "
-            f"(its columns: {list(tax.columns)}).",
+            f"(its columns: {some(tax.columns)}).",
             hint="Write it as: folder,family,subfamily,genus,specific_epithet",
         )
     reserved = sorted({PATH, SPLIT, GROUP, "label"} & set(tax.columns))
@@ -37,7 +37,8 @@ def read_taxonomy(path: Path) -> pd.DataFrame:
             hint="Name the levels after the ranks they are (family, genus, ...).")
     if tax["folder"].duplicated().any():
         dup = tax.loc[tax["folder"].duplicated(), "folder"].tolist()
-        raise WingspanError(f"{path} lists these folders more than once: {dup[:10]}")
+        raise WingspanError(f"{path} lists these folders more than once: {some(dup)}.",
+                            hint="Keep one row per folder: each class has one parent.")
     if {"genus", "specific_epithet"} <= set(tax.columns):
         tax["species"] = binomial(tax["genus"], tax["specific_epithet"])
         tax = tax.drop(columns="specific_epithet")

@@ -26,7 +26,7 @@ def unseen_paths(unknown) -> tuple[list[str], list[tuple[str, str]]]:
     paths, missing = expand_paths(inputs)
     if not paths:
         raise WingspanError(f"No images of unseen classes in {', '.join(inputs)}"
-                            + (f": {missing[0][1]}" if missing else "."),
+                            + (f": {missing[0][1]}." if missing else "."),
                             hint="Give a folder of images of classes the model never saw.")
     # A misspelt folder among several would otherwise only shrink the figures' image count.
     # A missing image file (one of --holdout-classes' images, deleted since) is counted

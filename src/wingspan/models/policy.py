@@ -246,10 +246,10 @@ def check_engine_settings(precision: str = "auto", runtime: str = "auto") -> tup
     precision, by_precision = _setting(precision, PRECISION_ENV, "precision")
     runtime, by_runtime = _setting(runtime, RUNTIME_ENV, "runtime")
     if precision != "auto" and precision not in PRECISIONS:
-        raise WingspanError(f"Unknown precision '{precision}' ({by_precision}).",
+        raise WingspanError(f"Unknown precision '{precision}'{_set_by(by_precision)}.",
                             hint=f"Use auto or one of: {', '.join(PRECISIONS)}.")
     if runtime != "auto" and runtime not in RUNTIMES:
-        raise WingspanError(f"Unknown runtime '{runtime}' ({by_runtime}).",
+        raise WingspanError(f"Unknown runtime '{runtime}'{_set_by(by_runtime)}.",
                             hint=f"Use auto or one of: {', '.join(RUNTIMES)}.")
     return (precision, by_precision), (runtime, by_runtime)
 
@@ -300,7 +300,7 @@ def resolve_policy(device: str = "auto", precision: str = "auto",
         torch.set_num_threads(cores)
     if precision == "fp16" and dev.type == "cpu":
         # (not bf16 alone: emulated, on a CPU without it, it runs several times slower)
-        raise WingspanError(f"fp16 is not supported on the CPU ({by_precision}).",
+        raise WingspanError(f"fp16 is not supported on the CPU{_set_by(by_precision)}.",
                             hint="Use fp32, or auto: it measures bf16 beside fp32 where the "
                                  "CPU has bf16 (AVX-512 bf16, AMX) and keeps the faster.")
     if runtime == "onnx" and dev.type == "cpu" and not engine.onnx_available():
@@ -351,6 +351,13 @@ def settings_with_environment(precision: str, runtime: str) -> tuple[str, str]:
     as its own settings, so that resuming it (maybe in another shell) keeps them."""
     return (_setting(precision, PRECISION_ENV, "precision")[0],
             _setting(runtime, RUNTIME_ENV, "runtime")[0])
+
+
+def _set_by(by: str) -> str:
+    """" (WINGSPAN_PRECISION=fp16)" where a value came from the environment, which the
+    user may not know is set; nothing for an argument, which the message names already
+    (it said "Unknown precision 'fp64' (precision fp64)")."""
+    return f" ({by})" if "=" in by else ""
 
 
 def _setting(value: str, env: str, name: str) -> tuple[str, str]:

@@ -141,9 +141,10 @@ def load_into(net: nn.Module, loaded: LoadedWeights, classifiers: tuple[str, ...
     unexpected = sorted(set(state) - set(own))
     if bad_shapes or missing or unexpected:
         details = "; ".join(filter(None, [
-            f"shape mismatch: {bad_shapes[:3]}" if bad_shapes else "",
-            f"missing {len(missing)} (e.g. {missing[:3]})" if missing else "",
-            f"unexpected {len(unexpected)} (e.g. {unexpected[:3]})" if unexpected else ""]))
+            f"shape mismatch: {', '.join(bad_shapes[:3])}" if bad_shapes else "",
+            f"missing {len(missing)} (e.g. {', '.join(missing[:3])})" if missing else "",
+            f"unexpected {len(unexpected)} (e.g. {', '.join(unexpected[:3])})"
+            if unexpected else ""]))
         raise WingspanError(
             f"The weights from {loaded.describe()} do not fit this backbone: {details}.",
             hint="Check that the file is for the same architecture as --backbone"

@@ -152,7 +152,9 @@ def adapt(model: str | Path, photos: list[str], out: str | Path | None = None,
     # predict does; only when nothing is left is it an error.
     paths, missing = expand_paths([str(p) for p in photos])
     if not paths:
-        raise WingspanError("Cannot read: " + "; ".join(f"{p} ({why})" for p, why in missing)
+        # (not "Cannot read: photos (the folder holds no images)": nothing failed to read)
+        raise WingspanError("No photos to adapt to: " + "; ".join(f"{p} ({why})"
+                                                              for p, why in missing) + "."
                             if missing else f"No image files among {', '.join(photos)}.",
                             hint="Give image files, folders of images or globs.")
     out = _claim(Path(out) if out else None, run_dir)

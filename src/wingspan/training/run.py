@@ -47,6 +47,7 @@ from wingspan.errors import (
     out_of_memory_said,
     redeliver_dropped_sigterm,
     sigterm_handler,
+    some,
     stop_if_signalled,
 )
 from wingspan.files import atomic_paths, frame_to_csv, make_folder, write_text
@@ -263,7 +264,7 @@ def hold_out(dataset: Dataset, level: str, classes: list[str] | None):
                          f"{','.join(under)}. " if len(under) <= 20 else
                          f"{c!r} is a {lv}: hold out its {len(under)} {level} classes "
                          f"({', '.join(under[:5])}...). " for c, (lv, under) in coarser.items())
-            + f"The classes: {', '.join(sorted(present)[:20])}")
+            + f"The classes: {some(sorted(present), 20)}.")  # (how many it leaves out)
     held = dataset.table[level].isin(classes)
     if len(present - set(classes)) < 2:
         raise WingspanError("--holdout-classes would leave fewer than 2 classes to train.",
