@@ -1046,3 +1046,16 @@ def test_a_misspelt_option_suggests_every_option_it_begins(run_cli, demo_dir, ty
     said = " ".join(err.replace("│", " ").split())
     assert code == 2 and f"No such option: {typed}" in said, err
     assert "--epochs-head" in said and "--epochs-finetune" in said, err
+
+
+@pytest.mark.parametrize("typed", ["--optimizer", "--weight-decay", "--layer_decay"])
+def test_an_option_that_is_a_config_file_setting_says_where_it_goes(run_cli, demo_dir, typed):
+    """timm's users type `--optimizer sgd`: click said "No such option" alone (at best with
+    an unrelated close match); the setting has a place in a --config file, said so."""
+    code, _, err = run_cli("train", demo_dir, typed, "0.1")
+    said = " ".join(err.replace("│", " ").split())
+    setting = typed.lstrip("-").replace("-", "_")
+    assert code == 2 and f"No such option: {typed}. '{setting}' is a setting of a --config " \
+        f"file: a line `{setting}: VALUE` in a YAML file given with --config FILE." in said, err
+    code, _, err = run_cli("predict", demo_dir, demo_dir, typed, "0.1")  # (no --config there)
+    assert code == 2 and "is a setting of a --config file" not in err, err

@@ -38,6 +38,11 @@ class Command(typer.core.TyperCommand):
             return super().parse_args(ctx, args)
         except NoSuchOption as e:
             e.possibilities = near_options(e.option_name, e.possibilities, self.params)
+            if setting := file_setting(e.option_name, self.params):
+                e.message = (f"No such option: {e.option_name}. '{setting}' is a setting of "
+                             f"a --config file: a line `{setting}: VALUE` in a YAML file "
+                             "given with --config FILE.")
+                e.possibilities = []
             raise
 
     def format_help(self, ctx, formatter) -> None:
@@ -54,6 +59,18 @@ class Group(typer.core.TyperGroup):
     def format_help(self, ctx, formatter) -> None:
         install()
         super().format_help(ctx, formatter)
+
+
+def file_setting(typed: str, params) -> str | None:
+    """The training setting a misspelt option names where it has no option of its own, only
+    a place in a --config file (`--optimizer`, `--weight-decay`: timm's users type them)."""
+    if not any(p.name == "config" for p in params):
+        return None
+    from wingspan.config import TrainConfig
+
+    name = typed.lstrip("-").replace("-", "_")
+    taken = {p.name for p in params}
+    return name if name in TrainConfig.__dataclass_fields__ and name not in taken else None
 
 
 def near_options(typed: str, close, params) -> list[str]:
