@@ -116,7 +116,7 @@ AT_LEAST_1 = r"(greater than or equal to 1|x>=1)"
 @pytest.mark.parametrize("args, message", [
     (["--top-k", "0"], AT_LEAST_1),
     (["--batch-size", "0"], AT_LEAST_1),
-    (["--output", "p.txt"], "must end in .csv or .json"),
+    (["--output", "p.txt"], "must end in .csv, .json or .html"),
     (["--max-pixels", "0"], AT_LEAST_1),
     (["--device", "tpu"], "Unknown device 'tpu'"),
     # (train refused it; predict and evaluate passed it on to torch: a traceback)

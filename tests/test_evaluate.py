@@ -910,7 +910,7 @@ def test_a_run_moved_elsewhere_still_evaluates(trained, tmp_path, run_cli):
     assert said.startswith(f"1 image of the {(splits['split'] == 'val').sum()} could not be "
                            "read and was left out of these figures, e.g. ")
     code, _, err = run_cli("predict", moved, str(tmp_path), "--output", tmp_path / "p.txt")
-    assert code == 2 and "must end in .csv or .json" in err
+    assert code == 2 and "must end in .csv, .json or .html." in " ".join(err.split())
 
 
 def test_the_mistakes_gallery_shows_where_the_model_looked(trained, demo_dir):

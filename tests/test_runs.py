@@ -479,7 +479,7 @@ def test_runs_command_table_and_outputs(run_cli, runs_dir, finished, tmp_path, m
     assert code == 0, err
     assert json.loads((tmp_path / "out" / "all.json").read_text())["runs"] == _plain(frame)
     code, _, err = run_cli("runs", "runs", "--output", "all.txt")
-    assert code == 2 and "must end in .csv or .json" in err
+    assert code == 2 and "must end in .csv, .json or .html." in " ".join(err.split())
     # --output -: the CSV alone on standard output, for a pipe (the table cut names short)
     code, out, err = run_cli("runs", "runs", "--sort", "name", "--output", "-")
     assert code == 0, err

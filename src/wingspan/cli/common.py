@@ -154,6 +154,11 @@ def strict_exit(failed: int) -> None:
                             hint="Mend or remove them, or leave --strict out to skip them.")
 
 
+def _either(words) -> str:
+    """".csv, .json or .html"."""
+    return " or ".join([", ".join(words[:-1]), words[-1]] if len(words) > 1 else words)
+
+
 def check_output_file(path: Path, suffixes: tuple[str, ...]) -> None:
     """Before any work: a file of a known kind, where one can be written (the results of a
     long prediction are not to be lost to a typo in --output)."""
@@ -162,7 +167,7 @@ def check_output_file(path: Path, suffixes: tuple[str, ...]) -> None:
     if path.suffix.lower() not in suffixes:
         stem = path.stem if path.stem not in ("-", "") and not path.name.startswith(".") \
             else "out"  # ('-' is no stdout here; '.csv' alone names no file: e.g. out.csv)
-        raise WingspanError(f"--output {path}: the file must end in {' or '.join(suffixes)}.",
+        raise WingspanError(f"--output {path}: the file must end in {_either(suffixes)}.",
                             hint=f"e.g. --output {path.with_name(stem + suffixes[0])}")
     existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
     if existing != path.absolute() and not existing.is_dir():
