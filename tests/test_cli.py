@@ -1,6 +1,7 @@
 import json
 import os
 import re
+import shlex
 import shutil
 
 import pytest
@@ -303,6 +304,10 @@ def test_demo_command_writes_everything(run_cli, tmp_path):
     # What to do next, as a new shell runs it (`make demo` runs .venv/bin/wingspan, which a
     # new shell does not find): here in-process, so `wingspan`.
     assert f"wingspan serve {tmp_path / 'train'}\n" in out and "wingspan train PHOTOS" in out
+    # The page of every photo's answer: the line suggested, run as it is.
+    [line] = [line for line in out.splitlines() if "--output" in line]
+    code, _, err = run_cli(*shlex.split(line)[1:], "--quiet")
+    assert code == 0 and (tmp_path / "predictions.html").is_file(), err
     # A folder of the user's is never written into: the demo would replace its train/.
     (tmp_path.parent / "mine" / "train" / "cats").mkdir(parents=True)
     (tmp_path.parent / "mine" / "train" / "cats" / "1.jpg").write_bytes(b"precious")

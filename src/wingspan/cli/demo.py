@@ -101,7 +101,10 @@ def demo(
     out.rule("next")
     command, photo = _wingspan_command(), next(iter(sorted(data_dir.rglob("*.jpg"))), data_dir)
     run, photo = quoted(run_dir), quoted(photo)  # (pasted into a shell)
+    page = quoted(out_dir / "predictions.html")
     for line, what in ((f"predict {run} {photo}", "a class and its probability per photo"),
+                       (f"predict {run} {quoted(data_dir)} --output {page}",
+                        "a page of every photo's answer, the least sure first"),
                        (f"serve {run}", f"a web page and an HTTP API at {SERVE_HOST}:{SERVE_PORT}"),
                        ("train PHOTOS", "your own photos, a folder per class")):
         out.print(f"  {plain(command)} {plain(line)}\n      ({what})")
