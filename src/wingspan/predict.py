@@ -10,11 +10,12 @@ import json
 import os
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from wingspan.config import PREDICT_PAGE_IMAGES, TOP_K
+from wingspan.config import PREDICT_PAGE_IMAGES, TOP_K, usable_cores
 from wingspan.data.readers import (
     images_under,
     is_file_manager_file,
@@ -418,8 +419,13 @@ def predictions_page(result: PredictResult, path: Path) -> str:
         return levels.index(level), at_level.get(level, row["probability"])
 
     words.sort(key=least_sure_first)
+    shown = words[:PREDICT_PAGE_IMAGES]
+    # (Pillow decodes outside the GIL: a 12 MP photo's thumbnail takes 25-100 ms, a
+    # thousand of them a minute or more on one core)
+    with ThreadPoolExecutor(usable_cores()) as pool:
+        thumbnails = list(pool.map(thumbnail_uri, [row["path"] for row, _ in shown]))
     cards = []
-    for row, said in words[:PREDICT_PAGE_IMAGES]:
+    for (row, said), thumbnail in zip(shown, thumbnails, strict=True):
         answer = f"{said.answer}{said.at_level}"
         probability = "" if said.probability == "-" else f" {e(said.probability)}"
         bold = "<b class='s'>" if said.flagged else "<b>"  # (and said in words)
@@ -427,7 +433,7 @@ def predictions_page(result: PredictResult, path: Path) -> str:
         cards.append(
             f"<div class='c'><a href='{href(Path(row['path']), path.parent)}'><img "
             f"alt='{e(Path(row['path']).name)}, answered {e(answer)}' "
-            f"src='{thumbnail_uri(row['path'])}'></a>"
+            f"src='{thumbnail}'></a>"
             f"<div>{bold}{breakable(said.answer)}</b>{e(said.at_level)}{probability}</div>"
             + (f"<div class='m'>{breakable(said.detail)}</div>" if said.detail else "")
             + f"<div class='m'>{breakable(row['path'])}</div></div>")
