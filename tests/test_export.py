@@ -185,7 +185,7 @@ def test_export_runs_without_wingspan_and_matches_pytorch(run_dir, run_cli, demo
     assert code == 0 and "Wrote" in out, err
     assert json.loads(metadata_path(other).read_text())["unknown"]["score"] == "mahalanobis"
     code, _, err = run_cli("export", run_dir, "--unknown-score", "odin")
-    assert code != 0 and "no unknown score 'odin'" in err
+    assert code != 0 and "No unknown score 'odin'" in err
 
 
 def test_torchscript_export_runs_with_torch_alone(run_dir, run_cli, demo_dir):

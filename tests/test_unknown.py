@@ -126,7 +126,7 @@ def test_the_fitted_scores_survive_the_bundle_round_trip():
         tolerance = 1e-2 if "knn" in name else 1e-4  # the kNN bank is stored in fp16
         np.testing.assert_allclose(after[name]["label"], before[name]["label"], rtol=tolerance,
                                    atol=tolerance, err_msg=name)
-    with pytest.raises(WingspanError, match="no unknown score 'odin'"):
+    with pytest.raises(WingspanError, match="No unknown score 'odin'"):
         again.scores(probe, {"label": head(probe)}, score="odin")
     # The Mahalanobis precision is kept as its upper triangle; bundles written before that
     # hold the whole matrix, and still load.
@@ -606,7 +606,12 @@ def test_predict_answers_unknown_and_keeps_the_closest_class(held_out_run, run_c
                            "--output", out, "--quiet")
     assert code == 0, err
     code, _, err = run_cli("predict", run_dir, demo / HELD, "--unknown-score", "odin")
-    assert code != 0 and "no unknown score 'odin'" in err
+    assert code != 0 and "No unknown score 'odin'" in err
+    # A typo: the closest named, as calibrate and export name it.
+    code, _, err = run_cli("predict", run_dir, demo / HELD, "--unknown-score", "maha")
+    said = " ".join(err.split())
+    assert code == 2 and "No unknown score 'maha'. Hint: Did you mean 'mahalanobis'? " \
+        "Choose one of:" in said, err
 
 
 def test_evaluate_unknown_folder_of_non_butterflies(held_out_run, run_cli, tmp_path):
@@ -878,7 +883,8 @@ def test_calibrate_unknown_refits_the_threshold_and_keeps_the_model(held_out_run
     assert sum(p.known_level is None for p in a) >= sum(p.known_level is None for p in b)
     # Settings that cannot apply are refused before any image is read.
     for args, message in ((["--unknown", "--unknown-rate", "0"], "above 0 and below 1"),
-                          (["--unknown", "--unknown-score", "vibes"], "Unknown score 'vibes'"),
+                          (["--unknown", "--unknown-score", "mahalanobi"],
+                           "No unknown score 'mahalanobi'. Hint: Did you mean 'mahalanobis'?"),
                           (["--unknown-rate", "0.3"], "only with --unknown"),
                           ([str(demo), "--unknown"], "it takes no DATA, --split or --map"),
                           (["--unknown", "--split", "test"], "it takes no DATA, --split or --map"),

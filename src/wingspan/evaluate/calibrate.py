@@ -204,13 +204,12 @@ def fit_unknown(model: str | Path, rate: float | None = None, score: str | None 
 
     from wingspan.evaluate.own_images import own_images, run_folder, trained_seed
     from wingspan.models import save_bundle
-    from wingspan.models.unknown import UnknownDetector, check_rate
+    from wingspan.models.unknown import UnknownDetector, check_rate, no_such_score
 
     if rate is not None:
         check_rate(rate)  # before any image is read
     if score is not None and score not in UNKNOWN_SCORES:
-        raise WingspanError(f"Unknown score '{score}'.",
-                            hint=f"Use one of: {', '.join(UNKNOWN_SCORES)}.")
+        raise no_such_score(score, list(UNKNOWN_SCORES))
     with _one_at_a_time(model, batch_size, workers):
         predictor = Predictor(model, device=device, batch_size=batch_size, workers=workers,
                               progress=progress, precision=precision, runtime=runtime)
