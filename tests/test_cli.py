@@ -114,6 +114,7 @@ def test_preview_command(run_cli, demo_dir, tmp_path):
     (["data", "inspect", "/no/such/folder"], "does not exist"),
     (["data", "split", "DEMO", "--val", "0.7", "--test", "0.5"], "--val + --test must be below 1"),
     (["data", "split", "DEMO", "--level", "tribe"], "no label level 'tribe'"),
+    (["data", "split", "DEMO", "--level", "famly"], "Did you mean 'family'?"),
     (["data", "preview", "DEMO", "--augment", "wild"], "--augment must be one of"),
     (["data", "split", "DEMO", "--seed", "-1"], "--seed = -1: must be between 0 and 2**32"),
     (["data", "preview", "DEMO", "--seed", "-1"],

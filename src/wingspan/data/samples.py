@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import os
 from collections.abc import Mapping
@@ -114,9 +115,11 @@ class Dataset:
             where = ("" if len(self.levels) > 1 else " Coarser levels come from a taxonomy.csv "
                      "beside the class folders (folder,family,subfamily,genus,specific_epithet)"
                      " or from a CSV's extra columns.")
+            close = difflib.get_close_matches(str(level).lower(), self.levels, n=1, cutoff=0.5)
             raise WingspanError(
                 f"This dataset has no label level '{level}'.",
-                hint=f"Choose one of: {', '.join(self.levels)}.{where}",
+                hint=(f"Did you mean '{close[0]}'? " if close else "")
+                + f"Choose one of: {', '.join(self.levels)}.{where}",
             )
         return level
 
