@@ -63,7 +63,8 @@ class Group(typer.core.TyperGroup):
 
 def file_setting(typed: str, params) -> str | None:
     """The training setting a misspelt option names where it has no option of its own, only
-    a place in a --config file (`--optimizer`, `--weight-decay`: timm's users type them)."""
+    a place in a --config file (a typed `optimizer` or `weight-decay` option: timm's users
+    type them)."""
     if not any(p.name == "config" for p in params):
         return None
     from wingspan.config import TrainConfig
