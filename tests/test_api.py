@@ -389,6 +389,11 @@ def test_predict_agrees_with_the_cli(run, run_cli, demo_dir, tmp_path):
     code, piped, said = run_cli("predict", run.dir, *inputs, "--output", "-")
     assert code == 0 and "1 skipped" in said
     pd.testing.assert_frame_equal(pd.read_csv(io.StringIO(piped), keep_default_na=False), cli)
+    # and a file beside it: its "Wrote" line on standard error too (it ended the CSV piped)
+    code, piped, said = run_cli("predict", run.dir, *inputs, "--output", "-", "--output",
+                                tmp_path / "p.json")
+    assert code == 0 and f"Wrote{tmp_path / 'p.json'}" in "".join(said.split()), said
+    pd.testing.assert_frame_equal(pd.read_csv(io.StringIO(piped), keep_default_na=False), cli)
     with pytest.raises(WingspanError, match="No image could be predicted"):
         run.predict(tmp_path / "missing.jpg", quiet=True)
 

@@ -2505,6 +2505,19 @@ def test_predict_writes_a_page_to_look_through_the_least_sure_first(run_cli, tra
     page = page_path.read_text()
     assert code == 0 and page.count("<div class='c'>") == 5, err
     assert f"The 5 least sure of the {len(images)} images" in page
+    # The table's caption then names no page as holding them all; an output given twice is
+    # written once.
+    import wingspan.cli.predict
+
+    monkeypatch.setattr(wingspan.cli.predict, "PREDICT_ROWS", 3)
+    monkeypatch.setattr(wingspan.cli.predict, "PREDICT_PAGE_IMAGES", 5)
+    code, out, err = run_cli("predict", trained, *images, "--output", page_path, "--output",
+                             tmp_path / "p.csv", "--output", page_path)
+    said = " ".join(out.split())
+    assert code == 0 and f"all in {tmp_path / 'p.csv'}" in said, out
+    assert said.count(f"Wrote {page_path}") == 1, out
+    code, out, err = run_cli("predict", trained, *images, "--output", page_path)
+    assert code == 0 and "--output FILE.csv writes all" in " ".join(out.split()), out
 
 
 def _hierarchical_rows() -> list[dict]:

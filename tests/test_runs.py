@@ -358,6 +358,26 @@ def test_runs_leaves_out_a_folder_it_may_not_enter_and_says_so(runs_dir, run_cli
     assert said in (runs_dir.parent / "runs.html").read_text()  # (the page says it too)
 
 
+def test_runs_names_only_the_folders_it_left_out(runs_dir, run_cli, monkeypatch, tmp_path):
+    """A run that may be entered but not listed (chmod 711) is read by its files' names and
+    listed: it was said to be left out too. A name in other bytes than UTF-8 stopped the
+    page's write; and where no folder could be read, the page said "No runs here." alone."""
+    import pathlib
+
+    private = os.fsdecode(b"caf\xe9")
+    (runs_dir / private).mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kwargs: (
+        pathlib.Path(path).name not in ("seed0", private) and access(path, mode, **kwargs)))
+    frame = ws.runs(runs_dir)
+    assert "seed0" in frame["name"].tolist() and frame.attrs["unreadable"] == [private]
+    code, out, err = run_cli("runs", runs_dir, "--output", tmp_path / "runs.html")
+    assert code == 0 and "(caf\\udce9)" in (tmp_path / "runs.html").read_text(), err
+    (tmp_path / "alone" / private).mkdir(parents=True)
+    code, out, err = run_cli("runs", tmp_path / "alone", "--output", tmp_path / "alone.html")
+    assert code == 0 and "Not listed: 1 folder" in (tmp_path / "alone.html").read_text(), err
+
+
 def test_runs_leaves_out_the_hidden_folder_of_an_adapt_stopped_midway(runs_dir, finished):
     """A killed `adapt` left runs/.NAME-adapted.partial, a copy of the run's files with no
     model yet: listed as "stopped (resumable)", and `train --resume` on it retrained the

@@ -50,14 +50,19 @@ def breakable(text) -> str:
 
 
 def cards_page(title: str, body: str) -> str:
-    """The whole page: `body` (HTML) under the cards' style. A name in bytes that are not
-    UTF-8 (b'caf\\xe9.jpg', from a zip made on Windows) is spelt out ('caf\\udce9.jpg'), as
-    the CSVs spell it: it stopped the page's write once every image was predicted."""
-    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>"
-            f"{html.escape(title)}</title>"
-            "<meta name='viewport' content='width=device-width, initial-scale=1'>"
-            f"<style>{CARDS_STYLE}</style></head><body><main>{body}</main></body></html>"
-            ).encode("utf-8", "backslashreplace").decode("utf-8")
+    """The whole page: `body` (HTML) under the cards' style."""
+    return spelt_out(f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>"
+                     f"{html.escape(title)}</title>"
+                     "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+                     f"<style>{CARDS_STYLE}</style></head><body><main>{body}</main></body>"
+                     "</html>")
+
+
+def spelt_out(page: str) -> str:
+    """`page` with a name in bytes that are not UTF-8 (b'caf\\xe9.jpg', from a zip made on
+    Windows) spelt out ('caf\\udce9.jpg'), as the CSVs spell it: it stopped the page's write
+    (predict's, once every image was predicted; runs', at a folder it may not read)."""
+    return page.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def relative_link(file: Path, folder: Path) -> str:

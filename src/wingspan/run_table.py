@@ -93,9 +93,11 @@ def run_table(runs_dir: str | Path, sort: str | None = None) -> pd.DataFrame:
                                  "access.") from e
     rows = [row for d in folders if (row := run_row(d)) is not None]
     # Another user's private folders (umask 077): left out, and said (they were unsaid).
-    # (read to list its files, entered to read them; the file system's own is no run)
-    unreadable = [d.name for d in folders if not os.access(d, os.R_OK | os.X_OK)
-                  and d.name != "lost+found"]
+    # (read to list its files, entered to read them; the file system's own is no run; one
+    # that may be entered alone, chmod 711, had its files read by name: listed)
+    listed = {row["path"] for row in rows}
+    unreadable = [d.name for d in folders if str(d) not in listed and d.name != "lost+found"
+                  and not os.access(d, os.R_OK | os.X_OK)]
     _changes(rows)
     frame = pd.DataFrame(rows, columns=COLUMNS)
     for column in (*INTEGERS, *FIGURES):  # whole numbers empty where a run has none (not

@@ -119,7 +119,8 @@ def stopped_said(kept):
 
 def find_model(name: str, model, others=()) -> None:
     """RUN of `name` looked for before torch, torchvision and timm load (3-4 s): a mistyped
-    run (`wingspan predict runs/typo photo.jpg`) is said at once, as are swapped arguments."""
+    run (`wingspan predict runs/typo photo.jpg`) is said at once (arguments swapped, a
+    photo folder first, are said so by run_first, once a bundle has been read)."""
     from wingspan.training.folder import find_bundle
 
     with run_first(name, model, others):

@@ -42,6 +42,7 @@ from wingspan.cli.options import (
     check_not_stdout,
 )
 from wingspan.config import (
+    PREDICT_PAGE_IMAGES,
     PREDICT_ROWS,
     PREDICT_ROWS_TAXONOMY,
     SERVE_HOST,
@@ -91,7 +92,8 @@ def predict_command(
     find_model("predict", model, paths)
     # --output -: the CSV is all that standard output holds (a table's paths were cut,
     # and its first 50 rows alone shown); what is said goes to standard error.
-    to_stdout = any(str(o) == "-" for o in output or [])
+    output = list(dict.fromkeys(output or []))  # (one given twice: written once)
+    to_stdout = any(str(o) == "-" for o in output)
     files = [o for o in output or [] if str(o) != "-"]
     say = err if to_stdout else out
     for file in files:
@@ -146,9 +148,11 @@ def predict_command(
                 else plain(said.answer))
         table.add_row(plain(row["path"]), best, said.probability, plain(said.detail))
     if len(result.rows) > rows:
+        # (a page holds the least sure PREDICT_PAGE_IMAGES alone)
+        whole = [str(f) for f in files if f.suffix.lower() != ".html"
+                 or len(result.rows) <= PREDICT_PAGE_IMAGES]
         table.caption = f"first {rows} of {len(result.rows)}; " + (
-            f"all in {plain(', '.join(map(str, files)))}" if files
-            else "--output FILE writes all")
+            f"all in {plain(', '.join(whole))}" if whole else "--output FILE.csv writes all")
     for file in output or []:  # first: nothing printed after can lose it
         write_predictions(result, file)
     if result.rows and not to_stdout:  # not an empty table above the skipped files
@@ -160,8 +164,8 @@ def predict_command(
               + (f"; {len(result.failed)} skipped" if result.failed else ""))
     if result.not_images:  # (named, or a folder of raw photos' sidecars reads as lost)
         say.print(plain(not_images_said(result.not_images)), highlight=False)
-    for file in files:
-        out.print(f"Wrote {plain(file)}")
+    for file in files:  # (with --output -, standard output is the CSV's alone)
+        say.print(f"Wrote {plain(file)}")
     # (by the level known, not the answer's text: a class may be named "unknown")
     unknown = sum(r["known_level"] is None for r in result.rows)
     coarser = sum(r.get("known_level") not in (None, predictor.level) and stopped_by_score(r)

@@ -100,7 +100,8 @@ def _write_page(frame, path: Path, runs_dir: Path, chosen: bool) -> None:
     # A page has room for a failed run's whole error (the terminal's first words)
     cells["status"] = [status_text(s, d if _given(d) else None)
                        for s, d in zip(frame["status"], frame["detail"], strict=True)]
-    notes = [_caption(True), *([_CHOICE_SPENT] if chosen else []), _unreadable_said(frame)]
+    notes = [*([_caption(True)] if len(frame) else []), *([_CHOICE_SPENT] if chosen else []),
+             _unreadable_said(frame)]
     write_runs_page(path, f"wingspan runs: {runs_dir}", frame, cells, [n for n in notes if n])
 
 

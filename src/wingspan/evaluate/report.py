@@ -23,7 +23,7 @@ from wingspan.evaluate.wording import (
     unknown_section,
 )
 from wingspan.files import name_part, write_text
-from wingspan.pages import href, relative_link
+from wingspan.pages import href, relative_link, spelt_out
 from wingspan.training.folder import CONFIG_FILE, HISTORY_FILE, train_again
 
 
@@ -247,8 +247,8 @@ def write_runs_page(path: Path, title: str, frame: pd.DataFrame, cells: pd.DataF
     from wingspan.training.folder import read_history
 
     parts = [f"<h1>{html.escape(title)}</h1>"]
-    if frame.empty:
-        parts.append("<p>No runs here.</p>")
+    if frame.empty:  # (and why, where some folders could not be read)
+        parts += ["<p>No runs here.</p>", *(f"<p>{html.escape(note)}</p>" for note in notes)]
     else:
         cells = cells.map(lambda c: html.escape(str(c)))
         targets = [_run_link(Path(run)) for run in frame["path"]]
@@ -272,7 +272,7 @@ def write_runs_page(path: Path, title: str, frame: pd.DataFrame, cells: pd.DataF
     page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>"
             f"{html.escape(title)}</title>{VIEWPORT}<style>{STYLE}</style></head><body><main>"
             f"{''.join(parts)}</main></body></html>")
-    write_text(path, page)
+    write_text(path, spelt_out(page))
     return path
 
 

@@ -169,7 +169,7 @@ def _resume(run_dir: Path, config: TrainConfig, fabric, quiet: bool) -> Path:
     if finished and complete and scored:
         # Killed after the bundle but before finish.drop_feature_cache: a finished run is
         # never resumed, so nothing else would remove its features (GBs on a large set).
-        if not config.keep_feature_cache:
+        if not config.keep_feature_cache and fabric.is_global_zero:  # (rank 0 writes)
             shutil.rmtree(feature_cache_file(run_dir).parent, ignore_errors=True)
         raise WingspanError(f"The run {run_dir} is finished; there is nothing to resume.",
                             hint=f"Its model is in {run_dir / 'model'}.",
