@@ -22,7 +22,7 @@ from wingspan.data.readers import (
     is_image_file,
     unsupported_photo,
 )
-from wingspan.errors import WingspanError, counted
+from wingspan.errors import WingspanError, apart, counted, rounded
 from wingspan.files import atomic_path, csv_on_stdout, remove_dead_leftovers, write_text
 from wingspan.inference import Prediction, Predictor
 from wingspan.models.unknown import UNKNOWN
@@ -280,8 +280,6 @@ class RowWords:
 
 def row_words(row: dict, result: PredictResult) -> RowWords:
     """One row of `predict`'s result in words."""
-    from wingspan.errors import apart, rounded
-
     level, others = result.level, others_header(result)
     (best, p), rest = row["top"][0], row["top"][1:]
     if result.levels:  # the consistent branch is the prediction
@@ -439,13 +437,13 @@ def predictions_page(result: PredictResult, path: Path) -> str:
             + f"<div class='m'>{breakable(row['path'])}</div></div>")
     answers = Counter(f"{w.answer}{w.at_level}" for _, w in words)
     counts = "".join(f"<tr><td>{e(a)}</td><td>{n}</td></tr>" for a, n in answers.most_common())
-    shown = (f"The {PREDICT_PAGE_IMAGES} least sure of the {len(words)} images, the least "
+    intro = (f"The {PREDICT_PAGE_IMAGES} least sure of the {len(words)} images, the least "
              "sure first" if len(words) > PREDICT_PAGE_IMAGES else "The least sure first")
     body = (
         f"<h1>Predictions: {counted(len(words), 'image')}</h1>"
         f"<p>By the model {breakable(result.model)}, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.</p>"
-        f"<p>{shown}: the images answered unknown (unlike every class the model knows), then "
+        f"<p>{intro}: the images answered unknown (unlike every class the model knows), then "
         "those known at a coarser level only (the coarsest first), each by the probability "
         "of the class answered. A CSV or JSON (<code>--output preds.csv</code>) keeps every "
         "image in the order given.</p>"

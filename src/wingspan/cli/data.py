@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -243,8 +244,10 @@ def data_audit(
     root = dataset.root if dataset.root.is_dir() else dataset.root.parent
     shown = [Path(p) for p in issues.head(15)["path"]]
     if shown and not any(p.is_relative_to(root) for p in shown):
-        # a CSV that lists images elsewhere (a run's splits.csv: its photos' folder)
-        root = Path(os.path.commonpath([p.parent for p in shown]))
+        # a CSV that lists images elsewhere (a run's splits.csv: its photos' folder; none
+        # shared by photos on two drives, or by relative and absolute paths)
+        with contextlib.suppress(ValueError):
+            root = Path(os.path.commonpath([p.parent for p in shown]))
     inside = root != Path(root.anchor) and any(p.is_relative_to(root) for p in shown)
     table = folded_table("rank", "image", "label", "looks like", "label quality",
                          title=f"Most suspect labels ({int(issues['flagged'].sum())} of "

@@ -94,7 +94,7 @@ def predict_command(
     # and its first 50 rows alone shown); what is said goes to standard error.
     output = list(dict.fromkeys(output or []))  # (one given twice: written once)
     to_stdout = any(str(o) == "-" for o in output)
-    files = [o for o in output or [] if str(o) != "-"]
+    files = [o for o in output if str(o) != "-"]
     say = err if to_stdout else out
     for file in files:
         check_output_file(file, (".csv", ".json", ".html"))
@@ -153,7 +153,7 @@ def predict_command(
                  or len(result.rows) <= PREDICT_PAGE_IMAGES]
         table.caption = f"first {rows} of {len(result.rows)}; " + (
             f"all in {plain(', '.join(whole))}" if whole else "--output FILE.csv writes all")
-    for file in output or []:  # first: nothing printed after can lose it
+    for file in output:  # first: nothing printed after can lose it
         write_predictions(result, file)
     if result.rows and not to_stdout:  # not an empty table above the skipped files
         out.print(table)
