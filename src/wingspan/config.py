@@ -105,18 +105,22 @@ class SettingError(WingspanError):
         self.problems, self.intro, self.form = problems, intro, form
         super().__init__(self.worded({}), hint)
 
-    def worded(self, options: dict[str, str]) -> str:
+    def worded(self, options: dict[str, str], named: dict[str, str] | None = None) -> str:
         """The message, each setting named by its entry in `options` (val_fraction:
         --val-fraction) where it has one, else as a setting; a sum of settings
-        ('val_fraction + test_fraction'), part by part."""
+        ('val_fraction + test_fraction'), part by part. Another setting a problem names
+        (`another`) is named by its option where the command has one (`named`), typed or
+        not: "--level-weights must be given with --levels", not "with 'levels'"."""
 
         def name(setting: str) -> str:
             if not any(part in options for part in re.findall(r"\w+", setting)):
                 return self.form.format(setting)
             return re.sub(r"\w+", lambda m: options.get(m[0], m[0]), setting)
 
+        every = {**(named or {}), **options}
+
         def mentioned(text: str) -> str:  # another setting a problem names (`another`)
-            return re.sub("\0(\\w+)\0", lambda m: options.get(m[1], m[1]), text)
+            return re.sub("\0(\\w+)\0", lambda m: every.get(m[1]) or f"'{m[1]}'", text)
 
         return self.intro + " | ".join(name(setting) + mentioned(text)
                                        for setting, text in self.problems)
@@ -862,11 +866,12 @@ class TrainConfig:
                    "left out",
                    self.level)
         if self.level_weights is not None:  # (without levels: said so, not "one per entry")
-            _check(self.levels is not None, "level_weights", "given with 'levels', one weight "
-                   "per level (e.g. --levels genus,species --level-weights 1,2)",
+            _check(self.levels is not None, "level_weights",
+                   f"given with {another('levels')}, one weight per level (e.g. --levels "
+                   "genus,species --level-weights 1,2)",
                    self.level_weights)
             _check(len(self.level_weights) == len(self.levels), "level_weights",
-                   f"one weight per entry of 'levels' ({len(self.levels)}: "
+                   f"one weight per entry of {another('levels')} ({len(self.levels)}: "
                    f"{', '.join(self.levels)})",
                    self.level_weights)
             _check(all(w >= 0 for w in self.level_weights) and sum(self.level_weights) > 0,
@@ -874,7 +879,7 @@ class TrainConfig:
         _check(self.rare_below >= 0, "rare_below", "0 or more", self.rare_below)
         # A rare class learns its parent level instead: with one level there is none.
         _check(not self.rare_below or len(self.levels or []) >= 2, "rare_below",
-               "0 unless 'levels' names several (e.g. --levels genus,species)",
+               f"0 unless {another('levels')} names several (e.g. --levels genus,species)",
                self.rare_below)
         if self.hidden is not None:
             _check(self.hidden >= 1, "hidden", "at least 1 unit (or none: no hidden layer)",

@@ -137,13 +137,15 @@ def make_config(ctx: typer.Context, make, *args, renamed: dict[str, str] | None 
     try:
         return make(*args, **values)
     except SettingError as e:
-        typed = {p.name: next((o for o in p.opts if o.startswith("--")), p.opts[0])
+        named = {p.name: next((o for o in p.opts if o.startswith("--")), p.opts[0])
                  for p in ctx.command.params  # (the first long name: --val, not its alias)
-                 if p.param_type_name == "option"
-                 and ctx.get_parameter_source(p.name).name == "COMMANDLINE"}
-        typed |= {setting: typed[name] for setting, name in (renamed or {}).items()
-                  if name in typed}
-        raise WingspanError(e.worded(typed), hint=e.hint) from None
+                 if p.param_type_name == "option"}
+        named |= {setting: named[name] for setting, name in (renamed or {}).items()
+                  if name in named}
+        typed = {setting: option for setting, option in named.items()
+                 if ctx.get_parameter_source((renamed or {}).get(setting, setting)).name
+                 == "COMMANDLINE"}
+        raise WingspanError(e.worded(typed, named), hint=e.hint) from None
 
 
 def strict_exit(failed: int) -> None:
