@@ -457,8 +457,10 @@ def test_predict_refuses_counts_below_one(run_cli, tmp_path, option):
 def test_commands_that_read_images_refuse_a_bad_workers_as_train_does(
         run_cli, tmp_path, monkeypatch, command, workers, message):
     """Each command whose images go through a data loader takes --workers, checked as
-    train's is, before the model is looked for (MODEL is not there)."""
+    train's is, before the model is read (MODEL holds none; a path that is not there at
+    all is said first, before torch loads: test_a_mistyped_run_is_said_...)."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)), raising=False)
+    (tmp_path / "no-run").mkdir()
     args = [str(tmp_path / "no-run") if a == "MODEL" else a for a in command]
     code, _, err = run_cli(*args, "--workers", workers)
     err = " ".join(err.split())

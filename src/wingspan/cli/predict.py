@@ -152,7 +152,8 @@ def predict_command(
         whole = [str(f) for f in files if f.suffix.lower() != ".html"
                  or len(result.rows) <= PREDICT_PAGE_IMAGES]
         table.caption = f"first {rows} of {len(result.rows)}; " + (
-            f"all in {plain(', '.join(whole))}" if whole else "--output FILE.csv writes all")
+            f"all in {plain(', '.join(whole))}" if whole else
+            f"--output FILE{'.csv' if files else ''} writes all")
     for file in output:  # first: nothing printed after can lose it
         write_predictions(result, file)
     if result.rows and not to_stdout:  # not an empty table above the skipped files
