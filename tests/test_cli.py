@@ -1067,3 +1067,17 @@ def test_an_option_that_is_a_config_file_setting_says_where_it_goes(run_cli, dem
         f"file: a line `{setting}: VALUE` in a YAML file given with --config FILE." in said, err
     code, _, err = run_cli("predict", demo_dir, demo_dir, typed, "0.1")  # (no --config there)
     assert code == 2 and "is a setting of a --config file" not in err, err
+
+
+@pytest.mark.parametrize("command", [["predict", "RUN", "RUN"], ["evaluate", "RUN"],
+                                     ["calibrate", "RUN", "--unknown"], ["export", "RUN"]])
+def test_a_misspelt_unknown_score_is_said_before_the_model_is_read(run_cli, tmp_path,
+                                                                   command):
+    """`--unknown-score maha` was said only once torch and the bundle had loaded (5-8 s),
+    where a misspelt run is said at once: here no bundle is read at all (the folder holds
+    none), and the typo is what is said."""
+    args = [str(tmp_path) if a == "RUN" else a for a in command]
+    code, _, err = run_cli(*args, "--unknown-score", "maha")
+    said = " ".join(err.split())
+    assert code == 2 and "No unknown score 'maha'. Hint: Did you mean 'mahalanobis'? " \
+        "Choose one of: msp, energy, mahalanobis, knn, msp+knn." in said, err

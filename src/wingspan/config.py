@@ -1015,3 +1015,17 @@ def name_pairs(items: list[str], option: str) -> dict[str, str]:
                                 f"{key}={value}).", hint="Give each name once.")
         pairs[key] = value
     return pairs
+
+
+def no_such_score(name: str, fitted: list[str]) -> WingspanError:
+    """--unknown-score NAME of predict, evaluate, calibrate and export that is none of the
+    model's (a typo, said with the closest; or a score its wingspan had not yet)."""
+    if name in UNKNOWN_SCORES:
+        return WingspanError(f"This model has no unknown score '{name}' (it was made before "
+                             "wingspan had it).",
+                             hint="`wingspan calibrate RUN --unknown` fits them all again; "
+                                  f"or choose one of: {', '.join(fitted)}.")
+    close = difflib.get_close_matches(name.lower(), fitted, n=1, cutoff=0.5)
+    return WingspanError(f"No unknown score '{name}'.",
+                         hint=(f"Did you mean '{close[0]}'? " if close else "")
+                         + f"Choose one of: {', '.join(fitted)}.")

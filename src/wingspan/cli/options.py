@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from wingspan.config import MAX_PIXELS, MAX_PIXELS_ENV
+from wingspan.config import MAX_PIXELS, MAX_PIXELS_ENV, UNKNOWN_SCORES, no_such_score
 
 
 class Panel:
@@ -102,10 +102,21 @@ MaxPixels = Annotated[int | None, typer.Option(
     "--max-pixels", min=1, callback=_set_max_pixels, show_default=False,
     help=f"Pixel budget of one image (default {MAX_PIXELS / 1e6:.0f} MP): larger JPEGs are "
     "decoded reduced, other images refused.", rich_help_panel=Panel.DATA)]
+
+
+def _check_unknown_score(value: str | None) -> str | None:
+    """A name that is no unknown score at all (`maha`) is said at once: it was said once
+    torch and the model had loaded (5-8 s). One that this model lacks is said once it is
+    read, in the same words."""
+    if value is not None and value not in UNKNOWN_SCORES:
+        raise no_such_score(value, list(UNKNOWN_SCORES))
+    return value
+
+
 UnknownScoreOpt = Annotated[str | None, typer.Option(
     help="The unknown score to use, of those the model holds: msp | energy | mahalanobis | "
     "knn | msp+knn (default: the model's own, set by training or calibrate --unknown).",
-    show_default=False, rich_help_panel=Panel.UNKNOWN)]
+    callback=_check_unknown_score, show_default=False, rich_help_panel=Panel.UNKNOWN)]
 Precision = Annotated[str, typer.Option(
     help="auto (measured, like --runtime) | fp32 | bf16 | fp16. $WINGSPAN_PRECISION sets "
     "auto.", rich_help_panel=Panel.ENGINES)]

@@ -202,9 +202,10 @@ def fit_unknown(model: str | Path, rate: float | None = None, score: str | None 
     refits on the very ones training drew (with seed 0, only seed-0 runs did)."""
     import torch
 
+    from wingspan.config import no_such_score
     from wingspan.evaluate.own_images import own_images, run_folder, trained_seed
     from wingspan.models import save_bundle
-    from wingspan.models.unknown import UnknownDetector, check_rate, no_such_score
+    from wingspan.models.unknown import UnknownDetector, check_rate
 
     if rate is not None:
         check_rate(rate)  # before any image is read

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from wingspan.config import no_such_score
 from wingspan.errors import WingspanError
 
 UNKNOWN = "unknown"  # the answer for an image that passes no level's threshold
@@ -720,21 +721,3 @@ def deepest_known(levels: list[str], scores: dict[str, float],
             break
         known = lv
     return known
-
-
-def no_such_score(name: str, fitted: list[str]) -> WingspanError:
-    """--unknown-score NAME of predict, evaluate, calibrate and export that is none of the
-    model's (a typo, said with the closest; or a score its wingspan had not yet)."""
-    import difflib
-
-    from wingspan.config import UNKNOWN_SCORES
-
-    if name in UNKNOWN_SCORES:
-        return WingspanError(f"This model has no unknown score '{name}' (it was made before "
-                             "wingspan had it).",
-                             hint="`wingspan calibrate RUN --unknown` fits them all again; "
-                                  f"or choose one of: {', '.join(fitted)}.")
-    close = difflib.get_close_matches(name.lower(), fitted, n=1, cutoff=0.5)
-    return WingspanError(f"No unknown score '{name}'.",
-                         hint=(f"Did you mean '{close[0]}'? " if close else "")
-                         + f"Choose one of: {', '.join(fitted)}.")
