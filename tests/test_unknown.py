@@ -588,6 +588,13 @@ def test_predict_answers_unknown_and_keeps_the_closest_class(held_out_run, run_c
     # closest class is still there
     said = " ".join(stdout.split())
     assert "unlike the classes the model knows" in said
+    # Where many are, what may be done (half of the iNat field photos of species a Leeds
+    # model knows were answered unknown, and nothing said what next).
+    unknown = sum(r["answer"] == "unknown" for r in rows)
+    assert ("fits the model to such photos" in said) == (unknown > 0.25 * len(rows)), said
+    code, alone, err = run_cli("predict", run_dir, demo / HELD, "--quiet")
+    assert code == 0 and f"`wingspan adapt {run_dir} PHOTOS` fits the model to such photos" \
+        in " ".join(alone.split()), alone
     # The rate asked, as the most it turns away (on a demo's few val images, none).
     assert "above its threshold, set to turn away at most 5% of the known val images" in said
     # explain draws the map for predict's closest class and titles it with its answer.

@@ -69,6 +69,8 @@ TOP_K = 3  # classes a prediction lists (a server's answer: ServeLimits.top_k)
 # Cards on `predict --output X.html`, the least sure first (~6 KB of thumbnail each): a
 # page of 40,000 would not open; the CSV or JSON keeps every image.
 PREDICT_PAGE_IMAGES = 1000
+# A predict that answers more than this share unknown says what may be done (`adapt`).
+UNKNOWN_SHARE_SAID = 0.25
 # The images predict's terminal table shows (all: --output): a taxonomy's branch takes 7-9
 # lines an image at 80 columns (466 lines for 50 images of a 4-level model), one level's
 # answer one or two

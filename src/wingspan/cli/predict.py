@@ -48,10 +48,11 @@ from wingspan.config import (
     SERVE_HOST,
     SERVE_PORT,
     TOP_K,
+    UNKNOWN_SHARE_SAID,
     ServeLimits,
     TrainConfig,
 )
-from wingspan.errors import WingspanError, counted
+from wingspan.errors import WingspanError, command, counted
 
 T = TrainConfig  # defaults shown in --help come from the one config
 S = ServeLimits
@@ -179,6 +180,13 @@ def predict_command(
                   + f" (unknown score '{predictor.unknown_score}' above its threshold, set to "
                   f"turn away at most {predictor.unknown.rate:.0%} of the known val images"
                   + _few_val_images(predictor.unknown) + ")")
+        if unknown > UNKNOWN_SHARE_SAID * len(result.rows):  # (half of iNat's field photos
+            # of species a Leeds model knows: what is a user to do?)
+            say.print("If they show the classes the model knows, they are unlike its "
+                      "training images (another camera, setting or background): `"
+                      + plain(command("adapt", model, "PHOTOS")) + "` fits the model to such "
+                      "photos, and `" + plain(command("evaluate", model, "DATA"))
+                      + "` on labelled ones says how it does there.")
     if not result.rows:
         raise WingspanError("No image could be predicted.", hint="Check the paths given.")
     if strict:  # (the others' predictions are written and shown above)
