@@ -183,7 +183,7 @@ def predict_command(
         if unknown > UNKNOWN_SHARE_SAID * len(result.rows):  # (half of iNat's field photos
             # of species a Leeds model knows: what is a user to do?)
             say.print("If they show the classes the model knows, they are unlike its "
-                      "training images (another camera, setting or background): `"
+                      "training images (a different camera, setting or background): `"
                       + plain(command("adapt", model, "PHOTOS")) + "` fits the model to such "
                       "photos, and `" + plain(command("evaluate", model, "DATA"))
                       + "` on labelled ones says how it does there.")
