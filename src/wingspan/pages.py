@@ -15,6 +15,8 @@ from urllib.parse import quote
 from wingspan.data.images import open_rgb
 from wingspan.errors import WingspanError
 
+# A phone lays a page without it out 980 px wide, its text a third of its size.
+VIEWPORT = "<meta name='viewport' content='width=device-width, initial-scale=1'>"
 # (cards at least 130 px: two a row down to a 320 px phone, where a pair, two columns
 # wide, would otherwise widen the page)
 # (overflow-wrap on .c: a species name has no space to wrap at, and one of 24 letters,
@@ -52,9 +54,7 @@ def breakable(text) -> str:
 def cards_page(title: str, body: str) -> str:
     """The whole page: `body` (HTML) under the cards' style."""
     return spelt_out(f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>"
-                     f"{html.escape(title)}</title>"
-                     "<meta name='viewport' content='width=device-width, initial-scale=1'>"
-                     f"<style>{CARDS_STYLE}</style></head><body><main>{body}</main></body>"
+                     f"{html.escape(title)}</title>{VIEWPORT}<style>{CARDS_STYLE}</style></head><body><main>{body}</main></body>"
                      "</html>")
 
 

@@ -32,6 +32,7 @@ from wingspan.training.folder import (
     UNREADABLE,
     last_checkpoint,
     lock_state,
+    scored,
     splits_digest,
     stopped_by,
     stopped_while_set_up,
@@ -255,7 +256,7 @@ def _read_run(run_dir: Path, row: dict) -> None:
     # manifest comes last) and, with --holdout-classes, those classes scored.
     trained = ("calibration" in manifest and (run_dir / "model" / "model.safetensors").is_file()
                and bool(metrics))
-    done = trained and (not config.get("holdout_classes") or "unknown" in metrics)
+    done = trained and scored(metrics, config.get("holdout_classes"))
     if not done:
         error = stopped_by(run_dir)
         last = last_checkpoint(run_dir)
@@ -329,10 +330,10 @@ def _held_out_figure(run_dir: Path, split: str) -> dict:
     `--unknown`'s folder holds the same plain figures beside its own, as does the one
     `train --holdout-classes` writes (evaluation-unknown, of its own split), and those of
     another --unknown-score (evaluation-test-unknown-knn); `--tta`'s are another recipe's."""
-    scored = [f"evaluation-{split}-{unknown}{score}" for unknown in ("unknown-", "")
-              for score in UNKNOWN_SCORES]  # (evaluation_folder's names)
+    folders = [f"evaluation-{split}-{unknown}{score}" for unknown in ("unknown-", "")
+               for score in UNKNOWN_SCORES]  # (evaluation_folder's names)
     name = next((f"{folder}/metrics.json" for folder in (
-        f"evaluation-{split}", f"evaluation-{split}-unknown", *scored, "evaluation-unknown")
+        f"evaluation-{split}", f"evaluation-{split}-unknown", *folders, "evaluation-unknown")
                  if (run_dir / folder / "metrics.json").is_file()),
                 f"evaluation-{split}/metrics.json")
     evaluation = _read(run_dir, name, missing={})

@@ -23,7 +23,7 @@ from wingspan.evaluate.wording import (
     unknown_section,
 )
 from wingspan.files import name_part, write_text
-from wingspan.pages import href, relative_link, spelt_out
+from wingspan.pages import VIEWPORT, href, relative_link, spelt_out
 from wingspan.training.folder import CONFIG_FILE, HISTORY_FILE, train_again
 
 
@@ -95,8 +95,6 @@ def _kv(pairs: list[tuple[str, object]]) -> str:
             f"<table class='t kv'>{rows}</table></div>")
 
 
-# A phone lays a page without it out 980 px wide, its text a third of its size.
-VIEWPORT = "<meta name='viewport' content='width=device-width, initial-scale=1'>"
 STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}

@@ -34,6 +34,13 @@ SEEN_SUMS_FILE = "seen-sums.json"
 CHECKPOINTS_DIR = "checkpoints"
 
 
+def scored(metrics: dict, holdout_classes) -> bool:
+    """metrics.json written and, with --holdout-classes, those classes scored as unknowns
+    (written after the bundle): with a whole bundle, what `train --resume` calls finished
+    and `wingspan runs` done."""
+    return bool(metrics) and (not holdout_classes or "unknown" in metrics)
+
+
 def last_checkpoint(run_dir: Path) -> Path:
     return run_dir / CHECKPOINTS_DIR / "last.pt"
 

@@ -40,6 +40,7 @@ from wingspan.training.folder import (
     hold_lock,
     last_checkpoint,
     release_lock,
+    scored,
     splits_digest,
     stopped_while_set_up,
     trained_on,
@@ -165,8 +166,7 @@ def _resume(run_dir: Path, config: TrainConfig, fabric, quiet: bool) -> Path:
             f"(`{command('train', '--resume', run_dir)}`), or train a new run.")) from e
     finished = checkpoint and checkpoint["state"]["stage"] == "done"
     metrics = _read_json(run_dir / "metrics.json")  # ({} when gone or damaged: written again)
-    scored = bool(metrics) and (not config.holdout_classes or "unknown" in metrics)
-    if finished and complete and scored:
+    if finished and complete and scored(metrics, config.holdout_classes):
         # Killed after the bundle but before finish.drop_feature_cache: a finished run is
         # never resumed, so nothing else would remove its features (GBs on a large set).
         if not config.keep_feature_cache and fabric.is_global_zero:  # (rank 0 writes)

@@ -79,6 +79,7 @@ from wingspan.training.folder import (
     hold_lock,
     last_checkpoint,
     release_lock,
+    scored,
     stopped_by,
     stopped_while_set_up,
 )
@@ -453,8 +454,8 @@ def _done(run: Run) -> bool:
         metrics = json.loads((run.dir / "metrics.json").read_text())
     except (OSError, ValueError):
         return False
-    return run.state.stage == "done" and is_complete(run.dir / "model") and (
-        not run.config.holdout_classes or "unknown" in metrics)
+    return run.state.stage == "done" and is_complete(run.dir / "model") and scored(
+        metrics, run.config.holdout_classes)
 
 
 def _recipe(run: Run) -> Path:
